@@ -1,0 +1,346 @@
+"""The ShiQ loss family and its baselines, as pure functions of per-token statistics.
+
+Every function takes the four per-token statistics of SHIQ_MATH §2 -- chosen logit ``c``, log-partition
+``z`` of the trained model, and the same two for the frozen reference -- plus rewards and the action
+mask, all ``[B, T]``. Position ``t`` of a row holds the statistics of token ``t`` (predicted from
+position ``t-1``); ``action_mask[b, t]`` is True where that token was chosen by the policy. Nothing
+here knows about models, parallelism or data loading.
+
+Losses are computed in float32 (or float64 if given): bf16 statistics are upcast first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+SHIQ_VARIANTS = ("shiq", "init", "ms", "tk")
+
+
+# ----------------------------------------------------------------------------------------------
+# input checks
+
+
+def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, gamma, segment_ids=None):
+    """Raise ValueError naming the first problem with the loss inputs."""
+    shape = action_mask.shape
+    if action_mask.dtype != torch.bool:
+        raise ValueError(f"action_mask must be a bool tensor, got dtype {action_mask.dtype}")
+    if action_mask.dim() != 2:
+        raise ValueError(f"inputs must be [B, T]; action_mask has shape {tuple(shape)}")
+    for name, x in {**named, "rewards": rewards}.items():
+        if x.shape != shape:
+            raise ValueError(
+                f"shape mismatch: {name} has shape {tuple(x.shape)} but action_mask has {tuple(shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+        if not bool(torch.isfinite(x).all()):
+            bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
+            raise ValueError(f"{name} has a non-finite value at [row, position] = {bad}")
+    off_action = (rewards != 0) & ~action_mask
+    if bool(off_action.any()):
+        bad = torch.nonzero(off_action)[0].tolist()
+        raise ValueError(
+            f"rewards has a nonzero value on a non-action position at [row, position] = {bad}: "
+            "rewards must sit on action tokens (SHIQ_MATH §2)"
+        )
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
+        raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
+    if segment_ids is not None:
+        if segment_ids.shape != shape:
+            raise ValueError(
+                f"shape mismatch: segment_ids has shape {tuple(segment_ids.shape)} "
+                f"but action_mask has {tuple(shape)}"
+            )
+        if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
+            raise ValueError(f"segment_ids must be an integer tensor, got dtype {segment_ids.dtype}")
+        if bool((segment_ids < 0).any()):
+            raise ValueError("segment_ids must be non-negative")
+        if shape[1] > 1 and bool((segment_ids[:, 1:] < segment_ids[:, :-1]).any()):
+            row = torch.nonzero((segment_ids[:, 1:] < segment_ids[:, :-1]).any(1))[0].item()
+            raise ValueError(
+                f"segment_ids must be non-decreasing along each row (each trajectory a contiguous "
+                f"run); row {row} is not"
+            )
+
+
+def _float(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+# ----------------------------------------------------------------------------------------------
+# trajectory bookkeeping over masked, possibly packed rows
+
+
+def _segments(action_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> torch.Tensor:
+    """Segment id of every position, ``[B, T]`` int64 (all zeros for unpacked rows)."""
+    if segment_ids is None:
+        return torch.zeros(action_mask.shape, dtype=torch.long, device=action_mask.device)
+    return segment_ids.long()
+
+
+def suffix_sum(
+    x: torch.Tensor, action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None, gamma: float = 1.0
+) -> torch.Tensor:
+    """Discounted suffix sums over the action positions of each trajectory (SHIQ_MATH §2-§3).
+
+    ``out[b, t] = Σ_{k ≥ t, action, same trajectory} γ^{n(t,k)} x[b, k]`` where ``n(t, k)`` counts the
+    actions between ``t`` and ``k`` (so non-action tokens between turns do not discount).
+
+    Args:
+        x: ``[B, T]`` float, zero wherever it should not count.
+        action_mask: ``[B, T]`` bool.
+        segment_ids: ``[B, T]`` int, non-decreasing per row, or None (one trajectory per row).
+        gamma: discount in [0, 1].
+    Returns:
+        ``[B, T]``; values at non-action positions are meaningless (callers mask them).
+    """
+    x = x * action_mask
+    seg = _segments(action_mask, segment_ids)
+    if gamma == 1.0:
+        # total up to the end of the trajectory minus the prefix before t; accumulated in float64
+        # so long rows do not lose precision to cancellation.
+        cs = x.double().cumsum(-1)
+        last = torch.searchsorted(seg.contiguous(), seg.contiguous(), right=True) - 1  # [B, T]
+        return (cs.gather(1, last) - cs + x.double()).to(x.dtype)
+    # gamma < 1: a reverse scan, carrying the return of the next action of the same trajectory.
+    B, T = x.shape
+    carry = torch.zeros(B, dtype=x.dtype, device=x.device)
+    cols = []
+    for t in range(T - 1, -1, -1):
+        if t < T - 1:
+            carry = torch.where(seg[:, t] == seg[:, t + 1], carry, torch.zeros_like(carry))
+        g = x[:, t] + gamma * carry
+        carry = torch.where(action_mask[:, t], g, carry)
+        cols.append(g)
+    return torch.stack(cols[::-1], dim=1)
+
+
+def next_action_index(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    """Index of the next action of the same trajectory, ``[B, T]`` int64, and whether it exists."""
+    B, T = action_mask.shape
+    seg = _segments(action_mask, segment_ids)
+    pos = torch.arange(T, device=action_mask.device).expand(B, T)
+    at = torch.where(action_mask, pos, torch.full_like(pos, T))
+    nxt_incl = at.flip(1).cummin(1).values.flip(1)  # first action at or after t
+    nxt = torch.cat([nxt_incl[:, 1:], torch.full_like(pos[:, :1], T)], dim=1)
+    exists = nxt < T
+    nxt_c = nxt.clamp(max=T - 1)
+    exists = exists & (seg.gather(1, nxt_c) == seg)
+    return nxt_c, exists
+
+
+def first_action_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` bool: True on the first action of each trajectory."""
+    B, T = action_mask.shape
+    seg = _segments(action_mask, segment_ids)
+    pos = torch.arange(T, device=action_mask.device).expand(B, T)
+    at = torch.where(action_mask, pos, torch.full_like(pos, -1))
+    prev_incl = at.cummax(1).values
+    prev = torch.cat([torch.full_like(pos[:, :1], -1), prev_incl[:, :-1]], dim=1)
+    has_prev = (prev >= 0) & (seg.gather(1, prev.clamp(min=0)) == seg)
+    return action_mask & ~has_prev
+
+
+# ----------------------------------------------------------------------------------------------
+# ShiQ and its ablations
+
+
+def shiq_td(
+    chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, *, beta, gamma=1.0,
+    variant="shiq", segment_ids=None,
+):
+    """Per-token residuals ``δ`` of ShiQ and its ablations (SHIQ_MATH §3-§4), ``[B, T]``.
+
+    shiq: ``δ_t = G_t − β(z_t − z_ref_t)`` with ``G_t = Σ_{k≥t} γ^{k−t}(r_k − β ρ_k)``   (§3)
+    init: ``δ_t = G_t − β z_t``                                                           (§4)
+    ms:   ``δ_t = r_t + γ β(z_{t'} − z_ref_{t'}) − β(c_t − c_ref_t)``, t' the next action  (§4)
+    tk:   the ``shiq`` residual, kept on the first action of each trajectory only        (§4)
+    Values at positions that do not enter the loss are zero.
+    """
+    c, z, c_ref, z_ref, r = (_float(t) for t in (chosen_logits, logz, ref_chosen_logits, ref_logz, rewards))
+    m = action_mask
+    if variant == "ms":
+        nxt, has_next = next_action_index(m, segment_ids)
+        shaped_next = torch.where(has_next, (z - z_ref).gather(1, nxt), torch.zeros_like(z))
+        delta = r + gamma * beta * shaped_next - beta * (c - c_ref)
+        return delta * m
+    rho = (c - z) - (c_ref - z_ref)
+    G = suffix_sum(r - beta * rho, m, segment_ids, gamma)
+    if variant == "init":
+        delta = G - beta * z
+    else:
+        delta = G - beta * (z - z_ref)
+    if variant == "tk":
+        return delta * first_action_mask(m, segment_ids)
+    return delta * m
+
+
+def shiq_loss(
+    chosen_logits: torch.Tensor,
+    logz: torch.Tensor,
+    ref_chosen_logits: torch.Tensor,
+    ref_logz: torch.Tensor,
+    rewards: torch.Tensor,
+    action_mask: torch.Tensor,
+    *,
+    beta: float,
+    gamma: float = 1.0,
+    variant: str = "shiq",
+) -> torch.Tensor:
+    """ShiQ loss and its ablations, one trajectory per row (SHIQ_MATH §3, §4).
+
+    Args:
+        chosen_logits, logz: ``[B, T]`` trained model's chosen logit ``c`` and log-partition ``z``.
+        ref_chosen_logits, ref_logz: ``[B, T]`` the reference model's ``c_ref``, ``z_ref``.
+        rewards: ``[B, T]`` per-token rewards, zero off action positions.
+        action_mask: ``[B, T]`` bool, True on actions (gaps allowed: multi-turn rows).
+        beta: KL temperature ``β > 0``.
+        gamma: discount in [0, 1], counted per action.
+        variant: ``"shiq"`` (§3), ``"init"``, ``"ms"`` or ``"tk"`` (§4).
+    Returns:
+        Scalar ``Σ m δ² / Σ m`` over action positions; for ``"tk"`` the mean of ``δ²`` over rows
+        that have an action. Zero if there is no action at all.
+    """
+    return shiq_loss_packed(
+        chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask,
+        segment_ids=None, beta=beta, gamma=gamma, variant=variant,
+    )
+
+
+def shiq_loss_packed(
+    chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, *, segment_ids,
+    beta: float, gamma: float = 1.0, variant: str = "shiq",
+) -> torch.Tensor:
+    """:func:`shiq_loss` for packed rows: several trajectories per row (SHIQ_MATH §3, §4).
+
+    ``segment_ids`` ``[B, T]`` int, non-decreasing along each row: positions sharing an id are one
+    trajectory. Suffix sums and "next action" never cross a segment boundary, so the result equals
+    :func:`shiq_loss` on the unpacked trajectories (for ``"tk"``: the mean over trajectories).
+    ``segment_ids=None`` means one trajectory per row.
+    """
+    if variant not in SHIQ_VARIANTS:
+        raise ValueError(f"variant must be one of {SHIQ_VARIANTS}, got {variant!r}")
+    named = {"chosen_logits": chosen_logits, "logz": logz, "ref_chosen_logits": ref_chosen_logits,
+             "ref_logz": ref_logz}
+    _check_inputs(named, rewards, action_mask, beta, gamma, segment_ids)
+    delta = shiq_td(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, beta=beta,
+                    gamma=gamma, variant=variant, segment_ids=segment_ids)
+    count_mask = first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
+    return (delta * delta).sum() / count_mask.sum().clamp(min=1)
+
+
+# ----------------------------------------------------------------------------------------------
+# baselines (SHIQ_MATH §5): sequence-level losses built from the same per-token statistics
+
+
+def sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask) -> torch.Tensor:
+    """``Λ(x, y) = Σ_t m_t ρ_t``, ``[B]`` (SHIQ_MATH §5), summed over every action of the row."""
+    c, z, c_ref, z_ref = (_float(t) for t in (chosen_logits, logz, ref_chosen_logits, ref_logz))
+    rho = (c - z) - (c_ref - z_ref)
+    return (rho * action_mask).sum(-1)
+
+
+def sequence_return(rewards, action_mask) -> torch.Tensor:
+    """``R(x, y) = Σ_t m_t r_t``, ``[B]``: the sequence reward, or the cumulative turn reward."""
+    return (_float(rewards) * action_mask).sum(-1)
+
+
+def preference_pairs(returns: torch.Tensor, group_ids: torch.Tensor):
+    """All (winner, loser) row pairs within each group, by ``1[R_i > R_j]`` (ties dropped).
+
+    Args: returns ``[B]``, group_ids ``[B]``. Returns two ``[P]`` int64 index tensors.
+    """
+    same = group_ids[:, None] == group_ids[None, :]
+    better = returns[:, None] > returns[None, :]
+    w, l = torch.nonzero(same & better, as_tuple=True)
+    return w, l
+
+
+def group_pairs(group_ids: torch.Tensor):
+    """All unordered pairs ``i > j`` of rows in the same group, as two ``[P]`` index tensors."""
+    B = group_ids.shape[0]
+    same = group_ids[:, None] == group_ids[None, :]
+    lower = torch.ones(B, B, dtype=torch.bool, device=group_ids.device).tril(-1)
+    i, j = torch.nonzero(same & lower, as_tuple=True)
+    return i, j
+
+
+def dpo_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask, winners, losers, *, beta):
+    """DPO (SHIQ_MATH §5): mean over pairs of ``−log σ(β(Λ(x,y_w) − Λ(x,y_l)))``.
+
+    Multi-turn DPO (§5) is the same function on multi-turn rows: ``Λ`` sums every assistant token of
+    every turn, and the pairs come from :func:`preference_pairs` on the cumulative turn reward.
+
+    Args:
+        chosen_logits, logz, ref_chosen_logits, ref_logz: ``[B, T]``.
+        action_mask: ``[B, T]`` bool.
+        winners, losers: ``[P]`` row indices of preferred / dispreferred trajectories.
+    """
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    if winners.numel() == 0:
+        return _float(chosen_logits).sum() * 0.0
+    lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
+    return -F.logsigmoid(beta * (lam[winners] - lam[losers])).mean()
+
+
+def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, group_ids, *, beta):
+    """CoPG (SHIQ_MATH §5): ``(R_β(x,y_i) − R_β(x,y_j))²`` averaged over a group's pairs ``i > j``,
+    then over groups that have a pair. ``R_β = Σ m r − β Λ``; gradients flow through both sides.
+
+    Multi-turn CoPG (§5) is the same function on multi-turn rows (``R`` = cumulative turn reward).
+
+    Args: the four statistics, rewards ``[B, T]``, action_mask ``[B, T]``, group_ids ``[B]`` int.
+    """
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
+    reg_return = sequence_return(rewards, action_mask) - beta * lam
+    i, j = group_pairs(group_ids)
+    if i.numel() == 0:
+        return reg_return.sum() * 0.0
+    sq = (reg_return[i] - reg_return[j]) ** 2
+    _, g = torch.unique(group_ids[i], return_inverse=True)
+    per_group = torch.zeros(int(g.max()) + 1, dtype=sq.dtype, device=sq.device).index_add(0, g, sq)
+    count = torch.zeros_like(per_group).index_add(0, g, torch.ones_like(sq))
+    return (per_group / count).mean()
+
+
+def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: float) -> torch.Tensor:
+    """The value estimate DRO-V uses here (SHIQ_MATH §5), ``[B]``, no gradient.
+
+    DRO's optimal value is ``V*(x) = β log E_{y~π_ref} exp(R(x,y)/β)``. For completions sampled from
+    the reference, each row's estimate is that log-mean-exp over the *other* completions of its
+    group (leave-one-out, so a row's own reward does not leak into its baseline). A row alone in
+    its group falls back to the leave-one-out estimate over the whole batch.
+    """
+    R = returns.detach()
+    B = R.shape[0]
+    same = group_ids[:, None] == group_ids[None, :]
+    other = ~torch.eye(B, dtype=torch.bool, device=R.device)
+    peers = same & other
+    alone = ~peers.any(1)
+    peers = torch.where(alone[:, None], other, peers)
+    if B == 1:
+        return R.clone()
+    scaled = torch.where(peers, R[None, :].expand(B, B) / beta, torch.full((B, B), -math.inf, dtype=R.dtype, device=R.device))
+    return beta * (torch.logsumexp(scaled, dim=1) - torch.log(peers.sum(1).to(R.dtype)))
+
+
+def dro_v_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, values, *, beta):
+    """DRO-V (SHIQ_MATH §5): mean over rows of ``½ (R(x,y) − V(x) − β Λ(x,y))²``.
+
+    ``values`` ``[B]`` is ``V(x)``: a learned value (its gradient flows), or :func:`loo_soft_value`
+    (the project default for LLM training, a constant).
+    """
+    if not (math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
+    R = sequence_return(rewards, action_mask)
+    return 0.5 * ((R - values - beta * lam) ** 2).mean()

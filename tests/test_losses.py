@@ -1,0 +1,388 @@
+"""The loss family against naive reference implementations, packing, input checks and baselines.
+
+The naive references below are written from SHIQ_MATH §3-§5 with plain Python loops over each
+trajectory's list of actions, sharing no code with ``shiq_train.losses``.
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shiq_train.losses import (
+    copg_loss,
+    dpo_loss,
+    dro_v_loss,
+    loo_soft_value,
+    preference_pairs,
+    shiq_loss,
+    shiq_loss_packed,
+)
+from shiq_train.stats import causal_lm_stats, token_stats
+
+
+# ---------------------------------------------------------------------------------------------
+# naive references
+
+
+def naive_deltas(traj, beta, gamma, variant):
+    """``traj`` is a list of per-action tuples (c, z, c_ref, z_ref, r); returns the residuals used."""
+    n = len(traj)
+    rho = [(c - z) - (cr - zr) for c, z, cr, zr, _ in traj]
+    G = [0.0] * n
+    acc = 0.0
+    for k in reversed(range(n)):
+        acc = (traj[k][4] - beta * rho[k]) + gamma * acc
+        G[k] = acc
+    if variant == "shiq":
+        return [G[t] - beta * (traj[t][1] - traj[t][3]) for t in range(n)]
+    if variant == "init":
+        return [G[t] - beta * traj[t][1] for t in range(n)]
+    if variant == "tk":
+        return [G[0] - beta * (traj[0][1] - traj[0][3])] if n else []
+    out = []
+    for t in range(n):
+        nxt = beta * (traj[t + 1][1] - traj[t + 1][3]) if t + 1 < n else 0.0
+        out.append(traj[t][4] + gamma * nxt - beta * (traj[t][0] - traj[t][2]))
+    return out
+
+
+def naive_loss(trajs, beta, gamma, variant):
+    deltas = [naive_deltas(t, beta, gamma, variant) for t in trajs]
+    flat = [d for ds in deltas for d in ds]
+    return sum(d * d for d in flat) / max(len(flat), 1)
+
+
+@st.composite
+def trajectories(draw):
+    """A list of trajectories, each a list of (is_action, c, z, c_ref, z_ref, r) per token."""
+    n = draw(st.integers(1, 5))
+    out = []
+    f = st.floats(-3, 3, allow_nan=False, width=32)
+    for _ in range(n):
+        length = draw(st.integers(1, 7))
+        toks = []
+        for _ in range(length):
+            act = draw(st.booleans())
+            toks.append((act, draw(f), draw(f), draw(f), draw(f), draw(f) if act else 0.0))
+        out.append(toks)
+    return out
+
+
+def padded(trajs, dtype=torch.float64):
+    B, T = len(trajs), max(len(t) for t in trajs)
+    cols = [torch.zeros(B, T, dtype=dtype) for _ in range(5)]
+    m = torch.zeros(B, T, dtype=torch.bool)
+    for b, traj in enumerate(trajs):
+        for t, (act, *vals) in enumerate(traj):
+            m[b, t] = act
+            for i, v in enumerate(vals):
+                cols[i][b, t] = v
+    return (*cols, m)
+
+
+def packed(trajs, row_len, dtype=torch.float64):
+    """Greedy packing into rows of ``row_len``; padding gets the next segment id.
+
+    Returns the packed statistics, the segment ids, and each trajectory's (row, start).
+    """
+    rows, cur, places = [], [], []
+    for traj in trajs:
+        used = sum(len(t) for t in cur)
+        if used + len(traj) > row_len:
+            rows.append(cur)
+            cur, used = [], 0
+        places.append((len(rows), used))
+        cur.append(traj)
+    rows.append(cur)
+    B = len(rows)
+    cols = [torch.zeros(B, row_len, dtype=dtype) for _ in range(5)]
+    m = torch.zeros(B, row_len, dtype=torch.bool)
+    seg = torch.zeros(B, row_len, dtype=torch.long)
+    for b, row in enumerate(rows):
+        t = 0
+        for s, traj in enumerate(row):
+            for act, *vals in traj:
+                m[b, t] = act
+                seg[b, t] = s
+                for i, v in enumerate(vals):
+                    cols[i][b, t] = v
+                t += 1
+        seg[b, t:] = len(row)
+    return (*cols, m), seg, places
+
+
+def actions_only(trajs):
+    return [[tok[1:] for tok in traj if tok[0]] for traj in trajs]
+
+
+# ---------------------------------------------------------------------------------------------
+# ShiQ family
+
+
+@settings(max_examples=60, deadline=None)
+@given(trajs=trajectories(), variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
+       beta=st.floats(0.05, 3.0), gamma=st.sampled_from([1.0, 0.9, 0.5, 0.0]))
+def test_shiq_loss_matches_naive_reference(trajs, variant, beta, gamma):
+    got = shiq_loss(*padded(trajs), beta=beta, gamma=gamma, variant=variant)
+    acts = [a for a in actions_only(trajs) if a] if variant == "tk" else actions_only(trajs)
+    want = naive_loss(acts, beta, gamma, variant)
+    assert float(got) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+@settings(max_examples=60, deadline=None)
+@given(trajs=trajectories(), variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
+       gamma=st.sampled_from([1.0, 0.8]), slack=st.integers(0, 6))
+def test_packed_equals_unpacked_in_value_and_gradient(trajs, variant, gamma, slack):
+    row_len = max(len(t) for t in trajs) + slack
+    (c, z, cr, zr, r, m) = padded(trajs)
+    c.requires_grad_(True)
+    z.requires_grad_(True)
+    ref = shiq_loss(c, z, cr, zr, r, m, beta=0.5, gamma=gamma, variant=variant)
+    ref.backward()
+
+    (pc, pz, pcr, pzr, pr, pm), seg, places = packed(trajs, row_len)
+    assert len(places) == len(trajs)
+    pc.requires_grad_(True)
+    pz.requires_grad_(True)
+    got = shiq_loss_packed(pc, pz, pcr, pzr, pr, pm, segment_ids=seg, beta=0.5, gamma=gamma, variant=variant)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10, abs=1e-12)
+    for i, (traj, (b, start)) in enumerate(zip(trajs, places)):
+        n = len(traj)
+        assert torch.allclose(pc.grad[b, start : start + n], c.grad[i, :n], atol=1e-12)
+        assert torch.allclose(pz.grad[b, start : start + n], z.grad[i, :n], atol=1e-12)
+
+
+def test_stats_at_non_action_positions_are_ignored():
+    trajs = [[(False, 1, 1, 1, 1, 0), (True, 0.3, 1.2, 0.1, 0.9, 1.0), (False, 2, 2, 2, 2, 0),
+              (True, -0.5, 0.4, 0.2, 0.3, 0.5)]]
+    c, z, cr, zr, r, m = padded(trajs)
+    base = {v: float(shiq_loss(c, z, cr, zr, r, m, beta=0.4, variant=v)) for v in ("shiq", "init", "ms", "tk")}
+    noise = torch.randn(c.shape) * ~m
+    for v, want in base.items():
+        got = shiq_loss(c + noise, z - noise, cr + 2 * noise, zr, r, m, beta=0.4, variant=v)
+        assert float(got) == pytest.approx(want, rel=1e-12)
+
+
+def test_bf16_statistics_are_upcast():
+    trajs = [[(True, 0.3, 1.2, 0.1, 0.9, 1.0), (True, -0.5, 0.4, 0.2, 0.3, 0.5)]]
+    stats64 = padded(trajs)
+    stats16 = [x.to(torch.bfloat16) if x.is_floating_point() else x for x in stats64]
+    got = shiq_loss(*stats16, beta=0.5)
+    assert got.dtype == torch.float32
+    exact = shiq_loss(*[x.to(torch.float64) if x.is_floating_point() else x for x in stats16], beta=0.5)
+    assert float(got) == pytest.approx(float(exact), rel=1e-6)
+
+
+def test_no_action_gives_zero_loss_with_a_gradient_path():
+    c = torch.zeros(2, 3, requires_grad=True)
+    loss = shiq_loss(c, c, c.detach(), c.detach(), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), beta=1.0)
+    loss.backward()
+    assert float(loss) == 0.0 and c.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# input checks
+
+
+def _good():
+    c = torch.randn(2, 4)
+    m = torch.tensor([[False, True, True, False], [False, True, False, True]])
+    return [c, c + 1, c * 0.5, c + 2, torch.randn(2, 4) * m, m]
+
+
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.__setitem__(0, torch.randn(2, 5)), "shape mismatch: chosen_logits"),
+        (lambda a: a.__setitem__(3, torch.randn(3, 4)), "shape mismatch: ref_logz"),
+        (lambda a: a[1].__setitem__((0, 0), float("nan")), "logz has a non-finite value at \\[row, position\\] = \\[0, 0\\]"),
+        (lambda a: a[4].__setitem__((1, 2), float("inf")), "rewards has a non-finite"),
+        (lambda a: a[4].__setitem__((0, 0), 1.0), "nonzero value on a non-action position at \\[row, position\\] = \\[0, 0\\]"),
+        (lambda a: a.__setitem__(5, a[5].float()), "action_mask must be a bool"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_problem(mutate, message):
+    args = _good()
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        shiq_loss(*args, beta=0.5)
+
+
+@pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
+def test_non_positive_beta_raises(beta):
+    with pytest.raises(ValueError, match="beta must be"):
+        shiq_loss(*_good(), beta=beta)
+
+
+def test_bad_variant_gamma_and_segments_raise():
+    with pytest.raises(ValueError, match="variant must be one of"):
+        shiq_loss(*_good(), beta=0.5, variant="dqn")
+    with pytest.raises(ValueError, match="gamma must be"):
+        shiq_loss(*_good(), beta=0.5, gamma=1.5)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        shiq_loss_packed(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# per-token statistics
+
+
+def test_token_stats_bf16_with_large_logits():
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(2, 5, 50, generator=g) * 3000).to(torch.bfloat16)
+    targets = torch.randint(0, 50, (2, 5), generator=g)
+    st_ = token_stats(logits, targets)
+    exact = logits.double()
+    want_z = torch.logsumexp(exact, -1)
+    want_c = exact.gather(-1, targets[..., None])[..., 0]
+    assert torch.isfinite(st_.logz).all()
+    assert torch.allclose(st_.logz.double(), want_z, rtol=1e-6)
+    assert torch.allclose(st_.chosen_logits.double(), want_c, rtol=0, atol=0)
+    assert torch.allclose(st_.logprobs.double(), torch.log_softmax(exact, -1).gather(-1, targets[..., None])[..., 0],
+                          atol=1e-2)
+
+
+def test_causal_lm_stats_alignment():
+    logits = torch.randn(1, 4, 7)
+    tokens = torch.tensor([[3, 1, 6, 2]])
+    st_ = causal_lm_stats(logits, tokens)
+    for t in range(1, 4):
+        assert float(st_.chosen_logits[0, t]) == pytest.approx(float(logits[0, t - 1, tokens[0, t]]))
+        assert float(st_.logz[0, t]) == pytest.approx(float(torch.logsumexp(logits[0, t - 1], 0)), rel=1e-6)
+    assert float(st_.chosen_logits[0, 0]) == 0.0
+
+
+def test_token_stats_rejects_out_of_vocab_targets():
+    with pytest.raises(ValueError, match="outside"):
+        token_stats(torch.randn(1, 2, 5), torch.tensor([[1, 5]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# baselines (SHIQ_MATH §5)
+
+
+def bandit_stats(logits, ref, arms):
+    """Per-token statistics of a one-step bandit, ``[N, 1]`` each."""
+    c = logits[arms].view(-1, 1)
+    z = torch.logsumexp(logits, 0).expand(len(arms)).reshape(-1, 1)
+    cr = ref[arms].view(-1, 1)
+    zr = torch.logsumexp(ref, 0).expand(len(arms)).reshape(-1, 1)
+    return c, z, cr, zr
+
+
+def test_dpo_matches_hand_computation_and_ignores_gaps():
+    g = torch.Generator().manual_seed(1)
+    logits, ref = torch.randn(2, 5, 6, generator=g), torch.randn(2, 5, 6, generator=g)
+    tokens = torch.randint(0, 6, (2, 5), generator=g)
+    m = torch.tensor([[False, True, False, True, True], [False, True, True, False, True]])
+    s, sr = causal_lm_stats(logits, tokens), causal_lm_stats(ref, tokens)
+    beta = 0.2
+    lp = torch.log_softmax(logits, -1)
+    lpr = torch.log_softmax(ref, -1)
+    lam = [sum(float(lp[b, t - 1, tokens[b, t]] - lpr[b, t - 1, tokens[b, t]]) for t in range(5) if m[b, t])
+           for b in range(2)]
+    want = -math.log(1 / (1 + math.exp(-beta * (lam[1] - lam[0]))))
+    got = dpo_loss(s.chosen_logits, s.logz, sr.chosen_logits, sr.logz, m, torch.tensor([1]), torch.tensor([0]), beta=beta)
+    assert float(got) == pytest.approx(want, rel=1e-5)
+
+
+def test_preference_pairs_within_groups_drop_ties():
+    returns = torch.tensor([1.0, 2.0, 2.0, 0.0, 5.0])
+    groups = torch.tensor([0, 0, 0, 1, 2])
+    w, l = preference_pairs(returns, groups)
+    assert sorted(zip(w.tolist(), l.tolist())) == [(1, 0), (2, 0)]
+
+
+def _fit(params, loss_fn, steps=300):
+    opt = torch.optim.LBFGS(params, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn()
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+
+
+def test_copg_minimiser_is_the_optimal_bandit_policy():
+    """CoPG on every pair of arms converges to π* ∝ π_ref exp(r/β) (SHIQ_MATH §1, §5)."""
+    torch.manual_seed(0)
+    K, beta = 5, 0.5
+    ref = torch.randn(K, dtype=torch.float64)
+    r = torch.randn(K, dtype=torch.float64)
+    arms = torch.arange(K)
+    logits = ref.clone().requires_grad_(True)
+    rewards = r.view(-1, 1)
+    mask = torch.ones(K, 1, dtype=torch.bool)
+    groups = torch.zeros(K, dtype=torch.long)
+    _fit([logits], lambda: copg_loss(*bandit_stats(logits, ref, arms), rewards, mask, groups, beta=beta))
+    pi_star = torch.softmax(ref + r / beta, 0)
+    assert torch.allclose(torch.softmax(logits.detach(), 0), pi_star, atol=1e-6)
+
+
+def test_dro_v_with_learned_value_recovers_pi_star_and_soft_value():
+    """DRO's theorem (SHIQ_MATH §5): V → β log E_ref exp(R/β) and π → π* when V is learned."""
+    torch.manual_seed(1)
+    K, beta = 4, 0.8
+    ref = torch.randn(K, dtype=torch.float64)
+    r = torch.randn(K, dtype=torch.float64)
+    # rows weighted by the reference distribution: each arm repeated ∝ π_ref would be sampling;
+    # with all arms once, the unique zero of every residual still gives π* and V*.
+    arms = torch.arange(K)
+    logits = ref.clone().requires_grad_(True)
+    value = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(K, 1, dtype=torch.bool)
+    _fit([logits, value], lambda: dro_v_loss(*bandit_stats(logits, ref, arms), r.view(-1, 1), mask,
+                                             value.expand(K), beta=beta))
+    pi_star = torch.softmax(ref + r / beta, 0)
+    assert torch.allclose(torch.softmax(logits.detach(), 0), pi_star, atol=1e-6)
+    v_star = beta * torch.logsumexp(torch.log_softmax(ref, 0) + r / beta, 0)
+    assert float(value) == pytest.approx(float(v_star), abs=1e-6)
+
+
+def test_loo_soft_value_by_hand():
+    R = torch.tensor([1.0, 3.0, 2.0, -1.0])
+    groups = torch.tensor([0, 0, 0, 1])
+    beta = 0.5
+    v = loo_soft_value(R, groups, beta=beta)
+    lme = lambda xs: beta * math.log(sum(math.exp(x / beta) for x in xs) / len(xs))
+    assert float(v[0]) == pytest.approx(lme([3.0, 2.0]), rel=1e-6)
+    assert float(v[1]) == pytest.approx(lme([1.0, 2.0]), rel=1e-6)
+    assert float(v[3]) == pytest.approx(lme([1.0, 3.0, 2.0]), rel=1e-6)  # alone: the rest of the batch
+
+
+def test_multiturn_dpo_and_copg_sum_every_assistant_turn():
+    """Multi-turn variants (SHIQ_MATH §5): Λ over all assistant tokens, R the cumulative turn reward."""
+    m = torch.tensor([[False, True, True, False, False, True], [False, True, False, False, True, True]])
+    g = torch.Generator().manual_seed(2)
+    c, z, cr, zr = (torch.randn(2, 6, generator=g, dtype=torch.float64) for _ in range(4))
+    r = torch.zeros(2, 6, dtype=torch.float64)
+    r[0, 2], r[0, 5] = 1.0, 0.5  # turn rewards on each turn's last assistant token
+    r[1, 1], r[1, 5] = 0.2, 0.1
+    beta = 0.3
+    rho = (c - z) - (cr - zr)
+    lam = [float(rho[b][m[b]].sum()) for b in range(2)]
+    R = [1.5, 0.3]
+    w, l = preference_pairs(torch.tensor(R), torch.tensor([0, 0]))
+    assert (w.tolist(), l.tolist()) == ([0], [1])
+    got = dpo_loss(c, z, cr, zr, m, w, l, beta=beta)
+    assert float(got) == pytest.approx(-math.log(1 / (1 + math.exp(-beta * (lam[0] - lam[1])))), rel=1e-9)
+    got = copg_loss(c, z, cr, zr, r, m, torch.tensor([7, 7]), beta=beta)
+    assert float(got) == pytest.approx(((R[0] - beta * lam[0]) - (R[1] - beta * lam[1])) ** 2, rel=1e-9)
+
+
+def test_copg_averages_pairs_within_then_across_groups():
+    R = torch.tensor([1.0, 2.0, 4.0, 0.0, 3.0], dtype=torch.float64)
+    zeros = torch.zeros(5, 1, dtype=torch.float64)
+    mask = torch.ones(5, 1, dtype=torch.bool)
+    got = copg_loss(zeros, zeros, zeros, zeros, R.view(-1, 1), mask, torch.tensor([0, 0, 0, 1, 1]), beta=1.0)
+    g0 = ((1 - 2) ** 2 + (1 - 4) ** 2 + (2 - 4) ** 2) / 3
+    g1 = (0 - 3) ** 2
+    assert float(got) == pytest.approx((g0 + g1) / 2)

@@ -1,0 +1,215 @@
+"""ShiQ's minimisers against the exact optimal policy of small tabular tree MDPs (SHIQ_MATH §1, §3, §4).
+
+The reference is backward induction on the soft Bellman equation, written here independently of the
+library: ``q*(s,a) = r(s,a) + γ β log Σ_b π_ref(b|s') exp(q*(s',b)/β)`` and ``π* ∝ π_ref exp(q*/β)``.
+Each test builds every trajectory of a tree (so the data cover every transition), parameterises a
+tabular policy by one logit vector per state, minimises the loss from the reference logits, and
+compares ``softmax(ℓ)`` with ``π*`` at every state.
+"""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from shiq_train.losses import shiq_loss
+
+V = 3  # actions per state
+F64 = torch.float64
+
+
+class Tree:
+    """A deterministic tree MDP over action prefixes, optionally with environment tokens.
+
+    ``gap_after`` lists action depths after which the environment appends one non-action token
+    (a user/tool turn), as in multi-turn rows; rewards given at those depths are turn rewards.
+    """
+
+    def __init__(self, depth, seed, reward="token", gap_after=(), prompt_len=1):
+        g = torch.Generator().manual_seed(seed)
+        self.depth = depth
+        self.states = [p for d in range(depth) for p in itertools.product(range(V), repeat=d)]
+        self.index = {s: i for i, s in enumerate(self.states)}
+        self.ref_logits = 2.0 * torch.randn(len(self.states), V, generator=g, dtype=F64)
+        if reward == "token":
+            self.r = torch.randn(len(self.states), V, generator=g, dtype=F64)
+        else:  # sequence-level: one reward at the last action only
+            self.r = torch.zeros(len(self.states), V, dtype=F64)
+            last = [i for i, s in enumerate(self.states) if len(s) == depth - 1]
+            self.r[last] = torch.randn(len(last), V, generator=g, dtype=F64)
+        self.gap_after = set(gap_after)
+        self.prompt_len = prompt_len
+
+    def optimal_policy(self, beta, gamma):
+        """π* by backward induction (SHIQ_MATH §1), a dict state -> probabilities."""
+        log_ref = torch.log_softmax(self.ref_logits, -1)
+        q, pi = {}, {}
+        for s in sorted(self.states, key=len, reverse=True):
+            i = self.index[s]
+            qs = self.r[i].clone()
+            if len(s) < self.depth - 1:
+                for a in range(V):
+                    nxt = q[s + (a,)]
+                    qs[a] += gamma * beta * torch.logsumexp(log_ref[self.index[s + (a,)]] + nxt / beta, 0)
+            q[s] = qs
+            pi[s] = torch.softmax(log_ref[i] + qs / beta, 0)
+        return pi
+
+    def batch(self, logits):
+        """Every trajectory as one row: per-token statistics under ``logits`` [states, V]."""
+        rows = list(itertools.product(range(V), repeat=self.depth))
+        T = self.prompt_len + self.depth + len(self.gap_after)
+        B = len(rows)
+        c = torch.zeros(B, T, dtype=F64)
+        z = torch.zeros(B, T, dtype=F64)
+        cr = torch.zeros(B, T, dtype=F64)
+        zr = torch.zeros(B, T, dtype=F64)
+        r = torch.zeros(B, T, dtype=F64)
+        m = torch.zeros(B, T, dtype=torch.bool)
+        c_list, z_list, pos_list = [], [], []
+        for b, y in enumerate(rows):
+            t = self.prompt_len
+            for d in range(self.depth):
+                s = self.index[y[:d]]
+                c_list.append(logits[s, y[d]])
+                z_list.append(torch.logsumexp(logits[s], 0))
+                pos_list.append((b, t))
+                cr[b, t] = self.ref_logits[s, y[d]]
+                zr[b, t] = torch.logsumexp(self.ref_logits[s], 0)
+                r[b, t] = self.r[s, y[d]]
+                m[b, t] = True
+                t += 1 + (d in self.gap_after)
+        idx = torch.tensor(pos_list)
+        c = c.index_put((idx[:, 0], idx[:, 1]), torch.stack(c_list))
+        z = z.index_put((idx[:, 0], idx[:, 1]), torch.stack(z_list))
+        # non-action positions carry arbitrary finite statistics: the losses must ignore them
+        junk = torch.randn(B, T, generator=torch.Generator().manual_seed(0), dtype=F64)
+        c = torch.where(m, c, junk)
+        z = torch.where(m, z, junk + 1)
+        return c, z, cr, zr, r, m
+
+
+def minimise(tree, loss_fn, steps=200):
+    logits = tree.ref_logits.clone().requires_grad_(True)
+    opt = torch.optim.LBFGS([logits], lr=1, max_iter=steps, tolerance_grad=1e-12,
+                            tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_fn(*tree.batch(logits))
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+    logits = logits.detach()
+    return logits, float(loss_fn(*tree.batch(logits)))
+
+
+def max_policy_error(tree, logits, pi_star):
+    return max(float((torch.softmax(logits[tree.index[s]], 0) - pi_star[s]).abs().max()) for s in tree.states)
+
+
+CASES = [
+    # (variant, reward kind, gamma, environment gaps)
+    ("shiq", "token", 1.0, ()),
+    ("shiq", "sequence", 1.0, ()),
+    ("shiq", "token", 0.8, ()),
+    ("shiq", "token", 1.0, (0, 1)),
+    ("shiq", "token", 0.7, (1,)),
+    ("init", "token", 1.0, ()),
+    ("init", "sequence", 1.0, (0,)),
+    ("init", "token", 0.8, ()),
+    ("ms", "token", 1.0, ()),
+    ("ms", "sequence", 1.0, ()),
+    ("ms", "token", 0.8, (0, 1)),
+    ("tk", "token", 1.0, ()),
+    ("tk", "sequence", 1.0, (1,)),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)), ids=["-".join(map(str, c)) for c in CASES])
+def test_minimiser_is_the_optimal_policy(case):
+    variant, reward, gamma, gaps = CASES[case]
+    beta = 0.7
+    tree = Tree(depth=3, seed=100 + case, reward=reward, gap_after=gaps)
+    pi_star = tree.optimal_policy(beta, gamma)
+    # the reference itself is not optimal, so the test is not vacuous
+    assert max_policy_error(tree, tree.ref_logits, pi_star) > 0.05
+
+    def loss_fn(*stats):
+        return shiq_loss(*stats, beta=beta, gamma=gamma, variant=variant)
+
+    logits, final = minimise(tree, loss_fn)
+    assert final < 1e-10
+    assert max_policy_error(tree, logits, pi_star) < 1e-5
+
+
+def test_ms_and_shiq_logits_are_reference_plus_q_over_beta():
+    """Thm. 2/3 of the paper: the ShiQ/ms zero-residual logits are ``ℓ_ref + q*/β`` exactly."""
+    beta, gamma = 0.5, 1.0
+    tree = Tree(depth=2, seed=3)
+    logits, _ = minimise(tree, lambda *s: shiq_loss(*s, beta=beta, gamma=gamma, variant="ms"))
+    pi = tree.optimal_policy(beta, gamma)
+    # q* from pi*: log pi* - log pi_ref = (q* - V)/beta; check the logit differences per state
+    for s in tree.states:
+        i = tree.index[s]
+        expected = torch.log(pi[s]) - torch.log_softmax(tree.ref_logits[i], 0)
+        got = torch.log_softmax(logits[i], 0) - torch.log_softmax(tree.ref_logits[i], 0)
+        assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("gaps", [(), (0, 1)])
+def test_reference_is_a_stationary_point_of_shiq_but_not_of_init(gaps):
+    """SHIQ_MATH §3-§4: at ℓ = ℓ_ref and r = 0, ShiQ has zero loss and zero gradient; ShiQ/init not."""
+    tree = Tree(depth=3, seed=5, gap_after=gaps)
+    tree.r.zero_()
+    for variant in ("shiq", "ms", "tk"):
+        logits = tree.ref_logits.clone().requires_grad_(True)
+        loss = shiq_loss(*tree.batch(logits), beta=0.5, variant=variant)
+        loss.backward()
+        assert float(loss) == pytest.approx(0.0, abs=1e-20)
+        assert float(logits.grad.abs().max()) == pytest.approx(0.0, abs=1e-12)
+    logits = tree.ref_logits.clone().requires_grad_(True)
+    loss = shiq_loss(*tree.batch(logits), beta=0.5, variant="init")
+    loss.backward()
+    assert float(loss) > 1e-3
+    assert float(logits.grad.abs().max()) > 1e-3
+
+
+def test_bandit_minimiser_is_reference_plus_reward_over_beta():
+    """SHIQ_MATH §4: in a one-step bandit every variant minimises at ℓ = ℓ_ref + r/β."""
+    beta = 0.3
+    ref = torch.tensor([[0.5, -1.0, 2.0, 0.0]], dtype=F64)
+    r = torch.tensor([1.0, -0.5, 0.2, 0.7], dtype=F64)
+    for variant in ("shiq", "tk", "ms"):
+        logits = ref.clone().requires_grad_(True)
+        opt = torch.optim.LBFGS([logits], max_iter=200, line_search_fn="strong_wolfe")
+
+        def closure():
+            opt.zero_grad()
+            c = logits[0].view(4, 1)
+            z = torch.logsumexp(logits[0], 0).expand(4, 1)
+            loss = shiq_loss(c, z, ref[0].view(4, 1), torch.logsumexp(ref[0], 0).expand(4, 1), r.view(4, 1),
+                             torch.ones(4, 1, dtype=torch.bool), beta=beta, variant=variant)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        assert torch.allclose(logits.detach()[0] - ref[0], r / beta, atol=1e-6)
+
+
+def test_optimal_policy_reference_matches_brute_force():
+    """Guard the test's own π*: compare with exhaustive enumeration over sequences (γ = 1)."""
+    beta = 0.9
+    tree = Tree(depth=3, seed=11)
+    pi = tree.optimal_policy(beta, 1.0)
+    log_ref = torch.log_softmax(tree.ref_logits, -1)
+    # π*(y) ∝ π_ref(y) exp(R(y)/β) over whole sequences; its first-token marginal must equal π*(·|root)
+    weights = torch.zeros(V, dtype=F64)
+    for y in itertools.product(range(V), repeat=3):
+        lp = sum(float(log_ref[tree.index[y[:d]], y[d]]) for d in range(3))
+        R = sum(float(tree.r[tree.index[y[:d]], y[d]]) for d in range(3))
+        weights[y[0]] += math.exp(lp + R / beta)
+    assert torch.allclose(weights / weights.sum(), pi[()], atol=1e-10)
