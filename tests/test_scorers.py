@@ -1,0 +1,72 @@
+"""Reward-model head against scikit-learn's Ridge, the rated-snippet reader on a fixture archive."""
+
+import io
+import tarfile
+
+import pytest
+import torch
+
+from shiq_eval.moviereviews import load_movie_snippets, opening, parse_ratings, split_ids
+from shiq_eval.scorers import FunctionScorer, RegressionRewardModel, pearson
+
+
+def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 16, generator=g, dtype=torch.float64)
+    y = X @ torch.randn(16, generator=g, dtype=torch.float64) + 0.3 * torch.randn(200, generator=g, dtype=torch.float64) + 2.0
+    table = {f"t{i}": X[i] for i in range(200)}
+    encoder = lambda texts: torch.stack([table[t] for t in texts])
+    rm = RegressionRewardModel.fit(encoder, list(table), y.tolist(), l2=3.0, joiner="")
+    ref = sklearn.Ridge(alpha=3.0).fit(X.numpy(), y.numpy())
+    assert torch.allclose(rm.weight, torch.from_numpy(ref.coef_), atol=1e-9)
+    assert rm.bias == pytest.approx(float(ref.intercept_), abs=1e-9)
+    rm.save(tmp_path / "rm.safetensors")
+    back = RegressionRewardModel.load(tmp_path / "rm.safetensors", encoder)
+    assert back(["t1", "t2"], ["", ""]) == pytest.approx(ref.predict(X[1:3].numpy()).tolist())
+    assert back.meta["n_train"] == 200
+    assert pearson(torch.tensor(back.score_texts(list(table))), y) > 0.9
+
+
+def test_function_scorer():
+    s = FunctionScorer(lambda p, c: len(c) - len(p))
+    assert s(["a", "bb"], ["xyz", "q"]) == [2.0, -1.0]
+
+
+def _fixture_archive(path, body: str):
+    inner = io.BytesIO()
+    with tarfile.open(fileobj=inner, mode="w:gz") as t:
+        data = body.encode()
+        info = tarfile.TarInfo("hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+    with tarfile.open(path, "w:gz") as t:
+        data = inner.getvalue()
+        info = tarfile.TarInfo("vaderSentiment-3.3.2/additional_resources/hutto_ICWSM_2014.tar.gz")
+        info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+
+
+def test_reads_snippets_from_nested_archive(tmp_path):
+    _fixture_archive(tmp_path / "v.tar.gz", "1\t2.5\tA fine film.\r\n2\t-3.0\tDreadful from start to end\r\n")
+    rows = load_movie_snippets(tmp_path / "v.tar.gz")
+    assert [(r.id, r.rating, r.text) for r in rows] == [(1, 2.5, "A fine film."), (2, -3.0, "Dreadful from start to end")]
+    assert opening(rows[1].text, 2) == "Dreadful from"
+
+
+@pytest.mark.parametrize("line,field", [("1\tx\ttext", "rating"), ("a\t1\ttext", "id"), ("1\t1\t ", "text"),
+                                        ("1\tnan\ttext", "rating")])
+def test_bad_lines_name_source_line_and_field(line, field):
+    with pytest.raises(ValueError, match=rf"src, line 2, field '{field}'"):
+        parse_ratings("7\t1.0\tok\n" + line, "src")
+    with pytest.raises(ValueError, match="line 1: expected 3"):
+        parse_ratings("1\t2", "src")
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    rows = parse_ratings("\n".join(f"{i}\t0\tt{i}" for i in range(1, 101)), "s")
+    a, b = split_ids(rows, held_out=0.2, seed=1), split_ids(rows, held_out=0.2, seed=1)
+    assert a == b and len(a["held_out"]) == 20
+    assert not set(a["train"]) & set(a["held_out"])
+    assert sorted(a["train"] + a["held_out"]) == list(range(1, 101))
+    assert split_ids(rows, held_out=0.2, seed=2) != a
