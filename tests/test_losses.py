@@ -181,7 +181,7 @@ def test_no_action_gives_zero_loss_with_a_gradient_path():
     c = torch.zeros(2, 3, requires_grad=True)
     loss = shiq_loss(c, c, c.detach(), c.detach(), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), beta=1.0)
     loss.backward()
-    assert float(loss) == 0.0 and c.grad is not None
+    assert float(loss.detach()) == 0.0 and c.grad is not None
 
 
 # ---------------------------------------------------------------------------------------------

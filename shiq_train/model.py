@@ -1,0 +1,371 @@
+"""Building megatron-core's GPTModel from a config, and per-token statistics from its output.
+
+:class:`ModelConfig` is mirrored by the Hydra group ``configs/model/`` (``tiny.yaml``,
+``smollm2_135m.yaml``). :func:`build_model` turns it into a :class:`ShiQGPTModel` (a ``GPTModel``
+that can hand back final hidden states instead of logits, for chunked statistics) for the current
+pipeline stage. On CPU it uses the local layer spec with RMSNorm, CPU initialisation and no CUDA
+fusions; on GPU it can use the Transformer Engine spec (required for FP8).
+
+:func:`forward_stats` runs the model and returns the SHIQ_MATH §2 statistics of every token,
+``[B, T]``, from vocab-parallel logits or chunked from hidden states (``shiq_train.vocab_parallel``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from shiq_train.stats import TokenStats
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+FP8_FORMATS = (None, "hybrid", "e4m3")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-style decoder (what SmolLM2 is), in megatron-core's vocabulary.
+
+    Defaults are the tiny test model. ``num_query_groups=None`` means multi-head attention;
+    ``ffn_hidden_size=None`` means ``4 * hidden_size``. ``logits_chunk_tokens > 0`` makes the model
+    return final hidden states and :func:`forward_stats` compute the statistics that many tokens at
+    a time from the output weight (never holding ``[tokens, V]`` logits); 0 uses full
+    vocab-parallel logits.
+    """
+
+    name: str = "tiny"
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 128
+    max_sequence_length: int = 16
+    normalization: str = "RMSNorm"
+    layernorm_epsilon: float = 1e-5
+    gated_linear_unit: bool = True
+    activation: str = "silu"
+    add_bias_linear: bool = False
+    position_embedding_type: str = "rope"
+    rotary_base: int = 10000
+    share_embeddings_and_output_weights: bool = True
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    params_dtype: str = "float32"
+    transformer_impl: str = "local"
+    fp8: Optional[str] = None
+    logits_chunk_tokens: int = 0
+
+    def __post_init__(self):
+        def bad(field, value, want):
+            raise ValueError(f"model.{field} = {value!r} is not valid: {want}")
+
+        for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
+            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
+                bad(f, getattr(self, f), "expected an integer >= 1")
+        if self.hidden_size % self.num_attention_heads:
+            bad("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
+            bad("num_query_groups", self.num_query_groups,
+                f"must divide num_attention_heads={self.num_attention_heads}")
+        if self.activation not in ACTIVATIONS:
+            bad("activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
+        if self.params_dtype not in DTYPES:
+            bad("params_dtype", self.params_dtype, f"one of {sorted(DTYPES)}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            bad("transformer_impl", self.transformer_impl, f"one of {TRANSFORMER_IMPLS}")
+        if self.fp8 not in FP8_FORMATS:
+            bad("fp8", self.fp8, f"one of {FP8_FORMATS} (null for no FP8)")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            bad("normalization", self.normalization, "'RMSNorm' or 'LayerNorm'")
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            bad("position_embedding_type", self.position_embedding_type, "'rope' or 'learned_absolute'")
+        if not (isinstance(self.logits_chunk_tokens, int) and self.logits_chunk_tokens >= 0):
+            bad("logits_chunk_tokens", self.logits_chunk_tokens, "an integer >= 0 (0: full logits)")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ModelConfig":
+        """From a plain dict or an OmegaConf node (``cfg.model`` of a Hydra config); unknown keys raise."""
+        try:
+            from omegaconf import DictConfig, OmegaConf
+
+            if isinstance(d, DictConfig):
+                d = OmegaConf.to_container(d, resolve=True)
+        except ImportError:  # pragma: no cover
+            pass
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_runtime(cfg: ModelConfig) -> None:
+    """Fail at start-up, with the fix, when the config asks for what this machine cannot run."""
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    if cfg.fp8 is not None:
+        if not torch.cuda.is_available():
+            raise RuntimeError(
+                f"model.fp8={cfg.fp8!r} needs a CUDA GPU with FP8 support (Hopper or newer) and "
+                "Transformer Engine, but no GPU is available here. Set model.fp8=null to train "
+                "without FP8 (bf16 or fp32 via model.params_dtype)."
+            )
+        if not has_te:
+            raise RuntimeError(
+                f"model.fp8={cfg.fp8!r} needs Transformer Engine, which is not installed. Install it "
+                "on the GPU machine with `pip install 'shiq[fp8]'`, or set model.fp8=null."
+            )
+        if cfg.transformer_impl != "transformer_engine":
+            raise RuntimeError(
+                f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine "
+                f"(got {cfg.transformer_impl!r}): FP8 GEMMs exist only in Transformer Engine layers."
+            )
+    if cfg.transformer_impl == "transformer_engine" and not (has_te and torch.cuda.is_available()):
+        raise RuntimeError(
+            "model.transformer_impl=transformer_engine needs a CUDA GPU and Transformer Engine "
+            f"(GPU available: {torch.cuda.is_available()}, transformer_engine installed: {has_te}). "
+            "Use model.transformer_impl=local on CPU."
+        )
+
+
+def transformer_config(cfg: ModelConfig):
+    """megatron ``TransformerConfig`` for ``cfg`` and the initialised model-parallel layout."""
+    from megatron.core import parallel_state
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    check_runtime(cfg)
+    tp = pp = 1
+    if parallel_state.model_parallel_is_initialized():
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        pp = parallel_state.get_pipeline_model_parallel_world_size()
+    dtype = DTYPES[cfg.params_dtype]
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        normalization=cfg.normalization,
+        layernorm_epsilon=cfg.layernorm_epsilon,
+        gated_linear_unit=cfg.gated_linear_unit,
+        activation_func=ACTIVATIONS[cfg.activation],
+        add_bias_linear=cfg.add_bias_linear,
+        init_method_std=cfg.init_method_std,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not on_gpu,
+        transformer_impl=cfg.transformer_impl,
+    )
+    if cfg.fp8 is not None:
+        kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    if not on_gpu:  # these fusions call CUDA kernels (megatron-cpu.md)
+        kwargs.update(
+            bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
+            bias_dropout_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        )
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(cfg: ModelConfig):
+    """Transformer Engine spec when asked for (GPU), else the local spec with ``cfg.normalization``."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if cfg.transformer_impl == "transformer_engine":
+        return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
+    return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt_model_class():
+    from megatron.core.models.gpt import GPTModel
+
+    class ShiQGPTModel(GPTModel):
+        """``GPTModel`` that, with ``return_hidden=True``, returns the final (normed) hidden states
+        ``[B, T, H]`` instead of logits on the last pipeline stage; parameters and state-dict keys
+        are GPTModel's. :meth:`output_weight` is the ``[V/tp, H]`` matrix the logits would use."""
+
+        return_hidden: bool = False
+
+        def _postprocess(self, hidden_states, *args, **kwargs):
+            inference = kwargs.get("inference_context") is not None and not self.training
+            if self.return_hidden and self.post_process and not inference and self.config.mtp_num_layers is None:
+                if self.config.sequence_parallel:
+                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+
+                    hidden_states = gather_from_sequence_parallel_region(hidden_states)
+                return hidden_states.transpose(0, 1).contiguous()
+            return super()._postprocess(hidden_states, *args, **kwargs)
+
+        def output_weight(self) -> torch.Tensor:
+            if self.share_embeddings_and_output_weights:
+                return self.shared_embedding_or_output_weight()
+            return self.output_layer.weight
+
+    return ShiQGPTModel
+
+
+def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None):
+    """A ``ShiQGPTModel`` for this process's pipeline stage (and tensor-parallel shard).
+
+    Call after :func:`shiq_train.parallel.init_distributed` (and ``set_seed`` for reproducible
+    weights). Without a GPU, applies the CPU adaptations first. Vocab-parallel logits are returned
+    ungathered (``parallel_output=True``): ``[B, T, V/tp]``.
+    """
+    from megatron.core import parallel_state
+
+    from shiq_train.parallel import apply_cpu_adaptations
+
+    apply_cpu_adaptations()
+    tc = transformer_config(cfg)
+    tp, pp = tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    for field, value, by, what in [
+        ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
+        ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
+        ("num_query_groups", groups, tp, "tensor-parallel size"),
+        ("num_layers", cfg.num_layers, pp, "pipeline-parallel size"),
+    ]:
+        if value % by:
+            raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage() if parallel_state.model_parallel_is_initialized() else True
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage() if parallel_state.model_parallel_is_initialized() else True
+    model = _gpt_model_class()(
+        config=tc,
+        transformer_layer_spec=layer_spec(cfg),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=cfg.max_sequence_length,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
+        position_embedding_type=cfg.position_embedding_type,
+        rotary_base=cfg.rotary_base,
+    )
+    model.return_hidden = cfg.logits_chunk_tokens > 0
+    model.logits_chunk_tokens = cfg.logits_chunk_tokens
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def causal_mask(seq_len: int, device=None) -> torch.Tensor:
+    """megatron's boolean attention mask ``[1, 1, T, T]``: True where attention is *blocked*."""
+    return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
+
+
+def model_inputs(tokens: torch.Tensor) -> dict:
+    """``input_ids``, ``position_ids`` and the explicit causal mask for ``tokens`` ``[B, T]``."""
+    B, T = tokens.shape
+    pos = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
+    return {"input_ids": tokens, "position_ids": pos, "attention_mask": causal_mask(T, tokens.device)}
+
+
+def unwrap(model):
+    """The ``ShiQGPTModel`` inside DDP / Float16Module wrappers."""
+    while hasattr(model, "module"):
+        model = model.module
+    return model
+
+
+def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStats:
+    """SHIQ_MATH §2 statistics aligned with ``tokens`` ``[B, T]`` from the last stage's output.
+
+    ``output`` is the model's vocab-parallel logits ``[B, T, V/tp]`` or, when the model returns
+    hidden states (``logits_chunk_tokens > 0``), ``[B, T, H]``. Position ``t`` holds token ``t``'s
+    statistics, predicted from position ``t − 1``; position 0 is zero.
+    """
+    from shiq_train import vocab_parallel as vp
+
+    inner = unwrap(model)
+    group = vp.tensor_parallel_group()
+    vocab = inner.vocab_size
+    if inner.return_hidden:
+        chunk = inner.logits_chunk_tokens
+        return vp.chunked_causal_stats(output, inner.output_weight(), tokens, chunk, group, vocab)
+    return vp.vocab_parallel_causal_stats(output, tokens, group, vocab)
+
+
+def forward_stats(model, tokens: torch.Tensor) -> TokenStats:
+    """Run a whole (single-stage) model on ``tokens`` ``[B, T]`` and return its :class:`TokenStats`."""
+    return output_stats(model, model(**model_inputs(tokens)), tokens)
+
+
+# ----------------------------------------------------------------------------------------------
+# one full (TP=1, PP=1) set of parameters <-> this rank's shards
+
+
+def full_param_name(model, name: str) -> str:
+    """Name of local parameter ``name`` in the single-stage model: layers renumbered by their global
+    index (``layer_number - 1``), and the last stage's tied output copy mapped to the embedding."""
+    inner = unwrap(model)
+    if name.startswith("decoder.layers."):
+        i, rest = name[len("decoder.layers."):].split(".", 1)
+        return f"decoder.layers.{inner.decoder.layers[int(i)].layer_number - 1}.{rest}"
+    if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
+        return "embedding.word_embeddings.weight"
+    return name
+
+
+def tp_layout(model, name: str, param) -> tuple[Optional[int], bool]:
+    """``(partition_dim, glu)`` of a parameter: ``partition_dim`` None if replicated across tensor
+    parallel ranks; ``glu`` True for ``linear_fc1`` of a gated MLP, whose ``[gate; up]`` halves are
+    split separately (each rank holds ``[gate_r; up_r]``)."""
+    if not getattr(param, "tensor_model_parallel", False):
+        return None, False
+    glu = name.endswith("mlp.linear_fc1.weight") and unwrap(model).config.gated_linear_unit
+    return param.partition_dim, glu
+
+
+def shard_tensor(full: torch.Tensor, dim: Optional[int], glu: bool, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s slice of ``full`` under the layout from :func:`tp_layout`."""
+    if dim is None or tp == 1:
+        return full
+    if glu:
+        return torch.cat([h.chunk(tp, dim)[rank] for h in full.chunk(2, dim)], dim)
+    return full.chunk(tp, dim)[rank]
+
+
+def unshard_tensors(parts: list[torch.Tensor], dim: Optional[int], glu: bool) -> torch.Tensor:
+    """Inverse of :func:`shard_tensor` given every rank's slice, in rank order."""
+    if dim is None or len(parts) == 1:
+        return parts[0]
+    if glu:
+        gates, ups = zip(*(p.chunk(2, dim) for p in parts))
+        return torch.cat([torch.cat(gates, dim), torch.cat(ups, dim)], dim)
+    return torch.cat(parts, dim)
+
+
+def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:
+    """Copy this rank's shard of every parameter from ``full`` (named as in a TP=1, PP=1 model)."""
+    from megatron.core import parallel_state
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for name, p in unwrap(model).named_parameters():
+        key = full_param_name(model, name)
+        if key not in full:
+            raise KeyError(f"parameter {key!r} (local {name!r}) is missing from the full parameter set")
+        dim, glu = tp_layout(model, name, p)
+        value = shard_tensor(full[key], dim, glu, tp, rank)
+        if value.shape != p.shape:
+            raise ValueError(f"{key}: shard shape {tuple(value.shape)} != parameter shape {tuple(p.shape)}")
+        with torch.no_grad():
+            p.copy_(value)

@@ -1,0 +1,326 @@
+"""Process groups, seeding, and the CPU adaptations megatron-core 0.16.1 needs (nothing else).
+
+megatron-core assumes a CUDA device in a few places on the training path. Without a GPU
+(``torch.cuda.is_available()`` False) :func:`apply_cpu_adaptations` patches exactly those places,
+each as narrowly as it can (one name as seen from one megatron module; torch itself is untouched
+except ``Tensor.cuda`` for the duration of one megatron call). The measured list is in
+``shared/notes/megatron-cpu.md``; line numbers refer to megatron-core 0.16.1:
+
+- ``rng_tracker`` -- ``tensor_parallel/random.py:235-240``: ``CudaRNGStatesTracker.add`` reads
+  ``torch.cuda.get_rng_state()``, and ``:250-277`` ``fork`` swaps CUDA generator states (needed by
+  ``model_parallel_cuda_manual_seed`` and by every attention-dropout ``fork()``). Patched:
+  ``random.CudaRNGStatesTracker``, the class the tracker factory instantiates, becomes a subclass
+  whose named states are CPU generator states (the existing tracker is rebuilt from it).
+- ``memory_buffer`` -- ``utils.py:628-633``: ``GlobalMemoryBuffer.get_tensor`` (the attention score
+  buffer of ``DotProductAttention``) allocates on ``torch.cuda.current_device()``. Patched:
+  ``current_device`` as seen from ``megatron.core.utils`` returns the CPU.
+- ``rope_device`` -- ``models/common/embeddings/rotary_pos_embedding.py:162``: the CPU-initialised
+  ``inv_freq`` is moved to ``current_device()`` at the first forward. Patched: ``current_device``
+  as seen from that module.
+- ``schedule_zeros`` -- ``pipeline_parallel/schedules.py:596, 983, 2138``: the token counters
+  ``torch.zeros([], device="cuda")``. Patched: ``zeros`` as seen from ``schedules`` maps
+  ``"cuda"`` to the CPU.
+- ``p2p_device_and_sync`` -- ``pipeline_parallel/p2p_communication.py:190-202, 313, 321``: receive
+  and shape buffers on ``current_device()``; ``:242, 398``: ``torch.cuda.synchronize()`` after
+  ``batch_isend_irecv``. Patched: ``current_device`` (CPU) and ``synchronize`` (no-op: gloo work is
+  complete once ``wait()`` returned) as seen from ``p2p_communication``.
+- ``tied_embedding_copy`` -- ``models/common/language_module/language_module.py:244``:
+  ``weight.data.cuda()`` before the first/last-stage all-reduce that copies tied embeddings under
+  pipeline parallelism. Patched: ``LanguageModule.setup_embeddings_and_output_layer`` is wrapped
+  so that, during that call only, ``Tensor.cuda()`` of a CPU tensor returns the tensor itself.
+
+Two CUDA assumptions are met by configuration instead of patches (see ``shiq_train.model``):
+``TransformerConfig(use_cpu_initialization=True)`` (weights and rotary frequencies on CPU) and an
+explicit boolean causal mask (``attention_mask=None`` builds it on ``"cuda"``, ``transformer/utils.py:35``).
+
+The "torch view" patches replace the module-global ``torch`` of one megatron module by a view that
+forwards every attribute to the real ``torch`` except the one or two named above, so no other module
+(and no user code) sees a changed ``torch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import types
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+_APPLIED: list[str] = []
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU adaptations
+
+
+class _CudaView:
+    """Stands in for ``torch.cuda`` inside one megatron module; overrides only what it is given."""
+
+    def __init__(self, **overrides):
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+class _TorchView(types.ModuleType):
+    """Stands in for ``torch`` inside one megatron module: every attribute forwards to ``torch``
+    except the overrides (and ``cuda``, if a :class:`_CudaView` is given)."""
+
+    def __init__(self, cuda: _CudaView | None = None, **overrides):
+        super().__init__("torch")
+        if cuda is not None:
+            self.cuda = cuda
+        self.__dict__.update(overrides)
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _cpu_device() -> torch.device:
+    return torch.device("cpu")
+
+
+def _no_sync(device=None) -> None:
+    """``torch.cuda.synchronize`` on CPU: gloo ops have completed once ``wait()`` returned."""
+
+
+def _zeros_cuda_to_cpu(*size, device=None, **kwargs):
+    """``torch.zeros`` that allocates on CPU what megatron asked to allocate on ``"cuda"``."""
+    if device is not None and torch.device(device).type == "cuda":
+        device = "cpu"
+    return torch.zeros(*size, device=device, **kwargs)
+
+
+def _cpu_rng_tracker_class():
+    """A ``CudaRNGStatesTracker`` whose named states are CPU generator states.
+
+    On CPU every random op (dropout, CPU initialisation) draws from torch's default CPU generator,
+    so ``fork(name)`` swaps that generator's state with the named one and back, which is what the
+    CUDA tracker does with the CUDA generator.
+    """
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            gen = torch.Generator(device="cpu")
+            gen.manual_seed(seed)
+            self.states_[name] = gen.get_state()
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig_state = torch.get_rng_state()
+            orig_name = self._current_state_name
+            if orig_name != "default-rng":
+                self.states_[orig_name] = orig_state
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                if self._current_state_name != name:
+                    raise Exception(
+                        f"current state name {self._current_state_name} is not the same as the "
+                        f"desired state name {name}."
+                    )
+                self.states_[name] = torch.get_rng_state()
+                if orig_name != "default-rng":
+                    orig_state = self.states_[orig_name]
+                torch.set_rng_state(orig_state)
+                self._current_state_name = orig_name
+
+    CpuRNGStatesTracker._shiq_cpu = True
+    return CpuRNGStatesTracker
+
+
+def _wrap_tied_embedding_setup():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    original = LanguageModule.setup_embeddings_and_output_layer
+
+    def setup_embeddings_and_output_layer(self) -> None:
+        cuda = torch.Tensor.cuda
+
+        def identity_on_cpu(t, *args, **kwargs):
+            return t if t.device.type == "cpu" else cuda(t, *args, **kwargs)
+
+        torch.Tensor.cuda = identity_on_cpu
+        try:
+            return original(self)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    setup_embeddings_and_output_layer._shiq_cpu = True
+    setup_embeddings_and_output_layer.__wrapped__ = original
+    return setup_embeddings_and_output_layer
+
+
+def apply_cpu_adaptations() -> list[str]:
+    """Patch megatron-core's CUDA assumptions when no GPU is present; idempotent.
+
+    Returns the names of the adaptations in force (empty when a GPU is available: nothing is
+    patched then). Call before building a model; safe to call many times (re-applies nothing).
+    """
+    if torch.cuda.is_available():
+        return []
+    if _APPLIED:
+        return list(_APPLIED)
+
+    from megatron.core import utils as mutils
+    from megatron.core.models.common.embeddings import rotary_pos_embedding
+    from megatron.core.models.common.language_module import language_module
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if not getattr(mrandom.CudaRNGStatesTracker, "_shiq_cpu", False):
+        mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
+        # a tracker built before this call (from the CUDA class) would still read CUDA states
+        mrandom.initialize_rng_tracker(force_reset=True)
+    if not isinstance(mutils.torch, _TorchView):
+        mutils.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    if not isinstance(rotary_pos_embedding.torch, _TorchView):
+        rotary_pos_embedding.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    if not isinstance(schedules.torch, _TorchView):
+        schedules.torch = _TorchView(zeros=_zeros_cuda_to_cpu)
+    if not isinstance(p2p_communication.torch, _TorchView):
+        p2p_communication.torch = _TorchView(
+            cuda=_CudaView(current_device=_cpu_device, synchronize=_no_sync)
+        )
+    lm = language_module.LanguageModule
+    if not getattr(lm.setup_embeddings_and_output_layer, "_shiq_cpu", False):
+        lm.setup_embeddings_and_output_layer = _wrap_tied_embedding_setup()
+    _APPLIED[:] = ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros", "p2p_device_and_sync",
+                   "tied_embedding_copy"]
+    return list(_APPLIED)
+
+
+def device() -> torch.device:
+    """The device this process computes on: its local GPU, or the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+# ----------------------------------------------------------------------------------------------
+# process groups
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout. Data parallelism is whatever is left: ``world / (tp * pp)``."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+    def __post_init__(self):
+        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+            v = getattr(self, name)
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago on localhost (for single-host process groups)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(
+    parallel: ParallelConfig | None = None,
+    *,
+    rank: int | None = None,
+    world_size: int | None = None,
+    init_method: str | None = None,
+    backend: str | None = None,
+    seed: int | None = None,
+    timeout_s: float = 300.0,
+) -> None:
+    """Initialise ``torch.distributed`` and megatron's model-parallel groups.
+
+    Rank, world size and rendezvous come from the arguments, else from torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); a lone process with none of them
+    gets world size 1 on a free local port. The backend is ``nccl`` with a GPU, ``gloo`` without.
+    Applies the CPU adaptations when no GPU is present, and seeds (:func:`set_seed`) if ``seed`` is
+    given. ``world_size`` must be a multiple of ``tp * pp``.
+    """
+    parallel = parallel or ParallelConfig()
+    apply_cpu_adaptations()
+    if rank is None:
+        rank = int(os.environ.get("RANK", 0))
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", 1))
+    tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
+    if world_size % (tp * pp):
+        raise ValueError(
+            f"world size {world_size} is not a multiple of tensor_model_parallel_size * "
+            f"pipeline_model_parallel_size = {tp} * {pp}"
+        )
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    if not dist.is_initialized():
+        if backend is None:
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if init_method is None and "MASTER_ADDR" not in os.environ:
+            if world_size != 1:
+                raise ValueError("init_method (or MASTER_ADDR/MASTER_PORT) is needed for world size > 1")
+            init_method = f"tcp://127.0.0.1:{free_port()}"
+        dist.init_process_group(
+            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
+    )
+    if seed is not None:
+        set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed torch's CPU generator and megatron's model-parallel RNG tracker.
+
+    Every rank gets the same default seed (so ``use_cpu_initialization`` draws identical master
+    weights on every tensor-parallel rank); the tracker gives each tensor-parallel rank its own
+    stream for dropout inside tensor-parallel regions.
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_distributed() -> None:
+    """Tear down megatron's groups and the default process group (safe if not initialised)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def distributed(parallel: ParallelConfig | None = None, **kwargs):
+    """``with distributed(ParallelConfig(2, 1), rank=r, world_size=2, init_method=...):`` — calls
+    :func:`init_distributed` and always :func:`destroy_distributed` on exit."""
+    init_distributed(parallel, **kwargs)
+    try:
+        yield
+    finally:
+        destroy_distributed()

@@ -1,0 +1,271 @@
+"""One optimisation step of a megatron GPTModel on per-token-statistics losses.
+
+Pieces a trainer composes (none holds global state beyond megatron's process groups):
+
+- :func:`forward_backward` — megatron's ``get_forward_backward_func()`` schedule (no pipelining or
+  1F1B) over a list of micro-batches; the last stage turns the model output into SHIQ_MATH §2
+  statistics (:func:`shiq_train.model.output_stats`) and calls a loss function of
+  ``(TokenStats, micro_batch)``.
+- :func:`finalize_grads` — the gradient reductions megatron's DDP/finalize would do: the tied
+  embedding's two copies under pipeline parallelism, and the data-parallel mean.
+- :func:`clip_grad_norm` — the global gradient norm over the tensor × pipeline layout (replicated
+  parameters counted once) and clipping.
+- :func:`build_optimizer` / :func:`train_step` — AdamW with linear warm-up and cosine decay.
+
+A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask`` (bool),
+``rewards``, ``ref_chosen_logits``, ``ref_logz`` (float), optionally ``segment_ids`` ``[B, T]`` and
+``group_ids`` ``[B]``. Position ``t`` holds token ``t`` and its statistics (predicted from ``t − 1``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from shiq_train.model import model_inputs, output_stats, unwrap
+from shiq_train.stats import TokenStats
+
+LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW with linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr``
+    over ``decay_steps`` (0: constant after warm-up). ``clip_grad`` is the max global grad norm
+    (0 disables). Norms, biases (1-D parameters) get no weight decay. With bf16 parameters and
+    ``fp32_master_weights``, AdamW updates float32 copies that are rounded into the model after each
+    step (updates smaller than bf16's resolution accumulate instead of vanishing)."""
+
+    lr: float = 3e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    fp32_master_weights: bool = True
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ValueError(f"optimizer.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
+        if self.clip_grad < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("optimizer.clip_grad, warmup_steps and decay_steps must be >= 0")
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for optimizer step ``step`` (0-based)."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.decay_steps == 0:
+            return self.lr
+        t = min(1.0, (step - self.warmup_steps) / self.decay_steps)
+        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * t))
+
+
+class MasterWeightOptimizer:
+    """An optimizer over float32 master copies of low-precision parameters.
+
+    ``step()`` copies the model's gradients into the masters, steps the inner optimizer on them and
+    rounds the masters back into the model. ``state_dict()`` holds the masters too (exact resume).
+    """
+
+    def __init__(self, params: list, make_inner):
+        self.params = params
+        self.masters = [p.detach().clone().float().requires_grad_(True) for p in params]
+        self.inner = make_inner(self.masters)
+
+    @property
+    def param_groups(self):
+        return self.inner.param_groups
+
+    def zero_grad(self, set_to_none: bool = True):
+        for p in self.params:
+            p.grad = None if set_to_none else (p.grad.zero_() if p.grad is not None else None)
+        self.inner.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def step(self):
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.inner.step()
+        for p, m in zip(self.params, self.masters):
+            p.copy_(m)
+
+    def state_dict(self):
+        return {"inner": self.inner.state_dict(), "masters": [m.detach().clone() for m in self.masters]}
+
+    def load_state_dict(self, state):
+        with torch.no_grad():
+            for m, saved in zip(self.masters, state["masters"]):
+                m.copy_(saved)
+        self.inner.load_state_dict(state["inner"])
+
+
+def build_optimizer(model, cfg: OptimizerConfig):
+    """``(optimizer, LambdaLR)`` over the model's trainable parameters: AdamW, wrapped in a
+    :class:`MasterWeightOptimizer` when some parameter is not float32 and ``fp32_master_weights``."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def adamw(ps):
+        return torch.optim.AdamW(
+            [{"params": [p for p in ps if p.dim() > 1], "weight_decay": cfg.weight_decay},
+             {"params": [p for p in ps if p.dim() <= 1], "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+        )
+
+    if cfg.fp32_master_weights and any(p.dtype != torch.float32 for p in params):
+        opt = MasterWeightOptimizer(params, adamw)
+        inner = opt.inner
+    else:
+        opt = inner = adamw(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(inner, lambda step: cfg.lr_at(step) / cfg.lr)
+    return opt, sched
+
+
+def objective_loss_fn(loss_cfg) -> LossFn:
+    """Loss selected by config (:class:`shiq_train.objectives.LossConfig`) as a ``LossFn``."""
+    from shiq_train.objectives import compute_loss
+
+    def fn(st: TokenStats, mb: dict):
+        return compute_loss(loss_cfg, st.chosen_logits, st.logz, mb["ref_chosen_logits"], mb["ref_logz"],
+                            mb["rewards"], mb["action_mask"], group_ids=mb.get("group_ids"),
+                            segment_ids=mb.get("segment_ids"))
+
+    return fn
+
+
+def _forward_step_func(loss_fn: LossFn):
+    def forward_step(data_iterator, model):
+        mb = next(data_iterator)
+        output = model(**model_inputs(mb["tokens"]))
+
+        def loss_func(output_tensor):
+            st = output_stats(model, output_tensor, mb["tokens"])
+            loss, metrics = loss_fn(st, mb)
+            # the schedule divides ``loss`` in place by the number of micro-batches: log a clone
+            return loss, {"loss": loss.detach().clone(), **metrics}
+
+        return output, loss_func
+
+    return forward_step
+
+
+def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool = False):
+    """Run megatron's schedule over ``micro_batches``; gradients accumulate in ``param.grad``.
+
+    ``micro_batches`` are this data-parallel rank's share. Returns ``(loss, metrics)`` on every rank:
+    the mean over micro-batches (and data-parallel ranks) of the loss and of each metric, broadcast
+    from the last pipeline stage. The gradient is that of this rank's mean loss (see
+    :func:`finalize_grads` for the data-parallel mean).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    tokens = micro_batches[0]["tokens"]
+    out = get_forward_backward_func()(
+        forward_step_func=_forward_step_func(loss_fn),
+        data_iterator=iter(micro_batches),
+        model=model,
+        num_microbatches=len(micro_batches),
+        seq_length=tokens.shape[1],
+        micro_batch_size=tokens.shape[0],
+        forward_only=forward_only,
+    )
+    keys = sorted(out[0]) if out else []
+    vals = torch.tensor([[float(d[k]) for k in keys] for d in out], dtype=torch.float64).mean(0) if out else None
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        group = parallel_state.get_pipeline_model_parallel_group()
+        src = parallel_state.get_pipeline_model_parallel_last_rank()
+        obj = [(keys, vals)]
+        dist.broadcast_object_list(obj, src=src, group=group)
+        keys, vals = obj[0]
+    if parallel_state.get_data_parallel_world_size() > 1:  # mean over data-parallel ranks
+        vals = vals.clone()
+        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
+        vals /= parallel_state.get_data_parallel_world_size()
+    metrics = {k: float(v) for k, v in zip(keys, vals)}
+    return metrics["loss"], metrics
+
+
+def finalize_grads(model) -> None:
+    """Reduce gradients as megatron's DDP + ``finalize_model_grads`` would, without their buffers.
+
+    1. Tied embeddings under pipeline parallelism: the first stage's embedding and the last stage's
+       output copy each hold part of the gradient; all-reduce (sum) over the embedding group so both
+       hold the full one (megatron ``finalize_model_grads._allreduce_word_embedding_grads``).
+    2. Data parallelism: mean of every gradient over the data-parallel group.
+    """
+    from megatron.core import parallel_state
+
+    inner = unwrap(model)
+    if (parallel_state.get_pipeline_model_parallel_world_size() > 1 and inner.share_embeddings_and_output_weights
+            and parallel_state.is_rank_in_embedding_group()):
+        w = inner.shared_embedding_or_output_weight()
+        if w is not None and w.grad is not None:
+            dist.all_reduce(w.grad, group=parallel_state.get_embedding_group())
+    dp = parallel_state.get_data_parallel_world_size()
+    if dp > 1:
+        group = parallel_state.get_data_parallel_group()
+        for p in model.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad, group=group)
+                p.grad.div_(dp)
+
+
+def grad_norm(model) -> float:
+    """Global L2 norm of the gradients over tensor × pipeline ranks (each element counted once:
+    tensor-parallel-replicated parameters on TP rank 0 only, the tied embedding's last-stage copy
+    not at all)."""
+    from megatron.core import parallel_state
+
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    sq = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
+            continue
+        if getattr(p, "shared", False) and not parallel_state.is_pipeline_first_stage():
+            continue
+        sq += p.grad.detach().double().pow(2).sum().cpu()
+    mp_size = (parallel_state.get_tensor_model_parallel_world_size()
+               * parallel_state.get_pipeline_model_parallel_world_size())
+    if mp_size > 1:
+        sq = sq.to(next(model.parameters()).device)
+        dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
+    return float(sq.sqrt())
+
+
+def clip_grad_norm(model, max_norm: float) -> float:
+    """Scale gradients so their global norm is at most ``max_norm`` (0: no clipping); returns the
+    norm before clipping."""
+    norm = grad_norm(model)
+    if max_norm > 0 and norm > max_norm:
+        coef = max_norm / (norm + 1e-6)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef)
+    return norm
+
+
+def train_step(model, optimizer, scheduler, micro_batches: list[dict], loss_fn: LossFn, clip_grad: float) -> dict:
+    """Zero grads, forward/backward over ``micro_batches``, reduce, clip, AdamW step, LR schedule.
+
+    Returns the metrics (``loss`` and the loss function's, averaged over micro-batches),
+    ``grad_norm`` (before clipping) and ``lr`` (the rate this step used).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = forward_backward(model, micro_batches, loss_fn)
+    finalize_grads(model)
+    norm = clip_grad_norm(model, clip_grad)
+    lr = optimizer.param_groups[0]["lr"]
+    optimizer.step()
+    scheduler.step()
+    return {**metrics, "grad_norm": norm, "lr": lr}

@@ -1,0 +1,204 @@
+"""Per-token statistics over vocabulary shards, and chunked over tokens (SHIQ_MATH §2).
+
+The chosen logit ``c_t = ℓ(s_t, y_t)`` and the log-partition ``z_t = log Σ_a exp ℓ(s_t, a)`` of
+SHIQ_MATH §2, computed without gathering the vocabulary and, on the chunked path, without ever
+holding the ``[tokens, V]`` logits:
+
+- :class:`VocabParallelTokenStats` — from vocab-parallel logits ``[N, V/tp]`` (rank ``r`` of the
+  tensor-parallel group holds vocabulary ids ``[r·V/tp, (r+1)·V/tp)``, megatron's layout).
+  ``z``: max all-reduce, then sum-exp all-reduce; ``c``: masked gather, then sum all-reduce.
+  Backward is analytic: ``∂c/∂ℓ = onehot(y)``, ``∂z/∂ℓ = softmax(ℓ)``, each scaled by its incoming
+  gradient; no communication is needed (each rank owns the gradient of its own shard).
+- :class:`ChunkedTokenStats` — from final hidden states ``[N, H]`` and the (vocab-parallel) output
+  weight ``[V/tp, H]``, a chunk of tokens at a time; the backward recomputes each chunk's logits and
+  accumulates the weight gradient chunk by chunk. Peak extra memory is ``chunk × V/tp`` floats.
+
+Both agree with :func:`shiq_train.stats.token_stats` on the gathered logits (values and gradients;
+``tests/test_stats_parallel.py``). Statistics are float32 whatever the logits' dtype.
+The ``causal_*`` wrappers align the result with the tokens as :func:`~shiq_train.stats.causal_lm_stats`
+does: position ``t`` holds the statistics of token ``t`` predicted from position ``t − 1``.
+
+``group=None`` means no tensor parallelism (one shard holding the whole vocabulary).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from shiq_train.stats import TokenStats
+
+
+def tensor_parallel_group():
+    """megatron's tensor-parallel group, or None if model parallelism is not initialised or TP = 1."""
+    try:
+        from megatron.core import parallel_state
+    except ImportError:  # pragma: no cover - megatron is a dependency
+        return None
+    if not parallel_state.model_parallel_is_initialized():
+        return None
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def _rank(group) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
+    if group is not None:
+        dist.all_reduce(x, op=op, group=group)
+    return x
+
+
+def _shard_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int | None, group):
+    """``(c, z, local_target, in_shard, valid_cols)`` from float32 shard logits ``x`` ``[n, Vp]``."""
+    vp = x.shape[-1]
+    valid = None
+    if vocab_size is not None and vocab_start + vp > vocab_size:  # padded vocabulary entries
+        valid = torch.arange(vocab_start, vocab_start + vp, device=x.device) < vocab_size
+        x = x.masked_fill(~valid, float("-inf"))
+    m = x.max(-1).values
+    _all_reduce(m, dist.ReduceOp.MAX, group)
+    s = torch.exp(x - m.unsqueeze(-1)).sum(-1)
+    _all_reduce(s, dist.ReduceOp.SUM, group)
+    z = m + torch.log(s)
+    local = targets - vocab_start
+    in_shard = (local >= 0) & (local < vp)
+    local = local.clamp(0, vp - 1)
+    c = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+    _all_reduce(c, dist.ReduceOp.SUM, group)
+    return c, z, local, in_shard, valid
+
+
+def _grad_logits(x, z, local, in_shard, valid, grad_c, grad_z):
+    """``grad_z · softmax(ℓ) + grad_c · onehot(y)`` on one shard, float32 ``[n, Vp]``."""
+    if valid is not None:
+        x = x.masked_fill(~valid, float("-inf"))
+    g = torch.exp(x - z.unsqueeze(-1)) * grad_z.unsqueeze(-1)
+    g.scatter_add_(-1, local.unsqueeze(-1), (grad_c * in_shard).unsqueeze(-1))
+    return g
+
+
+def _check(targets, tokens_dim: int, what: str):
+    if targets.dim() != 1 or targets.shape[0] != tokens_dim:
+        raise ValueError(f"targets must be [N] matching {what}'s first dimension {tokens_dim}, got {tuple(targets.shape)}")
+
+
+class VocabParallelTokenStats(torch.autograd.Function):
+    """``(c, z)`` ``[N]`` float32 from vocab-parallel logits ``[N, V/tp]`` (SHIQ_MATH §2).
+
+    ``apply(logits, targets, group=None, vocab_size=None)``: ``targets`` ``[N]`` int64 global token
+    ids; ``vocab_size`` the true vocabulary size when the sharded vocabulary is padded (padded
+    columns are excluded from ``z``). The gradient w.r.t. ``logits`` has the logits' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, targets, group=None, vocab_size=None):
+        _check(targets, logits.shape[0], "logits")
+        vocab_start = _rank(group) * logits.shape[-1]
+        c, z, local, in_shard, valid = _shard_stats(logits.float(), targets, vocab_start, vocab_size, group)
+        ctx.save_for_backward(logits, z, local, in_shard)
+        ctx.valid = valid
+        return c, z
+
+    @staticmethod
+    def backward(ctx, grad_c, grad_z):
+        logits, z, local, in_shard = ctx.saved_tensors
+        g = _grad_logits(logits.float(), z, local, in_shard, ctx.valid, grad_c.float(), grad_z.float())
+        return g.to(logits.dtype), None, None, None
+
+
+class ChunkedTokenStats(torch.autograd.Function):
+    """``(c, z)`` ``[N]`` float32 from hidden states ``[N, H]`` and output weight ``[V/tp, H]``.
+
+    ``apply(hidden, weight, targets, chunk_tokens, group=None, vocab_size=None)``. Logits are
+    ``hidden @ weight.T`` (megatron's output layer without bias), formed ``chunk_tokens`` rows at a
+    time in the inputs' dtype and upcast to float32. Backward recomputes each chunk; the hidden-state
+    gradient is all-reduced over ``group`` (each rank's shard contributes a partial sum, as in
+    megatron's column-parallel output layer), the weight gradient stays local to the shard.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_tokens, group=None, vocab_size=None):
+        _check(targets, hidden.shape[0], "hidden")
+        if hidden.shape[-1] != weight.shape[-1]:
+            raise ValueError(f"hidden [N, H] and weight [V/tp, H] disagree on H: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+        if chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        vocab_start = _rank(group) * weight.shape[0]
+        cs, zs = [], []
+        for i in range(0, hidden.shape[0], chunk_tokens):
+            x = (hidden[i : i + chunk_tokens] @ weight.t()).float()
+            c, z, _, _, _ = _shard_stats(x, targets[i : i + chunk_tokens], vocab_start, vocab_size, group)
+            cs.append(c)
+            zs.append(z)
+        c = torch.cat(cs) if cs else hidden.new_zeros(0, dtype=torch.float32)
+        z = torch.cat(zs) if zs else hidden.new_zeros(0, dtype=torch.float32)
+        ctx.save_for_backward(hidden, weight, targets, z)
+        ctx.chunk_tokens, ctx.group, ctx.vocab_size, ctx.vocab_start = chunk_tokens, group, vocab_size, vocab_start
+        return c, z
+
+    @staticmethod
+    def backward(ctx, grad_c, grad_z):
+        hidden, weight, targets, z = ctx.saved_tensors
+        n, vp = hidden.shape[0], weight.shape[0]
+        valid = None
+        if ctx.vocab_size is not None and ctx.vocab_start + vp > ctx.vocab_size:
+            valid = torch.arange(ctx.vocab_start, ctx.vocab_start + vp, device=hidden.device) < ctx.vocab_size
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for i in range(0, n, ctx.chunk_tokens):
+            sl = slice(i, i + ctx.chunk_tokens)
+            h = hidden[sl]
+            x = (h @ weight.t()).float()
+            local = targets[sl] - ctx.vocab_start
+            in_shard = (local >= 0) & (local < vp)
+            g = _grad_logits(x, z[sl], local.clamp(0, vp - 1), in_shard, valid,
+                             grad_c[sl].float(), grad_z[sl].float())
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[sl] = g @ weight
+            if need_w:
+                grad_w += (g.t() @ h).float()
+        if need_h:
+            _all_reduce(grad_h, dist.ReduceOp.SUM, ctx.group)
+        return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
+
+
+def vocab_parallel_token_stats(logits, targets, group=None, vocab_size=None) -> TokenStats:
+    """:class:`TokenStats` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]`` and targets ``[B, T]``.
+
+    ``logits[b, t]`` scores ``targets[b, t]`` (no shift; see :func:`vocab_parallel_causal_stats`).
+    """
+    B, T, vp = logits.shape
+    c, z = VocabParallelTokenStats.apply(logits.reshape(B * T, vp), targets.reshape(B * T).long(), group, vocab_size)
+    return TokenStats(c.view(B, T), z.view(B, T))
+
+
+def chunked_token_stats(hidden, weight, targets, chunk_tokens=1024, group=None, vocab_size=None) -> TokenStats:
+    """:class:`TokenStats` ``[B, T]`` from hidden states ``[B, T, H]``, weight ``[V/tp, H]``, targets ``[B, T]``."""
+    B, T, H = hidden.shape
+    c, z = ChunkedTokenStats.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T).long(),
+                                   int(chunk_tokens), group, vocab_size)
+    return TokenStats(c.view(B, T), z.view(B, T))
+
+
+def _shift(st: TokenStats) -> TokenStats:
+    pad = st.chosen_logits.new_zeros(st.chosen_logits.shape[0], 1)
+    return TokenStats(torch.cat([pad, st.chosen_logits], 1), torch.cat([pad, st.logz], 1))
+
+
+def vocab_parallel_causal_stats(logits, tokens, group=None, vocab_size=None) -> TokenStats:
+    """Causal-LM statistics aligned with ``tokens`` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]``.
+
+    Same alignment as :func:`shiq_train.stats.causal_lm_stats` (position 0 is zero).
+    """
+    return _shift(vocab_parallel_token_stats(logits[:, :-1], tokens[:, 1:], group, vocab_size))
+
+
+def chunked_causal_stats(hidden, weight, tokens, chunk_tokens=1024, group=None, vocab_size=None) -> TokenStats:
+    """Causal-LM statistics aligned with ``tokens`` ``[B, T]`` from hidden states ``[B, T, H]``."""
+    return _shift(chunked_token_stats(hidden[:, :-1], weight, tokens[:, 1:], chunk_tokens, group, vocab_size))

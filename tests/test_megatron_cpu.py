@@ -1,0 +1,360 @@
+"""megatron-core on CPU: the adaptations in ``shiq_train.parallel``, model building from the Hydra
+model configs, start-up errors, statistics from the model, and a short ShiQ training run."""
+
+import dataclasses
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from shiq_train import model as M
+from shiq_train import parallel
+from shiq_train.stats import causal_lm_stats
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU adaptations")
+
+
+@pytest.fixture
+def dist1():
+    """A world-size-1 gloo process group with megatron's groups, seeded; torn down afterwards."""
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=1234):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------
+# adaptations
+
+
+def test_adaptations_are_idempotent_and_narrow():
+    from megatron.core import utils as mutils
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import random as mrandom
+
+    names = parallel.apply_cpu_adaptations()
+    assert names == ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros",
+                     "p2p_device_and_sync", "tied_embedding_copy"]
+    patched = (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
+               LanguageModule.setup_embeddings_and_output_layer)
+    assert parallel.apply_cpu_adaptations() == names
+    assert patched == (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
+                       LanguageModule.setup_embeddings_and_output_layer)
+    # only the named attributes differ inside the patched modules ...
+    assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
+    assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor
+    assert p2p_communication.torch.cuda.current_device() == torch.device("cpu")
+    assert p2p_communication.torch.cuda.synchronize() is None
+    assert mutils.torch.cuda.is_available is torch.cuda.is_available
+    # ... and torch itself is untouched
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.cuda.current_device()
+    with pytest.raises((AssertionError, RuntimeError)):
+        torch.zeros(1, device="cuda")
+
+
+def test_rng_tracker_forks_cpu_streams(dist1):
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    tracker = get_cuda_rng_tracker()
+    before = torch.get_rng_state()
+    with tracker.fork():
+        a = torch.rand(4)
+    assert torch.equal(torch.get_rng_state(), before)  # default stream restored
+    with tracker.fork():
+        b = torch.rand(4)
+    assert not torch.equal(a, b)  # the forked stream advanced
+    parallel.set_seed(1234)
+    with get_cuda_rng_tracker().fork():
+        assert torch.equal(torch.rand(4), a)  # reproducible from the seed
+
+
+def test_global_memory_buffer_is_on_cpu(dist1):
+    from megatron.core import parallel_state
+
+    buf = parallel_state.get_global_memory_buffer().get_tensor((2, 3), torch.float32, "test")
+    assert buf.device.type == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# configs and start-up errors
+
+
+@pytest.mark.parametrize("name", ["tiny", "smollm2_135m"])
+def test_yaml_mirrors_dataclass(name):
+    raw = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    assert set(raw) == {f.name for f in dataclasses.fields(M.ModelConfig)}
+    cfg = M.ModelConfig.from_dict(raw)
+    assert cfg.name == name
+
+
+def test_hydra_composes_the_model_group_with_overrides():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIGS.parent), version_base=None):
+        cfg = compose(overrides=["+model=smollm2_135m", "model.params_dtype=float32", "model.logits_chunk_tokens=0"])
+    mc = M.ModelConfig.from_dict(cfg.model)
+    assert (mc.num_query_groups, mc.rotary_base, mc.params_dtype, mc.logits_chunk_tokens) == (3, 100000, "float32", 0)
+
+
+def test_tiny_yaml_is_the_dataclass_default():
+    assert M.ModelConfig.from_dict(OmegaConf.load(CONFIGS / "tiny.yaml")) == M.ModelConfig()
+
+
+def test_smollm2_builds_with_hf_parameter_count(dist1):
+    cfg = dataclasses.replace(M.ModelConfig.from_dict(OmegaConf.load(CONFIGS / "smollm2_135m.yaml")),
+                              params_dtype="float32")
+    model = M.build_model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    st = M.forward_stats(model, torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert st.logz.shape == (1, 8) and torch.isfinite(st.logz).all()
+
+
+def test_fp8_without_gpu_fails_at_startup_with_the_fix():
+    cfg = M.ModelConfig(fp8="hybrid", transformer_impl="transformer_engine")
+    with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU .* Set model.fp8=null"):
+        M.check_runtime(cfg)
+    with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU"):
+        M.build_model(cfg)
+
+
+def test_transformer_engine_impl_without_gpu_fails_clearly():
+    with pytest.raises(RuntimeError, match=r"transformer_impl=transformer_engine needs a CUDA GPU"):
+        M.check_runtime(M.ModelConfig(transformer_impl="transformer_engine"))
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"activation": "relu2"}, "model.activation"),
+    ({"fp8": "e5m2"}, "model.fp8"),
+    ({"hidden_size": 65}, "divisible by num_attention_heads"),
+    ({"logits_chunk_tokens": -1}, "logits_chunk_tokens"),
+])
+def test_bad_config_values_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        M.ModelConfig(**kw)
+
+
+def test_unknown_config_key_is_named():
+    with pytest.raises(ValueError, match=r"unknown model config keys \['hidden'\]"):
+        M.ModelConfig.from_dict({"hidden": 3})
+
+
+# ----------------------------------------------------------------------------------------------
+# the model and its statistics
+
+
+def test_causal_mask_blocks_the_future():
+    m = M.causal_mask(4)
+    assert m.shape == (1, 1, 4, 4) and m.dtype == torch.bool
+    assert m[0, 0].tolist() == [[False, True, True, True], [False, False, True, True],
+                                [False, False, False, True], [False, False, False, False]]
+
+
+def test_model_is_causal(dist1):
+    model = M.build_model(M.ModelConfig())
+    tok = torch.randint(0, 128, (1, 16))
+    tok2 = tok.clone()
+    tok2[0, 10:] = (tok2[0, 10:] + 1) % 128
+    a, b = model(**M.model_inputs(tok)), model(**M.model_inputs(tok2))
+    assert torch.equal(a[0, :10], b[0, :10]) and not torch.equal(a[0, 10:], b[0, 10:])
+
+
+def test_forward_stats_match_full_logits_both_paths(dist1):
+    model = M.build_model(M.ModelConfig())
+    tok = torch.randint(0, 128, (2, 16))
+    logits = model(**M.model_inputs(tok))
+    assert logits.shape == (2, 16, 128)
+    ref = causal_lm_stats(logits, tok)
+    st = M.forward_stats(model, tok)
+    torch.testing.assert_close(st.logz, ref.logz)
+    torch.testing.assert_close(st.chosen_logits, ref.chosen_logits)
+    model.return_hidden, model.logits_chunk_tokens = True, 7  # the chunked path, same weights
+    st2 = M.forward_stats(model, tok)
+    torch.testing.assert_close(st2.logz, ref.logz, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st2.chosen_logits, ref.chosen_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_dropout_runs_through_the_rng_tracker(dist1):
+    model = M.build_model(M.ModelConfig(hidden_dropout=0.1, attention_dropout=0.1))
+    model.train()
+    tok = torch.randint(0, 128, (2, 16))
+    a, b = model(**M.model_inputs(tok)), model(**M.model_inputs(tok))
+    assert not torch.equal(a, b)
+    model.eval()
+    assert torch.equal(model(**M.model_inputs(tok)), model(**M.model_inputs(tok)))
+
+
+# ----------------------------------------------------------------------------------------------
+# training
+
+
+def make_micro_batches(n=2, rows=2, seq=16, vocab=128):
+    """Prompt of 4 tokens, then actions with random rewards; random reference statistics."""
+    g = torch.Generator().manual_seed(7)
+    out = []
+    for _ in range(n):
+        action = torch.zeros(rows, seq, dtype=torch.bool)
+        action[:, 4:] = True
+        out.append({"tokens": torch.randint(0, vocab, (rows, seq), generator=g), "action_mask": action,
+                    "rewards": torch.randn(rows, seq, generator=g) * action,
+                    "ref_chosen_logits": torch.randn(rows, seq, generator=g) * 0.1,
+                    "ref_logz": 4.85 + torch.randn(rows, seq, generator=g) * 0.1})
+    return out
+
+
+def test_short_shiq_run_lowers_the_loss(dist1):
+    from shiq_train.objectives import LossConfig
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
+
+    model = M.build_model(M.ModelConfig(logits_chunk_tokens=8))
+    opt_cfg = OptimizerConfig(lr=3e-3, warmup_steps=3, decay_steps=30, min_lr=3e-4, clip_grad=1.0)
+    opt, sched = build_optimizer(model, opt_cfg)
+    batches = make_micro_batches()
+    loss_fn = objective_loss_fn(LossConfig(name="shiq", beta=0.1))
+    logs = [train_step(model, opt, sched, batches, loss_fn, opt_cfg.clip_grad) for _ in range(30)]
+    assert logs[0]["lr"] == pytest.approx(1e-3) and logs[2]["lr"] == pytest.approx(3e-3)
+    assert logs[-1]["lr"] < logs[3]["lr"]
+    assert logs[-1]["loss"] < 0.35 * logs[0]["loss"], [round(l["loss"], 4) for l in logs]
+    assert {"abs_delta_mean", "kl", "reward", "grad_norm"} <= set(logs[0])
+
+
+def test_bf16_parameters_train_with_fp32_master_weights(dist1):
+    from shiq_train.objectives import LossConfig
+    from shiq_train.train_step import (MasterWeightOptimizer, OptimizerConfig, build_optimizer,
+                                       objective_loss_fn, train_step)
+
+    model = M.build_model(M.ModelConfig(params_dtype="bfloat16"))
+    assert model.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    opt, sched = build_optimizer(model, OptimizerConfig(lr=3e-3))
+    assert isinstance(opt, MasterWeightOptimizer)
+    loss_fn = objective_loss_fn(LossConfig(name="shiq", beta=0.1))
+    logs = [train_step(model, opt, sched, make_micro_batches(), loss_fn, 1.0) for _ in range(10)]
+    assert logs[-1]["loss"] < 0.6 * logs[0]["loss"]
+
+
+@pytest.mark.parametrize("master", [False, True])
+def test_small_bf16_updates_accumulate_only_in_master_weights(dist1, master):
+    from shiq_train.objectives import LossConfig
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
+
+    model = M.build_model(M.ModelConfig(params_dtype="bfloat16"))
+    w = model.embedding.word_embeddings.weight
+    w0 = w.detach().clone()
+    opt, sched = build_optimizer(model, OptimizerConfig(lr=2e-5, fp32_master_weights=master))
+    loss_fn = objective_loss_fn(LossConfig(name="shiq", beta=0.1))
+    for _ in range(16):
+        train_step(model, opt, sched, make_micro_batches(), loss_fn, 0.0)
+    # weights in [2^-5, 2^-4) have a bf16 ulp of 2^-12 ~ 2.4e-4: a single AdamW update (a few
+    # times lr at most) rounds away, while 16 of them accumulate in float32 master weights
+    band = (w0.float().abs() >= 2**-5) & (w0.float().abs() < 2**-4)
+    changed = float((w.detach() != w0)[band].float().mean())
+    assert (changed > 0.3) if master else (changed == 0.0), changed
+
+
+def test_optimizer_schedule():
+    from shiq_train.train_step import OptimizerConfig
+
+    c = OptimizerConfig(lr=1.0, min_lr=0.1, warmup_steps=4, decay_steps=10)
+    assert [c.lr_at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert c.lr_at(4) == 1.0 and c.lr_at(14) == pytest.approx(0.1) and c.lr_at(100) == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="min_lr"):
+        OptimizerConfig(lr=1.0, min_lr=2.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints: exact resume, full-parameter gathering
+
+
+def _resume_matches_uninterrupted(ckpt_dir, before=2, after=2, params_dtype="float32"):
+    """Train ``before + after`` steps straight, and ``before`` steps, save, rebuild everything from
+    another seed, load, ``after`` steps: losses and parameters must be bit-identical (dropout on,
+    so the RNG states must be restored too). Returns the gathered full parameters (rank 0) and
+    the resumed model's loss in eval mode."""
+    from shiq_train.checkpoint import gather_full_parameters, load_checkpoint, save_checkpoint
+    from shiq_train.objectives import LossConfig
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
+
+    cfg = M.ModelConfig(hidden_dropout=0.1, attention_dropout=0.1, params_dtype=params_dtype)
+    opt_cfg = OptimizerConfig(lr=1e-3, warmup_steps=2, decay_steps=4, weight_decay=0.1)
+    loss_fn = objective_loss_fn(LossConfig(name="shiq", beta=0.1))
+    batches = make_micro_batches()
+
+    def fresh(seed):
+        parallel.set_seed(seed)
+        model = M.build_model(cfg)
+        return (model, *build_optimizer(model, opt_cfg))
+
+    def run(state, n):
+        model, opt, sched = state
+        model.train()
+        return [train_step(model, opt, sched, batches, loss_fn, 1.0)["loss"] for _ in range(n)]
+
+    straight = fresh(5)
+    losses_a = run(straight, before + after)
+    interrupted = fresh(5)
+    losses_b = run(interrupted, before)
+    save_checkpoint(ckpt_dir, before, *interrupted, user_state={"sampler": 17}, meta={"model": cfg.to_dict()})
+    resumed = fresh(99)
+    step, user = load_checkpoint(ckpt_dir, *resumed)
+    assert (step, user) == (before, {"sampler": 17})
+    losses_b += run(resumed, after)
+    assert losses_b == losses_a
+    for (n, p), (_, q) in zip(straight[0].named_parameters(), resumed[0].named_parameters()):
+        assert torch.equal(p, q), n
+    resumed[0].eval()
+    eval_loss, _ = forward_backward(resumed[0], batches, loss_fn, forward_only=True)
+    return gather_full_parameters(resumed[0]), eval_loss
+
+
+@pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])  # bf16: fp32 master weights resume too
+def test_checkpoint_resumes_exactly(dist1, tmp_path, params_dtype):
+    full, _ = _resume_matches_uninterrupted(tmp_path, params_dtype=params_dtype)
+    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert not list(tmp_path.rglob("*.tmp*"))
+    model = M.build_model(M.ModelConfig(hidden_dropout=0.1, attention_dropout=0.1))
+    assert set(full) == {n for n, _ in model.named_parameters()}
+
+
+def test_checkpoint_layout_mismatch_is_explained(dist1, tmp_path):
+    from shiq_train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = M.build_model(M.ModelConfig())
+    d = save_checkpoint(tmp_path, 3, model)
+    meta = (d / "meta.json").read_text().replace('"tp": 1', '"tp": 2')
+    (d / "meta.json").write_text(meta)
+    with pytest.raises(ValueError, match="saved with tp=2 pp=1 dp=1, but this run uses tp=1 pp=1 dp=1"):
+        load_checkpoint(tmp_path, model)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nowhere", model)
+
+
+def _resume_worker(rank, world, port, tp, pp, out_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(parallel.ParallelConfig(tp, pp), rank=rank, world_size=world,
+                              init_method=f"tcp://127.0.0.1:{port}", seed=1):
+        full, eval_loss = _resume_matches_uninterrupted(Path(out_dir) / "ckpt")
+        if rank == 0:
+            torch.save({"full": full, "eval_loss": eval_loss}, Path(out_dir) / "full.pt")
+
+
+def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_resume_worker, args=(4, parallel.free_port(), 2, 2, str(tmp_path)), nprocs=4, join=True)
+    from shiq_train.objectives import LossConfig
+    from shiq_train.train_step import forward_backward, objective_loss_fn
+
+    saved = torch.load(tmp_path / "full.pt")
+    assert len(list((tmp_path / "ckpt" / "step_00000002").glob("rank_*.pt"))) == 4
+    # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
+    with parallel.distributed(seed=3):
+        model = M.build_model(M.ModelConfig())
+        M.load_full_parameters(model, saved["full"])
+        model.eval()
+        loss, _ = forward_backward(model, make_micro_batches(), objective_loss_fn(LossConfig(name="shiq", beta=0.1)),
+                                   forward_only=True)
+    assert loss == pytest.approx(saved["eval_loss"], rel=1e-5)
