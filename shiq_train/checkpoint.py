@@ -127,7 +127,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
             f"run uses tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}; resume with the saved layout, or load "
             "gathered full parameters with shiq_train.model.load_full_parameters (fresh optimizer state)"
         )
-    state = torch.load(_rank_file(step_dir, lay), weights_only=False)
+    state = torch.load(_rank_file(step_dir, lay), weights_only=True)  # never unpickles arbitrary objects
     params = dict(unwrap(model).named_parameters())
     if set(params) != set(state["model"]):
         raise ValueError(f"checkpoint {step_dir} holds parameters {sorted(set(state['model']) ^ set(params))} "

@@ -348,7 +348,7 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     from shiq_train.objectives import LossConfig
     from shiq_train.train_step import forward_backward, objective_loss_fn
 
-    saved = torch.load(tmp_path / "full.pt")
+    saved = torch.load(tmp_path / "full.pt", weights_only=True)
     assert len(list((tmp_path / "ckpt" / "step_00000002").glob("rank_*.pt"))) == 4
     # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
     with parallel.distributed(seed=3):

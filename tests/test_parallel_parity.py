@@ -86,7 +86,7 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunk):
                               init_method=f"tcp://127.0.0.1:{port}", seed=SEED):
         from megatron.core import parallel_state as ps
 
-        full = torch.load(params_path)
+        full = torch.load(params_path, weights_only=True)
         _, loss, norm, grads, step_s = run_layout(tiny_config(logits_chunk_tokens=chunk), full,
                                                   ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
         torch.save({"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": ps.get_tensor_model_parallel_rank(),
@@ -141,7 +141,7 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chun
     world = tp * pp * dp
     mp.spawn(_worker, args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), chunk),
              nprocs=world, join=True)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for res in results:
         assert _rel(torch.tensor(res["loss"]), torch.tensor(reference["loss"])) < TOL
         assert _rel(torch.tensor(res["grad_norm"]), torch.tensor(reference["grad_norm"])) < TOL

@@ -161,7 +161,7 @@ def test_tp2_matches_full_logits(tmp_path, vocab_size):
     logits, hidden, weight, targets, wc, wz = _inputs()
     targets = targets.clamp(max=vocab_size - 1)
     ref = _reference(logits, hidden, weight, targets, wc, wz, vocab_size)
-    got = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for r in range(2):  # c, z and the hidden-state gradient are replicated on every rank
         for k in ("c", "z", "c2", "z2", "g_h"):
             _close(got[r][k], ref[k])
