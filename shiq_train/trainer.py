@@ -1,0 +1,191 @@
+"""The training loop: steps, checkpoints, resume, logging. The math lives in ``losses``; the parallel
+schedule in ``train_step``; this file only puts them in order.
+
+A data source is any object with ``next_micro_batches() -> list[dict]`` (this data-parallel rank's
+micro-batches for one optimizer step, dicts as described in ``shiq_train.train_step``) and
+``state_dict()`` / ``load_state_dict()`` (so a resumed run continues the same data order).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
+from shiq_train.model import unwrap
+from shiq_train.objectives import LossConfig
+from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
+
+REFERENCES = ("precomputed", "online")
+
+
+@dataclass
+class TrainConfig:
+    """``reference``: ``precomputed`` reads the reference statistics from the batch (the buffer's
+    columns); ``online`` runs a frozen copy of the initial model on every micro-batch.
+    ``trainable_last_layers``: -1 trains every parameter; ``N >= 0`` only the last ``N`` transformer
+    layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs."""
+
+    steps: int = 100
+    save_every: int = 0  # 0: save only at the end
+    log_every: int = 1
+    reference: str = "precomputed"
+    trainable_last_layers: int = -1
+    tensorboard: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1:
+            raise ValueError(f"train.steps must be >= 1, got {self.steps}")
+        if self.save_every < 0 or self.log_every < 1:
+            raise ValueError("train.save_every must be >= 0 and train.log_every >= 1")
+        if self.reference not in REFERENCES:
+            raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
+
+
+def freeze_all_but_last_layers(model, n: int) -> int:
+    """Keep ``requires_grad`` only on the last ``n`` decoder layers and the final norm; returns the
+    number of trainable parameters on this rank. ``n = -1`` leaves everything trainable."""
+    inner = unwrap(model)
+    if n >= 0:
+        total_layers = inner.config.num_layers
+        for name, p in inner.named_parameters():
+            keep = False
+            if name.startswith("decoder.layers."):
+                local = int(name.split(".")[2])
+                keep = inner.decoder.layers[local].layer_number > total_layers - n
+            elif name.startswith("decoder.final_layernorm"):
+                keep = n > 0
+            p.requires_grad_(keep)
+    return sum(p.numel() for p in inner.parameters() if p.requires_grad)
+
+
+def frozen_copy(model, model_cfg):
+    """A second model of the same config and layout holding ``model``'s current weights, with no
+    gradients: the online reference (megatron models cannot be deep-copied: they hold process groups)."""
+    from shiq_train.model import build_model
+
+    ref = build_model(model_cfg)
+    ref.load_state_dict(unwrap(model).state_dict())
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref.eval()
+
+
+def _capture_reference(ref_model, micro_batches):
+    """Fill ``ref_chosen_logits`` / ``ref_logz`` of each micro-batch from the frozen reference
+    (on the last pipeline stage, where the loss reads them)."""
+
+    def capture(st, mb):
+        mb["ref_chosen_logits"], mb["ref_logz"] = st.chosen_logits.detach(), st.logz.detach()
+        return st.logz.sum() * 0.0, {}
+
+    with torch.no_grad():
+        forward_backward(ref_model, micro_batches, capture, forward_only=True)
+
+
+class Trainer:
+    def __init__(self, model, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, cfg: TrainConfig, out_dir,
+                 ref_model=None, run_meta: dict | None = None):
+        if cfg.reference == "online" and ref_model is None:
+            raise ValueError("train.reference=online needs a reference model")
+        self.model, self.ref_model, self.cfg = model, ref_model, cfg
+        self.loss_cfg, self.opt_cfg = loss_cfg, opt_cfg
+        self.out_dir = Path(out_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.run_meta = run_meta or {}
+        self.trainable = freeze_all_but_last_layers(model, cfg.trainable_last_layers)
+        if ref_model is not None:
+            for p in ref_model.parameters():
+                p.requires_grad_(False)
+        self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
+        self.loss_fn = objective_loss_fn(loss_cfg)
+
+    def fit(self, data) -> list[dict]:
+        """Train until ``cfg.steps``, resuming from the newest checkpoint in ``out_dir`` if any.
+
+        Returns the metrics of the steps run in this call (every rank gets the same numbers).
+        """
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        dp = ps.get_data_parallel_world_size()
+        start = 0
+        if latest_step_dir(self.ckpt_dir) is not None:
+            start, user = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
+            data.load_state_dict(user["data"])
+        log = _MetricLog(self.out_dir, start, rank0, self.cfg.tensorboard)
+        history = []
+        bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc=f"train {self.loss_cfg.name}",
+                   disable=not (rank0 and self.cfg.progress), dynamic_ncols=True)
+        try:
+            for step in bar:
+                t0 = time.perf_counter()
+                mbs = data.next_micro_batches()
+                if self.cfg.reference == "online":
+                    _capture_reference(self.ref_model, mbs)
+                metrics = train_step(self.model, self.optimizer, self.scheduler, mbs, self.loss_fn,
+                                     self.opt_cfg.clip_grad)
+                tokens = sum(int(mb["tokens"].numel()) for mb in mbs) * dp
+                metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+                metrics["step"] = step + 1
+                history.append(metrics)
+                if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
+                    log.write(metrics)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", kl=f"{metrics['kl']:.3g}")
+                last = step + 1 == self.cfg.steps
+                if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
+                    save_checkpoint(self.ckpt_dir, step + 1, self.model, self.optimizer, self.scheduler,
+                                    user_state={"data": data.state_dict()},
+                                    meta={**self.run_meta, "loss": self.loss_cfg.__dict__})
+        finally:
+            log.close()
+        return history
+
+
+class _MetricLog:
+    """``metrics.jsonl`` (one JSON object a logged step) and TensorBoard scalars, on rank 0 only.
+
+    On resume, lines past the resumed step are dropped so the file reads as one uninterrupted run.
+    """
+
+    def __init__(self, out_dir: Path, start_step: int, active: bool, tensorboard: bool):
+        self.active = active
+        self.tb = None
+        if not active:
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self.path = out_dir / "metrics.jsonl"
+        if self.path.exists():
+            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(ln + "\n" for ln in kept))
+            os.replace(tmp, self.path)
+        self.file = self.path.open("a")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+
+    def write(self, metrics: dict):
+        if not self.active:
+            return
+        self.file.write(json.dumps(metrics) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, metrics["step"])
+
+    def close(self):
+        if self.active:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
