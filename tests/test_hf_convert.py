@@ -59,6 +59,21 @@ def test_tiny_llama_round_trip_tp1(tmp_path, tied):
     assert torch.equal(back(tokens).logits, ref)
 
 
+def test_checkpoint_exports_to_hugging_face(tmp_path):
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.export import hf_model_from_checkpoint
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_llama()
+    tokens = tokens_for(128)
+    with parallel.distributed(seed=0):
+        mg = M.build_model(H.model_config_from_llama(hf.config, max_sequence_length=32)).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        step_dir = save_checkpoint(tmp_path, 1, mg)
+    back = hf_model_from_checkpoint(step_dir, hf.config)
+    assert torch.equal(back(tokens).logits, hf(tokens).logits)
+
+
 def _tp2_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")

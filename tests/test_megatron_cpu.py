@@ -304,6 +304,7 @@ def _resume_matches_uninterrupted(ckpt_dir, before=2, after=2, params_dtype="flo
     assert losses_b == losses_a
     for (n, p), (_, q) in zip(straight[0].named_parameters(), resumed[0].named_parameters()):
         assert torch.equal(p, q), n
+    save_checkpoint(ckpt_dir, before + after, *resumed)  # read back offline by the export tests
     resumed[0].eval()
     eval_loss, _ = forward_backward(resumed[0], batches, loss_fn, forward_only=True)
     return gather_full_parameters(resumed[0]), eval_loss
@@ -312,7 +313,7 @@ def _resume_matches_uninterrupted(ckpt_dir, before=2, after=2, params_dtype="flo
 @pytest.mark.parametrize("params_dtype", ["float32", "bfloat16"])  # bf16: fp32 master weights resume too
 def test_checkpoint_resumes_exactly(dist1, tmp_path, params_dtype):
     full, _ = _resume_matches_uninterrupted(tmp_path, params_dtype=params_dtype)
-    assert (tmp_path / "latest").read_text().strip() == "step_00000002"
+    assert (tmp_path / "latest").read_text().strip() == "step_00000004"
     assert not list(tmp_path.rglob("*.tmp*"))
     model = M.build_model(M.ModelConfig(hidden_dropout=0.1, attention_dropout=0.1))
     assert set(full) == {n for n, _ in model.named_parameters()}
@@ -350,6 +351,12 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
 
     saved = torch.load(tmp_path / "full.pt", weights_only=True)
     assert len(list((tmp_path / "ckpt" / "step_00000002").glob("rank_*.pt"))) == 4
+    # the offline reader reassembles the same parameters from the rank files alone
+    from shiq_train.export import full_parameters_from_checkpoint
+
+    offline = full_parameters_from_checkpoint(tmp_path / "ckpt" / "step_00000004", num_layers=2)
+    assert set(offline) == set(saved["full"])
+    assert all(torch.equal(offline[k], saved["full"][k]) for k in offline)
     # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
     with parallel.distributed(seed=3):
         model = M.build_model(M.ModelConfig())
