@@ -1,0 +1,606 @@
+"""The paper's two toy experiments (SHIQ_MATH §7): an offline bandit (Fig. 1) and a grid world (Fig. 2).
+
+Every method trains a tabular / linear policy through the library losses of ``shiq_train.losses``: the
+policy's logits are turned into the per-token statistics of SHIQ_MATH §2 (chosen logit ``c`` and
+log-partition ``z``, by :func:`shiq_train.stats.token_stats`; the reference is uniform, i.e. zero
+logits, ``c_ref = 0``, ``z_ref = log |A|``), laid out as ``[B, T]`` rows with an action mask, exactly
+as an LLM batch would be. Evaluation is exact (SHIQ_MATH §6): the regularised value
+``J(π) = E_π[Σ_t γ^t (r_t − β KL(π(·|s_t) ‖ π_ref(·|s_t)))]`` by enumeration (bandit) or by solving the
+policy-evaluation linear system (grid), and the regret ``J(π*) − J(π)``.
+
+Usage::
+
+    python -m shiq_eval.toys all --out runs/toys          # both experiments, default settings
+    python -m shiq_eval.toys bandit --out DIR --quick     # seconds, for tests
+
+Outputs: ``DIR/bandit.{json,png}``, ``DIR/gridworld.{json,png}`` (written atomically).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
+from shiq_train.stats import token_stats
+
+BANDIT_METHODS = ("shiq", "shiq_tk", "copg", "dpo")
+GRID_METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk", "copg", "dpo")
+GRID_SETTINGS = ("final_reward", "fine_grained")
+SHIQ_VARIANT = {"shiq": "shiq", "shiq_init": "init", "shiq_ms": "ms", "shiq_tk": "tk"}
+COLORS = {"shiq": "C0", "shiq_tk": "C1", "shiq_init": "C4", "shiq_ms": "C5", "copg": "C2", "dpo": "C3"}
+
+
+# ----------------------------------------------------------------------------------------------
+# shared: the library losses on [B, T] rows of a tabular policy
+
+
+def row_stats(logits: torch.Tensor, actions: torch.Tensor):
+    """Per-token statistics (SHIQ_MATH §2) of rows ``[B, T]`` whose logits are ``[B, T, A]``.
+
+    Returns ``c, z, c_ref, z_ref``, all ``[B, T]``; the reference policy is uniform (zero logits).
+    """
+    st = token_stats(logits, actions)
+    c_ref = torch.zeros_like(st.chosen_logits)
+    z_ref = torch.full_like(st.logz, math.log(logits.shape[-1]))
+    return st.chosen_logits, st.logz, c_ref, z_ref
+
+
+def method_loss(method, logits, actions, rewards, mask, group_ids, *, beta, gamma=1.0):
+    """Loss of ``method`` on a batch of rows, through ``shiq_train.losses``.
+
+    Args:
+        logits: ``[B, T, A]`` policy logits at each position; actions ``[B, T]`` int64;
+        rewards: ``[B, T]`` per-step rewards (zero off actions); mask ``[B, T]`` bool;
+        group_ids: ``[B]`` int, the pair / group of each row (CoPG, DPO; ignored by ShiQ).
+        gamma: discount. ShiQ takes it directly (SHIQ_MATH §2-§4). The sequence-level losses (§5) are
+            undiscounted sums, so for ``gamma < 1`` their inputs are weighted by ``γ^t`` (all four
+            statistics and the rewards are linear in ``ρ_t`` and ``r_t``, so this gives
+            ``Λ = Σ γ^t ρ_t`` and ``R = Σ γ^t r_t``, the discounted sequence objective whose optimum is
+            the same ``π*``: ``β Σ γ^t ρ*_t = Σ γ^t r_t − V*(s_0)`` by telescoping).
+    """
+    c, z, c_ref, z_ref = row_stats(logits, actions)
+    if method in SHIQ_VARIANT:
+        return shiq_loss(c, z, c_ref, z_ref, rewards, mask, beta=beta, gamma=gamma, variant=SHIQ_VARIANT[method])
+    if gamma != 1.0:
+        w = gamma ** torch.arange(c.shape[1], dtype=c.dtype)
+        c, z, c_ref, z_ref, rewards = (x * w for x in (c, z, c_ref, z_ref, rewards))
+    if method == "copg":
+        return copg_loss(c, z, c_ref, z_ref, rewards, mask, group_ids, beta=beta)
+    if method == "dpo":
+        winners, losers = preference_pairs((rewards * mask).sum(-1), group_ids)  # 1[R > R'], ties dropped
+        return dpo_loss(c, z, c_ref, z_ref, mask, winners, losers, beta=beta)
+    raise ValueError(f"unknown method {method!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# offline bandit (SHIQ_MATH §7, paper §3.1 / App. D.1)
+
+
+@dataclass
+class BanditConfig:
+    """Offline K-armed bandit. The paper's numbers were lost in conversion; these are our choices."""
+
+    n_arms: int = 10
+    beta: float = 0.1
+    reward_seed: int = 0  # rewards r_k ~ U[0, 1] drawn once from this seed (fixed across runs)
+    center_rewards: bool = False  # probe: subtract the mean reward (same π*, different absolute logits)
+    n_pairs: int = 500  # dataset: pairs (a, a') with a ~ mu1, a' ~ mu2
+    mu1: str = "mu1_k ∝ k + 1 (favours high indices)"
+    mu2: str = "mu2_k ∝ K - k (favours low indices)"
+    batch_pairs: int = 32
+    lr: float = 0.02
+    steps: int = 2000
+    eval_every: int = 20
+    seeds: int = 5
+
+    def rewards(self) -> np.ndarray:
+        r = np.random.default_rng(self.reward_seed).uniform(0.0, 1.0, self.n_arms).round(3)
+        return r - r.mean() if self.center_rewards else r
+
+    def sampling(self) -> tuple[np.ndarray, np.ndarray]:
+        k = np.arange(self.n_arms, dtype=float)
+        return (k + 1) / (k + 1).sum(), (self.n_arms - k) / (self.n_arms - k).sum()
+
+
+def bandit_value(pi: np.ndarray, r: np.ndarray, beta: float) -> float:
+    """``J(π) = Σ_a π(a) r(a) − β KL(π ‖ π_ref)``, π_ref uniform (SHIQ_MATH §6)."""
+    pi = np.asarray(pi, dtype=float)
+    nz = pi > 0
+    kl = float((pi[nz] * np.log(pi[nz] * len(pi))).sum())
+    return float(pi @ r) - beta * kl
+
+
+def bandit_optimal(r: np.ndarray, beta: float) -> tuple[np.ndarray, float]:
+    """``π* ∝ π_ref exp(r/β)`` and ``J(π*) = β log E_ref exp(r/β)`` (SHIQ_MATH §1, §6)."""
+    x = r / beta
+    pi = np.exp(x - x.max())
+    return pi / pi.sum(), float(beta * (x.max() + np.log(np.exp(x - x.max()).mean())))
+
+
+def bandit_regret(logits: np.ndarray, r: np.ndarray, beta: float) -> float:
+    """Exact regret ``J(π*) − J(softmax(logits))`` (SHIQ_MATH §6)."""
+    x = np.asarray(logits, dtype=float)
+    pi = np.exp(x - x.max())
+    return bandit_optimal(r, beta)[1] - bandit_value(pi / pi.sum(), r, beta)
+
+
+def run_bandit(cfg: BanditConfig, method: str, seed: int) -> dict:
+    """Train one method from the reference logits; return the regret curve."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    r = cfg.rewards()
+    mu1, mu2 = cfg.sampling()
+    arms = np.stack([rng.choice(cfg.n_arms, cfg.n_pairs, p=mu1), rng.choice(cfg.n_arms, cfg.n_pairs, p=mu2)], 1)
+    r_t = torch.tensor(r)
+    theta = torch.zeros(cfg.n_arms, dtype=torch.float64, requires_grad=True)  # logits, init = reference
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
+    steps, regret = [0], [bandit_regret(theta.detach().numpy(), r, cfg.beta)]
+    order = np.empty(0, dtype=int)
+    for step in range(1, cfg.steps + 1):
+        if len(order) < cfg.batch_pairs:
+            order = np.concatenate([order, rng.permutation(cfg.n_pairs)])
+        idx, order = order[: cfg.batch_pairs], order[cfg.batch_pairs :]
+        # every arm of the batch is a row of length 1; ShiQ reads them as single rewarded arms,
+        # CoPG / DPO as the pairs they were drawn in (group id = pair index)
+        a = torch.from_numpy(arms[idx].reshape(-1, 1))
+        group = torch.arange(len(idx)).repeat_interleave(2)
+        logits = theta.expand(a.shape[0], 1, cfg.n_arms)
+        loss = method_loss(method, logits, a, r_t[a], torch.ones_like(a, dtype=torch.bool), group, beta=cfg.beta)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            steps.append(step)
+            regret.append(bandit_regret(theta.detach().numpy(), r, cfg.beta))
+    return {"steps": steps, "regret": regret}
+
+
+# ----------------------------------------------------------------------------------------------
+# grid world (SHIQ_MATH §7, paper §3.2 / App. D.2)
+
+MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # Up, Down, Left, Right
+
+
+@dataclass
+class GridConfig:
+    """Grid world; cells numbered row-major from the top-left. Our choices (the paper's were lost)."""
+
+    setting: str = "final_reward"
+    width: int = 5
+    height: int = 5
+    start: int = 0  # top-left
+    goal: int = 4  # top-right; reaching it ends the episode
+    goal_reward: float = 7.0
+    treasure: int | None = None  # cell of the intermediate reward (fine_grained: bottom-left, off the path)
+    treasure_reward: float = 0.0
+    step_penalty: float = 0.1  # paid on every step
+    beta: float = 0.2
+    gamma: float = 0.9
+    horizon: int = 60  # data trajectories and the reward-collected evaluation are truncated here
+    n_pairs: int = 150  # (good from π*, bad from uniform) pairs
+    good_policy: str = "optimal"  # probe "goal_only": good data from π* of the same grid with the treasure worth 0
+    batch: int = 30  # trajectories per mini-batch (15 pairs)
+    lr: float = 0.05
+    steps: int = 2000
+    eval_every: int = 20
+    seeds: int = 5
+
+    @classmethod
+    def make(cls, setting: str, **kw) -> "GridConfig":
+        if setting == "final_reward":
+            return cls(setting=setting, goal_reward=7.0, **kw)
+        if setting == "fine_grained":
+            cfg = cls(setting=setting, goal_reward=3.0, treasure_reward=4.0, **kw)
+            cfg.treasure = cfg.width * (cfg.height - 1)
+            return cfg
+        raise ValueError(f"unknown setting {setting!r}")
+
+
+class Grid:
+    """Tabular MDP of a :class:`GridConfig`: augmented state ``s = flag · n_cells + cell``.
+
+    ``next[s, a]`` is the next state (−1 when the episode ends at the goal), ``reward[s, a]`` the full
+    reward (step penalty included), ``collect[s, a]`` the treasure + goal part only. Moving into a
+    wall leaves the agent in place.
+    """
+
+    def __init__(self, cfg: GridConfig):
+        self.cfg = cfg
+        n_cells = cfg.width * cfg.height
+        n_flags = 2 if cfg.treasure is not None else 1
+        self.n_states, self.start = n_cells * n_flags, cfg.start
+        self.next = np.full((self.n_states, 4), -1)
+        self.collect = np.zeros((self.n_states, 4))
+        for flag in range(n_flags):
+            for cell in range(n_cells):
+                row, col = divmod(cell, cfg.width)
+                for a, (dr, dc) in enumerate(MOVES):
+                    r2, c2 = min(max(row + dr, 0), cfg.height - 1), min(max(col + dc, 0), cfg.width - 1)
+                    cell2, flag2, s = r2 * cfg.width + c2, flag, flag * n_cells + cell
+                    if cell2 == cfg.treasure and flag == 0:
+                        self.collect[s, a] += cfg.treasure_reward
+                        flag2 = 1
+                    if cell2 == cfg.goal:
+                        self.collect[s, a] += cfg.goal_reward
+                    else:
+                        self.next[s, a] = flag2 * n_cells + cell2
+        self.reward = self.collect - cfg.step_penalty
+
+    def transition_matrix(self, pi: np.ndarray) -> np.ndarray:
+        """``P_π[s, s'] = Σ_a π(a|s) 1[next(s, a) = s']`` (sub-stochastic: the goal exits)."""
+        P = np.zeros((self.n_states, self.n_states))
+        rows, acts = np.nonzero(self.next >= 0)
+        np.add.at(P, (rows, self.next[rows, acts]), pi[rows, acts])
+        return P
+
+
+def soft_value_iteration(grid: Grid, beta: float, gamma: float, tol: float = 1e-12):
+    """Regularised value iteration (SHIQ_MATH §1, §7), π_ref uniform.
+
+    ``Q(s,a) = r(s,a) + γ V(s')``, ``V(s) = β log Σ_a π_ref(a|s) exp(Q(s,a)/β)``, ``V = 0`` after the
+    goal; iterated to a sup-norm change below ``tol`` (a γ-contraction). Returns ``Q, V, π*`` with
+    ``π* = softmax(Q/β)``.
+    """
+    V = np.zeros(grid.n_states)
+    for _ in range(100_000):
+        Q = grid.reward + gamma * np.where(grid.next >= 0, V[grid.next], 0.0)
+        m = Q.max(1)
+        V_new = m + beta * np.log(np.exp((Q - m[:, None]) / beta).mean(1))
+        done = np.abs(V_new - V).max() < tol
+        V = V_new
+        if done:
+            break
+    Q = grid.reward + gamma * np.where(grid.next >= 0, V[grid.next], 0.0)
+    pi = np.exp((Q - Q.max(1, keepdims=True)) / beta)
+    return Q, V, pi / pi.sum(1, keepdims=True)
+
+
+def policy_value(grid: Grid, pi: np.ndarray, beta: float, gamma: float) -> np.ndarray:
+    """Regularised discounted value of π at every state (SHIQ_MATH §6), by a linear solve.
+
+    ``V^π = (I − γ P_π)^{-1} r_π`` with ``r_π(s) = Σ_a π(a|s) (r(s,a) − β log(π(a|s)/π_ref(a|s)))``.
+    """
+    logratio = np.log(np.clip(pi, 1e-300, None) * pi.shape[1])
+    r_pi = (pi * (grid.reward - beta * logratio)).sum(1)
+    return np.linalg.solve(np.eye(grid.n_states) - gamma * grid.transition_matrix(pi), r_pi)
+
+
+def reward_collected(grid: Grid, pi: np.ndarray, horizon: int) -> float:
+    """Expected undiscounted treasure + goal reward over ``horizon`` steps from the start (no step
+    penalty), by propagating the state distribution (SHIQ_MATH §6 "reward", exact)."""
+    P, r = grid.transition_matrix(pi), (pi * grid.collect).sum(1)
+    d = np.zeros(grid.n_states)
+    d[grid.start] = 1.0
+    total = 0.0
+    for _ in range(horizon):
+        total += d @ r
+        d = d @ P
+    return float(total)
+
+
+def sample_trajectories(grid: Grid, pi: np.ndarray, n: int, horizon: int, rng: np.random.Generator):
+    """``n`` trajectories of π from the start, truncated at ``horizon``, as padded ``[n, horizon]``
+    arrays ``states, actions, rewards, mask`` (rewards on the action that earns them)."""
+    states = np.zeros((n, horizon), dtype=np.int64)
+    actions = np.zeros((n, horizon), dtype=np.int64)
+    rewards = np.zeros((n, horizon))
+    mask = np.zeros((n, horizon), dtype=bool)
+    s = np.full(n, grid.start)
+    alive = np.ones(n, dtype=bool)
+    for t in range(horizon):
+        cum = pi[s].cumsum(1)
+        a = (rng.random(n)[:, None] > cum).sum(1).clip(max=3)
+        states[alive, t], actions[alive, t] = s[alive], a[alive]
+        rewards[alive, t], mask[alive, t] = grid.reward[s, a][alive], True
+        s2 = grid.next[s, a]
+        alive &= s2 >= 0
+        s = np.where(alive, s2, 0)
+    return states, actions, rewards, mask
+
+
+def good_policy(cfg: GridConfig) -> np.ndarray:
+    """The policy that generates the "good" data: ``π*`` (default), or for the ``goal_only`` probe the
+    regularised optimum of the same grid with the treasure worth nothing (it heads for the goal)."""
+    if cfg.good_policy == "optimal":
+        return soft_value_iteration(Grid(cfg), cfg.beta, cfg.gamma)[2]
+    if cfg.good_policy == "goal_only":
+        return soft_value_iteration(Grid(dataclasses.replace(cfg, treasure_reward=0.0)), cfg.beta, cfg.gamma)[2]
+    raise ValueError(f"unknown good_policy {cfg.good_policy!r}")
+
+
+def run_grid(cfg: GridConfig, method: str, seed: int) -> dict:
+    """Train one method from the reference (zero) logits; return regret / reward-collected curves."""
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    grid = Grid(cfg)
+    _, V_star, pi_star = soft_value_iteration(grid, cfg.beta, cfg.gamma)
+    uniform = np.full_like(pi_star, 0.25)
+    pi_good = good_policy(cfg) if cfg.good_policy != "optimal" else pi_star
+    good = sample_trajectories(grid, pi_good, cfg.n_pairs, cfg.horizon, rng)
+    bad = sample_trajectories(grid, uniform, cfg.n_pairs, cfg.horizon, rng)
+    # row 2i = good_i, row 2i+1 = bad_i: CoPG / DPO read (2i, 2i+1) as a pair, ShiQ reads single rows
+    data = [torch.from_numpy(np.stack([g, b], 1).reshape(2 * cfg.n_pairs, cfg.horizon)) for g, b in zip(good, bad)]
+    states, actions, rewards, mask = data
+    # linear policy on one-hot states = one logit row per state, initialised at the reference (zeros)
+    theta = torch.zeros(grid.n_states, 4, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([theta], lr=cfg.lr)
+
+    def evaluate():
+        pi = torch.softmax(theta.detach(), -1).numpy()
+        J = policy_value(grid, pi, cfg.beta, cfg.gamma)[grid.start]
+        return float(V_star[grid.start] - J), reward_collected(grid, pi, cfg.horizon)
+
+    pairs_per_batch = cfg.batch // 2
+    steps, curves = [0], [evaluate()]
+    order = np.empty(0, dtype=int)
+    for step in range(1, cfg.steps + 1):
+        if len(order) < pairs_per_batch:
+            order = np.concatenate([order, rng.permutation(cfg.n_pairs)])
+        idx, order = order[:pairs_per_batch], order[pairs_per_batch:]
+        rows = torch.from_numpy(np.stack([2 * idx, 2 * idx + 1], 1).reshape(-1))
+        T = int(mask[rows].sum(1).max())
+        s, a, r, m = states[rows, :T], actions[rows, :T], rewards[rows, :T], mask[rows, :T]
+        group = torch.arange(len(idx)).repeat_interleave(2)
+        loss = method_loss(method, theta[s], a, r, m, group, beta=cfg.beta, gamma=cfg.gamma)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            steps.append(step)
+            curves.append(evaluate())
+    regret, collected = (list(x) for x in zip(*curves))
+    return {"steps": steps, "regret": regret, "reward": collected}
+
+
+# ----------------------------------------------------------------------------------------------
+# running, aggregating, plotting
+
+
+def _run(job):
+    kind, cfg, method, seed = job
+    torch.set_num_threads(1)
+    return job, (run_bandit if kind == "bandit" else run_grid)(cfg, method, seed)
+
+
+def run_jobs(jobs, workers: int, desc: str):
+    """Run ``(kind, cfg, method, seed)`` jobs, in ``workers`` processes when > 1, with a progress bar."""
+    from tqdm import tqdm
+
+    results = {}
+    with tqdm(total=len(jobs), desc=desc, unit="run", file=sys.stderr) as bar:
+        if workers <= 1:
+            for job in jobs:
+                j, res = _run(job)
+                results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
+                bar.update()
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
+                for j, res in ex.map(_run, jobs):
+                    results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
+                    bar.update()
+    return results
+
+
+def aggregate(runs: list[dict], keys) -> dict:
+    """Mean / std over seeds of each curve, plus final values and per-seed finals."""
+    out = {"steps": runs[0]["steps"]}
+    for k in keys:
+        arr = np.array([r[k] for r in runs])
+        name = "regret" if k == "regret" else "reward"
+        out[f"final_{name}"] = float(arr[:, -1].mean())
+        out[f"final_{name}_std"] = float(arr[:, -1].std())
+        out[f"final_{name}_per_seed"] = arr[:, -1].tolist()
+        out[f"initial_{name}"] = float(arr[:, 0].mean())
+        out[f"{name}_mean"] = arr.mean(0).tolist()
+        out[f"{name}_std"] = arr.std(0).tolist()
+    return out
+
+
+def atomic_write(path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: str, obj) -> None:
+    atomic_write(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def _band(ax, res, name, method, label=None, ls="-"):
+    x = np.array(res["steps"])
+    mu, sd = np.array(res[f"{name}_mean"]), np.array(res[f"{name}_std"])
+    ax.plot(x, mu, color=COLORS[method], label=label or method, ls=ls, lw=1.5)
+    ax.fill_between(x, mu - sd, mu + sd, color=COLORS[method], alpha=0.2, lw=0)
+
+
+def plot_bandit(methods: dict, cfg: BanditConfig, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m, res in methods.items():
+        # ShiQ/tk is the same loss as ShiQ in a one-step bandit: dashed so both stay visible
+        _band(ax, res, "regret", m, label="shiq_tk (= shiq here)" if m == "shiq_tk" else m, ls="--" if m == "shiq_tk" else "-")
+    ax.set_yscale("symlog", linthresh=1e-4)  # log above 1e-4, linear down to 0 (regret reaches ~1e-11)
+    ax.set_ylim(bottom=0)
+    ax.set(xlabel="gradient step", ylabel=r"regret $J(\pi^*)-J(\pi)$ (symlog)",
+           title=f"Offline {cfg.n_arms}-armed bandit, β={cfg.beta} (mean ± std, {cfg.seeds} seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    save_figure(fig, path)
+
+
+def plot_grid(settings: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    for row, (setting, block) in enumerate(settings.items()):
+        cfg = block["config"]
+        for m, res in block["methods"].items():
+            ls = "--" if m == "shiq_init" else "-"  # with a uniform reference it nearly overlays shiq
+            _band(axes[row, 0], res, "regret", m, ls=ls)
+            _band(axes[row, 1], res, "reward", m, ls=ls)
+        axes[row, 0].set_yscale("symlog", linthresh=1e-4)
+        axes[row, 0].set_ylim(bottom=0)
+        axes[row, 0].set(ylabel=r"regret $J(\pi^*)-J(\pi)$ (symlog)", title=f"{setting}: regret")
+        axes[row, 1].axhline(block["optimal_reward"], color="k", ls=":", lw=1, label=r"$\pi^*$")
+        axes[row, 1].set(ylabel=f"reward collected in {cfg['horizon']} steps", title=f"{setting}: reward collected")
+        for ax in axes[row]:
+            ax.grid(alpha=0.3)
+    axes[0, 1].legend(fontsize=8, ncol=2)
+    for ax in axes[1]:
+        ax.set_xlabel("gradient step")
+    cfg0 = settings[next(iter(settings))]["config"]
+    probe = "" if cfg0["good_policy"] == "optimal" else f", good data from the {cfg0['good_policy']} policy"
+    fig.suptitle(f"Grid world {cfg0['width']}x{cfg0['height']}, β={cfg0['beta']}, γ={cfg0['gamma']} "
+                 f"(mean ± std over {cfg0['seeds']} seeds{probe})")
+    save_figure(fig, path)
+
+
+def bandit_experiment(out: str, cfg: BanditConfig, workers: int) -> dict:
+    jobs = [("bandit", cfg, m, s) for m in BANDIT_METHODS for s in range(cfg.seeds)]
+    res = run_jobs(jobs, workers, "bandit")
+    methods = {m: aggregate([res[("bandit", "", m, s)] for s in range(cfg.seeds)], ["regret"]) for m in BANDIT_METHODS}
+    r = cfg.rewards()
+    config = dataclasses.asdict(cfg) | {
+        "rewards": r.tolist(), "mu1_probs": cfg.sampling()[0].tolist(), "mu2_probs": cfg.sampling()[1].tolist(),
+        "optimal_value": bandit_optimal(r, cfg.beta)[1], "optimizer": "Adam", "reference": "uniform",
+        "source": "our choices: the paper's numeric values (App. D.1) were lost in its text conversion",
+        "note": "shiq_tk equals shiq in a one-step bandit (SHIQ_MATH §4); DPO pairs labelled 1[r(a) > r(a')], ties dropped",
+    }
+    obj = {"methods": methods, "config": config}
+    write_json(os.path.join(out, "bandit.json"), obj)
+    plot_bandit(methods, cfg, os.path.join(out, "bandit.png"))
+    return obj
+
+
+def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int) -> dict:
+    jobs = [("grid", cfg, m, s) for cfg in cfgs.values() for m in GRID_METHODS for s in range(cfg.seeds)]
+    res = run_jobs(jobs, workers, "gridworld")
+    settings = {}
+    for name, cfg in cfgs.items():
+        grid = Grid(cfg)
+        _, V, pi_star = soft_value_iteration(grid, cfg.beta, cfg.gamma)
+        methods = {m: aggregate([res[("grid", name, m, s)] for s in range(cfg.seeds)], ["regret", "reward"])
+                   for m in GRID_METHODS}
+        pi_good = good_policy(cfg)
+        config = dataclasses.asdict(cfg) | {
+            "actions": "Up, Down, Left, Right (a wall leaves the agent in place)", "n_states": grid.n_states,
+            "optimizer": "Adam", "policy": "linear on one-hot states, zero init (= uniform reference)",
+            "source": "our choices: the paper's numeric values (App. D.2) were lost in its text conversion",
+            "data": "n_pairs trajectories from pi* (good) + n_pairs from uniform (bad); CoPG/DPO: (good, bad) pairs; "
+                    "ShiQ variants: all rows as single trajectories with per-step rewards",
+            "dpo_preference": "1[discounted return of a > of b], ties dropped",
+            "sequence_losses_discount": "CoPG/DPO statistics and rewards weighted by gamma^t (see method_loss)",
+            "truncation": "a trajectory cut at the horizon ends there for every loss (no bootstrap): "
+                          "a small bias for the token-level ShiQ targets near the cut",
+        }
+        settings[name] = {"methods": methods, "config": config, "optimal_value": float(V[grid.start]),
+                          "optimal_reward": reward_collected(grid, pi_star, cfg.horizon),
+                          "uniform_reward": reward_collected(grid, np.full_like(pi_star, 0.25), cfg.horizon),
+                          "good_policy_reward": reward_collected(grid, pi_good, cfg.horizon),
+                          "good_policy_regret": float(V[grid.start] - policy_value(grid, pi_good, cfg.beta, cfg.gamma)[grid.start])}
+    obj = {"settings": settings}
+    write_json(os.path.join(out, "gridworld.json"), obj)
+    plot_grid(settings, os.path.join(out, "gridworld.png"))
+    return obj
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        prog="shiq-toys",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="defaults (recorded in the JSON 'config'):\n"
+               "  bandit     K=10 arms, r ~ U[0,1] (fixed), uniform π_ref, β=0.1, 500 pairs (a~μ1, a'~μ2),\n"
+               "             Adam lr 0.02, 32 pairs per step, 2000 steps, 5 seeds\n"
+               "  gridworld  5x5, start 0 (top-left), goal 4 (top-right), treasure 20 (bottom-left),\n"
+               "             step penalty 0.1, β=0.2, γ=0.9, horizon 60, 150 (π*, uniform) pairs,\n"
+               "             linear policy, Adam lr 0.05, 30 trajectories per step, 2000 steps, 5 seeds\n"
+               "metrics: exact regret J(π*) − J(π) (SHIQ_MATH §6); gridworld also the exact expected\n"
+               "treasure + goal reward collected in 60 steps. A full default 'all' takes a few minutes on 2 cores.",
+        description="The paper's toy experiments (SHIQ_MATH §7), trained through shiq_train.losses with "
+                    "exact regret. bandit: offline K-armed bandit (Fig. 1; shiq, shiq_tk, copg, dpo). "
+                    "gridworld: grid MDP, settings final_reward and fine_grained (Fig. 2; shiq, shiq_init, "
+                    "shiq_ms, shiq_tk, copg, dpo). all: both. Writes DIR/{bandit,gridworld}.{json,png}.",
+    )
+    p.add_argument("experiment", choices=("bandit", "gridworld", "all"))
+    p.add_argument("--out", default="runs/toys", help="output directory (created; default runs/toys)")
+    p.add_argument("--quick", action="store_true", help="2 seeds, few steps: a smoke run in seconds")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; quick: 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="gradient steps per run, overrides both experiments' defaults "
+                        f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60)")
+    p.add_argument("--center-rewards", action="store_true",
+                   help="probe (bandit): subtract the mean arm reward; π* is unchanged, the absolute logits ShiQ "
+                        "must learn (r/β) are smaller")
+    p.add_argument("--good-policy", choices=("optimal", "goal_only"), default="optimal",
+                   help="probe (gridworld): 'goal_only' generates the good trajectories with the optimum of the "
+                        "grid whose treasure is worth 0, so no demonstration shows the detour (default: optimal)")
+    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
+                   help="parallel processes (default min(2, cores); quick runs in-process)")
+    args = p.parse_args(argv)
+    overrides = {}
+    if args.quick:
+        overrides = {"seeds": 2, "steps": 60, "eval_every": 10}
+    if args.seeds is not None:
+        overrides["seeds"] = args.seeds
+    if args.steps is not None:
+        overrides["steps"] = args.steps
+    if any(v < 1 for k, v in overrides.items()):
+        p.error("--seeds and --steps must be >= 1")
+    workers = 1 if args.quick else args.workers
+    os.makedirs(args.out, exist_ok=True)
+    t0 = time.time()
+    written = []
+    if args.experiment in ("bandit", "all"):
+        bandit_experiment(args.out, BanditConfig(**overrides, center_rewards=args.center_rewards), workers)
+        written += ["bandit.json", "bandit.png"]
+    if args.experiment in ("gridworld", "all"):
+        cfgs = {s: GridConfig.make(s, **overrides, good_policy=args.good_policy) for s in GRID_SETTINGS}
+        grid_experiment(args.out, cfgs, workers)
+        written += ["gridworld.json", "gridworld.png"]
+    print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)} in {time.time() - t0:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,234 @@
+"""The toy experiments (SHIQ_MATH §6-§7) against independent references.
+
+References written here, not taken from shiq_eval.toys: closed forms for the bandit, a scalar
+fixed point for a one-row grid, brute-force enumeration of action sequences for the unregularised
+optimum, Monte Carlo for the reward collected, and the soft Bellman equation itself.
+"""
+
+import itertools
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from shiq_eval import toys
+from shiq_eval.toys import (
+    BanditConfig, Grid, GridConfig, bandit_optimal, bandit_regret, bandit_value, method_loss, policy_value,
+    reward_collected, run_bandit, run_grid, sample_trajectories, soft_value_iteration,
+)
+
+R = np.array([0.3, -1.0, 2.0, 0.5])
+
+
+# ----------------------------------------------------------------------------------------------
+# bandit
+
+
+@pytest.mark.parametrize("beta", [0.1, 1.0, 3.0])
+def test_bandit_regret_closed_forms(beta):
+    K = len(R)
+    pi_star = [math.exp(r / beta) for r in R]
+    pi_star = np.array(pi_star) / sum(pi_star)
+    # regret of π* is 0; of π_ref it is β log E_ref exp(r/β) − E_ref r (KL(π_ref‖π_ref) = 0)
+    assert bandit_regret(np.log(pi_star), R, beta) == pytest.approx(0.0, abs=1e-12)
+    ref = beta * math.log(sum(math.exp(r / beta) for r in R) / K) - sum(R) / K
+    assert bandit_regret(np.zeros(K), R, beta) == pytest.approx(ref, rel=1e-12)
+    # a greedy (deterministic) policy: J = r_max − β log K
+    assert bandit_value(np.eye(K)[2], R, beta) == pytest.approx(2.0 - beta * math.log(K), rel=1e-12)
+    # π* maximises J: random policies never beat it
+    rng = np.random.default_rng(0)
+    J_star = bandit_optimal(R, beta)[1]
+    for _ in range(100):
+        assert bandit_value(rng.dirichlet(np.ones(K)), R, beta) <= J_star + 1e-12
+
+
+def test_bandit_shiq_loss_is_the_closed_form():
+    """One-step bandit: ShiQ and ShiQ/tk are both mean_a (r(a) − β(ℓ(a) − ℓ_ref(a)))² (SHIQ_MATH §4)."""
+    beta, theta = 0.5, torch.tensor([0.2, -0.3, 1.0, 0.0], dtype=torch.float64)
+    arms = torch.tensor([[0], [2], [2], [3], [1]])
+    r = torch.tensor(R)[arms]
+    logits = theta.expand(5, 1, 4)
+    mask = torch.ones_like(arms, dtype=torch.bool)
+    want = ((r - beta * theta[arms]) ** 2).mean()
+    for m in ("shiq", "shiq_tk"):
+        got = method_loss(m, logits, arms, r, mask, torch.zeros(5, dtype=torch.long), beta=beta)
+        assert float(got) == pytest.approx(float(want), rel=1e-6)  # token_stats works in float32
+
+
+def test_bandit_shiq_converges():
+    """A moderate run (1500 Adam steps, 1 seed): ShiQ's regret falls from 0.239 to below 1e-3."""
+    out = run_bandit(BanditConfig(steps=1500, eval_every=100), "shiq", seed=0)
+    assert out["regret"][0] > 0.2
+    assert 0 <= out["regret"][-1] < 1e-3
+    # ShiQ/tk is the same loss in a one-step bandit: identical curve for the same seed
+    assert run_bandit(BanditConfig(steps=200, eval_every=100), "shiq_tk", seed=0)["regret"] == pytest.approx(
+        run_bandit(BanditConfig(steps=200, eval_every=100), "shiq", seed=0)["regret"], rel=1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# grid world: environment, value iteration, policy evaluation
+
+
+@pytest.mark.parametrize("setting", toys.GRID_SETTINGS)
+def test_soft_value_iteration_satisfies_bellman_and_has_zero_regret(setting):
+    cfg = GridConfig.make(setting)
+    grid = Grid(cfg)
+    Q, V, pi = soft_value_iteration(grid, cfg.beta, cfg.gamma)
+    # soft Bellman equation, written out again (SHIQ_MATH §1)
+    for s in range(grid.n_states):
+        q = [grid.reward[s, a] + (cfg.gamma * V[grid.next[s, a]] if grid.next[s, a] >= 0 else 0.0) for a in range(4)]
+        assert V[s] == pytest.approx(cfg.beta * math.log(sum(0.25 * math.exp(x / cfg.beta) for x in q)), abs=1e-9)
+        assert pi[s] == pytest.approx(np.exp(np.array(q) / cfg.beta) / np.exp(np.array(q) / cfg.beta).sum(), abs=1e-9)
+    # policy evaluation of π* gives V* (regret 0); any other policy has positive regret
+    assert policy_value(grid, pi, cfg.beta, cfg.gamma) == pytest.approx(V, abs=1e-9)
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        other = rng.dirichlet(np.ones(4), size=grid.n_states)
+        assert policy_value(grid, other, cfg.beta, cfg.gamma)[grid.start] < V[grid.start]
+
+
+def test_one_row_grid_hand_computed():
+    """1x2 grid, start left, goal right: Right ends with reward G − p, the 3 other actions stay (−p).
+    V = β log(¼ exp((G − p)/β) + ¾ exp((−p + γ V)/β)), a scalar fixed point solved by bisection."""
+    G, p, beta, gamma = 7.0, 0.1, 0.5, 0.9
+    cfg = GridConfig(width=2, height=1, start=0, goal=1, goal_reward=G, step_penalty=p, beta=beta, gamma=gamma)
+    grid = Grid(cfg)
+    f = lambda v: beta * math.log(0.25 * math.exp((G - p) / beta) + 0.75 * math.exp((-p + gamma * v) / beta)) - v
+    lo, hi = -100.0, 100.0
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if f(mid) > 0 else (lo, mid)
+    _, V, pi = soft_value_iteration(grid, beta, gamma)
+    assert V[0] == pytest.approx(lo, abs=1e-9)
+    assert pi[0, 3] == pytest.approx(0.25 * math.exp((G - p) / beta) / math.exp(lo / beta), abs=1e-9)
+
+
+def _simulate(cfg: GridConfig, seq) -> tuple[float, int | None]:
+    """Discounted return of an action sequence in the deterministic grid, simulated from scratch,
+    and the number of steps to the goal (None if the sequence never reaches it)."""
+    row, col = divmod(cfg.start, cfg.width)
+    got, ret = False, 0.0
+    for t, a in enumerate(seq):
+        dr, dc = [(-1, 0), (1, 0), (0, -1), (0, 1)][a]
+        row, col = min(max(row + dr, 0), cfg.height - 1), min(max(col + dc, 0), cfg.width - 1)
+        r = -cfg.step_penalty
+        if row * cfg.width + col == cfg.treasure and not got:
+            got, r = True, r + cfg.treasure_reward
+        if row * cfg.width + col == cfg.goal:
+            return ret + cfg.gamma**t * (r + cfg.goal_reward), t + 1
+        ret += cfg.gamma**t * r
+    return ret, None
+
+
+def _best_open_loop_return(cfg: GridConfig, max_len: int) -> float:
+    """Brute force: the best discounted return over all action sequences of length ``max_len``
+    (open loop = closed loop in a deterministic MDP), or never reaching the goal."""
+    best = -cfg.step_penalty / (1 - cfg.gamma)
+    for seq in itertools.product(range(4), repeat=max_len):
+        ret, n = _simulate(cfg, seq)
+        if n is not None:
+            best = max(best, ret)
+    return best
+
+
+@pytest.mark.parametrize("treasure", [None, 3])
+def test_small_beta_value_iteration_matches_brute_force(treasure):
+    """3x2 grid (start 0, goal 2, treasure at 3 = bottom-left): as β → 0 the regularised optimum
+    approaches the best return over all action sequences, within max − β log 4 / (1 − γ) ≤ V ≤ max,
+    and the greedy path of π* attains that best return."""
+    beta, gamma = 1e-3, 0.9
+    cfg = GridConfig(width=3, height=2, start=0, goal=2, goal_reward=3.0, treasure=treasure,
+                     treasure_reward=4.0 if treasure else 0.0, beta=beta, gamma=gamma)
+    best = _best_open_loop_return(cfg, max_len=7)
+    grid = Grid(cfg)
+    _, V, pi = soft_value_iteration(grid, beta, gamma)
+    assert best - beta * math.log(4) / (1 - gamma) <= V[grid.start] <= best + 1e-12
+    s, path = grid.start, []
+    while s >= 0 and len(path) < 10:
+        a = int(pi[s].argmax())
+        path.append(a)
+        s = grid.next[s, a]
+    ret, n = _simulate(cfg, path)
+    assert n == len(path) and ret == pytest.approx(best, abs=1e-12)
+    # the treasure detour (4 steps instead of 2) is worth it here: π* collects 4 + 3
+    assert reward_collected(grid, pi, 20) == pytest.approx(3.0 + (4.0 if treasure else 0.0), abs=1e-3)
+
+
+def test_reward_collected_matches_monte_carlo():
+    cfg = GridConfig.make("fine_grained")
+    grid = Grid(cfg)
+    uniform = np.full((grid.n_states, 4), 0.25)
+    _, _, r, m = sample_trajectories(grid, uniform, 20000, cfg.horizon, np.random.default_rng(0))
+    collected = ((r + cfg.step_penalty) * m).sum(1)  # rewards minus the step penalty
+    se = collected.std() / math.sqrt(len(collected))
+    assert abs(collected.mean() - reward_collected(grid, uniform, cfg.horizon)) < 4 * se
+
+
+@pytest.mark.parametrize("method", ["shiq", "shiq_ms", "shiq_tk", "copg"])
+def test_grid_losses_vanish_at_optimal_logits(method):
+    """At ℓ = Q*/β (the shifted-Q optimum, ℓ_ref = 0), the ShiQ residuals and the discounted CoPG
+    residuals are 0 on complete trajectories: rewards, γ and the γ^t weighting are placed right."""
+    cfg = GridConfig.make("fine_grained")
+    grid = Grid(cfg)
+    Q, _, pi = soft_value_iteration(grid, cfg.beta, cfg.gamma)
+    s, a, r, m = (torch.from_numpy(x) for x in sample_trajectories(grid, pi, 40, 200, np.random.default_rng(0)))
+    done = ~m[:, -1]  # reached the goal: no truncation
+    s, a, r, m = s[done], a[done], r[done], m[done]
+    theta = torch.from_numpy(Q / cfg.beta)
+    groups = torch.arange(len(s)) // 2
+    loss = method_loss(method, theta[s], a, r, m, groups, beta=cfg.beta, gamma=cfg.gamma)
+    assert float(loss) < 1e-9  # float32 statistics (token_stats)
+    # and not at the reference logits
+    assert float(method_loss(method, torch.zeros_like(theta)[s], a, r, m, groups, beta=cfg.beta, gamma=cfg.gamma)) > 1e-3
+
+
+def test_grid_shiq_learns():
+    """600 steps, 1 seed, fine-grained setting: ShiQ's regret falls from 2.24 to < 0.1 and it collects
+    the treasure and the goal (> 6.5 of the 6.93 π* collects)."""
+    out = run_grid(GridConfig.make("fine_grained", steps=600, eval_every=100), "shiq", seed=0)
+    assert out["regret"][0] > 2.0 and out["regret"][-1] < 0.1
+    assert out["reward"][-1] > 6.5
+
+
+# ----------------------------------------------------------------------------------------------
+# the CLI
+
+
+def _finite(x):
+    if isinstance(x, dict):
+        return all(_finite(v) for v in x.values())
+    if isinstance(x, list):
+        return all(_finite(v) for v in x)
+    return not isinstance(x, float) or math.isfinite(x)
+
+
+def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
+    assert toys.main(["all", "--quick", "--out", str(tmp_path)]) == 0
+    assert str(tmp_path) in capsys.readouterr().out
+    bandit = json.loads((tmp_path / "bandit.json").read_text())
+    assert set(bandit["methods"]) == {"shiq", "shiq_tk", "copg", "dpo"} and "config" in bandit
+    for res in bandit["methods"].values():
+        assert isinstance(res["final_regret"], float) and len(res["regret_mean"]) == len(res["steps"])
+    grid = json.loads((tmp_path / "gridworld.json").read_text())
+    assert set(grid["settings"]) == {"final_reward", "fine_grained"}
+    for block in grid["settings"].values():
+        assert set(block["methods"]) == {"shiq", "shiq_init", "shiq_ms", "shiq_tk", "copg", "dpo"}
+        assert "config" in block
+        for res in block["methods"].values():
+            assert isinstance(res["final_regret"], float) and isinstance(res["final_reward"], float)
+            assert len(res["regret_mean"]) == len(res["reward_std"]) == len(res["steps"])
+    assert _finite(bandit) and _finite(grid)
+    for png in ("bandit.png", "gridworld.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+@pytest.mark.slow
+def test_default_grid_final_reward_all_methods_reach_goal():
+    """Full-length runs, 1 seed: every method ends near the goal-reaching optimum (reward ≈ 7)."""
+    cfg = GridConfig.make("final_reward")
+    for m in toys.GRID_METHODS:
+        assert run_grid(cfg, m, seed=0)["reward"][-1] > 6.8, m
