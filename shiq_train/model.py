@@ -271,9 +271,32 @@ def causal_mask(seq_len: int, device=None) -> torch.Tensor:
     return torch.triu(torch.ones(1, 1, seq_len, seq_len, dtype=torch.bool, device=device), diagonal=1)
 
 
-def model_inputs(tokens: torch.Tensor) -> dict:
-    """``input_ids``, ``position_ids`` and the explicit causal mask for ``tokens`` ``[B, T]``."""
+def packed_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask ``[B, 1, T, T]`` for packed rows (``segment_ids`` ``[B, T]``):
+    True where attention is blocked, i.e. at future positions and across segments, so packed
+    trajectories never see each other. Every position still sees itself (no empty softmax row)."""
+    T = segment_ids.shape[1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (~same | causal_mask(T, segment_ids.device)[0]).unsqueeze(1)
+
+
+def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Positions restarting at 0 at each segment start ``[B, T]`` (segments are contiguous runs)."""
+    B, T = segment_ids.shape
+    idx = torch.arange(T, device=segment_ids.device).expand(B, T)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
+
+
+def model_inputs(tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> dict:
+    """``input_ids``, ``position_ids`` and the explicit attention mask for ``tokens`` ``[B, T]``:
+    plain causal, or block-diagonal causal with per-segment positions when ``segment_ids`` is given."""
     B, T = tokens.shape
+    if segment_ids is not None:
+        return {"input_ids": tokens, "position_ids": packed_position_ids(segment_ids),
+                "attention_mask": packed_causal_mask(segment_ids)}
     pos = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
     return {"input_ids": tokens, "position_ids": pos, "attention_mask": causal_mask(T, tokens.device)}
 
@@ -303,9 +326,10 @@ def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStat
     return vp.vocab_parallel_causal_stats(output, tokens, group, vocab)
 
 
-def forward_stats(model, tokens: torch.Tensor) -> TokenStats:
-    """Run a whole (single-stage) model on ``tokens`` ``[B, T]`` and return its :class:`TokenStats`."""
-    return output_stats(model, model(**model_inputs(tokens)), tokens)
+def forward_stats(model, tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> TokenStats:
+    """Run a whole (single-stage) model on ``tokens`` ``[B, T]`` (packed rows if ``segment_ids``)
+    and return its :class:`TokenStats`."""
+    return output_stats(model, model(**model_inputs(tokens, segment_ids)), tokens)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -144,7 +144,7 @@ def objective_loss_fn(loss_cfg) -> LossFn:
 def _forward_step_func(loss_fn: LossFn):
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(**model_inputs(mb["tokens"]))
+        output = model(**model_inputs(mb["tokens"], mb.get("segment_ids")))
 
         def loss_func(output_tensor):
             st = output_stats(model, output_tensor, mb["tokens"])
