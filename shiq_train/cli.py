@@ -1,0 +1,253 @@
+"""``shiq-train``: train a megatron-core GPT on a replay buffer from a Hydra config (``configs/train.yaml``).
+
+One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc_per_node N -m shiq_train
+...``; rank and world size come from torchrun's environment). The pieces, in order:
+
+1. :func:`resolve_data_mode` — the pair/group losses (dpo, copg, dro_v, mt_*) need whole prompt groups.
+2. ``parallel.init_distributed`` — process groups (gloo on CPU, nccl on GPU), seed.
+3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
+4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
+5. ``Trainer.fit`` — steps, logs, checkpoints (resumes from the newest one in ``out``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
+DATA_MODES = ("padded", "packed", "groups")
+REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
+# shape fields a Hugging Face checkpoint must agree on with the model config
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+                "vocab_size", "share_embeddings_and_output_weights", "rotary_base")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the option and the fix."""
+
+
+def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None]:
+    """``(mode, note)``: the data mode the loss needs, and a message when the config asked otherwise.
+
+    Pair/group losses compare completions of one prompt, so their micro-batches must hold whole
+    prompt groups; the ShiQ family reads single rows (``padded`` unless ``packed`` is asked for).
+    """
+    if mode is not None and mode not in DATA_MODES:
+        raise ConfigError(f"data.mode must be one of {DATA_MODES} (or null for the loss's default), got {mode!r}")
+    if loss_name in GROUP_LOSSES:
+        if mode not in (None, "groups"):
+            return "groups", (f"loss {loss_name!r} compares completions of the same prompt, so it reads whole "
+                              f"prompt groups: using data.mode=groups instead of data.mode={mode}")
+        return "groups", None
+    return mode or "padded", None
+
+
+def llama_config_from_model(model_cfg):
+    """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig`
+    (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
+    from transformers import LlamaConfig
+
+    if not (model_cfg.gated_linear_unit and model_cfg.activation == "silu" and model_cfg.normalization == "RMSNorm"
+            and model_cfg.position_embedding_type == "rope" and not model_cfg.add_bias_linear):
+        raise ConfigError(f"model {model_cfg.name!r} is not Llama-shaped (RMSNorm, gated SiLU, RoPE, no biases)")
+    return LlamaConfig(
+        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+        intermediate_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
+        num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
+        max_position_embeddings=model_cfg.max_sequence_length, rms_norm_eps=model_cfg.layernorm_epsilon,
+        rope_theta=float(model_cfg.rotary_base), tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
+        hidden_act="silu", attention_bias=False, mlp_bias=False,
+    )
+
+
+def load_init(init: str):
+    """``(hf_state_dict, hf_config)`` of the initial weights, or ``(None, None)`` for ``init=none``.
+
+    ``smollm2``: the packaged SmolLM2-135M-Instruct; anything else: a Hugging Face Llama folder.
+    """
+    if init in (None, "none"):
+        return None, None
+    if init == "smollm2":
+        from shiq_train.hf_convert import load_smollm2
+
+        hf, _ = load_smollm2(torch.float32)
+        return hf.state_dict(), hf.config
+    folder = Path(init)
+    if not (folder / "config.json").is_file():
+        raise ConfigError(f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
+                          f"{folder / 'config.json'} does not exist")
+    from transformers import LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    return hf.state_dict(), hf.config
+
+
+def check_shape(model_cfg, hf_config, init: str) -> None:
+    """Raise naming every shape field where the model config and the initial checkpoint disagree."""
+    from shiq_train.hf_convert import model_config_from_llama
+
+    want = model_config_from_llama(hf_config)
+    mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
+    mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
+    mine["ffn_hidden_size"] = model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size
+    bad = [f"model.{f}={mine[f]} but the checkpoint has {getattr(want, f)}" for f in SHAPE_FIELDS
+           if mine[f] != getattr(want, f)]
+    if bad:
+        raise ConfigError(f"init={init!r} does not fit model={model_cfg.name!r}: " + "; ".join(bad)
+                          + " (choose the matching model config, e.g. model=smollm2_135m for init=smollm2)")
+
+
+def build_policy(model_cfg, init: str):
+    """The model for this rank with its initial weights, and the Hugging Face config to export it with."""
+    from shiq_train.hf_convert import import_llama
+    from shiq_train.model import build_model
+
+    state, hf_config = load_init(init)
+    if hf_config is not None:
+        check_shape(model_cfg, hf_config, init)
+    model = build_model(model_cfg)
+    if state is not None:
+        import_llama(model, state, hf_config)
+    return model, hf_config if hf_config is not None else llama_config_from_model(model_cfg)
+
+
+def buffer_columns(buffer) -> set[str]:
+    """Column names of an opened replay buffer."""
+    schema = getattr(buffer, "schema", None)
+    if schema is None:
+        raise ConfigError(f"cannot read the columns of buffer {buffer!r}")
+    return set(schema.names)
+
+
+class DeviceSource:
+    """A data source whose micro-batch tensors are moved to this process's device."""
+
+    def __init__(self, source, device: torch.device):
+        self.source, self.device = source, device
+
+    def next_micro_batches(self) -> list[dict]:
+        return [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+                for mb in self.source.next_micro_batches()]
+
+    def state_dict(self) -> dict:
+        return self.source.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.source.load_state_dict(state)
+
+
+def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int):
+    """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns."""
+    from shiq_data.buffer import open_buffer
+    from shiq_data.sampler import BufferSampler
+
+    path = Path(data_cfg["buffer"])
+    if not path.exists():
+        raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
+    buffer = open_buffer(path)
+    missing = [c for c in REF_COLUMNS if c not in buffer_columns(buffer)]
+    if reference == "precomputed" and missing:
+        raise ConfigError(f"buffer {path} has no reference statistics (columns {missing} missing), but "
+                          "train.reference=precomputed: add them with shiq_data's refstats, or set "
+                          "train.reference=online")
+    return BufferSampler(buffer, rows_per_micro_batch=data_cfg["rows_per_micro_batch"],
+                         micro_batches_per_step=data_cfg["micro_batches_per_step"], seed=data_cfg["seed"],
+                         dp_rank=dp_rank, dp_world=dp_world, mode=mode)
+
+
+def _dataclass_from(cls, section: dict, prefix: str):
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(section) - known)
+    if unknown:
+        raise ConfigError(f"unknown {prefix} option(s) {unknown}; known: {sorted(known)}")
+    return cls(**section)
+
+
+def run(cfg: dict) -> Path:
+    """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from shiq_eval.report import atomic_write_bytes
+    from shiq_train import parallel
+    from shiq_train.model import ModelConfig, check_runtime
+    from shiq_train.objectives import LossConfig
+    from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
+    from shiq_train.train_step import OptimizerConfig
+
+    model_cfg = ModelConfig.from_dict(cfg["model"])
+    try:
+        check_runtime(model_cfg)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
+    loss_cfg = _dataclass_from(LossConfig, cfg["loss"], "loss")
+    opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
+    train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
+    mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
+    if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
+        raise ConfigError(f"data.buffer={cfg['data']['buffer']!r} does not exist "
+                          "(a replay buffer directory written by shiq_data)")
+    out = Path(cfg["out"])
+    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
+    parallel.init_distributed(par, seed=cfg["seed"])
+    try:
+        rank0 = dist.get_rank() == 0
+        if note and rank0:
+            print(f"shiq-train: {note}", file=sys.stderr)
+        source = open_data_source(cfg["data"], mode, train_cfg.reference, ps.get_data_parallel_rank(),
+                                  ps.get_data_parallel_world_size())
+        model, hf_config = build_policy(model_cfg, cfg["init"])
+        ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
+        cfg = {**cfg, "data": {**cfg["data"], "mode": mode}}
+        if rank0:
+            import yaml
+
+            out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+        meta = {"config": cfg, "hf_config": hf_config.to_dict()}
+        trainer = Trainer(model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta)
+        history = trainer.fit(DeviceSource(source, parallel.device()))
+        if rank0:
+            last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
+            print(f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
+                  f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
+    finally:
+        parallel.destroy_distributed()
+    return out
+
+
+def _task(cfg) -> None:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    try:
+        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+    except MissingMandatoryValue as e:
+        key = getattr(e, "full_key", "") or str(e)
+        _fail(f"missing value for {key}: give it on the command line "
+              "(shiq-train data.buffer=BUFFER out=RUN ...; see --help)")
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def _fail(message: str) -> None:
+    print(f"shiq-train: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main() -> None:
+    """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
+    import hydra
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "0")
+    hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()
+
+
+if __name__ == "__main__":
+    main()
