@@ -1,0 +1,142 @@
+"""Tokenising conversations with a tokenizer's chat template into token-aligned rows.
+
+The action tokens of a row are exactly the tokens the template lets the model generate in an
+assistant turn: the assistant's content and its end-of-turn token (``<|im_end|>`` for SmolLM2),
+never the ``<|im_start|>assistant\\n`` header the template inserts, nor any separator the template
+writes after the end-of-turn token. Everything else (system, user and tool turns, headers) is
+environment (``action_mask`` False).
+
+The masks are found by rendering prefixes of the conversation: for assistant turn ``i``,
+``render(messages[:i], add_generation_prompt=True)`` is what the model is shown before it
+generates, and ``render(messages[:i + 1])`` contains what it generated. Both must be token-prefixes
+of the full rendering; a template for which that fails (one that rewrites earlier turns depending
+on later ones) raises :class:`ChatTemplateError` rather than producing wrong masks.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+class ChatTemplateError(ValueError):
+    """The conversation cannot be rendered into prefix-stable, correctly delimited turns."""
+
+
+def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    # Render to text, then tokenise without extra specials: the template writes its own.
+    text = tokenizer.apply_chat_template(
+        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def end_of_turn_id(tokenizer) -> int:
+    """Id of the token that ends an assistant turn (the tokenizer's EOS, ``<|im_end|>`` for SmolLM2)."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ChatTemplateError("the tokenizer has no eos_token; cannot tell where an assistant turn ends")
+    return int(eos)
+
+
+def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
+    """Raise ``ValueError`` naming ``where`` and the message index if a message is malformed."""
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"{where}[{i}]: expected an object with 'role' and 'content', got {type(m).__name__}")
+        if m.get("role") not in ROLES:
+            raise ValueError(f"{where}[{i}].role = {m.get('role')!r}: expected one of {ROLES}")
+        if not isinstance(m.get("content"), str):
+            raise ValueError(f"{where}[{i}].content: expected a string, got {type(m.get('content')).__name__}")
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]]]:
+    """Full token ids and, per assistant message, the half-open span ``[start, end)`` of its action tokens.
+
+    Returns ``(ids [T], spans)`` with one ``(start, end)`` per assistant message in order; ``end - 1``
+    is the end-of-turn token. Raises :class:`ChatTemplateError` if the template is not prefix-stable
+    or an assistant turn does not end with the end-of-turn token.
+    """
+    check_messages(messages)
+    eot = end_of_turn_id(tokenizer)
+    eot_text = tokenizer.convert_ids_to_tokens(eot)
+    full = _render_ids(tokenizer, messages, add_generation_prompt=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        if eot_text and eot_text in m["content"]:
+            raise ChatTemplateError(
+                f"messages[{i}].content contains the end-of-turn token {eot_text!r}; the turn would end early"
+            )
+        if i == 0:
+            raise ChatTemplateError(
+                "messages[0] is an assistant turn: there is no prompt for the template to render before it"
+            )
+        before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
+        through = _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        for name, ids in (("the generation prompt before", before), ("the rendering through", through)):
+            if full[: len(ids)] != ids:
+                raise ChatTemplateError(
+                    f"the chat template is not prefix-stable: {name} messages[{i}] is not a token-prefix "
+                    "of the whole conversation, so action tokens cannot be located"
+                )
+        turn = through[len(before):]
+        if eot not in turn:
+            raise ChatTemplateError(
+                f"messages[{i}] (assistant) does not end with the end-of-turn token {eot_text!r} in this template"
+            )
+        last = len(turn) - 1 - turn[::-1].index(eot)
+        spans.append((len(before), len(before) + last + 1))
+    return full, spans
+
+
+def encode_chat(
+    tokenizer,
+    messages: Sequence[dict],
+    *,
+    turn_rewards: Optional[Sequence[Optional[float]]] = None,
+    completion_reward: Optional[float] = None,
+    actions: str = "all",
+) -> dict:
+    """Tokenise ``messages`` with the chat template into a row's token-aligned fields.
+
+    Args:
+        tokenizer: a Hugging Face tokenizer with a chat template and an EOS (end-of-turn) token.
+        messages: ``[{"role": "system"|"user"|"assistant"|"tool", "content": str}, ...]``.
+        turn_rewards: one reward per assistant message that is an action (``None`` counts as 0),
+            placed on the last action token (the end-of-turn token) of that turn.
+        completion_reward: a single reward placed on the last action token of the last action turn.
+            At most one of ``turn_rewards`` and ``completion_reward`` may be given.
+        actions: ``"all"`` (every assistant turn is an action) or ``"last"`` (only the final
+            assistant turn; earlier ones are context, as in single-turn preference data).
+    Returns:
+        ``{"tokens": list[int] [T], "action_mask": list[bool] [T], "rewards": list[float] [T],
+        "prompt_len": int}`` where ``prompt_len`` is the index of the first action token.
+    """
+    if actions not in ("all", "last"):
+        raise ValueError(f"actions = {actions!r}: expected 'all' or 'last'")
+    if turn_rewards is not None and completion_reward is not None:
+        raise ValueError("give either turn_rewards or completion_reward, not both")
+    tokens, spans = assistant_spans(tokenizer, messages)
+    if not spans:
+        raise ValueError("messages: no assistant turn, so the row would have no action tokens")
+    if actions == "last":
+        spans = spans[-1:]
+    mask = [False] * len(tokens)
+    rewards = [0.0] * len(tokens)
+    for start, end in spans:
+        mask[start:end] = [True] * (end - start)
+    if turn_rewards is not None:
+        if len(turn_rewards) != len(spans):
+            raise ValueError(
+                f"turn_rewards has {len(turn_rewards)} entries but there are {len(spans)} action turns"
+            )
+        for (_, end), r in zip(spans, turn_rewards):
+            rewards[end - 1] = float(r or 0.0)
+    elif completion_reward is not None:
+        rewards[spans[-1][1] - 1] = float(completion_reward)
+    return {"tokens": tokens, "action_mask": mask, "rewards": rewards, "prompt_len": spans[0][0]}
