@@ -162,7 +162,7 @@ class ChunkedTokenStats(torch.autograd.Function):
             if need_h:
                 grad_h[sl] = g @ weight
             if need_w:
-                grad_w += (g.t() @ h).float()
+                grad_w.addmm_(g.t().float(), h.float())  # in place: no [V/tp, H] temporary per chunk
         if need_h:
             _all_reduce(grad_h, dist.ReduceOp.SUM, ctx.group)
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
