@@ -1,0 +1,570 @@
+"""Replay buffers on disk: Arrow IPC stream shards plus a JSON manifest, written atomically.
+
+Layout of a buffer folder::
+
+    manifest.json          the commit point: lists every shard that belongs to the buffer
+    shard-00000.arrow      Arrow IPC *stream* shards (schema in shiq_data.schema), one record batch each
+    shard-00001.arrow
+    shard-00000.r1.arrow   a shard rewritten with reference statistics (revision 1), see replace_shard
+    .lock                  advisory lock taken by append / replace_shard
+
+Stream-format shards are what ``datasets`` writes, so ``datasets.Dataset.from_file(shard)`` and plain
+``pyarrow.ipc.open_stream(pyarrow.memory_map(shard))`` both read them zero-copy.
+
+``manifest.json`` (plain JSON)::
+
+    {"format": "shiq-replay-buffer", "schema_version": 1,
+     "tokenizer": {"name", "fingerprint", "vocab_size", ...},
+     "rows", "tokens", "action_tokens", "next_group_id",
+     "shards": [{"file", "rows", "tokens", "action_tokens", "bytes", "sha256", "has_ref"}],
+     "has_ref_stats": bool, "ref_model": {...} | null,
+     "ref_stats": {"ref_model": {...}, "done": [shard files with reference columns]} | null,
+     "commands": [{"argv", "time", "rows", "shards"}], "created", "updated"}
+
+Atomicity. :func:`write_buffer` builds in a temporary folder next to the target and renames it into
+place at the end: a failed or killed build leaves no buffer. :func:`append_buffer` writes new shards
+under temporary names, renames them to their final names and then replaces ``manifest.json`` with
+``os.replace``; old shards are never rewritten. :func:`replace_shard` writes the new version of a
+shard under a new file name and switches the manifest to it the same way. Readers only look at the
+shards the manifest lists; files it does not list (left by a killed append or rewrite) are removed by
+the next append, rewrite or ``validate``.
+
+Resumable reference statistics: :func:`shards_without_ref` lists the shards still to do, and
+:func:`add_ref_columns` (or :func:`replace_shard`) commits one shard at a time; a killed run
+restarts from the shards the manifest does not yet mark as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shiq_data.schema import BASE_FIELDS, REF_FIELDS, SCHEMA_VERSION, RowError, arrow_schema, check_row, row_has_ref
+
+FORMAT = "shiq-replay-buffer"
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+_SHARD_RE = re.compile(r"^\.?shard-\d{5}.*")
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def shard_file_name(index: int, revision: int = 0) -> str:
+    """``shard-00007.arrow``, or ``shard-00007.r2.arrow`` for a rewritten shard."""
+    return f"shard-{index:05d}.arrow" if revision == 0 else f"shard-{index:05d}.r{revision}.arrow"
+
+
+def _list_array(values: list, dtype: np.dtype, pa_type) -> pa.ListArray:
+    """A list<...> Arrow array from a list of 1-D sequences, built from one flat numpy buffer."""
+    lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int32)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.zeros(0, dtype)
+    return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type))
+
+
+def rows_to_table(rows: list[dict], with_ref: bool) -> pa.Table:
+    """A shard table (schema :func:`shiq_data.schema.arrow_schema`) from checked row dicts."""
+    schema = arrow_schema(with_ref)
+    cols = {
+        "row_id": pa.array([r["row_id"] for r in rows], pa.string()),
+        "source": pa.array([r["source"] for r in rows], pa.string()),
+        "group_id": pa.array([int(r["group_id"]) for r in rows], pa.int64()),
+        "prompt_len": pa.array([int(r["prompt_len"]) for r in rows], pa.int32()),
+        "tokens": _list_array([r["tokens"] for r in rows], np.int32, pa.int32()),
+        "action_mask": _list_array([r["action_mask"] for r in rows], np.bool_, pa.bool_()),
+        "rewards": _list_array([r["rewards"] for r in rows], np.float32, pa.float32()),
+    }
+    if with_ref:
+        for name in REF_FIELDS:
+            cols[name] = _list_array([r[name] for r in rows], np.float32, pa.float32())
+    return pa.Table.from_arrays([cols[f.name] for f in schema], schema=schema)
+
+
+def write_shard_file(table: pa.Table, path: Path) -> dict:
+    """Write ``table`` as one Arrow stream record batch at ``path`` (fsynced); its manifest entry."""
+    batch = table.combine_chunks().to_batches()
+    with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+        for b in batch:
+            writer.write_batch(b)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    lengths = pc.list_value_length(table.column("tokens"))
+    n_actions = pc.sum(pc.cast(pc.list_flatten(table.column("action_mask")), pa.int64()))
+    return {"file": path.name, "rows": table.num_rows, "tokens": int(pc.sum(lengths).as_py() or 0),
+            "action_tokens": int(n_actions.as_py() or 0), "bytes": path.stat().st_size,
+            "sha256": _sha256_file(path), "has_ref": all(n in table.schema.names for n in REF_FIELDS)}
+
+
+def read_shard(path: Path) -> pa.Table:
+    """A shard as a pyarrow Table backed by a memory map of the file (no copy)."""
+    with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
+        return reader.read_all()
+
+
+class Buffer:
+    """An opened replay buffer (see :func:`open_buffer`). Reading never copies shard data into memory."""
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.shard_paths = [self.path / s["file"] for s in manifest["shards"]]
+        self.has_ref_stats = bool(manifest["shards"]) and all(s["has_ref"] for s in manifest["shards"])
+        self.schema = arrow_schema(self.has_ref_stats)
+        self._shard_tables: list[pa.Table] | None = None
+        self._table: pa.Table | None = None
+
+    def __len__(self) -> int:
+        return int(self.manifest["rows"])
+
+    def __repr__(self) -> str:
+        return f"Buffer({str(self.path)!r}, rows={len(self)}, tokens={self.manifest['tokens']})"
+
+    @property
+    def tokenizer_info(self) -> dict:
+        return dict(self.manifest["tokenizer"])
+
+    @property
+    def shard_tables(self) -> list[pa.Table]:
+        """One memory-mapped table per shard, restricted to the buffer's common columns."""
+        if self._shard_tables is None:
+            tables = []
+            for p, entry in zip(self.shard_paths, self.manifest["shards"]):
+                t = read_shard(p)
+                if t.num_rows != entry["rows"]:
+                    raise ValueError(f"{p}: holds {t.num_rows} rows, manifest says {entry['rows']}")
+                missing = [n for n in self.schema.names if n not in t.schema.names]
+                if missing:
+                    raise ValueError(f"{p}: columns {missing} missing (schema of {self.path / MANIFEST})")
+                tables.append(t.select(self.schema.names))
+            self._shard_tables = tables
+        return self._shard_tables
+
+    @property
+    def table(self) -> pa.Table:
+        """All rows as one pyarrow Table: the shards' memory-mapped record batches, concatenated without copying."""
+        if self._table is None:
+            tables = self.shard_tables
+            self._table = pa.concat_tables(tables) if tables else self.schema.empty_table()
+        return self._table
+
+    def row(self, i: int) -> dict:
+        """Row ``i`` as a dict of Python values and lists."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"row {i} out of range for a buffer of {len(self)} rows ({self.path})")
+        return self.table.slice(i % len(self), 1).to_pylist()[0]
+
+    def to_datasets(self):
+        """The rows as a ``datasets.Dataset`` memory-mapping the shard files (no copy)."""
+        import datasets
+
+        parts = []
+        for p in self.shard_paths:
+            ds = datasets.Dataset.from_file(str(p))
+            extra = [c for c in ds.column_names if c not in self.schema.names]
+            parts.append(ds.remove_columns(extra) if extra else ds)
+        return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def read_manifest(buffer_dir) -> dict:
+    """The parsed ``manifest.json`` of a buffer folder, with its format and version checked."""
+    path = Path(buffer_dir) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: {buffer_dir} is not a replay buffer (no manifest)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: field 'schema_version' is {manifest.get('schema_version')!r}; this code reads "
+                         f"version {SCHEMA_VERSION}")
+    for key in ("tokenizer", "rows", "tokens", "shards", "next_group_id"):
+        if key not in manifest:
+            raise ValueError(f"{path}: field {key!r} missing")
+    return manifest
+
+
+def open_buffer(path) -> Buffer:
+    """Open the replay buffer folder ``path`` for reading (shards are memory-mapped on first use)."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    for s in manifest["shards"]:
+        if not (path / s["file"]).is_file():
+            raise FileNotFoundError(f"{path / s['file']} listed in {path / MANIFEST} is missing")
+    return Buffer(path, manifest)
+
+
+@contextlib.contextmanager
+def _locked(buffer_dir: Path):
+    """An exclusive advisory lock on the buffer folder (appends and rewrites are serialised)."""
+    with open(buffer_dir / LOCK, "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def remove_unlisted_files(buffer_dir, manifest: dict | None = None) -> list[str]:
+    """Delete shard and temporary files the manifest does not list (left by a killed write); their names."""
+    buffer_dir = Path(buffer_dir)
+    manifest = manifest or read_manifest(buffer_dir)
+    listed = {s["file"] for s in manifest["shards"]}
+    removed = []
+    for p in buffer_dir.iterdir():
+        if p.name in listed or p.name in (MANIFEST, LOCK):
+            continue
+        if _SHARD_RE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+            p.unlink()
+            removed.append(p.name)
+    return removed
+
+
+class _ShardStream:
+    """Checks rows one by one and writes them as shards of ``shard_rows`` rows."""
+
+    def __init__(self, out_dir: Path, *, first_shard: int, shard_rows: int, vocab_size, input_name: str,
+                 group_offset: int, row_id_prefix: str, taken_ids: set, temp_names: bool):
+        if shard_rows < 1:
+            raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        self.out_dir, self.next_shard, self.shard_rows = out_dir, first_shard, shard_rows
+        self.vocab_size, self.input_name = vocab_size, input_name
+        self.group_offset, self.row_id_prefix, self.taken_ids = group_offset, row_id_prefix, taken_ids
+        self.temp_names = temp_names
+        self.with_ref: bool | None = None
+        self.pending: list[dict] = []
+        self.entries: list[dict] = []
+        self.written: list[Path] = []
+        self.max_group = group_offset - 1
+        self.n = 0
+
+    def add(self, row: dict) -> None:
+        i = self.n
+        if isinstance(row, dict) and "row_id" not in row:
+            row = {**row, "row_id": f"{self.row_id_prefix}{i}"}
+        check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
+        has_ref = row_has_ref(row)
+        if self.with_ref is None:
+            self.with_ref = has_ref
+        elif has_ref != self.with_ref:
+            field = REF_FIELDS[0]
+            raise RowError(self.input_name, i, field, "present in some rows and not others" if has_ref else
+                           "missing (earlier rows carry reference statistics)")
+        if row["row_id"] in self.taken_ids:
+            raise RowError(self.input_name, i, "row_id", f"{row['row_id']!r} is not unique in the buffer")
+        self.taken_ids.add(row["row_id"])
+        gid = int(row["group_id"]) + self.group_offset
+        self.max_group = max(self.max_group, gid)
+        self.pending.append({**row, "group_id": gid})
+        self.n += 1
+        if len(self.pending) >= self.shard_rows:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        table = rows_to_table(self.pending, bool(self.with_ref))
+        name = shard_file_name(self.next_shard)
+        path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
+        entry = write_shard_file(table, path)
+        entry["file"] = name
+        self.written.append(path)
+        self.entries.append(entry)
+        self.next_shard += 1
+        self.pending = []
+
+
+def _progress(rows: Iterable[dict], enabled: bool, desc: str) -> Iterator[dict]:
+    if not enabled:
+        return iter(rows)
+    from tqdm import tqdm
+
+    return iter(tqdm(rows, desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0))
+
+
+def _totals(shards: list[dict]) -> dict:
+    return {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+            "action_tokens": sum(s["action_tokens"] for s in shards)}
+
+
+def _check_tokenizer_info(info: dict) -> None:
+    missing = [k for k in ("name", "fingerprint", "vocab_size") if k not in info]
+    if missing:
+        raise ValueError(f"tokenizer_info lacks {missing} (load_tokenizer returns a complete one)")
+
+
+def _remove_stale_build_dirs(out_dir: Path) -> None:
+    """Remove temporary build folders for ``out_dir`` whose building process is gone (killed builds)."""
+    for p in out_dir.parent.glob(f".{out_dir.name}.building-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command: list[str], shard_rows: int = 4096,
+                 progress: bool = True, input_name: str = "<rows>", ref_model: dict | None = None) -> Buffer:
+    """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
+
+    Rows may omit ``row_id`` (it becomes ``b0-<index>``). Every row is checked with
+    :func:`shiq_data.schema.check_row` against ``tokenizer_info['vocab_size']``; errors name
+    ``input_name`` and the row index. The build happens in a temporary folder next to ``out_dir`` that
+    is renamed into place at the end; on any error it is removed and ``out_dir`` does not appear.
+    ``ref_model`` describes the reference model when the rows carry reference statistics.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise FileExistsError(f"{out_dir} already exists; choose a new --out folder or append to it")
+    _check_tokenizer_info(tokenizer_info)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_build_dirs(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        stream = _ShardStream(tmp, first_shard=0, shard_rows=shard_rows, vocab_size=tokenizer_info["vocab_size"],
+                              input_name=input_name, group_offset=0, row_id_prefix="b0-", taken_ids=set(),
+                              temp_names=False)
+        for row in _progress(rows, progress, f"building {out_dir.name}"):
+            stream.add(row)
+        stream.flush()
+        if stream.n == 0:
+            raise ValueError(f"{input_name}: no rows to write")
+        now = _now()
+        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "tokenizer": dict(tokenizer_info),
+                    **_totals(stream.entries), "next_group_id": stream.max_group + 1, "shards": stream.entries,
+                    "has_ref_stats": bool(stream.with_ref), "ref_model": ref_model if stream.with_ref else None,
+                    "ref_stats": ({"ref_model": ref_model, "done": [e["file"] for e in stream.entries]}
+                                  if stream.with_ref else None),
+                    "commands": [{"argv": list(command), "time": now, "rows": stream.n,
+                                  "shards": [e["file"] for e in stream.entries]}],
+                    "created": now, "updated": now}
+        _write_json_atomic(tmp / MANIFEST, manifest)
+        _fsync_dir(tmp)
+        os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return open_buffer(out_dir)
+
+
+def _existing_row_ids(buffer: Buffer) -> set:
+    ids = set()
+    for t in buffer.shard_tables:
+        ids.update(t.column("row_id").to_pylist())
+    return ids
+
+
+def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], tokenizer_info: dict | None = None,
+                  shard_rows: int | None = None, progress: bool = True, input_name: str = "<rows>",
+                  ref_model: dict | None = None) -> Buffer:
+    """Add ``rows`` to an existing buffer as new shards; returns the reopened buffer.
+
+    ``tokenizer_info``, when given, must have the buffer's tokenizer fingerprint. New ``group_id`` s
+    are offset by the manifest's ``next_group_id`` so groups stay unique; missing ``row_id`` s become
+    ``b<k>-<index>`` for the k-th command. The new shards are committed by replacing
+    ``manifest.json``; old shards are not touched. ``shard_rows`` defaults to the first shard's size.
+    """
+    buffer_dir = Path(buffer_dir)
+    with _locked(buffer_dir):
+        manifest = read_manifest(buffer_dir)
+        remove_unlisted_files(buffer_dir, manifest)
+        if tokenizer_info is not None:
+            _check_tokenizer_info(tokenizer_info)
+            have = manifest["tokenizer"]
+            if tokenizer_info["fingerprint"] != have["fingerprint"]:
+                raise ValueError(
+                    f"{buffer_dir / MANIFEST}: tokenizer mismatch: the buffer was built with {have['name']!r} "
+                    f"(fingerprint {have['fingerprint'][:12]}…), the new rows with {tokenizer_info['name']!r} "
+                    f"(fingerprint {tokenizer_info['fingerprint'][:12]}…)")
+        old = Buffer(buffer_dir, manifest)
+        if shard_rows is None:
+            shard_rows = max(manifest["shards"][0]["rows"], 1) if manifest["shards"] else 4096
+        k = len(manifest["commands"])
+        stream = _ShardStream(buffer_dir, first_shard=_next_shard_index(manifest), shard_rows=shard_rows,
+                              vocab_size=manifest["tokenizer"]["vocab_size"], input_name=input_name,
+                              group_offset=int(manifest["next_group_id"]), row_id_prefix=f"b{k}-",
+                              taken_ids=_existing_row_ids(old), temp_names=True)
+        try:
+            for row in _progress(rows, progress, f"appending to {buffer_dir.name}"):
+                stream.add(row)
+            stream.flush()
+            if stream.n == 0:
+                raise ValueError(f"{input_name}: no rows to append")
+            if stream.with_ref and manifest.get("ref_model") not in (None, ref_model):
+                raise ValueError(f"{input_name}: the new rows' reference model {ref_model} differs from the "
+                                 f"buffer's {manifest['ref_model']}")
+            for path, entry in zip(stream.written, stream.entries):
+                os.rename(path, buffer_dir / entry["file"])
+            _fsync_dir(buffer_dir)
+        except BaseException:
+            for p in stream.written + [buffer_dir / e["file"] for e in stream.entries]:
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+            raise
+        shards = manifest["shards"] + stream.entries
+        now = _now()
+        new = {**manifest, **_totals(shards), "shards": shards, "next_group_id": stream.max_group + 1,
+               "has_ref_stats": all(s["has_ref"] for s in shards),
+               "commands": manifest["commands"] + [{"argv": list(command), "time": now, "rows": stream.n,
+                                                     "shards": [e["file"] for e in stream.entries]}],
+               "updated": now}
+        if stream.with_ref:
+            new["ref_model"] = ref_model
+            done = (manifest.get("ref_stats") or {}).get("done", [])
+            new["ref_stats"] = {"ref_model": ref_model, "done": done + [e["file"] for e in stream.entries]}
+        _write_json_atomic(buffer_dir / MANIFEST, new)  # the commit point
+    return open_buffer(buffer_dir)
+
+
+def _next_shard_index(manifest: dict) -> int:
+    nums = [int(s["file"][6:11]) for s in manifest["shards"]]
+    return max(nums) + 1 if nums else 0
+
+
+def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
+    """Indices of the shards that still lack reference statistics (all of them if ``ref_model`` differs
+    from the one already recorded, which :func:`replace_shard` would refuse to mix)."""
+    manifest = read_manifest(buffer_dir)
+    recorded = manifest.get("ref_model")
+    if ref_model is not None and recorded is not None and recorded != ref_model:
+        raise ValueError(f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
+                         "build a new buffer for another reference model")
+    return [i for i, s in enumerate(manifest["shards"]) if not s["has_ref"]]
+
+
+def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: dict | None = None) -> dict:
+    """Replace shard ``shard_index`` (position in the manifest's list) by ``table``; its new manifest entry.
+
+    Meant for adding the reference columns: ``table`` must hold the same rows (the base columns equal
+    the old shard's) and conform to :func:`shiq_data.schema.arrow_schema`. Every row is checked. The
+    new version is written to a new file (``shard-XXXXX.rN.arrow``, via a ``.tmp`` name and
+    ``os.replace``), then ``manifest.json`` is replaced atomically to point at it and record the
+    shard in ``ref_stats.done``, then the old file is deleted. A kill at any moment leaves either the
+    old or the new shard listed, both complete.
+    """
+    buffer_dir = Path(buffer_dir)
+    with _locked(buffer_dir):
+        manifest = read_manifest(buffer_dir)
+        remove_unlisted_files(buffer_dir, manifest)
+        shards = manifest["shards"]
+        if not 0 <= shard_index < len(shards):
+            raise IndexError(f"{buffer_dir / MANIFEST}: no shard {shard_index} (it lists {len(shards)})")
+        entry = shards[shard_index]
+        old_path = buffer_dir / entry["file"]
+        old = read_shard(old_path)
+        with_ref = all(n in table.schema.names for n in REF_FIELDS)
+        want = arrow_schema(with_ref)
+        if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
+            raise ValueError(f"replacement for {old_path.name}: schema must be {want.names} with types "
+                             f"{[str(f.type) for f in want]}, got {table.schema}")
+        table = table.cast(want)
+        if table.num_rows != old.num_rows or not table.select(BASE_FIELDS).equals(old.select(BASE_FIELDS)):
+            raise ValueError(f"replacement for {old_path.name}: its base columns {list(BASE_FIELDS)} must equal "
+                             "the shard's (only the reference columns may change)")
+        if with_ref:
+            recorded = manifest.get("ref_model")
+            if recorded is not None and ref_model is not None and recorded != ref_model:
+                raise ValueError(f"{buffer_dir / MANIFEST}: holds reference statistics of {recorded}; refusing to "
+                                 f"mix in {ref_model}")
+        vocab = manifest["tokenizer"]["vocab_size"]
+        for i, row in enumerate(table.to_pylist()):
+            check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
+        revision = int(entry.get("revision", 0)) + 1
+        name = shard_file_name(int(entry["file"][6:11]), revision)
+        tmp = buffer_dir / f".{name}.tmp"
+        try:
+            new_entry = write_shard_file(table, tmp)
+            os.replace(tmp, buffer_dir / name)
+            _fsync_dir(buffer_dir)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        new_entry.update(file=name, revision=revision)
+        new_shards = [*shards[:shard_index], new_entry, *shards[shard_index + 1:]]
+        new = {**manifest, "shards": new_shards, **_totals(new_shards),
+               "has_ref_stats": all(s["has_ref"] for s in new_shards), "updated": _now()}
+        if with_ref:
+            model = ref_model if ref_model is not None else manifest.get("ref_model")
+            done = [f for f in (manifest.get("ref_stats") or {}).get("done", []) if f != entry["file"]]
+            new["ref_model"] = model
+            new["ref_stats"] = {"ref_model": model, "done": done + [name]}
+        try:
+            _write_json_atomic(buffer_dir / MANIFEST, new)  # the commit point
+        except BaseException:
+            (buffer_dir / name).unlink(missing_ok=True)
+            raise
+        old_path.unlink(missing_ok=True)
+    return new_entry
+
+
+def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_logz: list, *,
+                    ref_model: dict) -> dict:
+    """Commit reference statistics for one shard: per row, ``[T]`` arrays aligned with the row's tokens
+    (position ``t`` = statistics of token ``t``, position 0 = 0; SHIQ_MATH §2). See :func:`replace_shard`."""
+    manifest = read_manifest(buffer_dir)
+    base = read_shard(Path(buffer_dir) / manifest["shards"][shard_index]["file"]).select(BASE_FIELDS)
+    if len(ref_chosen_logits) != base.num_rows or len(ref_logz) != base.num_rows:
+        raise ValueError(f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "
+                         f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows")
+    schema = arrow_schema(True)
+    table = pa.Table.from_arrays(
+        [base.column(n).combine_chunks() for n in BASE_FIELDS]
+        + [_list_array(ref_chosen_logits, np.float32, pa.float32()), _list_array(ref_logz, np.float32, pa.float32())],
+        schema=schema)
+    return replace_shard(buffer_dir, shard_index, table, ref_model=ref_model)

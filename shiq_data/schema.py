@@ -1,0 +1,165 @@
+"""The replay buffer's row schema and the checks every row must pass.
+
+One row is one trajectory (a prompt and the tokens that followed it):
+
+============================  ===================  ==============================================
+column                        Arrow type           meaning
+============================  ===================  ==============================================
+``row_id``                    string               stable, unique within the buffer
+``source``                    string               where the row came from (file, format, run)
+``group_id``                  int64                completions of one prompt share it
+``prompt_len``                int32                number of leading prompt tokens
+``tokens``                    list<int32>          token ids, ``[T]``
+``action_mask``               list<bool>           True on tokens the policy chose, ``[T]``
+``rewards``                   list<float32>        nonzero only on action tokens, ``[T]``
+``ref_chosen_logits``         list<float32>        optional, SHIQ_MATH §2 ``c_ref``, ``[T]``
+``ref_logz``                  list<float32>        optional, SHIQ_MATH §2 ``z_ref``, ``[T]``
+============================  ===================  ==============================================
+
+Reference statistics are aligned like :func:`shiq_train.stats.causal_lm_stats`: position ``t`` holds
+the statistics of token ``t`` given tokens ``< t``; position 0, which nothing predicts, is 0. For the
+same reason token 0 can never be an action: every row has ``1 <= prompt_len < T``.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+
+import numpy as np
+import pyarrow as pa
+
+SCHEMA_VERSION = 1
+
+BASE_FIELDS = ("row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards")
+REF_FIELDS = ("ref_chosen_logits", "ref_logz")
+LIST_FIELDS = ("tokens", "action_mask", "rewards")
+
+
+def arrow_schema(with_ref: bool) -> pa.Schema:
+    """The Arrow schema of a buffer shard, with or without the two reference-statistics columns."""
+    fields = [
+        pa.field("row_id", pa.string(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("group_id", pa.int64(), nullable=False),
+        pa.field("prompt_len", pa.int32(), nullable=False),
+        pa.field("tokens", pa.list_(pa.int32()), nullable=False),
+        pa.field("action_mask", pa.list_(pa.bool_()), nullable=False),
+        pa.field("rewards", pa.list_(pa.float32()), nullable=False),
+    ]
+    if with_ref:
+        fields += [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in REF_FIELDS]
+    return pa.schema(fields, metadata={"shiq_schema_version": str(SCHEMA_VERSION)})
+
+
+class RowError(ValueError):
+    """A bad input row. ``file``, ``row`` (index or line number) and ``field`` say where; the message names all three."""
+
+    def __init__(self, file, row, field: str, problem: str, *, row_label: str = "row"):
+        self.file, self.row, self.field, self.problem = str(file), row, field, problem
+        super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _as_array(row: dict, name: str, kind: str, err) -> np.ndarray:
+    """The list field ``name`` as a 1-D numpy array of ``kind`` ('i' ints, 'b' bools, 'f' floats)."""
+    value = row[name]
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
+        raise err(name, f"must be a list, got {type(value).__name__}")
+    arr = np.asarray(value)
+    if arr.ndim != 1:
+        raise err(name, f"must be a flat list, got shape {arr.shape}")
+    if arr.size == 0:
+        return arr
+    ok = {"i": arr.dtype.kind in "iu", "b": arr.dtype.kind == "b", "f": arr.dtype.kind in "iuf"}[kind]
+    if not ok:
+        want = {"i": "integers", "b": "booleans", "f": "numbers"}[kind]
+        raise err(name, f"must hold {want}, got dtype {arr.dtype}")
+    return arr
+
+
+def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -> None:
+    """Raise :class:`RowError` naming ``file``, ``row_index`` and the field if ``row`` is not a valid buffer row.
+
+    Rejects: a missing field; wrong types; ``tokens``/``action_mask``/``rewards`` (and the reference
+    columns, when either is present) of different lengths; a token id outside ``[0, vocab_size)``;
+    ``prompt_len`` outside ``[1, T)``; an action token inside the prompt; no action token; a
+    non-finite reward or a nonzero reward on a non-action token; non-finite reference statistics or a
+    nonzero one at position 0.
+    """
+
+    def err(field, problem):
+        return RowError(file, row_index, field, problem)
+
+    if not isinstance(row, dict):
+        raise err("*", f"a row must be a dict, got {type(row).__name__}")
+    for name in BASE_FIELDS:
+        if name not in row:
+            raise err(name, "missing")
+    present_ref = [n for n in REF_FIELDS if n in row]
+    if len(present_ref) == 1:
+        missing = next(n for n in REF_FIELDS if n not in row)
+        raise err(missing, f"missing (the row has {present_ref[0]}; both reference columns go together)")
+    for name in ("row_id", "source"):
+        if not isinstance(row[name], str):
+            raise err(name, f"must be a string, got {type(row[name]).__name__}")
+    if not row["row_id"]:
+        raise err("row_id", "must not be empty")
+    for name in ("group_id", "prompt_len"):
+        if not _is_int(row[name]):
+            raise err(name, f"must be an integer, got {type(row[name]).__name__}")
+    if row["group_id"] < 0:
+        raise err("group_id", f"must be >= 0, got {row['group_id']}")
+
+    tokens = _as_array(row, "tokens", "i", err)
+    mask = _as_array(row, "action_mask", "b", err)
+    rewards = _as_array(row, "rewards", "f", err)
+    refs = {n: _as_array(row, n, "f", err) for n in present_ref}
+    n = len(tokens)
+    for name, arr in [("action_mask", mask), ("rewards", rewards), *refs.items()]:
+        if len(arr) != n:
+            raise err(name, f"length {len(arr)} differs from tokens' length {n}")
+    if n and (int(tokens.min()) < 0 or (vocab_size is not None and int(tokens.max()) >= vocab_size)):
+        bad = int(np.flatnonzero((tokens < 0) | (tokens >= (vocab_size or np.iinfo(np.int64).max)))[0])
+        raise err("tokens", f"token id {int(tokens[bad])} at position {bad} is outside [0, {vocab_size})")
+    if n and int(tokens.max()) > np.iinfo(np.int32).max:
+        raise err("tokens", "token ids must fit in int32")
+    p = int(row["prompt_len"])
+    if not 1 <= p < max(n, 1):
+        raise err("prompt_len", f"{p} is outside [1, {n}) (at least one prompt token and one completion token)")
+    if mask.size and mask[:p].any():
+        raise err("action_mask", f"action token at position {int(np.flatnonzero(mask[:p])[0])}, inside the prompt "
+                                 f"(prompt_len {p})")
+    if not mask.size or not mask.any():
+        raise err("action_mask", "no action token (empty completion)")
+    if rewards.size:
+        rf = rewards.astype(np.float64)
+        if not np.isfinite(rf).all():
+            bad = int(np.flatnonzero(~np.isfinite(rf))[0])
+            raise err("rewards", f"non-finite reward {rf[bad]} at position {bad}")
+        off = (rf != 0) & ~mask
+        if off.any():
+            bad = int(np.flatnonzero(off)[0])
+            raise err("rewards", f"nonzero reward {rf[bad]} at position {bad}, which is not an action token")
+        if np.abs(rf).max() > np.finfo(np.float32).max:
+            raise err("rewards", "reward does not fit in float32")
+    for name, arr in refs.items():
+        af = arr.astype(np.float64)
+        if not np.isfinite(af).all():
+            bad = int(np.flatnonzero(~np.isfinite(af))[0])
+            raise err(name, f"non-finite value {af[bad]} at position {bad}")
+        if af[0] != 0:
+            raise err(name, f"position 0 must be 0 (nothing predicts the first token), got {af[0]}")
+
+
+def row_has_ref(row: dict) -> bool:
+    """True if the row carries the reference-statistics columns."""
+    return all(n in row for n in REF_FIELDS)
+
+
+def is_finite_number(x) -> bool:
+    """A real, finite number (bools excluded)."""
+    return isinstance(x, (Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)

@@ -1,0 +1,80 @@
+"""Full check of a replay buffer: manifest, shard checksums, schema and every row."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, remove_unlisted_files
+from shiq_data.schema import arrow_schema, check_row
+
+_ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
+
+
+def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = False, progress: bool = False) -> dict:
+    """Check the buffer at ``path``; return a summary dict, or raise ``ValueError`` / ``RowError``.
+
+    Checks: the manifest's format and fields; every listed shard exists with the recorded size and
+    sha256, has the schema :func:`shiq_data.schema.arrow_schema` (with the reference columns when the
+    manifest says so) and the recorded row, token and action-token counts; every row passes
+    :func:`shiq_data.schema.check_row` against ``vocab_size`` (default: the manifest tokenizer's);
+    ``row_id`` is unique and ``group_id < next_group_id``; the manifest totals add up. With
+    ``cleanup``, files the manifest does not list (left by a killed append) are deleted first.
+    """
+    path = Path(path)
+    manifest = read_manifest(path)
+    mpath = path / MANIFEST
+    removed = remove_unlisted_files(path, manifest) if cleanup else []
+    vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
+    seen_ids: set[str] = set()
+    groups: set[int] = set()
+    totals = {"rows": 0, "tokens": 0, "action_tokens": 0}
+    shards = manifest["shards"]
+    it = shards
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(shards, desc="validating", unit=" shards")
+    for k, entry in enumerate(it):
+        shard = path / entry["file"]
+        if not shard.is_file():
+            raise ValueError(f"{mpath}: shard {k} file {entry['file']!r} is missing")
+        if shard.stat().st_size != entry["bytes"]:
+            raise ValueError(f"{shard}: size {shard.stat().st_size} bytes, manifest says {entry['bytes']}")
+        if _sha256_file(shard) != entry["sha256"]:
+            raise ValueError(f"{shard}: sha256 differs from the manifest's (the file changed or is corrupt)")
+        try:
+            table = read_shard(shard)
+        except Exception as e:  # pyarrow raises several error types on damaged files
+            raise ValueError(f"{shard}: not a readable Arrow IPC stream ({e})") from None
+        want = arrow_schema(bool(entry["has_ref"]))
+        if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
+            raise ValueError(f"{shard}: schema {table.schema.names} does not match {want.names} "
+                             f"(has_ref={entry['has_ref']})")
+        if table.num_rows != entry["rows"]:
+            raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")
+        n_tokens = n_actions = 0
+        for start in range(0, table.num_rows, _ROWS_PER_SLICE):
+            for j, row in enumerate(table.slice(start, _ROWS_PER_SLICE).to_pylist()):
+                i = start + j
+                check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
+                if row["row_id"] in seen_ids:
+                    raise ValueError(f"{shard}: row {i}: field 'row_id': {row['row_id']!r} is not unique")
+                seen_ids.add(row["row_id"])
+                if row["group_id"] >= manifest["next_group_id"]:
+                    raise ValueError(f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
+                                     f"next_group_id {manifest['next_group_id']}")
+                groups.add(row["group_id"])
+                n_tokens += len(row["tokens"])
+                n_actions += sum(row["action_mask"])
+        for name, value in (("tokens", n_tokens), ("action_tokens", n_actions)):
+            if value != entry[name]:
+                raise ValueError(f"{shard}: holds {value} {name}, manifest says {entry[name]}")
+        totals["rows"] += table.num_rows
+        totals["tokens"] += n_tokens
+        totals["action_tokens"] += n_actions
+    for name, value in totals.items():
+        if manifest.get(name) != value:
+            raise ValueError(f"{mpath}: field {name!r} is {manifest.get(name)}, the shards hold {value}")
+    return {"path": str(path), **totals, "shards": len(shards), "groups": len(groups),
+            "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
+            "tokenizer": manifest["tokenizer"].get("name"), "removed_files": removed}

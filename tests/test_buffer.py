@@ -1,0 +1,289 @@
+"""Replay buffer files: round trip against plain pyarrow, row checks, append, shard rewrite, kills."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from shiq_data.buffer import add_ref_columns, append_buffer, open_buffer, replace_shard, shards_without_ref, write_buffer
+from shiq_data.schema import RowError, check_row
+from shiq_data.validate import validate_buffer
+
+TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_rows(n, seed=0, groups_of=2):
+    """Random valid rows: prompt of 1-4 tokens, completion of 1-6, reward on the last action token."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        p, c = int(rng.integers(1, 5)), int(rng.integers(1, 7))
+        rewards = [0.0] * (p + c)
+        rewards[-1] = float(np.float32(rng.normal()))
+        rows.append({"row_id": f"r{seed}-{i}", "source": f"src{seed}", "group_id": i // groups_of, "prompt_len": p,
+                     "tokens": [int(t) for t in rng.integers(0, 50, p + c)],
+                     "action_mask": [False] * p + [True] * c, "rewards": rewards})
+    return rows
+
+
+def plain_read(folder):
+    """All rows of a buffer read with nothing but pyarrow and json (the manifest's shard order)."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    out = []
+    for s in manifest["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(Path(folder) / s["file"]))) as r:
+            out += r.read_all().to_pylist()
+    return out
+
+
+def test_round_trip_equals_plain_pyarrow_and_datasets(tmp_path):
+    rows = make_rows(23)
+    buf = write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["test"], shard_rows=5, progress=False)
+    got = plain_read(tmp_path / "b")
+    assert got == rows  # float32 rewards were drawn as float32 values, so they survive exactly
+    assert len(buf) == 23 and buf.table.num_rows == 23 and buf.row(7) == rows[7]
+    assert len(buf.shard_paths) == 5  # 5 + 5 + 5 + 5 + 3
+    m = buf.manifest
+    assert m["rows"] == 23 and m["tokens"] == sum(len(r["tokens"]) for r in rows)
+    assert m["action_tokens"] == sum(sum(r["action_mask"]) for r in rows)
+    assert m["commands"][0]["argv"] == ["test"] and m["tokenizer"] == TOK and m["next_group_id"] == 12
+    ds = buf.to_datasets()
+    assert len(ds) == 23 and ds[7] == rows[7] and ds[22]["tokens"] == rows[22]["tokens"]
+    import datasets
+
+    assert datasets.Dataset.from_file(str(buf.shard_paths[1]))[0] == rows[5]
+    assert validate_buffer(tmp_path / "b")["rows"] == 23
+
+
+def test_table_is_zero_copy_memory_map(tmp_path):
+    buf = write_buffer(make_rows(40), tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=10,
+                       progress=False)
+    before = pa.total_allocated_bytes()
+    table = buf.table
+    assert table.num_rows == 40 and pa.total_allocated_bytes() == before
+
+
+def test_missing_row_id_is_assigned(tmp_path):
+    rows = make_rows(3)
+    for r in rows:
+        del r["row_id"]
+    buf = write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    assert [r["row_id"] for r in plain_read(tmp_path / "b")] == ["b0-0", "b0-1", "b0-2"]
+    assert len(buf) == 3
+
+
+BAD_ROWS = [
+    # (field, mutation, words in the message)
+    ("action_mask", lambda r: r.update(action_mask=r["action_mask"][:-1]), "length"),
+    ("rewards", lambda r: r.update(rewards=r["rewards"] + [0.0]), "length"),
+    ("rewards", lambda r: r["rewards"].__setitem__(-1, float("nan")), "non-finite"),
+    ("rewards", lambda r: r["rewards"].__setitem__(0, 1.0), "not an action"),
+    ("action_mask", lambda r: r.update(action_mask=[False] * len(r["tokens"]),
+                                       rewards=[0.0] * len(r["tokens"])), "no action token"),
+    ("action_mask", lambda r: r["action_mask"].__setitem__(0, True), "inside the prompt"),
+    ("tokens", lambda r: r["tokens"].__setitem__(1, 50), "outside [0, 50)"),
+    ("tokens", lambda r: r["tokens"].__setitem__(1, -1), "outside"),
+    ("prompt_len", lambda r: r.update(prompt_len=0), "outside"),
+    ("prompt_len", lambda r: r.update(prompt_len=len(r["tokens"])), "outside"),
+    ("source", lambda r: r.pop("source"), "missing"),
+    ("group_id", lambda r: r.update(group_id="g"), "integer"),
+    ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"])), "missing"),
+    ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[0.0]), "length"),
+    ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]),
+                                    ref_logz=[1.0] + [0.0] * (len(r["tokens"]) - 1)), "position 0"),
+]
+
+
+@pytest.mark.parametrize("field,mutate,words", BAD_ROWS)
+def test_each_malformed_row_kind_is_rejected_with_file_row_field(tmp_path, field, mutate, words):
+    rows = make_rows(6)
+    rows[4]["tokens"][0] = 3  # any valid edit; row 4 is the one broken below
+    mutate(rows[4])
+    with pytest.raises(RowError) as e:
+        write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=2, progress=False,
+                     input_name="in.jsonl")
+    msg = str(e.value)
+    assert (e.value.file, e.value.row, e.value.field) == ("in.jsonl", 4, field)
+    assert "in.jsonl" in msg and "row 4" in msg and f"'{field}'" in msg and words in msg
+    # shards 0 and 1 were already written: nothing of them may remain
+    assert not (tmp_path / "b").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_check_row_accepts_a_valid_row_and_duplicate_ids_are_refused(tmp_path):
+    check_row(make_rows(1)[0], vocab_size=50, file="f", row_index=0)
+    rows = make_rows(3)
+    rows[2]["row_id"] = rows[0]["row_id"]
+    with pytest.raises(RowError, match="row 2: field 'row_id'.*not unique"):
+        write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_existing_out_dir_is_refused(tmp_path):
+    (tmp_path / "b").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_buffer(make_rows(2), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+
+
+def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):
+    b = tmp_path / "b"
+    write_buffer(make_rows(7, seed=0), b, tokenizer_info=TOK, command=["build"], shard_rows=3, progress=False)
+    old = {p.name: p.read_bytes() for p in b.glob("shard-*")}
+    new_rows = make_rows(5, seed=1)
+    buf = append_buffer(b, new_rows, command=["append"], tokenizer_info=TOK, progress=False)
+    for name, data in old.items():
+        assert (b / name).read_bytes() == data
+    got = plain_read(b)
+    assert len(got) == 12 == len(buf)
+    assert got[:7] == make_rows(7, seed=0)
+    # old groups 0..3 (7 rows in pairs); new rows' groups 0,0,1,1,2 become 4,4,5,5,6
+    assert [r["group_id"] for r in got[7:]] == [4, 4, 5, 5, 6]
+    assert [{k: v for k, v in r.items() if k != "group_id"} for r in got[7:]] == \
+        [{k: v for k, v in r.items() if k != "group_id"} for r in new_rows]
+    assert [c["argv"] for c in buf.manifest["commands"]] == [["build"], ["append"]]
+    assert validate_buffer(b)["groups"] == 7
+
+
+def test_append_refuses_other_tokenizer_and_duplicate_ids(tmp_path):
+    b = tmp_path / "b"
+    write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
+    manifest = (b / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="tokenizer mismatch.*'toy'.*'other'"):
+        append_buffer(b, make_rows(2, seed=5), command=["a"], tokenizer_info={**TOK, "name": "other",
+                                                                              "fingerprint": "0" * 64})
+    with pytest.raises(RowError, match="row 0: field 'row_id'.*not unique"):
+        append_buffer(b, make_rows(2), command=["a"], progress=False)  # same ids as the buffer's rows
+    assert (b / "manifest.json").read_bytes() == manifest
+    assert sorted(p.name for p in b.iterdir() if not p.name.startswith(".")) == ["manifest.json", "shard-00000.arrow"]
+
+
+def test_validate_detects_corruption(tmp_path):
+    b = tmp_path / "b"
+    buf = write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
+    data = bytearray(buf.shard_paths[0].read_bytes())
+    data[-20] ^= 0xFF
+    buf.shard_paths[0].write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="shard-00000.arrow: sha256"):
+        validate_buffer(b)
+
+
+def test_validate_rejects_a_bad_row_written_by_someone_else(tmp_path):
+    """A shard written by plain pyarrow with a reward on a prompt token, manifest fixed up by hand."""
+    b = tmp_path / "b"
+    write_buffer(make_rows(3), b, tokenizer_info=TOK, command=["t"], progress=False)
+    rows = plain_read(b)
+    rows[2]["rewards"][0] = 2.0
+    from shiq_data.schema import arrow_schema
+
+    table = pa.Table.from_pylist(rows, schema=arrow_schema(False))
+    with pa.OSFile(str(b / "shard-00000.arrow"), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    import hashlib
+
+    m = json.loads((b / "manifest.json").read_text())
+    m["shards"][0].update(sha256=hashlib.sha256((b / "shard-00000.arrow").read_bytes()).hexdigest(),
+                          bytes=(b / "shard-00000.arrow").stat().st_size)
+    (b / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RowError, match=r"shard-00000.arrow: row 2: field 'rewards'"):
+        validate_buffer(b)
+
+
+def test_add_ref_columns_shard_by_shard(tmp_path):
+    b = tmp_path / "b"
+    rows = make_rows(5)
+    write_buffer(rows, b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    model = {"name": "ref", "sha256": "abc"}
+    assert shards_without_ref(b, model) == [0, 1]
+    ref_c = [[0.0] + [float(i + t) for t in range(1, len(r["tokens"]))] for i, r in enumerate(rows)]
+    ref_z = [[0.0] + [float(-t) for t in range(1, len(r["tokens"]))] for r in rows]
+    add_ref_columns(b, 0, ref_c[:3], ref_z[:3], ref_model=model)
+    buf = open_buffer(b)
+    assert shards_without_ref(b, model) == [1] and not buf.has_ref_stats
+    assert "ref_logz" not in buf.table.schema.names and len(buf.table) == 5  # common columns only
+    assert validate_buffer(b)["rows"] == 5
+    with pytest.raises(ValueError, match="refusing to mix|not .*build a new buffer"):
+        add_ref_columns(b, 1, ref_c[3:], ref_z[3:], ref_model={"name": "other"})
+    add_ref_columns(b, 1, ref_c[3:], ref_z[3:], ref_model=model)
+    buf = open_buffer(b)
+    assert buf.has_ref_stats and buf.manifest["ref_stats"]["done"] == ["shard-00000.r1.arrow", "shard-00001.r1.arrow"]
+    got = plain_read(b)
+    assert [r["ref_chosen_logits"] for r in got] == ref_c and [r["ref_logz"] for r in got] == ref_z
+    assert [{k: r[k] for k in rows[0]} for r in got] == rows
+    assert sorted(p.name for p in b.glob("shard-*")) == ["shard-00000.r1.arrow", "shard-00001.r1.arrow"]
+    assert validate_buffer(b)["has_ref_stats"]
+
+
+def test_replace_shard_refuses_changed_rows(tmp_path):
+    b = tmp_path / "b"
+    buf = write_buffer(make_rows(3), b, tokenizer_info=TOK, command=["t"], progress=False)
+    t = buf.shard_tables[0]
+    changed = t.set_column(t.schema.get_field_index("group_id"), t.schema.field("group_id"),
+                           pa.array([9, 9, 9], pa.int64()))
+    with pytest.raises(ValueError, match="base columns"):
+        replace_shard(b, 0, changed)
+
+
+# --- kills: a child process is SIGKILLed in the middle of a write -------------------------------
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    sys.path.insert(0, {repo!r})
+    from tests.test_buffer import make_rows, TOK
+    from shiq_data.buffer import write_buffer, append_buffer
+    mode, folder = sys.argv[1], sys.argv[2]
+    def slow_rows():
+        for i, r in enumerate(make_rows(40, seed=7)):
+            if i == 12:
+                print("WRITING", flush=True)  # shards 0..3 (3 rows each) are on disk by now
+                time.sleep(60)
+            yield r
+    if mode == "build":
+        write_buffer(slow_rows(), folder, tokenizer_info=TOK, command=["kill"], shard_rows=3, progress=False)
+    else:
+        append_buffer(folder, slow_rows(), command=["kill"], shard_rows=3, progress=False)
+""")
+
+
+def run_and_kill(tmp_path, mode, folder):
+    script = tmp_path / "child.py"
+    script.write_text(CHILD.format(repo=str(REPO)))
+    proc = subprocess.Popen([sys.executable, str(script), mode, str(folder)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "WRITING"
+        time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+
+def test_killed_build_leaves_no_buffer(tmp_path):
+    run_and_kill(tmp_path, "build", tmp_path / "b")
+    assert not (tmp_path / "b").exists()
+    leftovers = list(tmp_path.glob(".b.building-*"))
+    assert len(leftovers) == 1 and list(leftovers[0].glob("shard-*"))  # the kill happened mid-write
+    # the next build of the same folder clears the dead build's temporary folder
+    write_buffer(make_rows(2), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    assert not list(tmp_path.glob(".b.building-*")) and len(open_buffer(tmp_path / "b")) == 2
+
+
+def test_killed_append_leaves_the_old_buffer(tmp_path):
+    b = tmp_path / "b"
+    write_buffer(make_rows(5), b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    before = {p.name: p.read_bytes() for p in b.iterdir() if not p.name.startswith(".")}
+    run_and_kill(tmp_path, "append", b)
+    assert list(b.glob(".shard-*.tmp"))  # new shards were being written
+    after = {p.name: p.read_bytes() for p in b.iterdir() if not p.name.startswith(".")}
+    assert after == before
+    assert plain_read(b) == make_rows(5) and validate_buffer(b)["rows"] == 5
+    assert validate_buffer(b, cleanup=True)["removed_files"]
+    assert not list(b.glob(".shard-*"))
+    assert len(append_buffer(b, make_rows(2, seed=3), command=["a"], progress=False)) == 7
