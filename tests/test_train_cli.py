@@ -39,3 +39,109 @@ def test_packed_row_stats_equal_rows_run_separately(dist1):
     # without the block mask the second trajectory would see the first one
     assert (unmasked.logz[0, 6:12] - alone["b"].logz[0, 1:]).abs().max() > 1e-4
     assert M.packed_position_ids(seg)[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]
+
+
+# ----------------------------------------------------------------------------------------------
+# the command line, run as a user would (subprocesses), on a seeded in-memory data source
+
+import json  # noqa: E402
+import math  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from shiq_train.cli import resolve_data_mode  # noqa: E402
+from shiq_train.parallel import free_port  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Runs shiq-train's entry point with open_data_source replaced by seeded synthetic micro-batches
+# (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them).
+DRIVER = '''
+import sys, torch
+import shiq_train.cli as cli
+
+class Source:
+    def __init__(self, seed, rows, micro_batches):
+        self.seed, self.rows, self.micro_batches, self.pos = seed, rows, micro_batches, 0
+    def batch(self, i):
+        g = torch.Generator().manual_seed(self.seed * 1000 + i)
+        tokens = torch.randint(0, 128, (self.rows, 16), generator=g)
+        mask = torch.zeros(self.rows, 16, dtype=torch.bool)
+        mask[:, 5:] = True
+        rewards = torch.zeros(self.rows, 16)
+        rewards[:, -1] = torch.randn(self.rows, generator=g)
+        return {"tokens": tokens, "action_mask": mask, "rewards": rewards,
+                "group_ids": torch.arange(self.rows) // 2}
+    def next_micro_batches(self):
+        out = [self.batch(self.pos + k) for k in range(self.micro_batches)]
+        self.pos += self.micro_batches
+        return out
+    def state_dict(self):
+        return {"pos": self.pos}
+    def load_state_dict(self, s):
+        self.pos = s["pos"]
+
+def fake_source(data_cfg, mode, reference, dp_rank, dp_world):
+    assert dp_world == 1 and mode in ("padded", "groups"), (dp_world, mode)
+    return Source(data_cfg["seed"], data_cfg["rows_per_micro_batch"], data_cfg["micro_batches_per_step"])
+
+cli.open_data_source = fake_source
+cli.main()
+'''
+
+
+def run_cli(tmp_path, *overrides, nproc=1, timeout=120):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    (tmp_path / "buffer").mkdir(exist_ok=True)
+    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                   "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = launcher + [str(driver), f"data.buffer={tmp_path / 'buffer'}", "train.progress=false",
+                      "train.tensorboard=false", *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def metrics(run_dir):
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_single_process_run_and_tp2_torchrun_give_the_same_first_step(tmp_path):
+    common = ["train.steps=3", "train.reference=online", "loss.beta=0.5", "seed=11", "optimizer.lr=1e-3"]
+    one = run_cli(tmp_path, f"out={tmp_path / 'one'}", *common)
+    assert one.returncode == 0, one.stderr[-3000:]
+    m1 = metrics(tmp_path / "one")
+    assert [m["step"] for m in m1] == [1, 2, 3]
+    assert all(math.isfinite(m["loss"]) and m["loss"] > 0 for m in m1)
+    step_dir = tmp_path / "one" / "checkpoints" / "step_00000003"
+    assert (step_dir / "rank_tp0_pp0_dp0.pt").is_file()
+    meta = json.loads((step_dir / "meta.json").read_text())
+    assert meta["meta"]["loss"]["name"] == "shiq" and meta["meta"]["hf_config"]["num_hidden_layers"] == 2
+    assert "metrics.jsonl" in one.stdout  # says where the outputs went
+
+    two = run_cli(tmp_path, f"out={tmp_path / 'two'}", "parallel.tp=2", *common, nproc=2)
+    assert two.returncode == 0, two.stderr[-3000:]
+    m2 = metrics(tmp_path / "two")
+    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
+    assert json.loads((tmp_path / "two/checkpoints/step_00000003/meta.json").read_text())["layout"]["tp"] == 2
+
+
+def test_bad_configs_fail_with_a_clear_message(tmp_path):
+    unknown = run_cli(tmp_path, f"out={tmp_path / 'x'}", "loss=shiq_fast")
+    assert unknown.returncode != 0 and "Could not find 'loss/shiq_fast'" in unknown.stderr
+    missing = run_cli(tmp_path, f"out={tmp_path / 'x'}", f"data.buffer={tmp_path / 'nope'}")
+    assert missing.returncode == 2 and f"data.buffer='{tmp_path / 'nope'}' does not exist" in missing.stderr
+    no_out = run_cli(tmp_path)
+    assert no_out.returncode == 2 and "missing value for out" in no_out.stderr
+
+
+def test_group_losses_force_group_batches():
+    assert resolve_data_mode("dpo", None) == ("groups", None)
+    mode, note = resolve_data_mode("copg", "padded")
+    assert mode == "groups" and "data.mode=groups instead of data.mode=padded" in note
+    assert resolve_data_mode("shiq", None) == ("padded", None)
+    assert resolve_data_mode("shiq_tk", "packed") == ("packed", None)
+    with pytest.raises(ValueError, match="data.mode must be one of"):
+        resolve_data_mode("shiq", "shuffled")
