@@ -142,8 +142,9 @@ class DeviceSource:
         self.source.load_state_dict(state)
 
 
-def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int):
-    """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns."""
+def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int):
+    """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
+    ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error."""
     from shiq_data.buffer import open_buffer
     from shiq_data.sampler import BufferSampler
 
@@ -158,7 +159,7 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
                           "train.reference=online")
     return BufferSampler(buffer, rows_per_micro_batch=data_cfg["rows_per_micro_batch"],
                          micro_batches_per_step=data_cfg["micro_batches_per_step"], seed=data_cfg["seed"],
-                         dp_rank=dp_rank, dp_world=dp_world, mode=mode)
+                         dp_rank=dp_rank, dp_world=dp_world, mode=mode, max_tokens_per_row=max_tokens)
 
 
 def _dataclass_from(cls, section: dict, prefix: str):
@@ -201,7 +202,7 @@ def run(cfg: dict) -> Path:
         if note and rank0:
             print(f"shiq-train: {note}", file=sys.stderr)
         source = open_data_source(cfg["data"], mode, train_cfg.reference, ps.get_data_parallel_rank(),
-                                  ps.get_data_parallel_world_size())
+                                  ps.get_data_parallel_world_size(), model_cfg.max_sequence_length)
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
         cfg = {**cfg, "data": {**cfg["data"], "mode": mode}}

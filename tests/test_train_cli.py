@@ -83,7 +83,7 @@ class Source:
     def load_state_dict(self, s):
         self.pos = s["pos"]
 
-def fake_source(data_cfg, mode, reference, dp_rank, dp_world):
+def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
     assert dp_world == 1 and mode in ("padded", "groups"), (dp_world, mode)
     return Source(data_cfg["seed"], data_cfg["rows_per_micro_batch"], data_cfg["micro_batches_per_step"])
 
@@ -145,3 +145,49 @@ def test_group_losses_force_group_batches():
     assert resolve_data_mode("shiq_tk", "packed") == ("packed", None)
     with pytest.raises(ValueError, match="data.mode must be one of"):
         resolve_data_mode("shiq", "shuffled")
+
+
+def write_tiny_buffer(path, with_ref: bool):
+    """8 rows in 4 prompt groups of 2, through shiq_data's own writer (reference columns optional)."""
+    from shiq_data.buffer import write_buffer
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        n = 10 + i % 3
+        row = {"group_id": i // 2, "prompt_len": 4, "tokens": torch.randint(0, 128, (n,), generator=g).tolist(),
+               "action_mask": [False] * 4 + [True] * (n - 4), "rewards": [0.0] * (n - 1) + [float(i % 2)],
+               "source": "test"}
+        if with_ref:
+            row["ref_chosen_logits"] = [0.0] * n
+            row["ref_logz"] = [0.0] + [math.log(128.0)] * (n - 1)  # position 0: nothing predicts it
+        rows.append(row)
+    write_buffer(rows, path, tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": 128},
+                 command=["test"], progress=False)
+
+
+def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
+    pytest.importorskip("shiq_data.sampler")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false",
+                               *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+
+    write_tiny_buffer(tmp_path / "plain", with_ref=False)
+    no_ref = cli(f"data.buffer={tmp_path / 'plain'}", f"out={tmp_path / 'a'}")
+    assert no_ref.returncode == 2 and "has no reference statistics" in no_ref.stderr
+    assert "train.reference=online" in no_ref.stderr
+
+    dpo = cli(f"data.buffer={tmp_path / 'plain'}", f"out={tmp_path / 'b'}", "loss=dpo", "data.mode=padded",
+              "train.reference=online", "train.steps=2", "data.rows_per_micro_batch=4")
+    assert dpo.returncode == 0, dpo.stderr[-3000:]
+    assert "using data.mode=groups instead of data.mode=padded" in dpo.stderr
+    m = metrics(tmp_path / "b")
+    assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m) and m[0]["pairs"] > 0
+
+    write_tiny_buffer(tmp_path / "ref", with_ref=True)
+    packed = cli(f"data.buffer={tmp_path / 'ref'}", f"out={tmp_path / 'c'}", "data.mode=packed", "train.steps=2",
+                 "model.max_sequence_length=32", "data.rows_per_micro_batch=2")
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert all(math.isfinite(x["loss"]) for x in metrics(tmp_path / "c"))
