@@ -1,0 +1,265 @@
+"""Seeded, resumable, data-parallel batches from a replay buffer.
+
+The rows (or, in ``groups`` mode, the prompt groups) form an endless stream: the concatenation of
+one permutation per epoch, epoch ``e`` shuffled by ``numpy.random.default_rng([seed, e])``. Each
+optimizer step takes the next items of the stream for data-parallel rank 0, then rank 1, and so on,
+so ranks see disjoint rows of the same permutation, every row appears exactly once per epoch across
+ranks, and a step may straddle two epochs (batches are always full). The state is the stream
+position, so :meth:`BufferSampler.load_state_dict` continues with exactly the batches an
+uninterrupted run would have produced.
+
+Modes (all right-padded; padding has ``action_mask`` False, reward 0 and token ``pad_id``):
+
+- ``padded``: ``rows_per_micro_batch`` trajectories per micro-batch, one per row.
+- ``packed``: ``rows_per_micro_batch`` rows of at most ``max_tokens_per_row`` tokens, each holding
+  several whole trajectories (greedy, in stream order; a trajectory is never split) and
+  ``segment_ids`` ``[B, T]``: ``0, 0, …, 1, 1, …`` per trajectory, padding the next id after the last.
+- ``groups``: whole prompt groups (all completions sharing a ``group_id``) fill each micro-batch up to
+  ``rows_per_micro_batch`` rows, for the pair/group losses (DPO, CoPG; SHIQ_MATH §5); ``group_ids``
+  are renumbered ``0..G-1`` within the micro-batch.
+
+Reading goes straight from the memory-mapped shards into the batch arrays (only the selected rows'
+bytes are touched), so reader memory does not grow with the buffer's size.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from shiq_data.schema import REF_FIELDS
+
+MODES = ("padded", "packed", "groups")
+STATE_VERSION = 1
+_LIST_COLUMNS = ("tokens", "action_mask", "rewards")
+
+
+class _ListView:
+    """Zero-copy numpy views of one list<…> column chunk: offsets and flat values (or a bitmap for bools)."""
+
+    def __init__(self, arr: pa.ListArray):
+        if arr.null_count:
+            raise ValueError("list columns must not hold nulls")
+        self.offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+        values = arr.values
+        self.is_bool = pa.types.is_boolean(values.type)
+        if self.is_bool:
+            self.bits = np.frombuffer(values.buffers()[1], dtype=np.uint8)
+            self.bit_offset = values.offset
+        else:
+            self.values = values.to_numpy(zero_copy_only=True)
+
+    def get(self, i: int) -> np.ndarray:
+        """The ``i``-th list as a numpy array (a view for numbers, a small unpacked copy for bools)."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        if not self.is_bool:
+            return self.values[s:e]
+        a, b = self.bit_offset + s, self.bit_offset + e
+        unpacked = np.unpackbits(self.bits[a >> 3: (b + 7) >> 3], bitorder="little")
+        return unpacked[a & 7: (a & 7) + (e - s)].astype(bool)
+
+
+class _RowReader:
+    """Random access to rows of a buffer's record batches without copying them out of the memory map."""
+
+    def __init__(self, buffer):
+        self.with_ref = bool(buffer.has_ref_stats)
+        names = _LIST_COLUMNS + (REF_FIELDS if self.with_ref else ())
+        self.chunks: list[dict[str, _ListView]] = []
+        starts, lengths, groups = [0], [], []
+        for table in buffer.shard_tables:
+            for batch in table.to_batches():
+                self.chunks.append({n: _ListView(batch.column(n)) for n in names})
+                lengths.append(np.diff(self.chunks[-1]["tokens"].offsets))
+                groups.append(batch.column("group_id").to_numpy())
+                starts.append(starts[-1] + batch.num_rows)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
+        self.group_ids = np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, np.int64)
+        self.columns = names
+
+    def locate(self, row: int) -> tuple[dict, int]:
+        c = int(np.searchsorted(self.starts, row, side="right")) - 1
+        return self.chunks[c], row - int(self.starts[c])
+
+
+class BufferSampler:
+    """Micro-batches of one data-parallel rank over a :class:`shiq_data.buffer.Buffer` (see the module doc).
+
+    Args:
+        buffer: an opened buffer.
+        rows_per_micro_batch: ``B``: trajectories (``padded``), packed rows (``packed``) or at most this
+            many rows of whole groups (``groups``) per micro-batch.
+        micro_batches_per_step: micro-batches returned by each :meth:`next_micro_batches` call.
+        seed: shuffling seed (epoch ``e`` uses ``default_rng([seed, e])``).
+        dp_rank, dp_world: this rank and the number of data-parallel ranks.
+        mode: ``"padded"``, ``"packed"`` or ``"groups"``.
+        max_tokens_per_row: packed row width (default: the longest trajectory); in the other modes an
+            upper bound every trajectory must respect (a longer one is an error, never truncated).
+        pad_id: token id of padding positions.
+    """
+
+    def __init__(self, buffer, *, rows_per_micro_batch: int, micro_batches_per_step: int = 1, seed: int = 0,
+                 dp_rank: int = 0, dp_world: int = 1, mode: str = "padded", max_tokens_per_row: int | None = None,
+                 pad_id: int = 0):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if rows_per_micro_batch < 1 or micro_batches_per_step < 1:
+            raise ValueError(f"rows_per_micro_batch ({rows_per_micro_batch}) and micro_batches_per_step "
+                             f"({micro_batches_per_step}) must be >= 1")
+        if not 0 <= dp_rank < dp_world:
+            raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
+        if len(buffer) == 0:
+            raise ValueError(f"buffer {buffer.path} has no rows")
+        self.buffer, self.mode, self.seed = buffer, mode, int(seed)
+        self.rows_per_micro_batch, self.micro_batches_per_step = int(rows_per_micro_batch), int(micro_batches_per_step)
+        self.dp_rank, self.dp_world, self.pad_id = int(dp_rank), int(dp_world), int(pad_id)
+        self._reader = _RowReader(buffer)
+        lengths = self._reader.lengths
+        longest = int(lengths.max())
+        self.max_tokens_per_row = int(max_tokens_per_row) if max_tokens_per_row is not None else longest
+        if longest > self.max_tokens_per_row:
+            i = int(np.argmax(lengths > self.max_tokens_per_row))
+            raise ValueError(f"buffer {buffer.path}: row {i} has {int(lengths[i])} tokens, more than "
+                             f"max_tokens_per_row={self.max_tokens_per_row} ({int((lengths > self.max_tokens_per_row).sum())} "
+                             "such rows); raise max_tokens_per_row or leave those rows out of the buffer")
+        if mode == "groups":
+            order = np.argsort(self._reader.group_ids, kind="stable")
+            ids, first = np.unique(self._reader.group_ids[order], return_index=True)
+            self._group_rows = np.split(order, first[1:])
+            sizes = np.diff(np.append(first, len(order)))
+            if sizes.max() > self.rows_per_micro_batch:
+                g = int(np.argmax(sizes))
+                raise ValueError(f"buffer {buffer.path}: group {int(ids[g])} has {int(sizes[g])} rows, more than "
+                                 f"rows_per_micro_batch={self.rows_per_micro_batch}; groups are never split")
+            self._group_sizes = sizes
+            self._units = len(ids)
+        else:
+            self._units = len(buffer)
+        self._epoch, self._position = 0, 0
+        self._perm_epoch, self._perm = -1, None
+
+    # --- the stream ---------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        """Epoch of the next item of the stream (0-based)."""
+        return self._epoch
+
+    def _permutation(self) -> np.ndarray:
+        if self._perm_epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, self._epoch]).permutation(self._units)
+            self._perm_epoch = self._epoch
+        return self._perm
+
+    def _peek(self) -> int:
+        return int(self._permutation()[self._position])
+
+    def _advance(self) -> None:
+        self._position += 1
+        if self._position == self._units:
+            self._epoch, self._position = self._epoch + 1, 0
+
+    def _take(self) -> int:
+        item = self._peek()
+        self._advance()
+        return item
+
+    # --- batches ------------------------------------------------------------------------------
+    def next_micro_batches(self) -> list[dict]:
+        """This rank's ``micro_batches_per_step`` micro-batches of the next step (dicts of tensors)."""
+        B, M = self.rows_per_micro_batch, self.micro_batches_per_step
+        mine = []
+        for rank in range(self.dp_world):
+            for _ in range(M):
+                if self.mode == "padded":
+                    layout = [[self._take()] for _ in range(B)]
+                elif self.mode == "packed":
+                    layout = [self._pack_row() for _ in range(B)]
+                else:
+                    layout = self._group_rows_for_micro_batch()
+                if rank == self.dp_rank:
+                    mine.append(layout)
+        return [self._materialise(layout) for layout in mine]
+
+    def _pack_row(self) -> list[int]:
+        """Trajectories of one packed row: greedily the next ones of the stream while they fit."""
+        lengths, cap = self._reader.lengths, self.max_tokens_per_row
+        row, used = [], 0
+        while not row or used + lengths[self._peek()] <= cap:
+            used += int(lengths[self._peek()])
+            row.append(self._take())
+        return row
+
+    def _group_rows_for_micro_batch(self) -> list[list[int]]:
+        """Whole groups, in stream order, while their rows fit in ``rows_per_micro_batch``:
+        ``[row index, group number within the micro-batch]`` per output row."""
+        out, n_groups = [], 0
+        while not out or len(out) + self._group_sizes[self._peek()] <= self.rows_per_micro_batch:
+            out += [[int(r), n_groups] for r in self._group_rows[self._take()]]
+            n_groups += 1
+        return out
+
+    def _materialise(self, layout: list[list[int]]) -> dict:
+        """Tensors for a micro-batch; ``layout[b]`` lists the rows of output row ``b`` (one unless packed)."""
+        reader = self._reader
+        if self.mode == "groups":
+            group_numbers = [g for _, g in layout]
+            layout = [[r] for r, _ in layout]
+        B = len(layout)
+        T = max(int(reader.lengths[rows].sum()) for rows in layout)
+        tokens = np.full((B, T), self.pad_id, dtype=np.int64)
+        mask = np.zeros((B, T), dtype=bool)
+        rewards = np.zeros((B, T), dtype=np.float32)
+        refs = {n: np.zeros((B, T), dtype=np.float32) for n in REF_FIELDS} if reader.with_ref else {}
+        segments = np.zeros((B, T), dtype=np.int64) if self.mode == "packed" else None
+        for b, rows in enumerate(layout):
+            at = 0
+            for k, row in enumerate(rows):
+                chunk, i = reader.locate(row)
+                toks = chunk["tokens"].get(i)
+                n = len(toks)
+                tokens[b, at:at + n] = toks
+                mask[b, at:at + n] = chunk["action_mask"].get(i)
+                rewards[b, at:at + n] = chunk["rewards"].get(i)
+                for name, dst in refs.items():
+                    dst[b, at:at + n] = chunk[name].get(i)
+                if segments is not None:
+                    segments[b, at:at + n] = k
+                at += n
+            if segments is not None:
+                segments[b, at:] = len(rows)  # padding: its own trailing segment
+        out = {"tokens": torch.from_numpy(tokens), "action_mask": torch.from_numpy(mask),
+               "rewards": torch.from_numpy(rewards)}
+        out.update({n: torch.from_numpy(a) for n, a in refs.items()})
+        if self.mode == "packed":
+            out["segment_ids"] = torch.from_numpy(segments)
+        elif self.mode == "groups":
+            out["group_ids"] = torch.tensor(group_numbers, dtype=torch.int64)
+        else:
+            out["group_ids"] = torch.from_numpy(reader.group_ids[[rows[0] for rows in layout]].copy())
+        return out
+
+    def __iter__(self) -> Iterator[list[dict]]:
+        while True:
+            yield self.next_micro_batches()
+
+    # --- resuming -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """The stream position (JSON-able); the same for every rank."""
+        return {"version": STATE_VERSION, "mode": self.mode, "seed": self.seed, "units": self._units,
+                "rows": len(self.buffer), "epoch": self._epoch, "position": self._position}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state`` (from :meth:`state_dict`); refuses a state of another buffer, mode or seed."""
+        mine = self.state_dict()
+        for key in ("version", "mode", "seed", "units", "rows"):
+            if state.get(key) != mine[key]:
+                raise ValueError(f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
+                                 f"state, {mine[key]!r} here (buffer {self.buffer.path})")
+        if not 0 <= int(state["position"]) < self._units or int(state["epoch"]) < 0:
+            raise ValueError(f"sampler state has position {state['position']} / epoch {state['epoch']} outside "
+                             f"[0, {self._units})")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])

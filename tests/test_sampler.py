@@ -1,0 +1,247 @@
+"""BufferSampler: coverage per epoch across ranks, batch contents vs plain rows, packing, groups, resume, memory."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
+from shiq_data.sampler import BufferSampler
+
+TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 1000}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_rows(n, seed=0, group_sizes=(1, 2, 3)):
+    """Rows whose first token is the row's index (so batches can be traced back), random lengths,
+    groups of varying sizes."""
+    rng = np.random.default_rng(seed)
+    rows, g, left = [], 0, int(rng.choice(group_sizes))
+    for i in range(n):
+        p, c = int(rng.integers(1, 5)), int(rng.integers(1, 8))
+        mask = [False] * p + [bool(x) for x in rng.integers(0, 2, c)]
+        mask[-1] = True
+        rewards = [float(np.float32(rng.normal())) if m and rng.random() < 0.5 else 0.0 for m in mask]
+        rows.append({"row_id": f"r{i}", "source": "t", "group_id": g, "prompt_len": p,
+                     "tokens": [i] + [int(t) for t in rng.integers(500, 990, p + c - 1)],
+                     "action_mask": mask, "rewards": rewards})
+        left -= 1
+        if left == 0:
+            g, left = g + 1, int(rng.choice(group_sizes))
+    return rows
+
+
+@pytest.fixture
+def rows_and_buffer(tmp_path):
+    rows = make_rows(23)
+    return rows, write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+
+
+PAD = 999  # never a row token (rows use 0..22 for the first token and 500..989 for the rest)
+
+
+def first_tokens_by_segment(mb):
+    """Row indices (first token of each trajectory) of a micro-batch, in order."""
+    out = []
+    for b in range(mb["tokens"].shape[0]):
+        if "segment_ids" in mb:
+            seg = mb["segment_ids"][b].tolist()
+            starts = [t for t in range(len(seg)) if t == 0 or seg[t] != seg[t - 1]]
+            out += [int(mb["tokens"][b, t]) for t in starts if int(mb["tokens"][b, t]) != PAD]
+        else:
+            out.append(int(mb["tokens"][b, 0]))
+    return out
+
+
+def stream(samplers, steps):
+    """Row indices in stream order: per step, rank 0's micro-batches, then rank 1's, ..."""
+    out = []
+    for _ in range(steps):
+        for s in samplers:
+            for mb in s.next_micro_batches():
+                out += first_tokens_by_segment(mb)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed"])
+def test_every_row_once_per_epoch_across_ranks(rows_and_buffer, mode):
+    rows, buf = rows_and_buffer
+    samplers = [BufferSampler(buf, rows_per_micro_batch=2, micro_batches_per_step=2, seed=3, dp_rank=r, dp_world=3,
+                              mode=mode, max_tokens_per_row=24, pad_id=PAD) for r in range(3)]
+    seen = stream(samplers, 8)
+    assert len(seen) >= 46
+    assert sorted(seen[:23]) == list(range(23)) and sorted(seen[23:46]) == list(range(23))
+    assert seen[:23] != seen[23:46]  # reshuffled per epoch
+    assert samplers[0].epoch >= 1
+
+
+def test_padded_batches_equal_the_rows(rows_and_buffer):
+    rows, buf = rows_and_buffer
+    s = BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=3, seed=1, pad_id=7)
+    for _ in range(3):
+        for mb in s.next_micro_batches():
+            B, T = mb["tokens"].shape
+            assert mb["tokens"].dtype.is_floating_point is False and str(mb["tokens"].dtype) == "torch.int64"
+            assert str(mb["rewards"].dtype) == "torch.float32" and str(mb["action_mask"].dtype) == "torch.bool"
+            assert B == 4 and T == max(len(rows[int(i)]["tokens"]) for i in mb["tokens"][:, 0])
+            for b in range(B):
+                r = rows[int(mb["tokens"][b, 0])]
+                n = len(r["tokens"])
+                assert mb["tokens"][b].tolist() == r["tokens"] + [7] * (T - n)
+                assert mb["action_mask"][b].tolist() == r["action_mask"] + [False] * (T - n)
+                assert mb["rewards"][b].tolist() == r["rewards"] + [0.0] * (T - n)
+                assert int(mb["group_ids"][b]) == r["group_id"]
+
+
+def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
+    rows, buf = rows_and_buffer
+    s = BufferSampler(buf, rows_per_micro_batch=3, micro_batches_per_step=2, seed=0, mode="packed",
+                      max_tokens_per_row=20, pad_id=PAD)
+    n_multi = 0
+    for _ in range(4):
+        for mb in s.next_micro_batches():
+            assert "group_ids" not in mb
+            seg = mb["segment_ids"]
+            assert (seg[:, 1:] >= seg[:, :-1]).all()
+            for b in range(seg.shape[0]):
+                ids = seg[b].tolist()
+                pos = 0
+                n_segments = 0
+                while pos < len(ids) and int(mb["tokens"][b, pos]) < 500:
+                    r = rows[int(mb["tokens"][b, pos])]
+                    n = len(r["tokens"])
+                    assert ids[pos:pos + n] == [n_segments] * n
+                    assert mb["tokens"][b, pos:pos + n].tolist() == r["tokens"]
+                    assert mb["action_mask"][b, pos:pos + n].tolist() == r["action_mask"]
+                    assert mb["rewards"][b, pos:pos + n].tolist() == r["rewards"]
+                    pos += n
+                    n_segments += 1
+                assert pos <= 20 and n_segments >= 1
+                n_multi += n_segments > 1
+                # the rest is padding with its own trailing id
+                assert ids[pos:] == [n_segments] * (len(ids) - pos)
+                assert not mb["action_mask"][b, pos:].any() and not mb["rewards"][b, pos:].any()
+                assert (mb["tokens"][b, pos:] == PAD).all()
+    assert n_multi > 0
+
+
+def test_groups_mode_keeps_groups_whole(rows_and_buffer):
+    rows, buf = rows_and_buffer
+    size = Counter(r["group_id"] for r in rows)
+    samplers = [BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=2, seed=5, dp_rank=r, dp_world=2,
+                              mode="groups") for r in range(2)]
+    groups_seen = []
+    for _ in range(6):
+        for s in samplers:
+            for mb in s.next_micro_batches():
+                ids = mb["group_ids"].tolist()
+                assert len(ids) <= 4 and ids == sorted(ids) and sorted(set(ids)) == list(range(len(set(ids))))
+                for g in set(ids):
+                    members = [rows[int(mb["tokens"][b, 0])] for b in range(len(ids)) if ids[b] == g]
+                    buffer_group = {m["group_id"] for m in members}
+                    assert len(buffer_group) == 1 and len(members) == size[buffer_group.pop()]
+                    groups_seen.append(members[0]["group_id"])
+    n_groups = len(size)
+    assert sorted(groups_seen[:n_groups]) == sorted(size)  # every group once in the first epoch
+
+
+@pytest.mark.parametrize("mode", ["padded", "packed", "groups"])
+def test_resume_reproduces_the_following_batches(rows_and_buffer, mode):
+    _, buf = rows_and_buffer
+    kw = dict(rows_per_micro_batch=4, micro_batches_per_step=2, seed=11, dp_rank=1, dp_world=2, mode=mode)
+    a = BufferSampler(buf, **kw)
+    for _ in range(5):
+        a.next_micro_batches()
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [a.next_micro_batches() for _ in range(6)]
+    b = BufferSampler(open_buffer(buf.path), **kw)
+    b.load_state_dict(state)
+    got = [b.next_micro_batches() for _ in range(6)]
+    for e_step, g_step in zip(expected, got):
+        for e, g in zip(e_step, g_step):
+            assert e.keys() == g.keys() and all((e[k] == g[k]).all() for k in e)
+    with pytest.raises(ValueError, match="seed"):
+        BufferSampler(buf, **{**kw, "seed": 12}).load_state_dict(state)
+
+
+def test_reference_columns_are_batched(tmp_path):
+    rows = make_rows(6)
+    write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=6, progress=False)
+    ref_c = [[0.0] + [float(i) + 0.5] * (len(r["tokens"]) - 1) for i, r in enumerate(rows)]
+    ref_z = [[0.0] + [-float(i)] * (len(r["tokens"]) - 1) for i, r in enumerate(rows)]
+    add_ref_columns(tmp_path / "b", 0, ref_c, ref_z, ref_model={"name": "m"})
+    s = BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=3)
+    mb = s.next_micro_batches()[0]
+    for b in range(3):
+        i = int(mb["tokens"][b, 0])
+        n = len(rows[i]["tokens"])
+        T = mb["tokens"].shape[1]
+        assert mb["ref_chosen_logits"][b].tolist() == ref_c[i] + [0.0] * (T - n)
+        assert mb["ref_logz"][b].tolist() == ref_z[i] + [0.0] * (T - n)
+
+
+def test_bad_settings_are_explained(rows_and_buffer):
+    rows, buf = rows_and_buffer
+    with pytest.raises(ValueError, match="max_tokens_per_row=3"):
+        BufferSampler(buf, rows_per_micro_batch=2, max_tokens_per_row=3)
+    with pytest.raises(ValueError, match="group .* rows, more than rows_per_micro_batch=1"):
+        BufferSampler(buf, rows_per_micro_batch=1, mode="groups")
+    with pytest.raises(ValueError, match="mode"):
+        BufferSampler(buf, rows_per_micro_batch=1, mode="bucketed")
+
+
+RSS_CHILD = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {repo!r})
+    from shiq_data.buffer import open_buffer
+    from shiq_data.sampler import BufferSampler
+
+    def rss_anon_kb():
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+
+    buf = open_buffer(sys.argv[1])
+    s = BufferSampler(buf, rows_per_micro_batch=8, micro_batches_per_step=4, mode=sys.argv[2])
+    s.next_micro_batches()
+    base = peak = rss_anon_kb()
+    while s.epoch == 0:
+        s.next_micro_batches()
+        peak = max(peak, rss_anon_kb())
+    growth = peak - base
+    rows = buf.table.column("tokens").to_pylist()  # control: what materialising the data costs
+    print(growth, rss_anon_kb() - base)
+""")
+
+
+def big_rows(n_rows, length=200):
+    rng = np.random.default_rng(0)
+    for i in range(n_rows):
+        mask = np.zeros(length, bool)
+        mask[20:] = True
+        rewards = np.zeros(length, np.float32)
+        rewards[-1] = 1.0
+        yield {"row_id": str(i), "source": "big", "group_id": i, "prompt_len": 20,
+               "tokens": rng.integers(0, 1000, length, dtype=np.int32), "action_mask": mask, "rewards": rewards}
+
+
+def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
+    """RssAnon growth while reading one epoch of a 0.1M- and a 1M-token buffer (file pages excluded)."""
+    script = tmp_path / "rss.py"
+    script.write_text(RSS_CHILD.format(repo=str(REPO)))
+    result = {}
+    for n_rows in (500, 5000):
+        folder = tmp_path / f"b{n_rows}"
+        write_buffer(big_rows(n_rows), folder, tokenizer_info=TOK, command=["t"], shard_rows=1000, progress=False)
+        out = subprocess.run([sys.executable, str(script), str(folder), "padded"], capture_output=True, text=True,
+                             check=True).stdout.split()
+        result[n_rows] = (int(out[0]), int(out[1]))
+    small, large = result[500][0], result[5000][0]
+    # 1M tokens as Python lists cost tens of MB: the control shows the measurement would see growth
+    assert result[5000][1] > 20_000
+    assert large < small + 4_000, result
