@@ -1,0 +1,218 @@
+"""``shiq-eval run``: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
+
+Each CHECKPOINT is a ``shiq-train`` run directory (every saved step in ``RUN/checkpoints/``) or one step
+directory (``RUN/checkpoints/step_00000040``). A checkpoint becomes a Hugging Face model
+(:func:`shiq_train.export.hf_model_from_checkpoint`, with the Llama config the run saved); its method
+name is the run's loss name and its step the checkpoint's step. Every policy is sampled on the same
+prompts with the same seed, scored by a saved regression reward model, and compared with the reference
+(the run's initial model) by both KL estimators. Outputs in ``--out``: ``results.csv``,
+``results.json`` (with a few sample completions), ``reward_vs_kl.png``, ``reward_vs_step.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_INSTRUCTION = "Continue this movie review in one or two sentences: "
+
+
+class EvalInputError(ValueError):
+    """A bad command-line input; the message names the file, line or option."""
+
+
+def checkpoint_steps(path) -> list[Path]:
+    """The step directories named by ``path``: itself if it holds ``meta.json``, else every
+    ``step_*`` directory with a ``meta.json`` in ``path/checkpoints`` (or ``path``), in step order."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return [path]
+    for folder in (path / "checkpoints", path):
+        steps = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file())
+        if steps:
+            return steps
+    raise EvalInputError(f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
+                         f"(no {path / 'checkpoints'}/step_*/meta.json)")
+
+
+def checkpoint_info(step_dir: Path) -> dict:
+    """``{method, step, hf_config, init}`` of a step directory saved by ``shiq-train``."""
+    meta_path = step_dir / "meta.json"
+    info = json.loads(meta_path.read_text())
+    meta = info.get("meta", {})
+    for field in ("loss", "hf_config"):
+        if field not in meta:
+            raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
+    return {"method": meta["loss"]["name"], "step": int(info["step"]), "hf_config": meta["hf_config"],
+            "init": meta.get("config", {}).get("init", "none")}
+
+
+def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
+    """``(policy_prompts, scorer_prompts)`` from a JSONL file: one object per line with ``prompt``
+    (the text the policy continues) and optionally ``scorer_prompt`` (what the reward model reads
+    before the completion; default: ``prompt``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvalInputError(f"--prompts {path}: no such file")
+    prompts, shown = [], []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise EvalInputError(f"{path}, line {i}: field 'prompt' must be a non-empty string")
+        shown_text = row.get("scorer_prompt", row["prompt"])
+        if not isinstance(shown_text, str):
+            raise EvalInputError(f"{path}, line {i}: field 'scorer_prompt' must be a string")
+        prompts.append(row["prompt"])
+        shown.append(shown_text)
+    if not prompts:
+        raise EvalInputError(f"{path}: no prompts")
+    return prompts, shown
+
+
+def movie_prompts(n: int, held_out: float = 0.2, words: int = 6, seed: int = 0,
+                  instruction: str = DEMO_INSTRUCTION) -> tuple[list[str], list[str]]:
+    """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
+    from shiq_eval.assets import vader_archive
+    from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
+
+    rows = load_movie_snippets(vader_archive())
+    ids = split_ids(rows, held_out=held_out, seed=seed)["held_out"][:n]
+    by_id = {r.id: r for r in rows}
+    openings = [opening(by_id[i].text, words) for i in ids]
+    return [instruction + o for o in openings], openings
+
+
+def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
+    prompt) when ``chat``."""
+    if chat:
+        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                                   tokenize=True, return_dict=False)) for p in prompts]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+
+
+def load_reference(spec: str):
+    """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
+    import torch
+
+    if spec == "smollm2":
+        from shiq_train.hf_convert import load_smollm2
+
+        return load_smollm2(torch.float32)
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise EvalInputError(f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
+                             f"({folder / 'config.json'} does not exist)")
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    try:
+        tok = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError):
+        tok = None
+    return model, tok
+
+
+def policy_from_checkpoint(step_dir: Path, hf_config: dict):
+    from transformers import LlamaConfig
+
+    from shiq_train.export import hf_model_from_checkpoint
+
+    return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
+
+
+def run(args) -> list[dict]:
+    """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
+    from shiq_eval.evaluate import evaluate_policy
+    from shiq_eval.report import plot_curves, write_table
+    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+
+    steps = [s for c in args.checkpoints for s in checkpoint_steps(c)]
+    infos = [checkpoint_info(s) for s in steps]
+    reference = args.reference
+    if reference is None:
+        inits = sorted({i["init"] for i in infos})
+        if len(inits) != 1 or inits[0] in (None, "none"):
+            raise EvalInputError(f"the runs were initialised from {inits}: give the reference model with "
+                                 "--reference (smollm2 or a Hugging Face folder)")
+        reference = inits[0]
+    if not Path(args.reward_model).is_file():
+        raise EvalInputError(f"--reward-model {args.reward_model}: no such file (a head saved by "
+                             "shiq_eval.scorers.RegressionRewardModel.save)")
+    ref_model, tokenizer = load_reference(reference)
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    if tokenizer is None:
+        raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
+    if args.prompts is not None:
+        prompts, shown = read_prompts_jsonl(args.prompts)
+    else:
+        prompts, shown = movie_prompts(args.movie_prompts)
+    prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
+    scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
+              progress=not args.quiet)
+    ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference),
+               **evaluate_policy(ref_model, ref_model, tokenizer, prompt_ids, shown, scorer, **kw).as_dict()}
+    rows = []
+    for step_dir, info in zip(steps, infos):
+        policy = policy_from_checkpoint(step_dir, info["hf_config"])
+        res = evaluate_policy(policy, ref_model, tokenizer, prompt_ids, shown, scorer, **kw)
+        rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir), **res.as_dict()})
+        if not args.quiet:
+            print(f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
+                  f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})", file=sys.stderr)
+    out = Path(args.out)
+    csv_path, json_path = write_table([ref_row] + rows, out)
+    plots = plot_curves(rows, out, reference=ref_row)
+    print(f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts; wrote {csv_path}, {json_path}, "
+          + ", ".join(str(p) for p in plots))
+    return [ref_row] + rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="shiq-eval", description="Evaluate shiq-train checkpoints (SHIQ_MATH §6).")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="reward and KL of a series of checkpoints: table and plots",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                   help="shiq-train run directories or step directories (several runs: one curve per method)")
+    r.add_argument("--out", required=True, help="output directory for results.csv/json and the plots")
+    src = r.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", help="JSONL of prompts: {\"prompt\": ..., \"scorer_prompt\": ... (optional)}")
+    src.add_argument("--movie-prompts", type=int, metavar="N",
+                     help="the first N held-out movie-review openings of the demo (vaderSentiment archive)")
+    r.add_argument("--reward-model", required=True,
+                   help="regression reward-model head (safetensors from RegressionRewardModel.save), on MiniLM")
+    r.add_argument("--reference", help="reference model for the KL: smollm2 or a Hugging Face folder "
+                                       "(default: the runs' init)")
+    r.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the reference's)")
+    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+    r.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default 32)")
+    r.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
+    r.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every policy (default 0)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (EvalInputError, FileNotFoundError) as e:
+        print(f"shiq-eval: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
