@@ -1,0 +1,203 @@
+"""Reference statistics written into a buffer: equal to a direct per-row computation, padding-free, resumable."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.ref_stats import (
+    check_tokenizer_matches,
+    compute_ref_stats,
+    hf_stats_fn,
+    length_sorted_batches,
+    rows_ref_stats,
+)
+
+VOCAB = 64
+TOKENIZER = {"name": "test", "fingerprint": "ab" * 32, "vocab_size": VOCAB}
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_rows(n, seed=0, min_len=3, max_len=11):
+    g = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        t = int(g.integers(min_len, max_len + 1))
+        p = int(g.integers(1, t))
+        mask = [False] * p + [True] * (t - p)
+        rewards = [0.0] * t
+        rewards[-1] = float(g.normal())
+        rows.append({"row_id": f"r{i}", "source": "test", "group_id": i // 2, "prompt_len": p,
+                     "tokens": g.integers(0, VOCAB, t).tolist(), "action_mask": mask, "rewards": rewards})
+    return rows
+
+
+def build(tmp_path, name="buf", n=10, shard_rows=4, seed=0):
+    return write_buffer(make_rows(n, seed), tmp_path / name, tokenizer_info=TOKENIZER, command=["test"],
+                        shard_rows=shard_rows, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def naive_stats(logits, tokens):
+    """c_t = logits[t-1, tokens[t]], z_t = log Σ_v exp logits[t-1, v] in float64, 0 at t = 0 (a plain loop)."""
+    lg = logits.double()
+    c, z = [0.0], [0.0]
+    for t in range(1, len(tokens)):
+        c.append(float(lg[t - 1, tokens[t]]))
+        z.append(float(np.log(np.exp(lg[t - 1].numpy()).sum())))
+    return np.array(c), np.array(z)
+
+
+def test_batches_respect_token_budget_and_cover_every_row():
+    lengths = [5, 1, 9, 3, 3, 7, 20, 2]
+    batches = length_sorted_batches(lengths, 12)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 12
+    assert [6] in batches  # longer than the budget: alone
+
+
+def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
+    buf = build(tmp_path, n=10, shard_rows=4)
+    done = compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"},
+                             max_batch_tokens=24, progress=False)
+    assert done == [0, 1, 2]
+    out = open_buffer(buf.path)
+    assert out.has_ref_stats and out.manifest["ref_stats"]["ref_model"] == {"name": "tiny"}
+    assert len(out.manifest["ref_stats"]["done"]) == 3
+    # Read back with plain pyarrow, shard by shard, independently of the buffer reader.
+    rows = []
+    for p in out.shard_paths:
+        with pa.ipc.open_stream(pa.memory_map(str(p))) as r:
+            rows += r.read_all().to_pylist()
+    assert [r["tokens"] for r in rows] == [r["tokens"] for r in make_rows(10)]
+    for r in rows:
+        with torch.no_grad():
+            logits = tiny_llama(input_ids=torch.tensor([r["tokens"]])).logits[0]
+        c, z = naive_stats(logits, r["tokens"])
+        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
+    # Nothing left to do: a second call computes nothing.
+    assert compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False) == []
+    with pytest.raises(ValueError, match="not"):
+        compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "other"}, progress=False)
+
+
+def test_padding_does_not_change_values(tiny_llama):
+    rows = [r["tokens"] for r in make_rows(7, seed=3, min_len=2, max_len=15)]
+    alone = rows_ref_stats(rows, hf_stats_fn(tiny_llama), max_batch_tokens=1)  # each row unpadded
+    padded = rows_ref_stats(rows, hf_stats_fn(tiny_llama), max_batch_tokens=10_000)  # one padded batch
+    for a, b in zip(alone[0] + alone[1], padded[0] + padded[1]):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_megatron_stats_fn_matches_full_logits():
+    import warnings
+
+    from shiq_data.ref_stats import megatron_stats_fn
+    from shiq_train import model as M
+    from shiq_train import parallel
+
+    warnings.filterwarnings("ignore")
+    rows = [r["tokens"] for r in make_rows(5, seed=4, min_len=2, max_len=12)]
+    with parallel.distributed(seed=1):
+        model = M.build_model(M.ModelConfig(vocab_size=VOCAB, max_sequence_length=16)).eval()
+        c, z = rows_ref_stats(rows, megatron_stats_fn(model), max_batch_tokens=10_000)
+        for tokens, ci, zi in zip(rows, c, z):
+            with torch.no_grad():
+                logits = model(**M.model_inputs(torch.tensor([tokens])))[0]
+            want_c, want_z = naive_stats(logits, tokens)
+            np.testing.assert_allclose(ci, want_c, atol=1e-5, rtol=1e-5)
+            np.testing.assert_allclose(zi, want_z, atol=1e-5, rtol=1e-5)
+
+
+CHILD = """
+import json, os, sys, time
+import torch
+from shiq_data.ref_stats import compute_ref_stats
+from shiq_train.stats import TokenStats
+
+def toy_stats(tokens, mask):
+    # Depends on the prefix only, like a causal model's statistics.
+    time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
+    x = tokens.double()
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+    c = torch.sin(x + 0.5 * prev)
+    z = torch.cumsum(prev, 1) * 0.01 + 1.0
+    c[:, 0] = z[:, 0] = 0
+    return TokenStats(c.float(), z.float())
+
+done = compute_ref_stats(sys.argv[1], toy_stats, ref_model={"name": "toy"}, max_batch_tokens=1000, progress=False)
+print(json.dumps(done))
+"""
+
+
+def run_child(buffer_dir, slow=0.0, wait=True):
+    env = {**os.environ, "SLOW_SECONDS": str(slow), "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(buffer_dir)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    if wait:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        return json.loads(out)
+    return proc
+
+
+def test_killed_run_resumes_at_first_unfinished_shard(tmp_path):
+    buf = build(tmp_path, "a", n=12, shard_rows=4)
+    shutil.copytree(buf.path, tmp_path / "b")
+    assert run_child(tmp_path / "a") == [0, 1, 2]
+
+    proc = run_child(tmp_path / "b", slow=1.5, wait=False)
+    manifest = tmp_path / "b" / "manifest.json"
+    deadline = time.time() + 40
+    try:
+        while time.time() < deadline:
+            done = (json.loads(manifest.read_text()).get("ref_stats") or {}).get("done", [])
+            if done:
+                break
+            time.sleep(0.05)
+        assert done, "the child committed no shard in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    killed = json.loads(manifest.read_text())
+    assert [s["has_ref"] for s in killed["shards"]] == [True, False, False]
+    first = dict(killed["shards"][0])
+
+    assert run_child(tmp_path / "b") == [1, 2]  # the done shard is not recomputed
+    resumed, full = open_buffer(tmp_path / "b"), open_buffer(tmp_path / "a")
+    assert resumed.manifest["shards"][0] == first
+    assert resumed.table.equals(full.table)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == sorted(p.name for p in (tmp_path / "a").iterdir())
+
+
+def test_tokenizer_mismatch_is_refused():
+    other = {**TOKENIZER, "name": "gpt2", "fingerprint": "cd" * 32}
+    with pytest.raises(ValueError, match="fingerprint"):
+        check_tokenizer_matches(TOKENIZER, other, VOCAB, "buf")
+    with pytest.raises(ValueError, match="only 32"):
+        check_tokenizer_matches(TOKENIZER, TOKENIZER, 32, "buf")
+    check_tokenizer_matches(TOKENIZER, TOKENIZER, VOCAB, "buf")
