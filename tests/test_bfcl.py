@@ -1,0 +1,343 @@
+"""BFCL multi-turn checker: ground truth passes, verdicts agree with bfcl_eval's own checker on
+corrupted trajectories, turn rewards follow their definitions, unsafe calls never run."""
+
+import ast
+import builtins
+import json
+import random
+import uuid
+
+import pytest
+
+from shiq_eval import bfcl
+
+multi_turn_checker_mod = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
+multi_turn_utils = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils")
+
+SAMPLE_PER_CATEGORY = 40
+
+
+@pytest.fixture(autouse=True)
+def _bfcl_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFCL_PROJECT_ROOT", str(tmp_path))
+
+
+def official_verdict(entry, decoded):
+    """bfcl_eval's multi_turn_checker on fresh instances (unique model name), cache cleared after."""
+    name = "shiqtest_" + uuid.uuid4().hex
+    try:
+        return multi_turn_checker_mod.multi_turn_checker(
+            decoded, entry["ground_truth"], entry, entry["id"].rsplit("_", 1)[0], name)
+    finally:
+        for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
+            del vars(multi_turn_utils)[key]
+
+
+def sampled_entries(seed=0, per_category=SAMPLE_PER_CATEGORY):
+    rng = random.Random(seed)
+    out = []
+    for cat in bfcl.CATEGORIES:
+        entries = bfcl.load_category(cat)
+        out += rng.sample(entries, per_category)
+    return out
+
+
+# ---- corruptions built from the ground truth only ------------------------------------------
+
+
+def _nonempty_turns(entry):
+    return [k for k, calls in enumerate(entry["ground_truth"]) if calls]
+
+
+def corrupt_drop_call(entry, rng):
+    d = bfcl.ground_truth_decoded(entry)
+    k = rng.choice(_nonempty_turns(entry))
+    calls = d[k][0]
+    del calls[rng.randrange(len(calls))]
+    d[k] = [calls] if calls else []
+    return d
+
+
+def _change_string_arg(call, rng):
+    tree = ast.parse(call, mode="eval")
+    consts = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
+    nums = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) in (int, float)]
+    if consts:
+        rng.choice(consts).value += "_x"
+    elif nums:
+        n = rng.choice(nums)
+        n.value = n.value + 7
+    else:
+        return None
+    return ast.unparse(tree)
+
+
+def corrupt_wrong_args(entry, rng):
+    d = bfcl.ground_truth_decoded(entry)
+    k = rng.choice(_nonempty_turns(entry))
+    calls = d[k][0]
+    order = list(range(len(calls)))
+    rng.shuffle(order)
+    for i in order:
+        new = _change_string_arg(calls[i], rng)
+        if new is not None:
+            calls[i] = new
+            break
+    return d
+
+
+def corrupt_extra_call(entry, rng):
+    d = bfcl.ground_truth_decoded(entry)
+    every = [c for calls in entry["ground_truth"] for c in calls]
+    k = rng.randrange(len(d))
+    d[k] = d[k] + [[rng.choice(every)]]
+    return d
+
+
+def corrupt_empty_turn(entry, rng):
+    d = bfcl.ground_truth_decoded(entry)
+    d[rng.choice(_nonempty_turns(entry))] = []
+    return d
+
+
+def corrupt_split_steps(entry, rng):
+    """Same calls, one call per step and shuffled within each turn (often still valid)."""
+    d = []
+    for calls in entry["ground_truth"]:
+        calls = list(calls)
+        rng.shuffle(calls)
+        # Past MAX_STEPS_PER_TURN steps the entry is force-terminated, which the official
+        # multi_turn_checker leaves to the inference loop: keep long turns in one step.
+        d.append([[c] for c in calls] if len(calls) <= bfcl.MAX_STEPS_PER_TURN else [calls] if calls else [])
+    return d
+
+
+def corrupt_shift_call(entry, rng):
+    """Move the first call of a turn to the end of the previous turn."""
+    d = bfcl.ground_truth_decoded(entry)
+    ks = [k for k in _nonempty_turns(entry) if k > 0]
+    if not ks:
+        return corrupt_drop_call(entry, rng)
+    k = rng.choice(ks)
+    first = d[k][0].pop(0)
+    if not d[k][0]:
+        d[k] = []
+    d[k - 1] = d[k - 1] + [[first]]
+    return d
+
+
+CORRUPTIONS = [corrupt_drop_call, corrupt_wrong_args, corrupt_extra_call, corrupt_empty_turn,
+               corrupt_split_steps, corrupt_shift_call]
+
+
+# ---- tests --------------------------------------------------------------------------------
+
+
+def test_categories_load_with_docs_and_version():
+    assert bfcl.bfcl_version() == "2026.3.23"
+    for cat in bfcl.CATEGORIES:
+        entries = bfcl.load_category(cat)
+        assert len(entries) == 200
+        assert all(len(e["ground_truth"]) == len(e["question"]) for e in entries)
+    e = bfcl.load_entry("multi_turn_miss_func", 0)
+    docs, withheld = bfcl.function_docs(e)
+    names = {d["name"] for d in docs}
+    for turn, missed in e["missed_function"].items():
+        assert e["question"][int(turn)] == []
+        assert [d["name"] for d in withheld[int(turn)]] == missed
+        assert not set(missed) & names
+    base = bfcl.load_entry("multi_turn_base", 0)
+    # Every doc of every involved class is shown when nothing is withheld.
+    n_docs = sum(1 for c in base["involved_classes"] for _ in bfcl._class_docs(c))
+    assert len(bfcl.function_docs(base)[0]) == n_docs and bfcl.function_docs(base)[1] == {}
+
+
+def test_ground_truth_passes_every_entry():
+    """All 800 entries: valid, every turn reward 1 under both definitions (about 4 s)."""
+    failures = []
+    for cat in bfcl.CATEGORIES:
+        for e in bfcl.load_category(cat):
+            r = bfcl.check_trajectory(e, bfcl.ground_truth_decoded(e))
+            if not r["valid"] or r["turn_rewards"] != [1.0] * len(e["question"]) \
+                    or r["turn_rewards_reset"] != [1.0] * len(e["question"]):
+                failures.append((e["id"], r["error_type"], r["error_message"]))
+    assert failures == []
+
+
+def test_ground_truth_agrees_with_official_checker_on_sample():
+    for e in sampled_entries(seed=1, per_category=5):
+        assert official_verdict(e, bfcl.ground_truth_decoded(e))["valid"] is True
+        assert bfcl.check_entry(e["id"].rsplit("_", 1)[0], e["id"], bfcl.ground_truth_decoded(e))["valid"]
+
+
+@pytest.mark.parametrize("corruption", CORRUPTIONS, ids=lambda f: f.__name__)
+def test_verdicts_agree_with_official_checker(corruption):
+    rng = random.Random(CORRUPTIONS.index(corruption))
+    verdicts = []
+    for e in sampled_entries(seed=0):
+        decoded = corruption(e, rng)
+        theirs = official_verdict(e, json.loads(json.dumps(decoded)))
+        ours = bfcl.check_trajectory(e, decoded)
+        assert ours["valid"] == theirs["valid"], (e["id"], decoded, ours, theirs)
+        if not theirs["valid"]:
+            assert ours["error_type"] == theirs["error_type"], (e["id"], ours, theirs)
+        # The verdict is the product of the cumulative rewards of turns with ground-truth calls.
+        assert ours["valid"] == all(ours["turn_rewards"][k] == 1.0 for k in _nonempty_turns(e))
+        verdicts.append(ours["valid"])
+    if corruption in (corrupt_drop_call, corrupt_empty_turn):
+        assert not any(verdicts)
+    elif corruption is corrupt_wrong_args:
+        assert sum(verdicts) <= len(verdicts) // 4  # a few corruptions are genuine no-ops
+    assert len(verdicts) == 4 * SAMPLE_PER_CATEGORY
+
+
+def test_wrong_turn_count_and_too_many_steps_are_force_terminated():
+    e = bfcl.load_entry("multi_turn_base", 3)
+    gt = bfcl.ground_truth_decoded(e)
+    r = bfcl.check_trajectory(e, gt[:-1])
+    assert (r["valid"], r["error_type"]) == (False, bfcl.ERR_FORCE_QUIT)
+    assert r["turn_rewards"] == [1.0] * (len(gt) - 1) + [0.0]
+    k = next(i for i, t in enumerate(gt) if t)
+    long_turn = gt[k] + [["pwd()"]] * bfcl.MAX_STEPS_PER_TURN
+    r = bfcl.check_trajectory(e, gt[:k] + [long_turn] + gt[k + 1:])
+    assert (r["valid"], r["error_type"]) == (False, bfcl.ERR_FORCE_QUIT)
+
+
+def _fs_entries():
+    """Base entries whose only stateful class is the file system and whose turns all have calls."""
+    out = []
+    for e in bfcl.load_category("multi_turn_base"):
+        if e["involved_classes"] == ["GorillaFileSystem"] and all(e["ground_truth"]) and len(e["question"]) >= 3:
+            out.append(e)
+    return out
+
+
+def test_turn_rewards_after_a_lasting_state_change():
+    """An extra file created in turn k is never removed by later ground-truth turns, so the
+    cumulative rewards are 1 before k and 0 from k on, while the reset rewards are 0 only at k."""
+    entries = _fs_entries()
+    assert len(entries) >= 5
+    for e in entries[:8]:
+        n = len(e["question"])
+        for k in range(n):
+            d = bfcl.ground_truth_decoded(e)
+            d[k] = d[k] + [["touch(file_name='zz_extra_marker.txt')"]]
+            r = bfcl.check_trajectory(e, d)
+            assert r["turn_rewards"] == [1.0] * k + [0.0] * (n - k), (e["id"], k)
+            assert r["turn_rewards_reset"] == [1.0] * k + [0.0] + [1.0] * (n - k - 1), (e["id"], k)
+            assert (r["valid"], r["failed_turn"], r["error_type"]) == (False, k, bfcl.ERR_STATE)
+
+
+def test_response_check_counts_results_as_a_multiset():
+    assert bfcl.missing_results(["a", "a", "b"], ["b", "a"]) == ["a"]
+    assert bfcl.missing_results(["a", "b"], ["x", "b", "a"]) == []
+    assert bfcl.missing_results([], []) == []
+
+
+def test_empty_ground_truth_turns_are_executed_not_checked():
+    e = next(x for x in bfcl.load_category("multi_turn_miss_param") if any(not t for t in x["ground_truth"]))
+    k = next(i for i, t in enumerate(e["ground_truth"]) if not t)
+    d = bfcl.ground_truth_decoded(e)
+    d[k] = [["pwd()"] if "GorillaFileSystem" in e["involved_classes"] else []]
+    r = bfcl.check_trajectory(e, d)
+    assert r["valid"] is True and r["turn_rewards"][k] == 1.0
+
+
+def test_parse_call_accepts_literals_only():
+    p = bfcl.parse_call("cd(folder='document')")
+    assert (p.name, p.args, p.kwargs) == ("cd", (), {"folder": "document"})
+    p = bfcl.parse_call("f(1, -2.5, x=[1, {'a': None}], y=True)")
+    assert p.args == (1, -2.5) and p.kwargs == {"x": [1, {"a": None}], "y": True}
+    for bad in ["__import__('os').system('true')", "os.system('true')", "cd(folder=__import__('os').getcwd())",
+                "cd(folder=open('/etc/passwd').read())", "cd(folder=x)", "cd(*a)", "cd(**k)", "cd(folder='a' + 'b')",
+                "f()()", "[cd(folder='a')]", "lambda: 0", "cd(folder='a'", ""]:
+        with pytest.raises(bfcl.UnsafeCallError):
+            bfcl.parse_call(bad)
+
+
+def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
+    marker = tmp_path / "ran"
+    ran = []
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: ran.append("eval"))
+    monkeypatch.setattr(builtins, "exec", lambda *a, **k: ran.append("exec"))
+    e = bfcl.load_entry("multi_turn_base", 0)
+    env = bfcl.Environment(e)
+    before = json.dumps({c: sorted(s) for c, s in env.state().items()})
+    calls = [f"__import__('os').system('touch {marker}')",
+             f"system('touch {marker}')",
+             f"ls(a=__import__('os').system('touch {marker}'))",
+             "os.getcwd()",
+             "_load_scenario({})",
+             "__class__()",
+             "__init__()",
+             "remove(x=1)",
+             "ls.__globals__()",
+             "len('abc')"]
+    results = env.execute(calls)
+    assert not marker.exists() and ran == []
+    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in results), results
+    assert results[4] == bfcl.ERROR_PREFIX + "name '_load_scenario' is not defined"
+    assert results[7] == bfcl.ERROR_PREFIX + "Function call remove is not allowed."
+    assert json.dumps({c: sorted(s) for c, s in env.state().items()}) == before
+    # The whole checker path on a hostile trajectory.
+    d = [[[calls[0]]] for _ in e["question"]]
+    assert bfcl.check_trajectory(e, d)["valid"] is False and not marker.exists()
+
+
+def test_results_are_stringified_like_the_official_executor():
+    e = bfcl.load_entry("multi_turn_base", 0)
+    calls = [c for t in e["ground_truth"] for c in t][:6]
+    name = "shiqtest_" + uuid.uuid4().hex
+    try:
+        theirs, _ = multi_turn_utils.execute_multi_turn_func_call(
+            calls, e["initial_config"], e["involved_classes"], name, e["id"])
+    finally:
+        for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
+            del vars(multi_turn_utils)[key]
+    assert bfcl.Environment(e).execute(calls) == theirs
+    assert bfcl.stringify_result({"a": 1}) == '{"a": 1}' and bfcl.stringify_result([1]) == "[1]"
+
+
+def test_long_context_scenarios_are_loaded_long():
+    base = bfcl.Environment(bfcl.load_entry("multi_turn_base", 0))
+    long = bfcl.Environment(bfcl.load_entry("multi_turn_long_context", 0))
+    assert bfcl.is_long_context("multi_turn_long_context_0") and not bfcl.is_long_context("multi_turn_base_0")
+    assert long.instances["GorillaFileSystem"].long_context is True
+    assert base.instances["GorillaFileSystem"].long_context is False
+    cat = ["cd(folder='document')", "cat(file_name='previous_report.pdf')"]
+    assert len(long.execute(cat)[1]) > len(base.execute(cat)[1]) + 1000
+
+
+def test_decode_calls():
+    assert bfcl.decode_calls("[cd(folder='a'), ls()]") == ["cd(folder='a')", "ls()"]
+    assert bfcl.decode_calls("```python\n[ls(a=True)]\n```") == ["ls(a=True)"]
+    assert bfcl.decode_calls("ls()") == ["ls()"]
+    assert bfcl.decode_calls("[]") == []
+    assert bfcl.decode_calls("Done, the file is moved.") is None
+    assert bfcl.decode_calls("[1, 2]") is None
+
+
+def test_bad_input_names_the_entry_and_position():
+    with pytest.raises(ValueError, match="multi_turn_base_0.*decoded_turns\\[0\\]\\[0\\]"):
+        bfcl.check_entry("multi_turn_base", 0, [[["ls()", 3]]])
+    with pytest.raises(ValueError, match="category"):
+        bfcl.check_entry("multi_turn_nope", 0, [])
+    with pytest.raises(ValueError, match="not an id of category"):
+        bfcl.check_entry("multi_turn_base", "multi_turn_miss_func_0", [])
+
+
+@pytest.mark.slow
+def test_verdicts_agree_with_official_checker_on_every_entry():
+    """All 800 entries x every corruption (about 25 s): same verdict and error type."""
+    disagreements = []
+    for ci, corruption in enumerate(CORRUPTIONS):
+        rng = random.Random(100 + ci)
+        for cat in bfcl.CATEGORIES:
+            for e in bfcl.load_category(cat):
+                decoded = corruption(e, rng)
+                theirs = official_verdict(e, json.loads(json.dumps(decoded)))
+                ours = bfcl.check_trajectory(e, decoded)
+                if ours["valid"] != theirs["valid"] or (
+                        not theirs["valid"] and ours["error_type"] != theirs["error_type"]):
+                    disagreements.append((corruption.__name__, e["id"]))
+    assert disagreements == []
