@@ -1,0 +1,213 @@
+"""``shiq-data``: build, extend, check and describe replay buffers (also ``python -m shiq_data``).
+
+Input formats: the generic ``jsonl`` / ``parquet`` / ``datasets`` readers of :mod:`shiq_data.generic`,
+plus every entry of ``shiq_data.formats.FORMATS`` (name -> ``callable(path, tokenizer, **options)``
+yielding row dicts) when that module is present. ``shiq_data.ref_stats.add_cli`` registers the
+``ref-stats`` command when that module is present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from shiq_data.generic import READERS
+
+EPILOG = """examples:
+  shiq-data build jsonl rows.jsonl --tokenizer gpt2 --out buffers/demo
+  shiq-data append buffers/demo parquet more.parquet
+  shiq-data validate buffers/demo
+  shiq-data info buffers/demo
+
+a generic input record is {"prompt": str, "completion": str, "reward": number, "group": optional};
+records with the same prompt text (or the same "group") are completions of one prompt."""
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def available_formats() -> dict:
+    """Format name -> reader ``callable(path, tokenizer, **options) -> Iterator[row dict]``."""
+    formats = dict(READERS)
+    if _module_exists("shiq_data.formats"):
+        from shiq_data.formats import FORMATS
+
+        formats.update(FORMATS)
+    return formats
+
+
+def _parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> dict; values are parsed as JSON when they can be (numbers, true, lists)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _rows(fmt: str, path: str, tokenizer, args) -> "Iterator[dict]":
+    formats = available_formats()
+    if fmt not in formats:
+        raise ValueError(f"unknown input format {fmt!r}; known: {sorted(formats)}")
+    options = _parse_options(args.option)
+    if fmt in READERS:
+        if options:
+            raise ValueError(f"format {fmt!r} takes no --option (got {sorted(options)})")
+        return READERS[fmt](path, tokenizer, source=args.source)
+    rows = formats[fmt](path, tokenizer, **options)
+    if args.source:
+        return ({**row, "source": args.source} for row in rows)
+    return rows
+
+
+def _summary(buf) -> str:
+    m = buf.manifest
+    return (f"{m['rows']} rows, {m['tokens']} tokens ({m['action_tokens']} action tokens), "
+            f"{len(m['shards'])} shard(s)")
+
+
+def cmd_build(args) -> int:
+    from shiq_data.buffer import write_buffer
+    from shiq_data.tokenizers import load_tokenizer
+
+    if Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
+    tokenizer, info = load_tokenizer(args.tokenizer)
+    rows = _rows(args.format, args.input, tokenizer, args)
+    buf = write_buffer(rows, args.out, tokenizer_info=info, command=args.argv, shard_rows=args.shard_rows,
+                       progress=not args.no_progress, input_name=args.input)
+    print(f"shiq-data: built {args.out}: {_summary(buf)}")
+    return 0
+
+
+def cmd_append(args) -> int:
+    from shiq_data.buffer import append_buffer, read_manifest
+    from shiq_data.tokenizers import load_tokenizer
+
+    manifest = read_manifest(args.buffer)
+    name = args.tokenizer or manifest["tokenizer"]["name"]
+    try:
+        tokenizer, info = load_tokenizer(name)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{e}; the buffer's tokenizer {name!r} cannot be loaded, pass --tokenizer") from None
+    rows = _rows(args.format, args.input, tokenizer, args)
+    buf = append_buffer(args.buffer, rows, command=args.argv, tokenizer_info=info, shard_rows=args.shard_rows,
+                        progress=not args.no_progress, input_name=args.input)
+    print(f"shiq-data: appended {args.input} to {args.buffer}: now {_summary(buf)}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from shiq_data.validate import validate_buffer
+
+    report = validate_buffer(args.buffer, cleanup=not args.no_cleanup, progress=not args.no_progress)
+    removed = f"; removed {len(report['removed_files'])} unlisted file(s)" if report["removed_files"] else ""
+    print(f"shiq-data: {args.buffer} is valid: {report['rows']} rows, {report['tokens']} tokens, "
+          f"{report['groups']} groups, {report['shards']} shard(s), reference statistics: "
+          f"{'yes' if report['has_ref_stats'] else 'no'}{removed}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from shiq_data.buffer import read_manifest
+
+    m = read_manifest(args.buffer)
+    if args.json:
+        print(json.dumps(m, indent=1))
+        return 0
+    tok = m["tokenizer"]
+    with_ref = sum(s["has_ref"] for s in m["shards"])
+    print(f"buffer      {args.buffer}\n"
+          f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
+          f"tokens      {m['tokens']}  (action tokens {m['action_tokens']})\n"
+          f"shards      {len(m['shards'])}  ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB)\n"
+          f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
+          f"ref stats   {with_ref}/{len(m['shards'])} shards" + (f"  ({m['ref_model']})" if m.get("ref_model") else "") +
+          f"\ncreated     {m['created']}  updated {m['updated']}")
+    for c in m["commands"]:
+        print(f"command     {c['time']}  +{c['rows']} rows  {' '.join(c['argv'])}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="shiq-data", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Token-aligned replay buffers for ShiQ: Arrow stream shards plus a JSON manifest, "
+                    "written atomically (a failed build leaves nothing; a failed append leaves the old buffer).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    formats = sorted(available_formats())
+
+    def input_options(p):
+        p.add_argument("--source", default=None, help="value of the 'source' column (default: the input's file name)")
+        p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                       help="option passed to a format reader (repeatable; values parsed as JSON when possible)")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    b = sub.add_parser("build", help="build a new buffer from an input file",
+                       description="Tokenise INPUT and write a new buffer at --out (refuses an existing folder).")
+    b.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
+    b.add_argument("input", metavar="INPUT", help="input file or folder")
+    b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
+    b.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
+    b.add_argument("--shard-rows", type=int, default=4096, help="rows per shard (default %(default)s)")
+    input_options(b)
+    b.set_defaults(func=cmd_build)
+
+    a = sub.add_parser("append", help="add the rows of an input file to a buffer as new shards",
+                       description="Tokenise INPUT with the buffer's tokenizer and add it as new shards; the old "
+                                   "shards are not touched and the manifest is replaced atomically at the end.")
+    a.add_argument("buffer", metavar="BUFFER", help="existing buffer folder")
+    a.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
+    a.add_argument("input", metavar="INPUT", help="input file or folder")
+    a.add_argument("--tokenizer", default=None, help="tokenizer to load (default: the one the manifest names); its "
+                                                    "fingerprint must match the buffer's")
+    a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
+    input_options(a)
+    a.set_defaults(func=cmd_append)
+
+    v = sub.add_parser("validate", help="check manifest, checksums, schema and every row",
+                       description="Check BUFFER completely; exits non-zero naming the file, row and field of the "
+                                   "first problem. Removes files the manifest does not list (left by a killed append).")
+    v.add_argument("buffer", metavar="BUFFER")
+    v.add_argument("--no-cleanup", action="store_true", help="do not remove unlisted files")
+    v.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v.set_defaults(func=cmd_validate)
+
+    i = sub.add_parser("info", help="summarise a buffer's manifest", description="Print the manifest's summary.")
+    i.add_argument("buffer", metavar="BUFFER")
+    i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    i.set_defaults(func=cmd_info)
+
+    if _module_exists("shiq_data.ref_stats"):
+        from shiq_data.ref_stats import add_cli
+
+        add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = ["shiq-data", *argv]
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, OSError, RuntimeError) as e:  # RowError is a ValueError: file, row and field are in it
+        msg = " ".join(str(e).split())
+        print(f"shiq-data: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

