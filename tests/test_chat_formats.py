@@ -107,3 +107,152 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
             encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
     finally:
         tok.chat_template = saved
+
+
+# ----------------------------------------------------------------------------------------------
+# public formats
+
+import gzip  # noqa: E402
+import json  # noqa: E402
+
+from shiq_data.formats import FORMATS, read_hh, read_multiturn, read_ultrafeedback  # noqa: E402
+from shiq_data.schema import RowError, check_row  # noqa: E402
+
+
+def write_jsonl(path, objs, gz=False):
+    text = "".join(json.dumps(o) + "\n" for o in objs)
+    if gz:
+        with gzip.open(path, "wt", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        path.write_text(text)
+    return path
+
+
+def action_texts(tok, row):
+    return [tok.decode(row["tokens"][a:b]) for a, b in spans_of(row["action_mask"])]
+
+
+def reward_positions(row):
+    return {i: r for i, r in enumerate(row["rewards"]) if r != 0}
+
+
+HH = [
+    {"chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for 8 minutes.",
+     "rejected": "\n\nHuman: How do I boil an egg?\n\nAssistant: No idea."},
+    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: Why did the "
+               "chicken cross the road?",
+     "rejected": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: No."},
+]
+
+
+def test_hh_pairs(tok, tmp_path):
+    rows = list(FORMATS["hh"](write_jsonl(tmp_path / "hh.jsonl.gz", HH, gz=True), tok))
+    assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
+    assert [r["row_id"] for r in rows] == ["hh.jsonl.gz:1:chosen", "hh.jsonl.gz:1:rejected",
+                                           "hh.jsonl.gz:2:chosen", "hh.jsonl.gz:2:rejected"]
+    finals = ["Put it in boiling water for 8 minutes.", "No idea.", "Why did the chicken cross the road?", "No."]
+    for row, final, reward in zip(rows, finals, [1.0, -1.0, 1.0, -1.0]):
+        check_row(row, vocab_size=len(tok), file="hh", row_index=0)
+        assert action_texts(tok, row) == [final + "<|im_end|>"]  # earlier assistant turns are context
+        end = spans_of(row["action_mask"])[-1][1] - 1
+        assert reward_positions(row) == {end: reward}
+    assert tok.decode(rows[2]["tokens"][: rows[2]["prompt_len"]]) == (
+        f"<|im_start|>system\n{SYSTEM_DEFAULT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+        "Hello! How can I help?<|im_end|>\n<|im_start|>user\nTell a joke.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    every = list(read_hh(tmp_path / "hh.jsonl.gz", tok, all_assistant_turns=True))
+    assert action_texts(tok, every[3]) == ["Hello! How can I help?<|im_end|>", "No.<|im_end|>"]
+    assert sum(every[3]["rewards"]) == -1.0
+
+
+def test_hh_scored_and_errors(tok, tmp_path):
+    path = write_jsonl(tmp_path / "hh.jsonl", HH[:1])
+    rows = list(read_hh(path, tok, mode="scored", reward_fn=lambda msgs: len(msgs[-1]["content"]) / 10))
+    assert [sum(r["rewards"]) for r in rows] == pytest.approx([3.8, 0.8])
+    bad = HH[:1] + [{"chosen": HH[0]["chosen"], "rejected": "\n\nHuman: a\n\nHuman: b\n\nAssistant: c"}]
+    with pytest.raises(RowError, match=r"hh_bad.jsonl: line 2: field 'rejected': turn 2 is 'Human'"):
+        list(read_hh(write_jsonl(tmp_path / "hh_bad.jsonl", bad), tok))
+    with pytest.raises(RowError, match=r"line 1: field 'chosen': .*must end with"):
+        list(read_hh(write_jsonl(tmp_path / "hh_end.jsonl", [{"chosen": "\n\nHuman: a", "rejected": "x"}]), tok))
+    (tmp_path / "broken.jsonl").write_text(json.dumps(HH[0]) + "\n{not json\n")
+    with pytest.raises(RowError, match=r"broken.jsonl: line 2: field '\*': not valid JSON"):
+        list(read_hh(tmp_path / "broken.jsonl", tok))
+
+
+UF = [
+    {"source": "evol", "instruction": "Name a prime.", "models": ["a", "b", "c"], "completions": [
+        {"model": "a", "response": "2 is prime.", "overall_score": 8.5, "fine-grained_score": 4.25},
+        {"model": "b", "response": "Nine.", "overall_score": 2.0, "fine-grained_score": 1.0},
+        {"model": "c", "response": "7", "overall_score": 7.0}]},
+    {"instruction": "Say hi.", "completions": [
+        {"response": "Hi!", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "4"},
+                                             "truthfulness": {"Rating": "N/A"}}},
+        {"response": "Bye.", "ratings": [1, 2]}]},
+    {"prompt": "What is 1+1?", "prompt_id": "x",
+     "chosen": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"}],
+     "rejected": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "3"}],
+     "score_chosen": 9.0, "score_rejected": 3.5},
+]
+
+
+def test_ultrafeedback_groups_and_scores(tok, tmp_path):
+    rows = list(read_ultrafeedback(write_jsonl(tmp_path / "uf.jsonl", UF), tok))
+    assert [r["group_id"] for r in rows] == [0, 0, 0, 1, 1, 2, 2]
+    assert [sum(r["rewards"]) for r in rows] == pytest.approx([8.5, 2.0, 7.0, 4.5, 1.5, 9.0, 3.5])
+    responses = ["2 is prime.", "Nine.", "7", "Hi!", "Bye.", "2", "3"]
+    assert [action_texts(tok, r) for r in rows] == [[x + "<|im_end|>"] for x in responses]
+    assert "Name a prime." in tok.decode(rows[0]["tokens"][: rows[0]["prompt_len"]])
+    two = [{**UF[0], "completions": UF[0]["completions"][:2]}]
+    fine = list(read_ultrafeedback(write_jsonl(tmp_path / "uf1.jsonl", two), tok, score_field="fine-grained_score"))
+    assert [sum(r["rewards"]) for r in fine] == [4.25, 1.0]
+    with pytest.raises(RowError, match=r"line 1: field 'completions\[2\].fine-grained_score': missing"):
+        list(read_ultrafeedback(tmp_path / "uf.jsonl", tok, score_field="fine-grained_score"))
+    bad = [{"instruction": "x", "completions": [{"response": "y", "overall_score": "high"}]}]
+    with pytest.raises(RowError, match=r"line 1: field 'completions\[0\].overall_score': expected a finite number"):
+        list(read_ultrafeedback(write_jsonl(tmp_path / "ufbad.jsonl", bad), tok))
+
+
+MT = [
+    {"group": "g", "messages": [
+        {"role": "system", "content": "Use tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "get_weather('Paris')", "reward": 0.25},
+        {"role": "tool", "content": "{\"temp\": 18}"},
+        {"role": "assistant", "content": "It is 18 degrees.", "reward": 1.0}]},
+    {"group": "g", "reward": -0.5, "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Sunny."}]},
+    {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+]
+
+
+def test_multiturn_turn_rewards_and_environment_tokens(tok, tmp_path):
+    rows = list(read_multiturn(write_jsonl(tmp_path / "mt.jsonl", MT), tok))
+    assert [r["group_id"] for r in rows] == [0, 0, 1]
+    first = rows[0]
+    assert action_texts(tok, first) == ["get_weather('Paris')<|im_end|>", "It is 18 degrees.<|im_end|>"]
+    (_, e1), (_, e2) = spans_of(first["action_mask"])
+    assert reward_positions(first) == {e1 - 1: 0.25, e2 - 1: 1.0}
+    env = "".join(tok.decode([t]) for t, m in zip(first["tokens"], first["action_mask"]) if not m)
+    assert env == ("<|im_start|>system\nUse tools.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+                   "<|im_start|>assistant\n\n<|im_start|>tool\n{\"temp\": 18}<|im_end|>\n<|im_start|>assistant\n\n")
+    assert sum(rows[1]["rewards"]) == -0.5 and sum(rows[2]["rewards"]) == 0.0
+
+
+def test_multiturn_errors_name_line_and_field(tok, tmp_path):
+    cases = [
+        ({"messages": [{"role": "user", "content": "a", "reward": 1}, {"role": "assistant", "content": "b"}]},
+         r"line 2: field 'messages\[0\].reward': only assistant"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+         r"line 2: field 'messages': messages\[1\].role"),
+        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": "x"}]},
+         r"line 2: field 'messages\[1\].reward': expected a finite number"),
+        ({"reward": 1, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": 1}]},
+         r"line 2: field 'reward': give either"),
+        ({"msgs": []}, r"line 2: field 'messages': missing"),
+    ]
+    for k, (obj, pattern) in enumerate(cases):
+        path = write_jsonl(tmp_path / f"bad{k}.jsonl", [MT[2], obj])
+        with pytest.raises(RowError, match=rf"bad{k}.jsonl: {pattern}"):
+            list(read_multiturn(path, tok))

@@ -1,0 +1,278 @@
+"""Readers for public preference and conversation formats, producing buffer rows via the chat template.
+
+Each reader is ``reader(path, tokenizer, **options) -> Iterator[row dict]`` (rows as in
+:mod:`shiq_data.schema`, without reference statistics) and reads local JSONL files (``.jsonl`` or
+``.jsonl.gz``); nothing is downloaded. Errors are :class:`shiq_data.schema.RowError` naming the file,
+the line and the field.
+
+- ``hh`` — Anthropic HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``.
+  The final assistant turn is the action; earlier assistant turns are context unless
+  ``all_assistant_turns``. ``mode="pairs"`` (default) gives the chosen row reward +1 and the rejected
+  row −1 in one group: the absolute values carry no meaning, only the order does, which is what
+  DPO and CoPG use (SHIQ_MATH §5). ``mode="scored"`` calls ``reward_fn(messages) -> float`` instead.
+- ``ultrafeedback`` — the UltraFeedback file (``{"instruction"|"prompt", "completions": [{"response",
+  "overall_score" | "fine-grained_score" | "ratings" | "annotations"}]}``) or its binarized form
+  (``{"prompt", "chosen": [messages], "rejected": [messages], "score_chosen", "score_rejected"}``):
+  every scored completion of a prompt is a row of that prompt's group, its score the reward.
+- ``multiturn`` — ``{"messages": [{"role", "content", ("reward")}...], ("reward"), ("group")}``:
+  assistant messages are actions and carry their turn reward on their end-of-turn token; user, tool
+  and system turns are environment tokens. A top-level ``reward`` is a single completion reward.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from shiq_data.chat import check_messages, encode_chat
+from shiq_data.schema import RowError
+
+
+def _open_text(path: Path):
+    if path.suffix == ".gz":
+        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+def read_jsonl(path) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` of each non-blank line (1-based numbers); bad JSON raises naming the line."""
+    path = Path(path)
+    with _open_text(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RowError(path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line") from None
+            if not isinstance(obj, dict):
+                raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
+            yield n, obj
+
+
+def _err(path, line, field, problem) -> RowError:
+    return RowError(path, line, field, problem, row_label="line")
+
+
+def _number(value, path, line, field) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise _err(path, line, field, f"expected a finite number, got {value!r}")
+    return float(value)
+
+
+def _string(obj, key, path, line) -> str:
+    if key not in obj:
+        raise _err(path, line, key, "missing")
+    if not isinstance(obj[key], str):
+        raise _err(path, line, key, f"expected a string, got {type(obj[key]).__name__}")
+    return obj[key]
+
+
+def _encode(tokenizer, messages, path, line, field, **kwargs) -> dict:
+    """:func:`encode_chat` with its errors re-raised naming the file, line and field."""
+    try:
+        return encode_chat(tokenizer, messages, **kwargs)
+    except ValueError as e:
+        raise _err(path, line, field, str(e)) from None
+
+
+def _row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict) -> dict:
+    return {"row_id": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded}
+
+
+# ----------------------------------------------------------------------------------------------
+# Anthropic HH
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_dialogue(text: str, path="<text>", line: int = 0, field: str = "chosen") -> list[dict]:
+    """Messages of an HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` (user/assistant alternating,
+    first user, last assistant); content is stripped of surrounding whitespace."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise _err(path, line, field, f"text before the first '\\n\\nHuman:' turn: {parts[0][:40]!r}")
+    messages = []
+    for k in range(1, len(parts), 2):
+        role = "user" if parts[k] == "Human" else "assistant"
+        want = "user" if not messages or messages[-1]["role"] == "assistant" else "assistant"
+        if role != want:
+            raise _err(path, line, field, f"turn {len(messages) + 1} is {parts[k]!r} but the dialogue must "
+                                          "alternate Human/Assistant starting with Human")
+        messages.append({"role": role, "content": parts[k + 1].strip()})
+    if not messages or messages[-1]["role"] != "assistant":
+        raise _err(path, line, field, "the dialogue must end with an '\\n\\nAssistant:' turn")
+    return messages
+
+
+def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callable[[list], float]] = None,
+            all_assistant_turns: bool = False, source: Optional[str] = None) -> Iterator[dict]:
+    """Rows of an Anthropic HH JSONL file: chosen and rejected of one line form one group.
+
+    ``mode="pairs"``: rewards +1 (chosen) / −1 (rejected) on the last action token. ``mode="scored"``:
+    ``reward_fn(messages)`` scores each dialogue. ``all_assistant_turns``: every assistant turn is an
+    action (the reward still goes on the last one) instead of only the final turn.
+    """
+    if mode not in ("pairs", "scored"):
+        raise ValueError(f"hh: mode = {mode!r}: expected 'pairs' or 'scored'")
+    if (mode == "scored") != (reward_fn is not None):
+        raise ValueError("hh: mode='scored' needs a reward_fn, and reward_fn is only used with mode='scored'")
+    path = Path(path)
+    source = source or f"hh:{path.name}"
+    actions = "all" if all_assistant_turns else "last"
+    for group, (line, obj) in enumerate(read_jsonl(path)):
+        for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
+            messages = parse_hh_dialogue(_string(obj, field, path, line), path, line, field)
+            reward = pair_reward if mode == "pairs" else _number(reward_fn(messages), path, line, f"{field} (reward_fn)")
+            encoded = _encode(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
+            yield _row(path, line, field, source, group, encoded)
+
+
+# ----------------------------------------------------------------------------------------------
+# UltraFeedback
+
+SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
+
+
+def completion_score(c: dict, path, line, field: str, score_field: Optional[str] = None) -> float:
+    """A completion's score: ``score_field`` if given, else the first of :data:`SCORE_FIELDS` present.
+
+    ``ratings`` is a list of numbers (or an aspect -> number object) and ``annotations`` the public
+    file's aspect -> ``{"Rating": "4", ...}`` object; both give the mean of their numeric ratings
+    (``"N/A"`` ignored).
+    """
+    key = score_field or next((k for k in SCORE_FIELDS if c.get(k) is not None), None)
+    if key is None or c.get(key) is None:
+        raise _err(path, line, f"{field}.{score_field or '|'.join(SCORE_FIELDS)}", "missing: no score for this completion")
+    value, where = c[key], f"{field}.{key}"
+    if key in ("ratings", "annotations"):
+        items = list(value.values()) if isinstance(value, dict) else value
+        if not isinstance(items, list):
+            raise _err(path, line, where, f"expected a list or an object of ratings, got {type(value).__name__}")
+        numbers = []
+        for item in items:
+            rating = item.get("Rating") if isinstance(item, dict) else item
+            if isinstance(rating, str):
+                if rating.strip().upper() == "N/A":
+                    continue
+                try:
+                    rating = float(rating)
+                except ValueError:
+                    raise _err(path, line, where, f"rating {rating!r} is not a number") from None
+            numbers.append(_number(rating, path, line, where))
+        if not numbers:
+            raise _err(path, line, where, "no numeric rating")
+        return sum(numbers) / len(numbers)
+    return _number(value, path, line, where)
+
+
+def _messages_field(obj, key, prompt: Optional[str], path, line) -> list[dict]:
+    """``chosen``/``rejected`` of the binarized file: a message list, or a response string after ``prompt``."""
+    value = obj.get(key)
+    if isinstance(value, str) and prompt is not None:
+        return [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}]
+    if not isinstance(value, list):
+        raise _err(path, line, key, f"expected a list of messages, got {type(value).__name__}")
+    try:
+        check_messages(value, key)
+    except ValueError as e:
+        raise _err(path, line, key, str(e)) from None
+    return value
+
+
+def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, source: Optional[str] = None) -> Iterator[dict]:
+    """Rows of an UltraFeedback JSONL file: each scored completion of a prompt is a row of its group.
+
+    Accepts the public file's ``completions`` shape and the binarized ``chosen``/``rejected`` shape
+    (line by line, so one file may mix them). The reward, on the completion's last action token, is
+    its score (:func:`completion_score`; ``score_chosen``/``score_rejected`` when binarized).
+    """
+    path = Path(path)
+    source = source or f"ultrafeedback:{path.name}"
+    for group, (line, obj) in enumerate(read_jsonl(path)):
+        prompt_key = "instruction" if "instruction" in obj else "prompt"
+        if "completions" in obj:
+            prompt = _string(obj, prompt_key, path, line)
+            completions = obj["completions"]
+            if not isinstance(completions, list) or not completions:
+                raise _err(path, line, "completions", "expected a non-empty list")
+            for k, c in enumerate(completions):
+                field = f"completions[{k}]"
+                if not isinstance(c, dict):
+                    raise _err(path, line, field, f"expected an object, got {type(c).__name__}")
+                response = c.get("response")
+                if not isinstance(response, str):
+                    raise _err(path, line, f"{field}.response", "missing" if response is None else
+                               f"expected a string, got {type(response).__name__}")
+                score = completion_score(c, path, line, field, score_field)
+                messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+                encoded = _encode(tokenizer, messages, path, line, field, completion_reward=score)
+                yield _row(path, line, str(k), source, group, encoded)
+        elif "chosen" in obj and "rejected" in obj:
+            prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
+            for key in ("chosen", "rejected"):
+                messages = _messages_field(obj, key, prompt, path, line)
+                score_key = f"score_{key}"
+                if score_key not in obj:
+                    raise _err(path, line, score_key, "missing")
+                score = _number(obj[score_key], path, line, score_key)
+                encoded = _encode(tokenizer, messages, path, line, key, completion_reward=score, actions="last")
+                yield _row(path, line, key, source, group, encoded)
+        else:
+            raise _err(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")
+
+
+# ----------------------------------------------------------------------------------------------
+# multi-turn conversations
+
+
+def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator[dict]:
+    """Rows of a multi-turn JSONL file ``{"messages": [...], ("reward"), ("group")}``.
+
+    Assistant messages may carry ``"reward"`` (their turn reward); a top-level ``"reward"`` is one
+    completion reward instead (not both). Rows with equal ``"group"`` values share a group id; without
+    it every row is its own group.
+    """
+    path = Path(path)
+    source = source or f"multiturn:{path.name}"
+    groups: dict = {}
+    for n, (line, obj) in enumerate(read_jsonl(path)):
+        messages = obj.get("messages")
+        if messages is None:
+            raise _err(path, line, "messages", "missing")
+        try:
+            check_messages(messages, "messages")
+        except ValueError as e:
+            raise _err(path, line, "messages", str(e)) from None
+        turn_rewards, has_turn_reward = [], False
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                r = m.get("reward")
+                has_turn_reward |= r is not None
+                turn_rewards.append(None if r is None else _number(r, path, line, f"messages[{i}].reward"))
+            elif m.get("reward") is not None:
+                raise _err(path, line, f"messages[{i}].reward", f"only assistant turns can carry a reward, this is "
+                                                                f"a {m['role']!r} turn")
+        kwargs = {}
+        if obj.get("reward") is not None:
+            if has_turn_reward:
+                raise _err(path, line, "reward", "give either a top-level reward or per-turn rewards, not both")
+            kwargs["completion_reward"] = _number(obj["reward"], path, line, "reward")
+        elif has_turn_reward:
+            kwargs["turn_rewards"] = turn_rewards
+        key = obj.get("group")
+        if key is None:
+            key = ("line", n)
+        elif not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise _err(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
+        group = groups.setdefault(key, len(groups))
+        encoded = _encode(tokenizer, messages, path, line, "messages", **kwargs)
+        yield _row(path, line, "0", source, group, encoded)
+
+
+FORMATS = {"hh": read_hh, "ultrafeedback": read_ultrafeedback, "multiturn": read_multiturn}
