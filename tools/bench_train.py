@@ -193,6 +193,9 @@ def measure_memory(args) -> list[dict]:
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = rows[0]["peak_increase_mib"]
+    if full < 1.0:
+        raise RuntimeError("the full-logits statistics raised no measurable peak RSS (the process's peak was "
+                           "already higher); rerun on a less loaded machine")
     for r in rows:
         # below a page-level resolution the increase can read as 0: report the ratio as a lower bound
         r["full_over_this"] = full / max(r["peak_increase_mib"], 1.0)
@@ -208,12 +211,7 @@ def main(argv=None) -> int:
     print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; "
           f"micro-batch {args.batch} x {args.seq} tokens ({args.seq - args.prompt} actions per row); "
           f"{args.threads} threads")
-    if not args.skip_time:
-        rows = time_steps(args)
-        print(f"\n| step (median of {args.reps}) | seconds | min | max | / sft |\n|---|---|---|---|---|")
-        for r in rows:
-            print(f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
-                  f"{r['ratio_to_sft']:.2f}x |")
+    # memory first: its fresh subprocesses then run while this process is still small
     if not args.skip_memory:
         rows = measure_memory(args)
         logits_mib = args.batch * (args.seq - 1) * args.vocab * 4 / 2**20
@@ -222,6 +220,12 @@ def main(argv=None) -> int:
             label = "full logits" if r["path"] == "full" else f"chunked ({args.chunk} tokens)"
             print(f"| {label} | {r['peak_increase_mib']:.0f} | {r['full_over_this']:.1f}x |")
         print(f"(one float32 copy of the full logits is {logits_mib:.0f} MiB)")
+    if not args.skip_time:
+        rows = time_steps(args)
+        print(f"\n| step (median of {args.reps}) | seconds | min | max | / sft |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
+                  f"{r['ratio_to_sft']:.2f}x |")
     return 0
 
 
