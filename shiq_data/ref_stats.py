@@ -166,24 +166,22 @@ def megatron_stats_fn(model) -> StatsFn:
 # command line
 
 
-def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: int, buffer_dir) -> None:
-    """Refuse a reference model whose tokenizer is not the one the buffer was built with."""
+def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: Optional[int], buffer_dir) -> None:
+    """Refuse a reference model whose tokenizer is not the one the buffer was built with (and, once the
+    model is loaded, one whose vocabulary is smaller than the tokenizer's)."""
     if model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
             f"{buffer_dir}: built with tokenizer {buffer_info['name']!r} (fingerprint "
             f"{buffer_info['fingerprint'][:12]}…) but the reference model's tokenizer {model_info['name']!r} has "
             f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for")
-    if model_vocab_size < int(buffer_info["vocab_size"]):
+    if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
                          f"model's vocabulary has only {model_vocab_size}")
 
 
-def load_reference(model: str, megatron_checkpoint: Optional[str]):
-    """``(hf_model, tokenizer_info, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face
-    folder) and optionally the weights of a training checkpoint (its newest step, or a step folder)."""
-    from shiq_data.tokenizers import load_tokenizer
-
-    _, tok_info = load_tokenizer(model)
+def load_reference(model: str, megatron_checkpoint: Optional[str], tok_info: dict):
+    """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder) and
+    optionally the weights of a training checkpoint (its newest step, or a step folder)."""
     if model == "smollm2":
         from shiq_train.hf_convert import load_smollm2
 
@@ -208,7 +206,7 @@ def load_reference(model: str, megatron_checkpoint: Optional[str]):
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
         hf = hf_model_from_checkpoint(step_dir, hf.config)
         record["megatron_checkpoint"] = str(step_dir.resolve())
-    return hf, tok_info, record
+    return hf, record
 
 
 def run_cli(args: argparse.Namespace) -> int:
@@ -218,7 +216,11 @@ def run_cli(args: argparse.Namespace) -> int:
     buffer = open_buffer(args.buffer)
     if args.threads:
         torch.set_num_threads(args.threads)
-    hf, tok_info, record = load_reference(args.model, args.megatron_checkpoint)
+    from shiq_data.tokenizers import load_tokenizer
+
+    _, tok_info = load_tokenizer(args.model)
+    check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
+    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, int(hf.config.vocab_size), args.buffer)
     done = compute_ref_stats(args.buffer, hf_stats_fn(hf), ref_model=record, max_batch_tokens=args.batch_tokens,
                              progress=not args.no_progress)

@@ -201,3 +201,44 @@ def test_tokenizer_mismatch_is_refused():
     with pytest.raises(ValueError, match="only 32"):
         check_tokenizer_matches(TOKENIZER, TOKENIZER, 32, "buf")
     check_tokenizer_matches(TOKENIZER, TOKENIZER, VOCAB, "buf")
+
+
+def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys):
+    """``shiq-data build hh`` then ``shiq-data ref-stats --model FOLDER`` on a tiny random Llama whose folder
+    holds SmolLM2's tokenizer; a buffer tokenised differently is refused."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from shiq_data.cli import main
+    from shiq_eval.assets import AssetMissing, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(1)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    hh = tmp_path / "hh.jsonl"
+    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.",
+                              "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}) + "\n")
+    buf = tmp_path / "buf"
+    assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"]) == 0
+    assert main(["ref-stats", str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
+    assert "computed for 1 shard(s); 1/1 shards" in capsys.readouterr().out
+    rows = open_buffer(buf).table.to_pylist()
+    model.eval()
+    for r in rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([r["tokens"]])).logits[0]
+        c, z = naive_stats(logits, r["tokens"])
+        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
+
+    other = write_buffer(make_rows(2), tmp_path / "other", tokenizer_info=TOKENIZER, command=["test"], progress=False)
+    assert main(["ref-stats", str(other.path), "--model", str(folder), "--no-progress"]) == 1
+    assert "fingerprint" in capsys.readouterr().err
+    assert not open_buffer(other.path).has_ref_stats
