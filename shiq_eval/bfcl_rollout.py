@@ -1,0 +1,238 @@
+"""Multi-turn rollouts of a chat policy on BFCL entries, and their conversion into buffer rows.
+
+A policy is any callable ``policy(messages: list[dict]) -> str`` over chat messages
+(``{"role": "system"|"user"|"assistant"|"tool", "content": str}``). Each turn of an entry:
+
+1. the turn's user message(s) are appended (for ``multi_turn_miss_func``, the turn whose question is
+   empty instead gets a user message listing the newly available function docs);
+2. the policy answers; an answer that decodes to a list of calls, ``[f(a=1), g(b='x')]``, is one
+   step: the calls run on the entry's simulators through the safe executor of
+   :mod:`shiq_eval.bfcl` and each result comes back as one ``tool`` message; any other answer
+   (plain text, or ``[]``) ends the turn;
+3. a policy still calling after ``MAX_STEPS_PER_TURN`` steps is force-quit: the over-limit step is
+   recorded but not run, and the entry stops there (as the official inference loop does).
+
+The trajectory is then checked from scratch by :func:`shiq_eval.bfcl.check_trajectory` (verdict,
+cumulative and reset turn rewards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterable, Optional, Sequence
+
+from tqdm.auto import tqdm
+
+from shiq_eval.bfcl import (
+    MAX_STEPS_PER_TURN,
+    Environment,
+    bfcl_version,
+    check_trajectory,
+    decode_calls,
+    function_docs,
+    ground_truth_decoded,
+)
+
+Policy = Callable[[list], str]
+
+SYSTEM_PROMPT = """You are an expert in composing functions. You are given a question and a set of possible functions. Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
+If none of the functions can be used, point it out. If the given question lacks the parameters required by the function, also point it out.
+
+If you decide to invoke any of the function(s), you MUST put it in the format of [func_name1(params_name1=params_value1, params_name2=params_value2...), func_name2(params)]
+You SHOULD NOT include any other text in a response that calls functions. Each result comes back as a tool message.
+
+At each turn, you should try your best to complete the tasks requested by the user within the current turn. Continue to output functions to call until you have fulfilled the user's request to the best of your ability. Once you have no more functions to call, answer in plain text: the system will consider the current turn complete and proceed to the next turn or task.
+
+Here is a list of functions in JSON format that you can invoke.
+{functions}
+"""
+NEW_FUNCTIONS_PROMPT = "{functions}\nI have updated some more functions you can choose from. What about now?"
+END_OF_TURN_TEXT = "I have completed the request."
+
+
+def system_message(docs: Sequence[dict]) -> dict:
+    """The system message listing the function docs (JSON) and the call format."""
+    return {"role": "system", "content": SYSTEM_PROMPT.format(functions=json.dumps(list(docs), indent=1))}
+
+
+def new_functions_message(docs: Sequence[dict]) -> dict:
+    """User message of a ``miss_func`` turn that reveals withheld function docs."""
+    return {"role": "user", "content": NEW_FUNCTIONS_PROMPT.format(functions=json.dumps(list(docs), indent=1))}
+
+
+def format_calls(calls: Sequence[str]) -> str:
+    """``["f(a=1)", "g()"]`` -> ``"[f(a=1), g()]"``, the answer format of :data:`SYSTEM_PROMPT`."""
+    return "[" + ", ".join(calls) + "]"
+
+
+class ScriptedPolicy:
+    """Replays decoded turns (turn -> step -> call strings), then ends each turn with plain text.
+
+    It keeps its own cursor, so use one instance per entry and per rollout.
+    """
+
+    def __init__(self, decoded_turns: Sequence[Sequence[Sequence[str]]], end_text: str = END_OF_TURN_TEXT):
+        self.turns = [list(steps) for steps in decoded_turns]
+        self.end_text = end_text
+        self.turn, self.step = 0, 0
+
+    @classmethod
+    def ground_truth(cls, entry: dict) -> "ScriptedPolicy":
+        """The entry's ground truth: all calls of a turn in one step."""
+        return cls(ground_truth_decoded(entry))
+
+    def __call__(self, messages: list) -> str:
+        steps = self.turns[self.turn] if self.turn < len(self.turns) else []
+        if self.step < len(steps):
+            self.step += 1
+            return format_calls(steps[self.step - 1])
+        self.turn, self.step = self.turn + 1, 0
+        return self.end_text
+
+
+class ChatModelPolicy:
+    """A chat model as a policy: chat template -> token ids -> ``HFPolicy.generate`` -> text.
+
+    ``hf_policy`` is a :class:`shiq_eval.generate.HFPolicy`; ``cfg`` its ``SamplingConfig``.
+    Special tokens are dropped from the answer text.
+    """
+
+    def __init__(self, hf_policy, tokenizer, cfg):
+        self.hf_policy, self.tokenizer, self.cfg = hf_policy, tokenizer, cfg
+
+    def __call__(self, messages: list) -> str:
+        text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        out = self.hf_policy.generate([ids], self.cfg)[0]
+        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+
+
+def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TURN) -> dict:
+    """Run ``policy`` through every turn of ``entry`` and check the result.
+
+    Returns a trajectory: ``id``, ``category``, ``bfcl_eval_version``, ``messages`` (the whole
+    conversation), ``assistant_turns`` (turn index of each assistant message, in order),
+    ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``force_terminated``,
+    and the fields of :func:`shiq_eval.bfcl.check_trajectory` (``valid``, ``error_type``,
+    ``turn_rewards``, ``turn_rewards_reset``, ...).
+    """
+    docs, withheld = function_docs(entry)
+    env = Environment(entry)
+    messages = [system_message(docs)]
+    assistant_turns: list[int] = []
+    decoded_turns: list[list[list[str]]] = []
+    force_terminated = False
+    for k, question in enumerate(entry["question"]):
+        if k in withheld:
+            messages.append(new_functions_message(withheld[k]))
+        messages.extend({"role": m["role"], "content": m["content"]} for m in question)
+        steps: list[list[str]] = []
+        while True:
+            answer = policy(list(messages))
+            if not isinstance(answer, str):
+                raise TypeError(f"{entry['id']}: turn {k}: the policy returned {type(answer).__name__}, expected str")
+            messages.append({"role": "assistant", "content": answer})
+            assistant_turns.append(k)
+            calls = decode_calls(answer)
+            if not calls:
+                break
+            steps.append(calls)
+            if len(steps) > max_steps:
+                force_terminated = True
+                break
+            for result in env.execute(calls):
+                messages.append({"role": "tool", "content": result})
+        decoded_turns.append(steps)
+        if force_terminated:
+            break
+    verdict = check_trajectory(entry, decoded_turns)
+    return {
+        **verdict,
+        "bfcl_eval_version": bfcl_version(),
+        "messages": messages,
+        "assistant_turns": assistant_turns,
+        "decoded_turns": decoded_turns,
+        "force_terminated": force_terminated,
+    }
+
+
+def rollout_entries(entries: Iterable[dict], make_policy: Callable[[dict], Policy], progress: bool = True) -> list[dict]:
+    """Trajectories of ``make_policy(entry)`` on each entry (a fresh policy per entry)."""
+    entries = list(entries)
+    return [rollout_entry(e, make_policy(e)) for e in tqdm(entries, desc="bfcl rollout", disable=not progress)]
+
+
+def write_trajectories(path: str | Path, trajectories: Iterable[dict]) -> Path:
+    """Write trajectories as JSON lines, atomically (temp file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for t in trajectories:
+                f.write(json.dumps(t) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+TRAJECTORY_FIELDS = ("id", "valid", "turn_rewards", "turn_rewards_reset", "messages", "assistant_turns")
+
+
+def read_trajectories(path: str | Path) -> list[dict]:
+    """Read a trajectory JSONL file; errors name the file, line and missing field."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            try:
+                t = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i + 1}: not valid JSON ({e})") from e
+            for field in TRAJECTORY_FIELDS:
+                if field not in t:
+                    raise ValueError(f"{path}: line {i + 1} ({t.get('id', '?')}): missing field {field!r}")
+            out.append(t)
+    return out
+
+
+def assistant_turn_rewards(traj: dict, reward: str = "cumulative") -> list[Optional[float]]:
+    """One entry per assistant message: the turn's reward on the last assistant message of each
+    turn, ``None`` (no reward) on the others. ``reward`` is ``"cumulative"`` or ``"reset"``."""
+    if reward not in ("cumulative", "reset"):
+        raise ValueError(f"reward = {reward!r}: expected 'cumulative' or 'reset'")
+    per_turn = traj["turn_rewards"] if reward == "cumulative" else traj["turn_rewards_reset"]
+    turns = traj["assistant_turns"]
+    out: list[Optional[float]] = []
+    for i, k in enumerate(turns):
+        last_of_turn = i + 1 == len(turns) or turns[i + 1] != k
+        out.append(float(per_turn[k]) if last_of_turn else None)
+    return out
+
+
+def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict:
+    """Buffer-row fields of one trajectory via the tokenizer's chat template.
+
+    Assistant tokens are actions; system, user and tool tokens are environment. Each turn's reward
+    (``turn_rewards`` or ``turn_rewards_reset``) sits on the last token (end-of-turn) of that turn's
+    last assistant message. Returns ``shiq_data.chat.encode_chat``'s
+    ``{"tokens" [T], "action_mask" [T], "rewards" [T], "prompt_len"}`` plus ``row_id``.
+    """
+    from shiq_data.chat import encode_chat
+
+    n_assistant = sum(m["role"] == "assistant" for m in traj["messages"])
+    if n_assistant != len(traj["assistant_turns"]):
+        raise ValueError(
+            f"trajectory {traj.get('id', '?')}: field assistant_turns has {len(traj['assistant_turns'])} "
+            f"entries for {n_assistant} assistant messages"
+        )
+    row = encode_chat(tokenizer, traj["messages"], turn_rewards=assistant_turn_rewards(traj, reward))
+    return {"row_id": traj["id"], **row}

@@ -1,0 +1,131 @@
+"""BFCL rollouts: scripted ground truth scores 1 everywhere, docs are revealed on time, the step
+limit force-quits, trajectories round-trip through JSONL and become rows with rewards on the right
+end-of-turn tokens."""
+
+import json
+import random
+
+import pytest
+
+from shiq_eval import bfcl
+from shiq_eval import bfcl_rollout as ro
+
+
+@pytest.fixture(autouse=True)
+def _bfcl_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFCL_PROJECT_ROOT", str(tmp_path))
+
+
+def _sample(per_category=6, seed=0):
+    rng = random.Random(seed)
+    return [e for c in bfcl.CATEGORIES for e in rng.sample(bfcl.load_category(c), per_category)]
+
+
+def test_scripted_ground_truth_rollout_is_valid_with_all_rewards_one():
+    for e in _sample():
+        t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
+        n = len(e["question"])
+        assert t["valid"] is True and t["force_terminated"] is False, (e["id"], t["error_message"])
+        assert t["turn_rewards"] == [1.0] * n and t["turn_rewards_reset"] == [1.0] * n
+        # The decoded calls are the ground truth's, call by call (up to source normalisation).
+        assert [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in t["decoded_turns"]] == \
+            [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in bfcl.ground_truth_decoded(e)]
+        # One tool message per executed call.
+        assert sum(m["role"] == "tool" for m in t["messages"]) == sum(len(c) for c in e["ground_truth"])
+        assert t["bfcl_eval_version"] == "2026.3.23"
+
+
+def test_tool_messages_carry_the_execution_results():
+    e = bfcl.load_entry("multi_turn_base", 0)
+    t = ro.rollout_entry(e, ro.ScriptedPolicy([[["pwd()", "ls()"]]] + [[] for _ in e["question"][1:]]))
+    first = [i for i, m in enumerate(t["messages"]) if m["role"] == "assistant"][0]
+    assert t["messages"][first]["content"] == "[pwd(), ls()]"
+    tools = [m["content"] for m in t["messages"][first + 1:first + 3]]
+    # base_0 starts in /workspace holding 'document' and 'archive' (its initial_config).
+    assert json.loads(tools[0]) == {"current_working_directory": "/workspace"}
+    assert sorted(json.loads(tools[1])["current_directory_content"]) == ["archive", "document"]
+
+
+def test_missed_function_doc_is_revealed_at_its_turn():
+    e = bfcl.load_entry("multi_turn_miss_func", 0)
+    (turn, names), = e["missed_function"].items()
+    t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
+    system = t["messages"][0]["content"]
+    for name in names:
+        assert f'"name": "{name}"' not in system
+    users = [m["content"] for m in t["messages"] if m["role"] == "user"]
+    reveal = [u for u in users if "I have updated some more functions" in u]
+    assert len(reveal) == 1 and all(f'"name": "{n}"' in reveal[0] for n in names)
+    assert t["valid"] is True
+
+
+def test_step_limit_force_quits_the_entry():
+    e = bfcl.load_entry("multi_turn_base", 0)
+    t = ro.rollout_entry(e, lambda messages: "[pwd()]")
+    assert t["force_terminated"] is True
+    assert len(t["decoded_turns"]) == 1 and len(t["decoded_turns"][0]) == bfcl.MAX_STEPS_PER_TURN + 1
+    assert sum(m["role"] == "tool" for m in t["messages"]) == bfcl.MAX_STEPS_PER_TURN
+    assert t["valid"] is False and t["error_type"] == bfcl.ERR_FORCE_QUIT
+    assert t["turn_rewards"] == [0.0] * len(e["question"])
+
+
+def test_hostile_policy_output_is_not_run(tmp_path):
+    marker = tmp_path / "ran"
+    e = bfcl.load_entry("multi_turn_base", 1)
+    answers = iter([f"[__import__('os').system('touch {marker}')]"] + ["ok"] * 50)
+    t = ro.rollout_entry(e, lambda messages: next(answers))
+    assert not marker.exists()
+    assert t["messages"][3]["role"] == "tool" and t["messages"][3]["content"].startswith(bfcl.ERROR_PREFIX)
+    assert t["valid"] is False
+
+
+def test_trajectories_round_trip_and_bad_files_are_named(tmp_path):
+    e = bfcl.load_entry("multi_turn_base", 2)
+    t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
+    path = ro.write_trajectories(tmp_path / "out" / "traj.jsonl", [t, t])
+    assert ro.read_trajectories(path) == [t, t]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({k: v for k, v in t.items() if k != "turn_rewards"}) + "\n")
+    with pytest.raises(ValueError, match="bad.jsonl: line 1 .*turn_rewards"):
+        ro.read_trajectories(bad)
+
+
+def test_assistant_turn_rewards_go_on_the_last_assistant_message_of_each_turn():
+    traj = {"turn_rewards": [1.0, 0.0, 1.0], "turn_rewards_reset": [1.0, 1.0, 0.0],
+            "assistant_turns": [0, 0, 1, 2, 2, 2]}
+    assert ro.assistant_turn_rewards(traj) == [None, 1.0, 0.0, None, None, 1.0]
+    assert ro.assistant_turn_rewards(traj, "reset") == [None, 1.0, 1.0, None, None, 0.0]
+
+
+def test_trajectory_to_row_with_the_smollm2_chat_template():
+    tokenizers = pytest.importorskip("shiq_data.tokenizers")
+    try:
+        tok, info = tokenizers.load_tokenizer("smollm2")
+    except Exception as exc:  # the packaged tokenizer is an optional asset
+        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+    e = next(x for x in bfcl.load_category("multi_turn_base")
+             if x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"]) and len(x["question"]) >= 3)
+    decoded = bfcl.ground_truth_decoded(e)
+    decoded[1] = decoded[1] + [["touch(file_name='zz_extra_marker.txt')"]]  # breaks turns 1.. cumulatively
+    t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
+    n = len(e["question"])
+    assert t["turn_rewards"] == [1.0] + [0.0] * (n - 1)
+    assert t["turn_rewards_reset"] == [1.0, 0.0] + [1.0] * (n - 2)
+    for reward in ("cumulative", "reset"):
+        row = ro.trajectory_to_row(t, tok, reward=reward)
+        tokens, mask, rewards = row["tokens"], row["action_mask"], row["rewards"]
+        assert len(tokens) == len(mask) == len(rewards)
+        # Action tokens are exactly the assistant contents, each closed by <|im_end|>.
+        assistant = [m["content"] for m in t["messages"] if m["role"] == "assistant"]
+        assert tok.decode([x for x, m in zip(tokens, mask) if m]) == "".join(a + "<|im_end|>" for a in assistant)
+        # The i-th action end-of-turn token closes the i-th assistant message; a turn's reward sits
+        # on the one closing its last assistant message.
+        action_ends = [p for p, (x, m) in enumerate(zip(tokens, mask)) if m and x == info["eos_id"]]
+        assert len(action_ends) == len(assistant)
+        expected = [0.0] * len(tokens)
+        per_turn = t["turn_rewards"] if reward == "cumulative" else t["turn_rewards_reset"]
+        for k in range(n):
+            last = max(i for i, turn in enumerate(t["assistant_turns"]) if turn == k)
+            expected[action_ends[last]] = per_turn[k]
+        assert rewards == expected
+        assert not any(mask[: row["prompt_len"]]) and mask[row["prompt_len"]]
