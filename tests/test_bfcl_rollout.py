@@ -129,3 +129,52 @@ def test_trajectory_to_row_with_the_smollm2_chat_template():
             expected[action_ends[last]] = per_turn[k]
         assert rewards == expected
         assert not any(mask[: row["prompt_len"]]) and mask[row["prompt_len"]]
+
+
+def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
+    split = bfcl.load_split()
+    assert len(split["train"]) == 160 and len(split["test"]) == 40
+    assert sorted(split["train"] + split["test"]) == list(range(200))
+    assert split == bfcl.make_split(split["seed"])  # reproducible from its seed
+    assert bfcl.select_subset(["multi_turn_miss_func_%d" % i for i in range(200)], "test") == \
+        ["multi_turn_miss_func_%d" % i for i in split["test"]]
+    bad = tmp_path / "split.json"
+    bad.write_text(json.dumps({**split, "test": split["test"] + [split["train"][0]]}))
+    with pytest.raises(ValueError, match="split.json.*partition"):
+        bfcl.load_split(bad)
+
+
+def test_summary_numbers_by_hand():
+    rs = [
+        {"id": "multi_turn_base_0", "valid": True, "turn_rewards": [1.0, 1.0], "turn_rewards_reset": [1.0, 1.0]},
+        {"id": "multi_turn_base_1", "valid": False, "turn_rewards": [1.0, 0.0, 0.0], "turn_rewards_reset": [1.0, 0.0, 1.0]},
+        {"id": "multi_turn_miss_func_0", "valid": False, "turn_rewards": [0.0], "turn_rewards_reset": [0.0]},
+    ]
+    s = bfcl.summarize(rs)
+    base = s["categories"]["multi_turn_base"]
+    assert base["n"] == 2 and base["accuracy"] == 0.5
+    assert base["turn_reward_mean"] == pytest.approx(3 / 5) and base["turn_reward_reset_mean"] == pytest.approx(4 / 5)
+    assert base["turn_reward_by_turn"] == [1.0, 0.5, 0.0] and base["turn_reward_reset_by_turn"] == [1.0, 0.5, 1.0]
+    assert s["overall"]["accuracy"] == pytest.approx((0.5 + 0.0) / 2)
+    assert s["overall"]["accuracy_pooled"] == pytest.approx(1 / 3)
+    assert s["overall"]["turn_reward_mean"] == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match="multi_turn_base_0.*twice"):
+        bfcl.summarize(rs + rs[:1])
+
+
+def test_command_line_rollout_and_report(tmp_path, capsys):
+    traj = tmp_path / "t.jsonl"
+    assert bfcl.main(["rollout", "--policy", "scripted", "--categories", "multi_turn_base", "multi_turn_miss_func",
+                      "--subset", "test", "--limit", "2", "--out", str(traj)]) == 0
+    lines = [json.loads(x) for x in traj.read_text().splitlines()]
+    test_idx = set(bfcl.load_split()["test"])
+    assert len(lines) == 4 and all(bfcl.entry_index(t["id"]) in test_idx for t in lines)
+    out = tmp_path / "r.json"
+    assert bfcl.main(["report", str(traj), "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["bfcl_eval_version"] == "2026.3.23" and rep["overall"]["accuracy"] == 1.0
+    assert rep["categories"]["multi_turn_miss_func"]["n"] == 2
+    assert bfcl.main(["report", str(traj), "--subset", "train"]) == 0  # test ids only: nothing kept
+    assert "overall" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bfcl.main(["--help"])
