@@ -179,21 +179,25 @@ def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_siz
                          f"model's vocabulary has only {model_vocab_size}")
 
 
-def load_reference(model: str, megatron_checkpoint: Optional[str], tok_info: dict):
-    """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder) and
-    optionally the weights of a training checkpoint (its newest step, or a step folder)."""
+def _model_config(model: str):
+    """The Hugging Face config of ``--model`` without loading its weights."""
+    from transformers import AutoConfig
+
     if model == "smollm2":
-        from shiq_train.hf_convert import load_smollm2
+        from shiq_eval.assets import smollm2_gguf
 
-        hf, _ = load_smollm2(torch.float32)
-    else:
-        folder = Path(model)
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
-                                    f"{folder / 'config.json'} does not exist")
-        from transformers import AutoModelForCausalLM
+        path = smollm2_gguf()
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(str(model))
 
-        hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+
+def load_reference(model: str, megatron_checkpoint: Optional[str], tok_info: dict):
+    """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
+    ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
+    (its newest step, or a step folder)."""
+    if model != "smollm2" and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
+                                f"{Path(model) / 'config.json'} does not exist")
     record = {"model": model if model == "smollm2" else str(Path(model).resolve()), "tokenizer": tok_info["fingerprint"]}
     if megatron_checkpoint:
         from shiq_train.checkpoint import latest_step_dir
@@ -204,9 +208,15 @@ def load_reference(model: str, megatron_checkpoint: Optional[str], tok_info: dic
             step_dir = latest_step_dir(step_dir)
             if step_dir is None:
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
-        hf = hf_model_from_checkpoint(step_dir, hf.config)
         record["megatron_checkpoint"] = str(step_dir.resolve())
-    return hf, record
+        return hf_model_from_checkpoint(step_dir, _model_config(model)), record
+    if model == "smollm2":
+        from shiq_train.hf_convert import load_smollm2
+
+        return load_smollm2(torch.float32)[0], record
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32), record
 
 
 def run_cli(args: argparse.Namespace) -> int:

@@ -57,6 +57,20 @@ def tiny_llama():
     return LlamaForCausalLM(cfg).eval()
 
 
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer, read once from the packaged GGUF file."""
+    from transformers import AutoTokenizer
+
+    from shiq_eval.assets import AssetMissing, smollm2_gguf
+
+    try:
+        gguf = smollm2_gguf()
+    except AssetMissing as e:
+        pytest.skip(str(e))
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
 def naive_stats(logits, tokens):
     """c_t = logits[t-1, tokens[t]], z_t = log Σ_v exp logits[t-1, v] in float64, 0 at t = 0 (a plain loop)."""
     lg = logits.double()
@@ -167,7 +181,7 @@ def test_killed_run_resumes_at_first_unfinished_shard(tmp_path):
     shutil.copytree(buf.path, tmp_path / "b")
     assert run_child(tmp_path / "a") == [0, 1, 2]
 
-    proc = run_child(tmp_path / "b", slow=1.5, wait=False)
+    proc = run_child(tmp_path / "b", slow=1.0, wait=False)
     manifest = tmp_path / "b" / "manifest.json"
     deadline = time.time() + 40
     try:
@@ -203,19 +217,14 @@ def test_tokenizer_mismatch_is_refused():
     check_tokenizer_matches(TOKENIZER, TOKENIZER, VOCAB, "buf")
 
 
-def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys):
+def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, smollm2_tokenizer):
     """``shiq-data build hh`` then ``shiq-data ref-stats --model FOLDER`` on a tiny random Llama whose folder
     holds SmolLM2's tokenizer; a buffer tokenised differently is refused."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
     from shiq_data.cli import main
-    from shiq_eval.assets import AssetMissing, smollm2_gguf
 
-    try:
-        gguf = smollm2_gguf()
-    except AssetMissing as e:
-        pytest.skip(str(e))
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok = smollm2_tokenizer
     folder = tmp_path / "tiny-llama"
     torch.manual_seed(1)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -242,3 +251,42 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys):
     assert main(["ref-stats", str(other.path), "--model", str(folder), "--no-progress"]) == 1
     assert "fingerprint" in capsys.readouterr().err
     assert not open_buffer(other.path).has_ref_stats
+
+
+def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_tokenizer):
+    """``--megatron-checkpoint``: the statistics written equal the megatron model's own on each row."""
+    import warnings
+
+    from shiq_data.cli import main
+    from shiq_data.ref_stats import megatron_stats_fn
+    from shiq_train import model as M
+    from shiq_train import parallel
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.cli import llama_config_from_model
+
+    warnings.filterwarnings("ignore")
+    tok = smollm2_tokenizer
+    folder = tmp_path / "arch"
+    tok.save_pretrained(folder)
+    multiturn = tmp_path / "mt.jsonl"
+    multiturn.write_text(json.dumps({"messages": [
+        {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "add(2, 3)", "reward": 0.5},
+        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5", "reward": 1.0}]}) + "\n")
+    buf = tmp_path / "buf"
+    assert main(["build", "multiturn", str(multiturn), "--tokenizer", str(folder), "--out", str(buf),
+                 "--no-progress"]) == 0
+    cfg = M.ModelConfig(vocab_size=len(tok), hidden_size=32, num_attention_heads=2, num_layers=1,
+                        max_sequence_length=128)
+    with parallel.distributed(seed=3):
+        mg = M.build_model(cfg)
+        save_checkpoint(tmp_path / "ckpt", 1, mg)
+        llama_config_from_model(cfg).save_pretrained(folder)  # architecture only; weights come from the checkpoint
+        rows = open_buffer(buf).table.to_pylist()
+        want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
+    assert main(["ref-stats", str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "ckpt"),
+                 "--no-progress"]) == 0
+    out = open_buffer(buf)
+    assert out.manifest["ref_model"]["megatron_checkpoint"].endswith("step_00000001")
+    for r, c, z in zip(out.table.to_pylist(), want_c, want_z):
+        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-4, rtol=1e-4)
