@@ -167,6 +167,17 @@ class BufferSampler:
         self._advance()
         return item
 
+    def _take_many(self, n: int) -> list[int]:
+        """The next ``n`` items (slices of the epoch permutations)."""
+        out: list[int] = []
+        while len(out) < n:
+            chunk = self._permutation()[self._position: self._position + n - len(out)]
+            out += chunk.tolist()
+            self._position += len(chunk)
+            if self._position == self._units:
+                self._epoch, self._position = self._epoch + 1, 0
+        return out
+
     # --- batches ------------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
         """This rank's ``micro_batches_per_step`` micro-batches of the next step (dicts of tensors)."""
@@ -175,7 +186,7 @@ class BufferSampler:
         for rank in range(self.dp_world):
             for _ in range(M):
                 if self.mode == "padded":
-                    layout = [[self._take()] for _ in range(B)]
+                    layout = [[r] for r in self._take_many(B)]
                 elif self.mode == "packed":
                     layout = [self._pack_row() for _ in range(B)]
                 else:
@@ -203,43 +214,51 @@ class BufferSampler:
         return out
 
     def _materialise(self, layout: list[list[int]]) -> dict:
-        """Tensors for a micro-batch; ``layout[b]`` lists the rows of output row ``b`` (one unless packed)."""
+        """Tensors for a micro-batch; ``layout[b]`` lists the rows of output row ``b`` (one unless packed;
+        in groups mode ``[row, group number]``)."""
         reader = self._reader
         if self.mode == "groups":
             group_numbers = [g for _, g in layout]
             layout = [[r] for r, _ in layout]
         B = len(layout)
-        T = max(int(reader.lengths[rows].sum()) for rows in layout)
+        rows = np.fromiter((r for rs in layout for r in rs), dtype=np.int64)
+        chunk_of = np.searchsorted(reader.starts, rows, side="right") - 1
+        local = (rows - reader.starts[chunk_of]).tolist()
+        lengths = reader.lengths[rows]
+        out_row = np.repeat(np.arange(B), [len(rs) for rs in layout])
+        T = int(np.bincount(out_row, weights=lengths, minlength=B).max())
         tokens = np.full((B, T), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, T), dtype=bool)
         rewards = np.zeros((B, T), dtype=np.float32)
-        refs = {n: np.zeros((B, T), dtype=np.float32) for n in REF_FIELDS} if reader.with_ref else {}
+        dense = [("tokens", tokens), ("rewards", rewards)]
+        dense += [(n, np.zeros((B, T), dtype=np.float32)) for n in REF_FIELDS] if reader.with_ref else []
         segments = np.zeros((B, T), dtype=np.int64) if self.mode == "packed" else None
-        for b, rows in enumerate(layout):
-            at = 0
-            for k, row in enumerate(rows):
-                chunk, i = reader.locate(row)
-                toks = chunk["tokens"].get(i)
-                n = len(toks)
-                tokens[b, at:at + n] = toks
-                mask[b, at:at + n] = chunk["action_mask"].get(i)
-                rewards[b, at:at + n] = chunk["rewards"].get(i)
-                for name, dst in refs.items():
-                    dst[b, at:at + n] = chunk[name].get(i)
-                if segments is not None:
-                    segments[b, at:at + n] = k
-                at += n
+        at, prev_b, k = 0, -1, 0
+        for b, c, i, n in zip(out_row.tolist(), chunk_of.tolist(), local, lengths.tolist()):
+            if b != prev_b:
+                if segments is not None and prev_b >= 0:
+                    segments[prev_b, at:] = k  # padding: its own trailing segment
+                at, prev_b, k = 0, b, 0
+            chunk = reader.chunks[c]
+            for name, dst in dense:
+                view = chunk[name]
+                s = view.offsets[i]
+                dst[b, at:at + n] = view.values[s:s + n]
+            mask[b, at:at + n] = chunk["action_mask"].get(i)
             if segments is not None:
-                segments[b, at:] = len(rows)  # padding: its own trailing segment
+                segments[b, at:at + n] = k
+            at, k = at + n, k + 1
+        if segments is not None:
+            segments[prev_b, at:] = k
         out = {"tokens": torch.from_numpy(tokens), "action_mask": torch.from_numpy(mask),
                "rewards": torch.from_numpy(rewards)}
-        out.update({n: torch.from_numpy(a) for n, a in refs.items()})
+        out.update({n: torch.from_numpy(a) for n, a in dense[2:]})
         if self.mode == "packed":
             out["segment_ids"] = torch.from_numpy(segments)
         elif self.mode == "groups":
             out["group_ids"] = torch.tensor(group_numbers, dtype=torch.int64)
         else:
-            out["group_ids"] = torch.from_numpy(reader.group_ids[[rows[0] for rows in layout]].copy())
+            out["group_ids"] = torch.from_numpy(reader.group_ids[rows])
         return out
 
     def __iter__(self) -> Iterator[list[dict]]:
