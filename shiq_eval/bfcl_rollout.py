@@ -51,16 +51,17 @@ Here is a list of functions in JSON format that you can invoke.
 """
 NEW_FUNCTIONS_PROMPT = "{functions}\nI have updated some more functions you can choose from. What about now?"
 END_OF_TURN_TEXT = "I have completed the request."
+ERR_CONTEXT = "multi_turn:context_overflow"
 
 
 def system_message(docs: Sequence[dict]) -> dict:
     """The system message listing the function docs (JSON) and the call format."""
-    return {"role": "system", "content": SYSTEM_PROMPT.format(functions=json.dumps(list(docs), indent=1))}
+    return {"role": "system", "content": SYSTEM_PROMPT.format(functions=json.dumps(list(docs)))}
 
 
 def new_functions_message(docs: Sequence[dict]) -> dict:
     """User message of a ``miss_func`` turn that reveals withheld function docs."""
-    return {"role": "user", "content": NEW_FUNCTIONS_PROMPT.format(functions=json.dumps(list(docs), indent=1))}
+    return {"role": "user", "content": NEW_FUNCTIONS_PROMPT.format(functions=json.dumps(list(docs)))}
 
 
 def format_calls(calls: Sequence[str]) -> str:
@@ -93,19 +94,31 @@ class ScriptedPolicy:
         return self.end_text
 
 
+class ContextOverflow(RuntimeError):
+    """The conversation no longer fits the model's context; the rollout of the entry stops."""
+
+
 class ChatModelPolicy:
     """A chat model as a policy: chat template -> token ids -> ``HFPolicy.generate`` -> text.
 
     ``hf_policy`` is a :class:`shiq_eval.generate.HFPolicy`; ``cfg`` its ``SamplingConfig``.
-    Special tokens are dropped from the answer text.
+    Special tokens are dropped from the answer text. Raises :class:`ContextOverflow` when the
+    prompt plus ``cfg.max_new_tokens`` exceeds ``max_context`` (default: the model config's
+    ``max_position_embeddings``).
     """
 
-    def __init__(self, hf_policy, tokenizer, cfg):
+    def __init__(self, hf_policy, tokenizer, cfg, max_context: Optional[int] = None):
         self.hf_policy, self.tokenizer, self.cfg = hf_policy, tokenizer, cfg
+        if max_context is None:
+            max_context = getattr(getattr(hf_policy.model, "config", None), "max_position_embeddings", None)
+        self.max_context = max_context
 
     def __call__(self, messages: list) -> str:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if self.max_context is not None and len(ids) + self.cfg.max_new_tokens > self.max_context:
+            raise ContextOverflow(f"prompt of {len(ids)} tokens + {self.cfg.max_new_tokens} new tokens "
+                                  f"exceeds the context of {self.max_context}")
         out = self.hf_policy.generate([ids], self.cfg)[0]
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
@@ -115,23 +128,29 @@ def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TU
 
     Returns a trajectory: ``id``, ``category``, ``bfcl_eval_version``, ``messages`` (the whole
     conversation), ``assistant_turns`` (turn index of each assistant message, in order),
-    ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``force_terminated``,
-    and the fields of :func:`shiq_eval.bfcl.check_trajectory` (``valid``, ``error_type``,
-    ``turn_rewards``, ``turn_rewards_reset``, ...).
+    ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``force_terminated``
+    (step limit, or :class:`ContextOverflow` from the policy: then ``valid`` is False with
+    ``error_type`` ``multi_turn:context_overflow``), and the fields of
+    :func:`shiq_eval.bfcl.check_trajectory` (``valid``, ``error_type``, ``turn_rewards``,
+    ``turn_rewards_reset``, ...).
     """
     docs, withheld = function_docs(entry)
     env = Environment(entry)
     messages = [system_message(docs)]
     assistant_turns: list[int] = []
     decoded_turns: list[list[list[str]]] = []
-    force_terminated = False
+    force_terminated, overflow = False, None
     for k, question in enumerate(entry["question"]):
         if k in withheld:
             messages.append(new_functions_message(withheld[k]))
         messages.extend({"role": m["role"], "content": m["content"]} for m in question)
         steps: list[list[str]] = []
         while True:
-            answer = policy(list(messages))
+            try:
+                answer = policy(list(messages))
+            except ContextOverflow as e:
+                force_terminated, overflow = True, f"turn {k}: {e}"
+                break
             if not isinstance(answer, str):
                 raise TypeError(f"{entry['id']}: turn {k}: the policy returned {type(answer).__name__}, expected str")
             messages.append({"role": "assistant", "content": answer})
@@ -149,6 +168,8 @@ def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TU
         if force_terminated:
             break
     verdict = check_trajectory(entry, decoded_turns)
+    if overflow:  # the entry was cut short however far it got
+        verdict.update(valid=False, error_type=ERR_CONTEXT, error_message=overflow)
     return {
         **verdict,
         "bfcl_eval_version": bfcl_version(),

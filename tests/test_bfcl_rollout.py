@@ -178,3 +178,44 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bfcl.main(["--help"])
+
+
+class _CharTokenizer:
+    """One token per character; the chat template joins role and content."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [ord(c) % 256 for c in text]}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(i) for i in ids)
+
+
+class _EchoModel:
+    """Answers '[pwd()]' then plain text, alternately."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def generate(self, prompt_ids, cfg):
+        self.calls += 1
+        return [[ord(c) for c in ("[pwd()]" if self.calls % 2 else "done")]]
+
+
+def test_chat_model_policy_and_context_overflow():
+    from shiq_eval.generate import SamplingConfig
+
+    e = bfcl.load_entry("multi_turn_base", 0)
+    first_prompt = len(_CharTokenizer().apply_chat_template(
+        [ro.system_message(bfcl.function_docs(e)[0])] + e["question"][0], add_generation_prompt=True))
+    cfg = SamplingConfig(max_new_tokens=8, batch_size=1)
+    roomy = ro.ChatModelPolicy(_EchoModel(), _CharTokenizer(), cfg, max_context=10 ** 7)
+    t = ro.rollout_entry(e, roomy)
+    assert t["decoded_turns"] == [[["pwd()"]]] * len(e["question"]) and t["force_terminated"] is False
+    # Room for the first step only: the second prompt (with the tool result) overflows.
+    tight = ro.ChatModelPolicy(_EchoModel(), _CharTokenizer(), cfg, max_context=first_prompt + 8)
+    t = ro.rollout_entry(e, tight)
+    assert t["force_terminated"] is True and t["valid"] is False and t["error_type"] == ro.ERR_CONTEXT
+    assert t["decoded_turns"] == [[["pwd()"]]]
