@@ -449,7 +449,6 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
     # Reset: each model turn starts from the ground-truth state reached after the earlier turns.
     rewards_reset = []
     reset_results: list[str] = []
-    truth_env_k = None
     for k in range(n):
         steps = decoded_turns[k] if k < len(decoded_turns) else None
         if steps is None:
