@@ -402,6 +402,15 @@ def _stderr_of_difference(a: dict, b: dict) -> float:
     return math.sqrt(a["reward_stderr"] ** 2 + b["reward_stderr"] ** 2)
 
 
+def _paired_gain(rewards: list[float], ref_rewards: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the per-prompt reward difference (policy − reference): both were
+    sampled on the same prompts in the same order, so the prompts' own share of the variance cancels."""
+    from shiq_eval.kl import mean_stderr
+
+    d = torch.tensor(rewards, dtype=torch.float64) - torch.tensor(ref_rewards, dtype=torch.float64)
+    return mean_stderr(d)
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     ref = json.loads((ctx.out / "reference_eval.json").read_text())
@@ -413,14 +422,16 @@ def build_report(ctx: Context, timings: dict) -> dict:
         rows += curve
         last = max(curve, key=lambda r: r["step"])
         diff = last["reward_mean"] - ref["reward_mean"]
-        se = _stderr_of_difference(last, ref)
+        paired, paired_se = _paired_gain(last["rewards"], ref["rewards"])
         methods[m] = {"reward_mean": last["reward_mean"], "reward_stderr": last["reward_stderr"],
                       "kl": last["kl_exact"], "kl_stderr": last["kl_exact_stderr"], "kl_sample": last["kl_sample"],
                       "kl_sample_stderr": last["kl_sample_stderr"], "step": last["step"], "n": last["n"],
-                      "reward_gain": diff, "reward_gain_stderr": se, "gain_over_2se": bool(diff > 2 * se),
-                      "samples": last["samples"]}
+                      "reward_gain": diff, "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
+                      "reward_gain_unpaired_stderr": _stderr_of_difference(last, ref),
+                      "reward_gain_paired_stderr": paired_se, "samples": last["samples"]}
     for r in rows:
         r.pop("samples", None)
+        r.pop("rewards", None)
     write_table(rows, ctx.out)
     plot_curves(rows, ctx.out, reference=ref)
     return {"reference": {"reward_mean": ref["reward_mean"], "reward_stderr": ref["reward_stderr"], "n": ref["n"],
@@ -469,14 +480,15 @@ def report_markdown(rep: dict) -> str:
         "",
         "## Results at the final checkpoint",
         "",
-        "| policy | reward (mean ± s.e.) | gain over reference (± s.e.) | KL per completion (± s.e.) |",
-        "|---|---|---|---|",
-        f"| reference | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | | 0 |",
+        "| policy | reward (mean ± s.e.) | gain over reference | gain > 2 s.e. of the policy's mean | "
+        "s.e. of the gain, paired by prompt (unpaired) | KL per completion (± s.e.) |",
+        "|---|---|---|---|---|---|",
+        f"| reference | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | | | | 0 |",
     ]
     for m, r in rep["methods"].items():
-        mark = " (> 2 s.e.)" if r["gain_over_2se"] else ""
-        lines.append(f"| {m} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {r['reward_gain']:+.3f} ± "
-                     f"{r['reward_gain_stderr']:.3f}{mark} | {r['kl']:.3f} ± {r['kl_stderr']:.3f} |")
+        lines.append(f"| {m} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {r['reward_gain']:+.3f} | "
+                     f"{'yes' if r['gain_over_2se'] else 'no'} | {r['reward_gain_paired_stderr']:.3f} "
+                     f"({r['reward_gain_unpaired_stderr']:.3f}) | {r['kl']:.3f} ± {r['kl_stderr']:.3f} |")
     lines += ["", "![reward vs KL](reward_vs_kl.png)", "![reward vs step](reward_vs_step.png)", "",
               "## Sample generations (the first evaluation prompts)", ""]
 

@@ -26,6 +26,7 @@ class EvalResult:
     kl_exact_stderr: float
     n: int
     samples: list  # (prompt text, completion text, reward) of the first few prompts
+    rewards: list | None = None  # every completion's reward, in prompt order (for paired comparisons)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -78,4 +79,4 @@ def evaluate_policy(model, ref_model, tokenizer, prompt_ids: list[list[int]], pr
     a, ase = mean_stderr(ks)
     b, bse = mean_stderr(ke)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
-    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown)
+    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist())
