@@ -15,8 +15,8 @@ def test_config_quick_and_overrides():
     quick = demo.load_config(quick=True)
     assert quick["train"]["steps"] < full["train"]["steps"]
     assert quick["train"]["methods"] == full["train"]["methods"]  # quick keeps every method
-    cfg = demo.load_config(overrides=["train.steps=40", "train.methods=[shiq,dpo]"])
-    assert cfg["train"]["steps"] == 40 and cfg["train"]["methods"] == ["shiq", "dpo"]
+    cfg = demo.load_config(overrides=["train.steps=90", "train.methods=[shiq,dpo]"])
+    assert cfg["train"]["steps"] == 90 and cfg["train"]["methods"] == ["shiq", "dpo"]
 
 
 @pytest.mark.parametrize("override,needle", [
