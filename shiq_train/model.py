@@ -7,7 +7,9 @@ pipeline stage. On CPU it uses the local layer spec with RMSNorm, CPU initialisa
 fusions; on GPU it can use the Transformer Engine spec (required for FP8).
 
 :func:`forward_stats` runs the model and returns the SHIQ_MATH §2 statistics of every token,
-``[B, T]``, from vocab-parallel logits or chunked from hidden states (``shiq_train.vocab_parallel``).
+``[B, T]``: from the output layer's vocab-parallel logits, which the model turns into statistics
+itself when given ``labels`` (:func:`stats_inputs`), or chunked from hidden states
+(``shiq_train.vocab_parallel``).
 """
 
 from __future__ import annotations
@@ -212,6 +214,21 @@ def _gpt_model_class():
                 return hidden_states.transpose(0, 1).contiguous()
             return super()._postprocess(hidden_states, *args, **kwargs)
 
+        stats_from_labels: bool = True
+
+        def compute_language_model_loss(self, labels, logits):
+            """``forward(..., labels=tokens)`` returns, instead of megatron's cross-entropy, the SHIQ_MATH §2
+            statistics of ``tokens`` ``[B, T]`` (position ``t`` predicted from ``t − 1``; position 0 is
+            zero) as ``[B, T, 2]`` float32 (chosen logit, log-partition), read straight from the output
+            layer's ``[T, B, V/tp]`` logits: ``labels=None`` would first copy them to ``[B, T, V/tp]``.
+            With ``stats_from_labels = False``, megatron's cross-entropy (an SFT loss, for comparison)."""
+            if not self.stats_from_labels:
+                return super().compute_language_model_loss(labels, logits)
+            from shiq_train import vocab_parallel as vp
+
+            st = vp.seq_first_causal_stats(logits, labels, vp.tensor_parallel_group(), self.vocab_size)
+            return torch.stack([st.chosen_logits, st.logz], -1)
+
         def output_weight(self) -> torch.Tensor:
             if self.share_embeddings_and_output_weights:
                 return self.shared_embedding_or_output_weight()
@@ -311,25 +328,35 @@ def unwrap(model):
 def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStats:
     """SHIQ_MATH §2 statistics aligned with ``tokens`` ``[B, T]`` from the last stage's output.
 
-    ``output`` is the model's vocab-parallel logits ``[B, T, V/tp]`` or, when the model returns
-    hidden states (``logits_chunk_tokens > 0``), ``[B, T, H]``. Position ``t`` holds token ``t``'s
-    statistics, predicted from position ``t − 1``; position 0 is zero.
+    The model is run with ``labels=tokens`` (:func:`stats_inputs`): ``output`` is then the statistics
+    ``[B, T, 2]`` (see ``ShiQGPTModel.compute_language_model_loss``) or, when the model returns
+    hidden states (``logits_chunk_tokens > 0``), ``[B, T, H]``, turned into statistics a chunk of
+    tokens at a time. Position ``t`` holds token ``t``'s statistics, predicted from position
+    ``t − 1``; position 0 is zero.
     """
     from shiq_train import vocab_parallel as vp
 
     inner = unwrap(model)
-    group = vp.tensor_parallel_group()
-    vocab = inner.vocab_size
     if inner.return_hidden:
-        chunk = inner.logits_chunk_tokens
-        return vp.chunked_causal_stats(output, inner.output_weight(), tokens, chunk, group, vocab)
-    return vp.vocab_parallel_causal_stats(output, tokens, group, vocab)
+        group = vp.tensor_parallel_group()
+        return vp.chunked_causal_stats(output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group,
+                                       inner.vocab_size)
+    if output.shape != (*tokens.shape, 2):
+        raise ValueError(f"expected statistics [B, T, 2] = {(*tokens.shape, 2)} from a model run with "
+                         f"labels=tokens (stats_inputs), got {tuple(output.shape)}")
+    return TokenStats(output[..., 0], output[..., 1])
+
+
+def stats_inputs(tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> dict:
+    """:func:`model_inputs` plus ``labels=tokens``: the model's output is then what
+    :func:`output_stats` turns into statistics."""
+    return {**model_inputs(tokens, segment_ids), "labels": tokens}
 
 
 def forward_stats(model, tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> TokenStats:
     """Run a whole (single-stage) model on ``tokens`` ``[B, T]`` (packed rows if ``segment_ids``)
     and return its :class:`TokenStats`."""
-    return output_stats(model, model(**model_inputs(tokens, segment_ids)), tokens)
+    return output_stats(model, model(**stats_inputs(tokens, segment_ids)), tokens)
 
 
 # ----------------------------------------------------------------------------------------------

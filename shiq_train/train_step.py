@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
-from shiq_train.model import model_inputs, output_stats, unwrap
+from shiq_train.model import output_stats, stats_inputs, unwrap
 from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
@@ -144,7 +144,7 @@ def objective_loss_fn(loss_cfg) -> LossFn:
 def _forward_step_func(loss_fn: LossFn):
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(**model_inputs(mb["tokens"], mb.get("segment_ids")))
+        output = model(**stats_inputs(mb["tokens"], mb.get("segment_ids")))
 
         def loss_func(output_tensor):
             st = output_stats(model, output_tensor, mb["tokens"])

@@ -52,33 +52,50 @@ def _all_reduce(x: torch.Tensor, op, group) -> torch.Tensor:
     return x
 
 
-def _shard_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int | None, group):
-    """``(c, z, local_target, in_shard, valid_cols)`` from float32 shard logits ``x`` ``[n, Vp]``."""
-    vp = x.shape[-1]
-    valid = None
-    if vocab_size is not None and vocab_start + vp > vocab_size:  # padded vocabulary entries
-        valid = torch.arange(vocab_start, vocab_start + vp, device=x.device) < vocab_size
-        x = x.masked_fill(~valid, float("-inf"))
-    m = x.max(-1).values
-    _all_reduce(m, dist.ReduceOp.MAX, group)
-    s = torch.exp(x - m.unsqueeze(-1)).sum(-1)
-    _all_reduce(s, dist.ReduceOp.SUM, group)
-    z = m + torch.log(s)
+def _valid_columns(vocab_start: int, vp: int, vocab_size: int | None, device):
+    """Bool ``[Vp]`` of the shard's real vocabulary columns, or None when none is padding."""
+    if vocab_size is None or vocab_start + vp <= vocab_size:
+        return None
+    return torch.arange(vocab_start, vocab_start + vp, device=device) < vocab_size
+
+
+def _local_targets(targets, vocab_start: int, vp: int):
+    """``(local, in_shard)``: shard-local column of each target (clamped) and whether it is here."""
     local = targets - vocab_start
     in_shard = (local >= 0) & (local < vp)
-    local = local.clamp(0, vp - 1)
-    c = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).masked_fill(~in_shard, 0.0)
+    return local.clamp(0, vp - 1), in_shard
+
+
+def _shard_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int | None, group,
+                 keep_softmax: bool = False):
+    """``(c, z, p)`` from shard logits ``x`` ``[n, Vp]`` (any float dtype; statistics in float32).
+
+    ``p`` is the shard's float32 softmax ``[n, Vp]`` when ``keep_softmax`` (else None). One
+    ``[n, Vp]`` float32 buffer is allocated, and it is the softmax: ``exp(x − m)`` is formed in it,
+    summed, then normalised in place.
+    """
+    vp = x.shape[-1]
+    valid = _valid_columns(vocab_start, vp, vocab_size, x.device)
+    m = (x if valid is None else x.masked_fill(~valid, float("-inf"))).max(-1).values.float()
+    _all_reduce(m, dist.ReduceOp.MAX, group)
+    e = torch.sub(x, m.unsqueeze(-1), out=torch.empty(x.shape, dtype=torch.float32, device=x.device))
+    if valid is not None:  # padded vocabulary entries: exp(-inf) = 0, out of z and of the softmax
+        e.masked_fill_(~valid, float("-inf"))
+    s = e.exp_().sum(-1)
+    _all_reduce(s, dist.ReduceOp.SUM, group)
+    z = m + torch.log(s)
+    local, in_shard = _local_targets(targets, vocab_start, vp)
+    c = x.gather(-1, local.unsqueeze(-1)).squeeze(-1).float().masked_fill(~in_shard, 0.0)
     _all_reduce(c, dist.ReduceOp.SUM, group)
-    return c, z, local, in_shard, valid
+    return c, z, (e.div_(s.unsqueeze(-1)) if keep_softmax else None)
 
 
-def _grad_logits(x, z, local, in_shard, valid, grad_c, grad_z):
-    """``grad_z · softmax(ℓ) + grad_c · onehot(y)`` on one shard, float32 ``[n, Vp]``."""
-    if valid is not None:
-        x = x.masked_fill(~valid, float("-inf"))
-    g = torch.exp(x - z.unsqueeze(-1)) * grad_z.unsqueeze(-1)
-    g.scatter_add_(-1, local.unsqueeze(-1), (grad_c * in_shard).unsqueeze(-1))
-    return g
+def _grad_from_softmax_(p, targets, vocab_start: int, grad_c, grad_z):
+    """``grad_z · softmax(ℓ) + grad_c · onehot(y)`` on one shard, written over ``p`` ``[n, Vp]``."""
+    local, in_shard = _local_targets(targets, vocab_start, p.shape[-1])
+    p.mul_(grad_z.unsqueeze(-1))
+    p.scatter_add_(-1, local.unsqueeze(-1), (grad_c * in_shard).unsqueeze(-1))
+    return p
 
 
 def _check(targets, tokens_dim: int, what: str):
@@ -92,22 +109,30 @@ class VocabParallelTokenStats(torch.autograd.Function):
     ``apply(logits, targets, group=None, vocab_size=None)``: ``targets`` ``[N]`` int64 global token
     ids; ``vocab_size`` the true vocabulary size when the sharded vocabulary is padded (padded
     columns are excluded from ``z``). The gradient w.r.t. ``logits`` has the logits' dtype.
+
+    Like megatron's ``vocab_parallel_cross_entropy``, the forward keeps the float32 softmax (not the
+    logits) and the backward turns it into the gradient in place: one ``[N, V/tp]`` buffer for
+    forward and backward together. The backward can therefore run only once per forward.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, group=None, vocab_size=None):
         _check(targets, logits.shape[0], "logits")
         vocab_start = _rank(group) * logits.shape[-1]
-        c, z, local, in_shard, valid = _shard_stats(logits.float(), targets, vocab_start, vocab_size, group)
-        ctx.save_for_backward(logits, z, local, in_shard)
-        ctx.valid = valid
+        c, z, p = _shard_stats(logits, targets, vocab_start, vocab_size, group, keep_softmax=True)
+        ctx.save_for_backward(p, targets)
+        ctx.vocab_start, ctx.dtype, ctx.used = vocab_start, logits.dtype, False
         return c, z
 
     @staticmethod
     def backward(ctx, grad_c, grad_z):
-        logits, z, local, in_shard = ctx.saved_tensors
-        g = _grad_logits(logits.float(), z, local, in_shard, ctx.valid, grad_c.float(), grad_z.float())
-        return g.to(logits.dtype), None, None, None
+        if ctx.used:
+            raise RuntimeError("VocabParallelTokenStats: backward ran twice over one forward (its softmax buffer "
+                               "became the first gradient); recompute the statistics instead of retain_graph=True")
+        ctx.used = True
+        p, targets = ctx.saved_tensors
+        g = _grad_from_softmax_(p, targets, ctx.vocab_start, grad_c.float(), grad_z.float())
+        return g.to(ctx.dtype), None, None, None
 
 
 class ChunkedTokenStats(torch.autograd.Function):
@@ -130,8 +155,8 @@ class ChunkedTokenStats(torch.autograd.Function):
         vocab_start = _rank(group) * weight.shape[0]
         cs, zs = [], []
         for i in range(0, hidden.shape[0], chunk_tokens):
-            x = (hidden[i : i + chunk_tokens] @ weight.t()).float()
-            c, z, _, _, _ = _shard_stats(x, targets[i : i + chunk_tokens], vocab_start, vocab_size, group)
+            x = hidden[i : i + chunk_tokens] @ weight.t()
+            c, z, _ = _shard_stats(x, targets[i : i + chunk_tokens], vocab_start, vocab_size, group)
             cs.append(c)
             zs.append(z)
         c = torch.cat(cs) if cs else hidden.new_zeros(0, dtype=torch.float32)
@@ -144,20 +169,17 @@ class ChunkedTokenStats(torch.autograd.Function):
     def backward(ctx, grad_c, grad_z):
         hidden, weight, targets, z = ctx.saved_tensors
         n, vp = hidden.shape[0], weight.shape[0]
-        valid = None
-        if ctx.vocab_size is not None and ctx.vocab_start + vp > ctx.vocab_size:
-            valid = torch.arange(ctx.vocab_start, ctx.vocab_start + vp, device=hidden.device) < ctx.vocab_size
+        valid = _valid_columns(ctx.vocab_start, vp, ctx.vocab_size, hidden.device)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for i in range(0, n, ctx.chunk_tokens):
             sl = slice(i, i + ctx.chunk_tokens)
             h = hidden[sl]
-            x = (h @ weight.t()).float()
-            local = targets[sl] - ctx.vocab_start
-            in_shard = (local >= 0) & (local < vp)
-            g = _grad_logits(x, z[sl], local.clamp(0, vp - 1), in_shard, valid,
-                             grad_c[sl].float(), grad_z[sl].float())
+            p = (h @ weight.t()).float().sub_(z[sl].unsqueeze(-1))  # fresh chunk buffer: in place from here
+            if valid is not None:
+                p.masked_fill_(~valid, float("-inf"))
+            g = _grad_from_softmax_(p.exp_(), targets[sl], ctx.vocab_start, grad_c[sl].float(), grad_z[sl].float())
             g = g.to(hidden.dtype)
             if need_h:
                 grad_h[sl] = g @ weight
@@ -194,9 +216,29 @@ def _shift(st: TokenStats) -> TokenStats:
 def vocab_parallel_causal_stats(logits, tokens, group=None, vocab_size=None) -> TokenStats:
     """Causal-LM statistics aligned with ``tokens`` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]``.
 
-    Same alignment as :func:`shiq_train.stats.causal_lm_stats` (position 0 is zero).
+    Same alignment as :func:`shiq_train.stats.causal_lm_stats` (position 0 is zero). The statistics
+    are computed at all ``T`` positions (the last one, which predicts nothing, against token 0 and
+    then dropped) so that ``logits`` is used as a view: slicing ``logits[:, :-1]`` would copy it.
     """
-    return _shift(vocab_parallel_token_stats(logits[:, :-1], tokens[:, 1:], group, vocab_size))
+    targets = torch.cat([tokens[:, 1:], tokens.new_zeros(tokens.shape[0], 1)], 1)
+    st = vocab_parallel_token_stats(logits, targets, group, vocab_size)
+    return _shift(TokenStats(st.chosen_logits[:, :-1], st.logz[:, :-1]))
+
+
+def seq_first_causal_stats(logits, tokens, group=None, vocab_size=None) -> TokenStats:
+    """Causal-LM statistics aligned with ``tokens`` ``[B, T]`` from sequence-first logits ``[T, B, V/tp]``.
+
+    megatron's output layer produces this layout; reading it directly saves the ``[B, T, V/tp]`` copy
+    that ``GPTModel`` makes when it returns logits (see ``ShiQGPTModel.compute_language_model_loss``).
+    Same alignment as :func:`vocab_parallel_causal_stats`.
+    """
+    T, B, vp = logits.shape
+    if tokens.shape != (B, T):
+        raise ValueError(f"tokens must be [B, T] = {(B, T)} for logits [T, B, V/tp] {tuple(logits.shape)}, "
+                         f"got {tuple(tokens.shape)}")
+    targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1).t()  # [T, B]; the last one is dropped
+    c, z = VocabParallelTokenStats.apply(logits.reshape(T * B, vp), targets.reshape(T * B).long(), group, vocab_size)
+    return _shift(TokenStats(c.view(T, B).t()[:, :-1], z.view(T, B).t()[:, :-1]))
 
 
 def chunked_causal_stats(hidden, weight, tokens, chunk_tokens=1024, group=None, vocab_size=None) -> TokenStats:

@@ -171,6 +171,10 @@ def test_forward_stats_match_full_logits_both_paths(dist1):
     st = M.forward_stats(model, tok)
     torch.testing.assert_close(st.logz, ref.logz)
     torch.testing.assert_close(st.chosen_logits, ref.chosen_logits)
+    model.stats_from_labels = False  # labels= then gives megatron's own cross-entropy: -log π(y_t)
+    ce = model(**M.model_inputs(tok), labels=tok.roll(-1, dims=1))
+    model.stats_from_labels = True
+    torch.testing.assert_close(ce[:, :-1], (ref.logz - ref.chosen_logits)[:, 1:], rtol=1e-5, atol=1e-5)
     model.return_hidden, model.logits_chunk_tokens = True, 7  # the chunked path, same weights
     st2 = M.forward_stats(model, tok)
     torch.testing.assert_close(st2.logz, ref.logz, rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from shiq_train.stats import causal_lm_stats, token_stats
 from shiq_train.vocab_parallel import (
     chunked_causal_stats,
     chunked_token_stats,
+    seq_first_causal_stats,
     vocab_parallel_causal_stats,
     vocab_parallel_token_stats,
 )
@@ -91,10 +92,15 @@ def test_chunked_tp1_matches_full_logits(chunk):
 
 def test_causal_alignment_matches_causal_lm_stats():
     logits, hidden, weight, targets, wc, wz = _inputs(2)
-    ref = causal_lm_stats(logits, targets)
-    st = vocab_parallel_causal_stats(logits, targets)
+    lg_ref, lg = logits.clone().requires_grad_(True), logits.clone().requires_grad_(True)
+    ref = causal_lm_stats(lg_ref, targets)
+    st = vocab_parallel_causal_stats(lg, targets)
     _close(st.chosen_logits, ref.chosen_logits)
     _close(st.logz, ref.logz)
+    _objective(ref, wc, wz).backward()
+    _objective(st, wc, wz).backward()
+    _close(lg.grad, lg_ref.grad)
+    assert lg.grad[:, -1].abs().max() == 0  # the last position predicts nothing
     ref2 = causal_lm_stats(hidden @ weight.t(), targets)
     st2 = chunked_causal_stats(hidden, weight, targets, chunk_tokens=3)
     _close(st2.chosen_logits, ref2.chosen_logits)
@@ -110,6 +116,18 @@ def test_bf16_logits_give_float32_stats_and_bf16_grads():
     _close(st.logz, ref.logz)
     _objective(st, wc, wz).backward()
     assert lg.grad.dtype == torch.bfloat16
+    lg_ref = logits.clone().requires_grad_(True)
+    _objective(token_stats(lg_ref, targets), wc, wz).backward()
+    _close(lg.grad.float(), lg_ref.grad.float(), tol=1e-2)  # bf16 rounding of the gradient
+
+
+def test_backward_twice_is_refused():
+    logits, _, _, targets, wc, wz = _inputs(5)
+    lg = logits.clone().requires_grad_(True)
+    loss = _objective(vocab_parallel_token_stats(lg, targets), wc, wz)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        loss.backward()
 
 
 def test_large_logits_are_stable():
@@ -211,3 +229,19 @@ def test_chunked_never_holds_token_by_vocab_logits():
     assert _largest_tensor_created(full) >= n * v
     # the largest tensors are now one chunk of logits and the weight's gradient
     assert _largest_tensor_created(chunked) <= max(chunk * v, v * h)
+
+
+def test_sequence_first_logits_match_causal_lm_stats():
+    """megatron's ``[T, B, V]`` layout, read without a batch-first copy, gives the same values and gradients."""
+    logits, _, _, targets, wc, wz = _inputs(6)
+    lg_ref = logits.clone().requires_grad_(True)
+    ref = causal_lm_stats(lg_ref, targets)
+    seq_first = logits.transpose(0, 1).contiguous().requires_grad_(True)
+    st = seq_first_causal_stats(seq_first, targets)
+    _close(st.chosen_logits, ref.chosen_logits)
+    _close(st.logz, ref.logz)
+    _objective(ref, wc, wz).backward()
+    _objective(st, wc, wz).backward()
+    _close(seq_first.grad.transpose(0, 1), lg_ref.grad)
+    with pytest.raises(ValueError, match="tokens must be"):
+        seq_first_causal_stats(seq_first, targets[:, :-1])

@@ -93,9 +93,13 @@ def sft_step(model, optimizer, scheduler, micro_batches, clip_grad):
 
     optimizer.zero_grad(set_to_none=True)
     tokens = micro_batches[0]["tokens"]
-    get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-                                num_microbatches=len(micro_batches), seq_length=tokens.shape[1],
-                                micro_batch_size=tokens.shape[0], forward_only=False)
+    model.stats_from_labels = False  # labels= gives megatron's cross-entropy, not SHIQ_MATH §2 statistics
+    try:
+        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
+                                    num_microbatches=len(micro_batches), seq_length=tokens.shape[1],
+                                    micro_batch_size=tokens.shape[0], forward_only=False)
+    finally:
+        model.stats_from_labels = True
     finalize_grads(model)
     clip_grad_norm(model, clip_grad)
     optimizer.step()
