@@ -92,6 +92,7 @@ class RegressionRewardModel:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.close(fd)
         try:
             save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)},

@@ -121,3 +121,18 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
                  "--reward-model", "x"]) == 2
     assert "not a checkpoint step directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on failure
+
+
+def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
+    """Reports, plots and trajectories are read by others: not mkstemp's owner-only 0600."""
+    import stat
+
+    from shiq_eval.bfcl_rollout import write_trajectories
+    from shiq_eval.report import atomic_write_json
+
+    atomic_write_json(tmp_path / "r.json", {"a": 1})
+    write_trajectories(tmp_path / "t.jsonl", [{"b": 2}])
+    for name in ("r.json", "t.jsonl"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.jsonl"]
