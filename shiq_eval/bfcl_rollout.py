@@ -99,18 +99,20 @@ class ContextOverflow(RuntimeError):
 
 
 class ChatModelPolicy:
-    """A chat model as a policy: chat template -> token ids -> ``HFPolicy.generate`` -> text.
+    """A chat model as a policy: chat template -> token ids -> ``generate`` -> text.
 
-    ``hf_policy`` is a :class:`shiq_eval.generate.HFPolicy`; ``cfg`` its ``SamplingConfig``.
+    ``token_policy`` is a :class:`shiq_eval.generate.HFPolicy` or ``MegatronPolicy``; ``cfg`` its
+    ``SamplingConfig``.
     Special tokens are dropped from the answer text. Raises :class:`ContextOverflow` when the
     prompt plus ``cfg.max_new_tokens`` exceeds ``max_context`` (default: the model config's
-    ``max_position_embeddings``).
+    ``max_position_embeddings``, or the megatron model's ``max_sequence_length``).
     """
 
-    def __init__(self, hf_policy, tokenizer, cfg, max_context: Optional[int] = None):
-        self.hf_policy, self.tokenizer, self.cfg = hf_policy, tokenizer, cfg
+    def __init__(self, token_policy, tokenizer, cfg, max_context: Optional[int] = None):
+        self.token_policy, self.tokenizer, self.cfg = token_policy, tokenizer, cfg
         if max_context is None:
-            max_context = getattr(getattr(hf_policy.model, "config", None), "max_position_embeddings", None)
+            max_context = getattr(token_policy, "max_context", None) or getattr(
+                getattr(token_policy.model, "config", None), "max_position_embeddings", None)
         self.max_context = max_context
 
     def __call__(self, messages: list) -> str:
@@ -119,7 +121,7 @@ class ChatModelPolicy:
         if self.max_context is not None and len(ids) + self.cfg.max_new_tokens > self.max_context:
             raise ContextOverflow(f"prompt of {len(ids)} tokens + {self.cfg.max_new_tokens} new tokens "
                                   f"exceeds the context of {self.max_context}")
-        out = self.hf_policy.generate([ids], self.cfg)[0]
+        out = self.token_policy.generate([ids], self.cfg)[0]
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 

@@ -1,8 +1,10 @@
 """Sampling from a policy, batched, with a KV cache: the one interface evaluation needs.
 
-A policy is anything with ``generate(prompt_ids, cfg) -> completion_ids`` and ``eos_id``; ``HFPolicy``
-wraps a Hugging Face causal LM (its ``generate`` keeps the KV cache). Token ids in, token ids out:
-chat templating belongs to the caller, so the same prompts reach every model.
+A policy is anything with ``generate(prompt_ids, cfg) -> completion_ids`` and ``eos_id``. ``HFPolicy``
+wraps a Hugging Face causal LM (its ``generate`` keeps the KV cache); ``MegatronPolicy`` samples the
+trainer's megatron-core ``GPTModel`` directly, tensor-parallel shards included, with megatron's
+static KV cache. Token ids in, token ids out: chat templating belongs to the caller, so the same
+prompts reach every model.
 """
 
 from __future__ import annotations
@@ -67,4 +69,118 @@ class HFPolicy:
             )[:, width:]
             for row in gen.tolist():
                 out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
+        return out
+
+
+def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+    """One token per row from ``logits`` ``[B, V]``: argmax when ``cfg.temperature == 0``, else a draw
+    from ``softmax(logits / temperature)`` restricted to the nucleus, the smallest set of most likely
+    tokens whose probability reaches ``cfg.top_p`` (renormalised). Returns ``[B]`` int64."""
+    if cfg.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / cfg.temperature
+    if cfg.top_p < 1:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always stays (mass_before 0)
+        sorted_logits = sorted_logits.masked_fill(mass_before >= cfg.top_p, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+class MegatronPolicy:
+    """A megatron-core ``GPTModel`` (as built by :func:`shiq_train.model.build_model`) as a policy.
+
+    Sampling runs the model with megatron's ``StaticInferenceContext`` (a KV cache per layer) the
+    way megatron's own static engine does: prompts are right-padded, decoding starts at the shortest
+    prompt, and a row keeps its own prompt tokens until its prompt ends, so no row ever attends to
+    padding and positions are exact. Under tensor parallelism every rank of the group calls
+    ``generate`` with the same prompts; logits are gathered over the vocabulary shards and the
+    token drawn on tensor-parallel rank 0 is broadcast, so all ranks return the same completions.
+    Pipeline parallelism is refused (sample from a ``pp=1`` layout, or export to Hugging Face with
+    :mod:`shiq_train.export`). ``vocab_size`` (default: the model's) excludes padded vocabulary rows.
+    """
+
+    def __init__(self, model, eos_id: int, pad_id: int | None = None, vocab_size: int | None = None):
+        from shiq_train.model import unwrap
+
+        self.model = unwrap(model)
+        self.eos_id = int(eos_id)
+        self.pad_id = int(eos_id if pad_id is None else pad_id)
+        self.vocab_size = int(vocab_size or self.model.vocab_size)
+        self.max_context = int(self.model.max_sequence_length)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
+        """Completion token ids per prompt, cut after the first end-of-sequence token (kept).
+
+        Batch ``i`` is sampled under seed ``cfg.seed + i``, so results do not depend on what else runs.
+        """
+        from megatron.core import parallel_state as ps
+
+        if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
+            raise ValueError("MegatronPolicy: sampling under pipeline parallelism is not supported; build the "
+                             "model with pp=1 (tensor parallelism is fine) or export it to Hugging Face "
+                             "(shiq_train.export) and use HFPolicy")
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            out: list[list[int]] = []
+            starts = range(0, len(prompt_ids), cfg.batch_size)
+            for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+                out.extend(self._generate_batch(prompt_ids[start : start + cfg.batch_size], start, cfg, cfg.seed + i))
+            return out
+        finally:
+            self.model.train(was_training)
+
+    def _generate_batch(self, batch: list[list[int]], first: int, cfg: SamplingConfig, seed: int) -> list[list[int]]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        from shiq_train.model import causal_mask
+
+        for j, p in enumerate(batch):
+            if not p:
+                raise ValueError(f"prompt {first + j} is empty")
+            if len(p) + cfg.max_new_tokens > self.max_context:
+                raise ValueError(f"prompt {first + j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
+                                 f"the model's max_sequence_length {self.max_context}")
+        device = next(self.model.parameters()).device
+        B = len(batch)
+        lens = torch.tensor([len(p) for p in batch], device=device)
+        width = int(lens.max()) + cfg.max_new_tokens
+        tokens = torch.full((B, width), self.pad_id, dtype=torch.long, device=device)
+        for j, p in enumerate(batch):
+            tokens[j, : len(p)] = torch.tensor(p, dtype=torch.long)
+        ends = lens + cfg.max_new_tokens  # exclusive end of each row's completion
+        positions = torch.arange(width, device=device)
+        in_prompt = positions.unsqueeze(0) < lens.unsqueeze(1)  # [B, width]
+        mask = causal_mask(width, device)
+        context = StaticInferenceContext(B, width)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        start = 0
+        for end in range(int(lens.min()), width):  # draw the token at position `end` from tokens[:, :end]
+            if start > 0:
+                context.enable_decode_mode()
+            logits = self.model(tokens[:, start:end], positions[start:end].expand(B, -1), mask[..., start:end, :end],
+                                inference_context=context, runtime_gather_output=True)  # [B, n, V]
+            context.increment_sequence_len_offset(end - start)
+            start = end
+            drawn = sample_next(logits[:, -1, : self.vocab_size], cfg, generator)
+            if tp > 1:  # identical logits give identical draws; broadcasting makes it certain
+                dist.broadcast(drawn, src=ps.get_tensor_model_parallel_src_rank(),
+                               group=ps.get_tensor_model_parallel_group())
+            generating = ~in_prompt[:, end] & ~done & (end < ends)
+            tokens[:, end] = torch.where(in_prompt[:, end], tokens[:, end],
+                                         torch.where(generating, drawn, torch.full_like(drawn, self.pad_id)))
+            done |= generating & (drawn == self.eos_id)
+            if bool((done | (end + 1 >= ends)).all()):
+                break
+        out = []
+        for j in range(B):
+            row = tokens[j, int(lens[j]) : int(ends[j])].tolist()
+            out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
         return out

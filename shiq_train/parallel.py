@@ -28,6 +28,12 @@ except ``Tensor.cuda`` for the duration of one megatron call). The measured list
   ``weight.data.cuda()`` before the first/last-stage all-reduce that copies tied embeddings under
   pipeline parallelism. Patched: ``LanguageModule.setup_embeddings_and_output_layer`` is wrapped
   so that, during that call only, ``Tensor.cuda()`` of a CPU tensor returns the tensor itself.
+- ``kv_cache`` -- ``transformer/attention.py:424-431``: the inference KV cache
+  (``Attention._allocate_memory``, used when sampling with a ``StaticInferenceContext``) is allocated
+  on ``current_device()``. Patched: ``current_device`` as seen from ``attention``.
+- ``tp_gather`` -- ``tensor_parallel/mappings.py:91, 141, 148, 181``: gather buffers (the logits
+  gathered over vocabulary shards when sampling under tensor parallelism) on ``current_device()``.
+  Patched: ``current_device`` as seen from ``mappings``.
 
 Two CUDA assumptions are met by configuration instead of patches (see ``shiq_train.model``):
 ``TransformerConfig(use_cpu_initialization=True)`` (weights and rotary frequencies on CPU) and an
@@ -182,7 +188,9 @@ def apply_cpu_adaptations() -> list[str]:
     from megatron.core.models.common.embeddings import rotary_pos_embedding
     from megatron.core.models.common.language_module import language_module
     from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import attention
 
     if not getattr(mrandom.CudaRNGStatesTracker, "_shiq_cpu", False):
         mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
@@ -201,8 +209,12 @@ def apply_cpu_adaptations() -> list[str]:
     lm = language_module.LanguageModule
     if not getattr(lm.setup_embeddings_and_output_layer, "_shiq_cpu", False):
         lm.setup_embeddings_and_output_layer = _wrap_tied_embedding_setup()
+    if not isinstance(attention.torch, _TorchView):
+        attention.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    if not isinstance(mappings.torch, _TorchView):
+        mappings.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     _APPLIED[:] = ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros", "p2p_device_and_sync",
-                   "tied_embedding_copy"]
+                   "tied_embedding_copy", "kv_cache", "tp_gather"]
     return list(_APPLIED)
 
 

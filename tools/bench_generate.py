@@ -1,0 +1,77 @@
+"""Sampling speed: the megatron model (``MegatronPolicy``) against transformers (``HFPolicy``).
+
+One run, the same SmolLM2-135M-Instruct weights (imported into megatron-core), the same prompts (the
+demo's held-out movie-review openings in the chat template), the same batches, greedy decoding so
+both produce the same tokens (the table says how many completions agree exactly). Both keep a KV
+cache: transformers' dynamic cache, megatron's ``StaticInferenceContext``. Methods alternate
+(A B A B ...) after one warm-up each, so load from other processes hits both alike.
+
+    python tools/bench_generate.py                   # 32 prompts, 32 new tokens, batches of 8
+    python tools/bench_generate.py --prompts 64 --batch 16 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+import warnings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="Prints median seconds per pass over the prompts, generated tokens/s, "
+                                       "and the ratio of the two engines.")
+    p.add_argument("--prompts", type=int, default=32, help="held-out movie prompts (default 32)")
+    p.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
+    p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--reps", type=int, default=3, help="timed passes per engine after one warm-up (default 3)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from shiq_eval.cli import encode_prompts, movie_prompts
+    from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig
+    from shiq_train import hf_convert as H
+    from shiq_train import model as M
+    from shiq_train import parallel
+
+    torch.set_num_threads(args.threads)
+    hf, tok = H.load_smollm2(torch.float32)
+    prompts, _ = movie_prompts(args.prompts)
+    ids = encode_prompts(tok, prompts, chat=True)
+    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0, batch_size=args.batch)
+    with parallel.distributed(seed=0):
+        mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0))
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        engines = {"transformers (HFPolicy)": HFPolicy(hf, eos_id=tok.eos_token_id),
+                   "megatron-core (MegatronPolicy)": MegatronPolicy(mg.eval(), eos_id=tok.eos_token_id)}
+        outputs = {name: e.generate(ids, cfg) for name, e in engines.items()}  # warm-up
+        times = {name: [] for name in engines}
+        for _ in range(args.reps):
+            for name, e in engines.items():
+                t0 = time.perf_counter()
+                e.generate(ids, cfg)
+                times[name].append(time.perf_counter() - t0)
+    tokens = {name: sum(len(o) for o in out) for name, out in outputs.items()}
+    hf_name = next(iter(engines))
+    base = statistics.median(times[hf_name])
+    same = sum(a == b for a, b in zip(*outputs.values()))
+    print(f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), "
+          f"greedy, {args.new_tokens} new tokens, batches of {args.batch}, {args.threads} threads, "
+          f"median of {args.reps}; identical completions: {same}/{len(ids)}")
+    print()
+    print("| engine | seconds per pass | generated tokens/s | time / transformers |")
+    print("|---|---|---|---|")
+    for name in engines:
+        med = statistics.median(times[name])
+        print(f"| {name} | {med:.2f} | {tokens[name] / med:,.0f} | {med / base:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
