@@ -34,6 +34,24 @@ class SamplingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def _generate_in_batches(prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int,
+                         generate_batch) -> list[list[int]]:
+    """What every policy's ``generate`` promises: batches of ``cfg.batch_size`` in order, batch ``i`` sampled
+    under seed ``cfg.seed + i`` (so results do not depend on what else runs), empty prompts refused, each
+    completion cut after its first end-of-sequence token (kept). ``generate_batch(batch, first, seed)``
+    returns the raw completion ids of one batch whose first prompt has index ``first``."""
+    out: list[list[int]] = []
+    starts = range(0, len(prompt_ids), cfg.batch_size)
+    for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+        batch = prompt_ids[start : start + cfg.batch_size]
+        for j, p in enumerate(batch):
+            if not p:
+                raise ValueError(f"prompt {start + j} is empty")
+        for row in generate_batch(batch, start, cfg.seed + i):
+            out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+    return out
+
+
 class HFPolicy:
     """A Hugging Face causal LM as a policy. Prompts are left-padded within a batch."""
 
@@ -44,32 +62,25 @@ class HFPolicy:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt, cut after the first end-of-sequence token (kept).
+        """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
+        return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id,
+                                    lambda batch, first, seed: self._generate_batch(batch, cfg, seed))
 
-        Batch ``i`` is sampled under seed ``cfg.seed + i``, so results do not depend on what else runs.
-        """
-        out: list[list[int]] = []
-        starts = range(0, len(prompt_ids), cfg.batch_size)
-        for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
-            batch = prompt_ids[start : start + cfg.batch_size]
-            if any(len(p) == 0 for p in batch):
-                raise ValueError(f"prompt {start + next(j for j, p in enumerate(batch) if not p)} is empty")
-            width = max(len(p) for p in batch)
-            ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-            attn = torch.zeros((len(batch), width), dtype=torch.long)
-            for j, p in enumerate(batch):
-                ids[j, width - len(p) :] = torch.tensor(p)
-                attn[j, width - len(p) :] = 1
-            torch.manual_seed(cfg.seed + i)
-            kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
-                else dict(do_sample=False)
-            gen = self.model.generate(
-                input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id, use_cache=True, **kw,
-            )[:, width:]
-            for row in gen.tolist():
-                out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
-        return out
+    def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig, seed: int) -> list[list[int]]:
+        width = max(len(p) for p in batch)
+        ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for j, p in enumerate(batch):
+            ids[j, width - len(p) :] = torch.tensor(p)
+            attn[j, width - len(p) :] = 1
+        torch.manual_seed(seed)
+        kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
+            else dict(do_sample=False)
+        gen = self.model.generate(
+            input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id, use_cache=True, **kw,
+        )[:, width:]
+        return gen.tolist()
 
 
 def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
@@ -112,10 +123,7 @@ class MegatronPolicy:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt, cut after the first end-of-sequence token (kept).
-
-        Batch ``i`` is sampled under seed ``cfg.seed + i``, so results do not depend on what else runs.
-        """
+        """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
@@ -125,11 +133,8 @@ class MegatronPolicy:
         was_training = self.model.training
         self.model.eval()
         try:
-            out: list[list[int]] = []
-            starts = range(0, len(prompt_ids), cfg.batch_size)
-            for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
-                out.extend(self._generate_batch(prompt_ids[start : start + cfg.batch_size], start, cfg, cfg.seed + i))
-            return out
+            return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id,
+                                        lambda batch, first, seed: self._generate_batch(batch, first, cfg, seed))
         finally:
             self.model.train(was_training)
 
@@ -141,8 +146,6 @@ class MegatronPolicy:
         from shiq_train.model import causal_mask
 
         for j, p in enumerate(batch):
-            if not p:
-                raise ValueError(f"prompt {first + j} is empty")
             if len(p) + cfg.max_new_tokens > self.max_context:
                 raise ValueError(f"prompt {first + j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
                                  f"the model's max_sequence_length {self.max_context}")
@@ -179,8 +182,4 @@ class MegatronPolicy:
             done |= generating & (drawn == self.eos_id)
             if bool((done | (end + 1 >= ends)).all()):
                 break
-        out = []
-        for j in range(B):
-            row = tokens[j, int(lens[j]) : int(ends[j])].tolist()
-            out.append(row[: row.index(self.eos_id) + 1] if self.eos_id in row else row)
-        return out
+        return [tokens[j, int(lens[j]) : int(ends[j])].tolist() for j in range(B)]

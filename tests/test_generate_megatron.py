@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 transformers = pytest.importorskip("transformers")
 
 from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next  # noqa: E402
+from test_generate import greedy_reference as greedy_without_cache  # noqa: E402  (one full forward per token)
 from shiq_train import hf_convert as H  # noqa: E402
 from shiq_train import model as M  # noqa: E402
 from shiq_train import parallel  # noqa: E402
@@ -31,19 +32,6 @@ def peaked_llama():
                                    initializer_range=0.3, tie_word_embeddings=True)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def greedy_without_cache(model, prompt, n, eos):
-    """Reference: one full transformers forward per new token, argmax of the last position."""
-    ids, out = list(prompt), []
-    with torch.no_grad():
-        for _ in range(n):
-            tok = int(model(torch.tensor([ids])).logits[0, -1].argmax())
-            out.append(tok)
-            ids.append(tok)
-            if tok == eos:
-                break
-    return out
 
 
 def imported(hf):
