@@ -213,6 +213,12 @@ def _shift(st: TokenStats) -> TokenStats:
     return TokenStats(torch.cat([pad, st.chosen_logits], 1), torch.cat([pad, st.logz], 1))
 
 
+def _next_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` targets of every position: token ``t + 1``, and token 0 at the last position (which
+    predicts nothing; its statistics are dropped), so the logits need no slicing copy."""
+    return torch.cat([tokens[:, 1:], tokens.new_zeros(tokens.shape[0], 1)], 1)
+
+
 def vocab_parallel_causal_stats(logits, tokens, group=None, vocab_size=None) -> TokenStats:
     """Causal-LM statistics aligned with ``tokens`` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]``.
 
@@ -220,8 +226,7 @@ def vocab_parallel_causal_stats(logits, tokens, group=None, vocab_size=None) -> 
     are computed at all ``T`` positions (the last one, which predicts nothing, against token 0 and
     then dropped) so that ``logits`` is used as a view: slicing ``logits[:, :-1]`` would copy it.
     """
-    targets = torch.cat([tokens[:, 1:], tokens.new_zeros(tokens.shape[0], 1)], 1)
-    st = vocab_parallel_token_stats(logits, targets, group, vocab_size)
+    st = vocab_parallel_token_stats(logits, _next_tokens(tokens), group, vocab_size)
     return _shift(TokenStats(st.chosen_logits[:, :-1], st.logz[:, :-1]))
 
 
@@ -236,7 +241,7 @@ def seq_first_causal_stats(logits, tokens, group=None, vocab_size=None) -> Token
     if tokens.shape != (B, T):
         raise ValueError(f"tokens must be [B, T] = {(B, T)} for logits [T, B, V/tp] {tuple(logits.shape)}, "
                          f"got {tuple(tokens.shape)}")
-    targets = torch.cat([tokens[:, 1:], tokens.new_zeros(B, 1)], 1).t()  # [T, B]; the last one is dropped
+    targets = _next_tokens(tokens).t()  # [T, B]
     c, z = VocabParallelTokenStats.apply(logits.reshape(T * B, vp), targets.reshape(T * B).long(), group, vocab_size)
     return _shift(TokenStats(c.view(T, B).t()[:, :-1], z.view(T, B).t()[:, :-1]))
 
