@@ -27,6 +27,9 @@ from shiq_train.stats import TokenStats, causal_lm_stats
 StatsFn = Callable[[torch.Tensor, torch.Tensor], TokenStats]
 
 DEFAULT_BATCH_TOKENS = 2048
+# Causal LMs whose logits are exactly ``last_hidden_state @ lm_head.weight.T`` (the Llama family the
+# trainer imports); others go through their full logits.
+CHUNKED_MODEL_TYPES = ("llama",)
 
 
 def length_sorted_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -127,18 +130,32 @@ def compute_ref_stats(buffer_dir, stats_fn: StatsFn, *, ref_model: dict, max_bat
 # statistics functions
 
 
-def hf_stats_fn(model) -> StatsFn:
-    """``stats_fn`` of a ``transformers`` causal LM: full logits -> ``causal_lm_stats`` (float32, no grad).
+def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
+    """``stats_fn`` of a ``transformers`` causal LM (float32, no grad).
 
-    Padded positions (attention mask False) are set to 0. Puts the model in eval mode.
+    For Llama-family models (output layer without bias or logit scaling) the statistics come from the
+    final hidden states and the output weight ``chunk_tokens`` positions at a time
+    (:func:`shiq_train.vocab_parallel.chunked_causal_stats`), so the ``[B, T, V]`` logits are never
+    held whole; other models go through their full logits (``causal_lm_stats``). Padded positions
+    (attention mask False) are set to 0. Puts the model in eval mode.
     """
+    from shiq_train.vocab_parallel import chunked_causal_stats
+
     model.eval()
+    head = model.get_output_embeddings()
+    chunked = (getattr(model.config, "model_type", None) in CHUNKED_MODEL_TYPES
+               and getattr(head, "bias", None) is None)
 
     def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> TokenStats:
         with torch.no_grad():
-            logits = model(input_ids=tokens, attention_mask=attention_mask.long()).logits
-            st = causal_lm_stats(logits, tokens)
-        return TokenStats(st.chosen_logits.masked_fill(~attention_mask, 0.0), st.logz.masked_fill(~attention_mask, 0.0))
+            if chunked:
+                hidden = model.get_decoder()(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
+                st = chunked_causal_stats(hidden, head.weight, tokens, chunk_tokens)
+            else:
+                logits = model(input_ids=tokens, attention_mask=attention_mask.long()).logits
+                st = causal_lm_stats(logits, tokens)
+        return TokenStats(st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
+                          st.logz.float().masked_fill(~attention_mask, 0.0))
 
     return stats
 

@@ -116,6 +116,38 @@ def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
         compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "other"}, progress=False)
 
 
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])
+def test_llama_stats_never_form_full_logits_and_equal_them(tiny_llama, chunk_tokens, monkeypatch):
+    """The chunked Llama path gives the naive full-logit values without calling the output layer."""
+    rows = [r["tokens"] for r in make_rows(5, seed=4, min_len=2, max_len=12)]
+    with torch.no_grad():
+        expected = [naive_stats(tiny_llama(input_ids=torch.tensor([t])).logits[0], t) for t in rows]
+
+    def refuse(*a, **k):
+        raise AssertionError("full logits formed")
+
+    monkeypatch.setattr(tiny_llama.lm_head, "forward", refuse)
+    chosen, logz = rows_ref_stats(rows, hf_stats_fn(tiny_llama, chunk_tokens=chunk_tokens), max_batch_tokens=30)
+    for (c, z), got_c, got_z in zip(expected, chosen, logz):
+        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+
+
+def test_other_models_use_their_full_logits():
+    """A model outside the Llama family (GPT-2: its own output path) goes through its full logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
+    rows = [r["tokens"] for r in make_rows(4, seed=5, min_len=2, max_len=12)]
+    chosen, logz = rows_ref_stats(rows, hf_stats_fn(model, chunk_tokens=2), max_batch_tokens=30)
+    for t, got_c, got_z in zip(rows, chosen, logz):
+        with torch.no_grad():
+            c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
+        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+
+
 def test_padding_does_not_change_values(tiny_llama):
     rows = [r["tokens"] for r in make_rows(7, seed=3, min_len=2, max_len=15)]
     alone = rows_ref_stats(rows, hf_stats_fn(tiny_llama), max_batch_tokens=1)  # each row unpadded
