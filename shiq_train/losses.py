@@ -12,6 +12,7 @@ Losses are computed in float32 (or float64 if given): bf16 statistics are upcast
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +31,7 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
         raise ValueError(f"action_mask must be a bool tensor, got dtype {action_mask.dtype}")
     if action_mask.dim() != 2:
         raise ValueError(f"inputs must be [B, T]; action_mask has shape {tuple(shape)}")
-    for name, x in {**named, "rewards": rewards}.items():
+    for name, x in ({**named, "rewards": rewards} if rewards is not None else named).items():
         if x.shape != shape:
             raise ValueError(
                 f"shape mismatch: {name} has shape {tuple(x.shape)} but action_mask has {tuple(shape)}"
@@ -40,16 +41,15 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
         if not bool(torch.isfinite(x).all()):
             bad = torch.nonzero(~torch.isfinite(x))[0].tolist()
             raise ValueError(f"{name} has a non-finite value at [row, position] = {bad}")
-    off_action = (rewards != 0) & ~action_mask
-    if bool(off_action.any()):
+    off_action = (rewards != 0) & ~action_mask if rewards is not None else None
+    if off_action is not None and bool(off_action.any()):
         bad = torch.nonzero(off_action)[0].tolist()
         raise ValueError(
             f"rewards has a nonzero value on a non-action position at [row, position] = {bad}: "
             "rewards must sit on action tokens (SHIQ_MATH §2)"
         )
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    if not (isinstance(gamma, (int, float)) and 0.0 <= gamma <= 1.0):
+    _check_beta(beta)
+    if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
     if segment_ids is not None:
         if segment_ids.shape != shape:
@@ -67,6 +67,37 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
                 f"segment_ids must be non-decreasing along each row (each trajectory a contiguous "
                 f"run); row {row} is not"
             )
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _check_beta(beta) -> None:
+    if not (_is_number(beta) and math.isfinite(beta) and beta > 0):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+
+
+def _check_rows(name: str, x: torch.Tensor, batch: int, *, integer: bool) -> None:
+    """A per-row vector of the sequence-level losses: ``[batch]`` (integer ids, or finite floats)."""
+    if x.dim() != 1 or (name in ("group_ids", "values") and x.shape[0] != batch):
+        want = f"[{batch}]" if name in ("group_ids", "values") else "[P]"
+        raise ValueError(f"{name} must be {want} (one entry per row), got shape {tuple(x.shape)}")
+    if integer:
+        if x.is_floating_point() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
+        if name in ("winners", "losers") and x.numel() and not bool(((x >= 0) & (x < batch)).all()):
+            raise ValueError(f"{name} holds a row index outside [0, {batch})")
+    elif not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} has a non-finite value at row {torch.nonzero(~torch.isfinite(x))[0].item()}")
+
+
+def _check_sequence_inputs(stats: tuple, rewards, action_mask, beta, **rows) -> None:
+    """:func:`_check_inputs` for the sequence-level baselines, plus their per-row vectors."""
+    names = ("chosen_logits", "logz", "ref_chosen_logits", "ref_logz")
+    _check_inputs(dict(zip(names, stats)), rewards, action_mask, beta, 1.0)
+    for name, x in rows.items():
+        _check_rows(name, x, action_mask.shape[0], integer=name != "values")
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -282,8 +313,10 @@ def dpo_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask, winn
         action_mask: ``[B, T]`` bool.
         winners, losers: ``[P]`` row indices of preferred / dispreferred trajectories.
     """
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), None, action_mask, beta,
+                           winners=winners, losers=losers)
+    if winners.shape != losers.shape:
+        raise ValueError(f"winners and losers must pair up: shapes {tuple(winners.shape)} and {tuple(losers.shape)}")
     if winners.numel() == 0:
         return _float(chosen_logits).sum() * 0.0
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
@@ -298,8 +331,8 @@ def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_
 
     Args: the four statistics, rewards ``[B, T]``, action_mask ``[B, T]``, group_ids ``[B]`` int.
     """
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta,
+                           group_ids=group_ids)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
     reg_return = sequence_return(rewards, action_mask) - beta * lam
     i, j = group_pairs(group_ids)
@@ -339,8 +372,8 @@ def dro_v_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action
     ``values`` ``[B]`` is ``V(x)``: a learned value (its gradient flows), or :func:`loo_soft_value`
     (the project default for LLM training, a constant).
     """
-    if not (math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta,
+                           values=values)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
     R = sequence_return(rewards, action_mask)
     return 0.5 * ((R - values - beta * lam) ** 2).mean()

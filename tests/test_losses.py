@@ -218,6 +218,69 @@ def test_non_positive_beta_raises(beta):
         shiq_loss(*_good(), beta=beta)
 
 
+def test_numpy_and_integer_beta_are_accepted():
+    import numpy as np
+
+    args = _good()
+    want = shiq_loss(*args, beta=0.5)
+    assert torch.equal(shiq_loss(*args, beta=np.float32(0.5)), want)
+    assert torch.isfinite(shiq_loss(*args, beta=1))
+
+
+def _baseline_call(name, args, **override):
+    c, z, cr, zr, r, m = args
+    kw = {"winners": torch.tensor([0]), "losers": torch.tensor([1]), "group_ids": torch.tensor([3, 3]),
+          "values": torch.zeros(2)}
+    kw.update(override)
+    if name == "dpo":
+        return dpo_loss(c, z, cr, zr, m, kw["winners"], kw["losers"], beta=0.5)
+    if name == "copg":
+        return copg_loss(c, z, cr, zr, r, m, kw["group_ids"], beta=0.5)
+    return dro_v_loss(c, z, cr, zr, r, m, kw["values"], beta=0.5)
+
+
+@pytest.mark.parametrize("name", ["dpo", "copg", "dro_v"])
+@pytest.mark.parametrize(
+    "mutate,message",
+    [
+        (lambda a: a.__setitem__(0, torch.randn(2, 5)), "shape mismatch: chosen_logits"),
+        (lambda a: a[1].__setitem__((0, 0), float("nan")), "logz has a non-finite value"),
+        (lambda a: a.__setitem__(5, a[5].float()), "action_mask must be a bool"),
+    ],
+)
+def test_baselines_check_their_statistics(name, mutate, message):
+    args = _good()
+    assert torch.isfinite(_baseline_call(name, args))
+    mutate(args)
+    with pytest.raises(ValueError, match=message):
+        _baseline_call(name, args)
+
+
+def test_baselines_check_rewards_and_per_row_vectors():
+    args = _good()
+    args[4][0, 0] = 1.0  # a reward off the actions
+    for name in ("copg", "dro_v"):
+        with pytest.raises(ValueError, match="non-action position"):
+            _baseline_call(name, args)
+    good = _good()
+    with pytest.raises(ValueError, match="outside"):
+        _baseline_call("dpo", good, winners=torch.tensor([2]))
+    with pytest.raises(ValueError, match="pair up"):
+        _baseline_call("dpo", good, losers=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="group_ids must be \\[2\\]"):
+        _baseline_call("copg", good, group_ids=torch.tensor([3, 3, 3]))
+    with pytest.raises(ValueError, match="group_ids must be an integer"):
+        _baseline_call("copg", good, group_ids=torch.tensor([3.0, 3.0]))
+    with pytest.raises(ValueError, match="values has a non-finite value at row 1"):
+        _baseline_call("dro_v", good, values=torch.tensor([0.0, float("inf")]))
+    for name in ("dpo", "copg", "dro_v"):
+        with pytest.raises(ValueError, match="beta must be"):
+            c, z, cr, zr, r, m = good
+            {"dpo": lambda: dpo_loss(c, z, cr, zr, m, torch.tensor([0]), torch.tensor([1]), beta=0.0),
+             "copg": lambda: copg_loss(c, z, cr, zr, r, m, torch.tensor([3, 3]), beta=-1.0),
+             "dro_v": lambda: dro_v_loss(c, z, cr, zr, r, m, torch.zeros(2), beta=float("nan"))}[name]()
+
+
 def test_bad_variant_gamma_and_segments_raise():
     with pytest.raises(ValueError, match="variant must be one of"):
         shiq_loss(*_good(), beta=0.5, variant="dqn")
