@@ -109,6 +109,12 @@ def model_config_from_llama(hf_config, **overrides):
     )
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"only SiLU-gated Llama MLPs are supported, got hidden_act={hf_config.hidden_act!r}")
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = getattr(hf_config, field, None) or {}
+        rope_kind = rope.get("rope_type", rope.get("type", "default"))
+        if rope_kind != "default":
+            raise ValueError(f"Llama checkpoints with scaled rotary embeddings are not supported: {field} has "
+                             f"rope_type={rope_kind!r} (only 'default' RoPE imports exactly)")
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
     kw.update(overrides)

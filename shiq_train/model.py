@@ -26,7 +26,7 @@ from shiq_train.stats import TokenStats
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-TRANSFORMER_IMPLS = ("local", "transformer_engine")
+TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 
 
@@ -61,7 +61,7 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     params_dtype: str = "float32"
-    transformer_impl: str = "local"
+    transformer_impl: str = "auto"
     fp8: Optional[str] = None
     logits_chunk_tokens: int = 0
 
@@ -112,31 +112,40 @@ class ModelConfig:
         return asdict(self)
 
 
+def resolved_transformer_impl(cfg: ModelConfig) -> str:
+    """``cfg.transformer_impl`` with ``auto`` resolved: the Transformer Engine layers on a CUDA machine
+    with Transformer Engine installed, the local layers everywhere else."""
+    if cfg.transformer_impl != "auto":
+        return cfg.transformer_impl
+    has_te = importlib.util.find_spec("transformer_engine") is not None
+    return "transformer_engine" if (has_te and torch.cuda.is_available()) else "local"
+
+
 def check_runtime(cfg: ModelConfig) -> None:
     """Fail at start-up, with the fix, when the config asks for what this machine cannot run."""
     has_te = importlib.util.find_spec("transformer_engine") is not None
+    has_gpu = torch.cuda.is_available()
+    impl = resolved_transformer_impl(cfg)
     if cfg.fp8 is not None:
-        if not torch.cuda.is_available():
+        missing = [what for what, ok in (("a CUDA GPU", has_gpu), ("Transformer Engine", has_te)) if not ok]
+        if missing:
             raise RuntimeError(
                 f"model.fp8={cfg.fp8!r} needs a CUDA GPU with FP8 support (Hopper or newer) and "
-                "Transformer Engine, but no GPU is available here. Set model.fp8=null to train "
-                "without FP8 (bf16 or fp32 via model.params_dtype)."
+                f"Transformer Engine; missing here: {' and '.join(missing)}. Set model.fp8=null to train "
+                "without FP8 (bf16 or fp32 via model.params_dtype)"
+                + ("; on the GPU machine install Transformer Engine with `pip install 'shiq[fp8]'`."
+                   if not has_te else ".")
             )
-        if not has_te:
+        if impl != "transformer_engine":
             raise RuntimeError(
-                f"model.fp8={cfg.fp8!r} needs Transformer Engine, which is not installed. Install it "
-                "on the GPU machine with `pip install 'shiq[fp8]'`, or set model.fp8=null."
-            )
-        if cfg.transformer_impl != "transformer_engine":
-            raise RuntimeError(
-                f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine "
+                f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine or auto "
                 f"(got {cfg.transformer_impl!r}): FP8 GEMMs exist only in Transformer Engine layers."
             )
-    if cfg.transformer_impl == "transformer_engine" and not (has_te and torch.cuda.is_available()):
+    if impl == "transformer_engine" and not (has_te and has_gpu):
         raise RuntimeError(
             "model.transformer_impl=transformer_engine needs a CUDA GPU and Transformer Engine "
-            f"(GPU available: {torch.cuda.is_available()}, transformer_engine installed: {has_te}). "
-            "Use model.transformer_impl=local on CPU."
+            f"(GPU available: {has_gpu}, transformer_engine installed: {has_te}). "
+            "Use model.transformer_impl=auto or local on CPU."
         )
 
 
@@ -172,7 +181,7 @@ def transformer_config(cfg: ModelConfig):
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         use_cpu_initialization=not on_gpu,
-        transformer_impl=cfg.transformer_impl,
+        transformer_impl=resolved_transformer_impl(cfg),
     )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
@@ -185,10 +194,11 @@ def transformer_config(cfg: ModelConfig):
 
 
 def layer_spec(cfg: ModelConfig):
-    """Transformer Engine spec when asked for (GPU), else the local spec with ``cfg.normalization``."""
+    """Transformer Engine spec when asked for or when ``auto`` finds a GPU with Transformer Engine,
+    else the local spec with ``cfg.normalization``."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if cfg.transformer_impl == "transformer_engine":
+    if resolved_transformer_impl(cfg) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 

@@ -143,3 +143,17 @@ def _yaml(name):
 
     path = os.path.join(os.path.dirname(__file__), "..", "configs", "model", f"{name}.yaml")
     return OmegaConf.to_container(OmegaConf.load(path))
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+                                     {"rope_type": "linear", "factor": 2.0}])
+def test_scaled_rope_is_refused_not_imported_wrongly(scaling):
+    """megatron's plain RoPE would give different logits: the import must refuse, naming the field."""
+    cfg = tiny_llama().config
+    cfg.rope_scaling = dict(scaling, rope_theta=100000.0)
+    if hasattr(cfg, "rope_parameters"):
+        cfg.rope_parameters = dict(scaling, rope_theta=100000.0)
+    with pytest.raises(ValueError, match=f"rope_type='{scaling['rope_type']}'"):
+        H.model_config_from_llama(cfg)
+    assert H.model_config_from_llama(tiny_llama().config).rotary_base == 100000

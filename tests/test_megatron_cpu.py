@@ -118,12 +118,32 @@ def test_smollm2_builds_with_hf_parameter_count(dist1):
     assert st.logz.shape == (1, 8) and torch.isfinite(st.logz).all()
 
 
-def test_fp8_without_gpu_fails_at_startup_with_the_fix():
-    cfg = M.ModelConfig(fp8="hybrid", transformer_impl="transformer_engine")
-    with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU .* Set model.fp8=null"):
+@pytest.mark.parametrize("impl", ["transformer_engine", "auto"])
+def test_fp8_without_gpu_fails_at_startup_naming_what_is_missing(impl):
+    import importlib.util
+
+    cfg = M.ModelConfig(fp8="hybrid", transformer_impl=impl)
+    missing = "a CUDA GPU" + ("" if importlib.util.find_spec("transformer_engine") else " and Transformer Engine")
+    with pytest.raises(RuntimeError, match=rf"model.fp8='hybrid' needs a CUDA GPU .* missing here: {missing}\. "
+                                           r"Set model.fp8=null"):
         M.check_runtime(cfg)
     with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU"):
         M.build_model(cfg)
+
+
+def test_fp8_with_local_layers_is_refused():
+    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU|needs model.transformer_impl=transformer_engine or auto"):
+        M.check_runtime(M.ModelConfig(fp8="hybrid", transformer_impl="local"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution of transformer_impl=auto")
+def test_auto_layers_are_local_without_a_gpu():
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    cfg = M.ModelConfig()
+    assert cfg.transformer_impl == "auto"
+    assert M.resolved_transformer_impl(cfg) == "local"
+    assert M.layer_spec(cfg).submodules.self_attention.submodules.core_attention is DotProductAttention
 
 
 def test_transformer_engine_impl_without_gpu_fails_clearly():
