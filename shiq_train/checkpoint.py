@@ -40,9 +40,18 @@ def _rank_file(step_dir: Path, lay: dict) -> Path:
 
 
 def _atomic_write(path: Path, write) -> None:
+    """``write(tmp)``, flush it to disk, then rename it to ``path`` (and flush the rename), so neither
+    a killed process nor a power loss leaves a partial file under the final name."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _barrier():
