@@ -12,6 +12,7 @@ prompts with the same seed, scored by a saved regression reward model, and compa
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -89,6 +90,12 @@ def movie_prompts(n: int, held_out: float = 0.2, words: int = 6, seed: int = 0,
     return [instruction + o for o in openings], openings
 
 
+def prompt_set_sha256(prompts: list[str], shown: list[str]) -> str:
+    """SHA-256 of the exact prompt set (policy prompt and scorer prompt of every item, in order), so
+    two result tables can be checked to come from the same prompts."""
+    return hashlib.sha256(json.dumps([[p, s] for p, s in zip(prompts, shown)], ensure_ascii=False).encode()).hexdigest()
+
+
 def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
     prompt) when ``chat``."""
@@ -155,19 +162,25 @@ def run(args) -> list[dict]:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     if args.prompts is not None:
         prompts, shown = read_prompts_jsonl(args.prompts)
+        source = str(Path(args.prompts).resolve())
     else:
+        from shiq_eval.assets import VADER_SDIST
+
         prompts, shown = movie_prompts(args.movie_prompts)
+        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
+    prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
     scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
               progress=not args.quiet)
-    ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference),
+    ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference), **prompt_set,
                **evaluate_policy(ref_model, ref_model, tokenizer, prompt_ids, shown, scorer, **kw).as_dict()}
     rows = []
     for step_dir, info in zip(steps, infos):
         policy = policy_from_checkpoint(step_dir, info["hf_config"])
         res = evaluate_policy(policy, ref_model, tokenizer, prompt_ids, shown, scorer, **kw)
-        rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir), **res.as_dict()})
+        rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir), **prompt_set,
+                     **res.as_dict()})
         if not args.quiet:
             print(f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
                   f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})", file=sys.stderr)

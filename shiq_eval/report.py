@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 
 COLUMNS = ["method", "step", "reward_mean", "reward_stderr", "kl_sample", "kl_sample_stderr", "kl_exact",
-           "kl_exact_stderr", "n"]
+           "kl_exact_stderr", "n", "prompt_set_sha256"]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -39,8 +39,9 @@ def minilm_encoder(batch_size: int = 64) -> Encoder:
 
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
 
-    def encode(texts: list[str]) -> torch.Tensor:
-        return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False).float()
+    def encode(texts: list[str], progress: bool = False) -> torch.Tensor:
+        """``[N, 384]`` float32 embeddings; ``progress`` shows a bar over batches (long texts lists)."""
+        return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress).float()
 
     return encode
 

@@ -8,6 +8,7 @@ prompts file fails naming the file, line and field.
 """
 
 import csv
+import hashlib
 import json
 import math
 import os
@@ -92,6 +93,10 @@ def test_eval_run_over_two_methods(tmp_path):
     assert [(r["method"], r["step"]) for r in rows] == [("reference", 0), ("shiq", 1), ("shiq", 2), ("dpo", 2)]
     assert rows[0]["kl_exact"] == 0.0 and rows[0]["kl_sample"] == 0.0
     assert all(r["n"] == 6 for r in rows)
+    # every row identifies the exact prompt set: the SHA-256 of [[prompt, scorer prompt], ...]
+    want = hashlib.sha256(json.dumps([[f"w{i} w{i + 1} w{i + 2}"] * 2 for i in range(3, 9)]).encode()).hexdigest()
+    assert {r["prompt_set_sha256"] for r in rows} == {want}
+    assert {r["prompt_set"] for r in rows} == {str(prompts.resolve())}
     assert all(math.isfinite(r["kl_exact"]) and r["kl_exact"] >= 0 for r in rows)
     assert any(r["kl_exact"] > 1e-6 for r in rows[1:])  # training moved the policies
     for r in rows:  # the reward is the saved head on the prompt and completion text
@@ -101,6 +106,7 @@ def test_eval_run_over_two_methods(tmp_path):
     with open(out / "results.csv") as f:
         table = list(csv.DictReader(f))
     assert [t["method"] for t in table] == ["reference", "shiq", "shiq", "dpo"]
+    assert {t["prompt_set_sha256"] for t in table} == {want}
     for name in ("reward_vs_kl.png", "reward_vs_step.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
