@@ -39,9 +39,10 @@ from pathlib import Path
 
 import torch
 
+from shiq_train import config_dir
 from shiq_eval.report import atomic_write_bytes, atomic_write_json, plot_curves, write_table
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+CONFIG = config_dir() / "demo.yaml"
 DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
 
 
@@ -202,7 +203,7 @@ def stage_reward_model(ctx: Context) -> None:
         train = random.Random(cfg["seed"]).sample(train, limit)
     held = [by_id[i] for i in split["held_out"]]
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
-    X = ctx.encoder([r.text for r in train]).double()
+    X = ctx.encoder([r.text for r in train], progress=True).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
     rm = RegressionRewardModel.fit_embeddings(ctx.encoder, X, y, l2=cfg["reward_model"]["l2"])
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)

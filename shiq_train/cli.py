@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+from shiq_train import config_dir
+
+CONFIG_DIR = config_dir()
 GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
 DATA_MODES = ("padded", "packed", "groups")
 REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
