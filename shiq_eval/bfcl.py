@@ -10,14 +10,20 @@ globals. Here instead:
 * a call string is parsed with :mod:`ast` and accepted only as ``name(literal, ..., key=literal)``:
   the arguments go through :func:`ast.literal_eval`, so no name, attribute, nested call or operator
   is ever evaluated; anything else becomes an error *result string* returned to the model;
+* the work one call can do is bounded (see :data:`MAX_INT_LITERAL` and :data:`MAX_DIGITS`): an
+  integer argument beyond the int64 range is refused, and so are the few ``MathAPI`` calls whose
+  cost grows with an argument's *value* (an int power of more than ``MAX_DIGITS`` digits, a
+  ``precision`` or ``decimal_places`` beyond ``MAX_DIGITS``); the refusal is an error result;
 * the name is dispatched only to a public method (no leading underscore) of one of the entry's
   involved classes, on simulator instances created fresh for every check, each loaded with
   ``_load_scenario(deepcopy(initial_config[cls]), long_context=...)`` exactly as the official
   executor does (``MathAPI`` is stateless and not loaded; ``long_context`` is on for the
   ``multi_turn_long_context`` category only);
 * results are stringified as the official executor does (``str`` as is, ``dict`` through
-  ``json.dumps``, anything else ``str()``; exceptions as ``"Error during execution: <message>"``),
-  so the response check compares the same strings.
+  ``json.dumps``, anything else ``str()``; an exception while running the call *or* building its
+  string, e.g. ``str()`` of an int of more than 4300 digits, as ``"Error during execution:
+  <message>"``), so the response check compares the same strings and no model output can raise
+  out of the executor.
 
 Deliberate differences from the official executor, none of which changes a verdict on
 well-formed calls: names that are not methods of the involved classes (Python builtins such as
@@ -36,12 +42,15 @@ import importlib
 import importlib.metadata
 import inspect
 import json
+import math
 import random
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from shiq_train import config_dir
 
 CATEGORIES = (
     "multi_turn_base",
@@ -61,7 +70,24 @@ MULTI_TURN_CLASSES = frozenset([
 ])
 STATELESS_CLASSES = frozenset(["MathAPI"])
 ERROR_PREFIX = "Error during execution: "
-SPLIT_PATH = Path(__file__).resolve().parent.parent / "configs" / "eval" / "bfcl_split.json"
+# Bounds on the work one model-written call can do; a call beyond them is an error result.
+# An integer literal argument must fit in int64. The largest in the ground truth of the 800
+# multi-turn entries is 987654 (a ticket id), so every ground-truth call is accepted, and so are
+# ids, amounts or card numbers a model writes as ints; hex literals of any length are not (they
+# bypass Python's 4300-digit limit on decimal literals).
+MAX_INT_LITERAL = 2**63 - 1
+# MathAPI calls whose cost grows with an argument's value rather than its length are refused
+# beyond this many decimal digits: ``power`` of two ints (the result's digits), ``logarithm`` and
+# ``square_root`` (``precision``: mpmath / decimal digits) and ``round_number``
+# (``decimal_places``: ``round`` of an int computes ``10**-decimal_places``). At this bound one
+# call takes well under a second (mpmath log at 10**4 digits: about 0.3 s); at 10**6 digits a
+# power takes 5 s and a square root 25 s, and nothing bounds them further. The ground truth uses
+# precision <= 10 and no power or round_number call. Powers of 4301..10**4 digits are still
+# computed and fail to stringify exactly as in the official executor.
+MAX_DIGITS = 10_000
+# Arguments counting digits of work, per MathAPI method.
+_DIGIT_ARGUMENTS = {"logarithm": "precision", "square_root": "precision", "round_number": "decimal_places"}
+SPLIT_PATH = config_dir() / "eval" / "bfcl_split.json"
 
 # Official error types (bfcl_eval multi_turn_checker / eval_runner), reused verbatim.
 ERR_EMPTY = "multi_turn:empty_turn_model_response"
@@ -217,7 +243,8 @@ def parse_call(text: str) -> ParsedCall:
     literals (strings, numbers, booleans, None, and lists/tuples/dicts/sets of those). Rejected
     with :class:`UnsafeCallError`: attribute access (``os.system(...)``), nested calls
     (``f(x=g())`` or ``__import__('os')``), names as values, operators other than a literal's own
-    sign, ``*args``/``**kwargs``, and anything that is not one call expression.
+    sign, ``*args``/``**kwargs``, anything that is not one call expression, and integers (also
+    inside containers) beyond :data:`MAX_INT_LITERAL` in magnitude.
     """
     if not isinstance(text, str):
         raise UnsafeCallError(f"expected a call string, got {type(text).__name__}")
@@ -245,9 +272,20 @@ def parse_call(text: str) -> ParsedCall:
 
 def _literal(node: ast.AST, where: str) -> Any:
     try:
-        return ast.literal_eval(node)
+        value = ast.literal_eval(node)
     except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
         raise UnsafeCallError(f"{where} is not a literal value") from None
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, int) and abs(v) > MAX_INT_LITERAL:  # not str(v): it may not be printable
+            raise UnsafeCallError(f"{where} holds an integer beyond the int64 range")
+        if isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple, set, frozenset)):
+            stack.extend(v)
+    return value
 
 
 def decode_calls(text: str) -> Optional[list[str]]:
@@ -271,7 +309,16 @@ def decode_calls(text: str) -> Optional[list[str]]:
     items = node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]
     if not all(isinstance(c, ast.Call) for c in items):
         return None
-    return [ast.unparse(c) for c in items]
+    return [_call_source(s, c) for c in items]
+
+
+def _call_source(text: str, call: ast.Call) -> str:
+    """``ast.unparse`` of a call, or its source text if it cannot be unparsed (``str()`` of a
+    huge hex literal raises); the executor then refuses it."""
+    try:
+        return ast.unparse(call)
+    except Exception:
+        return ast.get_source_segment(text, call)
 
 
 def stringify_result(result: Any) -> str:
@@ -284,6 +331,32 @@ def stringify_result(result: Any) -> str:
         except Exception:
             return str(result)
     return str(result)
+
+
+def _error_result(e: BaseException) -> str:
+    try:
+        return f"{ERROR_PREFIX}{e}"
+    except Exception:  # an exception whose message itself cannot be built
+        return f"{ERROR_PREFIX}{type(e).__name__}"
+
+
+def _work_limit_error(class_name: str, method, parsed: ParsedCall) -> Optional[str]:
+    """Why a call would do unbounded work (see :data:`MAX_DIGITS`), or None."""
+    if class_name != "MathAPI":
+        return None
+    try:
+        bound = inspect.signature(method).bind(*parsed.args, **parsed.kwargs).arguments
+    except TypeError:
+        return None  # the call itself fails, with Python's message
+    base, exponent = bound.get("base"), bound.get("exponent")
+    if parsed.name == "power" and isinstance(base, int) and isinstance(exponent, int) \
+            and abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) >= MAX_DIGITS:
+        return f"power: the result would have more than {MAX_DIGITS} digits"
+    arg = _DIGIT_ARGUMENTS.get(parsed.name)
+    value = bound.get(arg) if arg else None
+    if isinstance(value, (int, float)) and not abs(value) <= MAX_DIGITS:  # also inf and nan
+        return f"{parsed.name}: {arg} must be at most {MAX_DIGITS} in magnitude"
+    return None
 
 
 def _simulator_class(class_name: str):
@@ -320,7 +393,12 @@ class Environment:
                     self.method_class[name] = class_name
 
     def execute_one(self, call: str) -> str:
-        """Run one call string if it is safe; the result (or an error) as a string."""
+        """Run one call string if it is safe; the result (or an error) as a string.
+
+        Never raises on model output: an unsafe call, a call beyond the work bounds
+        (:data:`MAX_INT_LITERAL`, :data:`MAX_DIGITS`) and any exception while running the call or
+        stringifying its result all come back as ``"Error during execution: <message>"``.
+        """
         try:
             parsed = parse_call(call)
         except UnsafeCallError as e:
@@ -331,11 +409,13 @@ class Environment:
         if class_name is None:
             return f"{ERROR_PREFIX}name '{parsed.name}' is not defined"
         method = getattr(self.instances[class_name], parsed.name)
-        try:
-            result = method(*parsed.args, **parsed.kwargs)
+        refused = _work_limit_error(class_name, method, parsed)
+        if refused:
+            return f"{ERROR_PREFIX}{refused}"
+        try:  # as the official executor, stringifying is inside the try
+            return stringify_result(method(*parsed.args, **parsed.kwargs))
         except Exception as e:  # the simulator's own errors are results for the model
-            return f"{ERROR_PREFIX}{e}"
-        return stringify_result(result)
+            return _error_result(e)
 
     def execute(self, calls: Sequence[str]) -> list[str]:
         """Run one step's calls in order; one result string per call."""

@@ -5,6 +5,7 @@ import ast
 import builtins
 import json
 import random
+import time
 import uuid
 
 import pytest
@@ -258,10 +259,10 @@ def test_parse_call_accepts_literals_only():
 def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     ran = []
+    e = bfcl.load_entry("multi_turn_base", 0)
+    env = bfcl.Environment(e)  # first: importing the simulator modules runs exec
     monkeypatch.setattr(builtins, "eval", lambda *a, **k: ran.append("eval"))
     monkeypatch.setattr(builtins, "exec", lambda *a, **k: ran.append("exec"))
-    e = bfcl.load_entry("multi_turn_base", 0)
-    env = bfcl.Environment(e)
     before = json.dumps({c: sorted(s) for c, s in env.state().items()})
     calls = [f"__import__('os').system('touch {marker}')",
              f"system('touch {marker}')",
@@ -341,3 +342,107 @@ def test_verdicts_agree_with_official_checker_on_every_entry():
                         not theirs["valid"] and ours["error_type"] != theirs["error_type"]):
                     disagreements.append((corruption.__name__, e["id"]))
     assert disagreements == []
+
+
+# ---- model output that cannot be executed safely is an error result --------------------------
+
+HUGE_CALLS = ["power(base=10, exponent=10000000000)",  # 10**10 digits: refused before it runs
+              "power(10, 9999999999999999)",
+              "power(base=10, exponent=1000000000000000000000000000000)",  # beyond int64
+              "power(base=0x" + "f" * 5000 + ", exponent=2)",  # hex literals have no digit limit
+              "multiply(a=[1, {'k': -99999999999999999999}], b=2)",  # nested too
+              "logarithm(value=3, base=2, precision=1000000000)",
+              "logarithm(value=3, base=2, precision=1e300)",
+              "square_root(number=2, precision=100000000)",
+              "round_number(number=5, decimal_places=-1000000000000)"]
+
+
+def test_result_that_cannot_be_stringified_is_an_error_result():
+    """10**5000 has more digits than str() allows: an error result, as from the official executor."""
+    e = bfcl.load_entry("multi_turn_base", 15)
+    assert "MathAPI" in e["involved_classes"]
+    calls = ["power(base=10, exponent=5000)", "power(10, 4299)"]
+    results = bfcl.Environment(e).execute(calls)
+    assert results[0].startswith(bfcl.ERROR_PREFIX) and "4300 digits" in results[0]
+    assert json.loads(results[1]) == {"result": 10 ** 4299}
+    name = "shiqtest_" + uuid.uuid4().hex
+    try:
+        theirs, _ = multi_turn_utils.execute_multi_turn_func_call(
+            calls, e["initial_config"], e["involved_classes"], name, e["id"])
+    finally:
+        for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
+            del vars(multi_turn_utils)[key]
+    assert results == theirs
+    # The checker runs through it and computes the verdict: an extra stateless call changes nothing.
+    d = bfcl.ground_truth_decoded(e)
+    d[0] = d[0] + [[calls[0]]]
+    r = bfcl.check_entry("multi_turn_base", 15, d)
+    assert r["valid"] is True and r["turn_rewards"] == r["turn_rewards_reset"] == [1.0] * len(e["question"])
+    assert official_verdict(e, json.loads(json.dumps(d)))["valid"] is True
+
+
+def test_any_exception_while_running_or_stringifying_is_an_error_result(monkeypatch):
+    e = bfcl.load_entry("multi_turn_base", 15)
+    math_api = type(bfcl.Environment(e).instances["MathAPI"])
+
+    class Unprintable:
+        def __repr__(self):
+            raise RuntimeError("no text")
+
+        __str__ = __repr__
+
+    class BadMessage(Exception):
+        def __str__(self):
+            raise ValueError("no message either")
+
+    def raise_bad(self, number):
+        raise BadMessage()
+
+    monkeypatch.setattr(math_api, "absolute_value", lambda self, number: Unprintable())
+    monkeypatch.setattr(math_api, "add", lambda self, a, b: {"result": Unprintable()})
+    monkeypatch.setattr(math_api, "square_root", raise_bad)
+    env = bfcl.Environment(e)
+    assert env.execute(["absolute_value(number=1)", "add(a=1, b=2)", "square_root(number=4)"]) == \
+        [bfcl.ERROR_PREFIX + "no text", bfcl.ERROR_PREFIX + "no text", bfcl.ERROR_PREFIX + "BadMessage"]
+
+
+def test_calls_beyond_the_work_bounds_are_refused_quickly():
+    e = bfcl.load_entry("multi_turn_base", 15)
+    env = bfcl.Environment(e)
+    start = time.perf_counter()
+    results = env.execute(HUGE_CALLS)
+    assert time.perf_counter() - start < 2.0
+    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in results), results
+    assert results[0] == bfcl.ERROR_PREFIX + f"power: the result would have more than {bfcl.MAX_DIGITS} digits"
+    assert results[2] == bfcl.ERROR_PREFIX + "power: argument 'exponent' holds an integer beyond the int64 range"
+    assert results[5] == bfcl.ERROR_PREFIX + f"logarithm: precision must be at most {bfcl.MAX_DIGITS} in magnitude"
+    # Just inside the bounds still runs; powers of 0 and +-1 are cheap whatever the exponent.
+    ok = env.execute(["power(base=-1, exponent=9223372036854775807)", "square_root(number=2, precision=50)",
+                      "round_number(number=12345, decimal_places=-2)"])
+    assert [json.loads(r)["result"] for r in ok[::2]] == [-1, 12300] and ok[1].startswith("{'result': Decimal('1.41421")
+    assert bfcl.parse_call(f"f(x={bfcl.MAX_INT_LITERAL}, y=[-{bfcl.MAX_INT_LITERAL}])").kwargs["x"] == 2 ** 63 - 1
+    for bad in [f"f(x={bfcl.MAX_INT_LITERAL + 1})", f"f(x={{1: [-{bfcl.MAX_INT_LITERAL + 1}]}})", "f(0x" + "f" * 5000 + ")"]:
+        with pytest.raises(bfcl.UnsafeCallError, match="int64"):
+            bfcl.parse_call(bad)
+    # A literal that cannot be unparsed (str() of a huge int raises) is decoded as its source text.
+    hexcall = "power(base=0x" + "f" * 5000 + ", exponent=1)"
+    assert bfcl.decode_calls(f"[{hexcall}, pwd()]") == [hexcall, "pwd()"]
+
+
+def test_work_bounds_accept_every_ground_truth_call():
+    """The bounds refuse no call of the 800 ground truths (largest int literal: 987654, largest
+    precision: 10), so they change no ground-truth result."""
+    math_api = bfcl.Environment(bfcl.load_entry("multi_turn_base", 15)).instances["MathAPI"]
+    largest, n = 0, 0
+    for cat in bfcl.CATEGORIES:
+        for e in bfcl.load_category(cat):
+            for call in (c for turn in e["ground_truth"] for c in turn):
+                p = bfcl.parse_call(call)  # raises on an int beyond MAX_INT_LITERAL
+                for v in list(p.args) + list(p.kwargs.values()):
+                    for x in v if isinstance(v, list) else [v]:
+                        if type(x) is int:
+                            largest = max(largest, abs(x))
+                if hasattr(math_api, p.name):
+                    assert bfcl._work_limit_error("MathAPI", getattr(math_api, p.name), p) is None, (e["id"], call)
+                    n += 1
+    assert largest == 987654 and n > 0

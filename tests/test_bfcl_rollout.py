@@ -219,3 +219,24 @@ def test_chat_model_policy_and_context_overflow():
     t = ro.rollout_entry(e, tight)
     assert t["force_terminated"] is True and t["valid"] is False and t["error_type"] == ro.ERR_CONTEXT
     assert t["decoded_turns"] == [[["pwd()"]]]
+
+
+def test_policy_calls_that_cannot_be_executed_safely_become_error_results():
+    """A sampled call whose result cannot be stringified, one beyond the work bounds and one with a
+    huge hex literal: the rollout completes, each comes back as an error tool message, the verdict
+    is computed (the extra stateless calls change nothing)."""
+    e = bfcl.load_entry("multi_turn_base", 15)
+    bad = ["power(base=10, exponent=5000)", "power(base=10, exponent=10000000000)",
+           "power(base=0x" + "f" * 5000 + ", exponent=2)"]
+    decoded = bfcl.ground_truth_decoded(e)
+    decoded[0] = decoded[0] + [bad]
+    t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
+    assert t["decoded_turns"][0][-1] == bad
+    i = next(i for i, m in enumerate(t["messages"]) if m["role"] == "assistant" and "power" in m["content"])
+    tools = [m["content"] for m in t["messages"][i + 1:i + 4]]
+    assert [m["role"] for m in t["messages"][i + 1:i + 4]] == ["tool"] * 3
+    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in tools), tools
+    assert "4300 digits" in tools[0] and "10000 digits" in tools[1] and "int64" in tools[2]
+    n = len(e["question"])
+    assert t["valid"] is True and t["turn_rewards"] == t["turn_rewards_reset"] == [1.0] * n
+    json.dumps(t)  # the trajectory can be written
