@@ -191,3 +191,39 @@ def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
                  "model.max_sequence_length=32", "data.rows_per_micro_batch=2")
     assert packed.returncode == 0, packed.stderr[-3000:]
     assert all(math.isfinite(x["loss"]) for x in metrics(tmp_path / "c"))
+
+
+def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
+    """SIGKILL a real `shiq-train` process between checkpoints, rerun the same command: the metrics read
+    as one run and equal an uninterrupted run's, step for step (data order, dropout RNG, optimizer)."""
+    import signal
+    import time
+
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    steps = 300
+
+    def cmd(out):
+        return [sys.executable, "-m", "shiq_train", f"data.buffer={tmp_path / 'buf'}", f"out={out}",
+                "train.progress=false", "train.tensorboard=false", f"train.steps={steps}", "train.save_every=25",
+                "model.hidden_dropout=0.1", "data.rows_per_micro_batch=2", "optimizer.lr=1e-3", "seed=3"]
+
+    straight = subprocess.run(cmd(tmp_path / "a"), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "b"
+    proc = subprocess.Popen(cmd(out), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints" / "step_00000050" / "meta.json").exists():
+        assert proc.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = max(m["step"] for m in metrics(out))
+    assert 50 <= killed_at < steps  # killed part-way, after at least two checkpoints
+
+    resumed = subprocess.run(cmd(out), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    got, want = metrics(out), metrics(tmp_path / "a")
+    assert [m["step"] for m in got] == list(range(1, steps + 1))
+    assert [m["loss"] for m in got] == [m["loss"] for m in want]
