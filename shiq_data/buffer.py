@@ -27,7 +27,8 @@ under temporary names, renames them to their final names and then replaces ``man
 ``os.replace``; old shards are never rewritten. :func:`replace_shard` writes the new version of a
 shard under a new file name and switches the manifest to it the same way. Readers only look at the
 shards the manifest lists; files it does not list (left by a killed append or rewrite) are removed by
-the next append, rewrite or ``validate``.
+the next append, rewrite or ``validate`` (all under the lock; ``validate`` skips the removal while
+another process holds it).
 
 Resumable reference statistics: :func:`shards_without_ref` lists the shards still to do, and
 :func:`add_ref_columns` (or :func:`replace_shard`) commits one shard at a time; a killed run
@@ -257,8 +258,50 @@ def _locked(buffer_dir: Path):
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def _try_locked(buffer_dir: Path):
+    """The lock of :func:`_locked`, without waiting: yields None when taken, else why it could not be
+    (another process holds it, or the lock file cannot be opened)."""
+    lock = buffer_dir / LOCK
+    try:
+        f = open(lock, "a")
+    except OSError as e:
+        f, why = None, f"cannot open {lock} ({e.strerror})"
+    if f is None:
+        yield why
+        return
+    with f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            why = None
+        except BlockingIOError:
+            why = f"{lock} is held by another process (an append or ref-stats run)"
+        try:
+            yield why
+        finally:
+            if why is None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def remove_unlisted_files_unless_locked(buffer_dir) -> tuple[list[str], str | None]:
+    """:func:`remove_unlisted_files` under the buffer's lock, taken without waiting: ``(removed file
+    names, None)``, or ``([], why)`` when the lock is not available; then nothing is removed, since the
+    files another writer's manifest does not list yet are its new shards.
+
+    The manifest is read under the lock, so shards committed by a writer that just finished stay.
+    """
+    buffer_dir = Path(buffer_dir)
+    with _try_locked(buffer_dir) as why:
+        if why is not None:
+            return [], why
+        return remove_unlisted_files(buffer_dir, read_manifest(buffer_dir)), None
+
+
 def remove_unlisted_files(buffer_dir, manifest: dict | None = None) -> list[str]:
-    """Delete shard and temporary files the manifest does not list (left by a killed write); their names."""
+    """Delete shard and temporary files the manifest does not list (left by a killed write); their names.
+
+    The caller must hold the buffer's lock (:func:`_locked`): a running append or rewrite has files the
+    manifest does not list yet."""
     buffer_dir = Path(buffer_dir)
     manifest = manifest or read_manifest(buffer_dir)
     listed = {s["file"] for s in manifest["shards"]}
@@ -270,6 +313,15 @@ def remove_unlisted_files(buffer_dir, manifest: dict | None = None) -> list[str]
             p.unlink()
             removed.append(p.name)
     return removed
+
+
+def _with_row_id(row: dict, prefix: str, index: int) -> dict:
+    """``row`` with ``row_id`` = ``prefix`` + its ``row_key`` (a name the reader gives it, unique within one
+    input, e.g. ``mt.jsonl:3:0``), or ``prefix`` + ``index`` without one; ``row_key`` itself is dropped."""
+    row = dict(row)
+    key = row.pop("row_key", None)
+    row["row_id"] = f"{prefix}{index if key is None else key}"
+    return row
 
 
 class _ShardStream:
@@ -293,7 +345,7 @@ class _ShardStream:
     def add(self, row: dict) -> None:
         i = self.n
         if isinstance(row, dict) and "row_id" not in row:
-            row = {**row, "row_id": f"{self.row_id_prefix}{i}"}
+            row = _with_row_id(row, self.row_id_prefix, i)
         check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
         if self.with_ref is None:
@@ -357,11 +409,40 @@ def _remove_stale_build_dirs(out_dir: Path) -> None:
             pass
 
 
+def _make_parents(out_dir: Path) -> list[Path]:
+    """Create the missing parent folders of ``out_dir``; the ones this call created, outermost first."""
+    missing = [p for p in reversed(out_dir.parents) if not p.exists()]
+    created = []
+    try:
+        for p in missing:
+            try:
+                p.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                continue
+            created.append(p)
+    except BaseException:
+        _remove_created_dirs(created)
+        raise
+    return created
+
+
+def _remove_created_dirs(created: list[Path]) -> None:
+    """Remove the folders :func:`_make_parents` created, innermost first, as long as they are empty."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: someone else put something there, and so into its parents
+            break
+
+
 def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command: list[str], shard_rows: int = 4096,
                  progress: bool = True, input_name: str = "<rows>", ref_model: dict | None = None) -> Buffer:
     """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
 
-    Rows may omit ``row_id`` (it becomes ``b0-<index>``). Every row is checked with
+    Rows may omit ``row_id``: it becomes ``b0-<row_key>`` when the row has a ``row_key`` (a name unique
+    within the input), else ``b0-<index>``. Every row is checked with
     :func:`shiq_data.schema.check_row` against ``tokenizer_info['vocab_size']``; errors name
     ``input_name`` and the row index. The build happens in a temporary folder next to ``out_dir`` that
     is renamed into place at the end; on any error it is removed and ``out_dir`` does not appear.
@@ -371,11 +452,11 @@ def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new --out folder or append to it")
     _check_tokenizer_info(tokenizer_info)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_build_dirs(out_dir)
+    created = _make_parents(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     try:
+        _remove_stale_build_dirs(out_dir)
+        tmp.mkdir()
         stream = _ShardStream(tmp, first_shard=0, shard_rows=shard_rows, vocab_size=tokenizer_info["vocab_size"],
                               input_name=input_name, group_offset=0, row_id_prefix="b0-", taken_ids=set(),
                               temp_names=False)
@@ -399,6 +480,7 @@ def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command
         _fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_created_dirs(created)
         raise
     return open_buffer(out_dir)
 
@@ -417,7 +499,8 @@ def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], token
 
     ``tokenizer_info``, when given, must have the buffer's tokenizer fingerprint. New ``group_id`` s
     are offset by the manifest's ``next_group_id`` so groups stay unique; missing ``row_id`` s become
-    ``b<k>-<index>`` for the k-th command. The new shards are committed by replacing
+    ``b<k>-<row_key>`` or ``b<k>-<index>`` for the k-th command (see :func:`write_buffer`), so rows of
+    two inputs with the same file name do not clash. The new shards are committed by replacing
     ``manifest.json``; old shards are not touched. ``shard_rows`` defaults to the first shard's size.
     """
     buffer_dir = Path(buffer_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -57,6 +58,31 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
+def _reader_options(reader) -> dict | None:
+    """Keyword parameters of ``reader(path, tokenizer, **options)`` -> whether the command line can set
+    them (not for a function: a ``Callable`` annotation); None if the reader takes any (``**options``)."""
+    params = list(inspect.signature(reader).parameters.values())[2:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    return {p.name: "Callable" not in str(p.annotation) for p in params
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _check_options(fmt: str, reader, options: dict) -> None:
+    """Raise ``ValueError`` naming the option and the ones format ``fmt`` accepts if ``reader`` cannot take it."""
+    params = _reader_options(reader)
+    if params is None:
+        return
+    accepted = sorted(name for name, settable in params.items() if settable)
+    takes = f"format {fmt!r} accepts --option {', '.join(accepted)}" if accepted else f"format {fmt!r} takes no --option"
+    for name in options:
+        if name not in params:
+            raise ValueError(f"--option {name}: unknown option; {takes}")
+        if not params[name]:
+            raise ValueError(f"--option {name}: takes a Python function, which cannot be given on the command line; "
+                             f"{takes}")
+
+
 def _rows(fmt: str, path: str, tokenizer, args) -> "Iterator[dict]":
     formats = available_formats()
     if fmt not in formats:
@@ -66,6 +92,7 @@ def _rows(fmt: str, path: str, tokenizer, args) -> "Iterator[dict]":
         if options:
             raise ValueError(f"format {fmt!r} takes no --option (got {sorted(options)})")
         return READERS[fmt](path, tokenizer, source=args.source)
+    _check_options(fmt, formats[fmt], options)
     rows = formats[fmt](path, tokenizer, **options)
     if args.source:
         return ({**row, "source": args.source} for row in rows)
@@ -114,6 +141,8 @@ def cmd_validate(args) -> int:
 
     report = validate_buffer(args.buffer, cleanup=not args.no_cleanup, progress=not args.no_progress)
     removed = f"; removed {len(report['removed_files'])} unlisted file(s)" if report["removed_files"] else ""
+    if report["cleanup_skipped"]:
+        removed = f"; cleanup skipped: {report['cleanup_skipped']}"
     print(f"shiq-data: {args.buffer} is valid: {report['rows']} rows, {report['tokens']} tokens, "
           f"{report['groups']} groups, {report['shards']} shard(s), reference statistics: "
           f"{'yes' if report['has_ref_stats'] else 'no'}{removed}")
@@ -179,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("validate", help="check manifest, checksums, schema and every row",
                        description="Check BUFFER completely; exits non-zero naming the file, row and field of the "
-                                   "first problem. Removes files the manifest does not list (left by a killed append).")
+                                   "first problem. Removes files the manifest does not list (left by a killed "
+                                   "append), unless another process holds the buffer's lock (then it only checks).")
     v.add_argument("buffer", metavar="BUFFER")
     v.add_argument("--no-cleanup", action="store_true", help="do not remove unlisted files")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -3,7 +3,12 @@
 Each reader is ``reader(path, tokenizer, **options) -> Iterator[row dict]`` (rows as in
 :mod:`shiq_data.schema`, without reference statistics) and reads local JSONL files (``.jsonl`` or
 ``.jsonl.gz``); nothing is downloaded. Errors are :class:`shiq_data.schema.RowError` naming the file,
-the line and the field.
+the line and the field; an assistant turn that is an action must have text (an empty completion is
+refused, as in the generic readers).
+
+Rows carry no ``row_id`` but a ``row_key`` ``"<file name>:<line>:<tag>"``; the buffer makes it the
+``row_id`` ``b<k>-<row_key>`` for its k-th command (:func:`shiq_data.buffer.write_buffer`), so appending
+another file of the same name does not clash.
 
 - ``hh`` — Anthropic HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``.
   The final assistant turn is the action; earlier assistant turns are context unless
@@ -22,7 +27,6 @@ the line and the field.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import math
 import re
@@ -30,20 +34,19 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from shiq_data.chat import check_messages, encode_chat
+from shiq_data.generic import utf8_lines
 from shiq_data.schema import RowError
 
 
-def _open_text(path: Path):
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
+def _open_binary(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
 def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """``(line_number, object)`` of each non-blank line (1-based numbers); bad JSON raises naming the line."""
+    """``(line_number, object)`` of each non-blank line (1-based numbers); bad UTF-8 or JSON raises naming the line."""
     path = Path(path)
-    with _open_text(path) as f:
-        for n, line in enumerate(f, 1):
+    with _open_binary(path) as f:
+        for n, line in utf8_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -73,16 +76,29 @@ def _string(obj, key, path, line) -> str:
     return obj[key]
 
 
-def _encode(tokenizer, messages, path, line, field, **kwargs) -> dict:
-    """:func:`encode_chat` with its errors re-raised naming the file, line and field."""
+def _check_actions_not_empty(messages, actions: str, path, line, field_of: Callable[[int], str]) -> None:
+    """Raise naming the field (``field_of(message index)``) if an assistant turn that is an action
+    (every one, or with ``actions="last"`` the final one) has no text: only its end-of-turn token
+    would be an action, an empty completion."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    for i in turns[-1:] if actions == "last" else turns:
+        if not messages[i]["content"].strip():
+            raise _err(path, line, field_of(i), "empty completion (the assistant turn has no text)")
+
+
+def _encode(tokenizer, messages, path, line, field, *, field_of: Optional[Callable[[int], str]] = None,
+            actions: str = "all", **kwargs) -> dict:
+    """:func:`encode_chat` with its errors re-raised naming the file, line and field; empty action turns
+    are refused first, named by ``field_of(message index)`` (default ``field``)."""
+    _check_actions_not_empty(messages, actions, path, line, field_of or (lambda i: field))
     try:
-        return encode_chat(tokenizer, messages, **kwargs)
+        return encode_chat(tokenizer, messages, actions=actions, **kwargs)
     except ValueError as e:
         raise _err(path, line, field, str(e)) from None
 
 
 def _row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict) -> dict:
-    return {"row_id": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded}
+    return {"row_key": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -211,7 +227,8 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                                f"expected a string, got {type(response).__name__}")
                 score = completion_score(c, path, line, field, score_field)
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-                encoded = _encode(tokenizer, messages, path, line, field, completion_reward=score)
+                encoded = _encode(tokenizer, messages, path, line, field, completion_reward=score,
+                                  field_of=lambda i: f"{field}.response")
                 yield _row(path, line, str(k), source, group, encoded)
         elif "chosen" in obj and "rejected" in obj:
             prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
@@ -221,7 +238,9 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                 if score_key not in obj:
                     raise _err(path, line, score_key, "missing")
                 score = _number(obj[score_key], path, line, score_key)
-                encoded = _encode(tokenizer, messages, path, line, key, completion_reward=score, actions="last")
+                field_of = (lambda i: key) if isinstance(obj[key], str) else (lambda i: f"{key}[{i}].content")
+                encoded = _encode(tokenizer, messages, path, line, key, completion_reward=score, actions="last",
+                                  field_of=field_of)
                 yield _row(path, line, key, source, group, encoded)
         else:
             raise _err(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")
@@ -271,7 +290,8 @@ def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator
         elif not isinstance(key, (str, int)) or isinstance(key, bool):
             raise _err(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
         group = groups.setdefault(key, len(groups))
-        encoded = _encode(tokenizer, messages, path, line, "messages", **kwargs)
+        encoded = _encode(tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content",
+                          **kwargs)
         yield _row(path, line, "0", source, group, encoded)
 
 

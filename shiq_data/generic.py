@@ -90,9 +90,20 @@ def records_to_rows(records: Iterable[tuple[int, dict]], tokenizer, *, file: str
         yield from flush()
 
 
+def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of the binary file ``f`` (1-based numbers); a line that is not
+    valid UTF-8 raises :class:`RowError` naming ``path``, the line and the offending byte."""
+    for line_no, raw in enumerate(f, 1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError(path, line_no, "*", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                               "of the line)", row_label="line") from None
+
+
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for line_no, line in utf8_lines(f, path):
             if not line.strip():
                 continue
             try:
@@ -116,10 +127,21 @@ def read_jsonl(path, tokenizer, *, source: str | None = None, add_eos: bool = Tr
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable Parquet file ({e})") from None
     n = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+    while True:
+        try:
+            batch = next(batches, None)
+        except (pa.ArrowException, OSError) as e:
+            raise ValueError(f"{path}: row {n}: unreadable Parquet data ({e})") from None
+        if batch is None:
+            return
         for rec in batch.to_pylist():
             yield n, rec
             n += 1

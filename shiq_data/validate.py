@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, remove_unlisted_files
+from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, remove_unlisted_files_unless_locked
 from shiq_data.schema import arrow_schema, check_row
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
@@ -18,12 +18,19 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     manifest says so) and the recorded row, token and action-token counts; every row passes
     :func:`shiq_data.schema.check_row` against ``vocab_size`` (default: the manifest tokenizer's);
     ``row_id`` is unique and ``group_id < next_group_id``; the manifest totals add up. With
-    ``cleanup``, files the manifest does not list (left by a killed append) are deleted first.
+    ``cleanup``, files the manifest does not list (left by a killed append) are deleted first, under
+    the buffer's lock; when another process holds it (an append or ``ref-stats`` is writing shards the
+    manifest does not list yet) nothing is deleted, ``cleanup_skipped`` says why, and the check is
+    read-only.
     """
     path = Path(path)
+    read_manifest(path)  # a clear error before touching anything when ``path`` is not a buffer
+    removed, skipped = [], None
+    if cleanup:
+        removed, why = remove_unlisted_files_unless_locked(path)
+        skipped = f"{why}; unlisted files were left in place" if why else None
     manifest = read_manifest(path)
     mpath = path / MANIFEST
-    removed = remove_unlisted_files(path, manifest) if cleanup else []
     vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
     seen_ids: set[str] = set()
     groups: set[int] = set()
@@ -77,4 +84,4 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
             raise ValueError(f"{mpath}: field {name!r} is {manifest.get(name)}, the shards hold {value}")
     return {"path": str(path), **totals, "shards": len(shards), "groups": len(groups),
             "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
-            "tokenizer": manifest["tokenizer"].get("name"), "removed_files": removed}
+            "tokenizer": manifest["tokenizer"].get("name"), "removed_files": removed, "cleanup_skipped": skipped}

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from shiq_data.buffer import add_ref_columns, append_buffer, open_buffer, replace_shard, shards_without_ref, write_buffer
+from shiq_data.buffer import (_locked, add_ref_columns, append_buffer, open_buffer, replace_shard, shards_without_ref,
+                              write_buffer)
 from shiq_data.schema import RowError, check_row
 from shiq_data.validate import validate_buffer
 
@@ -79,6 +80,19 @@ def test_missing_row_id_is_assigned(tmp_path):
     buf = write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
     assert [r["row_id"] for r in plain_read(tmp_path / "b")] == ["b0-0", "b0-1", "b0-2"]
     assert len(buf) == 3
+
+
+def test_row_key_becomes_a_row_id_with_the_command_prefix(tmp_path):
+    """Readers name rows by ``row_key`` (unique within one input); two inputs with the same keys do not clash."""
+    def keyed(seed):
+        return [{**{k: v for k, v in r.items() if k != "row_id"}, "row_key": f"in.jsonl:{i + 1}:0"}
+                for i, r in enumerate(make_rows(2, seed=seed))]
+
+    write_buffer(keyed(0), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    append_buffer(tmp_path / "b", keyed(1), command=["a"], progress=False)
+    got = plain_read(tmp_path / "b")
+    assert [r["row_id"] for r in got] == ["b0-in.jsonl:1:0", "b0-in.jsonl:2:0", "b1-in.jsonl:1:0", "b1-in.jsonl:2:0"]
+    assert all("row_key" not in r for r in got) and validate_buffer(tmp_path / "b")["rows"] == 4
 
 
 BAD_ROWS = [
@@ -194,6 +208,25 @@ def test_validate_rejects_a_bad_row_written_by_someone_else(tmp_path):
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(RowError, match=r"shard-00000.arrow: row 2: field 'rewards'"):
         validate_buffer(b)
+
+
+def test_validate_cleanup_leaves_unlisted_files_while_a_writer_holds_the_lock(tmp_path):
+    """An append or shard rewrite renames its new shard into place before the manifest lists it:
+    validate must not delete that file while the writer holds the lock; unlocked, it cleans up."""
+    b = tmp_path / "b"
+    buf = write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
+    unlisted = [b / "shard-00001.arrow", b / "shard-00000.r1.arrow", b / ".shard-00002.arrow.tmp"]
+    for p in unlisted:
+        p.write_bytes(buf.shard_paths[0].read_bytes())
+    with _locked(b):  # exactly what append_buffer and replace_shard hold while writing
+        report = validate_buffer(b, cleanup=True)
+        assert report["rows"] == 4 and report["removed_files"] == []
+        assert ".lock" in report["cleanup_skipped"] and "left in place" in report["cleanup_skipped"]
+        assert all(p.exists() for p in unlisted)
+    report = validate_buffer(b, cleanup=True)
+    assert sorted(report["removed_files"]) == sorted(p.name for p in unlisted) and report["cleanup_skipped"] is None
+    assert not any(p.exists() for p in unlisted) and buf.shard_paths[0].exists()
+    assert len(append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False)) == 5  # the lock is free again
 
 
 def test_add_ref_columns_shard_by_shard(tmp_path):

@@ -149,11 +149,12 @@ HH = [
 def test_hh_pairs(tok, tmp_path):
     rows = list(FORMATS["hh"](write_jsonl(tmp_path / "hh.jsonl.gz", HH, gz=True), tok))
     assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
-    assert [r["row_id"] for r in rows] == ["hh.jsonl.gz:1:chosen", "hh.jsonl.gz:1:rejected",
-                                           "hh.jsonl.gz:2:chosen", "hh.jsonl.gz:2:rejected"]
+    assert [r["row_key"] for r in rows] == ["hh.jsonl.gz:1:chosen", "hh.jsonl.gz:1:rejected",
+                                            "hh.jsonl.gz:2:chosen", "hh.jsonl.gz:2:rejected"]
     finals = ["Put it in boiling water for 8 minutes.", "No idea.", "Why did the chicken cross the road?", "No."]
     for row, final, reward in zip(rows, finals, [1.0, -1.0, 1.0, -1.0]):
-        check_row(row, vocab_size=len(tok), file="hh", row_index=0)
+        assert "row_id" not in row  # the buffer makes it b<k>-<row_key>
+        check_row({**row, "row_id": row["row_key"]}, vocab_size=len(tok), file="hh", row_index=0)
         assert action_texts(tok, row) == [final + "<|im_end|>"]  # earlier assistant turns are context
         end = spans_of(row["action_mask"])[-1][1] - 1
         assert reward_positions(row) == {end: reward}
@@ -256,3 +257,73 @@ def test_multiturn_errors_name_line_and_field(tok, tmp_path):
         path = write_jsonl(tmp_path / f"bad{k}.jsonl", [MT[2], obj])
         with pytest.raises(RowError, match=rf"bad{k}.jsonl: {pattern}"):
             list(read_multiturn(path, tok))
+
+
+def test_invalid_utf8_names_line(tok, tmp_path):
+    path = tmp_path / "mt.jsonl"
+    path.write_bytes(json.dumps(MT[2]).encode() + b"\n" + json.dumps(MT[2]).encode()[:-2] + b"\xff\"}\n")
+    with pytest.raises(RowError, match=r"mt.jsonl: line 2: field '\*': not valid UTF-8 \(byte 0xff"):
+        list(read_multiturn(path, tok))
+
+
+# ----------------------------------------------------------------------------------------------
+# through the command line
+
+from shiq_data.cli import main  # noqa: E402
+
+EMPTY = [  # (format, a line whose action is empty, the field the error names)
+    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+     "messages[1].content"),
+    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                                {"role": "user", "content": "c"}, {"role": "assistant", "content": " \n "}]},
+     "messages[3].content"),
+    ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello."}, "chosen"),
+    ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}, "rejected"),
+    ("ultrafeedback", {"instruction": "Hi", "completions": [{"response": "Hello.", "overall_score": 1},
+                                                            {"response": "", "overall_score": 2}]},
+     "completions[1].response"),
+    ("ultrafeedback", {"prompt": "Hi", "rejected": "Hello.", "score_chosen": 1, "score_rejected": 0,
+                       "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
+     "chosen[1].content"),
+]
+GOOD = {"multiturn": MT[2], "hh": HH[0], "ultrafeedback": UF[0]}
+
+
+@pytest.mark.parametrize("fmt,bad,field", EMPTY)
+def test_empty_completion_is_refused_naming_file_line_field(tok, tmp_path, capsys, fmt, bad, field):
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD[fmt], bad])
+    assert main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{path}: line 2: field '{field}': empty completion" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_earlier_empty_assistant_turn_is_context_when_only_the_last_is_an_action(tok, tmp_path):
+    line = {"chosen": "\n\nHuman: a\n\nAssistant:\n\nHuman: b\n\nAssistant: c", "rejected": HH[0]["rejected"]}
+    path = write_jsonl(tmp_path / "hh.jsonl", [line])
+    assert action_texts(tok, next(read_hh(path, tok))) == ["c<|im_end|>"]
+    with pytest.raises(RowError, match="line 1: field 'chosen': empty completion"):
+        list(read_hh(path, tok, all_assistant_turns=True))
+
+
+def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsys):
+    from shiq_data.buffer import open_buffer
+    from shiq_data.validate import validate_buffer
+
+    for d in ("dir1", "dir2"):
+        (tmp_path / d).mkdir()
+        write_jsonl(tmp_path / d / "mt.jsonl", MT)
+    buf = str(tmp_path / "buf")
+    assert main(["build", "multiturn", str(tmp_path / "dir1" / "mt.jsonl"), "--tokenizer", "smollm2", "--out", buf,
+                 "--no-progress"]) == 0
+    assert main(["append", buf, "multiturn", str(tmp_path / "dir2" / "mt.jsonl"), "--no-progress"]) == 0, \
+        capsys.readouterr().err
+    ids = open_buffer(buf).table.column("row_id").to_pylist()
+    assert ids == [f"b{k}-mt.jsonl:{line}:0" for k in (0, 1) for line in (1, 2, 3)]
+    assert len(set(ids)) == 6 and validate_buffer(buf)["rows"] == 6
+    # the same build again gives the same ids
+    assert main(["build", "multiturn", str(tmp_path / "dir1" / "mt.jsonl"), "--tokenizer", "smollm2", "--out",
+                 str(tmp_path / "again"), "--no-progress"]) == 0
+    assert open_buffer(tmp_path / "again").table.column("row_id").to_pylist() == ids[:3]

@@ -172,3 +172,74 @@ def test_smollm2_tokenizer_info():
     assert info["vocab_size"] == 49152 and tok.convert_ids_to_tokens(info["eos_id"]) == "<|im_end|>"
     assert info["name"] == "smollm2" and len(info["fingerprint"]) == 64
     assert info["fingerprint"] != load_tokenizer("gpt2")[1]["fingerprint"]
+
+
+def test_validate_skips_cleanup_while_another_writer_holds_the_lock(tmp_path, capsys, gpt2):
+    from shiq_data.buffer import _locked
+
+    buf = tmp_path / "buf"
+    assert main(["build", "jsonl", str(write_jsonl(tmp_path / "a.jsonl", RECORDS)), "--tokenizer", "gpt2", "--out",
+                 str(buf), "--no-progress"]) == 0
+    new_shard = buf / "shard-00001.arrow"  # as an append leaves it between its rename and the manifest switch
+    new_shard.write_bytes((buf / "shard-00000.arrow").read_bytes())
+    capsys.readouterr()
+    with _locked(buf):
+        assert main(["validate", str(buf), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "is valid: 5 rows" in out and "cleanup skipped" in out and ".lock" in out and new_shard.exists()
+    assert main(["validate", str(buf), "--no-progress"]) == 0
+    assert "removed 1 unlisted file(s)" in capsys.readouterr().out and not new_shard.exists()
+
+
+def test_invalid_utf8_names_file_and_line(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"prompt": "a\xff", "completion": "b", "reward": 1}\n')
+    proc = subprocess.run([*shiq_data_exe(), "build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out",
+                           str(tmp_path / "buf"), "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert f"{inp}: line 2: field '*': not valid UTF-8 (byte 0xff" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_non_parquet_input_names_the_file(tmp_path, capsys, gpt2):
+    for name, data in [("tiny.parquet", b"hello\n"), ("text.parquet", b"not parquet at all\n" * 100)]:
+        inp = tmp_path / name
+        inp.write_bytes(data)
+        assert main(["build", "parquet", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
+                     "--no-progress"]) == 1
+        err = capsys.readouterr().err
+        assert f"{inp}: not a readable Parquet file" in err and not (tmp_path / "buf").exists()
+
+
+def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
+    proc = subprocess.run([*shiq_data_exe(), "build", "multiturn", str(inp), "--tokenizer", "gpt2", "--out",
+                           str(tmp_path / "buf"), "--option", "foo=1", "--no-progress"], capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--option foo: unknown option; format 'multiturn' accepts --option source" in proc.stderr
+    assert main(["build", "hh", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option",
+                 "mode=scored", "--option", "reward_fn=len", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "--option reward_fn: takes a Python function" in err
+    assert "format 'hh' accepts --option all_assistant_turns, mode, source" in err
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option",
+                 "x=1"]) == 1
+    assert "format 'jsonl' takes no --option" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsys, gpt2):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new" / "sub" / "D"),
+                 "--no-progress"]) == 1
+    assert "empty completion" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    (tmp_path / "old").mkdir()
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "old" / "sub" / "D"),
+                 "--no-progress"]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "old"] and not list((tmp_path / "old").iterdir())
+    write_jsonl(inp, RECORDS)  # a good build still creates the parents
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new" / "sub" / "D"),
+                 "--no-progress"]) == 0
+    assert (tmp_path / "new" / "sub" / "D" / "manifest.json").is_file()
