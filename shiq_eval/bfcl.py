@@ -765,6 +765,27 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _cmd_to_buffer(args) -> int:
+    from shiq_data.buffer import write_buffer
+    from shiq_data.tokenizers import load_tokenizer
+    from shiq_eval.bfcl_rollout import read_trajectories, trajectories_to_rows
+
+    trajectories = [t for path in args.trajectories for t in read_trajectories(path)]
+    if args.subset != "all":
+        keep = set(select_subset([t["id"] for t in trajectories], args.subset, load_split(args.split)))
+        trajectories = [t for t in trajectories if t["id"] in keep]
+    if not trajectories:
+        print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
+        return 2
+    tok, info = load_tokenizer(args.tokenizer)
+    buf = write_buffer(trajectories_to_rows(trajectories, tok, args.reward), args.out, tokenizer_info=info,
+                       command=["python", "-m", "shiq_eval.bfcl", *sys.argv[1:]],
+                       input_name=", ".join(map(str, args.trajectories)))
+    print(f"wrote {len(trajectories)} trajectories of {len({t['id'] for t in trajectories})} entries "
+          f"({args.reward} turn rewards) to the buffer {buf.path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m shiq_eval.bfcl",
@@ -805,6 +826,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
     q.add_argument("--out", help="write the report as JSON here (atomically)")
     q.set_defaults(func=_cmd_report)
+
+    q = sub.add_parser("to-buffer", help="turn trajectory JSONL files into a shiq_data replay buffer",
+                       description="Encode trajectories written by 'rollout' with the tokenizer's chat template: "
+                                   "assistant tokens are actions, system, user and tool tokens are environment, each "
+                                   "turn's reward sits on the end-of-turn token of its last assistant message. "
+                                   "Trajectories of one entry share a group (completions of one prompt).")
+    q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
+    q.add_argument("--out", required=True, help="buffer folder to create")
+    q.add_argument("--tokenizer", default="smollm2",
+                   help="gpt2, smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s)")
+    q.add_argument("--reward", choices=["cumulative", "reset"], default="cumulative",
+                   help="turn reward: state checked after the model's own history (cumulative) or after a "
+                        "ground-truth history (reset)")
+    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
+                   help="keep only entries of this part of the split (train data: --subset train)")
+    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    q.set_defaults(func=_cmd_to_buffer)
     return p
 
 

@@ -22,7 +22,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Sequence
+from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -261,3 +261,21 @@ def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict
         )
     row = encode_chat(tokenizer, traj["messages"], turn_rewards=assistant_turn_rewards(traj, reward))
     return {"row_id": traj["id"], **row}
+
+
+def trajectories_to_rows(trajectories: Iterable[dict], tokenizer, reward: str = "cumulative") -> Iterator[dict]:
+    """Replay-buffer rows (:mod:`shiq_data.schema`) of checked trajectories.
+
+    Each row is :func:`trajectory_to_row` with ``row_id`` ``"<entry id>:<n>"`` (the ``n``-th
+    trajectory of that entry among the inputs), ``group_id`` shared by every trajectory of one entry
+    (several rollouts of an entry are completions of one prompt, as DPO and CoPG pair them) and
+    ``source`` ``"bfcl:<category>"``.
+    """
+    groups: dict[str, int] = {}
+    counts: dict[str, int] = {}
+    for t in trajectories:
+        group = groups.setdefault(t["id"], len(groups))
+        n = counts[t["id"]] = counts.get(t["id"], -1) + 1
+        row = trajectory_to_row(t, tokenizer, reward)
+        category = t.get("category") or t["id"].rsplit("_", 1)[0]
+        yield {**row, "row_id": f"{t['id']}:{n}", "group_id": group, "source": f"bfcl:{category}"}

@@ -180,6 +180,60 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
         bfcl.main(["--help"])
 
 
+def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
+    """rollout -> to-buffer: one row per trajectory, rollouts of one entry in one group, each turn's
+    reward on the end-of-turn token of its last assistant message (decoded back to check)."""
+    tokenizers = pytest.importorskip("shiq_data.tokenizers")
+    from shiq_data.buffer import open_buffer
+    from shiq_data.validate import validate_buffer
+
+    try:
+        tok, info = tokenizers.load_tokenizer("smollm2")
+    except Exception as exc:  # the packaged tokenizer is an optional asset
+        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+    train = set(bfcl.load_split()["train"])
+    entries = [x for x in bfcl.load_category("multi_turn_base") if bfcl.entry_index(x["id"]) in train
+               and x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"])
+               and len(x["question"]) >= 2][:2]
+    good = [ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e)) for e in entries]
+    bad = []
+    for e in entries:  # an extra call in turn 0 breaks every turn's cumulative state
+        decoded = bfcl.ground_truth_decoded(e)
+        decoded[0] = decoded[0] + [["touch(file_name='zz_extra_marker.txt')"]]
+        bad.append(ro.rollout_entry(e, ro.ScriptedPolicy(decoded)))
+    assert all(t["valid"] for t in good) and not any(t["valid"] for t in bad)
+    ro.write_trajectories(tmp_path / "good.jsonl", good)
+    ro.write_trajectories(tmp_path / "bad.jsonl", bad)
+
+    out = tmp_path / "buf"
+    assert bfcl.main(["to-buffer", str(tmp_path / "good.jsonl"), str(tmp_path / "bad.jsonl"), "--out", str(out),
+                      "--subset", "train"]) == 0
+    buf = open_buffer(out)
+    summary = validate_buffer(out)  # raises on any malformed row
+    assert summary["rows"] == 4 and summary["groups"] == 2 and summary["tokenizer"] == "smollm2"
+    rows = [buf.row(i) for i in range(len(good) + len(bad))]
+    by_id = {r["row_id"]: r for r in rows}
+    assert sorted(by_id) == sorted(f"{e['id']}:{k}" for e in entries for k in (0, 1))
+    for e, g, b in zip(entries, good, bad):
+        first, second = by_id[f"{e['id']}:0"], by_id[f"{e['id']}:1"]
+        assert first["group_id"] == second["group_id"] and first["source"] == "bfcl:multi_turn_base"
+        for row, traj in ((first, g), (second, b)):
+            tokens, mask, rewards = row["tokens"], row["action_mask"], row["rewards"]
+            assistant = [m["content"] for m in traj["messages"] if m["role"] == "assistant"]
+            assert tok.decode([x for x, m in zip(tokens, mask) if m]) == "".join(a + "<|im_end|>" for a in assistant)
+            ends = [p for p, (x, m) in enumerate(zip(tokens, mask)) if m and x == info["eos_id"]]
+            last_of_turn = [ends[max(i for i, k in enumerate(traj["assistant_turns"]) if k == turn)]
+                            for turn in range(len(traj["turn_rewards"]))]
+            assert [rewards[p] for p in last_of_turn] == traj["turn_rewards"]
+            assert sum(abs(r) for r in rewards) == sum(abs(r) for r in traj["turn_rewards"])
+    assert len({r["group_id"] for r in rows}) == len(entries)
+    assert "wrote 4 trajectories of 2 entries" in capsys.readouterr().out
+
+    none = tmp_path / "none"
+    assert bfcl.main(["to-buffer", str(tmp_path / "good.jsonl"), "--out", str(none), "--subset", "test"]) == 2
+    assert not none.exists()
+
+
 class _CharTokenizer:
     """One token per character; the chat template joins role and content."""
 
