@@ -54,7 +54,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.schema import BASE_FIELDS, REF_FIELDS, SCHEMA_VERSION, RowError, arrow_schema, check_row, row_has_ref
+from shiq_data.schema import (BASE_FIELDS, INPUT_KEY, REF_FIELDS, SCHEMA_VERSION, RowError, arrow_schema, at_input,
+                              check_row, row_has_ref)
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -344,8 +345,29 @@ class _ShardStream:
 
     def add(self, row: dict) -> None:
         i = self.n
+        location = None
+        if isinstance(row, dict) and INPUT_KEY in row:
+            row = dict(row)
+            location = row.pop(INPUT_KEY)
         if isinstance(row, dict) and "row_id" not in row:
             row = _with_row_id(row, self.row_id_prefix, i)
+        try:
+            self._check(row, i)
+        except RowError as e:
+            if location is None:
+                raise
+            raise at_input(e, location, i) from None
+        self.taken_ids.add(row["row_id"])
+        gid = int(row["group_id"]) + self.group_offset
+        self.max_group = max(self.max_group, gid)
+        self.pending.append({**row, "group_id": gid})
+        self.n += 1
+        if len(self.pending) >= self.shard_rows:
+            self.flush()
+
+    def _check(self, row: dict, i: int) -> None:
+        """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
+        fits this stream (reference columns like the earlier rows', a new ``row_id``)."""
         check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
         if self.with_ref is None:
@@ -356,13 +378,6 @@ class _ShardStream:
                            "missing (earlier rows carry reference statistics)")
         if row["row_id"] in self.taken_ids:
             raise RowError(self.input_name, i, "row_id", f"{row['row_id']!r} is not unique in the buffer")
-        self.taken_ids.add(row["row_id"])
-        gid = int(row["group_id"]) + self.group_offset
-        self.max_group = max(self.max_group, gid)
-        self.pending.append({**row, "group_id": gid})
-        self.n += 1
-        if len(self.pending) >= self.shard_rows:
-            self.flush()
 
     def flush(self) -> None:
         if not self.pending:
@@ -444,8 +459,11 @@ def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command
     Rows may omit ``row_id``: it becomes ``b0-<row_key>`` when the row has a ``row_key`` (a name unique
     within the input), else ``b0-<index>``. Every row is checked with
     :func:`shiq_data.schema.check_row` against ``tokenizer_info['vocab_size']``; errors name
-    ``input_name`` and the row index. The build happens in a temporary folder next to ``out_dir`` that
-    is renamed into place at the end; on any error it is removed and ``out_dir`` does not appear.
+    ``input_name`` and the row index, or, for a row carrying its input location under
+    :data:`shiq_data.schema.INPUT_KEY` (the readers' rows do; it is not written), that file, its line
+    or row and the input field, then the output row index. The build happens in a temporary folder
+    next to ``out_dir`` that is renamed into place at the end; on any error it is removed and
+    ``out_dir`` does not appear.
     ``ref_model`` describes the reference model when the rows carry reference statistics.
     """
     out_dir = Path(out_dir)

@@ -40,17 +40,26 @@ def end_of_turn_id(tokenizer) -> int:
     return int(eos)
 
 
+class MessageError(ValueError):
+    """A malformed message list: ``field`` names the part (``messages[1].role``), ``problem`` what is wrong."""
+
+    def __init__(self, field: str, problem: str):
+        self.field, self.problem = field, problem
+        super().__init__(f"{field}: {problem}")
+
+
 def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
-    """Raise ``ValueError`` naming ``where`` and the message index if a message is malformed."""
+    """Raise :class:`MessageError` (a ``ValueError``) naming ``where`` and the message index if a message is
+    malformed."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise ValueError(f"{where}: expected a non-empty list of messages, got {type(messages).__name__}")
+        raise MessageError(where, f"expected a non-empty list of messages, got {type(messages).__name__}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise ValueError(f"{where}[{i}]: expected an object with 'role' and 'content', got {type(m).__name__}")
+            raise MessageError(f"{where}[{i}]", f"expected an object with 'role' and 'content', got {type(m).__name__}")
         if m.get("role") not in ROLES:
-            raise ValueError(f"{where}[{i}].role = {m.get('role')!r}: expected one of {ROLES}")
+            raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
-            raise ValueError(f"{where}[{i}].content: expected a string, got {type(m.get('content')).__name__}")
+            raise MessageError(f"{where}[{i}].content", f"expected a string, got {type(m.get('content')).__name__}")
 
 
 def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]]]:
@@ -101,6 +110,7 @@ def encode_chat(
     turn_rewards: Optional[Sequence[Optional[float]]] = None,
     completion_reward: Optional[float] = None,
     actions: str = "all",
+    context: int = 0,
 ) -> dict:
     """Tokenise ``messages`` with the chat template into a row's token-aligned fields.
 
@@ -113,6 +123,8 @@ def encode_chat(
             At most one of ``turn_rewards`` and ``completion_reward`` may be given.
         actions: ``"all"`` (every assistant turn is an action) or ``"last"`` (only the final
             assistant turn; earlier ones are context, as in single-turn preference data).
+        context: the number of leading messages that are context whatever ``actions`` says: their
+            assistant turns are never actions (a prompt given as messages, then its completion).
     Returns:
         ``{"tokens": list[int] [T], "action_mask": list[bool] [T], "rewards": list[float] [T],
         "prompt_len": int}`` where ``prompt_len`` is the index of the first action token.
@@ -122,8 +134,11 @@ def encode_chat(
     if turn_rewards is not None and completion_reward is not None:
         raise ValueError("give either turn_rewards or completion_reward, not both")
     tokens, spans = assistant_spans(tokenizer, messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = [span for i, span in zip(turns, spans) if i >= context]
     if not spans:
-        raise ValueError("messages: no assistant turn, so the row would have no action tokens")
+        after = f" after the first {context} (context) messages" if context else ""
+        raise ValueError(f"messages: no assistant turn{after}, so the row would have no action tokens")
     if actions == "last":
         spans = spans[-1:]
     mask = [False] * len(tokens)

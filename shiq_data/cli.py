@@ -24,7 +24,10 @@ EPILOG = """examples:
   shiq-data info buffers/demo
 
 a generic input record is {"prompt": str, "completion": str, "reward": number, "group": optional};
-records with the same prompt text (or the same "group") are completions of one prompt."""
+records with the same prompt text (or the same "group") are completions of one prompt. A completion
+may be chat messages [{"role": ..., "content": ...}, ...] (the prompt a string or messages): the row
+then goes through the tokenizer's chat template (e.g. --tokenizer smollm2), the completion's assistant
+turns are the actions and the reward sits on the last one."""
 
 
 def _module_exists(name: str) -> bool:

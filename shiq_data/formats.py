@@ -8,7 +8,9 @@ refused, as in the generic readers).
 
 Rows carry no ``row_id`` but a ``row_key`` ``"<file name>:<line>:<tag>"``; the buffer makes it the
 ``row_id`` ``b<k>-<row_key>`` for its k-th command (:func:`shiq_data.buffer.write_buffer`), so appending
-another file of the same name does not clash.
+another file of the same name does not clash. They also carry their input location
+(:data:`shiq_data.schema.INPUT_KEY`), so a problem the buffer's row check finds (a reward beyond
+float32) names the file, line and field too, although one line may give several rows.
 
 - ``hh`` — Anthropic HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``.
   The final assistant turn is the action; earlier assistant turns are context unless
@@ -35,7 +37,7 @@ from typing import Callable, Iterator, Optional
 
 from shiq_data.chat import check_messages, encode_chat
 from shiq_data.generic import utf8_lines
-from shiq_data.schema import RowError
+from shiq_data.schema import INPUT_KEY, RowError, input_location
 
 
 def _open_binary(path: Path):
@@ -58,8 +60,8 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
             yield n, obj
 
 
-def _err(path, line, field, problem) -> RowError:
-    return RowError(path, line, field, problem, row_label="line")
+def _err(path, line, field, problem, row_label: str = "line") -> RowError:
+    return RowError(path, line, field, problem, row_label=row_label)
 
 
 def _number(value, path, line, field) -> float:
@@ -76,29 +78,34 @@ def _string(obj, key, path, line) -> str:
     return obj[key]
 
 
-def _check_actions_not_empty(messages, actions: str, path, line, field_of: Callable[[int], str]) -> None:
+def _check_actions_not_empty(messages, actions: str, path, line, field_of: Callable[[int], str], *,
+                             context: int = 0, row_label: str = "line") -> None:
     """Raise naming the field (``field_of(message index)``) if an assistant turn that is an action
-    (every one, or with ``actions="last"`` the final one) has no text: only its end-of-turn token
-    would be an action, an empty completion."""
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    (every one after the first ``context`` messages, or with ``actions="last"`` the final one) has no
+    text: only its end-of-turn token would be an action, an empty completion."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= context]
     for i in turns[-1:] if actions == "last" else turns:
         if not messages[i]["content"].strip():
-            raise _err(path, line, field_of(i), "empty completion (the assistant turn has no text)")
+            raise _err(path, line, field_of(i), "empty completion (the assistant turn has no text)", row_label)
 
 
 def _encode(tokenizer, messages, path, line, field, *, field_of: Optional[Callable[[int], str]] = None,
-            actions: str = "all", **kwargs) -> dict:
-    """:func:`encode_chat` with its errors re-raised naming the file, line and field; empty action turns
-    are refused first, named by ``field_of(message index)`` (default ``field``)."""
-    _check_actions_not_empty(messages, actions, path, line, field_of or (lambda i: field))
+            actions: str = "all", context: int = 0, row_label: str = "line", **kwargs) -> dict:
+    """:func:`encode_chat` with its errors re-raised naming the file, line (or ``row_label``) and field;
+    empty action turns are refused first, named by ``field_of(message index)`` (default ``field``)."""
+    _check_actions_not_empty(messages, actions, path, line, field_of or (lambda i: field), context=context,
+                             row_label=row_label)
     try:
-        return encode_chat(tokenizer, messages, actions=actions, **kwargs)
+        return encode_chat(tokenizer, messages, actions=actions, context=context, **kwargs)
     except ValueError as e:
-        raise _err(path, line, field, str(e)) from None
+        raise _err(path, line, field, str(e), row_label) from None
 
 
-def _row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict) -> dict:
-    return {"row_key": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded}
+def _row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict, reward_field: str) -> dict:
+    """A buffer row named ``row_key`` ``<file name>:<line>:<tag>``, carrying its input location (errors the
+    buffer finds in its ``rewards`` name ``reward_field``)."""
+    return {"row_key": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded,
+            INPUT_KEY: input_location(path, line, fields={"rewards": reward_field})}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,7 +153,8 @@ def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callabl
             messages = parse_hh_dialogue(_string(obj, field, path, line), path, line, field)
             reward = pair_reward if mode == "pairs" else _number(reward_fn(messages), path, line, f"{field} (reward_fn)")
             encoded = _encode(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
-            yield _row(path, line, field, source, group, encoded)
+            reward_field = field if mode == "pairs" else f"{field} (reward_fn)"
+            yield _row(path, line, field, source, group, encoded, reward_field)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -229,7 +237,7 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
                 encoded = _encode(tokenizer, messages, path, line, field, completion_reward=score,
                                   field_of=lambda i: f"{field}.response")
-                yield _row(path, line, str(k), source, group, encoded)
+                yield _row(path, line, str(k), source, group, encoded, field)
         elif "chosen" in obj and "rejected" in obj:
             prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
             for key in ("chosen", "rejected"):
@@ -241,7 +249,7 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                 field_of = (lambda i: key) if isinstance(obj[key], str) else (lambda i: f"{key}[{i}].content")
                 encoded = _encode(tokenizer, messages, path, line, key, completion_reward=score, actions="last",
                                   field_of=field_of)
-                yield _row(path, line, key, source, group, encoded)
+                yield _row(path, line, key, source, group, encoded, score_key)
         else:
             raise _err(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")
 
@@ -292,7 +300,8 @@ def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator
         group = groups.setdefault(key, len(groups))
         encoded = _encode(tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content",
                           **kwargs)
-        yield _row(path, line, "0", source, group, encoded)
+        reward_field = "reward" if "completion_reward" in kwargs else "messages"
+        yield _row(path, line, "0", source, group, encoded, reward_field)
 
 
 FORMATS = {"hh": read_hh, "ultrafeedback": read_ultrafeedback, "multiturn": read_multiturn}

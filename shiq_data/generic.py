@@ -5,7 +5,17 @@ Each input record is ``{"prompt": str, "completion": str, "reward": number}`` wi
 text form a group. The buffer row is ``tokens = prompt ids + completion ids (+ eos)`` (each part
 tokenised on its own, without special tokens), ``action_mask`` True on the completion (and eos),
 and the reward on the last action token (SHIQ_MATH §1: a sequence reward is the last token's).
-Errors name the file, the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field.
+
+The completion may instead be a list of chat messages ``[{"role", "content"}, ...]`` (roles as in
+:func:`shiq_data.chat.check_messages`, at least one assistant message): the row is then the
+conversation prompt + completion rendered by the tokenizer's chat template
+(:func:`shiq_data.chat.encode_chat`), the prompt being one user message (a string) or a list of
+messages. The action tokens are the completion's assistant turns (content and end-of-turn token;
+assistant messages in the prompt are context) and the reward sits on the last of them.
+
+Errors name the file, the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field;
+each row carries that location (:data:`shiq_data.schema.INPUT_KEY`) so the buffer's own row check
+names it too (its ``rewards`` as the input's ``reward``).
 """
 
 from __future__ import annotations
@@ -15,9 +25,11 @@ import math
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from shiq_data.schema import RowError
+from shiq_data.chat import MessageError, check_messages
+from shiq_data.schema import INPUT_KEY, RowError, input_location
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
+_MESSAGES = "a list of chat messages"
 
 
 class _Groups:
@@ -29,56 +41,122 @@ class _Groups:
     def id(self, record: dict) -> int:
         if "group" in record and record["group"] is not None:
             key = ("group", json.dumps(record["group"], sort_keys=True, default=str))
-        else:
+        elif isinstance(record["prompt"], str):
             key = ("prompt", record["prompt"])
+        else:
+            key = ("messages", json.dumps(record["prompt"], sort_keys=True, default=str))
         return self.ids.setdefault(key, len(self.ids))
 
 
+def is_chat(record: dict) -> bool:
+    """True if the record's completion is a list of chat messages (encoded with the chat template)."""
+    return isinstance(record.get("completion"), list)
+
+
+def _check_chat(record: dict, err) -> None:
+    """Raise ``err(field, problem)`` unless the prompt is a string or messages and the completion is
+    messages with an assistant turn."""
+    prompt = record["prompt"]
+    for key, value in (("prompt", prompt), ("completion", record["completion"])):
+        if isinstance(value, list):
+            try:
+                check_messages(value, key)
+            except MessageError as e:
+                raise err(e.field, e.problem) from None
+        elif not isinstance(value, str):
+            raise err(key, f"must be a string or {_MESSAGES}, got {type(value).__name__}")
+    if not any(m["role"] == "assistant" for m in record["completion"]):
+        raise err("completion", "no assistant message, so the row would have no action tokens")
+
+
 def check_record(record, *, file: str, row: int, row_label: str) -> None:
-    """Raise :class:`RowError` unless ``record`` has a non-empty string prompt and completion and a finite reward."""
+    """Raise :class:`RowError` unless ``record`` has a non-empty prompt and completion and a finite reward:
+    both strings, or a completion of chat messages (with an assistant one) after a string or messages."""
+
+    def err(field, problem):
+        return RowError(file, row, field, problem, row_label=row_label)
+
     if not isinstance(record, dict):
-        raise RowError(file, row, "*", f"expected a JSON object, got {type(record).__name__}", row_label=row_label)
+        raise err("*", f"expected a JSON object, got {type(record).__name__}")
     for key in ("prompt", "completion"):
         if key not in record:
-            raise RowError(file, row, key, "missing", row_label=row_label)
-        if not isinstance(record[key], str):
-            raise RowError(file, row, key, f"must be a string, got {type(record[key]).__name__}", row_label=row_label)
+            raise err(key, "missing")
+    if is_chat(record):
+        _check_chat(record, err)
+    else:
+        for key in ("prompt", "completion"):
+            if not isinstance(record[key], str):
+                also = f" (or {_MESSAGES} with a message-list completion)" if key == "prompt" else f" or {_MESSAGES}"
+                raise err(key, f"must be a string{also}, got {type(record[key]).__name__}")
     if record["prompt"] == "":
-        raise RowError(file, row, "prompt", "empty (the first token cannot be an action)", row_label=row_label)
+        raise err("prompt", "empty (the first token cannot be an action)")
     if record["completion"] == "":
-        raise RowError(file, row, "completion", "empty completion", row_label=row_label)
+        raise err("completion", "empty completion")
     if "reward" not in record:
-        raise RowError(file, row, "reward", "missing", row_label=row_label)
+        raise err("reward", "missing")
     r = record["reward"]
     if isinstance(r, bool) or not isinstance(r, (int, float)):
-        raise RowError(file, row, "reward", f"must be a number, got {type(r).__name__}", row_label=row_label)
+        raise err("reward", f"must be a number, got {type(r).__name__}")
     if not math.isfinite(r):
-        raise RowError(file, row, "reward", f"non-finite reward {r}", row_label=row_label)
+        raise err("reward", f"non-finite reward {r}")
+
+
+def encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_label: str) -> dict:
+    """``tokens``, ``action_mask``, ``rewards`` and ``prompt_len`` of a checked record whose completion is
+    chat messages (see the module doc); errors name the file, line or row, and field."""
+    from shiq_data.formats import _encode  # formats imports this module
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise RowError(file, row, "completion", f"{_MESSAGES} needs a tokenizer with a chat template (e.g. "
+                                                "--tokenizer smollm2); this tokenizer has none", row_label=row_label)
+    prompt = record["prompt"]
+    context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    k = len(context)
+    return _encode(tokenizer, context + list(record["completion"]), file, row, "completion", context=k,
+                   row_label=row_label, field_of=lambda i: f"completion[{i - k}].content",
+                   completion_reward=float(record["reward"]))
+
+
+def _encode_text(prompt_ids, completion_ids, reward, *, eos, file: str, row: int, row_label: str) -> dict:
+    """The row fields of a string prompt and completion, tokenised on their own (plus ``eos`` unless None)."""
+    a = list(completion_ids) + ([] if eos is None else [eos])
+    if not prompt_ids:
+        raise RowError(file, row, "prompt", "tokenises to no token", row_label=row_label)
+    if not a:
+        raise RowError(file, row, "completion", "tokenises to no token (empty completion)", row_label=row_label)
+    rewards = [0.0] * (len(prompt_ids) + len(a))
+    rewards[-1] = float(reward)
+    return {"prompt_len": len(prompt_ids), "tokens": list(prompt_ids) + a,
+            "action_mask": [False] * len(prompt_ids) + [True] * len(a), "rewards": rewards}
 
 
 def records_to_rows(records: Iterable[tuple[int, dict]], tokenizer, *, file: str, row_label: str,
                     source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
-    """Buffer rows (without ``row_id``) from ``(line or row number, record)`` pairs; see the module doc."""
+    """Buffer rows (without ``row_id``) from ``(line or row number, record)`` pairs; see the module doc.
+    ``add_eos`` applies to string completions (a chat completion ends with the template's end of turn)."""
     source = source or Path(file).name
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError(f"{file}: the tokenizer has no eos token; pass add_eos=False")
     groups = _Groups()
     batch: list[tuple[int, dict]] = []
+    where = {"file": file, "row_label": row_label}
 
     def flush():
-        prompts = tokenizer([r["prompt"] for _, r in batch], add_special_tokens=False)["input_ids"]
-        completions = tokenizer([r["completion"] for _, r in batch], add_special_tokens=False)["input_ids"]
-        for (n, rec), p, c in zip(batch, prompts, completions):
-            a = list(c) + ([eos] if add_eos else [])
-            if not p:
-                raise RowError(file, n, "prompt", "tokenises to no token", row_label=row_label)
-            if not a:
-                raise RowError(file, n, "completion", "tokenises to no token (empty completion)", row_label=row_label)
-            rewards = [0.0] * (len(p) + len(a))
-            rewards[-1] = float(rec["reward"])
-            yield {"source": source, "group_id": groups.id(rec), "prompt_len": len(p), "tokens": list(p) + a,
-                   "action_mask": [False] * len(p) + [True] * len(a), "rewards": rewards}
+        texts = [r for _, r in batch if not is_chat(r)]
+        prompts = completions = []
+        if texts:
+            prompts = tokenizer([r["prompt"] for r in texts], add_special_tokens=False)["input_ids"]
+            completions = tokenizer([r["completion"] for r in texts], add_special_tokens=False)["input_ids"]
+        text_ids = zip(prompts, completions)
+        for n, rec in batch:
+            if is_chat(rec):
+                encoded = encode_chat_record(rec, tokenizer, row=n, **where)
+            else:
+                p, c = next(text_ids)
+                encoded = _encode_text(p, c, rec["reward"], eos=eos if add_eos else None, row=n, **where)
+            yield {"source": source, "group_id": groups.id(rec), **encoded,
+                   INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": "reward"})}
 
     for n, rec in records:
         check_record(rec, file=file, row=n, row_label=row_label)

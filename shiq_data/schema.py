@@ -60,6 +60,25 @@ class RowError(ValueError):
         super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
 
 
+INPUT_KEY = "_input"  # private row key: where in the input a reader's row came from (never written)
+
+
+def input_location(file, row: int, *, row_label: str = "line", fields: dict | None = None) -> dict:
+    """The value a reader puts under :data:`INPUT_KEY` on a row: the input ``file``, its ``row`` (a line
+    number, or a row number with ``row_label="row"``) and ``fields``, buffer column -> input field that
+    holds it (e.g. ``{"rewards": "reward"}``). The buffer pops it and names it in row errors."""
+    return {"file": str(file), "row": row, "row_label": row_label, "fields": dict(fields or {})}
+
+
+def at_input(error: RowError, location: dict, row_index: int) -> RowError:
+    """``error`` (a :func:`check_row` error about output row ``row_index``) named at its input
+    ``location`` (:func:`input_location`): the file, line or row, and the input field when known."""
+    field = location["fields"].get(error.field, error.field)
+    column = f", column '{error.field}'" if field != error.field else ""
+    return RowError(location["file"], location["row"], field, f"{error.problem} (output row {row_index}{column})",
+                    row_label=location["row_label"])
+
+
 def _is_int(x) -> bool:
     return isinstance(x, (Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
 

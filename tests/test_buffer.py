@@ -15,7 +15,7 @@ import pytest
 
 from shiq_data.buffer import (_locked, add_ref_columns, append_buffer, open_buffer, replace_shard, shards_without_ref,
                               write_buffer)
-from shiq_data.schema import RowError, check_row
+from shiq_data.schema import INPUT_KEY, RowError, check_row, input_location
 from shiq_data.validate import validate_buffer
 
 TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
@@ -139,6 +139,43 @@ def test_check_row_accepts_a_valid_row_and_duplicate_ids_are_refused(tmp_path):
     with pytest.raises(RowError, match="row 2: field 'row_id'.*not unique"):
         write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
     assert not (tmp_path / "b").exists()
+
+
+def located(rows, row_label="line"):
+    """``rows`` as a reader gives them: without ``row_id``, each carrying its input location (line ``i + 1``)."""
+    return [{**{k: v for k, v in r.items() if k != "row_id"},
+             INPUT_KEY: input_location("data/in.jsonl", i + 1 if row_label == "line" else i, row_label=row_label,
+                                       fields={"rewards": "reward"})}
+            for i, r in enumerate(rows)]
+
+
+def test_row_errors_name_the_input_location_a_reader_gives(tmp_path):
+    """A token outside the vocabulary (no tokenizer output reaches it: vocab_size is len(tokenizer), so
+    only rows built another way can) and a reward beyond float32 on input line 2 name that line."""
+    rows = located(make_rows(3))
+    rows[1]["tokens"] = [*rows[1]["tokens"][:-1], 50]
+    with pytest.raises(RowError) as e:
+        write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False, input_name="x")
+    assert (e.value.file, e.value.row, e.value.field) == ("data/in.jsonl", 2, "tokens")
+    assert str(e.value).startswith("data/in.jsonl: line 2: field 'tokens': token id 50 at position ")
+    assert str(e.value).endswith("is outside [0, 50) (output row 1)")
+    rows = located(make_rows(3), row_label="row")
+    rows[1]["rewards"] = [*rows[1]["rewards"][:-1], 1e300]
+    with pytest.raises(RowError, match=r"^data/in.jsonl: row 1: field 'reward': reward does not fit in float32 "
+                                       r"\(output row 1, column 'rewards'\)$"):
+        write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    assert list(tmp_path.iterdir()) == []
+    # appending: the output row counts this command's rows, the line is still the input's
+    good = located(make_rows(2))
+    write_buffer(good, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    assert all(INPUT_KEY in r for r in good)  # the caller's rows are left alone
+    assert all(INPUT_KEY not in r for r in plain_read(tmp_path / "b"))  # and the location is not written
+    assert plain_read(tmp_path / "b")[0]["row_id"] == "b0-0"
+    rows = located(make_rows(3, seed=1))
+    rows[2]["tokens"][0] = -1
+    with pytest.raises(RowError, match=r"^data/in.jsonl: line 3: field 'tokens': token id -1 .*\(output row 2\)$"):
+        append_buffer(tmp_path / "b", rows, command=["a"], progress=False)
+    assert len(open_buffer(tmp_path / "b")) == 2
 
 
 def test_existing_out_dir_is_refused(tmp_path):

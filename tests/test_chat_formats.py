@@ -82,6 +82,16 @@ def test_last_only_makes_earlier_assistant_turns_context(tok):
     assert len(spans) == 1 and tok.decode(row["tokens"][slice(*spans[0])]) == MULTI[-1]["content"] + "<|im_end|>"
 
 
+def test_context_messages_are_never_actions(tok):
+    row = encode_chat(tok, MULTI, completion_reward=1.0, context=3)  # messages[2], an assistant turn, is context
+    spans = spans_of(row["action_mask"])
+    assert [tok.decode(row["tokens"][a:b]) for a, b in spans] == [MULTI[4]["content"] + "<|im_end|>",
+                                                                  MULTI[6]["content"] + "<|im_end|>"]
+    assert row["prompt_len"] == spans[0][0] and row["rewards"][spans[-1][1] - 1] == 1.0
+    with pytest.raises(ValueError, match="no assistant turn after the first 7"):
+        encode_chat(tok, MULTI, context=7)
+
+
 def test_bad_inputs(tok):
     with pytest.raises(ValueError, match=r"messages\[1\].role"):
         encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
@@ -327,3 +337,27 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
     assert main(["build", "multiturn", str(tmp_path / "dir1" / "mt.jsonl"), "--tokenizer", "smollm2", "--out",
                  str(tmp_path / "again"), "--no-progress"]) == 0
     assert open_buffer(tmp_path / "again").table.column("row_id").to_pylist() == ids[:3]
+
+
+@pytest.mark.parametrize("fmt,line2,field", [
+    # UltraFeedback: line 1 gives rows 0-2, so the bad completion of line 2 is output row 4
+    ("ultrafeedback", {"instruction": "Hi", "completions": [{"response": "Hello.", "overall_score": 1},
+                                                            {"response": "Hey.", "overall_score": 1e300}]},
+     "completions[1]"),
+    ("ultrafeedback", {**UF[2], "score_rejected": -1e300}, "score_rejected"),
+    ("multiturn", {**MT[2], "reward": 1e300}, "reward"),
+    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
+                                                                  "reward": 1e300}]}, "messages"),
+])
+def test_reward_beyond_float32_names_the_input_line_not_the_output_row(tok, tmp_path, capsys, fmt, line2, field):
+    """1e300 is a finite number, so the reader passes it; the buffer's row check (float32) refuses it and
+    names the input's line and field although one line may give several rows."""
+    path = write_jsonl(tmp_path / "in.jsonl", [UF[0] if fmt == "ultrafeedback" else MT[2], line2])
+    assert main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{path}: line 2: field '{field}': reward does not fit in float32 (output row " in err, err
+    assert "column 'rewards'" in err and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    if fmt == "ultrafeedback" and field == "completions[1]":
+        assert "(output row 4, column 'rewards')" in err

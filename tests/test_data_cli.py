@@ -243,3 +243,149 @@ def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsy
     assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new" / "sub" / "D"),
                  "--no-progress"]) == 0
     assert (tmp_path / "new" / "sub" / "D" / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# generic records whose completion is a list of chat messages (SmolLM2's chat template)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from shiq_eval.assets import AssetMissing
+
+    try:
+        return load_tokenizer("smollm2")
+    except AssetMissing as e:
+        pytest.skip(str(e))
+
+
+CHAT = [
+    {"prompt": "What is 2+3?", "completion": [{"role": "assistant", "content": "It is 5."}], "reward": 1.5},
+    {"prompt": "What is 2+3?", "reward": -0.5, "completion": [
+        {"role": "assistant", "content": "add(2, 3)"}, {"role": "tool", "content": "5"},
+        {"role": "assistant", "content": "The sum is 5."}]},
+    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
+     "completion": [{"role": "assistant", "content": "Bye!"}], "reward": 2.0},
+    {"prompt": "Say hi.", "completion": " Hi!", "reward": 0.25},  # a plain string completion: no template
+]
+
+
+def prompt_messages(rec):
+    return [{"role": "user", "content": rec["prompt"]}] if isinstance(rec["prompt"], str) else rec["prompt"]
+
+
+def template_ids(tok, messages, add_generation_prompt=False):
+    """``apply_chat_template``'s own tokenisation (the independent reference)."""
+    out = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def action_runs(mask):
+    """Maximal runs of True as half-open (start, end) pairs."""
+    runs, start = [], None
+    for i, m in enumerate(list(mask) + [False]):
+        if m and start is None:
+            start = i
+        if not m and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def test_chat_completions_go_through_the_template(tmp_path, smollm2):
+    tok, _ = smollm2
+    inp = write_jsonl(tmp_path / "chat.jsonl", CHAT)
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
+                 "--no-progress"]) == 0
+    rows = read_rows(tmp_path / "buf")[1]
+    assert [r["group_id"] for r in rows] == [0, 0, 1, 2] and len(rows) == 4
+    for rec, row in zip(CHAT[:3], rows):
+        p, runs = row["prompt_len"], action_runs(row["action_mask"])
+        assert row["tokens"][:p] == template_ids(tok, prompt_messages(rec), add_generation_prompt=True)
+        assert row["tokens"] == template_ids(tok, prompt_messages(rec) + rec["completion"])
+        assert [tok.decode(row["tokens"][a:b]) for a, b in runs] == \
+            [m["content"] + "<|im_end|>" for m in rec["completion"] if m["role"] == "assistant"]
+        assert runs[0][0] == p
+        assert {i: r for i, r in enumerate(row["rewards"]) if r} == {runs[-1][1] - 1: rec["reward"]}
+    # the tool turn between the two assistant turns is environment
+    (_, e1), (s2, _) = action_runs(rows[1]["action_mask"])
+    assert tok.decode(rows[1]["tokens"][e1:s2]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
+    # an assistant message of the prompt is context, not an action
+    assert "Hello<|im_end|>" in tok.decode(rows[2]["tokens"][:rows[2]["prompt_len"]])
+    # a string completion is tokenised as before: prompt ids + completion ids + eos, no template
+    plain = rows[3]
+    ids = tok([CHAT[3]["prompt"], CHAT[3]["completion"]], add_special_tokens=False)["input_ids"]
+    assert plain["tokens"] == ids[0] + ids[1] + [tok.eos_token_id] and plain["prompt_len"] == len(ids[0])
+
+
+CHAT_BAD = [  # (the record on line 2, the field the error names, words in it)
+    ({"prompt": "a", "completion": [{"role": "user", "content": "b"}], "reward": 1}, "completion",
+     "no assistant message"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"},
+                                    {"role": "robot", "content": "d"}], "reward": 1}, "completion[2].role",
+     "expected one of"),
+    ({"prompt": "a", "completion": [{"role": "assistant"}], "reward": 1}, "completion[0].content", "expected a string"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"},
+                                    {"role": "assistant", "content": " "}], "reward": 1}, "completion[2].content",
+     "empty completion"),
+    ({"prompt": "a", "completion": [], "reward": 1}, "completion", "non-empty list"),
+    ({"prompt": [{"role": "user", "content": 3}], "completion": [{"role": "assistant", "content": "b"}], "reward": 1},
+     "prompt[0].content", "expected a string"),
+    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "reward": "x"}, "reward", "number"),
+]
+
+
+@pytest.mark.parametrize("bad,field,words", CHAT_BAD)
+def test_bad_chat_completion_names_file_line_field(tmp_path, capsys, smollm2, bad, field, words):
+    inp = write_jsonl(tmp_path / "in.jsonl", [CHAT[0], bad])
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}: line 2: field '{field}': " in err and words in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_chat_completion_needs_a_tokenizer_with_a_chat_template(tmp_path, capsys, gpt2):
+    inp = write_jsonl(tmp_path / "in.jsonl", [RECORDS[0], CHAT[0]])
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}: line 2: field 'completion': " in err
+    assert "needs a tokenizer with a chat template" in err and "smollm2" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_parquet_chat_completions_equal_jsonl(tmp_path, capsys, smollm2):
+    records = CHAT[:2]  # a Parquet column holds one type: string prompts, message-list completions
+    pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
+    write_jsonl(tmp_path / "in.jsonl", records)
+    for fmt in ("jsonl", "parquet"):
+        assert main(["build", fmt, str(tmp_path / f"in.{fmt}"), "--tokenizer", "smollm2", "--out",
+                     str(tmp_path / f"b-{fmt}"), "--source", "S", "--no-progress"]) == 0
+    assert read_rows(tmp_path / "b-parquet")[1] == read_rows(tmp_path / "b-jsonl")[1]
+    bad = [records[0], {**records[0], "completion": [{"role": "assistant", "content": ""}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    assert main(["build", "parquet", str(tmp_path / "bad.parquet"), "--tokenizer", "smollm2", "--out",
+                 str(tmp_path / "b-bad"), "--no-progress"]) == 1
+    assert "bad.parquet: row 1: field 'completion[0].content': empty completion" in capsys.readouterr().err
+    assert not (tmp_path / "b-bad").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# problems found by the buffer's row check name the input line (or row) and field
+
+
+@pytest.mark.parametrize("fmt,where", [("jsonl", "line 2"), ("parquet", "row 1")])
+def test_reward_beyond_float32_names_the_input_line_and_field(tmp_path, capsys, gpt2, fmt, where):
+    records = [RECORDS[0], {**RECORDS[1], "reward": 1e300}]  # finite, so the reader's own check passes it
+    if fmt == "jsonl":
+        write_jsonl(tmp_path / "in.jsonl", records)
+    else:
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
+    inp = tmp_path / f"in.{fmt}"
+    assert main(["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"{inp}: {where}: field 'reward': reward does not fit in float32 (output row 1, column 'rewards')" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f"in.{fmt}"]
