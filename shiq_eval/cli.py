@@ -135,8 +135,88 @@ def policy_from_checkpoint(step_dir: Path, hf_config: dict):
     return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
 
 
+class HFEngine:
+    """Checkpoints as transformers models (exported from the saved megatron shards)."""
+
+    def __init__(self, ref_model, tokenizer):
+        self.ref_model = ref_model
+
+    def reference(self):
+        """``(logits model, sampler)`` of the reference (sampler None: ``HFPolicy`` of the model)."""
+        return self.ref_model, None
+
+    def policy(self, step_dir: Path, hf_config: dict):
+        return policy_from_checkpoint(step_dir, hf_config), None
+
+
+class MegatronEngine:
+    """Checkpoints as megatron-core models, sampled with :class:`shiq_eval.generate.MegatronPolicy`
+    and scored with :class:`shiq_eval.generate.MegatronLogits`, in the tensor-parallel layout of the
+    process group (``--tp``); the reference is imported from its Hugging Face weights. Call inside
+    ``shiq_train.parallel.distributed``."""
+
+    def __init__(self, ref_model, tokenizer):
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy
+        from shiq_train import hf_convert as H
+
+        self.eos = tokenizer.eos_token_id
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
+        ref = self._build(ref_model.config)
+        H.import_llama(ref, ref_model.state_dict(), ref_model.config)
+        self._ref = (MegatronLogits(ref), MegatronPolicy(ref, eos_id=self.eos, pad_id=self.pad))
+        self._policies: dict[str, object] = {}  # one model per architecture, reloaded per checkpoint
+
+    @staticmethod
+    def _build(hf_config):
+        from shiq_train import hf_convert as H
+        from shiq_train.model import build_model
+
+        return build_model(H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0))
+
+    def reference(self):
+        return self._ref
+
+    def policy(self, step_dir: Path, hf_config: dict):
+        from transformers import LlamaConfig
+
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy
+        from shiq_train.export import full_parameters_from_checkpoint
+        from shiq_train.hf_convert import LlamaShape
+        from shiq_train.model import load_full_parameters
+
+        config = LlamaConfig.from_dict(hf_config)
+        key = json.dumps(hf_config, sort_keys=True)
+        if key not in self._policies:
+            self._policies = {key: self._build(config)}
+        model = self._policies[key]
+        shape = LlamaShape.from_hf_config(config)
+        load_full_parameters(model, full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied))
+        return MegatronLogits(model), MegatronPolicy(model, eos_id=self.eos, pad_id=self.pad)
+
+
+def engine_context(args):
+    """The process group the engine needs: none for ``hf``; for ``megatron`` one tensor-parallel group
+    of ``--tp`` ranks (a lone process for 1, else torchrun with ``--nproc_per_node`` equal to it)."""
+    import contextlib
+    import os
+
+    if args.engine == "hf":
+        if args.tp != 1:
+            raise EvalInputError(f"--tp {args.tp} needs --engine megatron")
+        return contextlib.nullcontext()
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world != args.tp:
+        raise EvalInputError(f"--engine megatron --tp {args.tp} runs on exactly {args.tp} processes, got "
+                             f"{world}: launch with torchrun --nproc_per_node {args.tp}")
+    from shiq_train import parallel
+
+    return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
+
+
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
+    import os
+
     from shiq_eval.evaluate import evaluate_policy
     from shiq_eval.report import plot_curves, write_table
     from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
@@ -153,6 +233,7 @@ def run(args) -> list[dict]:
     if not Path(args.reward_model).is_file():
         raise EvalInputError(f"--reward-model {args.reward_model}: no such file (a head saved by "
                              "shiq_eval.scorers.RegressionRewardModel.save)")
+    context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -171,24 +252,31 @@ def run(args) -> list[dict]:
     prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
     scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
+    lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-              progress=not args.quiet)
-    ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference), **prompt_set,
-               **evaluate_policy(ref_model, ref_model, tokenizer, prompt_ids, shown, scorer, **kw).as_dict()}
-    rows = []
-    for step_dir, info in zip(steps, infos):
-        policy = policy_from_checkpoint(step_dir, info["hf_config"])
-        res = evaluate_policy(policy, ref_model, tokenizer, prompt_ids, shown, scorer, **kw)
-        rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir), **prompt_set,
-                     **res.as_dict()})
-        if not args.quiet:
-            print(f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
-                  f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})", file=sys.stderr)
+              progress=lead and not args.quiet)
+    with context:
+        engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
+        ref_logits, ref_sampler = engine.reference()
+        ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference), "engine": args.engine,
+                   **prompt_set, **evaluate_policy(ref_logits, ref_logits, tokenizer, prompt_ids, shown, scorer,
+                                                   sampler=ref_sampler, **kw).as_dict()}
+        rows = []
+        for step_dir, info in zip(steps, infos):
+            logits, sampler = engine.policy(step_dir, info["hf_config"])
+            res = evaluate_policy(logits, ref_logits, tokenizer, prompt_ids, shown, scorer, sampler=sampler, **kw)
+            rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir),
+                         "engine": args.engine, **prompt_set, **res.as_dict()})
+            if lead and not args.quiet:
+                print(f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
+                      f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})", file=sys.stderr)
+    if not lead:
+        return [ref_row] + rows
     out = Path(args.out)
     csv_path, json_path = write_table([ref_row] + rows, out)
     plots = plot_curves(rows, out, reference=ref_row)
-    print(f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts; wrote {csv_path}, {json_path}, "
-          + ", ".join(str(p) for p in plots))
+    print(f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts ({args.engine} engine); wrote {csv_path}, "
+          f"{json_path}, " + ", ".join(str(p) for p in plots))
     return [ref_row] + rows
 
 
@@ -213,6 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default 32)")
     r.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     r.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every policy (default 0)")
+    r.add_argument("--engine", choices=["hf", "megatron"], default="hf",
+                   help="hf: checkpoints exported to transformers (default, fastest on CPU); megatron: the "
+                        "trained megatron-core model itself, with its static KV cache")
+    r.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)")
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
     return p
 

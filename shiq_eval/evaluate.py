@@ -61,15 +61,19 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
 
 
 def evaluate_policy(model, ref_model, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], scorer,
-                    *, max_new_tokens=32, batch_size=16, seed=0, keep_samples=4, progress=True) -> EvalResult:
+                    *, max_new_tokens=32, batch_size=16, seed=0, keep_samples=4, progress=True,
+                    sampler=None) -> EvalResult:
     """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
 
+    ``model`` and ``ref_model`` answer ``model(input_ids=, attention_mask=).logits`` (transformers
+    models, or :class:`shiq_eval.generate.MegatronLogits`); completions come from ``sampler`` (a
+    policy of :mod:`shiq_eval.generate`; default ``HFPolicy(model)``), which must sample ``model``.
     ``prompt_texts`` are what the scorer sees as the prompt (e.g. the review's opening words);
     completions are decoded without special tokens.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    policy = HFPolicy(model, eos_id=eos, pad_id=pad)
+    policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed)
     completions = policy.generate(prompt_ids, cfg, progress=progress)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]

@@ -183,3 +183,38 @@ class MegatronPolicy:
             if bool((done | (end + 1 >= ends)).all()):
                 break
         return [tokens[j, int(lens[j]) : int(ends[j])].tolist() for j in range(B)]
+
+
+class MegatronLogits:
+    """A megatron-core ``GPTModel`` answering the call transformers models answer:
+    ``model(input_ids=[B, T], attention_mask=[B, T]).logits`` -> ``[B, T, V]`` float32.
+
+    For the KL estimators (:func:`shiq_eval.evaluate.sequence_kls`). Rows must be right-padded: the
+    causal mask then keeps every real position independent of the padding after it, and
+    ``attention_mask`` is not needed. Logits are gathered over tensor-parallel shards (every rank of
+    the group gets them whole); ``vocab_size`` (default: the model's) drops padded vocabulary rows.
+    Build the model with ``logits_chunk_tokens=0`` (a chunked model returns hidden states).
+    """
+
+    def __init__(self, model, vocab_size: int | None = None):
+        from shiq_train.model import unwrap
+
+        self.model = unwrap(model)
+        if getattr(self.model, "return_hidden", False):
+            raise ValueError("MegatronLogits needs a model built with logits_chunk_tokens=0 (this one returns "
+                             "hidden states)")
+        self.vocab_size = int(vocab_size or self.model.vocab_size)
+
+    @torch.no_grad()
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        from types import SimpleNamespace
+
+        from shiq_train.model import model_inputs
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            logits = self.model(**model_inputs(input_ids), runtime_gather_output=True)
+        finally:
+            self.model.train(was_training)
+        return SimpleNamespace(logits=logits[..., : self.vocab_size].float())

@@ -142,3 +142,80 @@ def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
         assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == 0o644
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "t.jsonl"]
+
+
+def test_megatron_logits_give_the_kls_transformers_give(tmp_path):
+    """The megatron engine's KL path (MegatronLogits over right-padded rows) against transformers on the
+    same two models and the same sequences: the independent reference is transformers itself."""
+    import warnings
+
+    from shiq_eval.evaluate import sequence_kls
+    from shiq_eval.generate import MegatronLogits
+    from shiq_train import hf_convert as H
+    from shiq_train import model as M
+    from shiq_train import parallel
+
+    warnings.filterwarnings("ignore")
+    a = transformers.LlamaForCausalLM.from_pretrained(tiny_hf_folder(tmp_path / "a")).eval()
+    torch.manual_seed(5)
+    b = transformers.LlamaForCausalLM(a.config).eval()
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    completions = [torch.randint(2, VOCAB, (n,), generator=g).tolist() for n in (4, 1, 6, 3)]
+    want = sequence_kls(a, b, prompts, completions, batch_size=3)
+    with parallel.distributed(seed=0):
+        engines = []
+        for hf in (a, b):
+            mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0))
+            H.import_llama(mg, hf.state_dict(), hf.config)
+            engines.append(MegatronLogits(mg))
+        got = sequence_kls(*engines, prompts, completions, batch_size=3)
+        chunked = M.build_model(H.model_config_from_llama(a.config, logits_chunk_tokens=8))
+        with pytest.raises(ValueError, match="logits_chunk_tokens=0"):
+            MegatronLogits(chunked)
+    for w, x in zip(want, got):
+        assert torch.allclose(x, w, atol=1e-5, rtol=1e-4), (x, w)
+    assert float(want[1].abs().sum()) > 1e-3  # the two models differ: a KL of zero would prove nothing
+
+
+def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
+    """`--engine megatron`: the reference's KL to itself is 0, rewards are the head's on the decoded
+    samples, and a tensor-parallel run (torchrun, TP=2) reproduces the TP=1 table."""
+    init = tiny_hf_folder(tmp_path / "init")
+    write_tiny_buffer(tmp_path / "buffer")
+    run = train(tmp_path, init, "shiq")
+    encoder = minilm_encoder()
+    head = RegressionRewardModel.fit(encoder, ["a wonderful film", "a dreadful film", "w5 w6", "w9 w10"],
+                                     [1.0, -1.0, 0.5, -0.5], l2=1.0)
+    head.save(tmp_path / "rm.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
+    common = [str(run), "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm.safetensors"),
+              "--max-new-tokens", "4", "--batch-size", "4", "--engine", "megatron", "--quiet"]
+
+    assert main(["run", *common, "--out", str(tmp_path / "tp1")]) == 0
+    one = json.loads((tmp_path / "tp1" / "results.json").read_text())
+    assert [(r["method"], r["step"], r["engine"]) for r in one] == [("reference", 0, "megatron"), ("shiq", 1, "megatron"),
+                                                                   ("shiq", 2, "megatron")]
+    assert one[0]["kl_exact"] == 0.0 and one[0]["kl_sample"] == 0.0
+    assert all(math.isfinite(r["kl_exact"]) and r["kl_exact"] >= 0 and r["n"] == 6 for r in one)
+    for r in one:
+        for prompt, completion, reward in r["samples"]:
+            e = encoder([prompt + " " + completion]).double()[0]
+            assert reward == pytest.approx(float(e @ head.weight + head.bias), abs=1e-6)
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    from shiq_train.parallel import free_port
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(free_port()), "-m", "shiq_eval.cli", "run", *common, "--tp", "2",
+                          "--out", str(tmp_path / "tp2")], capture_output=True, text=True, cwd=REPO, env=env,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "tp2" / "results.json").read_text())
+    for r1, r2 in zip(one, two, strict=True):
+        assert [s[:2] for s in r2["samples"]] == [s[:2] for s in r1["samples"]]  # the same draws
+        for key in ("reward_mean", "kl_exact", "kl_sample"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
+    assert main(["run", *common, "--tp", "2", "--out", str(tmp_path / "bad")]) == 2  # not under torchrun
+    assert not (tmp_path / "bad").exists()
