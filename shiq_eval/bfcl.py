@@ -354,6 +354,11 @@ def _work_limit_error(class_name: str, method, parsed: ParsedCall) -> Optional[s
         return f"power: the result would have more than {MAX_DIGITS} digits"
     arg = _DIGIT_ARGUMENTS.get(parsed.name)
     value = bound.get(arg) if arg else None
+    if isinstance(value, (str, bytes)):  # mpmath takes precision='1000000' as int('1000000')
+        try:
+            value = float(value)
+        except ValueError:
+            value = None  # not a number: the call fails with the simulator's own message
     if isinstance(value, (int, float)) and not abs(value) <= MAX_DIGITS:  # also inf and nan
         return f"{parsed.name}: {arg} must be at most {MAX_DIGITS} in magnitude"
     return None

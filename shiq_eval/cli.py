@@ -159,6 +159,13 @@ class MegatronEngine:
         from shiq_eval.generate import MegatronLogits, MegatronPolicy
         from shiq_train import hf_convert as H
 
+        from megatron.core import parallel_state as ps
+
+        tp = ps.get_tensor_model_parallel_world_size()
+        heads = (ref_model.config.num_attention_heads, ref_model.config.num_key_value_heads)
+        if any(h % tp for h in heads):
+            raise EvalInputError(f"--tp {tp} does not divide the model's {heads[0]} attention heads and {heads[1]} "
+                                 "key-value heads: choose a tensor-parallel size that divides both")
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         ref = self._build(ref_model.config)

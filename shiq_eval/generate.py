@@ -187,7 +187,8 @@ class MegatronPolicy:
 
 class MegatronLogits:
     """A megatron-core ``GPTModel`` answering the call transformers models answer:
-    ``model(input_ids=[B, T], attention_mask=[B, T]).logits`` -> ``[B, T, V]`` float32.
+    ``model(input_ids=[B, T], attention_mask=[B, T]).logits`` -> ``[B, T, V]`` float32, on the device
+    of ``input_ids`` (the model runs on its own).
 
     For the KL estimators (:func:`shiq_eval.evaluate.sequence_kls`). Rows must be right-padded: the
     causal mask then keeps every real position independent of the padding after it, and
@@ -211,10 +212,11 @@ class MegatronLogits:
 
         from shiq_train.model import model_inputs
 
+        device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(**model_inputs(input_ids), runtime_gather_output=True)
+            logits = self.model(**model_inputs(input_ids.to(device)), runtime_gather_output=True)
         finally:
             self.model.train(was_training)
-        return SimpleNamespace(logits=logits[..., : self.vocab_size].float())
+        return SimpleNamespace(logits=logits[..., : self.vocab_size].float().to(input_ids.device))

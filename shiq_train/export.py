@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_train.model import unshard_tensors
+from shiq_train.model import local_layer_name, unshard_tensors
 
 # megatron's partition dim by parameter name (``tensor_model_parallel`` parameters); others replicated
 _TP_DIM = [
@@ -56,7 +56,7 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
             for name, value in params.items():
                 if name.startswith("decoder.layers."):
                     i, rest = name[len("decoder.layers."):].split(".", 1)
-                    name = f"decoder.layers.{int(i) + pp_rank * per_stage}.{rest}"
+                    name = local_layer_name(f"decoder.layers.{int(i) + pp_rank * per_stage}.{rest}")
                 elif name == "output_layer.weight" and tied:
                     continue  # the last stage's copy of the tied embedding
                 parts.setdefault(name, {})[tp_rank] = value

@@ -373,13 +373,31 @@ def forward_stats(model, tokens: torch.Tensor, segment_ids: Optional[torch.Tenso
 # one full (TP=1, PP=1) set of parameters <-> this rank's shards
 
 
+# Transformer Engine layers fuse each pre-norm into the linear layer after it; full parameter sets
+# (checkpoint exports, Hugging Face import/export) always use the local layers' names. The pairs are
+# megatron-core's own (post_training/modelopt/gpt/state_dict_hooks.py:40, 49).
+TE_FUSED_NORMS = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def local_layer_name(name: str) -> str:
+    """``name`` with a Transformer Engine fused-norm suffix replaced by the local layers' name."""
+    for te, local in TE_FUSED_NORMS.items():
+        if name.endswith("." + te):
+            return name[: -len(te)] + local
+    return name
+
+
 def full_param_name(model, name: str) -> str:
-    """Name of local parameter ``name`` in the single-stage model: layers renumbered by their global
-    index (``layer_number - 1``), and the last stage's tied output copy mapped to the embedding."""
+    """Name of local parameter ``name`` in the single-stage model with local layers: layers renumbered
+    by their global index (``layer_number - 1``), the last stage's tied output copy mapped to the
+    embedding, and Transformer Engine fused-norm names mapped to the local ones."""
     inner = unwrap(model)
     if name.startswith("decoder.layers."):
         i, rest = name[len("decoder.layers."):].split(".", 1)
-        return f"decoder.layers.{inner.decoder.layers[int(i)].layer_number - 1}.{rest}"
+        return local_layer_name(f"decoder.layers.{inner.decoder.layers[int(i)].layer_number - 1}.{rest}")
     if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
     return name

@@ -354,7 +354,9 @@ HUGE_CALLS = ["power(base=10, exponent=10000000000)",  # 10**10 digits: refused 
               "logarithm(value=3, base=2, precision=1000000000)",
               "logarithm(value=3, base=2, precision=1e300)",
               "square_root(number=2, precision=100000000)",
-              "round_number(number=5, decimal_places=-1000000000000)"]
+              "round_number(number=5, decimal_places=-1000000000000)",
+              "logarithm(value=3, base=2, precision='1000000000')",  # mpmath takes int('1000000000')
+              "logarithm(value=3, base=2, precision=b'200000')"]
 
 
 def test_result_that_cannot_be_stringified_is_an_error_result():
@@ -416,6 +418,7 @@ def test_calls_beyond_the_work_bounds_are_refused_quickly():
     assert results[0] == bfcl.ERROR_PREFIX + f"power: the result would have more than {bfcl.MAX_DIGITS} digits"
     assert results[2] == bfcl.ERROR_PREFIX + "power: argument 'exponent' holds an integer beyond the int64 range"
     assert results[5] == bfcl.ERROR_PREFIX + f"logarithm: precision must be at most {bfcl.MAX_DIGITS} in magnitude"
+    assert results[9] == results[10] == results[5]
     # Just inside the bounds still runs; powers of 0 and +-1 are cheap whatever the exponent.
     ok = env.execute(["power(base=-1, exponent=9223372036854775807)", "square_root(number=2, precision=50)",
                       "round_number(number=12345, decimal_places=-2)"])

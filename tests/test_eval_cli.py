@@ -219,3 +219,18 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
             assert r2[key] == pytest.approx(r1[key], rel=1e-4, abs=1e-6), key
     assert main(["run", *common, "--tp", "2", "--out", str(tmp_path / "bad")]) == 2  # not under torchrun
     assert not (tmp_path / "bad").exists()
+
+
+def test_megatron_engine_refuses_a_tp_size_that_does_not_divide_the_heads(tmp_path, monkeypatch):
+    from megatron.core import parallel_state as ps
+
+    from shiq_eval.cli import EvalInputError, MegatronEngine
+    from shiq_train import parallel
+
+    folder = tiny_hf_folder(tmp_path / "m")  # 4 attention heads, 4 key-value heads
+    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    tok = transformers.AutoTokenizer.from_pretrained(folder)
+    with parallel.distributed(seed=0):
+        monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 3)
+        with pytest.raises(EvalInputError, match="--tp 3 does not divide the model's 4 attention heads"):
+            MegatronEngine(model, tok)

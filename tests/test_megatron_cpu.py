@@ -131,9 +131,18 @@ def test_fp8_without_gpu_fails_at_startup_naming_what_is_missing(impl):
         M.build_model(cfg)
 
 
-def test_fp8_with_local_layers_is_refused():
-    with pytest.raises(RuntimeError, match=r"needs a CUDA GPU|needs model.transformer_impl=transformer_engine or auto"):
+def test_fp8_with_local_layers_is_refused(monkeypatch):
+    """Even where a GPU and Transformer Engine are present (pretended here), FP8 needs TE layers."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    with pytest.raises(RuntimeError, match=r"needs model.transformer_impl=transformer_engine or auto \(got 'local'\)"):
         M.check_runtime(M.ModelConfig(fp8="hybrid", transformer_impl="local"))
+    assert M.resolved_transformer_impl(M.ModelConfig()) == "transformer_engine"  # auto picks TE there
+    M.check_runtime(M.ModelConfig(fp8="hybrid"))  # auto + fp8: accepted
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution of transformer_impl=auto")
@@ -386,6 +395,28 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     offline = full_parameters_from_checkpoint(tmp_path / "ckpt" / "step_00000004", num_layers=2)
     assert set(offline) == set(saved["full"])
     assert all(torch.equal(offline[k], saved["full"][k]) for k in offline)
+    # rank files of Transformer Engine layers (pre-norms fused into linear_qkv / linear_fc1) read back
+    # under the local names: the same full set
+    te_step = tmp_path / "te" / "step_00000004"
+    te_step.mkdir(parents=True)
+    (te_step / "meta.json").write_text((tmp_path / "ckpt" / "step_00000004" / "meta.json").read_text())
+    renamed = 0
+    for f in (tmp_path / "ckpt" / "step_00000004").glob("rank_*_dp0.pt"):
+        state = torch.load(f, weights_only=True)
+        params = {}
+        for k, v in state["model"].items():
+            te = k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight").replace(
+                "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+            renamed += te != k
+            params[te] = v
+        torch.save({"model": params}, te_step / f.name)
+    assert renamed == 2 * 2  # two pre-norms in each of the 2 layers
+    te_offline = full_parameters_from_checkpoint(te_step, num_layers=2)
+    assert set(te_offline) == set(saved["full"])
+    assert all(torch.equal(te_offline[k], saved["full"][k]) for k in te_offline)
+    assert M.local_layer_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
+        "decoder.layers.3.input_layernorm.weight"
+    assert M.local_layer_name("decoder.layers.3.mlp.linear_fc1.weight") == "decoder.layers.3.mlp.linear_fc1.weight"
     # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
     with parallel.distributed(seed=3):
         model = M.build_model(M.ModelConfig())
