@@ -1,4 +1,5 @@
-"""Scorers: reward models and verifiers behind one call, ``scorer(prompts, completions) -> rewards``.
+"""Scorers: reward models, verifiers and the BFCL checker behind one call,
+``scorer(prompts, completions) -> rewards``.
 
 The reward of SHIQ_MATH §6 ("mean reward-model / verifier score of generations on held-out prompts")
 is computed by one of these. Reward-model heads are stored as safetensors (no pickle).
@@ -29,6 +30,38 @@ class FunctionScorer:
 
     def __call__(self, prompts, completions):
         return [float(self.fn(p, c)) for p, c in zip(prompts, completions, strict=True)]
+
+
+class BFCLScorer:
+    """The BFCL-V3 multi-turn checker as a scorer: ``prompts`` are entry ids (``"multi_turn_base_15"``),
+    ``completions`` the model's decoded calls of each entry as JSON (turn -> step -> call strings,
+    the ``decoded_turns`` of :func:`shiq_eval.bfcl.check_entry`). The reward is 1.0 when the official
+    verdict is valid, else 0.0; with ``per_turn=True``, the mean cumulative turn reward instead.
+    A completion that is not such JSON scores 0.0 (a model's malformed output is data, not an error).
+    """
+
+    def __init__(self, per_turn: bool = False):
+        self.per_turn = per_turn
+
+    def __call__(self, prompts, completions):
+        from shiq_eval.bfcl import check_entry
+
+        out = []
+        for entry_id, text in zip(prompts, completions, strict=True):
+            try:
+                decoded = json.loads(text)
+                ok = isinstance(decoded, list) and all(
+                    isinstance(turn, list) and all(isinstance(step, list) and all(isinstance(c, str) for c in step)
+                                                   for step in turn) for turn in decoded)
+            except json.JSONDecodeError:
+                ok = False
+            if not ok:
+                out.append(0.0)
+                continue
+            verdict = check_entry(entry_id.rsplit("_", 1)[0], entry_id, decoded)
+            rewards = verdict["turn_rewards"]
+            out.append(sum(rewards) / len(rewards) if self.per_turn else float(verdict["valid"]))
+        return out
 
 
 def minilm_encoder(batch_size: int = 64) -> Encoder:

@@ -70,3 +70,25 @@ def test_split_is_seeded_disjoint_and_complete():
     assert not set(a["train"]) & set(a["held_out"])
     assert sorted(a["train"] + a["held_out"]) == list(range(1, 101))
     assert split_ids(rows, held_out=0.2, seed=2) != a
+
+
+def test_bfcl_checker_as_a_scorer():
+    """Ground truth scores 1; an empty turn (the official `empty_turn_model_response`) and malformed
+    completions score 0; per_turn gives the mean cumulative turn reward."""
+    import json
+
+    bfcl = pytest.importorskip("shiq_eval.bfcl")
+    from shiq_eval.scorers import BFCLScorer
+
+    e = bfcl.load_entry("multi_turn_base", 15)
+    truth = bfcl.ground_truth_decoded(e)
+    turns = len(truth)
+    broken = [[]] + truth[1:]  # no calls in turn 0, whose ground truth has calls
+    assert truth[0]
+    ids = [e["id"]] * 4
+    texts = [json.dumps(truth), json.dumps(broken), "I cannot do that", json.dumps([["pwd()"]])]
+    assert BFCLScorer()(ids, texts) == [1.0, 0.0, 0.0, 0.0]
+    per_turn = BFCLScorer(per_turn=True)(ids[:2], texts[:2])
+    assert per_turn[0] == 1.0 and 0.0 <= per_turn[1] < 1.0
+    verdict = bfcl.check_entry("multi_turn_base", e["id"], broken)
+    assert verdict["error_type"] == "multi_turn:empty_turn_model_response" and len(verdict["turn_rewards"]) == turns
