@@ -8,6 +8,7 @@ from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, 
 from shiq_data.schema import arrow_schema, check_row
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
+_ATTEMPTS = 3  # checks of a buffer whose manifest keeps changing under the check
 
 
 def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = False, progress: bool = False) -> dict:
@@ -21,7 +22,8 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     ``cleanup``, files the manifest does not list (left by a killed append) are deleted first, under
     the buffer's lock; when another process holds it (an append or ``ref-stats`` is writing shards the
     manifest does not list yet) nothing is deleted, ``cleanup_skipped`` says why, and the check is
-    read-only.
+    read-only. A check that fails while the manifest changed under it (a writer committed) is
+    repeated on the new manifest, up to three times in all.
     """
     path = Path(path)
     read_manifest(path)  # a clear error before touching anything when ``path`` is not a buffer
@@ -29,7 +31,21 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     if cleanup:
         removed, why = remove_unlisted_files_unless_locked(path)
         skipped = f"{why}; unlisted files were left in place" if why else None
-    manifest = read_manifest(path)
+    for attempt in range(_ATTEMPTS):
+        manifest = read_manifest(path)
+        try:
+            result = _check_shards(path, manifest, vocab_size, progress)
+            break
+        except (ValueError, OSError):
+            # A writer (append, ref-stats) committing while the shards were read can make a listed
+            # shard vanish or change; check its new manifest instead. A broken buffer fails every time.
+            if attempt + 1 == _ATTEMPTS or read_manifest(path) == manifest:
+                raise
+    return {"path": str(path), **result, "removed_files": removed, "cleanup_skipped": skipped}
+
+
+def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:
+    """Every check of :func:`validate_buffer` against one manifest; the summary counts."""
     mpath = path / MANIFEST
     vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
     seen_ids: set[str] = set()
@@ -82,6 +98,6 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     for name, value in totals.items():
         if manifest.get(name) != value:
             raise ValueError(f"{mpath}: field {name!r} is {manifest.get(name)}, the shards hold {value}")
-    return {"path": str(path), **totals, "shards": len(shards), "groups": len(groups),
+    return {**totals, "shards": len(shards), "groups": len(groups),
             "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
-            "tokenizer": manifest["tokenizer"].get("name"), "removed_files": removed, "cleanup_skipped": skipped}
+            "tokenizer": manifest["tokenizer"].get("name")}

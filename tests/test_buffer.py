@@ -266,6 +266,35 @@ def test_validate_cleanup_leaves_unlisted_files_while_a_writer_holds_the_lock(tm
     assert len(append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False)) == 5  # the lock is free again
 
 
+def test_validate_rechecks_when_a_writer_commits_during_the_check(tmp_path, monkeypatch):
+    """ref-stats replacing shard 0 (new file, old one deleted) while validate reads: the check that
+    saw the vanished file is repeated on the new manifest, and the buffer is reported valid."""
+    import shiq_data.validate as V
+
+    b = tmp_path / "b"
+    rows = make_rows(5)
+    write_buffer(rows, b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    real, calls = V._sha256_file, []
+
+    def sha_then_commit(path):
+        digest = real(path)
+        if not calls:  # the first shard has been hashed: a writer now replaces it
+            add_ref_columns(b, 0, [[0.0] * len(r["tokens"]) for r in rows[:3]],
+                            [[0.0] * len(r["tokens"]) for r in rows[:3]], ref_model={"name": "ref"})
+        calls.append(path)
+        return digest
+
+    monkeypatch.setattr(V, "_sha256_file", sha_then_commit)
+    report = validate_buffer(b)
+    assert report["rows"] == 5 and not (b / "shard-00000.arrow").exists()
+    assert calls[0].name == "shard-00000.arrow" and "shard-00000.r1.arrow" in [c.name for c in calls]
+    # a broken buffer still fails (the manifest does not change under the check)
+    monkeypatch.setattr(V, "_sha256_file", real)
+    (b / "shard-00001.arrow").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="shard-00001.arrow: size"):
+        validate_buffer(b)
+
+
 def test_add_ref_columns_shard_by_shard(tmp_path):
     b = tmp_path / "b"
     rows = make_rows(5)
