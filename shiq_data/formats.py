@@ -133,14 +133,39 @@ def parse_hh_dialogue(text: str, path="<text>", line: int = 0, field: str = "cho
     return messages
 
 
+def hh_text(messages: list[dict]) -> str:
+    """A dialogue in the HH transcript form (``"\n\nHuman: ...\n\nAssistant: ..."``)."""
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+def regression_reward_fn(head_path) -> Callable[[list], float]:
+    """``reward_fn(messages)`` of a saved regression reward head on the packaged MiniLM encoder
+    (``shiq_eval.scorers.RegressionRewardModel``), reading the dialogue as :func:`hh_text` writes it."""
+    head_path = Path(head_path)
+    if not head_path.is_file():
+        raise FileNotFoundError(f"--option reward_model={head_path}: no such file (a head saved by "
+                                "shiq_eval.scorers.RegressionRewardModel.save)")
+    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+
+    head = RegressionRewardModel.load(head_path, minilm_encoder())
+    return lambda messages: head.score_texts([hh_text(messages).strip()])[0]
+
+
 def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callable[[list], float]] = None,
-            all_assistant_turns: bool = False, source: Optional[str] = None) -> Iterator[dict]:
+            reward_model: Optional[str] = None, all_assistant_turns: bool = False,
+            source: Optional[str] = None) -> Iterator[dict]:
     """Rows of an Anthropic HH JSONL file: chosen and rejected of one line form one group.
 
     ``mode="pairs"``: rewards +1 (chosen) / −1 (rejected) on the last action token. ``mode="scored"``:
-    ``reward_fn(messages)`` scores each dialogue. ``all_assistant_turns``: every assistant turn is an
-    action (the reward still goes on the last one) instead of only the final turn.
+    ``reward_fn(messages)`` scores each dialogue; ``reward_model`` (a saved regression head, the form
+    the command line can give: ``--option reward_model=PATH``) is such a function and implies
+    ``scored``. ``all_assistant_turns``: every assistant turn is an action (the reward still goes on
+    the last one) instead of only the final turn.
     """
+    if reward_model is not None:
+        if reward_fn is not None:
+            raise ValueError("hh: give reward_fn or reward_model, not both")
+        reward_fn, mode = regression_reward_fn(reward_model), "scored"
     if mode not in ("pairs", "scored"):
         raise ValueError(f"hh: mode = {mode!r}: expected 'pairs' or 'scored'")
     if (mode == "scored") != (reward_fn is not None):

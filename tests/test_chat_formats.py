@@ -191,6 +191,33 @@ def test_hh_scored_and_errors(tok, tmp_path):
         list(read_hh(tmp_path / "broken.jsonl", tok))
 
 
+def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
+    """`--option reward_model=HEAD`: each dialogue's reward is the head on the MiniLM embedding of its
+    HH transcript (computed here from the raw JSON text), on the last action token."""
+    from shiq_data.buffer import open_buffer
+    from shiq_data.cli import main
+    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+
+    encoder = minilm_encoder()
+    head = RegressionRewardModel.fit(encoder, ["a helpful answer", "a rude answer", "boiling water", "no idea"],
+                                     [1.0, -1.0, 0.5, -0.5], l2=1.0)
+    head.save(tmp_path / "rm.safetensors")
+    path = write_jsonl(tmp_path / "hh.jsonl", HH)
+    assert main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
+                 "--option", f"reward_model={tmp_path / 'rm.safetensors'}", "--no-progress"]) == 0
+    buf = open_buffer(tmp_path / "buf")
+    raw = [line[field].strip() for line in HH for field in ("chosen", "rejected")]
+    want = (encoder(raw).double() @ head.weight + head.bias).tolist()
+    for i, w in enumerate(want):
+        row = buf.row(i)
+        last = max(t for t, m in enumerate(row["action_mask"]) if m)
+        assert row["rewards"][last] == pytest.approx(w, abs=1e-5)
+        assert sum(r != 0 for r in row["rewards"]) == 1
+    assert main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf2"),
+                 "--option", "reward_model=nope.safetensors", "--no-progress"]) != 0
+    assert not (tmp_path / "buf2").exists()
+
+
 UF = [
     {"source": "evol", "instruction": "Name a prime.", "models": ["a", "b", "c"], "completions": [
         {"model": "a", "response": "2 is prime.", "overall_score": 8.5, "fine-grained_score": 4.25},

@@ -221,7 +221,7 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
                  "mode=scored", "--option", "reward_fn=len", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "--option reward_fn: takes a Python function" in err
-    assert "format 'hh' accepts --option all_assistant_turns, mode, source" in err
+    assert "format 'hh' accepts --option all_assistant_turns, mode, reward_model, source" in err
     assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option",
                  "x=1"]) == 1
     assert "format 'jsonl' takes no --option" in capsys.readouterr().err
