@@ -359,7 +359,8 @@ def stage_train(ctx: Context, method: str) -> None:
                             min_lr=t["lr"] * 0.1),
             TrainConfig(steps=t["eval_every"], save_every=t["eval_every"], trainable_last_layers=t["trainable_last_layers"],
                         tensorboard=False),
-            run, run_meta={"method": method, "demo": True})
+            run, run_meta={"method": method, "demo": True, "hf_config": ref.config.to_dict(),
+                           "config": {"init": "smollm2"}})  # what shiq-eval run reads back
         sampler = BufferSampler(open_buffer(ctx.out / "buffer"), rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
                                 micro_batches_per_step=1, seed=ctx.cfg["seed"], mode="groups")
         done = {row["step"] for row in curve}

@@ -74,6 +74,13 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     prompts = json.loads((out / "prompts.json").read_text())
     assert not {p["snippet_id"] for p in prompts["eval"]} & set(split["train"])
     assert {p["snippet_id"] for p in prompts["train"]} <= set(split["train"])
+    # the checkpoints are shiq-eval run's input too: method, step, architecture and reference recorded
+    from shiq_eval.cli import checkpoint_info, checkpoint_steps
+
+    for m in cfg["train"]["methods"]:
+        info = checkpoint_info(checkpoint_steps(out / "runs" / m)[-1])
+        assert (info["method"], info["step"], info["init"]) == (m, cfg["train"]["steps"], "smollm2")
+        assert info["hf_config"]["num_hidden_layers"] == 30
     # resuming: nothing but the report runs again
     before = json.loads((out / "stages.json").read_text())["done"]
     res = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
