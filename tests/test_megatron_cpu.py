@@ -410,7 +410,7 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
             renamed += te != k
             params[te] = v
         torch.save({"model": params}, te_step / f.name)
-    assert renamed == 2 * 2  # two pre-norms in each of the 2 layers
+    assert renamed == 2 * 2 * 2  # two pre-norms in each of the 2 layers, held by both tensor-parallel ranks
     te_offline = full_parameters_from_checkpoint(te_step, num_layers=2)
     assert set(te_offline) == set(saved["full"])
     assert all(torch.equal(te_offline[k], saved["full"][k]) for k in te_offline)
