@@ -249,39 +249,30 @@ def open_buffer(path) -> Buffer:
 
 
 @contextlib.contextmanager
-def _locked(buffer_dir: Path):
-    """An exclusive advisory lock on the buffer folder (appends and rewrites are serialised)."""
-    with open(buffer_dir / LOCK, "a") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+def _locked(buffer_dir: Path, wait: bool = True):
+    """An exclusive advisory lock on the buffer folder (appends and rewrites are serialised).
 
-
-@contextlib.contextmanager
-def _try_locked(buffer_dir: Path):
-    """The lock of :func:`_locked`, without waiting: yields None when taken, else why it could not be
-    (another process holds it, or the lock file cannot be opened)."""
+    Yields None once the lock is held. With ``wait=False`` it does not wait: it yields why the lock
+    could not be taken (another process holds it, or the lock file cannot be opened) instead.
+    """
     lock = buffer_dir / LOCK
     try:
         f = open(lock, "a")
     except OSError as e:
-        f, why = None, f"cannot open {lock} ({e.strerror})"
-    if f is None:
-        yield why
+        if wait:
+            raise
+        yield f"cannot open {lock} ({e.strerror})"
         return
     with f:
         try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            why = None
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            why = f"{lock} is held by another process (an append or ref-stats run)"
+            yield f"{lock} is held by another process (an append or ref-stats run)"
+            return
         try:
-            yield why
+            yield None
         finally:
-            if why is None:
-                fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def remove_unlisted_files_unless_locked(buffer_dir) -> tuple[list[str], str | None]:
@@ -292,7 +283,7 @@ def remove_unlisted_files_unless_locked(buffer_dir) -> tuple[list[str], str | No
     The manifest is read under the lock, so shards committed by a writer that just finished stay.
     """
     buffer_dir = Path(buffer_dir)
-    with _try_locked(buffer_dir) as why:
+    with _locked(buffer_dir, wait=False) as why:
         if why is not None:
             return [], why
         return remove_unlisted_files(buffer_dir, read_manifest(buffer_dir)), None
