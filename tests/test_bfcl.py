@@ -285,9 +285,9 @@ def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
     assert bfcl.check_trajectory(e, d)["valid"] is False and not marker.exists()
 
 
-def test_results_are_stringified_like_the_official_executor():
-    e = bfcl.load_entry("multi_turn_base", 0)
-    calls = [c for t in e["ground_truth"] for c in t][:6]
+def official_results(e, calls):
+    """The result strings of the official executor for ``calls`` on entry ``e`` (its simulator
+    instances, created under a fresh name, are removed afterwards)."""
     name = "shiqtest_" + uuid.uuid4().hex
     try:
         theirs, _ = multi_turn_utils.execute_multi_turn_func_call(
@@ -295,6 +295,13 @@ def test_results_are_stringified_like_the_official_executor():
     finally:
         for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
             del vars(multi_turn_utils)[key]
+    return theirs
+
+
+def test_results_are_stringified_like_the_official_executor():
+    e = bfcl.load_entry("multi_turn_base", 0)
+    calls = [c for t in e["ground_truth"] for c in t][:6]
+    theirs = official_results(e, calls)
     assert bfcl.Environment(e).execute(calls) == theirs
     assert bfcl.stringify_result({"a": 1}) == '{"a": 1}' and bfcl.stringify_result([1]) == "[1]"
 
@@ -367,13 +374,7 @@ def test_result_that_cannot_be_stringified_is_an_error_result():
     results = bfcl.Environment(e).execute(calls)
     assert results[0].startswith(bfcl.ERROR_PREFIX) and "4300 digits" in results[0]
     assert json.loads(results[1]) == {"result": 10 ** 4299}
-    name = "shiqtest_" + uuid.uuid4().hex
-    try:
-        theirs, _ = multi_turn_utils.execute_multi_turn_func_call(
-            calls, e["initial_config"], e["involved_classes"], name, e["id"])
-    finally:
-        for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
-            del vars(multi_turn_utils)[key]
+    theirs = official_results(e, calls)
     assert results == theirs
     # The checker runs through it and computes the verdict: an extra stateless call changes nothing.
     d = bfcl.ground_truth_decoded(e)

@@ -13,6 +13,7 @@ import pytest
 
 from shiq_data.cli import main
 from shiq_data.tokenizers import load_tokenizer
+from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 RECORDS = [
     {"prompt": "Hello world", "completion": " and goodbye.", "reward": 1.5},
@@ -281,18 +282,6 @@ def template_ids(tok, messages, add_generation_prompt=False):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
-def action_runs(mask):
-    """Maximal runs of True as half-open (start, end) pairs."""
-    runs, start = [], None
-    for i, m in enumerate(list(mask) + [False]):
-        if m and start is None:
-            start = i
-        if not m and start is not None:
-            runs.append((start, i))
-            start = None
-    return runs
-
-
 def test_chat_completions_go_through_the_template(tmp_path, smollm2):
     tok, _ = smollm2
     inp = write_jsonl(tmp_path / "chat.jsonl", CHAT)
@@ -301,7 +290,7 @@ def test_chat_completions_go_through_the_template(tmp_path, smollm2):
     rows = read_rows(tmp_path / "buf")[1]
     assert [r["group_id"] for r in rows] == [0, 0, 1, 2] and len(rows) == 4
     for rec, row in zip(CHAT[:3], rows):
-        p, runs = row["prompt_len"], action_runs(row["action_mask"])
+        p, runs = row["prompt_len"], spans_of(row["action_mask"])
         assert row["tokens"][:p] == template_ids(tok, prompt_messages(rec), add_generation_prompt=True)
         assert row["tokens"] == template_ids(tok, prompt_messages(rec) + rec["completion"])
         assert [tok.decode(row["tokens"][a:b]) for a, b in runs] == \
@@ -309,7 +298,7 @@ def test_chat_completions_go_through_the_template(tmp_path, smollm2):
         assert runs[0][0] == p
         assert {i: r for i, r in enumerate(row["rewards"]) if r} == {runs[-1][1] - 1: rec["reward"]}
     # the tool turn between the two assistant turns is environment
-    (_, e1), (s2, _) = action_runs(rows[1]["action_mask"])
+    (_, e1), (s2, _) = spans_of(rows[1]["action_mask"])
     assert tok.decode(rows[1]["tokens"][e1:s2]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
     # an assistant message of the prompt is context, not an action
     assert "Hello<|im_end|>" in tok.decode(rows[2]["tokens"][:rows[2]["prompt_len"]])
