@@ -78,26 +78,27 @@ def _check_beta(beta) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-def _check_rows(name: str, x: torch.Tensor, batch: int, *, integer: bool) -> None:
-    """A per-row vector of the sequence-level losses: ``[batch]`` (integer ids, or finite floats)."""
-    if x.dim() != 1 or (name in ("group_ids", "values") and x.shape[0] != batch):
-        want = f"[{batch}]" if name in ("group_ids", "values") else "[P]"
-        raise ValueError(f"{name} must be {want} (one entry per row), got shape {tuple(x.shape)}")
+def _check_vector(name: str, x: torch.Tensor, *, length: int | None = None, integer: bool,
+                  index_below: int | None = None) -> None:
+    """A 1-D vector of the sequence-level losses: ``length`` entries if given; integer (row indices
+    below ``index_below`` if given) or finite floats."""
+    if x.dim() != 1 or (length is not None and x.shape[0] != length):
+        want = f"[{length}] (one entry per row)" if length is not None else "1-D"
+        raise ValueError(f"{name} must be {want}, got shape {tuple(x.shape)}")
     if integer:
         if x.is_floating_point() or x.dtype == torch.bool:
             raise ValueError(f"{name} must be an integer tensor, got dtype {x.dtype}")
-        if name in ("winners", "losers") and x.numel() and not bool(((x >= 0) & (x < batch)).all()):
-            raise ValueError(f"{name} holds a row index outside [0, {batch})")
+        if index_below is not None and x.numel() and not bool(((x >= 0) & (x < index_below)).all()):
+            raise ValueError(f"{name} holds a row index outside [0, {index_below})")
     elif not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} has a non-finite value at row {torch.nonzero(~torch.isfinite(x))[0].item()}")
 
 
-def _check_sequence_inputs(stats: tuple, rewards, action_mask, beta, **rows) -> None:
-    """:func:`_check_inputs` for the sequence-level baselines, plus their per-row vectors."""
+def _check_stats(stats: tuple, rewards, action_mask, beta) -> int:
+    """:func:`_check_inputs` for the sequence-level baselines (``gamma`` plays no part); the batch size."""
     names = ("chosen_logits", "logz", "ref_chosen_logits", "ref_logz")
     _check_inputs(dict(zip(names, stats)), rewards, action_mask, beta, 1.0)
-    for name, x in rows.items():
-        _check_rows(name, x, action_mask.shape[0], integer=name != "values")
+    return action_mask.shape[0]
 
 
 def _float(x: torch.Tensor) -> torch.Tensor:
@@ -313,8 +314,9 @@ def dpo_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask, winn
         action_mask: ``[B, T]`` bool.
         winners, losers: ``[P]`` row indices of preferred / dispreferred trajectories.
     """
-    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), None, action_mask, beta,
-                           winners=winners, losers=losers)
+    B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), None, action_mask, beta)
+    for name, x in (("winners", winners), ("losers", losers)):
+        _check_vector(name, x, integer=True, index_below=B)
     if winners.shape != losers.shape:
         raise ValueError(f"winners and losers must pair up: shapes {tuple(winners.shape)} and {tuple(losers.shape)}")
     if winners.numel() == 0:
@@ -331,8 +333,8 @@ def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_
 
     Args: the four statistics, rewards ``[B, T]``, action_mask ``[B, T]``, group_ids ``[B]`` int.
     """
-    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta,
-                           group_ids=group_ids)
+    B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta)
+    _check_vector("group_ids", group_ids, length=B, integer=True)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
     reg_return = sequence_return(rewards, action_mask) - beta * lam
     i, j = group_pairs(group_ids)
@@ -372,8 +374,8 @@ def dro_v_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action
     ``values`` ``[B]`` is ``V(x)``: a learned value (its gradient flows), or :func:`loo_soft_value`
     (the project default for LLM training, a constant).
     """
-    _check_sequence_inputs((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta,
-                           values=values)
+    B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta)
+    _check_vector("values", values, length=B, integer=False)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
     R = sequence_return(rewards, action_mask)
     return 0.5 * ((R - values - beta * lam) ** 2).mean()
