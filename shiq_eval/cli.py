@@ -171,7 +171,7 @@ class MegatronEngine:
         ref = self._build(ref_model.config)
         H.import_llama(ref, ref_model.state_dict(), ref_model.config)
         self._ref = (MegatronLogits(ref), MegatronPolicy(ref, eos_id=self.eos, pad_id=self.pad))
-        self._policies: dict[str, object] = {}  # one model per architecture, reloaded per checkpoint
+        self._policy = (None, None)  # (architecture, model): reloaded per checkpoint, rebuilt per architecture
 
     @staticmethod
     def _build(hf_config):
@@ -192,10 +192,9 @@ class MegatronEngine:
         from shiq_train.model import load_full_parameters
 
         config = LlamaConfig.from_dict(hf_config)
-        key = json.dumps(hf_config, sort_keys=True)
-        if key not in self._policies:
-            self._policies = {key: self._build(config)}
-        model = self._policies[key]
+        if self._policy[0] != hf_config:
+            self._policy = (hf_config, self._build(config))
+        model = self._policy[1]
         shape = LlamaShape.from_hf_config(config)
         load_full_parameters(model, full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied))
         return MegatronLogits(model), MegatronPolicy(model, eos_id=self.eos, pad_id=self.pad)
