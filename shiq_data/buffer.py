@@ -47,15 +47,24 @@ import re
 import shutil
 import sys
 import uuid
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.schema import (BASE_FIELDS, INPUT_KEY, REF_FIELDS, SCHEMA_VERSION, RowError, arrow_schema, at_input,
-                              check_row, row_has_ref)
+from shiq_data.schema import (
+    BASE_FIELDS,
+    INPUT_KEY,
+    REF_FIELDS,
+    SCHEMA_VERSION,
+    RowError,
+    arrow_schema,
+    at_input,
+    check_row,
+    row_has_ref,
+)
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -64,7 +73,7 @@ _SHARD_RE = re.compile(r"^\.?shard-\d{5}.*")
 
 
 def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -143,9 +152,15 @@ def write_shard_file(table: pa.Table, path: Path) -> dict:
         os.close(fd)
     lengths = pc.list_value_length(table.column("tokens"))
     n_actions = pc.sum(pc.cast(pc.list_flatten(table.column("action_mask")), pa.int64()))
-    return {"file": path.name, "rows": table.num_rows, "tokens": int(pc.sum(lengths).as_py() or 0),
-            "action_tokens": int(n_actions.as_py() or 0), "bytes": path.stat().st_size,
-            "sha256": _sha256_file(path), "has_ref": all(n in table.schema.names for n in REF_FIELDS)}
+    return {
+        "file": path.name,
+        "rows": table.num_rows,
+        "tokens": int(pc.sum(lengths).as_py() or 0),
+        "action_tokens": int(n_actions.as_py() or 0),
+        "bytes": path.stat().st_size,
+        "sha256": _sha256_file(path),
+        "has_ref": all(n in table.schema.names for n in REF_FIELDS),
+    }
 
 
 def read_shard(path: Path) -> pa.Table:
@@ -230,8 +245,10 @@ def read_manifest(buffer_dir) -> dict:
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")
     if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ValueError(f"{path}: field 'schema_version' is {manifest.get('schema_version')!r}; this code reads "
-                         f"version {SCHEMA_VERSION}")
+        raise ValueError(
+            f"{path}: field 'schema_version' is {manifest.get('schema_version')!r}; this code reads "
+            f"version {SCHEMA_VERSION}"
+        )
     for key in ("tokenizer", "rows", "tokens", "shards", "next_group_id"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} missing")
@@ -319,8 +336,19 @@ def _with_row_id(row: dict, prefix: str, index: int) -> dict:
 class _ShardStream:
     """Checks rows one by one and writes them as shards of ``shard_rows`` rows."""
 
-    def __init__(self, out_dir: Path, *, first_shard: int, shard_rows: int, vocab_size, input_name: str,
-                 group_offset: int, row_id_prefix: str, taken_ids: set, temp_names: bool):
+    def __init__(
+        self,
+        out_dir: Path,
+        *,
+        first_shard: int,
+        shard_rows: int,
+        vocab_size,
+        input_name: str,
+        group_offset: int,
+        row_id_prefix: str,
+        taken_ids: set,
+        temp_names: bool,
+    ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         self.out_dir, self.next_shard, self.shard_rows = out_dir, first_shard, shard_rows
@@ -365,8 +393,14 @@ class _ShardStream:
             self.with_ref = has_ref
         elif has_ref != self.with_ref:
             field = REF_FIELDS[0]
-            raise RowError(self.input_name, i, field, "present in some rows and not others" if has_ref else
-                           "missing (earlier rows carry reference statistics)")
+            raise RowError(
+                self.input_name,
+                i,
+                field,
+                "present in some rows and not others"
+                if has_ref
+                else "missing (earlier rows carry reference statistics)",
+            )
         if row["row_id"] in self.taken_ids:
             raise RowError(self.input_name, i, "row_id", f"{row['row_id']!r} is not unique in the buffer")
 
@@ -393,8 +427,11 @@ def _progress(rows: Iterable[dict], enabled: bool, desc: str) -> Iterator[dict]:
 
 
 def _totals(shards: list[dict]) -> dict:
-    return {"rows": sum(s["rows"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-            "action_tokens": sum(s["action_tokens"] for s in shards)}
+    return {
+        "rows": sum(s["rows"] for s in shards),
+        "tokens": sum(s["tokens"] for s in shards),
+        "action_tokens": sum(s["action_tokens"] for s in shards),
+    }
 
 
 def _check_tokenizer_info(info: dict) -> None:
@@ -443,8 +480,17 @@ def _remove_created_dirs(created: list[Path]) -> None:
             break
 
 
-def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command: list[str], shard_rows: int = 4096,
-                 progress: bool = True, input_name: str = "<rows>", ref_model: dict | None = None) -> Buffer:
+def write_buffer(
+    rows: Iterable[dict],
+    out_dir,
+    *,
+    tokenizer_info: dict,
+    command: list[str],
+    shard_rows: int = 4096,
+    progress: bool = True,
+    input_name: str = "<rows>",
+    ref_model: dict | None = None,
+) -> Buffer:
     """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
 
     Rows may omit ``row_id``: it becomes ``b0-<row_key>`` when the row has a ``row_key`` (a name unique
@@ -466,23 +512,41 @@ def write_buffer(rows: Iterable[dict], out_dir, *, tokenizer_info: dict, command
     try:
         _remove_stale_build_dirs(out_dir)
         tmp.mkdir()
-        stream = _ShardStream(tmp, first_shard=0, shard_rows=shard_rows, vocab_size=tokenizer_info["vocab_size"],
-                              input_name=input_name, group_offset=0, row_id_prefix="b0-", taken_ids=set(),
-                              temp_names=False)
+        stream = _ShardStream(
+            tmp,
+            first_shard=0,
+            shard_rows=shard_rows,
+            vocab_size=tokenizer_info["vocab_size"],
+            input_name=input_name,
+            group_offset=0,
+            row_id_prefix="b0-",
+            taken_ids=set(),
+            temp_names=False,
+        )
         for row in _progress(rows, progress, f"building {out_dir.name}"):
             stream.add(row)
         stream.flush()
         if stream.n == 0:
             raise ValueError(f"{input_name}: no rows to write")
         now = _now()
-        manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "tokenizer": dict(tokenizer_info),
-                    **_totals(stream.entries), "next_group_id": stream.max_group + 1, "shards": stream.entries,
-                    "has_ref_stats": bool(stream.with_ref), "ref_model": ref_model if stream.with_ref else None,
-                    "ref_stats": ({"ref_model": ref_model, "done": [e["file"] for e in stream.entries]}
-                                  if stream.with_ref else None),
-                    "commands": [{"argv": list(command), "time": now, "rows": stream.n,
-                                  "shards": [e["file"] for e in stream.entries]}],
-                    "created": now, "updated": now}
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "tokenizer": dict(tokenizer_info),
+            **_totals(stream.entries),
+            "next_group_id": stream.max_group + 1,
+            "shards": stream.entries,
+            "has_ref_stats": bool(stream.with_ref),
+            "ref_model": ref_model if stream.with_ref else None,
+            "ref_stats": (
+                {"ref_model": ref_model, "done": [e["file"] for e in stream.entries]} if stream.with_ref else None
+            ),
+            "commands": [
+                {"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}
+            ],
+            "created": now,
+            "updated": now,
+        }
         _write_json_atomic(tmp / MANIFEST, manifest)
         _fsync_dir(tmp)
         os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer
@@ -501,9 +565,17 @@ def _existing_row_ids(buffer: Buffer) -> set:
     return ids
 
 
-def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], tokenizer_info: dict | None = None,
-                  shard_rows: int | None = None, progress: bool = True, input_name: str = "<rows>",
-                  ref_model: dict | None = None) -> Buffer:
+def append_buffer(
+    buffer_dir,
+    rows: Iterable[dict],
+    *,
+    command: list[str],
+    tokenizer_info: dict | None = None,
+    shard_rows: int | None = None,
+    progress: bool = True,
+    input_name: str = "<rows>",
+    ref_model: dict | None = None,
+) -> Buffer:
     """Add ``rows`` to an existing buffer as new shards; returns the reopened buffer.
 
     ``tokenizer_info``, when given, must have the buffer's tokenizer fingerprint. New ``group_id`` s
@@ -523,15 +595,23 @@ def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], token
                 raise ValueError(
                     f"{buffer_dir / MANIFEST}: tokenizer mismatch: the buffer was built with {have['name']!r} "
                     f"(fingerprint {have['fingerprint'][:12]}…), the new rows with {tokenizer_info['name']!r} "
-                    f"(fingerprint {tokenizer_info['fingerprint'][:12]}…)")
+                    f"(fingerprint {tokenizer_info['fingerprint'][:12]}…)"
+                )
         old = Buffer(buffer_dir, manifest)
         if shard_rows is None:
             shard_rows = max(manifest["shards"][0]["rows"], 1) if manifest["shards"] else 4096
         k = len(manifest["commands"])
-        stream = _ShardStream(buffer_dir, first_shard=_next_shard_index(manifest), shard_rows=shard_rows,
-                              vocab_size=manifest["tokenizer"]["vocab_size"], input_name=input_name,
-                              group_offset=int(manifest["next_group_id"]), row_id_prefix=f"b{k}-",
-                              taken_ids=_existing_row_ids(old), temp_names=True)
+        stream = _ShardStream(
+            buffer_dir,
+            first_shard=_next_shard_index(manifest),
+            shard_rows=shard_rows,
+            vocab_size=manifest["tokenizer"]["vocab_size"],
+            input_name=input_name,
+            group_offset=int(manifest["next_group_id"]),
+            row_id_prefix=f"b{k}-",
+            taken_ids=_existing_row_ids(old),
+            temp_names=True,
+        )
         try:
             for row in _progress(rows, progress, f"appending to {buffer_dir.name}"):
                 stream.add(row)
@@ -539,8 +619,10 @@ def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], token
             if stream.n == 0:
                 raise ValueError(f"{input_name}: no rows to append")
             if stream.with_ref and manifest.get("ref_model") not in (None, ref_model):
-                raise ValueError(f"{input_name}: the new rows' reference model {ref_model} differs from the "
-                                 f"buffer's {manifest['ref_model']}")
+                raise ValueError(
+                    f"{input_name}: the new rows' reference model {ref_model} differs from the "
+                    f"buffer's {manifest['ref_model']}"
+                )
             for path, entry in zip(stream.written, stream.entries):
                 os.rename(path, buffer_dir / entry["file"])
             _fsync_dir(buffer_dir)
@@ -551,11 +633,16 @@ def append_buffer(buffer_dir, rows: Iterable[dict], *, command: list[str], token
             raise
         shards = manifest["shards"] + stream.entries
         now = _now()
-        new = {**manifest, **_totals(shards), "shards": shards, "next_group_id": stream.max_group + 1,
-               "has_ref_stats": all(s["has_ref"] for s in shards),
-               "commands": manifest["commands"] + [{"argv": list(command), "time": now, "rows": stream.n,
-                                                     "shards": [e["file"] for e in stream.entries]}],
-               "updated": now}
+        new = {
+            **manifest,
+            **_totals(shards),
+            "shards": shards,
+            "next_group_id": stream.max_group + 1,
+            "has_ref_stats": all(s["has_ref"] for s in shards),
+            "commands": manifest["commands"]
+            + [{"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}],
+            "updated": now,
+        }
         if stream.with_ref:
             new["ref_model"] = ref_model
             done = (manifest.get("ref_stats") or {}).get("done", [])
@@ -575,8 +662,10 @@ def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
     manifest = read_manifest(buffer_dir)
     recorded = manifest.get("ref_model")
     if ref_model is not None and recorded is not None and recorded != ref_model:
-        raise ValueError(f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
-                         "build a new buffer for another reference model")
+        raise ValueError(
+            f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
+            "build a new buffer for another reference model"
+        )
     return [i for i, s in enumerate(manifest["shards"]) if not s["has_ref"]]
 
 
@@ -603,17 +692,22 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
         with_ref = all(n in table.schema.names for n in REF_FIELDS)
         want = arrow_schema(with_ref)
         if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
-            raise ValueError(f"replacement for {old_path.name}: schema must be {want.names} with types "
-                             f"{[str(f.type) for f in want]}, got {table.schema}")
+            raise ValueError(
+                f"replacement for {old_path.name}: schema must be {want.names} with types "
+                f"{[str(f.type) for f in want]}, got {table.schema}"
+            )
         table = table.cast(want)
         if table.num_rows != old.num_rows or not table.select(BASE_FIELDS).equals(old.select(BASE_FIELDS)):
-            raise ValueError(f"replacement for {old_path.name}: its base columns {list(BASE_FIELDS)} must equal "
-                             "the shard's (only the reference columns may change)")
+            raise ValueError(
+                f"replacement for {old_path.name}: its base columns {list(BASE_FIELDS)} must equal "
+                "the shard's (only the reference columns may change)"
+            )
         if with_ref:
             recorded = manifest.get("ref_model")
             if recorded is not None and ref_model is not None and recorded != ref_model:
-                raise ValueError(f"{buffer_dir / MANIFEST}: holds reference statistics of {recorded}; refusing to "
-                                 f"mix in {ref_model}")
+                raise ValueError(
+                    f"{buffer_dir / MANIFEST}: holds reference statistics of {recorded}; refusing to mix in {ref_model}"
+                )
         vocab = manifest["tokenizer"]["vocab_size"]
         for i, row in enumerate(table.to_pylist()):
             check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
@@ -628,9 +722,14 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             if tmp.exists():
                 tmp.unlink()
         new_entry.update(file=name, revision=revision)
-        new_shards = [*shards[:shard_index], new_entry, *shards[shard_index + 1:]]
-        new = {**manifest, "shards": new_shards, **_totals(new_shards),
-               "has_ref_stats": all(s["has_ref"] for s in new_shards), "updated": _now()}
+        new_shards = [*shards[:shard_index], new_entry, *shards[shard_index + 1 :]]
+        new = {
+            **manifest,
+            "shards": new_shards,
+            **_totals(new_shards),
+            "has_ref_stats": all(s["has_ref"] for s in new_shards),
+            "updated": _now(),
+        }
         if with_ref:
             model = ref_model if ref_model is not None else manifest.get("ref_model")
             done = [f for f in (manifest.get("ref_stats") or {}).get("done", []) if f != entry["file"]]
@@ -645,18 +744,20 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
     return new_entry
 
 
-def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_logz: list, *,
-                    ref_model: dict) -> dict:
+def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_logz: list, *, ref_model: dict) -> dict:
     """Commit reference statistics for one shard: per row, ``[T]`` arrays aligned with the row's tokens
     (position ``t`` = statistics of token ``t``, position 0 = 0; SHIQ_MATH §2). See :func:`replace_shard`."""
     manifest = read_manifest(buffer_dir)
     base = read_shard(Path(buffer_dir) / manifest["shards"][shard_index]["file"]).select(BASE_FIELDS)
     if len(ref_chosen_logits) != base.num_rows or len(ref_logz) != base.num_rows:
-        raise ValueError(f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "
-                         f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows")
+        raise ValueError(
+            f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "
+            f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows"
+        )
     schema = arrow_schema(True)
     table = pa.Table.from_arrays(
         [base.column(n).combine_chunks() for n in BASE_FIELDS]
         + [_list_array(ref_chosen_logits, np.float32, pa.float32()), _list_array(ref_logz, np.float32, pa.float32())],
-        schema=schema)
+        schema=schema,
+    )
     return replace_shard(buffer_dir, shard_index, table, ref_model=ref_model)

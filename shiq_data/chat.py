@@ -15,7 +15,7 @@ on later ones) raises :class:`ChatTemplateError` rather than producing wrong mas
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -26,9 +26,7 @@ class ChatTemplateError(ValueError):
 
 def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
     # Render to text, then tokenise without extra specials: the template writes its own.
-    text = tokenizer.apply_chat_template(
-        list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-    )
+    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -93,7 +91,7 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
                     f"the chat template is not prefix-stable: {name} messages[{i}] is not a token-prefix "
                     "of the whole conversation, so action tokens cannot be located"
                 )
-        turn = through[len(before):]
+        turn = through[len(before) :]
         if eot not in turn:
             raise ChatTemplateError(
                 f"messages[{i}] (assistant) does not end with the end-of-turn token {eot_text!r} in this template"
@@ -107,8 +105,8 @@ def encode_chat(
     tokenizer,
     messages: Sequence[dict],
     *,
-    turn_rewards: Optional[Sequence[Optional[float]]] = None,
-    completion_reward: Optional[float] = None,
+    turn_rewards: Sequence[float | None] | None = None,
+    completion_reward: float | None = None,
     actions: str = "all",
     context: int = 0,
 ) -> dict:
@@ -147,9 +145,7 @@ def encode_chat(
         mask[start:end] = [True] * (end - start)
     if turn_rewards is not None:
         if len(turn_rewards) != len(spans):
-            raise ValueError(
-                f"turn_rewards has {len(turn_rewards)} entries but there are {len(spans)} action turns"
-            )
+            raise ValueError(f"turn_rewards has {len(turn_rewards)} entries but there are {len(spans)} action turns")
         for (_, end), r in zip(spans, turn_rewards):
             rewards[end - 1] = float(r or 0.0)
     elif completion_reward is not None:

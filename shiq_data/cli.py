@@ -13,6 +13,7 @@ import importlib.util
 import inspect
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.generic import READERS
@@ -67,8 +68,11 @@ def _reader_options(reader) -> dict | None:
     params = list(inspect.signature(reader).parameters.values())[2:]
     if any(p.kind is p.VAR_KEYWORD for p in params):
         return None
-    return {p.name: "Callable" not in str(p.annotation) for p in params
-            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {
+        p.name: "Callable" not in str(p.annotation)
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
 
 
 def _check_options(fmt: str, reader, options: dict) -> None:
@@ -77,16 +81,19 @@ def _check_options(fmt: str, reader, options: dict) -> None:
     if params is None:
         return
     accepted = sorted(name for name, settable in params.items() if settable)
-    takes = f"format {fmt!r} accepts --option {', '.join(accepted)}" if accepted else f"format {fmt!r} takes no --option"
+    takes = (
+        f"format {fmt!r} accepts --option {', '.join(accepted)}" if accepted else f"format {fmt!r} takes no --option"
+    )
     for name in options:
         if name not in params:
             raise ValueError(f"--option {name}: unknown option; {takes}")
         if not params[name]:
-            raise ValueError(f"--option {name}: takes a Python function, which cannot be given on the command line; "
-                             f"{takes}")
+            raise ValueError(
+                f"--option {name}: takes a Python function, which cannot be given on the command line; {takes}"
+            )
 
 
-def _rows(fmt: str, path: str, tokenizer, args) -> "Iterator[dict]":
+def _rows(fmt: str, path: str, tokenizer, args) -> Iterator[dict]:
     formats = available_formats()
     if fmt not in formats:
         raise ValueError(f"unknown input format {fmt!r}; known: {sorted(formats)}")
@@ -104,8 +111,7 @@ def _rows(fmt: str, path: str, tokenizer, args) -> "Iterator[dict]":
 
 def _summary(buf) -> str:
     m = buf.manifest
-    return (f"{m['rows']} rows, {m['tokens']} tokens ({m['action_tokens']} action tokens), "
-            f"{len(m['shards'])} shard(s)")
+    return f"{m['rows']} rows, {m['tokens']} tokens ({m['action_tokens']} action tokens), {len(m['shards'])} shard(s)"
 
 
 def cmd_build(args) -> int:
@@ -116,8 +122,15 @@ def cmd_build(args) -> int:
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
     tokenizer, info = load_tokenizer(args.tokenizer)
     rows = _rows(args.format, args.input, tokenizer, args)
-    buf = write_buffer(rows, args.out, tokenizer_info=info, command=args.argv, shard_rows=args.shard_rows,
-                       progress=not args.no_progress, input_name=args.input)
+    buf = write_buffer(
+        rows,
+        args.out,
+        tokenizer_info=info,
+        command=args.argv,
+        shard_rows=args.shard_rows,
+        progress=not args.no_progress,
+        input_name=args.input,
+    )
     print(f"shiq-data: built {args.out}: {_summary(buf)}")
     return 0
 
@@ -133,8 +146,15 @@ def cmd_append(args) -> int:
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; the buffer's tokenizer {name!r} cannot be loaded, pass --tokenizer") from None
     rows = _rows(args.format, args.input, tokenizer, args)
-    buf = append_buffer(args.buffer, rows, command=args.argv, tokenizer_info=info, shard_rows=args.shard_rows,
-                        progress=not args.no_progress, input_name=args.input)
+    buf = append_buffer(
+        args.buffer,
+        rows,
+        command=args.argv,
+        tokenizer_info=info,
+        shard_rows=args.shard_rows,
+        progress=not args.no_progress,
+        input_name=args.input,
+    )
     print(f"shiq-data: appended {args.input} to {args.buffer}: now {_summary(buf)}")
     return 0
 
@@ -146,9 +166,11 @@ def cmd_validate(args) -> int:
     removed = f"; removed {len(report['removed_files'])} unlisted file(s)" if report["removed_files"] else ""
     if report["cleanup_skipped"]:
         removed = f"; cleanup skipped: {report['cleanup_skipped']}"
-    print(f"shiq-data: {args.buffer} is valid: {report['rows']} rows, {report['tokens']} tokens, "
-          f"{report['groups']} groups, {report['shards']} shard(s), reference statistics: "
-          f"{'yes' if report['has_ref_stats'] else 'no'}{removed}")
+    print(
+        f"shiq-data: {args.buffer} is valid: {report['rows']} rows, {report['tokens']} tokens, "
+        f"{report['groups']} groups, {report['shards']} shard(s), reference statistics: "
+        f"{'yes' if report['has_ref_stats'] else 'no'}{removed}"
+    )
     return 0
 
 
@@ -161,13 +183,16 @@ def cmd_info(args) -> int:
         return 0
     tok = m["tokenizer"]
     with_ref = sum(s["has_ref"] for s in m["shards"])
-    print(f"buffer      {args.buffer}\n"
-          f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
-          f"tokens      {m['tokens']}  (action tokens {m['action_tokens']})\n"
-          f"shards      {len(m['shards'])}  ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB)\n"
-          f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
-          f"ref stats   {with_ref}/{len(m['shards'])} shards" + (f"  ({m['ref_model']})" if m.get("ref_model") else "") +
-          f"\ncreated     {m['created']}  updated {m['updated']}")
+    print(
+        f"buffer      {args.buffer}\n"
+        f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
+        f"tokens      {m['tokens']}  (action tokens {m['action_tokens']})\n"
+        f"shards      {len(m['shards'])}  ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB)\n"
+        f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
+        f"ref stats   {with_ref}/{len(m['shards'])} shards"
+        + (f"  ({m['ref_model']})" if m.get("ref_model") else "")
+        + f"\ncreated     {m['created']}  updated {m['updated']}"
+    )
     for c in m["commands"]:
         print(f"command     {c['time']}  +{c['rows']} rows  {' '.join(c['argv'])}")
     return 0
@@ -175,20 +200,31 @@ def cmd_info(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="shiq-data", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        prog="shiq-data",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
         description="Token-aligned replay buffers for ShiQ: Arrow stream shards plus a JSON manifest, "
-                    "written atomically (a failed build leaves nothing; a failed append leaves the old buffer).")
+        "written atomically (a failed build leaves nothing; a failed append leaves the old buffer).",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     formats = sorted(available_formats())
 
     def input_options(p):
         p.add_argument("--source", default=None, help="value of the 'source' column (default: the input's file name)")
-        p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                       help="option passed to a format reader (repeatable; values parsed as JSON when possible)")
+        p.add_argument(
+            "--option",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="option passed to a format reader (repeatable; values parsed as JSON when possible)",
+        )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
-    b = sub.add_parser("build", help="build a new buffer from an input file",
-                       description="Tokenise INPUT and write a new buffer at --out (refuses an existing folder).")
+    b = sub.add_parser(
+        "build",
+        help="build a new buffer from an input file",
+        description="Tokenise INPUT and write a new buffer at --out (refuses an existing folder).",
+    )
     b.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
@@ -197,22 +233,31 @@ def build_parser() -> argparse.ArgumentParser:
     input_options(b)
     b.set_defaults(func=cmd_build)
 
-    a = sub.add_parser("append", help="add the rows of an input file to a buffer as new shards",
-                       description="Tokenise INPUT with the buffer's tokenizer and add it as new shards; the old "
-                                   "shards are not touched and the manifest is replaced atomically at the end.")
+    a = sub.add_parser(
+        "append",
+        help="add the rows of an input file to a buffer as new shards",
+        description="Tokenise INPUT with the buffer's tokenizer and add it as new shards; the old "
+        "shards are not touched and the manifest is replaced atomically at the end.",
+    )
     a.add_argument("buffer", metavar="BUFFER", help="existing buffer folder")
     a.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
     a.add_argument("input", metavar="INPUT", help="input file or folder")
-    a.add_argument("--tokenizer", default=None, help="tokenizer to load (default: the one the manifest names); its "
-                                                    "fingerprint must match the buffer's")
+    a.add_argument(
+        "--tokenizer",
+        default=None,
+        help="tokenizer to load (default: the one the manifest names); its fingerprint must match the buffer's",
+    )
     a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
     input_options(a)
     a.set_defaults(func=cmd_append)
 
-    v = sub.add_parser("validate", help="check manifest, checksums, schema and every row",
-                       description="Check BUFFER completely; exits non-zero naming the file, row and field of the "
-                                   "first problem. Removes files the manifest does not list (left by a killed "
-                                   "append), unless another process holds the buffer's lock (then it only checks).")
+    v = sub.add_parser(
+        "validate",
+        help="check manifest, checksums, schema and every row",
+        description="Check BUFFER completely; exits non-zero naming the file, row and field of the "
+        "first problem. Removes files the manifest does not list (left by a killed "
+        "append), unless another process holds the buffer's lock (then it only checks).",
+    )
     v.add_argument("buffer", metavar="BUFFER")
     v.add_argument("--no-cleanup", action="store_true", help="do not remove unlisted files")
     v.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -32,8 +32,8 @@ import gzip
 import json
 import math
 import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator, Optional
 
 from shiq_data.chat import check_messages, encode_chat
 from shiq_data.generic import utf8_lines
@@ -54,7 +54,9 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise RowError(path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line") from None
+                raise RowError(
+                    path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"
+                ) from None
             if not isinstance(obj, dict):
                 raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
             yield n, obj
@@ -78,8 +80,9 @@ def _string(obj, key, path, line) -> str:
     return obj[key]
 
 
-def _check_actions_not_empty(messages, actions: str, path, line, field_of: Callable[[int], str], *,
-                             context: int = 0, row_label: str = "line") -> None:
+def _check_actions_not_empty(
+    messages, actions: str, path, line, field_of: Callable[[int], str], *, context: int = 0, row_label: str = "line"
+) -> None:
     """Raise naming the field (``field_of(message index)``) if an assistant turn that is an action
     (every one after the first ``context`` messages, or with ``actions="last"`` the final one) has no
     text: only its end-of-turn token would be an action, an empty completion."""
@@ -89,12 +92,24 @@ def _check_actions_not_empty(messages, actions: str, path, line, field_of: Calla
             raise _err(path, line, field_of(i), "empty completion (the assistant turn has no text)", row_label)
 
 
-def _encode(tokenizer, messages, path, line, field, *, field_of: Optional[Callable[[int], str]] = None,
-            actions: str = "all", context: int = 0, row_label: str = "line", **kwargs) -> dict:
+def _encode(
+    tokenizer,
+    messages,
+    path,
+    line,
+    field,
+    *,
+    field_of: Callable[[int], str] | None = None,
+    actions: str = "all",
+    context: int = 0,
+    row_label: str = "line",
+    **kwargs,
+) -> dict:
     """:func:`encode_chat` with its errors re-raised naming the file, line (or ``row_label``) and field;
     empty action turns are refused first, named by ``field_of(message index)`` (default ``field``)."""
-    _check_actions_not_empty(messages, actions, path, line, field_of or (lambda i: field), context=context,
-                             row_label=row_label)
+    _check_actions_not_empty(
+        messages, actions, path, line, field_of or (lambda i: field), context=context, row_label=row_label
+    )
     try:
         return encode_chat(tokenizer, messages, actions=actions, context=context, **kwargs)
     except ValueError as e:
@@ -104,8 +119,13 @@ def _encode(tokenizer, messages, path, line, field, *, field_of: Optional[Callab
 def _row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict, reward_field: str) -> dict:
     """A buffer row named ``row_key`` ``<file name>:<line>:<tag>``, carrying its input location (errors the
     buffer finds in its ``rewards`` name ``reward_field``)."""
-    return {"row_key": f"{path.name}:{line}:{tag}", "source": source, "group_id": group_id, **encoded,
-            INPUT_KEY: input_location(path, line, fields={"rewards": reward_field})}
+    return {
+        "row_key": f"{path.name}:{line}:{tag}",
+        "source": source,
+        "group_id": group_id,
+        **encoded,
+        INPUT_KEY: input_location(path, line, fields={"rewards": reward_field}),
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -125,8 +145,13 @@ def parse_hh_dialogue(text: str, path="<text>", line: int = 0, field: str = "cho
         role = "user" if parts[k] == "Human" else "assistant"
         want = "user" if not messages or messages[-1]["role"] == "assistant" else "assistant"
         if role != want:
-            raise _err(path, line, field, f"turn {len(messages) + 1} is {parts[k]!r} but the dialogue must "
-                                          "alternate Human/Assistant starting with Human")
+            raise _err(
+                path,
+                line,
+                field,
+                f"turn {len(messages) + 1} is {parts[k]!r} but the dialogue must "
+                "alternate Human/Assistant starting with Human",
+            )
         messages.append({"role": role, "content": parts[k + 1].strip()})
     if not messages or messages[-1]["role"] != "assistant":
         raise _err(path, line, field, "the dialogue must end with an '\\n\\nAssistant:' turn")
@@ -143,17 +168,26 @@ def regression_reward_fn(head_path) -> Callable[[list], float]:
     (``shiq_eval.scorers.RegressionRewardModel``), reading the dialogue as :func:`hh_text` writes it."""
     head_path = Path(head_path)
     if not head_path.is_file():
-        raise FileNotFoundError(f"--option reward_model={head_path}: no such file (a head saved by "
-                                "shiq_eval.scorers.RegressionRewardModel.save)")
+        raise FileNotFoundError(
+            f"--option reward_model={head_path}: no such file (a head saved by "
+            "shiq_eval.scorers.RegressionRewardModel.save)"
+        )
     from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
 
     head = RegressionRewardModel.load(head_path, minilm_encoder())
     return lambda messages: head.score_texts([hh_text(messages).strip()])[0]
 
 
-def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callable[[list], float]] = None,
-            reward_model: Optional[str] = None, all_assistant_turns: bool = False,
-            source: Optional[str] = None) -> Iterator[dict]:
+def read_hh(
+    path,
+    tokenizer,
+    *,
+    mode: str = "pairs",
+    reward_fn: Callable[[list], float] | None = None,
+    reward_model: str | None = None,
+    all_assistant_turns: bool = False,
+    source: str | None = None,
+) -> Iterator[dict]:
     """Rows of an Anthropic HH JSONL file: chosen and rejected of one line form one group.
 
     ``mode="pairs"``: rewards +1 (chosen) / −1 (rejected) on the last action token. ``mode="scored"``:
@@ -176,7 +210,9 @@ def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callabl
     for group, (line, obj) in enumerate(read_jsonl(path)):
         for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
             messages = parse_hh_dialogue(_string(obj, field, path, line), path, line, field)
-            reward = pair_reward if mode == "pairs" else _number(reward_fn(messages), path, line, f"{field} (reward_fn)")
+            reward = (
+                pair_reward if mode == "pairs" else _number(reward_fn(messages), path, line, f"{field} (reward_fn)")
+            )
             encoded = _encode(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
             reward_field = field if mode == "pairs" else f"{field} (reward_fn)"
             yield _row(path, line, field, source, group, encoded, reward_field)
@@ -188,7 +224,7 @@ def read_hh(path, tokenizer, *, mode: str = "pairs", reward_fn: Optional[Callabl
 SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
 
 
-def completion_score(c: dict, path, line, field: str, score_field: Optional[str] = None) -> float:
+def completion_score(c: dict, path, line, field: str, score_field: str | None = None) -> float:
     """A completion's score: ``score_field`` if given, else the first of :data:`SCORE_FIELDS` present.
 
     ``ratings`` is a list of numbers (or an aspect -> number object) and ``annotations`` the public
@@ -197,7 +233,9 @@ def completion_score(c: dict, path, line, field: str, score_field: Optional[str]
     """
     key = score_field or next((k for k in SCORE_FIELDS if c.get(k) is not None), None)
     if key is None or c.get(key) is None:
-        raise _err(path, line, f"{field}.{score_field or '|'.join(SCORE_FIELDS)}", "missing: no score for this completion")
+        raise _err(
+            path, line, f"{field}.{score_field or '|'.join(SCORE_FIELDS)}", "missing: no score for this completion"
+        )
     value, where = c[key], f"{field}.{key}"
     if key in ("ratings", "annotations"):
         items = list(value.values()) if isinstance(value, dict) else value
@@ -220,7 +258,7 @@ def completion_score(c: dict, path, line, field: str, score_field: Optional[str]
     return _number(value, path, line, where)
 
 
-def _messages_field(obj, key, prompt: Optional[str], path, line) -> list[dict]:
+def _messages_field(obj, key, prompt: str | None, path, line) -> list[dict]:
     """``chosen``/``rejected`` of the binarized file: a message list, or a response string after ``prompt``."""
     value = obj.get(key)
     if isinstance(value, str) and prompt is not None:
@@ -234,7 +272,7 @@ def _messages_field(obj, key, prompt: Optional[str], path, line) -> list[dict]:
     return value
 
 
-def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, source: Optional[str] = None) -> Iterator[dict]:
+def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, source: str | None = None) -> Iterator[dict]:
     """Rows of an UltraFeedback JSONL file: each scored completion of a prompt is a row of its group.
 
     Accepts the public file's ``completions`` shape and the binarized ``chosen``/``rejected`` shape
@@ -256,12 +294,23 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                     raise _err(path, line, field, f"expected an object, got {type(c).__name__}")
                 response = c.get("response")
                 if not isinstance(response, str):
-                    raise _err(path, line, f"{field}.response", "missing" if response is None else
-                               f"expected a string, got {type(response).__name__}")
+                    raise _err(
+                        path,
+                        line,
+                        f"{field}.response",
+                        "missing" if response is None else f"expected a string, got {type(response).__name__}",
+                    )
                 score = completion_score(c, path, line, field, score_field)
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-                encoded = _encode(tokenizer, messages, path, line, field, completion_reward=score,
-                                  field_of=lambda i: f"{field}.response")
+                encoded = _encode(
+                    tokenizer,
+                    messages,
+                    path,
+                    line,
+                    field,
+                    completion_reward=score,
+                    field_of=lambda i: f"{field}.response",
+                )
                 yield _row(path, line, str(k), source, group, encoded, field)
         elif "chosen" in obj and "rejected" in obj:
             prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
@@ -272,8 +321,9 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
                     raise _err(path, line, score_key, "missing")
                 score = _number(obj[score_key], path, line, score_key)
                 field_of = (lambda i: key) if isinstance(obj[key], str) else (lambda i: f"{key}[{i}].content")
-                encoded = _encode(tokenizer, messages, path, line, key, completion_reward=score, actions="last",
-                                  field_of=field_of)
+                encoded = _encode(
+                    tokenizer, messages, path, line, key, completion_reward=score, actions="last", field_of=field_of
+                )
                 yield _row(path, line, key, source, group, encoded, score_key)
         else:
             raise _err(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")
@@ -283,7 +333,7 @@ def read_ultrafeedback(path, tokenizer, *, score_field: Optional[str] = None, so
 # multi-turn conversations
 
 
-def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator[dict]:
+def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[dict]:
     """Rows of a multi-turn JSONL file ``{"messages": [...], ("reward"), ("group")}``.
 
     Assistant messages may carry ``"reward"`` (their turn reward); a top-level ``"reward"`` is one
@@ -308,8 +358,12 @@ def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator
                 has_turn_reward |= r is not None
                 turn_rewards.append(None if r is None else _number(r, path, line, f"messages[{i}].reward"))
             elif m.get("reward") is not None:
-                raise _err(path, line, f"messages[{i}].reward", f"only assistant turns can carry a reward, this is "
-                                                                f"a {m['role']!r} turn")
+                raise _err(
+                    path,
+                    line,
+                    f"messages[{i}].reward",
+                    f"only assistant turns can carry a reward, this is a {m['role']!r} turn",
+                )
         kwargs = {}
         if obj.get("reward") is not None:
             if has_turn_reward:
@@ -323,8 +377,9 @@ def read_multiturn(path, tokenizer, *, source: Optional[str] = None) -> Iterator
         elif not isinstance(key, (str, int)) or isinstance(key, bool):
             raise _err(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
         group = groups.setdefault(key, len(groups))
-        encoded = _encode(tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content",
-                          **kwargs)
+        encoded = _encode(
+            tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content", **kwargs
+        )
         reward_field = "reward" if "completion_reward" in kwargs else "messages"
         yield _row(path, line, "0", source, group, encoded, reward_field)
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.schema import INPUT_KEY, RowError, input_location
@@ -107,14 +107,27 @@ def encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_labe
     from shiq_data.formats import _encode  # formats imports this module
 
     if not getattr(tokenizer, "chat_template", None):
-        raise RowError(file, row, "completion", f"{_MESSAGES} needs a tokenizer with a chat template (e.g. "
-                                                "--tokenizer smollm2); this tokenizer has none", row_label=row_label)
+        raise RowError(
+            file,
+            row,
+            "completion",
+            f"{_MESSAGES} needs a tokenizer with a chat template (e.g. --tokenizer smollm2); this tokenizer has none",
+            row_label=row_label,
+        )
     prompt = record["prompt"]
     context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     k = len(context)
-    return _encode(tokenizer, context + list(record["completion"]), file, row, "completion", context=k,
-                   row_label=row_label, field_of=lambda i: f"completion[{i - k}].content",
-                   completion_reward=float(record["reward"]))
+    return _encode(
+        tokenizer,
+        context + list(record["completion"]),
+        file,
+        row,
+        "completion",
+        context=k,
+        row_label=row_label,
+        field_of=lambda i: f"completion[{i - k}].content",
+        completion_reward=float(record["reward"]),
+    )
 
 
 def _encode_text(prompt_ids, completion_ids, reward, *, eos, file: str, row: int, row_label: str) -> dict:
@@ -126,12 +139,23 @@ def _encode_text(prompt_ids, completion_ids, reward, *, eos, file: str, row: int
         raise RowError(file, row, "completion", "tokenises to no token (empty completion)", row_label=row_label)
     rewards = [0.0] * (len(prompt_ids) + len(a))
     rewards[-1] = float(reward)
-    return {"prompt_len": len(prompt_ids), "tokens": list(prompt_ids) + a,
-            "action_mask": [False] * len(prompt_ids) + [True] * len(a), "rewards": rewards}
+    return {
+        "prompt_len": len(prompt_ids),
+        "tokens": list(prompt_ids) + a,
+        "action_mask": [False] * len(prompt_ids) + [True] * len(a),
+        "rewards": rewards,
+    }
 
 
-def records_to_rows(records: Iterable[tuple[int, dict]], tokenizer, *, file: str, row_label: str,
-                    source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
+def records_to_rows(
+    records: Iterable[tuple[int, dict]],
+    tokenizer,
+    *,
+    file: str,
+    row_label: str,
+    source: str | None = None,
+    add_eos: bool = True,
+) -> Iterator[dict]:
     """Buffer rows (without ``row_id``) from ``(line or row number, record)`` pairs; see the module doc.
     ``add_eos`` applies to string completions (a chat completion ends with the template's end of turn)."""
     source = source or Path(file).name
@@ -155,8 +179,12 @@ def records_to_rows(records: Iterable[tuple[int, dict]], tokenizer, *, file: str
             else:
                 p, c = next(text_ids)
                 encoded = _encode_text(p, c, rec["reward"], eos=eos if add_eos else None, row=n, **where)
-            yield {"source": source, "group_id": groups.id(rec), **encoded,
-                   INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": "reward"})}
+            yield {
+                "source": source,
+                "group_id": groups.id(rec),
+                **encoded,
+                INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": "reward"}),
+            }
 
     for n, rec in records:
         check_record(rec, file=file, row=n, row_label=row_label)
@@ -175,8 +203,13 @@ def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
         try:
             yield line_no, raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise RowError(path, line_no, "*", f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
-                                               "of the line)", row_label="line") from None
+            raise RowError(
+                path,
+                line_no,
+                "*",
+                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                row_label="line",
+            ) from None
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -187,7 +220,9 @@ def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
             try:
                 yield line_no, json.loads(line)
             except json.JSONDecodeError as e:
-                raise RowError(path, line_no, "*", f"bad JSON ({e.msg} at column {e.colno})", row_label="line") from None
+                raise RowError(
+                    path, line_no, "*", f"bad JSON ({e.msg} at column {e.colno})", row_label="line"
+                ) from None
 
 
 def _require_file(path, kind: str) -> Path:
@@ -200,8 +235,9 @@ def _require_file(path, kind: str) -> Path:
 def read_jsonl(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
     """Buffer rows from a JSONL file (one record per line, blank lines skipped)."""
     path = _require_file(path, "file")
-    return records_to_rows(_jsonl_records(path), tokenizer, file=str(path), row_label="line", source=source,
-                           add_eos=add_eos)
+    return records_to_rows(
+        _jsonl_records(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos
+    )
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -228,8 +264,9 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
 def read_parquet(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
     """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group)."""
     path = _require_file(path, "file")
-    return records_to_rows(_parquet_records(path), tokenizer, file=str(path), row_label="row", source=source,
-                           add_eos=add_eos)
+    return records_to_rows(
+        _parquet_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos
+    )
 
 
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -237,8 +274,9 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
-        raise ValueError(f"{path}: a DatasetDict with splits {list(ds)}; pass one split's folder, e.g. "
-                         f"{path / next(iter(ds))}")
+        raise ValueError(
+            f"{path}: a DatasetDict with splits {list(ds)}; pass one split's folder, e.g. {path / next(iter(ds))}"
+        )
     n = 0
     for batch in ds.iter(batch_size=1024):
         keys = list(batch)
@@ -250,8 +288,9 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
 def read_datasets(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
     """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``."""
     path = _require_file(path, "folder")
-    return records_to_rows(_datasets_records(path), tokenizer, file=str(path), row_label="row", source=source,
-                           add_eos=add_eos)
+    return records_to_rows(
+        _datasets_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos
+    )
 
 
 READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "datasets": read_datasets}

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -61,8 +61,12 @@ def pad_right(token_lists: list, pad_id: int = 0) -> tuple[torch.Tensor, torch.T
     return tokens, mask
 
 
-def rows_ref_stats(token_lists: list, stats_fn: StatsFn, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                   on_batch: Optional[Callable[[int], None]] = None) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def rows_ref_stats(
+    token_lists: list,
+    stats_fn: StatsFn,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per row, ``(c_ref [T], z_ref [T])`` float32 numpy arrays from ``stats_fn`` (SHIQ_MATH §2).
 
     ``on_batch(n_tokens)`` is called after each batch (progress reporting).
@@ -76,8 +80,9 @@ def rows_ref_stats(token_lists: list, stats_fn: StatsFn, max_batch_tokens: int =
         for name in ("chosen_logits", "logz"):
             value = getattr(st, name)
             if tuple(value.shape) != tuple(tokens.shape):
-                raise ValueError(f"stats_fn returned {name} of shape {tuple(value.shape)} for tokens "
-                                 f"{tuple(tokens.shape)}")
+                raise ValueError(
+                    f"stats_fn returned {name} of shape {tuple(value.shape)} for tokens {tuple(tokens.shape)}"
+                )
         c = st.chosen_logits.detach().float().cpu().numpy()
         z = st.logz.detach().float().cpu().numpy()
         for b, i in enumerate(batch):
@@ -92,8 +97,14 @@ def rows_ref_stats(token_lists: list, stats_fn: StatsFn, max_batch_tokens: int =
     return chosen, logz
 
 
-def compute_ref_stats(buffer_dir, stats_fn: StatsFn, *, ref_model: dict, max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                      progress: bool = True) -> list[int]:
+def compute_ref_stats(
+    buffer_dir,
+    stats_fn: StatsFn,
+    *,
+    ref_model: dict,
+    max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    progress: bool = True,
+) -> list[int]:
     """Add ``ref_chosen_logits`` / ``ref_logz`` to every shard of a buffer that lacks them.
 
     Each shard is committed atomically as soon as it is done (``manifest.json`` records it under
@@ -111,14 +122,21 @@ def compute_ref_stats(buffer_dir, stats_fn: StatsFn, *, ref_model: dict, max_bat
     if progress and todo:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(entries[i]["tokens"] for i in todo), desc=f"reference statistics {Path(buffer_dir).name}",
-                   unit=" tok", unit_scale=True, file=sys.stderr, mininterval=1.0)
+        bar = tqdm(
+            total=sum(entries[i]["tokens"] for i in todo),
+            desc=f"reference statistics {Path(buffer_dir).name}",
+            unit=" tok",
+            unit_scale=True,
+            file=sys.stderr,
+            mininterval=1.0,
+        )
     try:
         for i in todo:
             path = Path(buffer_dir) / entries[i]["file"]
             token_lists = read_shard(path).column("tokens").to_numpy(zero_copy_only=False)
-            chosen, logz = rows_ref_stats(list(token_lists), stats_fn, max_batch_tokens,
-                                          on_batch=bar.update if bar is not None else None)
+            chosen, logz = rows_ref_stats(
+                list(token_lists), stats_fn, max_batch_tokens, on_batch=bar.update if bar is not None else None
+            )
             add_ref_columns(buffer_dir, i, chosen, logz, ref_model=ref_model)
     finally:
         if bar is not None:
@@ -143,8 +161,7 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
 
     model.eval()
     head = model.get_output_embeddings()
-    chunked = (getattr(model.config, "model_type", None) in CHUNKED_MODEL_TYPES
-               and getattr(head, "bias", None) is None)
+    chunked = getattr(model.config, "model_type", None) in CHUNKED_MODEL_TYPES and getattr(head, "bias", None) is None
 
     def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> TokenStats:
         with torch.no_grad():
@@ -154,8 +171,10 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
             else:
                 logits = model(input_ids=tokens, attention_mask=attention_mask.long()).logits
                 st = causal_lm_stats(logits, tokens)
-        return TokenStats(st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
-                          st.logz.float().masked_fill(~attention_mask, 0.0))
+        return TokenStats(
+            st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
+            st.logz.float().masked_fill(~attention_mask, 0.0),
+        )
 
     return stats
 
@@ -173,8 +192,10 @@ def megatron_stats_fn(model) -> StatsFn:
     def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> TokenStats:
         with torch.no_grad():
             st = forward_stats(model, tokens)
-        return TokenStats(st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
-                          st.logz.float().masked_fill(~attention_mask, 0.0))
+        return TokenStats(
+            st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
+            st.logz.float().masked_fill(~attention_mask, 0.0),
+        )
 
     return stats
 
@@ -183,17 +204,20 @@ def megatron_stats_fn(model) -> StatsFn:
 # command line
 
 
-def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: Optional[int], buffer_dir) -> None:
+def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: int | None, buffer_dir) -> None:
     """Refuse a reference model whose tokenizer is not the one the buffer was built with (and, once the
     model is loaded, one whose vocabulary is smaller than the tokenizer's)."""
     if model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
             f"{buffer_dir}: built with tokenizer {buffer_info['name']!r} (fingerprint "
             f"{buffer_info['fingerprint'][:12]}…) but the reference model's tokenizer {model_info['name']!r} has "
-            f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for")
+            f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for"
+        )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
-        raise ValueError(f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
-                         f"model's vocabulary has only {model_vocab_size}")
+        raise ValueError(
+            f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
+            f"model's vocabulary has only {model_vocab_size}"
+        )
 
 
 def _model_config(model: str):
@@ -208,14 +232,19 @@ def _model_config(model: str):
     return AutoConfig.from_pretrained(str(model))
 
 
-def load_reference(model: str, megatron_checkpoint: Optional[str], tok_info: dict):
+def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
     (its newest step, or a step folder)."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
-                                f"{Path(model) / 'config.json'} does not exist")
-    record = {"model": model if model == "smollm2" else str(Path(model).resolve()), "tokenizer": tok_info["fingerprint"]}
+        raise FileNotFoundError(
+            f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
+            f"{Path(model) / 'config.json'} does not exist"
+        )
+    record = {
+        "model": model if model == "smollm2" else str(Path(model).resolve()),
+        "tokenizer": tok_info["fingerprint"],
+    }
     if megatron_checkpoint:
         from shiq_train.checkpoint import latest_step_dir
         from shiq_train.export import hf_model_from_checkpoint
@@ -249,11 +278,18 @@ def run_cli(args: argparse.Namespace) -> int:
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
     hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, int(hf.config.vocab_size), args.buffer)
-    done = compute_ref_stats(args.buffer, hf_stats_fn(hf), ref_model=record, max_batch_tokens=args.batch_tokens,
-                             progress=not args.no_progress)
+    done = compute_ref_stats(
+        args.buffer,
+        hf_stats_fn(hf),
+        ref_model=record,
+        max_batch_tokens=args.batch_tokens,
+        progress=not args.no_progress,
+    )
     final = open_buffer(args.buffer)
-    print(f"{args.buffer}: reference statistics of {record['model']} computed for {len(done)} shard(s); "
-          f"{sum(s['has_ref'] for s in final.manifest['shards'])}/{len(final.manifest['shards'])} shards have them")
+    print(
+        f"{args.buffer}: reference statistics of {record['model']} computed for {len(done)} shard(s); "
+        f"{sum(s['has_ref'] for s in final.manifest['shards'])}/{len(final.manifest['shards'])} shards have them"
+    )
     return 0
 
 
@@ -263,17 +299,29 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
         "ref-stats",
         help="add the frozen reference model's per-token statistics to a buffer (resumable)",
         description="Run the reference model over every shard of BUFFER and store its chosen logit and "
-                    "log-partition of each token (SHIQ_MATH §2) as the columns ref_chosen_logits and ref_logz. "
-                    "Shards are committed one at a time: re-running after an interruption continues with the "
-                    "first unfinished shard. The model's tokenizer must be the buffer's.")
+        "log-partition of each token (SHIQ_MATH §2) as the columns ref_chosen_logits and ref_logz. "
+        "Shards are committed one at a time: re-running after an interruption continues with the "
+        "first unfinished shard. The model's tokenizer must be the buffer's.",
+    )
     p.add_argument("buffer", metavar="BUFFER", help="replay buffer folder (has manifest.json)")
-    p.add_argument("--model", required=True,
-                   help="reference model: 'smollm2' (the packaged SmolLM2-135M-Instruct) or a Hugging Face model folder")
-    p.add_argument("--megatron-checkpoint", metavar="DIR", default=None,
-                   help="take the weights from this shiq-train checkpoint folder (its newest step) or step folder; "
-                        "--model then gives the architecture and tokenizer")
-    p.add_argument("--batch-tokens", type=int, default=DEFAULT_BATCH_TOKENS,
-                   help="padded tokens per forward pass (batch rows x longest row); default %(default)s")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="reference model: 'smollm2' (the packaged SmolLM2-135M-Instruct) or a Hugging Face model folder",
+    )
+    p.add_argument(
+        "--megatron-checkpoint",
+        metavar="DIR",
+        default=None,
+        help="take the weights from this shiq-train checkpoint folder (its newest step) or step folder; "
+        "--model then gives the architecture and tokenizer",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=DEFAULT_BATCH_TOKENS,
+        help="padded tokens per forward pass (batch rows x longest row); default %(default)s",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_cli)

@@ -24,7 +24,7 @@ bytes are touched), so reader memory does not grow with the buffer's size.
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -43,7 +43,7 @@ class _ListView:
     def __init__(self, arr: pa.ListArray):
         if arr.null_count:
             raise ValueError("list columns must not hold nulls")
-        self.offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset: arr.offset + len(arr) + 1]
+        self.offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
         values = arr.values
         self.is_bool = pa.types.is_boolean(values.type)
         if self.is_bool:
@@ -58,8 +58,8 @@ class _ListView:
         if not self.is_bool:
             return self.values[s:e]
         a, b = self.bit_offset + s, self.bit_offset + e
-        unpacked = np.unpackbits(self.bits[a >> 3: (b + 7) >> 3], bitorder="little")
-        return unpacked[a & 7: (a & 7) + (e - s)].astype(bool)
+        unpacked = np.unpackbits(self.bits[a >> 3 : (b + 7) >> 3], bitorder="little")
+        return unpacked[a & 7 : (a & 7) + (e - s)].astype(bool)
 
 
 class _RowReader:
@@ -102,14 +102,26 @@ class BufferSampler:
         pad_id: token id of padding positions.
     """
 
-    def __init__(self, buffer, *, rows_per_micro_batch: int, micro_batches_per_step: int = 1, seed: int = 0,
-                 dp_rank: int = 0, dp_world: int = 1, mode: str = "padded", max_tokens_per_row: int | None = None,
-                 pad_id: int = 0):
+    def __init__(
+        self,
+        buffer,
+        *,
+        rows_per_micro_batch: int,
+        micro_batches_per_step: int = 1,
+        seed: int = 0,
+        dp_rank: int = 0,
+        dp_world: int = 1,
+        mode: str = "padded",
+        max_tokens_per_row: int | None = None,
+        pad_id: int = 0,
+    ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if rows_per_micro_batch < 1 or micro_batches_per_step < 1:
-            raise ValueError(f"rows_per_micro_batch ({rows_per_micro_batch}) and micro_batches_per_step "
-                             f"({micro_batches_per_step}) must be >= 1")
+            raise ValueError(
+                f"rows_per_micro_batch ({rows_per_micro_batch}) and micro_batches_per_step "
+                f"({micro_batches_per_step}) must be >= 1"
+            )
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
         if len(buffer) == 0:
@@ -123,9 +135,11 @@ class BufferSampler:
         self.max_tokens_per_row = int(max_tokens_per_row) if max_tokens_per_row is not None else longest
         if longest > self.max_tokens_per_row:
             i = int(np.argmax(lengths > self.max_tokens_per_row))
-            raise ValueError(f"buffer {buffer.path}: row {i} has {int(lengths[i])} tokens, more than "
-                             f"max_tokens_per_row={self.max_tokens_per_row} ({int((lengths > self.max_tokens_per_row).sum())} "
-                             "such rows); raise max_tokens_per_row or leave those rows out of the buffer")
+            raise ValueError(
+                f"buffer {buffer.path}: row {i} has {int(lengths[i])} tokens, more than "
+                f"max_tokens_per_row={self.max_tokens_per_row} ({int((lengths > self.max_tokens_per_row).sum())} "
+                "such rows); raise max_tokens_per_row or leave those rows out of the buffer"
+            )
         if mode == "groups":
             order = np.argsort(self._reader.group_ids, kind="stable")
             ids, first = np.unique(self._reader.group_ids[order], return_index=True)
@@ -133,8 +147,10 @@ class BufferSampler:
             sizes = np.diff(np.append(first, len(order)))
             if sizes.max() > self.rows_per_micro_batch:
                 g = int(np.argmax(sizes))
-                raise ValueError(f"buffer {buffer.path}: group {int(ids[g])} has {int(sizes[g])} rows, more than "
-                                 f"rows_per_micro_batch={self.rows_per_micro_batch}; groups are never split")
+                raise ValueError(
+                    f"buffer {buffer.path}: group {int(ids[g])} has {int(sizes[g])} rows, more than "
+                    f"rows_per_micro_batch={self.rows_per_micro_batch}; groups are never split"
+                )
             self._group_sizes = sizes
             self._units = len(ids)
         else:
@@ -171,7 +187,7 @@ class BufferSampler:
         """The next ``n`` items (slices of the epoch permutations)."""
         out: list[int] = []
         while len(out) < n:
-            chunk = self._permutation()[self._position: self._position + n - len(out)]
+            chunk = self._permutation()[self._position : self._position + n - len(out)]
             out += chunk.tolist()
             self._position += len(chunk)
             if self._position == self._units:
@@ -243,15 +259,18 @@ class BufferSampler:
             for name, dst in dense:
                 view = chunk[name]
                 s = view.offsets[i]
-                dst[b, at:at + n] = view.values[s:s + n]
-            mask[b, at:at + n] = chunk["action_mask"].get(i)
+                dst[b, at : at + n] = view.values[s : s + n]
+            mask[b, at : at + n] = chunk["action_mask"].get(i)
             if segments is not None:
-                segments[b, at:at + n] = k
+                segments[b, at : at + n] = k
             at, k = at + n, k + 1
         if segments is not None:
             segments[prev_b, at:] = k
-        out = {"tokens": torch.from_numpy(tokens), "action_mask": torch.from_numpy(mask),
-               "rewards": torch.from_numpy(rewards)}
+        out = {
+            "tokens": torch.from_numpy(tokens),
+            "action_mask": torch.from_numpy(mask),
+            "rewards": torch.from_numpy(rewards),
+        }
         out.update({n: torch.from_numpy(a) for n, a in dense[2:]})
         if self.mode == "packed":
             out["segment_ids"] = torch.from_numpy(segments)
@@ -268,17 +287,27 @@ class BufferSampler:
     # --- resuming -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
         """The stream position (JSON-able); the same for every rank."""
-        return {"version": STATE_VERSION, "mode": self.mode, "seed": self.seed, "units": self._units,
-                "rows": len(self.buffer), "epoch": self._epoch, "position": self._position}
+        return {
+            "version": STATE_VERSION,
+            "mode": self.mode,
+            "seed": self.seed,
+            "units": self._units,
+            "rows": len(self.buffer),
+            "epoch": self._epoch,
+            "position": self._position,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict`); refuses a state of another buffer, mode or seed."""
         mine = self.state_dict()
         for key in ("version", "mode", "seed", "units", "rows"):
             if state.get(key) != mine[key]:
-                raise ValueError(f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
-                                 f"state, {mine[key]!r} here (buffer {self.buffer.path})")
+                raise ValueError(
+                    f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
+                    f"state, {mine[key]!r} here (buffer {self.buffer.path})"
+                )
         if not 0 <= int(state["position"]) < self._units or int(state["epoch"]) < 0:
-            raise ValueError(f"sampler state has position {state['position']} / epoch {state['epoch']} outside "
-                             f"[0, {self._units})")
+            raise ValueError(
+                f"sampler state has position {state['position']} / epoch {state['epoch']} outside [0, {self._units})"
+            )
         self._epoch, self._position = int(state["epoch"]), int(state["position"])

@@ -75,8 +75,13 @@ def at_input(error: RowError, location: dict, row_index: int) -> RowError:
     ``location`` (:func:`input_location`): the file, line or row, and the input field when known."""
     field = location["fields"].get(error.field, error.field)
     column = f", column '{error.field}'" if field != error.field else ""
-    return RowError(location["file"], location["row"], field, f"{error.problem} (output row {row_index}{column})",
-                    row_label=location["row_label"])
+    return RowError(
+        location["file"],
+        location["row"],
+        field,
+        f"{error.problem} (output row {row_index}{column})",
+        row_label=location["row_label"],
+    )
 
 
 def _is_int(x) -> bool:
@@ -150,8 +155,10 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     if not 1 <= p < max(n, 1):
         raise err("prompt_len", f"{p} is outside [1, {n}) (at least one prompt token and one completion token)")
     if mask.size and mask[:p].any():
-        raise err("action_mask", f"action token at position {int(np.flatnonzero(mask[:p])[0])}, inside the prompt "
-                                 f"(prompt_len {p})")
+        raise err(
+            "action_mask",
+            f"action token at position {int(np.flatnonzero(mask[:p])[0])}, inside the prompt (prompt_len {p})",
+        )
     if not mask.size or not mask.any():
         raise err("action_mask", "no action token (empty completion)")
     if rewards.size:

@@ -87,8 +87,12 @@ def fingerprint(tokenizer) -> str:
     if backend is not None:
         spec = json.loads(backend.to_str())
         model = spec.get("model", {})
-        content = {"type": model.get("type"), "vocab": model.get("vocab"), "merges": model.get("merges"),
-                   "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", []))}
+        content = {
+            "type": model.get("type"),
+            "vocab": model.get("vocab"),
+            "merges": model.get("merges"),
+            "added": sorted((t["id"], t["content"], bool(t.get("special"))) for t in spec.get("added_tokens", [])),
+        }
     else:
         content = {"vocab": tokenizer.get_vocab()}
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
@@ -114,8 +118,10 @@ def load_tokenizer(name_or_path: str):
     else:
         folder = Path(name_or_path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"tokenizer {name_or_path!r}: expected 'gpt2', 'smollm2' or a local Hugging Face "
-                                    f"tokenizer folder, but {folder} is not a folder")
+            raise FileNotFoundError(
+                f"tokenizer {name_or_path!r}: expected 'gpt2', 'smollm2' or a local Hugging Face "
+                f"tokenizer folder, but {folder} is not a folder"
+            )
         tok = AutoTokenizer.from_pretrained(str(folder))
         name = str(folder.resolve())
     eos = tok.eos_token_id

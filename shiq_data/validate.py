@@ -71,8 +71,9 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
             raise ValueError(f"{shard}: not a readable Arrow IPC stream ({e})") from None
         want = arrow_schema(bool(entry["has_ref"]))
         if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
-            raise ValueError(f"{shard}: schema {table.schema.names} does not match {want.names} "
-                             f"(has_ref={entry['has_ref']})")
+            raise ValueError(
+                f"{shard}: schema {table.schema.names} does not match {want.names} (has_ref={entry['has_ref']})"
+            )
         if table.num_rows != entry["rows"]:
             raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")
         n_tokens = n_actions = 0
@@ -84,8 +85,10 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
                     raise ValueError(f"{shard}: row {i}: field 'row_id': {row['row_id']!r} is not unique")
                 seen_ids.add(row["row_id"])
                 if row["group_id"] >= manifest["next_group_id"]:
-                    raise ValueError(f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
-                                     f"next_group_id {manifest['next_group_id']}")
+                    raise ValueError(
+                        f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
+                        f"next_group_id {manifest['next_group_id']}"
+                    )
                 groups.add(row["group_id"])
                 n_tokens += len(row["tokens"])
                 n_actions += sum(row["action_mask"])
@@ -98,6 +101,10 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
     for name, value in totals.items():
         if manifest.get(name) != value:
             raise ValueError(f"{mpath}: field {name!r} is {manifest.get(name)}, the shards hold {value}")
-    return {**totals, "shards": len(shards), "groups": len(groups),
-            "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
-            "tokenizer": manifest["tokenizer"].get("name")}
+    return {
+        **totals,
+        "shards": len(shards),
+        "groups": len(groups),
+        "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
+        "tokenizer": manifest["tokenizer"].get("name"),
+    }

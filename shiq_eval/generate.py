@@ -34,8 +34,9 @@ class SamplingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _generate_in_batches(prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int,
-                         generate_batch) -> list[list[int]]:
+def _generate_in_batches(
+    prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int, generate_batch
+) -> list[list[int]]:
     """What every policy's ``generate`` promises: batches of ``cfg.batch_size`` in order, batch ``i`` sampled
     under seed ``cfg.seed + i`` (so results do not depend on what else runs), empty prompts refused, each
     completion cut after its first end-of-sequence token (kept). ``generate_batch(batch, first, seed)``
@@ -63,8 +64,9 @@ class HFPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
-        return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id,
-                                    lambda batch, first, seed: self._generate_batch(batch, cfg, seed))
+        return _generate_in_batches(
+            prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
+        )
 
     def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig, seed: int) -> list[list[int]]:
         width = max(len(p) for p in batch)
@@ -74,11 +76,19 @@ class HFPolicy:
             ids[j, width - len(p) :] = torch.tensor(p)
             attn[j, width - len(p) :] = 1
         torch.manual_seed(seed)
-        kw = dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0) if cfg.temperature > 0 \
+        kw = (
+            dict(do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0)
+            if cfg.temperature > 0
             else dict(do_sample=False)
+        )
         gen = self.model.generate(
-            input_ids=ids, attention_mask=attn, max_new_tokens=cfg.max_new_tokens, eos_token_id=self.eos_id,
-            pad_token_id=self.pad_id, use_cache=True, **kw,
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=cfg.max_new_tokens,
+            eos_token_id=self.eos_id,
+            pad_token_id=self.pad_id,
+            use_cache=True,
+            **kw,
         )[:, width:]
         return gen.tolist()
 
@@ -127,14 +137,21 @@ class MegatronPolicy:
         from megatron.core import parallel_state as ps
 
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
-            raise ValueError("MegatronPolicy: sampling under pipeline parallelism is not supported; build the "
-                             "model with pp=1 (tensor parallelism is fine) or export it to Hugging Face "
-                             "(shiq_train.export) and use HFPolicy")
+            raise ValueError(
+                "MegatronPolicy: sampling under pipeline parallelism is not supported; build the "
+                "model with pp=1 (tensor parallelism is fine) or export it to Hugging Face "
+                "(shiq_train.export) and use HFPolicy"
+            )
         was_training = self.model.training
         self.model.eval()
         try:
-            return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id,
-                                        lambda batch, first, seed: self._generate_batch(batch, first, cfg, seed))
+            return _generate_in_batches(
+                prompt_ids,
+                cfg,
+                progress,
+                self.eos_id,
+                lambda batch, first, seed: self._generate_batch(batch, first, cfg, seed),
+            )
         finally:
             self.model.train(was_training)
 
@@ -147,8 +164,10 @@ class MegatronPolicy:
 
         for j, p in enumerate(batch):
             if len(p) + cfg.max_new_tokens > self.max_context:
-                raise ValueError(f"prompt {first + j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
-                                 f"the model's max_sequence_length {self.max_context}")
+                raise ValueError(
+                    f"prompt {first + j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
+                    f"the model's max_sequence_length {self.max_context}"
+                )
         device = next(self.model.parameters()).device
         B = len(batch)
         lens = torch.tensor([len(p) for p in batch], device=device)
@@ -168,17 +187,24 @@ class MegatronPolicy:
         for end in range(int(lens.min()), width):  # draw the token at position `end` from tokens[:, :end]
             if start > 0:
                 context.enable_decode_mode()
-            logits = self.model(tokens[:, start:end], positions[start:end].expand(B, -1), mask[..., start:end, :end],
-                                inference_context=context, runtime_gather_output=True)  # [B, n, V]
+            logits = self.model(
+                tokens[:, start:end],
+                positions[start:end].expand(B, -1),
+                mask[..., start:end, :end],
+                inference_context=context,
+                runtime_gather_output=True,
+            )  # [B, n, V]
             context.increment_sequence_len_offset(end - start)
             start = end
             drawn = sample_next(logits[:, -1, : self.vocab_size], cfg, generator)
             if tp > 1:  # identical logits give identical draws; broadcasting makes it certain
-                dist.broadcast(drawn, src=ps.get_tensor_model_parallel_src_rank(),
-                               group=ps.get_tensor_model_parallel_group())
+                dist.broadcast(
+                    drawn, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group()
+                )
             generating = ~in_prompt[:, end] & ~done & (end < ends)
-            tokens[:, end] = torch.where(in_prompt[:, end], tokens[:, end],
-                                         torch.where(generating, drawn, torch.full_like(drawn, self.pad_id)))
+            tokens[:, end] = torch.where(
+                in_prompt[:, end], tokens[:, end], torch.where(generating, drawn, torch.full_like(drawn, self.pad_id))
+            )
             done |= generating & (drawn == self.eos_id)
             if bool((done | (end + 1 >= ends)).all()):
                 break
@@ -202,8 +228,9 @@ class MegatronLogits:
 
         self.model = unwrap(model)
         if getattr(self.model, "return_hidden", False):
-            raise ValueError("MegatronLogits needs a model built with logits_chunk_tokens=0 (this one returns "
-                             "hidden states)")
+            raise ValueError(
+                "MegatronLogits needs a model built with logits_chunk_tokens=0 (this one returns hidden states)"
+            )
         self.vocab_size = int(vocab_size or self.model.vocab_size)
 
     @torch.no_grad()

@@ -33,7 +33,9 @@ def parse_ratings(raw: str, source: str) -> list[RatedText]:
             continue
         parts = line.split("\t")
         if len(parts) != 3:
-            raise ValueError(f"{source}, line {n}: expected 3 tab-separated fields (id, rating, text), got {len(parts)}")
+            raise ValueError(
+                f"{source}, line {n}: expected 3 tab-separated fields (id, rating, text), got {len(parts)}"
+            )
         try:
             rid = int(parts[0])
         except ValueError:

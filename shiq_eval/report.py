@@ -13,8 +13,18 @@ import os
 import tempfile
 from pathlib import Path
 
-COLUMNS = ["method", "step", "reward_mean", "reward_stderr", "kl_sample", "kl_sample_stderr", "kl_exact",
-           "kl_exact_stderr", "n", "prompt_set_sha256"]
+COLUMNS = [
+    "method",
+    "step",
+    "reward_mean",
+    "reward_stderr",
+    "kl_sample",
+    "kl_sample_stderr",
+    "kl_exact",
+    "kl_exact_stderr",
+    "n",
+    "prompt_set_sha256",
+]
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -67,19 +77,34 @@ def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> lis
     out_dir = Path(out_dir)
     methods = sorted({r["method"] for r in rows})
     paths = []
-    for x_key, name, xlabel in [("kl_exact", "reward_vs_kl.png", "KL(π ‖ π_ref) per completion (exact per-token sum)"),
-                                ("step", "reward_vs_step.png", "training step")]:
+    for x_key, name, xlabel in [
+        ("kl_exact", "reward_vs_kl.png", "KL(π ‖ π_ref) per completion (exact per-token sum)"),
+        ("step", "reward_vs_step.png", "training step"),
+    ]:
         fig, ax = plt.subplots(figsize=(6, 4))
         for m in methods:
             pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["step"])
-            ax.errorbar([r[x_key] for r in pts], [r["reward_mean"] for r in pts],
-                        yerr=[r["reward_stderr"] for r in pts], marker="o", capsize=3, label=m)
+            ax.errorbar(
+                [r[x_key] for r in pts],
+                [r["reward_mean"] for r in pts],
+                yerr=[r["reward_stderr"] for r in pts],
+                marker="o",
+                capsize=3,
+                label=m,
+            )
         if reference is not None:
             if x_key == "step":
                 ax.axhline(reference["reward_mean"], color="grey", ls="--", label="reference")
             else:
-                ax.errorbar([0.0], [reference["reward_mean"]], yerr=[reference["reward_stderr"]], color="grey",
-                            marker="s", capsize=3, label="reference")
+                ax.errorbar(
+                    [0.0],
+                    [reference["reward_mean"]],
+                    yerr=[reference["reward_stderr"]],
+                    color="grey",
+                    marker="s",
+                    capsize=3,
+                    label="reference",
+                )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean reward on held-out prompts (± 1 s.e.)")
         ax.grid(alpha=0.3)

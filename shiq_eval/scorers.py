@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -51,8 +52,10 @@ class BFCLScorer:
             try:
                 decoded = json.loads(text)
                 ok = isinstance(decoded, list) and all(
-                    isinstance(turn, list) and all(isinstance(step, list) and all(isinstance(c, str) for c in step)
-                                                   for step in turn) for turn in decoded)
+                    isinstance(turn, list)
+                    and all(isinstance(step, list) and all(isinstance(c, str) for c in step) for step in turn)
+                    for turn in decoded
+                )
             except json.JSONDecodeError:
                 ok = False
             if not ok:
@@ -129,15 +132,18 @@ class RegressionRewardModel:
         os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
         os.close(fd)
         try:
-            save_file({"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)},
-                      tmp, metadata={"meta": json.dumps(self.meta), "joiner": self.joiner})
+            save_file(
+                {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)},
+                tmp,
+                metadata={"meta": json.dumps(self.meta), "joiner": self.joiner},
+            )
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
 
     @classmethod
-    def load(cls, path: str | Path, encoder: Encoder) -> "RegressionRewardModel":
+    def load(cls, path: str | Path, encoder: Encoder) -> RegressionRewardModel:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as f:

@@ -198,7 +198,7 @@ class GridConfig:
     seeds: int = 5
 
     @classmethod
-    def make(cls, setting: str, **kw) -> "GridConfig":
+    def make(cls, setting: str, **kw) -> GridConfig:
         if setting == "final_reward":
             return cls(setting=setting, goal_reward=7.0, **kw)
         if setting == "fine_grained":
@@ -456,11 +456,21 @@ def plot_bandit(methods: dict, cfg: BanditConfig, path: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, res in methods.items():
         # ShiQ/tk is the same loss as ShiQ in a one-step bandit: dashed so both stay visible
-        _band(ax, res, "regret", m, label="shiq_tk (= shiq here)" if m == "shiq_tk" else m, ls="--" if m == "shiq_tk" else "-")
+        _band(
+            ax,
+            res,
+            "regret",
+            m,
+            label="shiq_tk (= shiq here)" if m == "shiq_tk" else m,
+            ls="--" if m == "shiq_tk" else "-",
+        )
     ax.set_yscale("symlog", linthresh=1e-4)  # log above 1e-4, linear down to 0 (regret reaches ~1e-11)
     ax.set_ylim(bottom=0)
-    ax.set(xlabel="gradient step", ylabel=r"regret $J(\pi^*)-J(\pi)$ (symlog)",
-           title=f"Offline {cfg.n_arms}-armed bandit, β={cfg.beta} (mean ± std, {cfg.seeds} seeds)")
+    ax.set(
+        xlabel="gradient step",
+        ylabel=r"regret $J(\pi^*)-J(\pi)$ (symlog)",
+        title=f"Offline {cfg.n_arms}-armed bandit, β={cfg.beta} (mean ± std, {cfg.seeds} seeds)",
+    )
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -491,8 +501,10 @@ def plot_grid(settings: dict, path: str) -> None:
         ax.set_xlabel("gradient step")
     cfg0 = settings[next(iter(settings))]["config"]
     probe = "" if cfg0["good_policy"] == "optimal" else f", good data from the {cfg0['good_policy']} policy"
-    fig.suptitle(f"Grid world {cfg0['width']}x{cfg0['height']}, β={cfg0['beta']}, γ={cfg0['gamma']} "
-                 f"(mean ± std over {cfg0['seeds']} seeds{probe})")
+    fig.suptitle(
+        f"Grid world {cfg0['width']}x{cfg0['height']}, β={cfg0['beta']}, γ={cfg0['gamma']} "
+        f"(mean ± std over {cfg0['seeds']} seeds{probe})"
+    )
     save_figure(fig, path)
 
 
@@ -502,8 +514,12 @@ def bandit_experiment(out: str, cfg: BanditConfig, workers: int) -> dict:
     methods = {m: aggregate([res[("bandit", "", m, s)] for s in range(cfg.seeds)], ["regret"]) for m in BANDIT_METHODS}
     r = cfg.rewards()
     config = dataclasses.asdict(cfg) | {
-        "rewards": r.tolist(), "mu1_probs": cfg.sampling()[0].tolist(), "mu2_probs": cfg.sampling()[1].tolist(),
-        "optimal_value": bandit_optimal(r, cfg.beta)[1], "optimizer": "Adam", "reference": "uniform",
+        "rewards": r.tolist(),
+        "mu1_probs": cfg.sampling()[0].tolist(),
+        "mu2_probs": cfg.sampling()[1].tolist(),
+        "optimal_value": bandit_optimal(r, cfg.beta)[1],
+        "optimizer": "Adam",
+        "reference": "uniform",
         "source": "our choices: the paper's numeric values (App. D.1) were lost in its text conversion",
         "note": "shiq_tk equals shiq in a one-step bandit (SHIQ_MATH §4); DPO pairs labelled 1[r(a) > r(a')], ties dropped",
     }
@@ -520,25 +536,33 @@ def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int) -> dict
     for name, cfg in cfgs.items():
         grid = Grid(cfg)
         _, V, pi_star = soft_value_iteration(grid, cfg.beta, cfg.gamma)
-        methods = {m: aggregate([res[("grid", name, m, s)] for s in range(cfg.seeds)], ["regret", "reward"])
-                   for m in GRID_METHODS}
+        methods = {
+            m: aggregate([res[("grid", name, m, s)] for s in range(cfg.seeds)], ["regret", "reward"])
+            for m in GRID_METHODS
+        }
         pi_good = good_policy(cfg)
         config = dataclasses.asdict(cfg) | {
-            "actions": "Up, Down, Left, Right (a wall leaves the agent in place)", "n_states": grid.n_states,
-            "optimizer": "Adam", "policy": "linear on one-hot states, zero init (= uniform reference)",
+            "actions": "Up, Down, Left, Right (a wall leaves the agent in place)",
+            "n_states": grid.n_states,
+            "optimizer": "Adam",
+            "policy": "linear on one-hot states, zero init (= uniform reference)",
             "source": "our choices: the paper's numeric values (App. D.2) were lost in its text conversion",
             "data": "n_pairs trajectories from pi* (good) + n_pairs from uniform (bad); CoPG/DPO: (good, bad) pairs; "
-                    "ShiQ variants: all rows as single trajectories with per-step rewards",
+            "ShiQ variants: all rows as single trajectories with per-step rewards",
             "dpo_preference": "1[discounted return of a > of b], ties dropped",
             "sequence_losses_discount": "CoPG/DPO statistics and rewards weighted by gamma^t (see method_loss)",
             "truncation": "a trajectory cut at the horizon ends there for every loss (no bootstrap): "
-                          "a small bias for the token-level ShiQ targets near the cut",
+            "a small bias for the token-level ShiQ targets near the cut",
         }
-        settings[name] = {"methods": methods, "config": config, "optimal_value": float(V[grid.start]),
-                          "optimal_reward": reward_collected(grid, pi_star, cfg.horizon),
-                          "uniform_reward": reward_collected(grid, np.full_like(pi_star, 0.25), cfg.horizon),
-                          "good_policy_reward": reward_collected(grid, pi_good, cfg.horizon),
-                          "good_policy_regret": float(V[grid.start] - policy_value(grid, pi_good, cfg.beta, cfg.gamma)[grid.start])}
+        settings[name] = {
+            "methods": methods,
+            "config": config,
+            "optimal_value": float(V[grid.start]),
+            "optimal_reward": reward_collected(grid, pi_star, cfg.horizon),
+            "uniform_reward": reward_collected(grid, np.full_like(pi_star, 0.25), cfg.horizon),
+            "good_policy_reward": reward_collected(grid, pi_good, cfg.horizon),
+            "good_policy_regret": float(V[grid.start] - policy_value(grid, pi_good, cfg.beta, cfg.gamma)[grid.start]),
+        }
     obj = {"settings": settings}
     write_json(os.path.join(out, "gridworld.json"), obj)
     plot_grid(settings, os.path.join(out, "gridworld.png"))
@@ -550,33 +574,48 @@ def main(argv=None) -> int:
         prog="shiq-toys",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="defaults (recorded in the JSON 'config'):\n"
-               "  bandit     K=10 arms, r ~ U[0,1] (fixed), uniform π_ref, β=0.1, 500 pairs (a~μ1, a'~μ2),\n"
-               "             Adam lr 0.02, 32 pairs per step, 2000 steps, 5 seeds\n"
-               "  gridworld  5x5, start 0 (top-left), goal 4 (top-right), treasure 20 (bottom-left),\n"
-               "             step penalty 0.1, β=0.2, γ=0.9, horizon 60, 150 (π*, uniform) pairs,\n"
-               "             linear policy, Adam lr 0.05, 30 trajectories per step, 2000 steps, 5 seeds\n"
-               "metrics: exact regret J(π*) − J(π) (SHIQ_MATH §6); gridworld also the exact expected\n"
-               "treasure + goal reward collected in 60 steps. A full default 'all' takes a few minutes on 2 cores.",
+        "  bandit     K=10 arms, r ~ U[0,1] (fixed), uniform π_ref, β=0.1, 500 pairs (a~μ1, a'~μ2),\n"
+        "             Adam lr 0.02, 32 pairs per step, 2000 steps, 5 seeds\n"
+        "  gridworld  5x5, start 0 (top-left), goal 4 (top-right), treasure 20 (bottom-left),\n"
+        "             step penalty 0.1, β=0.2, γ=0.9, horizon 60, 150 (π*, uniform) pairs,\n"
+        "             linear policy, Adam lr 0.05, 30 trajectories per step, 2000 steps, 5 seeds\n"
+        "metrics: exact regret J(π*) − J(π) (SHIQ_MATH §6); gridworld also the exact expected\n"
+        "treasure + goal reward collected in 60 steps. A full default 'all' takes a few minutes on 2 cores.",
         description="The paper's toy experiments (SHIQ_MATH §7), trained through shiq_train.losses with "
-                    "exact regret. bandit: offline K-armed bandit (Fig. 1; shiq, shiq_tk, copg, dpo). "
-                    "gridworld: grid MDP, settings final_reward and fine_grained (Fig. 2; shiq, shiq_init, "
-                    "shiq_ms, shiq_tk, copg, dpo). all: both. Writes DIR/{bandit,gridworld}.{json,png}.",
+        "exact regret. bandit: offline K-armed bandit (Fig. 1; shiq, shiq_tk, copg, dpo). "
+        "gridworld: grid MDP, settings final_reward and fine_grained (Fig. 2; shiq, shiq_init, "
+        "shiq_ms, shiq_tk, copg, dpo). all: both. Writes DIR/{bandit,gridworld}.{json,png}.",
     )
     p.add_argument("experiment", choices=("bandit", "gridworld", "all"))
     p.add_argument("--out", default="runs/toys", help="output directory (created; default runs/toys)")
     p.add_argument("--quick", action="store_true", help="2 seeds, few steps: a smoke run in seconds")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; quick: 2)")
-    p.add_argument("--steps", type=int, default=None,
-                   help="gradient steps per run, overrides both experiments' defaults "
-                        f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60)")
-    p.add_argument("--center-rewards", action="store_true",
-                   help="probe (bandit): subtract the mean arm reward; π* is unchanged, the absolute logits ShiQ "
-                        "must learn (r/β) are smaller")
-    p.add_argument("--good-policy", choices=("optimal", "goal_only"), default="optimal",
-                   help="probe (gridworld): 'goal_only' generates the good trajectories with the optimum of the "
-                        "grid whose treasure is worth 0, so no demonstration shows the detour (default: optimal)")
-    p.add_argument("--workers", type=int, default=min(2, os.cpu_count() or 1),
-                   help="parallel processes (default min(2, cores); quick runs in-process)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="gradient steps per run, overrides both experiments' defaults "
+        f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60)",
+    )
+    p.add_argument(
+        "--center-rewards",
+        action="store_true",
+        help="probe (bandit): subtract the mean arm reward; π* is unchanged, the absolute logits ShiQ "
+        "must learn (r/β) are smaller",
+    )
+    p.add_argument(
+        "--good-policy",
+        choices=("optimal", "goal_only"),
+        default="optimal",
+        help="probe (gridworld): 'goal_only' generates the good trajectories with the optimum of the "
+        "grid whose treasure is worth 0, so no demonstration shows the detour (default: optimal)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(2, os.cpu_count() or 1),
+        help="parallel processes (default min(2, cores); quick runs in-process)",
+    )
     args = p.parse_args(argv)
     overrides = {}
     if args.quick:

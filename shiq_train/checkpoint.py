@@ -30,9 +30,14 @@ from shiq_train.model import full_param_name, tp_layout, unshard_tensors, unwrap
 def _layout() -> dict:
     from megatron.core import parallel_state as ps
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "dp": ps.get_data_parallel_world_size(), "tp_rank": ps.get_tensor_model_parallel_rank(),
-            "pp_rank": ps.get_pipeline_model_parallel_rank(), "dp_rank": ps.get_data_parallel_rank()}
+    return {
+        "tp": ps.get_tensor_model_parallel_world_size(),
+        "pp": ps.get_pipeline_model_parallel_world_size(),
+        "dp": ps.get_data_parallel_world_size(),
+        "tp_rank": ps.get_tensor_model_parallel_rank(),
+        "pp_rank": ps.get_pipeline_model_parallel_rank(),
+        "dp_rank": ps.get_data_parallel_rank(),
+    }
 
 
 def _rank_file(step_dir: Path, lay: dict) -> Path:
@@ -62,7 +67,10 @@ def _barrier():
 def _rng_state() -> dict:
     from megatron.core.tensor_parallel import get_cuda_rng_tracker
 
-    state = {"cpu": torch.get_rng_state(), "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()}}
+    state = {
+        "cpu": torch.get_rng_state(),
+        "tracker": {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()},
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -77,8 +85,15 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
 
 
-def save_checkpoint(directory, step: int, model, optimizer=None, scheduler=None, user_state: dict | None = None,
-                    meta: dict | None = None) -> Path:
+def save_checkpoint(
+    directory,
+    step: int,
+    model,
+    optimizer=None,
+    scheduler=None,
+    user_state: dict | None = None,
+    meta: dict | None = None,
+) -> Path:
     """Save this rank's part of the training state at ``step``; collective (every rank calls it).
 
     ``user_state`` (per rank, e.g. the data sampler's position) is returned by :func:`load_checkpoint`;
@@ -139,8 +154,10 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     state = torch.load(_rank_file(step_dir, lay), weights_only=True)  # never unpickles arbitrary objects
     params = dict(unwrap(model).named_parameters())
     if set(params) != set(state["model"]):
-        raise ValueError(f"checkpoint {step_dir} holds parameters {sorted(set(state['model']) ^ set(params))} "
-                         "that do not match the model (different model config?)")
+        raise ValueError(
+            f"checkpoint {step_dir} holds parameters {sorted(set(state['model']) ^ set(params))} "
+            "that do not match the model (different model config?)"
+        )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["model"][n])
@@ -161,8 +178,9 @@ def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
     if ps.get_data_parallel_rank() == 0:
         for name, p in unwrap(model).named_parameters():
             dim, glu = tp_layout(model, name, p)
-            local.append((full_param_name(model, name), dim, glu, ps.get_tensor_model_parallel_rank(),
-                          p.detach().cpu()))
+            local.append(
+                (full_param_name(model, name), dim, glu, ps.get_tensor_model_parallel_rank(), p.detach().cpu())
+            )
     everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, everything, dst=0)
     if dist.get_rank() != 0:
@@ -172,5 +190,9 @@ def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
         for key, dim, glu, tp_rank, t in rank_items:
             parts.setdefault(key, {"dim": dim, "glu": glu, "shards": {}})["shards"].setdefault(tp_rank, t)
     tp = ps.get_tensor_model_parallel_world_size()
-    return {k: unshard_tensors([v["shards"][r] for r in range(tp)] if v["dim"] is not None else [v["shards"][0]],
-                               v["dim"], v["glu"]) for k, v in parts.items()}
+    return {
+        k: unshard_tensors(
+            [v["shards"][r] for r in range(tp)] if v["dim"] is not None else [v["shards"][0]], v["dim"], v["glu"]
+        )
+        for k, v in parts.items()
+    }

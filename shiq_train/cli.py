@@ -25,8 +25,16 @@ GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
 DATA_MODES = ("padded", "packed", "groups")
 REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
 # shape fields a Hugging Face checkpoint must agree on with the model config
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
-                "vocab_size", "share_embeddings_and_output_weights", "rotary_base")
+SHAPE_FIELDS = (
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "share_embeddings_and_output_weights",
+    "rotary_base",
+)
 
 
 class ConfigError(ValueError):
@@ -43,8 +51,10 @@ def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None
         raise ConfigError(f"data.mode must be one of {DATA_MODES} (or null for the loss's default), got {mode!r}")
     if loss_name in GROUP_LOSSES:
         if mode not in (None, "groups"):
-            return "groups", (f"loss {loss_name!r} compares completions of the same prompt, so it reads whole "
-                              f"prompt groups: using data.mode=groups instead of data.mode={mode}")
+            return "groups", (
+                f"loss {loss_name!r} compares completions of the same prompt, so it reads whole "
+                f"prompt groups: using data.mode=groups instead of data.mode={mode}"
+            )
         return "groups", None
     return mode or "padded", None
 
@@ -54,17 +64,28 @@ def llama_config_from_model(model_cfg):
     (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
     from transformers import LlamaConfig
 
-    if not (model_cfg.gated_linear_unit and model_cfg.activation == "silu" and model_cfg.normalization == "RMSNorm"
-            and model_cfg.position_embedding_type == "rope" and not model_cfg.add_bias_linear):
+    if not (
+        model_cfg.gated_linear_unit
+        and model_cfg.activation == "silu"
+        and model_cfg.normalization == "RMSNorm"
+        and model_cfg.position_embedding_type == "rope"
+        and not model_cfg.add_bias_linear
+    ):
         raise ConfigError(f"model {model_cfg.name!r} is not Llama-shaped (RMSNorm, gated SiLU, RoPE, no biases)")
     return LlamaConfig(
-        vocab_size=model_cfg.vocab_size, hidden_size=model_cfg.hidden_size,
+        vocab_size=model_cfg.vocab_size,
+        hidden_size=model_cfg.hidden_size,
         intermediate_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
-        num_hidden_layers=model_cfg.num_layers, num_attention_heads=model_cfg.num_attention_heads,
+        num_hidden_layers=model_cfg.num_layers,
+        num_attention_heads=model_cfg.num_attention_heads,
         num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
-        max_position_embeddings=model_cfg.max_sequence_length, rms_norm_eps=model_cfg.layernorm_epsilon,
-        rope_theta=float(model_cfg.rotary_base), tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
-        hidden_act="silu", attention_bias=False, mlp_bias=False,
+        max_position_embeddings=model_cfg.max_sequence_length,
+        rms_norm_eps=model_cfg.layernorm_epsilon,
+        rope_theta=float(model_cfg.rotary_base),
+        tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
     )
 
 
@@ -82,8 +103,10 @@ def load_init(init: str):
         return hf.state_dict(), hf.config
     folder = Path(init)
     if not (folder / "config.json").is_file():
-        raise ConfigError(f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
-                          f"{folder / 'config.json'} does not exist")
+        raise ConfigError(
+            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
+            f"{folder / 'config.json'} does not exist"
+        )
     from transformers import LlamaForCausalLM
 
     hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
@@ -98,11 +121,17 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
     mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
     mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
     mine["ffn_hidden_size"] = model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size
-    bad = [f"model.{f}={mine[f]} but the checkpoint has {getattr(want, f)}" for f in SHAPE_FIELDS
-           if mine[f] != getattr(want, f)]
+    bad = [
+        f"model.{f}={mine[f]} but the checkpoint has {getattr(want, f)}"
+        for f in SHAPE_FIELDS
+        if mine[f] != getattr(want, f)
+    ]
     if bad:
-        raise ConfigError(f"init={init!r} does not fit model={model_cfg.name!r}: " + "; ".join(bad)
-                          + " (choose the matching model config, e.g. model=smollm2_135m for init=smollm2)")
+        raise ConfigError(
+            f"init={init!r} does not fit model={model_cfg.name!r}: "
+            + "; ".join(bad)
+            + " (choose the matching model config, e.g. model=smollm2_135m for init=smollm2)"
+        )
 
 
 def build_policy(model_cfg, init: str):
@@ -134,8 +163,10 @@ class DeviceSource:
         self.source, self.device = source, device
 
     def next_micro_batches(self) -> list[dict]:
-        return [{k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
-                for mb in self.source.next_micro_batches()]
+        return [
+            {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in mb.items()}
+            for mb in self.source.next_micro_batches()
+        ]
 
     def state_dict(self) -> dict:
         return self.source.state_dict()
@@ -156,12 +187,21 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
     buffer = open_buffer(path)
     missing = [c for c in REF_COLUMNS if c not in buffer_columns(buffer)]
     if reference == "precomputed" and missing:
-        raise ConfigError(f"buffer {path} has no reference statistics (columns {missing} missing), but "
-                          "train.reference=precomputed: add them with shiq_data's refstats, or set "
-                          "train.reference=online")
-    return BufferSampler(buffer, rows_per_micro_batch=data_cfg["rows_per_micro_batch"],
-                         micro_batches_per_step=data_cfg["micro_batches_per_step"], seed=data_cfg["seed"],
-                         dp_rank=dp_rank, dp_world=dp_world, mode=mode, max_tokens_per_row=max_tokens)
+        raise ConfigError(
+            f"buffer {path} has no reference statistics (columns {missing} missing), but "
+            "train.reference=precomputed: add them with shiq_data's refstats, or set "
+            "train.reference=online"
+        )
+    return BufferSampler(
+        buffer,
+        rows_per_micro_batch=data_cfg["rows_per_micro_batch"],
+        micro_batches_per_step=data_cfg["micro_batches_per_step"],
+        seed=data_cfg["seed"],
+        dp_rank=dp_rank,
+        dp_world=dp_world,
+        mode=mode,
+        max_tokens_per_row=max_tokens,
+    )
 
 
 def _dataclass_from(cls, section: dict, prefix: str):
@@ -181,8 +221,8 @@ def run(cfg: dict) -> Path:
     from shiq_train import parallel
     from shiq_train.model import ModelConfig, check_runtime
     from shiq_train.objectives import LossConfig
-    from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
     from shiq_train.train_step import OptimizerConfig
+    from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
     model_cfg = ModelConfig.from_dict(cfg["model"])
     try:
@@ -194,8 +234,9 @@ def run(cfg: dict) -> Path:
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
     if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
-        raise ConfigError(f"data.buffer={cfg['data']['buffer']!r} does not exist "
-                          "(a replay buffer directory written by shiq_data)")
+        raise ConfigError(
+            f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
+        )
     out = Path(cfg["out"])
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])
@@ -203,8 +244,14 @@ def run(cfg: dict) -> Path:
         rank0 = dist.get_rank() == 0
         if note and rank0:
             print(f"shiq-train: {note}", file=sys.stderr)
-        source = open_data_source(cfg["data"], mode, train_cfg.reference, ps.get_data_parallel_rank(),
-                                  ps.get_data_parallel_world_size(), model_cfg.max_sequence_length)
+        source = open_data_source(
+            cfg["data"],
+            mode,
+            train_cfg.reference,
+            ps.get_data_parallel_rank(),
+            ps.get_data_parallel_world_size(),
+            model_cfg.max_sequence_length,
+        )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
         cfg = {**cfg, "data": {**cfg["data"], "mode": mode}}
@@ -218,8 +265,10 @@ def run(cfg: dict) -> Path:
         history = trainer.fit(DeviceSource(source, parallel.device()))
         if rank0:
             last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
-            print(f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
-                  f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}")
+            print(
+                f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
+                f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
+            )
     finally:
         parallel.destroy_distributed()
     return out
@@ -233,8 +282,10 @@ def _task(cfg) -> None:
         run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
-        _fail(f"missing value for {key}: give it on the command line "
-              "(shiq-train data.buffer=BUFFER out=RUN ...; see --help)")
+        _fail(
+            f"missing value for {key}: give it on the command line "
+            "(shiq-train data.buffer=BUFFER out=RUN ...; see --help)"
+        )
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
 

@@ -55,7 +55,7 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
             params = torch.load(path, weights_only=True)["model"]
             for name, value in params.items():
                 if name.startswith("decoder.layers."):
-                    i, rest = name[len("decoder.layers."):].split(".", 1)
+                    i, rest = name[len("decoder.layers.") :].split(".", 1)
                     name = local_layer_name(f"decoder.layers.{int(i) + pp_rank * per_stage}.{rest}")
                 elif name == "output_layer.weight" and tied:
                     continue  # the last stage's copy of the tied embedding

@@ -32,9 +32,14 @@ class LlamaShape:
         return self.hidden_size // self.num_heads
 
     @classmethod
-    def from_hf_config(cls, cfg) -> "LlamaShape":
-        return cls(cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads,
-                   cfg.num_key_value_heads or cfg.num_attention_heads, bool(cfg.tie_word_embeddings))
+    def from_hf_config(cls, cfg) -> LlamaShape:
+        return cls(
+            cfg.num_hidden_layers,
+            cfg.hidden_size,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads or cfg.num_attention_heads,
+            bool(cfg.tie_word_embeddings),
+        )
 
 
 def _fuse_qkv(q, k, v, shape: LlamaShape):
@@ -61,7 +66,11 @@ def llama_to_megatron(hf: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[m + "input_layernorm.weight"] = hf[h + "input_layernorm.weight"]
         out[m + "self_attention.linear_qkv.weight"] = _fuse_qkv(
-            hf[h + "self_attn.q_proj.weight"], hf[h + "self_attn.k_proj.weight"], hf[h + "self_attn.v_proj.weight"], shape)
+            hf[h + "self_attn.q_proj.weight"],
+            hf[h + "self_attn.k_proj.weight"],
+            hf[h + "self_attn.v_proj.weight"],
+            shape,
+        )
         out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
         out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
         out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], 0)
@@ -79,7 +88,11 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
         h, m = f"model.layers.{i}.", f"decoder.layers.{i}."
         out[h + "input_layernorm.weight"] = mg[m + "input_layernorm.weight"]
         q, k, v = _split_qkv(mg[m + "self_attention.linear_qkv.weight"], shape)
-        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = q, k, v
+        out[h + "self_attn.q_proj.weight"], out[h + "self_attn.k_proj.weight"], out[h + "self_attn.v_proj.weight"] = (
+            q,
+            k,
+            v,
+        )
         out[h + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
         out[h + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
         gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2, 0)
@@ -90,21 +103,29 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
     return out
 
 
-
 def model_config_from_llama(hf_config, **overrides):
     """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config."""
     from shiq_train.model import ModelConfig
 
-    rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get("rope_theta")
+    rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get(
+        "rope_theta"
+    )
     kw = dict(
         name=getattr(hf_config, "_name_or_path", "") or "llama",
-        num_layers=hf_config.num_hidden_layers, hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
         num_attention_heads=hf_config.num_attention_heads,
         num_query_groups=hf_config.num_key_value_heads or hf_config.num_attention_heads,
-        ffn_hidden_size=hf_config.intermediate_size, vocab_size=hf_config.vocab_size,
-        max_sequence_length=hf_config.max_position_embeddings, normalization="RMSNorm",
-        layernorm_epsilon=hf_config.rms_norm_eps, gated_linear_unit=True, activation="silu",
-        add_bias_linear=False, position_embedding_type="rope", rotary_base=int(rope or 10000),
+        ffn_hidden_size=hf_config.intermediate_size,
+        vocab_size=hf_config.vocab_size,
+        max_sequence_length=hf_config.max_position_embeddings,
+        normalization="RMSNorm",
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        gated_linear_unit=True,
+        activation="silu",
+        add_bias_linear=False,
+        position_embedding_type="rope",
+        rotary_base=int(rope or 10000),
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
     )
     if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -113,8 +134,10 @@ def model_config_from_llama(hf_config, **overrides):
         rope = getattr(hf_config, field, None) or {}
         rope_kind = rope.get("rope_type", rope.get("type", "default"))
         if rope_kind != "default":
-            raise ValueError(f"Llama checkpoints with scaled rotary embeddings are not supported: {field} has "
-                             f"rope_type={rope_kind!r} (only 'default' RoPE imports exactly)")
+            raise ValueError(
+                f"Llama checkpoints with scaled rotary embeddings are not supported: {field} has "
+                f"rope_type={rope_kind!r} (only 'default' RoPE imports exactly)"
+            )
     if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
         raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
     kw.update(overrides)

@@ -33,9 +33,7 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
         raise ValueError(f"inputs must be [B, T]; action_mask has shape {tuple(shape)}")
     for name, x in ({**named, "rewards": rewards} if rewards is not None else named).items():
         if x.shape != shape:
-            raise ValueError(
-                f"shape mismatch: {name} has shape {tuple(x.shape)} but action_mask has {tuple(shape)}"
-            )
+            raise ValueError(f"shape mismatch: {name} has shape {tuple(x.shape)} but action_mask has {tuple(shape)}")
         if not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
         if not bool(torch.isfinite(x).all()):
@@ -54,8 +52,7 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
     if segment_ids is not None:
         if segment_ids.shape != shape:
             raise ValueError(
-                f"shape mismatch: segment_ids has shape {tuple(segment_ids.shape)} "
-                f"but action_mask has {tuple(shape)}"
+                f"shape mismatch: segment_ids has shape {tuple(segment_ids.shape)} but action_mask has {tuple(shape)}"
             )
         if segment_ids.is_floating_point() or segment_ids.dtype == torch.bool:
             raise ValueError(f"segment_ids must be an integer tensor, got dtype {segment_ids.dtype}")
@@ -78,8 +75,9 @@ def _check_beta(beta) -> None:
         raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
 
 
-def _check_vector(name: str, x: torch.Tensor, *, length: int | None = None, integer: bool,
-                  index_below: int | None = None) -> None:
+def _check_vector(
+    name: str, x: torch.Tensor, *, length: int | None = None, integer: bool, index_below: int | None = None
+) -> None:
     """A 1-D vector of the sequence-level losses: ``length`` entries if given; integer (row indices
     below ``index_below`` if given) or finite floats."""
     if x.dim() != 1 or (length is not None and x.shape[0] != length):
@@ -184,8 +182,17 @@ def first_action_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | Non
 
 
 def shiq_td(
-    chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, *, beta, gamma=1.0,
-    variant="shiq", segment_ids=None,
+    chosen_logits,
+    logz,
+    ref_chosen_logits,
+    ref_logz,
+    rewards,
+    action_mask,
+    *,
+    beta,
+    gamma=1.0,
+    variant="shiq",
+    segment_ids=None,
 ):
     """Per-token residuals ``δ`` of ShiQ and its ablations (SHIQ_MATH §3-§4), ``[B, T]``.
 
@@ -240,14 +247,31 @@ def shiq_loss(
         that have an action. Zero if there is no action at all.
     """
     return shiq_loss_packed(
-        chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask,
-        segment_ids=None, beta=beta, gamma=gamma, variant=variant,
+        chosen_logits,
+        logz,
+        ref_chosen_logits,
+        ref_logz,
+        rewards,
+        action_mask,
+        segment_ids=None,
+        beta=beta,
+        gamma=gamma,
+        variant=variant,
     )
 
 
 def shiq_loss_packed(
-    chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, *, segment_ids,
-    beta: float, gamma: float = 1.0, variant: str = "shiq",
+    chosen_logits,
+    logz,
+    ref_chosen_logits,
+    ref_logz,
+    rewards,
+    action_mask,
+    *,
+    segment_ids,
+    beta: float,
+    gamma: float = 1.0,
+    variant: str = "shiq",
 ) -> torch.Tensor:
     """:func:`shiq_loss` for packed rows: several trajectories per row (SHIQ_MATH §3, §4).
 
@@ -258,11 +282,20 @@ def shiq_loss_packed(
     """
     if variant not in SHIQ_VARIANTS:
         raise ValueError(f"variant must be one of {SHIQ_VARIANTS}, got {variant!r}")
-    named = {"chosen_logits": chosen_logits, "logz": logz, "ref_chosen_logits": ref_chosen_logits,
-             "ref_logz": ref_logz}
+    named = {"chosen_logits": chosen_logits, "logz": logz, "ref_chosen_logits": ref_chosen_logits, "ref_logz": ref_logz}
     _check_inputs(named, rewards, action_mask, beta, gamma, segment_ids)
-    delta = shiq_td(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, beta=beta,
-                    gamma=gamma, variant=variant, segment_ids=segment_ids)
+    delta = shiq_td(
+        chosen_logits,
+        logz,
+        ref_chosen_logits,
+        ref_logz,
+        rewards,
+        action_mask,
+        beta=beta,
+        gamma=gamma,
+        variant=variant,
+        segment_ids=segment_ids,
+    )
     count_mask = first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
     return (delta * delta).sum() / count_mask.sum().clamp(min=1)
 
@@ -364,7 +397,9 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     peers = torch.where(alone[:, None], other, peers)
     if B == 1:
         return R.clone()
-    scaled = torch.where(peers, R[None, :].expand(B, B) / beta, torch.full((B, B), -math.inf, dtype=R.dtype, device=R.device))
+    scaled = torch.where(
+        peers, R[None, :].expand(B, B) / beta, torch.full((B, B), -math.inf, dtype=R.dtype, device=R.device)
+    )
     return beta * (torch.logsumexp(scaled, dim=1) - torch.log(peers.sum(1).to(R.dtype)))
 
 

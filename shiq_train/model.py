@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,8 +45,8 @@ class ModelConfig:
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
-    num_query_groups: Optional[int] = None
-    ffn_hidden_size: Optional[int] = None
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
     vocab_size: int = 128
     max_sequence_length: int = 16
     normalization: str = "RMSNorm"
@@ -62,7 +62,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     params_dtype: str = "float32"
     transformer_impl: str = "auto"
-    fp8: Optional[str] = None
+    fp8: str | None = None
     logits_chunk_tokens: int = 0
 
     def __post_init__(self):
@@ -75,8 +75,9 @@ class ModelConfig:
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
         if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
-            bad("num_query_groups", self.num_query_groups,
-                f"must divide num_attention_heads={self.num_attention_heads}")
+            bad(
+                "num_query_groups", self.num_query_groups, f"must divide num_attention_heads={self.num_attention_heads}"
+            )
         if self.activation not in ACTIVATIONS:
             bad("activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
         if self.params_dtype not in DTYPES:
@@ -93,7 +94,7 @@ class ModelConfig:
             bad("logits_chunk_tokens", self.logits_chunk_tokens, "an integer >= 0 (0: full logits)")
 
     @classmethod
-    def from_dict(cls, d: Any) -> "ModelConfig":
+    def from_dict(cls, d: Any) -> ModelConfig:
         """From a plain dict or an OmegaConf node (``cfg.model`` of a Hydra config); unknown keys raise."""
         try:
             from omegaconf import DictConfig, OmegaConf
@@ -133,8 +134,11 @@ def check_runtime(cfg: ModelConfig) -> None:
                 f"model.fp8={cfg.fp8!r} needs a CUDA GPU with FP8 support (Hopper or newer) and "
                 f"Transformer Engine; missing here: {' and '.join(missing)}. Set model.fp8=null to train "
                 "without FP8 (bf16 or fp32 via model.params_dtype)"
-                + ("; on the GPU machine install Transformer Engine with `pip install 'shiq[fp8]'`."
-                   if not has_te else ".")
+                + (
+                    "; on the GPU machine install Transformer Engine with `pip install 'shiq[fp8]'`."
+                    if not has_te
+                    else "."
+                )
             )
         if impl != "transformer_engine":
             raise RuntimeError(
@@ -187,8 +191,12 @@ def transformer_config(cfg: ModelConfig):
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
     if not on_gpu:  # these fusions call CUDA kernels (megatron-cpu.md)
         kwargs.update(
-            bias_activation_fusion=False, apply_rope_fusion=False, masked_softmax_fusion=False,
-            bias_dropout_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+            bias_activation_fusion=False,
+            apply_rope_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
         )
     return TransformerConfig(**kwargs)
 
@@ -203,7 +211,7 @@ def layer_spec(cfg: ModelConfig):
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gpt_model_class():
     from megatron.core.models.gpt import GPTModel
 
@@ -271,9 +279,13 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         if value % by:
             raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
     if pre_process is None:
-        pre_process = parallel_state.is_pipeline_first_stage() if parallel_state.model_parallel_is_initialized() else True
+        pre_process = (
+            parallel_state.is_pipeline_first_stage() if parallel_state.model_parallel_is_initialized() else True
+        )
     if post_process is None:
-        post_process = parallel_state.is_pipeline_last_stage() if parallel_state.model_parallel_is_initialized() else True
+        post_process = (
+            parallel_state.is_pipeline_last_stage() if parallel_state.model_parallel_is_initialized() else True
+        )
     model = _gpt_model_class()(
         config=tc,
         transformer_layer_spec=layer_spec(cfg),
@@ -317,13 +329,16 @@ def packed_position_ids(segment_ids: torch.Tensor) -> torch.Tensor:
     return idx - first
 
 
-def model_inputs(tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> dict:
+def model_inputs(tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict:
     """``input_ids``, ``position_ids`` and the explicit attention mask for ``tokens`` ``[B, T]``:
     plain causal, or block-diagonal causal with per-segment positions when ``segment_ids`` is given."""
     B, T = tokens.shape
     if segment_ids is not None:
-        return {"input_ids": tokens, "position_ids": packed_position_ids(segment_ids),
-                "attention_mask": packed_causal_mask(segment_ids)}
+        return {
+            "input_ids": tokens,
+            "position_ids": packed_position_ids(segment_ids),
+            "attention_mask": packed_causal_mask(segment_ids),
+        }
     pos = torch.arange(T, device=tokens.device).unsqueeze(0).expand(B, T)
     return {"input_ids": tokens, "position_ids": pos, "attention_mask": causal_mask(T, tokens.device)}
 
@@ -349,21 +364,24 @@ def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStat
     inner = unwrap(model)
     if inner.return_hidden:
         group = vp.tensor_parallel_group()
-        return vp.chunked_causal_stats(output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group,
-                                       inner.vocab_size)
+        return vp.chunked_causal_stats(
+            output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group, inner.vocab_size
+        )
     if output.shape != (*tokens.shape, 2):
-        raise ValueError(f"expected statistics [B, T, 2] = {(*tokens.shape, 2)} from a model run with "
-                         f"labels=tokens (stats_inputs), got {tuple(output.shape)}")
+        raise ValueError(
+            f"expected statistics [B, T, 2] = {(*tokens.shape, 2)} from a model run with "
+            f"labels=tokens (stats_inputs), got {tuple(output.shape)}"
+        )
     return TokenStats(output[..., 0], output[..., 1])
 
 
-def stats_inputs(tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> dict:
+def stats_inputs(tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict:
     """:func:`model_inputs` plus ``labels=tokens``: the model's output is then what
     :func:`output_stats` turns into statistics."""
     return {**model_inputs(tokens, segment_ids), "labels": tokens}
 
 
-def forward_stats(model, tokens: torch.Tensor, segment_ids: Optional[torch.Tensor] = None) -> TokenStats:
+def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> TokenStats:
     """Run a whole (single-stage) model on ``tokens`` ``[B, T]`` (packed rows if ``segment_ids``)
     and return its :class:`TokenStats`."""
     return output_stats(model, model(**stats_inputs(tokens, segment_ids)), tokens)
@@ -396,14 +414,14 @@ def full_param_name(model, name: str) -> str:
     embedding, and Transformer Engine fused-norm names mapped to the local ones."""
     inner = unwrap(model)
     if name.startswith("decoder.layers."):
-        i, rest = name[len("decoder.layers."):].split(".", 1)
+        i, rest = name[len("decoder.layers.") :].split(".", 1)
         return local_layer_name(f"decoder.layers.{inner.decoder.layers[int(i)].layer_number - 1}.{rest}")
     if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
         return "embedding.word_embeddings.weight"
     return name
 
 
-def tp_layout(model, name: str, param) -> tuple[Optional[int], bool]:
+def tp_layout(model, name: str, param) -> tuple[int | None, bool]:
     """``(partition_dim, glu)`` of a parameter: ``partition_dim`` None if replicated across tensor
     parallel ranks; ``glu`` True for ``linear_fc1`` of a gated MLP, whose ``[gate; up]`` halves are
     split separately (each rank holds ``[gate_r; up_r]``)."""
@@ -413,7 +431,7 @@ def tp_layout(model, name: str, param) -> tuple[Optional[int], bool]:
     return param.partition_dim, glu
 
 
-def shard_tensor(full: torch.Tensor, dim: Optional[int], glu: bool, tp: int, rank: int) -> torch.Tensor:
+def shard_tensor(full: torch.Tensor, dim: int | None, glu: bool, tp: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s slice of ``full`` under the layout from :func:`tp_layout`."""
     if dim is None or tp == 1:
         return full
@@ -422,7 +440,7 @@ def shard_tensor(full: torch.Tensor, dim: Optional[int], glu: bool, tp: int, ran
     return full.chunk(tp, dim)[rank]
 
 
-def unshard_tensors(parts: list[torch.Tensor], dim: Optional[int], glu: bool) -> torch.Tensor:
+def unshard_tensors(parts: list[torch.Tensor], dim: int | None, glu: bool) -> torch.Tensor:
     """Inverse of :func:`shard_tensor` given every rank's slice, in rank order."""
     if dim is None or len(parts) == 1:
         return parts[0]

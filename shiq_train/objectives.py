@@ -34,8 +34,17 @@ class LossConfig:
             raise ValueError(f"gamma < 1 is only defined for the ShiQ family, not {self.name!r}")
 
 
-def compute_loss(cfg: LossConfig, chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask,
-                 group_ids=None, segment_ids=None):
+def compute_loss(
+    cfg: LossConfig,
+    chosen_logits,
+    logz,
+    ref_chosen_logits,
+    ref_logz,
+    rewards,
+    action_mask,
+    group_ids=None,
+    segment_ids=None,
+):
     """The configured loss and its metrics.
 
     Args:
@@ -51,11 +60,13 @@ def compute_loss(cfg: LossConfig, chosen_logits, logz, ref_chosen_logits, ref_lo
     metrics = {}
     if cfg.name in SHIQ_NAMES:
         variant = SHIQ_NAMES[cfg.name]
-        loss = L.shiq_loss_packed(*stats, rewards, action_mask, segment_ids=segment_ids, beta=cfg.beta,
-                                  gamma=cfg.gamma, variant=variant)
+        loss = L.shiq_loss_packed(
+            *stats, rewards, action_mask, segment_ids=segment_ids, beta=cfg.beta, gamma=cfg.gamma, variant=variant
+        )
         with torch.no_grad():
-            delta = L.shiq_td(*stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=variant,
-                              segment_ids=segment_ids)
+            delta = L.shiq_td(
+                *stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=variant, segment_ids=segment_ids
+            )
             used = L.first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
             d = delta[used].abs()
             metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0

@@ -203,9 +203,7 @@ def apply_cpu_adaptations() -> list[str]:
     if not isinstance(schedules.torch, _TorchView):
         schedules.torch = _TorchView(zeros=_zeros_cuda_to_cpu)
     if not isinstance(p2p_communication.torch, _TorchView):
-        p2p_communication.torch = _TorchView(
-            cuda=_CudaView(current_device=_cpu_device, synchronize=_no_sync)
-        )
+        p2p_communication.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device, synchronize=_no_sync))
     lm = language_module.LanguageModule
     if not getattr(lm.setup_embeddings_and_output_layer, "_shiq_cpu", False):
         lm.setup_embeddings_and_output_layer = _wrap_tied_embedding_setup()
@@ -213,8 +211,16 @@ def apply_cpu_adaptations() -> list[str]:
         attention.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(mappings.torch, _TorchView):
         mappings.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
-    _APPLIED[:] = ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros", "p2p_device_and_sync",
-                   "tied_embedding_copy", "kv_cache", "tp_gather"]
+    _APPLIED[:] = [
+        "rng_tracker",
+        "memory_buffer",
+        "rope_device",
+        "schedule_zeros",
+        "p2p_device_and_sync",
+        "tied_embedding_copy",
+        "kv_cache",
+        "tp_gather",
+    ]
     return list(_APPLIED)
 
 
@@ -290,16 +296,17 @@ def init_distributed(
                 raise ValueError("init_method (or MASTER_ADDR/MASTER_PORT) is needed for world size > 1")
             init_method = f"tcp://127.0.0.1:{free_port()}"
         dist.init_process_group(
-            backend=backend, init_method=init_method, rank=rank, world_size=world_size,
+            backend=backend,
+            init_method=init_method,
+            rank=rank,
+            world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp
-    )
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     if seed is not None:
         set_seed(seed)
 

@@ -20,8 +20,8 @@ A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -115,9 +115,13 @@ def build_optimizer(model, cfg: OptimizerConfig):
 
     def adamw(ps):
         return torch.optim.AdamW(
-            [{"params": [p for p in ps if p.dim() > 1], "weight_decay": cfg.weight_decay},
-             {"params": [p for p in ps if p.dim() <= 1], "weight_decay": 0.0}],
-            lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+            [
+                {"params": [p for p in ps if p.dim() > 1], "weight_decay": cfg.weight_decay},
+                {"params": [p for p in ps if p.dim() <= 1], "weight_decay": 0.0},
+            ],
+            lr=cfg.lr,
+            betas=(cfg.adam_beta1, cfg.adam_beta2),
+            eps=cfg.adam_eps,
         )
 
     if cfg.fp32_master_weights and any(p.dtype != torch.float32 for p in params):
@@ -134,9 +138,17 @@ def objective_loss_fn(loss_cfg) -> LossFn:
     from shiq_train.objectives import compute_loss
 
     def fn(st: TokenStats, mb: dict):
-        return compute_loss(loss_cfg, st.chosen_logits, st.logz, mb["ref_chosen_logits"], mb["ref_logz"],
-                            mb["rewards"], mb["action_mask"], group_ids=mb.get("group_ids"),
-                            segment_ids=mb.get("segment_ids"))
+        return compute_loss(
+            loss_cfg,
+            st.chosen_logits,
+            st.logz,
+            mb["ref_chosen_logits"],
+            mb["ref_logz"],
+            mb["rewards"],
+            mb["action_mask"],
+            group_ids=mb.get("group_ids"),
+            segment_ids=mb.get("segment_ids"),
+        )
 
     return fn
 
@@ -205,8 +217,11 @@ def finalize_grads(model) -> None:
     from megatron.core import parallel_state
 
     inner = unwrap(model)
-    if (parallel_state.get_pipeline_model_parallel_world_size() > 1 and inner.share_embeddings_and_output_weights
-            and parallel_state.is_rank_in_embedding_group()):
+    if (
+        parallel_state.get_pipeline_model_parallel_world_size() > 1
+        and inner.share_embeddings_and_output_weights
+        and parallel_state.is_rank_in_embedding_group()
+    ):
         w = inner.shared_embedding_or_output_weight()
         if w is not None and w.grad is not None:
             dist.all_reduce(w.grad, group=parallel_state.get_embedding_group())
@@ -235,8 +250,9 @@ def grad_norm(model) -> float:
         if getattr(p, "shared", False) and not parallel_state.is_pipeline_first_stage():
             continue
         sq += p.grad.detach().double().pow(2).sum().cpu()
-    mp_size = (parallel_state.get_tensor_model_parallel_world_size()
-               * parallel_state.get_pipeline_model_parallel_world_size())
+    mp_size = (
+        parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
+    )
     if mp_size > 1:
         sq = sq.to(next(model.parameters()).device)
         dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())

@@ -91,8 +91,16 @@ def _capture_reference(ref_model, micro_batches):
 
 
 class Trainer:
-    def __init__(self, model, loss_cfg: LossConfig, opt_cfg: OptimizerConfig, cfg: TrainConfig, out_dir,
-                 ref_model=None, run_meta: dict | None = None):
+    def __init__(
+        self,
+        model,
+        loss_cfg: LossConfig,
+        opt_cfg: OptimizerConfig,
+        cfg: TrainConfig,
+        out_dir,
+        ref_model=None,
+        run_meta: dict | None = None,
+    ):
         if cfg.reference == "online" and ref_model is None:
             raise ValueError("train.reference=online needs a reference model")
         self.model, self.ref_model, self.cfg = model, ref_model, cfg
@@ -123,16 +131,23 @@ class Trainer:
             data.load_state_dict(user["data"])
         log = _MetricLog(self.out_dir, start, rank0, self.cfg.tensorboard)
         history = []
-        bar = tqdm(range(start, self.cfg.steps), initial=start, total=self.cfg.steps, desc=f"train {self.loss_cfg.name}",
-                   disable=not (rank0 and self.cfg.progress), dynamic_ncols=True)
+        bar = tqdm(
+            range(start, self.cfg.steps),
+            initial=start,
+            total=self.cfg.steps,
+            desc=f"train {self.loss_cfg.name}",
+            disable=not (rank0 and self.cfg.progress),
+            dynamic_ncols=True,
+        )
         try:
             for step in bar:
                 t0 = time.perf_counter()
                 mbs = data.next_micro_batches()
                 if self.cfg.reference == "online":
                     _capture_reference(self.ref_model, mbs)
-                metrics = train_step(self.model, self.optimizer, self.scheduler, mbs, self.loss_fn,
-                                     self.opt_cfg.clip_grad)
+                metrics = train_step(
+                    self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
+                )
                 tokens = sum(int(mb["tokens"].numel()) for mb in mbs) * dp
                 metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
                 metrics["step"] = step + 1
@@ -142,9 +157,15 @@ class Trainer:
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}", kl=f"{metrics['kl']:.3g}")
                 last = step + 1 == self.cfg.steps
                 if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
-                    save_checkpoint(self.ckpt_dir, step + 1, self.model, self.optimizer, self.scheduler,
-                                    user_state={"data": data.state_dict()},
-                                    meta={**self.run_meta, "loss": self.loss_cfg.__dict__})
+                    save_checkpoint(
+                        self.ckpt_dir,
+                        step + 1,
+                        self.model,
+                        self.optimizer,
+                        self.scheduler,
+                        user_state={"data": data.state_dict()},
+                        meta={**self.run_meta, "loss": self.loss_cfg.__dict__},
+                    )
         finally:
             log.close()
         return history

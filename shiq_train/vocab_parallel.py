@@ -66,8 +66,9 @@ def _local_targets(targets, vocab_start: int, vp: int):
     return local.clamp(0, vp - 1), in_shard
 
 
-def _shard_stats(x: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int | None, group,
-                 keep_softmax: bool = False):
+def _shard_stats(
+    x: torch.Tensor, targets: torch.Tensor, vocab_start: int, vocab_size: int | None, group, keep_softmax: bool = False
+):
     """``(c, z, p)`` from shard logits ``x`` ``[n, Vp]`` (any float dtype; statistics in float32).
 
     ``p`` is the shard's float32 softmax ``[n, Vp]`` when ``keep_softmax`` (else None). One
@@ -100,7 +101,9 @@ def _grad_from_softmax_(p, targets, vocab_start: int, grad_c, grad_z):
 
 def _check(targets, tokens_dim: int, what: str):
     if targets.dim() != 1 or targets.shape[0] != tokens_dim:
-        raise ValueError(f"targets must be [N] matching {what}'s first dimension {tokens_dim}, got {tuple(targets.shape)}")
+        raise ValueError(
+            f"targets must be [N] matching {what}'s first dimension {tokens_dim}, got {tuple(targets.shape)}"
+        )
 
 
 class VocabParallelTokenStats(torch.autograd.Function):
@@ -127,8 +130,10 @@ class VocabParallelTokenStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_c, grad_z):
         if ctx.used:
-            raise RuntimeError("VocabParallelTokenStats: backward ran twice over one forward (its softmax buffer "
-                               "became the first gradient); recompute the statistics instead of retain_graph=True")
+            raise RuntimeError(
+                "VocabParallelTokenStats: backward ran twice over one forward (its softmax buffer "
+                "became the first gradient); recompute the statistics instead of retain_graph=True"
+            )
         ctx.used = True
         p, targets = ctx.saved_tensors
         g = _grad_from_softmax_(p, targets, ctx.vocab_start, grad_c.float(), grad_z.float())
@@ -149,7 +154,9 @@ class ChunkedTokenStats(torch.autograd.Function):
     def forward(ctx, hidden, weight, targets, chunk_tokens, group=None, vocab_size=None):
         _check(targets, hidden.shape[0], "hidden")
         if hidden.shape[-1] != weight.shape[-1]:
-            raise ValueError(f"hidden [N, H] and weight [V/tp, H] disagree on H: {tuple(hidden.shape)} vs {tuple(weight.shape)}")
+            raise ValueError(
+                f"hidden [N, H] and weight [V/tp, H] disagree on H: {tuple(hidden.shape)} vs {tuple(weight.shape)}"
+            )
         if chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         vocab_start = _rank(group) * weight.shape[0]
@@ -203,8 +210,9 @@ def vocab_parallel_token_stats(logits, targets, group=None, vocab_size=None) -> 
 def chunked_token_stats(hidden, weight, targets, chunk_tokens=1024, group=None, vocab_size=None) -> TokenStats:
     """:class:`TokenStats` ``[B, T]`` from hidden states ``[B, T, H]``, weight ``[V/tp, H]``, targets ``[B, T]``."""
     B, T, H = hidden.shape
-    c, z = ChunkedTokenStats.apply(hidden.reshape(B * T, H), weight, targets.reshape(B * T).long(),
-                                   int(chunk_tokens), group, vocab_size)
+    c, z = ChunkedTokenStats.apply(
+        hidden.reshape(B * T, H), weight, targets.reshape(B * T).long(), int(chunk_tokens), group, vocab_size
+    )
     return TokenStats(c.view(B, T), z.view(B, T))
 
 
@@ -239,8 +247,9 @@ def seq_first_causal_stats(logits, tokens, group=None, vocab_size=None) -> Token
     """
     T, B, vp = logits.shape
     if tokens.shape != (B, T):
-        raise ValueError(f"tokens must be [B, T] = {(B, T)} for logits [T, B, V/tp] {tuple(logits.shape)}, "
-                         f"got {tuple(tokens.shape)}")
+        raise ValueError(
+            f"tokens must be [B, T] = {(B, T)} for logits [T, B, V/tp] {tuple(logits.shape)}, got {tuple(tokens.shape)}"
+        )
     targets = _next_tokens(tokens).t()  # [T, B]
     c, z = VocabParallelTokenStats.apply(logits.reshape(T * B, vp), targets.reshape(T * B).long(), group, vocab_size)
     return _shift(TokenStats(c.view(T, B).t()[:, :-1], z.view(T, B).t()[:, :-1]))

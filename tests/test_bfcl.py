@@ -28,7 +28,8 @@ def official_verdict(entry, decoded):
     name = "shiqtest_" + uuid.uuid4().hex
     try:
         return multi_turn_checker_mod.multi_turn_checker(
-            decoded, entry["ground_truth"], entry, entry["id"].rsplit("_", 1)[0], name)
+            decoded, entry["ground_truth"], entry, entry["id"].rsplit("_", 1)[0], name
+        )
     finally:
         for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
             del vars(multi_turn_utils)[key]
@@ -127,8 +128,14 @@ def corrupt_shift_call(entry, rng):
     return d
 
 
-CORRUPTIONS = [corrupt_drop_call, corrupt_wrong_args, corrupt_extra_call, corrupt_empty_turn,
-               corrupt_split_steps, corrupt_shift_call]
+CORRUPTIONS = [
+    corrupt_drop_call,
+    corrupt_wrong_args,
+    corrupt_extra_call,
+    corrupt_empty_turn,
+    corrupt_split_steps,
+    corrupt_shift_call,
+]
 
 
 # ---- tests --------------------------------------------------------------------------------
@@ -159,8 +166,11 @@ def test_ground_truth_passes_every_entry():
     for cat in bfcl.CATEGORIES:
         for e in bfcl.load_category(cat):
             r = bfcl.check_trajectory(e, bfcl.ground_truth_decoded(e))
-            if not r["valid"] or r["turn_rewards"] != [1.0] * len(e["question"]) \
-                    or r["turn_rewards_reset"] != [1.0] * len(e["question"]):
+            if (
+                not r["valid"]
+                or r["turn_rewards"] != [1.0] * len(e["question"])
+                or r["turn_rewards_reset"] != [1.0] * len(e["question"])
+            ):
                 failures.append((e["id"], r["error_type"], r["error_message"]))
     assert failures == []
 
@@ -200,7 +210,7 @@ def test_wrong_turn_count_and_too_many_steps_are_force_terminated():
     assert r["turn_rewards"] == [1.0] * (len(gt) - 1) + [0.0]
     k = next(i for i, t in enumerate(gt) if t)
     long_turn = gt[k] + [["pwd()"]] * bfcl.MAX_STEPS_PER_TURN
-    r = bfcl.check_trajectory(e, gt[:k] + [long_turn] + gt[k + 1:])
+    r = bfcl.check_trajectory(e, gt[:k] + [long_turn] + gt[k + 1 :])
     assert (r["valid"], r["error_type"]) == (False, bfcl.ERR_FORCE_QUIT)
 
 
@@ -249,9 +259,21 @@ def test_parse_call_accepts_literals_only():
     assert (p.name, p.args, p.kwargs) == ("cd", (), {"folder": "document"})
     p = bfcl.parse_call("f(1, -2.5, x=[1, {'a': None}], y=True)")
     assert p.args == (1, -2.5) and p.kwargs == {"x": [1, {"a": None}], "y": True}
-    for bad in ["__import__('os').system('true')", "os.system('true')", "cd(folder=__import__('os').getcwd())",
-                "cd(folder=open('/etc/passwd').read())", "cd(folder=x)", "cd(*a)", "cd(**k)", "cd(folder='a' + 'b')",
-                "f()()", "[cd(folder='a')]", "lambda: 0", "cd(folder='a'", ""]:
+    for bad in [
+        "__import__('os').system('true')",
+        "os.system('true')",
+        "cd(folder=__import__('os').getcwd())",
+        "cd(folder=open('/etc/passwd').read())",
+        "cd(folder=x)",
+        "cd(*a)",
+        "cd(**k)",
+        "cd(folder='a' + 'b')",
+        "f()()",
+        "[cd(folder='a')]",
+        "lambda: 0",
+        "cd(folder='a'",
+        "",
+    ]:
         with pytest.raises(bfcl.UnsafeCallError):
             bfcl.parse_call(bad)
 
@@ -264,16 +286,18 @@ def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
     monkeypatch.setattr(builtins, "eval", lambda *a, **k: ran.append("eval"))
     monkeypatch.setattr(builtins, "exec", lambda *a, **k: ran.append("exec"))
     before = json.dumps({c: sorted(s) for c, s in env.state().items()})
-    calls = [f"__import__('os').system('touch {marker}')",
-             f"system('touch {marker}')",
-             f"ls(a=__import__('os').system('touch {marker}'))",
-             "os.getcwd()",
-             "_load_scenario({})",
-             "__class__()",
-             "__init__()",
-             "remove(x=1)",
-             "ls.__globals__()",
-             "len('abc')"]
+    calls = [
+        f"__import__('os').system('touch {marker}')",
+        f"system('touch {marker}')",
+        f"ls(a=__import__('os').system('touch {marker}'))",
+        "os.getcwd()",
+        "_load_scenario({})",
+        "__class__()",
+        "__init__()",
+        "remove(x=1)",
+        "ls.__globals__()",
+        "len('abc')",
+    ]
     results = env.execute(calls)
     assert not marker.exists() and ran == []
     assert all(r.startswith(bfcl.ERROR_PREFIX) for r in results), results
@@ -291,7 +315,8 @@ def official_results(e, calls):
     name = "shiqtest_" + uuid.uuid4().hex
     try:
         theirs, _ = multi_turn_utils.execute_multi_turn_func_call(
-            calls, e["initial_config"], e["involved_classes"], name, e["id"])
+            calls, e["initial_config"], e["involved_classes"], name, e["id"]
+        )
     finally:
         for key in [k for k in vars(multi_turn_utils) if k.startswith(name)]:
             del vars(multi_turn_utils)[key]
@@ -346,24 +371,27 @@ def test_verdicts_agree_with_official_checker_on_every_entry():
                 theirs = official_verdict(e, json.loads(json.dumps(decoded)))
                 ours = bfcl.check_trajectory(e, decoded)
                 if ours["valid"] != theirs["valid"] or (
-                        not theirs["valid"] and ours["error_type"] != theirs["error_type"]):
+                    not theirs["valid"] and ours["error_type"] != theirs["error_type"]
+                ):
                     disagreements.append((corruption.__name__, e["id"]))
     assert disagreements == []
 
 
 # ---- model output that cannot be executed safely is an error result --------------------------
 
-HUGE_CALLS = ["power(base=10, exponent=10000000000)",  # 10**10 digits: refused before it runs
-              "power(10, 9999999999999999)",
-              "power(base=10, exponent=1000000000000000000000000000000)",  # beyond int64
-              "power(base=0x" + "f" * 5000 + ", exponent=2)",  # hex literals have no digit limit
-              "multiply(a=[1, {'k': -99999999999999999999}], b=2)",  # nested too
-              "logarithm(value=3, base=2, precision=1000000000)",
-              "logarithm(value=3, base=2, precision=1e300)",
-              "square_root(number=2, precision=100000000)",
-              "round_number(number=5, decimal_places=-1000000000000)",
-              "logarithm(value=3, base=2, precision='1000000000')",  # mpmath takes int('1000000000')
-              "logarithm(value=3, base=2, precision=b'200000')"]
+HUGE_CALLS = [
+    "power(base=10, exponent=10000000000)",  # 10**10 digits: refused before it runs
+    "power(10, 9999999999999999)",
+    "power(base=10, exponent=1000000000000000000000000000000)",  # beyond int64
+    "power(base=0x" + "f" * 5000 + ", exponent=2)",  # hex literals have no digit limit
+    "multiply(a=[1, {'k': -99999999999999999999}], b=2)",  # nested too
+    "logarithm(value=3, base=2, precision=1000000000)",
+    "logarithm(value=3, base=2, precision=1e300)",
+    "square_root(number=2, precision=100000000)",
+    "round_number(number=5, decimal_places=-1000000000000)",
+    "logarithm(value=3, base=2, precision='1000000000')",  # mpmath takes int('1000000000')
+    "logarithm(value=3, base=2, precision=b'200000')",
+]
 
 
 def test_result_that_cannot_be_stringified_is_an_error_result():
@@ -373,7 +401,7 @@ def test_result_that_cannot_be_stringified_is_an_error_result():
     calls = ["power(base=10, exponent=5000)", "power(10, 4299)"]
     results = bfcl.Environment(e).execute(calls)
     assert results[0].startswith(bfcl.ERROR_PREFIX) and "4300 digits" in results[0]
-    assert json.loads(results[1]) == {"result": 10 ** 4299}
+    assert json.loads(results[1]) == {"result": 10**4299}
     theirs = official_results(e, calls)
     assert results == theirs
     # The checker runs through it and computes the verdict: an extra stateless call changes nothing.
@@ -405,8 +433,11 @@ def test_any_exception_while_running_or_stringifying_is_an_error_result(monkeypa
     monkeypatch.setattr(math_api, "add", lambda self, a, b: {"result": Unprintable()})
     monkeypatch.setattr(math_api, "square_root", raise_bad)
     env = bfcl.Environment(e)
-    assert env.execute(["absolute_value(number=1)", "add(a=1, b=2)", "square_root(number=4)"]) == \
-        [bfcl.ERROR_PREFIX + "no text", bfcl.ERROR_PREFIX + "no text", bfcl.ERROR_PREFIX + "BadMessage"]
+    assert env.execute(["absolute_value(number=1)", "add(a=1, b=2)", "square_root(number=4)"]) == [
+        bfcl.ERROR_PREFIX + "no text",
+        bfcl.ERROR_PREFIX + "no text",
+        bfcl.ERROR_PREFIX + "BadMessage",
+    ]
 
 
 def test_calls_beyond_the_work_bounds_are_refused_quickly():
@@ -421,11 +452,20 @@ def test_calls_beyond_the_work_bounds_are_refused_quickly():
     assert results[5] == bfcl.ERROR_PREFIX + f"logarithm: precision must be at most {bfcl.MAX_DIGITS} in magnitude"
     assert results[9] == results[10] == results[5]
     # Just inside the bounds still runs; powers of 0 and +-1 are cheap whatever the exponent.
-    ok = env.execute(["power(base=-1, exponent=9223372036854775807)", "square_root(number=2, precision=50)",
-                      "round_number(number=12345, decimal_places=-2)"])
+    ok = env.execute(
+        [
+            "power(base=-1, exponent=9223372036854775807)",
+            "square_root(number=2, precision=50)",
+            "round_number(number=12345, decimal_places=-2)",
+        ]
+    )
     assert [json.loads(r)["result"] for r in ok[::2]] == [-1, 12300] and ok[1].startswith("{'result': Decimal('1.41421")
-    assert bfcl.parse_call(f"f(x={bfcl.MAX_INT_LITERAL}, y=[-{bfcl.MAX_INT_LITERAL}])").kwargs["x"] == 2 ** 63 - 1
-    for bad in [f"f(x={bfcl.MAX_INT_LITERAL + 1})", f"f(x={{1: [-{bfcl.MAX_INT_LITERAL + 1}]}})", "f(0x" + "f" * 5000 + ")"]:
+    assert bfcl.parse_call(f"f(x={bfcl.MAX_INT_LITERAL}, y=[-{bfcl.MAX_INT_LITERAL}])").kwargs["x"] == 2**63 - 1
+    for bad in [
+        f"f(x={bfcl.MAX_INT_LITERAL + 1})",
+        f"f(x={{1: [-{bfcl.MAX_INT_LITERAL + 1}]}})",
+        "f(0x" + "f" * 5000 + ")",
+    ]:
         with pytest.raises(bfcl.UnsafeCallError, match="int64"):
             bfcl.parse_call(bad)
     # A literal that cannot be unparsed (str() of a huge int raises) is decoded as its source text.

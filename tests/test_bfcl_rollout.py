@@ -28,8 +28,9 @@ def test_scripted_ground_truth_rollout_is_valid_with_all_rewards_one():
         assert t["valid"] is True and t["force_terminated"] is False, (e["id"], t["error_message"])
         assert t["turn_rewards"] == [1.0] * n and t["turn_rewards_reset"] == [1.0] * n
         # The decoded calls are the ground truth's, call by call (up to source normalisation).
-        assert [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in t["decoded_turns"]] == \
-            [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in bfcl.ground_truth_decoded(e)]
+        assert [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in t["decoded_turns"]] == [
+            [[bfcl.parse_call(c) for c in s] for s in steps] for steps in bfcl.ground_truth_decoded(e)
+        ]
         # One tool message per executed call.
         assert sum(m["role"] == "tool" for m in t["messages"]) == sum(len(c) for c in e["ground_truth"])
         assert t["bfcl_eval_version"] == "2026.3.23"
@@ -40,7 +41,7 @@ def test_tool_messages_carry_the_execution_results():
     t = ro.rollout_entry(e, ro.ScriptedPolicy([[["pwd()", "ls()"]]] + [[] for _ in e["question"][1:]]))
     first = [i for i, m in enumerate(t["messages"]) if m["role"] == "assistant"][0]
     assert t["messages"][first]["content"] == "[pwd(), ls()]"
-    tools = [m["content"] for m in t["messages"][first + 1:first + 3]]
+    tools = [m["content"] for m in t["messages"][first + 1 : first + 3]]
     # base_0 starts in /workspace holding 'document' and 'archive' (its initial_config).
     assert json.loads(tools[0]) == {"current_working_directory": "/workspace"}
     assert sorted(json.loads(tools[1])["current_directory_content"]) == ["archive", "document"]
@@ -48,7 +49,7 @@ def test_tool_messages_carry_the_execution_results():
 
 def test_missed_function_doc_is_revealed_at_its_turn():
     e = bfcl.load_entry("multi_turn_miss_func", 0)
-    (turn, names), = e["missed_function"].items()
+    ((turn, names),) = e["missed_function"].items()
     t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
     system = t["messages"][0]["content"]
     for name in names:
@@ -91,8 +92,11 @@ def test_trajectories_round_trip_and_bad_files_are_named(tmp_path):
 
 
 def test_assistant_turn_rewards_go_on_the_last_assistant_message_of_each_turn():
-    traj = {"turn_rewards": [1.0, 0.0, 1.0], "turn_rewards_reset": [1.0, 1.0, 0.0],
-            "assistant_turns": [0, 0, 1, 2, 2, 2]}
+    traj = {
+        "turn_rewards": [1.0, 0.0, 1.0],
+        "turn_rewards_reset": [1.0, 1.0, 0.0],
+        "assistant_turns": [0, 0, 1, 2, 2, 2],
+    }
     assert ro.assistant_turn_rewards(traj) == [None, 1.0, 0.0, None, None, 1.0]
     assert ro.assistant_turn_rewards(traj, "reset") == [None, 1.0, 1.0, None, None, 0.0]
 
@@ -103,8 +107,11 @@ def test_trajectory_to_row_with_the_smollm2_chat_template():
         tok, info = tokenizers.load_tokenizer("smollm2")
     except Exception as exc:  # the packaged tokenizer is an optional asset
         pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
-    e = next(x for x in bfcl.load_category("multi_turn_base")
-             if x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"]) and len(x["question"]) >= 3)
+    e = next(
+        x
+        for x in bfcl.load_category("multi_turn_base")
+        if x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"]) and len(x["question"]) >= 3
+    )
     decoded = bfcl.ground_truth_decoded(e)
     decoded[1] = decoded[1] + [["touch(file_name='zz_extra_marker.txt')"]]  # breaks turns 1.. cumulatively
     t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
@@ -136,8 +143,9 @@ def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
     assert len(split["train"]) == 160 and len(split["test"]) == 40
     assert sorted(split["train"] + split["test"]) == list(range(200))
     assert split == bfcl.make_split(split["seed"])  # reproducible from its seed
-    assert bfcl.select_subset(["multi_turn_miss_func_%d" % i for i in range(200)], "test") == \
-        ["multi_turn_miss_func_%d" % i for i in split["test"]]
+    assert bfcl.select_subset([f"multi_turn_miss_func_{i}" for i in range(200)], "test") == [
+        f"multi_turn_miss_func_{i}" for i in split["test"]
+    ]
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps({**split, "test": split["test"] + [split["train"][0]]}))
     with pytest.raises(ValueError, match="split.json.*partition"):
@@ -147,7 +155,12 @@ def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
 def test_summary_numbers_by_hand():
     rs = [
         {"id": "multi_turn_base_0", "valid": True, "turn_rewards": [1.0, 1.0], "turn_rewards_reset": [1.0, 1.0]},
-        {"id": "multi_turn_base_1", "valid": False, "turn_rewards": [1.0, 0.0, 0.0], "turn_rewards_reset": [1.0, 0.0, 1.0]},
+        {
+            "id": "multi_turn_base_1",
+            "valid": False,
+            "turn_rewards": [1.0, 0.0, 0.0],
+            "turn_rewards_reset": [1.0, 0.0, 1.0],
+        },
         {"id": "multi_turn_miss_func_0", "valid": False, "turn_rewards": [0.0], "turn_rewards_reset": [0.0]},
     ]
     s = bfcl.summarize(rs)
@@ -164,8 +177,25 @@ def test_summary_numbers_by_hand():
 
 def test_command_line_rollout_and_report(tmp_path, capsys):
     traj = tmp_path / "t.jsonl"
-    assert bfcl.main(["rollout", "--policy", "scripted", "--categories", "multi_turn_base", "multi_turn_miss_func",
-                      "--subset", "test", "--limit", "2", "--out", str(traj)]) == 0
+    assert (
+        bfcl.main(
+            [
+                "rollout",
+                "--policy",
+                "scripted",
+                "--categories",
+                "multi_turn_base",
+                "multi_turn_miss_func",
+                "--subset",
+                "test",
+                "--limit",
+                "2",
+                "--out",
+                str(traj),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(x) for x in traj.read_text().splitlines()]
     test_idx = set(bfcl.load_split()["test"])
     assert len(lines) == 4 and all(bfcl.entry_index(t["id"]) in test_idx for t in lines)
@@ -192,9 +222,14 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
     except Exception as exc:  # the packaged tokenizer is an optional asset
         pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
     train = set(bfcl.load_split()["train"])
-    entries = [x for x in bfcl.load_category("multi_turn_base") if bfcl.entry_index(x["id"]) in train
-               and x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"])
-               and len(x["question"]) >= 2][:2]
+    entries = [
+        x
+        for x in bfcl.load_category("multi_turn_base")
+        if bfcl.entry_index(x["id"]) in train
+        and x["involved_classes"] == ["GorillaFileSystem"]
+        and all(x["ground_truth"])
+        and len(x["question"]) >= 2
+    ][:2]
     good = [ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e)) for e in entries]
     bad = []
     for e in entries:  # an extra call in turn 0 breaks every turn's cumulative state
@@ -206,8 +241,20 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
     ro.write_trajectories(tmp_path / "bad.jsonl", bad)
 
     out = tmp_path / "buf"
-    assert bfcl.main(["to-buffer", str(tmp_path / "good.jsonl"), str(tmp_path / "bad.jsonl"), "--out", str(out),
-                      "--subset", "train"]) == 0
+    assert (
+        bfcl.main(
+            [
+                "to-buffer",
+                str(tmp_path / "good.jsonl"),
+                str(tmp_path / "bad.jsonl"),
+                "--out",
+                str(out),
+                "--subset",
+                "train",
+            ]
+        )
+        == 0
+    )
     buf = open_buffer(out)
     summary = validate_buffer(out)  # raises on any malformed row
     assert summary["rows"] == 4 and summary["groups"] == 2 and summary["tokenizer"] == "smollm2"
@@ -222,8 +269,10 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
             assistant = [m["content"] for m in traj["messages"] if m["role"] == "assistant"]
             assert tok.decode([x for x, m in zip(tokens, mask) if m]) == "".join(a + "<|im_end|>" for a in assistant)
             ends = [p for p, (x, m) in enumerate(zip(tokens, mask)) if m and x == info["eos_id"]]
-            last_of_turn = [ends[max(i for i, k in enumerate(traj["assistant_turns"]) if k == turn)]
-                            for turn in range(len(traj["turn_rewards"]))]
+            last_of_turn = [
+                ends[max(i for i, k in enumerate(traj["assistant_turns"]) if k == turn)]
+                for turn in range(len(traj["turn_rewards"]))
+            ]
             assert [rewards[p] for p in last_of_turn] == traj["turn_rewards"]
             assert sum(abs(r) for r in rewards) == sum(abs(r) for r in traj["turn_rewards"])
     assert len({r["group_id"] for r in rows}) == len(entries)
@@ -238,7 +287,9 @@ class _CharTokenizer:
     """One token per character; the chat template joins role and content."""
 
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
-        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + ("<assistant>" if add_generation_prompt else "")
+        return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
+            "<assistant>" if add_generation_prompt else ""
+        )
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": [ord(c) % 256 for c in text]}
@@ -262,10 +313,13 @@ def test_chat_model_policy_and_context_overflow():
     from shiq_eval.generate import SamplingConfig
 
     e = bfcl.load_entry("multi_turn_base", 0)
-    first_prompt = len(_CharTokenizer().apply_chat_template(
-        [ro.system_message(bfcl.function_docs(e)[0])] + e["question"][0], add_generation_prompt=True))
+    first_prompt = len(
+        _CharTokenizer().apply_chat_template(
+            [ro.system_message(bfcl.function_docs(e)[0])] + e["question"][0], add_generation_prompt=True
+        )
+    )
     cfg = SamplingConfig(max_new_tokens=8, batch_size=1)
-    roomy = ro.ChatModelPolicy(_EchoModel(), _CharTokenizer(), cfg, max_context=10 ** 7)
+    roomy = ro.ChatModelPolicy(_EchoModel(), _CharTokenizer(), cfg, max_context=10**7)
     t = ro.rollout_entry(e, roomy)
     assert t["decoded_turns"] == [[["pwd()"]]] * len(e["question"]) and t["force_terminated"] is False
     # Room for the first step only: the second prompt (with the tool result) overflows.
@@ -280,15 +334,18 @@ def test_policy_calls_that_cannot_be_executed_safely_become_error_results():
     huge hex literal: the rollout completes, each comes back as an error tool message, the verdict
     is computed (the extra stateless calls change nothing)."""
     e = bfcl.load_entry("multi_turn_base", 15)
-    bad = ["power(base=10, exponent=5000)", "power(base=10, exponent=10000000000)",
-           "power(base=0x" + "f" * 5000 + ", exponent=2)"]
+    bad = [
+        "power(base=10, exponent=5000)",
+        "power(base=10, exponent=10000000000)",
+        "power(base=0x" + "f" * 5000 + ", exponent=2)",
+    ]
     decoded = bfcl.ground_truth_decoded(e)
     decoded[0] = decoded[0] + [bad]
     t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
     assert t["decoded_turns"][0][-1] == bad
     i = next(i for i, m in enumerate(t["messages"]) if m["role"] == "assistant" and "power" in m["content"])
-    tools = [m["content"] for m in t["messages"][i + 1:i + 4]]
-    assert [m["role"] for m in t["messages"][i + 1:i + 4]] == ["tool"] * 3
+    tools = [m["content"] for m in t["messages"][i + 1 : i + 4]]
+    assert [m["role"] for m in t["messages"][i + 1 : i + 4]] == ["tool"] * 3
     assert all(r.startswith(bfcl.ERROR_PREFIX) for r in tools), tools
     assert "4300 digits" in tools[0] and "10000 digits" in tools[1] and "int64" in tools[2]
     n = len(e["question"])

@@ -13,8 +13,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from shiq_data.buffer import (_locked, add_ref_columns, append_buffer, open_buffer, replace_shard, shards_without_ref,
-                              write_buffer)
+from shiq_data.buffer import (
+    _locked,
+    add_ref_columns,
+    append_buffer,
+    open_buffer,
+    replace_shard,
+    shards_without_ref,
+    write_buffer,
+)
 from shiq_data.schema import INPUT_KEY, RowError, check_row, input_location
 from shiq_data.validate import validate_buffer
 
@@ -30,9 +37,17 @@ def make_rows(n, seed=0, groups_of=2):
         p, c = int(rng.integers(1, 5)), int(rng.integers(1, 7))
         rewards = [0.0] * (p + c)
         rewards[-1] = float(np.float32(rng.normal()))
-        rows.append({"row_id": f"r{seed}-{i}", "source": f"src{seed}", "group_id": i // groups_of, "prompt_len": p,
-                     "tokens": [int(t) for t in rng.integers(0, 50, p + c)],
-                     "action_mask": [False] * p + [True] * c, "rewards": rewards})
+        rows.append(
+            {
+                "row_id": f"r{seed}-{i}",
+                "source": f"src{seed}",
+                "group_id": i // groups_of,
+                "prompt_len": p,
+                "tokens": [int(t) for t in rng.integers(0, 50, p + c)],
+                "action_mask": [False] * p + [True] * c,
+                "rewards": rewards,
+            }
+        )
     return rows
 
 
@@ -66,8 +81,7 @@ def test_round_trip_equals_plain_pyarrow_and_datasets(tmp_path):
 
 
 def test_table_is_zero_copy_memory_map(tmp_path):
-    buf = write_buffer(make_rows(40), tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=10,
-                       progress=False)
+    buf = write_buffer(make_rows(40), tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=10, progress=False)
     before = pa.total_allocated_bytes()
     table = buf.table
     assert table.num_rows == 40 and pa.total_allocated_bytes() == before
@@ -84,9 +98,12 @@ def test_missing_row_id_is_assigned(tmp_path):
 
 def test_row_key_becomes_a_row_id_with_the_command_prefix(tmp_path):
     """Readers name rows by ``row_key`` (unique within one input); two inputs with the same keys do not clash."""
+
     def keyed(seed):
-        return [{**{k: v for k, v in r.items() if k != "row_id"}, "row_key": f"in.jsonl:{i + 1}:0"}
-                for i, r in enumerate(make_rows(2, seed=seed))]
+        return [
+            {**{k: v for k, v in r.items() if k != "row_id"}, "row_key": f"in.jsonl:{i + 1}:0"}
+            for i, r in enumerate(make_rows(2, seed=seed))
+        ]
 
     write_buffer(keyed(0), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
     append_buffer(tmp_path / "b", keyed(1), command=["a"], progress=False)
@@ -101,8 +118,11 @@ BAD_ROWS = [
     ("rewards", lambda r: r.update(rewards=r["rewards"] + [0.0]), "length"),
     ("rewards", lambda r: r["rewards"].__setitem__(-1, float("nan")), "non-finite"),
     ("rewards", lambda r: r["rewards"].__setitem__(0, 1.0), "not an action"),
-    ("action_mask", lambda r: r.update(action_mask=[False] * len(r["tokens"]),
-                                       rewards=[0.0] * len(r["tokens"])), "no action token"),
+    (
+        "action_mask",
+        lambda r: r.update(action_mask=[False] * len(r["tokens"]), rewards=[0.0] * len(r["tokens"])),
+        "no action token",
+    ),
     ("action_mask", lambda r: r["action_mask"].__setitem__(0, True), "inside the prompt"),
     ("tokens", lambda r: r["tokens"].__setitem__(1, 50), "outside [0, 50)"),
     ("tokens", lambda r: r["tokens"].__setitem__(1, -1), "outside"),
@@ -112,8 +132,11 @@ BAD_ROWS = [
     ("group_id", lambda r: r.update(group_id="g"), "integer"),
     ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"])), "missing"),
     ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[0.0]), "length"),
-    ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]),
-                                    ref_logz=[1.0] + [0.0] * (len(r["tokens"]) - 1)), "position 0"),
+    (
+        "ref_logz",
+        lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[1.0] + [0.0] * (len(r["tokens"]) - 1)),
+        "position 0",
+    ),
 ]
 
 
@@ -123,8 +146,9 @@ def test_each_malformed_row_kind_is_rejected_with_file_row_field(tmp_path, field
     rows[4]["tokens"][0] = 3  # any valid edit; row 4 is the one broken below
     mutate(rows[4])
     with pytest.raises(RowError) as e:
-        write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=2, progress=False,
-                     input_name="in.jsonl")
+        write_buffer(
+            rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=2, progress=False, input_name="in.jsonl"
+        )
     msg = str(e.value)
     assert (e.value.file, e.value.row, e.value.field) == ("in.jsonl", 4, field)
     assert "in.jsonl" in msg and "row 4" in msg and f"'{field}'" in msg and words in msg
@@ -143,10 +167,15 @@ def test_check_row_accepts_a_valid_row_and_duplicate_ids_are_refused(tmp_path):
 
 def located(rows, row_label="line"):
     """``rows`` as a reader gives them: without ``row_id``, each carrying its input location (line ``i + 1``)."""
-    return [{**{k: v for k, v in r.items() if k != "row_id"},
-             INPUT_KEY: input_location("data/in.jsonl", i + 1 if row_label == "line" else i, row_label=row_label,
-                                       fields={"rewards": "reward"})}
-            for i, r in enumerate(rows)]
+    return [
+        {
+            **{k: v for k, v in r.items() if k != "row_id"},
+            INPUT_KEY: input_location(
+                "data/in.jsonl", i + 1 if row_label == "line" else i, row_label=row_label, fields={"rewards": "reward"}
+            ),
+        }
+        for i, r in enumerate(rows)
+    ]
 
 
 def test_row_errors_name_the_input_location_a_reader_gives(tmp_path):
@@ -161,8 +190,11 @@ def test_row_errors_name_the_input_location_a_reader_gives(tmp_path):
     assert str(e.value).endswith("is outside [0, 50) (output row 1)")
     rows = located(make_rows(3), row_label="row")
     rows[1]["rewards"] = [*rows[1]["rewards"][:-1], 1e300]
-    with pytest.raises(RowError, match=r"^data/in.jsonl: row 1: field 'reward': reward does not fit in float32 "
-                                       r"\(output row 1, column 'rewards'\)$"):
+    with pytest.raises(
+        RowError,
+        match=r"^data/in.jsonl: row 1: field 'reward': reward does not fit in float32 "
+        r"\(output row 1, column 'rewards'\)$",
+    ):
         write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
     assert list(tmp_path.iterdir()) == []
     # appending: the output row counts this command's rows, the line is still the input's
@@ -197,8 +229,9 @@ def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):
     assert got[:7] == make_rows(7, seed=0)
     # old groups 0..3 (7 rows in pairs); new rows' groups 0,0,1,1,2 become 4,4,5,5,6
     assert [r["group_id"] for r in got[7:]] == [4, 4, 5, 5, 6]
-    assert [{k: v for k, v in r.items() if k != "group_id"} for r in got[7:]] == \
-        [{k: v for k, v in r.items() if k != "group_id"} for r in new_rows]
+    assert [{k: v for k, v in r.items() if k != "group_id"} for r in got[7:]] == [
+        {k: v for k, v in r.items() if k != "group_id"} for r in new_rows
+    ]
     assert [c["argv"] for c in buf.manifest["commands"]] == [["build"], ["append"]]
     assert validate_buffer(b)["groups"] == 7
 
@@ -208,8 +241,9 @@ def test_append_refuses_other_tokenizer_and_duplicate_ids(tmp_path):
     write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
     manifest = (b / "manifest.json").read_bytes()
     with pytest.raises(ValueError, match="tokenizer mismatch.*'toy'.*'other'"):
-        append_buffer(b, make_rows(2, seed=5), command=["a"], tokenizer_info={**TOK, "name": "other",
-                                                                              "fingerprint": "0" * 64})
+        append_buffer(
+            b, make_rows(2, seed=5), command=["a"], tokenizer_info={**TOK, "name": "other", "fingerprint": "0" * 64}
+        )
     with pytest.raises(RowError, match="row 0: field 'row_id'.*not unique"):
         append_buffer(b, make_rows(2), command=["a"], progress=False)  # same ids as the buffer's rows
     assert (b / "manifest.json").read_bytes() == manifest
@@ -240,8 +274,10 @@ def test_validate_rejects_a_bad_row_written_by_someone_else(tmp_path):
     import hashlib
 
     m = json.loads((b / "manifest.json").read_text())
-    m["shards"][0].update(sha256=hashlib.sha256((b / "shard-00000.arrow").read_bytes()).hexdigest(),
-                          bytes=(b / "shard-00000.arrow").stat().st_size)
+    m["shards"][0].update(
+        sha256=hashlib.sha256((b / "shard-00000.arrow").read_bytes()).hexdigest(),
+        bytes=(b / "shard-00000.arrow").stat().st_size,
+    )
     (b / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(RowError, match=r"shard-00000.arrow: row 2: field 'rewards'"):
         validate_buffer(b)
@@ -279,8 +315,13 @@ def test_validate_rechecks_when_a_writer_commits_during_the_check(tmp_path, monk
     def sha_then_commit(path):
         digest = real(path)
         if not calls:  # the first shard has been hashed: a writer now replaces it
-            add_ref_columns(b, 0, [[0.0] * len(r["tokens"]) for r in rows[:3]],
-                            [[0.0] * len(r["tokens"]) for r in rows[:3]], ref_model={"name": "ref"})
+            add_ref_columns(
+                b,
+                0,
+                [[0.0] * len(r["tokens"]) for r in rows[:3]],
+                [[0.0] * len(r["tokens"]) for r in rows[:3]],
+                ref_model={"name": "ref"},
+            )
         calls.append(path)
         return digest
 
@@ -324,8 +365,9 @@ def test_replace_shard_refuses_changed_rows(tmp_path):
     b = tmp_path / "b"
     buf = write_buffer(make_rows(3), b, tokenizer_info=TOK, command=["t"], progress=False)
     t = buf.shard_tables[0]
-    changed = t.set_column(t.schema.get_field_index("group_id"), t.schema.field("group_id"),
-                           pa.array([9, 9, 9], pa.int64()))
+    changed = t.set_column(
+        t.schema.get_field_index("group_id"), t.schema.field("group_id"), pa.array([9, 9, 9], pa.int64())
+    )
     with pytest.raises(ValueError, match="base columns"):
         replace_shard(b, 0, changed)
 

@@ -85,8 +85,10 @@ def test_last_only_makes_earlier_assistant_turns_context(tok):
 def test_context_messages_are_never_actions(tok):
     row = encode_chat(tok, MULTI, completion_reward=1.0, context=3)  # messages[2], an assistant turn, is context
     spans = spans_of(row["action_mask"])
-    assert [tok.decode(row["tokens"][a:b]) for a, b in spans] == [MULTI[4]["content"] + "<|im_end|>",
-                                                                  MULTI[6]["content"] + "<|im_end|>"]
+    assert [tok.decode(row["tokens"][a:b]) for a, b in spans] == [
+        MULTI[4]["content"] + "<|im_end|>",
+        MULTI[6]["content"] + "<|im_end|>",
+    ]
     assert row["prompt_len"] == spans[0][0] and row["rewards"][spans[-1][1] - 1] == 1.0
     with pytest.raises(ValueError, match="no assistant turn after the first 7"):
         encode_chat(tok, MULTI, context=7)
@@ -148,19 +150,27 @@ def reward_positions(row):
 
 
 HH = [
-    {"chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for 8 minutes.",
-     "rejected": "\n\nHuman: How do I boil an egg?\n\nAssistant: No idea."},
-    {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: Why did the "
-               "chicken cross the road?",
-     "rejected": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: No."},
+    {
+        "chosen": "\n\nHuman: How do I boil an egg?\n\nAssistant: Put it in boiling water for 8 minutes.",
+        "rejected": "\n\nHuman: How do I boil an egg?\n\nAssistant: No idea.",
+    },
+    {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: Why did the "
+        "chicken cross the road?",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello! How can I help?\n\nHuman: Tell a joke.\n\nAssistant: No.",
+    },
 ]
 
 
 def test_hh_pairs(tok, tmp_path):
     rows = list(FORMATS["hh"](write_jsonl(tmp_path / "hh.jsonl.gz", HH, gz=True), tok))
     assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
-    assert [r["row_key"] for r in rows] == ["hh.jsonl.gz:1:chosen", "hh.jsonl.gz:1:rejected",
-                                            "hh.jsonl.gz:2:chosen", "hh.jsonl.gz:2:rejected"]
+    assert [r["row_key"] for r in rows] == [
+        "hh.jsonl.gz:1:chosen",
+        "hh.jsonl.gz:1:rejected",
+        "hh.jsonl.gz:2:chosen",
+        "hh.jsonl.gz:2:rejected",
+    ]
     finals = ["Put it in boiling water for 8 minutes.", "No idea.", "Why did the chicken cross the road?", "No."]
     for row, final, reward in zip(rows, finals, [1.0, -1.0, 1.0, -1.0]):
         assert "row_id" not in row  # the buffer makes it b<k>-<row_key>
@@ -199,12 +209,28 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
     from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
 
     encoder = minilm_encoder()
-    head = RegressionRewardModel.fit(encoder, ["a helpful answer", "a rude answer", "boiling water", "no idea"],
-                                     [1.0, -1.0, 0.5, -0.5], l2=1.0)
+    head = RegressionRewardModel.fit(
+        encoder, ["a helpful answer", "a rude answer", "boiling water", "no idea"], [1.0, -1.0, 0.5, -0.5], l2=1.0
+    )
     head.save(tmp_path / "rm.safetensors")
     path = write_jsonl(tmp_path / "hh.jsonl", HH)
-    assert main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
-                 "--option", f"reward_model={tmp_path / 'rm.safetensors'}", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "hh",
+                str(path),
+                "--tokenizer",
+                "smollm2",
+                "--out",
+                str(tmp_path / "buf"),
+                "--option",
+                f"reward_model={tmp_path / 'rm.safetensors'}",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     buf = open_buffer(tmp_path / "buf")
     raw = [line[field].strip() for line in HH for field in ("chosen", "rejected")]
     want = (encoder(raw).double() @ head.weight + head.bias).tolist()
@@ -213,24 +239,59 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
         last = max(t for t, m in enumerate(row["action_mask"]) if m)
         assert row["rewards"][last] == pytest.approx(w, abs=1e-5)
         assert sum(r != 0 for r in row["rewards"]) == 1
-    assert main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf2"),
-                 "--option", "reward_model=nope.safetensors", "--no-progress"]) != 0
+    assert (
+        main(
+            [
+                "build",
+                "hh",
+                str(path),
+                "--tokenizer",
+                "smollm2",
+                "--out",
+                str(tmp_path / "buf2"),
+                "--option",
+                "reward_model=nope.safetensors",
+                "--no-progress",
+            ]
+        )
+        != 0
+    )
     assert not (tmp_path / "buf2").exists()
 
 
 UF = [
-    {"source": "evol", "instruction": "Name a prime.", "models": ["a", "b", "c"], "completions": [
-        {"model": "a", "response": "2 is prime.", "overall_score": 8.5, "fine-grained_score": 4.25},
-        {"model": "b", "response": "Nine.", "overall_score": 2.0, "fine-grained_score": 1.0},
-        {"model": "c", "response": "7", "overall_score": 7.0}]},
-    {"instruction": "Say hi.", "completions": [
-        {"response": "Hi!", "annotations": {"helpfulness": {"Rating": "5"}, "honesty": {"Rating": "4"},
-                                             "truthfulness": {"Rating": "N/A"}}},
-        {"response": "Bye.", "ratings": [1, 2]}]},
-    {"prompt": "What is 1+1?", "prompt_id": "x",
-     "chosen": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"}],
-     "rejected": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "3"}],
-     "score_chosen": 9.0, "score_rejected": 3.5},
+    {
+        "source": "evol",
+        "instruction": "Name a prime.",
+        "models": ["a", "b", "c"],
+        "completions": [
+            {"model": "a", "response": "2 is prime.", "overall_score": 8.5, "fine-grained_score": 4.25},
+            {"model": "b", "response": "Nine.", "overall_score": 2.0, "fine-grained_score": 1.0},
+            {"model": "c", "response": "7", "overall_score": 7.0},
+        ],
+    },
+    {
+        "instruction": "Say hi.",
+        "completions": [
+            {
+                "response": "Hi!",
+                "annotations": {
+                    "helpfulness": {"Rating": "5"},
+                    "honesty": {"Rating": "4"},
+                    "truthfulness": {"Rating": "N/A"},
+                },
+            },
+            {"response": "Bye.", "ratings": [1, 2]},
+        ],
+    },
+    {
+        "prompt": "What is 1+1?",
+        "prompt_id": "x",
+        "chosen": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "2"}],
+        "rejected": [{"role": "user", "content": "What is 1+1?"}, {"role": "assistant", "content": "3"}],
+        "score_chosen": 9.0,
+        "score_rejected": 3.5,
+    },
 ]
 
 
@@ -252,15 +313,21 @@ def test_ultrafeedback_groups_and_scores(tok, tmp_path):
 
 
 MT = [
-    {"group": "g", "messages": [
-        {"role": "system", "content": "Use tools."},
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "get_weather('Paris')", "reward": 0.25},
-        {"role": "tool", "content": "{\"temp\": 18}"},
-        {"role": "assistant", "content": "It is 18 degrees.", "reward": 1.0}]},
-    {"group": "g", "reward": -0.5, "messages": [
-        {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "Sunny."}]},
+    {
+        "group": "g",
+        "messages": [
+            {"role": "system", "content": "Use tools."},
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": "get_weather('Paris')", "reward": 0.25},
+            {"role": "tool", "content": '{"temp": 18}'},
+            {"role": "assistant", "content": "It is 18 degrees.", "reward": 1.0},
+        ],
+    },
+    {
+        "group": "g",
+        "reward": -0.5,
+        "messages": [{"role": "user", "content": "Weather in Paris?"}, {"role": "assistant", "content": "Sunny."}],
+    },
     {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
 ]
 
@@ -273,21 +340,34 @@ def test_multiturn_turn_rewards_and_environment_tokens(tok, tmp_path):
     (_, e1), (_, e2) = spans_of(first["action_mask"])
     assert reward_positions(first) == {e1 - 1: 0.25, e2 - 1: 1.0}
     env = "".join(tok.decode([t]) for t, m in zip(first["tokens"], first["action_mask"]) if not m)
-    assert env == ("<|im_start|>system\nUse tools.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-                   "<|im_start|>assistant\n\n<|im_start|>tool\n{\"temp\": 18}<|im_end|>\n<|im_start|>assistant\n\n")
+    assert env == (
+        "<|im_start|>system\nUse tools.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        '<|im_start|>assistant\n\n<|im_start|>tool\n{"temp": 18}<|im_end|>\n<|im_start|>assistant\n\n'
+    )
     assert sum(rows[1]["rewards"]) == -0.5 and sum(rows[2]["rewards"]) == 0.0
 
 
 def test_multiturn_errors_name_line_and_field(tok, tmp_path):
     cases = [
-        ({"messages": [{"role": "user", "content": "a", "reward": 1}, {"role": "assistant", "content": "b"}]},
-         r"line 2: field 'messages\[0\].reward': only assistant"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
-         r"line 2: field 'messages': messages\[1\].role"),
-        ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": "x"}]},
-         r"line 2: field 'messages\[1\].reward': expected a finite number"),
-        ({"reward": 1, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": 1}]},
-         r"line 2: field 'reward': give either"),
+        (
+            {"messages": [{"role": "user", "content": "a", "reward": 1}, {"role": "assistant", "content": "b"}]},
+            r"line 2: field 'messages\[0\].reward': only assistant",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "robot", "content": "b"}]},
+            r"line 2: field 'messages': messages\[1\].role",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": "x"}]},
+            r"line 2: field 'messages\[1\].reward': expected a finite number",
+        ),
+        (
+            {
+                "reward": 1,
+                "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": 1}],
+            },
+            r"line 2: field 'reward': give either",
+        ),
         ({"msgs": []}, r"line 2: field 'messages': missing"),
     ]
     for k, (obj, pattern) in enumerate(cases):
@@ -298,7 +378,7 @@ def test_multiturn_errors_name_line_and_field(tok, tmp_path):
 
 def test_invalid_utf8_names_line(tok, tmp_path):
     path = tmp_path / "mt.jsonl"
-    path.write_bytes(json.dumps(MT[2]).encode() + b"\n" + json.dumps(MT[2]).encode()[:-2] + b"\xff\"}\n")
+    path.write_bytes(json.dumps(MT[2]).encode() + b"\n" + json.dumps(MT[2]).encode()[:-2] + b'\xff"}\n')
     with pytest.raises(RowError, match=r"mt.jsonl: line 2: field '\*': not valid UTF-8 \(byte 0xff"):
         list(read_multiturn(path, tok))
 
@@ -309,19 +389,44 @@ def test_invalid_utf8_names_line(tok, tmp_path):
 from shiq_data.cli import main  # noqa: E402
 
 EMPTY = [  # (format, a line whose action is empty, the field the error names)
-    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
-     "messages[1].content"),
-    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
-                                {"role": "user", "content": "c"}, {"role": "assistant", "content": " \n "}]},
-     "messages[3].content"),
+    (
+        "multiturn",
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}]},
+        "messages[1].content",
+    ),
+    (
+        "multiturn",
+        {
+            "messages": [
+                {"role": "user", "content": "a"},
+                {"role": "assistant", "content": "b"},
+                {"role": "user", "content": "c"},
+                {"role": "assistant", "content": " \n "},
+            ]
+        },
+        "messages[3].content",
+    ),
     ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant:", "rejected": "\n\nHuman: Hi\n\nAssistant: Hello."}, "chosen"),
     ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant:  "}, "rejected"),
-    ("ultrafeedback", {"instruction": "Hi", "completions": [{"response": "Hello.", "overall_score": 1},
-                                                            {"response": "", "overall_score": 2}]},
-     "completions[1].response"),
-    ("ultrafeedback", {"prompt": "Hi", "rejected": "Hello.", "score_chosen": 1, "score_rejected": 0,
-                       "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}]},
-     "chosen[1].content"),
+    (
+        "ultrafeedback",
+        {
+            "instruction": "Hi",
+            "completions": [{"response": "Hello.", "overall_score": 1}, {"response": "", "overall_score": 2}],
+        },
+        "completions[1].response",
+    ),
+    (
+        "ultrafeedback",
+        {
+            "prompt": "Hi",
+            "rejected": "Hello.",
+            "score_chosen": 1,
+            "score_rejected": 0,
+            "chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""}],
+        },
+        "chosen[1].content",
+    ),
 ]
 GOOD = {"multiturn": MT[2], "hh": HH[0], "ultrafeedback": UF[0]}
 
@@ -329,8 +434,9 @@ GOOD = {"multiturn": MT[2], "hh": HH[0], "ultrafeedback": UF[0]}
 @pytest.mark.parametrize("fmt,bad,field", EMPTY)
 def test_empty_completion_is_refused_naming_file_line_field(tok, tmp_path, capsys, fmt, bad, field):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD[fmt], bad])
-    assert main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
-                 "--no-progress"]) == 1
+    assert (
+        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{path}: line 2: field '{field}': empty completion" in err
@@ -353,35 +459,77 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
         (tmp_path / d).mkdir()
         write_jsonl(tmp_path / d / "mt.jsonl", MT)
     buf = str(tmp_path / "buf")
-    assert main(["build", "multiturn", str(tmp_path / "dir1" / "mt.jsonl"), "--tokenizer", "smollm2", "--out", buf,
-                 "--no-progress"]) == 0
-    assert main(["append", buf, "multiturn", str(tmp_path / "dir2" / "mt.jsonl"), "--no-progress"]) == 0, \
+    assert (
+        main(
+            [
+                "build",
+                "multiturn",
+                str(tmp_path / "dir1" / "mt.jsonl"),
+                "--tokenizer",
+                "smollm2",
+                "--out",
+                buf,
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert main(["append", buf, "multiturn", str(tmp_path / "dir2" / "mt.jsonl"), "--no-progress"]) == 0, (
         capsys.readouterr().err
+    )
     ids = open_buffer(buf).table.column("row_id").to_pylist()
     assert ids == [f"b{k}-mt.jsonl:{line}:0" for k in (0, 1) for line in (1, 2, 3)]
     assert len(set(ids)) == 6 and validate_buffer(buf)["rows"] == 6
     # the same build again gives the same ids
-    assert main(["build", "multiturn", str(tmp_path / "dir1" / "mt.jsonl"), "--tokenizer", "smollm2", "--out",
-                 str(tmp_path / "again"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "multiturn",
+                str(tmp_path / "dir1" / "mt.jsonl"),
+                "--tokenizer",
+                "smollm2",
+                "--out",
+                str(tmp_path / "again"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert open_buffer(tmp_path / "again").table.column("row_id").to_pylist() == ids[:3]
 
 
-@pytest.mark.parametrize("fmt,line2,field", [
-    # UltraFeedback: line 1 gives rows 0-2, so the bad completion of line 2 is output row 4
-    ("ultrafeedback", {"instruction": "Hi", "completions": [{"response": "Hello.", "overall_score": 1},
-                                                            {"response": "Hey.", "overall_score": 1e300}]},
-     "completions[1]"),
-    ("ultrafeedback", {**UF[2], "score_rejected": -1e300}, "score_rejected"),
-    ("multiturn", {**MT[2], "reward": 1e300}, "reward"),
-    ("multiturn", {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b",
-                                                                  "reward": 1e300}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "fmt,line2,field",
+    [
+        # UltraFeedback: line 1 gives rows 0-2, so the bad completion of line 2 is output row 4
+        (
+            "ultrafeedback",
+            {
+                "instruction": "Hi",
+                "completions": [
+                    {"response": "Hello.", "overall_score": 1},
+                    {"response": "Hey.", "overall_score": 1e300},
+                ],
+            },
+            "completions[1]",
+        ),
+        ("ultrafeedback", {**UF[2], "score_rejected": -1e300}, "score_rejected"),
+        ("multiturn", {**MT[2], "reward": 1e300}, "reward"),
+        (
+            "multiturn",
+            {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b", "reward": 1e300}]},
+            "messages",
+        ),
+    ],
+)
 def test_reward_beyond_float32_names_the_input_line_not_the_output_row(tok, tmp_path, capsys, fmt, line2, field):
     """1e300 is a finite number, so the reader passes it; the buffer's row check (float32) refuses it and
     names the input's line and field although one line may give several rows."""
     path = write_jsonl(tmp_path / "in.jsonl", [UF[0] if fmt == "ultrafeedback" else MT[2], line2])
-    assert main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
-                 "--no-progress"]) == 1
+    assert (
+        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{path}: line 2: field '{field}': reward does not fit in float32 (output row " in err, err

@@ -10,10 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 from shiq_data.cli import main
 from shiq_data.tokenizers import load_tokenizer
-from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 RECORDS = [
     {"prompt": "Hello world", "completion": " and goodbye.", "reward": 1.5},
@@ -53,8 +53,11 @@ def test_build_jsonl_gpt2_command_decodes_back(tmp_path, gpt2):
     tok, info = gpt2
     inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     out = tmp_path / "buf"
-    proc = subprocess.run([*shiq_data_exe(), "build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [*shiq_data_exe(), "build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stderr
     assert str(out) in proc.stdout and "5 rows" in proc.stdout
     m, rows = read_rows(out)
@@ -106,18 +109,48 @@ def test_parquet_and_datasets_inputs_give_the_same_rows(tmp_path, gpt2):
     write_jsonl(tmp_path / "in.jsonl", RECORDS)
     results = {}
     for fmt, inp in [("jsonl", "in.jsonl"), ("parquet", "in.parquet"), ("datasets", "ds")]:
-        assert main(["build", fmt, str(tmp_path / inp), "--tokenizer", "gpt2", "--out", str(tmp_path / f"b-{fmt}"),
-                     "--source", "S", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    fmt,
+                    str(tmp_path / inp),
+                    "--tokenizer",
+                    "gpt2",
+                    "--out",
+                    str(tmp_path / f"b-{fmt}"),
+                    "--source",
+                    "S",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
         results[fmt] = read_rows(tmp_path / f"b-{fmt}")[1]
     assert results["jsonl"] == results["parquet"] == results["datasets"]
     assert {r["source"] for r in results["jsonl"]} == {"S"}
 
 
 def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
-    pq.write_table(pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, float("nan")]}),
-                   tmp_path / "in.parquet")
-    assert main(["build", "parquet", str(tmp_path / "in.parquet"), "--tokenizer", "gpt2", "--out",
-                 str(tmp_path / "buf"), "--no-progress"]) == 1
+    pq.write_table(
+        pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, float("nan")]}),
+        tmp_path / "in.parquet",
+    )
+    assert (
+        main(
+            [
+                "build",
+                "parquet",
+                str(tmp_path / "in.parquet"),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "buf"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "in.parquet: row 1: field 'reward': non-finite" in err and not (tmp_path / "buf").exists()
 
@@ -126,8 +159,9 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     write_jsonl(tmp_path / "a.jsonl", RECORDS[:3])
     write_jsonl(tmp_path / "b.jsonl", RECORDS[3:])
     buf = str(tmp_path / "buf")
-    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf,
-                 "--no-progress"]) == 0
+    assert (
+        main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf, "--no-progress"]) == 0
+    )
     assert main(["append", buf, "jsonl", str(tmp_path / "b.jsonl"), "--no-progress"]) == 0
     m, rows = read_rows(buf)
     assert len(rows) == 5 and [r["group_id"] for r in rows] == [0, 1, 0, 2, 2] and len(m["shards"]) == 2
@@ -146,15 +180,36 @@ def test_formats_module_plugs_in(tmp_path, monkeypatch, gpt2):
 
     def toy_format(path, tokenizer, **options):
         calls.append((path, options))
-        yield {"source": "toy", "group_id": 0, "prompt_len": 1, "tokens": [1, 2], "action_mask": [False, True],
-               "rewards": [0.0, float(options["reward"])]}
+        yield {
+            "source": "toy",
+            "group_id": 0,
+            "prompt_len": 1,
+            "tokens": [1, 2],
+            "action_mask": [False, True],
+            "rewards": [0.0, float(options["reward"])],
+        }
 
     fake = types.ModuleType("shiq_data.formats")
     fake.__spec__ = importlib.machinery.ModuleSpec("shiq_data.formats", None)
     fake.FORMATS = {"toyformat": toy_format}
     monkeypatch.setitem(sys.modules, "shiq_data.formats", fake)
-    assert main(["build", "toyformat", "x.txt", "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
-                 "--option", "reward=2.5", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "toyformat",
+                "x.txt",
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "buf"),
+                "--option",
+                "reward=2.5",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert calls == [("x.txt", {"reward": 2.5})]
     assert read_rows(tmp_path / "buf")[1][0]["rewards"] == [0.0, 2.5]
 
@@ -179,8 +234,21 @@ def test_validate_skips_cleanup_while_another_writer_holds_the_lock(tmp_path, ca
     from shiq_data.buffer import _locked
 
     buf = tmp_path / "buf"
-    assert main(["build", "jsonl", str(write_jsonl(tmp_path / "a.jsonl", RECORDS)), "--tokenizer", "gpt2", "--out",
-                 str(buf), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "jsonl",
+                str(write_jsonl(tmp_path / "a.jsonl", RECORDS)),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(buf),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     new_shard = buf / "shard-00001.arrow"  # as an append leaves it between its rename and the manifest switch
     new_shard.write_bytes((buf / "shard-00000.arrow").read_bytes())
     capsys.readouterr()
@@ -195,8 +263,21 @@ def test_validate_skips_cleanup_while_another_writer_holds_the_lock(tmp_path, ca
 def test_invalid_utf8_names_file_and_line(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_bytes(json.dumps(RECORDS[0]).encode() + b"\n" + b'{"prompt": "a\xff", "completion": "b", "reward": 1}\n')
-    proc = subprocess.run([*shiq_data_exe(), "build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out",
-                           str(tmp_path / "buf"), "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *shiq_data_exe(),
+            "build",
+            "jsonl",
+            str(inp),
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            str(tmp_path / "buf"),
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert f"{inp}: line 2: field '*': not valid UTF-8 (byte 0xff" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -206,25 +287,61 @@ def test_non_parquet_input_names_the_file(tmp_path, capsys, gpt2):
     for name, data in [("tiny.parquet", b"hello\n"), ("text.parquet", b"not parquet at all\n" * 100)]:
         inp = tmp_path / name
         inp.write_bytes(data)
-        assert main(["build", "parquet", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
-                     "--no-progress"]) == 1
+        assert (
+            main(["build", "parquet", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"])
+            == 1
+        )
         err = capsys.readouterr().err
         assert f"{inp}: not a readable Parquet file" in err and not (tmp_path / "buf").exists()
 
 
 def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
-    proc = subprocess.run([*shiq_data_exe(), "build", "multiturn", str(inp), "--tokenizer", "gpt2", "--out",
-                           str(tmp_path / "buf"), "--option", "foo=1", "--no-progress"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            *shiq_data_exe(),
+            "build",
+            "multiturn",
+            str(inp),
+            "--tokenizer",
+            "gpt2",
+            "--out",
+            str(tmp_path / "buf"),
+            "--option",
+            "foo=1",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "--option foo: unknown option; format 'multiturn' accepts --option source" in proc.stderr
-    assert main(["build", "hh", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option",
-                 "mode=scored", "--option", "reward_fn=len", "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "hh",
+                str(inp),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "buf"),
+                "--option",
+                "mode=scored",
+                "--option",
+                "reward_fn=len",
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "--option reward_fn: takes a Python function" in err
     assert "format 'hh' accepts --option all_assistant_turns, mode, reward_model, source" in err
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option",
-                 "x=1"]) == 1
+    assert (
+        main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option", "x=1"])
+        == 1
+    )
     assert "format 'jsonl' takes no --option" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
@@ -232,17 +349,56 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
 def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsys, gpt2):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new" / "sub" / "D"),
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "jsonl",
+                str(inp),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "new" / "sub" / "D"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "empty completion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     (tmp_path / "old").mkdir()
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "old" / "sub" / "D"),
-                 "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "jsonl",
+                str(inp),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "old" / "sub" / "D"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "old"] and not list((tmp_path / "old").iterdir())
     write_jsonl(inp, RECORDS)  # a good build still creates the parents
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new" / "sub" / "D"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "build",
+                "jsonl",
+                str(inp),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "new" / "sub" / "D"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "new" / "sub" / "D" / "manifest.json").is_file()
 
 
@@ -262,12 +418,25 @@ def smollm2():
 
 CHAT = [
     {"prompt": "What is 2+3?", "completion": [{"role": "assistant", "content": "It is 5."}], "reward": 1.5},
-    {"prompt": "What is 2+3?", "reward": -0.5, "completion": [
-        {"role": "assistant", "content": "add(2, 3)"}, {"role": "tool", "content": "5"},
-        {"role": "assistant", "content": "The sum is 5."}]},
-    {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}],
-     "completion": [{"role": "assistant", "content": "Bye!"}], "reward": 2.0},
+    {
+        "prompt": "What is 2+3?",
+        "reward": -0.5,
+        "completion": [
+            {"role": "assistant", "content": "add(2, 3)"},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "The sum is 5."},
+        ],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello"},
+            {"role": "user", "content": "Bye"},
+        ],
+        "completion": [{"role": "assistant", "content": "Bye!"}],
+        "reward": 2.0,
+    },
     {"prompt": "Say hi.", "completion": " Hi!", "reward": 0.25},  # a plain string completion: no template
 ]
 
@@ -285,23 +454,26 @@ def template_ids(tok, messages, add_generation_prompt=False):
 def test_chat_completions_go_through_the_template(tmp_path, smollm2):
     tok, _ = smollm2
     inp = write_jsonl(tmp_path / "chat.jsonl", CHAT)
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
-                 "--no-progress"]) == 0
+    assert (
+        main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"])
+        == 0
+    )
     rows = read_rows(tmp_path / "buf")[1]
     assert [r["group_id"] for r in rows] == [0, 0, 1, 2] and len(rows) == 4
     for rec, row in zip(CHAT[:3], rows):
         p, runs = row["prompt_len"], spans_of(row["action_mask"])
         assert row["tokens"][:p] == template_ids(tok, prompt_messages(rec), add_generation_prompt=True)
         assert row["tokens"] == template_ids(tok, prompt_messages(rec) + rec["completion"])
-        assert [tok.decode(row["tokens"][a:b]) for a, b in runs] == \
-            [m["content"] + "<|im_end|>" for m in rec["completion"] if m["role"] == "assistant"]
+        assert [tok.decode(row["tokens"][a:b]) for a, b in runs] == [
+            m["content"] + "<|im_end|>" for m in rec["completion"] if m["role"] == "assistant"
+        ]
         assert runs[0][0] == p
         assert {i: r for i, r in enumerate(row["rewards"]) if r} == {runs[-1][1] - 1: rec["reward"]}
     # the tool turn between the two assistant turns is environment
     (_, e1), (s2, _) = spans_of(rows[1]["action_mask"])
     assert tok.decode(rows[1]["tokens"][e1:s2]) == "\n<|im_start|>tool\n5<|im_end|>\n<|im_start|>assistant\n"
     # an assistant message of the prompt is context, not an action
-    assert "Hello<|im_end|>" in tok.decode(rows[2]["tokens"][:rows[2]["prompt_len"]])
+    assert "Hello<|im_end|>" in tok.decode(rows[2]["tokens"][: rows[2]["prompt_len"]])
     # a string completion is tokenised as before: prompt ids + completion ids + eos, no template
     plain = rows[3]
     ids = tok([CHAT[3]["prompt"], CHAT[3]["completion"]], add_special_tokens=False)["input_ids"]
@@ -309,18 +481,48 @@ def test_chat_completions_go_through_the_template(tmp_path, smollm2):
 
 
 CHAT_BAD = [  # (the record on line 2, the field the error names, words in it)
-    ({"prompt": "a", "completion": [{"role": "user", "content": "b"}], "reward": 1}, "completion",
-     "no assistant message"),
-    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"},
-                                    {"role": "robot", "content": "d"}], "reward": 1}, "completion[2].role",
-     "expected one of"),
+    (
+        {"prompt": "a", "completion": [{"role": "user", "content": "b"}], "reward": 1},
+        "completion",
+        "no assistant message",
+    ),
+    (
+        {
+            "prompt": "a",
+            "completion": [
+                {"role": "assistant", "content": "b"},
+                {"role": "tool", "content": "c"},
+                {"role": "robot", "content": "d"},
+            ],
+            "reward": 1,
+        },
+        "completion[2].role",
+        "expected one of",
+    ),
     ({"prompt": "a", "completion": [{"role": "assistant"}], "reward": 1}, "completion[0].content", "expected a string"),
-    ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}, {"role": "tool", "content": "c"},
-                                    {"role": "assistant", "content": " "}], "reward": 1}, "completion[2].content",
-     "empty completion"),
+    (
+        {
+            "prompt": "a",
+            "completion": [
+                {"role": "assistant", "content": "b"},
+                {"role": "tool", "content": "c"},
+                {"role": "assistant", "content": " "},
+            ],
+            "reward": 1,
+        },
+        "completion[2].content",
+        "empty completion",
+    ),
     ({"prompt": "a", "completion": [], "reward": 1}, "completion", "non-empty list"),
-    ({"prompt": [{"role": "user", "content": 3}], "completion": [{"role": "assistant", "content": "b"}], "reward": 1},
-     "prompt[0].content", "expected a string"),
+    (
+        {
+            "prompt": [{"role": "user", "content": 3}],
+            "completion": [{"role": "assistant", "content": "b"}],
+            "reward": 1,
+        },
+        "prompt[0].content",
+        "expected a string",
+    ),
     ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "reward": "x"}, "reward", "number"),
 ]
 
@@ -328,8 +530,10 @@ CHAT_BAD = [  # (the record on line 2, the field the error names, words in it)
 @pytest.mark.parametrize("bad,field,words", CHAT_BAD)
 def test_bad_chat_completion_names_file_line_field(tmp_path, capsys, smollm2, bad, field, words):
     inp = write_jsonl(tmp_path / "in.jsonl", [CHAT[0], bad])
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"),
-                 "--no-progress"]) == 1
+    assert (
+        main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"])
+        == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{inp}: line 2: field '{field}': " in err and words in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -337,8 +541,9 @@ def test_bad_chat_completion_names_file_line_field(tmp_path, capsys, smollm2, ba
 
 def test_chat_completion_needs_a_tokenizer_with_a_chat_template(tmp_path, capsys, gpt2):
     inp = write_jsonl(tmp_path / "in.jsonl", [RECORDS[0], CHAT[0]])
-    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"),
-                 "--no-progress"]) == 1
+    assert (
+        main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+    )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{inp}: line 2: field 'completion': " in err
     assert "needs a tokenizer with a chat template" in err and "smollm2" in err
@@ -350,13 +555,41 @@ def test_parquet_chat_completions_equal_jsonl(tmp_path, capsys, smollm2):
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
     write_jsonl(tmp_path / "in.jsonl", records)
     for fmt in ("jsonl", "parquet"):
-        assert main(["build", fmt, str(tmp_path / f"in.{fmt}"), "--tokenizer", "smollm2", "--out",
-                     str(tmp_path / f"b-{fmt}"), "--source", "S", "--no-progress"]) == 0
+        assert (
+            main(
+                [
+                    "build",
+                    fmt,
+                    str(tmp_path / f"in.{fmt}"),
+                    "--tokenizer",
+                    "smollm2",
+                    "--out",
+                    str(tmp_path / f"b-{fmt}"),
+                    "--source",
+                    "S",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     assert read_rows(tmp_path / "b-parquet")[1] == read_rows(tmp_path / "b-jsonl")[1]
     bad = [records[0], {**records[0], "completion": [{"role": "assistant", "content": ""}]}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
-    assert main(["build", "parquet", str(tmp_path / "bad.parquet"), "--tokenizer", "smollm2", "--out",
-                 str(tmp_path / "b-bad"), "--no-progress"]) == 1
+    assert (
+        main(
+            [
+                "build",
+                "parquet",
+                str(tmp_path / "bad.parquet"),
+                "--tokenizer",
+                "smollm2",
+                "--out",
+                str(tmp_path / "b-bad"),
+                "--no-progress",
+            ]
+        )
+        == 1
+    )
     assert "bad.parquet: row 1: field 'completion[0].content': empty completion" in capsys.readouterr().err
     assert not (tmp_path / "b-bad").exists()
 

@@ -19,21 +19,26 @@ def test_config_quick_and_overrides():
     assert cfg["train"]["steps"] == 90 and cfg["train"]["methods"] == ["shiq", "dpo"]
 
 
-@pytest.mark.parametrize("override,needle", [
-    ("train.stepz=3", "unknown config key 'train.stepz'"),
-    ("train.methods=[shiq,ppo]", "unknown method 'ppo'"),
-    ("train.steps=50", "multiple of train.eval_every"),
-    ("data.completions_per_prompt=1", "completions_per_prompt must be >= 2"),
-    ("nonsense", "key=value"),
-])
+@pytest.mark.parametrize(
+    "override,needle",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'"),
+        ("train.methods=[shiq,ppo]", "unknown method 'ppo'"),
+        ("train.steps=50", "multiple of train.eval_every"),
+        ("data.completions_per_prompt=1", "completions_per_prompt must be >= 2"),
+        ("nonsense", "key=value"),
+    ],
+)
 def test_config_errors(override, needle):
     with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("(", r"\(")):
         demo.load_config(overrides=[override])
 
 
 def test_buffer_rows_put_the_centred_reward_on_the_last_completion_token():
-    samples = [{"prompt_index": 0, "prompt_ids": [5, 6, 7], "completion_ids": [8, 9], "reward": 1.5},
-               {"prompt_index": 0, "prompt_ids": [5, 6, 7], "completion_ids": [4], "reward": -0.5}]
+    samples = [
+        {"prompt_index": 0, "prompt_ids": [5, 6, 7], "completion_ids": [8, 9], "reward": 1.5},
+        {"prompt_index": 0, "prompt_ids": [5, 6, 7], "completion_ids": [4], "reward": -0.5},
+    ]
     rows = list(demo.buffer_rows(samples, center=0.5))
     assert rows[0]["tokens"] == [5, 6, 7, 8, 9] and rows[1]["tokens"] == [5, 6, 7, 4]
     assert rows[0]["action_mask"] == [False, False, False, True, True]
@@ -53,9 +58,20 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "shiq_eval.demo", "--quick", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=1500)
-    for name in ["report.md", "report.json", "results.csv", "results.json", "reward_vs_kl.png", "reward_vs_step.png",
-                 "split.json", "prompts.json", "samples.jsonl", "reward_model.safetensors", "buffer/manifest.json",
-                 "stages.json"]:
+    for name in [
+        "report.md",
+        "report.json",
+        "results.csv",
+        "results.json",
+        "reward_vs_kl.png",
+        "reward_vs_step.png",
+        "split.json",
+        "prompts.json",
+        "samples.jsonl",
+        "reward_model.safetensors",
+        "buffer/manifest.json",
+        "stages.json",
+    ]:
         assert (out / name).is_file(), name
     rep = json.loads((out / "report.json").read_text())
     cfg = demo.load_config(quick=True)
@@ -65,8 +81,9 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         assert all(_finite(r[k]) for k in ("reward_mean", "reward_stderr", "kl")), (m, r)
         assert r["step"] == cfg["train"]["steps"]
         curve = json.loads((out / "runs" / m / "curve.json").read_text())
-        assert [c["step"] for c in curve] == list(range(cfg["train"]["eval_every"], cfg["train"]["steps"] + 1,
-                                                        cfg["train"]["eval_every"]))
+        assert [c["step"] for c in curve] == list(
+            range(cfg["train"]["eval_every"], cfg["train"]["steps"] + 1, cfg["train"]["eval_every"])
+        )
     assert set(rep["timings"]) >= {"reward_model", "prompts", "samples", "buffer", "eval_reference", "report"}
     assert all(_finite(v) for v in rep["timings"].values())
     # the evaluation prompts never come from snippets the reward model trained on

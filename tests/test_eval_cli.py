@@ -38,9 +38,18 @@ def tiny_hf_folder(path: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=16,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=16,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    )
     transformers.LlamaForCausalLM(cfg).save_pretrained(path)
     fast.save_pretrained(path)
     return path
@@ -53,21 +62,51 @@ def write_tiny_buffer(path: Path) -> None:
     rows = []
     for i in range(8):
         n = 10 + i % 3
-        rows.append({"group_id": i // 2, "prompt_len": 4, "source": "test",
-                     "tokens": torch.randint(2, VOCAB, (n,), generator=g).tolist(),
-                     "action_mask": [False] * 4 + [True] * (n - 4), "rewards": [0.0] * (n - 1) + [float(i % 2)]})
-    write_buffer(rows, path, tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": VOCAB},
-                 command=["test"], progress=False)
+        rows.append(
+            {
+                "group_id": i // 2,
+                "prompt_len": 4,
+                "source": "test",
+                "tokens": torch.randint(2, VOCAB, (n,), generator=g).tolist(),
+                "action_mask": [False] * 4 + [True] * (n - 4),
+                "rewards": [0.0] * (n - 1) + [float(i % 2)],
+            }
+        )
+    write_buffer(
+        rows,
+        path,
+        tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": VOCAB},
+        command=["test"],
+        progress=False,
+    )
 
 
 def train(tmp_path, init: Path, loss: str) -> Path:
     out = tmp_path / f"run_{loss}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run([sys.executable, "-m", "shiq_train", f"data.buffer={tmp_path / 'buffer'}", f"out={out}",
-                          f"init={init}", f"loss={loss}", "train.steps=2", "train.save_every=1",
-                          "train.reference=online", "train.progress=false", "train.tensorboard=false",
-                          "optimizer.lr=3e-3", "data.rows_per_micro_batch=4"],
-                         capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "shiq_train",
+            f"data.buffer={tmp_path / 'buffer'}",
+            f"out={out}",
+            f"init={init}",
+            f"loss={loss}",
+            "train.steps=2",
+            "train.save_every=1",
+            "train.reference=online",
+            "train.progress=false",
+            "train.tensorboard=false",
+            "optimizer.lr=3e-3",
+            "data.rows_per_micro_batch=4",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 
@@ -85,9 +124,24 @@ def test_eval_run_over_two_methods(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
 
     out = tmp_path / "eval"
-    code = main(["run", str(runs[0]), str(runs[1] / "checkpoints" / "step_00000002"), "--out", str(out),
-                 "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm.safetensors"),
-                 "--max-new-tokens", "4", "--batch-size", "6", "--quiet"])
+    code = main(
+        [
+            "run",
+            str(runs[0]),
+            str(runs[1] / "checkpoints" / "step_00000002"),
+            "--out",
+            str(out),
+            "--prompts",
+            str(prompts),
+            "--reward-model",
+            str(tmp_path / "rm.safetensors"),
+            "--max-new-tokens",
+            "4",
+            "--batch-size",
+            "6",
+            "--quiet",
+        ]
+    )
     assert code == 0
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["step"]) for r in rows] == [("reference", 0), ("shiq", 1), ("shiq", 2), ("dpo", 2)]
@@ -116,15 +170,41 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     bad.write_text('{"prompt": "w3 w4"}\n{"text": "w5"}\n')
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
-    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1},
-                                                "meta": {"loss": {"name": "shiq"}, "hf_config": {}}}))
+    (step / "meta.json").write_text(
+        json.dumps(
+            {"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"loss": {"name": "shiq"}, "hf_config": {}}}
+        )
+    )
     (tmp_path / "rm.safetensors").write_bytes(b"")
-    args = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(bad),
-            "--reward-model", str(tmp_path / "rm.safetensors"), "--reference", str(tiny_hf_folder(tmp_path / "m"))]
+    args = [
+        "run",
+        str(tmp_path / "run"),
+        "--out",
+        str(tmp_path / "o"),
+        "--prompts",
+        str(bad),
+        "--reward-model",
+        str(tmp_path / "rm.safetensors"),
+        "--reference",
+        str(tiny_hf_folder(tmp_path / "m")),
+    ]
     assert main(args) == 2
     assert f"{bad}, line 2: field 'prompt' must be a non-empty string" in capsys.readouterr().err
-    assert main(["run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--prompts", str(bad),
-                 "--reward-model", "x"]) == 2
+    assert (
+        main(
+            [
+                "run",
+                str(tmp_path / "nothing"),
+                "--out",
+                str(tmp_path / "o"),
+                "--prompts",
+                str(bad),
+                "--reward-model",
+                "x",
+            ]
+        )
+        == 2
+    )
     assert "not a checkpoint step directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on failure
 
@@ -185,18 +265,34 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     write_tiny_buffer(tmp_path / "buffer")
     run = train(tmp_path, init, "shiq")
     encoder = minilm_encoder()
-    head = RegressionRewardModel.fit(encoder, ["a wonderful film", "a dreadful film", "w5 w6", "w9 w10"],
-                                     [1.0, -1.0, 0.5, -0.5], l2=1.0)
+    head = RegressionRewardModel.fit(
+        encoder, ["a wonderful film", "a dreadful film", "w5 w6", "w9 w10"], [1.0, -1.0, 0.5, -0.5], l2=1.0
+    )
     head.save(tmp_path / "rm.safetensors")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
-    common = [str(run), "--prompts", str(prompts), "--reward-model", str(tmp_path / "rm.safetensors"),
-              "--max-new-tokens", "4", "--batch-size", "4", "--engine", "megatron", "--quiet"]
+    common = [
+        str(run),
+        "--prompts",
+        str(prompts),
+        "--reward-model",
+        str(tmp_path / "rm.safetensors"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "4",
+        "--engine",
+        "megatron",
+        "--quiet",
+    ]
 
     assert main(["run", *common, "--out", str(tmp_path / "tp1")]) == 0
     one = json.loads((tmp_path / "tp1" / "results.json").read_text())
-    assert [(r["method"], r["step"], r["engine"]) for r in one] == [("reference", 0, "megatron"), ("shiq", 1, "megatron"),
-                                                                   ("shiq", 2, "megatron")]
+    assert [(r["method"], r["step"], r["engine"]) for r in one] == [
+        ("reference", 0, "megatron"),
+        ("shiq", 1, "megatron"),
+        ("shiq", 2, "megatron"),
+    ]
     assert one[0]["kl_exact"] == 0.0 and one[0]["kl_sample"] == 0.0
     assert all(math.isfinite(r["kl_exact"]) and r["kl_exact"] >= 0 and r["n"] == 6 for r in one)
     for r in one:
@@ -207,10 +303,30 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     from shiq_train.parallel import free_port
 
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(free_port()), "-m", "shiq_eval.cli", "run", *common, "--tp", "2",
-                          "--out", str(tmp_path / "tp2")], capture_output=True, text=True, cwd=REPO, env=env,
-                         timeout=300)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            str(free_port()),
+            "-m",
+            "shiq_eval.cli",
+            "run",
+            *common,
+            "--tp",
+            "2",
+            "--out",
+            str(tmp_path / "tp2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     two = json.loads((tmp_path / "tp2" / "results.json").read_text())
     for r1, r2 in zip(one, two, strict=True):

@@ -18,16 +18,24 @@ class Tok:
 
 def tiny(seed):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
 def test_self_kl_is_zero_and_rewards_are_scored():
     m = tiny(0)
     prompts = [[1, 2, 3], [4, 5]] * 4
-    res = evaluate_policy(m, m, Tok(), prompts, ["p"] * 8, FunctionScorer(lambda p, c: len(c.split())),
-                          max_new_tokens=5, progress=False)
+    res = evaluate_policy(
+        m, m, Tok(), prompts, ["p"] * 8, FunctionScorer(lambda p, c: len(c.split())), max_new_tokens=5, progress=False
+    )
     assert res.kl_sample == pytest.approx(0.0, abs=1e-12) and res.kl_exact == pytest.approx(0.0, abs=1e-12)
     assert res.n == 8 and 0 < res.reward_mean <= 5
     assert res.samples[0][0] == "p"
@@ -45,8 +53,17 @@ def test_padding_does_not_change_the_kl_of_a_sequence():
 def test_estimators_agree_on_average():
     a, b = tiny(3), tiny(4)
     prompts = [[1, 2]] * 200
-    res = evaluate_policy(a, b, Tok(), prompts, ["p"] * 200, FunctionScorer(lambda p, c: 0.0), max_new_tokens=4,
-                          batch_size=50, progress=False)
+    res = evaluate_policy(
+        a,
+        b,
+        Tok(),
+        prompts,
+        ["p"] * 200,
+        FunctionScorer(lambda p, c: 0.0),
+        max_new_tokens=4,
+        batch_size=50,
+        progress=False,
+    )
     assert res.kl_exact > 0
     assert abs(res.kl_sample - res.kl_exact) < 4 * (res.kl_sample_stderr + res.kl_exact_stderr)
     assert res.kl_exact_stderr < res.kl_sample_stderr

@@ -10,8 +10,15 @@ from shiq_eval.generate import HFPolicy, SamplingConfig  # noqa: E402
 
 def tiny_lm(seed=0):
     torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
@@ -33,8 +40,9 @@ def test_batched_left_padded_greedy_equals_unbatched_no_cache():
     model = tiny_lm()
     prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4]]
     eos = 39
-    got = HFPolicy(model, eos_id=eos, pad_id=0).generate(prompts, SamplingConfig(max_new_tokens=8, temperature=0,
-                                                                                  batch_size=3))
+    got = HFPolicy(model, eos_id=eos, pad_id=0).generate(
+        prompts, SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3)
+    )
     for p, g in zip(prompts, got):
         assert g == greedy_reference(model, p, 8, eos)
 

@@ -15,8 +15,9 @@ import torch.multiprocessing as mp
 
 transformers = pytest.importorskip("transformers")
 
-from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next  # noqa: E402
 from test_generate import greedy_reference as greedy_without_cache  # noqa: E402  (one full forward per token)
+
+from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next  # noqa: E402
 from shiq_train import hf_convert as H  # noqa: E402
 from shiq_train import model as M  # noqa: E402
 from shiq_train import parallel  # noqa: E402
@@ -27,9 +28,17 @@ PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [9] * 7, [30, 31]]
 
 def peaked_llama():
     """A tiny Llama with large weights, so greedy paths vary and some rows stop at EOS."""
-    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   initializer_range=0.3, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=48,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        initializer_range=0.3,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(cfg).eval()
 
@@ -80,14 +89,16 @@ def nucleus(logits, temperature, top_p):
 def test_sample_next_draws_from_the_tempered_nucleus(temperature, top_p):
     logits = torch.randn(12, generator=torch.Generator().manual_seed(3)) * 2
     n = 40_000
-    drawn = sample_next(logits.expand(n, -1), SamplingConfig(temperature=temperature, top_p=top_p),
-                        torch.Generator().manual_seed(0))
+    drawn = sample_next(
+        logits.expand(n, -1), SamplingConfig(temperature=temperature, top_p=top_p), torch.Generator().manual_seed(0)
+    )
     freq = np.bincount(drawn.numpy(), minlength=12) / n
     want = nucleus(logits.numpy(), temperature, top_p)
     assert np.all(freq[want == 0] == 0), "a token outside the nucleus was drawn"
     assert np.abs(freq - want).max() < 5 * np.sqrt(0.25 / n)
-    assert torch.equal(sample_next(logits.expand(3, -1), SamplingConfig(temperature=0), None),
-                       logits.argmax().expand(3))
+    assert torch.equal(
+        sample_next(logits.expand(3, -1), SamplingConfig(temperature=0), None), logits.argmax().expand(3)
+    )
 
 
 def test_first_token_frequencies_follow_the_transformers_distribution(dist1):
@@ -124,11 +135,13 @@ def _tp2_worker(rank, port, out_dir):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     hf = peaked_llama()
-    with parallel.distributed(parallel.ParallelConfig(2, 1), rank=rank, world_size=2,
-                              init_method=f"tcp://127.0.0.1:{port}", seed=0):
+    with parallel.distributed(
+        parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=0
+    ):
         got = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(PROMPTS, SAMPLED)
         greedy = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(
-            PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4))
+            PROMPTS, SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4)
+        )
     torch.save({"sampled": got, "greedy": greedy}, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

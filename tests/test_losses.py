@@ -22,7 +22,6 @@ from shiq_train.losses import (
 )
 from shiq_train.stats import causal_lm_stats, token_stats
 
-
 # ---------------------------------------------------------------------------------------------
 # naive references
 
@@ -123,8 +122,12 @@ def actions_only(trajs):
 
 
 @settings(max_examples=60, deadline=None)
-@given(trajs=trajectories(), variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
-       beta=st.floats(0.05, 3.0), gamma=st.sampled_from([1.0, 0.9, 0.5, 0.0]))
+@given(
+    trajs=trajectories(),
+    variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
+    beta=st.floats(0.05, 3.0),
+    gamma=st.sampled_from([1.0, 0.9, 0.5, 0.0]),
+)
 def test_shiq_loss_matches_naive_reference(trajs, variant, beta, gamma):
     got = shiq_loss(*padded(trajs), beta=beta, gamma=gamma, variant=variant)
     acts = [a for a in actions_only(trajs) if a] if variant == "tk" else actions_only(trajs)
@@ -133,8 +136,12 @@ def test_shiq_loss_matches_naive_reference(trajs, variant, beta, gamma):
 
 
 @settings(max_examples=60, deadline=None)
-@given(trajs=trajectories(), variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
-       gamma=st.sampled_from([1.0, 0.8]), slack=st.integers(0, 6))
+@given(
+    trajs=trajectories(),
+    variant=st.sampled_from(["shiq", "init", "ms", "tk"]),
+    gamma=st.sampled_from([1.0, 0.8]),
+    slack=st.integers(0, 6),
+)
 def test_packed_equals_unpacked_in_value_and_gradient(trajs, variant, gamma, slack):
     row_len = max(len(t) for t in trajs) + slack
     (c, z, cr, zr, r, m) = padded(trajs)
@@ -157,8 +164,14 @@ def test_packed_equals_unpacked_in_value_and_gradient(trajs, variant, gamma, sla
 
 
 def test_stats_at_non_action_positions_are_ignored():
-    trajs = [[(False, 1, 1, 1, 1, 0), (True, 0.3, 1.2, 0.1, 0.9, 1.0), (False, 2, 2, 2, 2, 0),
-              (True, -0.5, 0.4, 0.2, 0.3, 0.5)]]
+    trajs = [
+        [
+            (False, 1, 1, 1, 1, 0),
+            (True, 0.3, 1.2, 0.1, 0.9, 1.0),
+            (False, 2, 2, 2, 2, 0),
+            (True, -0.5, 0.4, 0.2, 0.3, 0.5),
+        ]
+    ]
     c, z, cr, zr, r, m = padded(trajs)
     base = {v: float(shiq_loss(c, z, cr, zr, r, m, beta=0.4, variant=v)) for v in ("shiq", "init", "ms", "tk")}
     noise = torch.randn(c.shape) * ~m
@@ -199,9 +212,15 @@ def _good():
     [
         (lambda a: a.__setitem__(0, torch.randn(2, 5)), "shape mismatch: chosen_logits"),
         (lambda a: a.__setitem__(3, torch.randn(3, 4)), "shape mismatch: ref_logz"),
-        (lambda a: a[1].__setitem__((0, 0), float("nan")), "logz has a non-finite value at \\[row, position\\] = \\[0, 0\\]"),
+        (
+            lambda a: a[1].__setitem__((0, 0), float("nan")),
+            "logz has a non-finite value at \\[row, position\\] = \\[0, 0\\]",
+        ),
         (lambda a: a[4].__setitem__((1, 2), float("inf")), "rewards has a non-finite"),
-        (lambda a: a[4].__setitem__((0, 0), 1.0), "nonzero value on a non-action position at \\[row, position\\] = \\[0, 0\\]"),
+        (
+            lambda a: a[4].__setitem__((0, 0), 1.0),
+            "nonzero value on a non-action position at \\[row, position\\] = \\[0, 0\\]",
+        ),
         (lambda a: a.__setitem__(5, a[5].float()), "action_mask must be a bool"),
     ],
 )
@@ -229,8 +248,12 @@ def test_numpy_and_integer_beta_are_accepted():
 
 def _baseline_call(name, args, **override):
     c, z, cr, zr, r, m = args
-    kw = {"winners": torch.tensor([0]), "losers": torch.tensor([1]), "group_ids": torch.tensor([3, 3]),
-          "values": torch.zeros(2)}
+    kw = {
+        "winners": torch.tensor([0]),
+        "losers": torch.tensor([1]),
+        "group_ids": torch.tensor([3, 3]),
+        "values": torch.zeros(2),
+    }
     kw.update(override)
     if name == "dpo":
         return dpo_loss(c, z, cr, zr, m, kw["winners"], kw["losers"], beta=0.5)
@@ -276,9 +299,11 @@ def test_baselines_check_rewards_and_per_row_vectors():
     for name in ("dpo", "copg", "dro_v"):
         with pytest.raises(ValueError, match="beta must be"):
             c, z, cr, zr, r, m = good
-            {"dpo": lambda: dpo_loss(c, z, cr, zr, m, torch.tensor([0]), torch.tensor([1]), beta=0.0),
-             "copg": lambda: copg_loss(c, z, cr, zr, r, m, torch.tensor([3, 3]), beta=-1.0),
-             "dro_v": lambda: dro_v_loss(c, z, cr, zr, r, m, torch.zeros(2), beta=float("nan"))}[name]()
+            {
+                "dpo": lambda: dpo_loss(c, z, cr, zr, m, torch.tensor([0]), torch.tensor([1]), beta=0.0),
+                "copg": lambda: copg_loss(c, z, cr, zr, r, m, torch.tensor([3, 3]), beta=-1.0),
+                "dro_v": lambda: dro_v_loss(c, z, cr, zr, r, m, torch.zeros(2), beta=float("nan")),
+            }[name]()
 
 
 def test_bad_variant_gamma_and_segments_raise():
@@ -305,8 +330,9 @@ def test_token_stats_bf16_with_large_logits():
     assert torch.isfinite(st_.logz).all()
     assert torch.allclose(st_.logz.double(), want_z, rtol=1e-6)
     assert torch.allclose(st_.chosen_logits.double(), want_c, rtol=0, atol=0)
-    assert torch.allclose(st_.logprobs.double(), torch.log_softmax(exact, -1).gather(-1, targets[..., None])[..., 0],
-                          atol=1e-2)
+    assert torch.allclose(
+        st_.logprobs.double(), torch.log_softmax(exact, -1).gather(-1, targets[..., None])[..., 0], atol=1e-2
+    )
 
 
 def test_causal_lm_stats_alignment():
@@ -346,10 +372,14 @@ def test_dpo_matches_hand_computation_and_ignores_gaps():
     beta = 0.2
     lp = torch.log_softmax(logits, -1)
     lpr = torch.log_softmax(ref, -1)
-    lam = [sum(float(lp[b, t - 1, tokens[b, t]] - lpr[b, t - 1, tokens[b, t]]) for t in range(5) if m[b, t])
-           for b in range(2)]
+    lam = [
+        sum(float(lp[b, t - 1, tokens[b, t]] - lpr[b, t - 1, tokens[b, t]]) for t in range(5) if m[b, t])
+        for b in range(2)
+    ]
     want = -math.log(1 / (1 + math.exp(-beta * (lam[1] - lam[0]))))
-    got = dpo_loss(s.chosen_logits, s.logz, sr.chosen_logits, sr.logz, m, torch.tensor([1]), torch.tensor([0]), beta=beta)
+    got = dpo_loss(
+        s.chosen_logits, s.logz, sr.chosen_logits, sr.logz, m, torch.tensor([1]), torch.tensor([0]), beta=beta
+    )
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
@@ -361,8 +391,9 @@ def test_preference_pairs_within_groups_drop_ties():
 
 
 def _fit(params, loss_fn, steps=300):
-    opt = torch.optim.LBFGS(params, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15,
-                            line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        params, max_iter=steps, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         opt.zero_grad()
@@ -402,8 +433,10 @@ def test_dro_v_with_learned_value_recovers_pi_star_and_soft_value():
     logits = ref.clone().requires_grad_(True)
     value = torch.zeros(1, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(K, 1, dtype=torch.bool)
-    _fit([logits, value], lambda: dro_v_loss(*bandit_stats(logits, ref, arms), r.view(-1, 1), mask,
-                                             value.expand(K), beta=beta))
+    _fit(
+        [logits, value],
+        lambda: dro_v_loss(*bandit_stats(logits, ref, arms), r.view(-1, 1), mask, value.expand(K), beta=beta),
+    )
     pi_star = torch.softmax(ref + r / beta, 0)
     assert torch.allclose(torch.softmax(logits.detach(), 0), pi_star, atol=1e-6)
     v_star = beta * torch.logsumexp(torch.log_softmax(ref, 0) + r / beta, 0)

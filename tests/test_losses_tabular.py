@@ -92,8 +92,15 @@ class Tree:
 
 def minimise(tree, loss_fn, steps=200):
     logits = tree.ref_logits.clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([logits], lr=1, max_iter=steps, tolerance_grad=1e-12,
-                            tolerance_change=1e-15, history_size=50, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [logits],
+        lr=1,
+        max_iter=steps,
+        tolerance_grad=1e-12,
+        tolerance_change=1e-15,
+        history_size=50,
+        line_search_fn="strong_wolfe",
+    )
 
     def closure():
         opt.zero_grad()
@@ -191,8 +198,16 @@ def test_bandit_minimiser_is_reference_plus_reward_over_beta():
             opt.zero_grad()
             c = logits[0].view(4, 1)
             z = torch.logsumexp(logits[0], 0).expand(4, 1)
-            loss = shiq_loss(c, z, ref[0].view(4, 1), torch.logsumexp(ref[0], 0).expand(4, 1), r.view(4, 1),
-                             torch.ones(4, 1, dtype=torch.bool), beta=beta, variant=variant)
+            loss = shiq_loss(
+                c,
+                z,
+                ref[0].view(4, 1),
+                torch.logsumexp(ref[0], 0).expand(4, 1),
+                r.view(4, 1),
+                torch.ones(4, 1, dtype=torch.bool),
+                beta=beta,
+                variant=variant,
+            )
             loss.backward()
             return loss
 

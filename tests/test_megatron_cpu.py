@@ -38,13 +38,35 @@ def test_adaptations_are_idempotent_and_narrow():
     from megatron.core.transformer import attention
 
     names = parallel.apply_cpu_adaptations()
-    assert names == ["rng_tracker", "memory_buffer", "rope_device", "schedule_zeros",
-                     "p2p_device_and_sync", "tied_embedding_copy", "kv_cache", "tp_gather"]
-    patched = (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
-               LanguageModule.setup_embeddings_and_output_layer, attention.torch, mappings.torch)
+    assert names == [
+        "rng_tracker",
+        "memory_buffer",
+        "rope_device",
+        "schedule_zeros",
+        "p2p_device_and_sync",
+        "tied_embedding_copy",
+        "kv_cache",
+        "tp_gather",
+    ]
+    patched = (
+        mrandom.CudaRNGStatesTracker,
+        mutils.torch,
+        schedules.torch,
+        p2p_communication.torch,
+        LanguageModule.setup_embeddings_and_output_layer,
+        attention.torch,
+        mappings.torch,
+    )
     assert parallel.apply_cpu_adaptations() == names
-    assert patched == (mrandom.CudaRNGStatesTracker, mutils.torch, schedules.torch, p2p_communication.torch,
-                       LanguageModule.setup_embeddings_and_output_layer, attention.torch, mappings.torch)
+    assert patched == (
+        mrandom.CudaRNGStatesTracker,
+        mutils.torch,
+        schedules.torch,
+        p2p_communication.torch,
+        LanguageModule.setup_embeddings_and_output_layer,
+        attention.torch,
+        mappings.torch,
+    )
     for module in (attention, mappings):
         assert module.torch.cuda.current_device() == torch.device("cpu")
         assert module.torch.empty is torch.empty
@@ -110,8 +132,9 @@ def test_tiny_yaml_is_the_dataclass_default():
 
 
 def test_smollm2_builds_with_hf_parameter_count(dist1):
-    cfg = dataclasses.replace(M.ModelConfig.from_dict(OmegaConf.load(CONFIGS / "smollm2_135m.yaml")),
-                              params_dtype="float32")
+    cfg = dataclasses.replace(
+        M.ModelConfig.from_dict(OmegaConf.load(CONFIGS / "smollm2_135m.yaml")), params_dtype="float32"
+    )
     model = M.build_model(cfg)
     assert sum(p.numel() for p in model.parameters()) == 134_515_008
     st = M.forward_stats(model, torch.randint(0, cfg.vocab_size, (1, 8)))
@@ -124,8 +147,11 @@ def test_fp8_without_gpu_fails_at_startup_naming_what_is_missing(impl):
 
     cfg = M.ModelConfig(fp8="hybrid", transformer_impl=impl)
     missing = "a CUDA GPU" + ("" if importlib.util.find_spec("transformer_engine") else " and Transformer Engine")
-    with pytest.raises(RuntimeError, match=rf"model.fp8='hybrid' needs a CUDA GPU .* missing here: {missing}\. "
-                                           r"Set model.fp8=null"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"model.fp8='hybrid' needs a CUDA GPU .* missing here: {missing}\. "
+        r"Set model.fp8=null",
+    ):
         M.check_runtime(cfg)
     with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU"):
         M.build_model(cfg)
@@ -137,8 +163,9 @@ def test_fp8_with_local_layers_is_refused(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a))
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
+    )
     with pytest.raises(RuntimeError, match=r"needs model.transformer_impl=transformer_engine or auto \(got 'local'\)"):
         M.check_runtime(M.ModelConfig(fp8="hybrid", transformer_impl="local"))
     assert M.resolved_transformer_impl(M.ModelConfig()) == "transformer_engine"  # auto picks TE there
@@ -160,12 +187,15 @@ def test_transformer_engine_impl_without_gpu_fails_clearly():
         M.check_runtime(M.ModelConfig(transformer_impl="transformer_engine"))
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"activation": "relu2"}, "model.activation"),
-    ({"fp8": "e5m2"}, "model.fp8"),
-    ({"hidden_size": 65}, "divisible by num_attention_heads"),
-    ({"logits_chunk_tokens": -1}, "logits_chunk_tokens"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        ({"activation": "relu2"}, "model.activation"),
+        ({"fp8": "e5m2"}, "model.fp8"),
+        ({"hidden_size": 65}, "divisible by num_attention_heads"),
+        ({"logits_chunk_tokens": -1}, "logits_chunk_tokens"),
+    ],
+)
 def test_bad_config_values_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         M.ModelConfig(**kw)
@@ -183,8 +213,12 @@ def test_unknown_config_key_is_named():
 def test_causal_mask_blocks_the_future():
     m = M.causal_mask(4)
     assert m.shape == (1, 1, 4, 4) and m.dtype == torch.bool
-    assert m[0, 0].tolist() == [[False, True, True, True], [False, False, True, True],
-                                [False, False, False, True], [False, False, False, False]]
+    assert m[0, 0].tolist() == [
+        [False, True, True, True],
+        [False, False, True, True],
+        [False, False, False, True],
+        [False, False, False, False],
+    ]
 
 
 def test_model_is_causal(dist1):
@@ -236,10 +270,15 @@ def make_micro_batches(n=2, rows=2, seq=16, vocab=128):
     for _ in range(n):
         action = torch.zeros(rows, seq, dtype=torch.bool)
         action[:, 4:] = True
-        out.append({"tokens": torch.randint(0, vocab, (rows, seq), generator=g), "action_mask": action,
-                    "rewards": torch.randn(rows, seq, generator=g) * action,
-                    "ref_chosen_logits": torch.randn(rows, seq, generator=g) * 0.1,
-                    "ref_logz": 4.85 + torch.randn(rows, seq, generator=g) * 0.1})
+        out.append(
+            {
+                "tokens": torch.randint(0, vocab, (rows, seq), generator=g),
+                "action_mask": action,
+                "rewards": torch.randn(rows, seq, generator=g) * action,
+                "ref_chosen_logits": torch.randn(rows, seq, generator=g) * 0.1,
+                "ref_logz": 4.85 + torch.randn(rows, seq, generator=g) * 0.1,
+            }
+        )
     return out
 
 
@@ -261,8 +300,13 @@ def test_short_shiq_run_lowers_the_loss(dist1):
 
 def test_bf16_parameters_train_with_fp32_master_weights(dist1):
     from shiq_train.objectives import LossConfig
-    from shiq_train.train_step import (MasterWeightOptimizer, OptimizerConfig, build_optimizer,
-                                       objective_loss_fn, train_step)
+    from shiq_train.train_step import (
+        MasterWeightOptimizer,
+        OptimizerConfig,
+        build_optimizer,
+        objective_loss_fn,
+        train_step,
+    )
 
     model = M.build_model(M.ModelConfig(params_dtype="bfloat16"))
     assert model.embedding.word_embeddings.weight.dtype == torch.bfloat16
@@ -373,8 +417,9 @@ def test_checkpoint_layout_mismatch_is_explained(dist1, tmp_path):
 def _resume_worker(rank, world, port, tp, pp, out_dir):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    with parallel.distributed(parallel.ParallelConfig(tp, pp), rank=rank, world_size=world,
-                              init_method=f"tcp://127.0.0.1:{port}", seed=1):
+    with parallel.distributed(
+        parallel.ParallelConfig(tp, pp), rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=1
+    ):
         full, eval_loss = _resume_matches_uninterrupted(Path(out_dir) / "ckpt")
         if rank == 0:
             torch.save({"full": full, "eval_loss": eval_loss}, Path(out_dir) / "full.pt")
@@ -406,7 +451,8 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
         params = {}
         for k, v in state["model"].items():
             te = k.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight").replace(
-                "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+                "pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight"
+            )
             renamed += te != k
             params[te] = v
         torch.save({"model": params}, te_step / f.name)
@@ -414,14 +460,17 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     te_offline = full_parameters_from_checkpoint(te_step, num_layers=2)
     assert set(te_offline) == set(saved["full"])
     assert all(torch.equal(te_offline[k], saved["full"][k]) for k in te_offline)
-    assert M.local_layer_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight") == \
-        "decoder.layers.3.input_layernorm.weight"
+    assert (
+        M.local_layer_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+        == "decoder.layers.3.input_layernorm.weight"
+    )
     assert M.local_layer_name("decoder.layers.3.mlp.linear_fc1.weight") == "decoder.layers.3.mlp.linear_fc1.weight"
     # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
     with parallel.distributed(seed=3):
         model = M.build_model(M.ModelConfig())
         M.load_full_parameters(model, saved["full"])
         model.eval()
-        loss, _ = forward_backward(model, make_micro_batches(), objective_loss_fn(LossConfig(name="shiq", beta=0.1)),
-                                   forward_only=True)
+        loss, _ = forward_backward(
+            model, make_micro_batches(), objective_loss_fn(LossConfig(name="shiq", beta=0.1)), forward_only=True
+        )
     assert loss == pytest.approx(saved["eval_loss"], rel=1e-5)

@@ -45,7 +45,7 @@ def test_packed_metrics_count_each_trajectory():
     stats, r, m, _ = batch(1)
     seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 4)
     _, metrics = compute_loss(LossConfig("shiq"), *stats, r, m, segment_ids=seg)
-    halves = [(r[b, s:s + 3] * m[b, s:s + 3]).sum() for b in range(4) for s in (0, 3) if m[b, s:s + 3].any()]
+    halves = [(r[b, s : s + 3] * m[b, s : s + 3]).sum() for b in range(4) for s in (0, 3) if m[b, s : s + 3].any()]
     assert metrics["reward"] == pytest.approx(float(torch.stack(halves).mean()))
     assert metrics["abs_delta_max"] >= metrics["abs_delta_mean"] > 0
 

@@ -30,8 +30,9 @@ TOL = 1e-5
 
 
 def tiny_config(**kw) -> M.ModelConfig:
-    return M.ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128,
-                         max_sequence_length=SEQ, **kw)
+    return M.ModelConfig(
+        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, max_sequence_length=SEQ, **kw
+    )
 
 
 def make_micro_batches(vocab=128):
@@ -44,19 +45,22 @@ def make_micro_batches(vocab=128):
         action[:, 4:] = True
         action[1, 12:] = False  # a shorter completion (padding after it)
         rewards = torch.randn(ROWS, SEQ, generator=g) * action
-        out.append({
-            "tokens": tokens,
-            "action_mask": action,
-            "rewards": rewards,
-            "ref_chosen_logits": torch.randn(ROWS, SEQ, generator=g) * 0.1,
-            "ref_logz": torch.log(torch.tensor(float(vocab))) + torch.randn(ROWS, SEQ, generator=g) * 0.1,
-        })
+        out.append(
+            {
+                "tokens": tokens,
+                "action_mask": action,
+                "rewards": rewards,
+                "ref_chosen_logits": torch.randn(ROWS, SEQ, generator=g) * 0.1,
+                "ref_logz": torch.log(torch.tensor(float(vocab))) + torch.randn(ROWS, SEQ, generator=g) * 0.1,
+            }
+        )
     return out
 
 
 def shiq_loss_fn(st, mb):
-    loss = shiq_loss(st.chosen_logits, st.logz, mb["ref_chosen_logits"], mb["ref_logz"], mb["rewards"],
-                     mb["action_mask"], beta=BETA)
+    loss = shiq_loss(
+        st.chosen_logits, st.logz, mb["ref_chosen_logits"], mb["ref_logz"], mb["rewards"], mb["action_mask"], beta=BETA
+    )
     return loss, {}
 
 
@@ -82,15 +86,25 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunk):
     """One rank of a ``world``-process layout; data parallelism is ``world / (tp * pp)``."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    with parallel.distributed(parallel.ParallelConfig(tp, pp), rank=rank, world_size=world,
-                              init_method=f"tcp://127.0.0.1:{port}", seed=SEED):
+    with parallel.distributed(
+        parallel.ParallelConfig(tp, pp), rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=SEED
+    ):
         from megatron.core import parallel_state as ps
 
         full = torch.load(params_path, weights_only=True)
-        _, loss, norm, grads, step_s = run_layout(tiny_config(logits_chunk_tokens=chunk), full,
-                                                  ps.get_data_parallel_rank(), ps.get_data_parallel_world_size())
-        torch.save({"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": ps.get_tensor_model_parallel_rank(),
-                    "step_s": step_s}, os.path.join(out_dir, f"rank{rank}.pt"))
+        _, loss, norm, grads, step_s = run_layout(
+            tiny_config(logits_chunk_tokens=chunk), full, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        )
+        torch.save(
+            {
+                "loss": loss,
+                "grad_norm": norm,
+                "grads": grads,
+                "tp_rank": ps.get_tensor_model_parallel_rank(),
+                "step_s": step_s,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -102,8 +116,12 @@ def reference(tmp_path_factory):
         full = {name: p.detach().clone() for name, p in model.named_parameters()}
     path = d / "full_params.pt"
     torch.save(full, path)
-    return {"params_path": str(path), "loss": loss, "grad_norm": norm,
-            "grads": {full_name: g for full_name, _, _, g in grads.values()}}
+    return {
+        "params_path": str(path),
+        "loss": loss,
+        "grad_norm": norm,
+        "grads": {full_name: g for full_name, _, _, g in grads.values()},
+    }
 
 
 def _rel(a, b):
@@ -115,7 +133,7 @@ def _gather(results, tp):
     names held by two pipeline stages: the tied embedding, whose copies must agree anyway)."""
     by_name = {}
     for res in results:
-        for local, (full_name, dim, glu, g) in res["grads"].items():
+        for _local, (full_name, dim, glu, g) in res["grads"].items():
             by_name.setdefault(full_name, {}).setdefault((dim, glu), {}).setdefault(res["tp_rank"], []).append(g)
     out = {}
     for full_name, layouts in by_name.items():
@@ -135,12 +153,19 @@ def test_reference_model_is_sane(reference):
     assert all(g.abs().max() > 0 for g in reference["grads"].values())
 
 
-@pytest.mark.parametrize("tp,pp,dp,chunk", [(2, 1, 1, 0), (1, 2, 1, 0), (2, 2, 1, 0), (2, 2, 1, 5), (1, 1, 2, 0)],
-                         ids=["tp2", "pp2", "tp2xpp2", "tp2xpp2-chunked", "dp2"])
+@pytest.mark.parametrize(
+    "tp,pp,dp,chunk",
+    [(2, 1, 1, 0), (1, 2, 1, 0), (2, 2, 1, 0), (2, 2, 1, 5), (1, 1, 2, 0)],
+    ids=["tp2", "pp2", "tp2xpp2", "tp2xpp2-chunked", "dp2"],
+)
 def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chunk):
     world = tp * pp * dp
-    mp.spawn(_worker, args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), chunk),
-             nprocs=world, join=True)
+    mp.spawn(
+        _worker,
+        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), chunk),
+        nprocs=world,
+        join=True,
+    )
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for res in results:
         assert _rel(torch.tensor(res["loss"]), torch.tensor(reference["loss"])) < TOL
@@ -148,7 +173,11 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chun
     grads = _gather(results, tp)
     assert sorted(grads) == sorted(reference["grads"])
     worst = max(_rel(grads[k], reference["grads"][k]) for k in grads)
-    print(f"tp={tp} pp={pp} dp={dp} chunk={chunk}: loss {results[0]['loss']:.6f} vs {reference['loss']:.6f}, "
-          f"max relative grad difference {worst:.2e}, step {results[0]['step_s'] * 1e3:.0f} ms")
+    print(
+        f"tp={tp} pp={pp} dp={dp} chunk={chunk}: loss {results[0]['loss']:.6f} vs {reference['loss']:.6f}, "
+        f"max relative grad difference {worst:.2e}, step {results[0]['step_s'] * 1e3:.0f} ms"
+    )
     for k in grads:
-        assert _rel(grads[k], reference["grads"][k]) < TOL, f"{k}: relative difference {_rel(grads[k], reference['grads'][k]):.2e}"
+        assert _rel(grads[k], reference["grads"][k]) < TOL, (
+            f"{k}: relative difference {_rel(grads[k], reference['grads'][k]):.2e}"
+        )

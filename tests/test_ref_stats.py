@@ -37,14 +37,29 @@ def make_rows(n, seed=0, min_len=3, max_len=11):
         mask = [False] * p + [True] * (t - p)
         rewards = [0.0] * t
         rewards[-1] = float(g.normal())
-        rows.append({"row_id": f"r{i}", "source": "test", "group_id": i // 2, "prompt_len": p,
-                     "tokens": g.integers(0, VOCAB, t).tolist(), "action_mask": mask, "rewards": rewards})
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "source": "test",
+                "group_id": i // 2,
+                "prompt_len": p,
+                "tokens": g.integers(0, VOCAB, t).tolist(),
+                "action_mask": mask,
+                "rewards": rewards,
+            }
+        )
     return rows
 
 
 def build(tmp_path, name="buf", n=10, shard_rows=4, seed=0):
-    return write_buffer(make_rows(n, seed), tmp_path / name, tokenizer_info=TOKENIZER, command=["test"],
-                        shard_rows=shard_rows, progress=False)
+    return write_buffer(
+        make_rows(n, seed),
+        tmp_path / name,
+        tokenizer_info=TOKENIZER,
+        command=["test"],
+        shard_rows=shard_rows,
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +67,15 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -92,8 +114,9 @@ def test_batches_respect_token_budget_and_cover_every_row():
 
 def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
     buf = build(tmp_path, n=10, shard_rows=4)
-    done = compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"},
-                             max_batch_tokens=24, progress=False)
+    done = compute_ref_stats(
+        buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, max_batch_tokens=24, progress=False
+    )
     assert done == [0, 1, 2]
     out = open_buffer(buf.path)
     assert out.has_ref_stats and out.manifest["ref_stats"]["ref_model"] == {"name": "tiny"}
@@ -199,8 +222,13 @@ print(json.dumps(done))
 
 def run_child(buffer_dir, slow=0.0, wait=True):
     env = {**os.environ, "SLOW_SECONDS": str(slow), "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(buffer_dir)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(buffer_dir)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     if wait:
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
@@ -259,13 +287,24 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     tok = smollm2_tokenizer
     folder = tmp_path / "tiny-llama"
     torch.manual_seed(1)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=128,
+        )
+    )
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     hh = tmp_path / "hh.jsonl"
-    hh.write_text(json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.",
-                              "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}) + "\n")
+    hh.write_text(
+        json.dumps({"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."})
+        + "\n"
+    )
     buf = tmp_path / "buf"
     assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"]) == 0
     assert main(["ref-stats", str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
@@ -301,22 +340,47 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     folder = tmp_path / "arch"
     tok.save_pretrained(folder)
     multiturn = tmp_path / "mt.jsonl"
-    multiturn.write_text(json.dumps({"messages": [
-        {"role": "user", "content": "Add 2 and 3."}, {"role": "assistant", "content": "add(2, 3)", "reward": 0.5},
-        {"role": "tool", "content": "5"}, {"role": "assistant", "content": "5", "reward": 1.0}]}) + "\n")
+    multiturn.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Add 2 and 3."},
+                    {"role": "assistant", "content": "add(2, 3)", "reward": 0.5},
+                    {"role": "tool", "content": "5"},
+                    {"role": "assistant", "content": "5", "reward": 1.0},
+                ]
+            }
+        )
+        + "\n"
+    )
     buf = tmp_path / "buf"
-    assert main(["build", "multiturn", str(multiturn), "--tokenizer", str(folder), "--out", str(buf),
-                 "--no-progress"]) == 0
-    cfg = M.ModelConfig(vocab_size=len(tok), hidden_size=32, num_attention_heads=2, num_layers=1,
-                        max_sequence_length=128)
+    assert (
+        main(["build", "multiturn", str(multiturn), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"])
+        == 0
+    )
+    cfg = M.ModelConfig(
+        vocab_size=len(tok), hidden_size=32, num_attention_heads=2, num_layers=1, max_sequence_length=128
+    )
     with parallel.distributed(seed=3):
         mg = M.build_model(cfg)
         save_checkpoint(tmp_path / "ckpt", 1, mg)
         llama_config_from_model(cfg).save_pretrained(folder)  # architecture only; weights come from the checkpoint
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
-    assert main(["ref-stats", str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "ckpt"),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "ref-stats",
+                str(buf),
+                "--model",
+                str(folder),
+                "--megatron-checkpoint",
+                str(tmp_path / "ckpt"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = open_buffer(buf)
     assert out.manifest["ref_model"]["megatron_checkpoint"].endswith("step_00000001")
     for r, c, z in zip(out.table.to_pylist(), want_c, want_z):

@@ -27,9 +27,17 @@ def make_rows(n, seed=0, group_sizes=(1, 2, 3)):
         mask = [False] * p + [bool(x) for x in rng.integers(0, 2, c)]
         mask[-1] = True
         rewards = [float(np.float32(rng.normal())) if m and rng.random() < 0.5 else 0.0 for m in mask]
-        rows.append({"row_id": f"r{i}", "source": "t", "group_id": g, "prompt_len": p,
-                     "tokens": [i] + [int(t) for t in rng.integers(500, 990, p + c - 1)],
-                     "action_mask": mask, "rewards": rewards})
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "source": "t",
+                "group_id": g,
+                "prompt_len": p,
+                "tokens": [i] + [int(t) for t in rng.integers(500, 990, p + c - 1)],
+                "action_mask": mask,
+                "rewards": rewards,
+            }
+        )
         left -= 1
         if left == 0:
             g, left = g + 1, int(rng.choice(group_sizes))
@@ -71,8 +79,20 @@ def stream(samplers, steps):
 @pytest.mark.parametrize("mode", ["padded", "packed"])
 def test_every_row_once_per_epoch_across_ranks(rows_and_buffer, mode):
     rows, buf = rows_and_buffer
-    samplers = [BufferSampler(buf, rows_per_micro_batch=2, micro_batches_per_step=2, seed=3, dp_rank=r, dp_world=3,
-                              mode=mode, max_tokens_per_row=24, pad_id=PAD) for r in range(3)]
+    samplers = [
+        BufferSampler(
+            buf,
+            rows_per_micro_batch=2,
+            micro_batches_per_step=2,
+            seed=3,
+            dp_rank=r,
+            dp_world=3,
+            mode=mode,
+            max_tokens_per_row=24,
+            pad_id=PAD,
+        )
+        for r in range(3)
+    ]
     seen = stream(samplers, 8)
     assert len(seen) >= 46
     assert sorted(seen[:23]) == list(range(23)) and sorted(seen[23:46]) == list(range(23))
@@ -100,8 +120,9 @@ def test_padded_batches_equal_the_rows(rows_and_buffer):
 
 def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
     rows, buf = rows_and_buffer
-    s = BufferSampler(buf, rows_per_micro_batch=3, micro_batches_per_step=2, seed=0, mode="packed",
-                      max_tokens_per_row=20, pad_id=PAD)
+    s = BufferSampler(
+        buf, rows_per_micro_batch=3, micro_batches_per_step=2, seed=0, mode="packed", max_tokens_per_row=20, pad_id=PAD
+    )
     n_multi = 0
     for _ in range(4):
         for mb in s.next_micro_batches():
@@ -115,10 +136,10 @@ def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
                 while pos < len(ids) and int(mb["tokens"][b, pos]) < 500:
                     r = rows[int(mb["tokens"][b, pos])]
                     n = len(r["tokens"])
-                    assert ids[pos:pos + n] == [n_segments] * n
-                    assert mb["tokens"][b, pos:pos + n].tolist() == r["tokens"]
-                    assert mb["action_mask"][b, pos:pos + n].tolist() == r["action_mask"]
-                    assert mb["rewards"][b, pos:pos + n].tolist() == r["rewards"]
+                    assert ids[pos : pos + n] == [n_segments] * n
+                    assert mb["tokens"][b, pos : pos + n].tolist() == r["tokens"]
+                    assert mb["action_mask"][b, pos : pos + n].tolist() == r["action_mask"]
+                    assert mb["rewards"][b, pos : pos + n].tolist() == r["rewards"]
                     pos += n
                     n_segments += 1
                 assert pos <= 20 and n_segments >= 1
@@ -133,8 +154,12 @@ def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
 def test_groups_mode_keeps_groups_whole(rows_and_buffer):
     rows, buf = rows_and_buffer
     size = Counter(r["group_id"] for r in rows)
-    samplers = [BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=2, seed=5, dp_rank=r, dp_world=2,
-                              mode="groups") for r in range(2)]
+    samplers = [
+        BufferSampler(
+            buf, rows_per_micro_batch=4, micro_batches_per_step=2, seed=5, dp_rank=r, dp_world=2, mode="groups"
+        )
+        for r in range(2)
+    ]
     groups_seen = []
     for _ in range(6):
         for s in samplers:
@@ -226,8 +251,15 @@ def big_rows(n_rows, length=200):
         mask[20:] = True
         rewards = np.zeros(length, np.float32)
         rewards[-1] = 1.0
-        yield {"row_id": str(i), "source": "big", "group_id": i, "prompt_len": 20,
-               "tokens": rng.integers(0, 1000, length, dtype=np.int32), "action_mask": mask, "rewards": rewards}
+        yield {
+            "row_id": str(i),
+            "source": "big",
+            "group_id": i,
+            "prompt_len": 20,
+            "tokens": rng.integers(0, 1000, length, dtype=np.int32),
+            "action_mask": mask,
+            "rewards": rewards,
+        }
 
 
 def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
@@ -238,8 +270,9 @@ def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
     for n_rows in (500, 5000):
         folder = tmp_path / f"b{n_rows}"
         write_buffer(big_rows(n_rows), folder, tokenizer_info=TOK, command=["t"], shard_rows=1000, progress=False)
-        out = subprocess.run([sys.executable, str(script), str(folder), "padded"], capture_output=True, text=True,
-                             check=True).stdout.split()
+        out = subprocess.run(
+            [sys.executable, str(script), str(folder), "padded"], capture_output=True, text=True, check=True
+        ).stdout.split()
         result[n_rows] = (int(out[0]), int(out[1]))
     small, large = result[500][0], result[5000][0]
     # 1M tokens as Python lists cost tens of MB: the control shows the measurement would see growth

@@ -14,7 +14,11 @@ def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
     sklearn = pytest.importorskip("sklearn.linear_model")
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 16, generator=g, dtype=torch.float64)
-    y = X @ torch.randn(16, generator=g, dtype=torch.float64) + 0.3 * torch.randn(200, generator=g, dtype=torch.float64) + 2.0
+    y = (
+        X @ torch.randn(16, generator=g, dtype=torch.float64)
+        + 0.3 * torch.randn(200, generator=g, dtype=torch.float64)
+        + 2.0
+    )
     table = {f"t{i}": X[i] for i in range(200)}
     encoder = lambda texts: torch.stack([table[t] for t in texts])
     rm = RegressionRewardModel.fit(encoder, list(table), y.tolist(), l2=3.0, joiner="")
@@ -50,12 +54,16 @@ def _fixture_archive(path, body: str):
 def test_reads_snippets_from_nested_archive(tmp_path):
     _fixture_archive(tmp_path / "v.tar.gz", "1\t2.5\tA fine film.\r\n2\t-3.0\tDreadful from start to end\r\n")
     rows = load_movie_snippets(tmp_path / "v.tar.gz")
-    assert [(r.id, r.rating, r.text) for r in rows] == [(1, 2.5, "A fine film."), (2, -3.0, "Dreadful from start to end")]
+    assert [(r.id, r.rating, r.text) for r in rows] == [
+        (1, 2.5, "A fine film."),
+        (2, -3.0, "Dreadful from start to end"),
+    ]
     assert opening(rows[1].text, 2) == "Dreadful from"
 
 
-@pytest.mark.parametrize("line,field", [("1\tx\ttext", "rating"), ("a\t1\ttext", "id"), ("1\t1\t ", "text"),
-                                        ("1\tnan\ttext", "rating")])
+@pytest.mark.parametrize(
+    "line,field", [("1\tx\ttext", "rating"), ("a\t1\ttext", "id"), ("1\t1\t ", "text"), ("1\tnan\ttext", "rating")]
+)
 def test_bad_lines_name_source_line_and_field(line, field):
     with pytest.raises(ValueError, match=rf"src, line 2, field '{field}'"):
         parse_ratings("7\t1.0\tok\n" + line, "src")

@@ -49,8 +49,15 @@ def _reference(logits, hidden, weight, targets, wc, wz, vocab_size=V):
     w = weight.detach().clone().requires_grad_(True)
     st2 = token_stats((h @ w.t())[..., :vocab_size], targets)
     _objective(st2, wc, wz).backward()
-    return {"c": st.chosen_logits.detach(), "z": st.logz.detach(), "g_logits": lg.grad,
-            "c2": st2.chosen_logits.detach(), "z2": st2.logz.detach(), "g_h": h.grad, "g_w": w.grad}
+    return {
+        "c": st.chosen_logits.detach(),
+        "z": st.logz.detach(),
+        "g_logits": lg.grad,
+        "c2": st2.chosen_logits.detach(),
+        "z2": st2.logz.detach(),
+        "g_h": h.grad,
+        "g_w": w.grad,
+    }
 
 
 def _close(a, b, tol=1e-5):
@@ -166,9 +173,18 @@ def _tp_worker(rank, world, port, out_dir, vocab_size):
         w = weight[sl].clone().requires_grad_(True)
         st2 = chunked_token_stats(h, w, targets, chunk_tokens=4, group=group, vocab_size=vocab_size)
         _objective(st2, wc, wz).backward()
-        torch.save({"c": st.chosen_logits.detach(), "z": st.logz.detach(), "g_logits": lg.grad,
-                    "c2": st2.chosen_logits.detach(), "z2": st2.logz.detach(), "g_h": h.grad, "g_w": w.grad},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            {
+                "c": st.chosen_logits.detach(),
+                "z": st.logz.detach(),
+                "g_logits": lg.grad,
+                "c2": st2.chosen_logits.detach(),
+                "z2": st2.logz.detach(),
+                "g_h": h.grad,
+                "g_w": w.grad,
+            },
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         dist.destroy_process_group()
 

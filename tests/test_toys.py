@@ -16,8 +16,19 @@ import torch
 
 from shiq_eval import toys
 from shiq_eval.toys import (
-    BanditConfig, Grid, GridConfig, bandit_optimal, bandit_regret, bandit_value, method_loss, policy_value,
-    reward_collected, run_bandit, run_grid, sample_trajectories, soft_value_iteration,
+    BanditConfig,
+    Grid,
+    GridConfig,
+    bandit_optimal,
+    bandit_regret,
+    bandit_value,
+    method_loss,
+    policy_value,
+    reward_collected,
+    run_bandit,
+    run_grid,
+    sample_trajectories,
+    soft_value_iteration,
 )
 
 R = np.array([0.3, -1.0, 2.0, 0.5])
@@ -65,7 +76,8 @@ def test_bandit_shiq_converges():
     assert 0 <= out["regret"][-1] < 1e-3
     # ShiQ/tk is the same loss in a one-step bandit: identical curve for the same seed
     assert run_bandit(BanditConfig(steps=200, eval_every=100), "shiq_tk", seed=0)["regret"] == pytest.approx(
-        run_bandit(BanditConfig(steps=200, eval_every=100), "shiq", seed=0)["regret"], rel=1e-12)
+        run_bandit(BanditConfig(steps=200, eval_every=100), "shiq", seed=0)["regret"], rel=1e-12
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,8 +152,17 @@ def test_small_beta_value_iteration_matches_brute_force(treasure):
     approaches the best return over all action sequences, within max − β log 4 / (1 − γ) ≤ V ≤ max,
     and the greedy path of π* attains that best return."""
     beta, gamma = 1e-3, 0.9
-    cfg = GridConfig(width=3, height=2, start=0, goal=2, goal_reward=3.0, treasure=treasure,
-                     treasure_reward=4.0 if treasure else 0.0, beta=beta, gamma=gamma)
+    cfg = GridConfig(
+        width=3,
+        height=2,
+        start=0,
+        goal=2,
+        goal_reward=3.0,
+        treasure=treasure,
+        treasure_reward=4.0 if treasure else 0.0,
+        beta=beta,
+        gamma=gamma,
+    )
     best = _best_open_loop_return(cfg, max_len=7)
     grid = Grid(cfg)
     _, V, pi = soft_value_iteration(grid, beta, gamma)
@@ -182,7 +203,9 @@ def test_grid_losses_vanish_at_optimal_logits(method):
     loss = method_loss(method, theta[s], a, r, m, groups, beta=cfg.beta, gamma=cfg.gamma)
     assert float(loss) < 1e-9  # float32 statistics (token_stats)
     # and not at the reference logits
-    assert float(method_loss(method, torch.zeros_like(theta)[s], a, r, m, groups, beta=cfg.beta, gamma=cfg.gamma)) > 1e-3
+    assert (
+        float(method_loss(method, torch.zeros_like(theta)[s], a, r, m, groups, beta=cfg.beta, gamma=cfg.gamma)) > 1e-3
+    )
 
 
 def test_grid_shiq_learns():

@@ -35,7 +35,7 @@ def test_packed_row_stats_equal_rows_run_separately(dist1):
     # position 0 of a segment holds a prediction from the previous segment: compare from 1 on
     for row, start, key, n in [(0, 0, "a", 5), (0, 5, "b", 7), (1, 0, "c", 9), (1, 9, "a", 5)]:
         for got, want in [(st.chosen_logits, alone[key].chosen_logits), (st.logz, alone[key].logz)]:
-            torch.testing.assert_close(got[row, start + 1:start + n], want[0, 1:], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got[row, start + 1 : start + n], want[0, 1:], rtol=1e-5, atol=1e-5)
     # without the block mask the second trajectory would see the first one
     assert (unmasked.logz[0, 6:12] - alone["b"].logz[0, 1:]).abs().max() > 1e-4
     assert M.packed_position_ids(seg)[0].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3]
@@ -58,7 +58,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs shiq-train's entry point with open_data_source replaced by seeded synthetic micro-batches
 # (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them).
-DRIVER = '''
+DRIVER = """
 import sys, torch
 import shiq_train.cli as cli
 
@@ -89,18 +89,34 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
 
 cli.open_data_source = fake_source
 cli.main()
-'''
+"""
 
 
 def run_cli(tmp_path, *overrides, nproc=1, timeout=120):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     (tmp_path / "buffer").mkdir(exist_ok=True)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run",
-                                                   "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            str(nproc),
+            "--master_port",
+            str(free_port()),
+        ]
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = launcher + [str(driver), f"data.buffer={tmp_path / 'buffer'}", "train.progress=false",
-                      "train.tensorboard=false", *overrides]
+    cmd = launcher + [
+        str(driver),
+        f"data.buffer={tmp_path / 'buffer'}",
+        "train.progress=false",
+        "train.tensorboard=false",
+        *overrides,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
@@ -155,15 +171,25 @@ def write_tiny_buffer(path, with_ref: bool):
     rows = []
     for i in range(8):
         n = 10 + i % 3
-        row = {"group_id": i // 2, "prompt_len": 4, "tokens": torch.randint(0, 128, (n,), generator=g).tolist(),
-               "action_mask": [False] * 4 + [True] * (n - 4), "rewards": [0.0] * (n - 1) + [float(i % 2)],
-               "source": "test"}
+        row = {
+            "group_id": i // 2,
+            "prompt_len": 4,
+            "tokens": torch.randint(0, 128, (n,), generator=g).tolist(),
+            "action_mask": [False] * 4 + [True] * (n - 4),
+            "rewards": [0.0] * (n - 1) + [float(i % 2)],
+            "source": "test",
+        }
         if with_ref:
             row["ref_chosen_logits"] = [0.0] * n
             row["ref_logz"] = [0.0] + [math.log(128.0)] * (n - 1)  # position 0: nothing predicts it
         rows.append(row)
-    write_buffer(rows, path, tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": 128},
-                 command=["test"], progress=False)
+    write_buffer(
+        rows,
+        path,
+        tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": 128},
+        command=["test"],
+        progress=False,
+    )
 
 
 def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
@@ -171,24 +197,43 @@ def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false",
-                               *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+        return subprocess.run(
+            [sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false", *args],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            env=env,
+            timeout=120,
+        )
 
     write_tiny_buffer(tmp_path / "plain", with_ref=False)
     no_ref = cli(f"data.buffer={tmp_path / 'plain'}", f"out={tmp_path / 'a'}")
     assert no_ref.returncode == 2 and "has no reference statistics" in no_ref.stderr
     assert "train.reference=online" in no_ref.stderr
 
-    dpo = cli(f"data.buffer={tmp_path / 'plain'}", f"out={tmp_path / 'b'}", "loss=dpo", "data.mode=padded",
-              "train.reference=online", "train.steps=2", "data.rows_per_micro_batch=4")
+    dpo = cli(
+        f"data.buffer={tmp_path / 'plain'}",
+        f"out={tmp_path / 'b'}",
+        "loss=dpo",
+        "data.mode=padded",
+        "train.reference=online",
+        "train.steps=2",
+        "data.rows_per_micro_batch=4",
+    )
     assert dpo.returncode == 0, dpo.stderr[-3000:]
     assert "using data.mode=groups instead of data.mode=padded" in dpo.stderr
     m = metrics(tmp_path / "b")
     assert len(m) == 2 and all(math.isfinite(x["loss"]) for x in m) and m[0]["pairs"] > 0
 
     write_tiny_buffer(tmp_path / "ref", with_ref=True)
-    packed = cli(f"data.buffer={tmp_path / 'ref'}", f"out={tmp_path / 'c'}", "data.mode=packed", "train.steps=2",
-                 "model.max_sequence_length=32", "data.rows_per_micro_batch=2")
+    packed = cli(
+        f"data.buffer={tmp_path / 'ref'}",
+        f"out={tmp_path / 'c'}",
+        "data.mode=packed",
+        "train.steps=2",
+        "model.max_sequence_length=32",
+        "data.rows_per_micro_batch=2",
+    )
     assert packed.returncode == 0, packed.stderr[-3000:]
     assert all(math.isfinite(x["loss"]) for x in metrics(tmp_path / "c"))
 
@@ -204,9 +249,21 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
     steps = 300
 
     def cmd(out):
-        return [sys.executable, "-m", "shiq_train", f"data.buffer={tmp_path / 'buf'}", f"out={out}",
-                "train.progress=false", "train.tensorboard=false", f"train.steps={steps}", "train.save_every=25",
-                "model.hidden_dropout=0.1", "data.rows_per_micro_batch=2", "optimizer.lr=1e-3", "seed=3"]
+        return [
+            sys.executable,
+            "-m",
+            "shiq_train",
+            f"data.buffer={tmp_path / 'buf'}",
+            f"out={out}",
+            "train.progress=false",
+            "train.tensorboard=false",
+            f"train.steps={steps}",
+            "train.save_every=25",
+            "model.hidden_dropout=0.1",
+            "data.rows_per_micro_batch=2",
+            "optimizer.lr=1e-3",
+            "seed=3",
+        ]
 
     straight = subprocess.run(cmd(tmp_path / "a"), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert straight.returncode == 0, straight.stderr[-3000:]

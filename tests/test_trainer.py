@@ -9,8 +9,8 @@ import torch
 from shiq_train import model as M
 from shiq_train import parallel
 from shiq_train.objectives import LossConfig
-from shiq_train.trainer import TrainConfig, Trainer, freeze_all_but_last_layers, frozen_copy
 from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer, freeze_all_but_last_layers, frozen_copy
 
 VOCAB, SEQ, PROMPT = 128, 12, 4
 GOOD, BAD = 7, 9  # completions ending in GOOD get reward +1, in BAD reward -1
@@ -31,8 +31,7 @@ class Synthetic:
         mask[:, PROMPT:] = True
         rewards = torch.zeros(self.rows, SEQ)
         rewards[:, -1] = torch.where(which == GOOD, 1.0, -1.0)
-        return {"tokens": tokens, "action_mask": mask, "rewards": rewards,
-                "group_ids": torch.arange(self.rows) // 2}
+        return {"tokens": tokens, "action_mask": mask, "rewards": rewards, "group_ids": torch.arange(self.rows) // 2}
 
     def next_micro_batches(self):
         out = [self.batch(self.pos + k) for k in range(self.micro_batches)]
@@ -85,8 +84,14 @@ def test_short_shiq_run_learns_the_rewarded_tokens(dist1, tmp_path):
     model = M.build_model(cfg())
     ref = frozen_copy(model, cfg())
     before = mean_logprob(model, GOOD), mean_logprob(model, BAD)
-    trainer = Trainer(model, LossConfig("shiq", beta=0.25), OptimizerConfig(lr=3e-3), TrainConfig(steps=25, progress=False),
-                      tmp_path, ref_model=ref)
+    trainer = Trainer(
+        model,
+        LossConfig("shiq", beta=0.25),
+        OptimizerConfig(lr=3e-3),
+        TrainConfig(steps=25, progress=False),
+        tmp_path,
+        ref_model=ref,
+    )
     hist = trainer.fit(with_reference(Synthetic(), ref))
     after = mean_logprob(model, GOOD), mean_logprob(model, BAD)
     # optimum: log π*(y)/π_ref(y) = R(y)/β − log Z = ±4 − log Z for the two completions
@@ -96,7 +101,9 @@ def test_short_shiq_run_learns_the_rewarded_tokens(dist1, tmp_path):
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 26))
-    assert {"loss", "reward", "kl", "abs_delta_mean", "abs_delta_max", "grad_norm", "lr", "tokens_per_s"} <= set(lines[0])
+    assert {"loss", "reward", "kl", "abs_delta_mean", "abs_delta_max", "grad_norm", "lr", "tokens_per_s"} <= set(
+        lines[0]
+    )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
@@ -110,8 +117,13 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
         for p in model.parameters():
             p.requires_grad_(True)
         parallel.set_seed(7)  # the same dropout stream for every run (a resumed run restores its own)
-        t = Trainer(model, LossConfig("shiq", beta=0.5), OptimizerConfig(lr=1e-3, warmup_steps=2, decay_steps=6),
-                    TrainConfig(steps=steps, save_every=2, progress=False, tensorboard=False), out)
+        t = Trainer(
+            model,
+            LossConfig("shiq", beta=0.5),
+            OptimizerConfig(lr=1e-3, warmup_steps=2, decay_steps=6),
+            TrainConfig(steps=steps, save_every=2, progress=False, tensorboard=False),
+            out,
+        )
         return t.fit(with_reference(Synthetic(seed=1), ref)), model
 
     straight, m1 = run(tmp_path / "a", 6)
@@ -134,9 +146,14 @@ def test_online_reference_equals_precomputed(dist1, tmp_path):
         src = Synthetic(seed=2)
         if mode == "precomputed":
             src = with_reference(src, ref)
-        t = Trainer(model, LossConfig("copg", beta=0.3), OptimizerConfig(lr=1e-3),
-                    TrainConfig(steps=4, reference=mode, progress=False, tensorboard=False), tmp_path / mode,
-                    ref_model=ref)
+        t = Trainer(
+            model,
+            LossConfig("copg", beta=0.3),
+            OptimizerConfig(lr=1e-3),
+            TrainConfig(steps=4, reference=mode, progress=False, tensorboard=False),
+            tmp_path / mode,
+            ref_model=ref,
+        )
         runs[mode] = [h["loss"] for h in t.fit(src)]
     assert runs["online"] == pytest.approx(runs["precomputed"], rel=1e-6)
 
@@ -145,12 +162,19 @@ def test_only_the_last_layers_train_when_asked(dist1, tmp_path):
     model = M.build_model(cfg())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     n_trainable = freeze_all_but_last_layers(model, 1)
-    assert n_trainable == sum(p.numel() for n, p in model.named_parameters()
-                              if n.startswith("decoder.layers.1.") or n.startswith("decoder.final_layernorm"))
+    assert n_trainable == sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if n.startswith("decoder.layers.1.") or n.startswith("decoder.final_layernorm")
+    )
     ref = frozen_copy(model, cfg())
-    Trainer(model, LossConfig("shiq", beta=0.5), OptimizerConfig(lr=1e-2),
-            TrainConfig(steps=2, trainable_last_layers=1, progress=False, tensorboard=False), tmp_path,
-            ).fit(with_reference(Synthetic(), ref))
+    Trainer(
+        model,
+        LossConfig("shiq", beta=0.5),
+        OptimizerConfig(lr=1e-2),
+        TrainConfig(steps=2, trainable_last_layers=1, progress=False, tensorboard=False),
+        tmp_path,
+    ).fit(with_reference(Synthetic(), ref))
     for n, p in model.named_parameters():
         changed = not torch.equal(p, before[n])
         assert changed == (n.startswith("decoder.layers.1.") or n.startswith("decoder.final_layernorm")), n

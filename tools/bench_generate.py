@@ -19,9 +19,10 @@ import warnings
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Prints median seconds per pass over the prompts, generated tokens/s, "
-                                       "and the ratio of the two engines.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints median seconds per pass over the prompts, generated tokens/s, and the ratio of the two engines.",
+    )
     p.add_argument("--prompts", type=int, default=32, help="held-out movie prompts (default 32)")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
@@ -49,8 +50,10 @@ def main(argv=None) -> None:
     with parallel.distributed(seed=0):
         mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0))
         H.import_llama(mg, hf.state_dict(), hf.config)
-        engines = {"transformers (HFPolicy)": HFPolicy(hf, eos_id=tok.eos_token_id),
-                   "megatron-core (MegatronPolicy)": MegatronPolicy(mg.eval(), eos_id=tok.eos_token_id)}
+        engines = {
+            "transformers (HFPolicy)": HFPolicy(hf, eos_id=tok.eos_token_id),
+            "megatron-core (MegatronPolicy)": MegatronPolicy(mg.eval(), eos_id=tok.eos_token_id),
+        }
         outputs = {name: e.generate(ids, cfg) for name, e in engines.items()}  # warm-up
         times = {name: [] for name in engines}
         for _ in range(args.reps):
@@ -62,9 +65,11 @@ def main(argv=None) -> None:
     hf_name = next(iter(engines))
     base = statistics.median(times[hf_name])
     same = sum(a == b for a, b in zip(*outputs.values()))
-    print(f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), "
-          f"greedy, {args.new_tokens} new tokens, batches of {args.batch}, {args.threads} threads, "
-          f"median of {args.reps}; identical completions: {same}/{len(ids)}")
+    print(
+        f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), "
+        f"greedy, {args.new_tokens} new tokens, batches of {args.batch}, {args.threads} threads, "
+        f"median of {args.reps}; identical completions: {same}/{len(ids)}"
+    )
     print()
     print("| engine | seconds per pass | generated tokens/s | time / transformers |")
     print("|---|---|---|---|")

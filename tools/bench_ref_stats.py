@@ -25,9 +25,11 @@ import tempfile
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Prints seconds, tokens/s and peak memory per way, their ratios, and the "
-                                       "largest difference between the two ways' statistics.")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints seconds, tokens/s and peak memory per way, their ratios, and the "
+        "largest difference between the two ways' statistics.",
+    )
     p.add_argument("--rows", type=int, default=48, help="synthetic rows (default 48)")
     p.add_argument("--tokens", type=int, default=128, help="tokens per row (default 128)")
     p.add_argument("--batch-tokens", type=int, default=2048, help="ref-stats --batch-tokens (default 2048)")
@@ -91,16 +93,35 @@ def main(argv=None) -> None:
         for rep in range(args.reps):
             for way in results:
                 out = os.path.join(tmp, f"{way}{rep}.npz")
-                subprocess.run([sys.executable, __file__, "--rows", str(args.rows), "--tokens", str(args.tokens),
-                                "--batch-tokens", str(args.batch_tokens), "--chunk", str(args.chunk),
-                                "--threads", str(args.threads), "--worker", way, out], check=True,
-                               stderr=subprocess.DEVNULL)
+                subprocess.run(
+                    [
+                        sys.executable,
+                        __file__,
+                        "--rows",
+                        str(args.rows),
+                        "--tokens",
+                        str(args.tokens),
+                        "--batch-tokens",
+                        str(args.batch_tokens),
+                        "--chunk",
+                        str(args.chunk),
+                        "--threads",
+                        str(args.threads),
+                        "--worker",
+                        way,
+                        out,
+                    ],
+                    check=True,
+                    stderr=subprocess.DEVNULL,
+                )
                 r = np.load(out)
                 results[way].append((float(r["seconds"]), float(r["peak_mib"])))
                 stats[way] = (r["chosen"], r["logz"])
     n_tokens = args.rows * args.tokens
-    print(f"SmolLM2-135M, vocab 49152, {args.rows} rows x {args.tokens} tokens, --batch-tokens {args.batch_tokens}, "
-          f"chunk {args.chunk}, {args.threads} threads, {args.reps} runs per way (median)\n")
+    print(
+        f"SmolLM2-135M, vocab 49152, {args.rows} rows x {args.tokens} tokens, --batch-tokens {args.batch_tokens}, "
+        f"chunk {args.chunk}, {args.threads} threads, {args.reps} runs per way (median)\n"
+    )
     print("| way | seconds | tokens/s | peak RSS increase (MiB) |")
     print("|---|---|---|---|")
     med = {}
@@ -111,8 +132,10 @@ def main(argv=None) -> None:
         print(f"| {way} | {s:.2f} | {n_tokens / s:,.0f} | {m:,.0f} |")
     (fs, fm), (cs, cm) = med["full"], med["chunked"]
     diff = max(float(np.abs(stats["full"][i] - stats["chunked"][i]).max()) for i in range(2))
-    print(f"\nchunked / full: time {cs / fs:.2f}x, peak memory {fm / max(cm, 1.0):.1f}x lower; "
-          f"largest |difference| of the statistics: {diff:.2e}")
+    print(
+        f"\nchunked / full: time {cs / fs:.2f}x, peak memory {fm / max(cm, 1.0):.1f}x lower; "
+        f"largest |difference| of the statistics: {diff:.2e}"
+    )
     print(json.dumps({"full": med["full"], "chunked": med["chunked"], "max_abs_diff": diff}))
 
 

@@ -35,9 +35,11 @@ import warnings
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Prints a table of median step times (and ratio to SFT) and of peak "
-                                       "statistics memory (full logits vs chunked).")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints a table of median step times (and ratio to SFT) and of peak "
+        "statistics memory (full logits vs chunked).",
+    )
     p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
     p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
     p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
@@ -65,7 +67,7 @@ def make_batch(args, seed=0):
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
     mask = torch.zeros(args.batch, args.seq, dtype=torch.bool)
-    mask[:, args.prompt:] = True
+    mask[:, args.prompt :] = True
     rewards = torch.zeros(args.batch, args.seq)
     rewards[:, -1] = torch.randn(args.batch, generator=g)
     return {"tokens": tokens, "action_mask": mask, "rewards": rewards}
@@ -95,9 +97,15 @@ def sft_step(model, optimizer, scheduler, micro_batches, clip_grad):
     tokens = micro_batches[0]["tokens"]
     model.stats_from_labels = False  # labels= gives megatron's cross-entropy, not SHIQ_MATH §2 statistics
     try:
-        get_forward_backward_func()(forward_step_func=forward_step, data_iterator=iter(micro_batches), model=model,
-                                    num_microbatches=len(micro_batches), seq_length=tokens.shape[1],
-                                    micro_batch_size=tokens.shape[0], forward_only=False)
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iter(micro_batches),
+            model=model,
+            num_microbatches=len(micro_batches),
+            seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0],
+            forward_only=False,
+        )
     finally:
         model.stats_from_labels = True
     finalize_grads(model)
@@ -113,14 +121,19 @@ def time_steps(args) -> list[dict]:
     from shiq_train import model as M
     from shiq_train import parallel
     from shiq_train.objectives import LossConfig
-    from shiq_train.trainer import _capture_reference, frozen_copy
     from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
+    from shiq_train.trainer import _capture_reference, frozen_copy
 
     torch.set_num_threads(args.threads)
     parallel.init_distributed(seed=0)
     try:
-        cfg = M.ModelConfig(num_layers=args.layers, hidden_size=args.hidden, num_attention_heads=args.heads,
-                            vocab_size=args.vocab, max_sequence_length=args.seq)
+        cfg = M.ModelConfig(
+            num_layers=args.layers,
+            hidden_size=args.hidden,
+            num_attention_heads=args.heads,
+            vocab_size=args.vocab,
+            max_sequence_length=args.seq,
+        )
         chunked_cfg = M.ModelConfig(**{**cfg.to_dict(), "logits_chunk_tokens": args.chunk})
         model = M.build_model(cfg)
         ref = frozen_copy(model, cfg)
@@ -145,8 +158,9 @@ def time_steps(args) -> list[dict]:
             "sft (megatron cross-entropy)": lambda: sft_step(model, opt, sched, [dict(batch)], 1.0),
             "shiq (precomputed ref)": lambda: train_step(model, opt, sched, [dict(with_ref)], loss_fn, 1.0),
             "shiq (online ref)": online,
-            f"shiq (chunked stats, {args.chunk} tokens)":
-                lambda: train_step(chunked, copt, csched, [dict(with_ref)], loss_fn, 1.0),
+            f"shiq (chunked stats, {args.chunk} tokens)": lambda: train_step(
+                chunked, copt, csched, [dict(with_ref)], loss_fn, 1.0
+            ),
         }
         times = {k: [] for k in methods}
         for fn in methods.values():  # warm-up
@@ -159,8 +173,16 @@ def time_steps(args) -> list[dict]:
     finally:
         parallel.destroy_distributed()
     base = statistics.median(times["sft (megatron cross-entropy)"])
-    return [{"method": k, "median_s": statistics.median(v), "min_s": min(v), "max_s": max(v),
-             "ratio_to_sft": statistics.median(v) / base} for k, v in times.items()]
+    return [
+        {
+            "method": k,
+            "median_s": statistics.median(v),
+            "min_s": min(v),
+            "max_s": max(v),
+            "ratio_to_sft": statistics.median(v) / base,
+        }
+        for k, v in times.items()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,15 +213,32 @@ def memory_child(args) -> dict:
 def measure_memory(args) -> list[dict]:
     rows = []
     for path in ("full", "chunked"):
-        cmd = [sys.executable, __file__, "--memory-child", path, "--hidden", str(args.hidden), "--vocab",
-               str(args.vocab), "--seq", str(args.seq), "--batch", str(args.batch), "--chunk", str(args.chunk),
-               "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--memory-child",
+            path,
+            "--hidden",
+            str(args.hidden),
+            "--vocab",
+            str(args.vocab),
+            "--seq",
+            str(args.seq),
+            "--batch",
+            str(args.batch),
+            "--chunk",
+            str(args.chunk),
+            "--threads",
+            str(args.threads),
+        ]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = rows[0]["peak_increase_mib"]
     if full < 1.0:
-        raise RuntimeError("the full-logits statistics raised no measurable peak RSS (the process's peak was "
-                           "already higher); rerun on a less loaded machine")
+        raise RuntimeError(
+            "the full-logits statistics raised no measurable peak RSS (the process's peak was "
+            "already higher); rerun on a less loaded machine"
+        )
     for r in rows:
         # below a page-level resolution the increase can read as 0: report the ratio as a lower bound
         r["full_over_this"] = full / max(r["peak_increase_mib"], 1.0)
@@ -212,9 +251,11 @@ def main(argv=None) -> int:
     if args.memory_child:
         print(json.dumps(memory_child(args)))
         return 0
-    print(f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; "
-          f"micro-batch {args.batch} x {args.seq} tokens ({args.seq - args.prompt} actions per row); "
-          f"{args.threads} threads")
+    print(
+        f"model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, vocab {args.vocab}; "
+        f"micro-batch {args.batch} x {args.seq} tokens ({args.seq - args.prompt} actions per row); "
+        f"{args.threads} threads"
+    )
     # memory first: its fresh subprocesses then run while this process is still small
     if not args.skip_memory:
         rows = measure_memory(args)
@@ -228,8 +269,10 @@ def main(argv=None) -> int:
         rows = time_steps(args)
         print(f"\n| step (median of {args.reps}) | seconds | min | max | / sft |\n|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
-                  f"{r['ratio_to_sft']:.2f}x |")
+            print(
+                f"| {r['method']} | {r['median_s']:.3f} | {r['min_s']:.3f} | {r['max_s']:.3f} | "
+                f"{r['ratio_to_sft']:.2f}x |"
+            )
     return 0
 
 
