@@ -54,12 +54,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from shiq_data.io import RowError, atomic_write_json, fsync_dir
 from shiq_data.schema import (
     BASE_FIELDS,
     INPUT_KEY,
     REF_FIELDS,
     SCHEMA_VERSION,
-    RowError,
     arrow_schema,
     at_input,
     check_row,
@@ -76,35 +76,12 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def shard_file_name(index: int, revision: int = 0) -> str:
@@ -547,10 +524,10 @@ def write_buffer(
             "created": now,
             "updated": now,
         }
-        _write_json_atomic(tmp / MANIFEST, manifest)
-        _fsync_dir(tmp)
+        atomic_write_json(tmp / MANIFEST, manifest, indent=1)
+        fsync_dir(tmp)
         os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         _remove_created_dirs(created)
@@ -625,7 +602,7 @@ def append_buffer(
                 )
             for path, entry in zip(stream.written, stream.entries):
                 os.rename(path, buffer_dir / entry["file"])
-            _fsync_dir(buffer_dir)
+            fsync_dir(buffer_dir)
         except BaseException:
             for p in stream.written + [buffer_dir / e["file"] for e in stream.entries]:
                 with contextlib.suppress(FileNotFoundError):
@@ -647,7 +624,7 @@ def append_buffer(
             new["ref_model"] = ref_model
             done = (manifest.get("ref_stats") or {}).get("done", [])
             new["ref_stats"] = {"ref_model": ref_model, "done": done + [e["file"] for e in stream.entries]}
-        _write_json_atomic(buffer_dir / MANIFEST, new)  # the commit point
+        atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
     return open_buffer(buffer_dir)
 
 
@@ -717,7 +694,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
         try:
             new_entry = write_shard_file(table, tmp)
             os.replace(tmp, buffer_dir / name)
-            _fsync_dir(buffer_dir)
+            fsync_dir(buffer_dir)
         finally:
             if tmp.exists():
                 tmp.unlink()
@@ -736,7 +713,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             new["ref_model"] = model
             new["ref_stats"] = {"ref_model": model, "done": done + [name]}
         try:
-            _write_json_atomic(buffer_dir / MANIFEST, new)  # the commit point
+            atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
         except BaseException:
             (buffer_dir / name).unlink(missing_ok=True)
             raise

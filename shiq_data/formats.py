@@ -28,38 +28,14 @@ float32) names the file, line and field too, although one line may give several 
 
 from __future__ import annotations
 
-import gzip
-import json
 import math
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import check_messages, encode_chat
-from shiq_data.generic import utf8_lines
-from shiq_data.schema import INPUT_KEY, RowError, input_location
-
-
-def _open_binary(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
-
-
-def read_jsonl(path) -> Iterator[tuple[int, dict]]:
-    """``(line_number, object)`` of each non-blank line (1-based numbers); bad UTF-8 or JSON raises naming the line."""
-    path = Path(path)
-    with _open_binary(path) as f:
-        for n, line in utf8_lines(f, path):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RowError(
-                    path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"
-                ) from None
-            if not isinstance(obj, dict):
-                raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
-            yield n, obj
+from shiq_data.io import RowError, iter_jsonl
+from shiq_data.schema import INPUT_KEY, input_location
 
 
 def _err(path, line, field, problem, row_label: str = "line") -> RowError:
@@ -207,7 +183,7 @@ def read_hh(
     path = Path(path)
     source = source or f"hh:{path.name}"
     actions = "all" if all_assistant_turns else "last"
-    for group, (line, obj) in enumerate(read_jsonl(path)):
+    for group, (line, obj) in enumerate(iter_jsonl(path)):
         for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
             messages = parse_hh_dialogue(_string(obj, field, path, line), path, line, field)
             reward = (
@@ -281,7 +257,7 @@ def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, sourc
     """
     path = Path(path)
     source = source or f"ultrafeedback:{path.name}"
-    for group, (line, obj) in enumerate(read_jsonl(path)):
+    for group, (line, obj) in enumerate(iter_jsonl(path)):
         prompt_key = "instruction" if "instruction" in obj else "prompt"
         if "completions" in obj:
             prompt = _string(obj, prompt_key, path, line)
@@ -343,7 +319,7 @@ def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[di
     path = Path(path)
     source = source or f"multiturn:{path.name}"
     groups: dict = {}
-    for n, (line, obj) in enumerate(read_jsonl(path)):
+    for n, (line, obj) in enumerate(iter_jsonl(path)):
         messages = obj.get("messages")
         if messages is None:
             raise _err(path, line, "messages", "missing")

@@ -26,7 +26,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import MessageError, check_messages
-from shiq_data.schema import INPUT_KEY, RowError, input_location
+from shiq_data.io import RowError, iter_jsonl
+from shiq_data.schema import INPUT_KEY, input_location
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 _MESSAGES = "a list of chat messages"
@@ -196,35 +197,6 @@ def records_to_rows(
         yield from flush()
 
 
-def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
-    """``(line_number, text)`` of each line of the binary file ``f`` (1-based numbers); a line that is not
-    valid UTF-8 raises :class:`RowError` naming ``path``, the line and the offending byte."""
-    for line_no, raw in enumerate(f, 1):
-        try:
-            yield line_no, raw.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise RowError(
-                path,
-                line_no,
-                "*",
-                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
-                row_label="line",
-            ) from None
-
-
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, "rb") as f:
-        for line_no, line in utf8_lines(f, path):
-            if not line.strip():
-                continue
-            try:
-                yield line_no, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise RowError(
-                    path, line_no, "*", f"bad JSON ({e.msg} at column {e.colno})", row_label="line"
-                ) from None
-
-
 def _require_file(path, kind: str) -> Path:
     path = Path(path)
     if not path.exists():
@@ -236,7 +208,7 @@ def read_jsonl(path, tokenizer, *, source: str | None = None, add_eos: bool = Tr
     """Buffer rows from a JSONL file (one record per line, blank lines skipped)."""
     path = _require_file(path, "file")
     return records_to_rows(
-        _jsonl_records(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos
+        iter_jsonl(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos
     )
 
 

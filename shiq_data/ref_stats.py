@@ -225,7 +225,7 @@ def _model_config(model: str):
     from transformers import AutoConfig
 
     if model == "smollm2":
-        from shiq_eval.assets import smollm2_gguf
+        from shiq_data.assets import smollm2_gguf
 
         path = smollm2_gguf()
         return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)

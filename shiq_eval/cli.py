@@ -87,7 +87,7 @@ def movie_prompts(
     n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
 ) -> tuple[list[str], list[str]]:
     """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
-    from shiq_eval.assets import vader_archive
+    from shiq_data.assets import vader_archive
     from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 
     rows = load_movie_snippets(vader_archive())
@@ -274,7 +274,7 @@ def run(args) -> list[dict]:
         prompts, shown = read_prompts_jsonl(args.prompts)
         source = str(Path(args.prompts).resolve())
     else:
-        from shiq_eval.assets import VADER_SDIST
+        from shiq_data.assets import VADER_SDIST
 
         prompts, shown = movie_prompts(args.movie_prompts)
         source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"

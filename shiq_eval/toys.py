@@ -24,7 +24,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from shiq_data.io import atomic_write_bytes
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
 
@@ -410,23 +410,8 @@ def aggregate(runs: list[dict], keys) -> dict:
     return out
 
 
-def atomic_write(path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and ``os.replace``."""
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json(path: str, obj) -> None:
-    atomic_write(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
@@ -437,7 +422,7 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
-    atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _band(ax, res, name, method, label=None, ls="-"):

@@ -18,12 +18,12 @@ then starts afresh).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from shiq_data.io import atomic_write
 from shiq_train.model import full_param_name, tp_layout, unshard_tensors, unwrap
 
 
@@ -42,21 +42,6 @@ def _layout() -> dict:
 
 def _rank_file(step_dir: Path, lay: dict) -> Path:
     return step_dir / f"rank_tp{lay['tp_rank']}_pp{lay['pp_rank']}_dp{lay['dp_rank']}.pt"
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp)``, flush it to disk, then rename it to ``path`` (and flush the rename), so neither
-    a killed process nor a power loss leaves a partial file under the final name."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    write(tmp)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier():
@@ -115,12 +100,12 @@ def save_checkpoint(
         "rng": _rng_state(),
         "user_state": user_state,
     }
-    _atomic_write(_rank_file(step_dir, lay), lambda p: torch.save(state, p))
+    atomic_write(_rank_file(step_dir, lay), lambda p: torch.save(state, p))
     _barrier()
     if dist.get_rank() == 0:
         info = {"step": step, "layout": {k: lay[k] for k in ("tp", "pp", "dp")}, "meta": meta or {}}
-        _atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
-        _atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
+        atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+        atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()
     return step_dir
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_train import config_dir
+from shiq_data.assets import config_dir
 
 CONFIG_DIR = config_dir()
 GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
@@ -217,7 +217,7 @@ def run(cfg: dict) -> Path:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from shiq_eval.report import atomic_write_bytes
+    from shiq_data.io import atomic_write_bytes
     from shiq_train import parallel
     from shiq_train.model import ModelConfig, check_runtime
     from shiq_train.objectives import LossConfig

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shiq_data.io import atomic_dir
+
 
 @dataclass(frozen=True)
 class LlamaShape:
@@ -158,10 +160,6 @@ def export_llama(model, hf_config, out_dir) -> None:
     Rank 0 writes into a temporary sibling folder and renames it into place, so ``out_dir`` is
     either complete or absent.
     """
-    import os
-    import shutil
-    import tempfile
-
     import torch.distributed as dist
 
     from shiq_train.checkpoint import gather_full_parameters
@@ -174,17 +172,7 @@ def export_llama(model, hf_config, out_dir) -> None:
     sd = megatron_to_llama(full, LlamaShape.from_hf_config(hf_config))
     hf = LlamaForCausalLM(hf_config)
     hf.load_state_dict({k: v.to(hf.dtype) for k, v in sd.items()}, strict=not hf_config.tie_word_embeddings)
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".export-", dir=parent)
-    try:
-        hf.save_pretrained(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_dir(out_dir, lambda tmp: hf.save_pretrained(tmp), replace=True)
 
 
 def _local_full(model):
@@ -201,7 +189,7 @@ def load_smollm2(dtype=torch.float32):
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    from shiq_eval.assets import smollm2_gguf
+    from shiq_data.assets import smollm2_gguf
 
     path = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -9,7 +9,6 @@ micro-batches for one optimizer step, dicts as described in ``shiq_train.train_s
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.model import unwrap
 from shiq_train.objectives import LossConfig
@@ -186,9 +186,7 @@ class _MetricLog:
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(ln + "\n" for ln in kept))
-            os.replace(tmp, self.path)
+            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter

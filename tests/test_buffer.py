@@ -22,7 +22,8 @@ from shiq_data.buffer import (
     shards_without_ref,
     write_buffer,
 )
-from shiq_data.schema import INPUT_KEY, RowError, check_row, input_location
+from shiq_data.io import RowError
+from shiq_data.schema import INPUT_KEY, check_row, input_location
 from shiq_data.validate import validate_buffer
 
 TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}

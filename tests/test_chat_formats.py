@@ -11,7 +11,7 @@ SYSTEM_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Huggin
 def tok():
     from transformers import AutoTokenizer
 
-    from shiq_eval.assets import AssetMissing, smollm2_gguf
+    from shiq_data.assets import AssetMissing, smollm2_gguf
 
     try:
         path = smollm2_gguf()
@@ -128,7 +128,8 @@ import gzip  # noqa: E402
 import json  # noqa: E402
 
 from shiq_data.formats import FORMATS, read_hh, read_multiturn, read_ultrafeedback  # noqa: E402
-from shiq_data.schema import RowError, check_row  # noqa: E402
+from shiq_data.io import RowError  # noqa: E402
+from shiq_data.schema import check_row  # noqa: E402
 
 
 def write_jsonl(path, objs, gz=False):

@@ -78,7 +78,7 @@ def test_build_jsonl_gpt2_command_decodes_back(tmp_path, gpt2):
 
 
 BAD = [
-    ('{"prompt": "a", "completion": "b", "reward": 1\n', "line 2", "'*'", "bad JSON"),
+    ('{"prompt": "a", "completion": "b", "reward": 1\n', "line 2", "'*'", "not valid JSON"),
     ('{"prompt": "a", "reward": 1}\n', "line 2", "'completion'", "missing"),
     ('{"prompt": 3, "completion": "b", "reward": 1}\n', "line 2", "'prompt'", "string"),
     ('{"prompt": "a", "completion": "b", "reward": Infinity}\n', "line 2", "'reward'", "non-finite"),
@@ -408,7 +408,7 @@ def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsy
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from shiq_eval.assets import AssetMissing
+    from shiq_data.assets import AssetMissing
 
     try:
         return load_tokenizer("smollm2")

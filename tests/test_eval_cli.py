@@ -213,8 +213,8 @@ def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
     """Reports, plots and trajectories are read by others: not mkstemp's owner-only 0600."""
     import stat
 
+    from shiq_data.io import atomic_write_json
     from shiq_eval.bfcl_rollout import write_trajectories
-    from shiq_eval.report import atomic_write_json
 
     atomic_write_json(tmp_path / "r.json", {"a": 1})
     write_trajectories(tmp_path / "t.jsonl", [{"b": 2}])

@@ -84,7 +84,7 @@ def smollm2_tokenizer():
     """SmolLM2's tokenizer, read once from the packaged GGUF file."""
     from transformers import AutoTokenizer
 
-    from shiq_eval.assets import AssetMissing, smollm2_gguf
+    from shiq_data.assets import AssetMissing, smollm2_gguf
 
     try:
         gguf = smollm2_gguf()

@@ -275,7 +275,7 @@ def main(argv=None) -> int:
             f"{m['vm_hwm_mb']:>6.0f} MB{m['epoch_s']:>9.1f}"
         )
     if args.json:
-        from shiq_eval.report import atomic_write_json
+        from shiq_data.io import atomic_write_json
 
         atomic_write_json(args.json, results)
     return 0

@@ -1,13 +1,27 @@
-"""Locating the models and data that ship inside packages (nothing is fetched from a hub).
+"""Locating what ships inside packages: the project's configs, and the models and data of the asset
+packages (nothing is fetched from a hub).
 
-Each finder raises :class:`AssetMissing` with the exact install command when its package is absent.
+Each asset finder raises :class:`AssetMissing` with the exact install command when its package is absent.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from pathlib import Path
+
+
+def config_dir() -> Path:
+    """The ``configs/`` folder: Hydra configs, the demo's embedded default, the BFCL split.
+
+    Installed as the package ``shiq_configs`` (editable or not); a source tree that is not installed
+    falls back to ``configs/`` next to this package.
+    """
+    spec = importlib.util.find_spec("shiq_configs")
+    if spec is not None and spec.origin:
+        return Path(spec.origin).resolve().parent
+    return Path(__file__).resolve().parents[1] / "configs"
 
 
 class AssetMissing(RuntimeError):
@@ -48,8 +62,6 @@ def vader_archive(search: list[str | os.PathLike] | None = None) -> Path:
     Looked for in ``search``, then ``$SHIQ_ASSETS``, then ``<venv>/share/shiq-assets``, where the README's
     install command puts it.
     """
-    import sys
-
     places = [Path(p) for p in (search or [])]
     if os.environ.get("SHIQ_ASSETS"):
         places.append(Path(os.environ["SHIQ_ASSETS"]))

@@ -1,0 +1,148 @@
+"""Low-level file helpers every layer shares: atomic writes, JSON-lines reading, input-row errors.
+
+Atomic writes go through one function: the bytes land in a temporary file beside the target, are
+flushed to disk, and the file is renamed over the target (the rename is flushed too), so a killed
+process or a power loss leaves either the old file or the new one under the final name, never a
+partial one. Nothing here imports torch or pyarrow.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+
+class RowError(ValueError):
+    """A bad input row. ``file``, ``row`` (index or line number) and ``field`` say where; the message names all three."""
+
+    def __init__(self, file, row, field: str, problem: str, *, row_label: str = "row"):
+        self.file, self.row, self.field, self.problem = str(file), row, field, problem
+        super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Flush a folder's entries (a rename inside it) to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode: int = 0o644) -> Path:
+    """Call ``write(tmp)`` to fill a temporary file beside ``path``, flush it, rename it to ``path`` and
+    flush the rename. The parent folder is created if missing; on any failure the temporary file is
+    removed and ``path`` is untouched. ``mode``: the file's permissions (results are meant to be shared)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        os.chmod(tmp, mode)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> Path:
+    """Write ``obj`` as indented JSON with a final newline, atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:
+    """Write one JSON object per line, atomically (the records are streamed to the temporary file)."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for r in records:
+                f.write(json.dumps(r) + "\n")
+
+    return atomic_write(path, write)
+
+
+def open_binary(path: str | os.PathLike):
+    """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz``."""
+    path = Path(path)
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
+    """``(line_number, text)`` of each line of the binary file ``f`` (1-based numbers); a line that is not
+    valid UTF-8 raises :class:`RowError` naming ``path``, the line and the offending byte."""
+    for line_no, raw in enumerate(f, 1):
+        try:
+            yield line_no, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RowError(
+                path,
+                line_no,
+                "*",
+                f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
+                row_label="line",
+            ) from None
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """``(line_number, object)`` of each non-blank line of a JSON-lines file, plain or ``.gz`` (1-based
+    numbers). Bad UTF-8, bad JSON or a line that is not a JSON object raises :class:`RowError` naming
+    the file and line."""
+    path = Path(path)
+    with open_binary(path) as f:
+        for n, line in utf8_lines(f, path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RowError(
+                    path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"
+                ) from None
+            if not isinstance(obj, dict):
+                raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
+            yield n, obj
+
+
+def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
+    """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
+    place, so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
+    process built it first) unless ``replace`` is true, when it is removed just before the rename."""
+    folder = Path(folder)
+    if folder.is_dir() and not replace:
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        fill(tmp)
+        if replace and folder.exists():
+            shutil.rmtree(folder)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process finished first; its copy is identical
+            if not folder.is_dir():
+                raise
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
