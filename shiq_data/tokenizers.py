@@ -55,7 +55,7 @@ def smollm2_folder() -> Path:
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:16]
 
     def fill(tmp: Path):
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: only loading a tokenizer needs it
 
         AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(str(tmp))
 
@@ -86,10 +86,10 @@ def load_tokenizer(name_or_path: str):
     ``info`` = ``{name, fingerprint, vocab_size, eos_id, pad_id}`` (``pad_id`` falls back to the eos id
     when the tokenizer has no pad token, as for GPT-2).
     """
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # heavy: only loading a tokenizer needs it
 
     if name_or_path == "gpt2":
-        from transformers import GPT2TokenizerFast
+        from transformers import GPT2TokenizerFast  # heavy: only loading a tokenizer needs it
 
         tok = GPT2TokenizerFast.from_pretrained(str(gpt2_folder()))
         name = "gpt2"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tqdm import tqdm
+
 from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, remove_unlisted_files_unless_locked
 from shiq_data.schema import arrow_schema, check_row
 
@@ -54,8 +56,6 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
     shards = manifest["shards"]
     it = shards
     if progress:
-        from tqdm import tqdm
-
         it = tqdm(shards, desc="validating", unit=" shards")
     for k, entry in enumerate(it):
         shard = path / entry["file"]

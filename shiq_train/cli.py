@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.assets import config_dir
+from shiq_train import reference
 
 CONFIG_DIR = config_dir()
 GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
@@ -295,8 +296,10 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-def main() -> None:
+def main() -> int | None:
     """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
+    if sys.argv[1:2] == ["ref-stats"]:  # shiq-train ref-stats BUFFER --model ...
+        return reference.main(sys.argv[2:])
     import hydra
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")

@@ -15,6 +15,7 @@ Layouts megatron uses (and the logits-parity test would catch if wrong):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -200,3 +201,19 @@ def load_smollm2(dtype=torch.float32):
     model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(loaded.state_dict())
     return model.eval(), tok
+
+
+def load_causal_lm(spec: str, dtype=torch.float32):
+    """The causal LM ``spec`` names, in eval mode: ``smollm2`` (:func:`load_smollm2`) or a Hugging Face
+    model folder (any ``transformers`` causal LM). ``FileNotFoundError`` naming the folder's
+    ``config.json`` if it has none."""
+    if spec == "smollm2":
+        return load_smollm2(dtype)[0]
+    folder = Path(spec)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{folder}: expected smollm2 or a Hugging Face model folder, but {folder / 'config.json'} does not exist"
+        )
+    from transformers import AutoModelForCausalLM  # heavy: only loading a model needs it
+
+    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()

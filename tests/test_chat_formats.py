@@ -127,8 +127,11 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
 import gzip  # noqa: E402
 import json  # noqa: E402
 
-from shiq_data.formats import FORMATS, read_hh, read_multiturn, read_ultrafeedback  # noqa: E402
 from shiq_data.io import RowError  # noqa: E402
+from shiq_data.readers import FORMATS  # noqa: E402
+from shiq_data.readers.hh import read_hh  # noqa: E402
+from shiq_data.readers.multiturn import read_multiturn  # noqa: E402
+from shiq_data.readers.ultrafeedback import read_ultrafeedback  # noqa: E402
 from shiq_data.schema import check_row  # noqa: E402
 
 
@@ -164,7 +167,7 @@ HH = [
 
 
 def test_hh_pairs(tok, tmp_path):
-    rows = list(FORMATS["hh"](write_jsonl(tmp_path / "hh.jsonl.gz", HH, gz=True), tok))
+    rows = list(FORMATS["hh"].read(write_jsonl(tmp_path / "hh.jsonl.gz", HH, gz=True), tok))
     assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
     assert [r["row_key"] for r in rows] == [
         "hh.jsonl.gz:1:chosen",
@@ -207,7 +210,7 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
     HH transcript (computed here from the raw JSON text), on the last action token."""
     from shiq_data.buffer import open_buffer
     from shiq_data.cli import main
-    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
 
     encoder = minilm_encoder()
     head = RegressionRewardModel.fit(

@@ -1,10 +1,9 @@
 """shiq-data command line and generic readers, with the real GPT-2 tokenizer."""
 
-import importlib.machinery
+import inspect
 import json
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import pyarrow as pa
@@ -13,6 +12,7 @@ import pytest
 from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 from shiq_data.cli import main
+from shiq_data.readers import FORMATS, Format
 from shiq_data.tokenizers import load_tokenizer
 
 RECORDS = [
@@ -175,43 +175,52 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
-def test_formats_module_plugs_in(tmp_path, monkeypatch, gpt2):
+def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2):
     calls = []
 
-    def toy_format(path, tokenizer, **options):
-        calls.append((path, options))
+    def toy_format(path, tokenizer, *, reward, source=None):
+        calls.append((path, {"reward": reward, "source": source}))
         yield {
-            "source": "toy",
+            "source": source or "toy",
             "group_id": 0,
             "prompt_len": 1,
             "tokens": [1, 2],
             "action_mask": [False, True],
-            "rewards": [0.0, float(options["reward"])],
+            "rewards": [0.0, float(reward)],
         }
 
-    fake = types.ModuleType("shiq_data.formats")
-    fake.__spec__ = importlib.machinery.ModuleSpec("shiq_data.formats", None)
-    fake.FORMATS = {"toyformat": toy_format}
-    monkeypatch.setitem(sys.modules, "shiq_data.formats", fake)
-    assert (
-        main(
-            [
-                "build",
-                "toyformat",
-                "x.txt",
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "buf"),
-                "--option",
-                "reward=2.5",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
-    assert calls == [("x.txt", {"reward": 2.5})]
+    monkeypatch.setitem(FORMATS, "toyformat", Format("toyformat", toy_format, ("reward",)))
+    argv = ["build", "toyformat", "x.txt", "--tokenizer", "gpt2", "--option", "reward=2.5", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "buf")]) == 0
+    assert calls == [("x.txt", {"reward": 2.5, "source": None})]
     assert read_rows(tmp_path / "buf")[1][0]["rewards"] == [0.0, 2.5]
+    assert read_rows(tmp_path / "buf")[1][0]["source"] == "toy"
+    assert main([*argv, "--out", str(tmp_path / "buf2"), "--source", "S"]) == 0  # --source reaches the reader
+    assert calls[-1] == ("x.txt", {"reward": 2.5, "source": "S"})
+    assert read_rows(tmp_path / "buf2")[1][0]["source"] == "S"
+
+
+def test_registered_options_are_keyword_arguments_of_their_reader():
+    """The names the command line may pass (--option, --source) are keyword parameters of each reader."""
+    assert sorted(FORMATS) == ["datasets", "hh", "jsonl", "multiturn", "parquet", "ultrafeedback"]
+    for name, form in FORMATS.items():
+        params = inspect.signature(form.read).parameters
+        keywords = {n for n, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+        assert form.name == name
+        assert {"source", *form.options, *form.functions} <= keywords, name
+        assert not set(form.options) & set(form.functions), name
+
+
+def test_start_up_imports_no_heavy_library_and_no_ref_stats_command():
+    """``shiq-data`` starts without torch or transformers (they load when a command needs them), and
+    reference statistics are a shiq-train command now (it runs a model)."""
+    code = "import sys, shiq_data.cli; print(sorted({'torch', 'transformers', 'datasets'} & set(sys.modules)))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "shiq_data", "--help"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "build" in proc.stdout and "ref-stats" not in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "shiq_data", "ref-stats", "x"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "invalid choice: 'ref-stats'" in proc.stderr
 
 
 def test_help_explains():

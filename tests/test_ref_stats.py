@@ -15,13 +15,8 @@ import pytest
 import torch
 
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.ref_stats import (
-    check_tokenizer_matches,
-    compute_ref_stats,
-    hf_stats_fn,
-    length_sorted_batches,
-    rows_ref_stats,
-)
+from shiq_data.ref_stats import compute_ref_stats, length_sorted_batches, rows_ref_stats
+from shiq_train.reference import check_tokenizer_matches, hf_stats_fn, megatron_stats_fn
 
 VOCAB = 64
 TOKENIZER = {"name": "test", "fingerprint": "ab" * 32, "vocab_size": VOCAB}
@@ -182,7 +177,6 @@ def test_padding_does_not_change_values(tiny_llama):
 def test_megatron_stats_fn_matches_full_logits():
     import warnings
 
-    from shiq_data.ref_stats import megatron_stats_fn
     from shiq_train import model as M
     from shiq_train import parallel
 
@@ -199,11 +193,32 @@ def test_megatron_stats_fn_matches_full_logits():
             np.testing.assert_allclose(zi, want_z, atol=1e-5, rtol=1e-5)
 
 
+def toy_stats_numpy(tokens, mask):
+    """Depends on the prefix only, like a causal model's statistics; numpy out."""
+    x = tokens.numpy().astype(np.float64)
+    prev = np.concatenate([np.zeros_like(x[:, :1]), x[:, :-1]], 1)
+    return np.sin(x + 0.5 * prev), np.cumsum(prev, 1) * 0.01 + 1.0
+
+
+def test_stats_fn_may_return_numpy_arrays():
+    """A ``stats_fn`` giving numpy arrays is stored like a torch one: each row equals the formula on that
+    row alone (float64, a plain loop), position 0 set to 0, padding dropped."""
+    rows = [r["tokens"] for r in make_rows(6, seed=7, min_len=2, max_len=9)]
+    chosen, logz = rows_ref_stats(rows, toy_stats_numpy, max_batch_tokens=20)
+    for t, c, z in zip(rows, chosen, logz):
+        want_c = [0.0] + [np.sin(t[i] + 0.5 * t[i - 1]) for i in range(1, len(t))]
+        want_z = [0.0] + [1.0 + 0.01 * sum(t[:i]) for i in range(1, len(t))]
+        assert c.dtype == z.dtype == np.float32 and len(c) == len(t)
+        np.testing.assert_allclose(c, want_c, atol=1e-6)
+        np.testing.assert_allclose(z, want_z, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"stats_fn returned logz of shape \(1, 1\)"):
+        rows_ref_stats(rows[:1], lambda t, m: (np.zeros(t.shape), np.zeros((1, 1))))
+
+
 CHILD = """
 import json, os, sys, time
 import torch
 from shiq_data.ref_stats import compute_ref_stats
-from shiq_train.stats import TokenStats
 
 def toy_stats(tokens, mask):
     # Depends on the prefix only, like a causal model's statistics.
@@ -213,7 +228,7 @@ def toy_stats(tokens, mask):
     c = torch.sin(x + 0.5 * prev)
     z = torch.cumsum(prev, 1) * 0.01 + 1.0
     c[:, 0] = z[:, 0] = 0
-    return TokenStats(c.float(), z.float())
+    return c.float(), z.float()
 
 done = compute_ref_stats(sys.argv[1], toy_stats, ref_model={"name": "toy"}, max_batch_tokens=1000, progress=False)
 print(json.dumps(done))
@@ -278,11 +293,12 @@ def test_tokenizer_mismatch_is_refused():
 
 
 def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, smollm2_tokenizer):
-    """``shiq-data build hh`` then ``shiq-data ref-stats --model FOLDER`` on a tiny random Llama whose folder
+    """``shiq-data build hh`` then ``shiq-train ref-stats --model FOLDER`` on a tiny random Llama whose folder
     holds SmolLM2's tokenizer; a buffer tokenised differently is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from shiq_data.cli import main
+    from shiq_train.reference import main as ref_stats
 
     tok = smollm2_tokenizer
     folder = tmp_path / "tiny-llama"
@@ -307,7 +323,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     )
     buf = tmp_path / "buf"
     assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"]) == 0
-    assert main(["ref-stats", str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
+    assert ref_stats([str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
     assert "computed for 1 shard(s); 1/1 shards" in capsys.readouterr().out
     rows = open_buffer(buf).table.to_pylist()
     model.eval()
@@ -319,9 +335,29 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
         np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
 
     other = write_buffer(make_rows(2), tmp_path / "other", tokenizer_info=TOKENIZER, command=["test"], progress=False)
-    assert main(["ref-stats", str(other.path), "--model", str(folder), "--no-progress"]) == 1
-    assert "fingerprint" in capsys.readouterr().err
+    assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("shiq-train ref-stats: error: ") and "fingerprint" in err and len(err.splitlines()) == 1
     assert not open_buffer(other.path).has_ref_stats
+    # the same through the shiq-train command
+    exe = Path(sys.executable).with_name("shiq-train")
+    cmd = (
+        [str(exe)]
+        if exe.exists()
+        else [sys.executable, "-c", "import sys; from shiq_train.cli import main; sys.exit(main())"]
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        [*cmd, "ref-stats", str(other.path), "--model", str(folder), "--no-progress"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("shiq-train ref-stats: error: ") and "fingerprint" in proc.stderr
+    assert not open_buffer(other.path).has_ref_stats
+    proc = subprocess.run([*cmd, "ref-stats", "--help"], capture_output=True, text=True, env=env)
+    assert proc.returncode == 0 and "--megatron-checkpoint" in proc.stdout and "--batch-tokens" in proc.stdout
 
 
 def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_tokenizer):
@@ -329,11 +365,11 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     import warnings
 
     from shiq_data.cli import main
-    from shiq_data.ref_stats import megatron_stats_fn
     from shiq_train import model as M
     from shiq_train import parallel
     from shiq_train.checkpoint import save_checkpoint
     from shiq_train.cli import llama_config_from_model
+    from shiq_train.reference import main as ref_stats
 
     warnings.filterwarnings("ignore")
     tok = smollm2_tokenizer
@@ -368,9 +404,8 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
     assert (
-        main(
+        ref_stats(
             [
-                "ref-stats",
                 str(buf),
                 "--model",
                 str(folder),

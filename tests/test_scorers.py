@@ -6,8 +6,9 @@ import tarfile
 import pytest
 import torch
 
+from shiq_data.reward_head import RegressionRewardModel, pearson
 from shiq_eval.moviereviews import load_movie_snippets, opening, parse_ratings, split_ids
-from shiq_eval.scorers import FunctionScorer, RegressionRewardModel, pearson
+from shiq_eval.scorers import FunctionScorer
 
 
 def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
@@ -30,6 +31,15 @@ def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
     assert back(["t1", "t2"], ["", ""]) == pytest.approx(ref.predict(X[1:3].numpy()).tolist())
     assert back.meta["n_train"] == 200
     assert pearson(torch.tensor(back.score_texts(list(table))), y) > 0.9
+
+
+def test_the_evaluation_scores_with_the_same_head():
+    """The head the data builder labels with is the one ``shiq_eval.scorers`` offers (one definition)."""
+    from shiq_data import reward_head
+    from shiq_eval import scorers
+
+    for name in ("RegressionRewardModel", "minilm_encoder", "pearson", "Encoder"):
+        assert getattr(scorers, name) is getattr(reward_head, name)
 
 
 def test_function_scorer():

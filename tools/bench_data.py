@@ -1,7 +1,7 @@
 """Benchmark of the replay buffer against the ``datasets`` library on synthetic data; prints a table.
 
 1. Build rate (rows/s): JSONL of (prompt, completion, reward) -> token-aligned rows on disk, with GPT-2.
-   Ours: ``shiq_data.generic.read_jsonl`` + ``write_buffer``. Baseline: ``Dataset.from_json`` + a
+   Ours: ``shiq_data.readers.generic.read_jsonl`` + ``write_buffer``. Baseline: ``Dataset.from_json`` + a
    batched ``.map`` doing the same tokenisation and alignment.
 2. Random-batch read rate (real tokens/s): padded ``[B, T]`` tensors of random rows.
    Ours: ``BufferSampler`` (padded). Baseline: ``dataset[indices]`` on the mapped dataset, padded with numpy.
@@ -50,7 +50,7 @@ def synthetic_records(n: int, seed: int = 0):
 
 
 def align_batch(batch, tokenizer, eos):
-    """The datasets baseline's .map function: the same rows as shiq_data.generic builds."""
+    """The datasets baseline's .map function: the same rows as shiq_data.readers.generic builds."""
     prompts = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
     completions = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
     out = {"tokens": [], "action_mask": [], "rewards": [], "prompt_len": []}
@@ -67,7 +67,7 @@ def align_batch(batch, tokenizer, eos):
 
 def bench_build(jsonl: Path, work: Path, tokenizer, info, tag: str = "0"):
     from shiq_data.buffer import write_buffer
-    from shiq_data.generic import read_jsonl
+    from shiq_data.readers.generic import read_jsonl
 
     t = time.perf_counter()
     buf = write_buffer(

@@ -1,9 +1,9 @@
-"""Reference statistics with a Hugging Face model (``shiq-data ref-stats``): full logits against chunks.
+"""Reference statistics with a Hugging Face model (``shiq-train ref-stats``): full logits against chunks.
 
 SmolLM2-135M-Instruct (vocab 49152) computes the chosen logit and log-partition of every token of the
 same synthetic rows two ways: through its full ``[B, T, V]`` logits (``causal_lm_stats``), and from
 its final hidden states and output weight ``--chunk`` positions at a time (what
-``shiq_data.ref_stats.hf_stats_fn`` does for Llama-family models). Each way runs in a fresh
+``shiq_train.reference.hf_stats_fn`` does for Llama-family models). Each way runs in a fresh
 subprocess that holds nothing else, alternating (full, chunked, full, ...), after one warm-up batch.
 Peak = the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` once
 the model is loaded and ``malloc_trim`` has returned loading's freed temporaries to the system, so
@@ -55,16 +55,17 @@ def worker(args) -> None:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    from shiq_data import ref_stats
+    from shiq_data.ref_stats import rows_ref_stats
+    from shiq_train import reference
     from shiq_train.hf_convert import load_smollm2
 
     way, out = args.worker
     if way == "full":
-        ref_stats.CHUNKED_MODEL_TYPES = ()  # force the full-logit path
+        reference.CHUNKED_MODEL_TYPES = ()  # force the full-logit path
     model, _ = load_smollm2(torch.float32)
     g = np.random.default_rng(0)
     rows = [g.integers(0, model.config.vocab_size, args.tokens).tolist() for _ in range(args.rows)]
-    fn = ref_stats.hf_stats_fn(model, chunk_tokens=args.chunk)
+    fn = reference.hf_stats_fn(model, chunk_tokens=args.chunk)
     import ctypes
     import gc
 
@@ -73,9 +74,9 @@ def worker(args) -> None:
     with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
         f.write("5")
     base = _status_kib("VmRSS")
-    ref_stats.rows_ref_stats(rows[:2], fn, args.batch_tokens)  # warm-up (its memory counts in the peak)
+    rows_ref_stats(rows[:2], fn, args.batch_tokens)  # warm-up (its memory counts in the peak)
     t0 = time.perf_counter()
-    chosen, logz = ref_stats.rows_ref_stats(rows, fn, args.batch_tokens)
+    chosen, logz = rows_ref_stats(rows, fn, args.batch_tokens)
     seconds = time.perf_counter() - t0
     peak_mib = (_status_kib("VmHWM") - base) / 1024
     np.savez(out, chosen=np.stack(chosen), logz=np.stack(logz), seconds=seconds, peak_mib=peak_mib)

@@ -8,10 +8,10 @@ and the reward on the last action token (SHIQ_MATH §1: a sequence reward is the
 
 The completion may instead be a list of chat messages ``[{"role", "content"}, ...]`` (roles as in
 :func:`shiq_data.chat.check_messages`, at least one assistant message): the row is then the
-conversation prompt + completion rendered by the tokenizer's chat template
-(:func:`shiq_data.chat.encode_chat`), the prompt being one user message (a string) or a list of
-messages. The action tokens are the completion's assistant turns (content and end-of-turn token;
-assistant messages in the prompt are context) and the reward sits on the last of them.
+conversation prompt + completion rendered by the tokenizer's chat template, the prompt being one
+user message (a string) or a list of messages. The action tokens are the completion's assistant
+turns (content and end-of-turn token; assistant messages in the prompt are context) and the reward
+sits on the last of them. Both kinds go through :func:`shiq_data.readers.encode.encode_record`.
 
 Errors name the file, the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field;
 each row carries that location (:data:`shiq_data.schema.INPUT_KEY`) so the buffer's own row check
@@ -25,12 +25,15 @@ import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl
+from shiq_data.readers.encode import MESSAGES, encode_record, is_chat
 from shiq_data.schema import INPUT_KEY, input_location
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
-_MESSAGES = "a list of chat messages"
 
 
 class _Groups:
@@ -49,11 +52,6 @@ class _Groups:
         return self.ids.setdefault(key, len(self.ids))
 
 
-def is_chat(record: dict) -> bool:
-    """True if the record's completion is a list of chat messages (encoded with the chat template)."""
-    return isinstance(record.get("completion"), list)
-
-
 def _check_chat(record: dict, err) -> None:
     """Raise ``err(field, problem)`` unless the prompt is a string or messages and the completion is
     messages with an assistant turn."""
@@ -65,7 +63,7 @@ def _check_chat(record: dict, err) -> None:
             except MessageError as e:
                 raise err(e.field, e.problem) from None
         elif not isinstance(value, str):
-            raise err(key, f"must be a string or {_MESSAGES}, got {type(value).__name__}")
+            raise err(key, f"must be a string or {MESSAGES}, got {type(value).__name__}")
     if not any(m["role"] == "assistant" for m in record["completion"]):
         raise err("completion", "no assistant message, so the row would have no action tokens")
 
@@ -87,7 +85,7 @@ def check_record(record, *, file: str, row: int, row_label: str) -> None:
     else:
         for key in ("prompt", "completion"):
             if not isinstance(record[key], str):
-                also = f" (or {_MESSAGES} with a message-list completion)" if key == "prompt" else f" or {_MESSAGES}"
+                also = f" (or {MESSAGES} with a message-list completion)" if key == "prompt" else f" or {MESSAGES}"
                 raise err(key, f"must be a string{also}, got {type(record[key]).__name__}")
     if record["prompt"] == "":
         raise err("prompt", "empty (the first token cannot be an action)")
@@ -100,52 +98,6 @@ def check_record(record, *, file: str, row: int, row_label: str) -> None:
         raise err("reward", f"must be a number, got {type(r).__name__}")
     if not math.isfinite(r):
         raise err("reward", f"non-finite reward {r}")
-
-
-def encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_label: str) -> dict:
-    """``tokens``, ``action_mask``, ``rewards`` and ``prompt_len`` of a checked record whose completion is
-    chat messages (see the module doc); errors name the file, line or row, and field."""
-    from shiq_data.formats import _encode  # formats imports this module
-
-    if not getattr(tokenizer, "chat_template", None):
-        raise RowError(
-            file,
-            row,
-            "completion",
-            f"{_MESSAGES} needs a tokenizer with a chat template (e.g. --tokenizer smollm2); this tokenizer has none",
-            row_label=row_label,
-        )
-    prompt = record["prompt"]
-    context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    k = len(context)
-    return _encode(
-        tokenizer,
-        context + list(record["completion"]),
-        file,
-        row,
-        "completion",
-        context=k,
-        row_label=row_label,
-        field_of=lambda i: f"completion[{i - k}].content",
-        completion_reward=float(record["reward"]),
-    )
-
-
-def _encode_text(prompt_ids, completion_ids, reward, *, eos, file: str, row: int, row_label: str) -> dict:
-    """The row fields of a string prompt and completion, tokenised on their own (plus ``eos`` unless None)."""
-    a = list(completion_ids) + ([] if eos is None else [eos])
-    if not prompt_ids:
-        raise RowError(file, row, "prompt", "tokenises to no token", row_label=row_label)
-    if not a:
-        raise RowError(file, row, "completion", "tokenises to no token (empty completion)", row_label=row_label)
-    rewards = [0.0] * (len(prompt_ids) + len(a))
-    rewards[-1] = float(reward)
-    return {
-        "prompt_len": len(prompt_ids),
-        "tokens": list(prompt_ids) + a,
-        "action_mask": [False] * len(prompt_ids) + [True] * len(a),
-        "rewards": rewards,
-    }
 
 
 def records_to_rows(
@@ -165,7 +117,7 @@ def records_to_rows(
         raise ValueError(f"{file}: the tokenizer has no eos token; pass add_eos=False")
     groups = _Groups()
     batch: list[tuple[int, dict]] = []
-    where = {"file": file, "row_label": row_label}
+    where = {"file": file, "row_label": row_label, "eos": eos if add_eos else None}
 
     def flush():
         texts = [r for _, r in batch if not is_chat(r)]
@@ -175,15 +127,11 @@ def records_to_rows(
             completions = tokenizer([r["completion"] for r in texts], add_special_tokens=False)["input_ids"]
         text_ids = zip(prompts, completions)
         for n, rec in batch:
-            if is_chat(rec):
-                encoded = encode_chat_record(rec, tokenizer, row=n, **where)
-            else:
-                p, c = next(text_ids)
-                encoded = _encode_text(p, c, rec["reward"], eos=eos if add_eos else None, row=n, **where)
+            ids = None if is_chat(rec) else next(text_ids)
             yield {
                 "source": source,
                 "group_id": groups.id(rec),
-                **encoded,
+                **encode_record(rec, tokenizer, row=n, ids=ids, **where),
                 INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": "reward"}),
             }
 
@@ -213,9 +161,6 @@ def read_jsonl(path, tokenizer, *, source: str | None = None, add_eos: bool = Tr
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
     except (pa.ArrowException, OSError) as e:
@@ -242,7 +187,7 @@ def read_parquet(path, tokenizer, *, source: str | None = None, add_eos: bool = 
 
 
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
-    import datasets
+    import datasets  # heavy: only the datasets format needs it
 
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
@@ -263,6 +208,3 @@ def read_datasets(path, tokenizer, *, source: str | None = None, add_eos: bool =
     return records_to_rows(
         _datasets_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos
     )
-
-
-READERS = {"jsonl": read_jsonl, "parquet": read_parquet, "datasets": read_datasets}

@@ -1,0 +1,104 @@
+"""Anthropic HH-RLHF: ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}`` per line.
+
+The final assistant turn is the action; earlier assistant turns are context unless
+``all_assistant_turns``. ``mode="pairs"`` (default) gives the chosen row reward +1 and the rejected
+row −1 in one group: the absolute values carry no meaning, only the order does, which is what DPO
+and CoPG use (SHIQ_MATH §5). ``mode="scored"`` calls ``reward_fn(messages) -> float`` instead, or a
+saved regression reward head (:mod:`shiq_data.reward_head`) with ``reward_model``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from shiq_data.io import iter_jsonl
+from shiq_data.readers.encode import encode_messages, finite_number, input_row, row_error, string_field
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def parse_hh_dialogue(text: str, path="<text>", line: int = 0, field: str = "chosen") -> list[dict]:
+    """Messages of an HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` (user/assistant alternating,
+    first user, last assistant); content is stripped of surrounding whitespace."""
+    parts = _HH_TURN.split(text)
+    if parts[0].strip():
+        raise row_error(path, line, field, f"text before the first '\\n\\nHuman:' turn: {parts[0][:40]!r}")
+    messages = []
+    for k in range(1, len(parts), 2):
+        role = "user" if parts[k] == "Human" else "assistant"
+        want = "user" if not messages or messages[-1]["role"] == "assistant" else "assistant"
+        if role != want:
+            raise row_error(
+                path,
+                line,
+                field,
+                f"turn {len(messages) + 1} is {parts[k]!r} but the dialogue must "
+                "alternate Human/Assistant starting with Human",
+            )
+        messages.append({"role": role, "content": parts[k + 1].strip()})
+    if not messages or messages[-1]["role"] != "assistant":
+        raise row_error(path, line, field, "the dialogue must end with an '\\n\\nAssistant:' turn")
+    return messages
+
+
+def hh_text(messages: list[dict]) -> str:
+    """A dialogue in the HH transcript form (``"\n\nHuman: ...\n\nAssistant: ..."``)."""
+    return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
+
+
+def regression_reward_fn(head_path) -> Callable[[list], float]:
+    """``reward_fn(messages)`` of a saved regression reward head on the packaged MiniLM encoder
+    (:class:`shiq_data.reward_head.RegressionRewardModel`), reading the dialogue as :func:`hh_text` writes it."""
+    head_path = Path(head_path)
+    if not head_path.is_file():
+        raise FileNotFoundError(
+            f"--option reward_model={head_path}: no such file (a head saved by "
+            "shiq_eval.scorers.RegressionRewardModel.save)"
+        )
+    head = RegressionRewardModel.load(head_path, minilm_encoder())
+    return lambda messages: head.score_texts([hh_text(messages).strip()])[0]
+
+
+def read_hh(
+    path,
+    tokenizer,
+    *,
+    mode: str = "pairs",
+    reward_fn: Callable[[list], float] | None = None,
+    reward_model: str | None = None,
+    all_assistant_turns: bool = False,
+    source: str | None = None,
+) -> Iterator[dict]:
+    """Rows of an Anthropic HH JSONL file: chosen and rejected of one line form one group.
+
+    ``mode="pairs"``: rewards +1 (chosen) / −1 (rejected) on the last action token. ``mode="scored"``:
+    ``reward_fn(messages)`` scores each dialogue; ``reward_model`` (a saved regression head, the form
+    the command line can give: ``--option reward_model=PATH``) is such a function and implies
+    ``scored``. ``all_assistant_turns``: every assistant turn is an action (the reward still goes on
+    the last one) instead of only the final turn.
+    """
+    if reward_model is not None:
+        if reward_fn is not None:
+            raise ValueError("hh: give reward_fn or reward_model, not both")
+        reward_fn, mode = regression_reward_fn(reward_model), "scored"
+    if mode not in ("pairs", "scored"):
+        raise ValueError(f"hh: mode = {mode!r}: expected 'pairs' or 'scored'")
+    if (mode == "scored") != (reward_fn is not None):
+        raise ValueError("hh: mode='scored' needs a reward_fn, and reward_fn is only used with mode='scored'")
+    path = Path(path)
+    source = source or f"hh:{path.name}"
+    actions = "all" if all_assistant_turns else "last"
+    for group, (line, obj) in enumerate(iter_jsonl(path)):
+        for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
+            messages = parse_hh_dialogue(string_field(obj, field, path, line), path, line, field)
+            reward = (
+                pair_reward
+                if mode == "pairs"
+                else finite_number(reward_fn(messages), path, line, f"{field} (reward_fn)")
+            )
+            encoded = encode_messages(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
+            reward_field = field if mode == "pairs" else f"{field} (reward_fn)"
+            yield input_row(path, line, field, source, group, encoded, reward_field)

@@ -1,0 +1,65 @@
+"""Multi-turn conversations: ``{"messages": [{"role", "content", ("reward")}...], ("reward"), ("group")}``.
+
+Assistant messages are actions and carry their turn reward on their end-of-turn token; user, tool
+and system turns are environment tokens. A top-level ``reward`` is a single completion reward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from shiq_data.chat import check_messages
+from shiq_data.io import iter_jsonl
+from shiq_data.readers.encode import encode_messages, finite_number, input_row, row_error
+
+
+def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[dict]:
+    """Rows of a multi-turn JSONL file ``{"messages": [...], ("reward"), ("group")}``.
+
+    Assistant messages may carry ``"reward"`` (their turn reward); a top-level ``"reward"`` is one
+    completion reward instead (not both). Rows with equal ``"group"`` values share a group id; without
+    it every row is its own group.
+    """
+    path = Path(path)
+    source = source or f"multiturn:{path.name}"
+    groups: dict = {}
+    for n, (line, obj) in enumerate(iter_jsonl(path)):
+        messages = obj.get("messages")
+        if messages is None:
+            raise row_error(path, line, "messages", "missing")
+        try:
+            check_messages(messages, "messages")
+        except ValueError as e:
+            raise row_error(path, line, "messages", str(e)) from None
+        turn_rewards, has_turn_reward = [], False
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant":
+                r = m.get("reward")
+                has_turn_reward |= r is not None
+                turn_rewards.append(None if r is None else finite_number(r, path, line, f"messages[{i}].reward"))
+            elif m.get("reward") is not None:
+                raise row_error(
+                    path,
+                    line,
+                    f"messages[{i}].reward",
+                    f"only assistant turns can carry a reward, this is a {m['role']!r} turn",
+                )
+        kwargs = {}
+        if obj.get("reward") is not None:
+            if has_turn_reward:
+                raise row_error(path, line, "reward", "give either a top-level reward or per-turn rewards, not both")
+            kwargs["completion_reward"] = finite_number(obj["reward"], path, line, "reward")
+        elif has_turn_reward:
+            kwargs["turn_rewards"] = turn_rewards
+        key = obj.get("group")
+        if key is None:
+            key = ("line", n)
+        elif not isinstance(key, (str, int)) or isinstance(key, bool):
+            raise row_error(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
+        group = groups.setdefault(key, len(groups))
+        encoded = encode_messages(
+            tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content", **kwargs
+        )
+        reward_field = "reward" if "completion_reward" in kwargs else "messages"
+        yield input_row(path, line, "0", source, group, encoded, reward_field)

@@ -1,0 +1,203 @@
+"""``shiq-train ref-stats``: run the frozen reference model over a buffer and store its statistics.
+
+ShiQ and its relatives need the reference model's chosen logit and log-partition at every position
+(SHIQ_MATH §2). This module builds and runs the model: :func:`hf_stats_fn` (a ``transformers`` causal
+LM, chunked over the vocabulary for the Llama family), :func:`megatron_stats_fn` (a megatron
+``GPTModel``), and :func:`load_reference` (``smollm2``, a Hugging Face folder, or a training
+checkpoint's weights in that architecture). Walking the buffer shard by shard, resumably, is
+:func:`shiq_data.ref_stats.compute_ref_stats`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from shiq_data.assets import smollm2_gguf
+from shiq_data.buffer import open_buffer
+from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
+from shiq_data.tokenizers import load_tokenizer
+from shiq_train.checkpoint import latest_step_dir
+from shiq_train.export import hf_model_from_checkpoint
+from shiq_train.hf_convert import load_causal_lm
+from shiq_train.model import forward_stats
+from shiq_train.stats import causal_lm_stats
+from shiq_train.vocab_parallel import chunked_causal_stats
+
+# Causal LMs whose logits are exactly ``last_hidden_state @ lm_head.weight.T`` (the Llama family the
+# trainer imports); others go through their full logits.
+CHUNKED_MODEL_TYPES = ("llama",)
+
+
+def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
+    """``stats_fn`` of a ``transformers`` causal LM (float32, no grad): ``(tokens [B, T], attention_mask
+    [B, T]) -> (chosen [B, T], logz [B, T])`` (SHIQ_MATH §2).
+
+    For Llama-family models (output layer without bias or logit scaling) the statistics come from the
+    final hidden states and the output weight ``chunk_tokens`` positions at a time
+    (:func:`shiq_train.vocab_parallel.chunked_causal_stats`), so the ``[B, T, V]`` logits are never
+    held whole; other models go through their full logits (``causal_lm_stats``). Padded positions
+    (attention mask False) are set to 0. Puts the model in eval mode.
+    """
+    model.eval()
+    head = model.get_output_embeddings()
+    chunked = getattr(model.config, "model_type", None) in CHUNKED_MODEL_TYPES and getattr(head, "bias", None) is None
+
+    def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            if chunked:
+                hidden = model.get_decoder()(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
+                st = chunked_causal_stats(hidden, head.weight, tokens, chunk_tokens)
+            else:
+                logits = model(input_ids=tokens, attention_mask=attention_mask.long()).logits
+                st = causal_lm_stats(logits, tokens)
+        return (
+            st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
+            st.logz.float().masked_fill(~attention_mask, 0.0),
+        )
+
+    return stats
+
+
+def megatron_stats_fn(model) -> StatsFn:
+    """``stats_fn`` of a single-stage megatron ``GPTModel`` (:func:`shiq_train.model.forward_stats`):
+    ``(tokens [B, T], attention_mask [B, T]) -> (chosen [B, T], logz [B, T])`` (SHIQ_MATH §2).
+
+    Its causal mask makes real positions independent of right padding; padded ones are set to 0.
+    Call inside an initialised ``shiq_train.parallel.distributed()`` context.
+    """
+    model.eval()
+
+    def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            st = forward_stats(model, tokens)
+        return (
+            st.chosen_logits.float().masked_fill(~attention_mask, 0.0),
+            st.logz.float().masked_fill(~attention_mask, 0.0),
+        )
+
+    return stats
+
+
+def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: int | None, buffer_dir) -> None:
+    """Refuse a reference model whose tokenizer is not the one the buffer was built with (and, once the
+    model is loaded, one whose vocabulary is smaller than the tokenizer's)."""
+    if model_info["fingerprint"] != buffer_info["fingerprint"]:
+        raise ValueError(
+            f"{buffer_dir}: built with tokenizer {buffer_info['name']!r} (fingerprint "
+            f"{buffer_info['fingerprint'][:12]}…) but the reference model's tokenizer {model_info['name']!r} has "
+            f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for"
+        )
+    if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
+        raise ValueError(
+            f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
+            f"model's vocabulary has only {model_vocab_size}"
+        )
+
+
+def _model_config(model: str):
+    """The Hugging Face config of ``--model`` without loading its weights."""
+    from transformers import AutoConfig  # heavy: only loading a model needs it
+
+    if model == "smollm2":
+        path = smollm2_gguf()
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    return AutoConfig.from_pretrained(str(model))
+
+
+def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
+    """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
+    ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
+    (its newest step, or a step folder)."""
+    if model != "smollm2" and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
+            f"{Path(model) / 'config.json'} does not exist"
+        )
+    record = {
+        "model": model if model == "smollm2" else str(Path(model).resolve()),
+        "tokenizer": tok_info["fingerprint"],
+    }
+    if megatron_checkpoint:
+        step_dir = Path(megatron_checkpoint)
+        if not list(step_dir.glob("rank_*.pt")):  # a training folder rather than one step
+            step_dir = latest_step_dir(step_dir)
+            if step_dir is None:
+                raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
+        record["megatron_checkpoint"] = str(step_dir.resolve())
+        return hf_model_from_checkpoint(step_dir, _model_config(model)), record
+    return load_causal_lm(model, torch.float32), record
+
+
+def run(args: argparse.Namespace) -> int:
+    """Compute, check and report."""
+    buffer = open_buffer(args.buffer)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _, tok_info = load_tokenizer(args.model)
+    check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
+    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info)
+    check_tokenizer_matches(buffer.tokenizer_info, tok_info, int(hf.config.vocab_size), args.buffer)
+    done = compute_ref_stats(
+        args.buffer,
+        hf_stats_fn(hf),
+        ref_model=record,
+        max_batch_tokens=args.batch_tokens,
+        progress=not args.no_progress,
+    )
+    final = open_buffer(args.buffer)
+    print(
+        f"{args.buffer}: reference statistics of {record['model']} computed for {len(done)} shard(s); "
+        f"{sum(s['has_ref'] for s in final.manifest['shards'])}/{len(final.manifest['shards'])} shards have them"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shiq-train ref-stats",
+        description="Run the reference model over every shard of BUFFER and store its chosen logit and "
+        "log-partition of each token (SHIQ_MATH §2) as the columns ref_chosen_logits and ref_logz. "
+        "Shards are committed one at a time: re-running after an interruption continues with the "
+        "first unfinished shard. The model's tokenizer must be the buffer's.",
+    )
+    p.add_argument("buffer", metavar="BUFFER", help="replay buffer folder (has manifest.json)")
+    p.add_argument(
+        "--model",
+        required=True,
+        help="reference model: 'smollm2' (the packaged SmolLM2-135M-Instruct) or a Hugging Face model folder",
+    )
+    p.add_argument(
+        "--megatron-checkpoint",
+        metavar="DIR",
+        default=None,
+        help="take the weights from this shiq-train checkpoint folder (its newest step) or step folder; "
+        "--model then gives the architecture and tokenizer",
+    )
+    p.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=DEFAULT_BATCH_TOKENS,
+        help="padded tokens per forward pass (batch rows x longest row); default %(default)s",
+    )
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 1."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError, RuntimeError) as e:
+        msg = " ".join(str(e).split())
+        print(f"shiq-train ref-stats: error: {msg}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
