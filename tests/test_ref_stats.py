@@ -421,3 +421,22 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     for r, c, z in zip(out.table.to_pylist(), want_c, want_z):
         np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(r["ref_logz"], z, atol=1e-4, rtol=1e-4)
+
+
+def test_load_causal_lm_reads_any_causal_lm_folder_and_names_a_missing_config(tmp_path):
+    """``load_causal_lm(FOLDER)`` gives the saved model (a GPT-2 here, not only Llama: same logits, eval mode);
+    a folder without config.json is refused naming that file."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from shiq_train.hf_convert import load_causal_lm
+
+    torch.manual_seed(2)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=32)).eval()
+    model.save_pretrained(tmp_path / "gpt2")
+    loaded = load_causal_lm(str(tmp_path / "gpt2"))
+    assert isinstance(loaded, GPT2LMHeadModel) and not loaded.training
+    tokens = torch.tensor([[1, 5, 9, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'empty' / 'config.json'} does not exist"):
+        load_causal_lm(str(tmp_path / "empty"))
