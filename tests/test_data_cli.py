@@ -200,6 +200,26 @@ def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2):
     assert read_rows(tmp_path / "buf2")[1][0]["source"] == "S"
 
 
+def test_encode_record_of_one_text_record(gpt2):
+    """The (prompt, completion) encoder on its own: the two parts tokenised separately, then eos; the
+    completion and eos are the actions and the reward sits on eos."""
+    from shiq_data.readers.encode import encode_record
+
+    tok, _ = gpt2
+    rec = RECORDS[0]
+    p = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+    c = tok(rec["completion"], add_special_tokens=False)["input_ids"]
+    assert encode_record(rec, tok, file="f.jsonl", row=1, eos=GPT2_EOS) == {
+        "prompt_len": len(p),
+        "tokens": p + c + [GPT2_EOS],
+        "action_mask": [False] * len(p) + [True] * (len(c) + 1),
+        "rewards": [0.0] * (len(p) + len(c)) + [1.5],
+    }
+    assert encode_record(rec, tok, file="f.jsonl", row=1)["tokens"] == p + c  # no eos
+    with pytest.raises(ValueError, match=r"f.jsonl: line 3: field 'completion': tokenises to no token"):
+        encode_record({**rec, "completion": "x"}, tok, file="f.jsonl", row=3, ids=(p, []))
+
+
 def test_registered_options_are_keyword_arguments_of_their_reader():
     """The names the command line may pass (--option, --source) are keyword parameters of each reader."""
     assert sorted(FORMATS) == ["datasets", "hh", "jsonl", "multiturn", "parquet", "ultrafeedback"]
