@@ -71,6 +71,8 @@ FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 _SHARD_RE = re.compile(r"^\.?shard-\d{5}.*")
+_SHARD_NAME = re.compile(r"^shard-\d{5}(\.r\d+)?\.arrow$")  # what a manifest may list
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _now() -> str:
@@ -230,16 +232,84 @@ def read_manifest(buffer_dir) -> dict:
     for key in ("tokenizer", "rows", "tokens", "shards", "next_group_id"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} missing")
+    _check_manifest_types(path, manifest)
     return manifest
 
 
-def open_buffer(path) -> Buffer:
-    """Open the replay buffer folder ``path`` for reading (shards are memory-mapped on first use)."""
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
+
+
+def _check_manifest_types(path: Path, manifest: dict) -> None:
+    """Raise ``ValueError`` naming ``path`` and the field unless every field this code reads has the right
+    type and every shard entry names a plain shard file inside the buffer folder (no ``..``, no absolute
+    path, no symlink leading out)."""
+    for key in ("rows", "tokens", "next_group_id"):
+        if not _is_count(manifest[key]):
+            raise ValueError(f"{path}: field {key!r} must be an integer in [0, 2**63), got {manifest[key]!r:.40}")
+    tok = manifest["tokenizer"]
+    if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
+        raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
+    if not isinstance(manifest["shards"], list):
+        raise ValueError(f"{path}: field 'shards' must be a list, got {type(manifest['shards']).__name__}")
+    folder = path.parent.resolve()
+    for i, entry in enumerate(manifest["shards"]):
+        where = f"{path}: shards[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: must be an object, got {type(entry).__name__}")
+        name = entry.get("file")
+        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+            raise ValueError(
+                f"{where}.file: {name!r} is not a shard file name (shard-NNNNN.arrow or shard-NNNNN.rN.arrow)"
+            )
+        target = path.parent / name
+        if target.is_symlink() or (target.exists() and target.resolve().parent != folder):
+            raise ValueError(f"{where}.file: {name!r} is a link; shard files must be plain files inside {path.parent}")
+        for key in ("rows", "tokens"):
+            if not _is_count(entry.get(key)):
+                raise ValueError(f"{where}.{key}: must be a non-negative integer, got {entry.get(key)!r}")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            raise ValueError(f"{where}.sha256: must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
+        if not isinstance(entry.get("has_ref"), bool):
+            raise ValueError(f"{where}.has_ref: must be true or false, got {entry.get('has_ref')!r}")
+
+
+_VERIFIED: dict[tuple, bool] = {}  # (real path, size, mtime_ns, sha256) -> checked once per process
+
+
+def verify_shard(path: Path, entry: dict) -> None:
+    """Raise ``ValueError`` unless the file at ``path`` has the sha256 its manifest ``entry`` records.
+
+    The hash is streamed; a verdict is cached per process for the file's (path, size, modification time),
+    so each shard is hashed once however often it is opened. :func:`open_buffer` calls this for every
+    shard before any data is used unless ``verify_checksums=False``.
+    """
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
+    if key in _VERIFIED:
+        return
+    actual = _sha256_file(path)
+    if actual != entry["sha256"]:
+        raise ValueError(
+            f"{path}: sha256 {actual[:12]}... differs from {entry['sha256'][:12]}... recorded in {path.parent / MANIFEST}: "
+            "the shard is corrupted or was changed outside shiq-data; nothing was read from it"
+        )
+    _VERIFIED[key] = True
+
+
+def open_buffer(path, *, verify_checksums: bool = True) -> Buffer:
+    """Open the replay buffer folder ``path`` for reading (shards are memory-mapped on first use).
+
+    Every shard's sha256 is checked against the manifest first (once per process and file; see
+    :func:`verify_shard`); ``verify_checksums=False`` skips that for buffers verified already.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     for s in manifest["shards"]:
         if not (path / s["file"]).is_file():
             raise FileNotFoundError(f"{path / s['file']} listed in {path / MANIFEST} is missing")
+        if verify_checksums:
+            verify_shard(path / s["file"], s)
     return Buffer(path, manifest)
 
 
@@ -573,6 +643,8 @@ def append_buffer(
                     f"(fingerprint {have['fingerprint'][:12]}…), the new rows with {tokenizer_info['name']!r} "
                     f"(fingerprint {tokenizer_info['fingerprint'][:12]}…)"
                 )
+        for entry in manifest["shards"]:
+            verify_shard(buffer_dir / entry["file"], entry)
         old = Buffer(buffer_dir, manifest)
         if shard_rows is None:
             shard_rows = max(manifest["shards"][0]["rows"], 1) if manifest["shards"] else 4096
@@ -664,6 +736,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             raise IndexError(f"{buffer_dir / MANIFEST}: no shard {shard_index} (it lists {len(shards)})")
         entry = shards[shard_index]
         old_path = buffer_dir / entry["file"]
+        verify_shard(old_path, entry)  # never give a corrupted shard a fresh, valid checksum
         old = read_shard(old_path)
         with_ref = all(n in table.schema.names for n in REF_FIELDS)
         want = arrow_schema(with_ref)
@@ -724,7 +797,9 @@ def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_l
     """Commit reference statistics for one shard: per row, ``[T]`` arrays aligned with the row's tokens
     (position ``t`` = statistics of token ``t``, position 0 = 0; SHIQ_MATH §2). See :func:`replace_shard`."""
     manifest = read_manifest(buffer_dir)
-    base = read_shard(Path(buffer_dir) / manifest["shards"][shard_index]["file"]).select(BASE_FIELDS)
+    entry = manifest["shards"][shard_index]
+    verify_shard(Path(buffer_dir) / entry["file"], entry)
+    base = read_shard(Path(buffer_dir) / entry["file"]).select(BASE_FIELDS)
     if len(ref_chosen_logits) != base.num_rows or len(ref_logz) != base.num_rows:
         raise ValueError(
             f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "

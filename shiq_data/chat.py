@@ -60,6 +60,30 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
             raise MessageError(f"{where}[{i}].content", f"expected a string, got {type(m.get('content')).__name__}")
 
 
+def control_texts(tokenizer) -> list[str]:
+    """The text of every special token of ``tokenizer`` (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ...):
+    the strings a rendered conversation would turn into control tokens."""
+    texts = set(tokenizer.all_special_tokens)
+    texts.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    return sorted(t for t in texts if t)
+
+
+def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
+    """Raise :class:`ChatTemplateError` if a message's text spells a special token. Rendered and tokenised,
+    it would become that control token: a user turn could open a fake assistant turn, or mark its own text
+    as actions. Such rows are refused rather than silently re-encoded."""
+    texts = control_texts(tokenizer)
+    eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    for i, m in enumerate(messages):
+        found = [t for t in texts if t in m["content"]]
+        if found:
+            what = "the end-of-turn token (the turn would end early)" if found[0] == eot_text else "a control token"
+            raise ChatTemplateError(
+                f"messages[{i}].content contains {found[0]!r}, the text of this tokenizer's {what}; it would be "
+                "read as that control token, not as text: remove it from the data"
+            )
+
+
 def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]]]:
     """Full token ids and, per assistant message, the half-open span ``[start, end)`` of its action tokens.
 
@@ -70,15 +94,12 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
     check_messages(messages)
     eot = end_of_turn_id(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(eot)
+    _refuse_control_text(tokenizer, messages)
     full = _render_ids(tokenizer, messages, add_generation_prompt=False)
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        if eot_text and eot_text in m["content"]:
-            raise ChatTemplateError(
-                f"messages[{i}].content contains the end-of-turn token {eot_text!r}; the turn would end early"
-            )
         if i == 0:
             raise ChatTemplateError(
                 "messages[0] is an assistant turn: there is no prompt for the template to render before it"

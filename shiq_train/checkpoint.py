@@ -18,6 +18,7 @@ then starts afresh).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -110,12 +111,21 @@ def save_checkpoint(
     return step_dir
 
 
+_STEP_DIR = re.compile(r"^step_\d+$")
+
+
 def latest_step_dir(directory) -> Path | None:
     """The newest complete step directory under ``directory``, or None if nothing was saved."""
     marker = Path(directory) / "latest"
     if not marker.exists():
         return None
-    return Path(directory) / marker.read_text().strip()
+    name = marker.read_text(errors="replace").strip()
+    if not _STEP_DIR.match(name):
+        raise ValueError(f"{marker}: names {name[:80]!r}, not a step folder (step_N) of {directory}")
+    step_dir = Path(directory) / name
+    if step_dir.is_symlink() or not step_dir.is_dir():
+        raise ValueError(f"{marker}: {name!r} is not a step folder inside {directory}")
+    return step_dir
 
 
 def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:

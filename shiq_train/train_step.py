@@ -179,8 +179,12 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func
+    from megatron.core.utils import get_model_config
 
     tokens = micro_batches[0]["tokens"]
+    # Micro-batches of one step may differ in width (and, whole groups, in rows): megatron then sends each
+    # activation's shape between pipeline stages before the activation (every stage sees the same batches).
+    get_model_config(model).variable_seq_lengths = len({tuple(mb["tokens"].shape) for mb in micro_batches}) > 1
     out = get_forward_backward_func()(
         forward_step_func=_forward_step_func(loss_fn),
         data_iterator=iter(micro_batches),

@@ -1,0 +1,133 @@
+"""What a buffer or run folder says cannot lead outside it, and corrupted shards are never used or rewritten.
+
+Each test tampers with files the way a crafted or damaged download would, and checks that every entry
+point refuses with a one-line error naming the file and the entry, and that nothing was changed.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pytest
+from test_buffer import TOK, make_rows
+
+from shiq_data import buffer as B
+from shiq_data.buffer import add_ref_columns, append_buffer, open_buffer, read_manifest, write_buffer
+from shiq_data.validate import validate_buffer
+from shiq_train.checkpoint import latest_step_dir
+
+
+def _build(folder, n=6, seed=0):
+    write_buffer(make_rows(n, seed=seed), folder, tokenizer_info=TOK, command=["test"], progress=False, shard_rows=3)
+    return folder
+
+
+def _edit_manifest(folder, edit):
+    path = Path(folder) / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _files(folder):
+    return {p.name: _sha(p) for p in Path(folder).iterdir() if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("name", ["../other/shard-00000.arrow", "/etc/passwd", "sub/shard-00000.arrow", "x.arrow", 7])
+def test_a_shard_name_outside_the_folder_is_refused_everywhere(tmp_path, name):
+    a, other = _build(tmp_path / "a"), _build(tmp_path / "other", seed=1)
+    victim = dict(_files(other))
+    _edit_manifest(a, lambda m: m["shards"][0].update(file=name))
+    for call in (
+        lambda: read_manifest(a),
+        lambda: open_buffer(a),
+        lambda: validate_buffer(a, cleanup=True),
+        lambda: add_ref_columns(a, 0, [[0.0] * 3] * 3, [[0.0] * 3] * 3, ref_model={"name": "x"}),
+        lambda: append_buffer(a, make_rows(2, seed=5), tokenizer_info=TOK, command=["t"], progress=False),
+    ):
+        with pytest.raises(ValueError, match=r"manifest\.json: shards\[0\]\.file"):
+            call()
+    assert _files(other) == victim  # the other buffer was not touched
+
+
+def test_a_symlinked_shard_is_refused(tmp_path):
+    a, other = _build(tmp_path / "a"), _build(tmp_path / "other", seed=1)
+    first = read_manifest(a)["shards"][0]["file"]
+    (a / first).unlink()
+    os.symlink(other / first, a / first)
+    with pytest.raises(ValueError, match=r"shards\[0\]\.file: .* is a link"):
+        open_buffer(a)
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (lambda m: m.update(rows="12"), "'rows'"),
+        (lambda m: m.update(shards={"a": 1}), "'shards'"),
+        (lambda m: m["shards"][1].update(rows=-1), r"shards\[1\]\.rows"),
+        (lambda m: m["shards"][0].update(sha256="abc"), r"shards\[0\]\.sha256"),
+        (lambda m: m["shards"][0].update(has_ref="no"), r"shards\[0\]\.has_ref"),
+        (lambda m: m.update(tokenizer="gpt2"), "'tokenizer'"),
+        (lambda m: m.update(next_group_id=10**400), "'next_group_id'"),
+    ],
+)
+def test_manifest_fields_of_the_wrong_type_give_a_named_error(tmp_path, edit, field):
+    a = _build(tmp_path / "a")
+    _edit_manifest(a, edit)
+    with pytest.raises(ValueError, match=field):
+        open_buffer(a)
+
+
+def _corrupt(folder, index=0):
+    path = Path(folder) / read_manifest(folder)["shards"][index]["file"]
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF  # inside the last record batch's data: Arrow still reads it
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_corrupted_shard_is_refused_before_use_and_never_rewritten(tmp_path):
+    a = _build(tmp_path / "a")
+    path = _corrupt(a)
+    before = _files(a)
+    with pytest.raises(ValueError, match=r"sha256 .* differs"):
+        open_buffer(a)
+    with pytest.raises(ValueError, match=r"sha256 .* differs"):
+        add_ref_columns(a, 0, [[0.0] * 8] * 3, [[0.0] * 8] * 3, ref_model={"name": "x"})
+    with pytest.raises(ValueError, match=r"sha256 .* differs"):
+        append_buffer(a, make_rows(2, seed=5), tokenizer_info=TOK, command=["t"], progress=False)
+    assert _files(a) == before  # the corrupted shard kept its recorded (now wrong) checksum
+    assert read_manifest(a)["shards"][0]["sha256"] != _sha(path)
+    # the explicit opt-out reads it anyway
+    assert len(open_buffer(a, verify_checksums=False)) == 6
+
+
+def test_each_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
+    a = _build(tmp_path / "a")
+    calls = []
+    real = B._sha256_file
+    monkeypatch.setattr(B, "_VERIFIED", {})
+    monkeypatch.setattr(B, "_sha256_file", lambda p: calls.append(Path(p).name) or real(p))
+    open_buffer(a)
+    open_buffer(a)
+    assert sorted(calls) == sorted(s["file"] for s in read_manifest(a)["shards"])
+    _corrupt(a, 1)  # a changed file is hashed again (its size or modification time moved)
+    os.utime(Path(a) / read_manifest(a)["shards"][1]["file"], ns=(1, 1))
+    with pytest.raises(ValueError, match="differs"):
+        open_buffer(a)
+
+
+@pytest.mark.parametrize("pointer", ["../../elsewhere", "/tmp", "step_1/../../x", "step_abc", ""])
+def test_a_checkpoint_pointer_outside_the_run_is_refused(tmp_path, pointer):
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step_00000001").mkdir(parents=True)
+    (ckpt / "latest").write_text(pointer + "\n")
+    with pytest.raises(ValueError, match="latest: "):
+        latest_step_dir(ckpt)
+    (ckpt / "latest").write_text("step_00000001\n")
+    assert latest_step_dir(ckpt) == ckpt / "step_00000001"
