@@ -20,6 +20,7 @@ __all__ = [
     "FunctionScorer",
     "RegressionRewardModel",
     "Scorer",
+    "VaderScorer",
     "minilm_encoder",
     "pearson",
 ]
@@ -71,3 +72,18 @@ class BFCLScorer:
             rewards = verdict["turn_rewards"]
             out.append(sum(rewards) / len(rewards) if self.per_turn else float(verdict["valid"]))
         return out
+
+
+class VaderScorer:
+    """The VADER sentiment lexicon's compound score of each completion, in [-1, 1]: a hand-built rule
+    scorer that no reward model here is trained on, used as the "gold" second opinion on movie-review
+    continuations (a completion that fools the learned reward model but reads as negative or
+    meaningless shows up as a gap between the two). ``prompts`` are ignored."""
+
+    def __init__(self):
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # heavy: loads the lexicon
+
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def __call__(self, prompts, completions):
+        return [float(self._analyzer.polarity_scores(c)["compound"]) for c in completions]

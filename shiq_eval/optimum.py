@@ -1,0 +1,100 @@
+"""A policy against the optimum of the KL-regularised objective (SHIQ_MATH §9).
+
+- ``J(π) = E[R] − β·KL(π‖π_ref)`` at the policy's own ``β``, per prompt and averaged, with its
+  standard error; the reference has ``J(π_ref) = E_{π_ref}[R]`` (KL 0).
+- ``J*(x) = β log E_{y~π_ref(·|x)} exp(R(x, y)/β)``, the attainable optimum for a sequence-level
+  reward, estimated from ``N`` reference samples per prompt by ``β log mean_i exp(R_i/β)``. The
+  estimate is biased low for small ``N`` (Jensen), so :func:`j_star_curve` shows it as ``N`` grows.
+- Differences between two policies on the same prompts are paired by prompt.
+
+Inputs are per-prompt arrays (numpy or anything ``np.asarray`` takes); everything is float64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def _vector(x, name: str) -> np.ndarray:
+    a = np.asarray(x, dtype=np.float64)
+    if a.ndim != 1 or a.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} holds non-finite values")
+    return a
+
+
+def _check_beta(beta) -> float:
+    beta = float(beta)
+    if not beta > 0 or not math.isfinite(beta):
+        raise ValueError(f"beta must be a finite number > 0, got {beta}")
+    return beta
+
+
+def mean_stderr(values) -> tuple[float, float]:
+    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; 0 for one value)."""
+    v = _vector(values, "values")
+    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+    return float(v.mean()), se
+
+
+def j_per_prompt(rewards, kls, beta) -> np.ndarray:
+    """``J_i = R_i − β·KL_i`` per prompt (SHIQ_MATH §9), ``[N]``: ``rewards`` and ``kls`` ``[N]``, one
+    (sample-mean) reward and one KL per prompt."""
+    r, k = _vector(rewards, "rewards"), _vector(kls, "kls")
+    if r.shape != k.shape:
+        raise ValueError(f"rewards {r.shape} and kls {k.shape} must have the same shape")
+    return r - _check_beta(beta) * k
+
+
+def j_value(rewards, kls, beta) -> tuple[float, float]:
+    """``J = mean_i (R_i − β·KL_i)`` and its standard error over prompts (SHIQ_MATH §9)."""
+    return mean_stderr(j_per_prompt(rewards, kls, beta))
+
+
+def paired_difference(a, b) -> tuple[float, float]:
+    """``mean(a − b)`` and its standard error, paired by prompt (``a[i]``, ``b[i]`` on prompt ``i``)."""
+    a, b = _vector(a, "a"), _vector(b, "b")
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need the same prompts: shapes {a.shape} and {b.shape}")
+    return mean_stderr(a - b)
+
+
+def soft_value(samples, beta) -> float:
+    """``β log mean_i exp(R_i/β)`` of one prompt's reference rewards ``[N]``, by log-sum-exp (exact for
+    any ``R/β``; SHIQ_MATH §9)."""
+    r = _vector(samples, "samples")
+    beta = _check_beta(beta)
+    m = r.max()
+    return float(m + beta * (np.log(np.mean(np.exp((r - m) / beta)))))
+
+
+def j_star(ref_rewards, beta) -> np.ndarray:
+    """Per-prompt ``J*(x)`` estimates from reference samples ``ref_rewards`` ``[P, N]`` (SHIQ_MATH §9), ``[P]``."""
+    r = np.asarray(ref_rewards, dtype=np.float64)
+    if r.ndim != 2 or 0 in r.shape:
+        raise ValueError(f"ref_rewards must be [prompts, samples], got shape {r.shape}")
+    return np.array([soft_value(row, beta) for row in r])
+
+
+def j_star_curve(ref_rewards, beta, sizes: Sequence[int] | None = None) -> list[dict]:
+    """How the ``J*`` estimate moves with the number of reference samples: for each ``n`` in ``sizes``
+    (default 1, 2, 4, ... up to ``N``), the mean over prompts of the estimate from the first ``n``
+    samples, with its standard error over prompts. A converged estimate changes little between the
+    last sizes; a still-rising one says ``N`` is too small (the estimate is biased low)."""
+    r = np.asarray(ref_rewards, dtype=np.float64)
+    if r.ndim != 2 or 0 in r.shape:
+        raise ValueError(f"ref_rewards must be [prompts, samples], got shape {r.shape}")
+    n_max = r.shape[1]
+    if sizes is None:
+        sizes = sorted({min(2**k, n_max) for k in range(int(math.log2(n_max)) + 2)})
+    out = []
+    for n in sizes:
+        if not 1 <= n <= n_max:
+            raise ValueError(f"sample size {n} out of range 1..{n_max}")
+        mean, se = mean_stderr(j_star(r[:, :n], beta))
+        out.append({"samples": int(n), "j_star": mean, "j_star_stderr": se})
+    return out

@@ -1,0 +1,80 @@
+"""J, J* and paired differences (SHIQ_MATH §9) against independent references: arbitrary-precision
+arithmetic (mpmath), the closed form of J* for Gaussian rewards, and the statistics module."""
+
+import math
+import statistics
+
+import mpmath
+import numpy as np
+import pytest
+
+from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, j_value, mean_stderr, paired_difference, soft_value
+
+
+def _mp_soft_value(samples, beta):
+    mpmath.mp.dps = 60
+    total = mpmath.fsum(mpmath.exp(mpmath.mpf(float(r)) / mpmath.mpf(beta)) for r in samples)
+    return float(mpmath.mpf(beta) * mpmath.log(total / len(samples)))
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.3, 0.05, 1e-2])
+@pytest.mark.parametrize("scale", [1.0, 1e3])
+def test_soft_value_matches_arbitrary_precision(beta, scale):
+    rng = np.random.default_rng(0)
+    samples = rng.normal(size=7) * scale  # R/beta up to ~1e5: a plain exp overflows
+    assert soft_value(samples, beta) == pytest.approx(_mp_soft_value(samples, beta), rel=1e-12, abs=1e-9)
+    assert samples.mean() <= soft_value(samples, beta) <= samples.max() + 1e-12  # between mean and max
+
+
+def test_j_star_of_gaussian_rewards_converges_to_the_closed_form():
+    """For R ~ N(mu, sigma^2), beta log E exp(R/beta) = mu + sigma^2 / (2 beta)."""
+    rng = np.random.default_rng(1)
+    mu, sigma, beta = 0.3, 0.5, 0.5
+    truth = mu + sigma**2 / (2 * beta)
+    rewards = rng.normal(mu, sigma, size=(40, 5000))
+    est = j_star(rewards, beta)
+    assert est.shape == (40,)
+    assert abs(est.mean() - truth) < 0.01
+    curve = j_star_curve(rewards, beta)
+    assert [c["samples"] for c in curve][0] == 1 and curve[-1]["samples"] == 5000
+    assert curve[-1]["j_star"] == pytest.approx(est.mean())
+    # biased low for few samples (Jensen): one sample is the plain mean reward
+    assert curve[0]["j_star"] == pytest.approx(rewards[:, 0].mean())
+    assert curve[0]["j_star"] < curve[2]["j_star"] < truth
+
+
+def test_j_and_paired_difference_against_the_statistics_module():
+    rng = np.random.default_rng(2)
+    r, k, r_ref = rng.normal(size=50), rng.exponential(size=50), rng.normal(size=50)
+    beta = 0.3
+    per = [ri - beta * ki for ri, ki in zip(r, k)]
+    mean, se = j_value(r, k, beta)
+    assert mean == pytest.approx(statistics.fmean(per))
+    assert se == pytest.approx(statistics.stdev(per) / math.sqrt(50))
+    diff = [a - b for a, b in zip(per, r_ref)]
+    d, dse = paired_difference(j_per_prompt(r, k, beta), r_ref)
+    assert d == pytest.approx(statistics.fmean(diff)) and dse == pytest.approx(statistics.stdev(diff) / math.sqrt(50))
+    assert mean_stderr([2.0]) == (2.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: j_value([1.0, 2.0], [0.1], 1.0), "same shape"),
+        (lambda: j_value([1.0], [0.1], 0.0), "beta"),
+        (lambda: soft_value([1.0, float("nan")], 1.0), "non-finite"),
+        (lambda: j_star([1.0, 2.0], 1.0), r"\[prompts, samples\]"),
+        (lambda: paired_difference([1.0, 2.0], [1.0]), "same prompts"),
+        (lambda: j_star_curve([[1.0, 2.0]], 1.0, sizes=[3]), "out of range"),
+    ],
+)
+def test_bad_inputs(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_vader_gold_scorer_reads_sentiment():
+    from shiq_eval.scorers import VaderScorer
+
+    good, bad, flat = VaderScorer()(["", "", ""], ["a wonderful, moving film", "dull, boring and awful", "the"])
+    assert -1.0 <= bad < 0.0 == flat < good <= 1.0
