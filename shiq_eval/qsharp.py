@@ -20,6 +20,7 @@ the reference on its own samples, and :func:`evaluate_guided_policy` reward and 
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -45,8 +46,7 @@ def guided_logits(
     Raises:
         ValueError naming the argument on a shape mismatch, a non-finite input or ``beta <= 0``.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    beta = _check_beta(beta)
     for name, t, dims in (("ref_logits", ref_logits, 2), ("atom_logits", atom_logits, 3), ("atoms", atoms, 1)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -64,6 +64,15 @@ def guided_logits(
     log_p = torch.log_softmax(atom_logits.double(), -1)
     scaled = atoms.double().to(atom_logits.device) / float(beta)
     return (ref_logits.double() + torch.logsumexp(log_p + scaled, -1)).to(out_dtype)
+
+
+def _check_beta(beta) -> float:
+    """``beta`` as a float, or a ValueError naming it unless it is a finite number > 0."""
+    number = isinstance(beta, numbers.Real) or (isinstance(beta, torch.Tensor) and beta.numel() == 1)
+    value = float(beta) if number and not isinstance(beta, bool) else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return value
 
 
 @dataclass
@@ -115,11 +124,12 @@ class GuidedPolicy:
     def __init__(self, ref_model, value_model, atoms, beta: float, *, top_k: int = 20, eos_id: int, pad_id=None):
         if not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        guided_logits(torch.zeros(1, 1), torch.zeros(1, 1, len(atoms)), torch.as_tensor(atoms).float(), beta=beta)
+        self.beta = _check_beta(beta)
+        self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
+        if self.atoms.dim() != 1 or not torch.isfinite(self.atoms).all():
+            raise ValueError(f"atoms must be a finite 1-D tensor [A], got {self.atoms.tolist()}")
         self.ref_model = ref_model.eval()
         self.value_model = value_model.eval()
-        self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
-        self.beta = float(beta)
         self.top_k = int(top_k)
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)

@@ -97,6 +97,12 @@ def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: Value
     ``out_dir`` atomically (:func:`save_value_model`) and a ``metrics.jsonl`` inside it; returns ``out_dir``.
     """
     buffer = open_buffer(buffer_path)
+    vocab = int(buffer.tokenizer_info.get("vocab_size", 0))
+    if vocab > hf_config.vocab_size:
+        raise ValueError(
+            f"buffer {buffer_path}: its tokenizer has {vocab} token ids but the reference model only "
+            f"{hf_config.vocab_size}; build the buffer with the reference's tokenizer"
+        )
     sampler = BufferSampler(
         buffer,
         rows_per_micro_batch=cfg.rows_per_micro_batch,
@@ -115,8 +121,8 @@ def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: Value
     with context:
         from megatron.core import parallel_state as ps  # heavy: only training needs megatron
 
-        if ps.get_tensor_model_parallel_world_size() * ps.get_pipeline_model_parallel_world_size() != 1:
-            raise ValueError("train_value_model runs with tensor and pipeline parallel sizes 1")
+        if dist.get_world_size() != 1 or ps.get_tensor_model_parallel_world_size() != 1:
+            raise ValueError("train_value_model runs in a single process (world size 1, no model parallelism)")
         parallel.set_seed(cfg.seed)
         model_cfg = model_config_from_llama(hf_config)
         trunk = build_model(model_cfg)

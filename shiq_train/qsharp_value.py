@@ -132,7 +132,7 @@ def qsharp_value_loss(atom_logits: torch.Tensor, batch: dict, atoms: torch.Tenso
 
     Args: atom_logits ``[B, T, A]``; batch with ``rewards``, ``action_mask`` ``[B, T]`` (and
     ``segment_ids`` when packed); atoms ``[A]``. Returns ``(loss, metrics)``: ``value_ce``, ``reward``
-    (mean return per row) and ``value_abs_error`` (mean ``|E_p[Z] − Z|`` over actions).
+    (mean return per row of the batch) and ``value_abs_error`` (mean ``|E_p[Z] − Z|`` over actions).
     """
     m = batch["action_mask"].bool()
     z = returns_to_go(batch["rewards"], m, gamma, batch.get("segment_ids"))

@@ -95,9 +95,14 @@ def test_guided_logits_errors_name_the_argument():
             args = [ref.clone(), al.clone(), atoms.clone(), 1.0]
             args[name].view(-1)[1] = value
             cases.append((tuple(args), bad))
+    cases.append(((ref, al, atoms, True), "beta"))
+    cases.append(((ref, al, atoms, "1"), "beta"))
     for (r, a, z, beta), name in cases:
         with pytest.raises(ValueError, match=name):
             guided_logits(r, a, z, beta=beta)
+    # any positive real number is a valid beta
+    for beta in (np.float32(0.5), 2, torch.tensor(0.5)):
+        assert torch.isfinite(guided_logits(ref, al, atoms, beta=beta)).all()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,3 +499,8 @@ def test_train_value_model_from_a_buffer(tmp_path):
     loaded = load_value_model(out)
     assert abs(float(loaded.atoms[0]) - min(suffix)) < 1e-5 and abs(float(loaded.atoms[-1]) - max(suffix)) < 1e-5
     assert float(np.log(11)) > history[0]["value_ce"] - 1e-4  # starts from the uniform categorical
+    # a buffer tokenised with a larger vocabulary than the reference's is refused, naming the buffer
+    write_buffer(rows, tmp_path / "wide", tokenizer_info={**tok, "vocab_size": 100}, command=["t"], progress=False)
+    with pytest.raises(ValueError, match="wide.*100 token ids"):
+        train_value_model(tmp_path / "wide", tmp_path / "v2", hf.state_dict(), hf.config, cfg)
+    assert not (tmp_path / "v2").exists()
