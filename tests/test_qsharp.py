@@ -504,3 +504,25 @@ def test_train_value_model_from_a_buffer(tmp_path):
     with pytest.raises(ValueError, match="wide.*100 token ids"):
         train_value_model(tmp_path / "wide", tmp_path / "v2", hf.state_dict(), hf.config, cfg)
     assert not (tmp_path / "v2").exists()
+
+
+def test_evaluate_guided_policy_reports_reward_and_kl():
+    from shiq_eval.generate import SamplingConfig
+    from shiq_eval.qsharp import evaluate_guided_policy
+
+    class Tok:  # decodes ids as space-separated numbers
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    warnings.filterwarnings("ignore")
+    policy = GuidedPolicy(tiny_llama(0), value_model(5), ATOMS, 0.7, top_k=4, eos_id=63)
+    texts = [f"p{i}" for i in range(len(PROMPTS))]
+    res = evaluate_guided_policy(
+        policy, Tok(), PROMPTS, texts, lambda p, c: [len(x.split()) for x in c], max_new_tokens=5, batch_size=2, seed=3
+    )
+    completions = policy.generate(PROMPTS, SamplingConfig(max_new_tokens=5, batch_size=2, seed=3))
+    ks, ke = policy.sequence_kls(PROMPTS, completions, batch_size=2)
+    assert res.n == len(PROMPTS)
+    assert res.rewards == [float(len(c)) for c in completions]
+    assert res.kl_exact == pytest.approx(float(ke.mean()), abs=1e-12)
+    assert res.kl_sample == pytest.approx(float(ks.mean()), abs=1e-12)
