@@ -1,4 +1,4 @@
-"""Decoding cost of Q♯ guidance (``GuidedPolicy``) against plain sampling of the same-size policy (``HFPolicy``).
+"""Decoding cost of Q♯ guidance (GuidedPolicy) against plain sampling of the same-size policy (HFPolicy).
 
 A ShiQ-trained policy samples with a plain softmax; Q♯ keeps the reference and pays, per token, a
 top-k selection plus one value-model pass that scores the k candidates over the value trunk's KV
