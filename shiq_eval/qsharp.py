@@ -1,0 +1,331 @@
+"""Q♯ guided decoding: the frozen reference reweighted by a distributional value model (SHIQ_MATH §8).
+
+At every step the reference's top-k next tokens are the candidates; the value model scores each
+candidate (the prefix with the candidate appended) as a categorical distribution over return atoms,
+and the candidates are sampled from
+
+    guided_logit(a) = ℓ_ref(a) + log Σ_j p_θ(z_j | s, a) exp(z_j / β)
+
+(:func:`guided_logits`). With the exact return distribution of the reference and ``top_k`` the whole
+vocabulary this is the KL-regularised optimum ``π*`` of SHIQ_MATH §1; with a smaller ``top_k`` it is
+``π*`` restricted to the candidates. A ShiQ-trained policy samples the same target with a plain
+softmax; Q♯ pays a second model pass per token instead.
+
+:class:`GuidedPolicy` implements the sampling interface of :mod:`shiq_eval.generate`; its
+:meth:`GuidedPolicy.sequence_kls` gives the SHIQ_MATH §6 KL estimators of the guided policy against
+the reference on its own samples, and :func:`evaluate_guided_policy` reward and KL like
+:func:`shiq_eval.evaluate.evaluate_policy` does for a trained policy.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import torch
+
+from shiq_eval.evaluate import EvalResult
+from shiq_eval.generate import SamplingConfig, _generate_in_batches, sample_next
+from shiq_eval.kl import mean_stderr
+
+
+def guided_logits(
+    ref_logits: torch.Tensor, atom_logits: torch.Tensor, atoms: torch.Tensor, *, beta: float
+) -> torch.Tensor:
+    """Q♯ logits of K candidates (SHIQ_MATH §8): ``ref_logits + log Σ_a softmax(atom_logits)_a exp(atoms_a / β)``.
+
+    Args:
+        ref_logits: ``[B, K]`` reference logits of the candidates.
+        atom_logits: ``[B, K, A]`` unnormalised value-model outputs for prefix + candidate.
+        atoms: ``[A]`` return atoms.
+        beta: KL weight ``β > 0`` (the reference code's ``eta`` is ``1/β``).
+    Returns:
+        ``[B, K]``, float64 if any input is float64, else float32. Computed as a log-sum-exp in float64
+        (``log_softmax(atom_logits) + atoms/β``), so huge ``atoms/β`` cannot overflow.
+    Raises:
+        ValueError naming the argument on a shape mismatch, a non-finite input or ``beta <= 0``.
+    """
+    beta = _check_beta(beta)
+    for name, t, dims in (("ref_logits", ref_logits, 2), ("atom_logits", atom_logits, 3), ("atoms", atoms, 1)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"{name} must be a floating tensor with {dims} dimensions, got {shape}")
+    if atom_logits.shape[:2] != ref_logits.shape:
+        raise ValueError(
+            f"atom_logits {tuple(atom_logits.shape)} must be [B, K, A] with [B, K] = ref_logits {tuple(ref_logits.shape)}"
+        )
+    if atoms.shape[0] != atom_logits.shape[2]:
+        raise ValueError(f"atoms has {atoms.shape[0]} entries but atom_logits has A = {atom_logits.shape[2]}")
+    for name, t in (("ref_logits", ref_logits), ("atom_logits", atom_logits), ("atoms", atoms)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} has non-finite values")
+    out_dtype = torch.float64 if torch.float64 in (ref_logits.dtype, atom_logits.dtype, atoms.dtype) else torch.float32
+    log_p = torch.log_softmax(atom_logits.double(), -1)
+    scaled = atoms.double().to(atom_logits.device) / float(beta)
+    return (ref_logits.double() + torch.logsumexp(log_p + scaled, -1)).to(out_dtype)
+
+
+def _check_beta(beta) -> float:
+    """``beta`` as a float, or a ValueError naming it unless it is a finite number > 0."""
+    number = isinstance(beta, numbers.Real) or (isinstance(beta, torch.Tensor) and beta.numel() == 1)
+    value = float(beta) if number and not isinstance(beta, bool) else math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+    return value
+
+
+@dataclass
+class GuidedSteps:
+    """Per-step record of one batch of guided decoding (``n`` steps, ``K`` candidates, ``A`` atoms).
+
+    ``tokens`` ``[B, n]`` (the pad id after a row ended), ``active`` ``[B, n]`` bool (the step belongs to
+    the row's completion), ``logp`` / ``ref_logp`` ``[B, n]`` float64 log-probabilities of the taken
+    token under the guided policy (temperature 1) and the full reference, ``kl`` ``[B, n]`` float64 exact
+    ``KL(π_g(·|s) ‖ π_ref(·|s))``; when recorded, ``candidates`` ``[B, n, K]``, ``ref_top`` ``[B, n, K]``,
+    ``atom_logits`` ``[B, n, K, A]`` and ``guided`` ``[B, n, K]``."""
+
+    tokens: torch.Tensor
+    active: torch.Tensor
+    logp: torch.Tensor
+    ref_logp: torch.Tensor
+    kl: torch.Tensor
+    candidates: torch.Tensor | None = None
+    ref_top: torch.Tensor | None = None
+    atom_logits: torch.Tensor | None = None
+    guided: torch.Tensor | None = None
+
+
+class GuidedPolicy:
+    """The reference guided by a distributional value model (SHIQ_MATH §8), as a policy of
+    :mod:`shiq_eval.generate`: ``generate(prompt_ids, SamplingConfig(...))``, token ids in, completion
+    ids out, batch ``i`` sampled under seed ``cfg.seed + i``.
+
+    Args:
+        ref_model: a Hugging Face causal LM (``model(input_ids, attention_mask, position_ids, cache,
+            use_cache, logits_to_keep).logits``), the frozen reference.
+        value_model: ``value_model(input_ids=[B, L], attention_mask=[B, 1, L, P + L] additive,
+            position_ids=[B, L], cache=) -> [B, L, A]`` atom logits with a Hugging Face KV cache, and
+            ``.config`` for the cache (``shiq_train.qsharp_value.HFValueModel``, from
+            ``shiq_train.qsharp_value.load_value_model``).
+        atoms: ``[A]`` the value model's atoms.
+        beta: the KL weight ``β`` (smaller: greedier towards high value).
+        top_k: candidates per step (the reference's most likely tokens).
+        eos_id, pad_id: end-of-sequence and padding ids (pad defaults to eos).
+
+    Each step runs the reference on the new token (its own KV cache) and the value trunk once on
+    ``[last token, k candidates]`` over the value trunk's cached prefix: a candidate attends to the
+    prefix and to itself only (a diagonal mask among candidates) and sits at the position after the
+    prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates' cache entries
+    are dropped after the pass. Prompts are left-padded; padding is masked out of every attention.
+    Sampling applies ``cfg.temperature`` / ``cfg.top_p`` to the guided logits of the candidates.
+    """
+
+    def __init__(self, ref_model, value_model, atoms, beta: float, *, top_k: int = 20, eos_id: int, pad_id=None):
+        if not (isinstance(top_k, int) and top_k >= 1):
+            raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
+        self.beta = _check_beta(beta)
+        self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
+        if self.atoms.dim() != 1 or not torch.isfinite(self.atoms).all():
+            raise ValueError(f"atoms must be a finite 1-D tensor [A], got {self.atoms.tolist()}")
+        self.ref_model = ref_model.eval()
+        self.value_model = value_model.eval()
+        self.top_k = int(top_k)
+        self.eos_id = int(eos_id)
+        self.pad_id = int(eos_id if pad_id is None else pad_id)
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
+        """Completion token ids per prompt (see ``shiq_eval.generate._generate_in_batches`` for batches and seeds)."""
+
+        def batch_fn(batch, first, seed):
+            gen = torch.Generator().manual_seed(seed)
+            return self.decode(batch, cfg, generator=gen).tokens.tolist()
+
+        return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
+
+    @torch.no_grad()
+    def sequence_kls(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]], batch_size: int = 16
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sequence KL of the guided policy (temperature 1) to the reference over the completion
+        tokens: ``(sample [N], exact [N])`` float64, as ``shiq_eval.evaluate.sequence_kls`` (SHIQ_MATH §6).
+
+        The completions are teacher-forced through the same steps as sampling. ``exact`` sums
+        ``Σ_{a ∈ candidates} π_g(a|s) log(π_g(a|s) / π_ref(a|s))`` over visited states (``π_ref`` the full
+        reference softmax); ``sample`` sums ``log π_g(y_t|s_t) − log π_ref(y_t|s_t)`` and is ``-inf`` for
+        a completion with a token outside the candidates (which the guided policy cannot produce).
+        """
+        samples, exact = [], []
+        for start in range(0, len(prompt_ids), batch_size):
+            batch = prompt_ids[start : start + batch_size]
+            forced = completion_ids[start : start + batch_size]
+            width = max([len(c) for c in forced] + [1])
+            steps = self.decode(batch, SamplingConfig(max_new_tokens=width), forced=forced)
+            m = steps.active
+            samples.append(torch.where(m, steps.logp - steps.ref_logp, 0.0).sum(-1))
+            exact.append(torch.where(m, steps.kl, 0.0).sum(-1))
+        return torch.cat(samples), torch.cat(exact)
+
+    @torch.no_grad()
+    def decode(
+        self,
+        batch: list[list[int]],
+        cfg: SamplingConfig,
+        *,
+        generator: torch.Generator | None = None,
+        forced: list[list[int]] | None = None,
+        record: bool = False,
+    ) -> GuidedSteps:
+        """Run guided decoding on one batch of prompts for at most ``cfg.max_new_tokens`` steps.
+
+        Tokens are drawn with ``sample_next`` (``generator``), or taken from ``forced`` (one completion
+        per prompt; a row is active while its forced completion lasts). Sampled rows stop at ``eos_id``.
+        ``record`` keeps the candidates, their reference logits, atom logits and guided logits.
+        """
+        from transformers import DynamicCache  # heavy: only decoding needs it
+
+        device = next(self.ref_model.parameters()).device
+        B = len(batch)
+        width = max(len(p) for p in batch)
+        ids = torch.full((B, width), self.pad_id, dtype=torch.long, device=device)
+        attn = torch.zeros((B, width), dtype=torch.long, device=device)
+        for j, p in enumerate(batch):
+            if not p:
+                raise ValueError(f"prompt {j} of the batch is empty")
+            ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
+            attn[j, width - len(p) :] = 1
+        if forced is not None:
+            forced_len = torch.tensor([len(c) for c in forced], device=device)
+            n_steps = int(forced_len.max()) if len(forced) else 0
+            forced_t = torch.full((B, max(n_steps, 1)), self.pad_id, dtype=torch.long, device=device)
+            for j, c in enumerate(forced):
+                forced_t[j, : len(c)] = torch.tensor(c, dtype=torch.long)
+        else:
+            n_steps = cfg.max_new_tokens
+        ref_cache = DynamicCache(config=self.ref_model.config)
+        value_cache = DynamicCache(config=self.value_model.config)
+        atoms = self.atoms.to(device)
+        new_ids, new_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
+        next_pos = attn.sum(-1)  # [B] position of the next token of each row
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        cols = {k: [] for k in ("tokens", "active", "logp", "ref_logp", "kl", "cand", "ref_top", "atoms", "guided")}
+        for step in range(n_steps):
+            ref_logits = self.ref_model(
+                input_ids=new_ids,
+                attention_mask=attn,
+                position_ids=new_pos,
+                cache=ref_cache,
+                use_cache=True,
+                logits_to_keep=1,
+            ).logits[:, -1]
+            ref_logp_all = torch.log_softmax(ref_logits.double(), -1)  # [B, V]
+            k = min(self.top_k, ref_logits.shape[-1])
+            ref_top, cand = ref_logits.float().topk(k, dim=-1)  # [B, K]
+            atom_logits = self._score_candidates(new_ids, new_pos, attn, cand, next_pos, value_cache)
+            guided = guided_logits(ref_top, atom_logits, atoms, beta=self.beta).double()  # [B, K]
+            logp_g = torch.log_softmax(guided, -1)
+            ref_logp_c = ref_logp_all.gather(-1, cand)
+            if forced is None:
+                active = ~done
+                pick = sample_next((guided - guided.max(-1, keepdim=True).values).float(), cfg, generator)
+                token = cand.gather(-1, pick[:, None])[:, 0]
+                lp = logp_g.gather(-1, pick[:, None])[:, 0]
+            else:
+                active = step < forced_len
+                token = forced_t[:, step]
+                hit = cand == token[:, None]
+                lp = torch.where(hit, logp_g, torch.full_like(logp_g, -math.inf)).max(-1).values
+            token = torch.where(active, token, torch.full_like(token, self.pad_id))
+            cols["tokens"].append(token)
+            cols["active"].append(active)
+            cols["logp"].append(lp)
+            cols["ref_logp"].append(ref_logp_all.gather(-1, token[:, None])[:, 0])
+            cols["kl"].append((logp_g.exp() * (logp_g - ref_logp_c)).sum(-1))
+            if record:
+                cols["cand"].append(cand)
+                cols["ref_top"].append(ref_top)
+                cols["atoms"].append(atom_logits)
+                cols["guided"].append(guided)
+            if forced is None:
+                done |= active & (token == self.eos_id)
+                if bool(done.all()):
+                    break
+            new_ids, new_pos = token[:, None], next_pos[:, None]
+            attn = torch.cat([attn, torch.ones_like(attn[:, :1])], -1)
+            next_pos = next_pos + 1
+
+        def stack(key, empty_shape, dtype):
+            return torch.stack(cols[key], 1) if cols[key] else torch.zeros(empty_shape, dtype=dtype, device=device)
+
+        out = GuidedSteps(
+            tokens=stack("tokens", (B, 0), torch.long),
+            active=stack("active", (B, 0), torch.bool),
+            logp=stack("logp", (B, 0), torch.float64),
+            ref_logp=stack("ref_logp", (B, 0), torch.float64),
+            kl=stack("kl", (B, 0), torch.float64),
+        )
+        if record and cols["cand"]:
+            out.candidates, out.ref_top = stack("cand", (), None), stack("ref_top", (), None)
+            out.atom_logits, out.guided = stack("atoms", (), None), stack("guided", (), None)
+        return out
+
+    def _score_candidates(self, new_ids, new_pos, attn, cand, next_pos, cache) -> torch.Tensor:
+        """Atom logits ``[B, K, A]`` of ``prefix + candidate`` for every candidate, in one value pass.
+
+        ``new_ids`` / ``new_pos`` ``[B, L]``: the prefix tokens the value cache does not hold yet (the
+        whole prompt at the first step, then the last token); ``attn`` ``[B, P + L]`` the prefix's
+        padding mask; ``cand`` ``[B, K]``; ``next_pos`` ``[B]`` the candidates' position.
+        """
+        B, L = new_ids.shape
+        K = cand.shape[1]
+        P = attn.shape[1] - L
+        device = new_ids.device
+        valid = attn.bool()  # [B, P + L] keys of the prefix
+        q_prefix = torch.arange(P, P + L, device=device)
+        key_prefix = torch.arange(P + L, device=device)
+        causal = key_prefix[None, :] <= q_prefix[:, None]  # [L, P + L]
+        prefix_rows = (causal[None] & valid[:, None, :]) | (key_prefix[None, None, :] == q_prefix[None, :, None])
+        prefix_rows = torch.cat([prefix_rows, torch.zeros(B, L, K, dtype=torch.bool, device=device)], -1)
+        cand_rows = torch.cat(
+            [valid[:, None, :].expand(B, K, P + L), torch.eye(K, dtype=torch.bool, device=device).expand(B, K, K)], -1
+        )
+        allowed = torch.cat([prefix_rows, cand_rows], 1)[:, None]  # [B, 1, L + K, P + L + K]
+        dtype = next(self.value_model.parameters()).dtype
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+        out = self.value_model(
+            input_ids=torch.cat([new_ids, cand], 1),
+            attention_mask=mask,
+            position_ids=torch.cat([new_pos, next_pos[:, None].expand(B, K)], 1),
+            cache=cache,
+        )  # [B, L + K, A]
+        cache.crop(-K)  # keep the prefix only
+        return out[:, L:].float()
+
+
+def evaluate_guided_policy(
+    policy: GuidedPolicy,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str],
+    scorer,
+    *,
+    max_new_tokens=32,
+    batch_size=16,
+    seed=0,
+    keep_samples=4,
+    progress=True,
+) -> EvalResult:
+    """Reward and both KL estimators of a guided policy against its reference (SHIQ_MATH §6, §8), the
+    counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at temperature 1, top-p 1,
+    scored by ``scorer(prompt_texts, completion_texts)``, KL from :meth:`GuidedPolicy.sequence_kls`."""
+    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed)
+    completions = policy.generate(prompt_ids, cfg, progress=progress)
+    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
+    rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
+    ks, ke = policy.sequence_kls(prompt_ids, completions, batch_size)
+    r, rse = mean_stderr(rewards)
+    a, ase = mean_stderr(ks)
+    b, bse = mean_stderr(ke)
+    shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
+    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist())

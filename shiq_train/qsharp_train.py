@@ -1,0 +1,150 @@
+"""Training Q♯'s value model from a replay buffer of reference samples (SHIQ_MATH §8).
+
+:func:`train_value_model` builds a :class:`shiq_train.qsharp_value.MegatronValueModel` initialised
+from the reference, runs AdamW steps of :func:`shiq_train.qsharp_value.distributional_value_loss` on
+rows drawn by a seeded ``BufferSampler`` and saves the result with
+:func:`shiq_train.qsharp_value.save_value_model` (load it for decoding with
+:func:`shiq_train.qsharp_value.load_value_model`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from shiq_data.buffer import open_buffer
+from shiq_data.sampler import BufferSampler
+from shiq_train import parallel
+from shiq_train.hf_convert import import_llama, model_config_from_llama
+from shiq_train.model import build_model
+from shiq_train.qsharp_value import MegatronValueModel, atom_support, qsharp_value_loss, returns_to_go, save_value_model
+from shiq_train.trainer import freeze_all_but_last_layers
+
+
+@dataclass
+class ValueTrainConfig:
+    """Training a :class:`MegatronValueModel` from a replay buffer (:func:`train_value_model`).
+
+    ``v_min`` / ``v_max`` default to the smallest / largest return-to-go in the buffer. ``head_lr``
+    defaults to ``lr``. ``trainable_last_layers``: -1 trains the whole trunk, ``N >= 0`` only its last
+    ``N`` layers and final norm (the head always trains).
+    """
+
+    steps: int = 100
+    rows_per_micro_batch: int = 8
+    lr: float = 1e-5
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    clip_grad: float = 1.0
+    num_atoms: int = 11
+    v_min: float | None = None
+    v_max: float | None = None
+    gamma: float = 1.0
+    trainable_last_layers: int = -1
+    seed: int = 0
+    max_tokens_per_row: int | None = None
+    pad_id: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.steps < 1 or self.rows_per_micro_batch < 1:
+            raise ValueError(
+                f"value.steps ({self.steps}) and value.rows_per_micro_batch ({self.rows_per_micro_batch}) must be >= 1"
+            )
+        if not (self.lr > 0 and (self.head_lr is None or self.head_lr > 0)):
+            raise ValueError(f"value.lr ({self.lr}) and value.head_lr ({self.head_lr}) must be > 0")
+        if not 0 <= self.gamma <= 1:
+            raise ValueError(f"value.gamma must be in [0, 1], got {self.gamma}")
+        if not (isinstance(self.num_atoms, int) and self.num_atoms >= 2):
+            raise ValueError(f"value.num_atoms must be an integer >= 2, got {self.num_atoms!r}")
+
+
+def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
+    """Smallest and largest return-to-go over the action positions of one epoch of ``sampler``
+    (a ``shiq_data.sampler.BufferSampler``; its stream position is restored afterwards)."""
+    state = sampler.state_dict()
+    lo, hi = math.inf, -math.inf
+    seen = 0
+    while seen < len(sampler.buffer):
+        for mb in sampler.next_micro_batches():
+            m = mb["action_mask"]
+            z = returns_to_go(mb["rewards"], m, gamma, mb.get("segment_ids"))[m]
+            if z.numel():
+                lo, hi = min(lo, float(z.min())), max(hi, float(z.max()))
+            seen += mb["tokens"].shape[0]
+    sampler.load_state_dict(state)
+    if lo == math.inf:
+        raise ValueError(f"buffer {sampler.buffer.path} has no action positions")
+    if lo == hi:  # a constant return: any support around it
+        lo, hi = lo - 1.0, hi + 1.0
+    return lo, hi
+
+
+def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: ValueTrainConfig) -> Path:
+    """Train a :class:`MegatronValueModel` on a replay buffer of reference samples and save it (SHIQ_MATH §8).
+
+    The trunk is a megatron GPT with the shape of ``hf_config`` initialised from ``hf_state_dict``
+    (the reference; ``shiq_train.cli.load_init(init)`` gives both). Each of ``cfg.steps`` AdamW steps
+    takes ``cfg.rows_per_micro_batch`` rows (``tokens``, ``action_mask``, ``rewards``) from a seeded
+    ``BufferSampler`` and minimises :func:`distributional_value_loss` against the rows' returns-to-go.
+    Runs in one process (TP = PP = 1; initialises ``torch.distributed`` itself if needed). Writes
+    ``out_dir`` atomically (:func:`save_value_model`) and a ``metrics.jsonl`` inside it; returns ``out_dir``.
+    """
+    buffer = open_buffer(buffer_path)
+    vocab = int(buffer.tokenizer_info.get("vocab_size", 0))
+    if vocab > hf_config.vocab_size:
+        raise ValueError(
+            f"buffer {buffer_path}: its tokenizer has {vocab} token ids but the reference model only "
+            f"{hf_config.vocab_size}; build the buffer with the reference's tokenizer"
+        )
+    sampler = BufferSampler(
+        buffer,
+        rows_per_micro_batch=cfg.rows_per_micro_batch,
+        seed=cfg.seed,
+        max_tokens_per_row=cfg.max_tokens_per_row,
+        pad_id=cfg.pad_id,
+    )
+    v_min, v_max = cfg.v_min, cfg.v_max
+    if v_min is None or v_max is None:
+        lo, hi = buffer_return_range(sampler, cfg.gamma)
+        v_min = lo if v_min is None else v_min
+        v_max = hi if v_max is None else v_max
+    atoms = atom_support(v_min, v_max, cfg.num_atoms)
+    context = contextlib.nullcontext() if dist.is_initialized() else parallel.distributed(seed=cfg.seed)
+    history = []
+    with context:
+        from megatron.core import parallel_state as ps  # heavy: only training needs megatron
+
+        if dist.get_world_size() != 1 or ps.get_tensor_model_parallel_world_size() != 1:
+            raise ValueError("train_value_model runs in a single process (world size 1, no model parallelism)")
+        parallel.set_seed(cfg.seed)
+        model_cfg = model_config_from_llama(hf_config)
+        trunk = build_model(model_cfg)
+        import_llama(trunk, hf_state_dict, hf_config)
+        model = MegatronValueModel(trunk, cfg.num_atoms).to(parallel.device())
+        freeze_all_but_last_layers(trunk, cfg.trainable_last_layers)
+        trunk_params = [p for p in trunk.parameters() if p.requires_grad]
+        groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
+        if trunk_params:
+            groups.append({"params": trunk_params, "lr": cfg.lr})
+        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        model.train()
+        for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
+            mb = {k: v.to(parallel.device()) for k, v in sampler.next_micro_batches()[0].items()}
+            logits = model(mb["tokens"], mb.get("segment_ids"))
+            loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip_grad > 0:
+                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
+            opt.step()
+            history.append({"step": step + 1, **metrics})
+        meta = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
+        save_value_model(out_dir, model, atoms, hf_config, meta=meta, history=history)
+    return Path(out_dir)
