@@ -3,7 +3,8 @@
 One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc_per_node N -m shiq_train
 ...``; rank and world size come from torchrun's environment). The pieces, in order:
 
-1. :func:`resolve_data_mode` — the pair/group losses (dpo, copg, dro_v, mt_*) need whole prompt groups.
+1. :func:`resolve_data_mode` — the data mode the loss's registry entry asks for (whole prompt groups for dpo,
+   copg, dro_v, mt_*; packed rows only for the ShiQ family).
 2. ``parallel.init_distributed`` — process groups (gloo on CPU, nccl on GPU), seed.
 3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
 4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
@@ -19,9 +20,9 @@ from pathlib import Path
 import torch
 
 from shiq_data.assets import config_dir
+from shiq_train.objectives import LOSS_NAMES, LOSSES
 
 CONFIG_DIR = config_dir()
-GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
 DATA_MODES = ("padded", "packed", "groups")
 REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
 # shape fields a Hugging Face checkpoint must agree on with the model config
@@ -44,12 +45,23 @@ class ConfigError(ValueError):
 def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None]:
     """``(mode, note)``: the data mode the loss needs, and a message when the config asked otherwise.
 
-    Pair/group losses compare completions of one prompt, so their micro-batches must hold whole
-    prompt groups; the ShiQ family reads single rows (``padded`` unless ``packed`` is asked for).
+    Read off the loss's entry in ``objectives.LOSSES``: a loss with ``needs_groups`` compares
+    completions of one prompt, so its micro-batches hold whole prompt groups; packed rows are only for
+    losses with ``packed_ok``; the others read single rows (``padded`` unless asked otherwise).
     """
     if mode is not None and mode not in DATA_MODES:
         raise ConfigError(f"data.mode must be one of {DATA_MODES} (or null for the loss's default), got {mode!r}")
-    if loss_name in GROUP_LOSSES:
+    if loss_name not in LOSSES:
+        raise ConfigError(f"loss name must be one of {LOSS_NAMES}, got {loss_name!r}")
+    spec = LOSSES[loss_name]
+    if mode == "packed" and not spec.packed_ok:
+        packed = [n for n, s in LOSSES.items() if s.packed_ok]
+        hint = "data.mode=groups or null" if spec.needs_groups else "data.mode=padded or null"
+        raise ConfigError(
+            f"loss {loss_name!r} reads one trajectory per row, but data.mode=packed puts several in a row "
+            f"(only {packed} read packed rows): use {hint}"
+        )
+    if spec.needs_groups:
         if mode not in (None, "groups"):
             return "groups", (
                 f"loss {loss_name!r} compares completions of the same prompt, so it reads whole "

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shiq_train import losses as L
-from shiq_train.objectives import LOSS_NAMES, LossConfig, compute_loss
+from shiq_train.objectives import LOSSES, LossConfig, compute_loss
 
 
 def batch(seed=0):
@@ -19,7 +19,7 @@ def batch(seed=0):
     return stats, r, m, groups
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_every_name_computes_the_loss_it_names(name):
     stats, r, m, groups = batch()
     loss, metrics = compute_loss(LossConfig(name=name, beta=0.3), *stats, r, m, group_ids=groups)
@@ -58,3 +58,24 @@ def test_config_errors():
     stats, r, m, _ = batch()
     with pytest.raises(ValueError, match="needs group_ids"):
         compute_loss(LossConfig("copg"), *stats, r, m)
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.needs_groups])
+def test_group_losses_refuse_batches_without_whole_groups(name):
+    """A group loss never trains on padded batches without group ids, nor on packed rows."""
+    stats, r, m, groups = batch()
+    with pytest.raises(ValueError, match=f"loss '{name}' needs group_ids .*data.mode=groups"):
+        compute_loss(LossConfig(name), *stats, r, m)
+    seg = torch.zeros(m.shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"loss '{name}' needs one trajectory per row, but the micro-batch is packed"):
+        compute_loss(LossConfig(name), *stats, r, m, group_ids=groups, segment_ids=seg)
+
+
+def test_registry_entries_are_consistent():
+    from shiq_train.objectives import LOSS_NAMES, LossSpec
+
+    assert LOSS_NAMES == tuple(LOSSES)
+    assert all(name == spec.name and spec.description for name, spec in LOSSES.items())
+    assert {s.variant for s in LOSSES.values() if s.variant} == {"shiq", "init", "ms", "tk"}
+    with pytest.raises(ValueError, match="exactly one of variant"):
+        LossSpec("broken", "neither a ShiQ variant nor a group loss")

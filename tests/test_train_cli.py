@@ -161,6 +161,32 @@ def test_group_losses_force_group_batches():
     assert resolve_data_mode("shiq_tk", "packed") == ("packed", None)
     with pytest.raises(ValueError, match="data.mode must be one of"):
         resolve_data_mode("shiq", "shuffled")
+    with pytest.raises(ValueError, match="loss 'dpo' reads one trajectory per row, but data.mode=packed"):
+        resolve_data_mode("dpo", "packed")
+
+
+def test_the_loss_registry_drives_the_data_mode(monkeypatch):
+    """Every registered loss gets the mode its flags ask for, and a new group loss needs only its entry."""
+    from shiq_train import objectives
+
+    group_losses = {"dpo", "mt_dpo", "copg", "mt_copg", "dro_v"}
+    assert {n for n, s in objectives.LOSSES.items() if s.needs_groups} == group_losses
+    assert {n for n, s in objectives.LOSSES.items() if s.packed_ok} == {"shiq", "shiq_init", "shiq_ms", "shiq_tk"}
+    for name in objectives.LOSSES:
+        if name in group_losses:
+            assert resolve_data_mode(name, None) == ("groups", None)
+            assert resolve_data_mode(name, "padded")[0] == "groups"
+            with pytest.raises(ValueError, match="data.mode=groups or null"):
+                resolve_data_mode(name, "packed")
+        else:
+            assert resolve_data_mode(name, None) == ("padded", None)
+            assert resolve_data_mode(name, "packed") == ("packed", None)
+    new = objectives.LossSpec("pairwise_new", "a new group loss", needs_groups=True, group_loss=objectives._copg)
+    monkeypatch.setitem(objectives.LOSSES, "pairwise_new", new)
+    mode, note = resolve_data_mode("pairwise_new", "padded")
+    assert mode == "groups" and "using data.mode=groups instead of data.mode=padded" in note
+    with pytest.raises(ValueError, match="loss name must be one of"):
+        resolve_data_mode("ppo", None)
 
 
 def write_tiny_buffer(path, with_ref: bool):
