@@ -142,18 +142,14 @@ def compute_loss(
         )
     metrics = {}
     if spec.variant is not None:
-        variant = spec.variant
-        loss = L.shiq_loss_packed(
-            *stats, rewards, action_mask, segment_ids=segment_ids, beta=cfg.beta, gamma=cfg.gamma, variant=variant
+        delta = L.shiq_td(
+            *stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=spec.variant, segment_ids=segment_ids
         )
-        with torch.no_grad():
-            delta = L.shiq_td(
-                *stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=variant, segment_ids=segment_ids
-            )
-            used = L.first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
-            d = delta[used].abs()
-            metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
-            metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
+        used = L.loss_positions(action_mask, segment_ids, spec.variant)
+        loss = L.mean_square(delta, used)
+        d = delta.detach()[used].abs()
+        metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
+        metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
         traj_returns, traj_kl = _per_trajectory(stats, rewards, action_mask, segment_ids)
     else:
         returns = L.sequence_return(rewards, action_mask)

@@ -18,7 +18,6 @@ from shiq_train.losses import (
     loo_soft_value,
     preference_pairs,
     shiq_loss,
-    shiq_loss_packed,
 )
 from shiq_train.stats import causal_lm_stats, token_stats
 
@@ -154,7 +153,7 @@ def test_packed_equals_unpacked_in_value_and_gradient(trajs, variant, gamma, sla
     assert len(places) == len(trajs)
     pc.requires_grad_(True)
     pz.requires_grad_(True)
-    got = shiq_loss_packed(pc, pz, pcr, pzr, pr, pm, segment_ids=seg, beta=0.5, gamma=gamma, variant=variant)
+    got = shiq_loss(pc, pz, pcr, pzr, pr, pm, segment_ids=seg, beta=0.5, gamma=gamma, variant=variant)
     got.backward()
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10, abs=1e-12)
     for i, (traj, (b, start)) in enumerate(zip(trajs, places)):
@@ -312,7 +311,7 @@ def test_bad_variant_gamma_and_segments_raise():
     with pytest.raises(ValueError, match="gamma must be"):
         shiq_loss(*_good(), beta=0.5, gamma=1.5)
     with pytest.raises(ValueError, match="non-decreasing"):
-        shiq_loss_packed(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
+        shiq_loss(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,3 +79,34 @@ def test_registry_entries_are_consistent():
     assert {s.variant for s in LOSSES.values() if s.variant} == {"shiq", "init", "ms", "tk"}
     with pytest.raises(ValueError, match="exactly one of variant"):
         LossSpec("broken", "neither a ShiQ variant nor a group loss")
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.variant])
+@pytest.mark.parametrize("packed", [False, True])
+def test_shiq_family_loss_and_gradient_equal_shiq_loss(name, packed):
+    """compute_loss derives loss and metrics from one set of residuals; the loss is shiq_loss's."""
+    variant = {"shiq": "shiq", "shiq_init": "init", "shiq_ms": "ms", "shiq_tk": "tk"}[name]
+    stats, r, m, _ = batch(2)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 4) if packed else None
+    a = [s.clone().requires_grad_(True) for s in stats[:2]]
+    b = [s.clone().requires_grad_(True) for s in stats[:2]]
+    loss, metrics = compute_loss(LossConfig(name, beta=0.4, gamma=0.9), *a, *stats[2:], r, m, segment_ids=seg)
+    want = L.shiq_loss(*b, *stats[2:], r, m, beta=0.4, gamma=0.9, variant=variant, segment_ids=seg)
+    loss.backward()
+    want.backward()
+    assert float(loss.detach()) == float(want.detach())
+    for x, y in zip(a, b):
+        assert torch.equal(x.grad, y.grad)
+    # metrics: |δ| over the positions in the loss, by a direct float64 computation for the full loss
+    if name == "shiq" and not packed:
+        c, z, cr, zr = stats
+        rho = ((c - z) - (cr - zr)) * m
+        x = (r - 0.4 * rho) * m
+        deltas = []
+        for i in range(4):
+            for t in range(6):
+                if m[i, t]:
+                    G = sum(0.9 ** int(m[i, t:k].sum()) * x[i, k] for k in range(t, 6) if m[i, k])
+                    deltas.append(abs(float(G - 0.4 * (z[i, t] - zr[i, t]))))
+        assert metrics["abs_delta_mean"] == pytest.approx(sum(deltas) / len(deltas), rel=1e-9)
+        assert metrics["abs_delta_max"] == pytest.approx(max(deltas), rel=1e-9)
