@@ -165,16 +165,17 @@ def next_action_index(action_mask: torch.Tensor, segment_ids: torch.Tensor | Non
     return nxt_c, exists
 
 
-def first_action_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, T]`` bool: True on the first action of each trajectory."""
-    B, T = action_mask.shape
+def turn_start_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` bool: True on the first action of every turn (SHIQ_MATH §4, ShiQ/tk).
+
+    A turn is a maximal run of action positions in a row, cut at segment boundaries when packed: an
+    action starts a turn when the position before it is not an action of the same trajectory. A
+    single-turn row has one turn start, its first action.
+    """
     seg = _segments(action_mask, segment_ids)
-    pos = torch.arange(T, device=action_mask.device).expand(B, T)
-    at = torch.where(action_mask, pos, torch.full_like(pos, -1))
-    prev_incl = at.cummax(1).values
-    prev = torch.cat([torch.full_like(pos[:, :1], -1), prev_incl[:, :-1]], dim=1)
-    has_prev = (prev >= 0) & (seg.gather(1, prev.clamp(min=0)) == seg)
-    return action_mask & ~has_prev
+    prev_is_action = torch.zeros_like(action_mask)
+    prev_is_action[:, 1:] = action_mask[:, :-1] & (seg[:, 1:] == seg[:, :-1])
+    return action_mask & ~prev_is_action
 
 
 # ----------------------------------------------------------------------------------------------
@@ -183,8 +184,8 @@ def first_action_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | Non
 
 def loss_positions(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None, variant: str = "shiq"):
     """``[B, T]`` bool: the positions whose residual enters the ShiQ loss (SHIQ_MATH §3-§4): every
-    action, or for ``"tk"`` the first action of each trajectory."""
-    return first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
+    action, or for ``"tk"`` the first action of every turn (:func:`turn_start_mask`)."""
+    return turn_start_mask(action_mask, segment_ids) if variant == "tk" else action_mask
 
 
 def shiq_td(
@@ -205,7 +206,7 @@ def shiq_td(
     shiq: ``δ_t = G_t − β(z_t − z_ref_t)`` with ``G_t = Σ_{k≥t} γ^{k−t}(r_k − β ρ_k)``   (§3)
     init: ``δ_t = G_t − β z_t``                                                           (§4)
     ms:   ``δ_t = r_t + γ β(z_{t'} − z_ref_{t'}) − β(c_t − c_ref_t)``, t' the next action  (§4)
-    tk:   the ``shiq`` residual, kept on the first action of each trajectory only        (§4)
+    tk:   the ``shiq`` residual, kept on the first action of every turn only             (§4)
 
     Arguments as for :func:`shiq_loss` (and checked the same way). Values at positions outside
     :func:`loss_positions` are zero.
@@ -263,8 +264,8 @@ def shiq_loss(
             an id are one trajectory. Suffix sums and "next action" never cross a segment boundary, so
             the result equals the loss on the unpacked trajectories. None: one trajectory per row.
     Returns:
-        Scalar ``Σ m δ² / Σ m`` over action positions; for ``"tk"`` the mean of ``δ²`` over
-        trajectories that have an action. Zero if there is no action at all.
+        Scalar ``Σ m δ² / Σ m`` over action positions; for ``"tk"`` the mean of ``δ²`` over turn
+        starts (one per trajectory on single-turn rows). Zero if there is no action at all.
     """
     delta = shiq_td(
         chosen_logits,
