@@ -125,8 +125,10 @@ def compute_loss(
         segment_ids: ``[B, T]`` int for packed rows (only the losses with ``packed_ok``).
     Returns:
         ``(loss, metrics)``; metrics are detached floats: ``reward`` (mean return per trajectory),
-        ``kl`` (mean sample estimate ``Σ_t ρ_t`` per trajectory, SHIQ_MATH §6), and for the ShiQ family
-        ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the loss.
+        ``log_ratio`` (mean over trajectories of ``Λ = Σ_t m_t ρ_t``, SHIQ_MATH §2, §5, on the batch's
+        rows), and for the ShiQ family ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the
+        loss. ``log_ratio`` is not KL(π‖π_ref): it is the sample estimate of that KL (§6) only on rows
+        sampled from π; on buffer rows sampled from π_ref it estimates −KL(π_ref‖π).
     """
     stats = (chosen_logits, logz, ref_chosen_logits, ref_logz)
     spec = cfg.spec
@@ -150,15 +152,15 @@ def compute_loss(
         d = delta.detach()[used].abs()
         metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
         metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
-        traj_returns, traj_kl = _per_trajectory(stats, rewards, action_mask, segment_ids)
+        traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
     else:
         returns = L.sequence_return(rewards, action_mask)
         loss, extra = spec.group_loss(cfg.beta, stats, rewards, action_mask, group_ids, returns)
         metrics.update(extra)
         traj_returns = returns.detach()
-        traj_kl = L.sequence_log_ratio(*stats, action_mask).detach()
+        traj_log_ratio = L.sequence_log_ratio(*stats, action_mask).detach()
     metrics["reward"] = float(traj_returns.mean()) if traj_returns.numel() else 0.0
-    metrics["kl"] = float(traj_kl.mean()) if traj_kl.numel() else 0.0
+    metrics["log_ratio"] = float(traj_log_ratio.mean()) if traj_log_ratio.numel() else 0.0
     return loss, metrics
 
 

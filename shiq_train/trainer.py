@@ -154,7 +154,7 @@ class Trainer:
                 history.append(metrics)
                 if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                     log.write(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", kl=f"{metrics['kl']:.3g}")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
                 last = step + 1 == self.cfg.steps
                 if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                     save_checkpoint(

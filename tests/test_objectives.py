@@ -36,9 +36,10 @@ def test_every_name_computes_the_loss_it_names(name):
         want = L.dro_v_loss(*stats, r, m, L.loo_soft_value(R, groups, beta=0.3), beta=0.3)
     assert float(loss) == pytest.approx(float(want), rel=1e-12)
     c, z, cr, zr = stats
-    kl = (((c - z) - (cr - zr)) * m).sum(1).mean()
+    log_ratio = (((c - z) - (cr - zr)) * m).sum(1).mean()
     assert metrics["reward"] == pytest.approx(float(R.mean()))
-    assert metrics["kl"] == pytest.approx(float(kl))
+    assert metrics["log_ratio"] == pytest.approx(float(log_ratio))
+    assert "kl" not in metrics
 
 
 def test_packed_metrics_count_each_trajectory():
