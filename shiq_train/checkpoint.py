@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.io import atomic_write
-from shiq_train.model import full_param_name, tp_layout, unshard_tensors, unwrap
+from shiq_train.model import full_param_name, tp_layout, unwrap
+from shiq_train.weights import rank_file_name, unshard_tensors
 
 
 def _layout() -> dict:
@@ -41,7 +42,7 @@ def _layout() -> dict:
 
 
 def _rank_file(step_dir: Path, lay: dict) -> Path:
-    return step_dir / f"rank_tp{lay['tp_rank']}_pp{lay['pp_rank']}_dp{lay['dp_rank']}.pt"
+    return step_dir / rank_file_name(lay["tp_rank"], lay["pp_rank"], lay["dp_rank"])
 
 
 def _barrier():
