@@ -13,6 +13,7 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -20,11 +21,23 @@ from pathlib import Path
 import torch
 
 from shiq_data.assets import config_dir
+from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
+from shiq_train.model import ModelConfig, build_model
 from shiq_train.objectives import LOSS_NAMES, LOSSES
 
 CONFIG_DIR = config_dir()
 DATA_MODES = ("padded", "packed", "groups")
 REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
+# model settings a checkpoint does not fix: kept from the model config when the shape comes from init
+RUNTIME_FIELDS = (
+    "init_method_std",
+    "hidden_dropout",
+    "attention_dropout",
+    "params_dtype",
+    "transformer_impl",
+    "fp8",
+    "logits_chunk_tokens",
+)
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (
     "num_layers",
@@ -101,6 +114,39 @@ def llama_config_from_model(model_cfg):
     )
 
 
+def read_llama_config(init: str):
+    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init``; any other model type is refused."""
+    folder = Path(init)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {path} does not exist"
+        )
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"init={init!r}: {path} is not a JSON object ({e})") from None
+    if model_type != "llama":
+        raise ConfigError(
+            f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
+            "(model_type 'llama') can initialise the model"
+        )
+    from transformers import LlamaConfig  # heavy: only an init folder needs it
+
+    return LlamaConfig.from_pretrained(str(folder))
+
+
+def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfig:
+    """The model to build. With ``init`` a Hugging Face folder and no model group chosen (``given``: the
+    ``model.*`` keys set on the command line; None when a group was chosen), the folder's config.json
+    decides the architecture and ``section`` only the settings a checkpoint does not fix
+    (:data:`RUNTIME_FIELDS`) and the keys in ``given``. Otherwise ``section`` is the model as written."""
+    if given is None or init in (None, "none", "smollm2"):
+        return ModelConfig.from_dict(section)
+    kept = {k: v for k, v in section.items() if k in RUNTIME_FIELDS or k in given}
+    return model_config_from_llama(read_llama_config(init), **{"name": Path(init).name, **kept})
+
+
 def load_init(init: str):
     """``(hf_state_dict, hf_config)`` of the initial weights, or ``(None, None)`` for ``init=none``.
 
@@ -109,26 +155,17 @@ def load_init(init: str):
     if init in (None, "none"):
         return None, None
     if init == "smollm2":
-        from shiq_train.hf_convert import load_smollm2
-
         hf, _ = load_smollm2(torch.float32)
         return hf.state_dict(), hf.config
-    folder = Path(init)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
-            f"{folder / 'config.json'} does not exist"
-        )
-    from transformers import LlamaForCausalLM
+    hf_config = read_llama_config(init)
+    from transformers import LlamaForCausalLM  # heavy: only an init folder needs it
 
-    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(str(init), config=hf_config, dtype=torch.float32)
     return hf.state_dict(), hf.config
 
 
 def check_shape(model_cfg, hf_config, init: str) -> None:
     """Raise naming every shape field where the model config and the initial checkpoint disagree."""
-    from shiq_train.hf_convert import model_config_from_llama
-
     want = model_config_from_llama(hf_config)
     mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
     mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
@@ -148,9 +185,6 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
 
 def build_policy(model_cfg, init: str):
     """The model for this rank with its initial weights, and the Hugging Face config to export it with."""
-    from shiq_train.hf_convert import import_llama
-    from shiq_train.model import build_model
-
     state, hf_config = load_init(init)
     if hf_config is not None:
         check_shape(model_cfg, hf_config, init)
@@ -224,19 +258,22 @@ def _dataclass_from(cls, section: dict, prefix: str):
     return cls(**section)
 
 
-def run(cfg: dict) -> Path:
-    """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory."""
+def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
+    """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
+
+    ``model_keys``: the ``model.*`` keys set on the command line when no model group was chosen, so an
+    ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from shiq_data.io import atomic_write_bytes
     from shiq_train import parallel
-    from shiq_train.model import ModelConfig, check_runtime
+    from shiq_train.model import check_runtime
     from shiq_train.objectives import LossConfig
     from shiq_train.train_step import OptimizerConfig
     from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
-    model_cfg = ModelConfig.from_dict(cfg["model"])
+    model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
         check_runtime(model_cfg)
     except RuntimeError as e:
@@ -266,7 +303,7 @@ def run(cfg: dict) -> Path:
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
-        cfg = {**cfg, "data": {**cfg["data"], "mode": mode}}
+        cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
         if rank0:
             import yaml
 
@@ -286,12 +323,22 @@ def run(cfg: dict) -> Path:
     return out
 
 
+def model_keys_given(overrides: list[str]) -> set[str] | None:
+    """The ``model.*`` keys among Hydra command-line ``overrides``, or None if a model group was chosen."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if "model" in keys:
+        return None
+    return {k[len("model.") :] for k in keys if k.startswith("model.")}
+
+
 def _task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig  # heavy: only the command line needs it
     from omegaconf import OmegaConf
     from omegaconf.errors import MissingMandatoryValue
 
     try:
-        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        keys = model_keys_given(list(HydraConfig.get().overrides.task))
+        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), keys)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
         _fail(
