@@ -29,7 +29,7 @@ from shiq_train.weights import rank_file_name, unshard_tensors
 
 
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
@@ -51,7 +51,7 @@ def _barrier():
 
 
 def _rng_state() -> dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker  # heavy: megatron
 
     state = {
         "cpu": torch.get_rng_state(),
@@ -63,7 +63,7 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker  # heavy: megatron
 
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and "cuda" in state:
@@ -158,7 +158,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
 def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
     """Every parameter of the whole model, unsharded and named as in a TP=1, PP=1 model, on global
     rank 0 (None elsewhere); collective. Feeds Hugging Face export and layout changes."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
     local = []
     if ps.get_data_parallel_rank() == 0:

@@ -19,11 +19,21 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
+from shiq_data.buffer import open_buffer
+from shiq_data.io import atomic_write_bytes
+from shiq_data.sampler import BufferSampler
+from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
-from shiq_train.model import ModelConfig, build_model
-from shiq_train.objectives import LOSS_NAMES, LOSSES
+from shiq_train.model import ModelConfig, build_model, check_runtime
+from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
+from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
 CONFIG_DIR = config_dir()
 DATA_MODES = ("padded", "packed", "groups")
@@ -87,7 +97,7 @@ def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None
 def llama_config_from_model(model_cfg):
     """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig`
     (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers
 
     if not (
         model_cfg.gated_linear_unit
@@ -224,9 +234,6 @@ class DeviceSource:
 def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int):
     """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
     ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error."""
-    from shiq_data.buffer import open_buffer
-    from shiq_data.sampler import BufferSampler
-
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
@@ -263,15 +270,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
 
     ``model_keys``: the ``model.*`` keys set on the command line when no model group was chosen, so an
     ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from shiq_data.io import atomic_write_bytes
-    from shiq_train import parallel
-    from shiq_train.model import check_runtime
-    from shiq_train.objectives import LossConfig
-    from shiq_train.train_step import OptimizerConfig
-    from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
@@ -305,8 +304,6 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
         cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
         if rank0:
-            import yaml
-
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         meta = {"config": cfg, "hf_config": hf_config.to_dict()}
@@ -332,9 +329,7 @@ def model_keys_given(overrides: list[str]) -> set[str] | None:
 
 
 def _task(cfg) -> None:
-    from hydra.core.hydra_config import HydraConfig  # heavy: only the command line needs it
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+    from hydra.core.hydra_config import HydraConfig  # heavy: hydra, only the command line needs it
 
     try:
         keys = model_keys_given(list(HydraConfig.get().overrides.task))
@@ -356,7 +351,7 @@ def _fail(message: str) -> None:
 
 def main() -> None:
     """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
-    import hydra
+    import hydra  # heavy: hydra, only the command line needs it
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()

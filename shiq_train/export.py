@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from shiq_train import weights as W
+from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 
 
 def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True) -> dict[str, torch.Tensor]:
@@ -50,9 +51,7 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
 
 def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     """A ``transformers.LlamaForCausalLM`` holding the weights of a checkpoint step directory."""
-    from transformers import LlamaForCausalLM
-
-    from shiq_train.hf_convert import LlamaShape, megatron_to_llama
+    from transformers import LlamaForCausalLM  # heavy: only export needs it
 
     shape = LlamaShape.from_hf_config(hf_config)
     full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)

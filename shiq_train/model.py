@@ -21,8 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
+from shiq_train import vocab_parallel as vp
 from shiq_train import weights as W
+from shiq_train.parallel import apply_cpu_adaptations
 from shiq_train.stats import TokenStats
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -97,13 +100,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Any) -> ModelConfig:
         """From a plain dict or an OmegaConf node (``cfg.model`` of a Hydra config); unknown keys raise."""
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(d, DictConfig):
-                d = OmegaConf.to_container(d, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(d, DictConfig):
+            d = OmegaConf.to_container(d, resolve=True)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -156,8 +154,8 @@ def check_runtime(cfg: ModelConfig) -> None:
 
 def transformer_config(cfg: ModelConfig):
     """megatron ``TransformerConfig`` for ``cfg`` and the initialised model-parallel layout."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core import parallel_state  # heavy: megatron
+    from megatron.core.transformer.transformer_config import TransformerConfig  # heavy: megatron
 
     check_runtime(cfg)
     tp = pp = 1
@@ -205,7 +203,7 @@ def transformer_config(cfg: ModelConfig):
 def layer_spec(cfg: ModelConfig):
     """Transformer Engine spec when asked for or when ``auto`` finds a GPU with Transformer Engine,
     else the local spec with ``cfg.normalization``."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.models.gpt import gpt_layer_specs as specs  # heavy: megatron
 
     if resolved_transformer_impl(cfg) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
@@ -214,7 +212,7 @@ def layer_spec(cfg: ModelConfig):
 
 @functools.cache
 def _gpt_model_class():
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # heavy: megatron
 
     class ShiQGPTModel(GPTModel):
         """``GPTModel`` that, with ``return_hidden=True``, returns the final (normed) hidden states
@@ -227,7 +225,7 @@ def _gpt_model_class():
             inference = kwargs.get("inference_context") is not None and not self.training
             if self.return_hidden and self.post_process and not inference and self.config.mtp_num_layers is None:
                 if self.config.sequence_parallel:
-                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
 
                     hidden_states = gather_from_sequence_parallel_region(hidden_states)
                 return hidden_states.transpose(0, 1).contiguous()
@@ -243,8 +241,6 @@ def _gpt_model_class():
             With ``stats_from_labels = False``, megatron's cross-entropy (an SFT loss, for comparison)."""
             if not self.stats_from_labels:
                 return super().compute_language_model_loss(labels, logits)
-            from shiq_train import vocab_parallel as vp
-
             st = vp.seq_first_causal_stats(logits, labels, vp.tensor_parallel_group(), self.vocab_size)
             return torch.stack([st.chosen_logits, st.logz], -1)
 
@@ -263,9 +259,7 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
     weights). Without a GPU, applies the CPU adaptations first. Vocab-parallel logits are returned
     ungathered (``parallel_output=True``): ``[B, T, V/tp]``.
     """
-    from megatron.core import parallel_state
-
-    from shiq_train.parallel import apply_cpu_adaptations
+    from megatron.core import parallel_state  # heavy: megatron
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
@@ -360,8 +354,6 @@ def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStat
     tokens at a time. Position ``t`` holds token ``t``'s statistics, predicted from position
     ``t − 1``; position 0 is zero.
     """
-    from shiq_train import vocab_parallel as vp
-
     inner = unwrap(model)
     if inner.return_hidden:
         group = vp.tensor_parallel_group()
@@ -394,7 +386,7 @@ def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None 
 
 def _stage(model) -> tuple[int, int]:
     """``(pipeline rank, layers per stage)`` of the stage ``model`` holds."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     config = unwrap(model).config
     pp = config.pipeline_model_parallel_size
@@ -427,7 +419,7 @@ def tp_layout(model, name: str, param) -> tuple[int | None, bool]:
 
 def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:
     """Copy this rank's shard of every parameter from ``full`` (named as in a TP=1, PP=1 model)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()

@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
-from shiq_train.model import unwrap
+from shiq_train.model import build_model, unwrap
 from shiq_train.objectives import LossConfig
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
 
@@ -69,8 +70,6 @@ def freeze_all_but_last_layers(model, n: int) -> int:
 def frozen_copy(model, model_cfg):
     """A second model of the same config and layout holding ``model``'s current weights, with no
     gradients: the online reference (megatron models cannot be deep-copied: they hold process groups)."""
-    from shiq_train.model import build_model
-
     ref = build_model(model_cfg)
     ref.load_state_dict(unwrap(model).state_dict())
     for p in ref.parameters():
@@ -120,8 +119,7 @@ class Trainer:
 
         Returns the metrics of the steps run in this call (every rank gets the same numbers).
         """
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: megatron
 
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         dp = ps.get_data_parallel_world_size()
@@ -189,7 +187,7 @@ class _MetricLog:
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard, only when logging to it
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 
