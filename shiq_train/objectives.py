@@ -18,15 +18,18 @@ from shiq_train import losses as L
 
 
 def _dpo(beta, stats, rewards, action_mask, group_ids, returns):
+    """DPO (SHIQ_MATH §5) over every (better, worse) pair of a group, by return; logs the pair count."""
     w, l = L.preference_pairs(returns.detach(), group_ids)
     return L.dpo_loss(*stats, action_mask, w, l, beta=beta), {"pairs": float(w.numel())}
 
 
 def _copg(beta, stats, rewards, action_mask, group_ids, returns):
+    """CoPG (SHIQ_MATH §5) over every pair of a group."""
     return L.copg_loss(*stats, rewards, action_mask, group_ids, beta=beta), {}
 
 
 def _dro_v(beta, stats, rewards, action_mask, group_ids, returns):
+    """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``."""
     values = L.loo_soft_value(returns, group_ids, beta=beta)
     return L.dro_v_loss(*stats, rewards, action_mask, values, beta=beta), {}
 
