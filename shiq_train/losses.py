@@ -232,8 +232,8 @@ def shiq_td(
 
 
 def mean_square(delta: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``Σ δ² / (number of positions)`` for ``delta`` ``[B, T]`` zero outside ``positions`` ``[B, T]``
-    bool; zero (with a gradient path) when there is no position."""
+    """The ShiQ reduction (SHIQ_MATH §3): ``Σ δ² / (number of positions)`` for ``delta`` ``[B, T]``, zero
+    outside ``positions`` ``[B, T]`` bool; zero (with a gradient path) when there is no position."""
     return (delta * delta).sum() / positions.sum().clamp(min=1)
 
 
