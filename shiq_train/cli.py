@@ -351,7 +351,7 @@ def _fail(message: str) -> None:
 
 def main() -> None:
     """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
-    import hydra  # heavy: hydra, only the command line needs it
+    import hydra
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()
