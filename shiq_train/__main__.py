@@ -1,5 +1,7 @@
 """``python -m shiq_train`` (and ``torchrun -m shiq_train``): the ``shiq-train`` command."""
 
+import sys
+
 from shiq_train.cli import main
 
-main()
+sys.exit(main())

@@ -25,11 +25,12 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.io import atomic_write
-from shiq_train.model import full_param_name, tp_layout, unshard_tensors, unwrap
+from shiq_train.model import full_param_name, tp_layout, unwrap
+from shiq_train.weights import rank_file_name, unshard_tensors
 
 
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
     return {
         "tp": ps.get_tensor_model_parallel_world_size(),
@@ -42,7 +43,7 @@ def _layout() -> dict:
 
 
 def _rank_file(step_dir: Path, lay: dict) -> Path:
-    return step_dir / f"rank_tp{lay['tp_rank']}_pp{lay['pp_rank']}_dp{lay['dp_rank']}.pt"
+    return step_dir / rank_file_name(lay["tp_rank"], lay["pp_rank"], lay["dp_rank"])
 
 
 def _barrier():
@@ -51,7 +52,7 @@ def _barrier():
 
 
 def _rng_state() -> dict:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker  # heavy: megatron
 
     state = {
         "cpu": torch.get_rng_state(),
@@ -63,7 +64,7 @@ def _rng_state() -> dict:
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker  # heavy: megatron
 
     torch.set_rng_state(state["cpu"])
     if torch.cuda.is_available() and "cuda" in state:
@@ -167,7 +168,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
 def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
     """Every parameter of the whole model, unsharded and named as in a TP=1, PP=1 model, on global
     rank 0 (None elsewhere); collective. Feeds Hugging Face export and layout changes."""
-    from megatron.core import parallel_state as ps
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
     local = []
     if ps.get_data_parallel_rank() == 0:

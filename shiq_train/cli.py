@@ -3,7 +3,8 @@
 One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc_per_node N -m shiq_train
 ...``; rank and world size come from torchrun's environment). The pieces, in order:
 
-1. :func:`resolve_data_mode` — the pair/group losses (dpo, copg, dro_v, mt_*) need whole prompt groups.
+1. :func:`resolve_data_mode` — the data mode the loss's registry entry asks for (whole prompt groups for dpo,
+   copg, dro_v, mt_*; packed rows only for the ShiQ family).
 2. ``parallel.init_distributed`` — process groups (gloo on CPU, nccl on GPU), seed.
 3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
 4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
@@ -12,19 +13,41 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
-from shiq_train import reference
+from shiq_data.buffer import open_buffer
+from shiq_data.io import atomic_write_bytes
+from shiq_data.sampler import BufferSampler
+from shiq_train import parallel, reference
+from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
+from shiq_train.model import ModelConfig, build_model, check_runtime
+from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
+from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
 CONFIG_DIR = config_dir()
-GROUP_LOSSES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
 DATA_MODES = ("padded", "packed", "groups")
 REF_COLUMNS = ("ref_chosen_logits", "ref_logz")
+# model settings a checkpoint does not fix: kept from the model config when the shape comes from init
+RUNTIME_FIELDS = (
+    "init_method_std",
+    "hidden_dropout",
+    "attention_dropout",
+    "params_dtype",
+    "transformer_impl",
+    "fp8",
+    "logits_chunk_tokens",
+)
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (
     "num_layers",
@@ -45,12 +68,23 @@ class ConfigError(ValueError):
 def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None]:
     """``(mode, note)``: the data mode the loss needs, and a message when the config asked otherwise.
 
-    Pair/group losses compare completions of one prompt, so their micro-batches must hold whole
-    prompt groups; the ShiQ family reads single rows (``padded`` unless ``packed`` is asked for).
+    Read off the loss's entry in ``objectives.LOSSES``: a loss with ``needs_groups`` compares
+    completions of one prompt, so its micro-batches hold whole prompt groups; packed rows are only for
+    losses with ``packed_ok``; the others read single rows (``padded`` unless asked otherwise).
     """
     if mode is not None and mode not in DATA_MODES:
         raise ConfigError(f"data.mode must be one of {DATA_MODES} (or null for the loss's default), got {mode!r}")
-    if loss_name in GROUP_LOSSES:
+    if loss_name not in LOSSES:
+        raise ConfigError(f"loss name must be one of {LOSS_NAMES}, got {loss_name!r}")
+    spec = LOSSES[loss_name]
+    if mode == "packed" and not spec.packed_ok:
+        packed = [n for n, s in LOSSES.items() if s.packed_ok]
+        hint = "data.mode=groups or null" if spec.needs_groups else "data.mode=padded or null"
+        raise ConfigError(
+            f"loss {loss_name!r} reads one trajectory per row, but data.mode=packed puts several in a row "
+            f"(only {packed} read packed rows): use {hint}"
+        )
+    if spec.needs_groups:
         if mode not in (None, "groups"):
             return "groups", (
                 f"loss {loss_name!r} compares completions of the same prompt, so it reads whole "
@@ -63,7 +97,7 @@ def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None
 def llama_config_from_model(model_cfg):
     """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig`
     (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers
 
     if not (
         model_cfg.gated_linear_unit
@@ -90,6 +124,39 @@ def llama_config_from_model(model_cfg):
     )
 
 
+def read_llama_config(init: str):
+    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init``; any other model type is refused."""
+    folder = Path(init)
+    path = folder / "config.json"
+    if not path.is_file():
+        raise ConfigError(
+            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {path} does not exist"
+        )
+    try:
+        model_type = json.loads(path.read_text()).get("model_type")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise ConfigError(f"init={init!r}: {path} is not a JSON object ({e})") from None
+    if model_type != "llama":
+        raise ConfigError(
+            f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
+            "(model_type 'llama') can initialise the model"
+        )
+    from transformers import LlamaConfig  # heavy: only an init folder needs it
+
+    return LlamaConfig.from_pretrained(str(folder))
+
+
+def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfig:
+    """The model to build. With ``init`` a Hugging Face folder and no model group chosen (``given``: the
+    ``model.*`` keys set on the command line; None when a group was chosen), the folder's config.json
+    decides the architecture and ``section`` only the settings a checkpoint does not fix
+    (:data:`RUNTIME_FIELDS`) and the keys in ``given``. Otherwise ``section`` is the model as written."""
+    if given is None or init in (None, "none", "smollm2"):
+        return ModelConfig.from_dict(section)
+    kept = {k: v for k, v in section.items() if k in RUNTIME_FIELDS or k in given}
+    return model_config_from_llama(read_llama_config(init), **{"name": Path(init).name, **kept})
+
+
 def load_init(init: str):
     """``(hf_state_dict, hf_config)`` of the initial weights, or ``(None, None)`` for ``init=none``.
 
@@ -98,26 +165,17 @@ def load_init(init: str):
     if init in (None, "none"):
         return None, None
     if init == "smollm2":
-        from shiq_train.hf_convert import load_smollm2
-
         hf, _ = load_smollm2(torch.float32)
         return hf.state_dict(), hf.config
-    folder = Path(init)
-    if not (folder / "config.json").is_file():
-        raise ConfigError(
-            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
-            f"{folder / 'config.json'} does not exist"
-        )
-    from transformers import LlamaForCausalLM
+    hf_config = read_llama_config(init)
+    from transformers import LlamaForCausalLM  # heavy: only an init folder needs it
 
-    hf = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(str(init), config=hf_config, dtype=torch.float32)
     return hf.state_dict(), hf.config
 
 
 def check_shape(model_cfg, hf_config, init: str) -> None:
     """Raise naming every shape field where the model config and the initial checkpoint disagree."""
-    from shiq_train.hf_convert import model_config_from_llama
-
     want = model_config_from_llama(hf_config)
     mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
     mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
@@ -137,9 +195,6 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
 
 def build_policy(model_cfg, init: str):
     """The model for this rank with its initial weights, and the Hugging Face config to export it with."""
-    from shiq_train.hf_convert import import_llama
-    from shiq_train.model import build_model
-
     state, hf_config = load_init(init)
     if hf_config is not None:
         check_shape(model_cfg, hf_config, init)
@@ -179,9 +234,6 @@ class DeviceSource:
 def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int):
     """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
     ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error."""
-    from shiq_data.buffer import open_buffer
-    from shiq_data.sampler import BufferSampler
-
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
@@ -213,19 +265,14 @@ def _dataclass_from(cls, section: dict, prefix: str):
     return cls(**section)
 
 
-def run(cfg: dict) -> Path:
-    """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
+def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
+    """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
 
-    from shiq_data.io import atomic_write_bytes
-    from shiq_train import parallel
-    from shiq_train.model import ModelConfig, check_runtime
-    from shiq_train.objectives import LossConfig
-    from shiq_train.train_step import OptimizerConfig
-    from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
+    ``model_keys``: the ``model.*`` keys set on the command line when no model group was chosen, so an
+    ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
+    from megatron.core import parallel_state as ps  # heavy: megatron
 
-    model_cfg = ModelConfig.from_dict(cfg["model"])
+    model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
         check_runtime(model_cfg)
     except RuntimeError as e:
@@ -255,10 +302,8 @@ def run(cfg: dict) -> Path:
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
-        cfg = {**cfg, "data": {**cfg["data"], "mode": mode}}
+        cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
         if rank0:
-            import yaml
-
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         meta = {"config": cfg, "hf_config": hf_config.to_dict()}
@@ -275,12 +320,20 @@ def run(cfg: dict) -> Path:
     return out
 
 
+def model_keys_given(overrides: list[str]) -> set[str] | None:
+    """The ``model.*`` keys among Hydra command-line ``overrides``, or None if a model group was chosen."""
+    keys = [o.split("=", 1)[0].lstrip("+~") for o in overrides]
+    if "model" in keys:
+        return None
+    return {k[len("model.") :] for k in keys if k.startswith("model.")}
+
+
 def _task(cfg) -> None:
-    from omegaconf import OmegaConf
-    from omegaconf.errors import MissingMandatoryValue
+    from hydra.core.hydra_config import HydraConfig  # heavy: hydra, only the command line needs it
 
     try:
-        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True))
+        keys = model_keys_given(list(HydraConfig.get().overrides.task))
+        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), keys)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
         _fail(
@@ -300,7 +353,7 @@ def main() -> int | None:
     """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
     if sys.argv[1:2] == ["ref-stats"]:  # shiq-train ref-stats BUFFER --model ...
         return reference.main(sys.argv[2:])
-    import hydra
+    import hydra  # heavy: only the training command needs it
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()

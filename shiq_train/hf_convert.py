@@ -18,8 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
+from shiq_data.assets import smollm2_gguf
 from shiq_data.io import atomic_dir
+from shiq_train.checkpoint import gather_full_parameters
+from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
 
 
 @dataclass(frozen=True)
@@ -108,8 +112,6 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
 
 def model_config_from_llama(hf_config, **overrides):
     """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config."""
-    from shiq_train.model import ModelConfig
-
     rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get(
         "rope_theta"
     )
@@ -149,8 +151,6 @@ def model_config_from_llama(hf_config, **overrides):
 
 def import_llama(model, hf_state_dict: dict[str, torch.Tensor], hf_config) -> None:
     """Load a Hugging Face Llama state dict into this rank's shard of a built megatron model."""
-    from shiq_train.model import load_full_parameters
-
     full = llama_to_megatron(hf_state_dict, LlamaShape.from_hf_config(hf_config))
     load_full_parameters(model, full)
 
@@ -161,14 +161,10 @@ def export_llama(model, hf_config, out_dir) -> None:
     Rank 0 writes into a temporary sibling folder and renames it into place, so ``out_dir`` is
     either complete or absent.
     """
-    import torch.distributed as dist
-
-    from shiq_train.checkpoint import gather_full_parameters
-
     full = gather_full_parameters(model) if dist.is_initialized() else _local_full(model)
     if full is None:
         return
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM  # heavy: only export needs it
 
     sd = megatron_to_llama(full, LlamaShape.from_hf_config(hf_config))
     hf = LlamaForCausalLM(hf_config)
@@ -177,8 +173,6 @@ def export_llama(model, hf_config, out_dir) -> None:
 
 
 def _local_full(model):
-    from shiq_train.model import full_param_name, unwrap
-
     return {full_param_name(model, n): p.detach().cpu() for n, p in unwrap(model).named_parameters()}
 
 
@@ -188,9 +182,7 @@ def load_smollm2(dtype=torch.float32):
     The GGUF weights are 4-bit and dequantised on load (close to, not equal to, the original). The
     returned model has no quantisation config, so it can be saved and converted like any Llama.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    from shiq_data.assets import smollm2_gguf
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # heavy: only SmolLM2 needs it
 
     path = smollm2_gguf()
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -165,20 +165,27 @@ def next_action_index(action_mask: torch.Tensor, segment_ids: torch.Tensor | Non
     return nxt_c, exists
 
 
-def first_action_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """``[B, T]`` bool: True on the first action of each trajectory."""
-    B, T = action_mask.shape
+def turn_start_mask(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, T]`` bool: True on the first action of every turn (SHIQ_MATH §4, ShiQ/tk).
+
+    A turn is a maximal run of action positions in a row, cut at segment boundaries when packed: an
+    action starts a turn when the position before it is not an action of the same trajectory. A
+    single-turn row has one turn start, its first action.
+    """
     seg = _segments(action_mask, segment_ids)
-    pos = torch.arange(T, device=action_mask.device).expand(B, T)
-    at = torch.where(action_mask, pos, torch.full_like(pos, -1))
-    prev_incl = at.cummax(1).values
-    prev = torch.cat([torch.full_like(pos[:, :1], -1), prev_incl[:, :-1]], dim=1)
-    has_prev = (prev >= 0) & (seg.gather(1, prev.clamp(min=0)) == seg)
-    return action_mask & ~has_prev
+    prev_is_action = torch.zeros_like(action_mask)
+    prev_is_action[:, 1:] = action_mask[:, :-1] & (seg[:, 1:] == seg[:, :-1])
+    return action_mask & ~prev_is_action
 
 
 # ----------------------------------------------------------------------------------------------
 # ShiQ and its ablations
+
+
+def loss_positions(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None, variant: str = "shiq"):
+    """``[B, T]`` bool: the positions whose residual enters the ShiQ loss (SHIQ_MATH §3-§4): every
+    action, or for ``"tk"`` the first action of every turn (:func:`turn_start_mask`)."""
+    return turn_start_mask(action_mask, segment_ids) if variant == "tk" else action_mask
 
 
 def shiq_td(
@@ -199,9 +206,15 @@ def shiq_td(
     shiq: ``δ_t = G_t − β(z_t − z_ref_t)`` with ``G_t = Σ_{k≥t} γ^{k−t}(r_k − β ρ_k)``   (§3)
     init: ``δ_t = G_t − β z_t``                                                           (§4)
     ms:   ``δ_t = r_t + γ β(z_{t'} − z_ref_{t'}) − β(c_t − c_ref_t)``, t' the next action  (§4)
-    tk:   the ``shiq`` residual, kept on the first action of each trajectory only        (§4)
-    Values at positions that do not enter the loss are zero.
+    tk:   the ``shiq`` residual, kept on the first action of every turn only             (§4)
+
+    Arguments as for :func:`shiq_loss` (and checked the same way). Values at positions outside
+    :func:`loss_positions` are zero.
     """
+    if variant not in SHIQ_VARIANTS:
+        raise ValueError(f"variant must be one of {SHIQ_VARIANTS}, got {variant!r}")
+    named = {"chosen_logits": chosen_logits, "logz": logz, "ref_chosen_logits": ref_chosen_logits, "ref_logz": ref_logz}
+    _check_inputs(named, rewards, action_mask, beta, gamma, segment_ids)
     c, z, c_ref, z_ref, r = (_float(t) for t in (chosen_logits, logz, ref_chosen_logits, ref_logz, rewards))
     m = action_mask
     if variant == "ms":
@@ -215,9 +228,13 @@ def shiq_td(
         delta = G - beta * z
     else:
         delta = G - beta * (z - z_ref)
-    if variant == "tk":
-        return delta * first_action_mask(m, segment_ids)
-    return delta * m
+    return delta * loss_positions(m, segment_ids, variant)
+
+
+def mean_square(delta: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """The ShiQ reduction (SHIQ_MATH §3): ``Σ δ² / (number of positions)`` for ``delta`` ``[B, T]``, zero
+    outside ``positions`` ``[B, T]`` bool; zero (with a gradient path) when there is no position."""
+    return (delta * delta).sum() / positions.sum().clamp(min=1)
 
 
 def shiq_loss(
@@ -231,8 +248,9 @@ def shiq_loss(
     beta: float,
     gamma: float = 1.0,
     variant: str = "shiq",
+    segment_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ShiQ loss and its ablations, one trajectory per row (SHIQ_MATH §3, §4).
+    """ShiQ loss and its ablations (SHIQ_MATH §3, §4), on padded or packed rows.
 
     Args:
         chosen_logits, logz: ``[B, T]`` trained model's chosen logit ``c`` and log-partition ``z``.
@@ -242,48 +260,13 @@ def shiq_loss(
         beta: KL temperature ``β > 0``.
         gamma: discount in [0, 1], counted per action.
         variant: ``"shiq"`` (§3), ``"init"``, ``"ms"`` or ``"tk"`` (§4).
+        segment_ids: ``[B, T]`` int for packed rows, non-decreasing along each row: positions sharing
+            an id are one trajectory. Suffix sums and "next action" never cross a segment boundary, so
+            the result equals the loss on the unpacked trajectories. None: one trajectory per row.
     Returns:
-        Scalar ``Σ m δ² / Σ m`` over action positions; for ``"tk"`` the mean of ``δ²`` over rows
-        that have an action. Zero if there is no action at all.
+        Scalar ``Σ m δ² / Σ m`` over action positions; for ``"tk"`` the mean of ``δ²`` over turn
+        starts (one per trajectory on single-turn rows). Zero if there is no action at all.
     """
-    return shiq_loss_packed(
-        chosen_logits,
-        logz,
-        ref_chosen_logits,
-        ref_logz,
-        rewards,
-        action_mask,
-        segment_ids=None,
-        beta=beta,
-        gamma=gamma,
-        variant=variant,
-    )
-
-
-def shiq_loss_packed(
-    chosen_logits,
-    logz,
-    ref_chosen_logits,
-    ref_logz,
-    rewards,
-    action_mask,
-    *,
-    segment_ids,
-    beta: float,
-    gamma: float = 1.0,
-    variant: str = "shiq",
-) -> torch.Tensor:
-    """:func:`shiq_loss` for packed rows: several trajectories per row (SHIQ_MATH §3, §4).
-
-    ``segment_ids`` ``[B, T]`` int, non-decreasing along each row: positions sharing an id are one
-    trajectory. Suffix sums and "next action" never cross a segment boundary, so the result equals
-    :func:`shiq_loss` on the unpacked trajectories (for ``"tk"``: the mean over trajectories).
-    ``segment_ids=None`` means one trajectory per row.
-    """
-    if variant not in SHIQ_VARIANTS:
-        raise ValueError(f"variant must be one of {SHIQ_VARIANTS}, got {variant!r}")
-    named = {"chosen_logits": chosen_logits, "logz": logz, "ref_chosen_logits": ref_chosen_logits, "ref_logz": ref_logz}
-    _check_inputs(named, rewards, action_mask, beta, gamma, segment_ids)
     delta = shiq_td(
         chosen_logits,
         logz,
@@ -296,8 +279,7 @@ def shiq_loss_packed(
         variant=variant,
         segment_ids=segment_ids,
     )
-    count_mask = first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
-    return (delta * delta).sum() / count_mask.sum().clamp(min=1)
+    return mean_square(delta, loss_positions(action_mask, segment_ids, variant))
 
 
 # ----------------------------------------------------------------------------------------------

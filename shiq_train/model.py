@@ -21,7 +21,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
+from shiq_train import vocab_parallel as vp
+from shiq_train import weights as W
+from shiq_train.parallel import apply_cpu_adaptations
 from shiq_train.stats import TokenStats
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
@@ -96,13 +100,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: Any) -> ModelConfig:
         """From a plain dict or an OmegaConf node (``cfg.model`` of a Hydra config); unknown keys raise."""
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(d, DictConfig):
-                d = OmegaConf.to_container(d, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        if isinstance(d, DictConfig):
+            d = OmegaConf.to_container(d, resolve=True)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -155,8 +154,8 @@ def check_runtime(cfg: ModelConfig) -> None:
 
 def transformer_config(cfg: ModelConfig):
     """megatron ``TransformerConfig`` for ``cfg`` and the initialised model-parallel layout."""
-    from megatron.core import parallel_state
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    from megatron.core import parallel_state  # heavy: megatron
+    from megatron.core.transformer.transformer_config import TransformerConfig  # heavy: megatron
 
     check_runtime(cfg)
     tp = pp = 1
@@ -204,7 +203,7 @@ def transformer_config(cfg: ModelConfig):
 def layer_spec(cfg: ModelConfig):
     """Transformer Engine spec when asked for or when ``auto`` finds a GPU with Transformer Engine,
     else the local spec with ``cfg.normalization``."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
+    from megatron.core.models.gpt import gpt_layer_specs as specs  # heavy: megatron
 
     if resolved_transformer_impl(cfg) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
@@ -213,7 +212,7 @@ def layer_spec(cfg: ModelConfig):
 
 @functools.cache
 def _gpt_model_class():
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt import GPTModel  # heavy: megatron
 
     class ShiQGPTModel(GPTModel):
         """``GPTModel`` that, with ``return_hidden=True``, returns the final (normed) hidden states
@@ -226,7 +225,7 @@ def _gpt_model_class():
             inference = kwargs.get("inference_context") is not None and not self.training
             if self.return_hidden and self.post_process and not inference and self.config.mtp_num_layers is None:
                 if self.config.sequence_parallel:
-                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
+                    from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
 
                     hidden_states = gather_from_sequence_parallel_region(hidden_states)
                 return hidden_states.transpose(0, 1).contiguous()
@@ -242,8 +241,6 @@ def _gpt_model_class():
             With ``stats_from_labels = False``, megatron's cross-entropy (an SFT loss, for comparison)."""
             if not self.stats_from_labels:
                 return super().compute_language_model_loss(labels, logits)
-            from shiq_train import vocab_parallel as vp
-
             st = vp.seq_first_causal_stats(logits, labels, vp.tensor_parallel_group(), self.vocab_size)
             return torch.stack([st.chosen_logits, st.logz], -1)
 
@@ -262,9 +259,7 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
     weights). Without a GPU, applies the CPU adaptations first. Vocab-parallel logits are returned
     ungathered (``parallel_output=True``): ``[B, T, V/tp]``.
     """
-    from megatron.core import parallel_state
-
-    from shiq_train.parallel import apply_cpu_adaptations
+    from megatron.core import parallel_state  # heavy: megatron
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
@@ -359,8 +354,6 @@ def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStat
     tokens at a time. Position ``t`` holds token ``t``'s statistics, predicted from position
     ``t − 1``; position 0 is zero.
     """
-    from shiq_train import vocab_parallel as vp
-
     inner = unwrap(model)
     if inner.return_hidden:
         group = vp.tensor_parallel_group()
@@ -391,68 +384,42 @@ def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None 
 # one full (TP=1, PP=1) set of parameters <-> this rank's shards
 
 
-# Transformer Engine layers fuse each pre-norm into the linear layer after it; full parameter sets
-# (checkpoint exports, Hugging Face import/export) always use the local layers' names. The pairs are
-# megatron-core's own (post_training/modelopt/gpt/state_dict_hooks.py:40, 49).
-TE_FUSED_NORMS = {
-    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
-    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
-}
+def _stage(model) -> tuple[int, int]:
+    """``(pipeline rank, layers per stage)`` of the stage ``model`` holds."""
+    from megatron.core import parallel_state  # heavy: megatron
 
-
-def local_layer_name(name: str) -> str:
-    """``name`` with a Transformer Engine fused-norm suffix replaced by the local layers' name."""
-    for te, local in TE_FUSED_NORMS.items():
-        if name.endswith("." + te):
-            return name[: -len(te)] + local
-    return name
+    config = unwrap(model).config
+    pp = config.pipeline_model_parallel_size
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+    return pp_rank, W.layers_per_stage(config.num_layers, pp)
 
 
 def full_param_name(model, name: str) -> str:
-    """Name of local parameter ``name`` in the single-stage model with local layers: layers renumbered
-    by their global index (``layer_number - 1``), the last stage's tied output copy mapped to the
-    embedding, and Transformer Engine fused-norm names mapped to the local ones."""
+    """Name of local parameter ``name`` in the single-stage model with local layers
+    (:func:`shiq_train.weights.full_name`); checked against megatron's own layer numbers."""
     inner = unwrap(model)
-    if name.startswith("decoder.layers."):
-        i, rest = name[len("decoder.layers.") :].split(".", 1)
-        return local_layer_name(f"decoder.layers.{inner.decoder.layers[int(i)].layer_number - 1}.{rest}")
-    if name == "output_layer.weight" and inner.share_embeddings_and_output_weights:
-        return "embedding.word_embeddings.weight"
-    return name
+    out = W.full_name(name, *_stage(model), inner.share_embeddings_and_output_weights)
+    if name.startswith(W.LAYER_PREFIX):
+        layer = inner.decoder.layers[int(name[len(W.LAYER_PREFIX) :].split(".", 1)[0])]
+        if not out.startswith(f"{W.LAYER_PREFIX}{layer.layer_number - 1}."):
+            raise ValueError(f"{name}: megatron numbers this layer {layer.layer_number - 1}, not as in {out}")
+    return out
 
 
 def tp_layout(model, name: str, param) -> tuple[int | None, bool]:
-    """``(partition_dim, glu)`` of a parameter: ``partition_dim`` None if replicated across tensor
-    parallel ranks; ``glu`` True for ``linear_fc1`` of a gated MLP, whose ``[gate; up]`` halves are
-    split separately (each rank holds ``[gate_r; up_r]``)."""
-    if not getattr(param, "tensor_model_parallel", False):
-        return None, False
-    glu = name.endswith("mlp.linear_fc1.weight") and unwrap(model).config.gated_linear_unit
-    return param.partition_dim, glu
-
-
-def shard_tensor(full: torch.Tensor, dim: int | None, glu: bool, tp: int, rank: int) -> torch.Tensor:
-    """Rank ``rank``'s slice of ``full`` under the layout from :func:`tp_layout`."""
-    if dim is None or tp == 1:
-        return full
-    if glu:
-        return torch.cat([h.chunk(tp, dim)[rank] for h in full.chunk(2, dim)], dim)
-    return full.chunk(tp, dim)[rank]
-
-
-def unshard_tensors(parts: list[torch.Tensor], dim: int | None, glu: bool) -> torch.Tensor:
-    """Inverse of :func:`shard_tensor` given every rank's slice, in rank order."""
-    if dim is None or len(parts) == 1:
-        return parts[0]
-    if glu:
-        gates, ups = zip(*(p.chunk(2, dim) for p in parts))
-        return torch.cat([torch.cat(gates, dim), torch.cat(ups, dim)], dim)
-    return torch.cat(parts, dim)
+    """``(partition_dim, glu)`` of a parameter from :func:`shiq_train.weights.tp_split`: ``partition_dim``
+    None if replicated across tensor parallel ranks; ``glu`` True for ``linear_fc1`` of a gated MLP,
+    whose ``[gate; up]`` halves are split separately. Checked against megatron's attributes."""
+    dim, glu = W.tp_split(name, unwrap(model).config.gated_linear_unit)
+    megatron_dim = param.partition_dim if getattr(param, "tensor_model_parallel", False) else None
+    if dim != megatron_dim:
+        raise ValueError(f"{name}: megatron splits it on dim {megatron_dim}, shiq_train.weights says {dim}")
+    return dim, glu
 
 
 def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:
     """Copy this rank's shard of every parameter from ``full`` (named as in a TP=1, PP=1 model)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
@@ -461,7 +428,7 @@ def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:
         if key not in full:
             raise KeyError(f"parameter {key!r} (local {name!r}) is missing from the full parameter set")
         dim, glu = tp_layout(model, name, p)
-        value = shard_tensor(full[key], dim, glu, tp, rank)
+        value = W.shard_tensor(full[key], dim, glu, tp, rank)
         if value.shape != p.shape:
             raise ValueError(f"{key}: shard shape {tuple(value.shape)} != parameter shape {tuple(p.shape)}")
         with torch.no_grad():

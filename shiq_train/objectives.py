@@ -1,37 +1,112 @@
-"""Choosing a loss by name: the bridge between the trainer's config and ``losses`` (SHIQ_MATH §3-§5).
+"""The registry of losses: the bridge between the trainer's config and ``losses`` (SHIQ_MATH §3-§5).
 
+``LOSSES`` holds one :class:`LossSpec` per loss name: what the loss reads (whole prompt groups, packed
+rows, reference statistics) and how it is computed. The trainer's command line reads the spec to
+choose the data mode; adding a loss is one entry here (plus its ``configs/loss/<name>.yaml``).
 ``compute_loss`` takes the per-token statistics and the batch fields every loss may need and returns
 the loss plus the per-step metrics the trainer logs. It holds no math of its own.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from shiq_train import losses as L
 
-SHIQ_NAMES = {"shiq": "shiq", "shiq_init": "init", "shiq_ms": "ms", "shiq_tk": "tk"}
-PAIR_NAMES = ("dpo", "mt_dpo", "copg", "mt_copg", "dro_v")
-LOSS_NAMES = tuple(SHIQ_NAMES) + PAIR_NAMES
+
+def _dpo(beta, stats, rewards, action_mask, group_ids, returns):
+    """DPO (SHIQ_MATH §5) over every (better, worse) pair of a group, by return; logs the pair count."""
+    w, l = L.preference_pairs(returns.detach(), group_ids)
+    return L.dpo_loss(*stats, action_mask, w, l, beta=beta), {"pairs": float(w.numel())}
+
+
+def _copg(beta, stats, rewards, action_mask, group_ids, returns):
+    """CoPG (SHIQ_MATH §5) over every pair of a group."""
+    return L.copg_loss(*stats, rewards, action_mask, group_ids, beta=beta), {}
+
+
+def _dro_v(beta, stats, rewards, action_mask, group_ids, returns):
+    """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``."""
+    values = L.loo_soft_value(returns, group_ids, beta=beta)
+    return L.dro_v_loss(*stats, rewards, action_mask, values, beta=beta), {}
+
+
+GroupLossFn = Callable[..., "tuple[torch.Tensor, dict]"]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """One loss of the family.
+
+    ``needs_groups``: compares completions of one prompt, so micro-batches must hold whole prompt
+    groups (with ``group_ids``). ``packed_ok``: works on packed rows (several trajectories per row).
+    ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``variant``: the
+    ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
+    ``fn(beta, stats, rewards, action_mask, group_ids, returns) -> (loss, extra metrics)``.
+    """
+
+    name: str
+    description: str
+    needs_groups: bool = False
+    packed_ok: bool = False
+    needs_reference: bool = True
+    variant: str | None = None
+    group_loss: GroupLossFn | None = None
+
+    def __post_init__(self):
+        if (self.variant is None) == (self.group_loss is None):
+            raise ValueError(f"loss {self.name!r}: give exactly one of variant (ShiQ family) and group_loss")
+        if self.group_loss is not None and (not self.needs_groups or self.packed_ok):
+            raise ValueError(f"loss {self.name!r}: a group loss reads whole prompt groups, never packed rows")
+
+
+def _shiq(name, variant, description):
+    return LossSpec(name, description, packed_ok=True, variant=variant)
+
+
+def _group(name, fn, description):
+    return LossSpec(name, description, needs_groups=True, group_loss=fn)
+
+
+LOSSES: dict[str, LossSpec] = {
+    s.name: s
+    for s in (
+        _shiq("shiq", "shiq", "ShiQ, the full loss: multi-step, reference-centred, token-level (§3)"),
+        _shiq("shiq_init", "init", "ShiQ without reward shaping (§4)"),
+        _shiq("shiq_ms", "ms", "ShiQ single-step consistency (§4)"),
+        _shiq("shiq_tk", "tk", "ShiQ on the first action of every turn only (§4)"),
+        _group("dpo", _dpo, "DPO on pairs of a prompt's completions, preferred = larger return (§5)"),
+        _group("mt_dpo", _dpo, "multi-turn DPO: DPO on whole trajectories, cumulative turn reward (§5)"),
+        _group("copg", _copg, "CoPG over all pairs of a prompt's completions (§5)"),
+        _group("mt_copg", _copg, "multi-turn CoPG: CoPG with the cumulative turn reward (§5)"),
+        _group("dro_v", _dro_v, "DRO-V with the leave-one-out soft value of the prompt's group (§5)"),
+    )
+}
+LOSS_NAMES = tuple(LOSSES)
 
 
 @dataclass
 class LossConfig:
-    """One loss of the family. ``mt_dpo`` / ``mt_copg`` are DPO / CoPG on multi-turn rows (§5)."""
+    """One loss of the family, by its name in :data:`LOSSES`."""
 
     name: str = "shiq"
     beta: float = 0.1
     gamma: float = 1.0
 
     def __post_init__(self):
-        if self.name not in LOSS_NAMES:
+        if self.name not in LOSSES:
             raise ValueError(f"loss name must be one of {LOSS_NAMES}, got {self.name!r}")
         if not self.beta > 0:
             raise ValueError(f"loss beta must be > 0, got {self.beta}")
-        if self.gamma != 1.0 and self.name not in SHIQ_NAMES:
+        if self.gamma != 1.0 and LOSSES[self.name].variant is None:
             raise ValueError(f"gamma < 1 is only defined for the ShiQ family, not {self.name!r}")
+
+    @property
+    def spec(self) -> LossSpec:
+        return LOSSES[self.name]
 
 
 def compute_loss(
@@ -49,48 +124,46 @@ def compute_loss(
 
     Args:
         chosen_logits, logz, ref_chosen_logits, ref_logz, rewards: ``[B, T]``; action_mask ``[B, T]`` bool.
-        group_ids: ``[B]`` int, completions of one prompt (needed by the pair/group losses).
-        segment_ids: ``[B, T]`` int for packed rows (ShiQ family only).
+        group_ids: ``[B]`` int, completions of one prompt (required by the losses with ``needs_groups``).
+        segment_ids: ``[B, T]`` int for packed rows (only the losses with ``packed_ok``).
     Returns:
         ``(loss, metrics)``; metrics are detached floats: ``reward`` (mean return per trajectory),
-        ``kl`` (mean sample estimate ``Σ_t ρ_t`` per trajectory, SHIQ_MATH §6), and for the ShiQ family
-        ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the loss.
+        ``log_ratio`` (mean over trajectories of ``Λ = Σ_t m_t ρ_t``, SHIQ_MATH §2, §5, on the batch's
+        rows), and for the ShiQ family ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the
+        loss. ``log_ratio`` is not KL(π‖π_ref): it is the sample estimate of that KL (§6) only on rows
+        sampled from π; on buffer rows sampled from π_ref it estimates −KL(π_ref‖π).
     """
     stats = (chosen_logits, logz, ref_chosen_logits, ref_logz)
-    metrics = {}
-    if cfg.name in SHIQ_NAMES:
-        variant = SHIQ_NAMES[cfg.name]
-        loss = L.shiq_loss_packed(
-            *stats, rewards, action_mask, segment_ids=segment_ids, beta=cfg.beta, gamma=cfg.gamma, variant=variant
+    spec = cfg.spec
+    if segment_ids is not None and not spec.packed_ok:
+        raise ValueError(
+            f"loss {cfg.name!r} needs one trajectory per row, but the micro-batch is packed (segment_ids): "
+            f"packed rows are for {[n for n, s in LOSSES.items() if s.packed_ok]}"
         )
-        with torch.no_grad():
-            delta = L.shiq_td(
-                *stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=variant, segment_ids=segment_ids
-            )
-            used = L.first_action_mask(action_mask, segment_ids) if variant == "tk" else action_mask
-            d = delta[used].abs()
-            metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
-            metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
-        traj_returns, traj_kl = _per_trajectory(stats, rewards, action_mask, segment_ids)
+    if spec.needs_groups and group_ids is None:
+        raise ValueError(
+            f"loss {cfg.name!r} needs group_ids (completions of one prompt): give it micro-batches of whole "
+            "prompt groups (data.mode=groups)"
+        )
+    metrics = {}
+    if spec.variant is not None:
+        delta = L.shiq_td(
+            *stats, rewards, action_mask, beta=cfg.beta, gamma=cfg.gamma, variant=spec.variant, segment_ids=segment_ids
+        )
+        used = L.loss_positions(action_mask, segment_ids, spec.variant)
+        loss = L.mean_square(delta, used)
+        d = delta.detach()[used].abs()
+        metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
+        metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
+        traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
     else:
-        if segment_ids is not None:
-            raise ValueError(f"loss {cfg.name!r} needs one trajectory per row; packed batches are for the ShiQ family")
-        if group_ids is None:
-            raise ValueError(f"loss {cfg.name!r} needs group_ids (completions of one prompt)")
         returns = L.sequence_return(rewards, action_mask)
-        if cfg.name in ("dpo", "mt_dpo"):
-            w, l = L.preference_pairs(returns.detach(), group_ids)
-            loss = L.dpo_loss(*stats, action_mask, w, l, beta=cfg.beta)
-            metrics["pairs"] = float(w.numel())
-        elif cfg.name in ("copg", "mt_copg"):
-            loss = L.copg_loss(*stats, rewards, action_mask, group_ids, beta=cfg.beta)
-        else:
-            values = L.loo_soft_value(returns, group_ids, beta=cfg.beta)
-            loss = L.dro_v_loss(*stats, rewards, action_mask, values, beta=cfg.beta)
+        loss, extra = spec.group_loss(cfg.beta, stats, rewards, action_mask, group_ids, returns)
+        metrics.update(extra)
         traj_returns = returns.detach()
-        traj_kl = L.sequence_log_ratio(*stats, action_mask).detach()
+        traj_log_ratio = L.sequence_log_ratio(*stats, action_mask).detach()
     metrics["reward"] = float(traj_returns.mean()) if traj_returns.numel() else 0.0
-    metrics["kl"] = float(traj_kl.mean()) if traj_kl.numel() else 0.0
+    metrics["log_ratio"] = float(traj_log_ratio.mean()) if traj_log_ratio.numel() else 0.0
     return loss, metrics
 
 

@@ -109,7 +109,7 @@ def _cpu_rng_tracker_class():
     so ``fork(name)`` swaps that generator's state with the named one and back, which is what the
     CUDA tracker does with the CUDA generator.
     """
-    from megatron.core.tensor_parallel import random as mrandom
+    from megatron.core.tensor_parallel import random as mrandom  # heavy: megatron
 
     class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
         def add(self, name, seed):
@@ -152,7 +152,7 @@ def _cpu_rng_tracker_class():
 
 
 def _wrap_tied_embedding_setup():
-    from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.models.common.language_module.language_module import LanguageModule  # heavy: megatron
 
     original = LanguageModule.setup_embeddings_and_output_layer
 
@@ -184,13 +184,13 @@ def apply_cpu_adaptations() -> list[str]:
     if _APPLIED:
         return list(_APPLIED)
 
-    from megatron.core import utils as mutils
-    from megatron.core.models.common.embeddings import rotary_pos_embedding
-    from megatron.core.models.common.language_module import language_module
-    from megatron.core.pipeline_parallel import p2p_communication, schedules
-    from megatron.core.tensor_parallel import mappings
-    from megatron.core.tensor_parallel import random as mrandom
-    from megatron.core.transformer import attention
+    from megatron.core import utils as mutils  # heavy: megatron
+    from megatron.core.models.common.embeddings import rotary_pos_embedding  # heavy: megatron
+    from megatron.core.models.common.language_module import language_module  # heavy: megatron
+    from megatron.core.pipeline_parallel import p2p_communication, schedules  # heavy: megatron
+    from megatron.core.tensor_parallel import mappings  # heavy: megatron
+    from megatron.core.tensor_parallel import random as mrandom  # heavy: megatron
+    from megatron.core.transformer import attention  # heavy: megatron
 
     if not getattr(mrandom.CudaRNGStatesTracker, "_shiq_cpu", False):
         mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
@@ -302,7 +302,7 @@ def init_distributed(
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
         )
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -318,7 +318,7 @@ def set_seed(seed: int) -> None:
     weights on every tensor-parallel rank); the tracker gives each tensor-parallel rank its own
     stream for dropout inside tensor-parallel regions.
     """
-    from megatron.core import tensor_parallel
+    from megatron.core import tensor_parallel  # heavy: megatron
 
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -326,7 +326,7 @@ def set_seed(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group (safe if not initialised)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_train.model import output_stats, stats_inputs, unwrap
+from shiq_train.objectives import compute_loss
 from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
@@ -135,7 +136,6 @@ def build_optimizer(model, cfg: OptimizerConfig):
 
 def objective_loss_fn(loss_cfg) -> LossFn:
     """Loss selected by config (:class:`shiq_train.objectives.LossConfig`) as a ``LossFn``."""
-    from shiq_train.objectives import compute_loss
 
     def fn(st: TokenStats, mb: dict):
         return compute_loss(
@@ -177,9 +177,9 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     from the last pipeline stage. The gradient is that of this rank's mean loss (see
     :func:`finalize_grads` for the data-parallel mean).
     """
-    from megatron.core import parallel_state
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.utils import get_model_config
+    from megatron.core import parallel_state  # heavy: megatron
+    from megatron.core.pipeline_parallel import get_forward_backward_func  # heavy: megatron
+    from megatron.core.utils import get_model_config  # heavy: megatron
 
     tokens = micro_batches[0]["tokens"]
     # Micro-batches of one step may differ in width (and, whole groups, in rows): megatron then sends each
@@ -218,7 +218,7 @@ def finalize_grads(model) -> None:
        hold the full one (megatron ``finalize_model_grads._allreduce_word_embedding_grads``).
     2. Data parallelism: mean of every gradient over the data-parallel group.
     """
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     inner = unwrap(model)
     if (
@@ -242,7 +242,7 @@ def grad_norm(model) -> float:
     """Global L2 norm of the gradients over tensor × pipeline ranks (each element counted once:
     tensor-parallel-replicated parameters on TP rank 0 only, the tied embedding's last-stage copy
     not at all)."""
-    from megatron.core import parallel_state
+    from megatron.core import parallel_state  # heavy: megatron
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sq = torch.zeros((), dtype=torch.float64)

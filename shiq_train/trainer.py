@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
-from shiq_train.model import unwrap
+from shiq_train.model import build_model, unwrap
 from shiq_train.objectives import LossConfig
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
 
@@ -69,8 +70,6 @@ def freeze_all_but_last_layers(model, n: int) -> int:
 def frozen_copy(model, model_cfg):
     """A second model of the same config and layout holding ``model``'s current weights, with no
     gradients: the online reference (megatron models cannot be deep-copied: they hold process groups)."""
-    from shiq_train.model import build_model
-
     ref = build_model(model_cfg)
     ref.load_state_dict(unwrap(model).state_dict())
     for p in ref.parameters():
@@ -120,8 +119,7 @@ class Trainer:
 
         Returns the metrics of the steps run in this call (every rank gets the same numbers).
         """
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: megatron
 
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         dp = ps.get_data_parallel_world_size()
@@ -154,7 +152,7 @@ class Trainer:
                 history.append(metrics)
                 if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
                     log.write(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", kl=f"{metrics['kl']:.3g}")
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
                 last = step + 1 == self.cfg.steps
                 if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                     save_checkpoint(
@@ -189,7 +187,7 @@ class _MetricLog:
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard, only when logging to it
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
 

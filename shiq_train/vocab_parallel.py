@@ -32,7 +32,7 @@ from shiq_train.stats import TokenStats
 def tensor_parallel_group():
     """megatron's tensor-parallel group, or None if model parallelism is not initialised or TP = 1."""
     try:
-        from megatron.core import parallel_state
+        from megatron.core import parallel_state  # heavy: megatron
     except ImportError:  # pragma: no cover - megatron is a dependency
         return None
     if not parallel_state.model_parallel_is_initialized():

@@ -18,7 +18,7 @@ from shiq_train.losses import (
     loo_soft_value,
     preference_pairs,
     shiq_loss,
-    shiq_loss_packed,
+    turn_start_mask,
 )
 from shiq_train.stats import causal_lm_stats, token_stats
 
@@ -27,9 +27,10 @@ from shiq_train.stats import causal_lm_stats, token_stats
 
 
 def naive_deltas(traj, beta, gamma, variant):
-    """``traj`` is a list of per-action tuples (c, z, c_ref, z_ref, r); returns the residuals used."""
+    """``traj`` is a list of per-action tuples (c, z, c_ref, z_ref, r, starts_a_turn); returns the
+    residuals used."""
     n = len(traj)
-    rho = [(c - z) - (cr - zr) for c, z, cr, zr, _ in traj]
+    rho = [(c - z) - (cr - zr) for c, z, cr, zr, *_ in traj]
     G = [0.0] * n
     acc = 0.0
     for k in reversed(range(n)):
@@ -39,8 +40,8 @@ def naive_deltas(traj, beta, gamma, variant):
         return [G[t] - beta * (traj[t][1] - traj[t][3]) for t in range(n)]
     if variant == "init":
         return [G[t] - beta * traj[t][1] for t in range(n)]
-    if variant == "tk":
-        return [G[0] - beta * (traj[0][1] - traj[0][3])] if n else []
+    if variant == "tk":  # the first action of every turn (SHIQ_MATH §4)
+        return [G[t] - beta * (traj[t][1] - traj[t][3]) for t in range(n) if traj[t][5]]
     out = []
     for t in range(n):
         nxt = beta * (traj[t + 1][1] - traj[t + 1][3]) if t + 1 < n else 0.0
@@ -114,7 +115,9 @@ def packed(trajs, row_len, dtype=torch.float64):
 
 
 def actions_only(trajs):
-    return [[tok[1:] for tok in traj if tok[0]] for traj in trajs]
+    """Per trajectory, its actions as (c, z, c_ref, z_ref, r, starts_a_turn): an action starts a turn
+    when the token before it in the trajectory is not an action."""
+    return [[(*tok[1:], i == 0 or not traj[i - 1][0]) for i, tok in enumerate(traj) if tok[0]] for traj in trajs]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -154,13 +157,47 @@ def test_packed_equals_unpacked_in_value_and_gradient(trajs, variant, gamma, sla
     assert len(places) == len(trajs)
     pc.requires_grad_(True)
     pz.requires_grad_(True)
-    got = shiq_loss_packed(pc, pz, pcr, pzr, pr, pm, segment_ids=seg, beta=0.5, gamma=gamma, variant=variant)
+    got = shiq_loss(pc, pz, pcr, pzr, pr, pm, segment_ids=seg, beta=0.5, gamma=gamma, variant=variant)
     got.backward()
     assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10, abs=1e-12)
     for i, (traj, (b, start)) in enumerate(zip(trajs, places)):
         n = len(traj)
         assert torch.allclose(pc.grad[b, start : start + n], c.grad[i, :n], atol=1e-12)
         assert torch.allclose(pz.grad[b, start : start + n], z.grad[i, :n], atol=1e-12)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    shape=st.lists(st.tuples(st.integers(0, 3), st.integers(1, 4), st.integers(0, 3)), min_size=1, max_size=4),
+    seed=st.integers(0, 2**16),
+    gamma=st.sampled_from([1.0, 0.7]),
+)
+def test_tk_on_single_turn_rows_is_the_first_action_of_each_trajectory(shape, seed, gamma):
+    """Single-turn rows (prompt, one run of actions, padding): ShiQ/tk is the mean over trajectories
+    of ``(G_0 − β(z_0 − z_ref_0))²`` at the first action, written here directly in float64."""
+    g = torch.Generator().manual_seed(seed)
+    T = max(p + a + pad for p, a, pad in shape)
+    B = len(shape)
+    c, z, cr, zr = (torch.randn(B, T, generator=g, dtype=torch.float64) for _ in range(4))
+    m = torch.zeros(B, T, dtype=torch.bool)
+    for b, (p, a, _) in enumerate(shape):
+        m[b, p : p + a] = True
+    r = torch.randn(B, T, generator=g, dtype=torch.float64) * m
+    beta = 0.6
+    want = []
+    for b, (p, a, _) in enumerate(shape):
+        rho = (c[b] - z[b]) - (cr[b] - zr[b])
+        G0 = sum(gamma**k * (float(r[b, p + k]) - beta * float(rho[p + k])) for k in range(a))
+        want.append((G0 - beta * float(z[b, p] - zr[b, p])) ** 2)
+    got = shiq_loss(c, z, cr, zr, r, m, beta=beta, gamma=gamma, variant="tk")
+    assert float(got) == pytest.approx(sum(want) / len(want), rel=1e-9, abs=1e-12)
+
+
+def test_turn_start_mask_by_hand():
+    m = torch.tensor([[0, 1, 1, 0, 1, 0, 0, 1], [1, 1, 1, 1, 0, 1, 1, 0]], dtype=torch.bool)
+    seg = torch.tensor([[0, 0, 0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1, 1, 2]])
+    assert turn_start_mask(m).int().tolist() == [[0, 1, 0, 0, 1, 0, 0, 1], [1, 0, 0, 0, 0, 1, 0, 0]]
+    assert turn_start_mask(m, seg).int().tolist() == [[0, 1, 0, 0, 1, 0, 0, 1], [1, 0, 1, 0, 0, 1, 0, 0]]
 
 
 def test_stats_at_non_action_positions_are_ignored():
@@ -312,7 +349,7 @@ def test_bad_variant_gamma_and_segments_raise():
     with pytest.raises(ValueError, match="gamma must be"):
         shiq_loss(*_good(), beta=0.5, gamma=1.5)
     with pytest.raises(ValueError, match="non-decreasing"):
-        shiq_loss_packed(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
+        shiq_loss(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -132,7 +132,9 @@ CASES = [
     ("ms", "sequence", 1.0, ()),
     ("ms", "token", 0.8, (0, 1)),
     ("tk", "token", 1.0, ()),
-    ("tk", "sequence", 1.0, (1,)),
+    ("tk", "sequence", 1.0, (1,)),  # two turns: the loss reads both turn starts
+    ("tk", "token", 1.0, (1,)),
+    ("tk", "token", 1.0, (0, 1)),  # three one-action turns
 ]
 
 

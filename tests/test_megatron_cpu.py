@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 
 from shiq_train import model as M
 from shiq_train import parallel
+from shiq_train import weights as W
 from shiq_train.stats import causal_lm_stats
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -295,7 +296,7 @@ def test_short_shiq_run_lowers_the_loss(dist1):
     assert logs[0]["lr"] == pytest.approx(1e-3) and logs[2]["lr"] == pytest.approx(3e-3)
     assert logs[-1]["lr"] < logs[3]["lr"]
     assert logs[-1]["loss"] < 0.35 * logs[0]["loss"], [round(l["loss"], 4) for l in logs]
-    assert {"abs_delta_mean", "kl", "reward", "grad_norm"} <= set(logs[0])
+    assert {"abs_delta_mean", "log_ratio", "reward", "grad_norm"} <= set(logs[0])
 
 
 def test_bf16_parameters_train_with_fp32_master_weights(dist1):
@@ -461,10 +462,10 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     assert set(te_offline) == set(saved["full"])
     assert all(torch.equal(te_offline[k], saved["full"][k]) for k in te_offline)
     assert (
-        M.local_layer_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
+        W.local_layer_name("decoder.layers.3.self_attention.linear_qkv.layer_norm_weight")
         == "decoder.layers.3.input_layernorm.weight"
     )
-    assert M.local_layer_name("decoder.layers.3.mlp.linear_fc1.weight") == "decoder.layers.3.mlp.linear_fc1.weight"
+    assert W.local_layer_name("decoder.layers.3.mlp.linear_fc1.weight") == "decoder.layers.3.mlp.linear_fc1.weight"
     # the gathered parameters give a TP=1, PP=1 model the TP2xPP2 model's loss
     with parallel.distributed(seed=3):
         model = M.build_model(M.ModelConfig())
@@ -474,3 +475,36 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
             model, make_micro_batches(), objective_loss_fn(LossConfig(name="shiq", beta=0.1)), forward_only=True
         )
     assert loss == pytest.approx(saved["eval_loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("gated,bias", [(True, False), (False, True), (True, True)])
+def test_weight_layout_table_matches_megatron_attributes(dist1, gated, bias):
+    """shiq_train.weights names the split of every parameter as megatron marks it (TP=1 build)."""
+    model = M.build_model(M.ModelConfig(gated_linear_unit=gated, add_bias_linear=bias))
+    seen = 0
+    for name, p in model.named_parameters():
+        megatron_dim = p.partition_dim if getattr(p, "tensor_model_parallel", False) else None
+        dim, glu = W.tp_split(name, gated)
+        assert dim == megatron_dim, name
+        assert glu == (gated and "mlp.linear_fc1." in name), name
+        seen += dim is not None
+    assert seen == 1 + 2 * (4 + 2 * bias)  # embedding; per layer qkv, proj, fc1, fc2 (+ qkv, fc1 biases)
+
+
+def test_weight_sharding_round_trip_and_names():
+    full = torch.arange(48.0).view(8, 6)
+    gate, up = full[:4], full[4:]
+    parts = [W.shard_tensor(full, 0, True, 2, r) for r in range(2)]
+    assert torch.equal(parts[1], torch.cat([gate[2:], up[2:]]))  # each rank holds [gate_r; up_r]
+    assert torch.equal(W.unshard_tensors(parts, 0, True), full)
+    cols = [W.shard_tensor(full, 1, False, 3, r) for r in range(3)]
+    assert torch.equal(cols[2], full[:, 4:]) and torch.equal(W.unshard_tensors(cols, 1, False), full)
+    assert W.shard_tensor(full, None, False, 2, 1) is full
+    assert W.full_name("decoder.layers.1.mlp.linear_fc2.weight", pp_rank=2, per_stage=3, tied=True) == (
+        "decoder.layers.7.mlp.linear_fc2.weight"
+    )
+    assert W.full_name("output_layer.weight", 1, 2, tied=True) == "embedding.word_embeddings.weight"
+    assert W.full_name("output_layer.weight", 1, 2, tied=False) == "output_layer.weight"
+    assert W.rank_file_name(1, 0, 3) == "rank_tp1_pp0_dp3.pt"
+    with pytest.raises(ValueError, match="num_layers=5 does not split over pp=2"):
+        W.layers_per_stage(5, 2)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shiq_train import losses as L
-from shiq_train.objectives import LOSS_NAMES, LossConfig, compute_loss
+from shiq_train.objectives import LOSSES, LossConfig, compute_loss
 
 
 def batch(seed=0):
@@ -19,7 +19,7 @@ def batch(seed=0):
     return stats, r, m, groups
 
 
-@pytest.mark.parametrize("name", LOSS_NAMES)
+@pytest.mark.parametrize("name", list(LOSSES))
 def test_every_name_computes_the_loss_it_names(name):
     stats, r, m, groups = batch()
     loss, metrics = compute_loss(LossConfig(name=name, beta=0.3), *stats, r, m, group_ids=groups)
@@ -36,9 +36,10 @@ def test_every_name_computes_the_loss_it_names(name):
         want = L.dro_v_loss(*stats, r, m, L.loo_soft_value(R, groups, beta=0.3), beta=0.3)
     assert float(loss) == pytest.approx(float(want), rel=1e-12)
     c, z, cr, zr = stats
-    kl = (((c - z) - (cr - zr)) * m).sum(1).mean()
+    log_ratio = (((c - z) - (cr - zr)) * m).sum(1).mean()
     assert metrics["reward"] == pytest.approx(float(R.mean()))
-    assert metrics["kl"] == pytest.approx(float(kl))
+    assert metrics["log_ratio"] == pytest.approx(float(log_ratio))
+    assert "kl" not in metrics
 
 
 def test_packed_metrics_count_each_trajectory():
@@ -58,3 +59,55 @@ def test_config_errors():
     stats, r, m, _ = batch()
     with pytest.raises(ValueError, match="needs group_ids"):
         compute_loss(LossConfig("copg"), *stats, r, m)
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.needs_groups])
+def test_group_losses_refuse_batches_without_whole_groups(name):
+    """A group loss never trains on padded batches without group ids, nor on packed rows."""
+    stats, r, m, groups = batch()
+    with pytest.raises(ValueError, match=f"loss '{name}' needs group_ids .*data.mode=groups"):
+        compute_loss(LossConfig(name), *stats, r, m)
+    seg = torch.zeros(m.shape, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"loss '{name}' needs one trajectory per row, but the micro-batch is packed"):
+        compute_loss(LossConfig(name), *stats, r, m, group_ids=groups, segment_ids=seg)
+
+
+def test_registry_entries_are_consistent():
+    from shiq_train.objectives import LOSS_NAMES, LossSpec
+
+    assert LOSS_NAMES == tuple(LOSSES)
+    assert all(name == spec.name and spec.description for name, spec in LOSSES.items())
+    assert {s.variant for s in LOSSES.values() if s.variant} == {"shiq", "init", "ms", "tk"}
+    with pytest.raises(ValueError, match="exactly one of variant"):
+        LossSpec("broken", "neither a ShiQ variant nor a group loss")
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.variant])
+@pytest.mark.parametrize("packed", [False, True])
+def test_shiq_family_loss_and_gradient_equal_shiq_loss(name, packed):
+    """compute_loss derives loss and metrics from one set of residuals; the loss is shiq_loss's."""
+    variant = {"shiq": "shiq", "shiq_init": "init", "shiq_ms": "ms", "shiq_tk": "tk"}[name]
+    stats, r, m, _ = batch(2)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 4) if packed else None
+    a = [s.clone().requires_grad_(True) for s in stats[:2]]
+    b = [s.clone().requires_grad_(True) for s in stats[:2]]
+    loss, metrics = compute_loss(LossConfig(name, beta=0.4, gamma=0.9), *a, *stats[2:], r, m, segment_ids=seg)
+    want = L.shiq_loss(*b, *stats[2:], r, m, beta=0.4, gamma=0.9, variant=variant, segment_ids=seg)
+    loss.backward()
+    want.backward()
+    assert float(loss.detach()) == float(want.detach())
+    for x, y in zip(a, b):
+        assert torch.equal(x.grad, y.grad)
+    # metrics: |δ| over the positions in the loss, by a direct float64 computation for the full loss
+    if name == "shiq" and not packed:
+        c, z, cr, zr = stats
+        rho = ((c - z) - (cr - zr)) * m
+        x = (r - 0.4 * rho) * m
+        deltas = []
+        for i in range(4):
+            for t in range(6):
+                if m[i, t]:
+                    G = sum(0.9 ** int(m[i, t:k].sum()) * x[i, k] for k in range(t, 6) if m[i, k])
+                    deltas.append(abs(float(G - 0.4 * (z[i, t] - zr[i, t]))))
+        assert metrics["abs_delta_mean"] == pytest.approx(sum(deltas) / len(deltas), rel=1e-9)
+        assert metrics["abs_delta_max"] == pytest.approx(max(deltas), rel=1e-9)

@@ -20,6 +20,7 @@ import torch.multiprocessing as mp
 
 from shiq_train import model as M
 from shiq_train import parallel
+from shiq_train import weights as W
 from shiq_train.losses import shiq_loss
 from shiq_train.train_step import finalize_grads, forward_backward, grad_norm
 
@@ -143,7 +144,7 @@ def _gather(results, tp):
         for r in [copies] if dim is None else ranks.values():  # replicated norms; tied embedding on 2 stages
             for other in r[1:]:
                 assert _rel(other, r[0]) < TOL, f"{full_name}: copies disagree"
-        out[full_name] = M.unshard_tensors([ranks[r][0] for r in range(tp)], dim, glu)
+        out[full_name] = W.unshard_tensors([ranks[r][0] for r in range(tp)], dim, glu)
     return out
 
 

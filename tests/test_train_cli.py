@@ -161,6 +161,32 @@ def test_group_losses_force_group_batches():
     assert resolve_data_mode("shiq_tk", "packed") == ("packed", None)
     with pytest.raises(ValueError, match="data.mode must be one of"):
         resolve_data_mode("shiq", "shuffled")
+    with pytest.raises(ValueError, match="loss 'dpo' reads one trajectory per row, but data.mode=packed"):
+        resolve_data_mode("dpo", "packed")
+
+
+def test_the_loss_registry_drives_the_data_mode(monkeypatch):
+    """Every registered loss gets the mode its flags ask for, and a new group loss needs only its entry."""
+    from shiq_train import objectives
+
+    group_losses = {"dpo", "mt_dpo", "copg", "mt_copg", "dro_v"}
+    assert {n for n, s in objectives.LOSSES.items() if s.needs_groups} == group_losses
+    assert {n for n, s in objectives.LOSSES.items() if s.packed_ok} == {"shiq", "shiq_init", "shiq_ms", "shiq_tk"}
+    for name in objectives.LOSSES:
+        if name in group_losses:
+            assert resolve_data_mode(name, None) == ("groups", None)
+            assert resolve_data_mode(name, "padded")[0] == "groups"
+            with pytest.raises(ValueError, match="data.mode=groups or null"):
+                resolve_data_mode(name, "packed")
+        else:
+            assert resolve_data_mode(name, None) == ("padded", None)
+            assert resolve_data_mode(name, "packed") == ("packed", None)
+    new = objectives.LossSpec("pairwise_new", "a new group loss", needs_groups=True, group_loss=objectives._copg)
+    monkeypatch.setitem(objectives.LOSSES, "pairwise_new", new)
+    mode, note = resolve_data_mode("pairwise_new", "padded")
+    assert mode == "groups" and "using data.mode=groups instead of data.mode=padded" in note
+    with pytest.raises(ValueError, match="loss name must be one of"):
+        resolve_data_mode("ppo", None)
 
 
 def write_tiny_buffer(path, with_ref: bool):
@@ -284,3 +310,79 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
     got, want = metrics(out), metrics(tmp_path / "a")
     assert [m["step"] for m in got] == list(range(1, steps + 1))
     assert [m["loss"] for m in got] == [m["loss"] for m in want]
+
+
+def save_tiny_llama(folder):
+    """A tiny Llama (GQA, untied sizes differing from the tiny model config) saved by transformers."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=80,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-5,
+        rope_theta=50000.0,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg)
+    hf.save_pretrained(folder)
+    return hf
+
+
+def test_init_folder_decides_the_model_shape(tmp_path):
+    """init=FOLDER with no model group: the shape comes from its config.json, the weights from the folder."""
+    hf = save_tiny_llama(tmp_path / "llama")
+    common = [f"init={tmp_path / 'llama'}", "train.steps=1", "optimizer.lr=1e-12", "train.reference=online"]
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import yaml
+
+    model = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    want = {
+        "name": "llama",
+        "num_layers": 2,
+        "hidden_size": 32,
+        "ffn_hidden_size": 80,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "rotary_base": 50000,
+        "max_sequence_length": 32,
+        "params_dtype": "float32",  # not in a checkpoint: from the model config
+    }
+    assert {k: model[k] for k in want} == want
+    state = torch.load(tmp_path / "run/checkpoints/step_00000001/rank_tp0_pp0_dp0.pt", weights_only=True)
+    emb = state["model"]["embedding.word_embeddings.weight"]
+    torch.testing.assert_close(emb, hf.model.embed_tokens.weight.detach(), rtol=0, atol=1e-6)
+
+    # a model.* key given on the command line wins over the folder's value
+    res = run_cli(tmp_path, f"out={tmp_path / 'short'}", *common, "model.max_sequence_length=16")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "short" / "config.yaml").read_text())["model"]["max_sequence_length"] == 16
+    # an explicitly chosen model group is checked against the folder, as before
+    res = run_cli(tmp_path, f"out={tmp_path / 'tiny'}", *common, "model=tiny")
+    assert res.returncode == 2 and "model.hidden_size=64 but the checkpoint has 32" in res.stderr
+
+
+def test_init_folder_of_another_model_type_is_refused(tmp_path):
+    folder = tmp_path / "gpt"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", f"init={folder}")
+    assert res.returncode == 2
+    line = f"shiq-train: error: init='{folder}': {folder / 'config.json'} has model_type 'gpt2'"
+    assert res.stderr.strip().splitlines()[-1].startswith(line), res.stderr[-2000:]
+
+
+def test_model_keys_given_on_the_command_line():
+    from shiq_train.cli import model_keys_given
+
+    assert model_keys_given(["init=x", "model.max_sequence_length=64", "+model.fp8=null", "loss=dpo"]) == {
+        "max_sequence_length",
+        "fp8",
+    }
+    assert model_keys_given(["model=smollm2_135m", "model.fp8=null"]) is None

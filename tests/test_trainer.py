@@ -101,7 +101,7 @@ def test_short_shiq_run_learns_the_rewarded_tokens(dist1, tmp_path):
     assert hist[-1]["loss"] < 0.5 * hist[0]["loss"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == list(range(1, 26))
-    assert {"loss", "reward", "kl", "abs_delta_mean", "abs_delta_max", "grad_norm", "lr", "tokens_per_s"} <= set(
+    assert {"loss", "reward", "log_ratio", "abs_delta_mean", "abs_delta_max", "grad_norm", "lr", "tokens_per_s"} <= set(
         lines[0]
     )
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
