@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from shiq_eval.bfcl import cli as bfcl_cli
+
 DEMO_INSTRUCTION = "Continue this movie review in one or two sentences: "
 
 
@@ -381,10 +383,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
+    sub.add_parser(
+        "bfcl",
+        add_help=False,
+        help="BFCL-V3 multi-turn: check-ground-truth, rollout, report, to-buffer (see shiq-eval bfcl --help)",
+    )
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bfcl"]:  # the BFCL commands parse their own arguments
+        return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
     try:
         run(args)

@@ -214,7 +214,7 @@ def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
     import stat
 
     from shiq_data.io import atomic_write_json
-    from shiq_eval.bfcl_rollout import write_trajectories
+    from shiq_eval.bfcl.rollout import write_trajectories
 
     atomic_write_json(tmp_path / "r.json", {"a": 1})
     write_trajectories(tmp_path / "t.jsonl", [{"b": 2}])
