@@ -17,9 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+from shiq_data.assets import VADER_SDIST
 from shiq_eval.bfcl import cli as bfcl_cli
-
-DEMO_INSTRUCTION = "Continue this movie review in one or two sentences: "
+from shiq_eval.moviereviews import movie_prompts
 
 
 class EvalInputError(ValueError):
@@ -83,20 +83,6 @@ def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
     if not prompts:
         raise EvalInputError(f"{path}: no prompts")
     return prompts, shown
-
-
-def movie_prompts(
-    n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
-) -> tuple[list[str], list[str]]:
-    """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
-    from shiq_data.assets import vader_archive
-    from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
-
-    rows = load_movie_snippets(vader_archive())
-    ids = split_ids(rows, held_out=held_out, seed=seed)["held_out"][:n]
-    by_id = {r.id: r for r in rows}
-    openings = [opening(by_id[i].text, words) for i in ids]
-    return [instruction + o for o in openings], openings
 
 
 def prompt_set_sha256(prompts: list[str], shown: list[str]) -> str:
@@ -276,8 +262,6 @@ def run(args) -> list[dict]:
         prompts, shown = read_prompts_jsonl(args.prompts)
         source = str(Path(args.prompts).resolve())
     else:
-        from shiq_data.assets import VADER_SDIST
-
         prompts, shown = movie_prompts(args.movie_prompts)
         source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
     prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}

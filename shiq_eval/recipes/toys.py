@@ -10,8 +10,8 @@ policy-evaluation linear system (grid), and the regret ``J(π*) − J(π)``.
 
 Usage::
 
-    python -m shiq_eval.toys all --out runs/toys          # both experiments, default settings
-    python -m shiq_eval.toys bandit --out DIR --quick     # seconds, for tests
+    python -m shiq_eval.recipes.toys all --out runs/toys          # both experiments, default settings
+    python -m shiq_eval.recipes.toys bandit --out DIR --quick     # seconds, for tests
 
 Outputs: ``DIR/bandit.{json,png}``, ``DIR/gridworld.{json,png}`` (written atomically).
 """
