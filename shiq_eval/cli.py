@@ -1,12 +1,12 @@
-"""``shiq-eval run``: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
+"""shiq-eval run: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
 
-Each CHECKPOINT is a ``shiq-train`` run directory (every saved step in ``RUN/checkpoints/``) or one step
-directory (``RUN/checkpoints/step_00000040``). A checkpoint becomes a Hugging Face model
-(:func:`shiq_train.export.hf_model_from_checkpoint`, with the Llama config the run saved); its method
-name is the run's loss name and its step the checkpoint's step. Every policy is sampled on the same
-prompts with the same seed, scored by a saved regression reward model, and compared with the reference
-(the run's initial model) by both KL estimators. Outputs in ``--out``: ``results.csv``,
-``results.json`` (with a few sample completions), ``reward_vs_kl.png``, ``reward_vs_step.png``.
+Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/) or one step
+directory (RUN/checkpoints/step_00000040). A checkpoint becomes a Hugging Face model (exported by
+shiq_train.export.hf_model_from_checkpoint, with the Llama config the run saved); its method name is
+the run's loss name and its step the checkpoint's step. Every policy is sampled on the same prompts
+with the same seed, scored by a saved regression reward model, and compared with the reference (the
+run's initial model) by both KL estimators. Outputs in --out: results.csv, results.json (with a few
+sample completions), reward_vs_kl.png, reward_vs_step.png.
 """
 
 from __future__ import annotations
@@ -319,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="reward and KL of a series of checkpoints: table and plots",
-        description=__doc__,
+        description=__doc__,  # plain text: it is the --help text
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument(

@@ -350,3 +350,34 @@ def test_megatron_engine_refuses_a_tp_size_that_does_not_divide_the_heads(tmp_pa
         monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 3)
         with pytest.raises(EvalInputError, match="--tp 3 does not divide the model's 4 attention heads"):
             MegatronEngine(model, tok)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["shiq_eval.cli"],
+        ["shiq_eval.cli", "run"],
+        ["shiq_eval.cli", "bfcl"],
+        ["shiq_eval.cli", "bfcl", "rollout"],
+        ["shiq_eval.bfcl"],
+        ["shiq_eval.bfcl", "check-ground-truth"],
+        ["shiq_eval.bfcl", "report"],
+        ["shiq_eval.bfcl", "to-buffer"],
+        ["shiq_eval.recipes.demo"],
+        ["shiq_eval.recipes.toys"],
+    ],
+    ids=" ".join,
+)
+def test_help_is_plain_text_without_checkout_paths(command, tmp_path):
+    """--help of shiq-eval, shiq-eval bfcl, shiq-demo and shiq-toys: no reST markup, no absolute path
+    of the checkout (nor of the configs folder the package resolves)."""
+    from shiq_data.assets import config_dir
+
+    res = subprocess.run(
+        [sys.executable, "-m", *command, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert text.startswith("usage: ") and len(text.splitlines()) > 5, text
+    for bad in ["``", ":func:", ":class:", ":mod:", str(REPO), str(config_dir().resolve().parent)]:
+        assert bad not in text, (bad, text)

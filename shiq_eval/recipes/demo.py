@@ -664,11 +664,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
-    ap.add_argument("--config", default=str(CONFIG), help="config file (default: %(default)s)")
+    ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.quick, args.overrides)
+        cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     torch.set_num_threads(max(1, torch.get_num_threads()))
