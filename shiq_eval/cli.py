@@ -1,23 +1,28 @@
-"""``shiq-eval run``: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
+"""shiq-eval run: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
 
-Each CHECKPOINT is a ``shiq-train`` run directory (every saved step in ``RUN/checkpoints/``) or one step
-directory (``RUN/checkpoints/step_00000040``). A checkpoint becomes a Hugging Face model
-(:func:`shiq_train.export.hf_model_from_checkpoint`, with the Llama config the run saved); its method
-name is the run's loss name and its step the checkpoint's step. Every policy is sampled on the same
-prompts with the same seed, scored by a saved regression reward model, and compared with the reference
-(the run's initial model) by both KL estimators. Outputs in ``--out``: ``results.csv``,
-``results.json`` (with a few sample completions), ``reward_vs_kl.png``, ``reward_vs_step.png``.
+Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/) or one step
+directory (RUN/checkpoints/step_00000040). A checkpoint becomes a Hugging Face model (exported by
+shiq_train.export.hf_model_from_checkpoint, with the Llama config the run saved); its method name is
+the run's loss name and its step the checkpoint's step. Every policy is sampled on the same prompts
+with the same seed, scored by a saved regression reward model, and compared with the reference (the
+run's initial model) by both KL estimators. Outputs in --out: results.csv, results.json (with a few
+sample completions), reward_vs_kl.png, reward_vs_step.png.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import os
 import sys
 from pathlib import Path
 
-DEMO_INSTRUCTION = "Continue this movie review in one or two sentences: "
+from shiq_data.assets import VADER_SDIST
+from shiq_eval.bfcl import cli as bfcl_cli
+from shiq_eval.moviereviews import movie_prompts
+from shiq_eval.report import plot_curves, write_table
 
 
 class EvalInputError(ValueError):
@@ -83,20 +88,6 @@ def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
     return prompts, shown
 
 
-def movie_prompts(
-    n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
-) -> tuple[list[str], list[str]]:
-    """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
-    from shiq_data.assets import vader_archive
-    from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
-
-    rows = load_movie_snippets(vader_archive())
-    ids = split_ids(rows, held_out=held_out, seed=seed)["held_out"][:n]
-    by_id = {r.id: r for r in rows}
-    openings = [opening(by_id[i].text, words) for i in ids]
-    return [instruction + o for o in openings], openings
-
-
 def prompt_set_sha256(prompts: list[str], shown: list[str]) -> str:
     """SHA-256 of the exact prompt set (policy prompt and scorer prompt of every item, in order), so
     two result tables can be checked to come from the same prompts."""
@@ -120,10 +111,10 @@ def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]
 
 def load_reference(spec: str):
     """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
-    import torch
+    import torch  # heavy: only shiq-eval run needs torch
 
     if spec == "smollm2":
-        from shiq_train.hf_convert import load_smollm2
+        from shiq_train.hf_convert import load_smollm2  # heavy: torch
 
         return load_smollm2(torch.float32)
     folder = Path(spec)
@@ -132,7 +123,7 @@ def load_reference(spec: str):
             f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
             f"({folder / 'config.json'} does not exist)"
         )
-    from transformers import AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM  # heavy: only a model folder needs it
 
     model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     try:
@@ -143,9 +134,9 @@ def load_reference(spec: str):
 
 
 def policy_from_checkpoint(step_dir: Path, hf_config: dict):
-    from transformers import LlamaConfig
+    from transformers import LlamaConfig  # heavy: transformers
 
-    from shiq_train.export import hf_model_from_checkpoint
+    from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
 
     return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
 
@@ -171,10 +162,10 @@ class MegatronEngine:
     ``shiq_train.parallel.distributed``."""
 
     def __init__(self, ref_model, tokenizer):
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: only --engine megatron needs megatron
 
-        from shiq_eval.generate import MegatronLogits, MegatronPolicy
-        from shiq_train import hf_convert as H
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
+        from shiq_train import hf_convert as H  # heavy: torch
 
         tp = ps.get_tensor_model_parallel_world_size()
         heads = (ref_model.config.num_attention_heads, ref_model.config.num_key_value_heads)
@@ -192,8 +183,8 @@ class MegatronEngine:
 
     @staticmethod
     def _build(hf_config):
-        from shiq_train import hf_convert as H
-        from shiq_train.model import build_model
+        from shiq_train import hf_convert as H  # heavy: torch
+        from shiq_train.model import build_model  # heavy: torch
 
         return build_model(H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0))
 
@@ -201,12 +192,12 @@ class MegatronEngine:
         return self._ref
 
     def policy(self, step_dir: Path, hf_config: dict):
-        from transformers import LlamaConfig
+        from transformers import LlamaConfig  # heavy: transformers
 
-        from shiq_eval.generate import MegatronLogits, MegatronPolicy
-        from shiq_train.export import full_parameters_from_checkpoint
-        from shiq_train.hf_convert import LlamaShape
-        from shiq_train.model import load_full_parameters
+        from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
+        from shiq_train.export import full_parameters_from_checkpoint  # heavy: torch
+        from shiq_train.hf_convert import LlamaShape  # heavy: torch
+        from shiq_train.model import load_full_parameters  # heavy: torch
 
         config = LlamaConfig.from_dict(hf_config)
         if self._policy[0] != hf_config:
@@ -220,9 +211,6 @@ class MegatronEngine:
 def engine_context(args):
     """The process group the engine needs: none for ``hf``; for ``megatron`` one tensor-parallel group
     of ``--tp`` ranks (a lone process for 1, else torchrun with ``--nproc_per_node`` equal to it)."""
-    import contextlib
-    import os
-
     if args.engine == "hf":
         if args.tp != 1:
             raise EvalInputError(f"--tp {args.tp} needs --engine megatron")
@@ -233,18 +221,15 @@ def engine_context(args):
             f"--engine megatron --tp {args.tp} runs on exactly {args.tp} processes, got "
             f"{world}: launch with torchrun --nproc_per_node {args.tp}"
         )
-    from shiq_train import parallel
+    from shiq_train import parallel  # heavy: torch
 
     return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
 
 
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
-    import os
-
-    from shiq_eval.evaluate import evaluate_policy
-    from shiq_eval.report import plot_curves, write_table
-    from shiq_eval.scorers import RegressionRewardModel, minilm_encoder
+    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
+    from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
     steps = [s for c in args.checkpoints for s in checkpoint_steps(c)]
     infos = [checkpoint_info(s) for s in steps]
@@ -265,7 +250,7 @@ def run(args) -> list[dict]:
     context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
-        from transformers import AutoTokenizer
+        from transformers import AutoTokenizer  # heavy: transformers
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer is None:
@@ -274,8 +259,6 @@ def run(args) -> list[dict]:
         prompts, shown = read_prompts_jsonl(args.prompts)
         source = str(Path(args.prompts).resolve())
     else:
-        from shiq_data.assets import VADER_SDIST
-
         prompts, shown = movie_prompts(args.movie_prompts)
         source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
     prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
@@ -336,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser(
         "run",
         help="reward and KL of a series of checkpoints: table and plots",
-        description=__doc__,
+        description=__doc__,  # plain text: it is the --help text
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     r.add_argument(
@@ -381,10 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
+    sub.add_parser(
+        "bfcl",
+        add_help=False,
+        help="BFCL-V3 multi-turn: check-ground-truth, rollout, report, to-buffer (see shiq-eval bfcl --help)",
+    )
     return p
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bfcl"]:  # the BFCL commands parse their own arguments
+        return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
     try:
         run(args)

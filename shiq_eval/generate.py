@@ -10,9 +10,13 @@ prompts reach every model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
+
+from shiq_train.model import causal_mask, model_inputs, unwrap
 
 
 @dataclass
@@ -123,8 +127,6 @@ class MegatronPolicy:
     """
 
     def __init__(self, model, eos_id: int, pad_id: int | None = None, vocab_size: int | None = None):
-        from shiq_train.model import unwrap
-
         self.model = unwrap(model)
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)
@@ -134,7 +136,7 @@ class MegatronPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
-        from megatron.core import parallel_state as ps
+        from megatron.core import parallel_state as ps  # heavy: only megatron models need it
 
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
             raise ValueError(
@@ -156,11 +158,8 @@ class MegatronPolicy:
             self.model.train(was_training)
 
     def _generate_batch(self, batch: list[list[int]], first: int, cfg: SamplingConfig, seed: int) -> list[list[int]]:
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-        from megatron.core.inference.contexts import StaticInferenceContext
-
-        from shiq_train.model import causal_mask
+        from megatron.core import parallel_state as ps  # heavy: only megatron models need it
+        from megatron.core.inference.contexts import StaticInferenceContext  # heavy: megatron
 
         for j, p in enumerate(batch):
             if len(p) + cfg.max_new_tokens > self.max_context:
@@ -224,8 +223,6 @@ class MegatronLogits:
     """
 
     def __init__(self, model, vocab_size: int | None = None):
-        from shiq_train.model import unwrap
-
         self.model = unwrap(model)
         if getattr(self.model, "return_hidden", False):
             raise ValueError(
@@ -235,10 +232,6 @@ class MegatronLogits:
 
     @torch.no_grad()
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        from types import SimpleNamespace
-
-        from shiq_train.model import model_inputs
-
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()

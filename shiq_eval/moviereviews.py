@@ -14,8 +14,12 @@ import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from shiq_data.assets import vader_archive
+
 INNER = "additional_resources/hutto_ICWSM_2014.tar.gz"
 MEMBER = "movieReviewSnippets_GroundTruth.txt"
+# The demo's instruction (configs/demo.yaml, data.instruction), before the opening words.
+DEMO_INSTRUCTION = "Continue this movie review in one or two sentences: "
 
 
 @dataclass(frozen=True)
@@ -82,3 +86,14 @@ def split_ids(rows: list[RatedText], *, held_out: float, seed: int) -> dict[str,
 def opening(text: str, n_words: int) -> str:
     """The first ``n_words`` words of a snippet: the prompt the policy continues."""
     return " ".join(text.split()[:n_words])
+
+
+def movie_prompts(
+    n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
+) -> tuple[list[str], list[str]]:
+    """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
+    rows = load_movie_snippets(vader_archive())
+    ids = split_ids(rows, held_out=held_out, seed=seed)["held_out"][:n]
+    by_id = {r.id: r for r in rows}
+    openings = [opening(by_id[i].text, words) for i in ids]
+    return [instruction + o for o in openings], openings

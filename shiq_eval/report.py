@@ -48,10 +48,10 @@ def _savefig(fig, path):
 def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> list[Path]:
     """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per method (points in step order),
     error bars of one standard error; the reference policy as a dashed line / a point at KL 0."""
-    import matplotlib
+    import matplotlib  # heavy: only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     out_dir = Path(out_dir)
     methods = sorted({r["method"] for r in rows})

@@ -12,18 +12,8 @@ import json
 from collections.abc import Callable
 from typing import Protocol
 
-from shiq_data.reward_head import Encoder, RegressionRewardModel, minilm_encoder, pearson
-
-__all__ = [
-    "BFCLScorer",
-    "Encoder",
-    "FunctionScorer",
-    "RegressionRewardModel",
-    "Scorer",
-    "VaderScorer",
-    "minilm_encoder",
-    "pearson",
-]
+from shiq_eval.bfcl.checker import check_entry
+from shiq_eval.bfcl.data import entry_category
 
 
 class Scorer(Protocol):
@@ -43,7 +33,7 @@ class FunctionScorer:
 class BFCLScorer:
     """The BFCL-V3 multi-turn checker as a scorer: ``prompts`` are entry ids (``"multi_turn_base_15"``),
     ``completions`` the model's decoded calls of each entry as JSON (turn -> step -> call strings,
-    the ``decoded_turns`` of :func:`shiq_eval.bfcl.check_entry`). The reward is 1.0 when the official
+    the ``decoded_turns`` of :func:`shiq_eval.bfcl.checker.check_entry`). The reward is 1.0 when the official
     verdict is valid, else 0.0; with ``per_turn=True``, the mean cumulative turn reward instead.
     A completion that is not such JSON scores 0.0 (a model's malformed output is data, not an error).
     """
@@ -52,8 +42,6 @@ class BFCLScorer:
         self.per_turn = per_turn
 
     def __call__(self, prompts, completions):
-        from shiq_eval.bfcl import check_entry, entry_category
-
         out = []
         for entry_id, text in zip(prompts, completions, strict=True):
             try:

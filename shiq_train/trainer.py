@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,9 @@ class TrainConfig:
     """``reference``: ``precomputed`` reads the reference statistics from the batch (the buffer's
     columns); ``online`` runs a frozen copy of the initial model on every micro-batch.
     ``trainable_last_layers``: -1 trains every parameter; ``N >= 0`` only the last ``N`` transformer
-    layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs."""
+    layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs.
+    ``eval_every``: 0 = never; ``N >= 1`` calls the ``evaluate`` hook of :meth:`Trainer.fit` after
+    every ``N``-th optimizer step and after the final one."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
@@ -40,12 +43,15 @@ class TrainConfig:
     trainable_last_layers: int = -1
     tensorboard: bool = True
     progress: bool = True
+    eval_every: int = 0  # 0: never
 
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
         if self.save_every < 0 or self.log_every < 1:
             raise ValueError("train.save_every must be >= 0 and train.log_every >= 1")
+        if self.eval_every < 0:
+            raise ValueError(f"train.eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.reference not in REFERENCES:
             raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
 
@@ -114,8 +120,16 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         self.loss_fn = objective_loss_fn(loss_cfg)
 
-    def fit(self, data) -> list[dict]:
+    def fit(self, data, evaluate: Callable[[int, object], dict | None] | None = None) -> list[dict]:
         """Train until ``cfg.steps``, resuming from the newest checkpoint in ``out_dir`` if any.
+
+        ``evaluate(step, model)`` (optional) runs on every rank after the optimizer step of each
+        multiple of ``cfg.eval_every`` and of the final step, once that step's checkpoint is written
+        (an evaluated step always writes one). It runs inside ``torch.random.fork_rng`` with
+        megatron's RNG tracker states and the model's train/eval mode restored afterwards, so its
+        random draws never change training. A returned dict is logged on that step's line of
+        ``metrics.jsonl`` as ``eval/<key>`` (and in the returned metrics). Steps at or before a
+        resumed checkpoint are not evaluated again.
 
         Returns the metrics of the steps run in this call (every rank gets the same numbers).
         """
@@ -150,11 +164,14 @@ class Trainer:
                 metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
                 metrics["step"] = step + 1
                 history.append(metrics)
-                if (step + 1) % self.cfg.log_every == 0 or step + 1 == self.cfg.steps:
-                    log.write(metrics)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
                 last = step + 1 == self.cfg.steps
-                if last or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
+                evaluating = (
+                    evaluate is not None and self.cfg.eval_every > 0 and (last or (step + 1) % self.cfg.eval_every == 0)
+                )
+                logged = (step + 1) % self.cfg.log_every == 0 or last
+                if logged and not evaluating:  # an evaluated step is logged once its evaluation is in
+                    log.write(metrics)
+                if last or evaluating or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                     save_checkpoint(
                         self.ckpt_dir,
                         step + 1,
@@ -164,9 +181,38 @@ class Trainer:
                         user_state={"data": data.state_dict()},
                         meta={**self.run_meta, "loss": self.loss_cfg.__dict__},
                     )
+                if evaluating:
+                    result = self._evaluate(evaluate, step + 1)
+                    metrics.update({f"eval/{k}": v for k, v in (result or {}).items()})
+                    if logged or result:
+                        log.write(metrics)
+                if logged:
+                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
         finally:
             log.close()
         return history
+
+    def _evaluate(self, evaluate, step: int) -> dict | None:
+        """``evaluate(step, model)`` with every random state (torch's CPU and CUDA generators,
+        megatron's tracker) and the model's train/eval mode as they were before it."""
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        tracker = get_cuda_rng_tracker()
+        tracker_states = {k: v.clone() for k, v in tracker.get_states().items()}
+        modes = [(m, m.training) for m in self.model.modules()]
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                result = evaluate(step, self.model)
+        finally:
+            tracker.set_states(tracker_states)
+            for m, training in modes:
+                m.training = training
+        if result is not None and not isinstance(result, dict):
+            raise TypeError(
+                f"the evaluate hook returned {type(result).__name__} at step {step}: expected a dict or None"
+            )
+        return result
 
 
 class _MetricLog:
@@ -198,8 +244,8 @@ class _MetricLog:
         self.file.flush()
         if self.tb is not None:
             for k, v in metrics.items():
-                if k != "step":
-                    self.tb.add_scalar(f"train/{k}", v, metrics["step"])
+                if k != "step" and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, metrics["step"])
 
     def close(self):
         if self.active:

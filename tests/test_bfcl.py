@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from shiq_eval import bfcl
+from shiq_eval.bfcl import checker, data, executor, parse
 
 multi_turn_checker_mod = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
 multi_turn_utils = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils")
@@ -38,8 +38,8 @@ def official_verdict(entry, decoded):
 def sampled_entries(seed=0, per_category=SAMPLE_PER_CATEGORY):
     rng = random.Random(seed)
     out = []
-    for cat in bfcl.CATEGORIES:
-        entries = bfcl.load_category(cat)
+    for cat in data.CATEGORIES:
+        entries = data.load_category(cat)
         out += rng.sample(entries, per_category)
     return out
 
@@ -52,7 +52,7 @@ def _nonempty_turns(entry):
 
 
 def corrupt_drop_call(entry, rng):
-    d = bfcl.ground_truth_decoded(entry)
+    d = data.ground_truth_decoded(entry)
     k = rng.choice(_nonempty_turns(entry))
     calls = d[k][0]
     del calls[rng.randrange(len(calls))]
@@ -75,7 +75,7 @@ def _change_string_arg(call, rng):
 
 
 def corrupt_wrong_args(entry, rng):
-    d = bfcl.ground_truth_decoded(entry)
+    d = data.ground_truth_decoded(entry)
     k = rng.choice(_nonempty_turns(entry))
     calls = d[k][0]
     order = list(range(len(calls)))
@@ -89,7 +89,7 @@ def corrupt_wrong_args(entry, rng):
 
 
 def corrupt_extra_call(entry, rng):
-    d = bfcl.ground_truth_decoded(entry)
+    d = data.ground_truth_decoded(entry)
     every = [c for calls in entry["ground_truth"] for c in calls]
     k = rng.randrange(len(d))
     d[k] = d[k] + [[rng.choice(every)]]
@@ -97,7 +97,7 @@ def corrupt_extra_call(entry, rng):
 
 
 def corrupt_empty_turn(entry, rng):
-    d = bfcl.ground_truth_decoded(entry)
+    d = data.ground_truth_decoded(entry)
     d[rng.choice(_nonempty_turns(entry))] = []
     return d
 
@@ -110,13 +110,13 @@ def corrupt_split_steps(entry, rng):
         rng.shuffle(calls)
         # Past MAX_STEPS_PER_TURN steps the entry is force-terminated, which the official
         # multi_turn_checker leaves to the inference loop: keep long turns in one step.
-        d.append([[c] for c in calls] if len(calls) <= bfcl.MAX_STEPS_PER_TURN else [calls] if calls else [])
+        d.append([[c] for c in calls] if len(calls) <= data.MAX_STEPS_PER_TURN else [calls] if calls else [])
     return d
 
 
 def corrupt_shift_call(entry, rng):
     """Move the first call of a turn to the end of the previous turn."""
-    d = bfcl.ground_truth_decoded(entry)
+    d = data.ground_truth_decoded(entry)
     ks = [k for k in _nonempty_turns(entry) if k > 0]
     if not ks:
         return corrupt_drop_call(entry, rng)
@@ -142,30 +142,30 @@ CORRUPTIONS = [
 
 
 def test_categories_load_with_docs_and_version():
-    assert bfcl.bfcl_version() == "2026.3.23"
-    for cat in bfcl.CATEGORIES:
-        entries = bfcl.load_category(cat)
+    assert data.bfcl_version() == "2026.3.23"
+    for cat in data.CATEGORIES:
+        entries = data.load_category(cat)
         assert len(entries) == 200
         assert all(len(e["ground_truth"]) == len(e["question"]) for e in entries)
-    e = bfcl.load_entry("multi_turn_miss_func", 0)
-    docs, withheld = bfcl.function_docs(e)
+    e = data.load_entry("multi_turn_miss_func", 0)
+    docs, withheld = data.function_docs(e)
     names = {d["name"] for d in docs}
     for turn, missed in e["missed_function"].items():
         assert e["question"][int(turn)] == []
         assert [d["name"] for d in withheld[int(turn)]] == missed
         assert not set(missed) & names
-    base = bfcl.load_entry("multi_turn_base", 0)
+    base = data.load_entry("multi_turn_base", 0)
     # Every doc of every involved class is shown when nothing is withheld.
-    n_docs = sum(1 for c in base["involved_classes"] for _ in bfcl._class_docs(c))
-    assert len(bfcl.function_docs(base)[0]) == n_docs and bfcl.function_docs(base)[1] == {}
+    n_docs = sum(1 for c in base["involved_classes"] for _ in data._class_docs(c))
+    assert len(data.function_docs(base)[0]) == n_docs and data.function_docs(base)[1] == {}
 
 
 def test_ground_truth_passes_every_entry():
     """All 800 entries: valid, every turn reward 1 under both definitions (about 4 s)."""
     failures = []
-    for cat in bfcl.CATEGORIES:
-        for e in bfcl.load_category(cat):
-            r = bfcl.check_trajectory(e, bfcl.ground_truth_decoded(e))
+    for cat in data.CATEGORIES:
+        for e in data.load_category(cat):
+            r = checker.check_trajectory(e, data.ground_truth_decoded(e))
             if (
                 not r["valid"]
                 or r["turn_rewards"] != [1.0] * len(e["question"])
@@ -177,8 +177,8 @@ def test_ground_truth_passes_every_entry():
 
 def test_ground_truth_agrees_with_official_checker_on_sample():
     for e in sampled_entries(seed=1, per_category=5):
-        assert official_verdict(e, bfcl.ground_truth_decoded(e))["valid"] is True
-        assert bfcl.check_entry(e["id"].rsplit("_", 1)[0], e["id"], bfcl.ground_truth_decoded(e))["valid"]
+        assert official_verdict(e, data.ground_truth_decoded(e))["valid"] is True
+        assert checker.check_entry(e["id"].rsplit("_", 1)[0], e["id"], data.ground_truth_decoded(e))["valid"]
 
 
 @pytest.mark.parametrize("corruption", CORRUPTIONS, ids=lambda f: f.__name__)
@@ -188,7 +188,7 @@ def test_verdicts_agree_with_official_checker(corruption):
     for e in sampled_entries(seed=0):
         decoded = corruption(e, rng)
         theirs = official_verdict(e, json.loads(json.dumps(decoded)))
-        ours = bfcl.check_trajectory(e, decoded)
+        ours = checker.check_trajectory(e, decoded)
         assert ours["valid"] == theirs["valid"], (e["id"], decoded, ours, theirs)
         if not theirs["valid"]:
             assert ours["error_type"] == theirs["error_type"], (e["id"], ours, theirs)
@@ -203,21 +203,21 @@ def test_verdicts_agree_with_official_checker(corruption):
 
 
 def test_wrong_turn_count_and_too_many_steps_are_force_terminated():
-    e = bfcl.load_entry("multi_turn_base", 3)
-    gt = bfcl.ground_truth_decoded(e)
-    r = bfcl.check_trajectory(e, gt[:-1])
-    assert (r["valid"], r["error_type"]) == (False, bfcl.ERR_FORCE_QUIT)
+    e = data.load_entry("multi_turn_base", 3)
+    gt = data.ground_truth_decoded(e)
+    r = checker.check_trajectory(e, gt[:-1])
+    assert (r["valid"], r["error_type"]) == (False, checker.ERR_FORCE_QUIT)
     assert r["turn_rewards"] == [1.0] * (len(gt) - 1) + [0.0]
     k = next(i for i, t in enumerate(gt) if t)
-    long_turn = gt[k] + [["pwd()"]] * bfcl.MAX_STEPS_PER_TURN
-    r = bfcl.check_trajectory(e, gt[:k] + [long_turn] + gt[k + 1 :])
-    assert (r["valid"], r["error_type"]) == (False, bfcl.ERR_FORCE_QUIT)
+    long_turn = gt[k] + [["pwd()"]] * data.MAX_STEPS_PER_TURN
+    r = checker.check_trajectory(e, gt[:k] + [long_turn] + gt[k + 1 :])
+    assert (r["valid"], r["error_type"]) == (False, checker.ERR_FORCE_QUIT)
 
 
 def _fs_entries():
     """Base entries whose only stateful class is the file system and whose turns all have calls."""
     out = []
-    for e in bfcl.load_category("multi_turn_base"):
+    for e in data.load_category("multi_turn_base"):
         if e["involved_classes"] == ["GorillaFileSystem"] and all(e["ground_truth"]) and len(e["question"]) >= 3:
             out.append(e)
     return out
@@ -231,33 +231,33 @@ def test_turn_rewards_after_a_lasting_state_change():
     for e in entries[:8]:
         n = len(e["question"])
         for k in range(n):
-            d = bfcl.ground_truth_decoded(e)
+            d = data.ground_truth_decoded(e)
             d[k] = d[k] + [["touch(file_name='zz_extra_marker.txt')"]]
-            r = bfcl.check_trajectory(e, d)
+            r = checker.check_trajectory(e, d)
             assert r["turn_rewards"] == [1.0] * k + [0.0] * (n - k), (e["id"], k)
             assert r["turn_rewards_reset"] == [1.0] * k + [0.0] + [1.0] * (n - k - 1), (e["id"], k)
-            assert (r["valid"], r["failed_turn"], r["error_type"]) == (False, k, bfcl.ERR_STATE)
+            assert (r["valid"], r["failed_turn"], r["error_type"]) == (False, k, checker.ERR_STATE)
 
 
 def test_response_check_counts_results_as_a_multiset():
-    assert bfcl.missing_results(["a", "a", "b"], ["b", "a"]) == ["a"]
-    assert bfcl.missing_results(["a", "b"], ["x", "b", "a"]) == []
-    assert bfcl.missing_results([], []) == []
+    assert checker.missing_results(["a", "a", "b"], ["b", "a"]) == ["a"]
+    assert checker.missing_results(["a", "b"], ["x", "b", "a"]) == []
+    assert checker.missing_results([], []) == []
 
 
 def test_empty_ground_truth_turns_are_executed_not_checked():
-    e = next(x for x in bfcl.load_category("multi_turn_miss_param") if any(not t for t in x["ground_truth"]))
+    e = next(x for x in data.load_category("multi_turn_miss_param") if any(not t for t in x["ground_truth"]))
     k = next(i for i, t in enumerate(e["ground_truth"]) if not t)
-    d = bfcl.ground_truth_decoded(e)
+    d = data.ground_truth_decoded(e)
     d[k] = [["pwd()"] if "GorillaFileSystem" in e["involved_classes"] else []]
-    r = bfcl.check_trajectory(e, d)
+    r = checker.check_trajectory(e, d)
     assert r["valid"] is True and r["turn_rewards"][k] == 1.0
 
 
 def test_parse_call_accepts_literals_only():
-    p = bfcl.parse_call("cd(folder='document')")
+    p = parse.parse_call("cd(folder='document')")
     assert (p.name, p.args, p.kwargs) == ("cd", (), {"folder": "document"})
-    p = bfcl.parse_call("f(1, -2.5, x=[1, {'a': None}], y=True)")
+    p = parse.parse_call("f(1, -2.5, x=[1, {'a': None}], y=True)")
     assert p.args == (1, -2.5) and p.kwargs == {"x": [1, {"a": None}], "y": True}
     for bad in [
         "__import__('os').system('true')",
@@ -274,15 +274,15 @@ def test_parse_call_accepts_literals_only():
         "cd(folder='a'",
         "",
     ]:
-        with pytest.raises(bfcl.UnsafeCallError):
-            bfcl.parse_call(bad)
+        with pytest.raises(parse.UnsafeCallError):
+            parse.parse_call(bad)
 
 
 def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
     marker = tmp_path / "ran"
     ran = []
-    e = bfcl.load_entry("multi_turn_base", 0)
-    env = bfcl.Environment(e)  # first: importing the simulator modules runs exec
+    e = data.load_entry("multi_turn_base", 0)
+    env = executor.Environment(e)  # first: importing the simulator modules runs exec
     monkeypatch.setattr(builtins, "eval", lambda *a, **k: ran.append("eval"))
     monkeypatch.setattr(builtins, "exec", lambda *a, **k: ran.append("exec"))
     before = json.dumps({c: sorted(s) for c, s in env.state().items()})
@@ -300,13 +300,13 @@ def test_unsafe_calls_are_error_results_and_never_run(tmp_path, monkeypatch):
     ]
     results = env.execute(calls)
     assert not marker.exists() and ran == []
-    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in results), results
-    assert results[4] == bfcl.ERROR_PREFIX + "name '_load_scenario' is not defined"
-    assert results[7] == bfcl.ERROR_PREFIX + "Function call remove is not allowed."
+    assert all(r.startswith(executor.ERROR_PREFIX) for r in results), results
+    assert results[4] == executor.ERROR_PREFIX + "name '_load_scenario' is not defined"
+    assert results[7] == executor.ERROR_PREFIX + "Function call remove is not allowed."
     assert json.dumps({c: sorted(s) for c, s in env.state().items()}) == before
     # The whole checker path on a hostile trajectory.
     d = [[[calls[0]]] for _ in e["question"]]
-    assert bfcl.check_trajectory(e, d)["valid"] is False and not marker.exists()
+    assert checker.check_trajectory(e, d)["valid"] is False and not marker.exists()
 
 
 def official_results(e, calls):
@@ -324,17 +324,17 @@ def official_results(e, calls):
 
 
 def test_results_are_stringified_like_the_official_executor():
-    e = bfcl.load_entry("multi_turn_base", 0)
+    e = data.load_entry("multi_turn_base", 0)
     calls = [c for t in e["ground_truth"] for c in t][:6]
     theirs = official_results(e, calls)
-    assert bfcl.Environment(e).execute(calls) == theirs
-    assert bfcl.stringify_result({"a": 1}) == '{"a": 1}' and bfcl.stringify_result([1]) == "[1]"
+    assert executor.Environment(e).execute(calls) == theirs
+    assert executor.stringify_result({"a": 1}) == '{"a": 1}' and executor.stringify_result([1]) == "[1]"
 
 
 def test_long_context_scenarios_are_loaded_long():
-    base = bfcl.Environment(bfcl.load_entry("multi_turn_base", 0))
-    long = bfcl.Environment(bfcl.load_entry("multi_turn_long_context", 0))
-    assert bfcl.is_long_context("multi_turn_long_context_0") and not bfcl.is_long_context("multi_turn_base_0")
+    base = executor.Environment(data.load_entry("multi_turn_base", 0))
+    long = executor.Environment(data.load_entry("multi_turn_long_context", 0))
+    assert executor.is_long_context("multi_turn_long_context_0") and not executor.is_long_context("multi_turn_base_0")
     assert long.instances["GorillaFileSystem"].long_context is True
     assert base.instances["GorillaFileSystem"].long_context is False
     cat = ["cd(folder='document')", "cat(file_name='previous_report.pdf')"]
@@ -342,21 +342,21 @@ def test_long_context_scenarios_are_loaded_long():
 
 
 def test_decode_calls():
-    assert bfcl.decode_calls("[cd(folder='a'), ls()]") == ["cd(folder='a')", "ls()"]
-    assert bfcl.decode_calls("```python\n[ls(a=True)]\n```") == ["ls(a=True)"]
-    assert bfcl.decode_calls("ls()") == ["ls()"]
-    assert bfcl.decode_calls("[]") == []
-    assert bfcl.decode_calls("Done, the file is moved.") is None
-    assert bfcl.decode_calls("[1, 2]") is None
+    assert parse.decode_calls("[cd(folder='a'), ls()]") == ["cd(folder='a')", "ls()"]
+    assert parse.decode_calls("```python\n[ls(a=True)]\n```") == ["ls(a=True)"]
+    assert parse.decode_calls("ls()") == ["ls()"]
+    assert parse.decode_calls("[]") == []
+    assert parse.decode_calls("Done, the file is moved.") is None
+    assert parse.decode_calls("[1, 2]") is None
 
 
 def test_bad_input_names_the_entry_and_position():
     with pytest.raises(ValueError, match="multi_turn_base_0.*decoded_turns\\[0\\]\\[0\\]"):
-        bfcl.check_entry("multi_turn_base", 0, [[["ls()", 3]]])
+        checker.check_entry("multi_turn_base", 0, [[["ls()", 3]]])
     with pytest.raises(ValueError, match="category"):
-        bfcl.check_entry("multi_turn_nope", 0, [])
+        checker.check_entry("multi_turn_nope", 0, [])
     with pytest.raises(ValueError, match="not an id of category"):
-        bfcl.check_entry("multi_turn_base", "multi_turn_miss_func_0", [])
+        checker.check_entry("multi_turn_base", "multi_turn_miss_func_0", [])
 
 
 @pytest.mark.slow
@@ -365,11 +365,11 @@ def test_verdicts_agree_with_official_checker_on_every_entry():
     disagreements = []
     for ci, corruption in enumerate(CORRUPTIONS):
         rng = random.Random(100 + ci)
-        for cat in bfcl.CATEGORIES:
-            for e in bfcl.load_category(cat):
+        for cat in data.CATEGORIES:
+            for e in data.load_category(cat):
                 decoded = corruption(e, rng)
                 theirs = official_verdict(e, json.loads(json.dumps(decoded)))
-                ours = bfcl.check_trajectory(e, decoded)
+                ours = checker.check_trajectory(e, decoded)
                 if ours["valid"] != theirs["valid"] or (
                     not theirs["valid"] and ours["error_type"] != theirs["error_type"]
                 ):
@@ -396,25 +396,25 @@ HUGE_CALLS = [
 
 def test_result_that_cannot_be_stringified_is_an_error_result():
     """10**5000 has more digits than str() allows: an error result, as from the official executor."""
-    e = bfcl.load_entry("multi_turn_base", 15)
+    e = data.load_entry("multi_turn_base", 15)
     assert "MathAPI" in e["involved_classes"]
     calls = ["power(base=10, exponent=5000)", "power(10, 4299)"]
-    results = bfcl.Environment(e).execute(calls)
-    assert results[0].startswith(bfcl.ERROR_PREFIX) and "4300 digits" in results[0]
+    results = executor.Environment(e).execute(calls)
+    assert results[0].startswith(executor.ERROR_PREFIX) and "4300 digits" in results[0]
     assert json.loads(results[1]) == {"result": 10**4299}
     theirs = official_results(e, calls)
     assert results == theirs
     # The checker runs through it and computes the verdict: an extra stateless call changes nothing.
-    d = bfcl.ground_truth_decoded(e)
+    d = data.ground_truth_decoded(e)
     d[0] = d[0] + [[calls[0]]]
-    r = bfcl.check_entry("multi_turn_base", 15, d)
+    r = checker.check_entry("multi_turn_base", 15, d)
     assert r["valid"] is True and r["turn_rewards"] == r["turn_rewards_reset"] == [1.0] * len(e["question"])
     assert official_verdict(e, json.loads(json.dumps(d)))["valid"] is True
 
 
 def test_any_exception_while_running_or_stringifying_is_an_error_result(monkeypatch):
-    e = bfcl.load_entry("multi_turn_base", 15)
-    math_api = type(bfcl.Environment(e).instances["MathAPI"])
+    e = data.load_entry("multi_turn_base", 15)
+    math_api = type(executor.Environment(e).instances["MathAPI"])
 
     class Unprintable:
         def __repr__(self):
@@ -432,24 +432,26 @@ def test_any_exception_while_running_or_stringifying_is_an_error_result(monkeypa
     monkeypatch.setattr(math_api, "absolute_value", lambda self, number: Unprintable())
     monkeypatch.setattr(math_api, "add", lambda self, a, b: {"result": Unprintable()})
     monkeypatch.setattr(math_api, "square_root", raise_bad)
-    env = bfcl.Environment(e)
+    env = executor.Environment(e)
     assert env.execute(["absolute_value(number=1)", "add(a=1, b=2)", "square_root(number=4)"]) == [
-        bfcl.ERROR_PREFIX + "no text",
-        bfcl.ERROR_PREFIX + "no text",
-        bfcl.ERROR_PREFIX + "BadMessage",
+        executor.ERROR_PREFIX + "no text",
+        executor.ERROR_PREFIX + "no text",
+        executor.ERROR_PREFIX + "BadMessage",
     ]
 
 
 def test_calls_beyond_the_work_bounds_are_refused_quickly():
-    e = bfcl.load_entry("multi_turn_base", 15)
-    env = bfcl.Environment(e)
+    e = data.load_entry("multi_turn_base", 15)
+    env = executor.Environment(e)
     start = time.perf_counter()
     results = env.execute(HUGE_CALLS)
     assert time.perf_counter() - start < 2.0
-    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in results), results
-    assert results[0] == bfcl.ERROR_PREFIX + f"power: the result would have more than {bfcl.MAX_DIGITS} digits"
-    assert results[2] == bfcl.ERROR_PREFIX + "power: argument 'exponent' holds an integer beyond the int64 range"
-    assert results[5] == bfcl.ERROR_PREFIX + f"logarithm: precision must be at most {bfcl.MAX_DIGITS} in magnitude"
+    assert all(r.startswith(executor.ERROR_PREFIX) for r in results), results
+    assert results[0] == executor.ERROR_PREFIX + f"power: the result would have more than {executor.MAX_DIGITS} digits"
+    assert results[2] == executor.ERROR_PREFIX + "power: argument 'exponent' holds an integer beyond the int64 range"
+    assert (
+        results[5] == executor.ERROR_PREFIX + f"logarithm: precision must be at most {executor.MAX_DIGITS} in magnitude"
+    )
     assert results[9] == results[10] == results[5]
     # Just inside the bounds still runs; powers of 0 and +-1 are cheap whatever the exponent.
     ok = env.execute(
@@ -460,33 +462,33 @@ def test_calls_beyond_the_work_bounds_are_refused_quickly():
         ]
     )
     assert [json.loads(r)["result"] for r in ok[::2]] == [-1, 12300] and ok[1].startswith("{'result': Decimal('1.41421")
-    assert bfcl.parse_call(f"f(x={bfcl.MAX_INT_LITERAL}, y=[-{bfcl.MAX_INT_LITERAL}])").kwargs["x"] == 2**63 - 1
+    assert parse.parse_call(f"f(x={parse.MAX_INT_LITERAL}, y=[-{parse.MAX_INT_LITERAL}])").kwargs["x"] == 2**63 - 1
     for bad in [
-        f"f(x={bfcl.MAX_INT_LITERAL + 1})",
-        f"f(x={{1: [-{bfcl.MAX_INT_LITERAL + 1}]}})",
+        f"f(x={parse.MAX_INT_LITERAL + 1})",
+        f"f(x={{1: [-{parse.MAX_INT_LITERAL + 1}]}})",
         "f(0x" + "f" * 5000 + ")",
     ]:
-        with pytest.raises(bfcl.UnsafeCallError, match="int64"):
-            bfcl.parse_call(bad)
+        with pytest.raises(parse.UnsafeCallError, match="int64"):
+            parse.parse_call(bad)
     # A literal that cannot be unparsed (str() of a huge int raises) is decoded as its source text.
     hexcall = "power(base=0x" + "f" * 5000 + ", exponent=1)"
-    assert bfcl.decode_calls(f"[{hexcall}, pwd()]") == [hexcall, "pwd()"]
+    assert parse.decode_calls(f"[{hexcall}, pwd()]") == [hexcall, "pwd()"]
 
 
 def test_work_bounds_accept_every_ground_truth_call():
     """The bounds refuse no call of the 800 ground truths (largest int literal: 987654, largest
     precision: 10), so they change no ground-truth result."""
-    math_api = bfcl.Environment(bfcl.load_entry("multi_turn_base", 15)).instances["MathAPI"]
+    math_api = executor.Environment(data.load_entry("multi_turn_base", 15)).instances["MathAPI"]
     largest, n = 0, 0
-    for cat in bfcl.CATEGORIES:
-        for e in bfcl.load_category(cat):
+    for cat in data.CATEGORIES:
+        for e in data.load_category(cat):
             for call in (c for turn in e["ground_truth"] for c in turn):
-                p = bfcl.parse_call(call)  # raises on an int beyond MAX_INT_LITERAL
+                p = parse.parse_call(call)  # raises on an int beyond MAX_INT_LITERAL
                 for v in list(p.args) + list(p.kwargs.values()):
                     for x in v if isinstance(v, list) else [v]:
                         if type(x) is int:
                             largest = max(largest, abs(x))
                 if hasattr(math_api, p.name):
-                    assert bfcl._work_limit_error("MathAPI", getattr(math_api, p.name), p) is None, (e["id"], call)
+                    assert executor._work_limit_error("MathAPI", getattr(math_api, p.name), p) is None, (e["id"], call)
                     n += 1
     assert largest == 987654 and n > 0

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from shiq_eval import bfcl
-from shiq_eval import bfcl_rollout as ro
+from shiq_eval.bfcl import checker, cli, data, executor, parse
+from shiq_eval.bfcl import rollout as ro
 
 
 @pytest.fixture(autouse=True)
@@ -18,7 +18,7 @@ def _bfcl_root(tmp_path, monkeypatch):
 
 def _sample(per_category=6, seed=0):
     rng = random.Random(seed)
-    return [e for c in bfcl.CATEGORIES for e in rng.sample(bfcl.load_category(c), per_category)]
+    return [e for c in data.CATEGORIES for e in rng.sample(data.load_category(c), per_category)]
 
 
 def test_scripted_ground_truth_rollout_is_valid_with_all_rewards_one():
@@ -28,8 +28,8 @@ def test_scripted_ground_truth_rollout_is_valid_with_all_rewards_one():
         assert t["valid"] is True and t["force_terminated"] is False, (e["id"], t["error_message"])
         assert t["turn_rewards"] == [1.0] * n and t["turn_rewards_reset"] == [1.0] * n
         # The decoded calls are the ground truth's, call by call (up to source normalisation).
-        assert [[[bfcl.parse_call(c) for c in s] for s in steps] for steps in t["decoded_turns"]] == [
-            [[bfcl.parse_call(c) for c in s] for s in steps] for steps in bfcl.ground_truth_decoded(e)
+        assert [[[parse.parse_call(c) for c in s] for s in steps] for steps in t["decoded_turns"]] == [
+            [[parse.parse_call(c) for c in s] for s in steps] for steps in data.ground_truth_decoded(e)
         ]
         # One tool message per executed call.
         assert sum(m["role"] == "tool" for m in t["messages"]) == sum(len(c) for c in e["ground_truth"])
@@ -37,7 +37,7 @@ def test_scripted_ground_truth_rollout_is_valid_with_all_rewards_one():
 
 
 def test_tool_messages_carry_the_execution_results():
-    e = bfcl.load_entry("multi_turn_base", 0)
+    e = data.load_entry("multi_turn_base", 0)
     t = ro.rollout_entry(e, ro.ScriptedPolicy([[["pwd()", "ls()"]]] + [[] for _ in e["question"][1:]]))
     first = [i for i, m in enumerate(t["messages"]) if m["role"] == "assistant"][0]
     assert t["messages"][first]["content"] == "[pwd(), ls()]"
@@ -48,7 +48,7 @@ def test_tool_messages_carry_the_execution_results():
 
 
 def test_missed_function_doc_is_revealed_at_its_turn():
-    e = bfcl.load_entry("multi_turn_miss_func", 0)
+    e = data.load_entry("multi_turn_miss_func", 0)
     ((turn, names),) = e["missed_function"].items()
     t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
     system = t["messages"][0]["content"]
@@ -61,27 +61,27 @@ def test_missed_function_doc_is_revealed_at_its_turn():
 
 
 def test_step_limit_force_quits_the_entry():
-    e = bfcl.load_entry("multi_turn_base", 0)
+    e = data.load_entry("multi_turn_base", 0)
     t = ro.rollout_entry(e, lambda messages: "[pwd()]")
     assert t["force_terminated"] is True
-    assert len(t["decoded_turns"]) == 1 and len(t["decoded_turns"][0]) == bfcl.MAX_STEPS_PER_TURN + 1
-    assert sum(m["role"] == "tool" for m in t["messages"]) == bfcl.MAX_STEPS_PER_TURN
-    assert t["valid"] is False and t["error_type"] == bfcl.ERR_FORCE_QUIT
+    assert len(t["decoded_turns"]) == 1 and len(t["decoded_turns"][0]) == data.MAX_STEPS_PER_TURN + 1
+    assert sum(m["role"] == "tool" for m in t["messages"]) == data.MAX_STEPS_PER_TURN
+    assert t["valid"] is False and t["error_type"] == checker.ERR_FORCE_QUIT
     assert t["turn_rewards"] == [0.0] * len(e["question"])
 
 
 def test_hostile_policy_output_is_not_run(tmp_path):
     marker = tmp_path / "ran"
-    e = bfcl.load_entry("multi_turn_base", 1)
+    e = data.load_entry("multi_turn_base", 1)
     answers = iter([f"[__import__('os').system('touch {marker}')]"] + ["ok"] * 50)
     t = ro.rollout_entry(e, lambda messages: next(answers))
     assert not marker.exists()
-    assert t["messages"][3]["role"] == "tool" and t["messages"][3]["content"].startswith(bfcl.ERROR_PREFIX)
+    assert t["messages"][3]["role"] == "tool" and t["messages"][3]["content"].startswith(executor.ERROR_PREFIX)
     assert t["valid"] is False
 
 
 def test_trajectories_round_trip_and_bad_files_are_named(tmp_path):
-    e = bfcl.load_entry("multi_turn_base", 2)
+    e = data.load_entry("multi_turn_base", 2)
     t = ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e))
     path = ro.write_trajectories(tmp_path / "out" / "traj.jsonl", [t, t])
     assert ro.read_trajectories(path) == [t, t]
@@ -109,10 +109,10 @@ def test_trajectory_to_row_with_the_smollm2_chat_template():
         pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
     e = next(
         x
-        for x in bfcl.load_category("multi_turn_base")
+        for x in data.load_category("multi_turn_base")
         if x["involved_classes"] == ["GorillaFileSystem"] and all(x["ground_truth"]) and len(x["question"]) >= 3
     )
-    decoded = bfcl.ground_truth_decoded(e)
+    decoded = data.ground_truth_decoded(e)
     decoded[1] = decoded[1] + [["touch(file_name='zz_extra_marker.txt')"]]  # breaks turns 1.. cumulatively
     t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
     n = len(e["question"])
@@ -139,17 +139,17 @@ def test_trajectory_to_row_with_the_smollm2_chat_template():
 
 
 def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
-    split = bfcl.load_split()
+    split = data.load_split()
     assert len(split["train"]) == 160 and len(split["test"]) == 40
     assert sorted(split["train"] + split["test"]) == list(range(200))
-    assert split == bfcl.make_split(split["seed"])  # reproducible from its seed
-    assert bfcl.select_subset([f"multi_turn_miss_func_{i}" for i in range(200)], "test") == [
+    assert split == data.make_split(split["seed"])  # reproducible from its seed
+    assert data.select_subset([f"multi_turn_miss_func_{i}" for i in range(200)], "test") == [
         f"multi_turn_miss_func_{i}" for i in split["test"]
     ]
     bad = tmp_path / "split.json"
     bad.write_text(json.dumps({**split, "test": split["test"] + [split["train"][0]]}))
     with pytest.raises(ValueError, match="split.json.*partition"):
-        bfcl.load_split(bad)
+        data.load_split(bad)
 
 
 def test_summary_numbers_by_hand():
@@ -163,7 +163,7 @@ def test_summary_numbers_by_hand():
         },
         {"id": "multi_turn_miss_func_0", "valid": False, "turn_rewards": [0.0], "turn_rewards_reset": [0.0]},
     ]
-    s = bfcl.summarize(rs)
+    s = checker.summarize(rs)
     base = s["categories"]["multi_turn_base"]
     assert base["n"] == 2 and base["accuracy"] == 0.5
     assert base["turn_reward_mean"] == pytest.approx(3 / 5) and base["turn_reward_reset_mean"] == pytest.approx(4 / 5)
@@ -172,13 +172,13 @@ def test_summary_numbers_by_hand():
     assert s["overall"]["accuracy_pooled"] == pytest.approx(1 / 3)
     assert s["overall"]["turn_reward_mean"] == pytest.approx(3 / 6)
     with pytest.raises(ValueError, match="multi_turn_base_0.*twice"):
-        bfcl.summarize(rs + rs[:1])
+        checker.summarize(rs + rs[:1])
 
 
 def test_command_line_rollout_and_report(tmp_path, capsys):
     traj = tmp_path / "t.jsonl"
     assert (
-        bfcl.main(
+        cli.main(
             [
                 "rollout",
                 "--policy",
@@ -197,17 +197,17 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
         == 0
     )
     lines = [json.loads(x) for x in traj.read_text().splitlines()]
-    test_idx = set(bfcl.load_split()["test"])
-    assert len(lines) == 4 and all(bfcl.entry_index(t["id"]) in test_idx for t in lines)
+    test_idx = set(data.load_split()["test"])
+    assert len(lines) == 4 and all(data.entry_index(t["id"]) in test_idx for t in lines)
     out = tmp_path / "r.json"
-    assert bfcl.main(["report", str(traj), "--out", str(out)]) == 0
+    assert cli.main(["report", str(traj), "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert rep["bfcl_eval_version"] == "2026.3.23" and rep["overall"]["accuracy"] == 1.0
     assert rep["categories"]["multi_turn_miss_func"]["n"] == 2
-    assert bfcl.main(["report", str(traj), "--subset", "train"]) == 0  # test ids only: nothing kept
+    assert cli.main(["report", str(traj), "--subset", "train"]) == 0  # test ids only: nothing kept
     assert "overall" in capsys.readouterr().out
     with pytest.raises(SystemExit):
-        bfcl.main(["--help"])
+        cli.main(["--help"])
 
 
 def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
@@ -221,11 +221,11 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
         tok, info = tokenizers.load_tokenizer("smollm2")
     except Exception as exc:  # the packaged tokenizer is an optional asset
         pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
-    train = set(bfcl.load_split()["train"])
+    train = set(data.load_split()["train"])
     entries = [
         x
-        for x in bfcl.load_category("multi_turn_base")
-        if bfcl.entry_index(x["id"]) in train
+        for x in data.load_category("multi_turn_base")
+        if data.entry_index(x["id"]) in train
         and x["involved_classes"] == ["GorillaFileSystem"]
         and all(x["ground_truth"])
         and len(x["question"]) >= 2
@@ -233,7 +233,7 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
     good = [ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e)) for e in entries]
     bad = []
     for e in entries:  # an extra call in turn 0 breaks every turn's cumulative state
-        decoded = bfcl.ground_truth_decoded(e)
+        decoded = data.ground_truth_decoded(e)
         decoded[0] = decoded[0] + [["touch(file_name='zz_extra_marker.txt')"]]
         bad.append(ro.rollout_entry(e, ro.ScriptedPolicy(decoded)))
     assert all(t["valid"] for t in good) and not any(t["valid"] for t in bad)
@@ -242,7 +242,7 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
 
     out = tmp_path / "buf"
     assert (
-        bfcl.main(
+        cli.main(
             [
                 "to-buffer",
                 str(tmp_path / "good.jsonl"),
@@ -279,7 +279,7 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
     assert "wrote 4 trajectories of 2 entries" in capsys.readouterr().out
 
     none = tmp_path / "none"
-    assert bfcl.main(["to-buffer", str(tmp_path / "good.jsonl"), "--out", str(none), "--subset", "test"]) == 2
+    assert cli.main(["to-buffer", str(tmp_path / "good.jsonl"), "--out", str(none), "--subset", "test"]) == 2
     assert not none.exists()
 
 
@@ -312,10 +312,10 @@ class _EchoModel:
 def test_chat_model_policy_and_context_overflow():
     from shiq_eval.generate import SamplingConfig
 
-    e = bfcl.load_entry("multi_turn_base", 0)
+    e = data.load_entry("multi_turn_base", 0)
     first_prompt = len(
         _CharTokenizer().apply_chat_template(
-            [ro.system_message(bfcl.function_docs(e)[0])] + e["question"][0], add_generation_prompt=True
+            [ro.system_message(data.function_docs(e)[0])] + e["question"][0], add_generation_prompt=True
         )
     )
     cfg = SamplingConfig(max_new_tokens=8, batch_size=1)
@@ -333,20 +333,20 @@ def test_policy_calls_that_cannot_be_executed_safely_become_error_results():
     """A sampled call whose result cannot be stringified, one beyond the work bounds and one with a
     huge hex literal: the rollout completes, each comes back as an error tool message, the verdict
     is computed (the extra stateless calls change nothing)."""
-    e = bfcl.load_entry("multi_turn_base", 15)
+    e = data.load_entry("multi_turn_base", 15)
     bad = [
         "power(base=10, exponent=5000)",
         "power(base=10, exponent=10000000000)",
         "power(base=0x" + "f" * 5000 + ", exponent=2)",
     ]
-    decoded = bfcl.ground_truth_decoded(e)
+    decoded = data.ground_truth_decoded(e)
     decoded[0] = decoded[0] + [bad]
     t = ro.rollout_entry(e, ro.ScriptedPolicy(decoded))
     assert t["decoded_turns"][0][-1] == bad
     i = next(i for i, m in enumerate(t["messages"]) if m["role"] == "assistant" and "power" in m["content"])
     tools = [m["content"] for m in t["messages"][i + 1 : i + 4]]
     assert [m["role"] for m in t["messages"][i + 1 : i + 4]] == ["tool"] * 3
-    assert all(r.startswith(bfcl.ERROR_PREFIX) for r in tools), tools
+    assert all(r.startswith(executor.ERROR_PREFIX) for r in tools), tools
     assert "4300 digits" in tools[0] and "10000 digits" in tools[1] and "int64" in tools[2]
     n = len(e["question"])
     assert t["valid"] is True and t["turn_rewards"] == t["turn_rewards_reset"] == [1.0] * n

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from shiq_eval import demo
+from shiq_eval.recipes import demo
 
 
 def test_config_quick_and_overrides():
@@ -56,7 +56,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     """The README's main job in its --quick form: every artifact, finite numbers; a second call
     finds every stage finished and only rewrites the report."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "shiq_eval.demo", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "shiq_eval.recipes.demo", "--quick", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=1500)
     for name in [
         "report.md",

@@ -22,8 +22,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("shiq_data.sampler")
 
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # noqa: E402
 from shiq_eval.cli import main  # noqa: E402
-from shiq_eval.scorers import RegressionRewardModel, minilm_encoder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -214,7 +214,7 @@ def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
     import stat
 
     from shiq_data.io import atomic_write_json
-    from shiq_eval.bfcl_rollout import write_trajectories
+    from shiq_eval.bfcl.rollout import write_trajectories
 
     atomic_write_json(tmp_path / "r.json", {"a": 1})
     write_trajectories(tmp_path / "t.jsonl", [{"b": 2}])
@@ -350,3 +350,34 @@ def test_megatron_engine_refuses_a_tp_size_that_does_not_divide_the_heads(tmp_pa
         monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 3)
         with pytest.raises(EvalInputError, match="--tp 3 does not divide the model's 4 attention heads"):
             MegatronEngine(model, tok)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["shiq_eval.cli"],
+        ["shiq_eval.cli", "run"],
+        ["shiq_eval.cli", "bfcl"],
+        ["shiq_eval.cli", "bfcl", "rollout"],
+        ["shiq_eval.bfcl"],
+        ["shiq_eval.bfcl", "check-ground-truth"],
+        ["shiq_eval.bfcl", "report"],
+        ["shiq_eval.bfcl", "to-buffer"],
+        ["shiq_eval.recipes.demo"],
+        ["shiq_eval.recipes.toys"],
+    ],
+    ids=" ".join,
+)
+def test_help_is_plain_text_without_checkout_paths(command, tmp_path):
+    """--help of shiq-eval, shiq-eval bfcl, shiq-demo and shiq-toys: no reST markup, no absolute path
+    of the checkout (nor of the configs folder the package resolves)."""
+    from shiq_data.assets import config_dir
+
+    res = subprocess.run(
+        [sys.executable, "-m", *command, "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert res.returncode == 0, res.stderr
+    text = res.stdout
+    assert text.startswith("usage: ") and len(text.splitlines()) > 5, text
+    for bad in ["``", ":func:", ":class:", ":mod:", str(REPO), str(config_dir().resolve().parent)]:
+        assert bad not in text, (bad, text)

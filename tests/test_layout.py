@@ -94,6 +94,19 @@ def test_no_upward_imports():
     assert not bad, "imports that go up a layer:\n" + "\n".join(bad)
 
 
+def test_the_library_never_imports_a_recipe():
+    """Recipes (shiq_eval.recipes) compose the library; nothing outside them may import one."""
+    assert any(m.startswith("shiq_eval.recipes.") for m in MODULES)
+    bad = [
+        f"{MODULES[m].relative_to(ROOT)}:{line} imports {target}"
+        for m in MODULES
+        if not (m == "shiq_eval.recipes" or m.startswith("shiq_eval.recipes."))
+        for target, line, _ in imports_of(m)
+        if target == "shiq_eval.recipes" or target.startswith("shiq_eval.recipes.")
+    ]
+    assert not bad, "library modules that import a recipe:\n" + "\n".join(bad)
+
+
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     """Strongly connected components of more than one module (Tarjan)."""
     index, low, on, stack, out = {}, {}, set(), [], []

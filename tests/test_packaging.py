@@ -55,7 +55,7 @@ def test_wheel_install_finds_its_configs_outside_the_source_tree(tmp_path):
     )
     assert shipped == in_repo
     probe = (
-        "import shiq_train, shiq_train.cli as c, shiq_eval.demo as d, shiq_eval.bfcl as b; "
+        "import shiq_train, shiq_train.cli as c, shiq_eval.recipes.demo as d, shiq_eval.bfcl.data as b; "
         "print(shiq_train.__file__); print(c.CONFIG_DIR); print(d.CONFIG); print(b.SPLIT_PATH)"
     )
     out = subprocess.run(

@@ -33,15 +33,6 @@ def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
     assert pearson(torch.tensor(back.score_texts(list(table))), y) > 0.9
 
 
-def test_the_evaluation_scores_with_the_same_head():
-    """The head the data builder labels with is the one ``shiq_eval.scorers`` offers (one definition)."""
-    from shiq_data import reward_head
-    from shiq_eval import scorers
-
-    for name in ("RegressionRewardModel", "minilm_encoder", "pearson", "Encoder"):
-        assert getattr(scorers, name) is getattr(reward_head, name)
-
-
 def test_function_scorer():
     s = FunctionScorer(lambda p, c: len(c) - len(p))
     assert s(["a", "bb"], ["xyz", "q"]) == [2.0, -1.0]
@@ -95,11 +86,12 @@ def test_bfcl_checker_as_a_scorer():
     completions score 0; per_turn gives the mean cumulative turn reward."""
     import json
 
-    bfcl = pytest.importorskip("shiq_eval.bfcl")
+    checker = pytest.importorskip("shiq_eval.bfcl.checker")
+    data = pytest.importorskip("shiq_eval.bfcl.data")
     from shiq_eval.scorers import BFCLScorer
 
-    e = bfcl.load_entry("multi_turn_base", 15)
-    truth = bfcl.ground_truth_decoded(e)
+    e = data.load_entry("multi_turn_base", 15)
+    truth = data.ground_truth_decoded(e)
     turns = len(truth)
     broken = [[]] + truth[1:]  # no calls in turn 0, whose ground truth has calls
     assert truth[0]
@@ -108,5 +100,5 @@ def test_bfcl_checker_as_a_scorer():
     assert BFCLScorer()(ids, texts) == [1.0, 0.0, 0.0, 0.0]
     per_turn = BFCLScorer(per_turn=True)(ids[:2], texts[:2])
     assert per_turn[0] == 1.0 and 0.0 <= per_turn[1] < 1.0
-    verdict = bfcl.check_entry("multi_turn_base", e["id"], broken)
+    verdict = checker.check_entry("multi_turn_base", e["id"], broken)
     assert verdict["error_type"] == "multi_turn:empty_turn_model_response" and len(verdict["turn_rewards"]) == turns

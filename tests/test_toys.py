@@ -1,6 +1,6 @@
 """The toy experiments (SHIQ_MATH §6-§7) against independent references.
 
-References written here, not taken from shiq_eval.toys: closed forms for the bandit, a scalar
+References written here, not taken from shiq_eval.recipes.toys: closed forms for the bandit, a scalar
 fixed point for a one-row grid, brute-force enumeration of action sequences for the unregularised
 optimum, Monte Carlo for the reward collected, and the soft Bellman equation itself.
 """
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from shiq_eval import toys
-from shiq_eval.toys import (
+from shiq_eval.recipes import toys
+from shiq_eval.recipes.toys import (
     BanditConfig,
     Grid,
     GridConfig,

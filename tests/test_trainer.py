@@ -183,3 +183,70 @@ def test_only_the_last_layers_train_when_asked(dist1, tmp_path):
 def test_online_reference_requires_a_model(dist1, tmp_path):
     with pytest.raises(ValueError, match="needs a reference model"):
         Trainer(M.build_model(cfg()), LossConfig(), OptimizerConfig(), TrainConfig(reference="online"), tmp_path)
+
+
+def test_evaluation_hook_runs_at_eval_steps_and_changes_nothing(dist1, tmp_path):
+    """eval_every=2, steps=6: the hook sees steps 2, 4, 6 after their checkpoints; it draws random
+    numbers (torch's generator and megatron's tracker) and switches the model to eval mode, yet the
+    losses (with dropout, so every draw matters) equal a run without the hook step for step; the model
+    it sees at step 4 is the one a plain 4-step run ends with; a resumed run does not evaluate again."""
+    from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+    mcfg = M.ModelConfig(vocab_size=VOCAB, max_sequence_length=SEQ, hidden_dropout=0.2, attention_dropout=0.2)
+    init = M.build_model(mcfg)
+    ref = frozen_copy(init, mcfg)
+
+    def run(out, steps, evaluate=None, eval_every=0):
+        model = frozen_copy(init, mcfg).train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+        parallel.set_seed(7)
+        t = Trainer(
+            model,
+            LossConfig("shiq", beta=0.5),
+            OptimizerConfig(lr=1e-3, warmup_steps=2, decay_steps=6),
+            TrainConfig(steps=steps, eval_every=eval_every, progress=False, tensorboard=False),
+            out,
+        )
+        return t.fit(with_reference(Synthetic(seed=1), ref), evaluate=evaluate), model
+
+    seen = {}
+
+    def hook(step, model):
+        seen[step] = {
+            "params": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "saved": sorted(p.name for p in (tmp_path / "hooked" / "checkpoints").glob("step_*")),
+        }
+        torch.rand(1000)
+        with get_cuda_rng_tracker().fork():
+            torch.rand(1000)
+        model.eval()
+        return {"draws": 2, "step_seen": step}
+
+    plain, _ = run(tmp_path / "plain", 6)
+    hooked, _ = run(tmp_path / "hooked", 6, hook, eval_every=2)
+    assert sorted(seen) == [2, 4, 6]
+    assert [h["loss"] for h in hooked] == [h["loss"] for h in plain]
+    assert len({h["loss"] for h in plain}) == 6  # the losses are not trivially equal
+    for step in (2, 4, 6):  # each step's checkpoint exists when the hook runs
+        assert f"step_{step:08d}" in seen[step]["saved"]
+    _, four = run(tmp_path / "four", 4)
+    for n, p in four.named_parameters():
+        assert torch.equal(seen[4]["params"][n], p), n
+    assert not all(torch.equal(seen[2]["params"][n], p) for n, p in four.named_parameters())
+    lines = [json.loads(x) for x in (tmp_path / "hooked" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [1, 2, 3, 4, 5, 6]
+    assert [x.get("eval/step_seen") for x in lines] == [None, 2, None, 4, None, 6]
+    assert [h.get("eval/draws") for h in hooked] == [None, 2, None, 2, None, 2]
+
+    # a killed run (last checkpoint: step 3, its final step, evaluated) resumes without evaluating 3 again
+    seen.clear()
+    first, _ = run(tmp_path / "hooked2", 3, lambda s, m: seen.setdefault(s, None), eval_every=2)
+    second, _ = run(tmp_path / "hooked2", 6, lambda s, m: seen.setdefault(s, None), eval_every=2)
+    assert list(seen) == [2, 3, 4, 6]
+    assert [h["loss"] for h in first + second] == [h["loss"] for h in plain]
+
+
+def test_eval_every_is_validated():
+    with pytest.raises(ValueError, match="eval_every"):
+        TrainConfig(eval_every=-1)

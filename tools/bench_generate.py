@@ -36,8 +36,9 @@ def main(argv=None) -> None:
     warnings.filterwarnings("ignore")
     import torch
 
-    from shiq_eval.cli import encode_prompts, movie_prompts
+    from shiq_eval.cli import encode_prompts
     from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig
+    from shiq_eval.moviereviews import movie_prompts
     from shiq_train import hf_convert as H
     from shiq_train import model as M
     from shiq_train import parallel

