@@ -3,8 +3,8 @@
 megatron-core assumes a CUDA device in a few places on the training path. Without a GPU
 (``torch.cuda.is_available()`` False) :func:`apply_cpu_adaptations` patches exactly those places,
 each as narrowly as it can (one name as seen from one megatron module; torch itself is untouched
-except ``Tensor.cuda`` for the duration of one megatron call). The measured list is in
-``shared/notes/megatron-cpu.md``; line numbers refer to megatron-core 0.16.1:
+except ``Tensor.cuda`` for the duration of one megatron call). The measured list follows; line
+numbers refer to megatron-core 0.16.1:
 
 - ``rng_tracker`` -- ``tensor_parallel/random.py:235-240``: ``CudaRNGStatesTracker.add`` reads
   ``torch.cuda.get_rng_state()``, and ``:250-277`` ``fork`` swaps CUDA generator states (needed by
