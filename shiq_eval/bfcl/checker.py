@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from shiq_eval.bfcl.budget import Budget
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
 from shiq_eval.bfcl.executor import Environment
 
@@ -71,10 +72,22 @@ def _judge_turn(truth_calls, steps, model_env, truth_env, model_results_so_far, 
     return None, ""
 
 
-def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]]]) -> dict:
-    """Verdict and per-turn rewards of decoded model calls on one entry (see :func:`check_entry`)."""
-    entry_id, truth = entry["id"], entry["ground_truth"]
+def check_trajectory(
+    entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]]], budget: Budget | None = None
+) -> dict:
+    """Verdict and per-turn rewards of decoded model calls on one entry (see :func:`check_entry`).
+
+    The model's calls (cumulative and reset runs together) share one work ``budget`` (default:
+    a fresh :class:`shiq_eval.bfcl.budget.Budget`); past it, each further call is an error result.
+    The ground truth runs unbounded.
+    """
+    entry_id = entry["id"]
     _validate_decoded(entry_id, decoded_turns)
+    return _check(entry, decoded_turns, Budget() if budget is None else budget)
+
+
+def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
+    entry_id, truth = entry["id"], entry["ground_truth"]
     n = len(truth)
     result = {
         "id": entry_id,
@@ -98,7 +111,7 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
         )
 
     # Cumulative: model and ground truth each run through all turns from the initial state.
-    model_env, truth_env = Environment(entry), Environment(entry)
+    model_env, truth_env = Environment(entry, budget), Environment(entry)
     truth_before = [truth_env.copy()]  # ground-truth state before turn k, for the reset rewards
     model_results: list[str] = []
     rewards, truth_results_per_turn = [], []
@@ -128,6 +141,7 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
             rewards_reset.append(0.0)
             continue
         env = truth_before[k].copy()
+        env.budget = budget
         for calls in steps:
             reset_results.extend(env.execute(calls))
         truth_env_k = truth_before[k + 1] if k + 1 < n else truth_env

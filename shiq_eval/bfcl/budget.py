@@ -1,0 +1,133 @@
+"""Bounded work per entry: a budget of steps, wall time and memory around every simulator call.
+
+Why this mechanism. A short sequence of legal calls can make one later call do exponential work:
+in ``GorillaFileSystem``, ``cp`` and ``mv`` share subdirectories instead of copying them, so a few
+calls repeated k times give a tree of 2**k paths that ``find`` or ``du`` then walk (and ``cp x x``
+makes a directory that contains itself). Bounding the arguments cannot prevent that, and a size
+accounting of the state would have to know every simulator. Measuring the work itself does not:
+
+* ``sys.setprofile`` installs a hook, for the current thread only and only while a simulator call
+  runs, that counts profiler events (every Python and C function call and return). Every 64 events
+  it also reads the wall clock and the process's peak resident memory (``getrusage``). When the
+  entry's step budget, its wall-time budget or the call's memory allowance is used up, the hook
+  raises :class:`BudgetExceeded`, which unwinds the simulator (it derives from ``BaseException``,
+  so the simulators' ``except Exception`` clauses do not swallow it) and becomes an error result.
+  Once exhausted, the budget refuses every further call of the entry at once.
+* The step count is deterministic (the verdict of a trajectory does not depend on the machine's
+  load); the wall clock and the memory allowance are backstops for single C calls that do much
+  work in one event. No thread, signal or subprocess is involved: it works in any thread and on
+  any platform with ``sys.setprofile`` (the memory check is skipped where ``resource`` is missing).
+  The cost is one Python function call per event during simulator calls only, which the ground
+  truth check of all 800 entries pays in well under a second.
+* Memory between two checks is bounded because every object a simulator builds is built from the
+  call's arguments (at most :data:`shiq_eval.bfcl.parse.MAX_CALL_CHARS` characters) and the state;
+  a result longer than :data:`MAX_RESULT_CHARS` characters is replaced by an error result.
+
+A worker subprocess per entry with a timeout and an address-space limit would also bound C code,
+but every check would pay the start-up and the pickling of environments, and a rollout step would
+have to ship the state across; the simulators run no long C loops of their own, so the in-process
+hook suffices.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+try:
+    import resource
+except ImportError:  # pragma: no cover - not on Linux
+    resource = None
+
+# A result string longer than this is an error result (the longest of the 800 ground truths is
+# 31,706 characters: a long-context file read).
+MAX_RESULT_CHARS = 1_000_000
+# Defaults of one entry's budget. A run of one of the 800 ground truths takes at most 5,308 steps
+# (about 830 on average, calls charged included); 10**6 steps are about 0.5 to 1 s of simulator work.
+DEFAULT_STEPS = 1_000_000
+DEFAULT_SECONDS = 5.0
+DEFAULT_MEMORY_BYTES = 1 << 30
+_CHECK_EVERY = 64  # events between two reads of the clock and of the peak memory
+# Steps charged for each call attempt besides the profiled run (parsing, dispatch), so that a
+# trajectory of very many cheap or refused calls also runs out.
+CALL_STEPS = 100
+
+
+class BudgetExceeded(BaseException):
+    """The work budget of an entry is used up (``BaseException``: simulators cannot swallow it)."""
+
+
+def _peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if resource else 0
+
+
+@dataclass
+class Budget:
+    """The work allowed for the simulator calls of one entry.
+
+    ``steps``: profiler events over all calls (deterministic); ``seconds``: wall time over all
+    calls; ``memory_bytes``: growth of the process's peak resident memory during one call. Copies of
+    an environment share their budget (``deepcopy`` returns the same object).
+    """
+
+    steps: int = DEFAULT_STEPS
+    seconds: float = DEFAULT_SECONDS
+    memory_bytes: int = DEFAULT_MEMORY_BYTES
+    spent_steps: int = 0
+    spent_seconds: float = 0.0
+    exhausted: str | None = field(default=None)
+
+    def __deepcopy__(self, memo) -> Budget:
+        return self
+
+    def charge(self, steps: int) -> str | None:
+        """Count ``steps`` spent outside a profiled call; the exhaustion message, or None."""
+        self.spent_steps += steps
+        if self.spent_steps > self.steps and not self.exhausted:
+            self.exhausted = f"work limit of this entry: step budget of {self.steps} exhausted"
+        return self.exhausted
+
+
+def bounded_call(budget: Budget | None, fn: Callable[..., Any], *args, **kwargs) -> Any:
+    """``fn(*args, **kwargs)`` within ``budget`` (None: unbounded); raises :class:`BudgetExceeded`
+    when the budget runs out (also at once if it already has)."""
+    if budget is None:
+        return fn(*args, **kwargs)
+    return _run_profiled(budget, fn, args, kwargs)
+
+
+def _run_profiled(budget: Budget, fn, args, kwargs):
+    if budget.exhausted:
+        raise BudgetExceeded(budget.exhausted)
+    start = time.perf_counter()
+    deadline = start + budget.seconds - budget.spent_seconds
+    max_steps = budget.steps - budget.spent_steps
+    max_peak = _peak_rss_bytes() + budget.memory_bytes
+    steps = 0
+
+    def hook(frame, event, arg):
+        nonlocal steps
+        steps += 1
+        if steps % _CHECK_EVERY == 0:
+            why = None
+            if steps > max_steps:
+                why = f"step budget of {budget.steps} exhausted"
+            elif time.perf_counter() > deadline:
+                why = f"time budget of {budget.seconds:g} s exhausted"
+            elif resource and _peak_rss_bytes() > max_peak:
+                why = f"memory allowance of {budget.memory_bytes} bytes per call exceeded"
+            if why:
+                budget.exhausted = f"work limit of this entry: {why}"
+                raise BudgetExceeded(budget.exhausted)
+
+    previous = sys.getprofile()
+    sys.setprofile(hook)
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        sys.setprofile(previous)
+        budget.spent_seconds += time.perf_counter() - start
+        budget.charge(steps)
