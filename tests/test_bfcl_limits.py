@@ -1,5 +1,8 @@
-"""BFCL model output cannot hang or exhaust memory: the work of every entry is bounded."""
+"""BFCL model output cannot hang, exhaust memory or change process-wide state: the work of every entry
+is bounded and the state the simulators touch is kept as it was."""
 
+import copy
+import decimal
 import json
 import subprocess
 import sys
@@ -7,9 +10,11 @@ import textwrap
 
 import pytest
 
-from shiq_eval.bfcl import budget, checker, data, executor
+from shiq_eval.bfcl import budget, checker, data, executor, parse, rollout
 
 pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
+long_context = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.func_source_code.long_context")
+mpmath = pytest.importorskip("mpmath")
 
 
 @pytest.fixture(autouse=True)
@@ -174,3 +179,81 @@ def test_ground_truth_fits_the_default_budget_with_room():
                 assert not any(r.startswith("Error during execution: work limit") for r in env.execute(calls))
             largest = max(largest, b.spent_steps)
     assert 0 < largest < budget.DEFAULT_STEPS // 100
+
+
+# ---- 2. no process-wide state changes -----------------------------------------------------------
+
+TRAVEL_MATH = ("multi_turn_long_context", 157)  # TravelAPI (long context) and MathAPI
+EXTENSION_CARD = "1234567812345678"  # a card the long-context TravelAPI adds from module data
+PRECISION_CALLS = [
+    "square_root(number=2, precision=60)",
+    "logarithm(value=3, base=2, precision=40)",
+    f"book_flight(access_token='abc123xyz', card_id='{EXTENSION_CARD}', travel_date='2026-03-03', "
+    "travel_from='CRH', travel_to='PHV', travel_class='business')",
+]
+VEHICLE_LONG = ("multi_turn_long_context", 57)
+
+
+def _context_fields(ctx):
+    return (ctx.prec, ctx.rounding, ctx.Emin, ctx.Emax, ctx.capitals, ctx.clamp, dict(ctx.flags), dict(ctx.traps))
+
+
+def test_the_precision_and_booking_calls_do_change_process_state_when_run_bare():
+    """Run directly on the simulators, these calls change the decimal context, mpmath's precision
+    and bfcl_eval's module-level card data (so the next test can fail)."""
+    env = executor.Environment(data.load_entry(*TRAVEL_MATH))
+    math_api, travel = env.instances["MathAPI"], env.instances["TravelAPI"]
+    card = copy.deepcopy(long_context.CREDIT_CARD_EXTENSION[EXTENSION_CARD])
+    prec = mpmath.mp.prec
+    try:
+        with decimal.localcontext():
+            math_api.square_root(number=2, precision=60)
+            assert decimal.getcontext().prec == 60
+        math_api.logarithm(value=3, base=2, precision=40)
+        assert mpmath.mp.dps == 40
+        parsed = parse.parse_call(PRECISION_CALLS[2])
+        assert travel.book_flight(**parsed.kwargs)["booking_status"] is True
+        assert long_context.CREDIT_CARD_EXTENSION[EXTENSION_CARD]["balance"] < card["balance"]
+    finally:
+        mpmath.mp.prec = prec
+        budget.MODULE_STATE.restore()
+    assert long_context.CREDIT_CARD_EXTENSION[EXTENSION_CARD] == card
+
+
+def test_entries_leave_precision_and_module_data_as_they_were():
+    travel_math = data.load_entry(*TRAVEL_MATH)
+    later = data.load_entry("multi_turn_long_context", 161)  # also TravelAPI, long context
+    later_calls = data.ground_truth_decoded(later)
+    later_calls[0] = later_calls[0] + [
+        [f"get_credit_card_balance(access_token='abc123xyz', card_id='{EXTENSION_CARD}')"]
+    ]
+
+    def run_later():
+        traj = rollout.rollout_entry(later, rollout.ScriptedPolicy(later_calls))
+        return {k: traj[k] for k in ("valid", "error_type", "turn_rewards", "turn_rewards_reset", "messages")}
+
+    alone = run_later()
+    ctx = decimal.getcontext()
+    ctx_before, prec_before, dps_before = _context_fields(ctx), mpmath.mp.prec, mpmath.mp.dps
+    cards_before = copy.deepcopy(long_context.CREDIT_CARD_EXTENSION)
+    weather_before = copy.deepcopy(long_context.LONG_WEATHER_EXTENSION)
+
+    d = data.ground_truth_decoded(travel_math)
+    d[0] = d[0] + [PRECISION_CALLS]
+    r = checker.check_trajectory(travel_math, d)
+    traj = rollout.rollout_entry(travel_math, rollout.ScriptedPolicy(d))
+    tool = [m["content"] for m in traj["messages"] if m["role"] == "tool"]
+    assert "{'result': Decimal('1.41421356237309504880168872420969807856967187537694807317668')}" in tool
+    assert any(t.startswith('{"booking_id": "3426812"') and '"booking_status": true' in t for t in tool)
+    assert r["num_turns"] == len(d)
+    vehicle = data.load_entry(*VEHICLE_LONG)
+    vd = data.ground_truth_decoded(vehicle)
+    vd[0] = vd[0] + [["get_outside_temperature_from_google()"]]
+    checker.check_trajectory(vehicle, vd)
+
+    assert decimal.getcontext() is ctx and _context_fields(ctx) == ctx_before
+    assert (mpmath.mp.prec, mpmath.mp.dps) == (prec_before, dps_before)
+    assert long_context.CREDIT_CARD_EXTENSION == cards_before
+    assert long_context.LONG_WEATHER_EXTENSION == weather_before
+    assert any(EXTENSION_CARD not in m["content"] and "card_balance" in m["content"] for m in alone["messages"])
+    assert run_later() == alone

@@ -1,4 +1,5 @@
-"""Bounded work per entry: a budget of steps, wall time and memory around every simulator call.
+"""Bounded work per entry: a budget of steps, wall time and memory around every simulator call, and
+the process-wide state (numeric precision, module-level data of the simulators) kept as it was.
 
 Why this mechanism. A short sequence of legal calls can make one later call do exponential work:
 in ``GorillaFileSystem``, ``cp`` and ``mv`` share subdirectories instead of copying them, so a few
@@ -27,13 +28,22 @@ A worker subprocess per entry with a timeout and an address-space limit would al
 but every check would pay the start-up and the pickling of environments, and a rollout step would
 have to ship the state across; the simulators run no long C loops of their own, so the in-process
 hook suffices.
+
+Process-wide state: ``MathAPI`` sets ``decimal.getcontext().prec`` and ``mpmath.mp.dps``, and the
+long-context simulators share (and one of them fills) module-level dictionaries of ``bfcl_eval``.
+:func:`bounded_call` runs each call in a local decimal context and restores ``mpmath.mp.prec``
+afterwards; :class:`ModuleState` snapshots the module-level containers of the simulator modules
+once and :func:`entry_scope` restores them when an entry starts and ends.
 """
 
 from __future__ import annotations
 
+import copy
+import decimal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,11 +102,19 @@ class Budget:
 
 
 def bounded_call(budget: Budget | None, fn: Callable[..., Any], *args, **kwargs) -> Any:
-    """``fn(*args, **kwargs)`` within ``budget`` (None: unbounded); raises :class:`BudgetExceeded`
-    when the budget runs out (also at once if it already has)."""
-    if budget is None:
-        return fn(*args, **kwargs)
-    return _run_profiled(budget, fn, args, kwargs)
+    """``fn(*args, **kwargs)`` within ``budget`` (None: unbounded), in a local decimal context and
+    with ``mpmath.mp.prec`` restored after; raises :class:`BudgetExceeded` when the budget runs out
+    (also at once if it already has)."""
+    mp = getattr(sys.modules.get("mpmath"), "mp", None)
+    prec = mp.prec if mp is not None else None
+    try:
+        with decimal.localcontext():
+            if budget is None:
+                return fn(*args, **kwargs)
+            return _run_profiled(budget, fn, args, kwargs)
+    finally:
+        if mp is not None and mp.prec != prec:
+            mp.prec = prec
 
 
 def _run_profiled(budget: Budget, fn, args, kwargs):
@@ -131,3 +149,54 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
         sys.setprofile(previous)
         budget.spent_seconds += time.perf_counter() - start
         budget.charge(steps)
+
+
+class ModuleState:
+    """The module-level containers (dict, list, set) of some modules, snapshot once and restorable.
+
+    ``add(module)`` records the module's current bindings and a deep copy of each container the
+    first time it is seen (a container bound in several modules is copied once); ``restore()``
+    rebinds every name to its original object and puts back the original contents of every
+    container that changed.
+    """
+
+    def __init__(self):
+        self._modules: set[str] = set()
+        self._bindings: list[tuple[Any, str, Any]] = []
+        self._pristine: dict[int, tuple[Any, Any]] = {}
+
+    def add(self, module) -> None:
+        if module.__name__ in self._modules:
+            return
+        self._modules.add(module.__name__)
+        for name, value in vars(module).items():
+            if isinstance(value, (dict, list, set)) and not name.startswith("__"):
+                self._bindings.append((module, name, value))
+                if id(value) not in self._pristine:
+                    self._pristine[id(value)] = (value, copy.deepcopy(value))
+
+    def restore(self) -> None:
+        for module, name, value in self._bindings:
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
+        for value, pristine in self._pristine.values():
+            if value != pristine:
+                fresh = copy.deepcopy(pristine)
+                if isinstance(value, list):
+                    value[:] = fresh
+                else:
+                    value.clear()
+                    value.update(fresh)
+
+
+MODULE_STATE = ModuleState()
+
+
+@contextmanager
+def entry_scope() -> Iterator[None]:
+    """Run one entry: the simulator modules' data is restored when it starts and when it ends."""
+    MODULE_STATE.restore()
+    try:
+        yield
+    finally:
+        MODULE_STATE.restore()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from shiq_eval.bfcl.budget import Budget
+from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
 from shiq_eval.bfcl.executor import Environment
 
@@ -79,11 +79,12 @@ def check_trajectory(
 
     The model's calls (cumulative and reset runs together) share one work ``budget`` (default:
     a fresh :class:`shiq_eval.bfcl.budget.Budget`); past it, each further call is an error result.
-    The ground truth runs unbounded.
+    The ground truth runs unbounded. The simulator modules' data is restored before and after.
     """
     entry_id = entry["id"]
     _validate_decoded(entry_id, decoded_turns)
-    return _check(entry, decoded_turns, Budget() if budget is None else budget)
+    with entry_scope():
+        return _check(entry, decoded_turns, Budget() if budget is None else budget)
 
 
 def _check(entry: dict, decoded_turns, budget: Budget) -> dict:

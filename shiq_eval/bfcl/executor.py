@@ -44,7 +44,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from shiq_eval.bfcl.budget import CALL_STEPS, MAX_RESULT_CHARS, Budget, BudgetExceeded, bounded_call
+from shiq_eval.bfcl.budget import CALL_STEPS, MAX_RESULT_CHARS, MODULE_STATE, Budget, BudgetExceeded, bounded_call
 from shiq_eval.bfcl.data import entry_category
 from shiq_eval.bfcl.parse import ParsedCall, UnsafeCallError, parse_call
 
@@ -134,6 +134,7 @@ def _simulator_class(class_name: str):
     if class_name not in MULTI_TURN_CLASSES:
         raise ValueError(f"involved class {class_name!r} is not a multi-turn simulator ({sorted(MULTI_TURN_CLASSES)})")
     module = importlib.import_module(CLASS_FILE_PATH_MAPPING[class_name])
+    MODULE_STATE.add(module)
     return getattr(module, class_name)
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.chat import encode_chat
 from shiq_data.io import atomic_write_jsonl, iter_jsonl
-from shiq_eval.bfcl.budget import Budget
+from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.checker import check_trajectory
 from shiq_eval.bfcl.data import MAX_STEPS_PER_TURN, bfcl_version, entry_category, function_docs, ground_truth_decoded
 from shiq_eval.bfcl.executor import Environment
@@ -138,9 +138,11 @@ def rollout_entry(
     ``turn_rewards_reset``, ...).
 
     The calls run within a work ``budget`` (default: a fresh :class:`shiq_eval.bfcl.budget.Budget`);
-    past it each call is an error result and the rollout goes on.
+    past it each call is an error result and the rollout goes on. The simulator modules' data is
+    restored before and after.
     """
-    return _rollout(entry, policy, max_steps, Budget() if budget is None else budget)
+    with entry_scope():
+        return _rollout(entry, policy, max_steps, Budget() if budget is None else budget)
 
 
 def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget) -> dict:
