@@ -1,16 +1,19 @@
-"""BFCL model output cannot hang, exhaust memory or change process-wide state: the work of every entry
-is bounded and the state the simulators touch is kept as it was."""
+"""BFCL model output cannot escape, hang, corrupt or crash: the work of every entry is bounded,
+process-wide state is kept, and hostile text is refused before it can recurse or exhaust memory."""
 
+import ast
 import copy
 import decimal
 import json
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
 from shiq_eval.bfcl import budget, checker, data, executor, parse, rollout
+from shiq_eval.scorers import BFCLScorer
 
 pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
 long_context = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.func_source_code.long_context")
@@ -257,3 +260,71 @@ def test_entries_leave_precision_and_module_data_as_they_were():
     assert long_context.LONG_WEATHER_EXTENSION == weather_before
     assert any(EXTENSION_CARD not in m["content"] and "card_balance" in m["content"] for m in alone["messages"])
     assert run_later() == alone
+
+
+# ---- 3. parsing follows Python's rules and cannot recurse out -----------------------------------
+
+
+def test_a_repeated_keyword_argument_is_an_error_as_in_python():
+    with pytest.raises(SyntaxError, match="keyword argument repeated"):
+        compile("f(a=1, a=2)", "<call>", "eval")
+    with pytest.raises(parse.UnsafeCallError, match="keyword argument repeated: a"):
+        parse.parse_call("f(a=1, a=2)")
+    e = data.load_entry(*FS_ENTRY)
+    call = "cd(folder='document', folder='temp')"
+    assert parse.decode_calls(f"[{call}]") == [call]
+    assert executor.Environment(e).execute([call]) == [executor.ERROR_PREFIX + "keyword argument repeated: folder"]
+
+
+NESTED = {
+    "brackets": "[" * 100_000 + "]" * 100_000,
+    "call of brackets": "f(x=" + "[" * 100_000 + "]" * 100_000 + ")",
+    "unary minus": "f(x=" + "-" * 100_000 + "1)",
+    "not": "f(x=" + "not " * 100_000 + "1)",
+    "attributes": "f(x=a" + ".b" * 100_000 + ")",
+    "call chain": "f" + "()" * 100_000,
+    "sum": "f(x=" + "+".join(["1"] * 100_000) + ")",
+    "dict": "f(x=" + "{1:" * 10_000 + "1" + "}" * 10_000 + ")",
+}
+HUGE = "[" + ", ".join(["pwd()"] * 7_200_000) + "]"  # 50 MB
+
+
+@pytest.mark.parametrize("name", sorted(NESTED))
+def test_deeply_nested_text_is_refused_everywhere(name):
+    text = NESTED[name]
+    e = data.load_entry(*FS_ENTRY)
+    assert parse.decode_calls(text) is None or all(isinstance(c, str) for c in parse.decode_calls(text))
+    with pytest.raises(parse.UnsafeCallError):
+        parse.parse_call(text)
+    assert executor.Environment(e).execute([text])[0].startswith(executor.ERROR_PREFIX)
+    d = data.ground_truth_decoded(e)
+    d[0] = d[0] + [[text]]
+    r = checker.check_entry("multi_turn_base", 0, d)
+    assert r["valid"] is True  # an error result changes no state and removes no ground-truth result
+    scorer = BFCLScorer()
+    assert scorer(["multi_turn_base_0"], [json.dumps(d)]) == [1.0]
+    assert scorer(["multi_turn_base_0"], ["[" * 100_000 + "]" * 100_000]) == [0.0]
+    traj = rollout.rollout_entry(e, lambda messages: text)
+    assert traj["valid"] is False and traj["error_type"] == checker.ERR_EMPTY
+
+
+def test_enormous_completions_are_refused_quickly():
+    assert len(HUGE) > 50_000_000
+    e = data.load_entry(*FS_ENTRY)
+    start = time.perf_counter()
+    assert parse.decode_calls(HUGE) is None
+    with pytest.raises(parse.UnsafeCallError, match="longer than"):
+        parse.parse_call(HUGE)
+    assert executor.Environment(e).execute([HUGE])[0].startswith(executor.ERROR_PREFIX)
+    assert BFCLScorer()(["multi_turn_base_0"], [json.dumps([[[HUGE]]])]) == [0.0]
+    r = checker.check_entry("multi_turn_base", 0, [[[HUGE]]] + [[] for _ in e["question"][1:]])
+    assert r["valid"] is False
+    traj = rollout.rollout_entry(e, lambda messages: HUGE)
+    assert traj["valid"] is False and traj["decoded_turns"] == [[] for _ in e["question"]]
+    assert time.perf_counter() - start < 20.0
+    # Just inside the bounds still parses: the longest ground-truth call is far below them.
+    longest = max(
+        (c for cat in data.CATEGORIES for x in data.load_category(cat) for t in x["ground_truth"] for c in t), key=len
+    )
+    assert len(longest) * 10 < parse.MAX_CALL_CHARS
+    assert parse.parse_call(longest).name == ast.parse(longest, mode="eval").body.func.id

@@ -4,6 +4,7 @@ reset turn rewards) and the leaderboard-style summary of checked trajectories.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 from shiq_eval.bfcl.budget import Budget, entry_scope
@@ -15,6 +16,8 @@ ERR_EMPTY = "multi_turn:empty_turn_model_response"
 ERR_STATE = "multi_turn:instance_state_mismatch"
 ERR_RESPONSE = "multi_turn:execution_response_mismatch"
 ERR_FORCE_QUIT = "multi_turn:force_terminated"
+# Longest decoded-trajectory JSON read by :func:`decode_trajectory_json`.
+MAX_TRAJECTORY_CHARS = 10_000_000
 
 
 def state_differences(model: Environment, truth: Environment) -> dict[str, list[str]]:
@@ -57,6 +60,23 @@ def _validate_decoded(entry_id: str, decoded_turns) -> None:
         for s, calls in enumerate(steps):
             if not isinstance(calls, (list, tuple)) or not all(isinstance(c, str) for c in calls):
                 raise ValueError(f"{entry_id}: decoded_turns[{t}][{s}] must be a list of call strings")
+
+
+def decode_trajectory_json(text: str) -> list | None:
+    """Decoded turns (turn -> step -> call strings) from JSON text, or None when the text is not
+    such JSON, is longer than :data:`MAX_TRAJECTORY_CHARS` or nests too deep for the parser."""
+    if not isinstance(text, (str, bytes)) or len(text) > MAX_TRAJECTORY_CHARS:
+        return None
+    try:
+        decoded = json.loads(text)
+    except (ValueError, RecursionError, MemoryError):  # JSONDecodeError is a ValueError
+        return None
+    ok = isinstance(decoded, list) and all(
+        isinstance(turn, list)
+        and all(isinstance(step, list) and all(isinstance(c, str) for c in step) for step in turn)
+        for turn in decoded
+    )
+    return decoded if ok else None
 
 
 def _judge_turn(truth_calls, steps, model_env, truth_env, model_results_so_far, truth_results):
