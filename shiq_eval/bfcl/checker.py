@@ -4,8 +4,10 @@ reset turn rewards) and the leaderboard-style summary of checked trajectories.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
@@ -273,3 +275,51 @@ def format_summary(summary: dict) -> str:
         f"{f(o['turn_reward_reset_mean']):>9}"
     )
     return "\n".join(lines)
+
+
+# Columns of BFCL's multi-turn leaderboard, one per category.
+LEADERBOARD_COLUMNS = {
+    "multi_turn_base": "Base",
+    "multi_turn_miss_func": "Miss Func",
+    "multi_turn_miss_param": "Miss Param",
+    "multi_turn_long_context": "Long Context",
+}
+LEADERBOARD_HEADER = ["Rank", "Model", "Multi Turn Overall Acc", *LEADERBOARD_COLUMNS.values(), "Entries"]
+
+
+def _percent(x: float | None) -> str:
+    return "N/A" if x is None else f"{100 * x:.2f}%"
+
+
+def leaderboard_rows(summaries: Mapping[str, dict]) -> list[dict]:
+    """One row per model ({name: :func:`summarize` output}) in the shape of BFCL's multi-turn
+    leaderboard: rank, model, overall accuracy (the mean of the category accuracies), the accuracy
+    of each category (percent with two decimals, ``N/A`` for a category without entries) and the
+    number of entries; best overall first."""
+    order = sorted(summaries.items(), key=lambda kv: -(kv[1]["overall"]["accuracy"] or 0.0))
+    rows = []
+    for rank, (name, s) in enumerate(order, 1):
+        row = {"Rank": rank, "Model": name, "Multi Turn Overall Acc": _percent(s["overall"]["accuracy"])}
+        for cat, column in LEADERBOARD_COLUMNS.items():
+            row[column] = _percent(s["categories"][cat]["accuracy"]) if cat in s["categories"] else "N/A"
+        row["Entries"] = s["overall"]["n"]
+        rows.append(row)
+    return rows
+
+
+def leaderboard_csv(rows: Sequence[dict]) -> str:
+    """:func:`leaderboard_rows` as CSV text (header first)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_HEADER, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def leaderboard_markdown(rows: Sequence[dict]) -> str:
+    """:func:`leaderboard_rows` as a Markdown table."""
+    lines = ["| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
+    for row in rows:
+        cells = [str(row[c]).replace("|", "\\|") for c in LEADERBOARD_HEADER]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
