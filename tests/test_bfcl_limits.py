@@ -108,7 +108,8 @@ def test_blowup_ends_with_error_results_and_the_next_entry_is_unaffected():
         """,
         timeout=180,
     )
-    assert r["seconds"] < 15.0  # two budgeted runs (cumulative and reset) of at most a few seconds
+    # The step budget (about a second of work) ends it; wall time is generous for loaded machines.
+    assert r["seconds"] < 60.0 and r["spent"] > budget.DEFAULT_STEPS
     assert r["verdict"]["valid"] is False and r["verdict"]["error_type"] == checker.ERR_STATE
     assert all(x.startswith(executor.ERROR_PREFIX + "work limit of this entry") for x in r["results"]), r["results"]
     assert r["score"] == [0.0] and r["traj_valid"] is False
@@ -127,12 +128,13 @@ def test_time_and_memory_allowances_stop_a_call():
             start = time.perf_counter()
             out[name] = env.execute(["du()" if name == "time" else "find(path='.')", "pwd()"])
             out[name + "_seconds"] = time.perf_counter() - start
+            out[name + "_cpu"] = b.spent_seconds
         print(json.dumps(out))
         """,
         timeout=240,
     )
     assert r["time"][0] == executor.ERROR_PREFIX + "work limit of this entry: time budget of 1 s exhausted"
-    assert r["time_seconds"] < 5.0
+    assert 1.0 <= r["time_cpu"] < 2.0 and r["time_seconds"] < 60.0  # CPU time of the thread; wall: any load
     assert r["memory"][0] == (
         executor.ERROR_PREFIX + f"work limit of this entry: memory allowance of {64 << 20} bytes per call exceeded"
     )

@@ -1,4 +1,4 @@
-"""Bounded work per entry: a budget of steps, wall time and memory around every simulator call, and
+"""Bounded work per entry: a budget of steps, CPU time and memory around every simulator call, and
 the process-wide state (numeric precision, module-level data of the simulators) kept as it was.
 
 Why this mechanism. A short sequence of legal calls can make one later call do exponential work:
@@ -9,14 +9,17 @@ accounting of the state would have to know every simulator. Measuring the work i
 
 * ``sys.setprofile`` installs a hook, for the current thread only and only while a simulator call
   runs, that counts profiler events (every Python and C function call and return). Every 64 events
-  it also reads the wall clock and the process's peak resident memory (``getrusage``). When the
-  entry's step budget, its wall-time budget or the call's memory allowance is used up, the hook
+  it also reads the thread's CPU time and the process's peak resident memory (``getrusage``). When
+  the entry's step budget, its time budget or the call's memory allowance is used up, the hook
   raises :class:`BudgetExceeded`, which unwinds the simulator (it derives from ``BaseException``,
   so the simulators' ``except Exception`` clauses do not swallow it) and becomes an error result.
   Once exhausted, the budget refuses every further call of the entry at once.
 * The step count is deterministic (the verdict of a trajectory does not depend on the machine's
-  load); the wall clock and the memory allowance are backstops for single C calls that do much
-  work in one event. No thread, signal or subprocess is involved: it works in any thread and on
+  load); the time budget and the memory allowance are backstops for single C calls that do much
+  work in one event. Time is the CPU time of the calling thread, not wall time: on a loaded
+  machine an entry of 500 steps can take 1.5 s of wall time (other processes, garbage
+  collection), and a wall-clock budget would let the load change verdicts; a call that waits
+  instead of computing (paging) is bounded by the memory allowance. No thread, signal or subprocess is involved: it works in any thread and on
   any platform with ``sys.setprofile`` (the memory check is skipped where ``resource`` is missing).
   The cost is one Python function call per event during simulator calls only, which the ground
   truth check of all 800 entries pays in well under a second.
@@ -78,9 +81,10 @@ def _peak_rss_bytes() -> int:
 class Budget:
     """The work allowed for the simulator calls of one entry.
 
-    ``steps``: profiler events over all calls (deterministic); ``seconds``: wall time over all
-    calls; ``memory_bytes``: growth of the process's peak resident memory during one call. Copies of
-    an environment share their budget (``deepcopy`` returns the same object).
+    ``steps``: profiler events over all calls (deterministic); ``seconds``: CPU time of the
+    calling thread over all calls; ``memory_bytes``: growth of the process's peak resident memory
+    during one call. Copies of an environment share their budget (``deepcopy`` returns the same
+    object).
     """
 
     steps: int = DEFAULT_STEPS
@@ -120,7 +124,7 @@ def bounded_call(budget: Budget | None, fn: Callable[..., Any], *args, **kwargs)
 def _run_profiled(budget: Budget, fn, args, kwargs):
     if budget.exhausted:
         raise BudgetExceeded(budget.exhausted)
-    start = time.perf_counter()
+    start = time.thread_time()
     deadline = start + budget.seconds - budget.spent_seconds
     max_steps = budget.steps - budget.spent_steps
     max_peak = _peak_rss_bytes() + budget.memory_bytes
@@ -133,7 +137,7 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
             why = None
             if steps > max_steps:
                 why = f"step budget of {budget.steps} exhausted"
-            elif time.perf_counter() > deadline:
+            elif time.thread_time() > deadline:
                 why = f"time budget of {budget.seconds:g} s exhausted"
             elif resource and _peak_rss_bytes() > max_peak:
                 why = f"memory allowance of {budget.memory_bytes} bytes per call exceeded"
@@ -147,7 +151,7 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
         return fn(*args, **kwargs)
     finally:
         sys.setprofile(previous)
-        budget.spent_seconds += time.perf_counter() - start
+        budget.spent_seconds += time.thread_time() - start
         budget.charge(steps)
 
 
