@@ -157,6 +157,18 @@ def test_step_budget_is_deterministic_and_counts_every_call():
     assert results[-1] == executor.ERROR_PREFIX + f"work limit of this entry: step budget of {b.steps} exhausted"
 
 
+def test_text_of_calls_and_results_is_charged():
+    """Results kept by an entry total at most about steps * CHARS_PER_STEP characters."""
+    b = budget.Budget(steps=100_000)
+    env = executor.Environment(data.load_entry(*FS_ENTRY), b)
+    content = "x" * 90_000
+    assert env.execute(["touch(file_name='big.txt')", f"echo(content='{content}', file_name='big.txt')"])[1] == "None"
+    results = env.execute(["cat(file_name='big.txt')"] * 1000)
+    kept = [r for r in results if not r.startswith(executor.ERROR_PREFIX)]
+    assert kept[0] == json.dumps({"file_content": content}) and results[-1].startswith(executor.ERROR_PREFIX + "work")
+    assert 50 < len(kept) and sum(map(len, kept)) <= b.steps * budget.CHARS_PER_STEP + len(kept[0])
+
+
 def test_a_profiler_installed_before_is_put_back():
     seen = []
 

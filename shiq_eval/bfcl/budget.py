@@ -58,15 +58,25 @@ except ImportError:  # pragma: no cover - not on Linux
 # A result string longer than this is an error result (the longest of the 800 ground truths is
 # 31,706 characters: a long-context file read).
 MAX_RESULT_CHARS = 1_000_000
-# Defaults of one entry's budget. A run of one of the 800 ground truths takes at most 5,308 steps
-# (about 830 on average, calls charged included); 10**6 steps are about 0.5 to 1 s of simulator work.
+# Defaults of one entry's budget. A run of one of the 800 ground truths takes at most 5,312 steps
+# (about 860 on average, calls and text charged included); 10**6 steps are about 0.5 to 1 s of
+# simulator work.
 DEFAULT_STEPS = 1_000_000
 DEFAULT_SECONDS = 5.0
 DEFAULT_MEMORY_BYTES = 1 << 30
 _CHECK_EVERY = 64  # events between two reads of the clock and of the peak memory
 # Steps charged for each call attempt besides the profiled run (parsing, dispatch), so that a
-# trajectory of very many cheap or refused calls also runs out.
+# trajectory of very many cheap or refused calls also runs out, and for every CHARS_PER_STEP
+# characters of a call string and of a result, so that the text an entry parses and keeps (the
+# results are kept for the response check and fed back to the model) is at most about
+# steps * CHARS_PER_STEP characters (10**8 by default).
 CALL_STEPS = 100
+CHARS_PER_STEP = 100
+
+
+def call_cost(call: object) -> int:
+    """Steps charged for one call attempt (:data:`CALL_STEPS` plus its length)."""
+    return CALL_STEPS + (len(call) // CHARS_PER_STEP if isinstance(call, str) else 0)
 
 
 class BudgetExceeded(BaseException):

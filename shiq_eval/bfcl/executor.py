@@ -14,7 +14,8 @@ strings with ``eval()`` and caches simulator instances in module globals. Here i
   ``MAX_DIGITS`` digits, a ``precision`` or ``decimal_places`` beyond ``MAX_DIGITS``); the refusal
   is an error result;
 * every call runs within the work budget of its entry (:mod:`shiq_eval.bfcl.budget`: profiler
-  steps, wall time and memory, whatever the call sequence builds up); a call that uses it up, and
+  steps, CPU time and memory, whatever the call sequence builds up; the length of every call and
+  result is charged too); a call that uses it up, and
   every later call of the entry, is an error result, and so is a result longer than
   :data:`shiq_eval.bfcl.budget.MAX_RESULT_CHARS` characters;
 * the name is dispatched only to a public method (no leading underscore) of one of the entry's
@@ -44,7 +45,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from shiq_eval.bfcl.budget import CALL_STEPS, MAX_RESULT_CHARS, MODULE_STATE, Budget, BudgetExceeded, bounded_call
+from shiq_eval.bfcl.budget import (
+    CHARS_PER_STEP,
+    MAX_RESULT_CHARS,
+    MODULE_STATE,
+    Budget,
+    BudgetExceeded,
+    bounded_call,
+    call_cost,
+)
 from shiq_eval.bfcl.data import entry_category
 from shiq_eval.bfcl.parse import ParsedCall, UnsafeCallError, parse_call
 
@@ -181,7 +190,7 @@ class Environment:
         :data:`shiq_eval.bfcl.budget.MAX_RESULT_CHARS` and any exception while running the call or
         stringifying its result all come back as ``"Error during execution: <message>"``.
         """
-        if self.budget is not None and self.budget.charge(CALL_STEPS):
+        if self.budget is not None and self.budget.charge(call_cost(call)):
             return f"{ERROR_PREFIX}{self.budget.exhausted}"
         try:
             parsed = parse_call(call)
@@ -202,6 +211,8 @@ class Environment:
             return _error_result(e)
         if len(result) > MAX_RESULT_CHARS:
             return f"{ERROR_PREFIX}result of {len(result)} characters is longer than {MAX_RESULT_CHARS}"
+        if self.budget is not None:
+            self.budget.charge(len(result) // CHARS_PER_STEP)  # this result is kept; later calls are refused
         return result
 
     def execute(self, calls: Sequence[str]) -> list[str]:
