@@ -8,11 +8,10 @@ and its encoder live in :mod:`shiq_data.reward_head`, since building a dataset u
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Protocol
 
-from shiq_eval.bfcl.checker import check_entry
+from shiq_eval.bfcl.checker import check_entry, decode_trajectory_json
 from shiq_eval.bfcl.data import entry_category
 
 
@@ -35,7 +34,8 @@ class BFCLScorer:
     ``completions`` the model's decoded calls of each entry as JSON (turn -> step -> call strings,
     the ``decoded_turns`` of :func:`shiq_eval.bfcl.checker.check_entry`). The reward is 1.0 when the official
     verdict is valid, else 0.0; with ``per_turn=True``, the mean cumulative turn reward instead.
-    A completion that is not such JSON scores 0.0 (a model's malformed output is data, not an error).
+    A completion that is not such JSON (also one too long or nested too deep) scores 0.0 (a model's
+    malformed output is data, not an error).
     """
 
     def __init__(self, per_turn: bool = False):
@@ -44,16 +44,8 @@ class BFCLScorer:
     def __call__(self, prompts, completions):
         out = []
         for entry_id, text in zip(prompts, completions, strict=True):
-            try:
-                decoded = json.loads(text)
-                ok = isinstance(decoded, list) and all(
-                    isinstance(turn, list)
-                    and all(isinstance(step, list) and all(isinstance(c, str) for c in step) for step in turn)
-                    for turn in decoded
-                )
-            except json.JSONDecodeError:
-                ok = False
-            if not ok:
+            decoded = decode_trajectory_json(text)
+            if decoded is None:
                 out.append(0.0)
                 continue
             verdict = check_entry(entry_category(entry_id), entry_id, decoded)

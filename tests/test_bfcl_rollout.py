@@ -2,6 +2,7 @@
 limit force-quits, trajectories round-trip through JSONL and become rows with rewards on the right
 end-of-turn tokens."""
 
+import csv
 import json
 import random
 
@@ -208,6 +209,55 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["--help"])
+
+
+def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, capsys):
+    """Two models' trajectories of the same entries: one row per model (the recorded name, else the
+    file name), accuracies as computed by hand from the files' verdicts."""
+    gt, silent, mixed = tmp_path / "gt.jsonl", tmp_path / "silent.jsonl", tmp_path / "mixed.jsonl"
+    cats = ["multi_turn_base", "multi_turn_long_context"]
+    argv = ["rollout", "--categories", *cats, "--limit", "2", "--model-name", "ground truth", "--out", str(gt)]
+    assert cli.main(argv) == 0
+    entries = [data.load_entry(c, i) for c in cats for i in range(2)]
+    ro.write_trajectories(silent, ro.rollout_entries(entries, lambda e: lambda m: "no.", progress=False))
+    # Mixed: the ground truth of the first entry of each category, silence on the second.
+    mixed_t = [
+        ro.rollout_entry(e, ro.ScriptedPolicy.ground_truth(e) if i % 2 == 0 else (lambda m: "no."))
+        for i, e in enumerate(entries)
+    ]
+    ro.write_trajectories(mixed, mixed_t)
+    files = [gt, silent, mixed]
+    csv_path, md_path, out = tmp_path / "lb.csv", tmp_path / "lb.md", tmp_path / "lb.json"
+    assert (
+        cli.main(["report", *map(str, files), "--csv", str(csv_path), "--markdown", str(md_path), "--out", str(out)])
+        == 0
+    )
+
+    expected = {}
+    for path in files:
+        ts = [json.loads(x) for x in path.read_text().splitlines()]
+        name = ts[0].get("model") or path.name
+        per_cat = {c: [t["valid"] for t in ts if t["id"].startswith(c + "_")] for c in cats}
+        accs = [sum(v) / len(v) for v in per_cat.values()]
+        expected[name] = (sum(accs) / len(accs), [sum(per_cat[c]) / len(per_cat[c]) for c in cats])
+    assert {k: v[0] for k, v in expected.items()} == {"ground truth": 1.0, "silent.jsonl": 0.0, "mixed.jsonl": 0.5}
+    rows = list(csv.DictReader(csv_path.read_text().splitlines()))
+    assert [r["Model"] for r in rows] == ["ground truth", "mixed.jsonl", "silent.jsonl"]
+    assert [r["Rank"] for r in rows] == ["1", "2", "3"]
+    for r in rows:
+        overall, (base, long_context) = expected[r["Model"]]
+        assert r["Multi Turn Overall Acc"] == f"{100 * overall:.2f}%"
+        assert (r["Base"], r["Long Context"]) == (f"{100 * base:.2f}%", f"{100 * long_context:.2f}%")
+        assert r["Miss Func"] == r["Miss Param"] == "N/A" and r["Entries"] == "4"
+    md = md_path.read_text().splitlines()
+    assert md[0] == "| Rank | Model | Multi Turn Overall Acc | Base | Miss Func | Miss Param | Long Context | Entries |"
+    assert md[2] == "| 1 | ground truth | 100.00% | 100.00% | N/A | N/A | 100.00% | 4 |" and len(md) == 5
+    rep = json.loads(out.read_text())
+    assert rep["models"]["mixed.jsonl"]["categories"]["multi_turn_base"]["accuracy"] == 0.5
+    assert "| 3 | silent.jsonl | 0.00% |" in capsys.readouterr().out
+    # One model's file given twice still holds each entry twice: an error naming the model.
+    with pytest.raises(ValueError, match="model 'ground truth'.*appears twice"):
+        cli.main(["report", str(gt), str(gt)])
 
 
 def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):

@@ -3,6 +3,8 @@
 - ``data``: the four categories and their entries (from the installed ``bfcl-eval`` package), ids,
   function docs, the 160/40 train/test split and subset selection;
 - ``parse``: safe parsing of model-written calls (literal arguments only) and of a model step;
+- ``budget``: the work budget of an entry (steps, wall time, memory) around every simulator call,
+  and the process-wide state the simulators touch, kept as it was;
 - ``executor``: fresh simulators per entry, a dispatcher over their public methods, work limits,
   results as strings;
 - ``checker``: the state-based verdict, cumulative and reset turn rewards, the leaderboard summary;

@@ -4,8 +4,12 @@ reset turn rewards) and the leaderboard-style summary of checked trajectories.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
 
+from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
 from shiq_eval.bfcl.executor import Environment
 
@@ -14,6 +18,8 @@ ERR_EMPTY = "multi_turn:empty_turn_model_response"
 ERR_STATE = "multi_turn:instance_state_mismatch"
 ERR_RESPONSE = "multi_turn:execution_response_mismatch"
 ERR_FORCE_QUIT = "multi_turn:force_terminated"
+# Longest decoded-trajectory JSON read by :func:`decode_trajectory_json`.
+MAX_TRAJECTORY_CHARS = 10_000_000
 
 
 def state_differences(model: Environment, truth: Environment) -> dict[str, list[str]]:
@@ -58,6 +64,23 @@ def _validate_decoded(entry_id: str, decoded_turns) -> None:
                 raise ValueError(f"{entry_id}: decoded_turns[{t}][{s}] must be a list of call strings")
 
 
+def decode_trajectory_json(text: str) -> list | None:
+    """Decoded turns (turn -> step -> call strings) from JSON text, or None when the text is not
+    such JSON, is longer than :data:`MAX_TRAJECTORY_CHARS` or nests too deep for the parser."""
+    if not isinstance(text, (str, bytes)) or len(text) > MAX_TRAJECTORY_CHARS:
+        return None
+    try:
+        decoded = json.loads(text)
+    except (ValueError, RecursionError, MemoryError):  # JSONDecodeError is a ValueError
+        return None
+    ok = isinstance(decoded, list) and all(
+        isinstance(turn, list)
+        and all(isinstance(step, list) and all(isinstance(c, str) for c in step) for step in turn)
+        for turn in decoded
+    )
+    return decoded if ok else None
+
+
 def _judge_turn(truth_calls, steps, model_env, truth_env, model_results_so_far, truth_results):
     """(error_type or None, message) for one turn, in the official order: empty, state, response."""
     if truth_calls and is_empty_turn(steps):
@@ -71,10 +94,23 @@ def _judge_turn(truth_calls, steps, model_env, truth_env, model_results_so_far, 
     return None, ""
 
 
-def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]]]) -> dict:
-    """Verdict and per-turn rewards of decoded model calls on one entry (see :func:`check_entry`)."""
-    entry_id, truth = entry["id"], entry["ground_truth"]
+def check_trajectory(
+    entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]]], budget: Budget | None = None
+) -> dict:
+    """Verdict and per-turn rewards of decoded model calls on one entry (see :func:`check_entry`).
+
+    The model's calls (cumulative and reset runs together) share one work ``budget`` (default:
+    a fresh :class:`shiq_eval.bfcl.budget.Budget`); past it, each further call is an error result.
+    The ground truth runs unbounded. The simulator modules' data is restored before and after.
+    """
+    entry_id = entry["id"]
     _validate_decoded(entry_id, decoded_turns)
+    with entry_scope():
+        return _check(entry, decoded_turns, Budget() if budget is None else budget)
+
+
+def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
+    entry_id, truth = entry["id"], entry["ground_truth"]
     n = len(truth)
     result = {
         "id": entry_id,
@@ -98,7 +134,7 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
         )
 
     # Cumulative: model and ground truth each run through all turns from the initial state.
-    model_env, truth_env = Environment(entry), Environment(entry)
+    model_env, truth_env = Environment(entry, budget), Environment(entry)
     truth_before = [truth_env.copy()]  # ground-truth state before turn k, for the reset rewards
     model_results: list[str] = []
     rewards, truth_results_per_turn = [], []
@@ -128,6 +164,7 @@ def check_trajectory(entry: dict, decoded_turns: Sequence[Sequence[Sequence[str]
             rewards_reset.append(0.0)
             continue
         env = truth_before[k].copy()
+        env.budget = budget
         for calls in steps:
             reset_results.extend(env.execute(calls))
         truth_env_k = truth_before[k + 1] if k + 1 < n else truth_env
@@ -238,3 +275,51 @@ def format_summary(summary: dict) -> str:
         f"{f(o['turn_reward_reset_mean']):>9}"
     )
     return "\n".join(lines)
+
+
+# Columns of BFCL's multi-turn leaderboard, one per category.
+LEADERBOARD_COLUMNS = {
+    "multi_turn_base": "Base",
+    "multi_turn_miss_func": "Miss Func",
+    "multi_turn_miss_param": "Miss Param",
+    "multi_turn_long_context": "Long Context",
+}
+LEADERBOARD_HEADER = ["Rank", "Model", "Multi Turn Overall Acc", *LEADERBOARD_COLUMNS.values(), "Entries"]
+
+
+def _percent(x: float | None) -> str:
+    return "N/A" if x is None else f"{100 * x:.2f}%"
+
+
+def leaderboard_rows(summaries: Mapping[str, dict]) -> list[dict]:
+    """One row per model ({name: :func:`summarize` output}) in the shape of BFCL's multi-turn
+    leaderboard: rank, model, overall accuracy (the mean of the category accuracies), the accuracy
+    of each category (percent with two decimals, ``N/A`` for a category without entries) and the
+    number of entries; best overall first."""
+    order = sorted(summaries.items(), key=lambda kv: -(kv[1]["overall"]["accuracy"] or 0.0))
+    rows = []
+    for rank, (name, s) in enumerate(order, 1):
+        row = {"Rank": rank, "Model": name, "Multi Turn Overall Acc": _percent(s["overall"]["accuracy"])}
+        for cat, column in LEADERBOARD_COLUMNS.items():
+            row[column] = _percent(s["categories"][cat]["accuracy"]) if cat in s["categories"] else "N/A"
+        row["Entries"] = s["overall"]["n"]
+        rows.append(row)
+    return rows
+
+
+def leaderboard_csv(rows: Sequence[dict]) -> str:
+    """:func:`leaderboard_rows` as CSV text (header first)."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=LEADERBOARD_HEADER, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue()
+
+
+def leaderboard_markdown(rows: Sequence[dict]) -> str:
+    """:func:`leaderboard_rows` as a Markdown table."""
+    lines = ["| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
+    for row in rows:
+        cells = [str(row[c]).replace("|", "\\|") for c in LEADERBOARD_HEADER]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -7,14 +7,30 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 from tqdm.auto import tqdm
 
 from shiq_data.buffer import write_buffer
-from shiq_data.io import atomic_write_json
+from shiq_data.io import atomic_write_json, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
-from shiq_eval.bfcl.checker import check_trajectory, format_summary, summarize
-from shiq_eval.bfcl.data import CATEGORIES, SPLIT_PATH, ground_truth_decoded, load_category, load_split, select_subset
+from shiq_eval.bfcl.checker import (
+    check_trajectory,
+    format_summary,
+    leaderboard_csv,
+    leaderboard_markdown,
+    leaderboard_rows,
+    summarize,
+)
+from shiq_eval.bfcl.data import (
+    CATEGORIES,
+    SPLIT_PATH,
+    bfcl_version,
+    ground_truth_decoded,
+    load_category,
+    load_split,
+    select_subset,
+)
 from shiq_eval.bfcl.rollout import (
     ChatModelPolicy,
     ScriptedPolicy,
@@ -65,7 +81,8 @@ def _in_subset(items: list[dict], args) -> list[dict]:
 def _cmd_rollout(args) -> int:
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     make_policy = ScriptedPolicy.ground_truth if args.policy == "scripted" else _smollm2_policy_factory(args)
-    trajectories = rollout_entries(entries, make_policy)
+    model = args.model_name or args.policy
+    trajectories = [{**t, "model": model} for t in rollout_entries(entries, make_policy)]
     write_trajectories(args.out, trajectories)
     summary = summarize(trajectories)
     summary["subset"] = args.subset
@@ -75,20 +92,38 @@ def _cmd_rollout(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    results = [
-        t
-        for path in args.trajectories
-        for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
-    ]
-    summary = summarize(_in_subset(results, args))
-    versions = sorted({r.get("bfcl_eval_version", "unknown") for r in results})
-    summary.update(
+    # One group per model: the name a trajectory records, else its file's name.
+    groups: dict[str, list[dict]] = {}
+    for path in args.trajectories:
+        for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset")):
+            groups.setdefault(str(t.get("model") or Path(path).name), []).append(t)
+    summaries = {}
+    for name, trajectories in groups.items():
+        try:
+            summaries[name] = summarize(_in_subset(trajectories, args))
+        except ValueError as e:
+            raise ValueError(f"model {name!r}: {e}") from None
+    versions = sorted({t.get("bfcl_eval_version", "unknown") for ts in groups.values() for t in ts})
+    info = dict(
         subset=args.subset, trajectory_files=[str(p) for p in args.trajectories], trajectory_bfcl_eval_versions=versions
     )
-    print(format_summary(summary))
+    rows = leaderboard_rows(summaries)
+    if len(summaries) == 1:
+        (summary,) = summaries.values()
+        summary.update(info)
+        print(format_summary(summary))
+    else:
+        summary = {"bfcl_eval_version": bfcl_version(), "models": summaries, **info}
+        print(leaderboard_markdown(rows), end="")
     if args.out:
         atomic_write_json(args.out, summary)
         print(f"wrote {args.out}")
+    if args.csv:
+        atomic_write_text(args.csv, leaderboard_csv(rows))
+        print(f"wrote {args.csv}")
+    if args.markdown:
+        atomic_write_text(args.markdown, leaderboard_markdown(rows))
+        print(f"wrote {args.markdown}")
     return 0
 
 
@@ -158,12 +193,22 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
+    q.add_argument("--model-name", help="name recorded in every trajectory, for 'report' (default: the --policy value)")
     q.set_defaults(func=_cmd_rollout)
 
-    q = sub.add_parser("report", help="accuracy per category and overall, per-turn reward means")
+    q = sub.add_parser(
+        "report",
+        help="accuracy per category and overall, per-turn reward means",
+        description="Report checked trajectories, one row per model: the model name a trajectory "
+        "records, else the name of its file. With one model, a table with per-turn reward means; "
+        "with several, a leaderboard in the shape of BFCL's multi-turn one (overall and "
+        "per-category accuracy).",
+    )
     q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
     subset(q, "keep only entries of this part of the split")
     q.add_argument("--out", help="write the report as JSON here (atomically)")
+    q.add_argument("--csv", help="write the leaderboard (one row per model) as CSV here")
+    q.add_argument("--markdown", help="write the leaderboard (one row per model) as a Markdown table here")
     q.set_defaults(func=_cmd_report)
 
     q = sub.add_parser(

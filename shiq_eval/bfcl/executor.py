@@ -13,6 +13,11 @@ strings with ``eval()`` and caches simulator instances in module globals. Here i
   ``MathAPI`` calls whose cost grows with an argument's *value* (an int power of more than
   ``MAX_DIGITS`` digits, a ``precision`` or ``decimal_places`` beyond ``MAX_DIGITS``); the refusal
   is an error result;
+* every call runs within the work budget of its entry (:mod:`shiq_eval.bfcl.budget`: profiler
+  steps, CPU time and memory, whatever the call sequence builds up; the length of every call and
+  result is charged too); a call that uses it up, and
+  every later call of the entry, is an error result, and so is a result longer than
+  :data:`shiq_eval.bfcl.budget.MAX_RESULT_CHARS` characters;
 * the name is dispatched only to a public method (no leading underscore) of one of the entry's
   involved classes, on simulator instances created fresh for every check, each loaded with
   ``_load_scenario(deepcopy(initial_config[cls]), long_context=...)`` exactly as the official
@@ -40,6 +45,15 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from shiq_eval.bfcl.budget import (
+    CHARS_PER_STEP,
+    MAX_RESULT_CHARS,
+    MODULE_STATE,
+    Budget,
+    BudgetExceeded,
+    bounded_call,
+    call_cost,
+)
 from shiq_eval.bfcl.data import entry_category
 from shiq_eval.bfcl.parse import ParsedCall, UnsafeCallError, parse_call
 
@@ -128,7 +142,9 @@ def _simulator_class(class_name: str):
 
     if class_name not in MULTI_TURN_CLASSES:
         raise ValueError(f"involved class {class_name!r} is not a multi-turn simulator ({sorted(MULTI_TURN_CLASSES)})")
-    return getattr(importlib.import_module(CLASS_FILE_PATH_MAPPING[class_name]), class_name)
+    module = importlib.import_module(CLASS_FILE_PATH_MAPPING[class_name])
+    MODULE_STATE.add(module)
+    return getattr(module, class_name)
 
 
 def is_long_context(entry_id: str) -> bool:
@@ -137,11 +153,20 @@ def is_long_context(entry_id: str) -> bool:
     return "long_context" in category or "composite" in category
 
 
-class Environment:
-    """Fresh simulator instances of one entry and the safe dispatcher over their public methods."""
+def _run_and_stringify(method, parsed: ParsedCall) -> str:
+    return stringify_result(method(*parsed.args, **parsed.kwargs))
 
-    def __init__(self, entry: dict):
+
+class Environment:
+    """Fresh simulator instances of one entry and the safe dispatcher over their public methods.
+
+    ``budget`` bounds the work of the calls run here (:class:`shiq_eval.bfcl.budget.Budget`; None:
+    unbounded, for trusted calls such as the ground truth); copies share it.
+    """
+
+    def __init__(self, entry: dict, budget: Budget | None = None):
         self.entry_id = entry["id"]
+        self.budget = budget
         long_context = is_long_context(entry["id"])
         self.instances: dict[str, Any] = {}
         self.method_class: dict[str, str] = {}
@@ -160,10 +185,13 @@ class Environment:
         """Run one call string if it is safe; the result (or an error) as a string.
 
         Never raises on model output: an unsafe call, a call beyond the work bounds
-        (:data:`shiq_eval.bfcl.parse.MAX_INT_LITERAL`, :data:`MAX_DIGITS`) and any exception while
-        running the call or stringifying its result all come back as
-        ``"Error during execution: <message>"``.
+        (:data:`shiq_eval.bfcl.parse.MAX_INT_LITERAL`, :data:`MAX_DIGITS`), a call once the
+        environment's budget is used up (or that uses it up), a result longer than
+        :data:`shiq_eval.bfcl.budget.MAX_RESULT_CHARS` and any exception while running the call or
+        stringifying its result all come back as ``"Error during execution: <message>"``.
         """
+        if self.budget is not None and self.budget.charge(call_cost(call)):
+            return f"{ERROR_PREFIX}{self.budget.exhausted}"
         try:
             parsed = parse_call(call)
         except UnsafeCallError as e:
@@ -178,9 +206,14 @@ class Environment:
         if refused:
             return f"{ERROR_PREFIX}{refused}"
         try:  # as the official executor, stringifying is inside the try
-            return stringify_result(method(*parsed.args, **parsed.kwargs))
-        except Exception as e:  # the simulator's own errors are results for the model
+            result = bounded_call(self.budget, _run_and_stringify, method, parsed)
+        except (Exception, BudgetExceeded) as e:  # the simulator's own errors are results for the model
             return _error_result(e)
+        if len(result) > MAX_RESULT_CHARS:
+            return f"{ERROR_PREFIX}result of {len(result)} characters is longer than {MAX_RESULT_CHARS}"
+        if self.budget is not None:
+            self.budget.charge(len(result) // CHARS_PER_STEP)  # this result is kept; later calls are refused
+        return result
 
     def execute(self, calls: Sequence[str]) -> list[str]:
         """Run one step's calls in order; one result string per call."""

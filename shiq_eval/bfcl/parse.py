@@ -3,6 +3,12 @@
 A call string is parsed with :mod:`ast`; its arguments go through :func:`ast.literal_eval`, so no
 name, attribute, nested call or operator is ever evaluated. Integers beyond the int64 range are
 refused (hex literals of any length would bypass Python's 4300-digit limit on decimal literals).
+
+Text is measured before :mod:`ast` sees it (:data:`MAX_CALL_CHARS`, :data:`MAX_STEP_CHARS`), and
+every error the parser or :func:`ast.literal_eval` can raise on hostile text (``SyntaxError``,
+``ValueError``, ``RecursionError``, ``MemoryError``, also from deeply nested brackets or operators)
+ends as a refusal, never as an exception out of :func:`parse_call` or :func:`decode_calls`. A
+repeated keyword argument is refused, as Python refuses ``f(a=1, a=2)``.
 """
 
 from __future__ import annotations
@@ -17,6 +23,13 @@ from typing import Any
 # ids, amounts or card numbers a model writes as ints; hex literals of any length are not (they
 # bypass Python's 4300-digit limit on decimal literals).
 MAX_INT_LITERAL = 2**63 - 1
+# Longest call string accepted (the longest of the 800 ground truths has 6,839 characters: an
+# ``echo`` of a long text) and longest model step decoded (a list of calls); longer text is refused
+# before it is parsed, since parsing takes time and memory in proportion to it.
+MAX_CALL_CHARS = 100_000
+MAX_STEP_CHARS = 1_000_000
+# What ast can raise on hostile text (deep nesting: RecursionError or MemoryError).
+_PARSE_ERRORS = (SyntaxError, ValueError, TypeError, RecursionError, MemoryError)
 
 
 class UnsafeCallError(ValueError):
@@ -39,15 +52,18 @@ def parse_call(text: str) -> ParsedCall:
     literals (strings, numbers, booleans, None, and lists/tuples/dicts/sets of those). Rejected
     with :class:`UnsafeCallError`: attribute access (``os.system(...)``), nested calls
     (``f(x=g())`` or ``__import__('os')``), names as values, operators other than a literal's own
-    sign, ``*args``/``**kwargs``, anything that is not one call expression, and integers (also
-    inside containers) beyond :data:`MAX_INT_LITERAL` in magnitude.
+    sign, ``*args``/``**kwargs``, a repeated keyword argument, anything that is not one call
+    expression, integers (also inside containers) beyond :data:`MAX_INT_LITERAL` in magnitude, and
+    text longer than :data:`MAX_CALL_CHARS`.
     """
     if not isinstance(text, str):
         raise UnsafeCallError(f"expected a call string, got {type(text).__name__}")
+    if len(text) > MAX_CALL_CHARS:
+        raise UnsafeCallError(f"call of {len(text)} characters is longer than {MAX_CALL_CHARS}")
     try:
         tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as e:
-        raise UnsafeCallError(f"not a Python call expression: {e}") from None
+    except _PARSE_ERRORS as e:
+        raise UnsafeCallError(f"not a Python call expression: {_message(e)}") from None
     node = tree.body
     if not isinstance(node, ast.Call):
         raise UnsafeCallError("not a function call")
@@ -62,6 +78,8 @@ def parse_call(text: str) -> ParsedCall:
     for k in node.keywords:
         if k.arg is None:
             raise UnsafeCallError(f"{node.func.id}: **kwargs is not allowed")
+        if k.arg in kwargs:
+            raise UnsafeCallError(f"keyword argument repeated: {k.arg}")
         kwargs[k.arg] = _literal(k.value, f"{node.func.id}: argument {k.arg!r}")
     return ParsedCall(node.func.id, tuple(args), kwargs)
 
@@ -69,7 +87,7 @@ def parse_call(text: str) -> ParsedCall:
 def _literal(node: ast.AST, where: str) -> Any:
     try:
         value = ast.literal_eval(node)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+    except _PARSE_ERRORS:
         raise UnsafeCallError(f"{where} is not a literal value") from None
     stack = [value]
     while stack:
@@ -84,14 +102,25 @@ def _literal(node: ast.AST, where: str) -> Any:
     return value
 
 
+def _message(e: BaseException) -> str:
+    try:
+        return str(e)
+    except Exception:
+        return type(e).__name__
+
+
 def decode_calls(text: str) -> list[str] | None:
     """Decode a model step: ``[f(a=1), g(b='x')]`` (or one bare call) -> call strings, else None.
 
     ``None`` means the text is not a list of calls (plain text: the model ends its turn). An empty
     list ``[]`` decodes to ``[]``. Each call is returned as its normalised source
     (``ast.unparse``); it is not checked for safety here (the executor rejects unsafe ones).
-    Surrounding whitespace and a Markdown code fence are ignored.
+    Surrounding whitespace and a Markdown code fence are ignored. Text longer than
+    :data:`MAX_STEP_CHARS`, or that Python cannot parse (also nesting too deep for its parser),
+    decodes to ``None``.
     """
+    if not isinstance(text, str) or len(text) > MAX_STEP_CHARS:
+        return None
     s = text.strip()
     if s.startswith("```"):
         s = s.strip("`")
@@ -100,7 +129,7 @@ def decode_calls(text: str) -> list[str] | None:
         s = s.strip()
     try:
         node = ast.parse(s, mode="eval").body
-    except (SyntaxError, ValueError, RecursionError, MemoryError):
+    except _PARSE_ERRORS:
         return None
     items = node.elts if isinstance(node, (ast.List, ast.Tuple)) else [node]
     if not all(isinstance(c, ast.Call) for c in items):

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.chat import encode_chat
 from shiq_data.io import atomic_write_jsonl, iter_jsonl
+from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.checker import check_trajectory
 from shiq_eval.bfcl.data import MAX_STEPS_PER_TURN, bfcl_version, entry_category, function_docs, ground_truth_decoded
 from shiq_eval.bfcl.executor import Environment
@@ -123,7 +124,9 @@ class ChatModelPolicy:
         return self.tokenizer.decode(out, skip_special_tokens=True).strip()
 
 
-def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TURN) -> dict:
+def rollout_entry(
+    entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TURN, budget: Budget | None = None
+) -> dict:
     """Run ``policy`` through every turn of ``entry`` and check the result.
 
     Returns a trajectory: ``id``, ``category``, ``bfcl_eval_version``, ``messages`` (the whole
@@ -133,9 +136,18 @@ def rollout_entry(entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TU
     ``error_type`` ``multi_turn:context_overflow``), and the fields of
     :func:`shiq_eval.bfcl.checker.check_trajectory` (``valid``, ``error_type``, ``turn_rewards``,
     ``turn_rewards_reset``, ...).
+
+    The calls run within a work ``budget`` (default: a fresh :class:`shiq_eval.bfcl.budget.Budget`);
+    past it each call is an error result and the rollout goes on. The simulator modules' data is
+    restored before and after.
     """
+    with entry_scope():
+        return _rollout(entry, policy, max_steps, Budget() if budget is None else budget)
+
+
+def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget) -> dict:
     docs, withheld = function_docs(entry)
-    env = Environment(entry)
+    env = Environment(entry, budget)
     messages = [system_message(docs)]
     assistant_turns: list[int] = []
     decoded_turns: list[list[list[str]]] = []
