@@ -9,6 +9,8 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
 4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
 5. ``Trainer.fit`` — steps, logs, checkpoints (resumes from the newest one in ``out``).
+
+``loss=qsharp_value`` trains Q♯'s value model instead of the policy: :func:`run_value` (SHIQ_MATH §8).
 """
 
 from __future__ import annotations
