@@ -7,6 +7,11 @@ the run's loss name and its step the checkpoint's step. Every policy is sampled 
 with the same seed, scored by a saved regression reward model, and compared with the reference (the
 run's initial model) by both KL estimators. Outputs in --out: results.csv, results.json (with a few
 sample completions), reward_vs_kl.png, reward_vs_step.png.
+
+With --guide VALUE_DIR --beta B, the reference guided by a Q♯ value model (trained by shiq-train
+loss=qsharp_value; SHIQ_MATH §8) is evaluated the same way, as one more row, method qsharp: sampled
+from the reference's top-k tokens reweighted by the value model, its KL the exact per-token KL of the
+guided distribution to the reference at the visited states. The checkpoints may then be omitted.
 """
 
 from __future__ import annotations
@@ -226,16 +231,69 @@ def engine_context(args):
     return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
 
 
+def guide_info(path) -> dict:
+    """``{steps, init}`` of a Q♯ value-model folder written by ``shiq-train loss=qsharp_value``
+    (read from its value_model.json, without loading the weights)."""
+    path = Path(path)
+    config = path / "value_model.json"
+    if not config.is_file():
+        raise EvalInputError(
+            f"--guide {path}: {config} does not exist (a folder written by shiq-train loss=qsharp_value)"
+        )
+    try:
+        info = json.loads(config.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{config}: not valid JSON ({e.msg})") from None
+    if not isinstance(info, dict) or info.get("format") != "shiq-qsharp-value":
+        raise EvalInputError(f"{config}: field 'format' must be 'shiq-qsharp-value'")
+    return {"steps": int(info.get("steps", 0)), "init": info.get("config", {}).get("init", "none")}
+
+
+def check_guide_args(args) -> None:
+    """--guide needs --beta > 0 and --top-k >= 1, and the hf engine; --beta needs --guide."""
+    if args.guide is None:
+        if args.beta is not None:
+            raise EvalInputError("--beta is the KL weight of Q♯ guidance: give it with --guide VALUE_DIR")
+        if not args.checkpoints:
+            raise EvalInputError("nothing to evaluate: give CHECKPOINT directories and/or --guide VALUE_DIR --beta B")
+        return
+    if args.beta is None or not (0 < args.beta < float("inf")):
+        raise EvalInputError(f"--guide needs --beta B, a finite KL weight > 0 (got {args.beta})")
+    if args.top_k < 1:
+        raise EvalInputError(f"--top-k must be >= 1, got {args.top_k}")
+    if args.engine != "hf":
+        raise EvalInputError("--guide decodes with transformers models: use --engine hf")
+
+
+def evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
+    """Reward and KL (an ``EvalResult``) of the reference guided by the value model in ``args.guide``."""
+    from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy  # heavy: torch
+    from shiq_train.qsharp_value import load_value_model  # heavy: torch
+
+    value = load_value_model(args.guide)
+    if value.config.vocab_size != ref_model.config.vocab_size:
+        raise EvalInputError(
+            f"--guide {args.guide}: the value model has {value.config.vocab_size} token ids but the reference "
+            f"{ref_model.config.vocab_size}; train it from this reference (shiq-train loss=qsharp_value init=...)"
+        )
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    policy = GuidedPolicy(ref_model, value, value.atoms, args.beta, top_k=args.top_k, eos_id=eos, pad_id=pad)
+    return evaluate_guided_policy(policy, tokenizer, prompt_ids, shown, scorer, **kw)
+
+
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
     from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
+    check_guide_args(args)
     steps = [s for c in args.checkpoints for s in checkpoint_steps(c)]
     infos = [checkpoint_info(s) for s in steps]
+    guide_inits = {guide_info(args.guide)["init"]} if args.guide is not None else set()
     reference = args.reference
     if reference is None:
-        inits = sorted({i["init"] for i in infos})
+        inits = sorted({i["init"] for i in infos} | guide_inits)
         if len(inits) != 1 or inits[0] in (None, "none"):
             raise EvalInputError(
                 f"the runs were initialised from {inits}: give the reference model with "
@@ -301,6 +359,26 @@ def run(args) -> list[dict]:
                     f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
                     file=sys.stderr,
                 )
+        if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
+            res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw)
+            rows.append(
+                {
+                    "method": "qsharp",
+                    "step": guide_info(args.guide)["steps"],
+                    "checkpoint": str(args.guide),
+                    "engine": args.engine,
+                    **prompt_set,
+                    **res.as_dict(),
+                    "beta": args.beta,
+                    "top_k": args.top_k,
+                }
+            )
+            if lead and not args.quiet:
+                print(
+                    f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
+                    file=sys.stderr,
+                )
     if not lead:
         return [ref_row] + rows
     out = Path(args.out)
@@ -324,10 +402,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "checkpoints",
-        nargs="+",
+        nargs="*",
         metavar="CHECKPOINT",
         help="shiq-train run directories or step directories (several runs: one curve per method)",
     )
+    r.add_argument("--guide", metavar="VALUE_DIR", help="also evaluate Q♯ guided decoding with this value model")
+    r.add_argument("--beta", type=float, help="KL weight of the Q♯ guidance (with --guide)")
+    r.add_argument("--top-k", type=int, default=20, help="Q♯ candidates per token (with --guide; default 20)")
     r.add_argument("--out", required=True, help="output directory for results.csv/json and the plots")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help='JSONL of prompts: {"prompt": ..., "scorer_prompt": ... (optional)}')

@@ -38,7 +38,7 @@ class SamplingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
-def _generate_in_batches(
+def generate_in_batches(
     prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int, generate_batch
 ) -> list[list[int]]:
     """What every policy's ``generate`` promises: batches of ``cfg.batch_size`` in order, batch ``i`` sampled
@@ -67,8 +67,8 @@ class HFPolicy:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
-        return _generate_in_batches(
+        """Completion token ids per prompt (see :func:`generate_in_batches` for batching and seeds)."""
+        return generate_in_batches(
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
 
@@ -135,7 +135,7 @@ class MegatronPolicy:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt (see :func:`_generate_in_batches` for batching and seeds)."""
+        """Completion token ids per prompt (see :func:`generate_in_batches` for batching and seeds)."""
         from megatron.core import parallel_state as ps  # heavy: only megatron models need it
 
         if ps.model_parallel_is_initialized() and ps.get_pipeline_model_parallel_world_size() > 1:
@@ -147,7 +147,7 @@ class MegatronPolicy:
         was_training = self.model.training
         self.model.eval()
         try:
-            return _generate_in_batches(
+            return generate_in_batches(
                 prompt_ids,
                 cfg,
                 progress,

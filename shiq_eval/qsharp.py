@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from shiq_eval.evaluate import EvalResult
-from shiq_eval.generate import SamplingConfig, _generate_in_batches, sample_next
+from shiq_eval.generate import SamplingConfig, generate_in_batches, sample_next
 from shiq_eval.kl import mean_stderr
 
 
@@ -136,13 +136,13 @@ class GuidedPolicy:
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
-        """Completion token ids per prompt (see ``shiq_eval.generate._generate_in_batches`` for batches and seeds)."""
+        """Completion token ids per prompt (see ``shiq_eval.generate.generate_in_batches`` for batches and seeds)."""
 
         def batch_fn(batch, first, seed):
             gen = torch.Generator().manual_seed(seed)
             return self.decode(batch, cfg, generator=gen).tokens.tolist()
 
-        return _generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
+        return generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
 
     @torch.no_grad()
     def sequence_kls(

@@ -9,6 +9,8 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
 4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
 5. ``Trainer.fit`` — steps, logs, checkpoints (resumes from the newest one in ``out``).
+
+``loss=qsharp_value`` trains Q♯'s value model instead of the policy: :func:`run_value` (SHIQ_MATH §8).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from shiq_train import parallel, reference
 from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
+from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
@@ -265,11 +268,44 @@ def _dataclass_from(cls, section: dict, prefix: str):
     return cls(**section)
 
 
+def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
+    """Train Q♯'s value model (a loss whose registry entry has ``trains="value"``, SHIQ_MATH §8) with the
+    run's settings (``qsharp_train.value_config_from_run``) in one process; returns ``out``, written as
+    ``shiq_train.qsharp_value.load_value_model`` reads it, with the resolved config in value_model.json."""
+    name = cfg["loss"]["name"]
+    if cfg["init"] in (None, "none"):
+        raise ConfigError(
+            f"loss={name} starts the value model from the reference: give init=smollm2 or a Hugging Face Llama folder"
+        )
+    if (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) != (1, 1) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
+        raise ConfigError(f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1 and no torchrun")
+    if cfg["data"].get("mode") not in (None, "padded"):
+        raise ConfigError(f"loss={name} reads one trajectory per row: data.mode must be null or padded")
+    if not Path(cfg["data"]["buffer"]).exists():
+        raise ConfigError(
+            f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
+        )
+    model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
+    state, hf_config = load_init(cfg["init"])
+    check_shape(model_cfg, hf_config, cfg["init"])
+    value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
+    cfg = {**cfg, "model": model_cfg.to_dict()}
+    out = train_value_model(cfg["data"]["buffer"], cfg["out"], state, hf_config, value_cfg, meta={"config": cfg})
+    print(
+        f"shiq-train: {name} on {cfg['data']['buffer']}: {value_cfg.steps} steps; value model in {out} "
+        f"(metrics in {out / 'metrics.jsonl'}; use it with shiq-eval run --guide {out} --beta B)"
+    )
+    return out
+
+
 def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
 
     ``model_keys``: the ``model.*`` keys set on the command line when no model group was chosen, so an
     ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
+    spec = LOSSES.get(cfg["loss"].get("name"))
+    if spec is not None and spec.trains == "value":  # Q♯'s value model, not the policy
+        return run_value(cfg, model_keys)
     from megatron.core import parallel_state as ps  # heavy: megatron
 
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)

@@ -1,10 +1,12 @@
-"""The registry of losses: the bridge between the trainer's config and ``losses`` (SHIQ_MATH §3-§5).
+"""The registry of losses: the bridge between the trainer's config and ``losses`` (SHIQ_MATH §3-§5, §8).
 
 ``LOSSES`` holds one :class:`LossSpec` per loss name: what the loss reads (whole prompt groups, packed
 rows, reference statistics) and how it is computed. The trainer's command line reads the spec to
 choose the data mode; adding a loss is one entry here (plus its ``configs/loss/<name>.yaml``).
 ``compute_loss`` takes the per-token statistics and the batch fields every loss may need and returns
-the loss plus the per-step metrics the trainer logs. It holds no math of its own.
+the loss plus the per-step metrics the trainer logs. It holds no math of its own. One entry,
+``qsharp_value``, trains Q♯'s value model instead of the policy (``trains="value"``, SHIQ_MATH §8): the
+command line hands it to ``shiq_train.qsharp_train``, and the policy trainer refuses it.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def _dro_v(beta, stats, rewards, action_mask, group_ids, returns):
 
 
 GroupLossFn = Callable[..., "tuple[torch.Tensor, dict]"]
+TRAINS = ("policy", "value")
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class LossSpec:
     ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``variant``: the
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
     ``fn(beta, stats, rewards, action_mask, group_ids, returns) -> (loss, extra metrics)``.
+    ``trains``: ``"policy"`` (the trainer's model, through ``compute_loss``) or ``"value"`` (Q♯'s value
+    model, SHIQ_MATH §8, trained by ``shiq_train.qsharp_train``; neither a variant nor a group loss).
     """
 
     name: str
@@ -55,8 +60,15 @@ class LossSpec:
     needs_reference: bool = True
     variant: str | None = None
     group_loss: GroupLossFn | None = None
+    trains: str = "policy"
 
     def __post_init__(self):
+        if self.trains not in TRAINS:
+            raise ValueError(f"loss {self.name!r}: trains must be one of {TRAINS}, got {self.trains!r}")
+        if self.trains == "value":
+            if self.variant or self.group_loss or self.needs_groups or self.packed_ok or self.needs_reference:
+                raise ValueError(f"loss {self.name!r} trains a value model: it has no variant, group loss or flags")
+            return
         if (self.variant is None) == (self.group_loss is None):
             raise ValueError(f"loss {self.name!r}: give exactly one of variant (ShiQ family) and group_loss")
         if self.group_loss is not None and (not self.needs_groups or self.packed_ok):
@@ -83,6 +95,12 @@ LOSSES: dict[str, LossSpec] = {
         _group("copg", _copg, "CoPG over all pairs of a prompt's completions (§5)"),
         _group("mt_copg", _copg, "multi-turn CoPG: CoPG with the cumulative turn reward (§5)"),
         _group("dro_v", _dro_v, "DRO-V with the leave-one-out soft value of the prompt's group (§5)"),
+        LossSpec(
+            "qsharp_value",
+            "Q♯ value model: the reference's return distribution over atoms, for guided decoding (§8)",
+            needs_reference=False,
+            trains="value",
+        ),
     )
 }
 LOSS_NAMES = tuple(LOSSES)
@@ -99,6 +117,11 @@ class LossConfig:
     def __post_init__(self):
         if self.name not in LOSSES:
             raise ValueError(f"loss name must be one of {LOSS_NAMES}, got {self.name!r}")
+        if LOSSES[self.name].trains != "policy":
+            raise ValueError(
+                f"loss {self.name!r} trains a {LOSSES[self.name].trains} model, not the policy: train it with "
+                f"shiq-train loss={self.name} init=REFERENCE (shiq_train.qsharp_train), not with the policy trainer"
+            )
         if not self.beta > 0:
             raise ValueError(f"loss beta must be > 0, got {self.beta}")
         if self.gamma != 1.0 and LOSSES[self.name].variant is None:

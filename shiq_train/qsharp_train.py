@@ -4,7 +4,8 @@
 from the reference, runs AdamW steps of :func:`shiq_train.qsharp_value.distributional_value_loss` on
 rows drawn by a seeded ``BufferSampler`` and saves the result with
 :func:`shiq_train.qsharp_value.save_value_model` (load it for decoding with
-:func:`shiq_train.qsharp_value.load_value_model`).
+:func:`shiq_train.qsharp_value.load_value_model`). :func:`value_config_from_run` reads the settings of a
+``shiq-train loss=qsharp_value ...`` run (the Hydra config as a dict) into a :class:`ValueTrainConfig`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,19 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
-from shiq_train.qsharp_value import MegatronValueModel, atom_support, qsharp_value_loss, returns_to_go, save_value_model
+from shiq_train.qsharp_value import (
+    CONFIG_FILE,
+    MegatronValueModel,
+    atom_support,
+    qsharp_value_loss,
+    returns_to_go,
+    save_value_model,
+)
+from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import freeze_all_but_last_layers
+
+# keys of a run's loss section that configure the value model (configs/loss/qsharp_value.yaml)
+VALUE_LOSS_KEYS = ("name", "num_atoms", "v_min", "v_max", "gamma", "head_lr")
 
 
 @dataclass
@@ -33,7 +45,11 @@ class ValueTrainConfig:
 
     ``v_min`` / ``v_max`` default to the smallest / largest return-to-go in the buffer. ``head_lr``
     defaults to ``lr``. ``trainable_last_layers``: -1 trains the whole trunk, ``N >= 0`` only its last
-    ``N`` layers and final norm (the head always trains).
+    ``N`` layers and final norm (the head always trains). Each step averages the loss of
+    ``micro_batches_per_step`` micro-batches. AdamW (``adam_*``) with the learning-rate schedule of
+    ``shiq_train.train_step.OptimizerConfig`` (linear warm-up over ``warmup_steps``, then cosine decay
+    to ``min_lr / lr`` of each group's rate over ``decay_steps``; 0: constant). ``data_seed`` shuffles
+    the buffer (default ``seed``).
     """
 
     steps: int = 100
@@ -51,6 +67,14 @@ class ValueTrainConfig:
     max_tokens_per_row: int | None = None
     pad_id: int = 0
     progress: bool = True
+    micro_batches_per_step: int = 1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    data_seed: int | None = None
 
     def __post_init__(self):
         if self.steps < 1 or self.rows_per_micro_batch < 1:
@@ -63,6 +87,55 @@ class ValueTrainConfig:
             raise ValueError(f"value.gamma must be in [0, 1], got {self.gamma}")
         if not (isinstance(self.num_atoms, int) and self.num_atoms >= 2):
             raise ValueError(f"value.num_atoms must be an integer >= 2, got {self.num_atoms!r}")
+        if self.micro_batches_per_step < 1:
+            raise ValueError(f"value.micro_batches_per_step must be >= 1, got {self.micro_batches_per_step}")
+        self.schedule()  # checks min_lr, warmup_steps, decay_steps
+
+    def schedule(self) -> OptimizerConfig:
+        """The learning-rate schedule (``OptimizerConfig.lr_at``) of the trunk's group."""
+        return OptimizerConfig(
+            lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps
+        )
+
+
+def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> ValueTrainConfig:
+    """The :class:`ValueTrainConfig` of a ``shiq-train loss=qsharp_value`` run (``cfg``: its resolved
+    config as a dict). ``loss``: the atoms (``num_atoms``, ``v_min``, ``v_max``), ``gamma`` and
+    ``head_lr``; ``train``: ``steps``, ``trainable_last_layers``, ``progress``; ``optimizer``: ``lr``,
+    ``min_lr``, ``weight_decay``, ``adam_*``, ``clip_grad``, ``warmup_steps``, ``decay_steps``;
+    ``data``: ``rows_per_micro_batch``, ``micro_batches_per_step``, ``seed``; ``seed``. Every row must
+    fit in ``max_tokens_per_row`` tokens (the model's sequence length)."""
+    loss = cfg["loss"]
+    unknown = sorted(set(loss) - set(VALUE_LOSS_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown loss option(s) {unknown} for loss={loss.get('name')}; known: {list(VALUE_LOSS_KEYS)}"
+        )
+    opt, train, data = cfg["optimizer"], cfg["train"], cfg["data"]
+    return ValueTrainConfig(
+        steps=int(train["steps"]),
+        rows_per_micro_batch=int(data["rows_per_micro_batch"]),
+        micro_batches_per_step=int(data.get("micro_batches_per_step", 1)),
+        lr=float(opt["lr"]),
+        head_lr=None if loss.get("head_lr") is None else float(loss["head_lr"]),
+        weight_decay=float(opt["weight_decay"]),
+        clip_grad=float(opt["clip_grad"]),
+        adam_beta1=float(opt["adam_beta1"]),
+        adam_beta2=float(opt["adam_beta2"]),
+        adam_eps=float(opt["adam_eps"]),
+        min_lr=float(opt["min_lr"]),
+        warmup_steps=int(opt["warmup_steps"]),
+        decay_steps=int(opt["decay_steps"]),
+        num_atoms=int(loss.get("num_atoms", 11)),
+        v_min=None if loss.get("v_min") is None else float(loss["v_min"]),
+        v_max=None if loss.get("v_max") is None else float(loss["v_max"]),
+        gamma=float(loss.get("gamma", 1.0)),
+        trainable_last_layers=int(train["trainable_last_layers"]),
+        seed=int(cfg["seed"]),
+        data_seed=int(data.get("seed", cfg["seed"])),
+        max_tokens_per_row=max_tokens_per_row,
+        progress=bool(train.get("progress", True)),
+    )
 
 
 def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
@@ -86,16 +159,26 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
     return lo, hi
 
 
-def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: ValueTrainConfig) -> Path:
+def train_value_model(
+    buffer_path, out_dir, hf_state_dict, hf_config, cfg: ValueTrainConfig, meta: dict | None = None
+) -> Path:
     """Train a :class:`MegatronValueModel` on a replay buffer of reference samples and save it (SHIQ_MATH §8).
 
     The trunk is a megatron GPT with the shape of ``hf_config`` initialised from ``hf_state_dict``
     (the reference; ``shiq_train.cli.load_init(init)`` gives both). Each of ``cfg.steps`` AdamW steps
-    takes ``cfg.rows_per_micro_batch`` rows (``tokens``, ``action_mask``, ``rewards``) from a seeded
-    ``BufferSampler`` and minimises :func:`distributional_value_loss` against the rows' returns-to-go.
-    Runs in one process (TP = PP = 1; initialises ``torch.distributed`` itself if needed). Writes
-    ``out_dir`` atomically (:func:`save_value_model`) and a ``metrics.jsonl`` inside it; returns ``out_dir``.
+    takes ``cfg.micro_batches_per_step`` micro-batches of ``cfg.rows_per_micro_batch`` rows (``tokens``,
+    ``action_mask``, ``rewards``) from a seeded ``BufferSampler`` and minimises the mean over them of
+    :func:`distributional_value_loss` against the rows' returns-to-go. Runs in one process (TP = PP = 1;
+    initialises ``torch.distributed`` itself if needed). Writes ``out_dir`` atomically
+    (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
+    inside it, replacing an earlier value model there (any other non-empty folder is refused);
+    returns ``out_dir``.
     """
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+        raise ValueError(
+            f"{out} exists and is not a value-model folder (no {CONFIG_FILE}); it would be replaced: choose a new folder"
+        )
     buffer = open_buffer(buffer_path)
     vocab = int(buffer.tokenizer_info.get("vocab_size", 0))
     if vocab > hf_config.vocab_size:
@@ -106,7 +189,8 @@ def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: Value
     sampler = BufferSampler(
         buffer,
         rows_per_micro_batch=cfg.rows_per_micro_batch,
-        seed=cfg.seed,
+        micro_batches_per_step=cfg.micro_batches_per_step,
+        seed=cfg.seed if cfg.data_seed is None else cfg.data_seed,
         max_tokens_per_row=cfg.max_tokens_per_row,
         pad_id=cfg.pad_id,
     )
@@ -133,18 +217,28 @@ def train_value_model(buffer_path, out_dir, hf_state_dict, hf_config, cfg: Value
         groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
         if trunk_params:
             groups.append({"params": trunk_params, "lr": cfg.lr})
-        opt = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+        opt = torch.optim.AdamW(
+            groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+        )
+        schedule = cfg.schedule()
+        lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.lr_at(step) / schedule.lr)
         model.train()
         for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
-            mb = {k: v.to(parallel.device()) for k, v in sampler.next_micro_batches()[0].items()}
-            logits = model(mb["tokens"], mb.get("segment_ids"))
-            loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
+            mbs = sampler.next_micro_batches()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            sums: dict[str, float] = {}
+            for mb in mbs:
+                mb = {k: v.to(parallel.device()) for k, v in mb.items()}
+                logits = model(mb["tokens"], mb.get("segment_ids"))
+                loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
+                (loss / len(mbs)).backward()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + v / len(mbs)
             if cfg.clip_grad > 0:
                 torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
             opt.step()
-            history.append({"step": step + 1, **metrics})
-        meta = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
-        save_value_model(out_dir, model, atoms, hf_config, meta=meta, history=history)
+            lr_schedule.step()
+            history.append({"step": step + 1, **sums})
+        info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
+        save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
     return Path(out_dir)

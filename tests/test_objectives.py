@@ -19,7 +19,7 @@ def batch(seed=0):
     return stats, r, m, groups
 
 
-@pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.trains == "policy"])
 def test_every_name_computes_the_loss_it_names(name):
     stats, r, m, groups = batch()
     loss, metrics = compute_loss(LossConfig(name=name, beta=0.3), *stats, r, m, group_ids=groups)
@@ -80,6 +80,17 @@ def test_registry_entries_are_consistent():
     assert {s.variant for s in LOSSES.values() if s.variant} == {"shiq", "init", "ms", "tk"}
     with pytest.raises(ValueError, match="exactly one of variant"):
         LossSpec("broken", "neither a ShiQ variant nor a group loss")
+    assert {n for n, s in LOSSES.items() if s.trains == "value"} == {"qsharp_value"}
+    with pytest.raises(ValueError, match="trains must be one of"):
+        LossSpec("broken", "trains nothing known", variant="shiq", trains="critic")
+    with pytest.raises(ValueError, match="trains a value model"):
+        LossSpec("broken", "a value loss with a ShiQ variant", variant="shiq", trains="value", needs_reference=False)
+
+
+def test_the_policy_trainer_refuses_the_value_loss():
+    """qsharp_value trains Q♯'s value model (SHIQ_MATH §8): no LossConfig, so no policy Trainer, takes it."""
+    with pytest.raises(ValueError, match="loss 'qsharp_value' trains a value model, not the policy"):
+        LossConfig("qsharp_value")
 
 
 @pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.variant])

@@ -178,9 +178,14 @@ def test_the_loss_registry_drives_the_data_mode(monkeypatch):
             assert resolve_data_mode(name, "padded")[0] == "groups"
             with pytest.raises(ValueError, match="data.mode=groups or null"):
                 resolve_data_mode(name, "packed")
-        else:
+        elif objectives.LOSSES[name].packed_ok:
             assert resolve_data_mode(name, None) == ("padded", None)
             assert resolve_data_mode(name, "packed") == ("packed", None)
+        else:  # the Q♯ value model reads one trajectory per row
+            assert objectives.LOSSES[name].trains == "value"
+            assert resolve_data_mode(name, None) == ("padded", None)
+            with pytest.raises(ValueError, match="data.mode=padded or null"):
+                resolve_data_mode(name, "packed")
     new = objectives.LossSpec("pairwise_new", "a new group loss", needs_groups=True, group_loss=objectives._copg)
     monkeypatch.setitem(objectives.LOSSES, "pairwise_new", new)
     mode, note = resolve_data_mode("pairwise_new", "padded")

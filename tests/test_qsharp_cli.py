@@ -1,0 +1,230 @@
+"""Q♯ through the commands (SHIQ_MATH §8): ``shiq-train loss=qsharp_value`` trains the value model from a
+buffer, ``shiq-eval run --guide VALUE_DIR --beta B`` evaluates the reference guided by it.
+
+References independent of the commands: ``train_value_model`` called directly with the run's settings
+spelled out by hand; the guided policy's KL recomputed with full forward passes of the reference and of
+the value trunk (no KV cache, no padding) at every visited state; the reward recomputed from the saved
+regression head and the encoder.
+"""
+
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("shiq_data.sampler")
+
+from test_eval_cli import tiny_hf_folder, write_tiny_buffer  # noqa: E402  (a tiny Llama folder and buffer)
+
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # noqa: E402
+from shiq_eval.cli import main as eval_main  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BETA, TOP_K = 0.5, 5
+# the run's settings on the command line, and the same settings as a ValueTrainConfig (configs/train.yaml
+# gives adam_beta2 0.95, adam_eps 1e-8, clip_grad 1.0, weight_decay 0; the model's sequence length is 16)
+RUN_ARGS = [
+    "loss=qsharp_value",
+    "loss.num_atoms=7",
+    "loss.head_lr=0.05",
+    "train.steps=4",
+    "optimizer.lr=3e-3",
+    "optimizer.min_lr=1e-4",
+    "optimizer.warmup_steps=2",
+    "optimizer.decay_steps=2",
+    "data.rows_per_micro_batch=3",
+    "data.micro_batches_per_step=2",
+    "seed=5",
+]
+DIRECT = dict(
+    steps=4,
+    rows_per_micro_batch=3,
+    micro_batches_per_step=2,
+    lr=3e-3,
+    head_lr=0.05,
+    min_lr=1e-4,
+    warmup_steps=2,
+    decay_steps=2,
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_eps=1e-8,
+    clip_grad=1.0,
+    weight_decay=0.0,
+    num_atoms=7,
+    gamma=1.0,
+    trainable_last_layers=-1,
+    seed=5,
+    max_tokens_per_row=16,
+    progress=False,
+)
+
+
+def shiq_train(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        # --config-dir: this checkout's configs are searched too, whatever configs the install points at
+        [sys.executable, "-m", "shiq_train", "--config-dir", str(REPO / "configs"), "train.progress=false", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """``(tmp, init folder, value folder)``: a value model trained by the command line."""
+    tmp = tmp_path_factory.mktemp("qsharp")
+    init = tiny_hf_folder(tmp / "init")
+    write_tiny_buffer(tmp / "buffer")
+    res = shiq_train(f"data.buffer={tmp / 'buffer'}", f"init={init}", f"out={tmp / 'value'}", *RUN_ARGS)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "shiq-eval run --guide" in res.stdout  # says what to do with it
+    return tmp, init, tmp / "value"
+
+
+def test_shiq_train_trains_the_value_model_train_value_model_would(trained):
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+    from shiq_train.qsharp_value import load_value_model
+
+    warnings.filterwarnings("ignore")
+    tmp, init, value_dir = trained
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    direct = train_value_model(tmp / "buffer", tmp / "direct", hf.state_dict(), hf.config, ValueTrainConfig(**DIRECT))
+
+    got = torch.load(value_dir / "value_model.pt", weights_only=True)
+    want = torch.load(direct / "value_model.pt", weights_only=True)
+    assert sorted(got) == sorted(want)
+    for k in want:  # two processes, two thread counts: float32 rounding only
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not torch.equal(got["head.weight"], torch.zeros_like(got["head.weight"]))  # the head trained
+    history = [json.loads(x) for x in (value_dir / "metrics.jsonl").read_text().splitlines()]
+    direct_history = [json.loads(x) for x in (direct / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [1, 2, 3, 4]
+    for a, b in zip(history, direct_history):
+        assert a["value_ce"] == pytest.approx(b["value_ce"], rel=1e-5)
+    # the buffer's returns are 0 and 1 (one reward on the last token): the default support spans them
+    meta = json.loads((value_dir / "value_model.json").read_text())
+    assert meta["atoms"] == pytest.approx([i / 6 for i in range(7)], abs=1e-7)
+    assert meta["config"]["loss"]["name"] == "qsharp_value" and meta["config"]["init"] == str(init)
+    assert meta["train"]["adam_beta2"] == 0.95 and meta["train"]["data_seed"] == 5
+
+    loaded, loaded_direct = load_value_model(value_dir), load_value_model(direct)
+    tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens), loaded_direct(tokens), rtol=1e-4, atol=1e-5)
+    assert loaded(tokens).shape == (2, 9, 7)
+
+
+def test_value_loss_config_errors(trained, tmp_path):
+    tmp, init, _ = trained
+    no_init = shiq_train(f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'v'}", "loss=qsharp_value")
+    assert no_init.returncode == 2 and "starts the value model from the reference" in no_init.stderr
+    (tmp_path / "policy_run").mkdir()
+    (tmp_path / "policy_run" / "config.yaml").write_text("out: x\n")
+    taken = shiq_train(
+        f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'policy_run'}", f"init={init}", "loss=qsharp_value"
+    )
+    assert taken.returncode == 2 and "is not a value-model folder" in taken.stderr
+    assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
+
+
+def full_pass_kl(ref, value, prompt, completion, atoms, beta, top_k):
+    """Exact KL(π_g ‖ π_ref) summed over the completion's states, each from full forward passes of
+    prompt + completion prefix (+ candidate for the value model), in float64 (SHIQ_MATH §6, §8)."""
+    total = 0.0
+    with torch.no_grad():
+        for t in range(len(completion)):
+            prefix = prompt + completion[:t]
+            ref_logits = ref(torch.tensor([prefix])).logits[0, -1].double()
+            top, cand = ref_logits.topk(top_k)
+            rows = torch.tensor([prefix + [int(c)] for c in cand])
+            atom_logits = value.head(value.trunk(input_ids=rows).last_hidden_state[:, -1]).double()
+            guided = top + torch.logsumexp(torch.log_softmax(atom_logits, -1) + atoms.double() / beta, -1)
+            logp_g = torch.log_softmax(guided, -1)
+            logq = torch.log_softmax(ref_logits, -1)[cand]
+            total += float((logp_g.exp() * (logp_g - logq)).sum())
+    return total
+
+
+def test_shiq_eval_run_guide_reports_the_guided_policy(trained):
+    from shiq_eval.generate import SamplingConfig
+    from shiq_eval.qsharp import GuidedPolicy
+    from shiq_train.qsharp_value import load_value_model
+
+    warnings.filterwarnings("ignore")
+    tmp, init, value_dir = trained
+    encoder = minilm_encoder()
+    texts = ["a wonderful film", "a dreadful film", "great acting", "boring plot", "w5 w6", "w9 w10"]
+    head = RegressionRewardModel.fit(encoder, texts, [1.0, -1.0, 1.0, -1.0, 0.5, -0.5], l2=1.0)
+    head.save(tmp / "rm.safetensors")
+    prompt_texts = [f"w{i} w{i + 1} w{i + 2}" for i in range(3, 9)]
+    (tmp / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompt_texts))
+    out = tmp / "eval"
+    args = ["run", "--guide", str(value_dir), "--beta", str(BETA), "--top-k", str(TOP_K), "--out", str(out)]
+    args += ["--prompts", str(tmp / "prompts.jsonl"), "--reward-model", str(tmp / "rm.safetensors")]
+    assert eval_main(args + ["--max-new-tokens", "4", "--batch-size", "4", "--quiet"]) == 0
+    rows = json.loads((out / "results.json").read_text())
+    # no checkpoints: the reference (the value model's init) and the guided policy
+    assert [(r["method"], r["step"], r["checkpoint"]) for r in rows] == [
+        ("reference", 0, str(init)),
+        ("qsharp", 4, str(value_dir)),
+    ]
+    row = rows[1]
+    assert row["beta"] == BETA and row["top_k"] == TOP_K and row["n"] == 6
+    assert row["prompt_set_sha256"] == rows[0]["prompt_set_sha256"]
+
+    # the same guided policy built here, on the same prompts and seed, samples the saved completions
+    ref = transformers.LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(str(init))
+    value = load_value_model(value_dir)
+    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompt_texts]
+    policy = GuidedPolicy(ref, value, value.atoms, BETA, top_k=TOP_K, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    completions = policy.generate(ids, SamplingConfig(max_new_tokens=4, batch_size=4, seed=0))
+    decoded = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
+    assert [s[1] for s in row["samples"]] == decoded[: len(row["samples"])]
+    # KL: the row's numbers are GuidedPolicy.sequence_kls, and those are the full-pass exact KL
+    ks, ke = policy.sequence_kls(ids, completions, batch_size=4)
+    assert row["kl_exact"] == pytest.approx(float(ke.mean()), abs=1e-12)
+    assert row["kl_sample"] == pytest.approx(float(ks.mean()), abs=1e-12)
+    full = [full_pass_kl(ref, value, p, c, value.atoms, BETA, TOP_K) for p, c in zip(ids, completions)]
+    assert row["kl_exact"] == pytest.approx(sum(full) / len(full), abs=1e-5)
+    assert row["kl_exact"] > 1e-4  # top-5 truncation and guidance move it off the reference
+    # reward: the saved head on prompt + completion text, for every completion
+    want = [float(encoder([p + " " + c]).double()[0] @ head.weight + head.bias) for p, c in zip(prompt_texts, decoded)]
+    assert row["rewards"] == pytest.approx(want, abs=1e-6)
+    assert row["reward_mean"] == pytest.approx(sum(want) / len(want), abs=1e-9)
+    for prompt, completion, reward in row["samples"]:
+        e = encoder([prompt + " " + completion]).double()[0]
+        assert reward == pytest.approx(float(e @ head.weight + head.bias), abs=1e-6)
+    assert math.isfinite(row["kl_sample"])
+    with open(out / "results.csv") as f:
+        assert [t["method"] for t in csv.DictReader(f)] == ["reference", "qsharp"]
+    for name in ("reward_vs_kl.png", "reward_vs_step.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_guide_argument_errors(trained, capsys):
+    tmp, init, value_dir = trained
+    base = ["run", "--out", str(tmp / "o"), "--prompts", str(tmp / "p.jsonl"), "--reward-model", "rm"]
+    cases = [
+        ([], "nothing to evaluate"),
+        (["--guide", str(value_dir)], "--guide needs --beta"),
+        (["--guide", str(value_dir), "--beta", "0"], "--guide needs --beta"),
+        (["--beta", "0.5", str(value_dir)], "--beta is the KL weight of Q♯ guidance"),
+        (["--guide", str(tmp / "buffer"), "--beta", "0.5"], "value_model.json does not exist"),
+        (["--guide", str(value_dir), "--beta", "0.5", "--engine", "megatron"], "use --engine hf"),
+    ]
+    for extra, message in cases:
+        assert eval_main(base + extra) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp / "o").exists()
