@@ -623,8 +623,9 @@ def stage_eval_reference(ctx: Context) -> None:
 # report
 
 
-def _stderr_of_difference(a: dict, b: dict) -> float:
-    return math.sqrt(a["reward_stderr"] ** 2 + b["reward_stderr"] ** 2)
+def _stderr_of_difference(a: dict, b_rewards) -> float:
+    """Unpaired s.e. of ``a``'s mean reward minus the mean of ``b_rewards`` (the reference on the same prompts)."""
+    return math.sqrt(a["reward_stderr"] ** 2 + mean_stderr(b_rewards)[1] ** 2)
 
 
 def per_prompt(values: list[float], samples_per_prompt: int) -> np.ndarray:
@@ -703,7 +704,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "eval_seconds": last["eval_seconds"],
             "reward_gain": diff,
             "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
-            "reward_gain_unpaired_stderr": _stderr_of_difference(last, ref),
+            "reward_gain_unpaired_stderr": _stderr_of_difference(last, per_prompt(ref["rewards"], s)[:P]),
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
         }
