@@ -21,6 +21,24 @@ def test_config_quick_and_overrides():
     assert cfg["train"]["steps"] == 120 and cfg["train"]["methods"] == ["shiq", "dpo"]
 
 
+def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
+    assert "full" not in demo.load_config()
+    cfg = demo.load_config(full=True)
+    runs = demo.full_runs(cfg)
+    assert [name for name, _ in runs] == [f"seed{s}" for s in cfg["full"]["seeds"]]
+    for name, c in runs:
+        assert c["seed"] == int(name[len("seed") :])
+        arms = c["train"]["methods"]
+        expected = [(m, float(b)) for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
+        assert [(demo.arm_method(a), demo.arm_beta(c, a)) for a in arms] == expected
+        assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
+    assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
+    with pytest.raises(ValueError, match="exclude each other"):
+        demo.load_config(quick=True, full=True)
+    one = demo.load_config(overrides=["train.methods=[shiq@0.05,dpo]"])
+    assert demo.arm_beta(one, "shiq@0.05") == 0.05 and demo.arm_beta(one, "dpo") == one["methods"]["dpo"]["beta"]
+
+
 @pytest.mark.parametrize(
     "override,needle",
     [
@@ -29,6 +47,10 @@ def test_config_quick_and_overrides():
         ("train.steps=50", "multiple of train.eval_every"),
         ("data.completions_per_prompt=1", "completions_per_prompt must be >= 2"),
         ("nonsense", "key=value"),
+        ("train.methods=[shiq@x]", "must be a number > 0, got 'x'"),
+        ("train.methods=[shiq@-1]", "must be a number > 0, got -1.0"),
+        ("train.methods=[shiq,shiq]", "lists an entry twice"),
+        ("methods.dpo.beta=0", "methods.dpo.beta"),
     ],
 )
 def test_config_errors(override, needle):

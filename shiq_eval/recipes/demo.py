@@ -85,14 +85,19 @@ TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 # configuration
 
 
-def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None):
+def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None, full: bool = False):
     """``configs/demo.yaml``, merged with its ``quick`` block when ``quick``, then ``key=value``
-    overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``)."""
+    overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``). The ``full`` block (the β grids
+    and seeds of :func:`full_runs`) is kept only when ``full``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"demo config {path} not found")
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other")
     cfg = OmegaConf.load(path)
     quick_block = cfg.pop("quick", None)
+    if not full:
+        cfg.pop("full", None)
     if quick and quick_block is not None:
         cfg = OmegaConf.merge(cfg, quick_block)
     if overrides:
@@ -109,14 +114,47 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     return cfg
 
 
+def arm_method(arm: str) -> str:
+    """The method of a ``train.methods`` entry: ``"shiq"``, or ``"shiq@0.1"`` (the method at β = 0.1)."""
+    return arm.partition("@")[0]
+
+
+def arm_beta(cfg: dict, arm: str) -> float:
+    """The β of a ``train.methods`` entry: the one after ``@``, else ``methods.<method>.beta``."""
+    method, _, beta = arm.partition("@")
+    return float(beta) if beta else float(cfg["methods"][method]["beta"])
+
+
+def full_runs(cfg: dict) -> list[tuple[str, dict]]:
+    """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every method
+    at every β of ``full.betas.<method>`` (entries ``method@β``) on that seed's own reward model,
+    samples and buffer; each run resumes like the default one."""
+    out = []
+    for seed in cfg["full"]["seeds"]:
+        c = json.loads(json.dumps(cfg))
+        c["seed"] = int(seed)
+        c["train"]["methods"] = [f"{m}@{b:g}" for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
+        _check_config(c)
+        out.append((f"seed{seed}", c))
+    return out
+
+
 def _check_config(cfg: dict) -> None:
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
-    for m in t["methods"]:
+    if len(set(t["methods"])) != len(t["methods"]):
+        raise ValueError(f"train.methods lists an entry twice: {t['methods']}")
+    for arm in t["methods"]:
+        m, _, b = str(arm).partition("@")
         if m not in METHODS:
             raise ValueError(f"train.methods: unknown method {m!r} (one of {METHODS})")
         beta = cfg.get("methods", {}).get(m, {}).get("beta")
+        if b:
+            try:
+                beta = float(b)
+            except ValueError:
+                beta = b
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"methods.{m}.beta must be a number > 0, got {beta!r}")
+            raise ValueError(f"methods.{m}.beta (or {m}@BETA in train.methods) must be a number > 0, got {beta!r}")
     if ev["j_star_samples"] < ev["samples_per_prompt"]:
         raise ValueError(
             f"eval.j_star_samples ({ev['j_star_samples']}) must be >= eval.samples_per_prompt "
@@ -444,12 +482,12 @@ def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: 
     }
 
 
-def stage_train(ctx: Context, method: str) -> None:
+def stage_train(ctx: Context, arm: str) -> None:
     from transformers import LlamaForCausalLM  # heavy: only the training stages build a policy to evaluate
 
     warnings.filterwarnings("ignore", module="megatron")
     t, d = ctx.cfg["train"], ctx.cfg["data"]
-    run = ctx.out / "runs" / method
+    run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
@@ -465,9 +503,9 @@ def stage_train(ctx: Context, method: str) -> None:
         newest checkpoint."""
         trained = clock["before"] + time.perf_counter() - clock["start"] - clock["eval"]
         policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
-        _log(f"{method}: evaluating step {step}")
+        _log(f"{arm}: evaluating step {step}")
         t0 = time.perf_counter()
-        curve.append({"method": method, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
+        curve.append({"method": arm, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
         clock["eval"] += time.perf_counter() - t0
         done.add(step)
         atomic_write_json(curve_path, curve)
@@ -482,7 +520,7 @@ def stage_train(ctx: Context, method: str) -> None:
         import_llama(model, ref.state_dict(), ref.config)
         trainer = Trainer(
             model,
-            LossConfig(method, beta=ctx.cfg["methods"][method]["beta"]),
+            LossConfig(arm_method(arm), beta=arm_beta(ctx.cfg, arm)),
             OptimizerConfig(
                 lr=t["lr"],
                 warmup_steps=t["warmup_steps"],
@@ -498,7 +536,12 @@ def stage_train(ctx: Context, method: str) -> None:
                 tensorboard=False,
             ),
             run,
-            run_meta={"method": method, "demo": True, "hf_config": ref.config.to_dict(), "config": {"init": "smollm2"}},
+            run_meta={
+                "method": arm_method(arm),
+                "demo": True,
+                "hf_config": ref.config.to_dict(),
+                "config": {"init": "smollm2"},
+            },
         )  # what shiq-eval run reads back
         sampler = BufferSampler(
             open_buffer(ctx.out / "buffer"),
@@ -528,10 +571,11 @@ def _prune_checkpoints(ckpt_dir: Path, keep: Path | None) -> None:
             shutil.rmtree(p)
 
 
-def stage_train_qsharp(ctx: Context) -> None:
+def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     """Q♯ (SHIQ_MATH §8): a distributional value model trained on the same buffer (same rows per step as
-    the policies), then the reference guided by it, evaluated once at the value model's last step on the
-    first ``methods.qsharp.eval_prompts`` held-out prompts (0: all)."""
+    the policies; one model, ``runs/qsharp/value``, for every β), then the reference guided by it at the
+    arm's β, evaluated once at the value model's last step on the first ``methods.qsharp.eval_prompts``
+    held-out prompts (0: all)."""
     warnings.filterwarnings("ignore", module="megatron")
     q, t, d = ctx.cfg["methods"]["qsharp"], ctx.cfg["train"], ctx.cfg["data"]
     run = ctx.out / "runs" / "qsharp"
@@ -556,12 +600,14 @@ def stage_train_qsharp(ctx: Context) -> None:
         atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
     value = load_value_model(value_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    guided = GuidedPolicy(ref, value, value.atoms, q["beta"], top_k=q["top_k"], eos_id=tok.eos_token_id, pad_id=pad)
-    _log(f"qsharp: evaluating the guided reference (top-k {q['top_k']})")
+    beta = arm_beta(ctx.cfg, arm)
+    guided = GuidedPolicy(ref, value, value.atoms, beta, top_k=q["top_k"], eos_id=tok.eos_token_id, pad_id=pad)
+    _log(f"{arm}: evaluating the guided reference (top-k {q['top_k']})")
     res = evaluate_hf(ctx, None, guided=guided, limit=q["eval_prompts"])
     train_seconds = json.loads(timing.read_text())["train_seconds"]
-    row = {"method": "qsharp", "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
-    atomic_write_json(run / "curve.json", [row])
+    row = {"method": arm, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
+    (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
 
 
 def stage_eval_reference(ctx: Context) -> None:
@@ -680,7 +726,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
     matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
-        beta = float(cfg["methods"][m]["beta"])
+        beta = arm_beta(cfg, m)
         curve = json.loads((ctx.out / "runs" / m / "curve.json").read_text())
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
@@ -708,17 +754,17 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
         }
-        if m == "qsharp":
+        if arm_method(m) == "qsharp":
             methods[m]["top_k"] = last["top_k"]
             methods[m]["decode_seconds"] = last["eval_seconds"]
     write_table(rows, ctx.out, TABLE_COLUMNS)
     plot_curves(rows, ctx.out, reference=ref)
-    betas = sorted({float(cfg["methods"][m]["beta"]) for m in cfg["train"]["methods"]})
+    betas = sorted({arm_beta(cfg, m) for m in cfg["train"]["methods"]})
     by_beta = {}
     for beta in betas:
         mean, se = mean_stderr(j_star(matrix, beta))
         by_beta[beta] = {"mean": mean, "stderr": se, "curve": j_star_curve(matrix, beta)}
-    main_beta = float(cfg["methods"][cfg["train"]["methods"][0]]["beta"])
+    main_beta = arm_beta(cfg, cfg["train"]["methods"][0])
     plot_j_vs_step(
         rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: v["mean"] for b, v in by_beta.items()}
     )
@@ -768,8 +814,8 @@ def report_markdown(rep: dict) -> str:
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
     ref, js, rm = rep["reference"], rep["j_star"], rep["reward_model"]
     betas = sorted({r["beta"] for r in rep["methods"].values()})
-    trained = [m for m in rep["methods"] if m != "qsharp"]
-    q = rep["methods"].get("qsharp")
+    trained = [m for m in rep["methods"] if arm_method(m) != "qsharp"]
+    q = next((r for m, r in rep["methods"].items() if arm_method(m) == "qsharp"), None)
     cv = rm.get("l2_cross_validation")
     lines = [
         "# shiq-demo: offline RL on SmolLM2-135M-Instruct",
@@ -911,7 +957,7 @@ def run(cfg: dict, out: str | Path) -> dict:
         ("buffer", lambda: stage_buffer(ctx)),
     ]
     plan += [
-        (f"train_{m}", (lambda m=m: stage_train_qsharp(ctx) if m == "qsharp" else stage_train(ctx, m)))
+        (f"train_{m}", (lambda m=m: stage_train_qsharp(ctx, m) if arm_method(m) == "qsharp" else stage_train(ctx, m)))
         for m in cfg["train"]["methods"]
     ]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
@@ -951,16 +997,26 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="the config's 'full' block: every method at every beta of its grid, once per seed, in DIR/seed<N> "
+        "(hours; resumable like the default run)",
+    )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
+        cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
+        runs = full_runs(cfg) if args.full else [("", cfg)]
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rep = run(cfg, args.out)
-    _log(f"done: {Path(args.out) / 'report.md'}")
+    for name, c in runs:
+        rep = run(c, Path(args.out) / name)
+        _log(f"done: {Path(args.out) / name / 'report.md'}")
+    if args.full:
+        return 0
     for m, r in rep["methods"].items():
         _log(
             f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "
