@@ -42,6 +42,44 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum() / (x.norm() * y.norm()))
 
 
+def ridge(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, float]:
+    """Closed-form ridge regression of ``y`` ``[N]`` on ``X`` ``[N, D]`` with an unpenalised intercept:
+    ``(w [D], b)`` minimising ``|y - X w - b|² + l2 |w|²``."""
+    import torch  # heavy: shiq-data imports this module for every build
+
+    xm, ym = X.mean(0), y.mean()
+    Xc = X - xm
+    A = Xc.T @ Xc + l2 * torch.eye(X.shape[1], dtype=X.dtype)
+    w = torch.linalg.solve(A, Xc.T @ (y - ym))
+    return w, float(ym - xm @ w)
+
+
+def cross_validate_l2(X: torch.Tensor, y: torch.Tensor, l2s: list[float], folds: int = 5, seed: int = 0):
+    """Choose the ridge penalty by ``folds``-fold cross-validation on ``(X [N, D], y [N])`` only: for each
+    ``l2`` the Pearson correlation of the pooled out-of-fold predictions with ``y`` (folds from a seeded
+    permutation). Returns ``(best l2, {l2: correlation})``; ties go to the first ``l2`` listed."""
+    import torch  # heavy: shiq-data imports this module for every build
+
+    if folds < 2 or folds > X.shape[0] or not l2s:
+        raise ValueError(
+            f"cross-validation needs 2 <= folds <= {X.shape[0]} and a non-empty l2 list, got {folds}, {l2s}"
+        )
+    X, y = X.double(), y.double()
+    order = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed))
+    parts = torch.chunk(order, folds)
+    scores = {}
+    for l2 in l2s:
+        pred = torch.empty_like(y)
+        for part in parts:
+            keep = torch.ones(X.shape[0], dtype=torch.bool)
+            keep[part] = False
+            w, b = ridge(X[keep], y[keep], float(l2))
+            pred[part] = X[part] @ w + b
+        scores[float(l2)] = pearson(pred, y)
+    best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+    return best, scores
+
+
 class RegressionRewardModel:
     """A ridge-regression head on frozen sentence embeddings: ``reward = e(text) · w + b``.
 
@@ -63,13 +101,7 @@ class RegressionRewardModel:
 
     @classmethod
     def fit_embeddings(cls, encoder: Encoder, X: torch.Tensor, y: torch.Tensor, *, l2: float = 1.0, **kw):
-        import torch  # heavy: shiq-data imports this module for every build
-
-        xm, ym = X.mean(0), y.mean()
-        Xc = X - xm
-        A = Xc.T @ Xc + l2 * torch.eye(X.shape[1], dtype=X.dtype)
-        w = torch.linalg.solve(A, Xc.T @ (y - ym))
-        b = float(ym - xm @ w)
+        w, b = ridge(X, y, l2)
         return cls(encoder, w, b, {"l2": l2, "n_train": int(X.shape[0])}, **kw)
 
     def score_texts(self, texts: list[str]) -> list[float]:

@@ -26,6 +26,7 @@ class EvalResult:
     n: int
     samples: list  # (prompt text, completion text, reward) of the first few prompts
     rewards: list | None = None  # every completion's reward, in prompt order (for paired comparisons)
+    kls_exact: list | None = None  # every completion's exact per-token KL sum, in prompt order
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -96,4 +97,4 @@ def evaluate_policy(
     a, ase = mean_stderr(ks)
     b, bse = mean_stderr(ke)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
-    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist())
+    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist())

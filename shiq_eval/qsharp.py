@@ -328,4 +328,4 @@ def evaluate_guided_policy(
     a, ase = mean_stderr(ks)
     b, bse = mean_stderr(ke)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
-    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist())
+    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist())

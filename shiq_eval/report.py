@@ -26,11 +26,11 @@ COLUMNS = [
 ]
 
 
-def write_table(rows: list[dict], out_dir) -> tuple[Path, Path]:
-    """``results.csv`` and ``results.json`` in ``out_dir``."""
+def write_table(rows: list[dict], out_dir, columns: list[str] | None = None) -> tuple[Path, Path]:
+    """``results.csv`` (the ``columns``, default :data:`COLUMNS`) and ``results.json`` in ``out_dir``."""
     out_dir = Path(out_dir)
     buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w = csv.DictWriter(buf, fieldnames=columns or COLUMNS, extrasaction="ignore")
     w.writeheader()
     for r in rows:
         w.writerow(r)
@@ -45,14 +45,19 @@ def _savefig(fig, path):
     atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> list[Path]:
-    """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per method (points in step order),
-    error bars of one standard error; the reference policy as a dashed line / a point at KL 0."""
+def _pyplot():
     import matplotlib  # heavy: only plotting needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: matplotlib
 
+    return plt
+
+
+def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> list[Path]:
+    """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per method (points in step order),
+    error bars of one standard error; the reference policy as a dashed line / a point at KL 0."""
+    plt = _pyplot()
     out_dir = Path(out_dir)
     methods = sorted({r["method"] for r in rows})
     paths = []
@@ -92,3 +97,59 @@ def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> lis
         plt.close(fig)
         paths.append(out_dir / name)
     return paths
+
+
+def plot_j_vs_step(rows: list[dict], out_dir, reference_j: tuple[float, float], j_star: dict[float, float]) -> Path:
+    """``j_vs_step.png``: ``J = reward − β·KL`` (SHIQ_MATH §9) of each method against the training step
+    (rows with ``method``, ``step``, ``beta``, ``J``, ``J_stderr``; error bars of one s.e.), the
+    reference's ``J`` (``(mean, s.e.)``) and the ``J*`` estimate at each ``β`` (``{β: J*}``) as
+    horizontal lines."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in sorted({r["method"] for r in rows}):
+        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["step"])
+        ax.errorbar(
+            [r["step"] for r in pts],
+            [r["J"] for r in pts],
+            yerr=[r["J_stderr"] for r in pts],
+            marker="o",
+            capsize=3,
+            label=f"{m} (β = {pts[0]['beta']:g})",
+        )
+    ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
+    for beta, value in sorted(j_star.items()):
+        ax.axhline(value, color="black", ls=":", label=f"J* estimate, β = {beta:g}")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("J = reward − β·KL on held-out prompts (± 1 s.e.)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    path = Path(out_dir) / "j_vs_step.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_j_star_curve(curves: dict[float, list[dict]], out_dir) -> Path:
+    """``j_star_curve.png``: the ``J*`` estimate (mean over prompts, ± 1 s.e.) against the number of
+    reference samples per prompt, one line per ``β`` (``{β: shiq_eval.optimum.j_star_curve(...)}``);
+    a line still rising at its last point says the estimate is biased low (SHIQ_MATH §9)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for beta, curve in sorted(curves.items()):
+        ax.errorbar(
+            [c["samples"] for c in curve],
+            [c["j_star"] for c in curve],
+            yerr=[c["j_star_stderr"] for c in curve],
+            marker="o",
+            capsize=3,
+            label=f"β = {beta:g}",
+        )
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("reference samples per prompt (N)")
+    ax.set_ylabel("J* estimate, β log mean exp(R/β)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path = Path(out_dir) / "j_star_curve.png"
+    _savefig(fig, path)
+    plt.close(fig)
+    return path

@@ -1,10 +1,12 @@
 """The main job (``shiq-demo``): configuration handling, buffer rows, and the quick end-to-end run."""
 
+import csv
 import json
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from shiq_eval.recipes import demo
@@ -15,8 +17,26 @@ def test_config_quick_and_overrides():
     quick = demo.load_config(quick=True)
     assert quick["train"]["steps"] < full["train"]["steps"]
     assert quick["train"]["methods"] == full["train"]["methods"]  # quick keeps every method
-    cfg = demo.load_config(overrides=["train.steps=90", "train.methods=[shiq,dpo]"])
-    assert cfg["train"]["steps"] == 90 and cfg["train"]["methods"] == ["shiq", "dpo"]
+    cfg = demo.load_config(overrides=["train.steps=120", "train.methods=[shiq,dpo]"])
+    assert cfg["train"]["steps"] == 120 and cfg["train"]["methods"] == ["shiq", "dpo"]
+
+
+def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
+    assert "full" not in demo.load_config()
+    cfg = demo.load_config(full=True)
+    runs = demo.full_runs(cfg)
+    assert [name for name, _ in runs] == [f"seed{s}" for s in cfg["full"]["seeds"]]
+    for name, c in runs:
+        assert c["seed"] == int(name[len("seed") :])
+        arms = c["train"]["methods"]
+        expected = [(m, float(b)) for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
+        assert [(demo.arm_method(a), demo.arm_beta(c, a)) for a in arms] == expected
+        assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
+    assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
+    with pytest.raises(ValueError, match="exclude each other"):
+        demo.load_config(quick=True, full=True)
+    one = demo.load_config(overrides=["train.methods=[shiq@0.05,dpo]"])
+    assert demo.arm_beta(one, "shiq@0.05") == 0.05 and demo.arm_beta(one, "dpo") == one["methods"]["dpo"]["beta"]
 
 
 @pytest.mark.parametrize(
@@ -27,6 +47,10 @@ def test_config_quick_and_overrides():
         ("train.steps=50", "multiple of train.eval_every"),
         ("data.completions_per_prompt=1", "completions_per_prompt must be >= 2"),
         ("nonsense", "key=value"),
+        ("train.methods=[shiq@x]", "must be a number > 0, got 'x'"),
+        ("train.methods=[shiq@-1]", "must be a number > 0, got -1.0"),
+        ("train.methods=[shiq,shiq]", "lists an entry twice"),
+        ("methods.dpo.beta=0", "methods.dpo.beta"),
     ],
 )
 def test_config_errors(override, needle):
@@ -65,6 +89,10 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         "results.json",
         "reward_vs_kl.png",
         "reward_vs_step.png",
+        "j_vs_step.png",
+        "j_star_curve.png",
+        "reference_eval.json",
+        "runs/qsharp/value/value_model.json",
         "split.json",
         "prompts.json",
         "samples.jsonl",
@@ -77,13 +105,20 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     cfg = demo.load_config(quick=True)
     assert set(rep["methods"]) == set(cfg["train"]["methods"])
     assert _finite(rep["reference"]["reward_mean"]) and _finite(rep["reference"]["reward_stderr"])
+    assert "qsharp" in rep["methods"]
+    trained = [m for m in cfg["train"]["methods"] if m != "qsharp"]
     for m, r in rep["methods"].items():
-        assert all(_finite(r[k]) for k in ("reward_mean", "reward_stderr", "kl")), (m, r)
-        assert r["step"] == cfg["train"]["steps"]
+        assert all(_finite(r[k]) for k in ("reward_mean", "reward_stderr", "kl", "J", "J_stderr")), (m, r)
+        assert all(_finite(r[k]) for k in ("gold_mean", "gold_stderr", "train_seconds", "eval_seconds")), (m, r)
         curve = json.loads((out / "runs" / m / "curve.json").read_text())
-        assert [c["step"] for c in curve] == list(
-            range(cfg["train"]["eval_every"], cfg["train"]["steps"] + 1, cfg["train"]["eval_every"])
-        )
+        if m == "qsharp":
+            assert r["step"] == cfg["methods"]["qsharp"]["steps"] and [c["step"] for c in curve] == [r["step"]]
+        else:
+            assert r["step"] == cfg["train"]["steps"]
+            assert [c["step"] for c in curve] == list(
+                range(cfg["train"]["eval_every"], cfg["train"]["steps"] + 1, cfg["train"]["eval_every"])
+            )
+    check_report_against_saved_results(out, rep, cfg)
     assert set(rep["timings"]) >= {"reward_model", "prompts", "samples", "buffer", "eval_reference", "report"}
     assert all(_finite(v) for v in rep["timings"].values())
     # the evaluation prompts never come from snippets the reward model trained on
@@ -94,7 +129,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     # the checkpoints are shiq-eval run's input too: method, step, architecture and reference recorded
     from shiq_eval.cli import checkpoint_info, checkpoint_steps
 
-    for m in cfg["train"]["methods"]:
+    for m in trained:
         info = checkpoint_info(checkpoint_steps(out / "runs" / m)[-1])
         assert (info["method"], info["step"], info["init"]) == (m, cfg["train"]["steps"], "smollm2")
         assert info["hf_config"]["num_hidden_layers"] == 30
@@ -103,5 +138,77 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     res = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
     assert res.stderr.count("done earlier, skipped") == len(before) - 1  # every stage except the report
     # a different configuration is refused rather than mixed into the same folder
-    res = subprocess.run(cmd + ["train.beta=0.5"], capture_output=True, text=True, timeout=600)
+    res = subprocess.run(cmd + ["methods.shiq.beta=0.5"], capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "different configuration" in res.stderr
+
+
+def _se(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v.std(ddof=1) / math.sqrt(v.size)
+
+
+def check_report_against_saved_results(out, rep, cfg):
+    """report.json's J, J*, paired differences and gold scores, recomputed with numpy from the saved
+    per-completion results (runs/<method>/curve.json, reference_eval.json; one sample per prompt)."""
+    assert cfg["eval"]["samples_per_prompt"] == 1
+    ref_eval = json.loads((out / "reference_eval.json").read_text())
+    ref_r = np.asarray(ref_eval["rewards"], dtype=np.float64)
+    P = len(ref_r)
+    assert P == cfg["data"]["eval_prompts"]
+    ref = rep["reference"]
+    assert ref["reward_mean"] == pytest.approx(ref_r.mean(), abs=1e-12)
+    assert ref["reward_stderr"] == pytest.approx(_se(ref_r), abs=1e-12)
+    assert ref["J"] == ref["reward_mean"] and ref["gold_mean"] == pytest.approx(np.mean(ref_eval["gold"]), abs=1e-12)
+    # J*: beta log mean exp(R / beta) per prompt over N reference samples, the evaluation sample first
+    R = np.asarray(ref_eval["j_star_rewards"], dtype=np.float64)
+    N = cfg["eval"]["j_star_samples"]
+    assert R.shape == (P, N) and np.array_equal(R[:, 0], ref_r)
+    js = rep["j_star"]
+    beta0 = cfg["methods"][cfg["train"]["methods"][0]]["beta"]
+    assert js["samples"] == N and js["beta"] == beta0
+    star = beta0 * np.log(np.mean(np.exp(R / beta0), axis=1))
+    assert js["mean"] == pytest.approx(star.mean(), abs=1e-9)
+    assert js["stderr"] == pytest.approx(_se(star), abs=1e-9)
+    assert [c["samples"] for c in js["curve"]][-1] == N
+    for c in js["curve"]:
+        n = c["samples"]
+        assert c["j_star"] == pytest.approx(
+            np.mean(beta0 * np.log(np.mean(np.exp(R[:, :n] / beta0), axis=1))), abs=1e-9
+        )
+    assert js["curve"][0]["j_star"] == pytest.approx(ref_r.mean(), abs=1e-9)  # one sample: J* estimate = reward
+    # the gold scorer is the VADER lexicon on the completion alone
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    for i, (_, text, reward) in enumerate(ref_eval["samples"]):
+        assert ref_eval["gold"][i] == pytest.approx(vader.polarity_scores(text)["compound"], abs=1e-12)
+        assert reward == pytest.approx(ref_r[i], abs=1e-12)
+    with open(out / "results.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    for m, r in rep["methods"].items():
+        beta = cfg["methods"][m]["beta"]
+        last = max(json.loads((out / "runs" / m / "curve.json").read_text()), key=lambda c: c["step"])
+        rw, kl, gold = (np.asarray(last[k], dtype=np.float64) for k in ("rewards", "kls_exact", "gold"))
+        n = len(rw)
+        expected_n = cfg["methods"]["qsharp"]["eval_prompts"] if m == "qsharp" else P
+        assert n == expected_n == r["n_prompts"]
+        assert r["beta"] == beta
+        j = rw - beta * kl
+        assert r["J"] == pytest.approx(j.mean(), abs=1e-9) and r["J_stderr"] == pytest.approx(_se(j), abs=1e-9)
+        assert r["kl"] == pytest.approx(kl.mean(), abs=1e-9) and (kl >= -1e-9).all()
+        assert r["reward_mean"] == pytest.approx(rw.mean(), abs=1e-9)
+        assert r["gold_mean"] == pytest.approx(gold.mean(), abs=1e-9)
+        # paired by prompt against the reference on the same (first n) prompts
+        d = j - ref_r[:n]
+        assert r["J_minus_reference"] == pytest.approx(d.mean(), abs=1e-9)
+        assert r["J_minus_reference_stderr"] == pytest.approx(_se(d), abs=1e-9)
+        gap = beta * np.log(np.mean(np.exp(R[:n] / beta), axis=1)) - j
+        assert r["j_star_minus_J"] == pytest.approx(gap.mean(), abs=1e-9)
+        # the curve starts at the reference itself (step 0, KL 0) and ends at the final checkpoint
+        rows = sorted((row for row in rep["curves"] if row["method"] == m), key=lambda row: row["step"])
+        assert rows[0]["step"] == 0 and rows[0]["kl_exact"] == 0.0
+        assert rows[0]["reward_mean"] == pytest.approx(ref_r[:n].mean(), abs=1e-12) == rows[0]["J"]
+        assert rows[-1]["step"] == r["step"] and rows[-1]["J"] == pytest.approx(r["J"], abs=1e-12)
+        csv_rows = sorted((row for row in table if row["method"] == m), key=lambda row: int(row["step"]))
+        assert [int(row["step"]) for row in csv_rows] == [row["step"] for row in rows]
+        assert float(csv_rows[-1]["J"]) == pytest.approx(r["J"], abs=1e-9)

