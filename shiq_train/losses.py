@@ -363,12 +363,13 @@ def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_
 
 
 def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: float) -> torch.Tensor:
-    """The value estimate DRO-V uses here (SHIQ_MATH §5), ``[B]``, no gradient.
+    """The value of the group variant ``dro_v_loo`` (SHIQ_MATH §5), ``[B]``, no gradient.
 
     DRO's optimal value is ``V*(x) = β log E_{y~π_ref} exp(R(x,y)/β)``. For completions sampled from
     the reference, each row's estimate is that log-mean-exp over the *other* completions of its
     group (leave-one-out, so a row's own reward does not leak into its baseline). A row alone in
-    its group falls back to the leave-one-out estimate over the whole batch.
+    its group falls back to the leave-one-out estimate over the whole batch. Only meaningful on
+    groups of reference samples, and biased low for small groups (Jensen).
     """
     R = returns.detach()
     B = R.shape[0]
@@ -385,14 +386,66 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     return beta * (torch.logsumexp(scaled, dim=1) - torch.log(peers.sum(1).to(R.dtype)))
 
 
-def dro_v_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_mask, values, *, beta):
-    """DRO-V (SHIQ_MATH §5): mean over rows of ``½ (R(x,y) − V(x) − β Λ(x,y))²``.
+def trajectory_sums(x: torch.Tensor, action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None):
+    """``Σ_t m_t x_t`` per trajectory, ``[N]``: one entry per trajectory that has an action, rows in
+    order and, on packed rows (``segment_ids`` ``[B, T]``), segments in order within a row."""
+    x = _float(x) * action_mask
+    if segment_ids is None:
+        return x.sum(-1)[action_mask.any(-1)]
+    seg = segment_ids.long()
+    key = seg + (seg.max() + 1) * torch.arange(seg.shape[0], device=seg.device)[:, None]
+    uniq, inv = torch.unique(key, return_inverse=True)
+    sums = torch.zeros(len(uniq), dtype=x.dtype, device=x.device).index_add(0, inv.flatten(), x.flatten())
+    n_actions = torch.zeros(len(uniq), device=x.device).index_add(0, inv.flatten(), action_mask.flatten().float())
+    return sums[n_actions > 0]
 
-    ``values`` ``[B]`` is ``V(x)``: a learned value (its gradient flows), or :func:`loo_soft_value`
-    (the project default for LLM training, a constant).
+
+def dro_v_loss(
+    chosen_logits,
+    logz,
+    ref_chosen_logits,
+    ref_logz,
+    rewards,
+    action_mask,
+    values=None,
+    *,
+    beta,
+    segment_ids=None,
+):
+    """DRO-V (SHIQ_MATH §5): mean over trajectories of ``½ (R(x,y) − V(x) − β Λ(x,y))²``.
+
+    ``values=None`` is the project's ``dro_v``, the paper's single-trajectory, single-network DRO as
+    reconstructed in §5: ``V ≡ 0``, so the loss is ``½ (R − β Λ)²`` per trajectory and needs no other
+    completion of the prompt, no reference sample and no value model. Its minimiser is not ``π*`` in
+    general: with data weights ``w(y)`` over a prompt's completions it is the policy whose residuals
+    satisfy ``w(y) (R(y) − β log π(y)/π_ref(y)) = κ π(y)`` for one scalar ``κ`` per prompt, fixed by
+    normalisation; ``κ = 0`` and ``π = π*`` exactly when ``E_{π_ref} exp(R/β) = 1`` (``V*(x) = 0``).
+
+    With ``values`` ``[B]`` (one trajectory per row): ``V(x)`` of each row, a learned value (its
+    gradient flows) or :func:`loo_soft_value` (the group variant ``dro_v_loo``).
+
+    Args:
+        chosen_logits, logz, ref_chosen_logits, ref_logz: ``[B, T]`` per-token statistics (§2).
+        rewards: ``[B, T]`` per-token rewards, zero off action positions (``R`` is their sum).
+        action_mask: ``[B, T]`` bool.
+        values: ``[B]`` float or None (``V ≡ 0``).
+        beta: KL temperature ``β > 0``.
+        segment_ids: ``[B, T]`` int for packed rows (only with ``values=None``), as in :func:`shiq_loss`.
+    Returns:
+        Scalar mean over the trajectories that have an action; zero (with a gradient path) if none has.
     """
     B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta)
-    _check_vector("values", values, length=B, integer=False)
-    lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
-    R = sequence_return(rewards, action_mask)
-    return 0.5 * ((R - values - beta * lam) ** 2).mean()
+    if segment_ids is not None:
+        if values is not None:
+            raise ValueError("dro_v_loss: values are per row, so they cannot be combined with packed segment_ids")
+        _check_inputs({}, None, action_mask, beta, 1.0, segment_ids)
+    if values is not None:
+        _check_vector("values", values, length=B, integer=False)
+    c, z, c_ref, z_ref = (_float(t) for t in (chosen_logits, logz, ref_chosen_logits, ref_logz))
+    rho = (c - z) - (c_ref - z_ref)
+    lam = trajectory_sums(rho, action_mask, segment_ids)
+    R = trajectory_sums(rewards, action_mask, segment_ids)
+    delta = R - beta * lam
+    if values is not None:
+        delta = delta - _float(values)[action_mask.any(-1)]
+    return 0.5 * (delta * delta).sum() / max(delta.numel(), 1)

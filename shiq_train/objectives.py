@@ -30,13 +30,19 @@ def _copg(beta, stats, rewards, action_mask, group_ids, returns):
     return L.copg_loss(*stats, rewards, action_mask, group_ids, beta=beta), {}
 
 
-def _dro_v(beta, stats, rewards, action_mask, group_ids, returns):
+def _dro_v(beta, stats, rewards, action_mask, segment_ids):
+    """The paper's single-trajectory DRO as reconstructed in SHIQ_MATH §5: one network, ``V ≡ 0``."""
+    return L.dro_v_loss(*stats, rewards, action_mask, beta=beta, segment_ids=segment_ids), {}
+
+
+def _dro_v_loo(beta, stats, rewards, action_mask, group_ids, returns):
     """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``."""
     values = L.loo_soft_value(returns, group_ids, beta=beta)
     return L.dro_v_loss(*stats, rewards, action_mask, values, beta=beta), {}
 
 
 GroupLossFn = Callable[..., "tuple[torch.Tensor, dict]"]
+TrajectoryLossFn = Callable[..., "tuple[torch.Tensor, dict]"]
 TRAINS = ("policy", "value")
 
 
@@ -49,6 +55,8 @@ class LossSpec:
     ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``variant``: the
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
     ``fn(beta, stats, rewards, action_mask, group_ids, returns) -> (loss, extra metrics)``.
+    ``trajectory_loss``: for a sequence-level loss on single trajectories,
+    ``fn(beta, stats, rewards, action_mask, segment_ids) -> (loss, extra metrics)``.
     ``trains``: ``"policy"`` (the trainer's model, through ``compute_loss``) or ``"value"`` (Q♯'s value
     model, SHIQ_MATH §8, trained by ``shiq_train.qsharp_train``; neither a variant nor a group loss).
     """
@@ -60,17 +68,27 @@ class LossSpec:
     needs_reference: bool = True
     variant: str | None = None
     group_loss: GroupLossFn | None = None
+    trajectory_loss: TrajectoryLossFn | None = None
     trains: str = "policy"
 
     def __post_init__(self):
         if self.trains not in TRAINS:
             raise ValueError(f"loss {self.name!r}: trains must be one of {TRAINS}, got {self.trains!r}")
         if self.trains == "value":
-            if self.variant or self.group_loss or self.needs_groups or self.packed_ok or self.needs_reference:
+            if (
+                self.variant
+                or self.group_loss
+                or self.trajectory_loss
+                or self.needs_groups
+                or self.packed_ok
+                or self.needs_reference
+            ):
                 raise ValueError(f"loss {self.name!r} trains a value model: it has no variant, group loss or flags")
             return
-        if (self.variant is None) == (self.group_loss is None):
-            raise ValueError(f"loss {self.name!r}: give exactly one of variant (ShiQ family) and group_loss")
+        if sum(x is not None for x in (self.variant, self.group_loss, self.trajectory_loss)) != 1:
+            raise ValueError(
+                f"loss {self.name!r}: give exactly one of variant (ShiQ family), group_loss and trajectory_loss"
+            )
         if self.group_loss is not None and (not self.needs_groups or self.packed_ok):
             raise ValueError(f"loss {self.name!r}: a group loss reads whole prompt groups, never packed rows")
 
@@ -94,7 +112,13 @@ LOSSES: dict[str, LossSpec] = {
         _group("mt_dpo", _dpo, "multi-turn DPO: DPO on whole trajectories, cumulative turn reward (§5)"),
         _group("copg", _copg, "CoPG over all pairs of a prompt's completions (§5)"),
         _group("mt_copg", _copg, "multi-turn CoPG: CoPG with the cumulative turn reward (§5)"),
-        _group("dro_v", _dro_v, "DRO-V with the leave-one-out soft value of the prompt's group (§5)"),
+        LossSpec(
+            "dro_v",
+            "the paper's single-trajectory DRO, reconstructed: ½(R − βΛ)², V ≡ 0, one network (§5)",
+            packed_ok=True,
+            trajectory_loss=_dro_v,
+        ),
+        _group("dro_v_loo", _dro_v_loo, "DRO-V with the leave-one-out soft value of the prompt's group (§5)"),
         LossSpec(
             "qsharp_value",
             "Q♯ value model: the reference's return distribution over atoms, for guided decoding (§8)",
@@ -178,6 +202,10 @@ def compute_loss(
         d = delta.detach()[used].abs()
         metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
         metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
+        traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
+    elif spec.trajectory_loss is not None:
+        loss, extra = spec.trajectory_loss(cfg.beta, stats, rewards, action_mask, segment_ids)
+        metrics.update(extra)
         traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
     else:
         returns = L.sequence_return(rewards, action_mask)

@@ -480,6 +480,74 @@ def test_dro_v_with_learned_value_recovers_pi_star_and_soft_value():
     assert float(value) == pytest.approx(float(v_star), abs=1e-6)
 
 
+def naive_dro_v(trajs, beta, values=None):
+    """SHIQ_MATH §5 by hand: mean over trajectories with an action of ½ (R − V − β Σ ρ)², V ≡ 0 by default."""
+    terms = []
+    for i, traj in enumerate(trajs):
+        acts = [tok[1:] for tok in traj if tok[0]]
+        if acts:
+            R = sum(a[4] for a in acts)
+            lam = sum((c - z) - (cr - zr) for c, z, cr, zr, _ in acts)
+            v = 0.0 if values is None else values[i]
+            terms.append(0.5 * (R - v - beta * lam) ** 2)
+    return sum(terms) / len(terms) if terms else 0.0
+
+
+@settings(max_examples=60, deadline=None)
+@given(trajs=trajectories(), beta=st.sampled_from([0.1, 0.5, 2.0]), with_values=st.booleans())
+def test_dro_v_matches_naive_reference(trajs, beta, with_values):
+    values = [0.3 * i - 0.5 for i in range(len(trajs))] if with_values else None
+    c, z, cr, zr, r, m = padded(trajs)
+    v = torch.tensor(values, dtype=torch.float64) if with_values else None
+    got = dro_v_loss(c, z, cr, zr, r, m, v, beta=beta)
+    assert float(got) == pytest.approx(naive_dro_v(trajs, beta, values), rel=1e-10, abs=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(trajs=trajectories(), slack=st.integers(0, 6))
+def test_dro_v_packed_equals_unpacked_in_value_and_gradient(trajs, slack):
+    (c, z, cr, zr, r, m) = padded(trajs)
+    c.requires_grad_(True)
+    z.requires_grad_(True)
+    ref = dro_v_loss(c, z, cr, zr, r, m, beta=0.5)
+    ref.backward()
+    (pc, pz, pcr, pzr, pr, pm), seg, places = packed(trajs, max(len(t) for t in trajs) + slack)
+    pc.requires_grad_(True)
+    pz.requires_grad_(True)
+    got = dro_v_loss(pc, pz, pcr, pzr, pr, pm, beta=0.5, segment_ids=seg)
+    got.backward()
+    assert float(got.detach()) == pytest.approx(float(ref.detach()), rel=1e-10, abs=1e-12)
+    for i, (traj, (b, start)) in enumerate(zip(trajs, places)):
+        n = len(traj)
+        assert torch.allclose(pc.grad[b, start : start + n], c.grad[i, :n], atol=1e-12)
+        assert torch.allclose(pz.grad[b, start : start + n], z.grad[i, :n], atol=1e-12)
+
+
+def test_dro_v_rows_do_not_interact():
+    """No groups, no batch statistics: the batch loss is the mean of the single-row losses, and a
+    row's gradient does not depend on the other rows (SHIQ_MATH §5)."""
+    c, z, cr, zr, r, m = _good()
+    c = c.double().requires_grad_(True)
+    z, cr, zr, r = (x.double() for x in (z, cr, zr, r))
+    alone = [
+        dro_v_loss(c[i : i + 1], z[i : i + 1], cr[i : i + 1], zr[i : i + 1], r[i : i + 1], m[i : i + 1], beta=0.5)
+        for i in range(2)
+    ]
+    both = dro_v_loss(c, z, cr, zr, r, m, beta=0.5)
+    assert float(both) == pytest.approx(float(sum(alone)) / 2, rel=1e-12)
+    (g_both,) = torch.autograd.grad(both, c)
+    (g0,) = torch.autograd.grad(alone[0], c)
+    assert torch.allclose(g_both[0], g0[0] / 2, atol=1e-14)
+
+
+def test_dro_v_values_and_packing_do_not_mix():
+    c, z, cr, zr, r, m = _good()
+    with pytest.raises(ValueError, match="values are per row"):
+        dro_v_loss(c, z, cr, zr, r, m, torch.zeros(2), beta=0.5, segment_ids=torch.zeros(m.shape, dtype=torch.long))
+    with pytest.raises(ValueError, match="segment_ids must be non-decreasing"):
+        dro_v_loss(c, z, cr, zr, r, m, beta=0.5, segment_ids=torch.tensor([[1, 0, 0, 0]] * 2))
+
+
 def test_loo_soft_value_by_hand():
     R = torch.tensor([1.0, 3.0, 2.0, -1.0])
     groups = torch.tensor([0, 0, 0, 1])

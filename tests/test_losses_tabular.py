@@ -1,4 +1,5 @@
-"""ShiQ's minimisers against the exact optimal policy of small tabular tree MDPs (SHIQ_MATH §1, §3, §4).
+"""ShiQ's minimisers against the exact optimal policy of small tabular tree MDPs (SHIQ_MATH §1, §3, §4),
+and DRO-V with ``V ≡ 0`` against the closed form of the policy it converges to instead (§5).
 
 The reference is backward induction on the soft Bellman equation, written here independently of the
 library: ``q*(s,a) = r(s,a) + γ β log Σ_b π_ref(b|s') exp(q*(s',b)/β)`` and ``π* ∝ π_ref exp(q*/β)``.
@@ -13,7 +14,7 @@ import math
 import pytest
 import torch
 
-from shiq_train.losses import shiq_loss
+from shiq_train.losses import dro_v_loss, shiq_loss
 
 V = 3  # actions per state
 F64 = torch.float64
@@ -230,3 +231,125 @@ def test_optimal_policy_reference_matches_brute_force():
         R = sum(float(tree.r[tree.index[y[:d]], y[d]]) for d in range(3))
         weights[y[0]] += math.exp(lp + R / beta)
     assert torch.allclose(weights / weights.sum(), pi[()], atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------
+# DRO-V with V ≡ 0 (SHIQ_MATH §5): not π*, but a closed form
+
+
+def bisect(f, lo, hi, iters=100):
+    """Root of an increasing ``f`` in ``[lo, hi]`` (``f(lo) ≤ 0 ≤ f(hi)``)."""
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if f(mid) < 0 else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def dro_zero_value_optimum(log_ref, R, w, beta):
+    """The minimiser over distributions ``p`` of ``Σ_y w(y) ½ (R(y) − β log p(y)/π_ref(y))²`` (SHIQ_MATH §5).
+
+    Stationarity under ``Σ p = 1``: ``w(y) δ(y) = κ p(y)`` with ``δ = R − β log p/π_ref``. With
+    ``x = p / w``: ``log x + κ x / β = log b``, ``b = π_ref e^{R/β} / w`` (one root per ``y`` for ``κ ≥ 0``),
+    and ``κ`` is fixed by ``Σ w x = 1``. ``κ ≥ 0`` iff ``E_ref e^{R/β} ≥ 1``, which the tests ensure.
+    Returns ``p`` and ``κ`` (plain floats, independent of torch).
+    """
+    log_b = [lr + r / beta - math.log(wi) for lr, r, wi in zip(log_ref, R, w)]
+
+    def x_of(kappa):
+        # u = log x solves u + κ e^u / β = log b, increasing in u; the root lies in [log b − κ b / β, log b]
+        return [
+            math.exp(bisect(lambda u: u + kappa * math.exp(u) / beta - lb, lb - kappa * math.exp(lb) / beta, lb))
+            for lb in log_b
+        ]
+
+    mass = lambda kappa: sum(wi * xi for wi, xi in zip(w, x_of(kappa)))
+    assert mass(0.0) >= 1.0, "the reference solver assumes E_ref exp(R/β) ≥ 1"
+    hi = 1.0
+    while mass(hi) > 1.0:
+        hi *= 2
+    kappa = bisect(lambda k: 1.0 - mass(k), 0.0, hi)
+    return [wi * xi for wi, xi in zip(w, x_of(kappa))], kappa
+
+
+def _bandit_dro(ref, r, counts, beta):
+    """Minimise ``dro_v_loss`` (V ≡ 0) on a bandit data set holding arm ``a`` ``counts[a]`` times."""
+    arms = torch.tensor([a for a, n in enumerate(counts) for _ in range(n)])
+    logits = ref.clone().requires_grad_(True)
+    mask = torch.ones(len(arms), 1, dtype=torch.bool)
+    opt = torch.optim.LBFGS(
+        [logits], max_iter=100, tolerance_grad=1e-12, tolerance_change=1e-15, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        c = logits[arms].view(-1, 1)
+        z = torch.logsumexp(logits, 0).expand(len(arms)).reshape(-1, 1)
+        cr = ref[arms].view(-1, 1)
+        zr = torch.logsumexp(ref, 0).expand(len(arms)).reshape(-1, 1)
+        loss = dro_v_loss(c, z, cr, zr, r[arms].view(-1, 1), mask, beta=beta)
+        loss.backward()
+        return loss
+
+    for _ in range(3):
+        opt.step(closure)
+    return torch.softmax(logits.detach(), 0)
+
+
+def test_dro_v_bandit_minimiser_is_the_closed_form_not_pi_star():
+    """V ≡ 0 on reference-centred rewards (so E_ref e^{R/β} > 1 by Jensen): the minimiser is the
+    closed form of SHIQ_MATH §5, with κ > 0, and it is far from π*."""
+    beta = 0.5
+    g = torch.Generator().manual_seed(7)
+    ref = torch.randn(5, generator=g, dtype=F64)
+    r = torch.randn(5, generator=g, dtype=F64)
+    log_ref = torch.log_softmax(ref, 0)
+    r = r - (log_ref.exp() * r).sum()  # E_ref R = 0
+    counts = [1, 3, 2, 5, 4]
+    w = [n / sum(counts) for n in counts]
+    want, kappa = dro_zero_value_optimum(log_ref.tolist(), r.tolist(), w, beta)
+    got = _bandit_dro(ref, r, counts, beta)
+    assert kappa > 0.1
+    assert torch.allclose(got, torch.tensor(want, dtype=F64), atol=1e-7)
+    pi_star = torch.softmax(ref + r / beta, 0)
+    assert float((got - pi_star).abs().max()) > 0.05
+    # the residuals are κ p / w, not a constant: larger where the policy puts more mass than the data
+    delta = r - beta * (torch.log(got) - log_ref)
+    assert torch.allclose(delta * torch.tensor(w, dtype=F64), kappa * got, atol=1e-7)
+
+
+def test_dro_v_bandit_minimiser_is_pi_star_when_the_soft_value_is_zero():
+    """Shift the rewards by V* = β log E_ref e^{R/β}: then κ = 0 and V ≡ 0 is the right value, so the
+    minimiser is π* exactly, whatever the data weights (SHIQ_MATH §5)."""
+    beta = 0.5
+    g = torch.Generator().manual_seed(8)
+    ref = torch.randn(5, generator=g, dtype=F64)
+    r = torch.randn(5, generator=g, dtype=F64)
+    log_ref = torch.log_softmax(ref, 0)
+    r = r - beta * torch.logsumexp(log_ref + r / beta, 0)
+    got = _bandit_dro(ref, r, [1, 3, 2, 5, 4], beta)
+    assert torch.allclose(got, torch.softmax(ref + r / beta, 0), atol=1e-7)
+
+
+@pytest.mark.parametrize("reward", ["sequence", "token"])
+def test_dro_v_tree_minimiser_is_the_closed_form_over_sequences(reward):
+    """A depth-3 tree, every trajectory once as a padded row (prompt position, junk statistics off the
+    actions): the sequence distribution of the minimiser is the closed form over the 27 leaves with
+    uniform data weights, far from π*'s."""
+    beta = 0.5
+    tree = Tree(depth=3, seed=22, reward=reward)
+    log_ref = torch.log_softmax(tree.ref_logits, -1)
+    leaves = list(itertools.product(range(V), repeat=3))
+    lp_ref = [sum(float(log_ref[tree.index[y[:d]], y[d]]) for d in range(3)) for y in leaves]
+    R = [sum(float(tree.r[tree.index[y[:d]], y[d]]) for d in range(3)) for y in leaves]
+    mean_R = sum(math.exp(lp) * rr for lp, rr in zip(lp_ref, R))
+    R = [rr - mean_R for rr in R]  # centred under the reference: E_ref e^{R/β} > 1
+    for b, y in enumerate(leaves):  # put the centred sequence reward back into the tree's token rewards
+        tree.r[tree.index[y[:2]], y[2]] = R[b] - sum(float(tree.r[tree.index[y[:d]], y[d]]) for d in range(2))
+    want, kappa = dro_zero_value_optimum(lp_ref, R, [1 / len(leaves)] * len(leaves), beta)
+    logits, _ = minimise(tree, lambda *s: dro_v_loss(*s, beta=beta))
+    log_pi = torch.log_softmax(logits, -1)
+    got = [math.exp(sum(float(log_pi[tree.index[y[:d]], y[d]]) for d in range(3))) for y in leaves]
+    assert kappa > 0.05
+    assert max(abs(a - b) for a, b in zip(got, want)) < 1e-6
+    star = torch.tensor([lp + rr / beta for lp, rr in zip(lp_ref, R)]).softmax(0)
+    assert float((torch.tensor(got) - star).abs().max()) > 0.05

@@ -32,6 +32,8 @@ def test_every_name_computes_the_loss_it_names(name):
         want = L.dpo_loss(*stats, m, w, l, beta=0.3)
     elif name in ("copg", "mt_copg"):
         want = L.copg_loss(*stats, r, m, groups, beta=0.3)
+    elif name == "dro_v":
+        want = L.dro_v_loss(*stats, r, m, beta=0.3)
     else:
         want = L.dro_v_loss(*stats, r, m, L.loo_soft_value(R, groups, beta=0.3), beta=0.3)
     assert float(loss) == pytest.approx(float(want), rel=1e-12)
@@ -122,3 +124,34 @@ def test_shiq_family_loss_and_gradient_equal_shiq_loss(name, packed):
                     deltas.append(abs(float(G - 0.4 * (z[i, t] - zr[i, t]))))
         assert metrics["abs_delta_mean"] == pytest.approx(sum(deltas) / len(deltas), rel=1e-9)
         assert metrics["abs_delta_max"] == pytest.approx(max(deltas), rel=1e-9)
+
+
+def test_dro_v_reads_single_rows_padded_or_packed():
+    """dro_v (SHIQ_MATH §5) needs no groups: ½ (R − β Λ)² per trajectory by a direct float64 computation,
+    the same with two trajectories packed per row, and the per-trajectory metrics."""
+    assert not LOSSES["dro_v"].needs_groups and LOSSES["dro_v"].packed_ok
+    assert LOSSES["dro_v_loo"].needs_groups and not LOSSES["dro_v_loo"].packed_ok
+    stats, r, m, _ = batch(3)
+    c, z, cr, zr = stats
+    terms, returns, log_ratios = [], [], []
+    for i in range(4):
+        for lo, hi in ((0, 3), (3, 6)):
+            acts = [t for t in range(lo, hi) if m[i, t]]
+            if acts:
+                R = sum(float(r[i, t]) for t in acts)
+                lam = sum(float((c[i, t] - z[i, t]) - (cr[i, t] - zr[i, t])) for t in acts)
+                terms.append(0.5 * (R - 0.25 * lam) ** 2)
+                returns.append(R)
+                log_ratios.append(lam)
+    seg = torch.tensor([[0, 0, 0, 1, 1, 1]] * 4)
+    loss, metrics = compute_loss(LossConfig("dro_v", beta=0.25), *stats, r, m, segment_ids=seg)
+    assert float(loss) == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+    assert metrics["reward"] == pytest.approx(sum(returns) / len(returns), rel=1e-12)
+    assert metrics["log_ratio"] == pytest.approx(sum(log_ratios) / len(log_ratios), rel=1e-12)
+    # unpacked: one trajectory per row, no group ids
+    loss, _ = compute_loss(LossConfig("dro_v", beta=0.25), *stats, r, m)
+    rows = [
+        0.5 * (float((r[i] * m[i]).sum()) - 0.25 * float((((c - z) - (cr - zr))[i] * m[i]).sum())) ** 2
+        for i in range(4)
+    ]
+    assert float(loss) == pytest.approx(sum(rows) / 4, rel=1e-12)

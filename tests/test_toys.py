@@ -216,6 +216,29 @@ def test_grid_shiq_learns():
     assert out["reward"][-1] > 6.5
 
 
+def test_epochs_protocol_passes_over_the_data_once_per_epoch(monkeypatch):
+    """The paper's protocol (App. D.2): every pass covers each pair exactly once in mini-batches of 30
+    trajectories (the last one smaller), and is evaluated at its end; with 150 pairs, epoch e is step
+    10·e of the default protocol (same mini-batches, same seed)."""
+    seen = []
+    real = toys.method_loss
+
+    def spy(method, logits, actions, rewards, mask, group_ids, **kw):
+        seen.append(int(group_ids.numel()))
+        return real(method, logits, actions, rewards, mask, group_ids, **kw)
+
+    monkeypatch.setattr(toys, "method_loss", spy)
+    cfg = GridConfig.make("fine_grained", n_pairs=20, epochs=3, horizon=20)
+    out = run_grid(cfg, "shiq", seed=0)
+    assert seen == [30, 10] * 3  # 20 pairs = 40 trajectories per pass
+    assert out["steps"] == [0, 2, 4, 6]
+    monkeypatch.setattr(toys, "method_loss", real)
+    by_epoch = run_grid(GridConfig.make("fine_grained", epochs=2, horizon=20), "copg", seed=1)
+    by_step = run_grid(GridConfig.make("fine_grained", steps=20, eval_every=10, horizon=20), "copg", seed=1)
+    assert by_epoch["steps"] == by_step["steps"] == [0, 10, 20]
+    assert by_epoch["regret"] == by_step["regret"] and by_epoch["reward"] == by_step["reward"]
+
+
 # ----------------------------------------------------------------------------------------------
 # the CLI
 
@@ -247,6 +270,26 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     for png in ("bandit.png", "gridworld.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_epochs_cli_reports_every_epoch(tmp_path):
+    assert toys.main(["gridworld", "--protocol", "epochs", "--quick", "--n-pairs", "30", "--out", str(tmp_path)]) == 0
+    grid = json.loads((tmp_path / "gridworld.json").read_text())
+    for block in grid["settings"].values():
+        assert block["config"]["epochs"] == 2 and block["config"]["batches_per_epoch"] == 2
+        for res in block["methods"].values():
+            assert res["steps"] == [0, 2, 4] and set(res["at_epoch"]) == {"1", "2"}
+            assert res["at_epoch"]["2"]["reward"] == res["final_reward"]
+            assert res["at_epoch"]["1"]["regret_std"] == res["regret_std"][1]
+    assert (tmp_path / "gridworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for bad in (
+        ["bandit", "--protocol", "epochs"],
+        ["gridworld", "--epochs", "3"],
+        ["gridworld", "--protocol", "epochs", "--steps", "5"],
+    ):
+        with pytest.raises(SystemExit) as e:
+            toys.main([*bad, "--out", str(tmp_path)])
+        assert e.value.code == 2
 
 
 @pytest.mark.slow

@@ -169,9 +169,15 @@ def test_the_loss_registry_drives_the_data_mode(monkeypatch):
     """Every registered loss gets the mode its flags ask for, and a new group loss needs only its entry."""
     from shiq_train import objectives
 
-    group_losses = {"dpo", "mt_dpo", "copg", "mt_copg", "dro_v"}
+    group_losses = {"dpo", "mt_dpo", "copg", "mt_copg", "dro_v_loo"}
     assert {n for n, s in objectives.LOSSES.items() if s.needs_groups} == group_losses
-    assert {n for n, s in objectives.LOSSES.items() if s.packed_ok} == {"shiq", "shiq_init", "shiq_ms", "shiq_tk"}
+    assert {n for n, s in objectives.LOSSES.items() if s.packed_ok} == {
+        "shiq",
+        "shiq_init",
+        "shiq_ms",
+        "shiq_tk",
+        "dro_v",
+    }
     for name in objectives.LOSSES:
         if name in group_losses:
             assert resolve_data_mode(name, None) == ("groups", None)

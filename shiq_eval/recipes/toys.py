@@ -12,6 +12,7 @@ Usage::
 
     python -m shiq_eval.recipes.toys all --out runs/toys          # both experiments, default settings
     python -m shiq_eval.recipes.toys bandit --out DIR --quick     # seconds, for tests
+    python -m shiq_eval.recipes.toys gridworld --protocol epochs --out DIR   # the paper's 1 / 10 epochs
 
 Outputs: ``DIR/bandit.{json,png}``, ``DIR/gridworld.{json,png}`` (written atomically).
 """
@@ -198,6 +199,7 @@ class GridConfig:
     lr: float = 0.05
     steps: int = 2000
     eval_every: int = 20
+    epochs: int | None = None  # the paper's protocol (App. D.2): this many passes over the data, replacing steps
     seeds: int = 5
 
     @classmethod
@@ -323,8 +325,20 @@ def good_policy(cfg: GridConfig) -> np.ndarray:
     raise ValueError(f"unknown good_policy {cfg.good_policy!r}")
 
 
+def batches_per_epoch(cfg: GridConfig) -> int:
+    """Mini-batches in one pass over the ``n_pairs`` (good, bad) pairs, the last one possibly smaller."""
+    return -(-cfg.n_pairs // (cfg.batch // 2))
+
+
 def run_grid(cfg: GridConfig, method: str, seed: int) -> dict:
-    """Train one method from the reference (zero) logits; return regret / reward-collected curves."""
+    """Train one method from the reference (zero) logits; return regret / reward-collected curves.
+
+    Default: ``cfg.steps`` mini-batches drawn from successive random permutations of the pairs,
+    evaluated every ``cfg.eval_every`` steps. With ``cfg.epochs`` (the paper's protocol): that many
+    passes over the data, each a fresh permutation cut into mini-batches of ``cfg.batch`` trajectories,
+    evaluated at the end of every pass. When ``batch / 2`` divides ``n_pairs`` both draw the same
+    mini-batches, so epoch ``e`` equals step ``e · batches_per_epoch`` of the default protocol.
+    """
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     grid = Grid(cfg)
@@ -347,9 +361,13 @@ def run_grid(cfg: GridConfig, method: str, seed: int) -> dict:
 
     pairs_per_batch = cfg.batch // 2
     steps, curves = [0], [evaluate()]
+    n_steps = cfg.steps if cfg.epochs is None else cfg.epochs * batches_per_epoch(cfg)
     order = np.empty(0, dtype=int)
-    for step in range(1, cfg.steps + 1):
-        if len(order) < pairs_per_batch:
+    for step in range(1, n_steps + 1):
+        if cfg.epochs is not None:
+            if len(order) == 0:
+                order = rng.permutation(cfg.n_pairs)  # one pass; its last mini-batch may be smaller
+        elif len(order) < pairs_per_batch:
             order = np.concatenate([order, rng.permutation(cfg.n_pairs)])
         idx, order = order[:pairs_per_batch], order[pairs_per_batch:]
         rows = torch.from_numpy(np.stack([2 * idx, 2 * idx + 1], 1).reshape(-1))
@@ -360,7 +378,8 @@ def run_grid(cfg: GridConfig, method: str, seed: int) -> dict:
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+        at_eval = step % cfg.eval_every == 0 if cfg.epochs is None else len(order) == 0
+        if at_eval or step == n_steps:
             steps.append(step)
             curves.append(evaluate())
     regret, collected = (list(x) for x in zip(*curves))
@@ -422,8 +441,8 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _band(ax, res, name, method, label=None, ls="-"):
-    x = np.array(res["steps"])
+def _band(ax, res, name, method, label=None, ls="-", per_x=1):
+    x = np.array(res["steps"]) / per_x
     mu, sd = np.array(res[f"{name}_mean"]), np.array(res[f"{name}_std"])
     ax.plot(x, mu, color=COLORS[method], label=label or method, ls=ls, lw=1.5)
     ax.fill_between(x, mu - sd, mu + sd, color=COLORS[method], alpha=0.2, lw=0)
@@ -465,12 +484,14 @@ def plot_grid(settings: dict, path: str) -> None:
     import matplotlib.pyplot as plt  # heavy: matplotlib
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 7.5), sharex=True)
+    cfg0 = settings[next(iter(settings))]["config"]
+    per_x = cfg0["batches_per_epoch"] if cfg0["epochs"] else 1  # the epochs protocol plots against epochs
     for row, (setting, block) in enumerate(settings.items()):
         cfg = block["config"]
         for m, res in block["methods"].items():
             ls = "--" if m == "shiq_init" else "-"  # with a uniform reference it nearly overlays shiq
-            _band(axes[row, 0], res, "regret", m, ls=ls)
-            _band(axes[row, 1], res, "reward", m, ls=ls)
+            _band(axes[row, 0], res, "regret", m, ls=ls, per_x=per_x)
+            _band(axes[row, 1], res, "reward", m, ls=ls, per_x=per_x)
         axes[row, 0].set_yscale("symlog", linthresh=1e-4)
         axes[row, 0].set_ylim(bottom=0)
         axes[row, 0].set(ylabel=r"regret $J(\pi^*)-J(\pi)$ (symlog)", title=f"{setting}: regret")
@@ -480,12 +501,14 @@ def plot_grid(settings: dict, path: str) -> None:
             ax.grid(alpha=0.3)
     axes[0, 1].legend(fontsize=8, ncol=2)
     for ax in axes[1]:
-        ax.set_xlabel("gradient step")
-    cfg0 = settings[next(iter(settings))]["config"]
+        ax.set_xlabel(f"epoch ({per_x} mini-batches of {cfg0['batch']})" if cfg0["epochs"] else "gradient step")
+    if cfg0["epochs"]:
+        axes[1, 0].set_xticks(range(cfg0["epochs"] + 1))
     probe = "" if cfg0["good_policy"] == "optimal" else f", good data from the {cfg0['good_policy']} policy"
+    data = f", {2 * cfg0['n_pairs']} trajectories" if cfg0["epochs"] else ""
     fig.suptitle(
         f"Grid world {cfg0['width']}x{cfg0['height']}, β={cfg0['beta']}, γ={cfg0['gamma']} "
-        f"(mean ± std over {cfg0['seeds']} seeds{probe})"
+        f"(mean ± std over {cfg0['seeds']} seeds{probe}{data})"
     )
     save_figure(fig, path)
 
@@ -535,7 +558,16 @@ def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int) -> dict
             "sequence_losses_discount": "CoPG/DPO statistics and rewards weighted by gamma^t (see method_loss)",
             "truncation": "a trajectory cut at the horizon ends there for every loss (no bootstrap): "
             "a small bias for the token-level ShiQ targets near the cut",
+            "batches_per_epoch": batches_per_epoch(cfg),
         }
+        if cfg.epochs:
+            # the paper's protocol: results after each pass over the data (epoch e = evaluation e)
+            for agg in methods.values():
+                agg["at_epoch"] = {
+                    str(e): {k: agg[f"{k}_mean"][e] for k in ("regret", "reward")}
+                    | {f"{k}_std": agg[f"{k}_std"][e] for k in ("regret", "reward")}
+                    for e in range(1, cfg.epochs + 1)
+                }
         settings[name] = {
             "methods": methods,
             "config": config,
@@ -562,7 +594,9 @@ def main(argv=None) -> int:
         "             step penalty 0.1, β=0.2, γ=0.9, horizon 60, 150 (π*, uniform) pairs,\n"
         "             linear policy, Adam lr 0.05, 30 trajectories per step, 2000 steps, 5 seeds\n"
         "metrics: exact regret J(π*) − J(π) (SHIQ_MATH §6); gridworld also the exact expected\n"
-        "treasure + goal reward collected in 60 steps. A full default 'all' takes a few minutes on 2 cores.",
+        "treasure + goal reward collected in 60 steps. A full default 'all' takes a few minutes on 2 cores.\n"
+        "--protocol epochs (gridworld): the paper's 1 and 10 passes over the data in mini-batches of 30\n"
+        "(150 pairs: 10 mini-batches per pass), evaluated after every pass; plotted against epochs.",
         description="The paper's toy experiments (SHIQ_MATH §7), trained through shiq_train.losses with "
         "exact regret. bandit: offline K-armed bandit (Fig. 1; shiq, shiq_tk, copg, dpo). "
         "gridworld: grid MDP, settings final_reward and fine_grained (Fig. 2; shiq, shiq_init, "
@@ -593,6 +627,21 @@ def main(argv=None) -> int:
         "grid whose treasure is worth 0, so no demonstration shows the detour (default: optimal)",
     )
     p.add_argument(
+        "--protocol",
+        choices=("steps", "epochs"),
+        default="steps",
+        help="gridworld: 'steps' (default) trains --steps mini-batches; 'epochs' is the paper's protocol "
+        "(App. D.2): --epochs passes over the data in mini-batches of 30, evaluated after every pass, so "
+        "one run gives the 1-epoch and 10-epoch results",
+    )
+    p.add_argument("--epochs", type=int, default=None, help="passes over the data with --protocol epochs (default 10)")
+    p.add_argument(
+        "--n-pairs",
+        type=int,
+        default=None,
+        help=f"gridworld: (good, bad) trajectory pairs in the data set (default {GridConfig.n_pairs})",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=min(2, os.cpu_count() or 1),
@@ -608,6 +657,19 @@ def main(argv=None) -> int:
         overrides["steps"] = args.steps
     if any(v < 1 for k, v in overrides.items()):
         p.error("--seeds and --steps must be >= 1")
+    grid_overrides = {}
+    if args.protocol == "epochs":
+        if args.experiment != "gridworld":
+            p.error("--protocol epochs applies to the gridworld experiment only")
+        if args.steps is not None:
+            p.error("--steps does not apply to --protocol epochs (use --epochs)")
+        grid_overrides["epochs"] = args.epochs if args.epochs is not None else (2 if args.quick else 10)
+    elif args.epochs is not None:
+        p.error("--epochs needs --protocol epochs")
+    if args.n_pairs is not None:
+        grid_overrides["n_pairs"] = args.n_pairs
+    if any(v < 1 for v in grid_overrides.values()):
+        p.error("--epochs and --n-pairs must be >= 1")
     workers = 1 if args.quick else args.workers
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -616,7 +678,8 @@ def main(argv=None) -> int:
         bandit_experiment(args.out, BanditConfig(**overrides, center_rewards=args.center_rewards), workers)
         written += ["bandit.json", "bandit.png"]
     if args.experiment in ("gridworld", "all"):
-        cfgs = {s: GridConfig.make(s, **overrides, good_policy=args.good_policy) for s in GRID_SETTINGS}
+        grid_kw = {k: v for k, v in overrides.items() if not (k == "steps" and "epochs" in grid_overrides)}
+        cfgs = {s: GridConfig.make(s, **grid_kw, **grid_overrides, good_policy=args.good_policy) for s in GRID_SETTINGS}
         grid_experiment(args.out, cfgs, workers)
         written += ["gridworld.json", "gridworld.png"]
     print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)} in {time.time() - t0:.1f} s")
