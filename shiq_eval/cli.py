@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
+from shiq_data.buffer import read_manifest
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import plot_curves, write_table
@@ -58,7 +59,39 @@ def checkpoint_info(step_dir: Path) -> dict:
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
         "init": meta.get("config", {}).get("init", "none"),
+        "tokenizer": run_tokenizer(meta),
     }
+
+
+def run_tokenizer(meta: dict) -> dict | None:
+    """The tokenizer info of the buffer a run trained on: recorded in its checkpoints by shiq-train, or, for
+    checkpoints saved before it was, read from that buffer's manifest if the buffer is still there."""
+    if isinstance(meta.get("tokenizer"), dict):
+        return meta["tokenizer"]
+    buffer = ((meta.get("config") or {}).get("data") or {}).get("buffer")
+    if isinstance(buffer, str) and (Path(buffer) / "manifest.json").is_file():
+        return read_manifest(buffer)["tokenizer"]
+    return None
+
+
+def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model) -> None:
+    """Refuse, before any sampling, an evaluation tokenizer that is not the one the runs' buffers were built
+    with, or a reference or policy whose vocabulary is smaller than that tokenizer's."""
+    from shiq_data.tokenizers import fingerprint
+    from shiq_train.reference import check_tokenizer_matches  # heavy: torch
+
+    mine = {"name": getattr(tokenizer, "name_or_path", "") or "?", "fingerprint": fingerprint(tokenizer)}
+    for step_dir, info in zip(steps, infos):
+        if info["tokenizer"] is None:
+            continue
+        vocab = [v for v in (info["hf_config"].get("vocab_size"), ref_model.config.vocab_size) if isinstance(v, int)]
+        check_tokenizer_matches(
+            info["tokenizer"],
+            mine,
+            min(vocab) if vocab else None,
+            f"the buffer of {step_dir}",
+            role="evaluation model (--reference, --tokenizer)",
+        )
 
 
 def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
@@ -255,6 +288,7 @@ def run(args) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
+    check_tokenizers(steps, infos, tokenizer, ref_model)
     if args.prompts is not None:
         prompts, shown = read_prompts_jsonl(args.prompts)
         source = str(Path(args.prompts).resolve())
@@ -379,7 +413,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (EvalInputError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # EvalInputError and the checks' refusals
         print(f"shiq-eval: error: {e}", file=sys.stderr)
         return 2
     return 0

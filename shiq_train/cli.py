@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
-from shiq_data.buffer import open_buffer
+from shiq_data.buffer import open_buffer, read_manifest
 from shiq_data.io import atomic_write_bytes
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, reference
@@ -257,6 +257,17 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
     )
 
 
+def check_buffer(buffer_dir, model_cfg, init: str) -> dict:
+    """Refuse a buffer the model cannot read, before any work: its tokenizer must be the model's (``init``
+    smollm2 or a Hugging Face folder with tokenizer files; ``reference.model_tokenizer_info``) and its
+    vocabulary must fit in ``model.vocab_size``. Returns the buffer's manifest."""
+    manifest = read_manifest(buffer_dir)
+    tok = reference.model_tokenizer_info(init)
+    role = f"model (init={init}, model.vocab_size={model_cfg.vocab_size})"
+    reference.check_tokenizer_matches(manifest["tokenizer"], tok, model_cfg.vocab_size, buffer_dir, role=role)
+    return manifest
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
@@ -285,6 +296,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
+    manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     out = Path(cfg["out"])
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])
@@ -306,7 +318,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         if rank0:
             out.mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
-        meta = {"config": cfg, "hf_config": hf_config.to_dict()}
+        meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
         trainer = Trainer(model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta)
         history = trainer.fit(DeviceSource(source, parallel.device()))
         if rank0:

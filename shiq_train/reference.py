@@ -82,19 +82,36 @@ def megatron_stats_fn(model) -> StatsFn:
     return stats
 
 
-def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: int | None, buffer_dir) -> None:
-    """Refuse a reference model whose tokenizer is not the one the buffer was built with (and, once the
-    model is loaded, one whose vocabulary is smaller than the tokenizer's)."""
-    if model_info["fingerprint"] != buffer_info["fingerprint"]:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def model_tokenizer_info(model: str | None) -> dict | None:
+    """The tokenizer info (``shiq_data.tokenizers.load_tokenizer``) a model carries: ``smollm2``'s tokenizer, a
+    Hugging Face folder's tokenizer files; None for a randomly initialised model (``none``) or a folder without
+    tokenizer files (then only the vocabulary size can be checked)."""
+    if model in (None, "none"):
+        return None
+    if model != "smollm2" and not any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(model)[1]
+
+
+def check_tokenizer_matches(
+    buffer_info: dict, model_info: dict | None, model_vocab_size: int | None, buffer_dir, role: str = "reference model"
+) -> None:
+    """Refuse a model (``role`` names it in the message) whose tokenizer is not the one the buffer was built
+    with, and one whose vocabulary is smaller than the buffer's tokenizer (its ids would index past the
+    embedding). ``model_info`` None (no tokenizer known) or ``model_vocab_size`` None skip that check."""
+    if model_info is not None and model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
-            f"{buffer_dir}: built with tokenizer {buffer_info['name']!r} (fingerprint "
-            f"{buffer_info['fingerprint'][:12]}…) but the reference model's tokenizer {model_info['name']!r} has "
+            f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r} (fingerprint "
+            f"{buffer_info['fingerprint'][:12]}…) but the {role}'s tokenizer {model_info['name']!r} has "
             f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for"
         )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(
-            f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
-            f"model's vocabulary has only {model_vocab_size}"
+            f"{buffer_dir}: its tokenizer {buffer_info.get('name')!r} has {buffer_info['vocab_size']} tokens but the "
+            f"{role}'s vocabulary has only {model_vocab_size}; use a model with at least that many"
         )
 
 

@@ -57,7 +57,8 @@ from shiq_train.parallel import free_port  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs shiq-train's entry point with open_data_source replaced by seeded synthetic micro-batches
-# (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them).
+# (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them), and the buffer check by
+# the manifest such a buffer would have.
 DRIVER = """
 import sys, torch
 import shiq_train.cli as cli
@@ -88,6 +89,7 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
     return Source(data_cfg["seed"], data_cfg["rows_per_micro_batch"], data_cfg["micro_batches_per_step"])
 
 cli.open_data_source = fake_source
+cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "test", "fingerprint": "0", "vocab_size": 128}}
 cli.main()
 """
 
@@ -386,3 +388,61 @@ def test_model_keys_given_on_the_command_line():
         "fp8",
     }
     assert model_keys_given(["model=smollm2_135m", "model.fp8=null"]) is None
+
+
+def write_buffer_with_tokenizer(path, tokenizer_info, with_ref=False):
+    """The rows of :func:`write_tiny_buffer` under another tokenizer record."""
+    from shiq_data.buffer import write_buffer
+
+    write_tiny_buffer(path.with_name(path.name + ".src"), with_ref)
+    from shiq_data.buffer import open_buffer
+
+    rows = open_buffer(path.with_name(path.name + ".src")).table.to_pylist()
+    write_buffer(rows, path, tokenizer_info=tokenizer_info, command=["test"], progress=False)
+
+
+def train_cli(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_a_buffer_with_a_larger_vocabulary_than_the_model_is_refused_before_training(tmp_path):
+    """Ids up to 199 would index past a 128-row embedding: refused naming both sizes, not an IndexError."""
+    write_buffer_with_tokenizer(tmp_path / "buf", {"name": "big", "fingerprint": "1", "vocab_size": 200}, True)
+    res = train_cli(f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run'}", "train.steps=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("shiq-train: error: ") and "'big' has 200 tokens" in line and "only 128" in line
+    assert "Traceback" not in res.stderr and "IndexError" not in res.stderr
+    ok = train_cli(
+        f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run2'}", "model.vocab_size=200", "train.steps=1"
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_gpt2_buffer_is_refused_on_smollm2_naming_both_tokenizers(tmp_path):
+    """init=smollm2 carries SmolLM2's tokenizer: a GPT-2 buffer (its real fingerprint) is refused before the
+    model is loaded, the message naming both tokenizers."""
+    from shiq_data.tokenizers import load_tokenizer
+
+    try:
+        smollm2 = load_tokenizer("smollm2")[1]
+    except Exception as e:  # the packaged model is an optional asset
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+    gpt2 = load_tokenizer("gpt2")[1]
+    assert gpt2["fingerprint"] != smollm2["fingerprint"]
+    write_buffer_with_tokenizer(tmp_path / "buf", gpt2)
+    common = ["model=smollm2_135m", "init=smollm2", "train.reference=online", "train.steps=1"]
+    res = train_cli(f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run'}", *common, timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert "tokenizer 'gpt2'" in line and gpt2["fingerprint"][:12] in line
+    assert "tokenizer 'smollm2'" in line and smollm2["fingerprint"][:12] in line
+    assert "Traceback" not in res.stderr
