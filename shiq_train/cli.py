@@ -27,6 +27,7 @@ from omegaconf.errors import MissingMandatoryValue
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest
 from shiq_data.io import atomic_write_bytes
+from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, reference
 from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
@@ -268,6 +269,19 @@ def check_buffer(buffer_dir, model_cfg, init: str) -> dict:
     return manifest
 
 
+def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer_dir) -> None:
+    """Refuse precomputed reference statistics computed in another precision than ``model.params_dtype``:
+    the trained model would differ from its reference before the first update (SHIQ_MATH §2)."""
+    have = ref_stats_dtype(manifest)
+    if reference_mode == "precomputed" and have != model_cfg.params_dtype:
+        raise ConfigError(
+            f"{buffer_dir}: its reference statistics were computed in {have} but model.params_dtype="
+            f"{model_cfg.params_dtype}: train with model.params_dtype={have} or train.reference=online, or compute "
+            f"the statistics in {model_cfg.params_dtype} on a buffer built without them (shiq-train ref-stats "
+            f"BUFFER --model MODEL --dtype {model_cfg.params_dtype})"
+        )
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
@@ -297,6 +311,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
+    check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
     out = Path(cfg["out"])
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])

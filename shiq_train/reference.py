@@ -23,7 +23,7 @@ from shiq_data.tokenizers import load_tokenizer
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
-from shiq_train.model import forward_stats
+from shiq_train.model import DTYPES, forward_stats
 from shiq_train.stats import causal_lm_stats
 from shiq_train.vocab_parallel import chunked_causal_stats
 
@@ -125,10 +125,10 @@ def _model_config(model: str):
     return AutoConfig.from_pretrained(str(model))
 
 
-def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
+def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
-    (its newest step, or a step folder)."""
+    (its newest step, or a step folder); the model's parameters in ``dtype``."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
@@ -145,8 +145,8 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
             if step_dir is None:
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
         record["megatron_checkpoint"] = str(step_dir.resolve())
-        return hf_model_from_checkpoint(step_dir, _model_config(model)), record
-    return load_causal_lm(model, torch.float32), record
+        return hf_model_from_checkpoint(step_dir, _model_config(model)).to(dtype), record
+    return load_causal_lm(model, dtype), record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, tok_info = load_tokenizer(args.model)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
-    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info)
+    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype])
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, int(hf.config.vocab_size), args.buffer)
     done = compute_ref_stats(
         args.buffer,
@@ -164,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
         ref_model=record,
         max_batch_tokens=args.batch_tokens,
         progress=not args.no_progress,
+        dtype=args.dtype,
     )
     final = open_buffer(args.buffer)
     print(
@@ -199,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=DEFAULT_BATCH_TOKENS,
         help="padded tokens per forward pass (batch rows x longest row); default %(default)s",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="precision to run the reference in, recorded in the manifest; it must be the model.params_dtype "
+        "of the training that reads the statistics (default %(default)s)",
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -446,3 +446,28 @@ def test_a_gpt2_buffer_is_refused_on_smollm2_naming_both_tokenizers(tmp_path):
     assert "tokenizer 'gpt2'" in line and gpt2["fingerprint"][:12] in line
     assert "tokenizer 'smollm2'" in line and smollm2["fingerprint"][:12] in line
     assert "Traceback" not in res.stderr
+
+
+def test_reference_statistics_of_another_precision_are_refused(tmp_path):
+    """Statistics record their dtype (none recorded: float32). Training in bf16 against float32 statistics,
+    or in float32 against bf16 ones, is refused before any work, saying what to run."""
+    write_tiny_buffer(tmp_path / "f32", with_ref=True)  # written before dtypes were recorded: float32
+    res = train_cli(f"data.buffer={tmp_path / 'f32'}", f"out={tmp_path / 'a'}", "model.params_dtype=bfloat16")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert "computed in float32 but model.params_dtype=bfloat16" in line and "--dtype bfloat16" in line
+    assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()
+
+    from shiq_data.buffer import open_buffer, write_buffer
+
+    rows = open_buffer(tmp_path / "f32").table.to_pylist()
+    tok = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+    bf16 = {"model": "x", "dtype": "bfloat16"}
+    write_buffer(rows, tmp_path / "bf16", tokenizer_info=tok, command=["t"], progress=False, ref_model=bf16)
+    res = train_cli(f"data.buffer={tmp_path / 'bf16'}", f"out={tmp_path / 'b'}", "train.steps=1")
+    assert res.returncode == 2 and "computed in bfloat16 but model.params_dtype=float32" in res.stderr
+    # the online reference needs no statistics: any precision trains
+    res = train_cli(
+        f"data.buffer={tmp_path / 'bf16'}", f"out={tmp_path / 'c'}", "train.steps=1", "train.reference=online"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
