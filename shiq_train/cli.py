@@ -30,6 +30,7 @@ from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, reference
+from shiq_train.checkpoint import latest_step_dir
 from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
@@ -60,6 +61,17 @@ SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "rotary_base",
 )
+# keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
+RESUME_SAFE_KEYS = (
+    "out",
+    "train.steps",
+    "train.save_every",
+    "train.log_every",
+    "train.eval_every",
+    "train.progress",
+    "train.tensorboard",
+)
+RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
 
 class ConfigError(ValueError):
@@ -282,6 +294,77 @@ def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer
         )
 
 
+def resume_options(section) -> tuple[set[str], bool]:
+    """``(allowed, force)`` from the command line's ``+resume.allow_changed=[KEY,...]`` and ``+resume.force=true``."""
+    if section is None:
+        return set(), False
+    if not isinstance(section, dict) or set(section) - {"allow_changed", "force"}:
+        raise ConfigError(f"unknown resume option in {section!r}: {RESUME_HELP}")
+    allowed = section.get("allow_changed", [])
+    allowed = [allowed] if isinstance(allowed, str) else allowed
+    if not isinstance(allowed, list) or not all(isinstance(k, str) for k in allowed):
+        raise ConfigError(f"resume.allow_changed must be a list of dotted keys, got {allowed!r}: {RESUME_HELP}")
+    force = section.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"resume.force must be true or false, got {force!r}")
+    return set(allowed), force
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _comparable(cfg: dict) -> dict:
+    flat = _flat(cfg)
+    for key in ("out", "data.buffer"):  # the same folder spelled another way is no change
+        if isinstance(flat.get(key), str):
+            flat[key] = str(Path(flat[key]).resolve())
+    return flat
+
+
+def check_resume_config(out: Path, cfg: dict, allowed: set[str], force: bool) -> list[str]:
+    """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
+    with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
+    ``force``. Returns the differing keys."""
+    path = out / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(saved).__name__}")
+    if saved is None:
+        if force:
+            return []
+        raise ConfigError(
+            f"{out} holds checkpoints but no config.yaml to compare this configuration with: use another out=, "
+            "or +resume.force=true to resume with this configuration"
+        )
+    old, new = _comparable(saved), _comparable(cfg)
+    unset = object()
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+    refused = [k for k in changed if k not in RESUME_SAFE_KEYS and k not in allowed]
+    if refused and not force:
+
+        def show(v):
+            return "(unset)" if v is unset else repr(v)[:40]
+
+        diffs = ", ".join(f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}" for k in refused)
+        raise ConfigError(
+            f"{path}: the run in {out} was started with another configuration ({diffs}); resuming would mix "
+            f"the two: rerun with the saved values, use another out=, or accept the change with "
+            f"+resume.allow_changed=[{','.join(refused)}] (+resume.force=true accepts any change)"
+        )
+    return changed
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
@@ -297,6 +380,8 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
     from megatron.core import parallel_state as ps  # heavy: megatron
 
+    allowed, force = resume_options(cfg.get("resume"))
+    cfg = {k: v for k, v in cfg.items() if k != "resume"}  # how to start, not what the run is
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
         check_runtime(model_cfg)
@@ -312,7 +397,10 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         )
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
+    cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     out = Path(cfg["out"])
+    if latest_step_dir(out / "checkpoints") is not None:
+        check_resume_config(out, cfg, allowed, force)
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
@@ -329,13 +417,20 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
-        cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
-        if rank0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+
+        def on_start(step: int) -> None:  # the checkpoint (if any) loaded: only now is the run folder written
+            if rank0:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+                if step:
+                    print(
+                        f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})",
+                        file=sys.stderr,
+                    )
+
         meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
         trainer = Trainer(model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta)
-        history = trainer.fit(DeviceSource(source, parallel.device()))
+        history = trainer.fit(DeviceSource(source, parallel.device()), on_start=on_start)
         if rank0:
             last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
             print(

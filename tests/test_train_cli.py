@@ -471,3 +471,52 @@ def test_reference_statistics_of_another_precision_are_refused(tmp_path):
         f"data.buffer={tmp_path / 'bf16'}", f"out={tmp_path / 'c'}", "train.steps=1", "train.reference=online"
     )
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_path):
+    """A rerun into a run folder compares its configuration with config.yaml: a changed loss.beta or model
+    size is refused naming the key, and config.yaml stays byte for byte; train.steps may change; an
+    explicit +resume.allow_changed accepts a key; every resume says from which step."""
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    run = tmp_path / "run"
+    base = [f"data.buffer={tmp_path / 'buf'}", f"out={run}", "data.rows_per_micro_batch=2"]
+    first = train_cli(*base, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "resumed from step" not in first.stderr
+    saved = (run / "config.yaml").read_bytes()
+
+    beta = train_cli(*base, "train.steps=3", "loss.beta=0.5")
+    assert beta.returncode == 2, beta.stderr[-2000:]
+    line = beta.stderr.strip().splitlines()[-1]
+    assert "loss.beta 0.1 -> 0.5" in line and "train.steps" not in line and "+resume.allow_changed=[loss.beta]" in line
+    size = train_cli(*base, "train.steps=3", "model.hidden_size=32")
+    assert size.returncode == 2 and "model.hidden_size 64 -> 32" in size.stderr and "Traceback" not in size.stderr
+    assert (run / "config.yaml").read_bytes() == saved
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+
+    longer = train_cli(*base, "train.steps=3")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "shiq-train: resumed from step 2" in longer.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+
+    allowed = train_cli(*base, "train.steps=4", "loss.beta=0.5", "+resume.allow_changed=[loss.beta]")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "resumed from step 3" in allowed.stderr
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["loss"]["beta"] == 0.5 and config["train"]["steps"] == 4 and "resume" not in config
+
+    # forced past the check, a model that does not fit the checkpoint still fails cleanly, config.yaml intact
+    saved = (run / "config.yaml").read_bytes()
+    forced = train_cli(*base, "train.steps=5", "loss.beta=0.5", "model.hidden_size=32", "+resume.force=true")
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr, forced.stderr[-2000:]
+    assert "has shape" in forced.stderr.strip().splitlines()[-1]
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_help_documents_the_resume_overrides():
+    import yaml
+
+    header = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())["hydra"]["help"]["header"]
+    assert "+resume.allow_changed=[" in header and "+resume.force=true" in header and "OUT/config.yaml" in header
