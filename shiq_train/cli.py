@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -365,6 +366,23 @@ def check_resume_config(out: Path, cfg: dict, allowed: set[str], force: bool) ->
     return changed
 
 
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (what creating ``path`` would create
+    first), or None if ``path`` exists."""
+    return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+
+
+def remove_half_made_run(created: Path | None, out: Path) -> None:
+    """After a failed start: remove ``created`` (the outermost folder this start made for ``out``) unless the
+    run got as far as a logged step or a checkpoint. Folders that existed before are never touched."""
+    if created is None or not created.exists():
+        return
+    metrics = out / "metrics.jsonl"
+    if (out / "checkpoints" / "latest").exists() or (metrics.is_file() and metrics.stat().st_size > 0):
+        return
+    shutil.rmtree(created, ignore_errors=True)
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
@@ -399,6 +417,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     out = Path(cfg["out"])
+    created = outermost_missing(out)  # removed again if this start fails before a step is done
     if latest_step_dir(out / "checkpoints") is not None:
         check_resume_config(out, cfg, allowed, force)
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
@@ -437,6 +456,10 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
             )
+    except BaseException:
+        if dist.get_rank() == 0:
+            remove_half_made_run(created, out)
+        raise
     finally:
         parallel.destroy_distributed()
     return out

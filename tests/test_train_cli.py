@@ -520,3 +520,44 @@ def test_help_documents_the_resume_overrides():
 
     header = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())["hydra"]["help"]["header"]
     assert "+resume.allow_changed=[" in header and "+resume.force=true" in header and "OUT/config.yaml" in header
+
+
+FAILING_DRIVER = """
+import sys
+import shiq_train.cli as cli
+
+class Source:  # a buffer row found bad only when it is read, in the first step
+    def next_micro_batches(self):
+        raise ValueError("buffer B: row 3, field 'tokens': id 900 out of range")
+    def state_dict(self):
+        return {}
+    def load_state_dict(self, s):
+        pass
+
+cli.open_data_source = lambda *a: Source()
+cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "t", "fingerprint": "0", "vocab_size": 128}}
+cli.main()
+"""
+
+
+def test_a_failed_start_leaves_no_half_made_run_folder(tmp_path):
+    """A start that fails before its first step removes the run folder it created (and the parents it
+    created), but never a folder that existed before."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAILING_DRIVER)
+    (tmp_path / "buffer").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def start(out):
+        cmd = [sys.executable, str(driver), f"data.buffer={tmp_path / 'buffer'}", f"out={out}"]
+        return subprocess.run(cmd + ["train.progress=false"], capture_output=True, text=True, cwd=REPO, env=env)
+
+    res = start(tmp_path / "new" / "run")
+    assert res.returncode == 2 and "row 3, field 'tokens'" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer", "driver.py"]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    res = start(tmp_path / "mine")
+    assert res.returncode == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
