@@ -21,6 +21,7 @@ from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
 from shiq_data.buffer import read_manifest
+from shiq_data.cli_common import quiet_optional_dependencies, run_command
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import plot_curves, write_table
@@ -49,11 +50,20 @@ def checkpoint_steps(path) -> list[Path]:
 def checkpoint_info(step_dir: Path) -> dict:
     """``{method, step, hf_config, init}`` of a step directory saved by ``shiq-train``."""
     meta_path = step_dir / "meta.json"
-    info = json.loads(meta_path.read_text())
-    meta = info.get("meta", {})
+    try:
+        info = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    meta = info.get("meta", {}) if isinstance(info, dict) else None
+    if not isinstance(meta, dict) or not isinstance(info.get("step"), int):
+        raise EvalInputError(f"{meta_path}: expected an object with an integer 'step' and a 'meta' object")
     for field in ("loss", "hf_config"):
         if field not in meta:
             raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
+    if not isinstance(meta["loss"], dict) or not isinstance(meta["loss"].get("name"), str):
+        raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
+    if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
+        raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
     return {
         "method": meta["loss"]["name"],
         "step": int(info["step"]),
@@ -91,6 +101,25 @@ def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model)
             min(vocab) if vocab else None,
             f"the buffer of {step_dir}",
             role="evaluation model (--reference, --tokenizer)",
+        )
+
+
+def check_reward_model_file(path) -> None:
+    """Refuse, before any model is loaded, a ``--reward-model`` file that is not safetensors."""
+    from safetensors import SafetensorError, safe_open  # heavy: only shiq-eval run reads a head
+
+    try:
+        with safe_open(str(path), "np") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EvalInputError(
+            f"--reward-model {path}: not a safetensors file ({' '.join(str(e).split())[:120]}); expected a head "
+            "saved by RegressionRewardModel.save"
+        ) from None
+    if not {"weight", "bias"} <= keys:
+        raise EvalInputError(
+            f"--reward-model {path}: holds tensors {sorted(keys)}, not the 'weight' and 'bias' of a head saved by "
+            "RegressionRewardModel.save"
         )
 
 
@@ -280,6 +309,13 @@ def run(args) -> list[dict]:
             f"--reward-model {args.reward_model}: no such file (a head saved by "
             "shiq_eval.scorers.RegressionRewardModel.save)"
         )
+    if args.prompts is not None:  # every input checked before a model is loaded
+        prompts, shown = read_prompts_jsonl(args.prompts)
+        source = str(Path(args.prompts).resolve())
+    else:
+        prompts, shown = movie_prompts(args.movie_prompts)
+        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
+    check_reward_model_file(args.reward_model)
     context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
@@ -289,12 +325,6 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(steps, infos, tokenizer, ref_model)
-    if args.prompts is not None:
-        prompts, shown = read_prompts_jsonl(args.prompts)
-        source = str(Path(args.prompts).resolve())
-    else:
-        prompts, shown = movie_prompts(args.movie_prompts)
-        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
     prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
     scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
@@ -411,11 +441,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["bfcl"]:  # the BFCL commands parse their own arguments
         return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, FileNotFoundError) as e:  # EvalInputError and the checks' refusals
-        print(f"shiq-eval: error: {e}", file=sys.stderr)
-        return 2
+    quiet_optional_dependencies()
+    return run_command("shiq-eval", _run_command, args)
+
+
+def _run_command(args) -> int:
+    run(args)
     return 0
 
 

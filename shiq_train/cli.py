@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest
+from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencies, verbose
 from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
@@ -383,12 +385,46 @@ def remove_half_made_run(created: Path | None, out: Path) -> None:
     shutil.rmtree(created, ignore_errors=True)
 
 
+def _fits(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def check_types(cls, section: dict, prefix: str) -> None:
+    """Refuse a value of the wrong type for a dataclass field (``optimizer.lr=abc``), naming the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        kinds = typing.get_args(hints[key]) or (hints[key],) if key in hints else ()
+        if kinds and not any(_fits(value, k) for k in kinds):
+            names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+            raise ConfigError(f"{prefix}.{key}={value!r}: expected {names}")
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(f"unknown {prefix} option(s) {unknown}; known: {sorted(known)}")
+    check_types(cls, section, prefix)
     return cls(**section)
+
+
+def check_plain_options(cfg: dict) -> None:
+    """The options outside the dataclass sections: integers where integers are needed, paths as strings."""
+    ints = {"seed": cfg.get("seed"), **{f"parallel.{k}": v for k, v in (cfg.get("parallel") or {}).items()}}
+    data = cfg.get("data") or {}
+    ints.update({f"data.{k}": data.get(k) for k in ("rows_per_micro_batch", "micro_batches_per_step", "seed")})
+    for key, value in ints.items():
+        if not _fits(value, int) or (key != "seed" and key != "data.seed" and value < 1):
+            raise ConfigError(f"{key}={value!r}: expected an integer" + ("" if "seed" in key else " >= 1"))
+    for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}={value!r}: expected a path")
 
 
 def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
@@ -400,6 +436,8 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
 
     allowed, force = resume_options(cfg.get("resume"))
     cfg = {k: v for k, v in cfg.items() if k != "resume"}  # how to start, not what the run is
+    check_plain_options(cfg)
+    check_types(ModelConfig, {k: v for k, v in cfg["model"].items() if k in ModelConfig.__dataclass_fields__}, "model")
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
         check_runtime(model_cfg)
@@ -485,13 +523,38 @@ def _task(cfg) -> None:
             f"missing value for {key}: give it on the command line "
             "(shiq-train data.buffer=BUFFER out=RUN ...; see --help)"
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    except Exception as e:
+        if verbose() or not is_user_error(e):
+            raise
+        _fail(e)
 
 
-def _fail(message: str) -> None:
-    print(f"shiq-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message) -> None:
+    sys.exit(fail("shiq-train", message))
+
+
+def hydra_error(argv: list[str]) -> str | None:
+    """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
+    parse) on one line, or None. Composes the config once, as Hydra will; Hydra's own flags (``--help``,
+    ``--cfg``, ...) are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir  # heavy: hydra, only the training command needs it
+    from hydra.errors import HydraException  # heavy: hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            compose(config_name="train", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = []
+        for line in str(e).splitlines():
+            if line.startswith("Config search path"):
+                break
+            if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
+                lines.append(line.strip())
+        return "; ".join(lines) or type(e).__name__
+    return None
 
 
 def main() -> int | None:
@@ -500,6 +563,10 @@ def main() -> int | None:
         return reference.main(sys.argv[2:])
     import hydra  # heavy: only the training command needs it
 
+    quiet_optional_dependencies()
+    problem = hydra_error(sys.argv[1:])
+    if problem:
+        _fail(f"command line: {problem} (see shiq-train --help)")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()
 

@@ -18,6 +18,7 @@ import torch
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
+from shiq_data.cli_common import run_command
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train.checkpoint import latest_step_dir
@@ -145,7 +146,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
             if step_dir is None:
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
         record["megatron_checkpoint"] = str(step_dir.resolve())
-        return hf_model_from_checkpoint(step_dir, _model_config(model)).to(dtype), record
+        return hf_model_from_checkpoint(step_dir, _model_config(model), dtype), record
     return load_causal_lm(model, dtype), record
 
 
@@ -214,14 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> int:
-    """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 1."""
+    """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        msg = " ".join(str(e).split())
-        print(f"shiq-train ref-stats: error: {msg}", file=sys.stderr)
-        return 1
+    return run_command("shiq-train ref-stats", run, args)
 
 
 if __name__ == "__main__":

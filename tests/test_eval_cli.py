@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -394,7 +395,9 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     buffer_tok = {"name": "gpt2", "fingerprint": "f" * 64, "vocab_size": VOCAB}
     meta = {"loss": {"name": "shiq"}, "hf_config": {"vocab_size": VOCAB}, "tokenizer": buffer_tok}
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
-    (tmp_path / "rm.safetensors").write_bytes(b"")  # never read: the check comes first
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros(2), "bias": np.zeros(1)}, str(tmp_path / "rm.safetensors"))  # a head, never used
     (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4"}\n')
     args = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
     args += ["--reward-model", str(tmp_path / "rm.safetensors"), "--reference", str(folder)]
@@ -404,11 +407,15 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     assert err.startswith("shiq-eval: error: ") and f"the buffer of {step}: built with tokenizer 'gpt2'" in err
     assert "ffffffffffff" in err and "evaluation model" in err
     assert not (tmp_path / "o").exists()
-    # the same record with the folder's own tokenizer passes the check (and fails later, on the empty head)
+    # the same record with the folder's own tokenizer passes the check: the evaluation runs (a real head now)
     from shiq_data.tokenizers import load_tokenizer
 
     meta["tokenizer"] = load_tokenizer(str(folder))[1]
+    meta["hf_config"] = transformers.LlamaConfig.from_pretrained(folder).to_dict()
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
-    with pytest.raises(Exception) as e:
-        main(args)
-    assert "tokenizer" not in str(e.value)
+    RegressionRewardModel.fit(minilm_encoder(), ["good", "bad"], [1.0, -1.0], l2=1.0).save(tmp_path / "rm.safetensors")
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"PK\x03\x04")  # truncated: refused naming the file
+    capsys.readouterr()
+    assert main(args + ["--max-new-tokens", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fingerprint" not in err and f"{step / 'rank_tp0_pp0_dp0.pt'}: not a readable checkpoint" in err, err

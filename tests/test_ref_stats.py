@@ -355,7 +355,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     capsys.readouterr()  # transformers' loading bar
 
     other = write_buffer(make_rows(2), tmp_path / "other", tokenizer_info=TOKENIZER, command=["test"], progress=False)
-    assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 1
+    assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("shiq-train ref-stats: error: ") and "fingerprint" in err and len(err.splitlines()) == 1
     assert not open_buffer(other.path).has_ref_stats
@@ -373,7 +373,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
         text=True,
         env=env,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("shiq-train ref-stats: error: ") and "fingerprint" in proc.stderr
     assert not open_buffer(other.path).has_ref_stats
     proc = subprocess.run([*cmd, "ref-stats", "--help"], capture_output=True, text=True, env=env)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from shiq_data.buffer import write_buffer
+from shiq_data.cli_common import run_command
 from shiq_data.io import atomic_write_json
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import check_trajectory, format_summary, summarize
@@ -198,4 +199,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     args.command_line = [*prog.split(), *argv]
-    return args.func(args)
+    return run_command(prog, args.func, args)

@@ -41,9 +41,11 @@ from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.cli_common import quiet_optional_dependencies, run_command
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, minilm_encoder, pearson
@@ -90,10 +92,31 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
             key = o.split("=", 1)[0]
             if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
                 raise ValueError(f"unknown config key {key!r} in override {o!r} (see {path})")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        try:
+            given = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
+        for key in (o.split("=", 1)[0] for o in overrides):
+            old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
+            if not _same_kind(old, new):
+                raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
+        cfg = OmegaConf.merge(cfg, given)
     cfg = OmegaConf.to_container(cfg, resolve=True)
     _check_config(cfg)
     return cfg
+
+
+def _same_kind(old, new) -> bool:
+    """Whether an override ``new`` has the kind of value of the default ``old`` (an int for a float is fine)."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    if isinstance(old, (int, str)):
+        return type(new) is type(old)
+    return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
 
 
 def _check_config(cfg: dict) -> None:
@@ -668,10 +691,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
-    except (ValueError, FileNotFoundError) as e:
-        ap.error(str(e))
+    quiet_optional_dependencies()
+    return run_command("shiq-demo", _main, args)
+
+
+def _main(args) -> int:
+    cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     rep = run(cfg, args.out)
     _log(f"done: {Path(args.out) / 'report.md'}")
