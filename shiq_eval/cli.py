@@ -22,6 +22,7 @@ from pathlib import Path
 from shiq_data.assets import VADER_SDIST
 from shiq_data.buffer import read_manifest
 from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.tokenizers import fingerprint
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import plot_curves, write_table
@@ -87,7 +88,6 @@ def run_tokenizer(meta: dict) -> dict | None:
 def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model) -> None:
     """Refuse, before any sampling, an evaluation tokenizer that is not the one the runs' buffers were built
     with, or a reference or policy whose vocabulary is smaller than that tokenizer's."""
-    from shiq_data.tokenizers import fingerprint
     from shiq_train.reference import check_tokenizer_matches  # heavy: torch
 
     mine = {"name": getattr(tokenizer, "name_or_path", "") or "?", "fingerprint": fingerprint(tokenizer)}
