@@ -250,6 +250,24 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
+    if "action_tokens" in manifest and not _is_count(manifest["action_tokens"]):
+        raise ValueError(f"{path}: field 'action_tokens' must be an integer in [0, 2**63)")
+    if not isinstance(tok.get("name", ""), str):
+        raise ValueError(f"{path}: field 'tokenizer.name' must be a string, got {tok['name']!r:.40}")
+    commands = manifest.get("commands", [])
+    if not isinstance(commands, list) or not all(
+        isinstance(c, dict)
+        and isinstance(c.get("argv", []), list)
+        and all(isinstance(a, str) for a in c.get("argv", []))
+        for c in commands
+    ):
+        raise ValueError(f"{path}: field 'commands' must be a list of objects whose 'argv' is a list of strings")
+    for key in ("ref_model", "ref_stats"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise ValueError(f"{path}: field {key!r} must be an object or null, got {type(manifest[key]).__name__}")
+    done = (manifest.get("ref_stats") or {}).get("done", [])
+    if not isinstance(done, list) or not all(isinstance(f, str) for f in done):
+        raise ValueError(f"{path}: field 'ref_stats.done' must be a list of shard file names")
     if not isinstance(manifest["shards"], list):
         raise ValueError(f"{path}: field 'shards' must be a list, got {type(manifest['shards']).__name__}")
     folder = path.parent.resolve()
@@ -270,6 +288,8 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
                 raise ValueError(f"{where}.{key}: must be a non-negative integer, got {entry.get(key)!r}")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
             raise ValueError(f"{where}.sha256: must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
+        if "bytes" in entry and not _is_count(entry["bytes"]):
+            raise ValueError(f"{where}.bytes: must be a non-negative integer, got {entry['bytes']!r}")
         if not isinstance(entry.get("has_ref"), bool):
             raise ValueError(f"{where}.has_ref: must be true or false, got {entry.get('has_ref')!r}")
 

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import append_buffer, read_manifest, write_buffer
+from shiq_data.cli_common import run_command
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
@@ -120,15 +121,15 @@ def cmd_info(args) -> int:
     print(
         f"buffer      {args.buffer}\n"
         f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
-        f"tokens      {m['tokens']}  (action tokens {m['action_tokens']})\n"
-        f"shards      {len(m['shards'])}  ({sum(s['bytes'] for s in m['shards']) / 1e6:.1f} MB)\n"
+        f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
+        f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
         f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"
         + (f"  ({m['ref_model']})" if m.get("ref_model") else "")
-        + f"\ncreated     {m['created']}  updated {m['updated']}"
+        + f"\ncreated     {m.get('created')}  updated {m.get('updated')}"
     )
-    for c in m["commands"]:
-        print(f"command     {c['time']}  +{c['rows']} rows  {' '.join(c['argv'])}")
+    for c in m.get("commands", []):
+        print(f"command     {c.get('time')}  +{c.get('rows')} rows  {' '.join(c.get('argv', []))}")
     return 0
 
 
@@ -209,12 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = ["shiq-data", *argv]
-    try:
-        return int(args.func(args) or 0)
-    except (ValueError, OSError, RuntimeError) as e:  # RowError is a ValueError: file, row and field are in it
-        msg = " ".join(str(e).split())
-        print(f"shiq-data: error: {msg}", file=sys.stderr)
-        return 1
+    return run_command("shiq-data", args.func, args)  # RowError names the file, row and field
 
 
 if __name__ == "__main__":

@@ -30,6 +30,15 @@ Stats = torch.Tensor | np.ndarray
 StatsFn = Callable[[torch.Tensor, torch.Tensor], tuple[Stats, Stats]]
 
 DEFAULT_BATCH_TOKENS = 2048
+DEFAULT_DTYPE = "float32"  # what buffers that record no dtype were computed in
+
+
+def ref_stats_dtype(manifest: dict) -> str:
+    """The dtype (``float32``, ``bfloat16``) the reference statistics of a buffer were computed in, as its
+    manifest's ``ref_model.dtype`` records it; :data:`DEFAULT_DTYPE` for buffers that record none."""
+    model = manifest.get("ref_model")
+    dtype = model.get("dtype") if isinstance(model, dict) else None
+    return dtype if isinstance(dtype, str) else DEFAULT_DTYPE
 
 
 def length_sorted_batches(lengths: list[int], max_batch_tokens: int) -> list[list[int]]:
@@ -107,15 +116,18 @@ def compute_ref_stats(
     ref_model: dict,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     progress: bool = True,
+    dtype: str = DEFAULT_DTYPE,
 ) -> list[int]:
     """Add ``ref_chosen_logits`` / ``ref_logz`` to every shard of a buffer that lacks them.
 
     Each shard is committed atomically as soon as it is done (``manifest.json`` records it under
     ``ref_stats.done``), so re-running after a kill continues with the first unfinished shard.
     ``ref_model`` (JSON-able, e.g. ``{"name": "smollm2", "fingerprint": ...}``) is recorded in the
-    manifest; a buffer holding another model's statistics is refused. Returns the shard indices
-    computed by this call.
+    manifest together with ``dtype``, the precision ``stats_fn``'s model runs in (training in another
+    ``params_dtype`` is refused by ``shiq-train``); a buffer holding another model's statistics is refused.
+    Returns the shard indices computed by this call.
     """
+    ref_model = {**ref_model, "dtype": dtype}
     buffer = open_buffer(buffer_dir)
     todo = shards_without_ref(buffer_dir, ref_model)
     entries = buffer.manifest["shards"]

@@ -182,4 +182,9 @@ def row_has_ref(row: dict) -> bool:
 
 def is_finite_number(x) -> bool:
     """A real, finite number (bools excluded)."""
-    return isinstance(x, (Real, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_)) and math.isfinite(x)
+    if not isinstance(x, (Real, np.floating, np.integer)) or isinstance(x, (bool, np.bool_)):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer beyond the float range
+        return False

@@ -25,6 +25,9 @@ import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
+from shiq_data.buffer import read_manifest
+from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.tokenizers import fingerprint
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import plot_curves, write_table
@@ -53,17 +56,76 @@ def checkpoint_steps(path) -> list[Path]:
 def checkpoint_info(step_dir: Path) -> dict:
     """``{method, step, hf_config, init}`` of a step directory saved by ``shiq-train``."""
     meta_path = step_dir / "meta.json"
-    info = json.loads(meta_path.read_text())
-    meta = info.get("meta", {})
+    try:
+        info = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    meta = info.get("meta", {}) if isinstance(info, dict) else None
+    if not isinstance(meta, dict) or not isinstance(info.get("step"), int):
+        raise EvalInputError(f"{meta_path}: expected an object with an integer 'step' and a 'meta' object")
     for field in ("loss", "hf_config"):
         if field not in meta:
             raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
+    if not isinstance(meta["loss"], dict) or not isinstance(meta["loss"].get("name"), str):
+        raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
+    if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
+        raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
     return {
         "method": meta["loss"]["name"],
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
         "init": meta.get("config", {}).get("init", "none"),
+        "tokenizer": run_tokenizer(meta),
     }
+
+
+def run_tokenizer(meta: dict) -> dict | None:
+    """The tokenizer info of the buffer a run trained on: recorded in its checkpoints by shiq-train, or, for
+    checkpoints saved before it was, read from that buffer's manifest if the buffer is still there."""
+    if isinstance(meta.get("tokenizer"), dict):
+        return meta["tokenizer"]
+    buffer = ((meta.get("config") or {}).get("data") or {}).get("buffer")
+    if isinstance(buffer, str) and (Path(buffer) / "manifest.json").is_file():
+        return read_manifest(buffer)["tokenizer"]
+    return None
+
+
+def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model) -> None:
+    """Refuse, before any sampling, an evaluation tokenizer that is not the one the runs' buffers were built
+    with, or a reference or policy whose vocabulary is smaller than that tokenizer's."""
+    from shiq_train.reference import check_tokenizer_matches  # heavy: torch
+
+    mine = {"name": getattr(tokenizer, "name_or_path", "") or "?", "fingerprint": fingerprint(tokenizer)}
+    for step_dir, info in zip(steps, infos):
+        if info["tokenizer"] is None:
+            continue
+        vocab = [v for v in (info["hf_config"].get("vocab_size"), ref_model.config.vocab_size) if isinstance(v, int)]
+        check_tokenizer_matches(
+            info["tokenizer"],
+            mine,
+            min(vocab) if vocab else None,
+            f"the buffer of {step_dir}",
+            role="evaluation model (--reference, --tokenizer)",
+        )
+
+
+def check_reward_model_file(path) -> None:
+    """Refuse, before any model is loaded, a ``--reward-model`` file that is not safetensors."""
+    from safetensors import SafetensorError, safe_open  # heavy: only shiq-eval run reads a head
+
+    try:
+        with safe_open(str(path), "np") as f:
+            keys = set(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise EvalInputError(
+            f"--reward-model {path}: not a safetensors file ({' '.join(str(e).split())[:120]}); expected a head "
+            "saved by RegressionRewardModel.save"
+        ) from None
+    if not {"weight", "bias"} <= keys:
+        raise EvalInputError(
+            f"--reward-model {path}: holds tensors {sorted(keys)}, not the 'weight' and 'bias' of a head saved by "
+            "RegressionRewardModel.save"
+        )
 
 
 def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
@@ -305,6 +367,13 @@ def run(args) -> list[dict]:
             f"--reward-model {args.reward_model}: no such file (a head saved by "
             "shiq_eval.scorers.RegressionRewardModel.save)"
         )
+    if args.prompts is not None:  # every input checked before a model is loaded
+        prompts, shown = read_prompts_jsonl(args.prompts)
+        source = str(Path(args.prompts).resolve())
+    else:
+        prompts, shown = movie_prompts(args.movie_prompts)
+        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
+    check_reward_model_file(args.reward_model)
     context = engine_context(args)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
@@ -313,12 +382,7 @@ def run(args) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
-    if args.prompts is not None:
-        prompts, shown = read_prompts_jsonl(args.prompts)
-        source = str(Path(args.prompts).resolve())
-    else:
-        prompts, shown = movie_prompts(args.movie_prompts)
-        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
+    check_tokenizers(steps, infos, tokenizer, ref_model)
     prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
     prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
     scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
@@ -458,11 +522,12 @@ def main(argv=None) -> int:
     if argv[:1] == ["bfcl"]:  # the BFCL commands parse their own arguments
         return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (EvalInputError, FileNotFoundError) as e:
-        print(f"shiq-eval: error: {e}", file=sys.stderr)
-        return 2
+    quiet_optional_dependencies()
+    return run_command("shiq-eval", _run_command, args)
+
+
+def _run_command(args) -> int:
+    run(args)
     return 0
 
 

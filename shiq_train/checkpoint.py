@@ -18,6 +18,7 @@ then starts afresh).
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from pathlib import Path
 
@@ -129,6 +130,45 @@ def latest_step_dir(directory) -> Path | None:
     return step_dir
 
 
+def read_meta(step_dir) -> dict:
+    """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp) integers, ``meta``
+    an object; ``ValueError`` naming the file otherwise."""
+    path = Path(step_dir) / "meta.json"
+    try:
+        info = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    layout = info.get("layout") if isinstance(info, dict) else None
+    if (
+        not isinstance(info, dict)
+        or not isinstance(info.get("step"), int)
+        or not isinstance(layout, dict)
+        or not all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp"))
+        or not isinstance(info.get("meta", {}), dict)
+    ):
+        raise ValueError(
+            f"{path}: expected an object with an integer 'step', a 'layout' of integers tp, pp, dp and a "
+            "'meta' object; the checkpoint is damaged"
+        )
+    return info
+
+
+def read_rank_file(path: Path) -> dict:
+    """One rank's saved state, read with ``weights_only=True`` (never unpickles arbitrary objects); a
+    missing, truncated or foreign file is a ``ValueError`` naming it."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete") from None
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        msg = " ".join(str(e).split())[:200]
+        raise ValueError(f"{path}: not a readable checkpoint file ({msg})") from None
+    keys = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
+    if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["model"], dict):
+        raise ValueError(f"{path}: not a checkpoint written by shiq_train (expected the keys {list(keys)})")
+    return state
+
+
 def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:
     """Restore what :func:`save_checkpoint` saved (the ``latest`` step unless ``step_dir`` is given).
 
@@ -139,21 +179,26 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     if step_dir is None:
         raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
     lay = _layout()
-    info = json.loads((step_dir / "meta.json").read_text())
-    saved = info["layout"]
+    saved = read_meta(step_dir)["layout"]
     if any(saved[k] != lay[k] for k in ("tp", "pp", "dp")):
         raise ValueError(
             f"checkpoint {step_dir} was saved with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}, but this "
             f"run uses tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}; resume with the saved layout, or load "
             "gathered full parameters with shiq_train.model.load_full_parameters (fresh optimizer state)"
         )
-    state = torch.load(_rank_file(step_dir, lay), weights_only=True)  # never unpickles arbitrary objects
+    state = read_rank_file(_rank_file(step_dir, lay))
     params = dict(unwrap(model).named_parameters())
     if set(params) != set(state["model"]):
         raise ValueError(
             f"checkpoint {step_dir} holds parameters {sorted(set(state['model']) ^ set(params))} "
             "that do not match the model (different model config?)"
         )
+    for n, p in params.items():
+        if tuple(state["model"][n].shape) != tuple(p.shape):
+            raise ValueError(
+                f"checkpoint {step_dir}: parameter {n} has shape {tuple(state['model'][n].shape)} but the model's "
+                f"is {tuple(p.shape)} (different model config?)"
+            )
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(state["model"][n])

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
+import typing
 from pathlib import Path
 
 import torch
@@ -27,10 +29,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
-from shiq_data.buffer import open_buffer
+from shiq_data.buffer import open_buffer, read_manifest
+from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencies, verbose
 from shiq_data.io import atomic_write_bytes
+from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, reference
+from shiq_train.checkpoint import latest_step_dir
 from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
@@ -62,6 +67,17 @@ SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "rotary_base",
 )
+# keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
+RESUME_SAFE_KEYS = (
+    "out",
+    "train.steps",
+    "train.save_every",
+    "train.log_every",
+    "train.eval_every",
+    "train.progress",
+    "train.tensorboard",
+)
+RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
 
 class ConfigError(ValueError):
@@ -245,7 +261,7 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
     if reference == "precomputed" and missing:
         raise ConfigError(
             f"buffer {path} has no reference statistics (columns {missing} missing), but "
-            "train.reference=precomputed: add them with shiq_data's refstats, or set "
+            "train.reference=precomputed: add them with shiq-train ref-stats BUFFER --model MODEL, or set "
             "train.reference=online"
         )
     return BufferSampler(
@@ -260,11 +276,144 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
     )
 
 
+def check_buffer(buffer_dir, model_cfg, init: str) -> dict:
+    """Refuse a buffer the model cannot read, before any work: its tokenizer must be the model's (``init``
+    smollm2 or a Hugging Face folder with tokenizer files; ``reference.model_tokenizer_info``) and its
+    vocabulary must fit in ``model.vocab_size``. Returns the buffer's manifest."""
+    manifest = read_manifest(buffer_dir)
+    tok = reference.model_tokenizer_info(init)
+    role = f"model (init={init}, model.vocab_size={model_cfg.vocab_size})"
+    reference.check_tokenizer_matches(manifest["tokenizer"], tok, model_cfg.vocab_size, buffer_dir, role=role)
+    return manifest
+
+
+def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer_dir) -> None:
+    """Refuse precomputed reference statistics computed in another precision than ``model.params_dtype``:
+    the trained model would differ from its reference before the first update (SHIQ_MATH §2)."""
+    have = ref_stats_dtype(manifest)
+    if reference_mode == "precomputed" and have != model_cfg.params_dtype:
+        raise ConfigError(
+            f"{buffer_dir}: its reference statistics were computed in {have} but model.params_dtype="
+            f"{model_cfg.params_dtype}: train with model.params_dtype={have} or train.reference=online, or compute "
+            f"the statistics in {model_cfg.params_dtype} on a buffer built without them (shiq-train ref-stats "
+            f"BUFFER --model MODEL --dtype {model_cfg.params_dtype})"
+        )
+
+
+def resume_options(section) -> tuple[set[str], bool]:
+    """``(allowed, force)`` from the command line's ``+resume.allow_changed=[KEY,...]`` and ``+resume.force=true``."""
+    if section is None:
+        return set(), False
+    if not isinstance(section, dict) or set(section) - {"allow_changed", "force"}:
+        raise ConfigError(f"unknown resume option in {section!r}: {RESUME_HELP}")
+    allowed = section.get("allow_changed", [])
+    allowed = [allowed] if isinstance(allowed, str) else allowed
+    if not isinstance(allowed, list) or not all(isinstance(k, str) for k in allowed):
+        raise ConfigError(f"resume.allow_changed must be a list of dotted keys, got {allowed!r}: {RESUME_HELP}")
+    force = section.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"resume.force must be true or false, got {force!r}")
+    return set(allowed), force
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (empty dicts stay values)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _comparable(cfg: dict) -> dict:
+    flat = _flat(cfg)
+    for key in ("out", "data.buffer"):  # the same folder spelled another way is no change
+        if isinstance(flat.get(key), str):
+            flat[key] = str(Path(flat[key]).resolve())
+    return flat
+
+
+def check_resume_config(out: Path, cfg: dict, allowed: set[str], force: bool) -> list[str]:
+    """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
+    with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
+    ``force``. Returns the differing keys."""
+    path = out / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    if saved is not None and not isinstance(saved, dict):
+        raise ConfigError(f"{path}: expected a mapping of options, got {type(saved).__name__}")
+    if saved is None:
+        if force:
+            return []
+        raise ConfigError(
+            f"{out} holds checkpoints but no config.yaml to compare this configuration with: use another out=, "
+            "or +resume.force=true to resume with this configuration"
+        )
+    old, new = _comparable(saved), _comparable(cfg)
+    unset = object()
+    changed = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+    refused = [k for k in changed if k not in RESUME_SAFE_KEYS and k not in allowed]
+    if refused and not force:
+
+        def show(v):
+            return "(unset)" if v is unset else repr(v)[:40]
+
+        diffs = ", ".join(f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}" for k in refused)
+        raise ConfigError(
+            f"{path}: the run in {out} was started with another configuration ({diffs}); resuming would mix "
+            f"the two: rerun with the saved values, use another out=, or accept the change with "
+            f"+resume.allow_changed=[{','.join(refused)}] (+resume.force=true accepts any change)"
+        )
+    return changed
+
+
+def outermost_missing(path: Path) -> Path | None:
+    """The outermost of ``path`` and its parents that does not exist (what creating ``path`` would create
+    first), or None if ``path`` exists."""
+    return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
+
+
+def remove_half_made_run(created: Path | None, out: Path) -> None:
+    """After a failed start: remove ``created`` (the outermost folder this start made for ``out``) unless the
+    run got as far as a logged step or a checkpoint. Folders that existed before are never touched."""
+    if created is None or not created.exists():
+        return
+    metrics = out / "metrics.jsonl"
+    if (out / "checkpoints" / "latest").exists() or (metrics.is_file() and metrics.stat().st_size > 0):
+        return
+    shutil.rmtree(created, ignore_errors=True)
+
+
+def _fits(value, kind) -> bool:
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is type(None):
+        return value is None
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
+def check_types(cls, section: dict, prefix: str) -> None:
+    """Refuse a value of the wrong type for a dataclass field (``optimizer.lr=abc``), naming the key."""
+    hints = typing.get_type_hints(cls)
+    for key, value in section.items():
+        kinds = typing.get_args(hints[key]) or (hints[key],) if key in hints else ()
+        if kinds and not any(_fits(value, k) for k in kinds):
+            names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in kinds)
+            raise ConfigError(f"{prefix}.{key}={value!r}: expected {names}")
+
+
 def _dataclass_from(cls, section: dict, prefix: str):
     known = set(cls.__dataclass_fields__)
     unknown = sorted(set(section) - known)
     if unknown:
         raise ConfigError(f"unknown {prefix} option(s) {unknown}; known: {sorted(known)}")
+    check_types(cls, section, prefix)
     return cls(**section)
 
 
@@ -298,6 +447,19 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     return out
 
 
+def check_plain_options(cfg: dict) -> None:
+    """The options outside the dataclass sections: integers where integers are needed, paths as strings."""
+    ints = {"seed": cfg.get("seed"), **{f"parallel.{k}": v for k, v in (cfg.get("parallel") or {}).items()}}
+    data = cfg.get("data") or {}
+    ints.update({f"data.{k}": data.get(k) for k in ("rows_per_micro_batch", "micro_batches_per_step", "seed")})
+    for key, value in ints.items():
+        if not _fits(value, int) or (key != "seed" and key != "data.seed" and value < 1):
+            raise ConfigError(f"{key}={value!r}: expected an integer" + ("" if "seed" in key else " >= 1"))
+    for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}={value!r}: expected a path")
+
+
 def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
 
@@ -308,6 +470,10 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         return run_value(cfg, model_keys)
     from megatron.core import parallel_state as ps  # heavy: megatron
 
+    allowed, force = resume_options(cfg.get("resume"))
+    cfg = {k: v for k, v in cfg.items() if k != "resume"}  # how to start, not what the run is
+    check_plain_options(cfg)
+    check_types(ModelConfig, {k: v for k, v in cfg["model"].items() if k in ModelConfig.__dataclass_fields__}, "model")
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     try:
         check_runtime(model_cfg)
@@ -321,7 +487,13 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
+    manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
+    check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
+    cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     out = Path(cfg["out"])
+    created = outermost_missing(out)  # removed again if this start fails before a step is done
+    if latest_step_dir(out / "checkpoints") is not None:
+        check_resume_config(out, cfg, allowed, force)
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
@@ -338,19 +510,30 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
-        cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
-        if rank0:
-            out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
-        meta = {"config": cfg, "hf_config": hf_config.to_dict()}
+
+        def on_start(step: int) -> None:  # the checkpoint (if any) loaded: only now is the run folder written
+            if rank0:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+                if step:
+                    print(
+                        f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})",
+                        file=sys.stderr,
+                    )
+
+        meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
         trainer = Trainer(model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta)
-        history = trainer.fit(DeviceSource(source, parallel.device()))
+        history = trainer.fit(DeviceSource(source, parallel.device()), on_start=on_start)
         if rank0:
             last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
             print(
                 f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
             )
+    except BaseException:
+        if dist.get_rank() == 0:
+            remove_half_made_run(created, out)
+        raise
     finally:
         parallel.destroy_distributed()
     return out
@@ -376,13 +559,38 @@ def _task(cfg) -> None:
             f"missing value for {key}: give it on the command line "
             "(shiq-train data.buffer=BUFFER out=RUN ...; see --help)"
         )
-    except (ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+    except Exception as e:
+        if verbose() or not is_user_error(e):
+            raise
+        _fail(e)
 
 
-def _fail(message: str) -> None:
-    print(f"shiq-train: error: {message}", file=sys.stderr)
-    sys.exit(2)
+def _fail(message) -> None:
+    sys.exit(fail("shiq-train", message))
+
+
+def hydra_error(argv: list[str]) -> str | None:
+    """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
+    parse) on one line, or None. Composes the config once, as Hydra will; Hydra's own flags (``--help``,
+    ``--cfg``, ...) are left to Hydra."""
+    if any(a.startswith("-") for a in argv):
+        return None
+    from hydra import compose, initialize_config_dir  # heavy: hydra, only the training command needs it
+    from hydra.errors import HydraException  # heavy: hydra
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            compose(config_name="train", overrides=argv)
+    except (HydraException, OmegaConfBaseException) as e:
+        lines = []
+        for line in str(e).splitlines():
+            if line.startswith("Config search path"):
+                break
+            if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
+                lines.append(line.strip())
+        return "; ".join(lines) or type(e).__name__
+    return None
 
 
 def main() -> int | None:
@@ -391,6 +599,10 @@ def main() -> int | None:
         return reference.main(sys.argv[2:])
     import hydra  # heavy: only the training command needs it
 
+    quiet_optional_dependencies()
+    problem = hydra_error(sys.argv[1:])
+    if problem:
+        _fail(f"command line: {problem} (see shiq-train --help)")
     os.environ.setdefault("HYDRA_FULL_ERROR", "0")
     hydra.main(version_base=None, config_path=str(CONFIG_DIR), config_name="train")(_task)()
 

@@ -8,24 +8,24 @@ checks against megatron's parameters).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from shiq_train import weights as W
+from shiq_train.checkpoint import read_meta, read_rank_file
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 
 
 def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True) -> dict[str, torch.Tensor]:
     """The full (TP=1, PP=1) parameter set saved in ``step_dir``, from its rank files alone.
 
-    Loads with ``weights_only=True``. Only data-parallel rank 0's files are read (the others hold
+    Loads with ``weights_only=True`` (``shiq_train.checkpoint.read_rank_file``). Only data-parallel rank 0's files are read (the others hold
     the same parameters). The layout (split dimensions, layer numbers, file names) is
     ``shiq_train.weights``'s.
     """
     step_dir = Path(step_dir)
-    info = json.loads((step_dir / "meta.json").read_text())
+    info = read_meta(step_dir)
     tp, pp = info["layout"]["tp"], info["layout"]["pp"]
     try:
         per_stage = W.layers_per_stage(num_layers, pp)
@@ -35,9 +35,7 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             path = step_dir / W.rank_file_name(tp_rank, pp_rank, 0)
-            if not path.exists():
-                raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
-            params = torch.load(path, weights_only=True)["model"]
+            params = read_rank_file(path)["model"]  # weights_only: never unpickles arbitrary objects
             for name, value in params.items():
                 if name == W.TIED_OUTPUT and tied:
                     continue  # the last stage's copy of the tied embedding

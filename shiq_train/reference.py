@@ -18,12 +18,13 @@ import torch
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
+from shiq_data.cli_common import run_command
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
-from shiq_train.model import forward_stats
+from shiq_train.model import DTYPES, forward_stats
 from shiq_train.stats import causal_lm_stats
 from shiq_train.vocab_parallel import chunked_causal_stats
 
@@ -82,19 +83,36 @@ def megatron_stats_fn(model) -> StatsFn:
     return stats
 
 
-def check_tokenizer_matches(buffer_info: dict, model_info: dict, model_vocab_size: int | None, buffer_dir) -> None:
-    """Refuse a reference model whose tokenizer is not the one the buffer was built with (and, once the
-    model is loaded, one whose vocabulary is smaller than the tokenizer's)."""
-    if model_info["fingerprint"] != buffer_info["fingerprint"]:
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def model_tokenizer_info(model: str | None) -> dict | None:
+    """The tokenizer info (``shiq_data.tokenizers.load_tokenizer``) a model carries: ``smollm2``'s tokenizer, a
+    Hugging Face folder's tokenizer files; None for a randomly initialised model (``none``) or a folder without
+    tokenizer files (then only the vocabulary size can be checked)."""
+    if model in (None, "none"):
+        return None
+    if model != "smollm2" and not any((Path(model) / f).is_file() for f in TOKENIZER_FILES):
+        return None
+    return load_tokenizer(model)[1]
+
+
+def check_tokenizer_matches(
+    buffer_info: dict, model_info: dict | None, model_vocab_size: int | None, buffer_dir, role: str = "reference model"
+) -> None:
+    """Refuse a model (``role`` names it in the message) whose tokenizer is not the one the buffer was built
+    with, and one whose vocabulary is smaller than the buffer's tokenizer (its ids would index past the
+    embedding). ``model_info`` None (no tokenizer known) or ``model_vocab_size`` None skip that check."""
+    if model_info is not None and model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
-            f"{buffer_dir}: built with tokenizer {buffer_info['name']!r} (fingerprint "
-            f"{buffer_info['fingerprint'][:12]}…) but the reference model's tokenizer {model_info['name']!r} has "
+            f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r} (fingerprint "
+            f"{buffer_info['fingerprint'][:12]}…) but the {role}'s tokenizer {model_info['name']!r} has "
             f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for"
         )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(
-            f"{buffer_dir}: the tokenizer has {buffer_info['vocab_size']} tokens but the reference "
-            f"model's vocabulary has only {model_vocab_size}"
+            f"{buffer_dir}: its tokenizer {buffer_info.get('name')!r} has {buffer_info['vocab_size']} tokens but the "
+            f"{role}'s vocabulary has only {model_vocab_size}; use a model with at least that many"
         )
 
 
@@ -108,10 +126,10 @@ def _model_config(model: str):
     return AutoConfig.from_pretrained(str(model))
 
 
-def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
+def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
-    (its newest step, or a step folder)."""
+    (its newest step, or a step folder); the model's parameters in ``dtype``."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
@@ -128,8 +146,8 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict):
             if step_dir is None:
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
         record["megatron_checkpoint"] = str(step_dir.resolve())
-        return hf_model_from_checkpoint(step_dir, _model_config(model)), record
-    return load_causal_lm(model, torch.float32), record
+        return hf_model_from_checkpoint(step_dir, _model_config(model), dtype), record
+    return load_causal_lm(model, dtype), record
 
 
 def run(args: argparse.Namespace) -> int:
@@ -139,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, tok_info = load_tokenizer(args.model)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
-    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info)
+    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype])
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, int(hf.config.vocab_size), args.buffer)
     done = compute_ref_stats(
         args.buffer,
@@ -147,6 +165,7 @@ def run(args: argparse.Namespace) -> int:
         ref_model=record,
         max_batch_tokens=args.batch_tokens,
         progress=not args.no_progress,
+        dtype=args.dtype,
     )
     final = open_buffer(args.buffer)
     print(
@@ -183,20 +202,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_BATCH_TOKENS,
         help="padded tokens per forward pass (batch rows x longest row); default %(default)s",
     )
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="float32",
+        help="precision to run the reference in, recorded in the manifest; it must be the model.params_dtype "
+        "of the training that reads the statistics (default %(default)s)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
 def main(argv: list[str]) -> int:
-    """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 1."""
+    """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except (ValueError, OSError, RuntimeError) as e:
-        msg = " ".join(str(e).split())
-        print(f"shiq-train ref-stats: error: {msg}", file=sys.stderr)
-        return 1
+    return run_command("shiq-train ref-stats", run, args)
 
 
 if __name__ == "__main__":

@@ -120,7 +120,12 @@ class Trainer:
         self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         self.loss_fn = objective_loss_fn(loss_cfg)
 
-    def fit(self, data, evaluate: Callable[[int, object], dict | None] | None = None) -> list[dict]:
+    def fit(
+        self,
+        data,
+        evaluate: Callable[[int, object], dict | None] | None = None,
+        on_start: Callable[[int], None] | None = None,
+    ) -> list[dict]:
         """Train until ``cfg.steps``, resuming from the newest checkpoint in ``out_dir`` if any.
 
         ``evaluate(step, model)`` (optional) runs on every rank after the optimizer step of each
@@ -130,6 +135,10 @@ class Trainer:
         random draws never change training. A returned dict is logged on that step's line of
         ``metrics.jsonl`` as ``eval/<key>`` (and in the returned metrics). Steps at or before a
         resumed checkpoint are not evaluated again.
+
+        ``on_start(step)`` (optional) runs on every rank once the starting step is known (0, or the step of
+        the checkpoint just loaded) and before anything is written to ``out_dir``: a start that fails
+        earlier (an unreadable checkpoint, a model that does not fit it) leaves the run folder as it was.
 
         Returns the metrics of the steps run in this call (every rank gets the same numbers).
         """
@@ -141,6 +150,8 @@ class Trainer:
         if latest_step_dir(self.ckpt_dir) is not None:
             start, user = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
             data.load_state_dict(user["data"])
+        if on_start is not None:
+            on_start(start)
         log = _MetricLog(self.out_dir, start, rank0, self.cfg.tensorboard)
         history = []
         bar = tqdm(

@@ -439,7 +439,7 @@ GOOD = {"multiturn": MT[2], "hh": HH[0], "ultrafeedback": UF[0]}
 def test_empty_completion_is_refused_naming_file_line_field(tok, tmp_path, capsys, fmt, bad, field):
     path = write_jsonl(tmp_path / "in.jsonl", [GOOD[fmt], bad])
     assert (
-        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
@@ -532,7 +532,7 @@ def test_reward_beyond_float32_names_the_input_line_not_the_output_row(tok, tmp_
     names the input's line and field although one line may give several rows."""
     path = write_jsonl(tmp_path / "in.jsonl", [UF[0] if fmt == "ultrafeedback" else MT[2], line2])
     assert (
-        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+        main(["build", fmt, str(path), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1

@@ -149,7 +149,7 @@ def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "in.parquet: row 1: field 'reward': non-finite" in err and not (tmp_path / "buf").exists()
@@ -171,7 +171,7 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     out = capsys.readouterr().out
     assert "is valid: 5 rows" in out and "tokenizer   gpt2" in out and "append" in out
     # a second build into the same folder is refused and leaves it alone
-    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf]) == 1
+    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf]) == 2
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
@@ -307,7 +307,7 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert f"{inp}: line 2: field '*': not valid UTF-8 (byte 0xff" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
@@ -318,7 +318,7 @@ def test_non_parquet_input_names_the_file(tmp_path, capsys, gpt2):
         inp.write_bytes(data)
         assert (
             main(["build", "parquet", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"])
-            == 1
+            == 2
         )
         err = capsys.readouterr().err
         assert f"{inp}: not a readable Parquet file" in err and not (tmp_path / "buf").exists()
@@ -343,7 +343,7 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "--option foo: unknown option; format 'multiturn' accepts --option source" in proc.stderr
     assert (
         main(
@@ -362,14 +362,14 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
     err = capsys.readouterr().err
     assert "--option reward_fn: takes a Python function" in err
     assert "format 'hh' accepts --option all_assistant_turns, mode, reward_model, source" in err
     assert (
         main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option", "x=1"])
-        == 1
+        == 2
     )
     assert "format 'jsonl' takes no --option" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -391,7 +391,7 @@ def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsy
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
     assert "empty completion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
@@ -409,7 +409,7 @@ def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsy
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "old"] and not list((tmp_path / "old").iterdir())
     write_jsonl(inp, RECORDS)  # a good build still creates the parents
@@ -561,7 +561,7 @@ def test_bad_chat_completion_names_file_line_field(tmp_path, capsys, smollm2, ba
     inp = write_jsonl(tmp_path / "in.jsonl", [CHAT[0], bad])
     assert (
         main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"])
-        == 1
+        == 2
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{inp}: line 2: field '{field}': " in err and words in err, err
@@ -571,7 +571,7 @@ def test_bad_chat_completion_names_file_line_field(tmp_path, capsys, smollm2, ba
 def test_chat_completion_needs_a_tokenizer_with_a_chat_template(tmp_path, capsys, gpt2):
     inp = write_jsonl(tmp_path / "in.jsonl", [RECORDS[0], CHAT[0]])
     assert (
-        main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+        main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
     )
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{inp}: line 2: field 'completion': " in err
@@ -617,7 +617,7 @@ def test_parquet_chat_completions_equal_jsonl(tmp_path, capsys, smollm2):
                 "--no-progress",
             ]
         )
-        == 1
+        == 2
     )
     assert "bad.parquet: row 1: field 'completion[0].content': empty completion" in capsys.readouterr().err
     assert not (tmp_path / "b-bad").exists()
@@ -635,7 +635,7 @@ def test_reward_beyond_float32_names_the_input_line_and_field(tmp_path, capsys, 
     else:
         pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")
     inp = tmp_path / f"in.{fmt}"
-    assert main(["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 1
+    assert main(["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert f"{inp}: {where}: field 'reward': reward does not fit in float32 (output row 1, column 'rewards')" in err

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -55,8 +56,10 @@ def tiny_hf_folder(path: Path) -> Path:
     return path
 
 
-def write_tiny_buffer(path: Path) -> None:
+def write_tiny_buffer(path: Path, tokenizer_folder: Path) -> None:
+    """8 rows tokenised (as far as shiq-train checks) by the tokenizer of ``tokenizer_folder``."""
     from shiq_data.buffer import write_buffer
+    from shiq_data.tokenizers import load_tokenizer
 
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -75,7 +78,7 @@ def write_tiny_buffer(path: Path) -> None:
     write_buffer(
         rows,
         path,
-        tokenizer_info={"name": "test", "fingerprint": "0", "vocab_size": VOCAB},
+        tokenizer_info=load_tokenizer(str(tokenizer_folder))[1],
         command=["test"],
         progress=False,
     )
@@ -113,7 +116,7 @@ def train(tmp_path, init: Path, loss: str) -> Path:
 
 def test_eval_run_over_two_methods(tmp_path):
     init = tiny_hf_folder(tmp_path / "init")
-    write_tiny_buffer(tmp_path / "buffer")
+    write_tiny_buffer(tmp_path / "buffer", init)
     runs = [train(tmp_path, init, "shiq"), train(tmp_path, init, "dpo")]
 
     encoder = minilm_encoder()
@@ -262,7 +265,7 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     """`--engine megatron`: the reference's KL to itself is 0, rewards are the head's on the decoded
     samples, and a tensor-parallel run (torchrun, TP=2) reproduces the TP=1 table."""
     init = tiny_hf_folder(tmp_path / "init")
-    write_tiny_buffer(tmp_path / "buffer")
+    write_tiny_buffer(tmp_path / "buffer", init)
     run = train(tmp_path, init, "shiq")
     encoder = minilm_encoder()
     head = RegressionRewardModel.fit(
@@ -381,3 +384,38 @@ def test_help_is_plain_text_without_checkout_paths(command, tmp_path):
     assert text.startswith("usage: ") and len(text.splitlines()) > 5, text
     for bad in ["``", ":func:", ":class:", ":mod:", str(REPO), str(config_dir().resolve().parent)]:
         assert bad not in text, (bad, text)
+
+
+def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path, capsys):
+    """The checkpoint records its buffer's tokenizer; evaluating with a reference whose tokenizer differs is
+    refused naming both, before any model is sampled or the reward model read."""
+    folder = tiny_hf_folder(tmp_path / "m")
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    buffer_tok = {"name": "gpt2", "fingerprint": "f" * 64, "vocab_size": VOCAB}
+    meta = {"loss": {"name": "shiq"}, "hf_config": {"vocab_size": VOCAB}, "tokenizer": buffer_tok}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    from safetensors.numpy import save_file
+
+    save_file({"weight": np.zeros(2), "bias": np.zeros(1)}, str(tmp_path / "rm.safetensors"))  # a head, never used
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4"}\n')
+    args = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    args += ["--reward-model", str(tmp_path / "rm.safetensors"), "--reference", str(folder)]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert err.startswith("shiq-eval: error: ") and f"the buffer of {step}: built with tokenizer 'gpt2'" in err
+    assert "ffffffffffff" in err and "evaluation model" in err
+    assert not (tmp_path / "o").exists()
+    # the same record with the folder's own tokenizer passes the check: the evaluation runs (a real head now)
+    from shiq_data.tokenizers import load_tokenizer
+
+    meta["tokenizer"] = load_tokenizer(str(folder))[1]
+    meta["hf_config"] = transformers.LlamaConfig.from_pretrained(folder).to_dict()
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    RegressionRewardModel.fit(minilm_encoder(), ["good", "bad"], [1.0, -1.0], l2=1.0).save(tmp_path / "rm.safetensors")
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"PK\x03\x04")  # truncated: refused naming the file
+    capsys.readouterr()
+    assert main(args + ["--max-new-tokens", "2", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "fingerprint" not in err and f"{step / 'rank_tp0_pp0_dp0.pt'}: not a readable checkpoint" in err, err

@@ -114,7 +114,7 @@ def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
     )
     assert done == [0, 1, 2]
     out = open_buffer(buf.path)
-    assert out.has_ref_stats and out.manifest["ref_stats"]["ref_model"] == {"name": "tiny"}
+    assert out.has_ref_stats and out.manifest["ref_stats"]["ref_model"] == {"name": "tiny", "dtype": "float32"}
     assert len(out.manifest["ref_stats"]["done"]) == 3
     # Read back with plain pyarrow, shard by shard, independently of the buffer reader.
     rows = []
@@ -325,6 +325,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"]) == 0
     assert ref_stats([str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
     assert "computed for 1 shard(s); 1/1 shards" in capsys.readouterr().out
+    assert open_buffer(buf).manifest["ref_model"]["dtype"] == "float32"
     rows = open_buffer(buf).table.to_pylist()
     model.eval()
     for r in rows:
@@ -334,8 +335,27 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
         np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
 
+    # --dtype bfloat16: the statistics of the model in bf16 (logits rounded to bf16), recorded as such
+    assert (
+        main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(tmp_path / "b16"), "--no-progress"]) == 0
+    )
+    assert ref_stats([str(tmp_path / "b16"), "--model", str(folder), "--dtype", "bfloat16", "--no-progress"]) == 0
+    b16 = open_buffer(tmp_path / "b16")
+    assert b16.manifest["ref_model"]["dtype"] == "bfloat16"
+    model16 = LlamaForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    moved = 0.0
+    for r, r32 in zip(b16.table.to_pylist(), rows):
+        with torch.no_grad():
+            logits = model16(input_ids=torch.tensor([r["tokens"]])).logits[0].float()
+        c, z = naive_stats(logits, r["tokens"])
+        np.testing.assert_allclose(r["ref_logz"], z, atol=0.05, rtol=0.02)
+        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=0.05, rtol=0.02)
+        moved = max(moved, float(np.abs(np.array(r["ref_logz"]) - np.array(r32["ref_logz"])).max()))
+    assert moved > 0  # not the float32 values (those are reproduced bit for bit)
+    capsys.readouterr()  # transformers' loading bar
+
     other = write_buffer(make_rows(2), tmp_path / "other", tokenizer_info=TOKENIZER, command=["test"], progress=False)
-    assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 1
+    assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("shiq-train ref-stats: error: ") and "fingerprint" in err and len(err.splitlines()) == 1
     assert not open_buffer(other.path).has_ref_stats
@@ -353,7 +373,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
         text=True,
         env=env,
     )
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("shiq-train ref-stats: error: ") and "fingerprint" in proc.stderr
     assert not open_buffer(other.path).has_ref_stats
     proc = subprocess.run([*cmd, "ref-stats", "--help"], capture_output=True, text=True, env=env)

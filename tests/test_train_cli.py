@@ -57,7 +57,8 @@ from shiq_train.parallel import free_port  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 
 # Runs shiq-train's entry point with open_data_source replaced by seeded synthetic micro-batches
-# (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them).
+# (same rows on every rank of a tp=2 group, as a dp_world=1 sampler gives them), and the buffer check by
+# the manifest such a buffer would have.
 DRIVER = """
 import sys, torch
 import shiq_train.cli as cli
@@ -88,6 +89,7 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
     return Source(data_cfg["seed"], data_cfg["rows_per_micro_batch"], data_cfg["micro_batches_per_step"])
 
 cli.open_data_source = fake_source
+cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "test", "fingerprint": "0", "vocab_size": 128}}
 cli.main()
 """
 
@@ -397,3 +399,176 @@ def test_model_keys_given_on_the_command_line():
         "fp8",
     }
     assert model_keys_given(["model=smollm2_135m", "model.fp8=null"]) is None
+
+
+def write_buffer_with_tokenizer(path, tokenizer_info, with_ref=False):
+    """The rows of :func:`write_tiny_buffer` under another tokenizer record."""
+    from shiq_data.buffer import write_buffer
+
+    write_tiny_buffer(path.with_name(path.name + ".src"), with_ref)
+    from shiq_data.buffer import open_buffer
+
+    rows = open_buffer(path.with_name(path.name + ".src")).table.to_pylist()
+    write_buffer(rows, path, tokenizer_info=tokenizer_info, command=["test"], progress=False)
+
+
+def train_cli(*args, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(
+        [sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=timeout,
+    )
+
+
+def test_a_buffer_with_a_larger_vocabulary_than_the_model_is_refused_before_training(tmp_path):
+    """Ids up to 199 would index past a 128-row embedding: refused naming both sizes, not an IndexError."""
+    write_buffer_with_tokenizer(tmp_path / "buf", {"name": "big", "fingerprint": "1", "vocab_size": 200}, True)
+    res = train_cli(f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run'}", "train.steps=1")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("shiq-train: error: ") and "'big' has 200 tokens" in line and "only 128" in line
+    assert "Traceback" not in res.stderr and "IndexError" not in res.stderr
+    ok = train_cli(
+        f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run2'}", "model.vocab_size=200", "train.steps=1"
+    )
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
+def test_a_gpt2_buffer_is_refused_on_smollm2_naming_both_tokenizers(tmp_path):
+    """init=smollm2 carries SmolLM2's tokenizer: a GPT-2 buffer (its real fingerprint) is refused before the
+    model is loaded, the message naming both tokenizers."""
+    from shiq_data.tokenizers import load_tokenizer
+
+    try:
+        smollm2 = load_tokenizer("smollm2")[1]
+    except Exception as e:  # the packaged model is an optional asset
+        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+    gpt2 = load_tokenizer("gpt2")[1]
+    assert gpt2["fingerprint"] != smollm2["fingerprint"]
+    write_buffer_with_tokenizer(tmp_path / "buf", gpt2)
+    common = ["model=smollm2_135m", "init=smollm2", "train.reference=online", "train.steps=1"]
+    res = train_cli(f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run'}", *common, timeout=60)
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert "tokenizer 'gpt2'" in line and gpt2["fingerprint"][:12] in line
+    assert "tokenizer 'smollm2'" in line and smollm2["fingerprint"][:12] in line
+    assert "Traceback" not in res.stderr
+
+
+def test_reference_statistics_of_another_precision_are_refused(tmp_path):
+    """Statistics record their dtype (none recorded: float32). Training in bf16 against float32 statistics,
+    or in float32 against bf16 ones, is refused before any work, saying what to run."""
+    write_tiny_buffer(tmp_path / "f32", with_ref=True)  # written before dtypes were recorded: float32
+    res = train_cli(f"data.buffer={tmp_path / 'f32'}", f"out={tmp_path / 'a'}", "model.params_dtype=bfloat16")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert "computed in float32 but model.params_dtype=bfloat16" in line and "--dtype bfloat16" in line
+    assert "Traceback" not in res.stderr and not (tmp_path / "a").exists()
+
+    from shiq_data.buffer import open_buffer, write_buffer
+
+    rows = open_buffer(tmp_path / "f32").table.to_pylist()
+    tok = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+    bf16 = {"model": "x", "dtype": "bfloat16"}
+    write_buffer(rows, tmp_path / "bf16", tokenizer_info=tok, command=["t"], progress=False, ref_model=bf16)
+    res = train_cli(f"data.buffer={tmp_path / 'bf16'}", f"out={tmp_path / 'b'}", "train.steps=1")
+    assert res.returncode == 2 and "computed in bfloat16 but model.params_dtype=float32" in res.stderr
+    # the online reference needs no statistics: any precision trains
+    res = train_cli(
+        f"data.buffer={tmp_path / 'bf16'}", f"out={tmp_path / 'c'}", "train.steps=1", "train.reference=online"
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_path):
+    """A rerun into a run folder compares its configuration with config.yaml: a changed loss.beta or model
+    size is refused naming the key, and config.yaml stays byte for byte; train.steps may change; an
+    explicit +resume.allow_changed accepts a key; every resume says from which step."""
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    run = tmp_path / "run"
+    base = [f"data.buffer={tmp_path / 'buf'}", f"out={run}", "data.rows_per_micro_batch=2"]
+    first = train_cli(*base, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "resumed from step" not in first.stderr
+    saved = (run / "config.yaml").read_bytes()
+
+    beta = train_cli(*base, "train.steps=3", "loss.beta=0.5")
+    assert beta.returncode == 2, beta.stderr[-2000:]
+    line = beta.stderr.strip().splitlines()[-1]
+    assert "loss.beta 0.1 -> 0.5" in line and "train.steps" not in line and "+resume.allow_changed=[loss.beta]" in line
+    size = train_cli(*base, "train.steps=3", "model.hidden_size=32")
+    assert size.returncode == 2 and "model.hidden_size 64 -> 32" in size.stderr and "Traceback" not in size.stderr
+    assert (run / "config.yaml").read_bytes() == saved
+    assert [m["step"] for m in metrics(run)] == [1, 2]
+
+    longer = train_cli(*base, "train.steps=3")
+    assert longer.returncode == 0, longer.stderr[-2000:]
+    assert "shiq-train: resumed from step 2" in longer.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+
+    allowed = train_cli(*base, "train.steps=4", "loss.beta=0.5", "+resume.allow_changed=[loss.beta]")
+    assert allowed.returncode == 0, allowed.stderr[-2000:]
+    assert "resumed from step 3" in allowed.stderr
+    import yaml
+
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["loss"]["beta"] == 0.5 and config["train"]["steps"] == 4 and "resume" not in config
+
+    # forced past the check, a model that does not fit the checkpoint still fails cleanly, config.yaml intact
+    saved = (run / "config.yaml").read_bytes()
+    forced = train_cli(*base, "train.steps=5", "loss.beta=0.5", "model.hidden_size=32", "+resume.force=true")
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr, forced.stderr[-2000:]
+    assert "has shape" in forced.stderr.strip().splitlines()[-1]
+    assert (run / "config.yaml").read_bytes() == saved
+
+
+def test_help_documents_the_resume_overrides():
+    import yaml
+
+    header = yaml.safe_load((REPO / "configs" / "train.yaml").read_text())["hydra"]["help"]["header"]
+    assert "+resume.allow_changed=[" in header and "+resume.force=true" in header and "OUT/config.yaml" in header
+
+
+FAILING_DRIVER = """
+import sys
+import shiq_train.cli as cli
+
+class Source:  # a buffer row found bad only when it is read, in the first step
+    def next_micro_batches(self):
+        raise ValueError("buffer B: row 3, field 'tokens': id 900 out of range")
+    def state_dict(self):
+        return {}
+    def load_state_dict(self, s):
+        pass
+
+cli.open_data_source = lambda *a: Source()
+cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "t", "fingerprint": "0", "vocab_size": 128}}
+cli.main()
+"""
+
+
+def test_a_failed_start_leaves_no_half_made_run_folder(tmp_path):
+    """A start that fails before its first step removes the run folder it created (and the parents it
+    created), but never a folder that existed before."""
+    driver = tmp_path / "driver.py"
+    driver.write_text(FAILING_DRIVER)
+    (tmp_path / "buffer").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+    def start(out):
+        cmd = [sys.executable, str(driver), f"data.buffer={tmp_path / 'buffer'}", f"out={out}"]
+        return subprocess.run(cmd + ["train.progress=false"], capture_output=True, text=True, cwd=REPO, env=env)
+
+    res = start(tmp_path / "new" / "run")
+    assert res.returncode == 2 and "row 3, field 'tokens'" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer", "driver.py"]
+
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    res = start(tmp_path / "mine")
+    assert res.returncode == 2
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"

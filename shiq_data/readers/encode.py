@@ -11,13 +11,12 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from shiq_data.chat import encode_chat
 from shiq_data.io import RowError
-from shiq_data.schema import INPUT_KEY, input_location
+from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
 MESSAGES = "a list of chat messages"
 
@@ -28,8 +27,8 @@ def row_error(path, line, field, problem, row_label: str = "line") -> RowError:
 
 def finite_number(value, path, line, field) -> float:
     """``value`` as a float, or a :class:`RowError` unless it is a finite number (not a bool)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise row_error(path, line, field, f"expected a finite number, got {value!r}")
+    if not isinstance(value, (int, float)) or not is_finite_number(value):
+        raise row_error(path, line, field, f"expected a finite number, got {repr(value)[:40]}")
     return float(value)
 
 

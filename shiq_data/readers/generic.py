@@ -21,7 +21,6 @@ names it too (its ``rewards`` as the input's ``reward``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -31,7 +30,7 @@ import pyarrow.parquet as pq
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl
 from shiq_data.readers.encode import MESSAGES, encode_record, is_chat
-from shiq_data.schema import INPUT_KEY, input_location
+from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 
@@ -96,8 +95,8 @@ def check_record(record, *, file: str, row: int, row_label: str) -> None:
     r = record["reward"]
     if isinstance(r, bool) or not isinstance(r, (int, float)):
         raise err("reward", f"must be a number, got {type(r).__name__}")
-    if not math.isfinite(r):
-        raise err("reward", f"non-finite reward {r}")
+    if not is_finite_number(r):  # also an integer too large for a float
+        raise err("reward", f"non-finite reward {str(r)[:40]}")
 
 
 def records_to_rows(

@@ -12,6 +12,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from shiq_data.buffer import write_buffer
+from shiq_data.cli_common import run_command
 from shiq_data.io import atomic_write_json, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
@@ -243,4 +244,4 @@ def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     args.command_line = [*prog.split(), *argv]
-    return args.func(args)
+    return run_command(prog, args.func, args)

@@ -48,9 +48,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.cli_common import quiet_optional_dependencies, run_command
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, minilm_encoder, pearson
@@ -108,7 +110,15 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
             key = o.split("=", 1)[0]
             if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
                 raise ValueError(f"unknown config key {key!r} in override {o!r} (see {path})")
-        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+        try:
+            given = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
+        for key in (o.split("=", 1)[0] for o in overrides):
+            old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
+            if not _same_kind(old, new):
+                raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
+        cfg = OmegaConf.merge(cfg, given)
     cfg = OmegaConf.to_container(cfg, resolve=True)
     _check_config(cfg)
     return cfg
@@ -137,6 +147,19 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
         _check_config(c)
         out.append((f"seed{seed}", c))
     return out
+
+
+def _same_kind(old, new) -> bool:
+    """Whether an override ``new`` has the kind of value of the default ``old`` (an int for a float is fine)."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    if isinstance(old, (int, str)):
+        return type(new) is type(old)
+    return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
 
 
 def _check_config(cfg: dict) -> None:
@@ -1006,11 +1029,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     args = ap.parse_args(argv)
-    try:
-        cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
-        runs = full_runs(cfg) if args.full else [("", cfg)]
-    except (ValueError, FileNotFoundError) as e:
-        ap.error(str(e))
+    quiet_optional_dependencies()
+    return run_command("shiq-demo", _main, args)
+
+
+def _main(args) -> int:
+    cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
+    runs = full_runs(cfg) if args.full else [("", cfg)]
     torch.set_num_threads(max(1, torch.get_num_threads()))
     for name, c in runs:
         rep = run(c, Path(args.out) / name)

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shiq_data.cli_common import run_command
 from shiq_data.io import atomic_write_bytes
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
@@ -648,6 +649,10 @@ def main(argv=None) -> int:
         help="parallel processes (default min(2, cores); quick runs in-process)",
     )
     args = p.parse_args(argv)
+    return run_command("shiq-toys", _main, args, p)
+
+
+def _main(args, p) -> int:
     overrides = {}
     if args.quick:
         overrides = {"seeds": 2, "steps": 60, "eval_every": 10}

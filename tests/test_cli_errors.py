@@ -1,0 +1,182 @@
+"""Bad input through every command: exit status 2, one line on stderr naming the file, row or key, no traceback.
+
+Each case runs the command as a user would (``python -m ...`` in a subprocess, this checkout first on the path)
+on files made here: one tiny buffer, damaged copies of it, and damaged run folders. The warnings and notices
+megatron-core prints at import about optional libraries would break the one-line rule, so the cases that build a
+model also check that start-up is quiet.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from shiq_data.buffer import write_buffer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKENIZER = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+
+COMMANDS = {
+    "shiq-data": ["-m", "shiq_data"],
+    "shiq-train": ["-m", "shiq_train"],
+    "shiq-eval": ["-m", "shiq_eval.cli"],
+    "shiq-demo": ["-m", "shiq_eval.recipes.demo"],
+    "shiq-toys": ["-m", "shiq_eval.recipes.toys"],
+}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Every bad input of the corpus, under one folder."""
+    d = tmp_path_factory.mktemp("bad")
+    rows = [
+        {
+            "group_id": i // 2,
+            "prompt_len": 2,
+            "source": "t",
+            "tokens": [1, 2, 3, 4 + i],
+            "action_mask": [False, False, True, True],
+            "rewards": [0.0, 0.0, 0.0, float(i)],
+            "ref_chosen_logits": [0.0] * 4,
+            "ref_logz": [0.0] * 4,
+        }
+        for i in range(4)
+    ]
+    write_buffer(rows, d / "buf", tokenizer_info=TOKENIZER, command=["test"], progress=False)
+    shutil.copytree(d / "buf", d / "badtypes")
+    manifest = json.loads((d / "badtypes" / "manifest.json").read_text())
+    manifest["rows"] = "four"
+    (d / "badtypes" / "manifest.json").write_text(json.dumps(manifest))
+
+    (d / "big.jsonl").write_text('{"prompt": "a", "completion": " b", "reward": ' + "9" * 400 + "}\n")
+
+    # run folders: a truncated rank file, and a meta.json that is not JSON
+    for name in ("truncated", "garbage"):
+        step = d / name / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        meta = {"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"loss": {"name": "shiq"}, "hf_config": {}}}
+        (step / "meta.json").write_text(json.dumps(meta) if name == "truncated" else "{not json")
+        (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"PK\x03\x04 truncated")
+        (d / name / "checkpoints" / "latest").write_text("step_00000001\n")
+    good = d / "evalrun" / "checkpoints" / "step_00000001"
+    good.mkdir(parents=True)
+    meta = {"loss": {"name": "shiq"}, "hf_config": {"vocab_size": 128}, "config": {"init": "none"}}
+    (good / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (d / "rm.safetensors").write_text("this is not a safetensors file")
+    (d / "prompts.jsonl").write_text('{"prompt": "a"}\n')
+    (d / "afile").write_text("not a folder")
+    return d
+
+
+def case(command, args, *names):
+    return pytest.param(command, args, names, id=f"{command} {' '.join(args)}"[:60])
+
+
+CASES = [
+    case(
+        "shiq-data",
+        ["build", "jsonl", "{d}/big.jsonl", "--tokenizer", "gpt2", "--out", "{d}/x", "--no-progress"],
+        "big.jsonl",
+        "reward",
+    ),
+    case("shiq-data", ["info", "{d}/badtypes"], "manifest.json", "'rows'"),
+    case("shiq-data", ["validate", "{d}/missing"], "{d}/missing"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "optimizer.lr=abc"], "optimizer.lr"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=-1"], "train.steps"),
+    case(
+        "shiq-train", ["data.buffer={d}/buf", "out={d}/r", "data.rows_per_micro_batch=x"], "data.rows_per_micro_batch"
+    ),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "foo=1"], "'foo'"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "loss=nope"], "loss/nope"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=[1"], "[1"),
+    case("shiq-train", ["data.buffer={d}/missing", "out={d}/r"], "{d}/missing"),
+    case("shiq-train", ["data.buffer={d}/badtypes", "out={d}/r"], "manifest.json", "'rows'"),
+    case(
+        "shiq-train",
+        ["data.buffer={d}/buf", "out={d}/truncated", "+resume.force=true", "model.max_sequence_length=8"],
+        "rank_tp0_pp0_dp0.pt",
+    ),
+    case(
+        "shiq-train",
+        ["data.buffer={d}/buf", "out={d}/garbage", "+resume.force=true", "model.max_sequence_length=8"],
+        "meta.json",
+    ),
+    case("shiq-train", ["ref-stats", "{d}/missing", "--model", "smollm2"], "{d}/missing"),
+    case("shiq-train", ["ref-stats", "{d}/badtypes", "--model", "smollm2"], "manifest.json", "'rows'"),
+    case(
+        "shiq-eval",
+        [
+            "run",
+            "{d}/garbage",
+            "--out",
+            "{d}/o",
+            "--prompts",
+            "{d}/prompts.jsonl",
+            "--reward-model",
+            "{d}/rm.safetensors",
+        ],
+        "meta.json",
+    ),
+    case(
+        "shiq-eval",
+        [
+            "run",
+            "{d}/evalrun",
+            "--out",
+            "{d}/o",
+            "--prompts",
+            "{d}/prompts.jsonl",
+            "--reward-model",
+            "{d}/rm.safetensors",
+        ]
+        + ["--reference", "{d}/nomodel"],
+        "rm.safetensors",
+    ),
+    case("shiq-eval", ["bfcl", "report", "{d}/missing.jsonl"], "missing.jsonl"),
+    case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),
+    case("shiq-demo", ["--out", "{d}/demo", "train.nope=1"], "train.nope"),
+    case("shiq-toys", ["bandit", "--quick", "--out", "{d}/afile"], "afile"),
+]
+
+
+def run_case(files, command, args):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("PYTHONWARNINGS", None)  # start-up must be quiet by itself
+    env.pop("SHIQ_VERBOSE", None)
+    argv = [a.format(d=files) for a in args]
+    cmd = [sys.executable, *COMMANDS[command], *argv]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=files, env=env, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def results(files):
+    """Every case's finished process, run two at a time (each is mostly interpreter and import start-up)."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {c.id: pool.submit(run_case, files, *c.values[:2]) for c in CASES}
+        return {k: f.result() for k, f in futures.items()}
+
+
+@pytest.mark.parametrize("command,args,names", CASES)
+def test_bad_input_is_one_line_and_exit_status_2(request, files, results, command, args, names):
+    proc = results[request.node.callspec.id]
+    err = proc.stderr.strip()
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and len(err.splitlines()) == 1, err[-3000:]
+    prog = "shiq-train ref-stats" if args[0] == "ref-stats" else command + (" bfcl" if args[0] == "bfcl" else "")
+    assert err.startswith(f"{prog}: error: "), err
+    for name in names:
+        assert name.format(d=files) in err, err
+    assert not (files / "r").exists() and not (files / "x").exists() and not (files / "demo").exists()
+
+
+def test_verbose_shows_the_traceback(files):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "SHIQ_VERBOSE": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "shiq_data", "info", str(files / "badtypes")], capture_output=True, text=True, env=env
+    )
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "'rows'" in proc.stderr
