@@ -6,10 +6,16 @@ and the candidates are sampled from
 
     guided_logit(a) = ℓ_ref(a) + log Σ_j p_θ(z_j | s, a) exp(z_j / β)
 
-(:func:`guided_logits`). With the exact return distribution of the reference and ``top_k`` the whole
-vocabulary this is the KL-regularised optimum ``π*`` of SHIQ_MATH §1; with a smaller ``top_k`` it is
-``π*`` restricted to the candidates. A ShiQ-trained policy samples the same target with a plain
-softmax; Q♯ pays a second model pass per token instead.
+(:func:`guided_logits`). By default only the candidates' logits are changed: the next token is drawn
+from the reference's full softmax with the guidance term added to the top-k logits and a term of 0
+for every other token (:func:`guided_log_probs`); ``restrict_to_top_k=True`` samples among the
+candidates only, which costs ``−log(top-k reference mass)`` of KL per token even without guidance.
+A term of 0 for the other tokens is neutral only when the returns are centred (a value of 0 for an
+average continuation): with rewards that are all positive, say, the candidates are favoured over the
+rest of the vocabulary by the value model's scale alone. With the exact return distribution of the
+reference and ``top_k`` the whole vocabulary both modes are the KL-regularised optimum ``π*`` of
+SHIQ_MATH §1. A ShiQ-trained policy samples the same target with a plain softmax; Q♯ pays a second
+model pass per token instead.
 
 :class:`GuidedPolicy` implements the sampling interface of :mod:`shiq_eval.generate`; its
 :meth:`GuidedPolicy.sequence_kls` gives the SHIQ_MATH §6 KL estimators of the guided policy against
@@ -66,6 +72,27 @@ def guided_logits(
     return (ref_logits.double() + torch.logsumexp(log_p + scaled, -1)).to(out_dtype)
 
 
+def guided_log_probs(
+    ref_logits: torch.Tensor, candidates: torch.Tensor, guided: torch.Tensor, *, restrict_to_top_k: bool = False
+) -> torch.Tensor:
+    """Log-probabilities ``[B, V]`` float64 of the Q♯ next-token distribution (SHIQ_MATH §8).
+
+    Default: ``log_softmax`` of the reference logits with the candidates' logits replaced by their
+    guided logits, i.e. the guidance term ``log Σ_j p_θ(z_j|s,a) exp(z_j/β)`` added to the top-k only
+    and 0 for every other token (neutral only if the returns are centred). ``restrict_to_top_k``:
+    ``log_softmax`` over the candidates' guided logits, ``-inf`` for every other token.
+
+    Args:
+        ref_logits: ``[B, V]`` reference logits.
+        candidates: ``[B, K]`` token ids of the candidates (distinct per row).
+        guided: ``[B, K]`` their guided logits (:func:`guided_logits`).
+    """
+    base = ref_logits.double()
+    if restrict_to_top_k:
+        base = torch.full_like(base, -math.inf)
+    return torch.log_softmax(base.scatter(-1, candidates, guided.double()), -1)
+
+
 def _check_beta(beta) -> float:
     """``beta`` as a float, or a ValueError naming it unless it is a finite number > 0."""
     number = isinstance(beta, numbers.Real) or (isinstance(beta, torch.Tensor) and beta.numel() == 1)
@@ -82,8 +109,10 @@ class GuidedSteps:
     ``tokens`` ``[B, n]`` (the pad id after a row ended), ``active`` ``[B, n]`` bool (the step belongs to
     the row's completion), ``logp`` / ``ref_logp`` ``[B, n]`` float64 log-probabilities of the taken
     token under the guided policy (temperature 1) and the full reference, ``kl`` ``[B, n]`` float64 exact
-    ``KL(π_g(·|s) ‖ π_ref(·|s))``; when recorded, ``candidates`` ``[B, n, K]``, ``ref_top`` ``[B, n, K]``,
-    ``atom_logits`` ``[B, n, K, A]`` and ``guided`` ``[B, n, K]``."""
+    ``KL(π_g(·|s) ‖ π_ref(·|s))`` over the vocabulary; when recorded, ``candidates`` ``[B, n, K]``,
+    ``ref_top`` ``[B, n, K]``, ``atom_logits`` ``[B, n, K, A]``, ``guided`` ``[B, n, K]`` (the candidates'
+    guided logits) and ``policy_logp`` ``[B, n, V]`` float64 (the guided policy's log-probabilities at
+    temperature 1, :func:`guided_log_probs`)."""
 
     tokens: torch.Tensor
     active: torch.Tensor
@@ -94,6 +123,7 @@ class GuidedSteps:
     ref_top: torch.Tensor | None = None
     atom_logits: torch.Tensor | None = None
     guided: torch.Tensor | None = None
+    policy_logp: torch.Tensor | None = None
 
 
 class GuidedPolicy:
@@ -112,16 +142,31 @@ class GuidedPolicy:
         beta: the KL weight ``β`` (smaller: greedier towards high value).
         top_k: candidates per step (the reference's most likely tokens).
         eos_id, pad_id: end-of-sequence and padding ids (pad defaults to eos).
+        restrict_to_top_k: sample among the candidates only. Default False: every other token keeps
+            its reference logit (a guidance term of 0, neutral only if the returns are centred), see
+            :func:`guided_log_probs`.
 
     Each step runs the reference on the new token (its own KV cache) and the value trunk once on
     ``[last token, k candidates]`` over the value trunk's cached prefix: a candidate attends to the
     prefix and to itself only (a diagonal mask among candidates) and sits at the position after the
     prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates' cache entries
     are dropped after the pass. Prompts are left-padded; padding is masked out of every attention.
-    Sampling applies ``cfg.temperature`` / ``cfg.top_p`` to the guided logits of the candidates.
+    Sampling applies ``cfg.temperature`` / ``cfg.top_p`` to the guided next-token distribution (the
+    whole vocabulary, or the candidates with ``restrict_to_top_k``).
     """
 
-    def __init__(self, ref_model, value_model, atoms, beta: float, *, top_k: int = 20, eos_id: int, pad_id=None):
+    def __init__(
+        self,
+        ref_model,
+        value_model,
+        atoms,
+        beta: float,
+        *,
+        top_k: int = 20,
+        eos_id: int,
+        pad_id=None,
+        restrict_to_top_k: bool = False,
+    ):
         if not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         self.beta = _check_beta(beta)
@@ -133,6 +178,7 @@ class GuidedPolicy:
         self.top_k = int(top_k)
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)
+        self.restrict_to_top_k = bool(restrict_to_top_k)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
@@ -152,9 +198,10 @@ class GuidedPolicy:
         tokens: ``(sample [N], exact [N])`` float64, as ``shiq_eval.evaluate.sequence_kls`` (SHIQ_MATH §6).
 
         The completions are teacher-forced through the same steps as sampling. ``exact`` sums
-        ``Σ_{a ∈ candidates} π_g(a|s) log(π_g(a|s) / π_ref(a|s))`` over visited states (``π_ref`` the full
-        reference softmax); ``sample`` sums ``log π_g(y_t|s_t) − log π_ref(y_t|s_t)`` and is ``-inf`` for
-        a completion with a token outside the candidates (which the guided policy cannot produce).
+        ``Σ_a π_g(a|s) log(π_g(a|s) / π_ref(a|s))`` over the vocabulary at the visited states (``π_ref``
+        the full reference softmax); ``sample`` sums ``log π_g(y_t|s_t) − log π_ref(y_t|s_t)``. With
+        ``restrict_to_top_k`` it is ``-inf`` for a completion with a token outside the candidates (which
+        that policy cannot produce).
         """
         samples, exact = [], []
         for start in range(0, len(prompt_ids), batch_size):
@@ -209,7 +256,10 @@ class GuidedPolicy:
         new_ids, new_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
         next_pos = attn.sum(-1)  # [B] position of the next token of each row
         done = torch.zeros(B, dtype=torch.bool, device=device)
-        cols = {k: [] for k in ("tokens", "active", "logp", "ref_logp", "kl", "cand", "ref_top", "atoms", "guided")}
+        cols = {
+            k: []
+            for k in ("tokens", "active", "logp", "ref_logp", "kl", "cand", "ref_top", "atoms", "guided", "policy")
+        }
         for step in range(n_steps):
             ref_logits = self.ref_model(
                 input_ids=new_ids,
@@ -224,29 +274,31 @@ class GuidedPolicy:
             ref_top, cand = ref_logits.float().topk(k, dim=-1)  # [B, K]
             atom_logits = self._score_candidates(new_ids, new_pos, attn, cand, next_pos, value_cache)
             guided = guided_logits(ref_top, atom_logits, atoms, beta=self.beta).double()  # [B, K]
-            logp_g = torch.log_softmax(guided, -1)
-            ref_logp_c = ref_logp_all.gather(-1, cand)
+            logp_g = guided_log_probs(ref_logits, cand, guided, restrict_to_top_k=self.restrict_to_top_k)  # [B, V]
             if forced is None:
                 active = ~done
-                pick = sample_next((guided - guided.max(-1, keepdim=True).values).float(), cfg, generator)
-                token = cand.gather(-1, pick[:, None])[:, 0]
-                lp = logp_g.gather(-1, pick[:, None])[:, 0]
+                if self.restrict_to_top_k:  # draw among the K candidates
+                    pick = sample_next((guided - guided.max(-1, keepdim=True).values).float(), cfg, generator)
+                    token = cand.gather(-1, pick[:, None])[:, 0]
+                else:
+                    token = sample_next(logp_g.float(), cfg, generator)
             else:
                 active = step < forced_len
                 token = forced_t[:, step]
-                hit = cand == token[:, None]
-                lp = torch.where(hit, logp_g, torch.full_like(logp_g, -math.inf)).max(-1).values
+            lp = logp_g.gather(-1, token[:, None])[:, 0]
             token = torch.where(active, token, torch.full_like(token, self.pad_id))
             cols["tokens"].append(token)
             cols["active"].append(active)
             cols["logp"].append(lp)
             cols["ref_logp"].append(ref_logp_all.gather(-1, token[:, None])[:, 0])
-            cols["kl"].append((logp_g.exp() * (logp_g - ref_logp_c)).sum(-1))
+            p_g = logp_g.exp()  # 0 where log p_g = -inf: those tokens add nothing to the KL
+            cols["kl"].append(torch.where(p_g > 0, p_g * (logp_g - ref_logp_all), 0.0).sum(-1))
             if record:
                 cols["cand"].append(cand)
                 cols["ref_top"].append(ref_top)
                 cols["atoms"].append(atom_logits)
                 cols["guided"].append(guided)
+                cols["policy"].append(logp_g)
             if forced is None:
                 done |= active & (token == self.eos_id)
                 if bool(done.all()):
@@ -268,6 +320,7 @@ class GuidedPolicy:
         if record and cols["cand"]:
             out.candidates, out.ref_top = stack("cand", (), None), stack("ref_top", (), None)
             out.atom_logits, out.guided = stack("atoms", (), None), stack("guided", (), None)
+            out.policy_logp = stack("policy", (), None)
         return out
 
     def _score_candidates(self, new_ids, new_pos, attn, cand, next_pos, cache) -> torch.Tensor:

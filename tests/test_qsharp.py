@@ -17,7 +17,7 @@ import pytest
 import torch
 from test_losses_tabular import Tree, V  # noqa: E402  (the tree MDPs and their backward-induction optimum)
 
-from shiq_eval.qsharp import GuidedPolicy, guided_logits
+from shiq_eval.qsharp import GuidedPolicy, guided_log_probs, guided_logits
 from shiq_train.qsharp_value import (
     atom_support,
     distributional_value_loss,
@@ -154,6 +154,14 @@ def test_exact_distribution_guidance_is_the_optimal_policy(kind):
             guided = guided_logits(tree.ref_logits[tree.index[s]][None], logits, atoms, beta=beta)
             pi = torch.softmax(guided[0], -1)
             assert torch.allclose(pi, pi_star[s], rtol=0, atol=1e-10)
+            # the policy's next-token distribution with top_k = V, candidates in the reference's top-k order
+            ref = tree.ref_logits[tree.index[s]][None]
+            cand = ref.topk(V, dim=-1).indices
+            guided_c = guided_logits(ref.gather(-1, cand), logits[:, cand[0]], atoms, beta=beta)
+            for restrict in (False, True):
+                logp = guided_log_probs(ref, cand, guided_c, restrict_to_top_k=restrict)
+                assert logp.shape == (1, V) and logp.dtype == F64
+                assert torch.allclose(logp[0].exp(), pi_star[s], rtol=0, atol=1e-10), restrict
         # the reference is not already optimal, so the check is not vacuous
         gap = max(
             float((torch.softmax(tree.ref_logits[tree.index[s]], -1) - pi_star[s]).abs().max()) for s in tree.states
@@ -347,9 +355,11 @@ def value_model(seed, constant=False):
     return HFValueModel.from_causal_lm(trunk_src, ATOMS, head).eval()
 
 
-def full_forward_reference(ref, value, prompt, completion, top_k, beta):
+def full_forward_reference(ref, value, prompt, completion, top_k, beta, restrict=True):
     """Per step, without any cache: the reference's top-k, each candidate's atom logits from a full
-    forward pass of prefix + candidate, the guided logits in float64 and the exact KL."""
+    forward pass of prefix + candidate, the guided logits in float64, the policy's log-probabilities
+    over the vocabulary (``restrict``: softmax over the candidates only; else the full reference softmax
+    with the guidance added to the candidates' logits) and the exact KL over the vocabulary."""
     steps = []
     with torch.no_grad():
         for t in range(len(completion)):
@@ -360,30 +370,41 @@ def full_forward_reference(ref, value, prompt, completion, top_k, beta):
             atom_logits = value.head(value.trunk(input_ids=rows).last_hidden_state[:, -1]).double()
             weights = torch.softmax(atom_logits, -1) * torch.exp(ATOMS.double() / beta)
             guided = top + torch.log(weights.sum(-1))
-            logp_g = torch.log_softmax(guided, -1)
             logq = torch.log_softmax(ref_logits, -1)
-            kl = float((logp_g.exp() * (logp_g - logq[cand])).sum())
-            j = cand.tolist().index(completion[t])
+            if restrict:
+                logp_c = torch.log_softmax(guided, -1)
+                kl = float((logp_c.exp() * (logp_c - logq[cand])).sum())
+                logp = torch.full_like(logq, -math.inf)
+                logp[cand] = logp_c
+            else:
+                full = ref_logits.clone()
+                full[cand] = guided
+                logp = torch.log_softmax(full, -1)
+                kl = float((logp.exp() * (logp - logq)).sum())
             steps.append(
                 dict(
                     top=top,
                     cand=cand,
                     atoms=atom_logits,
                     guided=guided,
+                    weights=weights.sum(-1),
+                    logp=logp,
+                    logq=logq,
                     kl=kl,
-                    rho=float(logp_g[j] - logq[completion[t]]),
+                    rho=float(logp[completion[t]] - logq[completion[t]]),
                 )
             )
     return steps
 
 
-def test_guided_policy_generates_and_scores_candidates_like_full_passes():
+@pytest.mark.parametrize("restrict", [True, False])
+def test_guided_policy_generates_and_scores_candidates_like_full_passes(restrict):
     from shiq_eval.generate import SamplingConfig
 
     warnings.filterwarnings("ignore")
     ref, value = tiny_llama(0), value_model(1)
     beta, k = 0.5, 5
-    policy = GuidedPolicy(ref, value, ATOMS, beta, top_k=k, eos_id=63, pad_id=0)
+    policy = GuidedPolicy(ref, value, ATOMS, beta, top_k=k, eos_id=63, pad_id=0, restrict_to_top_k=restrict)
     cfg = SamplingConfig(max_new_tokens=6, batch_size=3, seed=7)
     out = policy.generate(PROMPTS, cfg)
     assert len(out) == len(PROMPTS) and all(1 <= len(c) <= 6 for c in out)
@@ -392,21 +413,53 @@ def test_guided_policy_generates_and_scores_candidates_like_full_passes():
     # one batch recorded: cached candidate scoring equals full forward passes of prefix + candidate
     gen = torch.Generator().manual_seed(11)
     steps = policy.decode(PROMPTS, SamplingConfig(max_new_tokens=5), generator=gen, record=True)
+    outside = 0  # completion tokens outside the candidates
     for b, prompt in enumerate(PROMPTS):
         completion = steps.tokens[b][steps.active[b]].tolist()
-        want = full_forward_reference(ref, value, prompt, completion, k, beta)
+        want = full_forward_reference(ref, value, prompt, completion, k, beta, restrict)
         for t, w in enumerate(want):
             assert torch.equal(steps.candidates[b, t], w["cand"])
             assert (steps.ref_top[b, t].double() - w["top"]).abs().max() < 1e-5
             assert (steps.atom_logits[b, t].double() - w["atoms"]).abs().max() < 1e-5
             assert (steps.guided[b, t] - w["guided"]).abs().max() < 1e-5
+            # the per-step distribution over the vocabulary equals the direct float64 computation
+            got = steps.policy_logp[b, t]
+            assert got.shape == (64,) and got.dtype == F64
+            assert torch.equal(torch.isinf(got), torch.isinf(w["logp"]))
+            finite = torch.isfinite(got)
+            assert (got[finite] - w["logp"][finite]).abs().max() < 1e-5
+            rest = torch.ones(64, dtype=torch.bool)
+            rest[w["cand"]] = False
+            if restrict:
+                assert torch.isinf(got[rest]).all()  # nothing outside the candidates
+            else:
+                # outside the top-k: reference-proportional mass, p_g / p_ref = 1 / Σ_a p_ref(a) w(a),
+                # with w(a) = Σ_j p(z_j|s,a) exp(z_j/β) on the candidates and 1 elsewhere
+                q = w["logq"].exp()
+                norm = float((q[w["cand"]] * w["weights"]).sum() + q[rest].sum())
+                assert (got[rest] - w["logq"][rest] + math.log(norm)).abs().max() < 1e-5
+                assert abs(math.log(norm)) > 1e-2  # the guidance does move mass
+            outside += completion[t] not in w["cand"].tolist()
+    assert (outside > 0) == (not restrict)  # the default policy does sample outside the top-k
     # exact and sample KL of the guided policy against the reference, teacher-forced
     ks, ke = policy.sequence_kls(PROMPTS, out, batch_size=3)
     for b, prompt in enumerate(PROMPTS):
-        want = full_forward_reference(ref, value, prompt, out[b], k, beta)
+        want = full_forward_reference(ref, value, prompt, out[b], k, beta, restrict)
         assert abs(float(ke[b]) - sum(w["kl"] for w in want)) < 1e-5
         assert abs(float(ks[b]) - sum(w["rho"] for w in want)) < 1e-5
         assert float(ke[b]) > 0
+    # a one-token completion outside the first step's candidates: impossible under the restricted
+    # policy (sample log-ratio -inf), an ordinary token under the default one
+    with torch.no_grad():
+        top = ref(torch.tensor([PROMPTS[0]])).logits[0, -1].topk(k).indices.tolist()
+    other = next(t for t in range(64) if t not in top)
+    ks_out, ke_out = policy.sequence_kls(PROMPTS[:1], [[other]])
+    want = full_forward_reference(ref, value, PROMPTS[0], [other], k, beta, restrict)[0]
+    assert abs(float(ke_out[0]) - want["kl"]) < 1e-5
+    if restrict:
+        assert ks_out.tolist() == [-math.inf]
+    else:
+        assert math.isfinite(want["rho"]) and abs(float(ks_out[0]) - want["rho"]) < 1e-5
 
 
 def test_constant_values_give_the_renormalised_reference_top_k():
@@ -415,7 +468,7 @@ def test_constant_values_give_the_renormalised_reference_top_k():
     warnings.filterwarnings("ignore")
     ref, value = tiny_llama(0), value_model(2, constant=True)
     k = 7
-    policy = GuidedPolicy(ref, value, ATOMS, 0.3, top_k=k, eos_id=63)
+    policy = GuidedPolicy(ref, value, ATOMS, 0.3, top_k=k, eos_id=63, restrict_to_top_k=True)
     steps = policy.decode(
         PROMPTS, SamplingConfig(max_new_tokens=4), generator=torch.Generator().manual_seed(0), record=True
     )
@@ -428,6 +481,34 @@ def test_constant_values_give_the_renormalised_reference_top_k():
                 assert torch.equal(steps.candidates[b, t], cand)
                 got = torch.softmax(steps.guided[b, t], -1)
                 assert (got - top / top.sum()).abs().max() < 1e-6
+                assert (steps.policy_logp[b, t, cand].exp() - top / top.sum()).abs().max() < 1e-6
+
+
+def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass():
+    from shiq_eval.generate import SamplingConfig
+
+    warnings.filterwarnings("ignore")
+    ref, value = tiny_llama(0), value_model(6)
+    zero = torch.zeros(len(ATOMS))  # log Σ_j p_j exp(0/β) = 0 for every candidate, whatever the head says
+    k = 4
+    kw = dict(top_k=k, eos_id=63, pad_id=0)
+    default = GuidedPolicy(ref, value, zero, 0.5, **kw)
+    restricted = GuidedPolicy(ref, value, zero, 0.5, restrict_to_top_k=True, **kw)
+    completions = restricted.generate(PROMPTS, SamplingConfig(max_new_tokens=5, batch_size=4, seed=1))
+    steps = default.decode(PROMPTS, SamplingConfig(max_new_tokens=5), forced=completions, record=True)
+    ks_d, ke_d = default.sequence_kls(PROMPTS, completions, batch_size=2)
+    ks_r, ke_r = restricted.sequence_kls(PROMPTS, completions, batch_size=2)
+    with torch.no_grad():
+        for b, prompt in enumerate(PROMPTS):
+            lost = 0.0  # -Σ_t log(top-k reference mass), from uncached forward passes
+            for t in range(len(completions[b])):
+                logq = torch.log_softmax(ref(torch.tensor([prompt + completions[b][:t]])).logits[0, -1].double(), -1)
+                assert (steps.policy_logp[b, t] - logq).abs().max() < 1e-5  # the reference itself
+                lost -= float(torch.logsumexp(logq.topk(k).values, -1))
+            assert abs(float(ke_d[b])) < 1e-12 and abs(float(ks_d[b])) < 1e-12
+            assert lost > 0.1
+            assert abs(float(ke_r[b]) - lost) < 1e-5
+            assert abs(float(ks_r[b]) - lost) < 1e-5  # every candidate's log-ratio is -log(top-k mass)
 
 
 # ----------------------------------------------------------------------------------------------
