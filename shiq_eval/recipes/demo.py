@@ -880,8 +880,8 @@ def report_markdown(rep: dict) -> str:
                 else " (the first ones only: its comparisons with the reference are paired on that subset)."
             )
             + f" Training took {q['train_seconds']:.0f} s, guided decoding and its KL {q['decode_seconds']:.0f} s."
-            + " Its KL includes the price of sampling only among the top-k candidates (−log of their reference"
-            " probability at each step), which it pays even with an uninformative value model."
+            + " The other tokens keep their reference probabilities (a guidance term of 0, neutral because the"
+            " buffer's rewards are centred), and its KL is the exact per-token sum over the whole vocabulary."
         )
     lines += [
         f"- **Evaluation.** {ev['samples_per_prompt']} completion(s) per held-out prompt (temperature 1, top-p 1: "
