@@ -88,11 +88,43 @@ def evaluate_policy(
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
+    return evaluate_samples(
+        policy,
+        lambda prompts, completions: sequence_kls(model, ref_model, prompts, completions, batch_size, pad),
+        tokenizer,
+        prompt_ids,
+        prompt_texts,
+        scorer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        keep_samples=keep_samples,
+        progress=progress,
+    )
+
+
+def evaluate_samples(
+    policy,
+    kls,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    prompt_texts: list[str],
+    scorer,
+    *,
+    max_new_tokens=32,
+    batch_size=16,
+    seed=0,
+    keep_samples=4,
+    progress=True,
+) -> EvalResult:
+    """The evaluation every policy shares (SHIQ_MATH §6): completions from ``policy.generate`` at
+    temperature 1, top-p 1, decoded without special tokens and scored by ``scorer(prompt_texts, texts)``;
+    ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators."""
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed)
     completions = policy.generate(prompt_ids, cfg, progress=progress)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
-    ks, ke = sequence_kls(model, ref_model, prompt_ids, completions, batch_size, pad)
+    ks, ke = kls(prompt_ids, completions)
     r, rse = mean_stderr(rewards)
     a, ase = mean_stderr(ks)
     b, bse = mean_stderr(ke)

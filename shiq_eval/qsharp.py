@@ -31,9 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shiq_eval.evaluate import EvalResult
+from shiq_eval.evaluate import EvalResult, evaluate_samples
 from shiq_eval.generate import SamplingConfig, generate_in_batches, sample_next
-from shiq_eval.kl import mean_stderr
 
 
 def guided_logits(
@@ -372,13 +371,16 @@ def evaluate_guided_policy(
     """Reward and both KL estimators of a guided policy against its reference (SHIQ_MATH §6, §8), the
     counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at temperature 1, top-p 1,
     scored by ``scorer(prompt_texts, completion_texts)``, KL from :meth:`GuidedPolicy.sequence_kls`."""
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed)
-    completions = policy.generate(prompt_ids, cfg, progress=progress)
-    texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-    rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
-    ks, ke = policy.sequence_kls(prompt_ids, completions, batch_size)
-    r, rse = mean_stderr(rewards)
-    a, ase = mean_stderr(ks)
-    b, bse = mean_stderr(ke)
-    shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
-    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist())
+    return evaluate_samples(
+        policy,
+        lambda prompts, completions: policy.sequence_kls(prompts, completions, batch_size),
+        tokenizer,
+        prompt_ids,
+        prompt_texts,
+        scorer,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        keep_samples=keep_samples,
+        progress=progress,
+    )
