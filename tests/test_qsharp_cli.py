@@ -85,7 +85,7 @@ def trained(tmp_path_factory):
     """``(tmp, init folder, value folder)``: a value model trained by the command line."""
     tmp = tmp_path_factory.mktemp("qsharp")
     init = tiny_hf_folder(tmp / "init")
-    write_tiny_buffer(tmp / "buffer")
+    write_tiny_buffer(tmp / "buffer", init)
     res = shiq_train(f"data.buffer={tmp / 'buffer'}", f"init={init}", f"out={tmp / 'value'}", *RUN_ARGS)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "shiq-eval run --guide" in res.stdout  # says what to do with it
