@@ -180,24 +180,15 @@ def load_reference(spec: str):
     """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
     import torch  # heavy: only shiq-eval run needs torch
 
-    if spec == "smollm2":
-        from shiq_train.hf_convert import load_smollm2  # heavy: torch
+    from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
-        return load_smollm2(torch.float32)
     folder = Path(spec)
-    if not (folder / "config.json").is_file():
+    if spec != "smollm2" and not (folder / "config.json").is_file():
         raise EvalInputError(
             f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
             f"({folder / 'config.json'} does not exist)"
         )
-    from transformers import AutoTokenizer, LlamaForCausalLM  # heavy: only a model folder needs it
-
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
-    try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-    except (OSError, ValueError):
-        tok = None
-    return model, tok
+    return load_causal_lm(spec, torch.float32)
 
 
 def policy_from_checkpoint(step_dir: Path, hf_config: dict):

@@ -36,7 +36,7 @@ from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, reference
 from shiq_train.checkpoint import latest_step_dir
-from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
+from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
@@ -183,13 +183,9 @@ def load_init(init: str):
     """
     if init in (None, "none"):
         return None, None
-    if init == "smollm2":
-        hf, _ = load_smollm2(torch.float32)
-        return hf.state_dict(), hf.config
-    hf_config = read_llama_config(init)
-    from transformers import LlamaForCausalLM  # heavy: only an init folder needs it
-
-    hf = LlamaForCausalLM.from_pretrained(str(init), config=hf_config, dtype=torch.float32)
+    if init != "smollm2":
+        read_llama_config(init)  # a Llama folder, or a one-line refusal naming its model_type
+    hf, _ = load_causal_lm(init, torch.float32)
     return hf.state_dict(), hf.config
 
 

@@ -195,17 +195,25 @@ def load_smollm2(dtype=torch.float32):
     return model.eval(), tok
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def load_causal_lm(spec: str, dtype=torch.float32):
-    """The causal LM ``spec`` names, in eval mode: ``smollm2`` (:func:`load_smollm2`) or a Hugging Face
-    model folder (any ``transformers`` causal LM). ``FileNotFoundError`` naming the folder's
-    ``config.json`` if it has none."""
+    """``(model, tokenizer)`` of the causal LM ``spec`` names, the model in eval mode: ``smollm2``
+    (:func:`load_smollm2`) or a Hugging Face model folder (any ``transformers`` causal LM; tokenizer None
+    when the folder has none). ``FileNotFoundError`` naming the folder's ``config.json`` if it has none.
+    The one loader of "SmolLM2 or a folder" for training, reference statistics and evaluation."""
     if spec == "smollm2":
-        return load_smollm2(dtype)[0]
+        return load_smollm2(dtype)
     folder = Path(spec)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(
             f"{folder}: expected smollm2 or a Hugging Face model folder, but {folder / 'config.json'} does not exist"
         )
-    from transformers import AutoModelForCausalLM  # heavy: only loading a model needs it
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only loading a model needs it
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    tokenizer = None
+    if any((folder / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    return model, tokenizer

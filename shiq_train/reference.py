@@ -147,7 +147,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
                 raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
         record["megatron_checkpoint"] = str(step_dir.resolve())
         return hf_model_from_checkpoint(step_dir, _model_config(model), dtype), record
-    return load_causal_lm(model, dtype), record
+    return load_causal_lm(model, dtype)[0], record
 
 
 def run(args: argparse.Namespace) -> int:

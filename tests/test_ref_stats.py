@@ -453,8 +453,9 @@ def test_load_causal_lm_reads_any_causal_lm_folder_and_names_a_missing_config(tm
     torch.manual_seed(2)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=32)).eval()
     model.save_pretrained(tmp_path / "gpt2")
-    loaded = load_causal_lm(str(tmp_path / "gpt2"))
+    loaded, tokenizer = load_causal_lm(str(tmp_path / "gpt2"))
     assert isinstance(loaded, GPT2LMHeadModel) and not loaded.training
+    assert tokenizer is None  # the folder holds no tokenizer files
     tokens = torch.tensor([[1, 5, 9, 2]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
