@@ -153,9 +153,13 @@ def read_meta(step_dir) -> dict:
     return info
 
 
-def read_rank_file(path: Path) -> dict:
+RANK_FILE_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
+
+
+def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS) -> dict:
     """One rank's saved state, read with ``weights_only=True`` (never unpickles arbitrary objects); a
-    missing, truncated or foreign file is a ``ValueError`` naming it."""
+    missing, truncated or foreign file (one without ``keys``; reading parameters needs only ``model``)
+    is a ``ValueError`` naming it."""
     try:
         state = torch.load(path, weights_only=True)
     except FileNotFoundError:
@@ -163,7 +167,6 @@ def read_rank_file(path: Path) -> dict:
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
         msg = " ".join(str(e).split())[:200]
         raise ValueError(f"{path}: not a readable checkpoint file ({msg})") from None
-    keys = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: not a checkpoint written by shiq_train (expected the keys {list(keys)})")
     return state

@@ -35,7 +35,7 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             path = step_dir / W.rank_file_name(tp_rank, pp_rank, 0)
-            params = read_rank_file(path)["model"]  # weights_only: never unpickles arbitrary objects
+            params = read_rank_file(path, keys=("model",))["model"]  # weights_only: never unpickles arbitrary objects
             for name, value in params.items():
                 if name == W.TIED_OUTPUT and tied:
                     continue  # the last stage's copy of the tied embedding
