@@ -254,6 +254,13 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         raise ValueError(f"{path}: field 'action_tokens' must be an integer in [0, 2**63)")
     if not isinstance(tok.get("name", ""), str):
         raise ValueError(f"{path}: field 'tokenizer.name' must be a string, got {tok['name']!r:.40}")
+    system = tok.get("system_prompt", {"setting": "template"})
+    if not (
+        isinstance(system, dict)
+        and isinstance(system.get("setting"), str)
+        and isinstance(system.get("text", ""), (str, type(None)))
+    ):
+        raise ValueError(f"{path}: field 'tokenizer.system_prompt' must be an object with a string 'setting'")
     commands = manifest.get("commands", [])
     if not isinstance(commands, list) or not all(
         isinstance(c, dict)

@@ -15,6 +15,7 @@ on later ones) raises :class:`ChatTemplateError` rather than producing wrong mas
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -82,6 +83,64 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
                 f"messages[{i}].content contains {found[0]!r}, the text of this tokenizer's {what}; it would be "
                 "read as that control token, not as text: remove it from the data"
             )
+
+
+SYSTEM_PROMPT_SETTINGS = ("template", "off")
+
+
+def template_system_prompt(tokenizer) -> str | None:
+    """The system text the chat template writes when a conversation has no system turn (SmolLM2's:
+    ``"You are a helpful AI assistant named SmolLM, trained by Hugging Face"``), ``None`` if it writes none.
+
+    Found by rendering one user turn with and without an empty system turn: the difference is the default
+    text, checked by rendering it back.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    user = [{"role": "user", "content": "x"}]
+    bare = tokenizer.apply_chat_template(user, tokenize=False)
+    empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, *user], tokenize=False)
+    extra = len(bare) - len(empty)
+    if extra < 0:
+        return None  # no system turn without one in the data
+    for cut in range(len(empty) + 1):  # where the default text sits inside the empty system turn
+        text = bare[cut : cut + extra]
+        if empty[:cut] + text + empty[cut:] != bare:
+            continue
+        if tokenizer.apply_chat_template([{"role": "system", "content": text}, *user], tokenize=False) == bare:
+            return text
+    return None
+
+
+def set_system_prompt(tokenizer, setting: str) -> str | None:
+    """Choose the system turn that conversations without one get, by wrapping ``tokenizer.chat_template``.
+
+    ``setting`` is ``"template"`` (keep the template's default text, if it has one), ``"off"`` (an empty
+    system turn, so no default text is shown; a template that writes none is left alone) or any other
+    string (that text). Conversations that start with a system turn are never changed. Returns the system
+    text conversations without one are now rendered with (``None``: no system turn), which the buffer's
+    manifest records.
+    """
+    default = template_system_prompt(tokenizer)
+    if setting == "template" or (setting == "off" and default is None):
+        return default
+    text = "" if setting == "off" else setting
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(f"system prompt {setting!r}: this tokenizer has no chat template to put it in")
+    found = [t for t in control_texts(tokenizer) if t in text]
+    if found:
+        raise ChatTemplateError(f"system prompt {setting!r} contains {found[0]!r}, the text of a control token")
+    # A Jinja string literal is read with Python's unicode-escape rules, which JSON's escapes satisfy.
+    literal = json.dumps(text, ensure_ascii=False)
+    tokenizer.chat_template = (
+        "{%- if messages and messages[0]['role'] != 'system' %}"
+        f"{{%- set messages = [{{'role': 'system', 'content': {literal}}}] + messages %}}"
+        "{%- endif %}" + tokenizer.chat_template
+    )
+    got = template_system_prompt(tokenizer)
+    if got != text:
+        raise ChatTemplateError(f"system prompt {setting!r}: the chat template renders {got!r} instead")
+    return text
 
 
 def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], list[tuple[int, int]]]:

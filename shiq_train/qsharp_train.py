@@ -160,7 +160,14 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
 
 
 def train_value_model(
-    buffer_path, out_dir, hf_state_dict, hf_config, cfg: ValueTrainConfig, meta: dict | None = None
+    buffer_path,
+    out_dir,
+    hf_state_dict,
+    hf_config,
+    cfg: ValueTrainConfig,
+    meta: dict | None = None,
+    *,
+    verify_checksums: bool = True,
 ) -> Path:
     """Train a :class:`MegatronValueModel` on a replay buffer of reference samples and save it (SHIQ_MATH §8).
 
@@ -172,14 +179,15 @@ def train_value_model(
     initialises ``torch.distributed`` itself if needed). Writes ``out_dir`` atomically
     (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
     inside it, replacing an earlier value model there (any other non-empty folder is refused);
-    returns ``out_dir``.
+    returns ``out_dir``. The buffer's shards are hashed against the manifest first unless
+    ``verify_checksums`` is False.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise ValueError(
             f"{out} exists and is not a value-model folder (no {CONFIG_FILE}); it would be replaced: choose a new folder"
         )
-    buffer = open_buffer(buffer_path)
+    buffer = open_buffer(buffer_path, verify_checksums=verify_checksums)
     vocab = int(buffer.tokenizer_info.get("vocab_size", 0))
     if vocab > hf_config.vocab_size:
         raise ValueError(

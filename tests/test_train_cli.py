@@ -572,3 +572,22 @@ def test_a_failed_start_leaves_no_half_made_run_folder(tmp_path):
     res = start(tmp_path / "mine")
     assert res.returncode == 2
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+def test_a_corrupted_shard_is_refused_unless_checksums_are_switched_off(tmp_path):
+    """data.verify_checksums (default true) hashes every shard before training reads it; false is the
+    explicit opt-out for buffers verified already."""
+    from shiq_data.buffer import read_manifest
+    from shiq_train.cli import ConfigError, check_plain_options, open_data_source
+
+    write_tiny_buffer(tmp_path / "buf", False)
+    shard = tmp_path / "buf" / read_manifest(tmp_path / "buf")["shards"][0]["file"]
+    data = bytearray(shard.read_bytes())
+    data[-20] ^= 0xFF  # inside the last record batch's data: Arrow still reads it
+    shard.write_bytes(bytes(data))
+    cfg = {"buffer": str(tmp_path / "buf"), "rows_per_micro_batch": 2, "micro_batches_per_step": 1, "seed": 0}
+    with pytest.raises(ValueError, match="sha256 .* differs"):
+        open_data_source(cfg, "padded", "online", 0, 1, 64)
+    open_data_source({**cfg, "verify_checksums": False}, "padded", "online", 0, 1, 64)
+    with pytest.raises(ConfigError, match="data.verify_checksums='no'"):
+        check_plain_options({"seed": 0, "parallel": {}, "out": "x", "data": {**cfg, "verify_checksums": "no"}})
