@@ -153,3 +153,35 @@ def plot_j_star_curve(curves: dict[float, list[dict]], out_dir) -> Path:
     _savefig(fig, path)
     plt.close(fig)
     return path
+
+
+def plot_frontier(points: list[dict], out_path, reference: tuple[float, float] | None = None) -> Path:
+    """A reward–KL frontier across seeds: one line per method through its β grid (points sorted by KL),
+    each point ``{method, beta, kl, kl_sd, reward, reward_sd}`` (seed means, error bars of one seed
+    standard deviation on both axes) labelled with its β; ``reference`` = (mean, s.d.) reward at KL 0."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for m in sorted({p["method"] for p in points}):
+        pts = sorted((p for p in points if p["method"] == m), key=lambda p: p["kl"])
+        bar = ax.errorbar(
+            [p["kl"] for p in pts],
+            [p["reward"] for p in pts],
+            xerr=[p["kl_sd"] for p in pts],
+            yerr=[p["reward_sd"] for p in pts],
+            marker="o",
+            capsize=3,
+            label=m,
+        )
+        for p in pts:
+            ax.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), fontsize=6, color=bar[0].get_color())
+    if reference is not None:
+        ax.errorbar([0.0], [reference[0]], yerr=[reference[1]], color="grey", marker="s", capsize=3, label="reference")
+    ax.set_xlabel("KL(π ‖ π_ref) per completion (exact per-token sum)")
+    ax.set_ylabel("mean reward on held-out prompts")
+    ax.set_title("final checkpoints, mean over seeds ± 1 s.d. of the seeds", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out_path = Path(out_path)
+    _savefig(fig, out_path)
+    plt.close(fig)
+    return out_path

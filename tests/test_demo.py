@@ -29,14 +29,73 @@ def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
     for name, c in runs:
         assert c["seed"] == int(name[len("seed") :])
         arms = c["train"]["methods"]
-        expected = [(m, float(b)) for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
-        assert [(demo.arm_method(a), demo.arm_beta(c, a)) for a in arms] == expected
+        expected = [(m, float(b)) for m, betas in cfg["full"]["betas"].items() for b in betas]
+        assert [(a.partition("@")[0], demo.arm_beta(c, a)) for a in arms] == expected
+        assert set(cfg["train"]["methods"]) <= {a.partition("@")[0] for a in arms}  # every default method
+        assert {"shiq_init", "shiq_ms", "shiq_tk", "shiq-single", "dro_v-single"} <= {a.partition("@")[0] for a in arms}
         assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
     assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
     with pytest.raises(ValueError, match="exclude each other"):
         demo.load_config(quick=True, full=True)
     one = demo.load_config(overrides=["train.methods=[shiq@0.05,dpo]"])
     assert demo.arm_beta(one, "shiq@0.05") == 0.05 and demo.arm_beta(one, "dpo") == one["methods"]["dpo"]["beta"]
+
+
+def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path):
+    """full_report against numpy on hand-made per-seed reports: seed means, seed s.d. (ddof 1), mean
+    within-seed s.e., the gain share (J - J_ref) / (J* - J_ref) and the best β by mean share."""
+    rng = np.random.default_rng(0)
+    arms = ["shiq@0.1", "shiq@1", "dpo@0.1", "shiq-single@0.1"]
+    per = {}
+    for seed in ("seed0", "seed1", "seed2"):
+        methods = {}
+        for arm in arms:
+            v = rng.normal(size=9)
+            methods[arm] = {
+                "beta": float(arm.partition("@")[2]),
+                "reward_mean": v[0],
+                "reward_stderr": abs(v[1]),
+                "gold_mean": v[2],
+                "kl": abs(v[3]),
+                "J": v[4],
+                "J_stderr": abs(v[5]),
+                "J_minus_reference": v[6],
+                "J_minus_reference_stderr": abs(v[7]),
+                "reference_reward_on_these_prompts": 0.1,
+                "j_star": 0.1 + abs(v[8]) + 0.5,
+            }
+        per[seed] = methods
+        (tmp_path / seed).mkdir()
+        rep = {"methods": methods, "reference": {"reward_mean": rng.normal()}, "timings": {"a": 60.0}}
+        (tmp_path / seed / "report.json").write_text(json.dumps(rep))
+    out = demo.full_report(tmp_path, list(per))
+    rows = {r["arm"]: r for r in out["arms"]}
+    assert set(rows) == set(arms) and out["seconds"] == 180.0
+    for arm in arms:
+        ms = [per[s][arm] for s in per]
+        share = np.array([(m["J_minus_reference"]) / (m["j_star"] - 0.1) for m in ms])
+        r = rows[arm]
+        assert r["seeds"] == 3 and r["method"] == arm.partition("@")[0]
+        assert r["reward_mean"] == pytest.approx(np.mean([m["reward_mean"] for m in ms]))
+        assert r["reward_mean_sd"] == pytest.approx(np.std([m["reward_mean"] for m in ms], ddof=1))
+        assert r["reward_mean_se"] == pytest.approx(np.mean([m["reward_stderr"] for m in ms]))
+        assert r["J_minus_reference_se"] == pytest.approx(np.mean([m["J_minus_reference_stderr"] for m in ms]))
+        assert r["gain_share"] == pytest.approx(share.mean()) and r["gain_share_sd"] == pytest.approx(share.std(ddof=1))
+    best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
+    assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
+    for name in ("full_report.json", "full_report.md", "frontier.png"):
+        assert (tmp_path / name).is_file()
+    assert "| shiq-single ** | 0.1 |" in (tmp_path / "full_report.md").read_text()
+
+
+def test_single_completion_arms_only_for_losses_that_need_no_group():
+    cfg = demo.load_config(overrides=["train.methods=[shiq-single@0.1,dro_v-single]"])
+    assert [demo.arm_method(a) for a in cfg["train"]["methods"]] == ["shiq", "dro_v"]
+    assert demo.arm_is_single("dro_v-single") and not demo.arm_is_single("dro_v@0.3")
+    assert demo.arm_beta(cfg, "dro_v-single") == cfg["methods"]["dro_v"]["beta"]
+    for bad in ("dpo-single", "copg-single@0.3", "qsharp-single"):
+        with pytest.raises(ValueError, match="cannot train on one completion per prompt"):
+            demo.load_config(overrides=[f"train.methods=[{bad}]"])
 
 
 @pytest.mark.parametrize(
@@ -80,7 +139,16 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     """The README's main job in its --quick form: every artifact, finite numbers; a second call
     finds every stage finished and only rewrites the report."""
     out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "shiq_eval.recipes.demo", "--quick", "--out", str(out)]
+    arms = [*demo.load_config(quick=True)["train"]["methods"], "shiq-single"]  # + the information-controlled arm
+    cmd = [
+        sys.executable,
+        "-m",
+        "shiq_eval.recipes.demo",
+        "--quick",
+        "--out",
+        str(out),
+        f"train.methods=[{','.join(arms)}]",
+    ]
     subprocess.run(cmd, check=True, timeout=1500)
     for name in [
         "report.md",
@@ -102,8 +170,8 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     ]:
         assert (out / name).is_file(), name
     rep = json.loads((out / "report.json").read_text())
-    cfg = demo.load_config(quick=True)
-    assert set(rep["methods"]) == set(cfg["train"]["methods"])
+    cfg = demo.load_config(quick=True, overrides=[cmd[-1]])
+    assert set(rep["methods"]) == set(cfg["train"]["methods"]) == set(arms)
     assert _finite(rep["reference"]["reward_mean"]) and _finite(rep["reference"]["reward_stderr"])
     assert "qsharp" in rep["methods"]
     trained = [m for m in cfg["train"]["methods"] if m != "qsharp"]
@@ -126,12 +194,28 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     prompts = json.loads((out / "prompts.json").read_text())
     assert not {p["snippet_id"] for p in prompts["eval"]} & set(split["train"])
     assert {p["snippet_id"] for p in prompts["train"]} <= set(split["train"])
+    # the information-controlled arm: one completion for each of train_prompts x k training prompts
+    k, n = cfg["data"]["completions_per_prompt"], cfg["data"]["train_prompts"]
+    import pyarrow.ipc as ipc
+
+    single = json.loads((out / "buffer_single" / "manifest.json").read_text())
+    groups = [
+        g
+        for shard in single["shards"]
+        for g in ipc.open_stream((out / "buffer_single" / shard["file"]).read_bytes())
+        .read_all()
+        .column("group_id")
+        .to_pylist()
+    ]
+    assert single["rows"] == len(groups) == n * k == len(set(groups))
+    snippets = [json.loads(line)["snippet_id"] for line in (out / "samples_single.jsonl").read_text().splitlines()]
+    assert len(set(snippets)) == n * k and set(snippets) <= set(split["train"])
     # the checkpoints are shiq-eval run's input too: method, step, architecture and reference recorded
     from shiq_eval.cli import checkpoint_info, checkpoint_steps
 
     for m in trained:
         info = checkpoint_info(checkpoint_steps(out / "runs" / m)[-1])
-        assert (info["method"], info["step"], info["init"]) == (m, cfg["train"]["steps"], "smollm2")
+        assert (info["method"], info["step"], info["init"]) == (demo.arm_method(m), cfg["train"]["steps"], "smollm2")
         assert info["hf_config"]["num_hidden_layers"] == 30
     # resuming: nothing but the report runs again
     before = json.loads((out / "stages.json").read_text())["done"]
@@ -186,7 +270,7 @@ def check_report_against_saved_results(out, rep, cfg):
     with open(out / "results.csv", newline="") as f:
         table = list(csv.DictReader(f))
     for m, r in rep["methods"].items():
-        beta = cfg["methods"][m]["beta"]
+        beta = demo.arm_beta(cfg, m)
         last = max(json.loads((out / "runs" / m / "curve.json").read_text()), key=lambda c: c["step"])
         rw, kl, gold = (np.asarray(last[k], dtype=np.float64) for k in ("rewards", "kls_exact", "gold"))
         n = len(rw)

@@ -26,10 +26,16 @@ newest checkpoint):
    ``eval_every`` steps the policy is evaluated (``runs/<method>/curve.json``). ``train_qsharp``
    trains the Q♯ value model on the same buffer (``runs/qsharp/value``) and evaluates the guided
    reference once, at its last step.
+   Arms named ``<method>-single`` (``--full``; ShiQ and DRO-V only) train on ``buffer_single`` instead:
+   one completion for each of ``train_prompts × completions_per_prompt`` prompts (stages
+   ``samples_single``, ``buffer_single``), the same number of completions as the grouped buffer.
 6. ``eval_reference`` — the reference policy on the same prompts, same sampling seed, plus more
    reference samples per prompt for the ``J*`` estimate (``reference_eval.json``).
 7. ``report`` — ``report.json``, ``report.md``, ``results.{csv,json}``, ``reward_vs_kl.png``,
    ``reward_vs_step.png``, ``j_vs_step.png``, ``j_star_curve.png``.
+
+``--full`` runs every arm of the config's ``full.betas`` once per seed (``DIR/seed<N>``), then
+:func:`full_report` across the seeds (``full_report.{md,json}``, ``frontier.png``).
 """
 
 from __future__ import annotations
@@ -63,14 +69,14 @@ from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
-from shiq_eval.report import COLUMNS, plot_curves, plot_j_star_curve, plot_j_vs_step, write_table
+from shiq_eval.report import COLUMNS, plot_curves, plot_frontier, plot_j_star_curve, plot_j_vs_step, write_table
 from shiq_eval.scorers import VaderScorer
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
 from shiq_train.model import build_model
-from shiq_train.objectives import LOSS_NAMES, LossConfig
+from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
@@ -79,6 +85,8 @@ from shiq_train.trainer import TrainConfig, Trainer
 
 CONFIG = config_dir() / "demo.yaml"
 METHODS = (*LOSS_NAMES, "qsharp")  # the trained losses, and Q♯ guided decoding
+# the policy losses that need no second completion of a prompt (the information-controlled arms)
+SINGLE_METHODS = tuple(n for n in LOSS_NAMES if not LOSSES[n].needs_groups and LOSSES[n].trains == "policy")
 TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr", *COLUMNS[4:8], "J", "J_stderr"]
 TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 
@@ -124,26 +132,37 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     return cfg
 
 
+SINGLE = "-single"  # arm suffix: one completion per prompt over completions_per_prompt times as many prompts
+
+
 def arm_method(arm: str) -> str:
-    """The method of a ``train.methods`` entry: ``"shiq"``, or ``"shiq@0.1"`` (the method at β = 0.1)."""
-    return arm.partition("@")[0]
+    """The method of a ``train.methods`` entry: ``"shiq"``, ``"shiq@0.1"`` (the method at β = 0.1), or
+    ``"shiq-single@0.1"`` (trained on the single-completion buffer, see :func:`arm_is_single`)."""
+    return arm.partition("@")[0].removesuffix(SINGLE)
+
+
+def arm_is_single(arm: str) -> bool:
+    """Whether the entry trains on ``buffer_single``: one completion for each of ``train_prompts ×
+    completions_per_prompt`` prompts, the same number of completions as the grouped buffer (the
+    information-controlled arm: ShiQ needs no second completion of a prompt, DPO and CoPG do)."""
+    return arm.partition("@")[0].endswith(SINGLE)
 
 
 def arm_beta(cfg: dict, arm: str) -> float:
     """The β of a ``train.methods`` entry: the one after ``@``, else ``methods.<method>.beta``."""
-    method, _, beta = arm.partition("@")
-    return float(beta) if beta else float(cfg["methods"][method]["beta"])
+    _, _, beta = arm.partition("@")
+    return float(beta) if beta else float(cfg["methods"][arm_method(arm)]["beta"])
 
 
 def full_runs(cfg: dict) -> list[tuple[str, dict]]:
-    """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every method
-    at every β of ``full.betas.<method>`` (entries ``method@β``) on that seed's own reward model,
-    samples and buffer; each run resumes like the default one."""
+    """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every arm of
+    ``full.betas`` (methods, ablations and ``-single`` arms) at every β of its grid (entries ``arm@β``)
+    on that seed's own reward model, samples and buffers; each run resumes like the default one."""
     out = []
     for seed in cfg["full"]["seeds"]:
         c = json.loads(json.dumps(cfg))
         c["seed"] = int(seed)
-        c["train"]["methods"] = [f"{m}@{b:g}" for m in cfg["train"]["methods"] for b in cfg["full"]["betas"][m]]
+        c["train"]["methods"] = [f"{m}@{b:g}" for m, betas in cfg["full"]["betas"].items() for b in betas]
         _check_config(c)
         out.append((f"seed{seed}", c))
     return out
@@ -168,6 +187,13 @@ def _check_config(cfg: dict) -> None:
         raise ValueError(f"train.methods lists an entry twice: {t['methods']}")
     for arm in t["methods"]:
         m, _, b = str(arm).partition("@")
+        if arm_is_single(m):
+            m = arm_method(m)
+            if m not in SINGLE_METHODS:
+                raise ValueError(
+                    f"train.methods: {arm!r}: {m} cannot train on one completion per prompt "
+                    f"({SINGLE} arms: {', '.join(SINGLE_METHODS)})"
+                )
         if m not in METHODS:
             raise ValueError(f"train.methods: unknown method {m!r} (one of {METHODS})")
         beta = cfg.get("methods", {}).get(m, {}).get("beta")
@@ -359,13 +385,33 @@ def stage_prompts(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    d = ctx.cfg["data"]
     prompts = json.loads((ctx.out / "prompts.json").read_text())["train"]
+    sample_prompts(ctx, prompts, ctx.cfg["data"]["completions_per_prompt"], ctx.cfg["seed"] + 2, "samples.jsonl")
+
+
+def stage_samples_single(ctx: Context) -> None:
+    """The information-controlled data: one reference completion for each of ``train_prompts ×
+    completions_per_prompt`` training-split prompts (drawn with their own seed; they may include the
+    grouped buffer's prompts), so ``buffer_single`` holds as many completions as ``buffer``."""
+    d = ctx.cfg["data"]
+    split = json.loads((ctx.out / "split.json").read_text())
+    by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
+    usable = [i for i in split["train"] if len(by_id[i].text.split()) > d["prompt_words"]]
+    n = d["train_prompts"] * d["completions_per_prompt"]
+    if n > len(usable):
+        raise ValueError(f"{SINGLE} arms need {n} training prompts, only {len(usable)} snippets are long enough")
+    ids = sorted(random.Random(ctx.cfg["seed"] + 4).sample(usable, n))
+    prompts = [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in ids]
+    sample_prompts(ctx, prompts, 1, ctx.cfg["seed"] + 5, "samples_single.jsonl")
+
+
+def sample_prompts(ctx: Context, prompts: list[dict], k: int, seed: int, name: str) -> None:
+    """``k`` reference completions (temperature 1) of each prompt, scored by the reward model, as ``name``."""
+    d = ctx.cfg["data"]
     model, tok = ctx.reference
-    k = d["completions_per_prompt"]
     ids = ctx.prompt_ids([p["opening"] for p in prompts])
     policy = HFPolicy(model, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
-    _log(f"sampling {k} completions for each of {len(prompts)} training prompts")
+    _log(f"sampling {k} completion(s) for each of {len(prompts)} training prompts")
     completions = policy.generate(
         [p for p in ids for _ in range(k)],
         SamplingConfig(
@@ -373,7 +419,7 @@ def stage_samples(ctx: Context) -> None:
             temperature=1.0,
             top_p=1.0,
             batch_size=ctx.cfg["eval"]["batch_size"],
-            seed=ctx.cfg["seed"] + 2,
+            seed=seed,
         ),
         progress=True,
     )
@@ -396,7 +442,7 @@ def stage_samples(ctx: Context) -> None:
                 }
             )
         )
-    atomic_write_bytes(ctx.out / "samples.jsonl", ("\n".join(lines) + "\n").encode())
+    atomic_write_bytes(ctx.out / name, ("\n".join(lines) + "\n").encode())
 
 
 def buffer_rows(samples: list[dict], center: float):
@@ -419,13 +465,15 @@ def buffer_rows(samples: list[dict], center: float):
         }
 
 
-def stage_buffer(ctx: Context) -> None:
-    samples = [json.loads(line) for line in (ctx.out / "samples.jsonl").read_text().splitlines() if line.strip()]
+def stage_buffer(ctx: Context, samples_name: str = "samples.jsonl", name: str = "buffer") -> None:
+    """``samples_name`` as the replay buffer ``name`` with reference statistics; ``name.json`` records its
+    reward centre."""
+    samples = [json.loads(line) for line in (ctx.out / samples_name).read_text().splitlines() if line.strip()]
     # Centring by the mean sample reward changes no optimal policy (a constant per prompt) and keeps
     # the ShiQ targets near zero; the report always shows raw reward-model scores.
     center = sum(s["reward"] for s in samples) / len(samples)
     _, info = load_tokenizer("smollm2")
-    final, tmp = ctx.out / "buffer", ctx.out / "buffer.building"
+    final, tmp = ctx.out / name, ctx.out / f"{name}.building"
     if tmp.exists():
         shutil.rmtree(tmp)
     write_buffer(
@@ -448,7 +496,7 @@ def stage_buffer(ctx: Context) -> None:
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
-    atomic_write_json(ctx.out / "buffer.json", {"reward_center": center, "rows": len(samples)})
+    atomic_write_json(ctx.out / f"{name}.json", {"reward_center": center, "rows": len(samples)})
 
 
 def _hf_shape(ctx):
@@ -566,12 +614,13 @@ def stage_train(ctx: Context, arm: str) -> None:
                 "config": {"init": "smollm2"},
             },
         )  # what shiq-eval run reads back
+        single = arm_is_single(arm)  # the same completions per step, one per prompt
         sampler = BufferSampler(
-            open_buffer(ctx.out / "buffer"),
+            open_buffer(ctx.out / ("buffer_single" if single else "buffer")),
             rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
             micro_batches_per_step=1,
             seed=ctx.cfg["seed"],
-            mode="groups",
+            mode="padded" if single else "groups",
         )
         # A run interrupted while evaluating resumes after that checkpoint: evaluate it from disk first.
         latest = latest_step_dir(ckpt_dir)
@@ -964,6 +1013,98 @@ def stage_report(ctx: Context, timings: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# the study across seeds (--full)
+
+FULL_METRICS = ("reward_mean", "gold_mean", "kl", "J", "J_minus_reference", "j_star", "gain_share")
+
+
+def _seed_stats(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the seeds' standard deviation (ddof 1; 0 for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def full_report(out: Path, names: list[str]) -> dict:
+    """The study across the seeds' runs ``out/<name>`` (``--full``): for every arm ``method@β`` its final
+    checkpoint's reward, gold score, KL, ``J``, ``J − J_ref`` (paired by prompt within a seed), the ``J*``
+    estimate and the share of the attainable gain ``(J − J_ref) / (J* − J_ref)`` (SHIQ_MATH §9), each as the
+    mean over seeds with the seeds' standard deviation (``*_sd``) and the mean within-seed standard error
+    (``*_se``). ``J`` values at different β are different objectives; the gain share puts them on one
+    scale, and each method's best β is the one with the largest mean share. Writes ``full_report.json``,
+    ``full_report.md`` and ``frontier.png`` (reward against KL, one line per method through its β grid)."""
+    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
+    rows = []
+    for arm in arms:
+        per = [rep["methods"][arm] for rep in reps.values() if arm in rep["methods"]]
+        for m in per:
+            room = m["j_star"] - m["reference_reward_on_these_prompts"]
+            m["gain_share"] = m["J_minus_reference"] / room if room > 0 else float("nan")
+        row = {"arm": arm, "method": arm.partition("@")[0], "beta": per[0]["beta"], "seeds": len(per)}
+        for key in FULL_METRICS:
+            row[key], row[f"{key}_sd"] = _seed_stats([m[key] for m in per])
+        for key, se in (("reward_mean", "reward_stderr"), ("J", "J_stderr"), ("J_minus_reference", None)):
+            row[f"{key}_se"] = float(np.mean([m[se or f"{key}_stderr"] for m in per]))
+        rows.append(row)
+    best = {}
+    for row in rows:
+        if row["method"] not in best or row["gain_share"] > best[row["method"]]["gain_share"]:
+            best[row["method"]] = row
+    ref = _seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
+    plot_frontier(
+        [
+            {"method": r["method"], "beta": r["beta"], "kl": r["kl"], "kl_sd": r["kl_sd"]}
+            | {"reward": r["reward_mean"], "reward_sd": r["reward_mean_sd"]}
+            for r in rows
+        ],
+        out / "frontier.png",
+        reference=ref,
+    )
+    seconds = sum(sum(rep["timings"].values()) for rep in reps.values())
+    result = {
+        "seeds": names,
+        "reference": {"reward_mean": ref[0], "reward_mean_sd": ref[1]},
+        "arms": rows,
+        "best_beta": {m: r["beta"] for m, r in best.items()},
+        "seconds": seconds,
+    }
+    atomic_write_json(out / "full_report.json", result)
+    atomic_write_bytes(out / "full_report.md", full_report_markdown(result).encode())
+    return result
+
+
+def full_report_markdown(rep: dict) -> str:
+    f = "{:.3f}".format
+    lines = [
+        f"# shiq-demo --full: {len(rep['seeds'])} seeds ({', '.join(rep['seeds'])}), {rep['seconds'] / 60:.0f} minutes of stages",
+        "",
+        "Final checkpoints on held-out prompts. Each cell: mean over seeds ± the seeds' standard deviation "
+        "[mean within-seed standard error]. `J = reward − β·KL` at the arm's own β; `J − J_ref` is paired by "
+        "prompt within each seed; the gain share is `(J − J_ref) / (J* − J_ref)`, the part of the attainable "
+        "improvement reached (1 = the optimum; SHIQ_MATH §9). ** marks each method's best β by mean share.",
+        "",
+        f"Reference reward: {f(rep['reference']['reward_mean'])} ± {f(rep['reference']['reward_mean_sd'])}.",
+        "",
+        "| arm | β | reward | gold | KL | J | J − J_ref | J* | gain share |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["arms"]:
+        mark = " **" if rep["best_beta"].get(r["method"]) == r["beta"] else ""
+        cells = [
+            f"{f(r['reward_mean'])} ± {f(r['reward_mean_sd'])} [{f(r['reward_mean_se'])}]",
+            f"{f(r['gold_mean'])} ± {f(r['gold_mean_sd'])}",
+            f"{f(r['kl'])} ± {f(r['kl_sd'])}",
+            f"{f(r['J'])} ± {f(r['J_sd'])} [{f(r['J_se'])}]",
+            f"{f(r['J_minus_reference'])} ± {f(r['J_minus_reference_sd'])} [{f(r['J_minus_reference_se'])}]",
+            f"{f(r['j_star'])} ± {f(r['j_star_sd'])}",
+            f"{r['gain_share']:.2f} ± {r['gain_share_sd']:.2f}",
+        ]
+        lines.append(f"| {r['method']}{mark} | {r['beta']:g} | " + " | ".join(cells) + " |")
+    lines += ["", "![frontier](frontier.png)", ""]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
 # driver
 
 
@@ -979,6 +1120,11 @@ def run(cfg: dict, out: str | Path) -> dict:
         ("samples", lambda: stage_samples(ctx)),
         ("buffer", lambda: stage_buffer(ctx)),
     ]
+    if any(arm_is_single(m) for m in cfg["train"]["methods"]):
+        plan += [
+            ("samples_single", lambda: stage_samples_single(ctx)),
+            ("buffer_single", lambda: stage_buffer(ctx, "samples_single.jsonl", "buffer_single")),
+        ]
     plan += [
         (f"train_{m}", (lambda m=m: stage_train_qsharp(ctx, m) if arm_method(m) == "qsharp" else stage_train(ctx, m)))
         for m in cfg["train"]["methods"]
@@ -1041,6 +1187,8 @@ def _main(args) -> int:
         rep = run(c, Path(args.out) / name)
         _log(f"done: {Path(args.out) / name / 'report.md'}")
     if args.full:
+        full = full_report(Path(args.out), [name for name, _ in runs])
+        _log(f"the study across seeds: {Path(args.out) / 'full_report.md'} (best β: {full['best_beta']})")
         return 0
     for m, r in rep["methods"].items():
         _log(
