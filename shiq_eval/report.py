@@ -185,3 +185,24 @@ def plot_frontier(points: list[dict], out_path, reference: tuple[float, float] |
     _savefig(fig, out_path)
     plt.close(fig)
     return out_path
+
+
+def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
+    """``curves[arm]`` = ``[{step, loss}, ...]``: each arm's own training loss on a held-out buffer against
+    the step (the losses differ between arms, so compare shapes and starting points, not levels across
+    different objectives); a log scale when every loss is positive."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, pts in sorted(curves.items()):
+        pts = sorted(pts, key=lambda p: p["step"])
+        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], marker="o", label=arm)
+    if all(p["loss"] > 0 for pts in curves.values() for p in pts):
+        ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss on the validation buffer")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    out_path = Path(out_path)
+    _savefig(fig, out_path)
+    plt.close(fig)
+    return out_path

@@ -203,6 +203,16 @@ class Trainer:
             log.close()
         return history
 
+    def validation_loss(self, micro_batches: list[dict]) -> float:
+        """The training loss of the current model on ``micro_batches`` (e.g. one pass over a held-out
+        buffer), without gradients or an update: the mean over the micro-batches, as a training step
+        would report it. With ``reference="online"`` the reference statistics are filled in first."""
+        if self.cfg.reference == "online":
+            _capture_reference(self.ref_model, micro_batches)
+        with torch.no_grad():
+            loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
+        return float(loss)
+
     def _evaluate(self, evaluate, step: int) -> dict | None:
         """``evaluate(step, model)`` with every random state (torch's CPU and CUDA generators,
         megatron's tracker) and the model's train/eval mode as they were before it."""

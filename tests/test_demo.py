@@ -210,6 +210,16 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     assert single["rows"] == len(groups) == n * k == len(set(groups))
     snippets = [json.loads(line)["snippet_id"] for line in (out / "samples_single.jsonl").read_text().splitlines()]
     assert len(set(snippets)) == n * k and set(snippets) <= set(split["train"])
+    # validation losses at step 0 and every evaluation; at step 0 the policy is the reference, so every
+    # DPO pair's loss is -log sigmoid(0) = log 2 exactly
+    steps = [0, *range(cfg["train"]["eval_every"], cfg["train"]["steps"] + 1, cfg["train"]["eval_every"])]
+    for m in trained:
+        val = json.loads((out / "runs" / m / "val_loss.json").read_text())
+        assert [v["step"] for v in val] == steps and all(_finite(v["loss"]) for v in val), (m, val)
+        assert rep["methods"][m]["val_loss"] == val
+    dpo0 = json.loads((out / "runs" / "dpo" / "val_loss.json").read_text())[0]["loss"]
+    assert dpo0 == pytest.approx(math.log(2), abs=1e-5)
+    assert (out / "val_loss_vs_step.png").is_file() and (out / "buffer_val" / "manifest.json").is_file()
     # the checkpoints are shiq-eval run's input too: method, step, architecture and reference recorded
     from shiq_eval.cli import checkpoint_info, checkpoint_steps
 

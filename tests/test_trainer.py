@@ -250,3 +250,40 @@ def test_evaluation_hook_runs_at_eval_steps_and_changes_nothing(dist1, tmp_path)
 def test_eval_every_is_validated():
     with pytest.raises(ValueError, match="eval_every"):
         TrainConfig(eval_every=-1)
+
+
+def test_validation_loss_is_the_loss_a_step_reports_and_changes_nothing(dist1, tmp_path):
+    """Trainer.validation_loss on a micro-batch list equals the loss the next training step reports on the
+    same micro-batches (computed before its update), and leaves the parameters and the optimizer as they were."""
+    model = M.build_model(cfg())
+    ref = frozen_copy(model, cfg())
+    t = Trainer(
+        model,
+        LossConfig("shiq", beta=0.5),
+        OptimizerConfig(lr=1e-3),
+        TrainConfig(steps=1, reference="online", progress=False, tensorboard=False),
+        tmp_path,
+        ref_model=ref,
+    )
+    t.fit(Synthetic(seed=3))  # one update, so the policy differs from the reference
+    mbs = Synthetic(seed=4).next_micro_batches()
+    before = [p.detach().clone() for p in model.parameters()]
+    grads = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    val = t.validation_loss([dict(mb) for mb in mbs])
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    assert all((g is None) == (p.grad is None) for g, p in zip(grads, model.parameters()))
+    assert all(g is None or torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
+
+    class Fixed:
+        def next_micro_batches(self):
+            return [dict(mb) for mb in mbs]
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    t.cfg.steps = 2  # resumes from the step-1 checkpoint: the same parameters
+    step = t.fit(Fixed())[0]
+    assert step["step"] == 2 and step["loss"] == pytest.approx(val, rel=1e-6) and val > 0

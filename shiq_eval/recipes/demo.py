@@ -69,7 +69,15 @@ from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
-from shiq_eval.report import COLUMNS, plot_curves, plot_frontier, plot_j_star_curve, plot_j_vs_step, write_table
+from shiq_eval.report import (
+    COLUMNS,
+    plot_curves,
+    plot_frontier,
+    plot_j_star_curve,
+    plot_j_vs_step,
+    plot_val_loss,
+    write_table,
+)
 from shiq_eval.scorers import VaderScorer
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
@@ -162,6 +170,7 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     for seed in cfg["full"]["seeds"]:
         c = json.loads(json.dumps(cfg))
         c["seed"] = int(seed)
+        c["eval"]["validation_prompts"] = int(cfg["full"].get("validation_prompts", 0))
         c["train"]["methods"] = [f"{m}@{b:g}" for m, betas in cfg["full"]["betas"].items() for b in betas]
         _check_config(c)
         out.append((f"seed{seed}", c))
@@ -222,6 +231,12 @@ def _check_config(cfg: dict) -> None:
         )
     if t["groups_per_step"] > d["train_prompts"]:
         raise ValueError("train.groups_per_step cannot exceed data.train_prompts")
+    v = ev.get("validation_prompts", 0)
+    if not isinstance(v, int) or v < 0 or v % t["groups_per_step"]:
+        raise ValueError(
+            f"eval.validation_prompts ({v}) must be 0 or a positive multiple of train.groups_per_step "
+            f"({t['groups_per_step']}), so one pass over the validation buffer is whole micro-batches"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,6 +420,23 @@ def stage_samples_single(ctx: Context) -> None:
     sample_prompts(ctx, prompts, 1, ctx.cfg["seed"] + 5, "samples_single.jsonl")
 
 
+def stage_validation(ctx: Context) -> None:
+    """A held-out validation buffer for the training losses (``eval.validation_prompts`` training-split
+    prompts that are not training prompts, ``completions_per_prompt`` reference samples each, rewards
+    centred like the training buffer's): ``buffer_val``, whose loss each arm records at every evaluation
+    and at step 0 (the paper's validation-loss curves, ShiQ against ShiQ/init)."""
+    d, n = ctx.cfg["data"], ctx.cfg["eval"]["validation_prompts"]
+    split = json.loads((ctx.out / "split.json").read_text())
+    train = {p["snippet_id"] for p in json.loads((ctx.out / "prompts.json").read_text())["train"]}
+    by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
+    usable = [i for i in split["train"] if i not in train and len(by_id[i].text.split()) > d["prompt_words"]]
+    ids = sorted(random.Random(ctx.cfg["seed"] + 6).sample(usable, n))
+    prompts = [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in ids]
+    sample_prompts(ctx, prompts, d["completions_per_prompt"], ctx.cfg["seed"] + 7, "samples_val.jsonl")
+    center = json.loads((ctx.out / "buffer.json").read_text())["reward_center"]
+    stage_buffer(ctx, "samples_val.jsonl", "buffer_val", center=center)
+
+
 def sample_prompts(ctx: Context, prompts: list[dict], k: int, seed: int, name: str) -> None:
     """``k`` reference completions (temperature 1) of each prompt, scored by the reward model, as ``name``."""
     d = ctx.cfg["data"]
@@ -465,13 +497,16 @@ def buffer_rows(samples: list[dict], center: float):
         }
 
 
-def stage_buffer(ctx: Context, samples_name: str = "samples.jsonl", name: str = "buffer") -> None:
+def stage_buffer(
+    ctx: Context, samples_name: str = "samples.jsonl", name: str = "buffer", center: float | None = None
+) -> None:
     """``samples_name`` as the replay buffer ``name`` with reference statistics; ``name.json`` records its
-    reward centre."""
+    reward centre (default: the samples' mean reward)."""
     samples = [json.loads(line) for line in (ctx.out / samples_name).read_text().splitlines() if line.strip()]
     # Centring by the mean sample reward changes no optimal policy (a constant per prompt) and keeps
     # the ShiQ targets near zero; the report always shows raw reward-model scores.
-    center = sum(s["reward"] for s in samples) / len(samples)
+    if center is None:
+        center = sum(s["reward"] for s in samples) / len(samples)
     _, info = load_tokenizer("smollm2")
     final, tmp = ctx.out / name, ctx.out / f"{name}.building"
     if tmp.exists():
@@ -582,7 +617,17 @@ def stage_train(ctx: Context, arm: str) -> None:
         atomic_write_json(curve_path, curve)
         _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
 
+    val_path = run / "val_loss.json"
+    val_losses = json.loads(val_path.read_text()) if val_path.exists() else []
+
+    def validate(step: int) -> None:
+        """The arm's loss on one pass over ``buffer_val`` (when ``eval.validation_prompts`` > 0)."""
+        if val_batches and step not in {v["step"] for v in val_losses}:
+            val_losses.append({"step": step, "loss": trainer.validation_loss([dict(mb) for mb in val_batches])})
+            atomic_write_json(val_path, sorted(val_losses, key=lambda v: v["step"]))
+
     def evaluate(step: int, model) -> None:
+        validate(step)
         if step not in done:
             record(step, gather_full_parameters(model))
 
@@ -628,10 +673,28 @@ def stage_train(ctx: Context, arm: str) -> None:
             step = json.loads((latest / "meta.json").read_text())["step"]
             if step not in done:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
-        trainer.fit(sampler, evaluate=evaluate)
+        val_batches = validation_batches(ctx)
+        trainer.fit(sampler, evaluate=evaluate, on_start=lambda start: validate(0) if start == 0 else None)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, run / "train_metrics.jsonl")
+
+
+def validation_batches(ctx: Context) -> list[dict]:
+    """One pass over ``buffer_val`` in micro-batches of the training size (whole groups; empty without it)."""
+    if not ctx.cfg["eval"].get("validation_prompts"):
+        return []
+    t, d = ctx.cfg["train"], ctx.cfg["data"]
+    sampler = BufferSampler(
+        open_buffer(ctx.out / "buffer_val"),
+        rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
+        seed=ctx.cfg["seed"],
+        mode="groups",
+    )
+    batches = []
+    while sampler.epoch == 0:
+        batches += sampler.next_micro_batches()
+    return batches
 
 
 def _prune_checkpoints(ckpt_dir: Path, keep: Path | None) -> None:
@@ -826,6 +889,9 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
         }
+        val_path = ctx.out / "runs" / m / "val_loss.json"
+        if val_path.exists():
+            methods[m]["val_loss"] = json.loads(val_path.read_text())
         if arm_method(m) == "qsharp":
             methods[m]["top_k"] = last["top_k"]
             methods[m]["decode_seconds"] = last["eval_seconds"]
@@ -841,6 +907,9 @@ def build_report(ctx: Context, timings: dict) -> dict:
         rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: v["mean"] for b, v in by_beta.items()}
     )
     plot_j_star_curve({b: v["curve"] for b, v in by_beta.items()}, ctx.out)
+    val = {m: r["val_loss"] for m, r in methods.items() if r.get("val_loss")}
+    if val:
+        plot_val_loss(val, ctx.out / "val_loss_vs_step.png")
     return {
         "reference": {
             "reward_mean": ref["reward_mean"],
@@ -1120,6 +1189,8 @@ def run(cfg: dict, out: str | Path) -> dict:
         ("samples", lambda: stage_samples(ctx)),
         ("buffer", lambda: stage_buffer(ctx)),
     ]
+    if cfg["eval"].get("validation_prompts"):
+        plan += [("validation", lambda: stage_validation(ctx))]
     if any(arm_is_single(m) for m in cfg["train"]["methods"]):
         plan += [
             ("samples_single", lambda: stage_samples_single(ctx)),
