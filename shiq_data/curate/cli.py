@@ -5,7 +5,7 @@ from __future__ import annotations
 from shiq_data.curate.dedup import BY as DEDUP_BY
 from shiq_data.curate.dedup import dedup_buffer
 from shiq_data.curate.filter import filter_buffer
-from shiq_data.curate.mix import mix_buffers
+from shiq_data.curate.mix import mix_buffers, parse_spec
 from shiq_data.curate.show import show_rows
 from shiq_data.curate.split import BY as SPLIT_BY
 from shiq_data.curate.split import split_buffer
@@ -92,8 +92,8 @@ def cmd_mix(args) -> int:
         progress=not args.no_progress,
     )
     parts = ", ".join(
-        f"{i['path']} x{i['weight']:g}: {r} rows ({g} groups)"
-        for i, r, g in zip(c["inputs"], c["rows_per_input"], c["groups_per_input"])
+        f"{path} x{weight:g}: {r} rows ({g} groups)"
+        for (path, weight), r, g in zip(map(parse_spec, args.inputs), c["rows_per_input"], c["groups_per_input"])
     )
     note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
     print(f"shiq-data: mixed into {args.out}: {len(buf)} rows ({parts}){note}")
@@ -103,8 +103,8 @@ def cmd_mix(args) -> int:
 def add_commands(sub) -> None:
     """Add show, stats, filter, dedup, split and mix to the ``shiq-data`` subparsers ``sub``."""
 
-    def out_options(p):
-        p.add_argument("--out", required=True, metavar="DIR", help="new buffer folder (must not exist)")
+    def out_options(p, what="new buffer folder (must not exist)"):
+        p.add_argument("--out", required=True, metavar="DIR", help=what)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser(
@@ -168,7 +168,7 @@ def add_commands(sub) -> None:
     sp.add_argument("--test-fraction", type=float, required=True, metavar="F", help="share of rows for test")
     sp.add_argument("--by", choices=SPLIT_BY, default="group", help="unit kept on one side (default %(default)s)")
     sp.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed (default %(default)s)")
-    out_options(sp)
+    out_options(sp, "new folder for the train and test buffers (must not exist)")
     sp.set_defaults(func=cmd_split)
 
     m = sub.add_parser(

@@ -15,6 +15,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from shiq_data.curate.rows import TEXT_COLUMNS
+
 TABLE = "rows"
 _QUERY = "SELECT ({expr}) AS keep FROM " + TABLE
 
@@ -112,7 +114,7 @@ class Where:
         try:
             result = self.con.sql(self.sql).to_arrow_table()
         except duckdb.Error as e:
-            columns = ", ".join(view.schema.names)
+            columns = ", ".join(view.schema.names + [c for c in TEXT_COLUMNS if c not in view.schema.names])
             raise ValueError(f"--where {self.expr!r}: {_first_line(e)} (columns: {columns})") from None
         finally:
             self.con.unregister(TABLE)
