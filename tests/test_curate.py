@@ -377,6 +377,8 @@ def test_show_marks_actions_and_rewards(data, capsys):
     negative = df[df.reward < 0].iloc[:2]
     for _, r in negative.iterrows():
         assert f"row {r.row_id} " in stdout
+    code, stdout, _ = run(capsys, "show", data["ab"], "--where", "reward > 100")
+    assert code == 0 and stdout.startswith("shiq-data: no row of") and "row b" not in stdout
     code, _, err = run(capsys, "show", data["ab"], "--id", "nope")
     assert code == 2 and "no row with row_id 'nope'" in err
 

@@ -25,8 +25,11 @@ def _removed(counts: dict) -> str:
 
 
 def cmd_show(args) -> int:
-    for block in show_rows(args.buffer, rows=args.rows, row_id=args.id, where=args.where):
+    blocks = show_rows(args.buffer, rows=args.rows, row_id=args.id, where=args.where)
+    for block in blocks:
         print(block + "\n")
+    if not blocks:
+        print(f"shiq-data: no row of {args.buffer} to show" + (f" where {args.where}" if args.where else ""))
     return 0
 
 
