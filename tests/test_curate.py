@@ -421,6 +421,10 @@ def test_text_columns_are_used_when_a_shard_has_them(data, tmp_path, capsys):
         assert ids(out) == [f"b0-{i}" for i in want.index]
     stats, _ = buffer_stats(buf)
     assert stats["all"]["reward"]["mean"] == pytest.approx(-df.reward.mean())
+    # dedup compares the stored prompts (all different), not the decoded tokens (which repeat)
+    assert df.prompt.duplicated().any()
+    assert run(capsys, "dedup", buf, "--by", "prompt", "--out", tmp_path / "d", "--no-progress")[0] == 0
+    assert ids(tmp_path / "d") == [f"b0-{i}" for i in df.index]
 
 
 def test_reference_statistics_are_kept(data, tmp_path, capsys):
