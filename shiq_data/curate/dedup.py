@@ -50,11 +50,16 @@ class NearDuplicates:
         self.threshold = threshold
         self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
         self.kept: dict = {}  # key -> LeanMinHash of a kept row
+        self.permutations = self.scheme = None  # drawn once from SEED, shared by every signature
 
     def seen(self, parts: tuple[str, ...]) -> bool:
         from datasketch import LeanMinHash, MinHash  # heavy: imports scipy; only --near needs it
 
-        m = MinHash(num_perm=NUM_PERM, seed=SEED)
+        if self.permutations is None:
+            m = MinHash(num_perm=NUM_PERM, seed=SEED)
+            self.permutations, self.scheme = m.permutations, m.scheme
+        else:
+            m = MinHash(num_perm=NUM_PERM, seed=SEED, permutations=self.permutations, scheme=self.scheme)
         m.update_batch(list(shingles(parts)))
         for key in self.lsh.query(m):
             if m.jaccard(self.kept[key]) >= self.threshold:
