@@ -117,6 +117,10 @@ class CurationSource:
     def __init__(self, path):
         self.path = Path(path)
         self.buffer = open_buffer(self.path)
+        data = (self.path / MANIFEST).read_bytes()
+        if json.loads(data) != self.buffer.manifest:
+            raise ValueError(f"{self.path / MANIFEST}: changed while it was read (an append is running?); try again")
+        self.manifest_sha256 = hashlib.sha256(data).hexdigest()
         self.manifest = self.buffer.manifest
         self.keep_ref = self.buffer.has_ref_stats  # rows keep reference columns only when every shard has them
         self._tokenizer = None
@@ -131,10 +135,9 @@ class CurationSource:
 
     def parent(self) -> dict:
         """This buffer as a ``parents`` entry: resolved path, sha256 of its manifest, rows, tokenizer fingerprint."""
-        data = (self.path / MANIFEST).read_bytes()
         return {
             "path": str(self.path.resolve()),
-            "manifest_sha256": hashlib.sha256(data).hexdigest(),
+            "manifest_sha256": self.manifest_sha256,
             "rows": len(self),
             "tokenizer_fingerprint": self.fingerprint,
         }
