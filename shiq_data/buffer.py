@@ -563,6 +563,8 @@ def write_buffer(
     progress: bool = True,
     input_name: str = "<rows>",
     ref_model: dict | None = None,
+    parents: list[dict] | None = None,
+    curation: dict | None = None,
 ) -> Buffer:
     """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
 
@@ -575,6 +577,8 @@ def write_buffer(
     next to ``out_dir`` that is renamed into place at the end; on any error it is removed and
     ``out_dir`` does not appear.
     ``ref_model`` describes the reference model when the rows carry reference statistics.
+    ``parents`` (the buffers the rows were taken from, see :mod:`shiq_data.curate`) and ``curation``
+    (what was done to them), when given, are recorded in the manifest under those keys.
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -620,6 +624,8 @@ def write_buffer(
             "created": now,
             "updated": now,
         }
+        if parents is not None:
+            manifest.update(parents=parents, curation=curation)
         atomic_write_json(tmp / MANIFEST, manifest, indent=1)
         fsync_dir(tmp)
         os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer

@@ -15,6 +15,7 @@ from pathlib import Path
 from shiq_data.buffer import append_buffer, read_manifest, write_buffer
 from shiq_data.chat import set_system_prompt
 from shiq_data.cli_common import run_command
+from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
@@ -24,6 +25,7 @@ EPILOG = """examples:
   shiq-data append buffers/demo parquet more.parquet
   shiq-data validate buffers/demo
   shiq-data info buffers/demo
+  shiq-data filter buffers/demo --where "reward > 0" --out buffers/positive
 
 a generic input record is {"prompt": str, "completion": str, "reward": number, "group": optional};
 records with the same prompt text (or the same "group") are completions of one prompt. A completion
@@ -241,6 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
 
+    add_curate_commands(sub)  # show, stats, filter, dedup, split, mix
     return parser
 
 

@@ -1,0 +1,189 @@
+"""The curation subcommands of ``shiq-data``: show, stats, filter, dedup, split, mix."""
+
+from __future__ import annotations
+
+from shiq_data.curate.dedup import BY as DEDUP_BY
+from shiq_data.curate.dedup import dedup_buffer
+from shiq_data.curate.filter import filter_buffer
+from shiq_data.curate.mix import mix_buffers, parse_spec
+from shiq_data.curate.show import show_rows
+from shiq_data.curate.split import BY as SPLIT_BY
+from shiq_data.curate.split import split_buffer
+from shiq_data.curate.stats import buffer_stats, format_stats, plot_stats
+
+WHERE_HELP = (
+    "SQL boolean expression over the row's columns, evaluated by DuckDB (no subqueries, no file access): "
+    "row_id, source, group_id, tokens (count), prompt_tokens, completion_tokens (action tokens), reward "
+    "(the scalar reward as given, else the sum of the per-token rewards), has_ref, prompt, completion "
+    "(text as given, else decoded), turn_rewards, extra and the top-level keys of extra; "
+    "e.g. \"reward > 0 AND source = 'hh'\""
+)
+
+
+def _removed(counts: dict) -> str:
+    return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
+
+
+def cmd_show(args) -> int:
+    blocks = show_rows(args.buffer, rows=args.rows, row_id=args.id, where=args.where)
+    for block in blocks:
+        print(block + "\n")
+    if not blocks:
+        print(f"shiq-data: no row of {args.buffer} to show" + (f" where {args.where}" if args.where else ""))
+    return 0
+
+
+def cmd_stats(args) -> int:
+    stats, values = buffer_stats(args.buffer, args.where)
+    where = f", where {args.where}" if args.where else ""
+    print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
+    if args.plot:
+        paths = plot_stats(stats, values, args.plot)
+        print(f"shiq-data: wrote {', '.join(str(p) for p in paths)}")
+    return 0
+
+
+def cmd_filter(args) -> int:
+    _, kept, read = filter_buffer(args.buffer, args.out, args.where, command=args.argv, progress=not args.no_progress)
+    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {read} rows where {args.where}")
+    return 0
+
+
+def cmd_dedup(args) -> int:
+    _, c = dedup_buffer(
+        args.buffer,
+        args.out,
+        by=args.by,
+        near=args.near,
+        threshold=args.threshold,
+        command=args.argv,
+        progress=not args.no_progress,
+    )
+    mode = f"near duplicates (threshold {args.threshold})" if args.near else "exact duplicates"
+    print(
+        f"shiq-data: deduplicated {args.buffer} into {args.out} by {args.by}, {mode}: kept {c['rows_kept']} of "
+        f"{c['rows_read']} rows; removed per source: {_removed(c['removed'])}"
+    )
+    return 0
+
+
+def cmd_split(args) -> int:
+    r = split_buffer(
+        args.buffer,
+        args.out,
+        test_fraction=args.test_fraction,
+        by=args.by,
+        seed=args.seed,
+        command=args.argv,
+        progress=not args.no_progress,
+    )
+    print(
+        f"shiq-data: split {args.buffer} by {args.by} (seed {args.seed}): {args.out}/train {r['train']} rows "
+        f"({r['units']['train']} {args.by}s), {args.out}/test {r['test']} rows ({r['units']['test']} {args.by}s)"
+    )
+    return 0
+
+
+def cmd_mix(args) -> int:
+    buf, c = mix_buffers(
+        args.inputs,
+        args.out,
+        rows=args.rows,
+        replacement=args.replacement,
+        seed=args.seed,
+        command=args.argv,
+        progress=not args.no_progress,
+    )
+    parts = ", ".join(
+        f"{path} x{weight:g}: {r} rows ({g} groups)"
+        for (path, weight), r, g in zip(map(parse_spec, args.inputs), c["rows_per_input"], c["groups_per_input"])
+    )
+    note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
+    print(f"shiq-data: mixed into {args.out}: {len(buf)} rows ({parts}){note}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    """Add show, stats, filter, dedup, split and mix to the ``shiq-data`` subparsers ``sub``."""
+
+    def out_options(p, what="new buffer folder (must not exist)"):
+        p.add_argument("--out", required=True, metavar="DIR", help=what)
+        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    s = sub.add_parser(
+        "show",
+        help="print rows decoded, action spans and rewards marked",
+        description="Print rows decoded with the buffer's tokenizer: action tokens inside ⟦ ⟧, each nonzero "
+        "per-token reward as ⟨r=...⟩ after the token it sits on.",
+    )
+    s.add_argument("buffer", metavar="BUFFER")
+    which = s.add_mutually_exclusive_group()
+    which.add_argument("--rows", type=int, default=5, metavar="N", help="how many rows (default %(default)s)")
+    which.add_argument("--id", default=None, metavar="ID", help="the row with this row_id")
+    s.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
+    s.set_defaults(func=cmd_show)
+
+    st = sub.add_parser(
+        "stats",
+        help="counts, length and reward distributions, group sizes",
+        description="Counts, length and reward distributions per source and overall, group sizes and the "
+        "share of rows with reference statistics.",
+    )
+    st.add_argument("buffer", metavar="BUFFER")
+    st.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
+    st.add_argument("--plot", default=None, metavar="DIR", help="also write histograms as PNG files into DIR")
+    st.set_defaults(func=cmd_stats)
+
+    f = sub.add_parser(
+        "filter",
+        help="keep the rows where an expression holds",
+        description="Write the rows of BUFFER where EXPR is true as a new buffer (NULL counts as false).",
+    )
+    f.add_argument("buffer", metavar="BUFFER")
+    f.add_argument("--where", required=True, metavar="EXPR", help=WHERE_HELP)
+    out_options(f)
+    f.set_defaults(func=cmd_filter)
+
+    d = sub.add_parser(
+        "dedup",
+        help="drop duplicate rows (exact or near)",
+        description="Drop rows whose text (prompt, completion or both; lower-cased, white space collapsed) "
+        "repeats an earlier row's, keeping the first. The text is the row's text as given, else its decoded "
+        "prompt and action tokens. --near also drops rows whose character 5-grams have an estimated "
+        "Jaccard similarity of at least --threshold with a kept row (MinHash LSH).",
+    )
+    d.add_argument("buffer", metavar="BUFFER")
+    d.add_argument("--by", choices=DEDUP_BY, default="row", help="text compared (default %(default)s)")
+    d.add_argument("--near", action="store_true", help="also drop near duplicates (MinHash LSH)")
+    d.add_argument(
+        "--threshold", type=float, default=0.8, metavar="T", help="Jaccard threshold for --near (default %(default)s)"
+    )
+    out_options(d)
+    d.set_defaults(func=cmd_dedup)
+
+    sp = sub.add_parser(
+        "split",
+        help="split into train and test buffers with no shared group or prompt",
+        description="Write DIR/train and DIR/test. Groups (or prompts) are shuffled with the seed and the test "
+        "side takes them until it holds the test fraction of the rows; none is on both sides.",
+    )
+    sp.add_argument("buffer", metavar="BUFFER")
+    sp.add_argument("--test-fraction", type=float, required=True, metavar="F", help="share of rows for test")
+    sp.add_argument("--by", choices=SPLIT_BY, default="group", help="unit kept on one side (default %(default)s)")
+    sp.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed (default %(default)s)")
+    out_options(sp, "new folder for the train and test buffers (must not exist)")
+    sp.set_defaults(func=cmd_split)
+
+    m = sub.add_parser(
+        "mix",
+        help="sample whole groups from several buffers by weight",
+        description="Sample whole prompt groups from each BUFFER in proportion to its WEIGHT into a new buffer; "
+        "group ids are made unique across inputs. The buffers must share a tokenizer. Without --rows the "
+        "mix is as large as the inputs allow without replacement.",
+    )
+    m.add_argument("inputs", nargs="+", metavar="BUFFER:WEIGHT")
+    m.add_argument("--rows", type=int, default=None, metavar="N", help="rows in the mix (about: groups stay whole)")
+    m.add_argument("--replacement", action="store_true", help="draw groups with replacement")
+    m.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default %(default)s)")
+    out_options(m)
+    m.set_defaults(func=cmd_mix)

@@ -1,0 +1,48 @@
+"""Writing a curated buffer: the kept rows of one or more parents, through the buffer's own writer, with lineage."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from shiq_data.buffer import Buffer, write_buffer
+from shiq_data.curate.rows import CurationSource
+
+
+def refuse_existing(out) -> Path:
+    """``out`` as a path; ``FileExistsError`` if something is there already (checked before any work)."""
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"--out {out} already exists; choose a new folder")
+    return out
+
+
+def write_curated(
+    rows: Iterable[dict],
+    out,
+    *,
+    parents: list[CurationSource],
+    command: list[str],
+    curation: dict,
+    ref_model: dict | None,
+    progress: bool = False,
+) -> Buffer:
+    """Write ``rows`` (dicts of stored columns, as :meth:`CurationSource.rows` gives) as a new buffer at
+    ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
+    tokenizer, shards as large as the first parent's first shard, and ``parents`` (path, manifest sha256)
+    and ``curation`` recorded in the manifest (written after the last row, so the ``rows`` iterator may
+    still add its counts to ``curation``)."""
+    first = parents[0].manifest
+    shard_rows = max(first["shards"][0]["rows"], 1) if first["shards"] else 4096
+    return write_buffer(
+        rows,
+        out,
+        tokenizer_info=first["tokenizer"],
+        command=command,
+        shard_rows=shard_rows,
+        progress=progress,
+        input_name=", ".join(str(p.path) for p in parents),
+        ref_model=ref_model,
+        parents=[p.parent() for p in parents],
+        curation=curation,
+    )

@@ -1,0 +1,260 @@
+"""A buffer opened for curation: its shards with every stored column, each row's derived columns (what
+``--where`` names; see :mod:`shiq_data.curate`) and its prompt and completion text.
+
+Shards are read one at a time (memory-mapped), so a verb holds one shard's rows, plus a few scalars per
+row of the buffer, at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import unicodedata
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shiq_data.buffer import MANIFEST, open_buffer, read_shard
+from shiq_data.schema import REF_FIELDS
+from shiq_data.tokenizers import load_tokenizer
+
+# the text columns of schema version 2, when a shard has them
+TEXT_FIELDS = ("prompt", "completion", "reward", "turn_rewards", "extra")
+DERIVED = (
+    "row_id",
+    "source",
+    "group_id",
+    "tokens",
+    "prompt_tokens",
+    "completion_tokens",
+    "reward",
+    "has_ref",
+    "prompt",
+    "completion",
+    "turn_rewards",
+    "extra",
+)
+TEXT_COLUMNS = ("prompt", "completion")  # derived by decoding when the row has no text
+
+
+def normalise(text: str) -> str:
+    """``text`` for comparisons: Unicode NFKC, lower case, runs of white space as one space, no leading or
+    trailing space."""
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def text_key(*parts: str) -> bytes:
+    """A 16-byte hash of the normalised ``parts`` (:func:`normalise`), kept apart by a separator."""
+    h = hashlib.blake2b(digest_size=16)
+    for p in parts:
+        h.update(normalise(p).encode("utf-8") + b"\x00")
+    return h.digest()
+
+
+@functools.lru_cache(maxsize=4)
+def _load_tokenizer(name: str):
+    """:func:`shiq_data.tokenizers.load_tokenizer`, once per process and name (the verbs only decode with it)."""
+    return load_tokenizer(name)
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, lengths, flat values)`` of a list column (chunked or not) as numpy arrays."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    lengths = pc.list_value_length(arr).to_numpy(zero_copy_only=False).astype(np.int64)
+    flat = pc.list_flatten(arr).to_numpy(zero_copy_only=False)
+    starts = np.cumsum(lengths) - lengths
+    return starts, lengths, flat
+
+
+def _row_sums(column, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """``(lengths, per-row sums)`` of a list column, each row summed on its own (exact, no running sums)."""
+    starts, lengths, flat = _flat(column)
+    sums = np.zeros(len(lengths), dtype=dtype)
+    full = lengths > 0
+    if full.any():
+        sums[full] = np.add.reduceat(flat.astype(dtype), starts[full])
+    return lengths, sums
+
+
+def _kind(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return "bool"
+    if isinstance(value, int):
+        return "int"
+    if isinstance(value, float):
+        return "float"
+    if isinstance(value, str):
+        return "str"
+    return "json"
+
+
+_ARROW_KIND = {"bool": pa.bool_(), "int": pa.int64(), "float": pa.float64(), "str": pa.string(), "json": pa.string()}
+
+
+def _extra_objects(table: pa.Table) -> list[dict]:
+    """The ``extra`` column's JSON objects (``{}`` for a null or a non-object)."""
+    if "extra" not in table.schema.names:
+        return [{}] * table.num_rows
+    out = []
+    for text in table.column("extra").to_pylist():
+        try:
+            obj = json.loads(text) if text else {}
+        except json.JSONDecodeError:
+            obj = {}
+        out.append(obj if isinstance(obj, dict) else {})
+    return out
+
+
+class CurationSource:
+    """The buffer at ``path`` (checksums verified), read shard by shard for the curation verbs."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.buffer = open_buffer(self.path)
+        data = (self.path / MANIFEST).read_bytes()
+        if json.loads(data) != self.buffer.manifest:
+            raise ValueError(f"{self.path / MANIFEST}: changed while it was read (an append is running?); try again")
+        self.manifest_sha256 = hashlib.sha256(data).hexdigest()
+        self.manifest = self.buffer.manifest
+        self.keep_ref = self.buffer.has_ref_stats  # rows keep reference columns only when every shard has them
+        self._tokenizer = None
+        self._extra_kinds: dict[str, str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.buffer)
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["tokenizer"]["fingerprint"]
+
+    def parent(self) -> dict:
+        """This buffer as a ``parents`` entry: resolved path, sha256 of its manifest, rows, tokenizer fingerprint."""
+        return {
+            "path": str(self.path.resolve()),
+            "manifest_sha256": self.manifest_sha256,
+            "rows": len(self),
+            "tokenizer_fingerprint": self.fingerprint,
+        }
+
+    @property
+    def tokenizer(self):
+        """The buffer's tokenizer (loaded on first use), checked against the manifest's fingerprint."""
+        if self._tokenizer is None:
+            name = self.manifest["tokenizer"].get("name", "")
+            try:
+                tok, info = _load_tokenizer(name)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"{self.path / MANIFEST}: cannot load the buffer's tokenizer ({e})") from None
+            if info["fingerprint"] != self.fingerprint:
+                raise ValueError(
+                    f"{self.path / MANIFEST}: tokenizer {name!r} loads with fingerprint {info['fingerprint'][:12]}…, "
+                    f"the buffer records {self.fingerprint[:12]}…"
+                )
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def shards(self) -> Iterator[pa.Table]:
+        """Each shard as a memory-mapped table with every stored column."""
+        for p in self.buffer.shard_paths:
+            yield read_shard(p)
+
+    def extra_kinds(self) -> dict[str, str]:
+        """Top-level keys of the ``extra`` objects -> their column kind (bool, int, float, str, or json for
+        mixed or nested values), over the whole buffer; keys named like a derived column are left out."""
+        if self._extra_kinds is None:
+            seen: dict[str, set] = {}
+            for table in self.shards():
+                for obj in _extra_objects(table):
+                    for key, value in obj.items():
+                        seen.setdefault(key, set()).add(_kind(value))
+            kinds = {}
+            for key, ks in seen.items():
+                if key.lower() in DERIVED:
+                    continue
+                ks.discard(None)
+                if len(ks) == 1:
+                    kinds[key] = ks.pop()
+                else:
+                    kinds[key] = "str" if not ks else "float" if ks == {"int", "float"} else "json"
+            self._extra_kinds = kinds
+        return self._extra_kinds
+
+    def view(self, table: pa.Table, *, text: bool = False) -> pa.Table:
+        """The derived columns (see :mod:`shiq_data.curate`) of a shard's rows; ``prompt`` and ``completion``
+        only with ``text`` (they may need decoding)."""
+        n = table.num_rows
+        names = table.schema.names
+        lengths, reward_sum = _row_sums(table.column("rewards"), np.float64)
+        _, actions = _row_sums(table.column("action_mask"), np.int64)
+        reward = pa.array(reward_sum, pa.float64())
+        if "reward" in names:  # the scalar reward as given, where the row has one
+            reward = pc.coalesce(pc.cast(table.column("reward").combine_chunks(), pa.float64()), reward)
+        cols = {
+            "row_id": table.column("row_id"),
+            "source": table.column("source"),
+            "group_id": table.column("group_id"),
+            "tokens": pa.array(lengths, pa.int64()),
+            "prompt_tokens": pc.cast(table.column("prompt_len"), pa.int64()),
+            "completion_tokens": pa.array(actions, pa.int64()),
+            "reward": reward,
+            "has_ref": pa.array(np.full(n, all(f in names for f in REF_FIELDS)), pa.bool_()),
+        }
+        if text:
+            prompts, completions = self.texts(table)
+            cols["prompt"] = pa.array(prompts, pa.string())
+            cols["completion"] = pa.array(completions, pa.string())
+        for name, typ in (("turn_rewards", pa.list_(pa.float64())), ("extra", pa.string())):
+            cols[name] = pc.cast(table.column(name), typ) if name in names else pa.nulls(n, typ)
+        kinds = self.extra_kinds()
+        if kinds:
+            objs = _extra_objects(table)
+            for key, kind in kinds.items():
+                values = [o.get(key) for o in objs]
+                if kind == "json":
+                    values = [None if v is None else json.dumps(v) for v in values]
+                elif kind == "float":
+                    values = [None if v is None else float(v) for v in values]
+                cols[key] = pa.array(values, _ARROW_KIND[kind])
+        return pa.table(cols)
+
+    def texts(self, table: pa.Table) -> tuple[list[str], list[str]]:
+        """Each row's prompt and completion: the text columns as given (a chat-message list is JSON text),
+        else the decoded prompt tokens and the decoded action tokens (special tokens left out)."""
+        n = table.num_rows
+        names = table.schema.names
+        prompts = table.column("prompt").to_pylist() if "prompt" in names else [None] * n
+        completions = table.column("completion").to_pylist() if "completion" in names else [None] * n
+        todo = [i for i in range(n) if prompts[i] is None or completions[i] is None]
+        if todo:
+            starts, lengths, tokens = _flat(table.column("tokens"))
+            _, _, mask = _flat(table.column("action_mask"))
+            plen = table.column("prompt_len").to_numpy()
+            p_ids = [tokens[starts[i] : starts[i] + plen[i]].tolist() for i in todo]
+            c_ids = []
+            for i in todo:
+                s, e = starts[i], starts[i] + lengths[i]
+                c_ids.append(tokens[s:e][mask[s:e].astype(bool)].tolist())
+            tok = self.tokenizer
+            p_text = tok.batch_decode(p_ids, skip_special_tokens=True)
+            c_text = tok.batch_decode(c_ids, skip_special_tokens=True)
+            for i, p, c in zip(todo, p_text, c_text):
+                prompts[i] = p if prompts[i] is None else prompts[i]
+                completions[i] = c if completions[i] is None else completions[i]
+        return prompts, completions
+
+    def rows(self, table: pa.Table, indices) -> list[dict]:
+        """Rows ``indices`` of a shard as dicts of every stored column (reference statistics dropped unless
+        every shard of the buffer has them), ready for :func:`shiq_data.buffer.write_buffer`."""
+        if not self.keep_ref:
+            table = table.drop_columns([f for f in REF_FIELDS if f in table.schema.names])
+        return table.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+
+    @property
+    def ref_model(self) -> dict | None:
+        return self.manifest.get("ref_model") if self.keep_ref else None

@@ -1,0 +1,77 @@
+"""``shiq-data show``: rows decoded with the buffer's tokenizer, action spans and rewards marked.
+
+A row prints as a header (row id, source, group, lengths, scalar reward) and its decoded tokens, the
+action tokens inside ``⟦ ⟧`` and each nonzero per-token reward as ``⟨r=+1.5⟩`` right after the token it
+sits on. Special tokens are shown (they are part of what the model sees).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from shiq_data.curate.filter import selected
+from shiq_data.curate.rows import CurationSource
+from shiq_data.curate.where import Where
+
+OPEN, CLOSE = "⟦", "⟧"
+
+
+def render(tokens, action_mask, rewards, tokenizer) -> str:
+    """The decoded row ``[T]`` with action spans in ``⟦ ⟧`` and ``⟨r=…⟩`` after each rewarded token."""
+    tokens = list(tokens)
+    mask = np.asarray(action_mask, dtype=bool)
+    rewards = np.asarray(rewards, dtype=np.float64)
+    n = len(tokens)
+    cuts = {0, n}
+    cuts.update(int(t) for t in np.flatnonzero(mask[1:] != mask[:-1]) + 1)
+    cuts.update(int(t) + 1 for t in np.flatnonzero(rewards))
+    cuts = sorted(cuts)
+    out, inside = [], False
+    for s, e in zip(cuts[:-1], cuts[1:]):
+        if mask[s] != inside:
+            out.append(OPEN if mask[s] else CLOSE)
+            inside = bool(mask[s])
+        out.append(tokenizer.decode(tokens[s:e]))
+        if rewards[e - 1] != 0:
+            out.append(f"⟨r={rewards[e - 1]:+.4g}⟩")
+    if inside:
+        out.append(CLOSE)
+    return "".join(out)
+
+
+def _matching(source: CurationSource, where: Where | None, row_id: str | None) -> Iterator[tuple[dict, dict]]:
+    """``(stored row, derived columns)`` of the rows to show, in buffer order."""
+    for table, keep in selected(source, where):
+        if row_id is not None:
+            keep = np.intersect1d(keep, np.flatnonzero(pc.equal(table.column("row_id"), row_id).to_numpy()))
+        if not len(keep):
+            continue
+        part = table.take(pa.array(keep, pa.int64()))
+        view = source.view(part).to_pylist()
+        yield from zip(part.to_pylist(), view)
+
+
+def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | None = None) -> list[str]:
+    """The first ``rows`` rows of the buffer at ``path`` (where ``where`` holds), or the row ``row_id``,
+    each rendered as a header line and its decoded tokens (:func:`render`)."""
+    source = CurationSource(path)
+    cond = Where(where) if where else None
+    blocks = []
+    for row, d in _matching(source, cond, row_id):
+        head = (
+            f"row {d['row_id']}  source {d['source']}  group {d['group_id']}  tokens {d['tokens']} "
+            f"(prompt {d['prompt_tokens']}, actions {d['completion_tokens']})  reward {d['reward']:+.4g}"
+            + ("  [reference statistics]" if d["has_ref"] else "")
+        )
+        if d.get("extra") is not None:
+            head += f"\n  extra {d['extra']}"
+        blocks.append(head + "\n" + render(row["tokens"], row["action_mask"], row["rewards"], source.tokenizer))
+        if row_id is None and len(blocks) >= rows:
+            break
+    if row_id is not None and not blocks:
+        raise ValueError(f"{path}: no row with row_id {row_id!r}" + (f" where {where}" if where else ""))
+    return blocks

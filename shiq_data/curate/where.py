@@ -1,0 +1,128 @@
+"""``--where EXPR``: a SQL boolean expression over a shard's derived columns, evaluated by DuckDB.
+
+The expression is never evaluated by Python. It is parsed by DuckDB first and refused unless it is one
+expression without subqueries (so no table functions such as ``read_csv``, no second statement); the
+connection it runs on has file and network access disabled and its configuration locked, so even a
+function that slipped through could not read or write a file. A row is kept when the expression is
+true (NULL counts as false).
+"""
+
+from __future__ import annotations
+
+import json
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+
+from shiq_data.curate.rows import TEXT_COLUMNS
+
+TABLE = "rows"
+_QUERY = "SELECT ({expr}) AS keep FROM " + TABLE
+
+
+def _first_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def _walk(node):
+    if isinstance(node, dict):
+        yield node
+        for v in node.values():
+            yield from _walk(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _walk(v)
+
+
+def sandbox() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB connection that cannot touch files or the network (configuration locked)."""
+    con = duckdb.connect(
+        ":memory:",
+        config={
+            "enable_external_access": False,
+            "autoinstall_known_extensions": False,
+            "autoload_known_extensions": False,
+            "python_enable_replacements": False,
+            "threads": 1,
+        },
+    )
+    con.execute("SET lock_configuration = true")
+    return con
+
+
+class Where:
+    """A checked ``--where`` expression; :meth:`mask` evaluates it on a table of derived columns."""
+
+    def __init__(self, expr: str):
+        self.expr = expr
+        if not expr or not expr.strip():
+            raise ValueError('--where: empty expression; give a SQL boolean expression such as "reward > 0"')
+        self.con = sandbox()
+        self.sql = _QUERY.format(expr=expr)
+        tree = json.loads(self.con.execute("SELECT json_serialize_sql(?)", [self.sql]).fetchall()[0][0])
+        if tree.get("error"):
+            problem = (tree.get("error_message") or "not valid SQL").strip().splitlines()[0]
+            raise ValueError(f"--where {expr!r}: {problem}")
+        statements = tree.get("statements", [])
+        node = statements[0].get("node", {}) if len(statements) == 1 else {}
+        simple = (
+            node.get("type") == "SELECT_NODE"
+            and len(node.get("select_list", [])) == 1
+            and (node.get("from_table") or {}).get("type") == "BASE_TABLE"
+            and (node.get("from_table") or {}).get("table_name") == TABLE
+            and not node.get("modifiers")
+            and node.get("where_clause") is None
+            and not node.get("group_expressions")
+            and node.get("having") is None
+            and node.get("qualify") is None
+            and node.get("sample") is None
+            and not (node.get("cte_map") or {}).get("map")
+        )
+        if not simple:
+            raise ValueError(f"--where {expr!r}: must be a single SQL boolean expression over the row's columns")
+        inner = node["select_list"]
+        if any(n.get("class") == "SUBQUERY" or n.get("type") in ("SUBQUERY", "TABLE_FUNCTION") for n in _walk(inner)):
+            raise ValueError(f"--where {expr!r}: subqueries are not allowed (the expression sees one row's columns)")
+        aggregates = {
+            r[0]
+            for r in self.con.sql(
+                "SELECT function_name FROM duckdb_functions() WHERE function_type = 'aggregate'"
+            ).fetchall()
+        }
+        used = {n.get("function_name", "").lower() for n in _walk(inner) if n.get("class") == "FUNCTION"}
+        if used & aggregates:
+            raise ValueError(
+                f"--where {expr!r}: aggregate functions ({', '.join(sorted(used & aggregates))}) are not allowed "
+                "(the expression sees one row's columns)"
+            )
+        if any(n.get("class") == "WINDOW" for n in _walk(inner)):
+            raise ValueError(
+                f"--where {expr!r}: window functions are not allowed (the expression sees one row's columns)"
+            )
+        self.columns = {
+            name.lower() for n in _walk(inner) if n.get("class") == "COLUMN_REF" for name in n.get("column_names", [])
+        }
+
+    def needs(self, names) -> bool:
+        """Whether the expression names any of ``names``."""
+        return bool(self.columns & {n.lower() for n in names})
+
+    def mask(self, view: pa.Table) -> np.ndarray:
+        """``[N]`` bool: the rows of ``view`` (a table of derived columns) where the expression is true."""
+        self.con.register(TABLE, view)
+        try:
+            result = self.con.sql(self.sql).to_arrow_table()
+        except duckdb.Error as e:
+            columns = ", ".join(view.schema.names + [c for c in TEXT_COLUMNS if c not in view.schema.names])
+            raise ValueError(f"--where {self.expr!r}: {_first_line(e)} (columns: {columns})") from None
+        finally:
+            self.con.unregister(TABLE)
+        keep = result.column("keep")
+        if not pa.types.is_boolean(keep.type) and not pa.types.is_null(keep.type):
+            raise ValueError(f"--where {self.expr!r}: must be a boolean expression, it gives {keep.type} values")
+        if len(keep) != view.num_rows:
+            raise ValueError(f"--where {self.expr!r}: must be a per-row expression (no aggregate such as count(*))")
+        if pa.types.is_null(keep.type):
+            return np.zeros(view.num_rows, dtype=bool)
+        return np.asarray(keep.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)

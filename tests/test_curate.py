@@ -1,0 +1,458 @@
+"""shiq-data show / stats / filter / dedup / split / mix on tiny GPT-2 buffers, each checked against pandas
+(or a plain-Python computation) on the input JSONL records."""
+
+import hashlib
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
+from shiq_data.cli import main
+from shiq_data.curate.stats import buffer_stats
+from shiq_data.curate.where import sandbox
+from shiq_data.readers import get_format
+from shiq_data.tokenizers import load_tokenizer
+
+REWARDS = [1.5, -1.0, 0.0, 0.25, 2.0, -0.5]  # exact in float32
+WORDS = (
+    "apple river stone cloud maple tiger violin garden copper ocean lantern meadow falcon pepper harbor "
+    "cinder marble willow saddle quartz"
+).split()
+LONG = (
+    " The quick brown fox jumps over the lazy dog while the old cat sleeps on the warm windowsill for the "
+    "whole long summer afternoon, dreaming of fish."
+)
+
+
+def _records():
+    rng = random.Random(0)
+
+    def completion():
+        return " " + " ".join(rng.sample(WORDS, 5))
+
+    a = []
+    for i, p in enumerate(
+        ["What is the capital of France?", "Name a color.", "Tell me a joke.", "Count to three.", "Say hi."]
+    ):
+        for _ in range(1 + i % 3):
+            a.append({"prompt": p, "completion": completion(), "reward": REWARDS[len(a) % 6]})
+    a.append(dict(a[0], reward=2.0))  # the same text as row 0
+    a.append({"prompt": "what is the  capital of FRANCE?", "completion": a[0]["completion"].upper(), "reward": -1.0})
+    a.append({"prompt": "Describe a scene.", "completion": LONG, "reward": 1.0})
+    a.append({"prompt": "Describe a scene.", "completion": LONG.replace("warm", "worm"), "reward": 0.5})  # near
+    b = []
+    for i, p in enumerate(["Translate cat.", "Name a color.", "What is 2+2?", "Give a number.", "Pick one.", "Why?"]):
+        for _ in range(1 + i % 3):
+            b.append({"prompt": p, "completion": completion(), "reward": REWARDS[(len(b) + 3) % 6]})
+    return a, b
+
+
+def _write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def read_rows(folder):
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    rows = []
+    for s in m["shards"]:
+        rows += read_shard(Path(folder) / s["file"]).to_pylist()
+    return m, rows
+
+
+def ids(folder):
+    return [r["row_id"] for r in read_rows(folder)[1]]
+
+
+def norm(s: pd.Series) -> pd.Series:
+    return s.str.lower().str.split().str.join(" ")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Buffers ``ab`` (a.jsonl then b.jsonl appended, sources 'a' and 'b', 4-row shards), ``a`` and ``b``,
+    and ``df``: the input records in buffer order, with their row ids and (source, prompt) groups."""
+    root = tmp_path_factory.mktemp("curate")
+    recs_a, recs_b = _records()
+    fa, fb = _write_jsonl(root / "a.jsonl", recs_a), _write_jsonl(root / "b.jsonl", recs_b)
+    tok, info = load_tokenizer("gpt2")
+    read = get_format("jsonl").read
+    common = {"tokenizer_info": info, "command": ["test"], "shard_rows": 4, "progress": False}
+    write_buffer(read(fa, tok, source="a"), root / "ab", **common)  # row ids b0-<line index>
+    append_buffer(root / "ab", read(fb, tok, source="b"), command=["test"], progress=False)  # b1-<index>
+    write_buffer(read(fa, tok, source="a"), root / "a", **common)
+    write_buffer(read(fb, tok, source="b"), root / "b", **common)
+    da = pd.read_json(fa, lines=True).assign(source="a")
+    db = pd.read_json(fb, lines=True).assign(source="b")
+    da["row_id"] = [f"b0-{i}" for i in range(len(da))]
+    db["row_id"] = [f"b1-{i}" for i in range(len(db))]
+    df = pd.concat([da, db], ignore_index=True)
+    df["group"] = df["source"] + "|" + df["prompt"]
+    return {"root": root, "ab": root / "ab", "a": root / "a", "b": root / "b", "df": df, "tok": tok}
+
+
+def test_filter_keeps_exactly_the_rows_pandas_keeps(data, tmp_path, capsys):
+    df = data["df"]
+    cases = [
+        ("reward > 0 AND source = 'a'", df[(df.reward > 0) & (df.source == "a")]),
+        ("reward <= 0 OR prompt = 'Name a color.'", df[(df.reward <= 0) | (df.prompt == "Name a color.")]),
+        ("completion LIKE '%apple%'", df[df.completion.str.contains("apple")]),
+    ]
+    for k, (expr, want) in enumerate(cases):
+        out = tmp_path / f"f{k}"
+        code, stdout, err = run(capsys, "filter", data["ab"], "--where", expr, "--out", out, "--no-progress")
+        assert code == 0, err
+        assert f"kept {len(want)} of {len(df)} rows" in stdout
+        m, rows = read_rows(out)
+        assert [r["row_id"] for r in rows] == want.row_id.tolist()
+        # the rows themselves: decoded text and reward match the input records
+        tok = data["tok"]
+        for r, (_, rec) in zip(rows, want.iterrows()):
+            p = r["prompt_len"]
+            assert tok.decode(r["tokens"][:p]) == rec.prompt and r["rewards"][-1] == rec.reward
+        assert m["parents"][0]["path"] == str(data["ab"].resolve())
+        sha = hashlib.sha256((data["ab"] / "manifest.json").read_bytes()).hexdigest()
+        assert m["parents"][0]["manifest_sha256"] == sha
+        assert m["curation"] == {"verb": "filter", "where": expr, "rows_read": len(df), "rows_kept": len(want)}
+        assert m["commands"][0]["argv"][1:3] == ["filter", str(data["ab"])]
+
+
+def test_filter_on_lengths_matches_token_counts(data, tmp_path, capsys):
+    df, tok = data["df"], data["tok"]
+    n_completion = df.completion.map(lambda c: len(tok(c)["input_ids"]) + 1)  # + eos
+    n_prompt = df.prompt.map(lambda c: len(tok(c)["input_ids"]))
+    want = df[(n_completion >= 7) & (n_prompt + n_completion < 12)]
+    assert 0 < len(want) < len(df)
+    out = tmp_path / "f"
+    expr = "completion_tokens >= 7 AND tokens < 12"
+    assert run(capsys, "filter", data["ab"], "--where", expr, "--out", out, "--no-progress")[0] == 0
+    assert ids(out) == want.row_id.tolist()
+
+
+BAD_WHERE = [
+    ("reward >", "syntax error"),
+    ("(select count(*) from read_csv('/etc/passwd')) > 0", "subqueries are not allowed"),
+    ("reward > 0; select 1", "syntax error"),
+    ("true) UNION SELECT 1 --", "single SQL boolean expression"),
+    ("nope > 1", 'column "nope" not found'),
+    ("reward", "must be a boolean expression"),
+    ("count(*) > 1", "aggregate functions"),
+    ("exists (select 1 from rows)", "subqueries are not allowed"),
+    ("read_text('/etc/passwd') is not null", "table function"),
+]
+
+
+@pytest.mark.parametrize("expr,says", BAD_WHERE)
+def test_bad_where_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys, expr, says):
+    out = tmp_path / "never"
+    code, stdout, err = run(capsys, "filter", data["ab"], "--where", expr, "--out", out, "--no-progress")
+    assert code == 2
+    assert err.startswith("shiq-data: error: --where") and says in err and err.count("\n") == 1, err
+    assert "Traceback" not in err and not out.exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_file_access_refused_end_to_end_and_by_the_connection(data, tmp_path):
+    exe = Path(sys.executable).with_name("shiq-data")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shiq_data"]
+    expr = "(select count(*) from read_csv('/etc/passwd')) > 0"
+    proc = subprocess.run(
+        [*cmd, "stats", str(data["ab"]), "--where", expr], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    # the connection itself refuses files, and its configuration cannot be switched back
+    con = sandbox()
+    with pytest.raises(Exception, match="disabled by configuration"):
+        con.sql("SELECT * FROM read_csv('/etc/passwd')").fetchall()
+    with pytest.raises(Exception, match="locked"):
+        con.execute("SET enable_external_access = true")
+    with pytest.raises(Exception, match="disabled by configuration"):
+        con.sql(f"COPY (SELECT 1) TO '{tmp_path / 'x.csv'}'").fetchall()
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_dedup_exact_removes_what_pandas_drop_duplicates_removes(data, tmp_path, capsys):
+    df = data["df"].assign(p=lambda d: norm(d.prompt), c=lambda d: norm(d.completion))
+    for by, subset in (("row", ["p", "c"]), ("prompt", ["p"]), ("completion", ["c"])):
+        keep = df.drop_duplicates(subset=subset)
+        removed = df[~df.index.isin(keep.index)].groupby("source").size().to_dict()
+        out = tmp_path / by
+        code, stdout, err = run(capsys, "dedup", data["ab"], "--by", by, "--out", out, "--no-progress")
+        assert code == 0, err
+        assert ids(out) == keep.row_id.tolist()
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["curation"]["removed"] == removed and m["curation"]["mode"] == "exact"
+        assert f"kept {len(keep)} of {len(df)} rows" in stdout
+        assert ", ".join(f"{k}: {v}" for k, v in sorted(removed.items())) in stdout
+    assert len(df) - len(df.drop_duplicates(subset=["p", "c"])) == 2  # the data has what it should
+
+
+def _grams(text, n=5):
+    t = " ".join(text.lower().split())
+    return {t[i : i + n] for i in range(len(t) - n + 1)}
+
+
+def test_dedup_near_matches_exact_jaccard(data, tmp_path, capsys):
+    df = data["df"]
+    grams = [_grams(c) for c in df.completion]
+    threshold = 0.8
+    kept = []
+    for i, g in enumerate(grams):  # greedy, in order, exact Jaccard
+        if not any(len(g & grams[j]) / len(g | grams[j]) >= threshold for j in kept):
+            kept.append(i)
+    # the data is far from the threshold either way, so MinHash's estimate cannot flip a verdict
+    sims = [len(grams[i] & grams[j]) / len(grams[i] | grams[j]) for i in range(len(df)) for j in range(i)]
+    assert all(s >= 0.9 or s <= 0.6 for s in sims)
+    want = df.iloc[kept]
+    assert len(want) < len(df.drop_duplicates(subset=["completion"]))  # near finds more than exact
+    out = tmp_path / "near"
+    args = ["dedup", data["ab"], "--by", "completion", "--near", "--threshold", threshold, "--out", out]
+    code, stdout, err = run(capsys, *args, "--no-progress")
+    assert code == 0, err
+    assert ids(out) == want.row_id.tolist()
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["curation"]["threshold"] == threshold and m["curation"]["mode"] == "near"
+    assert m["curation"]["removed"] == df.drop(want.index).groupby("source").size().to_dict()
+    assert "threshold 0.8" in stdout
+
+
+def test_split_has_no_shared_group_or_prompt_and_sizes_add_up(data, tmp_path, capsys):
+    df = data["df"].set_index("row_id")
+    n = len(df)
+    for by, unit in (("group", df.group), ("prompt", norm(df.prompt))):
+        out = tmp_path / by
+        code, stdout, err = run(
+            capsys, "split", data["ab"], "--test-fraction", 0.3, "--by", by, "--seed", 3, "--out", out, "--no-progress"
+        )
+        assert code == 0, err
+        train, test = ids(out / "train"), ids(out / "test")
+        assert sorted(train + test) == sorted(df.index) and not set(train) & set(test)
+        assert not set(unit[train]) & set(unit[test])
+        biggest = unit.value_counts().max()
+        assert round(0.3 * n) <= len(test) < round(0.3 * n) + biggest
+        assert f"{out}/test {len(test)} rows" in stdout
+        for side in ("train", "test"):
+            m = json.loads((out / side / "manifest.json").read_text())
+            assert m["curation"]["side"] == side and m["parents"][0]["path"] == str(data["ab"].resolve())
+            # input order is kept within a side
+            assert ids(out / side) == [i for i in df.index if i in set(ids(out / side))]
+    # deterministic for a seed; another seed gives another split
+    again, other = tmp_path / "again", tmp_path / "other"
+    for out, seed in ((again, 3), (other, 4)):
+        assert (
+            run(capsys, "split", data["ab"], "--test-fraction", 0.3, "--seed", seed, "--out", out, "--no-progress")[0]
+            == 0
+        )
+    assert ids(again / "test") == ids(tmp_path / "group" / "test")
+    assert ids(other / "test") != ids(again / "test")
+
+
+def test_split_refuses_bad_fraction_and_existing_out(data, tmp_path, capsys):
+    code, _, err = run(capsys, "split", data["ab"], "--test-fraction", 1.5, "--out", tmp_path / "s")
+    assert code == 2 and "--test-fraction" in err and err.count("\n") == 1
+    (tmp_path / "s").mkdir()
+    code, _, err = run(capsys, "split", data["ab"], "--test-fraction", 0.5, "--out", tmp_path / "s")
+    assert code == 2 and "already exists" in err
+
+
+def _groups_by_input(df):
+    """original row id -> the row ids of its (source, prompt) group."""
+    members = df.groupby("group").row_id.apply(frozenset)
+    return {rid: members[g] for rid, g in zip(df.row_id, df.group)}
+
+
+def _check_mix(out, df_by_input):
+    """Every output group is one whole input group (one copy); returns rows per input."""
+    m, rows = read_rows(out)
+    by_group: dict = {}
+    for r in rows:
+        i, _, old = r["row_id"].partition("-")
+        old = old.split("-copy")[0]
+        by_group.setdefault(r["group_id"], []).append((int(i[1:]), old))
+    per_input = [0] * len(df_by_input)
+    for gid, members in by_group.items():
+        assert len({i for i, _ in members}) == 1, f"group {gid} mixes inputs"
+        i = members[0][0]
+        whole = _groups_by_input(df_by_input[i])
+        assert frozenset(o for _, o in members) == whole[members[0][1]], f"group {gid} is not a whole input group"
+        assert len(members) == len(whole[members[0][1]])
+        per_input[i] += len(members)
+    assert m["next_group_id"] == max(by_group) + 1 and sorted(by_group) == list(range(len(by_group)))
+    return m, per_input
+
+
+def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
+    df = data["df"]
+    da = df[df.source == "a"].assign(row_id=lambda d: [f"b0-{k}" for k in range(len(d))])
+    db = df[df.source == "b"].assign(row_id=lambda d: [f"b0-{k}" for k in range(len(d))])
+    biggest = [d.groupby("group").size().max() for d in (da, db)]
+    out = tmp_path / "mix"
+    code, stdout, err = run(
+        capsys, "mix", f"{data['a']}:1", f"{data['b']}:3", "--rows", 12, "--out", out, "--no-progress"
+    )
+    assert code == 0, err
+    m, per_input = _check_mix(out, [da, db])
+    for got, target, big in zip(per_input, (3, 9), biggest):
+        assert target <= got < target + big
+    assert [p["path"] for p in m["parents"]] == [str(data["a"].resolve()), str(data["b"].resolve())]
+    assert m["curation"]["rows_per_input"] == per_input and f"{sum(per_input)} rows" in stdout
+    # without --rows: as large as the inputs allow without replacement (b is used up)
+    out = tmp_path / "all"
+    assert run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--out", out, "--no-progress")[0] == 0
+    _, per_input = _check_mix(out, [da, db])
+    assert per_input[1] == len(db) and len(db) <= per_input[0] < len(db) + biggest[0]
+    # more rows than an input has: refused without replacement, copies with it
+    code, _, err = run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 40, "--out", tmp_path / "x")
+    assert code == 2 and "--replacement" in err and not (tmp_path / "x").exists()
+    out = tmp_path / "rep"
+    args = ["mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 40, "--replacement", "--seed", 1, "--out", out]
+    assert run(capsys, *args, "--no-progress")[0] == 0
+    _, per_input = _check_mix(out, [da, db])
+    assert all(20 <= got < 20 + big for got, big in zip(per_input, biggest))
+    assert any("-copy" in r for r in ids(out))
+
+
+def test_mix_refuses_another_tokenizer(data, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(data["b"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    m["tokenizer"]["fingerprint"] = "0" * 64
+    (other / "manifest.json").write_text(json.dumps(m))
+    code, _, err = run(capsys, "mix", f"{data['a']}:1", f"{other}:1", "--out", tmp_path / "x")
+    assert code == 2 and "tokenizer" in err and err.count("\n") == 1 and not (tmp_path / "x").exists()
+    code, _, err = run(capsys, "mix", f"{data['a']}", "--out", tmp_path / "x")
+    assert code == 2 and "BUFFER:WEIGHT" in err
+
+
+def test_stats_match_pandas(data, tmp_path, capsys):
+    df, tok = data["df"], data["tok"]
+    df = df.assign(
+        tokens=[len(tok(p)["input_ids"]) + len(tok(c)["input_ids"]) + 1 for p, c in zip(df.prompt, df.completion)]
+    )
+    stats, _ = buffer_stats(data["ab"])
+    assert stats["rows"] == len(df)
+    for name, part in [("all", df), *df.groupby("source")]:
+        s = stats["all"] if name == "all" else stats["sources"][name]
+        assert s["rows"] == len(part) and s["groups"] == part.group.nunique()
+        for key, fn in (("mean", "mean"), ("std", "std"), ("min", "min"), ("max", "max")):
+            assert s["reward"][key] == pytest.approx(getattr(part.reward, fn)(), abs=1e-12)
+            assert s["tokens"][key] == pytest.approx(getattr(part.tokens, fn)(), abs=1e-12)
+        assert s["tokens"]["p95"] == pytest.approx(part.tokens.quantile(0.95))
+        assert s["ref_share"] == 0
+    assert stats["group_sizes"] == df.groupby("group").size().value_counts().sort_index().to_dict()
+    where, _ = buffer_stats(data["ab"], "source = 'b' AND reward > 0")
+    assert where["rows"] == len(df[(df.source == "b") & (df.reward > 0)])
+    code, stdout, err = run(capsys, "stats", data["ab"], "--plot", tmp_path / "plots")
+    assert code == 0, err
+    assert f"({len(df)} rows)" in stdout and "group sizes" in stdout
+    pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
+    assert pngs == ["completion_tokens.png", "group_sizes.png", "reward.png", "tokens.png"]
+    assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_show_marks_actions_and_rewards(data, capsys):
+    df = data["df"]
+    rec = df.iloc[0]
+    code, stdout, err = run(capsys, "show", data["ab"], "--id", "b0-0")
+    assert code == 0, err
+    assert f"{rec.prompt}⟦{rec.completion}<|endoftext|>⟨r={rec.reward:+.4g}⟩⟧" in stdout
+    assert "row b0-0  source a" in stdout
+    code, stdout, _ = run(capsys, "show", data["ab"], "--rows", 2, "--where", "reward < 0")
+    assert code == 0 and stdout.count("\nrow ") + stdout.startswith("row ") == 2
+    negative = df[df.reward < 0].iloc[:2]
+    for _, r in negative.iterrows():
+        assert f"row {r.row_id} " in stdout
+    code, stdout, _ = run(capsys, "show", data["ab"], "--where", "reward > 100")
+    assert code == 0 and stdout.startswith("shiq-data: no row of") and "row b" not in stdout
+    code, _, err = run(capsys, "show", data["ab"], "--id", "nope")
+    assert code == 2 and "no row with row_id 'nope'" in err
+
+
+def test_text_columns_are_used_when_a_shard_has_them(data, tmp_path, capsys):
+    """A buffer whose shard carries schema-2 text columns (written here by hand): reward, prompt and the
+    keys of extra come from them."""
+    buf = tmp_path / "text"
+    shutil.copytree(data["b"], buf)
+    m = json.loads((buf / "manifest.json").read_text())
+    df = data["df"][data["df"].source == "b"].reset_index(drop=True)
+    offset = 0
+    for entry in m["shards"]:
+        t = read_shard(buf / entry["file"])
+        part = df.iloc[offset : offset + t.num_rows]
+        offset += t.num_rows
+        cols = {
+            "prompt": pa.array([f"P{k}" for k in part.index], pa.large_string()),
+            "completion": pa.array(part.completion.tolist(), pa.large_string()),
+            "reward": pa.array((-part.reward).tolist(), pa.float64()),  # the opposite of the token rewards
+            "turn_rewards": pa.nulls(len(part), pa.list_(pa.float64())),
+            "extra": pa.array([json.dumps({"lang": "fr" if k % 2 else "en", "score": k}) for k in part.index]),
+        }
+        for name, col in cols.items():
+            t = t.append_column(name, col)
+        tmp = buf / f".{entry['file']}.new"
+        new = write_shard_file(t, tmp)
+        tmp.replace(buf / entry["file"])
+        entry.update(sha256=new["sha256"], bytes=new["bytes"])
+    (buf / "manifest.json").write_text(json.dumps(m))
+    cases = [
+        ("reward > 0", df[df.reward < 0]),
+        ("lang = 'fr' AND score >= 4", df[(df.index % 2 == 1) & (df.index >= 4)]),
+        ("prompt = 'P3'", df.iloc[[3]]),
+    ]
+    for k, (expr, want) in enumerate(cases):
+        out = tmp_path / f"f{k}"
+        code, _, err = run(capsys, "filter", buf, "--where", expr, "--out", out, "--no-progress")
+        assert code == 0, err
+        assert ids(out) == [f"b0-{i}" for i in want.index]
+    stats, _ = buffer_stats(buf)
+    assert stats["all"]["reward"]["mean"] == pytest.approx(-df.reward.mean())
+    # dedup compares the stored prompts (all different), not the decoded tokens (which repeat)
+    assert df.prompt.duplicated().any()
+    assert run(capsys, "dedup", buf, "--by", "prompt", "--out", tmp_path / "d", "--no-progress")[0] == 0
+    assert ids(tmp_path / "d") == [f"b0-{i}" for i in df.index]
+
+
+def test_reference_statistics_are_kept(data, tmp_path, capsys):
+    src = open_buffer(data["b"])
+    rng = np.random.default_rng(0)
+    rows = []
+    for r in src.table.to_pylist():
+        n = len(r["tokens"])
+        c, z = rng.normal(size=n).astype(np.float32), rng.normal(size=n).astype(np.float32)
+        c[0] = z[0] = 0
+        rows.append({**r, "ref_chosen_logits": c.tolist(), "ref_logz": z.tolist()})
+    ref = tmp_path / "ref"
+    write_buffer(rows, ref, tokenizer_info=src.tokenizer_info, command=["t"], ref_model={"name": "toy"}, progress=False)
+    by_id = {r["row_id"]: r for r in rows}
+    out = tmp_path / "f"
+    assert run(capsys, "filter", ref, "--where", "reward > 0 AND has_ref", "--out", out, "--no-progress")[0] == 0
+    m, kept = read_rows(out)
+    assert m["has_ref_stats"] and m["ref_model"] == {"name": "toy"} and kept
+    df = data["df"]
+    assert len(kept) == len(df[(df.source == "b") & (df.reward > 0)])
+    for r in kept:
+        assert r["ref_chosen_logits"] == by_id[r["row_id"]]["ref_chosen_logits"]
+        assert r["ref_logz"] == by_id[r["row_id"]]["ref_logz"]
+    stats, _ = buffer_stats(ref)
+    assert stats["all"]["ref_share"] == 1.0
+    # split keeps them; a mix with a buffer without them drops them and says so
+    assert run(capsys, "split", ref, "--test-fraction", 0.5, "--out", tmp_path / "s", "--no-progress")[0] == 0
+    assert open_buffer(tmp_path / "s" / "test").has_ref_stats
+    code, stdout, _ = run(capsys, "mix", f"{ref}:1", f"{data['a']}:1", "--out", tmp_path / "m", "--no-progress")
+    assert code == 0 and "reference statistics dropped" in stdout
+    assert not open_buffer(tmp_path / "m").has_ref_stats
