@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
+from test_text_columns import cached_load_tokenizer  # noqa: E402  (one tokenizer cache per session)
 
+import shiq_data.cli
 from shiq_data.buffer import add_ref_columns
 from shiq_data.cli import main
-from shiq_data.tokenizers import load_tokenizer
 
 TOKEN_COLUMNS = ["row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards"]
 TEXT_COLUMNS = ["prompt", "completion", "reward", "turn_rewards", "extra"]
@@ -50,9 +51,14 @@ HH = [
 ]
 
 
+@pytest.fixture(autouse=True)
+def _tokenizers_once(monkeypatch):
+    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+
+
 @pytest.fixture(scope="module")
 def gpt2():
-    return load_tokenizer("gpt2")
+    return cached_load_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +66,7 @@ def smollm2():
     from shiq_data.assets import AssetMissing
 
     try:
-        return load_tokenizer("smollm2")
+        return cached_load_tokenizer("smollm2")
     except AssetMissing as e:
         pytest.skip(str(e))
 
@@ -175,6 +181,12 @@ def mixed_buffer(tmp_path_factory, smollm2):
     """String, chat, multi-turn (per-turn rewards) and HH rows in one SmolLM2 buffer of three shards."""
     d = tmp_path_factory.mktemp("mixed")
     b = d / "b"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+        return _build_mixed(d, b)
+
+
+def _build_mixed(d, b):
     inp = write_jsonl(d / "in.jsonl", STRINGS + CHAT)
     assert run("build", "jsonl", inp, "--tokenizer", "smollm2", "--out", b, "--no-progress") == 0
     assert run("append", b, "multiturn", write_jsonl(d / "m.jsonl", MULTITURN), "--no-progress") == 0

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import shiq_data.cli
 from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.cli import main
 from shiq_data.io import RowError
@@ -32,9 +33,24 @@ RECORDS = [
 ]
 
 
+_LOADED: dict = {}
+
+
+def cached_load_tokenizer(name):
+    """load_tokenizer, once per name and test session (each command would load it again)."""
+    if name not in _LOADED:
+        _LOADED[name] = load_tokenizer(name)
+    return _LOADED[name]
+
+
+@pytest.fixture(autouse=True)
+def _tokenizers_once(monkeypatch):
+    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+
+
 @pytest.fixture(scope="module")
 def gpt2():
-    return load_tokenizer("gpt2")
+    return cached_load_tokenizer("gpt2")
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +58,7 @@ def smollm2():
     from shiq_data.assets import AssetMissing
 
     try:
-        return load_tokenizer("smollm2")
+        return cached_load_tokenizer("smollm2")
     except AssetMissing as e:
         pytest.skip(str(e))
 
@@ -126,7 +142,11 @@ def make_v1_buffer(folder: Path, rows: list[dict], vocab: int = 50257) -> Path:
     manifest = {
         "format": "shiq-replay-buffer",
         "schema_version": 1,
-        "tokenizer": {"name": "gpt2", "fingerprint": load_tokenizer("gpt2")[1]["fingerprint"], "vocab_size": vocab},
+        "tokenizer": {
+            "name": "gpt2",
+            "fingerprint": cached_load_tokenizer("gpt2")[1]["fingerprint"],
+            "vocab_size": vocab,
+        },
         "rows": len(rows),
         "tokens": n_tok,
         "action_tokens": n_act,
