@@ -123,7 +123,9 @@ def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
         f"- data: {files}",
         "- reference statistics: not exported",
         "",
-        "`shiq-data build jsonl|parquet|datasets` reads this export back, tokenising the text again.",
+        "`shiq-data build jsonl|parquet|datasets` reads this export back, tokenising the text again."
+        if buffer.has_text
+        else "The rows keep no text, so `shiq-data build` cannot read this export back.",
         "",
         "## Schema",
         "",
