@@ -104,7 +104,7 @@ def test_build_keeps_the_text_of_each_generic_record(tmp_path, gpt2):
     assert validate_buffer(tmp_path / "b")["rows"] == 3
 
 
-def test_no_text_build_writes_token_columns_only_and_reads_text_as_null(tmp_path, gpt2):
+def test_no_text_build_writes_token_columns_only_and_reads_text_as_null(tmp_path, gpt2, capsys):
     inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     b = tmp_path / "b"
     assert build(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(b), "--no-text"]) == 0
@@ -116,6 +116,9 @@ def test_no_text_build_writes_token_columns_only_and_reads_text_as_null(tmp_path
     assert text.column("tokens").to_pylist() == table.column("tokens").to_pylist()
     assert buf.table.schema.names == BASE and buf.row(1) == table.slice(1, 1).to_pylist()[0]
     assert validate_buffer(b)["rows"] == 3
+    capsys.readouterr()
+    assert main(["info", str(b)]) == 0
+    assert "schema      version 2, text columns no" in capsys.readouterr().out
 
 
 def make_v1_buffer(folder: Path, rows: list[dict], vocab: int = 50257) -> Path:
