@@ -320,7 +320,16 @@ def test_chat_readers_fill_the_text_columns(tmp_path, smollm2):
         "source": "evol",
         "completions": [{"response": "Red.", "overall_score": 8, "model": "m1"}],
     }
-    write_jsonl(tmp_path / "uf.jsonl", [uf])
+    binarized = {
+        "prompt": "Hi",
+        "prompt_id": "p1",
+        "chosen": msgs(("user", "Hi"), ("assistant", "Hello.")),
+        "rejected": msgs(("user", "Hi"), ("assistant", "Go away.")),
+        "messages": msgs(("user", "Hi"), ("assistant", "Hello.")),
+        "score_chosen": 8,
+        "score_rejected": 2,
+    }
+    write_jsonl(tmp_path / "uf.jsonl", [uf, binarized])
     for fmt, name in [("hh", "hh"), ("multiturn", "mt"), ("ultrafeedback", "uf")]:
         argv = ["build", fmt, str(tmp_path / f"{name}.jsonl"), "--tokenizer", "smollm2", "--out", str(tmp_path / name)]
         assert build(argv) == 0
@@ -335,7 +344,12 @@ def test_chat_readers_fill_the_text_columns(tmp_path, smollm2):
     (row,) = plain_shards(tmp_path / "mt")[1][0].to_pylist()
     assert json.loads(row["prompt"]) == mt["messages"][:1] and json.loads(row["completion"]) == mt["messages"][1:]
     assert row["reward"] is None and row["turn_rewards"] == [0.5, None] and json.loads(row["extra"]) == {"tag": "x"}
-    (row,) = plain_shards(tmp_path / "uf")[1][0].to_pylist()
+    row, chosen, rejected = plain_shards(tmp_path / "uf")[1][0].to_pylist()
+    assert [json.loads(r["prompt"]) for r in (chosen, rejected)] == [msgs(("user", "Hi"))] * 2
+    assert json.loads(chosen["completion"]) == msgs(("assistant", "Hello."))
+    assert json.loads(rejected["completion"]) == msgs(("assistant", "Go away."))
+    assert [chosen["reward"], rejected["reward"]] == [8.0, 2.0]
+    assert json.loads(chosen["extra"]) == json.loads(rejected["extra"]) == {"prompt_id": "p1"}
     assert row["prompt"] == "Name a colour." and json.loads(row["completion"]) == msgs(("assistant", "Red."))
     assert row["reward"] == 8.0 and json.loads(row["extra"]) == {"source": "evol", "overall_score": 8, "model": "m1"}
 
