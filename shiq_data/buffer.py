@@ -642,6 +642,7 @@ def write_buffer(
     ref_model: dict | None = None,
     text_columns: bool | None = None,
     manifest_extra: dict | None = None,
+    prior_commands: list[dict] | None = None,
 ) -> Buffer:
     """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
 
@@ -656,6 +657,8 @@ def write_buffer(
     ``ref_model`` describes the reference model when the rows carry reference statistics.
     ``text_columns``: keep the text columns (a row lacking one gets null) or drop them; by default the
     buffer keeps them if the first row carries any. ``manifest_extra``: more manifest fields (lineage).
+    ``prior_commands``: the commands that built the buffer the rows come from, listed before this one
+    (rows keeping their ``row_id`` s ``b<k>-...`` then never clash with a later append's).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -697,9 +700,8 @@ def write_buffer(
             "ref_stats": (
                 {"ref_model": ref_model, "done": [e["file"] for e in stream.entries]} if stream.with_ref else None
             ),
-            "commands": [
-                {"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}
-            ],
+            "commands": list(prior_commands or [])
+            + [{"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}],
             "created": now,
             "updated": now,
             **(manifest_extra or {}),

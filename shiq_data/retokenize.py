@@ -5,7 +5,8 @@ rewards and prompt length are computed again from the text by the readers' own e
 (:func:`shiq_data.readers.encode.encode_kept`), so the result equals building the original input
 with the new tokenizer. Reference statistics belong to the old tokens and are dropped. The new
 manifest records where the rows came from: ``"retokenized_from": {"path", "fingerprint", "tokenizer",
-"ref_stats_dropped"}`` (the parent's :func:`shiq_data.buffer.buffer_fingerprint`).
+"ref_stats_dropped"}`` (the parent's :func:`shiq_data.buffer.buffer_fingerprint`), and lists the
+parent's commands before its own (the rows keep their ids, so a later append must not reuse a prefix).
 """
 
 from __future__ import annotations
@@ -68,4 +69,5 @@ def retokenize_buffer(
         input_name=str(buffer_dir),
         text_columns=True,
         manifest_extra={"retokenized_from": lineage},
+        prior_commands=buffer.manifest.get("commands", []),
     )

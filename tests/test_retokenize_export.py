@@ -158,6 +158,12 @@ def test_retokenize_chat_rows_reproduces_their_tokens(tmp_path, smollm2, capsys)
     assert run("retokenize", b, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 0
     orig, again = pylist(b), pylist(tmp_path / "r")
     assert len(orig) == 5 and orig == again
+    # the parent's commands come first, so appending the same multi-turn file again makes new row ids
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert [c["argv"][1] for c in m["commands"]] == ["build", "append", "append", "retokenize"]
+    assert run("append", tmp_path / "r", "multiturn", tmp_path / "m.jsonl", "--no-progress") == 0
+    ids = [r["row_id"] for r in pylist(tmp_path / "r")]
+    assert len(ids) == len(set(ids)) == 6
     capsys.readouterr()
     assert run("retokenize", b, "--tokenizer", "gpt2", "--out", tmp_path / "g", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
