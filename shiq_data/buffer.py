@@ -13,13 +13,19 @@ Stream-format shards are what ``datasets`` writes, so ``datasets.Dataset.from_fi
 
 ``manifest.json`` (plain JSON)::
 
-    {"format": "shiq-replay-buffer", "schema_version": 1,
+    {"format": "shiq-replay-buffer", "schema_version": 2, "text_columns": bool,
      "tokenizer": {"name", "fingerprint", "vocab_size", ...},
      "rows", "tokens", "action_tokens", "next_group_id",
      "shards": [{"file", "rows", "tokens", "action_tokens", "bytes", "sha256", "has_ref"}],
      "has_ref_stats": bool, "ref_model": {...} | null,
      "ref_stats": {"ref_model": {...}, "done": [shard files with reference columns]} | null,
-     "commands": [{"argv", "time", "rows", "shards"}], "created", "updated"}
+     "commands": [{"argv", "time", "rows", "shards"}], "created", "updated",
+     "retokenized_from": {"path", "fingerprint", ...} (only on a re-tokenised buffer)}
+
+``text_columns`` says whether the shards hold the text columns (:data:`shiq_data.schema.TEXT_FIELDS`).
+Version-1 manifests (no text columns) still open, sample, train and validate; their text columns
+read as null (:meth:`Buffer.columns`, :meth:`Buffer.shard_columns`). Appending to one writes shards
+without text and upgrades the manifest to version 2 with ``text_columns`` false.
 
 Atomicity. :func:`write_buffer` builds in a temporary folder next to the target and renames it into
 place at the end: a failed or killed build leaves no buffer. :func:`append_buffer` writes new shards
@@ -57,10 +63,12 @@ from tqdm import tqdm
 
 from shiq_data.io import RowError, atomic_write_json, fsync_dir
 from shiq_data.schema import (
-    BASE_FIELDS,
     INPUT_KEY,
+    READABLE_VERSIONS,
     REF_FIELDS,
     SCHEMA_VERSION,
+    TEXT_FIELDS,
+    TEXT_TYPES,
     arrow_schema,
     at_input,
     check_row,
@@ -101,9 +109,10 @@ def _list_array(values: list, dtype: np.dtype, pa_type) -> pa.ListArray:
     return pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=pa_type))
 
 
-def rows_to_table(rows: list[dict], with_ref: bool) -> pa.Table:
-    """A shard table (schema :func:`shiq_data.schema.arrow_schema`) from checked row dicts."""
-    schema = arrow_schema(with_ref)
+def rows_to_table(rows: list[dict], with_ref: bool, text: bool = False) -> pa.Table:
+    """A shard table (schema :func:`shiq_data.schema.arrow_schema`) from checked row dicts (a text column a
+    row lacks is null)."""
+    schema = arrow_schema(with_ref, text)
     cols = {
         "row_id": pa.array([r["row_id"] for r in rows], pa.string()),
         "source": pa.array([r["source"] for r in rows], pa.string()),
@@ -113,6 +122,9 @@ def rows_to_table(rows: list[dict], with_ref: bool) -> pa.Table:
         "action_mask": _list_array([r["action_mask"] for r in rows], np.bool_, pa.bool_()),
         "rewards": _list_array([r["rewards"] for r in rows], np.float32, pa.float32()),
     }
+    if text:
+        for name in TEXT_FIELDS:
+            cols[name] = pa.array([r.get(name) for r in rows], TEXT_TYPES[name])
     if with_ref:
         for name in REF_FIELDS:
             cols[name] = _list_array([r[name] for r in rows], np.float32, pa.float32())
@@ -149,15 +161,33 @@ def read_shard(path: Path) -> pa.Table:
         return reader.read_all()
 
 
+def has_text_columns(manifest: dict) -> bool:
+    """Whether the buffer's shards hold the text columns (never for a version-1 manifest)."""
+    return manifest.get("schema_version") != 1 and manifest.get("text_columns") is True
+
+
+def buffer_fingerprint(manifest: dict) -> str:
+    """sha256 of the buffer's content: its tokenizer fingerprint and its shards' sha256 in order (two buffers
+    with the same fingerprint hold the same rows)."""
+    parts = [manifest["tokenizer"]["fingerprint"], *(s["sha256"] for s in manifest["shards"])]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
 class Buffer:
-    """An opened replay buffer (see :func:`open_buffer`). Reading never copies shard data into memory."""
+    """An opened replay buffer (see :func:`open_buffer`). Reading never copies shard data into memory.
+
+    ``schema`` is what the shards hold (the text columns only when ``has_text``), and so what :attr:`table`
+    and :meth:`row` give; :meth:`columns` and :meth:`shard_columns` read only the columns asked for, and
+    give the text columns of a buffer without them (version 1, ``--no-text``) as nulls.
+    """
 
     def __init__(self, path: Path, manifest: dict):
         self.path = Path(path)
         self.manifest = manifest
         self.shard_paths = [self.path / s["file"] for s in manifest["shards"]]
         self.has_ref_stats = bool(manifest["shards"]) and all(s["has_ref"] for s in manifest["shards"])
-        self.schema = arrow_schema(self.has_ref_stats)
+        self.has_text = has_text_columns(manifest)
+        self.schema = arrow_schema(self.has_ref_stats, self.has_text)
         self._shard_tables: list[pa.Table] | None = None
         self._table: pa.Table | None = None
 
@@ -186,6 +216,30 @@ class Buffer:
                 tables.append(t.select(self.schema.names))
             self._shard_tables = tables
         return self._shard_tables
+
+    def shard_columns(self, names) -> list[pa.Table]:
+        """One memory-mapped table per shard holding only the columns ``names`` (nothing else is read); a
+        text column the shards lack (version 1, ``--no-text``) is all null."""
+        names = list(names)
+        unknown = [n for n in names if n not in self.schema.names and n not in TEXT_FIELDS]
+        if unknown:
+            raise ValueError(f"{self.path}: no columns {unknown} (it has {self.schema.names + list(TEXT_FIELDS)})")
+        out = []
+        for t in self.shard_tables:
+            cols = [
+                t.column(n) if n in t.schema.names else pa.chunked_array([pa.nulls(t.num_rows, TEXT_TYPES[n])])
+                for n in names
+            ]
+            out.append(pa.Table.from_arrays(cols, names=names))
+        return out
+
+    def columns(self, names) -> pa.Table:
+        """All rows' columns ``names`` as one table (:meth:`shard_columns` concatenated, without copying)."""
+        tables = self.shard_columns(names)
+        if tables:
+            return pa.concat_tables(tables)
+        types = {f.name: f.type for f in arrow_schema(True, True)}
+        return pa.schema([pa.field(n, types[n]) for n in names]).empty_table()
 
     @property
     def table(self) -> pa.Table:
@@ -224,11 +278,14 @@ def read_manifest(buffer_dir) -> dict:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")
-    if manifest.get("schema_version") != SCHEMA_VERSION:
+    version = manifest.get("schema_version")
+    if isinstance(version, bool) or version not in READABLE_VERSIONS:
         raise ValueError(
-            f"{path}: field 'schema_version' is {manifest.get('schema_version')!r}; this code reads "
-            f"version {SCHEMA_VERSION}"
+            f"{path}: field 'schema_version' is {version!r}; this code reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version >= 2 and not isinstance(manifest.get("text_columns"), bool):
+        raise ValueError(f"{path}: field 'text_columns' must be true or false, got {manifest.get('text_columns')!r}")
     for key in ("tokenizer", "rows", "tokens", "shards", "next_group_id"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} missing")
@@ -423,6 +480,9 @@ class _ShardStream:
         row_id_prefix: str,
         taken_ids: set,
         temp_names: bool,
+        text: bool | None,
+        known_text: dict | None = None,
+        refuse_duplicates: bool = False,
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
@@ -430,6 +490,9 @@ class _ShardStream:
         self.vocab_size, self.input_name = vocab_size, input_name
         self.group_offset, self.row_id_prefix, self.taken_ids = group_offset, row_id_prefix, taken_ids
         self.temp_names = temp_names
+        self.text = text  # None: decided by the first row (it carries a text column or not)
+        self.known_text, self.refuse_duplicates = known_text, refuse_duplicates  # text_key -> row_id
+        self.duplicates: list[str] = []  # row_ids of new rows repeating an old row's text
         self.with_ref: bool | None = None
         self.pending: list[dict] = []
         self.entries: list[dict] = []
@@ -445,6 +508,8 @@ class _ShardStream:
             location = row.pop(INPUT_KEY)
         if isinstance(row, dict) and "row_id" not in row:
             row = _with_row_id(row, self.row_id_prefix, i)
+        if isinstance(row, dict):
+            row = self._text_columns(row)
         try:
             self._check(row, i)
         except RowError as e:
@@ -458,6 +523,14 @@ class _ShardStream:
         self.n += 1
         if len(self.pending) >= self.shard_rows:
             self.flush()
+
+    def _text_columns(self, row: dict) -> dict:
+        """``row`` with every text column (null when it lacks one) if the stream keeps text, else without them."""
+        if self.text is None:
+            self.text = any(name in row for name in TEXT_FIELDS)
+        if self.text:
+            return {**row, **{name: row.get(name) for name in TEXT_FIELDS}}
+        return {k: v for k, v in row.items() if k not in TEXT_FIELDS}
 
     def _check(self, row: dict, i: int) -> None:
         """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
@@ -478,11 +551,22 @@ class _ShardStream:
             )
         if row["row_id"] in self.taken_ids:
             raise RowError(self.input_name, i, "row_id", f"{row['row_id']!r} is not unique in the buffer")
+        if self.known_text and row.get("completion") is not None:
+            old = self.known_text.get(text_key(row["prompt"], row["completion"]))
+            if old is not None and self.refuse_duplicates:
+                raise RowError(
+                    self.input_name,
+                    i,
+                    "completion",
+                    f"the same prompt and completion as row {old!r} of the buffer (refused: --no-duplicates)",
+                )
+            if old is not None:
+                self.duplicates.append(row["row_id"])
 
     def flush(self) -> None:
         if not self.pending:
             return
-        table = rows_to_table(self.pending, bool(self.with_ref))
+        table = rows_to_table(self.pending, bool(self.with_ref), bool(self.text))
         name = shard_file_name(self.next_shard)
         path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
         entry = write_shard_file(table, path)
@@ -565,6 +649,9 @@ def write_buffer(
     ref_model: dict | None = None,
     parents: list[dict] | None = None,
     curation: dict | None = None,
+    text_columns: bool | None = None,
+    manifest_extra: dict | None = None,
+    prior_commands: list[dict] | None = None,
 ) -> Buffer:
     """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
 
@@ -579,6 +666,10 @@ def write_buffer(
     ``ref_model`` describes the reference model when the rows carry reference statistics.
     ``parents`` (the buffers the rows were taken from, see :mod:`shiq_data.curate`) and ``curation``
     (what was done to them), when given, are recorded in the manifest under those keys.
+    ``text_columns``: keep the text columns (a row lacking one gets null) or drop them; by default the
+    buffer keeps them if the first row carries any. ``manifest_extra``: more manifest fields (lineage).
+    ``prior_commands``: the commands that built the buffer the rows come from, listed before this one
+    (rows keeping their ``row_id`` s ``b<k>-...`` then never clash with a later append's).
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -599,6 +690,7 @@ def write_buffer(
             row_id_prefix="b0-",
             taken_ids=set(),
             temp_names=False,
+            text=text_columns,
         )
         for row in _progress(rows, progress, f"building {out_dir.name}"):
             stream.add(row)
@@ -609,6 +701,7 @@ def write_buffer(
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,
+            "text_columns": bool(stream.text),
             "tokenizer": dict(tokenizer_info),
             **_totals(stream.entries),
             "next_group_id": stream.max_group + 1,
@@ -618,11 +711,11 @@ def write_buffer(
             "ref_stats": (
                 {"ref_model": ref_model, "done": [e["file"] for e in stream.entries]} if stream.with_ref else None
             ),
-            "commands": [
-                {"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}
-            ],
+            "commands": list(prior_commands or [])
+            + [{"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}],
             "created": now,
             "updated": now,
+            **(manifest_extra or {}),
         }
         if parents is not None:
             manifest.update(parents=parents, curation=curation)
@@ -635,6 +728,21 @@ def write_buffer(
         _remove_created_dirs(created)
         raise
     return open_buffer(out_dir)
+
+
+def text_key(prompt: str | None, completion: str) -> bytes:
+    """What two rows with the same prompt and completion text share (a sha256 digest)."""
+    return hashlib.sha256(json.dumps([prompt, completion], ensure_ascii=False).encode()).digest()
+
+
+def _existing_text(buffer: Buffer) -> dict:
+    """``text_key -> row_id`` of the buffer's rows that keep their text (the first row of each text)."""
+    known: dict = {}
+    for t in buffer.shard_columns(["row_id", "prompt", "completion"]):
+        for rid, prompt, completion in zip(*(t.column(n).to_pylist() for n in ("row_id", "prompt", "completion"))):
+            if completion is not None:
+                known.setdefault(text_key(prompt, completion), rid)
+    return known
 
 
 def _existing_row_ids(buffer: Buffer) -> set:
@@ -654,6 +762,8 @@ def append_buffer(
     progress: bool = True,
     input_name: str = "<rows>",
     ref_model: dict | None = None,
+    text_columns: bool | None = None,
+    refuse_duplicates: bool = False,
 ) -> Buffer:
     """Add ``rows`` to an existing buffer as new shards; returns the reopened buffer.
 
@@ -662,11 +772,19 @@ def append_buffer(
     ``b<k>-<row_key>`` or ``b<k>-<index>`` for the k-th command (see :func:`write_buffer`), so rows of
     two inputs with the same file name do not clash. The new shards are committed by replacing
     ``manifest.json``; old shards are not touched. ``shard_rows`` defaults to the first shard's size.
+    The new shards have text columns when the buffer does (``text_columns``, when given, must say the
+    same: ``ValueError`` otherwise). The manifest written is version 2, so appending to a version-1
+    buffer (no text columns) upgrades it. New rows with the prompt and completion text of a row already
+    in the buffer (:func:`text_key`) are counted in the command's manifest entry (``"duplicates"``),
+    or refused with ``refuse_duplicates`` (:class:`RowError` naming the input row).
     """
     buffer_dir = Path(buffer_dir)
     with _locked(buffer_dir):
         manifest = read_manifest(buffer_dir)
         remove_unlisted_files(buffer_dir, manifest)
+        text = has_text_columns(manifest)
+        if text_columns is not None and bool(text_columns) != text:
+            raise ValueError(_text_mismatch(buffer_dir / MANIFEST, manifest))
         if tokenizer_info is not None:
             _check_tokenizer_info(tokenizer_info)
             have = manifest["tokenizer"]
@@ -692,6 +810,9 @@ def append_buffer(
             row_id_prefix=f"b{k}-",
             taken_ids=_existing_row_ids(old),
             temp_names=True,
+            text=text,
+            known_text=_existing_text(old) if text else None,
+            refuse_duplicates=refuse_duplicates,
         )
         try:
             for row in _progress(rows, progress, f"appending to {buffer_dir.name}"):
@@ -716,12 +837,22 @@ def append_buffer(
         now = _now()
         new = {
             **manifest,
+            "schema_version": SCHEMA_VERSION,
+            "text_columns": text,
             **_totals(shards),
             "shards": shards,
             "next_group_id": stream.max_group + 1,
             "has_ref_stats": all(s["has_ref"] for s in shards),
             "commands": manifest["commands"]
-            + [{"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}],
+            + [
+                {
+                    "argv": list(command),
+                    "time": now,
+                    "rows": stream.n,
+                    "shards": [e["file"] for e in stream.entries],
+                    **({"duplicates": len(stream.duplicates)} if text else {}),
+                }
+            ],
             "updated": now,
         }
         if stream.with_ref:
@@ -730,6 +861,18 @@ def append_buffer(
             new["ref_stats"] = {"ref_model": ref_model, "done": done + [e["file"] for e in stream.entries]}
         atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
     return open_buffer(buffer_dir)
+
+
+def _text_mismatch(path: Path, manifest: dict) -> str:
+    """Why rows with (or without) text columns cannot be appended to the buffer of ``manifest``."""
+    if manifest.get("schema_version") == 1:
+        return (
+            f"{path}: a schema-version-1 buffer has no text columns; append with --no-text (token columns "
+            "only), or build a new buffer from the inputs to keep the text"
+        )
+    if has_text_columns(manifest):
+        return f"{path}: the buffer keeps text columns; append without --no-text"
+    return f"{path}: the buffer has no text columns (built with --no-text); append with --no-text"
 
 
 def _next_shard_index(manifest: dict) -> int:
@@ -772,16 +915,17 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
         verify_shard(old_path, entry)  # never give a corrupted shard a fresh, valid checksum
         old = read_shard(old_path)
         with_ref = all(n in table.schema.names for n in REF_FIELDS)
-        want = arrow_schema(with_ref)
+        want = arrow_schema(with_ref, has_text_columns(manifest))
         if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
             raise ValueError(
                 f"replacement for {old_path.name}: schema must be {want.names} with types "
                 f"{[str(f.type) for f in want]}, got {table.schema}"
             )
         table = table.cast(want)
-        if table.num_rows != old.num_rows or not table.select(BASE_FIELDS).equals(old.select(BASE_FIELDS)):
+        keep = [n for n in want.names if n not in REF_FIELDS]
+        if table.num_rows != old.num_rows or not table.select(keep).equals(old.select(keep)):
             raise ValueError(
-                f"replacement for {old_path.name}: its base columns {list(BASE_FIELDS)} must equal "
+                f"replacement for {old_path.name}: its base columns {keep} must equal "
                 "the shard's (only the reference columns may change)"
             )
         if with_ref:
@@ -832,15 +976,17 @@ def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_l
     manifest = read_manifest(buffer_dir)
     entry = manifest["shards"][shard_index]
     verify_shard(Path(buffer_dir) / entry["file"], entry)
-    base = read_shard(Path(buffer_dir) / entry["file"]).select(BASE_FIELDS)
+    text = has_text_columns(manifest)
+    keep = [n for n in arrow_schema(False, text).names]
+    base = read_shard(Path(buffer_dir) / entry["file"]).select(keep)
     if len(ref_chosen_logits) != base.num_rows or len(ref_logz) != base.num_rows:
         raise ValueError(
             f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "
             f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows"
         )
-    schema = arrow_schema(True)
+    schema = arrow_schema(True, text)
     table = pa.Table.from_arrays(
-        [base.column(n).combine_chunks() for n in BASE_FIELDS]
+        [base.column(n).combine_chunks() for n in keep]
         + [_list_array(ref_chosen_logits, np.float32, pa.float32()), _list_array(ref_logz, np.float32, pa.float32())],
         schema=schema,
     )

@@ -12,11 +12,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.buffer import append_buffer, read_manifest, write_buffer
+from shiq_data.buffer import append_buffer, has_text_columns, read_manifest, write_buffer
 from shiq_data.chat import set_system_prompt
 from shiq_data.cli_common import run_command
 from shiq_data.curate.cli import add_commands as add_curate_commands
+from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
+from shiq_data.retokenize import retokenize_buffer
 from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
 
@@ -26,12 +28,18 @@ EPILOG = """examples:
   shiq-data validate buffers/demo
   shiq-data info buffers/demo
   shiq-data filter buffers/demo --where "reward > 0" --out buffers/positive
+  shiq-data retokenize buffers/demo --tokenizer smollm2 --out buffers/demo-smollm2
+  shiq-data export buffers/demo --format parquet --out shared/demo
 
 a generic input record is {"prompt": str, "completion": str, "reward": number, "group": optional};
 records with the same prompt text (or the same "group") are completions of one prompt. A completion
 may be chat messages [{"role": ..., "content": ...}, ...] (the prompt a string or messages): the row
 then goes through the tokenizer's chat template (e.g. --tokenizer smollm2), the completion's assistant
-turns are the actions and the reward sits on the last one."""
+turns are the actions and the reward sits on the last one. Also read: TRL's {"prompt", "chosen",
+"rejected"} pairs (rewards +1/-1 in one group) and {"prompt", "completion", "label"} (label true/false
+gives +1/-1), other field names with --option prompt_field=... completion_field=... reward_field=...,
+and the files shiq-data export writes. Rows keep their text (prompt, completion, reward, turn_rewards,
+extra columns) unless --no-text."""
 
 
 def _parse_options(pairs: list[str]) -> dict:
@@ -81,6 +89,7 @@ def cmd_build(args) -> int:
         shard_rows=args.shard_rows,
         progress=not args.no_progress,
         input_name=args.input,
+        text_columns=False if args.no_text else None,
     )
     print(f"shiq-data: built {args.out}: {_summary(buf)}")
     return 0
@@ -110,8 +119,46 @@ def cmd_append(args) -> int:
         shard_rows=args.shard_rows,
         progress=not args.no_progress,
         input_name=args.input,
+        text_columns=not args.no_text,
+        refuse_duplicates=args.no_duplicates,
     )
     print(f"shiq-data: appended {args.input} to {args.buffer}: now {_summary(buf)}")
+    repeated = buf.manifest["commands"][-1].get("duplicates", 0)
+    if repeated:
+        print(
+            f"shiq-data: warning: {repeated} appended row(s) repeat the prompt and completion text of rows already "
+            f"in {args.buffer} (was this input appended before? --no-duplicates refuses them)",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_retokenize(args) -> int:
+    if Path(args.out).exists():
+        raise FileExistsError(f"--out {args.out} already exists; choose a new folder")
+    parent = read_manifest(args.buffer)  # a clear error before loading a tokenizer
+    tokenizer, info = load_tokenizer(args.tokenizer)
+    setting = (parent["tokenizer"].get("system_prompt") or {}).get("setting", "template")
+    _system_prompt(tokenizer, info, setting if args.system_prompt is None else args.system_prompt)
+    buf = retokenize_buffer(
+        args.buffer,
+        args.out,
+        tokenizer,
+        info,
+        command=args.argv,
+        shard_rows=args.shard_rows,
+        progress=not args.no_progress,
+    )
+    print(f"shiq-data: retokenized {args.buffer} with {info['name']} into {args.out}: {_summary(buf)}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    buf = export_buffer(args.buffer, args.out, args.format)
+    where = Path(args.out) / DATA_FILE[args.format] if args.format in DATA_FILE else Path(args.out)
+    print(
+        f"shiq-data: exported {args.buffer} ({_summary(buf)}) as {args.format} to {where}, card {Path(args.out) / 'README.md'}"
+    )
     return 0
 
 
@@ -150,6 +197,7 @@ def cmd_info(args) -> int:
         f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
         f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
         f"system      {_system_summary(tok)}\n"
+        f"schema      version {m['schema_version']}, text columns {'yes' if has_text_columns(m) else 'no'}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"
         + (f"  ({m['ref_model']})" if m.get("ref_model") else "")
         + f"\ncreated     {m.get('created')}  updated {m.get('updated')}"
@@ -180,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="option passed to a format reader (repeatable; values parsed as JSON when possible)",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument(
+            "--no-text",
+            action="store_true",
+            help="write the token columns only, not the text columns (prompt, completion, reward, turn_rewards, "
+            "extra); such a buffer cannot be retokenized or exported as JSONL",
+        )
 
     system_help = (
         "the system turn given to chat conversations that have none: 'template' keeps the chat template's own "
@@ -223,8 +277,46 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="template|off|TEXT",
         help="as for build (default: the setting the manifest records); must give the buffer's system text",
     )
+    a.add_argument(
+        "--no-duplicates",
+        action="store_true",
+        help="refuse rows whose prompt and completion text a row of the buffer has already (default: warn)",
+    )
     input_options(a)
     a.set_defaults(func=cmd_append)
+
+    r = sub.add_parser(
+        "retokenize",
+        help="the same rows for another tokenizer, from the buffer's text columns",
+        description="Tokenise the text columns of BUFFER again with --tokenizer into a new buffer at --out: "
+        "row ids, groups, sources and text are kept, reference statistics dropped; the manifest records "
+        "the parent buffer (retokenized_from).",
+    )
+    r.add_argument("buffer", metavar="BUFFER", help="buffer folder with text columns")
+    r.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
+    r.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
+    r.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: the buffer's first shard's)")
+    r.add_argument(
+        "--system-prompt",
+        default=None,
+        metavar="template|off|TEXT",
+        help="as for build (default: the setting the buffer's manifest records)",
+    )
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_retokenize)
+
+    e = sub.add_parser(
+        "export",
+        help="write a buffer as a shareable dataset folder (hf, parquet or jsonl)",
+        description="Write BUFFER's rows to a new folder --out with a dataset card README.md: hf is a "
+        "datasets folder (datasets.load_from_disk), parquet a data.parquet file, jsonl a data.jsonl of "
+        "prompt, completion, reward, group, source and the input's other fields. shiq-data build reads "
+        "each back (formats datasets, parquet, jsonl). Reference statistics are not exported.",
+    )
+    e.add_argument("buffer", metavar="BUFFER")
+    e.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    e.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="hf, parquet or jsonl")
+    e.set_defaults(func=cmd_export)
 
     v = sub.add_parser(
         "validate",

@@ -70,7 +70,7 @@ class _RowReader:
         names = _LIST_COLUMNS + (REF_FIELDS if self.with_ref else ())
         self.chunks: list[dict[str, _ListView]] = []
         starts, lengths, groups = [0], [], []
-        for table in buffer.shard_tables:
+        for table in buffer.shard_columns(("group_id", *names)):  # never the text columns
             for batch in table.to_batches():
                 self.chunks.append({n: _ListView(batch.column(n)) for n in names})
                 lengths.append(np.diff(self.chunks[-1]["tokens"].offsets))

@@ -12,6 +12,11 @@ column                        Arrow type           meaning
 ``tokens``                    list<int32>          token ids, ``[T]``
 ``action_mask``               list<bool>           True on tokens the policy chose, ``[T]``
 ``rewards``                   list<float32>        nonzero only on action tokens, ``[T]``
+``prompt``                    large_string         text columns (below), nullable
+``completion``                large_string         nullable
+``reward``                    float64              nullable
+``turn_rewards``              list<float64>        nullable (and so are its items)
+``extra``                     large_string         nullable
 ``ref_chosen_logits``         list<float32>        optional, SHIQ_MATH §2 ``c_ref``, ``[T]``
 ``ref_logz``                  list<float32>        optional, SHIQ_MATH §2 ``z_ref``, ``[T]``
 ============================  ===================  ==============================================
@@ -19,10 +24,32 @@ column                        Arrow type           meaning
 Reference statistics are aligned like :func:`shiq_train.stats.causal_lm_stats`: position ``t`` holds
 the statistics of token ``t`` given tokens ``< t``; position 0, which nothing predicts, is 0. For the
 same reason token 0 can never be an action: every row has ``1 <= prompt_len < T``.
+
+Text columns (schema version 2; a buffer built with ``--no-text`` and every version-1 buffer has
+none, and reading them gives nulls). They keep what the input said, so a buffer can be looked at,
+filtered, re-tokenised and exported:
+
+- ``prompt``, ``completion``: the text as given, a string itself, or for a list of chat messages
+  its JSON text (``json.dumps(messages, ensure_ascii=False)``). A string that is itself the JSON of
+  a non-empty list of ``{"role", "content", ...}`` objects reads back as that message list
+  (:func:`shiq_data.readers.encode.decode_text`). Conversations (hh, multiturn, the binarized
+  UltraFeedback form) keep the messages before the first action turn in ``prompt`` and the rest,
+  from the first action turn on, in ``completion``: the completion's assistant turns are exactly
+  the row's action turns.
+- ``reward``: the scalar reward as given (null with per-turn rewards, or none at all).
+- ``turn_rewards``: the per-turn rewards as given, one per action turn (items null for a turn
+  without one), else null.
+- ``extra``: the JSON object text of the input record's other fields (tags, scores, ...), null if none.
+
+The tokens are a function of the text columns and the tokenizer
+(:func:`shiq_data.readers.encode.encode_kept`): a string completion gives prompt ids + completion
+ids + eos; a message-list completion goes through the chat template after the prompt (one user
+message for a string), its assistant turns the actions.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from numbers import Integral, Real
 
@@ -31,15 +58,30 @@ import pyarrow as pa
 
 from shiq_data.io import RowError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # version 1: no text columns (they read as null)
 
 BASE_FIELDS = ("row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards")
+TEXT_FIELDS = ("prompt", "completion", "reward", "turn_rewards", "extra")
 REF_FIELDS = ("ref_chosen_logits", "ref_logz")
 LIST_FIELDS = ("tokens", "action_mask", "rewards")
+TEXT_TYPES = {
+    "prompt": pa.large_string(),
+    "completion": pa.large_string(),
+    "reward": pa.float64(),
+    "turn_rewards": pa.list_(pa.float64()),
+    "extra": pa.large_string(),
+}
 
 
-def arrow_schema(with_ref: bool) -> pa.Schema:
-    """The Arrow schema of a buffer shard, with or without the two reference-statistics columns."""
+def text_fields() -> list[pa.Field]:
+    """The five nullable text columns, in their schema order."""
+    return [pa.field(name, TEXT_TYPES[name], nullable=True) for name in TEXT_FIELDS]
+
+
+def arrow_schema(with_ref: bool, text: bool = False) -> pa.Schema:
+    """The Arrow schema of a buffer shard: the base columns, the text columns when ``text``, then the two
+    reference-statistics columns when ``with_ref``."""
     fields = [
         pa.field("row_id", pa.string(), nullable=False),
         pa.field("source", pa.string(), nullable=False),
@@ -49,6 +91,8 @@ def arrow_schema(with_ref: bool) -> pa.Schema:
         pa.field("action_mask", pa.list_(pa.bool_()), nullable=False),
         pa.field("rewards", pa.list_(pa.float32()), nullable=False),
     ]
+    if text:
+        fields += text_fields()
     if with_ref:
         fields += [pa.field(name, pa.list_(pa.float32()), nullable=False) for name in REF_FIELDS]
     return pa.schema(fields, metadata={"shiq_schema_version": str(SCHEMA_VERSION)})
@@ -106,7 +150,8 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     columns, when either is present) of different lengths; a token id outside ``[0, vocab_size)``;
     ``prompt_len`` outside ``[1, T)``; an action token inside the prompt; no action token; a
     non-finite reward or a nonzero reward on a non-action token; non-finite reference statistics or a
-    nonzero one at position 0.
+    nonzero one at position 0; a text column (when present) of the wrong type, a non-finite ``reward``
+    or turn reward, or an ``extra`` that is not the JSON text of an object.
     """
 
     def err(field, problem):
@@ -173,6 +218,33 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
             raise err(name, f"non-finite value {af[bad]} at position {bad}")
         if af[0] != 0:
             raise err(name, f"position 0 must be 0 (nothing predicts the first token), got {af[0]}")
+    _check_text(row, err)
+
+
+def _check_text(row: dict, err) -> None:
+    """Raise ``err(field, problem)`` if a text column present in ``row`` has the wrong type or value."""
+    for name in ("prompt", "completion", "extra"):
+        value = row.get(name)
+        if value is not None and not isinstance(value, str):
+            raise err(name, f"must be a string or null, got {type(value).__name__}")
+    reward = row.get("reward")
+    if reward is not None and not is_finite_number(reward):
+        raise err("reward", f"must be a finite number or null, got {str(reward)[:40]}")
+    turns = row.get("turn_rewards")
+    if turns is not None:
+        if isinstance(turns, (str, bytes, dict)) or not hasattr(turns, "__iter__"):
+            raise err("turn_rewards", f"must be a list or null, got {type(turns).__name__}")
+        bad = next((i for i, r in enumerate(turns) if r is not None and not is_finite_number(r)), None)
+        if bad is not None:
+            raise err("turn_rewards", f"item {bad} must be a finite number or null, got {str(turns[bad])[:40]}")
+    extra = row.get("extra")
+    if extra is not None:
+        try:
+            parsed = json.loads(extra)
+        except json.JSONDecodeError as e:
+            raise err("extra", f"not valid JSON ({e.msg})") from None
+        if not isinstance(parsed, dict):
+            raise err("extra", f"must be the JSON text of an object, got {type(parsed).__name__}")
 
 
 def row_has_ref(row: dict) -> bool:

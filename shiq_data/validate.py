@@ -6,7 +6,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from shiq_data.buffer import MANIFEST, _sha256_file, read_manifest, read_shard, remove_unlisted_files_unless_locked
+from shiq_data.buffer import (
+    MANIFEST,
+    _sha256_file,
+    has_text_columns,
+    read_manifest,
+    read_shard,
+    remove_unlisted_files_unless_locked,
+)
 from shiq_data.schema import arrow_schema, check_row
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
@@ -17,14 +24,15 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     """Check the buffer at ``path``; return a summary dict, or raise ``ValueError`` / ``RowError``.
 
     Checks: the manifest's format and fields; every listed shard exists with the recorded size and
-    sha256, has the schema :func:`shiq_data.schema.arrow_schema` (with the reference columns when the
-    manifest says so) and the recorded row, token and action-token counts; every row passes
-    :func:`shiq_data.schema.check_row` against ``vocab_size`` (default: the manifest tokenizer's);
-    ``row_id`` is unique and ``group_id < next_group_id``; the manifest totals add up. With
-    ``cleanup``, files the manifest does not list (left by a killed append) are deleted first, under
-    the buffer's lock; when another process holds it (an append or ``ref-stats`` is writing shards the
-    manifest does not list yet) nothing is deleted, ``cleanup_skipped`` says why, and the check is
-    read-only. A check that fails while the manifest changed under it (a writer committed) is
+    sha256, has the schema :func:`shiq_data.schema.arrow_schema` (with the reference columns and the
+    text columns when the manifest says so; a version-1 manifest has no text columns) and the recorded
+    row, token and action-token counts; every row passes :func:`shiq_data.schema.check_row` against
+    ``vocab_size`` (default: the manifest tokenizer's); ``row_id`` is unique and ``group_id <
+    next_group_id``; the manifest totals add up. With ``cleanup``, files the manifest does not list
+    (left by a killed append) are deleted first, under the buffer's lock; when another process holds
+    it (an append or ``ref-stats`` is writing shards the manifest does not list yet) nothing is
+    deleted, ``cleanup_skipped`` says why, and the check is read-only. A check that fails while the
+    manifest changed under it (a writer committed) is
     repeated on the new manifest, up to three times in all.
     """
     path = Path(path)
@@ -69,10 +77,12 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
             table = read_shard(shard)
         except Exception as e:  # pyarrow raises several error types on damaged files
             raise ValueError(f"{shard}: not a readable Arrow IPC stream ({e})") from None
-        want = arrow_schema(bool(entry["has_ref"]))
+        text = has_text_columns(manifest)
+        want = arrow_schema(bool(entry["has_ref"]), text)
         if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
             raise ValueError(
-                f"{shard}: schema {table.schema.names} does not match {want.names} (has_ref={entry['has_ref']})"
+                f"{shard}: schema {table.schema.names} does not match {want.names} "
+                f"(has_ref={entry['has_ref']}, text_columns={text})"
             )
         if table.num_rows != entry["rows"]:
             raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")

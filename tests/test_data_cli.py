@@ -371,7 +371,9 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
         main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option", "x=1"])
         == 2
     )
-    assert "format 'jsonl' takes no --option" in capsys.readouterr().err
+    # the generic formats take the field-name options only
+    want = "--option x: unknown option; format 'jsonl' accepts --option completion_field, prompt_field, reward_field"
+    assert want in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 

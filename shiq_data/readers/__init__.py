@@ -6,8 +6,8 @@ nothing is downloaded. Errors are :class:`shiq_data.io.RowError` naming the file
 and the field; every row carries its input location (:data:`shiq_data.schema.INPUT_KEY`), so a
 problem the buffer's row check finds (a reward beyond float32) names the file, line and field too.
 
-- ``jsonl``, ``parquet``, ``datasets`` — generic (prompt, completion, reward) records
-  (:mod:`shiq_data.readers.generic`).
+- ``jsonl``, ``parquet``, ``datasets`` — generic (prompt, completion, reward) records, TRL's
+  preference shapes and exported buffer rows (:mod:`shiq_data.readers.generic`).
 - ``hh`` — Anthropic HH-RLHF preference pairs (:mod:`shiq_data.readers.hh`).
 - ``ultrafeedback`` — UltraFeedback, public or binarized (:mod:`shiq_data.readers.ultrafeedback`).
 - ``multiturn`` — conversations with per-turn rewards (:mod:`shiq_data.readers.multiturn`).
@@ -59,12 +59,14 @@ class Format:
                 raise ValueError(f"--option {name}: unknown option; {takes}")
 
 
+FIELD_OPTIONS = ("prompt_field", "completion_field", "reward_field")  # which input fields hold them
+
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("jsonl", read_jsonl),
-        Format("parquet", read_parquet),
-        Format("datasets", read_datasets),
+        Format("jsonl", read_jsonl, FIELD_OPTIONS),
+        Format("parquet", read_parquet, FIELD_OPTIONS),
+        Format("datasets", read_datasets, FIELD_OPTIONS),
         Format("hh", read_hh, ("mode", "reward_model", "all_assistant_turns", "source"), ("reward_fn",)),
         Format("ultrafeedback", read_ultrafeedback, ("score_field", "source")),
         Format("multiturn", read_multiturn, ("source",)),

@@ -7,11 +7,16 @@
   through :func:`encode_messages`. The reward sits on the last action token (SHIQ_MATH §1).
 - :func:`input_row` — a buffer row of the chat formats, named by file, line and tag and carrying its
   input location (:data:`shiq_data.schema.INPUT_KEY`).
+- :func:`text_columns`, :func:`conversation_columns`, :func:`extra_text` — the text columns a reader
+  keeps (:mod:`shiq_data.schema`); :func:`decode_text` reads a prompt or completion back and
+  :func:`encode_kept` tokenises a row's kept text again (``shiq-data retokenize``), exactly as its
+  reader did.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from shiq_data.chat import encode_chat
@@ -103,8 +108,18 @@ def _encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_lab
         context=k,
         row_label=row_label,
         field_of=lambda i: f"completion[{i - k}].content",
-        completion_reward=float(record["reward"]),
+        **_chat_rewards(record),
     )
+
+
+def _chat_rewards(record: dict) -> dict:
+    """The reward keyword of :func:`encode_chat` for a record: its ``turn_rewards`` (one per assistant turn of
+    the completion), else its ``reward`` on the last one, else none."""
+    if record.get("turn_rewards") is not None:
+        return {"turn_rewards": list(record["turn_rewards"])}
+    if record.get("reward") is not None:
+        return {"completion_reward": float(record["reward"])}
+    return {}
 
 
 def _encode_text(prompt_ids, completion_ids, reward, *, eos, file: str, row: int, row_label: str) -> dict:
@@ -139,7 +154,8 @@ def encode_record(
     A string completion gives ``prompt ids + completion ids (+ eos unless None)``, the completion (and
     eos) the actions; ``ids`` are the two tokenisations when the caller batched them already. A
     completion of chat messages is rendered after the prompt (one user message, or messages) by the
-    chat template: its assistant turns are the actions (the prompt's are context).
+    chat template: its assistant turns are the actions (the prompt's are context), each carrying its
+    entry of ``turn_rewards`` when the record has them, else the last one ``reward``.
     """
     if is_chat(record):
         return _encode_chat_record(record, tokenizer, file=file, row=row, row_label=row_label)
@@ -148,13 +164,94 @@ def encode_record(
     return _encode_text(ids[0], ids[1], record["reward"], eos=eos, file=file, row=row, row_label=row_label)
 
 
-def input_row(path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict, reward_field: str) -> dict:
-    """A buffer row named ``row_key`` ``<file name>:<line>:<tag>``, carrying its input location (errors the
-    buffer finds in its ``rewards`` name ``reward_field``)."""
+def input_row(
+    path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict, reward_field: str, text: dict
+) -> dict:
+    """A buffer row named ``row_key`` ``<file name>:<line>:<tag>`` with its ``text`` columns
+    (:func:`text_columns`), carrying its input location (errors the buffer finds in its ``rewards`` name
+    ``reward_field``)."""
     return {
         "row_key": f"{path.name}:{line}:{tag}",
         "source": source,
         "group_id": group_id,
         **encoded,
+        **text,
         INPUT_KEY: input_location(path, line, fields={"rewards": reward_field}),
     }
+
+
+def text_of(value) -> str:
+    """A prompt or completion as a text column keeps it: a string itself, a message list its JSON text."""
+    return value if isinstance(value, str) else json.dumps(list(value), ensure_ascii=False)
+
+
+def decode_text(text: str):
+    """The prompt or completion a text column holds: the message list whose JSON text it is (a non-empty
+    list of objects with ``role`` and ``content``), else the string itself."""
+    if text.startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
+        ):
+            return value
+    return text
+
+
+def extra_text(record: dict, consumed: Iterable[str]) -> str | None:
+    """The ``extra`` column: the JSON object text of ``record``'s fields other than ``consumed``, or None."""
+    consumed = set(consumed)
+    rest = {k: v for k, v in record.items() if k not in consumed}
+    return json.dumps(rest, ensure_ascii=False, default=str) if rest else None
+
+
+def text_columns(prompt, completion, *, reward=None, turn_rewards=None, extra: str | None = None) -> dict:
+    """The five text columns of a row (:mod:`shiq_data.schema`): prompt and completion as :func:`text_of`
+    keeps them, the scalar ``reward`` or the per-turn ``turn_rewards`` as given, ``extra`` JSON text."""
+    return {
+        "prompt": text_of(prompt),
+        "completion": text_of(completion),
+        "reward": None if reward is None else float(reward),
+        "turn_rewards": None if turn_rewards is None else [None if r is None else float(r) for r in turn_rewards],
+        "extra": extra,
+    }
+
+
+def first_action_turn(messages: Sequence[dict], actions: str = "all", context: int = 0) -> int:
+    """Index of the first assistant message that is an action (``actions`` and ``context`` as in
+    :func:`shiq_data.chat.encode_chat`); ``len(messages)`` when there is none."""
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant" and i >= context]
+    return (turns[-1] if actions == "last" else turns[0]) if turns else len(messages)
+
+
+def conversation_columns(messages: Sequence[dict], *, actions: str = "all", **kwargs) -> dict:
+    """Text columns of a conversation: the messages before its first action turn in ``prompt`` and the rest
+    in ``completion`` (whose assistant turns are then exactly the actions); ``kwargs`` as :func:`text_columns`."""
+    k = first_action_turn(messages, actions)
+    return text_columns(list(messages[:k]), list(messages[k:]), **kwargs)
+
+
+def encode_kept(row: dict, tokenizer, *, eos: int | None, file, row_index: int, row_label: str = "row") -> dict:
+    """``tokens``, ``action_mask``, ``rewards`` and ``prompt_len`` of a buffer row's text columns with
+    ``tokenizer``, as the readers encode them (:func:`encode_record`; ``eos`` ends a string completion).
+    Errors name ``file``, the row and the column."""
+    for name in ("prompt", "completion"):
+        if row.get(name) is None:
+            raise RowError(file, row_index, name, "null: the row keeps no text to tokenise", row_label=row_label)
+    record = {
+        "prompt": decode_text(row["prompt"]),
+        "completion": decode_text(row["completion"]),
+        "reward": row.get("reward"),
+        "turn_rewards": row.get("turn_rewards"),
+    }
+    if not is_chat(record):
+        if isinstance(record["prompt"], list):
+            raise RowError(
+                file, row_index, "completion", "a string completion after a message-list prompt", row_label=row_label
+            )
+        record["reward"] = record["reward"] or 0.0
+    return encode_record(record, tokenizer, file=str(file), row=row_index, row_label=row_label, eos=eos)

@@ -11,11 +11,30 @@ The completion may instead be a list of chat messages ``[{"role", "content"}, ..
 conversation prompt + completion rendered by the tokenizer's chat template, the prompt being one
 user message (a string) or a list of messages. The action tokens are the completion's assistant
 turns (content and end-of-turn token; assistant messages in the prompt are context) and the reward
-sits on the last of them. Both kinds go through :func:`shiq_data.readers.encode.encode_record`.
+sits on the last of them; or, given ``"turn_rewards"`` (one number or null per assistant turn of
+the completion) instead of ``"reward"``, each turn's reward on its end-of-turn token. Both kinds go
+through :func:`shiq_data.readers.encode.encode_record`.
+
+Other public shapes, recognised by their fields:
+
+- TRL preference pairs ``{"prompt", "chosen", "rejected"}`` (strings or message lists): two rows
+  in one group of their own (unless ``"group"`` names one), chosen reward +1, rejected −1.
+- TRL unpaired preferences ``{"prompt", "completion", "label"}``: ``label`` true → reward +1,
+  false → −1 (a ``"reward"`` field wins over ``label``).
+- Rows of a buffer exported by ``shiq-data export --format parquet|hf``: the record has the
+  buffer's columns (``group_id``, ``tokens``, ``action_mask``, ``prompt_len``, ...); the text
+  columns are read back (:func:`shiq_data.readers.encode.decode_text`) and tokenised again, the
+  token columns ignored, ``group_id`` naming the group.
+- Other field names: ``prompt_field``, ``completion_field``, ``reward_field`` (``--option``) say
+  which fields hold the prompt, completion and reward; errors name those fields.
+
+A string ``"source"`` field is the row's ``source`` (``--source`` overrides it; default the input's
+file name). The rows keep their text (:mod:`shiq_data.schema`): ``prompt`` and ``completion`` as
+given, ``reward``, ``turn_rewards``, and in ``extra`` the record's other fields.
 
 Errors name the file, the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field;
 each row carries that location (:data:`shiq_data.schema.INPUT_KEY`) so the buffer's own row check
-names it too (its ``rewards`` as the input's ``reward``).
+names it too (its ``rewards`` as the input's reward field).
 """
 
 from __future__ import annotations
@@ -29,10 +48,12 @@ import pyarrow.parquet as pq
 
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl
-from shiq_data.readers.encode import MESSAGES, encode_record, is_chat
+from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
 from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
+BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row
+NAMES = {"prompt": "prompt", "completion": "completion", "reward": "reward"}
 
 
 class _Groups:
@@ -42,13 +63,22 @@ class _Groups:
         self.ids: dict = {}
 
     def id(self, record: dict) -> int:
-        if "group" in record and record["group"] is not None:
+        key = record.get("group_key")
+        if key is None and record.get("group") is not None:
             key = ("group", json.dumps(record["group"], sort_keys=True, default=str))
-        elif isinstance(record["prompt"], str):
+        elif key is None and isinstance(record["prompt"], str):
             key = ("prompt", record["prompt"])
-        else:
+        elif key is None:
             key = ("messages", json.dumps(record["prompt"], sort_keys=True, default=str))
         return self.ids.setdefault(key, len(self.ids))
+
+
+def _named(field: str, names: dict) -> str:
+    """``field`` (``completion[2].role``) with its leading record key replaced by the input's field name."""
+    for key, name in names.items():
+        if field == key or field.startswith((f"{key}[", f"{key}.")):
+            return name + field[len(key) :]
+    return field
 
 
 def _check_chat(record: dict, err) -> None:
@@ -67,12 +97,28 @@ def _check_chat(record: dict, err) -> None:
         raise err("completion", "no assistant message, so the row would have no action tokens")
 
 
-def check_record(record, *, file: str, row: int, row_label: str) -> None:
+def _check_turn_rewards(record: dict, err) -> None:
+    turns = record["turn_rewards"]
+    if not is_chat(record):
+        raise err("turn_rewards", f"only a completion of {MESSAGES} can carry per-turn rewards")
+    if not isinstance(turns, list):
+        raise err("turn_rewards", f"must be a list (one reward or null per assistant turn), got {type(turns).__name__}")
+    for i, r in enumerate(turns):
+        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not is_finite_number(r)):
+            raise err(f"turn_rewards[{i}]", f"must be a finite number or null, got {str(r)[:40]}")
+    if record.get("reward") is not None:
+        raise err("reward", "give either a reward or turn_rewards, not both")
+
+
+def check_record(record, *, file: str, row: int, row_label: str, names: dict | None = None) -> None:
     """Raise :class:`RowError` unless ``record`` has a non-empty prompt and completion and a finite reward:
-    both strings, or a completion of chat messages (with an assistant one) after a string or messages."""
+    both strings, or a completion of chat messages (with an assistant one) after a string or messages;
+    a chat completion may carry ``turn_rewards`` instead of the reward. ``names`` maps the record's keys
+    to the input's field names, which errors use."""
+    names = names or NAMES
 
     def err(field, problem):
-        return RowError(file, row, field, problem, row_label=row_label)
+        return RowError(file, row, _named(field, names), problem, row_label=row_label)
 
     if not isinstance(record, dict):
         raise err("*", f"expected a JSON object, got {type(record).__name__}")
@@ -90,6 +136,11 @@ def check_record(record, *, file: str, row: int, row_label: str) -> None:
         raise err("prompt", "empty (the first token cannot be an action)")
     if record["completion"] == "":
         raise err("completion", "empty completion")
+    if record.get("turn_rewards") is not None:
+        _check_turn_rewards(record, err)
+        return
+    if record.get("optional_reward") and record.get("reward") is None and is_chat(record):
+        return  # an exported conversation that had no reward
     if "reward" not in record:
         raise err("reward", "missing")
     r = record["reward"]
@@ -97,6 +148,80 @@ def check_record(record, *, file: str, row: int, row_label: str) -> None:
         raise err("reward", f"must be a number, got {type(r).__name__}")
     if not is_finite_number(r):  # also an integer too large for a float
         raise err("reward", f"non-finite reward {str(r)[:40]}")
+
+
+def _from_buffer_row(rec: dict, err) -> dict:
+    """The record of a row exported from a buffer: its text columns decoded, its group id the group."""
+    out = {"group_key": ("group", json.dumps(rec["group_id"], default=str)), "optional_reward": True}
+    for key in ("prompt", "completion"):
+        value = rec.get(key)
+        if value is None:
+            raise err(key, "null: this row was exported from a buffer without text columns, so it cannot be rebuilt")
+        out[key] = decode_text(value) if isinstance(value, str) else value
+    extra = rec.get("extra")
+    if extra is not None and not isinstance(extra, str):
+        raise err("extra", f"must be the JSON text of an object or null, got {type(extra).__name__}")
+    for key in ("reward", "turn_rewards"):
+        if rec.get(key) is not None:
+            out[key] = rec[key]
+    if "reward" not in out and "turn_rewards" not in out:
+        out["reward"] = None
+    out["source"] = rec.get("source") if isinstance(rec.get("source"), str) else None
+    out["extra"] = extra
+    return out
+
+
+def canonical_records(rec, *, fields: dict, file: str, row: int, row_label: str) -> list[dict]:
+    """The (prompt, completion, reward) records of one input record in any shape the generic formats
+    recognise (see the module doc): one, or two for a preference pair. Each carries ``names`` (record key
+    -> input field, for errors), ``source`` (str or None), ``extra`` (JSON text or None) and maybe
+    ``group_key``."""
+
+    def err(field, problem):
+        return RowError(file, row, field, problem, row_label=row_label)
+
+    if not isinstance(rec, dict):
+        raise err("*", f"expected a JSON object, got {type(rec).__name__}")
+    if BUFFER_ROW_FIELDS <= rec.keys():
+        return [{**_from_buffer_row(rec, err), "names": NAMES}]
+    pf, cf, rf = fields["prompt"], fields["completion"], fields["reward"]
+    source = rec.get("source") if isinstance(rec.get("source"), str) else None
+    consumed = {pf, "group", "turn_rewards", *(("source",) if source is not None else ())}
+    base = {k: rec[k] for k in ("group", "turn_rewards") if k in rec}
+    if pf in rec:
+        base["prompt"] = rec[pf]
+    base["source"] = source
+    if cf not in rec and "chosen" in rec and "rejected" in rec:
+        extra = extra_text(rec, consumed | {"chosen", "rejected"})
+        if rec.get("group") is None:
+            base["group_key"] = ("pair", row)
+        return [
+            {
+                **base,
+                "completion": rec[key],
+                "reward": reward,
+                "extra": extra,
+                "names": {**NAMES, "prompt": pf, "completion": key, "reward": key},
+            }
+            for key, reward in (("chosen", 1.0), ("rejected", -1.0))
+        ]
+    names = {"prompt": pf, "completion": cf, "reward": rf}
+    out = dict(base)
+    if cf in rec:
+        out["completion"] = rec[cf]
+    consumed |= {cf, rf}
+    if rf in rec:
+        out["reward"] = rec[rf]
+    elif "label" in rec:
+        label = rec["label"]
+        if not isinstance(label, bool):
+            raise err("label", f"must be true or false, got {str(label)[:40]}")
+        out["reward"] = 1.0 if label else -1.0
+        names["reward"] = "label"
+        consumed.add("label")
+    out["extra"] = extra_text(rec, consumed)
+    out["names"] = names
+    return [out]
 
 
 def records_to_rows(
@@ -107,10 +232,17 @@ def records_to_rows(
     row_label: str,
     source: str | None = None,
     add_eos: bool = True,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    reward_field: str = "reward",
 ) -> Iterator[dict]:
     """Buffer rows (without ``row_id``) from ``(line or row number, record)`` pairs; see the module doc.
     ``add_eos`` applies to string completions (a chat completion ends with the template's end of turn)."""
-    source = source or Path(file).name
+    fields = {"prompt": prompt_field, "completion": completion_field, "reward": reward_field}
+    for name, value in fields.items():
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"--option {name}_field: expected a field name, got {value!r}")
+    default_source = Path(file).name
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError(f"{file}: the tokenizer has no eos token; pass add_eos=False")
@@ -127,16 +259,28 @@ def records_to_rows(
         text_ids = zip(prompts, completions)
         for n, rec in batch:
             ids = None if is_chat(rec) else next(text_ids)
+            try:
+                encoded = encode_record(rec, tokenizer, row=n, ids=ids, **where)
+            except RowError as e:
+                raise RowError(file, n, _named(e.field, rec["names"]), e.problem, row_label=row_label) from None
             yield {
-                "source": source,
+                "source": source or rec["source"] or default_source,
                 "group_id": groups.id(rec),
-                **encode_record(rec, tokenizer, row=n, ids=ids, **where),
-                INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": "reward"}),
+                **encoded,
+                **text_columns(
+                    rec["prompt"],
+                    rec["completion"],
+                    reward=rec.get("reward"),
+                    turn_rewards=rec.get("turn_rewards"),
+                    extra=rec["extra"],
+                ),
+                INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": rec["names"]["reward"]}),
             }
 
     for n, rec in records:
-        check_record(rec, file=file, row=n, row_label=row_label)
-        batch.append((n, rec))
+        for c in canonical_records(rec, fields=fields, file=file, row=n, row_label=row_label):
+            check_record(c, file=file, row=n, row_label=row_label, names=c["names"])
+            batch.append((n, c))
         if len(batch) >= _BATCH:
             yield from flush()
             batch = []
@@ -151,11 +295,22 @@ def _require_file(path, kind: str) -> Path:
     return path
 
 
-def read_jsonl(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
-    """Buffer rows from a JSONL file (one record per line, blank lines skipped)."""
+def read_jsonl(
+    path,
+    tokenizer,
+    *,
+    source: str | None = None,
+    add_eos: bool = True,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    reward_field: str = "reward",
+) -> Iterator[dict]:
+    """Buffer rows from a JSONL file (one record per line, blank lines skipped); ``*_field`` name the fields
+    holding the prompt, completion and reward."""
+    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "file")
     return records_to_rows(
-        iter_jsonl(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos
+        iter_jsonl(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos, **fields
     )
 
 
@@ -177,11 +332,21 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
             n += 1
 
 
-def read_parquet(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
+def read_parquet(
+    path,
+    tokenizer,
+    *,
+    source: str | None = None,
+    add_eos: bool = True,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    reward_field: str = "reward",
+) -> Iterator[dict]:
     """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group)."""
+    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "file")
     return records_to_rows(
-        _parquet_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos
+        _parquet_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos, **fields
     )
 
 
@@ -201,9 +366,19 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
             n += 1
 
 
-def read_datasets(path, tokenizer, *, source: str | None = None, add_eos: bool = True) -> Iterator[dict]:
+def read_datasets(
+    path,
+    tokenizer,
+    *,
+    source: str | None = None,
+    add_eos: bool = True,
+    prompt_field: str = "prompt",
+    completion_field: str = "completion",
+    reward_field: str = "reward",
+) -> Iterator[dict]:
     """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``."""
+    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "folder")
     return records_to_rows(
-        _datasets_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos
+        _datasets_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos, **fields
     )

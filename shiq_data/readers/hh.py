@@ -5,6 +5,10 @@ The final assistant turn is the action; earlier assistant turns are context unle
 row −1 in one group: the absolute values carry no meaning, only the order does, which is what DPO
 and CoPG use (SHIQ_MATH §5). ``mode="scored"`` calls ``reward_fn(messages) -> float`` instead, or a
 saved regression reward head (:mod:`shiq_data.reward_head`) with ``reward_model``.
+
+Text columns: ``prompt`` holds the dialogue's messages before its first action turn (the final
+assistant turn, or the first one with ``all_assistant_turns``) as JSON, ``completion`` the rest,
+``reward`` the row's reward, ``extra`` the line's fields other than ``chosen`` and ``rejected``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shiq_data.io import iter_jsonl
-from shiq_data.readers.encode import encode_messages, finite_number, input_row, row_error, string_field
+from shiq_data.readers.encode import (
+    conversation_columns,
+    encode_messages,
+    extra_text,
+    finite_number,
+    input_row,
+    row_error,
+    string_field,
+)
 from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -92,6 +104,7 @@ def read_hh(
     source = source or f"hh:{path.name}"
     actions = "all" if all_assistant_turns else "last"
     for group, (line, obj) in enumerate(iter_jsonl(path)):
+        extra = extra_text(obj, ("chosen", "rejected"))
         for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
             messages = parse_hh_dialogue(string_field(obj, field, path, line), path, line, field)
             reward = (
@@ -101,4 +114,5 @@ def read_hh(
             )
             encoded = encode_messages(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
             reward_field = field if mode == "pairs" else f"{field} (reward_fn)"
-            yield input_row(path, line, field, source, group, encoded, reward_field)
+            text = conversation_columns(messages, actions=actions, reward=reward, extra=extra)
+            yield input_row(path, line, field, source, group, encoded, reward_field, text)

@@ -2,6 +2,11 @@
 
 Assistant messages are actions and carry their turn reward on their end-of-turn token; user, tool
 and system turns are environment tokens. A top-level ``reward`` is a single completion reward.
+
+Text columns: ``prompt`` holds the messages before the first assistant turn as JSON, ``completion``
+the rest (the messages as given, their ``reward`` fields included), ``reward`` the top-level reward,
+``turn_rewards`` the assistant turns' rewards (null for a turn without one) when any turn has one,
+``extra`` the line's fields other than ``messages``, ``reward`` and ``group``.
 """
 
 from __future__ import annotations
@@ -11,7 +16,14 @@ from pathlib import Path
 
 from shiq_data.chat import check_messages
 from shiq_data.io import iter_jsonl
-from shiq_data.readers.encode import encode_messages, finite_number, input_row, row_error
+from shiq_data.readers.encode import (
+    conversation_columns,
+    encode_messages,
+    extra_text,
+    finite_number,
+    input_row,
+    row_error,
+)
 
 
 def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[dict]:
@@ -62,4 +74,10 @@ def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[di
             tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content", **kwargs
         )
         reward_field = "reward" if "completion_reward" in kwargs else "messages"
-        yield input_row(path, line, "0", source, group, encoded, reward_field)
+        text = conversation_columns(
+            messages,
+            reward=kwargs.get("completion_reward"),
+            turn_rewards=kwargs.get("turn_rewards"),
+            extra=extra_text(obj, ("messages", "reward", "group")),
+        )
+        yield input_row(path, line, "0", source, group, encoded, reward_field, text)

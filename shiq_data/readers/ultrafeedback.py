@@ -4,6 +4,13 @@ The public file: ``{"instruction"|"prompt", "completions": [{"response", "overal
 "fine-grained_score" | "ratings" | "annotations"}]}``. The binarized form: ``{"prompt", "chosen":
 [messages], "rejected": [messages], "score_chosen", "score_rejected"}``. The score is the reward, on
 the completion's last action token.
+
+Text columns: the public file keeps the prompt string in ``prompt`` and ``[{"role": "assistant",
+"content": response}]`` as JSON in ``completion``, and in ``extra`` the line's other fields together
+with the completion's other fields (``model``, ``annotations``, ...; a completion's field wins over
+the line's of the same name). The binarized form keeps the messages before the final assistant turn
+in ``prompt`` and the rest in ``completion`` (JSON), and in ``extra`` the line's fields other than
+the prompt, ``chosen``, ``rejected``, their scores and ``messages`` (a copy of ``chosen``).
 """
 
 from __future__ import annotations
@@ -13,7 +20,16 @@ from pathlib import Path
 
 from shiq_data.chat import check_messages
 from shiq_data.io import iter_jsonl
-from shiq_data.readers.encode import encode_messages, finite_number, input_row, row_error, string_field
+from shiq_data.readers.encode import (
+    conversation_columns,
+    encode_messages,
+    extra_text,
+    finite_number,
+    input_row,
+    row_error,
+    string_field,
+    text_columns,
+)
 
 SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
 
@@ -105,7 +121,9 @@ def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, sourc
                     completion_reward=score,
                     field_of=lambda i: f"{field}.response",
                 )
-                yield input_row(path, line, str(k), source, group, encoded, field)
+                extra = extra_text({**obj, **c}, (prompt_key, "completions", "response"))
+                text = text_columns(prompt, messages[1:], reward=score, extra=extra)
+                yield input_row(path, line, str(k), source, group, encoded, field, text)
         elif "chosen" in obj and "rejected" in obj:
             prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
             for key in ("chosen", "rejected"):
@@ -118,6 +136,8 @@ def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, sourc
                 encoded = encode_messages(
                     tokenizer, messages, path, line, key, completion_reward=score, actions="last", field_of=field_of
                 )
-                yield input_row(path, line, key, source, group, encoded, score_key)
+                consumed = (prompt_key, "chosen", "rejected", "score_chosen", "score_rejected", "messages")
+                text = conversation_columns(messages, actions="last", reward=score, extra=extra_text(obj, consumed))
+                yield input_row(path, line, key, source, group, encoded, score_key, text)
         else:
             raise row_error(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")

@@ -1,0 +1,136 @@
+"""The generic readers recognise TRL's public shapes and map other field names (hand-computed expectations)."""
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from test_text_columns import cached_load_tokenizer  # noqa: E402  (one tokenizer cache per session)
+
+import shiq_data.cli
+from shiq_data.cli import main
+
+GPT2_EOS = 50256
+
+
+@pytest.fixture(autouse=True)
+def _tokenizers_once(monkeypatch):
+    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return cached_load_tokenizer("gpt2")
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def rows_of(folder):
+    m = json.loads((folder / "manifest.json").read_text())
+    out = []
+    for s in m["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(folder / s["file"]))) as r:
+            out += r.read_all().to_pylist()
+    return out
+
+
+def ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def expect(tok, prompt, completion, reward):
+    """The row a (prompt, completion, reward) record must give: prompt ids + completion ids + eos, the
+    completion and eos the actions, the reward on eos."""
+    p, c = ids(tok, prompt), ids(tok, completion) + [GPT2_EOS]
+    return {
+        "prompt_len": len(p),
+        "tokens": p + c,
+        "action_mask": [False] * len(p) + [True] * len(c),
+        "rewards": [0.0] * (len(p) + len(c) - 1) + [reward],
+    }
+
+
+def build(tmp_path, fmt, inp, *options):
+    out = tmp_path / f"b-{fmt}-{inp.stem}"
+    argv = ["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]
+    for o in options:
+        argv += ["--option", o]
+    return main(argv), out
+
+
+KEYS = ("prompt_len", "tokens", "action_mask", "rewards")
+
+
+def test_trl_preference_pairs_give_two_rows_in_one_group(tmp_path, gpt2):
+    tok, _ = gpt2
+    pairs = [
+        {"prompt": "Sky?", "chosen": " Blue.", "rejected": " Green.", "id": 1},
+        {"prompt": "Sky?", "chosen": " Grey.", "rejected": " Red."},  # same prompt, its own pair group
+    ]
+    rc, out = build(tmp_path, "jsonl", write_jsonl(tmp_path / "pairs.jsonl", pairs))
+    assert rc == 0
+    rows = rows_of(out)
+    want = [("Sky?", " Blue.", 1.0), ("Sky?", " Green.", -1.0), ("Sky?", " Grey.", 1.0), ("Sky?", " Red.", -1.0)]
+    assert [{k: r[k] for k in KEYS} for r in rows] == [expect(tok, *w) for w in want]
+    assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
+    assert [r["completion"] for r in rows] == [" Blue.", " Green.", " Grey.", " Red."]
+    assert [r["reward"] for r in rows] == [1.0, -1.0, 1.0, -1.0]
+    assert [r["extra"] for r in rows] == ['{"id": 1}', '{"id": 1}', None, None]
+    # Parquet holds the same shape
+    pq.write_table(
+        pa.Table.from_pylist([{k: p.get(k) for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+        tmp_path / "pairs.parquet",
+    )
+    rc, out2 = build(tmp_path, "parquet", tmp_path / "pairs.parquet")
+    assert rc == 0 and [{k: r[k] for k in KEYS} for r in rows_of(out2)] == [expect(tok, *w) for w in want]
+
+
+def test_trl_unpaired_labels_become_plus_or_minus_one(tmp_path, gpt2, capsys):
+    tok, _ = gpt2
+    recs = [
+        {"prompt": "2+2=", "completion": " 4", "label": True},
+        {"prompt": "2+2=", "completion": " 5", "label": False},
+        {"prompt": "3+3=", "completion": " 6", "label": False, "reward": 0.5},  # a reward wins over the label
+    ]
+    rc, out = build(tmp_path, "jsonl", write_jsonl(tmp_path / "kto.jsonl", recs))
+    assert rc == 0
+    rows = rows_of(out)
+    want = [("2+2=", " 4", 1.0), ("2+2=", " 5", -1.0), ("3+3=", " 6", 0.5)]
+    assert [{k: r[k] for k in KEYS} for r in rows] == [expect(tok, *w) for w in want]
+    assert [r["group_id"] for r in rows] == [0, 0, 1]
+    assert [r["extra"] for r in rows] == [None, None, '{"label": false}']
+    bad = write_jsonl(tmp_path / "bad.jsonl", [recs[0], {"prompt": "a", "completion": " b", "label": "yes"}])
+    assert build(tmp_path, "jsonl", bad)[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}: line 2: field 'label': must be true or false" in err
+
+
+def test_field_options_map_other_names_and_errors_name_them(tmp_path, gpt2, capsys):
+    tok, _ = gpt2
+    recs = [
+        {"question": "Capital of France?", "answer": " Paris.", "score": 0.9, "source": "geo"},
+        {"question": "Capital of Spain?", "answer": " Madrid.", "score": 0.8},
+    ]
+    opts = ("prompt_field=question", "completion_field=answer", "reward_field=score")
+    rc, out = build(tmp_path, "jsonl", write_jsonl(tmp_path / "qa.jsonl", recs), *opts)
+    assert rc == 0
+    rows = rows_of(out)
+    want = [("Capital of France?", " Paris.", 0.9), ("Capital of Spain?", " Madrid.", 0.8)]
+    got = [{k: r[k] for k in KEYS} for r in rows]
+    for g, w in zip(got, [expect(tok, *w) for w in want]):
+        assert g["tokens"] == w["tokens"] and g["action_mask"] == w["action_mask"]
+        assert g["rewards"] == pytest.approx(w["rewards"])
+    assert [r["source"] for r in rows] == ["geo", "qa.jsonl"]  # a string "source" field names the row's source
+    assert [r["prompt"] for r in rows] == ["Capital of France?", "Capital of Spain?"] and rows[0]["extra"] is None
+    bad = write_jsonl(tmp_path / "qa_bad.jsonl", [recs[0], {"question": "x", "answer": "", "score": 1}])
+    assert build(tmp_path, "jsonl", bad, *opts)[0] == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{bad}: line 2: field 'answer': empty completion" in err
+    missing = write_jsonl(tmp_path / "qa_missing.jsonl", [{"question": "x", "answer": " y"}])
+    assert build(tmp_path, "jsonl", missing, *opts)[0] == 2
+    assert "line 1: field 'score': missing" in capsys.readouterr().err
+    assert build(tmp_path, "jsonl", missing, "prompt_fieldd=question")[0] == 2
+    assert "unknown option" in capsys.readouterr().err

@@ -1,0 +1,266 @@
+"""shiq-data retokenize (the same rows for another tokenizer) and export (hf, parquet, jsonl) read back by build."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+from test_text_columns import cached_load_tokenizer  # noqa: E402  (one tokenizer cache per session)
+
+import shiq_data.cli
+from shiq_data.buffer import add_ref_columns
+from shiq_data.cli import main
+
+TOKEN_COLUMNS = ["row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards"]
+TEXT_COLUMNS = ["prompt", "completion", "reward", "turn_rewards", "extra"]
+STRINGS = [
+    {"prompt": "Hello world", "completion": " and goodbye.", "reward": 1.5, "tags": ["a"]},
+    {"prompt": "Q: 2+2?\nA:", "completion": " 4", "reward": 1.0},
+    {"prompt": "Hello world", "completion": " again", "reward": -0.25, "group": "g"},
+]
+CHAT = [
+    {"prompt": "What is 2+3?", "completion": [{"role": "assistant", "content": "It is 5."}], "reward": 1.5, "k": 1},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+        "completion": [
+            {"role": "assistant", "content": "add(2, 3)"},
+            {"role": "tool", "content": "5"},
+            {"role": "assistant", "content": "The sum is 5."},
+        ],
+        "reward": -0.5,
+    },
+]
+MULTITURN = [
+    {
+        "messages": [
+            {"role": "user", "content": "Go"},
+            {"role": "assistant", "content": "step 1", "reward": 0.5},
+            {"role": "tool", "content": "ok"},
+            {"role": "assistant", "content": "done", "reward": 2.0},
+        ],
+        "group": "m",
+    }
+]
+HH = [
+    {
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: Why did the chicken cross?",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No.",
+    }
+]
+
+
+@pytest.fixture(autouse=True)
+def _tokenizers_once(monkeypatch):
+    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return cached_load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from shiq_data.assets import AssetMissing
+
+    try:
+        return cached_load_tokenizer("smollm2")
+    except AssetMissing as e:
+        pytest.skip(str(e))
+
+
+def write_jsonl(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def run(*argv):
+    return main([*map(str, argv)])
+
+
+def shard_frame(folder) -> tuple[dict, pd.DataFrame]:
+    """(manifest, all rows as a pandas frame) read with json and pyarrow only."""
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    tables = []
+    for s in m["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(Path(folder) / s["file"]))) as r:
+            tables.append(r.read_all())
+    return m, pa.concat_tables(tables).to_pandas()
+
+
+def pylist(folder) -> list[dict]:
+    m = json.loads((Path(folder) / "manifest.json").read_text())
+    rows = []
+    for s in m["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(Path(folder) / s["file"]))) as r:
+            rows += r.read_all().to_pylist()
+    return rows
+
+
+def lists(frame, column):
+    return [list(v) for v in frame[column]]
+
+
+def test_retokenize_gpt2_into_smollm2_equals_building_with_smollm2(tmp_path, gpt2, smollm2, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", STRINGS)
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "g", "--no-progress") == 0
+    assert run("build", "jsonl", inp, "--tokenizer", "smollm2", "--out", tmp_path / "s", "--no-progress") == 0
+    # reference statistics on the parent: dropped by retokenize, and the manifest says so
+    m_g, g = shard_frame(tmp_path / "g")
+    n = [len(t) for t in g["tokens"]]
+    add_ref_columns(tmp_path / "g", 0, [[0.0] * k for k in n], [[0.0] * k for k in n], ref_model={"name": "r"})
+    m_g, g = shard_frame(tmp_path / "g")
+    out = tmp_path / "r"
+    assert run("retokenize", tmp_path / "g", "--tokenizer", "smollm2", "--out", out, "--no-progress") == 0
+    assert str(out) in capsys.readouterr().out
+    m_r, r = shard_frame(out)
+    m_s, s = shard_frame(tmp_path / "s")
+    for col in ("prompt_len", "group_id", "row_id", "source", "prompt", "completion", "reward", "extra"):
+        assert r[col].tolist() == s[col].tolist(), col
+    for col in ("tokens", "action_mask", "rewards"):
+        assert lists(r, col) == lists(s, col), col
+    assert lists(r, "tokens") != lists(g, "tokens")  # the tokenizer did change
+    assert "ref_logz" not in r.columns and m_r["has_ref_stats"] is False
+    assert m_r["tokenizer"]["fingerprint"] == smollm2[1]["fingerprint"] == m_s["tokenizer"]["fingerprint"]
+    parent = hashlib.sha256(
+        "\n".join([m_g["tokenizer"]["fingerprint"], *(x["sha256"] for x in m_g["shards"])]).encode()
+    )
+    assert m_r["retokenized_from"] == {
+        "path": str((tmp_path / "g").resolve()),
+        "fingerprint": parent.hexdigest(),
+        "tokenizer": "gpt2",
+        "ref_stats_dropped": True,
+    }
+    assert run("validate", out, "--no-progress") == 0
+
+
+def test_retokenize_chat_rows_reproduces_their_tokens(tmp_path, smollm2, capsys):
+    """A SmolLM2 buffer of chat, multi-turn and HH rows tokenised again with SmolLM2 gives the same rows;
+    with GPT-2 (no chat template) it stops with one line naming the shard, row and column."""
+    b = tmp_path / "b"
+    assert (
+        run(
+            "build",
+            "jsonl",
+            write_jsonl(tmp_path / "c.jsonl", CHAT),
+            "--tokenizer",
+            "smollm2",
+            "--out",
+            b,
+            "--no-progress",
+        )
+        == 0
+    )
+    assert run("append", b, "multiturn", write_jsonl(tmp_path / "m.jsonl", MULTITURN), "--no-progress") == 0
+    assert run("append", b, "hh", write_jsonl(tmp_path / "h.jsonl", HH), "--no-progress") == 0
+    assert run("retokenize", b, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 0
+    orig, again = pylist(b), pylist(tmp_path / "r")
+    assert len(orig) == 5 and orig == again
+    # the parent's commands come first, so appending the same multi-turn file again makes new row ids
+    m = json.loads((tmp_path / "r" / "manifest.json").read_text())
+    assert [c["argv"][1] for c in m["commands"]] == ["build", "append", "append", "retokenize"]
+    assert run("append", tmp_path / "r", "multiturn", tmp_path / "m.jsonl", "--no-progress") == 0
+    ids = [r["row_id"] for r in pylist(tmp_path / "r")]
+    assert len(ids) == len(set(ids)) == 6
+    capsys.readouterr()
+    assert run("retokenize", b, "--tokenizer", "gpt2", "--out", tmp_path / "g", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shard-00000.arrow: row 0: field 'completion'" in err
+    assert "chat template" in err and not (tmp_path / "g").exists()
+
+
+def test_retokenize_refuses_a_buffer_without_text(tmp_path, gpt2, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", STRINGS)
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-text", "--no-progress") == 0
+    assert run("retokenize", tmp_path / "b", "--tokenizer", "gpt2", "--out", tmp_path / "r", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "manifest.json: the buffer has no text columns (built with --no-text)" in err
+    assert not (tmp_path / "r").exists()
+    assert run("export", tmp_path / "b", "--format", "jsonl", "--out", tmp_path / "e") == 2
+    assert "no text columns" in capsys.readouterr().err and not (tmp_path / "e").exists()
+
+
+@pytest.fixture(scope="module")
+def mixed_buffer(tmp_path_factory, smollm2):
+    """String, chat, multi-turn (per-turn rewards) and HH rows in one SmolLM2 buffer of three shards."""
+    d = tmp_path_factory.mktemp("mixed")
+    b = d / "b"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+        return _build_mixed(d, b)
+
+
+def _build_mixed(d, b):
+    inp = write_jsonl(d / "in.jsonl", STRINGS + CHAT)
+    assert run("build", "jsonl", inp, "--tokenizer", "smollm2", "--out", b, "--no-progress") == 0
+    assert run("append", b, "multiturn", write_jsonl(d / "m.jsonl", MULTITURN), "--no-progress") == 0
+    assert run("append", b, "hh", write_jsonl(d / "h.jsonl", HH), "--no-progress") == 0
+    return b
+
+
+def same_partition(a, b) -> bool:
+    return pd.factorize(pd.Series(list(a)))[0].tolist() == pd.factorize(pd.Series(list(b)))[0].tolist()
+
+
+@pytest.mark.parametrize(
+    "fmt,reader,data",
+    [("jsonl", "jsonl", "data.jsonl"), ("parquet", "parquet", "data.parquet"), ("hf", "datasets", "")],
+)
+def test_export_then_build_gives_the_same_rows(tmp_path, mixed_buffer, fmt, reader, data, capsys):
+    out = tmp_path / "e"
+    assert run("export", mixed_buffer, "--format", fmt, "--out", out) == 0
+    assert str(out) in capsys.readouterr().out
+    _, orig = shard_frame(mixed_buffer)
+    # the files themselves, read with pandas / datasets
+    if fmt == "jsonl":
+        frame = pd.read_json(out / data, lines=True)
+        assert frame["group"].tolist() == orig["group_id"].tolist()
+        assert frame["source"].tolist() == orig["source"].tolist()
+        assert frame.loc[0, "tags"] == ["a"] and frame.loc[3, "k"] == 1  # the extra fields, at the top level
+        assert frame.loc[5, "turn_rewards"] == [0.5, 2.0] and frame.loc[5, "completion"][0]["reward"] == 0.5
+    elif fmt == "parquet":
+        frame = pd.read_parquet(out / data)
+        assert frame["tokens"].map(list).tolist() == orig["tokens"].map(list).tolist()
+        assert frame["completion"].tolist() == orig["completion"].tolist()
+    else:
+        import datasets
+
+        ds = datasets.load_from_disk(str(out))
+        assert ds.num_rows == len(orig) and ds["tokens"] == orig["tokens"].map(list).tolist()
+        assert ds["prompt"] == orig["prompt"].tolist() and ds["reward"][:5] == orig["reward"][:5].tolist()
+    card = (out / "README.md").read_text()
+    assert "license:" in card and f"rows: {len(orig)}" in card and "shiq-data build jsonl" in card
+    assert "append" in card and "multiturn" in card  # the lineage: every command that built the buffer
+    # build reads the export back: the same tokens, rewards, groups, sources and text
+    rebuilt = tmp_path / "rebuilt"
+    assert run("build", reader, out / data, "--tokenizer", "smollm2", "--out", rebuilt, "--no-progress") == 0
+    _, again = shard_frame(rebuilt)
+    assert len(again) == len(orig)
+    for col in ("tokens", "action_mask", "rewards"):
+        assert lists(again, col) == lists(orig, col), col
+    assert again["prompt_len"].tolist() == orig["prompt_len"].tolist()
+    assert same_partition(again["group_id"], orig["group_id"])
+    assert again["source"].tolist() == orig["source"].tolist()
+    for col in ("prompt", "completion", "extra"):
+        assert again[col].tolist() == orig[col].tolist(), col
+    assert (
+        again["turn_rewards"].map(lambda v: None if v is None else list(v)).tolist()
+        == orig["turn_rewards"].map(lambda v: None if v is None else list(v)).tolist()
+    )
+
+
+def test_export_refuses_an_existing_folder_and_a_clashing_extra_field(tmp_path, gpt2, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{**STRINGS[1], "meta": {"source_url": "x"}}])
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
+    (tmp_path / "taken").mkdir()
+    assert run("export", tmp_path / "b", "--format", "parquet", "--out", tmp_path / "taken") == 2
+    assert "already exists" in capsys.readouterr().err
+    # an input record whose non-string "source" field stays in extra cannot be flattened into a JSONL record
+    inp2 = write_jsonl(tmp_path / "in2.jsonl", [{**STRINGS[1], "source": 3}])
+    assert run("build", "jsonl", inp2, "--tokenizer", "gpt2", "--out", tmp_path / "b2", "--no-progress") == 0
+    assert run("export", tmp_path / "b2", "--format", "jsonl", "--out", tmp_path / "e") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "row 0: field 'extra'" in err and "'source'" in err
+    assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.*"))
