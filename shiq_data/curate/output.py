@@ -45,4 +45,6 @@ def write_curated(
         ref_model=ref_model,
         parents=[p.parent() for p in parents],
         curation=curation,
+        # the parents' commands come first, so a later append's row ids b<k>-... never clash with kept ones
+        prior_commands=[c for p in parents for c in p.manifest.get("commands", [])],
     )
