@@ -40,7 +40,6 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -55,7 +54,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shiq_data.io import RowError, atomic_write_json, fsync_dir
+from shiq_data.io import RowError, atomic_write_json, fsync_dir, sha256_files
 from shiq_data.schema import (
     BASE_FIELDS,
     INPUT_KEY,
@@ -77,14 +76,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_file_name(index: int, revision: int = 0) -> str:
@@ -138,7 +129,7 @@ def write_shard_file(table: pa.Table, path: Path) -> dict:
         "tokens": int(pc.sum(lengths).as_py() or 0),
         "action_tokens": int(n_actions.as_py() or 0),
         "bytes": path.stat().st_size,
-        "sha256": _sha256_file(path),
+        "sha256": sha256_files([path]),
         "has_ref": all(n in table.schema.names for n in REF_FIELDS),
     }
 
@@ -308,7 +299,7 @@ def verify_shard(path: Path, entry: dict) -> None:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
     if key in _VERIFIED:
         return
-    actual = _sha256_file(path)
+    actual = sha256_files([path])
     if actual != entry["sha256"]:
         raise ValueError(
             f"{path}: sha256 {actual[:12]}... differs from {entry['sha256'][:12]}... recorded in {path.parent / MANIFEST}: "
