@@ -78,6 +78,10 @@ def _now() -> str:
     return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
 
 
+def _sha256_file(path: Path) -> str:
+    return sha256_files([path])
+
+
 def shard_file_name(index: int, revision: int = 0) -> str:
     """``shard-00007.arrow``, or ``shard-00007.r2.arrow`` for a rewritten shard."""
     return f"shard-{index:05d}.arrow" if revision == 0 else f"shard-{index:05d}.r{revision}.arrow"
@@ -129,7 +133,7 @@ def write_shard_file(table: pa.Table, path: Path) -> dict:
         "tokens": int(pc.sum(lengths).as_py() or 0),
         "action_tokens": int(n_actions.as_py() or 0),
         "bytes": path.stat().st_size,
-        "sha256": sha256_files([path]),
+        "sha256": _sha256_file(path),
         "has_ref": all(n in table.schema.names for n in REF_FIELDS),
     }
 
@@ -299,7 +303,7 @@ def verify_shard(path: Path, entry: dict) -> None:
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
     if key in _VERIFIED:
         return
-    actual = sha256_files([path])
+    actual = _sha256_file(path)
     if actual != entry["sha256"]:
         raise ValueError(
             f"{path}: sha256 {actual[:12]}... differs from {entry['sha256'][:12]}... recorded in {path.parent / MANIFEST}: "
