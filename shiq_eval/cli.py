@@ -44,6 +44,7 @@ from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import COLUMNS, plot_curves, write_table
+from shiq_eval.scorers import SequenceClassifierScorer, VaderScorer
 from shiq_eval.suite import Suite, load_suite
 from shiq_eval.suite import fingerprint as suite_fingerprint
 
@@ -495,11 +496,12 @@ def suite_prompts(suite: Suite) -> tuple[list[str], list[str], str]:
 
 
 def suite_scorer(suite: Suite):
-    """The scorer a suite names: a regression head on MiniLM, or the VADER lexicon."""
+    """The scorer a suite names: a regression head on MiniLM, a Hugging Face sequence-classification reward
+    model, or the VADER lexicon."""
     if suite.scorer == "vader":
-        from shiq_eval.scorers import VaderScorer  # heavy: loads the lexicon
-
         return VaderScorer()
+    if suite.scorer == "hf_reward_model":
+        return SequenceClassifierScorer(suite.reward_model)
     from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
 
     return RegressionRewardModel.load(suite.reward_model, minilm_encoder())
@@ -529,6 +531,11 @@ def run(args) -> list[dict]:
                 f"--reward-model {suite.reward_model}: no such file (a head saved by "
                 "shiq_eval.scorers.RegressionRewardModel.save)"
             )
+    if suite.scorer == "hf_reward_model" and not (Path(suite.reward_model) / "config.json").is_file():
+        raise EvalInputError(
+            f"--reward-model {suite.reward_model}: not a Hugging Face model folder (no config.json) for "
+            "--scorer hf_reward_model"
+        )
     prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
     if suite.scorer == "reward_model":
         check_reward_model_file(suite.reward_model)
@@ -724,10 +731,16 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="the first N held-out movie-review openings of the demo (vaderSentiment archive)",
     )
-    r.add_argument("--scorer", choices=["reward_model", "vader"], help="reward_model (a head) or vader (lexicon)")
+    r.add_argument(
+        "--scorer",
+        choices=["reward_model", "hf_reward_model", "vader"],
+        help="reward_model (a regression head file), hf_reward_model (a Hugging Face sequence-classification "
+        "folder with one output) or vader (the lexicon); default: reward_model when --reward-model is given",
+    )
     r.add_argument(
         "--reward-model",
-        help="regression reward-model head (safetensors from RegressionRewardModel.save), on MiniLM",
+        help="regression reward-model head (safetensors from RegressionRewardModel.save, on MiniLM), or the "
+        "folder of --scorer hf_reward_model",
     )
     r.add_argument(
         "--reference", help="reference model for the KL: smollm2 or a Hugging Face folder (default: the runs' init)"
@@ -739,11 +752,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap each prompt in the tokenizer's chat template (--no-chat: plain text; default: the suite's, else "
         "plain)",
     )
-    r.add_argument("--max-new-tokens", type=int, help="completion length limit (default 32)")
-    r.add_argument("--samples-per-prompt", type=int, help="completions per prompt (default 1)")
-    r.add_argument("--temperature", type=float, help="sampling temperature (default 1: the policy itself)")
-    r.add_argument("--batch-size", type=int, help="generation batch size (default 16)")
-    r.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default 0)")
+    r.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the suite's, else 32)")
+    r.add_argument("--samples-per-prompt", type=int, help="completions per prompt (default: the suite's, else 1)")
+    r.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the suite's, else 1: the policy itself)"
+    )
+    r.add_argument("--batch-size", type=int, help="generation batch size (default: the suite's, else 16)")
+    r.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default: the suite's, else 0)")
     r.add_argument(
         "--kl-estimator",
         choices=["exact", "sample"],

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shiq_data.assets import config_dir
 from shiq_data.io import sha256_files
 
-SCORERS = ("reward_model", "vader")
+SCORERS = ("reward_model", "hf_reward_model", "vader")
 KL_ESTIMATORS = ("exact", "sample")
 
 
@@ -43,7 +43,9 @@ class Suite:
     name: str = "custom"
     prompts: str | None = None
     movie_prompts: int | None = None
-    scorer: str = "reward_model"  # reward_model (a head: reward_model=PATH) | vader (the packaged lexicon)
+    # reward_model (a regression head file: reward_model=PATH) | hf_reward_model (a Hugging Face
+    # sequence-classification folder: reward_model=FOLDER) | vader (the packaged lexicon)
+    scorer: str = "reward_model"
     reward_model: str | None = None
     chat: bool = False
     sampling: Sampling = field(default_factory=Sampling)
@@ -108,8 +110,10 @@ def check_suite(suite: Suite, path: Path | None) -> None:
         )
     if suite.scorer not in SCORERS:
         raise SuiteError(f"{where}scorer must be one of {list(SCORERS)}, got {suite.scorer!r}")
-    if suite.scorer == "reward_model" and suite.reward_model is None:
-        raise SuiteError(f"{where}scorer reward_model needs reward_model: a head file (--reward-model PATH)")
+    if suite.scorer in ("reward_model", "hf_reward_model") and suite.reward_model is None:
+        raise SuiteError(
+            f"{where}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"
+        )
     if suite.kl_estimator not in KL_ESTIMATORS:
         raise SuiteError(f"{where}kl_estimator must be one of {list(KL_ESTIMATORS)}, got {suite.kl_estimator!r}")
     s = suite.sampling
@@ -121,9 +125,14 @@ def check_suite(suite: Suite, path: Path | None) -> None:
 
 
 def scorer_sha256(suite: Suite) -> str:
-    """What identifies the scorer's content: the head file's SHA-256, or the VADER package's version."""
+    """What identifies the scorer's content: the head file's SHA-256, the folder's weight files' and config's,
+    or the VADER package's version."""
     if suite.scorer == "reward_model":
         return sha256_files([suite.reward_model])
+    if suite.scorer == "hf_reward_model":
+        folder = Path(suite.reward_model)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        return sha256_files([folder / "config.json", *weights])
     return hashlib.sha256(f"vaderSentiment=={version('vaderSentiment')}".encode()).hexdigest()
 
 
