@@ -90,6 +90,7 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
 
 cli.open_data_source = fake_source
 cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "test", "fingerprint": "0", "vocab_size": 128}}
+cli.check_buffer_fits = lambda *a: None  # no buffer: the fake source stands in for it
 cli.main()
 """
 
