@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shiq_data.io import RowError, atomic_write_json, fsync_dir
+from shiq_data.io import RowError, atomic_write_json, fsync_dir, sha256_files
 from shiq_data.schema import (
     INPUT_KEY,
     READABLE_VERSIONS,
@@ -88,11 +88,7 @@ def _now() -> str:
 
 
 def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_files([path])
 
 
 def shard_file_name(index: int, revision: int = 0) -> str:

@@ -9,6 +9,7 @@ partial one. Nothing here imports torch or pyarrow.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +24,16 @@ class RowError(ValueError):
     def __init__(self, file, row, field: str, problem: str, *, row_label: str = "row"):
         self.file, self.row, self.field, self.problem = str(file), row, field, problem
         super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
+
+
+def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
+    """SHA-256 of the files' bytes read one after the other, in the order given (one file: its own SHA-256)."""
+    h = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -1,17 +1,28 @@
-"""shiq-eval run: reward and KL (SHIQ_MATH §6) of a series of training checkpoints, as a table and plots.
+"""shiq-eval run: reward and KL (SHIQ_MATH §6) of training checkpoints and Hugging Face models, as a table and plots.
 
-Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/) or one step
-directory (RUN/checkpoints/step_00000040). A checkpoint becomes a Hugging Face model (exported by
-shiq_train.export.hf_model_from_checkpoint, with the Llama config the run saved); its method name is
-the run's loss name and its step the checkpoint's step. Every policy is sampled on the same prompts
-with the same seed, scored by a saved regression reward model, and compared with the reference (the
-run's initial model) by both KL estimators. Outputs in --out: results.csv, results.json (with a few
-sample completions), reward_vs_kl.png, reward_vs_step.png.
+Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/), one step
+directory (RUN/checkpoints/step_00000040), or a Hugging Face model folder (one written by shiq-train
+export keeps its run's loss, beta and step). Every row carries a run label (default: the run folder's
+name; --label, once per CHECKPOINT, in order), the checkpoint step, the SHA-256 of the weight files read,
+the suite's name and fingerprint and the SHA-256 of the prompts: two runs of one loss are two rows and
+two curves.
+
+What is measured is a suite: --suite NAME reads configs/eval/NAME.yaml (or --suite FILE.yaml): prompts,
+scorer, sampling settings (temperature, completion length, samples per prompt, seed, batch size) and the
+KL estimator. Flags (--prompts, --reward-model, --max-new-tokens, ...) override single settings, or
+make an unnamed suite without --suite. The suite's fingerprint (SHA-256 of its resolved settings with the
+prompts and scorer as content hashes) is in every row; results are comparable only when fingerprints
+agree. Every policy is sampled on the same prompts with the same seed, scored, and compared with the
+reference (the runs' initial model) by both KL estimators. Outputs in --out: results.csv, results.json
+(every completion's reward and KL, a few sample completions), suite.json, reward_vs_kl.png,
+reward_vs_step.png.
 
 With --guide VALUE_DIR --beta B, the reference guided by a Q♯ value model (trained by shiq-train
 loss=qsharp_value; SHIQ_MATH §8) is evaluated the same way, as one more row, method qsharp: sampled
 from the reference's top-k tokens reweighted by the value model, its KL the exact per-token KL of the
 guided distribution to the reference at the visited states. The checkpoints may then be omitted.
+
+shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
 """
 
 from __future__ import annotations
@@ -24,13 +35,34 @@ import os
 import sys
 from pathlib import Path
 
-from shiq_data.assets import VADER_SDIST
+from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.buffer import read_manifest
 from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.io import atomic_write_json, sha256_files
 from shiq_data.tokenizers import fingerprint
+from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.moviereviews import movie_prompts
-from shiq_eval.report import plot_curves, write_table
+from shiq_eval.report import COLUMNS, plot_curves, write_table
+from shiq_eval.scorers import SequenceClassifierScorer, VaderScorer
+from shiq_eval.suite import Suite, load_suite
+from shiq_eval.suite import fingerprint as suite_fingerprint
+
+# results.csv of shiq-eval run: who (run, loss, beta, step), what was measured, on which suite, which weights
+RUN_COLUMNS = [
+    "run",
+    "method",
+    "beta",
+    "step",
+    *COLUMNS[2:],
+    "samples_per_prompt",
+    "suite",
+    "suite_sha256",
+    "kl_estimator",
+    "model_sha256",
+    "checkpoint",
+]
+EXPORT_RECORD = "shiq_export.json"  # what shiq-train export records about the run in a Hugging Face folder
 
 
 class EvalInputError(ValueError):
@@ -54,7 +86,8 @@ def checkpoint_steps(path) -> list[Path]:
 
 
 def checkpoint_info(step_dir: Path) -> dict:
-    """``{method, step, hf_config, init}`` of a step directory saved by ``shiq-train``."""
+    """``{kind, path, method, beta, step, hf_config, init, tokenizer, files}`` of a step directory saved by
+    ``shiq-train`` (``files``: the rank files the parameters are read from, data-parallel rank 0's)."""
     meta_path = step_dir / "meta.json"
     try:
         info = json.loads(meta_path.read_text())
@@ -71,12 +104,97 @@ def checkpoint_info(step_dir: Path) -> dict:
     if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
         raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
     return {
+        "kind": "checkpoint",
+        "path": step_dir,
         "method": meta["loss"]["name"],
+        "beta": meta["loss"].get("beta"),
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
         "init": meta.get("config", {}).get("init", "none"),
         "tokenizer": run_tokenizer(meta),
+        "files": sorted(step_dir.glob("rank_tp*_pp*_dp0.pt")),
     }
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder (safetensors, else PyTorch ``.bin``), in name order."""
+    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+
+
+def hf_folder_info(folder: Path) -> dict:
+    """The :func:`checkpoint_info` of a Hugging Face model folder: loss, beta, step, init and tokenizer from
+    the record ``shiq-train export`` writes (method ``hf``, step 0 and no beta for any other folder)."""
+    record_path = folder / EXPORT_RECORD
+    record = {}
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise EvalInputError(f"{record_path}: not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("loss", {}), dict):
+            raise EvalInputError(f"{record_path}: expected an object with a 'loss' object")
+    try:
+        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    files = weight_files(folder)
+    if not files:
+        raise EvalInputError(f"{folder}: a Hugging Face folder without weights (no *.safetensors or *.bin file)")
+    loss = record.get("loss", {})
+    return {
+        "kind": "hf",
+        "path": folder,
+        "method": loss.get("name", "hf"),
+        "beta": loss.get("beta"),
+        "step": int(record.get("step", 0)),
+        "hf_config": hf_config,
+        "init": record.get("init"),
+        "tokenizer": record.get("tokenizer"),
+        "files": files,
+    }
+
+
+def run_label(path: Path) -> str:
+    """The default label of what a CHECKPOINT argument names: its run folder's name (RUN for RUN and for
+    RUN/checkpoints/step_N), else the folder's own name."""
+    path = Path(os.path.abspath(path))
+    if (path / "meta.json").is_file():
+        return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
+    return path.name
+
+
+def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]:
+    """One info per model to evaluate (:func:`checkpoint_info`, :func:`hf_folder_info`) with its ``run``
+    label: ``labels`` one per CHECKPOINT argument, in order, else :func:`run_label`. One label may not name
+    two different runs."""
+    if labels and len(labels) != len(checkpoints):
+        raise EvalInputError(
+            f"--label is given {len(labels)} times for {len(checkpoints)} CHECKPOINT arguments: give one label "
+            "per CHECKPOINT, in order"
+        )
+    infos, owners = [], {}
+    for i, arg in enumerate(checkpoints):
+        path = Path(arg)
+        if (path / "config.json").is_file() and not (path / "meta.json").is_file():
+            found = [hf_folder_info(path)]
+        else:
+            found = [checkpoint_info(s) for s in checkpoint_steps(path)]
+        label = labels[i] if labels else run_label(path)
+        if label == "reference":
+            raise EvalInputError(f"{arg}: the label 'reference' is the reference model's; give another with --label")
+        owner = Path(os.path.abspath(path))
+        owner = owner.parent.parent if (owner / "meta.json").is_file() else owner
+        if owners.setdefault(label, owner) != owner:
+            raise EvalInputError(
+                f"{owners[label]} and {arg} would both be labelled {label!r}: give each CHECKPOINT a --label"
+            )
+        infos += [{**info, "run": label} for info in found]
+    return infos
+
+
+def model_sha256(files: list[Path]) -> str | None:
+    """SHA-256 of a model's weight files read one after the other (None when there are none)."""
+    return sha256_files(files) if files else None
 
 
 def run_tokenizer(meta: dict) -> dict | None:
@@ -90,13 +208,13 @@ def run_tokenizer(meta: dict) -> dict | None:
     return None
 
 
-def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model) -> None:
+def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
     """Refuse, before any sampling, an evaluation tokenizer that is not the one the runs' buffers were built
     with, or a reference or policy whose vocabulary is smaller than that tokenizer's."""
     from shiq_train.reference import check_tokenizer_matches  # heavy: torch
 
     mine = {"name": getattr(tokenizer, "name_or_path", "") or "?", "fingerprint": fingerprint(tokenizer)}
-    for step_dir, info in zip(steps, infos):
+    for info in infos:
         if info["tokenizer"] is None:
             continue
         vocab = [v for v in (info["hf_config"].get("vocab_size"), ref_model.config.vocab_size) if isinstance(v, int)]
@@ -104,7 +222,7 @@ def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model)
             info["tokenizer"],
             mine,
             min(vocab) if vocab else None,
-            f"the buffer of {step_dir}",
+            f"the buffer of {info['path']}",
             role="evaluation model (--reference, --tokenizer)",
         )
 
@@ -191,12 +309,19 @@ def load_reference(spec: str):
     return load_causal_lm(spec, torch.float32)
 
 
-def policy_from_checkpoint(step_dir: Path, hf_config: dict):
+def hf_policy(info: dict):
+    """The transformers model of a :func:`checkpoint_info` / :func:`hf_folder_info`."""
+    if info["kind"] == "hf":
+        import torch  # heavy: only shiq-eval run needs torch
+
+        from shiq_train.hf_convert import load_causal_lm  # heavy: torch
+
+        return load_causal_lm(str(info["path"]), torch.float32)[0]
     from transformers import LlamaConfig  # heavy: transformers
 
     from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
 
-    return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
+    return hf_model_from_checkpoint(info["path"], LlamaConfig.from_dict(info["hf_config"]))
 
 
 class HFEngine:
@@ -209,8 +334,8 @@ class HFEngine:
         """``(logits model, sampler)`` of the reference (sampler None: ``HFPolicy`` of the model)."""
         return self.ref_model, None
 
-    def policy(self, step_dir: Path, hf_config: dict):
-        return policy_from_checkpoint(step_dir, hf_config), None
+    def policy(self, info: dict):
+        return hf_policy(info), None
 
 
 class MegatronEngine:
@@ -249,24 +374,30 @@ class MegatronEngine:
     def reference(self):
         return self._ref
 
-    def policy(self, step_dir: Path, hf_config: dict):
+    def policy(self, info: dict):
         from transformers import LlamaConfig  # heavy: transformers
 
         from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
         from shiq_train.export import full_parameters_from_checkpoint  # heavy: torch
-        from shiq_train.hf_convert import LlamaShape  # heavy: torch
+        from shiq_train.hf_convert import LlamaShape, import_llama  # heavy: torch
         from shiq_train.model import load_full_parameters  # heavy: torch
 
+        hf_config = info["hf_config"]
         config = LlamaConfig.from_dict(hf_config)
         if self._policy[0] != hf_config:
             self._policy = (hf_config, self._build(config))
         model = self._policy[1]
-        shape = LlamaShape.from_hf_config(config)
-        load_full_parameters(model, full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied))
+        if info["kind"] == "hf":  # a Hugging Face folder: its weights imported into the megatron layout
+            hf = hf_policy(info)
+            import_llama(model, hf.state_dict(), hf.config)
+        else:
+            shape = LlamaShape.from_hf_config(config)
+            full = full_parameters_from_checkpoint(info["path"], shape.num_layers, shape.tied)
+            load_full_parameters(model, full)
         return MegatronLogits(model), MegatronPolicy(model, eos_id=self.eos, pad_id=self.pad)
 
 
-def engine_context(args):
+def engine_context(args, seed: int = 0):
     """The process group the engine needs: none for ``hf``; for ``megatron`` one tensor-parallel group
     of ``--tp`` ranks (a lone process for 1, else torchrun with ``--nproc_per_node`` equal to it)."""
     if args.engine == "hf":
@@ -281,7 +412,7 @@ def engine_context(args):
         )
     from shiq_train import parallel  # heavy: torch
 
-    return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=args.seed)
+    return parallel.distributed(parallel.ParallelConfig(args.tp, 1), seed=seed)
 
 
 def guide_info(path) -> dict:
@@ -302,8 +433,8 @@ def guide_info(path) -> dict:
     return {"steps": int(info.get("steps", 0)), "init": info.get("config", {}).get("init", "none")}
 
 
-def check_guide_args(args) -> None:
-    """--guide needs --beta > 0 and --top-k >= 1, and the hf engine; --beta needs --guide."""
+def check_guide_args(args, temperature: float = 1.0) -> None:
+    """--guide needs --beta > 0 and --top-k >= 1, the hf engine and temperature 1; --beta needs --guide."""
     if args.guide is None:
         if args.beta is not None:
             raise EvalInputError("--beta is the KL weight of Q♯ guidance: give it with --guide VALUE_DIR")
@@ -316,6 +447,8 @@ def check_guide_args(args) -> None:
         raise EvalInputError(f"--top-k must be >= 1, got {args.top_k}")
     if args.engine != "hf":
         raise EvalInputError("--guide decodes with transformers models: use --engine hf")
+    if temperature != 1.0:
+        raise EvalInputError(f"--guide samples at temperature 1, but the suite's sampling.temperature is {temperature}")
 
 
 def evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
@@ -335,37 +468,80 @@ def evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
     return evaluate_guided_policy(policy, tokenizer, prompt_ids, shown, scorer, **kw)
 
 
+def suite_overrides(args) -> dict:
+    """The suite settings the command line sets (None: not given, the suite's value stands)."""
+    scorer = args.scorer or ("reward_model" if args.reward_model is not None else None)
+    return {
+        "prompts": args.prompts,
+        "movie_prompts": args.movie_prompts,
+        "scorer": scorer,
+        "reward_model": args.reward_model,
+        "chat": args.chat,
+        "kl_estimator": args.kl_estimator,
+        "sampling.temperature": args.temperature,
+        "sampling.max_new_tokens": args.max_new_tokens,
+        "sampling.samples_per_prompt": args.samples_per_prompt,
+        "sampling.seed": args.seed,
+        "sampling.batch_size": args.batch_size,
+    }
+
+
+def suite_prompts(suite: Suite) -> tuple[list[str], list[str], str]:
+    """``(policy prompts, scorer prompts, source)`` of a suite."""
+    if suite.prompts is not None:
+        prompts, shown = read_prompts_jsonl(suite.prompts)
+        return prompts, shown, str(Path(suite.prompts).resolve())
+    prompts, shown = movie_prompts(suite.movie_prompts)
+    return prompts, shown, f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
+
+
+def suite_scorer(suite: Suite):
+    """The scorer a suite names: a regression head on MiniLM, a Hugging Face sequence-classification reward
+    model, or the VADER lexicon."""
+    if suite.scorer == "vader":
+        return VaderScorer()
+    if suite.scorer == "hf_reward_model":
+        return SequenceClassifierScorer(suite.reward_model)
+    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
+
+    return RegressionRewardModel.load(suite.reward_model, minilm_encoder())
+
+
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
-    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
-    check_guide_args(args)
-    steps = [s for c in args.checkpoints for s in checkpoint_steps(c)]
-    infos = [checkpoint_info(s) for s in steps]
+    suite, suite_file = load_suite(args.suite, suite_overrides(args))
+    sampling = suite.sampling
+    check_guide_args(args, sampling.temperature)
+    infos = policy_infos(args.checkpoints, args.label)
     guide_inits = {guide_info(args.guide)["init"]} if args.guide is not None else set()
     reference = args.reference
     if reference is None:
-        inits = sorted({i["init"] for i in infos} | guide_inits)
+        inits = sorted({i["init"] for i in infos if i["init"] is not None} | guide_inits)
         if len(inits) != 1 or inits[0] in (None, "none"):
             raise EvalInputError(
                 f"the runs were initialised from {inits}: give the reference model with "
                 "--reference (smollm2 or a Hugging Face folder)"
             )
         reference = inits[0]
-    if not Path(args.reward_model).is_file():
+    if suite.scorer == "reward_model":
+        if not Path(suite.reward_model).is_file():
+            raise EvalInputError(
+                f"--reward-model {suite.reward_model}: no such file (a head saved by "
+                "shiq_eval.scorers.RegressionRewardModel.save)"
+            )
+    if suite.scorer == "hf_reward_model" and not (Path(suite.reward_model) / "config.json").is_file():
         raise EvalInputError(
-            f"--reward-model {args.reward_model}: no such file (a head saved by "
-            "shiq_eval.scorers.RegressionRewardModel.save)"
+            f"--reward-model {suite.reward_model}: not a Hugging Face model folder (no config.json) for "
+            "--scorer hf_reward_model"
         )
-    if args.prompts is not None:  # every input checked before a model is loaded
-        prompts, shown = read_prompts_jsonl(args.prompts)
-        source = str(Path(args.prompts).resolve())
-    else:
-        prompts, shown = movie_prompts(args.movie_prompts)
-        source = f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
-    check_reward_model_file(args.reward_model)
-    context = engine_context(args)
+    prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
+    if suite.scorer == "reward_model":
+        check_reward_model_file(suite.reward_model)
+    prompt_sha = prompt_set_sha256(prompts, shown)
+    content, suite_sha = suite_fingerprint(suite, prompt_sha)
+    context = engine_context(args, sampling.seed)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # heavy: transformers
@@ -373,56 +549,92 @@ def run(args) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
-    check_tokenizers(steps, infos, tokenizer, ref_model)
-    prompt_set = {"prompt_set": source, "prompt_set_sha256": prompt_set_sha256(prompts, shown)}
-    prompt_ids = encode_prompts(tokenizer, prompts, args.chat)
-    scorer = RegressionRewardModel.load(args.reward_model, minilm_encoder())
+    check_tokenizers(infos, tokenizer, ref_model)
+    k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
+    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, suite.chat) for _ in range(k)]
+    shown_k = [text for text in shown for _ in range(k)]
+    common = {
+        "engine": args.engine,
+        "suite": suite.name,
+        "suite_sha256": suite_sha,
+        "prompt_set": source,
+        "prompt_set_sha256": prompt_sha,
+        "samples_per_prompt": k,
+        "kl_estimator": suite.kl_estimator,
+    }
+    scorer = suite_scorer(suite)
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     kw = dict(
-        max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed, progress=lead and not args.quiet
+        max_new_tokens=sampling.max_new_tokens,
+        batch_size=sampling.batch_size,
+        seed=sampling.seed,
+        progress=lead and not args.quiet,
     )
     with context:
         engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
         ref_logits, ref_sampler = engine.reference()
         ref_row = {
+            "run": "reference",
             "method": "reference",
+            "beta": None,
             "step": 0,
             "checkpoint": str(reference),
-            "engine": args.engine,
-            **prompt_set,
+            "model_sha256": model_sha256(reference_files(reference)),
+            **common,
             **evaluate_policy(
-                ref_logits, ref_logits, tokenizer, prompt_ids, shown, scorer, sampler=ref_sampler, **kw
+                ref_logits,
+                ref_logits,
+                tokenizer,
+                prompt_ids,
+                shown_k,
+                scorer,
+                sampler=ref_sampler,
+                temperature=sampling.temperature,
+                **kw,
             ).as_dict(),
         }
         rows = []
-        for step_dir, info in zip(steps, infos):
-            logits, sampler = engine.policy(step_dir, info["hf_config"])
-            res = evaluate_policy(logits, ref_logits, tokenizer, prompt_ids, shown, scorer, sampler=sampler, **kw)
+        for info in infos:
+            logits, sampler = engine.policy(info)
+            res = evaluate_policy(
+                logits,
+                ref_logits,
+                tokenizer,
+                prompt_ids,
+                shown_k,
+                scorer,
+                sampler=sampler,
+                temperature=sampling.temperature,
+                **kw,
+            )
             rows.append(
                 {
+                    "run": info["run"],
                     "method": info["method"],
+                    "beta": info["beta"],
                     "step": info["step"],
-                    "checkpoint": str(step_dir),
-                    "engine": args.engine,
-                    **prompt_set,
+                    "checkpoint": str(info["path"]),
+                    "model_sha256": model_sha256(info["files"]),
+                    **common,
                     **res.as_dict(),
                 }
             )
             if lead and not args.quiet:
                 print(
-                    f"{info['method']} step {info['step']}: reward {res.reward_mean:.4g} ± {res.reward_stderr:.2g}, "
-                    f"KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
+                    f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
                     file=sys.stderr,
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
-            res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw)
+            res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
             rows.append(
                 {
+                    "run": Path(os.path.abspath(args.guide)).name,
                     "method": "qsharp",
                     "step": guide_info(args.guide)["steps"],
                     "checkpoint": str(args.guide),
-                    "engine": args.engine,
-                    **prompt_set,
+                    "model_sha256": model_sha256([Path(args.guide) / "value_model.pt"]),
+                    **common,
                     **res.as_dict(),
                     "beta": args.beta,
                     "top_k": args.top_k,
@@ -437,13 +649,48 @@ def run(args) -> list[dict]:
     if not lead:
         return [ref_row] + rows
     out = Path(args.out)
-    csv_path, json_path = write_table([ref_row] + rows, out)
+    csv_path, json_path = write_table([ref_row] + rows, out, RUN_COLUMNS)
+    suite_path = atomic_write_json(
+        out / "suite.json",
+        {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha, "content": content},
+    )
     plots = plot_curves(rows, out, reference=ref_row)
     print(
-        f"shiq-eval: {len(rows)} checkpoints on {len(prompts)} prompts ({args.engine} engine); wrote {csv_path}, "
-        f"{json_path}, " + ", ".join(str(p) for p in plots)
+        f"shiq-eval: {len(rows)} models on {len(prompts)} prompts x {k} samples ({args.engine} engine), suite "
+        f"{suite.name} ({suite_sha[:12]}); wrote {csv_path}, {json_path}, {suite_path}, "
+        + ", ".join(str(p) for p in plots)
     )
     return [ref_row] + rows
+
+
+def reference_files(reference: str) -> list[Path]:
+    """The weight files of the reference model: SmolLM2's GGUF file, or a folder's weight files."""
+    if reference == "smollm2":
+        return [smollm2_gguf()]
+    return weight_files(Path(reference))
+
+
+def leaderboard_command(args) -> None:
+    """shiq-eval leaderboard: merge result folders into one table (CSV, Markdown, HTML with plots)."""
+    rows = leaderboard.read_results(args.results)
+    written = leaderboard.write_leaderboard(rows, Path(args.out), allow_mixed=args.allow_mixed)
+    print(f"shiq-eval: leaderboard of {len(args.results)} result folders; wrote " + ", ".join(map(str, written)))
+
+
+LEADERBOARD_HELP = """shiq-eval leaderboard: merge the result folders of shiq-eval run into one table.
+
+One row per run and step (the reference once), sorted and grouped by suite, loss and beta, with the
+mean reward, the KL (the suite's estimator) and J = reward - beta * KL (SHIQ_MATH §9, at the run's own
+beta; the reference's J is its reward), each with its standard error over prompts (a prompt's samples
+averaged first). For each pair of runs on the same prompts (same prompts SHA-256), at each run's last
+step: the paired difference of reward and of J, a - b, with its standard error over prompts. Rows with
+the same run label and step from several folders must be the same model (same weights SHA-256); they
+appear once.
+
+Results of different suites (fingerprints) are not comparable and are refused, naming both files,
+unless --allow-mixed. Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html
+(one self-contained page with the plots embedded), reward_vs_kl.png, reward_vs_step.png, j_vs_step.png.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -459,13 +706,24 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints",
         nargs="*",
         metavar="CHECKPOINT",
-        help="shiq-train run directories or step directories (several runs: one curve per method)",
+        help="shiq-train run directories, step directories or Hugging Face model folders (one curve per run)",
+    )
+    r.add_argument(
+        "--label",
+        action="append",
+        help="run label of the rows of one CHECKPOINT (repeat once per CHECKPOINT, in order; default: the run "
+        "folder's name)",
     )
     r.add_argument("--guide", metavar="VALUE_DIR", help="also evaluate Q♯ guided decoding with this value model")
     r.add_argument("--beta", type=float, help="KL weight of the Q♯ guidance (with --guide)")
     r.add_argument("--top-k", type=int, default=20, help="Q♯ candidates per token (with --guide; default 20)")
-    r.add_argument("--out", required=True, help="output directory for results.csv/json and the plots")
-    src = r.add_mutually_exclusive_group(required=True)
+    r.add_argument("--out", required=True, help="output directory for results.csv/json, suite.json and the plots")
+    r.add_argument(
+        "--suite",
+        help="evaluation suite: a name in the configs' eval folder (e.g. movie_vader_small) or a YAML file; "
+        "the flags below override its settings",
+    )
+    src = r.add_mutually_exclusive_group()
     src.add_argument("--prompts", help='JSONL of prompts: {"prompt": ..., "scorer_prompt": ... (optional)}')
     src.add_argument(
         "--movie-prompts",
@@ -474,18 +732,38 @@ def build_parser() -> argparse.ArgumentParser:
         help="the first N held-out movie-review openings of the demo (vaderSentiment archive)",
     )
     r.add_argument(
+        "--scorer",
+        choices=["reward_model", "hf_reward_model", "vader"],
+        help="reward_model (a regression head file), hf_reward_model (a Hugging Face sequence-classification "
+        "folder with one output) or vader (the lexicon); default: reward_model when --reward-model is given",
+    )
+    r.add_argument(
         "--reward-model",
-        required=True,
-        help="regression reward-model head (safetensors from RegressionRewardModel.save), on MiniLM",
+        help="regression reward-model head (safetensors from RegressionRewardModel.save, on MiniLM), or the "
+        "folder of --scorer hf_reward_model",
     )
     r.add_argument(
         "--reference", help="reference model for the KL: smollm2 or a Hugging Face folder (default: the runs' init)"
     )
     r.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the reference's)")
-    r.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-    r.add_argument("--max-new-tokens", type=int, default=32, help="completion length limit (default 32)")
-    r.add_argument("--batch-size", type=int, default=16, help="generation batch size (default 16)")
-    r.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every policy (default 0)")
+    r.add_argument(
+        "--chat",
+        action=argparse.BooleanOptionalAction,
+        help="wrap each prompt in the tokenizer's chat template (--no-chat: plain text; default: the suite's, else "
+        "plain)",
+    )
+    r.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the suite's, else 32)")
+    r.add_argument("--samples-per-prompt", type=int, help="completions per prompt (default: the suite's, else 1)")
+    r.add_argument(
+        "--temperature", type=float, help="sampling temperature (default: the suite's, else 1: the policy itself)"
+    )
+    r.add_argument("--batch-size", type=int, help="generation batch size (default: the suite's, else 16)")
+    r.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default: the suite's, else 0)")
+    r.add_argument(
+        "--kl-estimator",
+        choices=["exact", "sample"],
+        help="the KL the leaderboard reports and J uses (default exact; both are in every row)",
+    )
     r.add_argument(
         "--engine",
         choices=["hf", "megatron"],
@@ -500,6 +778,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bars or per-checkpoint lines")
+    lb = sub.add_parser(
+        "leaderboard",
+        help="merge result folders of shiq-eval run into one table (CSV, Markdown, HTML with plots)",
+        description=LEADERBOARD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lb.add_argument("results", nargs="+", metavar="RESULT_DIR", help="--out folders of shiq-eval run")
+    lb.add_argument("--out", required=True, help="output folder of the leaderboard")
+    lb.add_argument(
+        "--allow-mixed", action="store_true", help="merge results of different suites (not comparable) anyway"
+    )
     sub.add_parser(
         "bfcl",
         add_help=False,
@@ -518,7 +807,10 @@ def main(argv=None) -> int:
 
 
 def _run_command(args) -> int:
-    run(args)
+    if args.command == "leaderboard":
+        leaderboard_command(args)
+    else:
+        run(args)
     return 0
 
 

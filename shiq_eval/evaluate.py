@@ -27,6 +27,7 @@ class EvalResult:
     samples: list  # (prompt text, completion text, reward) of the first few prompts
     rewards: list | None = None  # every completion's reward, in prompt order (for paired comparisons)
     kls_exact: list | None = None  # every completion's exact per-token KL sum, in prompt order
+    kls_sample: list | None = None  # every completion's sample KL estimate (log-ratio), in prompt order
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -76,6 +77,7 @@ def evaluate_policy(
     keep_samples=4,
     progress=True,
     sampler=None,
+    temperature=1.0,
 ) -> EvalResult:
     """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
 
@@ -83,7 +85,9 @@ def evaluate_policy(
     models, or :class:`shiq_eval.generate.MegatronLogits`); completions come from ``sampler`` (a
     policy of :mod:`shiq_eval.generate`; default ``HFPolicy(model)``), which must sample ``model``.
     ``prompt_texts`` are what the scorer sees as the prompt (e.g. the review's opening words);
-    completions are decoded without special tokens.
+    completions are decoded without special tokens. ``temperature`` other than 1 samples a tempered
+    policy; the KL estimators still compare ``model``'s own softmax with the reference's, at the states the
+    tempered samples visit.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
@@ -100,6 +104,7 @@ def evaluate_policy(
         seed=seed,
         keep_samples=keep_samples,
         progress=progress,
+        temperature=temperature,
     )
 
 
@@ -116,11 +121,15 @@ def evaluate_samples(
     seed=0,
     keep_samples=4,
     progress=True,
+    temperature=1.0,
 ) -> EvalResult:
     """The evaluation every policy shares (SHIQ_MATH §6): completions from ``policy.generate`` at
-    temperature 1, top-p 1, decoded without special tokens and scored by ``scorer(prompt_texts, texts)``;
+    ``temperature`` (default 1, so the samples come from the policy whose KL is reported), top-p 1,
+    decoded without special tokens and scored by ``scorer(prompt_texts, texts)``;
     ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators."""
-    cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0, batch_size=batch_size, seed=seed)
+    cfg = SamplingConfig(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, batch_size=batch_size, seed=seed
+    )
     completions = policy.generate(prompt_ids, cfg, progress=progress)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
@@ -129,4 +138,4 @@ def evaluate_samples(
     a, ase = mean_stderr(ks)
     b, bse = mean_stderr(ke)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
-    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist())
+    return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist(), ks.tolist())

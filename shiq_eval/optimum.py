@@ -41,6 +41,17 @@ def mean_stderr(values) -> tuple[float, float]:
     return float(v.mean()), se
 
 
+def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
+    """Per-completion values in prompt-major order ``[P * s]`` (prompt ``i``'s ``s`` samples at
+    ``i*s .. i*s+s-1``) as per-prompt means ``[P]``: the unit that paired differences and standard errors
+    over prompts use (SHIQ_MATH §9)."""
+    v = _vector(values, "values")
+    s = int(samples_per_prompt)
+    if s < 1 or v.size % s:
+        raise ValueError(f"{v.size} values do not split into prompts of {samples_per_prompt} samples each")
+    return v.reshape(-1, s).mean(1)
+
+
 def j_per_prompt(rewards, kls, beta) -> np.ndarray:
     """``J_i = R_i − β·KL_i`` per prompt (SHIQ_MATH §9), ``[N]``: ``rewards`` and ``kls`` ``[N]``, one
     (sample-mean) reward and one KL per prompt."""

@@ -1,7 +1,8 @@
-"""Tables and plots of evaluation results: reward vs KL and reward vs step, one curve per method.
+"""Tables and plots of evaluation results: reward vs KL and reward vs step, one curve per run.
 
 Input rows are dicts with at least ``method``, ``step``, ``reward_mean``, ``reward_stderr`` and
-``kl_exact`` (SHIQ_MATH §6). Files are written atomically.
+``kl_exact`` (SHIQ_MATH §6); a row's curve is its ``run`` label when it has one, else its ``method``
+(two runs of one loss are two curves). Files are written atomically.
 """
 
 from __future__ import annotations
@@ -54,27 +55,41 @@ def _pyplot():
     return plt
 
 
-def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> list[Path]:
-    """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per method (points in step order),
-    error bars of one standard error; the reference policy as a dashed line / a point at KL 0."""
+def curve_of(row: dict) -> str:
+    """The curve a row belongs to: its run label, else its method."""
+    return str(row.get("run") or row["method"])
+
+
+def _curve_label(pts: list[dict]) -> str:
+    name, method = curve_of(pts[0]), pts[0]["method"]
+    return name if name == method else f"{name} ({method})"
+
+
+def plot_curves(
+    rows: list[dict], out_dir, reference: dict | None = None, kl_key: str = "kl_exact", kl_name: str = "exact"
+) -> list[Path]:
+    """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per run (:func:`curve_of`; points in step
+    order), error bars of one standard error; the reference policy as a dashed line / a point at KL 0.
+    ``kl_key``: the rows' KL column (``kl_name`` its estimator, for the axis label)."""
     plt = _pyplot()
     out_dir = Path(out_dir)
-    methods = sorted({r["method"] for r in rows})
+    curves = sorted({curve_of(r) for r in rows})
+    kl_label = "exact per-token sum" if kl_name == "exact" else f"{kl_name} estimate"
     paths = []
     for x_key, name, xlabel in [
-        ("kl_exact", "reward_vs_kl.png", "KL(π ‖ π_ref) per completion (exact per-token sum)"),
+        (kl_key, "reward_vs_kl.png", f"KL(π ‖ π_ref) per completion ({kl_label})"),
         ("step", "reward_vs_step.png", "training step"),
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for m in methods:
-            pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["step"])
+        for c in curves:
+            pts = sorted((r for r in rows if curve_of(r) == c), key=lambda r: r["step"])
             ax.errorbar(
                 [r[x_key] for r in pts],
                 [r["reward_mean"] for r in pts],
                 yerr=[r["reward_stderr"] for r in pts],
                 marker="o",
                 capsize=3,
-                label=m,
+                label=_curve_label(pts),
             )
         if reference is not None:
             if x_key == "step":
@@ -99,24 +114,27 @@ def plot_curves(rows: list[dict], out_dir, reference: dict | None = None) -> lis
     return paths
 
 
-def plot_j_vs_step(rows: list[dict], out_dir, reference_j: tuple[float, float], j_star: dict[float, float]) -> Path:
-    """``j_vs_step.png``: ``J = reward − β·KL`` (SHIQ_MATH §9) of each method against the training step
-    (rows with ``method``, ``step``, ``beta``, ``J``, ``J_stderr``; error bars of one s.e.), the
-    reference's ``J`` (``(mean, s.e.)``) and the ``J*`` estimate at each ``β`` (``{β: J*}``) as
+def plot_j_vs_step(
+    rows: list[dict], out_dir, reference_j: tuple[float, float] | None, j_star: dict[float, float]
+) -> Path:
+    """``j_vs_step.png``: ``J = reward − β·KL`` (SHIQ_MATH §9) of each run (:func:`curve_of`) against the
+    training step (rows with ``method``, ``step``, ``beta``, ``J``, ``J_stderr``; error bars of one s.e.), the
+    reference's ``J`` (``(mean, s.e.)``, or None) and the ``J*`` estimate at each ``β`` (``{β: J*}``) as
     horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m in sorted({r["method"] for r in rows}):
-        pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["step"])
+    for c in sorted({curve_of(r) for r in rows}):
+        pts = sorted((r for r in rows if curve_of(r) == c), key=lambda r: r["step"])
         ax.errorbar(
             [r["step"] for r in pts],
             [r["J"] for r in pts],
             yerr=[r["J_stderr"] for r in pts],
             marker="o",
             capsize=3,
-            label=f"{m} (β = {pts[0]['beta']:g})",
+            label=f"{_curve_label(pts)} (β = {pts[0]['beta']:g})",
         )
-    ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
+    if reference_j is not None:
+        ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
     for beta, value in sorted(j_star.items()):
         ax.axhline(value, color="black", ls=":", label=f"J* estimate, β = {beta:g}")
     ax.set_xlabel("training step")

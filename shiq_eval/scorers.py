@@ -67,3 +67,38 @@ class VaderScorer:
 
     def __call__(self, prompts, completions):
         return [float(self._analyzer.polarity_scores(c)["compound"]) for c in completions]
+
+
+class SequenceClassifierScorer:
+    """Any Hugging Face sequence-classification reward model folder (``AutoModelForSequenceClassification``
+    with one output, ``num_labels=1``): the reward of a completion is the model's score of
+    ``prompt + joiner + completion``, batched with padding (the model's config must name its pad token, as
+    transformers needs to find each row's last token)."""
+
+    def __init__(self, folder, batch_size: int = 16, joiner: str = " "):
+        import torch  # heavy: only scoring with a model needs it
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: transformers
+
+        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(
+                f"{folder}: a reward model has one output (num_labels 1), this classifier has "
+                f"{self.model.config.num_labels}"
+            )
+        self.tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.batch_size, self.joiner = batch_size, joiner
+
+    def __call__(self, prompts, completions):
+        import torch  # heavy: only scoring with a model needs it
+
+        texts = [p + self.joiner + c for p, c in zip(prompts, completions, strict=True)]
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(texts), self.batch_size):
+                batch = self.tokenizer(texts[i : i + self.batch_size], return_tensors="pt", padding=True)
+                out += self.model(**batch).logits[:, 0].double().tolist()
+        return out

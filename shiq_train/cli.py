@@ -22,6 +22,7 @@ import sys
 import typing
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import yaml
@@ -34,14 +35,14 @@ from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencie
 from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
-from shiq_train import parallel, reference
+from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
-from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
+from shiq_train.trainer import LoggingConfig, TrainConfig, Trainer, frozen_copy, import_wandb
 
 CONFIG_DIR = config_dir()
 DATA_MODES = ("padded", "packed", "groups")
@@ -76,6 +77,9 @@ RESUME_SAFE_KEYS = (
     "train.eval_every",
     "train.progress",
     "train.tensorboard",
+    "logging.wandb",
+    "logging.wandb_project",
+    "logging.wandb_mode",
 )
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
@@ -283,6 +287,51 @@ def check_buffer(buffer_dir, model_cfg, init: str) -> dict:
     return manifest
 
 
+def longest_row(buffer_dir) -> int:
+    """The token count of the buffer's longest trajectory."""
+    lengths = [pc.max(pc.list_value_length(t.column("tokens"))).as_py() for t in open_buffer(buffer_dir).shard_tables]
+    return max([n for n in lengths if n is not None], default=0)
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def check_buffer_fits(cfg: dict, model_cfg, reference_mode: str) -> None:
+    """Refuse, in one line that says what to run, a buffer the configured model cannot train on for reasons a
+    setting fixes: a randomly initialised model's vocabulary smaller than the buffer's tokenizer, a
+    ``model.max_sequence_length`` shorter than the buffer's longest row, and ``train.reference=precomputed``
+    on a buffer without reference statistics. (A checkpoint's tokenizer that is not the buffer's is refused
+    by :func:`check_buffer`.)"""
+    buffer_dir, init = cfg["data"]["buffer"], cfg["init"]
+    problems, fixes = [], []
+    tok = read_manifest(buffer_dir)["tokenizer"]
+    if init in (None, "none") and model_cfg.vocab_size < int(tok["vocab_size"]):
+        problems.append(
+            f"its tokenizer {tok.get('name')!r} has {tok['vocab_size']} tokens but the model's vocabulary "
+            f"(model.vocab_size) has only {model_cfg.vocab_size}"
+        )
+        fixes.append(f"model.vocab_size={_round_up(int(tok['vocab_size']), 128)}")
+    longest = longest_row(buffer_dir)
+    if longest > model_cfg.max_sequence_length:
+        problems.append(
+            f"its longest row has {longest} tokens but model.max_sequence_length={model_cfg.max_sequence_length}"
+        )
+        fixes.append(f"model.max_sequence_length={_round_up(longest, 64)}")
+    missing = [c for c in REF_COLUMNS if c not in buffer_columns(open_buffer(buffer_dir))]
+    alternative = ""
+    if reference_mode == "precomputed" and missing:
+        problems.append(f"it has no reference statistics (columns {missing}) but train.reference=precomputed")
+        fixes.append("train.reference=online")
+        if init not in (None, "none"):
+            alternative = f" (or first add the statistics: shiq-train ref-stats {buffer_dir} --model {init})"
+    if problems:
+        raise ConfigError(
+            f"buffer {buffer_dir} does not fit this configuration: {'; '.join(problems)}. Run: shiq-train "
+            f"data.buffer={buffer_dir} out={cfg['out']} {' '.join(fixes)} (and your other settings){alternative}"
+        )
+
+
 def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer_dir) -> None:
     """Refuse precomputed reference statistics computed in another precision than ``model.params_dtype``:
     the trained model would differ from its reference before the first update (SHIQ_MATH §2)."""
@@ -474,6 +523,9 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     spec = LOSSES.get(cfg["loss"].get("name"))
     if spec is not None and spec.trains == "value":  # Q♯'s value model, not the policy
         return run_value(cfg, model_keys)
+    logging_cfg = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging")
+    if logging_cfg.wandb:
+        import_wandb()  # installed, or one line saying how, before any work
     from megatron.core import parallel_state as ps  # heavy: megatron
 
     allowed, force = resume_options(cfg.get("resume"))
@@ -493,6 +545,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
+    check_buffer_fits(cfg, model_cfg, train_cfg.reference)
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
@@ -528,7 +581,9 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                     )
 
         meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
-        trainer = Trainer(model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta)
+        trainer = Trainer(
+            model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta, logging_cfg=logging_cfg
+        )
         history = trainer.fit(DeviceSource(source, parallel.device()), on_start=on_start)
         if rank0:
             last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
@@ -603,6 +658,8 @@ def main() -> int | None:
     """Console entry point (Hydra parses the command line; ``--help`` explains the options)."""
     if sys.argv[1:2] == ["ref-stats"]:  # shiq-train ref-stats BUFFER --model ...
         return reference.main(sys.argv[2:])
+    if sys.argv[1:2] == ["export"]:  # shiq-train export RUN [--step N] --hf OUT
+        return export.main(sys.argv[2:])
     import hydra  # heavy: only the training command needs it
 
     quiet_optional_dependencies()

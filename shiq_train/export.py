@@ -3,18 +3,27 @@
 Evaluation and export should not need the training layout's processes: this reads every rank file of
 a step directory written by :func:`shiq_train.checkpoint.save_checkpoint`, and reassembles the TP=1,
 PP=1 parameter set with the layout of ``shiq_train.weights`` (the one :func:`shiq_train.model.tp_layout`
-checks against megatron's parameters).
+checks against megatron's parameters). ``shiq-train export RUN [--step N] --hf OUT`` (:func:`main`) writes
+a step as a Hugging Face folder: config.json, model.safetensors, the tokenizer files, and
+``shiq_export.json`` (the run's loss, beta, step, init and tokenizer record, read by ``shiq-eval run``).
 """
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
 
+from shiq_data.cli_common import run_command
+from shiq_data.io import atomic_dir, atomic_write_json
+from shiq_data.tokenizers import load_tokenizer
 from shiq_train import weights as W
-from shiq_train.checkpoint import read_meta, read_rank_file
+from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
+
+EXPORT_RECORD = "shiq_export.json"
 
 
 def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True) -> dict[str, torch.Tensor]:
@@ -57,3 +66,129 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     sd = megatron_to_llama(full, shape)
     model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
     return model.eval()
+
+
+def step_dir_of(run, step: int | None = None) -> Path:
+    """The step directory of ``run`` to export: ``run`` itself if it is one, else ``run/checkpoints``'s step
+    ``step`` (default: the newest); ``ValueError`` naming what exists otherwise."""
+    run = Path(run)
+    if (run / "meta.json").is_file():
+        saved = read_meta(run)["step"]
+        if step is not None and step != saved:
+            raise ValueError(f"{run} is the checkpoint of step {saved}, not {step}: give its run folder with --step")
+        return run
+    folder = run / "checkpoints"
+    if step is None:
+        found = latest_step_dir(folder)
+        if found is None:
+            raise ValueError(f"{run}: no checkpoint ({folder / 'latest'} does not exist); expected a shiq-train run")
+        return found
+    found = folder / f"step_{step:08d}"
+    if not (found / "meta.json").is_file():
+        steps = sorted(int(p.name[5:]) for p in folder.glob("step_*") if (p / "meta.json").is_file())
+        raise ValueError(f"{run}: no checkpoint of step {step} in {folder} (saved steps: {steps})")
+    return found
+
+
+def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
+    """The tokenizer to ship with the export: ``tokenizer`` (a folder, gpt2 or smollm2) or the one the run's
+    buffer was built with (recorded in the checkpoint); it must have the recorded fingerprint."""
+    record = meta.get("tokenizer")
+    name = tokenizer or (record or {}).get("name")
+    if name is None:
+        raise ValueError(f"{step_dir / 'meta.json'}: records no tokenizer: give one with --tokenizer FOLDER")
+    try:
+        tok, info = load_tokenizer(name)
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"the run's tokenizer {name!r} cannot be loaded ({' '.join(str(e).split())[:160]}): give it with "
+            "--tokenizer FOLDER"
+        ) from None
+    if record is not None and info["fingerprint"] != record.get("fingerprint"):
+        raise ValueError(
+            f"--tokenizer {name}: fingerprint {info['fingerprint'][:12]}… but the run trained on a buffer built with "
+            f"{record.get('name')!r} (fingerprint {str(record.get('fingerprint'))[:12]}…); give that tokenizer"
+        )
+    return tok
+
+
+def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = False) -> Path:
+    """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama
+    config the run saved, float32 safetensors, the tokenizer (:func:`export_tokenizer`, its eos and pad ids
+    in the config) and ``shiq_export.json``. Loads with ``transformers.AutoModelForCausalLM``."""
+    from transformers import LlamaConfig  # heavy: only export needs it
+
+    step_dir, out = Path(step_dir), Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
+    info = read_meta(step_dir)
+    meta = info["meta"]
+    if not isinstance(meta.get("hf_config"), dict):
+        raise ValueError(
+            f"{step_dir / 'meta.json'}: field meta.hf_config is missing (was the run written by shiq-train?)"
+        )
+    tok = export_tokenizer(meta, step_dir, tokenizer)
+    config = LlamaConfig.from_dict(meta["hf_config"])
+    config.eos_token_id = tok.eos_token_id
+    config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if tok.bos_token_id is not None:
+        config.bos_token_id = tok.bos_token_id
+    model = hf_model_from_checkpoint(step_dir, config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.bos_token_id = config.bos_token_id
+    run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    record = {
+        "format": "shiq-hf-export",
+        "run": run.name,
+        "step": info["step"],
+        "loss": meta.get("loss", {}),
+        "init": (meta.get("config") or {}).get("init"),
+        "tokenizer": meta.get("tokenizer"),
+        "checkpoint": str(step_dir.resolve()),
+    }
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        atomic_write_json(tmp / EXPORT_RECORD, record)
+
+    return atomic_dir(out, fill, replace=True)
+
+
+HELP = """shiq-train export: a checkpoint of a shiq-train run as a Hugging Face model folder.
+
+Writes OUT with config.json (the Llama config the run saved), model.safetensors (float32), the tokenizer
+files of the buffer the run trained on (or --tokenizer, which must have the same fingerprint) and
+shiq_export.json (the run's loss, beta, step and initial model, which shiq-eval run reads).
+transformers.AutoModelForCausalLM.from_pretrained(OUT) loads it; its logits are the trained model's.
+OUT is written completely or not at all.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="shiq-train export", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("run", metavar="RUN", help="a shiq-train run folder (or one of its step folders)")
+    p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
+    p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")
+    p.add_argument("--tokenizer", help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    return p
+
+
+def _export(args) -> int:
+    step_dir = step_dir_of(args.run, args.step)
+    out = export_hf(step_dir, args.hf, args.tokenizer, args.overwrite)
+    print(f"shiq-train export: {step_dir} -> {out} (a Hugging Face folder: AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    """``shiq-train export RUN [--step N] --hf OUT``: errors are one line on stderr and exit status 2."""
+    return run_command("shiq-train export", _export, build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

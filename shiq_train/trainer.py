@@ -25,6 +25,34 @@ from shiq_train.objectives import LossConfig
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
 
 REFERENCES = ("precomputed", "online")
+WANDB_MODES = ("offline", "online")
+WANDB_INSTALL = "pip install 'shiq[wandb]' (the optional extra; or pip install wandb==0.31.0)"
+
+
+@dataclass
+class LoggingConfig:
+    """Optional Weights & Biases logging next to metrics.jsonl and TensorBoard: ``wandb`` turns it on,
+    ``wandb_mode`` ``offline`` (the default: no network; the run lands in ``OUT/wandb``, uploaded later by
+    ``wandb sync``) or ``online``; ``wandb_project`` names the project. The package is an optional extra."""
+
+    wandb: bool = False
+    wandb_project: str = "shiq"
+    wandb_mode: str = "offline"
+
+    def __post_init__(self):
+        if self.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"logging.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+
+
+def import_wandb():
+    """The ``wandb`` module, or a ``RuntimeError`` saying how to install it."""
+    try:
+        import wandb  # optional: only logging.wandb=true needs it
+    except ImportError:
+        raise RuntimeError(
+            f"logging.wandb=true needs the package wandb, which is not installed: {WANDB_INSTALL}"
+        ) from None
+    return wandb
 
 
 @dataclass
@@ -105,6 +133,7 @@ class Trainer:
         out_dir,
         ref_model=None,
         run_meta: dict | None = None,
+        logging_cfg: LoggingConfig | None = None,
     ):
         if cfg.reference == "online" and ref_model is None:
             raise ValueError("train.reference=online needs a reference model")
@@ -113,6 +142,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.run_meta = run_meta or {}
+        self.logging_cfg = logging_cfg or LoggingConfig()
         self.trainable = freeze_all_but_last_layers(model, cfg.trainable_last_layers)
         if ref_model is not None:
             for p in ref_model.parameters():
@@ -152,7 +182,9 @@ class Trainer:
             data.load_state_dict(user["data"])
         if on_start is not None:
             on_start(start)
-        log = _MetricLog(self.out_dir, start, rank0, self.cfg.tensorboard)
+        log = _MetricLog(
+            self.out_dir, start, rank0, self.cfg.tensorboard, self.logging_cfg, self.run_meta.get("config")
+        )
         history = []
         bar = tqdm(
             range(start, self.cfg.steps),
@@ -237,14 +269,24 @@ class Trainer:
 
 
 class _MetricLog:
-    """``metrics.jsonl`` (one JSON object a logged step) and TensorBoard scalars, on rank 0 only.
+    """``metrics.jsonl`` (one JSON object a logged step), TensorBoard scalars and, with ``logging.wandb``,
+    Weights & Biases (offline by default), on rank 0 only.
 
     On resume, lines past the resumed step are dropped so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, out_dir: Path, start_step: int, active: bool, tensorboard: bool):
+    def __init__(
+        self,
+        out_dir: Path,
+        start_step: int,
+        active: bool,
+        tensorboard: bool,
+        logging_cfg: LoggingConfig | None = None,
+        config: dict | None = None,
+    ):
         self.active = active
         self.tb = None
+        self.wandb = None
         if not active:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -257,6 +299,15 @@ class _MetricLog:
             from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard, only when logging to it
 
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
+        if logging_cfg is not None and logging_cfg.wandb:
+            wandb = import_wandb()
+            self.wandb = wandb.init(
+                project=logging_cfg.wandb_project,
+                name=out_dir.name,
+                dir=str(out_dir),
+                mode=logging_cfg.wandb_mode,
+                config=config or {},
+            )
 
     def write(self, metrics: dict):
         if not self.active:
@@ -267,9 +318,16 @@ class _MetricLog:
             for k, v in metrics.items():
                 if k != "step" and isinstance(v, (int, float)):
                     self.tb.add_scalar(k if k.startswith("eval/") else f"train/{k}", v, metrics["step"])
+        if self.wandb is not None:
+            scalars = {k: v for k, v in metrics.items() if k != "step" and isinstance(v, (int, float))}
+            self.wandb.log(
+                {k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}, step=metrics["step"]
+            )
 
     def close(self):
         if self.active:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
+            if self.wandb is not None:
+                self.wandb.finish()

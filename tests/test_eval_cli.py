@@ -84,26 +84,38 @@ def write_tiny_buffer(path: Path, tokenizer_folder: Path) -> None:
     )
 
 
-def train(tmp_path, init: Path, loss: str) -> Path:
-    out = tmp_path / f"run_{loss}"
+def train(tmp_path, init: Path, loss: str, *overrides: str, name: str | None = None, in_process=False) -> Path:
+    """A 2-step shiq-train run (checkpoints at steps 1 and 2) from ``init`` in ``tmp_path/name`` (default
+    ``run_LOSS``); ``overrides``: more key=value settings. ``in_process``: the same command line composed by
+    Hydra and run by ``shiq_train.cli.run`` in this process (no start-up cost), else ``python -m shiq_train``."""
+    out = tmp_path / (name or f"run_{loss}")
+    args = [
+        f"data.buffer={tmp_path / 'buffer'}",
+        f"out={out}",
+        f"init={init}",
+        f"loss={loss}",
+        "train.steps=2",
+        "train.save_every=1",
+        "train.reference=online",
+        "train.progress=false",
+        "train.tensorboard=false",
+        "optimizer.lr=3e-3",
+        "data.rows_per_micro_batch=4",
+        *overrides,
+    ]
+    if in_process:
+        from hydra import compose, initialize_config_dir
+        from omegaconf import OmegaConf
+
+        from shiq_train import cli
+
+        with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base=None):
+            cfg = OmegaConf.to_container(compose(config_name="train", overrides=args), resolve=True)
+        assert cli.run(cfg, cli.model_keys_given(args)) == out
+        return out
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "shiq_train",
-            f"data.buffer={tmp_path / 'buffer'}",
-            f"out={out}",
-            f"init={init}",
-            f"loss={loss}",
-            "train.steps=2",
-            "train.save_every=1",
-            "train.reference=online",
-            "train.progress=false",
-            "train.tensorboard=false",
-            "optimizer.lr=3e-3",
-            "data.rows_per_micro_batch=4",
-        ],
+        [sys.executable, "-m", "shiq_train", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -46,12 +46,12 @@ def test_wheel_install_finds_its_configs_outside_the_source_tree(tmp_path):
     shipped = sorted(
         p.relative_to(site / "shiq_configs").as_posix()
         for p in (site / "shiq_configs").rglob("*.*")
-        if p.suffix in (".yaml", ".json")
+        if p.suffix in (".yaml", ".json", ".jsonl")
     )
     in_repo = sorted(
         p.relative_to(REPO / "configs").as_posix()
         for p in (REPO / "configs").rglob("*.*")
-        if p.suffix in (".yaml", ".json")
+        if p.suffix in (".yaml", ".json", ".jsonl")
     )
     assert shipped == in_repo
     probe = (

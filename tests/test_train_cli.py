@@ -90,6 +90,7 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
 
 cli.open_data_source = fake_source
 cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "test", "fingerprint": "0", "vocab_size": 128}}
+cli.check_buffer_fits = lambda *a: None  # no buffer: the fake source stands in for it
 cli.main()
 """
 
@@ -546,6 +547,7 @@ class Source:  # a buffer row found bad only when it is read, in the first step
         pass
 
 cli.open_data_source = lambda *a: Source()
+cli.check_buffer_fits = lambda *a: None
 cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "t", "fingerprint": "0", "vocab_size": 128}}
 cli.main()
 """
@@ -591,3 +593,56 @@ def test_a_corrupted_shard_is_refused_unless_checksums_are_switched_off(tmp_path
     open_data_source({**cfg, "verify_checksums": False}, "padded", "online", 0, 1, 64)
     with pytest.raises(ConfigError, match="data.verify_checksums='no'"):
         check_plain_options({"seed": 0, "parallel": {}, "out": "x", "data": {**cfg, "verify_checksums": "no"}})
+
+
+def test_the_first_readme_command_on_a_fresh_buffer_says_in_one_line_what_to_run(tmp_path):
+    """A freshly built buffer (a tokenizer of 300 tokens, rows up to 40 tokens, no reference statistics) does
+    not fit the default tiny model in three ways: one line names all three and the command that fits; that
+    command trains."""
+    from shiq_data.buffer import write_buffer
+
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(8):
+        n = 12 + 4 * i  # 12 .. 40 tokens
+        rows.append(
+            {
+                "group_id": i // 2,
+                "prompt_len": 4,
+                "tokens": torch.randint(0, 300, (n,), generator=g).tolist(),
+                "action_mask": [False] * 4 + [True] * (n - 4),
+                "rewards": [0.0] * (n - 1) + [float(i % 2)],
+                "source": "test",
+            }
+        )
+    tok = {"name": "fresh", "fingerprint": "2", "vocab_size": 300}
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=tok, command=["test"], progress=False)
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from shiq_train import cli
+
+    def run(*args):  # the command line, composed by Hydra and run in this process
+        quiet = ["train.progress=false", "train.tensorboard=false", *args]
+        with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base=None):
+            cfg = OmegaConf.to_container(compose(config_name="train", overrides=quiet), resolve=True)
+        return cli.run(cfg, cli.model_keys_given(quiet))
+
+    with pytest.raises(cli.ConfigError) as refused:
+        run(f"data.buffer={tmp_path / 'buf'}", f"out={tmp_path / 'run'}")  # the README's first command
+    line = str(refused.value)
+    assert "\n" not in line and cli.is_user_error(refused.value)  # printed as one line, exit status 2
+    assert "'fresh' has 300 tokens" in line and "only 128" in line  # the vocabulary
+    assert "longest row has 40 tokens but model.max_sequence_length=16" in line
+    assert "has no reference statistics" in line
+    suggested = line.split(" Run: shiq-train ", 1)[1].split(" (and your other settings)")[0].split()
+    assert suggested == [
+        f"data.buffer={tmp_path / 'buf'}",
+        f"out={tmp_path / 'run'}",
+        "model.vocab_size=384",
+        "model.max_sequence_length=64",
+        "train.reference=online",
+    ]
+    assert not (tmp_path / "run").exists()
+    assert run(*suggested, "train.steps=1") == tmp_path / "run"
+    assert [m["step"] for m in metrics(tmp_path / "run")] == [1]

@@ -67,7 +67,7 @@ from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.evaluate import evaluate_policy
 from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
-from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference
+from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.report import (
     COLUMNS,
@@ -807,12 +807,6 @@ def stage_eval_reference(ctx: Context) -> None:
 def _stderr_of_difference(a: dict, b_rewards) -> float:
     """Unpaired s.e. of ``a``'s mean reward minus the mean of ``b_rewards`` (the reference on the same prompts)."""
     return math.sqrt(a["reward_stderr"] ** 2 + mean_stderr(b_rewards)[1] ** 2)
-
-
-def per_prompt(values: list[float], samples_per_prompt: int) -> np.ndarray:
-    """Per-completion values in prompt-major order ``[P * s]`` as per-prompt means ``[P]``."""
-    v = np.asarray(values, dtype=np.float64)
-    return v.reshape(-1, samples_per_prompt).mean(1)
 
 
 def summarize(row: dict, beta: float, ref: dict, s: int) -> dict:

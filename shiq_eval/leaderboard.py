@@ -1,0 +1,340 @@
+"""Leaderboard: the result folders of ``shiq-eval run`` merged into one table (SHIQ_MATH §6, §9).
+
+One row per (suite, run, step): mean reward, KL (the suite's estimator) and ``J = R − β·KL`` at the run's
+own ``β`` (the reference's ``J`` is its reward), each with its standard error over prompts, recomputed
+from every completion's values in ``results.json`` (a prompt's samples averaged first, so samples of one
+prompt are not counted as independent). For each pair of runs on the same prompts, at each run's last
+step, the paired difference ``a − b`` of reward and of ``J`` with its standard error
+(:func:`shiq_eval.optimum.paired_difference`). Rows of different suites (fingerprints) are refused
+unless mixing is asked for.
+
+Outputs: ``leaderboard.csv``, ``pairs.csv``, ``leaderboard.md``, ``leaderboard.html`` (self-contained:
+the plots are embedded as PNG), ``reward_vs_kl.png``, ``reward_vs_step.png``, ``j_vs_step.png``.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from pathlib import Path
+
+from shiq_data.io import atomic_write_text
+from shiq_eval.optimum import j_per_prompt, mean_stderr, paired_difference, per_prompt
+from shiq_eval.report import plot_curves, plot_j_vs_step
+
+RESULTS = "results.json"
+# what a results.json row must hold to be ranked (shiq-eval run writes all of them)
+REQUIRED = (
+    "run",
+    "method",
+    "beta",
+    "step",
+    "suite",
+    "suite_sha256",
+    "prompt_set_sha256",
+    "samples_per_prompt",
+    "kl_estimator",
+    "model_sha256",
+    "rewards",
+    "kls_exact",
+    "kls_sample",
+)
+COLUMNS = [
+    "suite",
+    "run",
+    "method",
+    "beta",
+    "step",
+    "prompts",
+    "samples_per_prompt",
+    "reward_mean",
+    "reward_stderr",
+    "kl_estimator",
+    "kl",
+    "kl_stderr",
+    "J",
+    "J_stderr",
+    "model_sha256",
+    "prompt_set_sha256",
+    "suite_sha256",
+    "source",
+]
+PAIR_COLUMNS = [
+    "suite",
+    "run_a",
+    "step_a",
+    "run_b",
+    "step_b",
+    "prompts",
+    "reward_diff",
+    "reward_diff_stderr",
+    "J_diff",
+    "J_diff_stderr",
+    "prompt_set_sha256",
+    "suite_sha256",
+]
+
+
+def read_results(folders) -> list[dict]:
+    """Every row of ``FOLDER/results.json`` (or of the JSON file itself) of each folder, with its ``source``
+    file; a row without the fields of :data:`REQUIRED` is refused naming the file and row."""
+    rows = []
+    for folder in folders:
+        path = Path(folder)
+        path = path if path.is_file() else path / RESULTS
+        if not path.is_file():
+            raise ValueError(f"{folder}: no {RESULTS} (expected an --out folder of shiq-eval run)")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+            raise ValueError(f"{path}: expected a list of result rows (objects)")
+        for i, row in enumerate(data):
+            missing = [k for k in REQUIRED if k not in row]
+            if missing:
+                raise ValueError(
+                    f"{path}: row {i} has no {missing} (written before runs had labels and suites?): rerun "
+                    "shiq-eval run on its checkpoints"
+                )
+            rows.append({**row, "source": str(path)})
+    return rows
+
+
+def check_suites(rows: list[dict], allow_mixed: bool) -> None:
+    """Refuse rows of different suite fingerprints (naming the two files), unless ``allow_mixed``."""
+    if allow_mixed or not rows:
+        return
+    first = rows[0]
+    for row in rows[1:]:
+        if row["suite_sha256"] != first["suite_sha256"]:
+            raise ValueError(
+                f"{first['source']} (suite {first['suite']}, fingerprint {first['suite_sha256'][:12]}) and "
+                f"{row['source']} (suite {row['suite']}, fingerprint {row['suite_sha256'][:12]}) measure different "
+                "suites, so their numbers are not comparable: leave one out, or merge anyway with --allow-mixed"
+            )
+
+
+def summarize(row: dict) -> tuple[dict, dict]:
+    """``(table row, per-prompt values)`` of one result row: reward, KL (its suite's estimator) and ``J``
+    (SHIQ_MATH §9; None without a ``β``) with standard errors over prompts; per-prompt arrays ``[P]``."""
+    k = int(row["samples_per_prompt"])
+    kls = row["kls_exact"] if row["kl_estimator"] == "exact" else row["kls_sample"]
+    where = f"{row['source']}: run {row['run']!r} step {row['step']}"
+    try:
+        reward, kl = per_prompt(row["rewards"], k), per_prompt(kls, k)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    if row["method"] == "reference":
+        j = reward  # J(π_ref) = E[R]: its KL is 0 at any β
+    elif row["beta"] is not None:
+        j = j_per_prompt(reward, kl, row["beta"])
+    else:
+        j = None
+    out = {key: row[key] for key in COLUMNS if key in row}
+    out["prompts"] = int(reward.size)
+    out["reward_mean"], out["reward_stderr"] = mean_stderr(reward)
+    out["kl"], out["kl_stderr"] = mean_stderr(kl)
+    out["J"], out["J_stderr"] = mean_stderr(j) if j is not None else (None, None)
+    return out, {"reward": reward, "J": j}
+
+
+def _order(row: dict) -> tuple:
+    beta = row["beta"] if row["beta"] is not None else float("-inf")
+    return (
+        row["suite"],
+        row["suite_sha256"],
+        row["method"] != "reference",
+        row["method"],
+        beta,
+        row["run"],
+        row["step"],
+    )
+
+
+def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list[dict]]:
+    """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
+    in suite, loss, β, run, step order; the pairs every two runs of one suite on the same prompts, each at
+    its last step, ``a − b`` with ``b`` the earlier in table order."""
+    check_suites(rows, allow_mixed)
+    seen, table, values = {}, [], []
+    for row in rows:
+        key = (row["suite_sha256"], row["run"], row["step"])
+        if key in seen:
+            if seen[key]["model_sha256"] != row["model_sha256"]:
+                raise ValueError(
+                    f"{seen[key]['source']} and {row['source']}: run {row['run']!r} step {row['step']} names two "
+                    "different models (different weights SHA-256): give one of them another label (shiq-eval run "
+                    "--label)"
+                )
+            continue
+        seen[key] = row
+        t, v = summarize(row)
+        table.append(t)
+        values.append(v)
+    order = sorted(range(len(table)), key=lambda i: _order(table[i]))
+    table, values = [table[i] for i in order], [values[i] for i in order]
+    last = {}
+    for i, t in enumerate(table):  # each run's last step, per suite and prompt set
+        key = (t["suite_sha256"], t["prompt_set_sha256"], t["run"])
+        if key not in last or t["step"] > table[last[key]]["step"]:
+            last[key] = i
+    finals = sorted(last.values())
+    pairs = []
+    for x, b in enumerate(finals):
+        for a in finals[x + 1 :]:
+            ta, tb = table[a], table[b]
+            if (ta["suite_sha256"], ta["prompt_set_sha256"]) != (tb["suite_sha256"], tb["prompt_set_sha256"]):
+                continue
+            pair = {
+                "suite": ta["suite"],
+                "run_a": ta["run"],
+                "step_a": ta["step"],
+                "run_b": tb["run"],
+                "step_b": tb["step"],
+                "prompts": ta["prompts"],
+                "prompt_set_sha256": ta["prompt_set_sha256"],
+                "suite_sha256": ta["suite_sha256"],
+            }
+            pair["reward_diff"], pair["reward_diff_stderr"] = paired_difference(
+                values[a]["reward"], values[b]["reward"]
+            )
+            if values[a]["J"] is not None and values[b]["J"] is not None:
+                pair["J_diff"], pair["J_diff_stderr"] = paired_difference(values[a]["J"], values[b]["J"])
+            else:
+                pair["J_diff"], pair["J_diff_stderr"] = None, None
+            pairs.append(pair)
+    return table, pairs
+
+
+def _csv(rows: list[dict], columns: list[str]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow(r)
+    return buf.getvalue()
+
+
+def _pm(mean, se) -> str:
+    return "" if mean is None else f"{mean:.4g} ± {se:.2g}"
+
+
+def _cells(t: dict) -> list[str]:
+    beta = "" if t["beta"] is None else f"{t['beta']:g}"
+    weights = (t["model_sha256"] or "")[:12]
+    return [t["run"], t["method"], beta, str(t["step"]), _pm(t["reward_mean"], t["reward_stderr"])] + [
+        _pm(t["kl"], t["kl_stderr"]),
+        _pm(t["J"], t["J_stderr"]),
+        weights,
+    ]
+
+
+HEADER = ["run", "loss", "β", "step", "reward ± s.e.", "KL ± s.e.", "J ± s.e.", "weights sha256"]
+PAIR_HEADER = ["a", "b", "reward a − b ± s.e.", "J a − b ± s.e."]
+
+
+def _pair_cells(p: dict) -> list[str]:
+    return [
+        f"{p['run_a']} @ {p['step_a']}",
+        f"{p['run_b']} @ {p['step_b']}",
+        _pm(p["reward_diff"], p["reward_diff_stderr"]),
+        _pm(p["J_diff"], p["J_diff_stderr"]),
+    ]
+
+
+def _groups(table: list[dict], pairs: list[dict]):
+    """``(title, table rows, pairs)`` per suite fingerprint, in table order."""
+    out = []
+    for sha in dict.fromkeys(t["suite_sha256"] for t in table):
+        rows = [t for t in table if t["suite_sha256"] == sha]
+        first = rows[0]
+        title = (
+            f"suite {first['suite']} (fingerprint {sha[:12]}; {first['prompts']} prompts x "
+            f"{first['samples_per_prompt']} samples; KL: {first['kl_estimator']})"
+        )
+        out.append((title, rows, [p for p in pairs if p["suite_sha256"] == sha]))
+    return out
+
+
+def markdown(table: list[dict], pairs: list[dict]) -> str:
+    """The leaderboard as Markdown: per suite, the table and the paired differences."""
+
+    def md_table(header, lines):
+        out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        return out + ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines]
+
+    lines = ["# Leaderboard", ""]
+    for title, rows, group_pairs in _groups(table, pairs):
+        lines += [f"## {title}", ""] + md_table(HEADER, [_cells(t) for t in rows]) + [""]
+        if group_pairs:
+            lines += ["Paired differences (each run's last step; a − b paired by prompt):", ""]
+            lines += md_table(PAIR_HEADER, [_pair_cells(p) for p in group_pairs]) + [""]
+    return "\n".join(lines)
+
+
+def html_page(table: list[dict], pairs: list[dict], images: dict[str, bytes]) -> str:
+    """The leaderboard as one self-contained HTML page: the tables and the plots as embedded PNG."""
+
+    def html_table(header, lines):
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>" for cells in lines)
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8"><title>shiq leaderboard</title>',
+        "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}th{background:#f4f4f4}</style>",
+        "</head><body><h1>Leaderboard</h1>",
+    ]
+    for title, rows, group_pairs in _groups(table, pairs):
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(html_table(HEADER, [_cells(t) for t in rows]))
+        if group_pairs:
+            parts.append("<p>Paired differences (each run's last step; a − b paired by prompt):</p>")
+            parts.append(html_table(PAIR_HEADER, [_pair_cells(p) for p in group_pairs]))
+    for name, data in images.items():
+        encoded = base64.b64encode(data).decode("ascii")
+        parts.append(
+            f'<h2>{html.escape(name)}</h2><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+        )
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def plots(table: list[dict], out: Path) -> list[Path]:
+    """Reward vs KL, reward vs step and J vs step, one curve per run (per run and suite when mixed), the
+    first reference row as the reference."""
+    mixed = len({t["suite_sha256"] for t in table}) > 1
+    rows = [
+        {**t, "run": f"{t['run']} [{t['suite']}]" if mixed else t["run"]} for t in table if t["method"] != "reference"
+    ]
+    refs = [t for t in table if t["method"] == "reference"]
+    if not rows:
+        return []
+    ref = refs[0] if refs else None
+    paths = plot_curves(rows, out, reference=ref, kl_key="kl", kl_name=table[0]["kl_estimator"])
+    with_j = [r for r in rows if r["J"] is not None]
+    if with_j:
+        paths.append(plot_j_vs_step(with_j, out, (ref["J"], ref["J_stderr"]) if ref else None, {}))
+    return paths
+
+
+def write_leaderboard(rows: list[dict], out: Path, allow_mixed: bool = False) -> list[Path]:
+    """Build the leaderboard of result rows (:func:`build`) and write it to ``out``; returns the files."""
+    table, pairs = build(rows, allow_mixed)
+    out = Path(out)
+    written = [
+        atomic_write_text(out / "leaderboard.csv", _csv(table, COLUMNS)),
+        atomic_write_text(out / "pairs.csv", _csv(pairs, PAIR_COLUMNS)),
+        atomic_write_text(out / "leaderboard.md", markdown(table, pairs)),
+    ]
+    images = plots(table, out)
+    written.append(
+        atomic_write_text(out / "leaderboard.html", html_page(table, pairs, {p.name: p.read_bytes() for p in images}))
+    )
+    return written + images

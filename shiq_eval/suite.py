@@ -1,0 +1,149 @@
+"""Evaluation suites: what ``shiq-eval run`` measures, as a config file with a fingerprint (SHIQ_MATH §6, §9).
+
+A suite (``configs/eval/NAME.yaml``, or any YAML file of the same shape) fixes the prompts, the scorer,
+the sampling settings (temperature, completion length, samples per prompt, seed, batch size: batch ``i``
+is seeded with ``seed + i``, so the batch size is part of the draw) and the KL estimator the leaderboard
+reports. Command-line flags override single settings. Its fingerprint is the SHA-256 of the resolved
+settings, with the prompts and the scorer replaced by the SHA-256 of their content, so two result rows are
+comparable when, and only when, their fingerprints agree.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from importlib.metadata import version
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from shiq_data.assets import config_dir
+from shiq_data.io import sha256_files
+
+SCORERS = ("reward_model", "hf_reward_model", "vader")
+KL_ESTIMATORS = ("exact", "sample")
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0
+    max_new_tokens: int = 32
+    samples_per_prompt: int = 1
+    seed: int = 0
+    batch_size: int = 16
+
+
+@dataclass
+class Suite:
+    """One evaluation protocol; ``prompts`` is a JSONL file (relative paths: to the suite file's folder) or
+    ``movie_prompts`` the number of the demo's held-out movie-review openings (one of the two)."""
+
+    name: str = "custom"
+    prompts: str | None = None
+    movie_prompts: int | None = None
+    # reward_model (a regression head file: reward_model=PATH) | hf_reward_model (a Hugging Face
+    # sequence-classification folder: reward_model=FOLDER) | vader (the packaged lexicon)
+    scorer: str = "reward_model"
+    reward_model: str | None = None
+    chat: bool = False
+    sampling: Sampling = field(default_factory=Sampling)
+    kl_estimator: str = "exact"  # which KL the leaderboard reports and J uses: exact (per-token sum) | sample
+
+
+class SuiteError(ValueError):
+    """A suite file or setting that cannot work; the message names the file or key."""
+
+
+def suite_path(spec: str) -> Path:
+    """The YAML file ``spec`` names: ``configs/eval/<spec>.yaml`` for a name, else the path itself."""
+    path = Path(spec)
+    if path.suffix in (".yaml", ".yml") or path.parent != Path("."):
+        if not path.is_file():
+            raise SuiteError(f"--suite {spec}: no such file")
+        return path
+    path = config_dir() / "eval" / f"{spec}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in (config_dir() / "eval").glob("*.yaml"))
+        raise SuiteError(f"--suite {spec}: no suite of that name (known: {known}; or give a YAML file)")
+    return path
+
+
+def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, Path | None]:
+    """``(suite, file)``: the suite ``spec`` names (None: an unnamed ``custom`` suite of defaults) with
+    ``overrides`` (``{key or sampling.key: value}``, None values skipped) applied, checked; relative paths in
+    the file resolve against its folder."""
+    path = suite_path(spec) if spec is not None else None
+    base = OmegaConf.structured(Suite)
+    try:
+        if path is not None:
+            base = OmegaConf.merge(base, OmegaConf.load(path))
+        suite = OmegaConf.to_object(base)
+    except (OmegaConfBaseException, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise SuiteError(f"{path}: {first} (a suite has the keys {[f.name for f in fields(Suite)]})") from None
+    for key in ("prompts", "reward_model"):
+        value = getattr(suite, key)
+        if value is not None and path is not None and not Path(value).is_absolute():
+            setattr(suite, key, str(path.parent / value))
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key.startswith("sampling."):
+            suite.sampling = replace(suite.sampling, **{key.split(".", 1)[1]: value})
+        else:
+            setattr(suite, key, value)
+    if overrides and overrides.get("prompts") is not None:
+        suite.movie_prompts = None
+    if overrides and overrides.get("movie_prompts") is not None:
+        suite.prompts = None
+    check_suite(suite, path)
+    return suite, path
+
+
+def check_suite(suite: Suite, path: Path | None) -> None:
+    where = f"{path}: " if path is not None else ""
+    if (suite.prompts is None) == (suite.movie_prompts is None):
+        raise SuiteError(
+            f"{where}give exactly one of prompts (a JSONL file, --prompts) and movie_prompts (--movie-prompts)"
+        )
+    if suite.scorer not in SCORERS:
+        raise SuiteError(f"{where}scorer must be one of {list(SCORERS)}, got {suite.scorer!r}")
+    if suite.scorer in ("reward_model", "hf_reward_model") and suite.reward_model is None:
+        raise SuiteError(
+            f"{where}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"
+        )
+    if suite.kl_estimator not in KL_ESTIMATORS:
+        raise SuiteError(f"{where}kl_estimator must be one of {list(KL_ESTIMATORS)}, got {suite.kl_estimator!r}")
+    s = suite.sampling
+    for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
+        if getattr(s, key) < 1:
+            raise SuiteError(f"{where}sampling.{key} must be >= 1, got {getattr(s, key)}")
+    if not s.temperature > 0:
+        raise SuiteError(f"{where}sampling.temperature must be > 0, got {s.temperature}")
+
+
+def scorer_sha256(suite: Suite) -> str:
+    """What identifies the scorer's content: the head file's SHA-256, the folder's weight files' and config's,
+    or the VADER package's version."""
+    if suite.scorer == "reward_model":
+        return sha256_files([suite.reward_model])
+    if suite.scorer == "hf_reward_model":
+        folder = Path(suite.reward_model)
+        weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+        return sha256_files([folder / "config.json", *weights])
+    return hashlib.sha256(f"vaderSentiment=={version('vaderSentiment')}".encode()).hexdigest()
+
+
+def fingerprint(suite: Suite, prompt_set_sha256: str) -> tuple[dict, str]:
+    """``(content, sha256)``: the resolved suite with its prompts and scorer as content hashes (no paths, so
+    the same suite on another machine has the same fingerprint), and the SHA-256 of that content."""
+    content = asdict(suite)
+    content.pop("prompts")
+    content.pop("movie_prompts")
+    content.pop("reward_model")
+    content["prompt_set_sha256"] = prompt_set_sha256
+    content["scorer_sha256"] = scorer_sha256(suite)
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+    return content, hashlib.sha256(blob).hexdigest()

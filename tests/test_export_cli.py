@@ -1,0 +1,75 @@
+"""``shiq-train export RUN [--step N] --hf OUT``: a Hugging Face folder transformers loads and generates from.
+
+The independent reference is our megatron model itself (random weights, never converted from a transformers
+model): the folder's ``AutoModelForCausalLM`` must give its logits on the same token ids, greedy generation
+must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from the folder.
+"""
+
+import json
+import warnings
+
+import pytest
+import torch
+import yaml
+
+transformers = pytest.importorskip("transformers")
+
+from test_eval_cli import VOCAB, tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
+
+from shiq_data.assets import config_dir  # noqa: E402
+from shiq_data.tokenizers import load_tokenizer  # noqa: E402
+from shiq_train import export, parallel  # noqa: E402
+from shiq_train import model as M  # noqa: E402
+from shiq_train.checkpoint import save_checkpoint  # noqa: E402
+from shiq_train.cli import llama_config_from_model  # noqa: E402
+
+
+def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys):
+    warnings.filterwarnings("ignore")
+    tok_info = load_tokenizer(str(tiny_hf_folder(tmp_path / "tok")))[1]
+    section = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
+    cfg = M.ModelConfig.from_dict({**section, "num_query_groups": 2, "share_embeddings_and_output_weights": False})
+    assert cfg.vocab_size == VOCAB
+    ids = torch.randint(2, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    meta = {
+        "config": {"init": "none"},
+        "hf_config": llama_config_from_model(cfg).to_dict(),
+        "tokenizer": tok_info,
+        "loss": {"name": "dpo", "beta": 0.25, "gamma": 1.0},
+    }
+    run = tmp_path / "run"
+    with parallel.distributed(seed=0):
+        mg = M.build_model(cfg).eval()
+        with torch.no_grad():  # non-trivial norms, so a swapped or dropped norm weight would show
+            for name, p in mg.named_parameters():
+                if "norm" in name or "layernorm" in name:
+                    p.uniform_(0.5, 1.5)
+        for step in (1, 2):
+            save_checkpoint(run / "checkpoints", step, mg, meta=meta)
+        with torch.no_grad():
+            want = mg(**M.model_inputs(ids)).float()
+    assert export.main([str(run), "--step", "2", "--hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        got = hf(ids).logits
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    greedy = hf.generate(ids[:1, :6], max_new_tokens=1, do_sample=False)
+    assert int(greedy[0, -1]) == int(want[0, 5].argmax())  # from position 5's logits
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tok("w3 w9 w17", add_special_tokens=False)["input_ids"] == [3, 9, 17]
+    record = json.loads((tmp_path / "hf" / "shiq_export.json").read_text())
+    assert (record["run"], record["step"], record["loss"]["beta"]) == ("run", 2, 0.25)
+    assert record["tokenizer"]["fingerprint"] == tok_info["fingerprint"]
+
+    capsys.readouterr()  # refusals: one line, exit status 2, nothing written
+    assert export.main([str(run), "--step", "2", "--hf", str(tmp_path / "hf")]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert export.main([str(run), "--step", "7", "--hf", str(tmp_path / "x")]) == 2
+    assert "no checkpoint of step 7" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    other = tiny_hf_folder(tmp_path / "other")
+    (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"w5"', '"w5x"'))
+    assert export.main([str(run), "--hf", str(tmp_path / "x"), "--tokenizer", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
+    assert err.startswith("shiq-train export: error: --tokenizer ") and "fingerprint" in err
+    assert not (tmp_path / "x").exists()
+    assert export.main([str(run), "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step

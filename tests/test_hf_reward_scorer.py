@@ -1,0 +1,49 @@
+"""A Hugging Face sequence-classification reward model as a scorer (shiq-eval run --scorer hf_reward_model).
+
+The independent reference is the same transformers model run on each text alone (no padding): batching
+with padding must give the same scores; a classifier with more than one output is refused.
+"""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from test_eval_cli import VOCAB, tiny_hf_folder  # noqa: E402  (a word-level tokenizer of w0..w127)
+
+from shiq_eval.scorers import SequenceClassifierScorer  # noqa: E402
+
+
+def classifier_folder(path, num_labels=1):
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_hf_folder(path / "tok"))
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_labels=num_labels,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(cfg).save_pretrained(path / "rm")
+    tok.save_pretrained(path / "rm")
+    return path / "rm", tok
+
+
+def test_batched_scores_equal_one_text_at_a_time(tmp_path):
+    folder, tok = classifier_folder(tmp_path)
+    prompts = ["w3 w4", "w5", "w6 w7 w8 w9", "w10"]
+    completions = ["w11", "w12 w13 w14 w15 w16", "w17", "w18 w19"]
+    got = SequenceClassifierScorer(folder, batch_size=3)(prompts, completions)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    want = []
+    with torch.no_grad():
+        for p, c in zip(prompts, completions):
+            ids = tok(p + " " + c, return_tensors="pt")["input_ids"]
+            want.append(float(model(input_ids=ids).logits[0, 0]))
+    assert got == pytest.approx(want, abs=1e-5)
+    assert max(want) - min(want) > 1e-4  # different texts, different scores: equality is not trivial
+    two, _ = classifier_folder(tmp_path / "two", num_labels=2)
+    with pytest.raises(ValueError, match="one output"):
+        SequenceClassifierScorer(two)

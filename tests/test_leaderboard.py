@@ -1,0 +1,265 @@
+"""Runs have names, suites have fingerprints, and the leaderboard's numbers are the per-run results'.
+
+Two tiny ShiQ runs that differ only in β, from one tiny Llama folder, are evaluated with one suite (a YAML
+file), and so is a Hugging Face export of the second run. Checked against independent references: the run
+labels, β and weight hashes against the runs' folders (config.yaml, hashlib on the files); the exported
+folder gives the same completions and rewards as the checkpoint it came from; every leaderboard number
+(means, standard errors over prompts, J = R − β·KL, paired differences) recomputed here with numpy and
+pandas from the per-completion values in results.json; a second suite's results are refused in the same
+table.
+"""
+
+import base64
+import hashlib
+import json
+import math
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+pytest.importorskip("transformers")
+
+from test_eval_cli import tiny_hf_folder, train, write_tiny_buffer  # noqa: E402  (a tiny Llama, buffer, 2-step run)
+
+from shiq_eval import cli as eval_cli  # noqa: E402
+from shiq_train import export  # noqa: E402
+
+K = 2  # samples per prompt in the suite
+
+
+def sha256_of(*paths) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def recompute(row: dict, beta) -> dict:
+    """Mean and s.e. over prompts of reward, exact KL and J, from the per-completion values (prompt-major)."""
+    r = np.asarray(row["rewards"], dtype=np.float64).reshape(-1, K).mean(1)
+    kl = np.asarray(row["kls_exact"], dtype=np.float64).reshape(-1, K).mean(1)
+    j = r if beta is None else r - beta * kl
+    se = lambda x: x.std(ddof=1) / math.sqrt(x.size)
+    return {
+        "reward_mean": r.mean(),
+        "reward_stderr": se(r),
+        "kl": kl.mean(),
+        "kl_stderr": se(kl),
+        "J": j.mean(),
+        "J_stderr": se(j),
+        "_r": r,
+        "_j": j,
+    }
+
+
+def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
+    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+
+    init = tiny_hf_folder(tmp_path / "init")
+    write_tiny_buffer(tmp_path / "buffer", init)
+    runs = {b: train(tmp_path, init, "shiq", f"loss.beta={b}", name=f"b{b}", in_process=True) for b in ("0.1", "0.5")}
+    hf = tmp_path / "hf_b05"
+    assert export.main([str(runs["0.5"]), "--hf", str(hf)]) == 0
+    assert eval_cli.EXPORT_RECORD == export.EXPORT_RECORD
+
+    suite_dir = tmp_path / "suite"
+    suite_dir.mkdir()
+    texts = ["a wonderful film", "a dreadful film", "great acting", "boring plot", "w5 w6", "w9 w10", "w3 w4 w7"]
+    RegressionRewardModel.fit(minilm_encoder(), texts, [1.0, -1.0, 1.0, -1.0, 0.5, -0.5, 0.2], l2=1.0).save(
+        suite_dir / "rm.safetensors"
+    )
+    (suite_dir / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9))
+    )
+    suite = {
+        "name": "tiny_words",
+        "prompts": "prompts.jsonl",  # relative to the suite file
+        "scorer": "reward_model",
+        "reward_model": "rm.safetensors",
+        "sampling": {"max_new_tokens": 4, "samples_per_prompt": K, "seed": 3, "batch_size": 5},
+    }
+    (suite_dir / "tiny.yaml").write_text(yaml.safe_dump(suite))
+    common = ["--suite", str(suite_dir / "tiny.yaml"), "--quiet"]
+    runs_b = [str(runs["0.1"]), str(runs["0.5"])]
+    assert eval_cli.main(["run", *runs_b, "--out", str(tmp_path / "ev"), *common]) == 0
+    assert eval_cli.main(["run", str(hf), "--out", str(tmp_path / "ev_hf"), *common]) == 0
+    ev = json.loads((tmp_path / "ev" / "results.json").read_text())
+    ev_hf = json.loads((tmp_path / "ev_hf" / "results.json").read_text())
+
+    # runs have names: the folder's name, the step, β from the run's config, the hash of the weights read
+    assert [(r["run"], r["method"], r["step"]) for r in ev] == [
+        ("reference", "reference", 0),
+        ("b0.1", "shiq", 1),
+        ("b0.1", "shiq", 2),
+        ("b0.5", "shiq", 1),
+        ("b0.5", "shiq", 2),
+    ]
+    betas = {name: yaml.safe_load((run / "config.yaml").read_text())["loss"]["beta"] for name, run in runs.items()}
+    assert [r["beta"] for r in ev] == [None, betas["0.1"], betas["0.1"], betas["0.5"], betas["0.5"]]
+    for r in ev[1:]:
+        rank_file = runs[r["run"][1:]] / "checkpoints" / f"step_{r['step']:08d}" / "rank_tp0_pp0_dp0.pt"
+        assert r["model_sha256"] == sha256_of(rank_file)
+    assert ev[0]["model_sha256"] == sha256_of(init / "model.safetensors")
+    assert [(r["run"], r["method"], r["step"], r["beta"]) for r in ev_hf[1:]] == [("hf_b05", "shiq", 2, betas["0.5"])]
+    assert ev_hf[1]["model_sha256"] == sha256_of(hf / "model.safetensors")
+    # one suite, one fingerprint: the resolved settings with the prompts' and head's content hashes
+    prompts_sha = hashlib.sha256(
+        json.dumps([[f"w{i} w{i + 1} w{i + 2}"] * 2 for i in range(3, 9)]).encode()
+    ).hexdigest()
+    assert {r["prompt_set_sha256"] for r in ev + ev_hf} == {prompts_sha}
+    assert len({r["suite_sha256"] for r in ev + ev_hf}) == 1 and {r["suite"] for r in ev + ev_hf} == {"tiny_words"}
+    saved = json.loads((tmp_path / "ev" / "suite.json").read_text())
+    assert saved["content"]["prompt_set_sha256"] == prompts_sha
+    assert saved["content"]["scorer_sha256"] == sha256_of(suite_dir / "rm.safetensors")
+    assert saved["content"]["sampling"] == suite["sampling"] | {"temperature": 1.0}
+    assert all(r["n"] == 6 * K and len(r["rewards"]) == 6 * K for r in ev + ev_hf)
+    # the exported folder is the checkpoint it came from: the same draws, rewards and KL
+    assert ev_hf[1]["rewards"] == pytest.approx(ev[4]["rewards"], abs=1e-6)
+    assert ev_hf[1]["kls_exact"] == pytest.approx(ev[4]["kls_exact"], abs=1e-5)
+    assert ev[2]["rewards"] != pytest.approx(ev[4]["rewards"], abs=1e-9)  # β changed the policy
+
+    out = tmp_path / "board"
+    assert eval_cli.main(["leaderboard", str(tmp_path / "ev"), str(tmp_path / "ev_hf"), "--out", str(out)]) == 0
+    table = pd.read_csv(out / "leaderboard.csv")
+    # one row per run and step (the reference, in both folders, once), ordered by suite, loss, β, run, step
+    assert list(zip(table["run"], table["step"])) == [
+        ("reference", 0),
+        ("b0.1", 1),
+        ("b0.1", 2),
+        ("b0.5", 1),
+        ("b0.5", 2),
+        ("hf_b05", 2),
+    ]
+    by_key = {(r["run"], r["step"]): r for r in ev + ev_hf}
+    want = {k: recompute(r, r["beta"]) for k, r in by_key.items()}
+    for _, t in table.iterrows():
+        w = want[(t["run"], t["step"])]
+        for col in ("reward_mean", "reward_stderr", "kl", "kl_stderr", "J", "J_stderr"):
+            assert t[col] == pytest.approx(w[col], rel=1e-9, abs=1e-12), (t["run"], t["step"], col)
+        assert t["prompts"] == 6 and t["samples_per_prompt"] == K
+    pairs = pd.read_csv(out / "pairs.csv")
+    finals = ["reference", "b0.1", "b0.5", "hf_b05"]  # each run's last step, in table order
+    last = {"reference": 0, "b0.1": 2, "b0.5": 2, "hf_b05": 2}
+    assert list(zip(pairs["run_a"], pairs["run_b"])) == [(a, b) for i, b in enumerate(finals) for a in finals[i + 1 :]]
+    for _, p in pairs.iterrows():
+        a, b = want[(p["run_a"], last[p["run_a"]])], want[(p["run_b"], last[p["run_b"]])]
+        for col, key in (("reward_diff", "_r"), ("J_diff", "_j")):
+            d = a[key] - b[key]
+            assert p[col] == pytest.approx(d.mean(), abs=1e-12)
+            assert p[col + "_stderr"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=1e-9, abs=1e-12)
+    same = pairs[(pairs["run_a"] == "hf_b05") & (pairs["run_b"] == "b0.5")].iloc[0]
+    assert abs(same["reward_diff"]) < 1e-6  # the export against its checkpoint
+    md = (out / "leaderboard.md").read_text()
+    assert "## suite tiny_words" in md and "| b0.5 | shiq | 0.5 | 2 |" in md and "| hf_b05 @ 2 | b0.5 @ 2 |" in md
+    page = (out / "leaderboard.html").read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == 3 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert 'src="http' not in page and "b0.1" in page
+
+    # a second suite (here: the same file with a longer completion limit) is refused in the same table
+    step = runs["0.1"] / "checkpoints" / "step_00000002"
+    other = ["run", str(step), "--out", str(tmp_path / "ev2"), *common, "--max-new-tokens", "3"]
+    assert eval_cli.main(other) == 0
+    ev2 = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert ev2[1]["suite"] == "tiny_words" and ev2[1]["suite_sha256"] != ev[1]["suite_sha256"]
+    capsys.readouterr()
+    mixed = ["leaderboard", str(tmp_path / "ev"), str(tmp_path / "ev2"), "--out", str(tmp_path / "mixed")]
+    assert eval_cli.main(mixed) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shiq-eval: error: "), err
+    assert str(tmp_path / "ev" / "results.json") in err[0] and str(tmp_path / "ev2" / "results.json") in err[0]
+    assert not (tmp_path / "mixed").exists()
+    assert eval_cli.main([*mixed, "--allow-mixed"]) == 0
+    assert len(pd.read_csv(tmp_path / "mixed" / "leaderboard.csv")) == 5 + 2
+
+
+def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
+    """--label once per CHECKPOINT; the default (the run folder's name) may not give two runs one label."""
+    from shiq_eval.cli import policy_infos, run_label
+
+    for name in ("a/shiq", "b/shiq"):
+        step = tmp_path / name / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}}
+        (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    a, b = tmp_path / "a" / "shiq", tmp_path / "b" / "shiq"
+    assert run_label(a) == run_label(a / "checkpoints" / "step_00000001") == "shiq"
+    with pytest.raises(ValueError, match="would both be labelled 'shiq'"):
+        policy_infos([str(a), str(b)], None)
+    assert [i["run"] for i in policy_infos([str(a), str(b)], ["A", "B"])] == ["A", "B"]
+    assert [i["run"] for i in policy_infos([str(a), str(a / "checkpoints" / "step_00000001")], None)] == ["shiq"] * 2
+    with pytest.raises(ValueError, match="--label is given 1 times for 2 CHECKPOINT"):
+        policy_infos([str(a), str(b)], ["A"])
+
+
+def test_the_shipped_suite_resolves_with_packaged_assets():
+    """configs/eval/movie_vader_small.yaml: its prompts ship beside it, its scorer is the installed VADER lexicon;
+    flags override single settings and change the fingerprint; a bad key is refused naming the file."""
+    from shiq_eval.scorers import VaderScorer
+    from shiq_eval.suite import SuiteError, fingerprint, load_suite
+
+    suite, path = load_suite("movie_vader_small")
+    assert path.name == "movie_vader_small.yaml" and suite.scorer == "vader"
+    prompts, shown, _ = eval_cli.suite_prompts(suite)
+    assert len(prompts) == 16 and all(p.endswith(s) for p, s in zip(prompts, shown))
+    sha = eval_cli.prompt_set_sha256(prompts, shown)
+    content, fp = fingerprint(suite, sha)
+    assert "prompts" not in content and content["prompt_set_sha256"] == sha  # no machine paths in the fingerprint
+    longer, _ = load_suite("movie_vader_small", {"sampling.max_new_tokens": 48, "sampling.seed": None})
+    assert longer.sampling.max_new_tokens == 48 and longer.sampling.seed == suite.sampling.seed
+    assert fingerprint(longer, sha)[1] != fp and fingerprint(load_suite("movie_vader_small")[0], sha)[1] == fp
+    scores = VaderScorer()(shown[:2], ["a wonderful, moving film", "a dull, awful mess"])
+    assert scores[0] > 0.5 and scores[1] < -0.5
+    with pytest.raises(SuiteError, match="no suite of that name"):
+        load_suite("nope")
+    bad = path.parent / "x.yaml"
+    with pytest.raises(SuiteError, match="no such file"):
+        load_suite(str(bad))
+
+
+def result_row(run, step, model, rewards, kls, **extra):
+    return {
+        "run": run,
+        "method": "shiq" if run != "reference" else "reference",
+        "beta": 0.5 if run != "reference" else None,
+        "step": step,
+        "suite": "s",
+        "suite_sha256": "a" * 64,
+        "prompt_set_sha256": "b" * 64,
+        "samples_per_prompt": 1,
+        "kl_estimator": "sample",
+        "model_sha256": model,
+        "rewards": rewards,
+        "kls_exact": [0.0] * len(kls),
+        "kls_sample": kls,
+        **extra,
+    }
+
+
+def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, capsys):
+    """Synthetic results.json files: the suite's KL estimator (here the sample one) feeds J; one run label and
+    step naming two different weight files is refused naming both files; results without labels are refused."""
+    for name, model in (("x", "m1"), ("y", "m2")):
+        rows = [
+            result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3),
+            result_row("a", 3, model, [2.0, 2.0, 7.0], [1.0, 3.0, 2.0]),
+        ]
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(rows))
+    assert eval_cli.main(["leaderboard", str(tmp_path / "x"), "--out", str(tmp_path / "ok")]) == 0
+    t = pd.read_csv(tmp_path / "ok" / "leaderboard.csv").set_index("run")
+    assert t.loc["a", "J"] == pytest.approx(np.mean([2 - 0.5, 2 - 1.5, 7 - 1.0]))
+    assert t.loc["a", "kl"] == pytest.approx(2.0) and t.loc["reference", "J"] == pytest.approx(7 / 3)
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "run 'a' step 3 names two different models" in err and str(tmp_path / "y" / "results.json") in err
+    old = [{k: v for k, v in result_row("a", 1, "m", [1.0], [0.0]).items() if k not in ("run", "suite_sha256")}]
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps(old))
+    assert eval_cli.main(["leaderboard", str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 2
+    assert "row 0 has no ['run', 'suite_sha256']" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
