@@ -197,12 +197,7 @@ def plot_frontier(points: list[dict], out_path, reference: tuple[float, float] |
     ax.set_xlabel("KL(π ‖ π_ref) per completion (exact per-token sum)")
     ax.set_ylabel("mean reward on held-out prompts")
     ax.set_title("final checkpoints, mean over seeds ± 1 s.d. of the seeds", fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    out_path = Path(out_path)
-    _savefig(fig, out_path)
-    plt.close(fig)
-    return out_path
+    return _finish(plt, fig, ax, out_path)
 
 
 def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
@@ -218,6 +213,11 @@ def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss on the validation buffer")
+    return _finish(plt, fig, ax, out_path)
+
+
+def _finish(plt, fig, ax, out_path) -> Path:
+    """Grid, a small legend, the figure written atomically to ``out_path`` and closed."""
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     out_path = Path(out_path)

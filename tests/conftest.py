@@ -7,3 +7,41 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+import pytest  # noqa: E402
+
+_TOKENIZERS: dict = {}
+
+
+def cached_load_tokenizer(name):
+    """``shiq_data.tokenizers.load_tokenizer``, once per name and test session (each command would load it
+    again). The tokenizer is shared: a test that changes it (``--system-prompt``) must not use this."""
+    from shiq_data.tokenizers import load_tokenizer
+
+    if name not in _TOKENIZERS:
+        _TOKENIZERS[name] = load_tokenizer(name)
+    return _TOKENIZERS[name]
+
+
+@pytest.fixture
+def tokenizers_once(monkeypatch):
+    """``shiq-data`` commands in this test load each tokenizer from the session cache."""
+    import shiq_data.cli
+
+    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return cached_load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from shiq_data.assets import AssetMissing
+
+    try:
+        return cached_load_tokenizer("smollm2")
+    except AssetMissing as e:
+        pytest.skip(str(e))

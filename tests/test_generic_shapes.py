@@ -5,22 +5,12 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_text_columns import cached_load_tokenizer  # noqa: E402  (one tokenizer cache per session)
 
-import shiq_data.cli
 from shiq_data.cli import main
 
+pytestmark = pytest.mark.usefixtures("tokenizers_once")  # one tokenizer load per session
+
 GPT2_EOS = 50256
-
-
-@pytest.fixture(autouse=True)
-def _tokenizers_once(monkeypatch):
-    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return cached_load_tokenizer("gpt2")
 
 
 def write_jsonl(path, records):

@@ -7,11 +7,13 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pytest
-from test_text_columns import cached_load_tokenizer  # noqa: E402  (one tokenizer cache per session)
+from conftest import cached_load_tokenizer
 
 import shiq_data.cli
 from shiq_data.buffer import add_ref_columns
 from shiq_data.cli import main
+
+pytestmark = pytest.mark.usefixtures("tokenizers_once")  # one tokenizer load per session
 
 TOKEN_COLUMNS = ["row_id", "source", "group_id", "prompt_len", "tokens", "action_mask", "rewards"]
 TEXT_COLUMNS = ["prompt", "completion", "reward", "turn_rewards", "extra"]
@@ -49,26 +51,6 @@ HH = [
         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No.",
     }
 ]
-
-
-@pytest.fixture(autouse=True)
-def _tokenizers_once(monkeypatch):
-    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return cached_load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from shiq_data.assets import AssetMissing
-
-    try:
-        return cached_load_tokenizer("smollm2")
-    except AssetMissing as e:
-        pytest.skip(str(e))
 
 
 def write_jsonl(path, records):

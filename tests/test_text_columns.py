@@ -8,15 +8,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from conftest import cached_load_tokenizer
 
-import shiq_data.cli
 from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.cli import main
 from shiq_data.io import RowError
 from shiq_data.sampler import BufferSampler
 from shiq_data.schema import check_row
-from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
+
+pytestmark = pytest.mark.usefixtures("tokenizers_once")  # one tokenizer load per session
 
 TEXT_TYPES = {  # what the schema promises, spelled out independently
     "prompt": pa.large_string(),
@@ -31,36 +32,6 @@ RECORDS = [
     {"prompt": "Q: 2+2?\nA:", "completion": " 4", "reward": 1, "group": "math"},
     {"prompt": "Hello world", "completion": " ünïcode", "reward": -0.25, "meta": {"lang": "fr"}},
 ]
-
-
-_LOADED: dict = {}
-
-
-def cached_load_tokenizer(name):
-    """load_tokenizer, once per name and test session (each command would load it again)."""
-    if name not in _LOADED:
-        _LOADED[name] = load_tokenizer(name)
-    return _LOADED[name]
-
-
-@pytest.fixture(autouse=True)
-def _tokenizers_once(monkeypatch):
-    monkeypatch.setattr(shiq_data.cli, "load_tokenizer", cached_load_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def gpt2():
-    return cached_load_tokenizer("gpt2")
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from shiq_data.assets import AssetMissing
-
-    try:
-        return cached_load_tokenizer("smollm2")
-    except AssetMissing as e:
-        pytest.skip(str(e))
 
 
 def write_jsonl(path, records):
