@@ -44,8 +44,9 @@ class _PrefixDone(Exception):
     """Raised by the hook on the last frozen layer: the rest of the forward is not needed."""
 
 
-def _check_model(model, trainable_last_layers: int) -> int:
-    """The number of frozen layers ``L − k`` after checking the model can use a prefix cache exactly."""
+def _check_model(model, trainable_last_layers: int, frozen: bool = True) -> int:
+    """The number of frozen layers ``L − k`` after checking the model can use a prefix cache exactly
+    (with ``frozen``: also that no prefix parameter trains)."""
     inner = unwrap(model)
     c = inner.config
     L, k = c.num_layers, trainable_last_layers
@@ -66,7 +67,7 @@ def _check_model(model, trainable_last_layers: int) -> int:
         )
     if len(inner.decoder.layers) != L or not inner.pre_process:
         raise ValueError("a frozen-prefix cache needs the whole model in one stage (embedding and every layer)")
-    trainable = [n for n, p in _prefix_parameters(inner, L - k) if p.requires_grad]
+    trainable = [n for n, p in _prefix_parameters(inner, L - k) if p.requires_grad and frozen]
     if trainable:
         raise ValueError(
             f"a frozen-prefix cache needs the embedding and the first {L - k} layers frozen, but {trainable[0]} "
@@ -162,8 +163,9 @@ class PrefixCache:
     ) -> PrefixCache:
         """Run the model's embedding and first ``L − k`` layers (``k = trainable_last_layers``) on every row
         of ``rows`` (token id sequences, row ``i`` = buffer row ``i``): rows sorted by length, batches of
-        at most ``tokens_per_batch`` padded tokens, megatron's forward stopped after the last frozen layer."""
-        n_frozen = _check_model(model, trainable_last_layers)
+        at most ``tokens_per_batch`` padded tokens, megatron's forward stopped after the last frozen layer.
+        The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
+        n_frozen = _check_model(model, trainable_last_layers, frozen=False)
         inner = unwrap(model)
         rows = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in rows]
         if not rows or min(len(r) for r in rows) == 0:

@@ -7,6 +7,7 @@ run without it, within 1e-5 relative (the parity tests' standard): DPO in groups
 CoPG with an online reference. Then the cases it refuses.
 """
 
+import json
 import warnings
 
 import numpy as np
@@ -164,8 +165,9 @@ def test_refusals(dist1, buffer):
     with pytest.raises(ValueError, match="dropout"):
         PrefixCache.build(frozen_model(hidden_dropout=0.1), rows, 1, progress=False)
     trainable = M.build_model(model_cfg())
+    cache = PrefixCache.build(trainable, rows, 1, progress=False)  # built before a trainer freezes the prefix
     with pytest.raises(ValueError, match="embedding.word_embeddings.weight trains"):
-        PrefixCache.build(trainable, rows, 1, progress=False)
+        cache.check_model(trainable)
     model = frozen_model()
     model.config.tensor_model_parallel_size = 2
     with pytest.raises(ValueError, match="tensor and pipeline parallel size 1"):
@@ -189,3 +191,48 @@ def test_refusals(dist1, buffer):
         Trainer(
             model, LossConfig(), OptimizerConfig(), TrainConfig(trainable_last_layers=2), "unused", prefix_cache=cache
         )
+
+
+def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monkeypatch):
+    """Q♯'s value model (a megatron trunk of 3 layers, the last trainable, plus the atom head): the same
+    metrics and saved weights with the trunk's frozen prefix cached as without."""
+    transformers = pytest.importorskip("transformers")
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    gathered = []
+    gather = PrefixCache.gather
+    monkeypatch.setattr(PrefixCache, "gather", lambda self, mb: gathered.append(1) or gather(self, mb))
+    runs = {}
+    for cached in (False, True):
+        cfg = ValueTrainConfig(
+            steps=3,
+            rows_per_micro_batch=4,
+            lr=1e-2,
+            trainable_last_layers=1,
+            progress=False,
+            cache_frozen_prefix=cached,
+        )
+        out = train_value_model(
+            buffer.path, tmp_path / str(cached), hf.state_dict(), hf_cfg, cfg, verify_checksums=False
+        )
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        runs[cached] = [json.loads(x)["value_ce"] for x in lines], torch.load(out / "value_model.pt", weights_only=True)
+    assert len(gathered) == 3  # the cached run's three micro-batches came from the cache
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
+    for name, p in runs[False][1].items():
+        q = runs[True][1][name]
+        assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0), name
+    assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
