@@ -76,6 +76,7 @@ RESUME_SAFE_KEYS = (
     "train.eval_every",
     "train.progress",
     "train.tensorboard",
+    "train.cache_frozen_prefix",  # the same steps up to float rounding
 )
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
