@@ -236,3 +236,18 @@ def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monk
         q = runs[True][1][name]
         assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0), name
     assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+
+
+def test_trainer_finds_the_buffer_behind_shiq_train_data_source(buffer):
+    from shiq_train.cli import DeviceSource
+    from shiq_train.trainer import _buffer_of
+
+    sampler = BufferSampler(buffer, rows_per_micro_batch=4, seed=0, mode="groups")
+    assert _buffer_of(DeviceSource(sampler, torch.device("cpu"))) is buffer
+    assert _buffer_of(object()) is None
+    for mode in ("groups", "padded"):  # buffer_rows name each row's buffer index
+        mb = BufferSampler(buffer, rows_per_micro_batch=4, seed=2, mode=mode).next_micro_batches()[0]
+        assert len(mb["buffer_rows"]) == mb["tokens"].shape[0]
+        for b, r in enumerate(mb["buffer_rows"].tolist()):
+            row = buffer.row(r)["tokens"]
+            assert mb["tokens"][b, : len(row)].tolist() == row
