@@ -48,11 +48,13 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -282,18 +284,21 @@ class Context:
 
     def prefix_cache(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
         """The frozen-prefix cache of ``DIR/<buffer>`` for that many trainable layers (None when
-        ``train.cache_frozen_prefix`` is off), built on first use from ``model`` (or a megatron copy of the
-        reference; call inside ``parallel.distributed``) and shared by every later stage of this process."""
+        ``train.cache_frozen_prefix`` is off), built on first use from ``model`` (the reference imported into
+        megatron) or else from a megatron copy of the reference (in a process group of its own when none is
+        set up), and shared by every later stage of this process."""
         if not self.cfg["train"].get("cache_frozen_prefix", False):
             return None
         key = (buffer, trainable_last_layers)
         if key not in self._prefix_caches:
             ref, _ = self.reference
-            if model is None:
-                model = build_model(model_config_from_llama(ref.config))
-                import_llama(model, ref.state_dict(), ref.config)
             t0 = time.perf_counter()
-            cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
+            group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
+            with group:
+                if model is None:
+                    model = build_model(model_config_from_llama(ref.config))
+                    import_llama(model, ref.state_dict(), ref.config)
+                cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
             _log(
                 f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
                 f"{len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
@@ -680,22 +685,21 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     ref, tok = ctx.reference
     if not timing.exists():
         t0 = time.perf_counter()
-        with parallel.distributed(seed=ctx.cfg["seed"]):
-            train_value_model(
-                ctx.out / "buffer",
-                value_dir,
-                ref.state_dict(),
-                ref.config,
-                ValueTrainConfig(
-                    steps=q["steps"],
-                    rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
-                    lr=q["lr"],
-                    num_atoms=q["num_atoms"],
-                    trainable_last_layers=q["trainable_last_layers"],
-                    seed=ctx.cfg["seed"],
-                ),
-                prefix_cache=ctx.prefix_cache("buffer", q["trainable_last_layers"]),
-            )
+        train_value_model(
+            ctx.out / "buffer",
+            value_dir,
+            ref.state_dict(),
+            ref.config,
+            ValueTrainConfig(
+                steps=q["steps"],
+                rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
+                lr=q["lr"],
+                num_atoms=q["num_atoms"],
+                trainable_last_layers=q["trainable_last_layers"],
+                seed=ctx.cfg["seed"],
+            ),
+            prefix_cache=ctx.prefix_cache("buffer", q["trainable_last_layers"]),
+        )
         atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
     value = load_value_model(value_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
