@@ -237,7 +237,7 @@ def train_value_model(
             prefix_cache = PrefixCache.from_buffer(trunk, buffer, cfg.trainable_last_layers, progress=cfg.progress)
         if prefix_cache is not None:
             prefix_cache.check_model(trunk, cfg.trainable_last_layers)
-        narrowed = suffix_only(trunk, prefix_cache.n_frozen) if prefix_cache else contextlib.nullcontext()
+        narrowed = suffix_only(trunk, prefix_cache.n_frozen) if prefix_cache is not None else contextlib.nullcontext()
         trunk_params = [p for p in trunk.parameters() if p.requires_grad]
         groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
         if trunk_params:
