@@ -18,6 +18,9 @@ Modes (all right-padded; padding has ``action_mask`` False, reward 0 and token `
   ``rows_per_micro_batch`` rows, for the pair/group losses (DPO, CoPG; SHIQ_MATH §5); ``group_ids``
   are renumbered ``0..G-1`` within the micro-batch.
 
+In ``padded`` and ``groups`` modes each micro-batch also holds ``buffer_rows`` ``[B]`` (int64): the
+buffer index of each row (what ``shiq_train.prefix_cache`` looks rows up by).
+
 Reading goes straight from the memory-mapped shards into the batch arrays (only the selected rows'
 bytes are touched), so reader memory does not grow with the buffer's size.
 """
@@ -278,6 +281,8 @@ class BufferSampler:
             out["group_ids"] = torch.tensor(group_numbers, dtype=torch.int64)
         else:
             out["group_ids"] = torch.from_numpy(reader.group_ids[rows])
+        if self.mode != "packed":
+            out["buffer_rows"] = torch.from_numpy(rows.copy())
         return out
 
     def __iter__(self) -> Iterator[list[dict]]:

@@ -80,6 +80,7 @@ RESUME_SAFE_KEYS = (
     "logging.wandb",
     "logging.wandb_project",
     "logging.wandb_mode",
+    "train.cache_frozen_prefix",  # the same steps up to float rounding
 )
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 

@@ -24,6 +24,7 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
+from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.qsharp_value import (
     CONFIG_FILE,
     MegatronValueModel,
@@ -49,7 +50,8 @@ class ValueTrainConfig:
     ``micro_batches_per_step`` micro-batches. AdamW (``adam_*``) with the learning-rate schedule of
     ``shiq_train.train_step.OptimizerConfig`` (linear warm-up over ``warmup_steps``, then cosine decay
     to ``min_lr / lr`` of each group's rate over ``decay_steps``; 0: constant). ``data_seed`` shuffles
-    the buffer (default ``seed``).
+    the buffer (default ``seed``). ``cache_frozen_prefix``: with ``trainable_last_layers >= 0``, the
+    trunk's frozen prefix runs once per buffer row (``shiq_train.prefix_cache``), each step only the rest.
     """
 
     steps: int = 100
@@ -75,6 +77,7 @@ class ValueTrainConfig:
     warmup_steps: int = 0
     decay_steps: int = 0
     data_seed: int | None = None
+    cache_frozen_prefix: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.rows_per_micro_batch < 1:
@@ -90,6 +93,11 @@ class ValueTrainConfig:
         if self.micro_batches_per_step < 1:
             raise ValueError(f"value.micro_batches_per_step must be >= 1, got {self.micro_batches_per_step}")
         self.schedule()  # checks min_lr, warmup_steps, decay_steps
+        if self.cache_frozen_prefix and self.trainable_last_layers < 0:
+            raise ValueError(
+                "value.cache_frozen_prefix needs a frozen prefix: trainable_last_layers >= 0 "
+                f"(got {self.trainable_last_layers})"
+            )
 
     def schedule(self) -> OptimizerConfig:
         """The learning-rate schedule (``OptimizerConfig.lr_at``) of the trunk's group."""
@@ -101,7 +109,7 @@ class ValueTrainConfig:
 def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> ValueTrainConfig:
     """The :class:`ValueTrainConfig` of a ``shiq-train loss=qsharp_value`` run (``cfg``: its resolved
     config as a dict). ``loss``: the atoms (``num_atoms``, ``v_min``, ``v_max``), ``gamma`` and
-    ``head_lr``; ``train``: ``steps``, ``trainable_last_layers``, ``progress``; ``optimizer``: ``lr``,
+    ``head_lr``; ``train``: ``steps``, ``trainable_last_layers``, ``progress``, ``cache_frozen_prefix``; ``optimizer``: ``lr``,
     ``min_lr``, ``weight_decay``, ``adam_*``, ``clip_grad``, ``warmup_steps``, ``decay_steps``;
     ``data``: ``rows_per_micro_batch``, ``micro_batches_per_step``, ``seed``; ``seed``. Every row must
     fit in ``max_tokens_per_row`` tokens (the model's sequence length)."""
@@ -135,6 +143,7 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
         data_seed=int(data.get("seed", cfg["seed"])),
         max_tokens_per_row=max_tokens_per_row,
         progress=bool(train.get("progress", True)),
+        cache_frozen_prefix=bool(train.get("cache_frozen_prefix", False)),
     )
 
 
@@ -168,6 +177,7 @@ def train_value_model(
     meta: dict | None = None,
     *,
     verify_checksums: bool = True,
+    prefix_cache: PrefixCache | None = None,
 ) -> Path:
     """Train a :class:`MegatronValueModel` on a replay buffer of reference samples and save it (SHIQ_MATH §8).
 
@@ -180,7 +190,9 @@ def train_value_model(
     (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
     inside it, replacing an earlier value model there (any other non-empty folder is refused);
     returns ``out_dir``. The buffer's shards are hashed against the manifest first unless
-    ``verify_checksums`` is False.
+    ``verify_checksums`` is False. ``prefix_cache``: the frozen-prefix cache of this buffer for
+    ``cfg.trainable_last_layers`` built by the caller (e.g. shared with the policies' trainers); without it,
+    ``cfg.cache_frozen_prefix`` builds one from the trunk.
     """
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
@@ -221,6 +233,11 @@ def train_value_model(
         import_llama(trunk, hf_state_dict, hf_config)
         model = MegatronValueModel(trunk, cfg.num_atoms).to(parallel.device())
         freeze_all_but_last_layers(trunk, cfg.trainable_last_layers)
+        if prefix_cache is None and cfg.cache_frozen_prefix:
+            prefix_cache = PrefixCache.from_buffer(trunk, buffer, cfg.trainable_last_layers, progress=cfg.progress)
+        if prefix_cache is not None:
+            prefix_cache.check_model(trunk, cfg.trainable_last_layers)
+        narrowed = suffix_only(trunk, prefix_cache.n_frozen) if prefix_cache is not None else contextlib.nullcontext()
         trunk_params = [p for p in trunk.parameters() if p.requires_grad]
         groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
         if trunk_params:
@@ -231,22 +248,24 @@ def train_value_model(
         schedule = cfg.schedule()
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.lr_at(step) / schedule.lr)
         model.train()
-        for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
-            mbs = sampler.next_micro_batches()
-            opt.zero_grad(set_to_none=True)
-            sums: dict[str, float] = {}
-            for mb in mbs:
-                mb = {k: v.to(parallel.device()) for k, v in mb.items()}
-                logits = model(mb["tokens"], mb.get("segment_ids"))
-                loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
-                (loss / len(mbs)).backward()
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + v / len(mbs)
-            if cfg.clip_grad > 0:
-                torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
-            opt.step()
-            lr_schedule.step()
-            history.append({"step": step + 1, **sums})
+        with narrowed:  # the trunk runs only the layers after a cached prefix
+            for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
+                mbs = sampler.next_micro_batches()
+                opt.zero_grad(set_to_none=True)
+                sums: dict[str, float] = {}
+                for mb in mbs:
+                    mb = {k: v.to(parallel.device()) for k, v in mb.items()}
+                    cached = prefix_cache.gather(mb) if prefix_cache is not None else None
+                    logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached)
+                    loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
+                    (loss / len(mbs)).backward()
+                    for k, v in metrics.items():
+                        sums[k] = sums.get(k, 0.0) + v / len(mbs)
+                if cfg.clip_grad > 0:
+                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
+                opt.step()
+                lr_schedule.step()
+                history.append({"step": step + 1, **sums})
         info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
         save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
     return Path(out_dir)

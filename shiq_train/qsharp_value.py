@@ -157,7 +157,8 @@ class MegatronValueModel(torch.nn.Module):
     ``trunk`` is a ``ShiQGPTModel`` from :func:`shiq_train.model.build_model` (single stage), switched
     to return its final normed hidden states ``[B, T, H]``; ``head`` is ``Linear(H, A)`` in float32,
     initialised to zero (a uniform categorical). ``forward(tokens [B, T]) -> [B, T, A]`` atom logits,
-    position ``t`` scoring the prefix that ends with token ``t``.
+    position ``t`` scoring the prefix that ends with token ``t``; ``decoder_input`` ``[T, B, H]`` starts
+    the trunk from those hidden states (``shiq_train.prefix_cache``) instead of embedding ``tokens``.
     """
 
     def __init__(self, trunk, num_atoms: int):
@@ -169,8 +170,8 @@ class MegatronValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.trunk(**model_inputs(tokens, segment_ids))  # [B, T, H]
+    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None, decoder_input=None):
+        hidden = self.trunk(**model_inputs(tokens, segment_ids), decoder_input=decoder_input)  # [B, T, H]
         return self.head(hidden.float())
 
 

@@ -15,6 +15,8 @@ Pieces a trainer composes (none holds global state beyond megatron's process gro
 A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask`` (bool),
 ``rewards``, ``ref_chosen_logits``, ``ref_logz`` (float), optionally ``segment_ids`` ``[B, T]`` and
 ``group_ids`` ``[B]``. Position ``t`` holds token ``t`` and its statistics (predicted from ``t − 1``).
+With ``prefix_hidden`` ``[T, B, H]`` (``shiq_train.prefix_cache``) the model starts from those hidden
+states instead of embedding ``tokens`` (its decoder then runs only the layers after the cached prefix).
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def objective_loss_fn(loss_cfg) -> LossFn:
 def _forward_step_func(loss_fn: LossFn):
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(**stats_inputs(mb["tokens"], mb.get("segment_ids")))
+        output = model(**stats_inputs(mb["tokens"], mb.get("segment_ids")), decoder_input=mb.get("prefix_hidden"))
 
         def loss_func(output_tensor):
             st = output_stats(model, output_tensor, mb["tokens"])

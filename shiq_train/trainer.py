@@ -8,6 +8,7 @@ micro-batches for one optimizer step, dicts as described in ``shiq_train.train_s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.model import build_model, unwrap
 from shiq_train.objectives import LossConfig
+from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
 
 REFERENCES = ("precomputed", "online")
@@ -62,7 +64,12 @@ class TrainConfig:
     ``trainable_last_layers``: -1 trains every parameter; ``N >= 0`` only the last ``N`` transformer
     layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs.
     ``eval_every``: 0 = never; ``N >= 1`` calls the ``evaluate`` hook of :meth:`Trainer.fit` after
-    every ``N``-th optimizer step and after the final one."""
+    every ``N``-th optimizer step and after the final one.
+    ``cache_frozen_prefix``: with ``trainable_last_layers = N >= 0``, compute the hidden states entering
+    the first trainable layer once for every row of the buffer (``shiq_train.prefix_cache``) and run only
+    the last ``N`` layers at each step; the same losses and parameters up to float rounding, much less
+    compute. Needs a data source over a replay buffer (``BufferSampler``, ``padded`` or ``groups`` mode),
+    tensor and pipeline parallel size 1 and no dropout; an online reference uses the cache too."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
@@ -72,6 +79,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress: bool = True
     eval_every: int = 0  # 0: never
+    cache_frozen_prefix: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -82,6 +90,13 @@ class TrainConfig:
             raise ValueError(f"train.eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.reference not in REFERENCES:
             raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
+        if not isinstance(self.cache_frozen_prefix, bool):
+            raise ValueError(f"train.cache_frozen_prefix must be true or false, got {self.cache_frozen_prefix!r}")
+        if self.cache_frozen_prefix and self.trainable_last_layers < 0:
+            raise ValueError(
+                "train.cache_frozen_prefix=true needs a frozen prefix: train.trainable_last_layers >= 0 "
+                f"(got {self.trainable_last_layers})"
+            )
 
 
 def freeze_all_but_last_layers(model, n: int) -> int:
@@ -123,7 +138,18 @@ def _capture_reference(ref_model, micro_batches):
         forward_backward(ref_model, micro_batches, capture, forward_only=True)
 
 
+def _buffer_of(data):
+    """The replay buffer a data source reads (a ``BufferSampler``'s, possibly wrapped in ``.source``), or None."""
+    while data is not None and not hasattr(data, "buffer"):
+        data = getattr(data, "source", None)
+    return None if data is None else data.buffer
+
+
 class Trainer:
+    """``prefix_cache``: a :class:`shiq_train.prefix_cache.PrefixCache` of the buffer the data source
+    reads, built by the caller (one cache can serve several trainers of models with the same frozen
+    prefix); without it, ``cfg.cache_frozen_prefix`` builds one in :meth:`fit`."""
+
     def __init__(
         self,
         model,
@@ -134,10 +160,12 @@ class Trainer:
         ref_model=None,
         run_meta: dict | None = None,
         logging_cfg: LoggingConfig | None = None,
+        prefix_cache: PrefixCache | None = None,
     ):
         if cfg.reference == "online" and ref_model is None:
             raise ValueError("train.reference=online needs a reference model")
         self.model, self.ref_model, self.cfg = model, ref_model, cfg
+        self.prefix_cache = prefix_cache
         self.loss_cfg, self.opt_cfg = loss_cfg, opt_cfg
         self.out_dir = Path(out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -147,8 +175,21 @@ class Trainer:
         if ref_model is not None:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
+        if prefix_cache is not None:
+            self._check_cache(prefix_cache)
         self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         self.loss_fn = objective_loss_fn(loss_cfg)
+
+    def _check_cache(self, cache: PrefixCache) -> None:
+        cache.check_model(self.model, self.cfg.trainable_last_layers)
+        if self.cfg.reference == "online":  # the reference starts from the same cached states
+            cache.check_model(self.ref_model, self.cfg.trainable_last_layers)
+
+    def _suffix(self, model):
+        """Within the block ``model`` runs only the layers after the cached prefix (when there is a cache)."""
+        if self.prefix_cache is None:
+            return contextlib.nullcontext()
+        return suffix_only(model, self.prefix_cache.n_frozen)
 
     def fit(
         self,
@@ -182,6 +223,17 @@ class Trainer:
             data.load_state_dict(user["data"])
         if on_start is not None:
             on_start(start)
+        if self.prefix_cache is None and self.cfg.cache_frozen_prefix:
+            buffer = _buffer_of(data)
+            if buffer is None:
+                raise ValueError(
+                    "train.cache_frozen_prefix=true needs a data source over a replay buffer (a BufferSampler)"
+                )
+            cache = PrefixCache.from_buffer(
+                self.model, buffer, self.cfg.trainable_last_layers, progress=rank0 and self.cfg.progress
+            )
+            self._check_cache(cache)
+            self.prefix_cache = cache
         log = _MetricLog(
             self.out_dir, start, rank0, self.cfg.tensorboard, self.logging_cfg, self.run_meta.get("config")
         )
@@ -198,11 +250,15 @@ class Trainer:
             for step in bar:
                 t0 = time.perf_counter()
                 mbs = data.next_micro_batches()
+                if self.prefix_cache is not None:
+                    self.prefix_cache.add_to(mbs)
                 if self.cfg.reference == "online":
-                    _capture_reference(self.ref_model, mbs)
-                metrics = train_step(
-                    self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
-                )
+                    with self._suffix(self.ref_model):
+                        _capture_reference(self.ref_model, mbs)
+                with self._suffix(self.model):
+                    metrics = train_step(
+                        self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
+                    )
                 tokens = sum(int(mb["tokens"].numel()) for mb in mbs) * dp
                 metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
                 metrics["step"] = step + 1

@@ -48,11 +48,13 @@ import shutil
 import sys
 import time
 import warnings
+from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -85,6 +87,7 @@ from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
 from shiq_train.model import build_model
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
+from shiq_train.prefix_cache import PrefixCache
 from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
@@ -292,6 +295,31 @@ class Context:
     def __init__(self, cfg: dict, out: Path):
         self.cfg, self.out = cfg, out
         self._ref = self._encoder = self._rm = self._gold = None
+        self._prefix_caches: dict[tuple[str, int], PrefixCache] = {}
+
+    def prefix_cache(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
+        """The frozen-prefix cache of ``DIR/<buffer>`` for that many trainable layers (None when
+        ``train.cache_frozen_prefix`` is off), built on first use from ``model`` (the reference imported into
+        megatron) or else from a megatron copy of the reference (in a process group of its own when none is
+        set up), and shared by every later stage of this process."""
+        if not self.cfg["train"].get("cache_frozen_prefix", False):
+            return None
+        key = (buffer, trainable_last_layers)
+        if key not in self._prefix_caches:
+            ref, _ = self.reference
+            t0 = time.perf_counter()
+            group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
+            with group:
+                if model is None:
+                    model = build_model(model_config_from_llama(ref.config))
+                    import_llama(model, ref.state_dict(), ref.config)
+                cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
+            _log(
+                f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
+                f"{len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
+            )
+            self._prefix_caches[key] = cache
+        return self._prefix_caches[key]
 
     @property
     def reference(self):
@@ -634,6 +662,8 @@ def stage_train(ctx: Context, arm: str) -> None:
     with parallel.distributed(seed=ctx.cfg["seed"]):
         model = build_model(model_config_from_llama(ref.config))
         import_llama(model, ref.state_dict(), ref.config)
+        single = arm_is_single(arm)  # the same completions per step, one per prompt
+        buffer = "buffer_single" if single else "buffer"
         trainer = Trainer(
             model,
             LossConfig(arm_method(arm), beta=arm_beta(ctx.cfg, arm)),
@@ -657,11 +687,11 @@ def stage_train(ctx: Context, arm: str) -> None:
                 "demo": True,
                 "hf_config": ref.config.to_dict(),
                 "config": {"init": "smollm2"},
-            },
-        )  # what shiq-eval run reads back
-        single = arm_is_single(arm)  # the same completions per step, one per prompt
+            },  # what shiq-eval run reads back
+            prefix_cache=ctx.prefix_cache(buffer, t["trainable_last_layers"], model),
+        )
         sampler = BufferSampler(
-            open_buffer(ctx.out / ("buffer_single" if single else "buffer")),
+            open_buffer(ctx.out / buffer),
             rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
             micro_batches_per_step=1,
             seed=ctx.cfg["seed"],
@@ -731,6 +761,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
                 trainable_last_layers=q["trainable_last_layers"],
                 seed=ctx.cfg["seed"],
             ),
+            prefix_cache=ctx.prefix_cache("buffer", q["trainable_last_layers"]),
         )
         atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
     value = load_value_model(value_dir)

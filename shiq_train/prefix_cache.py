@@ -1,0 +1,281 @@
+"""The hidden states of a frozen prefix of the model, computed once per replay buffer.
+
+When only the last ``k`` of ``L`` decoder layers train (``train.trainable_last_layers = k``, embeddings
+frozen), the hidden states entering layer ``L − k + 1`` are a fixed function of each row's tokens: the
+embedding and the first ``L − k`` layers never change and have no dropout. :class:`PrefixCache` runs
+them once for every row of a buffer and keeps the result; each training step then runs only the last
+``k`` layers (and the output layer) on the cached states.
+
+- Building (:meth:`PrefixCache.build`): megatron's own forward of the whole model over length-sorted
+  batches of rows under ``torch.no_grad()``, stopped by a forward hook on the last frozen layer that
+  records its output. Rows are right-padded and attention is causal, so a real position's state does
+  not depend on the padding or on the other rows of the batch.
+- Using it (:meth:`PrefixCache.gather` and :func:`suffix_only`): the states of a micro-batch's rows
+  ``[T, B, H]`` (zeros at padding positions) are passed to ``GPTModel.forward`` as ``decoder_input``
+  while the decoder's layer list is narrowed to the trainable suffix. The parameters, their names and
+  the state dict of the full model are untouched outside :func:`suffix_only`.
+
+A micro-batch finds its rows' states through ``buffer_rows`` ``[B]`` (the rows' indices in the buffer,
+which ``shiq_data.sampler.BufferSampler`` adds in ``padded`` and ``groups`` modes). Packed rows
+(``segment_ids``) are refused. The cache is exact up to float rounding (the same sums in another batch
+shape); it refuses what would make it inexact: tensor or pipeline parallelism, dropout, a trainable
+embedding or prefix layer, and a model whose prefix weights differ from those it was built with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from shiq_train.model import model_inputs, unwrap
+
+log = logging.getLogger(__name__)
+
+ROWS_KEY = "buffer_rows"  # micro-batch key: the rows' indices in the buffer, [B] int64
+HIDDEN_KEY = "prefix_hidden"  # micro-batch key: the cached states of its rows, [T, B, H]
+
+
+class _PrefixDone(Exception):
+    """Raised by the hook on the last frozen layer: the rest of the forward is not needed."""
+
+
+def _check_model(model, trainable_last_layers: int, frozen: bool = True) -> int:
+    """The number of frozen layers ``L − k`` after checking the model can use a prefix cache exactly
+    (with ``frozen``: also that no prefix parameter trains)."""
+    inner = unwrap(model)
+    c = inner.config
+    L, k = c.num_layers, trainable_last_layers
+    if not (isinstance(k, int) and 0 <= k < L):
+        raise ValueError(
+            f"a frozen-prefix cache needs 0 <= train.trainable_last_layers < num_layers={L}, got {k!r} "
+            "(set train.cache_frozen_prefix=false to train every layer)"
+        )
+    if c.tensor_model_parallel_size > 1 or c.pipeline_model_parallel_size > 1:
+        raise ValueError(
+            f"a frozen-prefix cache runs with tensor and pipeline parallel size 1 (got tp="
+            f"{c.tensor_model_parallel_size}, pp={c.pipeline_model_parallel_size}); set train.cache_frozen_prefix=false"
+        )
+    if c.hidden_dropout > 0 or c.attention_dropout > 0:
+        raise ValueError(
+            f"a frozen-prefix cache needs model.hidden_dropout = model.attention_dropout = 0 (got "
+            f"{c.hidden_dropout}, {c.attention_dropout}): with dropout the prefix is not a fixed function of the tokens"
+        )
+    if len(inner.decoder.layers) != L or not inner.pre_process:
+        raise ValueError("a frozen-prefix cache needs the whole model in one stage (embedding and every layer)")
+    trainable = [n for n, p in _prefix_parameters(inner, L - k) if p.requires_grad and frozen]
+    if trainable:
+        raise ValueError(
+            f"a frozen-prefix cache needs the embedding and the first {L - k} layers frozen, but {trainable[0]} "
+            f"trains ({len(trainable)} such parameters); use train.trainable_last_layers={k} or set "
+            "train.cache_frozen_prefix=false"
+        )
+    return L - k
+
+
+def _prefix_parameters(inner, n_frozen: int):
+    """``(name, parameter)`` of the embedding and the first ``n_frozen`` decoder layers."""
+    for name, p in inner.named_parameters():
+        if name.startswith("embedding."):
+            yield name, p
+        elif name.startswith("decoder.layers.") and int(name.split(".")[2]) < n_frozen:
+            yield name, p
+
+
+def prefix_fingerprint(model, n_frozen: int) -> str:
+    """blake2b of the names, shapes, dtypes and bytes of the prefix's parameters."""
+    h = hashlib.blake2b(digest_size=16)
+    for name, p in _prefix_parameters(unwrap(model), n_frozen):
+        h.update(f"{name}:{tuple(p.shape)}:{p.dtype};".encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def suffix_only(model, n_frozen: int):
+    """Within the block, the model's decoder runs only its layers after the first ``n_frozen``: give it
+    their input as ``decoder_input`` ``[T, B, H]``. The layers keep their megatron numbers; the full
+    layer list (and so the state dict) is back on exit, also on an error."""
+    decoder = unwrap(model).decoder
+    layers, count = decoder.layers, decoder.num_layers_per_pipeline_rank
+    decoder.layers = torch.nn.ModuleList(list(layers)[n_frozen:])
+    decoder.num_layers_per_pipeline_rank = len(decoder.layers)  # read by recomputation
+    try:
+        yield
+    finally:
+        decoder.layers, decoder.num_layers_per_pipeline_rank = layers, count
+
+
+def _buffer_tokens(buffer) -> list[torch.Tensor]:
+    """Every row's ``tokens`` as an int64 tensor, in buffer order (the sampler's row indices)."""
+    out = []
+    for table in buffer.shard_tables:
+        for chunk in table.column("tokens").chunks:
+            offsets = np.asarray(chunk.offsets)
+            values = torch.from_numpy(chunk.values.to_numpy(zero_copy_only=False).astype(np.int64))
+            out += [values[int(s) : int(e)] for s, e in zip(offsets[:-1], offsets[1:])]
+    return out
+
+
+class PrefixCache:
+    """The hidden states after the last frozen layer for every row of a buffer (see the module doc).
+
+    ``hidden`` ``[N_tokens, H]`` (the model's dtype) holds row ``i``'s states at
+    ``offsets[i]:offsets[i + 1]``; ``tokens`` ``[N_tokens]`` its tokens (checked against each batch).
+    ``n_frozen`` layers of ``num_layers`` are cached; ``fingerprint`` identifies their weights.
+    """
+
+    def __init__(self, hidden, offsets, tokens, n_frozen: int, num_layers: int, fingerprint: str):
+        self.hidden, self.offsets, self.tokens = hidden, offsets, tokens
+        self.n_frozen, self.num_layers, self.fingerprint = n_frozen, num_layers, fingerprint
+
+    @property
+    def trainable_last_layers(self) -> int:
+        return self.num_layers - self.n_frozen
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.hidden, self.offsets, self.tokens))
+
+    @classmethod
+    def from_buffer(cls, model, buffer, trainable_last_layers: int, **kw) -> PrefixCache:
+        """:meth:`build` over every row of an opened ``shiq_data.buffer.Buffer``."""
+        return cls.build(model, _buffer_tokens(buffer), trainable_last_layers, **kw)
+
+    @classmethod
+    @torch.no_grad()
+    def build(
+        cls,
+        model,
+        rows: list,
+        trainable_last_layers: int,
+        *,
+        tokens_per_batch: int = 4096,
+        pad_id: int = 0,
+        progress: bool = True,
+    ) -> PrefixCache:
+        """Run the model's embedding and first ``L − k`` layers (``k = trainable_last_layers``) on every row
+        of ``rows`` (token id sequences, row ``i`` = buffer row ``i``): rows sorted by length, batches of
+        at most ``tokens_per_batch`` padded tokens, megatron's forward stopped after the last frozen layer.
+        The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
+        n_frozen = _check_model(model, trainable_last_layers, frozen=False)
+        inner = unwrap(model)
+        rows = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in rows]
+        if not rows or min(len(r) for r in rows) == 0:
+            raise ValueError("a frozen-prefix cache needs at least one row, and no empty row")
+        lengths = torch.tensor([len(r) for r in rows])
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.int64)
+        offsets[1:] = lengths.cumsum(0)
+        device = next(inner.parameters()).device
+        hidden = torch.empty(int(offsets[-1]), inner.config.hidden_size, dtype=inner.config.params_dtype)
+        order = torch.argsort(lengths, descending=True, stable=True).tolist()
+        batches, at = [], 0
+        while at < len(order):  # the longest row first: a batch holds rows no longer than its first
+            per = max(1, tokens_per_batch // int(lengths[order[at]]))
+            batches.append(order[at : at + per])
+            at += per
+        seen = {}
+
+        def record(module, args, output):
+            seen["h"] = output[0] if isinstance(output, tuple) else output
+            raise _PrefixDone
+
+        hook = inner.decoder.layers[n_frozen - 1].register_forward_hook(record)
+        size = f"{hidden.numel() * hidden.element_size() / 2**20:.1f} MiB"
+        bar = tqdm(total=len(rows), desc=f"cache frozen prefix ({size})", disable=not progress, dynamic_ncols=True)
+        try:
+            for batch in batches:
+                T = int(lengths[batch[0]])
+                tokens = torch.full((len(batch), T), pad_id, dtype=torch.int64)
+                for b, i in enumerate(batch):
+                    tokens[b, : len(rows[i])] = rows[i]
+                try:
+                    model(**model_inputs(tokens.to(device)))
+                except _PrefixDone:
+                    pass
+                else:
+                    raise RuntimeError("the forward hook on the last frozen layer did not run")
+                h = seen.pop("h").transpose(0, 1).cpu()  # [B, T, H]
+                for b, i in enumerate(batch):
+                    hidden[int(offsets[i]) : int(offsets[i + 1])] = h[b, : len(rows[i])]
+                bar.update(len(batch))
+        finally:
+            bar.close()
+            hook.remove()
+        cache = cls(hidden, offsets, torch.cat(rows), n_frozen, inner.config.num_layers, "")
+        cache.fingerprint = prefix_fingerprint(model, n_frozen)
+        log.info(
+            "frozen-prefix cache: %d rows, %d tokens, layers 1-%d of %d, %.1f MiB",
+            len(rows),
+            len(cache.tokens),
+            n_frozen,
+            cache.num_layers,
+            cache.nbytes / 2**20,
+        )
+        return cache
+
+    def check_model(self, model, trainable_last_layers: int | None = None) -> None:
+        """Refuse a model this cache was not built for: another number of frozen layers, a trainable
+        prefix parameter, other prefix weights, or a setting that makes the cache inexact."""
+        k = self.trainable_last_layers if trainable_last_layers is None else trainable_last_layers
+        if k != self.trainable_last_layers:
+            raise ValueError(
+                f"the frozen-prefix cache holds the states after layer {self.n_frozen} "
+                f"(trainable_last_layers={self.trainable_last_layers}), not trainable_last_layers={k}"
+            )
+        if unwrap(model).config.num_layers != self.num_layers:
+            raise ValueError(
+                f"the frozen-prefix cache was built for {self.num_layers} layers, the model has "
+                f"{unwrap(model).config.num_layers}"
+            )
+        _check_model(model, k)
+        if prefix_fingerprint(model, self.n_frozen) != self.fingerprint:
+            raise ValueError(
+                "the model's embedding or first layers differ from those the frozen-prefix cache was built "
+                "with; build the cache from this model"
+            )
+
+    def gather(self, micro_batch: dict) -> torch.Tensor:
+        """The cached states of a micro-batch's rows as ``decoder_input`` ``[T, B, H]`` (zeros at padding),
+        on the device of its ``tokens`` ``[B, T]``; its ``buffer_rows`` ``[B]`` name the rows."""
+        if micro_batch.get("segment_ids") is not None:
+            raise ValueError(
+                "the frozen-prefix cache does not support packed rows (data.mode=packed); use padded or "
+                "groups, or set train.cache_frozen_prefix=false"
+            )
+        if ROWS_KEY not in micro_batch:
+            raise ValueError(
+                f"a micro-batch has no {ROWS_KEY!r} (the rows' buffer indices, given by BufferSampler): "
+                "the frozen-prefix cache cannot find its rows"
+            )
+        tokens = micro_batch["tokens"]
+        B, T = tokens.shape
+        rows = micro_batch[ROWS_KEY].tolist()
+        if len(rows) != B:
+            raise ValueError(f"{ROWS_KEY} has {len(rows)} entries for {B} rows of tokens")
+        out = torch.zeros(B, T, self.hidden.shape[1], dtype=self.hidden.dtype)
+        cpu_tokens = tokens.cpu()
+        for b, r in enumerate(rows):
+            if not 0 <= r < len(self):
+                raise ValueError(f"buffer row {r} is not in the frozen-prefix cache ({len(self)} rows)")
+            s, e = int(self.offsets[r]), int(self.offsets[r + 1])
+            if e - s > T or not torch.equal(cpu_tokens[b, : e - s], self.tokens[s:e]):
+                raise ValueError(
+                    f"buffer row {r}: the micro-batch's tokens are not those the frozen-prefix cache was built "
+                    "from (another buffer?)"
+                )
+            out[b, : e - s] = self.hidden[s:e]
+        return out.transpose(0, 1).contiguous().to(tokens.device)
+
+    def add_to(self, micro_batches: list[dict]) -> list[dict]:
+        """Put each micro-batch's :meth:`gather` under ``prefix_hidden`` (in place); returns them."""
+        for mb in micro_batches:
+            mb[HIDDEN_KEY] = self.gather(mb)
+        return micro_batches

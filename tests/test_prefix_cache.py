@@ -1,0 +1,253 @@
+"""The frozen-prefix cache: training on cached hidden states equals training the whole model.
+
+Tiny megatron GPT (4 layers, the last 2 trainable, hidden 64, vocab 128) on a small replay buffer of
+variable-length rows in groups of 2. Three optimizer steps with the cache (one cache shared by several
+trainers, or built by ``train.cache_frozen_prefix``) give the losses and trained parameters of the same
+run without it, within 1e-5 relative (the parity tests' standard): DPO in groups mode, ShiQ padded,
+CoPG with an online reference. Then the cases it refuses.
+"""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from shiq_data.buffer import write_buffer
+from shiq_data.sampler import BufferSampler
+from shiq_train import model as M
+from shiq_train import parallel
+from shiq_train.objectives import LossConfig
+from shiq_train.prefix_cache import PrefixCache, suffix_only
+from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
+
+VOCAB, LAYERS, TRAINABLE, SEQ = 128, 4, 2, 16
+TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": VOCAB}
+TOL = 1e-5
+
+
+def make_rows(n=16, seed=3):
+    """Groups of 2 completions; prompts of 2-4 and completions of 2-9 tokens; a reward on the last
+    action; reference statistics near a uniform policy."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        p, c = int(rng.integers(2, 5)), int(rng.integers(2, 10))
+        rewards = [0.0] * (p + c)
+        rewards[-1] = float(np.float32(rng.normal()))
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "source": "t",
+                "group_id": i // 2,
+                "prompt_len": p,
+                "tokens": [int(t) for t in rng.integers(1, VOCAB, p + c)],
+                "action_mask": [False] * p + [True] * c,
+                "rewards": rewards,
+                "ref_chosen_logits": [0.0] + [float(np.float32(x)) for x in rng.normal(0, 0.1, p + c - 1)],
+                "ref_logz": [0.0] + [float(np.float32(x)) for x in np.log(VOCAB) + rng.normal(0, 0.1, p + c - 1)],
+            }
+        )
+    return rows
+
+
+def model_cfg(**kw):
+    return M.ModelConfig(
+        num_layers=LAYERS, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, max_sequence_length=SEQ, **kw
+    )
+
+
+@pytest.fixture(scope="module")
+def buffer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("buf") / "b"
+    return write_buffer(
+        make_rows(), out, tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False, ref_model={"name": "t"}
+    )
+
+
+@pytest.fixture
+def dist1():
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=5):
+        yield
+
+
+def train(buffer, init, out, loss, mode, cache=None, **train_kw):
+    """Three AdamW steps from ``init``; returns the losses, the trained parameters and how many times
+    the first layer ran."""
+    model = M.build_model(model_cfg())
+    model.load_state_dict(init)
+    ref = frozen_copy(model, model_cfg()) if train_kw.get("reference") == "online" else None
+    calls = []
+    model.decoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    trainer = Trainer(
+        model,
+        LossConfig(loss, beta=0.3),
+        OptimizerConfig(lr=1e-2),
+        TrainConfig(steps=3, trainable_last_layers=TRAINABLE, progress=False, tensorboard=False, **train_kw),
+        out,
+        ref_model=ref,
+        prefix_cache=cache,
+    )
+    sampler = BufferSampler(buffer, rows_per_micro_batch=4, micro_batches_per_step=2, seed=1, mode=mode)
+    hist = trainer.fit(sampler)
+    return [h["loss"] for h in hist], {n: p.detach().clone() for n, p in model.named_parameters()}, len(calls)
+
+
+def assert_same_run(a, b, init):
+    losses_a, params_a, _ = a
+    losses_b, params_b, _ = b
+    assert losses_b == pytest.approx(losses_a, rel=TOL)
+    assert params_a.keys() == params_b.keys()
+    moved = 0
+    for name, p in params_a.items():
+        q = params_b[name]
+        scale = float(p.abs().max()) or 1.0
+        assert float((p - q).abs().max()) <= TOL * scale, name
+        moved += not torch.equal(p, init[name])
+    assert moved > 0  # the comparison is of trained parameters
+
+
+def test_cached_training_equals_full_training(dist1, buffer, tmp_path):
+    init = {k: v.clone() for k, v in M.build_model(model_cfg()).state_dict().items() if torch.is_tensor(v)}
+    builder = M.build_model(model_cfg())
+    builder.load_state_dict(init)
+    for p in builder.parameters():
+        p.requires_grad_(False)
+    cache = PrefixCache.build(
+        builder,
+        [buffer.row(i)["tokens"] for i in range(len(buffer))],
+        TRAINABLE,
+        tokens_per_batch=40,  # several length-sorted batches, each padded differently from training's
+        progress=False,
+    )
+    assert len(cache) == len(buffer) and cache.n_frozen == LAYERS - TRAINABLE
+    for loss, mode in (("dpo", "groups"), ("shiq", "padded")):  # one cache for both trainers
+        full = train(buffer, init, tmp_path / f"{loss}-full", loss, mode)
+        cached = train(buffer, init, tmp_path / f"{loss}-cached", loss, mode, cache=cache)
+        assert full[2] > 0 and cached[2] == 0  # the cached run never ran the frozen layers
+        assert_same_run(full, cached, init)
+    # train.cache_frozen_prefix builds the cache itself; the online reference starts from it too
+    full = train(buffer, init, tmp_path / "copg-full", "copg", "groups", reference="online")
+    cached = train(
+        buffer, init, tmp_path / "copg-cached", "copg", "groups", reference="online", cache_frozen_prefix=True
+    )
+    assert cached[2] == 1  # once: building the cache (stopped after layer 2)
+    assert_same_run(full, cached, init)
+
+
+def test_suffix_only_restores_the_full_model(dist1):
+    model = M.build_model(model_cfg())
+    keys = list(model.state_dict())
+    with suffix_only(model, 3):
+        assert len(model.decoder.layers) == 1 and model.decoder.layers[0].layer_number == 4
+    assert list(model.state_dict()) == keys and len(model.decoder.layers) == LAYERS
+
+
+def frozen_model(**kw):
+    model = M.build_model(model_cfg(**kw))
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(f"decoder.layers.{LAYERS - 1}.") or "final_layernorm" in name)
+    return model
+
+
+def test_refusals(dist1, buffer):
+    rows = [[1, 2, 3], [4, 5]]
+    with pytest.raises(ValueError, match="trainable_last_layers >= 0"):
+        TrainConfig(cache_frozen_prefix=True, trainable_last_layers=-1)
+    with pytest.raises(ValueError, match="true or false"):
+        TrainConfig(cache_frozen_prefix="yes", trainable_last_layers=1)
+    for k in (-1, LAYERS):
+        with pytest.raises(ValueError, match="0 <= train.trainable_last_layers < num_layers=4"):
+            PrefixCache.build(frozen_model(), rows, k, progress=False)
+    with pytest.raises(ValueError, match="dropout"):
+        PrefixCache.build(frozen_model(hidden_dropout=0.1), rows, 1, progress=False)
+    trainable = M.build_model(model_cfg())
+    cache = PrefixCache.build(trainable, rows, 1, progress=False)  # built before a trainer freezes the prefix
+    with pytest.raises(ValueError, match="embedding.word_embeddings.weight trains"):
+        cache.check_model(trainable)
+    model = frozen_model()
+    model.config.tensor_model_parallel_size = 2
+    with pytest.raises(ValueError, match="tensor and pipeline parallel size 1"):
+        PrefixCache.build(model, rows, 1, progress=False)
+    model = frozen_model()
+    cache = PrefixCache.build(model, rows, 1, progress=False)
+    with pytest.raises(ValueError, match="differ from those"):
+        cache.check_model(frozen_model())  # other weights
+    with pytest.raises(ValueError, match="not trainable_last_layers=2"):
+        cache.check_model(model, 2)
+    mb = {"tokens": torch.tensor([[1, 2, 3], [4, 5, 0]]), "buffer_rows": torch.tensor([0, 1])}
+    assert cache.gather(mb).shape == (3, 2, 64)
+    with pytest.raises(ValueError, match="packed rows"):
+        cache.gather({**mb, "segment_ids": torch.zeros(2, 3, dtype=torch.int64)})
+    with pytest.raises(ValueError, match="not those the frozen-prefix cache was built from"):
+        cache.gather({**mb, "buffer_rows": torch.tensor([1, 0])})
+    with pytest.raises(ValueError, match="has no 'buffer_rows'"):
+        cache.gather({"tokens": mb["tokens"]})
+    # a Trainer refuses a cache of another number of trainable layers
+    with pytest.raises(ValueError, match="not trainable_last_layers=2"):
+        Trainer(
+            model, LossConfig(), OptimizerConfig(), TrainConfig(trainable_last_layers=2), "unused", prefix_cache=cache
+        )
+
+
+def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monkeypatch):
+    """Q♯'s value model (a megatron trunk of 3 layers, the last trainable, plus the atom head): the same
+    metrics and saved weights with the trunk's frozen prefix cached as without."""
+    transformers = pytest.importorskip("transformers")
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    gathered = []
+    gather = PrefixCache.gather
+    monkeypatch.setattr(PrefixCache, "gather", lambda self, mb: gathered.append(1) or gather(self, mb))
+    runs = {}
+    for cached in (False, True):
+        cfg = ValueTrainConfig(
+            steps=3,
+            rows_per_micro_batch=4,
+            lr=1e-2,
+            trainable_last_layers=1,
+            progress=False,
+            cache_frozen_prefix=cached,
+        )
+        out = train_value_model(
+            buffer.path, tmp_path / str(cached), hf.state_dict(), hf_cfg, cfg, verify_checksums=False
+        )
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        runs[cached] = [json.loads(x)["value_ce"] for x in lines], torch.load(out / "value_model.pt", weights_only=True)
+    assert len(gathered) == 3  # the cached run's three micro-batches came from the cache
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
+    for name, p in runs[False][1].items():
+        q = runs[True][1][name]
+        assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0), name
+    assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+
+
+def test_trainer_finds_the_buffer_behind_shiq_train_data_source(buffer):
+    from shiq_train.cli import DeviceSource
+    from shiq_train.trainer import _buffer_of
+
+    sampler = BufferSampler(buffer, rows_per_micro_batch=4, seed=0, mode="groups")
+    assert _buffer_of(DeviceSource(sampler, torch.device("cpu"))) is buffer
+    assert _buffer_of(object()) is None
+    for mode in ("groups", "padded"):  # buffer_rows name each row's buffer index
+        mb = BufferSampler(buffer, rows_per_micro_batch=4, seed=2, mode=mode).next_micro_batches()[0]
+        assert len(mb["buffer_rows"]) == mb["tokens"].shape[0]
+        for b, r in enumerate(mb["buffer_rows"].tolist()):
+            row = buffer.row(r)["tokens"]
+            assert mb["tokens"][b, : len(row)].tolist() == row

@@ -1,0 +1,150 @@
+"""Training-step time with and without the frozen-prefix cache, on the demo's model and batch shape.
+
+SmolLM2-135M-Instruct (the packaged model, 30 layers) as a megatron GPT, the last ``--trainable`` layers
+and the final norm trained (embeddings frozen), ShiQ loss on a synthetic replay buffer of
+``--groups`` prompt groups of 4 completions (rows of about ``--tokens`` tokens, reference statistics
+present), batches of ``--rows`` rows in groups mode, as in ``shiq-demo``. Two copies of the model take
+the same micro-batches: ``full`` runs all 30 layers at every step; ``cached`` runs only the trainable
+layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache`` (their lookup included in the
+step). Steps run interleaved (full, cached, full, cached, ...) after one warm-up each, so load from
+other processes hits both alike. Also timed: the one-off cache build over the whole buffer, and the
+first step's loss of both paths (they must agree).
+
+    python tools/bench_prefix_cache.py                # 640 rows of ~50 tokens, 16 rows a step, 6 of 30 layers
+    python tools/bench_prefix_cache.py --reps 5 --trainable 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints the median step time of each path, their ratio, the cache build time and the "
+        "number of steps after which the cache has paid for itself.",
+    )
+    p.add_argument("--trainable", type=int, default=6, help="trainable last layers of 30 (default 6)")
+    p.add_argument("--groups", type=int, default=160, help="prompt groups of 4 rows in the buffer (default 160)")
+    p.add_argument("--tokens", type=int, default=50, help="mean tokens per row (default 50; +-6)")
+    p.add_argument("--rows", type=int, default=16, help="rows per optimizer step (default 16)")
+    p.add_argument("--reps", type=int, default=7, help="timed steps per path after one warm-up (default 7)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    return p.parse_args(argv)
+
+
+def synthetic_buffer(out: Path, args, vocab: int):
+    """``args.groups`` groups of 4 rows: a prompt of 60% of the row, then actions, a reward on the last one."""
+    import numpy as np
+
+    from shiq_data.buffer import write_buffer
+
+    rng = np.random.default_rng(0)
+    rows = []
+    for g in range(args.groups):
+        for c in range(4):
+            n = int(rng.integers(args.tokens - 6, args.tokens + 7))
+            p = int(n * 0.6)
+            rewards = [0.0] * n
+            rewards[-1] = float(np.float32(rng.normal()))
+            rows.append(
+                {
+                    "row_id": f"g{g}c{c}",
+                    "source": "bench",
+                    "group_id": g,
+                    "prompt_len": p,
+                    "tokens": [int(t) for t in rng.integers(0, vocab, n)],
+                    "action_mask": [False] * p + [True] * (n - p),
+                    "rewards": rewards,
+                    "ref_chosen_logits": [0.0] + [float(np.float32(x)) for x in rng.normal(0, 1, n - 1)],
+                    "ref_logz": [0.0] + [float(np.float32(x)) for x in rng.normal(np.log(vocab), 1, n - 1)],
+                }
+            )
+    info = {"name": "bench", "fingerprint": "b" * 64, "vocab_size": vocab}
+    return write_buffer(rows, out, tokenizer_info=info, command=["bench"], progress=False, ref_model={"name": "bench"})
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    import torch
+    from tqdm.auto import tqdm
+
+    from shiq_data.sampler import BufferSampler
+    from shiq_train import parallel
+    from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
+    from shiq_train.model import build_model
+    from shiq_train.objectives import LossConfig
+    from shiq_train.prefix_cache import PrefixCache, suffix_only
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
+    from shiq_train.trainer import freeze_all_but_last_layers
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(args.threads)
+    hf, _ = load_smollm2()
+    parallel.init_distributed(seed=0)
+    try:
+        models, opts = {}, {}
+        for name in ("full", "cached"):
+            m = build_model(model_config_from_llama(hf.config))
+            import_llama(m, hf.state_dict(), hf.config)
+            freeze_all_but_last_layers(m, args.trainable)
+            models[name], opts[name] = m, build_optimizer(m, OptimizerConfig(lr=1e-5))
+        layers = models["full"].config.num_layers
+        with tempfile.TemporaryDirectory() as tmp:
+            buffer = synthetic_buffer(Path(tmp) / "buffer", args, hf.config.vocab_size)
+            t0 = time.perf_counter()
+            cache = PrefixCache.from_buffer(models["cached"], buffer, args.trainable)
+            build_s = time.perf_counter() - t0
+            cache.check_model(models["cached"], args.trainable)
+            sampler = BufferSampler(buffer, rows_per_micro_batch=args.rows, seed=0, mode="groups")
+            batches = [sampler.next_micro_batches() for _ in range(args.reps + 1)]
+        loss_fn = objective_loss_fn(LossConfig("shiq", beta=0.3))
+
+        def full(mbs):
+            opt, sched = opts["full"]
+            return train_step(models["full"], opt, sched, [dict(mb) for mb in mbs], loss_fn, 1.0)
+
+        def cached(mbs):
+            opt, sched = opts["cached"]
+            mbs = cache.add_to([dict(mb) for mb in mbs])
+            with suffix_only(models["cached"], cache.n_frozen):
+                return train_step(models["cached"], opt, sched, mbs, loss_fn, 1.0)
+
+        paths = {"full": full, "cached": cached}
+        first = {name: fn(batches[0])["loss"] for name, fn in paths.items()}  # warm-up, same batch
+        times = {name: [] for name in paths}
+        for mbs in tqdm(batches[1:], desc="timing", dynamic_ncols=True):
+            for name, fn in paths.items():
+                t0 = time.perf_counter()
+                fn(mbs)
+                times[name].append(time.perf_counter() - t0)
+    finally:
+        parallel.destroy_distributed()
+    tokens = sum(int(mb["tokens"].numel()) for mbs in batches[1:] for mb in mbs) / args.reps
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(
+        f"\nSmolLM2-135M, {args.trainable} of {layers} layers trainable, {args.rows} rows a step "
+        f"(~{tokens:.0f} padded tokens), {args.threads} threads, median of {args.reps} interleaved steps\n"
+    )
+    print("| path | s/step (median) | min | max | / full |")
+    print("|---|---|---|---|---|")
+    for k, v in times.items():
+        print(f"| {k} | {med[k]:.3f} | {min(v):.3f} | {max(v):.3f} | {med[k] / med['full']:.2f}x |")
+    saved = med["full"] - med["cached"]
+    print(
+        f"\ncache build: {build_s:.1f} s for {len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB); "
+        f"speed-up {med['full'] / med['cached']:.2f}x; pays for itself after "
+        f"{build_s / saved if saved > 0 else float('inf'):.1f} steps"
+    )
+    rel = abs(first["cached"] - first["full"]) / abs(first["full"])
+    print(f"first step's loss: full {first['full']:.6f}, cached {first['cached']:.6f} (relative difference {rel:.1e})")
+
+
+if __name__ == "__main__":
+    main()
