@@ -25,69 +25,12 @@ import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
-from shiq_data.buffer import read_manifest
 from shiq_data.cli_common import quiet_optional_dependencies, run_command
 from shiq_data.tokenizers import fingerprint
 from shiq_eval.bfcl import cli as bfcl_cli
+from shiq_eval.checkpoints import EvalInputError, checkpoint_info, checkpoint_steps, policy_from_checkpoint
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import plot_curves, write_table
-
-
-class EvalInputError(ValueError):
-    """A bad command-line input; the message names the file, line or option."""
-
-
-def checkpoint_steps(path) -> list[Path]:
-    """The step directories named by ``path``: itself if it holds ``meta.json``, else every
-    ``step_*`` directory with a ``meta.json`` in ``path/checkpoints`` (or ``path``), in step order."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return [path]
-    for folder in (path / "checkpoints", path):
-        steps = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file())
-        if steps:
-            return steps
-    raise EvalInputError(
-        f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
-        f"(no {path / 'checkpoints'}/step_*/meta.json)"
-    )
-
-
-def checkpoint_info(step_dir: Path) -> dict:
-    """``{method, step, hf_config, init}`` of a step directory saved by ``shiq-train``."""
-    meta_path = step_dir / "meta.json"
-    try:
-        info = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
-    meta = info.get("meta", {}) if isinstance(info, dict) else None
-    if not isinstance(meta, dict) or not isinstance(info.get("step"), int):
-        raise EvalInputError(f"{meta_path}: expected an object with an integer 'step' and a 'meta' object")
-    for field in ("loss", "hf_config"):
-        if field not in meta:
-            raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
-    if not isinstance(meta["loss"], dict) or not isinstance(meta["loss"].get("name"), str):
-        raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
-    if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
-        raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
-    return {
-        "method": meta["loss"]["name"],
-        "step": int(info["step"]),
-        "hf_config": meta["hf_config"],
-        "init": meta.get("config", {}).get("init", "none"),
-        "tokenizer": run_tokenizer(meta),
-    }
-
-
-def run_tokenizer(meta: dict) -> dict | None:
-    """The tokenizer info of the buffer a run trained on: recorded in its checkpoints by shiq-train, or, for
-    checkpoints saved before it was, read from that buffer's manifest if the buffer is still there."""
-    if isinstance(meta.get("tokenizer"), dict):
-        return meta["tokenizer"]
-    buffer = ((meta.get("config") or {}).get("data") or {}).get("buffer")
-    if isinstance(buffer, str) and (Path(buffer) / "manifest.json").is_file():
-        return read_manifest(buffer)["tokenizer"]
-    return None
 
 
 def check_tokenizers(steps: list[Path], infos: list[dict], tokenizer, ref_model) -> None:
@@ -189,14 +132,6 @@ def load_reference(spec: str):
             f"({folder / 'config.json'} does not exist)"
         )
     return load_causal_lm(spec, torch.float32)
-
-
-def policy_from_checkpoint(step_dir: Path, hf_config: dict):
-    from transformers import LlamaConfig  # heavy: transformers
-
-    from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
-
-    return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
 
 
 class HFEngine:
