@@ -96,15 +96,15 @@ def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
 
     model, ref = _tiny_llama(0), _tiny_llama(1)
     entry = data.load_entry("multi_turn_base", 3)
-    traj = ground_truth_trajectory(entry)
-    res = answer_turns(model, tokenizer, entry, traj, ref_model=ref, max_new_tokens=4)
+    traj = ground_truth_trajectory(entry, compact=True)
+    res = answer_turns(model, tokenizer, entry, traj, ref_model=ref, max_new_tokens=3)
     ids, spans = turn_positions(tokenizer, traj)
     assert len(spans) == len(entry["ground_truth"]) == len(res["answers"])
     with torch.no_grad():
         hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
         for k, (s, e) in enumerate(spans):
             prompt, gen = ids[:s], []
-            for _ in range(4):
+            for _ in range(3):
                 logits = model(input_ids=torch.tensor([prompt + gen])).logits[0, -1]
                 gen.append(int(logits.argmax()))
                 if gen[-1] == tokenizer.eos_token_id:
@@ -117,7 +117,7 @@ def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
             assert res["gt_nll"][k] == pytest.approx(nll, rel=1e-6)
             assert res["gt_tokens"][k] == e - s
     # without a reference the KL is 0; the checker scores the parsed answers
-    alone = answer_turns(model, tokenizer, entry, traj, max_new_tokens=4)
+    alone = answer_turns(model, tokenizer, entry, traj, max_new_tokens=3)
     assert alone["kl"] == [0.0] * len(spans) and alone["tokens"] == res["tokens"]
     decoded = [[c] if (c := decode_calls(a)) else [] for a in res["answers"]]
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == res["turn_rewards_reset"]
@@ -136,10 +136,12 @@ def test_ground_truth_answers_score_every_turn(tokenizer):
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == [1.0] * len(spans)
 
 
+@pytest.mark.slow
 def test_quick_run_report_and_resume(tmp_path):
     """The README's --quick command: report.json's structure, finite numbers, the reference's turn
     accuracy equal to the checker's verdict on its saved answers, the supervised model closer to the
-    ground truth than the reference; a second call only rewrites the report."""
+    ground truth than the reference; a second call only rewrites the report. Slow (about 3.5 CPU
+    minutes: loading SmolLM2, six evaluations); the tests above cover its parts quickly."""
     out = tmp_path / "bfcl"
     cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=600)
