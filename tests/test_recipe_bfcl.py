@@ -52,7 +52,7 @@ def test_config_quick_and_errors():
 
 def test_edited_trajectories_and_turn_cuts_keep_what_the_model_saw(tokenizer):
     entry = data.load_entry("multi_turn_base", 1)
-    group = bfcl.scenario_trajectories(entry, 3, seed=0)
+    group = bfcl.scenario_trajectories(entry, 3, seed=0, compact=True)
     assert [t["edit"] for t in group][0] == "ground_truth" and len({t["edit"] for t in group}) == 4
     assert group[0]["turn_rewards"] == [1.0] * len(entry["ground_truth"])
     for t in group[1:]:  # the checker, run again from the decoded turns, gives the recorded rewards
@@ -105,7 +105,8 @@ def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
         for k, (s, e) in enumerate(spans):
             prompt, gen = ids[:s], []
             for _ in range(3):
-                logits = model(input_ids=torch.tensor([prompt + gen])).logits[0, -1]
+                last = model.model(input_ids=torch.tensor([prompt + gen])).last_hidden_state[0, -1]
+                logits = model.lm_head(last)
                 gen.append(int(logits.argmax()))
                 if gen[-1] == tokenizer.eos_token_id:
                     break
