@@ -36,12 +36,18 @@ import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
-from shiq_data.buffer import read_manifest
 from shiq_data.cli_common import quiet_optional_dependencies, run_command
-from shiq_data.io import atomic_write_json, sha256_files
+from shiq_data.io import atomic_write_json
 from shiq_data.tokenizers import fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
+from shiq_eval.checkpoints import (
+    EvalInputError,
+    hf_policy,
+    model_sha256,
+    policy_infos,
+    weight_files,
+)
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import COLUMNS, plot_curves, write_table
 from shiq_eval.scorers import SequenceClassifierScorer, VaderScorer
@@ -62,150 +68,6 @@ RUN_COLUMNS = [
     "model_sha256",
     "checkpoint",
 ]
-EXPORT_RECORD = "shiq_export.json"  # what shiq-train export records about the run in a Hugging Face folder
-
-
-class EvalInputError(ValueError):
-    """A bad command-line input; the message names the file, line or option."""
-
-
-def checkpoint_steps(path) -> list[Path]:
-    """The step directories named by ``path``: itself if it holds ``meta.json``, else every
-    ``step_*`` directory with a ``meta.json`` in ``path/checkpoints`` (or ``path``), in step order."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return [path]
-    for folder in (path / "checkpoints", path):
-        steps = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file())
-        if steps:
-            return steps
-    raise EvalInputError(
-        f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
-        f"(no {path / 'checkpoints'}/step_*/meta.json)"
-    )
-
-
-def checkpoint_info(step_dir: Path) -> dict:
-    """``{kind, path, method, beta, step, hf_config, init, tokenizer, files}`` of a step directory saved by
-    ``shiq-train`` (``files``: the rank files the parameters are read from, data-parallel rank 0's)."""
-    meta_path = step_dir / "meta.json"
-    try:
-        info = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
-    meta = info.get("meta", {}) if isinstance(info, dict) else None
-    if not isinstance(meta, dict) or not isinstance(info.get("step"), int):
-        raise EvalInputError(f"{meta_path}: expected an object with an integer 'step' and a 'meta' object")
-    for field in ("loss", "hf_config"):
-        if field not in meta:
-            raise EvalInputError(f"{meta_path}: field meta.{field} is missing (was the run written by shiq-train?)")
-    if not isinstance(meta["loss"], dict) or not isinstance(meta["loss"].get("name"), str):
-        raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
-    if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
-        raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
-    return {
-        "kind": "checkpoint",
-        "path": step_dir,
-        "method": meta["loss"]["name"],
-        "beta": meta["loss"].get("beta"),
-        "step": int(info["step"]),
-        "hf_config": meta["hf_config"],
-        "init": meta.get("config", {}).get("init", "none"),
-        "tokenizer": run_tokenizer(meta),
-        "files": sorted(step_dir.glob("rank_tp*_pp*_dp0.pt")),
-    }
-
-
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a Hugging Face model folder (safetensors, else PyTorch ``.bin``), in name order."""
-    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-
-
-def hf_folder_info(folder: Path) -> dict:
-    """The :func:`checkpoint_info` of a Hugging Face model folder: loss, beta, step, init and tokenizer from
-    the record ``shiq-train export`` writes (method ``hf``, step 0 and no beta for any other folder)."""
-    record_path = folder / EXPORT_RECORD
-    record = {}
-    if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvalInputError(f"{record_path}: not valid JSON ({e})") from None
-        if not isinstance(record, dict) or not isinstance(record.get("loss", {}), dict):
-            raise EvalInputError(f"{record_path}: expected an object with a 'loss' object")
-    try:
-        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    files = weight_files(folder)
-    if not files:
-        raise EvalInputError(f"{folder}: a Hugging Face folder without weights (no *.safetensors or *.bin file)")
-    loss = record.get("loss", {})
-    return {
-        "kind": "hf",
-        "path": folder,
-        "method": loss.get("name", "hf"),
-        "beta": loss.get("beta"),
-        "step": int(record.get("step", 0)),
-        "hf_config": hf_config,
-        "init": record.get("init"),
-        "tokenizer": record.get("tokenizer"),
-        "files": files,
-    }
-
-
-def run_label(path: Path) -> str:
-    """The default label of what a CHECKPOINT argument names: its run folder's name (RUN for RUN and for
-    RUN/checkpoints/step_N), else the folder's own name."""
-    path = Path(os.path.abspath(path))
-    if (path / "meta.json").is_file():
-        return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
-    return path.name
-
-
-def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]:
-    """One info per model to evaluate (:func:`checkpoint_info`, :func:`hf_folder_info`) with its ``run``
-    label: ``labels`` one per CHECKPOINT argument, in order, else :func:`run_label`. One label may not name
-    two different runs."""
-    if labels and len(labels) != len(checkpoints):
-        raise EvalInputError(
-            f"--label is given {len(labels)} times for {len(checkpoints)} CHECKPOINT arguments: give one label "
-            "per CHECKPOINT, in order"
-        )
-    infos, owners = [], {}
-    for i, arg in enumerate(checkpoints):
-        path = Path(arg)
-        if (path / "config.json").is_file() and not (path / "meta.json").is_file():
-            found = [hf_folder_info(path)]
-        else:
-            found = [checkpoint_info(s) for s in checkpoint_steps(path)]
-        label = labels[i] if labels else run_label(path)
-        if label == "reference":
-            raise EvalInputError(f"{arg}: the label 'reference' is the reference model's; give another with --label")
-        owner = Path(os.path.abspath(path))
-        owner = owner.parent.parent if (owner / "meta.json").is_file() else owner
-        if owners.setdefault(label, owner) != owner:
-            raise EvalInputError(
-                f"{owners[label]} and {arg} would both be labelled {label!r}: give each CHECKPOINT a --label"
-            )
-        infos += [{**info, "run": label} for info in found]
-    return infos
-
-
-def model_sha256(files: list[Path]) -> str | None:
-    """SHA-256 of a model's weight files read one after the other (None when there are none)."""
-    return sha256_files(files) if files else None
-
-
-def run_tokenizer(meta: dict) -> dict | None:
-    """The tokenizer info of the buffer a run trained on: recorded in its checkpoints by shiq-train, or, for
-    checkpoints saved before it was, read from that buffer's manifest if the buffer is still there."""
-    if isinstance(meta.get("tokenizer"), dict):
-        return meta["tokenizer"]
-    buffer = ((meta.get("config") or {}).get("data") or {}).get("buffer")
-    if isinstance(buffer, str) and (Path(buffer) / "manifest.json").is_file():
-        return read_manifest(buffer)["tokenizer"]
-    return None
 
 
 def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
@@ -307,21 +169,6 @@ def load_reference(spec: str):
             f"({folder / 'config.json'} does not exist)"
         )
     return load_causal_lm(spec, torch.float32)
-
-
-def hf_policy(info: dict):
-    """The transformers model of a :func:`checkpoint_info` / :func:`hf_folder_info`."""
-    if info["kind"] == "hf":
-        import torch  # heavy: only shiq-eval run needs torch
-
-        from shiq_train.hf_convert import load_causal_lm  # heavy: torch
-
-        return load_causal_lm(str(info["path"]), torch.float32)[0]
-    from transformers import LlamaConfig  # heavy: transformers
-
-    from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
-
-    return hf_model_from_checkpoint(info["path"], LlamaConfig.from_dict(info["hf_config"]))
 
 
 class HFEngine:

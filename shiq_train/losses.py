@@ -286,6 +286,24 @@ def shiq_loss(
 # baselines (SHIQ_MATH §5): sequence-level losses built from the same per-token statistics
 
 
+def sft_loss(chosen_logits, logz, action_mask) -> torch.Tensor:
+    """Supervised fine-tuning (SHIQ_MATH §5): ``−Σ_t m_t (c_t − z_t) / Σ_t m_t``, the mean negative
+    log-likelihood of the action tokens (the cross-entropy of the data's assistant turns).
+
+    It reads neither rewards nor the reference: a supervised baseline, trained on the data it should
+    imitate (e.g. only the ground-truth trajectories). Args: chosen_logits, logz ``[B, T]``;
+    action_mask ``[B, T]`` bool (the positions of packed rows count alike). Returns a scalar, zero (with
+    a gradient path) when there is no action.
+    """
+    if chosen_logits.shape != logz.shape or chosen_logits.shape != action_mask.shape:
+        raise ValueError(
+            f"sft_loss: chosen_logits {tuple(chosen_logits.shape)}, logz {tuple(logz.shape)} and action_mask "
+            f"{tuple(action_mask.shape)} must have the same [B, T] shape"
+        )
+    nll = -(_float(chosen_logits) - _float(logz)) * action_mask
+    return nll.sum() / max(int(action_mask.sum()), 1)
+
+
 def sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask) -> torch.Tensor:
     """``Λ(x, y) = Σ_t m_t ρ_t``, ``[B]`` (SHIQ_MATH §5), summed over every action of the row."""
     c, z, c_ref, z_ref = (_float(t) for t in (chosen_logits, logz, ref_chosen_logits, ref_logz))

@@ -35,6 +35,11 @@ def _dro_v(beta, stats, rewards, action_mask, segment_ids):
     return L.dro_v_loss(*stats, rewards, action_mask, beta=beta, segment_ids=segment_ids), {}
 
 
+def _sft(beta, stats, rewards, action_mask, segment_ids):
+    """Supervised fine-tuning (SHIQ_MATH §5): mean NLL of the action tokens; ``beta`` and rewards unused."""
+    return L.sft_loss(stats[0], stats[1], action_mask), {}
+
+
 def _dro_v_loo(beta, stats, rewards, action_mask, group_ids, returns):
     """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``."""
     values = L.loo_soft_value(returns, group_ids, beta=beta)
@@ -119,6 +124,13 @@ LOSSES: dict[str, LossSpec] = {
             trajectory_loss=_dro_v,
         ),
         _group("dro_v_loo", _dro_v_loo, "DRO-V with the leave-one-out soft value of the prompt's group (§5)"),
+        LossSpec(
+            "sft",
+            "supervised fine-tuning: mean NLL of the action tokens, no reward, no reference (§5)",
+            packed_ok=True,
+            needs_reference=False,
+            trajectory_loss=_sft,
+        ),
         LossSpec(
             "qsharp_value",
             "Q♯ value model: the reference's return distribution over atoms, for guided decoding (§8)",

@@ -140,12 +140,20 @@ def objective_loss_fn(loss_cfg) -> LossFn:
     """Loss selected by config (:class:`shiq_train.objectives.LossConfig`) as a ``LossFn``."""
 
     def fn(st: TokenStats, mb: dict):
+        ref_c, ref_z = mb.get("ref_chosen_logits"), mb.get("ref_logz")
+        if ref_c is None and not loss_cfg.spec.needs_reference:  # e.g. sft: Λ is then 0 in the logs
+            ref_c, ref_z = st.chosen_logits.detach(), st.logz.detach()
+        elif ref_c is None:
+            raise ValueError(
+                f"loss {loss_cfg.name!r} reads the reference statistics, but the micro-batch has no "
+                "ref_chosen_logits: precompute them in the buffer (shiq-train ref-stats) or use train.reference=online"
+            )
         return compute_loss(
             loss_cfg,
             st.chosen_logits,
             st.logz,
-            mb["ref_chosen_logits"],
-            mb["ref_logz"],
+            ref_c,
+            ref_z,
             mb["rewards"],
             mb["action_mask"],
             group_ids=mb.get("group_ids"),

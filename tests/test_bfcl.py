@@ -1,7 +1,6 @@
 """BFCL multi-turn checker: ground truth passes, verdicts agree with bfcl_eval's own checker on
 corrupted trajectories, turn rewards follow their definitions, unsafe calls never run."""
 
-import ast
 import builtins
 import json
 import random
@@ -11,6 +10,13 @@ import uuid
 import pytest
 
 from shiq_eval.bfcl import checker, data, executor, parse
+from shiq_eval.bfcl.edits import (
+    CORRUPTIONS,
+    corrupt_drop_call,
+    corrupt_empty_turn,
+    corrupt_wrong_args,
+)
+from shiq_eval.bfcl.edits import nonempty_turns as _nonempty_turns
 
 multi_turn_checker_mod = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_checker")
 multi_turn_utils = pytest.importorskip("bfcl_eval.eval_checker.multi_turn_eval.multi_turn_utils")
@@ -42,100 +48,6 @@ def sampled_entries(seed=0, per_category=SAMPLE_PER_CATEGORY):
         entries = data.load_category(cat)
         out += rng.sample(entries, per_category)
     return out
-
-
-# ---- corruptions built from the ground truth only ------------------------------------------
-
-
-def _nonempty_turns(entry):
-    return [k for k, calls in enumerate(entry["ground_truth"]) if calls]
-
-
-def corrupt_drop_call(entry, rng):
-    d = data.ground_truth_decoded(entry)
-    k = rng.choice(_nonempty_turns(entry))
-    calls = d[k][0]
-    del calls[rng.randrange(len(calls))]
-    d[k] = [calls] if calls else []
-    return d
-
-
-def _change_string_arg(call, rng):
-    tree = ast.parse(call, mode="eval")
-    consts = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str)]
-    nums = [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and type(n.value) in (int, float)]
-    if consts:
-        rng.choice(consts).value += "_x"
-    elif nums:
-        n = rng.choice(nums)
-        n.value = n.value + 7
-    else:
-        return None
-    return ast.unparse(tree)
-
-
-def corrupt_wrong_args(entry, rng):
-    d = data.ground_truth_decoded(entry)
-    k = rng.choice(_nonempty_turns(entry))
-    calls = d[k][0]
-    order = list(range(len(calls)))
-    rng.shuffle(order)
-    for i in order:
-        new = _change_string_arg(calls[i], rng)
-        if new is not None:
-            calls[i] = new
-            break
-    return d
-
-
-def corrupt_extra_call(entry, rng):
-    d = data.ground_truth_decoded(entry)
-    every = [c for calls in entry["ground_truth"] for c in calls]
-    k = rng.randrange(len(d))
-    d[k] = d[k] + [[rng.choice(every)]]
-    return d
-
-
-def corrupt_empty_turn(entry, rng):
-    d = data.ground_truth_decoded(entry)
-    d[rng.choice(_nonempty_turns(entry))] = []
-    return d
-
-
-def corrupt_split_steps(entry, rng):
-    """Same calls, one call per step and shuffled within each turn (often still valid)."""
-    d = []
-    for calls in entry["ground_truth"]:
-        calls = list(calls)
-        rng.shuffle(calls)
-        # Past MAX_STEPS_PER_TURN steps the entry is force-terminated, which the official
-        # multi_turn_checker leaves to the inference loop: keep long turns in one step.
-        d.append([[c] for c in calls] if len(calls) <= data.MAX_STEPS_PER_TURN else [calls] if calls else [])
-    return d
-
-
-def corrupt_shift_call(entry, rng):
-    """Move the first call of a turn to the end of the previous turn."""
-    d = data.ground_truth_decoded(entry)
-    ks = [k for k in _nonempty_turns(entry) if k > 0]
-    if not ks:
-        return corrupt_drop_call(entry, rng)
-    k = rng.choice(ks)
-    first = d[k][0].pop(0)
-    if not d[k][0]:
-        d[k] = []
-    d[k - 1] = d[k - 1] + [[first]]
-    return d
-
-
-CORRUPTIONS = [
-    corrupt_drop_call,
-    corrupt_wrong_args,
-    corrupt_extra_call,
-    corrupt_empty_turn,
-    corrupt_split_steps,
-    corrupt_shift_call,
-]
 
 
 # ---- tests --------------------------------------------------------------------------------

@@ -403,3 +403,38 @@ def test_policy_calls_that_cannot_be_executed_safely_become_error_results():
     n = len(e["question"])
     assert t["valid"] is True and t["turn_rewards"] == t["turn_rewards_reset"] == [1.0] * n
     json.dumps(t)  # the trajectory can be written
+
+
+def test_rollout_of_a_model_folder_records_its_name_path_and_hash(tmp_path, capsys):
+    """--policy takes a Hugging Face folder; every trajectory names it and hashes its files (sha256 over
+    relative names and bytes, recomputed here)."""
+    import hashlib
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shiq_data.tokenizers import load_tokenizer
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16384,
+        tie_word_embeddings=True,
+    )
+    folder = tmp_path / "tiny"
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    load_tokenizer("smollm2")[0].save_pretrained(folder)
+    out = tmp_path / "tiny.jsonl"
+    args = ["rollout", "--policy", str(folder), "--categories", "multi_turn_base", "--subset", "test"]
+    assert cli.main([*args, "--limit", "1", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    (t,) = ro.read_trajectories(out)
+    h = hashlib.sha256()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(folder)).encode() + b"\0" + f.read_bytes())
+    assert (t["model"], t["model_path"], t["model_sha256"]) == ("tiny", str(folder), h.hexdigest())
+    assert len(t["decoded_turns"]) >= 1 and "valid" in t

@@ -34,6 +34,9 @@ def test_every_name_computes_the_loss_it_names(name):
         want = L.copg_loss(*stats, r, m, groups, beta=0.3)
     elif name == "dro_v":
         want = L.dro_v_loss(*stats, r, m, beta=0.3)
+    elif name == "sft":  # mean NLL of the action tokens, written out
+        c, z = stats[0], stats[1]
+        want = -((c - z) * m).sum() / m.sum()
     else:
         want = L.dro_v_loss(*stats, r, m, L.loo_soft_value(R, groups, beta=0.3), beta=0.3)
     assert float(loss) == pytest.approx(float(want), rel=1e-12)

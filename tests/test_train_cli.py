@@ -180,6 +180,7 @@ def test_the_loss_registry_drives_the_data_mode(monkeypatch):
         "shiq_ms",
         "shiq_tk",
         "dro_v",
+        "sft",
     }
     for name in objectives.LOSSES:
         if name in group_losses:

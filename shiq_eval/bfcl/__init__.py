@@ -8,7 +8,10 @@
 - ``executor``: fresh simulators per entry, a dispatcher over their public methods, work limits,
   results as strings;
 - ``checker``: the state-based verdict, cumulative and reset turn rewards, the leaderboard summary;
+- ``edits``: edited ground truths (dropped, wrong, extra, moved calls, split steps, empty turns);
 - ``rollout``: a chat policy run through an entry's turns, trajectories as replay-buffer rows;
+- ``turns``: a causal LM's answer to each turn given the ground-truth history (one KV cache per entry),
+  checked, with the exact per-token KL to a reference;
 - ``cli``: ``shiq-eval bfcl check-ground-truth | rollout | report | to-buffer`` (also
   ``python -m shiq_eval.bfcl``).
 

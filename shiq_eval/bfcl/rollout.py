@@ -60,6 +60,34 @@ def new_functions_message(docs: Sequence[dict]) -> dict:
     return {"role": "user", "content": NEW_FUNCTIONS_PROMPT.format(functions=json.dumps(list(docs)))}
 
 
+def compact_docs(docs: Sequence[dict]) -> list[dict]:
+    """Shorter function docs of the same JSON shape: each function's name, its description without the
+    class preamble (the text after ``Tool description:``), and its parameters with their types,
+    defaults and enums and the required ones; parameter descriptions and the response schema dropped.
+    Every function and parameter stays listed. A prompt with these is about a third as long."""
+    out = []
+    for d in docs:
+        desc = d.get("description", "")
+        desc = desc.split("Tool description:", 1)[-1].strip()
+        params = d.get("parameters") or {}
+        props = {
+            name: {k: v for k, v in spec.items() if k in ("type", "default", "enum", "items")}
+            for name, spec in (params.get("properties") or {}).items()
+        }
+        out.append(
+            {
+                "name": d["name"],
+                "description": desc,
+                "parameters": {
+                    "type": params.get("type", "dict"),
+                    "properties": props,
+                    "required": params.get("required", []),
+                },
+            }
+        )
+    return out
+
+
 def format_calls(calls: Sequence[str]) -> str:
     """``["f(a=1)", "g()"]`` -> ``"[f(a=1), g()]"``, the answer format of :data:`SYSTEM_PROMPT`."""
     return "[" + ", ".join(calls) + "]"
@@ -125,7 +153,11 @@ class ChatModelPolicy:
 
 
 def rollout_entry(
-    entry: dict, policy: Policy, max_steps: int = MAX_STEPS_PER_TURN, budget: Budget | None = None
+    entry: dict,
+    policy: Policy,
+    max_steps: int = MAX_STEPS_PER_TURN,
+    budget: Budget | None = None,
+    compact: bool = False,
 ) -> dict:
     """Run ``policy`` through every turn of ``entry`` and check the result.
 
@@ -139,14 +171,16 @@ def rollout_entry(
 
     The calls run within a work ``budget`` (default: a fresh :class:`shiq_eval.bfcl.budget.Budget`);
     past it each call is an error result and the rollout goes on. The simulator modules' data is
-    restored before and after.
+    restored before and after. ``compact``: the function docs are shown as :func:`compact_docs`.
     """
     with entry_scope():
-        return _rollout(entry, policy, max_steps, Budget() if budget is None else budget)
+        return _rollout(entry, policy, max_steps, Budget() if budget is None else budget, compact)
 
 
-def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget) -> dict:
+def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compact: bool = False) -> dict:
     docs, withheld = function_docs(entry)
+    if compact:
+        docs, withheld = compact_docs(docs), {k: compact_docs(v) for k, v in withheld.items()}
     env = Environment(entry, budget)
     messages = [system_message(docs)]
     assistant_turns: list[int] = []

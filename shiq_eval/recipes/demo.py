@@ -55,8 +55,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
@@ -71,6 +69,16 @@ from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
+from shiq_eval.recipes.common import (
+    SINGLE,
+    Stages,
+    arm_beta,
+    arm_is_single,
+    arm_method,
+    check_arms,
+    load_yaml_config,
+    logger,
+)
 from shiq_eval.report import (
     COLUMNS,
     plot_curves,
@@ -115,54 +123,9 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
         raise FileNotFoundError(f"demo config {path} not found")
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    cfg = OmegaConf.load(path)
-    quick_block = cfg.pop("quick", None)
-    if not full:
-        cfg.pop("full", None)
-    if quick and quick_block is not None:
-        cfg = OmegaConf.merge(cfg, quick_block)
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ValueError(f"overrides must look like key=value, got {bad}")
-        for o in overrides:
-            key = o.split("=", 1)[0]
-            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
-                raise ValueError(f"unknown config key {key!r} in override {o!r} (see {path})")
-        try:
-            given = OmegaConf.from_dotlist(overrides)
-        except OmegaConfBaseException as e:
-            raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
-        for key in (o.split("=", 1)[0] for o in overrides):
-            old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
-            if not _same_kind(old, new):
-                raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
-        cfg = OmegaConf.merge(cfg, given)
-    cfg = OmegaConf.to_container(cfg, resolve=True)
+    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else ())
     _check_config(cfg)
     return cfg
-
-
-SINGLE = "-single"  # arm suffix: one completion per prompt over completions_per_prompt times as many prompts
-
-
-def arm_method(arm: str) -> str:
-    """The method of a ``train.methods`` entry: ``"shiq"``, ``"shiq@0.1"`` (the method at β = 0.1), or
-    ``"shiq-single@0.1"`` (trained on the single-completion buffer, see :func:`arm_is_single`)."""
-    return arm.partition("@")[0].removesuffix(SINGLE)
-
-
-def arm_is_single(arm: str) -> bool:
-    """Whether the entry trains on ``buffer_single``: one completion for each of ``train_prompts ×
-    completions_per_prompt`` prompts, the same number of completions as the grouped buffer (the
-    information-controlled arm: ShiQ needs no second completion of a prompt, DPO and CoPG do)."""
-    return arm.partition("@")[0].endswith(SINGLE)
-
-
-def arm_beta(cfg: dict, arm: str) -> float:
-    """The β of a ``train.methods`` entry: the one after ``@``, else ``methods.<method>.beta``."""
-    _, _, beta = arm.partition("@")
-    return float(beta) if beta else float(cfg["methods"][arm_method(arm)]["beta"])
 
 
 def full_runs(cfg: dict) -> list[tuple[str, dict]]:
@@ -180,42 +143,9 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     return out
 
 
-def _same_kind(old, new) -> bool:
-    """Whether an override ``new`` has the kind of value of the default ``old`` (an int for a float is fine)."""
-    if old is None or new is None:
-        return True
-    if isinstance(old, bool) or isinstance(new, bool):
-        return isinstance(old, bool) and isinstance(new, bool)
-    if isinstance(old, float):
-        return isinstance(new, (int, float))
-    if isinstance(old, (int, str)):
-        return type(new) is type(old)
-    return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
-
-
 def _check_config(cfg: dict) -> None:
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
-    if len(set(t["methods"])) != len(t["methods"]):
-        raise ValueError(f"train.methods lists an entry twice: {t['methods']}")
-    for arm in t["methods"]:
-        m, _, b = str(arm).partition("@")
-        if arm_is_single(m):
-            m = arm_method(m)
-            if m not in SINGLE_METHODS:
-                raise ValueError(
-                    f"train.methods: {arm!r}: {m} cannot train on one completion per prompt "
-                    f"({SINGLE} arms: {', '.join(SINGLE_METHODS)})"
-                )
-        if m not in METHODS:
-            raise ValueError(f"train.methods: unknown method {m!r} (one of {METHODS})")
-        beta = cfg.get("methods", {}).get(m, {}).get("beta")
-        if b:
-            try:
-                beta = float(b)
-            except ValueError:
-                beta = b
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"methods.{m}.beta (or {m}@BETA in train.methods) must be a number > 0, got {beta!r}")
+    check_arms(cfg, METHODS, SINGLE_METHODS)
     if ev["j_star_samples"] < ev["samples_per_prompt"]:
         raise ValueError(
             f"eval.j_star_samples ({ev['j_star_samples']}) must be >= eval.samples_per_prompt "
@@ -246,45 +176,7 @@ def _check_config(cfg: dict) -> None:
 # stage bookkeeping
 
 
-class Stages:
-    """``DIR/stages.json``: which stages are finished and how long each took (seconds)."""
-
-    def __init__(self, out: Path, cfg: dict):
-        self.out, self.path = out, out / "stages.json"
-        saved = out / "config.json"
-        if saved.exists():
-            old = json.loads(saved.read_text())
-            if old != cfg:
-                diff = sorted(_diff_keys(old, cfg))
-                raise SystemExit(
-                    f"shiq-demo: {out} holds a run with a different configuration (differs in {diff}); "
-                    "use another --out or remove it"
-                )
-        else:
-            atomic_write_json(saved, cfg)
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}}
-
-    def done(self, name: str) -> bool:
-        return name in self.state["done"]
-
-    def finish(self, name: str, seconds: float) -> None:
-        self.state["done"][name] = round(seconds, 2)
-        atomic_write_json(self.path, self.state)
-
-    def timings(self) -> dict:
-        return dict(self.state["done"])
-
-
-def _diff_keys(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in set(a) | set(b):
-            yield from _diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
-    elif a != b:
-        yield prefix.rstrip(".")
-
-
-def _log(msg: str) -> None:
-    print(f"[shiq-demo] {msg}", file=sys.stderr, flush=True)
+_log = logger("shiq-demo")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,158 @@
+"""What every recipe shares: its YAML config with a ``quick`` block and ``key=value`` overrides, the
+``method@β`` arms of ``train.methods``, and the per-stage bookkeeping that makes a run resumable
+(``DIR/config.json`` refuses a changed configuration, ``DIR/stages.json`` records finished stages)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from shiq_data.io import atomic_write_json
+
+
+def load_yaml_config(path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=()) -> dict:
+    """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
+    overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind).
+    Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is dropped unless kept."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} not found")
+    cfg = OmegaConf.load(path)
+    quick_block = cfg.pop("quick", None)
+    if "full" not in keep:
+        cfg.pop("full", None)
+    if quick and quick_block is not None:
+        cfg = OmegaConf.merge(cfg, quick_block)
+    if overrides:
+        bad = [o for o in overrides if "=" not in o]
+        if bad:
+            raise ValueError(f"overrides must look like key=value, got {bad}")
+        for o in overrides:
+            key = o.split("=", 1)[0]
+            if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
+                raise ValueError(f"unknown config key {key!r} in override {o!r} (see {path})")
+        try:
+            given = OmegaConf.from_dotlist(overrides)
+        except OmegaConfBaseException as e:
+            raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
+        for key in (o.split("=", 1)[0] for o in overrides):
+            old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
+            if not same_kind(old, new):
+                raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
+        cfg = OmegaConf.merge(cfg, given)
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def same_kind(old, new) -> bool:
+    """Whether an override ``new`` has the kind of value of the default ``old`` (an int for a float is fine)."""
+    if old is None or new is None:
+        return True
+    if isinstance(old, bool) or isinstance(new, bool):
+        return isinstance(old, bool) and isinstance(new, bool)
+    if isinstance(old, float):
+        return isinstance(new, (int, float))
+    if isinstance(old, (int, str)):
+        return type(new) is type(old)
+    return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
+
+
+SINGLE = "-single"  # arm suffix: the method trained on one completion per prompt (the demo's information arm)
+
+
+def arm_method(arm: str) -> str:
+    """The method of a ``train.methods`` entry: ``"shiq"``, ``"shiq@0.1"`` (the method at β = 0.1), or
+    ``"shiq-single@0.1"`` (trained on single-completion data, see :func:`arm_is_single`)."""
+    return arm.partition("@")[0].removesuffix(SINGLE)
+
+
+def arm_is_single(arm: str) -> bool:
+    """Whether the entry trains on one completion per prompt over as many completions in all (the
+    information-controlled arm: ShiQ needs no second completion of a prompt, DPO and CoPG do)."""
+    return arm.partition("@")[0].endswith(SINGLE)
+
+
+def arm_beta(cfg: dict, arm: str) -> float:
+    """The β of a ``train.methods`` entry: the one after ``@``, else ``methods.<method>.beta``."""
+    _, _, beta = arm.partition("@")
+    return float(beta) if beta else float(cfg["methods"][arm_method(arm)]["beta"])
+
+
+def check_arms(cfg: dict, known, single=()) -> None:
+    """``train.methods``: no entry twice, every method in ``known`` (``-single`` arms only of methods in
+    ``single``), every β a number > 0."""
+    methods = cfg["train"]["methods"]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"train.methods lists an entry twice: {methods}")
+    for arm in methods:
+        m, _, b = str(arm).partition("@")
+        if arm_is_single(m):
+            m = arm_method(m)
+            if m not in single:
+                raise ValueError(
+                    f"train.methods: {arm!r}: {m} cannot train on one completion per prompt "
+                    f"({SINGLE} arms: {', '.join(single) or 'none in this recipe'})"
+                )
+        if m not in known:
+            raise ValueError(f"train.methods: unknown method {m!r} (one of {tuple(known)})")
+        beta = cfg.get("methods", {}).get(m, {}).get("beta")
+        if b:
+            try:
+                beta = float(b)
+            except ValueError:
+                beta = b
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+            raise ValueError(f"methods.{m}.beta (or {m}@BETA in train.methods) must be a number > 0, got {beta!r}")
+
+
+class Stages:
+    """``DIR/stages.json``: which stages are finished and how long each took (seconds).
+
+    ``DIR/config.json`` holds the run's configuration; a different one is refused (``prog`` names the
+    command in that message) rather than mixed into old results."""
+
+    def __init__(self, out: Path, cfg: dict, prog: str = "shiq-demo"):
+        self.out, self.path = out, out / "stages.json"
+        saved = out / "config.json"
+        if saved.exists():
+            old = json.loads(saved.read_text())
+            if old != cfg:
+                diff = sorted(diff_keys(old, cfg))
+                raise SystemExit(
+                    f"{prog}: {out} holds a run with a different configuration (differs in {diff}); "
+                    "use another --out or remove it"
+                )
+        else:
+            atomic_write_json(saved, cfg)
+        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}}
+
+    def done(self, name: str) -> bool:
+        return name in self.state["done"]
+
+    def finish(self, name: str, seconds: float) -> None:
+        self.state["done"][name] = round(seconds, 2)
+        atomic_write_json(self.path, self.state)
+
+    def timings(self) -> dict:
+        return dict(self.state["done"])
+
+
+def diff_keys(a, b, prefix=""):
+    """Dotted keys whose values differ between two nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in set(a) | set(b):
+            yield from diff_keys(a.get(k), b.get(k), f"{prefix}{k}.")
+    elif a != b:
+        yield prefix.rstrip(".")
+
+
+def logger(prog: str):
+    """``log(msg)``: one line ``[prog] msg`` on stderr."""
+
+    def log(msg: str) -> None:
+        print(f"[{prog}] {msg}", file=sys.stderr, flush=True)
+
+    return log

@@ -1,0 +1,177 @@
+"""The multi-turn BFCL recipe (``shiq-bfcl``): configuration, turn-boundary cuts, per-turn answers with a
+shared KV cache against a plain recomputation, and the quick end-to-end run."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from shiq_eval.bfcl import checker, data
+from shiq_eval.bfcl.parse import decode_calls
+from shiq_eval.bfcl.rollout import trajectory_to_row
+from shiq_eval.bfcl.turns import answer_turns, ground_truth_trajectory, turn_positions
+from shiq_eval.recipes import bfcl
+
+pytest.importorskip("bfcl_eval")
+
+
+@pytest.fixture(autouse=True)
+def _bfcl_root(tmp_path, monkeypatch):
+    monkeypatch.setenv("BFCL_PROJECT_ROOT", str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from shiq_data.tokenizers import load_tokenizer
+
+    return load_tokenizer("smollm2")[0]
+
+
+def _finite(x):
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def test_config_quick_and_errors():
+    full, quick = bfcl.load_config(), bfcl.load_config(quick=True)
+    assert quick["train"]["methods"] == full["train"]["methods"] == ["sft", "shiq", "shiq_tk", "mt_dpo", "mt_copg"]
+    assert quick["train"]["steps"] < full["train"]["steps"] and quick["model"]["layers"] > 0 == full["model"]["layers"]
+    cfg = bfcl.load_config(overrides=["train.methods=[shiq@0.1,mt_dpo]"])
+    assert bfcl.arm_beta(cfg, "shiq@0.1") == 0.1 and bfcl.arm_beta(cfg, "mt_dpo") == cfg["methods"]["mt_dpo"]["beta"]
+    for override, needle in [
+        ("train.methods=[shiq,ppo]", "unknown method 'ppo'"),
+        ("data.reward=final", "data.reward"),
+        ("data.edits_per_scenario=0", "compare trajectories of a scenario"),
+        ("train.stepz=3", "unknown config key"),
+    ]:
+        with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+            bfcl.load_config(overrides=[override])
+
+
+def test_edited_trajectories_and_turn_cuts_keep_what_the_model_saw(tokenizer):
+    entry = data.load_entry("multi_turn_base", 1)
+    group = bfcl.scenario_trajectories(entry, 3, seed=0, compact=True)
+    assert [t["edit"] for t in group][0] == "ground_truth" and len({t["edit"] for t in group}) == 4
+    assert group[0]["turn_rewards"] == [1.0] * len(entry["ground_truth"])
+    for t in group[1:]:  # the checker, run again from the decoded turns, gives the recorded rewards
+        again = checker.check_trajectory(entry, t["decoded_turns"])
+        assert again["turn_rewards"] == t["turn_rewards"] and again["turn_rewards_reset"] == t["turn_rewards_reset"]
+    full = trajectory_to_row(group[1], tokenizer)
+    for n in range(1, len(entry["ground_truth"]) + 1):
+        cut = trajectory_to_row(bfcl.cut_to_turns(group[1], n), tokenizer)
+        T = len(cut["tokens"])
+        # a prefix of the whole row (up to the newline the template writes after a turn's end token)
+        assert cut["tokens"][: T - 1] == full["tokens"][: T - 1] and cut["action_mask"] == full["action_mask"][:T]
+        assert cut["rewards"] == full["rewards"][:T]
+        assert sum(cut["rewards"]) == sum(group[1]["turn_rewards"][:n])
+    trajs, rows = bfcl.fit_group(group, tokenizer, max_tokens=len(full["tokens"]) - 1, reward="cumulative")
+    assert trajs and all(len(r["tokens"]) < len(full["tokens"]) for r in rows)
+    assert len({t["kept_turns"] for t in trajs}) == 1  # the same turns for every trajectory of the scenario
+    assert bfcl.fit_group(group, tokenizer, max_tokens=10, reward="cumulative") == ([], [])
+
+
+def _tiny_llama(seed):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16384,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
+    """Greedy answers, their exact KL (shiq_eval.evaluate.sequence_kls on full rows) and the ground
+    truth's NLL (one full forward) from a tiny random Llama, recomputed without any cache."""
+    from shiq_eval.evaluate import sequence_kls
+
+    model, ref = _tiny_llama(0), _tiny_llama(1)
+    entry = data.load_entry("multi_turn_base", 3)
+    traj = ground_truth_trajectory(entry, compact=True)
+    res = answer_turns(model, tokenizer, entry, traj, ref_model=ref, max_new_tokens=3)
+    ids, spans = turn_positions(tokenizer, traj)
+    assert len(spans) == len(entry["ground_truth"]) == len(res["answers"])
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        for k, (s, e) in enumerate(spans):
+            prompt, gen = ids[:s], []
+            for _ in range(3):
+                last = model.model(input_ids=torch.tensor([prompt + gen])).last_hidden_state[0, -1]
+                logits = model.lm_head(last)
+                gen.append(int(logits.argmax()))
+                if gen[-1] == tokenizer.eos_token_id:
+                    break
+            assert res["tokens"][k] == gen
+            _, exact = sequence_kls(model, ref, [prompt], [gen])
+            assert res["kl"][k] == pytest.approx(float(exact[0]), rel=1e-6, abs=1e-9)
+            logp = torch.log_softmax(model.lm_head(hidden[s - 1 : e - 1]).double(), -1)
+            nll = -float(logp[torch.arange(e - s), ids[s:e]].sum())
+            assert res["gt_nll"][k] == pytest.approx(nll, rel=1e-6)
+            assert res["gt_tokens"][k] == e - s
+    # without a reference the KL is 0; the checker scores the parsed answers
+    alone = answer_turns(model, tokenizer, entry, traj, max_new_tokens=3)
+    assert alone["kl"] == [0.0] * len(spans) and alone["tokens"] == res["tokens"]
+    decoded = [[c] if (c := decode_calls(a)) else [] for a in res["answers"]]
+    assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == res["turn_rewards_reset"]
+
+
+def test_ground_truth_answers_score_every_turn(tokenizer):
+    """The scoring path on known answers: the ground truth's own first messages get reset reward 1."""
+    entry = data.load_entry("multi_turn_base", 3)
+    traj = ground_truth_trajectory(entry)
+    _, spans = turn_positions(tokenizer, traj)
+    firsts = []
+    for k in range(len(spans)):
+        i = traj["assistant_turns"].index(k)
+        firsts.append([m for m in traj["messages"] if m["role"] == "assistant"][i]["content"])
+    decoded = [[c] if (c := decode_calls(a)) else [] for a in firsts]
+    assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == [1.0] * len(spans)
+
+
+@pytest.mark.slow
+def test_quick_run_report_and_resume(tmp_path):
+    """The README's --quick command: report.json's structure, finite numbers, the reference's turn
+    accuracy equal to the checker's verdict on its saved answers, the supervised model closer to the
+    ground truth than the reference; a second call only rewrites the report. Slow (about 3.5 CPU
+    minutes: loading SmolLM2, six evaluations); the tests above cover its parts quickly."""
+    out = tmp_path / "bfcl"
+    cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out)]
+    subprocess.run(cmd, check=True, timeout=600)
+    rep = json.loads((out / "report.json").read_text())
+    assert (out / "report.md").is_file() and (out / "buffer" / "manifest.json").is_file()
+    cfg = bfcl.load_config(quick=True)
+    assert set(rep["methods"]) == {"sft", "shiq", "shiq_tk", "mt_dpo", "mt_copg"}
+    keys = ["turn_accuracy", "mean_turn_reward", "kl", "gt_nll_per_token"]
+    for name, r in [("reference", rep["reference"]), *rep["methods"].items()]:
+        for k in keys:
+            assert _finite(r[k]) and _finite(r[f"{k}_stderr"]), (name, k)
+        assert r["n_scenarios"] == cfg["eval"]["scenarios"] and r["n_turns"] >= r["n_scenarios"]
+        if name != "reference":
+            assert all(_finite(r[f"{k}_minus_reference_stderr"]) for k in keys) and r["kl"] >= 0
+    assert rep["reference"]["kl"] == 0.0
+    # the reference's turn accuracy is the checker's reset reward on its answers, recomputed here
+    turns = json.loads((out / "reference_eval.json").read_text())["turns"]
+    by_id = {}
+    for t in turns:
+        calls = decode_calls(t["answer"])
+        by_id.setdefault(t["id"], []).append([calls] if calls else [])
+    rewards = [
+        r
+        for i, dec in by_id.items()
+        for r in checker.check_trajectory(data.load_entry(cfg["data"]["category"], i), dec)["turn_rewards_reset"]
+    ]
+    assert rep["reference"]["turn_accuracy"] == pytest.approx(sum(rewards) / len(rewards))
+    # supervised training on the ground truths lowers their NLL on the held-out turns
+    assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
+    # resuming: nothing but the report runs again
+    res = subprocess.run(cmd, check=True, timeout=120, capture_output=True, text=True)
+    assert res.stderr.count("done earlier, skipped") == 1 + 5 + 1  # data, five methods, the reference
