@@ -12,7 +12,6 @@ from pathlib import Path
 from shiq_data.buffer import read_manifest
 from shiq_data.io import sha256_files
 
-
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
 EXPORT_RECORD = "shiq_export.json"
