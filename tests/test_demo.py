@@ -221,7 +221,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     assert dpo0 == pytest.approx(math.log(2), abs=1e-5)
     assert (out / "val_loss_vs_step.png").is_file() and (out / "buffer_val" / "manifest.json").is_file()
     # the checkpoints are shiq-eval run's input too: method, step, architecture and reference recorded
-    from shiq_eval.cli import checkpoint_info, checkpoint_steps
+    from shiq_eval.checkpoints import checkpoint_info, checkpoint_steps
 
     for m in trained:
         info = checkpoint_info(checkpoint_steps(out / "runs" / m)[-1])

@@ -24,6 +24,7 @@ pytest.importorskip("transformers")
 
 from test_eval_cli import tiny_hf_folder, train, write_tiny_buffer  # noqa: E402  (a tiny Llama, buffer, 2-step run)
 
+from shiq_eval import checkpoints  # noqa: E402
 from shiq_eval import cli as eval_cli  # noqa: E402
 from shiq_train import export  # noqa: E402
 
@@ -63,7 +64,7 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     runs = {b: train(tmp_path, init, "shiq", f"loss.beta={b}", name=f"b{b}", in_process=True) for b in ("0.1", "0.5")}
     hf = tmp_path / "hf_b05"
     assert export.main([str(runs["0.5"]), "--hf", str(hf)]) == 0
-    assert eval_cli.EXPORT_RECORD == export.EXPORT_RECORD
+    assert checkpoints.EXPORT_RECORD == export.EXPORT_RECORD  # the name written is the name read
 
     suite_dir = tmp_path / "suite"
     suite_dir.mkdir()
@@ -178,7 +179,7 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
 
 def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
     """--label once per CHECKPOINT; the default (the run folder's name) may not give two runs one label."""
-    from shiq_eval.cli import policy_infos, run_label
+    from shiq_eval.checkpoints import policy_infos, run_label
 
     for name in ("a/shiq", "b/shiq"):
         step = tmp_path / name / "checkpoints" / "step_00000001"
