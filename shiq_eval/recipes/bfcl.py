@@ -57,14 +57,21 @@ from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns, ground_truth_trajectory
 from shiq_eval.optimum import mean_stderr, paired_difference
-from shiq_eval.recipes.common import Stages, arm_beta, arm_method, check_arms, load_yaml_config, logger
+from shiq_eval.recipes.common import (
+    Stages,
+    arm_beta,
+    arm_method,
+    check_arms,
+    load_yaml_config,
+    logger,
+    recipe_optimizer,
+)
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
 from shiq_train.model import build_model
 from shiq_train.objectives import LOSSES, LossConfig
 from shiq_train.reference import hf_stats_fn
-from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer
 
 PROG = "shiq-bfcl"
@@ -314,13 +321,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         trainer = Trainer(
             model,
             LossConfig(method, beta=arm_beta(cfg, arm)),
-            OptimizerConfig(
-                lr=t["lr"],
-                warmup_steps=t["warmup_steps"],
-                decay_steps=max(0, t["steps"] - t["warmup_steps"]),
-                clip_grad=t["clip_grad"],
-                min_lr=t["lr"] * 0.1,
-            ),
+            recipe_optimizer(t),
             TrainConfig(
                 steps=t["steps"],
                 trainable_last_layers=t["trainable_last_layers"],

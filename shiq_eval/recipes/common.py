@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.io import atomic_write_json
+from shiq_train.train_step import OptimizerConfig
 
 
 def load_yaml_config(path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=()) -> dict:
@@ -156,3 +157,15 @@ def logger(prog: str):
         print(f"[{prog}] {msg}", file=sys.stderr, flush=True)
 
     return log
+
+
+def recipe_optimizer(t: dict) -> OptimizerConfig:
+    """The recipes' AdamW schedule from their ``train`` block: ``lr`` after ``warmup_steps``, then cosine to
+    a tenth of it over the remaining ``steps``, gradients clipped at ``clip_grad``."""
+    return OptimizerConfig(
+        lr=t["lr"],
+        warmup_steps=t["warmup_steps"],
+        decay_steps=max(0, t["steps"] - t["warmup_steps"]),
+        clip_grad=t["clip_grad"],
+        min_lr=t["lr"] * 0.1,
+    )

@@ -78,6 +78,7 @@ from shiq_eval.recipes.common import (
     check_arms,
     load_yaml_config,
     logger,
+    recipe_optimizer,
 )
 from shiq_eval.report import (
     COLUMNS,
@@ -99,7 +100,6 @@ from shiq_train.prefix_cache import PrefixCache
 from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
-from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer
 
 CONFIG = config_dir() / "demo.yaml"
@@ -559,13 +559,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         trainer = Trainer(
             model,
             LossConfig(arm_method(arm), beta=arm_beta(ctx.cfg, arm)),
-            OptimizerConfig(
-                lr=t["lr"],
-                warmup_steps=t["warmup_steps"],
-                decay_steps=max(0, t["steps"] - t["warmup_steps"]),
-                clip_grad=t["clip_grad"],
-                min_lr=t["lr"] * 0.1,
-            ),
+            recipe_optimizer(t),
             TrainConfig(
                 steps=t["steps"],
                 save_every=t["eval_every"],
