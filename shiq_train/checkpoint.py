@@ -1,18 +1,33 @@
-"""Checkpoints of a megatron model + optimizer that resume exactly, and full-parameter gathering.
+"""Checkpoints of a megatron model + optimizer that resume exactly in the same layout and, optimizer state
+included, under another tensor-, pipeline- or data-parallel layout; and full-parameter gathering.
 
 Layout on disk (one directory per saved step)::
 
     <dir>/step_00000010/meta.json                      step, parallel layout, user metadata
-    <dir>/step_00000010/rank_tp0_pp0_dp0.pt            this rank's parameter shards, optimizer and
-                                                       scheduler state, RNG states (CPU, CUDA, and
-                                                       megatron's tracker), user state
+    <dir>/step_00000010/rank_tp0_pp0_dp0.pt            this rank's parameter shards and their layout,
+                                                       optimizer state by parameter name, scheduler
+                                                       state, RNG states (CPU, CUDA, and megatron's
+                                                       tracker), user state
     <dir>/latest                                       name of the newest complete step directory
 
+A rank file records for every local parameter its full name in the TP=1, PP=1 model
+(:func:`shiq_train.model.full_param_name`), its tensor-parallel split dimension and whether it is a
+gated MLP's ``[gate; up]`` stack (:func:`shiq_train.model.tp_layout`), and holds the optimizer state
+keyed by the local parameter name (:func:`optimizer_state_by_name`: AdamW's moments and step, the float32
+master weights of a :class:`~shiq_train.train_step.MasterWeightOptimizer`).
+
+Resuming in the saved layout reads the rank's own file and continues bit-for-bit, RNG included. Under
+another layout every rank reads the saved data-parallel rank 0 files (memory-mapped: only the tensors it
+needs are read), puts each of its parameters and their optimizer state together by full name and cuts its
+own shard (``shiq_train.weights.reshard_tensor``); scheduler, step, user state and torch's CPU (and CUDA)
+generator come from the saved global rank 0. An exact RNG continuation across layouts does not exist
+(megatron's tracker holds one stream per tensor-parallel rank), so the tracker keeps the states this run
+seeded at start-up: dropout masks then differ from an uninterrupted run's, while dropout-free training
+continues with the same losses up to float rounding. The user state should be the same on every rank (the
+trainer's data position is). Files written before the layouts were recorded resume in their own layout only.
+
 Every file is written to a temporary name and renamed into place; ``latest`` moves only after every
-rank has written (a barrier), so an interrupted save never becomes the resume point. Resuming needs
-the same (tp, pp, dp) layout; to change layout, load the parameters gathered by
-:func:`gather_full_parameters` with :func:`shiq_train.model.load_full_parameters` (optimizer state
-then starts afresh).
+rank has written (a barrier), so an interrupted save never becomes the resume point.
 """
 
 from __future__ import annotations
@@ -27,7 +42,8 @@ import torch.distributed as dist
 
 from shiq_data.io import atomic_write
 from shiq_train.model import full_param_name, tp_layout, unwrap
-from shiq_train.weights import rank_file_name, unshard_tensors
+from shiq_train.train_step import MasterWeightOptimizer
+from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
 
 
 def _layout() -> dict:
@@ -73,6 +89,92 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
 
 
+FORMAT = 2  # rank files with parameter layouts and the optimizer state by parameter name; 1: neither
+
+
+def param_layout(model) -> dict[str, dict]:
+    """``{local name: {"name": full name, "dim": partition dim or None, "glu": bool}}`` of every parameter of
+    this rank's ``model`` (:func:`shiq_train.model.full_param_name`, :func:`shiq_train.model.tp_layout`):
+    what a saved shard needs to be put back together under another layout."""
+    out = {}
+    for name, p in unwrap(model).named_parameters():
+        dim, glu = tp_layout(model, name, p)
+        out[name] = {"name": full_param_name(model, name), "dim": dim, "glu": glu}
+    return out
+
+
+def _optimizer_slots(model, optimizer) -> tuple[torch.optim.Optimizer, list[tuple[str, int]]]:
+    """The torch optimizer doing the updates (a :class:`MasterWeightOptimizer`'s inner one) and, in its
+    state_dict's index order, ``(local parameter name, param group)`` of every tensor it updates."""
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    inner = optimizer.inner if isinstance(optimizer, MasterWeightOptimizer) else optimizer
+    if isinstance(optimizer, MasterWeightOptimizer):  # the inner optimizer updates the masters
+        names = {id(m): names[id(p)] for p, m in zip(optimizer.params, optimizer.masters)}
+    slots = []
+    for g, group in enumerate(inner.param_groups):
+        for p in group["params"]:
+            if id(p) not in names:
+                raise ValueError("the optimizer updates a tensor that is not a parameter of the model")
+            slots.append((names[id(p)], g))
+    return inner, slots
+
+
+def optimizer_state_by_name(model, optimizer) -> dict:
+    """The optimizer's state keyed by this rank's local parameter names, so it can be reassembled by
+    parameter under another layout: ``{"groups": [hyper-parameters of each param group], "params": {local
+    name: {"group": g, "state": {key: value}, "master": float32 master weight (only with
+    MasterWeightOptimizer)}}}``. For AdamW ``state`` holds ``exp_avg``, ``exp_avg_sq`` (each shaped like the
+    parameter shard) and ``step``; a parameter the optimizer has not stepped yet has an empty ``state``.
+
+    An optimizer whose state lives elsewhere (sharded over data-parallel ranks) provides this form itself, for
+    this rank's parameter shards, with a ``state_by_name(model)`` method (and ``load_state_by_name(model,
+    state)`` for :func:`load_optimizer_state_by_name`)."""
+    if hasattr(optimizer, "state_by_name"):
+        return optimizer.state_by_name(model)
+    inner, slots = _optimizer_slots(model, optimizer)
+    sd = inner.state_dict()
+    params = {name: {"group": g, "state": sd["state"].get(i, {})} for i, (name, g) in enumerate(slots)}
+    if isinstance(optimizer, MasterWeightOptimizer):
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        for p, m in zip(optimizer.params, optimizer.masters):
+            params[names[id(p)]]["master"] = m.detach().clone()
+    groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in sd["param_groups"]]
+    return {"groups": groups, "params": params}
+
+
+def load_optimizer_state_by_name(model, optimizer, state: dict) -> None:
+    """Restore :func:`optimizer_state_by_name`'s form, whose tensors are this rank's shards (the saved ones,
+    or resharded from another layout). A parameter without saved state (frozen when saved) starts afresh;
+    master weights without a saved copy start from the (just loaded) parameter."""
+    if hasattr(optimizer, "load_state_by_name"):
+        optimizer.load_state_by_name(model, state)
+        return
+    inner, slots = _optimizer_slots(model, optimizer)
+    sd = inner.state_dict()
+    if len(state["groups"]) != len(sd["param_groups"]):
+        raise ValueError(
+            f"the checkpoint's optimizer has {len(state['groups'])} parameter groups, this one "
+            f"{len(sd['param_groups'])} (a different optimizer?)"
+        )
+    restored = {}
+    for i, (name, g) in enumerate(slots):
+        saved = state["params"].get(name)
+        if saved is None:
+            continue
+        if saved["group"] != g:
+            raise ValueError(f"parameter {name} is in optimizer group {saved['group']} in the checkpoint, {g} here")
+        if saved["state"]:
+            restored[i] = saved["state"]
+    groups = [{**saved, "params": g["params"]} for saved, g in zip(state["groups"], sd["param_groups"])]
+    inner.load_state_dict({"state": restored, "param_groups": groups})
+    if isinstance(optimizer, MasterWeightOptimizer):
+        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        with torch.no_grad():
+            for p, m in zip(optimizer.params, optimizer.masters):
+                saved = state["params"].get(names[id(p)], {}).get("master")
+                m.copy_(saved if saved is not None else p)
+
+
 def save_checkpoint(
     directory,
     step: int,
@@ -84,9 +186,9 @@ def save_checkpoint(
 ) -> Path:
     """Save this rank's part of the training state at ``step``; collective (every rank calls it).
 
-    ``user_state`` (per rank, e.g. the data sampler's position) is returned by :func:`load_checkpoint`;
-    ``meta`` (JSON-serialisable, e.g. the resolved config) goes to ``meta.json``. Returns the step
-    directory.
+    ``user_state`` (per rank, e.g. the data sampler's position) is returned by :func:`load_checkpoint`
+    (under another layout, global rank 0's); ``meta`` (JSON-serialisable, e.g. the resolved config) goes to
+    ``meta.json``. Returns the step directory.
     """
     directory = Path(directory)
     step_dir = directory / f"step_{step:08d}"
@@ -95,10 +197,12 @@ def save_checkpoint(
         step_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
     state = {
+        "format": FORMAT,
         "step": step,
         "layout": lay,
         "model": {n: p.detach().clone() for n, p in unwrap(model).named_parameters()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "params": param_layout(model),
+        "optimizer": optimizer_state_by_name(model, optimizer) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": _rng_state(),
         "user_state": user_state,
@@ -143,7 +247,7 @@ def read_meta(step_dir) -> dict:
         not isinstance(info, dict)
         or not isinstance(info.get("step"), int)
         or not isinstance(layout, dict)
-        or not all(isinstance(layout.get(k), int) for k in ("tp", "pp", "dp"))
+        or not all(isinstance(layout.get(k), int) and layout[k] >= 1 for k in ("tp", "pp", "dp"))
         or not isinstance(info.get("meta", {}), dict)
     ):
         raise ValueError(
@@ -156,12 +260,14 @@ def read_meta(step_dir) -> dict:
 RANK_FILE_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
 
 
-def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS) -> dict:
-    """One rank's saved state, read with ``weights_only=True`` (never unpickles arbitrary objects); a
+def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False) -> dict:
+    """One rank's saved state, read with ``weights_only=True`` (only tensors and plain containers are
+    rebuilt: never arbitrary pickled objects; ``pickle`` is named here only for the error it raises); a
     missing, truncated or foreign file (one without ``keys``; reading parameters needs only ``model``)
-    is a ``ValueError`` naming it."""
+    is a ``ValueError`` naming it. ``mmap`` maps the tensors instead of reading them (each is read when
+    first touched)."""
     try:
-        state = torch.load(path, weights_only=True)
+        state = torch.load(path, weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the checkpoint is incomplete") from None
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
@@ -172,44 +278,160 @@ def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS) -> dict:
     return state
 
 
-def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:
-    """Restore what :func:`save_checkpoint` saved (the ``latest`` step unless ``step_dir`` is given).
+def _does_not_fit(step_dir, what: str) -> ValueError:
+    return ValueError(
+        f"checkpoint {step_dir} does not fit this model: {what} (a different model config? the saved one is in "
+        f"{Path(step_dir) / 'meta.json'})"
+    )
 
-    Restores parameters, optimizer and scheduler state and every RNG state, so that training
-    continues bit-for-bit as if uninterrupted. Returns ``(step, user_state)``.
+
+def _check_names(step_dir, saved: set[str], model: set[str]) -> None:
+    if saved != model:
+        only_saved, only_model = sorted(saved - model), sorted(model - saved)
+        raise _does_not_fit(
+            step_dir, f"parameters only in the checkpoint {only_saved[:4]}, only in the model {only_model[:4]}"
+        )
+
+
+def _full_shape(shape, dim: int | None, tp: int) -> tuple[int, ...]:
+    return tuple(n * tp if d == dim else n for d, n in enumerate(shape))
+
+
+class _SavedLayout:
+    """The data-parallel rank 0 files of a checkpoint saved under another layout, indexed by full parameter
+    name: each parameter's tensor-parallel shards and optimizer state, and :meth:`shard` to cut this rank's
+    shard of any of them (``shiq_train.weights.reshard_tensor``)."""
+
+    def __init__(self, step_dir: Path, saved: dict):
+        self.step_dir, self.tp = step_dir, saved["tp"]
+        self.entries: dict[str, dict] = {}
+        self.first = None
+        for pp_rank in range(saved["pp"]):
+            for tp_rank in range(saved["tp"]):
+                path = step_dir / rank_file_name(tp_rank, pp_rank, 0)
+                state = read_rank_file(path, mmap=True)
+                if state.get("format") != FORMAT or not isinstance(state.get("params"), dict):
+                    raise ValueError(
+                        f"{path}: written without the parameter layouts (an older shiq_train), so it resumes only "
+                        f"in its own layout tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}"
+                    )
+                if self.first is None:  # global rank 0's file
+                    self.first = state
+                opt = (state["optimizer"] or {}).get("params", {})
+                for local, info in state["params"].items():
+                    # the tied embedding's last-stage copy comes after the first stage's (equal) one
+                    e = self.entries.setdefault(info["name"], {"dim": info["dim"], "glu": info["glu"], "shards": {}})
+                    if (info["dim"], info["glu"]) != (e["dim"], e["glu"]):
+                        raise ValueError(f"{path}: {info['name']} has two tensor-parallel layouts in the checkpoint")
+                    e["shards"].setdefault(tp_rank, (state["model"][local], opt.get(local)))
+
+    def full_shape(self, name: str) -> tuple[int, ...]:
+        e = self.entries[name]
+        return _full_shape(e["shards"][0][0].shape, e["dim"], self.tp if e["dim"] is not None else 1)
+
+    def shard(self, name: str, tp: int, rank: int, pick) -> torch.Tensor:
+        """This rank's shard of ``pick(param shard, optimizer entry)`` of every saved tensor-parallel rank."""
+        e = self.entries[name]
+        parts = [pick(*e["shards"][r]) for r in range(self.tp if e["dim"] is not None else 1)]
+        return reshard_tensor(parts, e["dim"], e["glu"], tp, rank)
+
+    def optimizer_state(self, name: str, tp: int, rank: int) -> dict | None:
+        """The by-name optimizer entry of parameter ``name`` cut for this rank: tensors shaped like the
+        parameter shard resharded, others (``step``) taken from tensor-parallel rank 0."""
+        e = self.entries[name]
+        param0, entry0 = e["shards"][0]
+        if entry0 is None:
+            return None
+        out = {"group": entry0["group"], "state": {}}
+        for key, value in entry0["state"].items():
+            per_element = isinstance(value, torch.Tensor) and value.shape == param0.shape and value.dim() > 0
+            out["state"][key] = (
+                self.shard(name, tp, rank, lambda p, o, k=key: o["state"][k])
+                if per_element
+                else (value.clone() if isinstance(value, torch.Tensor) else value)
+            )
+        if entry0.get("master") is not None:
+            out["master"] = self.shard(name, tp, rank, lambda p, o: o["master"])
+        return out
+
+
+def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) -> dict:
+    """Load a checkpoint saved under the layout ``saved`` into this rank's shards; returns global rank 0's file."""
+    src = _SavedLayout(step_dir, saved)
+    layout = param_layout(model)
+    _check_names(step_dir, set(src.entries), {info["name"] for info in layout.values()})
+    params = dict(unwrap(model).named_parameters())
+    tp, rank = lay["tp"], lay["tp_rank"]
+    by_name = {"groups": (src.first["optimizer"] or {}).get("groups", []), "params": {}}
+    for local, info in layout.items():
+        name, e = info["name"], src.entries[info["name"]]
+        if (e["dim"], e["glu"]) != (info["dim"], info["glu"]):
+            raise _does_not_fit(step_dir, f"{name} is split on dim {e['dim']} there, on dim {info['dim']} here")
+        want = _full_shape(params[local].shape, info["dim"], tp if info["dim"] is not None else 1)
+        if src.full_shape(name) != want:
+            raise _does_not_fit(step_dir, f"{name} has shape {list(src.full_shape(name))} there, {list(want)} here")
+        with torch.no_grad():
+            params[local].copy_(src.shard(name, tp, rank, lambda p, o: p))
+        entry = src.optimizer_state(name, tp, rank)
+        if entry is not None:
+            by_name["params"][local] = entry
+    if optimizer is not None and src.first["optimizer"] is not None:
+        load_optimizer_state_by_name(model, optimizer, by_name)
+    return src.first
+
+
+def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
+    """Load this rank's own file: parameters and optimizer state exactly as saved."""
+    state = read_rank_file(_rank_file(step_dir, lay))
+    params = dict(unwrap(model).named_parameters())
+    _check_names(step_dir, set(state["model"]), set(params))
+    for n, p in params.items():
+        if tuple(state["model"][n].shape) != tuple(p.shape):
+            raise _does_not_fit(
+                step_dir, f"parameter {n} has shape {list(state['model'][n].shape)} there, {list(p.shape)} here"
+            )
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["model"][n])
+    if optimizer is not None and state["optimizer"] is None and state.get("format") == FORMAT and lay["dp_rank"]:
+        # an optimizer sharded over data-parallel ranks may save its by-name state on data-parallel rank 0 only
+        state["optimizer"] = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)["optimizer"]
+    if optimizer is not None and state["optimizer"] is not None:
+        if state.get("format") == FORMAT:
+            load_optimizer_state_by_name(model, optimizer, state["optimizer"])
+        else:  # format 1: torch's own state_dict, parameters by index
+            optimizer.load_state_dict(state["optimizer"])
+    return state
+
+
+def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:
+    """Restore what :func:`save_checkpoint` saved (the ``latest`` step unless ``step_dir`` is given), in any
+    tensor-, pipeline- and data-parallel layout. Returns ``(step, user_state)``.
+
+    In the saved layout: parameters, optimizer and scheduler state and every RNG state, so that training
+    continues bit-for-bit as if uninterrupted. In another layout: parameters and optimizer state (moments,
+    step, master weights) reassembled by parameter name and cut for this rank; scheduler, user state and
+    torch's generators from the saved global rank 0; megatron's RNG tracker as this run seeded it (see the
+    module doc).
     """
     step_dir = Path(step_dir) if step_dir is not None else latest_step_dir(directory)
     if step_dir is None:
         raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
     lay = _layout()
     saved = read_meta(step_dir)["layout"]
-    if any(saved[k] != lay[k] for k in ("tp", "pp", "dp")):
-        raise ValueError(
-            f"checkpoint {step_dir} was saved with tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}, but this "
-            f"run uses tp={lay['tp']} pp={lay['pp']} dp={lay['dp']}; resume with the saved layout, or load "
-            "gathered full parameters with shiq_train.model.load_full_parameters (fresh optimizer state)"
-        )
-    state = read_rank_file(_rank_file(step_dir, lay))
-    params = dict(unwrap(model).named_parameters())
-    if set(params) != set(state["model"]):
-        raise ValueError(
-            f"checkpoint {step_dir} holds parameters {sorted(set(state['model']) ^ set(params))} "
-            "that do not match the model (different model config?)"
-        )
-    for n, p in params.items():
-        if tuple(state["model"][n].shape) != tuple(p.shape):
-            raise ValueError(
-                f"checkpoint {step_dir}: parameter {n} has shape {tuple(state['model'][n].shape)} but the model's "
-                f"is {tuple(p.shape)} (different model config?)"
-            )
-    with torch.no_grad():
-        for n, p in params.items():
-            p.copy_(state["model"][n])
-    if optimizer is not None and state["optimizer"] is not None:
-        optimizer.load_state_dict(state["optimizer"])
+    same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp"))
+    if same:
+        state = _load_same_layout(step_dir, lay, model, optimizer)
+    else:
+        state = _load_resharded(step_dir, saved, lay, model, optimizer)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+    if same:
+        _set_rng_state(state["rng"])
+    else:  # one generator state for every rank, as after set_seed; the tracker keeps this run's seeding
+        torch.set_rng_state(state["rng"]["cpu"])
+        if torch.cuda.is_available() and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"])
     return state["step"], state["user_state"]
 
 

@@ -5,7 +5,9 @@ some parameters are split along one dimension (megatron's column-parallel layers
 on dim 1, the vocabulary on dim 0); the gated MLP's ``linear_fc1`` stacks ``[gate; up]`` and each rank
 holds ``[gate_r; up_r]``. Under pipeline parallelism stage ``p`` holds the layers
 ``p * layers_per_stage ...`` under local numbers from 0, and the last stage a copy of the tied
-embedding as ``output_layer.weight``. Checkpoints keep one file per (tp, pp, dp) rank.
+embedding as ``output_layer.weight``. Checkpoints keep one file per (tp, pp, dp) rank, and resume
+under another layout by reassembling each parameter (and its optimizer state) by full name
+(:func:`reshard_tensor`).
 
 ``shiq_train.model`` (loading and gathering a built model), ``shiq_train.checkpoint`` and
 ``shiq_train.export`` (reassembling saved rank files) all read this module.
@@ -67,6 +69,12 @@ def unshard_tensors(parts: list[torch.Tensor], dim: int | None, glu: bool) -> to
         gates, ups = zip(*(p.chunk(2, dim) for p in parts))
         return torch.cat([torch.cat(gates, dim), torch.cat(ups, dim)], dim)
     return torch.cat(parts, dim)
+
+
+def reshard_tensor(parts: list[torch.Tensor], dim: int | None, glu: bool, tp: int, rank: int) -> torch.Tensor:
+    """Rank ``rank``'s slice, under ``tp`` tensor-parallel ranks, of the tensor whose slices under another
+    tensor-parallel size are ``parts`` (in rank order; one part for a replicated tensor)."""
+    return shard_tensor(unshard_tensors(parts, dim, glu), dim, glu, tp, rank)
 
 
 def layers_per_stage(num_layers: int, pp: int) -> int:

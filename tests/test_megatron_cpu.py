@@ -402,14 +402,22 @@ def test_checkpoint_resumes_exactly(dist1, tmp_path, params_dtype):
     assert set(full) == {n for n, _ in model.named_parameters()}
 
 
-def test_checkpoint_layout_mismatch_is_explained(dist1, tmp_path):
+def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
+    """A checkpoint of another layout loads from all its rank files (a missing one is named), and only if
+    its files record the parameter layouts (older ones resume in their own layout only)."""
     from shiq_train.checkpoint import load_checkpoint, save_checkpoint
 
     model = M.build_model(M.ModelConfig())
     d = save_checkpoint(tmp_path, 3, model)
-    meta = (d / "meta.json").read_text().replace('"tp": 1', '"tp": 2')
-    (d / "meta.json").write_text(meta)
-    with pytest.raises(ValueError, match="saved with tp=2 pp=1 dp=1, but this run uses tp=1 pp=1 dp=1"):
+    meta = (d / "meta.json").read_text()
+    (d / "meta.json").write_text(meta.replace('"tp": 1', '"tp": 2'))
+    with pytest.raises(ValueError, match=r"rank_tp1_pp0_dp0.pt is missing: the checkpoint is incomplete"):
+        load_checkpoint(tmp_path, model)
+    (d / "meta.json").write_text(meta.replace('"dp": 1', '"dp": 2'))
+    state = torch.load(d / "rank_tp0_pp0_dp0.pt", weights_only=True)
+    del state["format"], state["params"]
+    torch.save(state, d / "rank_tp0_pp0_dp0.pt")
+    with pytest.raises(ValueError, match=r"without the parameter layouts .* only in its own layout tp=1 pp=1 dp=2"):
         load_checkpoint(tmp_path, model)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere", model)
