@@ -36,7 +36,7 @@ from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
-from shiq_train.checkpoint import latest_step_dir
+from shiq_train.checkpoint import latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import ModelConfig, build_model, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
@@ -81,7 +81,10 @@ RESUME_SAFE_KEYS = (
     "logging.wandb_project",
     "logging.wandb_mode",
     "train.cache_frozen_prefix",  # the same steps up to float rounding
+    "parallel.tp",  # checkpoints resume in any layout: the same steps up to float rounding
+    "parallel.pp",
 )
+GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
 
@@ -381,10 +384,17 @@ def _comparable(cfg: dict) -> dict:
     return flat
 
 
-def check_resume_config(out: Path, cfg: dict, allowed: set[str], force: bool) -> list[str]:
+def check_resume_config(
+    out: Path, cfg: dict, allowed: set[str], force: bool, dp: tuple[int, int] | None = None
+) -> list[str]:
     """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
     with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
-    ``force``. Returns the differing keys."""
+    ``force``. Returns the differing keys.
+
+    ``dp``: the data-parallel size the checkpoint was saved with and this run's. A step's global batch is
+    ``dp * data.micro_batches_per_step`` micro-batches, read in the same stream order whatever ``dp`` is, so
+    ``data.micro_batches_per_step`` may change exactly when the global batch stays; a global batch that
+    changes (a new ``dp`` with the old value) is a change of that key, with the value that keeps it."""
     path = out / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -402,13 +412,27 @@ def check_resume_config(out: Path, cfg: dict, allowed: set[str], force: bool) ->
     old, new = _comparable(saved), _comparable(cfg)
     unset = object()
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
+    notes = {}
+    m_old, m_new = old.get(GLOBAL_BATCH_KEY), new.get(GLOBAL_BATCH_KEY)
+    if dp is not None and isinstance(m_old, int) and isinstance(m_new, int):
+        if dp[0] * m_old == dp[1] * m_new:
+            changed = [k for k in changed if k != GLOBAL_BATCH_KEY]
+        else:
+            changed = sorted({*changed, GLOBAL_BATCH_KEY})
+            keep = f"{GLOBAL_BATCH_KEY}={dp[0] * m_old // dp[1]} keeps it" if dp[0] * m_old % dp[1] == 0 else ""
+            notes[GLOBAL_BATCH_KEY] = (
+                f" (a global batch of {dp[0]} x {m_old} micro-batches saved, {dp[1]} x {m_new} now over "
+                f"data-parallel ranks{'; ' + keep if keep else ''})"
+            )
     refused = [k for k in changed if k not in RESUME_SAFE_KEYS and k not in allowed]
     if refused and not force:
 
         def show(v):
             return "(unset)" if v is unset else repr(v)[:40]
 
-        diffs = ", ".join(f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}" for k in refused)
+        diffs = ", ".join(
+            f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}{notes.get(k, '')}" for k in refused
+        )
         raise ConfigError(
             f"{path}: the run in {out} was started with another configuration ({diffs}); resuming would mix "
             f"the two: rerun with the saved values, use another out=, or accept the change with "
@@ -552,8 +576,11 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
-    if latest_step_dir(out / "checkpoints") is not None:
-        check_resume_config(out, cfg, allowed, force)
+    saved_step = latest_step_dir(out / "checkpoints")
+    if saved_step is not None:
+        tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
+        dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
+        check_resume_config(out, cfg, allowed, force, dp)
     par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
     parallel.init_distributed(par, seed=cfg["seed"])
     try:

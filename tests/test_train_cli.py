@@ -146,6 +146,46 @@ def test_single_process_run_and_tp2_torchrun_give_the_same_first_step(tmp_path):
     assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
     assert json.loads((tmp_path / "two/checkpoints/step_00000003/meta.json").read_text())["layout"]["tp"] == 2
 
+    # the TP=2 run continues in one process: parallel.tp may change, the checkpoint is cut for the new layout
+    more = [c for c in common if not c.startswith("train.steps")] + ["train.steps=4"]
+    back = run_cli(tmp_path, f"out={tmp_path / 'two'}", *more)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert "resumed from step 3" in back.stderr
+    m3 = metrics(tmp_path / "two")
+    assert m3[:3] == m2 and m3[3]["step"] == 4 and math.isfinite(m3[3]["loss"])
+    assert json.loads((tmp_path / "two/checkpoints/step_00000004/meta.json").read_text())["layout"]["tp"] == 1
+
+
+def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp_path):
+    """parallel.tp/pp may change on resume; data.micro_batches_per_step may change exactly when the global
+    batch (data-parallel size x micro-batches per rank) stays, and a change of it is refused with the value
+    that keeps it."""
+    import yaml
+
+    from shiq_train.cli import ConfigError, check_resume_config
+
+    cfg = {"parallel": {"tp": 1, "pp": 1}, "data": {"micro_batches_per_step": 2}, "loss": {"beta": 0.1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+
+    def resume(tp=1, pp=1, m=2, dp=(1, 1), allowed=()):
+        new = {"parallel": {"tp": tp, "pp": pp}, "data": {"micro_batches_per_step": m}, "loss": {"beta": 0.1}}
+        return check_resume_config(tmp_path, new, set(allowed), False, dp)
+
+    assert resume(tp=2, pp=2) == ["parallel.pp", "parallel.tp"]
+    assert resume(m=1, dp=(1, 2)) == [] and resume(m=4, dp=(2, 1)) == []
+    with pytest.raises(ConfigError) as e:
+        resume(dp=(1, 2))
+    assert (
+        "data.micro_batches_per_step 2 -> 2 (a global batch of 1 x 2 micro-batches saved, 2 x 2 now over "
+        "data-parallel ranks; data.micro_batches_per_step=1 keeps it)" in str(e.value)
+    )
+    assert "+resume.allow_changed=[data.micro_batches_per_step]" in str(e.value)
+    with pytest.raises(ConfigError, match=r"2 -> 3 \(a global batch of 1 x 2 micro-batches saved, 1 x 3 now"):
+        resume(m=3)
+    with pytest.raises(ConfigError, match=r"1 x 2 micro-batches saved, 4 x 2 now over data-parallel ranks\)"):
+        resume(dp=(1, 4))  # 2 micro-batches do not split over 4 ranks: no value keeps the global batch
+    assert resume(dp=(1, 2), allowed=["data.micro_batches_per_step"]) == ["data.micro_batches_per_step"]
+
 
 def test_bad_configs_fail_with_a_clear_message(tmp_path):
     unknown = run_cli(tmp_path, f"out={tmp_path / 'x'}", "loss=shiq_fast")
