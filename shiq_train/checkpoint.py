@@ -345,13 +345,13 @@ class _SavedLayout:
         out = {"group": entry0["group"], "state": {}}
         for key, value in entry0["state"].items():
             per_element = isinstance(value, torch.Tensor) and value.shape == param0.shape and value.dim() > 0
-            out["state"][key] = (
-                self.shard(name, tp, rank, lambda p, o, k=key: o["state"][k])
+            out["state"][key] = (  # a copy: the optimizer updates it in place, never the mapped file
+                self.shard(name, tp, rank, lambda p, o, k=key: o["state"][k]).clone()
                 if per_element
                 else (value.clone() if isinstance(value, torch.Tensor) else value)
             )
         if entry0.get("master") is not None:
-            out["master"] = self.shard(name, tp, rank, lambda p, o: o["master"])
+            out["master"] = self.shard(name, tp, rank, lambda p, o: o["master"]).clone()
         return out
 
 
@@ -359,7 +359,9 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
     """Load a checkpoint saved under the layout ``saved`` into this rank's shards; returns global rank 0's file."""
     src = _SavedLayout(step_dir, saved)
     layout = param_layout(model)
-    _check_names(step_dir, set(src.entries), {info["name"] for info in layout.values()})
+    stages = [None] * dist.get_world_size()  # the whole model's names: this rank holds one stage's
+    dist.all_gather_object(stages, sorted({info["name"] for info in layout.values()}))
+    _check_names(step_dir, set(src.entries), set().union(*stages))
     params = dict(unwrap(model).named_parameters())
     tp, rank = lay["tp"], lay["tp_rank"]
     by_name = {"groups": (src.first["optimizer"] or {}).get("groups", []), "params": {}}
@@ -395,7 +397,7 @@ def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
             p.copy_(state["model"][n])
     if optimizer is not None and state["optimizer"] is None and state.get("format") == FORMAT and lay["dp_rank"]:
         # an optimizer sharded over data-parallel ranks may save its by-name state on data-parallel rank 0 only
-        state["optimizer"] = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)["optimizer"]
+        state["optimizer"] = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}))["optimizer"]
     if optimizer is not None and state["optimizer"] is not None:
         if state.get("format") == FORMAT:
             load_optimizer_state_by_name(model, optimizer, state["optimizer"])

@@ -5,7 +5,8 @@ the Trainer on a 24-row replay buffer (ShiQ loss on the buffer's reference stati
 decay, warm-up and cosine decay, so moments, step and schedule all matter), global batches of 2
 micro-batches of 2 rows. The reference is one uninterrupted single-process run of 6 steps. The same initial
 parameters train 3 steps at TP2×PP2 (4 gloo processes) and save; that checkpoint resumes for 3 more steps
-at TP1×PP1 (1 process) and at DP2 (2 processes, one micro-batch each: the same global batches). Asserted:
+at TP1×PP1 (1 process) and at DP2 (2 processes, one micro-batch each: the same global batches); and the
+reference's own step-3 checkpoint resumes at TP2×PP2. Asserted:
 all 6 losses equal the reference's within a relative 1e-5 (as in ``tests/test_parallel_parity.py``), and
 the resumed single process's final parameters equal the reference's. Also: a checkpoint of another model
 shape is refused in one line, in the saved layout and in another one.
@@ -63,7 +64,7 @@ def make_buffer(path: Path):
     write_buffer(rows, path, tokenizer_info=tok, command=["t"], shard_rows=10, progress=False, ref_model={"n": 1})
 
 
-def train(out_dir, buffer_dir, steps: int, init=None) -> list[float]:
+def train(out_dir, buffer_dir, steps: int, init=None, save_every=0) -> list[float]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) until ``steps`` in the current layout, from the
     full parameters ``init``; returns the losses of the steps run (every rank)."""
     from megatron.core import parallel_state as ps
@@ -76,7 +77,7 @@ def train(out_dir, buffer_dir, steps: int, init=None) -> list[float]:
         model,
         LossConfig("shiq", beta=0.1),
         OptimizerConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_steps=2, decay_steps=4),
-        TrainConfig(steps=steps, progress=False, tensorboard=False),
+        TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False),
         out_dir,
     )
     data = BufferSampler(
@@ -91,8 +92,9 @@ def train(out_dir, buffer_dir, steps: int, init=None) -> list[float]:
 
 
 def _worker(rank, ports, d):
-    """TP2×PP2 on 4 processes: 3 steps from the reference's initial parameters, saved; then processes 0 and
-    1 resume a copy of that checkpoint at DP2 (a new process group) for 3 more steps."""
+    """TP2×PP2 on 4 processes: 3 steps from the reference's initial parameters, saved, and the reference's
+    one-process checkpoint of step 3 continued for 3 steps; then processes 0 and 1 resume a copy of the
+    TP2×PP2 checkpoint at DP2 (a new process group) for 3 more steps."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     d = Path(d)
@@ -101,8 +103,10 @@ def _worker(rank, ports, d):
         parallel.ParallelConfig(2, 2), rank=rank, world_size=4, init_method=url(ports[0]), seed=99
     ):
         losses = train(d / "tp2pp2", d / "buffer", 3, torch.load(d / "init.pt", weights_only=True))
+        into = train(d / "into_tp2pp2", d / "buffer", 6)  # the reference's step 3, continued at TP2×PP2
     if rank == 0:
         (d / "tp2pp2.json").write_text(json.dumps(losses))
+        (d / "into_tp2pp2.json").write_text(json.dumps(into))
         shutil.copytree(d / "tp2pp2", d / "dp2")  # before joining the DP2 group, which waits for rank 0
     if rank < 2:
         with parallel.distributed(rank=rank, world_size=2, init_method=url(ports[1]), seed=99):
@@ -122,11 +126,14 @@ def runs(tmp_path_factory):
         model = M.build_model(tiny_config())
         init = {n: p.detach().clone() for n, p in model.named_parameters()}
         torch.save(init, d / "init.pt")
-        ref_losses = train(d / "reference", d / "buffer", 6, init)
+        ref_losses = train(d / "reference", d / "buffer", 6, init, save_every=3)
         ref_final = gather_full_parameters(_loaded(d / "reference" / "checkpoints"))  # the reference's last model
+    shutil.copytree(d / "reference", d / "into_tp2pp2")  # resumable at the reference's step 3
+    shutil.rmtree(d / "into_tp2pp2" / "checkpoints" / "step_00000006")
+    (d / "into_tp2pp2" / "checkpoints" / "latest").write_text("step_00000003\n")
     mp.spawn(_worker, args=((parallel.free_port(), parallel.free_port()), str(d)), nprocs=4, join=True)
-    first, dp2 = (json.loads((d / f"{n}.json").read_text()) for n in ("tp2pp2", "dp2"))
-    return {"dir": d, "ref_losses": ref_losses, "ref_final": ref_final, "first": first, "dp2": dp2}
+    first, into, dp2 = (json.loads((d / f"{n}.json").read_text()) for n in ("tp2pp2", "into_tp2pp2", "dp2"))
+    return {"dir": d, "ref_losses": ref_losses, "ref_final": ref_final, "first": first, "into": into, "dp2": dp2}
 
 
 def _loaded(ckpt_dir, cfg=None):
@@ -181,6 +188,13 @@ def test_tp2xpp2_checkpoint_resumes_at_dp2(runs):
     assert sorted(p.name for p in out.glob("rank_*.pt")) == ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp0_dp1.pt"]
 
 
+def test_one_process_checkpoint_resumes_at_tp2xpp2(runs):
+    got = runs["ref_losses"][:3] + runs["into"]
+    assert len(runs["into"]) == 3 and _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
+    out = runs["dir"] / "into_tp2pp2" / "checkpoints" / "step_00000006"
+    assert json.loads((out / "meta.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+
+
 def test_a_checkpoint_of_another_model_shape_is_refused(runs, tmp_path):
     saved = runs["dir"] / "tp2pp2" / "checkpoints"
     warnings.filterwarnings("ignore")
@@ -201,3 +215,51 @@ def test_a_checkpoint_of_another_model_shape_is_refused(runs, tmp_path):
         save_checkpoint(tmp_path, 1, M.build_model(tiny_config()))
         with pytest.raises(ValueError, match=r"does not fit this model: .*linear_fc1.weight has shape \[512, 64\] th"):
             load_checkpoint(tmp_path, narrow)
+
+
+def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_path):
+    """bf16 parameters with float32 master weights: a checkpoint loaded through the by-name reassembly (its
+    meta.json claims another data-parallel size, so the saved data-parallel rank 0 file is cut for this
+    rank) continues exactly like an uninterrupted run: masters, AdamW moments and step, weight-decay groups
+    and learning-rate schedule all restored."""
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.objectives import LossConfig as LC
+    from shiq_train.train_step import MasterWeightOptimizer, objective_loss_fn, train_step
+
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g)
+    mask = torch.arange(SEQ).expand(2, SEQ) >= 4
+    mb = {
+        "tokens": tokens,
+        "action_mask": mask,
+        "rewards": torch.randn(2, SEQ, generator=g) * mask,
+        "ref_chosen_logits": torch.randn(2, SEQ, generator=g) * 0.1,
+        "ref_logz": torch.randn(2, SEQ, generator=g) * 0.1 + float(np.log(VOCAB)),
+    }
+    loss_fn = objective_loss_fn(LC("shiq", beta=0.1))
+    opt_cfg = OptimizerConfig(lr=1e-2, weight_decay=0.1, warmup_steps=1, decay_steps=3)
+    warnings.filterwarnings("ignore")
+    with parallel.distributed():
+
+        def fresh(seed):
+            parallel.set_seed(seed)
+            model = M.build_model(tiny_config(params_dtype="bfloat16"))
+            return (model, *build_optimizer(model, opt_cfg))
+
+        def run(state, n):
+            return [train_step(*state, [mb], loss_fn, 1.0)["loss"] for _ in range(n)]
+
+        straight, interrupted = fresh(1), fresh(1)
+        assert isinstance(straight[1], MasterWeightOptimizer)
+        want = run(straight, 4)
+        got = run(interrupted, 2)
+        d = save_checkpoint(tmp_path, 2, *interrupted, user_state={"data": {"position": 8}})
+        (d / "meta.json").write_text((d / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
+        resumed = fresh(2)
+        assert load_checkpoint(tmp_path, *resumed) == (2, {"data": {"position": 8}})
+        got += run(resumed, 2)
+    assert got == want
+    for (n, p), (_, q) in zip(straight[0].named_parameters(), resumed[0].named_parameters()):
+        assert torch.equal(p, q), n
+    for a, b in zip(straight[1].masters, resumed[1].masters):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
