@@ -6,7 +6,9 @@ optimizer step takes the next items of the stream for data-parallel rank 0, then
 so ranks see disjoint rows of the same permutation, every row appears exactly once per epoch across
 ranks, and a step may straddle two epochs (batches are always full). The state is the stream
 position, so :meth:`BufferSampler.load_state_dict` continues with exactly the batches an
-uninterrupted run would have produced.
+uninterrupted run would have produced. Neither the stream nor the state depends on ``dp_world``: a run
+resumed with another number of data-parallel ranks and the same global batch (``dp_world *
+micro_batches_per_step`` micro-batches) reads the same global batches, split differently over ranks.
 
 Modes (all right-padded; padding has ``action_mask`` False, reward 0 and token ``pad_id``):
 

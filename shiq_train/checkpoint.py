@@ -439,7 +439,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
 
 def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
     """Every parameter of the whole model, unsharded and named as in a TP=1, PP=1 model, on global
-    rank 0 (None elsewhere); collective. Feeds Hugging Face export and layout changes."""
+    rank 0 (None elsewhere); collective. Feeds Hugging Face export and evaluation."""
     from megatron.core import parallel_state as ps  # heavy: megatron
 
     local = []

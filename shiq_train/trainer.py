@@ -3,7 +3,9 @@ schedule in ``train_step``; this file only puts them in order.
 
 A data source is any object with ``next_micro_batches() -> list[dict]`` (this data-parallel rank's
 micro-batches for one optimizer step, dicts as described in ``shiq_train.train_step``) and
-``state_dict()`` / ``load_state_dict()`` (so a resumed run continues the same data order).
+``state_dict()`` / ``load_state_dict()`` (so a resumed run continues the same data order). The state should
+be the same on every rank (a ``BufferSampler``'s is its stream position): a run resumed under another
+parallel layout gets the saved global rank 0's.
 """
 
 from __future__ import annotations
