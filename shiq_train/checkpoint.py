@@ -426,6 +426,10 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
         state = _load_same_layout(step_dir, lay, model, optimizer)
     else:
         state = _load_resharded(step_dir, saved, lay, model, optimizer)
+    if isinstance(optimizer, MasterWeightOptimizer) and state["optimizer"] is None:
+        with torch.no_grad():  # no saved optimizer state: the masters start from the loaded parameters
+            for p, m in zip(optimizer.params, optimizer.masters):
+                m.copy_(p)
     if scheduler is not None and state["scheduler"] is not None:
         scheduler.load_state_dict(state["scheduler"])
     if same:

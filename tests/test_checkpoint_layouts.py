@@ -221,7 +221,8 @@ def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_pat
     """bf16 parameters with float32 master weights: a checkpoint loaded through the by-name reassembly (its
     meta.json claims another data-parallel size, so the saved data-parallel rank 0 file is cut for this
     rank) continues exactly like an uninterrupted run: masters, AdamW moments and step, weight-decay groups
-    and learning-rate schedule all restored."""
+    and learning-rate schedule all restored. Without saved optimizer state the masters start from the loaded
+    parameters."""
     from shiq_train.checkpoint import save_checkpoint
     from shiq_train.objectives import LossConfig as LC
     from shiq_train.train_step import MasterWeightOptimizer, objective_loss_fn, train_step
@@ -258,6 +259,10 @@ def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_pat
         resumed = fresh(2)
         assert load_checkpoint(tmp_path, *resumed) == (2, {"data": {"position": 8}})
         got += run(resumed, 2)
+        save_checkpoint(tmp_path / "params_only", 4, straight[0])  # no optimizer state saved
+        other = fresh(3)
+        load_checkpoint(tmp_path / "params_only", *other)
+        assert all(torch.equal(m, p.float()) for p, m in zip(other[1].params, other[1].masters))
     assert got == want
     for (n, p), (_, q) in zip(straight[0].named_parameters(), resumed[0].named_parameters()):
         assert torch.equal(p, q), n
