@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from shiq_data.io import RowError, atomic_write_json, fsync_dir, sha256_files
 from shiq_data.schema import (
+    CHECKED_KEY,
     INPUT_KEY,
     READABLE_VERSIONS,
     REF_FIELDS,
@@ -498,16 +499,17 @@ class _ShardStream:
 
     def add(self, row: dict) -> None:
         i = self.n
-        location = None
-        if isinstance(row, dict) and INPUT_KEY in row:
+        location = checked = None
+        if isinstance(row, dict) and (INPUT_KEY in row or CHECKED_KEY in row):
             row = dict(row)
-            location = row.pop(INPUT_KEY)
+            location = row.pop(INPUT_KEY, None)
+            checked = row.pop(CHECKED_KEY, None)
         if isinstance(row, dict) and "row_id" not in row:
             row = _with_row_id(row, self.row_id_prefix, i)
         if isinstance(row, dict):
             row = self._text_columns(row)
         try:
-            self._check(row, i)
+            self._check(row, i, checked=checked is not None and checked == self.vocab_size)
         except RowError as e:
             if location is None:
                 raise
@@ -528,10 +530,12 @@ class _ShardStream:
             return {**row, **{name: row.get(name) for name in TEXT_FIELDS}}
         return {k: v for k, v in row.items() if k not in TEXT_FIELDS}
 
-    def _check(self, row: dict, i: int) -> None:
+    def _check(self, row: dict, i: int, checked: bool = False) -> None:
         """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
-        fits this stream (reference columns like the earlier rows', a new ``row_id``)."""
-        check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
+        fits this stream (reference columns like the earlier rows', a new ``row_id``). ``checked``: the row
+        passed :func:`check_row` already (in a worker of a parallel build)."""
+        if not checked:
+            check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
         if self.with_ref is None:
             self.with_ref = has_ref
