@@ -1,6 +1,7 @@
 """``shiq-data stats``: counts, lengths and rewards per source and overall, group sizes, reference share.
 
-Only the derived scalar columns of each row are kept in memory (not its tokens), one shard at a time.
+Only the derived scalar columns of each row are kept in memory (not its tokens or ids; about 50 bytes a row,
+since exact percentiles need every value), read one shard at a time.
 Percentiles are numpy's (linear interpolation); the standard deviation is the sample one (``ddof=1``).
 """
 
@@ -16,7 +17,7 @@ from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write
 
-COLUMNS = ("row_id", "source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
+COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
 LENGTHS = ("tokens", "prompt_tokens", "completion_tokens")
 
 
@@ -36,7 +37,7 @@ def _describe(x: np.ndarray) -> dict:
 
 def _summary(t: dict) -> dict:
     return {
-        "rows": len(t["row_id"]),
+        "rows": len(t["group_id"]),
         "groups": len(set(t["group_id"].tolist())),
         **{name: _describe(t[name]) for name in (*LENGTHS, "reward")},
         "ref_share": float(np.mean(t["has_ref"])) if len(t["has_ref"]) else 0.0,
@@ -47,12 +48,20 @@ def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.n
     """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays."""
     parts = []
     for table in source.shards():
-        view = source.view(table, text=where is not None and where.needs(TEXT_COLUMNS))
+        view = source.view(
+            table,
+            text=where is not None and where.needs(TEXT_COLUMNS),
+            extra_keys=where is not None and where.needs_extra_keys(),
+        )
         if where is not None:
             view = view.filter(pa.array(where.mask(view)))
         parts.append(view.select(COLUMNS))
     table = pa.concat_tables(parts)
-    return {name: table.column(name).to_numpy() for name in COLUMNS}
+    values = {name: table.column(name).to_numpy() for name in COLUMNS if name != "source"}
+    # the sources as one fixed-width string array (a few bytes a row, not a Python string each)
+    codes = table.column("source").combine_chunks().dictionary_encode()
+    values["source"] = np.asarray(codes.dictionary.to_pylist(), dtype=str)[codes.indices.to_numpy()]
+    return values
 
 
 def summarise(values: dict[str, np.ndarray]) -> dict:
@@ -66,7 +75,7 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
         sources[name] = _summary({k: v[sel] for k, v in values.items()})
     sizes = Counter(Counter(values["group_id"].tolist()).values())
     return {
-        "rows": len(values["row_id"]),
+        "rows": len(values["group_id"]),
         "all": _summary(values),
         "sources": sources,
         "group_sizes": dict(sorted(sizes.items())),
