@@ -557,7 +557,13 @@ def main(argv=None) -> int:
             bufs = []
             for n in (args.curate_rows, args.curate_rows * args.growth):
                 bufs.append(work / f"curate-{n}")
-                write_buffer(synthetic_text_rows(n), bufs[-1], tokenizer_info=info, command=["bench"], progress=False)
+                # shards of curate_rows / 5 rows: both buffers are many shards, so what a verb holds per shard is
+                # the same for both and the difference is what it holds per row of the buffer
+                rows = synthetic_text_rows(n)
+                shard_rows = max(args.curate_rows // 5, 1)
+                write_buffer(
+                    rows, bufs[-1], tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
+                )
             results["curate_memory"] = bench_curate_memory(bufs, work)
             results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
             print_curate_part(results, args)
