@@ -320,13 +320,15 @@ def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
-def bench_curate_memory(bufs: list[Path], work: Path) -> dict:
-    """verb -> [{"rows", "peak_mb", "secs"} per buffer], each run in a fresh process."""
+def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = None) -> dict:
+    """verb -> [{"rows", "peak_mb", "secs"} per buffer], each run in a fresh process; ``verbs``: only these."""
     import shutil
 
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     results: dict = {}
     for name in curate_verbs(bufs[0], work / "x"):
+        if verbs and name not in verbs:
+            continue
         for buf in bufs:
             out = work / "verb-out"
             shutil.rmtree(out, ignore_errors=True)
@@ -459,14 +461,15 @@ def print_buffer_part(results: dict, args) -> None:
 
 
 def print_curate_part(results: dict, args) -> None:
-    w = results["workers"]
-    print(
-        f"\nbuild --workers 2 against one process: {w['rows']} rows, {w['one_rows_per_s']:,.0f} -> "
-        f"{w['two_rows_per_s']:,.0f} rows/s (x{w['two_rows_per_s'] / w['one_rows_per_s']:.2f}); shards identical: "
-        f"{w['same']}; {os.cpu_count()} CPUs (shared), best of {args.repeat} alternating runs"
-    )
+    w = results.get("workers")
+    if w:
+        print(
+            f"\nbuild --workers 2 against one process: {w['rows']} rows, {w['one_rows_per_s']:,.0f} -> "
+            f"{w['two_rows_per_s']:,.0f} rows/s (x{w['two_rows_per_s'] / w['one_rows_per_s']:.2f}); shards "
+            f"identical: {w['same']}; {os.cpu_count()} CPUs (shared), best of {args.repeat} alternating runs"
+        )
     mem = results["curate_memory"]
-    small, big = (mem["stats"][0]["rows"], mem["stats"][1]["rows"])
+    small, big = (r["rows"] for r in next(iter(mem.values())))
     print(
         f"\n{'verb (fresh process)':<22}{'RssAnon peak':>14}{'':>10}{'ratio':>8}{'per added row':>15}"
         f"{'seconds':>16}\n{'':<22}{f'{small:,} rows':>14}{f'{big:,} rows':>12}{'':>8}{'':>15}"
@@ -477,7 +480,7 @@ def print_curate_part(results: dict, args) -> None:
             f"{name:<22}{a['peak_mb']:>11.1f} MB{b['peak_mb']:>9.1f} MB{b['peak_mb'] / a['peak_mb']:>8.2f}"
             f"{per_row:>11.0f} B{a['secs']:>8.1f}{b['secs']:>8.1f}"
         )
-    speed = results["curate_speed"]
+    speed = results.get("curate_speed", {})
     print(f"\n{f'on {big:,} rows (seconds)':<30}{'shiq_data':>10}{'datasets':>10}{'speed ratio':>13}")
     for op, (ours, theirs) in speed.items():
         print(f"{op:<30}{ours:>10.2f}{theirs:>10.2f}{theirs / ours:>13.2f}")
@@ -504,6 +507,12 @@ def main(argv=None) -> int:
         default=5000,
         help="rows of the smaller buffer of the curation memory scan; the larger has --growth times as many "
         "(default %(default)s)",
+    )
+    ap.add_argument(
+        "--verbs",
+        default=None,
+        help="only the memory scan, of these comma-separated curation verbs, e.g. 'dedup,export hf' (default: "
+        "every verb, and the parallel build and the speed against datasets)",
     )
     ap.add_argument(
         "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
@@ -553,7 +562,9 @@ def main(argv=None) -> int:
             with open(jsonl, "w") as f:
                 for r in synthetic_records(args.curate_rows, seed=3):
                     f.write(json.dumps(r) + "\n")
-            results["workers"] = bench_workers(jsonl, work / "workers", tokenizer, info, args.repeat)
+            verbs = [v.strip() for v in args.verbs.split(",")] if args.verbs else None
+            if verbs is None:
+                results["workers"] = bench_workers(jsonl, work / "workers", tokenizer, info, args.repeat)
             bufs = []
             for n in (args.curate_rows, args.curate_rows * args.growth):
                 bufs.append(work / f"curate-{n}")
@@ -564,8 +575,9 @@ def main(argv=None) -> int:
                 write_buffer(
                     rows, bufs[-1], tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
                 )
-            results["curate_memory"] = bench_curate_memory(bufs, work)
-            results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
+            results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
+            if verbs is None:
+                results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
             print_curate_part(results, args)
     if args.json:
         from shiq_data.io import atomic_write_json

@@ -38,7 +38,7 @@ def _describe(x: np.ndarray) -> dict:
 def _summary(t: dict) -> dict:
     return {
         "rows": len(t["group_id"]),
-        "groups": len(set(t["group_id"].tolist())),
+        "groups": len(np.unique(t["group_id"])),
         **{name: _describe(t[name]) for name in (*LENGTHS, "reward")},
         "ref_share": float(np.mean(t["has_ref"])) if len(t["has_ref"]) else 0.0,
     }
@@ -73,7 +73,7 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
     for name in sorted(set(values["source"].tolist())):
         sel = values["source"] == name
         sources[name] = _summary({k: v[sel] for k, v in values.items()})
-    sizes = Counter(Counter(values["group_id"].tolist()).values())
+    sizes = Counter(np.unique(values["group_id"], return_counts=True)[1].tolist())
     return {
         "rows": len(values["group_id"]),
         "all": _summary(values),
