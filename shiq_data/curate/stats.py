@@ -45,8 +45,10 @@ def _summary(t: dict) -> dict:
 
 
 def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.ndarray]:
-    """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays."""
-    parts = []
+    """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays:
+    numbers, and the sources as one fixed-width string array (not a Python string a row)."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
+    names: dict[str, int] = {}  # source -> code
     for table in source.shards():
         view = source.view(
             table,
@@ -55,12 +57,16 @@ def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.n
         )
         if where is not None:
             view = view.filter(pa.array(where.mask(view)))
-        parts.append(view.select(COLUMNS))
-    table = pa.concat_tables(parts)
-    values = {name: table.column(name).to_numpy() for name in COLUMNS if name != "source"}
-    # the sources as one fixed-width string array (a few bytes a row, not a Python string each)
-    codes = table.column("source").combine_chunks().dictionary_encode()
-    values["source"] = np.asarray(codes.dictionary.to_pylist(), dtype=str)[codes.indices.to_numpy()]
+        for name in COLUMNS:
+            column = view.column(name).combine_chunks()
+            if name == "source":
+                codes = column.dictionary_encode()
+                to_code = [names.setdefault(s, len(names)) for s in codes.dictionary.to_pylist()]
+                parts[name].append(np.asarray(to_code, dtype=np.int64)[codes.indices.to_numpy()])
+            else:
+                parts[name].append(column.to_numpy(zero_copy_only=False))
+    values = {name: np.concatenate(parts.pop(name)) for name in COLUMNS}  # each column's parts freed in turn
+    values["source"] = np.asarray(list(names), dtype=str)[values["source"]]
     return values
 
 
