@@ -53,7 +53,7 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -63,6 +63,7 @@ from tqdm import tqdm
 
 from shiq_data.io import RowError, atomic_write_json, fsync_dir, sha256_files
 from shiq_data.schema import (
+    CHECKED_KEY,
     INPUT_KEY,
     READABLE_VERSIONS,
     REF_FIELDS,
@@ -462,7 +463,8 @@ def _with_row_id(row: dict, prefix: str, index: int) -> dict:
 
 
 class _ShardStream:
-    """Checks rows one by one and writes them as shards of ``shard_rows`` rows."""
+    """Checks rows one by one and writes them as shards of ``shard_rows`` rows; :meth:`add_table` takes rows
+    of a buffer as an Arrow table instead (a curated buffer's rows: checked when they were first written)."""
 
     def __init__(
         self,
@@ -491,6 +493,7 @@ class _ShardStream:
         self.duplicates: list[str] = []  # row_ids of new rows repeating an old row's text
         self.with_ref: bool | None = None
         self.pending: list[dict] = []
+        self.pending_tables: list[pa.Table] = []  # rows before self.pending, as shard tables
         self.entries: list[dict] = []
         self.written: list[Path] = []
         self.max_group = group_offset - 1
@@ -498,16 +501,17 @@ class _ShardStream:
 
     def add(self, row: dict) -> None:
         i = self.n
-        location = None
-        if isinstance(row, dict) and INPUT_KEY in row:
+        location = checked = None
+        if isinstance(row, dict) and (INPUT_KEY in row or CHECKED_KEY in row):
             row = dict(row)
-            location = row.pop(INPUT_KEY)
+            location = row.pop(INPUT_KEY, None)
+            checked = row.pop(CHECKED_KEY, None)
         if isinstance(row, dict) and "row_id" not in row:
             row = _with_row_id(row, self.row_id_prefix, i)
         if isinstance(row, dict):
             row = self._text_columns(row)
         try:
-            self._check(row, i)
+            self._check(row, i, checked=checked is not None and checked == self.vocab_size)
         except RowError as e:
             if location is None:
                 raise
@@ -517,8 +521,55 @@ class _ShardStream:
         self.max_group = max(self.max_group, gid)
         self.pending.append({**row, "group_id": gid})
         self.n += 1
-        if len(self.pending) >= self.shard_rows:
+        if len(self.pending) + sum(t.num_rows for t in self.pending_tables) >= self.shard_rows:
             self.flush()
+
+    def add_table(self, table: pa.Table) -> None:
+        """Add the rows of ``table``, rows of a buffer with its stored columns (they are not checked one by one
+        again, only their row ids, group ids, token range and columns)."""
+        if self.known_text:  # appending to a buffer whose texts are compared row by row
+            for row in table.to_pylist():
+                self.add(row)
+            return
+        names = table.schema.names
+        if self.text is None:
+            self.text = any(name in names for name in TEXT_FIELDS)
+        has_ref = all(name in names for name in REF_FIELDS)
+        if self.with_ref is None:
+            self.with_ref = has_ref
+        elif has_ref != self.with_ref:
+            problem = "present in some rows and not others" if has_ref else "missing (earlier rows carry them)"
+            raise RowError(self.input_name, self.n, REF_FIELDS[0], problem)
+        schema = arrow_schema(bool(self.with_ref), bool(self.text))
+        cols = [
+            table.column(f.name) if f.name in names else pa.nulls(table.num_rows, f.type) for f in schema
+        ]  # a text column the rows lack is null
+        table = pa.Table.from_arrays(cols, names=schema.names).cast(schema)
+        for k, rid in enumerate(table.column("row_id").to_pylist()):
+            if rid in self.taken_ids or not rid:
+                raise RowError(self.input_name, self.n + k, "row_id", f"{rid!r} is not unique in the buffer")
+            self.taken_ids.add(rid)
+        if table.num_rows:
+            lo, hi = pc.min_max(table.column("group_id")).values()
+            if lo.as_py() < 0:
+                raise ValueError(f"{self.input_name}: group ids must be >= 0, got {lo.as_py()}")
+            top = pc.max(pc.list_flatten(table.column("tokens"))).as_py()
+            if self.vocab_size is not None and top is not None and top >= self.vocab_size:
+                raise ValueError(f"{self.input_name}: token id {top} is outside [0, {self.vocab_size})")
+            if self.group_offset:
+                gids = pc.add(table.column("group_id"), self.group_offset)
+                table = table.set_column(schema.names.index("group_id"), schema.field("group_id"), gids)
+            self.max_group = max(self.max_group, hi.as_py() + self.group_offset)
+        if self.pending:
+            self.pending_tables.append(rows_to_table(self.pending, bool(self.with_ref), bool(self.text)))
+            self.pending = []
+        self.pending_tables.append(table)
+        self.n += table.num_rows
+        held = pa.concat_tables(self.pending_tables)
+        while held.num_rows >= self.shard_rows:
+            self._write(held.slice(0, self.shard_rows))
+            held = held.slice(self.shard_rows)
+        self.pending_tables = [held] if held.num_rows else []
 
     def _text_columns(self, row: dict) -> dict:
         """``row`` with every text column (null when it lacks one) if the stream keeps text, else without them."""
@@ -528,10 +579,12 @@ class _ShardStream:
             return {**row, **{name: row.get(name) for name in TEXT_FIELDS}}
         return {k: v for k, v in row.items() if k not in TEXT_FIELDS}
 
-    def _check(self, row: dict, i: int) -> None:
+    def _check(self, row: dict, i: int, checked: bool = False) -> None:
         """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
-        fits this stream (reference columns like the earlier rows', a new ``row_id``)."""
-        check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
+        fits this stream (reference columns like the earlier rows', a new ``row_id``). ``checked``: the row
+        passed :func:`check_row` already (in a worker of a parallel build)."""
+        if not checked:
+            check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
         if self.with_ref is None:
             self.with_ref = has_ref
@@ -560,9 +613,15 @@ class _ShardStream:
                 self.duplicates.append(row["row_id"])
 
     def flush(self) -> None:
-        if not self.pending:
-            return
-        table = rows_to_table(self.pending, bool(self.with_ref), bool(self.text))
+        """Write the rows held as a shard (at most ``shard_rows`` of them)."""
+        tables = list(self.pending_tables)
+        if self.pending:
+            tables.append(rows_to_table(self.pending, bool(self.with_ref), bool(self.text)))
+        self.pending, self.pending_tables = [], []
+        if tables:
+            self._write(pa.concat_tables(tables))
+
+    def _write(self, table: pa.Table) -> None:
         name = shard_file_name(self.next_shard)
         path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
         entry = write_shard_file(table, path)
@@ -570,13 +629,18 @@ class _ShardStream:
         self.written.append(path)
         self.entries.append(entry)
         self.next_shard += 1
-        self.pending = []
 
 
-def _progress(rows: Iterable[dict], enabled: bool, desc: str) -> Iterator[dict]:
-    if not enabled:
-        return iter(rows)
-    return iter(tqdm(rows, desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0))
+def _feed(stream: _ShardStream, rows: Iterable[dict | pa.Table], enabled: bool, desc: str) -> None:
+    """Add ``rows`` (row dicts, or tables of buffer rows) to ``stream``, with a progress bar if ``enabled``."""
+    with tqdm(desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0, disable=not enabled) as bar:
+        for item in rows:
+            if isinstance(item, pa.Table):
+                stream.add_table(item)
+                bar.update(item.num_rows)
+            else:
+                stream.add(item)
+                bar.update(1)
 
 
 def _totals(shards: list[dict]) -> dict:
@@ -634,7 +698,7 @@ def _remove_created_dirs(created: list[Path]) -> None:
 
 
 def write_buffer(
-    rows: Iterable[dict],
+    rows: Iterable[dict | pa.Table],
     out_dir,
     *,
     tokenizer_info: dict,
@@ -649,7 +713,8 @@ def write_buffer(
     manifest_extra: dict | None = None,
     prior_commands: list[dict] | None = None,
 ) -> Buffer:
-    """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`).
+    """Build a new buffer at ``out_dir`` from ``rows`` (dicts as in :mod:`shiq_data.schema`, or Arrow tables
+    of rows taken from buffers, with their stored columns: these are not checked row by row again).
 
     Rows may omit ``row_id``: it becomes ``b0-<row_key>`` when the row has a ``row_key`` (a name unique
     within the input), else ``b0-<index>``. Every row is checked with
@@ -688,8 +753,7 @@ def write_buffer(
             temp_names=False,
             text=text_columns,
         )
-        for row in _progress(rows, progress, f"building {out_dir.name}"):
-            stream.add(row)
+        _feed(stream, rows, progress, f"building {out_dir.name}")
         stream.flush()
         if stream.n == 0:
             raise ValueError(f"{input_name}: no rows to write")
@@ -811,8 +875,7 @@ def append_buffer(
             refuse_duplicates=refuse_duplicates,
         )
         try:
-            for row in _progress(rows, progress, f"appending to {buffer_dir.name}"):
-                stream.add(row)
+            _feed(stream, rows, progress, f"appending to {buffer_dir.name}")
             stream.flush()
             if stream.n == 0:
                 raise ValueError(f"{input_name}: no rows to append")

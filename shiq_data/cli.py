@@ -18,12 +18,14 @@ from shiq_data.cli_common import run_command
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
+from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
 from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
 
 EPILOG = """examples:
   shiq-data build jsonl rows.jsonl --tokenizer gpt2 --out buffers/demo
+  shiq-data build jsonl big.jsonl --tokenizer gpt2 --workers 4 --out buffers/big
   shiq-data append buffers/demo parquet more.parquet
   shiq-data validate buffers/demo
   shiq-data info buffers/demo
@@ -56,12 +58,16 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
-def _rows(fmt: str, path: str, tokenizer, args) -> Iterator[dict]:
+def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
     form = get_format(fmt)
     options = _parse_options(args.option)
     form.check_options(options)
     if args.source:
         options["source"] = args.source
+    if args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers > 1:
+        return parallel_rows(form, path, tokenizer, options, args.workers, vocab_size=info["vocab_size"])
     return form.read(path, tokenizer, **options)
 
 
@@ -80,7 +86,7 @@ def cmd_build(args) -> int:
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
     tokenizer, info = load_tokenizer(args.tokenizer)
     _system_prompt(tokenizer, info, args.system_prompt)
-    rows = _rows(args.format, args.input, tokenizer, args)
+    rows = _rows(args.format, args.input, tokenizer, info, args)
     buf = write_buffer(
         rows,
         args.out,
@@ -110,7 +116,7 @@ def cmd_append(args) -> int:
             f"--system-prompt: the buffer's rows were rendered with system prompt {recorded.get('text')!r}, "
             f"these would get {info['system_prompt']['text']!r}; omit --system-prompt to use the buffer's"
         )
-    rows = _rows(args.format, args.input, tokenizer, args)
+    rows = _rows(args.format, args.input, tokenizer, info, args)
     buf = append_buffer(
         args.buffer,
         rows,
@@ -226,6 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
             default=[],
             metavar="KEY=VALUE",
             help="option passed to a format reader (repeatable; values parsed as JSON when possible)",
+        )
+        p.add_argument(
+            "--workers",
+            type=int,
+            default=1,
+            metavar="N",
+            help="tokenise with N processes (default %(default)s); the buffer is the same as with one",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(

@@ -93,8 +93,10 @@ def _write_parquet(buffer: Buffer, path: Path) -> None:
 def _write_hf(buffer: Buffer, folder: Path) -> None:
     import datasets  # heavy: only this export format needs it
 
-    table = pa.concat_tables(t for _, t in _tables(buffer))
-    datasets.Dataset(datasets.table.InMemoryTable(table)).save_to_disk(str(folder))
+    table = pa.concat_tables(t for _, t in _tables(buffer))  # the memory-mapped shards, not copied
+    # the buffer's fingerprint names the data: without one, datasets would hash (and so copy) the whole table
+    fingerprint = buffer_fingerprint(buffer.manifest)[:16]
+    datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(folder))
 
 
 def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:

@@ -22,8 +22,15 @@ class RowError(ValueError):
     """A bad input row. ``file``, ``row`` (index or line number) and ``field`` say where; the message names all three."""
 
     def __init__(self, file, row, field: str, problem: str, *, row_label: str = "row"):
-        self.file, self.row, self.field, self.problem = str(file), row, field, problem
+        self.file, self.row, self.field, self.problem, self.row_label = str(file), row, field, problem, row_label
         super().__init__(f"{self.file}: {row_label} {row}: field '{field}': {problem}")
+
+    def __reduce__(self):  # pickled whole (a worker process of a parallel build raises it in the main process)
+        return _row_error, (type(self), self.file, self.row, self.field, self.problem, self.row_label), self.__dict__
+
+
+def _row_error(cls, file, row, field, problem, row_label):
+    return cls(file, row, field, problem, row_label=row_label)
 
 
 def sha256_files(paths: Iterable[str | os.PathLike]) -> str:

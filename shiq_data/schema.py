@@ -99,13 +99,17 @@ def arrow_schema(with_ref: bool, text: bool = False) -> pa.Schema:
 
 
 INPUT_KEY = "_input"  # private row key: where in the input a reader's row came from (never written)
+CHECKED_KEY = "_checked"  # private row key: the vocabulary size check_row passed the row for (never written)
 
 
-def input_location(file, row: int, *, row_label: str = "line", fields: dict | None = None) -> dict:
+def input_location(file, row: int, *, row_label: str = "line", fields: dict | None = None, group=None) -> dict:
     """The value a reader puts under :data:`INPUT_KEY` on a row: the input ``file``, its ``row`` (a line
     number, or a row number with ``row_label="row"``) and ``fields``, buffer column -> input field that
-    holds it (e.g. ``{"rewards": "reward"}``). The buffer pops it and names it in row errors."""
-    return {"file": str(file), "row": row, "row_label": row_label, "fields": dict(fields or {})}
+    holds it (e.g. ``{"rewards": "reward"}``). The buffer pops it and names it in row errors.
+    ``group``: what makes the row's group in the whole input (a hashable value, e.g. the prompt text): the
+    reader numbers groups in order of first appearance of this key, and so does a parallel build
+    (:mod:`shiq_data.readers.parallel`), which reads the input in chunks."""
+    return {"file": str(file), "row": row, "row_label": row_label, "fields": dict(fields or {}), "group": group}
 
 
 def at_input(error: RowError, location: dict, row_index: int) -> RowError:

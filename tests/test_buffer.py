@@ -429,3 +429,30 @@ def test_killed_append_leaves_the_old_buffer(tmp_path):
     assert validate_buffer(b, cleanup=True)["removed_files"]
     assert not list(b.glob(".shard-*"))
     assert len(append_buffer(b, make_rows(2, seed=3), command=["a"], progress=False)) == 7
+
+
+def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):
+    """write_buffer/append_buffer given Arrow tables of rows (as the curation verbs give them), mixed with row
+    dicts and cut anywhere, write the rows the dicts alone write, at the same shard boundaries; duplicate row
+    ids and token ids beyond the vocabulary are still refused."""
+    rows = make_rows(23)
+    common = {"tokenizer_info": TOK, "command": ["t"], "shard_rows": 5, "progress": False}
+    write_buffer(rows, tmp_path / "dicts", **common)
+    table = pa.Table.from_pylist(plain_read(tmp_path / "dicts"))
+    items = [table.slice(0, 3), *rows[3:6], table.slice(6, 9), rows[15], table.slice(16, 7)]
+    write_buffer(items, tmp_path / "mixed", **common)
+    assert plain_read(tmp_path / "mixed") == plain_read(tmp_path / "dicts")
+    for name in ("dicts", "mixed"):
+        m = json.loads((tmp_path / name / "manifest.json").read_text())
+        assert [s["rows"] for s in m["shards"]] == [5, 5, 5, 5, 3] and m["next_group_id"] == 12
+    # appended as a table: group ids offset like appended dicts
+    append_buffer(tmp_path / "dicts", make_rows(4, seed=1), command=["t"], progress=False)
+    append_buffer(tmp_path / "mixed", [pa.Table.from_pylist(make_rows(4, seed=1))], command=["t"], progress=False)
+    assert plain_read(tmp_path / "mixed") == plain_read(tmp_path / "dicts")
+    bad = table.slice(0, 4).set_column(0, "row_id", pa.array(["a", "b", "c", "a"]))
+    with pytest.raises(RowError, match="row 3: field 'row_id'.*'a' is not unique"):
+        write_buffer([bad], tmp_path / "dup", **common)
+    top = max(max(r["tokens"]) for r in rows)
+    with pytest.raises(ValueError, match=rf"token id {top} is outside \[0, 10\)"):
+        write_buffer([table], tmp_path / "vocab", **{**common, "tokenizer_info": {**TOK, "vocab_size": 10}})
+    assert not (tmp_path / "dup").exists() and not (tmp_path / "vocab").exists()

@@ -8,8 +8,18 @@
 3. Reader memory as the buffer grows: peak RssAnon (process heap, excluding the page cache of the
    memory-mapped shards) and VmHWM (everything resident, including those mapped file pages) while
    reading a whole epoch, for a buffer of N tokens and one of 10 N tokens, each in a fresh process.
+4. Parallel build: ``shiq-data build --workers 2`` against one process (the same input and tokenizer).
+5. Curation verbs' memory as the buffer grows: each of stats, show, filter, dedup (exact and --near),
+   split, mix and export (jsonl, parquet, hf) run through the command line in a fresh process on a buffer
+   of R rows and one of 10 R rows (random tokens with text columns); peak RssAnon (sampled every 5 ms),
+   its ratio between the two sizes (1 is flat) and what it grew by per added row.
+6. filter, exact dedup and stats against the same operation with ``datasets`` on the same shards
+   (``Dataset.from_file`` of each shard): ``.filter`` then ``save_to_disk``; a hash of the normalised text
+   per row, pandas ``duplicated``, ``.select`` then ``save_to_disk``; ``.to_pandas()`` of the scalar and
+   token columns with ``describe`` per source and group sizes. Interleaved, best of ``--repeat``.
 
-Usage: ``python tools/bench_data.py [--tokens 1000000] [--growth 10] [--batch-rows 16]``
+Usage: ``python tools/bench_data.py [--part all|buffer|curate] [--tokens 1000000] [--growth 10]
+[--curate-rows 5000]``
 """
 
 from __future__ import annotations
@@ -202,55 +212,229 @@ def bench_memory(work: Path, info: dict, n_tokens: int, batch_rows: int):
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument(
-        "--tokens", type=int, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
+def bench_workers(jsonl: Path, work: Path, tokenizer, info, repeat: int) -> dict:
+    """Rows/s of a build from ``jsonl`` with one process and with ``--workers 2``, alternating; the two
+    buffers' shards are compared byte for byte."""
+    from shiq_data.buffer import write_buffer
+    from shiq_data.readers import get_format
+    from shiq_data.readers.parallel import parallel_rows
+
+    form, best = get_format("jsonl"), {1: float("inf"), 2: float("inf")}
+    for k in range(repeat):
+        for workers in (1, 2) if k % 2 == 0 else (2, 1):
+            rows = (
+                form.read(jsonl, tokenizer)
+                if workers == 1
+                else parallel_rows(form, jsonl, tokenizer, {}, workers, vocab_size=info["vocab_size"])
+            )
+            t = time.perf_counter()
+            buf = write_buffer(rows, work / f"w{workers}-{k}", tokenizer_info=info, command=["bench"], progress=False)
+            best[workers] = min(best[workers], time.perf_counter() - t)
+    same = all(
+        (work / "w1-0" / s["file"]).read_bytes() == (work / "w2-0" / s["file"]).read_bytes()
+        for s in buf.manifest["shards"]
     )
-    ap.add_argument("--growth", type=int, default=10, help="size factor of the memory scan (default %(default)s)")
-    ap.add_argument("--batch-rows", type=int, default=16, help="rows per random batch (default %(default)s)")
-    ap.add_argument("--steps", type=int, default=500, help="random batches timed per reader (default %(default)s)")
-    ap.add_argument(
-        "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
-    )
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
-    args = ap.parse_args(argv)
+    return {"rows": len(buf), "one_rows_per_s": len(buf) / best[1], "two_rows_per_s": len(buf) / best[2], "same": same}
 
-    import torch
 
-    torch.set_num_threads(1)
-    from shiq_data.tokenizers import load_tokenizer
+CURATE_SOURCES = ("forum", "wiki", "chat")
 
-    tokenizer, info = load_tokenizer("gpt2")
-    results = {}
-    with tempfile.TemporaryDirectory(prefix="shiq-bench-") as tmp:
-        work = Path(tmp)
-        # about 110 GPT-2 tokens per record
-        n_records = max(args.tokens // 110, 100)
-        jsonl = work / "records.jsonl"
-        with open(jsonl, "w") as f:
-            for r in synthetic_records(n_records):
-                f.write(json.dumps(r) + "\n")
-        # the machine is shared: alternate the two contenders and keep each one's best run
-        builds = [bench_build(jsonl, work, tokenizer, info, tag=str(k)) for k in range(args.repeat)]
-        buf, ds = builds[0][0], builds[0][1]
-        results["build"] = {
-            "rows": len(buf),
-            "tokens": buf.manifest["tokens"],
-            "ours_rows_per_s": len(buf) / min(b[2] for b in builds),
-            "datasets_rows_per_s": len(ds) / min(b[3] for b in builds),
+
+def synthetic_text_rows(n_rows: int, vocab: int = 50257):
+    """Rows with text columns for the curation verbs: groups of 4 rows, 3 sources, random token ids (the
+    verbs read the text columns, not the tokens), prompts of 12 and completions of 8-40 random words; every
+    50th row repeats an earlier row's text (exact duplicates). The rows are valid by construction and marked
+    checked, so building a large buffer costs no row check."""
+    from shiq_data.schema import CHECKED_KEY
+
+    words = np.array(WORDS)
+    for i in range(n_rows):
+        j = i - 37 if i % 50 == 49 else i
+        rng = np.random.default_rng(j)
+        prompt = f"prompt {j // 4}: " + " ".join(rng.choice(words, 12))
+        completion = " " + " ".join(rng.choice(words, int(rng.integers(8, 40)))) + f" {j}"
+        p, c = 10 + j % 30, 10 + (7 * j) % 60
+        mask = np.zeros(p + c, bool)
+        mask[p:] = True
+        reward = float(np.float32(rng.normal()))
+        rewards = np.zeros(p + c, np.float32)
+        rewards[-1] = reward
+        yield {
+            "source": CURATE_SOURCES[(i // 4) % 3],
+            "group_id": i // 4,
+            "prompt_len": p,
+            "tokens": rng.integers(0, vocab, p + c, dtype=np.int32),
+            "action_mask": mask,
+            "rewards": rewards,
+            "prompt": prompt,
+            "completion": completion,
+            "reward": reward,
+            "turn_rewards": None,
+            "extra": json.dumps({"lang": ["en", "fr"][j % 2], "score": j % 5}),
+            CHECKED_KEY: vocab,
         }
-        reads = [
-            bench_read(buf, ds, args.batch_rows, args.steps, pad_id=-1) for _ in range(args.repeat)
-        ]  # -1: no token
-        results["read"] = {
-            "ours_tokens_per_s": max(r[0] for r in reads),
-            "datasets_tokens_per_s": max(r[1] for r in reads),
-        }
-        results["memory"] = [
-            bench_memory(work, info, n, args.batch_rows) for n in (args.tokens, args.tokens * args.growth)
-        ]
 
+
+MEM_VERB_CHILD = r"""
+import json, sys, threading, time
+from shiq_data.cli import main
+
+def rss_anon():
+    for line in open("/proc/self/status"):
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+
+base = rss_anon()
+peak, stop = [base], []
+
+def watch():
+    while not stop:
+        peak[0] = max(peak[0], rss_anon())
+        time.sleep(0.005)
+
+thread = threading.Thread(target=watch, daemon=True)
+thread.start()
+t = time.perf_counter()
+code = main(sys.argv[1:])
+secs = time.perf_counter() - t
+stop.append(1)
+thread.join()
+peak[0] = max(peak[0], rss_anon())
+print("BENCH " + json.dumps({"code": code, "base_kb": base, "peak_kb": peak[0], "secs": secs}))
+"""
+
+
+def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
+    """The command line of each verb measured (``out``: a folder that does not exist yet)."""
+    return {
+        "stats": ["stats", str(buf)],
+        "show": ["show", str(buf), "--rows", "5", "--where", "reward > 1"],
+        "filter": ["filter", str(buf), "--where", "reward > 0 AND score >= 2", "--out", str(out), "--no-progress"],
+        "dedup": ["dedup", str(buf), "--out", str(out), "--no-progress"],
+        "dedup --near": ["dedup", str(buf), "--near", "--by", "completion", "--out", str(out), "--no-progress"],
+        "split": ["split", str(buf), "--test-fraction", "0.1", "--out", str(out), "--no-progress"],
+        "mix": ["mix", f"{buf}:1", f"{buf}:2", "--out", str(out), "--no-progress"],
+        "export jsonl": ["export", str(buf), "--format", "jsonl", "--out", str(out)],
+        "export parquet": ["export", str(buf), "--format", "parquet", "--out", str(out)],
+        "export hf": ["export", str(buf), "--format", "hf", "--out", str(out)],
+    }
+
+
+def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = None) -> dict:
+    """verb -> [{"rows", "peak_mb", "secs"} per buffer], each run in a fresh process; ``verbs``: only these."""
+    import shutil
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    results: dict = {}
+    for name in curate_verbs(bufs[0], work / "x"):
+        if verbs and name not in verbs:
+            continue
+        for buf in bufs:
+            out = work / "verb-out"
+            shutil.rmtree(out, ignore_errors=True)
+            argv = curate_verbs(buf, out)[name]
+            proc = subprocess.run(
+                [sys.executable, "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env
+            )
+            line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
+            if proc.returncode or not line or json.loads(line[-1][6:])["code"] != 0:
+                raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-2000:]}")
+            r = json.loads(line[-1][6:])
+            rows = json.loads((buf / "manifest.json").read_text())["rows"]
+            results.setdefault(name, []).append({"rows": rows, "peak_mb": r["peak_kb"] / 1024, "secs": r["secs"]})
+        shutil.rmtree(work / "verb-out", ignore_errors=True)
+    return results
+
+
+def _norm(text: str) -> str:
+    import unicodedata
+
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def bench_curate_speed(buf: Path, work: Path, repeat: int) -> dict:
+    """op -> (best seconds ours, best seconds datasets), alternating the two; the kept row counts are checked
+    to agree."""
+    import hashlib
+    import shutil
+
+    import datasets
+
+    from shiq_data.buffer import open_buffer
+    from shiq_data.curate.dedup import dedup_buffer
+    from shiq_data.curate.filter import filter_buffer
+    from shiq_data.curate.stats import buffer_stats
+
+    datasets.disable_progress_bars()
+    shards = [str(p) for p in open_buffer(buf).shard_paths]
+
+    def load():
+        return datasets.concatenate_datasets([datasets.Dataset.from_file(p) for p in shards])
+
+    def ours_filter(out):
+        return filter_buffer(buf, out, "reward > 0 AND source = 'wiki'", command=["bench"])[1]
+
+    def theirs_filter(out):
+        kept = load().filter(
+            lambda r, s: [a > 0 and b == "wiki" for a, b in zip(r, s)],
+            input_columns=["reward", "source"],
+            batched=True,
+            keep_in_memory=True,
+        )
+        kept.save_to_disk(str(out))
+        return len(kept)
+
+    def ours_dedup(out):
+        return dedup_buffer(buf, out, command=["bench"])[1]["rows_kept"]
+
+    def theirs_dedup(out):
+        ds = load()
+
+        def key(p, c):
+            return {
+                "key": [
+                    hashlib.blake2b(f"{_norm(a)}\0{_norm(b)}".encode(), digest_size=16).digest() for a, b in zip(p, c)
+                ]
+            }
+
+        keys = ds.map(key, input_columns=["prompt", "completion"], batched=True, keep_in_memory=True)
+        first = ~keys.select_columns(["key"]).to_pandas()["key"].duplicated().to_numpy()
+        kept = ds.select(np.flatnonzero(first), keep_in_memory=True)
+        kept.save_to_disk(str(out))
+        return len(kept)
+
+    def ours_stats(out):
+        return buffer_stats(buf)[0]["rows"]
+
+    def theirs_stats(out):
+        df = load().select_columns(["source", "group_id", "prompt_len", "tokens", "reward"]).to_pandas()
+        df["n_tokens"] = df.tokens.map(len)
+        df.groupby("source")[["n_tokens", "prompt_len", "reward"]].describe(percentiles=[0.5, 0.95])
+        df[["n_tokens", "prompt_len", "reward"]].describe(percentiles=[0.5, 0.95])
+        df.groupby("group_id").size().value_counts()
+        return len(df)
+
+    ops = {
+        "filter": (ours_filter, theirs_filter),
+        "dedup": (ours_dedup, theirs_dedup),
+        "stats": (ours_stats, theirs_stats),
+    }
+    best = {op: [float("inf"), float("inf")] for op in ops}
+    counts: dict = {}
+    for k in range(repeat):
+        for op, fns in ops.items():
+            for side in (0, 1) if k % 2 == 0 else (1, 0):
+                out = work / f"speed-{op}-{side}"
+                shutil.rmtree(out, ignore_errors=True)
+                t = time.perf_counter()
+                counts[op, side] = fns[side](out)
+                best[op][side] = min(best[op][side], time.perf_counter() - t)
+            if counts[op, 0] != counts[op, 1]:
+                raise RuntimeError(f"{op}: shiq_data kept {counts[op, 0]} rows, datasets {counts[op, 1]}")
+    return best
+
+
+def print_buffer_part(results: dict, args) -> None:
     b, r = results["build"], results["read"]
     print(
         f"data: {b['rows']} rows, {b['tokens']} GPT-2 tokens; batches of {args.batch_rows} rows; "
@@ -274,6 +458,127 @@ def main(argv=None) -> int:
             f"{'':<26}{m['tokens']:>12,}{m['rows']:>9,}{m['rss_anon_peak_mb']:>11.1f} MB{m['rss_anon_growth_mb']:>6.1f} MB"
             f"{m['vm_hwm_mb']:>6.0f} MB{m['epoch_s']:>9.1f}"
         )
+
+
+def print_curate_part(results: dict, args) -> None:
+    w = results.get("workers")
+    if w:
+        print(
+            f"\nbuild --workers 2 against one process: {w['rows']} rows, {w['one_rows_per_s']:,.0f} -> "
+            f"{w['two_rows_per_s']:,.0f} rows/s (x{w['two_rows_per_s'] / w['one_rows_per_s']:.2f}); shards "
+            f"identical: {w['same']}; {os.cpu_count()} CPUs (shared), best of {args.repeat} alternating runs"
+        )
+    mem = results["curate_memory"]
+    small, big = (r["rows"] for r in next(iter(mem.values())))
+    print(
+        f"\n{'verb (fresh process)':<22}{'RssAnon peak':>14}{'':>10}{'ratio':>8}{'per added row':>15}"
+        f"{'seconds':>16}\n{'':<22}{f'{small:,} rows':>14}{f'{big:,} rows':>12}{'':>8}{'':>15}"
+    )
+    for name, (a, b) in mem.items():
+        per_row = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["rows"] - a["rows"])
+        print(
+            f"{name:<22}{a['peak_mb']:>11.1f} MB{b['peak_mb']:>9.1f} MB{b['peak_mb'] / a['peak_mb']:>8.2f}"
+            f"{per_row:>11.0f} B{a['secs']:>8.1f}{b['secs']:>8.1f}"
+        )
+    speed = results.get("curate_speed", {})
+    print(f"\n{f'on {big:,} rows (seconds)':<30}{'shiq_data':>10}{'datasets':>10}{'speed ratio':>13}")
+    for op, (ours, theirs) in speed.items():
+        print(f"{op:<30}{ours:>10.2f}{theirs:>10.2f}{theirs / ours:>13.2f}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--part",
+        choices=("all", "buffer", "curate"),
+        default="all",
+        help="buffer: measures 1-3 (building, reading, reader memory); curate: 4-6 (parallel build, the "
+        "curation verbs' memory and speed); default %(default)s",
+    )
+    ap.add_argument(
+        "--tokens", type=int, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
+    )
+    ap.add_argument("--growth", type=int, default=10, help="size factor of the memory scans (default %(default)s)")
+    ap.add_argument("--batch-rows", type=int, default=16, help="rows per random batch (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=500, help="random batches timed per reader (default %(default)s)")
+    ap.add_argument(
+        "--curate-rows",
+        type=int,
+        default=5000,
+        help="rows of the smaller buffer of the curation memory scan; the larger has --growth times as many "
+        "(default %(default)s)",
+    )
+    ap.add_argument(
+        "--verbs",
+        default=None,
+        help="only the memory scan, of these comma-separated curation verbs, e.g. 'dedup,export hf' (default: "
+        "every verb, and the parallel build and the speed against datasets)",
+    )
+    ap.add_argument(
+        "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
+    )
+    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)
+    from shiq_data.buffer import write_buffer
+    from shiq_data.tokenizers import load_tokenizer
+
+    tokenizer, info = load_tokenizer("gpt2")
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="shiq-bench-") as tmp:
+        work = Path(tmp)
+        if args.part in ("all", "buffer"):
+            # about 110 GPT-2 tokens per record
+            n_records = max(args.tokens // 110, 100)
+            jsonl = work / "records.jsonl"
+            with open(jsonl, "w") as f:
+                for r in synthetic_records(n_records):
+                    f.write(json.dumps(r) + "\n")
+            # the machine is shared: alternate the two contenders and keep each one's best run
+            builds = [bench_build(jsonl, work, tokenizer, info, tag=str(k)) for k in range(args.repeat)]
+            buf, ds = builds[0][0], builds[0][1]
+            results["build"] = {
+                "rows": len(buf),
+                "tokens": buf.manifest["tokens"],
+                "ours_rows_per_s": len(buf) / min(b[2] for b in builds),
+                "datasets_rows_per_s": len(ds) / min(b[3] for b in builds),
+            }
+            reads = [
+                bench_read(buf, ds, args.batch_rows, args.steps, pad_id=-1) for _ in range(args.repeat)
+            ]  # -1: no token
+            results["read"] = {
+                "ours_tokens_per_s": max(r[0] for r in reads),
+                "datasets_tokens_per_s": max(r[1] for r in reads),
+            }
+            results["memory"] = [
+                bench_memory(work, info, n, args.batch_rows) for n in (args.tokens, args.tokens * args.growth)
+            ]
+            print_buffer_part(results, args)
+        if args.part in ("all", "curate"):
+            jsonl = work / "workers.jsonl"
+            with open(jsonl, "w") as f:
+                for r in synthetic_records(args.curate_rows, seed=3):
+                    f.write(json.dumps(r) + "\n")
+            verbs = [v.strip() for v in args.verbs.split(",")] if args.verbs else None
+            if verbs is None:
+                results["workers"] = bench_workers(jsonl, work / "workers", tokenizer, info, args.repeat)
+            bufs = []
+            for n in (args.curate_rows, args.curate_rows * args.growth):
+                bufs.append(work / f"curate-{n}")
+                # shards of curate_rows / 5 rows: both buffers are many shards, so what a verb holds per shard is
+                # the same for both and the difference is what it holds per row of the buffer
+                rows = synthetic_text_rows(n)
+                shard_rows = max(args.curate_rows // 5, 1)
+                write_buffer(
+                    rows, bufs[-1], tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
+                )
+            results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
+            if verbs is None:
+                results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
+            print_curate_part(results, args)
     if args.json:
         from shiq_data.io import atomic_write_json
 

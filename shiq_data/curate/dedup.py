@@ -120,7 +120,7 @@ def dedup_buffer(
             curation["rows_read"] += table.num_rows
             curation["rows_kept"] += len(keep)
             curation["removed"] = dict(sorted(removed.items()))
-            yield from source.rows(table, keep)
+            yield source.take(table, keep)
 
     buf = write_curated(
         rows(), out, parents=[source], command=command, curation=curation, ref_model=source.ref_model, progress=progress

@@ -19,7 +19,7 @@ def selected(source: CurationSource, where: Where | None) -> Iterator[tuple]:
         if where is None:
             yield table, np.arange(table.num_rows)
             continue
-        view = source.view(table, text=where.needs(TEXT_COLUMNS))
+        view = source.view(table, text=where.needs(TEXT_COLUMNS), extra_keys=where.needs_extra_keys())
         yield table, np.flatnonzero(where.mask(view))
 
 
@@ -30,7 +30,7 @@ def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = 
     where = Where(expr)
     source = CurationSource(path)
     for table in source.shards():  # a wrong column or type fails here, before anything is written
-        where.mask(source.view(table.slice(0, 0), text=where.needs(TEXT_COLUMNS)))
+        where.mask(source.view(table.slice(0, 0), text=where.needs(TEXT_COLUMNS), extra_keys=where.needs_extra_keys()))
         break
     curation = {"verb": "filter", "where": expr, "rows_read": 0, "rows_kept": 0}
 
@@ -38,7 +38,7 @@ def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = 
         for table, keep in selected(source, where):
             curation["rows_read"] += table.num_rows
             curation["rows_kept"] += len(keep)
-            yield from source.rows(table, keep)
+            yield source.take(table, keep)
 
     try:
         buf = write_curated(

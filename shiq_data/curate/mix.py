@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from shiq_data.buffer import MANIFEST, Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
@@ -126,15 +127,21 @@ def mix_buffers(
             for table in source.shards():
                 if not keep_ref:
                     table = table.drop_columns([f for f in REF_FIELDS if f in table.schema.names])
-                groups = table.column("group_id").to_pylist()
-                picked = [j for j, g in enumerate(groups) if draw.get(g, 0)]
-                for j, row in zip(picked, source.rows(table, picked)):
-                    old_gid, old_id = groups[j], row["row_id"]
-                    for k in range(draw[old_gid]):
-                        gid = new_group.setdefault((i, old_gid, k), len(new_group))
-                        suffix = f"-copy{k}" if k else ""
-                        curation["rows_per_input"][i] += 1
-                        yield {**row, "row_id": f"m{i}-{old_id}{suffix}", "group_id": gid}
+                groups, ids = table.column("group_id").to_pylist(), table.column("row_id").to_pylist()
+                take, row_ids, group_ids = [], [], []
+                for j, old_gid in enumerate(groups):
+                    for k in range(draw.get(old_gid, 0)):
+                        take.append(j)
+                        row_ids.append(f"m{i}-{ids[j]}" + (f"-copy{k}" if k else ""))
+                        group_ids.append(new_group.setdefault((i, old_gid, k), len(new_group)))
+                if not take:
+                    continue
+                part = source.take(table, take)
+                names = part.schema.names
+                part = part.set_column(names.index("row_id"), "row_id", pa.array(row_ids, pa.string()))
+                part = part.set_column(names.index("group_id"), "group_id", pa.array(group_ids, pa.int64()))
+                curation["rows_per_input"][i] += len(take)
+                yield part
 
     buf = write_curated(
         out_rows(),

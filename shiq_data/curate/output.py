@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
+import pyarrow as pa
+
 from shiq_data.buffer import Buffer, write_buffer
 from shiq_data.curate.rows import CurationSource
 
@@ -18,7 +20,7 @@ def refuse_existing(out) -> Path:
 
 
 def write_curated(
-    rows: Iterable[dict],
+    rows: Iterable[pa.Table],
     out,
     *,
     parents: list[CurationSource],
@@ -27,7 +29,7 @@ def write_curated(
     ref_model: dict | None,
     progress: bool = False,
 ) -> Buffer:
-    """Write ``rows`` (dicts of stored columns, as :meth:`CurationSource.rows` gives) as a new buffer at
+    """Write ``rows`` (tables of stored columns, as :meth:`CurationSource.take` gives) as a new buffer at
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
     tokenizer, shards as large as the first parent's first shard, and ``parents`` (path, manifest sha256)
     and ``curation`` recorded in the manifest (written after the last row, so the ``rows`` iterator may

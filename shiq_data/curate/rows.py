@@ -185,9 +185,10 @@ class CurationSource:
             self._extra_kinds = kinds
         return self._extra_kinds
 
-    def view(self, table: pa.Table, *, text: bool = False) -> pa.Table:
+    def view(self, table: pa.Table, *, text: bool = False, extra_keys: bool = True) -> pa.Table:
         """The derived columns (see :mod:`shiq_data.curate`) of a shard's rows; ``prompt`` and ``completion``
-        only with ``text`` (they may need decoding)."""
+        only with ``text`` (they may need decoding), the top-level keys of ``extra`` only with ``extra_keys``
+        (they are parsed from its JSON text)."""
         n = table.num_rows
         names = table.schema.names
         lengths, reward_sum = _row_sums(table.column("rewards"), np.float64)
@@ -211,7 +212,7 @@ class CurationSource:
             cols["completion"] = pa.array(completions, pa.string())
         for name, typ in (("turn_rewards", pa.list_(pa.float64())), ("extra", pa.string())):
             cols[name] = pc.cast(table.column(name), typ) if name in names else pa.nulls(n, typ)
-        kinds = self.extra_kinds()
+        kinds = self.extra_kinds() if extra_keys else {}
         if kinds:
             objs = _extra_objects(table)
             for key, kind in kinds.items():
@@ -248,12 +249,12 @@ class CurationSource:
                 completions[i] = c if completions[i] is None else completions[i]
         return prompts, completions
 
-    def rows(self, table: pa.Table, indices) -> list[dict]:
-        """Rows ``indices`` of a shard as dicts of every stored column (reference statistics dropped unless
-        every shard of the buffer has them), ready for :func:`shiq_data.buffer.write_buffer`."""
+    def take(self, table: pa.Table, indices) -> pa.Table:
+        """Rows ``indices`` of a shard with every stored column (reference statistics dropped unless every shard
+        of the buffer has them), as :func:`shiq_data.buffer.write_buffer` takes them."""
         if not self.keep_ref:
             table = table.drop_columns([f for f in REF_FIELDS if f in table.schema.names])
-        return table.take(pa.array(np.asarray(indices, dtype=np.int64))).to_pylist()
+        return table.take(pa.array(np.asarray(indices, dtype=np.int64)))
 
     @property
     def ref_model(self) -> dict | None:

@@ -51,7 +51,7 @@ def _matching(source: CurationSource, where: Where | None, row_id: str | None) -
         if not len(keep):
             continue
         part = table.take(pa.array(keep, pa.int64()))
-        view = source.view(part).to_pylist()
+        view = source.view(part, extra_keys=False).to_pylist()
         yield from zip(part.to_pylist(), view)
 
 

@@ -63,7 +63,7 @@ def split_buffer(
 
     def rows(side_is_test: bool):
         for table, unit in zip(source.shards(), row_units):
-            yield from source.rows(table, np.flatnonzero(is_test[unit] == side_is_test))
+            yield source.take(table, np.flatnonzero(is_test[unit] == side_is_test))
 
     counts = {"train": int(sizes[~is_test].sum()), "test": int(sizes[is_test].sum())}
     units_per_side = {"train": int((~is_test).sum()), "test": int(is_test.sum())}

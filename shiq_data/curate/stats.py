@@ -1,6 +1,7 @@
 """``shiq-data stats``: counts, lengths and rewards per source and overall, group sizes, reference share.
 
-Only the derived scalar columns of each row are kept in memory (not its tokens), one shard at a time.
+Only the derived scalar columns of each row are kept in memory (not its tokens or ids; about 50 bytes a row,
+since exact percentiles need every value), read one shard at a time.
 Percentiles are numpy's (linear interpolation); the standard deviation is the sample one (``ddof=1``).
 """
 
@@ -16,7 +17,7 @@ from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write
 
-COLUMNS = ("row_id", "source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
+COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
 LENGTHS = ("tokens", "prompt_tokens", "completion_tokens")
 
 
@@ -36,23 +37,37 @@ def _describe(x: np.ndarray) -> dict:
 
 def _summary(t: dict) -> dict:
     return {
-        "rows": len(t["row_id"]),
-        "groups": len(set(t["group_id"].tolist())),
+        "rows": len(t["group_id"]),
+        "groups": len(np.unique(t["group_id"])),
         **{name: _describe(t[name]) for name in (*LENGTHS, "reward")},
         "ref_share": float(np.mean(t["has_ref"])) if len(t["has_ref"]) else 0.0,
     }
 
 
 def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.ndarray]:
-    """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays."""
-    parts = []
+    """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays:
+    numbers, and the sources as one fixed-width string array (not a Python string a row)."""
+    parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
+    names: dict[str, int] = {}  # source -> code
     for table in source.shards():
-        view = source.view(table, text=where is not None and where.needs(TEXT_COLUMNS))
+        view = source.view(
+            table,
+            text=where is not None and where.needs(TEXT_COLUMNS),
+            extra_keys=where is not None and where.needs_extra_keys(),
+        )
         if where is not None:
             view = view.filter(pa.array(where.mask(view)))
-        parts.append(view.select(COLUMNS))
-    table = pa.concat_tables(parts)
-    return {name: table.column(name).to_numpy() for name in COLUMNS}
+        for name in COLUMNS:
+            column = view.column(name).combine_chunks()
+            if name == "source":
+                codes = column.dictionary_encode()
+                to_code = [names.setdefault(s, len(names)) for s in codes.dictionary.to_pylist()]
+                parts[name].append(np.asarray(to_code, dtype=np.int64)[codes.indices.to_numpy()])
+            else:
+                parts[name].append(column.to_numpy(zero_copy_only=False))
+    values = {name: np.concatenate(parts.pop(name)) for name in COLUMNS}  # each column's parts freed in turn
+    values["source"] = np.asarray(list(names), dtype=str)[values["source"]]
+    return values
 
 
 def summarise(values: dict[str, np.ndarray]) -> dict:
@@ -64,9 +79,9 @@ def summarise(values: dict[str, np.ndarray]) -> dict:
     for name in sorted(set(values["source"].tolist())):
         sel = values["source"] == name
         sources[name] = _summary({k: v[sel] for k, v in values.items()})
-    sizes = Counter(Counter(values["group_id"].tolist()).values())
+    sizes = Counter(np.unique(values["group_id"], return_counts=True)[1].tolist())
     return {
-        "rows": len(values["row_id"]),
+        "rows": len(values["group_id"]),
         "all": _summary(values),
         "sources": sources,
         "group_sizes": dict(sorted(sizes.items())),

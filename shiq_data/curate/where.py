@@ -15,7 +15,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.curate.rows import TEXT_COLUMNS
+from shiq_data.curate.rows import DERIVED, TEXT_COLUMNS
 
 TABLE = "rows"
 _QUERY = "SELECT ({expr}) AS keep FROM " + TABLE
@@ -107,6 +107,10 @@ class Where:
     def needs(self, names) -> bool:
         """Whether the expression names any of ``names``."""
         return bool(self.columns & {n.lower() for n in names})
+
+    def needs_extra_keys(self) -> bool:
+        """Whether the expression names a column other than the derived ones (a key of ``extra``)."""
+        return bool(self.columns - set(DERIVED))
 
     def mask(self, view: pa.Table) -> np.ndarray:
         """``[N]`` bool: the rows of ``view`` (a table of derived columns) where the expression is true."""

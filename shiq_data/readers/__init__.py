@@ -23,7 +23,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from shiq_data.readers.generic import read_datasets, read_jsonl, read_parquet
+from shiq_data.io import iter_jsonl
+from shiq_data.readers.generic import (
+    datasets_records,
+    jsonl_records,
+    parquet_records,
+    read_datasets,
+    read_jsonl,
+    read_parquet,
+)
 from shiq_data.readers.hh import read_hh
 from shiq_data.readers.multiturn import read_multiturn
 from shiq_data.readers.ultrafeedback import read_ultrafeedback
@@ -35,12 +43,15 @@ class Format:
 
     ``options`` can be set with ``--option KEY=VALUE``; ``functions`` take a Python function, so only a
     Python caller can give them. ``source`` (the rows' ``source`` column) comes from ``--source``.
+    ``records(path)`` gives the input's ``(line or row, record)`` pairs, which ``read(path, tokenizer,
+    records=chunk, **options)`` turns into rows (a parallel build, :mod:`shiq_data.readers.parallel`).
     """
 
     name: str
     read: Callable[..., Iterator[dict]]
     options: tuple[str, ...] = ()
     functions: tuple[str, ...] = ()
+    records: Callable[..., Iterator[tuple[int, dict]]] = iter_jsonl
 
     def check_options(self, options: dict) -> None:
         """Raise ``ValueError`` naming an option this format cannot take from the command line, and the
@@ -64,9 +75,9 @@ FIELD_OPTIONS = ("prompt_field", "completion_field", "reward_field")  # which in
 FORMATS: dict[str, Format] = {
     f.name: f
     for f in (
-        Format("jsonl", read_jsonl, FIELD_OPTIONS),
-        Format("parquet", read_parquet, FIELD_OPTIONS),
-        Format("datasets", read_datasets, FIELD_OPTIONS),
+        Format("jsonl", read_jsonl, FIELD_OPTIONS, records=jsonl_records),
+        Format("parquet", read_parquet, FIELD_OPTIONS, records=parquet_records),
+        Format("datasets", read_datasets, FIELD_OPTIONS, records=datasets_records),
         Format("hh", read_hh, ("mode", "reward_model", "all_assistant_turns", "source"), ("reward_fn",)),
         Format("ultrafeedback", read_ultrafeedback, ("score_field", "source")),
         Format("multiturn", read_multiturn, ("source",)),

@@ -165,18 +165,26 @@ def encode_record(
 
 
 def input_row(
-    path: Path, line: int, tag: str, source: str, group_id: int, encoded: dict, reward_field: str, text: dict
+    path: Path,
+    line: int,
+    tag: str,
+    source: str,
+    group: tuple[int, object],
+    encoded: dict,
+    reward_field: str,
+    text: dict,
 ) -> dict:
     """A buffer row named ``row_key`` ``<file name>:<line>:<tag>`` with its ``text`` columns
     (:func:`text_columns`), carrying its input location (errors the buffer finds in its ``rewards`` name
-    ``reward_field``)."""
+    ``reward_field``). ``group``: the group id and the key that makes the group in the whole input
+    (:func:`shiq_data.schema.input_location`)."""
     return {
         "row_key": f"{path.name}:{line}:{tag}",
         "source": source,
-        "group_id": group_id,
+        "group_id": group[0],
         **encoded,
         **text,
-        INPUT_KEY: input_location(path, line, fields={"rewards": reward_field}),
+        INPUT_KEY: input_location(path, line, fields={"rewards": reward_field}, group=group[1]),
     }
 
 

@@ -56,21 +56,17 @@ BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"
 NAMES = {"prompt": "prompt", "completion": "completion", "reward": "reward"}
 
 
-class _Groups:
-    """Consecutive group ids in order of first appearance, keyed by explicit group or prompt text."""
-
-    def __init__(self):
-        self.ids: dict = {}
-
-    def id(self, record: dict) -> int:
-        key = record.get("group_key")
-        if key is None and record.get("group") is not None:
-            key = ("group", json.dumps(record["group"], sort_keys=True, default=str))
-        elif key is None and isinstance(record["prompt"], str):
-            key = ("prompt", record["prompt"])
-        elif key is None:
-            key = ("messages", json.dumps(record["prompt"], sort_keys=True, default=str))
-        return self.ids.setdefault(key, len(self.ids))
+def group_key(record: dict) -> tuple:
+    """What makes a record's group: its explicit group, else its prompt text (groups are numbered in order of
+    first appearance of this key)."""
+    key = record.get("group_key")
+    if key is None and record.get("group") is not None:
+        key = ("group", json.dumps(record["group"], sort_keys=True, default=str))
+    elif key is None and isinstance(record["prompt"], str):
+        key = ("prompt", record["prompt"])
+    elif key is None:
+        key = ("messages", json.dumps(record["prompt"], sort_keys=True, default=str))
+    return key
 
 
 def _named(field: str, names: dict) -> str:
@@ -246,7 +242,7 @@ def records_to_rows(
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError(f"{file}: the tokenizer has no eos token; pass add_eos=False")
-    groups = _Groups()
+    groups: dict = {}  # group_key -> consecutive group id
     batch: list[tuple[int, dict]] = []
     where = {"file": file, "row_label": row_label, "eos": eos if add_eos else None}
 
@@ -263,9 +259,10 @@ def records_to_rows(
                 encoded = encode_record(rec, tokenizer, row=n, ids=ids, **where)
             except RowError as e:
                 raise RowError(file, n, _named(e.field, rec["names"]), e.problem, row_label=row_label) from None
+            key = group_key(rec)
             yield {
                 "source": source or rec["source"] or default_source,
-                "group_id": groups.id(rec),
+                "group_id": groups.setdefault(key, len(groups)),
                 **encoded,
                 **text_columns(
                     rec["prompt"],
@@ -274,7 +271,9 @@ def records_to_rows(
                     turn_rewards=rec.get("turn_rewards"),
                     extra=rec["extra"],
                 ),
-                INPUT_KEY: input_location(file, n, row_label=row_label, fields={"rewards": rec["names"]["reward"]}),
+                INPUT_KEY: input_location(
+                    file, n, row_label=row_label, fields={"rewards": rec["names"]["reward"]}, group=key
+                ),
             }
 
     for n, rec in records:
@@ -304,14 +303,33 @@ def read_jsonl(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     reward_field: str = "reward",
+    records: Iterable[tuple[int, dict]] | None = None,
 ) -> Iterator[dict]:
     """Buffer rows from a JSONL file (one record per line, blank lines skipped); ``*_field`` name the fields
-    holding the prompt, completion and reward."""
+    holding the prompt, completion and reward; ``records``: the file's ``(line, record)`` pairs when read already
+    (a parallel build gives each worker a chunk of them)."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "file")
     return records_to_rows(
-        iter_jsonl(path), tokenizer, file=str(path), row_label="line", source=source, add_eos=add_eos, **fields
+        iter_jsonl(path) if records is None else records,
+        tokenizer,
+        file=str(path),
+        row_label="line",
+        source=source,
+        add_eos=add_eos,
+        **fields,
     )
+
+
+def jsonl_records(path) -> Iterator[tuple[int, dict]]:
+    """``(line, record)`` of a JSONL file (:func:`shiq_data.io.iter_jsonl`), which must exist."""
+    return iter_jsonl(_require_file(path, "file"))
+
+
+def parquet_records(path) -> Iterator[tuple[int, dict]]:
+    """``(row, record)`` of a Parquet file, read in batches (the file must exist)."""
+    path = _require_file(path, "file")
+    return _parquet_records(path)
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -341,13 +359,27 @@ def read_parquet(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     reward_field: str = "reward",
+    records: Iterable[tuple[int, dict]] | None = None,
 ) -> Iterator[dict]:
-    """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group)."""
+    """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group);
+    ``records`` as for :func:`read_jsonl` (``(row, record)`` pairs)."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "file")
     return records_to_rows(
-        _parquet_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos, **fields
+        _parquet_records(path) if records is None else records,
+        tokenizer,
+        file=str(path),
+        row_label="row",
+        source=source,
+        add_eos=add_eos,
+        **fields,
     )
+
+
+def datasets_records(path) -> Iterator[tuple[int, dict]]:
+    """``(row, record)`` of a folder written by ``datasets.Dataset.save_to_disk`` (which must exist)."""
+    path = _require_file(path, "folder")
+    return _datasets_records(path)
 
 
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -375,10 +407,18 @@ def read_datasets(
     prompt_field: str = "prompt",
     completion_field: str = "completion",
     reward_field: str = "reward",
+    records: Iterable[tuple[int, dict]] | None = None,
 ) -> Iterator[dict]:
-    """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``."""
+    """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``; ``records`` as for
+    :func:`read_parquet`."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
     path = _require_file(path, "folder")
     return records_to_rows(
-        _datasets_records(path), tokenizer, file=str(path), row_label="row", source=source, add_eos=add_eos, **fields
+        _datasets_records(path) if records is None else records,
+        tokenizer,
+        file=str(path),
+        row_label="row",
+        source=source,
+        add_eos=add_eos,
+        **fields,
     )

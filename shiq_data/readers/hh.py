@@ -13,8 +13,9 @@ assistant turn, or the first one with ``all_assistant_turns``) as JSON, ``comple
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.io import iter_jsonl
@@ -61,6 +62,7 @@ def hh_text(messages: list[dict]) -> str:
     return "".join(f"\n\n{'Human' if m['role'] == 'user' else 'Assistant'}: {m['content']}" for m in messages)
 
 
+@functools.lru_cache(maxsize=2)  # loaded once per process (a parallel build's worker reads many chunks)
 def regression_reward_fn(head_path) -> Callable[[list], float]:
     """``reward_fn(messages)`` of a saved regression reward head on the packaged MiniLM encoder
     (:class:`shiq_data.reward_head.RegressionRewardModel`), reading the dialogue as :func:`hh_text` writes it."""
@@ -83,6 +85,7 @@ def read_hh(
     reward_model: str | None = None,
     all_assistant_turns: bool = False,
     source: str | None = None,
+    records: Iterable[tuple[int, dict]] | None = None,
 ) -> Iterator[dict]:
     """Rows of an Anthropic HH JSONL file: chosen and rejected of one line form one group.
 
@@ -90,7 +93,8 @@ def read_hh(
     ``reward_fn(messages)`` scores each dialogue; ``reward_model`` (a saved regression head, the form
     the command line can give: ``--option reward_model=PATH``) is such a function and implies
     ``scored``. ``all_assistant_turns``: every assistant turn is an action (the reward still goes on
-    the last one) instead of only the final turn.
+    the last one) instead of only the final turn. ``records``: the file's ``(line, record)`` pairs when read
+    already (a parallel build gives each worker a chunk of them).
     """
     if reward_model is not None:
         if reward_fn is not None:
@@ -103,7 +107,7 @@ def read_hh(
     path = Path(path)
     source = source or f"hh:{path.name}"
     actions = "all" if all_assistant_turns else "last"
-    for group, (line, obj) in enumerate(iter_jsonl(path)):
+    for group, (line, obj) in enumerate(iter_jsonl(path) if records is None else records):
         extra = extra_text(obj, ("chosen", "rejected"))
         for field, pair_reward in (("chosen", 1.0), ("rejected", -1.0)):
             messages = parse_hh_dialogue(string_field(obj, field, path, line), path, line, field)
@@ -115,4 +119,4 @@ def read_hh(
             encoded = encode_messages(tokenizer, messages, path, line, field, completion_reward=reward, actions=actions)
             reward_field = field if mode == "pairs" else f"{field} (reward_fn)"
             text = conversation_columns(messages, actions=actions, reward=reward, extra=extra)
-            yield input_row(path, line, field, source, group, encoded, reward_field, text)
+            yield input_row(path, line, field, source, (group, line), encoded, reward_field, text)

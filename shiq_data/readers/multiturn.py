@@ -11,7 +11,7 @@ the rest (the messages as given, their ``reward`` fields included), ``reward`` t
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import check_messages
@@ -26,17 +26,20 @@ from shiq_data.readers.encode import (
 )
 
 
-def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[dict]:
+def read_multiturn(
+    path, tokenizer, *, source: str | None = None, records: Iterable[tuple[int, dict]] | None = None
+) -> Iterator[dict]:
     """Rows of a multi-turn JSONL file ``{"messages": [...], ("reward"), ("group")}``.
 
     Assistant messages may carry ``"reward"`` (their turn reward); a top-level ``"reward"`` is one
     completion reward instead (not both). Rows with equal ``"group"`` values share a group id; without
-    it every row is its own group.
+    it every row is its own group. ``records``: the file's ``(line, record)`` pairs when read already (a
+    parallel build gives each worker a chunk of them).
     """
     path = Path(path)
     source = source or f"multiturn:{path.name}"
     groups: dict = {}
-    for n, (line, obj) in enumerate(iter_jsonl(path)):
+    for line, obj in iter_jsonl(path) if records is None else records:
         messages = obj.get("messages")
         if messages is None:
             raise row_error(path, line, "messages", "missing")
@@ -66,7 +69,7 @@ def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[di
             kwargs["turn_rewards"] = turn_rewards
         key = obj.get("group")
         if key is None:
-            key = ("line", n)
+            key = ("line", line)
         elif not isinstance(key, (str, int)) or isinstance(key, bool):
             raise row_error(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
         group = groups.setdefault(key, len(groups))
@@ -80,4 +83,4 @@ def read_multiturn(path, tokenizer, *, source: str | None = None) -> Iterator[di
             turn_rewards=kwargs.get("turn_rewards"),
             extra=extra_text(obj, ("messages", "reward", "group")),
         )
-        yield input_row(path, line, "0", source, group, encoded, reward_field, text)
+        yield input_row(path, line, "0", source, (group, key), encoded, reward_field, text)

@@ -15,7 +15,7 @@ the prompt, ``chosen``, ``rejected``, their scores and ``messages`` (a copy of `
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import check_messages
@@ -82,16 +82,24 @@ def _messages_field(obj, key, prompt: str | None, path, line) -> list[dict]:
     return value
 
 
-def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, source: str | None = None) -> Iterator[dict]:
+def read_ultrafeedback(
+    path,
+    tokenizer,
+    *,
+    score_field: str | None = None,
+    source: str | None = None,
+    records: Iterable[tuple[int, dict]] | None = None,
+) -> Iterator[dict]:
     """Rows of an UltraFeedback JSONL file: each scored completion of a prompt is a row of its group.
 
     Accepts the public file's ``completions`` shape and the binarized ``chosen``/``rejected`` shape
     (line by line, so one file may mix them). The reward, on the completion's last action token, is
-    its score (:func:`completion_score`; ``score_chosen``/``score_rejected`` when binarized).
+    its score (:func:`completion_score`; ``score_chosen``/``score_rejected`` when binarized). ``records``: the
+    file's ``(line, record)`` pairs when read already (a parallel build gives each worker a chunk of them).
     """
     path = Path(path)
     source = source or f"ultrafeedback:{path.name}"
-    for group, (line, obj) in enumerate(iter_jsonl(path)):
+    for group, (line, obj) in enumerate(iter_jsonl(path) if records is None else records):
         prompt_key = "instruction" if "instruction" in obj else "prompt"
         if "completions" in obj:
             prompt = string_field(obj, prompt_key, path, line)
@@ -123,7 +131,7 @@ def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, sourc
                 )
                 extra = extra_text({**obj, **c}, (prompt_key, "completions", "response"))
                 text = text_columns(prompt, messages[1:], reward=score, extra=extra)
-                yield input_row(path, line, str(k), source, group, encoded, field, text)
+                yield input_row(path, line, str(k), source, (group, line), encoded, field, text)
         elif "chosen" in obj and "rejected" in obj:
             prompt = obj.get(prompt_key) if isinstance(obj.get(prompt_key), str) else None
             for key in ("chosen", "rejected"):
@@ -138,6 +146,6 @@ def read_ultrafeedback(path, tokenizer, *, score_field: str | None = None, sourc
                 )
                 consumed = (prompt_key, "chosen", "rejected", "score_chosen", "score_rejected", "messages")
                 text = conversation_columns(messages, actions="last", reward=score, extra=extra_text(obj, consumed))
-                yield input_row(path, line, key, source, group, encoded, score_key, text)
+                yield input_row(path, line, key, source, (group, line), encoded, score_key, text)
         else:
             raise row_error(path, line, "completions", "missing (nor 'chosen' and 'rejected' of the binarized form)")

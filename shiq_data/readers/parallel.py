@@ -1,0 +1,122 @@
+"""An input read by several processes (``shiq-data build/append --workers N``), giving the rows one process gives.
+
+The main process reads the input's records (JSONL lines, Parquet or ``datasets`` rows: the format's
+``records``) and hands them, :data:`CHUNK` at a time, to ``workers`` processes, which turn them into rows
+with the format's reader (tokenising is the cost) and check them. The chunks come back in input order, and
+each row gets the group id the reader gives it when one process reads the whole input: groups are numbered
+in order of first appearance of their key (the ``group`` of :func:`shiq_data.schema.input_location`). So a
+buffer written from these rows is the one a single process writes: the same shards byte for byte, the same
+manifest apart from the command line it records.
+
+A bad record in a worker is raised in the main process after the rows before it, with the same one-line
+message (file, line or row, field) as in one process; the workers are then stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import pickle
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
+from itertools import islice
+
+from shiq_data.readers import Format
+from shiq_data.schema import CHECKED_KEY, INPUT_KEY, check_row
+
+CHUNK = 256  # records per task: small enough to keep every worker busy, large enough to batch the tokenizer
+
+_WORKER: dict = {}  # what each worker process reads with, set once by _start
+
+
+def _start(read, path, tokenizer, options: dict, vocab_size: int | None) -> None:
+    _WORKER.update(read=read, path=path, tokenizer=tokenizer, options=options, vocab_size=vocab_size)
+
+
+def _portable(e: Exception) -> Exception:
+    """``e`` if it survives pickling (to be raised in the main process), else a ``ValueError`` with its message."""
+    try:
+        pickle.loads(pickle.dumps(e))
+        return e
+    except Exception:
+        return ValueError(str(e))
+
+
+def _read_chunk(records: list) -> tuple[list[dict], Exception | None]:
+    """The rows of ``records`` (in a worker) and the error that stopped the reader, if any. Rows that pass
+    :func:`check_row` are marked :data:`shiq_data.schema.CHECKED_KEY`; the main process checks the others itself, and so raises
+    exactly the error one process would."""
+    w, rows = _WORKER, []
+    try:
+        for row in w["read"](w["path"], w["tokenizer"], records=records, **w["options"]):
+            try:
+                check_row({"row_id": "-", **row}, vocab_size=w["vocab_size"], file="", row_index=0)
+                row[CHECKED_KEY] = w["vocab_size"]
+            except ValueError:
+                pass
+            rows.append(row)
+    except Exception as e:
+        return rows, _portable(e)
+    return rows, None
+
+
+def _context():
+    """Forked workers start at once with the tokenizer already loaded (no pickling, no imports)."""
+    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+
+
+def parallel_rows(
+    form: Format, path, tokenizer, options: dict, workers: int, *, vocab_size: int | None = None, chunk: int = 0
+) -> Iterator[dict]:
+    """The rows of ``form.read(path, tokenizer, **options)``, in the same order with the same group ids,
+    tokenised by ``workers`` processes. ``vocab_size``: the buffer's, for the workers' row checks (rows
+    they pass carry :data:`shiq_data.schema.CHECKED_KEY`, which :mod:`shiq_data.buffer` honours and drops).
+    ``chunk``: records per task (default :data:`CHUNK`)."""
+    if workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {workers}")
+    records = form.records(path)
+    groups: dict = {}  # group key -> group id over the whole input
+    pending: deque = deque()
+    failed: Exception | None = None  # the input could not be read further (raised after the rows before it)
+    # forked workers must not inherit the Rust tokenizer's thread pool (it would warn and disable it)
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    pool = ProcessPoolExecutor(
+        workers,
+        mp_context=_context(),
+        initializer=_start,
+        initargs=(form.read, path, tokenizer, options, vocab_size),
+    )
+    try:
+        done = False
+        while True:
+            while not done and failed is None and len(pending) < 2 * workers:
+                try:
+                    batch = list(islice(records, chunk or CHUNK))
+                except Exception as e:
+                    failed = e
+                    break
+                if not batch:
+                    done = True
+                    break
+                pending.append(pool.submit(_read_chunk, batch))
+            if not pending:
+                break
+            rows, error = pending.popleft().result()
+            for row in rows:
+                location = row[INPUT_KEY]
+                if location.get("group") is None:
+                    raise RuntimeError(f"format {form.name!r}: its reader gives no group key (input_location group)")
+                row["group_id"] = groups.setdefault(location["group"], len(groups))
+                yield row
+            if error is not None:
+                raise error
+        if failed is not None:
+            raise failed
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if saved is None:
+            os.environ.pop("TOKENIZERS_PARALLELISM", None)
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
