@@ -251,9 +251,12 @@ class DeviceSource:
         self.source.load_state_dict(state)
 
 
-def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int):
+def open_data_source(
+    data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int, width_multiple: int = 1
+):
     """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
-    ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error."""
+    ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error.
+    ``width_multiple``: micro-batch widths are padded to a multiple of it (sequence parallelism: tp)."""
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
@@ -274,6 +277,7 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
         dp_world=dp_world,
         mode=mode,
         max_tokens_per_row=max_tokens,
+        width_multiple=width_multiple,
     )
 
 
@@ -554,7 +558,11 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     created = outermost_missing(out)  # removed again if this start fails before a step is done
     if latest_step_dir(out / "checkpoints") is not None:
         check_resume_config(out, cfg, allowed, force)
-    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
+    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["parallel"].get("cp", 1))
+    try:
+        parallel.check_context_parallel(par.context_parallel_size)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
         rank0 = dist.get_rank() == 0
@@ -567,6 +575,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size(),
             model_cfg.max_sequence_length,
+            par.tensor_model_parallel_size if model_cfg.sequence_parallel else 1,
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None

@@ -41,11 +41,13 @@ def test_adaptations_are_idempotent_and_narrow():
     names = parallel.apply_cpu_adaptations()
     assert names == [
         "rng_tracker",
+        "checkpoint_rng",
         "memory_buffer",
         "rope_device",
         "schedule_zeros",
         "p2p_device_and_sync",
         "tied_embedding_copy",
+        "sp_linear_grad",
         "kv_cache",
         "tp_gather",
     ]
