@@ -81,6 +81,11 @@ RESUME_SAFE_KEYS = (
     "logging.wandb_project",
     "logging.wandb_mode",
     "train.cache_frozen_prefix",  # the same steps up to float rounding
+    "model.recompute",  # memory features: the same steps (recompute exactly, sequence parallel up to rounding)
+    "model.recompute_method",
+    "model.recompute_num_layers",
+    "model.sequence_parallel",
+    "parallel.cp",  # only 1 runs; absent from runs started before it existed
 )
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 

@@ -192,9 +192,11 @@ def transformer_config(cfg: ModelConfig):
 
     check_runtime(cfg)
     tp = pp = 1
+    vpp = None
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     dtype = DTYPES[cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -213,6 +215,7 @@ def transformer_config(cfg: ModelConfig):
         attention_dropout=cfg.attention_dropout,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -290,10 +293,10 @@ class SequenceParallelNorm:
         return _Norm(hidden_size, eps=eps)
 
 
-def block_spec(cfg: ModelConfig, tc):
+def block_spec(cfg: ModelConfig, tc, vp_stage: int | None = None):
     """What ``GPTModel`` builds its decoder from: :func:`layer_spec`, or, for sequence parallelism
-    with the local layers, the block of this stage's layers with :class:`SequenceParallelNorm` as
-    every norm (the layers' and the final one)."""
+    with the local layers, the block of this stage's (virtual stage's) layers with
+    :class:`SequenceParallelNorm` as every norm (the layers' and the final one)."""
     spec = layer_spec(cfg)
     if not (tc.sequence_parallel and resolved_transformer_impl(cfg) == "local"):
         return spec
@@ -305,7 +308,7 @@ def block_spec(cfg: ModelConfig, tc):
     sub = replace(spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm)
     layer = replace(spec, submodules=sub)
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(tc), layer_norm=SequenceParallelNorm
+        layer_specs=[layer] * get_num_layers_to_build(tc, vp_stage), layer_norm=SequenceParallelNorm
     )
 
 
@@ -365,38 +368,47 @@ def _gpt_model_class():
     return ShiQGPTModel
 
 
-def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None):
+def build_model(
+    cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None
+):
     """A ``ShiQGPTModel`` for this process's pipeline stage (and tensor-parallel shard).
 
     Call after :func:`shiq_train.parallel.init_distributed` (and ``set_seed`` for reproducible
     weights). Without a GPU, applies the CPU adaptations first. Vocab-parallel logits are returned
-    ungathered (``parallel_output=True``): ``[B, T, V/tp]``.
+    ungathered (``parallel_output=True``): ``[B, T, V/tp]``. With virtual pipeline stages, ``vp_stage``
+    picks the chunk (see :func:`build_model_chunks`).
     """
     from megatron.core import parallel_state  # heavy: megatron
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
     tp, pp = tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size
+    vpp = tc.virtual_pipeline_model_parallel_size or 1
+    if vpp > 1 and vp_stage is None:
+        raise ValueError(
+            f"with {vpp} virtual pipeline stages a rank holds {vpp} model chunks: build them with build_model_chunks"
+        )
     groups = cfg.num_query_groups or cfg.num_attention_heads
     for field, value, by, what in [
         ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
         ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
         ("num_query_groups", groups, tp, "tensor-parallel size"),
-        ("num_layers", cfg.num_layers, pp, "pipeline-parallel size"),
+        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages"),
     ]:
         if value % by:
             raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
+    stage = dict(ignore_virtual=vpp == 1, vp_stage=vp_stage)
     if pre_process is None:
         pre_process = (
-            parallel_state.is_pipeline_first_stage() if parallel_state.model_parallel_is_initialized() else True
+            parallel_state.is_pipeline_first_stage(**stage) if parallel_state.model_parallel_is_initialized() else True
         )
     if post_process is None:
         post_process = (
-            parallel_state.is_pipeline_last_stage() if parallel_state.model_parallel_is_initialized() else True
+            parallel_state.is_pipeline_last_stage(**stage) if parallel_state.model_parallel_is_initialized() else True
         )
     model = _gpt_model_class()(
         config=tc,
-        transformer_layer_spec=block_spec(cfg, tc),
+        transformer_layer_spec=block_spec(cfg, tc, vp_stage),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=pre_process,
@@ -405,12 +417,26 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
     )
     model.return_hidden = cfg.logits_chunk_tokens > 0
     model.logits_chunk_tokens = cfg.logits_chunk_tokens
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_model_chunks(cfg: ModelConfig) -> list:
+    """This rank's model chunks: one :func:`build_model` per virtual pipeline stage (chunk ``c`` of
+    pipeline rank ``p`` holds the layers of virtual stage ``c * pp + p``; the embedding sits in chunk 0
+    of the first rank, the output layer in the last chunk of the last rank), or ``[build_model(cfg)]``
+    without virtual stages. ``train_step.forward_backward`` takes the list."""
+    from megatron.core import parallel_state  # heavy: megatron
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    if vpp == 1:
+        return [build_model(cfg)]
+    return [build_model(cfg, vp_stage=c) for c in range(vpp)]
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
@@ -498,12 +524,17 @@ def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None 
 
 
 def _stage(model) -> tuple[int, int]:
-    """``(pipeline rank, layers per stage)`` of the stage ``model`` holds."""
+    """``(pipeline rank, layers per stage)`` of the stage ``model`` holds (with virtual pipeline stages:
+    the chunk's virtual stage and layers per chunk)."""
     from megatron.core import parallel_state  # heavy: megatron
 
-    config = unwrap(model).config
+    inner = unwrap(model)
+    config = inner.config
     pp = config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    if vpp > 1:  # chunk c of rank p: virtual stage c * pp + p of pp * vpp equal ones
+        return inner.vp_stage * pp + pp_rank, W.layers_per_stage(config.num_layers, pp * vpp)
     return pp_rank, W.layers_per_stage(config.num_layers, pp)
 
 

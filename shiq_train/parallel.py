@@ -262,17 +262,33 @@ class ParallelConfig:
     ``context_parallel_size`` (cp) splits each sequence over cp ranks inside attention; megatron-core
     runs it only in Transformer Engine's attention (its local attention refuses cp > 1), so it needs
     a CUDA GPU with Transformer Engine (:func:`check_context_parallel`).
+
+    ``virtual_pipeline_model_parallel_size`` (vpp > 1, with pp > 1): each pipeline rank holds vpp
+    model chunks (``shiq_train.model.build_model_chunks``; chunk c of rank p holds the layers of
+    virtual stage ``c * pp + p``) and ``train_step.forward_backward`` runs megatron's interleaved
+    1F1B schedule over the list, which shrinks the pipeline bubble by vpp.
     """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "virtual_pipeline_model_parallel_size",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+        if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
+            raise ValueError(
+                f"parallel.virtual_pipeline_model_parallel_size={self.virtual_pipeline_model_parallel_size} "
+                "interleaves pipeline stages: it needs pipeline_model_parallel_size > 1"
+            )
 
 
 def check_context_parallel(cp: int) -> None:
@@ -365,7 +381,12 @@ def init_distributed(
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+    )
     if seed is not None:
         set_seed(seed)
 
