@@ -265,6 +265,24 @@ def layer_spec(cfg: ModelConfig):
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
+def _tp_summed(param: torch.Tensor) -> torch.Tensor:
+    """``param`` as is, with its gradient summed over the tensor-parallel group in the backward."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region  # heavy: megatron
+
+    return copy_to_tensor_model_parallel_region(param)
+
+
+class _SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, _tp_summed(self.weight), self.eps)
+
+
+class _SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        bias = None if self.bias is None else _tp_summed(self.bias)
+        return F.layer_norm(x, self.normalized_shape, _tp_summed(self.weight), bias, self.eps)
+
+
 class SequenceParallelNorm:
     """torch ``RMSNorm`` / ``LayerNorm`` for the local layers under sequence parallelism.
 
@@ -273,24 +291,13 @@ class SequenceParallelNorm:
     Here the norm weight (and bias) pass through ``copy_to_tensor_model_parallel_region`` (identity
     forward, all-reduce over the tensor-parallel group in the backward): every rank gets the full
     gradient, as Transformer Engine's norms with megatron's grad finalisation give. Parameter names
-    are those of the plain norm (``weight``, ``bias``).
+    are those of the plain norm (``weight``, ``bias``). Built like megatron's norms:
+    ``SequenceParallelNorm(config, hidden_size, eps)``.
     """
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region  # heavy: megatron
-
-        base = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
-
-        class _Norm(base):
-            def forward(self, x):
-                w = copy_to_tensor_model_parallel_region(self.weight)
-                if isinstance(self, torch.nn.RMSNorm):
-                    return F.rms_norm(x, self.normalized_shape, w, self.eps)
-                b = copy_to_tensor_model_parallel_region(self.bias)
-                return F.layer_norm(x, self.normalized_shape, w, b, self.eps)
-
-        _Norm.__name__ = _Norm.__qualname__ = f"SequenceParallel{base.__name__}"
-        return _Norm(hidden_size, eps=eps)
+        norm = _SequenceParallelRMSNorm if config.normalization == "RMSNorm" else _SequenceParallelLayerNorm
+        return norm(hidden_size, eps=eps)
 
 
 def block_spec(cfg: ModelConfig, tc, vp_stage: int | None = None):

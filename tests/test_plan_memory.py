@@ -144,3 +144,15 @@ def test_one_layout_and_help(capsys):
         plan_memory.parse_args(["--help"])
     text = capsys.readouterr().out
     assert "``" not in text and ":func:" not in text and str(Path.cwd()) not in text
+
+
+def test_validate_measures_what_it_predicts(built):
+    """--validate's measurement of the tiny model: exact terms equal, activations kept within the
+    stated CPU overhead of the local layers (1 to 1.5 times the formula in float32)."""
+    cfg = M.ModelConfig()
+    for rc in ("none", "full"):
+        got, want = plan_memory.measure(cfg, rc, 16, 2), plan_memory.predict(cfg, rc, 16, 2)
+        assert {k: got[k] for k in ("params", "grads", "optimizer")} == {
+            k: want[k] for k in ("params", "grads", "optimizer")
+        }
+        assert 1.0 <= got["activations"] / want["activations"] <= 1.5, rc

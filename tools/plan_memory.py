@@ -7,10 +7,10 @@ can be measured (parameters, gradients, optimizer state: exact counts; activatio
 backward: the bytes of the tensors autograd saves) with the prediction. The formulas are in
 tools/memory_model.py.
 
-    python tools/plan_memory.py                       # the table
-    python tools/plan_memory.py --model 70B --gpu H200 --tp 8 --sequence-parallel --recompute full \\
+    .venv/bin/python tools/plan_memory.py                       # the table
+    .venv/bin/python tools/plan_memory.py --model 70B --gpu H200 --tp 8 --sequence-parallel --recompute full \\
         --logits-chunk-tokens 4096 --trainable-layers 16
-    python tools/plan_memory.py --validate            # measured / predicted on CPU
+    .venv/bin/python tools/plan_memory.py --validate            # measured / predicted on CPU
 """
 
 from __future__ import annotations
