@@ -56,6 +56,10 @@ RUNTIME_FIELDS = (
     "transformer_impl",
     "fp8",
     "logits_chunk_tokens",
+    "recompute",
+    "recompute_method",
+    "recompute_num_layers",
+    "sequence_parallel",
 )
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (

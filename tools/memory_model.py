@@ -90,7 +90,9 @@ PRESETS = {
 
 @dataclass(frozen=True)
 class Layout:
-    """Parallel layout and training settings of one run."""
+    """Parallel layout and training settings of one run: sizes as megatron's (``dp`` the data-parallel
+    size, ``vpp`` virtual stages per pipeline rank), ``micro_batches`` per step and data-parallel rank,
+    ``trainable_layers`` as ``train.trainable_last_layers``, the rest as the model config's options."""
 
     tp: int = 1
     pp: int = 1
@@ -110,9 +112,7 @@ class Layout:
     dropout: bool = False
     logits_chunk_tokens: int = 0
     reference: str = "precomputed"  # precomputed | online (a frozen copy of the model on every GPU)
-    trainable_layers: int = (
-        -1
-    )  # -1: every parameter; k >= 0: the last k layers and the final norm (train.trainable_last_layers)
+    trainable_layers: int = -1  # -1: every parameter; k >= 0: the last k layers and the final norm
 
     @property
     def gpus(self) -> int:

@@ -1,8 +1,8 @@
 """Predicted memory per GPU and step time of ShiQ training of Llama 8B / 70B under megatron layouts.
 
-Without layout options, prints a table of a few layouts of Llama-3.1-8B and -70B on 8 H100 (80 GB)
-and 8 H200 (141 GB), flagging those that do not fit. With --tp/--pp/... prints the terms of one
-layout. --validate builds small megatron GPTs on this machine's CPU and compares the terms that
+Without --tp, prints a table of a few layouts of Llama-3.1-8B and -70B on 8 H100 (80 GB)
+and 8 H200 (141 GB), flagging those that do not fit. With --tp (and the other layout options) prints the terms of
+that one layout. --validate builds small megatron GPTs on this machine's CPU and compares the terms that
 can be measured (parameters, gradients, optimizer state: exact counts; activations kept for the
 backward: the bytes of the tensors autograd saves) with the prediction. The formulas are in
 tools/memory_model.py.
@@ -36,7 +36,11 @@ def parse_args(argv=None):
     )
     p.add_argument("--model", choices=sorted(mm.PRESETS), action="append", help="preset shape (default: 8B and 70B)")
     p.add_argument("--gpu", choices=sorted(mm.PEAK_TFLOPS), action="append", help="GPU (default: H100 and H200)")
-    p.add_argument("--tp", type=int, help="tensor-parallel size (giving any layout option prints that layout only)")
+    p.add_argument(
+        "--tp",
+        type=int,
+        help="tensor-parallel size; giving it prints that one layout (the options below) instead of the table",
+    )
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
     p.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
     p.add_argument("--cp", type=int, default=1, help="context-parallel size (default 1)")
