@@ -133,3 +133,15 @@ def test_context_parallel_is_refused_naming_what_is_missing():
     with pytest.raises(ValueError, match="context_parallel_size must be an integer >= 1"):
         parallel.ParallelConfig(context_parallel_size=0)
     parallel.check_context_parallel(1)  # cp = 1: nothing to refuse
+
+
+def test_sequence_parallel_refuses_a_width_tp_does_not_divide():
+    """The check runs before megatron splits the sequence (stand-in config: TP=2 with sequence
+    parallelism on a model built at TP=1; the refusal comes before any communication)."""
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config())
+        model.config.sequence_parallel, model.config.tensor_model_parallel_size = True, 2
+        tokens = torch.zeros(2, 15, dtype=torch.long)
+        with pytest.raises(ValueError, match=r"tokens \[B, T\] = \(2, 15\) need T divisible by 2 \(pad the batch\)"):
+            M.forward_stats(model, tokens)
