@@ -2,10 +2,10 @@
 
 Pieces a trainer composes (none holds global state beyond megatron's process groups):
 
-- :func:`forward_backward` — megatron's ``get_forward_backward_func()`` schedule (no pipelining or
-  1F1B) over a list of micro-batches; the last stage turns the model output into SHIQ_MATH §2
-  statistics (:func:`shiq_train.model.output_stats`) and calls a loss function of
-  ``(TokenStats, micro_batch)``.
+- :func:`forward_backward` — megatron's ``get_forward_backward_func()`` schedule (no pipelining,
+  1F1B, or interleaved 1F1B over model chunks) over a list of micro-batches; the last stage turns
+  the model output into SHIQ_MATH §2 statistics (:func:`shiq_train.model.output_stats`) and calls a
+  loss function of ``(TokenStats, micro_batch)``.
 - :func:`finalize_grads` — the gradient reductions megatron's DDP/finalize would do: the tied
   embedding's two copies under pipeline parallelism, and the data-parallel mean.
 - :func:`clip_grad_norm` — the global gradient norm over the tensor × pipeline layout (replicated
