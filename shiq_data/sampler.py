@@ -105,6 +105,8 @@ class BufferSampler:
         max_tokens_per_row: packed row width (default: the longest trajectory); in the other modes an
             upper bound every trajectory must respect (a longer one is an error, never truncated).
         pad_id: token id of padding positions.
+        width_multiple: every micro-batch's width ``T`` is rounded up to a multiple of this (more
+            padding); sequence parallelism needs widths divisible by the tensor-parallel size.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class BufferSampler:
         mode: str = "padded",
         max_tokens_per_row: int | None = None,
         pad_id: int = 0,
+        width_multiple: int = 1,
     ):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -127,6 +130,8 @@ class BufferSampler:
                 f"rows_per_micro_batch ({rows_per_micro_batch}) and micro_batches_per_step "
                 f"({micro_batches_per_step}) must be >= 1"
             )
+        if not (isinstance(width_multiple, int) and width_multiple >= 1):
+            raise ValueError(f"width_multiple must be an integer >= 1, got {width_multiple!r}")
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
         if len(buffer) == 0:
@@ -134,6 +139,7 @@ class BufferSampler:
         self.buffer, self.mode, self.seed = buffer, mode, int(seed)
         self.rows_per_micro_batch, self.micro_batches_per_step = int(rows_per_micro_batch), int(micro_batches_per_step)
         self.dp_rank, self.dp_world, self.pad_id = int(dp_rank), int(dp_world), int(pad_id)
+        self.width_multiple = width_multiple
         self._reader = _RowReader(buffer)
         lengths = self._reader.lengths
         longest = int(lengths.max())
@@ -248,6 +254,7 @@ class BufferSampler:
         lengths = reader.lengths[rows]
         out_row = np.repeat(np.arange(B), [len(rs) for rs in layout])
         T = int(np.bincount(out_row, weights=lengths, minlength=B).max())
+        T = -(-T // self.width_multiple) * self.width_multiple
         tokens = np.full((B, T), self.pad_id, dtype=np.int64)
         mask = np.zeros((B, T), dtype=bool)
         rewards = np.zeros((B, T), dtype=np.float32)

@@ -56,6 +56,10 @@ RUNTIME_FIELDS = (
     "transformer_impl",
     "fp8",
     "logits_chunk_tokens",
+    "recompute",
+    "recompute_method",
+    "recompute_num_layers",
+    "sequence_parallel",
 )
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (
@@ -83,6 +87,11 @@ RESUME_SAFE_KEYS = (
     "train.cache_frozen_prefix",  # the same steps up to float rounding
     "parallel.tp",  # checkpoints resume in any layout: the same steps up to float rounding
     "parallel.pp",
+    "model.recompute",  # memory features: the same steps (recompute exactly, sequence parallel up to rounding)
+    "model.recompute_method",
+    "model.recompute_num_layers",
+    "model.sequence_parallel",
+    "parallel.cp",  # only 1 runs; absent from runs started before it existed
 )
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
@@ -254,9 +263,12 @@ class DeviceSource:
         self.source.load_state_dict(state)
 
 
-def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int):
+def open_data_source(
+    data_cfg: dict, mode: str, reference: str, dp_rank: int, dp_world: int, max_tokens: int, width_multiple: int = 1
+):
     """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
-    ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error."""
+    ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error.
+    ``width_multiple``: micro-batch widths are padded to a multiple of it (sequence parallelism: tp)."""
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
@@ -277,6 +289,7 @@ def open_data_source(data_cfg: dict, mode: str, reference: str, dp_rank: int, dp
         dp_world=dp_world,
         mode=mode,
         max_tokens_per_row=max_tokens,
+        width_multiple=width_multiple,
     )
 
 
@@ -581,7 +594,11 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
         dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
         check_resume_config(out, cfg, allowed, force, dp)
-    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"])
+    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["parallel"].get("cp", 1))
+    try:
+        parallel.check_context_parallel(par.context_parallel_size)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
         rank0 = dist.get_rank() == 0
@@ -594,6 +611,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size(),
             model_cfg.max_sequence_length,
+            par.tensor_model_parallel_size if model_cfg.sequence_parallel else 1,
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None

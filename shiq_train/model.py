@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -32,6 +32,8 @@ ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = (None, "hybrid", "e4m3")
+RECOMPUTE = ("none", "selective", "full")
+RECOMPUTE_METHODS = ("uniform", "block")
 
 
 @dataclass
@@ -43,6 +45,22 @@ class ModelConfig:
     return final hidden states and :func:`forward_stats` compute the statistics that many tokens at
     a time from the output weight (never holding ``[tokens, V]`` logits); 0 uses full
     vocab-parallel logits.
+
+    Memory features (megatron-core's; they change memory and time, not the result):
+
+    - ``recompute``: activation recomputation. ``none`` keeps every activation for the backward;
+      ``selective`` recomputes the core attention (the ``[B, heads, T, T]`` scores and softmax) in the
+      backward instead of storing it (megatron ``recompute_granularity="selective"``); ``full`` keeps
+      only each checkpointed unit's input and reruns the whole unit in the backward
+      (``recompute_granularity="full"``).
+    - ``recompute_method`` (``full`` only): ``uniform`` checkpoints every group of
+      ``recompute_num_layers`` consecutive layers; ``block`` recomputes the first
+      ``recompute_num_layers`` layers of each pipeline stage and keeps the others' activations.
+    - ``recompute_num_layers`` (``full`` only): see ``recompute_method``; an integer >= 1.
+    - ``sequence_parallel``: with tensor parallelism, the layer norms, dropouts and residual stream
+      hold ``T/tp`` of the sequence on each rank (all-gather before, reduce-scatter after each
+      tensor-parallel block) instead of all ``T`` replicated; needs ``parallel.tp > 1`` and
+      ``max_sequence_length`` (and each micro-batch's width) divisible by tp.
     """
 
     name: str = "tiny"
@@ -68,6 +86,10 @@ class ModelConfig:
     transformer_impl: str = "auto"
     fp8: str | None = None
     logits_chunk_tokens: int = 0
+    recompute: str = "none"
+    recompute_method: str = "uniform"
+    recompute_num_layers: int = 1
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -96,6 +118,17 @@ class ModelConfig:
             bad("position_embedding_type", self.position_embedding_type, "'rope' or 'learned_absolute'")
         if not (isinstance(self.logits_chunk_tokens, int) and self.logits_chunk_tokens >= 0):
             bad("logits_chunk_tokens", self.logits_chunk_tokens, "an integer >= 0 (0: full logits)")
+        if self.recompute not in RECOMPUTE:
+            bad("recompute", self.recompute, f"one of {RECOMPUTE}")
+        if self.recompute_method not in RECOMPUTE_METHODS:
+            bad("recompute_method", self.recompute_method, f"one of {RECOMPUTE_METHODS} (used with recompute=full)")
+        n = self.recompute_num_layers
+        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= self.num_layers):
+            bad(
+                "recompute_num_layers", n, f"an integer in [1, num_layers={self.num_layers}] (used with recompute=full)"
+            )
+        if not isinstance(self.sequence_parallel, bool):
+            bad("sequence_parallel", self.sequence_parallel, "true or false")
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelConfig:
@@ -159,9 +192,11 @@ def transformer_config(cfg: ModelConfig):
 
     check_runtime(cfg)
     tp = pp = 1
+    vpp = None
     if parallel_state.model_parallel_is_initialized():
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
+        vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
     dtype = DTYPES[cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -180,6 +215,7 @@ def transformer_config(cfg: ModelConfig):
         attention_dropout=cfg.attention_dropout,
         tensor_model_parallel_size=tp,
         pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp,
         params_dtype=dtype,
         pipeline_dtype=dtype,
         bf16=dtype == torch.bfloat16,
@@ -188,6 +224,25 @@ def transformer_config(cfg: ModelConfig):
     )
     if cfg.fp8 is not None:
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
+    if cfg.recompute == "selective":
+        kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif cfg.recompute == "full":
+        kwargs.update(
+            recompute_granularity="full",
+            recompute_method=cfg.recompute_method,
+            recompute_num_layers=cfg.recompute_num_layers,
+        )
+    if cfg.sequence_parallel:
+        if tp == 1:
+            raise ValueError(
+                "model.sequence_parallel=true needs tensor parallelism (parallel.tp > 1); set it false for tp=1"
+            )
+        if cfg.max_sequence_length % tp:
+            raise ValueError(
+                f"model.sequence_parallel=true needs model.max_sequence_length={cfg.max_sequence_length} "
+                f"divisible by the tensor-parallel size {tp}"
+            )
+        kwargs.update(sequence_parallel=True)
     if not on_gpu:  # these fusions call CUDA kernels (megatron-cpu.md)
         kwargs.update(
             bias_activation_fusion=False,
@@ -210,24 +265,92 @@ def layer_spec(cfg: ModelConfig):
     return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
 
 
+def _tp_summed(param: torch.Tensor) -> torch.Tensor:
+    """``param`` as is, with its gradient summed over the tensor-parallel group in the backward."""
+    from megatron.core.tensor_parallel import copy_to_tensor_model_parallel_region  # heavy: megatron
+
+    return copy_to_tensor_model_parallel_region(param)
+
+
+class _SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    def forward(self, x):
+        return F.rms_norm(x, self.normalized_shape, _tp_summed(self.weight), self.eps)
+
+
+class _SequenceParallelLayerNorm(torch.nn.LayerNorm):
+    def forward(self, x):
+        bias = None if self.bias is None else _tp_summed(self.bias)
+        return F.layer_norm(x, self.normalized_shape, _tp_summed(self.weight), bias, self.eps)
+
+
+class SequenceParallelNorm:
+    """torch ``RMSNorm`` / ``LayerNorm`` for the local layers under sequence parallelism.
+
+    megatron's local norm refuses ``sequence_parallel`` because each tensor-parallel rank then
+    normalises only its ``T/tp`` positions, so the weight's gradient on a rank is a partial sum.
+    Here the norm weight (and bias) pass through ``copy_to_tensor_model_parallel_region`` (identity
+    forward, all-reduce over the tensor-parallel group in the backward): every rank gets the full
+    gradient, as Transformer Engine's norms with megatron's grad finalisation give. Parameter names
+    are those of the plain norm (``weight``, ``bias``). Built like megatron's norms:
+    ``SequenceParallelNorm(config, hidden_size, eps)``.
+    """
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm = _SequenceParallelRMSNorm if config.normalization == "RMSNorm" else _SequenceParallelLayerNorm
+        return norm(hidden_size, eps=eps)
+
+
+def block_spec(cfg: ModelConfig, tc, vp_stage: int | None = None):
+    """What ``GPTModel`` builds its decoder from: :func:`layer_spec`, or, for sequence parallelism
+    with the local layers, the block of this stage's (virtual stage's) layers with
+    :class:`SequenceParallelNorm` as every norm (the layers' and the final one)."""
+    spec = layer_spec(cfg)
+    if not (tc.sequence_parallel and resolved_transformer_impl(cfg) == "local"):
+        return spec
+    from megatron.core.transformer.transformer_block import (  # heavy: megatron
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    sub = replace(spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm)
+    layer = replace(spec, submodules=sub)
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(tc, vp_stage), layer_norm=SequenceParallelNorm
+    )
+
+
 @functools.cache
 def _gpt_model_class():
     from megatron.core.models.gpt import GPTModel  # heavy: megatron
 
     class ShiQGPTModel(GPTModel):
         """``GPTModel`` that, with ``return_hidden=True``, returns the final (normed) hidden states
-        ``[B, T, H]`` instead of logits on the last pipeline stage; parameters and state-dict keys
+        ``[B, T, H]`` instead of logits on the last pipeline stage (gathered over the sequence
+        shards under sequence parallelism); parameters and state-dict keys
         are GPTModel's. :meth:`output_weight` is the ``[V/tp, H]`` matrix the logits would use."""
 
         return_hidden: bool = False
 
+        def forward(self, input_ids, *args, **kwargs):
+            tp = self.config.tensor_model_parallel_size
+            if self.config.sequence_parallel and input_ids is not None and input_ids.shape[1] % tp:
+                raise ValueError(
+                    f"model.sequence_parallel=true splits the sequence over the {tp} tensor-parallel ranks: "
+                    f"tokens [B, T] = {tuple(input_ids.shape)} need T divisible by {tp} (pad the batch)"
+                )
+            return super().forward(input_ids, *args, **kwargs)
+
         def _postprocess(self, hidden_states, *args, **kwargs):
             inference = kwargs.get("inference_context") is not None and not self.training
             if self.return_hidden and self.post_process and not inference and self.config.mtp_num_layers is None:
-                if self.config.sequence_parallel:
+                if self.config.sequence_parallel:  # [T/tp, B, H] -> [T, B, H]
                     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
 
-                    hidden_states = gather_from_sequence_parallel_region(hidden_states)
+                    # backward: keep this rank's slice of the gradient; the chunked statistics have
+                    # already summed it over the tensor-parallel group (a reduce-scatter would sum twice)
+                    hidden_states = gather_from_sequence_parallel_region(
+                        hidden_states, tensor_parallel_output_grad=False
+                    )
                 return hidden_states.transpose(0, 1).contiguous()
             return super()._postprocess(hidden_states, *args, **kwargs)
 
@@ -252,38 +375,47 @@ def _gpt_model_class():
     return ShiQGPTModel
 
 
-def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None):
+def build_model(
+    cfg: ModelConfig, pre_process: bool | None = None, post_process: bool | None = None, vp_stage: int | None = None
+):
     """A ``ShiQGPTModel`` for this process's pipeline stage (and tensor-parallel shard).
 
     Call after :func:`shiq_train.parallel.init_distributed` (and ``set_seed`` for reproducible
     weights). Without a GPU, applies the CPU adaptations first. Vocab-parallel logits are returned
-    ungathered (``parallel_output=True``): ``[B, T, V/tp]``.
+    ungathered (``parallel_output=True``): ``[B, T, V/tp]``. With virtual pipeline stages, ``vp_stage``
+    picks the chunk (see :func:`build_model_chunks`).
     """
     from megatron.core import parallel_state  # heavy: megatron
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
     tp, pp = tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size
+    vpp = tc.virtual_pipeline_model_parallel_size or 1
+    if vpp > 1 and vp_stage is None:
+        raise ValueError(
+            f"with {vpp} virtual pipeline stages a rank holds {vpp} model chunks: build them with build_model_chunks"
+        )
     groups = cfg.num_query_groups or cfg.num_attention_heads
     for field, value, by, what in [
         ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
         ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
         ("num_query_groups", groups, tp, "tensor-parallel size"),
-        ("num_layers", cfg.num_layers, pp, "pipeline-parallel size"),
+        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages"),
     ]:
         if value % by:
             raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
+    stage = dict(ignore_virtual=vpp == 1, vp_stage=vp_stage)
     if pre_process is None:
         pre_process = (
-            parallel_state.is_pipeline_first_stage() if parallel_state.model_parallel_is_initialized() else True
+            parallel_state.is_pipeline_first_stage(**stage) if parallel_state.model_parallel_is_initialized() else True
         )
     if post_process is None:
         post_process = (
-            parallel_state.is_pipeline_last_stage() if parallel_state.model_parallel_is_initialized() else True
+            parallel_state.is_pipeline_last_stage(**stage) if parallel_state.model_parallel_is_initialized() else True
         )
     model = _gpt_model_class()(
         config=tc,
-        transformer_layer_spec=layer_spec(cfg),
+        transformer_layer_spec=block_spec(cfg, tc, vp_stage),
         vocab_size=cfg.vocab_size,
         max_sequence_length=cfg.max_sequence_length,
         pre_process=pre_process,
@@ -292,12 +424,26 @@ def build_model(cfg: ModelConfig, pre_process: bool | None = None, post_process:
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        vp_stage=vp_stage,
     )
     model.return_hidden = cfg.logits_chunk_tokens > 0
     model.logits_chunk_tokens = cfg.logits_chunk_tokens
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_model_chunks(cfg: ModelConfig) -> list:
+    """This rank's model chunks: one :func:`build_model` per virtual pipeline stage (chunk ``c`` of
+    pipeline rank ``p`` holds the layers of virtual stage ``c * pp + p``; the embedding sits in chunk 0
+    of the first rank, the output layer in the last chunk of the last rank), or ``[build_model(cfg)]``
+    without virtual stages. ``train_step.forward_backward`` takes the list."""
+    from megatron.core import parallel_state  # heavy: megatron
+
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size() or 1
+    if vpp == 1:
+        return [build_model(cfg)]
+    return [build_model(cfg, vp_stage=c) for c in range(vpp)]
 
 
 def causal_mask(seq_len: int, device=None) -> torch.Tensor:
@@ -385,12 +531,17 @@ def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None 
 
 
 def _stage(model) -> tuple[int, int]:
-    """``(pipeline rank, layers per stage)`` of the stage ``model`` holds."""
+    """``(pipeline rank, layers per stage)`` of the stage ``model`` holds (with virtual pipeline stages:
+    the chunk's virtual stage and layers per chunk)."""
     from megatron.core import parallel_state  # heavy: megatron
 
-    config = unwrap(model).config
+    inner = unwrap(model)
+    config = inner.config
     pp = config.pipeline_model_parallel_size
     pp_rank = parallel_state.get_pipeline_model_parallel_rank() if pp > 1 else 0
+    vpp = config.virtual_pipeline_model_parallel_size or 1
+    if vpp > 1:  # chunk c of rank p: virtual stage c * pp + p of pp * vpp equal ones
+        return inner.vp_stage * pp + pp_rank, W.layers_per_stage(config.num_layers, pp * vpp)
     return pp_rank, W.layers_per_stage(config.num_layers, pp)
 
 

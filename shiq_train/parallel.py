@@ -11,6 +11,11 @@ numbers refer to megatron-core 0.16.1:
   ``model_parallel_cuda_manual_seed`` and by every attention-dropout ``fork()``). Patched:
   ``random.CudaRNGStatesTracker``, the class the tracker factory instantiates, becomes a subclass
   whose named states are CPU generator states (the existing tracker is rebuilt from it).
+- ``checkpoint_rng`` -- ``tensor_parallel/random.py:444-460``: activation recomputation
+  (``CheckpointFunction``, model.recompute = selective or full) saves and restores the CUDA
+  generator state with ``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` besides the CPU one and the
+  tracker's. Patched: those two functions of ``random`` hold and restore nothing (there is no CUDA
+  generator; the CPU state and the tracker's CPU states are still saved and restored).
 - ``memory_buffer`` -- ``utils.py:628-633``: ``GlobalMemoryBuffer.get_tensor`` (the attention score
   buffer of ``DotProductAttention``) allocates on ``torch.cuda.current_device()``. Patched:
   ``current_device`` as seen from ``megatron.core.utils`` returns the CPU.
@@ -28,6 +33,10 @@ numbers refer to megatron-core 0.16.1:
   ``weight.data.cuda()`` before the first/last-stage all-reduce that copies tied embeddings under
   pipeline parallelism. Patched: ``LanguageModule.setup_embeddings_and_output_layer`` is wrapped
   so that, during that call only, ``Tensor.cuda()`` of a CPU tensor returns the tensor itself.
+- ``sp_linear_grad`` -- ``tensor_parallel/layers.py:552``: under sequence parallelism the backward of
+  a column-parallel linear layer allocates the reduce-scattered input gradient on
+  ``current_device()`` (as do ``:261, 597, 607, 873, 899, 1197, 1218``, reached only with options
+  not used on CPU). Patched: ``current_device`` as seen from ``layers``.
 - ``kv_cache`` -- ``transformer/attention.py:424-431``: the inference KV cache
   (``Attention._allocate_memory``, used when sampling with a ``StaticInferenceContext``) is allocated
   on ``current_device()``. Patched: ``current_device`` as seen from ``attention``.
@@ -48,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import importlib.util
 import os
 import socket
 import types
@@ -93,6 +103,10 @@ def _cpu_device() -> torch.device:
 
 def _no_sync(device=None) -> None:
     """``torch.cuda.synchronize`` on CPU: gloo ops have completed once ``wait()`` returned."""
+
+
+def _no_cuda_rng_state(*args, **kwargs) -> None:
+    """``_get_cuda_rng_state`` / ``_set_cuda_rng_state`` on CPU: no CUDA generator to save or restore."""
 
 
 def _zeros_cuda_to_cpu(*size, device=None, **kwargs):
@@ -188,7 +202,7 @@ def apply_cpu_adaptations() -> list[str]:
     from megatron.core.models.common.embeddings import rotary_pos_embedding  # heavy: megatron
     from megatron.core.models.common.language_module import language_module  # heavy: megatron
     from megatron.core.pipeline_parallel import p2p_communication, schedules  # heavy: megatron
-    from megatron.core.tensor_parallel import mappings  # heavy: megatron
+    from megatron.core.tensor_parallel import layers, mappings  # heavy: megatron
     from megatron.core.tensor_parallel import random as mrandom  # heavy: megatron
     from megatron.core.transformer import attention  # heavy: megatron
 
@@ -196,6 +210,8 @@ def apply_cpu_adaptations() -> list[str]:
         mrandom.CudaRNGStatesTracker = _cpu_rng_tracker_class()
         # a tracker built before this call (from the CUDA class) would still read CUDA states
         mrandom.initialize_rng_tracker(force_reset=True)
+    if mrandom._get_cuda_rng_state is not _no_cuda_rng_state:
+        mrandom._get_cuda_rng_state = mrandom._set_cuda_rng_state = _no_cuda_rng_state
     if not isinstance(mutils.torch, _TorchView):
         mutils.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(rotary_pos_embedding.torch, _TorchView):
@@ -207,17 +223,21 @@ def apply_cpu_adaptations() -> list[str]:
     lm = language_module.LanguageModule
     if not getattr(lm.setup_embeddings_and_output_layer, "_shiq_cpu", False):
         lm.setup_embeddings_and_output_layer = _wrap_tied_embedding_setup()
+    if not isinstance(layers.torch, _TorchView):
+        layers.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(attention.torch, _TorchView):
         attention.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(mappings.torch, _TorchView):
         mappings.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     _APPLIED[:] = [
         "rng_tracker",
+        "checkpoint_rng",
         "memory_buffer",
         "rope_device",
         "schedule_zeros",
         "p2p_device_and_sync",
         "tied_embedding_copy",
+        "sp_linear_grad",
         "kv_cache",
         "tp_gather",
     ]
@@ -237,16 +257,70 @@ def device() -> torch.device:
 
 @dataclass
 class ParallelConfig:
-    """Model-parallel layout. Data parallelism is whatever is left: ``world / (tp * pp)``."""
+    """Model-parallel layout. Data parallelism is whatever is left: ``world / (tp * pp * cp)``.
+
+    ``context_parallel_size`` (cp) splits each sequence over cp ranks inside attention; megatron-core
+    runs it only in Transformer Engine's attention (its local attention refuses cp > 1), so it needs
+    a CUDA GPU with Transformer Engine (:func:`check_context_parallel`).
+
+    ``virtual_pipeline_model_parallel_size`` (vpp > 1, with pp > 1): each pipeline rank holds vpp
+    model chunks (``shiq_train.model.build_model_chunks``; chunk c of rank p holds the layers of
+    virtual stage ``c * pp + p``) and ``train_step.forward_backward`` runs megatron's interleaved
+    1F1B schedule over the list, which shrinks the pipeline bubble by vpp.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int = 1
 
     def __post_init__(self):
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "context_parallel_size",
+            "virtual_pipeline_model_parallel_size",
+        ):
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+        if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
+            raise ValueError(
+                f"parallel.virtual_pipeline_model_parallel_size={self.virtual_pipeline_model_parallel_size} "
+                "interleaves pipeline stages: it needs pipeline_model_parallel_size > 1"
+            )
+
+
+def check_context_parallel(cp: int) -> None:
+    """Refuse context parallelism (``cp > 1``) where it cannot run, naming what is needed.
+
+    megatron-core exchanges the key/value blocks of context parallelism only inside Transformer
+    Engine's attention (``TEDotProductAttention``); its local attention, the one this machine can run
+    without a GPU, asserts ``context_parallel_size == 1``. The training step would also have to give
+    each rank its share of every sequence and gather the per-token statistics over the
+    context-parallel group before the loss (the losses sum over whole trajectories), which it does
+    not do: cp > 1 is refused everywhere, with the reason.
+    """
+    if cp == 1:
+        return
+    missing = [
+        what
+        for what, ok in (
+            ("a CUDA GPU", torch.cuda.is_available()),
+            ("Transformer Engine", importlib.util.find_spec("transformer_engine") is not None),
+        )
+        if not ok
+    ]
+    if missing:
+        raise RuntimeError(
+            f"parallel.cp={cp}: context parallelism needs a CUDA GPU and Transformer Engine (megatron-core runs it "
+            f"only in Transformer Engine's attention); missing here: {' and '.join(missing)}. Use parallel.cp=1"
+        )
+    raise RuntimeError(
+        f"parallel.cp={cp}: context parallelism is not supported by the training step (it would need each rank's "
+        "share of every sequence and the per-token statistics gathered over the context-parallel group before the "
+        "loss). Use parallel.cp=1 (sequence_parallel and recompute also cut activation memory)"
+    )
 
 
 def free_port() -> int:
@@ -272,9 +346,10 @@ def init_distributed(
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); a lone process with none of them
     gets world size 1 on a free local port. The backend is ``nccl`` with a GPU, ``gloo`` without.
     Applies the CPU adaptations when no GPU is present, and seeds (:func:`set_seed`) if ``seed`` is
-    given. ``world_size`` must be a multiple of ``tp * pp``.
+    given. ``world_size`` must be a multiple of ``tp * pp``; cp > 1 is refused (:func:`check_context_parallel`).
     """
     parallel = parallel or ParallelConfig()
+    check_context_parallel(parallel.context_parallel_size)
     apply_cpu_adaptations()
     if rank is None:
         rank = int(os.environ.get("RANK", 0))
@@ -306,7 +381,12 @@ def init_distributed(
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
+    )
     if seed is not None:
         set_seed(seed)
 

@@ -2,10 +2,10 @@
 
 Pieces a trainer composes (none holds global state beyond megatron's process groups):
 
-- :func:`forward_backward` — megatron's ``get_forward_backward_func()`` schedule (no pipelining or
-  1F1B) over a list of micro-batches; the last stage turns the model output into SHIQ_MATH §2
-  statistics (:func:`shiq_train.model.output_stats`) and calls a loss function of
-  ``(TokenStats, micro_batch)``.
+- :func:`forward_backward` — megatron's ``get_forward_backward_func()`` schedule (no pipelining,
+  1F1B, or interleaved 1F1B over model chunks) over a list of micro-batches; the last stage turns
+  the model output into SHIQ_MATH §2 statistics (:func:`shiq_train.model.output_stats`) and calls a
+  loss function of ``(TokenStats, micro_batch)``.
 - :func:`finalize_grads` — the gradient reductions megatron's DDP/finalize would do: the tied
   embedding's two copies under pipeline parallelism, and the data-parallel mean.
 - :func:`clip_grad_norm` — the global gradient norm over the tensor × pipeline layout (replicated
@@ -182,6 +182,9 @@ def _forward_step_func(loss_fn: LossFn):
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool = False):
     """Run megatron's schedule over ``micro_batches``; gradients accumulate in ``param.grad``.
 
+    ``model`` is one model, or the list of this rank's chunks under virtual pipeline stages
+    (``shiq_train.model.build_model_chunks``: megatron's interleaved schedule).
+
     ``micro_batches`` are this data-parallel rank's share. Returns ``(loss, metrics)`` on every rank:
     the mean over micro-batches (and data-parallel ranks) of the loss and of each metric, broadcast
     from the last pipeline stage. The gradient is that of this rank's mean loss (see
@@ -192,12 +195,14 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     from megatron.core.utils import get_model_config  # heavy: megatron
 
     tokens = micro_batches[0]["tokens"]
+    chunks = model if isinstance(model, list) else None  # virtual pipeline stages: one iterator per chunk
     # Micro-batches of one step may differ in width (and, whole groups, in rows): megatron then sends each
     # activation's shape between pipeline stages before the activation (every stage sees the same batches).
-    get_model_config(model).variable_seq_lengths = len({tuple(mb["tokens"].shape) for mb in micro_batches}) > 1
+    config = get_model_config(chunks[0] if chunks else model)
+    config.variable_seq_lengths = len({tuple(mb["tokens"].shape) for mb in micro_batches}) > 1
     out = get_forward_backward_func()(
         forward_step_func=_forward_step_func(loss_fn),
-        data_iterator=iter(micro_batches),
+        data_iterator=[iter(micro_batches) for _ in chunks] if chunks else iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),
         seq_length=tokens.shape[1],
@@ -230,22 +235,33 @@ def finalize_grads(model) -> None:
     """
     from megatron.core import parallel_state  # heavy: megatron
 
-    inner = unwrap(model)
+    # the chunk holding the embedding (first) or the output layer (last); the model itself without chunks
+    inner = [unwrap(c) for c in _chunks(model) if unwrap(c).pre_process or unwrap(c).post_process]
     if (
         parallel_state.get_pipeline_model_parallel_world_size() > 1
-        and inner.share_embeddings_and_output_weights
+        and inner
+        and inner[0].share_embeddings_and_output_weights
         and parallel_state.is_rank_in_embedding_group()
     ):
-        w = inner.shared_embedding_or_output_weight()
+        w = inner[0].shared_embedding_or_output_weight()
         if w is not None and w.grad is not None:
             dist.all_reduce(w.grad, group=parallel_state.get_embedding_group())
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1:
         group = parallel_state.get_data_parallel_group()
-        for p in model.parameters():
+        for p in _parameters(model):
             if p.grad is not None:
                 dist.all_reduce(p.grad, group=group)
                 p.grad.div_(dp)
+
+
+def _chunks(model) -> list:
+    """The model chunks of ``model`` (a list under virtual pipeline stages, else one model)."""
+    return model if isinstance(model, list) else [model]
+
+
+def _parameters(model):
+    return (p for c in _chunks(model) for p in c.parameters())
 
 
 def grad_norm(model) -> float:
@@ -256,7 +272,7 @@ def grad_norm(model) -> float:
 
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     sq = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
+    for p in _parameters(model):
         if p.grad is None:
             continue
         if not getattr(p, "tensor_model_parallel", False) and tp_rank != 0:
@@ -268,7 +284,7 @@ def grad_norm(model) -> float:
         parallel_state.get_tensor_model_parallel_world_size() * parallel_state.get_pipeline_model_parallel_world_size()
     )
     if mp_size > 1:
-        sq = sq.to(next(model.parameters()).device)
+        sq = sq.to(next(_parameters(model)).device)
         dist.all_reduce(sq, group=parallel_state.get_model_parallel_group())
     return float(sq.sqrt())
 
@@ -279,7 +295,7 @@ def clip_grad_norm(model, max_norm: float) -> float:
     norm = grad_norm(model)
     if max_norm > 0 and norm > max_norm:
         coef = max_norm / (norm + 1e-6)
-        for p in model.parameters():
+        for p in _parameters(model):
             if p.grad is not None:
                 p.grad.mul_(coef)
     return norm

@@ -41,11 +41,13 @@ def test_adaptations_are_idempotent_and_narrow():
     names = parallel.apply_cpu_adaptations()
     assert names == [
         "rng_tracker",
+        "checkpoint_rng",
         "memory_buffer",
         "rope_device",
         "schedule_zeros",
         "p2p_device_and_sync",
         "tied_embedding_copy",
+        "sp_linear_grad",
         "kv_cache",
         "tp_gather",
     ]
@@ -68,9 +70,14 @@ def test_adaptations_are_idempotent_and_narrow():
         attention.torch,
         mappings.torch,
     )
-    for module in (attention, mappings):
+    from megatron.core.tensor_parallel import layers
+
+    for module in (attention, mappings, layers):
         assert module.torch.cuda.current_device() == torch.device("cpu")
         assert module.torch.empty is torch.empty
+    # activation recomputation saves and restores no CUDA generator state (there is none)
+    assert mrandom._get_cuda_rng_state() is None and mrandom._set_cuda_rng_state(None) is None
+    assert mrandom._get_cuda_rng_state is mrandom._set_cuda_rng_state
     # only the named attributes differ inside the patched modules ...
     assert schedules.torch.zeros([], dtype=torch.int, device="cuda").device.type == "cpu"
     assert schedules.torch.ones is torch.ones and schedules.torch.Tensor is torch.Tensor

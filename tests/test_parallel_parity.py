@@ -5,7 +5,10 @@ Tiny GPT (2 layers, hidden 64, 4 heads, vocab 128, seq 16, tied embeddings, gate
 random rewards on action positions and random reference statistics, run through megatron's
 ``get_forward_backward_func()``. The reference is TP=1/PP=1 in this process; TP=2, PP=2 and
 TP=2×PP=2 run with gloo in 2 / 2 / 4 spawned processes (TP=2×PP=2 also with chunked statistics),
-and DP=2 in 2 processes (one micro-batch each), all from the reference's parameters.
+DP=2 in 2 processes (one micro-batch each), and TP=2 with sequence parallelism (model.sequence_parallel;
+full and chunked statistics, one after the other in the same 2 processes), all from the reference's
+parameters. Interleaved pipeline stages (PP=2 × 2 virtual stages, megatron's interleaved 1F1B over
+model chunks) run a 4-layer variant against its own single-process reference.
 Asserted: the loss and every parameter's gradient (reassembled from tensor-parallel shards by the
 parameter's partition dim) equal the reference to a relative difference below 1e-5.
 """
@@ -31,9 +34,8 @@ TOL = 1e-5
 
 
 def tiny_config(**kw) -> M.ModelConfig:
-    return M.ModelConfig(
-        num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, max_sequence_length=SEQ, **kw
-    )
+    shape = dict(num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=128, max_sequence_length=SEQ)
+    return M.ModelConfig(**{**shape, **kw})
 
 
 def make_micro_batches(vocab=128):
@@ -83,8 +85,9 @@ def run_layout(cfg, full_params=None, dp_rank=0, dp=1):
     return model, loss, grad_norm(model), grads, step_s
 
 
-def _worker(rank, world, port, tp, pp, params_path, out_dir, chunk):
-    """One rank of a ``world``-process layout; data parallelism is ``world / (tp * pp)``."""
+def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
+    """One rank of a ``world``-process layout; data parallelism is ``world / (tp * pp)``. Runs the
+    layout once per entry of ``chunks`` (``logits_chunk_tokens``) in the same process group."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with parallel.distributed(
@@ -93,19 +96,23 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunk):
         from megatron.core import parallel_state as ps
 
         full = torch.load(params_path, weights_only=True)
-        _, loss, norm, grads, step_s = run_layout(
-            tiny_config(logits_chunk_tokens=chunk), full, ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
-        )
-        torch.save(
-            {
-                "loss": loss,
-                "grad_norm": norm,
-                "grads": grads,
-                "tp_rank": ps.get_tensor_model_parallel_rank(),
-                "step_s": step_s,
-            },
-            os.path.join(out_dir, f"rank{rank}.pt"),
-        )
+        for chunk in chunks:
+            _, loss, norm, grads, step_s = run_layout(
+                tiny_config(logits_chunk_tokens=chunk, sequence_parallel=sp),
+                full,
+                ps.get_data_parallel_rank(),
+                ps.get_data_parallel_world_size(),
+            )
+            torch.save(
+                {
+                    "loss": loss,
+                    "grad_norm": norm,
+                    "grads": grads,
+                    "tp_rank": ps.get_tensor_model_parallel_rank(),
+                    "step_s": step_s,
+                },
+                os.path.join(out_dir, f"rank{rank}-chunk{chunk}.pt"),
+            )
 
 
 @pytest.fixture(scope="module")
@@ -163,11 +170,23 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chun
     world = tp * pp * dp
     mp.spawn(
         _worker,
-        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), chunk),
+        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), [chunk]),
         nprocs=world,
         join=True,
     )
-    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
+    results = [torch.load(tmp_path / f"rank{r}-chunk{chunk}.pt", weights_only=True) for r in range(world)]
+    _check_against_reference(results, reference, tp, f"tp={tp} pp={pp} dp={dp} chunk={chunk}")
+
+
+def test_sequence_parallel_matches_reference(reference, tmp_path):
+    args = (2, parallel.free_port(), 2, 1, reference["params_path"], str(tmp_path), [0, 5], True)
+    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    for chunk in (0, 5):
+        results = [torch.load(tmp_path / f"rank{r}-chunk{chunk}.pt", weights_only=True) for r in range(2)]
+        _check_against_reference(results, reference, 2, f"tp=2 sequence-parallel chunk={chunk}")
+
+
+def _check_against_reference(results, reference, tp, what):
     for res in results:
         assert _rel(torch.tensor(res["loss"]), torch.tensor(reference["loss"])) < TOL
         assert _rel(torch.tensor(res["grad_norm"]), torch.tensor(reference["grad_norm"])) < TOL
@@ -175,10 +194,47 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chun
     assert sorted(grads) == sorted(reference["grads"])
     worst = max(_rel(grads[k], reference["grads"][k]) for k in grads)
     print(
-        f"tp={tp} pp={pp} dp={dp} chunk={chunk}: loss {results[0]['loss']:.6f} vs {reference['loss']:.6f}, "
+        f"{what}: loss {results[0]['loss']:.6f} vs {reference['loss']:.6f}, "
         f"max relative grad difference {worst:.2e}, step {results[0]['step_s'] * 1e3:.0f} ms"
     )
     for k in grads:
         assert _rel(grads[k], reference["grads"][k]) < TOL, (
             f"{k}: relative difference {_rel(grads[k], reference['grads'][k]):.2e}"
         )
+
+
+def _vpp_worker(rank, port, params_path, out_dir):
+    """PP=2 with 2 virtual stages per rank: 4 layers as chunks [0, 2] on rank 0 and [1, 3] on rank 1."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    layout = parallel.ParallelConfig(1, 2, virtual_pipeline_model_parallel_size=2)
+    with parallel.distributed(layout, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=SEED):
+        chunks = M.build_model_chunks(tiny_config(num_layers=4))
+        assert len(chunks) == 2
+        full = torch.load(params_path, weights_only=True)
+        for chunk in chunks:
+            M.load_full_parameters(chunk, full)
+        loss, _ = forward_backward(chunks, make_micro_batches(), shiq_loss_fn)
+        finalize_grads(chunks)
+        grads = {}
+        for chunk in chunks:
+            for name, p in chunk.named_parameters():
+                dim, glu = M.tp_layout(chunk, name, p)
+                grads[f"{chunk.vp_stage}/{name}"] = (M.full_param_name(chunk, name), dim, glu, p.grad.detach().clone())
+        layers = [
+            M.full_param_name(c, n).split(".")[2] for c in chunks for n, _ in c.named_parameters() if ".layers." in n
+        ]
+        out = {"loss": loss, "grad_norm": grad_norm(chunks), "grads": grads, "tp_rank": 0, "step_s": 0.0}
+        torch.save({**out, "layers": sorted(set(layers))}, os.path.join(out_dir, f"vpp-rank{rank}.pt"))
+
+
+def test_interleaved_pipeline_matches_reference(tmp_path):
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model, loss, norm, grads, _ = run_layout(tiny_config(num_layers=4))
+        torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, tmp_path / "full.pt")
+    reference = {"loss": loss, "grad_norm": norm, "grads": {full_name: g for full_name, _, _, g in grads.values()}}
+    mp.spawn(_vpp_worker, args=(parallel.free_port(), str(tmp_path / "full.pt"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"vpp-rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["layers"] for r in results] == [["0", "2"], ["1", "3"]]  # the interleaved assignment
+    _check_against_reference(results, reference, 1, "pp=2 x vpp=2")

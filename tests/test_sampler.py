@@ -118,6 +118,34 @@ def test_padded_batches_equal_the_rows(rows_and_buffer):
                 assert int(mb["group_ids"][b]) == r["group_id"]
 
 
+@pytest.mark.parametrize("mode", ["padded", "packed", "groups"])
+def test_width_multiple_only_adds_padding(rows_and_buffer, mode):
+    """Sequence parallelism pads widths to a multiple of tp: same batches as without, plus padding
+    columns (token pad_id, no action, reward 0, a segment id of its own when packed)."""
+    _, buf = rows_and_buffer
+    kw = dict(rows_per_micro_batch=4, micro_batches_per_step=2, seed=3, mode=mode, max_tokens_per_row=20, pad_id=PAD)
+    plain, wide = BufferSampler(buf, **kw), BufferSampler(buf, width_multiple=3, **kw)
+    widths = set()
+    for _ in range(4):
+        for a, b in zip(plain.next_micro_batches(), wide.next_micro_batches()):
+            T, W = a["tokens"].shape[1], b["tokens"].shape[1]
+            assert W % 3 == 0 and T <= W < T + 3
+            widths.add(T % 3)
+            assert sorted(a) == sorted(b)
+            for k in a:
+                if a[k].dim() < 2:
+                    assert a[k].tolist() == b[k].tolist(), k
+                    continue
+                assert b[k][:, :T].tolist() == a[k].tolist(), k
+                # packed: padding has its own segment id (one past the last trajectory's if the row was full)
+                trailing = a["segment_ids"][:, -1:] + (a["tokens"][:, -1:] != PAD) if k == "segment_ids" else None
+                pad = {"tokens": PAD, "segment_ids": trailing}.get(k, 0)
+                assert (b[k][:, T:] == pad).all(), k
+    assert widths != {0}  # some batches did need the extra padding
+    with pytest.raises(ValueError, match="width_multiple must be an integer >= 1"):
+        BufferSampler(buf, rows_per_micro_batch=4, width_multiple=0)
+
+
 def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
     rows, buf = rows_and_buffer
     s = BufferSampler(

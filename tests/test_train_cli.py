@@ -84,8 +84,8 @@ class Source:
     def load_state_dict(self, s):
         self.pos = s["pos"]
 
-def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens):
-    assert dp_world == 1 and mode in ("padded", "groups"), (dp_world, mode)
+def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens, width_multiple):
+    assert dp_world == 1 and mode in ("padded", "groups") and width_multiple == 1, (dp_world, mode, width_multiple)
     return Source(data_cfg["seed"], data_cfg["rows_per_micro_batch"], data_cfg["micro_batches_per_step"])
 
 cli.open_data_source = fake_source
