@@ -4,11 +4,13 @@ matches the single-process AdamW run, shards the optimizer state, and resumes ex
 The tiny GPT, micro-batches and ShiQ loss of ``test_parallel_parity`` (float32), AdamW with weight decay
 (1-D parameters exempt), one warm-up step, cosine decay and a clipping threshold that clips some steps and
 not others. Reference: the default optimizer (per-parameter all-reduce, whole AdamW state) in one process.
-DP=1, DP=2 and DP=2×TP=2 with the distributed optimizer run the same 4 optimizer steps (each data-parallel
-rank on its share of the micro-batches). Asserted: every step's loss and gradient norm, and every parameter
-after the last step, equal the reference to a relative difference below ``TOL`` (the parity tests' 1e-5);
-the AdamW state per rank at DP=2 is half of DP=1's (padding aside); a run of 2 steps through the Trainer,
-saved and resumed (a new model and optimizer) for 2 more, ends where 4 uninterrupted steps end, bit for bit.
+DP=1, DP=2, DP=2×PP=2 and DP=2×TP=2 (the last two slow) with the distributed optimizer run the same 4
+optimizer steps (each data-parallel rank on its share of the micro-batches). Asserted: every step's loss,
+gradient norm and learning rate, and every parameter after the last step, equal the reference to a relative
+difference below ``TOL`` (the parity tests' 1e-5; under TP=2 the parameters are compared with the default
+optimizer in the same layout, see that test); the AdamW state per rank at DP=2 is half of DP=1's (padding
+aside); a run of 2 steps through the Trainer, saved and resumed (a new model and optimizer) for 2 more, ends
+where 4 uninterrupted steps end, bit for bit. bfloat16 parameters: float32 masters, measured state size.
 """
 
 import os
@@ -78,11 +80,11 @@ def fit(full, out_dir, steps):
     return [h["loss"] for h in history], local_params(trainer.model)
 
 
-def _worker(rank, world, port, tp, params_path, out_dir, resume, plain):
+def _worker(rank, world, port, tp, pp, params_path, out_dir, resume, plain):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with parallel.distributed(
-        parallel.ParallelConfig(tp, 1), rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=SEED
+        parallel.ParallelConfig(tp, pp), rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=SEED
     ):
         from megatron.core import parallel_state as ps
 
@@ -128,11 +130,11 @@ def reference(tmp_path_factory):
     return ref
 
 
-def _spawn(reference, out_dir, tp, dp, resume=False, plain=False):
-    world = tp * dp
+def _spawn(reference, out_dir, tp, dp, pp=1, resume=False, plain=False):
+    world = tp * pp * dp
     mp.spawn(
         _worker,
-        args=(world, parallel.free_port(), tp, reference["params_path"], str(out_dir), resume, plain),
+        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(out_dir), resume, plain),
         nprocs=world,
         join=True,
     )
@@ -190,6 +192,12 @@ def test_resumed_trainer_run_equals_the_uninterrupted_run(dp2):
 
 
 @pytest.mark.slow  # 4 processes; the quick variant is the DP=2 test above
+def test_dp2_pp2_matches_the_single_process_run_step_for_step(reference, tmp_path):
+    """Pipeline stages with the tied embedding: megatron's finalize_model_grads sums its two copies' gradients."""
+    _assert_matches(reference, _spawn(reference, tmp_path, tp=1, dp=2, pp=2), tp=1)
+
+
+@pytest.mark.slow  # 4 processes; the quick variant is the DP=2 test above
 def test_dp2_tp2_matches_the_single_process_run_step_for_step(reference, tmp_path):
     """Under tensor parallelism the gradients differ from one process's by float rounding (below 1e-6, see
     test_parallel_parity), which AdamW's m / sqrt(v) carries at full step size for elements whose gradient is
@@ -199,3 +207,42 @@ def test_dp2_tp2_matches_the_single_process_run_step_for_step(reference, tmp_pat
     results = _spawn(reference, tmp_path, tp=2, dp=2, plain=True)
     plain = _gather([{"grads": r["plain"]["params"], "tp_rank": r["tp_rank"]} for r in results], 2)
     _assert_matches(reference, results, tp=2, params_like=plain)
+
+
+def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
+    """bfloat16 weights (the norm weights stay float32): the distributed optimizer keeps float32 masters of
+    the bfloat16 parameters only and accumulates gradients in float32, where the default optimizer
+    (``MasterWeightOptimizer``) accumulates them in bfloat16; so the losses agree to bfloat16 precision."""
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config(params_dtype="bfloat16"))
+        full = {name: p.detach().clone() for name, p in model.named_parameters()}
+        opt, sched = build_optimizer(model, OPT)
+        plain = run_steps(model, opt, sched)
+        model = M.build_model(tiny_config(params_dtype="bfloat16"))
+        M.load_full_parameters(model, full)
+        ddp, dopt, dsched = build_distributed(model, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        ours = run_steps(ddp, dopt, dsched)
+        assert "type" not in vars(torch.Tensor) and "cuda" not in vars(torch.Tensor)  # restored after each call
+        n16 = sum(p.numel() for p in full.values() if p.dtype == torch.bfloat16)
+        n32 = sum(p.numel() for p in full.values() if p.dtype == torch.float32)
+        assert n16 > 0 and n32 > 0
+        # two float32 moments per element, a float32 master per bfloat16 element, a step count per tensor
+        assert optimizer_state_bytes(dopt) == 8 * (n16 + n32) + 4 * n16 + 4 * len(full)
+        assert optimizer_state_bytes(opt) == 8 * (n16 + n32) + 4 * (n16 + n32) + 4 * len(full)
+    for step, ((loss, norm, _), (ploss, pnorm, _)) in enumerate(zip(ours, plain)):
+        assert abs(loss - ploss) < 1e-2 * abs(ploss), f"step {step + 1}: {loss} vs {ploss}"
+        assert abs(norm - pnorm) < 2e-2 * abs(pnorm), f"step {step + 1}: {norm} vs {pnorm}"
+    assert ours[-1][0] < ours[0][0] - 0.1  # it trains
+
+
+def test_the_option_is_validated_and_refused_where_it_does_not_apply():
+    from shiq_train.qsharp_train import value_config_from_run
+
+    with pytest.raises(ValueError, match="optimizer.distributed must be true or false"):
+        OptimizerConfig(distributed="yes")
+    with pytest.raises(ValueError, match="set optimizer.fp32_master_weights=true"):
+        OptimizerConfig(distributed=True, fp32_master_weights=False)
+    run = {"loss": {"name": "qsharp_value"}, "optimizer": {"distributed": True}, "train": {}, "data": {}, "seed": 0}
+    with pytest.raises(ValueError, match="loss=qsharp_value trains in one process"):
+        value_config_from_run(run)
