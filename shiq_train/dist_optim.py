@@ -166,7 +166,17 @@ class DistributedAdamW:
                 name: {k: flat[k][off : off + p.numel()].view(p.shape).clone() for k in STATE_KEYS}
                 for (name, p), off in zip(self.named, offsets)
             }
-        return {"format": STATE_FORMAT, "groups": self.dist.state_dict()["optimizer"]["param_groups"], "state": state}
+        return {"format": STATE_FORMAT, "groups": self._groups(), "state": state}
+
+    def _groups(self) -> list[dict]:
+        """The AdamW parameter groups without their parameters, each with the step count (as megatron's
+        ``DistributedOptimizer.state_dict``, which fails on a rank holding no state, e.g. a frozen stage)."""
+        inner = self.torch_optimizer.state_dict()
+        steps = {int(s["step"]) for s in inner["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"AdamW's step counts differ between parameters: {sorted(steps)}")
+        step = steps.pop() if steps else 0
+        return [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in inner["param_groups"]]
 
     @torch.no_grad()
     def load_state_dict(self, saved: dict) -> None:
@@ -180,27 +190,24 @@ class DistributedAdamW:
         offsets, n = self._flat()
         state = saved["state"]
         flat = {k: torch.empty(n, dtype=torch.float32) for k in STATE_KEYS}
+        problem = None
         if dist.get_rank(group) == 0:
-            names = [name for name, _ in self.named]
-            if state is None or set(state) != set(names):
-                raise ValueError(
-                    "the checkpoint's distributed optimizer state covers other parameters than the trainable ones "
-                    f"(missing {sorted(set(names) - set(state or {}))}, extra {sorted(set(state or {}) - set(names))})"
-                )
-            for (name, p), off in zip(self.named, offsets):
-                for k in STATE_KEYS:
-                    t = state[name][k]
-                    if tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(
-                            f"the checkpoint's optimizer state {name}.{k} has shape {tuple(t.shape)}, "
-                            f"the parameter {tuple(p.shape)}"
-                        )
-                    flat[k][off : off + p.numel()] = t.reshape(-1)
+            problem = self._check(state)
+            if problem is None:
+                for (name, p), off in zip(self.named, offsets):
+                    for k in STATE_KEYS:
+                        flat[k][off : off + p.numel()] = state[name][k].reshape(-1)
         root = dist.get_global_rank(group, 0)
+        bad = torch.tensor([problem is not None], dtype=torch.int32)
+        dist.broadcast(bad, src=root, group=group)  # every rank stops, not only the one that read the state
+        if bad.item():
+            raise ValueError(
+                problem or "the checkpoint's optimizer state does not fit the model (see data-parallel rank 0)"
+            )
         for k in STATE_KEYS:
             dist.broadcast(flat[k], src=root, group=group)
         self.dist.load_state_dict({"optimizer": {"param_groups": saved["groups"]}})  # allocates the slices
-        # megatron (0.16.1 distrib_optimizer.py:837-843, torch AdamW without Apex/TE) gives every parameter
+        # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
         # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
         for s in self.torch_optimizer.state.values():
             s["step"] = s["step"].clone()
@@ -211,6 +218,25 @@ class DistributedAdamW:
             live = self.dist._get_main_param_and_optimizer_states(p)
             for k in STATE_KEYS:
                 live[k].copy_(flat[k][off + sl[0] : off + sl[1]].view_as(live[k]))
+
+    def _check(self, state) -> str | None:
+        """What is wrong with data-parallel rank 0's saved ``state`` for these parameters, or None."""
+        names = [name for name, _ in self.named]
+        if not isinstance(state, dict) or set(state) != set(names):
+            have = set(state) if isinstance(state, dict) else set()
+            return (
+                "the checkpoint's distributed optimizer state covers other parameters than the trainable ones "
+                f"(missing {sorted(set(names) - have)}, extra {sorted(have - set(names))})"
+            )
+        for name, p in self.named:
+            for k in STATE_KEYS:
+                t = state[name].get(k) if isinstance(state[name], dict) else None
+                if not torch.is_tensor(t) or tuple(t.shape) != tuple(p.shape):
+                    shape = tuple(t.shape) if torch.is_tensor(t) else None
+                    return (
+                        f"the checkpoint's optimizer state {name}.{k} has shape {shape}, the parameter {tuple(p.shape)}"
+                    )
+        return None
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -230,6 +230,14 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
         # two float32 moments per element, a float32 master per bfloat16 element, a step count per tensor
         assert optimizer_state_bytes(dopt) == 8 * (n16 + n32) + 4 * n16 + 4 * len(full)
         assert optimizer_state_bytes(opt) == 8 * (n16 + n32) + 4 * (n16 + n32) + 4 * len(full)
+        saved = dopt.state_dict()  # full per-parameter float32 tensors of each parameter's shape
+        assert sorted(saved["state"]) == sorted(full)
+        assert all(saved["state"][k]["param"].shape == full[k].shape for k in full)
+        with pytest.raises(ValueError, match="not written by optimizer.distributed=true"):
+            dopt.load_state_dict(opt.state_dict())
+        name = sorted(full)[0]
+        with pytest.raises(ValueError, match=rf"missing \['{name}'\]"):
+            dopt.load_state_dict({**saved, "state": {k: v for k, v in saved["state"].items() if k != name}})
     for step, ((loss, norm, _), (ploss, pnorm, _)) in enumerate(zip(ours, plain)):
         assert abs(loss - ploss) < 1e-2 * abs(ploss), f"step {step + 1}: {loss} vs {ploss}"
         assert abs(norm - pnorm) < 2e-2 * abs(pnorm), f"step {step + 1}: {norm} vs {pnorm}"
