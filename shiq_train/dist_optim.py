@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_train.model import unwrap
+from shiq_train.parallel import device
 from shiq_train.train_step import MasterWeightOptimizer, OptimizerConfig
 
 STATE_FORMAT = "shiq/distributed-adamw/full-per-parameter/v1"
@@ -149,21 +150,21 @@ class DistributedAdamW:
         master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
         group = self._group()
         offsets, n = self._flat()
-        flat = {k: torch.zeros(n, dtype=torch.float32) for k in STATE_KEYS}
+        flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU
         for (_, p), off in zip(self.named, offsets):
             sl = self._slice(p)
             if sl is None:
                 continue
             live = self.dist._get_main_param_and_optimizer_states(p)
             for k in STATE_KEYS:
-                flat[k][off + sl[0] : off + sl[1]] = live[k].detach().view(-1).float().cpu()
+                flat[k][off + sl[0] : off + sl[1]] = live[k].detach().view(-1).float()
         root = dist.get_global_rank(group, 0)
         for k in STATE_KEYS:  # slices do not overlap: the sum is a gather
             dist.reduce(flat[k], dst=root, group=group)
         state = None
         if dist.get_rank(group) == 0:
             state = {
-                name: {k: flat[k][off : off + p.numel()].view(p.shape).clone() for k in STATE_KEYS}
+                name: {k: flat[k][off : off + p.numel()].view(p.shape).cpu().clone() for k in STATE_KEYS}
                 for (name, p), off in zip(self.named, offsets)
             }
         return {"format": STATE_FORMAT, "groups": self._groups(), "state": state}
@@ -189,7 +190,7 @@ class DistributedAdamW:
         group = self._group()
         offsets, n = self._flat()
         state = saved["state"]
-        flat = {k: torch.empty(n, dtype=torch.float32) for k in STATE_KEYS}
+        flat = {k: torch.empty(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}
         problem = None
         if dist.get_rank(group) == 0:
             problem = self._check(state)
@@ -198,7 +199,7 @@ class DistributedAdamW:
                     for k in STATE_KEYS:
                         flat[k][off : off + p.numel()] = state[name][k].reshape(-1)
         root = dist.get_global_rank(group, 0)
-        bad = torch.tensor([problem is not None], dtype=torch.int32)
+        bad = torch.tensor([problem is not None], dtype=torch.int32, device=device())
         dist.broadcast(bad, src=root, group=group)  # every rank stops, not only the one that read the state
         if bad.item():
             raise ValueError(
