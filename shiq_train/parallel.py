@@ -3,7 +3,7 @@
 megatron-core assumes a CUDA device in a few places on the training path. Without a GPU
 (``torch.cuda.is_available()`` False) :func:`apply_cpu_adaptations` patches exactly those places,
 each as narrowly as it can (one name as seen from one megatron module; torch itself is untouched
-except ``Tensor.cuda`` for the duration of one megatron call). The measured list follows; line
+except ``Tensor.cuda`` or ``Tensor.type`` for the duration of one megatron call). The measured list follows; line
 numbers refer to megatron-core 0.16.1:
 
 - ``rng_tracker`` -- ``tensor_parallel/random.py:235-240``: ``CudaRNGStatesTracker.add`` reads
@@ -43,6 +43,29 @@ numbers refer to megatron-core 0.16.1:
 - ``tp_gather`` -- ``tensor_parallel/mappings.py:91, 141, 148, 181``: gather buffers (the logits
   gathered over vocabulary shards when sampling under tensor parallelism) on ``current_device()``.
   Patched: ``current_device`` as seen from ``mappings``.
+
+On the path of megatron's DistributedDataParallel and distributed optimizer (``shiq_train.dist_optim``):
+
+- ``grad_buffer`` -- ``distributed/param_and_grad_buffer.py:783, 800, 806``: the contiguous parameter and
+  gradient buffers on ``current_device()``. Patched: ``current_device`` as seen from ``param_and_grad_buffer``.
+- ``optimizer_flags`` -- ``optimizer/optimizer.py:473, 481, 485``: ``MixedPrecisionOptimizer``'s
+  found-inf flag, overflow buffer and unit loss scale ``torch.tensor(..., device='cuda')``. Patched:
+  ``tensor`` as seen from ``optimizer.optimizer`` maps ``"cuda"`` to the CPU.
+- ``grad_norm_device`` -- ``optimizer/clip_grads.py:90, 103, 115, 174, 207``: the norm's and clipping's
+  work tensors ``torch.zeros``/``torch.tensor(..., device='cuda')``; ``utils.py:1207``: the l2 norm
+  without Apex/Transformer Engine (``local_multi_tensor_l2_norm``) returns its result on ``"cuda"``.
+  Patched: ``zeros`` and ``tensor`` as seen from ``clip_grads``, ``tensor`` as seen from ``megatron.core.utils``.
+- ``param_type_names`` -- ``optimizer/distrib_optimizer.py:361, 420, 582`` and ``clip_grads.py:167``:
+  parameters and gradients are recognised by ``tensor.type()`` being ``'torch.cuda.FloatTensor'`` (or
+  Half/BFloat16). Patched: ``DistributedOptimizer.__init__`` and ``clip_grad_by_total_norm_fp32`` as seen
+  from ``optimizer.optimizer`` are wrapped so that, during those calls only, ``Tensor.type()`` of a CPU
+  tensor names its CUDA counterpart.
+- ``optimizer_state_alloc`` -- ``optimizer/distrib_optimizer.py:791``: ``load_state_dict`` allocates the
+  AdamW state slices on ``current_device()``. Patched: ``current_device`` as seen from ``distrib_optimizer``.
+
+Gloo runs everything else on that path as is: the reduce-scatter of the gradient buffer
+(``reduce_scatter_tensor``) and the all-gather of the updated parameters (``all_gather_into_tensor``), both
+inside ``_coalescing_manager``.
 
 Two CUDA assumptions are met by configuration instead of patches (see ``shiq_train.model``):
 ``TransformerConfig(use_cpu_initialization=True)`` (weights and rotary frequencies on CPU) and an
@@ -116,6 +139,13 @@ def _zeros_cuda_to_cpu(*size, device=None, **kwargs):
     return torch.zeros(*size, device=device, **kwargs)
 
 
+def _tensor_cuda_to_cpu(*args, device=None, **kwargs):
+    """``torch.tensor`` that allocates on CPU what megatron asked to allocate on ``"cuda"``."""
+    if device is not None and torch.device(device).type == "cuda":
+        device = "cpu"
+    return torch.tensor(*args, device=device, **kwargs)
+
+
 def _cpu_rng_tracker_class():
     """A ``CudaRNGStatesTracker`` whose named states are CPU generator states.
 
@@ -165,26 +195,37 @@ def _cpu_rng_tracker_class():
     return CpuRNGStatesTracker
 
 
-def _wrap_tied_embedding_setup():
-    from megatron.core.models.common.language_module.language_module import LanguageModule  # heavy: megatron
+def _while_calling(original, name: str, replacement):
+    """``original`` (a megatron function) that, for the duration of one call, sees the ``torch.Tensor``
+    method ``name`` replaced by ``replacement(original_method, tensor, *args, **kwargs)``."""
 
-    original = LanguageModule.setup_embeddings_and_output_layer
-
-    def setup_embeddings_and_output_layer(self) -> None:
-        cuda = torch.Tensor.cuda
-
-        def identity_on_cpu(t, *args, **kwargs):
-            return t if t.device.type == "cpu" else cuda(t, *args, **kwargs)
-
-        torch.Tensor.cuda = identity_on_cpu
+    def wrapped(*args, **kwargs):
+        own = name in vars(torch.Tensor)  # else inherited from torch's C base class
+        method = getattr(torch.Tensor, name)
+        setattr(torch.Tensor, name, lambda t, *a, **kw: replacement(method, t, *a, **kw))
         try:
-            return original(self)
+            return original(*args, **kwargs)
         finally:
-            torch.Tensor.cuda = cuda
+            if own:
+                setattr(torch.Tensor, name, method)
+            else:
+                delattr(torch.Tensor, name)
 
-    setup_embeddings_and_output_layer._shiq_cpu = True
-    setup_embeddings_and_output_layer.__wrapped__ = original
-    return setup_embeddings_and_output_layer
+    wrapped._shiq_cpu = True
+    wrapped.__wrapped__ = original
+    return wrapped
+
+
+def _cuda_identity_on_cpu(cuda_method, t, *args, **kwargs):
+    """``Tensor.cuda()`` that returns a CPU tensor itself."""
+    return t if t.device.type == "cpu" else cuda_method(t, *args, **kwargs)
+
+
+def _cuda_type_name(type_method, t, *args, **kwargs):
+    """``Tensor.type()`` naming a CPU tensor as its CUDA counterpart (``torch.cuda.FloatTensor``)."""
+    if args or kwargs or t.device.type != "cpu":
+        return type_method(t, *args, **kwargs)
+    return type_method(t).replace("torch.", "torch.cuda.", 1)
 
 
 def apply_cpu_adaptations() -> list[str]:
@@ -199,8 +240,11 @@ def apply_cpu_adaptations() -> list[str]:
         return list(_APPLIED)
 
     from megatron.core import utils as mutils  # heavy: megatron
+    from megatron.core.distributed import param_and_grad_buffer  # heavy: megatron
     from megatron.core.models.common.embeddings import rotary_pos_embedding  # heavy: megatron
     from megatron.core.models.common.language_module import language_module  # heavy: megatron
+    from megatron.core.optimizer import clip_grads, distrib_optimizer  # heavy: megatron
+    from megatron.core.optimizer import optimizer as moptimizer  # heavy: megatron
     from megatron.core.pipeline_parallel import p2p_communication, schedules  # heavy: megatron
     from megatron.core.tensor_parallel import layers, mappings  # heavy: megatron
     from megatron.core.tensor_parallel import random as mrandom  # heavy: megatron
@@ -213,7 +257,7 @@ def apply_cpu_adaptations() -> list[str]:
     if mrandom._get_cuda_rng_state is not _no_cuda_rng_state:
         mrandom._get_cuda_rng_state = mrandom._set_cuda_rng_state = _no_cuda_rng_state
     if not isinstance(mutils.torch, _TorchView):
-        mutils.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+        mutils.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device), tensor=_tensor_cuda_to_cpu)
     if not isinstance(rotary_pos_embedding.torch, _TorchView):
         rotary_pos_embedding.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(schedules.torch, _TorchView):
@@ -222,13 +266,30 @@ def apply_cpu_adaptations() -> list[str]:
         p2p_communication.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device, synchronize=_no_sync))
     lm = language_module.LanguageModule
     if not getattr(lm.setup_embeddings_and_output_layer, "_shiq_cpu", False):
-        lm.setup_embeddings_and_output_layer = _wrap_tied_embedding_setup()
+        lm.setup_embeddings_and_output_layer = _while_calling(
+            lm.setup_embeddings_and_output_layer, "cuda", _cuda_identity_on_cpu
+        )
     if not isinstance(layers.torch, _TorchView):
         layers.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(attention.torch, _TorchView):
         attention.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
     if not isinstance(mappings.torch, _TorchView):
         mappings.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    if not isinstance(param_and_grad_buffer.torch, _TorchView):
+        param_and_grad_buffer.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    if not isinstance(moptimizer.torch, _TorchView):
+        moptimizer.torch = _TorchView(tensor=_tensor_cuda_to_cpu)
+    if not isinstance(clip_grads.torch, _TorchView):
+        clip_grads.torch = _TorchView(tensor=_tensor_cuda_to_cpu, zeros=_zeros_cuda_to_cpu)
+    if not isinstance(distrib_optimizer.torch, _TorchView):
+        distrib_optimizer.torch = _TorchView(cuda=_CudaView(current_device=_cpu_device))
+    dopt = distrib_optimizer.DistributedOptimizer
+    if not getattr(dopt.__init__, "_shiq_cpu", False):
+        dopt.__init__ = _while_calling(dopt.__init__, "type", _cuda_type_name)
+    if not getattr(moptimizer.clip_grad_by_total_norm_fp32, "_shiq_cpu", False):
+        moptimizer.clip_grad_by_total_norm_fp32 = _while_calling(
+            moptimizer.clip_grad_by_total_norm_fp32, "type", _cuda_type_name
+        )
     _APPLIED[:] = [
         "rng_tracker",
         "checkpoint_rng",
@@ -240,6 +301,11 @@ def apply_cpu_adaptations() -> list[str]:
         "sp_linear_grad",
         "kv_cache",
         "tp_gather",
+        "grad_buffer",
+        "optimizer_flags",
+        "grad_norm_device",
+        "param_type_names",
+        "optimizer_state_alloc",
     ]
     return list(_APPLIED)
 

@@ -120,6 +120,11 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
             f"unknown loss option(s) {unknown} for loss={loss.get('name')}; known: {list(VALUE_LOSS_KEYS)}"
         )
     opt, train, data = cfg["optimizer"], cfg["train"], cfg["data"]
+    if opt.get("distributed"):
+        raise ValueError(
+            "optimizer.distributed=true: loss=qsharp_value trains in one process with its own optimizer; "
+            "leave optimizer.distributed=false"
+        )
     return ValueTrainConfig(
         steps=int(train["steps"]),
         rows_per_micro_batch=int(data["rows_per_micro_batch"]),

@@ -10,7 +10,9 @@ Pieces a trainer composes (none holds global state beyond megatron's process gro
   embedding's two copies under pipeline parallelism, and the data-parallel mean.
 - :func:`clip_grad_norm` — the global gradient norm over the tensor × pipeline layout (replicated
   parameters counted once) and clipping.
-- :func:`build_optimizer` / :func:`train_step` — AdamW with linear warm-up and cosine decay.
+- :func:`build_optimizer` / :func:`train_step` — AdamW with linear warm-up and cosine decay
+  (``OptimizerConfig.distributed``: megatron's DDP and distributed optimizer instead, built by
+  ``shiq_train.dist_optim.build_distributed``; ``train_step`` runs either).
 
 A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask`` (bool),
 ``rewards``, ``ref_chosen_logits``, ``ref_logz`` (float), optionally ``segment_ids`` ``[B, T]`` and
@@ -41,7 +43,12 @@ class OptimizerConfig:
     over ``decay_steps`` (0: constant after warm-up). ``clip_grad`` is the max global grad norm
     (0 disables). Norms, biases (1-D parameters) get no weight decay. With bf16 parameters and
     ``fp32_master_weights``, AdamW updates float32 copies that are rounded into the model after each
-    step (updates smaller than bf16's resolution accumulate instead of vanishing)."""
+    step (updates smaller than bf16's resolution accumulate instead of vanishing).
+
+    ``distributed``: train through megatron-core's DistributedDataParallel and distributed optimizer
+    (``shiq_train.dist_optim``): gradients reduce-scattered from one contiguous buffer, AdamW state and
+    float32 master weights sharded over the data-parallel ranks (ZeRO-1); the same updates as the default
+    (per-parameter all-reduce, every rank holding the whole AdamW state). Needs ``fp32_master_weights``."""
 
     lr: float = 3e-4
     min_lr: float = 0.0
@@ -53,6 +60,7 @@ class OptimizerConfig:
     warmup_steps: int = 0
     decay_steps: int = 0
     fp32_master_weights: bool = True
+    distributed: bool = False
 
     def __post_init__(self):
         if not self.lr > 0:
@@ -61,6 +69,13 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
         if self.clip_grad < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
             raise ValueError("optimizer.clip_grad, warmup_steps and decay_steps must be >= 0")
+        if not isinstance(self.distributed, bool):
+            raise ValueError(f"optimizer.distributed must be true or false, got {self.distributed!r}")
+        if self.distributed and not self.fp32_master_weights:
+            raise ValueError(
+                "optimizer.distributed=true always keeps float32 master weights (megatron's distributed "
+                "optimizer): set optimizer.fp32_master_weights=true"
+            )
 
     def lr_at(self, step: int) -> float:
         """Learning rate for optimizer step ``step`` (0-based)."""
@@ -305,13 +320,19 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], loss_fn: 
     """Zero grads, forward/backward over ``micro_batches``, reduce, clip, AdamW step, LR schedule.
 
     Returns the metrics (``loss`` and the loss function's, averaged over micro-batches),
-    ``grad_norm`` (before clipping) and ``lr`` (the rate this step used).
+    ``grad_norm`` (before clipping) and ``lr`` (the rate this step used). With the distributed optimizer
+    (``shiq_train.dist_optim.DistributedAdamW``, ``optimizer.finalizes_grads``) megatron reduces the
+    gradients inside ``forward_backward`` and the optimizer clips by the same global norm (its
+    ``clip_grad``).
     """
     optimizer.zero_grad(set_to_none=True)
     loss, metrics = forward_backward(model, micro_batches, loss_fn)
-    finalize_grads(model)
-    norm = clip_grad_norm(model, clip_grad)
     lr = optimizer.param_groups[0]["lr"]
-    optimizer.step()
+    if getattr(optimizer, "finalizes_grads", False):
+        norm = optimizer.step()
+    else:
+        finalize_grads(model)
+        norm = clip_grad_norm(model, clip_grad)
+        optimizer.step()
     scheduler.step()
     return {**metrics, "grad_norm": norm, "lr": lr}

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
+from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, unwrap
 from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
@@ -150,7 +151,11 @@ def _buffer_of(data):
 class Trainer:
     """``prefix_cache``: a :class:`shiq_train.prefix_cache.PrefixCache` of the buffer the data source
     reads, built by the caller (one cache can serve several trainers of models with the same frozen
-    prefix); without it, ``cfg.cache_frozen_prefix`` builds one in :meth:`fit`."""
+    prefix); without it, ``cfg.cache_frozen_prefix`` builds one in :meth:`fit`.
+
+    With ``opt_cfg.distributed`` the trainer wraps ``model`` in megatron's DistributedDataParallel
+    (``self.model``; ``model`` stays reachable as its ``.module``) and steps megatron's distributed
+    optimizer (``shiq_train.dist_optim``)."""
 
     def __init__(
         self,
@@ -177,9 +182,12 @@ class Trainer:
         if ref_model is not None:
             for p in ref_model.parameters():
                 p.requires_grad_(False)
+        if opt_cfg.distributed:  # self.model becomes megatron's DDP wrapper (over the parameters trainable now)
+            self.model, self.optimizer, self.scheduler = build_distributed(model, opt_cfg)
+        else:
+            self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         if prefix_cache is not None:
             self._check_cache(prefix_cache)
-        self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         self.loss_fn = objective_loss_fn(loss_cfg)
 
     def _check_cache(self, cache: PrefixCache) -> None:

@@ -32,7 +32,10 @@ def dist1():
 
 def test_adaptations_are_idempotent_and_narrow():
     from megatron.core import utils as mutils
+    from megatron.core.distributed import param_and_grad_buffer
     from megatron.core.models.common.language_module.language_module import LanguageModule
+    from megatron.core.optimizer import clip_grads, distrib_optimizer
+    from megatron.core.optimizer import optimizer as moptimizer
     from megatron.core.pipeline_parallel import p2p_communication, schedules
     from megatron.core.tensor_parallel import mappings
     from megatron.core.tensor_parallel import random as mrandom
@@ -50,6 +53,11 @@ def test_adaptations_are_idempotent_and_narrow():
         "sp_linear_grad",
         "kv_cache",
         "tp_gather",
+        "grad_buffer",
+        "optimizer_flags",
+        "grad_norm_device",
+        "param_type_names",
+        "optimizer_state_alloc",
     ]
     patched = (
         mrandom.CudaRNGStatesTracker,
@@ -59,6 +67,12 @@ def test_adaptations_are_idempotent_and_narrow():
         LanguageModule.setup_embeddings_and_output_layer,
         attention.torch,
         mappings.torch,
+        param_and_grad_buffer.torch,
+        moptimizer.torch,
+        clip_grads.torch,
+        distrib_optimizer.torch,
+        distrib_optimizer.DistributedOptimizer.__init__,
+        moptimizer.clip_grad_by_total_norm_fp32,
     )
     assert parallel.apply_cpu_adaptations() == names
     assert patched == (
@@ -69,10 +83,16 @@ def test_adaptations_are_idempotent_and_narrow():
         LanguageModule.setup_embeddings_and_output_layer,
         attention.torch,
         mappings.torch,
+        param_and_grad_buffer.torch,
+        moptimizer.torch,
+        clip_grads.torch,
+        distrib_optimizer.torch,
+        distrib_optimizer.DistributedOptimizer.__init__,
+        moptimizer.clip_grad_by_total_norm_fp32,
     )
     from megatron.core.tensor_parallel import layers
 
-    for module in (attention, mappings, layers):
+    for module in (attention, mappings, layers, param_and_grad_buffer, distrib_optimizer):
         assert module.torch.cuda.current_device() == torch.device("cpu")
         assert module.torch.empty is torch.empty
     # activation recomputation saves and restores no CUDA generator state (there is none)
@@ -84,11 +104,16 @@ def test_adaptations_are_idempotent_and_narrow():
     assert p2p_communication.torch.cuda.current_device() == torch.device("cpu")
     assert p2p_communication.torch.cuda.synchronize() is None
     assert mutils.torch.cuda.is_available is torch.cuda.is_available
+    for module in (moptimizer, clip_grads, mutils):
+        assert module.torch.tensor([1.0], device="cuda").device.type == "cpu"
+        assert module.torch.ones is torch.ones
+    assert clip_grads.torch.zeros(1, device="cuda").device.type == "cpu"
     # ... and torch itself is untouched
     with pytest.raises((AssertionError, RuntimeError)):
         torch.cuda.current_device()
     with pytest.raises((AssertionError, RuntimeError)):
         torch.zeros(1, device="cuda")
+    assert torch.ones(1).type() == "torch.FloatTensor"
 
 
 def test_rng_tracker_forks_cpu_streams(dist1):

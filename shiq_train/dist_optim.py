@@ -1,0 +1,290 @@
+"""Data parallelism through megatron-core's own DistributedDataParallel and distributed optimizer (ZeRO-1).
+
+Selected by ``optimizer.distributed=true`` (:class:`shiq_train.train_step.OptimizerConfig`):
+
+- :func:`build_distributed` wraps the model in megatron's ``DistributedDataParallel``: gradients
+  accumulate in one contiguous float32 buffer per dtype, and megatron's ``finalize_model_grads``
+  (run by the schedule at the end of ``forward_backward``) reduce-scatters it over the data-parallel
+  group, so each rank ends up with the data-parallel mean of the gradient slice it owns (and the tied
+  embedding's two copies summed under pipeline parallelism).
+- :class:`DistributedAdamW` steps megatron's ``DistributedOptimizer``: AdamW moments and float32 master
+  weights exist only for this rank's slice (about ``1/dp`` of the parameters); the optimizer computes the
+  global gradient norm (each element once, as :func:`shiq_train.train_step.grad_norm`), clips by it and
+  all-gathers the updated parameters. Weight decay skips 1-D parameters; the learning rate follows
+  ``OptimizerConfig.lr_at`` through a ``LambdaLR``, as in :func:`shiq_train.train_step.build_optimizer`.
+- :meth:`DistributedAdamW.state_dict` holds the optimizer state as full per-parameter tensors (this
+  tensor/pipeline rank's shape, independent of the data-parallel size), gathered on data-parallel rank 0.
+
+:func:`optimizer_state_bytes` measures what the optimizer holds on this rank, with either optimizer.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from shiq_train.model import unwrap
+from shiq_train.parallel import device
+from shiq_train.train_step import MasterWeightOptimizer, OptimizerConfig
+
+STATE_FORMAT = "shiq/distributed-adamw/full-per-parameter/v1"
+STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")  # float32 master weight and the AdamW moments
+
+
+def build_distributed(model, cfg: OptimizerConfig):
+    """``(ddp_model, optimizer, scheduler)`` for ``model`` (this rank's stage and shard, trainable parameters
+    already chosen: the buffers cover the parameters with ``requires_grad``).
+
+    ``ddp_model`` is megatron's ``DistributedDataParallel`` (use it in place of ``model``; it holds
+    ``model`` as ``.module``); its transformer config gets ``no_sync_func`` and ``finalize_model_grads_func``
+    so that :func:`shiq_train.train_step.forward_backward` reduces the gradients. Parameters are float32 or
+    bfloat16 (those get float32 masters); gradients are accumulated and reduced in float32.
+    """
+    from megatron.core.distributed import (  # heavy: megatron
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig  # heavy: megatron
+    from megatron.core.optimizer import ParamKey, ParamPredicate, get_megatron_optimizer  # heavy: megatron
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride  # heavy: megatron
+
+    inner = unwrap(model)
+    dtypes = {p.dtype for p in inner.parameters() if p.requires_grad}
+    if dtypes - {torch.float32, torch.bfloat16}:
+        raise ValueError(
+            f"optimizer.distributed=true needs float32 or bfloat16 parameters, got {sorted(map(str, dtypes))}"
+        )
+    bf16 = torch.bfloat16 in dtypes  # (norm weights stay float32 in a bfloat16 model)
+    tc = inner.config
+    ddp = DistributedDataParallel(
+        tc, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), inner
+    )
+    tc.no_sync_func = ddp.no_sync
+    tc.finalize_model_grads_func = finalize_model_grads
+    mcfg = MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=True,
+    )
+    no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
+    megatron = get_megatron_optimizer(mcfg, [ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+    for group in megatron.param_groups:  # megatron's own scheduler would apply wd_mult; we have none
+        group["weight_decay"] = cfg.weight_decay * group["wd_mult"]
+    opt = DistributedAdamW(ddp, megatron)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt.torch_optimizer, lambda step: cfg.lr_at(step) / cfg.lr)
+    return ddp, opt, sched
+
+
+class DistributedAdamW:
+    """megatron's distributed optimizer behind the interface :func:`shiq_train.train_step.train_step` uses.
+
+    ``step()`` clips by the global gradient norm and updates (the gradients were reduced by
+    ``forward_backward``); it returns that norm, taken before clipping. ``state_dict()`` and
+    ``load_state_dict()`` are collective over the data-parallel group (every rank calls them, as
+    checkpoints do).
+    """
+
+    finalizes_grads = True  # train_step: the reduce and the clipping are the optimizer's
+
+    def __init__(self, ddp_model, megatron_optimizer):
+        if len(megatron_optimizer.chained_optimizers) != 1:
+            raise ValueError("optimizer.distributed=true supports dense models only (no expert parallelism)")
+        self.model = ddp_model
+        self.megatron = megatron_optimizer
+        self.dist = megatron_optimizer.chained_optimizers[0]  # the DistributedOptimizer
+        self.named = [(n, p) for n, p in unwrap(ddp_model).named_parameters() if p.requires_grad]
+
+    @property
+    def param_groups(self):
+        return self.megatron.param_groups
+
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The AdamW over this rank's master-weight slices (the learning-rate schedule drives its groups)."""
+        return self.dist.optimizer
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.model.zero_grad_buffer()
+        self.megatron.zero_grad(set_to_none)
+
+    def step(self) -> float:
+        ok, norm, _ = self.megatron.step()
+        if not ok:  # without a loss scaler megatron never skips a step; a skip would be silent divergence
+            raise RuntimeError("megatron's distributed optimizer skipped the step (non-finite gradients)")
+        return float(norm)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def _group(self):
+        return self.dist.data_parallel_group
+
+    def _slice(self, p):
+        """``(start, end)`` of ``p.view(-1)`` whose optimizer state lives on this rank, or None."""
+        if p not in self.dist.model_param_group_index_map:
+            return None
+        r = self.dist._get_model_param_range_map(p)["param"]
+        return r.start, r.end
+
+    def _flat(self):
+        """Offsets of each trainable parameter in one flat vector of them all, and its length."""
+        offsets, n = [], 0
+        for _, p in self.named:
+            offsets.append(n)
+            n += p.numel()
+        return offsets, n
+
+    @torch.no_grad()
+    def state_dict(self) -> dict:
+        """``{"format", "groups", "state"}``: ``groups`` megatron's parameter groups (learning rate, betas,
+        weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name
+        (as in ``unwrap(model).named_parameters()``) to full float32 tensors of its shape: ``param`` (the
+        master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
+        group = self._group()
+        offsets, n = self._flat()
+        flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU
+        for (_, p), off in zip(self.named, offsets):
+            sl = self._slice(p)
+            if sl is None:
+                continue
+            live = self.dist._get_main_param_and_optimizer_states(p)
+            for k in STATE_KEYS:
+                flat[k][off + sl[0] : off + sl[1]] = live[k].detach().view(-1).float()
+        root = dist.get_global_rank(group, 0)
+        for k in STATE_KEYS:  # slices do not overlap: the sum is a gather
+            dist.reduce(flat[k], dst=root, group=group)
+        state = None
+        if dist.get_rank(group) == 0:
+            state = {
+                name: {k: flat[k][off : off + p.numel()].view(p.shape).cpu().clone() for k in STATE_KEYS}
+                for (name, p), off in zip(self.named, offsets)
+            }
+        return {"format": STATE_FORMAT, "groups": self._groups(), "state": state}
+
+    def _groups(self) -> list[dict]:
+        """The AdamW parameter groups without their parameters, each with the step count (as megatron's
+        ``DistributedOptimizer.state_dict``, which fails on a rank holding no state, e.g. a frozen stage)."""
+        inner = self.torch_optimizer.state_dict()
+        steps = {int(s["step"]) for s in inner["state"].values()}
+        if len(steps) > 1:
+            raise RuntimeError(f"AdamW's step counts differ between parameters: {sorted(steps)}")
+        step = steps.pop() if steps else 0
+        return [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in inner["param_groups"]]
+
+    @torch.no_grad()
+    def load_state_dict(self, saved: dict) -> None:
+        """Restore :meth:`state_dict`'s output (data-parallel rank 0's ``state`` reaches the others)."""
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+            raise ValueError(
+                "the checkpoint's optimizer state was not written by optimizer.distributed=true "
+                f"(expected format {STATE_FORMAT!r}); resume with the optimizer it was saved with"
+            )
+        group = self._group()
+        offsets, n = self._flat()
+        state = saved["state"]
+        flat = {k: torch.empty(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}
+        problem = None
+        if dist.get_rank(group) == 0:
+            problem = self._check(state)
+            if problem is None:
+                for (name, p), off in zip(self.named, offsets):
+                    for k in STATE_KEYS:
+                        flat[k][off : off + p.numel()] = state[name][k].reshape(-1)
+        root = dist.get_global_rank(group, 0)
+        bad = torch.tensor([problem is not None], dtype=torch.int32, device=device())
+        dist.broadcast(bad, src=root, group=group)  # every rank stops, not only the one that read the state
+        if bad.item():
+            raise ValueError(
+                problem or "the checkpoint's optimizer state does not fit the model (see data-parallel rank 0)"
+            )
+        for k in STATE_KEYS:
+            dist.broadcast(flat[k], src=root, group=group)
+        self.dist.load_state_dict({"optimizer": {"param_groups": saved["groups"]}})  # allocates the slices
+        # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
+        # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
+        for s in self.torch_optimizer.state.values():
+            s["step"] = s["step"].clone()
+        for (_, p), off in zip(self.named, offsets):
+            sl = self._slice(p)
+            if sl is None:
+                continue
+            live = self.dist._get_main_param_and_optimizer_states(p)
+            for k in STATE_KEYS:
+                live[k].copy_(flat[k][off + sl[0] : off + sl[1]].view_as(live[k]))
+
+    def state_by_name(self, model) -> dict | None:
+        """:meth:`state_dict` in the checkpoint's by-name form (``shiq_train.checkpoint.optimizer_state_by_name``)
+        on data-parallel rank 0, None on the others; collective. Every trainable parameter's entry holds its full
+        ``master`` weight and ``exp_avg`` / ``exp_avg_sq`` (this tensor/pipeline rank's shapes) and ``step``, so a
+        checkpoint reshards to another layout by name like the default optimizer's; each group carries ``format``
+        so that only this optimizer loads it back."""
+        sd = self.state_dict()
+        if sd["state"] is None:
+            return None
+        dims = dict((n, p.dim()) for n, p in self.named)
+        params = {}
+        for name, t in sd["state"].items():
+            step = torch.tensor(float(sd["groups"][0]["step"]))
+            state = {"exp_avg": t["exp_avg"], "exp_avg_sq": t["exp_avg_sq"], "step": step}
+            params[name] = {"group": 0 if dims[name] > 1 else 1, "state": state, "master": t["param"]}
+        return {"groups": [{**g, "format": STATE_FORMAT} for g in sd["groups"]], "params": params}
+
+    def load_state_by_name(self, model, state: dict) -> None:
+        """Restore :meth:`state_by_name`'s form (as saved, or resharded from another layout); collective."""
+        groups = state.get("groups") or []
+        if not groups or any(g.get("format") != STATE_FORMAT for g in groups):
+            self.load_state_dict({})  # refused on every rank with the message that names the cause
+        entries = state.get("params") or {}
+        self.load_state_dict(
+            {
+                "format": STATE_FORMAT,
+                "groups": [{k: v for k, v in g.items() if k != "format"} for g in groups],
+                "state": {
+                    name: {"param": e.get("master"), **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
+                    for name, e in entries.items()
+                },
+            }
+        )
+
+    def _check(self, state) -> str | None:
+        """What is wrong with data-parallel rank 0's saved ``state`` for these parameters, or None."""
+        names = [name for name, _ in self.named]
+        if not isinstance(state, dict) or set(state) != set(names):
+            have = set(state) if isinstance(state, dict) else set()
+            return (
+                "the checkpoint's distributed optimizer state covers other parameters than the trainable ones "
+                f"(missing {sorted(set(names) - have)}, extra {sorted(have - set(names))})"
+            )
+        for name, p in self.named:
+            for k in STATE_KEYS:
+                t = state[name].get(k) if isinstance(state[name], dict) else None
+                if not torch.is_tensor(t) or tuple(t.shape) != tuple(p.shape):
+                    shape = tuple(t.shape) if torch.is_tensor(t) else None
+                    return (
+                        f"the checkpoint's optimizer state {name}.{k} has shape {shape}, the parameter {tuple(p.shape)}"
+                    )
+        return None
+
+
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes of optimizer state on this rank: AdamW's tensors (moments, step counts) and float32 master
+    weights that are copies (not the model's own float32 parameters)."""
+    if isinstance(optimizer, DistributedAdamW):
+        inner, masters = (
+            optimizer.torch_optimizer,
+            [m for g in optimizer.dist.shard_fp32_from_float16_groups for m in g if m is not None],
+        )
+    elif isinstance(optimizer, MasterWeightOptimizer):
+        inner, masters = optimizer.inner, optimizer.masters
+    else:
+        inner, masters = optimizer, []
+    moments = [t for s in inner.state.values() for t in s.values() if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in moments + list(masters))

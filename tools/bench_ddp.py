@@ -1,0 +1,217 @@
+"""Data-parallel training: optimizer-state memory per rank and step time, per-parameter reduce against megatron's DDP.
+
+One run, gloo processes on this machine (CPU), a megatron GPT and the ShiQ loss (SHIQ_MATH §3), the same
+micro-batches for every method. Methods:
+
+- ``per-parameter``: the default (``optimizer.distributed=false``): one all-reduce per parameter over the
+  data-parallel group (``shiq_train.train_step.finalize_grads``), every rank holding the whole AdamW state.
+- ``megatron DDP``: megatron's DistributedDataParallel (one contiguous float32 gradient buffer, one
+  all-reduce) with megatron's non-distributed optimizer: what ``optimizer.distributed=false`` would be on
+  the engine's DDP.
+- ``distributed``: ``optimizer.distributed=true``: megatron's DDP with the distributed optimizer
+  (reduce-scatter, AdamW state and float32 masters sharded over the data-parallel ranks, all-gather).
+
+Memory: bytes of optimizer state on each rank after a step (``shiq_train.dist_optim.optimizer_state_bytes``:
+AdamW moments and step counts, and float32 master copies), for float32 and bfloat16 parameters, at each
+data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C A B C ...) after a warm-up each,
+median per method and its ratio to ``per-parameter``, at each data-parallel size above 1.
+
+    python tools/bench_ddp.py                 # DP 1, 2, 4; hidden 256, 4 layers, vocab 8192, 2 x 4 x 128 tokens
+    python tools/bench_ddp.py --dp 2 --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+METHODS = ("per-parameter", "megatron DDP", "distributed")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints a table of optimizer-state bytes per rank and one of median step times (ratio to per-parameter).",
+    )
+    p.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4], help="data-parallel sizes (default 1 2 4)")
+    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
+    p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
+    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192)")
+    p.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
+    p.add_argument("--batch", type=int, default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank (default 2)")
+    p.add_argument("--reps", type=int, default=5, help="timed steps per method after one warm-up (default 5)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    return p.parse_args(argv)
+
+
+def micro_batches(args, rank):
+    import torch
+
+    g = torch.Generator().manual_seed(rank)
+    out = []
+    for _ in range(args.micro_batches):
+        tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
+        mask = torch.zeros(args.batch, args.seq, dtype=torch.bool)
+        mask[:, args.seq // 4 :] = True
+        rewards = torch.zeros(args.batch, args.seq)
+        rewards[:, -1] = torch.randn(args.batch, generator=g)
+        stats = {"ref_chosen_logits": torch.zeros(args.batch, args.seq), "ref_logz": torch.zeros(args.batch, args.seq)}
+        out.append({"tokens": tokens, "action_mask": mask, "rewards": rewards, **stats})
+    return out
+
+
+def megatron_ddp(model, opt_cfg):
+    """megatron's DDP and non-distributed optimizer (FP32Optimizer, or Float16 with float32 masters)."""
+    import torch
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamPredicate, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
+    model.config.no_sync_func = ddp.no_sync
+    model.config.finalize_model_grads_func = finalize_model_grads
+    mcfg = OptimizerConfig(
+        lr=opt_cfg.lr, clip_grad=opt_cfg.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype
+    )
+    no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
+    opt = get_megatron_optimizer(mcfg, [ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+
+    def step(mbs, loss_fn):
+        from shiq_train.train_step import forward_backward
+
+        ddp.zero_grad_buffer()
+        opt.zero_grad()
+        forward_backward(ddp, mbs, loss_fn)
+        opt.step()
+
+    return opt, step
+
+
+def build(method, args, dtype):
+    """``(optimizer, step(micro_batches, loss_fn))`` for a fresh model."""
+    from shiq_train import model as M
+    from shiq_train.dist_optim import build_distributed
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, train_step
+
+    cfg = M.ModelConfig(
+        num_layers=args.layers,
+        hidden_size=args.hidden,
+        num_attention_heads=args.heads,
+        vocab_size=args.vocab,
+        max_sequence_length=args.seq,
+        params_dtype=dtype,
+    )
+    model = M.build_model(cfg)
+    opt_cfg = OptimizerConfig(lr=1e-4, distributed=method == "distributed")
+    if method == "megatron DDP":
+        return megatron_ddp(model, opt_cfg)
+    if method == "distributed":
+        model, opt, sched = build_distributed(model, opt_cfg)
+    else:
+        opt, sched = build_optimizer(model, opt_cfg)
+    return opt, lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)
+
+
+def state_bytes(method, opt):
+    from shiq_train.dist_optim import optimizer_state_bytes
+
+    if method != "megatron DDP":
+        return optimizer_state_bytes(opt)
+    inner = opt.chained_optimizers[0]  # FP32Optimizer / Float16OptimizerWithFloat16Params
+    masters = [m for g in getattr(inner, "fp32_from_float16_groups", []) for m in g]
+    return optimizer_state_bytes(inner.optimizer) + sum(m.numel() * m.element_size() for m in masters)
+
+
+def worker(rank, world, port, args, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    from shiq_train import parallel
+    from shiq_train.losses import shiq_loss
+
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore")
+
+    def loss_fn(st, mb):
+        r = (mb["rewards"], mb["action_mask"])
+        return shiq_loss(st.chosen_logits, st.logz, mb["ref_chosen_logits"], mb["ref_logz"], *r, beta=0.1), {}
+
+    with parallel.distributed(rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=0):
+        mbs = micro_batches(args, rank)
+        result = {"memory": {}, "time": {m: [] for m in METHODS}}
+        for dtype in ("float32", "bfloat16"):
+            for method in METHODS:
+                if method == "megatron DDP" and dtype == "bfloat16":
+                    continue  # its Float16 optimizer is not adapted to CPU (the project does not use it)
+                opt, step = build(method, args, dtype)
+                step([dict(mb) for mb in mbs], loss_fn)  # AdamW allocates its state at the first step
+                result["memory"][(dtype, method)] = state_bytes(method, opt)
+                del opt, step
+        if world > 1:
+            steps = {m: build(m, args, "float32")[1] for m in METHODS}
+            for m in METHODS:  # warm-up
+                steps[m]([dict(mb) for mb in mbs], loss_fn)
+            for _ in range(args.reps):
+                for m in METHODS:
+                    dist.barrier()
+                    t0 = time.perf_counter()
+                    steps[m]([dict(mb) for mb in mbs], loss_fn)
+                    dist.barrier()
+                    result["time"][m].append(time.perf_counter() - t0)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def main(argv=None) -> int:
+    import torch
+    import torch.multiprocessing as mp
+
+    from shiq_train.parallel import free_port
+
+    args = parse_args(argv)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for dp in args.dp:
+            print(f"bench_ddp: DP={dp} ...", file=sys.stderr, flush=True)
+            mp.spawn(worker, args=(dp, free_port(), args, tmp), nprocs=dp, join=True)
+            results[dp] = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(dp)]
+    load = os.getloadavg()[0]
+    print(
+        f"\nhidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.micro_batches} micro-batches of "
+        f"{args.batch} x {args.seq} tokens per rank; {args.threads} thread(s) per process; "
+        f"load average {load:.1f} on {os.cpu_count()} cores\n"
+    )
+    print("| params | DP | " + " | ".join(f"{m}, bytes/rank" for m in METHODS) + " | distributed / per-parameter |")
+    print("|---|---|" + "---|" * (len(METHODS) + 1))
+    for dtype in ("float32", "bfloat16"):
+        for dp, ranks in results.items():
+            per_rank = {m: max(r["memory"].get((dtype, m), -1) for r in ranks) for m in METHODS}
+            cells = " | ".join(f"{per_rank[m]:,}" if per_rank[m] >= 0 else "n/a" for m in METHODS)
+            print(f"| {dtype} | {dp} | {cells} | {per_rank['distributed'] / per_rank['per-parameter']:.3f} |")
+    timed = {dp: ranks[0]["time"] for dp, ranks in results.items() if dp > 1}
+    if timed:
+        print(
+            "\n| DP | "
+            + " | ".join(f"{m}, median s/step" for m in METHODS)
+            + " | "
+            + " | ".join(f"{m} / per-parameter" for m in METHODS[1:])
+            + " |"
+        )
+        print("|---|" + "---|" * (2 * len(METHODS) - 1))
+        for dp, t in timed.items():
+            med = {m: statistics.median(t[m]) for m in METHODS}
+            cells = " | ".join(f"{med[m]:.3f}" for m in METHODS)
+            ratios = " | ".join(f"{med[m] / med['per-parameter']:.2f}x" for m in METHODS[1:])
+            print(f"| {dp} | {cells} | {ratios} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
