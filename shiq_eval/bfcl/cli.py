@@ -1,4 +1,4 @@
-"""The BFCL-V3 multi-turn command line: ``shiq-eval bfcl {check-ground-truth,rollout,report,to-buffer}``
+"""The BFCL-V3 multi-turn command line: ``shiq-eval bfcl {check-ground-truth,rollout,prompts,report,to-buffer}``
 (also ``python -m shiq_eval.bfcl``)."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
 from shiq_data.cli_common import run_command
-from shiq_data.io import atomic_write_json, atomic_write_text
+from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
     check_trajectory,
@@ -38,6 +38,7 @@ from shiq_eval.bfcl.rollout import (
     ScriptedPolicy,
     read_trajectories,
     rollout_entries,
+    rollout_entry,
     trajectories_to_rows,
     write_trajectories,
 )
@@ -151,6 +152,30 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def turn_prompts(entries: list[dict], compact: bool = False) -> list[dict]:
+    """One prompt row per turn of each entry, for ``shiq-eval run --scorer bfcl``: ``messages``, the
+    ground-truth conversation up to that turn's first assistant message (system prompt with the function
+    docs, the earlier turns' ground-truth calls, tool results and end-of-turn texts, this turn's user
+    message), and ``scorer_prompt``, the turn reference ``ENTRY_ID:TURN``."""
+    rows = []
+    for entry in entries:
+        traj = rollout_entry(entry, ScriptedPolicy.ground_truth(entry), compact=compact)
+        index = [i for i, m in enumerate(traj["messages"]) if m["role"] == "assistant"]
+        first = {}  # turn -> index of its first assistant message
+        for i, k in zip(index, traj["assistant_turns"]):
+            first.setdefault(k, i)
+        rows += [{"messages": traj["messages"][:i], "scorer_prompt": f"{entry['id']}:{k}"} for k, i in first.items()]
+    return rows
+
+
+def _cmd_prompts(args) -> int:
+    entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
+    rows = turn_prompts(entries, compact=args.compact)
+    path = atomic_write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} turn prompts of {len(entries)} entries to {path}")
+    return 0
+
+
 def _cmd_to_buffer(args) -> int:
     trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
     if not trajectories:
@@ -224,6 +249,23 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
     q.add_argument("--model-name", help="name recorded in every trajectory, for 'report' (default: the --policy value)")
     q.set_defaults(func=_cmd_rollout)
+
+    q = sub.add_parser(
+        "prompts",
+        help="write one prompt per turn for shiq-eval run --scorer bfcl",
+        description="Write a prompts JSONL for shiq-eval run --scorer bfcl: one row per turn of each "
+        "entry, the ground-truth conversation up to that turn (system prompt with the function docs, the "
+        "earlier turns' ground-truth calls, tool results and end-of-turn texts, this turn's user message) "
+        "as chat messages, and the turn reference ENTRY_ID:TURN as the scorer prompt. The model's answer "
+        "is parsed as a list of calls and scores 1 when the checker passes that turn run from the "
+        "ground-truth state (the reset turn reward), else 0.",
+    )
+    categories(q)
+    subset(q, "entries of the train/test split (by index, in every category)")
+    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--compact", action="store_true", help="shorter function docs (fewer tokens per prompt)")
+    q.add_argument("--out", required=True, help="prompts JSONL to write (atomically)")
+    q.set_defaults(func=_cmd_prompts)
 
     q = sub.add_parser(
         "report",
