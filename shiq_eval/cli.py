@@ -34,13 +34,14 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.chat import check_messages
-from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json
 from shiq_data.tokenizers import fingerprint
 from shiq_eval import leaderboard
@@ -64,6 +65,8 @@ from shiq_eval.scorers import (
 )
 from shiq_eval.suite import Suite, load_suite
 from shiq_eval.suite import fingerprint as suite_fingerprint
+
+log = logging.getLogger(__name__)
 
 # results.csv of shiq-eval run: who (run, loss, beta, step), what was measured, on which suite, which weights
 RUN_COLUMNS = [
@@ -427,6 +430,7 @@ def run(args) -> list[dict]:
     scorer = suite_scorer(suite)
     prompt_sha = prompt_set_sha256(prompts, shown)
     content, suite_sha = suite_fingerprint(suite, prompt_sha, scorer)
+    log.debug(f"shiq-eval: suite {suite.name} ({suite_sha}): {json.dumps(content, sort_keys=True)}")
     context = engine_context(args, sampling.seed)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
@@ -505,10 +509,9 @@ def run(args) -> list[dict]:
                 }
             )
             if lead and not args.quiet:
-                print(
+                log.info(
                     f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
-                    file=sys.stderr,
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
@@ -526,10 +529,9 @@ def run(args) -> list[dict]:
                 }
             )
             if lead and not args.quiet:
-                print(
+                log.info(
                     f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
-                    file=sys.stderr,
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
     if not lead:
         return [ref_row] + rows
@@ -681,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bfcl",
         add_help=False,
-        help="BFCL-V3 multi-turn: check-ground-truth, rollout, report, to-buffer (see shiq-eval bfcl --help)",
+        help="BFCL-V3 multi-turn: check-ground-truth, rollout, prompts, report, to-buffer (see shiq-eval bfcl --help)",
     )
+    add_log_level_option(p)
     return p
 
 
@@ -692,6 +695,7 @@ def main(argv=None) -> int:
         return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-eval", _run_command, args)
 
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -13,7 +14,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
-from shiq_data.cli_common import run_command
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
@@ -43,6 +44,8 @@ from shiq_eval.bfcl.rollout import (
     write_trajectories,
 )
 from shiq_eval.checkpoints import checkpoint_info, checkpoint_steps, content_hash, policy_from_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_check_ground_truth(args) -> int:
@@ -179,7 +182,7 @@ def _cmd_prompts(args) -> int:
 def _cmd_to_buffer(args) -> int:
     trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
     if not trajectories:
-        print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
+        log.error(f"to-buffer: no trajectories to write (subset {args.subset})")
         return 2
     tok, info = load_tokenizer(args.tokenizer)
     buf = write_buffer(
@@ -306,6 +309,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     subset(q, "keep only entries of this part of the split (train data: --subset train)")
     q.set_defaults(func=_cmd_to_buffer)
+    add_log_level_option(p)
     return p
 
 
@@ -314,4 +318,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     args.command_line = [*prog.split(), *argv]
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command(prog, args.func, args)
