@@ -12,6 +12,8 @@ import hashlib
 import importlib
 import inspect
 import math
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
@@ -109,6 +111,8 @@ class PythonFunctionScorer:
     def __init__(self, spec: str):
         self.spec = spec
         self.module_name, self.function_name = parse_python_scorer(spec)
+        if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks it; python -m has it
+            sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(self.module_name)
         except ImportError as e:
