@@ -31,7 +31,8 @@ OPTIONAL_DEPENDENCY_NOTICES = (
 )
 QUIET_LOGGERS = ("megatron", "megatron_fsdp")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-PROJECT_LOGGERS = ("shiq_data", "shiq_train", "shiq_eval")
+# the project's packages, and the module run as the program (python -m shiq_eval.cli logs as __main__)
+PROJECT_LOGGERS = ("shiq_data", "shiq_train", "shiq_eval", "__main__")
 
 
 def verbose() -> bool:
@@ -108,8 +109,9 @@ def log_level(level: str | int) -> int:
 
 
 def setup_logging(level: str | int = "INFO") -> None:
-    """Send the log records of the project's packages at ``level`` or above to stderr, one line each (the
-    message alone); calling it again changes the level."""
+    """Send the log records of the project's packages (and of ``__main__``, a module of theirs run with
+    ``python -m``) at ``level`` or above to stderr, one line each (the message alone); calling it again
+    changes the level."""
     number = log_level(level)
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)

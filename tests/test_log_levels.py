@@ -91,6 +91,12 @@ def test_recipe_progress_lines_and_bad_levels(capsys):
     log("not shown")
     assert capsys.readouterr().err == "[shiq-demo] reward model: held-out Pearson r = 0.5\n"
     assert logging.getLogger("shiq_eval.recipes.demo").getEffectiveLevel() == logging.WARNING
+    # a module run with python -m logs as __main__: its lines follow the level too
+    main_log = logger("shiq-bfcl", "__main__")
+    main_log("not shown either")
+    setup_logging("INFO")
+    main_log("data: done earlier, skipped")
+    assert capsys.readouterr().err == "[shiq-bfcl] data: done earlier, skipped\n"
 
     with pytest.raises(SystemExit) as done:
         main(["info", "x", "--log-level", "LOUD"])
