@@ -120,7 +120,19 @@ class PythonFunctionScorer:
         self.fn = getattr(module, self.function_name, None)
         if not callable(self.fn):
             raise ValueError(f"scorer {spec}: module {self.module_name!r} has no function {self.function_name!r}")
-        self.source = inspect.getsourcefile(module)
+        try:
+            inspect.signature(self.fn).bind([], [])
+        except TypeError:
+            raise ValueError(
+                f"scorer {spec}: {self.function_name} must take two arguments, "
+                "fn(prompts: list[str], completions: list[str]) -> list[float]"
+            ) from None
+        except ValueError:  # no signature to inspect (some built-ins): the call will tell
+            pass
+        try:
+            self.source = inspect.getsourcefile(module)
+        except TypeError:  # a built-in module has no source file
+            self.source = None
 
     def source_sha256(self) -> str | None:
         """SHA-256 of the module's source file (None when it has none, e.g. a compiled module)."""

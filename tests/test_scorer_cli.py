@@ -96,6 +96,7 @@ def test_bad_scorer_names_are_refused_before_any_model_loads(tmp_path, capsys, i
     for spec, problem in [
         ("python:no_such_module_here:f", "cannot import module 'no_such_module_here'"),
         ("python:scorer_functions", "expected python:MODULE:FUNCTION"),
+        ("python:scorer_functions:one_argument", "one_argument must take two arguments"),
         ("bleu", "scorer must be one of"),
         ("bfcl", "prompts.jsonl, prompt 1: scorer_prompt 'w3 w4 w5' is not a BFCL turn reference ENTRY_ID:TURN"),
     ]:
