@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import append_buffer, has_text_columns, read_manifest, write_buffer
 from shiq_data.chat import set_system_prompt
-from shiq_data.cli_common import run_command
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
@@ -22,6 +23,8 @@ from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
 from shiq_data.tokenizers import load_tokenizer
 from shiq_data.validate import validate_buffer
+
+log = logging.getLogger(__name__)
 
 EPILOG = """examples:
   shiq-data build jsonl rows.jsonl --tokenizer gpt2 --out buffers/demo
@@ -131,10 +134,9 @@ def cmd_append(args) -> int:
     print(f"shiq-data: appended {args.input} to {args.buffer}: now {_summary(buf)}")
     repeated = buf.manifest["commands"][-1].get("duplicates", 0)
     if repeated:
-        print(
+        log.warning(
             f"shiq-data: warning: {repeated} appended row(s) repeat the prompt and completion text of rows already "
-            f"in {args.buffer} (was this input appended before? --no-duplicates refuses them)",
-            file=sys.stderr,
+            f"in {args.buffer} (was this input appended before? --no-duplicates refuses them)"
         )
     return 0
 
@@ -349,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.set_defaults(func=cmd_info)
 
     add_curate_commands(sub)  # show, stats, filter, dedup, split, mix
+    add_log_level_option(parser)
     return parser
 
 
@@ -356,6 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = ["shiq-data", *argv]
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-data", args.func, args)  # RowError names the file, row and field
 
 

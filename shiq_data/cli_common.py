@@ -1,13 +1,21 @@
-"""What every command of the project shares: bad input ends in one line and exit status 2, and start-up is quiet.
+"""What every command of the project shares: bad input ends in one line and exit status 2, start-up is quiet,
+and progress and status lines go through Python ``logging`` at a level the user sets.
 
 A user error (a bad option, a missing, truncated or malformed file) ends a command with one line on stderr,
 ``PROG: error: MESSAGE`` (the message names the file, row or key), and exit status 2, never a traceback.
 Setting ``SHIQ_VERBOSE=1`` shows the traceback instead, and the notices megatron-core prints at import about
 optional dependencies it did not find (Apex, Transformer Engine, flash-attn), which are hidden otherwise.
+
+Every module logs to ``log = logging.getLogger(__name__)``; :func:`setup_logging` (called by every command's
+entry point with its ``--log-level``, or ``logging.level`` of ``shiq-train``) sends the records of the project's
+packages at that level or above to stderr, one line each, the message alone. INFO (the default) shows the
+progress and status lines; WARNING keeps warnings only; DEBUG adds details. What a command prints as its
+result (tables, JSON, the line saying where its outputs went) goes to stdout and is not logging.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import pickle
@@ -22,6 +30,9 @@ OPTIONAL_DEPENDENCY_NOTICES = (
     r"|[Ff]lash.?[Aa]ttn|[Ff]lash[Aa]ttention|full scope is deprecated)"
 )
 QUIET_LOGGERS = ("megatron", "megatron_fsdp")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# the project's packages, and the module run as the program (python -m shiq_eval.cli logs as __main__)
+PROJECT_LOGGERS = ("shiq_data", "shiq_train", "shiq_eval", "__main__")
 
 
 def verbose() -> bool:
@@ -70,3 +81,61 @@ def quiet_optional_dependencies() -> None:
     warnings.filterwarnings("ignore", message=OPTIONAL_DEPENDENCY_NOTICES)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes each record to what ``sys.stderr`` is at that moment (so a redirected or captured stderr gets it)."""
+
+    def __init__(self):
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # always the current sys.stderr
+        pass
+
+
+def log_level(level: str | int) -> int:
+    """The ``logging`` level of a name in :data:`LOG_LEVELS` (any case) or a number; ValueError naming the
+    choices otherwise."""
+    if isinstance(level, int) and not isinstance(level, bool):
+        return level
+    if isinstance(level, str) and level.upper() in LOG_LEVELS:
+        return getattr(logging, level.upper())
+    raise ValueError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
+
+
+def setup_logging(level: str | int = "INFO") -> None:
+    """Send the log records of the project's packages (and of ``__main__``, a module of theirs run with
+    ``python -m``) at ``level`` or above to stderr, one line each (the message alone); calling it again
+    changes the level."""
+    number = log_level(level)
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.setLevel(number)
+        logger.propagate = False  # not twice through a root handler (Hydra sets one on stdout)
+        if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+            handler = _StderrHandler()
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            logger.addHandler(handler)
+
+
+def add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    """``--log-level LEVEL`` on ``parser`` and on each of its subcommands' parsers (before or after the
+    subcommand's name); read it with ``getattr(args, "log_level", "INFO")``."""
+    parsers = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            parsers += [p for p in action.choices.values() if p.add_help]
+    for p in parsers:
+        p.add_argument(
+            "--log-level",
+            type=str.upper,
+            choices=LOG_LEVELS,
+            default=argparse.SUPPRESS,
+            help="which progress and status lines appear on stderr: DEBUG (more detail), INFO (default), "
+            "WARNING (warnings only) or ERROR",
+        )

@@ -9,8 +9,11 @@ two curves.
 
 What is measured is a suite: --suite NAME reads configs/eval/NAME.yaml (or --suite FILE.yaml): prompts,
 scorer, sampling settings (temperature, completion length, samples per prompt, seed, batch size) and the
-KL estimator. Flags (--prompts, --reward-model, --max-new-tokens, ...) override single settings, or
-make an unnamed suite without --suite. The suite's fingerprint (SHA-256 of its resolved settings with the
+KL estimator. Scorers: reward_model, hf_reward_model, vader, bfcl (one BFCL turn per prompt, prompts
+written by shiq-eval bfcl prompts) and python:MODULE:FUNCTION, a function called as
+fn(prompts: list[str], completions: list[str]) -> list[float] (one finite float per completion).
+Flags (--prompts, --reward-model, --max-new-tokens, ...) override single settings, or make an unnamed
+suite without --suite. The suite's fingerprint (SHA-256 of its resolved settings with the
 prompts and scorer as content hashes) is in every row; results are comparable only when fingerprints
 agree. Every policy is sampled on the same prompts with the same seed, scored, and compared with the
 reference (the runs' initial model) by both KL estimators. Outputs in --out: results.csv, results.json
@@ -31,12 +34,14 @@ import argparse
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
-from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.chat import check_messages
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json
 from shiq_data.tokenizers import fingerprint
 from shiq_eval import leaderboard
@@ -50,9 +55,18 @@ from shiq_eval.checkpoints import (
 )
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.report import COLUMNS, plot_curves, write_table
-from shiq_eval.scorers import SequenceClassifierScorer, VaderScorer
+from shiq_eval.scorers import (
+    PYTHON_PREFIX,
+    BFCLTurnScorer,
+    PythonFunctionScorer,
+    SequenceClassifierScorer,
+    VaderScorer,
+    parse_turn_ref,
+)
 from shiq_eval.suite import Suite, load_suite
 from shiq_eval.suite import fingerprint as suite_fingerprint
+
+log = logging.getLogger(__name__)
 
 # results.csv of shiq-eval run: who (run, loss, beta, step), what was measured, on which suite, which weights
 RUN_COLUMNS = [
@@ -108,10 +122,12 @@ def check_reward_model_file(path) -> None:
         )
 
 
-def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
-    """``(policy_prompts, scorer_prompts)`` from a JSONL file: one object per line with ``prompt``
-    (the text the policy continues) and optionally ``scorer_prompt`` (what the reward model reads
-    before the completion; default: ``prompt``)."""
+def read_prompts_jsonl(path) -> tuple[list, list[str]]:
+    """``(policy_prompts, scorer_prompts)`` from a JSONL file: one object per line with ``prompt`` (the text
+    the policy continues) or ``messages`` (a chat conversation, ``[{"role", "content"}, ...]``, which the
+    policy answers as the next assistant message, always through the chat template) and optionally
+    ``scorer_prompt`` (what the scorer reads before the completion; default: ``prompt``, or the last
+    message's content)."""
     path = Path(path)
     if not path.is_file():
         raise EvalInputError(f"--prompts {path}: no such file")
@@ -123,37 +139,52 @@ def read_prompts_jsonl(path) -> tuple[list[str], list[str]]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise EvalInputError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise EvalInputError(f"{path}, line {i}: field 'prompt' must be a non-empty string")
-        shown_text = row.get("scorer_prompt", row["prompt"])
+        if isinstance(row, dict) and "messages" in row and "prompt" not in row:
+            try:
+                check_messages(row["messages"], "field 'messages'")
+            except ValueError as e:
+                raise EvalInputError(f"{path}, line {i}: {e}") from None
+            prompt = row["messages"]
+            default_shown = prompt[-1]["content"]
+        elif not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
+            raise EvalInputError(
+                f"{path}, line {i}: field 'prompt' must be a non-empty string (or give 'messages', a chat)"
+            )
+        else:
+            prompt = default_shown = row["prompt"]
+        shown_text = row.get("scorer_prompt", default_shown)
         if not isinstance(shown_text, str):
             raise EvalInputError(f"{path}, line {i}: field 'scorer_prompt' must be a string")
-        prompts.append(row["prompt"])
+        prompts.append(prompt)
         shown.append(shown_text)
     if not prompts:
         raise EvalInputError(f"{path}: no prompts")
     return prompts, shown
 
 
-def prompt_set_sha256(prompts: list[str], shown: list[str]) -> str:
+def prompt_set_sha256(prompts: list, shown: list[str]) -> str:
     """SHA-256 of the exact prompt set (policy prompt and scorer prompt of every item, in order), so
     two result tables can be checked to come from the same prompts."""
     return hashlib.sha256(json.dumps([[p, s] for p, s in zip(prompts, shown)], ensure_ascii=False).encode()).hexdigest()
 
 
-def encode_prompts(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list, chat: bool) -> list[list[int]]:
     """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
-    prompt) when ``chat``."""
-    if chat:
-        return [
-            list(
-                tokenizer.apply_chat_template(
-                    [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False
-                )
-            )
-            for p in prompts
-        ]
-    return [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    prompt) when ``chat``; a prompt given as chat messages always goes through the template."""
+    if (chat or any(isinstance(p, list) for p in prompts)) and not getattr(tokenizer, "chat_template", None):
+        raise EvalInputError(
+            "the prompts need the tokenizer's chat template (--chat, or prompts given as messages), but the "
+            "tokenizer has none: give one that has (--tokenizer)"
+        )
+    out = []
+    for p in prompts:
+        if isinstance(p, list) or chat:
+            messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            out.append(list(ids))
+        else:
+            out.append(tokenizer(p, add_special_tokens=False)["input_ids"])
+    return out
 
 
 def load_reference(spec: str):
@@ -344,7 +375,11 @@ def suite_prompts(suite: Suite) -> tuple[list[str], list[str], str]:
 
 def suite_scorer(suite: Suite):
     """The scorer a suite names: a regression head on MiniLM, a Hugging Face sequence-classification reward
-    model, or the VADER lexicon."""
+    model, the VADER lexicon, the BFCL checker's turn reward or a Python function."""
+    if suite.scorer.startswith(PYTHON_PREFIX):
+        return PythonFunctionScorer(suite.scorer)
+    if suite.scorer == "bfcl":
+        return BFCLTurnScorer()
     if suite.scorer == "vader":
         return VaderScorer()
     if suite.scorer == "hf_reward_model":
@@ -386,8 +421,16 @@ def run(args) -> list[dict]:
     prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
     if suite.scorer == "reward_model":
         check_reward_model_file(suite.reward_model)
+    if suite.scorer == "bfcl":
+        for i, ref in enumerate(shown):
+            try:
+                parse_turn_ref(ref)
+            except ValueError as e:
+                raise EvalInputError(f"{suite.prompts}, prompt {i + 1}: scorer_prompt {e}") from None
+    scorer = suite_scorer(suite)
     prompt_sha = prompt_set_sha256(prompts, shown)
-    content, suite_sha = suite_fingerprint(suite, prompt_sha)
+    content, suite_sha = suite_fingerprint(suite, prompt_sha, scorer)
+    log.debug(f"shiq-eval: suite {suite.name} ({suite_sha}): {json.dumps(content, sort_keys=True)}")
     context = engine_context(args, sampling.seed)
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
@@ -409,7 +452,6 @@ def run(args) -> list[dict]:
         "samples_per_prompt": k,
         "kl_estimator": suite.kl_estimator,
     }
-    scorer = suite_scorer(suite)
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     kw = dict(
         max_new_tokens=sampling.max_new_tokens,
@@ -467,10 +509,9 @@ def run(args) -> list[dict]:
                 }
             )
             if lead and not args.quiet:
-                print(
+                log.info(
                     f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
-                    file=sys.stderr,
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
@@ -488,10 +529,9 @@ def run(args) -> list[dict]:
                 }
             )
             if lead and not args.quiet:
-                print(
+                log.info(
                     f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})",
-                    file=sys.stderr,
+                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
     if not lead:
         return [ref_row] + rows
@@ -580,9 +620,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--scorer",
-        choices=["reward_model", "hf_reward_model", "vader"],
+        metavar="SCORER",
         help="reward_model (a regression head file), hf_reward_model (a Hugging Face sequence-classification "
-        "folder with one output) or vader (the lexicon); default: reward_model when --reward-model is given",
+        "folder with one output), vader (the lexicon), bfcl (the BFCL checker's reward of one assistant turn: "
+        "prompts written by shiq-eval bfcl prompts, whose scorer prompts are ENTRY_ID:TURN) or "
+        "python:MODULE:FUNCTION (a function fn(prompts: list[str], completions: list[str]) -> list[float], "
+        "one finite float per completion, imported from MODULE); default: reward_model when --reward-model "
+        "is given",
     )
     r.add_argument(
         "--reward-model",
@@ -639,8 +683,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bfcl",
         add_help=False,
-        help="BFCL-V3 multi-turn: check-ground-truth, rollout, report, to-buffer (see shiq-eval bfcl --help)",
+        help="BFCL-V3 multi-turn: check-ground-truth, rollout, prompts, report, to-buffer (see shiq-eval bfcl --help)",
     )
+    add_log_level_option(p)
     return p
 
 
@@ -650,6 +695,7 @@ def main(argv=None) -> int:
         return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-eval", _run_command, args)
 
 

@@ -8,11 +8,19 @@ and its encoder live in :mod:`shiq_data.reward_head`, since building a dataset u
 
 from __future__ import annotations
 
+import hashlib
+import importlib
+import inspect
+import math
+import os
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Protocol
 
-from shiq_eval.bfcl.checker import check_entry, decode_trajectory_json
-from shiq_eval.bfcl.data import entry_category
+from shiq_eval.bfcl.checker import check_entry, check_trajectory, decode_trajectory_json
+from shiq_eval.bfcl.data import entry_category, ground_truth_decoded, load_entry
+from shiq_eval.bfcl.parse import decode_calls
 
 
 class Scorer(Protocol):
@@ -52,6 +60,111 @@ class BFCLScorer:
             rewards = verdict["turn_rewards"]
             out.append(sum(rewards) / len(rewards) if self.per_turn else float(verdict["valid"]))
         return out
+
+
+def parse_turn_ref(text: str) -> tuple[str, int]:
+    """``(entry_id, turn)`` of a BFCL turn reference ``"multi_turn_base_15:2"``; ValueError naming it otherwise."""
+    entry_id, sep, turn = str(text).rpartition(":")
+    if not sep or not turn.isdigit():
+        raise ValueError(f"{text!r} is not a BFCL turn reference ENTRY_ID:TURN (e.g. multi_turn_base_15:2)")
+    try:
+        entry = load_entry(entry_category(entry_id), entry_id)
+    except (KeyError, ValueError, IndexError) as e:
+        raise ValueError(f"{text!r}: no BFCL multi-turn entry {entry_id!r} ({' '.join(str(e).split())})") from None
+    if int(turn) >= len(entry["ground_truth"]):
+        raise ValueError(f"{text!r}: entry {entry_id} has turns 0..{len(entry['ground_truth']) - 1}")
+    return entry_id, int(turn)
+
+
+class BFCLTurnScorer:
+    """One assistant turn of a BFCL-V3 multi-turn entry, scored by the checker: ``prompts`` are turn
+    references ``"ENTRY_ID:TURN"`` (the scorer prompts written by ``shiq-eval bfcl prompts``), ``completions``
+    the model's answer at that turn given the ground-truth history. The answer is parsed as a list of calls
+    (``[f(a=1), g(b='x')]``; anything else is an empty turn) and the reward is the checker's reset turn
+    reward of that turn (1.0 or 0.0) with the ground truth's calls in every other turn: the turn's calls run
+    from the ground-truth state before it, and the state and results must match the ground truth's after it.
+    """
+
+    def __call__(self, prompts, completions):
+        out = []
+        for ref, text in zip(prompts, completions, strict=True):
+            entry_id, turn = parse_turn_ref(ref)
+            entry = load_entry(entry_category(entry_id), entry_id)
+            decoded = ground_truth_decoded(entry)
+            calls = decode_calls(text)
+            decoded[turn] = [calls] if calls else []
+            out.append(float(check_trajectory(entry, decoded)["turn_rewards_reset"][turn]))
+        return out
+
+
+PYTHON_PREFIX = "python:"
+
+
+class PythonFunctionScorer:
+    """A scorer written as a Python function, named ``python:MODULE:FUNCTION`` (``MODULE`` a dotted module
+    path importable from the current directory or the Python path, e.g. ``python:my_rewards:length_bonus``).
+    The function is called once per batch as ``fn(prompts: list[str], completions: list[str]) -> list[float]``
+    (the scorer prompts and the decoded completions, in order) and must return one finite float per
+    completion (a list, tuple or 1-D array; ints are accepted); anything else is refused in one error
+    naming the function."""
+
+    def __init__(self, spec: str):
+        self.spec = spec
+        self.module_name, self.function_name = parse_python_scorer(spec)
+        if os.getcwd() not in sys.path and "" not in sys.path:  # a console script's path lacks it; python -m has it
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(self.module_name)
+        except ImportError as e:
+            raise ValueError(f"scorer {spec}: cannot import module {self.module_name!r} ({e})") from None
+        self.fn = getattr(module, self.function_name, None)
+        if not callable(self.fn):
+            raise ValueError(f"scorer {spec}: module {self.module_name!r} has no function {self.function_name!r}")
+        try:
+            inspect.signature(self.fn).bind([], [])
+        except TypeError:
+            raise ValueError(
+                f"scorer {spec}: {self.function_name} must take two arguments, "
+                "fn(prompts: list[str], completions: list[str]) -> list[float]"
+            ) from None
+        except ValueError:  # no signature to inspect (some built-ins): the call will tell
+            pass
+        try:
+            self.source = inspect.getsourcefile(module)
+        except TypeError:  # a built-in module has no source file
+            self.source = None
+
+    def source_sha256(self) -> str | None:
+        """SHA-256 of the module's source file (None when it has none, e.g. a compiled module)."""
+        if self.source is None or not Path(self.source).is_file():
+            return None
+        return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
+
+    def __call__(self, prompts, completions):
+        out = self.fn(list(prompts), list(completions))
+        n = len(completions)
+        try:
+            values = [float(x) for x in out] if not isinstance(out, (str, bytes, dict)) else None
+        except (TypeError, ValueError):
+            values = None
+        if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
+            got = f"{type(out).__name__}" + (f" of length {len(out)}" if hasattr(out, "__len__") else "")
+            if values is not None and len(values) == n:
+                got = f"a non-finite value {next(v for v in values if not math.isfinite(v))}"
+            raise ValueError(
+                f"scorer {self.spec}: the function returned {got}; expected a list of {n} finite floats, one per "
+                "completion: fn(prompts: list[str], completions: list[str]) -> list[float]"
+            )
+        return values
+
+
+def parse_python_scorer(spec: str) -> tuple[str, str]:
+    """``(module, function)`` of ``python:MODULE:FUNCTION``; ValueError saying the right shape otherwise."""
+    body = spec[len(PYTHON_PREFIX) :] if spec.startswith(PYTHON_PREFIX) else ""
+    module, sep, function = body.rpartition(":")
+    if not sep or not module or not function.isidentifier() or not all(p.isidentifier() for p in module.split(".")):
+        raise ValueError(f"scorer {spec!r}: expected python:MODULE:FUNCTION, e.g. python:my_rewards:score")
+    return module, function
 
 
 class VaderScorer:

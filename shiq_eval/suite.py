@@ -21,8 +21,10 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.assets import config_dir
 from shiq_data.io import sha256_files
+from shiq_eval.bfcl.data import bfcl_version
+from shiq_eval.scorers import PYTHON_PREFIX, PythonFunctionScorer, parse_python_scorer
 
-SCORERS = ("reward_model", "hf_reward_model", "vader")
+SCORERS = ("reward_model", "hf_reward_model", "vader", "bfcl", "python:MODULE:FUNCTION")
 KL_ESTIMATORS = ("exact", "sample")
 
 
@@ -44,7 +46,8 @@ class Suite:
     prompts: str | None = None
     movie_prompts: int | None = None
     # reward_model (a regression head file: reward_model=PATH) | hf_reward_model (a Hugging Face
-    # sequence-classification folder: reward_model=FOLDER) | vader (the packaged lexicon)
+    # sequence-classification folder: reward_model=FOLDER) | vader (the packaged lexicon) | bfcl (the BFCL
+    # checker's turn reward; scorer prompts ENTRY_ID:TURN) | python:MODULE:FUNCTION (a Python function)
     scorer: str = "reward_model"
     reward_model: str | None = None
     chat: bool = False
@@ -108,8 +111,17 @@ def check_suite(suite: Suite, path: Path | None) -> None:
         raise SuiteError(
             f"{where}give exactly one of prompts (a JSONL file, --prompts) and movie_prompts (--movie-prompts)"
         )
-    if suite.scorer not in SCORERS:
+    if suite.scorer.startswith(PYTHON_PREFIX):
+        try:
+            parse_python_scorer(suite.scorer)
+        except ValueError as e:
+            raise SuiteError(f"{where}{e}") from None
+    elif suite.scorer not in SCORERS:
         raise SuiteError(f"{where}scorer must be one of {list(SCORERS)}, got {suite.scorer!r}")
+    if suite.scorer == "bfcl" and suite.prompts is None:
+        raise SuiteError(
+            f"{where}scorer bfcl needs prompts: a JSONL file of BFCL turns (write one with shiq-eval bfcl prompts)"
+        )
     if suite.scorer in ("reward_model", "hf_reward_model") and suite.reward_model is None:
         raise SuiteError(
             f"{where}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"
@@ -124,9 +136,15 @@ def check_suite(suite: Suite, path: Path | None) -> None:
         raise SuiteError(f"{where}sampling.temperature must be > 0, got {s.temperature}")
 
 
-def scorer_sha256(suite: Suite) -> str:
+def scorer_sha256(suite: Suite, scorer=None) -> str:
     """What identifies the scorer's content: the head file's SHA-256, the folder's weight files' and config's,
-    or the VADER package's version."""
+    the VADER or bfcl-eval package's version, or for ``python:MODULE:FUNCTION`` the SHA-256 of that name and
+    of the module's source file (``scorer``: the loaded :class:`PythonFunctionScorer`, else it is imported)."""
+    if suite.scorer.startswith(PYTHON_PREFIX):
+        scorer = scorer if scorer is not None else PythonFunctionScorer(suite.scorer)
+        return hashlib.sha256(f"{suite.scorer}\n{scorer.source_sha256()}".encode()).hexdigest()
+    if suite.scorer == "bfcl":
+        return hashlib.sha256(f"bfcl-eval=={bfcl_version()}".encode()).hexdigest()
     if suite.scorer == "reward_model":
         return sha256_files([suite.reward_model])
     if suite.scorer == "hf_reward_model":
@@ -136,14 +154,15 @@ def scorer_sha256(suite: Suite) -> str:
     return hashlib.sha256(f"vaderSentiment=={version('vaderSentiment')}".encode()).hexdigest()
 
 
-def fingerprint(suite: Suite, prompt_set_sha256: str) -> tuple[dict, str]:
+def fingerprint(suite: Suite, prompt_set_sha256: str, scorer=None) -> tuple[dict, str]:
     """``(content, sha256)``: the resolved suite with its prompts and scorer as content hashes (no paths, so
-    the same suite on another machine has the same fingerprint), and the SHA-256 of that content."""
+    the same suite on another machine has the same fingerprint), and the SHA-256 of that content
+    (``scorer``: the loaded scorer, for a Python function scorer's source file)."""
     content = asdict(suite)
     content.pop("prompts")
     content.pop("movie_prompts")
     content.pop("reward_model")
     content["prompt_set_sha256"] = prompt_set_sha256
-    content["scorer_sha256"] = scorer_sha256(suite)
+    content["scorer_sha256"] = scorer_sha256(suite, scorer)
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
     return content, hashlib.sha256(blob).hexdigest()

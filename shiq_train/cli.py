@@ -16,6 +16,7 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import sys
@@ -31,7 +32,7 @@ from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest
-from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencies, verbose
+from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencies, setup_logging, verbose
 from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
@@ -43,6 +44,8 @@ from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import LoggingConfig, TrainConfig, Trainer, frozen_copy, import_wandb
+
+log = logging.getLogger(__name__)
 
 CONFIG_DIR = config_dir()
 DATA_MODES = ("padded", "packed", "groups")
@@ -587,6 +590,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
+    log.debug(f"shiq-train: resolved config {json.dumps(cfg, sort_keys=True, default=str)}")
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
     saved_step = latest_step_dir(out / "checkpoints")
@@ -603,7 +607,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     try:
         rank0 = dist.get_rank() == 0
         if note and rank0:
-            print(f"shiq-train: {note}", file=sys.stderr)
+            log.info(f"shiq-train: {note}")
         source = open_data_source(
             cfg["data"],
             mode,
@@ -621,10 +625,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 out.mkdir(parents=True, exist_ok=True)
                 atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
                 if step:
-                    print(
-                        f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})",
-                        file=sys.stderr,
-                    )
+                    log.info(f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})")
 
         meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
         trainer = Trainer(
@@ -659,7 +660,9 @@ def _task(cfg) -> None:
 
     try:
         keys = model_keys_given(list(HydraConfig.get().overrides.task))
-        run(OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True), keys)
+        plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
+        run(plain, keys)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
         _fail(

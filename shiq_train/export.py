@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import run_command
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.io import atomic_dir, atomic_write_json
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train import weights as W
@@ -175,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--tokenizer", help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    add_log_level_option(p)
     return p
 
 
@@ -187,7 +188,9 @@ def _export(args) -> int:
 
 def main(argv: list[str]) -> int:
     """``shiq-train export RUN [--step N] --hf OUT``: errors are one line on stderr and exit status 2."""
-    return run_command("shiq-train export", _export, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"))
+    return run_command("shiq-train export", _export, args)
 
 
 if __name__ == "__main__":

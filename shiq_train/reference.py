@@ -18,7 +18,7 @@ import torch
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import run_command
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train.checkpoint import latest_step_dir
@@ -211,12 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_log_level_option(p)
     return p
 
 
 def main(argv: list[str]) -> int:
     """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-train ref-stats", run, args)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from shiq_data.cli_common import LOG_LEVELS
 from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.dist_optim import build_distributed
@@ -38,15 +39,20 @@ WANDB_INSTALL = "pip install 'shiq[wandb]' (the optional extra; or pip install w
 class LoggingConfig:
     """Optional Weights & Biases logging next to metrics.jsonl and TensorBoard: ``wandb`` turns it on,
     ``wandb_mode`` ``offline`` (the default: no network; the run lands in ``OUT/wandb``, uploaded later by
-    ``wandb sync``) or ``online``; ``wandb_project`` names the project. The package is an optional extra."""
+    ``wandb sync``) or ``online``; ``wandb_project`` names the project. The package is an optional extra.
+    ``level``: which progress and status lines reach stderr (DEBUG, INFO, WARNING or ERROR; Python ``logging``).
+    """
 
     wandb: bool = False
     wandb_project: str = "shiq"
     wandb_mode: str = "offline"
+    level: str = "INFO"
 
     def __post_init__(self):
         if self.wandb_mode not in WANDB_MODES:
             raise ValueError(f"logging.wandb_mode must be one of {WANDB_MODES}, got {self.wandb_mode!r}")
+        if not isinstance(self.level, str) or self.level.upper() not in LOG_LEVELS:
+            raise ValueError(f"logging.level must be one of {list(LOG_LEVELS)}, got {self.level!r}")
 
 
 def import_wandb():

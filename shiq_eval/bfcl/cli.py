@@ -1,9 +1,10 @@
-"""The BFCL-V3 multi-turn command line: ``shiq-eval bfcl {check-ground-truth,rollout,report,to-buffer}``
+"""The BFCL-V3 multi-turn command line: ``shiq-eval bfcl {check-ground-truth,rollout,prompts,report,to-buffer}``
 (also ``python -m shiq_eval.bfcl``)."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from collections.abc import Sequence
@@ -13,8 +14,8 @@ from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
-from shiq_data.cli_common import run_command
-from shiq_data.io import atomic_write_json, atomic_write_text
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
     check_trajectory,
@@ -38,10 +39,13 @@ from shiq_eval.bfcl.rollout import (
     ScriptedPolicy,
     read_trajectories,
     rollout_entries,
+    rollout_entry,
     trajectories_to_rows,
     write_trajectories,
 )
 from shiq_eval.checkpoints import checkpoint_info, checkpoint_steps, content_hash, policy_from_checkpoint
+
+log = logging.getLogger(__name__)
 
 
 def _cmd_check_ground_truth(args) -> int:
@@ -151,10 +155,34 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def turn_prompts(entries: list[dict], compact: bool = False) -> list[dict]:
+    """One prompt row per turn of each entry, for ``shiq-eval run --scorer bfcl``: ``messages``, the
+    ground-truth conversation up to that turn's first assistant message (system prompt with the function
+    docs, the earlier turns' ground-truth calls, tool results and end-of-turn texts, this turn's user
+    message), and ``scorer_prompt``, the turn reference ``ENTRY_ID:TURN``."""
+    rows = []
+    for entry in entries:
+        traj = rollout_entry(entry, ScriptedPolicy.ground_truth(entry), compact=compact)
+        index = [i for i, m in enumerate(traj["messages"]) if m["role"] == "assistant"]
+        first = {}  # turn -> index of its first assistant message
+        for i, k in zip(index, traj["assistant_turns"]):
+            first.setdefault(k, i)
+        rows += [{"messages": traj["messages"][:i], "scorer_prompt": f"{entry['id']}:{k}"} for k, i in first.items()]
+    return rows
+
+
+def _cmd_prompts(args) -> int:
+    entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
+    rows = turn_prompts(entries, compact=args.compact)
+    path = atomic_write_jsonl(args.out, rows)
+    print(f"wrote {len(rows)} turn prompts of {len(entries)} entries to {path}")
+    return 0
+
+
 def _cmd_to_buffer(args) -> int:
     trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
     if not trajectories:
-        print(f"to-buffer: no trajectories to write (subset {args.subset})", file=sys.stderr)
+        log.error(f"to-buffer: no trajectories to write (subset {args.subset})")
         return 2
     tok, info = load_tokenizer(args.tokenizer)
     buf = write_buffer(
@@ -226,6 +254,23 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_rollout)
 
     q = sub.add_parser(
+        "prompts",
+        help="write one prompt per turn for shiq-eval run --scorer bfcl",
+        description="Write a prompts JSONL for shiq-eval run --scorer bfcl: one row per turn of each "
+        "entry, the ground-truth conversation up to that turn (system prompt with the function docs, the "
+        "earlier turns' ground-truth calls, tool results and end-of-turn texts, this turn's user message) "
+        "as chat messages, and the turn reference ENTRY_ID:TURN as the scorer prompt. The model's answer "
+        "is parsed as a list of calls and scores 1 when the checker passes that turn run from the "
+        "ground-truth state (the reset turn reward), else 0.",
+    )
+    categories(q)
+    subset(q, "entries of the train/test split (by index, in every category)")
+    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--compact", action="store_true", help="shorter function docs (fewer tokens per prompt)")
+    q.add_argument("--out", required=True, help="prompts JSONL to write (atomically)")
+    q.set_defaults(func=_cmd_prompts)
+
+    q = sub.add_parser(
         "report",
         help="accuracy per category and overall, per-turn reward means",
         description="Report checked trajectories, one row per model: the model name a trajectory "
@@ -264,6 +309,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     subset(q, "keep only entries of this part of the split (train data: --subset train)")
     q.set_defaults(func=_cmd_to_buffer)
+    add_log_level_option(p)
     return p
 
 
@@ -272,4 +318,5 @@ def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog).parse_args(argv)
     args.command_line = [*prog.split(), *argv]
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command(prog, args.func, args)

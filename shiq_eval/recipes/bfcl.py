@@ -47,7 +47,7 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
@@ -81,7 +81,7 @@ METHODS = tuple(n for n, s in LOSSES.items() if s.trains == "policy")
 METRICS = ("turn_accuracy", "mean_turn_reward", "kl", "gt_nll_per_token")
 LOGITS_CHUNK_TOKENS = 1024  # statistics a chunk of positions at a time: [B, T, V] logits are never held
 
-_log = logger(PROG)
+_log = logger(PROG, __name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -611,8 +611,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (CI)")
     ap.add_argument("--config", default=None, help="config file (default: bfcl.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_log_level_option(ap)
     args = ap.parse_args(argv)
     quiet_optional_dependencies()
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command(PROG, _main, args)
 
 

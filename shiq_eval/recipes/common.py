@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -150,11 +150,13 @@ def diff_keys(a, b, prefix=""):
         yield prefix.rstrip(".")
 
 
-def logger(prog: str):
-    """``log(msg)``: one line ``[prog] msg`` on stderr."""
+def logger(prog: str, name: str):
+    """``log(msg)``: the progress line ``[prog] msg`` at level INFO of the logger ``name`` (the calling
+    module's ``__name__``), on stderr once the command has called ``shiq_data.cli_common.setup_logging``."""
+    module_log = logging.getLogger(name)
 
     def log(msg: str) -> None:
-        print(f"[{prog}] {msg}", file=sys.stderr, flush=True)
+        module_log.info(f"[{prog}] {msg}")
 
     return log
 

@@ -58,7 +58,7 @@ import torch.distributed as dist
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import quiet_optional_dependencies, run_command
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, minilm_encoder, pearson
@@ -176,7 +176,7 @@ def _check_config(cfg: dict) -> None:
 # stage bookkeeping
 
 
-_log = logger("shiq-demo")
+_log = logger("shiq-demo", __name__)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1156,8 +1156,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_log_level_option(ap)
     args = ap.parse_args(argv)
     quiet_optional_dependencies()
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-demo", _main, args)
 
 

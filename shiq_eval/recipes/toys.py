@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shiq_data.cli_common import run_command
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
@@ -648,7 +648,9 @@ def main(argv=None) -> int:
         default=min(2, os.cpu_count() or 1),
         help="parallel processes (default min(2, cores); quick runs in-process)",
     )
+    add_log_level_option(p)
     args = p.parse_args(argv)
+    setup_logging(getattr(args, "log_level", "INFO"))
     return run_command("shiq-toys", _main, args, p)
 
 

@@ -1,0 +1,109 @@
+"""Progress and status lines go through Python logging at the level a command is given (``--log-level``,
+``logging.level`` of shiq-train): INFO (the default) shows what the commands always showed, WARNING keeps
+warnings only, DEBUG adds details, and a command's result on stdout is not affected.
+
+Checked on ``shiq-eval run`` (its per-model progress lines, and the resolved suite at DEBUG, which is compared
+with suite.json), ``shiq-data append`` (its warning about repeated rows, whatever side of the subcommand the
+flag is on), the recipes' progress lines and the one-line refusal of a level that does not exist.
+"""
+
+import json
+import logging
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from test_eval_cli import tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
+
+from shiq_data.cli_common import setup_logging  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def default_level():
+    yield
+    setup_logging("INFO")  # as every command's start would leave it
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    return tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "init")
+
+
+def eval_run(tmp_path, init, out, *level):
+    from shiq_eval.cli import main
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1}"}) + "\n" for i in range(3, 6)))
+    args = ["run", str(init), "--reference", str(init), "--out", str(tmp_path / out), "--prompts", str(prompts)]
+    return main([*args, "--scorer", "python:scorer_functions:length_and_letters", "--max-new-tokens", "3", *level])
+
+
+def test_eval_progress_lines_follow_the_log_level(tmp_path, capsys, init):
+    capsys.readouterr()
+    assert eval_run(tmp_path, init, "info") == 0
+    info = capsys.readouterr()
+    lines = [line for line in info.err.splitlines() if "sample estimate" in line]
+    assert len(lines) == 1 and lines[0].startswith("init (") and "step 0: reward" in lines[0], info.err
+    assert "shiq-eval: 1 models on 3 prompts" in info.out  # the result line, on stdout
+
+    assert eval_run(tmp_path, init, "warning", "--log-level", "WARNING") == 0
+    quiet = capsys.readouterr()
+    assert "sample estimate" not in quiet.err and "suite custom" not in quiet.err, quiet.err
+    assert "shiq-eval: 1 models on 3 prompts" in quiet.out  # results are not logging
+
+    assert eval_run(tmp_path, init, "debug", "--log-level", "debug") == 0
+    debug = capsys.readouterr()
+    suite = json.loads((tmp_path / "debug" / "suite.json").read_text())
+    want = f"shiq-eval: suite custom ({suite['sha256']}): {json.dumps(suite['content'], sort_keys=True)}"
+    assert want in debug.err.splitlines(), debug.err
+    assert sum("sample estimate" in line for line in debug.err.splitlines()) == 1
+
+
+def test_data_warning_shows_at_warning_and_not_at_error(tmp_path, capsys, tokenizers_once):
+    from shiq_data.cli import main
+
+    rows = [{"prompt": "Hello world", "completion": " again", "reward": 1.0}]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    buf = str(tmp_path / "buf")
+    assert (
+        main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf, "--no-progress"]) == 0
+    )
+    append = ["append", buf, "jsonl", str(tmp_path / "a.jsonl"), "--no-progress"]
+    capsys.readouterr()
+    for level, shown in [(["--log-level", "WARNING"], True), (["--log-level", "ERROR"], False), ([], True)]:
+        assert main([*append, *level]) == 0
+        res = capsys.readouterr()
+        assert ("shiq-data: warning: 1 appended row(s) repeat" in res.err) == shown, (level, res.err)
+        assert f"shiq-data: appended {tmp_path / 'a.jsonl'} to {buf}" in res.out
+    assert main(["--log-level", "ERROR", *append]) == 0  # before the subcommand too
+    assert "repeat" not in capsys.readouterr().err
+
+
+def test_recipe_progress_lines_and_bad_levels(capsys):
+    from shiq_data.cli import main
+    from shiq_eval.recipes.common import logger
+
+    log = logger("shiq-demo", "shiq_eval.recipes.demo")
+    setup_logging("INFO")
+    log("reward model: held-out Pearson r = 0.5")
+    setup_logging("WARNING")
+    log("not shown")
+    assert capsys.readouterr().err == "[shiq-demo] reward model: held-out Pearson r = 0.5\n"
+    assert logging.getLogger("shiq_eval.recipes.demo").getEffectiveLevel() == logging.WARNING
+    # a module run with python -m logs as __main__: its lines follow the level too
+    main_log = logger("shiq-bfcl", "__main__")
+    main_log("not shown either")
+    setup_logging("INFO")
+    main_log("data: done earlier, skipped")
+    assert capsys.readouterr().err == "[shiq-bfcl] data: done earlier, skipped\n"
+
+    with pytest.raises(SystemExit) as done:
+        main(["info", "x", "--log-level", "LOUD"])
+    assert done.value.code == 2 and "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+
+    from shiq_train.trainer import LoggingConfig
+
+    assert LoggingConfig(level="debug").level == "debug"
+    with pytest.raises(ValueError, match=r"logging.level must be one of \['DEBUG', 'INFO', 'WARNING', 'ERROR'\]"):
+        LoggingConfig(level="LOUD")

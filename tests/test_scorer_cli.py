@@ -1,0 +1,134 @@
+"""Scorers named on the command line: a Python function (``--scorer python:MODULE:FUNCTION``) and the BFCL
+checker's turn reward (``--scorer bfcl`` with the prompts of ``shiq-eval bfcl prompts``).
+
+Checked against independent references: each completion's reward equals the helper function called directly
+on the prompt and completion stored in results.json; the suite fingerprint changes with the function named;
+a function that returns the wrong thing fails in one line naming it, exit status 2; the BFCL scorer gives 1 to
+a turn's ground-truth calls and 0 to an empty answer or another turn's calls (the checker's verdicts on the
+ground truth, which check-ground-truth replays), and the turn prompts end with that turn's user message.
+"""
+
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+import scorer_functions  # noqa: E402  (the Python scorers of these tests)
+from test_eval_cli import tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
+
+from shiq_eval import cli as eval_cli  # noqa: E402
+from shiq_eval.suite import fingerprint as suite_fingerprint  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def init(tmp_path_factory):
+    return tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "init")
+
+
+def run_eval(tmp_path, init, scorer, out="eval", *extra):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 7)))
+    return eval_cli.main(
+        [
+            "run",
+            str(init),
+            "--reference",
+            str(init),
+            "--out",
+            str(tmp_path / out),
+            "--prompts",
+            str(prompts),
+            "--scorer",
+            scorer,
+            "--max-new-tokens",
+            "5",
+            "--quiet",
+            *extra,
+        ]
+    )
+
+
+def test_python_function_scorer_gives_the_function_s_rewards(tmp_path, init):
+    assert run_eval(tmp_path, init, "python:scorer_functions:length_and_letters") == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(rows) == 2 and all(len(r["samples"]) == 4 for r in rows)
+    for r in rows:
+        prompts, completions, rewards = zip(*r["samples"])
+        want = [len(c.split()) - 0.1 * c.count("w") + len(p) / 100 for p, c in zip(prompts, completions)]
+        assert list(rewards) == pytest.approx(want, abs=1e-12)
+        assert list(rewards) == pytest.approx(scorer_functions.length_and_letters(prompts, completions), abs=1e-12)
+        assert r["rewards"] == list(rewards)
+    suite = json.loads((tmp_path / "eval" / "suite.json").read_text())
+    assert suite["content"]["scorer"] == "python:scorer_functions:length_and_letters"
+    # the fingerprint names the function and the SHA-256 of its module's source file
+    source = hashlib.sha256(Path(scorer_functions.__file__).read_bytes()).hexdigest()
+    spec = "python:scorer_functions:length_and_letters"
+    assert suite["content"]["scorer_sha256"] == hashlib.sha256(f"{spec}\n{source}".encode()).hexdigest()
+    other, _ = eval_cli.load_suite(None, {"prompts": "p.jsonl", "scorer": "python:scorer_functions:one_short"})
+    assert suite_fingerprint(other, "0" * 64)[1] != suite_fingerprint(replace(other, scorer=spec), "0" * 64)[1]
+
+
+@pytest.mark.parametrize(
+    "name, problem",
+    [
+        ("not_a_list", "returned str"),
+        ("one_short", "returned list of length 3"),
+        ("with_nan", "non-finite value nan"),
+        ("missing", "has no function 'missing'"),
+    ],
+)
+def test_a_bad_python_scorer_fails_in_one_line_naming_it(tmp_path, capsys, init, name, problem):
+    capsys.readouterr()
+    assert run_eval(tmp_path, init, f"python:scorer_functions:{name}") == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if "error" in line]  # (transformers' loading bars aside)
+    assert len(lines) == 1 and lines[0].startswith("shiq-eval: error: ") and err.endswith(lines[0] + "\n"), err
+    assert f"python:scorer_functions:{name}" in lines[0] and problem in lines[0], err
+
+
+def test_bad_scorer_names_are_refused_before_any_model_loads(tmp_path, capsys, init):
+    capsys.readouterr()
+    for spec, problem in [
+        ("python:no_such_module_here:f", "cannot import module 'no_such_module_here'"),
+        ("python:scorer_functions", "expected python:MODULE:FUNCTION"),
+        ("python:scorer_functions:one_argument", "one_argument must take two arguments"),
+        ("bleu", "scorer must be one of"),
+        ("bfcl", "prompts.jsonl, prompt 1: scorer_prompt 'w3 w4 w5' is not a BFCL turn reference ENTRY_ID:TURN"),
+    ]:
+        assert run_eval(tmp_path, init, spec) == 2
+        err = capsys.readouterr().err.strip().splitlines()  # one line: no model was loaded (no loading bars)
+        assert len(err) == 1 and err[0].startswith("shiq-eval: error: ") and problem in err[0], (spec, err)
+
+
+def test_bfcl_turn_scorer_and_prompts(tmp_path):
+    from shiq_eval.bfcl import cli as bfcl_cli
+    from shiq_eval.bfcl.data import load_entry
+    from shiq_eval.bfcl.rollout import format_calls
+    from shiq_eval.scorers import BFCLTurnScorer
+
+    out = tmp_path / "bfcl_prompts.jsonl"
+    assert bfcl_cli.main(["prompts", "--categories", "multi_turn_base", "--limit", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    entry = load_entry("multi_turn_base", "multi_turn_base_0")
+    n = len(entry["ground_truth"])
+    assert [r["scorer_prompt"] for r in rows] == [f"multi_turn_base_0:{k}" for k in range(n)]
+    for k, r in enumerate(rows):  # each prompt ends with its turn's user message; earlier turns' answers in it
+        assert r["messages"][-1] == {"role": "user", "content": entry["question"][k][-1]["content"]}
+        assert r["messages"][0]["role"] == "system"
+        assert sum(m["role"] == "assistant" for m in r["messages"]) >= 2 * k  # calls and end-of-turn text
+    prompts, shown = eval_cli.read_prompts_jsonl(out)
+    assert prompts == [r["messages"] for r in rows] and shown == [r["scorer_prompt"] for r in rows]
+
+    scorer = BFCLTurnScorer()
+    refs = [r["scorer_prompt"] for r in rows]
+    truth = [format_calls(calls) for calls in entry["ground_truth"]]
+    assert scorer(refs, truth) == [1.0] * n
+    assert scorer(refs, ["I cannot do that."] * n) == [0.0] * n
+    assert scorer(refs, truth[1:] + truth[:1]) == [0.0] * n  # another turn's calls
+    with pytest.raises(ValueError, match="multi_turn_base_0:99"):
+        scorer(["multi_turn_base_0:99"], [truth[0]])
