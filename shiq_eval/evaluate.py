@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from shiq_eval.generate import HFPolicy, SamplingConfig
-from shiq_eval.kl import exact_token_kl, mean_stderr, sample_kl, token_kl
+from shiq_eval.kl import exact_token_kl, kl_from_log_probs, mean_stderr, sample_kl
 
 
 @dataclass
@@ -33,33 +33,38 @@ class EvalResult:
         return dict(self.__dict__)
 
 
+def _log_probs(model, tokens, attn, keep: int) -> torch.Tensor:
+    """float64 log-softmax of ``model``'s logits at the last ``keep`` positions, ``[B, keep, V]``."""
+    return torch.log_softmax(model(input_ids=tokens, attention_mask=attn, logits_to_keep=keep).logits.double(), -1)
+
+
 @torch.no_grad()
 def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pad_id=0):
     """Per-sequence KL estimates over the completion tokens: ``(sample [N], exact [N])`` (SHIQ_MATH §6).
 
     Rows are ``prompt + completion``, right-padded; position ``t``'s distribution comes from the
-    logits at ``t − 1``.
+    logits at ``t − 1``. Only positions whose next token can be a completion token need the vocabulary:
+    both models are asked for the logits of the batch's last ``T − s`` positions (``logits_to_keep``,
+    ``s`` = the shortest prompt's length − 1), and each log-softmax runs once, in float64, on those.
     """
     samples, exact = [], []
     for start in range(0, len(prompt_ids), batch_size):
-        rows = [
-            p + c for p, c in zip(prompt_ids[start : start + batch_size], completion_ids[start : start + batch_size])
-        ]
+        prompts = prompt_ids[start : start + batch_size]
+        rows = [p + c for p, c in zip(prompts, completion_ids[start : start + batch_size])]
         T = max(len(r) for r in rows)
         tokens = torch.full((len(rows), T), pad_id, dtype=torch.long)
         attn = torch.zeros((len(rows), T), dtype=torch.long)
         mask = torch.zeros((len(rows), T), dtype=torch.bool)
-        for i, (r, p) in enumerate(zip(rows, prompt_ids[start : start + batch_size])):
+        for i, (r, p) in enumerate(zip(rows, prompts)):
             tokens[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
             mask[i, len(p) : len(r)] = True
-        logits = model(input_ids=tokens, attention_mask=attn).logits[:, :-1].double()
-        ref_logits = ref_model(input_ids=tokens, attention_mask=attn).logits[:, :-1].double()
-        targets, m = tokens[:, 1:], mask[:, 1:]
-        lp = torch.log_softmax(logits, -1).gather(-1, targets[..., None])[..., 0]
-        lq = torch.log_softmax(ref_logits, -1).gather(-1, targets[..., None])[..., 0]
-        samples.append(sample_kl(lp, lq, m))
-        exact.append(exact_token_kl(token_kl(logits, ref_logits), m))
+        first = max(min(len(p) for p in prompts) - 1, 0)  # the first position that predicts a completion token
+        keep = T - first  # logits of positions first .. T-1; the last one predicts nothing
+        logp, logq = (_log_probs(net, tokens, attn, keep)[:, :-1] for net in (model, ref_model))  # [B, T-1-first, V]
+        targets, m = tokens[:, first + 1 :, None], mask[:, first + 1 :]
+        samples.append(sample_kl(logp.gather(-1, targets)[..., 0], logq.gather(-1, targets)[..., 0], m))
+        exact.append(exact_token_kl(kl_from_log_probs(logp, logq), m))
     return torch.cat(samples), torch.cat(exact)
 
 

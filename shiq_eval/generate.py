@@ -212,8 +212,9 @@ class MegatronPolicy:
 
 class MegatronLogits:
     """A megatron-core ``GPTModel`` answering the call transformers models answer:
-    ``model(input_ids=[B, T], attention_mask=[B, T]).logits`` -> ``[B, T, V]`` float32, on the device
-    of ``input_ids`` (the model runs on its own).
+    ``model(input_ids=[B, T], attention_mask=[B, T], logits_to_keep=0).logits`` -> ``[B, T, V]`` float32
+    (the last ``k`` positions, ``[B, k, V]``, for ``logits_to_keep=k > 0``), on the device of ``input_ids``
+    (the model runs on its own).
 
     For the KL estimators (:func:`shiq_eval.evaluate.sequence_kls`). Rows must be right-padded: the
     causal mask then keeps every real position independent of the padding after it, and
@@ -231,7 +232,7 @@ class MegatronLogits:
         self.vocab_size = int(vocab_size or self.model.vocab_size)
 
     @torch.no_grad()
-    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0):
         device = next(self.model.parameters()).device
         was_training = self.model.training
         self.model.eval()
@@ -239,4 +240,5 @@ class MegatronLogits:
             logits = self.model(**model_inputs(input_ids.to(device)), runtime_gather_output=True)
         finally:
             self.model.train(was_training)
+        logits = logits[:, -logits_to_keep:] if logits_to_keep else logits  # the last positions, as transformers
         return SimpleNamespace(logits=logits[..., : self.vocab_size].float().to(input_ids.device))

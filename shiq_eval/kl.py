@@ -30,8 +30,14 @@ def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
     Args: logits, ref_logits ``[B, T, V]`` (the distributions over the token at ``t + 1`` when they
     come straight from a causal LM: align them with the mask accordingly).
     """
-    logp = torch.log_softmax(logits.double(), -1)
-    logq = torch.log_softmax(ref_logits.double(), -1)
+    return kl_from_log_probs(torch.log_softmax(logits.double(), -1), torch.log_softmax(ref_logits.double(), -1))
+
+
+def kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """``KL(p ‖ q) = Σ_a p(a) (log p(a) − log q(a))`` over the last dimension (SHIQ_MATH §6), ``[...]``.
+
+    Args: logp, logq ``[..., V]`` normalised log-probabilities (a ``log_softmax``), float64 for the sums.
+    """
     return (logp.exp() * (logp - logq)).sum(-1)
 
 

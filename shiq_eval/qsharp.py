@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
@@ -182,12 +183,28 @@ class GuidedPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see ``shiq_eval.generate.generate_in_batches`` for batches and seeds)."""
+        return self.generate_with_kls(prompt_ids, cfg, progress)[0]
+
+    @torch.no_grad()
+    def generate_with_kls(
+        self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False
+    ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """``(completions, sample [N], exact [N])``: :meth:`generate`, and the KL estimators that
+        :meth:`sequence_kls` gives for those completions (SHIQ_MATH §6), read off the sampling pass itself
+        (``sequence_kls`` teacher-forces the completions through the same steps: this saves that second
+        pass). The estimators are those of the temperature-1 guided policy at the visited states, whatever
+        ``cfg.temperature`` and ``cfg.top_p`` sampled."""
+        sample, exact = [], []
 
         def batch_fn(batch, first, seed):
-            gen = torch.Generator().manual_seed(seed)
-            return self.decode(batch, cfg, generator=gen).tokens.tolist()
+            steps = self.decode(batch, cfg, generator=torch.Generator().manual_seed(seed))
+            for out, value in zip((sample, exact), _kl_sums(steps)):
+                out.append(value)
+            return steps.tokens.tolist()
 
-        return generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
+        completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return completions, torch.cat(sample) if sample else empty, torch.cat(exact) if exact else empty
 
     @torch.no_grad()
     def sequence_kls(
@@ -207,10 +224,9 @@ class GuidedPolicy:
             batch = prompt_ids[start : start + batch_size]
             forced = completion_ids[start : start + batch_size]
             width = max([len(c) for c in forced] + [1])
-            steps = self.decode(batch, SamplingConfig(max_new_tokens=width), forced=forced)
-            m = steps.active
-            samples.append(torch.where(m, steps.logp - steps.ref_logp, 0.0).sum(-1))
-            exact.append(torch.where(m, steps.kl, 0.0).sum(-1))
+            s, e = _kl_sums(self.decode(batch, SamplingConfig(max_new_tokens=width), forced=forced))
+            samples.append(s)
+            exact.append(e)
         return torch.cat(samples), torch.cat(exact)
 
     @torch.no_grad()
@@ -355,6 +371,14 @@ class GuidedPolicy:
         return out[:, L:].float()
 
 
+def _kl_sums(steps: GuidedSteps) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row ``(Σ_t log π_g(y_t|s_t) − log π_ref(y_t|s_t), Σ_t KL_t)`` over the active steps, ``([B], [B])``."""
+    return (
+        torch.where(steps.active, steps.logp - steps.ref_logp, 0.0).sum(-1),
+        torch.where(steps.active, steps.kl, 0.0).sum(-1),
+    )
+
+
 def evaluate_guided_policy(
     policy: GuidedPolicy,
     tokenizer,
@@ -370,10 +394,17 @@ def evaluate_guided_policy(
 ) -> EvalResult:
     """Reward and both KL estimators of a guided policy against its reference (SHIQ_MATH §6, §8), the
     counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at temperature 1, top-p 1,
-    scored by ``scorer(prompt_texts, completion_texts)``, KL from :meth:`GuidedPolicy.sequence_kls`."""
+    scored by ``scorer(prompt_texts, completion_texts)``; the KL estimators are those of
+    :meth:`GuidedPolicy.sequence_kls`, read off the sampling pass (:meth:`GuidedPolicy.generate_with_kls`)."""
+    kls = {}
+
+    def generate(prompts, cfg, progress=False):
+        completions, kls["sample"], kls["exact"] = policy.generate_with_kls(prompts, cfg, progress)
+        return completions
+
     return evaluate_samples(
-        policy,
-        lambda prompts, completions: policy.sequence_kls(prompts, completions, batch_size),
+        SimpleNamespace(generate=generate),
+        lambda prompts, completions: (kls["sample"], kls["exact"]),
         tokenizer,
         prompt_ids,
         prompt_texts,

@@ -50,6 +50,26 @@ def test_padding_does_not_change_the_kl_of_a_sequence():
         assert torch.allclose(together[k], torch.cat([x[k] for x in alone]), atol=1e-9)
 
 
+def test_kls_equal_a_direct_float64_computation_per_sequence():
+    """Each sequence alone, full logits, a plain float64 sum over its completion tokens: the independent
+    reference for the batched path (which asks the models for the last positions only)."""
+    a, b = tiny(5), tiny(6)
+    prompts = [[1, 2, 3, 4, 5], [6], [7, 8], [9, 10, 11]]
+    comps = [[12, 13], [14, 15, 16, 17], [18], [19, 20, 21]]
+    got_sample, got_exact = sequence_kls(a, b, prompts, comps, batch_size=4)
+    for i, (p, c) in enumerate(zip(prompts, comps)):
+        ids = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(a(input_ids=ids).logits[0].double(), -1)
+            lq = torch.log_softmax(b(input_ids=ids).logits[0].double(), -1)
+        positions = range(len(p) - 1, len(p) + len(c) - 1)  # the logits that predict each completion token
+        want_sample = sum(float(lp[t, ids[0, t + 1]] - lq[t, ids[0, t + 1]]) for t in positions)
+        want_exact = sum(float((lp[t].exp() * (lp[t] - lq[t])).sum()) for t in positions)
+        assert float(got_sample[i]) == pytest.approx(want_sample, abs=1e-6)
+        assert float(got_exact[i]) == pytest.approx(want_exact, abs=1e-6)
+    assert float(got_exact.abs().sum()) > 1e-3  # different models: a zero KL would prove nothing
+
+
 def test_estimators_agree_on_average():
     a, b = tiny(3), tiny(4)
     prompts = [[1, 2]] * 200

@@ -410,6 +410,13 @@ def test_guided_policy_generates_and_scores_candidates_like_full_passes(restrict
     assert len(out) == len(PROMPTS) and all(1 <= len(c) <= 6 for c in out)
     assert all(0 <= t < 64 for c in out for t in c)
     assert policy.generate(PROMPTS, cfg) == out  # seeded
+    # the KL read off the sampling pass equals teacher-forcing the samples (also for tempered sampling)
+    for c in (cfg, SamplingConfig(max_new_tokens=6, batch_size=2, seed=3, temperature=0.7)):
+        samples, ks_g, ke_g = policy.generate_with_kls(PROMPTS, c)
+        ks_f, ke_f = policy.sequence_kls(PROMPTS, samples, batch_size=c.batch_size)
+        assert samples == policy.generate(PROMPTS, c)
+        assert torch.allclose(ks_g, ks_f, atol=1e-9) and torch.allclose(ke_g, ke_f, atol=1e-9)
+        assert float(ke_g.abs().sum()) > 1e-3
     # one batch recorded: cached candidate scoring equals full forward passes of prefix + candidate
     gen = torch.Generator().manual_seed(11)
     steps = policy.decode(PROMPTS, SamplingConfig(max_new_tokens=5), generator=gen, record=True)
