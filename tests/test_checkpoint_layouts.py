@@ -64,9 +64,10 @@ def make_buffer(path: Path):
     write_buffer(rows, path, tokenizer_info=tok, command=["t"], shard_rows=10, progress=False, ref_model={"n": 1})
 
 
-def train(out_dir, buffer_dir, steps: int, init=None, save_every=0) -> list[float]:
+def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False) -> list[float]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) until ``steps`` in the current layout, from the
-    full parameters ``init``; returns the losses of the steps run (every rank)."""
+    full parameters ``init`` (with megatron's distributed optimizer if ``distributed``); returns the losses of
+    the steps run (every rank)."""
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
@@ -76,7 +77,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0) -> list[floa
     trainer = Trainer(
         model,
         LossConfig("shiq", beta=0.1),
-        OptimizerConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_steps=2, decay_steps=4),
+        OptimizerConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_steps=2, decay_steps=4, distributed=distributed),
         TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False),
         out_dir,
     )
@@ -193,6 +194,31 @@ def test_one_process_checkpoint_resumes_at_tp2xpp2(runs):
     assert len(runs["into"]) == 3 and _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
     out = runs["dir"] / "into_tp2pp2" / "checkpoints" / "step_00000006"
     assert json.loads((out / "meta.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+
+
+def _distributed_dp2_worker(rank, port, d):
+    """Three steps at DP2 with megatron's distributed optimizer (state sharded over the two ranks), saved."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    with parallel.distributed(rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        losses = train(d / "zero1", d / "buffer", 3, torch.load(d / "init.pt", weights_only=True), distributed=True)
+    if rank == 0:
+        (d / "zero1.json").write_text(json.dumps(losses))
+
+
+def test_a_distributed_optimizer_checkpoint_resumes_in_another_layout(runs):
+    """optimizer.distributed=true saves full per-parameter state (master weights, moments) in the by-name
+    form: a DP2 checkpoint of step 3 resumes in one process and continues with the reference's losses."""
+    d = runs["dir"]
+    mp.spawn(_distributed_dp2_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
+    first = json.loads((d / "zero1.json").read_text())
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        more = train(d / "zero1", d / "buffer", 6, distributed=True)
+    got = first + more
+    assert len(first) == 3 and len(more) == 3
+    assert _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
 
 
 def test_a_checkpoint_of_another_model_shape_is_refused(runs, tmp_path):
