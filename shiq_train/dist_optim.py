@@ -134,6 +134,14 @@ class DistributedAdamW:
         r = self.dist._get_model_param_range_map(p)["param"]
         return r.start, r.end
 
+    def _owned(self, offsets):
+        """``(start, end, states)`` per trainable parameter with a slice on this rank: the slice's place in the flat
+        vector of :meth:`_flat` and megatron's live master weight and moments of it."""
+        for (_, p), off in zip(self.named, offsets):
+            sl = self._slice(p)
+            if sl is not None:
+                yield off + sl[0], off + sl[1], self.dist._get_main_param_and_optimizer_states(p)
+
     def _flat(self):
         """Offsets of each trainable parameter in one flat vector of them all, and its length."""
         offsets, n = [], 0
@@ -151,13 +159,9 @@ class DistributedAdamW:
         group = self._group()
         offsets, n = self._flat()
         flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU
-        for (_, p), off in zip(self.named, offsets):
-            sl = self._slice(p)
-            if sl is None:
-                continue
-            live = self.dist._get_main_param_and_optimizer_states(p)
+        for start, end, live in self._owned(offsets):
             for k in STATE_KEYS:
-                flat[k][off + sl[0] : off + sl[1]] = live[k].detach().view(-1).float()
+                flat[k][start:end] = live[k].detach().view(-1).float()
         root = dist.get_global_rank(group, 0)
         for k in STATE_KEYS:  # slices do not overlap: the sum is a gather
             dist.reduce(flat[k], dst=root, group=group)
@@ -212,13 +216,9 @@ class DistributedAdamW:
         # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
         for s in self.torch_optimizer.state.values():
             s["step"] = s["step"].clone()
-        for (_, p), off in zip(self.named, offsets):
-            sl = self._slice(p)
-            if sl is None:
-                continue
-            live = self.dist._get_main_param_and_optimizer_states(p)
+        for start, end, live in self._owned(offsets):
             for k in STATE_KEYS:
-                live[k].copy_(flat[k][off + sl[0] : off + sl[1]].view_as(live[k]))
+                live[k].copy_(flat[k][start:end].view_as(live[k]))
 
     def state_by_name(self, model) -> dict | None:
         """:meth:`state_dict` in the checkpoint's by-name form (``shiq_train.checkpoint.optimizer_state_by_name``)
