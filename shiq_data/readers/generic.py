@@ -294,6 +294,15 @@ def _require_file(path, kind: str) -> Path:
     return path
 
 
+def _file_rows(path, kind: str, row_label: str, all_records, records, tokenizer, **kw) -> Iterator[dict]:
+    """:func:`records_to_rows` over ``all_records(path)`` (or ``records``, a chunk of them read already), its
+    errors naming the file and the ``row_label`` (line or row); the file must exist (checked now, not lazily)."""
+    path = _require_file(path, kind)
+    return records_to_rows(
+        all_records(path) if records is None else records, tokenizer, file=str(path), row_label=row_label, **kw
+    )
+
+
 def read_jsonl(
     path,
     tokenizer,
@@ -309,16 +318,7 @@ def read_jsonl(
     holding the prompt, completion and reward; ``records``: the file's ``(line, record)`` pairs when read already
     (a parallel build gives each worker a chunk of them)."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    path = _require_file(path, "file")
-    return records_to_rows(
-        iter_jsonl(path) if records is None else records,
-        tokenizer,
-        file=str(path),
-        row_label="line",
-        source=source,
-        add_eos=add_eos,
-        **fields,
-    )
+    return _file_rows(path, "file", "line", iter_jsonl, records, tokenizer, source=source, add_eos=add_eos, **fields)
 
 
 def jsonl_records(path) -> Iterator[tuple[int, dict]]:
@@ -364,15 +364,8 @@ def read_parquet(
     """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group);
     ``records`` as for :func:`read_jsonl` (``(row, record)`` pairs)."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    path = _require_file(path, "file")
-    return records_to_rows(
-        _parquet_records(path) if records is None else records,
-        tokenizer,
-        file=str(path),
-        row_label="row",
-        source=source,
-        add_eos=add_eos,
-        **fields,
+    return _file_rows(
+        path, "file", "row", _parquet_records, records, tokenizer, source=source, add_eos=add_eos, **fields
     )
 
 
@@ -412,13 +405,6 @@ def read_datasets(
     """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``; ``records`` as for
     :func:`read_parquet`."""
     fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    path = _require_file(path, "folder")
-    return records_to_rows(
-        _datasets_records(path) if records is None else records,
-        tokenizer,
-        file=str(path),
-        row_label="row",
-        source=source,
-        add_eos=add_eos,
-        **fields,
+    return _file_rows(
+        path, "folder", "row", _datasets_records, records, tokenizer, source=source, add_eos=add_eos, **fields
     )
