@@ -137,12 +137,11 @@ def test_ground_truth_answers_score_every_turn(tokenizer):
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == [1.0] * len(spans)
 
 
-@pytest.mark.slow
 def test_quick_run_report_and_resume(tmp_path):
-    """The README's --quick command: report.json's structure, finite numbers, the reference's turn
-    accuracy equal to the checker's verdict on its saved answers, the supervised model closer to the
-    ground truth than the reference; a second call only rewrites the report. Slow (about 3.5 CPU
-    minutes: loading SmolLM2, six evaluations); the tests above cover its parts quickly."""
+    """The README's --quick command, the recipe's quick variant in CI: report.json's structure, finite
+    numbers, the reference's turn accuracy equal to the checker's verdict on its saved answers, the
+    supervised model closer to the ground truth than the reference; a second call only rewrites the
+    report (about 3.5 CPU minutes: loading SmolLM2, six evaluations)."""
     out = tmp_path / "bfcl"
     cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out)]
     subprocess.run(cmd, check=True, timeout=600)
