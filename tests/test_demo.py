@@ -65,8 +65,12 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
                 "j_star": 0.1 + abs(v[8]) + 0.5,
             }
         per[seed] = methods
-        (tmp_path / seed).mkdir()
+        for arm in arms:  # per-prompt values for the paired comparisons (tested on their own below)
+            (tmp_path / seed / "runs" / arm).mkdir(parents=True)
+            curve = [{"step": 60, **{k: rng.normal(size=4).tolist() for k in ("rewards", "gold", "kls_exact")}}]
+            (tmp_path / seed / "runs" / arm / "curve.json").write_text(json.dumps(curve))
         rep = {"methods": methods, "reference": {"reward_mean": rng.normal()}, "timings": {"a": 60.0}}
+        rep["config"] = {"eval": {"samples_per_prompt": 1}}
         (tmp_path / seed / "report.json").write_text(json.dumps(rep))
     out = demo.full_report(tmp_path, list(per))
     rows = {r["arm"]: r for r in out["arms"]}
@@ -86,6 +90,50 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     for name in ("full_report.json", "full_report.md", "frontier.png"):
         assert (tmp_path / name).is_file()
     assert "| shiq-single ** | 0.1 |" in (tmp_path / "full_report.md").read_text()
+    pairs = [(c["a"], c["b"]) for c in out["comparisons"]]
+    assert pairs == [("shiq@0.1", "dpo@0.1"), ("shiq-single@0.1", "shiq@0.1"), ("shiq-single@0.1", "dpo@0.1")]
+    assert "| shiq-single@0.1 | dpo@0.1 | 0.1 | 3 |" in (tmp_path / "full_report.md").read_text()
+
+
+def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_seeds(tmp_path):
+    """arm_comparisons against numpy on hand-made per-prompt evaluations: per seed the paired mean
+    difference of reward, gold, KL and J = reward - β·KL (two samples per prompt averaged first; Q♯ scored
+    on fewer prompts, so the pair uses those), then the seed mean, sqrt(Σ se²)/S and the seeds' s.d."""
+    rng = np.random.default_rng(1)
+    arms = {"shiq@0.3": 10, "copg@0.3": 10, "qsharp@0.3": 6, "shiq@1": 10, "dpo@1": 10}  # arm -> prompts
+    s, per = 2, {}
+    for seed in ("seed0", "seed1"):
+        per[seed] = {}
+        for arm, P in arms.items():
+            v = {k: rng.normal(size=P * s) for k in ("rewards", "gold", "kls_exact")}
+            v["kls_exact"] = np.abs(v["kls_exact"])
+            per[seed][arm] = v
+            (tmp_path / seed / "runs" / arm).mkdir(parents=True)
+            early = {"step": 0, **{k: [0.0] * (P * s) for k in v}}  # an earlier checkpoint: not compared
+            final = {"step": 60, **{k: x.tolist() for k, x in v.items()}}
+            (tmp_path / seed / "runs" / arm / "curve.json").write_text(json.dumps([final, early]))
+        rep = {"methods": dict.fromkeys(arms, {}), "config": {"eval": {"samples_per_prompt": s}}}
+        (tmp_path / seed / "report.json").write_text(json.dumps(rep))
+    rows = {(r["a"], r["b"]): r for r in demo.arm_comparisons(tmp_path, list(per))}
+    assert set(rows) == {("shiq@0.3", "copg@0.3"), ("shiq@0.3", "qsharp@0.3"), ("shiq@1", "dpo@1")}
+    for (a, b), row in rows.items():
+        beta, P = float(a.partition("@")[2]), min(arms[a], arms[b])
+        assert row["beta"] == beta and row["seeds"] == 2
+        for key, fn in (
+            ("reward", lambda v: v["rewards"]),
+            ("gold", lambda v: v["gold"]),
+            ("kl", lambda v: v["kls_exact"]),
+            ("J", lambda v: v["rewards"] - beta * v["kls_exact"]),
+        ):
+            d = [
+                fn(per[sd][a])[: P * s].reshape(P, s).mean(1) - fn(per[sd][b])[: P * s].reshape(P, s).mean(1)
+                for sd in per
+            ]
+            means = [x.mean() for x in d]
+            ses = [x.std(ddof=1) / math.sqrt(P) for x in d]
+            assert row[key] == pytest.approx(np.mean(means)), (a, b, key)
+            assert row[f"{key}_sd"] == pytest.approx(np.std(means, ddof=1))
+            assert row[f"{key}_se"] == pytest.approx(math.sqrt(sum(x**2 for x in ses)) / 2)
 
 
 def test_single_completion_arms_only_for_losses_that_need_no_group():

@@ -1004,6 +1004,70 @@ def _seed_stats(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+# (a, b) arm pairs compared at every β where both ran: ShiQ against each baseline, the ablations against
+# ShiQ, and the information-controlled arms (one completion per prompt) against the grouped data's methods
+COMPARISONS = (
+    ("shiq", "dpo"),
+    ("shiq", "copg"),
+    ("shiq", "dro_v"),
+    ("shiq", "qsharp"),
+    ("shiq", "shiq_init"),
+    ("shiq", "shiq_ms"),
+    ("shiq", "shiq_tk"),
+    ("shiq-single", "shiq"),
+    ("shiq-single", "copg"),
+    ("shiq-single", "dpo"),
+    ("dro_v-single", "dro_v"),
+)
+
+
+def _final_per_prompt(run: Path, arm: str, s: int) -> dict[str, np.ndarray]:
+    """The arm's last evaluation in ``run``, per held-out prompt ``[P]``: reward, gold score, exact KL."""
+    curve = json.loads((run / "runs" / arm / "curve.json").read_text())
+    last = max(curve, key=lambda r: r["step"])
+    return {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
+
+
+def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
+    """Paired differences ``a − b`` between arms at the same β (:data:`COMPARISONS`) across the seeds' runs
+    ``out/<name>``. Within a seed both arms were scored on the same held-out prompts with the same
+    sampling seed, so the difference of reward, gold score, KL and ``J = reward − β·KL`` is paired by prompt
+    (SHIQ_MATH §9; Q♯ may use only the first prompts, and the pair then uses those). Per pair: the mean over
+    seeds of the per-seed mean differences (``<metric>``), the standard error of that mean from the
+    within-seed paired errors (``<metric>_se`` = sqrt(Σ se_s²) / S) and the seeds' standard deviation of the
+    per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed)."""
+    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    rows = []
+    for a_name, b_name in COMPARISONS:
+        arms = {a.partition("@") for rep in reps.values() for a in rep["methods"]}
+        betas = sorted({float(beta) for name, _, beta in arms if name == a_name and beta})
+        for beta in betas:
+            a, b = f"{a_name}@{beta:g}", f"{b_name}@{beta:g}"
+            seeds = [n for n, rep in reps.items() if a in rep["methods"] and b in rep["methods"]]
+            if not seeds:
+                continue
+            diffs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("reward", "gold", "kl", "J")}
+            for n in seeds:
+                s = int(reps[n]["config"]["eval"]["samples_per_prompt"])
+                va, vb = _final_per_prompt(out / n, a, s), _final_per_prompt(out / n, b, s)
+                P = min(len(va["reward"]), len(vb["reward"]))
+                va, vb = ({k: v[:P] for k, v in x.items()} for x in (va, vb))
+                for k in ("reward", "gold", "kl"):
+                    diffs[k].append(paired_difference(va[k], vb[k]))
+                diffs["J"].append(
+                    paired_difference(
+                        j_per_prompt(va["reward"], va["kl"], beta), j_per_prompt(vb["reward"], vb["kl"], beta)
+                    )
+                )
+            row = {"a": a, "b": b, "beta": beta, "seeds": len(seeds)}
+            for k, d in diffs.items():
+                means = [m for m, _ in d]
+                row[k], row[f"{k}_sd"] = _seed_stats(means)
+                row[f"{k}_se"] = float(np.sqrt(sum(se**2 for _, se in d)) / len(d))
+            rows.append(row)
+    return rows
+
+
 def full_report(out: Path, names: list[str]) -> dict:
     """The study across the seeds' runs ``out/<name>`` (``--full``): for every arm ``method@β`` its final
     checkpoint's reward, gold score, KL, ``J``, ``J − J_ref`` (paired by prompt within a seed), the ``J*``
@@ -1046,6 +1110,7 @@ def full_report(out: Path, names: list[str]) -> dict:
         "reference": {"reward_mean": ref[0], "reward_mean_sd": ref[1]},
         "arms": rows,
         "best_beta": {m: r["beta"] for m, r in best.items()},
+        "comparisons": arm_comparisons(out, names),
         "seconds": seconds,
     }
     atomic_write_json(out / "full_report.json", result)
@@ -1081,6 +1146,21 @@ def full_report_markdown(rep: dict) -> str:
         ]
         lines.append(f"| {r['method']}{mark} | {r['beta']:g} | " + " | ".join(cells) + " |")
     lines += ["", "![frontier](frontier.png)", ""]
+    if rep.get("comparisons"):
+        lines += [
+            "## Paired differences between arms at the same β",
+            "",
+            "`a − b` on the same held-out prompts within each seed (paired by prompt), averaged over seeds: "
+            "mean ± standard error of that mean from the within-seed paired errors [the seeds' standard "
+            "deviation of the per-seed differences].",
+            "",
+            "| a | b | β | seeds | reward | gold | KL | J |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in rep["comparisons"]:
+            cells = [f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{c[k + '_sd']:.3f}]" for k in ("reward", "gold", "kl", "J")]
+            lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
     return "\n".join(lines)
 
 
