@@ -173,10 +173,16 @@ def plot_j_star_curve(curves: dict[float, list[dict]], out_dir) -> Path:
     return path
 
 
-def plot_frontier(points: list[dict], out_path, reference: tuple[float, float] | None = None) -> Path:
+def plot_frontier(
+    points: list[dict],
+    out_path,
+    reference: tuple[float, float] | None = None,
+    ylabel: str = "mean reward on held-out prompts",
+) -> Path:
     """A reward–KL frontier across seeds: one line per method through its β grid (points sorted by KL),
     each point ``{method, beta, kl, kl_sd, reward, reward_sd}`` (seed means, error bars of one seed
-    standard deviation on both axes) labelled with its β; ``reference`` = (mean, s.d.) reward at KL 0."""
+    standard deviation on both axes) labelled with its β; ``reference`` = (mean, s.d.) reward at KL 0.
+    ``reward`` may hold another score (say so in ``ylabel``), e.g. the gold scorer's."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in sorted({p["method"] for p in points}):
@@ -195,7 +201,7 @@ def plot_frontier(points: list[dict], out_path, reference: tuple[float, float] |
     if reference is not None:
         ax.errorbar([0.0], [reference[0]], yerr=[reference[1]], color="grey", marker="s", capsize=3, label="reference")
     ax.set_xlabel("KL(π ‖ π_ref) per completion (exact per-token sum)")
-    ax.set_ylabel("mean reward on held-out prompts")
+    ax.set_ylabel(ylabel)
     ax.set_title("final checkpoints, mean over seeds ± 1 s.d. of the seeds", fontsize=8)
     return _finish(plt, fig, ax, out_path)
 

@@ -69,7 +69,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
             (tmp_path / seed / "runs" / arm).mkdir(parents=True)
             curve = [{"step": 60, **{k: rng.normal(size=4).tolist() for k in ("rewards", "gold", "kls_exact")}}]
             (tmp_path / seed / "runs" / arm / "curve.json").write_text(json.dumps(curve))
-        rep = {"methods": methods, "reference": {"reward_mean": rng.normal()}, "timings": {"a": 60.0}}
+        rep = {"methods": methods, "reference": {"reward_mean": rng.normal(), "gold_mean": 0.1}, "timings": {"a": 60.0}}
         rep["config"] = {"eval": {"samples_per_prompt": 1}}
         (tmp_path / seed / "report.json").write_text(json.dumps(rep))
     out = demo.full_report(tmp_path, list(per))
@@ -87,7 +87,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
         assert r["gain_share"] == pytest.approx(share.mean()) and r["gain_share_sd"] == pytest.approx(share.std(ddof=1))
     best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
-    for name in ("full_report.json", "full_report.md", "frontier.png"):
+    for name in ("full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"):
         assert (tmp_path / name).is_file()
     assert "| shiq-single ** | 0.1 |" in (tmp_path / "full_report.md").read_text()
     pairs = [(c["a"], c["b"]) for c in out["comparisons"]]

@@ -996,6 +996,7 @@ def stage_report(ctx: Context, timings: dict) -> dict:
 # the study across seeds (--full)
 
 FULL_METRICS = ("reward_mean", "gold_mean", "kl", "J", "J_minus_reference", "j_star", "gain_share")
+FRONTIER_METHODS = ("shiq", "dpo", "copg", "dro_v", "qsharp")  # the methods compared in frontier.png
 
 
 def _seed_stats(values: list[float]) -> tuple[float, float]:
@@ -1075,7 +1076,9 @@ def full_report(out: Path, names: list[str]) -> dict:
     mean over seeds with the seeds' standard deviation (``*_sd``) and the mean within-seed standard error
     (``*_se``). ``J`` values at different β are different objectives; the gain share puts them on one
     scale, and each method's best β is the one with the largest mean share. Writes ``full_report.json``,
-    ``full_report.md`` and ``frontier.png`` (reward against KL, one line per method through its β grid)."""
+    ``full_report.md``, ``frontier.png`` (reward against KL, one line per method through its β grid),
+    ``frontier_variants.png`` (ShiQ with its ablations and the single-completion arms), ``frontier_gold.png``
+    (the gold score against KL) and the paired comparisons of :func:`arm_comparisons`."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
@@ -1095,19 +1098,30 @@ def full_report(out: Path, names: list[str]) -> dict:
         if row["method"] not in best or row["gain_share"] > best[row["method"]]["gain_share"]:
             best[row["method"]] = row
     ref = _seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
-    plot_frontier(
-        [
+    ref_gold = _seed_stats([rep["reference"]["gold_mean"] for rep in reps.values()])
+    main = [r for r in rows if r["method"] in FRONTIER_METHODS]  # ShiQ's variants get a figure of their own
+    variants = [r for r in rows if r["method"] not in FRONTIER_METHODS or r["method"] == "shiq"]
+    for name, subset, key, reference, ylabel in (
+        ("frontier.png", main, "reward_mean", ref, "mean reward on held-out prompts"),
+        ("frontier_variants.png", variants, "reward_mean", ref, "mean reward on held-out prompts"),
+        ("frontier_gold.png", main, "gold_mean", ref_gold, "mean VADER compound score (gold, never trained on)"),
+    ):
+        points = [
             {"method": r["method"], "beta": r["beta"], "kl": r["kl"], "kl_sd": r["kl_sd"]}
-            | {"reward": r["reward_mean"], "reward_sd": r["reward_mean_sd"]}
-            for r in rows
-        ],
-        out / "frontier.png",
-        reference=ref,
-    )
+            | {"reward": r[key], "reward_sd": r[f"{key}_sd"]}
+            for r in subset
+        ]
+        if points:
+            plot_frontier(points, out / name, reference=reference, ylabel=ylabel)
     seconds = sum(sum(rep["timings"].values()) for rep in reps.values())
     result = {
         "seeds": names,
-        "reference": {"reward_mean": ref[0], "reward_mean_sd": ref[1]},
+        "reference": {
+            "reward_mean": ref[0],
+            "reward_mean_sd": ref[1],
+            "gold_mean": ref_gold[0],
+            "gold_mean_sd": ref_gold[1],
+        },
         "arms": rows,
         "best_beta": {m: r["beta"] for m, r in best.items()},
         "comparisons": arm_comparisons(out, names),
@@ -1128,7 +1142,8 @@ def full_report_markdown(rep: dict) -> str:
         "prompt within each seed; the gain share is `(J − J_ref) / (J* − J_ref)`, the part of the attainable "
         "improvement reached (1 = the optimum; SHIQ_MATH §9). ** marks each method's best β by mean share.",
         "",
-        f"Reference reward: {f(rep['reference']['reward_mean'])} ± {f(rep['reference']['reward_mean_sd'])}.",
+        f"Reference reward: {f(rep['reference']['reward_mean'])} ± {f(rep['reference']['reward_mean_sd'])}; "
+        f"gold: {f(rep['reference']['gold_mean'])} ± {f(rep['reference']['gold_mean_sd'])}.",
         "",
         "| arm | β | reward | gold | KL | J | J − J_ref | J* | gain share |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -1145,7 +1160,13 @@ def full_report_markdown(rep: dict) -> str:
             f"{r['gain_share']:.2f} ± {r['gain_share_sd']:.2f}",
         ]
         lines.append(f"| {r['method']}{mark} | {r['beta']:g} | " + " | ".join(cells) + " |")
-    lines += ["", "![frontier](frontier.png)", ""]
+    lines += [
+        "",
+        "![frontier](frontier.png)",
+        "![ShiQ, its ablations and the single-completion arms](frontier_variants.png)",
+        "![gold score against KL](frontier_gold.png)",
+        "",
+    ]
     if rep.get("comparisons"):
         lines += [
             "## Paired differences between arms at the same β",
