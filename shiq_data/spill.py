@@ -1,0 +1,110 @@
+"""Out-of-core work tables for what a command must remember about every row of a buffer (duplicate texts,
+repeated row ids, near-duplicate candidates).
+
+A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and by
+the next command on the same output if a killed process left it) holding Parquet tables that the caller
+appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
+:data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
+command holds in memory for such work is then the limit plus one batch, whatever the buffer's size.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MEMORY_LIMIT = "256MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
+BATCH_ROWS = 65536  # rows per batch read back from a query
+
+
+def _remove_stale(folder: Path, name: str) -> None:
+    """Remove spill folders for ``name`` in ``folder`` whose process is gone (killed commands)."""
+    for p in folder.glob(f".{name}.spill-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+class Spill:
+    """A context manager: a temporary folder ``.<name>.spill-<pid>-<random>`` next to ``near`` (in the system's
+    temporary folder when that one cannot be written), Parquet tables in it and a DuckDB connection with
+    ``memory_limit`` and its ``temp_directory`` inside it; the folder is removed on exit."""
+
+    def __init__(self, near, memory_limit: str = MEMORY_LIMIT):
+        near = Path(near).absolute()
+        folder = near.parent
+        while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
+            folder = folder.parent
+        _remove_stale(folder, near.name)
+        try:
+            self.dir = folder / f".{near.name}.spill-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.dir.mkdir()
+        except OSError:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))
+        self.con = duckdb.connect(
+            ":memory:",
+            config={
+                "memory_limit": memory_limit,
+                "temp_directory": str(self.dir / "duckdb"),
+                "threads": 1,
+                "preserve_insertion_order": False,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+            },
+        )
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._schemas: dict[str, pa.Schema] = {}
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+        self.con.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def declare(self, name: str, schema: pa.Schema) -> None:
+        """Start table ``name`` with ``schema`` (so it exists, empty, even if nothing is appended)."""
+        self._schemas[name] = schema
+        self._writers[name] = pq.ParquetWriter(str(self.dir / f"{name}.parquet"), schema, compression="none")
+
+    def append(self, name: str, table: pa.Table | pa.RecordBatch) -> None:
+        """Append the rows of ``table`` (the declared schema's columns) to table ``name``."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if table.num_rows:
+            self._writers[name].write_table(table.select(self._schemas[name].names).cast(self._schemas[name]))
+
+    def table(self, name: str) -> str:
+        """SQL naming table ``name`` (closed for appending on first use)."""
+        writer = self._writers.pop(name, None)
+        if writer is not None:
+            writer.close()
+        path = str(self.dir / f"{name}.parquet").replace("'", "''")
+        return f"read_parquet('{path}')"
+
+    def query(self, sql: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
+        """The result of ``sql`` as record batches of up to ``batch_rows`` rows, streamed."""
+        reader = self.con.sql(sql).to_arrow_reader(batch_rows)
+        yield from reader
+
+    def one(self, sql: str, params=None) -> tuple:
+        """The first row of the result of ``sql``."""
+        return self.con.execute(sql, params or []).fetchone()
