@@ -36,6 +36,11 @@ shards the manifest lists; files it does not list (left by a killed append or re
 the next append, rewrite or ``validate`` (all under the lock; ``validate`` skips the removal while
 another process holds it).
 
+Memory. Writing holds one shard's rows at a time. What must be remembered about every row (its
+``row_id``, unique in the buffer, and on an append the old rows' prompt and completion texts, to find
+repeats) goes to temporary Parquet tables next to the output, which DuckDB joins after the last row
+within a fixed memory limit (:class:`_RowLog`, :mod:`shiq_data.spill`), so neither grows with the buffer.
+
 Resumable reference statistics: :func:`shards_without_ref` lists the shards still to do, and
 :func:`add_ref_columns` (or :func:`replace_shard`) commits one shard at a time; a killed run
 restarts from the shards the manifest does not yet mark as done.
@@ -668,8 +673,9 @@ class _ShardStream:
 
     def _check(self, row: dict, i: int, checked: bool = False) -> None:
         """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
-        fits this stream (reference columns like the earlier rows', a new ``row_id``). ``checked``: the row
-        passed :func:`check_row` already (in a worker of a parallel build)."""
+        fits this stream (reference columns like the earlier rows'; a repeated ``row_id`` is found by
+        :meth:`finish`). ``checked``: the row passed :func:`check_row` already (in a worker of a parallel
+        build)."""
         if not checked:
             check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
@@ -899,7 +905,8 @@ def append_buffer(
     same: ``ValueError`` otherwise). The manifest written is version 2, so appending to a version-1
     buffer (no text columns) upgrades it. New rows with the prompt and completion text of a row already
     in the buffer (:func:`text_key`) are counted in the command's manifest entry (``"duplicates"``),
-    or refused with ``refuse_duplicates`` (:class:`RowError` naming the input row).
+    or refused with ``refuse_duplicates`` (:class:`RowError` naming the input row). Row ids and texts are
+    compared after the last row (:class:`_RowLog`), before anything is committed.
     """
     buffer_dir = Path(buffer_dir)
     with _locked(buffer_dir):
