@@ -105,6 +105,7 @@ class Spill:
         reader = self.con.sql(sql).to_arrow_reader(batch_rows)
         yield from reader
 
-    def one(self, sql: str, params=None) -> tuple:
-        """The first row of the result of ``sql``."""
-        return self.con.execute(sql, params or []).fetchone()
+    def one(self, sql: str) -> tuple | None:
+        """The first row of the result of ``sql`` (None if it has none), the result read to its end."""
+        rows = self.con.execute(sql).fetchall()
+        return rows[0] if rows else None
