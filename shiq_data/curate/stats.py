@@ -59,24 +59,28 @@ def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> No
 
 
 def _summaries(spill: Spill) -> dict:
-    """``{None: summary of all rows, source: summary}`` (see :func:`summarise`)."""
+    """``{None: summary of all rows, source: summary}`` (see :func:`summarise`). Sums are compensated
+    (DuckDB's ``fsum``, ``favg``) and the standard deviation is taken about the mean in a second step, as
+    numpy does."""
     rows = spill.table("rows")
-    aggs = ", ".join(f"avg({c}), stddev_samp({c}), min({c}), max({c})" for c in DESCRIBED)
     found = {}
-    for key, by in ((None, ""), ("source", "GROUP BY source")):
-        select = "NULL" if key is None else "source"
-        for record in spill.con.execute(
-            f"SELECT {select}, count(*), avg(has_ref::DOUBLE), {aggs} FROM {rows} {by}"
-        ).fetchall():
-            name, n, ref, *values = record
-            if not n:
-                continue
-            summary = {"rows": n, "groups": 0, "ref_share": float(ref)}
-            for k, c in enumerate(DESCRIBED):
-                mean, std, lo, hi = values[4 * k : 4 * k + 4]
-                summary[c] = {"mean": float(mean), "std": float(std) if n > 1 else 0.0, "min": float(lo)}
-                summary[c].update(p50=None, p95=None, max=float(hi))
-            found[name] = summary
+    for by_source in (False, True):
+        key, group = ("source", "GROUP BY source") if by_source else ("NULL::VARCHAR AS source", "")
+        firsts = ", ".join(f"favg({c}::DOUBLE) AS m_{c}, min({c}) AS lo_{c}, max({c}) AS hi_{c}" for c in DESCRIBED)
+        devs = ", ".join(f"fsum(({c}::DOUBLE - s.m_{c}) * ({c}::DOUBLE - s.m_{c})) AS d_{c}" for c in DESCRIBED)
+        sql = f"""WITH s AS (SELECT {key}, count(*) AS n, favg(has_ref::DOUBLE) AS ref, {firsts} FROM {rows} {group})
+            SELECT s.*, {devs} FROM {rows} r {"JOIN s USING (source)" if by_source else "CROSS JOIN s"} GROUP BY ALL"""
+        cursor = spill.con.execute(sql)
+        names = [d[0] for d in cursor.description]
+        for record in cursor.fetchall():
+            r = dict(zip(names, record))
+            n = r["n"]
+            summary = {"rows": n, "groups": 0, "ref_share": float(r["ref"])}
+            for c in DESCRIBED:
+                std = math.sqrt(r[f"d_{c}"] / (n - 1)) if n > 1 else 0.0
+                summary[c] = {"mean": float(r[f"m_{c}"]), "std": std, "min": float(r[f"lo_{c}"])}
+                summary[c].update(p50=None, p95=None, max=float(r[f"hi_{c}"]))
+            found[r["source"] if by_source else None] = summary
     groups = f"SELECT source, group_id FROM {rows} GROUP BY source, group_id"
     for name, n in spill.con.execute(f"SELECT source, count(*) FROM ({groups}) GROUP BY source").fetchall():
         found[name]["groups"] = n
