@@ -5,7 +5,10 @@ A :class:`Spill` is a temporary folder next to the command's output (removed whe
 the next command on the same output if a killed process left it) holding Parquet tables that the caller
 appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
 :data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
-command holds in memory for such work is then the limit plus one batch, whatever the buffer's size.
+command holds in memory for such work is then the limit plus one batch, whatever the buffer's size. A
+:meth:`Spill.array` is a numpy array in a memory-mapped file of that folder (its pages are page cache the
+kernel can write back and drop, not process memory). A :class:`Bitmap` holds one bit per row (1.25 MB per
+10 million rows), the one thing a command keeps in memory that grows with the buffer.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -105,7 +109,44 @@ class Spill:
         reader = self.con.sql(sql).to_arrow_reader(batch_rows)
         yield from reader
 
+    def array(self, name: str, n: int, dtype=np.int64) -> np.ndarray:
+        """A zeroed ``[n]`` array of ``dtype`` in the memory-mapped file ``<name>.npy`` of the spill folder."""
+        return np.lib.format.open_memmap(self.dir / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+
     def one(self, sql: str) -> tuple | None:
         """The first row of the result of ``sql`` (None if it has none), the result read to its end."""
         rows = self.con.execute(sql).fetchall()
         return rows[0] if rows else None
+
+
+class Bitmap:
+    """One bit per item ``0 .. n - 1``, all set (``fill``) or all clear at first."""
+
+    def __init__(self, n: int, fill: bool = False):
+        self.n = n
+        self.bits = np.full((n + 7) // 8, 0xFF if fill else 0, dtype=np.uint8)
+
+    def clear(self, i: int) -> None:
+        self.bits[i >> 3] &= ~np.uint8(1 << (i & 7))
+
+    def set_many(self, items: np.ndarray) -> None:
+        """Set the bits of ``items`` (an integer array)."""
+        items = np.asarray(items, dtype=np.int64)
+        np.bitwise_or.at(self.bits, items >> 3, (1 << (items & 7)).astype(np.uint8))
+
+    def clear_many(self, items: np.ndarray) -> None:
+        """Clear the bits of ``items`` (an integer array)."""
+        items = np.asarray(items, dtype=np.int64)
+        np.bitwise_and.at(self.bits, items >> 3, ~(1 << (items & 7)).astype(np.uint8))
+
+    def __getitem__(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] >> (i & 7) & 1)
+
+    def get_many(self, items: np.ndarray) -> np.ndarray:
+        """The bits of ``items`` (an integer array) as booleans."""
+        items = np.asarray(items, dtype=np.int64)
+        return (self.bits[items >> 3] >> (items & 7) & 1).astype(bool)
+
+    def indices(self, start: int, n: int) -> np.ndarray:
+        """The set items among ``start .. start + n - 1``, counted from ``start``."""
+        return np.flatnonzero(self.get_many(np.arange(start, start + n)))

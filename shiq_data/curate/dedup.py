@@ -30,7 +30,7 @@ import pyarrow as pa
 from shiq_data.buffer import Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, normalise, text_key
-from shiq_data.spill import Spill
+from shiq_data.spill import Bitmap, Spill
 
 BY = ("row", "prompt", "completion")
 NUM_PERM = 128
@@ -79,26 +79,6 @@ class Signatures:
         return [signature[k * r : (k + 1) * r].tobytes() for k in range(self.b)]
 
 
-class Bitmap:
-    """One bit per row, all set at first."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.bits = bytearray(b"\xff") * ((n + 7) // 8)
-
-    def clear(self, i: int) -> None:
-        self.bits[i >> 3] &= ~(1 << (i & 7)) & 0xFF
-
-    def __getitem__(self, i: int) -> bool:
-        return bool(self.bits[i >> 3] >> (i & 7) & 1)
-
-    def indices(self, start: int, n: int) -> np.ndarray:
-        """The set rows among ``[start, start + n)``, counted from ``start``."""
-        lo, hi = start >> 3, (start + n + 7) >> 3
-        bits = np.unpackbits(np.frombuffer(bytes(self.bits[lo:hi]), np.uint8), bitorder="little")
-        return np.flatnonzero(bits[start - 8 * lo : start - 8 * lo + n])
-
-
 def _write_keys(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> int:
     """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to
     ``sigs`` and its band keys to ``bands``. Returns the rows read."""
@@ -132,13 +112,12 @@ def _write_keys(source: CurationSource, spill: Spill, by: str, signatures: Signa
 
 def kept_rows(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> Bitmap:
     """Passes 1 and 2 (see the module doc): a bitmap of the rows ``dedup`` keeps."""
-    kept = Bitmap(_write_keys(source, spill, by, signatures))
+    kept = Bitmap(_write_keys(source, spill, by, signatures), fill=True)
     keys = spill.table("keys")
     firsts = f"SELECT key, min(idx) AS first FROM {keys} GROUP BY key"
     repeats = f"SELECT k.idx FROM {keys} k JOIN ({firsts}) f ON k.key = f.key WHERE k.idx > f.first"
     for batch in spill.query(repeats):
-        for i in batch.column(0).to_pylist():
-            kept.clear(i)
+        kept.clear_many(batch.column(0).to_numpy())
     if signatures is None:
         return kept
     sigs, bands = spill.table("sigs"), spill.table("bands")
