@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-MEMORY_LIMIT = "256MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
-BATCH_ROWS = 65536  # rows per batch read back from a query
+MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
+BATCH_ROWS = 8192  # rows per batch read back from a query
 
 
 def _remove_stale(folder: Path, name: str) -> None:
@@ -104,9 +104,10 @@ class Spill:
         path = str(self.dir / f"{name}.parquet").replace("'", "''")
         return f"read_parquet('{path}')"
 
-    def query(self, sql: str, batch_rows: int = BATCH_ROWS) -> Iterator[pa.RecordBatch]:
-        """The result of ``sql`` as record batches of up to ``batch_rows`` rows, streamed."""
-        reader = self.con.sql(sql).to_arrow_reader(batch_rows)
+    def query(self, sql: str, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The result of ``sql`` as record batches of up to ``batch_rows`` (default :data:`BATCH_ROWS`) rows,
+        streamed."""
+        reader = self.con.sql(sql).to_arrow_reader(batch_rows or BATCH_ROWS)
         yield from reader
 
     def array(self, name: str, n: int, dtype=np.int64) -> np.ndarray:
