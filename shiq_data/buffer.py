@@ -36,6 +36,11 @@ shards the manifest lists; files it does not list (left by a killed append or re
 the next append, rewrite or ``validate`` (all under the lock; ``validate`` skips the removal while
 another process holds it).
 
+Memory. Writing holds one shard's rows at a time. What must be remembered about every row (its
+``row_id``, unique in the buffer, and on an append the old rows' prompt and completion texts, to find
+repeats) goes to temporary Parquet tables next to the output, which DuckDB joins after the last row
+within a fixed memory limit (:class:`_RowLog`, :mod:`shiq_data.spill`), so neither grows with the buffer.
+
 Resumable reference statistics: :func:`shards_without_ref` lists the shards still to do, and
 :func:`add_ref_columns` (or :func:`replace_shard`) commits one shard at a time; a killed run
 restarts from the shards the manifest does not yet mark as done.
@@ -75,6 +80,7 @@ from shiq_data.schema import (
     check_row,
     row_has_ref,
 )
+from shiq_data.spill import Spill
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -462,6 +468,91 @@ def _with_row_id(row: dict, prefix: str, index: int) -> dict:
     return row
 
 
+class _RowLog:
+    """The row ids (and prompt and completion text keys, :func:`text_key`) of a buffer's old rows and of the
+    rows a build or an append adds, kept out of core (:class:`shiq_data.spill.Spill`: temporary Parquet
+    tables, joined by DuckDB within a fixed memory limit), so what the writer holds does not grow with the
+    buffer. :meth:`check` finds, after the last row, the first new row whose id repeats one, or whose text
+    repeats an old row's."""
+
+    def __init__(self, spill: Spill, old: Buffer | None = None, text: bool = False):
+        self.spill = spill
+        spill.declare("old", pa.schema([("pos", pa.int64()), ("row_id", pa.string()), ("key", pa.binary())]))
+        spill.declare(
+            "new",
+            pa.schema([("i", pa.int64()), ("row_id", pa.string()), ("key", pa.binary()), ("location", pa.string())]),
+        )
+        self.old_texts = 0  # old rows with text (new rows' texts are compared only when there are some)
+        pos = 0
+        for t in old.shard_columns(["row_id", "prompt", "completion"]) if old is not None else []:
+            ids, prompts, completions = (t.column(n).to_pylist() for n in ("row_id", "prompt", "completion"))
+            keys = [text_key(p, c) if text and c is not None else None for p, c in zip(prompts, completions)]
+            self.old_texts += sum(k is not None for k in keys)
+            spill.append("old", pa.table({"pos": np.arange(pos, pos + len(ids)), "row_id": ids, "key": keys}))
+            pos += len(ids)
+        self.pending: list[tuple] = []
+
+    def add(self, i: int, row_id: str, key: bytes | None = None, location: dict | None = None) -> None:
+        where = (
+            None if location is None else json.dumps({k: location[k] for k in ("file", "row", "row_label", "fields")})
+        )
+        self.pending.append((i, row_id, key, where))
+        if len(self.pending) >= 8192:
+            self._write()
+
+    def add_ids(self, first: int, row_ids: list) -> None:
+        """Rows ``first, first + 1, ...`` with ids ``row_ids`` (no text compared, no input location)."""
+        self._write()
+        n = len(row_ids)
+        self.spill.append(
+            "new",
+            pa.table({"i": np.arange(first, first + n), "row_id": row_ids})
+            .append_column("key", pa.nulls(n, pa.binary()))
+            .append_column("location", pa.nulls(n, pa.string())),
+        )
+
+    def _write(self) -> None:
+        if self.pending:
+            i, ids, keys, where = zip(*self.pending)
+            self.spill.append("new", pa.table({"i": i, "row_id": ids, "key": keys, "location": where}))
+            self.pending = []
+
+    def check(self, input_name: str, refuse_duplicates: bool) -> int:
+        """Raise :class:`RowError` for the first new row whose ``row_id`` an old row or an earlier new row has,
+        or, with ``refuse_duplicates``, whose prompt and completion text an old row has (the earlier of the
+        two; the row id first); the number of new rows repeating an old row's text otherwise."""
+        self._write()
+        new, old = self.spill.table("new"), self.spill.table("old")
+        firsts = f"SELECT row_id, min(i) AS first FROM {new} GROUP BY row_id"
+        (bad_id,) = self.spill.one(
+            f"""SELECT min(i) FROM (
+                SELECT n.i FROM {new} n JOIN ({firsts}) f ON n.row_id = f.row_id WHERE n.i > f.first
+                UNION ALL SELECT i FROM {new} WHERE row_id IN (SELECT row_id FROM {old}))"""
+        )
+        texts = f"""SELECT n.i, n.row_id, o.old_id FROM {new} n JOIN (
+            SELECT key, arg_min(row_id, pos) AS old_id FROM {old} WHERE key IS NOT NULL GROUP BY key) o
+            ON n.key = o.key"""
+        repeated = 0
+        if self.old_texts and refuse_duplicates:
+            first = self.spill.one(f"SELECT i, old_id FROM ({texts}) ORDER BY i LIMIT 1")
+            if first is not None and (bad_id is None or first[0] < bad_id):
+                i, old_id = first
+                problem = f"the same prompt and completion as row {old_id!r} of the buffer (refused: --no-duplicates)"
+                raise self._error(input_name, i, "completion", problem)
+        elif self.old_texts:
+            (repeated,) = self.spill.one(f"SELECT count(*) FROM ({texts})")
+        if bad_id is not None:
+            (rid,) = self.spill.one(f"SELECT row_id FROM {new} WHERE i = {int(bad_id)}")
+            raise self._error(input_name, bad_id, "row_id", f"{rid!r} is not unique in the buffer")
+        return repeated
+
+    def _error(self, input_name: str, i: int, field: str, problem: str) -> RowError:
+        """The error about new row ``i``, named at its input location when it has one."""
+        (where,) = self.spill.one(f"SELECT location FROM {self.spill.table('new')} WHERE i = {int(i)}")
+        error = RowError(input_name, i, field, problem)
+        return error if where is None else at_input(error, json.loads(where), i)
+
+
 class _ShardStream:
     """Checks rows one by one and writes them as shards of ``shard_rows`` rows; :meth:`add_table` takes rows
     of a buffer as an Arrow table instead (a curated buffer's rows: checked when they were first written)."""
@@ -476,21 +567,20 @@ class _ShardStream:
         input_name: str,
         group_offset: int,
         row_id_prefix: str,
-        taken_ids: set,
+        log: _RowLog,
         temp_names: bool,
         text: bool | None,
-        known_text: dict | None = None,
         refuse_duplicates: bool = False,
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
         self.out_dir, self.next_shard, self.shard_rows = out_dir, first_shard, shard_rows
         self.vocab_size, self.input_name = vocab_size, input_name
-        self.group_offset, self.row_id_prefix, self.taken_ids = group_offset, row_id_prefix, taken_ids
+        self.group_offset, self.row_id_prefix, self.log = group_offset, row_id_prefix, log
         self.temp_names = temp_names
         self.text = text  # None: decided by the first row (it carries a text column or not)
-        self.known_text, self.refuse_duplicates = known_text, refuse_duplicates  # text_key -> row_id
-        self.duplicates: list[str] = []  # row_ids of new rows repeating an old row's text
+        self.refuse_duplicates = refuse_duplicates
+        self.duplicates = 0  # new rows repeating an old row's text (known after finish)
         self.with_ref: bool | None = None
         self.pending: list[dict] = []
         self.pending_tables: list[pa.Table] = []  # rows before self.pending, as shard tables
@@ -516,7 +606,8 @@ class _ShardStream:
             if location is None:
                 raise
             raise at_input(e, location, i) from None
-        self.taken_ids.add(row["row_id"])
+        compare = self.log.old_texts and row.get("completion") is not None
+        self.log.add(i, row["row_id"], text_key(row["prompt"], row["completion"]) if compare else None, location)
         gid = int(row["group_id"]) + self.group_offset
         self.max_group = max(self.max_group, gid)
         self.pending.append({**row, "group_id": gid})
@@ -527,7 +618,7 @@ class _ShardStream:
     def add_table(self, table: pa.Table) -> None:
         """Add the rows of ``table``, rows of a buffer with its stored columns (they are not checked one by one
         again, only their row ids, group ids, token range and columns)."""
-        if self.known_text:  # appending to a buffer whose texts are compared row by row
+        if self.log.old_texts:  # appending to a buffer whose texts are compared row by row
             for row in table.to_pylist():
                 self.add(row)
             return
@@ -545,10 +636,11 @@ class _ShardStream:
             table.column(f.name) if f.name in names else pa.nulls(table.num_rows, f.type) for f in schema
         ]  # a text column the rows lack is null
         table = pa.Table.from_arrays(cols, names=schema.names).cast(schema)
-        for k, rid in enumerate(table.column("row_id").to_pylist()):
-            if rid in self.taken_ids or not rid:
+        row_ids = table.column("row_id").to_pylist()
+        for k, rid in enumerate(row_ids):
+            if not rid:
                 raise RowError(self.input_name, self.n + k, "row_id", f"{rid!r} is not unique in the buffer")
-            self.taken_ids.add(rid)
+        self.log.add_ids(self.n, row_ids)
         if table.num_rows:
             lo, hi = pc.min_max(table.column("group_id")).values()
             if lo.as_py() < 0:
@@ -581,8 +673,9 @@ class _ShardStream:
 
     def _check(self, row: dict, i: int, checked: bool = False) -> None:
         """Raise :class:`RowError` naming the input and output row ``i`` unless ``row`` is a valid row that
-        fits this stream (reference columns like the earlier rows', a new ``row_id``). ``checked``: the row
-        passed :func:`check_row` already (in a worker of a parallel build)."""
+        fits this stream (reference columns like the earlier rows'; a repeated ``row_id`` is found by
+        :meth:`finish`). ``checked``: the row passed :func:`check_row` already (in a worker of a parallel
+        build)."""
         if not checked:
             check_row(row, vocab_size=self.vocab_size, file=self.input_name, row_index=i)
         has_ref = row_has_ref(row)
@@ -598,19 +691,11 @@ class _ShardStream:
                 if has_ref
                 else "missing (earlier rows carry reference statistics)",
             )
-        if row["row_id"] in self.taken_ids:
-            raise RowError(self.input_name, i, "row_id", f"{row['row_id']!r} is not unique in the buffer")
-        if self.known_text and row.get("completion") is not None:
-            old = self.known_text.get(text_key(row["prompt"], row["completion"]))
-            if old is not None and self.refuse_duplicates:
-                raise RowError(
-                    self.input_name,
-                    i,
-                    "completion",
-                    f"the same prompt and completion as row {old!r} of the buffer (refused: --no-duplicates)",
-                )
-            if old is not None:
-                self.duplicates.append(row["row_id"])
+
+    def finish(self) -> None:
+        """Write the rows held and check the row ids and texts of all rows (:meth:`_RowLog.check`)."""
+        self.flush()
+        self.duplicates = self.log.check(self.input_name, self.refuse_duplicates)
 
     def flush(self) -> None:
         """Write the rows held as a shard (at most ``shard_rows`` of them)."""
@@ -741,20 +826,21 @@ def write_buffer(
     try:
         _remove_stale_build_dirs(out_dir)
         tmp.mkdir()
-        stream = _ShardStream(
-            tmp,
-            first_shard=0,
-            shard_rows=shard_rows,
-            vocab_size=tokenizer_info["vocab_size"],
-            input_name=input_name,
-            group_offset=0,
-            row_id_prefix="b0-",
-            taken_ids=set(),
-            temp_names=False,
-            text=text_columns,
-        )
-        _feed(stream, rows, progress, f"building {out_dir.name}")
-        stream.flush()
+        with Spill(out_dir) as spill:
+            stream = _ShardStream(
+                tmp,
+                first_shard=0,
+                shard_rows=shard_rows,
+                vocab_size=tokenizer_info["vocab_size"],
+                input_name=input_name,
+                group_offset=0,
+                row_id_prefix="b0-",
+                log=_RowLog(spill),
+                temp_names=False,
+                text=text_columns,
+            )
+            _feed(stream, rows, progress, f"building {out_dir.name}")
+            stream.finish()
         if stream.n == 0:
             raise ValueError(f"{input_name}: no rows to write")
         now = _now()
@@ -795,23 +881,6 @@ def text_key(prompt: str | None, completion: str) -> bytes:
     return hashlib.sha256(json.dumps([prompt, completion], ensure_ascii=False).encode()).digest()
 
 
-def _existing_text(buffer: Buffer) -> dict:
-    """``text_key -> row_id`` of the buffer's rows that keep their text (the first row of each text)."""
-    known: dict = {}
-    for t in buffer.shard_columns(["row_id", "prompt", "completion"]):
-        for rid, prompt, completion in zip(*(t.column(n).to_pylist() for n in ("row_id", "prompt", "completion"))):
-            if completion is not None:
-                known.setdefault(text_key(prompt, completion), rid)
-    return known
-
-
-def _existing_row_ids(buffer: Buffer) -> set:
-    ids = set()
-    for t in buffer.shard_tables:
-        ids.update(t.column("row_id").to_pylist())
-    return ids
-
-
 def append_buffer(
     buffer_dir,
     rows: Iterable[dict],
@@ -836,7 +905,8 @@ def append_buffer(
     same: ``ValueError`` otherwise). The manifest written is version 2, so appending to a version-1
     buffer (no text columns) upgrades it. New rows with the prompt and completion text of a row already
     in the buffer (:func:`text_key`) are counted in the command's manifest entry (``"duplicates"``),
-    or refused with ``refuse_duplicates`` (:class:`RowError` naming the input row).
+    or refused with ``refuse_duplicates`` (:class:`RowError` naming the input row). Row ids and texts are
+    compared after the last row (:class:`_RowLog`), before anything is committed.
     """
     buffer_dir = Path(buffer_dir)
     with _locked(buffer_dir):
@@ -860,38 +930,38 @@ def append_buffer(
         if shard_rows is None:
             shard_rows = max(manifest["shards"][0]["rows"], 1) if manifest["shards"] else 4096
         k = len(manifest["commands"])
-        stream = _ShardStream(
-            buffer_dir,
-            first_shard=_next_shard_index(manifest),
-            shard_rows=shard_rows,
-            vocab_size=manifest["tokenizer"]["vocab_size"],
-            input_name=input_name,
-            group_offset=int(manifest["next_group_id"]),
-            row_id_prefix=f"b{k}-",
-            taken_ids=_existing_row_ids(old),
-            temp_names=True,
-            text=text,
-            known_text=_existing_text(old) if text else None,
-            refuse_duplicates=refuse_duplicates,
-        )
-        try:
-            _feed(stream, rows, progress, f"appending to {buffer_dir.name}")
-            stream.flush()
-            if stream.n == 0:
-                raise ValueError(f"{input_name}: no rows to append")
-            if stream.with_ref and manifest.get("ref_model") not in (None, ref_model):
-                raise ValueError(
-                    f"{input_name}: the new rows' reference model {ref_model} differs from the "
-                    f"buffer's {manifest['ref_model']}"
-                )
-            for path, entry in zip(stream.written, stream.entries):
-                os.rename(path, buffer_dir / entry["file"])
-            fsync_dir(buffer_dir)
-        except BaseException:
-            for p in stream.written + [buffer_dir / e["file"] for e in stream.entries]:
-                with contextlib.suppress(FileNotFoundError):
-                    p.unlink()
-            raise
+        with Spill(buffer_dir) as spill:
+            stream = _ShardStream(
+                buffer_dir,
+                first_shard=_next_shard_index(manifest),
+                shard_rows=shard_rows,
+                vocab_size=manifest["tokenizer"]["vocab_size"],
+                input_name=input_name,
+                group_offset=int(manifest["next_group_id"]),
+                row_id_prefix=f"b{k}-",
+                log=_RowLog(spill, old, text),
+                temp_names=True,
+                text=text,
+                refuse_duplicates=refuse_duplicates,
+            )
+            try:
+                _feed(stream, rows, progress, f"appending to {buffer_dir.name}")
+                stream.finish()
+                if stream.n == 0:
+                    raise ValueError(f"{input_name}: no rows to append")
+                if stream.with_ref and manifest.get("ref_model") not in (None, ref_model):
+                    raise ValueError(
+                        f"{input_name}: the new rows' reference model {ref_model} differs from the "
+                        f"buffer's {manifest['ref_model']}"
+                    )
+                for path, entry in zip(stream.written, stream.entries):
+                    os.rename(path, buffer_dir / entry["file"])
+                fsync_dir(buffer_dir)
+            except BaseException:
+                for p in stream.written + [buffer_dir / e["file"] for e in stream.entries]:
+                    with contextlib.suppress(FileNotFoundError):
+                        p.unlink()
+                raise
         shards = manifest["shards"] + stream.entries
         now = _now()
         new = {
@@ -909,7 +979,7 @@ def append_buffer(
                     "time": now,
                     "rows": stream.n,
                     "shards": [e["file"] for e in stream.entries],
-                    **({"duplicates": len(stream.duplicates)} if text else {}),
+                    **({"duplicates": stream.duplicates} if text else {}),
                 }
             ],
             "updated": now,

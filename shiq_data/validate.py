@@ -1,9 +1,16 @@
-"""Full check of a replay buffer: manifest, shard checksums, schema and every row."""
+"""Full check of a replay buffer: manifest, shard checksums, schema and every row.
+
+Shards are read one at a time and their rows converted in slices of 1024; the row ids (unique over the
+buffer) and group ids (counted) of all rows go to a temporary Parquet table next to the buffer that DuckDB
+checks within a fixed memory limit (:mod:`shiq_data.spill`), so memory does not grow with the buffer.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from shiq_data.buffer import (
@@ -15,6 +22,7 @@ from shiq_data.buffer import (
     remove_unlisted_files_unless_locked,
 )
 from shiq_data.schema import arrow_schema, check_row
+from shiq_data.spill import Spill
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
 _ATTEMPTS = 3  # checks of a buffer whose manifest keeps changing under the check
@@ -56,10 +64,17 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
 
 def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:
     """Every check of :func:`validate_buffer` against one manifest; the summary counts."""
+    with Spill(path) as spill:
+        return _check_rows(path, manifest, vocab_size, progress, spill)
+
+
+def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bool, spill: Spill) -> dict:
     mpath = path / MANIFEST
     vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
-    seen_ids: set[str] = set()
-    groups: set[int] = set()
+    spill.declare(
+        "ids",
+        pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string()), ("group_id", pa.int64())]),
+    )
     totals = {"rows": 0, "tokens": 0, "action_tokens": 0}
     shards = manifest["shards"]
     it = shards
@@ -88,33 +103,48 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
             raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")
         n_tokens = n_actions = 0
         for start in range(0, table.num_rows, _ROWS_PER_SLICE):
-            for j, row in enumerate(table.slice(start, _ROWS_PER_SLICE).to_pylist()):
+            rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
+            for j, row in enumerate(rows):
                 i = start + j
                 check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
-                if row["row_id"] in seen_ids:
-                    raise ValueError(f"{shard}: row {i}: field 'row_id': {row['row_id']!r} is not unique")
-                seen_ids.add(row["row_id"])
                 if row["group_id"] >= manifest["next_group_id"]:
                     raise ValueError(
                         f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
                         f"next_group_id {manifest['next_group_id']}"
                     )
-                groups.add(row["group_id"])
                 n_tokens += len(row["tokens"])
                 n_actions += sum(row["action_mask"])
+            pos = totals["rows"] + start
+            ids = {
+                "pos": np.arange(pos, pos + len(rows)),
+                "shard": np.full(len(rows), k, np.int32),
+                "row_id": [r["row_id"] for r in rows],
+                "group_id": [r["group_id"] for r in rows],
+            }
+            spill.append("ids", pa.table(ids))
         for name, value in (("tokens", n_tokens), ("action_tokens", n_actions)):
             if value != entry[name]:
                 raise ValueError(f"{shard}: holds {value} {name}, manifest says {entry[name]}")
         totals["rows"] += table.num_rows
         totals["tokens"] += n_tokens
         totals["action_tokens"] += n_actions
+    ids = spill.table("ids")
+    repeat = spill.one(
+        f"""SELECT shard, pos, row_id FROM {ids} n JOIN (SELECT row_id, min(pos) AS first FROM {ids} GROUP BY row_id) f
+        USING (row_id) WHERE n.pos > f.first ORDER BY pos LIMIT 1"""
+    )
+    if repeat is not None:
+        k, pos, rid = repeat
+        i = pos - sum(s["rows"] for s in shards[:k])
+        raise ValueError(f"{path / shards[k]['file']}: row {i}: field 'row_id': {rid!r} is not unique")
+    (n_groups,) = spill.one(f"SELECT count(*) FROM (SELECT group_id FROM {ids} GROUP BY group_id)")
     for name, value in totals.items():
         if manifest.get(name) != value:
             raise ValueError(f"{mpath}: field {name!r} is {manifest.get(name)}, the shards hold {value}")
     return {
         **totals,
         "shards": len(shards),
-        "groups": len(groups),
+        "groups": n_groups,
         "has_ref_stats": bool(shards) and all(s["has_ref"] for s in shards),
         "tokenizer": manifest["tokenizer"].get("name"),
     }

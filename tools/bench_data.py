@@ -9,10 +9,12 @@
    memory-mapped shards) and VmHWM (everything resident, including those mapped file pages) while
    reading a whole epoch, for a buffer of N tokens and one of 10 N tokens, each in a fresh process.
 4. Parallel build: ``shiq-data build --workers 2`` against one process (the same input and tokenizer).
-5. Curation verbs' memory as the buffer grows: each of stats, show, filter, dedup (exact and --near),
-   split, mix and export (jsonl, parquet, hf) run through the command line in a fresh process on a buffer
-   of R rows and one of 10 R rows (random tokens with text columns); peak RssAnon (sampled every 5 ms),
-   its ratio between the two sizes (1 is flat) and what it grew by per added row.
+5. Every verb's memory as the buffer grows: build (from a JSONL file of the rows' texts), append (a fixed
+   1,000 rows that repeat old texts, to a copy of the buffer), retokenize, validate, info, stats, show,
+   filter, dedup (exact and --near), split, mix and export (jsonl, parquet, hf), each run through the
+   command line in a fresh process on a buffer of R rows and one of 10 R rows (random tokens with text
+   columns); peak RssAnon (sampled every 5 ms), its ratio between the two sizes (1 is flat) and what it
+   grew by per added row.
 6. filter, exact dedup and stats against the same operation with ``datasets`` on the same shards
    (``Dataset.from_file`` of each shard): ``.filter`` then ``save_to_disk``; a hash of the normalised text
    per row, pandas ``duplicated``, ``.select`` then ``save_to_disk``; ``.to_pandas()`` of the scalar and
@@ -305,8 +307,14 @@ print("BENCH " + json.dumps({"code": code, "base_kb": base, "peak_kb": peak[0], 
 
 
 def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
-    """The command line of each verb measured (``out``: a folder that does not exist yet)."""
+    """The command line of each verb measured (``out``: a folder that does not exist yet); ``build`` reads
+    ``<buf>.jsonl``, ``append`` adds ``<buf's folder>/append.jsonl`` to ``out`` (a copy of ``buf``)."""
     return {
+        "build": ["build", "jsonl", f"{buf}.jsonl", "--tokenizer", "gpt2", "--out", str(out), "--no-progress"],
+        "append": ["append", str(out), "jsonl", str(buf.parent / "append.jsonl"), "--no-progress"],
+        "retokenize": ["retokenize", str(buf), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"],
+        "validate": ["validate", str(buf)],
+        "info": ["info", str(buf)],
         "stats": ["stats", str(buf)],
         "show": ["show", str(buf), "--rows", "5", "--where", "reward > 1"],
         "filter": ["filter", str(buf), "--where", "reward > 0 AND score >= 2", "--out", str(out), "--no-progress"],
@@ -332,6 +340,8 @@ def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = 
         for buf in bufs:
             out = work / "verb-out"
             shutil.rmtree(out, ignore_errors=True)
+            if name == "append":
+                shutil.copytree(buf, out)
             argv = curate_verbs(buf, out)[name]
             proc = subprocess.run(
                 [sys.executable, "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env
@@ -481,6 +491,8 @@ def print_curate_part(results: dict, args) -> None:
             f"{per_row:>11.0f} B{a['secs']:>8.1f}{b['secs']:>8.1f}"
         )
     speed = results.get("curate_speed", {})
+    if not speed:
+        return
     print(f"\n{f'on {big:,} rows (seconds)':<30}{'shiq_data':>10}{'datasets':>10}{'speed ratio':>13}")
     for op, (ours, theirs) in speed.items():
         print(f"{op:<30}{ours:>10.2f}{theirs:>10.2f}{theirs / ours:>13.2f}")
@@ -575,6 +587,13 @@ def main(argv=None) -> int:
                 write_buffer(
                     rows, bufs[-1], tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
                 )
+                with open(f"{bufs[-1]}.jsonl", "w") as f:  # the same texts, for build
+                    for r in synthetic_text_rows(n):
+                        f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
+            with open(work / "append.jsonl", "w") as f:  # 1,000 rows repeating old rows' texts (counted, warned)
+                for i, r in enumerate(synthetic_text_rows(2000)):
+                    if i % 2 == 0:
+                        f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
             results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
             if verbs is None:
                 results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)

@@ -34,11 +34,11 @@ def cmd_show(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    stats, values = buffer_stats(args.buffer, args.where)
+    stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
     if args.plot:
-        paths = plot_stats(stats, values, args.plot)
+        paths = plot_stats(stats, hists, args.plot)
         print(f"shiq-data: wrote {', '.join(str(p) for p in paths)}")
     return 0
 

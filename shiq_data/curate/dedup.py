@@ -4,25 +4,39 @@ The text is the row's prompt, its completion, or both (``by``), from the text co
 them, else decoded from the prompt and action tokens (:meth:`CurationSource.texts`), compared after
 :func:`shiq_data.curate.rows.normalise` (NFKC, lower case, white space collapsed).
 
-- exact: rows with the same normalised text (a 16-byte blake2b hash of it).
+- exact: rows with the same normalised text (a 16-byte blake2b hash of it) as an earlier row.
 - near (``near=True``): also rows whose character 5-gram sets have an estimated Jaccard similarity of at
-  least ``threshold`` with an earlier kept row: MinHash signatures (128 permutations, seed 1) indexed
-  by locality-sensitive hashing (``datasketch.MinHashLSH``), each candidate confirmed by its estimated
-  similarity.
+  least ``threshold`` with an earlier kept row: MinHash signatures (128 permutations, seed 1), candidates
+  found by locality-sensitive hashing (rows sharing one of ``b`` bands of ``r`` signature values, with the
+  ``(b, r)`` that ``datasketch.MinHashLSH`` picks for the threshold), each confirmed by its estimated
+  similarity (the share of equal signature values, as ``MinHash.jaccard``).
+
+Memory is bounded, not proportional to the buffer: three passes over the shards, one shard at a time.
+Pass 1 writes each row's exact key (and, for ``near``, its signature and band keys) to temporary Parquet
+tables (:class:`shiq_data.spill.Spill`, next to ``out``, removed afterwards); DuckDB, with a fixed memory
+limit and spilling to disk beyond it, finds the rows that repeat an earlier key and the candidate pairs
+``i < j`` sharing a band among the other rows. Pass 2 walks the confirmed pairs in order of ``j`` and
+marks the kept rows in a bitmap, one bit per row of the buffer (1.25 MB per 10 million rows), the only
+state that grows with the buffer; pass 3 writes the kept rows shard by shard.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+import pyarrow as pa
+
 from shiq_data.buffer import Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, normalise, text_key
+from shiq_data.spill import Bitmap, Spill
 
 BY = ("row", "prompt", "completion")
 NUM_PERM = 128
 SHINGLE_CHARS = 5
 SEED = 1
+PAIR_BATCH = 4096  # candidate pairs (two signatures each) confirmed at a time
 
 
 def row_text(by: str, prompt: str, completion: str) -> tuple[str, ...]:
@@ -38,37 +52,97 @@ def shingles(parts: tuple[str, ...]) -> set[bytes]:
     return {g.encode("utf-8") for g in grams}
 
 
-class NearDuplicates:
-    """Rows seen so far, as MinHash signatures in an LSH index; :meth:`seen` tells whether a new row is
-    within ``threshold`` (estimated Jaccard) of one of them, and remembers it if not."""
+class Signatures:
+    """MinHash signatures of texts (``NUM_PERM`` permutations drawn once from ``SEED``) and the LSH banding
+    ``(b, r)`` that ``datasketch.MinHashLSH`` chooses for ``threshold``."""
 
     def __init__(self, threshold: float):
         if not 0 < threshold <= 1:
             raise ValueError(f"--threshold must be in (0, 1], got {threshold}")
-        from datasketch import MinHashLSH  # heavy: imports scipy (0.5 s); only --near needs it
+        from datasketch import MinHash, MinHashLSH  # heavy: imports scipy (0.5 s); only --near needs it
 
-        self.threshold = threshold
-        self.lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
-        self.kept: dict = {}  # key -> LeanMinHash of a kept row
-        self.permutations = self.scheme = None  # drawn once from SEED, shared by every signature
+        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+        self.threshold, self.b, self.r = threshold, lsh.b, lsh.r
+        first = MinHash(num_perm=NUM_PERM, seed=SEED)
+        self._minhash = MinHash
+        self.permutations, self.scheme = first.permutations, first.scheme
 
-    def seen(self, parts: tuple[str, ...]) -> bool:
-        from datasketch import LeanMinHash, MinHash  # heavy: imports scipy; only --near needs it
-
-        if self.permutations is None:
-            m = MinHash(num_perm=NUM_PERM, seed=SEED)
-            self.permutations, self.scheme = m.permutations, m.scheme
-        else:
-            m = MinHash(num_perm=NUM_PERM, seed=SEED, permutations=self.permutations, scheme=self.scheme)
+    def __call__(self, parts: tuple[str, ...]) -> np.ndarray:
+        """The ``[NUM_PERM]`` signature of the text ``parts`` (:func:`shingles`)."""
+        m = self._minhash(num_perm=NUM_PERM, seed=SEED, permutations=self.permutations, scheme=self.scheme)
         m.update_batch(list(shingles(parts)))
-        for key in self.lsh.query(m):
-            if m.jaccard(self.kept[key]) >= self.threshold:
-                return True
-        key = len(self.kept)
-        lean = LeanMinHash(m)
-        self.lsh.insert(key, lean)
-        self.kept[key] = lean
-        return False
+        return m.hashvalues
+
+    def bands(self, signature: np.ndarray) -> list[bytes]:
+        """The ``b`` band keys of a signature: the bytes of values ``[k r, (k + 1) r)`` for band ``k``."""
+        r = self.r
+        return [signature[k * r : (k + 1) * r].tobytes() for k in range(self.b)]
+
+
+def _write_keys(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> int:
+    """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to
+    ``sigs`` and its band keys to ``bands``. Returns the rows read."""
+    spill.declare("keys", pa.schema([("idx", pa.int64()), ("key", pa.binary())]))
+    if signatures is not None:
+        spill.declare("sigs", pa.schema([("idx", pa.int64()), ("sig", pa.binary())]))
+        spill.declare("bands", pa.schema([("idx", pa.int64()), ("band", pa.int32()), ("bkey", pa.binary())]))
+    start = 0
+    for table in source.shards():
+        prompts, completions = source.texts(table)
+        parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
+        idx = np.arange(start, start + len(parts), dtype=np.int64)
+        spill.append("keys", pa.table({"idx": idx, "key": pa.array([text_key(*x) for x in parts], pa.binary())}))
+        if signatures is not None:
+            sigs = [signatures(x) for x in parts]
+            spill.append("sigs", pa.table({"idx": idx, "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}))
+            b = signatures.b
+            spill.append(
+                "bands",
+                pa.table(
+                    {
+                        "idx": np.repeat(idx, b),
+                        "band": np.tile(np.arange(b, dtype=np.int32), len(sigs)),
+                        "bkey": pa.array([k for s in sigs for k in signatures.bands(s)], pa.binary()),
+                    }
+                ),
+            )
+        start += len(parts)
+    return start
+
+
+def kept_rows(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> Bitmap:
+    """Passes 1 and 2 (see the module doc): a bitmap of the rows ``dedup`` keeps."""
+    kept = Bitmap(_write_keys(source, spill, by, signatures), fill=True)
+    keys = spill.table("keys")
+    firsts = f"SELECT key, min(idx) AS first FROM {keys} GROUP BY key"
+    repeats = f"SELECT k.idx FROM {keys} k JOIN ({firsts}) f ON k.key = f.key WHERE k.idx > f.first"
+    for batch in spill.query(repeats):
+        kept.clear_many(batch.column(0).to_numpy())
+    if signatures is None:
+        return kept
+    sigs, bands = spill.table("sigs"), spill.table("bands")
+    candidates = f"""
+        WITH b AS (SELECT * FROM {bands} WHERE idx IN (SELECT first FROM ({firsts}))),
+        pairs AS (
+            SELECT DISTINCT x.idx AS i, y.idx AS j FROM b x JOIN b y
+            ON x.band = y.band AND x.bkey = y.bkey AND x.idx < y.idx
+        )
+        SELECT p.i, p.j, si.sig AS si, sj.sig AS sj
+        FROM pairs p JOIN {sigs} si ON si.idx = p.i JOIN {sigs} sj ON sj.idx = p.j"""
+    spill.declare("near", pa.schema([("i", pa.int64()), ("j", pa.int64())]))
+    for batch in spill.query(candidates, batch_rows=PAIR_BATCH):
+        si, sj = (batch.column(name).to_pylist() for name in ("si", "sj"))
+        a = np.frombuffer(b"".join(si), np.uint8).reshape(len(si), NUM_PERM, -1)
+        c = np.frombuffer(b"".join(sj), np.uint8).reshape(len(sj), NUM_PERM, -1)
+        equal = (a == c).all(axis=2).sum(axis=1)
+        near = equal.astype(np.float64) / float(NUM_PERM) >= signatures.threshold
+        spill.append("near", batch.select(["i", "j"]).filter(pa.array(near)))
+    # in order of j, every pair of an earlier j is done, so kept[i] (i < j) is final when j is decided
+    for batch in spill.query(f"SELECT i, j FROM {spill.table('near')} ORDER BY j, i"):
+        for i, j in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
+            if kept[j] and kept[i]:
+                kept.clear(j)
+    return kept
 
 
 def dedup_buffer(
@@ -87,7 +161,7 @@ def dedup_buffer(
     if by not in BY:
         raise ValueError(f"--by {by!r}: expected one of {', '.join(BY)}")
     out = refuse_existing(out)
-    index = NearDuplicates(threshold) if near else None
+    signatures = Signatures(threshold) if near else None
     source = CurationSource(path)
     curation = {
         "verb": "dedup",
@@ -100,23 +174,18 @@ def dedup_buffer(
         "rows_kept": 0,
         "removed": {},
     }
+    with Spill(out) as spill:
+        kept = kept_rows(source, spill, by, signatures)
     removed: Counter = Counter()
 
     def rows():
-        hashes: set[bytes] = set()
+        start = 0
         for table in source.shards():
-            prompts, completions = source.texts(table)
-            sources = table.column("source").to_pylist()
-            keep = []
-            for i, (p, c) in enumerate(zip(prompts, completions)):
-                parts = row_text(by, p, c)
-                key = text_key(*parts)
-                duplicate = key in hashes or (index is not None and index.seen(parts))
-                hashes.add(key)
-                if duplicate:
-                    removed[sources[i]] += 1
-                else:
-                    keep.append(i)
+            keep = kept.indices(start, table.num_rows)
+            dropped = np.ones(table.num_rows, dtype=bool)
+            dropped[keep] = False
+            removed.update(table.column("source").take(pa.array(np.flatnonzero(dropped))).to_pylist())
+            start += table.num_rows
             curation["rows_read"] += table.num_rows
             curation["rows_kept"] += len(keep)
             curation["removed"] = dict(sorted(removed.items()))

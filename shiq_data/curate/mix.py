@@ -11,11 +11,17 @@ The output's group ids are ``0, 1, ...`` in order of appearance, one per (input,
 inputs (or copies) share one; row ids become ``m<i>-<row id>`` (``m<i>-<row id>-copy<k>`` for the k-th
 repeat). All inputs must share a tokenizer fingerprint. Reference statistics are kept when every input
 has them from the same reference model, and dropped otherwise (the result says so).
+
+Memory is bounded, not proportional to the inputs: each input's group ids go to a temporary Parquet table
+next to ``out`` (:class:`shiq_data.spill.Spill`, removed afterwards) where DuckDB, within a fixed memory
+limit, numbers the groups in order of first appearance and counts their rows; per group (its size, the
+shuffled order, its copies and its first new group id) and per row (its group's number) the numbers are
+numpy arrays in memory-mapped temporary files, not process memory (the order is ``Generator.shuffle`` of
+``0 .. groups - 1`` in place: the same as ``Generator.permutation``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +31,9 @@ from shiq_data.buffer import MANIFEST, Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
 from shiq_data.schema import REF_FIELDS
+from shiq_data.spill import Spill
+
+CHUNK = 1 << 20  # groups read at a time from the memory-mapped arrays
 
 
 def parse_spec(spec: str) -> tuple[str, float]:
@@ -39,32 +48,63 @@ def parse_spec(spec: str) -> tuple[str, float]:
     return path, w
 
 
-def _group_sizes(source: CurationSource) -> dict[int, int]:
-    """group id -> rows, in order of first appearance."""
-    sizes: dict[int, int] = {}
-    for table in source.shards():
-        for g in table.column("group_id").to_pylist():
-            sizes[g] = sizes.get(g, 0) + 1
-    return sizes
+class _Groups:
+    """The groups of input ``i`` (numbered ``0, 1, ...`` in order of first appearance): ``sizes`` (rows per
+    group), ``unit`` (each row's group number), and after :meth:`draw` ``copies`` and ``first`` (the new
+    group id of each group's first copy, counted within the input), all memory-mapped arrays of ``spill``."""
 
+    def __init__(self, source: CurationSource, i: int, spill: Spill):
+        self.spill, self.i = spill, i
+        name = f"rows{i}"
+        spill.declare(name, pa.schema([("pos", pa.int64()), ("group_id", pa.int64())]))
+        pos = 0
+        for table in source.shards():
+            spill.append(name, pa.table({"pos": np.arange(pos, pos + table.num_rows), "group_id": table["group_id"]}))
+            pos += table.num_rows
+        rows = spill.table(name)
+        (self.n,) = spill.one(f"SELECT count(*) FROM (SELECT group_id FROM {rows} GROUP BY group_id)")
+        self.sizes = spill.array(f"sizes{i}", self.n)
+        self.unit = spill.array(f"unit{i}", pos)
+        spill.declare(f"groups{i}", pa.schema([("group_id", pa.int64()), ("unit", pa.int64())]))
+        u = 0
+        for batch in spill.query(f"SELECT group_id, count(*) FROM {rows} GROUP BY group_id ORDER BY min(pos)"):
+            self.sizes[u : u + batch.num_rows] = batch.column(1).to_numpy()
+            units = pa.table({"group_id": batch.column(0), "unit": np.arange(u, u + batch.num_rows)})
+            spill.append(f"groups{i}", units)
+            u += batch.num_rows
+        groups = spill.table(f"groups{i}")
+        for batch in spill.query(f"SELECT r.pos, g.unit FROM {rows} r JOIN {groups} g USING (group_id)"):
+            self.unit[batch.column(0).to_numpy()] = batch.column(1).to_numpy()
 
-def _draw(sizes: dict[int, int], target: int, rng: np.random.Generator, replacement: bool) -> Counter:
-    """group id -> copies, holding at least ``target`` rows (see the module doc)."""
-    groups = list(sizes)
-    counts: Counter = Counter()
-    total = 0
-    if replacement:
-        while total < target:
-            g = groups[int(rng.integers(len(groups)))]
-            counts[g] += 1
-            total += sizes[g]
-        return counts
-    for j in rng.permutation(len(groups)):
-        if total >= target:
-            break
-        counts[groups[j]] = 1
-        total += sizes[groups[j]]
-    return counts
+    def draw(self, target: int, rng: np.random.Generator, replacement: bool) -> int:
+        """Choose copies of groups holding at least ``target`` rows (see the module doc); the copies drawn."""
+        self.copies = self.spill.array(f"copies{self.i}", self.n)
+        total = 0
+        if replacement:
+            while total < target:
+                u = int(rng.integers(self.n))
+                self.copies[u] += 1
+                total += int(self.sizes[u])
+        else:
+            order = self.spill.array(f"order{self.i}", self.n)
+            order[:] = np.arange(self.n)
+            rng.shuffle(order)
+            for start in range(0, self.n if target > 0 else 0, CHUNK):
+                chunk = np.asarray(order[start : start + CHUNK])
+                running = total + np.cumsum(self.sizes[chunk])
+                k = int(np.searchsorted(running, target))  # groups are taken until the rows reach the target
+                self.copies[chunk[: k + 1]] = 1
+                if k < len(chunk):
+                    break
+                total = int(running[-1])
+            del order
+        self.first = self.spill.array(f"first{self.i}", self.n)
+        drawn = 0
+        for start in range(0, self.n, CHUNK):
+            c = np.asarray(self.copies[start : start + CHUNK])
+            self.first[start : start + len(c)] = drawn + np.cumsum(c) - c
+            drawn += int(c.sum())
+        return drawn
 
 
 def mix_buffers(
@@ -93,9 +133,14 @@ def mix_buffers(
                 f"{s.fingerprint[:12]}…) differs from {first.path}'s {first.manifest['tokenizer'].get('name')!r} "
                 f"(fingerprint {first.fingerprint[:12]}…); only buffers of one tokenizer can be mixed"
             )
+    with Spill(out) as spill:
+        return _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill)
+
+
+def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill) -> tuple[Buffer, dict]:
     weights = np.array([w for _, w in parsed], dtype=np.float64)
     share = weights / weights.sum()
-    sizes = [_group_sizes(s) for s in sources]
+    groups = [_Groups(s, i, spill) for i, s in enumerate(sources)]
     have = np.array([len(s) for s in sources], dtype=np.float64)
     total = int(rows) if rows is not None else int(np.floor((have / share).min()))
     targets = [int(round(total * p)) for p in share]
@@ -105,9 +150,7 @@ def mix_buffers(
                 raise ValueError(
                     f"{s.path}: has {len(s)} rows, the mix asks for {t}; lower --rows or pass --replacement"
                 )
-    draws = [
-        _draw(sz, t, np.random.default_rng([seed, i]), replacement) for i, (sz, t) in enumerate(zip(sizes, targets))
-    ]
+    drawn = [g.draw(t, np.random.default_rng([seed, i]), replacement) for i, (g, t) in enumerate(zip(groups, targets))]
     ref_models = [s.ref_model if s.keep_ref else None for s in sources]
     keep_ref = all(s.keep_ref for s in sources) and all(m == ref_models[0] for m in ref_models)
     curation = {
@@ -117,31 +160,34 @@ def mix_buffers(
         "replacement": replacement,
         "seed": seed,
         "rows_per_input": [0] * len(sources),
-        "groups_per_input": [sum(d.values()) for d in draws],
+        "groups_per_input": drawn,
         "ref_stats_dropped": any(s.keep_ref for s in sources) and not keep_ref,
     }
 
     def out_rows():
-        new_group: dict[tuple, int] = {}
-        for i, (source, draw) in enumerate(zip(sources, draws)):
+        offset = 0  # new group ids before input i's
+        for i, (source, g) in enumerate(zip(sources, groups)):
+            start = 0
             for table in source.shards():
                 if not keep_ref:
                     table = table.drop_columns([f for f in REF_FIELDS if f in table.schema.names])
-                groups, ids = table.column("group_id").to_pylist(), table.column("row_id").to_pylist()
-                take, row_ids, group_ids = [], [], []
-                for j, old_gid in enumerate(groups):
-                    for k in range(draw.get(old_gid, 0)):
-                        take.append(j)
-                        row_ids.append(f"m{i}-{ids[j]}" + (f"-copy{k}" if k else ""))
-                        group_ids.append(new_group.setdefault((i, old_gid, k), len(new_group)))
-                if not take:
+                unit = np.asarray(g.unit[start : start + table.num_rows])
+                start += table.num_rows
+                copies = np.asarray(g.copies[unit])
+                take = np.repeat(np.arange(table.num_rows), copies)
+                if not len(take):
                     continue
+                k = np.arange(len(take)) - np.repeat(np.cumsum(copies) - copies, copies)  # each copy's number
+                group_ids = (offset + np.asarray(g.first[unit])[take] + k).tolist()
+                ids = table.column("row_id").to_pylist()
+                row_ids = [f"m{i}-{ids[j]}" + (f"-copy{c}" if c else "") for j, c in zip(take.tolist(), k.tolist())]
                 part = source.take(table, take)
                 names = part.schema.names
                 part = part.set_column(names.index("row_id"), "row_id", pa.array(row_ids, pa.string()))
                 part = part.set_column(names.index("group_id"), "group_id", pa.array(group_ids, pa.int64()))
                 curation["rows_per_input"][i] += len(take)
                 yield part
+            offset += drawn[i]
 
     buf = write_curated(
         out_rows(),

@@ -1,8 +1,9 @@
 """A buffer opened for curation: its shards with every stored column, each row's derived columns (what
 ``--where`` names; see :mod:`shiq_data.curate`) and its prompt and completion text.
 
-Shards are read one at a time (memory-mapped), so a verb holds one shard's rows, plus a few scalars per
-row of the buffer, at a time.
+Shards are read one at a time (memory-mapped), so a verb holds one shard's rows at a time; what it must
+remember about every row goes to temporary tables on disk (:mod:`shiq_data.spill`), at most one bit per
+row stays in memory.
 """
 
 from __future__ import annotations

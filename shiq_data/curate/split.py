@@ -6,6 +6,13 @@ prompts (``by="prompt"``: rows whose normalised prompt text is the same, see
 ``numpy.random.default_rng(seed)``; the test side is the shortest prefix of that order holding at
 least ``round(test_fraction * rows)`` rows (at least one unit, never all of them). The same buffer,
 fraction and seed give the same split.
+
+Memory is bounded, not proportional to the buffer: each row's unit key goes to a temporary Parquet table
+next to ``out`` (:class:`shiq_data.spill.Spill`, removed afterwards) where DuckDB, within a fixed memory
+limit, numbers the units in order of first appearance and counts their rows; the unit sizes and the
+shuffled order are numpy arrays in memory-mapped temporary files (``Generator.shuffle`` of ``0 .. units -
+1`` in place: the same order as ``Generator.permutation``); what stays in memory is one bit per unit (on
+the test side or not) and one bit per row (the same, per row), 1.25 MB per 10 million rows.
 """
 
 from __future__ import annotations
@@ -13,19 +20,75 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, text_key
 from shiq_data.io import atomic_dir
+from shiq_data.spill import Bitmap, Spill
 
 BY = ("group", "prompt")
+CHUNK = 1 << 20  # units read at a time from the memory-mapped arrays
 
 
-def _unit_keys(source: CurationSource, table, by: str) -> list:
+def _unit_keys(source: CurationSource, table, by: str) -> pa.Array:
     if by == "group":
-        return table.column("group_id").to_pylist()
+        return table.column("group_id").combine_chunks()
     prompts, _ = source.texts(table)
-    return [text_key(p) for p in prompts]
+    return pa.array([text_key(p) for p in prompts], pa.binary())
+
+
+def _key_type(by: str) -> pa.DataType:
+    return pa.int64() if by == "group" else pa.binary()
+
+
+def _test_rows(source: CurationSource, spill: Spill, by: str, test_fraction: float, seed: int, path) -> tuple:
+    """``(rows on the test side as a Bitmap, rows per side, units per side)`` (see the module doc)."""
+    spill.declare("rows", pa.schema([("pos", pa.int64()), ("key", _key_type(by))]))
+    pos = 0
+    for table in source.shards():
+        keys = _unit_keys(source, table, by)
+        spill.append("rows", pa.table({"pos": np.arange(pos, pos + len(keys)), "key": keys}))
+        pos += len(keys)
+    n_rows = pos
+    rows = spill.table("rows")
+    (n_units,) = spill.one(f"SELECT count(*) FROM (SELECT key FROM {rows} GROUP BY key)")
+    if n_units < 2:
+        raise ValueError(f"{path}: has {n_units} {by}(s); a split needs at least 2")
+    sizes = spill.array("sizes", n_units)
+    spill.declare("units", pa.schema([("key", _key_type(by)), ("unit", pa.int64())]))
+    u = 0
+    for batch in spill.query(f"SELECT key, count(*) FROM {rows} GROUP BY key ORDER BY min(pos)"):
+        n = batch.num_rows
+        sizes[u : u + n] = batch.column(1).to_numpy()
+        spill.append("units", pa.table({"key": batch.column(0), "unit": np.arange(u, u + n)}))
+        u += n
+    order = spill.array("order", n_units)
+    order[:] = np.arange(n_units)
+    np.random.default_rng(seed).shuffle(order)
+    target = max(1, round(test_fraction * n_rows))
+    taken, total = n_units, 0  # the first position whose running row count reaches the target, plus one
+    for start in range(0, n_units, CHUNK):
+        running = total + np.cumsum(sizes[order[start : start + CHUNK]])
+        k = int(np.searchsorted(running, target))
+        if k < len(running):
+            taken = start + k + 1
+            break
+        total = int(running[-1])
+    taken = min(max(taken, 1), n_units - 1)
+    test_units = Bitmap(n_units)
+    test_count = 0
+    for start in range(0, taken, CHUNK):
+        chosen = np.asarray(order[start:taken][:CHUNK])
+        test_units.set_many(chosen)
+        test_count += int(sizes[chosen].sum())
+    test_rows = Bitmap(n_rows)
+    for batch in spill.query(f"SELECT r.pos, u.unit FROM {rows} r JOIN {spill.table('units')} u ON r.key = u.key"):
+        on_test = test_units.get_many(batch.column(1).to_numpy())
+        test_rows.set_many(batch.column(0).to_numpy()[on_test])
+    del sizes, order  # unmapped before the spill folder goes
+    counts = {"train": n_rows - test_count, "test": test_count}
+    return test_rows, counts, {"train": n_units - taken, "test": taken}
 
 
 def split_buffer(
@@ -39,34 +102,15 @@ def split_buffer(
         raise ValueError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     out = refuse_existing(out)
     source = CurationSource(path)
-    units: dict = {}  # unit key -> [index in first-appearance order, rows]
-    row_units = []  # per shard, each row's unit index
-    for table in source.shards():
-        idx = []
-        for key in _unit_keys(source, table, by):
-            entry = units.setdefault(key, [len(units), 0])
-            entry[1] += 1
-            idx.append(entry[0])
-        row_units.append(np.asarray(idx, dtype=np.int64))
-    n_rows = len(source)
-    sizes = np.zeros(len(units), dtype=np.int64)
-    for index, count in units.values():
-        sizes[index] = count
-    if len(units) < 2:
-        raise ValueError(f"{path}: has {len(units)} {by}(s); a split needs at least 2")
-    order = np.random.default_rng(seed).permutation(len(units))
-    target = max(1, round(test_fraction * n_rows))
-    taken = int(np.searchsorted(np.cumsum(sizes[order]), target) + 1)
-    taken = min(max(taken, 1), len(units) - 1)
-    is_test = np.zeros(len(units), dtype=bool)
-    is_test[order[:taken]] = True
+    with Spill(out) as spill:
+        test_rows, counts, units_per_side = _test_rows(source, spill, by, test_fraction, seed, path)
 
     def rows(side_is_test: bool):
-        for table, unit in zip(source.shards(), row_units):
-            yield source.take(table, np.flatnonzero(is_test[unit] == side_is_test))
-
-    counts = {"train": int(sizes[~is_test].sum()), "test": int(sizes[is_test].sum())}
-    units_per_side = {"train": int((~is_test).sum()), "test": int(is_test.sum())}
+        start = 0
+        for table in source.shards():
+            on_test = test_rows.get_many(np.arange(start, start + table.num_rows))
+            start += table.num_rows
+            yield source.take(table, np.flatnonzero(on_test == side_is_test))
 
     def fill(tmp: Path):
         for side in ("train", "test"):

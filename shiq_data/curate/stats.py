@@ -1,13 +1,17 @@
 """``shiq-data stats``: counts, lengths and rewards per source and overall, group sizes, reference share.
 
-Only the derived scalar columns of each row are kept in memory (not its tokens or ids; about 50 bytes a row,
-since exact percentiles need every value), read one shard at a time.
-Percentiles are numpy's (linear interpolation); the standard deviation is the sample one (``ddof=1``).
+Memory is bounded, not proportional to the buffer: each shard's derived scalar columns (source, group,
+lengths, reward, reference flag) are appended to a temporary Parquet table next to the buffer
+(:class:`shiq_data.spill.Spill`, removed afterwards), and DuckDB, with a fixed memory limit and spilling to
+disk beyond it, computes the counts, means, standard deviations, extremes and group sizes; the exact
+percentiles are read off each column sorted by DuckDB (an out-of-core sort, streamed), the histograms of
+``--plot`` are counted over a streamed pass. Percentiles are numpy's (linear interpolation); the standard
+deviation is the sample one (``ddof=1``).
 """
 
 from __future__ import annotations
 
-from collections import Counter
+import math
 from pathlib import Path
 
 import numpy as np
@@ -16,39 +20,33 @@ import pyarrow as pa
 from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write
+from shiq_data.spill import Spill
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
 LENGTHS = ("tokens", "prompt_tokens", "completion_tokens")
+DESCRIBED = (*LENGTHS, "reward")
+PLOTTED = (("tokens", "tokens per row"), ("completion_tokens", "action tokens per row"), ("reward", "reward"))
+BINS = 30
+_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("group_id", pa.int64()),
+        *((name, pa.int64()) for name in LENGTHS),
+        ("reward", pa.float64()),
+        ("has_ref", pa.bool_()),
+    ]
+)
 
 
-def _describe(x: np.ndarray) -> dict:
-    x = np.asarray(x, dtype=np.float64)
-    if not len(x):
-        return {}
-    return {
-        "mean": float(x.mean()),
-        "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-        "min": float(x.min()),
-        "p50": float(np.percentile(x, 50)),
-        "p95": float(np.percentile(x, 95)),
-        "max": float(x.max()),
-    }
+def _percentile(a: float, b: float, t: float) -> float:
+    """numpy's linear interpolation between the order statistics ``a <= b`` at fraction ``t``."""
+    diff = b - a
+    return float(b - diff * (1 - t)) if t >= 0.5 else float(a + diff * t)
 
 
-def _summary(t: dict) -> dict:
-    return {
-        "rows": len(t["group_id"]),
-        "groups": len(np.unique(t["group_id"])),
-        **{name: _describe(t[name]) for name in (*LENGTHS, "reward")},
-        "ref_share": float(np.mean(t["has_ref"])) if len(t["has_ref"]) else 0.0,
-    }
-
-
-def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.ndarray]:
-    """The derived scalar columns of the rows where ``where`` holds (all rows without it), as numpy arrays:
-    numbers, and the sources as one fixed-width string array (not a Python string a row)."""
-    parts: dict[str, list[np.ndarray]] = {name: [] for name in COLUMNS}
-    names: dict[str, int] = {}  # source -> code
+def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> None:
+    """The derived scalar columns of the rows where ``where`` holds (all rows without it) to table ``rows``."""
+    spill.declare("rows", _SCHEMA)
     for table in source.shards():
         view = source.view(
             table,
@@ -57,42 +55,120 @@ def selected_view(source: CurationSource, where: Where | None) -> dict[str, np.n
         )
         if where is not None:
             view = view.filter(pa.array(where.mask(view)))
-        for name in COLUMNS:
-            column = view.column(name).combine_chunks()
-            if name == "source":
-                codes = column.dictionary_encode()
-                to_code = [names.setdefault(s, len(names)) for s in codes.dictionary.to_pylist()]
-                parts[name].append(np.asarray(to_code, dtype=np.int64)[codes.indices.to_numpy()])
-            else:
-                parts[name].append(column.to_numpy(zero_copy_only=False))
-    values = {name: np.concatenate(parts.pop(name)) for name in COLUMNS}  # each column's parts freed in turn
-    values["source"] = np.asarray(list(names), dtype=str)[values["source"]]
-    return values
+        spill.append("rows", view.select(list(COLUMNS)))
 
 
-def summarise(values: dict[str, np.ndarray]) -> dict:
-    """Statistics of the rows in ``values`` (:func:`selected_view`): ``{"rows", "all": summary, "sources":
-    {source: summary}, "group_sizes": {size: groups}}``, a summary holding ``rows``, ``groups``, the
-    ``tokens``/``prompt_tokens``/``completion_tokens``/``reward`` distributions (mean, std, min, p50, p95,
-    max) and ``ref_share``, the share of rows with reference statistics."""
-    sources = {}
-    for name in sorted(set(values["source"].tolist())):
-        sel = values["source"] == name
-        sources[name] = _summary({k: v[sel] for k, v in values.items()})
-    sizes = Counter(np.unique(values["group_id"], return_counts=True)[1].tolist())
+def _summaries(spill: Spill) -> dict:
+    """``{None: summary of all rows, source: summary}`` (see :func:`summarise`). Sums are compensated
+    (DuckDB's ``fsum``, ``favg``) and the standard deviation is taken about the mean in a second step, as
+    numpy does."""
+    rows = spill.table("rows")
+    found = {}
+    for by_source in (False, True):
+        key, group = ("source", "GROUP BY source") if by_source else ("NULL::VARCHAR AS source", "")
+        firsts = ", ".join(f"favg({c}::DOUBLE) AS m_{c}, min({c}) AS lo_{c}, max({c}) AS hi_{c}" for c in DESCRIBED)
+        devs = ", ".join(f"fsum(({c}::DOUBLE - s.m_{c}) * ({c}::DOUBLE - s.m_{c})) AS d_{c}" for c in DESCRIBED)
+        sql = f"""WITH s AS (SELECT {key}, count(*) AS n, favg(has_ref::DOUBLE) AS ref, {firsts} FROM {rows} {group})
+            SELECT s.*, {devs} FROM {rows} r {"JOIN s USING (source)" if by_source else "CROSS JOIN s"} GROUP BY ALL"""
+        cursor = spill.con.execute(sql)
+        names = [d[0] for d in cursor.description]
+        for record in cursor.fetchall():
+            r = dict(zip(names, record))
+            n = r["n"]
+            summary = {"rows": n, "groups": 0, "ref_share": float(r["ref"])}
+            for c in DESCRIBED:
+                std = math.sqrt(r[f"d_{c}"] / (n - 1)) if n > 1 else 0.0
+                summary[c] = {"mean": float(r[f"m_{c}"]), "std": std, "min": float(r[f"lo_{c}"])}
+                summary[c].update(p50=None, p95=None, max=float(r[f"hi_{c}"]))
+            found[r["source"] if by_source else None] = summary
+    groups = f"SELECT source, group_id FROM {rows} GROUP BY source, group_id"
+    for name, n in spill.con.execute(f"SELECT source, count(*) FROM ({groups}) GROUP BY source").fetchall():
+        found[name]["groups"] = n
+    if None in found:
+        found[None]["groups"] = spill.one(f"SELECT count(*) FROM (SELECT group_id FROM {rows} GROUP BY group_id)")[0]
+    _percentiles(spill, found)
+    return found
+
+
+def _percentiles(spill: Spill, found: dict) -> None:
+    """Fill p50 and p95 of every summary in ``found`` from each column sorted by DuckDB (out of core)."""
+    for c in DESCRIBED:
+        wanted = {}  # summary name -> {rank: value}
+        for name, s in found.items():
+            for q in (0.5, 0.95):
+                h = (s["rows"] - 1) * q
+                lo = math.floor(h)
+                wanted.setdefault(name, {}).update({lo: None, min(lo + 1, s["rows"] - 1): None})
+        seen = dict.fromkeys(found, 0)
+        for batch in spill.query(f"SELECT source, {c}::DOUBLE FROM {spill.table('rows')} ORDER BY {c}"):
+            sources = np.asarray(batch.column(0).to_pylist(), dtype=object)
+            x = batch.column(1).to_numpy()
+            for name in found:
+                xs = x if name is None else x[sources == name]
+                for rank in wanted[name]:
+                    if seen[name] <= rank < seen[name] + len(xs):
+                        wanted[name][rank] = float(xs[rank - seen[name]])
+                seen[name] += len(xs)
+        for name, s in found.items():
+            for q, key in ((0.5, "p50"), (0.95, "p95")):
+                h = (s["rows"] - 1) * q
+                lo = math.floor(h)
+                s[c][key] = _percentile(wanted[name][lo], wanted[name][min(lo + 1, s["rows"] - 1)], h - lo)
+
+
+def _histograms(spill: Spill, stats: dict) -> dict:
+    """``{column: {source: (counts [BINS], edges [BINS + 1])}}`` of the plotted columns, counted over a
+    streamed pass (the edges span each source's minimum to maximum, as ``numpy.histogram`` picks them)."""
+    hists = {}
+    for c, _ in PLOTTED:
+        hists[c] = {}
+        for name, s in stats["sources"].items():
+            edges = np.histogram_bin_edges(np.array([s[c]["min"], s[c]["max"]]), bins=BINS)
+            hists[c][name] = (np.zeros(BINS, dtype=np.int64), edges)
+    columns = ", ".join(c for c, _ in PLOTTED)
+    for batch in spill.query(f"SELECT source, {columns} FROM {spill.table('rows')}"):
+        sources = np.asarray(batch.column(0).to_pylist(), dtype=object)
+        for k, (c, _) in enumerate(PLOTTED):
+            x = batch.column(k + 1).to_numpy(zero_copy_only=False)
+            for name, (counts, edges) in hists[c].items():
+                counts += np.histogram(x[sources == name], bins=edges)[0]
+    return hists
+
+
+def _ordered(s: dict | None) -> dict:
+    """A summary in the order ``rows, groups, tokens, prompt_tokens, completion_tokens, reward, ref_share``
+    (empty distributions for no rows)."""
+    if s is None:
+        return {"rows": 0, "groups": 0, **{c: {} for c in DESCRIBED}, "ref_share": 0.0}
+    return {"rows": s["rows"], "groups": s["groups"], **{c: s[c] for c in DESCRIBED}, "ref_share": s["ref_share"]}
+
+
+def summarise(spill: Spill) -> dict:
+    """Statistics of the rows in the spill's table ``rows`` (:func:`buffer_stats`): ``{"rows", "all": summary,
+    "sources": {source: summary}, "group_sizes": {size: groups}}``, a summary holding ``rows``, ``groups``,
+    the ``tokens``/``prompt_tokens``/``completion_tokens``/``reward`` distributions (mean, std, min, p50,
+    p95, max) and ``ref_share``, the share of rows with reference statistics."""
+    found = _summaries(spill)
+    sizes = spill.con.execute(
+        f"SELECT size, count(*) FROM (SELECT count(*) AS size FROM {spill.table('rows')} GROUP BY group_id) "
+        "GROUP BY size ORDER BY size"
+    ).fetchall()
     return {
-        "rows": len(values["group_id"]),
-        "all": _summary(values),
-        "sources": sources,
-        "group_sizes": dict(sorted(sizes.items())),
+        "rows": found[None]["rows"] if None in found else 0,
+        "all": _ordered(found.get(None)),
+        "sources": {name: _ordered(found[name]) for name in sorted(n for n in found if n is not None)},
+        "group_sizes": {int(k): int(v) for k, v in sizes},
     }
 
 
-def buffer_stats(path, where: str | None = None) -> tuple[dict, dict[str, np.ndarray]]:
-    """``(statistics, per-row values)`` of the buffer at ``path``, or of its rows where ``where`` holds
-    (:func:`summarise`, :func:`selected_view`)."""
-    values = selected_view(CurationSource(path), Where(where) if where else None)
-    return summarise(values), values
+def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tuple[dict, dict | None]:
+    """``(statistics, histograms)`` of the buffer at ``path``, or of its rows where ``where`` holds
+    (:func:`summarise`; the histograms of :func:`plot_stats`, only with ``histograms``)."""
+    source = CurationSource(path)
+    with Spill(source.path) as spill:
+        _spill_rows(source, Where(where) if where else None, spill)
+        stats = summarise(spill)
+        return stats, _histograms(spill, stats) if histograms else None
 
 
 def format_stats(stats: dict, title: str) -> str:
@@ -121,15 +197,14 @@ def format_stats(stats: dict, title: str) -> str:
     return "\n".join(lines)
 
 
-def plot_stats(stats: dict, values: dict[str, np.ndarray], folder) -> list[Path]:
-    """Histograms of the lengths and rewards per source (``values``) and of the group sizes (``stats``) as
-    PNG files in ``folder`` (written atomically); their paths."""
+def plot_stats(stats: dict, hists: dict, folder) -> list[Path]:
+    """Histograms of the lengths and rewards per source (``hists``, :func:`_histograms`) and of the group
+    sizes (``stats``) as PNG files in ``folder`` (written atomically); their paths."""
     import matplotlib  # heavy: only --plot needs it
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # heavy: only --plot needs it
 
-    t = values
     folder = Path(folder)
     written = []
 
@@ -139,14 +214,10 @@ def plot_stats(stats: dict, values: dict[str, np.ndarray], folder) -> list[Path]
         plt.close(fig)
         written.append(path)
 
-    for column, label in (
-        ("tokens", "tokens per row"),
-        ("completion_tokens", "action tokens per row"),
-        ("reward", "reward"),
-    ):
+    for column, label in PLOTTED:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name in stats["sources"]:
-            ax.hist(t[column][t["source"] == name], bins=30, alpha=0.6, label=name)
+        for name, (counts, edges) in hists[column].items():
+            ax.hist(edges[:-1], bins=edges, weights=counts, alpha=0.6, label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("rows")
         ax.legend(fontsize=8)

@@ -1,0 +1,153 @@
+"""Out-of-core work tables for what a command must remember about every row of a buffer (duplicate texts,
+repeated row ids, near-duplicate candidates).
+
+A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and by
+the next command on the same output if a killed process left it) holding Parquet tables that the caller
+appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
+:data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
+command holds in memory for such work is then the limit plus one batch, whatever the buffer's size. A
+:meth:`Spill.array` is a numpy array in a memory-mapped file of that folder (its pages are page cache the
+kernel can write back and drop, not process memory). A :class:`Bitmap` holds one bit per row (1.25 MB per
+10 million rows), the one thing a command keeps in memory that grows with the buffer.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import duckdb
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
+BATCH_ROWS = 8192  # rows per batch read back from a query
+
+
+def _remove_stale(folder: Path, name: str) -> None:
+    """Remove spill folders for ``name`` in ``folder`` whose process is gone (killed commands)."""
+    for p in folder.glob(f".{name}.spill-*"):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
+class Spill:
+    """A context manager: a temporary folder ``.<name>.spill-<pid>-<random>`` next to ``near`` (in the system's
+    temporary folder when that one cannot be written), Parquet tables in it and a DuckDB connection with
+    ``memory_limit`` and its ``temp_directory`` inside it; the folder is removed on exit."""
+
+    def __init__(self, near, memory_limit: str = MEMORY_LIMIT):
+        near = Path(near).absolute()
+        folder = near.parent
+        while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
+            folder = folder.parent
+        _remove_stale(folder, near.name)
+        try:
+            self.dir = folder / f".{near.name}.spill-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.dir.mkdir()
+        except OSError:
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))
+        self.con = duckdb.connect(
+            ":memory:",
+            config={
+                "memory_limit": memory_limit,
+                "temp_directory": str(self.dir / "duckdb"),
+                "threads": 1,
+                "preserve_insertion_order": False,
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+            },
+        )
+        self._writers: dict[str, pq.ParquetWriter] = {}
+        self._schemas: dict[str, pa.Schema] = {}
+
+    def __enter__(self) -> Spill:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers = {}
+        self.con.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def declare(self, name: str, schema: pa.Schema) -> None:
+        """Start table ``name`` with ``schema`` (so it exists, empty, even if nothing is appended)."""
+        self._schemas[name] = schema
+        self._writers[name] = pq.ParquetWriter(str(self.dir / f"{name}.parquet"), schema, compression="none")
+
+    def append(self, name: str, table: pa.Table | pa.RecordBatch) -> None:
+        """Append the rows of ``table`` (the declared schema's columns) to table ``name``."""
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        if table.num_rows:
+            self._writers[name].write_table(table.select(self._schemas[name].names).cast(self._schemas[name]))
+
+    def table(self, name: str) -> str:
+        """SQL naming table ``name`` (closed for appending on first use)."""
+        writer = self._writers.pop(name, None)
+        if writer is not None:
+            writer.close()
+        path = str(self.dir / f"{name}.parquet").replace("'", "''")
+        return f"read_parquet('{path}')"
+
+    def query(self, sql: str, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
+        """The result of ``sql`` as record batches of up to ``batch_rows`` (default :data:`BATCH_ROWS`) rows,
+        streamed."""
+        reader = self.con.sql(sql).to_arrow_reader(batch_rows or BATCH_ROWS)
+        yield from reader
+
+    def array(self, name: str, n: int, dtype=np.int64) -> np.ndarray:
+        """A zeroed ``[n]`` array of ``dtype`` in the memory-mapped file ``<name>.npy`` of the spill folder."""
+        return np.lib.format.open_memmap(self.dir / f"{name}.npy", mode="w+", dtype=dtype, shape=(n,))
+
+    def one(self, sql: str) -> tuple | None:
+        """The first row of the result of ``sql`` (None if it has none), the result read to its end."""
+        rows = self.con.execute(sql).fetchall()
+        return rows[0] if rows else None
+
+
+class Bitmap:
+    """One bit per item ``0 .. n - 1``, all set (``fill``) or all clear at first."""
+
+    def __init__(self, n: int, fill: bool = False):
+        self.n = n
+        self.bits = np.full((n + 7) // 8, 0xFF if fill else 0, dtype=np.uint8)
+
+    def clear(self, i: int) -> None:
+        self.bits[i >> 3] &= ~np.uint8(1 << (i & 7))
+
+    def set_many(self, items: np.ndarray) -> None:
+        """Set the bits of ``items`` (an integer array)."""
+        items = np.asarray(items, dtype=np.int64)
+        np.bitwise_or.at(self.bits, items >> 3, (1 << (items & 7)).astype(np.uint8))
+
+    def clear_many(self, items: np.ndarray) -> None:
+        """Clear the bits of ``items`` (an integer array)."""
+        items = np.asarray(items, dtype=np.int64)
+        np.bitwise_and.at(self.bits, items >> 3, ~(1 << (items & 7)).astype(np.uint8))
+
+    def __getitem__(self, i: int) -> bool:
+        return bool(self.bits[i >> 3] >> (i & 7) & 1)
+
+    def get_many(self, items: np.ndarray) -> np.ndarray:
+        """The bits of ``items`` (an integer array) as booleans."""
+        items = np.asarray(items, dtype=np.int64)
+        return (self.bits[items >> 3] >> (items & 7) & 1).astype(bool)
+
+    def indices(self, start: int, n: int) -> np.ndarray:
+        """The set items among ``start .. start + n - 1``, counted from ``start``."""
+        return np.flatnonzero(self.get_many(np.arange(start, start + n)))

@@ -1,0 +1,127 @@
+"""``dedup`` (exact and --near, out of core) keeps exactly the rows of straightforward in-memory references:
+a Python dict of normalised texts for exact repeats, and for near duplicates both a naive O(n^2) loop of
+``datasketch.MinHash.jaccard`` against every earlier kept row and datasketch's own ``MinHashLSH`` queried
+and filled row by row."""
+
+import unicodedata
+
+import numpy as np
+import pytest
+
+from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.curate.dedup import dedup_buffer
+
+WORDS = (
+    "apple river stone cloud maple tiger violin garden copper ocean lantern meadow falcon pepper harbor "
+    "cinder marble willow saddle quartz"
+).split()
+THRESHOLD = 0.8
+TOK = {"name": "t", "fingerprint": "f", "vocab_size": 50}  # the rows carry their text: nothing is decoded
+
+
+def _norm(text):
+    return " ".join(unicodedata.normalize("NFKC", text).lower().split())
+
+
+def _minhash(text):
+    from datasketch import MinHash
+
+    t = _norm(text)
+    grams = {t[i : i + 5] for i in range(len(t) - 4)} if len(t) >= 5 else {t}
+    m = MinHash(num_perm=128, seed=1)
+    m.update_batch([g.encode() for g in grams])
+    return m
+
+
+def _texts(seed):
+    """Completions in buffer order: chains A ~ B ~ C (A and C not near), exact repeats (case and spaces
+    changed) of kept rows and of removed ones, and unrelated rows, interleaved."""
+    rng = np.random.default_rng(seed)
+    chains, out = [], []
+    for _ in range(4):
+        a = list(rng.choice(WORDS, 60))
+        b = ["zz" + w for w in a[:6]] + a[6:]  # near a
+        c = b[:-6] + ["qq" + w for w in b[-6:]]  # near b, not near a
+        chains.append([" ".join(x) for x in (a, b, c)])
+    for k, (a, b, c) in enumerate(chains):
+        out += [a, " ".join(rng.choice(WORDS, 40)), b, c.upper(), "  " + a + " ", b.replace(" ", "   ")]
+        if k % 2:
+            out += [c, " ".join(rng.choice(WORDS, 3))]
+    return out, chains
+
+
+def _rows(texts):
+    for i, t in enumerate(texts):
+        yield {
+            "source": "ab"[i % 2],
+            "group_id": i,
+            "prompt_len": 2,
+            "tokens": [1, 2, 3, 4],
+            "action_mask": [False, False, True, True],
+            "rewards": [0.0, 0.0, 0.0, 1.0],
+            "prompt": f"prompt {i % 3}",
+            "completion": t,
+        }
+
+
+# seed 6: every near pair also shares an LSH band, so the naive loop and the LSH index agree; seed 5: some
+# near pairs share no band, which the naive loop finds and the LSH index (so dedup) does not
+@pytest.fixture(scope="module", params=[6, 5])
+def buf(request, tmp_path_factory):
+    texts, chains = _texts(request.param)
+    path = tmp_path_factory.mktemp("dedup") / "buf"
+    write_buffer(_rows(texts), path, tokenizer_info=TOK, command=["test"], shard_rows=3, progress=False)
+    return path, texts, chains, request.param
+
+
+def test_chains_are_what_the_test_needs(buf):
+    chains = buf[2]
+    for a, b, c in chains:
+        ma, mb, mc = _minhash(a), _minhash(b), _minhash(c)
+        assert ma.jaccard(mb) >= THRESHOLD and mb.jaccard(mc) >= THRESHOLD and ma.jaccard(mc) < THRESHOLD
+
+
+def test_dedup_near_keeps_what_naive_minhash_and_datasketch_lsh_keep(buf, tmp_path):
+    from datasketch import MinHashLSH
+
+    path, texts, chains, seed = buf
+    hashes = [_minhash(t) for t in texts]
+    seen, naive = set(), []
+    for j, t in enumerate(texts):  # naive: every earlier kept row, estimated Jaccard
+        if _norm(t) not in seen and not any(hashes[i].jaccard(hashes[j]) >= THRESHOLD for i in naive):
+            naive.append(j)
+        seen.add(_norm(t))
+    lsh, seen, by_lsh = MinHashLSH(threshold=THRESHOLD, num_perm=128), set(), []
+    for j, t in enumerate(texts):  # datasketch's index, filled with the kept rows as they come
+        exact = _norm(t) in seen
+        seen.add(_norm(t))
+        if exact or any(hashes[i].jaccard(hashes[j]) >= THRESHOLD for i in lsh.query(hashes[j])):
+            continue
+        lsh.insert(j, hashes[j])
+        by_lsh.append(j)
+    assert (naive == by_lsh) == (seed == 6)
+    # the data exercises every rule: exact repeats, near ones, and a chain's C kept after its B went
+    assert len(set(map(_norm, texts))) < len(texts) and len(by_lsh) < len(set(map(_norm, texts)))
+    assert all(texts.index(c.upper()) in by_lsh for _, _, c in chains) or seed != 6
+
+    out = tmp_path / "near"
+    _, curation = dedup_buffer(path, out, by="completion", near=True, threshold=THRESHOLD, command=["test"])
+    got = [r["completion"] for r in open_buffer(out).table.select(["completion"]).to_pylist()]
+    assert got == [texts[j] for j in by_lsh]
+    assert curation["rows_read"] == len(texts) and curation["rows_kept"] == len(by_lsh)
+    dropped = [j for j in range(len(texts)) if j not in by_lsh]
+    assert curation["removed"] == {s: sum("ab"[j % 2] == s for j in dropped) for s in "ab" if dropped}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["near"]  # the temporary tables are gone
+
+
+def test_dedup_exact_keeps_first_of_each_normalised_text(buf, tmp_path):
+    path, texts = buf[:2]
+    first = {}
+    for j, t in enumerate(texts):
+        first.setdefault((_norm(f"prompt {j % 3}"), _norm(t)), j)
+    want = sorted(first.values())
+    out = tmp_path / "exact"
+    _, curation = dedup_buffer(path, out, by="row", command=["test"])
+    got = [r["completion"] for r in open_buffer(out).table.select(["completion"]).to_pylist()]
+    assert got == [texts[j] for j in want] and curation["rows_kept"] == len(want) < len(texts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exact"]
