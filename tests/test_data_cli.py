@@ -380,56 +380,18 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
 def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsys, gpt2):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "new" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+
+    def build(out):
+        return main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"])
+
+    assert build(tmp_path / "new" / "sub" / "D") == 2
     assert "empty completion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     (tmp_path / "old").mkdir()
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "old" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert build(tmp_path / "old" / "sub" / "D") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "old"] and not list((tmp_path / "old").iterdir())
     write_jsonl(inp, RECORDS)  # a good build still creates the parents
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "new" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert build(tmp_path / "new" / "sub" / "D") == 0
     assert (tmp_path / "new" / "sub" / "D" / "manifest.json").is_file()
 
 
