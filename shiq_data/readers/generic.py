@@ -324,16 +324,10 @@ class FileReader:
         records: Iterable[tuple[int, dict]] | None = None,
     ) -> Iterator[dict]:
         path = _require_file(path, self.kind)
+        rows = self.all_records(path) if records is None else records
+        fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
         return records_to_rows(
-            self.all_records(path) if records is None else records,
-            tokenizer,
-            file=str(path),
-            row_label=self.row_label,
-            source=source,
-            add_eos=add_eos,
-            prompt_field=prompt_field,
-            completion_field=completion_field,
-            reward_field=reward_field,
+            rows, tokenizer, file=str(path), row_label=self.row_label, source=source, add_eos=add_eos, **fields
         )
 
 
