@@ -218,23 +218,12 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
     )
     head.save(tmp_path / "rm.safetensors")
     path = write_jsonl(tmp_path / "hh.jsonl", HH)
-    assert (
-        main(
-            [
-                "build",
-                "hh",
-                str(path),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "buf"),
-                "--option",
-                f"reward_model={tmp_path / 'rm.safetensors'}",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+
+    def build(out, reward_model):
+        options = ["--option", f"reward_model={reward_model}", "--no-progress"]
+        return main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(out), *options])
+
+    assert build(tmp_path / "buf", tmp_path / "rm.safetensors") == 0
     buf = open_buffer(tmp_path / "buf")
     raw = [line[field].strip() for line in HH for field in ("chosen", "rejected")]
     want = (encoder(raw).double() @ head.weight + head.bias).tolist()
@@ -243,23 +232,7 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
         last = max(t for t, m in enumerate(row["action_mask"]) if m)
         assert row["rewards"][last] == pytest.approx(w, abs=1e-5)
         assert sum(r != 0 for r in row["rewards"]) == 1
-    assert (
-        main(
-            [
-                "build",
-                "hh",
-                str(path),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "buf2"),
-                "--option",
-                "reward_model=nope.safetensors",
-                "--no-progress",
-            ]
-        )
-        != 0
-    )
+    assert build(tmp_path / "buf2", "nope.safetensors") != 0
     assert not (tmp_path / "buf2").exists()
 
 
