@@ -25,11 +25,6 @@ RECORDS = [
 GPT2_EOS = 50256
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -397,16 +392,6 @@ def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsy
 
 # ----------------------------------------------------------------------------------------------
 # generic records whose completion is a list of chat messages (SmolLM2's chat template)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from shiq_data.assets import AssetMissing
-
-    try:
-        return load_tokenizer("smollm2")
-    except AssetMissing as e:
-        pytest.skip(str(e))
 
 
 CHAT = [
