@@ -436,21 +436,12 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
         (tmp_path / d).mkdir()
         write_jsonl(tmp_path / d / "mt.jsonl", MT)
     buf = str(tmp_path / "buf")
-    assert (
-        main(
-            [
-                "build",
-                "multiturn",
-                str(tmp_path / "dir1" / "mt.jsonl"),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                buf,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+
+    def build(out):
+        inp = str(tmp_path / "dir1" / "mt.jsonl")
+        return main(["build", "multiturn", inp, "--tokenizer", "smollm2", "--out", out, "--no-progress"])
+
+    assert build(buf) == 0
     assert main(["append", buf, "multiturn", str(tmp_path / "dir2" / "mt.jsonl"), "--no-progress"]) == 0, (
         capsys.readouterr().err
     )
@@ -458,21 +449,7 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
     assert ids == [f"b{k}-mt.jsonl:{line}:0" for k in (0, 1) for line in (1, 2, 3)]
     assert len(set(ids)) == 6 and validate_buffer(buf)["rows"] == 6
     # the same build again gives the same ids
-    assert (
-        main(
-            [
-                "build",
-                "multiturn",
-                str(tmp_path / "dir1" / "mt.jsonl"),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "again"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert build(str(tmp_path / "again")) == 0
     assert open_buffer(tmp_path / "again").table.column("row_id").to_pylist() == ids[:3]
 
 
