@@ -76,13 +76,9 @@ def evaluate_policy(
     prompt_texts: list[str],
     scorer,
     *,
-    max_new_tokens=32,
     batch_size=16,
-    seed=0,
-    keep_samples=4,
-    progress=True,
     sampler=None,
-    temperature=1.0,
+    **options,
 ) -> EvalResult:
     """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
 
@@ -90,27 +86,19 @@ def evaluate_policy(
     models, or :class:`shiq_eval.generate.MegatronLogits`); completions come from ``sampler`` (a
     policy of :mod:`shiq_eval.generate`; default ``HFPolicy(model)``), which must sample ``model``.
     ``prompt_texts`` are what the scorer sees as the prompt (e.g. the review's opening words);
-    completions are decoded without special tokens. ``temperature`` other than 1 samples a tempered
-    policy; the KL estimators still compare ``model``'s own softmax with the reference's, at the states the
-    tempered samples visit.
+    completions are decoded without special tokens. ``options`` are those of :func:`evaluate_samples`
+    (``max_new_tokens``, ``seed``, ``keep_samples``, ``progress``, ``temperature``). ``temperature`` other
+    than 1 samples a tempered policy; the KL estimators still compare ``model``'s own softmax with the
+    reference's, at the states the tempered samples visit.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
-    return evaluate_samples(
-        policy,
-        lambda prompts, completions: sequence_kls(model, ref_model, prompts, completions, batch_size, pad),
-        tokenizer,
-        prompt_ids,
-        prompt_texts,
-        scorer,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        keep_samples=keep_samples,
-        progress=progress,
-        temperature=temperature,
-    )
+
+    def kls(prompts, completions):
+        return sequence_kls(model, ref_model, prompts, completions, batch_size, pad)
+
+    return evaluate_samples(policy, kls, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options)
 
 
 def evaluate_samples(

@@ -380,22 +380,14 @@ def _kl_sums(steps: GuidedSteps) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def evaluate_guided_policy(
-    policy: GuidedPolicy,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    prompt_texts: list[str],
-    scorer,
-    *,
-    max_new_tokens=32,
-    batch_size=16,
-    seed=0,
-    keep_samples=4,
-    progress=True,
+    policy: GuidedPolicy, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], scorer, **options
 ) -> EvalResult:
     """Reward and both KL estimators of a guided policy against its reference (SHIQ_MATH §6, §8), the
     counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at temperature 1, top-p 1,
     scored by ``scorer(prompt_texts, completion_texts)``; the KL estimators are those of
-    :meth:`GuidedPolicy.sequence_kls`, read off the sampling pass (:meth:`GuidedPolicy.generate_with_kls`)."""
+    :meth:`GuidedPolicy.sequence_kls`, read off the sampling pass (:meth:`GuidedPolicy.generate_with_kls`).
+    ``options`` are those of :func:`shiq_eval.evaluate.evaluate_samples` (``max_new_tokens``,
+    ``batch_size``, ``seed``, ``keep_samples``, ``progress``)."""
     kls = {}
 
     def generate(prompts, cfg, progress=False):
@@ -409,9 +401,5 @@ def evaluate_guided_policy(
         prompt_ids,
         prompt_texts,
         scorer,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        seed=seed,
-        keep_samples=keep_samples,
-        progress=progress,
+        **options,
     )

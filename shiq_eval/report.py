@@ -73,7 +73,6 @@ def plot_curves(
     ``kl_key``: the rows' KL column (``kl_name`` its estimator, for the axis label)."""
     plt = _pyplot()
     out_dir = Path(out_dir)
-    curves = sorted({curve_of(r) for r in rows})
     kl_label = "exact per-token sum" if kl_name == "exact" else f"{kl_name} estimate"
     paths = []
     for x_key, name, xlabel in [
@@ -81,16 +80,7 @@ def plot_curves(
         ("step", "reward_vs_step.png", "training step"),
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for c in curves:
-            pts = sorted((r for r in rows if curve_of(r) == c), key=lambda r: r["step"])
-            ax.errorbar(
-                [r[x_key] for r in pts],
-                [r["reward_mean"] for r in pts],
-                yerr=[r["reward_stderr"] for r in pts],
-                marker="o",
-                capsize=3,
-                label=_curve_label(pts),
-            )
+        _run_lines(ax, rows, x_key, "reward_mean", "reward_stderr", _curve_label)
         if reference is not None:
             if x_key == "step":
                 ax.axhline(reference["reward_mean"], color="grey", ls="--", label="reference")
@@ -106,12 +96,23 @@ def plot_curves(
                 )
         ax.set_xlabel(xlabel)
         ax.set_ylabel("mean reward on held-out prompts (± 1 s.e.)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        _savefig(fig, out_dir / name)
-        plt.close(fig)
-        paths.append(out_dir / name)
+        paths.append(_finish(plt, fig, ax, out_dir / name, legend_size=None))
     return paths
+
+
+def _run_lines(ax, rows: list[dict], x_key: str, y_key: str, err_key: str, label) -> None:
+    """One line with error bars per run (:func:`curve_of`), its points in step order: ``y_key`` ± ``err_key``
+    against ``x_key``, labelled ``label(points)``."""
+    for c in sorted({curve_of(r) for r in rows}):
+        pts = sorted((r for r in rows if curve_of(r) == c), key=lambda r: r["step"])
+        ax.errorbar(
+            [r[x_key] for r in pts],
+            [r[y_key] for r in pts],
+            yerr=[r[err_key] for r in pts],
+            marker="o",
+            capsize=3,
+            label=label(pts),
+        )
 
 
 def plot_j_vs_step(
@@ -123,28 +124,14 @@ def plot_j_vs_step(
     horizontal lines."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    for c in sorted({curve_of(r) for r in rows}):
-        pts = sorted((r for r in rows if curve_of(r) == c), key=lambda r: r["step"])
-        ax.errorbar(
-            [r["step"] for r in pts],
-            [r["J"] for r in pts],
-            yerr=[r["J_stderr"] for r in pts],
-            marker="o",
-            capsize=3,
-            label=f"{_curve_label(pts)} (β = {pts[0]['beta']:g})",
-        )
+    _run_lines(ax, rows, "step", "J", "J_stderr", lambda pts: f"{_curve_label(pts)} (β = {pts[0]['beta']:g})")
     if reference_j is not None:
         ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
     for beta, value in sorted(j_star.items()):
         ax.axhline(value, color="black", ls=":", label=f"J* estimate, β = {beta:g}")
     ax.set_xlabel("training step")
     ax.set_ylabel("J = reward − β·KL on held-out prompts (± 1 s.e.)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    path = Path(out_dir) / "j_vs_step.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, Path(out_dir) / "j_vs_step.png", legend_size=8)
 
 
 def plot_j_star_curve(curves: dict[float, list[dict]], out_dir) -> Path:
@@ -165,12 +152,7 @@ def plot_j_star_curve(curves: dict[float, list[dict]], out_dir) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("reference samples per prompt (N)")
     ax.set_ylabel("J* estimate, β log mean exp(R/β)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    path = Path(out_dir) / "j_star_curve.png"
-    _savefig(fig, path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, Path(out_dir) / "j_star_curve.png", legend_size=None)
 
 
 def plot_frontier(
@@ -222,10 +204,11 @@ def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
     return _finish(plt, fig, ax, out_path)
 
 
-def _finish(plt, fig, ax, out_path) -> Path:
-    """Grid, a small legend, the figure written atomically to ``out_path`` and closed."""
+def _finish(plt, fig, ax, out_path, legend_size: float | None = 7) -> Path:
+    """Grid, a legend (font size ``legend_size``; None: matplotlib's default), the figure written atomically
+    to ``out_path`` and closed."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=legend_size)
     out_path = Path(out_path)
     _savefig(fig, out_path)
     plt.close(fig)

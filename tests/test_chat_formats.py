@@ -218,23 +218,12 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
     )
     head.save(tmp_path / "rm.safetensors")
     path = write_jsonl(tmp_path / "hh.jsonl", HH)
-    assert (
-        main(
-            [
-                "build",
-                "hh",
-                str(path),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "buf"),
-                "--option",
-                f"reward_model={tmp_path / 'rm.safetensors'}",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+
+    def build(out, reward_model):
+        options = ["--option", f"reward_model={reward_model}", "--no-progress"]
+        return main(["build", "hh", str(path), "--tokenizer", "smollm2", "--out", str(out), *options])
+
+    assert build(tmp_path / "buf", tmp_path / "rm.safetensors") == 0
     buf = open_buffer(tmp_path / "buf")
     raw = [line[field].strip() for line in HH for field in ("chosen", "rejected")]
     want = (encoder(raw).double() @ head.weight + head.bias).tolist()
@@ -243,23 +232,7 @@ def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
         last = max(t for t, m in enumerate(row["action_mask"]) if m)
         assert row["rewards"][last] == pytest.approx(w, abs=1e-5)
         assert sum(r != 0 for r in row["rewards"]) == 1
-    assert (
-        main(
-            [
-                "build",
-                "hh",
-                str(path),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "buf2"),
-                "--option",
-                "reward_model=nope.safetensors",
-                "--no-progress",
-            ]
-        )
-        != 0
-    )
+    assert build(tmp_path / "buf2", "nope.safetensors") != 0
     assert not (tmp_path / "buf2").exists()
 
 
@@ -463,21 +436,12 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
         (tmp_path / d).mkdir()
         write_jsonl(tmp_path / d / "mt.jsonl", MT)
     buf = str(tmp_path / "buf")
-    assert (
-        main(
-            [
-                "build",
-                "multiturn",
-                str(tmp_path / "dir1" / "mt.jsonl"),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                buf,
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+
+    def build(out):
+        inp = str(tmp_path / "dir1" / "mt.jsonl")
+        return main(["build", "multiturn", inp, "--tokenizer", "smollm2", "--out", out, "--no-progress"])
+
+    assert build(buf) == 0
     assert main(["append", buf, "multiturn", str(tmp_path / "dir2" / "mt.jsonl"), "--no-progress"]) == 0, (
         capsys.readouterr().err
     )
@@ -485,21 +449,7 @@ def test_append_a_file_of_the_same_name_from_another_folder(tok, tmp_path, capsy
     assert ids == [f"b{k}-mt.jsonl:{line}:0" for k in (0, 1) for line in (1, 2, 3)]
     assert len(set(ids)) == 6 and validate_buffer(buf)["rows"] == 6
     # the same build again gives the same ids
-    assert (
-        main(
-            [
-                "build",
-                "multiturn",
-                str(tmp_path / "dir1" / "mt.jsonl"),
-                "--tokenizer",
-                "smollm2",
-                "--out",
-                str(tmp_path / "again"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert build(str(tmp_path / "again")) == 0
     assert open_buffer(tmp_path / "again").table.column("row_id").to_pylist() == ids[:3]
 
 

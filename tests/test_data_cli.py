@@ -25,11 +25,6 @@ RECORDS = [
 GPT2_EOS = 50256
 
 
-@pytest.fixture(scope="module")
-def gpt2():
-    return load_tokenizer("gpt2")
-
-
 def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
@@ -380,71 +375,23 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
 def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsys, gpt2):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "new" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+
+    def build(out):
+        return main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"])
+
+    assert build(tmp_path / "new" / "sub" / "D") == 2
     assert "empty completion" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
     (tmp_path / "old").mkdir()
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "old" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 2
-    )
+    assert build(tmp_path / "old" / "sub" / "D") == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "old"] and not list((tmp_path / "old").iterdir())
     write_jsonl(inp, RECORDS)  # a good build still creates the parents
-    assert (
-        main(
-            [
-                "build",
-                "jsonl",
-                str(inp),
-                "--tokenizer",
-                "gpt2",
-                "--out",
-                str(tmp_path / "new" / "sub" / "D"),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert build(tmp_path / "new" / "sub" / "D") == 0
     assert (tmp_path / "new" / "sub" / "D" / "manifest.json").is_file()
 
 
 # ----------------------------------------------------------------------------------------------
 # generic records whose completion is a list of chat messages (SmolLM2's chat template)
-
-
-@pytest.fixture(scope="module")
-def smollm2():
-    from shiq_data.assets import AssetMissing
-
-    try:
-        return load_tokenizer("smollm2")
-    except AssetMissing as e:
-        pytest.skip(str(e))
 
 
 CHAT = [

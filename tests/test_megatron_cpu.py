@@ -59,37 +59,27 @@ def test_adaptations_are_idempotent_and_narrow():
         "param_type_names",
         "optimizer_state_alloc",
     ]
-    patched = (
-        mrandom.CudaRNGStatesTracker,
-        mutils.torch,
-        schedules.torch,
-        p2p_communication.torch,
-        LanguageModule.setup_embeddings_and_output_layer,
-        attention.torch,
-        mappings.torch,
-        param_and_grad_buffer.torch,
-        moptimizer.torch,
-        clip_grads.torch,
-        distrib_optimizer.torch,
-        distrib_optimizer.DistributedOptimizer.__init__,
-        moptimizer.clip_grad_by_total_norm_fp32,
-    )
+
+    def patched():  # what the adaptations replace, as it stands now
+        return (
+            mrandom.CudaRNGStatesTracker,
+            mutils.torch,
+            schedules.torch,
+            p2p_communication.torch,
+            LanguageModule.setup_embeddings_and_output_layer,
+            attention.torch,
+            mappings.torch,
+            param_and_grad_buffer.torch,
+            moptimizer.torch,
+            clip_grads.torch,
+            distrib_optimizer.torch,
+            distrib_optimizer.DistributedOptimizer.__init__,
+            moptimizer.clip_grad_by_total_norm_fp32,
+        )
+
+    before = patched()
     assert parallel.apply_cpu_adaptations() == names
-    assert patched == (
-        mrandom.CudaRNGStatesTracker,
-        mutils.torch,
-        schedules.torch,
-        p2p_communication.torch,
-        LanguageModule.setup_embeddings_and_output_layer,
-        attention.torch,
-        mappings.torch,
-        param_and_grad_buffer.torch,
-        moptimizer.torch,
-        clip_grads.torch,
-        distrib_optimizer.torch,
-        distrib_optimizer.DistributedOptimizer.__init__,
-        moptimizer.clip_grad_by_total_norm_fp32,
-    )
+    assert patched() == before
     from megatron.core.tensor_parallel import layers
 
     for module in (attention, mappings, layers, param_and_grad_buffer, distrib_optimizer):

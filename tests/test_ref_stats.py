@@ -98,6 +98,16 @@ def naive_stats(logits, tokens):
     return np.array(c), np.array(z)
 
 
+def assert_naive_stats(rows: list[dict], model) -> None:
+    """Each row's reference columns are :func:`naive_stats` of ``model``'s logits on its tokens."""
+    for r in rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([r["tokens"]])).logits[0]
+        c, z = naive_stats(logits, r["tokens"])
+        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
+
+
 def test_batches_respect_token_budget_and_cover_every_row():
     lengths = [5, 1, 9, 3, 3, 7, 20, 2]
     batches = length_sorted_batches(lengths, 12)
@@ -122,12 +132,7 @@ def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
         with pa.ipc.open_stream(pa.memory_map(str(p))) as r:
             rows += r.read_all().to_pylist()
     assert [r["tokens"] for r in rows] == [r["tokens"] for r in make_rows(10)]
-    for r in rows:
-        with torch.no_grad():
-            logits = tiny_llama(input_ids=torch.tensor([r["tokens"]])).logits[0]
-        c, z = naive_stats(logits, r["tokens"])
-        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
+    assert_naive_stats(rows, tiny_llama)
     # Nothing left to do: a second call computes nothing.
     assert compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False) == []
     with pytest.raises(ValueError, match="not"):
@@ -328,12 +333,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     assert open_buffer(buf).manifest["ref_model"]["dtype"] == "float32"
     rows = open_buffer(buf).table.to_pylist()
     model.eval()
-    for r in rows:
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([r["tokens"]])).logits[0]
-        c, z = naive_stats(logits, r["tokens"])
-        np.testing.assert_allclose(r["ref_logz"], z, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-5, rtol=1e-5)
+    assert_naive_stats(rows, model)
 
     # --dtype bfloat16: the statistics of the model in bf16 (logits rounded to bf16), recorded as such
     assert (

@@ -40,7 +40,8 @@ names it too (its ``rewards`` as the input's reward field).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -294,42 +295,40 @@ def _require_file(path, kind: str) -> Path:
     return path
 
 
-def _file_rows(path, kind: str, row_label: str, all_records, records, tokenizer, **kw) -> Iterator[dict]:
-    """:func:`records_to_rows` over ``all_records(path)`` (or ``records``, a chunk of them read already), its
-    errors naming the file and the ``row_label`` (line or row); the file must exist (checked now, not lazily)."""
-    path = _require_file(path, kind)
-    return records_to_rows(
-        all_records(path) if records is None else records, tokenizer, file=str(path), row_label=row_label, **kw
-    )
+@dataclass(frozen=True)
+class FileReader:
+    """The reader of one generic input kind. Called, the buffer rows of the input ``path`` (see the module doc;
+    ``*_field`` name the fields holding the prompt, completion and reward; ``records``: the input's ``(line or
+    row, record)`` pairs when read already, a parallel build giving each worker a chunk of them); errors name
+    the input and the line or row. :meth:`records` gives those pairs. The input must exist (checked at the
+    call, not lazily)."""
 
+    kind: str  # what the input is: "file" or "folder"
+    row_label: str  # what its records are counted in: "line" (1-based) or "row" (0-based)
+    all_records: Callable[[Path], Iterator[tuple[int, dict]]]  # every (line or row, record) of an existing input
 
-def read_jsonl(
-    path,
-    tokenizer,
-    *,
-    source: str | None = None,
-    add_eos: bool = True,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    reward_field: str = "reward",
-    records: Iterable[tuple[int, dict]] | None = None,
-) -> Iterator[dict]:
-    """Buffer rows from a JSONL file (one record per line, blank lines skipped); ``*_field`` name the fields
-    holding the prompt, completion and reward; ``records``: the file's ``(line, record)`` pairs when read already
-    (a parallel build gives each worker a chunk of them)."""
-    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    return _file_rows(path, "file", "line", iter_jsonl, records, tokenizer, source=source, add_eos=add_eos, **fields)
+    def records(self, path) -> Iterator[tuple[int, dict]]:
+        """``(line or row, record)`` of the input, which must exist."""
+        return self.all_records(_require_file(path, self.kind))
 
-
-def jsonl_records(path) -> Iterator[tuple[int, dict]]:
-    """``(line, record)`` of a JSONL file (:func:`shiq_data.io.iter_jsonl`), which must exist."""
-    return iter_jsonl(_require_file(path, "file"))
-
-
-def parquet_records(path) -> Iterator[tuple[int, dict]]:
-    """``(row, record)`` of a Parquet file, read in batches (the file must exist)."""
-    path = _require_file(path, "file")
-    return _parquet_records(path)
+    def __call__(
+        self,
+        path,
+        tokenizer,
+        *,
+        source: str | None = None,
+        add_eos: bool = True,
+        prompt_field: str = "prompt",
+        completion_field: str = "completion",
+        reward_field: str = "reward",
+        records: Iterable[tuple[int, dict]] | None = None,
+    ) -> Iterator[dict]:
+        path = _require_file(path, self.kind)
+        rows = self.all_records(path) if records is None else records
+        fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
+        return records_to_rows(
+            rows, tokenizer, file=str(path), row_label=self.row_label, source=source, add_eos=add_eos, **fields
+        )
 
 
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
@@ -350,31 +349,6 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
             n += 1
 
 
-def read_parquet(
-    path,
-    tokenizer,
-    *,
-    source: str | None = None,
-    add_eos: bool = True,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    reward_field: str = "reward",
-    records: Iterable[tuple[int, dict]] | None = None,
-) -> Iterator[dict]:
-    """Buffer rows from a Parquet file with columns prompt, completion, reward (and optionally group);
-    ``records`` as for :func:`read_jsonl` (``(row, record)`` pairs)."""
-    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    return _file_rows(
-        path, "file", "row", _parquet_records, records, tokenizer, source=source, add_eos=add_eos, **fields
-    )
-
-
-def datasets_records(path) -> Iterator[tuple[int, dict]]:
-    """``(row, record)`` of a folder written by ``datasets.Dataset.save_to_disk`` (which must exist)."""
-    path = _require_file(path, "folder")
-    return _datasets_records(path)
-
-
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
@@ -391,20 +365,7 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
             n += 1
 
 
-def read_datasets(
-    path,
-    tokenizer,
-    *,
-    source: str | None = None,
-    add_eos: bool = True,
-    prompt_field: str = "prompt",
-    completion_field: str = "completion",
-    reward_field: str = "reward",
-    records: Iterable[tuple[int, dict]] | None = None,
-) -> Iterator[dict]:
-    """Buffer rows from a folder written by ``datasets.Dataset.save_to_disk``; ``records`` as for
-    :func:`read_parquet`."""
-    fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
-    return _file_rows(
-        path, "folder", "row", _datasets_records, records, tokenizer, source=source, add_eos=add_eos, **fields
-    )
+read_jsonl = FileReader("file", "line", iter_jsonl)  # a JSONL file, one record per line, blank lines skipped
+read_parquet = FileReader("file", "row", _parquet_records)  # a Parquet file (columns prompt, completion, reward...)
+read_datasets = FileReader("folder", "row", _datasets_records)  # a folder written by datasets.Dataset.save_to_disk
+jsonl_records, parquet_records, datasets_records = read_jsonl.records, read_parquet.records, read_datasets.records

