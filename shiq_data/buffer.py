@@ -80,7 +80,7 @@ from shiq_data.schema import (
     check_row,
     row_has_ref,
 )
-from shiq_data.spill import Spill
+from shiq_data.spill import Spill, remove_stale
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -744,14 +744,7 @@ def _check_tokenizer_info(info: dict) -> None:
 
 def _remove_stale_build_dirs(out_dir: Path) -> None:
     """Remove temporary build folders for ``out_dir`` whose building process is gone (killed builds)."""
-    for p in out_dir.parent.glob(f".{out_dir.name}.building-*"):
-        try:
-            pid = int(p.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            pass
+    remove_stale(out_dir.parent, f".{out_dir.name}.building-*")
 
 
 def _make_parents(out_dir: Path) -> list[Path]:

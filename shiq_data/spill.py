@@ -29,9 +29,10 @@ MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill
 BATCH_ROWS = 8192  # rows per batch read back from a query
 
 
-def _remove_stale(folder: Path, name: str) -> None:
-    """Remove spill folders for ``name`` in ``folder`` whose process is gone (killed commands)."""
-    for p in folder.glob(f".{name}.spill-*"):
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``) whose
+    process is gone (killed commands)."""
+    for p in folder.glob(pattern):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
             os.kill(pid, 0)
@@ -51,7 +52,7 @@ class Spill:
         folder = near.parent
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
             folder = folder.parent
-        _remove_stale(folder, near.name)
+        remove_stale(folder, f".{near.name}.spill-*")
         try:
             self.dir = folder / f".{near.name}.spill-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.dir.mkdir()
