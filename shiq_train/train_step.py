@@ -195,11 +195,12 @@ def _forward_step_func(loss_fn: LossFn):
     return forward_step
 
 
-def same_width(micro_batches: list[dict]) -> list[dict]:
-    """The micro-batches right-padded to the widest one's width ``T``, as the sampler pads (token 0,
+def same_width(micro_batches: list[dict]) -> None:
+    """Right-pad the micro-batches, in place, to the widest one's width ``T``, as the sampler pads (token 0,
     ``action_mask`` False, rewards and reference statistics 0, ``segment_ids`` a trailing segment of its own):
     every ``[B, T]`` tensor grows, others stay. Padding after a trajectory changes none of its statistics
-    (causal attention) nor any loss (masked positions).
+    (causal attention) nor any loss (masked positions). In place, so that what a loss function writes into a
+    micro-batch (the online reference's statistics) fits the padded one and reaches the caller.
 
     megatron's interleaved schedule needs it: with activations of different shapes it would exchange each
     shape before the activation, but its warm-up and steady-state calls do not pair up one to one across
@@ -213,17 +214,12 @@ def same_width(micro_batches: list[dict]) -> list[dict]:
             "or groups whose sizes add up to data.rows_per_micro_batch"
         )
     width = max(int(mb["tokens"].shape[1]) for mb in micro_batches)
-    out = []
     for mb in micro_batches:
         B, T = mb["tokens"].shape
-        padded = {}
-        for key, v in mb.items():
+        for key, v in list(mb.items()):
             if T < width and torch.is_tensor(v) and tuple(v.shape) == (B, T):
                 fill = int(v.max()) + 1 if key == "segment_ids" else 0
-                v = torch.cat([v, torch.full((B, width - T), fill, dtype=v.dtype, device=v.device)], 1)
-            padded[key] = v
-        out.append(padded)
-    return out
+                mb[key] = torch.cat([v, torch.full((B, width - T), fill, dtype=v.dtype, device=v.device)], 1)
 
 
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool = False):
@@ -244,7 +240,7 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
 
     chunks = model if isinstance(model, list) else None  # virtual pipeline stages: one iterator per chunk
     if chunks is not None and len(chunks) > 1:
-        micro_batches = same_width(micro_batches)
+        same_width(micro_batches)
     tokens = micro_batches[0]["tokens"]
     # Micro-batches of one step may differ in width (and, whole groups, in rows): megatron then sends each
     # activation's shape between pipeline stages before the activation (every stage sees the same batches).

@@ -52,7 +52,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=
             lr=2e-3,
             min_lr=2e-4,
             weight_decay=0.1,
-            clip_grad=0.5,
+            clip_grad=CLIP,
             warmup_steps=2,
             decay_steps=4,
             distributed=distributed,
