@@ -159,9 +159,9 @@ class DistributedAdamW:
     @torch.no_grad()
     def state_dict(self) -> dict:
         """``{"format", "groups", "state"}``: ``groups`` megatron's parameter groups (learning rate, betas,
-        weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name
-        (as in ``unwrap(model).named_parameters()``) to full float32 tensors of its shape: ``param`` (the
-        master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
+        weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name (as
+        checkpoints key them: ``shiq_train.model.named_chunk_parameters``) to full float32 tensors of its shape:
+        ``param`` (the master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
         group = self._group()
         offsets, n = self._flat()
         flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU
