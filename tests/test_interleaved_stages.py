@@ -9,8 +9,9 @@ parameters, 2 gloo processes at PP=2 × VPP=2 run 3 steps with the default optim
 and distributed optimizer (``optimizer.distributed``), and continue the reference's step-3 checkpoint for 3
 steps; the PP=2 × VPP=2 checkpoint then resumes in one process for 3 more. Asserted: every step's loss and
 gradient norm equal the reference's within the parity tests' relative 1e-5; the resumed process's final
-parameters equal the reference's; the exported full parameters of the interleaved checkpoint (global layer
-names from chunk-local ones) equal those of the reference's step 3.
+parameters equal the reference's; the full parameters exported from the interleaved checkpoint and those an
+evaluation hook gathers from the chunks (global layer names from chunk-local ones) equal those of the
+reference's step 3.
 """
 
 import json
@@ -38,9 +39,10 @@ CLIP = 3.0  # the gradient norm clipped at: some steps are, others not
 VPP = parallel.ParallelConfig(1, 2, virtual_pipeline_model_parallel_size=2)
 
 
-def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False) -> list[list[float]]:
+def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False, evaluate=None):
     """Train (or resume from ``out_dir``) until ``steps`` in the current layout: the model is this rank's
-    chunks under virtual stages; returns ``[loss, grad_norm]`` of each step run."""
+    chunks under virtual stages (``evaluate``: the hook, after the last step); returns ``[loss, grad_norm]`` of
+    each step run."""
     chunks = M.build_model_chunks(tiny_config(num_layers=LAYERS))
     model = chunks if len(chunks) > 1 else chunks[0]
     if init is not None:
@@ -57,7 +59,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=
             decay_steps=4,
             distributed=distributed,
         ),
-        TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False),
+        TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False, eval_every=steps),
         out_dir,
     )
     data = BufferSampler(
@@ -66,7 +68,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=
         micro_batches_per_step=MICRO_BATCHES,
         seed=SEED,
     )
-    return [[h["loss"], h["grad_norm"]] for h in trainer.fit(data)]
+    return [[h["loss"], h["grad_norm"]] for h in trainer.fit(data, evaluate=evaluate)]
 
 
 def _worker(rank, port, d):
@@ -75,8 +77,14 @@ def _worker(rank, port, d):
     d = Path(d)
     with parallel.distributed(VPP, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
         init = torch.load(d / "init.pt", weights_only=True)
+
+        def evaluate(step, model):  # an evaluation hook gets the chunks: the whole model, gathered on rank 0
+            full = gather_full_parameters(model)
+            if full is not None:
+                torch.save(full, d / f"evaluated_{step}.pt")
+
         out = {
-            "vpp": train(d / "vpp", d / "buffer", 3, init),
+            "vpp": train(d / "vpp", d / "buffer", 3, init, evaluate=evaluate),
             "distributed": train(d / "vpp_distributed", d / "buffer", 3, init, distributed=True),
             "into": train(d / "into_vpp", d / "buffer", 6),  # the reference's step 3, continued at PP2×VPP2
         }
@@ -142,11 +150,15 @@ def test_a_pp2_vpp2_checkpoint_resumes_in_one_process(runs):
         assert _rel(final[k], runs["ref_final"][k]) < 1e-4, k
 
 
-def test_the_interleaved_checkpoint_exports_under_global_layer_names(runs):
+def test_the_interleaved_checkpoint_and_evaluation_hook_see_global_layer_names(runs):
+    """Exported from the PP2×VPP2 checkpoint's rank files, and gathered by an evaluation hook from the chunks,
+    the step-3 model is the one-process run's step-3 model."""
     d = runs["dir"]
-    got = full_parameters_from_checkpoint(d / "vpp" / "checkpoints" / "step_00000003", LAYERS)
     want = full_parameters_from_checkpoint(d / "reference" / "checkpoints" / "step_00000003", LAYERS)
-    assert sorted(got) == sorted(want)
-    assert {k.split(".")[2] for k in got if ".layers." in k} == {"0", "1", "2", "3"}
-    for k in got:
-        assert _rel(got[k], want[k]) < 1e-4, k
+    exported = full_parameters_from_checkpoint(d / "vpp" / "checkpoints" / "step_00000003", LAYERS)
+    evaluated = torch.load(d / "evaluated_3.pt", weights_only=True)
+    for got in (exported, evaluated):
+        assert sorted(got) == sorted(want)
+        assert {k.split(".")[2] for k in got if ".layers." in k} == {"0", "1", "2", "3"}
+        for k in got:
+            assert _rel(got[k], want[k]) < 1e-4, k
