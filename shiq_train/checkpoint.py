@@ -1,5 +1,5 @@
 """Checkpoints of a megatron model + optimizer that resume exactly in the same layout and, optimizer state
-included, under another tensor-, pipeline- or data-parallel layout; and full-parameter gathering.
+included, under another tensor-, (virtual) pipeline- or data-parallel layout; and full-parameter gathering.
 
 Layout on disk (one directory per saved step)::
 
@@ -14,7 +14,10 @@ A rank file records for every local parameter its full name in the TP=1, PP=1 mo
 (:func:`shiq_train.model.full_param_name`), its tensor-parallel split dimension and whether it is a
 gated MLP's ``[gate; up]`` stack (:func:`shiq_train.model.tp_layout`), and holds the optimizer state
 keyed by the local parameter name (:func:`optimizer_state_by_name`: AdamW's moments and step, the float32
-master weights of a :class:`~shiq_train.train_step.MasterWeightOptimizer`).
+master weights of a :class:`~shiq_train.train_step.MasterWeightOptimizer`). With virtual pipeline stages
+(interleaved 1F1B) the model is this rank's list of chunks; a pipeline rank's file holds them all, each local
+name prefixed by its chunk (``chunk1.decoder.layers.0...``, :func:`shiq_train.model.chunk_key`), and
+``meta.json``'s layout records ``vpp``.
 
 Resuming in the saved layout reads the rank's own file and continues bit-for-bit, RNG included. Under
 another layout every rank reads the saved data-parallel rank 0 files (memory-mapped: only the tensors it
@@ -41,7 +44,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.io import atomic_write
-from shiq_train.model import full_param_name, tp_layout, unwrap
+from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.train_step import MasterWeightOptimizer
 from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
 
@@ -56,6 +59,7 @@ def _layout() -> dict:
         "tp_rank": ps.get_tensor_model_parallel_rank(),
         "pp_rank": ps.get_pipeline_model_parallel_rank(),
         "dp_rank": ps.get_data_parallel_rank(),
+        "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
     }
 
 
@@ -95,18 +99,25 @@ FORMAT = 2  # rank files with parameter layouts and the optimizer state by param
 def param_layout(model) -> dict[str, dict]:
     """``{local name: {"name": full name, "dim": partition dim or None, "glu": bool}}`` of every parameter of
     this rank's ``model`` (:func:`shiq_train.model.full_param_name`, :func:`shiq_train.model.tp_layout`):
-    what a saved shard needs to be put back together under another layout."""
+    what a saved shard needs to be put back together under another layout. With virtual pipeline stages
+    ``model`` is the list of this rank's chunks and the local names carry the chunk
+    (:func:`shiq_train.model.chunk_key`); the full names are the whole model's either way."""
     out = {}
-    for name, p in unwrap(model).named_parameters():
-        dim, glu = tp_layout(model, name, p)
-        out[name] = {"name": full_param_name(model, name), "dim": dim, "glu": glu}
+    for key, chunk, name, p in named_chunk_parameters(model):
+        dim, glu = tp_layout(chunk, name, p)
+        out[key] = {"name": full_param_name(chunk, name), "dim": dim, "glu": glu}
     return out
+
+
+def _local_parameters(model) -> dict:
+    """``{local name: parameter}`` of this rank's model or chunks (the names of :func:`param_layout`)."""
+    return {key: p for key, _, _, p in named_chunk_parameters(model)}
 
 
 def _optimizer_slots(model, optimizer) -> tuple[torch.optim.Optimizer, list[tuple[str, int]]]:
     """The torch optimizer doing the updates (a :class:`MasterWeightOptimizer`'s inner one) and, in its
     state_dict's index order, ``(local parameter name, param group)`` of every tensor it updates."""
-    names = {id(p): n for n, p in unwrap(model).named_parameters()}
+    names = {id(p): n for n, p in _local_parameters(model).items()}
     inner = optimizer.inner if isinstance(optimizer, MasterWeightOptimizer) else optimizer
     if isinstance(optimizer, MasterWeightOptimizer):  # the inner optimizer updates the masters
         names = {id(m): names[id(p)] for p, m in zip(optimizer.params, optimizer.masters)}
@@ -135,7 +146,7 @@ def optimizer_state_by_name(model, optimizer) -> dict:
     sd = inner.state_dict()
     params = {name: {"group": g, "state": sd["state"].get(i, {})} for i, (name, g) in enumerate(slots)}
     if isinstance(optimizer, MasterWeightOptimizer):
-        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        names = {id(p): n for n, p in _local_parameters(model).items()}
         for p, m in zip(optimizer.params, optimizer.masters):
             params[names[id(p)]]["master"] = m.detach().clone()
     groups = [{k: v for k, v in g.items() if k not in ("params", "param_names")} for g in sd["param_groups"]]
@@ -168,7 +179,7 @@ def load_optimizer_state_by_name(model, optimizer, state: dict) -> None:
     groups = [{**saved, "params": g["params"]} for saved, g in zip(state["groups"], sd["param_groups"])]
     inner.load_state_dict({"state": restored, "param_groups": groups})
     if isinstance(optimizer, MasterWeightOptimizer):
-        names = {id(p): n for n, p in unwrap(model).named_parameters()}
+        names = {id(p): n for n, p in _local_parameters(model).items()}
         with torch.no_grad():
             for p, m in zip(optimizer.params, optimizer.masters):
                 saved = state["params"].get(names[id(p)], {}).get("master")
@@ -200,7 +211,7 @@ def save_checkpoint(
         "format": FORMAT,
         "step": step,
         "layout": lay,
-        "model": {n: p.detach().clone() for n, p in unwrap(model).named_parameters()},
+        "model": {n: p.detach().clone() for n, p in _local_parameters(model).items()},
         "params": param_layout(model),
         "optimizer": optimizer_state_by_name(model, optimizer) if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
@@ -210,7 +221,8 @@ def save_checkpoint(
     atomic_write(_rank_file(step_dir, lay), lambda p: torch.save(state, p))
     _barrier()
     if dist.get_rank() == 0:
-        info = {"step": step, "layout": {k: lay[k] for k in ("tp", "pp", "dp")}, "meta": meta or {}}
+        layout = {k: lay[k] for k in ("tp", "pp", "dp") + (("vpp",) if lay["vpp"] > 1 else ())}
+        info = {"step": step, "layout": layout, "meta": meta or {}}
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()
@@ -235,8 +247,8 @@ def latest_step_dir(directory) -> Path | None:
 
 
 def read_meta(step_dir) -> dict:
-    """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp) integers, ``meta``
-    an object; ``ValueError`` naming the file otherwise."""
+    """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp and, with virtual
+    pipeline stages, vpp) integers, ``meta`` an object; ``ValueError`` naming the file otherwise."""
     path = Path(step_dir) / "meta.json"
     try:
         info = json.loads(path.read_text())
@@ -248,6 +260,7 @@ def read_meta(step_dir) -> dict:
         or not isinstance(info.get("step"), int)
         or not isinstance(layout, dict)
         or not all(isinstance(layout.get(k), int) and layout[k] >= 1 for k in ("tp", "pp", "dp"))
+        or not (isinstance(layout.get("vpp", 1), int) and layout.get("vpp", 1) >= 1)
         or not isinstance(info.get("meta", {}), dict)
     ):
         raise ValueError(
@@ -362,7 +375,7 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
     stages = [None] * dist.get_world_size()  # the whole model's names: this rank holds one stage's
     dist.all_gather_object(stages, sorted({info["name"] for info in layout.values()}))
     _check_names(step_dir, set(src.entries), set().union(*stages))
-    params = dict(unwrap(model).named_parameters())
+    params = _local_parameters(model)
     tp, rank = lay["tp"], lay["tp_rank"]
     by_name = {"groups": (src.first["optimizer"] or {}).get("groups", []), "params": {}}
     for local, info in layout.items():
@@ -385,7 +398,7 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
 def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
     """Load this rank's own file: parameters and optimizer state exactly as saved."""
     state = read_rank_file(_rank_file(step_dir, lay))
-    params = dict(unwrap(model).named_parameters())
+    params = _local_parameters(model)
     _check_names(step_dir, set(state["model"]), set(params))
     for n, p in params.items():
         if tuple(state["model"][n].shape) != tuple(p.shape):
@@ -421,7 +434,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
         raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
     lay = _layout()
     saved = read_meta(step_dir)["layout"]
-    same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp"))
+    same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp")) and saved.get("vpp", 1) == lay["vpp"]
     if same:
         state = _load_same_layout(step_dir, lay, model, optimizer)
     else:
@@ -442,16 +455,16 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
 
 
 def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
-    """Every parameter of the whole model, unsharded and named as in a TP=1, PP=1 model, on global
-    rank 0 (None elsewhere); collective. Feeds Hugging Face export and evaluation."""
+    """Every parameter of the whole model (``model``: this rank's model or list of chunks), unsharded and
+    named as in a TP=1, PP=1 model, on global rank 0 (None elsewhere); collective. Feeds Hugging Face export and evaluation."""
     from megatron.core import parallel_state as ps  # heavy: megatron
 
     local = []
     if ps.get_data_parallel_rank() == 0:
-        for name, p in unwrap(model).named_parameters():
-            dim, glu = tp_layout(model, name, p)
+        for _, chunk, name, p in named_chunk_parameters(model):
+            dim, glu = tp_layout(chunk, name, p)
             local.append(
-                (full_param_name(model, name), dim, glu, ps.get_tensor_model_parallel_rank(), p.detach().cpu())
+                (full_param_name(chunk, name), dim, glu, ps.get_tensor_model_parallel_rank(), p.detach().cpu())
             )
     everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(local, everything, dst=0)

@@ -39,7 +39,7 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
-from shiq_train.model import ModelConfig, build_model, check_runtime
+from shiq_train.model import ModelConfig, build_model_chunks, check_runtime
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
@@ -90,6 +90,7 @@ RESUME_SAFE_KEYS = (
     "train.cache_frozen_prefix",  # the same steps up to float rounding
     "parallel.tp",  # checkpoints resume in any layout: the same steps up to float rounding
     "parallel.pp",
+    "parallel.vpp",  # absent from runs started before it existed
     "model.recompute",  # memory features: the same steps (recompute exactly, sequence parallel up to rounding)
     "model.recompute_method",
     "model.recompute_num_layers",
@@ -229,11 +230,13 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
 
 
 def build_policy(model_cfg, init: str):
-    """The model for this rank with its initial weights, and the Hugging Face config to export it with."""
+    """The model for this rank with its initial weights, and the Hugging Face config to export it with.
+    With virtual pipeline stages (``parallel.vpp`` > 1) the model is the list of this rank's chunks."""
     state, hf_config = load_init(init)
     if hf_config is not None:
         check_shape(model_cfg, hf_config, init)
-    model = build_model(model_cfg)
+    chunks = build_model_chunks(model_cfg)
+    model = chunks if len(chunks) > 1 else chunks[0]
     if state is not None:
         import_llama(model, state, hf_config)
     return model, hf_config if hf_config is not None else llama_config_from_model(model_cfg)
@@ -556,6 +559,18 @@ def check_plain_options(cfg: dict) -> None:
         raise ConfigError(f"data.verify_checksums={data['verify_checksums']!r}: expected true or false")
 
 
+def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.ParallelConfig:
+    """The layout of ``parallel.*`` (tp, pp, cp, vpp), refused in one line if it cannot run this model and step
+    (``ParallelConfig.check_fits``, ``parallel.check_context_parallel``)."""
+    try:
+        par = parallel.ParallelConfig(section["tp"], section["pp"], section.get("cp", 1), section.get("vpp", 1))
+        par.check_fits(model_cfg.num_layers, micro_batches)
+        parallel.check_context_parallel(par.context_parallel_size)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
+    return par
+
+
 def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
 
@@ -578,6 +593,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         check_runtime(model_cfg)
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
+    par = parallel_config(cfg["parallel"], model_cfg, cfg["data"]["micro_batches_per_step"])
     loss_cfg = _dataclass_from(LossConfig, cfg["loss"], "loss")
     opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
@@ -598,11 +614,6 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
         dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
         check_resume_config(out, cfg, allowed, force, dp)
-    par = parallel.ParallelConfig(cfg["parallel"]["tp"], cfg["parallel"]["pp"], cfg["parallel"].get("cp", 1))
-    try:
-        parallel.check_context_parallel(par.context_parallel_size)
-    except RuntimeError as e:
-        raise ConfigError(str(e)) from None
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
         rank0 = dist.get_rank() == 0

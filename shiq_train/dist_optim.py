@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from shiq_train.model import unwrap
+from shiq_train.model import model_chunks, named_chunk_parameters, unwrap
 from shiq_train.parallel import device
 from shiq_train.train_step import MasterWeightOptimizer, OptimizerConfig
 
@@ -39,6 +39,10 @@ def build_distributed(model, cfg: OptimizerConfig):
     ``model`` as ``.module``); its transformer config gets ``no_sync_func`` and ``finalize_model_grads_func``
     so that :func:`shiq_train.train_step.forward_backward` reduces the gradients. Parameters are float32 or
     bfloat16 (those get float32 masters); gradients are accumulated and reduced in float32.
+
+    With virtual pipeline stages ``model`` is the list of this rank's chunks: each is wrapped in its own
+    ``DistributedDataParallel`` (``ddp_model`` is then the list of them, as megatron trains chunks) and one
+    distributed optimizer covers all their buffers.
     """
     from megatron.core.distributed import (  # heavy: megatron
         DistributedDataParallel,
@@ -49,19 +53,18 @@ def build_distributed(model, cfg: OptimizerConfig):
     from megatron.core.optimizer import ParamKey, ParamPredicate, get_megatron_optimizer  # heavy: megatron
     from megatron.core.optimizer_param_scheduler import ParamGroupOverride  # heavy: megatron
 
-    inner = unwrap(model)
-    dtypes = {p.dtype for p in inner.parameters() if p.requires_grad}
+    chunks = [unwrap(c) for c in model_chunks(model)]
+    dtypes = {p.dtype for c in chunks for p in c.parameters() if p.requires_grad}
     if dtypes - {torch.float32, torch.bfloat16}:
         raise ValueError(
             f"optimizer.distributed=true needs float32 or bfloat16 parameters, got {sorted(map(str, dtypes))}"
         )
     bf16 = torch.bfloat16 in dtypes  # (norm weights stay float32 in a bfloat16 model)
-    tc = inner.config
-    ddp = DistributedDataParallel(
-        tc, DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True), inner
-    )
-    tc.no_sync_func = ddp.no_sync
-    tc.finalize_model_grads_func = finalize_model_grads
+    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True, use_distributed_optimizer=True)
+    ddps = [DistributedDataParallel(c.config, ddp_cfg, c) for c in chunks]
+    for c in chunks:  # the schedule reads the first chunk's config; every chunk's says the same
+        c.config.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
+        c.config.finalize_model_grads_func = finalize_model_grads
     mcfg = MegatronOptimizerConfig(
         optimizer="adam",
         lr=cfg.lr,
@@ -76,9 +79,10 @@ def build_distributed(model, cfg: OptimizerConfig):
         use_distributed_optimizer=True,
     )
     no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
-    megatron = get_megatron_optimizer(mcfg, [ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+    megatron = get_megatron_optimizer(mcfg, ddps, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
     for group in megatron.param_groups:  # megatron's own scheduler would apply wd_mult; we have none
         group["weight_decay"] = cfg.weight_decay * group["wd_mult"]
+    ddp = ddps if isinstance(model, list) else ddps[0]
     opt = DistributedAdamW(ddp, megatron)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.torch_optimizer, lambda step: cfg.lr_at(step) / cfg.lr)
     return ddp, opt, sched
@@ -101,7 +105,8 @@ class DistributedAdamW:
         self.model = ddp_model
         self.megatron = megatron_optimizer
         self.dist = megatron_optimizer.chained_optimizers[0]  # the DistributedOptimizer
-        self.named = [(n, p) for n, p in unwrap(ddp_model).named_parameters() if p.requires_grad]
+        # names as checkpoints key them (chunk-prefixed with several chunks: shiq_train.model.chunk_key)
+        self.named = [(key, p) for key, _, _, p in named_chunk_parameters(ddp_model) if p.requires_grad]
 
     @property
     def param_groups(self):
@@ -113,7 +118,8 @@ class DistributedAdamW:
         return self.dist.optimizer
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        self.model.zero_grad_buffer()
+        for chunk in model_chunks(self.model):
+            chunk.zero_grad_buffer()
         self.megatron.zero_grad(set_to_none)
 
     def step(self) -> float:
@@ -153,9 +159,9 @@ class DistributedAdamW:
     @torch.no_grad()
     def state_dict(self) -> dict:
         """``{"format", "groups", "state"}``: ``groups`` megatron's parameter groups (learning rate, betas,
-        weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name
-        (as in ``unwrap(model).named_parameters()``) to full float32 tensors of its shape: ``param`` (the
-        master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
+        weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name (as
+        checkpoints key them: ``shiq_train.model.named_chunk_parameters``) to full float32 tensors of its shape:
+        ``param`` (the master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
         group = self._group()
         offsets, n = self._flat()
         flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU

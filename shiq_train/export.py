@@ -30,25 +30,28 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
     """The full (TP=1, PP=1) parameter set saved in ``step_dir``, from its rank files alone.
 
     Loads with ``weights_only=True`` (``shiq_train.checkpoint.read_rank_file``). Only data-parallel rank 0's files are read (the others hold
-    the same parameters). The layout (split dimensions, layer numbers, file names) is
-    ``shiq_train.weights``'s.
+    the same parameters). A rank file records each parameter's full name (with virtual pipeline stages,
+    the only way to tell a chunk's layers apart); files without the record are named by
+    ``shiq_train.weights``'s layout (split dimensions, layer numbers, file names).
     """
     step_dir = Path(step_dir)
     info = read_meta(step_dir)
     tp, pp = info["layout"]["tp"], info["layout"]["pp"]
     try:
-        per_stage = W.layers_per_stage(num_layers, pp)
+        per_stage = W.layers_per_stage(num_layers, pp * info["layout"].get("vpp", 1))
     except ValueError as e:
         raise ValueError(f"{step_dir}: {e}") from None
     parts: dict[str, dict[int, torch.Tensor]] = {}
     for pp_rank in range(pp):
         for tp_rank in range(tp):
             path = step_dir / W.rank_file_name(tp_rank, pp_rank, 0)
-            params = read_rank_file(path, keys=("model",))["model"]  # weights_only: never unpickles arbitrary objects
-            for name, value in params.items():
-                if name == W.TIED_OUTPUT and tied:
+            state = read_rank_file(path, keys=("model",))  # weights_only: never unpickles arbitrary objects
+            recorded = state.get("params") if isinstance(state.get("params"), dict) else {}
+            for name, value in state["model"].items():
+                if tied and (name == W.TIED_OUTPUT or name.endswith("." + W.TIED_OUTPUT)):
                     continue  # the last stage's copy of the tied embedding
-                parts.setdefault(W.full_name(name, pp_rank, per_stage, tied), {})[tp_rank] = value
+                full = recorded[name]["name"] if name in recorded else W.full_name(name, pp_rank, per_stage, tied)
+                parts.setdefault(full, {})[tp_rank] = value
     full = {}
     for name, shards in parts.items():
         dim, glu = W.tp_split(name)

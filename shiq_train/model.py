@@ -491,6 +491,28 @@ def unwrap(model):
     return model
 
 
+def model_chunks(model) -> list:
+    """This rank's model chunks: ``model`` itself if it is a list (virtual pipeline stages,
+    :func:`build_model_chunks`), else ``[model]``."""
+    return model if isinstance(model, list) else [model]
+
+
+def chunk_key(model, chunk: int, name: str) -> str:
+    """The name of local parameter ``name`` of chunk ``chunk`` among all of this rank's parameters: ``name``
+    itself with one chunk, ``chunk{c}.name`` with several (each chunk numbers its layers from 0)."""
+    return name if len(model_chunks(model)) == 1 else f"chunk{chunk}.{name}"
+
+
+def named_chunk_parameters(model) -> list[tuple[str, object, str, torch.nn.Parameter]]:
+    """``(key, chunk, local name, parameter)`` of every parameter of this rank's model or chunks; ``key``
+    (:func:`chunk_key`) is unique on the rank and names the parameter in checkpoints and optimizer state."""
+    return [
+        (chunk_key(model, c, name), chunk, name, p)
+        for c, chunk in enumerate(model_chunks(model))
+        for name, p in unwrap(chunk).named_parameters()
+    ]
+
+
 def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStats:
     """SHIQ_MATH §2 statistics aligned with ``tokens`` ``[B, T]`` from the last stage's output.
 
@@ -569,16 +591,17 @@ def tp_layout(model, name: str, param) -> tuple[int | None, bool]:
 
 
 def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:
-    """Copy this rank's shard of every parameter from ``full`` (named as in a TP=1, PP=1 model)."""
+    """Copy this rank's shard of every parameter from ``full`` (named as in a TP=1, PP=1 model) into
+    ``model`` (one model, or the list of this rank's chunks)."""
     from megatron.core import parallel_state  # heavy: megatron
 
     tp = parallel_state.get_tensor_model_parallel_world_size()
     rank = parallel_state.get_tensor_model_parallel_rank()
-    for name, p in unwrap(model).named_parameters():
-        key = full_param_name(model, name)
+    for _, chunk, name, p in named_chunk_parameters(model):
+        key = full_param_name(chunk, name)
         if key not in full:
             raise KeyError(f"parameter {key!r} (local {name!r}) is missing from the full parameter set")
-        dim, glu = tp_layout(model, name, p)
+        dim, glu = tp_layout(chunk, name, p)
         value = W.shard_tensor(full[key], dim, glu, tp, rank)
         if value.shape != p.shape:
             raise ValueError(f"{key}: shard shape {tuple(value.shape)} != parameter shape {tuple(p.shape)}")

@@ -352,8 +352,25 @@ class ParallelConfig:
                 raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
         if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
             raise ValueError(
-                f"parallel.virtual_pipeline_model_parallel_size={self.virtual_pipeline_model_parallel_size} "
-                "interleaves pipeline stages: it needs pipeline_model_parallel_size > 1"
+                f"parallel.vpp (virtual_pipeline_model_parallel_size) = {self.virtual_pipeline_model_parallel_size} "
+                "interleaves pipeline stages: it needs parallel.pp (pipeline_model_parallel_size) >= 2, or vpp=1"
+            )
+
+    def check_fits(self, num_layers: int, micro_batches: int) -> None:
+        """Refuse, in one line naming the keys, a model or step the layout cannot run: ``num_layers`` must
+        split evenly over the pp (times vpp) stages, and megatron's interleaved schedule (vpp > 1) needs
+        ``micro_batches`` (per optimizer step and data-parallel rank) a multiple of pp."""
+        pp, vpp = self.pipeline_model_parallel_size, self.virtual_pipeline_model_parallel_size
+        if num_layers % (pp * vpp):
+            stages = f"parallel.pp x parallel.vpp = {pp} x {vpp}" if vpp > 1 else f"parallel.pp = {pp}"
+            raise ValueError(
+                f"model.num_layers={num_layers} must be divisible by the number of (virtual) pipeline stages "
+                f"{stages}: every stage holds as many layers"
+            )
+        if vpp > 1 and micro_batches % pp:
+            raise ValueError(
+                f"parallel.vpp={vpp} (the interleaved schedule) needs data.micro_batches_per_step={micro_batches} "
+                f"a multiple of parallel.pp={pp}: use data.micro_batches_per_step={-(-micro_batches // pp) * pp}"
             )
 
 

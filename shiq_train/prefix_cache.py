@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from shiq_train.model import model_inputs, unwrap
+from shiq_train.model import model_chunks, model_inputs, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,9 @@ class _PrefixDone(Exception):
 
 def _check_model(model, trainable_last_layers: int, frozen: bool = True) -> int:
     """The number of frozen layers ``L − k`` after checking the model can use a prefix cache exactly
-    (with ``frozen``: also that no prefix parameter trains)."""
-    inner = unwrap(model)
+    (with ``frozen``: also that no prefix parameter trains). A list of chunks (virtual pipeline stages) is
+    refused by the pipeline check."""
+    inner = unwrap(model_chunks(model)[0])
     c = inner.config
     L, k = c.num_layers, trainable_last_layers
     if not (isinstance(k, int) and 0 <= k < L):

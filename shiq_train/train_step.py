@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from shiq_train.model import output_stats, stats_inputs, unwrap
+from shiq_train.model import model_chunks, output_stats, stats_inputs, unwrap
 from shiq_train.objectives import compute_loss
 from shiq_train.stats import TokenStats
 
@@ -127,9 +127,10 @@ class MasterWeightOptimizer:
 
 
 def build_optimizer(model, cfg: OptimizerConfig):
-    """``(optimizer, LambdaLR)`` over the model's trainable parameters: AdamW, wrapped in a
-    :class:`MasterWeightOptimizer` when some parameter is not float32 and ``fp32_master_weights``."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    """``(optimizer, LambdaLR)`` over the trainable parameters of ``model`` (one model, or the list of this
+    rank's chunks): AdamW, wrapped in a :class:`MasterWeightOptimizer` when some parameter is not float32 and
+    ``fp32_master_weights``."""
+    params = [p for p in _parameters(model) if p.requires_grad]
 
     def adamw(ps):
         return torch.optim.AdamW(
@@ -194,11 +195,39 @@ def _forward_step_func(loss_fn: LossFn):
     return forward_step
 
 
+def same_width(micro_batches: list[dict]) -> None:
+    """Right-pad the micro-batches, in place, to the widest one's width ``T``, as the sampler pads (token 0,
+    ``action_mask`` False, rewards and reference statistics 0, ``segment_ids`` a trailing segment of its own):
+    every ``[B, T]`` tensor grows, others stay. Padding after a trajectory changes none of its statistics
+    (causal attention) nor any loss (masked positions). In place, so that what a loss function writes into a
+    micro-batch (the online reference's statistics) fits the padded one and reaches the caller.
+
+    megatron's interleaved schedule needs it: with activations of different shapes it would exchange each
+    shape before the activation, but its warm-up and steady-state calls do not pair up one to one across
+    pipeline ranks, so the shape exchange waits for a call the other rank makes only later (a hang).
+    Micro-batches with different numbers of rows (whole prompt groups) cannot be padded and are refused."""
+    rows = sorted({int(mb["tokens"].shape[0]) for mb in micro_batches})
+    if len(rows) > 1:
+        raise ValueError(
+            f"interleaved pipeline stages (parallel.vpp > 1) need the same number of rows in every micro-batch of a "
+            f"step, got {rows}: data.mode=groups fills micro-batches with whole prompt groups; use parallel.vpp=1 "
+            "or groups whose sizes add up to data.rows_per_micro_batch"
+        )
+    width = max(int(mb["tokens"].shape[1]) for mb in micro_batches)
+    for mb in micro_batches:
+        B, T = mb["tokens"].shape
+        for key, v in list(mb.items()):
+            if T < width and torch.is_tensor(v) and tuple(v.shape) == (B, T):
+                fill = int(v.max()) + 1 if key == "segment_ids" else 0
+                mb[key] = torch.cat([v, torch.full((B, width - T), fill, dtype=v.dtype, device=v.device)], 1)
+
+
 def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_only: bool = False):
     """Run megatron's schedule over ``micro_batches``; gradients accumulate in ``param.grad``.
 
     ``model`` is one model, or the list of this rank's chunks under virtual pipeline stages
-    (``shiq_train.model.build_model_chunks``: megatron's interleaved schedule).
+    (``shiq_train.model.build_model_chunks``: megatron's interleaved schedule, on micro-batches padded to one
+    width by :func:`same_width`).
 
     ``micro_batches`` are this data-parallel rank's share. Returns ``(loss, metrics)`` on every rank:
     the mean over micro-batches (and data-parallel ranks) of the loss and of each metric, broadcast
@@ -209,8 +238,10 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     from megatron.core.pipeline_parallel import get_forward_backward_func  # heavy: megatron
     from megatron.core.utils import get_model_config  # heavy: megatron
 
-    tokens = micro_batches[0]["tokens"]
     chunks = model if isinstance(model, list) else None  # virtual pipeline stages: one iterator per chunk
+    if chunks is not None and len(chunks) > 1:
+        same_width(micro_batches)
+    tokens = micro_batches[0]["tokens"]
     # Micro-batches of one step may differ in width (and, whole groups, in rows): megatron then sends each
     # activation's shape between pipeline stages before the activation (every stage sees the same batches).
     config = get_model_config(chunks[0] if chunks else model)
@@ -251,7 +282,7 @@ def finalize_grads(model) -> None:
     from megatron.core import parallel_state  # heavy: megatron
 
     # the chunk holding the embedding (first) or the output layer (last); the model itself without chunks
-    inner = [unwrap(c) for c in _chunks(model) if unwrap(c).pre_process or unwrap(c).post_process]
+    inner = [unwrap(c) for c in model_chunks(model) if unwrap(c).pre_process or unwrap(c).post_process]
     if (
         parallel_state.get_pipeline_model_parallel_world_size() > 1
         and inner
@@ -270,13 +301,8 @@ def finalize_grads(model) -> None:
                 p.grad.div_(dp)
 
 
-def _chunks(model) -> list:
-    """The model chunks of ``model`` (a list under virtual pipeline stages, else one model)."""
-    return model if isinstance(model, list) else [model]
-
-
 def _parameters(model):
-    return (p for c in _chunks(model) for p in c.parameters())
+    return (p for c in model_chunks(model) for p in c.parameters())
 
 
 def grad_norm(model) -> float:

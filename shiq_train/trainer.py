@@ -25,7 +25,7 @@ from shiq_data.cli_common import LOG_LEVELS
 from shiq_data.io import atomic_write_text
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.dist_optim import build_distributed
-from shiq_train.model import build_model, unwrap
+from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
@@ -110,24 +110,33 @@ class TrainConfig:
 
 def freeze_all_but_last_layers(model, n: int) -> int:
     """Keep ``requires_grad`` only on the last ``n`` decoder layers and the final norm; returns the
-    number of trainable parameters on this rank. ``n = -1`` leaves everything trainable."""
-    inner = unwrap(model)
+    number of trainable parameters on this rank (``model``: one model or this rank's list of chunks; layers
+    are counted by megatron's global layer numbers). ``n = -1`` leaves everything trainable."""
+    inners = [unwrap(c) for c in model_chunks(model)]
     if n >= 0:
-        total_layers = inner.config.num_layers
-        for name, p in inner.named_parameters():
-            keep = False
-            if name.startswith("decoder.layers."):
-                local = int(name.split(".")[2])
-                keep = inner.decoder.layers[local].layer_number > total_layers - n
-            elif name.startswith("decoder.final_layernorm"):
-                keep = n > 0
-            p.requires_grad_(keep)
-    return sum(p.numel() for p in inner.parameters() if p.requires_grad)
+        for inner in inners:
+            total_layers = inner.config.num_layers
+            for name, p in inner.named_parameters():
+                keep = False
+                if name.startswith("decoder.layers."):
+                    local = int(name.split(".")[2])
+                    keep = inner.decoder.layers[local].layer_number > total_layers - n
+                elif name.startswith("decoder.final_layernorm"):
+                    keep = n > 0
+                p.requires_grad_(keep)
+    return sum(p.numel() for inner in inners for p in inner.parameters() if p.requires_grad)
 
 
 def frozen_copy(model, model_cfg):
     """A second model of the same config and layout holding ``model``'s current weights, with no
-    gradients: the online reference (megatron models cannot be deep-copied: they hold process groups)."""
+    gradients: the online reference (megatron models cannot be deep-copied: they hold process groups).
+    A list of chunks (virtual pipeline stages) gives a list of chunks."""
+    if isinstance(model, list):
+        refs = build_model_chunks(model_cfg)
+        for ref, chunk in zip(refs, model, strict=True):
+            ref.load_state_dict(unwrap(chunk).state_dict())
+            ref.requires_grad_(False).eval()
+        return refs
     ref = build_model(model_cfg)
     ref.load_state_dict(unwrap(model).state_dict())
     for p in ref.parameters():
@@ -161,7 +170,12 @@ class Trainer:
 
     With ``opt_cfg.distributed`` the trainer wraps ``model`` in megatron's DistributedDataParallel
     (``self.model``; ``model`` stays reachable as its ``.module``) and steps megatron's distributed
-    optimizer (``shiq_train.dist_optim``)."""
+    optimizer (``shiq_train.dist_optim``).
+
+    With virtual pipeline stages ``model`` (and ``ref_model``) is the list of this rank's chunks
+    (``shiq_train.model.build_model_chunks``); ``self.model`` is then a list too (of DDP wrappers with
+    ``opt_cfg.distributed``), and so is the model the ``evaluate`` hook of :meth:`fit` receives
+    (``shiq_train.checkpoint.gather_full_parameters`` takes either)."""
 
     def __init__(
         self,
@@ -186,8 +200,8 @@ class Trainer:
         self.logging_cfg = logging_cfg or LoggingConfig()
         self.trainable = freeze_all_but_last_layers(model, cfg.trainable_last_layers)
         if ref_model is not None:
-            for p in ref_model.parameters():
-                p.requires_grad_(False)
+            for chunk in model_chunks(ref_model):
+                chunk.requires_grad_(False)
         if opt_cfg.distributed:  # self.model becomes megatron's DDP wrapper (over the parameters trainable now)
             self.model, self.optimizer, self.scheduler = build_distributed(model, opt_cfg)
         else:
@@ -324,7 +338,7 @@ class Trainer:
 
         tracker = get_cuda_rng_tracker()
         tracker_states = {k: v.clone() for k, v in tracker.get_states().items()}
-        modes = [(m, m.training) for m in self.model.modules()]
+        modes = [(m, m.training) for chunk in model_chunks(self.model) for m in chunk.modules()]
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         try:
             with torch.random.fork_rng(devices=devices):

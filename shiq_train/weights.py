@@ -5,7 +5,9 @@ some parameters are split along one dimension (megatron's column-parallel layers
 on dim 1, the vocabulary on dim 0); the gated MLP's ``linear_fc1`` stacks ``[gate; up]`` and each rank
 holds ``[gate_r; up_r]``. Under pipeline parallelism stage ``p`` holds the layers
 ``p * layers_per_stage ...`` under local numbers from 0, and the last stage a copy of the tied
-embedding as ``output_layer.weight``. Checkpoints keep one file per (tp, pp, dp) rank, and resume
+embedding as ``output_layer.weight``. With virtual pipeline stages the same holds per virtual stage: chunk
+``c`` of pipeline rank ``p`` is virtual stage ``c * pp + p`` of ``pp * vpp`` (``shiq_train.model``'s
+``_stage`` passes it as ``pp_rank`` to :func:`full_name`). Checkpoints keep one file per (tp, pp, dp) rank, and resume
 under another layout by reassembling each parameter (and its optimizer state) by full name
 (:func:`reshard_tensor`).
 

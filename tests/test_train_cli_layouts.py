@@ -1,0 +1,152 @@
+"""``shiq-train`` under other parallel layouts, through the commands a user types (console script, torchrun).
+
+- Data parallelism changed on resume: a run launched with ``torchrun --nproc_per_node 2`` (DP=2, one micro-batch
+  per rank) for 3 steps is resumed by ``shiq-train`` in one process (DP=1, two micro-batches: the same global
+  batch) for 3 more, through the command line's resume checks (``data.micro_batches_per_step`` may change
+  exactly when the global batch stays); its 6 losses and gradient norms equal an uninterrupted single-process
+  run's (relative 1e-5, the parity tests' tolerance).
+- Interleaved pipeline stages (slow: 4 processes with Hugging Face imports; the quick variants are the
+  Trainer's in ``tests/test_interleaved_stages.py`` and the refusals below): ``parallel.pp=2 parallel.vpp=2``
+  under torchrun trains a 4-layer model (from a Hugging Face folder, so that both layouts start from the same
+  weights; online reference, a frozen copy of the chunks) with the single-process run's losses and gradient
+  norms.
+- ``parallel.vpp`` settings the layout cannot run are refused in one line naming the keys.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from test_train_cli import REPO, metrics, write_tiny_buffer
+
+from shiq_train.cli import ConfigError, parallel_config
+from shiq_train.model import ModelConfig
+from shiq_train.parallel import free_port
+
+BIN = Path(sys.executable).parent
+TOL = 1e-5
+
+
+def shiq_train(*args, nproc=1, timeout=300):
+    """``shiq-train ARGS`` in one process, or ``torchrun --nproc_per_node N -m shiq_train ARGS``."""
+    if nproc == 1:
+        launcher = [str(BIN / "shiq-train")]
+    else:
+        launcher = [str(BIN / "torchrun"), "--nproc_per_node", str(nproc), "--master_port", str(free_port())]
+        launcher += ["-m", "shiq_train"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = launcher + ["train.progress=false", "train.tensorboard=false", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def _layout(run, step):
+    return json.loads((run / "checkpoints" / f"step_{step:08d}" / "meta.json").read_text())["layout"]
+
+
+def _close(got, want, key):
+    a, b = [m[key] for m in got], [m[key] for m in want]
+    assert len(a) == len(b) and a == pytest.approx(b, rel=TOL), (key, a, b)
+
+
+def test_a_torchrun_dp2_run_resumes_in_one_process_with_the_uninterrupted_losses(tmp_path):
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    common = [
+        f"data.buffer={tmp_path / 'buf'}",
+        "data.rows_per_micro_batch=2",
+        "model.num_layers=4",
+        "seed=5",
+        "optimizer.lr=3e-3",
+        "optimizer.weight_decay=0.1",
+        "optimizer.warmup_steps=1",
+        "optimizer.decay_steps=5",
+    ]
+    straight = shiq_train(*common, f"out={tmp_path / 'straight'}", "train.steps=6", "data.micro_batches_per_step=2")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    run = tmp_path / "run"
+    dp2 = shiq_train(*common, f"out={run}", "train.steps=3", "data.micro_batches_per_step=1", nproc=2)
+    assert dp2.returncode == 0, dp2.stderr[-3000:]
+    assert _layout(run, 3) == {"tp": 1, "pp": 1, "dp": 2}
+
+    resumed = shiq_train(*common, f"out={run}", "train.steps=6", "data.micro_batches_per_step=2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from step 3" in resumed.stderr
+    got, want = metrics(run), metrics(tmp_path / "straight")
+    assert [m["step"] for m in got] == [1, 2, 3, 4, 5, 6]
+    _close(got, want, "loss")
+    _close(got, want, "grad_norm")
+    assert _layout(run, 6) == {"tp": 1, "pp": 1, "dp": 1}
+
+
+def save_llama(folder, layers=4):
+    """A tiny Llama (GQA) saved by transformers: the initial weights of both layouts."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+
+
+@pytest.mark.slow
+def test_interleaved_stages_from_the_command_line_train_like_one_process(tmp_path):
+    write_tiny_buffer(tmp_path / "buf", with_ref=False)
+    save_llama(tmp_path / "llama")
+    common = [
+        f"data.buffer={tmp_path / 'buf'}",
+        f"init={tmp_path / 'llama'}",
+        "train.reference=online",
+        "train.steps=3",
+        "data.rows_per_micro_batch=2",
+        "data.micro_batches_per_step=2",
+        "optimizer.lr=3e-3",
+        "optimizer.clip_grad=0",
+    ]
+    one = shiq_train(*common, f"out={tmp_path / 'one'}")
+    assert one.returncode == 0, one.stderr[-3000:]
+    vpp = shiq_train(*common, f"out={tmp_path / 'vpp'}", "parallel.pp=2", "parallel.vpp=2", nproc=2)
+    assert vpp.returncode == 0, vpp.stderr[-3000:]
+    got, want = metrics(tmp_path / "vpp"), metrics(tmp_path / "one")
+    _close(got, want, "loss")
+    _close(got, want, "grad_norm")
+    assert got[-1]["loss"] != got[0]["loss"]  # it trained
+    assert _layout(tmp_path / "vpp", 3) == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+
+
+@pytest.mark.parametrize(
+    "section, layers, micro_batches, message",
+    [
+        ({"pp": 1, "vpp": 2}, 4, 2, "parallel.vpp (virtual_pipeline_model_parallel_size) = 2 interleaves pipeline "),
+        ({"pp": 2, "vpp": 2}, 6, 2, "model.num_layers=6 must be divisible by the number of (virtual) pipeline stages "),
+        ({"pp": 2, "vpp": 2}, 4, 3, "data.micro_batches_per_step=3 a multiple of parallel.pp=2: use data.micro_ba"),
+        ({"pp": 3, "vpp": 1}, 4, 3, "model.num_layers=4 must be divisible by the number of (virtual) pipeline stag"),
+    ],
+)
+def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_batches, message):
+    with pytest.raises(ConfigError) as e:
+        parallel_config({"tp": 1, "cp": 1, **section}, ModelConfig(num_layers=layers), micro_batches)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert parallel_config({"tp": 1, "pp": 2, "cp": 1, "vpp": 2}, ModelConfig(num_layers=4), 4)
+
+
+def test_vpp_is_in_the_train_config_and_may_change_on_resume(tmp_path):
+    import yaml
+
+    from shiq_train.cli import RESUME_SAFE_KEYS, check_resume_config
+
+    assert yaml.safe_load((REPO / "configs" / "train.yaml").read_text())["parallel"]["vpp"] == 1
+    assert "parallel.vpp" in RESUME_SAFE_KEYS
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"parallel": {"tp": 1, "pp": 1}}))  # before vpp existed
+    new = {"parallel": {"tp": 1, "pp": 2, "vpp": 2}}
+    assert check_resume_config(tmp_path, new, set(), False, (1, 1)) == ["parallel.pp", "parallel.vpp"]
