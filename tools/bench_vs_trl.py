@@ -596,7 +596,11 @@ def main(argv=None) -> int:
             for r in range(args.rounds):
                 for c in names if r % 2 == 0 else names[::-1]:
                     print(f"  {set_name}, round {r + 1}: {c}", file=sys.stderr, flush=True)
-                    results[c].append(run_contestant(c, rows_file, args, log))
+                    res = run_contestant(c, rows_file, args, log)
+                    results[c].append(res)
+                    timed = [s for s in res["steps"] if s["step"] > 0]
+                    rate = sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed)
+                    print(f"    {rate:.1f} tokens/s, peak {res['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
             rows = summarize(results)
             print_table(set_name, rowset["what"], rows, args)
             report["sets"][set_name] = {"what": rowset["what"], "contestants": rows}
