@@ -514,7 +514,8 @@ def row_sets(args, work: Path) -> dict[str, dict]:
         elif name == "buffer":
             path = Path(args.buffer) if args.buffer else demo_like_buffer(work / "buffer")
             pairs = buffer_pairs(path)
-            what = f"buffer {path.name if args.buffer else '(synthetic, demo-shaped)'}: best/worst of each group"
+            source = "/".join(path.parts[-2:]) if args.buffer else "a demo-shaped buffer of random tokens"
+            what = f"{source}, best and worst of each group"
         else:
             raise SystemExit(f"--sets: unknown row set {name!r}, expected some of {', '.join(SETS)}")
         sets[name] = {"pairs": pairs, "what": what}
