@@ -1,0 +1,111 @@
+"""tools/bench_vs_trl.py: every contestant trains on the same real tokens per step (tiny model, in-process)."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+sys.path.insert(0, str(TOOLS))
+
+import bench_vs_trl as B  # noqa: E402
+
+
+class Collect:
+    """The worker's reporter, keeping the messages instead of writing them."""
+
+    def __init__(self):
+        self.msgs = []
+
+    def send(self, **msg):
+        self.msgs.append(msg)
+
+    reset_peak = staticmethod(B.Reporter.reset_peak)
+    peak_mib = staticmethod(B.Reporter.peak_mib)
+
+
+def expected_tokens(pairs, per_step, steps):
+    """Real tokens of each step straight from the pairs: prompt + completion, twice per pair."""
+    out = []
+    for s in range(steps):
+        chosen = [pairs[(s * per_step + i) % len(pairs)] for i in range(per_step)]
+        out.append(sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in chosen))
+    return out
+
+
+def test_help_is_plain_text():
+    out = subprocess.run([sys.executable, str(TOOLS / "bench_vs_trl.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "``" not in out.stdout and ":func:" not in out.stdout and str(TOOLS.parent) not in out.stdout
+    assert "trl dpo (online ref)" in out.stdout
+
+
+def test_missing_trl_is_one_line_naming_the_extra(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else real(name, *a))
+    assert B.main(["--contestants", "trl dpo (online ref)"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "shiq[bench]" in err and "trl==1.16.0" in err
+
+
+def test_hh_pairs_shape():
+    pairs = B.hh_pairs(50)
+    assert all(64 <= len(p["prompt"]) <= 192 for p in pairs)
+    assert all(16 <= len(p[k]) <= 128 for p in pairs for k in ("chosen", "rejected"))
+    assert all(len(p["chosen"]) != len(p["rejected"]) for p in pairs)
+
+
+def test_packed_batch_holds_the_same_trajectories():
+    pairs = B.synthetic_pairs(3, 10) + B.hh_pairs(2)
+    padded, n_padded = B.megatron_batch(pairs, None)
+    packed, n_packed = B.megatron_batch(pairs, 256)
+    rows = [p["prompt"] + p[k] for p in pairs for k in ("chosen", "rejected")]
+    assert n_padded == n_packed == sum(len(r) for r in rows)
+    assert packed["tokens"].shape[0] < padded["tokens"].shape[0]
+    # every trajectory appears whole, in order, in one packed row; actions = its completion
+    # (a row's trailing padding is one more segment, of pad id 0; the trajectories' ids are >= 100)
+    got = []
+    for b in range(packed["tokens"].shape[0]):
+        seg = packed["segment_ids"][b]
+        for k in range(int(seg.max()) + 1):
+            at = (seg == k).nonzero().flatten()
+            if packed["tokens"][b, at].min() > 0:
+                got.append((packed["tokens"][b, at].tolist(), int(packed["action_mask"][b, at].sum())))
+    assert [t for t, _ in got] == rows
+    assert [a for _, a in got] == [len(p[k]) for p in pairs for k in ("chosen", "rejected")]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL (the optional extra bench) is not installed")
+def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
+    import torch
+
+    B.build_hf("tiny").save_pretrained(tmp_path / "model")
+    g = np.random.default_rng(0)
+    ids = lambda n: g.integers(100, 40000, n).tolist()
+    pairs = [{"prompt": ids(p), "chosen": ids(c), "rejected": ids(r)} for p, c, r in [(5, 3, 7), (9, 2, 1), (4, 6, 5)]]
+    args = B.parse_args(["--pairs", "2", "--steps", "1", "--threads", "1"])
+    args.model_dir = str(tmp_path / "model")
+    want = expected_tokens(pairs, 2, 2)
+    threads, first_loss = torch.get_num_threads(), {}
+    try:
+        for name in B.DEFAULT_CONTESTANTS:
+            rep = Collect()
+            if name.startswith("trl"):
+                B.run_trl(name, {"pairs": pairs}, args, rep, tmp_path / name.replace(" ", "_"))
+            elif name == "transformers sft":
+                B.run_transformers_sft({"pairs": pairs}, args, rep)
+            else:
+                B.run_megatron(name, {"pairs": pairs}, args, rep)
+            assert [m["step"] for m in rep.msgs] == [0, 1], name
+            assert [m["tokens"] for m in rep.msgs] == want, name
+            assert all(m["seconds"] > 0 for m in rep.msgs), name
+            first_loss[name] = rep.msgs[0].get("loss")
+    finally:
+        torch.set_num_threads(threads)
+    # packed rows are the same trajectories: the same ShiQ loss as padded ones
+    assert first_loss["shiq packed"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
