@@ -383,11 +383,12 @@ def evaluate_guided_policy(
     policy: GuidedPolicy, tokenizer, prompt_ids: list[list[int]], prompt_texts: list[str], scorer, **options
 ) -> EvalResult:
     """Reward and both KL estimators of a guided policy against its reference (SHIQ_MATH §6, §8), the
-    counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at temperature 1, top-p 1,
-    scored by ``scorer(prompt_texts, completion_texts)``; the KL estimators are those of
-    :meth:`GuidedPolicy.sequence_kls`, read off the sampling pass (:meth:`GuidedPolicy.generate_with_kls`).
-    ``options`` are those of :func:`shiq_eval.evaluate.evaluate_samples` (``max_new_tokens``,
-    ``batch_size``, ``seed``, ``keep_samples``, ``progress``)."""
+    counterpart of ``shiq_eval.evaluate.evaluate_policy``: completions sampled at top-p 1 (temperature 1
+    unless ``temperature`` says otherwise), scored by ``scorer(prompt_texts, completion_texts)``; the KL
+    estimators are those of the temperature-1 guided policy at the visited states, read off the sampling
+    pass (:meth:`GuidedPolicy.generate_with_kls`). ``options`` are those of
+    :func:`shiq_eval.evaluate.evaluate_samples` (``max_new_tokens``, ``batch_size``, ``seed``,
+    ``keep_samples``, ``progress``, ``temperature``)."""
     kls = {}
 
     def generate(prompts, cfg, progress=False):
