@@ -95,6 +95,7 @@ RESUME_SAFE_KEYS = (
     "model.recompute_method",
     "model.recompute_num_layers",
     "model.sequence_parallel",
+    "model.compile",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
 )
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks

@@ -34,6 +34,7 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for model.compile (tests trace with "aot_eager": no codegen)
 
 
 @dataclass
@@ -61,6 +62,14 @@ class ModelConfig:
       hold ``T/tp`` of the sequence on each rank (all-gather before, reduce-scatter after each
       tensor-parallel block) instead of all ``T`` replicated; needs ``parallel.tp > 1`` and
       ``max_sequence_length`` (and each micro-batch's width) divisible by tp.
+
+    Speed (the same result up to float rounding):
+
+    - ``compile``: run every decoder layer's forward through ``torch.compile`` (``dynamic=True``, so
+      micro-batches of other widths reuse the compiled code). The module tree and its parameter names
+      stay the same (``nn.Module.compile``), so checkpoints and the weight layout are unchanged. The
+      first steps pay the compilation; measured in the README's throughput section. Local layers only,
+      without dropout and without ``recompute=full`` (refused with the fix).
     """
 
     name: str = "tiny"
@@ -90,6 +99,7 @@ class ModelConfig:
     recompute_method: str = "uniform"
     recompute_num_layers: int = 1
     sequence_parallel: bool = False
+    compile: bool = False
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -129,6 +139,20 @@ class ModelConfig:
             )
         if not isinstance(self.sequence_parallel, bool):
             bad("sequence_parallel", self.sequence_parallel, "true or false")
+        if not isinstance(self.compile, bool):
+            bad("compile", self.compile, "true or false")
+        if self.compile and (self.hidden_dropout or self.attention_dropout):
+            bad(
+                "compile",
+                self.compile,
+                "compiled layers draw other dropout masks than eager ones: set the dropouts to 0",
+            )
+        if self.compile and self.recompute == "full":
+            bad(
+                "compile",
+                self.compile,
+                "not with recompute=full (megatron's layer checkpointing); use recompute=selective",
+            )
 
     @classmethod
     def from_dict(cls, d: Any) -> ModelConfig:
@@ -177,6 +201,11 @@ def check_runtime(cfg: ModelConfig) -> None:
                 f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine or auto "
                 f"(got {cfg.transformer_impl!r}): FP8 GEMMs exist only in Transformer Engine layers."
             )
+    if cfg.compile and impl != "local":
+        raise RuntimeError(
+            "model.compile=true compiles megatron's local layers; the Transformer Engine layers bring their own "
+            "fused kernels: set model.compile=false, or model.transformer_impl=local to compile"
+        )
     if impl == "transformer_engine" and not (has_te and has_gpu):
         raise RuntimeError(
             "model.transformer_impl=transformer_engine needs a CUDA GPU and Transformer Engine "
@@ -428,9 +457,18 @@ def build_model(
     )
     model.return_hidden = cfg.logits_chunk_tokens > 0
     model.logits_chunk_tokens = cfg.logits_chunk_tokens
+    if cfg.compile:
+        compile_layers(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def compile_layers(model) -> None:
+    """``model.compile``: every decoder layer's forward through ``torch.compile`` (``dynamic=True``),
+    in place (``nn.Module.compile``), so parameter names and the module tree stay as they were."""
+    for layer in unwrap(model).decoder.layers:
+        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
 
 
 def build_model_chunks(cfg: ModelConfig) -> list:

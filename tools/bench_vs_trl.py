@@ -301,23 +301,12 @@ def megatron_batch(pairs: list[dict], packed_width: int | None) -> tuple[dict, i
     return mb, sum(len(t) for t, _ in rows)
 
 
-def compile_layers(model) -> None:
-    """Put every decoder layer of the megatron model under ``torch.compile``."""
-    import torch
-
-    from shiq_train.model import unwrap
-
-    layers = unwrap(model).decoder.layers
-    for i in range(len(layers)):
-        layers[i] = torch.compile(layers[i], dynamic=True)
-
-
 def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
     import torch
 
     from shiq_train import parallel
     from shiq_train.hf_convert import import_llama, model_config_from_llama
-    from shiq_train.model import build_model, forward_stats
+    from shiq_train.model import build_model, compile_layers, forward_stats
     from shiq_train.objectives import LossConfig
     from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
 
