@@ -150,6 +150,18 @@ def test_a_pp2_vpp2_checkpoint_resumes_in_one_process(runs):
         assert _rel(final[k], runs["ref_final"][k]) < 1e-4, k
 
 
+def test_a_distributed_optimizer_pp2_vpp2_checkpoint_resumes_in_one_process(runs):
+    """The sharded optimizer state of megatron's distributed optimizer, saved by the chunks of two pipeline
+    ranks, continues in one process with the default optimizer: steps 4-6 are the reference's."""
+    d = runs["dir"]
+    saved = d / "vpp_distributed" / "checkpoints" / "step_00000003"
+    assert json.loads((saved / "meta.json").read_text())["layout"] == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        more = train(d / "vpp_distributed", d / "buffer", 6)
+    _check(runs["distributed"] + more, runs["ref"])
+
+
 def test_the_interleaved_checkpoint_and_evaluation_hook_see_global_layer_names(runs):
     """Exported from the PP2×VPP2 checkpoint's rank files, and gathered by an evaluation hook from the chunks,
     the step-3 model is the one-process run's step-3 model."""

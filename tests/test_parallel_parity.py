@@ -8,7 +8,8 @@ TP=2×PP=2 run with gloo in 2 / 2 / 4 spawned processes (TP=2×PP=2 also with ch
 DP=2 in 2 processes (one micro-batch each), and TP=2 with sequence parallelism (model.sequence_parallel;
 full and chunked statistics, one after the other in the same 2 processes), all from the reference's
 parameters. Interleaved pipeline stages (PP=2 × 2 virtual stages, megatron's interleaved 1F1B over
-model chunks) run a 4-layer variant against its own single-process reference.
+model chunks; alone, and times TP=2 with sequence parallelism in 4 processes) run a 4-layer variant against
+its own single-process reference.
 Asserted: the loss and every parameter's gradient (reassembled from tensor-parallel shards by the
 parameter's partition dim) equal the reference to a relative difference below 1e-5.
 """
@@ -203,13 +204,17 @@ def _check_against_reference(results, reference, tp, what):
         )
 
 
-def _vpp_worker(rank, port, params_path, out_dir):
-    """PP=2 with 2 virtual stages per rank: 4 layers as chunks [0, 2] on rank 0 and [1, 3] on rank 1."""
+def _vpp_worker(rank, port, params_path, out_dir, tp=1, sp=False):
+    """PP=2 with 2 virtual stages per rank (times TP=``tp``, sequence parallel if ``sp``): 4 layers as chunks
+    [0, 2] on pipeline rank 0 and [1, 3] on pipeline rank 1."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    layout = parallel.ParallelConfig(1, 2, virtual_pipeline_model_parallel_size=2)
-    with parallel.distributed(layout, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=SEED):
-        chunks = M.build_model_chunks(tiny_config(num_layers=4))
+    layout = parallel.ParallelConfig(tp, 2, virtual_pipeline_model_parallel_size=2)
+    init = f"tcp://127.0.0.1:{port}"
+    with parallel.distributed(layout, rank=rank, world_size=2 * tp, init_method=init, seed=SEED):
+        from megatron.core import parallel_state as ps
+
+        chunks = M.build_model_chunks(tiny_config(num_layers=4, sequence_parallel=sp))
         assert len(chunks) == 2
         full = torch.load(params_path, weights_only=True)
         for chunk in chunks:
@@ -224,17 +229,39 @@ def _vpp_worker(rank, port, params_path, out_dir):
         layers = [
             M.full_param_name(c, n).split(".")[2] for c in chunks for n, _ in c.named_parameters() if ".layers." in n
         ]
-        out = {"loss": loss, "grad_norm": grad_norm(chunks), "grads": grads, "tp_rank": 0, "step_s": 0.0}
+        out = {
+            "loss": loss,
+            "grad_norm": grad_norm(chunks),
+            "grads": grads,
+            "tp_rank": ps.get_tensor_model_parallel_rank(),
+            "pp_rank": ps.get_pipeline_model_parallel_rank(),
+            "step_s": 0.0,
+        }
         torch.save({**out, "layers": sorted(set(layers))}, os.path.join(out_dir, f"vpp-rank{rank}.pt"))
 
 
-def test_interleaved_pipeline_matches_reference(tmp_path):
+@pytest.fixture(scope="module")
+def vpp_reference(tmp_path_factory):
+    """The 4-layer single-process reference of the interleaved layouts, and its parameters' file."""
+    d = tmp_path_factory.mktemp("vpp")
     warnings.filterwarnings("ignore")
     with parallel.distributed(seed=SEED):
         model, loss, norm, grads, _ = run_layout(tiny_config(num_layers=4))
-        torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, tmp_path / "full.pt")
-    reference = {"loss": loss, "grad_norm": norm, "grads": {full_name: g for full_name, _, _, g in grads.values()}}
-    mp.spawn(_vpp_worker, args=(parallel.free_port(), str(tmp_path / "full.pt"), str(tmp_path)), nprocs=2, join=True)
-    results = [torch.load(tmp_path / f"vpp-rank{r}.pt", weights_only=True) for r in range(2)]
-    assert [r["layers"] for r in results] == [["0", "2"], ["1", "3"]]  # the interleaved assignment
-    _check_against_reference(results, reference, 1, "pp=2 x vpp=2")
+        torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, d / "full.pt")
+    return {
+        "path": str(d / "full.pt"),
+        "loss": loss,
+        "grad_norm": norm,
+        "grads": {full_name: g for full_name, _, _, g in grads.values()},
+    }
+
+
+@pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["pp2xvpp2", "tp2xpp2xvpp2-sequence-parallel"])
+def test_interleaved_pipeline_matches_reference(vpp_reference, tmp_path, tp, sp):
+    args = (parallel.free_port(), vpp_reference["path"], str(tmp_path), tp, sp)
+    mp.spawn(_vpp_worker, args=args, nprocs=2 * tp, join=True)
+    results = [torch.load(tmp_path / f"vpp-rank{r}.pt", weights_only=True) for r in range(2 * tp)]
+    for r in results:  # the interleaved assignment, on every tensor-parallel rank of a pipeline rank
+        assert r["layers"] == [["0", "2"], ["1", "3"]][r["pp_rank"]]
+    assert sorted((r["pp_rank"], r["tp_rank"]) for r in results) == [(p, t) for p in range(2) for t in range(tp)]
+    _check_against_reference(results, vpp_reference, tp, f"tp={tp} pp=2 x vpp=2 sequence-parallel={sp}")
