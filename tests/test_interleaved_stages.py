@@ -7,7 +7,7 @@ rank 1 layers 1 and 3) trains with the ShiQ loss on the 24-row buffer of ``tests
 is one uninterrupted single-process run of 6 steps with a checkpoint at step 3. From the same initial
 parameters, 2 gloo processes at PP=2 × VPP=2 run 3 steps with the default optimizer and 3 with megatron's DDP
 and distributed optimizer (``optimizer.distributed``), and continue the reference's step-3 checkpoint for 3
-steps; the PP=2 × VPP=2 checkpoint then resumes in one process for 3 more. Asserted: every step's loss and
+steps; the PP=2 × VPP=2 checkpoints of both optimizers then resume in one process for 3 more. Asserted: every step's loss and
 gradient norm equal the reference's within the parity tests' relative 1e-5; the resumed process's final
 parameters equal the reference's; the full parameters exported from the interleaved checkpoint and those an
 evaluation hook gathers from the chunks (global layer names from chunk-local ones) equal those of the
