@@ -42,7 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
-CODE = Path(__file__).resolve().parents[1]  # the checkout whose shiq_data the measured processes run (--code)
+# the checkout whose shiq_data the measured processes run (--code; their "-P" keeps the working folder off sys.path)
+CODE = Path(__file__).resolve().parents[1]
 WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have this from or had by "
     "word but what some we can out other were all there when up use your how said an each she which do their "
@@ -202,7 +203,7 @@ def bench_memory(work: Path, info: dict, n_tokens: int, batch_rows: int):
     build = time.perf_counter() - t
     env = {**os.environ, "PYTHONPATH": str(CODE)}
     out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(folder), str(batch_rows)],
+        [sys.executable, "-P", "-c", RSS_CHILD, str(folder), str(batch_rows)],
         capture_output=True,
         text=True,
         check=True,
@@ -285,6 +286,7 @@ def synthetic_text_rows(n_rows: int, vocab: int = 50257):
 
 MEM_VERB_CHILD = r"""
 import json, sys, threading, time
+import shiq_data
 from shiq_data.cli import main
 
 def rss_anon():
@@ -308,7 +310,8 @@ secs = time.perf_counter() - t
 stop.append(1)
 thread.join()
 peak[0] = max(peak[0], rss_anon())
-print("BENCH " + json.dumps({"code": code, "base_kb": base, "peak_kb": peak[0], "secs": secs}))
+result = {"code": code, "base_kb": base, "peak_kb": peak[0], "secs": secs, "package": shiq_data.__file__}
+print("BENCH " + json.dumps(result))
 """
 
 
@@ -335,13 +338,16 @@ def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
 
 
 def run_verb(argv: list[str]) -> dict:
-    """``shiq-data ARGV`` in a fresh process on :data:`CODE`: ``{"base_kb", "peak_kb", "secs"}`` (RssAnon)."""
+    """``shiq-data ARGV`` in a fresh process on :data:`CODE`: ``{"base_kb", "peak_kb", "secs", ...}`` (RssAnon)."""
     env = {**os.environ, "PYTHONPATH": str(CODE)}
-    proc = subprocess.run([sys.executable, "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-P", "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env)
     line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
     if proc.returncode or not line or json.loads(line[-1][6:])["code"] != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-2000:]}")
-    return json.loads(line[-1][6:])
+    result = json.loads(line[-1][6:])
+    if not Path(result["package"]).resolve().is_relative_to(CODE):
+        raise RuntimeError(f"the measured process ran {result['package']}, not the shiq_data of {CODE}")
+    return result
 
 
 def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = None) -> dict:
