@@ -107,9 +107,9 @@ def input_location(file, row: int, *, row_label: str = "line", fields: dict | No
     """The value a reader puts under :data:`INPUT_KEY` on a row: the input ``file``, its ``row`` (a line
     number, or a row number with ``row_label="row"``) and ``fields``, buffer column -> input field that
     holds it (e.g. ``{"rewards": "reward"}``). The buffer pops it and names it in row errors.
-    ``group``: what makes the row's group in the whole input (a hashable value, e.g. the prompt text): the
-    reader numbers groups in order of first appearance of this key, and so does a parallel build
-    (:mod:`shiq_data.readers.parallel`), which reads the input in chunks."""
+    ``group``: what makes the row's group in the whole input (a string, an integer or a tuple of them, e.g.
+    the prompt text): the reader numbers groups in order of first appearance of this key (:class:`GroupIds`),
+    and so does a parallel build (:mod:`shiq_data.readers.parallel`), which reads the input in chunks."""
     return {"file": str(file), "row": row, "row_label": row_label, "fields": dict(fields or {}), "group": group}
 
 
