@@ -49,6 +49,7 @@ message for a string), its assistant turns the actions.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from numbers import Integral, Real
@@ -106,10 +107,32 @@ def input_location(file, row: int, *, row_label: str = "line", fields: dict | No
     """The value a reader puts under :data:`INPUT_KEY` on a row: the input ``file``, its ``row`` (a line
     number, or a row number with ``row_label="row"``) and ``fields``, buffer column -> input field that
     holds it (e.g. ``{"rewards": "reward"}``). The buffer pops it and names it in row errors.
-    ``group``: what makes the row's group in the whole input (a hashable value, e.g. the prompt text): the
-    reader numbers groups in order of first appearance of this key, and so does a parallel build
-    (:mod:`shiq_data.readers.parallel`), which reads the input in chunks."""
+    ``group``: what makes the row's group in the whole input (a string, an integer or a tuple of them, e.g.
+    the prompt text): the reader numbers groups in order of first appearance of this key (:class:`GroupIds`),
+    and so does a parallel build (:mod:`shiq_data.readers.parallel`), which reads the input in chunks."""
     return {"file": str(file), "row": row, "row_label": row_label, "fields": dict(fields or {}), "group": group}
+
+
+def group_digest(key) -> bytes:
+    """The 16-byte BLAKE2b digest of a group key (a string, an integer or a tuple of them, e.g. the prompt
+    text): :class:`GroupIds` keeps it instead of the key, so what a reader holds per distinct group does
+    not grow with the prompt's length. ``repr`` of such a key is the same in every process and run and
+    differs between different keys. Two different keys share a digest with probability about
+    ``n**2 / 2**129`` among ``n`` distinct keys (below 1e-20 for a billion groups), far below the chance
+    of a hardware error, so a build numbers its groups exactly as by the keys themselves."""
+    return hashlib.blake2b(repr(key).encode(), digest_size=16).digest()
+
+
+class GroupIds:
+    """Group ids ``0, 1, ...`` in order of first appearance of their key (:func:`input_location`'s
+    ``group``), holding a fixed amount per distinct group (its :func:`group_digest`). Called with a
+    key, its group id."""
+
+    def __init__(self):
+        self.ids: dict[bytes, int] = {}
+
+    def __call__(self, key) -> int:
+        return self.ids.setdefault(group_digest(key), len(self.ids))
 
 
 def at_input(error: RowError, location: dict, row_index: int) -> RowError:

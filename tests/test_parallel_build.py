@@ -4,9 +4,11 @@ import json
 import shutil
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 import shiq_data.readers.parallel as parallel
+from shiq_data.buffer import open_buffer
 from shiq_data.cli import main
 
 pytestmark = pytest.mark.usefixtures("tokenizers_once")
@@ -79,6 +81,24 @@ def test_build_with_two_workers_equals_one(tmp_path, capsys, small_chunks):
     # + 30 pairs (each its own group)
     assert m["rows"] == 330 and len(m["shards"]) == 6 and m["next_group_id"] == 23 + 3 + 30 + 30
     assert m["commands"][0]["argv"][-3:] == ["--workers", "2", "--no-progress"]
+
+
+def test_long_prompts_are_numbered_as_pandas_factorizes_them(tmp_path, capsys, small_chunks):
+    """Groups are numbered by a digest of the prompt, not the prompt: 3,000-character prompts differing only in
+    their last characters, repeated far apart (across chunks), get the group ids ``pd.factorize`` gives the
+    input's prompt column (first appearance order), in one process and with two workers."""
+    base = "a long shared prefix " * 150
+    recs = [{"prompt": f"{base}{(7 * i) % 11}", "completion": f" c{i}", "reward": i % 3 - 1.0} for i in range(60)]
+    inp = write_jsonl(tmp_path / "in.jsonl", recs)
+    want = pd.factorize(pd.read_json(inp, lines=True, dtype=False)["prompt"])[0].tolist()
+    assert len(set(want)) == 11 and want[:11] == list(range(11)) and len(recs[0]["prompt"]) > 3000
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        code, _, err = run(
+            capsys, "build", "jsonl", inp, "--tokenizer", "gpt2", "--out", out, "--workers", workers, "--no-progress"
+        )
+        assert code == 0, err
+        assert open_buffer(out).columns(["group_id"]).column("group_id").to_pylist() == want
 
 
 def test_append_with_two_workers_equals_one(tmp_path, capsys, small_chunks):

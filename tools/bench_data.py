@@ -19,9 +19,14 @@
    (``Dataset.from_file`` of each shard): ``.filter`` then ``save_to_disk``; a hash of the normalised text
    per row, pandas ``duplicated``, ``.select`` then ``save_to_disk``; ``.to_pandas()`` of the scalar and
    token columns with ``describe`` per source and group sizes. Interleaved, best of ``--repeat``.
+7. The readers' group numbering as the input grows (``--part groups``): ``build`` from a JSONL file whose
+   every row is its own prompt group, with a prompt of ``--prompt-chars`` characters, for R rows and 10 R
+   rows (``--group-rows``, shards of R / 5 rows), each in a fresh process; peak RssAnon and what it grew by
+   per added group. ``--code DIR`` runs the measured commands on another checkout's ``shiq_data`` (the same
+   inputs), to compare two versions.
 
-Usage: ``python tools/bench_data.py [--part all|buffer|curate] [--tokens 1000000] [--growth 10]
-[--curate-rows 5000]``
+Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups] [--tokens 1000000] [--growth 10]
+[--curate-rows 5000] [--group-rows 2000] [--prompt-chars 2000] [--code DIR]``
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 
+# the checkout whose shiq_data the measured processes run (--code; their "-P" keeps the working folder off sys.path)
+CODE = Path(__file__).resolve().parents[1]
 WORDS = (
     "the a of to and in is it you that he was for on are with as his they be at one have this from or had by "
     "word but what some we can out other were all there when up use your how said an each she which do their "
@@ -194,9 +201,9 @@ def bench_memory(work: Path, info: dict, n_tokens: int, batch_rows: int):
     t = time.perf_counter()
     buf = write_buffer(synthetic_token_rows(n_tokens), folder, tokenizer_info=info, command=["bench"], progress=False)
     build = time.perf_counter() - t
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(CODE)}
     out = subprocess.run(
-        [sys.executable, "-c", RSS_CHILD, str(folder), str(batch_rows)],
+        [sys.executable, "-P", "-c", RSS_CHILD, str(folder), str(batch_rows)],
         capture_output=True,
         text=True,
         check=True,
@@ -279,6 +286,7 @@ def synthetic_text_rows(n_rows: int, vocab: int = 50257):
 
 MEM_VERB_CHILD = r"""
 import json, sys, threading, time
+import shiq_data
 from shiq_data.cli import main
 
 def rss_anon():
@@ -302,7 +310,8 @@ secs = time.perf_counter() - t
 stop.append(1)
 thread.join()
 peak[0] = max(peak[0], rss_anon())
-print("BENCH " + json.dumps({"code": code, "base_kb": base, "peak_kb": peak[0], "secs": secs}))
+result = {"code": code, "base_kb": base, "peak_kb": peak[0], "secs": secs, "package": shiq_data.__file__}
+print("BENCH " + json.dumps(result))
 """
 
 
@@ -328,11 +337,23 @@ def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
     }
 
 
+def run_verb(argv: list[str]) -> dict:
+    """``shiq-data ARGV`` in a fresh process on :data:`CODE`: ``{"base_kb", "peak_kb", "secs", ...}`` (RssAnon)."""
+    env = {**os.environ, "PYTHONPATH": str(CODE)}
+    proc = subprocess.run([sys.executable, "-P", "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env)
+    line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
+    if proc.returncode or not line or json.loads(line[-1][6:])["code"] != 0:
+        raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-2000:]}")
+    result = json.loads(line[-1][6:])
+    if not Path(result["package"]).resolve().is_relative_to(CODE):
+        raise RuntimeError(f"the measured process ran {result['package']}, not the shiq_data of {CODE}")
+    return result
+
+
 def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = None) -> dict:
     """verb -> [{"rows", "peak_mb", "secs"} per buffer], each run in a fresh process; ``verbs``: only these."""
     import shutil
 
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     results: dict = {}
     for name in curate_verbs(bufs[0], work / "x"):
         if verbs and name not in verbs:
@@ -342,18 +363,46 @@ def bench_curate_memory(bufs: list[Path], work: Path, verbs: list[str] | None = 
             shutil.rmtree(out, ignore_errors=True)
             if name == "append":
                 shutil.copytree(buf, out)
-            argv = curate_verbs(buf, out)[name]
-            proc = subprocess.run(
-                [sys.executable, "-c", MEM_VERB_CHILD, *argv], capture_output=True, text=True, env=env
-            )
-            line = [x for x in proc.stdout.splitlines() if x.startswith("BENCH ")]
-            if proc.returncode or not line or json.loads(line[-1][6:])["code"] != 0:
-                raise RuntimeError(f"{' '.join(argv)} failed: {proc.stderr[-2000:]}")
-            r = json.loads(line[-1][6:])
+            r = run_verb(curate_verbs(buf, out)[name])
             rows = json.loads((buf / "manifest.json").read_text())["rows"]
             results.setdefault(name, []).append({"rows": rows, "peak_mb": r["peak_kb"] / 1024, "secs": r["secs"]})
         shutil.rmtree(work / "verb-out", ignore_errors=True)
     return results
+
+
+def long_prompt_records(n_rows: int, prompt_chars: int):
+    """``n_rows`` records, each its own prompt group: a distinct prompt of ``prompt_chars`` characters of random
+    words, a completion of 8 words."""
+    words = np.array(WORDS)
+    rng = np.random.default_rng(7)
+    for i in range(n_rows):
+        prompt = f"prompt {i}: " + " ".join(rng.choice(words, prompt_chars // 3 + 1))
+        yield {"prompt": prompt[:prompt_chars], "completion": " " + " ".join(rng.choice(words, 8)), "reward": 1.0}
+
+
+def bench_group_memory(work: Path, rows: list[int], prompt_chars: int) -> list[dict]:
+    """``build`` of ``rows[k]`` records of :func:`long_prompt_records` (shards of ``rows[0] // 5`` rows, so what
+    the writer holds per shard is the same at every size), each in a fresh process: ``[{"rows", "groups",
+    "peak_mb", "secs"}]``."""
+    import shutil
+
+    out = []
+    for n in rows:
+        jsonl = work / f"groups-{n}.jsonl"
+        with open(jsonl, "w") as f:
+            for r in long_prompt_records(n, prompt_chars):
+                f.write(json.dumps(r) + "\n")
+        buf = work / f"groups-{n}"
+        shard_rows = str(max(rows[0] // 5, 1))
+        r = run_verb(
+            ["build", "jsonl", str(jsonl), "--tokenizer", "gpt2", "--out", str(buf), "--shard-rows", shard_rows]
+            + ["--no-progress"]
+        )
+        m = json.loads((buf / "manifest.json").read_text())
+        out.append({"rows": m["rows"], "groups": m["next_group_id"], "peak_mb": r["peak_kb"] / 1024, "secs": r["secs"]})
+        shutil.rmtree(buf)
+        jsonl.unlink()
+    return out
 
 
 def _norm(text: str) -> str:
@@ -498,14 +547,27 @@ def print_curate_part(results: dict, args) -> None:
         print(f"{op:<30}{ours:>10.2f}{theirs:>10.2f}{theirs / ours:>13.2f}")
 
 
+def print_groups_part(results: list[dict], args) -> None:
+    a, b = results
+    per_group = (b["peak_mb"] - a["peak_mb"]) * 2**20 / (b["groups"] - a["groups"])
+    print(
+        f"\nbuild, every row its own prompt of {args.prompt_chars:,} characters ({CODE.name}; fresh process each)\n"
+        f"{'groups':>10}{'RssAnon peak':>15}{'seconds':>9}"
+    )
+    for r in results:
+        print(f"{r['groups']:>10,}{r['peak_mb']:>12.1f} MB{r['secs']:>9.1f}")
+    print(f"ratio {b['peak_mb'] / a['peak_mb']:.2f}, {per_group:,.0f} B per added group")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
-        choices=("all", "buffer", "curate"),
+        choices=("all", "buffer", "curate", "groups"),
         default="all",
         help="buffer: measures 1-3 (building, reading, reader memory); curate: 4-6 (parallel build, the "
-        "curation verbs' memory and speed); default %(default)s",
+        "curation verbs' memory and speed); groups: 7 (build memory per distinct prompt group); default "
+        "%(default)s",
     )
     ap.add_argument(
         "--tokens", type=int, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
@@ -527,10 +589,28 @@ def main(argv=None) -> int:
         "every verb, and the parallel build and the speed against datasets)",
     )
     ap.add_argument(
+        "--group-rows",
+        type=int,
+        default=2000,
+        help="rows (each its own group) of the smaller input of the group memory scan; the larger has --growth "
+        "times as many (default %(default)s)",
+    )
+    ap.add_argument(
+        "--prompt-chars", type=int, default=2000, help="prompt length of the group memory scan (default %(default)s)"
+    )
+    ap.add_argument(
+        "--code",
+        default=None,
+        help="checkout whose shiq_data the measured commands of the memory scans run (default: this one's)",
+    )
+    ap.add_argument(
         "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
+    global CODE
+    if args.code is not None:
+        CODE = Path(args.code).resolve()
 
     import torch
 
@@ -598,6 +678,10 @@ def main(argv=None) -> int:
             if verbs is None:
                 results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
             print_curate_part(results, args)
+        if args.part in ("all", "groups"):
+            rows = [args.group_rows, args.group_rows * args.growth]
+            results["group_memory"] = bench_group_memory(work, rows, args.prompt_chars)
+            print_groups_part(results["group_memory"], args)
     if args.json:
         from shiq_data.io import atomic_write_json
 

@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl
 from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
-from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row
@@ -243,7 +243,7 @@ def records_to_rows(
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
         raise ValueError(f"{file}: the tokenizer has no eos token; pass add_eos=False")
-    groups: dict = {}  # group_key -> consecutive group id
+    group_id = GroupIds()  # group_key -> consecutive group id, by first appearance
     batch: list[tuple[int, dict]] = []
     where = {"file": file, "row_label": row_label, "eos": eos if add_eos else None}
 
@@ -263,7 +263,7 @@ def records_to_rows(
             key = group_key(rec)
             yield {
                 "source": source or rec["source"] or default_source,
-                "group_id": groups.setdefault(key, len(groups)),
+                "group_id": group_id(key),
                 **encoded,
                 **text_columns(
                     rec["prompt"],

@@ -24,6 +24,7 @@ from shiq_data.readers.encode import (
     input_row,
     row_error,
 )
+from shiq_data.schema import GroupIds
 
 
 def read_multiturn(
@@ -38,7 +39,7 @@ def read_multiturn(
     """
     path = Path(path)
     source = source or f"multiturn:{path.name}"
-    groups: dict = {}
+    group_id = GroupIds()  # group -> consecutive group id
     for line, obj in iter_jsonl(path) if records is None else records:
         messages = obj.get("messages")
         if messages is None:
@@ -72,7 +73,7 @@ def read_multiturn(
             key = ("line", line)
         elif not isinstance(key, (str, int)) or isinstance(key, bool):
             raise row_error(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
-        group = groups.setdefault(key, len(groups))
+        group = group_id(key)
         encoded = encode_messages(
             tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content", **kwargs
         )

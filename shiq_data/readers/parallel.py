@@ -23,7 +23,7 @@ from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
 from shiq_data.readers import Format
-from shiq_data.schema import CHECKED_KEY, INPUT_KEY, check_row
+from shiq_data.schema import CHECKED_KEY, INPUT_KEY, GroupIds, check_row
 
 CHUNK = 256  # records per task: small enough to keep every worker busy, large enough to batch the tokenizer
 
@@ -76,7 +76,7 @@ def parallel_rows(
     if workers < 1:
         raise ValueError(f"--workers must be at least 1, got {workers}")
     records = form.records(path)
-    groups: dict = {}  # group key -> group id over the whole input
+    group_id = GroupIds()  # group key -> group id over the whole input
     pending: deque = deque()
     failed: Exception | None = None  # the input could not be read further (raised after the rows before it)
     # forked workers must not inherit the Rust tokenizer's thread pool (it would warn and disable it)
@@ -108,7 +108,7 @@ def parallel_rows(
                 location = row[INPUT_KEY]
                 if location.get("group") is None:
                     raise RuntimeError(f"format {form.name!r}: its reader gives no group key (input_location group)")
-                row["group_id"] = groups.setdefault(location["group"], len(groups))
+                row["group_id"] = group_id(location["group"])
                 yield row
             if error is not None:
                 raise error
