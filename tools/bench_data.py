@@ -26,7 +26,7 @@
    inputs), to compare two versions.
 
 Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups] [--tokens 1000000] [--growth 10]
-[--curate-rows 5000] [--group-rows 2000] [--prompt-chars 2000] [--code DIR]``
+[--curate-rows 5000] [--speed-only] [--group-rows 2000] [--prompt-chars 2000] [--code DIR]``
 """
 
 from __future__ import annotations
@@ -527,7 +527,10 @@ def print_curate_part(results: dict, args) -> None:
             f"{w['two_rows_per_s']:,.0f} rows/s (x{w['two_rows_per_s'] / w['one_rows_per_s']:.2f}); shards "
             f"identical: {w['same']}; {os.cpu_count()} CPUs (shared), best of {args.repeat} alternating runs"
         )
-    mem = results["curate_memory"]
+    mem = results.get("curate_memory")
+    if not mem:
+        print_curate_speed(results["curate_speed"], args.curate_rows * args.growth)
+        return
     small, big = (r["rows"] for r in next(iter(mem.values())))
     print(
         f"\n{'verb (fresh process)':<22}{'RssAnon peak':>14}{'':>10}{'ratio':>8}{'per added row':>15}"
@@ -539,10 +542,12 @@ def print_curate_part(results: dict, args) -> None:
             f"{name:<22}{a['peak_mb']:>11.1f} MB{b['peak_mb']:>9.1f} MB{b['peak_mb'] / a['peak_mb']:>8.2f}"
             f"{per_row:>11.0f} B{a['secs']:>8.1f}{b['secs']:>8.1f}"
         )
-    speed = results.get("curate_speed", {})
-    if not speed:
-        return
-    print(f"\n{f'on {big:,} rows (seconds)':<30}{'shiq_data':>10}{'datasets':>10}{'speed ratio':>13}")
+    if results.get("curate_speed"):
+        print_curate_speed(results["curate_speed"], big)
+
+
+def print_curate_speed(speed: dict, rows: int) -> None:
+    print(f"\n{f'on {rows:,} rows (seconds)':<30}{'shiq_data':>10}{'datasets':>10}{'speed ratio':>13}")
     for op, (ours, theirs) in speed.items():
         print(f"{op:<30}{ours:>10.2f}{theirs:>10.2f}{theirs / ours:>13.2f}")
 
@@ -604,6 +609,11 @@ def main(argv=None) -> int:
         help="checkout whose shiq_data the measured commands of the memory scans run (default: this one's)",
     )
     ap.add_argument(
+        "--speed-only",
+        action="store_true",
+        help="with --part curate: only measure 6 (filter, dedup and stats against datasets) on the larger buffer",
+    )
+    ap.add_argument(
         "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
     )
     ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
@@ -655,10 +665,11 @@ def main(argv=None) -> int:
                 for r in synthetic_records(args.curate_rows, seed=3):
                     f.write(json.dumps(r) + "\n")
             verbs = [v.strip() for v in args.verbs.split(",")] if args.verbs else None
-            if verbs is None:
+            if verbs is None and not args.speed_only:
                 results["workers"] = bench_workers(jsonl, work / "workers", tokenizer, info, args.repeat)
             bufs = []
-            for n in (args.curate_rows, args.curate_rows * args.growth):
+            sizes = (args.curate_rows, args.curate_rows * args.growth)
+            for n in sizes[1:] if args.speed_only else sizes:
                 bufs.append(work / f"curate-{n}")
                 # shards of curate_rows / 5 rows: both buffers are many shards, so what a verb holds per shard is
                 # the same for both and the difference is what it holds per row of the buffer
@@ -674,7 +685,8 @@ def main(argv=None) -> int:
                 for i, r in enumerate(synthetic_text_rows(2000)):
                     if i % 2 == 0:
                         f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
-            results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
+            if not args.speed_only:
+                results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
             if verbs is None:
                 results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
             print_curate_part(results, args)
