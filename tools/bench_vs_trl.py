@@ -58,12 +58,12 @@ CONTESTANTS = (
     "shiq padded",
     "shiq packed",
     "shiq padded, compiled",
-    "shiq padded, megatron attention",
     "megatron sft",
     "megatron dpo",
     "trl dpo (online ref)",
     "trl dpo (precomputed ref)",
     "transformers sft",
+    "shiq padded, megatron attention",
 )
 DEFAULT_CONTESTANTS = tuple(
     c for c in CONTESTANTS if c not in ("shiq padded, compiled", "shiq padded, megatron attention")
