@@ -63,6 +63,7 @@ RUNTIME_FIELDS = (
     "recompute_method",
     "recompute_num_layers",
     "sequence_parallel",
+    "attention_backend",
 )
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (
@@ -96,6 +97,7 @@ RESUME_SAFE_KEYS = (
     "model.recompute_num_layers",
     "model.sequence_parallel",
     "model.compile",  # the same steps up to float rounding; absent from runs started before it existed
+    "model.attention_backend",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
 )
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks

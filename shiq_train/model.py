@@ -34,6 +34,7 @@ TRANSFORMER_IMPLS = ("auto", "local", "transformer_engine")
 FP8_FORMATS = (None, "hybrid", "e4m3")
 RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
+ATTENTION_BACKENDS = ("auto", "sdpa", "megatron")
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for model.compile (tests trace with "aot_eager": no codegen)
 
 
@@ -70,6 +71,11 @@ class ModelConfig:
       stay the same (``nn.Module.compile``), so checkpoints and the weight layout are unchanged. The
       first steps pay the compilation; measured in the README's throughput section. Local layers only,
       without dropout and without ``recompute=full`` (refused with the fix).
+    - ``attention_backend``: the core attention of the local layers. ``sdpa``: torch's
+      ``scaled_dot_product_attention`` (``shiq_train.attention``; no ``[B, heads, T, T]`` scores kept,
+      faster on CPU, measured in the README's throughput section); ``megatron``: megatron-core's
+      ``DotProductAttention``; ``auto``: ``sdpa`` unless ``attention_dropout > 0`` (only megatron's has
+      attention dropout). The Transformer Engine layers bring their own attention (``auto`` there).
     """
 
     name: str = "tiny"
@@ -100,6 +106,7 @@ class ModelConfig:
     recompute_num_layers: int = 1
     sequence_parallel: bool = False
     compile: bool = False
+    attention_backend: str = "auto"
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -147,6 +154,14 @@ class ModelConfig:
                 self.compile,
                 "compiled layers draw other dropout masks than eager ones: set the dropouts to 0",
             )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            bad("attention_backend", self.attention_backend, f"one of {ATTENTION_BACKENDS}")
+        if self.attention_backend == "sdpa" and self.attention_dropout:
+            bad(
+                "attention_backend",
+                self.attention_backend,
+                "sdpa has no attention dropout: use megatron (or auto) with model.attention_dropout > 0",
+            )
         if self.compile and self.recompute == "full":
             bad(
                 "compile",
@@ -178,6 +193,13 @@ def resolved_transformer_impl(cfg: ModelConfig) -> str:
     return "transformer_engine" if (has_te and torch.cuda.is_available()) else "local"
 
 
+def resolved_attention_backend(cfg: ModelConfig) -> str:
+    """``cfg.attention_backend`` with ``auto`` resolved: ``sdpa`` without attention dropout, else ``megatron``."""
+    if cfg.attention_backend != "auto":
+        return cfg.attention_backend
+    return "megatron" if cfg.attention_dropout else "sdpa"
+
+
 def check_runtime(cfg: ModelConfig) -> None:
     """Fail at start-up, with the fix, when the config asks for what this machine cannot run."""
     has_te = importlib.util.find_spec("transformer_engine") is not None
@@ -205,6 +227,11 @@ def check_runtime(cfg: ModelConfig) -> None:
         raise RuntimeError(
             "model.compile=true compiles megatron's local layers; the Transformer Engine layers bring their own "
             "fused kernels: set model.compile=false, or model.transformer_impl=local to compile"
+        )
+    if cfg.attention_backend != "auto" and impl != "local":
+        raise RuntimeError(
+            f"model.attention_backend={cfg.attention_backend} picks the core attention of megatron's local layers; "
+            "the Transformer Engine layers bring their own: set model.attention_backend=auto"
         )
     if impl == "transformer_engine" and not (has_te and has_gpu):
         raise RuntimeError(
@@ -286,12 +313,21 @@ def transformer_config(cfg: ModelConfig):
 
 def layer_spec(cfg: ModelConfig):
     """Transformer Engine spec when asked for or when ``auto`` finds a GPU with Transformer Engine,
-    else the local spec with ``cfg.normalization``."""
+    else the local spec with ``cfg.normalization`` and the core attention of
+    :func:`resolved_attention_backend` (megatron's ``DotProductAttention`` or
+    :class:`shiq_train.attention.SDPACoreAttention`)."""
     from megatron.core.models.gpt import gpt_layer_specs as specs  # heavy: megatron
 
     if resolved_transformer_impl(cfg) == "transformer_engine":
         return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
-    return specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+    if resolved_attention_backend(cfg) == "megatron":
+        return spec
+    from shiq_train.attention import SDPACoreAttention  # heavy: megatron
+
+    attn = spec.submodules.self_attention
+    attn = replace(attn, submodules=replace(attn.submodules, core_attention=SDPACoreAttention))
+    return replace(spec, submodules=replace(spec.submodules, self_attention=attn))
 
 
 def _tp_summed(param: torch.Tensor) -> torch.Tensor:

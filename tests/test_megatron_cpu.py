@@ -199,10 +199,14 @@ def test_fp8_with_local_layers_is_refused(monkeypatch):
 def test_auto_layers_are_local_without_a_gpu():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from shiq_train.attention import SDPACoreAttention
+
     cfg = M.ModelConfig()
     assert cfg.transformer_impl == "auto"
     assert M.resolved_transformer_impl(cfg) == "local"
-    assert M.layer_spec(cfg).submodules.self_attention.submodules.core_attention is DotProductAttention
+    assert M.layer_spec(cfg).submodules.self_attention.submodules.core_attention is SDPACoreAttention
+    megatron_attention = M.ModelConfig(attention_backend="megatron")
+    assert M.layer_spec(megatron_attention).submodules.self_attention.submodules.core_attention is DotProductAttention
 
 
 def test_transformer_engine_impl_without_gpu_fails_clearly():

@@ -10,6 +10,9 @@ trajectories, so every contestant trains on the same real tokens per step:
 - shiq packed: the same with the trajectories packed into rows of at most --pack-tokens tokens
   (segment ids, a block-diagonal causal mask; what data.mode=packed reads).
 - shiq padded, compiled: shiq padded with every decoder layer under torch.compile (--compile only).
+- shiq padded, megatron attention: shiq padded with megatron-core's own core attention
+  (model.attention_backend=megatron) instead of torch's scaled_dot_product_attention (--megatron-attention
+  only).
 - megatron sft / megatron dpo: the SFT loss (completion tokens) and DPO (SHIQ_MATH §5, the pair of each
   prompt) through the same step and padding; DPO with precomputed reference statistics.
 - trl dpo (online ref) / trl dpo (precomputed ref): TRL's DPOTrainer (sigmoid loss, beta 0.1) with a
@@ -60,8 +63,11 @@ CONTESTANTS = (
     "trl dpo (online ref)",
     "trl dpo (precomputed ref)",
     "transformers sft",
+    "shiq padded, megatron attention",
 )
-DEFAULT_CONTESTANTS = tuple(c for c in CONTESTANTS if c != "shiq padded, compiled")
+DEFAULT_CONTESTANTS = tuple(
+    c for c in CONTESTANTS if c not in ("shiq padded, compiled", "shiq padded, megatron attention")
+)
 BETA, LR, CLIP = 0.1, 1e-6, 1.0
 VOCAB = 49152  # SmolLM2's; the tiny model uses the same tokenizer
 
@@ -80,6 +86,7 @@ def parse_args(argv=None):
         help="contestants, comma-separated, from: " + "; ".join(CONTESTANTS),
     )
     p.add_argument("--compile", action="store_true", help="also run 'shiq padded, compiled'")
+    p.add_argument("--megatron-attention", action="store_true", help="also run 'shiq padded, megatron attention'")
     p.add_argument("--pairs", type=int, default=8, help="prompt pairs per step (2x rows; default 8)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per contestant and round (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the contestants (default 2)")
@@ -315,7 +322,8 @@ def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
     parallel.init_distributed(seed=0)
     try:
         hf = load_hf(args.model_dir)
-        model = build_model(model_config_from_llama(hf.config))
+        attention = "megatron" if name == "shiq padded, megatron attention" else "auto"
+        model = build_model(model_config_from_llama(hf.config, attention_backend=attention))
         import_llama(model, hf.state_dict(), hf.config)
         del hf
         steps = []
@@ -562,6 +570,8 @@ def main(argv=None) -> int:
     names = [c.strip() for c in args.contestants.split(",") if c.strip()]
     if args.compile and "shiq padded, compiled" not in names:
         names.insert(1, "shiq padded, compiled")
+    if args.megatron_attention and "shiq padded, megatron attention" not in names:
+        names.insert(1, "shiq padded, megatron attention")
     unknown = [c for c in names if c not in CONTESTANTS]
     if unknown:
         raise SystemExit(f"--contestants: unknown {unknown}, expected some of {list(CONTESTANTS)}")
