@@ -64,6 +64,7 @@ RUNTIME_FIELDS = (
     "recompute_num_layers",
     "sequence_parallel",
     "attention_backend",
+    "compile",
 )
 # shape fields a Hugging Face checkpoint must agree on with the model config
 SHAPE_FIELDS = (

@@ -660,16 +660,17 @@ def main(argv=None) -> int:
             ]
             print_buffer_part(results, args)
         if args.part in ("all", "curate"):
-            jsonl = work / "workers.jsonl"
-            with open(jsonl, "w") as f:
-                for r in synthetic_records(args.curate_rows, seed=3):
-                    f.write(json.dumps(r) + "\n")
             verbs = [v.strip() for v in args.verbs.split(",")] if args.verbs else None
-            if verbs is None and not args.speed_only:
+            scan = not args.speed_only  # the memory scan (and its inputs), else only the speed against datasets
+            if verbs is None and scan:
+                jsonl = work / "workers.jsonl"
+                with open(jsonl, "w") as f:
+                    for r in synthetic_records(args.curate_rows, seed=3):
+                        f.write(json.dumps(r) + "\n")
                 results["workers"] = bench_workers(jsonl, work / "workers", tokenizer, info, args.repeat)
             bufs = []
             sizes = (args.curate_rows, args.curate_rows * args.growth)
-            for n in sizes[1:] if args.speed_only else sizes:
+            for n in sizes if scan else sizes[1:]:
                 bufs.append(work / f"curate-{n}")
                 # shards of curate_rows / 5 rows: both buffers are many shards, so what a verb holds per shard is
                 # the same for both and the difference is what it holds per row of the buffer
@@ -678,14 +679,16 @@ def main(argv=None) -> int:
                 write_buffer(
                     rows, bufs[-1], tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
                 )
-                with open(f"{bufs[-1]}.jsonl", "w") as f:  # the same texts, for build
-                    for r in synthetic_text_rows(n):
-                        f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
-            with open(work / "append.jsonl", "w") as f:  # 1,000 rows repeating old rows' texts (counted, warned)
-                for i, r in enumerate(synthetic_text_rows(2000)):
-                    if i % 2 == 0:
-                        f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
-            if not args.speed_only:
+                if scan:
+                    with open(f"{bufs[-1]}.jsonl", "w") as f:  # the same texts, for build
+                        for r in synthetic_text_rows(n):
+                            f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
+            if scan:
+                with open(work / "append.jsonl", "w") as f:  # 1,000 rows repeating old rows' texts (counted, warned)
+                    for i, r in enumerate(synthetic_text_rows(2000)):
+                        if i % 2 == 0:
+                            f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
+            if scan:
                 results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
             if verbs is None:
                 results["curate_speed"] = bench_curate_speed(bufs[-1], work, args.repeat)
