@@ -82,6 +82,7 @@ import contextlib
 import datetime
 import importlib.util
 import os
+import random
 import socket
 import types
 from dataclasses import dataclass
@@ -406,8 +407,34 @@ def check_context_parallel(cp: int) -> None:
     )
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for automatically bound ports (Linux's default where it cannot be read)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(v) for v in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago on localhost (for single-host process groups)."""
+    """A TCP port on localhost that was free a moment ago, for a single-host process group's rendezvous.
+
+    Chosen at random *below* the kernel's ephemeral range: the port stays unused between this call and
+    the moment rank 0 listens on it (seconds later, after the workers import torch), because the
+    kernel never hands it to another socket's automatic bind or outgoing connection, such as gloo's
+    own connections in a test running alongside. Falls back to a kernel-chosen port if none is free.
+    """
+    lo, _ = _ephemeral_range()
+    rng = random.SystemRandom()
+    for _ in range(64):
+        port = rng.randrange(max(1024, lo - 12000), lo)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -427,7 +454,7 @@ def init_distributed(
 
     Rank, world size and rendezvous come from the arguments, else from torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); a lone process with none of them
-    gets world size 1 on a free local port. The backend is ``nccl`` with a GPU, ``gloo`` without.
+    gets world size 1 with an in-memory store. The backend is ``nccl`` with a GPU, ``gloo`` without.
     Applies the CPU adaptations when no GPU is present, and seeds (:func:`set_seed`) if ``seed`` is
     given. ``world_size`` must be a multiple of ``tp * pp``; cp > 1 is refused (:func:`check_context_parallel`).
     """
@@ -449,16 +476,17 @@ def init_distributed(
     if not dist.is_initialized():
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        rendezvous: dict = {"init_method": init_method}
         if init_method is None and "MASTER_ADDR" not in os.environ:
             if world_size != 1:
                 raise ValueError("init_method (or MASTER_ADDR/MASTER_PORT) is needed for world size > 1")
-            init_method = f"tcp://127.0.0.1:{free_port()}"
+            rendezvous = {"store": dist.HashStore()}  # a lone process: an in-memory store, no port to race for
         dist.init_process_group(
             backend=backend,
-            init_method=init_method,
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **rendezvous,
         )
     from megatron.core import parallel_state  # heavy: megatron
 

@@ -129,6 +129,32 @@ def test_global_memory_buffer_is_on_cpu(dist1):
     assert buf.device.type == "cpu"
 
 
+def test_a_lone_process_needs_no_port_and_free_ports_avoid_the_ephemeral_range(monkeypatch):
+    """Rendezvous cannot race other tests for a port: a lone process uses an in-memory store, and the
+    ports handed to multi-process groups lie below the range the kernel gives automatic binds and
+    outgoing connections (where gloo's own connections in a test running alongside land)."""
+
+    def no_port():
+        raise AssertionError("a lone process asked for a TCP port")
+
+    monkeypatch.setattr(parallel, "free_port", no_port)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with parallel.distributed(seed=0):
+        assert torch.distributed.get_world_size() == 1
+        torch.distributed.all_reduce(t := torch.ones(2))
+        assert t.tolist() == [1.0, 1.0]
+    monkeypatch.undo()
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        lo = int(f.read().split()[0])
+    ports = {parallel.free_port() for _ in range(20)}
+    assert all(1024 <= p < lo for p in ports) and len(ports) > 1
+    import socket
+
+    for p in ports:  # and each is really free
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", p))
+
+
 # ----------------------------------------------------------------------------------------------
 # configs and start-up errors
 
