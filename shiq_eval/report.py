@@ -193,15 +193,22 @@ def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
     the step (the losses differ between arms, so compare shapes and starting points, not levels across
     different objectives); a log scale when every loss is positive."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, pts in sorted(curves.items()):
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for i, (arm, pts) in enumerate(sorted(curves.items())):
         pts = sorted(pts, key=lambda p: p["step"])
-        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], marker="o", label=arm)
+        style = {"color": plt.cm.tab10(i % 10), "linestyle": ("-", "--", ":", "-.")[i // 10 % 4]}  # no two alike
+        ax.plot([p["step"] for p in pts], [p["loss"] for p in pts], marker="o", label=arm, **style)
     if all(p["loss"] > 0 for pts in curves.values() for p in pts):
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss on the validation buffer")
-    return _finish(plt, fig, ax, out_path)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, handlelength=3.5, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: many arms
+    fig.tight_layout()
+    out_path = Path(out_path)
+    _savefig(fig, out_path)
+    plt.close(fig)
+    return out_path
 
 
 def _finish(plt, fig, ax, out_path, legend_size: float | None = 7) -> Path:
