@@ -202,20 +202,18 @@ def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
         ax.set_yscale("log")
     ax.set_xlabel("training step")
     ax.set_ylabel("loss on the validation buffer")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, handlelength=3.5, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: many arms
-    fig.tight_layout()
-    out_path = Path(out_path)
-    _savefig(fig, out_path)
-    plt.close(fig)
-    return out_path
+    return _finish(plt, fig, ax, out_path, legend_outside=True)  # many arms: the legend beside the axes
 
 
-def _finish(plt, fig, ax, out_path, legend_size: float | None = 7) -> Path:
-    """Grid, a legend (font size ``legend_size``; None: matplotlib's default), the figure written atomically
-    to ``out_path`` and closed."""
+def _finish(plt, fig, ax, out_path, legend_size: float | None = 7, legend_outside: bool = False) -> Path:
+    """Grid, a legend (font size ``legend_size``; None: matplotlib's default; right of the axes with
+    ``legend_outside``), the figure written atomically to ``out_path`` and closed."""
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    if legend_outside:
+        ax.legend(fontsize=legend_size, handlelength=3.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+    else:
+        ax.legend(fontsize=legend_size)
     out_path = Path(out_path)
     _savefig(fig, out_path)
     plt.close(fig)

@@ -407,14 +407,14 @@ def check_context_parallel(cp: int) -> None:
     )
 
 
-def _ephemeral_range() -> tuple[int, int]:
-    """The kernel's range for automatically bound ports (Linux's default where it cannot be read)."""
+def _ephemeral_low() -> int:
+    """The lowest port of the kernel's range for automatically bound ports (Linux's default where it
+    cannot be read)."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo, hi = (int(v) for v in f.read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def free_port() -> int:
@@ -425,7 +425,7 @@ def free_port() -> int:
     kernel never hands it to another socket's automatic bind or outgoing connection, such as gloo's
     own connections in a test running alongside. Falls back to a kernel-chosen port if none is free.
     """
-    lo, _ = _ephemeral_range()
+    lo = _ephemeral_low()
     rng = random.SystemRandom()
     for _ in range(64):
         port = rng.randrange(max(1024, lo - 12000), lo)
