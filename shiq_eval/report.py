@@ -160,11 +160,14 @@ def plot_frontier(
     out_path,
     reference: tuple[float, float] | None = None,
     ylabel: str = "mean reward on held-out prompts",
+    title: str = "final checkpoints, mean over seeds ± 1 s.d. of the seeds",
+    xlabel: str = "KL(π ‖ π_ref) per completion (exact per-token sum)",
 ) -> Path:
     """A reward–KL frontier across seeds: one line per method through its β grid (points sorted by KL),
     each point ``{method, beta, kl, kl_sd, reward, reward_sd}`` (seed means, error bars of one seed
-    standard deviation on both axes) labelled with its β; ``reference`` = (mean, s.d.) reward at KL 0.
-    ``reward`` may hold another score (say so in ``ylabel``), e.g. the gold scorer's."""
+    standard deviation on both axes) labelled with its β (unless None); ``reference`` = (mean, s.d.) reward at KL 0.
+    ``reward`` may hold another score (say so in ``ylabel``), e.g. the gold scorer's; other error bars
+    (standard errors, say) go in the same fields, with a ``title`` that says what they are."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for m in sorted({p["method"] for p in points}):
@@ -178,13 +181,13 @@ def plot_frontier(
             capsize=3,
             label=m,
         )
-        for p in pts:
+        for p in (p for p in pts if p["beta"] is not None):
             ax.annotate(f"β={p['beta']:g}", (p["kl"], p["reward"]), fontsize=6, color=bar[0].get_color())
     if reference is not None:
         ax.errorbar([0.0], [reference[0]], yerr=[reference[1]], color="grey", marker="s", capsize=3, label="reference")
-    ax.set_xlabel("KL(π ‖ π_ref) per completion (exact per-token sum)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.set_title("final checkpoints, mean over seeds ± 1 s.d. of the seeds", fontsize=8)
+    ax.set_title(title, fontsize=8)
     return _finish(plt, fig, ax, out_path)
 
 

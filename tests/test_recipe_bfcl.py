@@ -147,6 +147,7 @@ def test_quick_run_report_and_resume(tmp_path):
     subprocess.run(cmd, check=True, timeout=600)
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file() and (out / "buffer" / "manifest.json").is_file()
+    assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     cfg = bfcl.load_config(quick=True)
     assert set(rep["methods"]) == {"sft", "shiq", "shiq_tk", "mt_dpo", "mt_copg"}
     keys = ["turn_accuracy", "mean_turn_reward", "kl", "gt_nll_per_token"]
@@ -173,4 +174,6 @@ def test_quick_run_report_and_resume(tmp_path):
     assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
     # resuming: nothing but the report runs again
     res = subprocess.run(cmd, check=True, timeout=120, capture_output=True, text=True)
-    assert res.stderr.count("done earlier, skipped") == 1 + 5 + 1  # data, five methods, the reference
+    assert res.stderr.count("done earlier, skipped") == 1 + 1 + 5  # data, the reference, five methods
+    stages = json.loads((out / "stages.json").read_text())["done"]
+    assert list(stages)[:2] == ["data", "eval_reference"]  # the baseline first: a run stopped part-way has it

@@ -16,10 +16,11 @@ interrupted training run resumes from its newest checkpoint):
    supervised baseline, the ground truths alone (``buffer_sft/``). A trajectory longer than
    ``data.max_tokens`` keeps its first whole turns that fit (the same number for every trajectory of
    its scenario); what the model is shown at a kept turn is never cut (``data.json`` counts the cuts).
-2. ``train_<method>`` — each method on its buffer, the same scenarios per step and the same number
-   of steps, the last ``train.trainable_last_layers`` layers trained; then its evaluation
-   (``runs/<method>/eval.json``).
-3. ``eval_reference`` — the untrained model on the same turns (``reference_eval.json``).
+2. ``eval_reference`` — the untrained model on the held-out turns (``reference_eval.json``), first,
+   so that a run stopped part-way already has its baseline.
+3. ``train_<method>`` — each method on its buffer, the same scenarios per step and the same number
+   of steps, the last ``train.trainable_last_layers`` layers trained; then its evaluation on the same
+   turns (``runs/<method>/eval.json``).
 4. ``report`` — ``report.json`` and ``report.md``.
 
 Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns`): on each held-out scenario, one assistant
@@ -68,6 +69,7 @@ from shiq_eval.recipes.common import (
     recipe_trainer,
     run_recipe,
 )
+from shiq_eval.report import plot_frontier
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
@@ -297,7 +299,7 @@ def stage_data(ctx: Context) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 2: training, then evaluation
+# stage 3: training, then evaluation
 
 
 def _hf_shape(ctx) -> LlamaShape:
@@ -339,7 +341,7 @@ def stage_train(ctx: Context, arm: str) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# stage 3: evaluation
+# stage 2: evaluation (the reference's; each trained policy's at the end of stage 3)
 
 
 def evaluate(ctx: Context, model, ref_model=None) -> dict:
@@ -446,6 +448,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
         "eval_seconds": ref["eval_seconds"],
         "answers": _shown(ref["turns"], cfg["eval"]["show_answers"]),
     }
+    plot_turn_frontiers(reference, methods, ctx.out)
     return {
         "reference": reference,
         "methods": methods,
@@ -454,6 +457,29 @@ def build_report(ctx: Context, timings: dict) -> dict:
         "config": cfg,
         "versions": _versions(),
     }
+
+
+FIGURES = {  # file: (metric, y-axis label)
+    "turn_accuracy_vs_kl.png": ("turn_accuracy", "turn accuracy on held-out turns (checker, reset)"),
+    "turn_reward_vs_kl.png": ("mean_turn_reward", "mean turn reward on held-out turns (cumulative)"),
+}
+
+
+def plot_turn_frontiers(reference: dict, methods: dict, out: Path) -> list[Path]:
+    """Each :data:`FIGURES` metric against the KL per turn: a point per method at its β, the reference at
+    KL 0, error bars of one standard error over the held-out turns."""
+    paths = []
+    for name, (key, ylabel) in FIGURES.items():
+        points = [
+            {"method": m, "beta": None if arm_method(m) == "sft" else r["beta"], "kl": r["kl"], "kl_sd": r["kl_stderr"]}
+            | {"reward": r[key], "reward_sd": r[f"{key}_stderr"]}
+            for m, r in methods.items()
+        ]
+        ref = (reference[key], reference[f"{key}_stderr"])
+        title = "one training seed; error bars: ± 1 standard error over the held-out turns"
+        xlabel = "KL(π ‖ π_ref) per assistant turn (exact per-token sum over the answer)"
+        paths.append(plot_frontier(points, out / name, reference=ref, ylabel=ylabel, title=title, xlabel=xlabel))
+    return paths
 
 
 def _shown(turns: list[dict], n: int) -> list[dict]:
@@ -526,6 +552,7 @@ def report_markdown(rep: dict) -> str:
             f"{diff(r, 'gt_nll_per_token')} | {r['scenario_accuracy']:.3f} | {r['train_seconds']:.0f} | "
             f"{r['eval_seconds']:.0f} |"
         )
+    lines += ["", *(f"![{name}]({name})" for name in FIGURES)]
     lines += ["", "## Answers (the first held-out turns)", ""]
     for name, r in [("reference", ref), *rep["methods"].items()]:
         lines.append(f"**{name}**")
@@ -552,9 +579,9 @@ def run(cfg: dict, out: str | Path) -> dict:
         raise SystemExit(f"{PROG}: {e}") from None
     stages = Stages(out, cfg, prog=PROG)
     ctx = Context(cfg, out)
-    plan = [("data", lambda: stage_data(ctx))]
+    # the reference's evaluation right after the data: a run stopped part-way already has its baseline
+    plan = [("data", lambda: stage_data(ctx)), ("eval_reference", lambda: stage_eval_reference(ctx))]
     plan += [(f"train_{m}", lambda m=m: stage_train(ctx, m)) for m in cfg["train"]["methods"]]
-    plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
     return stages.run(plan, _log, lambda timings: build_report(ctx, timings), report_markdown)
 
 
