@@ -6,6 +6,8 @@
   reward, estimated from ``N`` reference samples per prompt by ``β log mean_i exp(R_i/β)``. The
   estimate is biased low for small ``N`` (Jensen), so :func:`j_star_curve` shows it as ``N`` grows.
 - Differences between two policies on the same prompts are paired by prompt.
+- Values that come in correlated clusters (the turns of one multi-turn scenario) get a standard
+  error clustered by scenario (:func:`clustered_mean_stderr`), not one that treats them as independent.
 
 Inputs are per-prompt arrays (numpy or anything ``np.asarray`` takes); everything is float64.
 """
@@ -41,6 +43,26 @@ def mean_stderr(values) -> tuple[float, float]:
     return float(v.mean()), se
 
 
+def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
+    """Mean of ``values [N]`` and its standard error when values of one cluster (``clusters [N]``: any
+    hashable labels, e.g. the turns of one multi-turn scenario) may be correlated and clusters are
+    independent (SHIQ_MATH §9): ``se² = G/(G−1) · Σ_c (Σ_{i∈c} (v_i − v̄))² / N²`` over ``G`` clusters;
+    0 for one cluster. With one value per cluster it is :func:`mean_stderr`'s; with clusters of equal
+    size, the standard error of the cluster means."""
+    v = _vector(values, "values")
+    labels = list(clusters)
+    if len(labels) != v.size:
+        raise ValueError(f"{v.size} values but {len(labels)} cluster labels")
+    codes: dict = {}
+    idx = np.array([codes.setdefault(c, len(codes)) for c in labels])  # [N] cluster numbers
+    g = len(codes)
+    mean = float(v.mean())
+    if g < 2:
+        return mean, 0.0
+    sums = np.bincount(idx, weights=v - mean, minlength=g)  # [G]
+    return mean, float(math.sqrt(g / (g - 1) * float((sums**2).sum())) / v.size)
+
+
 def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
     """Per-completion values in prompt-major order ``[P * s]`` (prompt ``i``'s ``s`` samples at
     ``i*s .. i*s+s-1``) as per-prompt means ``[P]``: the unit that paired differences and standard errors
@@ -66,12 +88,13 @@ def j_value(rewards, kls, beta) -> tuple[float, float]:
     return mean_stderr(j_per_prompt(rewards, kls, beta))
 
 
-def paired_difference(a, b) -> tuple[float, float]:
-    """``mean(a − b)`` and its standard error, paired by prompt (``a[i]``, ``b[i]`` on prompt ``i``)."""
+def paired_difference(a, b, clusters=None) -> tuple[float, float]:
+    """``mean(a − b)`` and its standard error, paired by prompt (``a[i]``, ``b[i]`` on prompt ``i``);
+    with ``clusters``, clustered as in :func:`clustered_mean_stderr` (SHIQ_MATH §9)."""
     a, b = _vector(a, "a"), _vector(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired values need the same prompts: shapes {a.shape} and {b.shape}")
-    return mean_stderr(a - b)
+    return mean_stderr(a - b) if clusters is None else clustered_mean_stderr(a - b, clusters)
 
 
 def soft_value(samples, beta) -> float:

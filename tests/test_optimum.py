@@ -8,7 +8,16 @@ import mpmath
 import numpy as np
 import pytest
 
-from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, j_value, mean_stderr, paired_difference, soft_value
+from shiq_eval.optimum import (
+    clustered_mean_stderr,
+    j_per_prompt,
+    j_star,
+    j_star_curve,
+    j_value,
+    mean_stderr,
+    paired_difference,
+    soft_value,
+)
 
 
 def _mp_soft_value(samples, beta):
@@ -55,6 +64,28 @@ def test_j_and_paired_difference_against_the_statistics_module():
     d, dse = paired_difference(j_per_prompt(r, k, beta), r_ref)
     assert d == pytest.approx(statistics.fmean(diff)) and dse == pytest.approx(statistics.stdev(diff) / math.sqrt(50))
     assert mean_stderr([2.0]) == (2.0, 0.0)
+
+
+def test_clustered_standard_errors_against_cluster_means_and_singletons():
+    """Independent references: with one value per cluster the clustered standard error is the plain
+    one (``statistics.stdev/√n``); with clusters of equal size it is the standard error of the cluster
+    means; correlated clusters give a larger one than treating every value as independent."""
+    rng = np.random.default_rng(5)
+    v = rng.normal(size=24)
+    mean, se = clustered_mean_stderr(v, [f"s{i}" for i in range(24)])
+    assert mean == pytest.approx(statistics.fmean(v)) and se == pytest.approx(statistics.stdev(v) / math.sqrt(24))
+    labels = [f"s{i // 4}" for i in range(24)]  # 6 scenarios of 4 turns
+    means = [statistics.fmean(v[i : i + 4]) for i in range(0, 24, 4)]
+    mean, se = clustered_mean_stderr(v, labels)
+    assert mean == pytest.approx(statistics.fmean(v)) and se == pytest.approx(statistics.stdev(means) / math.sqrt(6))
+    shared = np.repeat(rng.normal(size=6), 4) + 0.1 * rng.normal(size=24)  # turns of a scenario alike
+    assert clustered_mean_stderr(shared, labels)[1] > 1.5 * mean_stderr(shared)[1]
+    # paired by turn, clustered by scenario: the clustered standard error of the differences
+    b = rng.normal(size=24)
+    assert paired_difference(v, b, labels) == pytest.approx(clustered_mean_stderr(v - b, labels))
+    assert clustered_mean_stderr([1.0, 3.0], ["a", "a"]) == (2.0, 0.0)  # one cluster: no spread to measure
+    with pytest.raises(ValueError, match="cluster labels"):
+        clustered_mean_stderr([1.0, 2.0], ["a"])
 
 
 @pytest.mark.parametrize(

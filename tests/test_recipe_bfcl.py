@@ -137,6 +137,36 @@ def test_ground_truth_answers_score_every_turn(tokenizer):
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == [1.0] * len(spans)
 
 
+def test_summary_clusters_turns_by_scenario():
+    """The report's means and standard errors against pandas on the turns: the mean over turns, and
+    (every scenario with 3 turns here) the standard error of the scenario means, for each metric and
+    for the paired difference to the reference; the scenario accuracy from the scenarios' verdicts."""
+    pd = pytest.importorskip("pandas")
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+
+    def turns(shift):
+        return [
+            {"id": f"multi_turn_base_{i}", "turn": k, "reset": float(rng.random() < 0.3 + shift)}
+            | {"cumulative": float(rng.random() < 0.2), "kl": float(rng.exponential()), "gt_nll": float(rng.random())}
+            | {"gt_tokens": int(rng.integers(5, 40)), "answer_tokens": 9, "valid": i % 3 == 0}
+            for i in range(8)
+            for k in range(3)
+        ]
+
+    pol, ref = turns(0.3), turns(0.0)
+    out = bfcl.summarize(pol, ref)
+    df, rf = pd.DataFrame(pol), pd.DataFrame(ref)
+    df["d"] = df["reset"] - rf["reset"]
+    for col, key in (("reset", "turn_accuracy"), ("kl", "kl"), ("d", "turn_accuracy_minus_reference")):
+        means = df.groupby("id")[col].mean()
+        assert out[key] == pytest.approx(df[col].mean())
+        assert out[f"{key}_stderr"] == pytest.approx(means.std(ddof=1) / math.sqrt(len(means)))
+    assert out["scenario_accuracy"] == pytest.approx(df.groupby("id")["valid"].first().mean())
+    assert (out["n_turns"], out["n_scenarios"]) == (24, 8)
+
+
 def test_quick_run_report_and_resume(tmp_path):
     """The README's --quick command, the recipe's quick variant in CI: report.json's structure, finite
     numbers, the reference's turn accuracy equal to the checker's verdict on its saved answers, the

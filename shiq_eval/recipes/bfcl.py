@@ -27,8 +27,9 @@ Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns`): on each held-out scenari
 message per turn given the ground-truth history, parsed and checked: ``turn_accuracy`` is the mean of
 the checker's reset reward (turn k run from the ground-truth state), ``mean_turn_reward`` the mean
 cumulative turn reward of the same answers, ``kl`` the exact per-token KL to the reference summed
-over each answer (SHIQ_MATH §6), all per turn with standard errors and paired by turn against the
-reference; ``gt_nll_per_token`` is the mean negative log-likelihood of the ground-truth answers.
+over each answer (SHIQ_MATH §6), all per turn with standard errors clustered by scenario and paired
+by turn against the reference; ``gt_nll_per_token`` is the mean negative log-likelihood of the
+ground-truth answers.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ from shiq_eval.bfcl.data import bfcl_version, entry_index, function_docs, load_c
 from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns, ground_truth_trajectory
-from shiq_eval.optimum import mean_stderr, paired_difference
+from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
     Stages,
     arm_beta,
@@ -406,19 +407,22 @@ def turn_metrics(turns: list[dict]) -> dict[str, np.ndarray]:
 
 
 def summarize(turns: list[dict], ref_turns: list[dict] | None = None) -> dict:
-    """Mean and standard error over turns of every metric, and (against ``ref_turns``, the same turns)
-    each one's difference to the reference with its standard error paired by turn; also the number of
-    turns and scenarios and the fraction of scenarios all of whose answers pass the official check."""
+    """Mean over turns of every metric with its standard error clustered by scenario (the turns of one
+    scenario share its functions and state, so they are not independent: SHIQ_MATH §9), and (against
+    ``ref_turns``, the same turns) each one's difference to the reference, paired by turn and clustered
+    by scenario; also the number of turns and scenarios and the fraction of scenarios all of whose
+    answers pass the official check."""
     vals = turn_metrics(turns)
+    ids = [t["id"] for t in turns]
     out = {}
     for name, v in vals.items():
-        out[name], out[f"{name}_stderr"] = mean_stderr(v)
+        out[name], out[f"{name}_stderr"] = clustered_mean_stderr(v, ids)
     if ref_turns is not None:
         if [(t["id"], t["turn"]) for t in turns] != [(t["id"], t["turn"]) for t in ref_turns]:
             raise ValueError("a method and the reference were evaluated on different turns")
         ref_vals = turn_metrics(ref_turns)
         for name in METRICS:
-            diff, se = paired_difference(vals[name], ref_vals[name])
+            diff, se = paired_difference(vals[name], ref_vals[name], clusters=ids)
             out[f"{name}_minus_reference"], out[f"{name}_minus_reference_stderr"] = diff, se
     by_id = {}
     for t in turns:
@@ -467,7 +471,7 @@ FIGURES = {  # file: (metric, y-axis label)
 
 def plot_turn_frontiers(reference: dict, methods: dict, out: Path) -> list[Path]:
     """Each :data:`FIGURES` metric against the KL per turn: a point per method at its β, the reference at
-    KL 0, error bars of one standard error over the held-out turns."""
+    KL 0, error bars of one standard error (clustered by scenario)."""
     paths = []
     for name, (key, ylabel) in FIGURES.items():
         points = [
@@ -476,7 +480,7 @@ def plot_turn_frontiers(reference: dict, methods: dict, out: Path) -> list[Path]
             for m, r in methods.items()
         ]
         ref = (reference[key], reference[f"{key}_stderr"])
-        title = "one training seed; error bars: ± 1 standard error over the held-out turns"
+        title = "one training seed; error bars: ± 1 standard error over held-out turns, clustered by scenario"
         xlabel = "KL(π ‖ π_ref) per assistant turn (exact per-token sum over the answer)"
         paths.append(plot_frontier(points, out / name, reference=ref, ylabel=ylabel, title=title, xlabel=xlabel))
     return paths
@@ -533,7 +537,8 @@ def report_markdown(rep: dict) -> str:
         + f", at most {ev['max_new_tokens']} tokens), parsed as calls and checked. Turn accuracy: the checker's reset "
         "reward (the turn run from the ground-truth state); turn reward: the cumulative reward of the same answers; "
         "KL: exact per-token KL(π‖π_ref) summed over each answer (SHIQ_MATH §6); NLL: of the ground-truth answer "
-        "per token. Means ± standard errors over turns; differences to the reference paired by turn. Scenario "
+        "per token. Means over turns ± standard errors clustered by scenario (a scenario's turns are not "
+        "independent); differences to the reference paired by turn, clustered the same way. Scenario "
         "accuracy: all answers of a scenario pass the official check (answers written with the ground-truth "
         "history, not a free rollout).",
         "",
