@@ -167,6 +167,25 @@ def test_summary_clusters_turns_by_scenario():
     assert (out["n_turns"], out["n_scenarios"]) == (24, 8)
 
 
+def test_tied_groups_against_pandas():
+    """Scenarios whose trajectories share one return (multi-turn DPO gets no pair from them), counted
+    with pandas on the same trajectories, under both reward definitions."""
+    pd = pytest.importorskip("pandas")
+    trajs = [
+        {"id": "a", "turn_rewards": [1, 1], "turn_rewards_reset": [1, 1]},
+        {"id": "a", "turn_rewards": [1, 0], "turn_rewards_reset": [1, 1]},  # tied only under reset
+        {"id": "b", "turn_rewards": [0, 1, 1], "turn_rewards_reset": [1, 0, 1]},
+        {"id": "b", "turn_rewards": [1, 1, 0], "turn_rewards_reset": [1, 1, 0]},  # tied under both
+        {"id": "c", "turn_rewards": [1], "turn_rewards_reset": [1]},
+        {"id": "c", "turn_rewards": [0], "turn_rewards_reset": [0]},
+    ]
+    df = pd.DataFrame(trajs)
+    for reward, col in (("cumulative", "turn_rewards"), ("reset", "turn_rewards_reset")):
+        expected = int((df.assign(r=df[col].map(sum)).groupby("id")["r"].nunique() == 1).sum())
+        assert bfcl.tied_groups(trajs, reward) == expected
+    assert (bfcl.tied_groups(trajs, "cumulative"), bfcl.tied_groups(trajs, "reset")) == (1, 2)
+
+
 def test_quick_run_report_and_resume(tmp_path):
     """The README's --quick command, the recipe's quick variant in CI: report.json's structure, finite
     numbers, the reference's turn accuracy equal to the checker's verdict on its saved answers, the

@@ -28,8 +28,9 @@ message per turn given the ground-truth history, parsed and checked: ``turn_accu
 the checker's reset reward (turn k run from the ground-truth state), ``mean_turn_reward`` the mean
 cumulative turn reward of the same answers, ``kl`` the exact per-token KL to the reference summed
 over each answer (SHIQ_MATH §6), all per turn with standard errors clustered by scenario and paired
-by turn against the reference; ``gt_nll_per_token`` is the mean negative log-likelihood of the
-ground-truth answers.
+by turn against the reference; ``gt_nll_per_token`` is the negative log-likelihood of the
+ground-truth answer per token of each turn, averaged over turns. With greedy answers (the default) the
+KL is taken along the greedy path, not over samples of the policy.
 """
 
 from __future__ import annotations
@@ -191,8 +192,9 @@ def scenario_trajectories(entry: dict, edits: int, seed: int, compact: bool = Fa
 
 def cut_to_turns(traj: dict, n_turns: int) -> dict:
     """The trajectory through its first ``n_turns`` turns: messages up to the last assistant message of
-    turn ``n_turns - 1``, and the turn rewards of those turns (a turn's reward never depends on later
-    turns, under either definition)."""
+    turn ``n_turns - 1``, and the decoded calls and turn rewards of those turns (a turn's reward never
+    depends on later turns, under either definition). The checker's verdict fields (``valid``,
+    ``error_type``, ``failed_turn``) still describe the whole trajectory, before the cut."""
     turns = traj["assistant_turns"]
     kept = sum(k < n_turns for k in turns)
     seen = 0
@@ -210,6 +212,7 @@ def cut_to_turns(traj: dict, n_turns: int) -> dict:
         "assistant_turns": turns[:kept],
         "turn_rewards": traj["turn_rewards"][:n_turns],
         "turn_rewards_reset": traj["turn_rewards_reset"][:n_turns],
+        "decoded_turns": traj["decoded_turns"][:n_turns],
         "kept_turns": n_turns,
     }
 
@@ -364,7 +367,7 @@ def evaluate(ctx: Context, model, ref_model=None) -> dict:
             ref_model=ref_model,
             max_new_tokens=ev["max_new_tokens"],
             temperature=ev["temperature"],
-            seed=ctx.cfg["seed"] + 3,
+            seed=(ctx.cfg["seed"] + 3) * 100_003 + i,  # each scenario its own stream (temperature > 0)
         )
         for k in range(len(r["answers"])):
             turns.append(
@@ -433,8 +436,22 @@ def summarize(turns: list[dict], ref_turns: list[dict] | None = None) -> dict:
     return out
 
 
+def tied_groups(trajectories: list[dict], reward: str) -> int:
+    """Scenarios whose trajectories all have the same return (the sum of the buffer's turn rewards,
+    ``reward`` cumulative or reset): multi-turn DPO forms no pair from them (ties are dropped, SHIQ_MATH
+    §5), while ShiQ and CoPG still learn from their rewards."""
+    key = "turn_rewards" if reward == "cumulative" else "turn_rewards_reset"
+    returns: dict[str, set] = {}
+    for t in trajectories:
+        returns.setdefault(t["id"], set()).add(sum(t[key]))
+    return sum(len(r) == 1 for r in returns.values())
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
+    trajectories = [json.loads(line) for line in (ctx.out / "trajectories.jsonl").read_text().splitlines()]
+    data = json.loads((ctx.out / "data.json").read_text())
+    data["groups_tied"] = tied_groups(trajectories, cfg["data"]["reward"])
     ref = json.loads((ctx.out / "reference_eval.json").read_text())
     methods = {}
     for arm in cfg["train"]["methods"]:
@@ -456,7 +473,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
     return {
         "reference": reference,
         "methods": methods,
-        "data": json.loads((ctx.out / "data.json").read_text()),
+        "data": data,
         "timings": timings,
         "config": cfg,
         "versions": _versions(),
@@ -526,7 +543,8 @@ def report_markdown(rep: dict) -> str:
         f"1 or 0 by the state-based checker ({data['reward']} turn rewards in the buffer). {data['trajectories']} "
         f"trajectories, {data['turns']} turns, {data['tokens']['mean']:.0f} tokens per row on average (at most "
         f"{cfg['data']['max_tokens']}: {data['scenarios_cut']} scenarios kept only their first whole turns, "
-        f"{len(data['scenarios_dropped'])} dropped).",
+        f"{len(data['scenarios_dropped'])} dropped). In {data['groups_tied']} scenarios every trajectory has the "
+        "same return: multi-turn DPO forms no pair from them (ties are dropped), ShiQ and CoPG still learn from them.",
         f"- **Training.** {', '.join(t['methods'])}: {t['steps']} AdamW steps each (lr {t['lr']}, warm-up "
         f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} scenarios per step with all their trajectories "
         f"(sft: their ground truths only), the last {t['trainable_last_layers']} transformer layers trained. β per "
@@ -536,8 +554,13 @@ def report_markdown(rep: dict) -> str:
         + ("(greedy" if ev["temperature"] == 0 else f"(temperature {ev['temperature']}")
         + f", at most {ev['max_new_tokens']} tokens), parsed as calls and checked. Turn accuracy: the checker's reset "
         "reward (the turn run from the ground-truth state); turn reward: the cumulative reward of the same answers; "
-        "KL: exact per-token KL(π‖π_ref) summed over each answer (SHIQ_MATH §6); NLL: of the ground-truth answer "
-        "per token. Means over turns ± standard errors clustered by scenario (a scenario's turns are not "
+        "KL: exact per-token KL(π‖π_ref) summed over each answer (SHIQ_MATH §6)"
+        + (
+            ", along the greedy answer, which is not a sample of π, so not an estimate of KL(π‖π_ref) itself"
+            if ev["temperature"] == 0
+            else ""
+        )
+        + "; NLL: of the ground-truth answer, per token within a turn, then averaged over turns. Means over turns ± standard errors clustered by scenario (a scenario's turns are not "
         "independent); differences to the reference paired by turn, clustered the same way. Scenario "
         "accuracy: all answers of a scenario pass the official check (answers written with the ground-truth "
         "history, not a free rollout).",
@@ -552,7 +575,7 @@ def report_markdown(rep: dict) -> str:
     ]
     for m, r in rep["methods"].items():
         lines.append(
-            f"| {m} | {r['beta']:g} | {pm(r, 'turn_accuracy')} | {diff(r, 'turn_accuracy')} | "
+            f"| {m} | {'—' if arm_method(m) == 'sft' else format(r['beta'], 'g')} | {pm(r, 'turn_accuracy')} | {diff(r, 'turn_accuracy')} | "
             f"{pm(r, 'mean_turn_reward')} | {pm(r, 'kl')} | {pm(r, 'gt_nll_per_token')} | "
             f"{diff(r, 'gt_nll_per_token')} | {r['scenario_accuracy']:.3f} | {r['train_seconds']:.0f} | "
             f"{r['eval_seconds']:.0f} |"
