@@ -12,7 +12,7 @@ import torch
 from shiq_eval.bfcl import checker, data
 from shiq_eval.bfcl.parse import decode_calls
 from shiq_eval.bfcl.rollout import trajectory_to_row
-from shiq_eval.bfcl.turns import answer_turns, ground_truth_trajectory, turn_positions
+from shiq_eval.bfcl.turns import answer_turns, answer_turns_batch, ground_truth_trajectory, turn_positions
 from shiq_eval.recipes import bfcl
 
 pytest.importorskip("bfcl_eval")
@@ -72,7 +72,7 @@ def test_edited_trajectories_and_turn_cuts_keep_what_the_model_saw(tokenizer):
     assert bfcl.fit_group(group, tokenizer, max_tokens=10, reward="cumulative") == ([], [])
 
 
-def _tiny_llama(seed):
+def _tiny_llama(seed, initializer_range=0.02):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -85,43 +85,80 @@ def _tiny_llama(seed):
         num_key_value_heads=1,
         max_position_embeddings=16384,
         tie_word_embeddings=True,
+        initializer_range=initializer_range,
     )
     return LlamaForCausalLM(cfg).eval()
 
 
-def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
-    """Greedy answers, their exact KL (shiq_eval.evaluate.sequence_kls on full rows) and the ground
-    truth's NLL (one full forward) from a tiny random Llama, recomputed without any cache."""
+def _plain_answers(model, ref, tokenizer, traj, max_new_tokens):
+    """Per turn: the greedy answer, its exact KL (shiq_eval.evaluate.sequence_kls on full rows) and the
+    ground truth's NLL (one full forward), each recomputed from scratch without any cache."""
     from shiq_eval.evaluate import sequence_kls
 
+    ids, spans = turn_positions(tokenizer, traj)
+    out = {"tokens": [], "kl": [], "gt_nll": [], "gt_tokens": []}
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        for s, e in spans:
+            prompt, gen = ids[:s], []
+            for _ in range(max_new_tokens):
+                last = model.model(input_ids=torch.tensor([prompt + gen])).last_hidden_state[0, -1]
+                gen.append(int(model.lm_head(last).argmax()))
+                if gen[-1] == tokenizer.eos_token_id:
+                    break
+            out["tokens"].append(gen)
+            out["kl"].append(float(sequence_kls(model, ref, [prompt], [gen])[1][0]))
+            logp = torch.log_softmax(model.lm_head(hidden[s - 1 : e - 1]).double(), -1)
+            out["gt_nll"].append(-float(logp[torch.arange(e - s), ids[s:e]].sum()))
+            out["gt_tokens"].append(e - s)
+    return out
+
+
+def _assert_same_answers(res, plain):
+    assert res["tokens"] == plain["tokens"] and res["gt_tokens"] == plain["gt_tokens"]
+    assert res["kl"] == pytest.approx(plain["kl"], rel=1e-5, abs=1e-9)
+    assert res["gt_nll"] == pytest.approx(plain["gt_nll"], rel=1e-6)
+
+
+def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
+    """Greedy answers, KL and ground-truth NLL of a tiny random Llama against a recomputation without
+    any cache (:func:`_plain_answers`)."""
     model, ref = _tiny_llama(0), _tiny_llama(1)
     entry = data.load_entry("multi_turn_base", 3)
     traj = ground_truth_trajectory(entry, compact=True)
     res = answer_turns(model, tokenizer, entry, traj, ref_model=ref, max_new_tokens=3)
-    ids, spans = turn_positions(tokenizer, traj)
-    assert len(spans) == len(entry["ground_truth"]) == len(res["answers"])
-    with torch.no_grad():
-        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]
-        for k, (s, e) in enumerate(spans):
-            prompt, gen = ids[:s], []
-            for _ in range(3):
-                last = model.model(input_ids=torch.tensor([prompt + gen])).last_hidden_state[0, -1]
-                logits = model.lm_head(last)
-                gen.append(int(logits.argmax()))
-                if gen[-1] == tokenizer.eos_token_id:
-                    break
-            assert res["tokens"][k] == gen
-            _, exact = sequence_kls(model, ref, [prompt], [gen])
-            assert res["kl"][k] == pytest.approx(float(exact[0]), rel=1e-6, abs=1e-9)
-            logp = torch.log_softmax(model.lm_head(hidden[s - 1 : e - 1]).double(), -1)
-            nll = -float(logp[torch.arange(e - s), ids[s:e]].sum())
-            assert res["gt_nll"][k] == pytest.approx(nll, rel=1e-6)
-            assert res["gt_tokens"][k] == e - s
+    assert len(res["answers"]) == len(entry["ground_truth"])
+    _assert_same_answers(res, _plain_answers(model, ref, tokenizer, traj, 3))
     # without a reference the KL is 0; the checker scores the parsed answers
     alone = answer_turns(model, tokenizer, entry, traj, max_new_tokens=3)
-    assert alone["kl"] == [0.0] * len(spans) and alone["tokens"] == res["tokens"]
+    assert alone["kl"] == [0.0] * len(res["answers"]) and alone["tokens"] == res["tokens"]
     decoded = [[c] if (c := decode_calls(a)) else [] for a in res["answers"]]
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == res["turn_rewards_reset"]
+
+
+def test_batched_answers_equal_each_scenario_alone(tokenizer):
+    """Scenarios answered in lockstep (different prompt lengths and numbers of turns: every chunk padded,
+    rows finishing early) give each scenario's plain answers; an EOS-heavy model ends rows at different
+    steps."""
+    # weights of std 1: answers that depend on the context (at std 0.02 every answer is one repeated token);
+    # the output row of the end-of-turn token copies a token the model writes now and then, so that rows
+    # end at different steps
+    model, ref = _tiny_llama(0, initializer_range=1.0), _tiny_llama(1, initializer_range=1.0)
+    with torch.no_grad():
+        head = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied from the input embedding
+        head[tokenizer.eos_token_id] = head[39542] * 1.001
+        model.lm_head.weight = head
+    entries = [data.load_entry("multi_turn_base", i) for i in (3, 6, 1)]
+    trajs = [ground_truth_trajectory(e, compact=True) for e in entries]
+    results = answer_turns_batch(model, tokenizer, entries, trajs, ref_model=ref, max_new_tokens=4, seeds=[0, 1, 2])
+    assert [len(r["answers"]) for r in results] == [2, 5, 4]
+    lengths = set()
+    for entry, traj, res in zip(entries, trajs, results):
+        plain = _plain_answers(model, ref, tokenizer, traj, 4)
+        _assert_same_answers(res, plain)
+        lengths |= {len(t) for t in plain["tokens"]}
+        assert res["turn_rewards_reset"] == checker.check_trajectory(entry, res["decoded_turns"])["turn_rewards_reset"]
+    assert len(lengths) > 1, "every answer had the same length: the test does not exercise rows that end early"
 
 
 def test_ground_truth_answers_score_every_turn(tokenizer):
@@ -226,3 +263,20 @@ def test_quick_run_report_and_resume(tmp_path):
     assert res.stderr.count("done earlier, skipped") == 1 + 1 + 5  # data, the reference, five methods
     stages = json.loads((out / "stages.json").read_text())["done"]
     assert list(stages)[:2] == ["data", "eval_reference"]  # the baseline first: a run stopped part-way has it
+
+
+def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
+    """A finished run takes more arms (and another evaluation batch size) without rerunning what is done,
+    and the saved configuration follows; any other change is refused."""
+    from shiq_eval.recipes.common import Stages
+
+    cfg = bfcl.load_config(quick=True)
+    stages = Stages(tmp_path, cfg, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+    stages.finish("train_shiq", 1.0)
+    more = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "eval.batch_size=3"])
+    again = Stages(tmp_path, more, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+    assert again.done("train_shiq") and not again.done("train_shiq@0.1")
+    assert json.loads((tmp_path / "config.json").read_text()) == more
+    changed = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "train.steps=3"])
+    with pytest.raises(SystemExit, match=r"differs in \['train.steps'\]"):
+        Stages(tmp_path, changed, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))

@@ -13,6 +13,10 @@ The prompts of successive turns are token-prefixes of one rendering of the groun
 conversation, so each model keeps one KV cache per entry: it reads the conversation once, chunk by
 chunk up to each turn's answer, and its cache is cut back to the prompt after every answer. The
 same pass gives the model's log-likelihood of the ground-truth answer of every turn.
+
+Decoding one token reads every weight of the model once, so on a CPU one answer at a time is bound by
+memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lockstep (turn ``k`` of
+each at the same time) in one batched cache, each row masked from the others' tokens and padding.
 """
 
 from __future__ import annotations
@@ -48,28 +52,58 @@ def turn_positions(tokenizer, trajectory: dict) -> tuple[list[int], list[tuple[i
     return ids, [first[k] for k in range(n)]
 
 
-class _CachedLM:
-    """A Hugging Face causal LM reading one token sequence into a KV cache, chunk by chunk."""
+class _BatchLM:
+    """A Hugging Face causal LM reading ``B`` token sequences into one KV cache, chunk by chunk, in lockstep.
 
-    def __init__(self, model):
+    Each :meth:`feed` appends one chunk per row; the chunks are right-padded to the longest, and the
+    padding is masked out of attention (``mask``) and takes no position (``pos``: real tokens per row),
+    so a row's logits are those of its tokens alone, whatever its neighbours hold. A row with ``B = 1``
+    and no padding runs exactly as a single sequence does.
+    """
+
+    def __init__(self, model, batch: int):
         from transformers import DynamicCache  # heavy: transformers, only when a model runs
 
-        self.model, self.cache, self.length = model, DynamicCache(), 0
+        self.model, self.cache = model, DynamicCache()
+        self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, L]: 1 where the cache holds a real token
+        self.pos = torch.zeros(batch, dtype=torch.long)  # [B]: real tokens read per row
 
-    def feed(self, tokens: list[int], keep: list[int]) -> torch.Tensor:
-        """Append ``tokens`` to the cache; logits ``[len(keep), V]`` (float64) at the given offsets into
-        ``tokens`` (each predicts the token after it)."""
-        x = torch.tensor([tokens], dtype=torch.long)
-        out = self.model.model(input_ids=x, past_key_values=self.cache, use_cache=True)
+    @property
+    def length(self) -> int:
+        """Positions in the cache, padding included."""
+        return self.mask.shape[1]
+
+    def feed(self, chunks: list[list[int]], keep: list[list[int]]) -> list[torch.Tensor]:
+        """Append ``chunks[b]`` to row ``b`` (an empty chunk: nothing); for each row, the logits
+        ``[len(keep[b]), V]`` (float64) at the given offsets into its chunk (each predicts the token after it)."""
+        B, C = len(chunks), max(map(len, chunks))
+        if C == 0:
+            return [torch.zeros(0, self.model.config.vocab_size, dtype=torch.float64) for _ in range(B)]
+        x = torch.zeros(B, C, dtype=torch.long)  # [B, C]
+        real = torch.zeros(B, C, dtype=torch.long)
+        for b, c in enumerate(chunks):
+            x[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+            real[b, : len(c)] = 1
+        position_ids = self.pos[:, None] + torch.arange(C)[None]  # [B, C]; padding: past the row's end, masked
+        self.mask = torch.cat([self.mask, real], 1)
+        padded = bool((self.mask == 0).any())
+        out = self.model.model(
+            input_ids=x,
+            attention_mask=self.mask if padded else None,
+            position_ids=position_ids,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
         self.cache = out.past_key_values
-        self.length += len(tokens)
-        h = out.last_hidden_state[0, keep]
-        return self.model.lm_head(h).double()
+        self.pos += real.sum(1)
+        h = out.last_hidden_state  # [B, C, D]
+        return [self.model.lm_head(h[b, k]).double() for b, k in enumerate(keep)]
 
     def crop(self, length: int) -> None:
-        """Keep the first ``length`` tokens of the cache."""
-        self.cache.crop(length - self.length)  # a negative count removes that many tokens from the end
-        self.length = length
+        """Keep the first ``length`` positions of the cache (padding included)."""
+        self.cache.crop(length - self.length)  # a negative count removes that many positions from the end
+        self.mask = self.mask[:, :length]
+        self.pos = self.mask.sum(1)
 
 
 @torch.no_grad()
@@ -97,71 +131,149 @@ def answer_turns(
     end-of-turn token included), "gt_tokens": [int] per turn}`` plus the checker's fields (``valid``,
     ``turn_rewards``, ``turn_rewards_reset``, ...).
     """
-    traj = ground_truth_trajectory(entry) if trajectory is None else trajectory
-    ids, spans = turn_positions(tokenizer, traj)
+    return answer_turns_batch(
+        model,
+        tokenizer,
+        [entry],
+        [trajectory],
+        ref_model=ref_model,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seeds=[seed],
+    )[0]
+
+
+@torch.no_grad()
+def answer_turns_batch(
+    model,
+    tokenizer,
+    entries: list[dict],
+    trajectories: list[dict | None] | None = None,
+    *,
+    ref_model=None,
+    max_new_tokens: int = 128,
+    temperature: float = 0.0,
+    seeds: list[int] | None = None,
+) -> list[dict]:
+    """:func:`answer_turns` for several entries at once (one result per entry, in order): the entries
+    are read and answered in lockstep, turn ``k`` of every entry at the same time, so that each decoding
+    step reads the weights once for the whole batch. Each row sees only its own tokens (padding is masked
+    and takes no position), so the results are those of :func:`answer_turns` on each entry alone, up to
+    floating-point rounding."""
+    B = len(entries)
+    trajs = [
+        ground_truth_trajectory(e) if t is None else t
+        for e, t in zip(entries, trajectories if trajectories is not None else [None] * B)
+    ]
+    seeds = list(seeds) if seeds is not None else [0] * B
+    rows = [turn_positions(tokenizer, t) for t in trajs]  # (ids [T_b], spans_b)
     eos = tokenizer.eos_token_id
-    policy = _CachedLM(model)
-    ref = _CachedLM(ref_model) if ref_model is not None else None
+    policy = _BatchLM(model, B)
+    ref = _BatchLM(ref_model, B) if ref_model is not None else None
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
-    out = {"answers": [], "decoded_turns": [], "tokens": [], "kl": [], "gt_nll": [], "gt_tokens": []}
-    pending = None  # the ground-truth answer of the previous turn, still to be scored
-    gt_logp = []
+    outs = [
+        {"answers": [], "decoded_turns": [], "tokens": [], "kl": [], "gt_nll": [], "gt_tokens": []} for _ in entries
+    ]
+    pending: list[tuple[int, int] | None] = [None] * B  # each row's ground-truth answer still to be scored
+    gt_logp: list[list[torch.Tensor]] = [[] for _ in range(B)]
 
-    def feed_to(end: int, with_ref: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Read ``ids[policy.length:end]``; logits at the last position (and at the positions of the
-        pending ground-truth answer, whose log-likelihood is collected)."""
-        start = policy.length
-        chunk = ids[start:end]
-        keep = [len(chunk) - 1]
-        targets = []
-        if pending is not None:
-            s, e = pending
-            # position p predicts token p + 1: positions s-1 .. e-2 predict the answer s .. e-1;
-            # s - 1 was read with the previous chunk (its logits are kept there)
-            keep = [p - start for p in range(max(s, start), e - 1)] + keep
-            targets = ids[max(s, start) + 1 : e]
-        logits = policy.feed(chunk, keep)
-        if targets:
-            gt_logp.append(torch.log_softmax(logits[:-1], -1)[torch.arange(len(targets)), targets])
-        ref_logits = ref.feed(chunk, [len(chunk) - 1]) if ref is not None and with_ref else None
-        return logits[-1], ref_logits[-1] if ref_logits is not None else None
-
-    for k, (s, e) in enumerate(spans):
-        last, ref_last = feed_to(s)
-        if pending is not None:
-            out["gt_nll"].append(-float(torch.cat(gt_logp).sum()))
-            gt_logp.clear()
-        # the first token of the ground-truth answer is predicted by position s - 1
-        gt_logp.append(torch.log_softmax(last, -1)[ids[s]].reshape(1))
-        pending = (s, e)
-        # generate the answer
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        states, tokens = [last], []
-        while True:
-            tok = int(sample_next(states[-1][None], cfg, generator)[0])
-            tokens.append(tok)
-            if tok == eos or len(tokens) >= max_new_tokens:
-                break
-            states.append(policy.feed([tok], [0])[0])
-        kl = 0.0
+    def feed_to(ends: list[int | None], with_ref: list[bool]) -> tuple[list, list]:
+        """Read ``ids_b[pos_b:ends[b]]`` into row ``b`` (None: nothing); logits at each row's last position
+        (and at the positions of its pending ground-truth answer, whose log-likelihood is collected)."""
+        chunks, keeps, targets = [], [], []
+        for b, end in enumerate(ends):
+            ids, start = rows[b][0], int(policy.pos[b])
+            chunk = ids[start:end] if end is not None else []
+            keep, tg = ([len(chunk) - 1] if chunk else []), []
+            if chunk and pending[b] is not None:
+                s, e = pending[b]
+                # position p predicts token p + 1: positions s-1 .. e-2 predict the answer s .. e-1;
+                # s - 1 was read with the previous chunk (its logits are kept there)
+                keep = [p - start for p in range(max(s, start), e - 1)] + keep
+                tg = ids[max(s, start) + 1 : e]
+            chunks.append(chunk)
+            keeps.append(keep)
+            targets.append(tg)
+        logits = policy.feed(chunks, keeps)
+        for b, tg in enumerate(targets):
+            if tg:
+                gt_logp[b].append(torch.log_softmax(logits[b][:-1], -1)[torch.arange(len(tg)), tg])
+        ref_logits = [None] * B
         if ref is not None:
-            ref_states = [ref_last]
-            if len(tokens) > 1:
-                ref_states += list(ref.feed(tokens[:-1], list(range(len(tokens) - 1))))
-            mask = torch.ones(1, len(tokens), dtype=torch.bool)
-            kl = float(exact_token_kl(token_kl(torch.stack(states)[None], torch.stack(ref_states)[None]), mask)[0])
-            ref.crop(s)
-        policy.crop(s)
-        answer = tokenizer.decode(tokens, skip_special_tokens=True).strip()
-        calls = decode_calls(answer)
-        out["answers"].append(answer)
-        out["tokens"].append(tokens)
-        out["decoded_turns"].append([calls] if calls else [])
-        out["kl"].append(kl)
-        out["gt_tokens"].append(e - s)
-    if pending is not None:
-        feed_to(pending[1], with_ref=False)
-        out["gt_nll"].append(-float(torch.cat(gt_logp).sum()))
+            ref_chunks = [c if w else [] for c, w in zip(chunks, with_ref)]
+            ref_logits = ref.feed(ref_chunks, [[len(c) - 1] if c else [] for c in ref_chunks])
+        lasts = [lg[-1] if len(lg) else None for lg in logits]
+        return lasts, [lg[-1] if lg is not None and len(lg) else None for lg in ref_logits]
+
+    n_turns = [len(spans) for _, spans in rows]
+    for k in range(max(n_turns) + 1):
+        # rows answering turn k read up to its prompt; rows past their last turn read the last ground-truth
+        # answer (its log-likelihood) once, then nothing
+        answering = [k < n for n in n_turns]
+        ends = [
+            rows[b][1][k][0] if answering[b] else (pending[b][1] if k == n_turns[b] and pending[b] else None)
+            for b in range(B)
+        ]
+        lasts, ref_lasts = feed_to(ends, answering)
+        for b in range(B):
+            if ends[b] is not None and pending[b] is not None:
+                outs[b]["gt_nll"].append(-float(torch.cat(gt_logp[b]).sum()))
+                gt_logp[b].clear()
+                pending[b] = None
+        if not any(answering):
+            break
+        for b in range(B):
+            if answering[b]:
+                s, e = rows[b][1][k]
+                # the first token of the ground-truth answer is predicted by position s - 1
+                gt_logp[b].append(torch.log_softmax(lasts[b], -1)[rows[b][0][s]].reshape(1))
+                pending[b] = (s, e)
+        # generate the answers, every row one token per step
+        prompt_length = policy.length
+        generators = [torch.Generator().manual_seed(seeds[b] * 1_000_003 + k) for b in range(B)]
+        states = [[lasts[b]] if answering[b] else [] for b in range(B)]
+        tokens: list[list[int]] = [[] for _ in range(B)]
+        writing = list(answering)
+        while any(writing):
+            for b in range(B):
+                if writing[b]:
+                    tok = int(sample_next(states[b][-1][None], cfg, generators[b])[0])
+                    tokens[b].append(tok)
+                    writing[b] = not (tok == eos or len(tokens[b]) >= max_new_tokens)
+            if not any(writing):
+                break
+            step = policy.feed(
+                [[tokens[b][-1]] if writing[b] else [] for b in range(B)], [[0] if w else [] for w in writing]
+            )
+            for b in range(B):
+                if writing[b]:
+                    states[b].append(step[b][0])
+        policy.crop(prompt_length)
+        kls = [0.0] * B
+        if ref is not None:
+            ref_length = ref.length
+            more = ref.feed([tokens[b][:-1] for b in range(B)], [list(range(len(tokens[b]) - 1)) for b in range(B)])
+            for b in range(B):
+                if answering[b]:
+                    ref_states = [ref_lasts[b], *more[b]]
+                    mask = torch.ones(1, len(tokens[b]), dtype=torch.bool)
+                    kl = exact_token_kl(token_kl(torch.stack(states[b])[None], torch.stack(ref_states)[None]), mask)
+                    kls[b] = float(kl[0])
+            ref.crop(ref_length)
+        for b in range(B):
+            if not answering[b]:
+                continue
+            s, e = rows[b][1][k]
+            answer = tokenizer.decode(tokens[b], skip_special_tokens=True).strip()
+            calls = decode_calls(answer)
+            outs[b]["answers"].append(answer)
+            outs[b]["tokens"].append(tokens[b])
+            outs[b]["decoded_turns"].append([calls] if calls else [])
+            outs[b]["kl"].append(kls[b])
+            outs[b]["gt_tokens"].append(e - s)
     context = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    out["over_context"] = bool(context and spans and spans[-1][0] + max_new_tokens > context)
-    return {**check_trajectory(entry, out["decoded_turns"]), **out}
+    results = []
+    for entry, out, (_, spans) in zip(entries, outs, rows):
+        out["over_context"] = bool(context and spans and spans[-1][0] + max_new_tokens > context)
+        results.append({**check_trajectory(entry, out["decoded_turns"]), **out})
+    return results

@@ -23,7 +23,7 @@ interrupted training run resumes from its newest checkpoint):
    turns (``runs/<method>/eval.json``).
 4. ``report`` — ``report.json`` and ``report.md``.
 
-Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns`): on each held-out scenario, one assistant
+Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns_batch`, ``eval.batch_size`` scenarios at a time): on each held-out scenario, one assistant
 message per turn given the ground-truth history, parsed and checked: ``turn_accuracy`` is the mean of
 the checker's reset reward (turn k run from the ground-truth state), ``mean_turn_reward`` the mean
 cumulative turn reward of the same answers, ``kl`` the exact per-token KL to the reference summed
@@ -57,7 +57,7 @@ from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.data import bfcl_version, entry_index, function_docs, load_category, load_split, select_subset
 from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
-from shiq_eval.bfcl.turns import answer_turns, ground_truth_trajectory
+from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
     Stages,
@@ -118,8 +118,8 @@ def _check_config(cfg: dict) -> None:
             raise ValueError(f"train.{key} must be >= {low}, got {t[key]}")
     if t["groups_per_step"] > (d["train_scenarios"] or 160):
         raise ValueError("train.groups_per_step cannot exceed data.train_scenarios")
-    if ev["max_new_tokens"] < 1 or ev["temperature"] < 0:
-        raise ValueError("eval.max_new_tokens must be >= 1 and eval.temperature >= 0")
+    if ev["max_new_tokens"] < 1 or ev["temperature"] < 0 or ev["batch_size"] < 1:
+        raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1 and eval.temperature >= 0")
     if cfg["model"]["layers"] < 0:
         raise ValueError(f"model.layers must be >= 0 (0: all), got {cfg['model']['layers']}")
 
@@ -356,37 +356,42 @@ def evaluate(ctx: Context, model, ref_model=None) -> dict:
     _, tok = ctx.reference
     t0 = time.perf_counter()
     turns = []
-    for i, e in enumerate(scenario_entries(ctx.cfg, "test")):
+    entries = scenario_entries(ctx.cfg, "test")
+    for e in entries:
         if e["id"] not in ctx.truths:
             ctx.truths[e["id"]] = ground_truth_trajectory(e, ctx.cfg["data"]["docs"] == "compact")
-        r = answer_turns(
+    for first in range(0, len(entries), ev["batch_size"]):
+        batch = entries[first : first + ev["batch_size"]]
+        results = answer_turns_batch(
             model,
             tok,
-            e,
-            ctx.truths[e["id"]],
+            batch,
+            [ctx.truths[e["id"]] for e in batch],
             ref_model=ref_model,
             max_new_tokens=ev["max_new_tokens"],
             temperature=ev["temperature"],
-            seed=(ctx.cfg["seed"] + 3) * 100_003 + i,  # each scenario its own stream (temperature > 0)
+            # each scenario its own stream (temperature > 0)
+            seeds=[(ctx.cfg["seed"] + 3) * 100_003 + i for i in range(first, first + len(batch))],
         )
-        for k in range(len(r["answers"])):
-            turns.append(
-                {
-                    "id": e["id"],
-                    "turn": k,
-                    "reset": r["turn_rewards_reset"][k],
-                    "cumulative": r["turn_rewards"][k],
-                    "kl": r["kl"][k],
-                    "gt_nll": r["gt_nll"][k],
-                    "gt_tokens": r["gt_tokens"][k],
-                    "answer_tokens": len(r["tokens"][k]),
-                    "answer": r["answers"][k],
-                    "truth": e["ground_truth"][k],
-                    "valid": bool(r["valid"]),
-                    "over_context": r["over_context"],
-                }
-            )
-        _log(f"evaluated {i + 1} scenario(s), {time.perf_counter() - t0:.0f} s")
+        for e, r in zip(batch, results):
+            for k in range(len(r["answers"])):
+                turns.append(
+                    {
+                        "id": e["id"],
+                        "turn": k,
+                        "reset": r["turn_rewards_reset"][k],
+                        "cumulative": r["turn_rewards"][k],
+                        "kl": r["kl"][k],
+                        "gt_nll": r["gt_nll"][k],
+                        "gt_tokens": r["gt_tokens"][k],
+                        "answer_tokens": len(r["tokens"][k]),
+                        "answer": r["answers"][k],
+                        "truth": e["ground_truth"][k],
+                        "valid": bool(r["valid"]),
+                        "over_context": r["over_context"],
+                    }
+                )
+        _log(f"evaluated {first + len(batch)} scenario(s), {time.perf_counter() - t0:.0f} s")
     return {"turns": turns, "eval_seconds": time.perf_counter() - t0}
 
 
@@ -605,7 +610,9 @@ def run(cfg: dict, out: str | Path) -> dict:
         smollm2_gguf()
     except AssetMissing as e:
         raise SystemExit(f"{PROG}: {e}") from None
-    stages = Stages(out, cfg, prog=PROG)
+    # arms can be added to a finished run (each is its own stage), and the evaluation's batch size changes
+    # nothing but its speed (batched answers equal single ones up to rounding)
+    stages = Stages(out, cfg, prog=PROG, free=("train.methods", "eval.batch_size"))
     ctx = Context(cfg, out)
     # the reference's evaluation right after the data: a run stopped part-way already has its baseline
     plan = [("data", lambda: stage_data(ctx)), ("eval_reference", lambda: stage_eval_reference(ctx))]
