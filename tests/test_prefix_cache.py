@@ -26,6 +26,15 @@ from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 VOCAB, LAYERS, TRAINABLE, SEQ = 128, 4, 2, 16
 TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": VOCAB}
 TOL = 1e-5
+LR = 1e-2
+# Two float32 runs that sum in different orders differ by rounding, and AdamW's normalisation can blow
+# that up in an entry whose gradient is near zero (its update is about ±lr whatever the gradient's size):
+# parameters may differ by a small fraction of one update, where a wrong cache moves them by whole updates.
+UPDATE_TOL = 1e-3 * LR
+
+
+def assert_close_parameter(p: torch.Tensor, q: torch.Tensor, name: str) -> None:
+    assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0) + UPDATE_TOL, name
 
 
 def make_rows(n=16, seed=3):
@@ -85,7 +94,7 @@ def train(buffer, init, out, loss, mode, cache=None, **train_kw):
     trainer = Trainer(
         model,
         LossConfig(loss, beta=0.3),
-        OptimizerConfig(lr=1e-2),
+        OptimizerConfig(lr=LR),
         TrainConfig(steps=3, trainable_last_layers=TRAINABLE, progress=False, tensorboard=False, **train_kw),
         out,
         ref_model=ref,
@@ -104,8 +113,7 @@ def assert_same_run(a, b, init):
     moved = 0
     for name, p in params_a.items():
         q = params_b[name]
-        scale = float(p.abs().max()) or 1.0
-        assert float((p - q).abs().max()) <= TOL * scale, name
+        assert_close_parameter(p, q, name)
         moved += not torch.equal(p, init[name])
     assert moved > 0  # the comparison is of trained parameters
 
@@ -220,7 +228,7 @@ def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monk
         cfg = ValueTrainConfig(
             steps=3,
             rows_per_micro_batch=4,
-            lr=1e-2,
+            lr=LR,
             trainable_last_layers=1,
             progress=False,
             cache_frozen_prefix=cached,
@@ -233,8 +241,7 @@ def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monk
     assert len(gathered) == 3  # the cached run's three micro-batches came from the cache
     assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
     for name, p in runs[False][1].items():
-        q = runs[True][1][name]
-        assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0), name
+        assert_close_parameter(p, runs[True][1][name], name)
     assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
 
 

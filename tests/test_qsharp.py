@@ -427,7 +427,8 @@ def test_guided_policy_generates_and_scores_candidates_like_full_passes(restrict
         for t, w in enumerate(want):
             assert torch.equal(steps.candidates[b, t], w["cand"])
             assert (steps.ref_top[b, t].double() - w["top"]).abs().max() < 1e-5
-            assert (steps.atom_logits[b, t].double() - w["atoms"]).abs().max() < 1e-5
+            # float32 logits of size ~15 through a different order of summation: a relative bound
+            assert (steps.atom_logits[b, t].double() - w["atoms"]).abs().max() < 1e-5 * max(1.0, w["atoms"].abs().max())
             assert (steps.guided[b, t] - w["guided"]).abs().max() < 1e-5
             # the per-step distribution over the vocabulary equals the direct float64 computation
             got = steps.policy_logp[b, t]
