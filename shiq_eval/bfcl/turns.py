@@ -17,6 +17,8 @@ same pass gives the model's log-likelihood of the ground-truth answer of every t
 Decoding one token reads every weight of the model once, so on a CPU one answer at a time is bound by
 memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lockstep (turn ``k`` of
 each at the same time) in one batched cache, each row masked from the others' tokens and padding.
+Measured on 2 CPU cores (``tools/bench_bfcl_eval.py``) this loses: the long prompts, read padded and
+through an explicit attention mask, cost more than the shared weight reads save in decoding.
 """
 
 from __future__ import annotations
