@@ -28,13 +28,15 @@ TOK = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": VOCAB}
 TOL = 1e-5
 LR = 1e-2
 # Two float32 runs that sum in different orders differ by rounding, and AdamW's normalisation can blow
-# that up in an entry whose gradient is near zero (its update is about ±lr whatever the gradient's size):
-# parameters may differ by a small fraction of one update, where a wrong cache moves them by whole updates.
-UPDATE_TOL = 1e-3 * LR
+# that up in an isolated entry whose gradient is near zero (its update is about ±lr whatever the
+# gradient's size). So: the bulk of a parameter within rounding, no entry off by a tenth of one update.
+# A wrong cache changes the gradients everywhere and moves most entries by whole updates.
 
 
 def assert_close_parameter(p: torch.Tensor, q: torch.Tensor, name: str) -> None:
-    assert float((p - q).abs().max()) <= TOL * (float(p.abs().max()) or 1.0) + UPDATE_TOL, name
+    d = (p - q).abs()
+    assert float(d.mean()) <= TOL * (float(p.abs().max()) or 1.0), name
+    assert float(d.max()) <= 0.1 * LR, name
 
 
 def make_rows(n=16, seed=3):
