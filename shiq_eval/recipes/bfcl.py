@@ -23,8 +23,9 @@ interrupted training run resumes from its newest checkpoint):
    turns (``runs/<method>/eval.json``).
 4. ``report`` — ``report.json`` and ``report.md``.
 
-Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns_batch`, ``eval.batch_size`` scenarios at a time): on each held-out scenario, one assistant
-message per turn given the ground-truth history, parsed and checked: ``turn_accuracy`` is the mean of
+Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns_batch`, ``eval.batch_size`` scenarios at a time):
+on each held-out scenario, one assistant message per turn given the ground-truth history, parsed and
+checked: ``turn_accuracy`` is the mean of
 the checker's reset reward (turn k run from the ground-truth state), ``mean_turn_reward`` the mean
 cumulative turn reward of the same answers, ``kl`` the exact per-token KL to the reference summed
 over each answer (SHIQ_MATH §6), all per turn with standard errors clustered by scenario and paired
