@@ -10,6 +10,9 @@ trajectories, so every contestant trains on the same real tokens per step:
 - shiq packed: the same with the trajectories packed into rows of at most --pack-tokens tokens
   (segment ids, a block-diagonal causal mask; what data.mode=packed reads).
 - shiq padded, compiled: shiq padded with every decoder layer under torch.compile (--compile only).
+- trl dpo (precomputed ref), compiled: the same with TRL's own torch_compile=True (the Trainer compiles the
+  whole model through accelerate, every dimension dynamic from the first step as for ShiQ; --compile only,
+  with TRL's precomputed contestant), so the compiled ShiQ is also measured against a compiled TRL.
 - shiq padded, megatron attention: shiq padded with megatron-core's own core attention
   (model.attention_backend=megatron) instead of torch's scaled_dot_product_attention (--megatron-attention
   only).
@@ -64,10 +67,10 @@ CONTESTANTS = (
     "trl dpo (precomputed ref)",
     "transformers sft",
     "shiq padded, megatron attention",
+    "trl dpo (precomputed ref), compiled",
 )
-DEFAULT_CONTESTANTS = tuple(
-    c for c in CONTESTANTS if c not in ("shiq padded, compiled", "shiq padded, megatron attention")
-)
+COMPILED = ("shiq padded, compiled", "trl dpo (precomputed ref), compiled")
+DEFAULT_CONTESTANTS = tuple(c for c in CONTESTANTS if c not in (*COMPILED, "shiq padded, megatron attention"))
 BETA, LR, CLIP = 0.1, 1e-6, 1.0
 VOCAB = 49152  # SmolLM2's; the tiny model uses the same tokenizer
 
@@ -85,7 +88,11 @@ def parse_args(argv=None):
         default=",".join(DEFAULT_CONTESTANTS),
         help="contestants, comma-separated, from: " + "; ".join(CONTESTANTS),
     )
-    p.add_argument("--compile", action="store_true", help="also run 'shiq padded, compiled'")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also run 'shiq padded, compiled' and, when TRL's precomputed contestant runs, its compiled twin",
+    )
     p.add_argument("--megatron-attention", action="store_true", help="also run 'shiq padded, megatron attention'")
     p.add_argument("--pairs", type=int, default=8, help="prompt pairs per step (2x rows; default 8)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per contestant and round (default 2)")
@@ -426,7 +433,8 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
         per_device_train_batch_size=args.pairs,
         max_steps=n_steps,
         train_sampling_strategy="sequential",
-        precompute_ref_log_probs=name == "trl dpo (precomputed ref)",
+        precompute_ref_log_probs=name.startswith("trl dpo (precomputed ref)"),
+        torch_compile=name.endswith(", compiled"),
         gradient_checkpointing=False,
         bf16=False,
         use_cpu=True,
@@ -438,6 +446,12 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
         dataloader_num_workers=0,
         seed=0,
     )
+    if config.torch_compile:
+        import torch._dynamo
+
+        # every dimension dynamic from the first step, as model.compile's dynamic=True: otherwise the second
+        # step's other row length recompiles inside the timed steps
+        torch._dynamo.config.assume_static_by_default = False
     tok, _ = load_tokenizer("smollm2")
     model = load_hf(args.model_dir)
     # online: a frozen copy as the reference (TRL would otherwise reload the model by name, which it has not)
@@ -570,6 +584,9 @@ def main(argv=None) -> int:
     names = [c.strip() for c in args.contestants.split(",") if c.strip()]
     if args.compile and "shiq padded, compiled" not in names:
         names.insert(1, "shiq padded, compiled")
+    twin = "trl dpo (precomputed ref), compiled"
+    if args.compile and "trl dpo (precomputed ref)" in names and twin not in names:
+        names.insert(names.index("trl dpo (precomputed ref)") + 1, twin)
     if args.megatron_attention and "shiq padded, megatron attention" not in names:
         names.insert(1, "shiq padded, megatron attention")
     unknown = [c for c in names if c not in CONTESTANTS]

@@ -31,6 +31,7 @@ _WORKER: dict = {}  # what each worker process reads with, set once by _start
 
 
 def _start(read, path, tokenizer, options: dict, vocab_size: int | None) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one chunk at a time: no Rust thread pool beside the others
     _WORKER.update(read=read, path=path, tokenizer=tokenizer, options=options, vocab_size=vocab_size)
 
 
@@ -61,9 +62,22 @@ def _read_chunk(records: list) -> tuple[list[dict], Exception | None]:
     return rows, None
 
 
+PRELOAD = ["shiq_data.readers.parallel", "shiq_data.readers", "transformers"]  # imported once by the fork server
+
+
 def _context():
-    """Forked workers start at once with the tokenizer already loaded (no pickling, no imports)."""
-    return multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+    """Workers forked from a fork server: a fresh single-threaded interpreter that has imported
+    :data:`PRELOAD` once, so a worker starts in well under a second and shares no threads, locks or
+    memory with the caller. Forking the caller itself (a process with a tokenizer's thread pool, torch's
+    and a test runner's threads, several GiB of model) can leave a child holding a lock no thread will
+    release, or one the kernel's out-of-memory killer picks because it appears as large as its parent; the
+    tokenizer and reader reach the workers pickled instead (a fast tokenizer pickles in milliseconds)."""
+    methods = multiprocessing.get_all_start_methods()
+    if "forkserver" not in methods:  # Windows: spawn, the only one there
+        return multiprocessing.get_context("spawn")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 def parallel_rows(
@@ -79,9 +93,6 @@ def parallel_rows(
     group_id = GroupIds()  # group key -> group id over the whole input
     pending: deque = deque()
     failed: Exception | None = None  # the input could not be read further (raised after the rows before it)
-    # forked workers must not inherit the Rust tokenizer's thread pool (it would warn and disable it)
-    saved = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
     pool = ProcessPoolExecutor(
         workers,
         mp_context=_context(),
@@ -116,7 +127,3 @@ def parallel_rows(
             raise failed
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-        if saved is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = saved
