@@ -407,7 +407,13 @@ def _gpt_model_class():
 
         def _postprocess(self, hidden_states, *args, **kwargs):
             inference = kwargs.get("inference_context") is not None and not self.training
-            if self.return_hidden and self.post_process and not inference and self.config.mtp_num_layers is None:
+            plain = self.post_process and not inference and self.config.mtp_num_layers is None
+            positions, labels = kwargs.get("loss_mask"), kwargs.get("labels")
+            if plain and not self.return_hidden and self.stats_from_labels and positions is not None:
+                if labels is None:
+                    raise ValueError("loss_mask (the positions whose statistics are read) needs labels=tokens")
+                return self._position_stats(hidden_states, labels, positions)
+            if self.return_hidden and plain:
                 if self.config.sequence_parallel:  # [T/tp, B, H] -> [T, B, H]
                     from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
 
@@ -418,6 +424,31 @@ def _gpt_model_class():
                     )
                 return hidden_states.transpose(0, 1).contiguous()
             return super()._postprocess(hidden_states, *args, **kwargs)
+
+        def _position_stats(self, hidden_states, tokens, positions):
+            """``forward(..., labels=tokens, loss_mask=positions)``: the SHIQ_MATH §2 statistics ``[B, T, 2]``
+            of the tokens where ``positions`` ``[B, T]`` (bool) is True, zero elsewhere, from the output
+            layer run on only the hidden states that predict them (position ``t − 1`` predicts token
+            ``t``). A loss that reads only the actions' statistics (every loss of the family) skips the
+            output layer's forward and backward over prompt and tool tokens; the statistics it reads are
+            those of the full output (``tests/test_position_stats.py``)."""
+            if self.config.sequence_parallel:  # [T/tp, B, H] -> [T, B, H]; backward as in return_hidden
+                from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
+
+                hidden_states = gather_from_sequence_parallel_region(hidden_states, tensor_parallel_output_grad=False)
+            T, B, _ = hidden_states.shape
+            if positions.shape != (B, T) or positions.dtype != torch.bool:
+                raise ValueError(
+                    f"loss_mask must be a bool [B, T] = {(B, T)}, got {positions.dtype} {tuple(positions.shape)}"
+                )
+            want = positions[:, 1:]  # [B, T-1]: the token after each hidden state
+            hidden = hidden_states[:-1].transpose(0, 1)[want]  # [N, H], row-major over (b, t)
+            c, z = vp.hidden_token_stats(
+                hidden, self.output_weight(), tokens[:, 1:][want], vp.tensor_parallel_group(), self.vocab_size
+            )  # [N] each
+            stats = torch.zeros(B, T, 2, dtype=torch.float32, device=hidden.device)
+            stats[:, 1:] = stats[:, 1:].masked_scatter(want.unsqueeze(-1), torch.stack([c, z], -1))  # [B, T, 2]
+            return stats
 
         stats_from_labels: bool = True
 
@@ -587,21 +618,37 @@ def named_chunk_parameters(model) -> list[tuple[str, object, str, torch.nn.Param
     ]
 
 
-def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStats:
+def output_stats(
+    model, output: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor | None = None
+) -> TokenStats:
     """SHIQ_MATH §2 statistics aligned with ``tokens`` ``[B, T]`` from the last stage's output.
 
     The model is run with ``labels=tokens`` (:func:`stats_inputs`): ``output`` is then the statistics
     ``[B, T, 2]`` (see ``ShiQGPTModel.compute_language_model_loss``) or, when the model returns
     hidden states (``logits_chunk_tokens > 0``), ``[B, T, H]``, turned into statistics a chunk of
     tokens at a time. Position ``t`` holds token ``t``'s statistics, predicted from position
-    ``t − 1``; position 0 is zero.
+    ``t − 1``; position 0 is zero. With ``positions`` ``[B, T]`` (bool; given to :func:`stats_inputs`
+    too), only those positions' statistics are computed, the others are zero.
     """
     inner = unwrap(model)
     if inner.return_hidden:
         group = vp.tensor_parallel_group()
-        return vp.chunked_causal_stats(
-            output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group, inner.vocab_size
-        )
+        if positions is None:
+            return vp.chunked_causal_stats(
+                output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group, inner.vocab_size
+            )
+        want = positions[:, 1:]  # [B, T-1]: the token after each hidden state
+        st = vp.chunked_token_stats(
+            output[:, :-1][want].unsqueeze(0),
+            inner.output_weight(),
+            tokens[:, 1:][want].unsqueeze(0),
+            inner.logits_chunk_tokens,
+            group,
+            inner.vocab_size,
+        )  # [1, N]
+        stats = torch.zeros(*tokens.shape, 2, dtype=torch.float32, device=output.device)
+        stats[:, 1:] = stats[:, 1:].masked_scatter(want.unsqueeze(-1), torch.stack([st.chosen_logits, st.logz], -1))
+        return TokenStats(stats[..., 0], stats[..., 1])
     if output.shape != (*tokens.shape, 2):
         raise ValueError(
             f"expected statistics [B, T, 2] = {(*tokens.shape, 2)} from a model run with "
@@ -610,10 +657,14 @@ def output_stats(model, output: torch.Tensor, tokens: torch.Tensor) -> TokenStat
     return TokenStats(output[..., 0], output[..., 1])
 
 
-def stats_inputs(tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> dict:
+def stats_inputs(
+    tokens: torch.Tensor, segment_ids: torch.Tensor | None = None, positions: torch.Tensor | None = None
+) -> dict:
     """:func:`model_inputs` plus ``labels=tokens``: the model's output is then what
-    :func:`output_stats` turns into statistics."""
-    return {**model_inputs(tokens, segment_ids), "labels": tokens}
+    :func:`output_stats` turns into statistics; with ``positions`` ``[B, T]`` (bool, as megatron's
+    ``loss_mask``), of those positions only (``ShiQGPTModel._position_stats``)."""
+    extra = {} if positions is None else {"loss_mask": positions}
+    return {**model_inputs(tokens, segment_ids), "labels": tokens, **extra}
 
 
 def forward_stats(model, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None) -> TokenStats:

@@ -176,16 +176,20 @@ def objective_loss_fn(loss_cfg) -> LossFn:
             segment_ids=mb.get("segment_ids"),
         )
 
+    fn.reads_actions_only = True  # every loss of the family (tests/test_position_stats.py)
     return fn
 
 
 def _forward_step_func(loss_fn: LossFn):
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
-        output = model(**stats_inputs(mb["tokens"], mb.get("segment_ids")), decoder_input=mb.get("prefix_hidden"))
+        # a loss that reads only the actions' statistics: the output layer runs on those positions only
+        positions = mb["action_mask"] if getattr(loss_fn, "reads_actions_only", False) else None
+        inputs = stats_inputs(mb["tokens"], mb.get("segment_ids"), positions)
+        output = model(**inputs, decoder_input=mb.get("prefix_hidden"))
 
         def loss_func(output_tensor):
-            st = output_stats(model, output_tensor, mb["tokens"])
+            st = output_stats(model, output_tensor, mb["tokens"], positions)
             loss, metrics = loss_fn(st, mb)
             # the schedule divides ``loss`` in place by the number of micro-batches: log a clone
             return loss, {"loss": loss.detach().clone(), **metrics}

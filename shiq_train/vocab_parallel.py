@@ -197,6 +197,31 @@ class ChunkedTokenStats(torch.autograd.Function):
         return grad_h, (grad_w.to(weight.dtype) if need_w else None), None, None, None, None
 
 
+class _SumGradOverGroup(torch.autograd.Function):
+    """Identity forward; the backward sums the gradient over ``group`` (the input of a column-parallel
+    layer: each rank's vocabulary shard contributes a partial gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        _all_reduce(grad, dist.ReduceOp.SUM, ctx.group)
+        return grad, None
+
+
+def hidden_token_stats(hidden, weight, targets, group=None, vocab_size=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c, z)`` ``[N]`` float32 of ``targets`` ``[N]`` from hidden states ``[N, H]`` through the output
+    layer's weight ``[V/tp, H]`` (megatron's column-parallel output layer without bias: the logits
+    ``[N, V/tp]`` are this rank's shard, the hidden-state gradient is summed over ``group``)."""
+    if group is not None:
+        hidden = _SumGradOverGroup.apply(hidden, group)
+    return VocabParallelTokenStats.apply(hidden @ weight.t(), targets.long(), group, vocab_size)
+
+
 def vocab_parallel_token_stats(logits, targets, group=None, vocab_size=None) -> TokenStats:
     """:class:`TokenStats` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]`` and targets ``[B, T]``.
 

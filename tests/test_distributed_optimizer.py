@@ -19,7 +19,7 @@ import warnings
 import pytest
 import torch
 import torch.multiprocessing as mp
-from test_parallel_parity import SEED, TOL, _gather, _rel, make_micro_batches, shiq_loss_fn, tiny_config
+from test_parallel_parity import SEED, TOL, _gather, _rel, make_micro_batches, shiq_actions_loss_fn, tiny_config
 
 from shiq_train import model as M
 from shiq_train import parallel
@@ -36,7 +36,7 @@ def run_steps(model, opt, sched, dp_rank=0, dp=1, steps=STEPS):
     """``steps`` optimizer steps on the parity micro-batches (this rank's share); per-step loss and norm."""
     out = []
     for _ in range(steps):
-        m = train_step(model, opt, sched, make_micro_batches()[dp_rank::dp], shiq_loss_fn, OPT.clip_grad)
+        m = train_step(model, opt, sched, make_micro_batches()[dp_rank::dp], shiq_actions_loss_fn, OPT.clip_grad)
         out.append((m["loss"], m["grad_norm"], m["lr"]))
     return out
 

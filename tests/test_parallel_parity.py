@@ -7,7 +7,9 @@ random rewards on action positions and random reference statistics, run through 
 TP=2×PP=2 run with gloo in 2 / 2 / 4 spawned processes (TP=2×PP=2 also with chunked statistics),
 DP=2 in 2 processes (one micro-batch each), and TP=2 with sequence parallelism (model.sequence_parallel;
 full and chunked statistics, one after the other in the same 2 processes), all from the reference's
-parameters. Interleaved pipeline stages (PP=2 × 2 virtual stages, megatron's interleaved 1F1B over
+parameters. The reference computes the statistics at every position; runs marked "actions" compute them
+at the action positions only (a loss that reads only those: ``ShiQGPTModel._position_stats``), single-process,
+at TP=2×PP=2 and at TP=2 with sequence parallelism, full and chunked, against the same reference. Interleaved pipeline stages (PP=2 × 2 virtual stages, megatron's interleaved 1F1B over
 model chunks; alone, and times TP=2 with sequence parallelism in 4 processes) run a 4-layer variant against
 its own single-process reference.
 Asserted: the loss and every parameter's gradient (reassembled from tensor-parallel shards by the
@@ -68,15 +70,25 @@ def shiq_loss_fn(st, mb):
     return loss, {}
 
 
-def run_layout(cfg, full_params=None, dp_rank=0, dp=1):
+def shiq_actions_loss_fn(st, mb):
+    """The same loss, declared to read only the actions' statistics (the trainer's objective losses are)."""
+    return shiq_loss_fn(st, mb)
+
+
+shiq_actions_loss_fn.reads_actions_only = True
+
+
+def run_layout(cfg, full_params=None, dp_rank=0, dp=1, actions=False):
     """Build (and load), forward/backward on this data-parallel rank's micro-batches, reduce grads;
-    returns the model, loss, grad norm, local grads and the step time."""
+    returns the model, loss, grad norm, local grads and the step time. ``actions``: statistics at the
+    action positions only."""
     model = M.build_model(cfg)
     if full_params is not None:
         M.load_full_parameters(model, full_params)
     model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    loss, _ = forward_backward(model, make_micro_batches()[dp_rank::dp], shiq_loss_fn)
+    loss_fn = shiq_actions_loss_fn if actions else shiq_loss_fn
+    loss, _ = forward_backward(model, make_micro_batches()[dp_rank::dp], loss_fn)
     finalize_grads(model)
     step_s = time.perf_counter() - t0
     grads = {}
@@ -88,7 +100,8 @@ def run_layout(cfg, full_params=None, dp_rank=0, dp=1):
 
 def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
     """One rank of a ``world``-process layout; data parallelism is ``world / (tp * pp)``. Runs the
-    layout once per entry of ``chunks`` (``logits_chunk_tokens``) in the same process group."""
+    layout once per entry ``(logits_chunk_tokens, actions)`` of ``chunks`` in the same process group
+    (``actions``: statistics at the action positions only)."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with parallel.distributed(
@@ -97,12 +110,13 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
         from megatron.core import parallel_state as ps
 
         full = torch.load(params_path, weights_only=True)
-        for chunk in chunks:
+        for chunk, actions in chunks:
             _, loss, norm, grads, step_s = run_layout(
                 tiny_config(logits_chunk_tokens=chunk, sequence_parallel=sp),
                 full,
                 ps.get_data_parallel_rank(),
                 ps.get_data_parallel_world_size(),
+                actions=actions,
             )
             torch.save(
                 {
@@ -112,8 +126,12 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
                     "tp_rank": ps.get_tensor_model_parallel_rank(),
                     "step_s": step_s,
                 },
-                os.path.join(out_dir, f"rank{rank}-chunk{chunk}.pt"),
+                os.path.join(out_dir, _file(rank, chunk, actions)),
             )
+
+
+def _file(rank: int, chunk: int, actions: bool) -> str:
+    return f"rank{rank}-chunk{chunk}{'-actions' if actions else ''}.pt"
 
 
 @pytest.fixture(scope="module")
@@ -163,28 +181,48 @@ def test_reference_model_is_sane(reference):
 
 
 @pytest.mark.parametrize(
-    "tp,pp,dp,chunk",
-    [(2, 1, 1, 0), (1, 2, 1, 0), (2, 2, 1, 0), (2, 2, 1, 5), (1, 1, 2, 0)],
+    "tp,pp,dp,runs",
+    [
+        (2, 1, 1, [(0, False)]),
+        (1, 2, 1, [(0, False)]),
+        (2, 2, 1, [(0, False), (0, True)]),
+        (2, 2, 1, [(5, False), (5, True)]),
+        (1, 1, 2, [(0, False)]),
+    ],
     ids=["tp2", "pp2", "tp2xpp2", "tp2xpp2-chunked", "dp2"],
 )
-def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, chunk):
+def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, runs):
     world = tp * pp * dp
     mp.spawn(
         _worker,
-        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), [chunk]),
+        args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), runs),
         nprocs=world,
         join=True,
     )
-    results = [torch.load(tmp_path / f"rank{r}-chunk{chunk}.pt", weights_only=True) for r in range(world)]
-    _check_against_reference(results, reference, tp, f"tp={tp} pp={pp} dp={dp} chunk={chunk}")
+    for chunk, actions in runs:
+        results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(world)]
+        what = f"tp={tp} pp={pp} dp={dp} chunk={chunk} actions={actions}"
+        _check_against_reference(results, reference, tp, what)
 
 
 def test_sequence_parallel_matches_reference(reference, tmp_path):
-    args = (2, parallel.free_port(), 2, 1, reference["params_path"], str(tmp_path), [0, 5], True)
+    runs = [(0, False), (5, False), (0, True), (5, True)]
+    args = (2, parallel.free_port(), 2, 1, reference["params_path"], str(tmp_path), runs, True)
     mp.spawn(_worker, args=args, nprocs=2, join=True)
-    for chunk in (0, 5):
-        results = [torch.load(tmp_path / f"rank{r}-chunk{chunk}.pt", weights_only=True) for r in range(2)]
-        _check_against_reference(results, reference, 2, f"tp=2 sequence-parallel chunk={chunk}")
+    for chunk, actions in runs:
+        results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(2)]
+        _check_against_reference(results, reference, 2, f"tp=2 sequence-parallel chunk={chunk} actions={actions}")
+
+
+@pytest.mark.parametrize("chunk", [0, 5], ids=["full", "chunked"])
+def test_action_positions_only_match_reference(reference, chunk):
+    """One process: the statistics at the action positions only give the all-positions reference's loss
+    and gradients (the output layer never sees the prompt and padding positions)."""
+    full = torch.load(reference["params_path"], weights_only=True)
+    with parallel.distributed(seed=SEED):
+        model, loss, norm, grads, _ = run_layout(tiny_config(logits_chunk_tokens=chunk), full, actions=True)
+        results = [{"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": 0, "step_s": 0.0}]
+    _check_against_reference(results, reference, 1, f"one process chunk={chunk} actions=True")
 
 
 def _check_against_reference(results, reference, tp, what):

@@ -489,20 +489,25 @@ def build_report(ctx: Context, timings: dict) -> dict:
 FIGURES = {  # file: (metric, y-axis label)
     "turn_accuracy_vs_kl.png": ("turn_accuracy", "turn accuracy on held-out turns (checker, reset)"),
     "turn_reward_vs_kl.png": ("mean_turn_reward", "mean turn reward on held-out turns (cumulative)"),
+    "gt_nll_vs_kl.png": (
+        "gt_nll_per_token_minus_reference",
+        "change in the ground truth's NLL per token vs the reference\n(held-out turns; lower: more likely)",
+    ),
 }
 
 
 def plot_turn_frontiers(reference: dict, methods: dict, out: Path) -> list[Path]:
-    """Each :data:`FIGURES` metric against the KL per turn: a point per method at its β, the reference at
-    KL 0, error bars of one standard error (clustered by scenario)."""
+    """Each :data:`FIGURES` metric against the KL per turn: a point per arm, the arms of one method (its β
+    sweep) on one line, the reference at KL 0, error bars of one standard error (clustered by scenario;
+    a difference to the reference paired by turn, the reference then at 0 by definition)."""
     paths = []
     for name, (key, ylabel) in FIGURES.items():
         points = [
-            {"method": m, "beta": None if arm_method(m) == "sft" else r["beta"], "kl": r["kl"], "kl_sd": r["kl_stderr"]}
-            | {"reward": r[key], "reward_sd": r[f"{key}_stderr"]}
+            {"method": arm_method(m), "beta": None if arm_method(m) == "sft" else r["beta"]}
+            | {"kl": r["kl"], "kl_sd": r["kl_stderr"], "reward": r[key], "reward_sd": r[f"{key}_stderr"]}
             for m, r in methods.items()
         ]
-        ref = (reference[key], reference[f"{key}_stderr"])
+        ref = (0.0, 0.0) if key.endswith("_minus_reference") else (reference[key], reference[f"{key}_stderr"])
         title = "one training seed; error bars: ± 1 standard error over held-out turns, clustered by scenario"
         xlabel = "KL(π ‖ π_ref) per assistant turn (exact per-token sum over the answer)"
         paths.append(plot_frontier(points, out / name, reference=ref, ylabel=ylabel, title=title, xlabel=xlabel))
