@@ -93,7 +93,7 @@ def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
     want = expected_tokens(pairs, 2, 2)
     threads, first_loss = torch.get_num_threads(), {}
     try:
-        for name in (*B.DEFAULT_CONTESTANTS, "shiq padded, megatron attention"):
+        for name in (*B.DEFAULT_CONTESTANTS, "shiq padded, megatron attention", "shiq padded, all positions"):
             rep = Collect()
             if name.startswith("trl"):
                 B.run_trl(name, {"pairs": pairs}, args, rep, tmp_path / name.replace(" ", "_"))
@@ -111,3 +111,5 @@ def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
     assert first_loss["shiq packed"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
     # megatron's own core attention: the same loss as scaled_dot_product_attention
     assert first_loss["shiq padded, megatron attention"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
+    # the statistics of every position: the same loss as of the action positions only
+    assert first_loss["shiq padded, all positions"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)

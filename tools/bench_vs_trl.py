@@ -13,6 +13,8 @@ trajectories, so every contestant trains on the same real tokens per step:
 - trl dpo (precomputed ref), compiled: the same with TRL's own torch_compile=True (the Trainer compiles the
   whole model through accelerate, every dimension dynamic from the first step as for ShiQ; --compile only,
   with TRL's precomputed contestant), so the compiled ShiQ is also measured against a compiled TRL.
+- shiq padded, all positions: shiq padded with the statistics of every position, as before the step ran
+  the output layer on the action positions only (--all-positions only).
 - shiq padded, megatron attention: shiq padded with megatron-core's own core attention
   (model.attention_backend=megatron) instead of torch's scaled_dot_product_attention (--megatron-attention
   only).
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import importlib.util
 import json
 import os
@@ -68,9 +71,11 @@ CONTESTANTS = (
     "transformers sft",
     "shiq padded, megatron attention",
     "trl dpo (precomputed ref), compiled",
+    "shiq padded, all positions",
 )
 COMPILED = ("shiq padded, compiled", "trl dpo (precomputed ref), compiled")
-DEFAULT_CONTESTANTS = tuple(c for c in CONTESTANTS if c not in (*COMPILED, "shiq padded, megatron attention"))
+OPT_IN = (*COMPILED, "shiq padded, megatron attention", "shiq padded, all positions")
+DEFAULT_CONTESTANTS = tuple(c for c in CONTESTANTS if c not in OPT_IN)
 BETA, LR, CLIP = 0.1, 1e-6, 1.0
 VOCAB = 49152  # SmolLM2's; the tiny model uses the same tokenizer
 
@@ -94,6 +99,7 @@ def parse_args(argv=None):
         help="also run 'shiq padded, compiled' and, when TRL's precomputed contestant runs, its compiled twin",
     )
     p.add_argument("--megatron-attention", action="store_true", help="also run 'shiq padded, megatron attention'")
+    p.add_argument("--all-positions", action="store_true", help="also run 'shiq padded, all positions'")
     p.add_argument("--pairs", type=int, default=8, help="prompt pairs per step (2x rows; default 8)")
     p.add_argument("--steps", type=int, default=2, help="timed steps per contestant and round (default 2)")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the contestants (default 2)")
@@ -345,6 +351,8 @@ def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
             compile_layers(model)
         opt, sched = build_optimizer(model, OptimizerConfig(lr=LR, adam_beta2=0.999, clip_grad=CLIP))
         loss_fn = objective_loss_fn(LossConfig(loss, beta=BETA))
+        if name == "shiq padded, all positions":  # the same loss, not declared to read the actions only
+            loss_fn = functools.partial(loss_fn)
         rep.reset_peak()
         for s, (mb, n) in enumerate(steps):
             t0 = time.perf_counter()
@@ -589,6 +597,8 @@ def main(argv=None) -> int:
         names.insert(names.index("trl dpo (precomputed ref)") + 1, twin)
     if args.megatron_attention and "shiq padded, megatron attention" not in names:
         names.insert(1, "shiq padded, megatron attention")
+    if args.all_positions and "shiq padded, all positions" not in names:
+        names.insert(1, "shiq padded, all positions")
     unknown = [c for c in names if c not in CONTESTANTS]
     if unknown:
         raise SystemExit(f"--contestants: unknown {unknown}, expected some of {list(CONTESTANTS)}")
