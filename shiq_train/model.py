@@ -430,8 +430,9 @@ def _gpt_model_class():
             of the tokens where ``positions`` ``[B, T]`` (bool) is True, zero elsewhere, from the output
             layer run on only the hidden states that predict them (position ``t − 1`` predicts token
             ``t``). A loss that reads only the actions' statistics (every loss of the family) skips the
-            output layer's forward and backward over prompt and tool tokens; the statistics it reads are
-            those of the full output (``tests/test_position_stats.py``)."""
+            output layer's forward and backward over prompt and tool tokens. The statistics equal the full
+            output's (``tests/test_parallel_parity.py``); that the losses read no others is
+            ``tests/test_position_stats.py``."""
             if self.config.sequence_parallel:  # [T/tp, B, H] -> [T, B, H]; backward as in return_hidden
                 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region  # heavy: megatron
 
