@@ -442,14 +442,9 @@ def _gpt_model_class():
                 raise ValueError(
                     f"loss_mask must be a bool [B, T] = {(B, T)}, got {positions.dtype} {tuple(positions.shape)}"
                 )
-            want = positions[:, 1:]  # [B, T-1]: the token after each hidden state
-            hidden = hidden_states[:-1].transpose(0, 1)[want]  # [N, H], row-major over (b, t)
-            c, z = vp.hidden_token_stats(
-                hidden, self.output_weight(), tokens[:, 1:][want], vp.tensor_parallel_group(), self.vocab_size
-            )  # [N] each
-            stats = torch.zeros(B, T, 2, dtype=torch.float32, device=hidden.device)
-            stats[:, 1:] = stats[:, 1:].masked_scatter(want.unsqueeze(-1), torch.stack([c, z], -1))  # [B, T, 2]
-            return stats
+            group = vp.tensor_parallel_group()
+            hidden = hidden_states.transpose(0, 1)  # [B, T, H]
+            return vp.position_causal_stats(hidden, self.output_weight(), tokens, positions, 0, group, self.vocab_size)
 
         stats_from_labels: bool = True
 
@@ -638,17 +633,10 @@ def output_stats(
             return vp.chunked_causal_stats(
                 output, inner.output_weight(), tokens, inner.logits_chunk_tokens, group, inner.vocab_size
             )
-        want = positions[:, 1:]  # [B, T-1]: the token after each hidden state
-        st = vp.chunked_token_stats(
-            output[:, :-1][want].unsqueeze(0),
-            inner.output_weight(),
-            tokens[:, 1:][want].unsqueeze(0),
-            inner.logits_chunk_tokens,
-            group,
-            inner.vocab_size,
-        )  # [1, N]
-        stats = torch.zeros(*tokens.shape, 2, dtype=torch.float32, device=output.device)
-        stats[:, 1:] = stats[:, 1:].masked_scatter(want.unsqueeze(-1), torch.stack([st.chosen_logits, st.logz], -1))
+        chunk = inner.logits_chunk_tokens
+        stats = vp.position_causal_stats(
+            output, inner.output_weight(), tokens, positions, chunk, group, inner.vocab_size
+        )
         return TokenStats(stats[..., 0], stats[..., 1])
     if output.shape != (*tokens.shape, 2):
         raise ValueError(

@@ -222,6 +222,22 @@ def hidden_token_stats(hidden, weight, targets, group=None, vocab_size=None) -> 
     return VocabParallelTokenStats.apply(hidden @ weight.t(), targets.long(), group, vocab_size)
 
 
+def position_causal_stats(hidden, weight, tokens, positions, chunk_tokens=0, group=None, vocab_size=None):
+    """Statistics ``[B, T, 2]`` float32 (chosen logit, log-partition) of the tokens where ``positions``
+    ``[B, T]`` (bool) is True, zero elsewhere, from hidden states ``[B, T, H]`` (position ``t − 1``
+    predicts token ``t``): the output weight ``[V/tp, H]`` meets only the hidden states that predict
+    them, all at once, or ``chunk_tokens`` at a time (recomputed in the backward) if ``chunk_tokens > 0``."""
+    want = positions[:, 1:]  # [B, T-1]: the token after each hidden state
+    h, targets = hidden[:, :-1][want], tokens[:, 1:][want]  # [N, H], [N], row-major over (b, t)
+    if chunk_tokens:
+        c, z = ChunkedTokenStats.apply(h, weight, targets.long(), int(chunk_tokens), group, vocab_size)
+    else:
+        c, z = hidden_token_stats(h, weight, targets, group, vocab_size)
+    stats = torch.zeros(*tokens.shape, 2, dtype=torch.float32, device=hidden.device)
+    stats[:, 1:] = stats[:, 1:].masked_scatter(want.unsqueeze(-1), torch.stack([c, z], -1))
+    return stats
+
+
 def vocab_parallel_token_stats(logits, targets, group=None, vocab_size=None) -> TokenStats:
     """:class:`TokenStats` ``[B, T]`` from vocab-parallel logits ``[B, T, V/tp]`` and targets ``[B, T]``.
 

@@ -62,7 +62,7 @@ def _read_chunk(records: list) -> tuple[list[dict], Exception | None]:
     return rows, None
 
 
-PRELOAD = ["shiq_data.readers.parallel", "shiq_data.readers", "transformers"]  # imported once by the fork server
+PRELOAD = ["shiq_data.readers.parallel", "transformers"]  # imported once by the fork server
 
 
 def _context():
