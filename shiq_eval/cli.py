@@ -384,9 +384,9 @@ def suite_scorer(suite: Suite):
         return VaderScorer()
     if suite.scorer == "hf_reward_model":
         return SequenceClassifierScorer(suite.reward_model)
-    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # heavy: torch
+    from shiq_data.reward_head import RegressionRewardModel  # heavy: torch
 
-    return RegressionRewardModel.load(suite.reward_model, minilm_encoder())
+    return RegressionRewardModel.load(suite.reward_model)
 
 
 def run(args) -> list[dict]:

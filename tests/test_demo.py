@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import re
 import subprocess
 import sys
 
@@ -204,6 +205,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         "results.csv",
         "results.json",
         "reward_vs_kl.png",
+        "frontier.png",
         "reward_vs_step.png",
         "j_vs_step.png",
         "j_star_curve.png",
@@ -282,6 +284,16 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     # a different configuration is refused rather than mixed into the same folder
     res = subprocess.run(cmd + ["methods.shiq.beta=0.5"], capture_output=True, text=True, timeout=600)
     assert res.returncode != 0 and "different configuration" in res.stderr
+    # except the list of arms: fewer arms rerun nothing but the report, which then shows only those
+    res = subprocess.run(
+        cmd + [f"train.methods=[{trained[0]}]"], check=True, timeout=600, capture_output=True, text=True
+    )
+    skipped = set(re.findall(r"\] (\S+): done earlier, skipped", res.stderr))
+    assert ": running" not in res.stderr
+    assert skipped == {s for s in before if s != "report" and "single" not in s and not s.startswith("train_")} | {
+        f"train_{trained[0]}"
+    }
+    assert list(json.loads((out / "report.json").read_text())["methods"]) == [trained[0]]
 
 
 def _se(v):

@@ -33,6 +33,35 @@ def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
     assert pearson(torch.tensor(back.score_texts(list(table))), y) > 0.9
 
 
+def test_finetuned_head_beats_its_ridge_start_and_round_trips_with_its_encoder(tmp_path):
+    """Fine-tuning MiniLM with the head from the ridge solution lowers the training error below the
+    ridge solution's (the best any head on the frozen embeddings can do at that penalty); the saved
+    file carries the encoder, so loading it needs none and scores exactly as before saving."""
+    from shiq_data.reward_head import finetune, minilm_encoder
+
+    texts = ["a wonderful, moving film", "dull and far too long", "I loved every minute", "a total mess",
+             "the cast shines", "boring plot, wooden acting", "a small gem", "I walked out"]  # fmt: skip
+    y = [3.0, -2.5, 3.5, -3.0, 2.0, -2.0, 2.5, -3.5]
+    encoder = minilm_encoder()
+    rm = RegressionRewardModel.fit(encoder, texts, y, l2=1.0)
+    target = torch.tensor(y, dtype=torch.float64)
+    ridge_mse = float(((torch.tensor(rm.score_texts(texts)) - target) ** 2).mean())
+    frozen = torch.tensor(rm.score_texts(texts))
+    rm.weight, rm.bias = finetune(encoder, texts, y, rm.weight, rm.bias, epochs=20, lr=1e-4, batch_size=4)
+    rm.encoder_weights = encoder.model.state_dict()
+    tuned = torch.tensor(rm.score_texts(texts))
+    assert float(((tuned - target) ** 2).mean()) < 0.5 * ridge_mse
+    rm.save(tmp_path / "rm.safetensors")
+    back = RegressionRewardModel.load(tmp_path / "rm.safetensors")
+    assert torch.allclose(torch.tensor(back.score_texts(texts)), tuned, atol=1e-5)
+    assert not torch.allclose(tuned, frozen, atol=1e-2)
+    # a head with its own encoder refuses another one rather than scoring with the wrong features
+    with pytest.raises(ValueError, match="its own fine-tuned encoder"):
+        RegressionRewardModel.load(tmp_path / "rm.safetensors", minilm_encoder())
+    with pytest.raises(ValueError, match="as many targets as texts"):
+        finetune(encoder, texts, y[:-1], rm.weight, rm.bias)
+
+
 def test_function_scorer():
     s = FunctionScorer(lambda p, c: len(c) - len(p))
     assert s(["a", "bb"], ["xyz", "q"]) == [2.0, -1.0]

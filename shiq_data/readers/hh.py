@@ -28,7 +28,7 @@ from shiq_data.readers.encode import (
     row_error,
     string_field,
 )
-from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+from shiq_data.reward_head import RegressionRewardModel
 
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
@@ -64,15 +64,16 @@ def hh_text(messages: list[dict]) -> str:
 
 @functools.lru_cache(maxsize=2)  # loaded once per process (a parallel build's worker reads many chunks)
 def regression_reward_fn(head_path) -> Callable[[list], float]:
-    """``reward_fn(messages)`` of a saved regression reward head on the packaged MiniLM encoder
-    (:class:`shiq_data.reward_head.RegressionRewardModel`), reading the dialogue as :func:`hh_text` writes it."""
+    """``reward_fn(messages)`` of a saved regression reward head on MiniLM (the encoder saved with it when it
+    was fine-tuned, else the packaged one; :class:`shiq_data.reward_head.RegressionRewardModel`), reading
+    the dialogue as :func:`hh_text` writes it."""
     head_path = Path(head_path)
     if not head_path.is_file():
         raise FileNotFoundError(
             f"--option reward_model={head_path}: no such file (a head saved by "
             "shiq_eval.scorers.RegressionRewardModel.save)"
         )
-    head = RegressionRewardModel.load(head_path, minilm_encoder())
+    head = RegressionRewardModel.load(head_path)
     return lambda messages: head.score_texts([hh_text(messages).strip()])[0]
 
 
