@@ -300,10 +300,7 @@ def stage_reward_model(ctx: Context) -> None:
         "n_held_out": len(held),
         "l2": l2,
         "l2_cross_validation": {"folds": rc["cv_folds"], "pearson": {str(k): v for k, v in cv.items()}},
-        "encoder": f"all-MiniLM-L6-v2, fine-tuned with the head for {rc['finetune_epochs']:g} epochs at lr "
-        f"{rc['finetune_lr']:g}"
-        if rc["finetune_epochs"]
-        else "all-MiniLM-L6-v2, frozen",
+        "finetune": {"epochs": rc["finetune_epochs"], "lr": rc["finetune_lr"]} if rc["finetune_epochs"] else None,
         "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)",
     }
     rm.meta.update(info)
@@ -891,9 +888,9 @@ def report_markdown(rep: dict) -> str:
         + (f", chosen by {cv['folds']}-fold cross-validation on the training split" if cv else "")
         + f") on all-MiniLM-L6-v2 embeddings, trained on {rm['n_train']} rated snippets"
         + (
-            f", then fine-tuned with its encoder ({rm['encoder']}; the ridge head alone: r = "
-            f"{rm['pearson_held_out_ridge']:.3f})"
-            if "pearson_held_out_ridge" in rm and "fine-tuned" in rm.get("encoder", "")
+            f", then fine-tuned with its encoder for {ft['epochs']:g} epoch(s) at lr {ft['lr']:g} (the ridge head "
+            f"alone: r = {rm['pearson_held_out_ridge']:.3f})"
+            if (ft := rm.get("finetune"))
             else ""
         )
         + f"; Pearson r = {rm['pearson_held_out']:.3f} on {rm['n_held_out']} held-out snippets (never used for "
