@@ -135,7 +135,7 @@ def finetune(
         order = torch.cat([c[lengths[c].argsort()] for c in order.split(window)])
         epoch = list(order.split(batch_size))
         batches += [epoch[i] for i in torch.randperm(len(epoch), generator=g)]
-    batches = batches[: max(1, round(epochs * len(texts) / batch_size))]
+    batches = batches[: max(1, round(epochs * math.ceil(len(texts) / batch_size)))]  # whole epochs: every batch
     model.train()
     for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
         features = model.tokenize([texts[i] for i in idx])

@@ -62,6 +62,22 @@ def test_finetuned_head_beats_its_ridge_start_and_round_trips_with_its_encoder(t
         finetune(encoder, texts, y[:-1], rm.weight, rm.bias)
 
 
+def test_finetune_epochs_visit_every_text_once_per_epoch():
+    """One epoch shows the encoder every text exactly once (the last batch may be short); two, twice."""
+    from shiq_data.reward_head import finetune, minilm_encoder
+
+    texts = [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(10)]
+    encoder = minilm_encoder()
+    seen = []
+    tokenize = encoder.model.tokenize
+    encoder.model.tokenize = lambda batch: (seen.extend(batch), tokenize(batch))[1]
+    w, b = torch.zeros(384, dtype=torch.float64), 0.0
+    for epochs in (1, 2):
+        seen.clear()
+        finetune(encoder, texts, [float(i % 2) for i in range(10)], w, b, epochs=epochs, batch_size=4)
+        assert sorted(seen) == sorted(texts * epochs)
+
+
 def test_function_scorer():
     s = FunctionScorer(lambda p, c: len(c) - len(p))
     assert s(["a", "bb"], ["xyz", "q"]) == [2.0, -1.0]
