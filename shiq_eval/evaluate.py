@@ -2,16 +2,21 @@
 
 One pass per policy: sample completions (plain softmax: temperature 1, top-p 1, so the samples come
 from the policy whose KL is reported), score them, then run the policy and the reference over
-prompt + completion to get both KL estimators from the same sequences.
+prompt + completion to get both KL estimators from the same sequences. When the policy holds the
+reference's embeddings and first ``k`` decoder layers unchanged (a fine-tune of its last layers), that
+second pass starts at layer ``k`` from the hidden states sampling already computed: only the layers
+after ``k`` run again, once for each model.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 
-from shiq_eval.generate import HFPolicy, SamplingConfig
+from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches
 from shiq_eval.kl import exact_token_kl, kl_from_log_probs, mean_stderr, sample_kl
 
 
@@ -93,12 +98,135 @@ def evaluate_policy(
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
+    k = shared_prefix_layers(model, ref_model) if sampler is None else 0
+    if k:  # one pass: the KL from the hidden states that sampling computed at layer k
+        fused, kls = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad), {}
 
-    def kls(prompts, completions):
-        return sequence_kls(model, ref_model, prompts, completions, batch_size, pad)
+        def generate(prompts, cfg, progress=False):
+            completions, kls["sample"], kls["exact"] = fused.generate_with_kls(prompts, cfg, progress)
+            return completions
 
-    return evaluate_samples(policy, kls, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options)
+        policy = SimpleNamespace(generate=generate)
+        kl_fn = lambda prompts, completions: (kls["sample"], kls["exact"])  # noqa: E731
+    else:
+        policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
+        kl_fn = lambda prompts, completions: sequence_kls(model, ref_model, prompts, completions, batch_size, pad)  # noqa: E731
+    return evaluate_samples(
+        policy, kl_fn, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options
+    )
+
+
+@torch.no_grad()
+def shared_prefix_layers(model, ref_model) -> int:
+    """How many leading decoder layers two Hugging Face causal LMs (``.model.embed_tokens``,
+    ``.model.layers``, ``.model.rotary_emb``) hold alike bit for bit, embeddings and rotary frequencies
+    included; 0 when those differ, the configurations differ in anything but the weights, or a model is
+    not of that shape."""
+    try:
+        a, b = model.model, ref_model.model
+        pairs = [(a.embed_tokens, b.embed_tokens), (a.rotary_emb, b.rotary_emb)]
+        layers = list(zip(a.layers, b.layers))
+    except AttributeError:
+        return 0
+    if type(model) is not type(ref_model) or model.config.to_dict() != ref_model.config.to_dict():
+        return 0
+
+    def same(x, y) -> bool:
+        sx, sy = x.state_dict(), y.state_dict()
+        return sx.keys() == sy.keys() and all(torch.equal(sx[n], sy[n]) for n in sx)
+
+    if not all(same(x, y) for x, y in pairs):
+        return 0
+    k = 0
+    while k < len(layers) and same(*layers[k]):
+        k += 1
+    return k
+
+
+class SharedPrefixPolicy:
+    """Sampling from ``model`` (as :class:`shiq_eval.generate.HFPolicy`, the same completions under the
+    same seeds) with both KL estimators against ``ref_model`` read off the same pass (SHIQ_MATH §6).
+
+    The two models share their embeddings and first ``k`` decoder layers (:func:`shared_prefix_layers`),
+    so the hidden states entering layer ``k`` are the same for both. Sampling keeps them (a hook on that
+    layer's input, step by step through the KV cache); afterwards each model's own layers ``k ..`` run once
+    over prompt + completion from there, which gives exactly what :func:`sequence_kls` gets from two full
+    passes, for ``(L − k) / L`` of one pass each. Rows keep sampling's left padding and position ids.
+    """
+
+    def __init__(self, model, ref_model, k: int, *, eos_id: int, pad_id: int | None = None):
+        n = len(model.model.layers)
+        if not 1 <= k <= n:
+            raise ValueError(f"k must be in 1..{n} (the shared decoder layers), got {k}")
+        self.sampler = HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
+        self.eos_id, self.k = int(eos_id), k
+        # the input of layer k (of the final norm when every layer is shared)
+        self.capture_at = model.model.layers[k] if k < n else model.model.norm
+        self.tails = [_tail(m, k) for m in (model, ref_model)]
+
+    @torch.no_grad()
+    def generate_with_kls(
+        self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False
+    ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+        """``(completions, sample [N], exact [N])``: ``HFPolicy.generate`` and, for those completions, the
+        estimators :func:`sequence_kls` gives (float64 log-softmax, the same per-token sums)."""
+        sample, exact = [], []
+
+        def batch_fn(batch, first, seed):
+            captured = []  # [B, W, H] at the prompt, then [B, 1, H] per sampled token
+
+            def keep(module, args, kwargs):
+                captured.append(args[0] if args else kwargs["hidden_states"])
+
+            hook = self.capture_at.register_forward_pre_hook(keep, with_kwargs=True)
+            try:
+                rows = self.sampler._generate_batch(batch, cfg, seed)
+            finally:
+                hook.remove()
+            hidden = torch.cat(captured, 1)  # [B, W + n - 1, H]: prompt and every sampled token but the last
+            W, n = max(len(p) for p in batch), len(rows[0])
+            attn = torch.zeros(hidden.shape[:2], dtype=torch.long)  # left padding, as sampling had it
+            for j, p in enumerate(batch):
+                attn[j, W - len(p) :] = 1
+            positions = (attn.cumsum(-1) - 1).clamp(min=0)
+            targets = torch.tensor(rows, dtype=torch.long)[..., None]  # [B, n, 1]
+            mask = torch.zeros((len(rows), n), dtype=torch.bool)  # each completion up to its first EOS
+            for j, row in enumerate(rows):
+                mask[j, : len(cut_at_eos(row, self.eos_id))] = True
+            # positions W-1 .. W+n-2 predict the n sampled tokens
+            logp, logq = (
+                torch.log_softmax(tail(hidden, attn, positions, n).double(), -1) for tail in self.tails
+            )  # [B, n, V]
+            sample.append(sample_kl(logp.gather(-1, targets)[..., 0], logq.gather(-1, targets)[..., 0], mask))
+            exact.append(exact_token_kl(kl_from_log_probs(logp, logq), mask))
+            return rows
+
+        completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
+        empty = torch.zeros(0, dtype=torch.float64)
+        return completions, torch.cat(sample) if sample else empty, torch.cat(exact) if exact else empty
+
+
+def _tail(model, k: int):
+    """``fn(hidden [B, T, H], attention_mask [B, T], position_ids [B, T], keep) -> logits [B, keep, V]``:
+    ``model`` from the input of decoder layer ``k`` on (its layers ``k ..``, final norm and output layer,
+    shared, not copied), logits of the last ``keep`` positions."""
+    cfg = copy.deepcopy(model.config)
+    cfg.num_hidden_layers = len(model.model.layers) - k
+    with torch.device("meta"):
+        inner = type(model.model)(cfg)  # only its forward is used: every submodule is model's own
+    inner.embed_tokens, inner.norm, inner.rotary_emb = (
+        model.model.embed_tokens,
+        model.model.norm,
+        model.model.rotary_emb,
+    )
+    inner.layers = torch.nn.ModuleList(list(model.model.layers)[k:])
+    inner.eval()
+
+    def run(hidden, attn, positions, keep):
+        out = inner(inputs_embeds=hidden, attention_mask=attn, position_ids=positions, use_cache=False)
+        return model.lm_head(out.last_hidden_state[:, -keep:])
+
+    return run
 
 
 def evaluate_samples(

@@ -52,9 +52,13 @@ def generate_in_batches(
         for j, p in enumerate(batch):
             if not p:
                 raise ValueError(f"prompt {start + j} is empty")
-        for row in generate_batch(batch, start, cfg.seed + i):
-            out.append(row[: row.index(eos_id) + 1] if eos_id in row else row)
+        out.extend(cut_at_eos(row, eos_id) for row in generate_batch(batch, start, cfg.seed + i))
     return out
+
+
+def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
+    """``row`` up to and including its first ``eos_id`` (all of it when there is none)."""
+    return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
 class HFPolicy:

@@ -66,11 +66,18 @@ def _curve_label(pts: list[dict]) -> str:
 
 
 def plot_curves(
-    rows: list[dict], out_dir, reference: dict | None = None, kl_key: str = "kl_exact", kl_name: str = "exact"
+    rows: list[dict],
+    out_dir,
+    reference: dict | None = None,
+    kl_key: str = "kl_exact",
+    kl_name: str = "exact",
+    spread: tuple[str, str] = ("stderr", "1 s.e."),
 ) -> list[Path]:
     """``reward_vs_kl.png`` and ``reward_vs_step.png``: one line per run (:func:`curve_of`; points in step
     order), error bars of one standard error; the reference policy as a dashed line / a point at KL 0.
-    ``kl_key``: the rows' KL column (``kl_name`` its estimator, for the axis label)."""
+    ``kl_key``: the rows' KL column (``kl_name`` its estimator, for the axis label). ``spread`` = (suffix,
+    words): the error bars are the rows' (and the reference's) ``reward_<suffix>``, e.g. ``("sd", "1 s.d.
+    over seeds")`` for means over seeds."""
     plt = _pyplot()
     out_dir = Path(out_dir)
     kl_label = "exact per-token sum" if kl_name == "exact" else f"{kl_name} estimate"
@@ -80,7 +87,7 @@ def plot_curves(
         ("step", "reward_vs_step.png", "training step"),
     ]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        _run_lines(ax, rows, x_key, "reward_mean", "reward_stderr", _curve_label)
+        _run_lines(ax, rows, x_key, "reward_mean", f"reward_{spread[0]}", _curve_label)
         if reference is not None:
             if x_key == "step":
                 ax.axhline(reference["reward_mean"], color="grey", ls="--", label="reference")
@@ -88,14 +95,14 @@ def plot_curves(
                 ax.errorbar(
                     [0.0],
                     [reference["reward_mean"]],
-                    yerr=[reference["reward_stderr"]],
+                    yerr=[reference[f"reward_{spread[0]}"]],
                     color="grey",
                     marker="s",
                     capsize=3,
                     label="reference",
                 )
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("mean reward on held-out prompts (± 1 s.e.)")
+        ax.set_ylabel(f"mean reward on held-out prompts (± {spread[1]})")
         paths.append(_finish(plt, fig, ax, out_dir / name, legend_size=None))
     return paths
 
@@ -116,21 +123,25 @@ def _run_lines(ax, rows: list[dict], x_key: str, y_key: str, err_key: str, label
 
 
 def plot_j_vs_step(
-    rows: list[dict], out_dir, reference_j: tuple[float, float] | None, j_star: dict[float, float]
+    rows: list[dict],
+    out_dir,
+    reference_j: tuple[float, float] | None,
+    j_star: dict[float, float],
+    spread: tuple[str, str] = ("stderr", "1 s.e."),
 ) -> Path:
     """``j_vs_step.png``: ``J = reward − β·KL`` (SHIQ_MATH §9) of each run (:func:`curve_of`) against the
     training step (rows with ``method``, ``step``, ``beta``, ``J``, ``J_stderr``; error bars of one s.e.), the
     reference's ``J`` (``(mean, s.e.)``, or None) and the ``J*`` estimate at each ``β`` (``{β: J*}``) as
-    horizontal lines."""
+    horizontal lines. ``spread`` as in :func:`plot_curves` (error bars from ``J_<suffix>``)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
-    _run_lines(ax, rows, "step", "J", "J_stderr", lambda pts: f"{_curve_label(pts)} (β = {pts[0]['beta']:g})")
+    _run_lines(ax, rows, "step", "J", f"J_{spread[0]}", lambda pts: f"{_curve_label(pts)} (β = {pts[0]['beta']:g})")
     if reference_j is not None:
         ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
     for beta, value in sorted(j_star.items()):
         ax.axhline(value, color="black", ls=":", label=f"J* estimate, β = {beta:g}")
     ax.set_xlabel("training step")
-    ax.set_ylabel("J = reward − β·KL on held-out prompts (± 1 s.e.)")
+    ax.set_ylabel(f"J = reward − β·KL on held-out prompts (± {spread[1]})")
     return _finish(plt, fig, ax, Path(out_dir) / "j_vs_step.png", legend_size=8)
 
 

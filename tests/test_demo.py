@@ -35,6 +35,8 @@ def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
         assert set(cfg["train"]["methods"]) <= {a.partition("@")[0] for a in arms}  # every default method
         assert {"shiq_init", "shiq_ms", "shiq_tk", "shiq-single", "dro_v-single"} <= {a.partition("@")[0] for a in arms}
         assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
+        assert c["train"]["eval_every"] == cfg["full"]["eval_every"] < c["train"]["steps"]  # a curve, not a point
+        assert c["eval"]["validation_prompts"] == cfg["full"]["validation_prompts"]
     assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
     with pytest.raises(ValueError, match="exclude each other"):
         demo.load_config(quick=True, full=True)
@@ -72,6 +74,13 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
             (tmp_path / seed / "runs" / arm / "curve.json").write_text(json.dumps(curve))
         rep = {"methods": methods, "reference": {"reward_mean": rng.normal(), "gold_mean": 0.1}, "timings": {"a": 60.0}}
         rep["config"] = {"eval": {"samples_per_prompt": 1}}
+        steps = (0, 30) if seed == "seed2" else (0, 30, 60)  # an unfinished seed: means over the seeds that have a step
+        rep["curves"] = [
+            {"method": arm, "step": step, "beta": methods[arm]["beta"]}
+            | {k: float(rng.normal()) for k in ("reward_mean", "kl_exact", "J")}
+            for arm in arms
+            for step in steps
+        ]
         (tmp_path / seed / "report.json").write_text(json.dumps(rep))
     out = demo.full_report(tmp_path, list(per))
     rows = {r["arm"]: r for r in out["arms"]}
@@ -90,6 +99,20 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
     for name in ("full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"):
         assert (tmp_path / name).is_file()
+    # the checkpoints across seeds: every arm's, drawn for each frontier method at its best β
+    for arm in arms:
+        for step in (0, 30, 60):
+            got = [c for c in out["curves"] if c["method"] == arm and c["step"] == step]
+            have = [r for s in per for r in json.loads((tmp_path / s / "report.json").read_text())["curves"]]
+            want = [r for r in have if r["method"] == arm and r["step"] == step]
+            assert len(got) == 1 and got[0]["seeds"] == len(want) == (2 if step == 60 else 3)
+            for k in ("reward_mean", "kl_exact", "J"):
+                assert got[0][k] == pytest.approx(np.mean([r[k] for r in want]))
+                assert got[0][f"{k.replace('_mean', '')}_sd"] == pytest.approx(np.std([r[k] for r in want], ddof=1))
+    assert out["curve_arms"] == sorted({f"shiq@{rows[best_shiq]['beta']:g}", "dpo@0.1"})
+    for name in ("reward_vs_kl.png", "reward_vs_step.png", "j_vs_step.png"):
+        assert (tmp_path / name).is_file()
+    assert "| dpo@0.1 | 60 | 2 |" in (tmp_path / "full_report.md").read_text()
     assert "| shiq-single ** | 0.1 |" in (tmp_path / "full_report.md").read_text()
     pairs = [(c["a"], c["b"]) for c in out["comparisons"]]
     assert pairs == [("shiq@0.1", "dpo@0.1"), ("shiq-single@0.1", "shiq@0.1"), ("shiq-single@0.1", "dpo@0.1")]

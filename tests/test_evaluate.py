@@ -89,3 +89,107 @@ def test_estimators_agree_on_average():
     assert len(res.kls_exact) == 200 and res.kl_exact == pytest.approx(sum(res.kls_exact) / 200, abs=1e-12)
     assert abs(res.kl_sample - res.kl_exact) < 4 * (res.kl_sample_stderr + res.kl_exact_stderr)
     assert res.kl_exact_stderr < res.kl_sample_stderr
+
+
+def fine_tune_of(ref, trained_from: int, seed: int):
+    """A copy of ``ref`` whose decoder layers from ``trained_from`` on and output layer are perturbed (what
+    training the last layers does); the embeddings and earlier layers stay bit for bit the reference's."""
+    import copy
+
+    m = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in m.model.layers[trained_from:]:
+            for p in layer.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        m.lm_head.weight.add_(0.3 * torch.randn(m.lm_head.weight.shape, generator=g))
+    return m
+
+
+def tiny3(seed):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def test_shared_prefix_layers_counts_the_layers_held_alike():
+    from shiq_eval.evaluate import shared_prefix_layers
+
+    ref = tiny3(7)
+    assert shared_prefix_layers(ref, ref) == 3
+    for k in range(3):
+        assert shared_prefix_layers(fine_tune_of(ref, k, seed=k), ref) == k
+    other = fine_tune_of(ref, 3, seed=1)
+    with torch.no_grad():
+        other.model.embed_tokens.weight[5, 0] += 1e-3  # embeddings differ: nothing is shared
+    assert shared_prefix_layers(other, ref) == 0
+    assert shared_prefix_layers(tiny(0), ref) == 0  # another shape
+    assert shared_prefix_layers(object(), ref) == 0
+
+
+@pytest.mark.parametrize("trained_from", [1, 2, 3])
+def test_shared_prefix_evaluation_equals_sampling_then_two_full_passes(trained_from):
+    """The one-pass evaluation of a policy that shares the reference's first layers gives the completions
+    ``HFPolicy`` samples under the same seeds, and for them the KL estimators of ``sequence_kls`` (both
+    models over prompt + completion from the first layer, right-padded): the independent reference.
+    Prompts of several lengths (left padding in sampling) and an end token that stops some rows early."""
+    from shiq_eval.evaluate import SharedPrefixPolicy, shared_prefix_layers
+    from shiq_eval.generate import HFPolicy, SamplingConfig
+
+    ref = tiny3(11)
+    policy = fine_tune_of(ref, trained_from, seed=3)
+    assert shared_prefix_layers(policy, ref) == trained_from
+    tok = Tok()
+    with torch.no_grad():  # make the end token likely, so that rows end at different lengths
+        policy.lm_head.weight[tok.eos_token_id] += 0.5 * policy.lm_head.weight.mean(0)
+    prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9], [10, 11, 12]] * 3
+    cfg = SamplingConfig(max_new_tokens=7, batch_size=5, seed=4)
+    fused = SharedPrefixPolicy(policy, ref, trained_from, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
+    comps, got_sample, got_exact = fused.generate_with_kls(prompts, cfg)
+    want_comps = HFPolicy(policy, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id).generate(prompts, cfg)
+    assert comps == want_comps
+    assert len({len(c) for c in comps}) > 1  # some rows stopped early
+    want_sample, want_exact = sequence_kls(policy, ref, prompts, comps, batch_size=4, pad_id=tok.pad_token_id)
+    assert torch.allclose(got_exact, want_exact, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(got_sample, want_sample, atol=1e-5, rtol=1e-5)
+    assert float(want_exact.min()) > 1e-3  # the models differ: equal zeros would prove nothing
+
+
+def test_evaluate_policy_takes_the_shared_prefix_path_with_the_same_result(monkeypatch):
+    """``evaluate_policy`` on a fine-tune of the reference's last layer: the same rewards and KLs as
+    sampling with ``HFPolicy`` and scoring with ``sequence_kls`` (the two-pass path it replaces)."""
+    import shiq_eval.evaluate as ev
+
+    ref = tiny3(13)
+    policy = fine_tune_of(ref, 2, seed=5)
+    prompts = [[1, 2, 3], [4, 5], [6]] * 4
+    scorer = FunctionScorer(lambda p, c: len(c.split()))
+    kw = dict(max_new_tokens=5, batch_size=4, seed=2, progress=False)
+    calls = []
+    real = ev.SharedPrefixPolicy.generate_with_kls
+    monkeypatch.setattr(
+        ev.SharedPrefixPolicy, "generate_with_kls", lambda self, *a, **k: calls.append(self.k) or real(self, *a, **k)
+    )
+    got = ev.evaluate_policy(policy, ref, Tok(), prompts, ["p"] * 12, scorer, **kw)
+    assert calls == [2]
+    want = ev.evaluate_samples(
+        ev.HFPolicy(policy, eos_id=39, pad_id=0),
+        lambda p, c: sequence_kls(policy, ref, p, c, 4, 0),
+        Tok(),
+        prompts,
+        ["p"] * 12,
+        scorer,
+        **kw,
+    )
+    assert got.rewards == want.rewards
+    assert got.kls_exact == pytest.approx(want.kls_exact, abs=1e-5)
+    assert got.kls_sample == pytest.approx(want.kls_sample, abs=1e-5)

@@ -134,12 +134,15 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
 def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every arm of
     ``full.betas`` (methods, ablations and ``-single`` arms) at every β of its grid (entries ``arm@β``)
-    on that seed's own reward model, samples and buffers; each run resumes like the default one."""
+    on that seed's own reward model, samples and buffers, with ``full.validation_prompts`` and
+    ``full.eval_every`` (when given) in place of ``eval.validation_prompts`` and ``train.eval_every``;
+    each run resumes like the default one."""
     out = []
     for seed in cfg["full"]["seeds"]:
         c = json.loads(json.dumps(cfg))
         c["seed"] = int(seed)
         c["eval"]["validation_prompts"] = int(cfg["full"].get("validation_prompts", 0))
+        c["train"]["eval_every"] = int(cfg["full"].get("eval_every", c["train"]["eval_every"]))
         c["train"]["methods"] = [f"{m}@{b:g}" for m, betas in cfg["full"]["betas"].items() for b in betas]
         _check_config(c)
         out.append((f"seed{seed}", c))
@@ -1075,6 +1078,25 @@ def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
     return rows
 
 
+def seed_mean_curves(reps: dict[str, dict], arms: list[str]) -> list[dict]:
+    """Per arm and evaluated step (0: the reference on the arm's prompts) across the seeds' reports
+    ``reps``: reward, exact KL and ``J`` as the mean over the seeds with that step (``<key>``) and the
+    seeds' standard deviation (``<key>_sd``, ddof 1)."""
+    rows = []
+    for arm in arms:
+        by_step: dict[int, list[dict]] = {}
+        for rep in reps.values():
+            for r in rep.get("curves", []):
+                if r["method"] == arm:
+                    by_step.setdefault(int(r["step"]), []).append(r)
+        for step, rs in sorted(by_step.items()):
+            row = {"method": arm, "step": step, "beta": rs[0]["beta"], "seeds": len(rs)}
+            for key, sd in (("reward_mean", "reward_sd"), ("kl_exact", "kl_exact_sd"), ("J", "J_sd")):
+                row[key], row[sd] = _seed_stats([r[key] for r in rs])
+            rows.append(row)
+    return rows
+
+
 def full_report(out: Path, names: list[str]) -> dict:
     """The study across the seeds' runs ``out/<name>`` (``--full``): for every arm ``method@β`` its final
     checkpoint's reward, gold score, KL, ``J``, ``J − J_ref`` (paired by prompt within a seed), the ``J*``
@@ -1084,7 +1106,9 @@ def full_report(out: Path, names: list[str]) -> dict:
     scale, and each method's best β is the one with the largest mean share. Writes ``full_report.json``,
     ``full_report.md``, ``frontier.png`` (reward against KL, one line per method through its β grid),
     ``frontier_variants.png`` (ShiQ with its ablations and the single-completion arms), ``frontier_gold.png``
-    (the gold score against KL) and the paired comparisons of :func:`arm_comparisons`."""
+    (the gold score against KL), the paired comparisons of :func:`arm_comparisons`, and every arm's
+    checkpoints across seeds (:func:`seed_mean_curves`), drawn for each method at its best β as
+    ``reward_vs_kl.png``, ``reward_vs_step.png`` and ``j_vs_step.png``."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
@@ -1119,6 +1143,14 @@ def full_report(out: Path, names: list[str]) -> dict:
         ]
         if points:
             plot_frontier(points, out / name, reference=reference, ylabel=ylabel)
+    curves = seed_mean_curves(reps, arms)
+    chosen = {best[m]["arm"] for m in FRONTIER_METHODS if m in best}
+    shown = [r for r in curves if r["method"] in chosen]
+    if shown:
+        spread = ("sd", "1 s.d. over seeds")
+        plot_curves(shown, out, reference={"reward_mean": ref[0], "reward_sd": ref[1]}, spread=spread)
+        j_star_at = {r["beta"]: r["j_star"] for r in rows if r["arm"] in chosen}
+        plot_j_vs_step(shown, out, ref, j_star_at, spread=spread)
     seconds = sum(sum(rep["timings"].values()) for rep in reps.values())
     result = {
         "seeds": names,
@@ -1131,6 +1163,8 @@ def full_report(out: Path, names: list[str]) -> dict:
         "arms": rows,
         "best_beta": {m: r["beta"] for m, r in best.items()},
         "comparisons": arm_comparisons(out, names),
+        "curves": curves,
+        "curve_arms": sorted(chosen),
         "seconds": seconds,
     }
     atomic_write_json(out / "full_report.json", result)
@@ -1173,6 +1207,28 @@ def full_report_markdown(rep: dict) -> str:
         "![gold score against KL](frontier_gold.png)",
         "",
     ]
+    shown = [r for r in rep.get("curves", []) if r["method"] in rep.get("curve_arms", [])]
+    if shown:
+        lines += [
+            "## Checkpoints of each method at its best β",
+            "",
+            "Mean over seeds ± the seeds' standard deviation; step 0 is the reference on the same prompts.",
+            "",
+            "| arm | step | seeds | reward | KL | J |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in shown:
+            cells = [
+                f"{f(r[k])} ± {f(r[sd])}"
+                for k, sd in (("reward_mean", "reward_sd"), ("kl_exact", "kl_exact_sd"), ("J", "J_sd"))
+            ]
+            lines.append(f"| {r['method']} | {r['step']} | {r['seeds']} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            "![reward against KL through the checkpoints](reward_vs_kl.png)",
+            "![J against step](j_vs_step.png)",
+            "",
+        ]
     if rep.get("comparisons"):
         lines += [
             "## Paired differences between arms at the same β",
