@@ -94,25 +94,41 @@ def evaluate_policy(
     completions are decoded without special tokens. ``options`` are those of :func:`evaluate_samples`
     (``max_new_tokens``, ``seed``, ``keep_samples``, ``progress``, ``temperature``). ``temperature`` other
     than 1 samples a tempered policy; the KL estimators still compare ``model``'s own softmax with the
-    reference's, at the states the tempered samples visit.
+    reference's, at the states the tempered samples visit. Without ``sampler``, when the two models share
+    their embeddings and first layers (:func:`shared_prefix_layers`), sampling and KL are one pass
+    (:class:`SharedPrefixPolicy`): the same completions, the same estimators up to float rounding.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     k = shared_prefix_layers(model, ref_model) if sampler is None else 0
     if k:  # one pass: the KL from the hidden states that sampling computed at layer k
-        fused, kls = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad), {}
+        fused = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad)
+        return evaluate_one_pass(fused, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options)
+    policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
 
-        def generate(prompts, cfg, progress=False):
-            completions, kls["sample"], kls["exact"] = fused.generate_with_kls(prompts, cfg, progress)
-            return completions
+    def kls(prompts, completions):
+        return sequence_kls(model, ref_model, prompts, completions, batch_size, pad)
 
-        policy = SimpleNamespace(generate=generate)
-        kl_fn = lambda prompts, completions: (kls["sample"], kls["exact"])  # noqa: E731
-    else:
-        policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
-        kl_fn = lambda prompts, completions: sequence_kls(model, ref_model, prompts, completions, batch_size, pad)  # noqa: E731
+    return evaluate_samples(policy, kls, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options)
+
+
+def evaluate_one_pass(policy, tokenizer, prompt_ids, prompt_texts, scorer, **options) -> EvalResult:
+    """:func:`evaluate_samples` for a policy whose ``generate_with_kls(prompt_ids, cfg, progress)`` returns
+    ``(completions, sample [N], exact [N])``: the KL estimators read off the sampling pass itself."""
+    kls = {}
+
+    def generate(prompts, cfg, progress=False):
+        completions, kls["sample"], kls["exact"] = policy.generate_with_kls(prompts, cfg, progress)
+        return completions
+
     return evaluate_samples(
-        policy, kl_fn, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options
+        SimpleNamespace(generate=generate),
+        lambda prompts, completions: (kls["sample"], kls["exact"]),
+        tokenizer,
+        prompt_ids,
+        prompt_texts,
+        scorer,
+        **options,
     )
 
 

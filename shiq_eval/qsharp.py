@@ -28,11 +28,10 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
-from shiq_eval.evaluate import EvalResult, evaluate_samples
+from shiq_eval.evaluate import EvalResult, evaluate_one_pass
 from shiq_eval.generate import SamplingConfig, generate_in_batches, sample_next
 
 
@@ -389,18 +388,4 @@ def evaluate_guided_policy(
     pass (:meth:`GuidedPolicy.generate_with_kls`). ``options`` are those of
     :func:`shiq_eval.evaluate.evaluate_samples` (``max_new_tokens``, ``batch_size``, ``seed``,
     ``keep_samples``, ``progress``, ``temperature``)."""
-    kls = {}
-
-    def generate(prompts, cfg, progress=False):
-        completions, kls["sample"], kls["exact"] = policy.generate_with_kls(prompts, cfg, progress)
-        return completions
-
-    return evaluate_samples(
-        SimpleNamespace(generate=generate),
-        lambda prompts, completions: (kls["sample"], kls["exact"]),
-        tokenizer,
-        prompt_ids,
-        prompt_texts,
-        scorer,
-        **options,
-    )
+    return evaluate_one_pass(policy, tokenizer, prompt_ids, prompt_texts, scorer, **options)
