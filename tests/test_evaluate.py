@@ -16,13 +16,13 @@ class Tok:
         return " ".join(str(i) for i in ids if not (skip_special_tokens and i == 39))
 
 
-def tiny(seed):
+def tiny(seed, layers=1):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
         vocab_size=40,
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
@@ -106,25 +106,10 @@ def fine_tune_of(ref, trained_from: int, seed: int):
     return m
 
 
-def tiny3(seed):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(
-        vocab_size=40,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        tie_word_embeddings=False,
-    )
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
 def test_shared_prefix_layers_counts_the_layers_held_alike():
     from shiq_eval.evaluate import shared_prefix_layers
 
-    ref = tiny3(7)
+    ref = tiny(7, layers=3)
     assert shared_prefix_layers(ref, ref) == 3
     for k in range(3):
         assert shared_prefix_layers(fine_tune_of(ref, k, seed=k), ref) == k
@@ -145,7 +130,7 @@ def test_shared_prefix_evaluation_equals_sampling_then_two_full_passes(trained_f
     from shiq_eval.evaluate import SharedPrefixPolicy, shared_prefix_layers
     from shiq_eval.generate import HFPolicy, SamplingConfig
 
-    ref = tiny3(11)
+    ref = tiny(11, layers=3)
     policy = fine_tune_of(ref, trained_from, seed=3)
     assert shared_prefix_layers(policy, ref) == trained_from
     tok = Tok()
@@ -169,7 +154,7 @@ def test_evaluate_policy_takes_the_shared_prefix_path_with_the_same_result(monke
     sampling with ``HFPolicy`` and scoring with ``sequence_kls`` (the two-pass path it replaces)."""
     import shiq_eval.evaluate as ev
 
-    ref = tiny3(13)
+    ref = tiny(13, layers=3)
     policy = fine_tune_of(ref, 2, seed=5)
     prompts = [[1, 2, 3], [4, 5], [6]] * 4
     scorer = FunctionScorer(lambda p, c: len(c.split()))
