@@ -138,8 +138,10 @@ def plot_j_vs_step(
     _run_lines(ax, rows, "step", "J", f"J_{spread[0]}", lambda pts: f"{_curve_label(pts)} (β = {pts[0]['beta']:g})")
     if reference_j is not None:
         ax.axhline(reference_j[0], color="grey", ls="--", label="reference (J = reward)")
-    for beta, value in sorted(j_star.items()):
-        ax.axhline(value, color="black", ls=":", label=f"J* estimate, β = {beta:g}")
+    for i, (beta, value) in enumerate(sorted(j_star.items())):  # a line style per β
+        ax.axhline(
+            value, color="black", ls=(":", "-.", (0, (5, 5)), (0, (1, 4)))[i % 4], label=f"J* estimate, β = {beta:g}"
+        )
     ax.set_xlabel("training step")
     ax.set_ylabel(f"J = reward − β·KL on held-out prompts (± {spread[1]})")
     return _finish(plt, fig, ax, Path(out_dir) / "j_vs_step.png", legend_size=8)
