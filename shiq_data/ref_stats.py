@@ -12,6 +12,11 @@ killed run resumes at the first unfinished shard. Building and running the model
 tensors or numpy arrays, aligned like ``shiq_train.stats.causal_lm_stats`` (position ``t`` = token
 ``t`` given the tokens before it; position 0 is 0). With right padding a causal model's values at
 real positions do not depend on the padding; values at padded positions are discarded.
+
+Rows of one group (several completions of a prompt; a trajectory and its edits) begin with the same
+tokens. A ``stats_fn`` with a ``with_prefix(rows, shared, max_batch_tokens)`` attribute (a KV-cache
+capable model: ``shiq_train.reference.hf_stats_fn``) runs those ``shared`` tokens once per group and
+each row's remainder from their cache; its values are the same up to float rounding.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ Stats = torch.Tensor | np.ndarray
 StatsFn = Callable[[torch.Tensor, torch.Tensor], tuple[Stats, Stats]]
 
 DEFAULT_BATCH_TOKENS = 2048
+MIN_SHARED_TOKENS = 32  # a group's common prefix shorter than this is not worth a pass of its own
 DEFAULT_DTYPE = "float32"  # what buffers that record no dtype were computed in
 
 
@@ -76,20 +82,59 @@ def _float32(values: Stats) -> np.ndarray:
     return np.asarray(values, dtype=np.float32)
 
 
+def common_prefix(rows: list) -> int:
+    """The number of leading tokens all ``rows`` share."""
+    n = min(len(r) for r in rows)
+    first = np.asarray(rows[0][:n])
+    for r in rows[1:]:
+        differ = np.nonzero(np.asarray(r[:n]) != first[:n])[0]
+        n = int(differ[0]) if differ.size else n
+    return n
+
+
 def rows_ref_stats(
     token_lists: list,
     stats_fn: StatsFn,
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     on_batch: Callable[[int], None] | None = None,
+    groups: list[int] | None = None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per row, ``(c_ref [T], z_ref [T])`` float32 numpy arrays from ``stats_fn`` (SHIQ_MATH §2).
 
-    ``on_batch(n_tokens)`` is called after each batch (progress reporting).
+    ``groups`` (a group id per row): when ``stats_fn`` has ``with_prefix``, the rows of a group whose
+    common prefix has at least :data:`MIN_SHARED_TOKENS` tokens go through it (the prefix once per group);
+    the other rows through ``stats_fn`` in length-sorted batches. ``on_batch(n_tokens)`` is called after
+    each batch or group (progress reporting).
     """
     chosen: list = [None] * len(token_lists)
     logz: list = [None] * len(token_lists)
     lengths = [len(t) for t in token_lists]
-    for batch in length_sorted_batches(lengths, max_batch_tokens):
+
+    def keep(i: int, ci: np.ndarray, zi: np.ndarray) -> None:
+        ci, zi = ci[: lengths[i]].copy(), zi[: lengths[i]].copy()
+        if not (np.isfinite(ci).all() and np.isfinite(zi).all()):
+            raise ValueError(f"stats_fn returned non-finite reference statistics for row {i}")
+        ci[0] = zi[0] = 0.0  # nothing predicts the first token
+        chosen[i], logz[i] = ci, zi
+
+    rest = list(range(len(token_lists)))
+    if groups is not None and hasattr(stats_fn, "with_prefix"):
+        members: dict[int, list[int]] = {}
+        for i, g in enumerate(groups):
+            members.setdefault(int(g), []).append(i)
+        rest = []
+        for idx in members.values():
+            rows = [token_lists[i] for i in idx]
+            shared = common_prefix(rows) if len(idx) > 1 else 0
+            if shared < MIN_SHARED_TOKENS:
+                rest += idx
+                continue
+            for i, (c, z) in zip(idx, stats_fn.with_prefix(rows, shared, max_batch_tokens)):
+                keep(i, _float32(c), _float32(z))
+            if on_batch is not None:
+                on_batch(sum(lengths[i] for i in idx))
+    for batch in length_sorted_batches([lengths[i] for i in rest], max_batch_tokens):
+        batch = [rest[b] for b in batch]
         tokens, mask = pad_right([token_lists[i] for i in batch])
         c, z = (_float32(v) for v in stats_fn(tokens, mask))
         for name, value in (("chosen_logits", c), ("logz", z)):
@@ -98,12 +143,7 @@ def rows_ref_stats(
                     f"stats_fn returned {name} of shape {tuple(value.shape)} for tokens {tuple(tokens.shape)}"
                 )
         for b, i in enumerate(batch):
-            n = lengths[i]
-            ci, zi = c[b, :n].copy(), z[b, :n].copy()
-            if not (np.isfinite(ci).all() and np.isfinite(zi).all()):
-                raise ValueError(f"stats_fn returned non-finite reference statistics for row {i}")
-            ci[0] = zi[0] = 0.0  # nothing predicts the first token
-            chosen[i], logz[i] = ci, zi
+            keep(i, c[b], z[b])
         if on_batch is not None:
             on_batch(int(mask.sum()))
     return chosen, logz
@@ -144,9 +184,13 @@ def compute_ref_stats(
     try:
         for i in todo:
             path = Path(buffer_dir) / entries[i]["file"]
-            token_lists = read_shard(path).column("tokens").to_numpy(zero_copy_only=False)
+            table = read_shard(path)
             chosen, logz = rows_ref_stats(
-                list(token_lists), stats_fn, max_batch_tokens, on_batch=bar.update if bar is not None else None
+                list(table.column("tokens").to_numpy(zero_copy_only=False)),
+                stats_fn,
+                max_batch_tokens,
+                on_batch=bar.update if bar is not None else None,
+                groups=table.column("group_id").to_pylist(),
             )
             add_ref_columns(buffer_dir, i, chosen, logz, ref_model=ref_model)
     finally:

@@ -26,7 +26,7 @@ from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
 from shiq_train.model import DTYPES, forward_stats
 from shiq_train.stats import causal_lm_stats
-from shiq_train.vocab_parallel import chunked_causal_stats
+from shiq_train.vocab_parallel import chunked_causal_stats, chunked_token_stats
 
 # Causal LMs whose logits are exactly ``last_hidden_state @ lm_head.weight.T`` (the Llama family the
 # trainer imports); others go through their full logits.
@@ -41,7 +41,9 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
     final hidden states and the output weight ``chunk_tokens`` positions at a time
     (:func:`shiq_train.vocab_parallel.chunked_causal_stats`), so the ``[B, T, V]`` logits are never
     held whole; other models go through their full logits (``causal_lm_stats``). Padded positions
-    (attention mask False) are set to 0. Puts the model in eval mode.
+    (attention mask False) are set to 0. Puts the model in eval mode. For the Llama family the function
+    also has ``with_prefix(rows, shared, max_batch_tokens)``: the statistics of rows that share their
+    first ``shared`` tokens, those run once (see :func:`shiq_data.ref_stats.rows_ref_stats`).
     """
     model.eval()
     head = model.get_output_embeddings()
@@ -60,7 +62,54 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
             st.logz.float().masked_fill(~attention_mask, 0.0),
         )
 
+    if chunked:
+        stats.with_prefix = _with_prefix(model.get_decoder(), head.weight, chunk_tokens)
     return stats
+
+
+def _with_prefix(decoder, weight: torch.Tensor, chunk_tokens: int):
+    """``with_prefix(rows, shared, max_batch_tokens) -> [(chosen [T_b], logz [T_b])]`` for rows (token id
+    lists) that all begin with the same ``shared`` tokens: the decoder reads those once into a KV cache,
+    then each row's remainder (in right-padded batches of at most ``max_batch_tokens`` remainder tokens)
+    from a copy of that cache; position ``t`` = token ``t`` given the tokens before it, position 0 is 0."""
+    import copy
+
+    from shiq_data.ref_stats import length_sorted_batches, pad_right
+
+    @torch.no_grad()
+    def with_prefix(rows: list, shared: int, max_batch_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        if not 1 <= shared <= min(len(r) for r in rows):
+            raise ValueError(f"shared must be in 1..{min(len(r) for r in rows)} (the shortest row), got {shared}")
+        prefix = torch.as_tensor(list(rows[0][:shared]), dtype=torch.long)[None]  # [1, P]
+        out = decoder(input_ids=prefix, use_cache=True)
+        h_prefix, cache = out.last_hidden_state, out.cache  # [1, P, H]
+        inside = chunked_token_stats(h_prefix[:, :-1], weight, prefix[:, 1:], chunk_tokens)  # positions 1 .. P-1
+        results: list = [None] * len(rows)
+        rest = [list(r[shared:]) for r in rows]  # each row after the prefix, possibly empty
+        for batch in length_sorted_batches([max(len(r), 1) for r in rest], max_batch_tokens):
+            tokens, mask = pad_right([rest[i] or [0] for i in batch])  # [B, S]
+            B, S = tokens.shape
+            ahead = copy.deepcopy(cache)
+            ahead.batch_repeat_interleave(B)
+            h_rest = decoder(
+                input_ids=tokens,
+                attention_mask=torch.cat([torch.ones(B, shared, dtype=torch.long), mask.long()], 1),
+                position_ids=shared + torch.arange(S).expand(B, S),
+                cache=ahead,
+                use_cache=True,
+            ).last_hidden_state  # [B, S, H]
+            # position P + s is predicted by the hidden state at P + s - 1: the prefix's last, then the row's own
+            before = torch.cat([h_prefix[:, -1:].expand(B, 1, -1), h_rest[:, :-1]], 1)
+            st = chunked_token_stats(before, weight, tokens, chunk_tokens)  # positions P .. P + S - 1
+            for b, i in enumerate(batch):
+                n = len(rest[i])
+                results[i] = tuple(
+                    torch.cat([torch.zeros(1), shared_part[0].float(), own[b, :n].float()])
+                    for shared_part, own in ((inside.chosen_logits, st.chosen_logits), (inside.logz, st.logz))
+                )
+        return results
+
+    return with_prefix
 
 
 def megatron_stats_fn(model) -> StatsFn:

@@ -461,3 +461,57 @@ def test_load_causal_lm_reads_any_causal_lm_folder_and_names_a_missing_config(tm
         torch.testing.assert_close(loaded(input_ids=tokens).logits, model(input_ids=tokens).logits)
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'empty' / 'config.json'} does not exist"):
         load_causal_lm(str(tmp_path / "empty"))
+
+
+def grouped_rows(seed=0):
+    """Groups whose rows share long prefixes (one row is exactly the shared prefix, suffixes of several
+    lengths), a group whose rows share only 3 tokens, and a group of one row."""
+    g = np.random.default_rng(seed)
+    rows, groups = [], []
+    for gid, (shared, suffixes) in enumerate([(40, [0, 3, 9, 1]), (33, [12, 5]), (3, [20, 30]), (45, [6])]):
+        prefix = g.integers(0, VOCAB, shared).tolist()
+        for n in suffixes:
+            rows.append(prefix + g.integers(0, VOCAB, n).tolist())
+            groups.append(gid)
+    return rows, groups
+
+
+def test_shared_prefix_groups_give_the_per_row_values(tmp_path, tiny_llama):
+    """Rows of a group that share at least MIN_SHARED_TOKENS tokens go through ``with_prefix`` (the
+    prefix once, each remainder from its KV cache); every row's values are still those of the model's
+    full logits on that row alone (naive_stats), whatever path it took."""
+    from shiq_data.ref_stats import MIN_SHARED_TOKENS, common_prefix
+
+    token_lists, groups = grouped_rows()
+    assert MIN_SHARED_TOKENS <= 33
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "source": "test",
+            "group_id": gid,
+            "prompt_len": 1,
+            "tokens": t,
+            "action_mask": [False] + [True] * (len(t) - 1),
+            "rewards": [0.0] * (len(t) - 1) + [1.0],
+        }
+        for i, (t, gid) in enumerate(zip(token_lists, groups))
+    ]
+    buf = write_buffer(rows, tmp_path / "buf", tokenizer_info=TOKENIZER, command=["test"], progress=False)
+    fn = hf_stats_fn(tiny_llama)
+    calls = []
+    real = fn.with_prefix
+    fn.with_prefix = lambda rows, shared, budget: calls.append((len(rows), shared)) or real(rows, shared, budget)
+    compute_ref_stats(buf.path, fn, ref_model={"name": "tiny"}, max_batch_tokens=20, progress=False)
+    assert sorted(calls) == [(2, 33), (4, 40)]  # the 3-token group and the single row take the plain path
+    assert common_prefix(token_lists[:4]) == 40
+    out = []
+    for p in open_buffer(buf.path).shard_paths:
+        with pa.ipc.open_stream(pa.memory_map(str(p))) as r:
+            out += r.read_all().to_pylist()
+    assert [r["tokens"] for r in out] == token_lists
+    assert_naive_stats(out, tiny_llama)
+
+
+def test_with_prefix_refuses_a_prefix_longer_than_a_row(tiny_llama):
+    with pytest.raises(ValueError, match="shared must be in 1..3"):
+        hf_stats_fn(tiny_llama).with_prefix([[1, 2, 3], [1, 2, 3, 4]], 4, 100)

@@ -93,10 +93,10 @@ class _BatchLM:
             input_ids=x,
             attention_mask=self.mask if padded else None,
             position_ids=position_ids,
-            past_key_values=self.cache,
+            cache=self.cache,
             use_cache=True,
         )
-        self.cache = out.past_key_values
+        self.cache = out.cache
         self.pos += real.sum(1)
         h = out.last_hidden_state  # [B, C, D]
         return [self.model.lm_head(h[b, k]).double() for b, k in enumerate(keep)]

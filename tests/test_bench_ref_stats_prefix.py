@@ -1,0 +1,49 @@
+"""tools/bench_ref_stats_prefix.py on a small buffer of grouped rows: both ways agree, on the real model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from shiq_data.buffer import write_buffer
+
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def test_help_is_plain_text():
+    out = subprocess.run(
+        [sys.executable, str(TOOLS / "bench_ref_stats_prefix.py"), "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and "shared prefix" in " ".join(out.stdout.split())
+    assert "``" not in out.stdout and str(TOOLS.parent) not in out.stdout
+
+
+def test_both_ways_agree_on_smollm2(tmp_path, smollm2):
+    _, info = smollm2
+    g = np.random.default_rng(0)
+    rows = []
+    for gid in range(3):  # groups of 3 rows sharing 40 tokens
+        prefix = g.integers(0, 49152, 40).tolist()
+        for k in range(3):
+            t = prefix + g.integers(0, 49152, 5 + k).tolist()
+            rows.append(
+                {
+                    "row_id": f"{gid}-{k}",
+                    "source": "test",
+                    "group_id": gid,
+                    "prompt_len": 40,
+                    "tokens": t,
+                    "action_mask": [False] * 40 + [True] * (len(t) - 40),
+                    "rewards": [0.0] * (len(t) - 1) + [1.0],
+                }
+            )
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=info, command=["test"], progress=False)
+    cmd = [sys.executable, str(TOOLS / "bench_ref_stats_prefix.py"), str(tmp_path / "buf"), "--groups", "2"]
+    out = subprocess.run(cmd + ["--rounds", "1"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 groups (6 rows" in out.stdout and "2 groups share at least" in out.stdout
+    diff = float(out.stdout.rsplit(":", 1)[1])
+    assert diff < 1e-4
