@@ -5,6 +5,7 @@ import json
 import math
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -280,3 +281,109 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
     changed = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "train.steps=3"])
     with pytest.raises(SystemExit, match=r"differs in \['train.steps'\]"):
         Stages(tmp_path, changed, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+
+
+def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
+    """A seed's run folder as the recipe leaves it: report.json (reference and arm summaries) and each
+    arm's per-turn evaluation, with random values; 1 to 3 turns per scenario."""
+
+    turns_of = [(f"s{i}", k) for i in range(n_scenarios) for k in range(1 + i % 3)]
+
+    def turns():
+        return [
+            {
+                "id": i,
+                "turn": k,
+                "reset": float(rng.integers(0, 2)),
+                "cumulative": float(rng.integers(0, 2)),
+                "kl": float(rng.gamma(2.0)),
+                "gt_nll": float(rng.gamma(3.0)),
+                "gt_tokens": int(rng.integers(5, 40)),
+            }
+            for i, k in turns_of
+        ]
+
+    def summary(beta=None):
+        v = rng.normal(size=16)
+        keys = [*bfcl.METRICS, *(f"{m}_minus_reference" for m in bfcl.METRICS)]
+        return (
+            {"beta": beta}
+            | {k: float(v[j]) for j, k in enumerate(keys)}
+            | {f"{k}_stderr": float(abs(v[j + 8])) for j, k in enumerate(keys)}
+        )
+
+    rep = {"reference": summary(), "methods": {}}
+    for arm, beta in arms.items():
+        (out / "runs" / arm).mkdir(parents=True)
+        (out / "runs" / arm / "eval.json").write_text(json.dumps({"turns": turns()}))
+        rep["methods"][arm] = summary(beta)
+    (out / "report.json").write_text(json.dumps(rep))
+    return rep
+
+
+def test_seeds_report_against_numpy(tmp_path):
+    """seeds_report on hand-made runs of three seeds (one without the mt_dpo arm): per arm the seed mean,
+    seed s.d. and mean within-seed s.e. of every metric; per pair at the same β, the per-seed paired
+    difference clustered by scenario (computed here with pandas) combined as mean, sqrt(Σ se²)/S, s.d."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    arms = {"shiq@0.1": 0.1, "mt_copg@0.1": 0.1, "shiq": 0.5, "mt_dpo": 0.5, "sft": 1.0, "mt_copg": 0.5}
+    reps = {}
+    for name in ("seed0", "seed1", "seed2"):
+        these = {a: b for a, b in arms.items() if not (name == "seed2" and a == "mt_dpo")}
+        reps[name] = _hand_made_seed(tmp_path / name, rng, these)
+    out = bfcl.seeds_report(tmp_path, list(reps))
+    rows = {r["arm"]: r for r in out["arms"]}
+    assert list(rows)[0] == "reference" and set(rows) == {"reference", *arms}
+    for arm, row in rows.items():
+        per = [r["reference"] if arm == "reference" else r["methods"].get(arm) for r in reps.values()]
+        per = [p for p in per if p is not None]
+        assert row["seeds"] == (2 if arm == "mt_dpo" else 3)
+        for k in ("turn_accuracy", "gt_nll_per_token_minus_reference"):
+            assert row[k] == pytest.approx(np.mean([p[k] for p in per]))
+            assert row[f"{k}_sd"] == pytest.approx(np.std([p[k] for p in per], ddof=1))
+            assert row[f"{k}_se"] == pytest.approx(np.mean([p[f"{k}_stderr"] for p in per]))
+    pairs = [(c["a"], c["b"], c["seeds"]) for c in out["comparisons"]]
+    assert pairs == [("shiq", "mt_copg", 3), ("shiq@0.1", "mt_copg@0.1", 3), ("shiq", "mt_dpo", 2)]
+    for c in out["comparisons"]:
+        means, ses = [], []
+        for name in reps:
+            if c["b"] not in reps[name]["methods"]:
+                continue
+            a, b = (
+                pd.DataFrame(json.loads((tmp_path / name / "runs" / x / "eval.json").read_text())["turns"])
+                for x in (c["a"], c["b"])
+            )
+            d = a["gt_nll"] / a["gt_tokens"] - b["gt_nll"] / b["gt_tokens"]
+            sums = (d - d.mean()).groupby(a["id"]).sum()
+            g = len(sums)
+            means.append(d.mean())
+            ses.append(np.sqrt(g / (g - 1) * (sums**2).sum()) / len(d))
+        assert c["gt_nll_per_token"] == pytest.approx(np.mean(means))
+        assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / len(ses))
+        assert c["gt_nll_per_token_sd"] == pytest.approx(np.std(means, ddof=1))
+    md = (tmp_path / "seeds_report.md").read_text()
+    assert "| shiq@0.1 | mt_copg@0.1 | 0.1 | 3 |" in md and "| mt_dpo | 0.5 | 2 |" in md
+
+
+def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatch):
+    """--seeds: one run per seed in DIR/seed<N> with that seed and the same configuration otherwise, then the
+    report over those folders; a seed listed twice is refused in one line (argparse's usage and error, exit 2)."""
+    calls, reported = [], []
+    monkeypatch.setattr(bfcl, "run", lambda cfg, out: calls.append((cfg, Path(out))))
+    monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))
+    assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "train.steps=3"]) == 0
+    base = bfcl.load_config(quick=True, overrides=["train.steps=3"])
+    assert [(c["seed"], out) for c, out in calls] == [(3, tmp_path / "seed3"), (7, tmp_path / "seed7")]
+    assert all(
+        {k: v for k, v in c.items() if k != "seed"} == {k: v for k, v in base.items() if k != "seed"} for c, _ in calls
+    )
+    assert reported == [(tmp_path, ["seed3", "seed7"])]
+    res = subprocess.run(
+        [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(tmp_path), "--seeds", "1,1"],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2 and "a seed is listed twice" in res.stderr and "Traceback" not in res.stderr

@@ -51,7 +51,7 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.io import atomic_write_json, atomic_write_jsonl
+from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
@@ -62,6 +62,7 @@ from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
     Stages,
+    across_seeds,
     arm_beta,
     arm_method,
     check_arms,
@@ -71,6 +72,7 @@ from shiq_eval.recipes.common import (
     package_versions,
     recipe_trainer,
     run_recipe,
+    seed_stats,
 )
 from shiq_eval.report import plot_frontier
 from shiq_train import parallel
@@ -606,6 +608,101 @@ def report_markdown(rep: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# several training seeds (--seeds)
+
+# (a, b) method pairs compared at every β where both ran: ShiQ against the multi-turn baselines and its
+# per-turn variant
+SEED_PAIRS = (("shiq", "mt_copg"), ("shiq", "mt_dpo"), ("shiq", "shiq_tk"), ("shiq_tk", "mt_copg"))
+
+
+def seeds_report(out: Path, names: list[str]) -> dict:
+    """The runs ``out/<name>`` of several seeds (``--seeds``) together: per arm (and the reference) every
+    :data:`METRICS` value and its difference to the reference as the mean over the seeds that ran it, the
+    seeds' standard deviation (``_sd``) and the mean within-seed standard error clustered by scenario
+    (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn and clustered by
+    scenario within each seed, then combined over seeds (mean, ``_se`` = sqrt(Σ se²) / S, ``_sd``).
+    Writes ``seeds_report.json`` and ``seeds_report.md``."""
+    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
+    rows = []
+    for arm in ["reference", *arms]:
+        per = [
+            rep["reference"] if arm == "reference" else rep["methods"][arm]
+            for rep in reps.values()
+            if arm == "reference" or arm in rep["methods"]
+        ]
+        row = {"arm": arm, "beta": per[0].get("beta"), "seeds": len(per)}
+        for key in (*METRICS, *(f"{m}_minus_reference" for m in METRICS)):
+            if key in per[0]:
+                row[key], row[f"{key}_sd"] = seed_stats([p[key] for p in per])
+                row[f"{key}_se"] = float(np.mean([p[f"{key}_stderr"] for p in per]))
+        rows.append(row)
+    comparisons = []
+    for a_name, b_name in SEED_PAIRS:
+        for a in (x for x in arms if arm_method(x) == a_name):
+            for b in (x for x in arms if arm_method(x) == b_name):
+                seeds = [
+                    n
+                    for n, rep in reps.items()
+                    if a in rep["methods"] and b in rep["methods"]
+                    if rep["methods"][a]["beta"] == rep["methods"][b]["beta"]
+                ]
+                if not seeds:
+                    continue
+                diffs: dict[str, list] = {m: [] for m in METRICS}
+                for n in seeds:
+                    ta, tb = (json.loads((out / n / "runs" / x / "eval.json").read_text())["turns"] for x in (a, b))
+                    if [(t["id"], t["turn"]) for t in ta] != [(t["id"], t["turn"]) for t in tb]:
+                        raise ValueError(f"{out / n}: {a} and {b} were evaluated on different turns")
+                    va, vb, ids = turn_metrics(ta), turn_metrics(tb), [t["id"] for t in ta]
+                    for m in METRICS:
+                        diffs[m].append(paired_difference(va[m], vb[m], clusters=ids))
+                row = {"a": a, "b": b, "beta": reps[seeds[0]]["methods"][a]["beta"], "seeds": len(seeds)}
+                for m, d in diffs.items():
+                    row[m], row[f"{m}_se"], row[f"{m}_sd"] = across_seeds(d)
+                comparisons.append(row)
+    result = {"seeds": names, "arms": rows, "comparisons": comparisons}
+    atomic_write_json(out / "seeds_report.json", result)
+    atomic_write_bytes(out / "seeds_report.md", seeds_report_markdown(result).encode())
+    return result
+
+
+def seeds_report_markdown(rep: dict) -> str:
+    def cell(r, k):
+        sign = "+" if k.endswith("_minus_reference") else ""
+        return f"{r[k]:{sign}.3f} ± {r[k + '_sd']:.3f} [{r[k + '_se']:.3f}]" if k in r else ""
+
+    lines = [
+        f"# {PROG}: seeds {', '.join(rep['seeds'])}",
+        "",
+        "Held-out turns. Each cell: mean over seeds ± the seeds' standard deviation [mean within-seed standard "
+        "error, clustered by scenario]. Differences to the reference are paired by turn within each seed.",
+        "",
+        "| arm | β | seeds | turn accuracy | turn reward | KL per turn | GT NLL per token | GT NLL − reference |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rep["arms"]:
+        beta = "" if r["beta"] is None or arm_method(r["arm"]) == "sft" else format(r["beta"], "g")
+        cells = [cell(r, k) for k in (*METRICS, "gt_nll_per_token_minus_reference")]
+        lines.append(f"| {r['arm']} | {beta} | {r['seeds']} | " + " | ".join(cells) + " |")
+    if rep["comparisons"]:
+        lines += [
+            "",
+            "## Paired differences at the same β",
+            "",
+            "`a − b` on the same turns within each seed (clustered by scenario), averaged over seeds: mean ± "
+            "standard error of that mean from the within-seed errors [the seeds' standard deviation].",
+            "",
+            "| a | b | β | seeds | turn accuracy | turn reward | KL per turn | GT NLL per token |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in rep["comparisons"]:
+            cells = [f"{c[m]:+.3f} ± {c[m + '_se']:.3f} [{c[m + '_sd']:.3f}]" for m in METRICS]
+            lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
 # driver
 
 
@@ -640,11 +737,37 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (CI)")
     ap.add_argument("--config", default=None, help="config file (default: bfcl.yaml of the shipped configs)")
+    ap.add_argument(
+        "--seeds",
+        type=_seed_list,
+        metavar="N,N,...",
+        help="comma-separated training seeds: one run per seed, each in DIR/seed<N> (resumable like a single run), then "
+        "DIR/seeds_report.md and DIR/seeds_report.json: every arm's mean and spread over the seeds, and ShiQ "
+        "against the multi-turn baselines paired by turn",
+    )
     return run_recipe(ap, argv, _main)
+
+
+def _seed_list(text: str) -> list[int]:
+    """``--seeds 0,1,2``: distinct integers."""
+    try:
+        seeds = [int(x) for x in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is listed twice: {text!r}")
+    return seeds
 
 
 def _main(args) -> int:
     cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
+    if args.seeds:
+        names = [f"seed{n}" for n in args.seeds]
+        for n, name in zip(args.seeds, names):
+            run({**cfg, "seed": n}, Path(args.out) / name)
+        seeds_report(Path(args.out), names)
+        _log(f"done: {Path(args.out) / 'seeds_report.md'}")
+        return 0
     rep = run(cfg, args.out)
     ref = rep["reference"]
     for m, r in rep["methods"].items():

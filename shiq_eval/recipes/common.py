@@ -13,6 +13,7 @@ from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -179,6 +180,20 @@ class Stages:
         md = report_markdown(rep)
         atomic_write_json(self.out / "report.json", rep)
         atomic_write_bytes(self.out / "report.md", md.encode())
+
+
+def seed_stats(values: list[float]) -> tuple[float, float]:
+    """Mean over seeds and the seeds' standard deviation (ddof 1; 0 for one seed)."""
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+
+
+def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, float]:
+    """One quantity measured in each seed as ``(mean, standard error)`` (a paired difference, say):
+    ``(mean over seeds, standard error of that mean from the within-seed errors = sqrt(Σ se²) / S, the
+    seeds' standard deviation of the per-seed means)``."""
+    mean, sd = seed_stats([m for m, _ in per_seed])
+    return mean, float(np.sqrt(sum(se**2 for _, se in per_seed)) / len(per_seed)), sd
 
 
 def diff_keys(a, b, prefix=""):

@@ -71,6 +71,7 @@ from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     SINGLE,
     Stages,
+    across_seeds,
     arm_beta,
     arm_is_single,
     arm_method,
@@ -81,6 +82,7 @@ from shiq_eval.recipes.common import (
     package_versions,
     recipe_trainer,
     run_recipe,
+    seed_stats,
 )
 from shiq_eval.report import (
     COLUMNS,
@@ -1008,12 +1010,6 @@ FULL_METRICS = ("reward_mean", "gold_mean", "kl", "J", "J_minus_reference", "j_s
 FRONTIER_METHODS = ("shiq", "dpo", "copg", "dro_v", "qsharp")  # the methods compared in frontier.png
 
 
-def _seed_stats(values: list[float]) -> tuple[float, float]:
-    """Mean over seeds and the seeds' standard deviation (ddof 1; 0 for one seed)."""
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
-
-
 # (a, b) arm pairs compared at every β where both ran: ShiQ against each baseline, the ablations against
 # ShiQ, and the information-controlled arms (one completion per prompt) against the grouped data's methods
 COMPARISONS = (
@@ -1071,9 +1067,7 @@ def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
                 )
             row = {"a": a, "b": b, "beta": beta, "seeds": len(seeds)}
             for k, d in diffs.items():
-                means = [m for m, _ in d]
-                row[k], row[f"{k}_sd"] = _seed_stats(means)
-                row[f"{k}_se"] = float(np.sqrt(sum(se**2 for _, se in d)) / len(d))
+                row[k], row[f"{k}_se"], row[f"{k}_sd"] = across_seeds(d)
             rows.append(row)
     return rows
 
@@ -1092,7 +1086,7 @@ def seed_mean_curves(reps: dict[str, dict], arms: list[str]) -> list[dict]:
         for step, rs in sorted(by_step.items()):
             row = {"method": arm, "step": step, "beta": rs[0]["beta"], "seeds": len(rs)}
             for key, sd in (("reward_mean", "reward_sd"), ("kl_exact", "kl_exact_sd"), ("J", "J_sd")):
-                row[key], row[sd] = _seed_stats([r[key] for r in rs])
+                row[key], row[sd] = seed_stats([r[key] for r in rs])
             rows.append(row)
     return rows
 
@@ -1119,7 +1113,7 @@ def full_report(out: Path, names: list[str]) -> dict:
             m["gain_share"] = m["J_minus_reference"] / room if room > 0 else float("nan")
         row = {"arm": arm, "method": arm.partition("@")[0], "beta": per[0]["beta"], "seeds": len(per)}
         for key in FULL_METRICS:
-            row[key], row[f"{key}_sd"] = _seed_stats([m[key] for m in per])
+            row[key], row[f"{key}_sd"] = seed_stats([m[key] for m in per])
         for key, se in (("reward_mean", "reward_stderr"), ("J", "J_stderr"), ("J_minus_reference", None)):
             row[f"{key}_se"] = float(np.mean([m[se or f"{key}_stderr"] for m in per]))
         rows.append(row)
@@ -1127,8 +1121,8 @@ def full_report(out: Path, names: list[str]) -> dict:
     for row in rows:
         if row["method"] not in best or row["gain_share"] > best[row["method"]]["gain_share"]:
             best[row["method"]] = row
-    ref = _seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
-    ref_gold = _seed_stats([rep["reference"]["gold_mean"] for rep in reps.values()])
+    ref = seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
+    ref_gold = seed_stats([rep["reference"]["gold_mean"] for rep in reps.values()])
     main = [r for r in rows if r["method"] in FRONTIER_METHODS]  # ShiQ's variants get a figure of their own
     variants = [r for r in rows if r["method"] not in FRONTIER_METHODS or r["method"] == "shiq"]
     for name, subset, key, reference, ylabel in (
