@@ -10,7 +10,6 @@ after ``k`` run again, once for each model.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -18,6 +17,7 @@ import torch
 
 from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches
 from shiq_eval.kl import exact_token_kl, kl_from_log_probs, mean_stderr, sample_kl
+from shiq_eval.shared_layers import decoder_from, inputs_of_layer, shared_prefix_layers
 
 
 @dataclass
@@ -132,33 +132,6 @@ def evaluate_one_pass(policy, tokenizer, prompt_ids, prompt_texts, scorer, **opt
     )
 
 
-@torch.no_grad()
-def shared_prefix_layers(model, ref_model) -> int:
-    """How many leading decoder layers two Hugging Face causal LMs (``.model.embed_tokens``,
-    ``.model.layers``, ``.model.rotary_emb``) hold alike bit for bit, embeddings and rotary frequencies
-    included; 0 when those differ, the configurations differ in anything but the weights, or a model is
-    not of that shape."""
-    try:
-        a, b = model.model, ref_model.model
-        pairs = [(a.embed_tokens, b.embed_tokens), (a.rotary_emb, b.rotary_emb)]
-        layers = list(zip(a.layers, b.layers))
-    except AttributeError:
-        return 0
-    if type(model) is not type(ref_model) or model.config.to_dict() != ref_model.config.to_dict():
-        return 0
-
-    def same(x, y) -> bool:
-        sx, sy = x.state_dict(), y.state_dict()
-        return sx.keys() == sy.keys() and all(torch.equal(sx[n], sy[n]) for n in sx)
-
-    if not all(same(x, y) for x, y in pairs):
-        return 0
-    k = 0
-    while k < len(layers) and same(*layers[k]):
-        k += 1
-    return k
-
-
 class SharedPrefixPolicy:
     """Sampling from ``model`` (as :class:`shiq_eval.generate.HFPolicy`, the same completions under the
     same seeds) with both KL estimators against ``ref_model`` read off the same pass (SHIQ_MATH §6).
@@ -174,10 +147,8 @@ class SharedPrefixPolicy:
         n = len(model.model.layers)
         if not 1 <= k <= n:
             raise ValueError(f"k must be in 1..{n} (the shared decoder layers), got {k}")
-        self.sampler = HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
+        self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
         self.eos_id, self.k = int(eos_id), k
-        # the input of layer k (of the final norm when every layer is shared)
-        self.capture_at = model.model.layers[k] if k < n else model.model.norm
         self.tails = [_tail(m, k) for m in (model, ref_model)]
 
     @torch.no_grad()
@@ -189,16 +160,8 @@ class SharedPrefixPolicy:
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):
-            captured = []  # [B, W, H] at the prompt, then [B, 1, H] per sampled token
-
-            def keep(module, args, kwargs):
-                captured.append(args[0] if args else kwargs["hidden_states"])
-
-            hook = self.capture_at.register_forward_pre_hook(keep, with_kwargs=True)
-            try:
+            with inputs_of_layer(self.model, self.k) as captured:  # [B, W, H] at the prompt, then [B, 1, H] a token
                 rows = self.sampler._generate_batch(batch, cfg, seed)
-            finally:
-                hook.remove()
             hidden = torch.cat(captured, 1)  # [B, W + n - 1, H]: prompt and every sampled token but the last
             W, n = max(len(p) for p in batch), len(rows[0])
             attn = torch.zeros(hidden.shape[:2], dtype=torch.long)  # left padding, as sampling had it
@@ -224,19 +187,9 @@ class SharedPrefixPolicy:
 
 def _tail(model, k: int):
     """``fn(hidden [B, T, H], attention_mask [B, T], position_ids [B, T], keep) -> logits [B, keep, V]``:
-    ``model`` from the input of decoder layer ``k`` on (its layers ``k ..``, final norm and output layer,
-    shared, not copied), logits of the last ``keep`` positions."""
-    cfg = copy.deepcopy(model.config)
-    cfg.num_hidden_layers = len(model.model.layers) - k
-    with torch.device("meta"):
-        inner = type(model.model)(cfg)  # only its forward is used: every submodule is model's own
-    inner.embed_tokens, inner.norm, inner.rotary_emb = (
-        model.model.embed_tokens,
-        model.model.norm,
-        model.model.rotary_emb,
-    )
-    inner.layers = torch.nn.ModuleList(list(model.model.layers)[k:])
-    inner.eval()
+    ``model`` from the input of decoder layer ``k`` on (:func:`shiq_eval.shared_layers.decoder_from`, then
+    its output layer), logits of the last ``keep`` positions."""
+    inner = decoder_from(model, k)
 
     def run(hidden, attn, positions, keep):
         out = inner(inputs_embeds=hidden, attention_mask=attn, position_ids=positions, use_cache=False)

@@ -107,7 +107,7 @@ def fine_tune_of(ref, trained_from: int, seed: int):
 
 
 def test_shared_prefix_layers_counts_the_layers_held_alike():
-    from shiq_eval.evaluate import shared_prefix_layers
+    from shiq_eval.shared_layers import shared_prefix_layers
 
     ref = tiny(7, layers=3)
     assert shared_prefix_layers(ref, ref) == 3
@@ -127,8 +127,9 @@ def test_shared_prefix_evaluation_equals_sampling_then_two_full_passes(trained_f
     ``HFPolicy`` samples under the same seeds, and for them the KL estimators of ``sequence_kls`` (both
     models over prompt + completion from the first layer, right-padded): the independent reference.
     Prompts of several lengths (left padding in sampling) and an end token that stops some rows early."""
-    from shiq_eval.evaluate import SharedPrefixPolicy, shared_prefix_layers
+    from shiq_eval.evaluate import SharedPrefixPolicy
     from shiq_eval.generate import HFPolicy, SamplingConfig
+    from shiq_eval.shared_layers import shared_prefix_layers
 
     ref = tiny(11, layers=3)
     policy = fine_tune_of(ref, trained_from, seed=3)

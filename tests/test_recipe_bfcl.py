@@ -162,6 +162,39 @@ def test_batched_answers_equal_each_scenario_alone(tokenizer):
     assert len(lengths) > 1, "every answer had the same length: the test does not exercise rows that end early"
 
 
+def test_a_fine_tune_of_the_last_layer_reads_the_reference_from_the_shared_layer(tokenizer, monkeypatch):
+    """A policy that differs from the reference in its last layer and output row only: the reference runs
+    its last layer alone, on the hidden states the policy computed (cache_from is used), and every scenario's
+    answers, KL and NLL are still those of the plain recomputation with both models whole."""
+    import copy
+
+    from shiq_eval.bfcl import turns
+    from shiq_eval.shared_layers import shared_prefix_layers
+
+    ref = _tiny_llama(1, initializer_range=1.0)
+    model = copy.deepcopy(ref)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.model.layers[1].parameters():
+            p.add_(0.5 * torch.randn(p.shape, generator=g))
+        head = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied: the end token made likelier
+        head[tokenizer.eos_token_id] = head[39542] * 1.001
+        model.lm_head.weight = head
+    assert shared_prefix_layers(model, ref) == 1
+    starts = []
+    real = turns.cache_from
+    monkeypatch.setattr(turns, "cache_from", lambda first: starts.append(first) or real(first))
+    entries = [data.load_entry("multi_turn_base", i) for i in (3, 6, 1)]
+    trajs = [ground_truth_trajectory(e, compact=True) for e in entries]
+    results = answer_turns_batch(model, tokenizer, entries, trajs, ref_model=ref, max_new_tokens=4, seeds=[0, 1, 2])
+    assert starts == [1]
+    kls = []
+    for traj, res in zip(trajs, results):
+        _assert_same_answers(res, _plain_answers(model, ref, tokenizer, traj, 4))
+        kls += res["kl"]
+    assert min(kls) > 1e-4  # the models differ where the KL is taken: equal zeros would prove nothing
+
+
 def test_ground_truth_answers_score_every_turn(tokenizer):
     """The scoring path on known answers: the ground truth's own first messages get reset reward 1."""
     entry = data.load_entry("multi_turn_base", 3)

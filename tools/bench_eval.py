@@ -48,9 +48,10 @@ def main(argv=None) -> None:
 
     import torch
 
-    from shiq_eval.evaluate import evaluate_policy, evaluate_samples, sequence_kls, shared_prefix_layers
+    from shiq_eval.evaluate import evaluate_policy, evaluate_samples, sequence_kls
     from shiq_eval.generate import HFPolicy
     from shiq_eval.moviereviews import movie_prompts
+    from shiq_eval.shared_layers import shared_prefix_layers
     from shiq_train.hf_convert import load_smollm2
 
     torch.set_num_threads(args.threads)

@@ -23,6 +23,8 @@ through an explicit attention mask, cost more than the shared weight reads save 
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from shiq_data.chat import assistant_spans
@@ -31,6 +33,7 @@ from shiq_eval.bfcl.parse import decode_calls
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry
 from shiq_eval.generate import SamplingConfig, sample_next
 from shiq_eval.kl import exact_token_kl, token_kl
+from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, shared_prefix_layers
 
 
 def ground_truth_trajectory(entry: dict, compact: bool = False) -> dict:
@@ -63,10 +66,15 @@ class _BatchLM:
     and no padding runs exactly as a single sequence does.
     """
 
-    def __init__(self, model, batch: int):
+    def __init__(self, model, batch: int, start: int = 0, capture: int | None = None):
+        """``start`` > 0: the model from decoder layer ``start`` on (:func:`shiq_eval.shared_layers.decoder_from`),
+        fed the hidden states ``[n, H]`` entering that layer instead of token ids. ``capture``: keep the hidden
+        states entering that layer during each :meth:`feed` (``self.captured``, ``[B, C, H]``)."""
         from transformers import DynamicCache  # heavy: transformers, only when a model runs
 
-        self.model, self.cache = model, DynamicCache()
+        self.model, self.start, self.capture, self.captured = model, start, capture, None
+        self.decoder = model.model if start == 0 else decoder_from(model, start)
+        self.cache = DynamicCache() if start == 0 else cache_from(start)
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, L]: 1 where the cache holds a real token
         self.pos = torch.zeros(batch, dtype=torch.long)  # [B]: real tokens read per row
 
@@ -75,27 +83,37 @@ class _BatchLM:
         """Positions in the cache, padding included."""
         return self.mask.shape[1]
 
-    def feed(self, chunks: list[list[int]], keep: list[list[int]]) -> list[torch.Tensor]:
-        """Append ``chunks[b]`` to row ``b`` (an empty chunk: nothing); for each row, the logits
-        ``[len(keep[b]), V]`` (float64) at the given offsets into its chunk (each predicts the token after it)."""
+    def feed(self, chunks: list, keep: list[list[int]]) -> list[torch.Tensor]:
+        """Append ``chunks[b]`` (token ids; hidden states ``[n, H]`` when the model starts past layer 0) to row
+        ``b`` (an empty chunk: nothing); for each row, the logits ``[len(keep[b]), V]`` (float64) at the given
+        offsets into its chunk (each predicts the token after it)."""
         B, C = len(chunks), max(map(len, chunks))
+        self.captured = None
         if C == 0:
             return [torch.zeros(0, self.model.config.vocab_size, dtype=torch.float64) for _ in range(B)]
-        x = torch.zeros(B, C, dtype=torch.long)  # [B, C]
+        if self.start:
+            x = torch.zeros(B, C, self.model.config.hidden_size)  # [B, C, H]
+        else:
+            x = torch.zeros(B, C, dtype=torch.long)  # [B, C]
         real = torch.zeros(B, C, dtype=torch.long)
         for b, c in enumerate(chunks):
-            x[b, : len(c)] = torch.tensor(c, dtype=torch.long)
-            real[b, : len(c)] = 1
+            if len(c):
+                x[b, : len(c)] = torch.as_tensor(c, dtype=x.dtype)
+                real[b, : len(c)] = 1
         position_ids = self.pos[:, None] + torch.arange(C)[None]  # [B, C]; padding: past the row's end, masked
         self.mask = torch.cat([self.mask, real], 1)
         padded = bool((self.mask == 0).any())
-        out = self.model.model(
-            input_ids=x,
-            attention_mask=self.mask if padded else None,
-            position_ids=position_ids,
-            cache=self.cache,
-            use_cache=True,
-        )
+        watch = inputs_of_layer(self.model, self.capture) if self.capture is not None else nullcontext([])
+        with watch as seen:
+            out = self.decoder(
+                **({"inputs_embeds": x} if self.start else {"input_ids": x}),
+                attention_mask=self.mask if padded else None,
+                position_ids=position_ids,
+                cache=self.cache,
+                use_cache=True,
+            )
+        if self.capture is not None:
+            self.captured = seen[0]  # [B, C, H]
         self.cache = out.cache
         self.pos += real.sum(1)
         h = out.last_hidden_state  # [B, C, D]
@@ -170,8 +188,11 @@ def answer_turns_batch(
     seeds = list(seeds) if seeds is not None else [0] * B
     rows = [turn_positions(tokenizer, t) for t in trajs]  # (ids [T_b], spans_b)
     eos = tokenizer.eos_token_id
-    policy = _BatchLM(model, B)
-    ref = _BatchLM(ref_model, B) if ref_model is not None else None
+    # a fine-tune of the reference's last layers: the reference runs only its own layers, on the hidden
+    # states the policy computed at the first of them
+    shared = shared_prefix_layers(model, ref_model) if ref_model is not None else 0
+    policy = _BatchLM(model, B, capture=shared or None)
+    ref = _BatchLM(ref_model, B, start=shared) if ref_model is not None else None
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
     outs = [
         {"answers": [], "decoded_turns": [], "tokens": [], "kl": [], "gt_nll": [], "gt_tokens": []} for _ in entries
@@ -202,8 +223,11 @@ def answer_turns_batch(
                 gt_logp[b].append(torch.log_softmax(logits[b][:-1], -1)[torch.arange(len(tg)), tg])
         ref_logits = [None] * B
         if ref is not None:
-            ref_chunks = [c if w else [] for c, w in zip(chunks, with_ref)]
-            ref_logits = ref.feed(ref_chunks, [[len(c) - 1] if c else [] for c in ref_chunks])
+            ref_chunks = [
+                (policy.captured[b, : len(c)] if shared else c) if w and c else []
+                for b, (c, w) in enumerate(zip(chunks, with_ref))
+            ]
+            ref_logits = ref.feed(ref_chunks, [[len(c) - 1] if len(c) else [] for c in ref_chunks])
         lasts = [lg[-1] if len(lg) else None for lg in logits]
         return lasts, [lg[-1] if lg is not None and len(lg) else None for lg in ref_logits]
 
@@ -235,6 +259,7 @@ def answer_turns_batch(
         generators = [torch.Generator().manual_seed(seeds[b] * 1_000_003 + k) for b in range(B)]
         states = [[lasts[b]] if answering[b] else [] for b in range(B)]
         tokens: list[list[int]] = [[] for _ in range(B)]
+        fed: list[list[torch.Tensor]] = [[] for _ in range(B)]  # with shared layers: each fed token's [H] there
         writing = list(answering)
         while any(writing):
             for b in range(B):
@@ -250,11 +275,15 @@ def answer_turns_batch(
             for b in range(B):
                 if writing[b]:
                     states[b].append(step[b][0])
+                    if shared:
+                        fed[b].append(policy.captured[b, 0])
         policy.crop(prompt_length)
         kls = [0.0] * B
         if ref is not None:
             ref_length = ref.length
-            more = ref.feed([tokens[b][:-1] for b in range(B)], [list(range(len(tokens[b]) - 1)) for b in range(B)])
+            # every answer token but the last was fed back to the policy: the reference reads the same
+            answer = [torch.stack(fed[b]) if fed[b] else [] for b in range(B)] if shared else [t[:-1] for t in tokens]
+            more = ref.feed(answer, [list(range(len(tokens[b]) - 1)) for b in range(B)])
             for b in range(B):
                 if answering[b]:
                     ref_states = [ref_lasts[b], *more[b]]
