@@ -12,7 +12,9 @@ the answers of all turns are checked together by :func:`shiq_eval.bfcl.checker.c
 The prompts of successive turns are token-prefixes of one rendering of the ground-truth
 conversation, so each model keeps one KV cache per entry: it reads the conversation once, chunk by
 chunk up to each turn's answer, and its cache is cut back to the prompt after every answer. The
-same pass gives the model's log-likelihood of the ground-truth answer of every turn.
+same pass gives the model's log-likelihood of the ground-truth answer of every turn. When the model is a
+fine-tune of the reference's last layers (:func:`shiq_eval.shared_layers.shared_prefix_layers`), the
+reference runs only those layers, on the hidden states the model computed at the first of them.
 
 Decoding one token reads every weight of the model once, so on a CPU one answer at a time is bound by
 memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lockstep (turn ``k`` of
