@@ -397,6 +397,7 @@ def test_seeds_report_against_numpy(tmp_path):
         assert c["gt_nll_per_token"] == pytest.approx(np.mean(means))
         assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / len(ses))
         assert c["gt_nll_per_token_sd"] == pytest.approx(np.std(means, ddof=1))
+    assert all((tmp_path / f"seeds_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     md = (tmp_path / "seeds_report.md").read_text()
     assert "| shiq@0.1 | mt_copg@0.1 | 0.1 | 3 |" in md and "| mt_dpo | 0.5 | 2 |" in md
 

@@ -498,21 +498,30 @@ FIGURES = {  # file: (metric, y-axis label)
 }
 
 
-def plot_turn_frontiers(reference: dict, methods: dict, out: Path) -> list[Path]:
-    """Each :data:`FIGURES` metric against the KL per turn: a point per arm, the arms of one method (its β
-    sweep) on one line, the reference at KL 0, error bars of one standard error (clustered by scenario;
-    a difference to the reference paired by turn, the reference then at 0 by definition)."""
+def plot_turn_frontiers(
+    reference: dict,
+    methods: dict,
+    out: Path,
+    err: str = "stderr",
+    title: str = "one training seed; error bars: ± 1 standard error over held-out turns, clustered by scenario",
+    prefix: str = "",
+) -> list[Path]:
+    """Each :data:`FIGURES` metric against the KL per turn, as ``out/<prefix><figure>``: a point per arm, the
+    arms of one method (its β sweep) on one line, the reference at KL 0, error bars from the ``<key>_<err>``
+    fields (one standard error clustered by scenario; a difference to the reference paired by turn, the
+    reference then at 0 by definition; ``err="sd"``: the seeds' spread, said so in ``title``)."""
     paths = []
     for name, (key, ylabel) in FIGURES.items():
         points = [
             {"method": arm_method(m), "beta": None if arm_method(m) == "sft" else r["beta"]}
-            | {"kl": r["kl"], "kl_sd": r["kl_stderr"], "reward": r[key], "reward_sd": r[f"{key}_stderr"]}
+            | {"kl": r["kl"], "kl_sd": r[f"kl_{err}"], "reward": r[key], "reward_sd": r[f"{key}_{err}"]}
             for m, r in methods.items()
         ]
-        ref = (0.0, 0.0) if key.endswith("_minus_reference") else (reference[key], reference[f"{key}_stderr"])
-        title = "one training seed; error bars: ± 1 standard error over held-out turns, clustered by scenario"
+        ref = (0.0, 0.0) if key.endswith("_minus_reference") else (reference[key], reference[f"{key}_{err}"])
         xlabel = "KL(π ‖ π_ref) per assistant turn (exact per-token sum over the answer)"
-        paths.append(plot_frontier(points, out / name, reference=ref, ylabel=ylabel, title=title, xlabel=xlabel))
+        paths.append(
+            plot_frontier(points, out / f"{prefix}{name}", reference=ref, ylabel=ylabel, title=title, xlabel=xlabel)
+        )
     return paths
 
 
@@ -621,7 +630,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
     seeds' standard deviation (``_sd``) and the mean within-seed standard error clustered by scenario
     (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn and clustered by
     scenario within each seed, then combined over seeds (mean, ``_se`` = sqrt(Σ se²) / S, ``_sd``).
-    Writes ``seeds_report.json`` and ``seeds_report.md``."""
+    Writes ``seeds_report.json``, ``seeds_report.md`` and the :data:`FIGURES` across seeds (``seeds_*.png``)."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
@@ -661,6 +670,9 @@ def seeds_report(out: Path, names: list[str]) -> dict:
                 for m, d in diffs.items():
                     row[m], row[f"{m}_se"], row[f"{m}_sd"] = across_seeds(d)
                 comparisons.append(row)
+    by_arm = {r["arm"]: r for r in rows}
+    title = f"{len(names)} training seeds: mean ± 1 s.d. of the seeds"
+    plot_turn_frontiers(by_arm.pop("reference"), by_arm, out, err="sd", title=title, prefix="seeds_")
     result = {"seeds": names, "arms": rows, "comparisons": comparisons}
     atomic_write_json(out / "seeds_report.json", result)
     atomic_write_bytes(out / "seeds_report.md", seeds_report_markdown(result).encode())
@@ -685,6 +697,7 @@ def seeds_report_markdown(rep: dict) -> str:
         beta = "" if r["beta"] is None or arm_method(r["arm"]) == "sft" else format(r["beta"], "g")
         cells = [cell(r, k) for k in (*METRICS, "gt_nll_per_token_minus_reference")]
         lines.append(f"| {r['arm']} | {beta} | {r['seeds']} | " + " | ".join(cells) + " |")
+    lines += ["", *(f"![{name}](seeds_{name})" for name in FIGURES)]
     if rep["comparisons"]:
         lines += [
             "",
