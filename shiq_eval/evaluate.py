@@ -164,6 +164,8 @@ class SharedPrefixPolicy:
                 rows = self.sampler._generate_batch(batch, cfg, seed)
             hidden = torch.cat(captured, 1)  # [B, W + n - 1, H]: prompt and every sampled token but the last
             W, n = max(len(p) for p in batch), len(rows[0])
+            if hidden.shape[1] != W + n - 1:  # sampling ran another number of forward passes than tokens
+                raise RuntimeError(f"sampling kept {hidden.shape[1]} positions at layer {self.k}, expected {W + n - 1}")
             attn = torch.zeros(hidden.shape[:2], dtype=torch.long)  # left padding, as sampling had it
             for j, p in enumerate(batch):
                 attn[j, W - len(p) :] = 1
