@@ -321,13 +321,22 @@ class Trainer:
             log.close()
         return history
 
-    def validation_loss(self, micro_batches: list[dict]) -> float:
+    def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
         """The training loss of the current model on ``micro_batches`` (e.g. one pass over a held-out
         buffer), without gradients or an update: the mean over the micro-batches, as a training step
-        would report it. With ``reference="online"`` the reference statistics are filled in first."""
+        would report it. With ``reference="online"`` the reference statistics are filled in first.
+        ``prefix_cache``: a :class:`PrefixCache` of the buffer the micro-batches come from (the held-out
+        one, not the training buffer's), so that only the layers after its frozen prefix run (the same
+        loss up to float rounding)."""
+        suffix = contextlib.nullcontext
+        if prefix_cache is not None:
+            self._check_cache(prefix_cache)
+            prefix_cache.add_to(micro_batches)
+            suffix = lambda model: suffix_only(model, prefix_cache.n_frozen)  # noqa: E731
         if self.cfg.reference == "online":
-            _capture_reference(self.ref_model, micro_batches)
-        with torch.no_grad():
+            with suffix(self.ref_model):
+                _capture_reference(self.ref_model, micro_batches)
+        with torch.no_grad(), suffix(self.model):
             loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
         return float(loss)
 

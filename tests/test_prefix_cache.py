@@ -260,3 +260,27 @@ def test_trainer_finds_the_buffer_behind_shiq_train_data_source(buffer):
         for b, r in enumerate(mb["buffer_rows"].tolist()):
             row = buffer.row(r)["tokens"]
             assert mb["tokens"][b, : len(row)].tolist() == row
+
+
+def test_validation_loss_from_a_prefix_cache_equals_the_full_forward(dist1, buffer, tmp_path):
+    """Trainer.validation_loss with a PrefixCache of the held-out rows' buffer runs only the trainable layers
+    and gives the loss of the full forward (after a step, so the policy differs from its frozen prefix's
+    reference); the micro-batches come from another sampler than training's."""
+    model = M.build_model(model_cfg())
+    calls = []
+    model.decoder.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    trainer = Trainer(
+        model,
+        LossConfig("shiq", beta=0.3),
+        OptimizerConfig(lr=LR),
+        TrainConfig(steps=1, trainable_last_layers=TRAINABLE, progress=False, tensorboard=False),
+        tmp_path,
+    )
+    trainer.fit(BufferSampler(buffer, rows_per_micro_batch=4, micro_batches_per_step=2, seed=1, mode="padded"))
+    held_out = BufferSampler(buffer, rows_per_micro_batch=4, micro_batches_per_step=3, seed=7, mode="padded")
+    mbs = held_out.next_micro_batches()
+    full = trainer.validation_loss([dict(mb) for mb in mbs])
+    cache = PrefixCache.build(model, [buffer.row(i)["tokens"] for i in range(len(buffer))], TRAINABLE, progress=False)
+    calls.clear()
+    cached = trainer.validation_loss([dict(mb) for mb in mbs], prefix_cache=cache)
+    assert calls == [] and cached == pytest.approx(full, rel=1e-5) and full > 0

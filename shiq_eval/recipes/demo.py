@@ -557,9 +557,11 @@ def stage_train(ctx: Context, arm: str) -> None:
     val_losses = json.loads(val_path.read_text()) if val_path.exists() else []
 
     def validate(step: int) -> None:
-        """The arm's loss on one pass over ``buffer_val`` (when ``eval.validation_prompts`` > 0)."""
+        """The arm's loss on one pass over ``buffer_val`` (when ``eval.validation_prompts`` > 0), from the
+        frozen layers' output cached once per process (with ``train.cache_frozen_prefix``)."""
         if val_batches and step not in {v["step"] for v in val_losses}:
-            val_losses.append({"step": step, "loss": trainer.validation_loss([dict(mb) for mb in val_batches])})
+            loss = trainer.validation_loss([dict(mb) for mb in val_batches], prefix_cache=val_cache)
+            val_losses.append({"step": step, "loss": loss})
             atomic_write_json(val_path, sorted(val_losses, key=lambda v: v["step"]))
 
     def evaluate(step: int, model) -> None:
@@ -596,6 +598,7 @@ def stage_train(ctx: Context, arm: str) -> None:
             if step not in done:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
+        val_cache = ctx.prefix_cache("buffer_val", t["trainable_last_layers"], model) if val_batches else None
         trainer.fit(sampler, evaluate=evaluate, on_start=lambda start: validate(0) if start == 0 else None)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
