@@ -11,6 +11,7 @@ checkpoint's weights in that architecture). Walking the buffer shard by shard, r
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import torch
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
-from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
+from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
@@ -72,9 +73,6 @@ def _with_prefix(decoder, weight: torch.Tensor, chunk_tokens: int):
     lists) that all begin with the same ``shared`` tokens: the decoder reads those once into a KV cache,
     then each row's remainder (in right-padded batches of at most ``max_batch_tokens`` remainder tokens)
     from a copy of that cache; position ``t`` = token ``t`` given the tokens before it, position 0 is 0."""
-    import copy
-
-    from shiq_data.ref_stats import length_sorted_batches, pad_right
 
     @torch.no_grad()
     def with_prefix(rows: list, shared: int, max_batch_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -215,11 +215,12 @@ class Trainer:
         if self.cfg.reference == "online":  # the reference starts from the same cached states
             cache.check_model(self.ref_model, self.cfg.trainable_last_layers)
 
-    def _suffix(self, model):
-        """Within the block ``model`` runs only the layers after the cached prefix (when there is a cache)."""
-        if self.prefix_cache is None:
+    @staticmethod
+    def _suffix(model, cache: PrefixCache | None):
+        """Within the block ``model`` runs only the layers after ``cache``'s prefix (all of them without one)."""
+        if cache is None:
             return contextlib.nullcontext()
-        return suffix_only(model, self.prefix_cache.n_frozen)
+        return suffix_only(model, cache.n_frozen)
 
     def fit(
         self,
@@ -283,9 +284,9 @@ class Trainer:
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_to(mbs)
                 if self.cfg.reference == "online":
-                    with self._suffix(self.ref_model):
+                    with self._suffix(self.ref_model, self.prefix_cache):
                         _capture_reference(self.ref_model, mbs)
-                with self._suffix(self.model):
+                with self._suffix(self.model, self.prefix_cache):
                     metrics = train_step(
                         self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
                     )
@@ -328,15 +329,13 @@ class Trainer:
         ``prefix_cache``: a :class:`PrefixCache` of the buffer the micro-batches come from (the held-out
         one, not the training buffer's), so that only the layers after its frozen prefix run (the same
         loss up to float rounding)."""
-        suffix = contextlib.nullcontext
         if prefix_cache is not None:
             self._check_cache(prefix_cache)
             prefix_cache.add_to(micro_batches)
-            suffix = lambda model: suffix_only(model, prefix_cache.n_frozen)  # noqa: E731
         if self.cfg.reference == "online":
-            with suffix(self.ref_model):
+            with self._suffix(self.ref_model, prefix_cache):
                 _capture_reference(self.ref_model, micro_batches)
-        with torch.no_grad(), suffix(self.model):
+        with torch.no_grad(), self._suffix(self.model, prefix_cache):
             loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
         return float(loss)
 
