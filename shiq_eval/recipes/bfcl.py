@@ -74,6 +74,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     seed_stats,
 )
+from shiq_eval.recipes.side_by_side import run_side_by_side, threads_per_job
 from shiq_eval.report import plot_frontier
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
@@ -758,6 +759,13 @@ def main(argv: list[str] | None = None) -> int:
         "DIR/seeds_report.md and DIR/seeds_report.json: every arm's mean and spread over the seeds, and ShiQ "
         "against the multi-turn baselines paired by turn",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --seeds: run this many seeds side by side, one process each, the cores shared among them; each "
+        "seed's output then goes to DIR/seed<N>/run.log",
+    )
     return run_recipe(ap, argv, _main)
 
 
@@ -774,10 +782,22 @@ def _seed_list(text: str) -> list[int]:
 
 def _main(args) -> int:
     cfg = load_config(args.config or CONFIG, args.quick, args.overrides)
+    threads_per_job(args.jobs)  # refuses --jobs 0
+    if args.jobs > 1 and not args.seeds:
+        raise ValueError("--jobs runs the runs of --seeds side by side; without --seeds there is one run")
     if args.seeds:
         names = [f"seed{n}" for n in args.seeds]
-        for n, name in zip(args.seeds, names):
-            run({**cfg, "seed": n}, Path(args.out) / name)
+        if args.jobs > 1:
+            jobs = [
+                (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name)))
+                for n, name in zip(args.seeds, names)
+            ]
+            run_side_by_side(
+                "shiq_eval.recipes.bfcl:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO")
+            )
+        else:
+            for n, name in zip(args.seeds, names):
+                run({**cfg, "seed": n}, Path(args.out) / name)
         seeds_report(Path(args.out), names)
         _log(f"done: {Path(args.out) / 'seeds_report.md'}")
         return 0

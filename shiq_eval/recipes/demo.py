@@ -84,6 +84,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     seed_stats,
 )
+from shiq_eval.recipes.side_by_side import run_side_by_side, threads_per_job
 from shiq_eval.report import (
     COLUMNS,
     plot_curves,
@@ -1299,6 +1300,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the config's 'full' block: every method at every beta of its grid, once per seed, in DIR/seed<N> "
         "(hours; resumable like the default run)",
     )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --full: run this many seeds side by side, one process each, the cores shared among them "
+        "(on 2 cores, --jobs 3 runs the 3 seeds with one thread each, sooner than one after the other with two); "
+        "each seed's output then goes to DIR/seed<N>/run.log",
+    )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
     return run_recipe(ap, argv, _main)
 
@@ -1306,10 +1315,19 @@ def main(argv: list[str] | None = None) -> int:
 def _main(args) -> int:
     cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
     runs = full_runs(cfg) if args.full else [("", cfg)]
+    threads_per_job(args.jobs)  # refuses --jobs 0
+    if args.jobs > 1 and not args.full:
+        raise ValueError("--jobs runs the seeds of --full side by side; without --full there is one run")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    for name, c in runs:
-        rep = run(c, Path(args.out) / name)
-        _log(f"done: {Path(args.out) / name / 'report.md'}")
+    if args.jobs > 1:
+        jobs = [(name, Path(args.out) / name, (c, str(Path(args.out) / name))) for name, c in runs]
+        run_side_by_side(
+            "shiq_eval.recipes.demo:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO")
+        )
+    else:
+        for name, c in runs:
+            rep = run(c, Path(args.out) / name)
+            _log(f"done: {Path(args.out) / name / 'report.md'}")
     if args.full:
         full = full_report(Path(args.out), [name for name, _ in runs])
         _log(f"the study across seeds: {Path(args.out) / 'full_report.md'} (best β: {full['best_beta']})")

@@ -1,0 +1,113 @@
+"""Runs side by side (``--jobs``): each in its own process with its share of the cores, its output in its
+folder's run.log, its stages announced, a failure named and raised after the others finish."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shiq_eval.recipes.side_by_side import LOG_NAME, run_side_by_side, threads_per_job
+
+
+def fake_run(folder: str, fail: bool) -> None:
+    """A run: finishes two stages (as ``Stages`` records them), prints, then fails or writes what it saw."""
+    out = Path(folder)
+    print(f"hello from {out.name}")
+    (out / "stages.json").write_text(json.dumps({"done": {"a": 1.0, "b": 2.0}}))
+    if fail:
+        raise ValueError("row 3 field 'reward' is not a number")
+    (out / "seen.json").write_text(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads()}))
+
+
+def test_threads_per_job_shares_the_cores():
+    assert threads_per_job(1, available=2) == 2
+    assert threads_per_job(2, available=2) == 1
+    assert threads_per_job(3, available=2) == 1  # never 0
+    assert threads_per_job(2, available=8) == 4
+    with pytest.raises(ValueError, match="--jobs must be at least 1"):
+        threads_per_job(0)
+
+
+def test_jobs_run_in_their_own_processes_with_their_share_of_the_cores(tmp_path):
+    folders = {n: tmp_path / n for n in ("seed0", "seed1", "seed2")}
+    folders["seed2"].mkdir()  # a resumed run: what it finished before is not announced again
+    (folders["seed2"] / "stages.json").write_text(json.dumps({"done": {"a": 1.0}}))
+    lines = []
+    jobs = [(n, f, (str(f), False)) for n, f in folders.items()]
+    run_side_by_side(f"{__name__}:fake_run", jobs, 2, lines.append, poll_seconds=0.05)
+    pids = set()
+    for name, folder in folders.items():
+        seen = json.loads((folder / "seen.json").read_text())
+        assert seen["pid"] != os.getpid()
+        assert seen["threads"] == threads_per_job(2)
+        pids.add(seen["pid"])
+        assert f"hello from {name}" in (folder / LOG_NAME).read_text()
+        assert f"{name}: done" in lines
+        assert f"{name}: b finished (2 s)" in lines
+    assert len(pids) >= 2  # two workers at least (a worker may take a second job)
+    assert "seed0: a finished (1 s)" in lines and "seed2: a finished (1 s)" not in lines
+    assert lines[0].startswith("3 runs, 2 at a time with")
+
+
+def test_a_failed_job_is_named_after_the_others_finish(tmp_path):
+    jobs = [(n, tmp_path / n, (str(tmp_path / n), n == "seed0")) for n in ("seed0", "seed1")]
+    lines = []
+    with pytest.raises(ValueError, match=r"^seed0: row 3 field 'reward' is not a number$"):
+        run_side_by_side(f"{__name__}:fake_run", jobs, 2, lines.append, poll_seconds=0.05)
+    assert (tmp_path / "seed1" / "seen.json").exists()  # the other job ran to its end
+    assert any(line.startswith("seed0: failed (ValueError") and LOG_NAME in line for line in lines)
+    assert "seed1: done" in lines
+
+
+@pytest.mark.parametrize(
+    ("prog", "args", "message"),
+    [
+        ("shiq-demo", ["--jobs", "2"], "--jobs runs the seeds of --full side by side"),
+        ("shiq-demo", ["--full", "--jobs", "0"], "--jobs must be at least 1"),
+        ("shiq-bfcl", ["--jobs", "2"], "--jobs runs the runs of --seeds side by side"),
+    ],
+)
+def test_jobs_without_seeds_is_refused_in_one_line(tmp_path, prog, args, message):
+    exe = Path(sys.executable).parent / prog
+    res = subprocess.run([str(exe), "--out", str(tmp_path / "o"), *args], capture_output=True, text=True)
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "o").exists()  # nothing written
+
+
+def test_demo_full_jobs_hands_each_seed_to_a_process_then_reports(tmp_path, monkeypatch):
+    """shiq-demo --full --jobs 3: every seed's run of full_runs, in its folder, to the side-by-side runner (the
+    demo's own run function), then the report across the seeds."""
+    from shiq_eval.recipes import demo
+
+    handed, reported = [], []
+    monkeypatch.setattr(demo, "run_side_by_side", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
+    monkeypatch.setattr(demo, "full_report", lambda out, names: reported.append((out, names)) or {"best_beta": {}})
+    assert demo.main(["--full", "--jobs", "3", "--out", str(tmp_path)]) == 0
+    ((target, jobs, n),) = handed
+    module, _, name = target.partition(":")
+    assert sys.modules[module].__dict__[name] is demo.run and n == 3
+    runs = demo.full_runs(demo.load_config(full=True))
+    assert jobs == [(s, tmp_path / s, (c, str(tmp_path / s))) for s, c in runs]
+    assert reported == [(tmp_path, [s for s, _ in runs])]
+
+
+def test_bfcl_seeds_jobs_hands_each_seed_to_a_process_then_reports(tmp_path, monkeypatch):
+    from shiq_eval.recipes import bfcl
+
+    handed, reported = [], []
+    monkeypatch.setattr(bfcl, "run_side_by_side", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
+    monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))
+    assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "--jobs", "2"]) == 0
+    ((target, jobs, n),) = handed
+    module, _, name = target.partition(":")
+    assert sys.modules[module].__dict__[name] is bfcl.run and n == 2
+    base = bfcl.load_config(quick=True)
+    assert jobs == [
+        (f"seed{s}", tmp_path / f"seed{s}", ({**base, "seed": s}, str(tmp_path / f"seed{s}"))) for s in (3, 7)
+    ]
+    assert reported == [(tmp_path, ["seed3", "seed7"])]
