@@ -1,0 +1,146 @@
+"""Arms of the main job one after the other with every core, against side by side with a share each (--jobs).
+
+``shiq-demo --full`` trains and evaluates one arm after another, three seeds of them; ``--jobs`` runs the
+seeds in parallel processes, the cores shared among them. Whether that pays depends on how well one run
+uses several threads. This measures it on a stand-in for one arm of the main job, built from the same
+parts on the same sizes: SmolLM2-135M-Instruct as the reference and, as the policy, a copy whose last
+``--trained`` layers are perturbed; ``--steps`` AdamW steps of those layers from the cached hidden states
+entering them (16 rows of 72 tokens, a causal-LM loss over the vocabulary: what a training step of the
+main job computes, without its loss's details), then the evaluation of the main job
+(:func:`shiq_eval.evaluate.evaluate_policy`: a sample per held-out prompt and its exact KL).
+
+One run, side by side: ``--runs`` such arms in one process with ``--threads`` threads, one after the
+other; then the same arms in ``--runs`` processes at once, ``--threads // --runs`` threads each (at least
+one). The table gives the wall time of each and the ratio.
+
+    python tools/bench_jobs.py                    # 2 arms, 2 threads, 20 steps, 64 prompts
+    python tools/bench_jobs.py --runs 3 --steps 5 --prompts 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import warnings
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Prints the wall time of the arms one after the other (all threads) and side by side (one process "
+        "each, the threads shared), and how many times sooner side by side is.",
+    )
+    p.add_argument("--runs", type=int, default=2, help="arms to run (default 2)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads in all (default 2: this machine's cores)")
+    p.add_argument("--steps", type=int, default=20, help="training steps per arm (default 20)")
+    p.add_argument("--prompts", type=int, default=64, help="held-out prompts evaluated per arm (default 64)")
+    p.add_argument("--new-tokens", type=int, default=24, help="new tokens per completion (default 24, the main job's)")
+    p.add_argument("--trained", type=int, default=6, help="trained last layers of 30 (default 6, the main job's)")
+    p.add_argument("--arm", type=int, default=None, help=argparse.SUPPRESS)  # a child: run arm N, print JSON
+    args = p.parse_args(argv)
+    if min(args.runs, args.threads, args.steps, args.prompts, args.new_tokens) < 1 or not 1 <= args.trained <= 29:
+        p.error("--runs, --threads, --steps, --prompts, --new-tokens must be >= 1 and --trained in 1..29")
+    return args
+
+
+def arm(args, seed: int, threads: int) -> float:
+    """One stand-in arm with ``threads`` torch threads; returns its seconds (after loading the model)."""
+    warnings.filterwarnings("ignore")
+    import copy
+
+    import torch
+
+    from shiq_eval.evaluate import evaluate_policy
+    from shiq_eval.moviereviews import movie_prompts
+    from shiq_eval.shared_layers import decoder_from, inputs_of_layer
+    from shiq_train.hf_convert import load_smollm2
+
+    torch.set_num_threads(threads)
+    ref, tok = load_smollm2(torch.float32)
+    ref.eval()
+    policy = copy.deepcopy(ref)
+    k = len(ref.model.layers) - args.trained
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.model.layers[k:].parameters():
+            p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
+    texts, openings = movie_prompts(args.prompts)
+    ids = [
+        tok(
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
+            add_special_tokens=False,
+        )["input_ids"]
+        for t in texts
+    ]
+    tokens = torch.randint(0, ref.config.vocab_size, (16, 72), generator=g)  # [B, T]
+    t0 = time.perf_counter()
+    with torch.no_grad(), inputs_of_layer(policy, k) as seen:  # the frozen layers once, as the buffer's cache
+        policy(tokens)
+    hidden = seen[0]  # [B, T, H]
+    tail = decoder_from(policy, k).train()
+    trained = [p for layer in policy.model.layers[k:] for p in layer.parameters()]
+    opt = torch.optim.AdamW(trained, lr=2e-4)
+    for _ in range(args.steps):
+        h = tail(inputs_embeds=hidden, use_cache=False).last_hidden_state  # [B, T, H]
+        logits = policy.lm_head(h[:, :-1])  # [B, T-1, V]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    policy.eval()
+    zero = lambda prompts, completions: [0.0] * len(completions)  # noqa: E731  scoring is not measured
+    evaluate_policy(
+        policy, ref, tok, ids, openings, zero, max_new_tokens=args.new_tokens, batch_size=32, seed=seed, progress=False
+    )
+    return time.perf_counter() - t0
+
+
+def child(args, n: int, threads: int) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--arm", str(n), "--threads", str(threads)]
+    for flag in ("steps", "prompts", "new_tokens", "trained"):
+        cmd += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def collect(procs: list[subprocess.Popen]) -> list[float]:
+    out = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        if proc.returncode != 0:
+            raise SystemExit(f"bench_jobs: an arm failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+        out.append(json.loads(stdout.strip().splitlines()[-1])["seconds"])
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.arm is not None:
+        print(json.dumps({"seconds": arm(args, args.arm, args.threads)}))
+        return
+    each = max(1, args.threads // args.runs)
+    # one after the other: one process per arm too (the same model loading), one at a time, all threads
+    t0 = time.perf_counter()
+    serial = [collect([child(args, n, args.threads)])[0] for n in range(args.runs)]
+    t_serial = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    parallel = collect([child(args, n, each) for n in range(args.runs)])
+    t_parallel = time.perf_counter() - t0
+    print(
+        f"{args.runs} stand-in arms of the main job (SmolLM2-135M, last {args.trained} layers: {args.steps} training "
+        f"steps of 16 x 72 tokens, then {args.prompts} prompts sampled with {args.new_tokens} new tokens and their KL)"
+    )
+    print()
+    print("| how | threads per arm | seconds per arm (excluding model loading) | wall seconds in all | sooner |")
+    print("|---|---|---|---|---|")
+    print(f"| one after the other | {args.threads} | {sum(serial) / len(serial):.1f} | {t_serial:.1f} | 1.00x |")
+    print(
+        f"| side by side | {each} | {sum(parallel) / len(parallel):.1f} | {t_parallel:.1f} | "
+        f"{t_serial / t_parallel:.2f}x |"
+    )
+
+
+if __name__ == "__main__":
+    main()
