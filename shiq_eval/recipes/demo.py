@@ -1305,7 +1305,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=1,
         help="with --full: run this many seeds side by side, one process each, the cores shared among them "
-        "(on 2 cores, --jobs 3 runs the 3 seeds with one thread each, sooner than one after the other with two); "
+        "(on 2 cores, --jobs 3 runs the 3 seeds at once with one thread each; tools/bench_jobs.py measures the gain); "
         "each seed's output then goes to DIR/seed<N>/run.log",
     )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")

@@ -1,10 +1,10 @@
 """Runs of a recipe side by side, one process each, the machine's cores shared among them (``--jobs``).
 
-A run of a small model on a CPU uses two threads poorly: on 2 cores, two single-threaded runs side by
-side finish about 1.4 times sooner than the same two runs one after the other with two threads each
-(README, "The full study"). Each run keeps its own folder, resumes as it would alone, and writes its
-output (progress bars, log lines) to ``<folder>/run.log``; the parent says when each stage of each run
-finishes, read from the run's ``stages.json``."""
+A run of a small model does not use several CPU threads fully (small matrix products, sampling one token at
+a time), so single-threaded runs side by side can finish sooner than the same runs one after the other with
+every thread; ``tools/bench_jobs.py`` measures by how much. Each run keeps its own folder, resumes as it
+would alone, and writes its output (progress bars, log lines) to ``<folder>/run.log``; the parent says
+when each stage of each run finishes, read from the run's ``stages.json``."""
 
 from __future__ import annotations
 
