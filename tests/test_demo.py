@@ -389,3 +389,24 @@ def check_report_against_saved_results(out, rep, cfg):
         csv_rows = sorted((row for row in table if row["method"] == m), key=lambda row: int(row["step"]))
         assert [int(row["step"]) for row in csv_rows] == [row["step"] for row in rows]
         assert float(csv_rows[-1]["J"]) == pytest.approx(r["J"], abs=1e-9)
+
+
+def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
+    """Every arm of --full names its β, so the methods' default β is read by no stage of it: a changed default
+    resumes that run; a default run, whose arms take the default, refuses it."""
+    from shiq_eval.recipes.common import Stages
+
+    full = demo.full_runs(demo.load_config(full=True))[0][1]
+    moved = json.loads(json.dumps(full))
+    moved["methods"]["shiq"]["beta"] = 0.5
+    Stages(tmp_path / "full", full, free=demo.free_keys(full))
+    Stages(tmp_path / "full", moved, free=demo.free_keys(moved))  # resumes
+    assert json.loads((tmp_path / "full" / "config.json").read_text())["methods"]["shiq"]["beta"] == 0.5
+    moved["data"]["train_prompts"] += 1
+    with pytest.raises(SystemExit, match=r"differs in \['data.train_prompts'\]"):
+        Stages(tmp_path / "full", moved, free=demo.free_keys(moved))
+    default = demo.load_config()
+    Stages(tmp_path / "default", default, free=demo.free_keys(default))
+    changed = demo.load_config(overrides=["methods.shiq.beta=0.5"])
+    with pytest.raises(SystemExit, match=r"differs in \['methods.shiq.beta'\]"):
+        Stages(tmp_path / "default", changed, free=demo.free_keys(changed))

@@ -116,6 +116,14 @@ TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 FREE_KEYS = ("train.methods",)
 
 
+def free_keys(cfg: dict) -> tuple[str, ...]:
+    """:data:`FREE_KEYS`, and every ``methods.<m>.beta`` when each arm names its own β (``m@β``, as every
+    arm of ``--full`` does): no stage then reads those defaults, so a new default β resumes the run."""
+    if all("@" in arm for arm in cfg["train"]["methods"]):
+        return (*FREE_KEYS, *(f"methods.{m}.beta" for m in cfg["methods"]))
+    return FREE_KEYS
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration
 
@@ -915,7 +923,7 @@ def report_markdown(rep: dict) -> str:
         f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} prompts × {d['completions_per_prompt']} "
         f"completions per step, the same batches for every method, the last {t['trainable_last_layers']} of 30 "
         "transformer layers trained (embeddings frozen), megatron-core GPTModel on CPU. β per method is in the "
-        "table (the shipped default, 0.1, is every method's best of 0.1, 0.3 and 1 in `shiq-demo --full`).",
+        "table (the shipped defaults are each method's best β in `shiq-demo --full`: README, \"The full study\").",
     ]
     if q is not None:
         qc = cfg["methods"]["qsharp"]
@@ -1253,7 +1261,7 @@ def run(cfg: dict, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_assets()
-    stages = Stages(out, cfg, free=FREE_KEYS)
+    stages = Stages(out, cfg, free=free_keys(cfg))
     ctx = Context(cfg, out)
     plan = [
         ("reward_model", lambda: stage_reward_model(ctx)),
