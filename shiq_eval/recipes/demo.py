@@ -923,7 +923,7 @@ def report_markdown(rep: dict) -> str:
         f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} prompts × {d['completions_per_prompt']} "
         f"completions per step, the same batches for every method, the last {t['trainable_last_layers']} of 30 "
         "transformer layers trained (embeddings frozen), megatron-core GPTModel on CPU. β per method is in the "
-        "table (the shipped defaults are each method's best β in `shiq-demo --full`: README, \"The full study\").",
+        'table (the shipped defaults are each method\'s best β in `shiq-demo --full`: README, "The full study").',
     ]
     if q is not None:
         qc = cfg["methods"]["qsharp"]
