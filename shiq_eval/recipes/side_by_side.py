@@ -64,7 +64,6 @@ def run_side_by_side(
     *,
     log_level: str = "INFO",
     poll_seconds: float = 10.0,
-    context: str = "spawn",
 ) -> None:
     """The function ``target`` (``"module:function"``, imported in each worker) called with ``args`` for each
     ``(name, folder, args)`` of ``jobs_args``, ``jobs`` processes at a time, each with
@@ -75,7 +74,7 @@ def run_side_by_side(
     threads = threads_per_job(jobs)
     seen = {name: set(_finished(Path(folder))) for name, folder, _ in jobs_args}
     errors: dict[str, BaseException] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context(context)) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         running = {}
         for name, folder, args in jobs_args:
             running[pool.submit(_job, target, args, str(folder), threads, log_level)] = (name, Path(folder))
