@@ -31,6 +31,12 @@ def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+def user_prompt_ids(tokenizer, text: str) -> list[int]:
+    """Token ids of a one-turn chat prompt: the template's default system turn (if any), ``text`` as the user
+    turn, and the assistant header that a completion follows."""
+    return _render_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+
+
 def end_of_turn_id(tokenizer) -> int:
     """Id of the token that ends an assistant turn (the tokenizer's EOS, ``<|im_end|>`` for SmolLM2)."""
     eos = tokenizer.eos_token_id

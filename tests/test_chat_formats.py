@@ -2,7 +2,7 @@
 
 import pytest
 
-from shiq_data.chat import ChatTemplateError, encode_chat
+from shiq_data.chat import ChatTemplateError, encode_chat, user_prompt_ids
 
 SYSTEM_DEFAULT = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -74,6 +74,15 @@ def test_default_system_prompt_is_environment_and_completion_reward(tok):
         f"<|im_start|>system\n{SYSTEM_DEFAULT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
     )
     assert row["rewards"][spans[0][1] - 1] == 2.0 and sum(row["rewards"]) == 2.0
+
+
+def test_user_prompt_ids_are_the_prompt_a_completion_follows(tok):
+    ids = user_prompt_ids(tok, "Hi")
+    assert tok.decode(ids) == (
+        f"<|im_start|>system\n{SYSTEM_DEFAULT}<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    )
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+    assert ids == encode_chat(tok, chat, completion_reward=0.0)["tokens"][: len(ids)]  # a prefix of the full chat
 
 
 def test_last_only_makes_earlier_assistant_turns_context(tok):

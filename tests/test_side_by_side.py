@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shiq_eval.recipes.side_by_side import LOG_NAME, run_side_by_side, threads_per_job
+from shiq_eval.recipes.side_by_side import LOG_NAME, run_each, run_side_by_side, threads_per_job
 
 
 def fake_run(folder: str, fail: bool) -> None:
@@ -63,6 +63,31 @@ def test_a_failed_job_is_named_after_the_others_finish(tmp_path):
     assert "seed1: done" in lines
 
 
+def test_one_job_runs_each_in_this_process_one_after_the_other(tmp_path):
+    folders = [tmp_path / n for n in ("seed0", "seed1")]
+    for f in folders:
+        f.mkdir()
+    lines = []
+    run_each(f"{__name__}:fake_run", [(f.name, f, (str(f), False)) for f in folders], 1, lines.append)
+    for f in folders:
+        assert json.loads((f / "seen.json").read_text())["pid"] == os.getpid()
+        assert not (f / LOG_NAME).exists()  # its output stays where this process writes
+    assert lines == [f"{f.name}: done ({f})" for f in folders]
+    with pytest.raises(ValueError, match="row 3 field 'reward'"):  # raised as it is, at once
+        run_each(f"{__name__}:fake_run", [("seed0", folders[0], (str(folders[0]), True))], 1, lines.append)
+
+
+def test_several_jobs_go_side_by_side(tmp_path):
+    folders = [tmp_path / n for n in ("seed0", "seed1")]
+    lines = []
+    run_each(
+        f"{__name__}:fake_run", [(f.name, f, (str(f), False)) for f in folders], 2, lines.append, poll_seconds=0.05
+    )
+    for f in folders:
+        assert json.loads((f / "seen.json").read_text())["pid"] != os.getpid()
+        assert f"hello from {f.name}" in (f / LOG_NAME).read_text()
+
+
 @pytest.mark.parametrize(
     ("prog", "args", "message"),
     [
@@ -79,33 +104,35 @@ def test_jobs_without_seeds_is_refused_in_one_line(tmp_path, prog, args, message
     assert not (tmp_path / "o").exists()  # nothing written
 
 
-def test_demo_full_jobs_hands_each_seed_to_a_process_then_reports(tmp_path, monkeypatch):
-    """shiq-demo --full --jobs 3: every seed's run of full_runs, in its folder, to the side-by-side runner (the
-    demo's own run function), then the report across the seeds."""
+@pytest.mark.parametrize("n_jobs", [1, 3])
+def test_demo_full_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs):
+    """shiq-demo --full [--jobs 3]: every seed's run of full_runs, in its folder, to the runner (the demo's own
+    run function, side by side or not as --jobs says), then the report across the seeds."""
     from shiq_eval.recipes import demo
 
     handed, reported = [], []
-    monkeypatch.setattr(demo, "run_side_by_side", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
+    monkeypatch.setattr(demo, "run_each", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
     monkeypatch.setattr(demo, "full_report", lambda out, names: reported.append((out, names)) or {"best_beta": {}})
-    assert demo.main(["--full", "--jobs", "3", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--full", "--jobs", str(n_jobs), "--out", str(tmp_path)]) == 0
     ((target, jobs, n),) = handed
     module, _, name = target.partition(":")
-    assert sys.modules[module].__dict__[name] is demo.run and n == 3
+    assert sys.modules[module].__dict__[name] is demo.run and n == n_jobs
     runs = demo.full_runs(demo.load_config(full=True))
     assert jobs == [(s, tmp_path / s, (c, str(tmp_path / s))) for s, c in runs]
     assert reported == [(tmp_path, [s for s, _ in runs])]
 
 
-def test_bfcl_seeds_jobs_hands_each_seed_to_a_process_then_reports(tmp_path, monkeypatch):
+@pytest.mark.parametrize("n_jobs", [1, 2])
+def test_bfcl_seeds_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs):
     from shiq_eval.recipes import bfcl
 
     handed, reported = [], []
-    monkeypatch.setattr(bfcl, "run_side_by_side", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
+    monkeypatch.setattr(bfcl, "run_each", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
     monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))
-    assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "--jobs", "2"]) == 0
+    assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "--jobs", str(n_jobs)]) == 0
     ((target, jobs, n),) = handed
     module, _, name = target.partition(":")
-    assert sys.modules[module].__dict__[name] is bfcl.run and n == 2
+    assert sys.modules[module].__dict__[name] is bfcl.run and n == n_jobs
     base = bfcl.load_config(quick=True)
     assert jobs == [
         (f"seed{s}", tmp_path / f"seed{s}", ({**base, "seed": s}, str(tmp_path / f"seed{s}"))) for s in (3, 7)

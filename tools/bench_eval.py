@@ -48,6 +48,7 @@ def main(argv=None) -> None:
 
     import torch
 
+    from shiq_data.chat import user_prompt_ids
     from shiq_eval.evaluate import evaluate_policy, evaluate_samples, sequence_kls
     from shiq_eval.generate import HFPolicy
     from shiq_eval.moviereviews import movie_prompts
@@ -66,13 +67,7 @@ def main(argv=None) -> None:
     if k != len(ref.model.layers) - args.trained:
         raise SystemExit(f"bench_eval: the policy shares {k} layers with the reference, not the untrained ones")
     texts, openings = movie_prompts(args.prompts)
-    ids = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for t in texts
-    ]
+    ids = [user_prompt_ids(tok, t) for t in texts]
     completions = {}
 
     def recorder(name):

@@ -53,6 +53,7 @@ def arm(args, seed: int, threads: int) -> float:
 
     import torch
 
+    from shiq_data.chat import user_prompt_ids
     from shiq_eval.evaluate import evaluate_policy
     from shiq_eval.moviereviews import movie_prompts
     from shiq_eval.shared_layers import decoder_from, inputs_of_layer
@@ -68,13 +69,7 @@ def arm(args, seed: int, threads: int) -> float:
         for p in policy.model.layers[k:].parameters():
             p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
     texts, openings = movie_prompts(args.prompts)
-    ids = [
-        tok(
-            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False),
-            add_special_tokens=False,
-        )["input_ids"]
-        for t in texts
-    ]
+    ids = [user_prompt_ids(tok, t) for t in texts]
     tokens = torch.randint(0, ref.config.vocab_size, (16, 72), generator=g)  # [B, T]
     t0 = time.perf_counter()
     with torch.no_grad(), inputs_of_layer(policy, k) as seen:  # the frozen layers once, as the buffer's cache

@@ -74,7 +74,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     seed_stats,
 )
-from shiq_eval.recipes.side_by_side import run_side_by_side, threads_per_job
+from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import plot_frontier
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
@@ -787,17 +787,11 @@ def _main(args) -> int:
         raise ValueError("--jobs runs the runs of --seeds side by side; without --seeds there is one run")
     if args.seeds:
         names = [f"seed{n}" for n in args.seeds]
-        if args.jobs > 1:
-            jobs = [
-                (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name)))
-                for n, name in zip(args.seeds, names)
-            ]
-            run_side_by_side(
-                "shiq_eval.recipes.bfcl:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO")
-            )
-        else:
-            for n, name in zip(args.seeds, names):
-                run({**cfg, "seed": n}, Path(args.out) / name)
+        jobs = [
+            (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name)))
+            for n, name in zip(args.seeds, names)
+        ]
+        run_each("shiq_eval.recipes.bfcl:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO"))
         seeds_report(Path(args.out), names)
         _log(f"done: {Path(args.out) / 'seeds_report.md'}")
         return 0

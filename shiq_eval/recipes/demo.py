@@ -58,6 +58,7 @@ import torch.distributed as dist
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.chat import user_prompt_ids
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, finetune, minilm_encoder, pearson
@@ -84,7 +85,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     seed_stats,
 )
-from shiq_eval.recipes.side_by_side import run_side_by_side, threads_per_job
+from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import (
     COLUMNS,
     plot_curves,
@@ -261,13 +262,7 @@ class Context:
         """Token ids of the chat prompt (default system turn, user instruction + opening, assistant header)."""
         _, tok = self.reference
         instruction = self.cfg["data"]["instruction"]
-        out = []
-        for o in openings:
-            text = tok.apply_chat_template(
-                [{"role": "user", "content": instruction + o}], add_generation_prompt=True, tokenize=False
-            )
-            out.append(tok(text, add_special_tokens=False)["input_ids"])
-        return out
+        return [user_prompt_ids(tok, instruction + o) for o in openings]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1322,24 +1317,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(args) -> int:
     cfg = load_config(args.config or CONFIG, args.quick, args.overrides, full=args.full)
-    runs = full_runs(cfg) if args.full else [("", cfg)]
     threads_per_job(args.jobs)  # refuses --jobs 0
     if args.jobs > 1 and not args.full:
         raise ValueError("--jobs runs the seeds of --full side by side; without --full there is one run")
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    if args.jobs > 1:
-        jobs = [(name, Path(args.out) / name, (c, str(Path(args.out) / name))) for name, c in runs]
-        run_side_by_side(
-            "shiq_eval.recipes.demo:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO")
-        )
-    else:
-        for name, c in runs:
-            rep = run(c, Path(args.out) / name)
-            _log(f"done: {Path(args.out) / name / 'report.md'}")
+    out = Path(args.out)
     if args.full:
-        full = full_report(Path(args.out), [name for name, _ in runs])
-        _log(f"the study across seeds: {Path(args.out) / 'full_report.md'} (best β: {full['best_beta']})")
+        runs = full_runs(cfg)
+        jobs = [(name, out / name, (c, str(out / name))) for name, c in runs]
+        run_each("shiq_eval.recipes.demo:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO"))
+        full = full_report(out, [name for name, _ in runs])
+        _log(f"the study across seeds: {out / 'full_report.md'} (best β: {full['best_beta']})")
         return 0
+    rep = run(cfg, out)
+    _log(f"done: {out / 'report.md'}")
     for m, r in rep["methods"].items():
         _log(
             f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "

@@ -45,8 +45,12 @@ def _job(target: str, args: tuple, folder: str, threads: int, log_level: str) ->
         sys.stdout = sys.stderr = log
         quiet_optional_dependencies()
         setup_logging(log_level)
-        module, _, name = target.partition(":")
-        getattr(importlib.import_module(module), name)(*args)
+        _resolve(target)(*args)
+
+
+def _resolve(target: str) -> Callable:
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def _finished(folder: Path) -> dict:
@@ -104,3 +108,18 @@ def run_side_by_side(
             except Exception:  # an error type built from other arguments
                 raise error from None
             raise named from error
+
+
+def run_each(
+    target: str, jobs_args: list[tuple[str, Path, tuple]], jobs: int, log: Callable[[str], None], **kwargs
+) -> None:
+    """Each ``(name, folder, args)`` of ``jobs_args`` run by ``target``: one after the other in this process
+    (its output where this process writes) when ``jobs`` is 1, else :func:`run_side_by_side` (``kwargs``
+    go there)."""
+    threads_per_job(jobs)  # refuses jobs < 1
+    if jobs > 1:
+        run_side_by_side(target, jobs_args, jobs, log, **kwargs)
+        return
+    for name, folder, args in jobs_args:
+        _resolve(target)(*args)
+        log(f"{name}: done ({folder})")
