@@ -117,6 +117,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     pairs = [(c["a"], c["b"]) for c in out["comparisons"]]
     assert pairs == [("shiq@0.1", "dpo@0.1"), ("shiq-single@0.1", "shiq@0.1"), ("shiq-single@0.1", "dpo@0.1")]
     assert "| shiq-single@0.1 | dpo@0.1 | 0.1 | 3 |" in (tmp_path / "full_report.md").read_text()
+    assert out["matched_kl"] == demo.matched_kl_comparisons(tmp_path, list(per), {a: rows[a]["kl"] for a in arms})
 
 
 def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_seeds(tmp_path):
@@ -156,8 +157,44 @@ def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_see
             means = [x.mean() for x in d]
             ses = [x.std(ddof=1) / math.sqrt(P) for x in d]
             assert row[key] == pytest.approx(np.mean(means)), (a, b, key)
+            assert row[f"{key}_per_seed"] == pytest.approx(means)
             assert row[f"{key}_sd"] == pytest.approx(np.std(means, ddof=1))
             assert row[f"{key}_se"] == pytest.approx(math.sqrt(sum(x**2 for x in ses)) / 2)
+
+
+def test_matched_kl_comparisons_pair_each_arm_with_the_nearest_kl_of_the_other_method(tmp_path):
+    """matched_kl_comparisons against numpy: each ShiQ arm against the CoPG (or DPO) arm at any β with the
+    nearest mean KL, dropped when the two differ by more than the tolerance; the paired reward, gold and KL
+    differences per seed, their seed mean and sqrt(Σ se²)/S; no J (two β)."""
+    rng = np.random.default_rng(2)
+    kl = {"shiq@0.03": 4.4, "shiq@0.1": 2.9, "shiq@0.3": 1.0, "copg@0.1": 4.3, "copg@0.3": 2.7, "dpo@0.1": 6.0}
+    P, per = 8, {}
+    for seed in ("seed0", "seed1", "seed2"):
+        per[seed] = {}
+        for arm in kl:
+            v = {k: rng.normal(size=P) for k in ("rewards", "gold", "kls_exact")}
+            per[seed][arm] = v
+            (tmp_path / seed / "runs" / arm).mkdir(parents=True)
+            (tmp_path / seed / "runs" / arm / "curve.json").write_text(
+                json.dumps([{"step": 60, **{k: x.tolist() for k, x in v.items()}}])
+            )
+        rep = {"methods": dict.fromkeys(kl, {}), "config": {"eval": {"samples_per_prompt": 1}}}
+        (tmp_path / seed / "report.json").write_text(json.dumps(rep))
+    rows = demo.matched_kl_comparisons(tmp_path, list(per), kl)
+    # shiq@0.3 (KL 1.0) is nearest copg@0.3 (2.7) but too far; DPO's only arm (6.0) is too far from every ShiQ arm
+    assert [(r["a"], r["b"]) for r in rows] == [("shiq@0.1", "copg@0.3"), ("shiq@0.03", "copg@0.1")]
+    for row in rows:
+        a, b = row["a"], row["b"]
+        assert (row["kl_a"], row["kl_b"]) == (kl[a], kl[b]) and row["seeds"] == 3 and "J" not in row
+        assert (row["beta_a"], row["beta_b"]) == (float(a.partition("@")[2]), float(b.partition("@")[2]))
+        for key, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact")):
+            d = [per[sd][a][src] - per[sd][b][src] for sd in per]
+            means = [x.mean() for x in d]
+            assert row[f"{key}_per_seed"] == pytest.approx(means)
+            assert row[key] == pytest.approx(np.mean(means))
+            assert row[f"{key}_sd"] == pytest.approx(np.std(means, ddof=1))
+            assert row[f"{key}_se"] == pytest.approx(math.sqrt(sum((x.std(ddof=1) / math.sqrt(P)) ** 2 for x in d)) / 3)
+    assert demo.matched_kl_comparisons(tmp_path, list(per), {"shiq@0.1": 2.9}) == []  # no CoPG arm at all
 
 
 def test_single_completion_arms_only_for_losses_that_need_no_group():

@@ -1041,41 +1041,82 @@ def _final_per_prompt(run: Path, arm: str, s: int) -> dict[str, np.ndarray]:
     return {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
 
 
+# (a, b) method pairs also compared where their KLs meet: each arm of a against the arm of b, at any β, whose
+# mean KL over the seeds is the nearest, if the two means differ by at most MATCHED_KL_TOLERANCE of the larger
+# (the paper's claim is about reward at similar KL, and the KL of a β differs between methods)
+MATCHED_KL = (("shiq", "copg"), ("shiq", "dpo"), ("dro_v", "copg"), ("shiq-single", "copg"))
+MATCHED_KL_TOLERANCE = 0.15
+
+
+def _paired_across_seeds(out: Path, reps: dict[str, dict], a: str, b: str, beta: float | None) -> dict | None:
+    """Arms ``a − b`` paired by prompt within each seed that ran both, combined over those seeds: reward,
+    gold score and KL, and ``J = reward − β·KL`` when both share ``beta`` (None: they do not, and J at two
+    β is two objectives). Per metric: the seed mean, ``_se`` (sqrt(Σ se_s²) / S), ``_sd`` (the seeds' s.d.)
+    and ``_per_seed`` (each seed's mean difference). None if no seed ran both."""
+    seeds = [n for n, rep in reps.items() if a in rep["methods"] and b in rep["methods"]]
+    if not seeds:
+        return None
+    diffs: dict[str, list[tuple[float, float]]] = {
+        k: [] for k in ("reward", "gold", "kl", "J")[: 3 + (beta is not None)]
+    }
+    for n in seeds:
+        s = int(reps[n]["config"]["eval"]["samples_per_prompt"])
+        va, vb = _final_per_prompt(out / n, a, s), _final_per_prompt(out / n, b, s)
+        P = min(len(va["reward"]), len(vb["reward"]))
+        va, vb = ({k: v[:P] for k, v in x.items()} for x in (va, vb))
+        for k in ("reward", "gold", "kl"):
+            diffs[k].append(paired_difference(va[k], vb[k]))
+        if beta is not None:
+            ja, jb = j_per_prompt(va["reward"], va["kl"], beta), j_per_prompt(vb["reward"], vb["kl"], beta)
+            diffs["J"].append(paired_difference(ja, jb))
+    row = {"a": a, "b": b, "seeds": len(seeds)}
+    for k, d in diffs.items():
+        row[k], row[f"{k}_se"], row[f"{k}_sd"] = across_seeds(d)
+        row[f"{k}_per_seed"] = [float(m) for m, _ in d]
+    return row
+
+
 def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
     """Paired differences ``a − b`` between arms at the same β (:data:`COMPARISONS`) across the seeds' runs
     ``out/<name>``. Within a seed both arms were scored on the same held-out prompts with the same
     sampling seed, so the difference of reward, gold score, KL and ``J = reward − β·KL`` is paired by prompt
     (SHIQ_MATH §9; Q♯ may use only the first prompts, and the pair then uses those). Per pair: the mean over
     seeds of the per-seed mean differences (``<metric>``), the standard error of that mean from the
-    within-seed paired errors (``<metric>_se`` = sqrt(Σ se_s²) / S) and the seeds' standard deviation of the
-    per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed)."""
+    within-seed paired errors (``<metric>_se`` = sqrt(Σ se_s²) / S), the seeds' standard deviation of the
+    per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed) and those differences
+    (``<metric>_per_seed``)."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    arms = {a.partition("@") for rep in reps.values() for a in rep["methods"]}
     rows = []
     for a_name, b_name in COMPARISONS:
-        arms = {a.partition("@") for rep in reps.values() for a in rep["methods"]}
-        betas = sorted({float(beta) for name, _, beta in arms if name == a_name and beta})
-        for beta in betas:
-            a, b = f"{a_name}@{beta:g}", f"{b_name}@{beta:g}"
-            seeds = [n for n, rep in reps.items() if a in rep["methods"] and b in rep["methods"]]
-            if not seeds:
+        for beta in sorted({float(beta) for name, _, beta in arms if name == a_name and beta}):
+            row = _paired_across_seeds(out, reps, f"{a_name}@{beta:g}", f"{b_name}@{beta:g}", beta)
+            if row is not None:
+                rows.append({**row, "beta": beta})
+    return rows
+
+
+def matched_kl_comparisons(out: Path, names: list[str], kl: dict[str, float]) -> list[dict]:
+    """Paired differences ``a − b`` where two methods' KLs meet (:data:`MATCHED_KL`), across the seeds' runs
+    ``out/<name>``: each arm ``a`` against the arm ``b`` of the other method, at any β, whose mean KL
+    ``kl[arm]`` (over the seeds) is the nearest, kept if the two differ by at most
+    :data:`MATCHED_KL_TOLERANCE` of the larger. Reward, gold score and KL, paired by prompt within each seed
+    and combined as in :func:`arm_comparisons` (no J: the two arms may optimise two β); ``kl_a`` and
+    ``kl_b`` are the arms' mean KLs, ``beta_a`` and ``beta_b`` their β."""
+    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    rows = []
+    for a_name, b_name in MATCHED_KL:
+        theirs = [arm for arm in kl if arm.partition("@")[0] == b_name]
+        for a in sorted((arm for arm in kl if arm.partition("@")[0] == a_name), key=lambda arm: kl[arm]):
+            if not theirs:
+                break
+            b = min(theirs, key=lambda arm: abs(kl[arm] - kl[a]))
+            if abs(kl[a] - kl[b]) > MATCHED_KL_TOLERANCE * max(kl[a], kl[b]):
                 continue
-            diffs: dict[str, list[tuple[float, float]]] = {k: [] for k in ("reward", "gold", "kl", "J")}
-            for n in seeds:
-                s = int(reps[n]["config"]["eval"]["samples_per_prompt"])
-                va, vb = _final_per_prompt(out / n, a, s), _final_per_prompt(out / n, b, s)
-                P = min(len(va["reward"]), len(vb["reward"]))
-                va, vb = ({k: v[:P] for k, v in x.items()} for x in (va, vb))
-                for k in ("reward", "gold", "kl"):
-                    diffs[k].append(paired_difference(va[k], vb[k]))
-                diffs["J"].append(
-                    paired_difference(
-                        j_per_prompt(va["reward"], va["kl"], beta), j_per_prompt(vb["reward"], vb["kl"], beta)
-                    )
-                )
-            row = {"a": a, "b": b, "beta": beta, "seeds": len(seeds)}
-            for k, d in diffs.items():
-                row[k], row[f"{k}_se"], row[f"{k}_sd"] = across_seeds(d)
-            rows.append(row)
+            row = _paired_across_seeds(out, reps, a, b, None)
+            if row is not None:
+                beta_a, beta_b = (float(arm.partition("@")[2]) for arm in (a, b))
+                rows.append({**row, "beta_a": beta_a, "beta_b": beta_b, "kl_a": kl[a], "kl_b": kl[b]})
     return rows
 
 
@@ -1164,6 +1205,7 @@ def full_report(out: Path, names: list[str]) -> dict:
         "arms": rows,
         "best_beta": {m: r["beta"] for m, r in best.items()},
         "comparisons": arm_comparisons(out, names),
+        "matched_kl": matched_kl_comparisons(out, names, {r["arm"]: r["kl"] for r in rows}),
         "curves": curves,
         "curve_arms": sorted(chosen),
         "seconds": seconds,
@@ -1244,6 +1286,26 @@ def full_report_markdown(rep: dict) -> str:
         for c in rep["comparisons"]:
             cells = [f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{c[k + '_sd']:.3f}]" for k in ("reward", "gold", "kl", "J")]
             lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
+        lines.append("")
+    if rep.get("matched_kl"):
+        lines += [
+            "## Paired differences where the KLs meet",
+            "",
+            f"Each arm `a` against the other method's arm `b`, at any β, with the nearest mean KL (within "
+            f"{MATCHED_KL_TOLERANCE:.0%} of the larger), paired and combined as above; J is left out, the two arms "
+            "optimise different β. Per seed: each seed's mean difference of reward.",
+            "",
+            "| a | b | KL of a, b | seeds | reward | gold | KL | reward per seed |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for c in rep["matched_kl"]:
+            cells = [f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{c[k + '_sd']:.3f}]" for k in ("reward", "gold", "kl")]
+            per_seed = ", ".join(f"{x:+.3f}" for x in c["reward_per_seed"])
+            lines.append(
+                f"| {c['a']} | {c['b']} | {c['kl_a']:.2f}, {c['kl_b']:.2f} | {c['seeds']} | "
+                + " | ".join(cells)
+                + f" | {per_seed} |"
+            )
         lines.append("")
     return "\n".join(lines)
 
