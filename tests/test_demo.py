@@ -442,7 +442,18 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
     moved["data"]["train_prompts"] += 1
     with pytest.raises(SystemExit, match=r"differs in \['data.train_prompts'\]"):
         Stages(tmp_path / "full", moved, free=demo.free_keys(moved))
+    # a seed or a β added to the study: the seed's own stages are the same, the new arms are new stages
+    grown = demo.full_runs(
+        demo.load_config(full=True, overrides=["full.seeds=[0,1,2,3]", "full.betas.shiq=[0.01,0.03]"])
+    )
+    assert [name for name, _ in grown] == ["seed0", "seed1", "seed2", "seed3"]
+    Stages(tmp_path / "full", grown[0][1], free=demo.free_keys(grown[0][1]))  # resumes
+    assert "shiq@0.01" in json.loads((tmp_path / "full" / "config.json").read_text())["train"]["methods"]
+    fewer = demo.full_runs(demo.load_config(full=True, overrides=["full.eval_every=20"]))[0][1]
+    with pytest.raises(SystemExit, match=r"differs in \['train.eval_every'\]"):  # reaches the stages: checked
+        Stages(tmp_path / "full", fewer, free=demo.free_keys(fewer))
     default = demo.load_config()
+    assert "full" not in demo.free_keys(default)
     Stages(tmp_path / "default", default, free=demo.free_keys(default))
     changed = demo.load_config(overrides=["methods.shiq.beta=0.5"])
     with pytest.raises(SystemExit, match=r"differs in \['methods.shiq.beta'\]"):

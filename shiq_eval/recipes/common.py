@@ -124,9 +124,9 @@ class Stages:
     """``DIR/stages.json``: which stages are finished and how long each took (seconds).
 
     ``DIR/config.json`` holds the run's configuration; a different one is refused (``prog`` names the
-    command in that message) rather than mixed into old results, except in the dotted keys ``free``: keys
-    that no finished stage's result depends on (a recipe's list of arms, each arm its own stage), whose new
-    values are saved."""
+    command in that message) rather than mixed into old results, except in the dotted keys ``free`` (a key
+    frees everything below it too): keys that no finished stage's result depends on (a recipe's list of
+    arms, each arm its own stage), whose new values are saved."""
 
     def __init__(self, out: Path, cfg: dict, prog: str = "shiq-demo", free: tuple[str, ...] = ()):
         self.out, self.path = out, out / "stages.json"
@@ -134,7 +134,7 @@ class Stages:
         if saved.exists():
             old = json.loads(saved.read_text())
             diff = sorted(diff_keys(old, cfg))
-            if refused := [k for k in diff if k not in free]:
+            if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
                 raise SystemExit(
                     f"{prog}: {out} holds a run with a different configuration (differs in {refused}); "
                     "use another --out or remove it"

@@ -118,11 +118,15 @@ FREE_KEYS = ("train.methods",)
 
 
 def free_keys(cfg: dict) -> tuple[str, ...]:
-    """:data:`FREE_KEYS`, and every ``methods.<m>.beta`` when each arm names its own β (``m@β``, as every
-    arm of ``--full`` does): no stage then reads those defaults, so a new default β resumes the run."""
+    """:data:`FREE_KEYS`; every ``methods.<m>.beta`` when each arm names its own β (``m@β``, as every arm of
+    ``--full`` does): no stage then reads those defaults, so a new default β resumes the run; and a seed's
+    copy of the ``full`` block, whose grids and seeds reach the seed's stages only through the keys
+    :func:`full_runs` sets (``train.methods`` free, the others checked), so a seed or a β added to the
+    study trains only what is new."""
+    free = FREE_KEYS + (("full",) if "full" in cfg else ())
     if all("@" in arm for arm in cfg["train"]["methods"]):
-        return (*FREE_KEYS, *(f"methods.{m}.beta" for m in cfg["methods"]))
-    return FREE_KEYS
+        return (*free, *(f"methods.{m}.beta" for m in cfg["methods"]))
+    return free
 
 
 # ----------------------------------------------------------------------------------------------
