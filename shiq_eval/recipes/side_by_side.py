@@ -4,7 +4,8 @@ A run of a small model does not use several CPU threads fully (small matrix prod
 a time), so single-threaded runs side by side can finish sooner than the same runs one after the other with
 every thread; ``tools/bench_jobs.py`` measures by how much. Each run keeps its own folder, resumes as it
 would alone, and writes its output (progress bars, log lines) to ``<folder>/run.log``; the parent says
-when each stage of each run finishes, read from the run's ``stages.json``."""
+when each stage of each run finishes, read from the run's ``stages.json``. :func:`run_each` is what the
+recipes call: this for ``--jobs`` above 1, the runs one after the other in the calling process for 1."""
 
 from __future__ import annotations
 
