@@ -1105,7 +1105,7 @@ def matched_kl_comparisons(out: Path, names: list[str], kl: dict[str, float]) ->
     ``out/<name>``: each arm ``a`` against the arm ``b`` of the other method, at any β, whose mean KL
     ``kl[arm]`` (over the seeds) is the nearest, kept if the two differ by at most
     :data:`MATCHED_KL_TOLERANCE` of the larger. Reward, gold score and KL, paired by prompt within each seed
-    and combined as in :func:`arm_comparisons` (no J: the two arms may optimise two β); ``kl_a`` and
+    and combined as in :func:`arm_comparisons` (SHIQ_MATH §9; no J: the two arms may optimise two β); ``kl_a`` and
     ``kl_b`` are the arms' mean KLs, ``beta_a`` and ``beta_b`` their β."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
     rows = []
