@@ -1111,9 +1111,8 @@ def matched_kl_comparisons(out: Path, names: list[str], kl: dict[str, float]) ->
     rows = []
     for a_name, b_name in MATCHED_KL:
         theirs = [arm for arm in kl if arm.partition("@")[0] == b_name]
-        for a in sorted((arm for arm in kl if arm.partition("@")[0] == a_name), key=lambda arm: kl[arm]):
-            if not theirs:
-                break
+        ours = [arm for arm in kl if arm.partition("@")[0] == a_name] if theirs else []
+        for a in sorted(ours, key=lambda arm: kl[arm]):
             b = min(theirs, key=lambda arm: abs(kl[arm] - kl[a]))
             if abs(kl[a] - kl[b]) > MATCHED_KL_TOLERANCE * max(kl[a], kl[b]):
                 continue
