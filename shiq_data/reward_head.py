@@ -109,7 +109,8 @@ def finetune(
     bias)`` together on the squared error of ``e(text) · w + b`` against ``targets``, starting from the
     given head (the ridge solution on the frozen embeddings). AdamW at a constant ``lr``, weight decay
     0.01 on the encoder only; ``epochs`` passes over the texts (a fraction stops part-way), in seeded
-    batches of texts of similar length (less padding). Returns the new ``(weight, bias)``; the encoder
+    batches of texts of similar length (less padding), with the encoder's dropout seeded by ``seed`` too (the
+    same result whatever the process drew before). Returns the new ``(weight, bias)``; the encoder
     is left in eval mode."""
     import torch  # heavy: shiq-data imports this module for every build
     from tqdm import tqdm
@@ -137,13 +138,17 @@ def finetune(
         batches += [epoch[i] for i in torch.randperm(len(epoch), generator=g)]
     batches = batches[: max(1, round(epochs * math.ceil(len(texts) / batch_size)))]  # whole epochs: every batch
     model.train()
-    for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
-        features = model.tokenize([texts[i] for i in idx])
-        emb = model(features)["sentence_embedding"]  # [B, D]
-        loss = ((emb @ w + b - y[idx]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    # the encoder's dropout draws from torch's global generator: seed it here (and restore it after), so
+    # that the result depends on ``seed`` alone, not on what the process drew before
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
+            features = model.tokenize([texts[i] for i in idx])
+            emb = model(features)["sentence_embedding"]  # [B, D]
+            loss = ((emb @ w + b - y[idx]) ** 2).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     model.eval()
     return w.detach().double(), float(b.detach())
 

@@ -51,6 +51,24 @@ def test_config_quick_and_errors():
             bfcl.load_config(overrides=[override])
 
 
+def test_the_buffer_holds_the_scenarios_the_training_reads():
+    """``data.buffer: visited``: steps x groups_per_step distinct scenarios of the split, in its order, a
+    draw that changes with the seed; every scenario when that many cover the split or with ``all``."""
+    entries = [{"id": f"multi_turn_base_{i}"} for i in range(160)]
+    cfg = bfcl.load_config()
+    n = cfg["train"]["steps"] * cfg["train"]["groups_per_step"]
+    got = bfcl.trained_scenarios(cfg, entries)
+    index = [int(e["id"].rsplit("_", 1)[1]) for e in got]
+    assert len(got) == n == 40 and index == sorted(set(index)) and all(0 <= i < 160 for i in index)
+    other = bfcl.trained_scenarios({**cfg, "seed": 1}, entries)
+    assert [e["id"] for e in other] != [e["id"] for e in got]
+    assert bfcl.trained_scenarios(cfg, entries[:n]) == entries[:n]
+    every = bfcl.load_config(overrides=["data.buffer=all"])
+    assert bfcl.trained_scenarios(every, entries) == entries
+    with pytest.raises(ValueError, match="data.buffer"):
+        bfcl.load_config(overrides=["data.buffer=some"])
+
+
 def test_edited_trajectories_and_turn_cuts_keep_what_the_model_saw(tokenizer):
     entry = data.load_entry("multi_turn_base", 1)
     group = bfcl.scenario_trajectories(entry, 3, seed=0, compact=True)
@@ -264,7 +282,7 @@ def test_quick_run_report_and_resume(tmp_path):
     report (about 3.5 CPU minutes: loading SmolLM2, six evaluations)."""
     out = tmp_path / "bfcl"
     cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out)]
-    subprocess.run(cmd, check=True, timeout=600)
+    first = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file() and (out / "buffer" / "manifest.json").is_file()
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
@@ -292,6 +310,13 @@ def test_quick_run_report_and_resume(tmp_path):
     assert rep["reference"]["turn_accuracy"] == pytest.approx(sum(rewards) / len(rewards))
     # supervised training on the ground truths lowers their NLL on the held-out turns
     assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
+    # the buffer holds the scenarios the training reads (2 steps x 1 of the 3 shortest), drawn by the seed
+    info = json.loads((out / "data.json").read_text())
+    shortest = [e["id"] for e in bfcl.scenario_entries(cfg, "train")]
+    assert info["scenarios_of_split"] == 3 and len(info["scenario_ids"]) == info["scenarios"] == 2
+    assert set(info["scenario_ids"]) < set(shortest)
+    # the frozen layer ran once per buffer (the supervised one, then the four reward methods' shared one)
+    assert first.stderr.count("cached for") == 2, first.stderr[-2000:]
     # resuming: nothing but the report runs again
     res = subprocess.run(cmd, check=True, timeout=120, capture_output=True, text=True)
     assert res.stderr.count("done earlier, skipped") == 1 + 1 + 5  # data, the reference, five methods

@@ -78,6 +78,31 @@ def test_finetune_epochs_visit_every_text_once_per_epoch():
         assert sorted(seen) == sorted(texts * epochs)
 
 
+def test_finetune_depends_on_its_seed_not_on_what_the_process_drew_before():
+    """The encoder trains with dropout: two fine-tunings with the same seed from the same start give the
+    same head and encoder to the bit however many random numbers the process drew before (the reward
+    model of a resumed or differently started run is the same), and the global generator is left as it was."""
+    from shiq_data.reward_head import finetune, minilm_encoder
+
+    texts = [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(8)]
+    y = [float(i % 2) for i in range(8)]
+    results = []
+    for draws in (0, 1000):
+        encoder = minilm_encoder()
+        torch.manual_seed(123)
+        torch.rand(draws)
+        state = torch.get_rng_state()
+        w, b = finetune(encoder, texts, y, torch.zeros(384, dtype=torch.float64), 0.0, batch_size=4, lr=1e-3)
+        assert torch.equal(torch.get_rng_state(), state)
+        results.append((w, b, encoder.model.state_dict()))
+    (w0, b0, s0), (w1, b1, s1) = results
+    assert torch.equal(w0, w1) and b0 == b1 and all(torch.equal(s0[k], s1[k]) for k in s0)
+    other = finetune(
+        minilm_encoder(), texts, y, torch.zeros(384, dtype=torch.float64), 0.0, batch_size=4, lr=1e-3, seed=1
+    )
+    assert not torch.equal(other[0], w0)
+
+
 def test_function_scorer():
     s = FunctionScorer(lambda p, c: len(c) - len(p))
     assert s(["a", "bb"], ["xyz", "q"]) == [2.0, -1.0]

@@ -61,6 +61,7 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    PrefixCaches,
     Stages,
     across_seeds,
     arm_beta,
@@ -120,6 +121,8 @@ def _check_config(cfg: dict) -> None:
     for key, low in (("steps", 1), ("groups_per_step", 1), ("warmup_steps", 0)):
         if t[key] < low:
             raise ValueError(f"train.{key} must be >= {low}, got {t[key]}")
+    if d["buffer"] not in ("visited", "all"):
+        raise ValueError(f"data.buffer must be 'visited' or 'all', got {d['buffer']!r}")
     if t["groups_per_step"] > (d["train_scenarios"] or 160):
         raise ValueError("train.groups_per_step cannot exceed data.train_scenarios")
     if ev["max_new_tokens"] < 1 or ev["temperature"] < 0 or ev["batch_size"] < 1:
@@ -137,6 +140,9 @@ class Context:
         self.cfg, self.out = cfg, out
         self._ref = None
         self.truths = {}  # held-out scenario id -> its ground-truth conversation
+        self.prefix_caches = PrefixCaches(
+            cfg, out, lambda: self.reference[0], _log, logits_chunk_tokens=LOGITS_CHUNK_TOKENS
+        )
 
     @property
     def reference(self):
@@ -234,9 +240,22 @@ def fit_group(group: list[dict], tokenizer, max_tokens: int, reward: str) -> tup
     return [], []
 
 
+def trained_scenarios(cfg: dict, entries: list[dict]) -> list[dict]:
+    """The training scenarios the buffer holds: with ``data.buffer: visited`` the ``train.steps x
+    train.groups_per_step`` that the training reads (a seeded draw without replacement, in their order
+    among ``entries``), so that no reference statistics are computed for rows no method reads; all of
+    ``entries`` when that covers them or with ``data.buffer: all``."""
+    n = cfg["train"]["steps"] * cfg["train"]["groups_per_step"]
+    if cfg["data"]["buffer"] == "all" or n >= len(entries):
+        return entries
+    keep = np.random.default_rng([cfg["seed"], 15]).choice(len(entries), n, replace=False)
+    return [entries[i] for i in sorted(keep.tolist())]
+
+
 def stage_data(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
-    entries = scenario_entries(cfg, "train")
+    split = scenario_entries(cfg, "train")
+    entries = trained_scenarios(cfg, split)
     _, tok = ctx.reference
     tok_info = load_tokenizer("smollm2")[1]
     kept, rows_all, rows_sft, dropped, cut = [], [], [], [], 0
@@ -280,7 +299,9 @@ def stage_data(ctx: Context) -> None:
         b["reward_reset"] += sum(t["turn_rewards_reset"])
     info = {
         "category": d["category"],
+        "scenarios_of_split": len(split),
         "scenarios": len(kept),
+        "scenario_ids": [g[0]["id"] for g in kept],
         "scenarios_dropped": dropped,
         "scenarios_cut": cut,
         "trajectories": len(flat),
@@ -327,10 +348,12 @@ def stage_train(ctx: Context, arm: str) -> None:
     t0 = time.perf_counter()
     with parallel.distributed(seed=cfg["seed"]):
         model = megatron_policy(ref, logits_chunk_tokens=LOGITS_CHUNK_TOKENS)
-        trainer = recipe_trainer(model, cfg, arm, run, ref.config, {"recipe": PROG})
+        buffer = "buffer_sft" if sft else "buffer"
+        cache = ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model)
+        trainer = recipe_trainer(model, cfg, arm, run, ref.config, {"recipe": PROG}, prefix_cache=cache)
         # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method
         sampler = BufferSampler(
-            open_buffer(ctx.out / ("buffer_sft" if sft else "buffer")),
+            open_buffer(ctx.out / buffer),
             rows_per_micro_batch=group,
             micro_batches_per_step=t["groups_per_step"],
             seed=cfg["seed"],

@@ -10,18 +10,23 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
+import torch.distributed as dist
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
 from shiq_train.objectives import LossConfig
+from shiq_train.prefix_cache import PrefixCache
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer
 
@@ -245,6 +250,40 @@ def megatron_policy(hf_model, **overrides):
     model = build_model(model_config_from_llama(hf_model.config, **overrides))
     import_llama(model, hf_model.state_dict(), hf_model.config)
     return model
+
+
+class PrefixCaches:
+    """The frozen-prefix caches (:class:`shiq_train.prefix_cache.PrefixCache`) of a run's buffers, each built
+    on first use and shared by every later stage of the process: the arms of a recipe train on the same
+    buffer from the same frozen layers, so those layers run once per row, not once per row and arm.
+
+    ``reference``: a callable giving the Hugging Face reference model; ``log``: the recipe's logger;
+    ``overrides``: :func:`megatron_policy` overrides of the model built when a stage gives none."""
+
+    def __init__(self, cfg: dict, out: Path, reference: Callable[[], object], log, **overrides):
+        self.cfg, self.out, self._reference, self._log, self._overrides = cfg, out, reference, log, overrides
+        self._caches: dict[tuple[str, int], PrefixCache] = {}
+
+    def get(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
+        """The cache of ``DIR/<buffer>`` for that many trainable layers (None when ``train.cache_frozen_prefix``
+        is off), built on first use from ``model`` (the reference imported into megatron) or else from a
+        megatron copy of the reference (in a process group of its own when none is set up)."""
+        if not self.cfg["train"].get("cache_frozen_prefix", False):
+            return None
+        key = (buffer, trainable_last_layers)
+        if key not in self._caches:
+            t0 = time.perf_counter()
+            group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
+            with group:
+                if model is None:
+                    model = megatron_policy(self._reference(), **self._overrides)
+                cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
+            self._log(
+                f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
+                f"{len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
+            )
+            self._caches[key] = cache
+        return self._caches[key]
 
 
 def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: dict, prefix_cache=None, **train):

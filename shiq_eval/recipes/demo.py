@@ -48,13 +48,11 @@ import shutil
 import sys
 import time
 import warnings
-from contextlib import nullcontext
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
@@ -71,6 +69,7 @@ from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, p
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     SINGLE,
+    PrefixCaches,
     Stages,
     across_seeds,
     arm_beta,
@@ -101,7 +100,6 @@ from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
 from shiq_train.objectives import LOSS_NAMES, LOSSES
-from shiq_train.prefix_cache import PrefixCache
 from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
@@ -215,30 +213,7 @@ class Context:
     def __init__(self, cfg: dict, out: Path):
         self.cfg, self.out = cfg, out
         self._ref = self._rm = self._gold = None
-        self._prefix_caches: dict[tuple[str, int], PrefixCache] = {}
-
-    def prefix_cache(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
-        """The frozen-prefix cache of ``DIR/<buffer>`` for that many trainable layers (None when
-        ``train.cache_frozen_prefix`` is off), built on first use from ``model`` (the reference imported into
-        megatron) or else from a megatron copy of the reference (in a process group of its own when none is
-        set up), and shared by every later stage of this process."""
-        if not self.cfg["train"].get("cache_frozen_prefix", False):
-            return None
-        key = (buffer, trainable_last_layers)
-        if key not in self._prefix_caches:
-            ref, _ = self.reference
-            t0 = time.perf_counter()
-            group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
-            with group:
-                if model is None:
-                    model = megatron_policy(ref)
-                cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
-            _log(
-                f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
-                f"{len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
-            )
-            self._prefix_caches[key] = cache
-        return self._prefix_caches[key]
+        self.prefix_caches = PrefixCaches(cfg, out, lambda: self.reference[0], _log)
 
     @property
     def reference(self):
@@ -588,7 +563,7 @@ def stage_train(ctx: Context, arm: str) -> None:
             run,
             ref.config,
             {"demo": True},
-            prefix_cache=ctx.prefix_cache(buffer, t["trainable_last_layers"], model),
+            prefix_cache=ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model),
             save_every=t["eval_every"],
             eval_every=t["eval_every"],
         )
@@ -606,7 +581,7 @@ def stage_train(ctx: Context, arm: str) -> None:
             if step not in done:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
-        val_cache = ctx.prefix_cache("buffer_val", t["trainable_last_layers"], model) if val_batches else None
+        val_cache = ctx.prefix_caches.get("buffer_val", t["trainable_last_layers"], model) if val_batches else None
         trainer.fit(sampler, evaluate=evaluate, on_start=lambda start: validate(0) if start == 0 else None)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
@@ -664,7 +639,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
                 trainable_last_layers=q["trainable_last_layers"],
                 seed=ctx.cfg["seed"],
             ),
-            prefix_cache=ctx.prefix_cache("buffer", q["trainable_last_layers"]),
+            prefix_cache=ctx.prefix_caches.get("buffer", q["trainable_last_layers"]),
         )
         atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
     value = load_value_model(value_dir)
