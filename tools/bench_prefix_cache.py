@@ -2,8 +2,9 @@
 
 SmolLM2-135M-Instruct (the packaged model, 30 layers) as a megatron GPT, the last ``--trainable`` layers
 and the final norm trained (embeddings frozen), ShiQ loss on a synthetic replay buffer of
-``--groups`` prompt groups of 4 completions (rows of about ``--tokens`` tokens, reference statistics
-present), batches of ``--rows`` rows in groups mode, as in ``shiq-demo``. Two copies of the model take
+``--groups`` prompt groups of ``--group-size`` completions (rows of about ``--tokens`` tokens, reference
+statistics present), micro-batches of ``--rows`` rows in groups mode, ``--micro-batches`` a step, as in
+``shiq-demo`` by default (``shiq-bfcl``: the third command below). Two copies of the model take
 the same micro-batches: ``full`` runs all 30 layers at every step; ``cached`` runs only the trainable
 layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache`` (their lookup included in the
 step). Steps run interleaved (full, cached, full, cached, ...) after one warm-up each, so load from
@@ -12,6 +13,8 @@ first step's loss of both paths (they must agree).
 
     python tools/bench_prefix_cache.py                # 640 rows of ~50 tokens, 16 rows a step, 6 of 30 layers
     python tools/bench_prefix_cache.py --reps 5 --trainable 2
+    python tools/bench_prefix_cache.py --trainable 4 --groups 8 --group-size 2 --tokens 2556 --rows 2 \
+        --micro-batches 2 --logits-chunk 1024 --reps 3   # shiq-bfcl's shape: 2 scenarios of 2 trajectories
 """
 
 from __future__ import annotations
@@ -31,16 +34,25 @@ def parse_args(argv=None):
         "number of steps after which the cache has paid for itself.",
     )
     p.add_argument("--trainable", type=int, default=6, help="trainable last layers of 30 (default 6)")
-    p.add_argument("--groups", type=int, default=160, help="prompt groups of 4 rows in the buffer (default 160)")
+    p.add_argument("--groups", type=int, default=160, help="prompt groups in the buffer (default 160)")
+    p.add_argument("--group-size", type=int, default=4, help="rows per prompt group (default 4)")
     p.add_argument("--tokens", type=int, default=50, help="mean tokens per row (default 50; +-6)")
-    p.add_argument("--rows", type=int, default=16, help="rows per optimizer step (default 16)")
+    p.add_argument("--rows", type=int, default=16, help="rows per micro-batch, whole groups (default 16)")
+    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument(
+        "--logits-chunk",
+        type=int,
+        default=0,
+        help="output layer this many positions at a time (default 0: all at once)",
+    )
     p.add_argument("--reps", type=int, default=7, help="timed steps per path after one warm-up (default 7)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return p.parse_args(argv)
 
 
 def synthetic_buffer(out: Path, args, vocab: int):
-    """``args.groups`` groups of 4 rows: a prompt of 60% of the row, then actions, a reward on the last one."""
+    """``args.groups`` groups of ``args.group_size`` rows: a prompt of 60% of the row, then actions, a reward on
+    the last one."""
     import numpy as np
 
     from shiq_data.buffer import write_buffer
@@ -48,7 +60,7 @@ def synthetic_buffer(out: Path, args, vocab: int):
     rng = np.random.default_rng(0)
     rows = []
     for g in range(args.groups):
-        for c in range(4):
+        for c in range(args.group_size):
             n = int(rng.integers(args.tokens - 6, args.tokens + 7))
             p = int(n * 0.6)
             rewards = [0.0] * n
@@ -91,7 +103,7 @@ def main(argv=None) -> None:
     try:
         models, opts = {}, {}
         for name in ("full", "cached"):
-            m = build_model(model_config_from_llama(hf.config))
+            m = build_model(model_config_from_llama(hf.config, logits_chunk_tokens=args.logits_chunk))
             import_llama(m, hf.state_dict(), hf.config)
             freeze_all_but_last_layers(m, args.trainable)
             models[name], opts[name] = m, build_optimizer(m, OptimizerConfig(lr=1e-5))
@@ -102,7 +114,9 @@ def main(argv=None) -> None:
             cache = PrefixCache.from_buffer(models["cached"], buffer, args.trainable)
             build_s = time.perf_counter() - t0
             cache.check_model(models["cached"], args.trainable)
-            sampler = BufferSampler(buffer, rows_per_micro_batch=args.rows, seed=0, mode="groups")
+            sampler = BufferSampler(
+                buffer, rows_per_micro_batch=args.rows, micro_batches_per_step=args.micro_batches, seed=0, mode="groups"
+            )
             batches = [sampler.next_micro_batches() for _ in range(args.reps + 1)]
         loss_fn = objective_loss_fn(LossConfig("shiq", beta=0.3))
 
@@ -129,7 +143,7 @@ def main(argv=None) -> None:
     tokens = sum(int(mb["tokens"].numel()) for mbs in batches[1:] for mb in mbs) / args.reps
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
-        f"\nSmolLM2-135M, {args.trainable} of {layers} layers trainable, {args.rows} rows a step "
+        f"\nSmolLM2-135M, {args.trainable} of {layers} layers trainable, {args.rows * args.micro_batches} rows a step "
         f"(~{tokens:.0f} padded tokens), {args.threads} threads, median of {args.reps} interleaved steps\n"
     )
     print("| path | s/step (median) | min | max | / full |")

@@ -5,7 +5,8 @@ The embedded default is ``configs/bfcl.yaml``. Stages (each writes its outputs a
 recorded in ``DIR/stages.json`` with its wall time; the same command skips finished stages, and an
 interrupted training run resumes from its newest checkpoint):
 
-1. ``data`` — for each training scenario of the 160/40 split (``multi_turn_base``): its ground truth
+1. ``data`` — for each training scenario of the 160/40 split (``multi_turn_base``) that the training reads
+   (``data.buffer: visited``: a seeded ``train.steps x train.groups_per_step`` of them; ``all``): its ground truth
    and ``data.edits_per_scenario`` edited ground truths (:mod:`shiq_eval.bfcl.edits`: a dropped, wrong,
    extra or moved call, calls split into steps, an empty turn), each rolled out through the
    simulators and scored turn by turn by the state-based checker (cumulative and reset rewards;
@@ -19,8 +20,9 @@ interrupted training run resumes from its newest checkpoint):
 2. ``eval_reference`` — the untrained model on the held-out turns (``reference_eval.json``), first,
    so that a run stopped part-way already has its baseline.
 3. ``train_<method>`` — each method on its buffer, the same scenarios per step and the same number
-   of steps, the last ``train.trainable_last_layers`` layers trained; then its evaluation on the same
-   turns (``runs/<method>/eval.json``).
+   of steps, the last ``train.trainable_last_layers`` layers trained (``train.cache_frozen_prefix``: the
+   frozen layers run once per buffer row, in the first stage of the process that reads that buffer, and
+   are shared by the later ones); then its evaluation on the same turns (``runs/<method>/eval.json``).
 4. ``report`` — ``report.json`` and ``report.md``.
 
 Evaluation (:func:`shiq_eval.bfcl.turns.answer_turns_batch`, ``eval.batch_size`` scenarios at a time):
