@@ -37,6 +37,7 @@ def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
         assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
         assert c["train"]["eval_every"] == cfg["full"]["eval_every"] < c["train"]["steps"]  # a curve, not a point
         assert c["eval"]["validation_prompts"] == cfg["full"]["validation_prompts"]
+        assert c["train"]["keep_checkpoints"] is cfg["full"]["keep_checkpoints"] is False  # 69 arms: ~45 GB
     assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
     with pytest.raises(ValueError, match="exclude each other"):
         demo.load_config(quick=True, full=True)
@@ -219,6 +220,7 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.methods=[shiq@-1]", "must be a number > 0, got -1.0"),
         ("train.methods=[shiq,shiq]", "lists an entry twice"),
         ("methods.dpo.beta=0", "methods.dpo.beta"),
+        ("train.keep_checkpoints=maybe", "train.keep_checkpoints='maybe': expected a value like True"),
     ],
 )
 def test_config_errors(override, needle):
@@ -455,6 +457,8 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
     default = demo.load_config()
     assert "full" not in demo.free_keys(default)
     Stages(tmp_path / "default", default, free=demo.free_keys(default))
+    kept = demo.load_config(overrides=["train.keep_checkpoints=false"])  # no result depends on it: resumes
+    Stages(tmp_path / "default", kept, free=demo.free_keys(kept))
     changed = demo.load_config(overrides=["methods.shiq.beta=0.5"])
     with pytest.raises(SystemExit, match=r"differs in \['methods.shiq.beta'\]"):
         Stages(tmp_path / "default", changed, free=demo.free_keys(changed))

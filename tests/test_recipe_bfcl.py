@@ -278,10 +278,11 @@ def test_tied_groups_against_pandas():
 def test_quick_run_report_and_resume(tmp_path):
     """The README's --quick command, the recipe's quick variant in CI: report.json's structure, finite
     numbers, the reference's turn accuracy equal to the checker's verdict on its saved answers, the
-    supervised model closer to the ground truth than the reference; a second call only rewrites the
-    report (about 3.5 CPU minutes: loading SmolLM2, six evaluations)."""
+    supervised model closer to the ground truth than the reference, no checkpoint left behind with
+    ``train.keep_checkpoints=false``; a second call only rewrites the report (about 3.5 CPU minutes:
+    loading SmolLM2, six evaluations)."""
     out = tmp_path / "bfcl"
-    cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "shiq_eval.recipes.bfcl", "--quick", "--out", str(out), "train.keep_checkpoints=false"]
     first = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file() and (out / "buffer" / "manifest.json").is_file()
@@ -315,6 +316,10 @@ def test_quick_run_report_and_resume(tmp_path):
     shortest = [e["id"] for e in bfcl.scenario_entries(cfg, "train")]
     assert info["scenarios_of_split"] == 3 and len(info["scenario_ids"]) == info["scenarios"] == 2
     assert set(info["scenario_ids"]) < set(shortest)
+    # every arm was evaluated, then its final checkpoint (the trainer always saves the last step) deleted
+    runs = sorted(p.name for p in (out / "runs").iterdir())
+    assert runs == sorted(rep["methods"]) and all((out / "runs" / m / "eval.json").is_file() for m in runs)
+    assert not [p for p in (out / "runs").rglob("*") if "checkpoint" in p.name], list((out / "runs").rglob("*"))
     # the frozen layer ran once per buffer (the supervised one, then the four reward methods' shared one)
     assert first.stderr.count("cached for") == 2, first.stderr[-2000:]
     # resuming: nothing but the report runs again
@@ -330,15 +335,17 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
     from shiq_eval.recipes.common import Stages
 
     cfg = bfcl.load_config(quick=True)
-    stages = Stages(tmp_path, cfg, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+    stages = Stages(tmp_path, cfg, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
     stages.finish("train_shiq", 1.0)
-    more = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "eval.batch_size=3"])
-    again = Stages(tmp_path, more, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+    more = bfcl.load_config(
+        quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "eval.batch_size=3", "train.keep_checkpoints=false"]
+    )
+    again = Stages(tmp_path, more, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
     assert again.done("train_shiq") and not again.done("train_shiq@0.1")
     assert json.loads((tmp_path / "config.json").read_text()) == more
     changed = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "train.steps=3"])
     with pytest.raises(SystemExit, match=r"differs in \['train.steps'\]"):
-        Stages(tmp_path, changed, prog="shiq-bfcl", free=("train.methods", "eval.batch_size"))
+        Stages(tmp_path, changed, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
 
 
 def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):

@@ -69,6 +69,7 @@ from shiq_eval.recipes.common import (
     arm_beta,
     arm_method,
     check_arms,
+    drop_checkpoints,
     load_yaml_config,
     logger,
     megatron_policy,
@@ -91,6 +92,9 @@ METHODS = tuple(n for n, s in LOSSES.items() if s.trains == "policy")
 # Columns of the report's table (means, standard errors, paired differences against the reference).
 METRICS = ("turn_accuracy", "mean_turn_reward", "kl", "gt_nll_per_token")
 LOGITS_CHUNK_TOKENS = 1024  # statistics a chunk of positions at a time: [B, T, V] logits are never held
+# config keys a finished run may change: each arm is its own stage (more arms train only the new ones); the
+# evaluation's batch size gives the same answers up to rounding; no result depends on keeping checkpoints
+FREE_KEYS = ("train.methods", "train.keep_checkpoints", "eval.batch_size")
 
 _log = logger(PROG, __name__)
 
@@ -131,6 +135,8 @@ def _check_config(cfg: dict) -> None:
         raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1 and eval.temperature >= 0")
     if cfg["model"]["layers"] < 0:
         raise ValueError(f"model.layers must be >= 0 (0: all), got {cfg['model']['layers']}")
+    if not isinstance(t["keep_checkpoints"], bool):
+        raise ValueError(f"train.keep_checkpoints must be true or false, got {t['keep_checkpoints']!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -371,6 +377,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     res = evaluate(ctx, policy, ref)
     res.update(method=arm, beta=arm_beta(cfg, arm), steps=t["steps"], train_seconds=train_seconds)
     atomic_write_json(run / "eval.json", res)
+    drop_checkpoints(cfg, run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -754,7 +761,7 @@ def run(cfg: dict, out: str | Path) -> dict:
         raise SystemExit(f"{PROG}: {e}") from None
     # arms can be added to a finished run (each is its own stage), and the evaluation's batch size changes
     # nothing but its speed (batched answers equal single ones up to rounding)
-    stages = Stages(out, cfg, prog=PROG, free=("train.methods", "eval.batch_size"))
+    stages = Stages(out, cfg, prog=PROG, free=FREE_KEYS)
     ctx = Context(cfg, out)
     # the reference's evaluation right after the data: a run stopped part-way already has its baseline
     plan = [("data", lambda: stage_data(ctx)), ("eval_reference", lambda: stage_eval_reference(ctx))]

@@ -1,13 +1,15 @@
 """What every recipe shares: its YAML config with a ``quick`` block and ``key=value`` overrides, the
 ``method@β`` arms of ``train.methods``, the per-stage bookkeeping that makes a run resumable
 (``DIR/config.json`` refuses a changed configuration, ``DIR/stages.json`` records finished stages), the
-megatron policy and Trainer of a training stage, and the end of the command line."""
+megatron policy and Trainer of a training stage (and whether its checkpoint is kept), and the end of the
+command line."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -301,6 +303,13 @@ def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: d
         run_meta={"method": method, **run_meta, "hf_config": hf_config.to_dict(), "config": {"init": "smollm2"}},
         prefix_cache=prefix_cache,
     )
+
+
+def drop_checkpoints(cfg: dict, run: Path) -> None:
+    """Delete ``run/checkpoints`` unless ``train.keep_checkpoints``: called once an arm's evaluations are
+    saved, when the checkpoint is no longer needed to resume (only to export or train on)."""
+    if not cfg["train"].get("keep_checkpoints", True):
+        shutil.rmtree(run / "checkpoints", ignore_errors=True)
 
 
 def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn) -> int:

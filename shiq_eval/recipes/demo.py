@@ -76,6 +76,7 @@ from shiq_eval.recipes.common import (
     arm_is_single,
     arm_method,
     check_arms,
+    drop_checkpoints,
     load_yaml_config,
     logger,
     megatron_policy,
@@ -111,8 +112,9 @@ SINGLE_METHODS = tuple(n for n in LOSS_NAMES if not LOSSES[n].needs_groups and L
 TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr", *COLUMNS[4:8], "J", "J_stderr"]
 TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 # config keys a finished run may change: each arm is its own stage, so listing more arms (``shiq@0.03``)
-# trains only the new ones and listing fewer leaves the others out of the report
-FREE_KEYS = ("train.methods",)
+# trains only the new ones and listing fewer leaves the others out of the report; no result depends on
+# whether checkpoints are kept
+FREE_KEYS = ("train.methods", "train.keep_checkpoints")
 
 
 def free_keys(cfg: dict) -> tuple[str, ...]:
@@ -148,8 +150,9 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
 def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     """``--full``: one run per seed of ``full.seeds`` (folder ``seed<N>``), each training every arm of
     ``full.betas`` (methods, ablations and ``-single`` arms) at every β of its grid (entries ``arm@β``)
-    on that seed's own reward model, samples and buffers, with ``full.validation_prompts`` and
-    ``full.eval_every`` (when given) in place of ``eval.validation_prompts`` and ``train.eval_every``;
+    on that seed's own reward model, samples and buffers, with ``full.validation_prompts``,
+    ``full.eval_every`` and ``full.keep_checkpoints`` (when given) in place of ``eval.validation_prompts``,
+    ``train.eval_every`` and ``train.keep_checkpoints``;
     each run resumes like the default one."""
     out = []
     for seed in cfg["full"]["seeds"]:
@@ -157,6 +160,7 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
         c["seed"] = int(seed)
         c["eval"]["validation_prompts"] = int(cfg["full"].get("validation_prompts", 0))
         c["train"]["eval_every"] = int(cfg["full"].get("eval_every", c["train"]["eval_every"]))
+        c["train"]["keep_checkpoints"] = cfg["full"].get("keep_checkpoints", c["train"]["keep_checkpoints"])
         c["train"]["methods"] = [f"{m}@{b:g}" for m, betas in cfg["full"]["betas"].items() for b in betas]
         _check_config(c)
         out.append((f"seed{seed}", c))
@@ -196,6 +200,8 @@ def _check_config(cfg: dict) -> None:
             f"eval.validation_prompts ({v}) must be 0 or a positive multiple of train.groups_per_step "
             f"({t['groups_per_step']}), so one pass over the validation buffer is whole micro-batches"
         )
+    if not isinstance(t["keep_checkpoints"], bool):
+        raise ValueError(f"train.keep_checkpoints must be true or false, got {t['keep_checkpoints']!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,6 +592,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, run / "train_metrics.jsonl")
+    drop_checkpoints(ctx.cfg, run)
 
 
 def validation_batches(ctx: Context) -> list[dict]:
