@@ -114,7 +114,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     for name in ("reward_vs_kl.png", "reward_vs_step.png", "j_vs_step.png"):
         assert (tmp_path / name).is_file()
     assert "| dpo@0.1 | 60 | 2 |" in (tmp_path / "full_report.md").read_text()
-    assert "| shiq-single ** | 0.1 |" in (tmp_path / "full_report.md").read_text()
+    assert "| shiq-single ** | 0.1 | 3 |" in (tmp_path / "full_report.md").read_text()
     pairs = [(c["a"], c["b"]) for c in out["comparisons"]]
     assert pairs == [("shiq@0.1", "dpo@0.1"), ("shiq-single@0.1", "shiq@0.1"), ("shiq-single@0.1", "dpo@0.1")]
     assert "| shiq-single@0.1 | dpo@0.1 | 0.1 | 3 |" in (tmp_path / "full_report.md").read_text()

@@ -395,9 +395,11 @@ def test_seeds_report_against_numpy(tmp_path):
 
     rng = np.random.default_rng(3)
     arms = {"shiq@0.1": 0.1, "mt_copg@0.1": 0.1, "shiq": 0.5, "mt_dpo": 0.5, "sft": 1.0, "mt_copg": 0.5}
+    arms["shiq_tk@0.3"] = 0.3  # seed 0 only: no spread to show
     reps = {}
     for name in ("seed0", "seed1", "seed2"):
         these = {a: b for a, b in arms.items() if not (name == "seed2" and a == "mt_dpo")}
+        these = {a: b for a, b in these.items() if name == "seed0" or a != "shiq_tk@0.3"}
         reps[name] = _hand_made_seed(tmp_path / name, rng, these)
     out = bfcl.seeds_report(tmp_path, list(reps))
     rows = {r["arm"]: r for r in out["arms"]}
@@ -405,10 +407,11 @@ def test_seeds_report_against_numpy(tmp_path):
     for arm, row in rows.items():
         per = [r["reference"] if arm == "reference" else r["methods"].get(arm) for r in reps.values()]
         per = [p for p in per if p is not None]
-        assert row["seeds"] == (2 if arm == "mt_dpo" else 3)
+        assert row["seeds"] == len(per) == {"mt_dpo": 2, "shiq_tk@0.3": 1}.get(arm, 3)
         for k in ("turn_accuracy", "gt_nll_per_token_minus_reference"):
             assert row[k] == pytest.approx(np.mean([p[k] for p in per]))
-            assert row[f"{k}_sd"] == pytest.approx(np.std([p[k] for p in per], ddof=1))
+            if len(per) > 1:
+                assert row[f"{k}_sd"] == pytest.approx(np.std([p[k] for p in per], ddof=1))
             assert row[f"{k}_se"] == pytest.approx(np.mean([p[f"{k}_stderr"] for p in per]))
     pairs = [(c["a"], c["b"], c["seeds"]) for c in out["comparisons"]]
     assert pairs == [("shiq", "mt_copg", 3), ("shiq@0.1", "mt_copg@0.1", 3), ("shiq", "mt_dpo", 2)]
@@ -432,6 +435,9 @@ def test_seeds_report_against_numpy(tmp_path):
     assert all((tmp_path / f"seeds_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     md = (tmp_path / "seeds_report.md").read_text()
     assert "| shiq@0.1 | mt_copg@0.1 | 0.1 | 3 |" in md and "| mt_dpo | 0.5 | 2 |" in md
+    one = rows["shiq_tk@0.3"]  # one seed: its cells show no spread rather than a spread of 0
+    assert f"| shiq_tk@0.3 | 0.3 | 1 | {one['turn_accuracy']:.3f} ± – [{one['turn_accuracy_se']:.3f}] |" in md
+    assert [ln.split(" |")[0] for ln in md.splitlines() if "± –" in ln] == ["| shiq_tk@0.3"]
 
 
 def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatch):

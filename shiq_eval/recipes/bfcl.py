@@ -76,6 +76,7 @@ from shiq_eval.recipes.common import (
     package_versions,
     recipe_trainer,
     run_recipe,
+    sd_cell,
     seed_stats,
 )
 from shiq_eval.recipes.side_by_side import run_each, threads_per_job
@@ -715,13 +716,14 @@ def seeds_report(out: Path, names: list[str]) -> dict:
 def seeds_report_markdown(rep: dict) -> str:
     def cell(r, k):
         sign = "+" if k.endswith("_minus_reference") else ""
-        return f"{r[k]:{sign}.3f} ± {r[k + '_sd']:.3f} [{r[k + '_se']:.3f}]" if k in r else ""
+        return f"{r[k]:{sign}.3f} ± {sd_cell(r[k + '_sd'], r['seeds'])} [{r[k + '_se']:.3f}]" if k in r else ""
 
     lines = [
         f"# {PROG}: seeds {', '.join(rep['seeds'])}",
         "",
         "Held-out turns. Each cell: mean over seeds ± the seeds' standard deviation [mean within-seed standard "
-        "error, clustered by scenario]. Differences to the reference are paired by turn within each seed.",
+        "error, clustered by scenario]; – where one seed ran the arm. Differences to the reference are paired by "
+        "turn within each seed.",
         "",
         "| arm | β | seeds | turn accuracy | turn reward | KL per turn | GT NLL per token | GT NLL − reference |",
         "|---|---|---|---|---|---|---|---|",
@@ -743,7 +745,7 @@ def seeds_report_markdown(rep: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in rep["comparisons"]:
-            cells = [f"{c[m]:+.3f} ± {c[m + '_se']:.3f} [{c[m + '_sd']:.3f}]" for m in METRICS]
+            cells = [f"{c[m]:+.3f} ± {c[m + '_se']:.3f} [{sd_cell(c[m + '_sd'], c['seeds'])}]" for m in METRICS]
             lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

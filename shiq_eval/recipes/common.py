@@ -195,6 +195,12 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
 
 
+def sd_cell(sd: float, seeds: int, fmt: str = ".3f") -> str:
+    """The seeds' standard deviation as a table cell: ``–`` from one seed, which measures no spread (its
+    :func:`seed_stats` value 0 is a placeholder, not a finding)."""
+    return format(sd, fmt) if seeds > 1 else "–"
+
+
 def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, float]:
     """One quantity measured in each seed as ``(mean, standard error)`` (a paired difference, say):
     ``(mean over seeds, standard error of that mean from the within-seed errors = sqrt(Σ se²) / S, the

@@ -83,6 +83,7 @@ from shiq_eval.recipes.common import (
     package_versions,
     recipe_trainer,
     run_recipe,
+    sd_cell,
     seed_stats,
 )
 from shiq_eval.recipes.side_by_side import run_each, threads_per_job
@@ -1206,28 +1207,32 @@ def full_report_markdown(rep: dict) -> str:
         f"# shiq-demo --full: {len(rep['seeds'])} seeds ({', '.join(rep['seeds'])}), {rep['seconds'] / 60:.0f} minutes of stages",
         "",
         "Final checkpoints on held-out prompts. Each cell: mean over seeds ± the seeds' standard deviation "
-        "[mean within-seed standard error]. `J = reward − β·KL` at the arm's own β; `J − J_ref` is paired by "
+        "[mean within-seed standard error]; – where one seed ran the arm. `J = reward − β·KL` at the arm's own β; `J − J_ref` is paired by "
         "prompt within each seed; the gain share is `(J − J_ref) / (J* − J_ref)`, the part of the attainable "
         "improvement reached (1 = the optimum; SHIQ_MATH §9). ** marks each method's best β by mean share.",
         "",
         f"Reference reward: {f(rep['reference']['reward_mean'])} ± {f(rep['reference']['reward_mean_sd'])}; "
         f"gold: {f(rep['reference']['gold_mean'])} ± {f(rep['reference']['gold_mean_sd'])}.",
         "",
-        "| arm | β | reward | gold | KL | J | J − J_ref | J* | gain share |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | β | seeds | reward | gold | KL | J | J − J_ref | J* | gain share |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rep["arms"]:
         mark = " **" if rep["best_beta"].get(r["method"]) == r["beta"] else ""
+
+        def sd(key, fmt=".3f"):
+            return sd_cell(r[f"{key}_sd"], r["seeds"], fmt)
+
         cells = [
-            f"{f(r['reward_mean'])} ± {f(r['reward_mean_sd'])} [{f(r['reward_mean_se'])}]",
-            f"{f(r['gold_mean'])} ± {f(r['gold_mean_sd'])}",
-            f"{f(r['kl'])} ± {f(r['kl_sd'])}",
-            f"{f(r['J'])} ± {f(r['J_sd'])} [{f(r['J_se'])}]",
-            f"{f(r['J_minus_reference'])} ± {f(r['J_minus_reference_sd'])} [{f(r['J_minus_reference_se'])}]",
-            f"{f(r['j_star'])} ± {f(r['j_star_sd'])}",
-            f"{r['gain_share']:.2f} ± {r['gain_share_sd']:.2f}",
+            f"{f(r['reward_mean'])} ± {sd('reward_mean')} [{f(r['reward_mean_se'])}]",
+            f"{f(r['gold_mean'])} ± {sd('gold_mean')}",
+            f"{f(r['kl'])} ± {sd('kl')}",
+            f"{f(r['J'])} ± {sd('J')} [{f(r['J_se'])}]",
+            f"{f(r['J_minus_reference'])} ± {sd('J_minus_reference')} [{f(r['J_minus_reference_se'])}]",
+            f"{f(r['j_star'])} ± {sd('j_star')}",
+            f"{r['gain_share']:.2f} ± {sd('gain_share', '.2f')}",
         ]
-        lines.append(f"| {r['method']}{mark} | {r['beta']:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['method']}{mark} | {r['beta']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "![frontier](frontier.png)",
@@ -1247,7 +1252,7 @@ def full_report_markdown(rep: dict) -> str:
         ]
         for r in shown:
             cells = [
-                f"{f(r[k])} ± {f(r[sd])}"
+                f"{f(r[k])} ± {sd_cell(r[sd], r['seeds'])}"
                 for k, sd in (("reward_mean", "reward_sd"), ("kl_exact", "kl_exact_sd"), ("J", "J_sd"))
             ]
             lines.append(f"| {r['method']} | {r['step']} | {r['seeds']} | " + " | ".join(cells) + " |")
@@ -1269,7 +1274,10 @@ def full_report_markdown(rep: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in rep["comparisons"]:
-            cells = [f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{c[k + '_sd']:.3f}]" for k in ("reward", "gold", "kl", "J")]
+            cells = [
+                f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
+                for k in ("reward", "gold", "kl", "J")
+            ]
             lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
         lines.append("")
     if rep.get("matched_kl"):
@@ -1284,7 +1292,10 @@ def full_report_markdown(rep: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in rep["matched_kl"]:
-            cells = [f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{c[k + '_sd']:.3f}]" for k in ("reward", "gold", "kl")]
+            cells = [
+                f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
+                for k in ("reward", "gold", "kl")
+            ]
             per_seed = ", ".join(f"{x:+.3f}" for x in c["reward_per_seed"])
             lines.append(
                 f"| {c['a']} | {c['b']} | {c['kl_a']:.2f}, {c['kl_b']:.2f} | {c['seeds']} | "
