@@ -15,6 +15,10 @@ them once for every row of a buffer and keeps the result; each training step the
   while the decoder's layer list is narrowed to the trainable suffix. The parameters, their names and
   the state dict of the full model are untouched outside :func:`suffix_only`.
 
+- Keeping it (:meth:`PrefixCache.save`, :meth:`PrefixCache.load`): a safetensors file with a digest of its
+  tensors, so another process (a resumed run, an arm added later) reads what it would otherwise
+  recompute; :meth:`PrefixCache.fits` says whether a loaded cache is that of a given buffer and model.
+
 A micro-batch finds its rows' states through ``buffer_rows`` ``[B]`` (the rows' indices in the buffer,
 which ``shiq_data.sampler.BufferSampler`` adds in ``padded`` and ``groups`` modes). Packed rows
 (``segment_ids``) are refused. The cache is exact up to float rounding (the same sums in another batch
@@ -27,6 +31,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,6 +42,7 @@ from shiq_train.model import model_chunks, model_inputs, unwrap
 
 log = logging.getLogger(__name__)
 
+FORMAT = "shiq-prefix-cache/1"  # the metadata tag of a saved cache
 ROWS_KEY = "buffer_rows"  # micro-batch key: the rows' indices in the buffer, [B] int64
 HIDDEN_KEY = "prefix_hidden"  # micro-batch key: the cached states of its rows, [T, B, H]
 
@@ -221,6 +228,81 @@ class PrefixCache:
             cache.nbytes / 2**20,
         )
         return cache
+
+    def digest(self) -> str:
+        """blake2b of the tensors' shapes and bytes (what :meth:`load` checks a file against)."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.hidden, self.offsets, self.tokens):
+            t = t.contiguous()
+            h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
+    def save(self, path) -> None:
+        """Write the cache as a safetensors file at ``path`` (a temporary file, then renamed): its three
+        tensors, and as metadata the layer counts, the prefix fingerprint and :meth:`digest`."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {
+            "format": FORMAT,
+            "n_frozen": str(self.n_frozen),
+            "num_layers": str(self.num_layers),
+            "fingerprint": self.fingerprint,
+            "digest": self.digest(),
+        }
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        try:
+            save_file({"hidden": self.hidden, "offsets": self.offsets, "tokens": self.tokens}, str(tmp), metadata=meta)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path) -> PrefixCache:
+        """A cache written by :meth:`save`. Raises ``ValueError`` naming the file when it is not one, or when
+        its tensors do not match the digest saved with them."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path}: not a readable frozen-prefix cache ({e})") from None
+        if meta.get("format") != FORMAT or set(tensors) != {"hidden", "offsets", "tokens"}:
+            raise ValueError(f"{path}: not a frozen-prefix cache of format {FORMAT}")
+        cache = cls(
+            tensors["hidden"],
+            tensors["offsets"],
+            tensors["tokens"],
+            int(meta["n_frozen"]),
+            int(meta["num_layers"]),
+            meta["fingerprint"],
+        )
+        if cache.digest() != meta.get("digest"):
+            raise ValueError(f"{path}: the frozen-prefix cache's tensors do not match their saved digest")
+        return cache
+
+    def fits(self, buffer, model, trainable_last_layers: int) -> str | None:
+        """Why this cache is not that of ``buffer`` (an opened ``shiq_data.buffer.Buffer``) and ``model`` with
+        ``trainable_last_layers`` trainable (another row count, other tokens, other frozen layers or
+        weights), or None when it is."""
+        if trainable_last_layers != self.trainable_last_layers:
+            return f"built for trainable_last_layers={self.trainable_last_layers}, not {trainable_last_layers}"
+        if unwrap(model).config.num_layers != self.num_layers:
+            return f"built for {self.num_layers} layers, the model has {unwrap(model).config.num_layers}"
+        rows = _buffer_tokens(buffer)
+        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
+        if len(rows) != len(self) or not torch.equal(lengths, self.offsets.diff()):
+            return f"built for {len(self)} rows of other lengths; the buffer has {len(rows)}"
+        if not torch.equal(torch.cat(rows), self.tokens):
+            return "built from other tokens than the buffer's"
+        if prefix_fingerprint(model, self.n_frozen) != self.fingerprint:
+            return "built from other weights of the embedding or the frozen layers"
+        return None
 
     def check_model(self, model, trainable_last_layers: int | None = None) -> None:
         """Refuse a model this cache was not built for: another number of frozen layers, a trainable

@@ -284,3 +284,69 @@ def test_validation_loss_from_a_prefix_cache_equals_the_full_forward(dist1, buff
     calls.clear()
     cached = trainer.validation_loss([dict(mb) for mb in mbs], prefix_cache=cache)
     assert calls == [] and cached == pytest.approx(full, rel=1e-5) and full > 0
+
+
+def test_a_saved_cache_is_read_back_only_when_it_fits(dist1, buffer, tmp_path, monkeypatch):
+    """PrefixCache.save/load round-trip bit for bit; the recipes' PrefixCaches reads a saved cache in a later
+    process instead of running the frozen layers again, and builds it again (replacing the file) when the
+    file is damaged, or was made from other frozen weights or another buffer."""
+    from shiq_eval.recipes.common import PrefixCaches
+
+    model = frozen_model()
+    rows = [buffer.row(i)["tokens"] for i in range(len(buffer))]
+    cache = PrefixCache.build(model, rows, 1, progress=False)
+    cache.save(tmp_path / "c.safetensors")
+    back = PrefixCache.load(tmp_path / "c.safetensors")
+    for name in ("hidden", "offsets", "tokens", "n_frozen", "num_layers", "fingerprint"):
+        a, b = getattr(cache, name), getattr(back, name)
+        assert torch.equal(a, b) if torch.is_tensor(a) else a == b, name
+    assert back.fits(buffer, model, 1) is None
+    assert "trainable_last_layers=1, not 2" in back.fits(buffer, model, 2)
+    assert "other weights" in back.fits(buffer, frozen_model(), 1)  # another random init
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "buffer").symlink_to(buffer.path, target_is_directory=True)
+    cfg = {"seed": 0, "train": {"cache_frozen_prefix": True}}
+    logs = []
+    built = []
+    real_build = PrefixCache.build.__func__
+    monkeypatch.setattr(
+        PrefixCache, "build", classmethod(lambda cls, *a, **k: built.append(1) or real_build(cls, *a, **k))
+    )
+
+    def get(m):
+        caches = PrefixCaches(cfg, out, reference=None, log=logs.append)  # a new process's: nothing in memory
+        c = caches.get("buffer", 1, m)
+        assert caches.get("buffer", 1, m) is c  # once per process
+        return c
+
+    first = get(model)
+    saved = out / "prefix_cache" / "buffer-k1.safetensors"
+    assert built == [1] and saved.is_file() and "cached for" in logs[-1]
+    again = get(model)
+    assert built == [1] and "read from buffer-k1.safetensors" in logs[-1]
+    assert torch.equal(again.hidden, first.hidden) and torch.equal(again.tokens, first.tokens)
+    # one flipped byte in the tensors' data: refused by the digest, built again, the file replaced
+    data = bytearray(saved.read_bytes())
+    data[-5] ^= 0xFF
+    saved.write_bytes(bytes(data))
+    get(model)
+    assert built == [1, 1] and any("do not match their saved digest" in m for m in logs)
+    assert PrefixCache.load(saved).digest() == first.digest()
+    # other frozen weights: built again from them
+    other = frozen_model()
+    c = get(other)
+    assert built == [1, 1, 1] and any("other weights" in m for m in logs) and c.fingerprint != first.fingerprint
+    # another buffer behind the same name: built again
+    (out / "buffer").unlink()
+    small = write_buffer(
+        make_rows(n=6, seed=9),
+        tmp_path / "small",
+        tokenizer_info=TOK,
+        command=["t"],
+        progress=False,
+        ref_model={"name": "t"},
+    )
+    (out / "buffer").symlink_to(small.path, target_is_directory=True)
+    assert len(get(other)) == 6 and built == [1, 1, 1, 1] and "rows of other lengths" in logs[-2]

@@ -263,7 +263,10 @@ def megatron_policy(hf_model, **overrides):
 class PrefixCaches:
     """The frozen-prefix caches (:class:`shiq_train.prefix_cache.PrefixCache`) of a run's buffers, each built
     on first use and shared by every later stage of the process: the arms of a recipe train on the same
-    buffer from the same frozen layers, so those layers run once per row, not once per row and arm.
+    buffer from the same frozen layers, so those layers run once per row, not once per row and arm. Each
+    is also saved as ``DIR/prefix_cache/<buffer>-k<trainable layers>.safetensors`` and read back by a later
+    process (a resumed run, arms added to a finished one) when it fits the buffer and the model's frozen
+    weights; otherwise it is built again and the file replaced.
 
     ``reference``: a callable giving the Hugging Face reference model; ``log``: the recipe's logger;
     ``overrides``: :func:`megatron_policy` overrides of the model built when a stage gives none."""
@@ -274,24 +277,47 @@ class PrefixCaches:
 
     def get(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
         """The cache of ``DIR/<buffer>`` for that many trainable layers (None when ``train.cache_frozen_prefix``
-        is off), built on first use from ``model`` (the reference imported into megatron) or else from a
-        megatron copy of the reference (in a process group of its own when none is set up)."""
+        is off): read from its file when that fits, else built from ``model`` (the reference imported into
+        megatron) or else from a megatron copy of the reference (in a process group of its own when none
+        is set up), and saved."""
         if not self.cfg["train"].get("cache_frozen_prefix", False):
             return None
         key = (buffer, trainable_last_layers)
         if key not in self._caches:
             t0 = time.perf_counter()
+            path = self.out / "prefix_cache" / f"{buffer}-k{trainable_last_layers}.safetensors"
+            rows = open_buffer(self.out / buffer)
             group = parallel.distributed(seed=self.cfg["seed"]) if not dist.is_initialized() else nullcontext()
             with group:
                 if model is None:
                     model = megatron_policy(self._reference(), **self._overrides)
-                cache = PrefixCache.from_buffer(model, open_buffer(self.out / buffer), trainable_last_layers)
+                cache = self._saved(path, rows, model, trainable_last_layers)
+                if cache is None:
+                    cache = PrefixCache.from_buffer(model, rows, trainable_last_layers)
+                    cache.save(path)
+                    how = "cached for"
+                else:
+                    how = f"read from {path.name} for"
             self._log(
-                f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} cached for "
+                f"{buffer}: hidden states after layer {cache.n_frozen} of {cache.num_layers} {how} "
                 f"{len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f} s)"
             )
             self._caches[key] = cache
         return self._caches[key]
+
+    def _saved(self, path: Path, rows, model, trainable_last_layers: int) -> PrefixCache | None:
+        """The cache saved at ``path`` if there is one and it fits; else None (saying why it is rebuilt)."""
+        if not path.exists():
+            return None
+        try:
+            cache = PrefixCache.load(path)
+            why = cache.fits(rows, model, trainable_last_layers)
+        except ValueError as e:
+            why = str(e)
+        if why is None:
+            return cache
+        self._log(f"{path}: {why}; building it again")
+        return None
 
 
 def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: dict, prefix_cache=None, **train):
