@@ -155,6 +155,30 @@ def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == res["turn_rewards_reset"]
 
 
+def test_growing_cache_layer_holds_what_a_dynamic_layer_holds():
+    """The evaluation's cache layer writes in place (growing its buffer when full) where transformers'
+    DynamicLayer concatenates: after the same updates and crops both hold the same keys and values."""
+    from transformers.cache_utils import DynamicLayer
+
+    from shiq_eval.bfcl.turns import _growing_layer_class
+
+    g = torch.Generator().manual_seed(0)
+    grow, plain = _growing_layer_class()(), DynamicLayer()
+    buffers = set()
+    for step, n in enumerate([700, 1, 1, -2, 300, 1, -40, 900, 1, 0, -1]):  # > 0: positions added; < 0: cropped
+        if n > 0:
+            k, v = torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, n, 8, generator=g)
+            got, want = grow.update(k, v), plain.update(k, v)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), step
+        else:
+            grow.crop(n)
+            plain.crop(n)
+        assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values), step
+        assert grow.get_seq_length() == plain.get_seq_length()
+        buffers.add(grow._k.data_ptr())
+    assert len(buffers) == 2  # allocated at the first update, grown once (at 1,861 positions), not at every step
+
+
 def test_batched_answers_equal_each_scenario_alone(tokenizer):
     """Scenarios answered in lockstep (different prompt lengths and numbers of turns: every chunk padded,
     rows finishing early) give each scenario's plain answers; an EOS-heavy model ends rows at different
@@ -205,7 +229,7 @@ def test_a_fine_tune_of_the_last_layer_reads_the_reference_from_the_shared_layer
     entries = [data.load_entry("multi_turn_base", i) for i in (3, 6, 1)]
     trajs = [ground_truth_trajectory(e, compact=True) for e in entries]
     results = answer_turns_batch(model, tokenizer, entries, trajs, ref_model=ref, max_new_tokens=4, seeds=[0, 1, 2])
-    assert starts == [1]
+    assert starts == [1] * len(entries)  # one reader of the reference per scenario, each from layer 1
     kls = []
     for traj, res in zip(trajs, results):
         _assert_same_answers(res, _plain_answers(model, ref, tokenizer, traj, 4))

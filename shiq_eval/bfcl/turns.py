@@ -18,9 +18,12 @@ reference runs only those layers, on the hidden states the model computed at the
 
 Decoding one token reads every weight of the model once, so on a CPU one answer at a time is bound by
 memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lockstep (turn ``k`` of
-each at the same time) in one batched cache, each row masked from the others' tokens and padding.
-Measured on 2 CPU cores (``tools/bench_bfcl_eval.py``) this loses: the long prompts, read padded and
-through an explicit attention mask, cost more than the shared weight reads save in decoding.
+each at the same time). Each entry reads its conversation into a cache of its own, unpadded (long
+prompts read padded, through an explicit attention mask, cost more than batching saves); only the
+answers are decoded as one batch, from a right-padded copy of the entries' caches, each row masked
+from the others' tokens and padding. Cached keys and values grow in place (:class:`_GrowingLayer`):
+a decoding step writes one position instead of copying the whole cache (``tools/bench_bfcl_eval.py``
+measures batch sizes against one entry at a time).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from shiq_data.chat import assistant_spans
 from shiq_eval.bfcl.checker import check_trajectory
@@ -59,6 +63,51 @@ def turn_positions(tokenizer, trajectory: dict) -> tuple[list[int], list[tuple[i
     return ids, [first[k] for k in range(n)]
 
 
+def _growing_layer_class():
+    """:class:`transformers.cache_utils.DynamicLayer` whose keys and values live in a buffer with room to
+    spare: an update writes its positions in place (the buffer grows by a quarter when full), where ``DynamicLayer``
+    concatenates, copying the whole cache at every decoding step. ``keys`` and ``values`` are views of the
+    filled part, so attention reads exactly what a ``DynamicLayer`` holds."""
+    from transformers.cache_utils import DynamicLayer  # heavy: transformers, only when a model runs
+
+    class GrowingLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.is_initialized, self.device, self.n = True, key_states.device, 0
+                self._k = self._v = None
+            n, add = self.n, key_states.shape[-2]
+            if self._k is None or n + add > self._k.shape[-2]:
+                room = (n + add) * 5 // 4 + 512  # room for this turn's answer and the next prompts
+                k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+                v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+                if n:
+                    k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
+                self._k, self._v = k, v
+            self._k[..., n : n + add, :] = key_states
+            self._v[..., n : n + add, :] = value_states
+            self.n = n + add
+            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+            return self.keys, self.values
+
+        def crop(self, tokens_to_remove: int) -> None:
+            if tokens_to_remove > 0:
+                raise ValueError(
+                    f"crop takes the number of positions to remove as a negative int, got {tokens_to_remove}"
+                )
+            if tokens_to_remove == 0 or not self.is_initialized:
+                return
+            self.n = max(self.n + tokens_to_remove, 0)
+            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
+
+    return GrowingLayer
+
+
+def _growing(cache):
+    """``cache`` (an empty ``DynamicCache``) filling :func:`_growing_layer_class` layers."""
+    cache.layer_class_to_replicate = _growing_layer_class()
+    return cache
+
+
 class _BatchLM:
     """A Hugging Face causal LM reading ``B`` token sequences into one KV cache, chunk by chunk, in lockstep.
 
@@ -76,7 +125,7 @@ class _BatchLM:
 
         self.model, self.start, self.capture, self.captured = model, start, capture, None
         self.decoder = model.model if start == 0 else decoder_from(model, start)
-        self.cache = DynamicCache() if start == 0 else cache_from(start)
+        self.cache = _growing(DynamicCache() if start == 0 else cache_from(start))
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, L]: 1 where the cache holds a real token
         self.pos = torch.zeros(batch, dtype=torch.long)  # [B]: real tokens read per row
 
@@ -126,6 +175,34 @@ class _BatchLM:
         self.cache.crop(length - self.length)  # a negative count removes that many positions from the end
         self.mask = self.mask[:, :length]
         self.pos = self.mask.sum(1)
+
+    @classmethod
+    def stack(cls, rows: list[_BatchLM]) -> _BatchLM:
+        """The readers ``rows`` (one row each, of the same model and first layer) as one batch: copies of their
+        caches right-padded to the longest and stacked (theirs stay as they are), the padding masked and
+        given no position."""
+        first, L = rows[0], max(r.length for r in rows)
+        out = cls.__new__(cls)
+        out.model, out.start, out.capture, out.captured, out.decoder = (
+            first.model,
+            first.start,
+            first.capture,
+            None,
+            first.decoder,
+        )
+        from transformers import DynamicCache
+
+        out.cache = _growing(DynamicCache() if first.start == 0 else cache_from(first.start))
+        for i, layer in enumerate(first.cache.layers):
+            if not layer.is_initialized:  # the layers before ``start``
+                continue
+            kv = [(r.cache.layers[i].keys, r.cache.layers[i].values) for r in rows]  # [1, h, L_b, d] each
+            keys = torch.cat([F.pad(k, (0, 0, 0, L - k.shape[-2])) for k, _ in kv])  # [B, h, L, d]
+            values = torch.cat([F.pad(v, (0, 0, 0, L - v.shape[-2])) for _, v in kv])
+            out.cache.update(keys, values, i)
+        out.mask = torch.cat([F.pad(r.mask, (0, L - r.length)) for r in rows])  # [B, L]
+        out.pos = torch.cat([r.pos for r in rows])
+        return out
 
 
 @torch.no_grad()
@@ -178,10 +255,11 @@ def answer_turns_batch(
     seeds: list[int] | None = None,
 ) -> list[dict]:
     """:func:`answer_turns` for several entries at once (one result per entry, in order): the entries
-    are read and answered in lockstep, turn ``k`` of every entry at the same time, so that each decoding
-    step reads the weights once for the whole batch. Each row sees only its own tokens (padding is masked
-    and takes no position), so the results are those of :func:`answer_turns` on each entry alone, up to
-    floating-point rounding."""
+    are answered in lockstep, turn ``k`` of every entry at the same time, so that each decoding step reads
+    the weights once for the whole batch. Each entry reads its conversation alone (no padding); the answers
+    are decoded in one batch where each row sees only its own tokens (padding is masked and takes no
+    position), so the results are those of :func:`answer_turns` on each entry alone, up to floating-point
+    rounding."""
     B = len(entries)
     trajs = [
         ground_truth_trajectory(e) if t is None else t
@@ -193,8 +271,9 @@ def answer_turns_batch(
     # a fine-tune of the reference's last layers: the reference runs only its own layers, on the hidden
     # states the policy computed at the first of them
     shared = shared_prefix_layers(model, ref_model) if ref_model is not None else 0
-    policy = _BatchLM(model, B, capture=shared or None)
-    ref = _BatchLM(ref_model, B, start=shared) if ref_model is not None else None
+    # one reader per entry: prompts are read unpadded, the answers decoded as a batch (_BatchLM.stack)
+    policy = [_BatchLM(model, 1, capture=shared or None) for _ in range(B)]
+    ref = [_BatchLM(ref_model, 1, start=shared) for _ in range(B)] if ref_model is not None else None
     cfg = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0)
     outs = [
         {"answers": [], "decoded_turns": [], "tokens": [], "kl": [], "gt_nll": [], "gt_tokens": []} for _ in entries
@@ -207,7 +286,7 @@ def answer_turns_batch(
         (and at the positions of its pending ground-truth answer, whose log-likelihood is collected)."""
         chunks, keeps, targets = [], [], []
         for b, end in enumerate(ends):
-            ids, start = rows[b][0], int(policy.pos[b])
+            ids, start = rows[b][0], int(policy[b].pos[0])
             chunk = ids[start:end] if end is not None else []
             keep, tg = ([len(chunk) - 1] if chunk else []), []
             if chunk and pending[b] is not None:
@@ -219,17 +298,16 @@ def answer_turns_batch(
             chunks.append(chunk)
             keeps.append(keep)
             targets.append(tg)
-        logits = policy.feed(chunks, keeps)
+        logits = [policy[b].feed([c], [k])[0] for b, (c, k) in enumerate(zip(chunks, keeps))]
         for b, tg in enumerate(targets):
             if tg:
                 gt_logp[b].append(torch.log_softmax(logits[b][:-1], -1)[torch.arange(len(tg)), tg])
         ref_logits = [None] * B
         if ref is not None:
-            ref_chunks = [
-                (policy.captured[b, : len(c)] if shared else c) if w and c else []
-                for b, (c, w) in enumerate(zip(chunks, with_ref))
-            ]
-            ref_logits = ref.feed(ref_chunks, [[len(c) - 1] if len(c) else [] for c in ref_chunks])
+            for b, (c, w) in enumerate(zip(chunks, with_ref)):
+                if w and c:
+                    x = policy[b].captured[0, : len(c)] if shared else c
+                    ref_logits[b] = ref[b].feed([x], [[len(c) - 1]])[0]
         lasts = [lg[-1] if len(lg) else None for lg in logits]
         return lasts, [lg[-1] if lg is not None and len(lg) else None for lg in ref_logits]
 
@@ -256,43 +334,43 @@ def answer_turns_batch(
                 # the first token of the ground-truth answer is predicted by position s - 1
                 gt_logp[b].append(torch.log_softmax(lasts[b], -1)[rows[b][0][s]].reshape(1))
                 pending[b] = (s, e)
-        # generate the answers, every row one token per step
-        prompt_length = policy.length
+        # generate the answers, every answering row one token per step, from a batched copy of their caches
+        act = [b for b in range(B) if answering[b]]
+        batch = _BatchLM.stack([policy[b] for b in act])
         generators = [torch.Generator().manual_seed(seeds[b] * 1_000_003 + k) for b in range(B)]
         states = [[lasts[b]] if answering[b] else [] for b in range(B)]
         tokens: list[list[int]] = [[] for _ in range(B)]
         fed: list[list[torch.Tensor]] = [[] for _ in range(B)]  # with shared layers: each fed token's [H] there
         writing = list(answering)
         while any(writing):
-            for b in range(B):
+            for b in act:
                 if writing[b]:
                     tok = int(sample_next(states[b][-1][None], cfg, generators[b])[0])
                     tokens[b].append(tok)
                     writing[b] = not (tok == eos or len(tokens[b]) >= max_new_tokens)
             if not any(writing):
                 break
-            step = policy.feed(
-                [[tokens[b][-1]] if writing[b] else [] for b in range(B)], [[0] if w else [] for w in writing]
+            step = batch.feed(
+                [[tokens[b][-1]] if writing[b] else [] for b in act], [[0] if writing[b] else [] for b in act]
             )
-            for b in range(B):
+            for j, b in enumerate(act):
                 if writing[b]:
-                    states[b].append(step[b][0])
+                    states[b].append(step[j][0])
                     if shared:
-                        fed[b].append(policy.captured[b, 0])
-        policy.crop(prompt_length)
+                        fed[b].append(batch.captured[j, 0])
+        del batch  # the entries' own caches still end at the prompt
         kls = [0.0] * B
         if ref is not None:
-            ref_length = ref.length
-            # every answer token but the last was fed back to the policy: the reference reads the same
-            answer = [torch.stack(fed[b]) if fed[b] else [] for b in range(B)] if shared else [t[:-1] for t in tokens]
-            more = ref.feed(answer, [list(range(len(tokens[b]) - 1)) for b in range(B)])
-            for b in range(B):
-                if answering[b]:
-                    ref_states = [ref_lasts[b], *more[b]]
-                    mask = torch.ones(1, len(tokens[b]), dtype=torch.bool)
-                    kl = exact_token_kl(token_kl(torch.stack(states[b])[None], torch.stack(ref_states)[None]), mask)
-                    kls[b] = float(kl[0])
-            ref.crop(ref_length)
+            for b in act:
+                # every answer token but the last was fed back to the policy: the reference reads the same
+                answer = (torch.stack(fed[b]) if fed[b] else []) if shared else tokens[b][:-1]
+                ref_length = ref[b].length
+                more = ref[b].feed([answer], [list(range(len(tokens[b]) - 1))])[0]
+                ref[b].crop(ref_length)
+                ref_states = [ref_lasts[b], *more]
+                mask = torch.ones(1, len(tokens[b]), dtype=torch.bool)
+                kl = exact_token_kl(token_kl(torch.stack(states[b])[None], torch.stack(ref_states)[None]), mask)
+                kls[b] = float(kl[0])
         for b in range(B):
             if not answering[b]:
                 continue
