@@ -21,7 +21,7 @@ memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lo
 each at the same time). Each entry reads its conversation into a cache of its own, unpadded (long
 prompts read padded, through an explicit attention mask, cost more than batching saves); only the
 answers are decoded as one batch, from a right-padded copy of the entries' caches, each row masked
-from the others' tokens and padding. Cached keys and values grow in place (:class:`_GrowingLayer`):
+from the others' tokens and padding. Cached keys and values grow in place (:func:`_growing_layer_class`):
 a decoding step writes one position instead of copying the whole cache (``tools/bench_bfcl_eval.py``
 measures batch sizes against one entry at a time).
 """
