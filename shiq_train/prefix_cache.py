@@ -103,6 +103,21 @@ def prefix_fingerprint(model, n_frozen: int) -> str:
     return h.hexdigest()
 
 
+def model_setting(model) -> str:
+    """What the cached states depend on besides the tokens and the prefix's weights: blake2b of the model
+    config's plain fields (numbers, strings, dtypes: shapes, norms, rotary settings, precision) and of
+    the torch and megatron-core versions that compute them."""
+    from importlib.metadata import version
+
+    inner = unwrap(model)
+    fields = {
+        k: v for k, v in sorted(vars(inner.config).items()) if isinstance(v, (bool, int, float, str, torch.dtype))
+    }
+    fields |= {k: getattr(inner, k) for k in ("position_embedding_type", "rotary_percent") if hasattr(inner, k)}
+    text = repr((sorted(fields.items()), torch.__version__, version("megatron-core")))
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
 @contextlib.contextmanager
 def suffix_only(model, n_frozen: int):
     """Within the block, the model's decoder runs only its layers after the first ``n_frozen``: give it
@@ -137,9 +152,10 @@ class PrefixCache:
     ``n_frozen`` layers of ``num_layers`` are cached; ``fingerprint`` identifies their weights.
     """
 
-    def __init__(self, hidden, offsets, tokens, n_frozen: int, num_layers: int, fingerprint: str):
+    def __init__(self, hidden, offsets, tokens, n_frozen: int, num_layers: int, fingerprint: str, setting: str = ""):
         self.hidden, self.offsets, self.tokens = hidden, offsets, tokens
         self.n_frozen, self.num_layers, self.fingerprint = n_frozen, num_layers, fingerprint
+        self.setting = setting  # :func:`model_setting` of the model it was built with
 
     @property
     def trainable_last_layers(self) -> int:
@@ -218,7 +234,7 @@ class PrefixCache:
             bar.close()
             hook.remove()
         cache = cls(hidden, offsets, torch.cat(rows), n_frozen, inner.config.num_layers, "")
-        cache.fingerprint = prefix_fingerprint(model, n_frozen)
+        cache.fingerprint, cache.setting = prefix_fingerprint(model, n_frozen), model_setting(model)
         log.info(
             "frozen-prefix cache: %d rows, %d tokens, layers 1-%d of %d, %.1f MiB",
             len(rows),
@@ -235,7 +251,7 @@ class PrefixCache:
         for t in (self.hidden, self.offsets, self.tokens):
             t = t.contiguous()
             h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.view(torch.uint8).numpy())  # the tensor's own memory, not a copy
         return h.hexdigest()
 
     def save(self, path) -> None:
@@ -250,6 +266,7 @@ class PrefixCache:
             "n_frozen": str(self.n_frozen),
             "num_layers": str(self.num_layers),
             "fingerprint": self.fingerprint,
+            "setting": self.setting,
             "digest": self.digest(),
         }
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -272,17 +289,16 @@ class PrefixCache:
             tensors = load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{path}: not a readable frozen-prefix cache ({e})") from None
-        if meta.get("format") != FORMAT or set(tensors) != {"hidden", "offsets", "tokens"}:
+        keys = {"n_frozen", "num_layers", "fingerprint", "setting", "digest"}
+        if meta.get("format") != FORMAT or set(tensors) != {"hidden", "offsets", "tokens"} or not keys <= set(meta):
             raise ValueError(f"{path}: not a frozen-prefix cache of format {FORMAT}")
-        cache = cls(
-            tensors["hidden"],
-            tensors["offsets"],
-            tensors["tokens"],
-            int(meta["n_frozen"]),
-            int(meta["num_layers"]),
-            meta["fingerprint"],
-        )
-        if cache.digest() != meta.get("digest"):
+        try:
+            n_frozen, num_layers = int(meta["n_frozen"]), int(meta["num_layers"])
+        except ValueError:
+            raise ValueError(f"{path}: its layer counts are not integers") from None
+        cache = cls(tensors["hidden"], tensors["offsets"], tensors["tokens"], n_frozen, num_layers, meta["fingerprint"])
+        cache.setting = meta["setting"]
+        if cache.digest() != meta["digest"]:
             raise ValueError(f"{path}: the frozen-prefix cache's tensors do not match their saved digest")
         return cache
 
@@ -294,10 +310,13 @@ class PrefixCache:
             return f"built for trainable_last_layers={self.trainable_last_layers}, not {trainable_last_layers}"
         if unwrap(model).config.num_layers != self.num_layers:
             return f"built for {self.num_layers} layers, the model has {unwrap(model).config.num_layers}"
+        if (setting := model_setting(model)) != self.setting:
+            return f"built with another model configuration or package versions ({self.setting} against {setting})"
         rows = _buffer_tokens(buffer)
-        lengths = torch.tensor([len(r) for r in rows], dtype=torch.int64)
-        if len(rows) != len(self) or not torch.equal(lengths, self.offsets.diff()):
-            return f"built for {len(self)} rows of other lengths; the buffer has {len(rows)}"
+        if len(rows) != len(self):
+            return f"built for {len(self)} rows; the buffer has {len(rows)}"
+        if not torch.equal(torch.tensor([len(r) for r in rows], dtype=torch.int64), self.offsets.diff()):
+            return "built for rows of other lengths than the buffer's"
         if not torch.equal(torch.cat(rows), self.tokens):
             return "built from other tokens than the buffer's"
         if prefix_fingerprint(model, self.n_frozen) != self.fingerprint:

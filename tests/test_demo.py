@@ -37,7 +37,7 @@ def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
         assert c["train"]["steps"] == cfg["train"]["steps"]  # the same training budget as the default
         assert c["train"]["eval_every"] == cfg["full"]["eval_every"] < c["train"]["steps"]  # a curve, not a point
         assert c["eval"]["validation_prompts"] == cfg["full"]["validation_prompts"]
-        assert c["train"]["keep_checkpoints"] is cfg["full"]["keep_checkpoints"] is False  # 69 arms: ~45 GB
+        assert c["train"]["keep_checkpoints"] is cfg["full"]["keep_checkpoints"] is False  # 51 trained arms: ~33 GB
     assert cfg["seed"] == demo.load_config()["seed"]  # expanding does not change the loaded config
     with pytest.raises(ValueError, match="exclude each other"):
         demo.load_config(quick=True, full=True)

@@ -19,7 +19,7 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import model as M
 from shiq_train import parallel
 from shiq_train.objectives import LossConfig
-from shiq_train.prefix_cache import PrefixCache, suffix_only
+from shiq_train.prefix_cache import PrefixCache, model_setting, suffix_only
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer, frozen_copy
 
@@ -300,7 +300,8 @@ def test_a_saved_cache_is_read_back_only_when_it_fits(dist1, buffer, tmp_path, m
     for name in ("hidden", "offsets", "tokens", "n_frozen", "num_layers", "fingerprint"):
         a, b = getattr(cache, name), getattr(back, name)
         assert torch.equal(a, b) if torch.is_tensor(a) else a == b, name
-    assert back.fits(buffer, model, 1) is None
+    assert back.fits(buffer, model, 1) is None and back.setting == cache.setting != ""
+    assert model_setting(frozen_model()) == cache.setting  # a model built again (a later process) matches
     assert "trainable_last_layers=1, not 2" in back.fits(buffer, model, 2)
     assert "other weights" in back.fits(buffer, frozen_model(), 1)  # another random init
 
@@ -349,4 +350,16 @@ def test_a_saved_cache_is_read_back_only_when_it_fits(dist1, buffer, tmp_path, m
         ref_model={"name": "t"},
     )
     (out / "buffer").symlink_to(small.path, target_is_directory=True)
-    assert len(get(other)) == 6 and built == [1, 1, 1, 1] and "rows of other lengths" in logs[-2]
+    (saved.parent / (saved.name + ".tmp123")).write_bytes(b"half")  # a save cut short by a kill
+    assert len(get(other)) == 6 and built == [1, 1, 1, 1] and "built for 16 rows; the buffer has 6" in logs[-2]
+    assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # the stale temporary file is gone
+    # another model configuration (here: the norm's epsilon) is not this cache's either
+    assert "another model configuration" in PrefixCache.load(saved).fits(small, frozen_model(layernorm_epsilon=1e-3), 1)
+    # a file without the metadata the format requires: refused in one line, then rebuilt by the recipes
+    from safetensors.torch import save_file
+
+    save_file({"hidden": torch.zeros(1, 1)}, str(saved), metadata={"format": "shiq-prefix-cache/1"})
+    with pytest.raises(ValueError, match="not a frozen-prefix cache of format"):
+        PrefixCache.load(saved)
+    get(other)
+    assert built == [1, 1, 1, 1, 1]

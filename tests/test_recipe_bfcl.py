@@ -372,6 +372,46 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
         Stages(tmp_path, changed, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
 
 
+def test_a_finished_arms_checkpoint_goes_only_once_the_stage_is_recorded(tmp_path):
+    """train.keep_checkpoints=false: Stages.run deletes an arm's checkpoint after recording its stage finished,
+    also for a stage finished earlier (a run that kept them, resumed with false) and what a deletion cut
+    short left behind; other stages' folders and kept checkpoints stay."""
+    from shiq_eval.recipes.common import Stages, drop_checkpoints
+
+    def checkpoint(arm):
+        step = tmp_path / "runs" / arm / "checkpoints" / "step_00000002"
+        step.mkdir(parents=True)
+        (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"x" * 10)
+        (step.parent / "latest").write_text(step.name)
+
+    def run(cfg, seen):
+        plan = [(f"train_{arm}", lambda arm=arm: (checkpoint(arm), seen.append(arm))) for arm in ("a", "b")]
+        plan.append(("data", lambda: checkpoint("data")))  # not an arm's stage: never touched
+        stages = Stages(tmp_path, cfg, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
+        stages.run(
+            plan,
+            log.append,
+            lambda t: {},
+            lambda rep: "",
+            after=lambda n: drop_checkpoints(cfg, tmp_path, n, log.append),
+        )
+
+    log, seen = [], []
+    keep = bfcl.load_config(quick=True)
+    run(keep, seen)  # kept: both arms' checkpoints stay
+    assert seen == ["a", "b"] and all((tmp_path / "runs" / a / "checkpoints" / "latest").is_file() for a in "ab")
+    # a deletion of b cut short: its folder renamed, half gone
+    (tmp_path / "runs" / "b" / "checkpoints").rename(tmp_path / "runs" / "b" / "checkpoints.deleting")
+    (tmp_path / "runs" / "b" / "checkpoints.deleting" / "latest").unlink()
+    drop = bfcl.load_config(quick=True, overrides=["train.keep_checkpoints=false"])
+    run(drop, seen)  # both stages finished earlier: nothing trains again, the checkpoints go
+    assert seen == ["a", "b"]
+    assert sorted(p.name for p in (tmp_path / "runs" / "a").iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "runs" / "b").iterdir()) == []
+    assert (tmp_path / "runs" / "data" / "checkpoints" / "latest").is_file()
+    assert not [m for m in log if "could not delete" in m]
+
+
 def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
     """A seed's run folder as the recipe leaves it: report.json (reference and arm summaries) and each
     arm's per-turn evaluation, with random values; 1 to 3 turns per scenario."""

@@ -7,8 +7,9 @@ bound by memory on a CPU; a batch of scenarios shares each read. The policy, lik
 fine-tune of the reference's last ``--trained`` layers, so the reference runs only those layers, on the
 hidden states the policy computed (the row "1, reference whole" runs it from its first layer instead, as
 for an unrelated reference). The row "1, concatenating cache" keeps transformers' ``DynamicLayer``, which
-copies the whole cache at every decoding step, in place of the evaluation's cache layer that grows in place. One run, SmolLM2-135M-Instruct as the reference and a copy with its last
-layers perturbed as the policy, the first held-out scenarios of ``multi_turn_base`` with the compact
+copies the whole cache at every decoding step, in place of the evaluation's cache layer that grows in
+place. One run, SmolLM2-135M-Instruct as the reference and a copy with its last layers perturbed as the
+policy, the first held-out scenarios of ``multi_turn_base`` with the compact
 function docs, as the recipe's default evaluation sees them. Rows alternate in rounds, so load from other
 processes hits all alike; medians are reported, and the answers, KLs and ground-truth NLLs of every row
 are compared with those of batch size 1.

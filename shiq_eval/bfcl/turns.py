@@ -28,6 +28,7 @@ measures batch sizes against one entry at a time).
 
 from __future__ import annotations
 
+import functools
 from contextlib import nullcontext
 
 import torch
@@ -63,31 +64,48 @@ def turn_positions(tokenizer, trajectory: dict) -> tuple[list[int], list[tuple[i
     return ids, [first[k] for k in range(n)]
 
 
+@functools.cache
 def _growing_layer_class():
-    """:class:`transformers.cache_utils.DynamicLayer` whose keys and values live in a buffer with room to
-    spare: an update writes its positions in place (the buffer grows by a quarter when full), where ``DynamicLayer``
-    concatenates, copying the whole cache at every decoding step. ``keys`` and ``values`` are views of the
-    filled part, so attention reads exactly what a ``DynamicLayer`` holds."""
+    """:class:`transformers.cache_utils.DynamicLayer` whose keys and values ``[B, h, n, d]`` live in a buffer
+    with room to spare: an update writes its positions in place (the buffer grows by a quarter when full),
+    where ``DynamicLayer`` concatenates, copying the whole cache at every decoding step. ``keys`` and
+    ``values`` are views of the filled part, so attention reads exactly what a ``DynamicLayer`` holds; after
+    a ``crop`` the next update writes over the cropped positions, so a view taken before it is not kept
+    (attention uses them at once; :meth:`_BatchLM.stack` copies). Only what a reader of this module calls
+    (``update``, ``crop``, the lengths) is supported; the batch-reordering methods refuse."""
     from transformers.cache_utils import DynamicLayer  # heavy: transformers, only when a model runs
 
     class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states, value_states) -> None:
+            self.is_initialized, self.device, self.n = True, key_states.device, 0
+            self._k = self._v = None
+
+        def _room(self, key_states, value_states, need: int) -> None:
+            """Buffers for at least ``need`` positions, the filled ones copied over."""
+            if self._k is not None and need <= self._k.shape[-2]:
+                return
+            room = need * 5 // 4 + 512  # room for this turn's answer and the next prompts
+            k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
+            v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
+            if self.n:
+                k[..., : self.n, :], v[..., : self.n, :] = self.keys, self.values
+            self._k, self._v = k, v
+
         def update(self, key_states, value_states, *args, **kwargs):
             if not self.is_initialized:
-                self.is_initialized, self.device, self.n = True, key_states.device, 0
-                self._k = self._v = None
+                self.lazy_initialization(key_states, value_states)
             n, add = self.n, key_states.shape[-2]
-            if self._k is None or n + add > self._k.shape[-2]:
-                room = (n + add) * 5 // 4 + 512  # room for this turn's answer and the next prompts
-                k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
-                v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
-                if n:
-                    k[..., :n, :], v[..., :n, :] = self._k[..., :n, :], self._v[..., :n, :]
-                self._k, self._v = k, v
+            self._room(key_states, value_states, n + add)
             self._k[..., n : n + add, :] = key_states
             self._v[..., n : n + add, :] = value_states
             self.n = n + add
             self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
             return self.keys, self.values
+
+        def _unsupported(self, *args, **kwargs):
+            raise NotImplementedError("the BFCL evaluation's cache layer supports update and crop only")
+
+        batch_repeat_interleave = batch_select_indices = reorder_cache = offload = prefetch = _unsupported
 
         def crop(self, tokens_to_remove: int) -> None:
             if tokens_to_remove > 0:
@@ -196,9 +214,12 @@ class _BatchLM:
         for i, layer in enumerate(first.cache.layers):
             if not layer.is_initialized:  # the layers before ``start``
                 continue
-            kv = [(r.cache.layers[i].keys, r.cache.layers[i].values) for r in rows]  # [1, h, L_b, d] each
-            keys = torch.cat([F.pad(k, (0, 0, 0, L - k.shape[-2])) for k, _ in kv])  # [B, h, L, d]
-            values = torch.cat([F.pad(v, (0, 0, 0, L - v.shape[-2])) for _, v in kv])
+            k0, v0 = layer.keys, layer.values  # [1, h, L_0, d]
+            keys = k0.new_zeros(len(rows), *k0.shape[1:-2], L, k0.shape[-1])  # [B, h, L, d], zeros at padding
+            values = v0.new_zeros(len(rows), *v0.shape[1:-2], L, v0.shape[-1])
+            for b, r in enumerate(rows):
+                k, v = r.cache.layers[i].keys[0], r.cache.layers[i].values[0]  # [h, L_b, d]
+                keys[b, ..., : k.shape[-2], :], values[b, ..., : v.shape[-2], :] = k, v
             out.cache.update(keys, values, i)
         out.mask = torch.cat([F.pad(r.mask, (0, L - r.length)) for r in rows])  # [B, L]
         out.pos = torch.cat([r.pos for r in rows])

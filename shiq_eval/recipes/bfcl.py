@@ -378,7 +378,6 @@ def stage_train(ctx: Context, arm: str) -> None:
     res = evaluate(ctx, policy, ref)
     res.update(method=arm, beta=arm_beta(cfg, arm), steps=t["steps"], train_seconds=train_seconds)
     atomic_write_json(run / "eval.json", res)
-    drop_checkpoints(cfg, run)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -739,7 +738,8 @@ def seeds_report_markdown(rep: dict) -> str:
             "## Paired differences at the same β",
             "",
             "`a − b` on the same turns within each seed (clustered by scenario), averaged over seeds: mean ± "
-            "standard error of that mean from the within-seed errors [the seeds' standard deviation].",
+            "standard error of that mean from the within-seed errors [the seeds' standard deviation; – from "
+            "one seed].",
             "",
             "| a | b | β | seeds | turn accuracy | turn reward | KL per turn | GT NLL per token |",
             "|---|---|---|---|---|---|---|---|",
@@ -768,7 +768,13 @@ def run(cfg: dict, out: str | Path) -> dict:
     # the reference's evaluation right after the data: a run stopped part-way already has its baseline
     plan = [("data", lambda: stage_data(ctx)), ("eval_reference", lambda: stage_eval_reference(ctx))]
     plan += [(f"train_{m}", lambda m=m: stage_train(ctx, m)) for m in cfg["train"]["methods"]]
-    return stages.run(plan, _log, lambda timings: build_report(ctx, timings), report_markdown)
+    return stages.run(
+        plan,
+        _log,
+        lambda timings: build_report(ctx, timings),
+        report_markdown,
+        after=lambda name: drop_checkpoints(cfg, out, name, _log),  # a finished arm's checkpoint
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

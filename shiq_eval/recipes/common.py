@@ -162,19 +162,22 @@ class Stages:
     def timings(self) -> dict:
         return dict(self.state["done"])
 
-    def run(self, plan: list[tuple[str, Callable[[], None]]], log, build_report, report_markdown) -> dict:
-        """Each ``(name, fn)`` of ``plan`` in turn, skipped when finished earlier; then, every time, the
-        stage ``report``: ``build_report(timings)`` (the report dict, from the stages' outputs) written as
+    def run(self, plan: list[tuple[str, Callable[[], None]]], log, build_report, report_markdown, after=None) -> dict:
+        """Each ``(name, fn)`` of ``plan`` in turn, skipped when finished earlier, then ``after(name)`` (work no
+        result depends on, such as deleting a finished arm's checkpoint); then, every time, the stage
+        ``report``: ``build_report(timings)`` (the report dict, from the stages' outputs) written as
         ``DIR/report.json`` and ``DIR/report.md`` (``report_markdown(report)``), and written again once
         its ``timings`` include the report's own time. Returns the report."""
         for name, fn in plan:
             if self.done(name):
                 log(f"{name}: done earlier, skipped")
-                continue
-            log(f"{name}: running")
-            t0 = time.perf_counter()
-            fn()
-            self.finish(name, time.perf_counter() - t0)
+            else:
+                log(f"{name}: running")
+                t0 = time.perf_counter()
+                fn()
+                self.finish(name, time.perf_counter() - t0)
+            if after is not None:
+                after(name)
         t0 = time.perf_counter()
         rep = build_report(self.timings())
         self._write_report(rep, report_markdown)
@@ -294,6 +297,8 @@ class PrefixCaches:
                 cache = self._saved(path, rows, model, trainable_last_layers)
                 if cache is None:
                     cache = PrefixCache.from_buffer(model, rows, trainable_last_layers)
+                    for stale in path.parent.glob(path.name + ".tmp*"):  # a save cut short by a kill
+                        stale.unlink(missing_ok=True)
                     cache.save(path)
                     how = "cached for"
                 else:
@@ -337,11 +342,25 @@ def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: d
     )
 
 
-def drop_checkpoints(cfg: dict, run: Path) -> None:
-    """Delete ``run/checkpoints`` unless ``train.keep_checkpoints``: called once an arm's evaluations are
-    saved, when the checkpoint is no longer needed to resume (only to export or train on)."""
-    if not cfg["train"].get("keep_checkpoints", True):
-        shutil.rmtree(run / "checkpoints", ignore_errors=True)
+def drop_checkpoints(cfg: dict, out: Path, stage: str, log) -> None:
+    """Unless ``train.keep_checkpoints``: delete ``DIR/runs/<arm>/checkpoints`` once the stage ``train_<arm>``
+    is recorded finished (:meth:`Stages.run` calls this after each stage, finished now or earlier), when
+    the checkpoint is no longer needed to resume, only to export or train on. The folder is renamed first,
+    so a deletion cut short leaves no half checkpoint for a resume to read; what is left is deleted the
+    next time. A folder that cannot be deleted is kept, and the log says why."""
+    if cfg["train"].get("keep_checkpoints", True) or not stage.startswith("train_"):
+        return
+    run = out / "runs" / stage.removeprefix("train_")
+    ckpt, trash = run / "checkpoints", run / "checkpoints.deleting"
+    try:
+        if ckpt.exists():
+            if trash.exists():
+                shutil.rmtree(trash)
+            ckpt.rename(trash)
+        if trash.exists():
+            shutil.rmtree(trash)
+    except OSError as e:
+        log(f"{stage}: could not delete {ckpt} ({e}); it is kept")
 
 
 def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn) -> int:

@@ -593,7 +593,6 @@ def stage_train(ctx: Context, arm: str) -> None:
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         shutil.copyfile(metrics, run / "train_metrics.jsonl")
-    drop_checkpoints(ctx.cfg, run)
 
 
 def validation_batches(ctx: Context) -> list[dict]:
@@ -1211,8 +1210,9 @@ def full_report_markdown(rep: dict) -> str:
         "prompt within each seed; the gain share is `(J − J_ref) / (J* − J_ref)`, the part of the attainable "
         "improvement reached (1 = the optimum; SHIQ_MATH §9). ** marks each method's best β by mean share.",
         "",
-        f"Reference reward: {f(rep['reference']['reward_mean'])} ± {f(rep['reference']['reward_mean_sd'])}; "
-        f"gold: {f(rep['reference']['gold_mean'])} ± {f(rep['reference']['gold_mean_sd'])}.",
+        f"Reference reward: {f(rep['reference']['reward_mean'])} ± "
+        f"{sd_cell(rep['reference']['reward_mean_sd'], len(rep['seeds']))}; "
+        f"gold: {f(rep['reference']['gold_mean'])} ± {sd_cell(rep['reference']['gold_mean_sd'], len(rep['seeds']))}.",
         "",
         "| arm | β | seeds | reward | gold | KL | J | J − J_ref | J* | gain share |",
         "|---|---|---|---|---|---|---|---|---|---|",
@@ -1334,7 +1334,13 @@ def run(cfg: dict, out: str | Path) -> dict:
         for m in cfg["train"]["methods"]
     ]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
-    return stages.run(plan, _log, lambda timings: build_report(ctx, timings), report_markdown)
+    return stages.run(
+        plan,
+        _log,
+        lambda timings: build_report(ctx, timings),
+        report_markdown,
+        after=lambda name: drop_checkpoints(cfg, out, name, _log),  # a finished arm's checkpoint
+    )
 
 
 def _check_assets() -> None:
