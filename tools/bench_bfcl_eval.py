@@ -6,9 +6,9 @@ along each answer. Decoding one token reads all the model's weights once, so one
 bound by memory on a CPU; a batch of scenarios shares each read. The policy, like the recipe's, is a
 fine-tune of the reference's last ``--trained`` layers, so the reference runs only those layers, on the
 hidden states the policy computed (the row "1, reference whole" runs it from its first layer instead, as
-for an unrelated reference). The row "1, concatenating cache" keeps transformers' ``DynamicLayer``, which
-copies the whole cache at every decoding step, in place of the evaluation's cache layer that grows in
-place. One run, SmolLM2-135M-Instruct as the reference and a copy with its last layers perturbed as the
+for an unrelated reference). The rows "N, concatenating cache" (batch size 1 and the largest) keep
+transformers' ``DynamicLayer``, which copies the whole cache at every decoding step, in place of the
+evaluation's cache layer that grows in place. One run, SmolLM2-135M-Instruct as the reference and a copy with its last layers perturbed as the
 policy, the first held-out scenarios of ``multi_turn_base`` with the compact
 function docs, as the recipe's default evaluation sees them. Rows alternate in rounds, so load from other
 processes hits all alike; medians are reported, and the answers, KLs and ground-truth NLLs of every row
@@ -86,7 +86,8 @@ def main(argv=None) -> None:
         return results
 
     rows = {str(b): (b, False, False) for b in args.batch}
-    rows |= {"1, reference whole": (1, True, False), "1, concatenating cache": (1, False, True)}
+    rows |= {"1, reference whole": (1, True, False)}
+    rows |= {f"{b}, concatenating cache": (b, False, True) for b in sorted({1, max(args.batch)})}
     times = {r: [] for r in rows}
     outputs = {}
     for _ in range(args.rounds):
