@@ -15,9 +15,9 @@ from types import SimpleNamespace
 
 import torch
 
-from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches
+from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches, left_padded
 from shiq_eval.kl import exact_token_kl, kl_from_log_probs, mean_stderr, sample_kl
-from shiq_eval.shared_layers import decoder_from, inputs_of_layer, shared_prefix_layers
+from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, shared_prefix_layers
 
 
 @dataclass
@@ -83,6 +83,7 @@ def evaluate_policy(
     *,
     batch_size=16,
     sampler=None,
+    prompt_prefixes: PromptPrefixes | None = None,
     **options,
 ) -> EvalResult:
     """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
@@ -97,12 +98,14 @@ def evaluate_policy(
     reference's, at the states the tempered samples visit. Without ``sampler``, when the two models share
     their embeddings and first layers (:func:`shared_prefix_layers`), sampling and KL are one pass
     (:class:`SharedPrefixPolicy`): the same completions, the same estimators up to float rounding.
+    ``prompt_prefixes`` (of ``ref_model``) then keeps the prompts' pass through those shared layers for the
+    next policy evaluated on the same prompts: the same completions and KLs, bit for bit.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     k = shared_prefix_layers(model, ref_model) if sampler is None else 0
     if k:  # one pass: the KL from the hidden states that sampling computed at layer k
-        fused = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad)
+        fused = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad, prompt_prefixes=prompt_prefixes)
         return evaluate_one_pass(fused, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options)
     policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
 
@@ -141,15 +144,35 @@ class SharedPrefixPolicy:
     layer's input, step by step through the KV cache); afterwards each model's own layers ``k ..`` run once
     over prompt + completion from there, which gives exactly what :func:`sequence_kls` gets from two full
     passes, for ``(L − k) / L`` of one pass each. Rows keep sampling's left padding and position ids.
+    With ``prompt_prefixes`` (a :class:`PromptPrefixes` of ``ref_model``), the prompts' pass through the
+    shared layers is read from there instead of run again (computed on first use).
     """
 
-    def __init__(self, model, ref_model, k: int, *, eos_id: int, pad_id: int | None = None):
+    def __init__(self, model, ref_model, k: int, *, eos_id: int, pad_id: int | None = None, prompt_prefixes=None):
         n = len(model.model.layers)
         if not 1 <= k <= n:
             raise ValueError(f"k must be in 1..{n} (the shared decoder layers), got {k}")
+        if prompt_prefixes is not None and prompt_prefixes.ref_model is not ref_model:
+            raise ValueError("prompt_prefixes holds another reference model's layers")
         self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
         self.eos_id, self.k = int(eos_id), k
         self.tails = [_tail(m, k) for m in (model, ref_model)]
+        self.prefixes, self.decoder = prompt_prefixes, decoder_from(model, k)
+
+    def _prefill(self, ids, attn, positions):
+        """The policy's prompt pass from the shared layers' stored output: layers ``k ..`` run on the hidden
+        states entering layer ``k``; the cache gets the stored keys and values of layers ``0 .. k-1``."""
+        from transformers import DynamicCache  # heavy: transformers, only when a model runs
+
+        kv, hidden = self.prefixes.get(ids, attn, positions, self.k)  # k x (keys, values) [B, h, W, d]; [B, W, H]
+        out = self.decoder(
+            inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(self.k), use_cache=True
+        )
+        kv = kv + [(layer.keys, layer.values) for layer in out.cache.layers[self.k :]]
+        cache = DynamicCache(config=self.model.config)  # every layer's prompt keys and values, as one pass leaves them
+        for i, (keys, values) in enumerate(kv):
+            cache.update(keys, values, i)
+        return cache, self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]  # as logits_to_keep=1 computes them
 
     @torch.no_grad()
     def generate_with_kls(
@@ -160,8 +183,12 @@ class SharedPrefixPolicy:
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):
+            prefill = None
+            if self.prefixes is not None:  # read (or run) the shared layers first: the reference's pass is not
+                self.prefixes.get(*left_padded(batch, self.sampler.pad_id), self.k)  # for the hook below to see
+                prefill = self._prefill
             with inputs_of_layer(self.model, self.k) as captured:  # [B, W, H] at the prompt, then [B, 1, H] a token
-                rows = self.sampler._generate_batch(batch, cfg, seed)
+                rows = self.sampler._generate_batch(batch, cfg, seed, prefill)
             hidden = torch.cat(captured, 1)  # [B, W + n - 1, H]: prompt and every sampled token but the last
             W, n = max(len(p) for p in batch), len(rows[0])
             if hidden.shape[1] != W + n - 1:  # sampling ran another number of forward passes than tokens
@@ -185,6 +212,34 @@ class SharedPrefixPolicy:
         completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
         empty = torch.zeros(0, dtype=torch.float64)
         return completions, torch.cat(sample) if sample else empty, torch.cat(exact) if exact else empty
+
+
+class PromptPrefixes:
+    """The first ``k`` decoder layers of ``ref_model`` over batches of prompts, run once and kept for every policy
+    that holds those layers unchanged (:class:`SharedPrefixPolicy`): per batch (keyed by its token ids and
+    ``k``), the keys and values of layers ``0 .. k-1`` and the hidden states entering layer ``k``. A policy
+    computing them itself would get the same bits: the same weights on the same inputs, in the same shapes.
+    Nothing is dropped: about ``k · 2 · B · h_kv · W · d`` floats a batch (64 MB for 32 prompts of 54 tokens at
+    k = 24 in SmolLM2-135M, 320 MB for the main job's 160 held-out prompts), so it suits a fixed prompt set
+    evaluated for many policies."""
+
+    def __init__(self, ref_model):
+        self.ref_model = ref_model
+        self._kept: dict = {}
+
+    @torch.no_grad()
+    def get(self, ids, attn, positions, k: int):
+        """``(kv, hidden)``: ``kv[i] = (keys, values)`` ``[B, h, W, d]`` of layer ``i < k`` and ``hidden``
+        ``[B, W, H]`` entering layer ``k``, for the left-padded prompts ``ids`` ``[B, W]``."""
+        from transformers import DynamicCache  # heavy: transformers, only when a model runs
+
+        key = (k, tuple(ids.shape), ids.numpy().tobytes(), attn.numpy().tobytes())
+        if key not in self._kept:
+            cache = DynamicCache(config=self.ref_model.config)
+            with inputs_of_layer(self.ref_model, k, stop=True) as seen:  # layers 0 .. k-1 only
+                self.ref_model.model(input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache)
+            self._kept[key] = ([(layer.keys, layer.values) for layer in cache.layers[:k]], seen[0])
+        return self._kept[key]
 
 
 def _tail(model, k: int):

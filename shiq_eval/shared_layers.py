@@ -45,10 +45,16 @@ def shared_prefix_layers(model, ref_model) -> int:
     return k
 
 
+class _Stopped(Exception):
+    """Raised by :func:`inputs_of_layer`'s hook with ``stop=True``, caught by its block."""
+
+
 @contextmanager
-def inputs_of_layer(model, k: int):
+def inputs_of_layer(model, k: int, stop: bool = False):
     """Within the block, a list that receives the hidden states ``[B, T, H]`` entering decoder layer ``k``
-    of ``model`` on every forward pass (the final norm's input when ``k`` is the number of layers)."""
+    of ``model`` on every forward pass (the final norm's input when ``k`` is the number of layers).
+    ``stop``: the forward pass ends there (layers ``k ..`` do not run; the block's statement that ran it
+    is cut short, and the block ends)."""
     layers = model.model.layers
     if not 0 <= k <= len(layers):
         raise ValueError(f"k must be in 0..{len(layers)}, got {k}")
@@ -56,10 +62,14 @@ def inputs_of_layer(model, k: int):
 
     def keep(module, args, kwargs):
         seen.append(args[0] if args else kwargs["hidden_states"])
+        if stop:
+            raise _Stopped
 
     hook = (layers[k] if k < len(layers) else model.model.norm).register_forward_pre_hook(keep, with_kwargs=True)
     try:
         yield seen
+    except _Stopped:
+        pass
     finally:
         hook.remove()
 

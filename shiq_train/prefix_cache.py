@@ -256,11 +256,14 @@ class PrefixCache:
 
     def save(self, path) -> None:
         """Write the cache as a safetensors file at ``path`` (a temporary file, then renamed): its three
-        tensors, and as metadata the layer counts, the prefix fingerprint and :meth:`digest`."""
+        tensors, and as metadata the layer counts, the prefix fingerprint and :meth:`digest`. Temporary files
+        of earlier saves to ``path`` cut short by a kill are removed."""
         from safetensors.torch import save_file
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(path.name + ".tmp*"):
+            stale.unlink(missing_ok=True)
         meta = {
             "format": FORMAT,
             "n_frozen": str(self.n_frozen),
@@ -296,8 +299,15 @@ class PrefixCache:
             n_frozen, num_layers = int(meta["n_frozen"]), int(meta["num_layers"])
         except ValueError:
             raise ValueError(f"{path}: its layer counts are not integers") from None
-        cache = cls(tensors["hidden"], tensors["offsets"], tensors["tokens"], n_frozen, num_layers, meta["fingerprint"])
-        cache.setting = meta["setting"]
+        cache = cls(
+            tensors["hidden"],
+            tensors["offsets"],
+            tensors["tokens"],
+            n_frozen,
+            num_layers,
+            meta["fingerprint"],
+            meta["setting"],
+        )
         if cache.digest() != meta["digest"]:
             raise ValueError(f"{path}: the frozen-prefix cache's tensors do not match their saved digest")
         return cache

@@ -138,7 +138,7 @@ def test_shared_prefix_evaluation_equals_sampling_then_two_full_passes(trained_f
     with torch.no_grad():  # make the end token likely, so that rows end at different lengths
         policy.lm_head.weight[tok.eos_token_id] += 0.5 * policy.lm_head.weight.mean(0)
     prompts = [[1, 2, 3, 4, 5, 6], [7], [8, 9], [10, 11, 12]] * 3
-    cfg = SamplingConfig(max_new_tokens=7, batch_size=5, seed=4)
+    cfg = SamplingConfig(max_new_tokens=7, batch_size=5, seed=6)
     fused = SharedPrefixPolicy(policy, ref, trained_from, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id)
     comps, got_sample, got_exact = fused.generate_with_kls(prompts, cfg)
     want_comps = HFPolicy(policy, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id).generate(prompts, cfg)
@@ -179,3 +179,66 @@ def test_evaluate_policy_takes_the_shared_prefix_path_with_the_same_result(monke
     assert got.rewards == want.rewards
     assert got.kls_exact == pytest.approx(want.kls_exact, abs=1e-5)
     assert got.kls_sample == pytest.approx(want.kls_sample, abs=1e-5)
+
+
+def test_prompt_prefixes_kept_for_the_next_policy_change_nothing():
+    """Two fine-tunes of the same reference evaluated with one :class:`PromptPrefixes`: the completions and
+    both KL estimators of each equal, bit for bit, those of its own full prompt pass; the reference reads each
+    batch of prompts once; a store of another reference is refused."""
+    from shiq_eval.evaluate import PromptPrefixes, SharedPrefixPolicy
+    from shiq_eval.generate import SamplingConfig
+
+    ref = tiny(17, layers=3)
+    policies = [fine_tune_of(ref, 2, seed=s) for s in (1, 2)]
+    prompts = [[1, 2, 3, 4], [5], [6, 7]] * 3
+    cfg = SamplingConfig(max_new_tokens=6, batch_size=4, seed=9)
+    store = PromptPrefixes(ref)
+    reads = []
+    hook = ref.model.layers[0].register_forward_pre_hook(lambda m, a: reads.append(1))
+    for policy in policies:
+        plain = SharedPrefixPolicy(policy, ref, 2, eos_id=39, pad_id=0).generate_with_kls(prompts, cfg)
+        before = len(reads)
+        kept = SharedPrefixPolicy(policy, ref, 2, eos_id=39, pad_id=0, prompt_prefixes=store).generate_with_kls(
+            prompts, cfg
+        )
+        assert kept[0] == plain[0]
+        assert torch.equal(kept[1], plain[1]) and torch.equal(kept[2], plain[2])
+        assert len(reads) - before == (3 if policy is policies[0] else 0)  # 3 batches, read by the first only
+    hook.remove()
+    # the first token drawn for the last prompt (alone in its batch) as the end token: that batch ends after one
+    # step, before its last (the first draw does not depend on the end token), and other rows end early too
+    eos = plain[0][-1][0]
+    plain = SharedPrefixPolicy(policies[1], ref, 2, eos_id=eos, pad_id=0).generate_with_kls(prompts, cfg)
+    kept = SharedPrefixPolicy(policies[1], ref, 2, eos_id=eos, pad_id=0, prompt_prefixes=store).generate_with_kls(
+        prompts, cfg
+    )
+    assert kept[0] == plain[0] and torch.equal(kept[1], plain[1]) and torch.equal(kept[2], plain[2])
+    batches = [plain[0][i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    assert any(max(map(len, b)) < cfg.max_new_tokens for b in batches)
+    # the reference as its own policy: every layer shared, the reference's pass and the policy's one module
+    plain = SharedPrefixPolicy(ref, ref, 3, eos_id=39, pad_id=0).generate_with_kls(prompts, cfg)
+    kept = SharedPrefixPolicy(ref, ref, 3, eos_id=39, pad_id=0, prompt_prefixes=store).generate_with_kls(prompts, cfg)
+    assert kept[0] == plain[0] and torch.equal(kept[2], plain[2]) and float(plain[2].abs().max()) == 0
+    with pytest.raises(ValueError, match="another reference"):
+        SharedPrefixPolicy(policies[0], tiny(17, layers=3), 2, eos_id=39, prompt_prefixes=store)
+
+
+def test_inputs_of_layer_can_stop_the_pass_there():
+    """With ``stop``, the hook keeps the input of layer ``k`` (that of a plain pass) and only the layers before it
+    finish."""
+    from shiq_eval.shared_layers import inputs_of_layer
+
+    model = tiny(19, layers=3)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad(), inputs_of_layer(model, 1) as want:
+        model(input_ids=ids)
+    ran = []
+    hooks = [
+        layer.register_forward_hook(lambda m, a, o, i=i: ran.append(i)) for i, layer in enumerate(model.model.layers)
+    ]
+    with torch.no_grad(), inputs_of_layer(model, 1, stop=True) as got:
+        model(input_ids=ids)
+        raise AssertionError("the pass should have stopped at layer 1")  # never reached
+    for h in hooks:
+        h.remove()
+    assert ran == [0] and len(got) == 1 and torch.equal(got[0], want[0])

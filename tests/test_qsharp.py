@@ -429,13 +429,14 @@ def test_guided_policy_generates_and_scores_candidates_like_full_passes(restrict
             assert (steps.ref_top[b, t].double() - w["top"]).abs().max() < 1e-5
             # float32 logits of size ~15 through a different order of summation: a relative bound
             assert (steps.atom_logits[b, t].double() - w["atoms"]).abs().max() < 1e-5 * max(1.0, w["atoms"].abs().max())
-            assert (steps.guided[b, t] - w["guided"]).abs().max() < 1e-5
+            assert (steps.guided[b, t] - w["guided"]).abs().max() < 1e-5 * max(1.0, w["guided"].abs().max())
             # the per-step distribution over the vocabulary equals the direct float64 computation
             got = steps.policy_logp[b, t]
             assert got.shape == (64,) and got.dtype == F64
             assert torch.equal(torch.isinf(got), torch.isinf(w["logp"]))
             finite = torch.isfinite(got)
-            assert (got[finite] - w["logp"][finite]).abs().max() < 1e-5
+            # float32 guided logits of size up to ~8 in its normalisation: the same relative bound
+            assert (got[finite] - w["logp"][finite]).abs().max() < 1e-5 * max(1.0, w["guided"].abs().max())
             rest = torch.ones(64, dtype=torch.bool)
             rest[w["cand"]] = False
             if restrict:

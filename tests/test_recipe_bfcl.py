@@ -155,30 +155,6 @@ def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):
     assert checker.check_trajectory(entry, decoded)["turn_rewards_reset"] == res["turn_rewards_reset"]
 
 
-def test_growing_cache_layer_holds_what_a_dynamic_layer_holds():
-    """The evaluation's cache layer writes in place (growing its buffer when full) where transformers'
-    DynamicLayer concatenates: after the same updates and crops both hold the same keys and values."""
-    from transformers.cache_utils import DynamicLayer
-
-    from shiq_eval.bfcl.turns import _growing_layer_class
-
-    g = torch.Generator().manual_seed(0)
-    grow, plain = _growing_layer_class()(), DynamicLayer()
-    buffers = set()
-    for step, n in enumerate([700, 1, 1, -2, 300, 1, -40, 900, 1, 0, -1]):  # > 0: positions added; < 0: cropped
-        if n > 0:
-            k, v = torch.randn(2, 3, n, 8, generator=g), torch.randn(2, 3, n, 8, generator=g)
-            got, want = grow.update(k, v), plain.update(k, v)
-            assert all(torch.equal(a, b) for a, b in zip(got, want)), step
-        else:
-            grow.crop(n)
-            plain.crop(n)
-        assert torch.equal(grow.keys, plain.keys) and torch.equal(grow.values, plain.values), step
-        assert grow.get_seq_length() == plain.get_seq_length()
-        buffers.add(grow._k.data_ptr())
-    assert len(buffers) == 2  # allocated at the first update, grown once (at 1,861 positions), not at every step
-
-
 def test_batched_answers_equal_each_scenario_alone(tokenizer):
     """Scenarios answered in lockstep (different prompt lengths and numbers of turns: every chunk padded,
     rows finishing early) give each scenario's plain answers; an EOS-heavy model ends rows at different

@@ -6,10 +6,8 @@ along each answer. Decoding one token reads all the model's weights once, so one
 bound by memory on a CPU; a batch of scenarios shares each read. The policy, like the recipe's, is a
 fine-tune of the reference's last ``--trained`` layers, so the reference runs only those layers, on the
 hidden states the policy computed (the row "1, reference whole" runs it from its first layer instead, as
-for an unrelated reference). The rows "N, concatenating cache" (batch size 1 and the largest) keep
-transformers' ``DynamicLayer``, which copies the whole cache at every decoding step, in place of the
-evaluation's cache layer that grows in place. One run, SmolLM2-135M-Instruct as the reference and a copy with its last layers perturbed as the
-policy, the first held-out scenarios of ``multi_turn_base`` with the compact
+for an unrelated reference). One run, SmolLM2-135M-Instruct as the reference and a copy with its last layers
+perturbed as the policy, the first held-out scenarios of ``multi_turn_base`` with the compact
 function docs, as the recipe's default evaluation sees them. Rows alternate in rounds, so load from other
 processes hits all alike; medians are reported, and the answers, KLs and ground-truth NLLs of every row
 are compared with those of batch size 1.
@@ -69,31 +67,29 @@ def main(argv=None) -> None:
     with torch.no_grad():
         for p in policy.model.layers[len(policy.model.layers) - args.trained :].parameters():
             p.add_(0.02 * p.abs().mean() * torch.randn(p.shape, generator=g))
-    shared, growing = turns.shared_prefix_layers, turns._growing
+    shared = turns.shared_prefix_layers
     cfg = bfcl.load_config(overrides=[f"eval.scenarios={args.scenarios}"])
     entries = bfcl.scenario_entries(cfg, "test")
     trajs = [ground_truth_trajectory(e, compact=True) for e in entries]
 
-    def one_pass(batch: int, whole: bool = False, concat: bool = False) -> list[dict]:
+    def one_pass(batch: int, whole: bool = False) -> list[dict]:
         turns.shared_prefix_layers = (lambda a, b: 0) if whole else shared
-        turns._growing = (lambda cache: cache) if concat else growing  # transformers' own DynamicLayer
         results = []
         for i in range(0, len(entries), batch):
             results += answer_turns_batch(
                 policy, tok, entries[i : i + batch], trajs[i : i + batch], ref_model=ref, max_new_tokens=args.new_tokens
             )
-        turns.shared_prefix_layers, turns._growing = shared, growing
+        turns.shared_prefix_layers = shared
         return results
 
-    rows = {str(b): (b, False, False) for b in args.batch}
-    rows |= {"1, reference whole": (1, True, False)}
-    rows |= {f"{b}, concatenating cache": (b, False, True) for b in sorted({1, max(args.batch)})}
+    rows = {str(b): (b, False) for b in args.batch}
+    rows |= {"1, reference whole": (1, True)}
     times = {r: [] for r in rows}
     outputs = {}
     for _ in range(args.rounds):
-        for r, (b, whole, concat) in rows.items():
+        for r, (b, whole) in rows.items():
             t0 = time.perf_counter()
-            outputs[r] = one_pass(b, whole, concat)
+            outputs[r] = one_pass(b, whole)
             times[r].append(time.perf_counter() - t0)
     base = outputs["1"]
     turns = sum(len(r["answers"]) for r in base)

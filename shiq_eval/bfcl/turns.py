@@ -21,14 +21,11 @@ memory, not arithmetic: :func:`answer_turns_batch` answers several entries in lo
 each at the same time). Each entry reads its conversation into a cache of its own, unpadded (long
 prompts read padded, through an explicit attention mask, cost more than batching saves); only the
 answers are decoded as one batch, from a right-padded copy of the entries' caches, each row masked
-from the others' tokens and padding. Cached keys and values grow in place (:func:`_growing_layer_class`):
-a decoding step writes one position instead of copying the whole cache, which on the 2-core CPU measured was
-no faster (``tools/bench_bfcl_eval.py`` measures batch sizes and both cache layers).
+from the others' tokens and padding (``tools/bench_bfcl_eval.py`` measures batch sizes).
 """
 
 from __future__ import annotations
 
-import functools
 from contextlib import nullcontext
 
 import torch
@@ -64,68 +61,6 @@ def turn_positions(tokenizer, trajectory: dict) -> tuple[list[int], list[tuple[i
     return ids, [first[k] for k in range(n)]
 
 
-@functools.cache
-def _growing_layer_class():
-    """:class:`transformers.cache_utils.DynamicLayer` whose keys and values ``[B, h, n, d]`` live in a buffer
-    with room to spare: an update writes its positions in place (the buffer grows by a quarter when full),
-    where ``DynamicLayer`` concatenates, copying the whole cache at every decoding step. ``keys`` and
-    ``values`` are views of the filled part, so attention reads exactly what a ``DynamicLayer`` holds; after
-    a ``crop`` the next update writes over the cropped positions, so a view taken before it is not kept
-    (attention uses them at once; :meth:`_BatchLM.stack` copies). Only what a reader of this module calls
-    (``update``, ``crop``, the lengths) is supported; the batch-reordering methods refuse."""
-    from transformers.cache_utils import DynamicLayer  # heavy: transformers, only when a model runs
-
-    class GrowingLayer(DynamicLayer):
-        def lazy_initialization(self, key_states, value_states) -> None:
-            self.is_initialized, self.device, self.n = True, key_states.device, 0
-            self._k = self._v = None
-
-        def _room(self, key_states, value_states, need: int) -> None:
-            """Buffers for at least ``need`` positions, the filled ones copied over."""
-            if self._k is not None and need <= self._k.shape[-2]:
-                return
-            room = need * 5 // 4 + 512  # room for this turn's answer and the next prompts
-            k = key_states.new_empty(*key_states.shape[:-2], room, key_states.shape[-1])
-            v = value_states.new_empty(*value_states.shape[:-2], room, value_states.shape[-1])
-            if self.n:
-                k[..., : self.n, :], v[..., : self.n, :] = self.keys, self.values
-            self._k, self._v = k, v
-
-        def update(self, key_states, value_states, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, add = self.n, key_states.shape[-2]
-            self._room(key_states, value_states, n + add)
-            self._k[..., n : n + add, :] = key_states
-            self._v[..., n : n + add, :] = value_states
-            self.n = n + add
-            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
-            return self.keys, self.values
-
-        def _unsupported(self, *args, **kwargs):
-            raise NotImplementedError("the BFCL evaluation's cache layer supports update and crop only")
-
-        batch_repeat_interleave = batch_select_indices = reorder_cache = offload = prefetch = _unsupported
-
-        def crop(self, tokens_to_remove: int) -> None:
-            if tokens_to_remove > 0:
-                raise ValueError(
-                    f"crop takes the number of positions to remove as a negative int, got {tokens_to_remove}"
-                )
-            if tokens_to_remove == 0 or not self.is_initialized:
-                return
-            self.n = max(self.n + tokens_to_remove, 0)
-            self.keys, self.values = self._k[..., : self.n, :], self._v[..., : self.n, :]
-
-    return GrowingLayer
-
-
-def _growing(cache):
-    """``cache`` (an empty ``DynamicCache``) filling :func:`_growing_layer_class` layers."""
-    cache.layer_class_to_replicate = _growing_layer_class()
-    return cache
-
-
 class _BatchLM:
     """A Hugging Face causal LM reading ``B`` token sequences into one KV cache, chunk by chunk, in lockstep.
 
@@ -143,7 +78,7 @@ class _BatchLM:
 
         self.model, self.start, self.capture, self.captured = model, start, capture, None
         self.decoder = model.model if start == 0 else decoder_from(model, start)
-        self.cache = _growing(DynamicCache() if start == 0 else cache_from(start))
+        self.cache = DynamicCache() if start == 0 else cache_from(start)
         self.mask = torch.zeros(batch, 0, dtype=torch.long)  # [B, L]: 1 where the cache holds a real token
         self.pos = torch.zeros(batch, dtype=torch.long)  # [B]: real tokens read per row
 
@@ -210,7 +145,7 @@ class _BatchLM:
         )
         from transformers import DynamicCache
 
-        out.cache = _growing(DynamicCache() if first.start == 0 else cache_from(first.start))
+        out.cache = DynamicCache() if first.start == 0 else cache_from(first.start)
         for i, layer in enumerate(first.cache.layers):
             if not layer.is_initialized:  # the layers before ``start``
                 continue

@@ -69,6 +69,7 @@ from shiq_eval.recipes.common import (
     arm_beta,
     arm_method,
     check_arms,
+    check_keep_checkpoints,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -136,8 +137,7 @@ def _check_config(cfg: dict) -> None:
         raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1 and eval.temperature >= 0")
     if cfg["model"]["layers"] < 0:
         raise ValueError(f"model.layers must be >= 0 (0: all), got {cfg['model']['layers']}")
-    if not isinstance(t["keep_checkpoints"], bool):
-        raise ValueError(f"train.keep_checkpoints must be true or false, got {t['keep_checkpoints']!r}")
+    check_keep_checkpoints(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

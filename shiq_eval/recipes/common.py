@@ -297,8 +297,6 @@ class PrefixCaches:
                 cache = self._saved(path, rows, model, trainable_last_layers)
                 if cache is None:
                     cache = PrefixCache.from_buffer(model, rows, trainable_last_layers)
-                    for stale in path.parent.glob(path.name + ".tmp*"):  # a save cut short by a kill
-                        stale.unlink(missing_ok=True)
                     cache.save(path)
                     how = "cached for"
                 else:
@@ -340,6 +338,13 @@ def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: d
         run_meta={"method": method, **run_meta, "hf_config": hf_config.to_dict(), "config": {"init": "smollm2"}},
         prefix_cache=prefix_cache,
     )
+
+
+def check_keep_checkpoints(cfg: dict) -> None:
+    """``train.keep_checkpoints`` (read by :func:`drop_checkpoints`) is true or false."""
+    keep = cfg["train"]["keep_checkpoints"]
+    if not isinstance(keep, bool):
+        raise ValueError(f"train.keep_checkpoints must be true or false, got {keep!r}")
 
 
 def drop_checkpoints(cfg: dict, out: Path, stage: str, log) -> None:

@@ -62,7 +62,7 @@ from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, finetune, minilm_encoder, pearson
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
-from shiq_eval.evaluate import evaluate_policy
+from shiq_eval.evaluate import PromptPrefixes, evaluate_policy
 from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
@@ -76,6 +76,7 @@ from shiq_eval.recipes.common import (
     arm_is_single,
     arm_method,
     check_arms,
+    check_keep_checkpoints,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -201,8 +202,7 @@ def _check_config(cfg: dict) -> None:
             f"eval.validation_prompts ({v}) must be 0 or a positive multiple of train.groups_per_step "
             f"({t['groups_per_step']}), so one pass over the validation buffer is whole micro-batches"
         )
-    if not isinstance(t["keep_checkpoints"], bool):
-        raise ValueError(f"train.keep_checkpoints must be true or false, got {t['keep_checkpoints']!r}")
+    check_keep_checkpoints(cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,7 +219,7 @@ _log = logger("shiq-demo", __name__)
 class Context:
     def __init__(self, cfg: dict, out: Path):
         self.cfg, self.out = cfg, out
-        self._ref = self._rm = self._gold = None
+        self._ref = self._rm = self._gold = self._prompt_prefixes = None
         self.prefix_caches = PrefixCaches(cfg, out, lambda: self.reference[0], _log)
 
     @property
@@ -230,6 +230,13 @@ class Context:
             torch.manual_seed(0)
             self._ref = load_smollm2()
         return self._ref
+
+    @property
+    def prompt_prefixes(self) -> PromptPrefixes:
+        """The reference's frozen layers over the held-out prompts, run once and read by every policy's evaluation."""
+        if self._prompt_prefixes is None:
+            self._prompt_prefixes = PromptPrefixes(self.reference[0])
+        return self._prompt_prefixes
 
     @property
     def reward_model(self):
@@ -501,7 +508,7 @@ def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: 
     )
     t0 = time.perf_counter()
     if guided is None:
-        res = evaluate_policy(model, ref, tok, ids, openings, scorer, **kw)
+        res = evaluate_policy(model, ref, tok, ids, openings, scorer, prompt_prefixes=ctx.prompt_prefixes, **kw)
     else:
         res = evaluate_guided_policy(guided, tok, ids, openings, scorer, **kw)
     gold, gold_se = mean_stderr(scorer.gold)
