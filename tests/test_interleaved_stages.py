@@ -36,6 +36,11 @@ from shiq_train.trainer import TrainConfig, Trainer
 
 LAYERS, MICRO_BATCHES = 4, 2  # 2 micro-batches a step: a multiple of pp, as the interleaved schedule needs
 CLIP = 3.0  # the gradient norm clipped at: some steps are, others not
+# Parameters after AdamW steps, against the one-process run's (largest difference / largest weight). AdamW divides
+# each element's update by its own gradient scale, so the two runs' rounding differences (another order of
+# summation across the pipeline) grow where gradients are small: 1.5e-4 was seen on one 2-core machine, below
+# 1e-4 on another. A layer or chunk put in the wrong place differs by order 1.
+PARAM_TOL = 1e-3
 VPP = parallel.ParallelConfig(1, 2, virtual_pipeline_model_parallel_size=2)
 
 
@@ -146,8 +151,8 @@ def test_a_pp2_vpp2_checkpoint_resumes_in_one_process(runs):
         final = gather_full_parameters(_loaded(d / "vpp" / "checkpoints"))
     _check(runs["vpp"] + more, runs["ref"])
     assert sorted(final) == sorted(runs["ref_final"])
-    for k in final:
-        assert _rel(final[k], runs["ref_final"][k]) < 1e-4, k
+    for k in final:  # PARAM_TOL: AdamW's per-element normalisation amplifies the runs' float rounding
+        assert _rel(final[k], runs["ref_final"][k]) < PARAM_TOL, (k, _rel(final[k], runs["ref_final"][k]))
 
 
 def test_a_distributed_optimizer_pp2_vpp2_checkpoint_resumes_in_one_process(runs):
@@ -173,4 +178,4 @@ def test_the_interleaved_checkpoint_and_evaluation_hook_see_global_layer_names(r
         assert sorted(got) == sorted(want)
         assert {k.split(".")[2] for k in got if ".layers." in k} == {"0", "1", "2", "3"}
         for k in got:
-            assert _rel(got[k], want[k]) < 1e-4, k
+            assert _rel(got[k], want[k]) < PARAM_TOL, (k, _rel(got[k], want[k]))
