@@ -165,11 +165,10 @@ class _TransformersGenerate:
     def _generate_batch(self, batch, cfg, seed, prefill=None):
         import torch
 
-        width = max(len(p) for p in batch)
-        ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for j, p in enumerate(batch):
-            ids[j, width - len(p) :], attn[j, width - len(p) :] = torch.tensor(p), 1
+        from shiq_eval.generate import left_padded
+
+        ids, attn, _ = left_padded(batch, self.pad)
+        width = ids.shape[1]
         torch.manual_seed(seed)
         gen = self.model.generate(
             input_ids=ids,
