@@ -156,8 +156,9 @@ class SharedPrefixPolicy:
             raise ValueError("prompt_prefixes holds another reference model's layers")
         self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
         self.eos_id, self.k = int(eos_id), k
-        self.tails = [_tail(m, k) for m in (model, ref_model)]
-        self.prefixes, self.decoder = prompt_prefixes, decoder_from(model, k)
+        self.decoder = decoder_from(model, k)  # the policy's layers k ..: its prompt pass and its KL tail
+        self.tails = [_tail(model, self.decoder), _tail(ref_model, decoder_from(ref_model, k))]
+        self.prefixes = prompt_prefixes
 
     def _prefill(self, ids, attn, positions):
         """The policy's prompt pass from the shared layers' stored output: layers ``k ..`` run on the hidden
@@ -242,11 +243,10 @@ class PromptPrefixes:
         return self._kept[key]
 
 
-def _tail(model, k: int):
+def _tail(model, inner):
     """``fn(hidden [B, T, H], attention_mask [B, T], position_ids [B, T], keep) -> logits [B, keep, V]``:
-    ``model`` from the input of decoder layer ``k`` on (:func:`shiq_eval.shared_layers.decoder_from`, then
-    its output layer), logits of the last ``keep`` positions."""
-    inner = decoder_from(model, k)
+    ``model`` from the input of decoder layer ``k`` on (``inner``, its :func:`shiq_eval.shared_layers.decoder_from`
+    ``(model, k)``, then its output layer), logits of the last ``keep`` positions."""
 
     def run(hidden, attn, positions, keep):
         out = inner(inputs_embeds=hidden, attention_mask=attn, position_ids=positions, use_cache=False)
