@@ -154,7 +154,7 @@ class SharedPrefixPolicy:
             raise ValueError(f"k must be in 1..{n} (the shared decoder layers), got {k}")
         if prompt_prefixes is not None and prompt_prefixes.ref_model is not ref_model:
             raise ValueError("prompt_prefixes holds another reference model's layers")
-        self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id)
+        self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id, share_prefix=False)
         self.eos_id, self.k = int(eos_id), k
         self.decoder = decoder_from(model, k)  # the policy's layers k ..: its prompt pass and its KL tail
         self.tails = [_tail(model, self.decoder), _tail(ref_model, decoder_from(ref_model, k))]

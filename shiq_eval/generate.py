@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from shiq_data.ref_stats import common_prefix
 from shiq_train.model import causal_mask, model_inputs, unwrap
 
 
@@ -64,12 +65,18 @@ def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
 class HFPolicy:
     """A Hugging Face causal LM as a policy. Prompts are left-padded within a batch; the prompt is read in one
     pass, then each new token through the model's KV cache, and every token is drawn by :func:`sample_next`
-    under a generator seeded per batch (the draw function :class:`MegatronPolicy` uses too)."""
+    under a generator seeded per batch (the draw function :class:`MegatronPolicy` uses too).
 
-    def __init__(self, model, eos_id: int, pad_id: int | None = None):
+    With ``share_prefix`` (the default), the leading tokens that every prompt of a batch shares (a system turn
+    and an instruction, say) are read once and their keys and values copied to every row
+    (:meth:`_read_prompts`): the same attention, in float rounding; the main job's prompts share 34 of their
+    46 to 54 tokens, which makes its sampling 1.38x faster (``tools/bench_generate.py``)."""
+
+    def __init__(self, model, eos_id: int, pad_id: int | None = None, share_prefix: bool = True):
         self.model = model.eval()
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)
+        self.share_prefix = share_prefix
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
@@ -78,19 +85,41 @@ class HFPolicy:
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
 
-    def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None) -> list[list[int]]:
-        """Raw completions of one batch (rows end at ``cfg.max_new_tokens`` or pad after their EOS; the batch
-        stops early once every row has ended). ``prefill(ids [B, W], attention_mask [B, W], position_ids [B, W])
-        -> (cache, logits [B, V])`` reads the prompts in place of one plain forward pass (it must return what
-        that pass would: the KV cache of every layer and the last position's logits)."""
+    def _read_prompts(self, batch: list[list[int]]):
+        """``(cache, logits [B, V], attention_mask [B, W], position_ids [B, S])`` after the prompts (``S``: the
+        tokens of the last pass, ``W`` without sharing). One pass over the left-padded batch; or, with
+        ``share_prefix``, the ``C`` leading tokens every prompt shares (all but the shortest prompt's last) once
+        as a batch of one, their keys and values repeated for every row, then each row's rest, left-padded after
+        them (``[C shared | padding | own tokens]``; positions continue at ``C``, the padding masked)."""
         B = len(batch)
-        ids, attn, positions = left_padded(batch, self.pad_id)
-        if prefill is None:
+        shared = common_prefix(batch) if self.share_prefix and B > 1 else 0
+        shared = min(shared, min(len(p) for p in batch) - 1)  # every row reads a token of its own last
+        if shared < 1:
+            ids, attn, positions = left_padded(batch, self.pad_id)
             out = self.model(
                 input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1
             )
-            cache, logits = out.cache, out.logits[:, -1]
+            return out.cache, out.logits[:, -1], attn, positions
+        cache = self.model(input_ids=torch.tensor([batch[0][:shared]]), use_cache=True, logits_to_keep=1).cache
+        cache.batch_repeat_interleave(B)  # [1, h, C, d] -> [B, h, C, d] in every layer
+        ids, own, positions = left_padded([p[shared:] for p in batch], self.pad_id)  # [B, S]
+        attn = torch.cat([torch.ones(B, shared, dtype=own.dtype), own], 1)  # [B, C + S]
+        out = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=positions + shared, cache=cache, use_cache=True,
+            logits_to_keep=1,
+        )  # fmt: skip
+        return out.cache, out.logits[:, -1], attn, positions + shared
+
+    def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None) -> list[list[int]]:
+        """Raw completions of one batch (rows end at ``cfg.max_new_tokens`` or pad after their EOS; the batch
+        stops early once every row has ended). ``prefill(ids [B, W], attention_mask [B, W], position_ids [B, W])
+        -> (cache, logits [B, V])`` reads the left-padded prompts in place of one plain forward pass (it must
+        return what that pass would: the KV cache of every layer and the last position's logits)."""
+        B = len(batch)
+        if prefill is None:
+            cache, logits, attn, positions = self._read_prompts(batch)
         else:
+            ids, attn, positions = left_padded(batch, self.pad_id)
             cache, logits = prefill(ids, attn, positions)
         generator = torch.Generator().manual_seed(seed)
         done = torch.zeros(B, dtype=torch.bool)

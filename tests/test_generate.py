@@ -60,14 +60,26 @@ def test_sampling_is_seeded_and_top_p_tiny_is_greedy():
     assert nucleus == greedy
 
 
-def test_sampling_equals_a_loop_without_cache_or_padding():
+SHARED = [3, 1, 4, 1, 5, 9, 2, 6]  # leading tokens of every prompt of a batch (a system turn, say)
+
+
+@pytest.mark.parametrize(
+    "prompts, share_prefix",
+    [
+        ([[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [6, 2]], True),  # nothing shared
+        # shared leading tokens, rows of other lengths, a row that is only the shared tokens + 1, a batch of one
+        ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], True),
+        ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], False),
+    ],
+)
+def test_sampling_equals_a_loop_without_cache_or_padding(prompts, share_prefix):
     """Sampled completions, batched and left-padded through the KV cache, equal a loop that reruns each
     row's whole unpadded sequence and draws the batch's tokens with ``sample_next`` under the seed of the
-    batch (the seeding ``generate_in_batches`` promises): the cache, padding and positions change no draw."""
+    batch (the seeding ``generate_in_batches`` promises): the cache, padding and positions change no draw,
+    nor does reading the batch's shared leading tokens once (``share_prefix``)."""
     model, eos = tiny_lm(2), 39
-    prompts = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [6, 2]]
     cfg = SamplingConfig(max_new_tokens=7, temperature=0.9, top_p=0.95, batch_size=3, seed=5)
-    got = HFPolicy(model, eos_id=eos, pad_id=0).generate(prompts, cfg)
+    got = HFPolicy(model, eos_id=eos, pad_id=0, share_prefix=share_prefix).generate(prompts, cfg)
     want = []
     with torch.no_grad():
         for i, start in enumerate(range(0, len(prompts), cfg.batch_size)):
@@ -88,6 +100,29 @@ def test_sampling_equals_a_loop_without_cache_or_padding():
             want.extend(out)
     assert got == want
     assert len(set(map(tuple, got))) == len(prompts)  # distinct draws: a test of more than one row
+
+
+def test_shared_prefix_reads_the_prompts_as_one_pass_does():
+    """``_read_prompts`` with the shared leading tokens read once: the last position's logits equal one plain
+    pass over the left-padded batch, and so does every cached key and value of each row's real tokens."""
+    model = tiny_lm(3)
+    batch = [SHARED + [1, 2], SHARED + [7], SHARED[:6] + [8, 8, 8, 2]]
+    with torch.no_grad():
+        cache, logits, attn, pos = HFPolicy(model, eos_id=39, pad_id=0)._read_prompts(batch)
+        plain, plain_logits, plain_attn, _ = HFPolicy(model, eos_id=39, pad_id=0, share_prefix=False)._read_prompts(
+            batch
+        )
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    assert attn.shape[1] == 6 + 4 and int(attn.sum()) == sum(map(len, batch))  # 6 shared, then up to 4 each
+    for j, p in enumerate(batch):
+        assert pos[j, attn[j, 6:].bool()].tolist() == list(range(6, len(p)))  # the positions of its own tokens
+        for layer, ref in zip(cache.layers, plain.layers):
+            torch.testing.assert_close(
+                layer.keys[j][:, attn[j].bool()], ref.keys[j][:, plain_attn[j].bool()], rtol=1e-5, atol=1e-5
+            )
+            torch.testing.assert_close(
+                layer.values[j][:, attn[j].bool()], ref.values[j][:, plain_attn[j].bool()], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_draw_follows_the_probabilities_and_never_draws_an_impossible_index():

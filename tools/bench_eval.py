@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=160, help="held-out prompts (default 160, the main job's)")
     p.add_argument("--new-tokens", type=int, default=24, help="new tokens per completion (default 24, the main job's)")
     p.add_argument("--trained", type=int, default=6, help="trained last layers of 30 (default 6, the main job's)")
-    p.add_argument("--batch", type=int, default=32, help="prompts per batch (default 32, the main job's)")
+    p.add_argument("--batch", type=int, default=64, help="prompts per batch (default 64, the main job's)")
     p.add_argument("--rounds", type=int, default=3, help="timed evaluations per path (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     args = p.parse_args(argv)
@@ -96,7 +96,9 @@ def main(argv=None) -> None:
 
     def two_pass():
         kls = lambda p, c: sequence_kls(policy, ref, p, c, args.batch, pad)  # noqa: E731
-        policy_ = HFPolicy(policy, eos_id=eos, pad_id=pad)
+        policy_ = HFPolicy(
+            policy, eos_id=eos, pad_id=pad, share_prefix=False
+        )  # every prompt whole, as the shared paths
         return evaluate_samples(policy_, kls, tok, ids, openings, recorder("two"), **kw)
 
     def shared():
