@@ -16,7 +16,8 @@ real positions do not depend on the padding; values at padded positions are disc
 Rows of one group (several completions of a prompt; a trajectory and its edits) begin with the same
 tokens. A ``stats_fn`` with a ``with_prefix(rows, shared, max_batch_tokens)`` attribute (a KV-cache
 capable model: ``shiq_train.reference.hf_stats_fn``) runs those ``shared`` tokens once per group and
-each row's remainder from their cache; its values are the same up to float rounding.
+each row's remainder from their cache; its values are the same up to float rounding. With a
+``with_prefixes(groups, max_batch_tokens)`` generator too, small groups share a batch.
 """
 
 from __future__ import annotations
@@ -102,7 +103,8 @@ def rows_ref_stats(
     """Per row, ``(c_ref [T], z_ref [T])`` float32 numpy arrays from ``stats_fn`` (SHIQ_MATH §2).
 
     ``groups`` (a group id per row): when ``stats_fn`` has ``with_prefix``, the rows of a group whose
-    common prefix has at least :data:`MIN_SHARED_TOKENS` tokens go through it (the prefix once per group);
+    common prefix has at least :data:`MIN_SHARED_TOKENS` tokens go through it (the prefix once per group;
+    through ``with_prefixes``, several groups to a batch, when ``stats_fn`` has it);
     the other rows through ``stats_fn`` in length-sorted batches. ``on_batch(n_tokens)`` is called after
     each batch or group (progress reporting).
     """
@@ -122,14 +124,20 @@ def rows_ref_stats(
         members: dict[int, list[int]] = {}
         for i, g in enumerate(groups):
             members.setdefault(int(g), []).append(i)
-        rest = []
+        rest, shared_groups = [], []
         for idx in members.values():
             rows = [token_lists[i] for i in idx]
             shared = common_prefix(rows) if len(idx) > 1 else 0
             if shared < MIN_SHARED_TOKENS:
                 rest += idx
-                continue
-            for i, (c, z) in zip(idx, stats_fn.with_prefix(rows, shared, max_batch_tokens)):
+            else:
+                shared_groups.append((idx, rows, shared))
+        if hasattr(stats_fn, "with_prefixes"):  # several small groups to a batch
+            results = stats_fn.with_prefixes([(rows, shared) for _, rows, shared in shared_groups], max_batch_tokens)
+        else:
+            results = (stats_fn.with_prefix(rows, shared, max_batch_tokens) for _, rows, shared in shared_groups)
+        for (idx, _, _), values in zip(shared_groups, results, strict=True):
+            for i, (c, z) in zip(idx, values, strict=True):
                 keep(i, _float32(c), _float32(z))
             if on_batch is not None:
                 on_batch(sum(lengths[i] for i in idx))

@@ -65,7 +65,79 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
 
     if chunked:
         stats.with_prefix = _with_prefix(model.get_decoder(), head.weight, chunk_tokens)
+        stats.with_prefixes = _with_prefixes(model.get_decoder(), head.weight, chunk_tokens, stats.with_prefix)
     return stats
+
+
+def _with_prefixes(decoder, weight: torch.Tensor, chunk_tokens: int, one_group):
+    """``with_prefixes(groups, max_batch_tokens)``, a generator: for each ``(rows, shared)`` of ``groups`` in
+    order, what ``with_prefix(rows, shared, max_batch_tokens)`` returns. Small groups go several to a batch
+    (about ``max_batch_tokens`` tokens: their prefixes right-padded side by side, then every row's remainder
+    from its own group's keys and values), so short rows run in matrix products as large as whole rows do; a
+    group too large to share a batch goes through ``one_group`` (``with_prefix``) alone."""
+
+    def cost(groups) -> int:  # tokens of a batch of these groups, padding included
+        width = max(max(len(r) - shared for r in rows) for rows, shared in groups)
+        return len(groups) * max(shared for _, shared in groups) + sum(len(rows) for rows, _ in groups) * max(width, 1)
+
+    @torch.no_grad()
+    def run(groups) -> list:
+        """The groups of one batch: prefixes ``[G, P]`` (right-padded), remainders ``[R, S]`` (right-padded)."""
+        for rows, shared in groups:
+            if not 1 <= shared <= min(len(r) for r in rows):
+                raise ValueError(f"shared must be in 1..{min(len(r) for r in rows)} (the shortest row), got {shared}")
+        prefix, pmask = pad_right([list(rows[0][:shared]) for rows, shared in groups])  # [G, P]
+        out = decoder(input_ids=prefix, attention_mask=pmask.long(), use_cache=True)
+        h_prefix, cache = out.last_hidden_state, out.cache  # [G, P, H]
+        inside = chunked_token_stats(h_prefix[:, :-1], weight, prefix[:, 1:], chunk_tokens)  # positions 1 .. P-1
+        owner = torch.tensor([g for g, (rows, _) in enumerate(groups) for _ in rows])  # [R] each row's group
+        lens = torch.tensor([shared for _, shared in groups])[owner]  # [R] its prefix length
+        rest = [list(r[shared:]) for rows, shared in groups for r in rows]  # possibly empty
+        tokens, mask = pad_right([r or [0] for r in rest])  # [R, S]
+        cache.batch_select_indices(owner)  # every row reads its own group's prefix keys and values
+        S = tokens.shape[1]
+        h_rest = decoder(
+            input_ids=tokens,
+            attention_mask=torch.cat([pmask[owner], mask], 1).long(),
+            position_ids=lens[:, None] + torch.arange(S),
+            cache=cache,
+            use_cache=True,
+        ).last_hidden_state  # [R, S, H]
+        # position P + s is predicted by the hidden state at P + s - 1: the prefix's last, then the row's own
+        before = torch.cat([h_prefix[owner, lens - 1][:, None], h_rest[:, :-1]], 1)
+        st = chunked_token_stats(before, weight, tokens, chunk_tokens)  # [R, S]
+        results, b = [], 0
+        for g, (rows, shared) in enumerate(groups):
+            group = []
+            for _ in rows:
+                n = len(rest[b])
+                group.append(
+                    tuple(
+                        torch.cat([torch.zeros(1), part[g, : shared - 1].float(), own[b, :n].float()])
+                        for part, own in ((inside.chosen_logits, st.chosen_logits), (inside.logz, st.logz))
+                    )
+                )
+                b += 1
+            results.append(group)
+        return results
+
+    def with_prefixes(groups, max_batch_tokens: int):
+        batch: list = []
+        for group in groups:
+            if cost([group]) > max_batch_tokens:  # too large to share a batch: alone, its rows in batches
+                if batch:
+                    yield from run(batch)
+                    batch = []
+                yield one_group(*group, max_batch_tokens)
+                continue
+            if batch and cost([*batch, group]) > max_batch_tokens:
+                yield from run(batch)
+                batch = []
+            batch.append(group)
+        if batch:
+            yield from run(batch)
+
+    return with_prefixes
 
 
 def _with_prefix(decoder, weight: torch.Tensor, chunk_tokens: int):

@@ -476,10 +476,11 @@ def grouped_rows(seed=0):
     return rows, groups
 
 
-def test_shared_prefix_groups_give_the_per_row_values(tmp_path, tiny_llama):
-    """Rows of a group that share at least MIN_SHARED_TOKENS tokens go through ``with_prefix`` (the
-    prefix once, each remainder from its KV cache); every row's values are still those of the model's
-    full logits on that row alone (naive_stats), whatever path it took."""
+@pytest.mark.parametrize("budget", [20, 400])  # each shared group alone; both shared groups in one batch
+def test_shared_prefix_groups_give_the_per_row_values(tmp_path, tiny_llama, budget):
+    """Rows of a group that share at least MIN_SHARED_TOKENS tokens go through ``with_prefixes`` (the
+    prefix once, each remainder from its KV cache; several groups to a batch when they fit); every row's
+    values are still those of the model's full logits on that row alone (naive_stats), whatever path it took."""
     from shiq_data.ref_stats import MIN_SHARED_TOKENS, common_prefix
 
     token_lists, groups = grouped_rows()
@@ -499,9 +500,9 @@ def test_shared_prefix_groups_give_the_per_row_values(tmp_path, tiny_llama):
     buf = write_buffer(rows, tmp_path / "buf", tokenizer_info=TOKENIZER, command=["test"], progress=False)
     fn = hf_stats_fn(tiny_llama)
     calls = []
-    real = fn.with_prefix
-    fn.with_prefix = lambda rows, shared, budget: calls.append((len(rows), shared)) or real(rows, shared, budget)
-    compute_ref_stats(buf.path, fn, ref_model={"name": "tiny"}, max_batch_tokens=20, progress=False)
+    real = fn.with_prefixes
+    fn.with_prefixes = lambda groups, n: calls.extend((len(r), s) for r, s in groups) or real(groups, n)
+    compute_ref_stats(buf.path, fn, ref_model={"name": "tiny"}, max_batch_tokens=budget, progress=False)
     assert sorted(calls) == [(2, 33), (4, 40)]  # the 3-token group and the single row take the plain path
     assert common_prefix(token_lists[:4]) == 40
     out = []
@@ -510,6 +511,34 @@ def test_shared_prefix_groups_give_the_per_row_values(tmp_path, tiny_llama):
             out += r.read_all().to_pylist()
     assert [r["tokens"] for r in out] == token_lists
     assert_naive_stats(out, tiny_llama)
+
+
+def test_groups_sharing_a_batch_read_their_prefixes_in_one_pass(tiny_llama):
+    """``with_prefixes`` with a budget that fits three groups (prefixes of 40, 33 and 35 tokens; remainders of
+    0 to 12 tokens): the decoder runs twice in all (the prefixes side by side, then every remainder), and each
+    row's values are the model's full logits on that row alone; a budget that fits none runs them one by one,
+    with the same values."""
+    token_lists, groups = grouped_rows()
+    g = np.random.default_rng(1)
+    third = g.integers(0, VOCAB, 35).tolist()
+    shared = [(token_lists[:4], 40), (token_lists[4:6], 33), ([third + [1, 2], third + [3]], 35)]
+    decoder = tiny_llama.get_decoder()
+    for budget, passes in ((400, 2), (30, None)):
+        calls = []
+        hook = decoder.register_forward_hook(lambda *a: calls.append(1))
+        try:
+            got = list(hf_stats_fn(tiny_llama).with_prefixes(shared, budget))
+        finally:
+            hook.remove()
+        assert passes is None or len(calls) == passes
+        assert passes is not None or len(calls) > 3
+        for (rows, _), values in zip(shared, got, strict=True):
+            assert len(values) == len(rows)
+            for row, (c, z) in zip(rows, values):
+                with torch.no_grad():
+                    want_c, want_z = naive_stats(tiny_llama(input_ids=torch.tensor([row])).logits[0], row)
+                np.testing.assert_allclose(c.numpy(), want_c, atol=1e-5, rtol=1e-5)
+                np.testing.assert_allclose(z.numpy(), want_z, atol=1e-5, rtol=1e-5)
 
 
 def test_with_prefix_refuses_a_prefix_longer_than_a_row(tiny_llama):
