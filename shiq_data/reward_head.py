@@ -9,6 +9,7 @@ and the encoder's weights when it was fine-tuned) with JSON metadata; no pickle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -104,14 +105,18 @@ def finetune(
     batch_size: int = 32,
     seed: int = 0,
     progress: bool = False,
+    last_layers: int | None = None,
 ) -> tuple[torch.Tensor, float]:
     """Fine-tune a :func:`minilm_encoder` (its ``model``, in place) and the linear head ``(weight [D],
     bias)`` together on the squared error of ``e(text) · w + b`` against ``targets``, starting from the
     given head (the ridge solution on the frozen embeddings). AdamW at a constant ``lr``, weight decay
     0.01 on the encoder only; ``epochs`` passes over the texts (a fraction stops part-way), in seeded
     batches of texts of similar length (less padding), with the encoder's dropout seeded by ``seed`` too (the
-    same result whatever the process drew before). Returns the new ``(weight, bias)``; the encoder
-    is left in eval mode."""
+    same result whatever the process drew before). ``last_layers`` (default: the whole encoder) trains only
+    that many of the encoder's last transformer layers: the embeddings and the layers below stay as they
+    are, and their output for each text is computed once (eval mode, no dropout) before the first step, not
+    at every step (:func:`_frozen_outputs`). Returns the new ``(weight, bias)``; the encoder is left in
+    eval mode."""
     import torch  # heavy: shiq-data imports this module for every build
     from tqdm import tqdm
 
@@ -120,11 +125,22 @@ def finetune(
             f"finetune needs as many targets as texts (> 0) and epochs > 0, got {len(texts)}, {len(targets)}, {epochs}"
         )
     model = encode.model
+    bert = model[0].auto_model
+    n_layers = len(bert.encoder.layer)
+    if last_layers is not None and not (isinstance(last_layers, int) and 1 <= last_layers <= n_layers):
+        raise ValueError(f"last_layers must be an integer in 1..{n_layers} (or None: all), got {last_layers!r}")
+    frozen = 0 if last_layers is None else n_layers - last_layers
+    trainable = list(model.parameters())
+    if frozen:
+        trainable = [p for layer in bert.encoder.layer[frozen:] for p in layer.parameters()]
+        trainable += [p for m in list(model)[1:] for p in m.parameters()]  # pooling and what follows (none in MiniLM)
     g = torch.Generator().manual_seed(seed)
     w = torch.nn.Parameter(weight.float().clone())
     b = torch.nn.Parameter(torch.tensor(float(bias)))
     opt = torch.optim.AdamW(
-        [{"params": list(model.parameters()), "weight_decay": 0.01}, {"params": [w, b], "weight_decay": 0.0}], lr=lr
+        [{"params": trainable, "weight_decay": 0.01}, {"params": [w, b], "weight_decay": 0.0}],
+        lr=lr,
+        fused=True,  # one kernel over every tensor, not a loop over them (tools/bench_adamw.py)
     )
     y = torch.tensor(targets, dtype=torch.float32)
     lengths = torch.tensor([len(t) for t in texts])
@@ -137,13 +153,18 @@ def finetune(
         epoch = list(order.split(batch_size))
         batches += [epoch[i] for i in torch.randperm(len(epoch), generator=g)]
     batches = batches[: max(1, round(epochs * math.ceil(len(texts) / batch_size)))]  # whole epochs: every batch
+    below = _frozen_outputs(model, texts, frozen, batch_size * 2, progress) if frozen else None
     model.train()
     # the encoder's dropout draws from torch's global generator: seed it here (and restore it after), so
     # that the result depends on ``seed`` alone, not on what the process drew before
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), _from_layer(bert, frozen) as given:
         torch.manual_seed(seed)
         for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
             features = model.tokenize([texts[i] for i in idx])
+            if below is not None:  # the frozen layers' output, right-padded as the tokenizer pads
+                given.value = torch.nn.utils.rnn.pad_sequence([below[i] for i in idx.tolist()], batch_first=True)
+                if given.value.shape[:2] != features["input_ids"].shape:
+                    raise RuntimeError("the frozen layers' cached output does not fit the batch's tokens")
             emb = model(features)["sentence_embedding"]  # [B, D]
             loss = ((emb @ w + b - y[idx]) ** 2).mean()
             opt.zero_grad(set_to_none=True)
@@ -151,6 +172,59 @@ def finetune(
             opt.step()
     model.eval()
     return w.detach().double(), float(b.detach())
+
+
+def _given():
+    """A module standing in for a BERT model's embeddings: it returns its ``value`` (set per batch)."""
+    import torch  # heavy: shiq-data imports this module for every build
+
+    class Given(torch.nn.Module):
+        value = None
+
+        def forward(self, **inputs):
+            return self.value
+
+    return Given()
+
+
+@contextlib.contextmanager
+def _from_layer(bert, k: int):
+    """Within: ``bert`` runs its transformer layers ``k ..`` only, on the hidden states set as the yielded
+    module's ``value`` in place of its embeddings and layers ``0 .. k-1`` (``k = 0``: unchanged, yields None)."""
+    if k == 0:
+        yield None
+        return
+    embeddings, layers = bert.embeddings, bert.encoder.layer
+    bert.embeddings, bert.encoder.layer = _given(), layers[k:]
+    try:
+        yield bert.embeddings
+    finally:
+        bert.embeddings, bert.encoder.layer = embeddings, layers
+
+
+def _frozen_outputs(model, texts: list[str], k: int, batch_size: int, progress: bool) -> list:
+    """Each text's hidden states ``[T_i, H]`` after the embeddings and transformer layers ``0 .. k-1`` of a
+    sentence-transformers ``model`` (eval mode, no grad; texts batched by length)."""
+    import torch  # heavy: shiq-data imports this module for every build
+    from tqdm import tqdm
+
+    bert = model[0].auto_model
+    layers = bert.encoder.layer
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    out: list = [None] * len(texts)
+    model.eval()
+    bert.encoder.layer = layers[:k]
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, len(texts), batch_size), desc="frozen encoder layers", disable=not progress):
+                idx = order[start : start + batch_size]
+                features = model.tokenize([texts[i] for i in idx])
+                h = bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).last_hidden_state
+                for row, i in enumerate(idx):
+                    out[i] = h[row, : int(features["attention_mask"][row].sum())].clone()
+    finally:
+        bert.encoder.layer = layers
+    return out
 
 
 class RegressionRewardModel:

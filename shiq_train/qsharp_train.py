@@ -248,7 +248,7 @@ def train_value_model(
         if trunk_params:
             groups.append({"params": trunk_params, "lr": cfg.lr})
         opt = torch.optim.AdamW(
-            groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+            groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True
         )
         schedule = cfg.schedule()
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.lr_at(step) / schedule.lr)

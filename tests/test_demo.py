@@ -221,6 +221,8 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.methods=[shiq,shiq]", "lists an entry twice"),
         ("methods.dpo.beta=0", "methods.dpo.beta"),
         ("train.keep_checkpoints=maybe", "train.keep_checkpoints='maybe': expected a value like True"),
+        ("reward_model.finetune_last_layers=7", "finetune_last_layers must be null or an integer in 1..6, got 7"),
+        ("reward_model.finetune_last_layers=true", "finetune_last_layers must be null or an integer in 1..6, got True"),
     ],
 )
 def test_config_errors(override, needle):

@@ -62,6 +62,57 @@ def test_finetuned_head_beats_its_ridge_start_and_round_trips_with_its_encoder(t
         finetune(encoder, texts, y[:-1], rm.weight, rm.bias)
 
 
+def test_frozen_layers_read_once_give_the_whole_encoders_embeddings():
+    """The output of the embeddings and first layers, computed once per text (``_frozen_outputs``) and fed to
+    the last layers in their place (``_from_layer``), gives the sentence embeddings of the whole encoder
+    (eval mode) for a batch of texts of other lengths; the encoder is whole again afterwards."""
+    from torch.nn.utils.rnn import pad_sequence
+
+    from shiq_data.reward_head import _from_layer, _frozen_outputs, minilm_encoder
+
+    texts = ["a wonderful, moving film", "dull", "I loved every minute of this long, strange and lovely picture"]
+    model = minilm_encoder().model
+    bert = model[0].auto_model
+    embeddings, layers = bert.embeddings, bert.encoder.layer
+    features = model.tokenize(texts)
+    with torch.no_grad():
+        whole = model(dict(features))["sentence_embedding"]
+        below = _frozen_outputs(model, texts, 4, 2, False)
+        assert [len(h) for h in below] == features["attention_mask"].sum(1).tolist()
+        with _from_layer(bert, 4) as given:
+            assert len(bert.encoder.layer) == 2
+            given.value = pad_sequence(below, batch_first=True)
+            top = model(dict(features))["sentence_embedding"]
+    torch.testing.assert_close(top, whole, rtol=1e-5, atol=1e-5)
+    assert bert.embeddings is embeddings and bert.encoder.layer is layers and len(layers) == 6
+
+
+def test_finetune_of_the_last_layers_leaves_the_others_and_still_learns():
+    """``last_layers=2``: the embeddings and the first four layers keep their weights to the bit, the last two
+    change, and the training error falls below the ridge start's; a bad count is refused."""
+    from shiq_data.reward_head import finetune, minilm_encoder
+
+    texts = ["a wonderful, moving film", "dull and far too long", "I loved every minute", "a total mess",
+             "the cast shines", "boring plot, wooden acting", "a small gem", "I walked out"]  # fmt: skip
+    y = [3.0, -2.5, 3.5, -3.0, 2.0, -2.0, 2.5, -3.5]
+    encoder = minilm_encoder()
+    before = {k: v.clone() for k, v in encoder.model.state_dict().items()}
+    rm = RegressionRewardModel.fit(encoder, texts, y, l2=1.0)
+    target = torch.tensor(y, dtype=torch.float64)
+    ridge_mse = float(((torch.tensor(rm.score_texts(texts)) - target) ** 2).mean())
+    rm.weight, rm.bias = finetune(
+        encoder, texts, y, rm.weight, rm.bias, epochs=20, lr=1e-4, batch_size=4, last_layers=2
+    )
+    after = encoder.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".layer.4." in k or ".layer.5." in k for k in changed)
+    assert any(".layer.4." in k for k in changed) and any(".layer.5." in k for k in changed)
+    assert float(((torch.tensor(rm.score_texts(texts)) - target) ** 2).mean()) < 0.5 * ridge_mse
+    for bad in (0, 7, 2.5):
+        with pytest.raises(ValueError, match="last_layers must be an integer in 1..6"):
+            finetune(encoder, texts, y, rm.weight, rm.bias, last_layers=bad)
+
+
 def test_finetune_epochs_visit_every_text_once_per_epoch():
     """One epoch shows the encoder every text exactly once (the last batch may be short); two, twice."""
     from shiq_data.reward_head import finetune, minilm_encoder

@@ -180,6 +180,9 @@ def _check_config(cfg: dict) -> None:
     l2 = cfg["reward_model"]["l2"]
     if not isinstance(l2, list) or not l2 or not all(isinstance(v, (int, float)) and v > 0 for v in l2):
         raise ValueError(f"reward_model.l2 must be a non-empty list of penalties > 0, got {l2!r}")
+    last = cfg["reward_model"].get("finetune_last_layers")
+    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 6):
+        raise ValueError(f"reward_model.finetune_last_layers must be null or an integer in 1..6, got {last!r}")
     for key in ("finetune_epochs", "finetune_lr"):
         v = cfg["reward_model"][key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "finetune_lr" and v == 0):
@@ -292,7 +295,7 @@ def stage_reward_model(ctx: Context) -> None:
         texts = [r.text for r in train]
         rm.weight, rm.bias = finetune(
             encoder, texts, y.tolist(), rm.weight, rm.bias, epochs=rc["finetune_epochs"], lr=rc["finetune_lr"],
-            seed=cfg["seed"], progress=True,
+            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"),
         )  # fmt: skip
         rm.encoder_weights = encoder.model.state_dict()
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
@@ -302,7 +305,13 @@ def stage_reward_model(ctx: Context) -> None:
         "n_held_out": len(held),
         "l2": l2,
         "l2_cross_validation": {"folds": rc["cv_folds"], "pearson": {str(k): v for k, v in cv.items()}},
-        "finetune": {"epochs": rc["finetune_epochs"], "lr": rc["finetune_lr"]} if rc["finetune_epochs"] else None,
+        "finetune": {
+            "epochs": rc["finetune_epochs"],
+            "lr": rc["finetune_lr"],
+            "last_layers": rc.get("finetune_last_layers"),
+        }
+        if rc["finetune_epochs"]
+        else None,
         "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)",
     }
     rm.meta.update(info)
@@ -465,6 +474,11 @@ def stage_buffer(
         shutil.rmtree(final)
     tmp.rename(final)
     atomic_write_json(ctx.out / f"{name}.json", {"reward_center": center, "rows": len(samples)})
+
+
+def _tuned_layers(last: int | None) -> str:
+    """What of MiniLM a fine-tuning with ``reward_model.finetune_last_layers = last`` trains, in words."""
+    return "all layers" if last is None else f"the last {last} layer{'s' if last > 1 else ''}"
 
 
 def _hf_shape(ctx):
@@ -893,8 +907,8 @@ def report_markdown(rep: dict) -> str:
         + (f", chosen by {cv['folds']}-fold cross-validation on the training split" if cv else "")
         + f") on all-MiniLM-L6-v2 embeddings, trained on {rm['n_train']} rated snippets"
         + (
-            f", then fine-tuned with its encoder for {ft['epochs']:g} epoch(s) at lr {ft['lr']:g} (the ridge head "
-            f"alone: r = {rm['pearson_held_out_ridge']:.3f})"
+            f", then fine-tuned with {_tuned_layers(ft.get('last_layers'))} of its encoder for {ft['epochs']:g} "
+            f"epoch(s) at lr {ft['lr']:g} (the ridge head alone: r = {rm['pearson_held_out_ridge']:.3f})"
             if (ft := rm.get("finetune"))
             else ""
         )
