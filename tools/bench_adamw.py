@@ -1,4 +1,4 @@
-"""AdamW's step on CPU: the loop over tensors (torch's default there), ``foreach`` and ``fused``.
+"""AdamW's step on CPU: the loop over tensors (torch's default there), foreach and fused.
 
 The parameter sets have the shapes of the main job's: the last 6 of SmolLM2-135M's 30 layers and its final
 norm (what ``train.trainable_last_layers=6`` trains) and MiniLM-L6's embeddings and 6 layers (what the reward
