@@ -67,7 +67,7 @@ SHARED = [3, 1, 4, 1, 5, 9, 2, 6]  # leading tokens of every prompt of a batch (
     "prompts, share_prefix",
     [
         ([[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [6, 2]], True),  # nothing shared
-        # shared leading tokens, rows of other lengths, a row that is only the shared tokens + 1, a batch of one
+        # shared leading tokens, rows of other lengths, a row that is only its batch's shared tokens + 1
         ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], True),
         ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], False),
     ],
