@@ -4,6 +4,7 @@ process-wide state is kept, and hostile text is refused before it can recurse or
 import ast
 import copy
 import decimal
+import gc
 import json
 import subprocess
 import sys
@@ -164,6 +165,41 @@ def test_step_budget_is_deterministic_and_counts_every_call():
     results = executor.Environment(e, b).execute(["nope()"] * (budget.DEFAULT_STEPS // budget.CALL_STEPS + 1))
     assert results[-2] == executor.ERROR_PREFIX + "name 'nope' is not defined"
     assert results[-1] == executor.ERROR_PREFIX + f"work limit of this entry: step budget of {b.steps} exhausted"
+
+
+def test_garbage_collected_during_a_call_is_not_charged():
+    """Finalizers of other objects, run by a collection that a call's allocations trigger, would
+    add profiler events that depend on the process's history, not on the call."""
+
+    def work():  # 20,000 new lists: well past any collection threshold below
+        return len([[i] for i in range(20_000)])
+
+    clean = budget.Budget()
+    budget.bounded_call(clean, work)
+    finalized = []
+
+    class Finalized:
+        def __del__(self):
+            finalized.append(sum(range(3)))
+
+    thresholds = gc.get_threshold()
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(1000):  # cyclic garbage: only a collection frees it
+            x = Finalized()
+            x.me = x
+        del x
+        # The next collection comes after 500 more allocations: inside the call, not before it.
+        gc.set_threshold(gc.get_count()[0] + 500, *thresholds[1:])
+        gc.enable()
+        b = budget.Budget()
+        budget.bounded_call(b, work)
+        gc.collect()
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.enable()
+    assert len(finalized) == 1000 and b.spent_steps == clean.spent_steps
 
 
 def test_text_of_calls_and_results_is_charged():

@@ -15,7 +15,9 @@ accounting of the state would have to know every simulator. Measuring the work i
   so the simulators' ``except Exception`` clauses do not swallow it) and becomes an error result.
   Once exhausted, the budget refuses every further call of the entry at once.
 * The step count is deterministic (the verdict of a trajectory does not depend on the machine's
-  load); the time budget and the memory allowance are backstops for single C calls that do much
+  load, nor on the process's history: automatic garbage collection is off during the call, since
+  a collection there would run the finalizers of unrelated objects under the hook; cyclic garbage
+  a call makes is freed after it, and the memory allowance bounds it meanwhile); the time budget and the memory allowance are backstops for single C calls that do much
   work in one event. Time is the CPU time of the calling thread, not wall time: on a loaded
   machine an entry of 500 steps can take 1.5 s of wall time (other processes, garbage
   collection), and a wall-clock budget would let the load change verdicts; a call that waits
@@ -43,6 +45,7 @@ from __future__ import annotations
 
 import copy
 import decimal
+import gc
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -156,11 +159,15 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
                 raise BudgetExceeded(budget.exhausted)
 
     previous = sys.getprofile()
+    collecting = gc.isenabled()
+    gc.disable()  # a collection would run other objects' finalizers under the hook
     sys.setprofile(hook)
     try:
         return fn(*args, **kwargs)
     finally:
         sys.setprofile(previous)
+        if collecting:
+            gc.enable()
         budget.spent_seconds += time.thread_time() - start
         budget.charge(steps)
 
