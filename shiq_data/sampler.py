@@ -21,7 +21,8 @@ Modes (all right-padded; padding has ``action_mask`` False, reward 0 and token `
   are renumbered ``0..G-1`` within the micro-batch.
 
 In ``padded`` and ``groups`` modes each micro-batch also holds ``buffer_rows`` ``[B]`` (int64): the
-buffer index of each row (what ``shiq_train.prefix_cache`` looks rows up by).
+buffer index of each row (what ``shiq_train.prefix_cache`` looks rows up by), and ``lengths`` ``[B]``
+(int64): each row's number of real tokens, the rest being padding (what ``shiq_train.prefix_tree`` reads).
 
 Reading goes straight from the memory-mapped shards into the batch arrays (only the selected rows'
 bytes are touched), so reader memory does not grow with the buffer's size.
@@ -292,6 +293,7 @@ class BufferSampler:
             out["group_ids"] = torch.from_numpy(reader.group_ids[rows])
         if self.mode != "packed":
             out["buffer_rows"] = torch.from_numpy(rows.copy())
+            out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
         return out
 
     def __iter__(self) -> Iterator[list[dict]]:

@@ -90,6 +90,7 @@ RESUME_SAFE_KEYS = (
     "logging.wandb_project",
     "logging.wandb_mode",
     "train.cache_frozen_prefix",  # the same steps up to float rounding
+    "train.share_prefixes",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.tp",  # checkpoints resume in any layout: the same steps up to float rounding
     "parallel.pp",
     "parallel.vpp",  # absent from runs started before it existed
@@ -602,6 +603,14 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
+    if train_cfg.share_prefixes and (
+        mode == "packed" or par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1
+    ):
+        raise ConfigError(
+            "train.share_prefixes=true needs one trajectory per row (data.mode=padded or groups) and tensor and "
+            f"pipeline parallel size 1 (got data.mode={mode}, parallel.tp={par.tensor_model_parallel_size}, "
+            f"parallel.pp={par.pipeline_model_parallel_size}): set train.share_prefixes=false"
+        )
     if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"

@@ -395,17 +395,52 @@ def _gpt_model_class():
         are GPTModel's. :meth:`output_weight` is the ``[V/tp, H]`` matrix the logits would use."""
 
         return_hidden: bool = False
+        _tree = None  # the PrefixTree of the forward under way (forward(..., prefix_tree=...))
 
-        def forward(self, input_ids, *args, **kwargs):
+        def forward(self, input_ids, *args, prefix_tree=None, **kwargs):
+            """megatron's forward; with ``prefix_tree`` (``shiq_train.prefix_tree``, keyword arguments only)
+            the rows' shared leading tokens run once: the decoder sees the tree's ``N`` nodes as one
+            sequence (``input_ids`` or ``decoder_input`` packed, the tree's mask and depths), and the
+            output is computed from the states read back into the rows' ``[T, B, H]`` layout."""
             tp = self.config.tensor_model_parallel_size
             if self.config.sequence_parallel and input_ids is not None and input_ids.shape[1] % tp:
                 raise ValueError(
                     f"model.sequence_parallel=true splits the sequence over the {tp} tensor-parallel ranks: "
                     f"tokens [B, T] = {tuple(input_ids.shape)} need T divisible by {tp} (pad the batch)"
                 )
-            return super().forward(input_ids, *args, **kwargs)
+            if prefix_tree is None:
+                return super().forward(input_ids, *args, **kwargs)
+            if args or not (self.pre_process and self.post_process) or tp > 1:
+                raise ValueError(
+                    "prefix_tree (train.share_prefixes) needs the whole model in one process (tensor and pipeline "
+                    "parallel size 1) and keyword arguments"
+                )
+            dec = kwargs.pop("decoder_input", None)
+            if dec is not None:  # [T, B, H] -> [N, 1, H]
+                dec = prefix_tree.pack(dec.transpose(0, 1))[:, None]
+            kwargs.update(
+                position_ids=prefix_tree.depth[None],  # [1, N]
+                attention_mask=prefix_tree.mask,  # [1, 1, N, N]
+                decoder_input=dec,
+            )
+            self._tree = prefix_tree
+            try:
+                return super().forward(prefix_tree.pack(input_ids)[None], **kwargs)
+            finally:
+                self._tree = None
+
+        def _preprocess(self, *args, **kwargs):
+            out = super()._preprocess(*args, **kwargs)
+            if self._tree is None or out[1] is None:
+                return out
+            # rotary embeddings at each node's depth, not at its index in the packed sequence: [N, 1, 1, d]
+            depth = self._tree.depth
+            table = self.rotary_pos_emb(int(depth.max()) + 1)
+            return (out[0], table[depth], *out[2:])
 
         def _postprocess(self, hidden_states, *args, **kwargs):
+            if self._tree is not None:  # [N, 1, H] -> the rows' [T, B, H]
+                hidden_states = self._tree.unpack(hidden_states[:, 0]).transpose(0, 1)
             inference = kwargs.get("inference_context") is not None and not self.training
             plain = self.post_process and not inference and self.config.mtp_num_layers is None
             positions, labels = kwargs.get("loss_mask"), kwargs.get("labels")

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.buffer import open_buffer
 from shiq_data.sampler import BufferSampler
-from shiq_train import parallel
+from shiq_train import parallel, prefix_tree
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
 from shiq_train.prefix_cache import PrefixCache, suffix_only
@@ -52,6 +52,8 @@ class ValueTrainConfig:
     to ``min_lr / lr`` of each group's rate over ``decay_steps``; 0: constant). ``data_seed`` shuffles
     the buffer (default ``seed``). ``cache_frozen_prefix``: with ``trainable_last_layers >= 0``, the
     trunk's frozen prefix runs once per buffer row (``shiq_train.prefix_cache``), each step only the rest.
+    ``share_prefixes``: the leading tokens a micro-batch's rows share run once (``shiq_train.prefix_tree``);
+    the same steps up to float rounding.
     """
 
     steps: int = 100
@@ -78,6 +80,7 @@ class ValueTrainConfig:
     decay_steps: int = 0
     data_seed: int | None = None
     cache_frozen_prefix: bool = False
+    share_prefixes: bool = False
 
     def __post_init__(self):
         if self.steps < 1 or self.rows_per_micro_batch < 1:
@@ -93,6 +96,9 @@ class ValueTrainConfig:
         if self.micro_batches_per_step < 1:
             raise ValueError(f"value.micro_batches_per_step must be >= 1, got {self.micro_batches_per_step}")
         self.schedule()  # checks min_lr, warmup_steps, decay_steps
+        for name in ("cache_frozen_prefix", "share_prefixes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"value.{name} must be true or false, got {getattr(self, name)!r}")
         if self.cache_frozen_prefix and self.trainable_last_layers < 0:
             raise ValueError(
                 "value.cache_frozen_prefix needs a frozen prefix: trainable_last_layers >= 0 "
@@ -109,7 +115,8 @@ class ValueTrainConfig:
 def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> ValueTrainConfig:
     """The :class:`ValueTrainConfig` of a ``shiq-train loss=qsharp_value`` run (``cfg``: its resolved
     config as a dict). ``loss``: the atoms (``num_atoms``, ``v_min``, ``v_max``), ``gamma`` and
-    ``head_lr``; ``train``: ``steps``, ``trainable_last_layers``, ``progress``, ``cache_frozen_prefix``; ``optimizer``: ``lr``,
+    ``head_lr``; ``train``: ``steps``, ``trainable_last_layers``, ``progress``, ``cache_frozen_prefix``,
+    ``share_prefixes``; ``optimizer``: ``lr``,
     ``min_lr``, ``weight_decay``, ``adam_*``, ``clip_grad``, ``warmup_steps``, ``decay_steps``;
     ``data``: ``rows_per_micro_batch``, ``micro_batches_per_step``, ``seed``; ``seed``. Every row must
     fit in ``max_tokens_per_row`` tokens (the model's sequence length)."""
@@ -149,6 +156,7 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
         max_tokens_per_row=max_tokens_per_row,
         progress=bool(train.get("progress", True)),
         cache_frozen_prefix=bool(train.get("cache_frozen_prefix", False)),
+        share_prefixes=bool(train.get("share_prefixes", False)),
     )
 
 
@@ -261,7 +269,8 @@ def train_value_model(
                 for mb in mbs:
                     mb = {k: v.to(parallel.device()) for k, v in mb.items()}
                     cached = prefix_cache.gather(mb) if prefix_cache is not None else None
-                    logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached)
+                    tree = prefix_tree.build(mb["tokens"], mb["lengths"]) if cfg.share_prefixes else None
+                    logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
                     loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
                     (loss / len(mbs)).backward()
                     for k, v in metrics.items():

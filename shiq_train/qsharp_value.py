@@ -158,7 +158,8 @@ class MegatronValueModel(torch.nn.Module):
     to return its final normed hidden states ``[B, T, H]``; ``head`` is ``Linear(H, A)`` in float32,
     initialised to zero (a uniform categorical). ``forward(tokens [B, T]) -> [B, T, A]`` atom logits,
     position ``t`` scoring the prefix that ends with token ``t``; ``decoder_input`` ``[T, B, H]`` starts
-    the trunk from those hidden states (``shiq_train.prefix_cache``) instead of embedding ``tokens``.
+    the trunk from those hidden states (``shiq_train.prefix_cache``) instead of embedding ``tokens``;
+    ``prefix_tree`` runs the rows' shared leading tokens once (``shiq_train.prefix_tree``).
     """
 
     def __init__(self, trunk, num_atoms: int):
@@ -170,8 +171,11 @@ class MegatronValueModel(torch.nn.Module):
         torch.nn.init.zeros_(self.head.weight)
         torch.nn.init.zeros_(self.head.bias)
 
-    def forward(self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None, decoder_input=None):
-        hidden = self.trunk(**model_inputs(tokens, segment_ids), decoder_input=decoder_input)  # [B, T, H]
+    def forward(
+        self, tokens: torch.Tensor, segment_ids: torch.Tensor | None = None, decoder_input=None, prefix_tree=None
+    ):
+        tree = {} if prefix_tree is None else {"prefix_tree": prefix_tree}  # shiq_train.prefix_tree
+        hidden = self.trunk(**model_inputs(tokens, segment_ids), decoder_input=decoder_input, **tree)  # [B, T, H]
         return self.head(hidden.float())
 
 

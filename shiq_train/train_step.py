@@ -19,6 +19,7 @@ A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask
 ``group_ids`` ``[B]``. Position ``t`` holds token ``t`` and its statistics (predicted from ``t − 1``).
 With ``prefix_hidden`` ``[T, B, H]`` (``shiq_train.prefix_cache``) the model starts from those hidden
 states instead of embedding ``tokens`` (its decoder then runs only the layers after the cached prefix).
+With ``prefix_tree`` (``shiq_train.prefix_tree``) the rows' shared leading tokens run once.
 """
 
 from __future__ import annotations
@@ -187,7 +188,8 @@ def _forward_step_func(loss_fn: LossFn):
         # a loss that reads only the actions' statistics: the output layer runs on those positions only
         positions = mb["action_mask"] if getattr(loss_fn, "reads_actions_only", False) else None
         inputs = stats_inputs(mb["tokens"], mb.get("segment_ids"), positions)
-        output = model(**inputs, decoder_input=mb.get("prefix_hidden"))
+        tree = {"prefix_tree": mb["prefix_tree"]} if mb.get("prefix_tree") is not None else {}
+        output = model(**inputs, decoder_input=mb.get("prefix_hidden"), **tree)
 
         def loss_func(output_tensor):
             st = output_stats(model, output_tensor, mb["tokens"], positions)

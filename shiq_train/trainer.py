@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.cli_common import LOG_LEVELS
 from shiq_data.io import atomic_write_text
+from shiq_train import prefix_tree
 from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
@@ -78,7 +79,12 @@ class TrainConfig:
     the first trainable layer once for every row of the buffer (``shiq_train.prefix_cache``) and run only
     the last ``N`` layers at each step; the same losses and parameters up to float rounding, much less
     compute. Needs a data source over a replay buffer (``BufferSampler``, ``padded`` or ``groups`` mode),
-    tensor and pipeline parallel size 1 and no dropout; an online reference uses the cache too."""
+    tensor and pipeline parallel size 1 and no dropout; an online reference uses the cache too.
+    ``share_prefixes``: the rows of a micro-batch that begin with the same tokens (the completions of a
+    prompt, prompts with the same system turn) run those tokens through the model once
+    (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding, less compute the
+    more the rows share. Needs ``padded`` or ``groups`` data from a ``BufferSampler`` and tensor and
+    pipeline parallel size 1."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
@@ -89,6 +95,7 @@ class TrainConfig:
     progress: bool = True
     eval_every: int = 0  # 0: never
     cache_frozen_prefix: bool = False
+    share_prefixes: bool = False
 
     def __post_init__(self):
         if self.steps < 1:
@@ -99,8 +106,9 @@ class TrainConfig:
             raise ValueError(f"train.eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.reference not in REFERENCES:
             raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
-        if not isinstance(self.cache_frozen_prefix, bool):
-            raise ValueError(f"train.cache_frozen_prefix must be true or false, got {self.cache_frozen_prefix!r}")
+        for name in ("cache_frozen_prefix", "share_prefixes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         if self.cache_frozen_prefix and self.trainable_last_layers < 0:
             raise ValueError(
                 "train.cache_frozen_prefix=true needs a frozen prefix: train.trainable_last_layers >= 0 "
@@ -156,6 +164,19 @@ def _capture_reference(ref_model, micro_batches):
         forward_backward(ref_model, micro_batches, capture, forward_only=True)
 
 
+def add_prefix_trees(micro_batches: list[dict]) -> list[dict]:
+    """Put each micro-batch's :func:`shiq_train.prefix_tree.build` under ``prefix_tree`` (in place); returns
+    them. Needs the ``lengths`` ``[B]`` a ``BufferSampler`` gives in ``padded`` and ``groups`` modes."""
+    for mb in micro_batches:
+        if mb.get("segment_ids") is not None or "lengths" not in mb:
+            raise ValueError(
+                "train.share_prefixes=true needs one trajectory per row with its length (data.mode=padded or "
+                "groups from a replay buffer), not packed rows"
+            )
+        mb["prefix_tree"] = prefix_tree.build(mb["tokens"], mb["lengths"])
+    return micro_batches
+
+
 def _buffer_of(data):
     """The replay buffer a data source reads (a ``BufferSampler``'s, possibly wrapped in ``.source``), or None."""
     while data is not None and not hasattr(data, "buffer"):
@@ -208,6 +229,14 @@ class Trainer:
             self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         if prefix_cache is not None:
             self._check_cache(prefix_cache)
+        if cfg.share_prefixes:
+            inners = [unwrap(c) for c in model_chunks(model)]
+            if (
+                len(inners) > 1
+                or not (inners[0].pre_process and inners[0].post_process)
+                or (inners[0].config.tensor_model_parallel_size > 1)
+            ):
+                raise ValueError("train.share_prefixes=true needs tensor and pipeline parallel size 1")
         self.loss_fn = objective_loss_fn(loss_cfg)
 
     def _check_cache(self, cache: PrefixCache) -> None:
@@ -283,6 +312,8 @@ class Trainer:
                 mbs = data.next_micro_batches()
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_to(mbs)
+                if self.cfg.share_prefixes:
+                    add_prefix_trees(mbs)
                 if self.cfg.reference == "online":
                     with self._suffix(self.ref_model, self.prefix_cache):
                         _capture_reference(self.ref_model, mbs)
@@ -332,6 +363,8 @@ class Trainer:
         if prefix_cache is not None:
             self._check_cache(prefix_cache)
             prefix_cache.add_to(micro_batches)
+        if self.cfg.share_prefixes:
+            add_prefix_trees(micro_batches)
         if self.cfg.reference == "online":
             with self._suffix(self.ref_model, prefix_cache):
                 _capture_reference(self.ref_model, micro_batches)

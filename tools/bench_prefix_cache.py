@@ -1,18 +1,23 @@
-"""Training-step time with and without the frozen-prefix cache, on the demo's model and batch shape.
+"""Training-step time with and without the frozen-prefix cache and shared prefixes, on the demo's model and batch shape.
 
 SmolLM2-135M-Instruct (the packaged model, 30 layers) as a megatron GPT, the last ``--trainable`` layers
 and the final norm trained (embeddings frozen), ShiQ loss on a synthetic replay buffer of
-``--groups`` prompt groups of ``--group-size`` completions (rows of about ``--tokens`` tokens, reference
-statistics present), micro-batches of ``--rows`` rows in groups mode, ``--micro-batches`` a step, as in
-``shiq-demo`` by default (``shiq-bfcl``: the third command below). Two copies of the model take
-the same micro-batches: ``full`` runs all 30 layers at every step; ``cached`` runs only the trainable
-layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache`` (their lookup included in the
-step). Steps run interleaved (full, cached, full, cached, ...) after one warm-up each, so load from
-other processes hits both alike. Also timed: the one-off cache build over the whole buffer, and the
-first step's loss of both paths (they must agree).
+``--groups`` prompt groups of ``--group-size`` completions (rows of about ``--tokens`` tokens, 60% of
+them the group's prompt, whose first ``--system`` tokens every prompt shares, as a chat template's system
+turn; reference statistics present), or on a replay buffer of your own (``--buffer``, e.g. a
+``shiq-demo`` run's ``DIR/buffer``), micro-batches of ``--rows`` rows in groups mode, ``--micro-batches`` a
+step, as in ``shiq-demo`` by default (``shiq-bfcl``: the third command below). Three copies of the model
+take the same micro-batches: ``full`` runs all 30 layers at every step; ``cached`` runs only the
+trainable layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache`` (their lookup included
+in the step); ``shared`` does too, and runs the leading tokens its rows share once
+(``train.share_prefixes``, ``shiq_train.prefix_tree``; building the tree included). Steps run
+interleaved (full, cached, shared, full, ...) after one warm-up each, so load from other processes hits
+all alike. Also timed: the one-off cache build over the whole buffer, and the first step's loss of every
+path (they must agree).
 
     python tools/bench_prefix_cache.py                # 640 rows of ~50 tokens, 16 rows a step, 6 of 30 layers
     python tools/bench_prefix_cache.py --reps 5 --trainable 2
+    python tools/bench_prefix_cache.py --buffer runs/demo/buffer   # the main job's own rows
     python tools/bench_prefix_cache.py --trainable 4 --groups 8 --group-size 2 --tokens 2556 --rows 2 \
         --micro-batches 2 --logits-chunk 1024 --reps 3   # shiq-bfcl's shape: 2 scenarios of 2 trajectories
 """
@@ -37,6 +42,10 @@ def parse_args(argv=None):
     p.add_argument("--groups", type=int, default=160, help="prompt groups in the buffer (default 160)")
     p.add_argument("--group-size", type=int, default=4, help="rows per prompt group (default 4)")
     p.add_argument("--tokens", type=int, default=50, help="mean tokens per row (default 50; +-6)")
+    p.add_argument(
+        "--system", type=int, default=24, help="leading prompt tokens every row shares (default 24; 0: none)"
+    )
+    p.add_argument("--buffer", type=Path, default=None, help="a replay buffer to read instead of synthetic rows")
     p.add_argument("--rows", type=int, default=16, help="rows per micro-batch, whole groups (default 16)")
     p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument(
@@ -51,18 +60,21 @@ def parse_args(argv=None):
 
 
 def synthetic_buffer(out: Path, args, vocab: int):
-    """``args.groups`` groups of ``args.group_size`` rows: a prompt of 60% of the row, then actions, a reward on
-    the last one."""
+    """``args.groups`` groups of ``args.group_size`` rows: the group's prompt (its first ``args.system`` tokens
+    the same in every group), then actions, a reward on the last one. A group's rows are of about
+    ``args.tokens`` tokens, its prompt 60% of their mean."""
     import numpy as np
 
     from shiq_data.buffer import write_buffer
 
     rng = np.random.default_rng(0)
     rows = []
+    system = [int(t) for t in rng.integers(0, vocab, args.system)]
     for g in range(args.groups):
+        p = max(int(args.tokens * 0.6), args.system + 1)
+        prompt = (system + [int(t) for t in rng.integers(0, vocab, p)])[:p]
         for c in range(args.group_size):
-            n = int(rng.integers(args.tokens - 6, args.tokens + 7))
-            p = int(n * 0.6)
+            n = max(int(rng.integers(args.tokens - 6, args.tokens + 7)), p + 1)
             rewards = [0.0] * n
             rewards[-1] = float(np.float32(rng.normal()))
             rows.append(
@@ -71,7 +83,7 @@ def synthetic_buffer(out: Path, args, vocab: int):
                     "source": "bench",
                     "group_id": g,
                     "prompt_len": p,
-                    "tokens": [int(t) for t in rng.integers(0, vocab, n)],
+                    "tokens": prompt + [int(t) for t in rng.integers(0, vocab, n - p)],
                     "action_mask": [False] * p + [True] * (n - p),
                     "rewards": rewards,
                     "ref_chosen_logits": [0.0] + [float(np.float32(x)) for x in rng.normal(0, 1, n - 1)],
@@ -87,6 +99,7 @@ def main(argv=None) -> None:
     import torch
     from tqdm.auto import tqdm
 
+    from shiq_data.buffer import open_buffer
     from shiq_data.sampler import BufferSampler
     from shiq_train import parallel
     from shiq_train.hf_convert import import_llama, load_smollm2, model_config_from_llama
@@ -94,7 +107,7 @@ def main(argv=None) -> None:
     from shiq_train.objectives import LossConfig
     from shiq_train.prefix_cache import PrefixCache, suffix_only
     from shiq_train.train_step import OptimizerConfig, build_optimizer, objective_loss_fn, train_step
-    from shiq_train.trainer import freeze_all_but_last_layers
+    from shiq_train.trainer import add_prefix_trees, freeze_all_but_last_layers
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
@@ -102,14 +115,17 @@ def main(argv=None) -> None:
     parallel.init_distributed(seed=0)
     try:
         models, opts = {}, {}
-        for name in ("full", "cached"):
+        for name in ("full", "cached", "shared"):
             m = build_model(model_config_from_llama(hf.config, logits_chunk_tokens=args.logits_chunk))
             import_llama(m, hf.state_dict(), hf.config)
             freeze_all_but_last_layers(m, args.trainable)
             models[name], opts[name] = m, build_optimizer(m, OptimizerConfig(lr=1e-5))
         layers = models["full"].config.num_layers
         with tempfile.TemporaryDirectory() as tmp:
-            buffer = synthetic_buffer(Path(tmp) / "buffer", args, hf.config.vocab_size)
+            if args.buffer is not None:
+                buffer = open_buffer(args.buffer)
+            else:
+                buffer = synthetic_buffer(Path(tmp) / "buffer", args, hf.config.vocab_size)
             t0 = time.perf_counter()
             cache = PrefixCache.from_buffer(models["cached"], buffer, args.trainable)
             build_s = time.perf_counter() - t0
@@ -130,7 +146,13 @@ def main(argv=None) -> None:
             with suffix_only(models["cached"], cache.n_frozen):
                 return train_step(models["cached"], opt, sched, mbs, loss_fn, 1.0)
 
-        paths = {"full": full, "cached": cached}
+        def shared(mbs):
+            opt, sched = opts["shared"]
+            mbs = add_prefix_trees(cache.add_to([dict(mb) for mb in mbs]))
+            with suffix_only(models["shared"], cache.n_frozen):
+                return train_step(models["shared"], opt, sched, mbs, loss_fn, 1.0)
+
+        paths = {"full": full, "cached": cached, "shared": shared}
         first = {name: fn(batches[0])["loss"] for name, fn in paths.items()}  # warm-up, same batch
         times = {name: [] for name in paths}
         for mbs in tqdm(batches[1:], desc="timing", dynamic_ncols=True):
@@ -141,6 +163,8 @@ def main(argv=None) -> None:
     finally:
         parallel.destroy_distributed()
     tokens = sum(int(mb["tokens"].numel()) for mbs in batches[1:] for mb in mbs) / args.reps
+    real = sum(int(mb["lengths"].sum()) for mbs in batches[1:] for mb in mbs) / args.reps
+    nodes = sum(t["prefix_tree"].num_nodes for mbs in batches[1:] for t in add_prefix_trees(mbs)) / args.reps
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"\nSmolLM2-135M, {args.trainable} of {layers} layers trainable, {args.rows * args.micro_batches} rows a step "
@@ -156,8 +180,15 @@ def main(argv=None) -> None:
         f"speed-up {med['full'] / med['cached']:.2f}x; pays for itself after "
         f"{build_s / saved if saved > 0 else float('inf'):.1f} steps"
     )
-    rel = abs(first["cached"] - first["full"]) / abs(first["full"])
-    print(f"first step's loss: full {first['full']:.6f}, cached {first['cached']:.6f} (relative difference {rel:.1e})")
+    print(
+        f"shared prefixes: {nodes:.0f} positions a step through the trainable layers against {real:.0f} real "
+        f"tokens ({nodes / real:.2f}); speed-up {med['cached'] / med['shared']:.2f}x against cached"
+    )
+    rel = max(abs(first[k] - first["full"]) / abs(first["full"]) for k in ("cached", "shared"))
+    print(
+        f"first step's loss: full {first['full']:.6f}, cached {first['cached']:.6f}, shared {first['shared']:.6f} "
+        f"(relative difference {rel:.1e})"
+    )
 
 
 if __name__ == "__main__":

@@ -326,14 +326,21 @@ class PrefixCaches:
 def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: dict, prefix_cache=None, **train):
     """The :class:`shiq_train.trainer.Trainer` of the arm ``arm`` in ``run``: its method at its β, the
     schedule of :func:`recipe_optimizer`, ``train.steps`` steps on the last ``train.trainable_last_layers``
-    layers, no TensorBoard, ``train`` more :class:`TrainConfig` fields; its run metadata records the
+    layers (their shared leading tokens once with ``train.share_prefixes``), no TensorBoard, ``train`` more
+    :class:`TrainConfig` fields; its run metadata records the
     method, ``run_meta``, the Hugging Face config and an init from SmolLM2 (what ``shiq-eval run`` reads back)."""
     t, method = cfg["train"], arm_method(arm)
     return Trainer(
         model,
         LossConfig(method, beta=arm_beta(cfg, arm)),
         recipe_optimizer(t),
-        TrainConfig(steps=t["steps"], trainable_last_layers=t["trainable_last_layers"], tensorboard=False, **train),
+        TrainConfig(
+            steps=t["steps"],
+            trainable_last_layers=t["trainable_last_layers"],
+            tensorboard=False,
+            share_prefixes=t.get("share_prefixes", False),
+            **train,
+        ),
         run,
         run_meta={"method": method, **run_meta, "hf_config": hf_config.to_dict(), "config": {"init": "smollm2"}},
         prefix_cache=prefix_cache,

@@ -666,6 +666,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
                 num_atoms=q["num_atoms"],
                 trainable_last_layers=q["trainable_last_layers"],
                 seed=ctx.cfg["seed"],
+                share_prefixes=t.get("share_prefixes", False),
             ),
             prefix_cache=ctx.prefix_caches.get("buffer", q["trainable_last_layers"]),
         )

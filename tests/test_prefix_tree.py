@@ -1,0 +1,294 @@
+"""Shared leading tokens run once (``train.share_prefixes``): the trie against the rows' own prefixes, the
+model's statistics and gradients against a plain run of the rows, and training against training without it."""
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shiq_data.buffer import write_buffer
+from shiq_data.sampler import BufferSampler
+from shiq_train import model as M
+from shiq_train import parallel, prefix_tree
+from shiq_train.objectives import LossConfig
+from shiq_train.prefix_cache import PrefixCache, suffix_only
+from shiq_train.train_step import OptimizerConfig
+from shiq_train.trainer import TrainConfig, Trainer, add_prefix_trees, frozen_copy
+from tests.test_prefix_cache import LR, TOK, TOL, assert_close_parameter
+
+VOCAB, LAYERS, TRAINABLE, SEQ = 128, 4, 2, 24
+
+
+@st.composite
+def rows(draw):
+    """Rows over a 3-token alphabet (many shared prefixes), right-padded with token 0."""
+    B, T = draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    lengths = [draw(st.integers(1, T)) for _ in range(B)]
+    tokens = [[draw(st.integers(1, 3)) for _ in range(n)] + [0] * (T - n) for n in lengths]
+    return torch.tensor(tokens), torch.tensor(lengths)
+
+
+@settings(max_examples=200, deadline=None)
+@given(rows())
+def test_the_trie_has_one_node_per_distinct_prefix(data):
+    tokens, lengths = data
+    B, T = tokens.shape
+    tree = prefix_tree.build(tokens, lengths)
+    rows_ = tokens.tolist()
+    prefix_of = [tuple(rows_[s // T][: s % T + 1]) for s in tree.source.tolist()]  # each node's token path
+    distinct = {tuple(r[: t + 1]) for r, n in zip(rows_, lengths.tolist()) for t in range(n)}
+    assert len(prefix_of) == tree.num_nodes == len(distinct) and set(prefix_of) == distinct
+    assert tree.depth.tolist() == [len(p) - 1 for p in prefix_of]
+    for b, n in enumerate(lengths.tolist()):
+        for t in range(T):
+            node = int(tree.node_of[b, t])
+            assert prefix_of[node] == (tuple(rows_[b][: t + 1]) if t < n else prefix_of[0])
+    allowed = (~tree.mask[0, 0]).tolist()
+    for i, p in enumerate(prefix_of):
+        assert [j for j in range(len(prefix_of)) if allowed[i][j]] == [
+            j for j, q in enumerate(prefix_of) if p[: len(q)] == q
+        ]  # ancestors and itself, each numbered before it
+
+
+def test_bad_lengths_are_refused():
+    with pytest.raises(ValueError, match="row 1 has length 4, outside"):
+        prefix_tree.build(torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="lengths"):
+        prefix_tree.build(torch.ones(2, 3, dtype=torch.long), torch.tensor([3]))
+    with pytest.raises(ValueError, match="packed rows"):
+        add_prefix_trees([{"tokens": torch.ones(1, 2), "segment_ids": torch.zeros(1, 2), "lengths": torch.ones(1)}])
+    with pytest.raises(ValueError, match="share_prefixes must be true or false"):
+        TrainConfig(share_prefixes=1)
+
+
+@pytest.fixture
+def dist1():
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=5):
+        yield
+
+
+def model_cfg(**kw):
+    return M.ModelConfig(
+        num_layers=LAYERS, hidden_size=64, num_attention_heads=4, vocab_size=VOCAB, max_sequence_length=SEQ, **kw
+    )
+
+
+def shared_rows(seed=0):
+    """Six rows: a system prefix of 5 tokens, three prompts of 2-4 more, two completions each of 3-6."""
+    g = torch.Generator().manual_seed(seed)
+    system = torch.randint(1, VOCAB, (5,), generator=g)
+    rows = []
+    for p in range(3):
+        prompt = torch.cat([system, torch.randint(1, VOCAB, (2 + p,), generator=g)])
+        for c in range(2):
+            rows.append(torch.cat([prompt, torch.randint(1, VOCAB, (3 + 2 * c + p % 2,), generator=g)]))
+    T = max(len(r) for r in rows)
+    tokens = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        tokens[b, : len(r)] = r
+    return tokens, torch.tensor([len(r) for r in rows])
+
+
+@pytest.mark.parametrize("position", ["rope", "learned_absolute"])
+@pytest.mark.parametrize("backend", ["sdpa", "megatron"])
+def test_statistics_and_gradients_equal_the_rows_own(dist1, position, backend):
+    model = M.build_model(model_cfg(position_embedding_type=position, attention_backend=backend))
+    tokens, lengths = shared_rows()
+    tree = prefix_tree.build(tokens, lengths)
+    assert tree.num_nodes < int(lengths.sum()) * 0.8  # the rows share a fifth of their tokens or more
+    actions = (torch.arange(tokens.shape[1])[None] < lengths[:, None]) & (torch.arange(tokens.shape[1])[None] > 0)
+    weights = torch.randn(tokens.shape, generator=torch.Generator().manual_seed(1))
+
+    def run(**kw):
+        model.zero_grad()
+        out = model(**M.stats_inputs(tokens, None, actions), **kw)
+        s = M.output_stats(model, out, tokens, actions)
+        ((s.chosen_logits - s.logz) * weights).sum().backward()  # a loss that weighs every position
+        return s, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_grads = run()
+    shared, shared_grads = run(prefix_tree=tree)
+    torch.testing.assert_close(shared.chosen_logits, plain.chosen_logits, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(shared.logz, plain.logz, rtol=TOL, atol=TOL)
+    assert plain_grads.keys() == shared_grads.keys() and len(plain_grads) > 10
+    for name, g in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=name)
+
+
+def test_cached_states_in_a_tree_equal_the_rows_own(dist1):
+    """From the frozen-prefix cache's states (``decoder_input``) through the last layers only."""
+    model = M.build_model(model_cfg())
+    tokens, lengths = shared_rows(seed=2)
+    rows = [tokens[b, :n].tolist() for b, n in enumerate(lengths.tolist())]
+    cache = PrefixCache.build(model, rows, TRAINABLE, progress=False)
+    mb = {"tokens": tokens, "buffer_rows": torch.arange(len(rows))}
+    hidden = cache.gather(mb)
+    actions = torch.arange(tokens.shape[1])[None] < lengths[:, None]
+    with torch.no_grad(), suffix_only(model, cache.n_frozen):
+        plain = model(**M.stats_inputs(tokens, None, actions), decoder_input=hidden)
+        shared = model(
+            **M.stats_inputs(tokens, None, actions),
+            decoder_input=hidden,
+            prefix_tree=prefix_tree.build(tokens, lengths),
+        )
+    torch.testing.assert_close(shared, plain, rtol=TOL, atol=TOL)
+    assert float(plain.abs().max()) > 1
+
+
+def buffer_rows_shared(n_prompts=6, per_prompt=2, seed=3):
+    """Groups of completions of prompts that all begin with the same 4 tokens; a reward on the last action."""
+    rng = np.random.default_rng(seed)
+    system = [int(t) for t in rng.integers(1, VOCAB, 4)]
+    rows = []
+    for g in range(n_prompts):
+        prompt = system + [int(t) for t in rng.integers(1, VOCAB, int(rng.integers(2, 5)))]
+        for c in range(per_prompt):
+            completion = [int(t) for t in rng.integers(1, VOCAB, int(rng.integers(2, 8)))]
+            n = len(prompt) + len(completion)
+            rewards = [0.0] * n
+            rewards[-1] = float(np.float32(rng.normal()))
+            rows.append(
+                {
+                    "row_id": f"r{g}-{c}",
+                    "source": "t",
+                    "group_id": g,
+                    "prompt_len": len(prompt),
+                    "tokens": prompt + completion,
+                    "action_mask": [False] * len(prompt) + [True] * len(completion),
+                    "rewards": rewards,
+                    "ref_chosen_logits": [0.0] + [float(np.float32(x)) for x in rng.normal(0, 0.1, n - 1)],
+                    "ref_logz": [0.0] + [float(np.float32(x)) for x in np.log(VOCAB) + rng.normal(0, 0.1, n - 1)],
+                }
+            )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def buffer(tmp_path_factory):
+    out = tmp_path_factory.mktemp("buf") / "b"
+    return write_buffer(
+        buffer_rows_shared(),
+        out,
+        tokenizer_info=TOK,
+        command=["t"],
+        shard_rows=5,
+        progress=False,
+        ref_model={"name": "t"},
+    )
+
+
+def test_sampler_gives_each_rows_length(buffer):
+    for mode in ("groups", "padded"):
+        mb = BufferSampler(buffer, rows_per_micro_batch=4, seed=2, mode=mode).next_micro_batches()[0]
+        want = [len(buffer.row(r)["tokens"]) for r in mb["buffer_rows"].tolist()]
+        assert mb["lengths"].tolist() == want and mb["lengths"].dtype == torch.int64
+
+
+def train(buffer, init, out, loss, mode, **train_kw):
+    """Three AdamW steps from ``init`` on the last 2 layers; the losses and the trained parameters."""
+    model = M.build_model(model_cfg())
+    model.load_state_dict(init)
+    ref = frozen_copy(model, model_cfg()) if train_kw.get("reference") == "online" else None
+    trainer = Trainer(
+        model,
+        LossConfig(loss, beta=0.3),
+        OptimizerConfig(lr=LR),
+        TrainConfig(steps=3, trainable_last_layers=TRAINABLE, progress=False, tensorboard=False, **train_kw),
+        out,
+        ref_model=ref,
+    )
+    sampler = BufferSampler(buffer, rows_per_micro_batch=4, micro_batches_per_step=2, seed=1, mode=mode)
+    hist = trainer.fit(sampler)
+    return [h["loss"] for h in hist], {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "loss, mode, kw",
+    [
+        ("dpo", "groups", {"cache_frozen_prefix": True}),
+        ("shiq", "padded", {}),
+        ("copg", "groups", {"reference": "online"}),  # the online reference reads the trees too
+    ],
+)
+def test_training_with_shared_prefixes_equals_training_without(dist1, buffer, tmp_path, loss, mode, kw):
+    init = {k: v.clone() for k, v in M.build_model(model_cfg()).state_dict().items() if torch.is_tensor(v)}
+    trees = []
+    build = prefix_tree.build
+
+    def counting_build(tokens, lengths):
+        tree = build(tokens, lengths)
+        trees.append((tree.num_nodes, int(lengths.sum())))
+        return tree
+
+    plain = train(buffer, init, tmp_path / "plain", loss, mode, **kw)
+    prefix_tree.build = counting_build
+    try:
+        shared = train(buffer, init, tmp_path / "shared", loss, mode, share_prefixes=True, **kw)
+    finally:
+        prefix_tree.build = build
+    assert len(trees) == 6 and all(nodes < real for nodes, real in trees)  # 2 micro-batches a step, each shared
+    assert shared[0] == pytest.approx(plain[0], rel=TOL)
+    moved = 0
+    for name, p in plain[1].items():
+        assert_close_parameter(p, shared[1][name], name)
+        moved += not torch.equal(p, init[name])
+    assert moved > 0
+
+
+def test_a_model_split_over_ranks_is_refused(dist1):
+    model = M.build_model(model_cfg())
+    model.config.tensor_model_parallel_size = 2
+    with pytest.raises(ValueError, match="tensor and pipeline parallel size 1"):
+        Trainer(model, LossConfig(), OptimizerConfig(), TrainConfig(share_prefixes=True), "unused")
+
+
+def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_path, buffer, monkeypatch):
+    """Q♯'s value model (a megatron trunk of 3 layers, the last trainable, its prefix cached, plus the atom
+    head): the same metrics and saved weights with ``share_prefixes`` as without."""
+    import json
+
+    transformers = pytest.importorskip("transformers")
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    hf_cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=SEQ,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(hf_cfg)
+    built, build = [], prefix_tree.build
+    monkeypatch.setattr(prefix_tree, "build", lambda *a: built.append(1) or build(*a))
+    runs = {}
+    for shared in (False, True):
+        cfg = ValueTrainConfig(
+            steps=3,
+            rows_per_micro_batch=4,
+            lr=LR,
+            trainable_last_layers=1,
+            progress=False,
+            cache_frozen_prefix=True,
+            share_prefixes=shared,
+        )
+        out = train_value_model(
+            buffer.path, tmp_path / str(shared), hf.state_dict(), hf_cfg, cfg, verify_checksums=False
+        )
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        runs[shared] = [json.loads(x)["value_ce"] for x in lines], torch.load(out / "value_model.pt", weights_only=True)
+    assert len(built) == 3  # one tree a step, in the shared run only
+    assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
+    for name, p in runs[False][1].items():
+        assert_close_parameter(p, runs[True][1][name], name)
+    assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+    with pytest.raises(ValueError, match="value.share_prefixes must be true or false"):
+        ValueTrainConfig(share_prefixes="yes")
