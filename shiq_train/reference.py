@@ -108,17 +108,8 @@ def _with_prefixes(decoder, weight: torch.Tensor, chunk_tokens: int, one_group):
         st = chunked_token_stats(before, weight, tokens, chunk_tokens)  # [R, S]
         results, b = [], 0
         for g, (rows, shared) in enumerate(groups):
-            group = []
-            for _ in rows:
-                n = len(rest[b])
-                group.append(
-                    tuple(
-                        torch.cat([torch.zeros(1), part[g, : shared - 1].float(), own[b, :n].float()])
-                        for part, own in ((inside.chosen_logits, st.chosen_logits), (inside.logz, st.logz))
-                    )
-                )
-                b += 1
-            results.append(group)
+            results.append([_row_stats(inside, g, shared, st, b + i, len(rest[b + i])) for i in range(len(rows))])
+            b += len(rows)
         return results
 
     def with_prefixes(groups, max_batch_tokens: int):
@@ -172,14 +163,20 @@ def _with_prefix(decoder, weight: torch.Tensor, chunk_tokens: int):
             before = torch.cat([h_prefix[:, -1:].expand(B, 1, -1), h_rest[:, :-1]], 1)
             st = chunked_token_stats(before, weight, tokens, chunk_tokens)  # positions P .. P + S - 1
             for b, i in enumerate(batch):
-                n = len(rest[i])
-                results[i] = tuple(
-                    torch.cat([torch.zeros(1), shared_part[0].float(), own[b, :n].float()])
-                    for shared_part, own in ((inside.chosen_logits, st.chosen_logits), (inside.logz, st.logz))
-                )
+                results[i] = _row_stats(inside, 0, shared, st, b, len(rest[i]))
         return results
 
     return with_prefix
+
+
+def _row_stats(inside, g: int, shared: int, own, b: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chosen [T], logz [T])`` of one row read with a shared prefix: 0 at position 0, then positions 1 ..
+    ``shared`` − 1 from row ``g`` of the prefixes' statistics ``inside``, then the row's own ``n`` remainder
+    positions from row ``b`` of ``own``."""
+    return tuple(
+        torch.cat([torch.zeros(1), part[g, : shared - 1].float(), mine[b, :n].float()])
+        for part, mine in ((inside.chosen_logits, own.chosen_logits), (inside.logz, own.logz))
+    )
 
 
 def megatron_stats_fn(model) -> StatsFn:

@@ -194,6 +194,9 @@ def test_bad_configs_fail_with_a_clear_message(tmp_path):
     assert missing.returncode == 2 and f"data.buffer='{tmp_path / 'nope'}' does not exist" in missing.stderr
     no_out = run_cli(tmp_path)
     assert no_out.returncode == 2 and "missing value for out" in no_out.stderr
+    packed = run_cli(tmp_path, f"out={tmp_path / 'x'}", "train.share_prefixes=true", "data.mode=packed")
+    assert packed.returncode == 2 and "train.share_prefixes=true needs one trajectory per row" in packed.stderr
+    assert "Traceback" not in packed.stderr
 
 
 def test_group_losses_force_group_batches():
