@@ -203,9 +203,10 @@ def test_refusals(dist1, buffer):
         )
 
 
-def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monkeypatch):
-    """Q♯'s value model (a megatron trunk of 3 layers, the last trainable, plus the atom head): the same
-    metrics and saved weights with the trunk's frozen prefix cached as without."""
+def value_runs(buffer, out, variants: dict) -> dict:
+    """Three AdamW steps of Q♯'s value model (a megatron trunk of 3 layers, the last trainable, plus the atom
+    head) from one seeded tiny Llama, once per ``ValueTrainConfig`` overrides in ``variants``: each run's
+    per-step ``value_ce`` and saved weights."""
     transformers = pytest.importorskip("transformers")
     from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 
@@ -222,29 +223,30 @@ def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monk
     )
     torch.manual_seed(0)
     hf = transformers.LlamaForCausalLM(hf_cfg)
+    runs = {}
+    for name, kw in variants.items():
+        cfg = ValueTrainConfig(steps=3, rows_per_micro_batch=4, lr=LR, trainable_last_layers=1, progress=False, **kw)
+        run = train_value_model(buffer.path, out / name, hf.state_dict(), hf_cfg, cfg, verify_checksums=False)
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        runs[name] = [json.loads(x)["value_ce"] for x in lines], torch.load(run / "value_model.pt", weights_only=True)
+    return runs
+
+
+def assert_same_value_runs(a, b) -> None:
+    assert b[0] == pytest.approx(a[0], rel=TOL)
+    for name, p in a[1].items():
+        assert_close_parameter(p, b[1][name], name)
+    assert float(a[1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+
+
+def test_cached_value_model_training_equals_full_training(tmp_path, buffer, monkeypatch):
+    """Q♯'s value model: the same metrics and saved weights with the trunk's frozen prefix cached as without."""
     gathered = []
     gather = PrefixCache.gather
     monkeypatch.setattr(PrefixCache, "gather", lambda self, mb: gathered.append(1) or gather(self, mb))
-    runs = {}
-    for cached in (False, True):
-        cfg = ValueTrainConfig(
-            steps=3,
-            rows_per_micro_batch=4,
-            lr=LR,
-            trainable_last_layers=1,
-            progress=False,
-            cache_frozen_prefix=cached,
-        )
-        out = train_value_model(
-            buffer.path, tmp_path / str(cached), hf.state_dict(), hf_cfg, cfg, verify_checksums=False
-        )
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        runs[cached] = [json.loads(x)["value_ce"] for x in lines], torch.load(out / "value_model.pt", weights_only=True)
+    runs = value_runs(buffer, tmp_path, {"full": {}, "cached": {"cache_frozen_prefix": True}})
     assert len(gathered) == 3  # the cached run's three micro-batches came from the cache
-    assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
-    for name, p in runs[False][1].items():
-        assert_close_parameter(p, runs[True][1][name], name)
-    assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+    assert_same_value_runs(runs["full"], runs["cached"])
 
 
 def test_trainer_finds_the_buffer_behind_shiq_train_data_source(buffer):

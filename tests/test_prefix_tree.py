@@ -17,7 +17,7 @@ from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer, add_prefix_trees, frozen_copy
-from tests.test_prefix_cache import LR, TOK, TOL, assert_close_parameter
+from tests.test_prefix_cache import LR, TOK, TOL, assert_close_parameter, assert_same_value_runs, value_runs
 
 VOCAB, LAYERS, TRAINABLE, SEQ = 128, 4, 2, 24
 
@@ -247,48 +247,14 @@ def test_a_model_split_over_ranks_is_refused(dist1):
 
 
 def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_path, buffer, monkeypatch):
-    """Q♯'s value model (a megatron trunk of 3 layers, the last trainable, its prefix cached, plus the atom
-    head): the same metrics and saved weights with ``share_prefixes`` as without."""
-    import json
+    """Q♯'s value model, its prefix cached: the same metrics and saved weights with ``share_prefixes`` as without."""
+    from shiq_train.qsharp_train import ValueTrainConfig
 
-    transformers = pytest.importorskip("transformers")
-    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
-
-    warnings.filterwarnings("ignore")
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=SEQ,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(hf_cfg)
     built, build = [], prefix_tree.build
     monkeypatch.setattr(prefix_tree, "build", lambda *a: built.append(1) or build(*a))
-    runs = {}
-    for shared in (False, True):
-        cfg = ValueTrainConfig(
-            steps=3,
-            rows_per_micro_batch=4,
-            lr=LR,
-            trainable_last_layers=1,
-            progress=False,
-            cache_frozen_prefix=True,
-            share_prefixes=shared,
-        )
-        out = train_value_model(
-            buffer.path, tmp_path / str(shared), hf.state_dict(), hf_cfg, cfg, verify_checksums=False
-        )
-        lines = (out / "metrics.jsonl").read_text().splitlines()
-        runs[shared] = [json.loads(x)["value_ce"] for x in lines], torch.load(out / "value_model.pt", weights_only=True)
+    cached = {"cache_frozen_prefix": True}
+    runs = value_runs(buffer, tmp_path, {"rows": cached, "shared": {**cached, "share_prefixes": True}})
     assert len(built) == 3  # one tree a step, in the shared run only
-    assert runs[True][0] == pytest.approx(runs[False][0], rel=TOL)
-    for name, p in runs[False][1].items():
-        assert_close_parameter(p, runs[True][1][name], name)
-    assert float(runs[False][1]["head.weight"].abs().max()) > 0  # trained (the head starts at zero)
+    assert_same_value_runs(runs["rows"], runs["shared"])
     with pytest.raises(ValueError, match="value.share_prefixes must be true or false"):
         ValueTrainConfig(share_prefixes="yes")
