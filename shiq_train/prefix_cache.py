@@ -6,10 +6,11 @@ embedding and the first ``L − k`` layers never change and have no dropout. :cl
 them once for every row of a buffer and keeps the result; each training step then runs only the last
 ``k`` layers (and the output layer) on the cached states.
 
-- Building (:meth:`PrefixCache.build`): megatron's own forward of the whole model over length-sorted
-  batches of rows under ``torch.no_grad()``, stopped by a forward hook on the last frozen layer that
-  records its output. Rows are right-padded and attention is causal, so a real position's state does
-  not depend on the padding or on the other rows of the batch.
+- Building (:meth:`PrefixCache.build`): megatron's own forward of the whole model over batches of rows
+  under ``torch.no_grad()``, stopped by a forward hook on the last frozen layer that records its output:
+  rows in token order, each batch as the trie of its rows (``shiq_train.prefix_tree``: the leading tokens
+  rows share run once), or length-sorted right-padded rows. Attention is causal, so a real position's
+  state does not depend on the padding or on the other rows of the batch.
 - Using it (:meth:`PrefixCache.gather` and :func:`suffix_only`): the states of a micro-batch's rows
   ``[T, B, H]`` (zeros at padding positions) are passed to ``GPTModel.forward`` as ``decoder_input``
   while the decoder's layer list is narrowed to the trainable suffix. The parameters, their names and
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shiq_data.ref_stats import common_prefix
+from shiq_train import prefix_tree
 from shiq_train.model import model_chunks, model_inputs, unwrap
 
 log = logging.getLogger(__name__)
@@ -184,10 +187,16 @@ class PrefixCache:
         tokens_per_batch: int = 4096,
         pad_id: int = 0,
         progress: bool = True,
+        share_prefixes: bool = True,
     ) -> PrefixCache:
         """Run the model's embedding and first ``L − k`` layers (``k = trainable_last_layers``) on every row
         of ``rows`` (token id sequences, row ``i`` = buffer row ``i``): rows sorted by length, batches of
         at most ``tokens_per_batch`` padded tokens, megatron's forward stopped after the last frozen layer.
+        With ``share_prefixes`` (the default) rows are sorted by their tokens instead, so that rows with the
+        same leading tokens (a prompt's completions, a shared system turn) share a batch, and each batch runs
+        as the trie of its rows (``shiq_train.prefix_tree``: those tokens once), of at most a quarter of
+        ``tokens_per_batch`` positions (its attention is dense over them) or one row; a batch whose rows share
+        nothing runs as plain rows.
         The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
         n_frozen = _check_model(model, trainable_last_layers, frozen=False)
         inner = unwrap(model)
@@ -199,12 +208,26 @@ class PrefixCache:
         offsets[1:] = lengths.cumsum(0)
         device = next(inner.parameters()).device
         hidden = torch.empty(int(offsets[-1]), inner.config.hidden_size, dtype=inner.config.params_dtype)
-        order = torch.argsort(lengths, descending=True, stable=True).tolist()
         batches, at = [], 0
-        while at < len(order):  # the longest row first: a batch holds rows no longer than its first
-            per = max(1, tokens_per_batch // int(lengths[order[at]]))
-            batches.append(order[at : at + per])
-            at += per
+        if share_prefixes:  # rows in token order, a batch's trie of at most a quarter of the budget
+            lists = [r.tolist() for r in rows]
+            order = sorted(range(len(rows)), key=lists.__getitem__)
+            budget, prev = max(tokens_per_batch // 4, int(lengths.max())), []
+            for i in order:  # in token order a row adds its length less its common prefix with the row before
+                new = len(lists[i]) - common_prefix([prev, lists[i]])
+                if batches and at + new <= budget:
+                    batches[-1].append(i)
+                    at += new
+                else:
+                    batches.append([i])
+                    at = len(lists[i])
+                prev = lists[i]
+        else:
+            order = torch.argsort(lengths, descending=True, stable=True).tolist()
+            while at < len(order):  # the longest row first: a batch holds rows no longer than its first
+                per = max(1, tokens_per_batch // int(lengths[order[at]]))
+                batches.append(order[at : at + per])
+                at += per
         seen = {}
 
         def record(module, args, output):
@@ -216,17 +239,22 @@ class PrefixCache:
         bar = tqdm(total=len(rows), desc=f"cache frozen prefix ({size})", disable=not progress, dynamic_ncols=True)
         try:
             for batch in batches:
-                T = int(lengths[batch[0]])
+                T = int(lengths[batch].max())
                 tokens = torch.full((len(batch), T), pad_id, dtype=torch.int64)
                 for b, i in enumerate(batch):
                     tokens[b, : len(rows[i])] = rows[i]
+                tokens = tokens.to(device)
+                tree = prefix_tree.build(tokens, lengths[batch]) if share_prefixes else None
+                if tree is not None and tree.num_nodes == int(lengths[batch].sum()):
+                    tree = None  # nothing shared: plain causal rows
                 try:
-                    model(**model_inputs(tokens.to(device)))
+                    model(**model_inputs(tokens), **({"prefix_tree": tree} if tree else {}))
                 except _PrefixDone:
                     pass
                 else:
                     raise RuntimeError("the forward hook on the last frozen layer did not run")
-                h = seen.pop("h").transpose(0, 1).cpu()  # [B, T, H]
+                h = seen.pop("h")  # [T, B, H], or the trie's [N, 1, H]
+                h = (tree.unpack(h[:, 0]) if tree else h.transpose(0, 1)).cpu()  # [B, T, H]
                 for b, i in enumerate(batch):
                     hidden[int(offsets[i]) : int(offsets[i + 1])] = h[b, : len(rows[i])]
                 bar.update(len(batch))

@@ -37,5 +37,7 @@ def test_cached_and_full_steps_agree_at_a_tiny_size(smollm2):
     assert "cache build:" in out.stdout and "for 8 rows" in out.stdout
     nodes, real = map(float, re.search(r"shared prefixes: (\d+) positions .* against (\d+) real", out.stdout).groups())
     assert nodes < real  # a group's two rows share their prompt
+    diff = float(re.search(r"largest difference of their states ([\d.e+-]+)", out.stdout).group(1))
+    assert diff < 1e-5  # the cache built as tries and as padded rows
     rel = float(re.search(r"relative difference ([\d.e+-]+)\)", out.stdout).group(1))
     assert rel < 1e-5

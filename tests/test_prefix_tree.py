@@ -13,6 +13,7 @@ from shiq_data.buffer import write_buffer
 from shiq_data.sampler import BufferSampler
 from shiq_train import model as M
 from shiq_train import parallel, prefix_tree
+from shiq_train import trainer as trainer_module
 from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig
@@ -196,22 +197,18 @@ def test_sampler_gives_each_rows_length(buffer):
         ("copg", "groups", {"reference": "online"}),  # the online reference reads the trees too
     ],
 )
-def test_training_with_shared_prefixes_equals_training_without(dist1, buffer, tmp_path, loss, mode, kw):
+def test_training_with_shared_prefixes_equals_training_without(dist1, buffer, tmp_path, monkeypatch, loss, mode, kw):
     init = {k: v.clone() for k, v in M.build_model(model_cfg()).state_dict().items() if torch.is_tensor(v)}
     trees = []
-    build = prefix_tree.build
+    add = trainer_module.add_prefix_trees
 
-    def counting_build(tokens, lengths):
-        tree = build(tokens, lengths)
-        trees.append((tree.num_nodes, int(lengths.sum())))
-        return tree
+    def counting_add(mbs):
+        trees.extend((mb["prefix_tree"].num_nodes, int(mb["lengths"].sum())) for mb in add(mbs))
+        return mbs
 
     plain = train(buffer, init, tmp_path / "plain", loss, mode, **kw)
-    prefix_tree.build = counting_build
-    try:
-        shared = train(buffer, init, tmp_path / "shared", loss, mode, share_prefixes=True, **kw)
-    finally:
-        prefix_tree.build = build
+    monkeypatch.setattr(trainer_module, "add_prefix_trees", counting_add)
+    shared = train(buffer, init, tmp_path / "shared", loss, mode, share_prefixes=True, **kw)
     assert len(trees) == 6 and all(nodes < real for nodes, real in trees)  # 2 micro-batches a step, each shared
     assert_same_run(plain, shared, init)
 
@@ -230,8 +227,32 @@ def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_p
     built, build = [], prefix_tree.build
     monkeypatch.setattr(prefix_tree, "build", lambda *a: built.append(1) or build(*a))
     cached = {"cache_frozen_prefix": True}
-    runs = value_runs(buffer, tmp_path, {"rows": cached, "shared": {**cached, "share_prefixes": True}})
-    assert len(built) == 3  # one tree a step, in the shared run only
-    assert_same_value_runs(runs["rows"], runs["shared"])
+    rows = value_runs(buffer, tmp_path, {"rows": cached})["rows"]
+    trees_of_the_cache = len(built)
+    shared = value_runs(buffer, tmp_path, {"shared": {**cached, "share_prefixes": True}})["shared"]
+    assert len(built) == 2 * trees_of_the_cache + 3  # and one tree a step
+    assert_same_value_runs(rows, shared)
     with pytest.raises(ValueError, match="value.share_prefixes must be true or false"):
         ValueTrainConfig(share_prefixes="yes")
+
+
+def test_the_frozen_prefix_cache_built_as_tries_equals_the_rows_own(dist1, buffer):
+    """The layer-2 states of every buffer row, built as tries of token-sorted rows, equal those of padded rows
+    (a batch of one row each: no other row near it), while the first layer reads fewer positions."""
+    model = M.build_model(model_cfg())
+    rows = [buffer.row(i)["tokens"] for i in range(len(buffer))]
+    seen = []
+
+    def count(module, args, out):  # positions the first layer read: T * B, or N * 1 for a trie
+        h = out[0] if isinstance(out, tuple) else out
+        seen.append(int(h.shape[0] * h.shape[1]))
+
+    model.decoder.layers[0].register_forward_hook(count)
+    alone = PrefixCache.build(model, rows, TRAINABLE, tokens_per_batch=1, share_prefixes=False, progress=False)
+    read_alone, seen[:] = sum(seen), []
+    shared = PrefixCache.build(model, rows, TRAINABLE, tokens_per_batch=200, progress=False)  # tries of <= 50
+    assert sum(seen) < 0.8 * read_alone and len(seen) > 1  # several tries, sharing the prompts' tokens
+    assert torch.equal(shared.offsets, alone.offsets) and torch.equal(shared.tokens, alone.tokens)
+    scale = float(alone.hidden.abs().max())
+    assert scale > 0.01
+    torch.testing.assert_close(shared.hidden, alone.hidden, rtol=TOL, atol=TOL * scale)

@@ -12,7 +12,8 @@ trainable layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache``
 in the step); ``shared`` does too, and runs the leading tokens its rows share once
 (``train.share_prefixes``, ``shiq_train.prefix_tree``; building the tree included). Steps run
 interleaved (full, cached, shared, full, ...) after one warm-up each, so load from other processes hits
-all alike. Also timed: the one-off cache build over the whole buffer, and the first step's loss of every
+all alike. Also timed: the one-off cache build over the whole buffer (as tries of token-sorted rows, the
+default, and as length-sorted padded rows; their states must agree), and the first step's loss of every
 path (they must agree).
 
     python tools/bench_prefix_cache.py                # 640 rows of ~50 tokens, 16 rows a step, 6 of 30 layers
@@ -129,6 +130,11 @@ def main(argv=None) -> None:
             t0 = time.perf_counter()
             cache = PrefixCache.from_buffer(models["cached"], buffer, args.trainable)
             build_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            rows = PrefixCache.from_buffer(models["cached"], buffer, args.trainable, share_prefixes=False)
+            build_rows_s = time.perf_counter() - t0
+            build_diff = float((rows.hidden - cache.hidden).abs().max() / rows.hidden.abs().max())
+            del rows
             cache.check_model(models["cached"], args.trainable)
             sampler = BufferSampler(
                 buffer, rows_per_micro_batch=args.rows, micro_batches_per_step=args.micro_batches, seed=0, mode="groups"
@@ -179,6 +185,10 @@ def main(argv=None) -> None:
         f"\ncache build: {build_s:.1f} s for {len(cache)} rows ({cache.nbytes / 2**20:.1f} MiB); "
         f"speed-up {med['full'] / med['cached']:.2f}x; pays for itself after "
         f"{build_s / saved if saved > 0 else float('inf'):.1f} steps"
+    )
+    print(
+        f"cache build as length-sorted padded rows: {build_rows_s:.1f} s ({build_rows_s / build_s:.2f}x the tries' "
+        f"time); largest difference of their states {build_diff:.1e} (relative to the largest state)"
     )
     print(
         f"shared prefixes: {nodes:.0f} positions a step through the trainable layers against {real:.0f} real "
