@@ -195,8 +195,8 @@ class PrefixCache:
         With ``share_prefixes`` (the default) rows are sorted by their tokens instead, so that rows with the
         same leading tokens (a prompt's completions, a shared system turn) share a batch, and each batch runs
         as the trie of its rows (``shiq_train.prefix_tree``: those tokens once), of at most a quarter of
-        ``tokens_per_batch`` positions (its attention is dense over them) or one row; a batch whose rows share
-        nothing runs as plain rows.
+        ``tokens_per_batch`` positions (its attention is dense over them); a longer row, and a batch whose
+        rows share nothing, run as plain rows.
         The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
         n_frozen = _check_model(model, trainable_last_layers, frozen=False)
         inner = unwrap(model)
@@ -212,7 +212,7 @@ class PrefixCache:
         if share_prefixes:  # rows in token order, a batch's trie of at most a quarter of the budget
             lists = [r.tolist() for r in rows]
             order = sorted(range(len(rows)), key=lists.__getitem__)
-            budget, prev = max(tokens_per_batch // 4, int(lengths.max())), []
+            budget, prev = tokens_per_batch // 4, []
             for i in order:  # in token order a row adds its length less its common prefix with the row before
                 new = len(lists[i]) - common_prefix([prev, lists[i]])
                 if batches and at + new <= budget:

@@ -256,3 +256,7 @@ def test_the_frozen_prefix_cache_built_as_tries_equals_the_rows_own(dist1, buffe
     scale = float(alone.hidden.abs().max())
     assert scale > 0.01
     torch.testing.assert_close(shared.hidden, alone.hidden, rtol=TOL, atol=TOL * scale)
+    seen[:] = []
+    longer = PrefixCache.build(model, rows, TRAINABLE, tokens_per_batch=4, progress=False)  # every row > 1 position
+    assert sum(seen) == read_alone  # each row alone, as plain rows
+    torch.testing.assert_close(longer.hidden, alone.hidden, rtol=TOL, atol=TOL * scale)
