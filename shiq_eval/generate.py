@@ -67,10 +67,11 @@ class HFPolicy:
     pass, then each new token through the model's KV cache, and every token is drawn by :func:`sample_next`
     under a generator seeded per batch (the draw function :class:`MegatronPolicy` uses too).
 
-    With ``share_prefix`` (the default), the leading tokens that every prompt of a batch shares (a system turn
-    and an instruction, say) are read once and their keys and values copied to every row
-    (:meth:`_read_prompts`): the same attention, in float rounding; the main job's prompts share 34 of their
-    46 to 54 tokens, which makes its sampling 1.38x faster (``tools/bench_generate.py``)."""
+    With ``share_prefix`` (the default), a prompt that comes several times in a batch (several completions of
+    one prompt) is read once, and the leading tokens that every prompt of a batch shares (a system turn and an
+    instruction, say) are read once, their keys and values copied to every row (:meth:`_read_prompts`): the
+    same attention, in float rounding; the main job's prompts share 34 of their 46 to 54 tokens, which makes
+    its sampling 1.38x faster (``tools/bench_generate.py``)."""
 
     def __init__(self, model, eos_id: int, pad_id: int | None = None, share_prefix: bool = True):
         self.model = model.eval()
@@ -88,9 +89,24 @@ class HFPolicy:
     def _read_prompts(self, batch: list[list[int]]):
         """``(cache, logits [B, V], attention_mask [B, W], position_ids [B, S])`` after the prompts (``S``: the
         tokens of the last pass, ``W`` without sharing). One pass over the left-padded batch; or, with
-        ``share_prefix``, the ``C`` leading tokens every prompt shares (all but the shortest prompt's last) once
-        as a batch of one, their keys and values repeated for every row, then each row's rest, left-padded after
-        them (``[C shared | padding | own tokens]``; positions continue at ``C``, the padding masked)."""
+        ``share_prefix``, each distinct prompt read once (:meth:`_read_distinct`) and its cache, logits, mask
+        and positions copied to every row that repeats it."""
+        if not self.share_prefix:
+            return self._read_distinct(batch)
+        first: dict[tuple, int] = {}
+        rows = [first.setdefault(tuple(p), len(first)) for p in batch]  # row j repeats distinct prompt rows[j]
+        if len(first) == len(batch):
+            return self._read_distinct(batch)
+        cache, logits, attn, positions = self._read_distinct([list(p) for p in first])
+        index = torch.tensor(rows)
+        cache.reorder_cache(index)  # [D, h, W, d] -> [B, h, W, d] in every layer
+        return cache, logits[index], attn[index], positions[index]
+
+    def _read_distinct(self, batch: list[list[int]]):
+        """:meth:`_read_prompts` for a batch: one pass over it left-padded; or, with ``share_prefix``, the ``C``
+        leading tokens every prompt shares (all but the shortest prompt's last) once as a batch of one, their keys
+        and values repeated for every row, then each row's rest, left-padded after them (``[C shared | padding |
+        own tokens]``; positions continue at ``C``, the padding masked)."""
         B = len(batch)
         shared = common_prefix(batch) if self.share_prefix and B > 1 else 0
         shared = min(shared, min(len(p) for p in batch) - 1)  # every row reads a token of its own last

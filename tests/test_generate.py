@@ -70,13 +70,15 @@ SHARED = [3, 1, 4, 1, 5, 9, 2, 6]  # leading tokens of every prompt of a batch (
         # shared leading tokens, rows of other lengths, a row that is only its batch's shared tokens + 1
         ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], True),
         ([SHARED + [1, 2], SHARED + [7], SHARED + [8, 8, 8, 2], SHARED[:5] + [9], SHARED[:5] + [1, 1]], False),
+        # repeated prompts (several completions of one prompt): a batch of two distinct prompts, one of one
+        ([SHARED + [1, 2], SHARED + [7], SHARED + [1, 2], [5, 5], [5, 5], [5, 5]], True),
     ],
 )
 def test_sampling_equals_a_loop_without_cache_or_padding(prompts, share_prefix):
     """Sampled completions, batched and left-padded through the KV cache, equal a loop that reruns each
     row's whole unpadded sequence and draws the batch's tokens with ``sample_next`` under the seed of the
     batch (the seeding ``generate_in_batches`` promises): the cache, padding and positions change no draw,
-    nor does reading the batch's shared leading tokens once (``share_prefix``)."""
+    nor does reading the batch's shared leading tokens and its repeated prompts once (``share_prefix``)."""
     model, eos = tiny_lm(2), 39
     cfg = SamplingConfig(max_new_tokens=7, temperature=0.9, top_p=0.95, batch_size=3, seed=5)
     got = HFPolicy(model, eos_id=eos, pad_id=0, share_prefix=share_prefix).generate(prompts, cfg)
@@ -123,6 +125,39 @@ def test_shared_prefix_reads_the_prompts_as_one_pass_does():
             torch.testing.assert_close(
                 layer.values[j][:, attn[j].bool()], ref.values[j][:, plain_attn[j].bool()], rtol=1e-5, atol=1e-5
             )
+
+
+@pytest.mark.parametrize(
+    "batch, passes",
+    [
+        # 2 distinct prompts: their shared tokens as a batch of one, then the 2 prompts' own tokens
+        ([SHARED + [1, 2], SHARED[:6] + [8, 8, 8, 2], SHARED + [1, 2], SHARED + [1, 2]], [1, 2]),
+        ([[4, 5, 6]] * 3, [1]),  # one prompt, 3 completions: one pass over one row
+    ],
+)
+def test_repeated_prompts_are_read_once_as_one_pass_reads_them(batch, passes):
+    """A prompt repeated in a batch is run once (the model sees each distinct prompt once) and its logits, keys
+    and values, mask and positions reach every row that repeats it: what one plain pass over the whole batch
+    gives for every row's real tokens."""
+    model = tiny_lm(3)
+    seen = []
+    hook = model.model.embed_tokens.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        cache, logits, attn, pos = HFPolicy(model, eos_id=39, pad_id=0)._read_prompts(batch)
+        hook.remove()
+        plain, plain_logits, plain_attn, plain_pos = HFPolicy(
+            model, eos_id=39, pad_id=0, share_prefix=False
+        )._read_prompts(batch)
+    assert seen == passes  # the rows of each forward pass
+    assert logits.shape[0] == attn.shape[0] == pos.shape[0] == len(batch)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-5, atol=1e-5)
+    for j, p in enumerate(batch):
+        real, plain_real = attn[j].bool(), plain_attn[j].bool()
+        assert int(real.sum()) == len(p)
+        assert pos[j, -1].item() == plain_pos[j, -1].item() == len(p) - 1
+        for layer, ref in zip(cache.layers, plain.layers):
+            torch.testing.assert_close(layer.keys[j][:, real], ref.keys[j][:, plain_real], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(layer.values[j][:, real], ref.values[j][:, plain_real], rtol=1e-5, atol=1e-5)
 
 
 def test_draw_follows_the_probabilities_and_never_draws_an_impossible_index():

@@ -1,4 +1,4 @@
-"""Sampling speed: the megatron model (``MegatronPolicy``) against transformers (``HFPolicy``, with and without
+"""Sampling speed: the megatron model (MegatronPolicy) against transformers (HFPolicy, with and without
 reading the prompts' shared leading tokens once).
 
 One run, the same SmolLM2-135M-Instruct weights (imported into megatron-core), the same prompts (the
@@ -9,6 +9,11 @@ cache: transformers' dynamic cache, megatron's ``StaticInferenceContext``. Metho
 
     python tools/bench_generate.py                   # 32 prompts, 32 new tokens, batches of 8
     python tools/bench_generate.py --prompts 64 --batch 16 --reps 5
+    python tools/bench_generate.py --prompts 16 --repeat 4 --batch 64 --new-tokens 24   # as the main job samples
+
+With --repeat N every prompt comes N times in a row (N completions of each, as the main job's buffer
+and J* samples); a fourth engine then reads every repeated prompt again, to show what reading each
+distinct prompt of a batch once saves.
 """
 
 from __future__ import annotations
@@ -22,11 +27,12 @@ import warnings
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Prints median seconds per pass over the prompts, generated tokens/s, and the ratio of the two engines.",
+        epilog="Prints median seconds per pass over the prompts, generated tokens/s, and each engine's time against the first's.",
     )
     p.add_argument("--prompts", type=int, default=32, help="held-out movie prompts (default 32)")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
     p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--repeat", type=int, default=1, help="times each prompt comes, one after another (default 1)")
     p.add_argument("--reps", type=int, default=3, help="timed passes per engine after one warm-up (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     return p.parse_args(argv)
@@ -47,7 +53,7 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     hf, tok = H.load_smollm2(torch.float32)
     prompts, _ = movie_prompts(args.prompts)
-    ids = encode_prompts(tok, prompts, chat=True)
+    ids = [p for p in encode_prompts(tok, prompts, chat=True) for _ in range(args.repeat)]
     cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0, batch_size=args.batch)
     with parallel.distributed(seed=0):
         mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0))
@@ -59,6 +65,9 @@ def main(argv=None) -> None:
             ),
             "megatron-core (MegatronPolicy)": MegatronPolicy(mg.eval(), eos_id=tok.eos_token_id),
         }
+        if args.repeat > 1:  # the default engine but for reading each distinct prompt once
+            again = type("ReadAgain", (HFPolicy,), {"_read_prompts": HFPolicy._read_distinct})
+            engines["transformers (HFPolicy, repeated prompts read again)"] = again(hf, eos_id=tok.eos_token_id)
         outputs = {name: e.generate(ids, cfg) for name, e in engines.items()}  # warm-up
         times = {name: [] for name in engines}
         for _ in range(args.reps):
@@ -71,7 +80,8 @@ def main(argv=None) -> None:
     base = statistics.median(times[hf_name])
     same = sum(len(set(map(tuple, rows))) == 1 for rows in zip(*outputs.values()))  # the same in every engine
     print(
-        f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens), "
+        f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens"
+        f"{f', each {args.repeat} times' if args.repeat > 1 else ''}), "
         f"greedy, {args.new_tokens} new tokens, batches of {args.batch}, {args.threads} threads, "
         f"median of {args.reps}; identical completions: {same}/{len(ids)}"
     )
