@@ -39,7 +39,7 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
-from shiq_train.model import ModelConfig, build_model_chunks, check_runtime
+from shiq_train.model import ModelConfig, build_model_chunks, check_runtime, resolved_transformer_impl
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
@@ -604,12 +604,20 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
     if train_cfg.share_prefixes and (
-        mode == "packed" or par.tensor_model_parallel_size > 1 or par.pipeline_model_parallel_size > 1
+        mode == "packed"
+        or par.tensor_model_parallel_size > 1
+        or par.pipeline_model_parallel_size > 1
+        or model_cfg.hidden_dropout > 0
+        or model_cfg.attention_dropout > 0
+        or resolved_transformer_impl(model_cfg) != "local"
     ):
         raise ConfigError(
-            "train.share_prefixes=true needs one trajectory per row (data.mode=padded or groups) and tensor and "
-            f"pipeline parallel size 1 (got data.mode={mode}, parallel.tp={par.tensor_model_parallel_size}, "
-            f"parallel.pp={par.pipeline_model_parallel_size}): set train.share_prefixes=false"
+            "train.share_prefixes=true needs one trajectory per row (data.mode=padded or groups), tensor and "
+            "pipeline parallel size 1, no dropout and megatron's local layers (got "
+            f"data.mode={mode}, parallel.tp={par.tensor_model_parallel_size}, "
+            f"parallel.pp={par.pipeline_model_parallel_size}, model.hidden_dropout={model_cfg.hidden_dropout}, "
+            f"model.attention_dropout={model_cfg.attention_dropout}, "
+            f"model.transformer_impl={resolved_transformer_impl(model_cfg)}): set train.share_prefixes=false"
         )
     if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
         raise ConfigError(

@@ -410,11 +410,11 @@ def _gpt_model_class():
                 )
             if prefix_tree is None:
                 return super().forward(input_ids, *args, **kwargs)
-            if args or not (self.pre_process and self.post_process) or tp > 1:
-                raise ValueError(
-                    "prefix_tree (train.share_prefixes) needs the whole model in one process (tensor and pipeline "
-                    "parallel size 1) and keyword arguments"
-                )
+            if args:
+                raise ValueError("prefix_tree (train.share_prefixes) takes the forward's other arguments by keyword")
+            from shiq_train import prefix_tree as trie  # the module, its name taken by the argument
+
+            trie.check_model(self)
             dec = kwargs.pop("decoder_input", None)
             if dec is not None:  # [T, B, H] -> [N, 1, H]
                 dec = prefix_tree.pack(dec.transpose(0, 1))[:, None]

@@ -196,7 +196,7 @@ class PrefixCache:
         same leading tokens (a prompt's completions, a shared system turn) share a batch, and each batch runs
         as the trie of its rows (``shiq_train.prefix_tree``: those tokens once), of at most a quarter of
         ``tokens_per_batch`` positions (its attention is dense over them); a longer row, and a batch whose
-        rows share nothing, run as plain rows.
+        trie would cost more than its rows (:func:`shiq_train.prefix_tree.build`), run as plain rows.
         The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
         n_frozen = _check_model(model, trainable_last_layers, frozen=False)
         inner = unwrap(model)
@@ -210,6 +210,8 @@ class PrefixCache:
         hidden = torch.empty(int(offsets[-1]), inner.config.hidden_size, dtype=inner.config.params_dtype)
         batches, at = [], 0
         if share_prefixes:  # rows in token order, a batch's trie of at most a quarter of the budget
+            prefix_tree.check_model(inner)
+            ratio = prefix_tree.cost_ratio(inner.config)
             lists = [r.tolist() for r in rows]
             order = sorted(range(len(rows)), key=lists.__getitem__)
             budget, prev = tokens_per_batch // 4, []
@@ -244,9 +246,7 @@ class PrefixCache:
                 for b, i in enumerate(batch):
                     tokens[b, : len(rows[i])] = rows[i]
                 tokens = tokens.to(device)
-                tree = prefix_tree.build(tokens, lengths[batch]) if share_prefixes else None
-                if tree is not None and tree.num_nodes == int(lengths[batch].sum()):
-                    tree = None  # nothing shared: plain causal rows
+                tree = prefix_tree.build(tokens, lengths[batch], cost_ratio=ratio) if share_prefixes else None
                 try:
                     model(**model_inputs(tokens), **({"prefix_tree": tree} if tree else {}))
                 except _PrefixDone:

@@ -12,10 +12,16 @@ states are read back with ``node_of`` ``[B, T]``. The result is each row's own f
 rounding (the same sums over other operands), and so is the gradient: a state shared by several rows
 receives the sum of their gradients through the gather.
 
-Cost: the layers see ``N`` positions instead of ``B × T`` (padding included); attention is dense over the
-``N × N`` mask, small next to the layers' matrix products for the lengths of a micro-batch. Padding
-positions (``t >= lengths[b]``) are no node: ``node_of`` points them at node 0, whose state a loss never
-reads there (padding is never an action).
+Cost: the layers see ``N`` positions instead of ``B × T`` (padding included), but attention is dense over the
+``N × N`` mask where each row's is ``T × T``. Rows that share little can therefore cost more as a trie
+(four unrelated rows of 2,500 tokens: ``N`` = 10,000, four times each row's attention, and a 100 MB mask):
+with ``cost_ratio`` (:func:`cost_ratio` of the model) :func:`build` estimates both and returns None where the
+trie is not the cheaper. Padding positions (``t >= lengths[b]``) are no node: ``node_of`` points them at node
+0, whose state a loss never reads there (padding is never an action).
+
+What a trie cannot run exactly is refused (:func:`check_model`): dropout (a shared state would get one mask
+for all its rows), Transformer Engine layers (their attention is causal over the packed order and ignores
+the tree's mask), multi-token prediction, tensor and pipeline parallelism.
 """
 
 from __future__ import annotations
@@ -54,8 +60,38 @@ class PrefixTree:
         return nodes[self.node_of]
 
 
-def build(tokens: torch.Tensor, lengths: torch.Tensor) -> PrefixTree:
+def cost_ratio(config) -> float:
+    """A transformer layer's work per position over its attention's work per pair of positions, for
+    :func:`build`: ``(8 H² + 6 H F) / 4 H`` (the projections and a gated MLP against the scores and their
+    weighted sum), from a megatron ``TransformerConfig`` (``hidden_size`` ``H``, ``ffn_hidden_size`` ``F``)."""
+    return 2.0 * config.hidden_size + 1.5 * config.ffn_hidden_size
+
+
+def check_model(inner) -> None:
+    """Raise ValueError (one line, naming the setting) unless the megatron ``GPTModel`` ``inner`` (unwrapped:
+    ``shiq_train.model.unwrap``) runs a :class:`PrefixTree` exactly, its rows' own forwards up to float rounding."""
+    c = inner.config
+    why = None
+    if c.tensor_model_parallel_size > 1 or c.pipeline_model_parallel_size > 1:
+        why = "tensor and pipeline parallel size 1 (the whole model in one process)"
+    elif not (inner.pre_process and inner.post_process):
+        why = "the whole model in one process (pipeline parallel size 1)"
+    elif c.hidden_dropout > 0 or c.attention_dropout > 0:
+        why = f"model.hidden_dropout = model.attention_dropout = 0 (got {c.hidden_dropout}, {c.attention_dropout})"
+    elif getattr(c, "mtp_num_layers", None):
+        why = "no multi-token prediction layers"
+    elif any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in inner.modules()):
+        why = "megatron's local layers (model.transformer_impl=local): Transformer Engine's attention ignores its mask"
+    if why:
+        raise ValueError(f"shared prefixes (train.share_prefixes) need {why}")
+
+
+def build(tokens: torch.Tensor, lengths: torch.Tensor, *, cost_ratio: float | None = None) -> PrefixTree | None:
     """The trie of rows ``tokens`` ``[B, T]`` whose first ``lengths`` ``[B]`` tokens are real (the rest padding).
+
+    With ``cost_ratio`` (:func:`cost_ratio` of the model that will run it): None, and no mask built, unless the
+    trie's estimated work ``N (r + N)`` is below the padded rows' ``B T (r + T)``, where ``r`` is the ratio,
+    ``N`` the trie's nodes (so also None when the rows share nothing).
 
     Raises:
         ValueError: on a shape mismatch or a length outside ``[1, T]``.
@@ -81,11 +117,13 @@ def build(tokens: torch.Tensor, lengths: torch.Tensor) -> PrefixTree:
                 source.append(b * T + t)
                 depth.append(t)
             nodes[t] = parent = node
+    N = len(source)
+    if cost_ratio is not None and N * (cost_ratio + N) >= B * T * (cost_ratio + T):
+        return None
     device = tokens.device
     node_t = torch.tensor(node_of, dtype=torch.long)
     source_t = torch.tensor(source, dtype=torch.long)
     depth_t = torch.tensor(depth, dtype=torch.long)
-    N = len(source)
     # node i's ancestors are the nodes of its source row at positions 0 .. depth(i)
     path = node_t[source_t // T]  # [N, T]: the nodes of each node's source row
     on_path = torch.arange(T)[None, :] <= depth_t[:, None]  # [N, T]

@@ -23,7 +23,7 @@ from shiq_data.buffer import open_buffer
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, prefix_tree
 from shiq_train.hf_convert import import_llama, model_config_from_llama
-from shiq_train.model import build_model
+from shiq_train.model import build_model, unwrap
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.qsharp_value import (
     CONFIG_FILE,
@@ -52,8 +52,9 @@ class ValueTrainConfig:
     to ``min_lr / lr`` of each group's rate over ``decay_steps``; 0: constant). ``data_seed`` shuffles
     the buffer (default ``seed``). ``cache_frozen_prefix``: with ``trainable_last_layers >= 0``, the
     trunk's frozen prefix runs once per buffer row (``shiq_train.prefix_cache``), each step only the rest.
-    ``share_prefixes``: the leading tokens a micro-batch's rows share run once (``shiq_train.prefix_tree``);
-    the same steps up to float rounding.
+    ``share_prefixes``: the leading tokens a micro-batch's rows share run once (``shiq_train.prefix_tree``,
+    which refuses dropout; a micro-batch whose trie would cost more than its rows runs as rows); the same
+    steps up to float rounding.
     """
 
     steps: int = 100
@@ -261,6 +262,10 @@ def train_value_model(
         schedule = cfg.schedule()
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.lr_at(step) / schedule.lr)
         model.train()
+        ratio = None
+        if cfg.share_prefixes:
+            prefix_tree.check_model(unwrap(model.trunk))
+            ratio = prefix_tree.cost_ratio(unwrap(model.trunk).config)
         with narrowed:  # the trunk runs only the layers after a cached prefix
             for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
                 mbs = sampler.next_micro_batches()
@@ -269,7 +274,7 @@ def train_value_model(
                 for mb in mbs:
                     mb = {k: v.to(parallel.device()) for k, v in mb.items()}
                     cached = prefix_cache.gather(mb) if prefix_cache is not None else None
-                    tree = prefix_tree.build(mb["tokens"], mb["lengths"]) if cfg.share_prefixes else None
+                    tree = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=ratio) if ratio else None
                     logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
                     loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
                     (loss / len(mbs)).backward()

@@ -82,9 +82,10 @@ class TrainConfig:
     tensor and pipeline parallel size 1 and no dropout; an online reference uses the cache too.
     ``share_prefixes``: the rows of a micro-batch that begin with the same tokens (the completions of a
     prompt, prompts with the same system turn) run those tokens through the model once
-    (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding, less compute the
-    more the rows share. Needs ``padded`` or ``groups`` data from a ``BufferSampler`` and tensor and
-    pipeline parallel size 1."""
+    (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding; a micro-batch whose
+    trie would cost more than its rows (they share too little for the trie's dense attention) runs as rows.
+    Needs ``padded`` or ``groups`` data from a ``BufferSampler``, tensor and pipeline parallel size 1, no
+    dropout and megatron's local layers (:func:`shiq_train.prefix_tree.check_model`)."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
@@ -164,16 +165,17 @@ def _capture_reference(ref_model, micro_batches):
         forward_backward(ref_model, micro_batches, capture, forward_only=True)
 
 
-def add_prefix_trees(micro_batches: list[dict]) -> list[dict]:
-    """Put each micro-batch's :func:`shiq_train.prefix_tree.build` under ``prefix_tree`` (in place); returns
-    them. Needs the ``lengths`` ``[B]`` a ``BufferSampler`` gives in ``padded`` and ``groups`` modes."""
+def add_prefix_trees(micro_batches: list[dict], cost_ratio: float | None = None) -> list[dict]:
+    """Put each micro-batch's :func:`shiq_train.prefix_tree.build` under ``prefix_tree`` (in place; None where,
+    by ``cost_ratio``, the trie would cost more than the rows); returns them. Needs the ``lengths`` ``[B]`` a
+    ``BufferSampler`` gives in ``padded`` and ``groups`` modes."""
     for mb in micro_batches:
         if mb.get("segment_ids") is not None or "lengths" not in mb:
             raise ValueError(
                 "train.share_prefixes=true needs one trajectory per row with its length (data.mode=padded or "
                 "groups from a replay buffer), not packed rows"
             )
-        mb["prefix_tree"] = prefix_tree.build(mb["tokens"], mb["lengths"])
+        mb["prefix_tree"] = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=cost_ratio)
     return micro_batches
 
 
@@ -229,14 +231,13 @@ class Trainer:
             self.optimizer, self.scheduler = build_optimizer(model, opt_cfg)
         if prefix_cache is not None:
             self._check_cache(prefix_cache)
+        self._cost_ratio = None
         if cfg.share_prefixes:
             inners = [unwrap(c) for c in model_chunks(model)]
-            if (
-                len(inners) > 1
-                or not (inners[0].pre_process and inners[0].post_process)
-                or (inners[0].config.tensor_model_parallel_size > 1)
-            ):
+            if len(inners) > 1:
                 raise ValueError("train.share_prefixes=true needs tensor and pipeline parallel size 1")
+            prefix_tree.check_model(inners[0])
+            self._cost_ratio = prefix_tree.cost_ratio(inners[0].config)
         self.loss_fn = objective_loss_fn(loss_cfg)
 
     def _check_cache(self, cache: PrefixCache) -> None:
@@ -313,7 +314,7 @@ class Trainer:
                 if self.prefix_cache is not None:
                     self.prefix_cache.add_to(mbs)
                 if self.cfg.share_prefixes:
-                    add_prefix_trees(mbs)
+                    add_prefix_trees(mbs, self._cost_ratio)
                 if self.cfg.reference == "online":
                     with self._suffix(self.ref_model, self.prefix_cache):
                         _capture_reference(self.ref_model, mbs)
@@ -364,7 +365,7 @@ class Trainer:
             self._check_cache(prefix_cache)
             prefix_cache.add_to(micro_batches)
         if self.cfg.share_prefixes:
-            add_prefix_trees(micro_batches)
+            add_prefix_trees(micro_batches, self._cost_ratio)
         if self.cfg.reference == "online":
             with self._suffix(self.ref_model, prefix_cache):
                 _capture_reference(self.ref_model, micro_batches)

@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import warnings
-from pathlib import Path
 
 import pytest
+from tool_runs import TOOLS
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import bench_attention as BA  # noqa: E402
-
-
-def test_help_is_plain_text():
-    out = subprocess.run([sys.executable, str(TOOLS / "bench_attention.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    assert "``" not in out.stdout and str(TOOLS.parent) not in out.stdout
 
 
 def test_contestants_compute_the_same_loss():

@@ -2,23 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
+from tool_runs import run_tool, table_rows
 
 from shiq_data.buffer import write_buffer
-
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
-
-
-def test_help_is_plain_text():
-    out = subprocess.run(
-        [sys.executable, str(TOOLS / "bench_ref_stats_prefix.py"), "--help"], capture_output=True, text=True
-    )
-    assert out.returncode == 0 and "shared prefix" in " ".join(out.stdout.split())
-    assert "``" not in out.stdout and str(TOOLS.parent) not in out.stdout
 
 
 def test_the_ways_agree_on_smollm2(tmp_path, smollm2):
@@ -41,18 +28,14 @@ def test_the_ways_agree_on_smollm2(tmp_path, smollm2):
                 }
             )
     write_buffer(rows, tmp_path / "buf", tokenizer_info=info, command=["test"], progress=False)
-    cmd = [sys.executable, str(TOOLS / "bench_ref_stats_prefix.py"), str(tmp_path / "buf"), "--groups", "2"]
-    out = subprocess.run(cmd + ["--rounds", "1"], capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "2 groups (6 rows" in out.stdout and "2 groups share at least" in out.stdout
-    rows = {
-        line.split(" | ")[0].strip("| "): line.split(" | ") for line in out.stdout.splitlines() if line.startswith("| ")
-    }
+    out = run_tool("bench_ref_stats_prefix.py", str(tmp_path / "buf"), "--groups", "2", "--rounds", "1")
+    assert "2 groups (6 rows" in out and "2 groups share at least" in out
+    rows = {r[0]: r for r in table_rows(out)}
     ways = [
         "every row whole",
         "shared prefixes once, a group at a time",
         "shared prefixes once, small groups side by side",
     ]
     assert all(w in rows for w in ways)
-    assert float(rows[ways[0]][-1].strip(" |")) == 0.0
-    assert all(float(rows[w][-1].strip(" |")) < 1e-4 for w in ways[1:])  # other paths, the same values
+    assert float(rows[ways[0]][-1]) == 0.0
+    assert all(float(rows[w][-1]) < 1e-4 for w in ways[1:])  # other paths, the same values

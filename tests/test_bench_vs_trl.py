@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import subprocess
 import sys
 from pathlib import Path
 
@@ -36,13 +35,6 @@ def expected_tokens(pairs, per_step, steps):
         chosen = [pairs[(s * per_step + i) % len(pairs)] for i in range(per_step)]
         out.append(sum(2 * len(p["prompt"]) + len(p["chosen"]) + len(p["rejected"]) for p in chosen))
     return out
-
-
-def test_help_is_plain_text():
-    out = subprocess.run([sys.executable, str(TOOLS / "bench_vs_trl.py"), "--help"], capture_output=True, text=True)
-    assert out.returncode == 0
-    assert "``" not in out.stdout and ":func:" not in out.stdout and str(TOOLS.parent) not in out.stdout
-    assert "trl dpo (online ref)" in out.stdout
 
 
 def test_missing_trl_is_one_line_naming_the_extra(monkeypatch, capsys):

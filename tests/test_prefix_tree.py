@@ -2,12 +2,14 @@
 model's statistics and gradients against a plain run of the rows, and training against training without it."""
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_prefix_cache import TOK, TOL, assert_same_run, assert_same_value_runs, train, value_runs
 
 from shiq_data.buffer import write_buffer
 from shiq_data.sampler import BufferSampler
@@ -18,7 +20,6 @@ from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer, add_prefix_trees
-from tests.test_prefix_cache import TOK, TOL, assert_same_run, assert_same_value_runs, train, value_runs
 
 VOCAB, LAYERS, TRAINABLE, SEQ = 128, 4, 2, 16
 
@@ -202,8 +203,9 @@ def test_training_with_shared_prefixes_equals_training_without(dist1, buffer, tm
     trees = []
     add = trainer_module.add_prefix_trees
 
-    def counting_add(mbs):
-        trees.extend((mb["prefix_tree"].num_nodes, int(mb["lengths"].sum())) for mb in add(mbs))
+    def counting_add(mbs, cost_ratio):
+        assert cost_ratio == prefix_tree.cost_ratio(M.build_model(model_cfg()).config)
+        trees.extend((mb["prefix_tree"].num_nodes, int(mb["lengths"].sum())) for mb in add(mbs, cost_ratio))
         return mbs
 
     plain = train(buffer, init, tmp_path / "plain", loss, mode, **kw)
@@ -213,11 +215,51 @@ def test_training_with_shared_prefixes_equals_training_without(dist1, buffer, tm
     assert_same_run(plain, shared, init)
 
 
-def test_a_model_split_over_ranks_is_refused(dist1):
-    model = M.build_model(model_cfg())
-    model.config.tensor_model_parallel_size = 2
-    with pytest.raises(ValueError, match="tensor and pipeline parallel size 1"):
-        Trainer(model, LossConfig(), OptimizerConfig(), TrainConfig(share_prefixes=True), "unused")
+def test_what_a_trie_cannot_run_exactly_is_refused(dist1):
+    """A model split over ranks, dropout, multi-token prediction and Transformer Engine layers (whose attention
+    is causal over the packed order whatever the mask): refused in one line by the trainer and the forward."""
+    tokens, lengths = shared_rows()
+    tree = prefix_tree.build(tokens, lengths)
+    split = M.build_model(model_cfg())
+    split.config.tensor_model_parallel_size = 2
+    dropout = M.build_model(model_cfg(hidden_dropout=0.1))
+    mtp = M.build_model(model_cfg())
+    mtp.config.mtp_num_layers = 1
+    te = M.build_model(model_cfg())
+    te.decoder.layers[0].add_module("te_attention", type("TEDotProductAttention", (torch.nn.Module,), {})())
+    type(te.decoder.layers[0].te_attention).__module__ = "megatron.core.extensions.transformer_engine"
+    for model, why in [
+        (split, "tensor and pipeline parallel size 1"),
+        (dropout, r"model.hidden_dropout = model.attention_dropout = 0 \(got 0.1, 0.0\)"),
+        (mtp, "no multi-token prediction"),
+        (te, r"megatron's local layers \(model.transformer_impl=local\): Transformer Engine's attention ignores"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            Trainer(model, LossConfig(), OptimizerConfig(), TrainConfig(share_prefixes=True), "unused")
+        with pytest.raises(ValueError, match=f"shared prefixes \\(train.share_prefixes\\) need {why}"):
+            model(**M.stats_inputs(tokens, None, None), prefix_tree=tree)
+    plain = M.build_model(model_cfg())
+    prefix_tree.check_model(plain)  # the local layers, no dropout: accepted
+    with pytest.raises(ValueError, match="by keyword"):
+        plain(tokens, None, None, prefix_tree=tree)
+
+
+def test_a_trie_costlier_than_its_rows_is_not_built():
+    """``build(cost_ratio=r)`` builds the trie only when ``N (r + N) < B T (r + T)``, ``N`` counted here as the
+    rows' distinct prefixes: rows that share nothing, or little next to their length, stay rows."""
+    g = torch.Generator().manual_seed(3)
+    unrelated = torch.randint(1, VOCAB, (4, 50), generator=g)  # N = 200 = B T: never cheaper
+    grouped, lengths = shared_rows()
+    for tokens, lens in [(unrelated, torch.full((4,), 50)), (grouped, lengths)]:
+        B, T = tokens.shape
+        N = len({tuple(tokens[b, : t + 1].tolist()) for b in range(B) for t in range(int(lens[b]))})
+        for r in (0.0, 10.0, 3456.0, 1e9):
+            tree = prefix_tree.build(tokens, lens, cost_ratio=r)
+            assert (tree is not None) == (N * (r + N) < B * T * (r + T)), (N, r)
+            assert tree is None or tree.num_nodes == N
+    assert prefix_tree.build(unrelated, torch.full((4,), 50), cost_ratio=1e9) is None
+    assert prefix_tree.build(grouped, lengths, cost_ratio=3456.0) is not None  # SmolLM2-135M's ratio
+    assert prefix_tree.cost_ratio(SimpleNamespace(hidden_size=576, ffn_hidden_size=1536)) == 3456.0
 
 
 def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_path, buffer, monkeypatch):
@@ -225,7 +267,7 @@ def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_p
     from shiq_train.qsharp_train import ValueTrainConfig
 
     built, build = [], prefix_tree.build
-    monkeypatch.setattr(prefix_tree, "build", lambda *a: built.append(1) or build(*a))
+    monkeypatch.setattr(prefix_tree, "build", lambda *a, **k: built.append(1) or build(*a, **k))
     cached = {"cache_frozen_prefix": True}
     rows = value_runs(buffer, tmp_path, {"rows": cached})["rows"]
     trees_of_the_cache = len(built)

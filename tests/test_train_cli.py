@@ -197,6 +197,9 @@ def test_bad_configs_fail_with_a_clear_message(tmp_path):
     packed = run_cli(tmp_path, f"out={tmp_path / 'x'}", "train.share_prefixes=true", "data.mode=packed")
     assert packed.returncode == 2 and "train.share_prefixes=true needs one trajectory per row" in packed.stderr
     assert "Traceback" not in packed.stderr
+    dropout = run_cli(tmp_path, f"out={tmp_path / 'x'}", "train.share_prefixes=true", "model.hidden_dropout=0.1")
+    assert dropout.returncode == 2 and "model.hidden_dropout=0.1" in dropout.stderr, dropout.stderr[-1000:]
+    assert "no dropout and megatron's local layers" in dropout.stderr and "Traceback" not in dropout.stderr
 
 
 def test_group_losses_force_group_batches():

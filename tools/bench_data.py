@@ -565,7 +565,9 @@ def print_groups_part(results: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument(
         "--part",
         choices=("all", "buffer", "curate", "groups"),

@@ -1,4 +1,4 @@
-"""Reference statistics with a Hugging Face model (``shiq-train ref-stats``): full logits against chunks.
+"""Reference statistics with a Hugging Face model (shiq-train ref-stats): full logits against chunks.
 
 SmolLM2-135M-Instruct (vocab 49152) computes the chosen logit and log-partition of every token of the
 same synthetic rows two ways: through its full ``[B, T, V]`` logits (``causal_lm_stats``), and from

@@ -16,9 +16,11 @@ accounting of the state would have to know every simulator. Measuring the work i
   Once exhausted, the budget refuses every further call of the entry at once.
 * The step count is deterministic (the verdict of a trajectory does not depend on the machine's
   load, nor on the process's history: automatic garbage collection is off during the call, since
-  a collection there would run the finalizers of unrelated objects under the hook; cyclic garbage
-  a call makes is freed after it, and the memory allowance bounds it meanwhile); the time budget and the memory allowance are backstops for single C calls that do much
-  work in one event. Time is the CPU time of the calling thread, not wall time: on a loaded
+  a collection there would run the finalizers of unrelated objects under the hook). The price: cyclic
+  garbage a call makes stays until the next automatic collection after it, and counts towards the
+  call's memory allowance meanwhile (a call that makes much cyclic garbage can now exceed the allowance
+  where a collection during it would have freed the garbage). The time budget and the memory allowance
+  are backstops for single C calls that do much work in one event. Time is the CPU time of the calling thread, not wall time: on a loaded
   machine an entry of 500 steps can take 1.5 s of wall time (other processes, garbage
   collection), and a wall-clock budget would let the load change verdicts; a call that waits
   instead of computing (paging) is bounded by the memory allowance. No thread, signal or subprocess is involved: it works in any thread and on
