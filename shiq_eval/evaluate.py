@@ -3,9 +3,10 @@
 One pass per policy: sample completions (plain softmax: temperature 1, top-p 1, so the samples come
 from the policy whose KL is reported), score them, then run the policy and the reference over
 prompt + completion to get both KL estimators from the same sequences. When the policy holds the
-reference's embeddings and first ``k`` decoder layers unchanged (a fine-tune of its last layers), that
-second pass starts at layer ``k`` from the hidden states sampling already computed: only the layers
-after ``k`` run again, once for each model.
+reference's embeddings and first ``k`` decoder layers unchanged (a fine-tune of its last layers), the
+policy does not run again (its logits are those sampling drew each token from) and only the reference's
+layers after ``k`` do, over the completion tokens, from the hidden states sampling already computed
+(:class:`SharedPrefixPolicy`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from types import SimpleNamespace
 import torch
 
 from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches, left_padded
-from shiq_eval.kl import exact_token_kl, kl_from_log_probs, mean_stderr, sample_kl
+from shiq_eval.kl import masked_kls, mean_stderr
 from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, shared_prefix_layers
 
 
@@ -38,11 +39,6 @@ class EvalResult:
         return dict(self.__dict__)
 
 
-def _log_probs(model, tokens, attn, keep: int) -> torch.Tensor:
-    """float64 log-softmax of ``model``'s logits at the last ``keep`` positions, ``[B, keep, V]``."""
-    return torch.log_softmax(model(input_ids=tokens, attention_mask=attn, logits_to_keep=keep).logits.double(), -1)
-
-
 @torch.no_grad()
 def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pad_id=0):
     """Per-sequence KL estimates over the completion tokens: ``(sample [N], exact [N])`` (SHIQ_MATH §6).
@@ -50,7 +46,8 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
     Rows are ``prompt + completion``, right-padded; position ``t``'s distribution comes from the
     logits at ``t − 1``. Only positions whose next token can be a completion token need the vocabulary:
     both models are asked for the logits of the batch's last ``T − s`` positions (``logits_to_keep``,
-    ``s`` = the shortest prompt's length − 1), and each log-softmax runs once, in float64, on those.
+    ``s`` = the shortest prompt's length − 1), and :func:`shiq_eval.kl.masked_kls` runs the float64
+    log-softmaxes at the completion tokens' positions only.
     """
     samples, exact = [], []
     for start in range(0, len(prompt_ids), batch_size):
@@ -66,10 +63,12 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
             mask[i, len(p) : len(r)] = True
         first = max(min(len(p) for p in prompts) - 1, 0)  # the first position that predicts a completion token
         keep = T - first  # logits of positions first .. T-1; the last one predicts nothing
-        logp, logq = (_log_probs(net, tokens, attn, keep)[:, :-1] for net in (model, ref_model))  # [B, T-1-first, V]
-        targets, m = tokens[:, first + 1 :, None], mask[:, first + 1 :]
-        samples.append(sample_kl(logp.gather(-1, targets)[..., 0], logq.gather(-1, targets)[..., 0], m))
-        exact.append(exact_token_kl(kl_from_log_probs(logp, logq), m))
+        logits, ref_logits = (
+            net(input_ids=tokens, attention_mask=attn, logits_to_keep=keep).logits[:, :-1] for net in (model, ref_model)
+        )  # [B, T-1-first, V]
+        sample, exact_kl = masked_kls(logits, ref_logits, tokens[:, first + 1 :], mask[:, first + 1 :])
+        samples.append(sample)
+        exact.append(exact_kl)
     return torch.cat(samples), torch.cat(exact)
 
 
@@ -140,12 +139,13 @@ class SharedPrefixPolicy:
     same seeds) with both KL estimators against ``ref_model`` read off the same pass (SHIQ_MATH §6).
 
     The two models share their embeddings and first ``k`` decoder layers (:func:`shared_prefix_layers`),
-    so the hidden states entering layer ``k`` are the same for both. Sampling keeps them (a hook on that
-    layer's input, step by step through the KV cache); afterwards each model's own layers ``k ..`` run once
-    over prompt + completion from there, which gives exactly what :func:`sequence_kls` gets from two full
-    passes, for ``(L − k) / L`` of one pass each. Rows keep sampling's left padding and position ids.
-    With ``prompt_prefixes`` (a :class:`PromptPrefixes` of ``ref_model``), the prompts' pass through the
-    shared layers is read from there instead of run again (computed on first use).
+    so the hidden states entering layer ``k`` are the same for both. The prompts' pass through those layers
+    comes from a :class:`PromptPrefixes` of ``ref_model`` (``prompt_prefixes``, kept for the next policy;
+    without it, one for each batch). Sampling keeps the policy's logits at every drawn token and the hidden
+    states entering layer ``k`` at every sampled token (a hook on that layer's input, step by step through
+    the KV cache). The reference's layers ``k ..`` then run once over the completion tokens, after their own
+    pass over the prompt (from the store). That gives what :func:`sequence_kls` gets from two full passes,
+    up to float rounding, for ``(L − k) / L`` of one reference pass over the completions only.
     """
 
     def __init__(self, model, ref_model, k: int, *, eos_id: int, pad_id: int | None = None, prompt_prefixes=None):
@@ -154,25 +154,21 @@ class SharedPrefixPolicy:
             raise ValueError(f"k must be in 1..{n} (the shared decoder layers), got {k}")
         if prompt_prefixes is not None and prompt_prefixes.ref_model is not ref_model:
             raise ValueError("prompt_prefixes holds another reference model's layers")
-        self.model, self.sampler = model, HFPolicy(model, eos_id=eos_id, pad_id=pad_id, share_prefix=False)
+        self.model, self.ref_model = model, ref_model
+        self.sampler = HFPolicy(model, eos_id=eos_id, pad_id=pad_id, share_prefix=False)
         self.eos_id, self.k = int(eos_id), k
-        self.decoder = decoder_from(model, k)  # the policy's layers k ..: its prompt pass and its KL tail
-        self.tails = [_tail(model, self.decoder), _tail(ref_model, decoder_from(ref_model, k))]
+        self.decoder = decoder_from(model, k)  # the policy's layers k ..: its prompt pass
+        self.ref_decoder = decoder_from(ref_model, k)  # the reference's layers k ..: its prompt and completion passes
         self.prefixes = prompt_prefixes
 
-    def _prefill(self, ids, attn, positions):
+    def _prefill(self, store, ids, attn, positions):
         """The policy's prompt pass from the shared layers' stored output: layers ``k ..`` run on the hidden
         states entering layer ``k``; the cache gets the stored keys and values of layers ``0 .. k-1``."""
-        from transformers import DynamicCache  # heavy: transformers, only when a model runs
-
-        kv, hidden = self.prefixes.get(ids, attn, positions, self.k)  # k x (keys, values) [B, h, W, d]; [B, W, H]
+        kv, hidden = store.get(ids, attn, positions, self.k)  # k x (keys, values) [B, h, W, d]; [B, W, H]
         out = self.decoder(
             inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(self.k), use_cache=True
         )
-        kv = kv + [(layer.keys, layer.values) for layer in out.cache.layers[self.k :]]
-        cache = DynamicCache(config=self.model.config)  # every layer's prompt keys and values, as one pass leaves them
-        for i, (keys, values) in enumerate(kv):
-            cache.update(keys, values, i)
+        cache = filled_cache(self.model, kv + [(layer.keys, layer.values) for layer in out.cache.layers[self.k :]])
         return cache, self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]  # as logits_to_keep=1 computes them
 
     @torch.no_grad()
@@ -184,30 +180,34 @@ class SharedPrefixPolicy:
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):
-            prefill = None
-            if self.prefixes is not None:  # read (or run) the shared layers first: the reference's pass is not
-                self.prefixes.get(*left_padded(batch, self.sampler.pad_id), self.k)  # for the hook below to see
-                prefill = self._prefill
+            store = self.prefixes if self.prefixes is not None else PromptPrefixes(self.ref_model)
+            ids, attn, positions = left_padded(batch, self.sampler.pad_id)  # [B, W] each
+            store.get(ids, attn, positions, self.k)  # before the hook below: the reference's pass is not for it
+            logits = []  # [B, V] per drawn token: what each token was drawn from
             with inputs_of_layer(self.model, self.k) as captured:  # [B, W, H] at the prompt, then [B, 1, H] a token
-                rows = self.sampler._generate_batch(batch, cfg, seed, prefill)
-            hidden = torch.cat(captured, 1)  # [B, W + n - 1, H]: prompt and every sampled token but the last
-            W, n = max(len(p) for p in batch), len(rows[0])
-            if hidden.shape[1] != W + n - 1:  # sampling ran another number of forward passes than tokens
-                raise RuntimeError(f"sampling kept {hidden.shape[1]} positions at layer {self.k}, expected {W + n - 1}")
-            attn = torch.zeros(hidden.shape[:2], dtype=torch.long)  # left padding, as sampling had it
-            for j, p in enumerate(batch):
-                attn[j, W - len(p) :] = 1
-            positions = (attn.cumsum(-1) - 1).clamp(min=0)
-            targets = torch.tensor(rows, dtype=torch.long)[..., None]  # [B, n, 1]
+                rows = self.sampler._generate_batch(
+                    batch, cfg, seed, lambda *a: self._prefill(store, *a), keep_logits=logits
+                )
+            n = len(rows[0])
+            if len(logits) != n or len(captured) != n:  # sampling ran another number of forward passes than tokens
+                raise RuntimeError(f"sampling kept {len(logits)} and {len(captured)} passes for {n} tokens")
+            ref_kv, ref_last = store.reference_tail(ids, attn, positions, self.k, self.ref_decoder)
+            ref_logits = [ref_last[:, None]]  # [B, 1, V]: the reference at the prompt's last position
+            if n > 1:  # positions W .. W+n-2 (the sampled tokens but the last) predict tokens 2 .. n
+                out = self.ref_decoder(
+                    inputs_embeds=torch.cat(captured[1:], 1),  # [B, n-1, H]
+                    attention_mask=torch.cat([attn, torch.ones(len(rows), n - 1, dtype=attn.dtype)], 1),
+                    position_ids=positions[:, -1:] + torch.arange(1, n),
+                    cache=filled_cache(self.ref_model, ref_kv, first=self.k),
+                    use_cache=True,
+                )
+                ref_logits.append(self.ref_model.lm_head(out.last_hidden_state))  # [B, n-1, V]
             mask = torch.zeros((len(rows), n), dtype=torch.bool)  # each completion up to its first EOS
             for j, row in enumerate(rows):
                 mask[j, : len(cut_at_eos(row, self.eos_id))] = True
-            # positions W-1 .. W+n-2 predict the n sampled tokens
-            logp, logq = (
-                torch.log_softmax(tail(hidden, attn, positions, n).double(), -1) for tail in self.tails
-            )  # [B, n, V]
-            sample.append(sample_kl(logp.gather(-1, targets)[..., 0], logq.gather(-1, targets)[..., 0], mask))
-            exact.append(exact_token_kl(kl_from_log_probs(logp, logq), mask))
+            s, e = masked_kls(torch.stack(logits, 1), torch.cat(ref_logits, 1), torch.tensor(rows), mask)
+            sample.append(s)
+            exact.append(e)
             return rows
 
         completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
@@ -218,15 +218,21 @@ class SharedPrefixPolicy:
 class PromptPrefixes:
     """The first ``k`` decoder layers of ``ref_model`` over batches of prompts, run once and kept for every policy
     that holds those layers unchanged (:class:`SharedPrefixPolicy`): per batch (keyed by its token ids and
-    ``k``), the keys and values of layers ``0 .. k-1`` and the hidden states entering layer ``k``. A policy
-    computing them itself would get the same bits: the same weights on the same inputs, in the same shapes.
-    Nothing is dropped: about ``k · 2 · B · h_kv · W · d`` floats a batch (64 MB for 32 prompts of 54 tokens at
-    k = 24 in SmolLM2-135M, 320 MB for the main job's 160 held-out prompts), so it suits a fixed prompt set
-    evaluated for many policies."""
+    ``k``), the keys and values of layers ``0 .. k-1`` and the hidden states entering layer ``k``; and, once a
+    policy's KL has asked for them, the reference's own layers ``k ..`` over the prompts (their keys and values,
+    the last position's logits). A policy computing them itself would get the same bits: the same weights on
+    the same inputs, in the same shapes. Nothing is dropped: about ``L · 2 · B · h_kv · W · d`` floats and ``B · V``
+    logits a batch (about 430 MB for the main job's 160 held-out prompts in SmolLM2-135M), so it suits a fixed
+    prompt set evaluated for many policies."""
 
     def __init__(self, ref_model):
         self.ref_model = ref_model
         self._kept: dict = {}
+        self._tails: dict = {}
+
+    @staticmethod
+    def _key(ids, attn, k):
+        return (k, tuple(ids.shape), ids.numpy().tobytes(), attn.numpy().tobytes())
 
     @torch.no_grad()
     def get(self, ids, attn, positions, k: int):
@@ -234,7 +240,7 @@ class PromptPrefixes:
         ``[B, W, H]`` entering layer ``k``, for the left-padded prompts ``ids`` ``[B, W]``."""
         from transformers import DynamicCache  # heavy: transformers, only when a model runs
 
-        key = (k, tuple(ids.shape), ids.numpy().tobytes(), attn.numpy().tobytes())
+        key = self._key(ids, attn, k)
         if key not in self._kept:
             cache = DynamicCache(config=self.ref_model.config)
             with inputs_of_layer(self.ref_model, k, stop=True) as seen:  # layers 0 .. k-1 only
@@ -242,17 +248,33 @@ class PromptPrefixes:
             self._kept[key] = ([(layer.keys, layer.values) for layer in cache.layers[:k]], seen[0])
         return self._kept[key]
 
+    @torch.no_grad()
+    def reference_tail(self, ids, attn, positions, k: int, decoder):
+        """``(kv, logits)``: every layer's ``(keys, values)`` ``[B, h, W, d]`` of the reference over the
+        prompts (layers ``k ..`` run by ``decoder``, :func:`decoder_from` ``(ref_model, k)``, on :meth:`get`'s
+        hidden states), and its logits ``[B, V]`` at the last position."""
+        key = self._key(ids, attn, k)
+        if key not in self._tails:
+            kv, hidden = self.get(ids, attn, positions, k)
+            out = decoder(
+                inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(k), use_cache=True
+            )
+            tail = [(layer.keys, layer.values) for layer in out.cache.layers[k:]]
+            self._tails[key] = (kv + tail, self.ref_model.lm_head(out.last_hidden_state[:, -1]))
+        return self._tails[key]
 
-def _tail(model, inner):
-    """``fn(hidden [B, T, H], attention_mask [B, T], position_ids [B, T], keep) -> logits [B, keep, V]``:
-    ``model`` from the input of decoder layer ``k`` on (``inner``, its :func:`shiq_eval.shared_layers.decoder_from`
-    ``(model, k)``, then its output layer), logits of the last ``keep`` positions."""
 
-    def run(hidden, attn, positions, keep):
-        out = inner(inputs_embeds=hidden, attention_mask=attn, position_ids=positions, use_cache=False)
-        return model.lm_head(out.last_hidden_state[:, -keep:])
+def filled_cache(model, kv, first: int = 0):
+    """A KV cache of ``model`` holding ``kv[i] = (keys, values)`` for layer ``i`` (:func:`cache_from`
+    ``(first)`` when ``first`` > 0: layers ``first ..`` only, for :func:`decoder_from` ``(model, first)``).
+    The cache grows by concatenation, so the tensors given stay as they are."""
+    from transformers import DynamicCache  # heavy: transformers, only when a model runs
 
-    return run
+    cache = cache_from(first) if first else DynamicCache(config=model.config)
+    for i, (keys, values) in enumerate(kv):
+        if i >= first:
+            cache.update(keys, values, i)
+    return cache
 
 
 def evaluate_samples(

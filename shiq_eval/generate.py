@@ -126,11 +126,14 @@ class HFPolicy:
         )  # fmt: skip
         return out.cache, out.logits[:, -1], attn, positions + shared
 
-    def _generate_batch(self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None) -> list[list[int]]:
+    def _generate_batch(
+        self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None, keep_logits: list | None = None
+    ) -> list[list[int]]:
         """Raw completions of one batch (rows end at ``cfg.max_new_tokens`` or pad after their EOS; the batch
         stops early once every row has ended). ``prefill(ids [B, W], attention_mask [B, W], position_ids [B, W])
         -> (cache, logits [B, V])`` reads the left-padded prompts in place of one plain forward pass (it must
-        return what that pass would: the KV cache of every layer and the last position's logits)."""
+        return what that pass would: the KV cache of every layer and the last position's logits).
+        ``keep_logits`` receives the model's logits ``[B, V]`` each token was drawn from (before temperature)."""
         B = len(batch)
         if prefill is None:
             cache, logits, attn, positions = self._read_prompts(batch)
@@ -142,6 +145,8 @@ class HFPolicy:
         pos = positions[:, -1:] + 1  # [B, 1]
         drawn = []
         for step in range(cfg.max_new_tokens):
+            if keep_logits is not None:
+                keep_logits.append(logits)
             token = sample_next(logits, cfg, generator).masked_fill(done, self.pad_id)  # [B]
             drawn.append(token)
             done |= token == self.eos_id

@@ -41,6 +41,29 @@ def kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     return (logp.exp() * (logp - logq)).sum(-1)
 
 
+def masked_kls(
+    logits: torch.Tensor, ref_logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, chunk: int = 16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both per-sequence estimators ``(sample [B], exact [B])`` (SHIQ_MATH §6) from the two models' logits:
+    :func:`sample_kl` and :func:`exact_token_kl` of the float64 log-softmaxes, the same numbers bit for bit,
+    with the vocabulary read only at the masked positions, ``chunk`` positions at a time (two float64
+    ``[B, T, V]`` tensors and their temporaries would cost 5x the time in memory traffic).
+
+    Args: logits, ref_logits ``[B, T, V]`` (position ``t``: the distributions over token ``t``); targets
+    ``[B, T]`` the sampled tokens; mask ``[B, T]`` bool, True on generated tokens.
+    """
+    ratio = torch.zeros(mask.shape, dtype=torch.float64)  # [B, T] log π(y_t) − log π_ref(y_t), 0 off the mask
+    kl = torch.zeros(mask.shape, dtype=torch.float64)  # [B, T] KL(π ‖ π_ref) at each position, 0 off the mask
+    rows, cols = mask.nonzero(as_tuple=True)
+    for s in range(0, len(rows), chunk):
+        b, t = rows[s : s + chunk], cols[s : s + chunk]
+        logp, logq = (torch.log_softmax(x[b, t].double(), -1) for x in (logits, ref_logits))  # [c, V]
+        y = targets[b, t][:, None]  # [c, 1]
+        ratio[b, t] = (logp.gather(-1, y) - logq.gather(-1, y))[:, 0]
+        kl[b, t] = kl_from_log_probs(logp, logq)
+    return sample_kl(ratio, torch.zeros_like(ratio), mask), exact_token_kl(kl, mask)
+
+
 def exact_token_kl(token_kls: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per-sequence exact per-token sum ``Σ_t m_t KL(π(·|s_t) ‖ π_ref(·|s_t))`` (SHIQ_MATH §6), ``[B]``."""
     return (token_kls.double() * mask).sum(-1)

@@ -15,13 +15,12 @@ def test_shared_path_matches_two_passes_on_smollm2():
         pytest.skip(str(e))
     out = run_tool("bench_eval.py", "--prompts", "6", "--new-tokens", "3", "--rounds", "1")
     rows = {r[0]: r[1:] for r in table_rows(out)}
-    shared = ["shared first 24 layers", "shared first 24 layers, prompts' pass kept"]
-    assert set(rows) == {
-        "path",
-        "two full passes",
-        "shared first 24 layers, transformers' generate (baseline)",
-        *shared,
-    }
+    shared = [
+        "shared first 24 layers, prompts' pass kept, both models' later layers over prompt + completion (before)",
+        "shared first 24 layers",
+        "shared first 24 layers, prompts' pass kept",
+    ]
+    assert set(rows) == {"path", "two full passes (baseline)", *shared}
     for name in shared:
         same, dkl = rows[name][2], float(rows[name][3])
         assert same == "yes" and dkl < 1e-4, name

@@ -218,9 +218,45 @@ def test_prompt_prefixes_kept_for_the_next_policy_change_nothing():
     # the reference as its own policy: every layer shared, the reference's pass and the policy's one module
     plain = SharedPrefixPolicy(ref, ref, 3, eos_id=39, pad_id=0).generate_with_kls(prompts, cfg)
     kept = SharedPrefixPolicy(ref, ref, 3, eos_id=39, pad_id=0, prompt_prefixes=store).generate_with_kls(prompts, cfg)
-    assert kept[0] == plain[0] and torch.equal(kept[2], plain[2]) and float(plain[2].abs().max()) == 0
+    # zero up to float rounding: the policy's logits come from sampling's steps, the reference's from one pass
+    assert kept[0] == plain[0] and torch.equal(kept[2], plain[2]) and float(plain[2].abs().max()) < 1e-12
     with pytest.raises(ValueError, match="another reference"):
         SharedPrefixPolicy(policies[0], tiny(17, layers=3), 2, eos_id=39, prompt_prefixes=store)
+
+
+def test_after_sampling_only_the_reference_runs_and_only_over_the_completions():
+    """The KL of a policy evaluated with a :class:`PromptPrefixes` costs the reference's last layers over the
+    completion tokens alone: the policy's layers never run again after sampling (the logits each token was
+    drawn from are the policy's), and the reference's pass over the prompts is kept for the next policy."""
+    from shiq_eval.evaluate import PromptPrefixes, SharedPrefixPolicy
+    from shiq_eval.generate import SamplingConfig
+
+    ref = tiny(19, layers=3)
+    policies = [fine_tune_of(ref, 2, seed=s) for s in (4, 5)]
+    prompts = [[1, 2, 3, 4], [5], [6, 7]] * 3  # batches of 4, 4 and 1 prompts, 4 tokens wide at most
+    cfg = SamplingConfig(max_new_tokens=6, batch_size=4, seed=9)
+    store = PromptPrefixes(ref)
+    for i, policy in enumerate(policies):
+        seen = {"policy": [], "ref": []}
+        hooks = [
+            net.model.layers[2].register_forward_pre_hook(lambda m, a, kw, who=who: seen[who].append(
+                (a[0] if a else kw["hidden_states"]).shape[:2]), with_kwargs=True)
+            for net, who in ((policy, "policy"), (ref, "ref"))
+        ]  # fmt: skip
+        comps = SharedPrefixPolicy(policy, ref, 2, eos_id=39, pad_id=0, prompt_prefixes=store).generate_with_kls(
+            prompts, cfg
+        )[0]
+        for h in hooks:
+            h.remove()
+        batches = [comps[j : j + 4] for j in range(0, len(comps), 4)]
+        widths = [max(len(p) for p in prompts[j : j + 4]) for j in range(0, len(prompts), 4)]
+        want_policy = [s for b, w in zip(batches, widths) for s in [(len(b), w)] + [(len(b), 1)] * (len(b[0]) - 1)]
+        assert seen["policy"] == want_policy  # the prompt once, then one token a step: nothing after sampling
+        # the first policy: each batch's prompts reach layer 2 twice (where the shared layers' pass stops, then
+        # the reference's own pass from there), then the completions; the second: the completions alone
+        want_ref = [((len(b), w),) * 2 * (i == 0) + ((len(b), len(b[0]) - 1),) * (len(b[0]) > 1) for b, w in zip(
+            batches, widths)]  # fmt: skip
+        assert seen["ref"] == [s for t in want_ref for s in t]
 
 
 def test_inputs_of_layer_can_stop_the_pass_there():
