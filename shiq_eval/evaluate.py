@@ -165,11 +165,8 @@ class SharedPrefixPolicy:
         """The policy's prompt pass from the shared layers' stored output: layers ``k ..`` run on the hidden
         states entering layer ``k``; the cache gets the stored keys and values of layers ``0 .. k-1``."""
         kv, hidden = store.get(ids, attn, positions, self.k)  # k x (keys, values) [B, h, W, d]; [B, W, H]
-        out = self.decoder(
-            inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(self.k), use_cache=True
-        )
-        cache = filled_cache(self.model, kv + [(layer.keys, layer.values) for layer in out.cache.layers[self.k :]])
-        return cache, self.model.lm_head(out.last_hidden_state[:, -1:])[:, -1]  # as logits_to_keep=1 computes them
+        kv, last = _prompt_tail(self.model, self.decoder, kv, hidden, attn, positions, self.k)
+        return filled_cache(self.model, kv), last
 
     @torch.no_grad()
     def generate_with_kls(
@@ -255,13 +252,22 @@ class PromptPrefixes:
         hidden states), and its logits ``[B, V]`` at the last position."""
         key = self._key(ids, attn, k)
         if key not in self._tails:
-            kv, hidden = self.get(ids, attn, positions, k)
-            out = decoder(
-                inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(k), use_cache=True
+            self._tails[key] = _prompt_tail(
+                self.ref_model, decoder, *self.get(ids, attn, positions, k), attn, positions, k
             )
-            tail = [(layer.keys, layer.values) for layer in out.cache.layers[k:]]
-            self._tails[key] = (kv + tail, self.ref_model.lm_head(out.last_hidden_state[:, -1]))
         return self._tails[key]
+
+
+def _prompt_tail(model, decoder, kv, hidden, attn, positions, k: int):
+    """``(kv, logits)`` of ``model`` over left-padded prompts from the hidden states ``[B, W, H]`` entering layer
+    ``k``: its layers ``k ..`` run by ``decoder`` (:func:`decoder_from` ``(model, k)``); ``kv`` then holds every
+    layer's ``(keys, values)`` (those given for layers ``0 .. k-1``, then its own), and ``logits`` ``[B, V]`` are
+    the last position's, as ``logits_to_keep=1`` computes them."""
+    out = decoder(
+        inputs_embeds=hidden, attention_mask=attn, position_ids=positions, cache=cache_from(k), use_cache=True
+    )
+    tail = [(layer.keys, layer.values) for layer in out.cache.layers[k:]]
+    return kv + tail, model.lm_head(out.last_hidden_state[:, -1:])[:, -1]
 
 
 def filled_cache(model, kv, first: int = 0):
