@@ -24,6 +24,12 @@ def config_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "configs"
 
 
+def cache_root() -> Path:
+    """Where what is converted once from a packaged asset is kept: ``$SHIQ_CACHE`` (default ``~/.cache/shiq``);
+    ``tokenizers/`` and ``models/`` below it."""
+    return Path(os.environ.get("SHIQ_CACHE", Path.home() / ".cache" / "shiq"))
+
+
 class AssetMissing(RuntimeError):
     """An asset package is not installed; the message says how to install it."""
 

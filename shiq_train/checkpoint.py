@@ -466,8 +466,11 @@ def gather_full_parameters(model) -> dict[str, torch.Tensor] | None:
             local.append(
                 (full_param_name(chunk, name), dim, glu, ps.get_tensor_model_parallel_rank(), p.detach().cpu())
             )
-    everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(local, everything, dst=0)
+    if dist.get_world_size() == 1:  # nothing to send: copies, as gather_object's pickling would make
+        everything = [[(*item[:4], item[4].clone()) for item in local]]
+    else:
+        everything = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(local, everything, dst=0)
     if dist.get_rank() != 0:
         return None
     parts: dict[str, dict] = {}

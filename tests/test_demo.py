@@ -223,6 +223,7 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.keep_checkpoints=maybe", "train.keep_checkpoints='maybe': expected a value like True"),
         ("reward_model.finetune_last_layers=7", "finetune_last_layers must be null or an integer in 1..6, got 7"),
         ("reward_model.finetune_last_layers=true", "finetune_last_layers must be null or an integer in 1..6, got True"),
+        ("reward_model.max_held_out_texts=1", "max_held_out_texts must be null or an integer >= 2, got 1"),
     ],
 )
 def test_config_errors(override, needle):
@@ -307,6 +308,8 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     split = json.loads((out / "split.json").read_text())
     prompts = json.loads((out / "prompts.json").read_text())
     assert not {p["snippet_id"] for p in prompts["eval"]} & set(split["train"])
+    rm_info = json.loads((out / "reward_model.json").read_text())  # --quick scores 400 of the held-out snippets
+    assert rm_info["n_held_out"] == cfg["reward_model"]["max_held_out_texts"] < len(split["held_out"])
     assert {p["snippet_id"] for p in prompts["train"]} <= set(split["train"])
     # the information-controlled arm: one completion for each of train_prompts x k training prompts
     k, n = cfg["data"]["completions_per_prompt"], cfg["data"]["train_prompts"]

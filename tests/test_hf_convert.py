@@ -152,6 +152,81 @@ def test_smollm2_135m_logits_parity_and_export(tmp_path):
         assert torch.equal(back(tokens).logits, ref)
 
 
+def test_smollm2_from_the_cache_is_the_gguf_dequantised_bit_for_bit():
+    """``load_smollm2`` reads the cached folder; its weights, config and logits are those of the GGUF file
+    dequantised by ``transformers`` directly, and its tokenizer is the GGUF file's (the same ids, special
+    tokens and chat template)."""
+    warnings.filterwarnings("ignore")
+    from transformers import AutoTokenizer
+
+    from shiq_data.assets import smollm2_gguf
+    from shiq_data.tokenizers import fingerprint
+
+    hf, tok = H.load_smollm2()
+    gguf = smollm2_gguf()
+    direct = H._dequantise_smollm2(gguf, torch.float32)
+    want, got = direct.state_dict(), hf.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    differ = {k for k, v in direct.config.to_dict().items() if hf.config.to_dict().get(k) != v}
+    assert differ == {"architectures"} and hf.config.architectures == ["LlamaForCausalLM"]  # save_pretrained adds it
+    assert hf.config._name_or_path == tok.name_or_path == str(gguf.parent)
+    gguf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert fingerprint(tok) == fingerprint(gguf_tok)
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Continue: The film é 漢"}]
+    assert tok.apply_chat_template(chat, add_generation_prompt=True) == gguf_tok.apply_chat_template(
+        chat, add_generation_prompt=True
+    )
+    assert (tok.eos_token_id, tok.bos_token_id, tok.pad_token_id) == (
+        gguf_tok.eos_token_id,
+        gguf_tok.bos_token_id,
+        gguf_tok.pad_token_id,
+    )
+    ids = torch.tensor([tok("The plot is thin but the acting  is\tgreat")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(hf(ids).logits, direct(ids).logits)
+
+
+def test_the_smollm2_cache_is_made_once_per_dtype_and_remade_when_its_files_do_not_match(tmp_path, monkeypatch, capsys):
+    """The cache's mechanics with a tiny stand-in for the GGUF file and its dequantisation."""
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really a gguf file")
+    made = []
+
+    def dequantise(path, dtype):
+        made.append((path, dtype))
+        torch.manual_seed(len(made))
+        cfg = transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        return transformers.LlamaForCausalLM(cfg).to(dtype).eval()
+
+    monkeypatch.setenv("SHIQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(H, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(H, "_dequantise_smollm2", dequantise)
+    folder = H.smollm2_model_folder(torch.float32)
+    assert folder.parent == tmp_path / "cache" / "models" and made == [(gguf, torch.float32)]
+    weights = (folder / "model.safetensors").read_bytes()
+    assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 1  # read back, not made again
+    assert "warning" not in capsys.readouterr().err
+    assert H.smollm2_model_folder(torch.bfloat16) != folder and made[-1] == (gguf, torch.bfloat16)
+    assert not list(folder.parent.glob(".*.tmp"))  # nothing half-written left beside the folders
+    # a flipped byte: made again (the stand-in is seeded by call count, so the new weights differ)
+    damaged = bytearray(weights)
+    damaged[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(damaged))
+    assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 3
+    warned = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and str(folder) in warned[0] and "making it again" in warned[0]
+    assert (folder / "model.safetensors").read_bytes() != bytes(damaged)
+    assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 3  # intact again
+    (folder / H.MODEL_MANIFEST).unlink()  # no manifest: made again too
+    assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 4
+    # another GGUF file (a new package version) has its own folder
+    gguf.write_bytes(b"another file")
+    assert H.smollm2_model_folder(torch.float32) != folder and len(made) == 5
+
+
 def _yaml(name):
     from omegaconf import OmegaConf
 

@@ -486,6 +486,22 @@ def _resume_worker(rank, world, port, tp, pp, out_dir):
             torch.save({"full": full, "eval_loss": eval_loss}, Path(out_dir) / "full.pt")
 
 
+def test_gathering_in_one_process_copies_every_parameter(dist1):
+    """World size 1 skips the collective: every parameter under its TP=1 name (megatron's own
+    ``state_dict``), equal, and a copy (a later update does not show in it)."""
+    from shiq_train.checkpoint import gather_full_parameters
+
+    model = M.build_model(M.ModelConfig())
+    full = gather_full_parameters(model)
+    params = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    assert full.keys() == params.keys() and all(torch.equal(full[k], params[k]) for k in params)
+    before = {k: v.clone() for k, v in full.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    assert all(torch.equal(full[k], before[k]) for k in full)
+
+
 def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     import torch.multiprocessing as mp
 

@@ -183,6 +183,9 @@ def _check_config(cfg: dict) -> None:
     last = cfg["reward_model"].get("finetune_last_layers")
     if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 6):
         raise ValueError(f"reward_model.finetune_last_layers must be null or an integer in 1..6, got {last!r}")
+    held = cfg["reward_model"].get("max_held_out_texts")
+    if held is not None and (isinstance(held, bool) or not isinstance(held, int) or held < 2):
+        raise ValueError(f"reward_model.max_held_out_texts must be null or an integer >= 2, got {held!r}")
     for key in ("finetune_epochs", "finetune_lr"):
         v = cfg["reward_model"][key]
         if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "finetune_lr" and v == 0):
@@ -280,6 +283,8 @@ def stage_reward_model(ctx: Context) -> None:
         train = random.Random(cfg["seed"]).sample(train, limit)
     held = [by_id[i] for i in split["held_out"]]
     rc = cfg["reward_model"]
+    if rc.get("max_held_out_texts") and rc["max_held_out_texts"] < len(held):  # --quick: fewer to score
+        held = random.Random(cfg["seed"]).sample(held, rc["max_held_out_texts"])
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
     encoder = minilm_encoder()
     X = encoder([r.text for r in train], progress=True).double()
