@@ -8,11 +8,14 @@ partial one. Nothing here imports torch or pyarrow.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import gzip
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -140,6 +143,25 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not isinstance(obj, dict):
                 raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
             yield n, obj
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive advisory lock on the file ``path`` (made if absent) for the ``with`` block, waiting
+    for any other holder (another process, or another open of it in this one). If it has to wait and
+    ``waiting`` is given, that line goes to stderr first, so a silent wait is never mistaken for a hang."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:

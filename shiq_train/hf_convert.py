@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.assets import smollm2_gguf
-from shiq_data.io import atomic_dir
+from shiq_data.io import atomic_dir, exclusive_lock
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
 
@@ -209,7 +209,9 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
 
     The folder's name holds the GGUF file's sha256 and the dtype; its ``manifest.json`` records the sha256
     of each file it wrote. Every call checks them: a folder whose files do not match (a partial copy, a
-    disk error, an edit) is made again, with a one-line warning on standard error.
+    disk error, an edit) is made again, with a one-line warning on standard error. A lock file beside the
+    folder lets one process at a time make or check it: processes started together (``--jobs``) dequantise
+    once, the others wait (saying so in one line) and read the result.
     """
     from shiq_data.assets import cache_root
     from shiq_data.io import sha256_files
@@ -224,15 +226,18 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
         manifest = {"source": gguf.name, "dtype": dtype_name, "sha256": {f: sha256_files([tmp / f]) for f in files}}
         (tmp / MODEL_MANIFEST).write_text(json.dumps(manifest, indent=2))
 
-    atomic_dir(folder, fill)
-    try:
-        recorded = json.loads((folder / MODEL_MANIFEST).read_text())["sha256"]
-        intact = all(sha256_files([folder / f]) == digest for f, digest in recorded.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        intact = False
-    if not intact:
-        print(f"warning: {folder} does not match its {MODEL_MANIFEST}; making it again", file=sys.stderr)
-        atomic_dir(folder, fill, replace=True)
+    # one process makes or checks the folder at a time: the others (--jobs, parallel tests) wait, then read it
+    waiting = f"waiting for another process making or checking {folder}"
+    with exclusive_lock(folder.with_name(f".{folder.name}.lock"), waiting):
+        atomic_dir(folder, fill)
+        try:
+            recorded = json.loads((folder / MODEL_MANIFEST).read_text())["sha256"]
+            intact = all(sha256_files([folder / f]) == digest for f, digest in recorded.items())
+        except (OSError, ValueError, KeyError, TypeError):
+            intact = False
+        if not intact:
+            print(f"warning: {folder} does not match its {MODEL_MANIFEST}; making it again", file=sys.stderr)
+            atomic_dir(folder, fill, replace=True)
     return folder
 
 

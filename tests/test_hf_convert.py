@@ -7,8 +7,13 @@ the full-size case (max abs logit difference below 1e-3 in fp32; megatron's KV-c
 follows transformers' greedy path).
 """
 
+import io
 import os
+import sys
+import threading
+import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -225,6 +230,38 @@ def test_the_smollm2_cache_is_made_once_per_dtype_and_remade_when_its_files_do_n
     # another GGUF file (a new package version) has its own folder
     gguf.write_bytes(b"another file")
     assert H.smollm2_model_folder(torch.float32) != folder and len(made) == 5
+
+
+def test_processes_wanting_the_smollm2_cache_at_once_make_it_once(tmp_path, monkeypatch):
+    """Two callers at the same time (threads here: each opens the lock file itself, as a process would):
+    the second waits for the first's folder instead of dequantising again, and says it is waiting."""
+    gguf = tmp_path / "pkg" / "model.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"not really a gguf file")
+    made, started = [], threading.Event()
+
+    def dequantise(path, dtype):
+        made.append(path)
+        started.set()
+        time.sleep(1.0)  # the other caller arrives while this one is making the folder
+        cfg = transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    monkeypatch.setenv("SHIQ_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(H, "smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(H, "_dequantise_smollm2", dequantise)
+    err = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(H.smollm2_model_folder, torch.float32)
+        assert started.wait(30)
+        second = pool.submit(H.smollm2_model_folder, torch.float32)
+        folders = {first.result(), second.result()}
+    assert len(folders) == 1 and len(made) == 1
+    said = [line for line in err.getvalue().splitlines() if "waiting" in line]  # (beside save_pretrained's bars)
+    assert said == [f"waiting for another process making or checking {folders.pop()}"]
 
 
 def _yaml(name):
