@@ -2,9 +2,9 @@
 
 megatron-core decorates its fused element-wise functions (bias-GeLU, bias-SwiGLU, bias-dropout-add, ...)
 with ``megatron.core.jit.jit_fuser``, which is ``torch.compile``. ``torch.compile(fn)`` compiles nothing
-until ``fn`` is called, but it imports TorchInductor at once: about 2 s of every process that imports
-megatron-core (``python -X importtime -c "import megatron.core"``), paid even by ``--help`` and by runs,
-like ours, that switch every fusion off.
+until ``fn`` is called, but it imports TorchInductor at once: seconds of every process that imports
+megatron-core (3.8 s of a 10.2-s ``import torch; import megatron.core`` on a slow 2-core machine:
+``tools/bench_startup.py``), paid even by runs, like ours, that switch every fusion off.
 
 :func:`install` (called by the ``shiq_train`` and ``shiq_eval`` packages, before either imports megatron-core)
 makes ``jit_fuser`` a decorator that calls ``torch.compile(fn)`` at ``fn``'s first call and the compiled
@@ -45,6 +45,9 @@ class _Loader(importlib.abc.Loader):
 
     def __init__(self, inner):
         self.inner = inner
+
+    def __getattr__(self, name):  # get_source, get_filename, ...: tracebacks and inspect read the file as before
+        return getattr(self.inner, name)
 
     def create_module(self, spec):
         return self.inner.create_module(spec)

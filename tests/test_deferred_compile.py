@@ -41,7 +41,8 @@ def importing(code: str) -> list[str]:
 
 
 PROBE = (
-    "import sys; from megatron.core.jit import jit_fuser; "
+    "import sys; import megatron.core.jit as j; from megatron.core.jit import jit_fuser; "
+    "assert j.__loader__.get_source(j.__name__) == open(j.__file__).read(); "
     "from megatron.core.fusions.fused_bias_swiglu import bias_swiglu_impl; "
     "print('torch._inductor.compile_fx' in sys.modules, jit_fuser.__name__)"
 )

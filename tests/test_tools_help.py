@@ -14,6 +14,7 @@ SAYS = {  # a phrase a script's help must contain: what it measures
     "bench_generate.py": "--repeat",
     "bench_jobs.py": "side by side",
     "bench_ref_stats_prefix.py": "shared prefix",
+    "bench_startup.py": "compiled at their first call",
     "bench_vs_trl.py": "trl dpo (online ref)",
 }
 HIDDEN = {"bench_jobs.py": "--arm"}  # an option for the script's own child processes, not for users

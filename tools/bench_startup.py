@@ -1,5 +1,5 @@
-"""Start-up of the commands: megatron-core's fused kernels wrapped by ``torch.compile`` at import, against
-compiled at their first call (``shiq_train.deferred_compile``).
+"""Start-up of the commands: megatron-core's fused kernels wrapped by torch.compile at import, against
+compiled at their first call (shiq_train.deferred_compile).
 
 Every process that imports megatron-core pays for its import; most of the test suite's processes and every
 ``torchrun`` rank do little else. Each measure runs a fresh Python process both ways, alternating, and
