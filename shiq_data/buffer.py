@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import fcntl
 import hashlib
 import json
 import os
@@ -66,7 +65,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shiq_data.io import RowError, atomic_write_json, fsync_dir, sha256_files
+from shiq_data.io import RowError, atomic_write_json, exclusive_lock, fsync_dir, sha256_files
 from shiq_data.schema import (
     CHECKED_KEY,
     INPUT_KEY,
@@ -400,31 +399,13 @@ def open_buffer(path, *, verify_checksums: bool = True) -> Buffer:
     return Buffer(path, manifest)
 
 
-@contextlib.contextmanager
 def _locked(buffer_dir: Path, wait: bool = True):
     """An exclusive advisory lock on the buffer folder (appends and rewrites are serialised).
 
     Yields None once the lock is held. With ``wait=False`` it does not wait: it yields why the lock
     could not be taken (another process holds it, or the lock file cannot be opened) instead.
     """
-    lock = buffer_dir / LOCK
-    try:
-        f = open(lock, "a")
-    except OSError as e:
-        if wait:
-            raise
-        yield f"cannot open {lock} ({e.strerror})"
-        return
-    with f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield f"{lock} is held by another process (an append or ref-stats run)"
-            return
-        try:
-            yield None
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return exclusive_lock(buffer_dir / LOCK, wait=wait, holder="another process (an append or ref-stats run)")
 
 
 def remove_unlisted_files_unless_locked(buffer_dir) -> tuple[list[str], str | None]:

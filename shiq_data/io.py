@@ -146,20 +146,37 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: str | os.PathLike, waiting: str | None = None) -> Iterator[None]:
-    """Hold an exclusive advisory lock on the file ``path`` (made if absent) for the ``with`` block, waiting
+def exclusive_lock(
+    path: str | os.PathLike, waiting: str | None = None, *, wait: bool = True, holder: str = "another process"
+) -> Iterator[str | None]:
+    """Hold an exclusive advisory lock on the file ``path`` (made if absent; its folder must exist) for the
+    ``with`` block, waiting
     for any other holder (another process, or another open of it in this one). If it has to wait and
-    ``waiting`` is given, that line goes to stderr first, so a silent wait is never mistaken for a hang."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
+    ``waiting`` is given, that line goes to stderr first, so a silent wait is never mistaken for a hang.
+
+    Yields None once the lock is held. With ``wait=False`` it does not wait: it yields why the lock could
+    not be taken instead (``path`` is held by ``holder``, or cannot be opened), and the block runs unlocked.
+    """
+    path = Path(path)
+    try:
+        f = open(path, "a")
+    except OSError as e:
+        if wait:
+            raise
+        yield f"cannot open {path} ({e.strerror})"
+        return
+    with f:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if not wait:
+                yield f"{path} is held by {holder}"
+                return
             if waiting:
                 print(waiting, file=sys.stderr, flush=True)
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
         try:
-            yield
+            yield None
         finally:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 

@@ -228,6 +228,7 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
 
     # one process makes or checks the folder at a time: the others (--jobs, parallel tests) wait, then read it
     waiting = f"waiting for another process making or checking {folder}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(folder.with_name(f".{folder.name}.lock"), waiting):
         atomic_dir(folder, fill)
         try:

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from shiq_data.buffer import (
     shards_without_ref,
     write_buffer,
 )
-from shiq_data.io import RowError
+from shiq_data.io import RowError, exclusive_lock
 from shiq_data.schema import INPUT_KEY, check_row, input_location
 from shiq_data.validate import validate_buffer
 
@@ -301,6 +302,39 @@ def test_validate_cleanup_leaves_unlisted_files_while_a_writer_holds_the_lock(tm
     assert sorted(report["removed_files"]) == sorted(p.name for p in unlisted) and report["cleanup_skipped"] is None
     assert not any(p.exists() for p in unlisted) and buf.shard_paths[0].exists()
     assert len(append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False)) == 5  # the lock is free again
+
+
+def test_the_lock_waits_says_so_or_says_why_not(tmp_path, capfd):
+    """exclusive_lock (the buffer's lock and the model cache's): a second holder in another process waits,
+    after one line on stderr, until the first lets go; with wait=False it does not wait but is told why."""
+    lock = tmp_path / ".lock"
+    holder = subprocess.Popen(  # holds the lock until its stdin closes
+        [
+            sys.executable,
+            "-c",
+            f"import sys\nfrom shiq_data.io import exclusive_lock\n"
+            f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True)\n    sys.stdin.read()",
+        ],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    with exclusive_lock(lock, wait=False, holder="the other test process") as why:
+        assert why == f"{lock} is held by the other test process"
+    threading.Timer(0.5, holder.stdin.close).start()  # lets go while this process waits
+    with exclusive_lock(lock, "waiting for the holder") as why:
+        assert why is None
+    assert capfd.readouterr().err == "waiting for the holder\n" and holder.wait(timeout=30) == 0
+    with exclusive_lock(lock, "not printed", wait=False) as why:
+        assert why is None
+    assert capfd.readouterr().err == ""
+    with exclusive_lock(tmp_path / "absent" / ".lock", wait=False) as why:
+        assert why.startswith(f"cannot open {tmp_path / 'absent' / '.lock'} (")
+    with pytest.raises(FileNotFoundError), exclusive_lock(tmp_path / "absent" / ".lock"):
+        pass
+    assert not (tmp_path / "absent").exists()  # nothing made on the way
 
 
 def test_validate_rechecks_when_a_writer_commits_during_the_check(tmp_path, monkeypatch):
