@@ -188,18 +188,29 @@ def _given():
 
 
 @contextlib.contextmanager
+def _running(bert, layers, embeddings=None):
+    """Within: ``bert`` runs the transformer layers ``layers`` (a slice of its own) and, when given, the module
+    ``embeddings`` in place of its own embeddings; both are put back on the way out."""
+    saved = bert.embeddings, bert.encoder.layer
+    bert.encoder.layer = layers
+    if embeddings is not None:
+        bert.embeddings = embeddings
+    try:
+        yield
+    finally:
+        bert.embeddings, bert.encoder.layer = saved
+
+
+@contextlib.contextmanager
 def _from_layer(bert, k: int):
     """Within: ``bert`` runs its transformer layers ``k ..`` only, on the hidden states set as the yielded
     module's ``value`` in place of its embeddings and layers ``0 .. k-1`` (``k = 0``: unchanged, yields None)."""
     if k == 0:
         yield None
         return
-    embeddings, layers = bert.embeddings, bert.encoder.layer
-    bert.embeddings, bert.encoder.layer = _given(), layers[k:]
-    try:
-        yield bert.embeddings
-    finally:
-        bert.embeddings, bert.encoder.layer = embeddings, layers
+    given = _given()
+    with _running(bert, bert.encoder.layer[k:], given):
+        yield given
 
 
 def _frozen_outputs(model, texts: list[str], k: int, batch_size: int, progress: bool) -> list:
@@ -209,21 +220,16 @@ def _frozen_outputs(model, texts: list[str], k: int, batch_size: int, progress: 
     from tqdm import tqdm
 
     bert = model[0].auto_model
-    layers = bert.encoder.layer
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: list = [None] * len(texts)
     model.eval()
-    bert.encoder.layer = layers[:k]
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, len(texts), batch_size), desc="frozen encoder layers", disable=not progress):
-                idx = order[start : start + batch_size]
-                features = model.tokenize([texts[i] for i in idx])
-                h = bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).last_hidden_state
-                for row, i in enumerate(idx):
-                    out[i] = h[row, : int(features["attention_mask"][row].sum())].clone()
-    finally:
-        bert.encoder.layer = layers
+    with _running(bert, bert.encoder.layer[:k]), torch.no_grad():
+        for start in tqdm(range(0, len(texts), batch_size), desc="frozen encoder layers", disable=not progress):
+            idx = order[start : start + batch_size]
+            features = model.tokenize([texts[i] for i in idx])
+            h = bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).last_hidden_state
+            for row, i in enumerate(idx):
+                out[i] = h[row, : int(features["attention_mask"][row].sum())].clone()
     return out
 
 

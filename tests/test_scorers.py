@@ -103,6 +103,8 @@ def test_finetune_of_the_last_layers_leaves_the_others_and_still_learns():
     rm.weight, rm.bias = finetune(
         encoder, texts, y, rm.weight, rm.bias, epochs=20, lr=1e-4, batch_size=4, last_layers=2
     )
+    bert = encoder.model[0].auto_model  # its embeddings and six layers are back after the swaps
+    assert len(bert.encoder.layer) == 6 and type(bert.embeddings).__name__ == "BertEmbeddings"
     after = encoder.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".layer.4." in k or ".layer.5." in k for k in changed)
