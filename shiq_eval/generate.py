@@ -86,45 +86,21 @@ class HFPolicy:
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
 
+    def _forward(self, ids, attn, positions, cache):
+        """The model over ``ids`` ``[B, S]`` after ``cache`` (None: a new one): ``(cache, logits [B, V])`` at the
+        last position (:func:`read_prompts`' ``forward``)."""
+        out = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+        )
+        return out.cache, out.logits[:, -1]
+
     def _read_prompts(self, batch: list[list[int]]):
-        """``(cache, logits [B, V], attention_mask [B, W], position_ids [B, S])`` after the prompts (``S``: the
-        tokens of the last pass, ``W`` without sharing). One pass over the left-padded batch; or, with
-        ``share_prefix``, each distinct prompt read once (:meth:`_read_distinct`) and its cache, logits, mask
-        and positions copied to every row that repeats it."""
-        if not self.share_prefix:
-            return self._read_distinct(batch)
-        first: dict[tuple, int] = {}
-        rows = [first.setdefault(tuple(p), len(first)) for p in batch]  # row j repeats distinct prompt rows[j]
-        if len(first) == len(batch):
-            return self._read_distinct(batch)
-        cache, logits, attn, positions = self._read_distinct([list(p) for p in first])
-        index = torch.tensor(rows)
-        cache.reorder_cache(index)  # [D, h, W, d] -> [B, h, W, d] in every layer
-        return cache, logits[index], attn[index], positions[index]
+        """``(cache, logits [B, V], attention_mask, position_ids)`` after the prompts: :func:`read_prompts`."""
+        return read_prompts(self._forward, batch, self.pad_id, share_prefix=self.share_prefix)
 
     def _read_distinct(self, batch: list[list[int]]):
-        """:meth:`_read_prompts` for a batch: one pass over it left-padded; or, with ``share_prefix``, the ``C``
-        leading tokens every prompt shares (all but the shortest prompt's last) once as a batch of one, their keys
-        and values repeated for every row, then each row's rest, left-padded after them (``[C shared | padding |
-        own tokens]``; positions continue at ``C``, the padding masked)."""
-        B = len(batch)
-        shared = common_prefix(batch) if self.share_prefix and B > 1 else 0
-        shared = min(shared, min(len(p) for p in batch) - 1)  # every row reads a token of its own last
-        if shared < 1:
-            ids, attn, positions = left_padded(batch, self.pad_id)
-            out = self.model(
-                input_ids=ids, attention_mask=attn, position_ids=positions, use_cache=True, logits_to_keep=1
-            )
-            return out.cache, out.logits[:, -1], attn, positions
-        cache = self.model(input_ids=torch.tensor([batch[0][:shared]]), use_cache=True, logits_to_keep=1).cache
-        cache.batch_repeat_interleave(B)  # [1, h, C, d] -> [B, h, C, d] in every layer
-        ids, own, positions = left_padded([p[shared:] for p in batch], self.pad_id)  # [B, S]
-        attn = torch.cat([torch.ones(B, shared, dtype=own.dtype), own], 1)  # [B, C + S]
-        out = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=positions + shared, cache=cache, use_cache=True,
-            logits_to_keep=1,
-        )  # fmt: skip
-        return out.cache, out.logits[:, -1], attn, positions + shared
+        """:meth:`_read_prompts` without looking for repeated prompts: :func:`read_distinct`."""
+        return read_distinct(self._forward, batch, self.pad_id, share_prefix=self.share_prefix)
 
     def _generate_batch(
         self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None, keep_logits: list | None = None
@@ -160,12 +136,54 @@ class HFPolicy:
         return torch.stack(drawn, 1).tolist()
 
 
-def left_padded(batch: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, attention_mask, position_ids)``, each ``[B, W]``: the prompts left-padded to the longest, the
-    padding masked and given no position."""
+def read_prompts(forward, batch: list[list[int]], pad_id: int, *, share_prefix: bool = True, device=None):
+    """Read a batch of prompts into a KV cache: ``(cache, last [B, ...] or None, attention_mask [B, W],
+    position_ids [B, S])``, ``S`` the tokens of the last pass and ``W`` all the cache's positions.
+
+    ``forward(input_ids [B, S], attention_mask [B, P + S] or None, position_ids [B, S] or None, cache)`` runs a
+    model over ``S`` new tokens after the ``P`` that ``cache`` holds (None: it makes a new cache) and returns
+    ``(cache, its output at the last position [B, ...] or None)``. Without ``share_prefix``: one pass over
+    the left-padded batch. With it (the default), a prompt that comes several times in the batch is read once
+    and its cache, output, mask and positions copied to every row that repeats it, and the leading tokens all
+    distinct prompts share are read once (:func:`read_distinct`): the same attention, in float rounding."""
+    if not share_prefix:
+        return read_distinct(forward, batch, pad_id, share_prefix=False, device=device)
+    first: dict[tuple, int] = {}
+    rows = [first.setdefault(tuple(p), len(first)) for p in batch]  # row j repeats distinct prompt rows[j]
+    if len(first) == len(batch):
+        return read_distinct(forward, batch, pad_id, device=device)
+    cache, last, attn, positions = read_distinct(forward, [list(p) for p in first], pad_id, device=device)
+    index = torch.tensor(rows, device=device)
+    cache.reorder_cache(index)  # [D, h, W, d] -> [B, h, W, d] in every layer
+    return cache, None if last is None else last[index], attn[index], positions[index]
+
+
+def read_distinct(forward, batch: list[list[int]], pad_id: int, *, share_prefix: bool = True, device=None):
+    """:func:`read_prompts` for a batch, repeated prompts or not: one pass over it left-padded; or, with
+    ``share_prefix``, the ``C`` leading tokens every prompt shares (all but the shortest prompt's last) once as a
+    batch of one, their keys and values repeated for every row, then each row's rest, left-padded after them
+    (``[C shared | padding | own tokens]``; positions continue at ``C``, the padding masked)."""
+    B = len(batch)
+    shared = common_prefix(batch) if share_prefix and B > 1 else 0
+    shared = min(shared, min(len(p) for p in batch) - 1)  # every row reads a token of its own last
+    if shared < 1:
+        ids, attn, positions = left_padded(batch, pad_id, device)
+        cache, last = forward(ids, attn, positions, None)
+        return cache, last, attn, positions
+    cache, _ = forward(torch.tensor([batch[0][:shared]], device=device), None, None, None)
+    cache.batch_repeat_interleave(B)  # [1, h, C, d] -> [B, h, C, d] in every layer
+    ids, own, positions = left_padded([p[shared:] for p in batch], pad_id, device)  # [B, S]
+    attn = torch.cat([torch.ones(B, shared, dtype=own.dtype, device=device), own], 1)  # [B, C + S]
+    cache, last = forward(ids, attn, positions + shared, cache)
+    return cache, last, attn, positions + shared
+
+
+def left_padded(batch: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, attention_mask, position_ids)``, each ``[B, W]`` (on ``device``): the prompts left-padded to the
+    longest, the padding masked and given no position."""
     width = max(len(p) for p in batch)
-    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-    attn = torch.zeros((len(batch), width), dtype=torch.long)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long, device=device)
+    attn = torch.zeros((len(batch), width), dtype=torch.long, device=device)
     for j, p in enumerate(batch):
         ids[j, width - len(p) :] = torch.tensor(p)
         attn[j, width - len(p) :] = 1

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from shiq_eval.evaluate import EvalResult, evaluate_one_pass
-from shiq_eval.generate import SamplingConfig, generate_in_batches, sample_next
+from shiq_eval.generate import SamplingConfig, generate_in_batches, read_prompts, sample_next
 
 
 def guided_logits(
@@ -133,8 +133,9 @@ class GuidedPolicy:
     Args:
         ref_model: a Hugging Face causal LM (``model(input_ids, attention_mask, position_ids, cache,
             use_cache, logits_to_keep).logits``), the frozen reference.
-        value_model: ``value_model(input_ids=[B, L], attention_mask=[B, 1, L, P + L] additive,
-            position_ids=[B, L], cache=) -> [B, L, A]`` atom logits with a Hugging Face KV cache, and
+        value_model: ``value_model(input_ids=[B, L], attention_mask=, position_ids=[B, L], cache=) -> [B, L, A]``
+            atom logits with a Hugging Face KV cache (``attention_mask`` an additive ``[B, 1, L, P + L]`` mask,
+            or a ``[B, P + L]`` padding mask or None while the prompts are read), and
             ``.config`` for the cache (``shiq_train.qsharp_value.HFValueModel``, from
             ``shiq_train.qsharp_value.load_value_model``).
         atoms: ``[A]`` the value model's atoms.
@@ -144,12 +145,16 @@ class GuidedPolicy:
         restrict_to_top_k: sample among the candidates only. Default False: every other token keeps
             its reference logit (a guidance term of 0, neutral only if the returns are centred), see
             :func:`guided_log_probs`.
+        share_prefix: both models read the leading tokens every prompt of a batch shares once, and a
+            repeated prompt once (``shiq_eval.generate.read_prompts``: the same attention, in float rounding).
 
-    Each step runs the reference on the new token (its own KV cache) and the value trunk once on
-    ``[last token, k candidates]`` over the value trunk's cached prefix: a candidate attends to the
+    Both models first read the prompts into their KV caches (``share_prefix``). Each step then runs the
+    reference on the new token (step 0: its logits at the prompts' end) and the value trunk once on
+    ``[new token, k candidates]`` (step 0: the candidates alone) over the value trunk's cached prefix: a candidate attends to the
     prefix and to itself only (a diagonal mask among candidates) and sits at the position after the
     prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates' cache entries
-    are dropped after the pass. Prompts are left-padded; padding is masked out of every attention.
+    are dropped after the pass. Prompts are left-padded (after the leading tokens they share); padding is
+    masked out of every attention.
     Sampling applies ``cfg.temperature`` / ``cfg.top_p`` to the guided next-token distribution (the
     whole vocabulary, or the candidates with ``restrict_to_top_k``).
     """
@@ -165,6 +170,7 @@ class GuidedPolicy:
         eos_id: int,
         pad_id=None,
         restrict_to_top_k: bool = False,
+        share_prefix: bool = True,
     ):
         if not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
@@ -178,6 +184,7 @@ class GuidedPolicy:
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)
         self.restrict_to_top_k = bool(restrict_to_top_k)
+        self.share_prefix = bool(share_prefix)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
@@ -248,14 +255,9 @@ class GuidedPolicy:
 
         device = next(self.ref_model.parameters()).device
         B = len(batch)
-        width = max(len(p) for p in batch)
-        ids = torch.full((B, width), self.pad_id, dtype=torch.long, device=device)
-        attn = torch.zeros((B, width), dtype=torch.long, device=device)
         for j, p in enumerate(batch):
             if not p:
                 raise ValueError(f"prompt {j} of the batch is empty")
-            ids[j, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            attn[j, width - len(p) :] = 1
         if forced is not None:
             forced_len = torch.tensor([len(c) for c in forced], device=device)
             n_steps = int(forced_len.max()) if len(forced) else 0
@@ -264,25 +266,35 @@ class GuidedPolicy:
                 forced_t[j, : len(c)] = torch.tensor(c, dtype=torch.long)
         else:
             n_steps = cfg.max_new_tokens
-        ref_cache = DynamicCache(config=self.ref_model.config)
-        value_cache = DynamicCache(config=self.value_model.config)
+
+        def ref_forward(ids, mask, positions, cache):
+            out = self.ref_model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                logits_to_keep=1,
+            )  # fmt: skip
+            return out.cache, out.logits[:, -1]
+
+        def value_forward(ids, mask, positions, cache):
+            cache = DynamicCache(config=self.value_model.config) if cache is None else cache
+            self.value_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
+            return cache, None
+
+        # both models read the prompts alike (shared leading tokens once, repeated prompts once): the same
+        # cache layout and padding mask ``attn`` [B, P]; each step then adds one position
+        share = dict(share_prefix=self.share_prefix, device=device)
+        ref_cache, ref_logits, attn, positions = read_prompts(ref_forward, batch, self.pad_id, **share)
+        value_cache, _, _, _ = read_prompts(value_forward, batch, self.pad_id, **share)
         atoms = self.atoms.to(device)
-        new_ids, new_pos = ids, (attn.cumsum(-1) - 1).clamp(min=0)
-        next_pos = attn.sum(-1)  # [B] position of the next token of each row
+        new_ids = new_pos = torch.zeros((B, 0), dtype=torch.long, device=device)  # read: nothing new at step 0
+        next_pos = positions[:, -1] + 1  # [B] position of the next token of each row
         done = torch.zeros(B, dtype=torch.bool, device=device)
         cols = {
             k: []
             for k in ("tokens", "active", "logp", "ref_logp", "kl", "cand", "ref_top", "atoms", "guided", "policy")
         }
         for step in range(n_steps):
-            ref_logits = self.ref_model(
-                input_ids=new_ids,
-                attention_mask=attn,
-                position_ids=new_pos,
-                cache=ref_cache,
-                use_cache=True,
-                logits_to_keep=1,
-            ).logits[:, -1]
+            if step:  # the new token (step 0: the prompts' last position, read above)
+                ref_cache, ref_logits = ref_forward(new_ids, attn, new_pos, ref_cache)
             ref_logp_all = torch.log_softmax(ref_logits.double(), -1)  # [B, V]
             k = min(self.top_k, ref_logits.shape[-1])
             ref_top, cand = ref_logits.float().topk(k, dim=-1)  # [B, K]
@@ -340,8 +352,8 @@ class GuidedPolicy:
     def _score_candidates(self, new_ids, new_pos, attn, cand, next_pos, cache) -> torch.Tensor:
         """Atom logits ``[B, K, A]`` of ``prefix + candidate`` for every candidate, in one value pass.
 
-        ``new_ids`` / ``new_pos`` ``[B, L]``: the prefix tokens the value cache does not hold yet (the
-        whole prompt at the first step, then the last token); ``attn`` ``[B, P + L]`` the prefix's
+        ``new_ids`` / ``new_pos`` ``[B, L]``: the prefix tokens the value cache does not hold yet (none at
+        the first step, ``L = 0``, then the last token); ``attn`` ``[B, P + L]`` the prefix's
         padding mask; ``cand`` ``[B, K]``; ``next_pos`` ``[B]`` the candidates' position.
         """
         B, L = new_ids.shape

@@ -471,6 +471,41 @@ def test_guided_policy_generates_and_scores_candidates_like_full_passes(restrict
         assert math.isfinite(want["rho"]) and abs(float(ks_out[0]) - want["rho"]) < 1e-5
 
 
+@pytest.mark.parametrize("restrict", [True, False])
+def test_prompts_sharing_leading_tokens_or_repeated_are_read_once_and_score_like_full_passes(restrict):
+    """Prompts with 3 leading tokens in common, one of them twice: with ``share_prefix`` (the default) both
+    models read those tokens once and the repeated prompt once; every step's candidates, atom logits, guided
+    logits and policy over the vocabulary still equal full forward passes of prefix + candidate, and the draws
+    equal those of reading every prompt whole."""
+    from shiq_eval.generate import SamplingConfig
+
+    warnings.filterwarnings("ignore")
+    ref, value = tiny_llama(0), value_model(1)
+    prompts = [[3, 7, 9, 11, 4], [3, 7, 9, 2], [3, 7, 9, 11, 4], [3, 7, 9, 11, 60, 33]]
+    kw = dict(top_k=5, eos_id=63, pad_id=0, restrict_to_top_k=restrict)
+    shared, whole = (GuidedPolicy(ref, value, ATOMS, 0.5, share_prefix=s, **kw) for s in (True, False))
+    read = []  # the tokens each model pass reads: the shared ones once, the repeated prompt once
+    hook = value.trunk.register_forward_pre_hook(lambda m, a, k: read.append(k["input_ids"].shape), with_kwargs=True)
+    cfg = SamplingConfig(max_new_tokens=5)
+    steps = shared.decode(prompts, cfg, generator=torch.Generator().manual_seed(11), record=True)
+    hook.remove()
+    # [3, 7, 9] once, then the 3 distinct prompts' rests (up to 3 tokens), then step 0's 5 candidates of the 4 rows
+    assert read[:3] == [(1, 3), (3, 3), (4, 5)]
+    again = whole.decode(prompts, cfg, generator=torch.Generator().manual_seed(11), record=True)
+    assert torch.equal(steps.tokens, again.tokens) and torch.equal(steps.active, again.active)
+    for b, prompt in enumerate(prompts):
+        completion = steps.tokens[b][steps.active[b]].tolist()
+        for t, w in enumerate(full_forward_reference(ref, value, prompt, completion, 5, 0.5, restrict)):
+            assert torch.equal(steps.candidates[b, t], w["cand"])
+            scale = max(1.0, w["atoms"].abs().max(), w["guided"].abs().max())
+            assert (steps.atom_logits[b, t].double() - w["atoms"]).abs().max() < 1e-5 * scale
+            assert (steps.guided[b, t] - w["guided"]).abs().max() < 1e-5 * scale
+            got = steps.policy_logp[b, t]
+            finite = torch.isfinite(got)
+            assert torch.equal(finite, torch.isfinite(w["logp"]))
+            assert (got[finite] - w["logp"][finite]).abs().max() < 1e-5 * scale
+
+
 def test_constant_values_give_the_renormalised_reference_top_k():
     from shiq_eval.generate import SamplingConfig
 
