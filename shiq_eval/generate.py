@@ -10,6 +10,7 @@ prompts reach every model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -86,21 +87,13 @@ class HFPolicy:
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
 
-    def _forward(self, ids, attn, positions, cache):
-        """The model over ``ids`` ``[B, S]`` after ``cache`` (None: a new one): ``(cache, logits [B, V])`` at the
-        last position (:func:`read_prompts`' ``forward``)."""
-        out = self.model(
-            input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
-        )
-        return out.cache, out.logits[:, -1]
-
     def _read_prompts(self, batch: list[list[int]]):
         """``(cache, logits [B, V], attention_mask, position_ids)`` after the prompts: :func:`read_prompts`."""
-        return read_prompts(self._forward, batch, self.pad_id, share_prefix=self.share_prefix)
+        return read_prompts(partial(lm_forward, self.model), batch, self.pad_id, share_prefix=self.share_prefix)
 
     def _read_distinct(self, batch: list[list[int]]):
         """:meth:`_read_prompts` without looking for repeated prompts: :func:`read_distinct`."""
-        return read_distinct(self._forward, batch, self.pad_id, share_prefix=self.share_prefix)
+        return read_distinct(partial(lm_forward, self.model), batch, self.pad_id, share_prefix=self.share_prefix)
 
     def _generate_batch(
         self, batch: list[list[int]], cfg: SamplingConfig, seed: int, prefill=None, keep_logits: list | None = None
@@ -134,6 +127,15 @@ class HFPolicy:
             )
             cache, logits, pos = out.cache, out.logits[:, -1], pos + 1
         return torch.stack(drawn, 1).tolist()
+
+
+def lm_forward(model, ids, attn, positions, cache):
+    """A Hugging Face causal LM over ``ids`` ``[B, S]`` after ``cache`` (None: a new one): ``(cache, logits
+    [B, V])`` at the last position (with the model bound, :func:`read_prompts`' ``forward``)."""
+    out = model(
+        input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
+    )
+    return out.cache, out.logits[:, -1]
 
 
 def read_prompts(forward, batch: list[list[int]], pad_id: int, *, share_prefix: bool = True, device=None):

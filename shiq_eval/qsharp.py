@@ -28,11 +28,12 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
 from shiq_eval.evaluate import EvalResult, evaluate_one_pass
-from shiq_eval.generate import SamplingConfig, generate_in_batches, read_prompts, sample_next
+from shiq_eval.generate import SamplingConfig, generate_in_batches, lm_forward, read_prompts, sample_next
 
 
 def guided_logits(
@@ -150,11 +151,11 @@ class GuidedPolicy:
 
     Both models first read the prompts into their KV caches (``share_prefix``). Each step then runs the
     reference on the new token (step 0: its logits at the prompts' end) and the value trunk once on
-    ``[new token, k candidates]`` (step 0: the candidates alone) over the value trunk's cached prefix: a candidate attends to the
-    prefix and to itself only (a diagonal mask among candidates) and sits at the position after the
-    prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates' cache entries
-    are dropped after the pass. Prompts are left-padded (after the leading tokens they share); padding is
-    masked out of every attention.
+    ``[new token, k candidates]`` (step 0: the candidates alone) over the value trunk's cached prefix: a
+    candidate attends to the prefix and to itself only (a diagonal mask among candidates) and sits at the
+    position after the prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates'
+    cache entries are dropped after the pass. Prompts are left-padded (after the leading tokens they share);
+    padding is masked out of every attention.
     Sampling applies ``cfg.temperature`` / ``cfg.top_p`` to the guided next-token distribution (the
     whole vocabulary, or the candidates with ``restrict_to_top_k``).
     """
@@ -267,13 +268,6 @@ class GuidedPolicy:
         else:
             n_steps = cfg.max_new_tokens
 
-        def ref_forward(ids, mask, positions, cache):
-            out = self.ref_model(
-                input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                logits_to_keep=1,
-            )  # fmt: skip
-            return out.cache, out.logits[:, -1]
-
         def value_forward(ids, mask, positions, cache):
             cache = DynamicCache(config=self.value_model.config) if cache is None else cache
             self.value_model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache)
@@ -282,6 +276,7 @@ class GuidedPolicy:
         # both models read the prompts alike (shared leading tokens once, repeated prompts once): the same
         # cache layout and padding mask ``attn`` [B, P]; each step then adds one position
         share = dict(share_prefix=self.share_prefix, device=device)
+        ref_forward = partial(lm_forward, self.ref_model)
         ref_cache, ref_logits, attn, positions = read_prompts(ref_forward, batch, self.pad_id, **share)
         value_cache, _, _, _ = read_prompts(value_forward, batch, self.pad_id, **share)
         atoms = self.atoms.to(device)
