@@ -288,7 +288,7 @@ def read_manifest(buffer_dir) -> dict:
         )
     if version >= 2 and not isinstance(manifest.get("text_columns"), bool):
         raise ValueError(f"{path}: field 'text_columns' must be true or false, got {manifest.get('text_columns')!r}")
-    for key in ("tokenizer", "rows", "tokens", "shards", "next_group_id"):
+    for key in ("tokenizer", "rows", "tokens", "action_tokens", "shards", "next_group_id", "commands"):
         if key not in manifest:
             raise ValueError(f"{path}: field {key!r} missing")
     _check_manifest_types(path, manifest)
@@ -300,18 +300,19 @@ def _is_count(x) -> bool:
 
 
 def _check_manifest_types(path: Path, manifest: dict) -> None:
-    """Raise ``ValueError`` naming ``path`` and the field unless every field this code reads has the right
-    type and every shard entry names a plain shard file inside the buffer folder (no ``..``, no absolute
-    path, no symlink leading out)."""
-    for key in ("rows", "tokens", "next_group_id"):
+    """Raise ``ValueError`` naming ``path`` and the field unless every field this code reads is present (every
+    schema version has them) with the right type, the totals are the sums over the shards, and every shard
+    entry names a distinct plain shard file inside the buffer folder (no ``..``, no absolute path, no
+    symlink leading out)."""
+    for key in ("rows", "tokens", "action_tokens", "next_group_id"):
         if not _is_count(manifest[key]):
             raise ValueError(f"{path}: field {key!r} must be an integer in [0, 2**63), got {manifest[key]!r:.40}")
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
-    if "action_tokens" in manifest and not _is_count(manifest["action_tokens"]):
-        raise ValueError(f"{path}: field 'action_tokens' must be an integer in [0, 2**63)")
-    if not isinstance(tok.get("name", ""), str):
+    if "name" not in tok:
+        raise ValueError(f"{path}: field 'tokenizer.name' missing")
+    if not isinstance(tok["name"], str):
         raise ValueError(f"{path}: field 'tokenizer.name' must be a string, got {tok['name']!r:.40}")
     system = tok.get("system_prompt", {"setting": "template"})
     if not (
@@ -320,7 +321,7 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         and isinstance(system.get("text", ""), (str, type(None)))
     ):
         raise ValueError(f"{path}: field 'tokenizer.system_prompt' must be an object with a string 'setting'")
-    commands = manifest.get("commands", [])
+    commands = manifest["commands"]
     if not isinstance(commands, list) or not all(
         isinstance(c, dict)
         and isinstance(c.get("argv", []), list)
@@ -337,6 +338,7 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     if not isinstance(manifest["shards"], list):
         raise ValueError(f"{path}: field 'shards' must be a list, got {type(manifest['shards']).__name__}")
     folder = path.parent.resolve()
+    numbers: dict[str, int] = {}  # shard number -> index of the entry listing it
     for i, entry in enumerate(manifest["shards"]):
         where = f"{path}: shards[{i}]"
         if not isinstance(entry, dict):
@@ -346,18 +348,31 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
             raise ValueError(
                 f"{where}.file: {name!r} is not a shard file name (shard-NNNNN.arrow or shard-NNNNN.rN.arrow)"
             )
+        if name[6:11] in numbers:
+            j = numbers[name[6:11]]
+            raise ValueError(
+                f"{where}.file: {name!r} repeats shard number {name[6:11]} of shards[{j}] "
+                f"({manifest['shards'][j]['file']!r}); each shard is listed once"
+            )
+        numbers[name[6:11]] = i
         target = path.parent / name
         if target.is_symlink() or (target.exists() and target.resolve().parent != folder):
             raise ValueError(f"{where}.file: {name!r} is a link; shard files must be plain files inside {path.parent}")
-        for key in ("rows", "tokens"):
-            if not _is_count(entry.get(key)):
-                raise ValueError(f"{where}.{key}: must be a non-negative integer, got {entry.get(key)!r}")
+        for key in ("rows", "tokens", "action_tokens", "bytes", "sha256", "has_ref"):
+            if key not in entry:
+                raise ValueError(f"{where}.{key}: missing")
+        for key in ("rows", "tokens", "action_tokens", "bytes"):
+            if not _is_count(entry[key]):
+                raise ValueError(f"{where}.{key}: must be a non-negative integer, got {entry[key]!r:.40}")
+        if "revision" in entry and not _is_count(entry["revision"]):
+            raise ValueError(f"{where}.revision: must be a non-negative integer, got {entry['revision']!r:.40}")
         if not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
             raise ValueError(f"{where}.sha256: must be 64 lowercase hex digits, got {entry.get('sha256')!r}")
-        if "bytes" in entry and not _is_count(entry["bytes"]):
-            raise ValueError(f"{where}.bytes: must be a non-negative integer, got {entry['bytes']!r}")
         if not isinstance(entry.get("has_ref"), bool):
             raise ValueError(f"{where}.has_ref: must be true or false, got {entry.get('has_ref')!r}")
+    for key, total in _totals(manifest["shards"]).items():
+        if manifest[key] != total:
+            raise ValueError(f"{path}: field {key!r} is {manifest[key]}, its shards' {key!r} add up to {total}")
 
 
 _VERIFIED: dict[tuple, bool] = {}  # (real path, size, mtime_ns, sha256) -> checked once per process
@@ -962,8 +977,24 @@ def append_buffer(
             new["ref_model"] = ref_model
             done = (manifest.get("ref_stats") or {}).get("done", [])
             new["ref_stats"] = {"ref_model": ref_model, "done": done + [e["file"] for e in stream.entries]}
-        atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
+        try:
+            atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
+        except BaseException:
+            _remove_uncommitted(buffer_dir, [e["file"] for e in stream.entries])
+            raise
     return open_buffer(buffer_dir)
+
+
+def _remove_uncommitted(buffer_dir: Path, files: list[str]) -> None:
+    """After a failed manifest write, delete the new shard ``files`` unless the manifest on disk lists them
+    (the rename went through and only flushing the folder failed: they are committed)."""
+    try:
+        listed = {s.get("file") for s in json.loads((buffer_dir / MANIFEST).read_text())["shards"]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # the manifest cannot be read: keep the files (the next append or validate removes strays)
+    for name in files:
+        if name not in listed:
+            (buffer_dir / name).unlink(missing_ok=True)
 
 
 def _text_mismatch(path: Path, manifest: dict) -> str:
@@ -1067,7 +1098,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
         try:
             atomic_write_json(buffer_dir / MANIFEST, new, indent=1)  # the commit point
         except BaseException:
-            (buffer_dir / name).unlink(missing_ok=True)
+            _remove_uncommitted(buffer_dir, [name])
             raise
         old_path.unlink(missing_ok=True)
     return new_entry

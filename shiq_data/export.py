@@ -50,8 +50,15 @@ _MEANING = {
 
 
 def jsonl_record(row: dict, *, where: str) -> dict:
-    """The JSONL record of a buffer row (see the module doc); ``ValueError`` naming ``where`` when an extra
-    field has the name of a record key. A conversation without any reward gets reward 0."""
+    """The JSONL record of a buffer row (see the module doc); ``ValueError`` naming ``where`` when the row has
+    no prompt or completion text or an extra field has the name of a record key. A conversation without any
+    reward gets reward 0."""
+    for key in ("prompt", "completion"):
+        if row[key] is None:
+            raise ValueError(
+                f"{where}: field {key!r}: null (the row keeps no text, e.g. it was mixed in from a buffer without "
+                "text columns); export with --format parquet or hf, which keep the token columns"
+            )
     record = {"prompt": decode_text(row["prompt"]), "completion": decode_text(row["completion"])}
     if row["turn_rewards"] is not None:
         record["turn_rewards"] = row["turn_rewards"]

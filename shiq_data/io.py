@@ -125,10 +125,35 @@ def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
             ) from None
 
 
+def unencodable_field(value, field: str = "") -> str | None:
+    """The path (``completion[0].content``) of the first string in the JSON value ``value`` (keys included)
+    that cannot be encoded as UTF-8 (a lone surrogate such as JSON's ``"\\ud800"``), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return field or "*"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            name = f"{field}.{key}" if field else str(key)
+            if unencodable_field(key) is not None:
+                return name.encode("utf-8", "backslashreplace").decode("utf-8")
+            found = unencodable_field(item, name)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = unencodable_field(item, f"{field}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """``(line_number, object)`` of each non-blank line of a JSON-lines file, plain or ``.gz`` (1-based
-    numbers). Bad UTF-8, bad JSON or a line that is not a JSON object raises :class:`RowError` naming
-    the file and line."""
+    numbers). Bad UTF-8, bad JSON, a line that is not a JSON object or a string that is not Unicode text
+    (a lone surrogate escape, ``"\\ud800"``) raises :class:`RowError` naming the file, line and field."""
     path = Path(path)
     with open_binary(path) as f:
         for n, line in utf8_lines(f, path):
@@ -142,6 +167,10 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 ) from None
             if not isinstance(obj, dict):
                 raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
+            if "\\u" in line:  # only an escape can make a lone surrogate (the line itself is valid UTF-8)
+                field = unencodable_field(obj)
+                if field is not None:
+                    raise RowError(path, n, field, "not Unicode text (a lone surrogate \\u escape)", row_label="line")
             yield n, obj
 
 

@@ -178,7 +178,8 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     ``prompt_len`` outside ``[1, T)``; an action token inside the prompt; no action token; a
     non-finite reward or a nonzero reward on a non-action token; non-finite reference statistics or a
     nonzero one at position 0; a text column (when present) of the wrong type, a non-finite ``reward``
-    or turn reward, or an ``extra`` that is not the JSON text of an object.
+    or turn reward, or an ``extra`` that is not the JSON text of an object; a string that is not Unicode
+    text (a lone surrogate).
     """
 
     def err(field, problem):
@@ -196,6 +197,7 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     for name in ("row_id", "source"):
         if not isinstance(row[name], str):
             raise err(name, f"must be a string, got {type(row[name]).__name__}")
+        _check_unicode(row[name], name, err)
     if not row["row_id"]:
         raise err("row_id", "must not be empty")
     for name in ("group_id", "prompt_len"):
@@ -248,12 +250,22 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     _check_text(row, err)
 
 
+def _check_unicode(text: str, field: str, err) -> None:
+    """Raise ``err(field, problem)`` if ``text`` cannot be encoded as UTF-8 (it holds a lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise err(field, f"not Unicode text (a lone surrogate {text[e.start]!r} at character {e.start})") from None
+
+
 def _check_text(row: dict, err) -> None:
     """Raise ``err(field, problem)`` if a text column present in ``row`` has the wrong type or value."""
     for name in ("prompt", "completion", "extra"):
         value = row.get(name)
         if value is not None and not isinstance(value, str):
             raise err(name, f"must be a string or null, got {type(value).__name__}")
+        if value is not None:
+            _check_unicode(value, name, err)
     reward = row.get("reward")
     if reward is not None and not is_finite_number(reward):
         raise err("reward", f"must be a finite number or null, got {str(reward)[:40]}")

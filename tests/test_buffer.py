@@ -131,6 +131,8 @@ BAD_ROWS = [
     ("prompt_len", lambda r: r.update(prompt_len=0), "outside"),
     ("prompt_len", lambda r: r.update(prompt_len=len(r["tokens"])), "outside"),
     ("source", lambda r: r.pop("source"), "missing"),
+    ("source", lambda r: r.update(source="in\ud800.jsonl"), "lone surrogate"),
+    ("row_id", lambda r: r.update(row_id="r\udfff"), "lone surrogate"),
     ("group_id", lambda r: r.update(group_id="g"), "integer"),
     ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"])), "missing"),
     ("ref_logz", lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[0.0]), "length"),
@@ -463,6 +465,41 @@ def test_killed_append_leaves_the_old_buffer(tmp_path):
     assert validate_buffer(b, cleanup=True)["removed_files"]
     assert not list(b.glob(".shard-*"))
     assert len(append_buffer(b, make_rows(2, seed=3), command=["a"], progress=False)) == 7
+
+
+def test_a_failed_append_commit_leaves_the_old_buffer(tmp_path, monkeypatch):
+    import shiq_data.buffer as B
+    import shiq_data.io as io
+
+    b = tmp_path / "b"
+    write_buffer(make_rows(5), b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.name != ".lock"}
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(B, "atomic_write_json", no_space)  # the manifest cannot be written
+        with pytest.raises(OSError, match="No space"):
+            append_buffer(b, make_rows(4, seed=1), command=["a"], tokenizer_info=TOK, progress=False)
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.name != ".lock"} == before
+    assert plain_read(b) == make_rows(5) and validate_buffer(b)["removed_files"] == []
+    # the manifest was replaced and only flushing the folder failed: the append is committed, its shards stay
+    real = io.fsync_dir
+    calls = []
+
+    def flush_fails_once(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise OSError(5, "Input/output error")
+        real(path)
+
+    with monkeypatch.context() as m:
+        m.setattr(io, "fsync_dir", flush_fails_once)  # atomic_write's flush after its rename
+        with pytest.raises(OSError, match="Input/output"):
+            append_buffer(b, make_rows(4, seed=1), command=["a"], tokenizer_info=TOK, progress=False)
+    assert plain_read(b)[5:] == [{**r, "group_id": r["group_id"] + 3} for r in make_rows(4, seed=1)]
+    assert validate_buffer(b)["rows"] == 9
 
 
 def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):

@@ -14,6 +14,7 @@ from test_buffer import TOK, make_rows
 
 from shiq_data import buffer as B
 from shiq_data.buffer import add_ref_columns, append_buffer, open_buffer, read_manifest, write_buffer
+from shiq_data.cli import main
 from shiq_data.validate import validate_buffer
 from shiq_train.checkpoint import latest_step_dir
 
@@ -81,6 +82,54 @@ def test_manifest_fields_of_the_wrong_type_give_a_named_error(tmp_path, edit, fi
     _edit_manifest(a, edit)
     with pytest.raises(ValueError, match=field):
         open_buffer(a)
+
+
+def _drop(key):
+    """An edit removing ``key`` (a dotted path, ``shards.0.bytes``) from the manifest."""
+
+    def edit(m):
+        *parents, last = key.split(".")
+        for k in parents:
+            m = m[int(k)] if isinstance(m, list) else m[k]
+        del m[last]
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (_drop("shards.0.bytes"), "shards[0].bytes: missing"),
+        (_drop("shards.1.action_tokens"), "shards[1].action_tokens: missing"),
+        (_drop("action_tokens"), "field 'action_tokens' missing"),
+        (_drop("commands"), "field 'commands' missing"),
+        (_drop("tokenizer.name"), "field 'tokenizer.name' missing"),
+        (lambda m: m["shards"][0].update(bytes="12"), "shards[0].bytes: must be"),
+        (lambda m: m.update(rows=m["rows"] + 1), "field 'rows' is 7, its shards' 'rows' add up to 6"),
+        (lambda m: m.update(tokens=m["tokens"] - 1), "field 'tokens' is"),
+        (lambda m: m.update(action_tokens=0), "field 'action_tokens' is 0"),
+        (lambda m: m["shards"].append(dict(m["shards"][0])), "shards[2].file: 'shard-00000.arrow' repeats"),
+        (lambda m: m["shards"][1].update(file="shard-00000.r1.arrow"), "shards[1].file: 'shard-00000.r1.arrow'"),
+    ],
+)
+def test_a_manifest_missing_a_field_or_with_wrong_totals_is_one_line_everywhere(tmp_path, capsys, edit, field):
+    a = _build(tmp_path / "a")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "a", "completion": "b", "reward": 1}) + "\n")
+    _edit_manifest(a, edit)
+    before = _files(a)
+    out = tmp_path / "export"
+    for argv in (
+        ["validate", a, "--no-progress"],
+        ["info", a],
+        ["append", a, "jsonl", inp, "--no-progress"],
+        ["export", a, "--format", "parquet", "--out", out],
+    ):
+        assert main([str(x) for x in argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{a / 'manifest.json'}: " in err and field in err, (argv, err)
+    assert _files(a) == before and not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "in.jsonl"]
 
 
 def _corrupt(folder, index=0):

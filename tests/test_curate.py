@@ -339,6 +339,37 @@ def test_mix_refuses_another_tokenizer(data, tmp_path, capsys):
     assert code == 2 and "BUFFER:WEIGHT" in err
 
 
+def _mix_is_refused(capsys, tmp_path, first, second, words):
+    """``mix first:1 second:1`` (and the other order) exits 2 with one line naming both inputs; nothing written."""
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for x, y in ((first, second), (second, first)):
+        code, out, err = run(capsys, "mix", f"{x}:1", f"{y}:1", "--out", tmp_path / "x", "--no-progress")
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert "manifest.json" in err and str(x) in err and str(y) in err and words in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_mix_refuses_inputs_with_and_without_text_columns(data, tmp_path, capsys):
+    fb = data["root"] / "b.jsonl"
+    tok, info = load_tokenizer("gpt2")
+    plain = tmp_path / "plain"
+    read = get_format("jsonl").read(fb, tok, source="b")
+    write_buffer(read, plain, tokenizer_info=info, command=["t"], progress=False, text_columns=False)
+    assert json.loads((plain / "manifest.json").read_text())["text_columns"] is False
+    assert json.loads((data["a"] / "manifest.json").read_text())["text_columns"] is True
+    _mix_is_refused(capsys, tmp_path, data["a"], plain, "text columns")
+
+
+def test_mix_refuses_inputs_of_another_system_prompt(data, tmp_path, capsys):
+    other = tmp_path / "off"
+    shutil.copytree(data["b"], other)
+    m = json.loads((other / "manifest.json").read_text())
+    assert m["tokenizer"]["system_prompt"]["setting"] == "template"
+    m["tokenizer"]["system_prompt"] = {"setting": "off", "text": ""}
+    (other / "manifest.json").write_text(json.dumps(m))
+    _mix_is_refused(capsys, tmp_path, data["a"], other, "--system-prompt off")
+
+
 def test_stats_match_pandas(data, tmp_path, capsys):
     df, tok = data["df"], data["tok"]
     df = df.assign(

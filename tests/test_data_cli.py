@@ -589,3 +589,52 @@ def test_reward_beyond_float32_names_the_input_line_and_field(tmp_path, capsys, 
     assert len(err.splitlines()) == 1
     assert f"{inp}: {where}: field 'reward': reward does not fit in float32 (output row 1, column 'rewards')" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"in.{fmt}"]
+
+
+SURROGATES = [
+    ('{"prompt": "a\\ud800", "completion": "b", "reward": 1}', "'prompt'"),
+    ('{"prompt": "a", "completion": "b\\udfff c", "reward": 1}', "'completion'"),
+    ('{"prompt": "a", "completion": "b", "reward": 1, "note": "x\\ud800y"}', "'note'"),
+    ('{"prompt": "a", "completion": "b", "reward": 1, "meta": {"tags": ["ok", "\\udc80"]}}', "'meta.tags[1]'"),
+]
+
+
+@pytest.mark.usefixtures("tokenizers_once")
+@pytest.mark.parametrize("line,field", SURROGATES)
+def test_a_lone_surrogate_names_file_line_and_field(tmp_path, capsys, line, field):
+    # as Python's json reads the line, it holds a lone surrogate, which UTF-8 cannot encode
+    with pytest.raises(UnicodeEncodeError):
+        json.dumps(json.loads(line), ensure_ascii=False).encode("utf-8")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps(RECORDS[0]) + "\n" + line + "\n")
+    out = tmp_path / "buf"
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}: line 2: field {field}" in err and "surrogate" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    # append: refused the same way, the buffer unchanged
+    good = write_jsonl(tmp_path / "good.jsonl", RECORDS[:2])
+    assert main(["build", "jsonl", str(good), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"}
+    assert main(["append", str(out), "jsonl", str(inp), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}: line 2: field {field}" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != ".lock"} == before
+
+
+@pytest.mark.usefixtures("tokenizers_once")
+@pytest.mark.parametrize("value", ["False", "True", "0", "1", "no", '"false"'])
+def test_a_boolean_option_must_be_true_or_false(tmp_path, capsys, gpt2, value):
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "x"}])
+    out = tmp_path / "buf"
+    argv = ["build", "hh", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]
+    assert main([*argv, "--option", f"all_assistant_turns={value}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--option all_assistant_turns: must be true or false" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    hh = FORMATS["hh"]
+    for ok in (True, False):
+        hh.check_options({"all_assistant_turns": ok})
+    with pytest.raises(ValueError, match="all_assistant_turns"):
+        next(hh.read(inp, gpt2[0], all_assistant_turns="False"))

@@ -10,7 +10,7 @@ import pytest
 from conftest import cached_load_tokenizer
 
 import shiq_data.cli
-from shiq_data.buffer import add_ref_columns
+from shiq_data.buffer import add_ref_columns, write_buffer
 from shiq_data.cli import main
 
 pytestmark = pytest.mark.usefixtures("tokenizers_once")  # one tokenizer load per session
@@ -246,3 +246,31 @@ def test_export_refuses_an_existing_folder_and_a_clashing_extra_field(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "row 0: field 'extra'" in err and "'source'" in err
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.*"))
+
+
+def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
+    """A buffer with text columns whose row 1 has none (as an earlier mix of buffers with and without text
+    wrote them): the JSONL export names the shard, the row and the field, and writes nothing."""
+
+    def row(i, text):
+        out = {
+            "row_id": f"r{i}",
+            "source": "s",
+            "group_id": i,
+            "prompt_len": 1,
+            "tokens": [3, 4],
+            "action_mask": [False, True],
+            "rewards": [0.0, 1.0],
+        }
+        return {**out, "prompt": "p", "completion": "c", "reward": 1.0} if text else out
+
+    buf = tmp_path / "b"
+    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
+    write_buffer([row(0, True), row(1, False)], buf, tokenizer_info=tok, command=["t"], progress=False)
+    table = pa.ipc.open_stream(pa.memory_map(str(buf / "shard-00000.arrow"))).read_all()
+    assert table.column("prompt").to_pylist() == ["p", None]  # the input, as plain pyarrow reads it
+    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{buf / 'shard-00000.arrow'}: row 1: field 'prompt': null" in err and "--format parquet" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

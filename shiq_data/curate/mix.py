@@ -9,8 +9,9 @@ replacement: ``min_i(rows_i * sum(w) / w_i)``.
 
 The output's group ids are ``0, 1, ...`` in order of appearance, one per (input, group, copy), so no two
 inputs (or copies) share one; row ids become ``m<i>-<row id>`` (``m<i>-<row id>-copy<k>`` for the k-th
-repeat). All inputs must share a tokenizer fingerprint. Reference statistics are kept when every input
-has them from the same reference model, and dropped otherwise (the result says so).
+repeat). All inputs must share a tokenizer fingerprint and a system prompt setting, and all keep text
+columns or none does. Reference statistics are kept when every input has them from the same reference
+model, and dropped otherwise (the result says so).
 
 Memory is bounded, not proportional to the inputs: each input's group ids go to a temporary Parquet table
 next to ``out`` (:class:`shiq_data.spill.Spill`, removed afterwards) where DuckDB, within a fixed memory
@@ -107,6 +108,18 @@ class _Groups:
         return drawn
 
 
+def _system_prompt(source: CurationSource) -> dict:
+    """The ``--system-prompt`` setting a buffer's rows were rendered with (the template's default when its
+    manifest records none)."""
+    return source.manifest["tokenizer"].get("system_prompt") or {"setting": "template"}
+
+
+def _describe(system: dict) -> str:
+    """A recorded system prompt setting in words: ``--system-prompt off (text '')``."""
+    setting = system["setting"] if system["setting"] in ("template", "off") else "TEXT"
+    return f"--system-prompt {setting}" + (f" (text {system['text']!r:.60})" if "text" in system else "")
+
+
 def mix_buffers(
     specs: list[str],
     out,
@@ -132,6 +145,18 @@ def mix_buffers(
                 f"{s.path / MANIFEST}: tokenizer {s.manifest['tokenizer'].get('name')!r} (fingerprint "
                 f"{s.fingerprint[:12]}…) differs from {first.path}'s {first.manifest['tokenizer'].get('name')!r} "
                 f"(fingerprint {first.fingerprint[:12]}…); only buffers of one tokenizer can be mixed"
+            )
+        if s.buffer.has_text != first.buffer.has_text:
+            with_text, without = (s, first) if s.buffer.has_text else (first, s)
+            raise ValueError(
+                f"{without.path / MANIFEST}: the buffer has no text columns (schema version 1 or built with "
+                f"--no-text), {with_text.path} keeps them; only buffers that both keep or both lack text can be mixed"
+            )
+        a, b = _system_prompt(s), _system_prompt(first)
+        if a["setting"] != b["setting"] or ("text" in a and "text" in b and a["text"] != b["text"]):
+            raise ValueError(
+                f"{s.path / MANIFEST}: rendered with {_describe(a)}, {first.path} with "
+                f"{_describe(b)}; only buffers of one system prompt setting can be mixed"
             )
     with Spill(out) as spill:
         return _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill)

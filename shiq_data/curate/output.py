@@ -31,9 +31,9 @@ def write_curated(
 ) -> Buffer:
     """Write ``rows`` (tables of stored columns, as :meth:`CurationSource.take` gives) as a new buffer at
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
-    tokenizer, shards as large as the first parent's first shard, and ``parents`` (path, manifest sha256)
-    and ``curation`` recorded in the manifest (written after the last row, so the ``rows`` iterator may
-    still add its counts to ``curation``)."""
+    tokenizer, the first parent's text setting (text columns or none), shards as large as its first shard,
+    and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
+    row, so the ``rows`` iterator may still add its counts to ``curation``)."""
     first = parents[0].manifest
     shard_rows = max(first["shards"][0]["rows"], 1) if first["shards"] else 4096
     return write_buffer(
@@ -45,6 +45,7 @@ def write_curated(
         progress=progress,
         input_name=", ".join(str(p.path) for p in parents),
         ref_model=ref_model,
+        text_columns=parents[0].buffer.has_text,
         parents=[p.parent() for p in parents],
         curation=curation,
         # the parents' commands come first, so a later append's row ids b<k>-... never clash with kept ones

@@ -41,8 +41,9 @@ from shiq_data.readers.ultrafeedback import read_ultrafeedback
 class Format:
     """An input format: its reader and the keyword arguments the command line may give it.
 
-    ``options`` can be set with ``--option KEY=VALUE``; ``functions`` take a Python function, so only a
-    Python caller can give them. ``source`` (the rows' ``source`` column) comes from ``--source``.
+    ``options`` can be set with ``--option KEY=VALUE``; those in ``booleans`` must be given ``true`` or
+    ``false``. ``functions`` take a Python function, so only a Python caller can give them. ``source``
+    (the rows' ``source`` column) comes from ``--source``.
     ``records(path)`` gives the input's ``(line or row, record)`` pairs, which ``read(path, tokenizer,
     records=chunk, **options)`` turns into rows (a parallel build, :mod:`shiq_data.readers.parallel`).
     """
@@ -51,6 +52,7 @@ class Format:
     read: Callable[..., Iterator[dict]]
     options: tuple[str, ...] = ()
     functions: tuple[str, ...] = ()
+    booleans: tuple[str, ...] = ()
     records: Callable[..., Iterator[tuple[int, dict]]] = iter_jsonl
 
     def check_options(self, options: dict) -> None:
@@ -68,6 +70,8 @@ class Format:
                 )
             if name not in self.options:
                 raise ValueError(f"--option {name}: unknown option; {takes}")
+            if name in self.booleans and not isinstance(options[name], bool):
+                raise ValueError(f"--option {name}: must be true or false, got {options[name]!r:.40}")
 
 
 FIELD_OPTIONS = ("prompt_field", "completion_field", "reward_field")  # which input fields hold them
@@ -78,7 +82,13 @@ FORMATS: dict[str, Format] = {
         Format("jsonl", read_jsonl, FIELD_OPTIONS, records=jsonl_records),
         Format("parquet", read_parquet, FIELD_OPTIONS, records=parquet_records),
         Format("datasets", read_datasets, FIELD_OPTIONS, records=datasets_records),
-        Format("hh", read_hh, ("mode", "reward_model", "all_assistant_turns", "source"), ("reward_fn",)),
+        Format(
+            "hh",
+            read_hh,
+            ("mode", "reward_model", "all_assistant_turns", "source"),
+            ("reward_fn",),
+            booleans=("all_assistant_turns",),
+        ),
         Format("ultrafeedback", read_ultrafeedback, ("score_field", "source")),
         Format("multiturn", read_multiturn, ("source",)),
     )

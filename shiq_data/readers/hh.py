@@ -101,6 +101,8 @@ def read_hh(
         if reward_fn is not None:
             raise ValueError("hh: give reward_fn or reward_model, not both")
         reward_fn, mode = regression_reward_fn(reward_model), "scored"
+    if not isinstance(all_assistant_turns, bool):
+        raise ValueError(f"hh: all_assistant_turns = {all_assistant_turns!r:.40}: expected true or false")
     if mode not in ("pairs", "scored"):
         raise ValueError(f"hh: mode = {mode!r}: expected 'pairs' or 'scored'")
     if (mode == "scored") != (reward_fn is not None):
