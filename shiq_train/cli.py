@@ -39,7 +39,14 @@ from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
-from shiq_train.model import ModelConfig, build_model_chunks, check_runtime, resolved_transformer_impl
+from shiq_train.model import (
+    ModelConfig,
+    build_model_chunks,
+    check_fp8_shapes,
+    check_runtime,
+    resolved_transformer_impl,
+    width_multiple,
+)
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
@@ -279,7 +286,8 @@ def open_data_source(
 ):
     """This data-parallel rank's sampler over ``data_cfg['buffer']``; checks the reference columns.
     ``max_tokens`` (the model's sequence length) bounds every row: longer trajectories are an error.
-    ``width_multiple``: micro-batch widths are padded to a multiple of it (sequence parallelism: tp)."""
+    ``width_multiple``: micro-batch widths are padded to a multiple of it (``shiq_train.model.width_multiple``:
+    sequence parallelism, FP8)."""
     path = Path(data_cfg["buffer"])
     if not path.exists():
         raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
@@ -564,6 +572,22 @@ def check_plain_options(cfg: dict) -> None:
         raise ConfigError(f"data.verify_checksums={data['verify_checksums']!r}: expected true or false")
 
 
+def check_packed_layers(mode: str, model_cfg) -> None:
+    """Refuse ``data.mode=packed`` unless the layers are megatron's local ones: packed rows keep their
+    trajectories apart by a block-diagonal attention mask, which Transformer Engine's layers (causal mask type)
+    ignore, so each trajectory would attend to the ones packed before it."""
+    impl = resolved_transformer_impl(model_cfg)
+    if mode == "packed" and impl != "local":
+        chosen = (
+            "auto, which picks Transformer Engine on this machine" if model_cfg.transformer_impl == "auto" else impl
+        )
+        raise ConfigError(
+            f"data.mode=packed needs megatron's local layers, but model.transformer_impl={chosen}: Transformer "
+            "Engine's attention ignores the block-diagonal mask that keeps packed trajectories apart; set "
+            "data.mode=padded or model.transformer_impl=local"
+        )
+
+
 def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.ParallelConfig:
     """The layout of ``parallel.*`` (tp, pp, cp, vpp), refused in one line if it cannot run this model and step
     (``ParallelConfig.check_fits``, ``parallel.check_context_parallel``)."""
@@ -599,10 +623,15 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     except RuntimeError as e:
         raise ConfigError(str(e)) from None
     par = parallel_config(cfg["parallel"], model_cfg, cfg["data"]["micro_batches_per_step"])
+    try:
+        check_fp8_shapes(model_cfg, par.tensor_model_parallel_size)
+    except RuntimeError as e:
+        raise ConfigError(str(e)) from None
     loss_cfg = _dataclass_from(LossConfig, cfg["loss"], "loss")
     opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
+    check_packed_layers(mode, model_cfg)
     if train_cfg.share_prefixes and (
         mode == "packed"
         or par.tensor_model_parallel_size > 1
@@ -647,7 +676,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size(),
             model_cfg.max_sequence_length,
-            par.tensor_model_parallel_size if model_cfg.sequence_parallel else 1,
+            width_multiple(model_cfg, par.tensor_model_parallel_size),
         )
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import math
+import numbers
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -36,6 +38,11 @@ RECOMPUTE = ("none", "selective", "full")
 RECOMPUTE_METHODS = ("uniform", "block")
 ATTENTION_BACKENDS = ("auto", "sdpa", "megatron")
 COMPILE_BACKEND = "inductor"  # torch.compile's backend for model.compile (tests trace with "aot_eager": no codegen)
+
+
+def _is_real(x) -> bool:
+    """A real number (an int or a float), not a bool."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
 @dataclass
@@ -117,10 +124,26 @@ class ModelConfig:
                 bad(f, getattr(self, f), "expected an integer >= 1")
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
-        if self.num_query_groups is not None and self.num_attention_heads % self.num_query_groups:
-            bad(
-                "num_query_groups", self.num_query_groups, f"must divide num_attention_heads={self.num_attention_heads}"
-            )
+        q = self.num_query_groups
+        if q is not None and not (isinstance(q, int) and not isinstance(q, bool) and q >= 1):
+            bad("num_query_groups", q, "an integer >= 1 (null: one per attention head)")
+        if q is not None and self.num_attention_heads % q:
+            bad("num_query_groups", q, f"must divide num_attention_heads={self.num_attention_heads}")
+        f = self.ffn_hidden_size
+        if f is not None and not (isinstance(f, int) and not isinstance(f, bool) and f >= 1):
+            bad("ffn_hidden_size", f, "an integer >= 1 (null: 4 * hidden_size)")
+        for name in ("hidden_dropout", "attention_dropout"):
+            v = getattr(self, name)
+            if not (_is_real(v) and 0 <= v < 1):
+                bad(name, v, "a probability in [0, 1)")
+        if not (
+            _is_real(self.layernorm_epsilon) and math.isfinite(self.layernorm_epsilon) and self.layernorm_epsilon > 0
+        ):
+            bad("layernorm_epsilon", self.layernorm_epsilon, "a finite number > 0")
+        if not (_is_real(self.init_method_std) and math.isfinite(self.init_method_std) and self.init_method_std > 0):
+            bad("init_method_std", self.init_method_std, "a finite number > 0")
+        if not (_is_real(self.rotary_base) and math.isfinite(self.rotary_base) and self.rotary_base > 0):
+            bad("rotary_base", self.rotary_base, "a finite number > 0")
         if self.activation not in ACTIVATIONS:
             bad("activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
         if self.params_dtype not in DTYPES:
@@ -223,6 +246,7 @@ def check_runtime(cfg: ModelConfig) -> None:
                 f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine or auto "
                 f"(got {cfg.transformer_impl!r}): FP8 GEMMs exist only in Transformer Engine layers."
             )
+        check_fp8_shapes(cfg)
     if cfg.compile and impl != "local":
         raise RuntimeError(
             "model.compile=true compiles megatron's local layers; the Transformer Engine layers bring their own "
@@ -238,6 +262,64 @@ def check_runtime(cfg: ModelConfig) -> None:
             "model.transformer_impl=transformer_engine needs a CUDA GPU and Transformer Engine "
             f"(GPU available: {has_gpu}, transformer_engine installed: {has_te}). "
             "Use model.transformer_impl=auto or local on CPU."
+        )
+
+
+FP8_WIDTH = 16  # Transformer Engine's FP8 GEMMs: the input features (and, in the weight gradient, the tokens) % 16
+FP8_ROWS = 8  # ... and the rows (tokens of the forward's input, output features of a weight) % 8
+
+
+def width_multiple(cfg: ModelConfig, tp: int = 1) -> int:
+    """The multiple every micro-batch's width ``T`` is padded to for ``cfg`` at tensor-parallel size ``tp``.
+
+    Sequence parallelism splits the ``B·T`` tokens over the tp ranks: ``T`` divisible by tp. FP8 (Transformer
+    Engine's FP8 GEMMs) needs the tokens of each GEMM a multiple of 16 (their weight gradient reduces over them)
+    and each rank's share of them under sequence parallelism (the input a layer casts to FP8 before gathering
+    the sequence) a multiple of 8: ``T`` divisible by ``lcm(16, 8·tp)`` then, by 16 without sequence
+    parallelism; whatever the number of rows ``B``. Padding after a trajectory changes none of its statistics."""
+    sp = tp if cfg.sequence_parallel else 1
+    if cfg.fp8 is None:
+        return sp
+    return math.lcm(FP8_WIDTH, FP8_ROWS * sp)
+
+
+def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
+    """With ``model.fp8``, refuse (RuntimeError, one line naming the setting) sizes Transformer Engine's FP8 GEMMs
+    cannot run at tensor-parallel size ``tp``: every linear layer's input features on a rank divisible by 16 and
+    its output features by 8 (``hidden_size``, ``ffn_hidden_size`` and the query-key-value width, each split over
+    tp where the layer is), and ``max_sequence_length`` a multiple of :func:`width_multiple` (the padded widths
+    stay within it). Nothing to check without FP8."""
+    if cfg.fp8 is None:
+        return
+    ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    on = f" / parallel.tp={tp}" if tp > 1 else ""
+    sizes = [
+        ("model.hidden_size", cfg.hidden_size, 1, FP8_WIDTH),
+        ("model.hidden_size", cfg.hidden_size, tp, FP8_WIDTH),  # the attention output projection's input
+        ("model.ffn_hidden_size", ffn, tp, FP8_WIDTH),
+        (
+            "the query-key-value width (num_attention_heads + 2 * num_query_groups) * head_dim = "
+            f"({cfg.num_attention_heads} + 2 * {groups}) * {head_dim}",
+            (cfg.num_attention_heads + 2 * groups) * head_dim,
+            tp,
+            FP8_ROWS,
+        ),
+    ]
+    for what, size, split, multiple in sizes:
+        if size % split == 0 and (size // split) % multiple:  # a size tp does not divide: megatron names it
+            shown = f"{what}={size}" + (on if split > 1 else "")
+            raise RuntimeError(
+                f"model.fp8={cfg.fp8!r}: Transformer Engine's FP8 GEMMs need {shown} divisible by {multiple}; "
+                f"choose sizes that are multiples of {multiple * split} or set model.fp8=null"
+            )
+    multiple = width_multiple(cfg, tp)
+    if cfg.max_sequence_length % multiple:
+        raise RuntimeError(
+            f"model.fp8={cfg.fp8!r} pads every micro-batch's width to a multiple of {multiple} (Transformer Engine's "
+            f"FP8 GEMMs), which model.max_sequence_length={cfg.max_sequence_length} is not: use "
+            f"model.max_sequence_length={-(-cfg.max_sequence_length // multiple) * multiple} or model.fp8=null"
         )
 
 
@@ -279,6 +361,7 @@ def transformer_config(cfg: ModelConfig):
         transformer_impl=resolved_transformer_impl(cfg),
     )
     if cfg.fp8 is not None:
+        check_fp8_shapes(cfg, tp)
         kwargs.update(fp8=cfg.fp8, fp8_recipe="delayed")
     if cfg.recompute == "selective":
         kwargs.update(recompute_granularity="selective", recompute_modules=["core_attn"])

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.ref_stats import common_prefix
 from shiq_train import prefix_tree
-from shiq_train.model import model_chunks, model_inputs, unwrap
+from shiq_train.model import FP8_WIDTH, model_chunks, model_inputs, unwrap
 
 log = logging.getLogger(__name__)
 
@@ -187,19 +187,30 @@ class PrefixCache:
         tokens_per_batch: int = 4096,
         pad_id: int = 0,
         progress: bool = True,
-        share_prefixes: bool = True,
+        share_prefixes: bool | None = None,
     ) -> PrefixCache:
         """Run the model's embedding and first ``L − k`` layers (``k = trainable_last_layers``) on every row
         of ``rows`` (token id sequences, row ``i`` = buffer row ``i``): rows sorted by length, batches of
         at most ``tokens_per_batch`` padded tokens, megatron's forward stopped after the last frozen layer.
-        With ``share_prefixes`` (the default) rows are sorted by their tokens instead, so that rows with the
+        With ``share_prefixes`` rows are sorted by their tokens instead, so that rows with the
         same leading tokens (a prompt's completions, a shared system turn) share a batch, and each batch runs
         as the trie of its rows (``shiq_train.prefix_tree``: those tokens once), of at most a quarter of
         ``tokens_per_batch`` positions (its attention is dense over them); a longer row, and a batch whose
         trie would cost more than its rows (:func:`shiq_train.prefix_tree.build`), run as plain rows.
+        ``share_prefixes=None`` (the default): tries where the model runs them exactly (megatron's local layers,
+        :func:`shiq_train.prefix_tree.unsupported`), plain rows elsewhere (Transformer Engine's layers).
+        With FP8 (Transformer Engine's FP8 GEMMs) each batch's width is padded to a multiple of 16.
         The prefix need not be frozen yet (a trainer freezes it and checks it with :meth:`check_model`)."""
         n_frozen = _check_model(model, trainable_last_layers, frozen=False)
         inner = unwrap(model)
+        why = prefix_tree.unsupported(inner)
+        if share_prefixes and why:
+            raise ValueError(
+                f"PrefixCache.build(share_prefixes=True) runs batches of rows as tries, which need {why}; "
+                "pass share_prefixes=None (tries where the model allows them) or False"
+            )
+        share_prefixes = why is None if share_prefixes is None else share_prefixes
+        multiple = FP8_WIDTH if getattr(inner.config, "fp8", None) else 1
         rows = [torch.as_tensor(r, dtype=torch.int64).reshape(-1) for r in rows]
         if not rows or min(len(r) for r in rows) == 0:
             raise ValueError("a frozen-prefix cache needs at least one row, and no empty row")
@@ -210,7 +221,6 @@ class PrefixCache:
         hidden = torch.empty(int(offsets[-1]), inner.config.hidden_size, dtype=inner.config.params_dtype)
         batches, at = [], 0
         if share_prefixes:  # rows in token order, a batch's trie of at most a quarter of the budget
-            prefix_tree.check_model(inner)
             ratio = prefix_tree.cost_ratio(inner.config)
             lists = [r.tolist() for r in rows]
             order = sorted(range(len(rows)), key=lists.__getitem__)
@@ -241,7 +251,7 @@ class PrefixCache:
         bar = tqdm(total=len(rows), desc=f"cache frozen prefix ({size})", disable=not progress, dynamic_ncols=True)
         try:
             for batch in batches:
-                T = int(lengths[batch].max())
+                T = -(-int(lengths[batch].max()) // multiple) * multiple
                 tokens = torch.full((len(batch), T), pad_id, dtype=torch.int64)
                 for b, i in enumerate(batch):
                     tokens[b, : len(rows[i])] = rows[i]

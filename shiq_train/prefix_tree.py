@@ -70,6 +70,14 @@ def cost_ratio(config) -> float:
 def check_model(inner) -> None:
     """Raise ValueError (one line, naming the setting) unless the megatron ``GPTModel`` ``inner`` (unwrapped:
     ``shiq_train.model.unwrap``) runs a :class:`PrefixTree` exactly, its rows' own forwards up to float rounding."""
+    why = unsupported(inner)
+    if why:
+        raise ValueError(f"shared prefixes (train.share_prefixes) need {why}")
+
+
+def unsupported(inner) -> str | None:
+    """What the megatron ``GPTModel`` ``inner`` lacks to run a :class:`PrefixTree` exactly (the setting it
+    needs, one phrase), or None when it can (:func:`check_model`)."""
     c = inner.config
     why = None
     if c.tensor_model_parallel_size > 1 or c.pipeline_model_parallel_size > 1:
@@ -82,8 +90,7 @@ def check_model(inner) -> None:
         why = "no multi-token prediction layers"
     elif any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in inner.modules()):
         why = "megatron's local layers (model.transformer_impl=local): Transformer Engine's attention ignores its mask"
-    if why:
-        raise ValueError(f"shared prefixes (train.share_prefixes) need {why}")
+    return why
 
 
 def build(tokens: torch.Tensor, lengths: torch.Tensor, *, cost_ratio: float | None = None) -> PrefixTree | None:

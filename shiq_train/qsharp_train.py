@@ -100,6 +100,12 @@ class ValueTrainConfig:
         for name in ("cache_frozen_prefix", "share_prefixes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"value.{name} must be true or false, got {getattr(self, name)!r}")
+        k = self.trainable_last_layers
+        if not (isinstance(k, int) and not isinstance(k, bool) and k >= -1):
+            raise ValueError(
+                f"value.trainable_last_layers must be -1 (the whole trunk) or an integer >= 0 (the last N layers; "
+                f"0: the head only), got {k!r}"
+            )
         if self.cache_frozen_prefix and self.trainable_last_layers < 0:
             raise ValueError(
                 "value.cache_frozen_prefix needs a frozen prefix: trainable_last_layers >= 0 "

@@ -33,6 +33,7 @@ import torch.distributed as dist
 
 from shiq_train.model import model_chunks, output_stats, stats_inputs, unwrap
 from shiq_train.objectives import compute_loss
+from shiq_train.parallel import device
 from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
@@ -64,12 +65,21 @@ class OptimizerConfig:
     distributed: bool = False
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise ValueError(f"optimizer.lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"optimizer.lr must be finite and > 0, got {self.lr}")
         if not 0 <= self.min_lr <= self.lr:
             raise ValueError(f"optimizer.min_lr must be in [0, lr={self.lr}], got {self.min_lr}")
-        if self.clip_grad < 0 or self.warmup_steps < 0 or self.decay_steps < 0:
-            raise ValueError("optimizer.clip_grad, warmup_steps and decay_steps must be >= 0")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"optimizer.{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0 < self.adam_eps < math.inf:
+            raise ValueError(f"optimizer.adam_eps must be finite and > 0, got {self.adam_eps}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"optimizer.weight_decay must be finite and >= 0, got {self.weight_decay}")
+        if not 0 <= self.clip_grad < math.inf:
+            raise ValueError(f"optimizer.clip_grad must be finite and >= 0 (0: no clipping), got {self.clip_grad}")
+        if self.warmup_steps < 0 or self.decay_steps < 0:
+            raise ValueError("optimizer.warmup_steps and decay_steps must be >= 0")
         if not isinstance(self.distributed, bool):
             raise ValueError(f"optimizer.distributed must be true or false, got {self.distributed!r}")
         if self.distributed and not self.fp32_master_weights:
@@ -271,9 +281,9 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
         dist.broadcast_object_list(obj, src=src, group=group)
         keys, vals = obj[0]
     if parallel_state.get_data_parallel_world_size() > 1:  # mean over data-parallel ranks
-        vals = vals.clone()
+        vals = vals.to(device(), copy=True)  # nccl (the GPU's data-parallel group) reduces device tensors only
         dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-        vals /= parallel_state.get_data_parallel_world_size()
+        vals = vals.cpu() / parallel_state.get_data_parallel_world_size()
     metrics = {k: float(v) for k, v in zip(keys, vals)}
     return metrics["loss"], metrics
 

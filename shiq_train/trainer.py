@@ -71,11 +71,11 @@ def import_wandb():
 class TrainConfig:
     """``reference``: ``precomputed`` reads the reference statistics from the batch (the buffer's
     columns); ``online`` runs a frozen copy of the initial model on every micro-batch.
-    ``trainable_last_layers``: -1 trains every parameter; ``N >= 0`` only the last ``N`` transformer
-    layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs.
+    ``trainable_last_layers``: -1 trains every parameter; ``N >= 1`` only the last ``N`` transformer
+    layers and the final norm (embeddings frozen), a cheap fine-tune for CPU runs (0, nothing, is refused).
     ``eval_every``: 0 = never; ``N >= 1`` calls the ``evaluate`` hook of :meth:`Trainer.fit` after
     every ``N``-th optimizer step and after the final one.
-    ``cache_frozen_prefix``: with ``trainable_last_layers = N >= 0``, compute the hidden states entering
+    ``cache_frozen_prefix``: with ``trainable_last_layers = N >= 1``, compute the hidden states entering
     the first trainable layer once for every row of the buffer (``shiq_train.prefix_cache``) and run only
     the last ``N`` layers at each step; the same losses and parameters up to float rounding, much less
     compute. Needs a data source over a replay buffer (``BufferSampler``, ``padded`` or ``groups`` mode),
@@ -110,9 +110,15 @@ class TrainConfig:
         for name in ("cache_frozen_prefix", "share_prefixes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
+        k = self.trainable_last_layers
+        if not (isinstance(k, int) and not isinstance(k, bool) and (k == -1 or k >= 1)):
+            raise ValueError(
+                f"train.trainable_last_layers must be -1 (train every parameter) or an integer >= 1 (the last N "
+                f"layers and the final norm), got {k!r}" + (": 0 would train nothing" if k == 0 else "")
+            )
         if self.cache_frozen_prefix and self.trainable_last_layers < 0:
             raise ValueError(
-                "train.cache_frozen_prefix=true needs a frozen prefix: train.trainable_last_layers >= 0 "
+                "train.cache_frozen_prefix=true needs a frozen prefix: train.trainable_last_layers >= 1 "
                 f"(got {self.trainable_last_layers})"
             )
 
@@ -120,7 +126,10 @@ class TrainConfig:
 def freeze_all_but_last_layers(model, n: int) -> int:
     """Keep ``requires_grad`` only on the last ``n`` decoder layers and the final norm; returns the
     number of trainable parameters on this rank (``model``: one model or this rank's list of chunks; layers
-    are counted by megatron's global layer numbers). ``n = -1`` leaves everything trainable."""
+    are counted by megatron's global layer numbers). ``n = -1`` leaves everything trainable; ``n = 0`` freezes
+    every parameter (Q♯'s value model then trains only its head)."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= -1):
+        raise ValueError(f"trainable_last_layers must be -1 (every parameter) or an integer >= 0, got {n!r}")
     inners = [unwrap(c) for c in model_chunks(model)]
     if n >= 0:
         for inner in inners:

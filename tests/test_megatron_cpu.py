@@ -2,6 +2,7 @@
 model configs, start-up errors, statistics from the model, and a short ShiQ training run."""
 
 import dataclasses
+import math
 import warnings
 from pathlib import Path
 
@@ -221,6 +222,83 @@ def test_fp8_with_local_layers_is_refused(monkeypatch):
     M.check_runtime(M.ModelConfig(fp8="hybrid"))  # auto + fp8: accepted
 
 
+def pretend_gpu_with_transformer_engine(monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
+    )
+
+
+def fp8_gemm_runs(rows: int, inner: int, out: int | None = None) -> bool:
+    """Transformer Engine's condition on an FP8 GEMM's operands (``assert_dim_for_fp8_exec``): the input's
+    ``rows x inner`` and the weight's ``out x inner`` each with the leading dimension divisible by 8 and the
+    last by 16."""
+    return rows % 8 == 0 and inner % 16 == 0 and (out is None or out % 8 == 0)
+
+
+def test_fp8_sizes_transformer_engine_cannot_run_are_refused_at_startup(monkeypatch):
+    """Where a GPU and Transformer Engine are present (pretended here), FP8 refuses, in one line naming the
+    setting, a model whose linear layers' widths Transformer Engine's FP8 GEMMs cannot take (on each
+    tensor-parallel rank) and a max_sequence_length the padded widths would exceed. Without them the missing
+    GPU is named first, whatever the sizes."""
+    bad_hidden = M.ModelConfig(fp8="hybrid", hidden_size=72, num_attention_heads=4, ffn_hidden_size=256)
+    with pytest.raises(RuntimeError, match=r"model.fp8='hybrid' needs a CUDA GPU"):
+        M.check_runtime(bad_hidden)
+    pretend_gpu_with_transformer_engine(monkeypatch)
+    M.check_runtime(M.ModelConfig(fp8="hybrid"))  # hidden 64, ffn 256, qkv width 192: every GEMM runs
+    cases = [
+        (bad_hidden, 1, r"model.hidden_size=72 divisible by 16"),
+        (M.ModelConfig(fp8="e4m3", ffn_hidden_size=200), 1, r"model.ffn_hidden_size=200 divisible by 16"),
+        (M.ModelConfig(fp8="hybrid", hidden_size=96, ffn_hidden_size=512), 4, r"model.hidden_size=96 / parallel.tp=4"),
+        (M.ModelConfig(fp8="hybrid", ffn_hidden_size=80), 2, r"model.ffn_hidden_size=80 / parallel.tp=2 divisible"),
+        (
+            M.ModelConfig(fp8="hybrid", hidden_size=48, num_attention_heads=16, num_query_groups=1),
+            1,
+            r"query-key-value width .*=54 divisible by 8",
+        ),
+        (M.ModelConfig(fp8="hybrid", max_sequence_length=40), 1, r"use model.max_sequence_length=48 or model.fp8"),
+    ]
+    for model_cfg, tp, match in cases:
+        with pytest.raises(RuntimeError, match=match) as refused:
+            M.check_fp8_shapes(model_cfg, tp)
+        assert "\n" not in str(refused.value) and "model.fp8=null" in str(refused.value)
+        if tp == 1:
+            with pytest.raises(RuntimeError, match=match):
+                M.check_runtime(model_cfg)
+    # the sizes accepted are those every FP8 GEMM of a layer takes, on every rank
+    for model_cfg, tp in ((M.ModelConfig(fp8="hybrid"), 1), (M.ModelConfig(fp8="hybrid", hidden_size=128), 4)):
+        M.check_fp8_shapes(model_cfg, tp)
+        h, f = model_cfg.hidden_size, model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size
+        qkv = (model_cfg.num_attention_heads + 2 * model_cfg.num_attention_heads) * (h // 4)
+        assert fp8_gemm_runs(16, h, qkv // tp) and fp8_gemm_runs(16, h // tp, h)  # attention in / out
+        assert fp8_gemm_runs(16, h, 2 * f // tp) and fp8_gemm_runs(16, f // tp, h)  # MLP in / out
+    M.check_fp8_shapes(M.ModelConfig(hidden_size=72, num_attention_heads=4, max_sequence_length=40), 3)  # no fp8
+
+
+@pytest.mark.parametrize(
+    "tp,sequence_parallel", [(tp, sp) for tp in (1, 2, 3, 4, 8) for sp in (False, True) if tp > 1 or not sp]
+)
+def test_fp8_pads_every_width_so_each_gemm_gets_whole_fp8_tiles(tp, sequence_parallel):
+    """The sampler's width multiple under FP8 (``width_multiple``): whatever the rows B and the longest row, the
+    padded batch's tokens B·T (the weight gradient's inner dimension) are divisible by 16 and each rank's share
+    under sequence parallelism (B·T/tp, the input a layer casts before gathering the sequence) by 8. Without
+    FP8 only sequence parallelism pads (to tp)."""
+    cfg = M.ModelConfig(fp8="hybrid", sequence_parallel=sequence_parallel, max_sequence_length=4096)
+    multiple = M.width_multiple(cfg, tp)
+    assert multiple == (math.lcm(16, 8 * tp) if sequence_parallel else 16)
+    for longest in range(1, 70):
+        T = -(-longest // multiple) * multiple
+        for B in range(1, 6):
+            assert (B * T) % 16 == 0
+            if sequence_parallel:
+                assert T % tp == 0 and fp8_gemm_runs(B * T // tp, 16)
+    plain = dataclasses.replace(cfg, fp8=None)
+    assert M.width_multiple(plain, tp) == (tp if sequence_parallel else 1)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution of transformer_impl=auto")
 def test_auto_layers_are_local_without_a_gpu():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
@@ -247,11 +325,27 @@ def test_transformer_engine_impl_without_gpu_fails_clearly():
         ({"fp8": "e5m2"}, "model.fp8"),
         ({"hidden_size": 65}, "divisible by num_attention_heads"),
         ({"logits_chunk_tokens": -1}, "logits_chunk_tokens"),
+        ({"num_query_groups": 0}, r"model.num_query_groups = 0 is not valid: an integer >= 1"),
+        ({"num_query_groups": 3}, r"model.num_query_groups = 3 is not valid: must divide num_attention_heads=4"),
+        ({"hidden_dropout": 1.5}, r"model.hidden_dropout = 1.5 is not valid: a probability in \[0, 1\)"),
+        ({"attention_dropout": 1.0}, r"model.attention_dropout = 1.0 is not valid: a probability in \[0, 1\)"),
+        ({"hidden_dropout": -0.1}, r"model.hidden_dropout = -0.1 is not valid"),
+        ({"ffn_hidden_size": -3}, r"model.ffn_hidden_size = -3 is not valid: an integer >= 1"),
+        ({"ffn_hidden_size": 0}, r"model.ffn_hidden_size = 0 is not valid"),
+        ({"layernorm_epsilon": -1.0}, r"model.layernorm_epsilon = -1.0 is not valid: a finite number > 0"),
+        ({"layernorm_epsilon": 0.0}, r"model.layernorm_epsilon = 0.0 is not valid"),
+        ({"init_method_std": float("nan")}, r"model.init_method_std = nan is not valid"),
+        ({"rotary_base": 0}, r"model.rotary_base = 0 is not valid"),
     ],
 )
 def test_bad_config_values_are_named(kw, match):
     with pytest.raises(ValueError, match=match):
         M.ModelConfig(**kw)
+
+
+def test_config_values_at_the_edges_are_accepted():
+    M.ModelConfig(num_query_groups=1, hidden_dropout=0.0, attention_dropout=0.999, ffn_hidden_size=1)
+    M.ModelConfig(num_query_groups=4, layernorm_epsilon=1e-12, hidden_dropout=0)
 
 
 def test_unknown_config_key_is_named():

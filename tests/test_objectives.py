@@ -1,5 +1,7 @@
 """Loss selection by name: each name reaches the loss it names, metrics match hand computations."""
 
+import re
+
 import pytest
 import torch
 
@@ -158,3 +160,41 @@ def test_dro_v_reads_single_rows_padded_or_packed():
         for i in range(4)
     ]
     assert float(loss) == pytest.approx(sum(rows) / 4, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "beta,gamma",
+    [
+        (0.1, 1.5),
+        (0.1, -0.2),
+        (0.1, float("nan")),
+        (0.1, "0.9"),
+        (float("inf"), 1.0),
+        (float("nan"), 1.0),
+        (0.0, 1.0),
+        (-0.5, 1.0),
+        (True, 1.0),
+        (0.1, 0.0),
+        (0.1, 1.0),
+        (0.1, 0.5),
+        (2, 1),
+    ],
+)
+def test_config_accepts_exactly_what_the_loss_accepts(beta, gamma):
+    """β and γ out of range are refused when the config is made, in one line naming the field and value, not at
+    the first step: the config accepts exactly the values the loss functions accept (``shiq_loss``'s own check)."""
+    stats, r, m, _ = batch()
+    try:
+        L.shiq_loss(*stats, r, m, beta=beta, gamma=gamma)
+    except ValueError:
+        loss_ok = False
+    else:
+        loss_ok = True
+    if loss_ok:
+        LossConfig("shiq", beta=beta, gamma=gamma)
+        return
+    field, value = ("beta", beta) if not (isinstance(beta, float) and 0 < beta < float("inf")) else ("gamma", gamma)
+    with pytest.raises(ValueError, match=rf"^loss\.{field} must be .*, got {re.escape(repr(value))}$"):
+        LossConfig("shiq", beta=beta, gamma=gamma)
+    with pytest.raises(ValueError, match=rf"^loss\.{field} must be"):
+        LossConfig("dpo", beta=beta, gamma=gamma)  # the range before the family's own restriction on γ

@@ -165,7 +165,7 @@ def frozen_model(**kw):
 
 def test_refusals(dist1, buffer):
     rows = [[1, 2, 3], [4, 5]]
-    with pytest.raises(ValueError, match="trainable_last_layers >= 0"):
+    with pytest.raises(ValueError, match="trainable_last_layers >= 1"):
         TrainConfig(cache_frozen_prefix=True, trainable_last_layers=-1)
     with pytest.raises(ValueError, match="true or false"):
         TrainConfig(cache_frozen_prefix="yes", trainable_last_layers=1)
@@ -207,7 +207,8 @@ def value_runs(buffer, out, variants: dict) -> dict:
     """Three AdamW steps of Q♯'s value model (a megatron trunk of 3 layers, the last trainable, plus the atom
     head) from one seeded tiny Llama, once per ``ValueTrainConfig`` overrides in ``variants``: each run's
     per-step ``value_ce`` and saved weights."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 
     warnings.filterwarnings("ignore")
@@ -365,3 +366,50 @@ def test_a_saved_cache_is_read_back_only_when_it_fits(dist1, buffer, tmp_path, m
         PrefixCache.load(saved)
     get(other)
     assert built == [1, 1, 1, 1, 1]
+
+
+class _TransformerEngineProbe(torch.nn.Module):
+    """A module without parameters from Transformer Engine's megatron extension: in a model it marks the layers
+    as Transformer Engine's (``shiq_train.prefix_tree.unsupported``), which this machine cannot build."""
+
+
+_TransformerEngineProbe.__module__ = "megatron.core.extensions.transformer_engine"
+
+
+def states_alone(model, row, n_frozen):
+    """The hidden states ``[T, H]`` after layer ``n_frozen`` of ``row`` run alone through the model."""
+    seen = []
+    hook = model.decoder.layers[n_frozen - 1].register_forward_hook(
+        lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out)
+    )
+    try:
+        with torch.no_grad():
+            model(**M.model_inputs(torch.tensor([row])))
+    finally:
+        hook.remove()
+    return seen[0][:, 0]
+
+
+def test_a_cache_of_transformer_engine_layers_runs_plain_rows(dist1):
+    """On Transformer Engine layers a cache is built from plain rows (their attention ignores a trie's mask)
+    without an error about train.share_prefixes, which nobody set; asking for tries there is refused, naming
+    the argument. With FP8 every batch is padded to a multiple of 16 tokens. Each row's cached states are
+    those of the row run alone."""
+    rows = [[1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 7], [1, 2, 3, 4, 5, 8, 9], [10, 11]]
+    n_frozen = LAYERS - TRAINABLE
+    model = frozen_model()
+    model.add_module("te_probe", _TransformerEngineProbe())
+    cache = PrefixCache.build(model, rows, TRAINABLE, progress=False)
+    for i, row in enumerate(rows):
+        got = cache.hidden[int(cache.offsets[i]) : int(cache.offsets[i + 1])]
+        torch.testing.assert_close(got, states_alone(model, row, n_frozen), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"PrefixCache.build\(share_prefixes=True\).*megatron's local layers") as e:
+        PrefixCache.build(model, rows, TRAINABLE, progress=False, share_prefixes=True)
+    assert "train.share_prefixes" not in str(e.value)
+    del model.te_probe
+    widths = []
+    model.embedding.register_forward_hook(lambda m, a, out: widths.append(out.shape[0]))  # [T, B, H]
+    model.config.fp8 = "hybrid"  # megatron's local layers ignore it; the cache pads for Transformer Engine's
+    padded = PrefixCache.build(model, rows, TRAINABLE, progress=False, share_prefixes=False, tokens_per_batch=16)
+    assert len(widths) > 1 and all(w % 16 == 0 for w in widths), widths
+    torch.testing.assert_close(padded.hidden, cache.hidden, rtol=1e-5, atol=1e-6)

@@ -280,7 +280,6 @@ def write_tiny_buffer(path, with_ref: bool):
 
 
 def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
-    pytest.importorskip("shiq_data.sampler")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
     def cli(*args):
@@ -489,12 +488,13 @@ def test_a_buffer_with_a_larger_vocabulary_than_the_model_is_refused_before_trai
 def test_a_gpt2_buffer_is_refused_on_smollm2_naming_both_tokenizers(tmp_path):
     """init=smollm2 carries SmolLM2's tokenizer: a GPT-2 buffer (its real fingerprint) is refused before the
     model is loaded, the message naming both tokenizers."""
+    from shiq_data.assets import AssetMissing
     from shiq_data.tokenizers import load_tokenizer
 
     try:
         smollm2 = load_tokenizer("smollm2")[1]
-    except Exception as e:  # the packaged model is an optional asset
-        pytest.skip(f"SmolLM2 tokenizer unavailable: {e}")
+    except AssetMissing as e:  # the packaged model is an optional asset; any other error fails the test
+        pytest.skip(str(e))
     gpt2 = load_tokenizer("gpt2")[1]
     assert gpt2["fingerprint"] != smollm2["fingerprint"]
     write_buffer_with_tokenizer(tmp_path / "buf", gpt2)
@@ -693,3 +693,55 @@ def test_the_first_readme_command_on_a_fresh_buffer_says_in_one_line_what_to_run
     assert not (tmp_path / "run").exists()
     assert run(*suggested, "train.steps=1") == tmp_path / "run"
     assert [m["step"] for m in metrics(tmp_path / "run")] == [1]
+
+
+def pretend_gpu_with_transformer_engine(monkeypatch):
+    """This process sees a CUDA GPU and Transformer Engine (neither is here): ``transformer_impl=auto`` resolves
+    to Transformer Engine's layers. Only for start-up checks, which refuse before building anything."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
+    )
+
+
+def composed(*overrides):
+    """The training command line's config, composed by Hydra in this process, and its model keys."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from shiq_train import cli
+
+    with initialize_config_dir(config_dir=str(cli.CONFIG_DIR), version_base=None):
+        cfg = OmegaConf.to_container(compose(config_name="train", overrides=list(overrides)), resolve=True)
+    return cfg, cli.model_keys_given(list(overrides))
+
+
+def test_packed_rows_need_megatrons_local_layers(tmp_path, monkeypatch):
+    """Transformer Engine's attention uses its causal mask type and ignores the block-diagonal mask of packed
+    rows, so data.mode=packed is refused on its layers (chosen, or picked by transformer_impl=auto) in one
+    line naming both settings, before any buffer is read; the local layers take packed rows."""
+    from shiq_train import cli
+
+    local = M.ModelConfig(transformer_impl="local")
+    cli.check_packed_layers("packed", local)
+    cli.check_packed_layers("padded", M.ModelConfig(transformer_impl="transformer_engine"))
+    with pytest.raises(cli.ConfigError) as refused:
+        cli.check_packed_layers("packed", M.ModelConfig(transformer_impl="transformer_engine"))
+    line = str(refused.value)
+    assert "\n" not in line and line.startswith("data.mode=packed needs megatron's local layers")
+    assert "model.transformer_impl=transformer_engine" in line
+    assert "set data.mode=padded or model.transformer_impl=local" in line
+    if not torch.cuda.is_available():
+        cli.check_packed_layers("packed", M.ModelConfig())  # auto: local layers here
+    pretend_gpu_with_transformer_engine(monkeypatch)
+    args = [f"data.buffer={tmp_path / 'missing'}", f"out={tmp_path / 'run'}", "data.mode=packed"]
+    for impl, shown in (("auto", "auto, which picks Transformer Engine"), ("transformer_engine", "transformer_engine")):
+        with pytest.raises(cli.ConfigError, match=rf"^data.mode=packed needs .*model.transformer_impl={shown}"):
+            cli.run(*composed(*args, f"model.transformer_impl={impl}"))
+    assert not (tmp_path / "run").exists()
+    # the same layers with padded rows pass these checks and stop only at the missing buffer
+    with pytest.raises(cli.ConfigError, match="does not exist"):
+        cli.run(*composed(*args[:2]))

@@ -1,6 +1,7 @@
 """The training loop on a tiny megatron model: learning, exact resume, online reference, freezing."""
 
 import json
+import re
 import warnings
 
 import pytest
@@ -287,3 +288,86 @@ def test_validation_loss_is_the_loss_a_step_reports_and_changes_nothing(dist1, t
     t.cfg.steps = 2  # resumes from the step-1 checkpoint: the same parameters
     step = t.fit(Fixed())[0]
     assert step["step"] == 2 and step["loss"] == pytest.approx(val, rel=1e-6) and val > 0
+
+
+def test_trainable_last_layers_is_all_or_at_least_one():
+    """-1 trains everything, N >= 1 the last N layers; 0 (nothing would train) and other negative values are
+    refused in one line naming the option, as is a value below -1 when freezing a model directly."""
+    assert TrainConfig(trainable_last_layers=-1).trainable_last_layers == -1
+    assert TrainConfig(trainable_last_layers=1).trainable_last_layers == 1
+    with pytest.raises(ValueError, match=r"train.trainable_last_layers must be -1 .* got 0: 0 would train nothing"):
+        TrainConfig(trainable_last_layers=0)
+    for bad in (-2, -7, 1.5, True, None):
+        with pytest.raises(ValueError, match=rf"train.trainable_last_layers must be -1 .* got {bad!r}$"):
+            TrainConfig(trainable_last_layers=bad)
+    with pytest.raises(ValueError, match="trainable_last_layers must be -1 .* got -2"):
+        freeze_all_but_last_layers(None, -2)
+
+
+def test_value_model_trainable_last_layers_allows_the_head_alone():
+    """Q♯'s value model trains its head whatever the trunk does: 0 is valid there, below -1 is not."""
+    from shiq_train.qsharp_train import ValueTrainConfig
+
+    assert ValueTrainConfig(trainable_last_layers=0).trainable_last_layers == 0
+    with pytest.raises(ValueError, match=r"value.trainable_last_layers must be -1 .* got -3"):
+        ValueTrainConfig(trainable_last_layers=-3)
+
+
+def test_step_metrics_are_reduced_over_data_parallel_ranks_on_the_compute_device(dist1, monkeypatch):
+    """The step's metrics are averaged over the data-parallel ranks by an all-reduce of a tensor on
+    ``parallel.device()`` (nccl, the GPU's backend, reduces device tensors only) and come back as floats.
+    Simulated in one process: two data-parallel ranks, the other one's metrics those of this one plus 1."""
+    from megatron.core import parallel_state as ps
+
+    from shiq_train import train_step as TS
+
+    model = M.build_model(cfg())
+    source = with_reference(Synthetic(), frozen_copy(model, cfg()))
+    mbs = source.next_micro_batches()
+    loss_fn = TS.objective_loss_fn(LossConfig("shiq", beta=0.5))
+    _, alone = TS.forward_backward(model, [dict(mb) for mb in mbs], loss_fn, forward_only=True)
+
+    dp_group, real_all_reduce, handed = ps.get_data_parallel_group(), torch.distributed.all_reduce, []
+
+    def all_reduce(t, *args, group=None, **kwargs):
+        if group is not dp_group:
+            return real_all_reduce(t, *args, group=group, **kwargs)
+        handed.append(t.device)
+        if t.device.type == "meta":
+            raise RuntimeError("handed to the collective on the reported device")
+        t.add_(t + 1)  # this rank's values plus the other rank's
+        return None
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    monkeypatch.setattr(ps, "get_data_parallel_world_size", lambda *a, **k: 2)
+    _, mean = TS.forward_backward(model, [dict(mb) for mb in mbs], loss_fn, forward_only=True)
+    assert handed == [parallel.device()]
+    assert mean.keys() == alone.keys()
+    assert all(isinstance(v, float) for v in mean.values())
+    for k in alone:
+        assert mean[k] == pytest.approx(alone[k] + 0.5, rel=1e-12, abs=1e-12), k
+    # whatever device the helper reports is the one the tensor is on when it reaches the collective
+    monkeypatch.setattr(TS, "device", lambda: torch.device("meta"))
+    with pytest.raises(RuntimeError, match="on the reported device"):
+        TS.forward_backward(model, [dict(mb) for mb in mbs], loss_fn, forward_only=True)
+    assert handed[-1] == torch.device("meta")
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("lr", float("inf"), "optimizer.lr must be finite and > 0"),
+        ("lr", 0.0, "optimizer.lr must be finite and > 0"),
+        ("adam_beta1", 1.5, "optimizer.adam_beta1 must be in [0, 1)"),
+        ("adam_beta2", 1.0, "optimizer.adam_beta2 must be in [0, 1)"),
+        ("adam_eps", 0.0, "optimizer.adam_eps must be finite and > 0"),
+        ("weight_decay", -0.1, "optimizer.weight_decay must be finite and >= 0"),
+        ("clip_grad", float("nan"), "optimizer.clip_grad must be finite and >= 0"),
+        ("warmup_steps", -1, "optimizer.warmup_steps and decay_steps must be >= 0"),
+    ],
+)
+def test_optimizer_settings_adamw_cannot_use_are_refused_by_name(field, value, needle):
+    """AdamW's settings are checked when the config is made, not at the first step: each message names the field."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        OptimizerConfig(**{field: value})
+    OptimizerConfig(adam_beta1=0.0, adam_beta2=0.999, weight_decay=0.0, clip_grad=0.0)  # the edges that work
