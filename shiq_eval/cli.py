@@ -16,7 +16,8 @@ Flags (--prompts, --reward-model, --max-new-tokens, ...) override single setting
 suite without --suite. The suite's fingerprint (SHA-256 of its resolved settings with the
 prompts and scorer as content hashes) is in every row; results are comparable only when fingerprints
 agree. Every policy is sampled on the same prompts with the same seed, scored, and compared with the
-reference (the runs' initial model) by both KL estimators. Outputs in --out: results.csv, results.json
+reference (the runs' initial model) by both KL estimators. Means come with their standard error over prompts
+(a prompt's samples averaged first: they are not independent draws). Outputs in --out: results.csv, results.json
 (every completion's reward and KL, a few sample completions), suite.json, reward_vs_kl.png,
 reward_vs_step.png.
 
@@ -73,9 +74,11 @@ RUN_COLUMNS = [
     "run",
     "method",
     "beta",
+    "top_k",
     "step",
     *COLUMNS[2:],
     "samples_per_prompt",
+    "temperature",
     "suite",
     "suite_sha256",
     "kl_estimator",
@@ -450,6 +453,7 @@ def run(args) -> list[dict]:
         "prompt_set": source,
         "prompt_set_sha256": prompt_sha,
         "samples_per_prompt": k,
+        "temperature": sampling.temperature,  # J (SHIQ_MATH §9) is a policy's only at temperature 1
         "kl_estimator": suite.kl_estimator,
     }
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
@@ -457,6 +461,7 @@ def run(args) -> list[dict]:
         max_new_tokens=sampling.max_new_tokens,
         batch_size=sampling.batch_size,
         seed=sampling.seed,
+        samples_per_prompt=k,  # standard errors over prompts (SHIQ_MATH §9)
         progress=lead and not args.quiet,
     )
     with context:
@@ -569,10 +574,13 @@ LEADERBOARD_HELP = """shiq-eval leaderboard: merge the result folders of shiq-ev
 One row per run and step (the reference once), sorted and grouped by suite, loss and beta, with the
 mean reward, the KL (the suite's estimator) and J = reward - beta * KL (SHIQ_MATH §9, at the run's own
 beta; the reference's J is its reward), each with its standard error over prompts (a prompt's samples
-averaged first). For each pair of runs on the same prompts (same prompts SHA-256), at each run's last
-step: the paired difference of reward and of J, a - b, with its standard error over prompts. Rows with
-the same run label and step from several folders must be the same model (same weights SHA-256); they
-appear once.
+averaged first). J is left out, with a note, for results sampled at a temperature other than 1 (the
+reward is then the tempered policy's, the KL the model's own). For each pair of runs on the same prompts
+(same prompts SHA-256), at each run's last step: the paired difference of reward and of J, a - b, with
+its standard error over prompts; the J difference only when both runs have the same beta (or one is the
+reference): at two betas J is two objectives. Rows with the same run label and step from several folders
+must be the same model (same weights SHA-256); they appear once. A Q♯ row (--guide) is labelled with
+its decoding beta and top-k, so a sweep over them keeps one row per setting.
 
 Results of different suites (fingerprints) are not comparable and are refused, naming both files,
 unless --allow-mixed. Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html

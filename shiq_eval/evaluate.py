@@ -7,6 +7,10 @@ reference's embeddings and first ``k`` decoder layers unchanged (a fine-tune of 
 policy does not run again (its logits are those sampling drew each token from) and only the reference's
 layers after ``k`` do, over the completion tokens, from the hidden states sampling already computed
 (:class:`SharedPrefixPolicy`).
+
+With several samples per prompt (prompt-major: prompt ``i``'s ``s`` samples are completions ``i*s .. i*s+s-1``),
+each mean's standard error is over prompts: a prompt's samples are averaged first, since they share the prompt
+and are not independent draws (SHIQ_MATH §9).
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, s
 
 @dataclass
 class EvalResult:
+    """Means of reward and both KL estimators (SHIQ_MATH §6), each with its standard error over prompts
+    (a prompt's samples averaged first; SHIQ_MATH §9); ``n`` counts completions."""
+
     reward_mean: float
     reward_stderr: float
     kl_sample: float
@@ -297,11 +304,18 @@ def evaluate_samples(
     keep_samples=4,
     progress=True,
     temperature=1.0,
+    samples_per_prompt=1,
 ) -> EvalResult:
     """The evaluation every policy shares (SHIQ_MATH §6): completions from ``policy.generate`` at
     ``temperature`` (default 1, so the samples come from the policy whose KL is reported), top-p 1,
     decoded without special tokens and scored by ``scorer(prompt_texts, texts)``;
-    ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators."""
+    ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators.
+
+    ``prompt_ids`` holds each prompt ``samples_per_prompt`` times in a row (prompt-major, as ``shiq-eval run``
+    repeats them; ``policy.generate`` keeps that order): the reported means and standard errors are over
+    prompts, of each prompt's mean over its samples (SHIQ_MATH §9). With one sample per prompt they are the
+    plain mean and standard error over completions."""
+    s = _check_prompt_major(prompt_ids, samples_per_prompt)
     cfg = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, batch_size=batch_size, seed=seed
     )
@@ -309,8 +323,30 @@ def evaluate_samples(
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
     ks, ke = kls(prompt_ids, completions)
-    r, rse = mean_stderr(rewards)
-    a, ase = mean_stderr(ks)
-    b, bse = mean_stderr(ke)
+    r, rse = _over_prompts(rewards, s)
+    a, ase = _over_prompts(ks, s)
+    b, bse = _over_prompts(ke, s)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
     return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist(), ks.tolist())
+
+
+def _check_prompt_major(prompt_ids: list[list[int]], samples_per_prompt) -> int:
+    """``samples_per_prompt`` as an int, once ``prompt_ids`` is checked to hold each prompt that many times in a
+    row (prompt ``i``'s samples at ``i*s .. i*s+s-1``)."""
+    s = int(samples_per_prompt)
+    if s < 1 or len(prompt_ids) % s:
+        raise ValueError(f"{len(prompt_ids)} prompts do not split into groups of samples_per_prompt={s}")
+    for i in range(0, len(prompt_ids), s):
+        if any(list(prompt_ids[j]) != list(prompt_ids[i]) for j in range(i + 1, i + s)):
+            raise ValueError(
+                f"prompts {i} .. {i + s - 1} differ: with samples_per_prompt={s}, each prompt must appear {s} times "
+                "in a row (prompt-major)"
+            )
+    return s
+
+
+def _over_prompts(values: torch.Tensor, s: int) -> tuple[float, float]:
+    """Mean and standard error over prompts (SHIQ_MATH §9) of per-completion ``values [P*s]`` in prompt-major
+    order: each prompt's ``s`` values averaged first, so that its samples count as one unit, not ``s``
+    independent ones."""
+    return mean_stderr(values.double().reshape(-1, s).mean(1))

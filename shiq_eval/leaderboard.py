@@ -3,10 +3,15 @@
 One row per (suite, run, step): mean reward, KL (the suite's estimator) and ``J = R − β·KL`` at the run's
 own ``β`` (the reference's ``J`` is its reward), each with its standard error over prompts, recomputed
 from every completion's values in ``results.json`` (a prompt's samples averaged first, so samples of one
-prompt are not counted as independent). For each pair of runs on the same prompts, at each run's last
-step, the paired difference ``a − b`` of reward and of ``J`` with its standard error
-(:func:`shiq_eval.optimum.paired_difference`). Rows of different suites (fingerprints) are refused
-unless mixing is asked for.
+prompt are not counted as independent). ``J`` is a policy's only when the samples are that policy's: rows
+sampled at a temperature other than 1 (the reward of the tempered policy, the KL of the model itself) get
+none, with a note (rows without a ``temperature`` were sampled at 1, the default). A Q♯ row (method
+``qsharp``: a value model guiding the reference) is one policy per decoding ``β`` and top-k, so those are part
+of its run label (:func:`run_label`). For each pair of runs on the same prompts, at each run's last step, the
+paired difference ``a − b`` of reward and of ``J`` with its standard error
+(:func:`shiq_eval.optimum.paired_difference`); the ``J`` difference only at one ``β`` (or against the
+reference, whose ``J`` is its reward at any ``β``): ``J`` at two ``β`` is two objectives (SHIQ_MATH §9).
+Rows of different suites (fingerprints) are refused unless mixing is asked for.
 
 Outputs: ``leaderboard.csv``, ``pairs.csv``, ``leaderboard.md``, ``leaderboard.html`` (self-contained:
 the plots are embedded as PNG), ``reward_vs_kl.png``, ``reward_vs_step.png``, ``j_vs_step.png``.
@@ -19,6 +24,7 @@ import csv
 import html
 import io
 import json
+import math
 from pathlib import Path
 
 from shiq_data.io import atomic_write_text
@@ -47,9 +53,11 @@ COLUMNS = [
     "run",
     "method",
     "beta",
+    "top_k",
     "step",
     "prompts",
     "samples_per_prompt",
+    "temperature",
     "reward_mean",
     "reward_stderr",
     "kl_estimator",
@@ -57,6 +65,7 @@ COLUMNS = [
     "kl_stderr",
     "J",
     "J_stderr",
+    "J_note",
     "model_sha256",
     "prompt_set_sha256",
     "suite_sha256",
@@ -73,6 +82,7 @@ PAIR_COLUMNS = [
     "reward_diff_stderr",
     "J_diff",
     "J_diff_stderr",
+    "J_note",
     "prompt_set_sha256",
     "suite_sha256",
 ]
@@ -118,9 +128,28 @@ def check_suites(rows: list[dict], allow_mixed: bool) -> None:
             )
 
 
+def run_label(row: dict) -> str:
+    """The run a result row belongs to in the leaderboard: its ``run``, and for a Q♯ row (method ``qsharp``)
+    also its decoding ``β`` and top-k, the settings that make the guided policy (one value model at two ``β``
+    is two policies, under one folder name and one weights SHA-256)."""
+    if row["method"] != "qsharp":
+        return row["run"]
+    settings = [f"β {row['beta']:g}" if row.get("beta") is not None else "β ?"]
+    if row.get("top_k") is not None:
+        settings.append(f"top-k {row['top_k']}")
+    return f"{row['run']} [{', '.join(settings)}]"
+
+
+def temperature_of(row: dict) -> float:
+    """The sampling temperature of a result row (1, the default, for rows written before it was recorded)."""
+    t = row.get("temperature")
+    return 1.0 if t is None else float(t)
+
+
 def summarize(row: dict) -> tuple[dict, dict]:
     """``(table row, per-prompt values)`` of one result row: reward, KL (its suite's estimator) and ``J``
-    (SHIQ_MATH §9; None without a ``β``) with standard errors over prompts; per-prompt arrays ``[P]``."""
+    (SHIQ_MATH §9) with standard errors over prompts; per-prompt arrays ``[P]``. ``J`` is None, with a
+    ``J_note`` saying why, without a ``β`` or when the samples were drawn at a temperature other than 1."""
     k = int(row["samples_per_prompt"])
     kls = row["kls_exact"] if row["kl_estimator"] == "exact" else row["kls_sample"]
     where = f"{row['source']}: run {row['run']!r} step {row['step']}"
@@ -128,13 +157,20 @@ def summarize(row: dict) -> tuple[dict, dict]:
         reward, kl = per_prompt(row["rewards"], k), per_prompt(kls, k)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
-    if row["method"] == "reference":
+    temperature = temperature_of(row)
+    note = ""
+    if temperature != 1.0:  # the reward of the tempered policy, the KL of the untempered one: no policy's J
+        j, note = None, f"no J: sampled at temperature {temperature:g}, not 1"
+    elif row["method"] == "reference":
         j = reward  # J(π_ref) = E[R]: its KL is 0 at any β
     elif row["beta"] is not None:
         j = j_per_prompt(reward, kl, row["beta"])
     else:
-        j = None
+        j, note = None, "no J: no β"
     out = {key: row[key] for key in COLUMNS if key in row}
+    out["run"] = run_label(row)
+    out["temperature"] = temperature
+    out["J_note"] = note
     out["prompts"] = int(reward.size)
     out["reward_mean"], out["reward_stderr"] = mean_stderr(reward)
     out["kl"], out["kl_stderr"] = mean_stderr(kl)
@@ -157,16 +193,18 @@ def _order(row: dict) -> tuple:
 
 def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list[dict]]:
     """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
-    in suite, loss, β, run, step order; the pairs every two runs of one suite on the same prompts, each at
-    its last step, ``a − b`` with ``b`` the earlier in table order."""
+    in suite, loss, β, run, step order (the run as :func:`run_label` gives it: a Q♯ row's with its β and
+    top-k); the pairs every two runs of one suite on the same prompts, each at its last step, ``a − b`` with
+    ``b`` the earlier in table order, the ``J`` difference only at one ``β`` (:func:`j_comparable`)."""
     check_suites(rows, allow_mixed)
     seen, table, values = {}, [], []
     for row in rows:
-        key = (row["suite_sha256"], row["run"], row["step"])
+        label = run_label(row)
+        key = (row["suite_sha256"], label, row["step"])
         if key in seen:
             if seen[key]["model_sha256"] != row["model_sha256"]:
                 raise ValueError(
-                    f"{seen[key]['source']} and {row['source']}: run {row['run']!r} step {row['step']} names two "
+                    f"{seen[key]['source']} and {row['source']}: run {label!r} step {row['step']} names two "
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
                     "--label)"
                 )
@@ -202,12 +240,28 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
             pair["reward_diff"], pair["reward_diff_stderr"] = paired_difference(
                 values[a]["reward"], values[b]["reward"]
             )
-            if values[a]["J"] is not None and values[b]["J"] is not None:
+            note = j_comparable(ta, tb)
+            if not note:
                 pair["J_diff"], pair["J_diff_stderr"] = paired_difference(values[a]["J"], values[b]["J"])
             else:
                 pair["J_diff"], pair["J_diff_stderr"] = None, None
+            pair["J_note"] = note
             pairs.append(pair)
     return table, pairs
+
+
+def j_comparable(a: dict, b: dict) -> str:
+    """Why the ``J`` of two table rows may not be subtracted ("" when it may): a row without ``J``, or two
+    ``β``. ``J`` at two ``β`` is two objectives (SHIQ_MATH §9); the reference's ``J`` (its reward, KL 0) is its
+    ``J`` at every ``β``, so it compares with any run."""
+    for t in (a, b):
+        if t["J"] is None:
+            return f"no J difference: {t['run']} has no J"
+    if "reference" in (a["method"], b["method"]):
+        return ""
+    if not math.isclose(a["beta"], b["beta"], rel_tol=1e-12, abs_tol=0.0):
+        return f"no J difference: β {a['beta']:g} ≠ {b['beta']:g}, two objectives"
+    return ""
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
@@ -219,8 +273,10 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _pm(mean, se) -> str:
-    return "" if mean is None else f"{mean:.4g} ± {se:.2g}"
+def _pm(mean, se, note: str = "") -> str:
+    if mean is None:
+        return f"– ({note})" if note else ""
+    return f"{mean:.4g} ± {se:.2g}"
 
 
 def _cells(t: dict) -> list[str]:
@@ -228,7 +284,7 @@ def _cells(t: dict) -> list[str]:
     weights = (t["model_sha256"] or "")[:12]
     return [t["run"], t["method"], beta, str(t["step"]), _pm(t["reward_mean"], t["reward_stderr"])] + [
         _pm(t["kl"], t["kl_stderr"]),
-        _pm(t["J"], t["J_stderr"]),
+        _pm(t["J"], t["J_stderr"], t.get("J_note", "")),
         weights,
     ]
 
@@ -242,7 +298,7 @@ def _pair_cells(p: dict) -> list[str]:
         f"{p['run_a']} @ {p['step_a']}",
         f"{p['run_b']} @ {p['step_b']}",
         _pm(p["reward_diff"], p["reward_diff_stderr"]),
-        _pm(p["J_diff"], p["J_diff_stderr"]),
+        _pm(p["J_diff"], p["J_diff_stderr"], p.get("J_note", "")),
     ]
 
 
@@ -320,7 +376,8 @@ def plots(table: list[dict], out: Path) -> list[Path]:
     paths = plot_curves(rows, out, reference=ref, kl_key="kl", kl_name=table[0]["kl_estimator"])
     with_j = [r for r in rows if r["J"] is not None]
     if with_j:
-        paths.append(plot_j_vs_step(with_j, out, (ref["J"], ref["J_stderr"]) if ref else None, {}))
+        ref_j = (ref["J"], ref["J_stderr"]) if ref is not None and ref["J"] is not None else None
+        paths.append(plot_j_vs_step(with_j, out, ref_j, {}))
     return paths
 
 

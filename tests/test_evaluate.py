@@ -1,12 +1,12 @@
 """KL of a policy against itself is zero; against another model both estimators agree in expectation."""
 
+import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from shiq_eval.evaluate import evaluate_policy, sequence_kls  # noqa: E402
-from shiq_eval.scorers import FunctionScorer  # noqa: E402
+from shiq_eval.evaluate import evaluate_policy, sequence_kls
+from shiq_eval.scorers import FunctionScorer
 
 
 class Tok:
@@ -278,3 +278,83 @@ def test_inputs_of_layer_can_stop_the_pass_there():
     for h in hooks:
         h.remove()
     assert ran == [0] and len(got) == 1 and torch.equal(got[0], want[0])
+
+
+def _numpy_se(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x.std(ddof=1) / np.sqrt(x.size)
+
+
+def test_standard_errors_are_over_prompts_when_prompts_have_several_samples():
+    """Two samples per prompt whose rewards and KLs share a per-prompt level (correlated within a prompt): each
+    mean's standard error is that of the per-prompt means over prompts (numpy here, from the raw values), wider
+    than the completions-as-independent one; with one sample per prompt it is the plain one over completions."""
+    from types import SimpleNamespace
+
+    from shiq_eval.evaluate import evaluate_samples
+
+    P, S = 7, 2
+    rng = np.random.default_rng(4)
+    rewards = np.repeat(rng.normal(0.0, 1.0, P), S) + rng.normal(0.0, 0.1, P * S)  # [P*S], prompt-major
+    kl_sample = np.repeat(rng.exponential(1.0, P), S) + rng.normal(0.0, 0.05, P * S)
+    kl_exact = np.repeat(rng.exponential(1.0, P), S) + rng.normal(0.0, 0.02, P * S)
+    # completion j is the token 100 + j (decoded "100+j"); the scorer reads that index back
+    policy = SimpleNamespace(generate=lambda ids, cfg, progress=False: [[100 + j] for j in range(len(ids))])
+    scorer = FunctionScorer(lambda p, c: float(rewards[int(c) - 100]))
+
+    def kls(prompts, completions):
+        return torch.tensor(kl_sample), torch.tensor(kl_exact)
+
+    prompts = [[i + 1, i + 2] for i in range(P) for _ in range(S)]
+    texts = [f"p{i}" for i in range(P) for _ in range(S)]
+    res = evaluate_samples(policy, kls, Tok(), prompts, texts, scorer, samples_per_prompt=S, progress=False)
+    for values, mean, se in (
+        (rewards, res.reward_mean, res.reward_stderr),
+        (kl_sample, res.kl_sample, res.kl_sample_stderr),
+        (kl_exact, res.kl_exact, res.kl_exact_stderr),
+    ):
+        by_prompt = values.reshape(P, S).mean(axis=1)
+        assert mean == pytest.approx(values.mean(), rel=1e-12, abs=1e-12)
+        assert se == pytest.approx(_numpy_se(by_prompt), rel=1e-12)
+        assert se > 1.2 * _numpy_se(values)  # treating a prompt's samples as independent understates it
+    assert res.n == P * S and res.rewards == pytest.approx(rewards.tolist(), abs=1e-12)
+
+    # one sample per prompt: the plain mean and standard error over completions, as before
+    single = [[j + 1] for j in range(P * S)]
+    one = evaluate_samples(policy, kls, Tok(), single, texts, scorer, progress=False)
+    assert one.reward_stderr == pytest.approx(_numpy_se(rewards), rel=1e-12)
+    assert one.kl_exact_stderr == pytest.approx(_numpy_se(kl_exact), rel=1e-12)
+    from shiq_eval.kl import mean_stderr
+
+    assert (one.reward_mean, one.reward_stderr) == mean_stderr(torch.tensor(rewards))  # bit for bit unchanged
+
+    # the samples of one prompt must be consecutive copies of it
+    with pytest.raises(ValueError, match="prompt-major"):
+        evaluate_samples(policy, kls, Tok(), single, texts, scorer, samples_per_prompt=S, progress=False)
+    with pytest.raises(ValueError, match="do not split"):
+        evaluate_samples(policy, kls, Tok(), prompts[:-1], texts[:-1], scorer, samples_per_prompt=S, progress=False)
+
+
+@pytest.mark.parametrize("trained_from", [0, 2])
+def test_evaluate_policy_reports_standard_errors_over_prompts(trained_from):
+    """Through ``evaluate_policy`` (two passes, and the one-pass shared-layers path): with two samples per
+    prompt the reported standard errors are numpy's over the per-prompt means of the returned per-completion
+    values."""
+    ref = tiny(21, layers=3)
+    policy = fine_tune_of(ref, trained_from, seed=7)
+    S = 2
+    prompts = [p for p in ([1, 2, 3], [4, 5], [6], [7, 8], [9, 10, 11]) for _ in range(S)]
+    scorer = FunctionScorer(lambda p, c: sum(int(t) for t in c.split()) / 40.0)
+    res = evaluate_policy(
+        policy, ref, Tok(), prompts, ["p"] * len(prompts), scorer,
+        max_new_tokens=4, batch_size=4, seed=1, progress=False, samples_per_prompt=S,
+    )  # fmt: skip
+    for values, mean, se in (
+        (res.rewards, res.reward_mean, res.reward_stderr),
+        (res.kls_exact, res.kl_exact, res.kl_exact_stderr),
+        (res.kls_sample, res.kl_sample, res.kl_sample_stderr),
+    ):
+        v = np.asarray(values, dtype=np.float64)
+        assert mean == pytest.approx(v.mean(), rel=1e-9, abs=1e-12)
+        assert se == pytest.approx(_numpy_se(v.reshape(-1, S).mean(axis=1)), rel=1e-9, abs=1e-12)
+    assert res.kl_exact > 1e-4 and np.std(res.rewards) > 0  # something to estimate

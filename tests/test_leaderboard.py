@@ -19,14 +19,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from test_eval_cli import tiny_hf_folder, train, write_tiny_buffer  # (a tiny Llama, buffer, 2-step run)
 
-pytest.importorskip("transformers")
-
-from test_eval_cli import tiny_hf_folder, train, write_tiny_buffer  # noqa: E402  (a tiny Llama, buffer, 2-step run)
-
-from shiq_eval import checkpoints  # noqa: E402
-from shiq_eval import cli as eval_cli  # noqa: E402
-from shiq_train import export  # noqa: E402
+from shiq_eval import checkpoints
+from shiq_eval import cli as eval_cli
+from shiq_train import export
 
 K = 2  # samples per prompt in the suite
 
@@ -117,6 +114,15 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     assert saved["content"]["scorer_sha256"] == sha256_of(suite_dir / "rm.safetensors")
     assert saved["content"]["sampling"] == suite["sampling"] | {"temperature": 1.0}
     assert all(r["n"] == 6 * K and len(r["rewards"]) == 6 * K for r in ev + ev_hf)
+    assert all(r["temperature"] == 1.0 and r["samples_per_prompt"] == K for r in ev + ev_hf)
+    for r in ev + ev_hf:  # the run's own standard errors: over prompts, a prompt's K samples averaged first
+        for values, se in (
+            ("rewards", "reward_stderr"),
+            ("kls_exact", "kl_exact_stderr"),
+            ("kls_sample", "kl_sample_stderr"),
+        ):
+            per_prompt = np.asarray(r[values], dtype=np.float64).reshape(-1, K).mean(1)
+            assert r[se] == pytest.approx(per_prompt.std(ddof=1) / math.sqrt(per_prompt.size), rel=1e-9, abs=1e-12)
     # the exported folder is the checkpoint it came from: the same draws, rewards and KL
     assert ev_hf[1]["rewards"] == pytest.approx(ev[4]["rewards"], abs=1e-6)
     assert ev_hf[1]["kls_exact"] == pytest.approx(ev[4]["kls_exact"], abs=1e-5)
@@ -145,9 +151,13 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     finals = ["reference", "b0.1", "b0.5", "hf_b05"]  # each run's last step, in table order
     last = {"reference": 0, "b0.1": 2, "b0.5": 2, "hf_b05": 2}
     assert list(zip(pairs["run_a"], pairs["run_b"])) == [(a, b) for i, b in enumerate(finals) for a in finals[i + 1 :]]
+    beta_of = {r["run"]: r["beta"] for r in ev + ev_hf}
     for _, p in pairs.iterrows():
         a, b = want[(p["run_a"], last[p["run_a"]])], want[(p["run_b"], last[p["run_b"]])]
-        for col, key in (("reward_diff", "_r"), ("J_diff", "_j")):
+        one_beta = "reference" in (p["run_a"], p["run_b"]) or beta_of[p["run_a"]] == beta_of[p["run_b"]]
+        if not one_beta:  # J at two β is two objectives: no J difference, a note instead
+            assert math.isnan(p["J_diff"]) and math.isnan(p["J_diff_stderr"]) and "two objectives" in p["J_note"]
+        for col, key in (("reward_diff", "_r"), ("J_diff", "_j")) if one_beta else (("reward_diff", "_r"),):
             d = a[key] - b[key]
             assert p[col] == pytest.approx(d.mean(), abs=1e-12)
             assert p[col + "_stderr"] == pytest.approx(d.std(ddof=1) / math.sqrt(d.size), rel=1e-9, abs=1e-12)
@@ -160,11 +170,13 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     assert len(images) == 3 and all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
     assert 'src="http' not in page and "b0.1" in page
 
-    # a second suite (here: the same file with a longer completion limit) is refused in the same table
+    # a second suite (here: the same file with a shorter completion limit, sampled at temperature 0.5) is
+    # refused in the same table
     step = runs["0.1"] / "checkpoints" / "step_00000002"
-    other = ["run", str(step), "--out", str(tmp_path / "ev2"), *common, "--max-new-tokens", "3"]
+    other = ["run", str(step), "--out", str(tmp_path / "ev2"), *common, "--max-new-tokens", "3", "--temperature", "0.5"]
     assert eval_cli.main(other) == 0
     ev2 = json.loads((tmp_path / "ev2" / "results.json").read_text())
+    assert [r["temperature"] for r in ev2] == [0.5, 0.5]
     assert ev2[1]["suite"] == "tiny_words" and ev2[1]["suite_sha256"] != ev[1]["suite_sha256"]
     capsys.readouterr()
     mixed = ["leaderboard", str(tmp_path / "ev"), str(tmp_path / "ev2"), "--out", str(tmp_path / "mixed")]
@@ -174,7 +186,11 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     assert str(tmp_path / "ev" / "results.json") in err[0] and str(tmp_path / "ev2" / "results.json") in err[0]
     assert not (tmp_path / "mixed").exists()
     assert eval_cli.main([*mixed, "--allow-mixed"]) == 0
-    assert len(pd.read_csv(tmp_path / "mixed" / "leaderboard.csv")) == 5 + 2
+    mixed_table = pd.read_csv(tmp_path / "mixed" / "leaderboard.csv")
+    assert len(mixed_table) == 5 + 2
+    hot = mixed_table[mixed_table["temperature"] == 0.5]  # the tempered suite's rows: reward and KL, no J
+    assert len(hot) == 2 and hot["J"].isna().all() and hot["reward_mean"].notna().all()
+    assert mixed_table[mixed_table["temperature"] == 1.0]["J"].notna().all()
 
 
 def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
@@ -264,3 +280,130 @@ def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, 
     assert eval_cli.main(["leaderboard", str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 2
     assert "row 0 has no ['run', 'suite_sha256']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def write_results(folder, rows):
+    folder.mkdir(parents=True)
+    (folder / "results.json").write_text(json.dumps(rows))
+    return str(folder)
+
+
+def guide_row(beta, top_k, rewards, kls, **extra):
+    """A Q♯ row as shiq-eval run --guide writes it: the value model's folder name as run, its weights' hash."""
+    row = result_row("value", 4, "v" * 64, rewards, kls, beta=beta, top_k=top_k, **extra)
+    return row | {"method": "qsharp"}
+
+
+def se_np(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x.std(ddof=1) / math.sqrt(x.size)
+
+
+def test_qsharp_rows_at_another_beta_or_top_k_are_other_rows(tmp_path):
+    """One value model at β 0.1 and 0.3 (top-k 20) and at β 0.1 with top-k 5: three policies, three rows
+    labelled with their decoding settings; the same setting from two folders is one row; an older row without
+    top_k is labelled by its β. Every number recomputed with numpy from the rows' values."""
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0, 0.5], [0.0] * 4)
+    rows = {
+        (0.1, 20): ([2.0, 2.5, 4.0, 1.0], [1.0, 3.0, 2.0, 0.5]),
+        (0.3, 20): ([3.0, 2.0, 5.0, 1.5], [2.0, 4.0, 3.0, 1.0]),
+        (0.1, 5): ([1.5, 2.0, 3.0, 0.0], [0.5, 1.0, 1.5, 0.2]),
+    }
+    folders = [
+        write_results(tmp_path / "b01", [ref, guide_row(0.1, 20, *rows[0.1, 20])]),
+        write_results(tmp_path / "b03", [ref, guide_row(0.3, 20, *rows[0.3, 20])]),
+        write_results(tmp_path / "k5", [ref, guide_row(0.1, 5, *rows[0.1, 5])]),
+        write_results(tmp_path / "again", [guide_row(0.1, 20, *rows[0.1, 20])]),  # the same policy again
+    ]
+    out = tmp_path / "board"
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(out)]) == 0
+    table = pd.read_csv(out / "leaderboard.csv")
+    labels = {
+        (0.1, 20): "value [β 0.1, top-k 20]",
+        (0.3, 20): "value [β 0.3, top-k 20]",
+        (0.1, 5): "value [β 0.1, top-k 5]",
+    }
+    assert sorted(table["run"]) == sorted(["reference", *labels.values()])  # three policies, each once
+    t = table.set_index("run")
+    for (beta, k), (r, kl) in rows.items():
+        row = t.loc[labels[beta, k]]
+        j = np.asarray(r) - beta * np.asarray(kl)
+        assert (row["beta"], row["top_k"], row["method"]) == (beta, k, "qsharp")
+        assert row["reward_mean"] == pytest.approx(np.mean(r)) and row["reward_stderr"] == pytest.approx(se_np(r))
+        assert row["J"] == pytest.approx(j.mean()) and row["J_stderr"] == pytest.approx(se_np(j))
+    pairs = pd.read_csv(out / "pairs.csv")
+    pairs = {(p["run_a"], p["run_b"]): p for _, p in pairs.iterrows()}
+    assert len(pairs) == 6  # every two of the four runs
+    a, b = labels[0.1, 20], labels[0.1, 5]  # one β, two top-k: one objective, J compared
+    p = pairs.get((a, b), pairs.get((b, a)))
+    ja = np.asarray(rows[0.1, 20][0]) - 0.1 * np.asarray(rows[0.1, 20][1])
+    jb = np.asarray(rows[0.1, 5][0]) - 0.1 * np.asarray(rows[0.1, 5][1])
+    sign = 1 if (a, b) in pairs else -1
+    assert p["J_diff"] == pytest.approx(sign * (ja - jb).mean()) and p["J_diff_stderr"] == pytest.approx(se_np(ja - jb))
+    for x, y in ((labels[0.3, 20], labels[0.1, 20]), (labels[0.3, 20], labels[0.1, 5])):  # two β: no J difference
+        p = pairs.get((x, y), pairs.get((y, x)))
+        assert math.isnan(p["J_diff"]) and "two objectives" in p["J_note"]
+
+    # a row written before top_k was recorded: labelled by its β alone
+    old = {k: v for k, v in guide_row(0.3, 20, *rows[0.3, 20]).items() if k != "top_k"}
+    assert (
+        eval_cli.main(["leaderboard", write_results(tmp_path / "old", [ref, old]), "--out", str(tmp_path / "o")]) == 0
+    )
+    assert "value [β 0.3]" in set(pd.read_csv(tmp_path / "o" / "leaderboard.csv")["run"])
+
+
+def test_j_differences_only_at_one_beta(tmp_path):
+    """Pairs of runs at two β report the reward difference but no J difference (a note instead); at one β, and
+    against the reference (whose J is its reward at every β), the J difference is numpy's paired one."""
+    r = {"ref": [1.0, 2.0, 4.0, 0.5], "a": [2.0, 2.5, 4.0, 1.0], "b": [3.0, 2.0, 5.0, 1.5], "c": [1.0, 3.0, 2.0, 2.0]}
+    kl = {"ref": [0.0] * 4, "a": [1.0, 3.0, 2.0, 0.5], "b": [2.0, 4.0, 3.0, 1.0], "c": [0.5, 0.5, 1.0, 2.0]}
+    beta = {"ref": None, "a": 0.5, "b": 0.1, "c": 0.5}
+    rows = [result_row("reference", 0, "r", r["ref"], kl["ref"])]
+    rows += [result_row(n, 3, f"m{n}", r[n], kl[n], beta=beta[n]) for n in ("a", "b", "c")]
+    out = tmp_path / "board"
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "x", rows), "--out", str(out)]) == 0
+    pairs = pd.read_csv(out / "pairs.csv").fillna({"J_note": ""})
+    j = {n: np.asarray(r[n]) - (beta[n] or 0.0) * np.asarray(kl[n]) for n in r}
+    name = {"reference": "ref", "a": "a", "b": "b", "c": "c"}
+    assert len(pairs) == 6
+    for _, p in pairs.iterrows():
+        x, y = name[p["run_a"]], name[p["run_b"]]
+        d = np.asarray(r[x]) - np.asarray(r[y])
+        assert p["reward_diff"] == pytest.approx(d.mean()) and p["reward_diff_stderr"] == pytest.approx(se_np(d))
+        if "ref" in (x, y) or beta[x] == beta[y]:
+            dj = j[x] - j[y]
+            assert p["J_diff"] == pytest.approx(dj.mean()) and p["J_diff_stderr"] == pytest.approx(se_np(dj))
+            assert p["J_note"] == ""
+        else:
+            assert math.isnan(p["J_diff"]) and math.isnan(p["J_diff_stderr"])
+            assert "β" in p["J_note"] and "0.1" in p["J_note"] and "0.5" in p["J_note"]
+    md = (out / "leaderboard.md").read_text()
+    assert "two objectives" in md  # the note where the J difference would be
+
+
+def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
+    """Rows sampled at temperature 0.7 keep reward and KL but get no J (nor J differences), with a note; rows
+    without the field count as temperature 1 and get their J."""
+    r, kl = [2.0, 2.5, 4.0, 1.0], [1.0, 3.0, 2.0, 0.5]
+    ref_r = [1.0, 2.0, 4.0, 0.5]
+    hot = [
+        result_row("reference", 0, "r", ref_r, [0.0] * 4, temperature=0.7),
+        result_row("a", 3, "ma", r, kl, temperature=0.7),
+    ]
+    out = tmp_path / "hot"
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "x", hot), "--out", str(out)]) == 0
+    t = pd.read_csv(out / "leaderboard.csv").set_index("run")
+    assert t.loc["a", "reward_mean"] == pytest.approx(np.mean(r)) and t.loc["a", "kl"] == pytest.approx(np.mean(kl))
+    assert t["J"].isna().all() and t["J_stderr"].isna().all() and (t["temperature"] == 0.7).all()
+    assert all("temperature 0.7" in note for note in t["J_note"])
+    p = pd.read_csv(out / "pairs.csv").iloc[0]
+    assert p["reward_diff"] == pytest.approx(np.mean(np.asarray(r) - ref_r)) and math.isnan(p["J_diff"])
+    assert "temperature 0.7" in (out / "leaderboard.md").read_text()
+    assert not (out / "j_vs_step.png").exists()
+
+    plain = [{k: v for k, v in row.items() if k != "temperature"} for row in hot]  # older rows: temperature 1
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "y", plain), "--out", str(tmp_path / "cold")]) == 0
+    t = pd.read_csv(tmp_path / "cold" / "leaderboard.csv").set_index("run")
+    assert (t["temperature"] == 1.0).all()
+    assert t.loc["a", "J"] == pytest.approx(np.mean(np.asarray(r) - 0.5 * np.asarray(kl)))
+    assert t.loc["reference", "J"] == pytest.approx(np.mean(ref_r))
