@@ -37,8 +37,11 @@ def kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
     """``KL(p ‖ q) = Σ_a p(a) (log p(a) − log q(a))`` over the last dimension (SHIQ_MATH §6), ``[...]``.
 
     Args: logp, logq ``[..., V]`` normalised log-probabilities (a ``log_softmax``), float64 for the sums.
+    A token ``p`` cannot emit (``log p = −inf``, a masked logit) adds 0, as ``0 log 0 = 0``; one ``q`` cannot
+    emit and ``p`` can makes the KL ``+inf``.
     """
-    return (logp.exp() * (logp - logq)).sum(-1)
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
 
 
 def masked_kls(

@@ -467,3 +467,23 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
     changed = demo.load_config(overrides=["methods.shiq.beta=0.5"])
     with pytest.raises(SystemExit, match=r"differs in \['methods.shiq.beta'\]"):
         Stages(tmp_path / "default", changed, free=demo.free_keys(changed))
+
+
+def test_the_frontier_draws_a_line_per_method_and_data_not_per_method_alone():
+    """A seed's frontier: ``shiq`` and ``shiq@0.1`` are one line (two β), ``shiq-single@0.1`` another (one
+    completion per prompt: other data), each point keeping its arm's β, KL and reward."""
+    r = {"kl_stderr": 0.1, "reward_stderr": 0.2}
+    methods = {
+        "shiq": {"beta": 0.03, "kl": 3.0, "reward_mean": 0.9} | r,
+        "shiq@0.1": {"beta": 0.1, "kl": 1.5, "reward_mean": 0.7} | r,
+        "shiq-single@0.1": {"beta": 0.1, "kl": 1.4, "reward_mean": 0.6} | r,
+        "dpo@0.1": {"beta": 0.1, "kl": 2.0, "reward_mean": 0.8} | r,
+    }
+    lines = {}
+    for p in demo.frontier_points(methods):
+        lines.setdefault(p["method"], []).append((p["beta"], p["kl"], p["reward"]))
+    assert lines == {
+        "shiq": [(0.03, 3.0, 0.9), (0.1, 1.5, 0.7)],
+        "shiq-single": [(0.1, 1.4, 0.6)],
+        "dpo": [(0.1, 2.0, 0.8)],
+    }

@@ -1,6 +1,7 @@
 """KL estimators against the exact sequence KL of a tiny tabular autoregressive model (SHIQ_MATH §6)."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -97,3 +98,18 @@ def test_mean_stderr():
     assert se == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() / 2)
     with pytest.raises(ValueError):
         mean_stderr(torch.tensor([]))
+
+
+def test_a_token_the_policy_cannot_emit_adds_nothing_and_one_the_reference_cannot_makes_it_infinite():
+    """A masked logit (−inf) is a zero-probability token: ``0 log 0 = 0`` in ``KL(p ‖ q)`` (SHIQ_MATH §6), by hand
+    on three tokens; a token with p > 0 and q = 0 makes the KL infinite."""
+    inf = float("inf")
+    logits = torch.tensor([[[0.0, 0.0, -inf]]], dtype=F64)  # p = (1/2, 1/2, 0)
+    ref = torch.tensor([[[0.0, math.log(3.0), 0.0]]], dtype=F64)  # q = (1/5, 3/5, 1/5)
+    want = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.6)
+    assert token_kl(logits, ref).item() == pytest.approx(want, rel=1e-12)
+    assert token_kl(ref, logits).item() == inf
+    tokens, mask = torch.tensor([[1]]), torch.tensor([[True]])
+    sample, exact = masked_kls(logits, ref, tokens, mask)
+    assert exact.item() == pytest.approx(want, rel=1e-12)
+    assert sample.item() == pytest.approx(math.log(0.5 / 0.6), rel=1e-12)

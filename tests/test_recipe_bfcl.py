@@ -429,7 +429,8 @@ def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
 def test_seeds_report_against_numpy(tmp_path):
     """seeds_report on hand-made runs of three seeds (one without the mt_dpo arm): per arm the seed mean,
     seed s.d. and mean within-seed s.e. of every metric; per pair at the same β, the per-seed paired
-    difference clustered by scenario (computed here with pandas) combined as mean, sqrt(Σ se²)/S, s.d."""
+    difference over the seeds (computed here with pandas): mean, s.e. clustered by scenario of the turns'
+    seed means, s.d. of the seeds' means."""
     import numpy as np
     import pandas as pd
 
@@ -456,7 +457,7 @@ def test_seeds_report_against_numpy(tmp_path):
     pairs = [(c["a"], c["b"], c["seeds"]) for c in out["comparisons"]]
     assert pairs == [("shiq", "mt_copg", 3), ("shiq@0.1", "mt_copg@0.1", 3), ("shiq", "mt_dpo", 2)]
     for c in out["comparisons"]:
-        means, ses = [], []
+        per_seed = []
         for name in reps:
             if c["b"] not in reps[name]["methods"]:
                 continue
@@ -464,14 +465,15 @@ def test_seeds_report_against_numpy(tmp_path):
                 pd.DataFrame(json.loads((tmp_path / name / "runs" / x / "eval.json").read_text())["turns"])
                 for x in (c["a"], c["b"])
             )
-            d = a["gt_nll"] / a["gt_tokens"] - b["gt_nll"] / b["gt_tokens"]
-            sums = (d - d.mean()).groupby(a["id"]).sum()
-            g = len(sums)
-            means.append(d.mean())
-            ses.append(np.sqrt(g / (g - 1) * (sums**2).sum()) / len(d))
-        assert c["gt_nll_per_token"] == pytest.approx(np.mean(means))
-        assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(np.sum(np.square(ses))) / len(ses))
-        assert c["gt_nll_per_token_sd"] == pytest.approx(np.std(means, ddof=1))
+            per_seed.append(a["gt_nll"] / a["gt_tokens"] - b["gt_nll"] / b["gt_tokens"])
+        # the seeds score the same turns: each turn's difference averaged over the seeds, then the standard
+        # error clustered by scenario (SHIQ_MATH §9), not the seeds' errors combined as if independent
+        d = pd.concat(per_seed, axis=1).mean(axis=1)
+        sums = (d - d.mean()).groupby(a["id"]).sum()
+        g = len(sums)
+        assert c["gt_nll_per_token"] == pytest.approx(np.mean([x.mean() for x in per_seed]))
+        assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(g / (g - 1) * (sums**2).sum()) / len(d))
+        assert c["gt_nll_per_token_sd"] == pytest.approx(np.std([x.mean() for x in per_seed], ddof=1))
     assert all((tmp_path / f"seeds_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     md = (tmp_path / "seeds_report.md").read_text()
     assert "| shiq@0.1 | mt_copg@0.1 | 0.1 | 3 |" in md and "| mt_dpo | 0.5 | 2 |" in md

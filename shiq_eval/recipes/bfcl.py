@@ -65,7 +65,6 @@ from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
     PrefixCaches,
     Stages,
-    across_seeds,
     arm_beta,
     arm_method,
     check_arms,
@@ -657,12 +656,37 @@ def report_markdown(rep: dict) -> str:
 SEED_PAIRS = (("shiq", "mt_copg"), ("shiq", "mt_dpo"), ("shiq", "shiq_tk"), ("shiq_tk", "mt_copg"))
 
 
+def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
+    """Per :data:`METRICS` value, ``a − b`` paired by turn over the seeds' runs ``out/<seed>``: the mean over
+    seeds; ``_sd``, the seeds' standard deviation of their mean differences; ``_se``, the standard error
+    clustered by scenario (SHIQ_MATH §9) of each turn's difference averaged over the seeds. Every seed
+    scores the same held-out turns, so their scenario errors are shared, not independent: the standard
+    error of the seeds' mean comes from the turns' seed means, not from ``sqrt(Σ se²) / S``."""
+    per_seed, ids = [], None
+    for n in seeds:
+        ta, tb = (json.loads((out / n / "runs" / x / "eval.json").read_text())["turns"] for x in (a, b))
+        keys = [(t["id"], t["turn"]) for t in ta]
+        if keys != [(t["id"], t["turn"]) for t in tb]:
+            raise ValueError(f"{out / n}: {a} and {b} were evaluated on different turns")
+        if ids is not None and keys != ids:
+            raise ValueError(f"{out / n}: {a} was evaluated on other turns than in {out / seeds[0]}")
+        ids = keys
+        va, vb = turn_metrics(ta), turn_metrics(tb)
+        per_seed.append({m: va[m] - vb[m] for m in METRICS})
+    row = {}
+    for m in METRICS:
+        d = np.stack([p[m] for p in per_seed])  # [S, turns]
+        row[m], row[f"{m}_se"] = clustered_mean_stderr(d.mean(0), [i for i, _ in ids])
+        row[f"{m}_sd"] = seed_stats(d.mean(1).tolist())[1]
+    return row
+
+
 def seeds_report(out: Path, names: list[str]) -> dict:
     """The runs ``out/<name>`` of several seeds (``--seeds``) together: per arm (and the reference) every
     :data:`METRICS` value and its difference to the reference as the mean over the seeds that ran it, the
     seeds' standard deviation (``_sd``) and the mean within-seed standard error clustered by scenario
-    (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn and clustered by
-    scenario within each seed, then combined over seeds (mean, ``_se`` = sqrt(Σ se²) / S, ``_sd``).
+    (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn over the seeds
+    (:func:`_paired_over_seeds`: mean, ``_se`` clustered by scenario, ``_sd``).
     Writes ``seeds_report.json``, ``seeds_report.md`` and the :data:`FIGURES` across seeds (``seeds_*.png``)."""
     reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
@@ -691,18 +715,8 @@ def seeds_report(out: Path, names: list[str]) -> dict:
                 ]
                 if not seeds:
                     continue
-                diffs: dict[str, list] = {m: [] for m in METRICS}
-                for n in seeds:
-                    ta, tb = (json.loads((out / n / "runs" / x / "eval.json").read_text())["turns"] for x in (a, b))
-                    if [(t["id"], t["turn"]) for t in ta] != [(t["id"], t["turn"]) for t in tb]:
-                        raise ValueError(f"{out / n}: {a} and {b} were evaluated on different turns")
-                    va, vb, ids = turn_metrics(ta), turn_metrics(tb), [t["id"] for t in ta]
-                    for m in METRICS:
-                        diffs[m].append(paired_difference(va[m], vb[m], clusters=ids))
                 row = {"a": a, "b": b, "beta": reps[seeds[0]]["methods"][a]["beta"], "seeds": len(seeds)}
-                for m, d in diffs.items():
-                    row[m], row[f"{m}_se"], row[f"{m}_sd"] = across_seeds(d)
-                comparisons.append(row)
+                comparisons.append(row | _paired_over_seeds(out, seeds, a, b))
     by_arm = {r["arm"]: r for r in rows}
     title = f"{len(names)} training seeds: mean ± 1 s.d. of the seeds"
     plot_turn_frontiers(by_arm.pop("reference"), by_arm, out, err="sd", title=title, prefix="seeds_")

@@ -524,13 +524,14 @@ def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: 
         seed=ctx.cfg["seed"] + 3,
         keep_samples=ev["show_samples"],
         progress=True,
+        samples_per_prompt=ev["samples_per_prompt"],  # standard errors over prompts (SHIQ_MATH §9)
     )
     t0 = time.perf_counter()
     if guided is None:
         res = evaluate_policy(model, ref, tok, ids, openings, scorer, prompt_prefixes=ctx.prompt_prefixes, **kw)
     else:
         res = evaluate_guided_policy(guided, tok, ids, openings, scorer, **kw)
-    gold, gold_se = mean_stderr(scorer.gold)
+    gold, gold_se = mean_stderr(per_prompt(scorer.gold, ev["samples_per_prompt"]))
     return {
         **res.as_dict(),
         "gold": scorer.gold,
@@ -719,8 +720,8 @@ def stage_eval_reference(ctx: Context) -> None:
         sample(more_open, ctx.prompt_ids(more_open), ctx.cfg["seed"] + 10_000) if extra else ([], [], [])
     )
     matrix = [rewards[i * s : (i + 1) * s] + more_rewards[i * extra : (i + 1) * extra] for i in range(len(prompts))]
-    r, rse = mean_stderr(rewards)
-    g, gse = mean_stderr(gold)
+    r, rse = mean_stderr(per_prompt(rewards, s))  # over prompts (SHIQ_MATH §9)
+    g, gse = mean_stderr(per_prompt(gold, s))
     res = {
         "reward_mean": r,
         "reward_stderr": rse,
@@ -789,6 +790,16 @@ def curve_rows(method: str, beta: float, curve: list[dict], ref: dict, s: int) -
     return rows
 
 
+def frontier_points(methods: dict) -> list[dict]:
+    """The final checkpoints as :func:`plot_frontier` points, a line per method through its β arms (``shiq``,
+    ``shiq@0.03``, ...); a ``-single`` arm draws its own line (other data, not another β of the method)."""
+    return [
+        {"method": m.partition("@")[0], "beta": r["beta"], "kl": r["kl"], "kl_sd": r["kl_stderr"]}
+        | {"reward": r["reward_mean"], "reward_sd": r["reward_stderr"]}
+        for m, r in methods.items()
+    ]
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
@@ -821,7 +832,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "train_seconds": last["train_seconds"],
             "eval_seconds": last["eval_seconds"],
             "reward_gain": diff,
-            "gain_over_2se": bool(diff > 2 * last["reward_stderr"]),
+            "gain_over_2se": bool(paired > 2 * paired_se),  # the paired gain, by its paired s.e.
             "reward_gain_unpaired_stderr": _stderr_of_difference(last, per_prompt(ref["rewards"], s)[:P]),
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
@@ -834,14 +845,8 @@ def build_report(ctx: Context, timings: dict) -> dict:
             methods[m]["decode_seconds"] = last["eval_seconds"]
     write_table(rows, ctx.out, TABLE_COLUMNS)
     plot_curves(rows, ctx.out, reference=ref)
-    # the final checkpoints, a line per method through its β arms (``shiq``, ``shiq@0.03``, ...)
-    points = [
-        {"method": arm_method(m), "beta": r["beta"], "kl": r["kl"], "kl_sd": r["kl_stderr"]}
-        | {"reward": r["reward_mean"], "reward_sd": r["reward_stderr"]}
-        for m, r in methods.items()
-    ]
     plot_frontier(
-        points,
+        frontier_points(methods),
         ctx.out / "frontier.png",
         reference=(ref["reward_mean"], ref["reward_stderr"]),
         title=f"final checkpoints, one training seed, ± 1 standard error over {len(ref['rewards']) // s} prompts",
