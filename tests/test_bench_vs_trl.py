@@ -72,8 +72,28 @@ def test_packed_batch_holds_the_same_trajectories():
     assert [a for _, a in got] == [len(p[k]) for p in pairs for k in ("chosen", "rejected")]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL (the optional extra bench) is not installed")
-def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
+NON_TRL = (
+    "shiq padded",
+    "shiq packed",
+    "megatron sft",
+    "megatron dpo",
+    "transformers sft",
+    "shiq padded, megatron attention",
+    "shiq padded, all positions",
+)
+TRL = ("trl dpo (online ref)", "trl dpo (precomputed ref)")
+
+
+def test_contestants_are_split_between_the_two_tests():
+    """The default contestants and the two opt-ins below are run by exactly one of the tests underneath."""
+    run = (*B.DEFAULT_CONTESTANTS, "shiq padded, megatron attention", "shiq padded, all positions")
+    assert sorted(NON_TRL + TRL) == sorted(run)
+    assert not any(name.startswith("trl") for name in NON_TRL) and all(name.startswith("trl") for name in TRL)
+
+
+def run_contestants(names, tmp_path) -> dict:
+    """Each contestant for two steps of two pairs of real tokens; checks the steps and the tokens each reports
+    against :func:`expected_tokens`. Returns the first step's loss of each."""
     import torch
 
     B.build_hf("tiny").save_pretrained(tmp_path / "model")
@@ -85,7 +105,7 @@ def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
     want = expected_tokens(pairs, 2, 2)
     threads, first_loss = torch.get_num_threads(), {}
     try:
-        for name in (*B.DEFAULT_CONTESTANTS, "shiq padded, megatron attention", "shiq padded, all positions"):
+        for name in names:
             rep = Collect()
             if name.startswith("trl"):
                 B.run_trl(name, {"pairs": pairs}, args, rep, tmp_path / name.replace(" ", "_"))
@@ -99,9 +119,21 @@ def test_every_contestant_trains_on_the_same_real_tokens(tmp_path):
             first_loss[name] = rep.msgs[0].get("loss")
     finally:
         torch.set_num_threads(threads)
+    return first_loss
+
+
+def test_every_contestant_without_trl_trains_on_the_same_real_tokens(tmp_path):
+    first_loss = run_contestants(NON_TRL, tmp_path)
+    assert all(np.isfinite(first_loss[name]) for name in NON_TRL)
     # packed rows are the same trajectories: the same ShiQ loss as padded ones
     assert first_loss["shiq packed"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
     # megatron's own core attention: the same loss as scaled_dot_product_attention
     assert first_loss["shiq padded, megatron attention"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
     # the statistics of every position: the same loss as of the action positions only
     assert first_loss["shiq padded, all positions"] == pytest.approx(first_loss["shiq padded"], rel=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("trl") is None, reason="TRL (the optional extra bench) is not installed")
+def test_every_trl_contestant_trains_on_the_same_real_tokens(tmp_path):
+    first_loss = run_contestants(TRL, tmp_path)
+    assert all(np.isfinite(first_loss[name]) for name in TRL)

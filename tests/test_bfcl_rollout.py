@@ -103,12 +103,8 @@ def test_assistant_turn_rewards_go_on_the_last_assistant_message_of_each_turn():
     assert ro.assistant_turn_rewards(traj, "reset") == [None, 1.0, 1.0, None, None, 0.0]
 
 
-def test_trajectory_to_row_with_the_smollm2_chat_template():
-    tokenizers = pytest.importorskip("shiq_data.tokenizers")
-    try:
-        tok, info = tokenizers.load_tokenizer("smollm2")
-    except Exception as exc:  # the packaged tokenizer is an optional asset
-        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+def test_trajectory_to_row_with_the_smollm2_chat_template(smollm2):
+    tok, info = smollm2  # skipped only where the packaged model is missing (conftest)
     e = next(
         x
         for x in data.load_category("multi_turn_base")
@@ -262,17 +258,13 @@ def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, cap
     assert re.search(r"model 'ground truth'.*appears twice", err) and len(err.strip().splitlines()) == 1
 
 
-def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys):
+def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2):
     """rollout -> to-buffer: one row per trajectory, rollouts of one entry in one group, each turn's
     reward on the end-of-turn token of its last assistant message (decoded back to check)."""
-    tokenizers = pytest.importorskip("shiq_data.tokenizers")
     from shiq_data.buffer import open_buffer
     from shiq_data.validate import validate_buffer
 
-    try:
-        tok, info = tokenizers.load_tokenizer("smollm2")
-    except Exception as exc:  # the packaged tokenizer is an optional asset
-        pytest.skip(f"smollm2 tokenizer unavailable: {exc}")
+    tok, info = smollm2  # skipped only where the packaged model is missing (conftest)
     train = set(data.load_split()["train"])
     entries = [
         x

@@ -19,12 +19,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("shiq_data.sampler")
-
-from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # noqa: E402
-from shiq_eval.cli import main  # noqa: E402
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+from shiq_eval.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -268,7 +266,7 @@ def test_megatron_logits_give_the_kls_transformers_give(tmp_path):
         chunked = M.build_model(H.model_config_from_llama(a.config, logits_chunk_tokens=8))
         with pytest.raises(ValueError, match="logits_chunk_tokens=0"):
             MegatronLogits(chunked)
-    for w, x in zip(want, got):
+    for w, x in zip(want, got, strict=True):
         assert torch.allclose(x, w, atol=1e-5, rtol=1e-4), (x, w)
     assert float(want[1].abs().sum()) > 1e-3  # the two models differ: a KL of zero would prove nothing
 

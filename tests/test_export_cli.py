@@ -8,20 +8,17 @@ must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from
 import json
 import warnings
 
-import pytest
 import torch
+import transformers
 import yaml
+from test_eval_cli import VOCAB, tiny_hf_folder  # (a tiny Llama folder with a word-level tokenizer)
 
-transformers = pytest.importorskip("transformers")
-
-from test_eval_cli import VOCAB, tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
-
-from shiq_data.assets import config_dir  # noqa: E402
-from shiq_data.tokenizers import load_tokenizer  # noqa: E402
-from shiq_train import export, parallel  # noqa: E402
-from shiq_train import model as M  # noqa: E402
-from shiq_train.checkpoint import save_checkpoint  # noqa: E402
-from shiq_train.cli import llama_config_from_model  # noqa: E402
+from shiq_data.assets import config_dir
+from shiq_data.tokenizers import load_tokenizer
+from shiq_train import export, parallel
+from shiq_train import model as M
+from shiq_train.checkpoint import save_checkpoint
+from shiq_train.cli import llama_config_from_model
 
 
 def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys):

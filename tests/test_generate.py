@@ -2,10 +2,9 @@
 
 import pytest
 import torch
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from shiq_eval.generate import HFPolicy, SamplingConfig, draw, sample_next  # noqa: E402
+from shiq_eval.generate import HFPolicy, SamplingConfig, draw, sample_next
 
 
 def tiny_lm(seed=0):
@@ -43,7 +42,7 @@ def test_batched_left_padded_greedy_equals_unbatched_no_cache():
     got = HFPolicy(model, eos_id=eos, pad_id=0).generate(
         prompts, SamplingConfig(max_new_tokens=8, temperature=0, batch_size=3)
     )
-    for p, g in zip(prompts, got):
+    for p, g in zip(prompts, got, strict=True):
         assert g == greedy_reference(model, p, 8, eos)
 
 
@@ -118,7 +117,7 @@ def test_shared_prefix_reads_the_prompts_as_one_pass_does():
     assert attn.shape[1] == 6 + 4 and int(attn.sum()) == sum(map(len, batch))  # 6 shared, then up to 4 each
     for j, p in enumerate(batch):
         assert pos[j, attn[j, 6:].bool()].tolist() == list(range(6, len(p)))  # the positions of its own tokens
-        for layer, ref in zip(cache.layers, plain.layers):
+        for layer, ref in zip(cache.layers, plain.layers, strict=True):
             torch.testing.assert_close(
                 layer.keys[j][:, attn[j].bool()], ref.keys[j][:, plain_attn[j].bool()], rtol=1e-5, atol=1e-5
             )
@@ -155,7 +154,7 @@ def test_repeated_prompts_are_read_once_as_one_pass_reads_them(batch, passes):
         real, plain_real = attn[j].bool(), plain_attn[j].bool()
         assert int(real.sum()) == len(p)
         assert pos[j, -1].item() == plain_pos[j, -1].item() == len(p) - 1
-        for layer, ref in zip(cache.layers, plain.layers):
+        for layer, ref in zip(cache.layers, plain.layers, strict=True):
             torch.testing.assert_close(layer.keys[j][:, real], ref.keys[j][:, plain_real], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(layer.values[j][:, real], ref.values[j][:, plain_real], rtol=1e-5, atol=1e-5)
 

@@ -12,15 +12,13 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
+import transformers
+from test_generate import greedy_reference as greedy_without_cache  # (one full forward per token)
 
-transformers = pytest.importorskip("transformers")
-
-from test_generate import greedy_reference as greedy_without_cache  # noqa: E402  (one full forward per token)
-
-from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next  # noqa: E402
-from shiq_train import hf_convert as H  # noqa: E402
-from shiq_train import model as M  # noqa: E402
-from shiq_train import parallel  # noqa: E402
+from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next
+from shiq_train import hf_convert as H
+from shiq_train import model as M
+from shiq_train import parallel
 
 EOS, PAD = 0, 47
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [9] * 7, [30, 31]]

@@ -18,13 +18,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 import torch.multiprocessing as mp
+import transformers
 
-transformers = pytest.importorskip("transformers")
-
-from shiq_train import hf_convert as H  # noqa: E402
-from shiq_train import model as M  # noqa: E402
-from shiq_train import parallel  # noqa: E402
-from shiq_train.stats import causal_lm_stats  # noqa: E402
+from shiq_train import hf_convert as H
+from shiq_train import model as M
+from shiq_train import parallel
+from shiq_train.stats import causal_lm_stats
 
 
 def tiny_llama(seed=0, tied=True):

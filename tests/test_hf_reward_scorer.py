@@ -6,12 +6,10 @@ with padding must give the same scores; a classifier with more than one output i
 
 import pytest
 import torch
+import transformers
+from test_eval_cli import VOCAB, tiny_hf_folder  # (a word-level tokenizer of w0..w127)
 
-transformers = pytest.importorskip("transformers")
-
-from test_eval_cli import VOCAB, tiny_hf_folder  # noqa: E402  (a word-level tokenizer of w0..w127)
-
-from shiq_eval.scorers import SequenceClassifierScorer  # noqa: E402
+from shiq_eval.scorers import SequenceClassifierScorer
 
 
 def classifier_folder(path, num_labels=1):

@@ -11,12 +11,9 @@ import json
 import logging
 
 import pytest
+from test_eval_cli import tiny_hf_folder  # (a tiny Llama folder with a word-level tokenizer)
 
-pytest.importorskip("transformers")
-
-from test_eval_cli import tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
-
-from shiq_data.cli_common import setup_logging  # noqa: E402
+from shiq_data.cli_common import setup_logging
 
 
 @pytest.fixture(autouse=True)

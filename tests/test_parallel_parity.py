@@ -13,11 +13,15 @@ at TP=2×PP=2 and at TP=2 with sequence parallelism, full and chunked, against t
 model chunks; alone, and times TP=2 with sequence parallelism in 4 processes) run a 4-layer variant against
 its own single-process reference.
 Asserted: the loss and every parameter's gradient (reassembled from tensor-parallel shards by the
-parameter's partition dim) equal the reference to a relative difference below 1e-5.
+parameter's partition dim) equal the reference to a relative difference below 1e-5. ShiQ ignores the
+statistics of other positions, so the runs marked "actions" also record every token whose statistics are
+computed (:func:`statistics_targets`) and assert that these are the action tokens, no others.
 """
 
+import contextlib
 import os
 import time
+import types
 import warnings
 
 import pytest
@@ -26,6 +30,7 @@ import torch.multiprocessing as mp
 
 from shiq_train import model as M
 from shiq_train import parallel
+from shiq_train import vocab_parallel as vp
 from shiq_train import weights as W
 from shiq_train.losses import shiq_loss
 from shiq_train.train_step import finalize_grads, forward_backward, grad_norm
@@ -78,6 +83,42 @@ def shiq_actions_loss_fn(st, mb):
 shiq_actions_loss_fn.reads_actions_only = True
 
 
+def action_targets(micro_batches) -> torch.Tensor:
+    """The tokens whose statistics a loss of the actions reads, micro-batch after micro-batch, row-major:
+    token ``t`` of every action position ``t ≥ 1`` (predicted by the hidden state at ``t − 1``)."""
+    return torch.cat([mb["tokens"][:, 1:][mb["action_mask"][:, 1:]] for mb in micro_batches])
+
+
+@contextlib.contextmanager
+def statistics_targets():
+    """Records the targets of every computation of statistics, in call order: the two functions that meet
+    the output layer's logits (``VocabParallelTokenStats``: megatron's output layer or
+    ``hidden_token_stats``) or its weight (``ChunkedTokenStats``), through which every path goes."""
+    seen = []
+    real = {name: getattr(vp, name) for name in ("VocabParallelTokenStats", "ChunkedTokenStats")}
+
+    def recording(fn):
+        def apply(first, *args):
+            targets = args[1] if fn is real["ChunkedTokenStats"] else args[0]
+            assert first.shape[0] == targets.shape[0]  # one row of logits / hidden states per target
+            seen.append(targets.detach().clone())
+            return fn.apply(first, *args)
+
+        return types.SimpleNamespace(apply=apply)
+
+    for name, fn in real.items():
+        setattr(vp, name, recording(fn))
+    try:
+        yield seen
+    finally:
+        for name, fn in real.items():
+            setattr(vp, name, fn)
+
+
+def _targets(seen) -> torch.Tensor:
+    return torch.cat(seen) if seen else torch.zeros(0, dtype=torch.int64)
+
+
 def run_layout(cfg, full_params=None, dp_rank=0, dp=1, actions=False):
     """Build (and load), forward/backward on this data-parallel rank's micro-batches, reduce grads;
     returns the model, loss, grad norm, local grads and the step time. ``actions``: statistics at the
@@ -111,13 +152,14 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
 
         full = torch.load(params_path, weights_only=True)
         for chunk, actions in chunks:
-            _, loss, norm, grads, step_s = run_layout(
-                tiny_config(logits_chunk_tokens=chunk, sequence_parallel=sp),
-                full,
-                ps.get_data_parallel_rank(),
-                ps.get_data_parallel_world_size(),
-                actions=actions,
-            )
+            with statistics_targets() as seen:
+                _, loss, norm, grads, step_s = run_layout(
+                    tiny_config(logits_chunk_tokens=chunk, sequence_parallel=sp),
+                    full,
+                    ps.get_data_parallel_rank(),
+                    ps.get_data_parallel_world_size(),
+                    actions=actions,
+                )
             torch.save(
                 {
                     "loss": loss,
@@ -125,6 +167,8 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir, chunks, sp=False):
                     "grads": grads,
                     "tp_rank": ps.get_tensor_model_parallel_rank(),
                     "step_s": step_s,
+                    "last_stage": ps.is_pipeline_last_stage(),
+                    "targets": _targets(seen),
                 },
                 os.path.join(out_dir, _file(rank, chunk, actions)),
             )
@@ -203,6 +247,8 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, runs
         results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(world)]
         what = f"tp={tp} pp={pp} dp={dp} chunk={chunk} actions={actions}"
         _check_against_reference(results, reference, tp, what)
+        if actions:
+            _check_action_targets(results, what)
 
 
 def test_sequence_parallel_matches_reference(reference, tmp_path):
@@ -211,7 +257,10 @@ def test_sequence_parallel_matches_reference(reference, tmp_path):
     mp.spawn(_worker, args=args, nprocs=2, join=True)
     for chunk, actions in runs:
         results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(2)]
-        _check_against_reference(results, reference, 2, f"tp=2 sequence-parallel chunk={chunk} actions={actions}")
+        what = f"tp=2 sequence-parallel chunk={chunk} actions={actions}"
+        _check_against_reference(results, reference, 2, what)
+        if actions:
+            _check_action_targets(results, what)
 
 
 @pytest.mark.parametrize("chunk", [0, 5], ids=["full", "chunked"])
@@ -219,10 +268,23 @@ def test_action_positions_only_match_reference(reference, chunk):
     """One process: the statistics at the action positions only give the all-positions reference's loss
     and gradients (the output layer never sees the prompt and padding positions)."""
     full = torch.load(reference["params_path"], weights_only=True)
-    with parallel.distributed(seed=SEED):
+    with parallel.distributed(seed=SEED), statistics_targets() as seen:
         model, loss, norm, grads, _ = run_layout(tiny_config(logits_chunk_tokens=chunk), full, actions=True)
-        results = [{"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": 0, "step_s": 0.0}]
-    _check_against_reference(results, reference, 1, f"one process chunk={chunk} actions=True")
+    results = [{"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": 0, "step_s": 0.0}]
+    what = f"one process chunk={chunk} actions=True"
+    _check_against_reference(results, reference, 1, what)
+    _check_action_targets([{**results[0], "last_stage": True, "targets": _targets(seen)}], what)
+
+
+def _check_action_targets(results, what):
+    """The output layer met the action tokens only (each once, on every rank of the last pipeline stage) and
+    no rank of an earlier stage computed statistics. Layouts with data parallelism are not run this way."""
+    want = action_targets(make_micro_batches())
+    assert len(want) == 40 < MICRO_BATCHES * ROWS * (SEQ - 1)  # 12 + 8 actions after position 0 per micro-batch
+    assert any(res["last_stage"] for res in results), what
+    for res in results:
+        got = res["targets"]
+        assert torch.equal(got, want if res["last_stage"] else want[:0]), f"{what}: {len(got)} targets, not {len(want)}"
 
 
 def _check_against_reference(results, reference, tp, what):

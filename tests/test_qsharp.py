@@ -15,7 +15,8 @@ import mpmath
 import numpy as np
 import pytest
 import torch
-from test_losses_tabular import Tree, V  # noqa: E402  (the tree MDPs and their backward-induction optimum)
+import transformers
+from test_losses_tabular import Tree, V  # (the tree MDPs and their backward-induction optimum)
 
 from shiq_eval.qsharp import GuidedPolicy, guided_log_probs, guided_logits
 from shiq_train.qsharp_value import (
@@ -314,9 +315,6 @@ def test_value_loss_minimiser_is_the_projected_return_distribution():
 
 # ----------------------------------------------------------------------------------------------
 # (e) guided decoding with a tiny Llama on CPU
-
-
-transformers = pytest.importorskip("transformers")
 
 
 def tiny_llama(seed, vocab=64):

@@ -18,14 +18,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
+from test_eval_cli import tiny_hf_folder, write_tiny_buffer  # (a tiny Llama folder and buffer)
 
-transformers = pytest.importorskip("transformers")
-pytest.importorskip("shiq_data.sampler")
-
-from test_eval_cli import tiny_hf_folder, write_tiny_buffer  # noqa: E402  (a tiny Llama folder and buffer)
-
-from shiq_data.reward_head import RegressionRewardModel, minilm_encoder  # noqa: E402
-from shiq_eval.cli import main as eval_main  # noqa: E402
+from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+from shiq_eval.cli import main as eval_main
 
 REPO = Path(__file__).resolve().parents[1]
 BETA, TOP_K = 0.5, 5

@@ -50,6 +50,9 @@ def test_table_and_plots(tmp_path):
     ]
     assert json.loads(json_path.read_text()) == ROWS
     paths = plot_curves(ROWS, tmp_path, reference={"reward_mean": 0.1, "reward_stderr": 0.05})
+    assert [p.name for p in paths] == ["reward_vs_kl.png", "reward_vs_step.png"]  # the documented two plots
+    assert all(p.parent == tmp_path for p in paths)
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["reward_vs_kl.png", "reward_vs_step.png"]
     for p in paths:
         assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(tmp_path.glob(".*.tmp"))

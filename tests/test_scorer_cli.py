@@ -14,14 +14,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import scorer_functions  # (the Python scorers of these tests)
+from test_eval_cli import tiny_hf_folder  # (a tiny Llama folder with a word-level tokenizer)
 
-pytest.importorskip("transformers")
-
-import scorer_functions  # noqa: E402  (the Python scorers of these tests)
-from test_eval_cli import tiny_hf_folder  # noqa: E402  (a tiny Llama folder with a word-level tokenizer)
-
-from shiq_eval import cli as eval_cli  # noqa: E402
-from shiq_eval.suite import fingerprint as suite_fingerprint  # noqa: E402
+from shiq_eval import cli as eval_cli
+from shiq_eval.suite import fingerprint as suite_fingerprint
 
 
 @pytest.fixture(scope="module")
