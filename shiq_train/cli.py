@@ -109,6 +109,8 @@ RESUME_SAFE_KEYS = (
     "model.attention_backend",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
 )
+# keys absent from runs started before they existed, with the value those runs computed with
+ABSENT_MEANS = {"train.loss_average": "micro_batch"}
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
@@ -442,6 +444,7 @@ def check_resume_config(
             "or +resume.force=true to resume with this configuration"
         )
     old, new = _comparable(saved), _comparable(cfg)
+    old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
     unset = object()
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
     notes = {}

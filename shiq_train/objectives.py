@@ -19,32 +19,42 @@ import torch
 
 from shiq_train import losses as L
 
+TERMS = "loss_terms"  # the metric: how many terms the loss averages (SHIQ_MATH §3, §5)
+
 
 def _dpo(beta, stats, rewards, action_mask, group_ids, returns):
-    """DPO (SHIQ_MATH §5) over every (better, worse) pair of a group, by return; logs the pair count."""
+    """DPO (SHIQ_MATH §5) over every (better, worse) pair of a group, by return; logs the pair count.
+    Its terms: the pairs."""
     w, l = L.preference_pairs(returns.detach(), group_ids)
-    return L.dpo_loss(*stats, action_mask, w, l, beta=beta), {"pairs": float(w.numel())}
+    return L.dpo_loss(*stats, action_mask, w, l, beta=beta), {"pairs": float(w.numel()), TERMS: int(w.numel())}
 
 
 def _copg(beta, stats, rewards, action_mask, group_ids, returns):
-    """CoPG (SHIQ_MATH §5) over every pair of a group."""
-    return L.copg_loss(*stats, rewards, action_mask, group_ids, beta=beta), {}
+    """CoPG (SHIQ_MATH §5) over every pair of a group. Its terms: the groups that have a pair."""
+    i, _ = L.group_pairs(group_ids)
+    groups = int(torch.unique(group_ids[i]).numel())
+    return L.copg_loss(*stats, rewards, action_mask, group_ids, beta=beta), {TERMS: groups}
 
 
 def _dro_v(beta, stats, rewards, action_mask, segment_ids):
-    """The paper's single-trajectory DRO as reconstructed in SHIQ_MATH §5: one network, ``V ≡ 0``."""
-    return L.dro_v_loss(*stats, rewards, action_mask, beta=beta, segment_ids=segment_ids), {}
+    """The paper's single-trajectory DRO as reconstructed in SHIQ_MATH §5: one network, ``V ≡ 0``.
+    Its terms: the trajectories that have an action."""
+    n = int(L.trajectory_sums(action_mask, action_mask, segment_ids).numel())
+    return L.dro_v_loss(*stats, rewards, action_mask, beta=beta, segment_ids=segment_ids), {TERMS: n}
 
 
 def _sft(beta, stats, rewards, action_mask, segment_ids):
-    """Supervised fine-tuning (SHIQ_MATH §5): mean NLL of the action tokens; ``beta`` and rewards unused."""
-    return L.sft_loss(stats[0], stats[1], action_mask), {}
+    """Supervised fine-tuning (SHIQ_MATH §5): mean NLL of the action tokens; ``beta`` and rewards unused.
+    Its terms: the action tokens."""
+    return L.sft_loss(stats[0], stats[1], action_mask), {TERMS: int(action_mask.sum())}
 
 
 def _dro_v_loo(beta, stats, rewards, action_mask, group_ids, returns):
-    """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``."""
+    """DRO-V (SHIQ_MATH §5) with the leave-one-out soft value of the group as ``V(x)``. Its terms: the
+    rows that have an action."""
     values = L.loo_soft_value(returns, group_ids, beta=beta)
-    return L.dro_v_loss(*stats, rewards, action_mask, values, beta=beta), {}
+    n = int(action_mask.any(-1).sum())
+    return L.dro_v_loss(*stats, rewards, action_mask, values, beta=beta), {TERMS: n}
 
 
 GroupLossFn = Callable[..., "tuple[torch.Tensor, dict]"]
@@ -62,7 +72,8 @@ class LossSpec:
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
     ``fn(beta, stats, rewards, action_mask, group_ids, returns) -> (loss, extra metrics)``.
     ``trajectory_loss``: for a sequence-level loss on single trajectories,
-    ``fn(beta, stats, rewards, action_mask, segment_ids) -> (loss, extra metrics)``.
+    ``fn(beta, stats, rewards, action_mask, segment_ids) -> (loss, extra metrics)``. The extra metrics of
+    both hold ``loss_terms`` (:data:`TERMS`): how many terms the loss is the mean of.
     ``trains``: ``"policy"`` (the trainer's model, through ``compute_loss``) or ``"value"`` (Q♯'s value
     model, SHIQ_MATH §8, trained by ``shiq_train.qsharp_train``; neither a variant nor a group loss).
     """
@@ -189,7 +200,11 @@ def compute_loss(
         group_ids: ``[B]`` int, completions of one prompt (required by the losses with ``needs_groups``).
         segment_ids: ``[B, T]`` int for packed rows (only the losses with ``packed_ok``).
     Returns:
-        ``(loss, metrics)``; metrics are detached floats: ``reward`` (mean return per trajectory),
+        ``(loss, metrics)``; ``metrics["loss_terms"]`` (an int) is the number of terms ``loss`` is the mean of
+        (action positions in the loss for the ShiQ family and SFT, pairs for DPO, groups with a pair for
+        CoPG, trajectories with an action for DRO-V), with which a step of several micro-batches weighs
+        them (``shiq_train.train_step.forward_backward``); the other metrics are detached floats:
+        ``reward`` (mean return per trajectory),
         ``log_ratio`` (mean over trajectories of ``Λ = Σ_t m_t ρ_t``, SHIQ_MATH §2, §5, on the batch's
         rows), and for the ShiQ family ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the
         loss. ``log_ratio`` is not KL(π‖π_ref): it is the sample estimate of that KL (§6) only on rows
@@ -217,6 +232,7 @@ def compute_loss(
         d = delta.detach()[used].abs()
         metrics["abs_delta_mean"] = float(d.mean()) if d.numel() else 0.0
         metrics["abs_delta_max"] = float(d.max()) if d.numel() else 0.0
+        metrics[TERMS] = int(used.sum())
         traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
     elif spec.trajectory_loss is not None:
         loss, extra = spec.trajectory_loss(cfg.beta, stats, rewards, action_mask, segment_ids)

@@ -139,6 +139,11 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
             "optimizer.distributed=true: loss=qsharp_value trains in one process with its own optimizer; "
             "leave optimizer.distributed=false"
         )
+    if train.get("loss_average", "step") != "step":
+        raise ValueError(
+            f"train.loss_average={train['loss_average']}: loss=qsharp_value averages its loss over every action of "
+            "a step (train.loss_average=step)"
+        )
     return ValueTrainConfig(
         steps=int(train["steps"]),
         rows_per_micro_batch=int(data["rows_per_micro_batch"]),
@@ -165,6 +170,15 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
         cache_frozen_prefix=bool(train.get("cache_frozen_prefix", False)),
         share_prefixes=bool(train.get("share_prefixes", False)),
     )
+
+
+def action_weights(micro_batches: list[dict]) -> list[float]:
+    """Each micro-batch's share of the step's actions, ``n_i / Σ n`` (``1 / M`` each if none has an action):
+    ``Σ_i w_i L_i`` of the micro-batches' mean value losses is the mean over every action of the step
+    (SHIQ_MATH §8); one micro-batch weighs exactly 1."""
+    actions = [int(mb["action_mask"].sum()) for mb in micro_batches]
+    total = sum(actions)
+    return [n / total if total else 1 / len(actions) for n in actions]
 
 
 def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
@@ -204,8 +218,9 @@ def train_value_model(
     The trunk is a megatron GPT with the shape of ``hf_config`` initialised from ``hf_state_dict``
     (the reference; ``shiq_train.cli.load_init(init)`` gives both). Each of ``cfg.steps`` AdamW steps
     takes ``cfg.micro_batches_per_step`` micro-batches of ``cfg.rows_per_micro_batch`` rows (``tokens``,
-    ``action_mask``, ``rewards``) from a seeded ``BufferSampler`` and minimises the mean over them of
-    :func:`distributional_value_loss` against the rows' returns-to-go. Runs in one process (TP = PP = 1;
+    ``action_mask``, ``rewards``) from a seeded ``BufferSampler`` and minimises
+    :func:`distributional_value_loss` against the rows' returns-to-go, the mean over all the step's actions
+    (each micro-batch's mean weighed by its number of actions). Runs in one process (TP = PP = 1;
     initialises ``torch.distributed`` itself if needed). Writes ``out_dir`` atomically
     (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
     inside it, replacing an earlier value model there (any other non-empty folder is refused);
@@ -277,15 +292,17 @@ def train_value_model(
                 mbs = sampler.next_micro_batches()
                 opt.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
-                for mb in mbs:
+                # the step's loss is the mean over all its actions (SHIQ_MATH §8): a micro-batch weighs by its
+                # share of them (one micro-batch: weight 1, the mean itself)
+                for mb, w in zip(mbs, action_weights(mbs), strict=True):
                     mb = {k: v.to(parallel.device()) for k, v in mb.items()}
                     cached = prefix_cache.gather(mb) if prefix_cache is not None else None
                     tree = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=ratio) if ratio else None
                     logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
                     loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
-                    (loss / len(mbs)).backward()
-                    for k, v in metrics.items():
-                        sums[k] = sums.get(k, 0.0) + v / len(mbs)
+                    (loss * w).backward()
+                    for k, v in metrics.items():  # value_ce: the step's loss; the others weighed alike
+                        sums[k] = sums.get(k, 0.0) + v * w
                 if cfg.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
                 opt.step()

@@ -32,11 +32,13 @@ import torch
 import torch.distributed as dist
 
 from shiq_train.model import model_chunks, output_stats, stats_inputs, unwrap
-from shiq_train.objectives import compute_loss
+from shiq_train.objectives import TERMS, compute_loss
 from shiq_train.parallel import device
 from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
+LOSS_SUM, WEIGHT = "_loss_sum", "_loss_weight"  # a weighted step's numerator and denominator, not logged
+SUMMED = (TERMS, LOSS_SUM, WEIGHT)  # metrics a step sums over micro-batches and ranks (the rest: means)
 
 
 @dataclass
@@ -192,7 +194,11 @@ def objective_loss_fn(loss_cfg) -> LossFn:
     return fn
 
 
-def _forward_step_func(loss_fn: LossFn):
+def _forward_step_func(loss_fn: LossFn, weighted: bool, unit_weight: bool):
+    """megatron's ``forward_step_func`` for ``loss_fn``. ``weighted`` (``calculate_per_token_loss``): the
+    loss function's mean times its ``loss_terms`` (1 if ``unit_weight``: a step of one micro-batch on one
+    rank, whose mean is already the step's), with that count, megatron's three-value return."""
+
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         # a loss that reads only the actions' statistics: the output layer runs on those positions only
@@ -204,8 +210,17 @@ def _forward_step_func(loss_fn: LossFn):
         def loss_func(output_tensor):
             st = output_stats(model, output_tensor, mb["tokens"], positions)
             loss, metrics = loss_fn(st, mb)
-            # the schedule divides ``loss`` in place by the number of micro-batches: log a clone
-            return loss, {"loss": loss.detach().clone(), **metrics}
+            if not weighted:
+                # the schedule divides ``loss`` in place by the number of micro-batches: log a clone
+                return loss, {"loss": loss.detach().clone(), **metrics}
+            if TERMS not in metrics:
+                raise ValueError(
+                    "train.loss_average=step weighs each micro-batch by the number of terms its loss averages, "
+                    f"but the loss function reports no {TERMS!r} metric"
+                )
+            n = 1 if unit_weight else int(metrics[TERMS])
+            weight = torch.tensor(n, dtype=torch.int, device=loss.device)
+            return loss * n, weight, {**metrics, LOSS_SUM: loss.detach() * n, WEIGHT: n}
 
         return output, loss_func
 
@@ -246,10 +261,21 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     (``shiq_train.model.build_model_chunks``: megatron's interleaved schedule, on micro-batches padded to one
     width by :func:`same_width`).
 
-    ``micro_batches`` are this data-parallel rank's share. Returns ``(loss, metrics)`` on every rank:
-    the mean over micro-batches (and data-parallel ranks) of the loss and of each metric, broadcast
-    from the last pipeline stage. The gradient is that of this rank's mean loss (see
-    :func:`finalize_grads` for the data-parallel mean).
+    ``micro_batches`` are this data-parallel rank's share. What the step's loss is depends on the model's
+    ``config.calculate_per_token_loss`` (the trainer sets it from ``train.loss_average``):
+
+    - True (``step``): the mean over every term of the step (SHIQ_MATH §3): each micro-batch's loss weighs
+      by its ``loss_terms`` (:func:`shiq_train.objectives.compute_loss`: action positions, pairs, groups or
+      trajectories) over all micro-batches and data-parallel ranks. The gradients are those of that mean
+      once :func:`finalize_grads` has summed them over the data-parallel ranks (megatron's DDP: its own
+      finalize, inside the schedule). A step of one micro-batch on one rank weighs it 1: the same numbers,
+      bit for bit, as the mean.
+    - False (``micro_batch``, megatron's default): the mean of the micro-batches' losses (and of the ranks'),
+      each micro-batch weighing the same whatever its number of terms.
+
+    Returns ``(loss, metrics)`` on every rank, broadcast from the last pipeline stage: that loss, ``loss_terms``
+    summed over the step's micro-batches and ranks, and every other metric as the mean over micro-batches
+    and ranks.
     """
     from megatron.core import parallel_state  # heavy: megatron
     from megatron.core.pipeline_parallel import get_forward_backward_func  # heavy: megatron
@@ -263,8 +289,10 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     # activation's shape between pipeline stages before the activation (every stage sees the same batches).
     config = get_model_config(chunks[0] if chunks else model)
     config.variable_seq_lengths = len({tuple(mb["tokens"].shape) for mb in micro_batches}) > 1
+    weighted = bool(getattr(config, "calculate_per_token_loss", False))
+    dp = parallel_state.get_data_parallel_world_size()
     out = get_forward_backward_func()(
-        forward_step_func=_forward_step_func(loss_fn),
+        forward_step_func=_forward_step_func(loss_fn, weighted, unit_weight=len(micro_batches) == 1 and dp == 1),
         data_iterator=[iter(micro_batches) for _ in chunks] if chunks else iter(micro_batches),
         model=model,
         num_microbatches=len(micro_batches),
@@ -273,18 +301,29 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
         forward_only=forward_only,
     )
     keys = sorted(out[0]) if out else []
-    vals = torch.tensor([[float(d[k]) for k in keys] for d in out], dtype=torch.float64).mean(0) if out else None
+    vals = None
+    if out:  # per key: the sum over micro-batches (SUMMED) or their mean
+        vals = torch.tensor([[float(d.get(k, 0)) for k in keys] for d in out], dtype=torch.float64).sum(0)
+        vals /= torch.tensor([1.0 if k in SUMMED else len(out) for k in keys], dtype=torch.float64)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         obj = [(keys, vals)]
         dist.broadcast_object_list(obj, src=src, group=group)
         keys, vals = obj[0]
-    if parallel_state.get_data_parallel_world_size() > 1:  # mean over data-parallel ranks
+    if dp > 1:  # sums over data-parallel ranks; the means' mean
         vals = vals.to(device(), copy=True)  # nccl (the GPU's data-parallel group) reduces device tensors only
         dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-        vals = vals.cpu() / parallel_state.get_data_parallel_world_size()
+        vals = vals.cpu() / torch.tensor([1.0 if k in SUMMED else dp for k in keys], dtype=torch.float64)
     metrics = {k: float(v) for k, v in zip(keys, vals)}
+    if weighted:
+        weight = metrics.pop(WEIGHT)
+        metrics["loss"] = metrics.pop(LOSS_SUM) / weight if weight > 0 else 0.0
+        if not forward_only and config.finalize_model_grads_func is None and weight > 0:
+            # this rank's gradient is of Σ terms; finalize_grads averages over the dp ranks: × dp / Σ weights
+            for p in _parameters(model):
+                if p.grad is not None:
+                    p.grad.mul_(dp / weight)
     return metrics["loss"], metrics
 
 

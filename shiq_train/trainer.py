@@ -32,6 +32,7 @@ from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
 
 REFERENCES = ("precomputed", "online")
+LOSS_AVERAGES = ("step", "micro_batch")
 WANDB_MODES = ("offline", "online")
 WANDB_INSTALL = "pip install 'shiq[wandb]' (the optional extra; or pip install wandb==0.31.0)"
 
@@ -85,7 +86,13 @@ class TrainConfig:
     (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding; a micro-batch whose
     trie would cost more than its rows (they share too little for the trie's dense attention) runs as rows.
     Needs ``padded`` or ``groups`` data from a ``BufferSampler``, tensor and pipeline parallel size 1, no
-    dropout and megatron's local layers (:func:`shiq_train.prefix_tree.check_model`)."""
+    dropout and megatron's local layers (:func:`shiq_train.prefix_tree.check_model`).
+    ``loss_average``: what a step of several micro-batches (or data-parallel ranks) minimises. ``step``
+    (default): the mean over all the step's loss terms (action positions, pairs, groups or trajectories,
+    SHIQ_MATH §3), each micro-batch weighing by its number of terms (megatron's
+    ``calculate_per_token_loss``); ``micro_batch``: the mean of the micro-batches' means, each weighing the
+    same (megatron's default; e.g. one scenario per micro-batch, every scenario counting alike). The same
+    with one micro-batch per step on one rank."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
@@ -97,6 +104,7 @@ class TrainConfig:
     eval_every: int = 0  # 0: never
     cache_frozen_prefix: bool = False
     share_prefixes: bool = False
+    loss_average: str = "step"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -107,6 +115,8 @@ class TrainConfig:
             raise ValueError(f"train.eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.reference not in REFERENCES:
             raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"train.loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
         for name in ("cache_frozen_prefix", "share_prefixes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
@@ -234,6 +244,8 @@ class Trainer:
         if ref_model is not None:
             for chunk in model_chunks(ref_model):
                 chunk.requires_grad_(False)
+        for chunk in model_chunks(model):  # read by forward_backward and, built next, megatron's DDP
+            unwrap(chunk).config.calculate_per_token_loss = cfg.loss_average == "step"
         if opt_cfg.distributed:  # self.model becomes megatron's DDP wrapper (over the parameters trainable now)
             self.model, self.optimizer, self.scheduler = build_distributed(model, opt_cfg)
         else:

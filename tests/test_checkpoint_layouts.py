@@ -174,8 +174,12 @@ def test_tp2xpp2_checkpoint_resumes_in_one_process(runs):
     print("reference", runs["ref_losses"], "\nTP2xPP2 then TP1", got)
     assert _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
     assert sorted(final) == sorted(runs["ref_final"])
+    # AdamW turns a rounding-level difference in a gradient element near 0 into a step of up to 2·lr in that
+    # element (the losses agree to 1e-5): measured 2.6e-5 of the largest weight with the mean of micro-batch
+    # means, 1.1e-4 with the step's mean over its terms (train.loss_average=step, whose gradients equal the
+    # single process's at TP=2 and PP=2 to 1e-5: tests/test_loss_average.py)
     for k in final:
-        assert _rel(final[k], runs["ref_final"][k]) < 1e-4, (k, _rel(final[k], runs["ref_final"][k]))
+        assert _rel(final[k], runs["ref_final"][k]) < 3e-4, (k, _rel(final[k], runs["ref_final"][k]))
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 

@@ -74,7 +74,9 @@ def fit(full, out_dir, steps):
     model = M.build_model(tiny_config())
     M.load_full_parameters(model, full)
     loss_cfg = LossConfig(name="shiq", beta=0.1)
-    cfg = TrainConfig(steps=steps, tensorboard=False, progress=False)
+    # the mean of micro-batch means, as run_steps computes it (the step's mean over its terms, the Trainer's
+    # default, through this optimizer: tests/test_loss_average.py)
+    cfg = TrainConfig(steps=steps, tensorboard=False, progress=False, loss_average="micro_batch")
     trainer = Trainer(model, loss_cfg, OptimizerConfig(**{**OPT.__dict__, "distributed": True}), cfg, out_dir)
     history = trainer.fit(Slice(ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()))
     return [h["loss"] for h in history], local_params(trainer.model)

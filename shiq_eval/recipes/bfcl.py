@@ -358,8 +358,11 @@ def stage_train(ctx: Context, arm: str) -> None:
         model = megatron_policy(ref, logits_chunk_tokens=LOGITS_CHUNK_TOKENS)
         buffer = "buffer_sft" if sft else "buffer"
         cache = ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model)
-        trainer = recipe_trainer(model, cfg, arm, run, ref.config, {"recipe": PROG}, prefix_cache=cache)
-        # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method
+        # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method,
+        # each weighing the same in the step's loss whatever its number of turns (loss_average=micro_batch)
+        trainer = recipe_trainer(
+            model, cfg, arm, run, ref.config, {"recipe": PROG}, prefix_cache=cache, loss_average="micro_batch"
+        )
         sampler = BufferSampler(
             open_buffer(ctx.out / buffer),
             rows_per_micro_batch=group,
