@@ -14,13 +14,17 @@ Stream-format shards are what ``datasets`` writes, so ``datasets.Dataset.from_fi
 ``manifest.json`` (plain JSON)::
 
     {"format": "shiq-replay-buffer", "schema_version": 2, "text_columns": bool,
-     "tokenizer": {"name", "fingerprint", "vocab_size", ...},
+     "tokenizer": {"name", "fingerprint", "pipeline_fingerprint", "vocab_size", ...},
      "rows", "tokens", "action_tokens", "next_group_id",
      "shards": [{"file", "rows", "tokens", "action_tokens", "bytes", "sha256", "has_ref"}],
      "has_ref_stats": bool, "ref_model": {...} | null,
      "ref_stats": {"ref_model": {...}, "done": [shard files with reference columns]} | null,
      "commands": [{"argv", "time", "rows", "shards"}], "created", "updated",
      "retokenized_from": {"path", "fingerprint", ...} (only on a re-tokenised buffer)}
+
+``tokenizer.pipeline_fingerprint`` (:func:`shiq_data.tokenizers.pipeline_fingerprint`: how the tokenizer cuts
+text, which ``fingerprint`` does not see) is absent from buffers written before it was recorded; those are
+checked on ``fingerprint`` alone, and an append keeps them without it.
 
 ``text_columns`` says whether the shards hold the text columns (:data:`shiq_data.schema.TEXT_FIELDS`).
 Version-1 manifests (no text columns) still open, sample, train and validate; their text columns
@@ -80,6 +84,7 @@ from shiq_data.schema import (
     row_has_ref,
 )
 from shiq_data.spill import Spill, remove_stale
+from shiq_data.tokenizers import PIPELINE_FIELD, pipeline_mismatch
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -310,6 +315,10 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
+    if PIPELINE_FIELD in tok and not isinstance(tok[PIPELINE_FIELD], str):  # optional: older buffers lack it
+        raise ValueError(
+            f"{path}: field 'tokenizer.{PIPELINE_FIELD}' must be a string, got {tok[PIPELINE_FIELD]!r:.40}"
+        )
     if "name" not in tok:
         raise ValueError(f"{path}: field 'tokenizer.name' missing")
     if not isinstance(tok["name"], str):
@@ -885,7 +894,8 @@ def append_buffer(
 ) -> Buffer:
     """Add ``rows`` to an existing buffer as new shards; returns the reopened buffer.
 
-    ``tokenizer_info``, when given, must have the buffer's tokenizer fingerprint. New ``group_id`` s
+    ``tokenizer_info``, when given, must have the buffer's tokenizer fingerprint, and its pipeline fingerprint
+    when both record one (a buffer without it keeps none: its old rows' pipeline is unknown). New ``group_id`` s
     are offset by the manifest's ``next_group_id`` so groups stay unique; missing ``row_id`` s become
     ``b<k>-<row_key>`` or ``b<k>-<index>`` for the k-th command (see :func:`write_buffer`), so rows of
     two inputs with the same file name do not clash. The new shards are committed by replacing
@@ -912,6 +922,14 @@ def append_buffer(
                     f"{buffer_dir / MANIFEST}: tokenizer mismatch: the buffer was built with {have['name']!r} "
                     f"(fingerprint {have['fingerprint'][:12]}…), the new rows with {tokenizer_info['name']!r} "
                     f"(fingerprint {tokenizer_info['fingerprint'][:12]}…)"
+                )
+            if pipeline_mismatch(have, tokenizer_info):
+                raise ValueError(
+                    f"{buffer_dir / MANIFEST}: tokenizer mismatch in field 'tokenizer.{PIPELINE_FIELD}': the buffer "
+                    f"was built with {have['name']!r} (pipeline fingerprint {have[PIPELINE_FIELD][:12]}…), the new "
+                    f"rows with {tokenizer_info['name']!r} (pipeline fingerprint "
+                    f"{tokenizer_info[PIPELINE_FIELD][:12]}…): same vocabulary, another pipeline that may split text differently "
+                    "(normalizer, pre-tokenizer, post-processor, decoder or flags such as add_prefix_space)"
                 )
         for entry in manifest["shards"]:
             verify_shard(buffer_dir / entry["file"], entry)

@@ -21,7 +21,7 @@ from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
-from shiq_data.tokenizers import load_tokenizer
+from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer
 from shiq_data.validate import validate_buffer
 
 log = logging.getLogger(__name__)
@@ -203,7 +203,8 @@ def cmd_info(args) -> int:
         f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
         f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
         f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
-        f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}\n"
+        f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}"
+        f"  pipeline {(tok.get(PIPELINE_FIELD) or 'not recorded')[:16]}\n"
         f"system      {_system_summary(tok)}\n"
         f"schema      version {m['schema_version']}, text columns {'yes' if has_text_columns(m) else 'no'}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"
@@ -283,7 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument(
         "--tokenizer",
         default=None,
-        help="tokenizer to load (default: the one the manifest names); its fingerprint must match the buffer's",
+        help="tokenizer to load (default: the one the manifest names); its fingerprint (and pipeline fingerprint, "
+        "when the manifest records one) must match the buffer's",
     )
     a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
     a.add_argument(

@@ -27,6 +27,7 @@ from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer
 from shiq_data.io import atomic_dir
 from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS
+from shiq_data.tokenizers import PIPELINE_FIELD
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -126,7 +127,8 @@ def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
         "",
         f"- rows: {m['rows']}, prompt groups: {groups}",
         f"- tokens: {m['tokens']} (action tokens: {m.get('action_tokens', '?')})",
-        f"- tokenizer: {tok.get('name')} (vocabulary {tok['vocab_size']}, fingerprint {tok['fingerprint']})",
+        f"- tokenizer: {tok.get('name')} (vocabulary {tok['vocab_size']}, fingerprint {tok['fingerprint']}"
+        + (f", pipeline fingerprint {tok[PIPELINE_FIELD]})" if tok.get(PIPELINE_FIELD) else ")"),
         f"- buffer fingerprint: {buffer_fingerprint(m)}",
         f"- text columns: {'yes' if buffer.has_text else 'no (the rows cannot be rebuilt from text)'}",
         f"- data: {files}",

@@ -9,6 +9,14 @@
 The cache lives in ``$SHIQ_CACHE`` (default ``~/.cache/shiq``) and is written atomically.
 The fingerprint is the sha256 of the vocabulary, merges and added tokens as canonical JSON, so it
 does not depend on how the tokenizer files are formatted or which padding settings they carry.
+
+It does not see how text is cut before the merges apply: GPT-2 with and without ``add_prefix_space``
+share it but tokenise ``"hello"`` differently. The pipeline fingerprint (:func:`pipeline_fingerprint`,
+manifest field ``tokenizer.pipeline_fingerprint``) covers that: the normalizer, pre-tokenizer,
+post-processor and decoder, the BPE/WordPiece/Unigram model's options, the added tokens' matching flags
+and the Python tokenizer's flags (``add_prefix_space``, ``add_bos_token``, ...). It is a second field so
+that the first, recorded by every buffer, keeps its value; buffers written before it existed lack it
+and are checked on the first fingerprint alone (:func:`pipeline_mismatch`).
 """
 
 from __future__ import annotations
@@ -80,10 +88,62 @@ def fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# the manifest's tokenizer field holding :func:`pipeline_fingerprint` (absent from buffers written before it)
+PIPELINE_FIELD = "pipeline_fingerprint"
+# sections of tokenizer.json that decide how text is cut into the pieces the model's merges apply to, and
+# how ids become text again
+PIPELINE_SECTIONS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+# flags of the Python tokenizer that change encoding or decoding beyond tokenizer.json (None when absent)
+PIPELINE_FLAGS = (
+    "add_prefix_space",
+    "add_bos_token",
+    "add_eos_token",
+    "clean_up_tokenization_spaces",
+    "split_special_tokens",
+    "do_lower_case",
+    "legacy",
+)
+
+
+def _flag(value):
+    return value if isinstance(value, (bool, int, float, str, type(None))) else repr(value)
+
+
+def pipeline_fingerprint(tokenizer) -> str:
+    """sha256 (canonical JSON) of how ``tokenizer`` turns text into pieces and ids into text: the normalizer,
+    pre-tokenizer, post-processor and decoder of its ``tokenizer.json``, its model's options (not the
+    vocabulary and merges, which :func:`fingerprint` covers), its added tokens' matching flags (``lstrip``,
+    ``rstrip``, ``single_word``, ``normalized``) and the flags :data:`PIPELINE_FLAGS`. Two tokenizers with one
+    :func:`fingerprint` but different pipelines (GPT-2 with and without ``add_prefix_space``) differ here."""
+    content: dict = {"class": None, "flags": {f: _flag(getattr(tokenizer, f, None)) for f in PIPELINE_FLAGS}}
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        content.update({k: spec.get(k) for k in PIPELINE_SECTIONS})
+        content["model"] = {k: v for k, v in spec.get("model", {}).items() if k not in ("vocab", "merges")}
+        content["added"] = sorted(
+            [t["id"], t["content"], *(bool(t.get(k)) for k in ("single_word", "lstrip", "rstrip", "normalized"))]
+            for t in spec.get("added_tokens", [])
+        )
+    else:  # a slow (Python) tokenizer has no tokenizer.json: its class stands for its pipeline
+        content["class"] = f"{type(tokenizer).__module__}.{type(tokenizer).__qualname__}"
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def pipeline_mismatch(recorded: dict, loaded: dict) -> bool:
+    """Whether two tokenizer infos (a manifest's ``tokenizer`` entry, :func:`load_tokenizer`'s info) both
+    record a pipeline fingerprint and the two differ. A buffer written before the field existed records
+    none and is checked on :func:`fingerprint` alone."""
+    a, b = recorded.get(PIPELINE_FIELD), loaded.get(PIPELINE_FIELD)
+    return a is not None and b is not None and a != b
+
+
 def load_tokenizer(name_or_path: str):
     """``(tokenizer, info)`` for ``gpt2``, ``smollm2`` or a local Hugging Face tokenizer folder.
 
-    ``info`` = ``{name, fingerprint, vocab_size, eos_id, pad_id, system_prompt}`` (``pad_id`` falls back to
+    ``info`` = ``{name, fingerprint, pipeline_fingerprint, vocab_size, eos_id, pad_id, system_prompt}``
+    (:func:`fingerprint`, :func:`pipeline_fingerprint`; ``pad_id`` falls back to
     the eos id when the tokenizer has no pad token, as for GPT-2; ``system_prompt`` is
     ``{"setting": "template", "text": the chat template's default system text or None}``).
     """
@@ -108,7 +168,14 @@ def load_tokenizer(name_or_path: str):
         name = str(folder.resolve())
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    info = {"name": name, "fingerprint": fingerprint(tok), "vocab_size": len(tok), "eos_id": eos, "pad_id": pad}
+    info = {
+        "name": name,
+        "fingerprint": fingerprint(tok),
+        PIPELINE_FIELD: pipeline_fingerprint(tok),
+        "vocab_size": len(tok),
+        "eos_id": eos,
+        "pad_id": pad,
+    }
     # The system turn the chat template gives conversations without one (shiq_data.chat.set_system_prompt).
     info["system_prompt"] = {"setting": "template", "text": template_system_prompt(tok)}
     return tok, info

@@ -9,8 +9,9 @@ replacement: ``min_i(rows_i * sum(w) / w_i)``.
 
 The output's group ids are ``0, 1, ...`` in order of appearance, one per (input, group, copy), so no two
 inputs (or copies) share one; row ids become ``m<i>-<row id>`` (``m<i>-<row id>-copy<k>`` for the k-th
-repeat). All inputs must share a tokenizer fingerprint and a system prompt setting, and all keep text
-columns or none does. Reference statistics are kept when every input has them from the same reference
+repeat). All inputs must share a tokenizer fingerprint (and pipeline fingerprint, among those recording one:
+the mix records it only when every input does) and a system prompt setting, and all keep text columns or
+none does. Reference statistics are kept when every input has them from the same reference
 model, and dropped otherwise (the result says so).
 
 Memory is bounded, not proportional to the inputs: each input's group ids go to a temporary Parquet table
@@ -33,6 +34,7 @@ from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
 from shiq_data.schema import REF_FIELDS
 from shiq_data.spill import Spill
+from shiq_data.tokenizers import PIPELINE_FIELD
 
 CHUNK = 1 << 20  # groups read at a time from the memory-mapped arrays
 
@@ -157,6 +159,17 @@ def mix_buffers(
             raise ValueError(
                 f"{s.path / MANIFEST}: rendered with {_describe(a)}, {first.path} with "
                 f"{_describe(b)}; only buffers of one system prompt setting can be mixed"
+            )
+    # buffers written before the pipeline fingerprint was recorded lack it: the others must agree on it
+    piped = [s for s in sources if s.pipeline_fingerprint is not None]
+    for s in piped[1:]:
+        if s.pipeline_fingerprint != piped[0].pipeline_fingerprint:
+            p = piped[0]
+            raise ValueError(
+                f"{s.path / MANIFEST}: field 'tokenizer.{PIPELINE_FIELD}': tokenizer "
+                f"{s.manifest['tokenizer'].get('name')!r} (pipeline fingerprint {s.pipeline_fingerprint[:12]}…) "
+                f"has another pipeline (it may split text differently) than {p.path}'s {p.manifest['tokenizer'].get('name')!r} "
+                f"(pipeline fingerprint {p.pipeline_fingerprint[:12]}…); only buffers of one tokenizer can be mixed"
             )
     with Spill(out) as spill:
         return _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill)

@@ -9,6 +9,7 @@ import pyarrow as pa
 
 from shiq_data.buffer import Buffer, write_buffer
 from shiq_data.curate.rows import CurationSource
+from shiq_data.tokenizers import PIPELINE_FIELD
 
 
 def refuse_existing(out) -> Path:
@@ -33,13 +34,18 @@ def write_curated(
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
     tokenizer, the first parent's text setting (text columns or none), shards as large as its first shard,
     and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
-    row, so the ``rows`` iterator may still add its counts to ``curation``)."""
+    row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
+    fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
+    pipeline)."""
     first = parents[0].manifest
+    tokenizer_info = dict(first["tokenizer"])
+    if any(p.pipeline_fingerprint is None for p in parents):
+        tokenizer_info.pop(PIPELINE_FIELD, None)
     shard_rows = max(first["shards"][0]["rows"], 1) if first["shards"] else 4096
     return write_buffer(
         rows,
         out,
-        tokenizer_info=first["tokenizer"],
+        tokenizer_info=tokenizer_info,
         command=command,
         shard_rows=shard_rows,
         progress=progress,

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from shiq_data.buffer import MANIFEST, open_buffer, read_shard
 from shiq_data.schema import REF_FIELDS
-from shiq_data.tokenizers import load_tokenizer
+from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 
 # the text columns of schema version 2, when a shard has them
 TEXT_FIELDS = ("prompt", "completion", "reward", "turn_rewards", "extra")
@@ -134,18 +134,28 @@ class CurationSource:
     def fingerprint(self) -> str:
         return self.manifest["tokenizer"]["fingerprint"]
 
+    @property
+    def pipeline_fingerprint(self) -> str | None:
+        """The tokenizer's pipeline fingerprint, None for a buffer written before it was recorded."""
+        return self.manifest["tokenizer"].get(PIPELINE_FIELD)
+
     def parent(self) -> dict:
-        """This buffer as a ``parents`` entry: resolved path, sha256 of its manifest, rows, tokenizer fingerprint."""
-        return {
+        """This buffer as a ``parents`` entry: resolved path, sha256 of its manifest, rows, tokenizer fingerprint
+        (and pipeline fingerprint, when the buffer records one)."""
+        entry = {
             "path": str(self.path.resolve()),
             "manifest_sha256": self.manifest_sha256,
             "rows": len(self),
             "tokenizer_fingerprint": self.fingerprint,
         }
+        if self.pipeline_fingerprint is not None:
+            entry["tokenizer_pipeline_fingerprint"] = self.pipeline_fingerprint
+        return entry
 
     @property
     def tokenizer(self):
-        """The buffer's tokenizer (loaded on first use), checked against the manifest's fingerprint."""
+        """The buffer's tokenizer (loaded on first use), checked against the manifest's fingerprint and its
+        pipeline fingerprint (when the manifest records one)."""
         if self._tokenizer is None:
             name = self.manifest["tokenizer"].get("name", "")
             try:
@@ -156,6 +166,12 @@ class CurationSource:
                 raise ValueError(
                     f"{self.path / MANIFEST}: tokenizer {name!r} loads with fingerprint {info['fingerprint'][:12]}…, "
                     f"the buffer records {self.fingerprint[:12]}…"
+                )
+            if pipeline_mismatch(self.manifest["tokenizer"], info):
+                raise ValueError(
+                    f"{self.path / MANIFEST}: field 'tokenizer.{PIPELINE_FIELD}': tokenizer {name!r} loads with "
+                    f"pipeline fingerprint {info[PIPELINE_FIELD][:12]}…, the buffer records "
+                    f"{self.pipeline_fingerprint[:12]}… (same vocabulary, another pipeline: it may split text differently)"
                 )
             self._tokenizer = tok
         return self._tokenizer
