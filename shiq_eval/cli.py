@@ -18,7 +18,8 @@ prompts and scorer as content hashes) is in every row; results are comparable on
 agree. Every policy is sampled on the same prompts with the same seed, scored, and compared with the
 reference (the runs' initial model) by both KL estimators. Means come with their standard error over prompts
 (a prompt's samples averaged first: they are not independent draws). Outputs in --out: results.csv, results.json
-(every completion's reward and KL, a few sample completions), suite.json, reward_vs_kl.png,
+(every completion's reward and KL, a few sample completions; with the bfcl scorer also each prompt's scenario,
+its BFCL entry id, for standard errors clustered by scenario), suite.json, reward_vs_kl.png,
 reward_vs_step.png.
 
 With --guide VALUE_DIR --beta B, the reference guided by a Q♯ value model (trained by shiq-train
@@ -424,10 +425,12 @@ def run(args) -> list[dict]:
     prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
     if suite.scorer == "reward_model":
         check_reward_model_file(suite.reward_model)
+    scenarios = None  # BFCL: each prompt's (turn's) scenario, its entry id, so standard errors can be clustered
     if suite.scorer == "bfcl":
+        scenarios = []
         for i, ref in enumerate(shown):
             try:
-                parse_turn_ref(ref)
+                scenarios.append(parse_turn_ref(ref)[0])
             except ValueError as e:
                 raise EvalInputError(f"{suite.prompts}, prompt {i + 1}: scorer_prompt {e}") from None
     scorer = suite_scorer(suite)
@@ -456,6 +459,8 @@ def run(args) -> list[dict]:
         "temperature": sampling.temperature,  # J (SHIQ_MATH §9) is a policy's only at temperature 1
         "kl_estimator": suite.kl_estimator,
     }
+    if scenarios is not None:  # [P], prompt order: the leaderboard clusters by scenario (SHIQ_MATH §9)
+        common[leaderboard.SCENARIO_IDS] = scenarios
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     kw = dict(
         max_new_tokens=sampling.max_new_tokens,
@@ -578,9 +583,13 @@ averaged first). J is left out, with a note, for results sampled at a temperatur
 reward is then the tempered policy's, the KL the model's own). For each pair of runs on the same prompts
 (same prompts SHA-256), at each run's last step: the paired difference of reward and of J, a - b, with
 its standard error over prompts; the J difference only when both runs have the same beta (or one is the
-reference): at two betas J is two objectives. Rows with the same run label and step from several folders
-must be the same model (same weights SHA-256); they appear once. A Q♯ row (--guide) is labelled with
-its decoding beta and top-k, so a sweep over them keeps one row per setting.
+reference): at two betas J is two objectives. BFCL turns (scorer bfcl) are not independent: the standard
+errors, and those of the differences, are clustered by scenario (SHIQ_MATH §9) from the scenario ids that
+results.json keeps per turn; BFCL results written before these were recorded get the plain per-turn
+standard error, marked "not clustered" (column stderr_note and in the Markdown and HTML). Rows with the
+same run label and step from several folders must be the same model (same weights SHA-256); they appear
+once. A Q♯ row (--guide) is labelled with its decoding beta and top-k, so a sweep over them keeps one row
+per setting.
 
 Results of different suites (fingerprints) are not comparable and are refused, naming both files,
 unless --allow-mixed. Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html

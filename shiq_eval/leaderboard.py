@@ -13,6 +13,15 @@ paired difference ``a − b`` of reward and of ``J`` with its standard error
 reference, whose ``J`` is its reward at any ``β``): ``J`` at two ``β`` is two objectives (SHIQ_MATH §9).
 Rows of different suites (fingerprints) are refused unless mixing is asked for.
 
+BFCL turns (scorer ``bfcl``, one prompt per turn of a multi-turn scenario) are not independent: a scenario's
+turns share its functions and state. When the results keep each turn's scenario (``scenario_ids``, one BFCL
+entry id per prompt, written by ``shiq-eval run`` for the ``bfcl`` scorer), every standard error, of the
+table and of the paired differences, is clustered by scenario (SHIQ_MATH §9,
+:func:`shiq_eval.optimum.clustered_mean_stderr`, the estimator of ``shiq-bfcl``'s report). Results of one
+suite and prompt set name the same turns, so their scenario ids are shared by every row of that prompt set.
+BFCL results written before the ids were recorded keep the plain per-turn standard error, and their
+``stderr_note`` (and the Markdown/HTML) says it is not clustered.
+
 Outputs: ``leaderboard.csv``, ``pairs.csv``, ``leaderboard.md``, ``leaderboard.html`` (self-contained:
 the plots are embedded as PNG), ``reward_vs_kl.png``, ``reward_vs_step.png``, ``j_vs_step.png``.
 """
@@ -28,10 +37,17 @@ import math
 from pathlib import Path
 
 from shiq_data.io import atomic_write_text
-from shiq_eval.optimum import j_per_prompt, mean_stderr, paired_difference, per_prompt
+from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
 RESULTS = "results.json"
+SUITE = "suite.json"  # written beside results.json by shiq-eval run: the suite's content (its scorer)
+# optional results.json field: the scenario (BFCL entry id) of each prompt (turn), in prompt order
+SCENARIO_IDS = "scenario_ids"
+NOT_CLUSTERED = (
+    "not clustered: these BFCL results keep no scenario ids (written before they were recorded), so the "
+    "standard errors treat every turn as independent and are too small if a scenario's turns are correlated"
+)
 # what a results.json row must hold to be ranked (shiq-eval run writes all of them)
 REQUIRED = (
     "run",
@@ -66,6 +82,7 @@ COLUMNS = [
     "J",
     "J_stderr",
     "J_note",
+    "stderr_note",
     "model_sha256",
     "prompt_set_sha256",
     "suite_sha256",
@@ -83,14 +100,28 @@ PAIR_COLUMNS = [
     "J_diff",
     "J_diff_stderr",
     "J_note",
+    "stderr_note",
     "prompt_set_sha256",
     "suite_sha256",
 ]
 
 
+def suite_scorer(path: Path) -> tuple[str, str] | None:
+    """``(suite_sha256, scorer)`` of the ``suite.json`` at ``path`` (None when there is none or it cannot be
+    read): how a BFCL result row written before rows kept their scenario ids is told from results whose
+    prompts are independent."""
+    try:
+        suite = json.loads(path.read_text(encoding="utf-8"))
+        return str(suite["sha256"]), str(suite["content"]["scorer"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
 def read_results(folders) -> list[dict]:
     """Every row of ``FOLDER/results.json`` (or of the JSON file itself) of each folder, with its ``source``
-    file; a row without the fields of :data:`REQUIRED` is refused naming the file and row."""
+    file and, when the row does not name it, its ``scorer`` from the ``suite.json`` beside it if that is the
+    row's suite (:func:`suite_scorer`; else None); a row without the fields of :data:`REQUIRED` is refused
+    naming the file and row."""
     rows = []
     for folder in folders:
         path = Path(folder)
@@ -103,6 +134,7 @@ def read_results(folders) -> list[dict]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")
+        suite = suite_scorer(path.parent / SUITE)
         for i, row in enumerate(data):
             missing = [k for k in REQUIRED if k not in row]
             if missing:
@@ -110,7 +142,8 @@ def read_results(folders) -> list[dict]:
                     f"{path}: row {i} has no {missing} (written before runs had labels and suites?): rerun "
                     "shiq-eval run on its checkpoints"
                 )
-            rows.append({**row, "source": str(path)})
+            scorer = suite[1] if suite is not None and suite[0] == row["suite_sha256"] else None
+            rows.append({"scorer": scorer, **row, "source": str(path)})
     return rows
 
 
@@ -146,10 +179,54 @@ def temperature_of(row: dict) -> float:
     return 1.0 if t is None else float(t)
 
 
-def summarize(row: dict) -> tuple[dict, dict]:
+def scenario_ids(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
+    """The scenario of each prompt (``scenario_ids``, ``[P]``) per ``(suite_sha256, prompt_set_sha256)``, from
+    the rows that keep them: one suite's prompt set is one list of turns (the prompts' SHA-256 covers the
+    ``ENTRY_ID:TURN`` scorer prompts), so rows of it that keep no ids (older files) share them; the clusters of
+    the standard errors (SHIQ_MATH §9). Two rows of one prompt set naming different scenarios, or ids that are
+    not a list of strings, are refused naming the files."""
+    out, where = {}, {}
+    for row in rows:
+        ids = row.get(SCENARIO_IDS)
+        if ids is None:
+            continue
+        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
+            raise ValueError(
+                f"{row['source']}: run {row['run']!r} step {row['step']}: {SCENARIO_IDS} must be a list of strings"
+            )
+        key = (row["suite_sha256"], row["prompt_set_sha256"])
+        if key in out and out[key] != ids:
+            raise ValueError(
+                f"{where[key]} and {row['source']}: the same prompts (SHA-256 {key[1][:12]}) with different "
+                f"{SCENARIO_IDS}: one of the files was edited"
+            )
+        out[key], where[key] = ids, row["source"]
+    return out
+
+
+def mean_se(values, scenarios: list[str] | None) -> tuple[float, float]:
+    """Mean of per-prompt values ``[P]`` and its standard error (SHIQ_MATH §9): over prompts
+    (:func:`shiq_eval.optimum.mean_stderr`) or, given each prompt's scenario (``[P]``), clustered by scenario
+    (:func:`shiq_eval.optimum.clustered_mean_stderr`)."""
+    return mean_stderr(values) if scenarios is None else clustered_mean_stderr(values, scenarios)
+
+
+def stderr_note(row: dict, scenarios: list[str] | None) -> str:
+    """How a row's standard errors were computed, when not simply over independent prompts (SHIQ_MATH §9):
+    clustered by scenario (with the number of scenarios), or, for BFCL turns without scenario ids,
+    :data:`NOT_CLUSTERED`; "" otherwise."""
+    if scenarios is not None:
+        g = len(set(scenarios))
+        return f"clustered by scenario ({g} scenario{'s' if g != 1 else ''})"
+    return NOT_CLUSTERED if row.get("scorer") == "bfcl" else ""
+
+
+def summarize(row: dict, scenarios: list[str] | None = None) -> tuple[dict, dict]:
     """``(table row, per-prompt values)`` of one result row: reward, KL (its suite's estimator) and ``J``
-    (SHIQ_MATH §9) with standard errors over prompts; per-prompt arrays ``[P]``. ``J`` is None, with a
-    ``J_note`` saying why, without a ``β`` or when the samples were drawn at a temperature other than 1."""
+    (SHIQ_MATH §9) with standard errors over prompts, or clustered by scenario given each prompt's scenario
+    (``scenarios [P]``: BFCL turns, SHIQ_MATH §9; :func:`mean_se`); per-prompt arrays ``[P]`` and the
+    ``scenarios``. ``J`` is None, with a ``J_note`` saying why, without a ``β`` or when the samples were drawn at
+    a temperature other than 1; ``stderr_note`` says how the standard errors were computed (:func:`stderr_note`)."""
     k = int(row["samples_per_prompt"])
     kls = row["kls_exact"] if row["kl_estimator"] == "exact" else row["kls_sample"]
     where = f"{row['source']}: run {row['run']!r} step {row['step']}"
@@ -157,6 +234,8 @@ def summarize(row: dict) -> tuple[dict, dict]:
         reward, kl = per_prompt(row["rewards"], k), per_prompt(kls, k)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+    if scenarios is not None and len(scenarios) != reward.size:
+        raise ValueError(f"{where}: {len(scenarios)} {SCENARIO_IDS} for {reward.size} prompts")
     temperature = temperature_of(row)
     note = ""
     if temperature != 1.0:  # the reward of the tempered policy, the KL of the untempered one: no policy's J
@@ -172,10 +251,11 @@ def summarize(row: dict) -> tuple[dict, dict]:
     out["temperature"] = temperature
     out["J_note"] = note
     out["prompts"] = int(reward.size)
-    out["reward_mean"], out["reward_stderr"] = mean_stderr(reward)
-    out["kl"], out["kl_stderr"] = mean_stderr(kl)
-    out["J"], out["J_stderr"] = mean_stderr(j) if j is not None else (None, None)
-    return out, {"reward": reward, "J": j}
+    out["stderr_note"] = stderr_note(row, scenarios)
+    out["reward_mean"], out["reward_stderr"] = mean_se(reward, scenarios)
+    out["kl"], out["kl_stderr"] = mean_se(kl, scenarios)
+    out["J"], out["J_stderr"] = mean_se(j, scenarios) if j is not None else (None, None)
+    return out, {"reward": reward, "J": j, "scenarios": scenarios}
 
 
 def _order(row: dict) -> tuple:
@@ -195,8 +275,11 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
     """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
     in suite, loss, β, run, step order (the run as :func:`run_label` gives it: a Q♯ row's with its β and
     top-k); the pairs every two runs of one suite on the same prompts, each at its last step, ``a − b`` with
-    ``b`` the earlier in table order, the ``J`` difference only at one ``β`` (:func:`j_comparable`)."""
+    ``b`` the earlier in table order, the ``J`` difference only at one ``β`` (:func:`j_comparable`). Standard
+    errors, and those of the differences (paired by prompt), are clustered by scenario where the prompt set's
+    scenario ids are known (:func:`scenario_ids`; SHIQ_MATH §9)."""
     check_suites(rows, allow_mixed)
+    ids = scenario_ids(rows)
     seen, table, values = {}, [], []
     for row in rows:
         label = run_label(row)
@@ -210,7 +293,7 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                 )
             continue
         seen[key] = row
-        t, v = summarize(row)
+        t, v = summarize(row, ids.get((row["suite_sha256"], row["prompt_set_sha256"])))
         table.append(t)
         values.append(v)
     order = sorted(range(len(table)), key=lambda i: _order(table[i]))
@@ -236,13 +319,15 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                 "prompts": ta["prompts"],
                 "prompt_set_sha256": ta["prompt_set_sha256"],
                 "suite_sha256": ta["suite_sha256"],
+                "stderr_note": ta["stderr_note"],  # one prompt set: the same scenarios (or none) for a and b
             }
+            clusters = values[a]["scenarios"]
             pair["reward_diff"], pair["reward_diff_stderr"] = paired_difference(
-                values[a]["reward"], values[b]["reward"]
+                values[a]["reward"], values[b]["reward"], clusters
             )
             note = j_comparable(ta, tb)
             if not note:
-                pair["J_diff"], pair["J_diff_stderr"] = paired_difference(values[a]["J"], values[b]["J"])
+                pair["J_diff"], pair["J_diff_stderr"] = paired_difference(values[a]["J"], values[b]["J"], clusters)
             else:
                 pair["J_diff"], pair["J_diff_stderr"] = None, None
             pair["J_note"] = note
@@ -302,6 +387,18 @@ def _pair_cells(p: dict) -> list[str]:
     ]
 
 
+def _stderr_line(rows: list[dict]) -> str:
+    """What the standard errors of a suite's rows are (SHIQ_MATH §9), when not simply over prompts."""
+    notes = [n for n in dict.fromkeys(t["stderr_note"] for t in rows) if n]
+    return f"Standard errors (and those of the differences): {'; '.join(notes)}." if notes else ""
+
+
+def _pairing(rows: list[dict]) -> str:
+    """How a suite's paired differences are formed and their standard errors computed (SHIQ_MATH §9)."""
+    clustered = all(t["stderr_note"].startswith("clustered") for t in rows)
+    return "paired by turn, clustered by scenario" if clustered else "paired by prompt"
+
+
 def _groups(table: list[dict], pairs: list[dict]):
     """``(title, table rows, pairs)`` per suite fingerprint, in table order."""
     out = []
@@ -325,9 +422,12 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):
-        lines += [f"## {title}", ""] + md_table(HEADER, [_cells(t) for t in rows]) + [""]
+        lines += [f"## {title}", ""]
+        if _stderr_line(rows):
+            lines += [_stderr_line(rows), ""]
+        lines += md_table(HEADER, [_cells(t) for t in rows]) + [""]
         if group_pairs:
-            lines += ["Paired differences (each run's last step; a − b paired by prompt):", ""]
+            lines += [f"Paired differences (each run's last step; a − b {_pairing(rows)}):", ""]
             lines += md_table(PAIR_HEADER, [_pair_cells(p) for p in group_pairs]) + [""]
     return "\n".join(lines)
 
@@ -349,9 +449,11 @@ def html_page(table: list[dict], pairs: list[dict], images: dict[str, bytes]) ->
     ]
     for title, rows, group_pairs in _groups(table, pairs):
         parts.append(f"<h2>{html.escape(title)}</h2>")
+        if _stderr_line(rows):
+            parts.append(f"<p>{html.escape(_stderr_line(rows))}</p>")
         parts.append(html_table(HEADER, [_cells(t) for t in rows]))
         if group_pairs:
-            parts.append("<p>Paired differences (each run's last step; a − b paired by prompt):</p>")
+            parts.append(f"<p>Paired differences (each run's last step; a − b {html.escape(_pairing(rows))}):</p>")
             parts.append(html_table(PAIR_HEADER, [_pair_cells(p) for p in group_pairs]))
     for name, data in images.items():
         encoded = base64.b64encode(data).decode("ascii")

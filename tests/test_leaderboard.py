@@ -407,3 +407,121 @@ def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     assert (t["temperature"] == 1.0).all()
     assert t.loc["a", "J"] == pytest.approx(np.mean(np.asarray(r) - 0.5 * np.asarray(kl)))
     assert t.loc["reference", "J"] == pytest.approx(np.mean(ref_r))
+
+
+def clustered_se_pd(values, scenarios) -> float:
+    """Standard error of the mean of per-turn values clustered by scenario (SHIQ_MATH §9), by hand from the
+    scenarios' means and sizes: ``se² = G/(G−1) · Σ_c n_c² (m_c − v̄)² / N²``."""
+    df = pd.DataFrame({"scenario": scenarios, "v": np.asarray(values, dtype=np.float64)})
+    by = df.groupby("scenario")["v"].agg(["mean", "size"])
+    g, n = len(by), len(df)
+    return math.sqrt(g / (g - 1) * float(((by["size"] * (by["mean"] - df["v"].mean())) ** 2).sum())) / n
+
+
+def bfcl_rows(with_ids: bool):
+    """Result rows of a BFCL suite (scorer bfcl): 12 turns of 4 scenarios of 3, 2, 4 and 3 turns, 2 samples per
+    turn; rewards and KLs that move together within a scenario, so clustering matters. Also the per-turn values
+    (a turn's samples averaged), the turns' scenarios and each run's β."""
+    scenarios = ["multi_turn_base_6"] * 3 + ["multi_turn_base_9"] * 2 + ["multi_turn_base_13"] * 4
+    scenarios += ["multi_turn_base_17"] * 3
+    level = {"multi_turn_base_6": 0.9, "multi_turn_base_9": 0.1, "multi_turn_base_13": 0.8, "multi_turn_base_17": 0.0}
+    rng = np.random.default_rng(0)
+    runs = {"reference": (0.0, None), "a": (0.1, 0.5), "b": (-0.2, 0.5)}
+    rows, turn = [], {}
+    for name, (shift, beta) in runs.items():
+        base = np.array([level[s] for s in scenarios]) + shift * np.array([level[s] > 0.5 for s in scenarios])
+        r = np.repeat(base, K) + rng.normal(0, 0.05, 12 * K)  # [turns * K], turn-major
+        kl = 0.0 * r if name == "reference" else np.repeat(2 * base, K) + rng.uniform(0, 0.1, 12 * K)
+        extra = {"scenario_ids": scenarios} if with_ids else {}
+        row = result_row(name, 0 if name == "reference" else 5, f"m{name}", r.tolist(), kl.tolist(), **extra)
+        row |= {"samples_per_prompt": K, "kl_estimator": "exact", "kls_exact": kl.tolist(), "beta": beta}
+        rows.append(row)
+        r_t, kl_t = r.reshape(-1, K).mean(1), kl.reshape(-1, K).mean(1)
+        turn[name] = {"reward": r_t, "kl": kl_t, "J": r_t if beta is None else r_t - beta * kl_t}
+    return rows, turn, scenarios
+
+
+def write_bfcl_results(folder, rows, suite_json: bool = True):
+    """``results.json`` and (as shiq-eval run writes it) the ``suite.json`` of the bfcl scorer beside it."""
+    out = write_results(folder, rows)
+    if suite_json:
+        suite = {"name": "s", "file": None, "sha256": "a" * 64, "content": {"scorer": "bfcl", "name": "s"}}
+        (folder / "suite.json").write_text(json.dumps(suite))
+    return out
+
+
+def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
+    """BFCL results that keep each turn's scenario (scenario_ids, as shiq-eval run writes them for the bfcl
+    scorer): every standard error, of the table and of the paired differences, equals the clustered one computed
+    here with pandas from the scenarios' means (SHIQ_MATH §9), which is materially larger than the per-turn one
+    here; the same results written before the ids were recorded keep the per-turn standard error, marked not
+    clustered; beside a file of the same prompts that keeps them, they share its ids."""
+    rows, turn, scenarios = bfcl_rows(with_ids=True)
+    out = tmp_path / "board"
+    assert eval_cli.main(["leaderboard", write_bfcl_results(tmp_path / "new", rows), "--out", str(out)]) == 0
+    t = pd.read_csv(out / "leaderboard.csv").set_index("run")
+    for name, v in turn.items():
+        row = t.loc[name]
+        assert row["prompts"] == 12
+        for col, key in (("reward_mean", "reward"), ("kl", "kl"), ("J", "J")):
+            assert row[col] == pytest.approx(v[key].mean(), abs=1e-12)
+        assert row["reward_stderr"] == pytest.approx(clustered_se_pd(v["reward"], scenarios), rel=1e-9)
+        assert row["J_stderr"] == pytest.approx(clustered_se_pd(v["J"], scenarios), rel=1e-9)
+        if name != "reference":
+            assert row["kl_stderr"] == pytest.approx(clustered_se_pd(v["kl"], scenarios), rel=1e-9)
+        assert row["reward_stderr"] > 1.5 * se_np(v["reward"])  # clustering matters here
+        assert row["stderr_note"] == "clustered by scenario (4 scenarios)"
+    pairs = pd.read_csv(out / "pairs.csv")
+    assert len(pairs) == 3
+    for _, p in pairs.iterrows():
+        a, b = turn[p["run_a"]], turn[p["run_b"]]
+        for col, key in (("reward_diff", "reward"), ("J_diff", "J")):
+            d = a[key] - b[key]
+            assert p[col] == pytest.approx(d.mean(), abs=1e-12)
+            assert p[col + "_stderr"] == pytest.approx(clustered_se_pd(d, scenarios), rel=1e-9)
+        assert p["stderr_note"] == "clustered by scenario (4 scenarios)"
+    ab = pairs[(pairs["run_a"] == "b") & (pairs["run_b"] == "a")].iloc[0]
+    d = turn["b"]["reward"] - turn["a"]["reward"]
+    assert ab["reward_diff_stderr"] > 1.5 * se_np(d)  # a − b, paired by turn: still correlated within scenarios
+    md = (out / "leaderboard.md").read_text()
+    assert "clustered by scenario (4 scenarios)" in md and "a − b paired by turn, clustered by scenario" in md
+    assert "clustered by scenario" in (out / "leaderboard.html").read_text()
+
+    # the same results written before scenario ids were recorded: per-turn standard errors, marked
+    old_rows = [{k: v for k, v in r.items() if k != "scenario_ids"} for r in rows]
+    old = write_bfcl_results(tmp_path / "old", old_rows)
+    assert eval_cli.main(["leaderboard", old, "--out", str(tmp_path / "old_board")]) == 0
+    t = pd.read_csv(tmp_path / "old_board" / "leaderboard.csv").set_index("run")
+    pairs = pd.read_csv(tmp_path / "old_board" / "pairs.csv")
+    for name, v in turn.items():
+        assert t.loc[name, "reward_stderr"] == pytest.approx(se_np(v["reward"]), rel=1e-9)
+        assert t.loc[name, "J_stderr"] == pytest.approx(se_np(v["J"]), rel=1e-9)
+        assert t.loc[name, "stderr_note"].startswith("not clustered")
+    for _, p in pairs.iterrows():
+        d = turn[p["run_a"]]["J"] - turn[p["run_b"]]["J"]
+        assert p["J_diff_stderr"] == pytest.approx(se_np(d), rel=1e-9) and p["stderr_note"].startswith("not clustered")
+    md = (tmp_path / "old_board" / "leaderboard.md").read_text()
+    assert "not clustered: these BFCL results keep no scenario ids" in md and "a − b paired by prompt" in md
+    # results of another scorer (no suite.json naming bfcl) need no such note
+    plain = write_bfcl_results(tmp_path / "plain", old_rows, suite_json=False)
+    assert eval_cli.main(["leaderboard", plain, "--out", str(tmp_path / "plain_board")]) == 0
+    assert pd.read_csv(tmp_path / "plain_board" / "leaderboard.csv")["stderr_note"].isna().all()
+    assert "clustered" not in (tmp_path / "plain_board" / "leaderboard.md").read_text()
+
+    # an old file beside a new one of the same prompts: the same turns, so the same scenarios
+    both = tmp_path / "both"
+    newer = write_bfcl_results(tmp_path / "newer", [r | {"run": "c", "model_sha256": "mc"} for r in rows[1:2]])
+    assert eval_cli.main(["leaderboard", old, newer, "--out", str(both)]) == 0
+    t = pd.read_csv(both / "leaderboard.csv").set_index("run")
+    assert (t["stderr_note"] == "clustered by scenario (4 scenarios)").all()
+    assert t.loc["b", "reward_stderr"] == pytest.approx(clustered_se_pd(turn["b"]["reward"], scenarios), rel=1e-9)
+    # ids that disagree on the same prompts, or that do not match the turns, are refused naming the files
+    capsys.readouterr()
+    edited = [r | {"scenario_ids": scenarios[::-1]} for r in rows[1:2]]
+    edited = write_bfcl_results(tmp_path / "edited", [r | {"run": "c", "model_sha256": "mc"} for r in edited])
+    assert eval_cli.main(["leaderboard", newer, edited, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "with different scenario_ids" in err and str(tmp_path / "edited" / "results.json") in err
+    short = write_bfcl_results(tmp_path / "short", [r | {"scenario_ids": scenarios[:-1]} for r in rows])
+    assert eval_cli.main(["leaderboard", short, "--out", str(tmp_path / "x")]) == 2
+    assert "11 scenario_ids for 12 prompts" in capsys.readouterr().err

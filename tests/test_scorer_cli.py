@@ -129,3 +129,26 @@ def test_bfcl_turn_scorer_and_prompts(tmp_path):
     assert scorer(refs, truth[1:] + truth[:1]) == [0.0] * n  # another turn's calls
     with pytest.raises(ValueError, match="multi_turn_base_0:99"):
         scorer(["multi_turn_base_0:99"], [truth[0]])
+
+
+def test_bfcl_results_keep_each_turn_s_scenario(tmp_path, init):
+    """shiq-eval run with the bfcl scorer keeps each prompt's (turn's) scenario, its entry id, in prompt order
+    (scenario_ids, one per prompt, not per sample), beside the fields older files have; the leaderboard of
+    those results clusters its standard errors by scenario (its numbers: tests/test_leaderboard.py)."""
+    import pandas as pd
+
+    refs = ["multi_turn_base_0:0", "multi_turn_base_1:0", "multi_turn_base_0:1", "multi_turn_base_0:2"]
+    prompts = tmp_path / "turns.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"w{i} w{i + 1}", "scorer_prompt": r}) + "\n" for i, r in enumerate(refs, 3))
+    )
+    args = ["run", str(init), "--reference", str(init), "--out", str(tmp_path / "eval"), "--prompts", str(prompts)]
+    args += ["--scorer", "bfcl", "--max-new-tokens", "3", "--samples-per-prompt", "2", "--quiet"]
+    assert eval_cli.main(args) == 0
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    want = ["multi_turn_base_0", "multi_turn_base_1", "multi_turn_base_0", "multi_turn_base_0"]
+    assert len(rows) == 2 and all(r["scenario_ids"] == want for r in rows)
+    assert all(len(r["rewards"]) == 2 * len(refs) and {"rewards", "kls_exact", "kls_sample"} <= set(r) for r in rows)
+    assert eval_cli.main(["leaderboard", str(tmp_path / "eval"), "--out", str(tmp_path / "board")]) == 0
+    table = pd.read_csv(tmp_path / "board" / "leaderboard.csv")
+    assert (table["stderr_note"] == "clustered by scenario (2 scenarios)").all()
