@@ -11,6 +11,7 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -184,7 +185,7 @@ def test_reward_collected_matches_monte_carlo():
     uniform = np.full((grid.n_states, 4), 0.25)
     _, _, r, m = sample_trajectories(grid, uniform, 20000, cfg.horizon, np.random.default_rng(0))
     collected = ((r + cfg.step_penalty) * m).sum(1)  # rewards minus the step penalty
-    se = collected.std() / math.sqrt(len(collected))
+    se = collected.std(ddof=1) / math.sqrt(len(collected))
     assert abs(collected.mean() - reward_collected(grid, uniform, cfg.horizon)) < 4 * se
 
 
@@ -237,6 +238,28 @@ def test_epochs_protocol_passes_over_the_data_once_per_epoch(monkeypatch):
     by_step = run_grid(GridConfig.make("fine_grained", steps=20, eval_every=10, horizon=20), "copg", seed=1)
     assert by_epoch["steps"] == by_step["steps"] == [0, 10, 20]
     assert by_epoch["regret"] == by_step["regret"] and by_epoch["reward"] == by_step["reward"]
+
+
+def test_aggregate_spread_is_the_sample_sd_over_seeds():
+    """The spread over seeds is the sample standard deviation (ddof 1), at every evaluation and at the
+    end, computed here with pandas / numpy on the input curves; one seed gives 0 (no spread), not NaN."""
+    rng = np.random.default_rng(3)
+    regret, reward = rng.gamma(2.0, 0.1, (5, 7)), rng.normal(5.0, 1.0, (5, 7))
+    runs = [
+        {"steps": list(range(0, 70, 10)), "regret": g.tolist(), "reward": w.tolist()} for g, w in zip(regret, reward)
+    ]
+    out = toys.aggregate(runs, ["regret", "reward"])
+    for name, arr in (("regret", regret), ("reward", reward)):
+        sd = pd.DataFrame(arr).std().to_numpy()  # pandas: ddof 1 by default
+        np.testing.assert_allclose(sd, arr.std(0, ddof=1), rtol=1e-12)
+        np.testing.assert_allclose(out[f"{name}_std"], sd, rtol=1e-12)
+        assert out[f"final_{name}_std"] == pytest.approx(np.std(out[f"final_{name}_per_seed"], ddof=1), rel=1e-12)
+        assert out[f"final_{name}_std"] == pytest.approx(sd[-1], rel=1e-12)
+        np.testing.assert_allclose(out[f"{name}_mean"], arr.mean(0), rtol=1e-12)
+        assert out[f"final_{name}"] == pytest.approx(arr[:, -1].mean(), rel=1e-12)
+    one = toys.aggregate(runs[:1], ["regret", "reward"])
+    assert one["final_regret_std"] == 0.0 and one["reward_std"] == [0.0] * 7
+    assert one["regret_mean"] == pytest.approx(regret[0].tolist())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -414,18 +414,27 @@ def run_jobs(jobs, workers: int, desc: str):
     return results
 
 
+def seed_sd(arr: np.ndarray) -> np.ndarray:
+    """The seeds' sample standard deviation (ddof 1) of ``arr [seeds, ...]`` along the seed axis; 0 for one
+    seed, which measures no spread (the convention of the recipes' ``seed_stats``)."""
+    arr = np.asarray(arr, dtype=np.float64)
+    return arr.std(0, ddof=1) if arr.shape[0] > 1 else np.zeros(arr.shape[1:])
+
+
 def aggregate(runs: list[dict], keys) -> dict:
-    """Mean / std over seeds of each curve, plus final values and per-seed finals."""
+    """Mean / sample standard deviation (ddof 1, :func:`seed_sd`) over seeds of each curve, plus final
+    values and per-seed finals."""
     out = {"steps": runs[0]["steps"]}
     for k in keys:
         arr = np.array([r[k] for r in runs])
         name = "regret" if k == "regret" else "reward"
+        sd = seed_sd(arr)
         out[f"final_{name}"] = float(arr[:, -1].mean())
-        out[f"final_{name}_std"] = float(arr[:, -1].std())
+        out[f"final_{name}_std"] = float(sd[-1])
         out[f"final_{name}_per_seed"] = arr[:, -1].tolist()
         out[f"initial_{name}"] = float(arr[:, 0].mean())
         out[f"{name}_mean"] = arr.mean(0).tolist()
-        out[f"{name}_std"] = arr.std(0).tolist()
+        out[f"{name}_std"] = sd.tolist()
     return out
 
 
