@@ -125,15 +125,21 @@ def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
             ) from None
 
 
+def lone_surrogate(text: str) -> int | None:
+    """The index of the first character of ``text`` that cannot be encoded as UTF-8 (a lone surrogate such
+    as JSON's ``"\\ud800"``), or None. Serves both the JSON records read here and the rows of the schema."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return e.start
+    return None
+
+
 def unencodable_field(value, field: str = "") -> str | None:
     """The path (``completion[0].content``) of the first string in the JSON value ``value`` (keys included)
-    that cannot be encoded as UTF-8 (a lone surrogate such as JSON's ``"\\ud800"``), or None."""
+    that cannot be encoded as UTF-8 (see :func:`lone_surrogate`), or None."""
     if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return field or "*"
-        return None
+        return None if lone_surrogate(value) is None else field or "*"
     if isinstance(value, dict):
         for key, item in value.items():
             name = f"{field}.{key}" if field else str(key)

@@ -57,7 +57,7 @@ from numbers import Integral, Real
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.io import RowError
+from shiq_data.io import RowError, lone_surrogate
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no text columns (they read as null)
@@ -252,10 +252,9 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
 
 def _check_unicode(text: str, field: str, err) -> None:
     """Raise ``err(field, problem)`` if ``text`` cannot be encoded as UTF-8 (it holds a lone surrogate)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise err(field, f"not Unicode text (a lone surrogate {text[e.start]!r} at character {e.start})") from None
+    at = lone_surrogate(text)
+    if at is not None:
+        raise err(field, f"not Unicode text (a lone surrogate {text[at]!r} at character {at})")
 
 
 def _check_text(row: dict, err) -> None:

@@ -45,6 +45,11 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
+def _is_int(x) -> bool:
+    """A Python int, not a bool."""
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 @dataclass
 class ModelConfig:
     """A Llama-style decoder (what SmolLM2 is), in megatron-core's vocabulary.
@@ -120,17 +125,17 @@ class ModelConfig:
             raise ValueError(f"model.{field} = {value!r} is not valid: {want}")
 
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
-            if not (isinstance(getattr(self, f), int) and getattr(self, f) >= 1):
+            if not (_is_int(getattr(self, f)) and getattr(self, f) >= 1):
                 bad(f, getattr(self, f), "expected an integer >= 1")
         if self.hidden_size % self.num_attention_heads:
             bad("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
         q = self.num_query_groups
-        if q is not None and not (isinstance(q, int) and not isinstance(q, bool) and q >= 1):
+        if q is not None and not (_is_int(q) and q >= 1):
             bad("num_query_groups", q, "an integer >= 1 (null: one per attention head)")
         if q is not None and self.num_attention_heads % q:
             bad("num_query_groups", q, f"must divide num_attention_heads={self.num_attention_heads}")
         f = self.ffn_hidden_size
-        if f is not None and not (isinstance(f, int) and not isinstance(f, bool) and f >= 1):
+        if f is not None and not (_is_int(f) and f >= 1):
             bad("ffn_hidden_size", f, "an integer >= 1 (null: 4 * hidden_size)")
         for name in ("hidden_dropout", "attention_dropout"):
             v = getattr(self, name)
@@ -156,14 +161,14 @@ class ModelConfig:
             bad("normalization", self.normalization, "'RMSNorm' or 'LayerNorm'")
         if self.position_embedding_type not in ("rope", "learned_absolute"):
             bad("position_embedding_type", self.position_embedding_type, "'rope' or 'learned_absolute'")
-        if not (isinstance(self.logits_chunk_tokens, int) and self.logits_chunk_tokens >= 0):
+        if not (_is_int(self.logits_chunk_tokens) and self.logits_chunk_tokens >= 0):
             bad("logits_chunk_tokens", self.logits_chunk_tokens, "an integer >= 0 (0: full logits)")
         if self.recompute not in RECOMPUTE:
             bad("recompute", self.recompute, f"one of {RECOMPUTE}")
         if self.recompute_method not in RECOMPUTE_METHODS:
             bad("recompute_method", self.recompute_method, f"one of {RECOMPUTE_METHODS} (used with recompute=full)")
         n = self.recompute_num_layers
-        if not (isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= self.num_layers):
+        if not (_is_int(n) and 1 <= n <= self.num_layers):
             bad(
                 "recompute_num_layers", n, f"an integer in [1, num_layers={self.num_layers}] (used with recompute=full)"
             )

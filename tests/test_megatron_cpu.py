@@ -343,6 +343,27 @@ def test_bad_config_values_are_named(kw, match):
         M.ModelConfig(**kw)
 
 
+INT_FIELDS = [
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "vocab_size",
+    "max_sequence_length",
+    "logits_chunk_tokens",
+    "recompute_num_layers",
+]
+
+
+@pytest.mark.parametrize("field", INT_FIELDS)
+def test_a_bool_is_not_an_integer_config_value(field):
+    # True == 1 passes each field's range check: only the integer type check names it (hidden_size=True would
+    # otherwise fail only as not divisible by the heads)
+    with pytest.raises(ValueError, match=rf"model\.{field} = True is not valid: (expected )?an integer"):
+        M.ModelConfig(**{field: True})
+
+
 def test_config_values_at_the_edges_are_accepted():
     M.ModelConfig(num_query_groups=1, hidden_dropout=0.0, attention_dropout=0.999, ffn_hidden_size=1)
     M.ModelConfig(num_query_groups=4, layernorm_epsilon=1e-12, hidden_dropout=0)
