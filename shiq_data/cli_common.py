@@ -24,6 +24,7 @@ import warnings
 from collections.abc import Callable
 
 EXIT_USER_ERROR = 2
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
 # messages of the warnings megatron-core gives at import when an optional accelerator library is absent
 OPTIONAL_DEPENDENCY_NOTICES = (
     r".*(Apex is not installed|Transformer Engine and Apex are not installed|Transformer Engine is not installed"
@@ -64,9 +65,16 @@ def fail(prog: str, e: BaseException | str) -> int:
 
 def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
-    anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``."""
+    anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
+    stdout goes away (``CMD | head``), the command stops quietly with status 141, as a tool stopped by SIGPIPE."""
     try:
-        return int(fn(*args) or 0)
+        status = int(fn(*args) or 0)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
+        return status
+    except BrokenPipeError:
+        # nothing more can reach the reader; point stdout at /dev/null so the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except Exception as e:
         if verbose() or not is_user_error(e):
             raise

@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -638,3 +639,22 @@ def test_a_boolean_option_must_be_true_or_false(tmp_path, capsys, gpt2, value):
         hh.check_options({"all_assistant_turns": ok})
     with pytest.raises(ValueError, match="all_assistant_turns"):
         next(hh.read(inp, gpt2[0], all_assistant_turns="False"))
+
+
+def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
+    """``shiq-data info BUF | true``: the reader exits before the command writes; the command stops with the
+    shell's SIGPIPE status (141) and writes nothing to stderr (no 'Broken pipe' error, no traceback)."""
+    buf = tmp_path / "buf"
+    write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    assert main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", str(buf)]) == 0
+    cmd = " ".join(shlex.quote(c) for c in [*shiq_data_exe(), "info", str(buf)])
+    proc = subprocess.run(
+        ["bash", "-c", f"{cmd} 2>{shlex.quote(str(tmp_path / 'err'))} | true; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.stdout.strip() == "141", (proc.stdout, proc.stderr)
+    assert (tmp_path / "err").read_text() == ""
+    # with a reader, the same command prints its report and succeeds
+    ok = subprocess.run([*shiq_data_exe(), "info", str(buf)], capture_output=True, text=True)
+    assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
