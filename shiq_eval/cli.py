@@ -56,6 +56,7 @@ from shiq_eval.checkpoints import (
     weight_files,
 )
 from shiq_eval.moviereviews import movie_prompts
+from shiq_eval.optimum import clustered_mean_stderr, per_prompt
 from shiq_eval.report import COLUMNS, plot_curves, write_table
 from shiq_eval.scorers import (
     PYTHON_PREFIX,
@@ -78,6 +79,7 @@ RUN_COLUMNS = [
     "top_k",
     "step",
     *COLUMNS[2:],
+    "stderr_note",  # how the standard errors were computed, when not over independent prompts (BFCL turns)
     "samples_per_prompt",
     "temperature",
     "suite",
@@ -393,6 +395,21 @@ def suite_scorer(suite: Suite):
     return RegressionRewardModel.load(suite.reward_model)
 
 
+def cluster_by_scenario(row: dict, scenarios: list[str] | None) -> dict:
+    """``row`` (an evaluation's result) with the standard errors of reward and both KL estimators clustered by
+    scenario, given each prompt's scenario (``scenarios [P]``: BFCL turns, whose scenario's turns share its
+    state; SHIQ_MATH §9, the estimator of the leaderboard and of ``shiq-bfcl``), and a ``stderr_note`` saying
+    so; ``row`` unchanged without scenarios."""
+    if scenarios is None:
+        return row
+    k = int(row["samples_per_prompt"])
+    out = dict(row)
+    for key, values in (("reward", "rewards"), ("kl_exact", "kls_exact"), ("kl_sample", "kls_sample")):
+        out[f"{key}_stderr"] = clustered_mean_stderr(per_prompt(row[values], k), scenarios)[1]
+    out["stderr_note"] = leaderboard.stderr_note(row, scenarios)
+    return out
+
+
 def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
@@ -492,6 +509,7 @@ def run(args) -> list[dict]:
                 **kw,
             ).as_dict(),
         }
+        ref_row = cluster_by_scenario(ref_row, scenarios)
         rows = []
         for info in infos:
             logits, sampler = engine.policy(info)
@@ -506,42 +524,40 @@ def run(args) -> list[dict]:
                 temperature=sampling.temperature,
                 **kw,
             )
-            rows.append(
-                {
-                    "run": info["run"],
-                    "method": info["method"],
-                    "beta": info["beta"],
-                    "step": info["step"],
-                    "checkpoint": str(info["path"]),
-                    "model_sha256": model_sha256(info["files"]),
-                    **common,
-                    **res.as_dict(),
-                }
-            )
+            row = {
+                "run": info["run"],
+                "method": info["method"],
+                "beta": info["beta"],
+                "step": info["step"],
+                "checkpoint": str(info["path"]),
+                "model_sha256": model_sha256(info["files"]),
+                **common,
+                **res.as_dict(),
+            }
+            rows.append(cluster_by_scenario(row, scenarios))
             if lead and not args.quiet:
                 log.info(
                     f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+                    f"{rows[-1]['reward_stderr']:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
-            rows.append(
-                {
-                    "run": Path(os.path.abspath(args.guide)).name,
-                    "method": "qsharp",
-                    "step": guide_info(args.guide)["steps"],
-                    "checkpoint": str(args.guide),
-                    "model_sha256": model_sha256([Path(args.guide) / "value_model.pt"]),
-                    **common,
-                    **res.as_dict(),
-                    "beta": args.beta,
-                    "top_k": args.top_k,
-                }
-            )
+            row = {
+                "run": Path(os.path.abspath(args.guide)).name,
+                "method": "qsharp",
+                "step": guide_info(args.guide)["steps"],
+                "checkpoint": str(args.guide),
+                "model_sha256": model_sha256([Path(args.guide) / "value_model.pt"]),
+                **common,
+                **res.as_dict(),
+                "beta": args.beta,
+                "top_k": args.top_k,
+            }
+            rows.append(cluster_by_scenario(row, scenarios))
             if lead and not args.quiet:
                 log.info(
                     f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
-                    f"{res.reward_stderr:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+                    f"{rows[-1]['reward_stderr']:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
     if not lead:
         return [ref_row] + rows

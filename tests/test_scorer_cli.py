@@ -152,3 +152,34 @@ def test_bfcl_results_keep_each_turn_s_scenario(tmp_path, init):
     assert eval_cli.main(["leaderboard", str(tmp_path / "eval"), "--out", str(tmp_path / "board")]) == 0
     table = pd.read_csv(tmp_path / "board" / "leaderboard.csv")
     assert (table["stderr_note"] == "clustered by scenario (2 scenarios)").all()
+    # the run's own results (results.json, results.csv) say how their standard errors were computed (the
+    # numbers: test_run_rows_cluster_their_standard_errors_by_scenario; here every value is 0, the policy
+    # being the reference and no turn passing the checker)
+    csv_rows = pd.read_csv(tmp_path / "eval" / "results.csv")
+    assert (
+        list(csv_rows["stderr_note"]) == [r["stderr_note"] for r in rows] == ["clustered by scenario (2 scenarios)"] * 2
+    )
+
+
+def test_run_rows_cluster_their_standard_errors_by_scenario():
+    """cluster_by_scenario (shiq-eval run's rows of BFCL turns): the standard errors of reward and both KL
+    estimators over per-prompt means, clustered by scenario, against pandas on the values:
+    se² = G/(G−1) · Σ_c (Σ_{i∈c} (v_i − v̄))² / N²; without scenarios the row is unchanged."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(0)
+    scenarios = ["a", "a", "a", "b", "c", "c"]  # 6 prompts (turns) of 3 scenarios, 2 samples each
+    shift = {"a": 1.0, "b": -1.0, "c": 0.5}  # turns of a scenario move together
+    row = {"samples_per_prompt": 2, "reward_stderr": -1.0, "kl_exact_stderr": -1.0, "kl_sample_stderr": -1.0}
+    for key in ("rewards", "kls_exact", "kls_sample"):
+        row[key] = [shift[s] + float(x) for s in scenarios for x in rng.normal(0, 0.1, 2)]
+    out = eval_cli.cluster_by_scenario(row, scenarios)
+    assert eval_cli.cluster_by_scenario(row, None) is row and row["reward_stderr"] == -1.0
+    assert out["stderr_note"] == "clustered by scenario (3 scenarios)"
+    for key, values in (("reward", "rewards"), ("kl_exact", "kls_exact"), ("kl_sample", "kls_sample")):
+        v = pd.Series(row[values]).groupby(lambda i: i // 2).mean()
+        d = (v - v.mean()).groupby(pd.Series(scenarios)).sum()
+        se = (3 / (3 - 1) * (d**2).sum() / len(v) ** 2) ** 0.5
+        assert out[f"{key}_stderr"] == pytest.approx(se, rel=1e-12), key
+        assert out[f"{key}_stderr"] > 1.2 * v.sem()  # correlated turns: more than the plain standard error
