@@ -45,7 +45,7 @@ from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json
-from shiq_data.tokenizers import fingerprint
+from shiq_data.tokenizers import PIPELINE_FIELD, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.checkpoints import (
@@ -95,7 +95,11 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
     with, or a reference or policy whose vocabulary is smaller than that tokenizer's."""
     from shiq_train.reference import check_tokenizer_matches  # heavy: torch
 
-    mine = {"name": getattr(tokenizer, "name_or_path", "") or "?", "fingerprint": fingerprint(tokenizer)}
+    mine = {
+        "name": getattr(tokenizer, "name_or_path", "") or "?",
+        "fingerprint": fingerprint(tokenizer),
+        PIPELINE_FIELD: pipeline_fingerprint(tokenizer),
+    }
     for info in infos:
         if info["tokenizer"] is None:
             continue

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import sys
 from pathlib import Path
 
@@ -21,13 +22,15 @@ from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
-from shiq_data.tokenizers import load_tokenizer
+from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
 from shiq_train.model import DTYPES, forward_stats
 from shiq_train.stats import causal_lm_stats
 from shiq_train.vocab_parallel import chunked_causal_stats, chunked_token_stats
+
+log = logging.getLogger(__name__)
 
 # Causal LMs whose logits are exactly ``last_hidden_state @ lm_head.weight.T`` (the Llama family the
 # trainer imports); others go through their full logits.
@@ -218,12 +221,22 @@ def check_tokenizer_matches(
 ) -> None:
     """Refuse a model (``role`` names it in the message) whose tokenizer is not the one the buffer was built
     with, and one whose vocabulary is smaller than the buffer's tokenizer (its ids would index past the
-    embedding). ``model_info`` None (no tokenizer known) or ``model_vocab_size`` None skip that check."""
+    embedding). ``model_info`` None (no tokenizer known) or ``model_vocab_size`` None skip that check. A
+    tokenizer of the same vocabulary with another pipeline (``shiq_data.tokenizers.pipeline_fingerprint``,
+    when both record one) is a warning: the buffer's ids stay valid, but text the model's tokenizer encodes
+    (prompts in evaluation) may be split otherwise than the buffer's rows were."""
     if model_info is not None and model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
             f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r} (fingerprint "
             f"{buffer_info['fingerprint'][:12]}…) but the {role}'s tokenizer {model_info['name']!r} has "
             f"fingerprint {model_info['fingerprint'][:12]}…; use the model the buffer was tokenised for"
+        )
+    if model_info is not None and pipeline_mismatch(buffer_info, model_info):
+        log.warning(
+            f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r}, whose vocabulary the {role}'s "
+            f"{model_info['name']!r} shares but not its pipeline (pipeline fingerprint "
+            f"{buffer_info[PIPELINE_FIELD][:12]}… against {model_info[PIPELINE_FIELD][:12]}…): text it encodes may be "
+            "split otherwise than the buffer's rows were"
         )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(

@@ -202,3 +202,32 @@ def test_manifest_with_a_malformed_field_is_refused(tokenizers, tmp_path):
     (buf / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ValueError, match=f"manifest.json: field '{FIELD}' must be a string"):
         read_manifest(buf)
+
+
+def test_training_and_evaluation_warn_of_another_pipeline(tokenizers, caplog):
+    """shiq-train, ref-stats and shiq-eval run compare the buffer's tokenizer with the model's
+    (``check_tokenizer_matches``): another vocabulary is refused as before; the same vocabulary with another
+    pipeline is a warning naming both pipeline fingerprints (the buffer's ids stay valid, text encoded now may
+    be split otherwise); nothing for the same pipeline or a buffer that records none."""
+    import logging
+
+    from shiq_train.reference import check_tokenizer_matches
+
+    logger = logging.getLogger("shiq_train.reference")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="shiq_train.reference")
+    try:
+        plain, prefix = tokenizers["plain"][1], tokenizers["prefix"][1]
+        check_tokenizer_matches(plain, prefix, None, "BUF", role="evaluation model")
+        warned = sorted({r.getMessage() for r in caplog.records})  # (the handler may see it twice if it propagates)
+        assert len(warned) == 1 and "BUF" in warned[0] and "evaluation model" in warned[0], warned
+        assert plain[PIPELINE_FIELD][:12] in warned[0] and prefix[PIPELINE_FIELD][:12] in warned[0]
+        caplog.clear()
+        check_tokenizer_matches(plain, dict(plain), None, "BUF")
+        old = {k: v for k, v in plain.items() if k != PIPELINE_FIELD}  # a buffer written before the field
+        check_tokenizer_matches(old, prefix, None, "BUF")
+        assert caplog.records == []
+        with pytest.raises(ValueError, match="use the model the buffer was tokenised for"):
+            check_tokenizer_matches(plain, {**prefix, "fingerprint": "0" * 64}, None, "BUF")
+    finally:
+        logger.removeHandler(caplog.handler)
