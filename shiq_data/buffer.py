@@ -929,7 +929,7 @@ def append_buffer(
                     f"was built with {have['name']!r} (pipeline fingerprint {have[PIPELINE_FIELD][:12]}…), the new "
                     f"rows with {tokenizer_info['name']!r} (pipeline fingerprint "
                     f"{tokenizer_info[PIPELINE_FIELD][:12]}…): same vocabulary, another pipeline that may split text differently "
-                    "(normalizer, pre-tokenizer, post-processor, decoder or flags such as add_prefix_space)"
+                    "(normalizer, pre-tokenizer, model options or flags such as add_prefix_space)"
                 )
         for entry in manifest["shards"]:
             verify_shard(buffer_dir / entry["file"], entry)

@@ -19,6 +19,7 @@ import argparse
 import logging
 import os
 import pickle
+import select
 import sys
 import warnings
 from collections.abc import Callable
@@ -63,18 +64,40 @@ def fail(prog: str, e: BaseException | str) -> int:
     return EXIT_USER_ERROR
 
 
+def stdout_gone() -> bool:
+    """Whether stdout is a pipe whose reader has gone away (polled: the pipe reports an error or a hang-up)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poll.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured), no poll on this platform
+        return False
+
+
+def reader_gone() -> int:
+    """After :func:`stdout_gone`: point stdout at /dev/null (so the flush at exit cannot fail again) and return
+    the status of a tool stopped by SIGPIPE (141)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_BROKEN_PIPE
+
+
 def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
-    stdout goes away (``CMD | head``), the command stops quietly with status 141, as a tool stopped by SIGPIPE."""
+    stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
+    stopped by SIGPIPE; a broken pipe elsewhere is an error like any other."""
     try:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return status
-    except BrokenPipeError:
-        # nothing more can reach the reader; point stdout at /dev/null so the flush at exit cannot fail again
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_BROKEN_PIPE
+    except BrokenPipeError as e:
+        if not verbose() and stdout_gone():
+            return reader_gone()
+        if verbose():  # another pipe (a worker, a socket) broke: a real error
+            raise
+        return fail(prog, e)
     except Exception as e:
         if verbose() or not is_user_error(e):
             raise

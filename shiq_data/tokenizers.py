@@ -12,9 +12,9 @@ does not depend on how the tokenizer files are formatted or which padding settin
 
 It does not see how text is cut before the merges apply: GPT-2 with and without ``add_prefix_space``
 share it but tokenise ``"hello"`` differently. The pipeline fingerprint (:func:`pipeline_fingerprint`,
-manifest field ``tokenizer.pipeline_fingerprint``) covers that: the normalizer, pre-tokenizer,
-post-processor and decoder, the BPE/WordPiece/Unigram model's options, the added tokens' matching flags
-and the Python tokenizer's flags (``add_prefix_space``, ``add_bos_token``, ...). It is a second field so
+manifest field ``tokenizer.pipeline_fingerprint``) covers that: the normalizer and pre-tokenizer, the
+BPE/WordPiece/Unigram model's options, the added tokens' matching flags and the Python tokenizer's flags
+that change ids (``add_prefix_space``, ...), nothing that only decodes or adds special tokens. It is a second field so
 that the first, recorded by every buffer, keeps its value; buffers written before it existed lack it
 and are checked on the first fingerprint alone (:func:`pipeline_mismatch`).
 """
@@ -90,19 +90,12 @@ def fingerprint(tokenizer) -> str:
 
 # the manifest's tokenizer field holding :func:`pipeline_fingerprint` (absent from buffers written before it)
 PIPELINE_FIELD = "pipeline_fingerprint"
-# sections of tokenizer.json that decide how text is cut into the pieces the model's merges apply to, and
-# how ids become text again
-PIPELINE_SECTIONS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
-# flags of the Python tokenizer that change encoding or decoding beyond tokenizer.json (None when absent)
-PIPELINE_FLAGS = (
-    "add_prefix_space",
-    "add_bos_token",
-    "add_eos_token",
-    "clean_up_tokenization_spaces",
-    "split_special_tokens",
-    "do_lower_case",
-    "legacy",
-)
+# sections of tokenizer.json that decide how text is cut into the pieces the model's merges apply to. Not the
+# post-processor (special tokens added around a text: the project encodes with add_special_tokens=False) nor
+# the decoder (ids back to text): neither changes a buffer's ids.
+PIPELINE_SECTIONS = ("normalizer", "pre_tokenizer")
+# flags of the Python tokenizer that change the ids of a text beyond tokenizer.json (None when absent)
+PIPELINE_FLAGS = ("add_prefix_space", "split_special_tokens", "do_lower_case", "legacy")
 
 
 def _flag(value):
@@ -110,11 +103,14 @@ def _flag(value):
 
 
 def pipeline_fingerprint(tokenizer) -> str:
-    """sha256 (canonical JSON) of how ``tokenizer`` turns text into pieces and ids into text: the normalizer,
-    pre-tokenizer, post-processor and decoder of its ``tokenizer.json``, its model's options (not the
-    vocabulary and merges, which :func:`fingerprint` covers), its added tokens' matching flags (``lstrip``,
-    ``rstrip``, ``single_word``, ``normalized``) and the flags :data:`PIPELINE_FLAGS`. Two tokenizers with one
-    :func:`fingerprint` but different pipelines (GPT-2 with and without ``add_prefix_space``) differ here."""
+    """sha256 (canonical JSON) of how ``tokenizer`` cuts text into tokens: the normalizer and pre-tokenizer of
+    its ``tokenizer.json``, its model's options (not the vocabulary and merges, which :func:`fingerprint`
+    covers), its added tokens' matching flags (``lstrip``, ``rstrip``, ``single_word``, ``normalized``) and the
+    flags :data:`PIPELINE_FLAGS`. Two tokenizers with one :func:`fingerprint` but different pipelines (GPT-2 with
+    and without ``add_prefix_space``) differ here. What does not change the ids the project writes is left
+    out: the post-processor and ``add_bos_token`` / ``add_eos_token`` (every encoder of the project passes
+    ``add_special_tokens=False``), the decoder and ``clean_up_tokenization_spaces`` (decoding only). The chat
+    template is not covered either (the buffer records its system prompt setting)."""
     content: dict = {"class": None, "flags": {f: _flag(getattr(tokenizer, f, None)) for f in PIPELINE_FLAGS}}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

@@ -32,7 +32,15 @@ from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest
-from shiq_data.cli_common import fail, is_user_error, quiet_optional_dependencies, setup_logging, verbose
+from shiq_data.cli_common import (
+    fail,
+    is_user_error,
+    quiet_optional_dependencies,
+    reader_gone,
+    setup_logging,
+    stdout_gone,
+    verbose,
+)
 from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
@@ -727,6 +735,13 @@ def _task(cfg) -> None:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
         run(plain, keys)
+        sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
+    except BrokenPipeError as e:
+        if not verbose() and stdout_gone():  # the reader of stdout went away (shiq-train ... | head)
+            sys.exit(reader_gone())
+        if verbose():
+            raise
+        _fail(e)
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
         _fail(

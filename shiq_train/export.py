@@ -11,6 +11,7 @@ a step as a Hugging Face folder: config.json, model.safetensors, the tokenizer f
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -18,12 +19,13 @@ import torch
 
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.io import atomic_dir, atomic_write_json
-from shiq_data.tokenizers import load_tokenizer
+from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 
 EXPORT_RECORD = "shiq_export.json"
+log = logging.getLogger(__name__)
 
 
 def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True) -> dict[str, torch.Tensor]:
@@ -95,7 +97,8 @@ def step_dir_of(run, step: int | None = None) -> Path:
 
 def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
     """The tokenizer to ship with the export: ``tokenizer`` (a folder, gpt2 or smollm2) or the one the run's
-    buffer was built with (recorded in the checkpoint); it must have the recorded fingerprint."""
+    buffer was built with (recorded in the checkpoint); it must have the recorded fingerprint (another pipeline
+    fingerprint, when both record one, is a warning)."""
     record = meta.get("tokenizer")
     name = tokenizer or (record or {}).get("name")
     if name is None:
@@ -111,6 +114,12 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
         raise ValueError(
             f"--tokenizer {name}: fingerprint {info['fingerprint'][:12]}… but the run trained on a buffer built with "
             f"{record.get('name')!r} (fingerprint {str(record.get('fingerprint'))[:12]}…); give that tokenizer"
+        )
+    if record is not None and pipeline_mismatch(record, info):
+        log.warning(
+            f"--tokenizer {name}: the vocabulary of the buffer's {record.get('name')!r} but another pipeline "
+            f"(pipeline fingerprint {info[PIPELINE_FIELD][:12]}… against {record[PIPELINE_FIELD][:12]}…): the exported "
+            "folder's tokenizer may split text otherwise than the training rows were"
         )
     return tok
 

@@ -301,8 +301,9 @@ def train_value_model(
                     logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
                     loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
                     (loss * w).backward()
-                    for k, v in metrics.items():  # value_ce: the step's loss; the others weighed alike
-                        sums[k] = sums.get(k, 0.0) + v * w
+                    for k, v in metrics.items():  # value_ce: the step's loss; the means over actions alike;
+                        share = len(mb["tokens"]) / sum(len(m["tokens"]) for m in mbs) if k == "reward" else w
+                        sums[k] = sums.get(k, 0.0) + v * share  # reward: a mean over rows
                 if cfg.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
                 opt.step()

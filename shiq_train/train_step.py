@@ -401,7 +401,8 @@ def clip_grad_norm(model, max_norm: float) -> float:
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], loss_fn: LossFn, clip_grad: float) -> dict:
     """Zero grads, forward/backward over ``micro_batches``, reduce, clip, AdamW step, LR schedule.
 
-    Returns the metrics (``loss`` and the loss function's, averaged over micro-batches),
+    Returns the metrics (``loss`` as :func:`forward_backward` defines it, ``loss_terms`` summed over the
+    step, the loss function's others averaged over micro-batches),
     ``grad_norm`` (before clipping) and ``lr`` (the rate this step used). With the distributed optimizer
     (``shiq_train.dist_optim.DistributedAdamW``, ``optimizer.finalizes_grads``) megatron reduces the
     gradients inside ``forward_backward`` and the optimizer clips by the same global norm (its

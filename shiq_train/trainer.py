@@ -377,8 +377,8 @@ class Trainer:
 
     def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
         """The training loss of the current model on ``micro_batches`` (e.g. one pass over a held-out
-        buffer), without gradients or an update: the mean over the micro-batches, as a training step
-        would report it. With ``reference="online"`` the reference statistics are filled in first.
+        buffer), without gradients or an update, as a training step of those micro-batches would report it
+        (``loss_average``: the mean over all their loss terms, or of the micro-batches' means). With ``reference="online"`` the reference statistics are filled in first.
         ``prefix_cache``: a :class:`PrefixCache` of the buffer the micro-batches come from (the held-out
         one, not the training buffer's), so that only the layers after its frozen prefix run (the same
         loss up to float rounding)."""

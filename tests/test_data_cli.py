@@ -658,3 +658,16 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     # with a reader, the same command prints its report and succeeds
     ok = subprocess.run([*shiq_data_exe(), "info", str(buf)], capture_output=True, text=True)
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
+
+
+def test_a_broken_pipe_that_is_not_stdout_is_an_error(capsys):
+    """A BrokenPipeError from another pipe (a worker, a socket) while stdout is fine is reported like any bad
+    input (one line, status 2), not taken for a reader that went away."""
+    from shiq_data.cli_common import run_command
+
+    def broken():
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert run_command("shiq-data", broken) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shiq-data: error: ") and "Broken pipe" in err and err.count("\n") == 1

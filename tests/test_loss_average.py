@@ -4,13 +4,15 @@ turn starts for ShiQ/tk, pairs for DPO, groups with a pair for CoPG, trajectorie
 
 Independent reference: the same rows as one micro-batch in one process, whose loss is that mean by the
 definition of each loss. The step's micro-batches hold different numbers of terms (6 rows in 2 prompt
-groups of 3 with long completions, then 2 rows of one group with short ones), so the mean of the
-micro-batches' means (``micro_batch``, megatron's default) differs from it, which the tests check too (they
-could not tell the two apart otherwise). Asserted: the loss and every gradient equal the reference's to a
-relative 1e-5, in one process (2 micro-batches), at DP=2 (one micro-batch a rank; the default optimizer's
-all-reduce and megatron's DDP with its distributed optimizer), at PP=2 (2 micro-batches of different
-shapes through the 1F1B schedule) and at TP=2; ``loss_terms`` equals the terms counted here from the rows; one
-micro-batch on one rank gives the mean's numbers bit for bit.
+groups of 3, long completions, half of them two turns; 2 rows of one group with short ones; one row alone,
+no pair), so the mean of the micro-batches' means (``micro_batch``, megatron's default) differs from it,
+which the tests check too (they could not tell the two apart otherwise); packed rows (two trajectories a row)
+for the losses that read them. Asserted: the loss and every gradient equal the reference's to a relative
+1e-5 in one process (every loss); ShiQ and DPO at DP=2 (micro-batches split over the ranks; the default
+optimizer's all-reduce, and megatron's DDP with its distributed optimizer, whose loss and gradient norm are
+compared), at PP=2 (micro-batches of different shapes through the 1F1B schedule) and at TP=2; ``loss_terms``
+equals the terms counted here from the rows; one micro-batch on one rank gives the mean's numbers bit for bit;
+Q♯'s value trainer weighs micro-batches by their actions.
 """
 
 import os
@@ -39,21 +41,25 @@ from shiq_train.trainer import TrainConfig, Trainer
 
 VOCAB, BETA = 128, 0.1
 LOSSES = ("shiq", "shiq_tk", "sft", "dpo", "copg", "dro_v", "dro_v_loo")
-# (completions per group, groups, last action position): a large micro-batch, then a small one
-SHAPES = ((3, 2, 15), (2, 1, 8))
+# (completions per group, groups, last action position): a large micro-batch, a small one, and one of a single
+# completion (no pair: no DPO or CoPG term)
+SHAPES = ((3, 2, 15), (2, 1, 8), (1, 1, 10))
 OPT = OptimizerConfig(lr=1e-3, clip_grad=0.0)
 
 
-def micro_batches() -> list[dict]:
-    """The step's two micro-batches: a 4-token prompt, then actions up to a row's last action position
-    (two rows of a group end earlier), random rewards on the actions and random reference statistics."""
+def micro_batches(count: int = len(SHAPES)) -> list[dict]:
+    """The step's micro-batches (the first ``count`` of three): a 4-token prompt, then actions up to a row's last action position
+    (odd rows end earlier; the large micro-batch's even rows are two turns, a tool's 2 tokens between them),
+    random rewards on the actions and random reference statistics."""
     g = torch.Generator().manual_seed(11)
     out, first_group = [], 0
-    for per_group, groups, last in SHAPES:
+    for n, (per_group, groups, last) in enumerate(SHAPES[:count]):
         B = per_group * groups
         action = torch.zeros(B, SEQ, dtype=torch.bool)
         for row in range(B):
             action[row, 4 : last + 1 - (row % 2) * 2] = True
+            if n == 0 and row % 2 == 0:
+                action[row, 9:11] = False
         out.append(
             {
                 "tokens": torch.randint(0, VOCAB, (B, SEQ), generator=g),
@@ -68,22 +74,22 @@ def micro_batches() -> list[dict]:
     return out
 
 
-def one_micro_batch() -> list[dict]:
+def one_micro_batch(count: int = len(SHAPES)) -> list[dict]:
     """Every row of the step in one micro-batch (group ids stay distinct)."""
-    mbs = micro_batches()
+    mbs = micro_batches(count)
     return [{k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}]
 
 
-def counted_terms(name: str) -> int:
+def counted_terms(name: str, count: int = len(SHAPES)) -> int:
     """The step's loss terms counted from the rows, as each loss of SHIQ_MATH §3 and §5 defines its mean."""
     total = 0
-    for mb in micro_batches():
+    for mb in micro_batches(count):
         mask, returns, groups = mb["action_mask"], (mb["rewards"] * mb["action_mask"]).sum(1), mb["group_ids"]
         rows = [i for i in range(len(groups)) if bool(mask[i].any())]
         if name in ("shiq", "sft"):
             total += int(mask.sum())
-        elif name == "shiq_tk":  # one turn per row: its first action
-            total += len(rows)
+        elif name == "shiq_tk":  # the first action of every turn: an action after a non-action (or at 0)
+            total += sum(int(m[t] and (t == 0 or not m[t - 1])) for m in mask.tolist() for t in range(len(m)))
         elif name in ("dro_v", "dro_v_loo"):
             total += len(rows)
         elif name == "dpo":  # ordered pairs of a group with a larger return
@@ -91,6 +97,46 @@ def counted_terms(name: str) -> int:
         elif name == "copg":  # groups with two rows or more
             total += sum(int((groups == gid).sum() >= 2) for gid in groups.unique())
     return total
+
+
+def packed_micro_batches() -> list[dict]:
+    """Two micro-batches of packed rows (3 rows, then 1): each row two trajectories of 8 tokens (segments 0
+    and 1; a 3-token prompt, then actions, the second trajectory of odd rows shorter)."""
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for B in (3, 1):
+        action = torch.zeros(B, SEQ, dtype=torch.bool)
+        for row in range(B):
+            action[row, 3:8] = True
+            action[row, 11 : SEQ - (row % 2) * 3] = True
+        out.append(
+            {
+                "tokens": torch.randint(0, VOCAB, (B, SEQ), generator=g),
+                "action_mask": action,
+                "rewards": torch.randn(B, SEQ, generator=g) * action,
+                "ref_chosen_logits": torch.randn(B, SEQ, generator=g) * 0.1,
+                "ref_logz": torch.log(torch.tensor(float(VOCAB))) + torch.randn(B, SEQ, generator=g) * 0.1,
+                "segment_ids": (torch.arange(SEQ) >= 8).long().expand(B, SEQ).clone(),
+            }
+        )
+    return out
+
+
+@pytest.mark.parametrize("name", ["shiq", "sft", "dro_v"])
+def test_a_step_of_packed_micro_batches_is_the_mean_over_all_its_terms(params, name):
+    """Packed rows (several trajectories a row): DRO-V's terms are trajectories, not rows."""
+    mbs = packed_micro_batches()
+    whole = [{k: torch.cat([mb[k] for mb in mbs]) for k in mbs[0]}]
+    with parallel.distributed(seed=SEED):
+        ref_loss, ref_metrics, ref_grads = run(params, whole, name, per_term=False)
+        loss, metrics, grads = run(params, packed_micro_batches(), name, per_term=True)
+        legacy, _, _ = run(params, packed_micro_batches(), name, per_term=False)
+    actions = sum(int(mb["action_mask"].sum()) for mb in mbs)
+    assert metrics["loss_terms"] == ref_metrics["loss_terms"] == {"dro_v": 8}.get(name, actions)
+    assert _rel(torch.tensor(loss), torch.tensor(ref_loss)) < TOL
+    for k, g in ref_grads.items():
+        assert _rel(grads[k], g) < TOL, f"{name} {k}: relative difference {_rel(grads[k], g):.2e}"
+    assert abs(legacy - ref_loss) > 1e-3 * abs(ref_loss), (name, legacy, ref_loss)
 
 
 def run(full, mbs, name, per_term, *, dp_rank=0, dp=1):
@@ -116,17 +162,21 @@ def params():
 
 
 @pytest.mark.parametrize("name", LOSSES)
-def test_a_step_of_two_micro_batches_is_the_mean_over_all_its_terms(params, name):
+def test_a_step_of_several_micro_batches_is_the_mean_over_all_its_terms(params, name):
+    # dro_v_loo's value of a one-completion group is the batch's leave-one-out estimate: it depends on which
+    # rows share its micro-batch, so that loss is not a mean of per-row terms there; its step has no such group
+    n = 2 if name == "dro_v_loo" else len(SHAPES)
     with parallel.distributed(seed=SEED):
-        ref_loss, ref_metrics, ref_grads = run(params, one_micro_batch(), name, per_term=False)
-        loss, metrics, grads = run(params, micro_batches(), name, per_term=True)
-        legacy, legacy_metrics, _ = run(params, micro_batches(), name, per_term=False)
-    assert ref_metrics["loss_terms"] == metrics["loss_terms"] == legacy_metrics["loss_terms"] == counted_terms(name)
+        ref_loss, ref_metrics, ref_grads = run(params, one_micro_batch(n), name, per_term=False)
+        loss, metrics, grads = run(params, micro_batches(n), name, per_term=True)
+        legacy, legacy_metrics, _ = run(params, micro_batches(n), name, per_term=False)
+    terms = counted_terms(name, n)
+    assert ref_metrics["loss_terms"] == metrics["loss_terms"] == legacy_metrics["loss_terms"] == terms
     assert _rel(torch.tensor(loss), torch.tensor(ref_loss)) < TOL
     for k, g in ref_grads.items():
         assert g.abs().max() > 0, k
         assert _rel(grads[k], g) < TOL, f"{name} {k}: relative difference {_rel(grads[k], g):.2e}"
-    # the mean of the two micro-batches' means is another number: the test can tell the two apart
+    # the mean of the micro-batches' means is another number: the test can tell the two apart
     assert abs(legacy - ref_loss) > 1e-3 * abs(ref_loss), (name, legacy, ref_loss)
 
 
@@ -253,12 +303,12 @@ def test_the_value_models_step_is_the_mean_over_all_its_actions():
         *(torch.cat([mb[k] for mb in mbs]) for k in ("atom_logits", "returns", "action_mask")), atoms
     )
     weights = action_weights(mbs)
-    assert weights == [n / 74 for n in (66, 8)] == [int(mb["action_mask"].sum()) / 74 for mb in mbs]
+    assert weights == [n / 75 for n in (60, 8, 7)] == [int(mb["action_mask"].sum()) / 75 for mb in mbs]
     assert float(sum(w * x for w, x in zip(weights, loss, strict=True))) == pytest.approx(float(whole), rel=1e-12)
-    assert abs(float(sum(loss)) / 2 - float(whole)) > 1e-3 * float(whole)
+    assert abs(float(sum(loss)) / 3 - float(whole)) > 1e-3 * float(whole)
     assert action_weights(mbs[:1]) == [1.0]
     empty = [{**mb, "action_mask": torch.zeros_like(mb["action_mask"])} for mb in mbs]
-    assert action_weights(empty) == [0.5, 0.5]
+    assert action_weights(empty) == [1 / 3] * 3
 
 
 def test_the_value_trainer_refuses_the_mean_of_micro_batch_means():

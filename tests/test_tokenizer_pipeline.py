@@ -231,3 +231,38 @@ def test_training_and_evaluation_warn_of_another_pipeline(tokenizers, caplog):
             check_tokenizer_matches(plain, {**prefix, "fingerprint": "0" * 64}, None, "BUF")
     finally:
         logger.removeHandler(caplog.handler)
+
+
+def test_export_warns_of_a_tokenizer_of_another_pipeline(tokenizers, tmp_path, caplog):
+    """shiq-train export --tokenizer: the run's recorded tokenizer against the one given; the same pipeline is
+    silent, another pipeline a warning naming both fingerprints (the tokenizer is still shipped)."""
+    import logging
+
+    from shiq_train.export import export_tokenizer
+
+    logger = logging.getLogger("shiq_train.export")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="shiq_train.export")
+    try:
+        plain = tokenizers["plain"][1]
+        assert export_tokenizer({"tokenizer": plain}, tmp_path, "gpt2") is not None
+        assert caplog.records == []
+        tok = export_tokenizer({"tokenizer": plain}, tmp_path, str(tokenizers["folder"]))
+        warned = sorted({r.getMessage() for r in caplog.records})
+        assert tok is not None and len(warned) == 1 and "another pipeline" in warned[0], warned
+        assert tokenizers["prefix"][1][PIPELINE_FIELD][:12] in warned[0] and plain[PIPELINE_FIELD][:12] in warned[0]
+    finally:
+        logger.removeHandler(caplog.handler)
+
+
+def test_what_leaves_the_ids_alone_leaves_the_pipeline_fingerprint_alone(tmp_path, tokenizers):
+    """GPT-2 saved with ``add_bos_token=True`` and another ``clean_up_tokenization_spaces`` encodes text to the
+    same ids as the project encodes them (``add_special_tokens=False``): one pipeline fingerprint, so append,
+    show and mix accept it (the fingerprint covers what cuts text, not special tokens or decoding)."""
+    plain_tok, plain = tokenizers["plain"]
+    folder = _save_gpt2(tmp_path / "bos", add_bos_token=True, clean_up_tokenization_spaces=True)
+    tok, info = load_tokenizer(str(folder))
+    text = "hello world, Hello  world!"
+    assert tok(text, add_special_tokens=False).input_ids == plain_tok(text, add_special_tokens=False).input_ids
+    assert info["fingerprint"] == plain["fingerprint"] and info[PIPELINE_FIELD] == plain[PIPELINE_FIELD]
+    assert not pipeline_mismatch(plain, info)

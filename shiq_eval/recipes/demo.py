@@ -578,7 +578,8 @@ def stage_train(ctx: Context, arm: str) -> None:
         frozen layers' output cached once per process (with ``train.cache_frozen_prefix``)."""
         if val_batches and step not in {v["step"] for v in val_losses}:
             loss = trainer.validation_loss([dict(mb) for mb in val_batches], prefix_cache=val_cache)
-            val_losses.append({"step": step, "loss": loss})
+            # the mean over every loss term of the pass (records without the key: the mean of micro-batch means)
+            val_losses.append({"step": step, "loss": loss, "loss_average": trainer.cfg.loss_average})
             atomic_write_json(val_path, sorted(val_losses, key=lambda v: v["step"]))
 
     def evaluate(step: int, model) -> None:
