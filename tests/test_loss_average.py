@@ -47,6 +47,20 @@ SHAPES = ((3, 2, 15), (2, 1, 8), (1, 1, 10))
 OPT = OptimizerConfig(lr=1e-3, clip_grad=0.0)
 
 
+def random_rows(g: torch.Generator, action: torch.Tensor, **extra) -> dict:
+    """A micro-batch of ``action.shape`` rows: random tokens, rewards on the actions and reference statistics
+    (drawn from ``g`` in that order), plus ``extra`` fields."""
+    B = action.shape[0]
+    return {
+        "tokens": torch.randint(0, VOCAB, (B, SEQ), generator=g),
+        "action_mask": action,
+        "rewards": torch.randn(B, SEQ, generator=g) * action,
+        "ref_chosen_logits": torch.randn(B, SEQ, generator=g) * 0.1,
+        "ref_logz": torch.log(torch.tensor(float(VOCAB))) + torch.randn(B, SEQ, generator=g) * 0.1,
+        **extra,
+    }
+
+
 def micro_batches(count: int = len(SHAPES)) -> list[dict]:
     """The step's micro-batches (the first ``count`` of three): a 4-token prompt, then actions up to a row's last action position
     (odd rows end earlier; the large micro-batch's even rows are two turns, a tool's 2 tokens between them),
@@ -60,16 +74,8 @@ def micro_batches(count: int = len(SHAPES)) -> list[dict]:
             action[row, 4 : last + 1 - (row % 2) * 2] = True
             if n == 0 and row % 2 == 0:
                 action[row, 9:11] = False
-        out.append(
-            {
-                "tokens": torch.randint(0, VOCAB, (B, SEQ), generator=g),
-                "action_mask": action,
-                "rewards": torch.randn(B, SEQ, generator=g) * action,
-                "ref_chosen_logits": torch.randn(B, SEQ, generator=g) * 0.1,
-                "ref_logz": torch.log(torch.tensor(float(VOCAB))) + torch.randn(B, SEQ, generator=g) * 0.1,
-                "group_ids": torch.arange(first_group, first_group + groups).repeat_interleave(per_group),
-            }
-        )
+        ids = torch.arange(first_group, first_group + groups).repeat_interleave(per_group)
+        out.append(random_rows(g, action, group_ids=ids))
         first_group += groups
     return out
 
@@ -109,16 +115,7 @@ def packed_micro_batches() -> list[dict]:
         for row in range(B):
             action[row, 3:8] = True
             action[row, 11 : SEQ - (row % 2) * 3] = True
-        out.append(
-            {
-                "tokens": torch.randint(0, VOCAB, (B, SEQ), generator=g),
-                "action_mask": action,
-                "rewards": torch.randn(B, SEQ, generator=g) * action,
-                "ref_chosen_logits": torch.randn(B, SEQ, generator=g) * 0.1,
-                "ref_logz": torch.log(torch.tensor(float(VOCAB))) + torch.randn(B, SEQ, generator=g) * 0.1,
-                "segment_ids": (torch.arange(SEQ) >= 8).long().expand(B, SEQ).clone(),
-            }
-        )
+        out.append(random_rows(g, action, segment_ids=(torch.arange(SEQ) >= 8).long().expand(B, SEQ).clone()))
     return out
 
 
