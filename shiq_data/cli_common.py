@@ -74,9 +74,15 @@ def stdout_gone() -> bool:
         return False
 
 
-def reader_gone() -> int:
-    """After :func:`stdout_gone`: point stdout at /dev/null (so the flush at exit cannot fail again) and return
-    the status of a tool stopped by SIGPIPE (141)."""
+def broken_pipe(prog: str, e: BrokenPipeError) -> int:
+    """The exit status for a ``BrokenPipeError``: when the reader of stdout went away (:func:`stdout_gone`),
+    stdout is pointed at /dev/null (so the flush at exit cannot fail again) and the status is a tool's stopped
+    by SIGPIPE (141), quietly; a broken pipe elsewhere (a worker, a socket) is an error like any other (one
+    line, 2); with ``SHIQ_VERBOSE=1`` it is re-raised."""
+    if verbose():
+        raise e
+    if not stdout_gone():
+        return fail(prog, e)
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
@@ -93,11 +99,7 @@ def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return status
     except BrokenPipeError as e:
-        if not verbose() and stdout_gone():
-            return reader_gone()
-        if verbose():  # another pipe (a worker, a socket) broke: a real error
-            raise
-        return fail(prog, e)
+        return broken_pipe(prog, e)
     except Exception as e:
         if verbose() or not is_user_error(e):
             raise

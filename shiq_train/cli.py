@@ -33,12 +33,11 @@ from omegaconf.errors import MissingMandatoryValue
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest
 from shiq_data.cli_common import (
+    broken_pipe,
     fail,
     is_user_error,
     quiet_optional_dependencies,
-    reader_gone,
     setup_logging,
-    stdout_gone,
     verbose,
 )
 from shiq_data.io import atomic_write_bytes
@@ -736,12 +735,8 @@ def _task(cfg) -> None:
         setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
         run(plain, keys)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
-    except BrokenPipeError as e:
-        if not verbose() and stdout_gone():  # the reader of stdout went away (shiq-train ... | head)
-            sys.exit(reader_gone())
-        if verbose():
-            raise
-        _fail(e)
+    except BrokenPipeError as e:  # the reader of stdout went away (shiq-train ... | head), or another pipe broke
+        sys.exit(broken_pipe("shiq-train", e))
     except MissingMandatoryValue as e:
         key = getattr(e, "full_key", "") or str(e)
         _fail(

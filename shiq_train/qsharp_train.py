@@ -294,16 +294,16 @@ def train_value_model(
                 sums: dict[str, float] = {}
                 # the step's loss is the mean over all its actions (SHIQ_MATH §8): a micro-batch weighs by its
                 # share of them (one micro-batch: weight 1, the mean itself)
-                for mb, w in zip(mbs, action_weights(mbs), strict=True):
+                rows = [len(mb["tokens"]) for mb in mbs]  # reward is a mean over rows: weighed by them
+                for mb, w, r in zip(mbs, action_weights(mbs), rows, strict=True):
                     mb = {k: v.to(parallel.device()) for k, v in mb.items()}
                     cached = prefix_cache.gather(mb) if prefix_cache is not None else None
                     tree = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=ratio) if ratio else None
                     logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
                     loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
                     (loss * w).backward()
-                    for k, v in metrics.items():  # value_ce: the step's loss; the means over actions alike;
-                        share = len(mb["tokens"]) / sum(len(m["tokens"]) for m in mbs) if k == "reward" else w
-                        sums[k] = sums.get(k, 0.0) + v * share  # reward: a mean over rows
+                    for k, v in metrics.items():  # value_ce (the step's loss) and the other means over actions: w
+                        sums[k] = sums.get(k, 0.0) + v * (r / sum(rows) if k == "reward" else w)
                 if cfg.clip_grad > 0:
                     torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
                 opt.step()
