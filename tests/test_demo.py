@@ -224,6 +224,7 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("reward_model.finetune_last_layers=7", "finetune_last_layers must be null or an integer in 1..6, got 7"),
         ("reward_model.finetune_last_layers=true", "finetune_last_layers must be null or an integer in 1..6, got True"),
         ("reward_model.max_held_out_texts=1", "max_held_out_texts must be null or an integer >= 2, got 1"),
+        ("reward_model.precision=float16", "reward_model.precision must be one of float32, bfloat16, got 'float16'"),
     ],
 )
 def test_config_errors(override, needle):

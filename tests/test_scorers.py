@@ -115,6 +115,39 @@ def test_finetune_of_the_last_layers_leaves_the_others_and_still_learns():
             finetune(encoder, texts, y, rm.weight, rm.bias, last_layers=bad)
 
 
+def test_finetune_in_bfloat16_computes_in_bfloat16_keeps_float32_weights_and_learns():
+    """``dtype="bfloat16"``: the encoder's linear layers compute in bfloat16 during fine-tuning (seen from a
+    hook), the weights and the head stay float32, the training error falls below the ridge start's as in
+    float32, and the encoder scores in float32 afterwards; an unknown precision is refused."""
+    from shiq_data.reward_head import finetune, minilm_encoder, precision
+
+    texts = ["a wonderful, moving film", "dull and far too long", "I loved every minute", "a total mess",
+             "the cast shines", "boring plot, wooden acting", "a small gem", "I walked out"]  # fmt: skip
+    y = [3.0, -2.5, 3.5, -3.0, 2.0, -2.0, 2.5, -3.5]
+    target = torch.tensor(y, dtype=torch.float64)
+    for dtype, expected in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        encoder = minilm_encoder()
+        rm = RegressionRewardModel.fit(encoder, texts, y, l2=1.0)
+        ridge_mse = float(((torch.tensor(rm.score_texts(texts)) - target) ** 2).mean())
+        seen = []
+        query = encoder.model[0].auto_model.encoder.layer[0].attention.self.query
+        hook = query.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        rm.weight, rm.bias = finetune(
+            encoder, texts, y, rm.weight, rm.bias, epochs=20, lr=1e-4, batch_size=4, dtype=dtype
+        )
+        n_train = len(seen)
+        tuned = torch.tensor(rm.score_texts(texts))
+        hook.remove()
+        assert n_train == 40 and set(seen[:n_train]) == {expected}  # 20 epochs of 2 batches
+        assert len(seen) > n_train and set(seen[n_train:]) == {torch.float32}  # scoring afterwards: float32
+        assert {p.dtype for p in encoder.model.parameters()} == {torch.float32} and rm.weight.dtype == torch.float64
+        assert float(((tuned - target) ** 2).mean()) < 0.5 * ridge_mse
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16, got 'half'"):
+        precision("half")
+    with pytest.raises(ValueError, match="precision must be one of float32, bfloat16"):
+        finetune(encoder, texts, y, rm.weight, rm.bias, dtype="float16")
+
+
 def test_finetune_epochs_visit_every_text_once_per_epoch():
     """One epoch shows the encoder every text exactly once (the last batch may be short); two, twice."""
     from shiq_data.reward_head import finetune, minilm_encoder

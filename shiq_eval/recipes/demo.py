@@ -59,7 +59,16 @@ from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
-from shiq_data.reward_head import RegressionRewardModel, cross_validate_l2, finetune, minilm_encoder, pearson
+from shiq_data.reward_head import (
+    PRECISIONS,
+    RegressionRewardModel,
+    cross_validate_l2,
+    finetune,
+    minilm_encoder,
+    native_bfloat16,
+    pearson,
+    precision,
+)
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.evaluate import PromptPrefixes, evaluate_policy
@@ -183,6 +192,10 @@ def _check_config(cfg: dict) -> None:
     last = cfg["reward_model"].get("finetune_last_layers")
     if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 6):
         raise ValueError(f"reward_model.finetune_last_layers must be null or an integer in 1..6, got {last!r}")
+    if cfg["reward_model"]["precision"] not in PRECISIONS:
+        raise ValueError(
+            f"reward_model.precision must be one of {', '.join(PRECISIONS)}, got {cfg['reward_model']['precision']!r}"
+        )
     held = cfg["reward_model"].get("max_held_out_texts")
     if held is not None and (isinstance(held, bool) or not isinstance(held, int) or held < 2):
         raise ValueError(f"reward_model.max_held_out_texts must be null or an integer >= 2, got {held!r}")
@@ -287,7 +300,10 @@ def stage_reward_model(ctx: Context) -> None:
         held = random.Random(cfg["seed"]).sample(held, rc["max_held_out_texts"])
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
     encoder = minilm_encoder()
-    X = encoder([r.text for r in train], progress=True).double()
+    if rc["precision"] == "bfloat16" and not native_bfloat16():
+        _log("reward model: this CPU has no native bfloat16; reward_model.precision=float32 is faster here")
+    with precision(rc["precision"]):  # the fit's embeddings; every score below is float32
+        X = encoder([r.text for r in train], progress=True).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
     # the penalty is chosen on the training split only; the held-out snippets stay unseen until scored
     l2, cv = cross_validate_l2(X, y, rc["l2"], rc["cv_folds"], seed=cfg["seed"])
@@ -300,7 +316,7 @@ def stage_reward_model(ctx: Context) -> None:
         texts = [r.text for r in train]
         rm.weight, rm.bias = finetune(
             encoder, texts, y.tolist(), rm.weight, rm.bias, epochs=rc["finetune_epochs"], lr=rc["finetune_lr"],
-            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"),
+            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"), dtype=rc["precision"],
         )  # fmt: skip
         rm.encoder_weights = encoder.model.state_dict()
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
@@ -309,6 +325,7 @@ def stage_reward_model(ctx: Context) -> None:
         "n_train": len(train),
         "n_held_out": len(held),
         "l2": l2,
+        "precision": rc["precision"],
         "l2_cross_validation": {"folds": rc["cv_folds"], "pearson": {str(k): v for k, v in cv.items()}},
         "finetune": {
             "epochs": rc["finetune_epochs"],
