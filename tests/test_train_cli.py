@@ -47,6 +47,7 @@ def test_packed_row_stats_equal_rows_run_separately(dist1):
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -96,6 +97,12 @@ cli.main()
 
 
 def run_cli(tmp_path, *overrides, nproc=1, timeout=120):
+    cmd, env = cli_command(tmp_path, *overrides, nproc=nproc)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+
+
+def cli_command(tmp_path, *overrides, nproc=1):
+    """The command line (and environment) of shiq-train's entry on the fake data source, in ``nproc`` processes."""
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
     (tmp_path / "buffer").mkdir(exist_ok=True)
@@ -120,7 +127,22 @@ def run_cli(tmp_path, *overrides, nproc=1, timeout=120):
         "train.tensorboard=false",
         *overrides,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    return cmd, env
+
+
+def test_a_reader_that_goes_away_stops_shiq_train_quietly(tmp_path):
+    """``shiq-train ... | true``: the reader exits before the run prints its last line; the run stops with the
+    shell's SIGPIPE status (141), its checkpoint written, with no 'Broken pipe' error or traceback on stderr."""
+    cmd, env = cli_command(tmp_path, f"out={tmp_path / 'run'}", "train.steps=1", "train.reference=online")
+    line = " ".join(shlex.quote(c) for c in cmd)
+    proc = subprocess.run(
+        ["bash", "-c", f"{line} 2>{shlex.quote(str(tmp_path / 'err'))} | true; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    err = (tmp_path / "err").read_text()
+    assert proc.stdout.strip() == "141", (proc.stdout, err[-3000:])
+    assert "Broken pipe" not in err and "Traceback" not in err and "error" not in err.lower(), err[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_00000001" / "meta.json").is_file()
 
 
 def metrics(run_dir):
