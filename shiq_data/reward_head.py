@@ -34,7 +34,7 @@ PRECISIONS = ("float32", "bfloat16")  # what the encoder computes in while it is
 def precision(name: str):
     """A context in which the encoder computes in ``name``: ``float32`` (nothing changes) or ``bfloat16``
     (CPU autocast: matrix products in bfloat16, the weights, their gradients and the loss in float32;
-    about 2x faster on CPUs with AVX512-BF16, slower on CPUs without). Scoring with a saved head is always
+    about 2x faster on CPUs with AVX512-BF16; emulated, and likely slower, on CPUs without). Scoring with a saved head is always
     float32; this is for fitting one (the embedding pass of the ridge fit, :func:`finetune`)."""
     import torch  # heavy: shiq-data imports this module for every build
 
@@ -45,7 +45,7 @@ def precision(name: str):
 
 def native_bfloat16() -> bool:
     """Whether this CPU computes bfloat16 products natively (AVX512-BF16 or AMX); without, ``bfloat16``
-    is emulated and slower than ``float32``."""
+    is emulated and likely slower than ``float32``."""
     import torch  # heavy: shiq-data imports this module for every build
 
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())

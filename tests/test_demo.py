@@ -470,6 +470,31 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
         Stages(tmp_path / "default", changed, free=demo.free_keys(changed))
 
 
+def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
+    """A run folder whose config.json predates ``reward_model.precision`` (fitted in float32) resumes when
+    given ``reward_model.precision=float32`` (the key is then saved) and refuses the new default, naming what
+    resumes it; a run with the key refuses a change of it as any other."""
+    from shiq_eval.recipes.common import Stages
+
+    old = demo.load_config(overrides=["reward_model.precision=float32"])
+    del old["reward_model"]["precision"]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    new = demo.load_config()
+    with pytest.raises(
+        SystemExit,
+        match=r"differs in \['reward_model.precision'\]; made before reward_model.precision existed: "
+        r"give reward_model.precision=float32 to resume it\); use another --out",
+    ):
+        Stages(tmp_path / "run", new, free=demo.free_keys(new), absent=demo.ABSENT)
+    assert "precision" not in json.loads((tmp_path / "run" / "config.json").read_text())["reward_model"]
+    given = demo.load_config(overrides=["reward_model.precision=float32"])
+    Stages(tmp_path / "run", given, free=demo.free_keys(given), absent=demo.ABSENT)  # resumes
+    assert json.loads((tmp_path / "run" / "config.json").read_text()) == given
+    with pytest.raises(SystemExit, match=r"differs in \['reward_model.precision'\]\); use another --out"):
+        Stages(tmp_path / "run", new, free=demo.free_keys(new), absent=demo.ABSENT)
+
+
 def test_the_frontier_draws_a_line_per_method_and_data_not_per_method_alone():
     """A seed's frontier: ``shiq`` and ``shiq@0.1`` are one line (two β), ``shiq-single@0.1`` another (one
     completion per prompt: other data), each point keeping its arm's β, KL and reward."""

@@ -133,19 +133,37 @@ class Stages:
     ``DIR/config.json`` holds the run's configuration; a different one is refused (``prog`` names the
     command in that message) rather than mixed into old results, except in the dotted keys ``free`` (a key
     frees everything below it too): keys that no finished stage's result depends on (a recipe's list of
-    arms, each arm its own stage), whose new values are saved."""
+    arms, each arm its own stage), whose new values are saved. ``absent`` maps dotted keys added to the
+    configuration after runs were made to the value that stands for the code before them: a saved
+    configuration without such a key reads as holding that value (so an older run resumes with it given)."""
 
-    def __init__(self, out: Path, cfg: dict, prog: str = "shiq-demo", free: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        out: Path,
+        cfg: dict,
+        prog: str = "shiq-demo",
+        free: tuple[str, ...] = (),
+        absent: dict[str, object] | None = None,
+    ):
         self.out, self.path = out, out / "stages.json"
         saved = out / "config.json"
         if saved.exists():
             old = json.loads(saved.read_text())
+            filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
             diff = sorted(diff_keys(old, cfg))
             if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
+                older = [k for k in refused if k in filled]
+                hint = (
+                    f"; made before {', '.join(older)} existed: give {' '.join(f'{k}={absent[k]}' for k in older)} "
+                    "to resume it"
+                    if older
+                    else ""
+                )
                 raise SystemExit(
-                    f"{prog}: {out} holds a run with a different configuration (differs in {refused}); "
+                    f"{prog}: {out} holds a run with a different configuration (differs in {refused}{hint}); "
                     "use another --out or remove it"
                 )
+            diff = diff or filled
             if diff:
                 atomic_write_json(saved, cfg)
         else:
@@ -210,6 +228,19 @@ def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, flo
     seeds' standard deviation of the per-seed means)``."""
     mean, sd = seed_stats([m for m, _ in per_seed])
     return mean, float(np.sqrt(sum(se**2 for _, se in per_seed)) / len(per_seed)), sd
+
+
+def _fill_absent(cfg: dict, key: str, value) -> bool:
+    """Set the dotted ``key`` of ``cfg`` to ``value`` if it is missing (its parent present); whether it was."""
+    *parents, last = key.split(".")
+    for k in parents:
+        cfg = cfg.get(k)
+        if not isinstance(cfg, dict):
+            return False
+    if last in cfg:
+        return False
+    cfg[last] = value
+    return True
 
 
 def diff_keys(a, b, prefix=""):

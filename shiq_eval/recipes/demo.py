@@ -301,7 +301,7 @@ def stage_reward_model(ctx: Context) -> None:
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
     encoder = minilm_encoder()
     if rc["precision"] == "bfloat16" and not native_bfloat16():
-        _log("reward model: this CPU has no native bfloat16; reward_model.precision=float32 is faster here")
+        _log("reward model: no native bfloat16 on this CPU (emulated); reward_model.precision=float32 may be faster")
     with precision(rc["precision"]):  # the fit's embeddings; every score below is float32
         X = encoder([r.text for r in train], progress=True).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
@@ -937,7 +937,9 @@ def report_markdown(rep: dict) -> str:
         + f") on all-MiniLM-L6-v2 embeddings, trained on {rm['n_train']} rated snippets"
         + (
             f", then fine-tuned with {_tuned_layers(ft.get('last_layers'))} of its encoder for {ft['epochs']:g} "
-            f"epoch(s) at lr {ft['lr']:g} (the ridge head alone: r = {rm['pearson_held_out_ridge']:.3f})"
+            f"epoch(s) at lr {ft['lr']:g}"
+            + (" in bfloat16 mixed precision (scores in float32)" if rm.get("precision") == "bfloat16" else "")
+            + f" (the ridge head alone: r = {rm['pearson_held_out_ridge']:.3f})"
             if (ft := rm.get("finetune"))
             else ""
         )
@@ -1360,11 +1362,16 @@ def full_report_markdown(rep: dict) -> str:
 # driver
 
 
+# keys added to the configuration since runs were made, and the value that stands for the code before them
+# (an older run folder resumes with that value given)
+ABSENT = {"reward_model.precision": "float32"}
+
+
 def run(cfg: dict, out: str | Path) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _check_assets()
-    stages = Stages(out, cfg, free=free_keys(cfg))
+    stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT)
     ctx = Context(cfg, out)
     plan = [
         ("reward_model", lambda: stage_reward_model(ctx)),
