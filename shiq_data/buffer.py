@@ -84,7 +84,7 @@ from shiq_data.schema import (
     row_has_ref,
 )
 from shiq_data.spill import Spill, remove_stale
-from shiq_data.tokenizers import PIPELINE_FIELD, pipeline_mismatch
+from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, pipeline_mismatch
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -318,6 +318,11 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     if PIPELINE_FIELD in tok and not isinstance(tok[PIPELINE_FIELD], str):  # optional: older buffers lack it
         raise ValueError(
             f"{path}: field 'tokenizer.{PIPELINE_FIELD}' must be a string, got {tok[PIPELINE_FIELD]!r:.40}"
+        )
+    if not isinstance(tok.get(CHAT_TEMPLATE_FIELD), (str, type(None))):  # optional; null: no chat template
+        raise ValueError(
+            f"{path}: field 'tokenizer.{CHAT_TEMPLATE_FIELD}' must be a string or null, "
+            f"got {tok[CHAT_TEMPLATE_FIELD]!r:.40}"
         )
     if "name" not in tok:
         raise ValueError(f"{path}: field 'tokenizer.name' missing")

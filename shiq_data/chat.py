@@ -26,8 +26,15 @@ class ChatTemplateError(ValueError):
 
 
 def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
+    from jinja2.exceptions import TemplateError  # transformers' template engine
+
     # Render to text, then tokenise without extra specials: the template writes its own.
-    text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+    try:
+        text = tokenizer.apply_chat_template(
+            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
+        )
+    except TemplateError as e:  # the template refused these messages (raise_exception) or failed on them
+        raise ChatTemplateError(f"chat template: {e}") from None
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.buffer import append_buffer, has_text_columns, read_manifest, write_buffer
+from shiq_data.buffer import MANIFEST, append_buffer, has_text_columns, read_manifest, write_buffer
 from shiq_data.chat import set_system_prompt
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.curate.cli import add_commands as add_curate_commands
@@ -21,7 +21,7 @@ from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
-from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer
+from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, load_tokenizer
 from shiq_data.validate import validate_buffer
 
 log = logging.getLogger(__name__)
@@ -119,6 +119,7 @@ def cmd_append(args) -> int:
             f"--system-prompt: the buffer's rows were rendered with system prompt {recorded.get('text')!r}, "
             f"these would get {info['system_prompt']['text']!r}; omit --system-prompt to use the buffer's"
         )
+    _guard_chat_template(tokenizer, info, manifest, args.buffer)
     rows = _rows(args.format, args.input, tokenizer, info, args)
     buf = append_buffer(
         args.buffer,
@@ -139,6 +140,28 @@ def cmd_append(args) -> int:
             f"in {args.buffer} (was this input appended before? --no-duplicates refuses them)"
         )
     return 0
+
+
+def _guard_chat_template(tokenizer, info: dict, manifest: dict, buffer) -> None:
+    """Refuse, at the first row rendered through the chat template, a tokenizer whose template differs from the
+    one the buffer's rows were rendered with (``tokenizer.chat_template_fingerprint``; rows of plain text
+    never go through it, and buffers written before the field existed record none)."""
+    have = manifest["tokenizer"]
+    if CHAT_TEMPLATE_FIELD not in have or have[CHAT_TEMPLATE_FIELD] == info[CHAT_TEMPLATE_FIELD]:
+        return
+    message = (
+        f"{Path(buffer) / MANIFEST}: field 'tokenizer.{CHAT_TEMPLATE_FIELD}': the buffer's rows were rendered "
+        f"through the chat template of {have['name']!r} ({_short(have[CHAT_TEMPLATE_FIELD])}), these would go "
+        f"through {info['name']!r}'s ({_short(info[CHAT_TEMPLATE_FIELD])}): the same vocabulary, another layout "
+        "of the turns; append with the buffer's tokenizer, or build a new buffer"
+    )
+
+    # a template that refuses to render (a string: it reaches --workers processes with the tokenizer)
+    tokenizer.chat_template = "{{ raise_exception(" + json.dumps(message, ensure_ascii=False) + ") }}"
+
+
+def _short(template_fingerprint: str | None) -> str:
+    return "no template" if template_fingerprint is None else f"fingerprint {template_fingerprint[:12]}…"
 
 
 def cmd_retokenize(args) -> int:
@@ -183,6 +206,12 @@ def cmd_validate(args) -> int:
     return 0
 
 
+def _template_summary(tok: dict) -> str:
+    if CHAT_TEMPLATE_FIELD not in tok:
+        return "not recorded"
+    return "none" if tok[CHAT_TEMPLATE_FIELD] is None else tok[CHAT_TEMPLATE_FIELD][:16]
+
+
 def _system_summary(tok: dict) -> str:
     system = tok.get("system_prompt")
     if system is None:
@@ -204,7 +233,8 @@ def cmd_info(args) -> int:
         f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
         f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
         f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}"
-        f"  pipeline {(tok.get(PIPELINE_FIELD) or 'not recorded')[:16]}\n"
+        f"  pipeline {(tok.get(PIPELINE_FIELD) or 'not recorded')[:16]}"
+        f"  chat template {_template_summary(tok)}\n"
         f"system      {_system_summary(tok)}\n"
         f"schema      version {m['schema_version']}, text columns {'yes' if has_text_columns(m) else 'no'}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"

@@ -16,7 +16,9 @@ manifest field ``tokenizer.pipeline_fingerprint``) covers that: the normalizer a
 BPE/WordPiece/Unigram model's options, the added tokens' matching flags and the Python tokenizer's flags
 that change ids (``add_prefix_space``, ...), nothing that only decodes or adds special tokens. It is a second field so
 that the first, recorded by every buffer, keeps its value; buffers written before it existed lack it
-and are checked on the first fingerprint alone (:func:`pipeline_mismatch`).
+and are checked on the first fingerprint alone (:func:`pipeline_mismatch`). A third,
+:func:`chat_template_fingerprint` (``tokenizer.chat_template_fingerprint``), covers the chat template, which the
+chat formats render conversations through (``shiq-data append`` checks it when a row is rendered).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def pipeline_fingerprint(tokenizer) -> str:
     and without ``add_prefix_space``) differ here. What does not change the ids the project writes is left
     out: the post-processor and ``add_bos_token`` / ``add_eos_token`` (every encoder of the project passes
     ``add_special_tokens=False``), the decoder and ``clean_up_tokenization_spaces`` (decoding only). The chat
-    template is not covered either (the buffer records its system prompt setting)."""
+    template is not covered either (:func:`chat_template_fingerprint` is)."""
     content: dict = {"class": None, "flags": {f: _flag(getattr(tokenizer, f, None)) for f in PIPELINE_FLAGS}}
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -127,6 +129,23 @@ def pipeline_fingerprint(tokenizer) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+# the manifest's tokenizer field holding :func:`chat_template_fingerprint` (absent from buffers written before it)
+CHAT_TEMPLATE_FIELD = "chat_template_fingerprint"
+
+
+def chat_template_fingerprint(tokenizer) -> str | None:
+    """sha256 of ``tokenizer``'s own chat template (the text, or canonical JSON of named templates), None
+    when it has none. Two tokenizers of one vocabulary and pipeline, a base model's and its chat model's,
+    often differ only here: the chat formats' rows rendered through one are laid out differently from rows
+    rendered through the other. Taken when the tokenizer is loaded, before a system prompt setting wraps
+    the template (the manifest records that setting apart)."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        return None
+    blob = template if isinstance(template, str) else json.dumps(template, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
 def pipeline_mismatch(recorded: dict, loaded: dict) -> bool:
     """Whether two tokenizer infos (a manifest's ``tokenizer`` entry, :func:`load_tokenizer`'s info) both
     record a pipeline fingerprint and the two differ. A buffer written before the field existed records
@@ -138,8 +157,9 @@ def pipeline_mismatch(recorded: dict, loaded: dict) -> bool:
 def load_tokenizer(name_or_path: str):
     """``(tokenizer, info)`` for ``gpt2``, ``smollm2`` or a local Hugging Face tokenizer folder.
 
-    ``info`` = ``{name, fingerprint, pipeline_fingerprint, vocab_size, eos_id, pad_id, system_prompt}``
-    (:func:`fingerprint`, :func:`pipeline_fingerprint`; ``pad_id`` falls back to
+    ``info`` = ``{name, fingerprint, pipeline_fingerprint, chat_template_fingerprint, vocab_size, eos_id, pad_id,
+    system_prompt}`` (:func:`fingerprint`, :func:`pipeline_fingerprint`, :func:`chat_template_fingerprint`;
+    ``pad_id`` falls back to
     the eos id when the tokenizer has no pad token, as for GPT-2; ``system_prompt`` is
     ``{"setting": "template", "text": the chat template's default system text or None}``).
     """
@@ -168,6 +188,7 @@ def load_tokenizer(name_or_path: str):
         "name": name,
         "fingerprint": fingerprint(tok),
         PIPELINE_FIELD: pipeline_fingerprint(tok),
+        CHAT_TEMPLATE_FIELD: chat_template_fingerprint(tok),
         "vocab_size": len(tok),
         "eos_id": eos,
         "pad_id": pad,

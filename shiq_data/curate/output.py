@@ -9,7 +9,9 @@ import pyarrow as pa
 
 from shiq_data.buffer import Buffer, write_buffer
 from shiq_data.curate.rows import CurationSource
-from shiq_data.tokenizers import PIPELINE_FIELD
+from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
+
+MISSING = object()  # a parent's manifest without the field
 
 
 def refuse_existing(out) -> Path:
@@ -36,11 +38,14 @@ def write_curated(
     and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
     row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
     fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
-    pipeline)."""
+    pipeline), the chat template's only when every parent records the same one."""
     first = parents[0].manifest
     tokenizer_info = dict(first["tokenizer"])
     if any(p.pipeline_fingerprint is None for p in parents):
         tokenizer_info.pop(PIPELINE_FIELD, None)
+    templates = [p.manifest["tokenizer"].get(CHAT_TEMPLATE_FIELD, MISSING) for p in parents]
+    if any(t is MISSING or t != templates[0] for t in templates):  # unknown, or rows of several templates
+        tokenizer_info.pop(CHAT_TEMPLATE_FIELD, None)
     shard_rows = max(first["shards"][0]["rows"], 1) if first["shards"] else 4096
     return write_buffer(
         rows,
