@@ -21,7 +21,7 @@ from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
-from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, load_tokenizer
+from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, load_tokenizer, template_mismatch
 from shiq_data.validate import validate_buffer
 
 log = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ def _guard_chat_template(tokenizer, info: dict, manifest: dict, buffer) -> None:
     one the buffer's rows were rendered with (``tokenizer.chat_template_fingerprint``; rows of plain text
     never go through it, and buffers written before the field existed record none)."""
     have = manifest["tokenizer"]
-    if CHAT_TEMPLATE_FIELD not in have or have[CHAT_TEMPLATE_FIELD] == info[CHAT_TEMPLATE_FIELD]:
+    if not template_mismatch(have, info):
         return
     message = (
         f"{Path(buffer) / MANIFEST}: field 'tokenizer.{CHAT_TEMPLATE_FIELD}': the buffer's rows were rendered "

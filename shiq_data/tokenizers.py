@@ -146,6 +146,16 @@ def chat_template_fingerprint(tokenizer) -> str | None:
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def template_mismatch(recorded: dict, loaded: dict) -> bool:
+    """Whether two tokenizer infos both record a chat template fingerprint (None: no template) and the two
+    differ; a buffer written before the field existed records none."""
+    return (
+        CHAT_TEMPLATE_FIELD in recorded
+        and CHAT_TEMPLATE_FIELD in loaded
+        and recorded[CHAT_TEMPLATE_FIELD] != loaded[CHAT_TEMPLATE_FIELD]
+    )
+
+
 def pipeline_mismatch(recorded: dict, loaded: dict) -> bool:
     """Whether two tokenizer infos (a manifest's ``tokenizer`` entry, :func:`load_tokenizer`'s info) both
     record a pipeline fingerprint and the two differ. A buffer written before the field existed records

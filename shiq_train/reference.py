@@ -22,7 +22,13 @@ from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
-from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
+from shiq_data.tokenizers import (
+    CHAT_TEMPLATE_FIELD,
+    PIPELINE_FIELD,
+    load_tokenizer,
+    pipeline_mismatch,
+    template_mismatch,
+)
 from shiq_train.checkpoint import latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
@@ -224,7 +230,8 @@ def check_tokenizer_matches(
     embedding). ``model_info`` None (no tokenizer known) or ``model_vocab_size`` None skip that check. A
     tokenizer of the same vocabulary with another pipeline (``shiq_data.tokenizers.pipeline_fingerprint``,
     when both record one) is a warning: the buffer's ids stay valid, but text the model's tokenizer encodes
-    (prompts in evaluation) may be split otherwise than the buffer's rows were."""
+    (prompts in evaluation) may be split otherwise than the buffer's rows were; so is another chat template
+    (``chat_template_fingerprint``), which lays conversations out otherwise."""
     if model_info is not None and model_info["fingerprint"] != buffer_info["fingerprint"]:
         raise ValueError(
             f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r} (fingerprint "
@@ -237,6 +244,13 @@ def check_tokenizer_matches(
             f"{model_info['name']!r} shares but not its pipeline (pipeline fingerprint "
             f"{buffer_info[PIPELINE_FIELD][:12]}… against {model_info[PIPELINE_FIELD][:12]}…): text it encodes may be "
             "split otherwise than the buffer's rows were"
+        )
+    if model_info is not None and template_mismatch(buffer_info, model_info):
+        log.warning(
+            f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r}, whose chat template the {role}'s "
+            f"{model_info['name']!r} does not share (chat template fingerprint "
+            f"{(buffer_info[CHAT_TEMPLATE_FIELD] or 'none')[:12]} against {(model_info[CHAT_TEMPLATE_FIELD] or 'none')[:12]}): "
+            "conversations it renders (prompts in evaluation) are laid out otherwise than the buffer's were"
         )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(

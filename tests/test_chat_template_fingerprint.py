@@ -129,3 +129,28 @@ def test_curation_keeps_the_field_only_when_every_parent_records_the_same(tmp_pa
     code, _, err = run(capsys, "filter", tmp_path / "a", "--where", "reward > 0", "--out", tmp_path / "f")
     assert code == 0, err
     assert read_manifest(tmp_path / "f")["tokenizer"][CHAT_TEMPLATE_FIELD] == same
+
+
+def test_training_and_evaluation_warn_of_another_chat_template(other, caplog):
+    """``check_tokenizer_matches`` (shiq-train, ref-stats, shiq-eval run): a model tokenizer with the buffer's
+    vocabulary and pipeline but another chat template is a warning naming both template fingerprints; nothing
+    for the same template or a buffer that records none."""
+    import logging
+
+    from shiq_train.reference import check_tokenizer_matches
+
+    mine, theirs = load_tokenizer("smollm2")[1], load_tokenizer(str(other))[1]
+    logger = logging.getLogger("shiq_train.reference")
+    logger.addHandler(caplog.handler)
+    caplog.set_level(logging.WARNING, logger="shiq_train.reference")
+    try:
+        check_tokenizer_matches(mine, theirs, None, "BUF", role="evaluation model")
+        warned = sorted({r.getMessage() for r in caplog.records})
+        assert len(warned) == 1 and "BUF" in warned[0] and "chat template" in warned[0], warned
+        assert mine[CHAT_TEMPLATE_FIELD][:12] in warned[0] and theirs[CHAT_TEMPLATE_FIELD][:12] in warned[0]
+        caplog.clear()
+        check_tokenizer_matches(mine, dict(mine), None, "BUF")
+        check_tokenizer_matches({k: v for k, v in mine.items() if k != CHAT_TEMPLATE_FIELD}, theirs, None, "BUF")
+        assert caplog.records == []
+    finally:
+        logger.removeHandler(caplog.handler)
