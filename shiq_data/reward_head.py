@@ -34,8 +34,9 @@ PRECISIONS = ("float32", "bfloat16")  # what the encoder computes in while it is
 def precision(name: str):
     """A context in which the encoder computes in ``name``: ``float32`` (nothing changes) or ``bfloat16``
     (CPU autocast: matrix products in bfloat16, the weights, their gradients and the loss in float32;
-    about 2x faster on CPUs with AVX512-BF16; emulated, and likely slower, on CPUs without). Scoring with a saved head is always
-    float32; this is for fitting one (the embedding pass of the ridge fit, :func:`finetune`)."""
+    about 2x faster on CPUs with AVX512-BF16; emulated, and likely slower, on CPUs without). Scoring with a
+    saved head is always float32; this is for fitting one (the embedding pass of the ridge fit,
+    :func:`finetune`)."""
     import torch  # heavy: shiq-data imports this module for every build
 
     if name not in PRECISIONS:

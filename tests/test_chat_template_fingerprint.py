@@ -9,9 +9,9 @@ import hashlib
 import json
 
 import pytest
+from data_cli_runs import run, write_jsonl
 
 from shiq_data.buffer import read_manifest
-from shiq_data.cli import main
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, chat_template_fingerprint, load_tokenizer, smollm2_folder
 
 FIELD = f"tokenizer.{CHAT_TEMPLATE_FIELD}"
@@ -42,17 +42,6 @@ def other(tmp_path_factory):
     return folder
 
 
-def _jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def test_the_fingerprint_is_the_templates_sha256_and_only_the_template_differs(other):
     tok, info = load_tokenizer("smollm2")
     tok2, info2 = load_tokenizer(str(other))
@@ -66,7 +55,7 @@ def test_the_fingerprint_is_the_templates_sha256_and_only_the_template_differs(o
 @pytest.mark.parametrize("workers", [1, 2])
 def test_append_refuses_chat_rows_through_another_template_and_accepts_plain_rows(tmp_path, capsys, other, workers):
     buf = tmp_path / "buf"
-    chat = _jsonl(tmp_path / "chat.jsonl", CHAT)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
     assert run(capsys, "build", "jsonl", chat, "--tokenizer", "smollm2", "--out", buf, "--no-progress")[0] == 0
     manifest = read_manifest(buf)
     assert manifest["tokenizer"][CHAT_TEMPLATE_FIELD] == load_tokenizer("smollm2")[1][CHAT_TEMPLATE_FIELD]
@@ -78,7 +67,7 @@ def test_append_refuses_chat_rows_through_another_template_and_accepts_plain_row
     assert f"{buf / 'manifest.json'}: field '{FIELD}'" in err and "another layout of the turns" in err
     assert "Traceback" not in err and (buf / "manifest.json").read_bytes() == before
     # plain text rows never go through the template: the same tokenizer appends them
-    plain = _jsonl(tmp_path / "plain.jsonl", PLAIN)
+    plain = write_jsonl(tmp_path / "plain.jsonl", PLAIN)
     code, _, err = run(capsys, "append", buf, "jsonl", plain, "--tokenizer", other, "--no-progress")
     assert code == 0, err
     assert read_manifest(buf)["rows"] == len(CHAT) + len(PLAIN)
@@ -90,7 +79,7 @@ def test_append_refuses_chat_rows_through_another_template_and_accepts_plain_row
 
 def test_a_manifest_from_before_the_field_appends_chat_rows_as_before(tmp_path, capsys, other):
     buf = tmp_path / "buf"
-    chat = _jsonl(tmp_path / "chat.jsonl", CHAT)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
     assert run(capsys, "build", "jsonl", chat, "--tokenizer", "smollm2", "--out", buf, "--no-progress")[0] == 0
     path = buf / "manifest.json"
     m = json.loads(path.read_text())
@@ -110,7 +99,7 @@ def test_a_manifest_from_before_the_field_appends_chat_rows_as_before(tmp_path, 
 
 
 def test_curation_keeps_the_field_only_when_every_parent_records_the_same(tmp_path, capsys, other):
-    chat = _jsonl(tmp_path / "chat.jsonl", CHAT)
+    chat = write_jsonl(tmp_path / "chat.jsonl", CHAT)
     for name, tok in (("a", "smollm2"), ("b", "smollm2"), ("c", other)):
         assert (
             run(capsys, "build", "jsonl", chat, "--tokenizer", tok, "--out", tmp_path / name, "--no-progress")[0] == 0

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from data_cli_runs import run, write_jsonl
 
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
-from shiq_data.cli import main
 from shiq_data.curate.stats import buffer_stats
 from shiq_data.curate.where import sandbox
 from shiq_data.readers import get_format
@@ -55,17 +55,6 @@ def _records():
     return a, b
 
 
-def _write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def read_rows(folder):
     m = json.loads((Path(folder) / "manifest.json").read_text())
     rows = []
@@ -88,7 +77,7 @@ def data(tmp_path_factory):
     and ``df``: the input records in buffer order, with their row ids and (source, prompt) groups."""
     root = tmp_path_factory.mktemp("curate")
     recs_a, recs_b = _records()
-    fa, fb = _write_jsonl(root / "a.jsonl", recs_a), _write_jsonl(root / "b.jsonl", recs_b)
+    fa, fb = write_jsonl(root / "a.jsonl", recs_a), write_jsonl(root / "b.jsonl", recs_b)
     tok, info = load_tokenizer("gpt2")
     read = get_format("jsonl").read
     common = {"tokenizer_info": info, "command": ["test"], "shard_rows": 4, "progress": False}

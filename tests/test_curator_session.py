@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from data_cli_runs import write_jsonl
 
 from shiq_data.buffer import read_shard
 from shiq_data.cli import main
@@ -68,11 +69,6 @@ def other_records() -> list[dict]:
         for i in range(40)
         for k in range(1 + i % 3)
     ]  # fmt: skip
-
-
-def write_jsonl(path: Path, recs: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
 
 
 def shiq_data(capsys, *argv) -> str:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_cli_runs import write_jsonl
 from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 from shiq_data.cli import main
@@ -24,11 +25,6 @@ RECORDS = [
     {"prompt": "Tell me another joke.", "completion": " Still no.", "reward": 0.5, "group": "jokes"},
 ]
 GPT2_EOS = 50256
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def read_rows(folder):

@@ -5,17 +5,13 @@ import json
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from data_cli_runs import write_jsonl
 
 from shiq_data.cli import main
 
 pytestmark = pytest.mark.usefixtures("tokenizers_once")  # one tokenizer load per session
 
 GPT2_EOS = 50256
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def rows_of(folder):

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from data_cli_runs import run, write_jsonl
 
 import shiq_data.readers.parallel as parallel
 from shiq_data.buffer import open_buffer
-from shiq_data.cli import main
 
 pytestmark = pytest.mark.usefixtures("tokenizers_once")
 
@@ -31,17 +31,6 @@ def records(n: int, start: int = 0) -> list[dict]:
                 rec["group"] = f"g{i % 3}"
             out.append(rec)
     return out
-
-
-def write_jsonl(path: Path, recs: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def same_buffer(a: Path, b: Path) -> None:

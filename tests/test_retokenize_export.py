@@ -8,6 +8,7 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from conftest import cached_load_tokenizer
+from data_cli_runs import write_jsonl
 
 import shiq_data.cli
 from shiq_data.buffer import add_ref_columns, write_buffer
@@ -51,11 +52,6 @@ HH = [
         "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: A joke?\n\nAssistant: No.",
     }
 ]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def run(*argv):

@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from conftest import cached_load_tokenizer
+from data_cli_runs import write_jsonl
 
 from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.cli import main
@@ -32,11 +33,6 @@ RECORDS = [
     {"prompt": "Q: 2+2?\nA:", "completion": " 4", "reward": 1, "group": "math"},
     {"prompt": "Hello world", "completion": " ünïcode", "reward": -0.25, "meta": {"lang": "fr"}},
 ]
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
 
 
 def plain_shards(folder):

@@ -8,9 +8,9 @@ import json
 import shutil
 
 import pytest
+from data_cli_runs import run
 
 from shiq_data.buffer import read_manifest, write_buffer
-from shiq_data.cli import main
 from shiq_data.readers import get_format
 from shiq_data.tokenizers import (
     PIPELINE_FIELD,
@@ -50,12 +50,6 @@ def jsonl(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
     return path
-
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _build(capsys, jsonl, out, tokenizer):
