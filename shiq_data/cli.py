@@ -315,7 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tokenizer",
         default=None,
         help="tokenizer to load (default: the one the manifest names); its fingerprint (and pipeline fingerprint, "
-        "when the manifest records one) must match the buffer's",
+        "when the manifest records one) must match the buffer's, and so must its chat template for rows that "
+        "go through one",
     )
     a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
     a.add_argument(
