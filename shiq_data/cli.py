@@ -149,12 +149,19 @@ def _guard_chat_template(tokenizer, info: dict, manifest: dict, buffer) -> None:
     have = manifest["tokenizer"]
     if not template_mismatch(have, info):
         return
-    message = (
-        f"{Path(buffer) / MANIFEST}: field 'tokenizer.{CHAT_TEMPLATE_FIELD}': the buffer's rows were rendered "
-        f"through the chat template of {have['name']!r} ({_short(have[CHAT_TEMPLATE_FIELD])}), these would go "
-        f"through {info['name']!r}'s ({_short(info[CHAT_TEMPLATE_FIELD])}): the same vocabulary, another layout "
-        "of the turns; append with the buffer's tokenizer, or build a new buffer"
-    )
+    where = f"{Path(buffer) / MANIFEST}: field 'tokenizer.{CHAT_TEMPLATE_FIELD}': "
+    if have[CHAT_TEMPLATE_FIELD] is None:  # a buffer of plain text rows: none went through a template
+        message = (
+            f"{where}the buffer's tokenizer {have['name']!r} has no chat template, so its rows are plain text; "
+            f"these would go through {info['name']!r}'s ({_short(info[CHAT_TEMPLATE_FIELD])}); build a new buffer"
+        )
+    else:
+        message = (
+            f"{where}the buffer's rows were rendered through the chat template of {have['name']!r} "
+            f"({_short(have[CHAT_TEMPLATE_FIELD])}), these would go through {info['name']!r}'s "
+            f"({_short(info[CHAT_TEMPLATE_FIELD])}): the same vocabulary, another layout of the turns; append with "
+            "the buffer's tokenizer, or build a new buffer"
+        )
 
     # a template that refuses to render (a string: it reaches --workers processes with the tokenizer)
     tokenizer.chat_template = "{{ raise_exception(" + json.dumps(message, ensure_ascii=False) + ") }}"

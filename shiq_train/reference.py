@@ -250,7 +250,8 @@ def check_tokenizer_matches(
             f"{buffer_dir}: built with tokenizer {buffer_info.get('name')!r}, whose chat template the {role}'s "
             f"{model_info['name']!r} does not share (chat template fingerprint "
             f"{(buffer_info[CHAT_TEMPLATE_FIELD] or 'none')[:12]} against {(model_info[CHAT_TEMPLATE_FIELD] or 'none')[:12]}): "
-            "conversations it renders (prompts in evaluation) are laid out otherwise than the buffer's were"
+            "conversations it renders (prompts in evaluation) are laid out otherwise than any of the buffer's "
+            "rendered through a template were"
         )
     if model_vocab_size is not None and model_vocab_size < int(buffer_info["vocab_size"]):
         raise ValueError(

@@ -66,6 +66,26 @@ def test_append_refuses_chat_rows_through_another_template_and_accepts_plain_row
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert f"{buf / 'manifest.json'}: field '{FIELD}'" in err and "another layout of the turns" in err
     assert "Traceback" not in err and (buf / "manifest.json").read_bytes() == before
+    # a buffer of plain rows from a tokenizer without a template: chat rows through one are refused too
+    bare = tmp_path / "bare-tok"
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(other))
+    tok.chat_template = None
+    tok.save_pretrained(str(bare))
+    plain_buf = tmp_path / "plain-buf"
+    plain = write_jsonl(tmp_path / "plain0.jsonl", PLAIN)
+    assert run(capsys, "build", "jsonl", plain, "--tokenizer", bare, "--out", plain_buf, "--no-progress")[0] == 0
+    assert read_manifest(plain_buf)["tokenizer"][CHAT_TEMPLATE_FIELD] is None
+    plain_chat = tmp_path / "plain-chat-tok"  # a template with no default system turn, as the buffer records
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    tok.save_pretrained(str(plain_chat))
+    code, _, err = run(capsys, "append", plain_buf, "jsonl", chat, "--tokenizer", plain_chat, "--no-progress")
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"field '{FIELD}'" in err and "has no chat template, so its rows are plain text" in err
     # plain text rows never go through the template: the same tokenizer appends them
     plain = write_jsonl(tmp_path / "plain.jsonl", PLAIN)
     code, _, err = run(capsys, "append", buf, "jsonl", plain, "--tokenizer", other, "--no-progress")
@@ -115,6 +135,16 @@ def test_curation_keeps_the_field_only_when_every_parent_records_the_same(tmp_pa
         == 0
     )
     assert CHAT_TEMPLATE_FIELD not in read_manifest(tmp_path / "ac")["tokenizer"]
+    # a parent from before the field: the mix cannot say which template its rows went through
+    path = tmp_path / "b" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["tokenizer"][CHAT_TEMPLATE_FIELD]
+    path.write_text(json.dumps(m))
+    code, _, err = run(
+        capsys, "mix", f"{tmp_path / 'a'}:1", f"{tmp_path / 'b'}:1", "--out", tmp_path / "ab2", "--no-progress"
+    )
+    assert code == 0, err
+    assert CHAT_TEMPLATE_FIELD not in read_manifest(tmp_path / "ab2")["tokenizer"]
     code, _, err = run(capsys, "filter", tmp_path / "a", "--where", "reward > 0", "--out", tmp_path / "f")
     assert code == 0, err
     assert read_manifest(tmp_path / "f")["tokenizer"][CHAT_TEMPLATE_FIELD] == same

@@ -6,6 +6,7 @@ import math
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -493,6 +494,18 @@ def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == given
     with pytest.raises(SystemExit, match=r"differs in \['reward_model.precision'\]\); use another --out"):
         Stages(tmp_path / "run", new, free=demo.free_keys(new), absent=demo.ABSENT)
+
+
+def test_a_config_file_from_before_the_precision_key_means_float32(tmp_path):
+    """A user's configuration file written before ``reward_model.precision`` existed loads (no KeyError) and
+    fits the reward model in float32, as the code of its day did."""
+    text = (Path(demo.__file__).parents[2] / "configs" / "demo.yaml").read_text()
+    lines = [line for line in text.splitlines() if not line.strip().startswith(("precision:", "# weights; the stage"))]
+    assert len(lines) == len(text.splitlines()) - 2
+    (tmp_path / "old.yaml").write_text("\n".join(lines) + "\n")
+    cfg = demo.load_config(tmp_path / "old.yaml")
+    assert "precision" not in cfg["reward_model"] and demo.reward_precision(cfg) == "float32"
+    assert demo.reward_precision(demo.load_config()) == "bfloat16"
 
 
 def test_the_frontier_draws_a_line_per_method_and_data_not_per_method_alone():

@@ -178,6 +178,11 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     return out
 
 
+def reward_precision(cfg: dict) -> str:
+    """``reward_model.precision``; a configuration file written before the key existed means float32."""
+    return cfg["reward_model"].get("precision", ABSENT["reward_model.precision"])
+
+
 def _check_config(cfg: dict) -> None:
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
     check_arms(cfg, METHODS, SINGLE_METHODS)
@@ -192,10 +197,8 @@ def _check_config(cfg: dict) -> None:
     last = cfg["reward_model"].get("finetune_last_layers")
     if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 6):
         raise ValueError(f"reward_model.finetune_last_layers must be null or an integer in 1..6, got {last!r}")
-    if cfg["reward_model"]["precision"] not in PRECISIONS:
-        raise ValueError(
-            f"reward_model.precision must be one of {', '.join(PRECISIONS)}, got {cfg['reward_model']['precision']!r}"
-        )
+    if (dtype := reward_precision(cfg)) not in PRECISIONS:
+        raise ValueError(f"reward_model.precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
     held = cfg["reward_model"].get("max_held_out_texts")
     if held is not None and (isinstance(held, bool) or not isinstance(held, int) or held < 2):
         raise ValueError(f"reward_model.max_held_out_texts must be null or an integer >= 2, got {held!r}")
@@ -300,9 +303,10 @@ def stage_reward_model(ctx: Context) -> None:
         held = random.Random(cfg["seed"]).sample(held, rc["max_held_out_texts"])
     _log(f"reward model: embedding {len(train)} training and {len(held)} held-out snippets")
     encoder = minilm_encoder()
-    if rc["precision"] == "bfloat16" and not native_bfloat16():
+    dtype = reward_precision(cfg)
+    if dtype == "bfloat16" and not native_bfloat16():
         _log("reward model: no native bfloat16 on this CPU (emulated); reward_model.precision=float32 may be faster")
-    with precision(rc["precision"]):  # the fit's embeddings; every score below is float32
+    with precision(dtype):  # the fit's embeddings; every score below is float32
         X = encoder([r.text for r in train], progress=True).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
     # the penalty is chosen on the training split only; the held-out snippets stay unseen until scored
@@ -316,7 +320,7 @@ def stage_reward_model(ctx: Context) -> None:
         texts = [r.text for r in train]
         rm.weight, rm.bias = finetune(
             encoder, texts, y.tolist(), rm.weight, rm.bias, epochs=rc["finetune_epochs"], lr=rc["finetune_lr"],
-            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"), dtype=rc["precision"],
+            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"), dtype=dtype,
         )  # fmt: skip
         rm.encoder_weights = encoder.model.state_dict()
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
@@ -325,7 +329,7 @@ def stage_reward_model(ctx: Context) -> None:
         "n_train": len(train),
         "n_held_out": len(held),
         "l2": l2,
-        "precision": rc["precision"],
+        "precision": dtype,
         "l2_cross_validation": {"folds": rc["cv_folds"], "pearson": {str(k): v for k, v in cv.items()}},
         "finetune": {
             "epochs": rc["finetune_epochs"],
