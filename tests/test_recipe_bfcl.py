@@ -3,6 +3,7 @@ shared KV cache against a plain recomputation, and the quick end-to-end run."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,9 +47,25 @@ def test_config_quick_and_errors():
         ("data.reward=final", "data.reward"),
         ("data.edits_per_scenario=0", "compare trajectories of a scenario"),
         ("train.stepz=3", "unknown config key"),
+        ("eval.scenarios=41", "eval.scenarios must be an integer in 0..40 (0: all 40 held-out scenarios), got 41"),
+        ("eval.temperature=-0.5", "eval.temperature must be a number >= 0 (0: greedy), got -0.5"),
+        ("data.edits_per_scenario=99", "data.edits_per_scenario must be an integer in 0.."),
+        ("model.layers=31", "model.layers must be an integer in 0..30 (0: all), got 31"),
+        ("train.clip_grad=-1.0", "train.clip_grad must be a number >= 0"),
     ]:
-        with pytest.raises(ValueError, match=needle.replace("[", r"\[")):
+        with pytest.raises(ValueError, match=re.escape(needle)):
             bfcl.load_config(overrides=[override])
+
+
+def test_trainable_layers_are_bounded_by_the_layers_kept():
+    """``model.layers`` keeps the first N layers: at most those N train (a stage would refuse it later)."""
+    assert bfcl.load_config(quick=True, overrides=["train.trainable_last_layers=2"])["model"]["layers"] == 2
+    with pytest.raises(
+        ValueError, match=r"train.trainable_last_layers must be an integer in 1..2 \(of the model's 2\), got 3"
+    ):
+        bfcl.load_config(quick=True, overrides=["train.trainable_last_layers=3"])
+    with pytest.raises(ValueError, match=r"in 1..30 \(of the model's 30\), got 31"):
+        bfcl.load_config(overrides=["train.trainable_last_layers=31"])
 
 
 def test_the_buffer_holds_the_scenarios_the_training_reads():

@@ -63,12 +63,14 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    Bounds,
     PrefixCaches,
     Stages,
     arm_beta,
     arm_method,
     check_arms,
-    check_keep_checkpoints,
+    check_bounds,
+    check_flags,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -111,8 +113,35 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     return cfg
 
 
+LAYERS = 30  # SmolLM2-135M's transformer layers
+# Every number of the configuration, checked before any stage runs
+BOUNDS = {
+    "seed": Bounds(low=0),
+    "model.layers": Bounds(low=0, high=LAYERS, why="0: all"),
+    "data.train_scenarios": Bounds(low=0, high=160, why="0: all 160 training scenarios"),
+    "data.edits_per_scenario": Bounds(low=0, high=len(CORRUPTIONS)),
+    "data.max_tokens": Bounds(low=1),
+    "train.steps": Bounds(low=1),
+    "train.groups_per_step": Bounds(low=1),
+    "train.lr": Bounds(integer=False, low=0, above=True),
+    "train.warmup_steps": Bounds(low=0),
+    "train.clip_grad": Bounds(integer=False, low=0, why="0: no clipping"),
+    "eval.scenarios": Bounds(low=0, high=40, why="0: all 40 held-out scenarios"),
+    "eval.max_new_tokens": Bounds(low=1),
+    "eval.temperature": Bounds(integer=False, low=0, why="0: greedy"),
+    "eval.show_answers": Bounds(low=0),
+    "eval.batch_size": Bounds(low=1),
+}
+FLAGS = ["train.cache_frozen_prefix", "train.keep_checkpoints"]
+
+
 def _check_config(cfg: dict) -> None:
-    d, t, ev = cfg["data"], cfg["train"], cfg["eval"]
+    """Refuse, in one line naming the key, a configuration that a stage would refuse or break on later."""
+    d, t = cfg["data"], cfg["train"]
+    check_bounds(cfg, BOUNDS)
+    check_flags(cfg, FLAGS)
+    layers = cfg["model"]["layers"] or LAYERS  # the model trained: its first model.layers layers (0: all)
+    check_bounds(cfg, {"train.trainable_last_layers": Bounds(low=1, high=layers, why=f"of the model's {layers}")})
     check_arms(cfg, METHODS)
     if d["docs"] not in ("compact", "full") or d["order"] not in ("index", "shortest"):
         raise ValueError(
@@ -120,23 +149,13 @@ def _check_config(cfg: dict) -> None:
         )
     if d["reward"] not in ("cumulative", "reset"):
         raise ValueError(f"data.reward must be 'cumulative' or 'reset', got {d['reward']!r}")
-    if not 0 <= d["edits_per_scenario"] <= len(CORRUPTIONS):
-        raise ValueError(f"data.edits_per_scenario must be in [0, {len(CORRUPTIONS)}], got {d['edits_per_scenario']}")
     needs_groups = [m for m in t["methods"] if LOSSES[arm_method(m)].needs_groups]
     if needs_groups and d["edits_per_scenario"] < 1:
         raise ValueError(f"data.edits_per_scenario must be >= 1: {needs_groups} compare trajectories of a scenario")
-    for key, low in (("steps", 1), ("groups_per_step", 1), ("warmup_steps", 0)):
-        if t[key] < low:
-            raise ValueError(f"train.{key} must be >= {low}, got {t[key]}")
     if d["buffer"] not in ("visited", "all"):
         raise ValueError(f"data.buffer must be 'visited' or 'all', got {d['buffer']!r}")
     if t["groups_per_step"] > (d["train_scenarios"] or 160):
         raise ValueError("train.groups_per_step cannot exceed data.train_scenarios")
-    if ev["max_new_tokens"] < 1 or ev["temperature"] < 0 or ev["batch_size"] < 1:
-        raise ValueError("eval.max_new_tokens and eval.batch_size must be >= 1 and eval.temperature >= 0")
-    if cfg["model"]["layers"] < 0:
-        raise ValueError(f"model.layers must be >= 0 (0: all), got {cfg['model']['layers']}")
-    check_keep_checkpoints(cfg)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,10 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -77,6 +79,98 @@ def same_kind(old, new) -> bool:
     if isinstance(old, (int, str)):
         return type(new) is type(old)
     return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What a number of a recipe's configuration may be, checked by :func:`check_bounds` before any work
+    starts (a bad value found only when a stage reads it would cost the minutes of the stages before)."""
+
+    integer: bool = True
+    """An int (never a bool); False: any finite int or float."""
+    low: float | None = None
+    """The smallest value allowed (None: no lower bound)."""
+    high: float | None = None
+    """The largest value allowed (None: no upper bound)."""
+    above: bool = False
+    """``low`` itself is excluded: the value must exceed it."""
+    below: bool = False
+    """``high`` itself is excluded."""
+    null: bool = False
+    """None (YAML ``null``) is allowed too: a setting's "all" or "none"."""
+    also: tuple = ()
+    """Values allowed outside the range (``-1``: every layer)."""
+    each: bool = False
+    """The value is a non-empty list, each entry such a number."""
+    why: str = ""
+    """What the bound protects, said in the refusal."""
+
+    def __post_init__(self):
+        if self.low is not None and self.high is not None and self.low > self.high:
+            raise ValueError(f"Bounds: low {self.low} > high {self.high}")
+
+    def admits(self, v) -> bool:
+        """Whether one value (one entry, with ``each``) is allowed."""
+        if v is None:
+            return self.null
+        if isinstance(v, bool) or not isinstance(v, int if self.integer else (int, float)):
+            return False
+        if v in self.also:
+            return True
+        if not math.isfinite(v):
+            return False
+        if self.low is not None and (v <= self.low if self.above else v < self.low):
+            return False
+        return self.high is None or (v < self.high if self.below else v <= self.high)
+
+    def describe(self) -> str:
+        """The rule in words: "an integer >= 1", "a number in (0, 1)", "null or an integer in 1..6"."""
+        text = "an integer" if self.integer else "a number"
+        lo, hi = self.low, self.high
+        if lo is not None and hi is not None:
+            if self.integer and not (self.above or self.below):
+                text += f" in {lo:g}..{hi:g}"
+            else:
+                text += f" in {'(' if self.above else '['}{lo:g}, {hi:g}{')' if self.below else ']'}"
+        elif lo is not None:
+            text += f" {'>' if self.above else '>='} {lo:g}"
+        elif hi is not None:
+            text += f" {'<' if self.below else '<='} {hi:g}"
+        text += "".join(f" or {v!r}" for v in self.also)
+        text = f"null or {text}" if self.null else text
+        text = f"a non-empty list of entries each {text}" if self.each else text
+        return f"{text} ({self.why})" if self.why else text
+
+
+def check_bounds(cfg: dict, bounds: dict[str, Bounds]) -> None:
+    """Each dotted key of ``bounds`` (``*`` matching any key at its level) that ``cfg`` has, against its
+    :class:`Bounds`: ``ValueError("<key> must be <rule>, got <value>")`` at the first that breaks it. Keys a
+    configuration lacks are skipped (a file from before they existed)."""
+    for pattern, rule in bounds.items():
+        for key, v in _select_all(cfg, pattern.split("."), ""):
+            ok = isinstance(v, list) and v and all(map(rule.admits, v)) if rule.each else rule.admits(v)
+            if not ok:
+                raise ValueError(f"{key} must be {rule.describe()}, got {v!r}")
+
+
+def _select_all(node, parts: list[str], prefix: str):
+    """``(dotted key, value)`` of every leaf of ``node`` that the key ``parts`` (``*``: any) names."""
+    if not parts:
+        yield prefix, node
+        return
+    if not isinstance(node, dict):
+        return
+    head, rest = parts[0], parts[1:]
+    for k in node if head == "*" else [head] if head in node else []:
+        yield from _select_all(node[k], rest, f"{prefix}.{k}" if prefix else str(k))
+
+
+def check_flags(cfg: dict, keys) -> None:
+    """Each dotted key of ``keys`` that ``cfg`` has is true or false."""
+    for key in keys:
+        for name, v in _select_all(cfg, key.split("."), ""):
+            if not isinstance(v, bool):
+                raise ValueError(f"{name} must be true or false, got {v!r}")
 
 
 SINGLE = "-single"  # arm suffix: the method trained on one completion per prompt (the demo's information arm)
@@ -376,13 +470,6 @@ def recipe_trainer(model, cfg: dict, arm: str, run: Path, hf_config, run_meta: d
         run_meta={"method": method, **run_meta, "hf_config": hf_config.to_dict(), "config": {"init": "smollm2"}},
         prefix_cache=prefix_cache,
     )
-
-
-def check_keep_checkpoints(cfg: dict) -> None:
-    """``train.keep_checkpoints`` (read by :func:`drop_checkpoints`) is true or false."""
-    keep = cfg["train"]["keep_checkpoints"]
-    if not isinstance(keep, bool):
-        raise ValueError(f"train.keep_checkpoints must be true or false, got {keep!r}")
 
 
 def drop_checkpoints(cfg: dict, out: Path, stage: str, log) -> None:

@@ -78,6 +78,7 @@ from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, p
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     SINGLE,
+    Bounds,
     PrefixCaches,
     Stages,
     across_seeds,
@@ -85,7 +86,8 @@ from shiq_eval.recipes.common import (
     arm_is_single,
     arm_method,
     check_arms,
-    check_keep_checkpoints,
+    check_bounds,
+    check_flags,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -183,48 +185,84 @@ def reward_precision(cfg: dict) -> str:
     return cfg["reward_model"].get("precision", ABSENT["reward_model.precision"])
 
 
+LAYERS = 30  # SmolLM2-135M's transformer layers
+# Every number of the configuration, checked before any stage runs (SHIQ_MATH §9 for the evaluation's)
+BOUNDS = {
+    "seed": Bounds(low=0),
+    "data.held_out_fraction": Bounds(integer=False, low=0, high=1, above=True, below=True),
+    "data.prompt_words": Bounds(low=1),
+    "data.train_prompts": Bounds(low=1),
+    "data.completions_per_prompt": Bounds(low=2, why="DPO, CoPG and DRO-V compare completions of a prompt"),
+    "data.eval_prompts": Bounds(low=1),
+    "data.max_new_tokens": Bounds(low=1),
+    "reward_model.l2": Bounds(integer=False, low=0, above=True, each=True, why="ridge penalties"),
+    "reward_model.cv_folds": Bounds(low=2),
+    "reward_model.max_train_texts": Bounds(low=0, why="0: every training snippet"),
+    "reward_model.max_held_out_texts": Bounds(low=2, null=True),
+    "reward_model.finetune_epochs": Bounds(integer=False, low=0),
+    "reward_model.finetune_lr": Bounds(integer=False, low=0, above=True),
+    "reward_model.finetune_last_layers": Bounds(low=1, high=6, null=True),
+    "train.steps": Bounds(low=1),
+    "train.eval_every": Bounds(low=1),
+    "train.groups_per_step": Bounds(low=1),
+    "train.lr": Bounds(integer=False, low=0, above=True),
+    "train.warmup_steps": Bounds(low=0),
+    "train.clip_grad": Bounds(integer=False, low=0, why="0: no clipping"),
+    "train.trainable_last_layers": Bounds(low=1, high=LAYERS, also=(-1,), why="-1: every parameter"),
+    "eval.batch_size": Bounds(low=1),
+    "eval.samples_per_prompt": Bounds(low=1),
+    "eval.show_samples": Bounds(low=0),
+    "eval.j_star_samples": Bounds(low=1),
+    "eval.validation_prompts": Bounds(low=0),
+    "methods.qsharp.steps": Bounds(low=1),
+    "methods.qsharp.lr": Bounds(integer=False, low=0, above=True),
+    "methods.qsharp.trainable_last_layers": Bounds(low=1, high=LAYERS),
+    "methods.qsharp.num_atoms": Bounds(low=2),
+    "methods.qsharp.top_k": Bounds(low=1),
+    "methods.qsharp.eval_prompts": Bounds(low=0, why="0: every held-out prompt"),
+    "full.seeds": Bounds(low=0, each=True),
+    "full.validation_prompts": Bounds(low=0),
+    "full.eval_every": Bounds(low=1),
+    "full.betas.*": Bounds(integer=False, low=0, above=True, each=True),
+}
+FLAGS = ["train.cache_frozen_prefix", "train.share_prefixes", "train.keep_checkpoints", "full.keep_checkpoints"]
+
+
 def _check_config(cfg: dict) -> None:
+    """Refuse, in one line naming the key, a configuration that a stage would refuse or break on later."""
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
+    check_bounds(cfg, BOUNDS)
+    check_flags(cfg, FLAGS)
+    if not isinstance(d["instruction"], str):
+        raise ValueError(f"data.instruction must be a string, got {d['instruction']!r}")
     check_arms(cfg, METHODS, SINGLE_METHODS)
     if ev["j_star_samples"] < ev["samples_per_prompt"]:
         raise ValueError(
             f"eval.j_star_samples ({ev['j_star_samples']}) must be >= eval.samples_per_prompt "
             f"({ev['samples_per_prompt']}): the reference's evaluation samples are the first of them"
         )
-    l2 = cfg["reward_model"]["l2"]
-    if not isinstance(l2, list) or not l2 or not all(isinstance(v, (int, float)) and v > 0 for v in l2):
-        raise ValueError(f"reward_model.l2 must be a non-empty list of penalties > 0, got {l2!r}")
-    last = cfg["reward_model"].get("finetune_last_layers")
-    if last is not None and (isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 6):
-        raise ValueError(f"reward_model.finetune_last_layers must be null or an integer in 1..6, got {last!r}")
     if (dtype := reward_precision(cfg)) not in PRECISIONS:
         raise ValueError(f"reward_model.precision must be one of {', '.join(PRECISIONS)}, got {dtype!r}")
-    held = cfg["reward_model"].get("max_held_out_texts")
-    if held is not None and (isinstance(held, bool) or not isinstance(held, int) or held < 2):
-        raise ValueError(f"reward_model.max_held_out_texts must be null or an integer >= 2, got {held!r}")
-    for key in ("finetune_epochs", "finetune_lr"):
-        v = cfg["reward_model"][key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (key == "finetune_lr" and v == 0):
-            raise ValueError(
-                f"reward_model.{key} must be a number {'> 0' if key == 'finetune_lr' else '>= 0'}, got {v!r}"
-            )
-    if t["steps"] < 1 or t["eval_every"] < 1 or t["steps"] % t["eval_every"]:
+    if t["steps"] % t["eval_every"]:
         raise ValueError(
             f"train.steps ({t['steps']}) must be a positive multiple of train.eval_every ({t['eval_every']})"
         )
-    if d["completions_per_prompt"] < 2:
+    if t["trainable_last_layers"] == -1 and t["cache_frozen_prefix"]:
         raise ValueError(
-            "data.completions_per_prompt must be >= 2 (DPO, CoPG and DRO-V compare completions of a prompt)"
+            "train.trainable_last_layers=-1 (every parameter) leaves no frozen layers to cache: "
+            "set train.cache_frozen_prefix=false too"
         )
     if t["groups_per_step"] > d["train_prompts"]:
         raise ValueError("train.groups_per_step cannot exceed data.train_prompts")
     v = ev.get("validation_prompts", 0)
-    if not isinstance(v, int) or v < 0 or v % t["groups_per_step"]:
+    if v % t["groups_per_step"]:
         raise ValueError(
             f"eval.validation_prompts ({v}) must be 0 or a positive multiple of train.groups_per_step "
             f"({t['groups_per_step']}), so one pass over the validation buffer is whole micro-batches"
         )
-    check_keep_checkpoints(cfg)
+    seeds = cfg.get("full", {}).get("seeds", [])
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"full.seeds lists a seed twice: {seeds}")
 
 
 # ----------------------------------------------------------------------------------------------
