@@ -31,6 +31,7 @@ import torch
 from tqdm import tqdm
 
 from shiq_data.buffer import add_ref_columns, open_buffer, read_shard, shards_without_ref
+from shiq_data.sampler import check_rows
 
 Stats = torch.Tensor | np.ndarray
 StatsFn = Callable[[torch.Tensor, torch.Tensor], tuple[Stats, Stats]]
@@ -193,6 +194,7 @@ def compute_ref_stats(
         for i in todo:
             path = Path(buffer_dir) / entries[i]["file"]
             table = read_shard(path)
+            check_rows({"tokens": table.column("tokens")}, int(buffer.manifest["tokenizer"]["vocab_size"]), path)
             chosen, logz = rows_ref_stats(
                 list(table.column("tokens").to_numpy(zero_copy_only=False)),
                 stats_fn,

@@ -68,17 +68,54 @@ class _ListView:
         return unpacked[a & 7 : (a & 7) + (e - s)].astype(bool)
 
 
+def check_rows(columns: dict[str, pa.ListArray], vocab: int, shard, first_row: int = 0) -> None:
+    """:func:`_check_rows` on Arrow list columns (``tokens`` and any other per-token ones) of one shard."""
+    _check_rows(
+        {n: _ListView(a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a) for n, a in columns.items()},
+        vocab,
+        shard,
+        first_row,
+    )
+
+
+def _check_rows(chunk: dict[str, _ListView], vocab: int, shard, first_row: int) -> None:
+    """Refuse, naming the shard, row and field, a row whose token ids leave ``[0, vocab)`` or whose other
+    per-token columns differ from its tokens in length: a shard edited after it was written, checksum
+    included, which the model's embedding lookup or the batch's copy would otherwise meet as an opaque
+    error (``shiq-data validate`` lists every such row)."""
+    tokens = chunk["tokens"]
+    n = np.diff(tokens.offsets)
+    for name, view in chunk.items():
+        if name != "tokens" and not np.array_equal(np.diff(view.offsets), n):
+            r = int(np.flatnonzero(np.diff(view.offsets) != n)[0])
+            raise ValueError(
+                f"{shard}: row {first_row + r}: field {name!r}: {int(np.diff(view.offsets)[r])} values for "
+                f"{int(n[r])} tokens (shiq-data validate lists every bad row)"
+            )
+    flat = tokens.values[tokens.offsets[0] : tokens.offsets[-1]]
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+        at = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0]) + int(tokens.offsets[0])
+        r = int(np.searchsorted(tokens.offsets, at, side="right")) - 1
+        raise ValueError(
+            f"{shard}: row {first_row + r}: field 'tokens': token id {int(tokens.values[at])} outside [0, {vocab}) "
+            "of the buffer's tokenizer (shiq-data validate lists every bad row)"
+        )
+
+
 class _RowReader:
     """Random access to rows of a buffer's record batches without copying them out of the memory map."""
 
     def __init__(self, buffer):
         self.with_ref = bool(buffer.has_ref_stats)
         names = _LIST_COLUMNS + (REF_FIELDS if self.with_ref else ())
+        vocab = int(buffer.manifest["tokenizer"]["vocab_size"])
         self.chunks: list[dict[str, _ListView]] = []
         starts, lengths, groups = [0], [], []
-        for table in buffer.shard_columns(("group_id", *names)):  # never the text columns
+        for k, table in enumerate(buffer.shard_columns(("group_id", *names))):  # never the text columns
+            shard_start = starts[-1]
             for batch in table.to_batches():
                 self.chunks.append({n: _ListView(batch.column(n)) for n in names})
+                _check_rows(self.chunks[-1], vocab, buffer.shard_paths[k], starts[-1] - shard_start)
                 lengths.append(np.diff(self.chunks[-1]["tokens"].offsets))
                 groups.append(batch.column("group_id").to_numpy())
                 starts.append(starts[-1] + batch.num_rows)

@@ -131,8 +131,8 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     from transformers import LlamaConfig  # heavy: only export needs it
 
     step_dir, out = Path(step_dir), Path(out)
-    if out.exists() and not overwrite:
-        raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
+    run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
+    _check_out(out, run, overwrite)
     info = read_meta(step_dir)
     meta = info["meta"]
     if not isinstance(meta.get("hf_config"), dict):
@@ -149,7 +149,6 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id
     model.generation_config.bos_token_id = config.bos_token_id
-    run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
     record = {
         "format": "shiq-hf-export",
         "run": run.name,
@@ -166,6 +165,27 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
         atomic_write_json(tmp / EXPORT_RECORD, record)
 
     return atomic_dir(out, fill, replace=True)
+
+
+def _check_out(out: Path, run: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that exists (unless ``overwrite``), and with ``overwrite`` any ``out`` but an earlier
+    export: never the run folder, a folder inside it or one holding it, nor a file or another folder, which
+    replacing would delete."""
+    if not out.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
+    o, r = out.resolve(), run.resolve()
+    if o.is_relative_to(r) or r.is_relative_to(o):
+        where = "is" if o == r else "is inside" if o.is_relative_to(r) else "holds"
+        raise ValueError(
+            f"--hf {out} {where} the run folder {run}: --overwrite would delete the run; give another folder"
+        )
+    if not (out / EXPORT_RECORD).is_file():
+        raise ValueError(
+            f"--hf {out} exists and is not an earlier export (no {EXPORT_RECORD}): --overwrite replaces only those; "
+            "give a new folder"
+        )
 
 
 HELP = """shiq-train export: a checkpoint of a shiq-train run as a Hugging Face model folder.
@@ -186,7 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")
     p.add_argument("--tokenizer", help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded)")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace OUT if it is an earlier export (it holds shiq_export.json); never the run folder or a folder "
+        "holding it",
+    )
     add_log_level_option(p)
     return p
 

@@ -69,4 +69,15 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
     assert err.startswith("shiq-train export: error: --tokenizer ") and "fingerprint" in err
     assert not (tmp_path / "x").exists()
+    # --overwrite replaces an earlier export only: never the run, a folder holding it or one inside it
+    for out, needle in [
+        (run, "is the run folder"),
+        (tmp_path, "holds the run folder"),
+        (run / "checkpoints" / "step_00000002", "is inside the run folder"),
+        (other, "is not an earlier export"),
+    ]:
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert export.main([str(run), "--hf", str(out), "--overwrite"]) == 2
+        assert needle in capsys.readouterr().err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert export.main([str(run), "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
+from data_cli_runs import rewrite_shard
 
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.ref_stats import compute_ref_stats, length_sorted_batches, rows_ref_stats
@@ -137,6 +138,16 @@ def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
     assert compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False) == []
     with pytest.raises(ValueError, match="not"):
         compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "other"}, progress=False)
+
+
+def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_llama):
+    """A token id outside the buffer's vocabulary (a shard edited with its checksum) is named, not met as
+    the embedding lookup's IndexError; the shards before it keep their statistics."""
+    buf = build(tmp_path, n=10, shard_rows=4)
+    rewrite_shard(buf.path, 1, lambda rows: rows[2]["tokens"].__setitem__(0, VOCAB))
+    with pytest.raises(ValueError, match=rf"shard-00001.arrow: row 2: field 'tokens': token id {VOCAB} outside"):
+        compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False)
+    assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])

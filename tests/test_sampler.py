@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from data_cli_runs import rewrite_shard
 
 from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.sampler import BufferSampler
@@ -306,3 +307,24 @@ def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
     # 1M tokens as Python lists cost tens of MB: the control shows the measurement would see growth
     assert result[5000][1] > 20_000
     assert large < small + 4_000, result
+
+
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (
+            lambda rows: rows[3]["tokens"].__setitem__(1, 1000),
+            r"row 3: field 'tokens': token id 1000 outside \[0, 1000\)",
+        ),
+        (lambda rows: rows[2]["tokens"].__setitem__(0, -5), r"row 2: field 'tokens': token id -5 outside"),
+        (lambda rows: rows[4]["action_mask"].pop(), r"row 4: field 'action_mask': \d+ values for \d+ tokens"),
+        (lambda rows: rows[0]["rewards"].append(0.0), r"row 0: field 'rewards': \d+ values for \d+ tokens"),
+    ],
+)
+def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit, needle):
+    """A row that passed the checksum (edited with it) but cannot be a row of this buffer: refused when the
+    sampler opens the buffer, not met later as an embedding lookup's IndexError or a broadcast error."""
+    write_buffer(make_rows(23), tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+    rewrite_shard(tmp_path / "b", 1, edit)
+    with pytest.raises(ValueError, match="shard-00001.arrow: " + needle):
+        BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
