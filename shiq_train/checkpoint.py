@@ -246,6 +246,22 @@ def latest_step_dir(directory) -> Path | None:
     return step_dir
 
 
+def check_latest(directory) -> None:
+    """Refuse a checkpoint folder holding step folders but no ``latest`` pointer (deleted by hand, or a first
+    save interrupted before it): a run would take it for a new one, start over at step 0 beside the old steps
+    and cut its ``metrics.jsonl`` back."""
+    directory = Path(directory)
+    if not directory.is_dir() or (directory / "latest").exists():
+        return
+    steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    if steps:
+        raise ValueError(
+            f"{directory / 'latest'} is missing but {directory} holds {', '.join(steps[-3:])}: to resume, write the "
+            f"newest complete step's name into it (echo {steps[-1]} > {directory / 'latest'}); a first save that "
+            "was interrupted leaves such a folder: delete it to start over"
+        )
+
+
 def read_meta(step_dir) -> dict:
     """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp and, with virtual
     pipeline stages, vpp) integers, ``meta`` an object; ``ValueError`` naming the file otherwise."""

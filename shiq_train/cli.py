@@ -425,6 +425,18 @@ def _comparable(cfg: dict) -> dict:
     return flat
 
 
+def _check_out(out: Path) -> None:
+    """Refuse an ``out`` that is a file, or a folder holding other things than a run (a buffer, a home
+    folder): training would write its config, checkpoints and logs among them."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={out} is a file: give a folder for the run")
+    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("config.yaml", "checkpoints")):
+        raise ConfigError(
+            f"out={out} holds files but is not a shiq-train run folder (no config.yaml, no checkpoints): give a new "
+            "or empty folder"
+        )
+
+
 def check_resume_config(
     out: Path, cfg: dict, allowed: set[str], force: bool, dp: tuple[int, int] | None = None
 ) -> list[str]:
@@ -669,6 +681,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     log.debug(f"shiq-train: resolved config {json.dumps(cfg, sort_keys=True, default=str)}")
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
+    _check_out(out)
     saved_step = latest_step_dir(out / "checkpoints")
     if saved_step is not None:
         tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
@@ -765,8 +778,10 @@ def hydra_error(argv: list[str]) -> str | None:
 
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-            compose(config_name="train", overrides=argv)
-    except (HydraException, OmegaConfBaseException) as e:
+            default = compose(config_name="train")
+            given = compose(config_name="train", overrides=argv)
+    except (HydraException, OmegaConfBaseException, ValueError, KeyError, TypeError) as e:
+        # (ValueError and the others: override forms Hydra's parser lets through, such as "=5")
         lines = []
         for line in str(e).splitlines():
             if line.startswith("Config search path"):
@@ -774,6 +789,12 @@ def hydra_error(argv: list[str]) -> str | None:
             if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
                 lines.append(line.strip())
         return "; ".join(lines) or type(e).__name__
+    default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
+    for key, section in default.items():  # a section removed (~loss) or replaced by a value (data=x)
+        if isinstance(section, dict) and key not in given:
+            return f"the section {key!r} was removed (~{key}); training needs it"
+        if isinstance(section, dict) and not isinstance(given[key], dict):
+            return f"{key!r} is a section of options: set its keys ({key}.<name>=...), not {key}={given[key]!r}"
     return None
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from shiq_data.cli_common import LOG_LEVELS
 from shiq_data.io import atomic_write_text
 from shiq_train import prefix_tree
-from shiq_train.checkpoint import latest_step_dir, load_checkpoint, save_checkpoint
+from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, save_checkpoint
 from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
@@ -300,6 +300,7 @@ class Trainer:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         dp = ps.get_data_parallel_world_size()
         start = 0
+        check_latest(self.ckpt_dir)
         if latest_step_dir(self.ckpt_dir) is not None:
             start, user = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
             data.load_state_dict(user["data"])
@@ -417,6 +418,27 @@ class Trainer:
         return result
 
 
+def _metric_lines(path: Path) -> list[str]:
+    """The non-empty lines of a run's ``metrics.jsonl``, each checked to be a JSON object with an integer
+    ``step``: ``ValueError`` naming the file and line otherwise (the file is cut back only after that)."""
+    lines = []
+    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            record = None
+        step = record.get("step") if isinstance(record, dict) else None
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise ValueError(
+                f"{path}: line {n}: not a metrics record (a JSON object with an integer 'step'): {line[:60]!r}; "
+                "remove the line, or train in a new out folder"
+            )
+        lines.append(line)
+    return lines
+
+
 class _MetricLog:
     """``metrics.jsonl`` (one JSON object a logged step), TensorBoard scalars and, with ``logging.wandb``,
     Weights & Biases (offline by default), on rank 0 only.
@@ -441,7 +463,7 @@ class _MetricLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [ln for ln in self.path.read_text().splitlines() if ln and json.loads(ln)["step"] <= start_step]
+            kept = [ln for ln in _metric_lines(self.path) if json.loads(ln)["step"] <= start_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
         self.file = self.path.open("a")
         if tensorboard:

@@ -95,6 +95,11 @@ CASES = [
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "loss=nope"], "loss/nope"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=[1"], "[1"),
     case("shiq-train", ["data.buffer={d}/missing", "out={d}/r"], "{d}/missing"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/buf"], "out={d}/buf", "not a shiq-train run folder"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/afile"], "out={d}/afile is a file"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "=5"], "command line"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "~loss"], "the section 'loss' was removed"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "data=x"], "'data' is a section of options"),
     case("shiq-train", ["data.buffer={d}/badtypes", "out={d}/r"], "manifest.json", "'rows'"),
     case(
         "shiq-train",

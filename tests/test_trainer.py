@@ -136,6 +136,20 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
+    # A damaged run folder is refused, saying what to do, and left as it was (training would have cut the
+    # metrics back, or started over at step 0 beside the old steps).
+    metrics, latest = tmp_path / "b" / "metrics.jsonl", tmp_path / "b" / "checkpoints" / "latest"
+    good = metrics.read_text()
+    metrics.write_text(good + '{"marker": 1}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl: line 7: not a metrics record .*remove the line"):
+        run(tmp_path / "b", 8)
+    assert metrics.read_text() == good + '{"marker": 1}\n'
+    metrics.write_text(good)
+    latest.unlink()
+    with pytest.raises(ValueError, match=r"latest is missing but .* holds .*step_0*6: to resume, write"):
+        run(tmp_path / "b", 8)
+    assert metrics.read_text() == good and not latest.exists()
+
 
 def test_online_reference_equals_precomputed(dist1, tmp_path):
     init = M.build_model(cfg())
