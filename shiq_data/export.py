@@ -67,7 +67,12 @@ def jsonl_record(row: dict, *, where: str) -> dict:
         record["reward"] = row["reward"] if row["reward"] is not None else 0.0
     record["group"] = row["group_id"]
     record["source"] = row["source"]
-    extra = json.loads(row["extra"]) if row["extra"] is not None else {}
+    try:
+        extra = json.loads(row["extra"]) if row["extra"] is not None else {}
+    except (json.JSONDecodeError, TypeError) as e:
+        raise ValueError(f"{where}: field 'extra': not JSON text ({e})") from None
+    if not isinstance(extra, dict):
+        raise ValueError(f"{where}: field 'extra': must be the JSON text of an object, got {type(extra).__name__}")
     clash = [k for k in extra if k in _RESERVED]
     if clash:
         raise ValueError(

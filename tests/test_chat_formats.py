@@ -537,3 +537,29 @@ def test_near_misses_stay_text(tok):
     special = set(tok.all_special_ids)
     count = lambda ids: sum(t in special for t in ids)
     assert count(encode_chat(tok, messages)["tokens"]) == count(encode_chat(tok, plain)["tokens"])
+
+
+@pytest.mark.parametrize("field", ["prompt", "completion"])
+def test_plain_text_spelling_a_control_token_is_refused_like_chat_text(tmp_path, capsys, field):
+    """A plain (prompt, completion) row went through the tokenizer with its special tokens parsed: the text
+    "<|endoftext|>" became the real end-of-text token. Refused as in chat rows, naming file, line and field;
+    text that only resembles one stays text."""
+    from data_cli_runs import run, write_jsonl
+
+    rows = [{"prompt": "Say hi.", "completion": " hi <|endoftext or not|>", "reward": 1.0}]
+    rows.append({**rows[0], field: rows[0][field] + " <|endoftext|> more"})
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b")
+    assert code == 2 and not (tmp_path / "b").exists()
+    assert f"rows.jsonl: line 2: field '{field}': contains '<|endoftext|>'" in err.strip().splitlines()[-1]
+    code, _, err = run(
+        capsys,
+        "build",
+        "jsonl",
+        write_jsonl(tmp_path / "ok.jsonl", rows[:1]),
+        "--tokenizer",
+        "gpt2",
+        "--out",
+        tmp_path / "ok",
+    )
+    assert code == 0, err

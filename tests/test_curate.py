@@ -314,6 +314,12 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     _, per_input = _check_mix(out, [da, db])
     assert all(20 <= got < 20 + big for got, big in zip(per_input, biggest))
     assert any("-copy" in r for r in ids(out))
+    # with replacement nothing bounds --rows but the disk: a mix that cannot fit is refused before drawing
+    # (a mistyped 10**20 drew groups one at a time for hours), nothing left beside --out
+    before = sorted(tmp_path.iterdir())
+    code, _, err = run(capsys, *args[:4], 10**20, *args[5:-1], tmp_path / "huge")
+    assert code == 2 and "--rows 100000000000000000000: the mix would need about" in err and "GiB free" in err
+    assert sorted(tmp_path.iterdir()) == before
 
 
 def test_mix_refuses_another_tokenizer(data, tmp_path, capsys):

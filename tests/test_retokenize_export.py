@@ -270,3 +270,17 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{buf / 'shard-00000.arrow'}: row 1: field 'prompt': null" in err and "--format parquet" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [("[1, 2]", "must be the JSON text of an object, got list"), ("{nope", "not JSON text")],
+)
+def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):
+    """``extra`` as a shard written by hand may hold it: one line naming the shard, row and field."""
+    from shiq_data.export import jsonl_record
+
+    row = {"prompt": "a", "completion": " b", "turn_rewards": None, "reward": 1.0, "group_id": 0, "source": "s"}
+    assert jsonl_record({**row, "extra": '{"lang": "fr"}'}, where="x")["lang"] == "fr"
+    with pytest.raises(ValueError, match=f"shard-00000.arrow: row 3: field 'extra': {needle}"):
+        jsonl_record({**row, "extra": extra}, where="shard-00000.arrow: row 3")

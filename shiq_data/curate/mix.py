@@ -24,6 +24,7 @@ numpy arrays in memory-mapped temporary files, not process memory (the order is 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -175,6 +176,26 @@ def mix_buffers(
         return _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill)
 
 
+def _check_space(sources, targets: list[int], out) -> None:
+    """Refuse a mix whose shards would not fit the free space where ``out`` goes (each input's rows at its
+    own shards' bytes per row): ``--rows`` with ``--replacement`` has no other bound, and a mistyped one
+    would otherwise draw groups for hours before the disk ran out."""
+    need = 0.0
+    for s, t in zip(sources, targets):
+        shards = s.manifest["shards"]
+        rows = sum(e["rows"] for e in shards)
+        need += t * (sum(e["bytes"] for e in shards) / rows if rows else 0.0)
+    where = Path(out).resolve().parent
+    while not where.exists():
+        where = where.parent
+    free = shutil.disk_usage(where).free
+    if need > free:
+        raise ValueError(
+            f"--rows {sum(targets)}: the mix would need about {need / 2**30:,.1f} GiB of shards, {where} has "
+            f"{free / 2**30:,.1f} GiB free; lower --rows"
+        )
+
+
 def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill) -> tuple[Buffer, dict]:
     weights = np.array([w for _, w in parsed], dtype=np.float64)
     share = weights / weights.sum()
@@ -188,6 +209,7 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
                 raise ValueError(
                     f"{s.path}: has {len(s)} rows, the mix asks for {t}; lower --rows or pass --replacement"
                 )
+    _check_space(sources, targets, out)
     drawn = [g.draw(t, np.random.default_rng([seed, i]), replacement) for i, (g, t) in enumerate(zip(groups, targets))]
     ref_models = [s.ref_model if s.keep_ref else None for s in sources]
     keep_ref = all(s.keep_ref for s in sources) and all(m == ref_models[0] for m in ref_models)

@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from shiq_data.chat import encode_chat
+from shiq_data.chat import control_texts, encode_chat
 from shiq_data.io import RowError
 from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
@@ -159,9 +159,31 @@ def encode_record(
     """
     if is_chat(record):
         return _encode_chat_record(record, tokenizer, file=file, row=row, row_label=row_label)
+    for field in ("prompt", "completion"):  # as chat rows: text that would become a control token is refused
+        found = [t for t in _control_texts(tokenizer) if t in record[field]]
+        if found:
+            raise row_error(
+                file,
+                row,
+                field,
+                f"contains {found[0]!r}, the text of one of this tokenizer's control tokens; it would be read as that "
+                "token, not as text: remove it from the data",
+                row_label,
+            )
     if ids is None:
         ids = tuple(tokenizer([record["prompt"], record["completion"]], add_special_tokens=False)["input_ids"])
     return _encode_text(ids[0], ids[1], record["reward"], eos=eos, file=file, row=row, row_label=row_label)
+
+
+_CONTROL_TEXTS: dict[int, tuple[object, list[str]]] = {}
+
+
+def _control_texts(tokenizer) -> list[str]:
+    """:func:`shiq_data.chat.control_texts` of ``tokenizer``, computed once per tokenizer object."""
+    kept = _CONTROL_TEXTS.get(id(tokenizer))
+    if kept is None or kept[0] is not tokenizer:
+        kept = _CONTROL_TEXTS[id(tokenizer)] = (tokenizer, control_texts(tokenizer))
+    return kept[1]
 
 
 def input_row(
