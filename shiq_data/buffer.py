@@ -823,6 +823,7 @@ def write_buffer(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new --out folder or append to it")
+    refuse_inside_buffer(out_dir)
     _check_tokenizer_info(tokenizer_info)
     created = _make_parents(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -877,6 +878,14 @@ def write_buffer(
         _remove_created_dirs(created)
         raise
     return open_buffer(out_dir)
+
+
+def refuse_inside_buffer(out, option: str = "--out") -> None:
+    """Refuse an output path inside a buffer folder (one of its ancestors holds a ``manifest.json``): the
+    folder is the buffer's, and what is written there is neither listed nor checked by it."""
+    for parent in Path(out).resolve().parents:
+        if (parent / MANIFEST).is_file():
+            raise ValueError(f"{option} {out} is inside the buffer {parent}: choose a folder outside it")
 
 
 def text_key(prompt: str | None, completion: str) -> bytes:

@@ -13,9 +13,16 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.buffer import MANIFEST, append_buffer, has_text_columns, read_manifest, write_buffer
+from shiq_data.buffer import (
+    MANIFEST,
+    append_buffer,
+    has_text_columns,
+    read_manifest,
+    refuse_inside_buffer,
+    write_buffer,
+)
 from shiq_data.chat import set_system_prompt
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, int_at_least, run_command, setup_logging
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
@@ -87,6 +94,7 @@ def _system_prompt(tokenizer, info: dict, setting: str) -> None:
 def cmd_build(args) -> int:
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder or use 'shiq-data append'")
+    refuse_inside_buffer(args.out)
     tokenizer, info = load_tokenizer(args.tokenizer)
     _system_prompt(tokenizer, info, args.system_prompt)
     rows = _rows(args.format, args.input, tokenizer, info, args)
@@ -174,6 +182,7 @@ def _short(template_fingerprint: str | None) -> str:
 def cmd_retokenize(args) -> int:
     if Path(args.out).exists():
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder")
+    refuse_inside_buffer(args.out)
     parent = read_manifest(args.buffer)  # a clear error before loading a tokenizer
     tokenizer, info = load_tokenizer(args.tokenizer)
     setting = (parent["tokenizer"].get("system_prompt") or {}).get("setting", "template")
@@ -304,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     b.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
-    b.add_argument("--shard-rows", type=int, default=4096, help="rows per shard (default %(default)s)")
+    b.add_argument("--shard-rows", type=int_at_least(1), default=4096, help="rows per shard (default %(default)s)")
     b.add_argument("--system-prompt", default="template", metavar="template|off|TEXT", help=system_help)
     input_options(b)
     b.set_defaults(func=cmd_build)
@@ -325,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
         "when the manifest records one) must match the buffer's, and so must its chat template for rows that "
         "go through one",
     )
-    a.add_argument("--shard-rows", type=int, default=None, help="rows per new shard (default: the first shard's)")
+    a.add_argument(
+        "--shard-rows", type=int_at_least(1), default=None, help="rows per new shard (default: the first shard's)"
+    )
     a.add_argument(
         "--system-prompt",
         default=None,
@@ -350,7 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("buffer", metavar="BUFFER", help="buffer folder with text columns")
     r.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     r.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
-    r.add_argument("--shard-rows", type=int, default=None, help="rows per shard (default: the buffer's first shard's)")
+    r.add_argument(
+        "--shard-rows", type=int_at_least(1), default=None, help="rows per shard (default: the buffer's first shard's)"
+    )
     r.add_argument(
         "--system-prompt",
         default=None,

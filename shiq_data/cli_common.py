@@ -156,6 +156,22 @@ def setup_logging(level: str | int = "INFO") -> None:
             logger.addHandler(handler)
 
 
+def int_at_least(low: int):
+    """An argparse ``type``: an integer >= ``low`` (argparse names the option in its refusal)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:
     """``--log-level LEVEL`` on ``parser`` and on each of its subcommands' parsers (before or after the
     subcommand's name); read it with ``getattr(args, "log_level", "INFO")``."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer
+from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir
 from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS
@@ -173,6 +173,7 @@ def export_buffer(buffer_dir, out_dir, fmt: str) -> Buffer:
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"--out {out_dir} already exists; choose a new folder")
+    refuse_inside_buffer(out_dir)
     buffer = open_buffer(buffer_dir)
     if fmt == "jsonl" and not buffer.has_text:
         raise ValueError(

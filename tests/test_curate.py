@@ -120,6 +120,26 @@ def test_filter_keeps_exactly_the_rows_pandas_keeps(data, tmp_path, capsys):
         assert m["commands"][-1]["argv"][1:3] == ["filter", str(data["ab"])]
 
 
+def test_outputs_inside_a_buffer_folder_are_refused(data, tmp_path, capsys):
+    """A buffer's folder is its own: a curated buffer, an export, a retokenized copy or plots written into it
+    would be neither listed nor checked by it. Each is refused before any work, the buffer left as it was."""
+    b = data["a"]
+    before = sorted(p.relative_to(b) for p in b.rglob("*"))
+    for argv in [
+        ["filter", b, "--where", "reward > 0", "--out", b / "sub"],
+        ["dedup", b, "--out", b / "deep" / "d"],
+        ["export", b, "--format", "jsonl", "--out", b / "e"],
+        ["retokenize", b, "--tokenizer", "gpt2", "--out", b / "r"],
+        ["stats", b, "--plot", b],
+        ["stats", b, "--plot", b / "plots"],
+    ]:
+        code, _, err = run(capsys, *argv)
+        option = "--plot" if argv[0] == "stats" else "--out"
+        assert code == 2 and f"is inside the buffer {b.resolve()}: choose a folder outside it" in err, (argv, err)
+        assert err.strip().startswith(f"shiq-data: error: {option} ")
+    assert sorted(p.relative_to(b) for p in b.rglob("*")) == before
+
+
 def test_filter_on_lengths_matches_token_counts(data, tmp_path, capsys):
     df, tok = data["df"], data["tok"]
     n_completion = df.completion.map(lambda c: len(tok(c)["input_ids"]) + 1)  # + eos
@@ -218,6 +238,16 @@ def test_dedup_near_matches_exact_jaccard(data, tmp_path, capsys):
     assert m["curation"]["threshold"] == threshold and m["curation"]["mode"] == "near"
     assert m["curation"]["removed"] == df.drop(want.index).groupby("source").size().to_dict()
     assert "threshold 0.8" in stdout
+    # threshold 1 (in the documented range; datasketch has no bands for it): the rows whose n-gram sets equal
+    # an earlier kept row's are removed (a pair at Jaccard 0.9 agrees on all 128 values with odds 0.9**128)
+    kept = []
+    for i, g in enumerate(grams):
+        if not any(g == grams[j] for j in kept):
+            kept.append(i)
+    args[args.index("--threshold") + 1], args[-1] = 1, tmp_path / "near1"
+    code, _, err = run(capsys, *args, "--no-progress")
+    assert code == 0, err
+    assert ids(tmp_path / "near1") == df.iloc[kept].row_id.tolist()
 
 
 def test_split_has_no_shared_group_or_prompt_and_sizes_add_up(data, tmp_path, capsys):
@@ -483,3 +513,23 @@ def test_reference_statistics_are_kept(data, tmp_path, capsys):
     code, stdout, _ = run(capsys, "mix", f"{ref}:1", f"{data['a']}:1", "--out", tmp_path / "m", "--no-progress")
     assert code == 0 and "reference statistics dropped" in stdout
     assert not open_buffer(tmp_path / "m").has_ref_stats
+
+
+def test_option_values_out_of_range_are_refused_by_name(data, tmp_path, capsys):
+    """A negative seed reached numpy as "expected non-negative integer"; --shard-rows 0 was taken as the default."""
+    for argv, needle in [
+        (["split", data["a"], "--test-fraction", 0.3, "--seed", -1], "argument --seed: must be >= 0, got -1"),
+        (["mix", f"{data['a']}:1", "--seed", "x"], "argument --seed: expected an integer, got 'x'"),
+        (
+            ["retokenize", data["a"], "--tokenizer", "gpt2", "--shard-rows", 0],
+            "argument --shard-rows: must be >= 1, got 0",
+        ),
+        (
+            ["build", "jsonl", "in.jsonl", "--tokenizer", "gpt2", "--shard-rows", -3],
+            "argument --shard-rows: must be >= 1",
+        ),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *argv, "--out", tmp_path / "x")
+        assert e.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

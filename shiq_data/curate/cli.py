@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from shiq_data.buffer import refuse_inside_buffer
+from shiq_data.cli_common import int_at_least
 from shiq_data.curate.dedup import BY as DEDUP_BY
 from shiq_data.curate.dedup import dedup_buffer
 from shiq_data.curate.filter import filter_buffer
@@ -34,6 +38,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_stats(args) -> int:
+    if args.plot:
+        refuse_inside_buffer(Path(args.plot) / "x.png", "--plot")  # (the folder itself may be the buffer)
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
@@ -170,7 +176,7 @@ def add_commands(sub) -> None:
     sp.add_argument("buffer", metavar="BUFFER")
     sp.add_argument("--test-fraction", type=float, required=True, metavar="F", help="share of rows for test")
     sp.add_argument("--by", choices=SPLIT_BY, default="group", help="unit kept on one side (default %(default)s)")
-    sp.add_argument("--seed", type=int, default=0, metavar="S", help="shuffle seed (default %(default)s)")
+    sp.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="shuffle seed (default %(default)s)")
     out_options(sp, "new folder for the train and test buffers (must not exist)")
     sp.set_defaults(func=cmd_split)
 
@@ -184,6 +190,6 @@ def add_commands(sub) -> None:
     m.add_argument("inputs", nargs="+", metavar="BUFFER:WEIGHT")
     m.add_argument("--rows", type=int, default=None, metavar="N", help="rows in the mix (about: groups stay whole)")
     m.add_argument("--replacement", action="store_true", help="draw groups with replacement")
-    m.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default %(default)s)")
+    m.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="sampling seed (default %(default)s)")
     out_options(m)
     m.set_defaults(func=cmd_mix)

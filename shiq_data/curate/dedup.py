@@ -61,7 +61,9 @@ class Signatures:
             raise ValueError(f"--threshold must be in (0, 1], got {threshold}")
         from datasketch import MinHash, MinHashLSH  # heavy: imports scipy (0.5 s); only --near needs it
 
-        lsh = MinHashLSH(threshold=threshold, num_perm=NUM_PERM)
+        # datasketch finds no bands above 0.98 at 128 permutations: above it, those of 0.98 (2 bands of 64
+        # values) serve, which pair every two rows whose signatures differ in at most one value (1.0: none)
+        lsh = MinHashLSH(threshold=min(threshold, 0.98), num_perm=NUM_PERM)
         self.threshold, self.b, self.r = threshold, lsh.b, lsh.r
         first = MinHash(num_perm=NUM_PERM, seed=SEED)
         self._minhash = MinHash

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shiq_data.buffer import Buffer, write_buffer
+from shiq_data.buffer import Buffer, refuse_inside_buffer, write_buffer
 from shiq_data.curate.rows import CurationSource
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
 
@@ -19,6 +19,7 @@ def refuse_existing(out) -> Path:
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"--out {out} already exists; choose a new folder")
+    refuse_inside_buffer(out)
     return out
 
 
