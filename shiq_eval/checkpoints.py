@@ -55,6 +55,10 @@ def checkpoint_info(step_dir: Path) -> dict:
         raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
     if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
         raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
+    if not _beta_ok(meta["loss"].get("beta")):
+        raise EvalInputError(
+            f"{meta_path}: field meta.loss.beta: must be a number > 0 or null, got {meta['loss']['beta']!r}"
+        )
     return {
         "kind": "checkpoint",
         "path": step_dir,
@@ -85,6 +89,7 @@ def hf_folder_info(folder: Path) -> dict:
             raise EvalInputError(f"{record_path}: not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("loss", {}), dict):
             raise EvalInputError(f"{record_path}: expected an object with a 'loss' object")
+        _check_record(record_path, record)
     try:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -104,6 +109,27 @@ def hf_folder_info(folder: Path) -> dict:
         "tokenizer": record.get("tokenizer"),
         "files": files,
     }
+
+
+def _check_record(path: Path, record: dict) -> None:
+    """The fields of an export record that evaluation reads, each of its kind: ``EvalInputError`` naming
+    the file and field otherwise (a hand-edited record)."""
+    loss, step = record.get("loss", {}), record.get("step", 0)
+    problems = [
+        ("step", "an integer >= 0", isinstance(step, int) and not isinstance(step, bool) and step >= 0),
+        ("loss.name", "a string", isinstance(loss.get("name", "hf"), str)),
+        ("loss.beta", "a number > 0 or null", _beta_ok(loss.get("beta"))),
+        ("tokenizer", "an object or null", record.get("tokenizer") is None or isinstance(record["tokenizer"], dict)),
+        ("init", "a string or null", record.get("init") is None or isinstance(record["init"], str)),
+    ]
+    for field, kind, ok in problems:
+        if not ok:
+            value = record.get(field) if "." not in field else loss.get(field.split(".")[1])
+            raise EvalInputError(f"{path}: field {field!r}: must be {kind}, got {value!r}")
+
+
+def _beta_ok(beta) -> bool:
+    return beta is None or (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < float("inf"))
 
 
 def run_label(path: Path) -> str:
@@ -168,20 +194,16 @@ def hf_policy(info: dict):
         from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
         return load_causal_lm(str(info["path"]), torch.float32)[0]
-    from transformers import LlamaConfig  # heavy: transformers
-
     from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
 
-    return hf_model_from_checkpoint(info["path"], LlamaConfig.from_dict(info["hf_config"]))
+    return hf_model_from_checkpoint(info["path"], info["hf_config"])
 
 
 def policy_from_checkpoint(step_dir: Path, hf_config: dict):
     """A ``transformers`` Llama holding a step directory's weights (``hf_config``: the Llama config it saved)."""
-    from transformers import LlamaConfig  # heavy: transformers
-
     from shiq_train.export import hf_model_from_checkpoint  # heavy: torch
 
-    return hf_model_from_checkpoint(step_dir, LlamaConfig.from_dict(hf_config))
+    return hf_model_from_checkpoint(step_dir, hf_config)
 
 
 def content_hash(path) -> str:

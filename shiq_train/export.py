@@ -61,15 +61,39 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
     return full
 
 
+def llama_config(hf_config: dict, step_dir):
+    """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved; ``ValueError`` naming
+    its meta.json when transformers refuses it (a hand-edited field)."""
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
+    from transformers import LlamaConfig  # heavy: only export needs it
+
+    try:
+        return LlamaConfig.from_dict(hf_config)
+    except (StrictDataclassError, ValueError, TypeError) as e:
+        raise ValueError(
+            f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {' '.join(str(e).split())[:300]}"
+        ) from None
+
+
 def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
-    """A ``transformers.LlamaForCausalLM`` holding the weights of a checkpoint step directory."""
+    """A ``transformers.LlamaForCausalLM`` holding the weights of a checkpoint step directory (``hf_config``:
+    a ``LlamaConfig``, or the dict its meta.json saved). Weights that do not fit the config (a meta.json
+    edited, or another run's) are refused in one line naming the step directory."""
     from transformers import LlamaForCausalLM  # heavy: only export needs it
 
-    shape = LlamaShape.from_hf_config(hf_config)
-    full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)
-    model = LlamaForCausalLM(hf_config).to(dtype)
-    sd = megatron_to_llama(full, shape)
-    model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
+    if isinstance(hf_config, dict):
+        hf_config = llama_config(hf_config, step_dir)
+    try:
+        shape = LlamaShape.from_hf_config(hf_config)
+        full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)
+        model = LlamaForCausalLM(hf_config).to(dtype)
+        sd = megatron_to_llama(full, shape)
+        model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
+    except (KeyError, RuntimeError) as e:  # a missing weight name; a shape that differs
+        raise ValueError(
+            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({' '.join(str(e).split())[:200]}): "
+            "the checkpoint is damaged or its meta.json was edited"
+        ) from None
     return model.eval()
 
 
@@ -128,7 +152,6 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama
     config the run saved, float32 safetensors, the tokenizer (:func:`export_tokenizer`, its eos and pad ids
     in the config) and ``shiq_export.json``. Loads with ``transformers.AutoModelForCausalLM``."""
-    from transformers import LlamaConfig  # heavy: only export needs it
 
     step_dir, out = Path(step_dir), Path(out)
     run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
@@ -140,7 +163,7 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
             f"{step_dir / 'meta.json'}: field meta.hf_config is missing (was the run written by shiq-train?)"
         )
     tok = export_tokenizer(meta, step_dir, tokenizer)
-    config = LlamaConfig.from_dict(meta["hf_config"])
+    config = llama_config(meta["hf_config"], step_dir)
     config.eos_token_id = tok.eos_token_id
     config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if tok.bos_token_id is not None:

@@ -8,6 +8,7 @@ must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from
 import json
 import warnings
 
+import pytest
 import torch
 import transformers
 import yaml
@@ -81,3 +82,25 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         assert needle in capsys.readouterr().err
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert export.main([str(run), "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step
+
+    # A hand-edited meta.json or export record: one line naming the file and field, nothing written
+    from shiq_eval.checkpoints import EvalInputError, hf_folder_info
+
+    step = run / "checkpoints" / "step_00000002"
+    saved = json.loads((step / "meta.json").read_text())
+    for edit, needle in [
+        ({"num_hidden_layers": cfg.num_layers + 1}, "its weights do not fit meta.hf_config"),
+        ({"hidden_size": "x"}, "meta.json: field meta.hf_config:"),
+    ]:
+        bad = {**saved, "meta": {**saved["meta"], "hf_config": {**saved["meta"]["hf_config"], **edit}}}
+        (step / "meta.json").write_text(json.dumps(bad))
+        assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
+    (step / "meta.json").write_text(json.dumps(saved))
+    record_path = tmp_path / "hf" / "shiq_export.json"
+    record = json.loads(record_path.read_text())
+    assert hf_folder_info(tmp_path / "hf")["beta"] == 0.25
+    for field, value in [("step", None), ("step", "abc"), ("tokenizer", 5), ("loss", {"name": "dpo", "beta": "x"})]:
+        record_path.write_text(json.dumps({**record, field: value}))
+        with pytest.raises(EvalInputError, match=f"shiq_export.json: field '{field}"):
+            hf_folder_info(tmp_path / "hf")
