@@ -163,9 +163,15 @@ def write_shard_file(table: pa.Table, path: Path) -> dict:
 
 
 def read_shard(path: Path) -> pa.Table:
-    """A shard as a pyarrow Table backed by a memory map of the file (no copy)."""
-    with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
-        return reader.read_all()
+    """A shard as a pyarrow Table backed by a memory map of the file (no copy); ``ValueError`` naming the file
+    when it is not an Arrow stream (damaged, or replaced together with its checksum)."""
+    try:
+        with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
+            return reader.read_all()
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise ValueError(
+            f"{path}: not a readable Arrow shard ({' '.join(str(e).split())[:160]}); the buffer is damaged"
+        ) from None
 
 
 def has_text_columns(manifest: dict) -> bool:
@@ -280,8 +286,8 @@ def read_manifest(buffer_dir) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {buffer_dir} is not a replay buffer (no manifest)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")

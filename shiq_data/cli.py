@@ -119,6 +119,12 @@ def cmd_append(args) -> int:
         tokenizer, info = load_tokenizer(name)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"{e}; the buffer's tokenizer {name!r} cannot be loaded, pass --tokenizer") from None
+    if info["fingerprint"] != manifest["tokenizer"]["fingerprint"]:  # before its settings are compared
+        raise ValueError(
+            f"{Path(args.buffer) / MANIFEST}: tokenizer mismatch: the buffer was built with "
+            f"{manifest['tokenizer']['name']!r}, --tokenizer {name!r} has another vocabulary (fingerprint "
+            f"{info['fingerprint'][:12]}… against {manifest['tokenizer']['fingerprint'][:12]}…)"
+        )
     # Buffers from before the setting was recorded were rendered with the template's default.
     recorded = manifest["tokenizer"].get("system_prompt") or info["system_prompt"]
     _system_prompt(tokenizer, info, recorded["setting"] if args.system_prompt is None else args.system_prompt)

@@ -180,3 +180,32 @@ def test_a_checkpoint_pointer_outside_the_run_is_refused(tmp_path, pointer):
         latest_step_dir(ckpt)
     (ckpt / "latest").write_text("step_00000001\n")
     assert latest_step_dir(ckpt) == ckpt / "step_00000001"
+
+
+def test_garbage_with_its_checksum_and_a_non_utf8_manifest_are_named(tmp_path, capsys):
+    """A shard replaced by bytes that are not Arrow, its checksum updated, and a manifest that is not UTF-8:
+    every command names the file (pyarrow and the codec named neither)."""
+    a = _build(tmp_path / "a")
+    m = read_manifest(a)
+    path = a / m["shards"][0]["file"]
+    path.write_bytes(b"not an arrow stream at all" * 30)
+    m["shards"][0].update(sha256=_sha(path), bytes=path.stat().st_size)
+    (a / "manifest.json").write_text(json.dumps(m))
+    for argv in (["show", a], ["stats", a], ["filter", a, "--where", "reward > 0", "--out", tmp_path / "f"]):
+        assert main([str(x) for x in argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path}: not a readable Arrow shard" in err, (argv, err)
+    (a / "manifest.json").write_bytes(b'{"format": "\xff"}')
+    assert main(["info", str(a)]) == 2
+    assert f"{a / 'manifest.json'}: not valid JSON" in capsys.readouterr().err
+
+
+def test_append_with_another_tokenizer_says_so_first(tmp_path, capsys):
+    """Another vocabulary was reported as a --system-prompt difference the user never passed."""
+    from data_cli_runs import run, write_jsonl
+
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "Say hi.", "completion": " hi", "reward": 1.0}])
+    assert run(capsys, "build", "jsonl", rows, "--tokenizer", "gpt2", "--out", tmp_path / "b")[0] == 0
+    code, _, err = run(capsys, "append", tmp_path / "b", "jsonl", rows, "--tokenizer", "smollm2")
+    assert code == 2 and "tokenizer mismatch: the buffer was built with 'gpt2', --tokenizer 'smollm2'" in err
+    assert "system" not in err
