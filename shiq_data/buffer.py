@@ -886,12 +886,26 @@ def write_buffer(
     return open_buffer(out_dir)
 
 
-def refuse_inside_buffer(out, option: str = "--out") -> None:
-    """Refuse an output path inside a buffer folder (one of its ancestors holds a ``manifest.json``): the
-    folder is the buffer's, and what is written there is neither listed nor checked by it."""
-    for parent in Path(out).resolve().parents:
-        if (parent / MANIFEST).is_file():
-            raise ValueError(f"{option} {out} is inside the buffer {parent}: choose a folder outside it")
+def refuse_inside_buffer(out, option: str = "--out", itself: bool = False) -> None:
+    """Refuse an output path inside a buffer folder (an ancestor, or with ``itself`` the path too, holds a
+    buffer's ``manifest.json``; a file of that name of another kind does not count): the folder is the
+    buffer's, and what is written there is neither listed nor checked by it."""
+    path = Path(out).resolve()
+    for folder in ([path] if itself else []) + list(path.parents):
+        if _is_buffer_manifest(folder / MANIFEST):
+            where = "is the buffer" if folder == path else f"is inside the buffer {folder}"
+            raise ValueError(f"{option} {out} {where}: choose a folder outside it")
+
+
+def _is_buffer_manifest(path: Path) -> bool:
+    """Whether ``path`` is a readable JSON object of this project's buffer format."""
+    if not path.is_file():
+        return False
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
 def text_key(prompt: str | None, completion: str) -> bytes:

@@ -44,7 +44,7 @@ from shiq_data.io import atomic_write_bytes
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
-from shiq_train.checkpoint import latest_step_dir, read_meta
+from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import (
     ModelConfig,
@@ -682,6 +682,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
     _check_out(out)
+    check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
     saved_step = latest_step_dir(out / "checkpoints")
     if saved_step is not None:
         tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
@@ -766,12 +767,18 @@ def _fail(message) -> None:
     sys.exit(fail("shiq-train", message))
 
 
+OPTIONAL_SECTIONS = {"logging"}  # sections a run reads with their defaults when they are removed
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse) on one line, or None. Composes the config once, as Hydra will; Hydra's own flags (``--help``,
     ``--cfg``, ...) are left to Hydra."""
     if any(a.startswith("-") for a in argv):
         return None
+    keyless = [a for a in argv if a.startswith("=")]
+    if keyless:
+        return f"argument {keyless[0]!r} has no key: expected key=value"
     from hydra import compose, initialize_config_dir  # heavy: hydra, only the training command needs it
     from hydra.errors import HydraException  # heavy: hydra
     from omegaconf.errors import OmegaConfBaseException
@@ -791,6 +798,8 @@ def hydra_error(argv: list[str]) -> str | None:
         return "; ".join(lines) or type(e).__name__
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key, section in default.items():  # a section removed (~loss) or replaced by a value (data=x)
+        if key in OPTIONAL_SECTIONS:  # read as cfg.get(key) or {}
+            continue
         if isinstance(section, dict) and key not in given:
             return f"the section {key!r} was removed (~{key}); training needs it"
         if isinstance(section, dict) and not isinstance(given[key], dict):

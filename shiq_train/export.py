@@ -69,7 +69,7 @@ def llama_config(hf_config: dict, step_dir):
 
     try:
         return LlamaConfig.from_dict(hf_config)
-    except (StrictDataclassError, ValueError, TypeError) as e:
+    except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
         raise ValueError(
             f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {' '.join(str(e).split())[:300]}"
         ) from None
@@ -83,17 +83,24 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
 
     if isinstance(hf_config, dict):
         hf_config = llama_config(hf_config, step_dir)
+    shape = LlamaShape.from_hf_config(hf_config)
+
+    def misfit(e: Exception) -> ValueError:
+        return ValueError(
+            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({' '.join(str(e).split())[:200]}): "
+            "the checkpoint is damaged or its meta.json was edited"
+        )
+
     try:
-        shape = LlamaShape.from_hf_config(hf_config)
         full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)
-        model = LlamaForCausalLM(hf_config).to(dtype)
+    except KeyError as e:  # a layer the config names and the weights lack
+        raise misfit(e) from None
+    model = LlamaForCausalLM(hf_config).to(dtype)
+    try:
         sd = megatron_to_llama(full, shape)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
     except (KeyError, RuntimeError) as e:  # a missing weight name; a shape that differs
-        raise ValueError(
-            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({' '.join(str(e).split())[:200]}): "
-            "the checkpoint is damaged or its meta.json was edited"
-        ) from None
+        raise misfit(e) from None
     return model.eval()
 
 
@@ -192,15 +199,15 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
 
 def _check_out(out: Path, run: Path, overwrite: bool) -> None:
     """Refuse an ``out`` that exists (unless ``overwrite``), and with ``overwrite`` any ``out`` but an earlier
-    export: never the run folder, a folder inside it or one holding it, nor a file or another folder, which
-    replacing would delete."""
+    export (``RUN/hf`` may be one): never the run folder or one holding it, nor a step folder, a file or any
+    other folder, which replacing would delete."""
     if not out.exists():
         return
     if not overwrite:
         raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
     o, r = out.resolve(), run.resolve()
-    if o.is_relative_to(r) or r.is_relative_to(o):
-        where = "is" if o == r else "is inside" if o.is_relative_to(r) else "holds"
+    if r.is_relative_to(o):  # (a folder inside the run is replaced only if it is an earlier export, below)
+        where = "is" if o == r else "holds"
         raise ValueError(
             f"--hf {out} {where} the run folder {run}: --overwrite would delete the run; give another folder"
         )

@@ -97,7 +97,7 @@ CASES = [
     case("shiq-train", ["data.buffer={d}/missing", "out={d}/r"], "{d}/missing"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/buf"], "out={d}/buf", "not a shiq-train run folder"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/afile"], "out={d}/afile is a file"),
-    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "=5"], "command line"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "=5"], "argument '=5' has no key: expected key=value"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "~loss"], "the section 'loss' was removed"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "data=x"], "'data' is a section of options"),
     case("shiq-train", ["data.buffer={d}/badtypes", "out={d}/r"], "manifest.json", "'rows'"),

@@ -135,9 +135,16 @@ def test_outputs_inside_a_buffer_folder_are_refused(data, tmp_path, capsys):
     ]:
         code, _, err = run(capsys, *argv)
         option = "--plot" if argv[0] == "stats" else "--out"
-        assert code == 2 and f"is inside the buffer {b.resolve()}: choose a folder outside it" in err, (argv, err)
-        assert err.strip().startswith(f"shiq-data: error: {option} ")
+        where = "is the buffer" if argv[-1] == b else f"is inside the buffer {b.resolve()}"
+        assert code == 2 and f"{option} {argv[-1]} {where}: choose a folder outside it" in err, (argv, err)
     assert sorted(p.relative_to(b) for p in b.rglob("*")) == before
+    # a manifest.json of another kind (a web app's, a model cache's) is no buffer
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "manifest.json").write_text('{"name": "my app", "format": "web"}')
+    code, _, err = run(
+        capsys, "filter", b, "--where", "reward > 0", "--out", tmp_path / "site" / "sub", "--no-progress"
+    )
+    assert code == 0, err
 
 
 def test_filter_on_lengths_matches_token_counts(data, tmp_path, capsys):
@@ -348,7 +355,7 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     # (a mistyped 10**20 drew groups one at a time for hours), nothing left beside --out
     before = sorted(tmp_path.iterdir())
     code, _, err = run(capsys, *args[:4], 10**20, *args[5:-1], tmp_path / "huge")
-    assert code == 2 and "--rows 100000000000000000000: the mix would need about" in err and "GiB free" in err
+    assert code == 2 and "a mix of 100000000000000000000 rows would need about" in err and "GiB free" in err
     assert sorted(tmp_path.iterdir()) == before
 
 

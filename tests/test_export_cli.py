@@ -74,7 +74,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     for out, needle in [
         (run, "is the run folder"),
         (tmp_path, "holds the run folder"),
-        (run / "checkpoints" / "step_00000002", "is inside the run folder"),
+        (run / "checkpoints" / "step_00000002", "is not an earlier export"),
         (other, "is not an earlier export"),
     ]:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
@@ -82,6 +82,10 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         assert needle in capsys.readouterr().err
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
     assert export.main([str(run), "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step
+    # an export kept inside the run folder is replaced like any other earlier export
+    assert export.main([str(run), "--hf", str(run / "hf")]) == 0
+    assert export.main([str(run), "--step", "1", "--hf", str(run / "hf"), "--overwrite"]) == 0
+    assert json.loads((run / "hf" / "shiq_export.json").read_text())["step"] == 1
 
     # A hand-edited meta.json or export record: one line naming the file and field, nothing written
     from shiq_eval.checkpoints import EvalInputError, hf_folder_info

@@ -58,13 +58,19 @@ def test_config_quick_and_errors():
 
 
 def test_trainable_layers_are_bounded_by_the_layers_kept():
-    """``model.layers`` keeps the first N layers: at most those N train (a stage would refuse it later)."""
-    assert bfcl.load_config(quick=True, overrides=["train.trainable_last_layers=2"])["model"]["layers"] == 2
-    with pytest.raises(
-        ValueError, match=r"train.trainable_last_layers must be an integer in 1..2 \(of the model's 2\), got 3"
-    ):
-        bfcl.load_config(quick=True, overrides=["train.trainable_last_layers=3"])
-    with pytest.raises(ValueError, match=r"in 1..30 \(of the model's 30\), got 31"):
+    """``model.layers`` keeps the first N layers: at most those N train, and with the frozen-prefix cache (the
+    default) at most N - 1 (the cache refused it only when a stage built it)."""
+    assert bfcl.load_config(quick=True, overrides=["train.trainable_last_layers=1"])["model"]["layers"] == 2
+    for override, needle in [
+        ("train.trainable_last_layers=2", "trains every layer of 2, so train.cache_frozen_prefix=true"),
+        ("train.trainable_last_layers=3", "must be an integer in 1..2 or -1 (of the model's 2; -1: every parameter)"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            bfcl.load_config(quick=True, overrides=[override])
+    free = ["train.cache_frozen_prefix=false"]
+    for k in (2, -1):  # without the cache: all of them, or every parameter
+        assert bfcl.load_config(quick=True, overrides=[f"train.trainable_last_layers={k}", *free])
+    with pytest.raises(ValueError, match=re.escape("in 1..30 or -1 (of the model's 30")):
         bfcl.load_config(overrides=["train.trainable_last_layers=31"])
 
 

@@ -767,3 +767,15 @@ def test_packed_rows_need_megatrons_local_layers(tmp_path, monkeypatch):
     # the same layers with padded rows pass these checks and stop only at the missing buffer
     with pytest.raises(cli.ConfigError, match="does not exist"):
         cli.run(*composed(*args[:2]))
+
+
+def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may_go():
+    """``~loss`` and ``data=x`` ended in a KeyError or AttributeError traceback, ``=5`` in Hydra's own ValueError;
+    the logging section is optional (read with its defaults), so removing it stays allowed."""
+    from shiq_train.cli import hydra_error
+
+    assert hydra_error(["~loss"]) == "the section 'loss' was removed (~loss); training needs it"
+    assert hydra_error(["data=x"]).startswith("'data' is a section of options: set its keys (data.<name>=...)")
+    assert hydra_error(["=5"]) == "argument '=5' has no key: expected key=value"
+    for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
+        assert hydra_error(fine) is None, fine

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.cli_common import int_at_least
 from shiq_data.curate.dedup import BY as DEDUP_BY
@@ -39,7 +37,7 @@ def cmd_show(args) -> int:
 
 def cmd_stats(args) -> int:
     if args.plot:
-        refuse_inside_buffer(Path(args.plot) / "x.png", "--plot")  # (the folder itself may be the buffer)
+        refuse_inside_buffer(args.plot, "--plot", itself=True)
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))

@@ -191,8 +191,8 @@ def _check_space(sources, targets: list[int], out) -> None:
     free = shutil.disk_usage(where).free
     if need > free:
         raise ValueError(
-            f"--rows {sum(targets)}: the mix would need about {need / 2**30:,.1f} GiB of shards, {where} has "
-            f"{free / 2**30:,.1f} GiB free; lower --rows"
+            f"a mix of {sum(targets)} rows would need about {need / 2**30:,.1f} GiB of shards, {where} has "
+            f"{free / 2**30:,.1f} GiB free; lower --rows (or free space)"
         )
 
 

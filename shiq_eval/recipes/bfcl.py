@@ -71,6 +71,7 @@ from shiq_eval.recipes.common import (
     check_arms,
     check_bounds,
     check_flags,
+    check_frozen_prefix,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -141,7 +142,10 @@ def _check_config(cfg: dict) -> None:
     check_bounds(cfg, BOUNDS)
     check_flags(cfg, FLAGS)
     layers = cfg["model"]["layers"] or LAYERS  # the model trained: its first model.layers layers (0: all)
-    check_bounds(cfg, {"train.trainable_last_layers": Bounds(low=1, high=layers, why=f"of the model's {layers}")})
+    trainable = Bounds(low=1, high=layers, also=(-1,), why=f"of the model's {layers}; -1: every parameter")
+    check_bounds(cfg, {"train.trainable_last_layers": trainable})
+    if t["cache_frozen_prefix"]:
+        check_frozen_prefix({"train.trainable_last_layers": t["trainable_last_layers"]}, layers)
     check_arms(cfg, METHODS)
     if d["docs"] not in ("compact", "full") or d["order"] not in ("index", "shortest"):
         raise ValueError(

@@ -153,6 +153,17 @@ def check_bounds(cfg: dict, bounds: dict[str, Bounds]) -> None:
                 raise ValueError(f"{key} must be {rule.describe()}, got {v!r}")
 
 
+def check_frozen_prefix(trainable: dict[str, int], layers: int) -> None:
+    """With ``train.cache_frozen_prefix``, each of the ``trainable`` layer counts (dotted key: value) must leave
+    at least one of the model's ``layers`` frozen to cache (the cache refuses it only once a stage builds it)."""
+    for key, k in trainable.items():
+        if k == -1 or k >= layers:
+            raise ValueError(
+                f"{key}={k} trains every layer of {layers}, so train.cache_frozen_prefix=true has no frozen layers "
+                f"to cache: train at most {layers - 1}, or set train.cache_frozen_prefix=false"
+            )
+
+
 def _select_all(node, parts: list[str], prefix: str):
     """``(dotted key, value)`` of every leaf of ``node`` that the key ``parts`` (``*``: any) names."""
     if not parts:

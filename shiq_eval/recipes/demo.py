@@ -88,6 +88,7 @@ from shiq_eval.recipes.common import (
     check_arms,
     check_bounds,
     check_flags,
+    check_frozen_prefix,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -216,7 +217,7 @@ BOUNDS = {
     "eval.validation_prompts": Bounds(low=0),
     "methods.qsharp.steps": Bounds(low=1),
     "methods.qsharp.lr": Bounds(integer=False, low=0, above=True),
-    "methods.qsharp.trainable_last_layers": Bounds(low=1, high=LAYERS),
+    "methods.qsharp.trainable_last_layers": Bounds(low=0, high=LAYERS, also=(-1,), why="0: the head only; -1: all"),
     "methods.qsharp.num_atoms": Bounds(low=2),
     "methods.qsharp.top_k": Bounds(low=1),
     "methods.qsharp.eval_prompts": Bounds(low=0, why="0: every held-out prompt"),
@@ -247,10 +248,11 @@ def _check_config(cfg: dict) -> None:
         raise ValueError(
             f"train.steps ({t['steps']}) must be a positive multiple of train.eval_every ({t['eval_every']})"
         )
-    if t["trainable_last_layers"] == -1 and t["cache_frozen_prefix"]:
-        raise ValueError(
-            "train.trainable_last_layers=-1 (every parameter) leaves no frozen layers to cache: "
-            "set train.cache_frozen_prefix=false too"
+    if t["cache_frozen_prefix"]:
+        q = cfg["methods"].get("qsharp", {}).get("trainable_last_layers", 0)
+        check_frozen_prefix(
+            {"train.trainable_last_layers": t["trainable_last_layers"], "methods.qsharp.trainable_last_layers": q},
+            LAYERS,
         )
     if t["groups_per_step"] > d["train_prompts"]:
         raise ValueError("train.groups_per_step cannot exceed data.train_prompts")
