@@ -420,14 +420,16 @@ class Trainer:
 
 def _metric_lines(path: Path) -> list[str]:
     """The non-empty lines of a run's ``metrics.jsonl``, each checked to be a JSON object with an integer
-    ``step``: ``ValueError`` naming the file and line otherwise (the file is cut back only after that)."""
+    ``step``: ``ValueError`` naming the file and line otherwise (the file is cut back only after that). A last
+    line cut short (a kill while it was written) is dropped: the checkpoint, not the log, is what resumes."""
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text(errors="replace").splitlines(), 1) if ln.strip()]
     lines = []
-    for n, line in enumerate(path.read_text(errors="replace").splitlines(), 1):
-        if not line.strip():
-            continue
+    for n, line in numbered:
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
+            if n == numbered[-1][0] and line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
+                continue
             record = None
         step = record.get("step") if isinstance(record, dict) else None
         if isinstance(step, bool) or not isinstance(step, int):

@@ -144,7 +144,9 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     with pytest.raises(ValueError, match=r"metrics.jsonl: line 7: not a metrics record .*remove the line"):
         run(tmp_path / "b", 8)
     assert metrics.read_text() == good + '{"marker": 1}\n'
-    metrics.write_text(good)
+    metrics.write_text(good + '{"step": 7, "lo')  # a last line cut short by a kill: dropped when resuming
+    assert [h["step"] for h in run(tmp_path / "b", 6)[0]] == []
+    assert metrics.read_text() == good
     latest.unlink()
     with pytest.raises(ValueError, match=r"latest is missing but .* holds .*step_0*6: to resume, write"):
         run(tmp_path / "b", 8)
