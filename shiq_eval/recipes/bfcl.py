@@ -63,6 +63,7 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    TRAIN_BOUNDS,
     Bounds,
     PrefixCaches,
     Stages,
@@ -122,11 +123,7 @@ BOUNDS = {
     "data.train_scenarios": Bounds(low=0, high=160, why="0: all 160 training scenarios"),
     "data.edits_per_scenario": Bounds(low=0, high=len(CORRUPTIONS)),
     "data.max_tokens": Bounds(low=1),
-    "train.steps": Bounds(low=1),
-    "train.groups_per_step": Bounds(low=1),
-    "train.lr": Bounds(integer=False, low=0, above=True),
-    "train.warmup_steps": Bounds(low=0),
-    "train.clip_grad": Bounds(integer=False, low=0, why="0: no clipping"),
+    **TRAIN_BOUNDS,
     "eval.scenarios": Bounds(low=0, high=40, why="0: all 40 held-out scenarios"),
     "eval.max_new_tokens": Bounds(low=1),
     "eval.temperature": Bounds(integer=False, low=0, why="0: greedy"),

@@ -142,6 +142,16 @@ class Bounds:
         return f"{text} ({self.why})" if self.why else text
 
 
+# The optimiser and trainer keys every recipe's train block shares (recipe_optimizer, recipe_trainer)
+TRAIN_BOUNDS = {
+    "train.steps": Bounds(low=1),
+    "train.groups_per_step": Bounds(low=1),
+    "train.lr": Bounds(integer=False, low=0, above=True),
+    "train.warmup_steps": Bounds(low=0),
+    "train.clip_grad": Bounds(integer=False, low=0, why="0: no clipping"),
+}
+
+
 def check_bounds(cfg: dict, bounds: dict[str, Bounds]) -> None:
     """Each dotted key of ``bounds`` (``*`` matching any key at its level) that ``cfg`` has, against its
     :class:`Bounds`: ``ValueError("<key> must be <rule>, got <value>")`` at the first that breaks it. Keys a

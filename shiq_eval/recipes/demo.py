@@ -78,6 +78,7 @@ from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, p
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     SINGLE,
+    TRAIN_BOUNDS,
     Bounds,
     PrefixCaches,
     Stages,
@@ -203,12 +204,8 @@ BOUNDS = {
     "reward_model.finetune_epochs": Bounds(integer=False, low=0),
     "reward_model.finetune_lr": Bounds(integer=False, low=0, above=True),
     "reward_model.finetune_last_layers": Bounds(low=1, high=6, null=True),
-    "train.steps": Bounds(low=1),
+    **TRAIN_BOUNDS,
     "train.eval_every": Bounds(low=1),
-    "train.groups_per_step": Bounds(low=1),
-    "train.lr": Bounds(integer=False, low=0, above=True),
-    "train.warmup_steps": Bounds(low=0),
-    "train.clip_grad": Bounds(integer=False, low=0, why="0: no clipping"),
     "train.trainable_last_layers": Bounds(low=1, high=LAYERS, also=(-1,), why="-1: every parameter"),
     "eval.batch_size": Bounds(low=1),
     "eval.samples_per_prompt": Bounds(low=1),
