@@ -772,8 +772,9 @@ OPTIONAL_SECTIONS = {"logging"}  # sections a run reads with their defaults when
 
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
-    parse) on one line, or None. Composes the config once, as Hydra will; Hydra's own flags (``--help``,
-    ``--cfg``, ...) are left to Hydra."""
+    parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
+    and the default one to compare its sections with; Hydra's own flags (``--help``, ``--cfg``, ...) are left
+    to Hydra."""
     if any(a.startswith("-") for a in argv):
         return None
     keyless = [a for a in argv if a.startswith("=")]
