@@ -63,6 +63,7 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
     Bounds,
     PrefixCaches,
@@ -115,7 +116,7 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     return cfg
 
 
-LAYERS = 30  # SmolLM2-135M's transformer layers
+LAYERS = SMOLLM2_LAYERS
 # Every number of the configuration, checked before any stage runs
 BOUNDS = {
     "seed": Bounds(low=0),

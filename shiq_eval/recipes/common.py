@@ -142,6 +142,8 @@ class Bounds:
         return f"{text} ({self.why})" if self.why else text
 
 
+SMOLLM2_LAYERS = 30  # the transformer layers of SmolLM2-135M-Instruct, every recipe's model
+
 # The optimiser and trainer keys every recipe's train block shares (recipe_optimizer, recipe_trainer)
 TRAIN_BOUNDS = {
     "train.steps": Bounds(low=1),

@@ -78,6 +78,7 @@ from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, p
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     SINGLE,
+    SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
     Bounds,
     PrefixCaches,
@@ -187,7 +188,7 @@ def reward_precision(cfg: dict) -> str:
     return cfg["reward_model"].get("precision", ABSENT["reward_model.precision"])
 
 
-LAYERS = 30  # SmolLM2-135M's transformer layers
+LAYERS = SMOLLM2_LAYERS
 # Every number of the configuration, checked before any stage runs (SHIQ_MATH §9 for the evaluation's)
 BOUNDS = {
     "seed": Bounds(low=0),
