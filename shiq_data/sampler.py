@@ -26,7 +26,8 @@ buffer index of each row (what ``shiq_train.prefix_cache`` looks rows up by), an
 
 Reading goes straight from the memory-mapped shards into the batch arrays (only the selected rows'
 bytes are copied), so reader memory does not grow with the buffer's size. Opening a buffer reads its token
-ids and list offsets once, to check every row (``_check_rows``; well under a second for 100M tokens).
+ids, action masks, rewards and list offsets once, to check every row (``_check_rows``; about half a second
+for 100M tokens).
 """
 
 from __future__ import annotations
@@ -80,10 +81,12 @@ def check_rows(columns: dict[str, pa.ListArray], vocab: int, shard, first_row: i
 
 
 def _check_rows(chunk: dict[str, _ListView], vocab: int, shard, first_row: int) -> None:
-    """Refuse, naming the shard, row and field, a row whose token ids leave ``[0, vocab)`` or whose other
-    per-token columns differ from its tokens in length: a shard edited after it was written, checksum
-    included, which the model's embedding lookup or the batch's copy would otherwise meet as an opaque
-    error (``shiq-data validate`` lists every such row)."""
+    """Refuse, naming the shard, row and field, a row that training cannot use as it is: token ids outside
+    ``[0, vocab)``, other per-token columns of another length than its tokens, fewer than 2 tokens, an
+    action at position 0 (nothing predicts it) or none at all, a non-finite reward. Such a row comes from a
+    shard edited after it was written, checksum included; the embedding lookup or the batch's copy would
+    meet it as an opaque error, the loss as a NaN or a silently dropped row. Only what training reads is
+    checked here (vectorised, per record batch); ``shiq-data validate`` checks every field of every row."""
     tokens = chunk["tokens"]
     n = np.diff(tokens.offsets)
     for name, view in chunk.items():
@@ -93,6 +96,31 @@ def _check_rows(chunk: dict[str, _ListView], vocab: int, shard, first_row: int) 
                 f"{shard}: row {first_row + r}: field {name!r}: {int(np.diff(view.offsets)[r])} values for "
                 f"{int(n[r])} tokens (shiq-data validate lists every bad row)"
             )
+
+    def refuse(bad: np.ndarray, field: str, problem: str):  # bad: [rows] bool, the first True is named
+        raise ValueError(
+            f"{shard}: row {first_row + int(np.flatnonzero(bad)[0])}: field {field!r}: {problem} "
+            "(shiq-data validate lists every bad row)"
+        )
+
+    if (n < 2).any():
+        refuse(n < 2, "tokens", "fewer than 2 tokens (at least one prompt token and one completion token)")
+    if "action_mask" in chunk:
+        m = chunk["action_mask"]
+        lo, hi = m.bit_offset + int(m.offsets[0]), m.bit_offset + int(m.offsets[-1])
+        bits = np.unpackbits(m.bits[lo >> 3 : (hi + 7) >> 3], bitorder="little")[lo & 7 : (lo & 7) + hi - lo]
+        starts = m.offsets - m.offsets[0]
+        if bits[starts[:-1]].any():  # every row has a first token (n >= 2 above)
+            refuse(bits[starts[:-1]].astype(bool), "action_mask", "action token at position 0")
+        actions = np.diff(np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])[starts])
+        if (actions == 0).any():
+            refuse(actions == 0, "action_mask", "no action token (empty completion)")
+    if "rewards" in chunk:
+        r = chunk["rewards"]
+        finite = np.isfinite(r.values[r.offsets[0] : r.offsets[-1]])
+        if not finite.all():
+            at = int(np.flatnonzero(~finite)[0]) + int(r.offsets[0])  # a flat index: its row is named
+            refuse(np.arange(len(n)) == np.searchsorted(r.offsets, at, side="right") - 1, "rewards", "non-finite")
     flat = tokens.values[tokens.offsets[0] : tokens.offsets[-1]]
     if flat.size and (flat.min() < 0 or flat.max() >= vocab):
         at = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0]) + int(tokens.offsets[0])

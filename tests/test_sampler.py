@@ -319,6 +319,14 @@ def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
         (lambda rows: rows[2]["tokens"].__setitem__(0, -5), r"row 2: field 'tokens': token id -5 outside"),
         (lambda rows: rows[4]["action_mask"].pop(), r"row 4: field 'action_mask': \d+ values for \d+ tokens"),
         (lambda rows: rows[0]["rewards"].append(0.0), r"row 0: field 'rewards': \d+ values for \d+ tokens"),
+        (
+            lambda rows: rows[2].update(tokens=[], action_mask=[], rewards=[]),
+            r"row 2: field 'tokens': fewer than 2 tokens",
+        ),
+        (lambda rows: rows[4].update(action_mask=[False] * len(rows[4]["tokens"])), r"row 4: field 'action_mask': no"),
+        (lambda rows: rows[1]["action_mask"].__setitem__(0, True), r"row 1: field 'action_mask': action token at"),
+        (lambda rows: rows[3]["rewards"].__setitem__(-1, float("nan")), r"row 3: field 'rewards': non-finite"),
+        (lambda rows: rows[4]["rewards"].__setitem__(-1, float("-inf")), r"row 4: field 'rewards': non-finite"),
     ],
 )
 def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit, needle):
