@@ -540,3 +540,7 @@ def test_option_values_out_of_range_are_refused_by_name(data, tmp_path, capsys):
             run(capsys, *argv, "--out", tmp_path / "x")
         assert e.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    for rows in (0, -1):  # show printed one row for either
+        with pytest.raises(SystemExit) as e:
+            run(capsys, "show", data["a"], "--rows", rows)
+        assert e.value.code == 2 and f"argument --rows: must be >= 1, got {rows}" in capsys.readouterr().err

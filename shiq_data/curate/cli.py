@@ -122,7 +122,9 @@ def add_commands(sub) -> None:
     )
     s.add_argument("buffer", metavar="BUFFER")
     which = s.add_mutually_exclusive_group()
-    which.add_argument("--rows", type=int, default=5, metavar="N", help="how many rows (default %(default)s)")
+    which.add_argument(
+        "--rows", type=int_at_least(1), default=5, metavar="N", help="how many rows (default %(default)s)"
+    )
     which.add_argument("--id", default=None, metavar="ID", help="the row with this row_id")
     s.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
     s.set_defaults(func=cmd_show)
@@ -186,7 +188,9 @@ def add_commands(sub) -> None:
         "mix is as large as the inputs allow without replacement.",
     )
     m.add_argument("inputs", nargs="+", metavar="BUFFER:WEIGHT")
-    m.add_argument("--rows", type=int, default=None, metavar="N", help="rows in the mix (about: groups stay whole)")
+    m.add_argument(
+        "--rows", type=int_at_least(1), default=None, metavar="N", help="rows in the mix (about: groups stay whole)"
+    )
     m.add_argument("--replacement", action="store_true", help="draw groups with replacement")
     m.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="sampling seed (default %(default)s)")
     out_options(m)
