@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir
 from shiq_data.readers.encode import decode_text
-from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS
+from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, parse_extra
 from shiq_data.tokenizers import PIPELINE_FIELD
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
@@ -68,9 +68,11 @@ def jsonl_record(row: dict, *, where: str) -> dict:
     record["group"] = row["group_id"]
     record["source"] = row["source"]
     try:
-        extra = json.loads(row["extra"]) if row["extra"] is not None else {}
+        extra = parse_extra(row["extra"]) if row["extra"] is not None else {}
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"{where}: field 'extra': not JSON text ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{where}: field 'extra': {e}") from None
     if not isinstance(extra, dict):
         raise ValueError(f"{where}: field 'extra': must be the JSON text of an object, got {type(extra).__name__}")
     clash = [k for k in extra if k in _RESERVED]

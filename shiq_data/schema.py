@@ -278,11 +278,36 @@ def _check_text(row: dict, err) -> None:
     extra = row.get("extra")
     if extra is not None:
         try:
-            parsed = json.loads(extra)
+            parsed = parse_extra(extra)
         except json.JSONDecodeError as e:
             raise err("extra", f"not valid JSON ({e.msg})") from None
+        except ValueError as e:
+            raise err("extra", str(e)) from None
         if not isinstance(parsed, dict):
             raise err("extra", f"must be the JSON text of an object, got {type(parsed).__name__}")
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _no_constant(name: str):
+    raise _NonFinite(name)
+
+
+def parse_extra(text: str):
+    """``json.loads`` of an ``extra`` text, refusing ``NaN``/``Infinity`` (what Python's JSON writes for a
+    number out of float range, such as ``1e999``, and what no other JSON reader accepts) with a
+    ``ValueError`` saying so."""
+    try:
+        return json.loads(text, parse_constant=_no_constant)
+    except _NonFinite as e:
+        raise ValueError(non_finite_json(e.args[0])) from None
+
+
+def non_finite_json(name: str) -> str:
+    why = " (a number beyond float range, such as 1e999, reads as Infinity)" if "Infinity" in name else ""
+    return f"holds {name}, which standard JSON cannot hold{why}"
 
 
 def row_has_ref(row: dict) -> bool:

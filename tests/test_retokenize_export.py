@@ -274,7 +274,12 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "extra,needle",
-    [("[1, 2]", "must be the JSON text of an object, got list"), ("{nope", "not JSON text")],
+    [
+        ("[1, 2]", "must be the JSON text of an object, got list"),
+        ("{nope", "not JSON text"),
+        ('{"score": Infinity}', "holds Infinity, which standard JSON cannot hold"),  # exported as Infinity before
+        ('{"a": [NaN]}', "holds NaN"),
+    ],
 )
 def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):
     """``extra`` as a shard written by hand may hold it: one line naming the shard, row and field."""
@@ -284,3 +289,18 @@ def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):
     assert jsonl_record({**row, "extra": '{"lang": "fr"}'}, where="x")["lang"] == "fr"
     with pytest.raises(ValueError, match=f"shard-00000.arrow: row 3: field 'extra': {needle}"):
         jsonl_record({**row, "extra": extra}, where="shard-00000.arrow: row 3")
+
+
+@pytest.mark.parametrize("value,name", [("1e999", "Infinity"), ("-1e999", "-Infinity"), ("NaN", "NaN")])
+def test_a_non_finite_number_in_an_extra_field_is_refused_at_build(tmp_path, capsys, value, name):
+    """Python's JSON reads 1e999 as inf and writes it back as ``Infinity``, which no other JSON reader
+    accepts: the buffer would carry it into every export. Refused at build, naming file, line and field."""
+    src = tmp_path / "in.jsonl"
+    src.write_text(
+        '{"prompt": "a b", "completion": " c", "reward": 1.0}\n'
+        f'{{"prompt": "a", "completion": " d", "reward": 0.5, "score": {value}}}\n'
+    )
+    assert run("build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"in.jsonl: line 2: field 'extra': holds {name}," in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
