@@ -464,6 +464,12 @@ def check_resume_config(
         )
     old, new = _comparable(saved), _comparable(cfg)
     old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
+    unknown = sorted(allowed - old.keys() - new.keys())
+    if unknown:  # a misspelt key would otherwise accept nothing, silently
+        raise ConfigError(
+            f"+resume.allow_changed names {unknown[0]!r}, which is not a key of this run's configuration "
+            "(dotted keys such as loss.beta; +resume.force=true accepts any change)"
+        )
     unset = object()
     changed = sorted(k for k in old.keys() | new.keys() if old.get(k, unset) != new.get(k, unset))
     notes = {}

@@ -779,3 +779,19 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["=5"]) == "argument '=5' has no key: expected key=value"
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
+
+
+def test_resume_allow_changed_naming_no_key_of_the_configuration_is_refused(tmp_path):
+    """``+resume.allow_changed=[loss.betta]`` accepted nothing and said nothing: the resume was then refused
+    for loss.beta, or went on with a silently ignored option."""
+    import yaml
+
+    from shiq_train.cli import ConfigError, check_resume_config
+
+    cfg = {"loss": {"name": "shiq", "beta": 0.1}, "train": {"steps": 3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    new = {"loss": {"name": "shiq", "beta": 0.5}, "train": {"steps": 3}}
+    assert check_resume_config(tmp_path, new, {"loss.beta"}, False) == ["loss.beta"]
+    for typo in ("loss.betta", "loss"):  # a section is not a key either
+        with pytest.raises(ConfigError, match=f"allow_changed names '{typo}', which is not a key"):
+            check_resume_config(tmp_path, new, {"loss.beta", typo}, False)
