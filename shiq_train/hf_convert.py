@@ -271,8 +271,15 @@ def load_causal_lm(spec: str, dtype=torch.float32):
         raise FileNotFoundError(
             f"{folder}: expected smollm2 or a Hugging Face model folder, but {folder / 'config.json'} does not exist"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer  # heavy: only loading a model needs it
+    from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    for f in sorted(folder.glob("*.safetensors")):  # the header and the file's size: a cut file is named here
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):

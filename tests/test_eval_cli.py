@@ -222,6 +222,26 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     assert not (tmp_path / "o").exists()  # nothing written on failure
 
 
+def test_a_cut_safetensors_file_is_named_in_one_line(tmp_path, capsys):
+    """A model folder whose model.safetensors was cut short (an interrupted copy): safetensors' own error
+    named no file; now the file is named, for a policy folder and a --reference alike, exit 2."""
+    from shiq_train.hf_convert import load_causal_lm
+
+    folder = tiny_hf_folder(tmp_path / "m")
+    assert load_causal_lm(str(folder))[0].config.num_hidden_layers >= 1  # intact: loads
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ValueError, match=f"{weights}: not a readable safetensors file"):
+        load_causal_lm(str(folder))
+    (tmp_path / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    argv = ["run", str(folder), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    capsys.readouterr()
+    assert main([*argv, "--scorer", "vader", "--reference", str(folder)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{weights}: not a readable safetensors file" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_atomic_writes_leave_shareable_files_and_no_temporaries(tmp_path):
     """Reports, plots and trajectories are read by others: not mkstemp's owner-only 0600."""
     import stat
