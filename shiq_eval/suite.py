@@ -86,9 +86,11 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
     except (OmegaConfBaseException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SuiteError(f"{path}: {first} (a suite has the keys {[f.name for f in fields(Suite)]})") from None
+    if path is not None:
+        _check_file_settings(suite, path, overrides or {})
     for key in ("prompts", "reward_model"):
         value = getattr(suite, key)
-        if value is not None and path is not None and not Path(value).is_absolute():
+        if value is not None and path is not None:
             setattr(suite, key, str(path.parent / value))
     for key, value in (overrides or {}).items():
         if value is None:
@@ -103,6 +105,29 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         suite.prompts = None
     check_suite(suite, path)
     return suite, path
+
+
+def _check_file_settings(suite: Suite, path: Path, overrides: dict) -> None:
+    """A suite file is data: its ``prompts`` and ``reward_model`` must name files inside its folder (a
+    suite passed on would otherwise read whatever its paths point at; the flags may name any file), and a
+    ``python:MODULE:FUNCTION`` scorer, which imports and runs code, runs only when ``--scorer`` names the
+    same function on the command line."""
+    for key in ("prompts", "reward_model"):
+        value = getattr(suite, key)
+        if value is None or overrides.get(key) is not None:
+            continue
+        folder = path.parent.resolve()
+        if Path(value).is_absolute() or not (folder / value).resolve().is_relative_to(folder):
+            flag = "--" + key.replace("_", "-")
+            raise SuiteError(
+                f"{path}: {key} {value!r} is outside the suite's folder {folder}: a suite file names files beside "
+                f"it; give another file with {flag}"
+            )
+    if suite.scorer.startswith(PYTHON_PREFIX) and overrides.get("scorer") != suite.scorer:
+        raise SuiteError(
+            f"{path}: scorer {suite.scorer} imports and runs Python code, which a suite file alone may not start: "
+            f"name it on the command line too (--scorer {suite.scorer})"
+        )
 
 
 def check_suite(suite: Suite, path: Path | None) -> None:

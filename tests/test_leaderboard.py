@@ -525,3 +525,46 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
     short = write_bfcl_results(tmp_path / "short", [r | {"scenario_ids": scenarios[:-1]} for r in rows])
     assert eval_cli.main(["leaderboard", short, "--out", str(tmp_path / "x")]) == 2
     assert "11 scenario_ids for 12 prompts" in capsys.readouterr().err
+
+
+def test_a_suite_file_reads_files_beside_it_and_runs_no_code_alone(tmp_path, monkeypatch):
+    """A suite file is data passed between people: its prompts and reward_model must be files in its folder
+    (``../`` or an absolute path read whatever they named), and a python:MODULE:FUNCTION scorer in it, which
+    imports a module, runs only when --scorer names the same function on the command line."""
+    import yaml
+
+    from shiq_eval.suite import SuiteError, load_suite
+
+    (tmp_path / "outside.jsonl").write_text('{"prompt": "x"}\n')
+    folder = tmp_path / "suites"
+    folder.mkdir()
+    (folder / "p.jsonl").write_text('{"prompt": "hi"}\n')
+    (folder / "link.jsonl").symlink_to(tmp_path / "outside.jsonl")
+    (tmp_path / "evil.py").write_text("raise SystemExit('imported')\n")  # never imported below
+
+    def suite_file(**settings):
+        path = folder / "s.yaml"
+        path.write_text(yaml.safe_dump({"prompts": "p.jsonl", "scorer": "vader", **settings}))
+        return str(path)
+
+    suite, _ = load_suite(suite_file())
+    assert suite.prompts == str(folder / "p.jsonl")
+    for key, value in [
+        ("prompts", "../outside.jsonl"),
+        ("prompts", str(tmp_path / "outside.jsonl")),
+        ("prompts", "link.jsonl"),
+        ("reward_model", "/etc/passwd"),
+    ]:
+        with pytest.raises(SuiteError, match=f"{key} '{re.escape(value)}' is outside the suite's folder"):
+            load_suite(suite_file(**{key: value, "scorer": "reward_model"}))
+    # the flag may name any file: the user typed it
+    flagged, _ = load_suite(suite_file(prompts="../outside.jsonl"), {"prompts": str(tmp_path / "outside.jsonl")})
+    assert flagged.prompts == str(tmp_path / "outside.jsonl")
+
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(SuiteError, match=r"scorer python:evil:f imports and runs Python code.*--scorer python:evil:f"):
+        load_suite(suite_file(scorer="python:evil:f"))
+    with pytest.raises(SuiteError, match="scorer python:evil:f imports"):
+        load_suite(suite_file(scorer="python:evil:f"), {"scorer": "python:scorer_functions:one_short"})
+    spec = "python:scorer_functions:one_short"
+    assert load_suite(suite_file(scorer=spec), {"scorer": spec})[0].scorer == spec  # named twice: runs
