@@ -123,6 +123,32 @@ def test_parquet_and_datasets_inputs_give_the_same_rows(tmp_path, gpt2):
     assert {r["source"] for r in results["jsonl"]} == {"S"}
 
 
+def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, capsys, gpt2):
+    """datasets.load_from_disk joins state.json's data files (and dataset_dict.json's splits) to the folder
+    unchecked: a folder passed on made the build read an Arrow file elsewhere into the buffer."""
+    import datasets
+
+    cols = {"prompt": ["a"], "completion": [" b"], "reward": [1.0]}
+    datasets.Dataset.from_dict(cols).save_to_disk(str(tmp_path / "outside"))
+    datasets.Dataset.from_dict({**cols, "reward": [2.0]}).save_to_disk(str(tmp_path / "ds"))
+    state = json.loads((tmp_path / "ds" / "state.json").read_text())
+    state["_data_files"][0]["filename"] = "../outside/data-00000-of-00001.arrow"
+    (tmp_path / "ds" / "state.json").write_text(json.dumps(state))
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols)}).save_to_disk(str(tmp_path / "dd"))
+    (tmp_path / "dd" / "dataset_dict.json").write_text(json.dumps({"splits": ["../outside"]}))
+    capsys.readouterr()  # datasets' own progress bars
+    for inp, meta, field, name in [
+        ("ds", "state.json", "_data_files", "../outside/data-00000-of-00001.arrow"),
+        ("dd", "dataset_dict.json", "splits", "../outside"),
+    ]:
+        argv = ["build", "datasets", str(tmp_path / inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"{tmp_path / inp / meta}: field '{field}': '{name}' is not a name inside" in err, err
+        assert not (tmp_path / "b").exists()
+
+
 def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
     pq.write_table(
         pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, float("nan")]}),

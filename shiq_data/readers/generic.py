@@ -349,9 +349,30 @@ def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
             n += 1
 
 
+def _check_saved_dataset(path: Path) -> None:
+    """Refuse a ``save_to_disk`` folder whose ``state.json`` data files or ``dataset_dict.json`` splits name
+    anything but a file or folder inside it: ``datasets.load_from_disk`` joins them unchecked, so a folder
+    passed on could make the build read files elsewhere."""
+    for name, key in (("state.json", "_data_files"), ("dataset_dict.json", "splits")):
+        meta = path / name
+        if not meta.is_file():
+            continue
+        try:
+            entries = json.loads(meta.read_text(encoding="utf-8")).get(key, [])
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{meta}: not a JSON object ({e})") from None
+        entries = entries if isinstance(entries, list) else [entries]
+        names = [e.get("filename") if isinstance(e, dict) else e for e in entries]
+        folder = path.resolve()
+        for n in names:
+            if not isinstance(n, str) or not n or Path(n).is_absolute() or (folder / n).resolve().parent != folder:
+                raise ValueError(f"{meta}: field {key!r}: {n!r} is not a name inside {path}")
+
+
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
+    _check_saved_dataset(path)
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(
