@@ -209,7 +209,7 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
 
     The folder's name holds the GGUF file's sha256 and the dtype; its ``manifest.json`` records the sha256
     of each file it wrote. Every call checks them: a folder whose files do not match (a partial copy, a
-    disk error, an edit) is made again, with a one-line warning on standard error. A lock file beside the
+    disk error, an edit, a file the manifest does not list or lists but the folder lacks) is made again, with a one-line warning on standard error. A lock file beside the
     folder lets one process at a time make or check it: processes started together (``--jobs``) dequantise
     once, the others wait (saying so in one line) and read the result.
     """
@@ -233,7 +233,10 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
         atomic_dir(folder, fill)
         try:
             recorded = json.loads((folder / MODEL_MANIFEST).read_text())["sha256"]
-            intact = all(sha256_files([folder / f]) == digest for f, digest in recorded.items())
+            files = sorted(p.name for p in folder.iterdir() if p.name != MODEL_MANIFEST)
+            # exactly the folder's files (names from the folder itself, never joined from the manifest)
+            intact = bool(files) and sorted(recorded) == files
+            intact = intact and all(sha256_files([folder / f]) == recorded[f] for f in files)
         except (OSError, ValueError, KeyError, TypeError):
             intact = False
         if not intact:

@@ -8,6 +8,7 @@ follows transformers' greedy path).
 """
 
 import io
+import json
 import os
 import sys
 import threading
@@ -226,9 +227,21 @@ def test_the_smollm2_cache_is_made_once_per_dtype_and_remade_when_its_files_do_n
     assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 3  # intact again
     (folder / H.MODEL_MANIFEST).unlink()  # no manifest: made again too
     assert H.smollm2_model_folder(torch.float32) == folder and len(made) == 4
+    # a manifest that checks nothing (empty), or names a file outside the folder instead of the weights:
+    # the weights, damaged, were accepted; made again now
+    from shiq_data.io import sha256_files
+
+    (tmp_path / "elsewhere").write_bytes(b"x")
+    for recorded in ({}, {"../../../elsewhere": sha256_files([tmp_path / "elsewhere"])}):
+        (folder / "model.safetensors").write_bytes(bytes(damaged))
+        manifest = json.loads((folder / H.MODEL_MANIFEST).read_text())
+        (folder / H.MODEL_MANIFEST).write_text(json.dumps({**manifest, "sha256": recorded}))
+        before = len(made)
+        assert H.smollm2_model_folder(torch.float32) == folder and len(made) == before + 1
+        assert (folder / "model.safetensors").read_bytes() != bytes(damaged)
     # another GGUF file (a new package version) has its own folder
     gguf.write_bytes(b"another file")
-    assert H.smollm2_model_folder(torch.float32) != folder and len(made) == 5
+    assert H.smollm2_model_folder(torch.float32) != folder and len(made) == 7
 
 
 def test_processes_wanting_the_smollm2_cache_at_once_make_it_once(tmp_path, monkeypatch):
