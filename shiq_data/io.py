@@ -216,6 +216,32 @@ def exclusive_lock(
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@contextlib.contextmanager
+def files_together(out: str | os.PathLike) -> Iterator[Path]:
+    """Write a set of files that belong together (a table, its report and plots) into a staging folder
+    inside ``out`` and move them into ``out`` only when the block ends without an error, each by an atomic
+    rename: a failure half-way (a plot that cannot be drawn, a full disk) leaves the earlier set as it was,
+    not new tables beside old plots. Yields the staging folder; ``out``'s other files are never touched, and
+    ``out`` itself is removed again on failure if this call made it and it is empty."""
+    out = Path(out)
+    made = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=out))
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+        fsync_dir(out)
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        if made:
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        raise
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
     place, so the folder is either absent or complete. An existing ``folder`` is kept as it is (another

@@ -44,7 +44,7 @@ from pathlib import Path
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_json
+from shiq_data.io import atomic_write_json, files_together
 from shiq_data.tokenizers import PIPELINE_FIELD, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
@@ -566,12 +566,12 @@ def run(args) -> list[dict]:
     if not lead:
         return [ref_row] + rows
     out = Path(args.out)
-    csv_path, json_path = write_table([ref_row] + rows, out, RUN_COLUMNS)
-    suite_path = atomic_write_json(
-        out / "suite.json",
-        {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha, "content": content},
-    )
-    plots = plot_curves(rows, out, reference=ref_row)
+    with files_together(out) as stage:  # all of them or none: never new results beside old plots
+        write_table([ref_row] + rows, stage, RUN_COLUMNS)
+        suite_json = {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha}
+        atomic_write_json(stage / "suite.json", {**suite_json, "content": content})
+        plots = [out / p.name for p in plot_curves(rows, stage, reference=ref_row)]
+    csv_path, json_path, suite_path = out / "results.csv", out / "results.json", out / "suite.json"
     print(
         f"shiq-eval: {len(rows)} models on {len(prompts)} prompts x {k} samples ({args.engine} engine), suite "
         f"{suite.name} ({suite_sha[:12]}); wrote {csv_path}, {json_path}, {suite_path}, "

@@ -36,7 +36,7 @@ import json
 import math
 from pathlib import Path
 
-from shiq_data.io import atomic_write_text
+from shiq_data.io import atomic_write_text, files_together
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
@@ -487,13 +487,13 @@ def write_leaderboard(rows: list[dict], out: Path, allow_mixed: bool = False) ->
     """Build the leaderboard of result rows (:func:`build`) and write it to ``out``; returns the files."""
     table, pairs = build(rows, allow_mixed)
     out = Path(out)
-    written = [
-        atomic_write_text(out / "leaderboard.csv", _csv(table, COLUMNS)),
-        atomic_write_text(out / "pairs.csv", _csv(pairs, PAIR_COLUMNS)),
-        atomic_write_text(out / "leaderboard.md", markdown(table, pairs)),
-    ]
-    images = plots(table, out)
-    written.append(
-        atomic_write_text(out / "leaderboard.html", html_page(table, pairs, {p.name: p.read_bytes() for p in images}))
-    )
-    return written + images
+    with files_together(out) as stage:  # all of them or none: never new tables beside old plots
+        written = [
+            atomic_write_text(stage / "leaderboard.csv", _csv(table, COLUMNS)),
+            atomic_write_text(stage / "pairs.csv", _csv(pairs, PAIR_COLUMNS)),
+            atomic_write_text(stage / "leaderboard.md", markdown(table, pairs)),
+        ]
+        images = plots(table, stage)
+        page = html_page(table, pairs, {p.name: p.read_bytes() for p in images})
+        written.append(atomic_write_text(stage / "leaderboard.html", page))
+    return [out / p.name for p in written + images]

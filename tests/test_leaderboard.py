@@ -568,3 +568,36 @@ def test_a_suite_file_reads_files_beside_it_and_runs_no_code_alone(tmp_path, mon
         load_suite(suite_file(scorer="python:evil:f"), {"scorer": "python:scorer_functions:one_short"})
     spec = "python:scorer_functions:one_short"
     assert load_suite(suite_file(scorer=spec), {"scorer": spec})[0].scorer == spec  # named twice: runs
+
+
+def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path, capsys, monkeypatch):
+    """A second leaderboard into the same folder whose plot cannot be made: before, its CSV and Markdown were
+    already replaced while the HTML and PNGs stayed the first one's. Now all or nothing; the folder's other
+    files are never touched, and no staging folder is left."""
+    from shiq_eval import leaderboard
+
+    rows = [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2), result_row("a", 3, "m1", [2.0, 3.0], [1.0, 2.0])]
+    x = write_results(tmp_path / "x", rows)
+    out = tmp_path / "lb"
+    assert eval_cli.main(["leaderboard", x, "--out", str(out)]) == 0
+    (out / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"leaderboard.csv", "leaderboard.md", "leaderboard.html", "pairs.csv"} <= before.keys()
+    y = write_results(tmp_path / "y", [*rows, result_row("b", 3, "m2", [5.0, 6.0], [1.0, 1.0])])
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(leaderboard, "plot_j_vs_step", broken)
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", x, y, "--out", str(out)]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    monkeypatch.undo()
+    assert eval_cli.main(["leaderboard", x, y, "--out", str(out)]) == 0
+    assert "b" in set(pd.read_csv(out / "leaderboard.csv")["run"]) and (out / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # a folder the failed call made is removed again
+    monkeypatch.setattr(leaderboard, "plot_j_vs_step", broken)
+    assert eval_cli.main(["leaderboard", x, "--out", str(tmp_path / "new" / "lb")]) == 2
+    assert not (tmp_path / "new" / "lb").exists()

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
-from shiq_data.io import atomic_write
+from shiq_data.io import atomic_write, files_together
 from shiq_data.spill import Spill
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
@@ -207,24 +207,25 @@ def plot_stats(stats: dict, hists: dict, folder) -> list[Path]:
 
     folder = Path(folder)
     written = []
+    with files_together(folder) as stage:  # all of them or none: never new histograms beside old ones
 
-    def save(fig, name):
-        path = folder / name
-        atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-        plt.close(fig)
-        written.append(path)
+        def save(fig, name):
+            path = stage / name
+            atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+            plt.close(fig)
+            written.append(folder / name)
 
-    for column, label in PLOTTED:
+        for column, label in PLOTTED:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            for name, (counts, edges) in hists[column].items():
+                ax.hist(edges[:-1], bins=edges, weights=counts, alpha=0.6, label=name)
+            ax.set_xlabel(label)
+            ax.set_ylabel("rows")
+            ax.legend(fontsize=8)
+            save(fig, f"{column}.png")
         fig, ax = plt.subplots(figsize=(6, 4))
-        for name, (counts, edges) in hists[column].items():
-            ax.hist(edges[:-1], bins=edges, weights=counts, alpha=0.6, label=name)
-        ax.set_xlabel(label)
-        ax.set_ylabel("rows")
-        ax.legend(fontsize=8)
-        save(fig, f"{column}.png")
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.bar([str(k) for k in stats["group_sizes"]], list(stats["group_sizes"].values()))
-    ax.set_xlabel("rows per group")
-    ax.set_ylabel("groups")
-    save(fig, "group_sizes.png")
+        ax.bar([str(k) for k in stats["group_sizes"]], list(stats["group_sizes"].values()))
+        ax.set_xlabel("rows per group")
+        ax.set_ylabel("groups")
+        save(fig, "group_sizes.png")
     return written
