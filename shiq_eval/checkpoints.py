@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -15,6 +16,9 @@ from shiq_data.io import sha256_files
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
 EXPORT_RECORD = "shiq_export.json"
+
+
+log = logging.getLogger(__name__)
 
 
 class EvalInputError(ValueError):
@@ -100,6 +104,8 @@ def hf_folder_info(folder: Path) -> dict:
     loss = record.get("loss", {})
     return {
         "kind": "hf",
+        "export": bool(record),
+        "sha256": _recorded_sha256(record_path, record.get("sha256"), files) if record else None,
         "path": folder,
         "method": loss.get("name", "hf"),
         "beta": loss.get("beta"),
@@ -109,6 +115,40 @@ def hf_folder_info(folder: Path) -> dict:
         "tokenizer": record.get("tokenizer"),
         "files": files,
     }
+
+
+def _recorded_sha256(path: Path, recorded, files: list[Path]) -> dict | None:
+    """An export record's ``sha256`` field: ``{name: digest}`` for exactly the folder's weight files (None
+    for a record written before checksums were kept); ``EvalInputError`` naming the field otherwise."""
+    if recorded is None:
+        return None
+    names = sorted(f.name for f in files)
+    if not isinstance(recorded, dict) or sorted(recorded) != names:
+        raise EvalInputError(
+            f"{path}: field 'sha256': must give the SHA-256 of exactly the folder's weight files {names}, got "
+            f"{sorted(recorded) if isinstance(recorded, dict) else recorded!r}"
+        )
+    if not all(isinstance(d, str) and len(d) == 64 for d in recorded.values()):
+        raise EvalInputError(f"{path}: field 'sha256': each value must be a SHA-256 in hex")
+    return recorded
+
+
+def check_weights(info: dict) -> None:
+    """Check a Hugging Face folder's weight files against its export record's SHA-256 before they are read:
+    ``EvalInputError`` naming the file that differs (cut short, damaged, edited). A folder ``shiq-train
+    export`` did not write has nothing to check against; an export from before checksums were kept is
+    read with a warning."""
+    if info["sha256"] is None:
+        if info.get("export"):
+            log.warning(
+                f"{info['path'] / EXPORT_RECORD}: no 'sha256' (an older export): its weights are read unchecked"
+            )
+        return
+    for name, digest in info["sha256"].items():
+        if sha256_files([info["path"] / name]) != digest:
+            raise EvalInputError(
+                f"{info['path'] / name}: sha256 differs from {EXPORT_RECORD}'s (the file changed or is corrupt)"
+            )
 
 
 def _check_record(path: Path, record: dict) -> None:
@@ -191,6 +231,7 @@ def hf_policy(info: dict):
     if info["kind"] == "hf":
         import torch  # heavy: only shiq-eval run needs torch
 
+        check_weights(info)
         from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
         return load_causal_lm(str(info["path"]), torch.float32)[0]

@@ -8,6 +8,8 @@ Layout on disk (one directory per saved step)::
                                                        optimizer state by parameter name, scheduler
                                                        state, RNG states (CPU, CUDA, and megatron's
                                                        tracker), user state
+    <dir>/step_00000010/rank_tp0_pp0_dp0.pt.sha256     its SHA-256 (``sha256sum`` format), checked
+                                                       before every read
     <dir>/latest                                       name of the newest complete step directory
 
 A rank file records for every local parameter its full name in the TP=1, PP=1 model
@@ -35,6 +37,7 @@ rank has written (a barrier), so an interrupted save never becomes the resume po
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
@@ -43,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.io import atomic_write
+from shiq_data.io import atomic_write, sha256_files
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.train_step import MasterWeightOptimizer
 from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
@@ -218,7 +221,7 @@ def save_checkpoint(
         "rng": _rng_state(),
         "user_state": user_state,
     }
-    atomic_write(_rank_file(step_dir, lay), lambda p: torch.save(state, p))
+    save_hashed(state, _rank_file(step_dir, lay))
     _barrier()
     if dist.get_rank() == 0:
         layout = {k: lay[k] for k in ("tp", "pp", "dp") + (("vpp",) if lay["vpp"] > 1 else ())}
@@ -287,14 +290,68 @@ def read_meta(step_dir) -> dict:
 
 
 RANK_FILE_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
+CHECKSUM_SUFFIX = ".sha256"
+
+
+class _HashingWriter:
+    """A file object that hashes what ``torch.save`` writes through it (no second read of the file)."""
+
+    def __init__(self, f):
+        self.f, self.sha = f, hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.sha.update(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def save_hashed(obj, path: Path) -> str:
+    """``torch.save(obj)`` to ``path`` atomically, then its SHA-256 to ``path.sha256`` (``sha256sum`` format);
+    returns the digest. :func:`read_rank_file` checks it before unpickling a byte."""
+    digest = {}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            w = _HashingWriter(f)
+            torch.save(obj, w)
+            digest["sha256"] = w.sha.hexdigest()
+
+    atomic_write(path, write)
+    atomic_write(_checksum_file(path), lambda p: p.write_text(f"{digest['sha256']}  {path.name}\n"))
+    return digest["sha256"]
+
+
+def _checksum_file(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def check_sha256(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it matches the SHA-256 in ``path.sha256``: a file cut short,
+    damaged on disk or edited is refused before it is read, as is one without a checksum."""
+    sums = _checksum_file(path)
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        recorded = sums.read_text(encoding="utf-8").split()[0]
+    except (FileNotFoundError, IndexError, UnicodeDecodeError):
+        raise ValueError(
+            f"{sums} is missing or empty: {path.name} has no checksum to be checked against (a partial copy of "
+            f"the checkpoint, or one written before checksums were kept: if the file is known to be good, "
+            f"'sha256sum {path.name} > {sums.name}' in its folder adds one)"
+        ) from None
+    if sha256_files([path]) != recorded:
+        raise ValueError(f"{path}: sha256 differs from {sums.name}'s (the file changed or is corrupt)")
 
 
 def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False) -> dict:
-    """One rank's saved state, read with ``weights_only=True`` (only tensors and plain containers are
+    """One rank's saved state, its SHA-256 checked (:func:`check_sha256`), read with ``weights_only=True`` (only tensors and plain containers are
     rebuilt: never arbitrary pickled objects; ``pickle`` is named here only for the error it raises); a
     missing, truncated or foreign file (one without ``keys``; reading parameters needs only ``model``)
     is a ``ValueError`` naming it. ``mmap`` maps the tensors instead of reading them (each is read when
     first touched)."""
+    check_sha256(path)
     try:
         state = torch.load(path, weights_only=True, mmap=mmap)
     except FileNotFoundError:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
-from shiq_data.io import atomic_dir, atomic_write_json
+from shiq_data.io import atomic_dir, atomic_write_json, sha256_files
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
@@ -158,7 +158,8 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
 def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = False) -> Path:
     """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama
     config the run saved, float32 safetensors, the tokenizer (:func:`export_tokenizer`, its eos and pad ids
-    in the config) and ``shiq_export.json``. Loads with ``transformers.AutoModelForCausalLM``."""
+    in the config) and ``shiq_export.json`` (the run, step, loss, and the SHA-256 of each weight file, which
+    shiq-eval checks before loading them). Loads with ``transformers.AutoModelForCausalLM``."""
 
     step_dir, out = Path(step_dir), Path(out)
     run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
@@ -192,7 +193,8 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        atomic_write_json(tmp / EXPORT_RECORD, record)
+        weights = sorted(tmp.glob("*.safetensors"))  # checked by shiq-eval before it loads them
+        atomic_write_json(tmp / EXPORT_RECORD, {**record, "sha256": {w.name: sha256_files([w]) for w in weights}})
 
     return atomic_dir(out, fill, replace=True)
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.io import atomic_dir
+from shiq_train.checkpoint import check_sha256, save_hashed
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
@@ -219,7 +220,8 @@ class HFValueModel(torch.nn.Module):
 
 
 def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf_config, meta=None, history=None):
-    """Write ``out_dir`` atomically: ``value_model.pt`` (plain tensors, ``weights_only`` loadable: the
+    """Write ``out_dir`` atomically: ``value_model.pt`` (plain tensors, ``weights_only`` loadable, its SHA-256
+    in ``value_model.pt.sha256``: the
     trunk's full parameters under ``trunk.`` named as in a TP=1, PP=1 megatron GPT, ``head.weight``,
     ``head.bias``, ``atoms``) and ``value_model.json`` (atoms, the Hugging Face config of the trunk and
     ``meta``; no ``β``: it is chosen at decoding time); ``history`` goes to ``metrics.jsonl``."""
@@ -239,7 +241,7 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
     }
 
     def fill(tmp: Path) -> None:
-        torch.save(tensors, tmp / WEIGHTS_FILE)
+        save_hashed(tensors, tmp / WEIGHTS_FILE)  # and value_model.pt.sha256, checked before loading
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if history is not None:
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
@@ -259,6 +261,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     if config.get("format") != FORMAT:
         raise ValueError(f"{path / CONFIG_FILE}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    check_sha256(path / WEIGHTS_FILE)
     tensors = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     hf_config = LlamaConfig.from_dict(config["hf_config"])
     trunk = LlamaModel(hf_config)

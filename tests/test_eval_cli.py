@@ -444,7 +444,9 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     meta["hf_config"] = transformers.LlamaConfig.from_pretrained(folder).to_dict()
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
     RegressionRewardModel.fit(minilm_encoder(), ["good", "bad"], [1.0, -1.0], l2=1.0).save(tmp_path / "rm.safetensors")
-    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"PK\x03\x04")  # truncated: refused naming the file
+    cut = b"PK\x03\x04"  # truncated, its checksum updated with it: refused naming the file
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(cut)
+    (step / "rank_tp0_pp0_dp0.pt.sha256").write_text(hashlib.sha256(cut).hexdigest() + "  rank_tp0_pp0_dp0.pt\n")
     capsys.readouterr()
     assert main(args + ["--max-new-tokens", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]

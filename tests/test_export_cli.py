@@ -5,6 +5,7 @@ model): the folder's ``AutoModelForCausalLM`` must give its logits on the same t
 must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from the folder.
 """
 
+import hashlib
 import json
 import warnings
 
@@ -108,3 +109,20 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         record_path.write_text(json.dumps({**record, field: value}))
         with pytest.raises(EvalInputError, match=f"shiq_export.json: field '{field}"):
             hf_folder_info(tmp_path / "hf")
+    for value in [{}, {"../x.safetensors": "0" * 64}, {"model.safetensors": "abc"}, "x"]:
+        record_path.write_text(json.dumps({**record, "sha256": value}))
+        with pytest.raises(EvalInputError, match="shiq_export.json: field 'sha256'"):
+            hf_folder_info(tmp_path / "hf")
+    record_path.write_text(json.dumps(record))
+
+    # the record holds each weight file's SHA-256; shiq-eval checks it before loading the weights
+    from shiq_eval.checkpoints import hf_policy
+
+    weights = tmp_path / "hf" / "model.safetensors"
+    data = weights.read_bytes()
+    assert record["sha256"] == {"model.safetensors": hashlib.sha256(data).hexdigest()}
+    assert hf_policy(hf_folder_info(tmp_path / "hf")).config.num_hidden_layers == cfg.num_layers
+    weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the last weight's last byte: still a valid file
+    transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # which transformers loads without a word
+    with pytest.raises(EvalInputError, match=f"{weights}: sha256 differs from shiq_export.json's"):
+        hf_policy(hf_folder_info(tmp_path / "hf"))

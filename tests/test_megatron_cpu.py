@@ -572,7 +572,7 @@ def test_checkpoint_resumes_exactly(dist1, tmp_path, params_dtype):
 def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
     """A checkpoint of another layout loads from all its rank files (a missing one is named), and only if
     its files record the parameter layouts (older ones resume in their own layout only)."""
-    from shiq_train.checkpoint import load_checkpoint, save_checkpoint
+    from shiq_train.checkpoint import load_checkpoint, save_checkpoint, save_hashed
 
     model = M.build_model(M.ModelConfig())
     d = save_checkpoint(tmp_path, 3, model)
@@ -583,11 +583,41 @@ def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
     (d / "meta.json").write_text(meta.replace('"dp": 1', '"dp": 2'))
     state = torch.load(d / "rank_tp0_pp0_dp0.pt", weights_only=True)
     del state["format"], state["params"]
-    torch.save(state, d / "rank_tp0_pp0_dp0.pt")
+    torch.save(state, d / "rank_tp0_pp0_dp0.pt")  # as an older version wrote it, its checksum not updated
+    with pytest.raises(ValueError, match=r"rank_tp0_pp0_dp0.pt: sha256 differs from rank_tp0_pp0_dp0.pt.sha256"):
+        load_checkpoint(tmp_path, model)
+    save_hashed(state, d / "rank_tp0_pp0_dp0.pt")
     with pytest.raises(ValueError, match=r"without the parameter layouts .* only in its own layout tp=1 pp=1 dp=2"):
         load_checkpoint(tmp_path, model)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere", model)
+
+
+def test_a_rank_file_is_checked_against_its_sha256_before_it_is_read(dist1, tmp_path):
+    """Every rank file has a ``.sha256`` beside it (sha256sum's format, so ``sha256sum -c`` checks it too);
+    a flipped byte that torch.load would read without complaint (a weight's value), a missing checksum,
+    or a cut file is refused naming the file before anything is unpickled."""
+    import hashlib
+    import subprocess
+
+    from shiq_train.checkpoint import load_checkpoint, save_checkpoint
+
+    model = M.build_model(M.ModelConfig())
+    d = save_checkpoint(tmp_path, 3, model)
+    rank, sums = d / "rank_tp0_pp0_dp0.pt", d / "rank_tp0_pp0_dp0.pt.sha256"
+    data = rank.read_bytes()
+    assert sums.read_text() == f"{hashlib.sha256(data).hexdigest()}  rank_tp0_pp0_dp0.pt\n"
+    assert subprocess.run(["sha256sum", "-c", sums.name], cwd=d, capture_output=True).returncode == 0
+    assert load_checkpoint(tmp_path, model)[0] == 3
+    at = data.index(b"data/0") + 200  # inside the first tensor's bytes: a changed weight, still a valid file
+    rank.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
+    torch.load(rank, weights_only=True)  # what the checksum catches: torch reads it without a word
+    with pytest.raises(ValueError, match=f"{rank}: sha256 differs from {sums.name}"):
+        load_checkpoint(tmp_path, model)
+    rank.write_bytes(data)
+    sums.unlink()
+    with pytest.raises(ValueError, match=f"{sums} is missing or empty: .*'sha256sum {rank.name} > {sums.name}'"):
+        load_checkpoint(tmp_path, model)
 
 
 def _resume_worker(rank, world, port, tp, pp, out_dir):
@@ -634,6 +664,8 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
     assert all(torch.equal(offline[k], saved["full"][k]) for k in offline)
     # rank files of Transformer Engine layers (pre-norms fused into linear_qkv / linear_fc1) read back
     # under the local names: the same full set
+    from shiq_train.checkpoint import save_hashed
+
     te_step = tmp_path / "te" / "step_00000004"
     te_step.mkdir(parents=True)
     (te_step / "meta.json").write_text((tmp_path / "ckpt" / "step_00000004" / "meta.json").read_text())
@@ -647,7 +679,7 @@ def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
             )
             renamed += te != k
             params[te] = v
-        torch.save({"model": params}, te_step / f.name)
+        save_hashed({"model": params}, te_step / f.name)
     assert renamed == 2 * 2 * 2  # two pre-norms in each of the 2 layers, held by both tensor-parallel ranks
     te_offline = full_parameters_from_checkpoint(te_step, num_layers=2)
     assert set(te_offline) == set(saved["full"])
