@@ -780,7 +780,13 @@ def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
     and the default one to compare its sections with; Hydra's own flags (``--help``, ``--cfg``, ...) are left
-    to Hydra."""
+    to Hydra, but for ``--multirun``."""
+    sweep = next((a for a in argv if a in ("-m", "--multirun") or a.startswith("--multirun=")), None)
+    if sweep is not None:  # Hydra would make ./multirun/DATE/TIME/ and stop the sweep at the first failing job
+        return (
+            f"{sweep}: shiq-train runs one job, in its own out= folder; for a sweep, run it once per value "
+            "(for b in 0.1 0.3; do shiq-train ... loss.beta=$b out=runs/beta$b; done), or shiq-demo --full"
+        )
     if any(a.startswith("-") for a in argv):
         return None
     keyless = [a for a in argv if a.startswith("=")]

@@ -779,6 +779,22 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["=5"]) == "argument '=5' has no key: expected key=value"
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
+    assert hydra_error(["--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
+
+
+def test_multirun_is_refused_before_hydra_makes_its_folders(tmp_path):
+    """``shiq-train --multirun loss.beta=0.1,0.2 ...`` made ./multirun/DATE/TIME/ in the working folder and
+    stopped the sweep at the first failing job: refused in one line saying how to sweep, nothing made."""
+    for flag in ("--multirun", "-m"):
+        res = subprocess.run(
+            [sys.executable, "-m", "shiq_train", flag, "loss.beta=0.1,0.2", "out=x"],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+        )
+        assert res.returncode == 2 and "Traceback" not in res.stderr
+        assert f"{flag}: shiq-train runs one job" in res.stderr and "loss.beta=$b" in res.stderr
+        assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_allow_changed_naming_no_key_of_the_configuration_is_refused(tmp_path):
