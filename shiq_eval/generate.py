@@ -83,6 +83,13 @@ class HFPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see :func:`generate_in_batches` for batching and seeds)."""
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        for j, p in enumerate(prompt_ids):  # past it, positions the model never learnt: refused, not sampled
+            if isinstance(limit, int) and len(p) + cfg.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
+                    f"the model's max_position_embeddings {limit}"
+                )
         return generate_in_batches(
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
