@@ -156,6 +156,33 @@ def setup_logging(level: str | int = "INFO") -> None:
             logger.addHandler(handler)
 
 
+def check_output_files(inputs, outputs: dict) -> None:
+    """Refuse, before anything is written, output files (``{option: path or None}``) that are an input, the
+    same file as another output, or an existing folder: a command would otherwise replace its own input or
+    write one output and then fail on the next."""
+    seen = {}
+    ins = {os.path.realpath(p) for p in inputs}
+    for option, path in outputs.items():
+        if path is None:
+            continue
+        real = os.path.realpath(path)
+        if real in ins:
+            raise ValueError(f"{option} {path} is also an input of this command: give another file")
+        if real in seen:
+            raise ValueError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
+        if os.path.isdir(path):
+            raise ValueError(f"{option} {path} is a folder: give a file")
+        seen[real] = option
+
+
+def folder_path(text: str) -> str:
+    """An argparse ``type`` for an output folder: refuses the empty string, which ``Path`` reads as the
+    current folder (argparse names the option in its refusal)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    return text
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an integer >= ``low`` (argparse names the option in its refusal)."""
 

@@ -589,8 +589,14 @@ def reference_files(reference: str) -> list[Path]:
 
 def leaderboard_command(args) -> None:
     """shiq-eval leaderboard: merge result folders into one table (CSV, Markdown, HTML with plots)."""
+    out = Path(args.out)
+    for folder in args.results:  # its plots have the same names as the leaderboard's: they would be replaced
+        if out.resolve() == Path(folder).resolve():
+            raise EvalInputError(f"--out {out} is one of the result folders read: give the leaderboard its own folder")
+    if (out / "results.json").exists():
+        raise EvalInputError(f"--out {out} holds a shiq-eval run's results.json: give the leaderboard its own folder")
     rows = leaderboard.read_results(args.results)
-    written = leaderboard.write_leaderboard(rows, Path(args.out), allow_mixed=args.allow_mixed)
+    written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed)
     print(f"shiq-eval: leaderboard of {len(args.results)} result folders; wrote " + ", ".join(map(str, written)))
 
 

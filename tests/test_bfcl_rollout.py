@@ -256,6 +256,17 @@ def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, cap
     assert cli.main(["report", str(gt), str(gt)]) == 2
     err = capsys.readouterr().err
     assert re.search(r"model 'ground truth'.*appears twice", err) and len(err.strip().splitlines()) == 1
+    # an output that is an input replaced it (exit 0); one that is a folder failed after writing the others
+    saved = gt.read_bytes()
+    for argv, needle in [
+        (["--out", str(gt)], f"--out {gt} is also an input"),
+        (["--csv", str(silent)], f"--csv {silent} is also an input"),
+        (["--out", str(tmp_path / "a.json"), "--csv", str(tmp_path / "a.json")], "is also given to --out"),
+        (["--out", str(tmp_path / "new.json"), "--csv", str(tmp_path)], f"--csv {tmp_path} is a folder"),
+    ]:
+        assert cli.main(["report", str(gt), str(silent), *argv]) == 2
+        assert needle in capsys.readouterr().err
+    assert gt.read_bytes() == saved and not (tmp_path / "new.json").exists() and not (tmp_path / "a.json").exists()
 
 
 def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2):

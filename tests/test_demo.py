@@ -218,8 +218,10 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.steps=50", "multiple of train.eval_every"),
         ("data.completions_per_prompt=1", "data.completions_per_prompt must be an integer >= 2 (DPO, CoPG"),
         ("nonsense", "key=value"),
-        ("train.methods=[shiq@x]", "must be a number > 0, got 'x'"),
-        ("train.methods=[shiq@-1]", "must be a number > 0, got -1.0"),
+        ("train.methods=[shiq@x]", "must be a finite number > 0, got 'x'"),
+        ("train.methods=[shiq@inf]", "must be a finite number > 0, got inf"),
+        ("train.methods=[]", "train.methods is empty"),
+        ("train.methods=[shiq@-1]", "must be a finite number > 0, got -1.0"),
         ("train.methods=[shiq,shiq]", "lists an entry twice"),
         ("methods.dpo.beta=0", "methods.dpo.beta"),
         ("train.keep_checkpoints=maybe", "train.keep_checkpoints='maybe': expected a value like True"),
@@ -245,7 +247,8 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("reward_model.l2=[1.0,-3.0]", "reward_model.l2 must be a non-empty list of entries each a number > 0"),
         ("reward_model.l2=[]", "reward_model.l2 must be a non-empty list"),
         ("eval.show_samples=-1", "eval.show_samples must be an integer >= 0, got -1"),
-        ("seed=-1", "seed must be an integer >= 0, got -1"),
+        ("seed=-1", "seed must be an integer in 0..1000000000"),
+        ("seed=10000000000", "seed must be an integer in 0..1000000000"),
         (
             "train.share_prefixes=1",
             "override train.share_prefixes=1: expected a value like True",
@@ -262,7 +265,7 @@ def test_config_errors(override, needle):
     [
         ("full.betas.shiq=[0.1,-1.0]", "full.betas.shiq must be a non-empty list of entries each a number > 0"),
         ("full.betas.dpo=[]", "full.betas.dpo must be a non-empty list"),
-        ("full.seeds=[0,-2]", "full.seeds must be a non-empty list of entries each an integer >= 0"),
+        ("full.seeds=[0,-2]", "full.seeds must be a non-empty list of entries each an integer in 0..1000000000"),
         ("full.seeds=[0,0]", "full.seeds lists a seed twice"),
         ("full.eval_every=0", "full.eval_every must be an integer >= 1, got 0"),
         ("full.keep_checkpoints=null", "full.keep_checkpoints must be true or false, got None"),
@@ -457,7 +460,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     assert res.stderr.count("done earlier, skipped") == len(before) - 1  # every stage except the report
     # a different configuration is refused rather than mixed into the same folder
     res = subprocess.run(cmd + ["methods.shiq.beta=0.5"], capture_output=True, text=True, timeout=600)
-    assert res.returncode != 0 and "different configuration" in res.stderr
+    assert res.returncode == 2 and "different configuration" in res.stderr
     # except the list of arms: fewer arms rerun nothing but the report, which then shows only those
     res = subprocess.run(
         cmd + [f"train.methods=[{trained[0]}]"], check=True, timeout=600, capture_output=True, text=True
@@ -550,11 +553,11 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
     full = demo.full_runs(demo.load_config(full=True))[0][1]
     moved = json.loads(json.dumps(full))
     moved["methods"]["shiq"]["beta"] = 0.5
-    Stages(tmp_path / "full", full, free=demo.free_keys(full))
+    Stages(tmp_path / "full", full, free=demo.free_keys(full)).finish("prompts", 1.0)  # a stage is done
     Stages(tmp_path / "full", moved, free=demo.free_keys(moved))  # resumes
     assert json.loads((tmp_path / "full" / "config.json").read_text())["methods"]["shiq"]["beta"] == 0.5
     moved["data"]["train_prompts"] += 1
-    with pytest.raises(SystemExit, match=r"differs in \['data.train_prompts'\]"):
+    with pytest.raises(ValueError, match=r"differs in \['data.train_prompts'\]"):
         Stages(tmp_path / "full", moved, free=demo.free_keys(moved))
     # a seed or a β added to the study: the seed's own stages are the same, the new arms are new stages
     grown = demo.full_runs(
@@ -564,15 +567,15 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
     Stages(tmp_path / "full", grown[0][1], free=demo.free_keys(grown[0][1]))  # resumes
     assert "shiq@0.01" in json.loads((tmp_path / "full" / "config.json").read_text())["train"]["methods"]
     fewer = demo.full_runs(demo.load_config(full=True, overrides=["full.eval_every=20"]))[0][1]
-    with pytest.raises(SystemExit, match=r"differs in \['train.eval_every'\]"):  # reaches the stages: checked
+    with pytest.raises(ValueError, match=r"differs in \['train.eval_every'\]"):  # reaches the stages: checked
         Stages(tmp_path / "full", fewer, free=demo.free_keys(fewer))
     default = demo.load_config()
     assert "full" not in demo.free_keys(default)
-    Stages(tmp_path / "default", default, free=demo.free_keys(default))
+    Stages(tmp_path / "default", default, free=demo.free_keys(default)).finish("prompts", 1.0)
     kept = demo.load_config(overrides=["train.keep_checkpoints=false"])  # no result depends on it: resumes
     Stages(tmp_path / "default", kept, free=demo.free_keys(kept))
     changed = demo.load_config(overrides=["methods.shiq.beta=0.5"])
-    with pytest.raises(SystemExit, match=r"differs in \['methods.shiq.beta'\]"):
+    with pytest.raises(ValueError, match=r"differs in \['methods.shiq.beta'\]"):
         Stages(tmp_path / "default", changed, free=demo.free_keys(changed))
 
 
@@ -586,9 +589,10 @@ def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
     del old["reward_model"]["precision"]
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    (tmp_path / "run" / "stages.json").write_text(json.dumps({"done": {"reward_model": 1.0}}))
     new = demo.load_config()
     with pytest.raises(
-        SystemExit,
+        ValueError,
         match=r"differs in \['reward_model.precision'\]; made before reward_model.precision existed: "
         r"give reward_model.precision=float32 to resume it\); use another --out",
     ):
@@ -597,7 +601,7 @@ def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
     given = demo.load_config(overrides=["reward_model.precision=float32"])
     Stages(tmp_path / "run", given, free=demo.free_keys(given), absent=demo.ABSENT)  # resumes
     assert json.loads((tmp_path / "run" / "config.json").read_text()) == given
-    with pytest.raises(SystemExit, match=r"differs in \['reward_model.precision'\]\); use another --out"):
+    with pytest.raises(ValueError, match=r"differs in \['reward_model.precision'\]\); use another --out"):
         Stages(tmp_path / "run", new, free=demo.free_keys(new), absent=demo.ABSENT)
 
 
@@ -631,3 +635,57 @@ def test_the_frontier_draws_a_line_per_method_and_data_not_per_method_alone():
         "shiq-single": [(0.1, 1.4, 0.6)],
         "dpo": [(0.1, 2.0, 0.8)],
     }
+
+
+def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
+    """Found by trying to break the recipe: --out an existing folder of other files ran the stages among them
+    and replaced its buffer/ (and report.md); --out '' ran in the working folder; a run whose config.json was
+    deleted resumed with whatever configuration was given and claimed it in the report; a damaged
+    stages.json or a stage's cut JSON file ended in a traceback or a message naming no file; a run whose first
+    stage failed on a bad value could not be rerun with the value fixed. Each refused (exit 2) or fixed now,
+    with nothing written."""
+    from shiq_data.buffer import FORMAT
+    from shiq_eval.recipes.common import Stages, read_json
+
+    mine = tmp_path / "mine"
+    (mine / "buffer").mkdir(parents=True)
+    (mine / "buffer" / "shard-00000.arrow").write_bytes(b"my data")
+    (mine / "report.md").write_text("my notes")
+    before = sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in mine.rglob("*"))
+    assert demo.main(["--quick", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {mine} holds files (buffer, report.md) but is not a shiq-demo run folder" in err
+    assert sorted((p.relative_to(tmp_path), p.read_bytes() if p.is_file() else None) for p in mine.rglob("*")) == before
+    with pytest.raises(SystemExit) as e:
+        demo.main(["--quick", "--out", ""])
+    assert e.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
+    (tmp_path / "buf").mkdir()  # what marks a buffer folder: its manifest
+    (tmp_path / "buf" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    for out in (tmp_path / "buf", tmp_path / "buf" / "run"):
+        assert demo.main(["--quick", "--out", str(out)]) == 2
+        assert "choose a folder outside it" in capsys.readouterr().err
+    assert not (tmp_path / "buf" / "run").exists()
+
+    cfg = demo.load_config(quick=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    Stages(run, cfg).finish("reward_model", 1.0)
+    (run / "config.json").unlink()
+    with pytest.raises(ValueError, match="holds stages.json but no config.json"):
+        Stages(run, cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    for bad in ('{"done": []}', '{"done": {"x": "fast"}}', "[1]"):
+        (run / "stages.json").write_text(bad)
+        with pytest.raises(ValueError, match=r"stages.json: expected \{\"done\""):
+            Stages(run, cfg)
+    (run / "stages.json").write_text('{"done": {"reward')
+    with pytest.raises(ValueError, match=r"stages.json: not valid JSON .*delete that stage from the run's stages"):
+        Stages(run, cfg)
+    (run / "split.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(ValueError, match=r"split.json: not UTF-8 text"):
+        read_json(run / "split.json")
+    # nothing finished: a new configuration is taken (the first stage failed on a value now fixed)
+    (run / "stages.json").write_text('{"done": {}}')
+    fixed = demo.load_config(quick=True, overrides=["seed=5"])
+    Stages(run, fixed)
+    assert json.loads((run / "config.json").read_text())["seed"] == 5

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -597,6 +598,10 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
     assert eval_cli.main(["leaderboard", x, y, "--out", str(out)]) == 0
     assert "b" in set(pd.read_csv(out / "leaderboard.csv")["run"]) and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # the leaderboard's plots have the names of a run's own: --out a results folder would replace them
+    for folder in (x, y):
+        assert eval_cli.main(["leaderboard", x, y, "--out", folder]) == 2
+        assert "--out" in capsys.readouterr().err and sorted(p.name for p in Path(folder).iterdir()) == ["results.json"]
     # a folder the failed call made is removed again
     monkeypatch.setattr(leaderboard, "plot_j_vs_step", broken)
     assert eval_cli.main(["leaderboard", x, "--out", str(tmp_path / "new" / "lb")]) == 2

@@ -367,7 +367,7 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
     assert again.done("train_shiq") and not again.done("train_shiq@0.1")
     assert json.loads((tmp_path / "config.json").read_text()) == more
     changed = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "train.steps=3"])
-    with pytest.raises(SystemExit, match=r"differs in \['train.steps'\]"):
+    with pytest.raises(ValueError, match=r"differs in \['train.steps'\]"):
         Stages(tmp_path, changed, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
 
 
@@ -524,3 +524,20 @@ def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatc
         text=True,
     )
     assert res.returncode == 2 and "a seed is listed twice" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_values_a_stage_would_refuse_are_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    """data.category misspelt failed in the data stage, after config.json was written (and a rerun with it
+    fixed was then refused as a changed configuration); --seeds -1 made DIR/seed-1/ before numpy refused it;
+    --out an existing folder of other files ran the stages among them, replacing its buffer/."""
+    out = tmp_path / "x"
+    assert bfcl.main(["--quick", "--out", str(out), "data.category=multi_turn_miss_funcc"]) == 2
+    assert "data.category must be one of" in capsys.readouterr().err and not out.exists()
+    with pytest.raises(SystemExit) as e:
+        bfcl.main(["--quick", "--out", str(out), "--seeds", "0,-1"])
+    assert e.value.code == 2 and "each seed must be an integer in 0.." in capsys.readouterr().err
+    assert not out.exists()
+    (out / "buffer").mkdir(parents=True)
+    assert bfcl.main(["--quick", "--out", str(out)]) == 2
+    assert "is not a shiq-bfcl run folder" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["buffer"]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, check_output_files, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
@@ -120,6 +120,7 @@ def _cmd_rollout(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    check_output_files(args.trajectories, {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown})
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[dict]] = {}
     for path in args.trajectories:

@@ -53,16 +53,27 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.cli_common import folder_path
 from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
-from shiq_eval.bfcl.data import bfcl_version, entry_index, function_docs, load_category, load_split, select_subset
+from shiq_eval.bfcl.data import (
+    CATEGORIES,
+    bfcl_version,
+    entry_index,
+    function_docs,
+    load_category,
+    load_split,
+    select_subset,
+)
 from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    SEED_MAX,
+    SEED_WHY,
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
     Bounds,
@@ -74,11 +85,14 @@ from shiq_eval.recipes.common import (
     check_bounds,
     check_flags,
     check_frozen_prefix,
+    check_run_folder,
     drop_checkpoints,
     load_yaml_config,
     logger,
     megatron_policy,
     package_versions,
+    read_json,
+    read_jsonl,
     recipe_trainer,
     run_recipe,
     sd_cell,
@@ -119,7 +133,7 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
 LAYERS = SMOLLM2_LAYERS
 # Every number of the configuration, checked before any stage runs
 BOUNDS = {
-    "seed": Bounds(low=0),
+    "seed": Bounds(low=0, high=SEED_MAX, why=SEED_WHY),
     "model.layers": Bounds(low=0, high=LAYERS, why="0: all"),
     "data.train_scenarios": Bounds(low=0, high=160, why="0: all 160 training scenarios"),
     "data.edits_per_scenario": Bounds(low=0, high=len(CORRUPTIONS)),
@@ -149,6 +163,8 @@ def _check_config(cfg: dict) -> None:
         raise ValueError(
             f"data.docs must be compact or full and data.order index or shortest, got {d['docs']!r}, {d['order']!r}"
         )
+    if d["category"] not in CATEGORIES:
+        raise ValueError(f"data.category must be one of {CATEGORIES}, got {d['category']!r}")
     if d["reward"] not in ("cumulative", "reset"):
         raise ValueError(f"data.reward must be 'cumulative' or 'reset', got {d['reward']!r}")
     needs_groups = [m for m in t["methods"] if LOSSES[arm_method(m)].needs_groups]
@@ -513,13 +529,13 @@ def tied_groups(trajectories: list[dict], reward: str) -> int:
 
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
-    trajectories = [json.loads(line) for line in (ctx.out / "trajectories.jsonl").read_text().splitlines()]
-    data = json.loads((ctx.out / "data.json").read_text())
+    trajectories = read_jsonl(ctx.out / "trajectories.jsonl")
+    data = read_json(ctx.out / "data.json")
     data["groups_tied"] = tied_groups(trajectories, cfg["data"]["reward"])
-    ref = json.loads((ctx.out / "reference_eval.json").read_text())
+    ref = read_json(ctx.out / "reference_eval.json")
     methods = {}
     for arm in cfg["train"]["methods"]:
-        res = json.loads((ctx.out / "runs" / arm / "eval.json").read_text())
+        res = read_json(ctx.out / "runs" / arm / "eval.json")
         methods[arm] = {
             **summarize(res["turns"], ref["turns"]),
             "beta": res["beta"],
@@ -688,7 +704,7 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     error of the seeds' mean comes from the turns' seed means, not from ``sqrt(Σ se²) / S``."""
     per_seed, ids = [], None
     for n in seeds:
-        ta, tb = (json.loads((out / n / "runs" / x / "eval.json").read_text())["turns"] for x in (a, b))
+        ta, tb = (read_json(out / n / "runs" / x / "eval.json")["turns"] for x in (a, b))
         keys = [(t["id"], t["turn"]) for t in ta]
         if keys != [(t["id"], t["turn"]) for t in tb]:
             raise ValueError(f"{out / n}: {a} and {b} were evaluated on different turns")
@@ -712,7 +728,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
     (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn over the seeds
     (:func:`_paired_over_seeds`: mean, ``_se`` clustered by scenario, ``_sd``).
     Writes ``seeds_report.json``, ``seeds_report.md`` and the :data:`FIGURES` across seeds (``seeds_*.png``)."""
-    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    reps = {n: read_json(out / n / "report.json") for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
     for arm in ["reference", *arms]:
@@ -794,6 +810,7 @@ def seeds_report_markdown(rep: dict) -> str:
 
 def run(cfg: dict, out: str | Path) -> dict:
     out = Path(out)
+    check_run_folder(out, PROG)  # before anything is made there
     out.mkdir(parents=True, exist_ok=True)
     try:
         smollm2_gguf()
@@ -826,7 +843,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides use dotted keys of configs/bfcl.yaml, e.g.: shiq-bfcl --out runs/bfcl train.steps=20 "
         "train.methods=[shiq,mt_dpo] methods.shiq.beta=0.1",
     )
-    ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    ap.add_argument("--out", required=True, type=folder_path, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (CI)")
     ap.add_argument("--config", default=None, help="config file (default: bfcl.yaml of the shipped configs)")
     ap.add_argument(
@@ -855,6 +872,8 @@ def _seed_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 0,1,2, got {text!r}") from None
     if len(set(seeds)) != len(seeds):
         raise argparse.ArgumentTypeError(f"a seed is listed twice: {text!r}")
+    if any(not 0 <= n <= SEED_MAX for n in seeds):  # else a run folder made, then numpy's refusal
+        raise argparse.ArgumentTypeError(f"each seed must be an integer in 0..{SEED_MAX}, got {text!r}")
     return seeds
 
 

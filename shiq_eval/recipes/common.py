@@ -81,6 +81,10 @@ def same_kind(old, new) -> bool:
     return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
 
 
+SEED_MAX = 10**9
+SEED_WHY = "seeds, with small offsets added per stage, seed numpy's and torch's generators"
+
+
 @dataclass(frozen=True)
 class Bounds:
     """What a number of a recipe's configuration may be, checked by :func:`check_bounds` before any work
@@ -129,7 +133,7 @@ class Bounds:
         lo, hi = self.low, self.high
         if lo is not None and hi is not None:
             if self.integer and not (self.above or self.below):
-                text += f" in {lo:g}..{hi:g}"
+                text += f" in {lo:g}..{int(hi)}"  # an integer written out: 1000000000, not 1e+09
             else:
                 text += f" in {'(' if self.above else '['}{lo:g}, {hi:g}{')' if self.below else ']'}"
         elif lo is not None:
@@ -221,6 +225,8 @@ def check_arms(cfg: dict, known, single=()) -> None:
     """``train.methods``: no entry twice, every method in ``known`` (``-single`` arms only of methods in
     ``single``), every β a number > 0."""
     methods = cfg["train"]["methods"]
+    if not methods:  # every stage would run, then a report of no method
+        raise ValueError("train.methods is empty: name at least one method to train")
     if len(set(methods)) != len(methods):
         raise ValueError(f"train.methods lists an entry twice: {methods}")
     for arm in methods:
@@ -240,8 +246,77 @@ def check_arms(cfg: dict, known, single=()) -> None:
                 beta = float(b)
             except ValueError:
                 beta = b
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
-            raise ValueError(f"methods.{m}.beta (or {m}@BETA in train.methods) must be a number > 0, got {beta!r}")
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+            raise ValueError(
+                f"methods.{m}.beta (or {m}@BETA in train.methods) must be a finite number > 0, got {beta!r}"
+            )
+
+
+RUN_FILES = ("config.json", "stages.json")
+
+
+def check_run_folder(out: Path, prog: str) -> None:
+    """Refuse an ``out`` that is not a recipe's run folder: a file, a folder of other files (a home folder,
+    a buffer: the stages would write among them and replace their ``buffer/`` or ``report.md``), the inside of
+    a buffer, or a run whose ``config.json`` is gone (its finished stages could not be checked against the
+    configuration given now, and the report would claim it for them)."""
+    from shiq_data.buffer import refuse_inside_buffer
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the run")
+    refuse_inside_buffer(out, "--out", itself=True)
+    if not out.is_dir() or (out / "config.json").exists():
+        return
+    if (out / "stages.json").exists():
+        raise ValueError(
+            f"{out} holds stages.json but no config.json: the configuration its finished stages were made with is "
+            "gone, so this one cannot be checked against it; use another --out (or put config.json back)"
+        )
+    others = sorted(p.name for p in out.iterdir())
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ValueError(
+            f"--out {out} holds files ({shown}) but is not a {prog} run folder (no config.json): give a new or "
+            "empty folder"
+        )
+
+
+def read_json(path: Path):
+    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone) and saying what to do."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: {_json_problem(e)}{_REDO}") from None
+
+
+def read_jsonl(path: Path) -> list:
+    """The records of a recipe's JSONL file (blank lines skipped), or a ``ValueError`` naming file and line."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (UnicodeDecodeError, FileNotFoundError) as e:
+        raise ValueError(f"{path}: {_json_problem(e)}{_REDO}") from None
+    records = []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {i}: {_json_problem(e)}{_REDO}") from None
+    return records
+
+
+_REDO = (
+    " (a finished stage's output, damaged or removed: delete that stage from the run's stages.json to make "
+    "it again, or use another --out)"
+)
+
+
+def _json_problem(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "missing"
+    if isinstance(e, UnicodeDecodeError):
+        return "not UTF-8 text"
+    return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
 
 
 class Stages:
@@ -252,7 +327,9 @@ class Stages:
     frees everything below it too): keys that no finished stage's result depends on (a recipe's list of
     arms, each arm its own stage), whose new values are saved. ``absent`` maps dotted keys added to the
     configuration after runs were made to the value that stands for the code before them: a saved
-    configuration without such a key reads as holding that value (so an older run resumes with it given)."""
+    configuration without such a key reads as holding that value (so an older run resumes with it given).
+    A run none of whose stages finished (one that failed in its first stage) takes the new configuration.
+    ``DIR`` must be a run folder, new or empty (:func:`check_run_folder`)."""
 
     def __init__(
         self,
@@ -264,8 +341,14 @@ class Stages:
     ):
         self.out, self.path = out, out / "stages.json"
         saved = out / "config.json"
+        check_run_folder(out, prog)
+        self.state = self._read_state()
+        if saved.exists() and not self.state["done"]:  # no stage finished: nothing holds the old configuration
+            atomic_write_json(saved, cfg)
         if saved.exists():
-            old = json.loads(saved.read_text())
+            old = read_json(saved)
+            if not isinstance(old, dict):
+                raise ValueError(f"{saved}: expected the run's configuration (a JSON object), got {type(old).__name__}")
             filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
             diff = sorted(diff_keys(old, cfg))
             if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
@@ -276,8 +359,8 @@ class Stages:
                     if older
                     else ""
                 )
-                raise SystemExit(
-                    f"{prog}: {out} holds a run with a different configuration (differs in {refused}{hint}); "
+                raise ValueError(
+                    f"{out} holds a run with a different configuration (differs in {refused}{hint}); "
                     "use another --out or remove it"
                 )
             diff = diff or filled
@@ -285,7 +368,16 @@ class Stages:
                 atomic_write_json(saved, cfg)
         else:
             atomic_write_json(saved, cfg)
-        self.state = json.loads(self.path.read_text()) if self.path.exists() else {"done": {}}
+
+    def _read_state(self) -> dict:
+        state = read_json(self.path) if self.path.exists() else {"done": {}}
+        done = state.get("done") if isinstance(state, dict) else None
+        if not isinstance(done, dict) or not all(isinstance(v, (int, float)) for v in done.values()):
+            raise ValueError(
+                f'{self.path}: expected {{"done": {{stage: seconds, ...}}}}, got {json.dumps(state)[:80]} '
+                "(delete the file to run every stage again)"
+            )
+        return state
 
     def done(self, name: str) -> bool:
         return name in self.state["done"]

@@ -57,6 +57,7 @@ import torch
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
+from shiq_data.cli_common import folder_path
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import (
@@ -77,6 +78,8 @@ from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
+    SEED_MAX,
+    SEED_WHY,
     SINGLE,
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
@@ -91,11 +94,14 @@ from shiq_eval.recipes.common import (
     check_bounds,
     check_flags,
     check_frozen_prefix,
+    check_run_folder,
     drop_checkpoints,
     load_yaml_config,
     logger,
     megatron_policy,
     package_versions,
+    read_json,
+    read_jsonl,
     recipe_trainer,
     run_recipe,
     sd_cell,
@@ -191,7 +197,7 @@ def reward_precision(cfg: dict) -> str:
 LAYERS = SMOLLM2_LAYERS
 # Every number of the configuration, checked before any stage runs (SHIQ_MATH §9 for the evaluation's)
 BOUNDS = {
-    "seed": Bounds(low=0),
+    "seed": Bounds(low=0, high=SEED_MAX, why=SEED_WHY),
     "data.held_out_fraction": Bounds(integer=False, low=0, high=1, above=True, below=True),
     "data.prompt_words": Bounds(low=1),
     "data.train_prompts": Bounds(low=1),
@@ -219,7 +225,7 @@ BOUNDS = {
     "methods.qsharp.num_atoms": Bounds(low=2),
     "methods.qsharp.top_k": Bounds(low=1),
     "methods.qsharp.eval_prompts": Bounds(low=0, why="0: every held-out prompt"),
-    "full.seeds": Bounds(low=0, each=True),
+    "full.seeds": Bounds(low=0, high=SEED_MAX, each=True, why=SEED_WHY),
     "full.validation_prompts": Bounds(low=0),
     "full.eval_every": Bounds(low=1),
     "full.betas.*": Bounds(integer=False, low=0, above=True, each=True),
@@ -387,7 +393,7 @@ def stage_reward_model(ctx: Context) -> None:
 
 def stage_prompts(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
-    split = json.loads((ctx.out / "split.json").read_text())
+    split = read_json(ctx.out / "split.json")
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     rng = random.Random(cfg["seed"] + 1)
 
@@ -406,7 +412,7 @@ def stage_prompts(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    prompts = json.loads((ctx.out / "prompts.json").read_text())["train"]
+    prompts = read_json(ctx.out / "prompts.json")["train"]
     sample_prompts(ctx, prompts, ctx.cfg["data"]["completions_per_prompt"], ctx.cfg["seed"] + 2, "samples.jsonl")
 
 
@@ -415,7 +421,7 @@ def stage_samples_single(ctx: Context) -> None:
     completions_per_prompt`` training-split prompts (drawn with their own seed; they may include the
     grouped buffer's prompts), so ``buffer_single`` holds as many completions as ``buffer``."""
     d = ctx.cfg["data"]
-    split = json.loads((ctx.out / "split.json").read_text())
+    split = read_json(ctx.out / "split.json")
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if len(by_id[i].text.split()) > d["prompt_words"]]
     n = d["train_prompts"] * d["completions_per_prompt"]
@@ -432,14 +438,14 @@ def stage_validation(ctx: Context) -> None:
     centred like the training buffer's): ``buffer_val``, whose loss each arm records at every evaluation
     and at step 0 (the paper's validation-loss curves, ShiQ against ShiQ/init)."""
     d, n = ctx.cfg["data"], ctx.cfg["eval"]["validation_prompts"]
-    split = json.loads((ctx.out / "split.json").read_text())
-    train = {p["snippet_id"] for p in json.loads((ctx.out / "prompts.json").read_text())["train"]}
+    split = read_json(ctx.out / "split.json")
+    train = {p["snippet_id"] for p in read_json(ctx.out / "prompts.json")["train"]}
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if i not in train and len(by_id[i].text.split()) > d["prompt_words"]]
     ids = sorted(random.Random(ctx.cfg["seed"] + 6).sample(usable, n))
     prompts = [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in ids]
     sample_prompts(ctx, prompts, d["completions_per_prompt"], ctx.cfg["seed"] + 7, "samples_val.jsonl")
-    center = json.loads((ctx.out / "buffer.json").read_text())["reward_center"]
+    center = read_json(ctx.out / "buffer.json")["reward_center"]
     stage_buffer(ctx, "samples_val.jsonl", "buffer_val", center=center)
 
 
@@ -508,7 +514,7 @@ def stage_buffer(
 ) -> None:
     """``samples_name`` as the replay buffer ``name`` with reference statistics; ``name.json`` records its
     reward centre (default: the samples' mean reward)."""
-    samples = [json.loads(line) for line in (ctx.out / samples_name).read_text().splitlines() if line.strip()]
+    samples = read_jsonl(ctx.out / samples_name)
     # Centring by the mean sample reward changes no optimal policy (a constant per prompt) and keeps
     # the ShiQ targets near zero; the report always shows raw reward-model scores.
     if center is None:
@@ -563,7 +569,7 @@ class _GoldRecorder:
 def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[int]]]:
     """Openings (each repeated ``eval.samples_per_prompt`` times, prompt-major) and their token ids, of
     the first ``limit`` held-out prompts (0: all)."""
-    prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
+    prompts = read_json(ctx.out / "prompts.json")["eval"]
     prompts = prompts[:limit] if limit else prompts
     openings = [p["opening"] for p in prompts for _ in range(ctx.cfg["eval"]["samples_per_prompt"])]
     return openings, ctx.prompt_ids(openings)
@@ -608,7 +614,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
-    curve = json.loads(curve_path.read_text()) if curve_path.exists() else []
+    curve = read_json(curve_path) if curve_path.exists() else []
     done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
@@ -630,7 +636,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
 
     val_path = run / "val_loss.json"
-    val_losses = json.loads(val_path.read_text()) if val_path.exists() else []
+    val_losses = read_json(val_path) if val_path.exists() else []
 
     def validate(step: int) -> None:
         """The arm's loss on one pass over ``buffer_val`` (when ``eval.validation_prompts`` > 0), from the
@@ -671,7 +677,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         # A run interrupted while evaluating resumes after that checkpoint: evaluate it from disk first.
         latest = latest_step_dir(ckpt_dir)
         if latest is not None:
-            step = json.loads((latest / "meta.json").read_text())["step"]
+            step = read_json(latest / "meta.json")["step"]
             if step not in done:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
@@ -743,7 +749,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     guided = GuidedPolicy(ref, value, value.atoms, beta, top_k=q["top_k"], eos_id=tok.eos_token_id, pad_id=pad)
     _log(f"{arm}: evaluating the guided reference (top-k {q['top_k']})")
     res = evaluate_hf(ctx, None, guided=guided, limit=q["eval_prompts"])
-    train_seconds = json.loads(timing.read_text())["train_seconds"]
+    train_seconds = read_json(timing)["train_seconds"]
     row = {"method": arm, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
     (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
     atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
@@ -772,7 +778,7 @@ def stage_eval_reference(ctx: Context) -> None:
     texts, rewards, gold = sample(openings, ids, ctx.cfg["seed"] + 3)  # what evaluate_policy draws
     eval_seconds = time.perf_counter() - t0
     s, n_star = ev["samples_per_prompt"], ev["j_star_samples"]
-    prompts = json.loads((ctx.out / "prompts.json").read_text())["eval"]
+    prompts = read_json(ctx.out / "prompts.json")["eval"]
     extra = n_star - s
     more_open = [p["opening"] for p in prompts for _ in range(extra)]
     _log(f"reference: {extra} more samples per held-out prompt for the J* estimate")
@@ -863,14 +869,14 @@ def frontier_points(methods: dict) -> list[dict]:
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
-    ref = json.loads((ctx.out / "reference_eval.json").read_text())
-    rm = json.loads((ctx.out / "reward_model.json").read_text())
-    buf = json.loads((ctx.out / "buffer.json").read_text())
+    ref = read_json(ctx.out / "reference_eval.json")
+    rm = read_json(ctx.out / "reward_model.json")
+    buf = read_json(ctx.out / "buffer.json")
     matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
-        curve = json.loads((ctx.out / "runs" / m / "curve.json").read_text())
+        curve = read_json(ctx.out / "runs" / m / "curve.json")
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
@@ -899,7 +905,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
         }
         val_path = ctx.out / "runs" / m / "val_loss.json"
         if val_path.exists():
-            methods[m]["val_loss"] = json.loads(val_path.read_text())
+            methods[m]["val_loss"] = read_json(val_path)
         if arm_method(m) == "qsharp":
             methods[m]["top_k"] = last["top_k"]
             methods[m]["decode_seconds"] = last["eval_seconds"]
@@ -1116,7 +1122,7 @@ COMPARISONS = (
 
 def _final_per_prompt(run: Path, arm: str, s: int) -> dict[str, np.ndarray]:
     """The arm's last evaluation in ``run``, per held-out prompt ``[P]``: reward, gold score, exact KL."""
-    curve = json.loads((run / "runs" / arm / "curve.json").read_text())
+    curve = read_json(run / "runs" / arm / "curve.json")
     last = max(curve, key=lambda r: r["step"])
     return {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
 
@@ -1165,7 +1171,7 @@ def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
     within-seed paired errors (``<metric>_se`` = sqrt(Σ se_s²) / S), the seeds' standard deviation of the
     per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed) and those differences
     (``<metric>_per_seed``)."""
-    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    reps = {n: read_json(out / n / "report.json") for n in names}
     arms = {a.partition("@") for rep in reps.values() for a in rep["methods"]}
     rows = []
     for a_name, b_name in COMPARISONS:
@@ -1183,7 +1189,7 @@ def matched_kl_comparisons(out: Path, names: list[str], kl: dict[str, float]) ->
     :data:`MATCHED_KL_TOLERANCE` of the larger. Reward, gold score and KL, paired by prompt within each seed
     and combined as in :func:`arm_comparisons` (SHIQ_MATH §9; no J: the two arms may optimise two β); ``kl_a`` and
     ``kl_b`` are the arms' mean KLs, ``beta_a`` and ``beta_b`` their β."""
-    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    reps = {n: read_json(out / n / "report.json") for n in names}
     rows = []
     for a_name, b_name in MATCHED_KL:
         theirs = [arm for arm in kl if arm.partition("@")[0] == b_name]
@@ -1230,7 +1236,7 @@ def full_report(out: Path, names: list[str]) -> dict:
     (the gold score against KL), the paired comparisons of :func:`arm_comparisons`, and every arm's
     checkpoints across seeds (:func:`seed_mean_curves`), drawn for each method at its best β as
     ``reward_vs_kl.png``, ``reward_vs_step.png`` and ``j_vs_step.png``."""
-    reps = {n: json.loads((out / n / "report.json").read_text()) for n in names}
+    reps = {n: read_json(out / n / "report.json") for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
     for arm in arms:
@@ -1411,6 +1417,7 @@ ABSENT = {"reward_model.precision": "float32"}
 
 def run(cfg: dict, out: str | Path) -> dict:
     out = Path(out)
+    check_run_folder(out, "shiq-demo")  # before anything is made there
     out.mkdir(parents=True, exist_ok=True)
     _check_assets()
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT)
@@ -1458,7 +1465,7 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides use dotted keys of configs/demo.yaml, e.g.: shiq-demo --out runs/demo train.steps=80 "
         "train.methods=[shiq,dpo] data.train_prompts=200",
     )
-    ap.add_argument("--out", required=True, help="output folder (created; reused to resume)")
+    ap.add_argument("--out", required=True, type=folder_path, help="output folder (created; reused to resume)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
     ap.add_argument(
         "--full",

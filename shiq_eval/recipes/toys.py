@@ -35,7 +35,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.buffer import refuse_inside_buffer
+from shiq_data.cli_common import add_log_level_option, folder_path, int_at_least, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
@@ -613,7 +614,7 @@ def main(argv=None) -> int:
         "shiq_ms, shiq_tk, copg, dpo). all: both. Writes DIR/{bandit,gridworld}.{json,png}.",
     )
     p.add_argument("experiment", choices=("bandit", "gridworld", "all"))
-    p.add_argument("--out", default="runs/toys", help="output directory (created; default runs/toys)")
+    p.add_argument("--out", default="runs/toys", type=folder_path, help="output directory (created; default runs/toys)")
     p.add_argument("--quick", action="store_true", help="2 seeds, few steps: a smoke run in seconds")
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; quick: 2)")
     p.add_argument(
@@ -653,7 +654,7 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--workers",
-        type=int,
+        type=int_at_least(1),
         default=min(2, os.cpu_count() or 1),
         help="parallel processes (default min(2, cores); quick runs in-process)",
     )
@@ -686,7 +687,10 @@ def _main(args, p) -> int:
         grid_overrides["n_pairs"] = args.n_pairs
     if any(v < 1 for v in grid_overrides.values()):
         p.error("--epochs and --n-pairs must be >= 1")
+    if args.good_policy != "optimal" and args.experiment == "bandit":
+        p.error("--good-policy applies to the gridworld experiment only")
     workers = 1 if args.quick else args.workers
+    refuse_inside_buffer(args.out, "--out", itself=True)
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     written = []
