@@ -181,7 +181,10 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_to_buffer(args) -> int:
-    trajectories = _in_subset([t for path in args.trajectories for t in read_trajectories(path)], args)
+    read = [(path, i, t) for path in args.trajectories for i, t in enumerate(read_trajectories(path), 1)]
+    for path, i, t in read:
+        t["_where"] = f"{path}: trajectory {i} ({t['id']})"  # what a refusal of its messages names
+    trajectories = _in_subset([t for _, _, t in read], args)
     if not trajectories:
         log.error(f"to-buffer: no trajectories to write (subset {args.subset})")
         return 2

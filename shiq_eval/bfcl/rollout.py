@@ -14,11 +14,18 @@ A policy is any callable ``policy(messages: list[dict]) -> str`` over chat messa
 
 The trajectory is then checked from scratch by :func:`shiq_eval.bfcl.checker.check_trajectory` (verdict,
 cumulative and reset turn rewards).
+
+What the model writes and what the simulators answer are data (:func:`as_text`): a lone surrogate (a call's
+``'\\ud800'`` string echoed in a tool result) becomes U+FFFD, and text spelling a control token
+(``<|im_end|>`` written as plain characters, or echoed by a tool) has a zero-width space put after its ``<``,
+so that the chat template renders it as text and never as a turn boundary.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -33,6 +40,15 @@ from shiq_eval.bfcl.executor import Environment
 from shiq_eval.bfcl.parse import decode_calls
 
 Policy = Callable[[list], str]
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def as_text(text: str) -> str:
+    """``text`` as the conversation stores and renders it: lone surrogates (which UTF-8 cannot hold, nor a
+    tokenizer read) replaced by U+FFFD, and ``<|`` (how ChatML's and Llama's control tokens begin) written
+    ``<\u200b|``, so no model answer or tool result can spell a control token into the next prompt."""
+    return _SURROGATE.sub("\ufffd", text).replace("<|", "<\u200b|")
+
 
 SYSTEM_PROMPT = """You are an expert in composing functions. You are given a question and a set of possible functions. Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
 If none of the functions can be used, point it out. If the given question lacks the parameters required by the function, also point it out.
@@ -199,9 +215,9 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
                 break
             if not isinstance(answer, str):
                 raise TypeError(f"{entry['id']}: turn {k}: the policy returned {type(answer).__name__}, expected str")
-            messages.append({"role": "assistant", "content": answer})
+            messages.append({"role": "assistant", "content": as_text(answer)})
             assistant_turns.append(k)
-            calls = decode_calls(answer)
+            calls = decode_calls(answer)  # from the answer as written: the checker sees the calls made
             if not calls:
                 break
             steps.append(calls)
@@ -209,7 +225,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
                 force_terminated = True
                 break
             for result in env.execute(calls):
-                messages.append({"role": "tool", "content": result})
+                messages.append({"role": "tool", "content": as_text(result)})
         decoded_turns.append(steps)
         if force_terminated:
             break
@@ -268,6 +284,31 @@ def assistant_turn_rewards(traj: dict, reward: str = "cumulative") -> list[float
     return out
 
 
+def _check_trajectory_fields(traj: dict, reward: str) -> None:
+    """The fields a buffer row is made of, each of its kind (a hand-edited trajectory file): ``ValueError``
+    naming the field otherwise, never a TypeError or IndexError further in."""
+    messages, turns = traj.get("messages"), traj.get("assistant_turns")
+    field = "turn_rewards" if reward == "cumulative" else "turn_rewards_reset"
+    per_turn = traj.get(field)
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    ):
+        raise ValueError("field 'messages': must be a list of {role, content} objects with string values")
+    if not isinstance(per_turn, list) or not all(
+        r is None or (isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)) for r in per_turn
+    ):
+        raise ValueError(f"field {field!r}: must be a list of finite numbers (or null), got {str(per_turn)[:60]}")
+    if not isinstance(turns, list) or not all(
+        isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(per_turn) for k in turns
+    ):
+        raise ValueError(
+            f"field 'assistant_turns': must be a list of turn indices, each with a reward in {field} (of "
+            f"{len(per_turn)} turns), got {str(turns)[:60]}"
+        )
+    if any(per_turn[k] is None for k in set(turns)):
+        raise ValueError(f"field {field!r}: a turn with an assistant message has no reward")
+
+
 def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict:
     """Buffer-row fields of one trajectory via the tokenizer's chat template.
 
@@ -276,6 +317,7 @@ def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict
     last assistant message. Returns ``shiq_data.chat.encode_chat``'s
     ``{"tokens" [T], "action_mask" [T], "rewards" [T], "prompt_len"}`` plus ``row_id``.
     """
+    _check_trajectory_fields(traj, reward)
     n_assistant = sum(m["role"] == "assistant" for m in traj["messages"])
     if n_assistant != len(traj["assistant_turns"]):
         raise ValueError(
@@ -299,6 +341,9 @@ def trajectories_to_rows(trajectories: Iterable[dict], tokenizer, reward: str = 
     for t in trajectories:
         group = groups.setdefault(t["id"], len(groups))
         n = counts[t["id"]] = counts.get(t["id"], -1) + 1
-        row = trajectory_to_row(t, tokenizer, reward)
+        try:
+            row = trajectory_to_row(t, tokenizer, reward)
+        except ValueError as e:  # name where the trajectory came from (to-buffer sets _where: file, line)
+            raise ValueError(f"{t.get('_where') or 'trajectory ' + repr(t['id'])}: {e}") from None
         category = t.get("category") or entry_category(t["id"])
         yield {**row, "row_id": f"{t['id']}:{n}", "group_id": group, "source": f"bfcl:{category}"}
