@@ -142,9 +142,47 @@ def read_results(folders) -> list[dict]:
                     f"{path}: row {i} has no {missing} (written before runs had labels and suites?): rerun "
                     "shiq-eval run on its checkpoints"
                 )
+            _check_row(path, i, row)
             scorer = suite[1] if suite is not None and suite[0] == row["suite_sha256"] else None
             rows.append({"scorer": scorer, **row, "source": str(path)})
     return rows
+
+
+def _int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# what each field of a result row must be, as shiq-eval run writes it (a hand-edited or foreign file otherwise)
+ROW_FIELDS = {
+    "run": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
+    "method": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
+    "beta": ("null or a finite number > 0", lambda v: v is None or (_number(v) and v > 0)),
+    "step": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "suite": ("a string", lambda v: isinstance(v, str)),
+    "suite_sha256": ("a string", lambda v: isinstance(v, str)),
+    "prompt_set_sha256": ("a string", lambda v: isinstance(v, str)),
+    "model_sha256": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
+    "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
+    "rewards": ("a list of numbers", lambda v: isinstance(v, list)),
+    "temperature": ("null or a finite number > 0", lambda v: v is None or (_number(v) and v > 0)),
+    "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+}
+
+
+def _check_row(path: Path, i: int, row: dict) -> None:
+    """Refuse, naming the file, row and field, a result row whose fields are not of the kind
+    :data:`ROW_FIELDS` gives (and whose KL list for its estimator is not a list)."""
+    for field, (kind, ok) in ROW_FIELDS.items():
+        if field in row and not ok(row[field]):
+            raise ValueError(f"{path}: row {i}: field {field!r}: must be {kind}, got {json.dumps(row[field])[:60]}")
+    kls = "kls_exact" if row["kl_estimator"] == "exact" else "kls_sample"
+    if not isinstance(row.get(kls), list):
+        raise ValueError(f"{path}: row {i}: field {kls!r}: must be a list of numbers (the suite's KL estimator)")
 
 
 def check_suites(rows: list[dict], allow_mixed: bool) -> None:

@@ -606,3 +606,34 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
     monkeypatch.setattr(leaderboard, "plot_j_vs_step", broken)
     assert eval_cli.main(["leaderboard", x, "--out", str(tmp_path / "new" / "lb")]) == 2
     assert not (tmp_path / "new" / "lb").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value,kind",
+    [
+        ("step", None, "an integer >= 0"),
+        ("step", "3", "an integer >= 0"),
+        ("run", 5, "a non-empty string"),
+        ("method", ["shiq"], "a non-empty string"),
+        ("suite_sha256", None, "a string"),
+        ("beta", "0.5", "null or a finite number > 0"),
+        ("beta", -1.0, "null or a finite number > 0"),
+        ("samples_per_prompt", 1.5, "an integer >= 1"),
+        ("samples_per_prompt", None, "an integer >= 1"),
+        ("kl_estimator", "foo", "'exact' or 'sample'"),
+        ("rewards", {"a": 1}, "a list of numbers"),
+        ("temperature", [1], "null or a finite number > 0"),
+        ("model_sha256", 7, "a string or null"),
+    ],
+)
+def test_a_result_row_of_the_wrong_kind_is_refused_naming_file_row_and_field(tmp_path, capsys, field, value, kind):
+    """A hand-edited results.json: each of these ended in a TypeError traceback (some after leaderboard.csv was
+    written), or was taken silently (samples_per_prompt 1.5 read as 1: wrong standard errors; an unknown KL
+    estimator). Now one line naming the file, row and field, and nothing written."""
+    rows = [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2), result_row("a", 3, "m1", [2.0, 3.0], [1.0, 2.0])]
+    rows[1][field] = value
+    x = write_results(tmp_path / "x", rows)
+    assert eval_cli.main(["leaderboard", x, "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"results.json: row 1: field '{field}': must be {kind}" in err, err
+    assert not (tmp_path / "lb").exists()
