@@ -511,3 +511,27 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
     assert err.startswith("shiq-eval bfcl: error: ") and f"{path}: trajectory 2 ({entry['id']}): " in err, err
     assert needle in err, err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "field,value,needle",
+    [
+        ("id", 7, "field 'id': must be an entry id"),
+        ("id", "../../etc/passwd", "field 'id': must be an entry id"),
+        ("id", "multi_turn_base_x", "field 'id': must be an entry id"),
+        ("valid", "false", "field 'valid': must be true or false"),
+        ("turn_rewards", 1, "field 'turn_rewards': must be a list of finite numbers"),
+        ("turn_rewards", [1.0, float("nan")], "field 'turn_rewards': must be a list of finite numbers"),
+        ("turn_rewards_reset", ["1"], "field 'turn_rewards_reset': must be a list of finite numbers"),
+    ],
+)
+def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path, capsys, field, value, needle):
+    """bfcl report counted "valid": "false" as valid and NaN turn rewards, reported unknown ids as categories
+    of their own, and ended in a TypeError for an int id or turn_rewards: one line naming the field now."""
+    entry = data.load_entry("multi_turn_base", 0)
+    t = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({**t, field: value}, allow_nan=True) + "\n")
+    assert cli.main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: trajectory 1" in err and needle in err, err

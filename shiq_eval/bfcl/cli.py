@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from shiq_eval.bfcl.data import (
     CATEGORIES,
     SPLIT_PATH,
     bfcl_version,
+    entry_category,
     ground_truth_decoded,
     load_category,
     load_split,
@@ -119,12 +122,30 @@ def _cmd_rollout(args) -> int:
     return 0
 
 
+def _check_scored(t: dict, where: str) -> None:
+    """The fields ``report`` counts, each of its kind: ``id`` an entry id of a multi-turn category, ``valid``
+    true or false (a string "false" would count as valid), turn rewards lists of finite numbers."""
+    entry = t["id"]
+    if not isinstance(entry, str) or entry_category(entry) not in CATEGORIES or not entry.rsplit("_", 1)[-1].isdigit():
+        raise ValueError(f"{where}: field 'id': must be an entry id such as multi_turn_base_0, got {json.dumps(entry)}")
+    if not isinstance(t["valid"], bool):
+        raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
+    for field in ("turn_rewards", "turn_rewards_reset"):
+        r = t[field]
+        if not isinstance(r, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r
+        ):
+            raise ValueError(f"{where} ({entry}): field {field!r}: must be a list of finite numbers, got {str(r)[:60]}")
+
+
 def _cmd_report(args) -> int:
     check_output_files(args.trajectories, {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown})
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[dict]] = {}
     for path in args.trajectories:
-        for t in read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset")):
+        trajectories = read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
+        for i, t in enumerate(trajectories, 1):
+            _check_scored(t, f"{path}: trajectory {i}")
             groups.setdefault(str(t.get("model") or Path(path).name), []).append(t)
     summaries = {}
     for name, trajectories in groups.items():
