@@ -136,7 +136,7 @@ def test_trajectory_to_row_with_the_smollm2_chat_template(smollm2):
         assert not any(mask[: row["prompt_len"]]) and mask[row["prompt_len"]]
 
 
-def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
+def test_repo_split_is_160_40_seeded_and_loadable(tmp_path, capsys):
     split = data.load_split()
     assert len(split["train"]) == 160 and len(split["test"]) == 40
     assert sorted(split["train"] + split["test"]) == list(range(200))
@@ -148,6 +148,24 @@ def test_repo_split_is_160_40_seeded_and_loadable(tmp_path):
     bad.write_text(json.dumps({**split, "test": split["test"] + [split["train"][0]]}))
     with pytest.raises(ValueError, match="split.json.*partition"):
         data.load_split(bad)
+    # each of these ended in a TypeError (or, for n 1e400, an OverflowError) traceback
+    for text, needle in [
+        ("null", "expected an object with fields n, train and test"),
+        ('{"n": "x", "train": [], "test": []}', "field 'n' must be the number of scenarios"),
+        ('{"n": 1e400, "train": [], "test": []}', "field 'n' must be the number of scenarios"),
+        ('{"n": 2, "train": null, "test": [0, 1]}', "field 'train' must hold indices in \\[0, 2\\)"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=needle):
+            data.load_split(bad)
+    # a split of 2 scenarios applied to 200 entries kept the first two and dropped the others silently
+    bad.write_text(json.dumps({"n": 2, "train": [0], "test": [1]}))
+    argv = ["prompts", "--categories", "multi_turn_base", "--subset", "test", "--split", str(bad)]
+    assert cli.main([*argv, "--out", str(tmp_path / "p.jsonl")]) == 2
+    assert "a split of 2 scenarios, but multi_turn_base_2 is scenario 2" in capsys.readouterr().err
+    assert not (tmp_path / "p.jsonl").exists()
+    with pytest.raises(SystemExit):  # --limit -1 kept 199 of 200 entries
+        cli.main(["prompts", "--categories", "multi_turn_base", "--limit", "-1", "--out", str(tmp_path / "q")])
 
 
 def test_summary_numbers_by_hand():

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
-from shiq_data.cli_common import add_log_level_option, check_output_files, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, check_output_files, int_at_least, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
@@ -32,6 +32,7 @@ from shiq_eval.bfcl.data import (
     SPLIT_PATH,
     bfcl_version,
     entry_category,
+    entry_index,
     ground_truth_decoded,
     load_category,
     load_split,
@@ -102,6 +103,12 @@ def _model_policy_factory(args):
 def _in_subset(items: list[dict], args) -> list[dict]:
     """The entries or trajectories (by ``id``) in ``args.subset`` of the split file ``args.split``."""
     split = load_split(args.split or SPLIT_PATH) if args.subset != "all" else None
+    beyond = [x["id"] for x in items if split is not None and entry_index(x["id"]) >= split["n"]]
+    if beyond:  # they would be in neither subset, dropped without a word
+        raise ValueError(
+            f"{args.split or SPLIT_PATH}: a split of {split['n']} scenarios, but {beyond[0]} is scenario "
+            f"{entry_index(beyond[0])}: give a split of every scenario"
+        )
     keep = set(select_subset([x["id"] for x in items], args.subset, split))
     return [x for x in items if x["id"] in keep]
 
@@ -270,7 +277,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         "the one a checkpoint's buffer recorded, else smollm2)",
     )
     subset(q, "entries of the train/test split (by index, in every category)")
-    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
@@ -290,7 +297,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     categories(q)
     subset(q, "entries of the train/test split (by index, in every category)")
-    q.add_argument("--limit", type=int, default=None, help="at most this many entries per category")
+    q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--compact", action="store_true", help="shorter function docs (fewer tokens per prompt)")
     q.add_argument("--out", required=True, help="prompts JSONL to write (atomically)")
     q.set_defaults(func=_cmd_prompts)

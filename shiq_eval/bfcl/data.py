@@ -177,13 +177,20 @@ def load_split(path: str | Path = SPLIT_PATH) -> dict:
     path = Path(path)
     try:
         split = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the split ({e})") from e
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: cannot read the split ({e})") from None
+    if not isinstance(split, dict):
+        raise ValueError(f"{path}: expected an object with fields n, train and test, got {type(split).__name__}")
     for field in ("n", "train", "test"):
         if field not in split:
             raise ValueError(f"{path}: missing field {field!r}")
+    n = split["n"]
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 1_000_000:
+        raise ValueError(f"{path}: field 'n' must be the number of scenarios (an integer >= 1), got {json.dumps(n)}")
     for field in ("train", "test"):
-        if not all(isinstance(i, int) and 0 <= i < split["n"] for i in split[field]):
+        if not isinstance(split[field], list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in split[field]
+        ):
             raise ValueError(f"{path}: field {field!r} must hold indices in [0, {split['n']})")
     if set(split["train"]) & set(split["test"]) or sorted(split["train"] + split["test"]) != list(range(split["n"])):
         raise ValueError(f"{path}: fields 'train' and 'test' must partition 0..{split['n'] - 1}")
