@@ -290,6 +290,24 @@ def test_a_config_file_of_wrong_types_is_refused_naming_the_key(tmp_path):
         demo.load_config(path)
 
 
+def test_a_config_file_that_is_not_this_recipes_is_refused_in_one_line(tmp_path, capsys):
+    """--config a file of plain text, of broken YAML or of the other recipe, and the override data=null, each
+    ended in a traceback (AttributeError, ScannerError, KeyError) after parsing."""
+    (tmp_path / "plain.yaml").write_text("- just\n- a list\n")
+    (tmp_path / "broken.yaml").write_text("a: [1,\n")
+    bfcl_yaml = Path(demo.CONFIG).with_name("bfcl.yaml")
+    for argv, needle in [
+        (["--config", str(tmp_path / "plain.yaml")], "plain.yaml: expected a mapping of sections"),
+        (["--config", str(tmp_path / "broken.yaml")], "broken.yaml: not a readable YAML configuration"),
+        (["--config", str(bfcl_yaml)], "bfcl.yaml: lacks the sections ['reward_model'] of demo.yaml"),
+        (["data=null"], "override data=None: data is a section: set its keys"),
+    ]:
+        assert demo.main(["--out", str(tmp_path / "run"), *argv]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_bad_number_ends_the_command_in_one_line_before_any_work(tmp_path, capsys):
     out = tmp_path / "run"
     assert demo.main(["--out", str(out), "eval.batch_size=0"]) == 2

@@ -125,7 +125,7 @@ _log = logger(PROG, __name__)
 
 def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None) -> dict:
     """``configs/bfcl.yaml`` merged with its ``quick`` block when ``quick``, then ``key=value`` overrides."""
-    cfg = load_yaml_config(path, quick, overrides)
+    cfg = load_yaml_config(path, quick, overrides, like=CONFIG)
     _check_config(cfg)
     return cfg
 

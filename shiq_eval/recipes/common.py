@@ -35,14 +35,22 @@ from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import TrainConfig, Trainer
 
 
-def load_yaml_config(path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=()) -> dict:
+def load_yaml_config(
+    path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=(), like: Path | None = None
+) -> dict:
     """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
-    overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind).
-    Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is dropped unless kept."""
+    overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
+    section stays a section). Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is
+    dropped unless kept. ``like``: the recipe's shipped configuration, whose top-level sections ``path``
+    must have (another recipe's file, or a file of other YAML, is refused naming what it lacks)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config {path} not found")
-    cfg = OmegaConf.load(path)
+    cfg = _yaml_mapping(path)
+    if like is not None and Path(like).resolve() != path.resolve():
+        lacks = [k for k in _yaml_mapping(Path(like)) if k not in cfg and k not in ("quick", "full")]
+        if lacks:
+            raise ValueError(f"{path}: lacks the sections {lacks} of {Path(like).name}: not a config of this recipe")
     quick_block = cfg.pop("quick", None)
     if "full" not in keep:
         cfg.pop("full", None)
@@ -62,10 +70,25 @@ def load_yaml_config(path: str | Path, quick: bool = False, overrides: list[str]
             raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
         for key in (o.split("=", 1)[0] for o in overrides):
             old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
+            if OmegaConf.is_dict(old) and not OmegaConf.is_dict(new):
+                raise ValueError(f"override {key}={new!r}: {key} is a section: set its keys ({key}.NAME=...)")
             if not same_kind(old, new):
                 raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
         cfg = OmegaConf.merge(cfg, given)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _yaml_mapping(path: Path):
+    """The YAML mapping in ``path`` as an OmegaConf config, or a ``ValueError`` naming the file."""
+    import yaml  # OmegaConf's own parser: its errors
+
+    try:
+        cfg = OmegaConf.load(path)
+    except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable YAML configuration ({' '.join(str(e).split())[:160]})") from None
+    if not OmegaConf.is_dict(cfg):
+        raise ValueError(f"{path}: expected a mapping of sections (data:, train:, ...), got {type(cfg).__name__}")
+    return cfg
 
 
 def same_kind(old, new) -> bool:

@@ -164,7 +164,7 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
         raise FileNotFoundError(f"demo config {path} not found")
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else ())
+    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG)
     _check_config(cfg)
     return cfg
 
