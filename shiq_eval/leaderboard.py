@@ -37,6 +37,7 @@ import math
 from pathlib import Path
 
 from shiq_data.io import atomic_write_text, files_together
+from shiq_data.schema import is_finite_number
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
@@ -153,7 +154,7 @@ def _int(v) -> bool:
 
 
 def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return is_finite_number(v)  # ints beyond the float range too
 
 
 # what each field of a result row must be, as shiq-eval run writes it (a hand-edited or foreign file otherwise)
@@ -168,7 +169,7 @@ ROW_FIELDS = {
     "model_sha256": ("a string or null", lambda v: v is None or isinstance(v, str)),
     "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
-    "rewards": ("a list of numbers", lambda v: isinstance(v, list)),
+    "rewards": ("a list of finite numbers", lambda v: isinstance(v, list) and all(_number(x) for x in v)),
     "temperature": ("null or a finite number > 0", lambda v: v is None or (_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
 }
@@ -181,8 +182,8 @@ def _check_row(path: Path, i: int, row: dict) -> None:
         if field in row and not ok(row[field]):
             raise ValueError(f"{path}: row {i}: field {field!r}: must be {kind}, got {json.dumps(row[field])[:60]}")
     kls = "kls_exact" if row["kl_estimator"] == "exact" else "kls_sample"
-    if not isinstance(row.get(kls), list):
-        raise ValueError(f"{path}: row {i}: field {kls!r}: must be a list of numbers (the suite's KL estimator)")
+    if not isinstance(row.get(kls), list) or not all(_number(x) for x in row[kls]):
+        raise ValueError(f"{path}: row {i}: field {kls!r}: must be a list of finite numbers (the suite's KL estimator)")
 
 
 def check_suites(rows: list[dict], allow_mixed: bool) -> None:

@@ -541,6 +541,7 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("turn_rewards", 1, "field 'turn_rewards': must be a list of finite numbers"),
         ("turn_rewards", [1.0, float("nan")], "field 'turn_rewards': must be a list of finite numbers"),
         ("turn_rewards_reset", ["1"], "field 'turn_rewards_reset': must be a list of finite numbers"),
+        ("turn_rewards", [1.0, 10**400], "field 'turn_rewards': must be a list of finite numbers"),
     ],
 )
 def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path, capsys, field, value, needle):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -18,6 +17,7 @@ from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
 from shiq_data.cli_common import add_log_level_option, check_output_files, int_at_least, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from shiq_data.schema import is_finite_number
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
     check_trajectory,
@@ -139,9 +139,7 @@ def _check_scored(t: dict, where: str) -> None:
         raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
     for field in ("turn_rewards", "turn_rewards_reset"):
         r = t[field]
-        if not isinstance(r, list) or not all(
-            isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in r
-        ):
+        if not isinstance(r, list) or not all(is_finite_number(x) for x in r):
             raise ValueError(f"{where} ({entry}): field {field!r}: must be a list of finite numbers, got {str(r)[:60]}")
 
 

@@ -24,7 +24,6 @@ so that the chat template renders it as text and never as a turn boundary.
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from shiq_data.chat import encode_chat
 from shiq_data.io import atomic_write_jsonl, iter_jsonl
+from shiq_data.schema import is_finite_number
 from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.checker import check_trajectory
 from shiq_eval.bfcl.data import MAX_STEPS_PER_TURN, bfcl_version, entry_category, function_docs, ground_truth_decoded
@@ -294,9 +294,7 @@ def _check_trajectory_fields(traj: dict, reward: str) -> None:
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
     ):
         raise ValueError("field 'messages': must be a list of {role, content} objects with string values")
-    if not isinstance(per_turn, list) or not all(
-        r is None or (isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r)) for r in per_turn
-    ):
+    if not isinstance(per_turn, list) or not all(r is None or is_finite_number(r) for r in per_turn):
         raise ValueError(f"field {field!r}: must be a list of finite numbers (or null), got {str(per_turn)[:60]}")
     if not isinstance(turns, list) or not all(
         isinstance(k, int) and not isinstance(k, bool) and 0 <= k < len(per_turn) for k in turns
