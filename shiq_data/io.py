@@ -217,20 +217,27 @@ def exclusive_lock(
 
 
 @contextlib.contextmanager
-def files_together(out: str | os.PathLike) -> Iterator[Path]:
+def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Path]:
     """Write a set of files that belong together (a table, its report and plots) into a staging folder
     inside ``out`` and move them into ``out`` only when the block ends without an error, each by an atomic
     rename: a failure half-way (a plot that cannot be drawn, a full disk) leaves the earlier set as it was,
-    not new tables beside old plots. Yields the staging folder; ``out``'s other files are never touched, and
-    ``out`` itself is removed again on failure if this call made it and it is empty."""
+    not new tables beside old plots (only an interruption within the final renames, a few system calls,
+    could mix them). ``owns``: every name the set may hold; one the new set does not write is removed
+    with the earlier set (an old plot the new data has none of). Yields the staging folder; ``out``'s other
+    files are never touched, and ``out`` itself is removed again on failure if this call made it and it is
+    empty."""
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=out))
     try:
         yield stage
-        for f in sorted(stage.iterdir()):
+        written = sorted(stage.iterdir())
+        for f in written:
             os.replace(f, out / f.name)
+        for name in set(owns) - {f.name for f in written}:
+            with contextlib.suppress(FileNotFoundError):
+                (out / name).unlink()
         fsync_dir(out)
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)

@@ -295,12 +295,19 @@ def _no_constant(name: str):
     raise _NonFinite(name)
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 written as a number: read as inf, written back as Infinity
+        raise _NonFinite("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
 def parse_extra(text: str):
     """``json.loads`` of an ``extra`` text, refusing ``NaN``/``Infinity`` (what Python's JSON writes for a
     number out of float range, such as ``1e999``, and what no other JSON reader accepts) with a
     ``ValueError`` saying so."""
     try:
-        return json.loads(text, parse_constant=_no_constant)
+        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _NonFinite as e:
         raise ValueError(non_finite_json(e.args[0])) from None
 

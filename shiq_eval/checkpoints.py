@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -16,9 +15,6 @@ from shiq_data.io import sha256_files
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
 EXPORT_RECORD = "shiq_export.json"
-
-
-log = logging.getLogger(__name__)
 
 
 class EvalInputError(ValueError):
@@ -133,24 +129,6 @@ def _recorded_sha256(path: Path, recorded, files: list[Path]) -> dict | None:
     return recorded
 
 
-def check_weights(info: dict) -> None:
-    """Check a Hugging Face folder's weight files against its export record's SHA-256 before they are read:
-    ``EvalInputError`` naming the file that differs (cut short, damaged, edited). A folder ``shiq-train
-    export`` did not write has nothing to check against; an export from before checksums were kept is
-    read with a warning."""
-    if info["sha256"] is None:
-        if info.get("export"):
-            log.warning(
-                f"{info['path'] / EXPORT_RECORD}: no 'sha256' (an older export): its weights are read unchecked"
-            )
-        return
-    for name, digest in info["sha256"].items():
-        if sha256_files([info["path"] / name]) != digest:
-            raise EvalInputError(
-                f"{info['path'] / name}: sha256 differs from {EXPORT_RECORD}'s (the file changed or is corrupt)"
-            )
-
-
 def _check_record(path: Path, record: dict) -> None:
     """The fields of an export record that evaluation reads, each of its kind: ``EvalInputError`` naming
     the file and field otherwise (a hand-edited record)."""
@@ -231,7 +209,6 @@ def hf_policy(info: dict):
     if info["kind"] == "hf":
         import torch  # heavy: only shiq-eval run needs torch
 
-        check_weights(info)
         from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
         return load_causal_lm(str(info["path"]), torch.float32)[0]

@@ -566,7 +566,8 @@ def run(args) -> list[dict]:
     if not lead:
         return [ref_row] + rows
     out = Path(args.out)
-    with files_together(out) as stage:  # all of them or none: never new results beside old plots
+    owns = ("results.csv", "results.json", "suite.json", "reward_vs_kl.png", "reward_vs_step.png")
+    with files_together(out, owns=owns) as stage:  # all of them or none: never new results beside old plots
         write_table([ref_row] + rows, stage, RUN_COLUMNS)
         suite_json = {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha}
         atomic_write_json(stage / "suite.json", {**suite_json, "content": content})

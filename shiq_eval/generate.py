@@ -87,8 +87,8 @@ class HFPolicy:
         for j, p in enumerate(prompt_ids):  # past it, positions the model never learnt: refused, not sampled
             if isinstance(limit, int) and len(p) + cfg.max_new_tokens > limit:
                 raise ValueError(
-                    f"prompt {j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
-                    f"the model's max_position_embeddings {limit}"
+                    f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
+                    f"max_new_tokens {cfg.max_new_tokens} exceed the model's max_position_embeddings {limit}"
                 )
         return generate_in_batches(
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)

@@ -522,11 +522,23 @@ def plots(table: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+# every file a leaderboard folder may hold (plots only where the rows have such numbers)
+LEADERBOARD_FILES = (
+    "leaderboard.csv",
+    "pairs.csv",
+    "leaderboard.md",
+    "leaderboard.html",
+    "reward_vs_kl.png",
+    "reward_vs_step.png",
+    "j_vs_step.png",
+)
+
+
 def write_leaderboard(rows: list[dict], out: Path, allow_mixed: bool = False) -> list[Path]:
     """Build the leaderboard of result rows (:func:`build`) and write it to ``out``; returns the files."""
     table, pairs = build(rows, allow_mixed)
     out = Path(out)
-    with files_together(out) as stage:  # all of them or none: never new tables beside old plots
+    with files_together(out, owns=LEADERBOARD_FILES) as stage:  # all or none: never new tables beside old plots
         written = [
             atomic_write_text(stage / "leaderboard.csv", _csv(table, COLUMNS)),
             atomic_write_text(stage / "pairs.csv", _csv(pairs, PAIR_COLUMNS)),

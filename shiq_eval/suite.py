@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -157,8 +158,8 @@ def check_suite(suite: Suite, path: Path | None) -> None:
     for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
         if getattr(s, key) < 1:
             raise SuiteError(f"{where}sampling.{key} must be >= 1, got {getattr(s, key)}")
-    if not s.temperature > 0:
-        raise SuiteError(f"{where}sampling.temperature must be > 0, got {s.temperature}")
+    if not 0 < s.temperature < math.inf:  # written into every result row: JSON has no Infinity
+        raise SuiteError(f"{where}sampling.temperature must be a finite number > 0, got {s.temperature}")
 
 
 def scorer_sha256(suite: Suite, scorer=None) -> str:

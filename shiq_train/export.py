@@ -22,9 +22,8 @@ from shiq_data.io import atomic_dir, atomic_write_json, sha256_files
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
-from shiq_train.hf_convert import LlamaShape, megatron_to_llama
+from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama
 
-EXPORT_RECORD = "shiq_export.json"
 log = logging.getLogger(__name__)
 
 

@@ -262,6 +262,37 @@ def _dequantise_smollm2(gguf: Path, dtype):
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
+EXPORT_RECORD = "shiq_export.json"  # what shiq-train export writes beside the weights (shiq_train.export)
+
+
+def check_export_weights(folder: Path) -> None:
+    """Check the weight files of a folder ``shiq-train export`` wrote against the SHA-256 its record keeps,
+    before anything reads them: ``ValueError`` naming the file that differs (cut short, damaged, edited) or
+    the record's field. A folder without the record has nothing to check against; an export from before
+    checksums were kept is read with a warning."""
+    record_path = folder / EXPORT_RECORD
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{record_path}: not valid JSON ({e})") from None
+    sums = record.get("sha256") if isinstance(record, dict) else None
+    if sums is None:
+        print(f"warning: {record_path}: no 'sha256' (an older export): its weights are read unchecked", file=sys.stderr)
+        return
+    names = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not isinstance(sums, dict) or sorted(sums) != names or not all(isinstance(d, str) for d in sums.values()):
+        raise ValueError(
+            f"{record_path}: field 'sha256': must give the SHA-256 of exactly the folder's weight files {names}"
+        )
+    from shiq_data.io import sha256_files
+
+    for name, digest in sums.items():
+        if sha256_files([folder / name]) != digest:
+            raise ValueError(f"{folder / name}: sha256 differs from {EXPORT_RECORD}'s (the file changed or is corrupt)")
+
+
 def load_causal_lm(spec: str, dtype=torch.float32):
     """``(model, tokenizer)`` of the causal LM ``spec`` names, the model in eval mode: ``smollm2``
     (:func:`load_smollm2`) or a Hugging Face model folder (any ``transformers`` causal LM; tokenizer None
@@ -277,6 +308,7 @@ def load_causal_lm(spec: str, dtype=torch.float32):
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_export_weights(folder)
     for f in sorted(folder.glob("*.safetensors")):  # the header and the file's size: a cut file is named here
         try:
             with safe_open(str(f), "pt"):

@@ -6,6 +6,7 @@ megatron-core prints at import about optional libraries would break the one-line
 model also check that start-up is quiet.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -62,6 +63,8 @@ def files(tmp_path_factory):
         meta = {"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"loss": {"name": "shiq"}, "hf_config": {}}}
         (step / "meta.json").write_text(json.dumps(meta) if name == "truncated" else "{not json")
         (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"PK\x03\x04 truncated")
+        digest = hashlib.sha256(b"PK\x03\x04 truncated").hexdigest()  # its checksum fits: the file is what's cut
+        (step / "rank_tp0_pp0_dp0.pt.sha256").write_text(f"{digest}  rank_tp0_pp0_dp0.pt\n")
         (d / name / "checkpoints" / "latest").write_text("step_00000001\n")
     good = d / "evalrun" / "checkpoints" / "step_00000001"
     good.mkdir(parents=True)

@@ -697,13 +697,26 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
         with pytest.raises(ValueError, match=r"stages.json: expected \{\"done\""):
             Stages(run, cfg)
     (run / "stages.json").write_text('{"done": {"reward')
-    with pytest.raises(ValueError, match=r"stages.json: not valid JSON .*delete that stage from the run's stages"):
+    with pytest.raises(ValueError, match=r"stages.json: not valid JSON .*delete it and every stage runs again"):
         Stages(run, cfg)
+    (run / "curve.json").write_text("[1, ")  # a stage's own output: delete it and its stage
+    with pytest.raises(ValueError, match=r"curve.json: not valid JSON .*delete it, and the stage that made it"):
+        read_json(run / "curve.json")
     (run / "split.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=r"split.json: not UTF-8 text"):
         read_json(run / "split.json")
-    # nothing finished: a new configuration is taken (the first stage failed on a value now fixed)
+    # nothing finished: a new configuration is taken (the first stage failed on a value now fixed), but not
+    # once a stage left an output (a checkpoint or curve a new configuration would be trained on top of)
     (run / "stages.json").write_text('{"done": {}}')
     fixed = demo.load_config(quick=True, overrides=["seed=5"])
+    with pytest.raises(ValueError, match=r"differs in \['seed'\]"):
+        Stages(run, fixed)
+    for name in ("curve.json", "split.json"):
+        (run / name).unlink()
+    (run / "run.log").write_text("a side-by-side job's log")  # --jobs opens it first
     Stages(run, fixed)
     assert json.loads((run / "config.json").read_text())["seed"] == 5
+    # --jobs opens run.log in a new seed folder before the run: still a new run folder
+    (tmp_path / "seed3").mkdir()
+    (tmp_path / "seed3" / "run.log").write_text("")
+    Stages(tmp_path / "seed3", cfg)

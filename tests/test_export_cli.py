@@ -124,5 +124,9 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     assert hf_policy(hf_folder_info(tmp_path / "hf")).config.num_hidden_layers == cfg.num_layers
     weights.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # the last weight's last byte: still a valid file
     transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")  # which transformers loads without a word
-    with pytest.raises(EvalInputError, match=f"{weights}: sha256 differs from shiq_export.json's"):
+    with pytest.raises(ValueError, match=f"{weights}: sha256 differs from shiq_export.json's"):
         hf_policy(hf_folder_info(tmp_path / "hf"))
+    from shiq_train.hf_convert import load_causal_lm  # every loader of a folder: --reference, init=, ref-stats
+
+    with pytest.raises(ValueError, match=f"{weights}: sha256 differs from shiq_export.json's"):
+        load_causal_lm(str(tmp_path / "hf"))

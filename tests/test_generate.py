@@ -196,5 +196,8 @@ def test_a_prompt_that_would_run_past_the_models_positions_is_refused():
     policy = HFPolicy(tiny_lm(), eos_id=39, pad_id=0)
     fits = [[1] * 56, [2, 3]]  # 56 + 8 = 64: the last position the model has
     assert [len(c) <= 8 for c in policy.generate(fits, SamplingConfig(max_new_tokens=8))] == [True, True]
-    with pytest.raises(ValueError, match="prompt 1: 57 tokens \\+ max_new_tokens 8 exceed the model's max_position_"):
+    with pytest.raises(
+        ValueError,
+        match="prompt 1 of the 2 sampled .*: 57 tokens \\+ max_new_tokens 8 exceed the model's max_position_",
+    ):
         policy.generate([[2, 3], [1] * 57], SamplingConfig(max_new_tokens=8))

@@ -598,6 +598,11 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
     assert eval_cli.main(["leaderboard", x, y, "--out", str(out)]) == 0
     assert "b" in set(pd.read_csv(out / "leaderboard.csv")["run"]) and (out / "notes.txt").read_text() == "mine"
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == []
+    # a later leaderboard with no J (sampled at temperature 0.5): the earlier J plot goes with the earlier set
+    assert (out / "j_vs_step.png").exists()
+    cool = [{**r, "temperature": 0.5} for r in rows]
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "cool", cool), "--out", str(out)]) == 0
+    assert not (out / "j_vs_step.png").exists() and (out / "notes.txt").read_text() == "mine"
     # the leaderboard's plots have the names of a run's own: --out a results folder would replace them
     for folder in (x, y):
         assert eval_cli.main(["leaderboard", x, y, "--out", folder]) == 2

@@ -279,6 +279,7 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
         ("{nope", "not JSON text"),
         ('{"score": Infinity}', "holds Infinity, which standard JSON cannot hold"),  # exported as Infinity before
         ('{"a": [NaN]}', "holds NaN"),
+        ('{"score": 1e999}', "holds Infinity"),  # a number beyond float range, as an exported JSONL may hold it
     ],
 )
 def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):

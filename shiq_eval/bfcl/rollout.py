@@ -341,7 +341,7 @@ def trajectories_to_rows(trajectories: Iterable[dict], tokenizer, reward: str = 
         n = counts[t["id"]] = counts.get(t["id"], -1) + 1
         try:
             row = trajectory_to_row(t, tokenizer, reward)
-        except ValueError as e:  # name where the trajectory came from (to-buffer sets _where: file, line)
+        except ValueError as e:  # name where the trajectory came from (to-buffer sets _where: file, record)
             raise ValueError(f"{t.get('_where') or 'trajectory ' + repr(t['id'])}: {e}") from None
         category = t.get("category") or entry_category(t["id"])
         yield {**row, "row_id": f"{t['id']}:{n}", "group_id": group, "source": f"bfcl:{category}"}

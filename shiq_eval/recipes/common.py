@@ -275,7 +275,7 @@ def check_arms(cfg: dict, known, single=()) -> None:
             )
 
 
-RUN_FILES = ("config.json", "stages.json")
+BARE_RUN = {"config.json", "stages.json", "run.log"}  # a run folder with no stage's output in it
 
 
 def check_run_folder(out: Path, prog: str) -> None:
@@ -295,7 +295,7 @@ def check_run_folder(out: Path, prog: str) -> None:
             f"{out} holds stages.json but no config.json: the configuration its finished stages were made with is "
             "gone, so this one cannot be checked against it; use another --out (or put config.json back)"
         )
-    others = sorted(p.name for p in out.iterdir())
+    others = sorted(p.name for p in out.iterdir() if p.name != "run.log")  # --jobs opens it before the run
     if others:
         shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
         raise ValueError(
@@ -304,12 +304,13 @@ def check_run_folder(out: Path, prog: str) -> None:
         )
 
 
-def read_json(path: Path):
-    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone) and saying what to do."""
+def read_json(path: Path, hint: str | None = None):
+    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone) and saying what to do
+    (``hint``, default: how to make a stage's output again)."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
-        raise ValueError(f"{path}: {_json_problem(e)}{_REDO}") from None
+        raise ValueError(f"{path}: {_json_problem(e)}{_REDO if hint is None else hint}") from None
 
 
 def read_jsonl(path: Path) -> list:
@@ -329,8 +330,8 @@ def read_jsonl(path: Path) -> list:
 
 
 _REDO = (
-    " (a finished stage's output, damaged or removed: delete that stage from the run's stages.json to make "
-    "it again, or use another --out)"
+    " (a stage's output, damaged or removed: delete it, and the stage that made it from the run's stages.json, "
+    "to make it again; or use another --out)"
 )
 
 
@@ -351,7 +352,8 @@ class Stages:
     arms, each arm its own stage), whose new values are saved. ``absent`` maps dotted keys added to the
     configuration after runs were made to the value that stands for the code before them: a saved
     configuration without such a key reads as holding that value (so an older run resumes with it given).
-    A run none of whose stages finished (one that failed in its first stage) takes the new configuration.
+    A run none of whose stages finished or left any file (one refused by its first stage) takes the new
+    configuration.
     ``DIR`` must be a run folder, new or empty (:func:`check_run_folder`)."""
 
     def __init__(
@@ -366,10 +368,10 @@ class Stages:
         saved = out / "config.json"
         check_run_folder(out, prog)
         self.state = self._read_state()
-        if saved.exists() and not self.state["done"]:  # no stage finished: nothing holds the old configuration
-            atomic_write_json(saved, cfg)
+        if saved.exists() and not self.state["done"] and set(p.name for p in out.iterdir()) <= BARE_RUN:
+            atomic_write_json(saved, cfg)  # no stage finished nor left anything: nothing holds the old configuration
         if saved.exists():
-            old = read_json(saved)
+            old = read_json(saved, " (the run's configuration: put it back whole, or use another --out)")
             if not isinstance(old, dict):
                 raise ValueError(f"{saved}: expected the run's configuration (a JSON object), got {type(old).__name__}")
             filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
@@ -393,7 +395,8 @@ class Stages:
             atomic_write_json(saved, cfg)
 
     def _read_state(self) -> dict:
-        state = read_json(self.path) if self.path.exists() else {"done": {}}
+        hint = " (delete it and every stage runs again, resuming what it can; or use another --out)"
+        state = read_json(self.path, hint) if self.path.exists() else {"done": {}}
         done = state.get("done") if isinstance(state, dict) else None
         if not isinstance(done, dict) or not all(isinstance(v, (int, float)) for v in done.values()):
             raise ValueError(
