@@ -716,6 +716,15 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (run / "run.log").write_text("a side-by-side job's log")  # --jobs opens it first
     Stages(run, fixed)
     assert json.loads((run / "config.json").read_text())["seed"] == 5
+    # the other recipe's run: said so, not as forty differing keys
+    from shiq_eval.recipes import bfcl
+
+    other = tmp_path / "bfcl_run"
+    Stages(other, bfcl.load_config(quick=True), prog="shiq-bfcl").finish("data", 1.0)
+    with pytest.raises(
+        ValueError, match=r"other sections \(model, reward_model in one .*another recipe than shiq-demo"
+    ):
+        Stages(other, cfg)
     # --jobs opens run.log in a new seed folder before the run: still a new run folder
     (tmp_path / "seed3").mkdir()
     (tmp_path / "seed3" / "run.log").write_text("")

@@ -374,6 +374,11 @@ class Stages:
             old = read_json(saved, " (the run's configuration: put it back whole, or use another --out)")
             if not isinstance(old, dict):
                 raise ValueError(f"{saved}: expected the run's configuration (a JSON object), got {type(old).__name__}")
+            if set(old) != set(cfg) and not set(old) ^ set(cfg) <= {k.split(".")[0] for k in absent or {}}:
+                raise ValueError(
+                    f"{out} holds a run with other sections ({', '.join(sorted(set(old) ^ set(cfg)))} in one of the two "
+                    f"configurations only): a run of another recipe than {prog}, or of another version; use another --out"
+                )
             filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
             diff = sorted(diff_keys(old, cfg))
             if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
