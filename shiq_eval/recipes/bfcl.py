@@ -843,7 +843,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides use dotted keys of configs/bfcl.yaml, e.g.: shiq-bfcl --out runs/bfcl train.steps=20 "
         "train.methods=[shiq,mt_dpo] methods.shiq.beta=0.1",
     )
-    ap.add_argument("--out", required=True, type=folder_path, help="output folder (created; reused to resume)")
+    ap.add_argument(
+        "--out",
+        required=True,
+        type=folder_path,
+        help="output folder: new, empty or an earlier run of this command (resumed)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (CI)")
     ap.add_argument("--config", default=None, help="config file (default: bfcl.yaml of the shipped configs)")
     ap.add_argument(

@@ -1465,7 +1465,12 @@ def main(argv: list[str] | None = None) -> int:
         epilog="Overrides use dotted keys of configs/demo.yaml, e.g.: shiq-demo --out runs/demo train.steps=80 "
         "train.methods=[shiq,dpo] data.train_prompts=200",
     )
-    ap.add_argument("--out", required=True, type=folder_path, help="output folder (created; reused to resume)")
+    ap.add_argument(
+        "--out",
+        required=True,
+        type=folder_path,
+        help="output folder: new, empty or an earlier run of this command (resumed)",
+    )
     ap.add_argument("--quick", action="store_true", help="tiny sizes from the config's 'quick' block (minutes; CI)")
     ap.add_argument(
         "--full",
