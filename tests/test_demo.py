@@ -121,6 +121,26 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     assert pairs == [("shiq@0.1", "dpo@0.1"), ("shiq-single@0.1", "shiq@0.1"), ("shiq-single@0.1", "dpo@0.1")]
     assert "| shiq-single@0.1 | dpo@0.1 | 0.1 | 3 |" in (tmp_path / "full_report.md").read_text()
     assert out["matched_kl"] == demo.matched_kl_comparisons(tmp_path, list(per), {a: rows[a]["kl"] for a in arms})
+    demo.check_study_folder(tmp_path, demo.FULL_FILES)  # what it wrote is what a rerun may replace
+
+
+def test_full_refuses_an_out_of_other_files_before_anything_is_made(tmp_path, capsys):
+    """--full ran its seeds in DIR/seed<N> and wrote its report and figures (frontier.png, ...) among the files
+    of any DIR, replacing those of the same name; a folder holding one run would mix it with the seeds'."""
+    out = tmp_path / "home"
+    out.mkdir()
+    (out / "frontier.png").write_bytes(b"mine")
+    (out / "notes.txt").write_text("mine")
+    assert demo.main(["--full", "--out", str(out)]) == 2
+    assert "holds files (notes.txt) that a study of seeds does not write" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["frontier.png", "notes.txt"]
+    assert (out / "frontier.png").read_bytes() == b"mine"
+    (out / "notes.txt").unlink()
+    (out / "config.json").write_text("{}")
+    assert demo.main(["--full", "--out", str(out)]) == 2
+    assert "holds one run (config.json, stages.json), not a study of seeds" in capsys.readouterr().err
+    assert demo.main(["--full", "--out", str(out / "frontier.png")]) == 2
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_seeds(tmp_path):

@@ -503,6 +503,7 @@ def test_seeds_report_against_numpy(tmp_path):
     one = rows["shiq_tk@0.3"]  # one seed: its cells show no spread rather than a spread of 0
     assert f"| shiq_tk@0.3 | 0.3 | 1 | {one['turn_accuracy']:.3f} ± – [{one['turn_accuracy_se']:.3f}] |" in md
     assert [ln.split(" |")[0] for ln in md.splitlines() if "± –" in ln] == ["| shiq_tk@0.3"]
+    bfcl.check_study_folder(tmp_path, bfcl.SEEDS_FILES)  # what it wrote is what a rerun may replace
 
 
 def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatch):
@@ -541,3 +542,8 @@ def test_values_a_stage_would_refuse_are_refused_before_the_run_folder_is_made(t
     assert bfcl.main(["--quick", "--out", str(out)]) == 2
     assert "is not a shiq-bfcl run folder" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["buffer"]
+    # --seeds: the study's folder holds only seed<N> folders and its reports (seeds_report.md replaced)
+    before = [p.name for p in out.iterdir()]
+    assert bfcl.main(["--quick", "--out", str(out), "--seeds", "0,1"]) == 2
+    assert "holds files (buffer) that a study of seeds does not write" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == before

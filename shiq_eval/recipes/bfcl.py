@@ -86,6 +86,7 @@ from shiq_eval.recipes.common import (
     check_flags,
     check_frozen_prefix,
     check_run_folder,
+    check_study_folder,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -721,6 +722,9 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     return row
 
 
+SEEDS_FILES = {"seeds_report.json", "seeds_report.md"} | {f"seeds_{name}" for name in FIGURES}  # seeds_report's
+
+
 def seeds_report(out: Path, names: list[str]) -> dict:
     """The runs ``out/<name>`` of several seeds (``--seeds``) together: per arm (and the reference) every
     :data:`METRICS` value and its difference to the reference as the mean over the seeds that ran it, the
@@ -889,6 +893,7 @@ def _main(args) -> int:
         raise ValueError("--jobs runs the runs of --seeds side by side; without --seeds there is one run")
     if args.seeds:
         names = [f"seed{n}" for n in args.seeds]
+        check_study_folder(Path(args.out), SEEDS_FILES)  # before anything is made there
         jobs = [
             (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name)))
             for n, name in zip(args.seeds, names)

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -301,6 +302,37 @@ def check_run_folder(out: Path, prog: str) -> None:
         raise ValueError(
             f"--out {out} holds files ({shown}) but is not a {prog} run folder (no config.json): give a new or "
             "empty folder"
+        )
+
+
+def check_study_folder(out: Path, owns: set[str]) -> None:
+    """Refuse an ``out`` for a study of several seeds (``--seeds``, ``--full``: a run per seed in ``out/seed<N>``,
+    reports and figures beside them) that holds anything but such seed folders and the files ``owns`` names
+    (those the study writes, replaced when it is run again, and a write of one cut short): a file, a folder of
+    other files (the study would write among them and replace a file of the same name), one run of the recipe
+    (its stages and the seeds' runs would be mixed), or the inside of a buffer. Each seed's folder is then
+    checked as a run (:func:`check_run_folder`)."""
+    from shiq_data.buffer import refuse_inside_buffer
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file: give a folder for the study")
+    refuse_inside_buffer(out, "--out", itself=True)
+    if not out.is_dir():
+        return
+    if (out / "config.json").exists() or (out / "stages.json").exists():
+        raise ValueError(f"--out {out} holds one run (config.json, stages.json), not a study of seeds: use another --out")
+
+    def ours(p: Path) -> bool:
+        if p.is_dir():
+            return re.fullmatch(r"seed\d+", p.name) is not None
+        return p.name in owns or any(p.name.startswith(f".{name}.") and p.name.endswith(".tmp") for name in owns)
+
+    others = sorted(p.name for p in out.iterdir() if not ours(p))
+    if others:
+        shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
+        raise ValueError(
+            f"--out {out} holds files ({shown}) that a study of seeds does not write (seed<N> folders and its "
+            "reports): give a new or empty folder, or an earlier study's"
         )
 
 

@@ -95,6 +95,7 @@ from shiq_eval.recipes.common import (
     check_flags,
     check_frozen_prefix,
     check_run_folder,
+    check_study_folder,
     drop_checkpoints,
     load_yaml_config,
     logger,
@@ -1224,6 +1225,11 @@ def seed_mean_curves(reps: dict[str, dict], arms: list[str]) -> list[dict]:
     return rows
 
 
+# what full_report writes beside the seeds' folders
+FULL_FILES = {"full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"}
+FULL_FILES |= {"reward_vs_kl.png", "reward_vs_step.png", "j_vs_step.png"}
+
+
 def full_report(out: Path, names: list[str]) -> dict:
     """The study across the seeds' runs ``out/<name>`` (``--full``): for every arm ``method@β`` its final
     checkpoint's reward, gold score, KL, ``J``, ``J − J_ref`` (paired by prompt within a seed), the ``J*``
@@ -1499,6 +1505,7 @@ def _main(args) -> int:
     out = Path(args.out)
     if args.full:
         runs = full_runs(cfg)
+        check_study_folder(out, FULL_FILES)  # before anything is made there
         jobs = [(name, out / name, (c, str(out / name))) for name, c in runs]
         run_each("shiq_eval.recipes.demo:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO"))
         full = full_report(out, [name for name, _ in runs])
