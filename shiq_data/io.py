@@ -251,7 +251,7 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
 
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
-    place, so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
+    place (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
     process built it first) unless ``replace`` is true, when it is removed just before the rename."""
     folder = Path(folder)
     if folder.is_dir() and not replace:
@@ -260,6 +260,7 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         fill(tmp)
+        os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)
         if replace and folder.exists():
             shutil.rmtree(folder)
         try:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 from shiq_data.buffer import read_manifest
@@ -55,6 +56,12 @@ def checkpoint_info(step_dir: Path) -> dict:
         raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
     if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
         raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
+    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(step_dir)).name)
+    if named and int(named[1]) != info["step"]:
+        raise EvalInputError(f"{meta_path}: field 'step' is {info['step']} in the folder of step {int(named[1])}")
+    init = meta.get("config", {}).get("init", "none")
+    if not (init is None or isinstance(init, str)):
+        raise EvalInputError(f"{meta_path}: field meta.config.init must be a string or null, got {init!r}")
     if not _beta_ok(meta["loss"].get("beta")):
         raise EvalInputError(
             f"{meta_path}: field meta.loss.beta: must be a number > 0 or null, got {meta['loss']['beta']!r}"
@@ -66,7 +73,7 @@ def checkpoint_info(step_dir: Path) -> dict:
         "beta": meta["loss"].get("beta"),
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
-        "init": meta.get("config", {}).get("init", "none"),
+        "init": init,
         "tokenizer": run_tokenizer(meta),
         "files": sorted(step_dir.glob("rank_tp*_pp*_dp0.pt")),
     }

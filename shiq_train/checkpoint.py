@@ -286,6 +286,11 @@ def read_meta(step_dir) -> dict:
             f"{path}: expected an object with an integer 'step', a 'layout' of integers tp, pp, dp and a "
             "'meta' object; the checkpoint is damaged"
         )
+    named = re.fullmatch(r"step_(\d+)", Path(step_dir).resolve().name)
+    if named and int(named[1]) != info["step"]:
+        raise ValueError(
+            f"{path}: field 'step' is {info['step']} in the folder of step {int(named[1])}: the checkpoint is damaged"
+        )
     return info
 
 

@@ -53,6 +53,12 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
                     continue  # the last stage's copy of the tied embedding
                 full = recorded[name]["name"] if name in recorded else W.full_name(name, pp_rank, per_stage, tied)
                 parts.setdefault(full, {})[tp_rank] = value
+    beyond = sorted({int(n.split(".")[2]) for n in parts if n.startswith("decoder.layers.")} - set(range(num_layers)))
+    if beyond:  # else a config with fewer layers (a meta.json edited) loads a truncated model without a word
+        raise ValueError(
+            f"{step_dir}: its rank files hold layers {beyond[:3]}{'...' if len(beyond) > 3 else ''} beyond the "
+            f"{num_layers} of meta.hf_config in its meta.json: the checkpoint is damaged or its meta.json was edited"
+        )
     full = {}
     for name, shards in parts.items():
         dim, glu = W.tp_split(name)
@@ -162,9 +168,9 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
 
     step_dir, out = Path(step_dir), Path(out)
     run = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent
-    _check_out(out, run, overwrite)
     info = read_meta(step_dir)
-    meta = info["meta"]
+    meta = info.get("meta", {})
+    _check_out(out, run, overwrite, (meta.get("config") or {}).get("init"))
     if not isinstance(meta.get("hf_config"), dict):
         raise ValueError(
             f"{step_dir / 'meta.json'}: field meta.hf_config is missing (was the run written by shiq-train?)"
@@ -198,19 +204,31 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     return atomic_dir(out, fill, replace=True)
 
 
-def _check_out(out: Path, run: Path, overwrite: bool) -> None:
-    """Refuse an ``out`` that exists (unless ``overwrite``), and with ``overwrite`` any ``out`` but an earlier
-    export (``RUN/hf`` may be one): never the run folder or one holding it, nor a step folder, a file or any
-    other folder, which replacing would delete."""
+def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:
+    """Refuse an ``out`` inside a buffer or inside the run's ``checkpoints`` (its step folders), one that exists
+    (unless ``overwrite``), and with ``overwrite`` any ``out`` but an earlier export (``RUN/hf`` may be one):
+    never the run folder or one holding it, nor the run's initial model ``init`` (an earlier export the run
+    trained from, which evaluation then reads as its reference), a file or any other folder, which replacing
+    would delete."""
+    from shiq_data.buffer import refuse_inside_buffer
+
+    refuse_inside_buffer(out, "--hf", itself=True)
+    o, r = out.resolve(), run.resolve()
+    if o.is_relative_to(r / "checkpoints"):
+        raise ValueError(f"--hf {out} is inside the run's checkpoints {run / 'checkpoints'}: give another folder")
     if not out.exists():
         return
     if not overwrite:
         raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
-    o, r = out.resolve(), run.resolve()
     if r.is_relative_to(o):  # (a folder inside the run is replaced only if it is an earlier export, below)
         where = "is" if o == r else "holds"
         raise ValueError(
             f"--hf {out} {where} the run folder {run}: --overwrite would delete the run; give another folder"
+        )
+    if isinstance(init, str) and Path(init).exists() and Path(init).resolve() == o:
+        raise ValueError(
+            f"--hf {out} is the model the run started from (its init): replacing it would change the run's "
+            "reference; give another folder"
         )
     if not (out / EXPORT_RECORD).is_file():
         raise ValueError(

@@ -7,6 +7,7 @@ must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from
 
 import hashlib
 import json
+import re
 import warnings
 
 import pytest
@@ -16,6 +17,7 @@ import yaml
 from test_eval_cli import VOCAB, tiny_hf_folder  # (a tiny Llama folder with a word-level tokenizer)
 
 from shiq_data.assets import config_dir
+from shiq_data.buffer import FORMAT
 from shiq_data.tokenizers import load_tokenizer
 from shiq_train import export, parallel
 from shiq_train import model as M
@@ -72,11 +74,16 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     assert err.startswith("shiq-train export: error: --tokenizer ") and "fingerprint" in err
     assert not (tmp_path / "x").exists()
     # --overwrite replaces an earlier export only: never the run, a folder holding it or one inside it
+    buffer = tmp_path / "buffer"
+    buffer.mkdir()
+    (buffer / "manifest.json").write_text(json.dumps({"format": FORMAT}))
     for out, needle in [
         (run, "is the run folder"),
         (tmp_path, "holds the run folder"),
-        (run / "checkpoints" / "step_00000002", "is not an earlier export"),
+        (run / "checkpoints" / "step_00000002", "is inside the run's checkpoints"),
         (other, "is not an earlier export"),
+        (run / "checkpoints" / "step_00000002" / "hf", "is inside the run's checkpoints"),
+        (buffer / "hf", "is inside the buffer"),
     ]:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
         assert export.main([str(run), "--hf", str(out), "--overwrite"]) == 2
@@ -87,20 +94,47 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     assert export.main([str(run), "--hf", str(run / "hf")]) == 0
     assert export.main([str(run), "--step", "1", "--hf", str(run / "hf"), "--overwrite"]) == 0
     assert json.loads((run / "hf" / "shiq_export.json").read_text())["step"] == 1
+    assert (run / "hf").stat().st_mode & 0o777 == 0o755  # shared like every result, not the temporary folder's 0700
 
     # A hand-edited meta.json or export record: one line naming the file and field, nothing written
-    from shiq_eval.checkpoints import EvalInputError, hf_folder_info
+    from shiq_eval.checkpoints import EvalInputError, checkpoint_info, hf_folder_info
 
     step = run / "checkpoints" / "step_00000002"
     saved = json.loads((step / "meta.json").read_text())
     for edit, needle in [
         ({"num_hidden_layers": cfg.num_layers + 1}, "its weights do not fit meta.hf_config"),
         ({"hidden_size": "x"}, "meta.json: field meta.hf_config:"),
+        ({"num_hidden_layers": cfg.num_layers - 1}, f"beyond the {cfg.num_layers - 1} of meta.hf_config"),
     ]:
         bad = {**saved, "meta": {**saved["meta"], "hf_config": {**saved["meta"]["hf_config"], **edit}}}
         (step / "meta.json").write_text(json.dumps(bad))
         assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
+    for bad, needle in [
+        ({k: v for k, v in saved.items() if k != "meta"}, "field meta.hf_config is missing"),
+        ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
+    ]:
+        (step / "meta.json").write_text(json.dumps(bad))
+        assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2
+        assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
+    for bad, needle in [  # what shiq-eval reads of the same meta.json
+        ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
+        (
+            {**saved, "meta": {**saved["meta"], "config": {"init": 3}}},
+            "meta.config.init must be a string or null, got 3",
+        ),
+    ]:
+        (step / "meta.json").write_text(json.dumps(bad))
+        with pytest.raises(EvalInputError, match=re.escape(needle)):
+            checkpoint_info(step)
+    # a run that started from an earlier export: that folder is its reference, never replaced by its own export
+    (step / "meta.json").write_text(
+        json.dumps({**saved, "meta": {**saved["meta"], "config": {"init": str(run / "hf")}}})
+    )
+    before = (run / "hf" / "model.safetensors").read_bytes()
+    assert export.main([str(run), "--hf", str(run / "hf"), "--overwrite"]) == 2
+    assert "is the model the run started from" in capsys.readouterr().err
+    assert (run / "hf" / "model.safetensors").read_bytes() == before
     (step / "meta.json").write_text(json.dumps(saved))
     record_path = tmp_path / "hf" / "shiq_export.json"
     record = json.loads(record_path.read_text())

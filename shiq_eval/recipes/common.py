@@ -320,7 +320,9 @@ def check_study_folder(out: Path, owns: set[str]) -> None:
     if not out.is_dir():
         return
     if (out / "config.json").exists() or (out / "stages.json").exists():
-        raise ValueError(f"--out {out} holds one run (config.json, stages.json), not a study of seeds: use another --out")
+        raise ValueError(
+            f"--out {out} holds one run (config.json, stages.json), not a study of seeds: use another --out"
+        )
 
     def ours(p: Path) -> bool:
         if p.is_dir():
