@@ -314,11 +314,17 @@ def guide_info(path) -> dict:
         )
     try:
         info = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"{config}: not valid JSON ({e.msg})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EvalInputError(f"{config}: not valid JSON ({e})") from None
     if not isinstance(info, dict) or info.get("format") != "shiq-qsharp-value":
         raise EvalInputError(f"{config}: field 'format' must be 'shiq-qsharp-value'")
-    return {"steps": int(info.get("steps", 0)), "init": info.get("config", {}).get("init", "none")}
+    steps, run_config = info.get("steps", 0), info.get("config", {})
+    if not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 0):
+        raise EvalInputError(f"{config}: field 'steps' must be an integer >= 0, got {steps!r}")
+    init = run_config.get("init", "none") if isinstance(run_config, dict) else None
+    if not isinstance(run_config, dict) or not (init is None or isinstance(init, str)):
+        raise EvalInputError(f"{config}: field 'config' must be an object whose 'init' is a string or null")
+    return {"steps": steps, "init": init}
 
 
 def check_guide_args(args, temperature: float = 1.0) -> None:

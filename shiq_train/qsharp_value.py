@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import copy
 import json
+import math
+import pickle
 from pathlib import Path
 
 import torch
@@ -251,23 +253,92 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
 
 def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     """The saved value model as an :class:`HFValueModel` (``transformers.LlamaModel`` trunk with the
-    trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``."""
+    trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``.
+    A damaged or edited folder (a field of value_model.json, weights that do not fit its config, a file that
+    is not this format's) is a ``ValueError`` naming the file."""
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
     from transformers import LlamaConfig, LlamaModel  # heavy: only loading needs transformers
 
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} does not exist: expected a folder written by train_value_model")
-    config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    if config.get("format") != FORMAT:
-        raise ValueError(f"{path / CONFIG_FILE}: format is {config.get('format')!r}, expected {FORMAT!r}")
+    config = _read_config(path / CONFIG_FILE)
     check_sha256(path / WEIGHTS_FILE)
-    tensors = torch.load(path / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    hf_config = LlamaConfig.from_dict(config["hf_config"])
+    tensors = _read_tensors(path / WEIGHTS_FILE)
+    try:
+        hf_config = LlamaConfig.from_dict(config["hf_config"])
+        shape = LlamaShape.from_hf_config(hf_config)
+    except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
+        raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {' '.join(str(e).split())[:200]}") from None
     trunk = LlamaModel(hf_config)
-    mg = {k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")}
-    hf = megatron_to_llama(mg, LlamaShape.from_hf_config(hf_config))
-    trunk.load_state_dict({k[len("model.") :]: v for k, v in hf.items() if k.startswith("model.")})
-    head = torch.nn.Linear(hf_config.hidden_size, int(config["num_atoms"]))
-    head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
-    return HFValueModel(trunk.to(dtype), head, tensors["atoms"]).eval()
+    mg = _Reads({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
+    head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
+    try:
+        hf = megatron_to_llama(mg, shape)
+        unused = set(mg) - mg.read
+        if unused:  # a value_model.json with fewer layers than the weights: a truncated trunk otherwise
+            raise ValueError(f"weights its hf_config has no place for: {sorted(unused)[:3]}")
+        trunk.load_state_dict({k[len("model.") :]: v for k, v in hf.items() if k.startswith("model.")})
+        head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
+        atoms = tensors["atoms"]
+        if not torch.equal(atoms.double(), torch.tensor(config["atoms"], dtype=torch.float64)):
+            raise ValueError("its atoms differ from those of value_model.json")
+    except (KeyError, RuntimeError, ValueError) as e:
+        raise ValueError(
+            f"{path / WEIGHTS_FILE}: does not fit {path / CONFIG_FILE} ({' '.join(str(e).split())[:200]}): the folder is "
+            "damaged or its value_model.json was edited"
+        ) from None
+    return HFValueModel(trunk.to(dtype), head, atoms.float()).eval()
+
+
+def _read_config(path: Path) -> dict:
+    """A value_model.json, its fields checked: ``format``, ``hf_config`` an object, ``num_atoms`` an integer
+    >= 2 and ``atoms`` that many strictly increasing finite numbers."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); the folder is damaged") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        got = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{path}: format is {got!r}, expected {FORMAT!r}")
+    n, atoms = config.get("num_atoms"), config.get("atoms")
+    problems = [
+        ("hf_config", "an object", isinstance(config.get("hf_config"), dict)),
+        ("num_atoms", "an integer >= 2", isinstance(n, int) and not isinstance(n, bool) and n >= 2),
+        (
+            "atoms",
+            "num_atoms increasing finite numbers",
+            isinstance(atoms, list)
+            and len(atoms) == n
+            and all(isinstance(a, (int, float)) and not isinstance(a, bool) and math.isfinite(a) for a in atoms)
+            and all(b > a for a, b in zip(atoms, atoms[1:])),
+        ),
+    ]
+    for field, kind, ok in problems:
+        if not ok:
+            raise ValueError(f"{path}: field {field!r} must be {kind}, got {config.get(field)!r}")
+    return config
+
+
+def _read_tensors(path: Path) -> dict:
+    """value_model.pt read with ``weights_only=True``: a dict of tensors, or a ``ValueError`` naming it."""
+    try:
+        tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
+        raise ValueError(f"{path}: not a readable value model ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise ValueError(f"{path}: not a value model written by shiq-train (expected a dict of tensors)")
+    return tensors
+
+
+class _Reads(dict):
+    """A dict that remembers which keys were read (what a conversion left unused)."""
+
+    def __init__(self, items: dict):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)

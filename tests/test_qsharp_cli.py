@@ -11,6 +11,8 @@ import csv
 import json
 import math
 import os
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -230,3 +232,43 @@ def test_guide_argument_errors(trained, capsys):
         assert eval_main(base + extra) == 2, extra
         assert message in capsys.readouterr().err, extra
     assert not (tmp / "o").exists()
+
+
+def test_a_damaged_value_model_is_named_in_one_line(trained, tmp_path, capsys):
+    """value_model.json or value_model.pt edited or damaged (wrong kinds, fewer layers than the weights, other
+    atoms, a file of another kind): a ValueError naming the file, not a traceback or a truncated trunk; the
+    same from shiq-eval run --guide for what it reads before loading the reference."""
+    from shiq_train.checkpoint import save_hashed
+    from shiq_train.qsharp_value import load_value_model
+
+    _, _, value_dir = trained
+    saved = json.loads((value_dir / "value_model.json").read_text())
+    tensors = torch.load(value_dir / "value_model.pt", weights_only=True)
+    hf = saved["hf_config"]
+    json_cases = [
+        ([], "format is 'list'"),
+        ({**saved, "num_atoms": "x"}, "field 'num_atoms' must be an integer >= 2"),
+        ({**saved, "atoms": saved["atoms"][:-1]}, "field 'atoms' must be num_atoms increasing finite numbers"),
+        ({**saved, "atoms": saved["atoms"][::-1]}, "field 'atoms'"),
+        ({**saved, "hf_config": 3}, "field 'hf_config' must be an object"),
+        ({**saved, "hf_config": {**hf, "hidden_size": "x"}}, "value_model.json: field 'hf_config':"),
+        ({**saved, "hf_config": {**hf, "num_hidden_layers": hf["num_hidden_layers"] - 1}}, "has no place for"),
+        ({**saved, "atoms": [a + 1 for a in saved["atoms"]]}, "its atoms differ from those of value_model.json"),
+    ]
+    pt_cases = [
+        ([1, 2], "expected a dict of tensors"),
+        ({k: v for k, v in tensors.items() if k != "head.weight"}, "does not fit"),
+        ({**tensors, "head.bias": torch.zeros(3)}, "does not fit"),
+    ]
+    for i, (config, needle) in enumerate(json_cases + [(saved, n) for _, n in pt_cases]):
+        folder = tmp_path / f"v{i}"
+        shutil.copytree(value_dir, folder)
+        (folder / "value_model.json").write_text(json.dumps(config))
+        if i >= len(json_cases):
+            save_hashed(pt_cases[i - len(json_cases)][0], folder / "value_model.pt")
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            load_value_model(folder)
+    (tmp_path / "v0" / "value_model.json").write_text(json.dumps({**saved, "steps": "x"}))
+    base = ["run", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl"), "--reward-model", "rm"]
+    assert eval_main(base + ["--guide", str(tmp_path / "v0"), "--beta", "0.5"]) == 2
+    assert "field 'steps' must be an integer >= 0, got 'x'" in capsys.readouterr().err

@@ -15,6 +15,8 @@ import argparse
 import statistics
 import time
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -22,13 +24,10 @@ def parse_args(argv=None):
         epilog="Prints, per parameter set and way, the median milliseconds per step, the speed-up over the loop, "
         "and the largest parameter difference from the loop after the same steps.",
     )
-    p.add_argument("--steps", type=int, default=20, help="timed steps per way and round (default 20)")
-    p.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = p.parse_args(argv)
-    if min(args.steps, args.rounds, args.threads) < 1:
-        p.error("--steps, --rounds and --threads must be >= 1")
-    return args
+    p.add_argument("--steps", type=_args.count, default=20, help="timed steps per way and round (default 20)")
+    p.add_argument("--rounds", type=_args.count, default=3, help="rounds (default 3)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
+    return p.parse_args(argv)
 
 
 def shapes(hidden: int, ffn: int, heads_kv: int, head_dim: int, layers: int, vocab: int = 0) -> list[tuple]:

@@ -25,6 +25,7 @@ import sys
 import time
 import warnings
 
+import _args
 from bench_vs_trl import build_hf
 
 CONTESTANTS = ("megatron attention", "sdpa attention", "transformers")
@@ -32,12 +33,12 @@ CONTESTANTS = ("megatron attention", "sdpa attention", "transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="16x64,4x512", help="rows x tokens, comma-separated (default 16x64,4x512)")
-    p.add_argument("--rounds", type=int, default=3, help="timed rounds over the contestants (default 3)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument("--shapes", type=_args.shapes, default="16x64,4x512", help="rows x tokens, comma-separated (default 16x64,4x512)")
+    p.add_argument("--rounds", type=_args.count, default=3, help="timed rounds over the contestants (default 3)")
+    p.add_argument("--threads", type=_args.threads, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2", help="tiny: a random 2-layer Llama")
     p.add_argument("--profile", action="store_true", help="profile the first round; print the top operators")
-    p.add_argument("--top", type=int, default=12, help="operators printed per profile (default 12)")
+    p.add_argument("--top", type=_args.count, default=12, help="operators printed per profile (default 12)")
     return p.parse_args(argv)
 
 
@@ -112,13 +113,12 @@ def main(argv=None) -> int:
 
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
-    shapes = [tuple(int(x) for x in s.lower().split("x")) for s in args.shapes.split(",")]
     parallel.init_distributed(seed=0)
     try:
         models = build(args.model)
         vocab = models["transformers"][0].config.vocab_size
         print(f"model {args.model}, float32, {args.threads} thread(s), {args.rounds} round(s), one process")
-        for B, T in shapes:
+        for B, T in args.shapes:
             res = run_shape(models, B, T, args, vocab)
             print(f"\n{B} rows x {T} tokens: forward + backward")
             print("| contestant | seconds per step | speed / megatron attention | loss |")

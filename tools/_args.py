@@ -1,0 +1,119 @@
+"""Checks of the tools' option values, as ``type=`` functions of their parsers.
+
+A function refuses a value with ValueError; the parser then prints one line naming the option, the value and
+what the function accepts (its name), and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+SIZE_MAX = 10**9  # beyond every size the tools can run; larger values overflow torch's and numpy's integers
+THREADS_MAX = 256
+
+
+def _named(name: str):
+    """Sets the function's ``__name__``: what the parser's refusal says is accepted."""
+
+    def name_it(fn):
+        fn.__name__ = name
+        return fn
+
+    return name_it
+
+
+def integer(low: int, high: int = SIZE_MAX):
+    """Integers in ``low..high``."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if not low <= value <= high:
+            raise ValueError(text)
+        return value
+
+    return _named(f"integer in {low}..{high}")(parse)
+
+
+count = integer(1)
+count_or_zero = integer(0)
+threads = integer(1, THREADS_MAX)
+
+
+@_named(f"layer count (-1: all, else 1..{SIZE_MAX})")
+def layers_or_all(text: str) -> int:
+    """-1 (every layer) or a layer count."""
+    value = int(text)
+    if value != -1 and not 1 <= value <= SIZE_MAX:
+        raise ValueError(text)
+    return value
+
+
+
+@_named("fraction in (0, 1]")
+def fraction(text: str) -> float:
+    """A number in (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise ValueError(text)
+    return value
+
+
+
+@_named("finite number > 0")
+def positive_number(text: str) -> float:
+    """A finite number > 0."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value
+
+
+
+@_named("list of ROWSxTOKENS (comma-separated, rows >= 1, tokens >= 2)")
+def shapes(text: str) -> list[tuple[int, int]]:
+    """``ROWSxTOKENS`` pairs, comma-separated: rows >= 1, tokens >= 2 (a next token to predict)."""
+    out = []
+    for item in text.split(","):
+        rows, _, tokens = item.strip().lower().partition("x")
+        shape = (int(rows), int(tokens))
+        if not (1 <= shape[0] <= SIZE_MAX and 2 <= shape[1] <= SIZE_MAX):
+            raise ValueError(text)
+        out.append(shape)
+    return out
+
+
+
+@_named("replay buffer folder (one with a manifest.json)")
+def buffer_folder(text: str) -> Path:
+    """A replay buffer's folder (one holding a manifest.json)."""
+    if not (text.strip() and (Path(text) / "manifest.json").is_file()):
+        raise ValueError(text)
+    return Path(text)
+
+
+
+@_named("checkout folder (one with shiq_data/__init__.py)")
+def checkout(text: str) -> str:
+    """A folder holding the package shiq_data."""
+    if not (text.strip() and (Path(text) / "shiq_data" / "__init__.py").is_file()):
+        raise ValueError(text)
+    return text
+
+
+
+@_named("output file (a path in an existing folder, not a folder)")
+def output_file(text: str) -> str:
+    """A file to write: not a folder, in a folder that exists."""
+    if not text.strip() or os.path.isdir(text) or not os.path.isdir(os.path.dirname(os.path.abspath(text))):
+        raise ValueError(text)
+    return text
+
+
+
+def movie_prompt_count() -> int:
+    """How many held-out movie prompts there are (``shiq_eval.moviereviews.movie_prompts``)."""
+    from shiq_eval.moviereviews import movie_prompts
+
+    return len(movie_prompts(SIZE_MAX)[0])
