@@ -46,6 +46,31 @@ def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
     return h.hexdigest()
 
 
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files of a Hugging Face model folder (safetensors, else PyTorch ``.bin``), in name order."""
+    return sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
+
+
+def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:
+    """The ``sha256`` field of the record ``shiq-train export`` writes beside a model's weights
+    (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files`, each digest 64
+    hex digits (returned in lower case, as :func:`sha256_files` gives them); None for a record written before
+    checksums were kept; ``ValueError`` naming the file and field otherwise."""
+    if recorded is None:
+        return None
+    names = [f.name for f in weight_files(Path(record_path).parent)]
+    if not isinstance(recorded, dict) or sorted(recorded) != names:
+        got = sorted(recorded) if isinstance(recorded, dict) else recorded
+        raise ValueError(
+            f"{record_path}: field 'sha256': must give the SHA-256 of exactly the folder's weight files {names}, got {got!r}"
+        )
+    if not all(
+        isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdefABCDEF" for c in d) for d in recorded.values()
+    ):
+        raise ValueError(f"{record_path}: field 'sha256': each value must be a SHA-256 in hex (64 digits)")
+    return {name: d.lower() for name, d in recorded.items()}
+
+
 def fsync_dir(path: str | os.PathLike) -> None:
     """Flush a folder's entries (a rename inside it) to disk."""
     fd = os.open(path, os.O_RDONLY)

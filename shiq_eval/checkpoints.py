@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from shiq_data.buffer import read_manifest
-from shiq_data.io import sha256_files
+from shiq_data.io import recorded_sha256, sha256_files, weight_files
 
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
@@ -79,11 +79,6 @@ def checkpoint_info(step_dir: Path) -> dict:
     }
 
 
-def weight_files(folder: Path) -> list[Path]:
-    """The weight files of a Hugging Face model folder (safetensors, else PyTorch ``.bin``), in name order."""
-    return sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-
-
 def hf_folder_info(folder: Path) -> dict:
     """The :func:`checkpoint_info` of a Hugging Face model folder: loss, beta, step, init and tokenizer from
     the record ``shiq-train export`` writes (method ``hf``, step 0 and no beta for any other folder)."""
@@ -108,7 +103,7 @@ def hf_folder_info(folder: Path) -> dict:
     return {
         "kind": "hf",
         "export": bool(record),
-        "sha256": _recorded_sha256(record_path, record.get("sha256"), files) if record else None,
+        "sha256": _sums(record_path, record.get("sha256")) if record else None,
         "path": folder,
         "method": loss.get("name", "hf"),
         "beta": loss.get("beta"),
@@ -120,20 +115,11 @@ def hf_folder_info(folder: Path) -> dict:
     }
 
 
-def _recorded_sha256(path: Path, recorded, files: list[Path]) -> dict | None:
-    """An export record's ``sha256`` field: ``{name: digest}`` for exactly the folder's weight files (None
-    for a record written before checksums were kept); ``EvalInputError`` naming the field otherwise."""
-    if recorded is None:
-        return None
-    names = sorted(f.name for f in files)
-    if not isinstance(recorded, dict) or sorted(recorded) != names:
-        raise EvalInputError(
-            f"{path}: field 'sha256': must give the SHA-256 of exactly the folder's weight files {names}, got "
-            f"{sorted(recorded) if isinstance(recorded, dict) else recorded!r}"
-        )
-    if not all(isinstance(d, str) and len(d) == 64 for d in recorded.values()):
-        raise EvalInputError(f"{path}: field 'sha256': each value must be a SHA-256 in hex")
-    return recorded
+def _sums(record_path: Path, recorded) -> dict | None:
+    try:
+        return recorded_sha256(record_path, recorded)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
 
 
 def _check_record(path: Path, record: dict) -> None:

@@ -44,7 +44,7 @@ from pathlib import Path
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_json, files_together
+from shiq_data.io import atomic_write_json, files_together, weight_files
 from shiq_data.tokenizers import PIPELINE_FIELD, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
@@ -53,7 +53,6 @@ from shiq_eval.checkpoints import (
     hf_policy,
     model_sha256,
     policy_infos,
-    weight_files,
 )
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.optimum import clustered_mean_stderr, per_prompt

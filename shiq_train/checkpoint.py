@@ -339,7 +339,7 @@ def check_sha256(path: Path) -> None:
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        recorded = sums.read_text(encoding="utf-8").split()[0]
+        recorded = sums.read_text(encoding="utf-8").split()[0].lower()  # sha256sum -c reads either case
     except (FileNotFoundError, IndexError, UnicodeDecodeError):
         raise ValueError(
             f"{sums} is missing or empty: {path.name} has no checksum to be checked against (a partial copy of "

@@ -147,6 +147,9 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         record_path.write_text(json.dumps({**record, "sha256": value}))
         with pytest.raises(EvalInputError, match="shiq_export.json: field 'sha256'"):
             hf_folder_info(tmp_path / "hf")
+    upper = {k: d.upper() for k, d in record["sha256"].items()}  # hex digits in either case
+    record_path.write_text(json.dumps({**record, "sha256": upper}))
+    assert hf_folder_info(tmp_path / "hf")["sha256"] == record["sha256"]
     record_path.write_text(json.dumps(record))
 
     # the record holds each weight file's SHA-256; shiq-eval checks it before loading the weights

@@ -609,6 +609,11 @@ def test_a_rank_file_is_checked_against_its_sha256_before_it_is_read(dist1, tmp_
     assert sums.read_text() == f"{hashlib.sha256(data).hexdigest()}  rank_tp0_pp0_dp0.pt\n"
     assert subprocess.run(["sha256sum", "-c", sums.name], cwd=d, capture_output=True).returncode == 0
     assert load_checkpoint(tmp_path, model)[0] == 3
+    saved = sums.read_text()
+    sums.write_text(saved.upper().replace(rank.name.upper(), rank.name))  # upper-case hex, as sha256sum -c reads too
+    assert subprocess.run(["sha256sum", "-c", sums.name], cwd=d, capture_output=True).returncode == 0
+    assert load_checkpoint(tmp_path, model)[0] == 3
+    sums.write_text(saved)
     at = data.index(b"data/0") + 200  # inside the first tensor's bytes: a changed weight, still a valid file
     rank.write_bytes(data[:at] + bytes([data[at] ^ 1]) + data[at + 1 :])
     torch.load(rank, weights_only=True)  # what the checksum catches: torch reads it without a word

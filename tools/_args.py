@@ -12,6 +12,7 @@ from pathlib import Path
 
 SIZE_MAX = 10**9  # beyond every size the tools can run; larger values overflow torch's and numpy's integers
 THREADS_MAX = 256
+PROCESSES_MAX = 64  # processes a tool starts at once on one machine
 
 
 def _named(name: str):
@@ -39,6 +40,7 @@ def integer(low: int, high: int = SIZE_MAX):
 count = integer(1)
 count_or_zero = integer(0)
 threads = integer(1, THREADS_MAX)
+processes = integer(1, PROCESSES_MAX)
 
 
 @_named(f"layer count (-1: all, else 1..{SIZE_MAX})")
@@ -50,7 +52,6 @@ def layers_or_all(text: str) -> int:
     return value
 
 
-
 @_named("fraction in (0, 1]")
 def fraction(text: str) -> float:
     """A number in (0, 1]."""
@@ -60,7 +61,6 @@ def fraction(text: str) -> float:
     return value
 
 
-
 @_named("finite number > 0")
 def positive_number(text: str) -> float:
     """A finite number > 0."""
@@ -68,7 +68,6 @@ def positive_number(text: str) -> float:
     if not (math.isfinite(value) and value > 0):
         raise ValueError(text)
     return value
-
 
 
 @_named("list of ROWSxTOKENS (comma-separated, rows >= 1, tokens >= 2)")
@@ -84,14 +83,12 @@ def shapes(text: str) -> list[tuple[int, int]]:
     return out
 
 
-
 @_named("replay buffer folder (one with a manifest.json)")
 def buffer_folder(text: str) -> Path:
     """A replay buffer's folder (one holding a manifest.json)."""
     if not (text.strip() and (Path(text) / "manifest.json").is_file()):
         raise ValueError(text)
     return Path(text)
-
 
 
 @_named("checkout folder (one with shiq_data/__init__.py)")
@@ -102,14 +99,12 @@ def checkout(text: str) -> str:
     return text
 
 
-
 @_named("output file (a path in an existing folder, not a folder)")
 def output_file(text: str) -> str:
     """A file to write: not a folder, in a folder that exists."""
     if not text.strip() or os.path.isdir(text) or not os.path.isdir(os.path.dirname(os.path.abspath(text))):
         raise ValueError(text)
     return text
-
 
 
 def movie_prompt_count() -> int:

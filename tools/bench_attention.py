@@ -33,7 +33,12 @@ CONTESTANTS = ("megatron attention", "sdpa attention", "transformers")
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", type=_args.shapes, default="16x64,4x512", help="rows x tokens, comma-separated (default 16x64,4x512)")
+    p.add_argument(
+        "--shapes",
+        type=_args.shapes,
+        default="16x64,4x512",
+        help="rows x tokens, comma-separated (default 16x64,4x512)",
+    )
     p.add_argument("--rounds", type=_args.count, default=3, help="timed rounds over the contestants (default 3)")
     p.add_argument("--threads", type=_args.threads, default=1, help="torch CPU threads (default 1)")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2", help="tiny: a random 2-layer Llama")

@@ -25,6 +25,15 @@ import tempfile
 import time
 import warnings
 
+import _args
+
+
+def held_out_scenarios() -> int:
+    """How many held-out scenarios the recipe's default evaluation has."""
+    from shiq_eval.recipes import bfcl
+
+    return len(bfcl.scenario_entries(bfcl.load_config(overrides=["eval.scenarios=0"]), "test"))
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -32,26 +41,35 @@ def parse_args(argv=None):
         epilog="Prints, per batch size, median seconds per pass over the scenarios, the speed-up against batch "
         "size 1, and whether the answers are the same as batch size 1's.",
     )
-    p.add_argument("--scenarios", type=int, default=8, help="held-out scenarios (default 8)")
-    p.add_argument("--batch", type=int, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
+    p.add_argument("--scenarios", type=_args.count, default=8, help="held-out scenarios (default 8)")
+    p.add_argument("--batch", type=_args.count, nargs="+", default=[1, 4, 8], help="batch sizes (default 1 4 8)")
     p.add_argument(
-        "--new-tokens", type=int, default=64, help="new tokens per answer at most (default 64, the recipe's)"
+        "--new-tokens", type=_args.count, default=64, help="new tokens per answer at most (default 64, the recipe's)"
     )
-    p.add_argument("--rounds", type=int, default=1, help="timed passes per batch size (default 1)")
-    p.add_argument("--trained", type=int, default=4, help="the policy's trained last layers (default 4, the recipe's)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--rounds", type=_args.count, default=1, help="timed passes per batch size (default 1)")
+    p.add_argument(
+        "--trained",
+        type=_args.integer(1, 29),
+        default=4,
+        help="the policy's trained last layers (default 4, the recipe's)",
+    )
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     args = p.parse_args(argv)
-    if args.scenarios < 1 or args.rounds < 1 or min(args.batch) < 1 or not 1 <= args.trained <= 29:
-        p.error("--scenarios, --rounds and every --batch must be >= 1, --trained in 1..29")
+    if args.scenarios > (held_out := held_out_scenarios()):
+        p.error(f"--scenarios: the recipe has {held_out} held-out scenarios, got {args.scenarios}")
     if 1 not in args.batch:
         args.batch = [1, *args.batch]
     return args
 
 
 def main(argv=None) -> None:
-    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="bench_bfcl_") as root:
+        os.environ.setdefault("BFCL_PROJECT_ROOT", root)  # bfcl_eval makes its result folders there at import
+        run(parse_args(argv))
+
+
+def run(args) -> None:
     warnings.filterwarnings("ignore")
-    os.environ.setdefault("BFCL_PROJECT_ROOT", tempfile.mkdtemp(prefix="bench_bfcl_"))
     import torch
 
     from shiq_eval.bfcl import turns

@@ -40,6 +40,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _args
 import numpy as np
 
 # the checkout whose shiq_data the measured processes run (--code; their "-P" keeps the working folder off sys.path)
@@ -577,14 +578,18 @@ def main(argv=None) -> int:
         "%(default)s",
     )
     ap.add_argument(
-        "--tokens", type=int, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
+        "--tokens", type=_args.count, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
     )
-    ap.add_argument("--growth", type=int, default=10, help="size factor of the memory scans (default %(default)s)")
-    ap.add_argument("--batch-rows", type=int, default=16, help="rows per random batch (default %(default)s)")
-    ap.add_argument("--steps", type=int, default=500, help="random batches timed per reader (default %(default)s)")
+    ap.add_argument(
+        "--growth", type=_args.integer(2), default=10, help="size factor of the memory scans (default %(default)s)"
+    )
+    ap.add_argument("--batch-rows", type=_args.count, default=16, help="rows per random batch (default %(default)s)")
+    ap.add_argument(
+        "--steps", type=_args.count, default=500, help="random batches timed per reader (default %(default)s)"
+    )
     ap.add_argument(
         "--curate-rows",
-        type=int,
+        type=_args.count,
         default=5000,
         help="rows of the smaller buffer of the curation memory scan; the larger has --growth times as many "
         "(default %(default)s)",
@@ -597,16 +602,20 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--group-rows",
-        type=int,
+        type=_args.count,
         default=2000,
         help="rows (each its own group) of the smaller input of the group memory scan; the larger has --growth "
         "times as many (default %(default)s)",
     )
     ap.add_argument(
-        "--prompt-chars", type=int, default=2000, help="prompt length of the group memory scan (default %(default)s)"
+        "--prompt-chars",
+        type=_args.count,
+        default=2000,
+        help="prompt length of the group memory scan (default %(default)s)",
     )
     ap.add_argument(
         "--code",
+        type=_args.checkout,
         default=None,
         help="checkout whose shiq_data the measured commands of the memory scans run (default: this one's)",
     )
@@ -616,10 +625,23 @@ def main(argv=None) -> int:
         help="with --part curate: only measure 6 (filter, dedup and stats against datasets) on the larger buffer",
     )
     ap.add_argument(
-        "--repeat", type=int, default=3, help="runs of each contender; the best is reported (default %(default)s)"
+        "--repeat",
+        type=_args.count,
+        default=3,
+        help="runs of each contender; the best is reported (default %(default)s)",
     )
-    ap.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    ap.add_argument("--json", type=_args.output_file, default=None, help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
+    if args.verbs is not None:
+        known = list(curate_verbs(Path("buffer"), Path("out")))
+        args.verbs = [v.strip() for v in args.verbs.split(",")]
+        unknown = [v for v in args.verbs if v not in known]
+        if unknown:
+            ap.error(f"--verbs: unknown {', '.join(map(repr, unknown))}; expected some of {', '.join(known)}")
+    if args.verbs and args.speed_only:
+        ap.error("--verbs (the memory scan) and --speed-only (no memory scan) exclude each other")
+    if (args.verbs or args.speed_only) and args.part not in ("all", "curate"):
+        ap.error(f"--verbs and --speed-only measure the curation verbs: not with --part {args.part}")
     global CODE
     if args.code is not None:
         CODE = Path(args.code).resolve()
@@ -662,7 +684,7 @@ def main(argv=None) -> int:
             ]
             print_buffer_part(results, args)
         if args.part in ("all", "curate"):
-            verbs = [v.strip() for v in args.verbs.split(",")] if args.verbs else None
+            verbs = args.verbs
             scan = not args.speed_only  # the memory scan (and its inputs), else only the speed against datasets
             if verbs is None and scan:
                 jsonl = work / "workers.jsonl"

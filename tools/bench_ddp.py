@@ -30,6 +30,8 @@ import tempfile
 import time
 import warnings
 
+import _args
+
 METHODS = ("per-parameter", "megatron DDP", "distributed")
 
 
@@ -38,17 +40,22 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         epilog="Prints a table of optimizer-state bytes per rank and one of median step times (ratio to per-parameter).",
     )
-    p.add_argument("--dp", type=int, nargs="+", default=[1, 2, 4], help="data-parallel sizes (default 1 2 4)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=int, default=8192, help="vocabulary size (default 8192)")
-    p.add_argument("--seq", type=int, default=128, help="tokens per row (default 128)")
-    p.add_argument("--batch", type=int, default=4, help="rows per micro-batch (default 4)")
-    p.add_argument("--micro-batches", type=int, default=2, help="micro-batches per step and rank (default 2)")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per method after one warm-up (default 5)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
-    return p.parse_args(argv)
+    p.add_argument(
+        "--dp", type=_args.processes, nargs="+", default=[1, 2, 4], help="data-parallel sizes (default 1 2 4)"
+    )
+    p.add_argument("--hidden", type=_args.count, default=256, help="hidden size (default 256)")
+    p.add_argument("--layers", type=_args.count, default=4, help="transformer layers (default 4)")
+    p.add_argument("--heads", type=_args.count, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=_args.count, default=8192, help="vocabulary size (default 8192)")
+    p.add_argument("--seq", type=_args.integer(2), default=128, help="tokens per row (default 128)")
+    p.add_argument("--batch", type=_args.count, default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--micro-batches", type=_args.count, default=2, help="micro-batches per step and rank (default 2)")
+    p.add_argument("--reps", type=_args.count, default=5, help="timed steps per method after one warm-up (default 5)")
+    p.add_argument("--threads", type=_args.threads, default=1, help="torch CPU threads per process (default 1)")
+    args = p.parse_args(argv)
+    if args.hidden % args.heads or args.hidden // args.heads % 2:
+        p.error(f"--hidden {args.hidden} must be --heads {args.heads} times an even head size")
+    return args
 
 
 def micro_batches(args, rank):
@@ -170,12 +177,12 @@ def worker(rank, world, port, args, out_dir):
 
 
 def main(argv=None) -> int:
+    args = parse_args(argv)
     import torch
     import torch.multiprocessing as mp
 
     from shiq_train.parallel import free_port
 
-    args = parse_args(argv)
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for dp in args.dp:

@@ -27,6 +27,8 @@ import statistics
 import time
 import warnings
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -35,15 +37,19 @@ def parse_args(argv=None):
         "the baseline, whether it sampled the same completions as the two full passes, and the largest KL difference "
         "per completion; then the same comparison of the shared pass with and without the prompts' pass kept.",
     )
-    p.add_argument("--prompts", type=int, default=160, help="held-out prompts (default 160, the main job's)")
-    p.add_argument("--new-tokens", type=int, default=24, help="new tokens per completion (default 24, the main job's)")
-    p.add_argument("--trained", type=int, default=6, help="trained last layers of 30 (default 6, the main job's)")
-    p.add_argument("--batch", type=int, default=64, help="prompts per batch (default 64, the main job's)")
-    p.add_argument("--rounds", type=int, default=3, help="timed evaluations per path (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--prompts", type=_args.count, default=160, help="held-out prompts (default 160, the main job's)")
+    p.add_argument(
+        "--new-tokens", type=_args.count, default=24, help="new tokens per completion (default 24, the main job's)"
+    )
+    p.add_argument(
+        "--trained", type=_args.integer(1, 29), default=6, help="trained last layers of 30 (default 6, the main job's)"
+    )
+    p.add_argument("--batch", type=_args.count, default=64, help="prompts per batch (default 64, the main job's)")
+    p.add_argument("--rounds", type=_args.count, default=3, help="timed evaluations per path (default 3)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     args = p.parse_args(argv)
-    if min(args.prompts, args.new_tokens, args.batch, args.rounds, args.threads) < 1 or not 1 <= args.trained <= 29:
-        p.error("--prompts, --new-tokens, --batch, --rounds, --threads must be >= 1 and --trained in 1..29")
+    if args.prompts > (held_out := _args.movie_prompt_count()):
+        p.error(f"--prompts: there are {held_out} held-out movie prompts, got {args.prompts}")
     return args
 
 

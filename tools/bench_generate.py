@@ -23,19 +23,26 @@ import statistics
 import time
 import warnings
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints median seconds per pass over the prompts, generated tokens/s, and each engine's time against the first's.",
     )
-    p.add_argument("--prompts", type=int, default=32, help="held-out movie prompts (default 32)")
-    p.add_argument("--new-tokens", type=int, default=32, help="new tokens per prompt (default 32)")
-    p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
-    p.add_argument("--repeat", type=int, default=1, help="times each prompt comes, one after another (default 1)")
-    p.add_argument("--reps", type=int, default=3, help="timed passes per engine after one warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--prompts", type=_args.count, default=32, help="held-out movie prompts (default 32)")
+    p.add_argument("--new-tokens", type=_args.count, default=32, help="new tokens per prompt (default 32)")
+    p.add_argument("--batch", type=_args.count, default=8, help="prompts per batch (default 8)")
+    p.add_argument(
+        "--repeat", type=_args.count, default=1, help="times each prompt comes, one after another (default 1)"
+    )
+    p.add_argument("--reps", type=_args.count, default=3, help="timed passes per engine after one warm-up (default 3)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
+    args = p.parse_args(argv)
+    if args.prompts > (held_out := _args.movie_prompt_count()):
+        p.error(f"--prompts: there are {held_out} held-out movie prompts, got {args.prompts}")
+    return args
 
 
 def main(argv=None) -> None:

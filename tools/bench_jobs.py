@@ -26,6 +26,8 @@ import sys
 import time
 import warnings
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -33,16 +35,24 @@ def parse_args(argv=None):
         epilog="Prints the wall time of the arms one after the other (all threads) and side by side (one process "
         "each, the threads shared), and how many times sooner side by side is.",
     )
-    p.add_argument("--runs", type=int, default=2, help="arms to run (default 2)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads in all (default 2: this machine's cores)")
-    p.add_argument("--steps", type=int, default=20, help="training steps per arm (default 20)")
-    p.add_argument("--prompts", type=int, default=64, help="held-out prompts evaluated per arm (default 64)")
-    p.add_argument("--new-tokens", type=int, default=24, help="new tokens per completion (default 24, the main job's)")
-    p.add_argument("--trained", type=int, default=6, help="trained last layers of 30 (default 6, the main job's)")
-    p.add_argument("--arm", type=int, default=None, help=argparse.SUPPRESS)  # a child: run arm N, print JSON
+    p.add_argument("--runs", type=_args.processes, default=2, help="arms to run (default 2)")
+    p.add_argument(
+        "--threads", type=_args.threads, default=2, help="torch CPU threads in all (default 2: this machine's cores)"
+    )
+    p.add_argument("--steps", type=_args.count, default=20, help="training steps per arm (default 20)")
+    p.add_argument("--prompts", type=_args.count, default=64, help="held-out prompts evaluated per arm (default 64)")
+    p.add_argument(
+        "--new-tokens", type=_args.count, default=24, help="new tokens per completion (default 24, the main job's)"
+    )
+    p.add_argument(
+        "--trained", type=_args.integer(1, 29), default=6, help="trained last layers of 30 (default 6, the main job's)"
+    )
+    p.add_argument(
+        "--arm", type=_args.count_or_zero, default=None, help=argparse.SUPPRESS
+    )  # a child: run arm N, print JSON
     args = p.parse_args(argv)
-    if min(args.runs, args.threads, args.steps, args.prompts, args.new_tokens) < 1 or not 1 <= args.trained <= 29:
-        p.error("--runs, --threads, --steps, --prompts, --new-tokens must be >= 1 and --trained in 1..29")
+    if args.prompts > (held_out := _args.movie_prompt_count()):
+        p.error(f"--prompts: there are {held_out} held-out movie prompts, got {args.prompts}")
     return args
 
 

@@ -32,6 +32,8 @@ import time
 import warnings
 from pathlib import Path
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -39,25 +41,33 @@ def parse_args(argv=None):
         epilog="Prints the median step time of each path, their ratio, the cache build time and the "
         "number of steps after which the cache has paid for itself.",
     )
-    p.add_argument("--trainable", type=int, default=6, help="trainable last layers of 30 (default 6)")
-    p.add_argument("--groups", type=int, default=160, help="prompt groups in the buffer (default 160)")
-    p.add_argument("--group-size", type=int, default=4, help="rows per prompt group (default 4)")
-    p.add_argument("--tokens", type=int, default=50, help="mean tokens per row (default 50; +-6)")
+    p.add_argument("--trainable", type=_args.integer(1, 29), default=6, help="trainable last layers of 30 (default 6)")
+    p.add_argument("--groups", type=_args.count, default=160, help="prompt groups in the buffer (default 160)")
+    p.add_argument("--group-size", type=_args.count, default=4, help="rows per prompt group (default 4)")
+    p.add_argument("--tokens", type=_args.count, default=50, help="mean tokens per row (default 50; +-6)")
     p.add_argument(
-        "--system", type=int, default=24, help="leading prompt tokens every row shares (default 24; 0: none)"
+        "--system",
+        type=_args.count_or_zero,
+        default=24,
+        help="leading prompt tokens every row shares (default 24; 0: none)",
     )
-    p.add_argument("--buffer", type=Path, default=None, help="a replay buffer to read instead of synthetic rows")
-    p.add_argument("--rows", type=int, default=16, help="rows per micro-batch, whole groups (default 16)")
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches per optimizer step (default 1)")
+    p.add_argument(
+        "--buffer", type=_args.buffer_folder, default=None, help="a replay buffer to read instead of synthetic rows"
+    )
+    p.add_argument("--rows", type=_args.count, default=16, help="rows per micro-batch, whole groups (default 16)")
+    p.add_argument("--micro-batches", type=_args.count, default=1, help="micro-batches per optimizer step (default 1)")
     p.add_argument(
         "--logits-chunk",
-        type=int,
+        type=_args.count_or_zero,
         default=0,
         help="output layer this many positions at a time (default 0: all at once)",
     )
-    p.add_argument("--reps", type=int, default=7, help="timed steps per path after one warm-up (default 7)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--reps", type=_args.count, default=7, help="timed steps per path after one warm-up (default 7)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
+    args = p.parse_args(argv)
+    if args.buffer is None and args.rows < args.group_size:
+        p.error(f"--rows {args.rows}: a micro-batch holds whole groups, at least --group-size {args.group_size} rows")
+    return args
 
 
 def synthetic_buffer(out: Path, args, vocab: int):

@@ -21,21 +21,28 @@ import statistics
 import time
 import warnings
 
+import _args
+
+VOCAB = 49152  # SmolLM2's: the most candidates there are
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints median seconds per pass over the prompts, generated tokens/s, and the ratio to plain sampling.",
     )
-    p.add_argument("--prompts", type=int, default=8, help="held-out movie prompts (default 8)")
-    p.add_argument("--new-tokens", type=int, default=16, help="new tokens per prompt at most (default 16)")
-    p.add_argument("--batch", type=int, default=8, help="prompts per batch (default 8)")
-    p.add_argument("--top-k", type=int, default=20, help="Q♯ candidates per step (default 20)")
-    p.add_argument("--beta", type=float, default=0.1, help="Q♯ KL weight (default 0.1)")
-    p.add_argument("--atoms", type=int, default=11, help="return atoms of the value head (default 11)")
-    p.add_argument("--reps", type=int, default=3, help="timed passes per method after one warm-up (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    return p.parse_args(argv)
+    p.add_argument("--prompts", type=_args.count, default=8, help="held-out movie prompts (default 8)")
+    p.add_argument("--new-tokens", type=_args.count, default=16, help="new tokens per prompt at most (default 16)")
+    p.add_argument("--batch", type=_args.count, default=8, help="prompts per batch (default 8)")
+    p.add_argument("--top-k", type=_args.integer(1, VOCAB), default=20, help="Q♯ candidates per step (default 20)")
+    p.add_argument("--beta", type=_args.positive_number, default=0.1, help="Q♯ KL weight (default 0.1)")
+    p.add_argument("--atoms", type=_args.integer(2), default=11, help="return atoms of the value head (default 11)")
+    p.add_argument("--reps", type=_args.count, default=3, help="timed passes per method after one warm-up (default 3)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
+    args = p.parse_args(argv)
+    if args.prompts > (held_out := _args.movie_prompt_count()):
+        p.error(f"--prompts: there are {held_out} held-out movie prompts, got {args.prompts}")
+    return args
 
 
 def main(argv=None) -> None:

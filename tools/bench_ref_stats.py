@@ -23,6 +23,8 @@ import subprocess
 import sys
 import tempfile
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -30,14 +32,19 @@ def parse_args(argv=None):
         epilog="Prints seconds, tokens/s and peak memory per way, their ratios, and the "
         "largest difference between the two ways' statistics.",
     )
-    p.add_argument("--rows", type=int, default=48, help="synthetic rows (default 48)")
-    p.add_argument("--tokens", type=int, default=128, help="tokens per row (default 128)")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="ref-stats --batch-tokens (default 2048)")
-    p.add_argument("--chunk", type=int, default=256, help="positions per chunk (default 256, the ref-stats default)")
-    p.add_argument("--reps", type=int, default=2, help="subprocess runs per way (default 2)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--rows", type=_args.count, default=48, help="synthetic rows (default 48)")
+    p.add_argument("--tokens", type=_args.integer(2), default=128, help="tokens per row (default 128)")
+    p.add_argument("--batch-tokens", type=_args.count, default=2048, help="ref-stats --batch-tokens (default 2048)")
+    p.add_argument(
+        "--chunk", type=_args.count, default=256, help="positions per chunk (default 256, the ref-stats default)"
+    )
+    p.add_argument("--reps", type=_args.count, default=2, help="subprocess runs per way (default 2)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--worker", nargs=2, metavar=("WAY", "OUT"), help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.worker and args.worker[0] not in ("full", "chunked"):
+        p.error(f"--worker: WAY must be full or chunked, got {args.worker[0]!r}")
+    return args
 
 
 def _status_kib(field: str) -> int:
@@ -94,7 +101,7 @@ def main(argv=None) -> None:
         for rep in range(args.reps):
             for way in results:
                 out = os.path.join(tmp, f"{way}{rep}.npz")
-                subprocess.run(
+                res = subprocess.run(
                     [
                         sys.executable,
                         __file__,
@@ -112,9 +119,12 @@ def main(argv=None) -> None:
                         way,
                         out,
                     ],
-                    check=True,
-                    stderr=subprocess.DEVNULL,
+                    stderr=subprocess.PIPE,
+                    text=True,
                 )
+                if res.returncode != 0:
+                    last = (res.stderr.strip().splitlines() or ["no message"])[-1]
+                    sys.exit(f"bench_ref_stats: the {way} worker failed (exit {res.returncode}): {last}")
                 r = np.load(out)
                 results[way].append((float(r["seconds"]), float(r["peak_mib"])))
                 stats[way] = (r["chosen"], r["logz"])

@@ -20,6 +20,8 @@ import statistics
 import time
 import warnings
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -27,15 +29,14 @@ def parse_args(argv=None):
         epilog="Prints, per way, median seconds and tokens per second, the speed-up of the shared prefixes, and "
         "the largest difference between the two ways' statistics.",
     )
-    p.add_argument("buffer", metavar="BUFFER", help="a replay buffer folder (rows with group ids)")
-    p.add_argument("--groups", type=int, default=32, help="the buffer's first N groups (default 32)")
-    p.add_argument("--batch-tokens", type=int, default=2048, help="ref-stats --batch-tokens (default 2048)")
-    p.add_argument("--rounds", type=int, default=2, help="timed passes per way (default 2)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    args = p.parse_args(argv)
-    if min(args.groups, args.batch_tokens, args.rounds, args.threads) < 1:
-        p.error("--groups, --batch-tokens, --rounds and --threads must be >= 1")
-    return args
+    p.add_argument(
+        "buffer", metavar="BUFFER", type=_args.buffer_folder, help="a replay buffer folder (rows with group ids)"
+    )
+    p.add_argument("--groups", type=_args.count, default=32, help="the buffer's first N groups (default 32)")
+    p.add_argument("--batch-tokens", type=_args.count, default=2048, help="ref-stats --batch-tokens (default 2048)")
+    p.add_argument("--rounds", type=_args.count, default=2, help="timed passes per way (default 2)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
+    return p.parse_args(argv)
 
 
 def main(argv=None) -> None:

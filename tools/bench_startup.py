@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _args
+
 REPO = Path(__file__).resolve().parents[1]
 MEASURES = ("import", "2 steps")
 
@@ -40,13 +42,11 @@ def parse_args(argv=None):
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per measure, the median seconds of a fresh process each way and their ratio.",
     )
-    p.add_argument("--rounds", type=int, default=5, help="processes per measure and way (default 5)")
+    p.add_argument("--rounds", type=_args.count, default=5, help="processes per measure and way (default 5)")
     p.add_argument(
         "--measures", default=",".join(MEASURES), help=f"comma-separated, of {', '.join(MEASURES)} (default all)"
     )
     args = p.parse_args(argv)
-    if args.rounds < 1:
-        p.error("--rounds must be >= 1")
     args.measures = [m.strip() for m in args.measures.split(",") if m.strip()]
     unknown = sorted(set(args.measures) - set(MEASURES))
     if unknown or not args.measures:

@@ -33,6 +33,8 @@ import sys
 import time
 import warnings
 
+import _args
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
@@ -40,20 +42,27 @@ def parse_args(argv=None):
         epilog="Prints a table of median step times (and ratio to SFT) and of peak "
         "statistics memory (full logits vs chunked).",
     )
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--layers", type=int, default=4, help="transformer layers (default 4)")
-    p.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=int, default=49152, help="vocabulary size (default 49152, SmolLM2's)")
-    p.add_argument("--seq", type=int, default=256, help="tokens per row (default 256)")
-    p.add_argument("--batch", type=int, default=4, help="rows per micro-batch (default 4)")
-    p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row (not actions; default 64)")
-    p.add_argument("--chunk", type=int, default=64, help="tokens per chunk on the chunked path (default 64)")
-    p.add_argument("--reps", type=int, default=5, help="timed steps per method after one warm-up (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--hidden", type=_args.count, default=256, help="hidden size (default 256)")
+    p.add_argument("--layers", type=_args.count, default=4, help="transformer layers (default 4)")
+    p.add_argument("--heads", type=_args.count, default=4, help="attention heads (default 4)")
+    p.add_argument("--vocab", type=_args.count, default=49152, help="vocabulary size (default 49152, SmolLM2's)")
+    p.add_argument("--seq", type=_args.integer(2), default=256, help="tokens per row (default 256)")
+    p.add_argument("--batch", type=_args.count, default=4, help="rows per micro-batch (default 4)")
+    p.add_argument("--prompt", type=_args.count, default=64, help="prompt tokens per row (not actions; default 64)")
+    p.add_argument("--chunk", type=_args.count, default=64, help="tokens per chunk on the chunked path (default 64)")
+    p.add_argument("--reps", type=_args.count, default=5, help="timed steps per method after one warm-up (default 5)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--skip-time", action="store_true", help="only measure memory")
     p.add_argument("--skip-memory", action="store_true", help="only measure step times")
     p.add_argument("--memory-child", choices=["full", "chunked"], help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.hidden % args.heads or args.hidden // args.heads % 2:
+        p.error(f"--hidden {args.hidden} must be --heads {args.heads} times an even head size")
+    if args.prompt >= args.seq:
+        p.error(f"--prompt {args.prompt} must be below --seq {args.seq}: a row needs actions after its prompt")
+    if args.skip_time and args.skip_memory:
+        p.error("--skip-time and --skip-memory together leave nothing to measure")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,10 +229,14 @@ def measure_memory(args) -> list[dict]:
             path,
             "--hidden",
             str(args.hidden),
+            "--heads",
+            str(args.heads),
             "--vocab",
             str(args.vocab),
             "--seq",
             str(args.seq),
+            "--prompt",
+            str(args.prompt),
             "--batch",
             str(args.batch),
             "--chunk",
@@ -231,7 +244,10 @@ def measure_memory(args) -> list[dict]:
             "--threads",
             str(args.threads),
         ]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            last = (out.stderr.strip().splitlines() or ["no message"])[-1]
+            sys.exit(f"bench_train: the {path} memory measurement failed (exit {out.returncode}): {last}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = rows[0]["peak_increase_mib"]
     if full < 1.0:

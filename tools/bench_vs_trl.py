@@ -58,6 +58,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _args
+
 TRL_INSTALL = "pip install 'shiq[bench]' (the optional extra bench: trl==1.16.0)"
 SETS = ("synthetic", "buffer", "hh")
 CONTESTANTS = (
@@ -87,7 +89,9 @@ def parse_args(argv=None):
         "and the ratio of each to TRL DPO with online and with precomputed reference.",
     )
     p.add_argument("--sets", default=",".join(SETS), help=f"row sets, comma-separated (default {','.join(SETS)})")
-    p.add_argument("--buffer", help="replay buffer for the buffer set (default: a small synthetic one)")
+    p.add_argument(
+        "--buffer", type=_args.buffer_folder, help="replay buffer for the buffer set (default: a small synthetic one)"
+    )
     p.add_argument(
         "--contestants",
         default=",".join(DEFAULT_CONTESTANTS),
@@ -100,18 +104,26 @@ def parse_args(argv=None):
     )
     p.add_argument("--megatron-attention", action="store_true", help="also run 'shiq padded, megatron attention'")
     p.add_argument("--all-positions", action="store_true", help="also run 'shiq padded, all positions'")
-    p.add_argument("--pairs", type=int, default=8, help="prompt pairs per step (2x rows; default 8)")
-    p.add_argument("--steps", type=int, default=2, help="timed steps per contestant and round (default 2)")
-    p.add_argument("--rounds", type=int, default=2, help="rounds over the contestants (default 2)")
-    p.add_argument("--synthetic-len", type=int, default=64, help="tokens per synthetic row (default 64)")
-    p.add_argument("--pack-tokens", type=int, default=256, help="packed row width (default 256)")
-    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    p.add_argument("--pairs", type=_args.count, default=8, help="prompt pairs per step (2x rows; default 8)")
+    p.add_argument("--steps", type=_args.count, default=2, help="timed steps per contestant and round (default 2)")
+    p.add_argument("--rounds", type=_args.count, default=2, help="rounds over the contestants (default 2)")
+    p.add_argument("--synthetic-len", type=_args.integer(2), default=64, help="tokens per synthetic row (default 64)")
+    p.add_argument("--pack-tokens", type=_args.count, default=256, help="packed row width (default 256)")
+    p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     p.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2", help="tiny: a random 2-layer Llama")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", type=_args.output_file, help="also write the results to this JSON file")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
     p.add_argument("--rows", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not set(args.sets.split(",")) <= set(SETS):
+        p.error(f"--sets: expected some of {','.join(SETS)}, comma-separated; got {args.sets!r}")
+    names = [c.strip() for c in args.contestants.split(",") if c.strip()]
+    if not names or not set(names) <= set(CONTESTANTS):
+        p.error(f"--contestants: expected some of {'; '.join(CONTESTANTS)}, comma-separated; got {args.contestants!r}")
+    if args.buffer and "buffer" not in args.sets.split(","):
+        p.error("--buffer is read by the row set buffer: add it to --sets")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -599,9 +611,6 @@ def main(argv=None) -> int:
         names.insert(1, "shiq padded, megatron attention")
     if args.all_positions and "shiq padded, all positions" not in names:
         names.insert(1, "shiq padded, all positions")
-    unknown = [c for c in names if c not in CONTESTANTS]
-    if unknown:
-        raise SystemExit(f"--contestants: unknown {unknown}, expected some of {list(CONTESTANTS)}")
     if any(c.startswith("trl") for c in names) and importlib.util.find_spec("trl") is None:
         print(f"bench_vs_trl: TRL is not installed: {TRL_INSTALL}", file=sys.stderr)
         return 2

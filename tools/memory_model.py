@@ -128,6 +128,8 @@ class Layout:
             raise ValueError("sequence parallelism needs tp > 1")
         if shape.num_layers % (self.pp * self.vpp):
             raise ValueError(f"{shape.num_layers} layers do not split into pp*vpp = {self.pp * self.vpp} chunks")
+        if self.logits_chunk_tokens < 0:
+            raise ValueError(f"logits_chunk_tokens must be >= 0, got {self.logits_chunk_tokens}")
         if not -1 <= self.trainable_layers <= shape.num_layers:
             raise ValueError(f"trainable_layers must be -1 or in [0, {shape.num_layers}], got {self.trainable_layers}")
         if shape.heads % self.tp or shape.kv_groups % self.tp or shape.vocab % self.tp:
@@ -363,6 +365,8 @@ def step_seconds(s: Shape, lay: Layout, gpu: str, utilisation: float) -> float:
 def plan(s: Shape, lay: Layout, gpu: str = "H100", utilisation: float = 0.4) -> Plan:
     """The stage with the largest total, with every term."""
     lay.check(s)
+    if not 0 < utilisation <= 1:
+        raise ValueError(f"utilisation must be in (0, 1], got {utilisation}")
     best = None
     for stage in range(lay.pp):
         n, trained = stage_params(s, lay, stage), stage_trainable_params(s, lay, stage)

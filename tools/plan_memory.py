@@ -22,9 +22,24 @@ from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _args  # noqa: E402
 import memory_model as mm  # noqa: E402  (a module next to this script)
 
 GIB = mm.GiB
+# the options of the one layout --tp prints (parse_args' names)
+LAYOUT_OPTIONS = (
+    "pp dp cp vpp seq micro_batch micro_batches recompute sequence_parallel no_distributed_optimizer params_dtype "
+    "grad_dtype fp8 unfused_attention logits_chunk_tokens reference trainable_layers"
+).split()
+
+
+def refuse(message: str):
+    """Exit as the parser does on a bad value (one line on stderr, status 2), the message kept on the exception."""
+    text = f"{Path(sys.argv[0]).name}: error: {message}"
+    print(text, file=sys.stderr)
+    e = SystemExit(text)
+    e.code = 2
+    raise e
 
 
 def parse_args(argv=None):
@@ -38,16 +53,18 @@ def parse_args(argv=None):
     p.add_argument("--gpu", choices=sorted(mm.PEAK_TFLOPS), action="append", help="GPU (default: H100 and H200)")
     p.add_argument(
         "--tp",
-        type=int,
+        type=_args.count,
         help="tensor-parallel size; giving it prints that one layout (the options below) instead of the table",
     )
-    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (default 1)")
-    p.add_argument("--dp", type=int, default=1, help="data-parallel size (default 1)")
-    p.add_argument("--cp", type=int, default=1, help="context-parallel size (default 1)")
-    p.add_argument("--vpp", type=int, default=1, help="virtual pipeline stages per GPU (default 1)")
-    p.add_argument("--seq", type=int, default=4096, help="sequence length in tokens (default 4096)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per micro-batch (default 1)")
-    p.add_argument("--micro-batches", type=int, default=8, help="micro-batches per step and DP rank (default 8)")
+    p.add_argument("--pp", type=_args.count, default=1, help="pipeline-parallel size (default 1)")
+    p.add_argument("--dp", type=_args.count, default=1, help="data-parallel size (default 1)")
+    p.add_argument("--cp", type=_args.count, default=1, help="context-parallel size (default 1)")
+    p.add_argument("--vpp", type=_args.count, default=1, help="virtual pipeline stages per GPU (default 1)")
+    p.add_argument("--seq", type=_args.count, default=4096, help="sequence length in tokens (default 4096)")
+    p.add_argument("--micro-batch", type=_args.count, default=1, help="sequences per micro-batch (default 1)")
+    p.add_argument(
+        "--micro-batches", type=_args.count, default=8, help="micro-batches per step and DP rank (default 8)"
+    )
     p.add_argument("--recompute", choices=["none", "selective", "full"], default="none", help="default none")
     p.add_argument("--sequence-parallel", action="store_true", help="sequence parallelism (needs tp > 1)")
     p.add_argument("--no-distributed-optimizer", action="store_true", help="optimizer state replicated over DP")
@@ -55,12 +72,24 @@ def parse_args(argv=None):
     p.add_argument("--grad-dtype", choices=["bf16", "fp32"], default="fp32", help="grad buffer (default fp32)")
     p.add_argument("--fp8", action="store_true", help="FP8 GEMMs (Transformer Engine, delayed scaling)")
     p.add_argument("--unfused-attention", action="store_true", help="attention keeps its a*s*s scores")
-    p.add_argument("--logits-chunk-tokens", type=int, default=0, help="0: full logits (default); N: N at a time")
+    p.add_argument(
+        "--logits-chunk-tokens", type=_args.count_or_zero, default=0, help="0: full logits (default); N: N at a time"
+    )
     p.add_argument("--reference", choices=["precomputed", "online"], default="precomputed", help="default precomputed")
-    p.add_argument("--trainable-layers", type=int, default=-1, help="-1: all (default); k: the last k layers")
-    p.add_argument("--mfu", type=float, default=0.40, help="fraction of peak FLOP/s achieved (default 0.40)")
+    p.add_argument(
+        "--trainable-layers", type=_args.layers_or_all, default=-1, help="-1: all (default); k: the last k layers"
+    )
+    p.add_argument("--mfu", type=_args.fraction, default=0.40, help="fraction of peak FLOP/s achieved (default 0.40)")
     p.add_argument("--validate", action="store_true", help="measure small CPU models against the prediction")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    layout = [f"--{k.replace('_', '-')}" for k in LAYOUT_OPTIONS if getattr(args, k) != p.get_default(k)]
+    if args.validate and (args.model or args.gpu or args.tp is not None or layout or args.mfu != p.get_default("mfu")):
+        p.error("--validate measures fixed small CPU models: give it alone")
+    if args.tp is None and layout:
+        p.error(f"{', '.join(layout)}: an option of the one layout --tp prints; give --tp too (the table's are fixed)")
+    if args.sequence_parallel and args.tp == 1:
+        refuse("--sequence-parallel: sequence parallelism needs tp > 1 (--tp)")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -297,14 +326,16 @@ def main(argv=None) -> int:
         reference=args.reference,
         trainable_layers=args.trainable_layers,
     )
-    print(HEADER)
+    plans = []
     for model in models:
         for gpu in gpus:
             try:
-                p = mm.plan(mm.PRESETS[model], lay, gpu, args.mfu)
+                plans.append((model, gpu, mm.plan(mm.PRESETS[model], lay, gpu, args.mfu)))
             except ValueError as e:
-                raise SystemExit(f"plan_memory: {model}: {e}") from None
-            print(row(model, gpu, "", p))
+                refuse(f"--model {model}: {e}")
+    print(HEADER)
+    for model, gpu, p in plans:
+        print(row(model, gpu, "", p))
     if args.cp > 1:
         print("note: shiq-train refuses parallel.cp > 1 for now (see shiq_train.parallel.check_context_parallel)")
     return 0
