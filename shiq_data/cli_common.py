@@ -183,20 +183,28 @@ def folder_path(text: str) -> str:
     return text
 
 
-def int_at_least(low: int):
-    """An argparse ``type``: an integer >= ``low`` (argparse names the option in its refusal)."""
+def int_at_least(low: int, high: int | None = None):
+    """An argparse ``type``: an integer >= ``low`` (and <= ``high`` when given; argparse names the option in
+    its refusal)."""
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {_range(low, high)}, got {value}")
         return value
 
-    parse.__name__ = f"integer >= {low}"
+    parse.__name__ = f"integer {_range(low, high)}"
     return parse
+
+
+def _range(low: int, high: int | None) -> str:
+    return f">= {low}" if high is None else f"in {low}..{high}"
+
+
+THREADS_MAX = 1024  # torch's thread pools crash far beyond the cores a machine has
 
 
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:

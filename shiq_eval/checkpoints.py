@@ -161,7 +161,7 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
             f"--label is given {len(labels)} times for {len(checkpoints)} CHECKPOINT arguments: give one label "
             "per CHECKPOINT, in order"
         )
-    infos, owners = [], {}
+    infos, owners, seen = [], {}, {}
     for i, arg in enumerate(checkpoints):
         path = Path(arg)
         if (path / "config.json").is_file() and not (path / "meta.json").is_file():
@@ -177,6 +177,12 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
             raise EvalInputError(
                 f"{owners[label]} and {arg} would both be labelled {label!r}: give each CHECKPOINT a --label"
             )
+        for info in found:  # else a model is evaluated, and listed, twice
+            first = seen.setdefault(Path(info["path"]).resolve(), i)
+            if first != i:
+                raise EvalInputError(
+                    f"CHECKPOINT {arg} holds {info['path']}, which {checkpoints[first]} names too: give each model once"
+                )
         infos += [{**info, "run": label} for info in found]
     return infos
 

@@ -42,6 +42,7 @@ import sys
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
+from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, files_together, weight_files
@@ -69,6 +70,8 @@ from shiq_eval.suite import Suite, load_suite
 from shiq_eval.suite import fingerprint as suite_fingerprint
 
 log = logging.getLogger(__name__)
+DEFAULT_TOP_K = 20  # Q♯ candidates per token
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them in a tokenizer folder
 
 # results.csv of shiq-eval run: who (run, loss, beta, step), what was measured, on which suite, which weights
 RUN_COLUMNS = [
@@ -141,7 +144,7 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
     if not path.is_file():
         raise EvalInputError(f"--prompts {path}: no such file")
     prompts, shown = [], []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # (U+2028 may be inside a string)
         if not line.strip():
             continue
         try:
@@ -327,15 +330,20 @@ def guide_info(path) -> dict:
 
 
 def check_guide_args(args, temperature: float = 1.0) -> None:
-    """--guide needs --beta > 0 and --top-k >= 1, the hf engine and temperature 1; --beta needs --guide."""
+    """--guide needs --beta > 0 and --top-k >= 1, the hf engine and temperature 1; --beta and --top-k need
+    --guide."""
     if args.guide is None:
         if args.beta is not None:
             raise EvalInputError("--beta is the KL weight of Q♯ guidance: give it with --guide VALUE_DIR")
+        if args.top_k is not None:
+            raise EvalInputError("--top-k is the number of Q♯ candidates per token: give it with --guide VALUE_DIR")
         if not args.checkpoints:
             raise EvalInputError("nothing to evaluate: give CHECKPOINT directories and/or --guide VALUE_DIR --beta B")
         return
     if args.beta is None or not (0 < args.beta < float("inf")):
         raise EvalInputError(f"--guide needs --beta B, a finite KL weight > 0 (got {args.beta})")
+    if args.top_k is None:
+        args.top_k = DEFAULT_TOP_K
     if args.top_k < 1:
         raise EvalInputError(f"--top-k must be >= 1, got {args.top_k}")
     if args.engine != "hf":
@@ -385,6 +393,8 @@ def suite_prompts(suite: Suite) -> tuple[list[str], list[str], str]:
         prompts, shown = read_prompts_jsonl(suite.prompts)
         return prompts, shown, str(Path(suite.prompts).resolve())
     prompts, shown = movie_prompts(suite.movie_prompts)
+    if len(prompts) < suite.movie_prompts:
+        raise EvalInputError(f"--movie-prompts {suite.movie_prompts}: there are {len(prompts)} held-out openings")
     return prompts, shown, f"movie-held-out ({VADER_SDIST}, seed 0, first {len(prompts)})"
 
 
@@ -423,6 +433,7 @@ def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
+    check_results_folder(Path(args.out))
     suite, suite_file = load_suite(args.suite, suite_overrides(args))
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
@@ -449,6 +460,8 @@ def run(args) -> list[dict]:
             "--scorer hf_reward_model"
         )
     prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
+    if args.tokenizer is not None and not any((Path(args.tokenizer) / f).is_file() for f in TOKENIZER_FILES):
+        raise EvalInputError(f"--tokenizer {args.tokenizer}: not a Hugging Face tokenizer folder (no tokenizer.json)")
     if suite.scorer == "reward_model":
         check_reward_model_file(suite.reward_model)
     scenarios = None  # BFCL: each prompt's (turn's) scenario, its entry id, so standard errors can be clustered
@@ -468,7 +481,10 @@ def run(args) -> list[dict]:
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # heavy: transformers
 
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        except (OSError, ValueError, TypeError) as e:
+            raise EvalInputError(f"--tokenizer {args.tokenizer}: {' '.join(str(e).split())[:200]}") from None
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
@@ -586,6 +602,25 @@ def run(args) -> list[dict]:
     return [ref_row] + rows
 
 
+def check_results_folder(out: Path) -> None:
+    """Refuse an ``--out`` that is a file, a buffer or inside one, or a folder of a model or run (a
+    checkpoint step, a shiq-train or recipe run, a Hugging Face or value-model folder), among whose files the
+    results would be written (and a file of the same name replaced)."""
+    if out.exists() and not out.is_dir():
+        raise EvalInputError(f"--out {out} is a file: give a folder for the results")
+    refuse_inside_buffer(out, "--out", itself=True)
+    marks = {
+        "meta.json": "a checkpoint step",
+        "checkpoints": "a shiq-train run",
+        "stages.json": "a recipe's run",
+        "value_model.json": "a Q♯ value model",
+        "config.json": "a model folder or a recipe's run",
+    }
+    for name, what in marks.items():
+        if (out / name).exists():
+            raise EvalInputError(f"--out {out} is {what} (it holds {name}): give the results a folder of their own")
+
+
 def reference_files(reference: str) -> list[Path]:
     """The weight files of the reference model: SmolLM2's GGUF file, or a folder's weight files."""
     if reference == "smollm2":
@@ -652,7 +687,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("--guide", metavar="VALUE_DIR", help="also evaluate Q♯ guided decoding with this value model")
     r.add_argument("--beta", type=float, help="KL weight of the Q♯ guidance (with --guide)")
-    r.add_argument("--top-k", type=int, default=20, help="Q♯ candidates per token (with --guide; default 20)")
+    r.add_argument("--top-k", type=int, help=f"Q♯ candidates per token (with --guide; default {DEFAULT_TOP_K})")
     r.add_argument("--out", required=True, help="output directory for results.csv/json, suite.json and the plots")
     r.add_argument(
         "--suite",

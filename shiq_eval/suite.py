@@ -27,6 +27,10 @@ from shiq_eval.scorers import PYTHON_PREFIX, PythonFunctionScorer, parse_python_
 
 SCORERS = ("reward_model", "hf_reward_model", "vader", "bfcl", "python:MODULE:FUNCTION")
 KL_ESTIMATORS = ("exact", "sample")
+SEED_MAX = 10**9  # a seed, with small offsets added (per batch, per stage), seeds numpy's and torch's generators
+# the largest sampling settings taken: beyond them a typo (an extra zero or three) would run for days or
+# allocate without end rather than be refused
+SAMPLING_MAX = {"max_new_tokens": 1_000_000, "samples_per_prompt": 10_000, "batch_size": 65_536}
 
 
 @dataclass
@@ -154,10 +158,14 @@ def check_suite(suite: Suite, path: Path | None) -> None:
         )
     if suite.kl_estimator not in KL_ESTIMATORS:
         raise SuiteError(f"{where}kl_estimator must be one of {list(KL_ESTIMATORS)}, got {suite.kl_estimator!r}")
+    if suite.movie_prompts is not None and suite.movie_prompts < 1:
+        raise SuiteError(f"{where}movie_prompts (--movie-prompts) must be >= 1, got {suite.movie_prompts}")
     s = suite.sampling
-    for key in ("max_new_tokens", "samples_per_prompt", "batch_size"):
-        if getattr(s, key) < 1:
-            raise SuiteError(f"{where}sampling.{key} must be >= 1, got {getattr(s, key)}")
+    for key, high in SAMPLING_MAX.items():
+        if not 1 <= getattr(s, key) <= high:
+            raise SuiteError(f"{where}sampling.{key} must be in 1..{high:,}, got {getattr(s, key)}")
+    if not 0 <= s.seed <= SEED_MAX:
+        raise SuiteError(f"{where}sampling.seed must be in 0..{SEED_MAX:,}, got {s.seed}")
     if not 0 < s.temperature < math.inf:  # written into every result row: JSON has no Infinity
         raise SuiteError(f"{where}sampling.temperature must be a finite number > 0, got {s.temperature}")
 

@@ -20,7 +20,8 @@ import torch
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import THREADS_MAX, add_log_level_option, int_at_least, run_command, setup_logging
+from shiq_data.io import sha256_files, weight_files
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
 from shiq_data.tokenizers import (
     CHAT_TEMPLATE_FIELD,
@@ -29,7 +30,7 @@ from shiq_data.tokenizers import (
     pipeline_mismatch,
     template_mismatch,
 )
-from shiq_train.checkpoint import latest_step_dir
+from shiq_train.checkpoint import CHECKSUM_SUFFIX, latest_step_dir
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
 from shiq_train.model import DTYPES, forward_stats
@@ -273,7 +274,9 @@ def _model_config(model: str):
 def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
-    (its newest step, or a step folder); the model's parameters in ``dtype``."""
+    (its newest step, or a step folder); the model's parameters in ``dtype``. The record names a folder by its
+    path and the SHA-256 of its weights (a folder refilled since holds another model, whose statistics a buffer
+    may not mix with the old ones)."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
@@ -285,12 +288,20 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
     }
     if megatron_checkpoint:
         step_dir = Path(megatron_checkpoint)
-        if not list(step_dir.glob("rank_*.pt")):  # a training folder rather than one step
-            step_dir = latest_step_dir(step_dir)
+        if not (step_dir / "meta.json").is_file():  # a run, or its checkpoints folder, rather than one step
+            folder = step_dir / "checkpoints" if (step_dir / "checkpoints").is_dir() else step_dir
+            step_dir = latest_step_dir(folder)
             if step_dir is None:
-                raise FileNotFoundError(f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found")
+                raise FileNotFoundError(
+                    f"--megatron-checkpoint {megatron_checkpoint}: no checkpoint step found (give a shiq-train run, "
+                    "its checkpoints folder or a step folder)"
+                )
         record["megatron_checkpoint"] = str(step_dir.resolve())
-        return hf_model_from_checkpoint(step_dir, _model_config(model), dtype), record
+        hf = hf_model_from_checkpoint(step_dir, _model_config(model), dtype)  # (its rank files' checksums checked)
+        record["sha256"] = sha256_files(sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}")))
+        return hf, record
+    if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
+        record["sha256"] = sha256_files(weight_files(Path(model)))
     return load_causal_lm(model, dtype)[0], record
 
 
@@ -337,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--megatron-checkpoint",
         metavar="DIR",
         default=None,
-        help="take the weights from this shiq-train checkpoint folder (its newest step) or step folder; "
+        help="take the weights from this shiq-train run or its checkpoints folder (the newest step), or a step folder; "
         "--model then gives the architecture and tokenizer",
     )
     p.add_argument(
         "--batch-tokens",
-        type=int,
+        type=int_at_least(1),
         default=DEFAULT_BATCH_TOKENS,
         help="padded tokens per forward pass (batch rows x longest row); default %(default)s",
     )
@@ -353,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision to run the reference in, recorded in the manifest; it must be the model.params_dtype "
         "of the training that reads the statistics (default %(default)s)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    p.add_argument(
+        "--threads", type=int_at_least(0, THREADS_MAX), default=0, help="torch CPU threads (default 0: torch's choice)"
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_log_level_option(p)
     return p

@@ -422,7 +422,7 @@ def _metric_lines(path: Path) -> list[str]:
     """The non-empty lines of a run's ``metrics.jsonl``, each checked to be a JSON object with an integer
     ``step``: ``ValueError`` naming the file and line otherwise (the file is cut back only after that). A last
     line cut short (a kill while it was written) is dropped: the checkpoint, not the log, is what resumes."""
-    numbered = [(n, ln) for n, ln in enumerate(path.read_text(errors="replace").splitlines(), 1) if ln.strip()]
+    numbered = [(n, ln) for n, ln in enumerate(path.read_text(errors="replace").split("\n"), 1) if ln.strip()]
     lines = []
     for n, line in numbered:
         try:

@@ -712,7 +712,7 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds stages.json but no config.json"):
         Stages(run, cfg)
     (run / "config.json").write_text(json.dumps(cfg))
-    for bad in ('{"done": []}', '{"done": {"x": "fast"}}', "[1]"):
+    for bad in ('{"done": []}', '{"done": {"x": "fast"}}', "[1]", '{"done": {"x": true}}', '{"done": {"x": NaN}}'):
         (run / "stages.json").write_text(bad)
         with pytest.raises(ValueError, match=r"stages.json: expected \{\"done\""):
             Stages(run, cfg)
@@ -749,3 +749,14 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (tmp_path / "seed3").mkdir()
     (tmp_path / "seed3" / "run.log").write_text("")
     Stages(tmp_path / "seed3", cfg)
+    (run / "stages.json").write_text('{"done": {"x": -1}}')
+    with pytest.raises(ValueError, match=r"stages.json: expected \{\"done\""):
+        Stages(run, fixed)
+    # a stage that finds an earlier stage's output gone: named, with what to do in stages.json
+    (run / "stages.json").write_text('{"done": {"samples": 3.0}}')
+
+    def read_samples():
+        open(run / "samples.jsonl", encoding="utf-8")
+
+    with pytest.raises(ValueError, match=rf"buffer: .*samples.jsonl.* delete that stage from {run / 'stages.json'}"):
+        Stages(run, fixed).run([("samples", None), ("buffer", read_samples)], print, dict, str)

@@ -22,7 +22,7 @@ import torch
 import transformers
 
 from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
-from shiq_eval.cli import main
+from shiq_eval.cli import main, read_prompts_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -220,6 +220,53 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
     )
     assert "not a checkpoint step directory" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on failure
+
+
+def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys):
+    """Sampling settings without bound (10**5 samples per prompt, a seed torch refuses), --movie-prompts 0 or
+    -1 (which took every prompt), --top-k without --guide, a model given twice (its rows listed twice), --out a
+    model folder (results written among its files), a --tokenizer that is no tokenizer: one line each, exit 2,
+    nothing written."""
+    folder = tiny_hf_folder(tmp_path / "m")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4"}\n')
+    base, end = ["run", str(folder)], ["--scorer", "vader", "--reference", str(folder)]
+    out, prompts = ["--out", str(tmp_path / "o")], ["--prompts", str(tmp_path / "p.jsonl")]
+    cases = [
+        ([*out, *prompts, "--samples-per-prompt", "100000"], "sampling.samples_per_prompt must be in 1..10,000"),
+        ([*out, *prompts, "--batch-size", "0"], "sampling.batch_size must be in 1..65,536, got 0"),
+        ([*out, *prompts, "--seed", "-1"], "sampling.seed must be in 0..1,000,000,000, got -1"),
+        ([*out, *prompts, "--seed", str(10**20)], "sampling.seed must be in 0..1,000,000,000"),
+        ([*out, "--movie-prompts", "0"], "movie_prompts (--movie-prompts) must be >= 1, got 0"),
+        ([*out, "--movie-prompts", "-1"], "movie_prompts (--movie-prompts) must be >= 1, got -1"),
+        ([*out, "--movie-prompts", str(10**6)], "--movie-prompts 1000000: there are "),
+        ([*out, *prompts, "--top-k", "5"], "--top-k is the number of Q♯ candidates per token: give it with --guide"),
+        ([str(folder), *out, *prompts], f"CHECKPOINT {folder} holds {folder}, which {folder} names too"),
+        (
+            ["--out", str(folder), *prompts],
+            f"--out {folder} is a model folder or a recipe's run (it holds config.json)",
+        ),
+        (
+            [*out, *prompts, "--tokenizer", str(tmp_path)],
+            f"--tokenizer {tmp_path}: not a Hugging Face tokenizer folder",
+        ),
+    ]
+    capsys.readouterr()  # (the tiny folder's writing)
+    for extra, needle in cases:
+        before = sorted(folder.iterdir())
+        assert main([*base, *extra, *end]) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert needle in err and len(err.splitlines()) == 1, (extra, err)
+        assert not (tmp_path / "o").exists() and sorted(folder.iterdir()) == before
+
+
+def test_prompts_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
+    """U+2028 inside a JSON string (json.dumps writes it raw with ensure_ascii=False) is text, not a line
+    break: splitlines() cut such a row in two, and the file was refused as invalid JSON."""
+    path = tmp_path / "p.jsonl"
+    rows = [{"prompt": "a\u2028b\u2029c\x85d"}, {"prompt": "e"}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert "\u2028" in path.read_text(encoding="utf-8")
+    assert read_prompts_jsonl(path)[0] == ["a\u2028b\u2029c\x85d", "e"]
 
 
 def test_a_cut_safetensors_file_is_named_in_one_line(tmp_path, capsys):

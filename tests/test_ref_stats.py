@@ -345,6 +345,15 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     rows = open_buffer(buf).table.to_pylist()
     model.eval()
     assert_naive_stats(rows, model)
+    # the same folder refilled with other weights is another reference: its statistics are not mixed in, nor
+    # is the buffer taken as holding them already
+    saved = (folder / "model.safetensors").read_bytes()
+    torch.manual_seed(2)
+    LlamaForCausalLM(model.config).save_pretrained(folder)
+    capsys.readouterr()
+    assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 2
+    assert "holds reference statistics of" in capsys.readouterr().err
+    (folder / "model.safetensors").write_bytes(saved)
 
     # --dtype bfloat16: the statistics of the model in bf16 (logits rounded to bf16), recorded as such
     assert (
@@ -433,7 +442,7 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     )
     with parallel.distributed(seed=3):
         mg = M.build_model(cfg)
-        save_checkpoint(tmp_path / "ckpt", 1, mg)
+        save_checkpoint(tmp_path / "run" / "checkpoints", 1, mg)
         llama_config_from_model(cfg).save_pretrained(folder)  # architecture only; weights come from the checkpoint
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
@@ -444,7 +453,7 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
                 "--model",
                 str(folder),
                 "--megatron-checkpoint",
-                str(tmp_path / "ckpt"),
+                str(tmp_path / "run"),  # the run, as export and evaluation take it (its newest step)
                 "--no-progress",
             ]
         )
@@ -455,6 +464,23 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     for r, c, z in zip(out.table.to_pylist(), want_c, want_z, strict=True):
         np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(r["ref_logz"], z, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "option, value, needle",
+    [
+        ("--threads", "-1", "must be in 0..1024, got -1"),
+        ("--threads", "100000", "must be in 0..1024, got 100000"),  # torch's thread pool crashed
+        ("--batch-tokens", "0", "must be >= 1, got 0"),
+    ],
+)
+def test_cli_sizes_out_of_range_are_refused(tmp_path, capsys, option, value, needle):
+    from shiq_train.reference import main as ref_stats
+
+    with pytest.raises(SystemExit) as e:
+        ref_stats([str(tmp_path), "--model", "smollm2", option, value])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"argument {option}: {needle}" in err and "Traceback" not in err
 
 
 def test_load_causal_lm_reads_any_causal_lm_folder_and_names_a_missing_config(tmp_path):

@@ -84,11 +84,11 @@ def shapes(text: str) -> list[tuple[int, int]]:
 
 
 @_named("replay buffer folder (one with a manifest.json)")
-def buffer_folder(text: str) -> Path:
+def buffer_folder(text: str) -> str:
     """A replay buffer's folder (one holding a manifest.json)."""
     if not (text.strip() and (Path(text) / "manifest.json").is_file()):
         raise ValueError(text)
-    return Path(text)
+    return text
 
 
 @_named("checkout folder (one with shiq_data/__init__.py)")

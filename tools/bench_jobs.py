@@ -111,12 +111,19 @@ def child(args, n: int, threads: int) -> subprocess.Popen:
 
 
 def collect(procs: list[subprocess.Popen]) -> list[float]:
+    """The seconds each arm reports; when one fails, the others are stopped."""
     out = []
-    for proc in procs:
-        stdout, stderr = proc.communicate()
-        if proc.returncode != 0:
-            raise SystemExit(f"bench_jobs: an arm failed (exit {proc.returncode}):\n{stderr[-2000:]}")
-        out.append(json.loads(stdout.strip().splitlines()[-1])["seconds"])
+    try:
+        for proc in procs:
+            stdout, stderr = proc.communicate()
+            if proc.returncode != 0:
+                raise SystemExit(f"bench_jobs: an arm failed (exit {proc.returncode}):\n{stderr[-2000:]}")
+            out.append(json.loads(stdout.strip().splitlines()[-1])["seconds"])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
     return out
 
 

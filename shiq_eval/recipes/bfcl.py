@@ -72,7 +72,6 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
-    SEED_MAX,
     SEED_WHY,
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
@@ -101,6 +100,7 @@ from shiq_eval.recipes.common import (
 )
 from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import plot_frontier
+from shiq_eval.suite import SEED_MAX
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama

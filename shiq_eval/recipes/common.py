@@ -105,7 +105,6 @@ def same_kind(old, new) -> bool:
     return OmegaConf.is_list(old) == OmegaConf.is_list(new) and OmegaConf.is_dict(old) == OmegaConf.is_dict(new)
 
 
-SEED_MAX = 10**9
 SEED_WHY = "seeds, with small offsets added per stage, seed numpy's and torch's generators"
 
 
@@ -350,7 +349,7 @@ def read_json(path: Path, hint: str | None = None):
 def read_jsonl(path: Path) -> list:
     """The records of a recipe's JSONL file (blank lines skipped), or a ``ValueError`` naming file and line."""
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # (U+2028 may be inside a string)
     except (UnicodeDecodeError, FileNotFoundError) as e:
         raise ValueError(f"{path}: {_json_problem(e)}{_REDO}") from None
     records = []
@@ -437,7 +436,10 @@ class Stages:
         hint = " (delete it and every stage runs again, resuming what it can; or use another --out)"
         state = read_json(self.path, hint) if self.path.exists() else {"done": {}}
         done = state.get("done") if isinstance(state, dict) else None
-        if not isinstance(done, dict) or not all(isinstance(v, (int, float)) for v in done.values()):
+        if not isinstance(done, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            for v in done.values()
+        ):
             raise ValueError(
                 f'{self.path}: expected {{"done": {{stage: seconds, ...}}}}, got {json.dumps(state)[:80]} '
                 "(delete the file to run every stage again)"
@@ -466,7 +468,13 @@ class Stages:
             else:
                 log(f"{name}: running")
                 t0 = time.perf_counter()
-                fn()
+                try:
+                    fn()
+                except FileNotFoundError as e:  # what a stage recorded finished in stages.json made, gone since
+                    raise ValueError(
+                        f"{name}: {e} (an earlier stage's output is gone: delete that stage from {self.path} to make "
+                        "it again, or use another --out)"
+                    ) from None
                 self.finish(name, time.perf_counter() - t0)
             if after is not None:
                 after(name)

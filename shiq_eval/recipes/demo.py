@@ -78,7 +78,6 @@ from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
-    SEED_MAX,
     SEED_WHY,
     SINGLE,
     SMOLLM2_LAYERS,
@@ -119,6 +118,7 @@ from shiq_eval.report import (
     write_table,
 )
 from shiq_eval.scorers import VaderScorer
+from shiq_eval.suite import SEED_MAX
 from shiq_train import parallel
 from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.export import full_parameters_from_checkpoint
