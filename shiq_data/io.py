@@ -51,6 +51,27 @@ def weight_files(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))
 
 
+def check_weight_map(folder: Path) -> None:
+    """Refuse a model folder whose shard index (``*.index.json``, which transformers follows to load a model
+    saved in several files) names a weight file outside the folder (``../other/model.safetensors``: it would be
+    read, and no checksum of the folder's files covers it) or one it does not hold: ``ValueError`` naming the
+    index and the entry."""
+    for index in sorted(Path(folder).glob("*.index.json")):
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a shard index (a JSON object with a 'weight_map'): {e}") from None
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: field 'weight_map' must be an object of weight name: file name")
+        for name, file in weight_map.items():
+            if not isinstance(file, str) or Path(file).name != file or file in ("", ".", ".."):
+                raise ValueError(
+                    f"{index}: weight_map[{name!r}] is {file!r}: a file of this folder is named by its name alone"
+                )
+            if not (index.parent / file).is_file():
+                raise ValueError(f"{index}: weight_map[{name!r}] names {file}, which the folder does not hold")
+
+
 def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:
     """The ``sha256`` field of the record ``shiq-train export`` writes beside a model's weights
     (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files`, each digest 64

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 
 from shiq_data.buffer import read_manifest
-from shiq_data.io import recorded_sha256, sha256_files, weight_files
+from shiq_data.io import check_weight_map, recorded_sha256, sha256_files, weight_files
 
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
@@ -96,6 +96,10 @@ def hf_folder_info(folder: Path) -> dict:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    try:
+        check_weight_map(folder)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
     files = weight_files(folder)
     if not files:
         raise EvalInputError(f"{folder}: a Hugging Face folder without weights (no *.safetensors or *.bin file)")

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from shiq_data.io import check_weight_map
 from shiq_eval.bfcl.checker import check_entry, check_trajectory, decode_trajectory_json
 from shiq_eval.bfcl.data import entry_category, ground_truth_decoded, load_entry
 from shiq_eval.bfcl.parse import decode_calls
@@ -192,6 +193,7 @@ class SequenceClassifierScorer:
         import torch  # heavy: only scoring with a model needs it
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: transformers
 
+        check_weight_map(Path(folder))
         self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32).eval()
         if self.model.config.num_labels != 1:
             raise ValueError(

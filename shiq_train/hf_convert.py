@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.assets import smollm2_gguf
-from shiq_data.io import atomic_dir, exclusive_lock, recorded_sha256, sha256_files
+from shiq_data.io import atomic_dir, check_weight_map, exclusive_lock, recorded_sha256, sha256_files
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
 
@@ -303,6 +303,7 @@ def load_causal_lm(spec: str, dtype=torch.float32):
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_weight_map(folder)
     check_export_weights(folder)
     for f in sorted(folder.glob("*.safetensors")):  # the header and the file's size: a cut file is named here
         try:

@@ -305,3 +305,36 @@ def test_scaled_rope_is_refused_not_imported_wrongly(scaling):
     with pytest.raises(ValueError, match=f"rope_type='{scaling['rope_type']}'"):
         H.model_config_from_llama(cfg)
     assert H.model_config_from_llama(tiny_llama().config).rotary_base == 100000
+
+
+def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    """transformers follows a sharded folder's model.safetensors.index.json wherever it points: an entry
+    ``../b/model-00001-of-00003.safetensors`` loaded another folder's weights, which no checksum of the folder
+    covers. Such an entry, or one naming a file the folder lacks, is refused naming the index and the entry;
+    an intact sharded folder loads."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from shiq_eval.checkpoints import EvalInputError, hf_folder_info
+    from shiq_train.hf_convert import load_causal_lm
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+    for name, seed in (("a", 0), ("b", 1)):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(cfg).save_pretrained(tmp_path / name, max_shard_size="10KB")
+    index = tmp_path / "a" / "model.safetensors.index.json"
+    saved = json.loads(index.read_text())
+    assert len(set(saved["weight_map"].values())) > 1  # sharded
+    want = LlamaForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    got = load_causal_lm(str(tmp_path / "a"))[0].state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    first = sorted(set(saved["weight_map"].values()))[0]
+    for file, needle in [
+        (f"../b/{first}", "a file of this folder is named by its name alone"),
+        ("model-00009-of-00009.safetensors", "which the folder does not hold"),
+    ]:
+        edited = {k: (file if v == first else v) for k, v in saved["weight_map"].items()}
+        index.write_text(json.dumps({**saved, "weight_map": edited}))
+        with pytest.raises(ValueError, match=needle):
+            load_causal_lm(str(tmp_path / "a"))
+        with pytest.raises(EvalInputError, match=needle):
+            hf_folder_info(tmp_path / "a")
