@@ -1066,16 +1066,37 @@ def _next_shard_index(manifest: dict) -> int:
     return max(nums) + 1 if nums else 0
 
 
+def same_reference(recorded: dict | None, ref_model: dict | None) -> bool:
+    """Whether two records of a reference model (``ref_model`` of a manifest) name the same model: equal, or
+    equal but for the ``sha256`` of its weights, which records written before it was kept lack."""
+    if recorded is None or ref_model is None or recorded == ref_model:
+        return True
+    if isinstance(recorded, dict) and isinstance(ref_model, dict) and ("sha256" in recorded) != ("sha256" in ref_model):
+        return {k: v for k, v in recorded.items() if k != "sha256"} == {
+            k: v for k, v in ref_model.items() if k != "sha256"
+        }
+    return False
+
+
+def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
+    if {k: v for k, v in recorded.items() if k != "sha256"} == {k: v for k, v in ref_model.items() if k != "sha256"}:
+        return ValueError(
+            f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded.get('model')} whose weights have "
+            "changed since (another sha256): build a new buffer for the model that folder holds now"
+        )
+    return ValueError(
+        f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
+        "build a new buffer for another reference model"
+    )
+
+
 def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
     """Indices of the shards that still lack reference statistics (all of them if ``ref_model`` differs
     from the one already recorded, which :func:`replace_shard` would refuse to mix)."""
     manifest = read_manifest(buffer_dir)
     recorded = manifest.get("ref_model")
-    if ref_model is not None and recorded is not None and recorded != ref_model:
-        raise ValueError(
-            f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
-            "build a new buffer for another reference model"
-        )
+    if not same_reference(recorded, ref_model):
+        raise _other_reference(buffer_dir, recorded, ref_model)
     return [i for i, s in enumerate(manifest["shards"]) if not s["has_ref"]]
 
 
@@ -1116,10 +1137,8 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             )
         if with_ref:
             recorded = manifest.get("ref_model")
-            if recorded is not None and ref_model is not None and recorded != ref_model:
-                raise ValueError(
-                    f"{buffer_dir / MANIFEST}: holds reference statistics of {recorded}; refusing to mix in {ref_model}"
-                )
+            if not same_reference(recorded, ref_model):
+                raise _other_reference(buffer_dir, recorded, ref_model)
         vocab = manifest["tokenizer"]["vocab_size"]
         for i, row in enumerate(table.to_pylist()):
             check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)

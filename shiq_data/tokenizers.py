@@ -92,6 +92,8 @@ def fingerprint(tokenizer) -> str:
 
 # the manifest's tokenizer field holding :func:`pipeline_fingerprint` (absent from buffers written before it)
 PIPELINE_FIELD = "pipeline_fingerprint"
+# what a Hugging Face tokenizer folder holds one of at least (fast, slow BPE, SentencePiece)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 # sections of tokenizer.json that decide how text is cut into the pieces the model's merges apply to. Not the
 # post-processor (special tokens added around a text: the project encodes with add_special_tokens=False) nor
 # the decoder (ids back to text): neither changes a buffer's ids.

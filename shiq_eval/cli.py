@@ -46,7 +46,7 @@ from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, files_together, weight_files
-from shiq_data.tokenizers import PIPELINE_FIELD, fingerprint, pipeline_fingerprint
+from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.checkpoints import (
@@ -71,7 +71,6 @@ from shiq_eval.suite import fingerprint as suite_fingerprint
 
 log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 20  # Q♯ candidates per token
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")  # one of them in a tokenizer folder
 
 # results.csv of shiq-eval run: who (run, loss, beta, step), what was measured, on which suite, which weights
 RUN_COLUMNS = [
@@ -461,7 +460,9 @@ def run(args) -> list[dict]:
         )
     prompts, shown, source = suite_prompts(suite)  # every input checked before a model is loaded
     if args.tokenizer is not None and not any((Path(args.tokenizer) / f).is_file() for f in TOKENIZER_FILES):
-        raise EvalInputError(f"--tokenizer {args.tokenizer}: not a Hugging Face tokenizer folder (no tokenizer.json)")
+        raise EvalInputError(
+            f"--tokenizer {args.tokenizer}: not a Hugging Face tokenizer folder (none of {', '.join(TOKENIZER_FILES)})"
+        )
     if suite.scorer == "reward_model":
         check_reward_model_file(suite.reward_model)
     scenarios = None  # BFCL: each prompt's (turn's) scenario, its entry id, so standard errors can be clustered
@@ -688,7 +689,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--guide", metavar="VALUE_DIR", help="also evaluate Q♯ guided decoding with this value model")
     r.add_argument("--beta", type=float, help="KL weight of the Q♯ guidance (with --guide)")
     r.add_argument("--top-k", type=int, help=f"Q♯ candidates per token (with --guide; default {DEFAULT_TOP_K})")
-    r.add_argument("--out", required=True, help="output directory for results.csv/json, suite.json and the plots")
+    r.add_argument(
+        "--out",
+        required=True,
+        help="output folder for results.csv/json, suite.json and the plots (its other files are left alone); not a "
+        "model's, a run's or a buffer's folder",
+    )
     r.add_argument(
         "--suite",
         help="evaluation suite: a name in the configs' eval folder (e.g. movie_vader_small) or a YAML file; "
@@ -700,7 +706,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--movie-prompts",
         type=int,
         metavar="N",
-        help="the first N held-out movie-review openings of the demo (vaderSentiment archive)",
+        help="the first N (>= 1) held-out movie-review openings of the demo (vaderSentiment archive)",
     )
     r.add_argument(
         "--scorer",
@@ -728,12 +734,16 @@ def build_parser() -> argparse.ArgumentParser:
         "plain)",
     )
     r.add_argument("--max-new-tokens", type=int, help="completion length limit (default: the suite's, else 32)")
-    r.add_argument("--samples-per-prompt", type=int, help="completions per prompt (default: the suite's, else 1)")
+    r.add_argument(
+        "--samples-per-prompt", type=int, help="completions per prompt, 1..10000 (default: the suite's, else 1)"
+    )
     r.add_argument(
         "--temperature", type=float, help="sampling temperature (default: the suite's, else 1: the policy itself)"
     )
-    r.add_argument("--batch-size", type=int, help="generation batch size (default: the suite's, else 16)")
-    r.add_argument("--seed", type=int, help="sampling seed, the same for every policy (default: the suite's, else 0)")
+    r.add_argument("--batch-size", type=int, help="generation batch size, 1..65536 (default: the suite's, else 16)")
+    r.add_argument(
+        "--seed", type=int, help="sampling seed, 0..10^9, the same for every policy (default: the suite's, else 0)"
+    )
     r.add_argument(
         "--kl-estimator",
         choices=["exact", "sample"],

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
 from pathlib import Path
@@ -286,7 +287,7 @@ def read_meta(step_dir) -> dict:
             f"{path}: expected an object with an integer 'step', a 'layout' of integers tp, pp, dp and a "
             "'meta' object; the checkpoint is damaged"
         )
-    named = re.fullmatch(r"step_(\d+)", Path(step_dir).resolve().name)
+    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(step_dir)).name)  # (shiq-eval's rule too)
     if named and int(named[1]) != info["step"]:
         raise ValueError(
             f"{path}: field 'step' is {info['step']} in the folder of step {int(named[1])}: the checkpoint is damaged"

@@ -208,8 +208,8 @@ def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:
     """Refuse an ``out`` inside a buffer or inside the run's ``checkpoints`` (its step folders), one that exists
     (unless ``overwrite``), and with ``overwrite`` any ``out`` but an earlier export (``RUN/hf`` may be one):
     never the run folder or one holding it, nor the run's initial model ``init`` (an earlier export the run
-    trained from, which evaluation then reads as its reference), a file or any other folder, which replacing
-    would delete."""
+    trained from, which evaluation then reads as its reference; a relative ``init`` is read from the current
+    folder, as training and evaluation read it), a file or any other folder, which replacing would delete."""
     from shiq_data.buffer import refuse_inside_buffer
 
     refuse_inside_buffer(out, "--hf", itself=True)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.io import atomic_dir, check_weight_map, exclusive_lock, recorded_sha256, sha256_files
+from shiq_data.tokenizers import TOKENIZER_FILES
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
 
@@ -257,9 +258,6 @@ def _dequantise_smollm2(gguf: Path, dtype):
     model = LlamaForCausalLM(config).to(dtype)
     model.load_state_dict(loaded.state_dict())
     return model.eval()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 EXPORT_RECORD = "shiq_export.json"  # what shiq-train export writes beside the weights (shiq_train.export)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import logging
 import sys
 from pathlib import Path
@@ -26,6 +27,7 @@ from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats
 from shiq_data.tokenizers import (
     CHAT_TEMPLATE_FIELD,
     PIPELINE_FIELD,
+    TOKENIZER_FILES,
     load_tokenizer,
     pipeline_mismatch,
     template_mismatch,
@@ -209,9 +211,6 @@ def megatron_stats_fn(model) -> StatsFn:
     return stats
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
 def model_tokenizer_info(model: str | None) -> dict | None:
     """The tokenizer info (``shiq_data.tokenizers.load_tokenizer``) a model carries: ``smollm2``'s tokenizer, a
     Hugging Face folder's tokenizer files; None for a randomly initialised model (``none``) or a folder without
@@ -298,7 +297,9 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
                 )
         record["megatron_checkpoint"] = str(step_dir.resolve())
         hf = hf_model_from_checkpoint(step_dir, _model_config(model), dtype)  # (its rank files' checksums checked)
-        record["sha256"] = sha256_files(sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}")))
+        sums = sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}"))  # each rank file's, checked just now
+        digests = "".join(f.read_text(encoding="utf-8").split()[0].lower() + "\n" for f in sums)
+        record["sha256"] = hashlib.sha256(digests.encode()).hexdigest()
         return hf, record
     if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
         record["sha256"] = sha256_files(weight_files(Path(model)))

@@ -712,7 +712,14 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     with pytest.raises(ValueError, match="holds stages.json but no config.json"):
         Stages(run, cfg)
     (run / "config.json").write_text(json.dumps(cfg))
-    for bad in ('{"done": []}', '{"done": {"x": "fast"}}', "[1]", '{"done": {"x": true}}', '{"done": {"x": NaN}}'):
+    for bad in (
+        '{"done": []}',
+        '{"done": {"x": "fast"}}',
+        "[1]",
+        '{"done": {"x": true}}',
+        '{"done": {"x": NaN}}',
+        '{"done": {"x": 1' + "0" * 400 + "}}",
+    ):
         (run / "stages.json").write_text(bad)
         with pytest.raises(ValueError, match=r"stages.json: expected \{\"done\""):
             Stages(run, cfg)
@@ -758,5 +765,10 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     def read_samples():
         open(run / "samples.jsonl", encoding="utf-8")
 
-    with pytest.raises(ValueError, match=rf"buffer: .*samples.jsonl.* delete that stage from {run / 'stages.json'}"):
+    with pytest.raises(ValueError, match=rf"buffer: .*samples.jsonl.* one of samples, from {run / 'stages.json'}"):
         Stages(run, fixed).run([("samples", None), ("buffer", read_samples)], print, dict, str)
+    with pytest.raises(FileNotFoundError, match="/nonexistent/asset"):  # not a stage's output: as it was
+        Stages(run, fixed).run([("samples", None), ("buffer", lambda: open("/nonexistent/asset"))], print, dict, str)
+    (run / "stages.json").write_text('{"done": {}}')  # nothing finished: no stage to blame
+    with pytest.raises(FileNotFoundError, match="samples.jsonl"):
+        Stages(run, fixed).run([("buffer", read_samples)], print, dict, str)

@@ -352,8 +352,17 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     LlamaForCausalLM(model.config).save_pretrained(folder)
     capsys.readouterr()
     assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 2
-    assert "holds reference statistics of" in capsys.readouterr().err
+    assert "whose weights have changed since (another sha256)" in capsys.readouterr().err
     (folder / "model.safetensors").write_bytes(saved)
+    # statistics recorded before the weights' sha256 was kept: the same model still, resumed and upgraded
+    manifest = json.loads((buf / "manifest.json").read_text())
+    assert len(manifest["ref_model"]["sha256"]) == 64
+    old = {k: v for k, v in manifest["ref_model"].items() if k != "sha256"}
+    (buf / "manifest.json").write_text(
+        json.dumps({**manifest, "ref_model": old, "ref_stats": {**manifest["ref_stats"], "ref_model": old}})
+    )
+    assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 0
+    assert "computed for 0 shard(s); 1/1 shards" in capsys.readouterr().out
 
     # --dtype bfloat16: the statistics of the model in bf16 (logits rounded to bf16), recorded as such
     assert (
@@ -461,6 +470,9 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     )
     out = open_buffer(buf)
     assert out.manifest["ref_model"]["megatron_checkpoint"].endswith("step_00000001")
+    for form in ("checkpoints", "checkpoints/step_00000001"):  # its checkpoints folder, a step: the same model
+        args = [str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "run" / form)]
+        assert ref_stats([*args, "--no-progress"]) == 0
     for r, c, z in zip(out.table.to_pylist(), want_c, want_z, strict=True):
         np.testing.assert_allclose(r["ref_chosen_logits"], c, atol=1e-4, rtol=1e-4)
         np.testing.assert_allclose(r["ref_logz"], z, atol=1e-4, rtol=1e-4)

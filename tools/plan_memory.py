@@ -332,7 +332,7 @@ def main(argv=None) -> int:
             try:
                 plans.append((model, gpu, mm.plan(mm.PRESETS[model], lay, gpu, args.mfu)))
             except ValueError as e:
-                refuse(f"--model {model}: {e}")
+                refuse(f"the layout given does not fit model {model}: {e}")
     print(HEADER)
     for model, gpu, p in plans:
         print(row(model, gpu, "", p))

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.buffer import MANIFEST, Buffer
+from shiq_data.buffer import MANIFEST, Buffer, same_reference
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
 from shiq_data.schema import REF_FIELDS
@@ -212,7 +212,9 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
     _check_space(sources, targets, out)
     drawn = [g.draw(t, np.random.default_rng([seed, i]), replacement) for i, (g, t) in enumerate(zip(groups, targets))]
     ref_models = [s.ref_model if s.keep_ref else None for s in sources]
-    keep_ref = all(s.keep_ref for s in sources) and all(m == ref_models[0] for m in ref_models)
+    # one reference model throughout (a record with its weights' sha256 stands for those written before it)
+    ref_model = next((m for m in ref_models if isinstance(m, dict) and "sha256" in m), ref_models[0])
+    keep_ref = all(s.keep_ref for s in sources) and all(same_reference(m, ref_model) for m in ref_models)
     curation = {
         "verb": "mix",
         "inputs": [{"path": str(Path(p).resolve()), "weight": w} for p, w in parsed],
@@ -255,7 +257,7 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
         parents=sources,
         command=command,
         curation=curation,
-        ref_model=ref_models[0] if keep_ref else None,
+        ref_model=ref_model if keep_ref else None,
         progress=progress,
     )
     return buf, curation

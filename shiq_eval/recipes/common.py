@@ -310,7 +310,7 @@ def check_study_folder(out: Path, owns: set[str]) -> None:
     (those the study writes, replaced when it is run again, and a write of one cut short): a file, a folder of
     other files (the study would write among them and replace a file of the same name), one run of the recipe
     (its stages and the seeds' runs would be mixed), or the inside of a buffer. Each seed's folder is then
-    checked as a run (:func:`check_run_folder`)."""
+    checked by its run when that starts (:func:`check_run_folder`)."""
     from shiq_data.buffer import refuse_inside_buffer
 
     if out.exists() and not out.is_dir():
@@ -437,7 +437,7 @@ class Stages:
         state = read_json(self.path, hint) if self.path.exists() else {"done": {}}
         done = state.get("done") if isinstance(state, dict) else None
         if not isinstance(done, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e300  # (not NaN, nor 10**400)
             for v in done.values()
         ):
             raise ValueError(
@@ -470,11 +470,17 @@ class Stages:
                 t0 = time.perf_counter()
                 try:
                     fn()
-                except FileNotFoundError as e:  # what a stage recorded finished in stages.json made, gone since
+                except FileNotFoundError as e:
+                    finished = [n for n in self.state["done"] if n != "report"]
+                    inside = [Path(e.filename).resolve()] if e.filename else []
+                    inside = any(p.is_relative_to(self.out.resolve()) for p in inside) or str(self.out) in str(e)
+                    if not finished or not inside:
+                        raise
+                    # in the run folder, where the stages recorded finished in stages.json write
                     raise ValueError(
-                        f"{name}: {e} (an earlier stage's output is gone: delete that stage from {self.path} to make "
-                        "it again, or use another --out)"
-                    ) from None
+                        f"{name}: {e} (the output of a finished stage, gone since: delete the stage that made it, one "
+                        f"of {', '.join(finished)}, from {self.path} to make it again, or use another --out)"
+                    ) from e
                 self.finish(name, time.perf_counter() - t0)
             if after is not None:
                 after(name)
