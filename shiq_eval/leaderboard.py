@@ -290,6 +290,7 @@ def summarize(row: dict, scenarios: list[str] | None = None) -> tuple[dict, dict
     out["temperature"] = temperature
     out["J_note"] = note
     out["prompts"] = int(reward.size)
+    out["units"] = len(set(scenarios)) if scenarios is not None else int(reward.size)  # what a s.e. is over
     out["stderr_note"] = stderr_note(row, scenarios)
     out["reward_mean"], out["reward_stderr"] = mean_se(reward, scenarios)
     out["kl"], out["kl_stderr"] = mean_se(kl, scenarios)
@@ -356,6 +357,7 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                 "run_b": tb["run"],
                 "step_b": tb["step"],
                 "prompts": ta["prompts"],
+                "units": ta["units"],
                 "prompt_set_sha256": ta["prompt_set_sha256"],
                 "suite_sha256": ta["suite_sha256"],
                 "stderr_note": ta["stderr_note"],  # one prompt set: the same scenarios (or none) for a and b
@@ -397,18 +399,20 @@ def _csv(rows: list[dict], columns: list[str]) -> str:
     return buf.getvalue()
 
 
-def _pm(mean, se, note: str = "") -> str:
+def _pm(mean, se, note: str = "", units: int = 2) -> str:
+    """``mean ± se``; ``± –`` over one prompt or scenario, which measures no spread (its s.e. 0 a placeholder)."""
     if mean is None:
         return f"– ({note})" if note else ""
-    return f"{mean:.4g} ± {se:.2g}"
+    return f"{mean:.4g} ± {se:.2g}" if units > 1 else f"{mean:.4g} ± –"
 
 
 def _cells(t: dict) -> list[str]:
     beta = "" if t["beta"] is None else f"{t['beta']:g}"
     weights = (t["model_sha256"] or "")[:12]
-    return [t["run"], t["method"], beta, str(t["step"]), _pm(t["reward_mean"], t["reward_stderr"])] + [
-        _pm(t["kl"], t["kl_stderr"]),
-        _pm(t["J"], t["J_stderr"], t.get("J_note", "")),
+    n = t["units"]
+    return [t["run"], t["method"], beta, str(t["step"]), _pm(t["reward_mean"], t["reward_stderr"], units=n)] + [
+        _pm(t["kl"], t["kl_stderr"], units=n),
+        _pm(t["J"], t["J_stderr"], t.get("J_note", ""), n),
         weights,
     ]
 
@@ -421,14 +425,16 @@ def _pair_cells(p: dict) -> list[str]:
     return [
         f"{p['run_a']} @ {p['step_a']}",
         f"{p['run_b']} @ {p['step_b']}",
-        _pm(p["reward_diff"], p["reward_diff_stderr"]),
-        _pm(p["J_diff"], p["J_diff_stderr"], p.get("J_note", "")),
+        _pm(p["reward_diff"], p["reward_diff_stderr"], units=p["units"]),
+        _pm(p["J_diff"], p["J_diff_stderr"], p.get("J_note", ""), p["units"]),
     ]
 
 
 def _stderr_line(rows: list[dict]) -> str:
     """What the standard errors of a suite's rows are (SHIQ_MATH §9), when not simply over prompts."""
     notes = [n for n in dict.fromkeys(t["stderr_note"] for t in rows) if n]
+    if any(t["units"] < 2 for t in rows):
+        notes.append("none (–) over a single prompt or scenario")
     return f"Standard errors (and those of the differences): {'; '.join(notes)}." if notes else ""
 
 

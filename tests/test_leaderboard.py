@@ -383,6 +383,22 @@ def test_j_differences_only_at_one_beta(tmp_path):
     assert "two objectives" in md  # the note where the J difference would be
 
 
+def test_one_prompt_shows_no_standard_error_rather_than_zero(tmp_path):
+    """Over one prompt (or one BFCL scenario) there is no spread to measure: the tables show ``± –`` and say
+    why, not ``± 0`` as if the value were exact; over two prompts the standard error is numpy's."""
+    one = [result_row("reference", 0, "r", [1.0], [0.0]), result_row("a", 3, "m", [2.0], [1.0])]
+    out = tmp_path / "one"
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "x", one), "--out", str(out)]) == 0
+    md = (out / "leaderboard.md").read_text()
+    assert "| a | shiq | 0.5 | 3 | 2 ± – | 1 ± – | 1.5 ± – |" in md and "± 0" not in md
+    assert "none (–) over a single prompt or scenario" in md and "2 ± –" in (out / "leaderboard.html").read_text()
+    assert "| a @ 3 | reference @ 0 | 1 ± – | 0.5 ± – |" in md
+    two = [result_row("reference", 0, "r", [1.0, 3.0], [0.0] * 2), result_row("a", 3, "m", [2.0, 4.0], [1.0] * 2)]
+    assert eval_cli.main(["leaderboard", write_results(tmp_path / "y", two), "--out", str(tmp_path / "two")]) == 0
+    md = (tmp_path / "two" / "leaderboard.md").read_text()
+    assert f"| a | shiq | 0.5 | 3 | 3 ± {se_np([2.0, 4.0]):.2g} |" in md and "± –" not in md
+
+
 def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     """Rows sampled at temperature 0.7 keep reward and KL but get no J (nor J differences), with a note; rows
     without the field count as temperature 1 and get their J."""
