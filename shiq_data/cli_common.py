@@ -156,10 +156,11 @@ def setup_logging(level: str | int = "INFO") -> None:
             logger.addHandler(handler)
 
 
-def check_output_files(inputs, outputs: dict) -> None:
+def check_output_files(inputs, outputs: dict, overwrite: bool = True) -> None:
     """Refuse, before anything is written, output files (``{option: path or None}``) that are an input, the
     same file as another output, or an existing folder: a command would otherwise replace its own input or
-    write one output and then fail on the next."""
+    write one output and then fail on the next; without ``overwrite``, any existing file too (the command's
+    ``--overwrite`` replaces it)."""
     seen = {}
     ins = {os.path.realpath(p) for p in inputs}
     for option, path in outputs.items():
@@ -172,6 +173,8 @@ def check_output_files(inputs, outputs: dict) -> None:
             raise ValueError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
         if os.path.isdir(path):
             raise ValueError(f"{option} {path} is a folder: give a file")
+        if not overwrite and os.path.lexists(path):
+            raise ValueError(f"{option} {path} exists: give a new file, or --overwrite to replace it")
         seen[real] = option
 
 

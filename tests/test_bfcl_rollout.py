@@ -9,6 +9,7 @@ import re
 
 import pytest
 
+from shiq_data.assets import config_dir
 from shiq_eval.bfcl import checker, cli, data, executor, parse
 from shiq_eval.bfcl import rollout as ro
 
@@ -224,6 +225,27 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["--help"])
+    # an existing output (hours of model rollouts) is replaced only with --overwrite; an input never is
+    kept = {p: p.read_bytes() for p in (traj, out)}
+    split = tmp_path / "split.json"
+    split.write_bytes((config_dir() / "eval" / "bfcl_split.json").read_bytes())
+    kept[split] = split.read_bytes()
+    gt = ["check-ground-truth", "--categories", "multi_turn_base"]
+    roll = ["rollout", "--categories", "multi_turn_base", "--limit", "1"]
+    for argv, needle in [
+        ([*roll, "--out", str(traj)], f"--out {traj} exists: give a new file, or --overwrite to replace it"),
+        ([*gt, "--out", str(traj)], f"--out {traj} exists"),
+        (["report", str(traj), "--out", str(out)], f"--out {out} exists"),
+        (["prompts", "--categories", "multi_turn_base", "--out", str(out)], f"--out {out} exists"),
+        ([*roll, "--split", str(split), "--out", str(split), "--overwrite"], "is also an input of this command"),
+        (["prompts", "--split", str(split), "--out", str(split), "--overwrite"], "is also an input of this command"),
+    ]:
+        capsys.readouterr()
+        assert cli.main(argv) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+        assert all(p.read_bytes() == b for p, b in kept.items())
+    assert cli.main(["report", str(traj), "--out", str(out), "--overwrite"]) == 0
+    assert cli.main([*roll, "--out", str(traj), "--overwrite"]) == 0 and len(traj.read_text().splitlines()) == 1
 
 
 def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, capsys):

@@ -53,6 +53,7 @@ log = logging.getLogger(__name__)
 
 
 def _cmd_check_ground_truth(args) -> int:
+    check_output_files([], {"--out": args.out}, args.overwrite)
     start, results, failures = time.time(), [], []
     for cat in args.categories:
         for e in tqdm(load_category(cat), desc=cat):
@@ -100,6 +101,11 @@ def _model_policy_factory(args):
     return (lambda entry: policy), record
 
 
+def _split_input(args) -> list[str]:
+    """The split file a command reads, as an input no output may replace."""
+    return [args.split] if getattr(args, "split", None) else []
+
+
 def _in_subset(items: list[dict], args) -> list[dict]:
     """The entries or trajectories (by ``id``) in ``args.subset`` of the split file ``args.split``."""
     split = load_split(args.split or SPLIT_PATH) if args.subset != "all" else None
@@ -114,6 +120,7 @@ def _in_subset(items: list[dict], args) -> list[dict]:
 
 
 def _cmd_rollout(args) -> int:
+    check_output_files(_split_input(args), {"--out": args.out}, args.overwrite)
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     if args.policy == "scripted":
         make_policy, record = ScriptedPolicy.ground_truth, {"model_path": None, "model_sha256": None}
@@ -144,7 +151,8 @@ def _check_scored(t: dict, where: str) -> None:
 
 
 def _cmd_report(args) -> int:
-    check_output_files(args.trajectories, {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown})
+    outputs = {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown}
+    check_output_files([*args.trajectories, *_split_input(args)], outputs, args.overwrite)
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[dict]] = {}
     for path in args.trajectories:
@@ -199,6 +207,7 @@ def turn_prompts(entries: list[dict], compact: bool = False) -> list[dict]:
 
 
 def _cmd_prompts(args) -> int:
+    check_output_files(_split_input(args), {"--out": args.out}, args.overwrite)
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     rows = turn_prompts(entries, compact=args.compact)
     path = atomic_write_jsonl(args.out, rows)
@@ -258,6 +267,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     categories(q)
     q.add_argument("--out", help="write the summary (with timing and failures) as JSON here")
+    q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_check_ground_truth)
 
     q = sub.add_parser("rollout", help="run a policy on entries and write checked trajectories as JSONL")
@@ -277,6 +287,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
     q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
@@ -298,6 +309,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--compact", action="store_true", help="shorter function docs (fewer tokens per prompt)")
     q.add_argument("--out", required=True, help="prompts JSONL to write (atomically)")
+    q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_prompts)
 
     q = sub.add_parser(
@@ -313,6 +325,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--out", help="write the report as JSON here (atomically)")
     q.add_argument("--csv", help="write the leaderboard (one row per model) as CSV here")
     q.add_argument("--markdown", help="write the leaderboard (one row per model) as a Markdown table here")
+    q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_report)
 
     q = sub.add_parser(
