@@ -321,6 +321,8 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
+    if tok["vocab_size"] < 1:  # (0 read as "no limit" where token ids are checked)
+        raise ValueError(f"{path}: field 'tokenizer.vocab_size' must be >= 1, got {tok['vocab_size']}")
     if PIPELINE_FIELD in tok and not isinstance(tok[PIPELINE_FIELD], str):  # optional: older buffers lack it
         raise ValueError(
             f"{path}: field 'tokenizer.{PIPELINE_FIELD}' must be a string, got {tok[PIPELINE_FIELD]!r:.40}"

@@ -75,6 +75,7 @@ def test_a_symlinked_shard_is_refused(tmp_path):
         (lambda m: m["shards"][0].update(has_ref="no"), r"shards\[0\]\.has_ref"),
         (lambda m: m.update(tokenizer="gpt2"), "'tokenizer'"),
         (lambda m: m.update(next_group_id=10**400), "'next_group_id'"),
+        (lambda m: m["tokenizer"].update(vocab_size=0), r"'tokenizer.vocab_size' must be >= 1, got 0"),
     ],
 )
 def test_manifest_fields_of_the_wrong_type_give_a_named_error(tmp_path, edit, field):
