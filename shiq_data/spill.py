@@ -27,6 +27,9 @@ import pyarrow.parquet as pq
 
 MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
 BATCH_ROWS = 8192  # rows per batch read back from a query
+# rows per Parquet row group of a spilled table: DuckDB holds a row group's column chunks while it scans one,
+# so a table appended in one piece (a million rows) must not become one row group the memory limit cannot hold
+ROW_GROUP_ROWS = 65_536
 
 
 def remove_stale(folder: Path, pattern: str) -> None:
@@ -95,7 +98,8 @@ class Spill:
         if isinstance(table, pa.RecordBatch):
             table = pa.Table.from_batches([table])
         if table.num_rows:
-            self._writers[name].write_table(table.select(self._schemas[name].names).cast(self._schemas[name]))
+            table = table.select(self._schemas[name].names).cast(self._schemas[name])
+            self._writers[name].write_table(table, row_group_size=ROW_GROUP_ROWS)
 
     def table(self, name: str) -> str:
         """SQL naming table ``name`` (closed for appending on first use)."""

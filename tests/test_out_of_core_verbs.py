@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 import shiq_data.curate.mix
@@ -133,3 +134,25 @@ def test_mix_matches_the_in_memory_draw(buf, small_batches, tmp_path, replacemen
     want = _reference_mix([df, df], targets, 3, replacement)
     assert _ids(tmp_path / "m") == want
     assert any("-copy" in r for r in want[0]) == replacement
+
+
+def test_a_table_appended_in_one_piece_is_queried_within_the_memory_limit(tmp_path):
+    """A million row ids appended at once (``mix --replacement --rows 1000000`` logs them so) became one
+    Parquet row group, whose column chunks DuckDB holds while scanning: the repeated-id query of a buffer
+    build then ran out of its 64 MB. Written in row groups of ``ROW_GROUP_ROWS``, it runs."""
+    import pyarrow as pa
+
+    from shiq_data.spill import ROW_GROUP_ROWS, Spill
+
+    n = 1_000_000
+    with Spill(tmp_path / "out") as spill:
+        spill.declare("t", pa.schema([("i", pa.int64()), ("row_id", pa.string())]))
+        spill.append("t", pa.table({"i": np.arange(n), "row_id": [f"m0-b0-{i % 5000}-copy{i}" for i in range(n)]}))
+        t = spill.table("t")
+        firsts = f"SELECT row_id, min(i) AS first FROM {t} GROUP BY row_id"
+        got = spill.one(
+            f"SELECT min(i) FROM (SELECT n.i FROM {t} n JOIN ({firsts}) f ON n.row_id = f.row_id WHERE n.i > f.first "
+            f"UNION ALL SELECT i FROM {t} WHERE row_id IN (SELECT row_id FROM {t} WHERE i < 0))"
+        )
+        assert got == (None,)  # no id repeats
+        assert pq.ParquetFile(spill.dir / "t.parquet").metadata.num_row_groups == -(-n // ROW_GROUP_ROWS)
