@@ -154,23 +154,37 @@ def _int(v) -> bool:
 
 
 def _number(v) -> bool:
-    return is_finite_number(v)  # ints beyond the float range too
+    return is_finite_number(v) and abs(v) <= VALUE_MAX  # (sums of products of such values stay finite)
+
+
+def _text(v) -> bool:
+    """A string that can be written as UTF-8 (no lone surrogate)."""
+    if not isinstance(v, str):
+        return False
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+VALUE_MAX = 1e100  # beyond any reward, KL or β; at 1e308 a mean or β·KL overflowed to inf
 
 
 # what each field of a result row must be, as shiq-eval run writes it (a hand-edited or foreign file otherwise)
 ROW_FIELDS = {
-    "run": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
-    "method": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
-    "beta": ("null or a finite number > 0", lambda v: v is None or (_number(v) and v > 0)),
+    "run": ("a non-empty string", lambda v: _text(v) and v != ""),
+    "method": ("a non-empty string", lambda v: _text(v) and v != ""),
+    "beta": ("null or a number in (0, 1e100]", lambda v: v is None or (_number(v) and v > 0)),
     "step": ("an integer >= 0", lambda v: _int(v) and v >= 0),
-    "suite": ("a string", lambda v: isinstance(v, str)),
-    "suite_sha256": ("a string", lambda v: isinstance(v, str)),
-    "prompt_set_sha256": ("a string", lambda v: isinstance(v, str)),
-    "model_sha256": ("a string or null", lambda v: v is None or isinstance(v, str)),
+    "suite": ("a string", _text),
+    "suite_sha256": ("a string", _text),
+    "prompt_set_sha256": ("a string", _text),
+    "model_sha256": ("a string or null", lambda v: v is None or _text(v)),
     "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
-    "rewards": ("a list of finite numbers", lambda v: isinstance(v, list) and all(_number(x) for x in v)),
-    "temperature": ("null or a finite number > 0", lambda v: v is None or (_number(v) and v > 0)),
+    "rewards": ("a list of numbers in [-1e100, 1e100]", lambda v: isinstance(v, list) and all(_number(x) for x in v)),
+    "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
 }
 
@@ -183,7 +197,17 @@ def _check_row(path: Path, i: int, row: dict) -> None:
             raise ValueError(f"{path}: row {i}: field {field!r}: must be {kind}, got {json.dumps(row[field])[:60]}")
     kls = "kls_exact" if row["kl_estimator"] == "exact" else "kls_sample"
     if not isinstance(row.get(kls), list) or not all(_number(x) for x in row[kls]):
-        raise ValueError(f"{path}: row {i}: field {kls!r}: must be a list of finite numbers (the suite's KL estimator)")
+        raise ValueError(
+            f"{path}: row {i}: field {kls!r}: must be a list of numbers in [-1e100, 1e100] (the suite's KL estimator)"
+        )
+    if len(row[kls]) != len(row["rewards"]):
+        raise ValueError(f"{path}: row {i}: field {kls!r}: {len(row[kls])} values for {len(row['rewards'])} rewards")
+    ids = row.get(SCENARIO_IDS)
+    if isinstance(ids, list) and len(ids) * row["samples_per_prompt"] != len(row["rewards"]):
+        raise ValueError(
+            f"{path}: row {i}: field {SCENARIO_IDS!r}: {len(ids)} scenarios for {len(row['rewards'])} rewards, "
+            f"{row['samples_per_prompt']} per prompt (one scenario per prompt)"
+        )
 
 
 def check_suites(rows: list[dict], allow_mixed: bool) -> None:

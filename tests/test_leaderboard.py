@@ -542,7 +542,7 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
     assert "with different scenario_ids" in err and str(tmp_path / "edited" / "results.json") in err
     short = write_bfcl_results(tmp_path / "short", [r | {"scenario_ids": scenarios[:-1]} for r in rows])
     assert eval_cli.main(["leaderboard", short, "--out", str(tmp_path / "x")]) == 2
-    assert "11 scenario_ids for 12 prompts" in capsys.readouterr().err
+    assert "field 'scenario_ids': 11 scenarios for 24 rewards, 2 per prompt" in capsys.readouterr().err
 
 
 def test_a_suite_file_reads_files_beside_it_and_runs_no_code_alone(tmp_path, monkeypatch):
@@ -638,14 +638,17 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
         ("run", 5, "a non-empty string"),
         ("method", ["shiq"], "a non-empty string"),
         ("suite_sha256", None, "a string"),
-        ("beta", "0.5", "null or a finite number > 0"),
-        ("beta", -1.0, "null or a finite number > 0"),
+        ("beta", "0.5", "null or a number in (0, 1e100]"),
+        ("beta", -1.0, "null or a number in (0, 1e100]"),
+        ("beta", 1e308, "null or a number in (0, 1e100]"),  # J = reward - β·KL was -inf, written as such
         ("samples_per_prompt", 1.5, "an integer >= 1"),
         ("samples_per_prompt", None, "an integer >= 1"),
         ("kl_estimator", "foo", "'exact' or 'sample'"),
-        ("rewards", {"a": 1}, "a list of finite numbers"),
-        ("rewards", [1.0, 10**400], "a list of finite numbers"),
-        ("temperature", [1], "null or a finite number > 0"),
+        ("rewards", {"a": 1}, "a list of numbers in [-1e100, 1e100]"),
+        ("rewards", [1.0, 10**400], "a list of numbers in [-1e100, 1e100]"),
+        ("rewards", [1e308, 1e308], "a list of numbers in [-1e100, 1e100]"),  # their mean overflowed
+        ("temperature", [1], "null or a number in (0, 1e100]"),
+        ("run", "a\ud800", "a non-empty string"),  # a lone surrogate: no UTF-8 to write it in
         ("model_sha256", 7, "a string or null"),
     ],
 )
@@ -660,3 +663,23 @@ def test_a_result_row_of_the_wrong_kind_is_refused_naming_file_row_and_field(tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"results.json: row 1: field '{field}': must be {kind}" in err, err
     assert not (tmp_path / "lb").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value, needle",
+    [
+        ("kls_sample", [1.0], "field 'kls_sample': 1 values for 2 rewards"),
+        ("scenario_ids", ["e0"], "field 'scenario_ids': 1 scenarios for 2 rewards, 1 per prompt"),
+    ],
+)
+def test_lists_of_another_length_are_refused_naming_their_file(tmp_path, capsys, field, value, needle):
+    """A row whose KL or scenario list does not match its rewards: named in its own file and row (the scenario
+    ids were checked against the prompt set's first file, which was named instead; the KL gave numpy's shape
+    error naming no file)."""
+    good = [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2, scenario_ids=["e0", "e1"])]
+    bad = [result_row("a", 3, "m1", [2.0, 3.0], [1.0, 2.0], scenario_ids=["e0", "e1"])]
+    bad[0][field] = value
+    x, y = write_results(tmp_path / "x", good), write_results(tmp_path / "y", bad)
+    assert eval_cli.main(["leaderboard", x, y, "--out", str(tmp_path / "lb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'y' / 'results.json'}: row 0: {needle}" in err, err
