@@ -528,9 +528,10 @@ def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
     "edit,needle",
     [
         (lambda t: t.update(messages="text"), "field 'messages': must be a list"),
-        (lambda t: t.update(turn_rewards=[]), "field 'assistant_turns': must be a list of turn indices"),
-        (lambda t: t.update(turn_rewards="1111"), "field 'turn_rewards': must be a list of finite numbers"),
-        (lambda t: t["turn_rewards"].__setitem__(0, float("nan")), "field 'turn_rewards': must be a list of finite"),
+        (lambda t: t.update(turn_rewards=[]), "one reward per turn, got 4 turns, 0 and 4 rewards"),
+        (lambda t: t.update(turn_rewards="1111"), "field 'turn_rewards': must be a list of numbers"),
+        (lambda t: t["turn_rewards"].__setitem__(0, float("nan")), "field 'turn_rewards': must be a list of numbers"),
+        (lambda t: t.update(assistant_turns=[0, 9]), "field 'assistant_turns': must be a list of turn indices"),
         (lambda t: t["assistant_turns"].__setitem__(0, "0"), "field 'assistant_turns'"),
         (lambda t: t["assistant_turns"].__setitem__(0, -1), "field 'assistant_turns'"),
         (lambda t: t["messages"][1].update(content="a <|im_end|> b"), "contains '<|im_end|>'"),
@@ -560,19 +561,29 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("id", "../../etc/passwd", "field 'id': must be an entry id"),
         ("id", "multi_turn_base_x", "field 'id': must be an entry id"),
         ("valid", "false", "field 'valid': must be true or false"),
-        ("turn_rewards", 1, "field 'turn_rewards': must be a list of finite numbers"),
-        ("turn_rewards", [1.0, float("nan")], "field 'turn_rewards': must be a list of finite numbers"),
-        ("turn_rewards_reset", ["1"], "field 'turn_rewards_reset': must be a list of finite numbers"),
-        ("turn_rewards", [1.0, 10**400], "field 'turn_rewards': must be a list of finite numbers"),
+        ("turn_rewards", 1, "field 'turn_rewards': must be a list of numbers in [-1e100, 1e100]"),
+        ("turn_rewards", [1.0, float("nan")], "field 'turn_rewards': must be a list of numbers"),
+        ("turn_rewards_reset", ["1"], "field 'turn_rewards_reset': must be a list of numbers"),
+        ("turn_rewards", [1.0, 10**400], "field 'turn_rewards': must be a list of numbers"),
+        ("turn_rewards", [1e308, 1e308], "field 'turn_rewards': must be a list of numbers"),  # a mean of inf
+        ("turn_rewards", [1.0], "'num_turns', 'turn_rewards', 'turn_rewards_reset': one reward per turn"),
+        ("num_turns", -1, "one reward per turn, got -1 turns"),
+        ("category", "simple", "field 'category': \"simple\" is not its id's"),
     ],
 )
-def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path, capsys, field, value, needle):
+@pytest.mark.parametrize("command", ["report", "to-buffer"])
+def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path, capsys, field, value, needle, command):
     """bfcl report counted "valid": "false" as valid and NaN turn rewards, reported unknown ids as categories
-    of their own, and ended in a TypeError for an int id or turn_rewards: one line naming the field now."""
+    of their own, and ended in a TypeError for an int id or turn_rewards; it counted a made-up category, fewer
+    rewards than turns and an infinite mean; to-buffer took ids and validity report refuses. One line naming
+    the field now, from both."""
     entry = data.load_entry("multi_turn_base", 0)
     t = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    assert t["num_turns"] == len(t["turn_rewards"]) > 1 and t["category"] == "multi_turn_base"
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({**t, field: value}, allow_nan=True) + "\n")
-    assert cli.main(["report", str(path)]) == 2
+    out = ["--out", str(tmp_path / "b")] if command == "to-buffer" else []
+    assert cli.main([command, str(path), *out]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: trajectory 1" in err and needle in err, err
+    assert not (tmp_path / "b").exists()

@@ -137,17 +137,31 @@ def _cmd_rollout(args) -> int:
 
 
 def _check_scored(t: dict, where: str) -> None:
-    """The fields ``report`` counts, each of its kind: ``id`` an entry id of a multi-turn category, ``valid``
-    true or false (a string "false" would count as valid), turn rewards lists of finite numbers."""
+    """The fields ``report`` counts (and ``to-buffer`` reads), each of its kind: ``id`` an entry id of a
+    multi-turn category (``category``, when given, its), ``valid`` true or false (a string "false" would count
+    as valid), turn rewards lists of bounded numbers, one per turn (``num_turns``, when given)."""
     entry = t["id"]
     if not isinstance(entry, str) or entry_category(entry) not in CATEGORIES or not entry.rsplit("_", 1)[-1].isdigit():
         raise ValueError(f"{where}: field 'id': must be an entry id such as multi_turn_base_0, got {json.dumps(entry)}")
     if not isinstance(t["valid"], bool):
         raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
+    if "category" in t and t["category"] != entry_category(entry):
+        raise ValueError(f"{where} ({entry}): field 'category': {json.dumps(t['category'])[:40]} is not its id's")
     for field in ("turn_rewards", "turn_rewards_reset"):
         r = t[field]
-        if not isinstance(r, list) or not all(is_finite_number(x) for x in r):
-            raise ValueError(f"{where} ({entry}): field {field!r}: must be a list of finite numbers, got {str(r)[:60]}")
+        if not isinstance(r, list) or not all(is_finite_number(x) and abs(x) <= 1e100 for x in r):
+            raise ValueError(
+                f"{where} ({entry}): field {field!r}: must be a list of numbers in [-1e100, 1e100], got {str(r)[:60]}"
+            )
+    n = t.get("num_turns", len(t["turn_rewards"]))
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1) or {
+        len(t["turn_rewards"]),
+        len(t["turn_rewards_reset"]),
+    } != {n}:
+        raise ValueError(
+            f"{where} ({entry}): fields 'num_turns', 'turn_rewards', 'turn_rewards_reset': one reward per turn, "
+            f"got {json.dumps(t.get('num_turns'))} turns, {len(t['turn_rewards'])} and {len(t['turn_rewards_reset'])} rewards"
+        )
 
 
 def _cmd_report(args) -> int:
@@ -218,11 +232,11 @@ def _cmd_prompts(args) -> int:
 def _cmd_to_buffer(args) -> int:
     read = [(path, i, t) for path in args.trajectories for i, t in enumerate(read_trajectories(path), 1)]
     for path, i, t in read:
+        _check_scored(t, f"{path}: trajectory {i}")  # what report counts, checked alike
         t["_where"] = f"{path}: trajectory {i} ({t['id']})"  # what a refusal of its messages names
     trajectories = _in_subset([t for _, _, t in read], args)
     if not trajectories:
-        log.error(f"to-buffer: no trajectories to write (subset {args.subset})")
-        return 2
+        raise ValueError(f"no trajectories to write (subset {args.subset})")
     tok, info = load_tokenizer(args.tokenizer)
     buf = write_buffer(
         trajectories_to_rows(trajectories, tok, args.reward),
