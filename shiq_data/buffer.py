@@ -287,7 +287,7 @@ def read_manifest(buffer_dir) -> dict:
         raise FileNotFoundError(f"{path} not found: {buffer_dir} is not a replay buffer (no manifest)")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # (bad JSON or UTF-8, 4300-digit numbers, nesting too deep)
         raise ValueError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")

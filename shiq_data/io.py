@@ -217,6 +217,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 raise RowError(
                     path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"
                 ) from None
+            except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
+                raise RowError(path, n, "*", f"not valid JSON ({e})", row_label="line") from None
             if not isinstance(obj, dict):
                 raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
             if "\\u" in line:  # only an escape can make a lone surrogate (the line itself is valid UTF-8)

@@ -131,7 +131,7 @@ def read_results(folders) -> list[dict]:
             raise ValueError(f"{folder}: no {RESULTS} (expected an --out folder of shiq-eval run)")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # (bad JSON or UTF-8, 4300-digit numbers, nesting too deep)
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")

@@ -210,3 +210,25 @@ def test_append_with_another_tokenizer_says_so_first(tmp_path, capsys):
     code, _, err = run(capsys, "append", tmp_path / "b", "jsonl", rows, "--tokenizer", "smollm2")
     assert code == 2 and "tokenizer mismatch: the buffer was built with 'gpt2', --tokenizer 'smollm2'" in err
     assert "system" not in err
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"rows": 1' + "0" * 5000 + "}"])
+def test_json_too_deep_or_a_number_too_long_is_named_with_its_file(tmp_path, text):
+    """Nesting deeper than Python's recursion limit, or an integer of more than 4300 digits, gave a message
+    naming no file (json's RecursionError or ValueError): now the JSONL line, the manifest and a results file
+    are named like any other bad JSON."""
+    from shiq_data.io import RowError, iter_jsonl
+    from shiq_eval.leaderboard import read_results
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b", "reward": 1.0}\n' + text + "\n")
+    with pytest.raises(RowError, match=rf"{rows}: line 2: .*not valid JSON"):
+        list(iter_jsonl(rows))
+    a = _build(tmp_path / "a")
+    (a / "manifest.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{a / 'manifest.json'}: not valid JSON"):
+        open_buffer(a)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'r' / 'results.json'}: not valid JSON"):
+        read_results([tmp_path / "r"])
