@@ -22,7 +22,12 @@ ROLES = ("system", "user", "assistant", "tool")
 
 
 class ChatTemplateError(ValueError):
-    """The conversation cannot be rendered into prefix-stable, correctly delimited turns."""
+    """The conversation cannot be rendered into prefix-stable, correctly delimited turns. ``message``: the
+    index of the message at fault, when one is (its text is then ``detail``)."""
+
+    def __init__(self, text: str, message: int | None = None, detail: str | None = None):
+        super().__init__(text)
+        self.message, self.detail = message, detail
 
 
 def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool) -> list[int]:
@@ -91,11 +96,16 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
     for i, m in enumerate(messages):
         found = [t for t in texts if t in m["content"]]
         if found:
-            what = "the end-of-turn token (the turn would end early)" if found[0] == eot_text else "a control token"
-            raise ChatTemplateError(
-                f"messages[{i}].content contains {found[0]!r}, the text of this tokenizer's {what}; it would be "
-                "read as that control token, not as text: remove it from the data"
+            what = (
+                "this tokenizer's end-of-turn token (the turn would end early)"
+                if found[0] == eot_text
+                else "one of this tokenizer's control tokens"
             )
+            detail = (
+                f"contains {found[0]!r}, the text of {what}; it would be read as that control token, not as text: "
+                "remove it from the data"
+            )
+            raise ChatTemplateError(f"messages[{i}].content {detail}", message=i, detail=detail)
 
 
 SYSTEM_PROMPT_SETTINGS = ("template", "off")

@@ -563,3 +563,28 @@ def test_plain_text_spelling_a_control_token_is_refused_like_chat_text(tmp_path,
         tmp_path / "ok",
     )
     assert code == 0, err
+
+
+@pytest.mark.parametrize(
+    "prompt, completion, field, what",
+    [
+        ("<|im_end|>", "x", "prompt", "this tokenizer's end-of-turn token (the turn would end early)"),
+        (
+            [{"role": "system", "content": "<|endoftext|>"}, {"role": "user", "content": "q"}],
+            "x",
+            "prompt[0].content",
+            "one of this tokenizer's control tokens",
+        ),
+        ("q", "a <|im_start|>", "completion[0].content", "one of this tokenizer's control tokens"),
+    ],
+)
+def test_control_text_in_a_chat_row_names_the_message_it_is_in(tmp_path, capsys, tok, prompt, completion, field, what):
+    """A control token's text in a chat row's prompt was reported as in field 'completion', and the message
+    read "the text of this tokenizer's the end-of-turn token": now the prompt or completion message holding it."""
+    from data_cli_runs import run, write_jsonl
+
+    row = {"prompt": prompt, "completion": [{"role": "assistant", "content": completion}], "reward": 1.0}
+    src = write_jsonl(tmp_path / "rows.jsonl", [row])
+    code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")
+    assert code == 2 and not (tmp_path / "b").exists()
+    assert f"rows.jsonl: line 1: field '{field}': contains '" in err and f"', the text of {what}; it would" in err

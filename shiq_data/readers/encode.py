@@ -19,7 +19,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from shiq_data.chat import control_texts, encode_chat
+from shiq_data.chat import ChatTemplateError, control_texts, encode_chat
 from shiq_data.io import RowError
 from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
@@ -78,6 +78,10 @@ def encode_messages(
     )
     try:
         return encode_chat(tokenizer, messages, actions=actions, context=context, **kwargs)
+    except ChatTemplateError as e:
+        if field_of is None or e.message is None:
+            raise row_error(path, line, field, str(e), row_label) from None
+        raise row_error(path, line, field_of(e.message), e.detail, row_label) from None  # the message at fault
     except ValueError as e:
         raise row_error(path, line, field, str(e), row_label) from None
 
@@ -107,7 +111,11 @@ def _encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_lab
         "completion",
         context=k,
         row_label=row_label,
-        field_of=lambda i: f"completion[{i - k}].content",
+        field_of=lambda i: (
+            f"completion[{i - k}].content"
+            if i >= k
+            else ("prompt" if isinstance(prompt, str) else f"prompt[{i}].content")
+        ),
         **_chat_rewards(record),
     )
 

@@ -127,7 +127,7 @@ def read_ultrafeedback(
                     line,
                     field,
                     completion_reward=score,
-                    field_of=lambda i: f"{field}.response",
+                    field_of=lambda i: f"{field}.response" if i else prompt_key,
                 )
                 extra = extra_text({**obj, **c}, (prompt_key, "completions", "response"))
                 text = text_columns(prompt, messages[1:], reward=score, extra=extra)
@@ -140,7 +140,11 @@ def read_ultrafeedback(
                 if score_key not in obj:
                     raise row_error(path, line, score_key, "missing")
                 score = finite_number(obj[score_key], path, line, score_key)
-                field_of = (lambda i: key) if isinstance(obj[key], str) else (lambda i: f"{key}[{i}].content")
+                field_of = (
+                    (lambda i: key if i else prompt_key)
+                    if isinstance(obj[key], str)
+                    else (lambda i: f"{key}[{i}].content")
+                )
                 encoded = encode_messages(
                     tokenizer, messages, path, line, key, completion_reward=score, actions="last", field_of=field_of
                 )
