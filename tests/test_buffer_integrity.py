@@ -232,3 +232,24 @@ def test_json_too_deep_or_a_number_too_long_is_named_with_its_file(tmp_path, tex
     (tmp_path / "r" / "results.json").write_text(text)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'r' / 'results.json'}: not valid JSON"):
         read_results([tmp_path / "r"])
+
+
+def test_a_shard_with_invalid_utf8_text_is_refused_even_with_a_matching_checksum(tmp_path, capsys):
+    """A shard edited together with its checksum so that a string (a row id) holds invalid UTF-8: Arrow reads
+    such strings without a check, and validate named no file ("'utf-8' codec can't decode") while filter copied
+    the bytes into a new buffer with a fresh checksum. Refused now, naming the shard, nothing written."""
+    a = _build(tmp_path / "a")
+    entry = read_manifest(a)["shards"][0]
+    path = Path(a) / entry["file"]
+    data = path.read_bytes()
+    at = data.index(b"r0-1")
+    path.write_bytes(data[:at] + b"\xff" + data[at + 1 :])
+    _edit_manifest(a, lambda m: m["shards"][0].update(sha256=_sha(path)))
+    with pytest.raises(ValueError, match=rf"{path}: not a readable Arrow shard .*the buffer is damaged"):
+        B.read_shard(path)
+    for argv in (["validate", str(a)], ["filter", str(a), "--where", "reward > -100", "--out", str(tmp_path / "f")]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert str(path) in err and "not a readable Arrow shard" in err, err
+    assert not (tmp_path / "f").exists()
