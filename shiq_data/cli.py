@@ -117,8 +117,14 @@ def cmd_append(args) -> int:
     name = args.tokenizer or manifest["tokenizer"]["name"]
     try:
         tokenizer, info = load_tokenizer(name)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"{e}; the buffer's tokenizer {name!r} cannot be loaded, pass --tokenizer") from None
+    except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
+        where = (
+            f"--tokenizer {name}"
+            if args.tokenizer
+            else f"{Path(args.buffer) / MANIFEST}: field 'tokenizer.name' {name!r}"
+        )
+        hint = "" if args.tokenizer else ": pass --tokenizer"
+        raise ValueError(f"{where}: cannot be loaded ({' '.join(str(e).split())[:160]}){hint}") from None
     if info["fingerprint"] != manifest["tokenizer"]["fingerprint"]:  # before its settings are compared
         raise ValueError(
             f"{Path(args.buffer) / MANIFEST}: tokenizer mismatch: the buffer was built with "

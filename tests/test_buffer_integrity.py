@@ -253,3 +253,19 @@ def test_a_shard_with_invalid_utf8_text_is_refused_even_with_a_matching_checksum
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert str(path) in err and "not a readable Arrow shard" in err, err
     assert not (tmp_path / "f").exists()
+
+
+def test_a_manifest_tokenizer_that_cannot_be_loaded_is_named_as_its_field(tmp_path, capsys):
+    """A manifest whose tokenizer.name is a folder transformers cannot read gave transformers' own message
+    ("Couldn't instantiate the backend tokenizer ...") naming neither the manifest nor the field."""
+    a = _build(tmp_path / "a")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "tokenizer_config.json").write_text("{}")
+    _edit_manifest(a, lambda m: m["tokenizer"].update(name=str(tmp_path / "empty")))
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b", "reward": 1.0}\n')
+    for argv in (["show", str(a)], ["append", str(a), "jsonl", str(rows)]):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{a / 'manifest.json'}: field 'tokenizer.name'" in err and "cannot be loaded" in err, err

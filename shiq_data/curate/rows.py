@@ -160,8 +160,11 @@ class CurationSource:
             name = self.manifest["tokenizer"].get("name", "")
             try:
                 tok, info = _load_tokenizer(name)
-            except FileNotFoundError as e:
-                raise FileNotFoundError(f"{self.path / MANIFEST}: cannot load the buffer's tokenizer ({e})") from None
+            except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
+                raise ValueError(
+                    f"{self.path / MANIFEST}: field 'tokenizer.name': the buffer's tokenizer {name!r} cannot be loaded "
+                    f"({' '.join(str(e).split())[:160]})"
+                ) from None
             if info["fingerprint"] != self.fingerprint:
                 raise ValueError(
                     f"{self.path / MANIFEST}: tokenizer {name!r} loads with fingerprint {info['fingerprint'][:12]}…, "
