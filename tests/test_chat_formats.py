@@ -588,3 +588,16 @@ def test_control_text_in_a_chat_row_names_the_message_it_is_in(tmp_path, capsys,
     code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")
     assert code == 2 and not (tmp_path / "b").exists()
     assert f"rows.jsonl: line 1: field '{field}': contains '" in err and f"', the text of {what}; it would" in err
+
+
+def test_a_reward_inside_a_jsonl_message_is_refused_not_dropped(tmp_path, capsys):
+    """``{"role": "assistant", "content": "x", "reward": NaN}`` in a jsonl completion was accepted, its reward
+    ignored (the multiturn format reads it; jsonl reads ``turn_rewards``) and its NaN kept in the completion's
+    text, which export then wrote as non-standard JSON."""
+    from data_cli_runs import run, write_jsonl
+
+    msg = {"role": "assistant", "content": "x", "reward": 0.5}
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "q", "completion": [msg], "reward": 1.0}])
+    code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")
+    assert code == 2 and not (tmp_path / "b").exists()
+    assert "line 1: field 'completion[0].reward': a reward inside a message is read by the multiturn format" in err

@@ -88,6 +88,13 @@ def _check_chat(record: dict, err) -> None:
                 check_messages(value, key)
             except MessageError as e:
                 raise err(e.field, e.problem) from None
+            rewarded = [i for i, m in enumerate(value) if "reward" in m]
+            if rewarded:  # else silently dropped (and kept, NaN included, in the completion's text)
+                raise err(
+                    f"{key}[{rewarded[0]}].reward",
+                    "a reward inside a message is read by the multiturn format; here give the completion's "
+                    "'turn_rewards' (one per assistant turn) or its 'reward'",
+                )
         elif not isinstance(value, str):
             raise err(key, f"must be a string or {MESSAGES}, got {type(value).__name__}")
     if not any(m["role"] == "assistant" for m in record["completion"]):
