@@ -44,7 +44,13 @@ from pathlib import Path
 from shiq_data.assets import VADER_SDIST, smollm2_gguf
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.chat import check_messages
-from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
+from shiq_data.cli_common import (
+    add_log_level_option,
+    folder_path,
+    quiet_optional_dependencies,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import atomic_write_json, files_together, weight_files
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
@@ -632,6 +638,8 @@ def reference_files(reference: str) -> list[Path]:
 def leaderboard_command(args) -> None:
     """shiq-eval leaderboard: merge result folders into one table (CSV, Markdown, HTML with plots)."""
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EvalInputError(f"--out {out} is a file: give a folder for the leaderboard")
     for folder in args.results:  # its plots have the same names as the leaderboard's: they would be replaced
         if out.resolve() == Path(folder).resolve():
             raise EvalInputError(f"--out {out} is one of the result folders read: give the leaderboard its own folder")
@@ -770,7 +778,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     lb.add_argument("results", nargs="+", metavar="RESULT_DIR", help="--out folders of shiq-eval run")
-    lb.add_argument("--out", required=True, help="output folder of the leaderboard")
+    lb.add_argument("--out", required=True, type=folder_path, help="output folder of the leaderboard")
     lb.add_argument(
         "--allow-mixed", action="store_true", help="merge results of different suites (not comparable) anyway"
     )

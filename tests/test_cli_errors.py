@@ -149,6 +149,8 @@ CASES = [
     case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),
     case("shiq-demo", ["--out", "{d}/demo", "train.nope=1"], "train.nope"),
     case("shiq-toys", ["bandit", "--quick", "--out", "{d}/afile"], "afile"),
+    case("shiq-data", ["stats", "{d}/buf", "--plot", "{d}/afile"], "--plot {d}/afile is a file"),
+    case("shiq-eval", ["leaderboard", "{d}/evalrun", "--out", "{d}/afile"], "--out {d}/afile is a file"),
 ]
 
 

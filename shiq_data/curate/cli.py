@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from shiq_data.buffer import refuse_inside_buffer
-from shiq_data.cli_common import int_at_least
+from shiq_data.cli_common import folder_path, int_at_least
 from shiq_data.curate.dedup import BY as DEDUP_BY
 from shiq_data.curate.dedup import dedup_buffer
 from shiq_data.curate.filter import filter_buffer
@@ -38,6 +40,8 @@ def cmd_show(args) -> int:
 def cmd_stats(args) -> int:
     if args.plot:
         refuse_inside_buffer(args.plot, "--plot", itself=True)
+        if Path(args.plot).exists() and not Path(args.plot).is_dir():
+            raise ValueError(f"--plot {args.plot} is a file: give a folder for the histograms")
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
@@ -137,7 +141,9 @@ def add_commands(sub) -> None:
     )
     st.add_argument("buffer", metavar="BUFFER")
     st.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
-    st.add_argument("--plot", default=None, metavar="DIR", help="also write histograms as PNG files into DIR")
+    st.add_argument(
+        "--plot", type=folder_path, default=None, metavar="DIR", help="also write histograms as PNG files into DIR"
+    )
     st.set_defaults(func=cmd_stats)
 
     f = sub.add_parser(
