@@ -398,6 +398,12 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     for key, total in _totals(manifest["shards"]).items():
         if manifest[key] != total:
             raise ValueError(f"{path}: field {key!r} is {manifest[key]}, its shards' {key!r} add up to {total}")
+    every = all(s["has_ref"] for s in manifest["shards"])
+    if manifest["shards"] and "has_ref_stats" in manifest and manifest["has_ref_stats"] is not every:
+        raise ValueError(
+            f"{path}: field 'has_ref_stats' is {json.dumps(manifest['has_ref_stats'])}, but "
+            f"{'every' if every else 'not every'} shard has reference statistics (has_ref)"
+        )
 
 
 _VERIFIED: dict[tuple, bool] = {}  # (real path, size, mtime_ns, sha256) -> checked once per process

@@ -109,6 +109,7 @@ def _drop(key):
         (lambda m: m.update(rows=m["rows"] + 1), "field 'rows' is 7, its shards' 'rows' add up to 6"),
         (lambda m: m.update(tokens=m["tokens"] - 1), "field 'tokens' is"),
         (lambda m: m.update(action_tokens=0), "field 'action_tokens' is 0"),
+        (lambda m: m.update(has_ref_stats=True), "field 'has_ref_stats' is true, but not every shard has"),
         (lambda m: m["shards"].append(dict(m["shards"][0])), "shards[2].file: 'shard-00000.arrow' repeats"),
         (lambda m: m["shards"][1].update(file="shard-00000.r1.arrow"), "shards[1].file: 'shard-00000.r1.arrow'"),
     ],

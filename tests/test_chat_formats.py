@@ -601,3 +601,11 @@ def test_a_reward_inside_a_jsonl_message_is_refused_not_dropped(tmp_path, capsys
     code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")
     assert code == 2 and not (tmp_path / "b").exists()
     assert "line 1: field 'completion[0].reward': a reward inside a message is read by the multiturn format" in err
+    # beside turn_rewards (an export of multiturn rows keeps both) it is accepted, if it is a number
+    rows = [{"prompt": "q", "completion": [msg], "turn_rewards": [0.5]}]
+    rows.append({"prompt": "q", "completion": [{**msg, "reward": float("nan")}], "turn_rewards": [0.5]})
+    src = write_jsonl(tmp_path / "rows2.jsonl", rows)
+    code, _, err = run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")
+    assert code == 2 and "line 2: field 'completion[0].reward': must be a finite number or null, got NaN" in err
+    src = write_jsonl(tmp_path / "rows3.jsonl", rows[:1])
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")[0] == 0

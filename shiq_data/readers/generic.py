@@ -88,13 +88,16 @@ def _check_chat(record: dict, err) -> None:
                 check_messages(value, key)
             except MessageError as e:
                 raise err(e.field, e.problem) from None
-            rewarded = [i for i, m in enumerate(value) if "reward" in m]
-            if rewarded:  # else silently dropped (and kept, NaN included, in the completion's text)
-                raise err(
-                    f"{key}[{rewarded[0]}].reward",
-                    "a reward inside a message is read by the multiturn format; here give the completion's "
-                    "'turn_rewards' (one per assistant turn) or its 'reward'",
-                )
+            # a message's reward (the multiturn format's; an export of such rows keeps it beside turn_rewards)
+            for i, m in enumerate(value):
+                if "reward" in m and not (m["reward"] is None or is_finite_number(m["reward"])):
+                    raise err(f"{key}[{i}].reward", f"must be a finite number or null, got {json.dumps(m['reward'])}")
+                if "reward" in m and record.get("turn_rewards") is None:  # else dropped without a word
+                    raise err(
+                        f"{key}[{i}].reward",
+                        "a reward inside a message is read by the multiturn format; here give the completion's "
+                        "'turn_rewards' (one per assistant turn) or its 'reward'",
+                    )
         elif not isinstance(value, str):
             raise err(key, f"must be a string or {MESSAGES}, got {type(value).__name__}")
     if not any(m["role"] == "assistant" for m in record["completion"]):
