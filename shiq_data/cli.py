@@ -22,7 +22,7 @@ from shiq_data.buffer import (
     write_buffer,
 )
 from shiq_data.chat import set_system_prompt
-from shiq_data.cli_common import add_log_level_option, int_at_least, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, folder_path, int_at_least, run_command, setup_logging
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
-    b.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
+    b.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
     b.add_argument("--shard-rows", type=int_at_least(1), default=4096, help="rows per shard (default %(default)s)")
     b.add_argument("--system-prompt", default="template", metavar="template|off|TEXT", help=system_help)
     input_options(b)
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument("buffer", metavar="BUFFER", help="buffer folder with text columns")
     r.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
-    r.add_argument("--out", required=True, metavar="DIR", help="buffer folder to create")
+    r.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
     r.add_argument(
         "--shard-rows", type=int_at_least(1), default=None, help="rows per shard (default: the buffer's first shard's)"
     )
@@ -394,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
         "each back (formats datasets, parquet, jsonl). Reference statistics are not exported.",
     )
     e.add_argument("buffer", metavar="BUFFER")
-    e.add_argument("--out", required=True, metavar="DIR", help="folder to create")
+    e.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="folder to create")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="hf, parquet or jsonl")
     e.set_defaults(func=cmd_export)
 

@@ -186,6 +186,13 @@ def folder_path(text: str) -> str:
     return text
 
 
+def file_path(text: str) -> str:
+    """An argparse ``type`` for an output file: refuses the empty string (argparse names the option)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a file, got an empty string")
+    return text
+
+
 def int_at_least(low: int, high: int | None = None):
     """An argparse ``type``: an integer >= ``low`` (and <= ``high`` when given; argparse names the option in
     its refusal)."""

@@ -152,6 +152,8 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path
 def open_binary(path: str | os.PathLike):
     """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz``."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder: give a file")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

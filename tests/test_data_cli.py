@@ -693,3 +693,24 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(capsys):
     assert run_command("shiq-data", broken) == 2
     err = capsys.readouterr().err
     assert err.startswith("shiq-data: error: ") and "Broken pipe" in err and err.count("\n") == 1
+
+
+def test_empty_output_names_and_a_folder_for_an_input_file_are_refused(tmp_path, capsys):
+    """``--out ""`` said "--out  already exists" (build) or wrote nothing with exit 0 (bfcl report); a folder
+    given as the input file gave "[Errno 21] Is a directory"."""
+    from shiq_data.cli import main
+    from shiq_eval.bfcl.cli import main as bfcl_main
+
+    for call, argv, needle in [
+        (main, ["build", "jsonl", str(tmp_path), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")], None),
+        (main, ["build", "jsonl", "x.jsonl", "--tokenizer", "gpt2", "--out", ""], "argument --out: must name a folder"),
+        (bfcl_main, ["report", "t.jsonl", "--out", ""], "argument --out: must name a file"),
+        (bfcl_main, ["report", "t.jsonl", "--csv", " "], "argument --csv: must name a file"),
+    ]:
+        capsys.readouterr()
+        try:
+            code = call(argv)
+        except SystemExit as e:
+            code = e.code
+        err = capsys.readouterr().err
+        assert code == 2 and (needle or f"{tmp_path} is a folder: give a file") in err, err

@@ -115,7 +115,7 @@ def add_commands(sub) -> None:
     """Add show, stats, filter, dedup, split and mix to the ``shiq-data`` subparsers ``sub``."""
 
     def out_options(p, what="new buffer folder (must not exist)"):
-        p.add_argument("--out", required=True, metavar="DIR", help=what)
+        p.add_argument("--out", required=True, type=folder_path, metavar="DIR", help=what)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     s = sub.add_parser(

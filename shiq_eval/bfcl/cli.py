@@ -15,7 +15,15 @@ from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
-from shiq_data.cli_common import add_log_level_option, check_output_files, int_at_least, run_command, setup_logging
+from shiq_data.cli_common import (
+    add_log_level_option,
+    check_output_files,
+    file_path,
+    folder_path,
+    int_at_least,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
 from shiq_data.schema import is_finite_number
 from shiq_data.tokenizers import load_tokenizer
@@ -280,7 +288,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         "check-ground-truth", help="replay every ground truth through the checker; exit status 1 if any entry fails"
     )
     categories(q)
-    q.add_argument("--out", help="write the summary (with timing and failures) as JSON here")
+    q.add_argument("--out", type=file_path, help="write the summary (with timing and failures) as JSON here")
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_check_ground_truth)
 
@@ -300,7 +308,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
-    q.add_argument("--out", required=True, help="trajectory JSONL to write (atomically)")
+    q.add_argument("--out", required=True, type=file_path, help="trajectory JSONL to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
     q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
@@ -322,7 +330,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--compact", action="store_true", help="shorter function docs (fewer tokens per prompt)")
-    q.add_argument("--out", required=True, help="prompts JSONL to write (atomically)")
+    q.add_argument("--out", required=True, type=file_path, help="prompts JSONL to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_prompts)
 
@@ -336,9 +344,11 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
     subset(q, "keep only entries of this part of the split")
-    q.add_argument("--out", help="write the report as JSON here (atomically)")
-    q.add_argument("--csv", help="write the leaderboard (one row per model) as CSV here")
-    q.add_argument("--markdown", help="write the leaderboard (one row per model) as a Markdown table here")
+    q.add_argument("--out", type=file_path, help="write the report as JSON here (atomically)")
+    q.add_argument("--csv", type=file_path, help="write the leaderboard (one row per model) as CSV here")
+    q.add_argument(
+        "--markdown", type=file_path, help="write the leaderboard (one row per model) as a Markdown table here"
+    )
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.set_defaults(func=_cmd_report)
 
@@ -351,7 +361,7 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         "Trajectories of one entry share a group (completions of one prompt).",
     )
     q.add_argument("trajectories", nargs="+", help="trajectory JSONL files written by 'rollout'")
-    q.add_argument("--out", required=True, help="buffer folder to create")
+    q.add_argument("--out", required=True, type=folder_path, help="buffer folder to create")
     q.add_argument(
         "--tokenizer",
         default="smollm2",
