@@ -544,3 +544,19 @@ def test_option_values_out_of_range_are_refused_by_name(data, tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             run(capsys, "show", data["a"], "--rows", rows)
         assert e.value.code == 2 and f"argument --rows: must be >= 1, got {rows}" in capsys.readouterr().err
+
+
+def test_extra_integers_beyond_int64_are_numbers_to_where(tmp_path, capsys):
+    """An ``extra`` integer beyond int64 ("score": 10**30) built fine, then every --where on the buffer ended in
+    "OverflowError: Python int too large to convert to C long": such a key is now a float column (and one
+    beyond the float range, text)."""
+    rows = [{"prompt": "p", "completion": f" c{i}", "reward": 1.0, "score": s} for i, s in enumerate([10**30, 2, 0])]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    code, _, err = run(
+        capsys, "filter", tmp_path / "b", "--where", "score > 1", "--out", tmp_path / "f", "--no-progress"
+    )
+    assert code == 0, err
+    assert len(open_buffer(tmp_path / "f")) == 2
+    stats, _ = buffer_stats(tmp_path / "b", "score > 1e29")
+    assert stats["all"]["rows"] == 1

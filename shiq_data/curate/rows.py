@@ -86,8 +86,8 @@ def _kind(value) -> str | None:
         return None
     if isinstance(value, bool):
         return "bool"
-    if isinstance(value, int):
-        return "int"
+    if isinstance(value, int):  # one beyond int64 as a float (a column of numbers still); beyond that as text
+        return "int" if -(2**63) <= value < 2**63 else "float" if abs(value) < 1e308 else "json"
     if isinstance(value, float):
         return "float"
     if isinstance(value, str):
