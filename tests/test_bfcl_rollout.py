@@ -560,6 +560,7 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("id", 7, "field 'id': must be an entry id"),
         ("id", "../../etc/passwd", "field 'id': must be an entry id"),
         ("id", "multi_turn_base_x", "field 'id': must be an entry id"),
+        ("id", "multi_turn_base_9999", "field 'id': multi_turn_base_9999 is no entry of BFCL-V3 multi_turn_base"),
         ("valid", "false", "field 'valid': must be true or false"),
         ("turn_rewards", 1, "field 'turn_rewards': must be a list of numbers in [-1e100, 1e100]"),
         ("turn_rewards", [1.0, float("nan")], "field 'turn_rewards': must be a list of numbers"),

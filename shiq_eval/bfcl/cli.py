@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -144,6 +145,11 @@ def _cmd_rollout(args) -> int:
     return 0
 
 
+@functools.cache
+def _entries(category: str) -> list[dict]:
+    return load_category(category)
+
+
 def _check_scored(t: dict, where: str) -> None:
     """The fields ``report`` counts (and ``to-buffer`` reads), each of its kind: ``id`` an entry id of a
     multi-turn category (``category``, when given, its), ``valid`` true or false (a string "false" would count
@@ -151,6 +157,8 @@ def _check_scored(t: dict, where: str) -> None:
     entry = t["id"]
     if not isinstance(entry, str) or entry_category(entry) not in CATEGORIES or not entry.rsplit("_", 1)[-1].isdigit():
         raise ValueError(f"{where}: field 'id': must be an entry id such as multi_turn_base_0, got {json.dumps(entry)}")
+    if entry_index(entry) >= len(_entries(entry_category(entry))):
+        raise ValueError(f"{where}: field 'id': {entry} is no entry of BFCL-V3 {entry_category(entry)}")
     if not isinstance(t["valid"], bool):
         raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
     if "category" in t and t["category"] != entry_category(entry):
