@@ -73,6 +73,7 @@ COLUMNS = [
     "top_k",
     "step",
     "prompts",
+    "units",  # what the standard errors are over: prompts, or scenarios (one: no standard error)
     "samples_per_prompt",
     "temperature",
     "reward_mean",
@@ -96,6 +97,7 @@ PAIR_COLUMNS = [
     "run_b",
     "step_b",
     "prompts",
+    "units",
     "reward_diff",
     "reward_diff_stderr",
     "J_diff",

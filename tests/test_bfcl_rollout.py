@@ -192,7 +192,7 @@ def test_summary_numbers_by_hand():
         checker.summarize(rs + rs[:1])
 
 
-def test_command_line_rollout_and_report(tmp_path, capsys):
+def test_command_line_rollout_and_report(tmp_path, capsys, monkeypatch):
     traj = tmp_path / "t.jsonl"
     assert (
         cli.main(
@@ -245,6 +245,10 @@ def test_command_line_rollout_and_report(tmp_path, capsys):
         assert needle in capsys.readouterr().err, argv
         assert all(p.read_bytes() == b for p, b in kept.items())
     assert cli.main(["report", str(traj), "--out", str(out), "--overwrite"]) == 0
+    monkeypatch.setattr(cli, "SPLIT_PATH", split)  # the default split, read for --subset without --split
+    default_split = ["--subset", "test", "--out", str(split), "--overwrite"]
+    assert cli.main(["prompts", "--categories", "multi_turn_base", *default_split]) == 2
+    assert "is also an input of this command" in capsys.readouterr().err and split.read_bytes() == kept[split]
     assert cli.main([*roll, "--out", str(traj), "--overwrite"]) == 0 and len(traj.read_text().splitlines()) == 1
 
 
@@ -567,8 +571,10 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("turn_rewards_reset", ["1"], "field 'turn_rewards_reset': must be a list of numbers"),
         ("turn_rewards", [1.0, 10**400], "field 'turn_rewards': must be a list of numbers"),
         ("turn_rewards", [1e308, 1e308], "field 'turn_rewards': must be a list of numbers"),  # a mean of inf
-        ("turn_rewards", [1.0], "'num_turns', 'turn_rewards', 'turn_rewards_reset': one reward per turn"),
-        ("num_turns", -1, "one reward per turn, got -1 turns"),
+        ("turn_rewards", [1.0], "fields 'turn_rewards', 'turn_rewards_reset': one reward per turn, got 4 turns"),
+        ("num_turns", -1, "fields 'num_turns', 'kept_turns': integers >= 1"),
+        ("kept_turns", 2, "one reward per turn, got 2 turns, 4 and 4 rewards"),
+        ("kept_turns", 9, "the kept ones at most all, got 4 and 9"),
         ("category", "simple", "field 'category': \"simple\" is not its id's"),
     ],
 )
@@ -588,3 +594,16 @@ def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: trajectory 1" in err and needle in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, capsys):
+    """shiq-bfcl cuts a long trajectory to its first turns (``kept_turns``, the checker's ``num_turns`` kept):
+    report counts it, its rewards one per kept turn."""
+    from shiq_eval.recipes.bfcl import cut_to_turns
+
+    entry = data.load_entry("multi_turn_base", 0)
+    cut = cut_to_turns(ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry)), 2)
+    assert cut["kept_turns"] == len(cut["turn_rewards"]) == 2 < cut["num_turns"]
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(cut) + "\n")
+    assert cli.main(["report", str(path)]) == 0, capsys.readouterr().err

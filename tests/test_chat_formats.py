@@ -609,3 +609,7 @@ def test_a_reward_inside_a_jsonl_message_is_refused_not_dropped(tmp_path, capsys
     assert code == 2 and "line 2: field 'completion[0].reward': must be a finite number or null, got NaN" in err
     src = write_jsonl(tmp_path / "rows3.jsonl", rows[:1])
     assert run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b")[0] == 0
+    # a null one (a multiturn row rewarded as a whole, exported) is no reward: the row's own stands
+    null = [{"prompt": "q", "completion": [{**msg, "reward": None}], "reward": 1.0}]
+    src = write_jsonl(tmp_path / "rows4.jsonl", null)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b4")[0] == 0

@@ -393,6 +393,9 @@ def test_one_prompt_shows_no_standard_error_rather_than_zero(tmp_path):
     assert "| a | shiq | 0.5 | 3 | 2 ± – | 1 ± – | 1.5 ± – |" in md and "± 0" not in md
     assert "none (–) over a single prompt or scenario" in md and "2 ± –" in (out / "leaderboard.html").read_text()
     assert "| a @ 3 | reference @ 0 | 1 ± – | 0.5 ± – |" in md
+    assert set(pd.read_csv(out / "leaderboard.csv")["units"]) == {1} and list(
+        pd.read_csv(out / "pairs.csv")["units"]
+    ) == [1]
     two = [result_row("reference", 0, "r", [1.0, 3.0], [0.0] * 2), result_row("a", 3, "m", [2.0, 4.0], [1.0] * 2)]
     assert eval_cli.main(["leaderboard", write_results(tmp_path / "y", two), "--out", str(tmp_path / "two")]) == 0
     md = (tmp_path / "two" / "leaderboard.md").read_text()

@@ -92,7 +92,7 @@ def _check_chat(record: dict, err) -> None:
             for i, m in enumerate(value):
                 if "reward" in m and not (m["reward"] is None or is_finite_number(m["reward"])):
                     raise err(f"{key}[{i}].reward", f"must be a finite number or null, got {json.dumps(m['reward'])}")
-                if "reward" in m and record.get("turn_rewards") is None:  # else dropped without a word
+                if m.get("reward") is not None and record.get("turn_rewards") is None:  # else dropped unsaid
                     raise err(
                         f"{key}[{i}].reward",
                         "a reward inside a message is read by the multiturn format; here give the completion's "

@@ -111,8 +111,10 @@ def _model_policy_factory(args):
 
 
 def _split_input(args) -> list[str]:
-    """The split file a command reads, as an input no output may replace."""
-    return [args.split] if getattr(args, "split", None) else []
+    """The split file a command reads (the shipped one by default), as an input no output may replace."""
+    if getattr(args, "split", None):
+        return [args.split]
+    return [] if getattr(args, "subset", "all") == "all" else [str(SPLIT_PATH)]
 
 
 def _in_subset(items: list[dict], args) -> list[dict]:
@@ -169,15 +171,22 @@ def _check_scored(t: dict, where: str) -> None:
             raise ValueError(
                 f"{where} ({entry}): field {field!r}: must be a list of numbers in [-1e100, 1e100], got {str(r)[:60]}"
             )
-    n = t.get("num_turns", len(t["turn_rewards"]))
-    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1) or {
-        len(t["turn_rewards"]),
-        len(t["turn_rewards_reset"]),
-    } != {n}:
+    n, kept = t.get("num_turns", len(t["turn_rewards"])), t.get("kept_turns")  # (shiq-bfcl cuts long ones)
+    if not _count(n) or not (kept is None or (_count(kept) and kept <= n)):
         raise ValueError(
-            f"{where} ({entry}): fields 'num_turns', 'turn_rewards', 'turn_rewards_reset': one reward per turn, "
-            f"got {json.dumps(t.get('num_turns'))} turns, {len(t['turn_rewards'])} and {len(t['turn_rewards_reset'])} rewards"
+            f"{where} ({entry}): fields 'num_turns', 'kept_turns': integers >= 1, the kept ones at most all, got "
+            f"{json.dumps(t.get('num_turns'))} and {json.dumps(kept)}"
         )
+    turns = n if kept is None else kept
+    if {len(t["turn_rewards"]), len(t["turn_rewards_reset"])} != {turns}:
+        raise ValueError(
+            f"{where} ({entry}): fields 'turn_rewards', 'turn_rewards_reset': one reward per turn, got {turns} "
+            f"turns, {len(t['turn_rewards'])} and {len(t['turn_rewards_reset'])} rewards"
+        )
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
 def _cmd_report(args) -> int:
