@@ -131,6 +131,11 @@ def cmd_append(args) -> int:
             f"{manifest['tokenizer']['name']!r}, --tokenizer {name!r} has another vocabulary (fingerprint "
             f"{info['fingerprint'][:12]}… against {manifest['tokenizer']['fingerprint'][:12]}…)"
         )
+    if info["vocab_size"] != manifest["tokenizer"]["vocab_size"]:  # the same tokenizer: the manifest was edited
+        raise ValueError(
+            f"{Path(args.buffer) / MANIFEST}: field 'tokenizer.vocab_size' is {manifest['tokenizer']['vocab_size']}, but "
+            f"its tokenizer {name!r} (the same fingerprint) has {info['vocab_size']} tokens: the manifest was edited"
+        )
     # Buffers from before the setting was recorded were rendered with the template's default.
     recorded = manifest["tokenizer"].get("system_prompt") or info["system_prompt"]
     _system_prompt(tokenizer, info, recorded["setting"] if args.system_prompt is None else args.system_prompt)

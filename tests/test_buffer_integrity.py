@@ -270,3 +270,19 @@ def test_a_manifest_tokenizer_that_cannot_be_loaded_is_named_as_its_field(tmp_pa
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert f"{a / 'manifest.json'}: field 'tokenizer.name'" in err and "cannot be loaded" in err, err
+
+
+def test_append_to_a_manifest_with_an_edited_vocabulary_size_names_the_manifest(tmp_path, capsys):
+    """A manifest whose tokenizer.vocab_size was lowered by hand: append blamed the input row ("field 'tokens'")
+    for the manifest's number. Now the manifest's field is named, and nothing is appended."""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": " b", "reward": 1.0}\n')
+    a = tmp_path / "a"
+    assert main(["build", "jsonl", str(rows), "--tokenizer", "gpt2", "--out", str(a), "--no-progress"]) == 0
+    _edit_manifest(a, lambda m: m["tokenizer"].update(vocab_size=10))
+    before = _files(a)
+    capsys.readouterr()
+    assert main(["append", str(a), "jsonl", str(rows), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{a / 'manifest.json'}: field 'tokenizer.vocab_size' is 10, but its tokenizer" in err, err
+    assert _files(a) == before
