@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -70,6 +71,16 @@ def check_weight_map(folder: Path) -> None:
                 )
             if not (index.parent / file).is_file():
                 raise ValueError(f"{index}: weight_map[{name!r}] names {file}, which the folder does not hold")
+
+
+def check_step_folder(meta_path: Path, step) -> None:
+    """Refuse a checkpoint's ``meta.json`` whose ``step`` is not the one its folder's name (``step_N``, the name
+    as given, not a link target's) says: ``ValueError`` naming the file (export and evaluation read it alike)."""
+    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(Path(meta_path).parent)).name)
+    if named and int(named[1]) != step:
+        raise ValueError(
+            f"{meta_path}: field 'step' is {step} in the folder of step {int(named[1])}: the checkpoint is damaged"
+        )
 
 
 def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:

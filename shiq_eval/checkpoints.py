@@ -7,11 +7,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 from pathlib import Path
 
 from shiq_data.buffer import read_manifest
-from shiq_data.io import check_weight_map, recorded_sha256, sha256_files, weight_files
+from shiq_data.io import check_step_folder, check_weight_map, recorded_sha256, sha256_files, weight_files
 
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
@@ -56,9 +55,10 @@ def checkpoint_info(step_dir: Path) -> dict:
         raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
     if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
         raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
-    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(step_dir)).name)
-    if named and int(named[1]) != info["step"]:
-        raise EvalInputError(f"{meta_path}: field 'step' is {info['step']} in the folder of step {int(named[1])}")
+    try:
+        check_step_folder(meta_path, info["step"])
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
     init = meta.get("config", {}).get("init", "none")
     if not (init is None or isinstance(init, str)):
         raise EvalInputError(f"{meta_path}: field meta.config.init must be a string or null, got {init!r}")

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
 import re
 from pathlib import Path
@@ -47,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.io import atomic_write, sha256_files
+from shiq_data.io import atomic_write, check_step_folder, sha256_files
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.train_step import MasterWeightOptimizer
 from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
@@ -287,11 +286,7 @@ def read_meta(step_dir) -> dict:
             f"{path}: expected an object with an integer 'step', a 'layout' of integers tp, pp, dp and a "
             "'meta' object; the checkpoint is damaged"
         )
-    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(step_dir)).name)  # (shiq-eval's rule too)
-    if named and int(named[1]) != info["step"]:
-        raise ValueError(
-            f"{path}: field 'step' is {info['step']} in the folder of step {int(named[1])}: the checkpoint is damaged"
-        )
+    check_step_folder(path, info["step"])
     return info
 
 
