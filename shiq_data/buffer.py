@@ -1001,7 +1001,8 @@ def append_buffer(
                 stream.finish()
                 if stream.n == 0:
                     raise ValueError(f"{input_name}: no rows to append")
-                if stream.with_ref and manifest.get("ref_model") not in (None, ref_model):
+                recorded = manifest.get("ref_model")
+                if stream.with_ref and recorded is not None and not (ref_model and same_reference(recorded, ref_model)):
                     raise ValueError(
                         f"{input_name}: the new rows' reference model {ref_model} differs from the "
                         f"buffer's {manifest['ref_model']}"
@@ -1082,15 +1083,15 @@ def same_reference(recorded: dict | None, ref_model: dict | None) -> bool:
     equal but for the ``sha256`` of its weights, which records written before it was kept lack."""
     if recorded is None or ref_model is None or recorded == ref_model:
         return True
-    if isinstance(recorded, dict) and isinstance(ref_model, dict) and ("sha256" in recorded) != ("sha256" in ref_model):
-        return {k: v for k, v in recorded.items() if k != "sha256"} == {
-            k: v for k, v in ref_model.items() if k != "sha256"
-        }
-    return False
+    return ("sha256" in recorded) != ("sha256" in ref_model) and _but_weights(recorded) == _but_weights(ref_model)
+
+
+def _but_weights(record: dict) -> dict:
+    return {k: v for k, v in record.items() if k != "sha256"}
 
 
 def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
-    if {k: v for k, v in recorded.items() if k != "sha256"} == {k: v for k, v in ref_model.items() if k != "sha256"}:
+    if _but_weights(recorded) == _but_weights(ref_model):
         return ValueError(
             f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded.get('model')} whose weights have "
             "changed since (another sha256): build a new buffer for the model that folder holds now"
