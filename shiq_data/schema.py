@@ -322,6 +322,16 @@ def row_has_ref(row: dict) -> bool:
     return all(n in row for n in REF_FIELDS)
 
 
+# the largest magnitude a result file's number may have (a reward, KL, β): sums and products of such values
+# stay finite, where at 1e308 a mean or β·KL overflowed to inf
+VALUE_MAX = 1e100
+
+
+def is_bounded_number(x) -> bool:
+    """:func:`is_finite_number` within ``[-VALUE_MAX, VALUE_MAX]``."""
+    return is_finite_number(x) and abs(x) <= VALUE_MAX
+
+
 def is_finite_number(x) -> bool:
     """A real, finite number (bools excluded)."""
     if not isinstance(x, (Real, np.floating, np.integer)) or isinstance(x, (bool, np.bool_)):

@@ -37,7 +37,7 @@ import math
 from pathlib import Path
 
 from shiq_data.io import atomic_write_text, files_together
-from shiq_data.schema import is_finite_number
+from shiq_data.schema import is_bounded_number
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
@@ -155,10 +155,6 @@ def _int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _number(v) -> bool:
-    return is_finite_number(v) and abs(v) <= VALUE_MAX  # (sums of products of such values stay finite)
-
-
 def _text(v) -> bool:
     """A string that can be written as UTF-8 (no lone surrogate)."""
     if not isinstance(v, str):
@@ -170,14 +166,11 @@ def _text(v) -> bool:
     return True
 
 
-VALUE_MAX = 1e100  # beyond any reward, KL or β; at 1e308 a mean or β·KL overflowed to inf
-
-
 # what each field of a result row must be, as shiq-eval run writes it (a hand-edited or foreign file otherwise)
 ROW_FIELDS = {
     "run": ("a non-empty string", lambda v: _text(v) and v != ""),
     "method": ("a non-empty string", lambda v: _text(v) and v != ""),
-    "beta": ("null or a number in (0, 1e100]", lambda v: v is None or (_number(v) and v > 0)),
+    "beta": ("null or a number in (0, 1e100]", lambda v: v is None or (is_bounded_number(v) and v > 0)),
     "step": ("an integer >= 0", lambda v: _int(v) and v >= 0),
     "suite": ("a string", _text),
     "suite_sha256": ("a string", _text),
@@ -185,8 +178,11 @@ ROW_FIELDS = {
     "model_sha256": ("a string or null", lambda v: v is None or _text(v)),
     "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
-    "rewards": ("a list of numbers in [-1e100, 1e100]", lambda v: isinstance(v, list) and all(_number(x) for x in v)),
-    "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (_number(v) and v > 0)),
+    "rewards": (
+        "a list of numbers in [-1e100, 1e100]",
+        lambda v: isinstance(v, list) and all(is_bounded_number(x) for x in v),
+    ),
+    "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (is_bounded_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
 }
 
@@ -198,7 +194,7 @@ def _check_row(path: Path, i: int, row: dict) -> None:
         if field in row and not ok(row[field]):
             raise ValueError(f"{path}: row {i}: field {field!r}: must be {kind}, got {json.dumps(row[field])[:60]}")
     kls = "kls_exact" if row["kl_estimator"] == "exact" else "kls_sample"
-    if not isinstance(row.get(kls), list) or not all(_number(x) for x in row[kls]):
+    if not isinstance(row.get(kls), list) or not all(is_bounded_number(x) for x in row[kls]):
         raise ValueError(
             f"{path}: row {i}: field {kls!r}: must be a list of numbers in [-1e100, 1e100] (the suite's KL estimator)"
         )

@@ -26,7 +26,7 @@ from shiq_data.cli_common import (
     setup_logging,
 )
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
-from shiq_data.schema import is_finite_number
+from shiq_data.schema import is_bounded_number
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
     check_trajectory,
@@ -167,7 +167,7 @@ def _check_scored(t: dict, where: str) -> None:
         raise ValueError(f"{where} ({entry}): field 'category': {json.dumps(t['category'])[:40]} is not its id's")
     for field in ("turn_rewards", "turn_rewards_reset"):
         r = t[field]
-        if not isinstance(r, list) or not all(is_finite_number(x) and abs(x) <= 1e100 for x in r):
+        if not isinstance(r, list) or not all(is_bounded_number(x) for x in r):
             raise ValueError(
                 f"{where} ({entry}): field {field!r}: must be a list of numbers in [-1e100, 1e100], got {str(r)[:60]}"
             )
