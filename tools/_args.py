@@ -112,3 +112,21 @@ def movie_prompt_count() -> int:
     from shiq_eval.moviereviews import movie_prompts
 
     return len(movie_prompts(SIZE_MAX)[0])
+
+
+def add_model_shape(parser, *, vocab: int, seq: int, vocab_note: str = "") -> None:
+    """The options of a small GPT a benchmark builds: --hidden, --layers, --heads, --vocab, --seq, --batch
+    (``vocab`` and ``seq`` their defaults; check them with :func:`check_model_shape`)."""
+    parser.add_argument("--hidden", type=count, default=256, help="hidden size (default 256)")
+    parser.add_argument("--layers", type=count, default=4, help="transformer layers (default 4)")
+    parser.add_argument("--heads", type=count, default=4, help="attention heads (default 4)")
+    parser.add_argument("--vocab", type=count, default=vocab, help=f"vocabulary size (default {vocab}{vocab_note})")
+    parser.add_argument("--seq", type=integer(2), default=seq, help=f"tokens per row (default {seq})")
+    parser.add_argument("--batch", type=count, default=4, help="rows per micro-batch (default 4)")
+
+
+def check_model_shape(parser, args) -> None:
+    """Refuse (the parser's one-line error) a hidden size that is not --heads times an even head size (RoPE
+    rotates pairs of a head's dimensions)."""
+    if args.hidden % args.heads or args.hidden // args.heads % 2:
+        parser.error(f"--hidden {args.hidden} must be --heads {args.heads} times an even head size")

@@ -43,18 +43,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--dp", type=_args.processes, nargs="+", default=[1, 2, 4], help="data-parallel sizes (default 1 2 4)"
     )
-    p.add_argument("--hidden", type=_args.count, default=256, help="hidden size (default 256)")
-    p.add_argument("--layers", type=_args.count, default=4, help="transformer layers (default 4)")
-    p.add_argument("--heads", type=_args.count, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=_args.count, default=8192, help="vocabulary size (default 8192)")
-    p.add_argument("--seq", type=_args.integer(2), default=128, help="tokens per row (default 128)")
-    p.add_argument("--batch", type=_args.count, default=4, help="rows per micro-batch (default 4)")
+    _args.add_model_shape(p, vocab=8192, seq=128)
     p.add_argument("--micro-batches", type=_args.count, default=2, help="micro-batches per step and rank (default 2)")
     p.add_argument("--reps", type=_args.count, default=5, help="timed steps per method after one warm-up (default 5)")
     p.add_argument("--threads", type=_args.threads, default=1, help="torch CPU threads per process (default 1)")
     args = p.parse_args(argv)
-    if args.hidden % args.heads or args.hidden // args.heads % 2:
-        p.error(f"--hidden {args.hidden} must be --heads {args.heads} times an even head size")
+    _args.check_model_shape(p, args)
     return args
 
 

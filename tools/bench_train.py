@@ -42,12 +42,7 @@ def parse_args(argv=None):
         epilog="Prints a table of median step times (and ratio to SFT) and of peak "
         "statistics memory (full logits vs chunked).",
     )
-    p.add_argument("--hidden", type=_args.count, default=256, help="hidden size (default 256)")
-    p.add_argument("--layers", type=_args.count, default=4, help="transformer layers (default 4)")
-    p.add_argument("--heads", type=_args.count, default=4, help="attention heads (default 4)")
-    p.add_argument("--vocab", type=_args.count, default=49152, help="vocabulary size (default 49152, SmolLM2's)")
-    p.add_argument("--seq", type=_args.integer(2), default=256, help="tokens per row (default 256)")
-    p.add_argument("--batch", type=_args.count, default=4, help="rows per micro-batch (default 4)")
+    _args.add_model_shape(p, vocab=49152, seq=256, vocab_note=", SmolLM2's")
     p.add_argument("--prompt", type=_args.count, default=64, help="prompt tokens per row (not actions; default 64)")
     p.add_argument("--chunk", type=_args.count, default=64, help="tokens per chunk on the chunked path (default 64)")
     p.add_argument("--reps", type=_args.count, default=5, help="timed steps per method after one warm-up (default 5)")
@@ -56,8 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-memory", action="store_true", help="only measure step times")
     p.add_argument("--memory-child", choices=["full", "chunked"], help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    if args.hidden % args.heads or args.hidden // args.heads % 2:
-        p.error(f"--hidden {args.hidden} must be --heads {args.heads} times an even head size")
+    _args.check_model_shape(p, args)
     if args.prompt >= args.seq:
         p.error(f"--prompt {args.prompt} must be below --seq {args.seq}: a row needs actions after its prompt")
     if args.skip_time and args.skip_memory:
