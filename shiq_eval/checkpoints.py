@@ -55,10 +55,7 @@ def checkpoint_info(step_dir: Path) -> dict:
         raise EvalInputError(f"{meta_path}: field meta.loss must be an object with a string 'name'")
     if not isinstance(meta["hf_config"], dict) or not isinstance(meta.get("config", {}), dict):
         raise EvalInputError(f"{meta_path}: fields meta.hf_config and meta.config must be objects")
-    try:
-        check_step_folder(meta_path, info["step"])
-    except ValueError as e:
-        raise EvalInputError(str(e)) from None
+    _as_input_error(check_step_folder, meta_path, info["step"])
     init = meta.get("config", {}).get("init", "none")
     if not (init is None or isinstance(init, str)):
         raise EvalInputError(f"{meta_path}: field meta.config.init must be a string or null, got {init!r}")
@@ -96,10 +93,7 @@ def hf_folder_info(folder: Path) -> dict:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    try:
-        check_weight_map(folder)
-    except ValueError as e:
-        raise EvalInputError(str(e)) from None
+    _as_input_error(check_weight_map, folder)
     files = weight_files(folder)
     if not files:
         raise EvalInputError(f"{folder}: a Hugging Face folder without weights (no *.safetensors or *.bin file)")
@@ -107,7 +101,7 @@ def hf_folder_info(folder: Path) -> dict:
     return {
         "kind": "hf",
         "export": bool(record),
-        "sha256": _sums(record_path, record.get("sha256")) if record else None,
+        "sha256": _as_input_error(recorded_sha256, record_path, record.get("sha256")) if record else None,
         "path": folder,
         "method": loss.get("name", "hf"),
         "beta": loss.get("beta"),
@@ -119,9 +113,10 @@ def hf_folder_info(folder: Path) -> dict:
     }
 
 
-def _sums(record_path: Path, recorded) -> dict | None:
+def _as_input_error(check, *args):
+    """``check(*args)`` (a shiq_data check of a file), its ``ValueError`` raised as an :class:`EvalInputError`."""
     try:
-        return recorded_sha256(record_path, recorded)
+        return check(*args)
     except ValueError as e:
         raise EvalInputError(str(e)) from None
 
