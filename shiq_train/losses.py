@@ -293,13 +293,10 @@ def sft_loss(chosen_logits, logz, action_mask) -> torch.Tensor:
     It reads neither rewards nor the reference: a supervised baseline, trained on the data it should
     imitate (e.g. only the ground-truth trajectories). Args: chosen_logits, logz ``[B, T]``;
     action_mask ``[B, T]`` bool (the positions of packed rows count alike). Returns a scalar, zero (with
-    a gradient path) when there is no action.
+    a gradient path) when there is no action. Raises ValueError naming the input on a shape mismatch, a
+    mask that is not bool, statistics that are not floating or not finite.
     """
-    if chosen_logits.shape != logz.shape or chosen_logits.shape != action_mask.shape:
-        raise ValueError(
-            f"sft_loss: chosen_logits {tuple(chosen_logits.shape)}, logz {tuple(logz.shape)} and action_mask "
-            f"{tuple(action_mask.shape)} must have the same [B, T] shape"
-        )
+    _check_inputs({"chosen_logits": chosen_logits, "logz": logz}, None, action_mask, 1.0, 1.0)
     nll = -(_float(chosen_logits) - _float(logz)) * action_mask
     return nll.sum() / max(int(action_mask.sum()), 1)
 
@@ -314,6 +311,16 @@ def sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_
 def sequence_return(rewards, action_mask) -> torch.Tensor:
     """``R(x, y) = Σ_t m_t r_t``, ``[B]``: the sequence reward, or the cumulative turn reward."""
     return (_float(rewards) * action_mask).sum(-1)
+
+
+def check_group_batch(stats: tuple, rewards, action_mask, group_ids, beta) -> None:
+    """The checks every group loss (DPO, CoPG, ``dro_v_loo``; SHIQ_MATH §5) makes of its micro-batch before
+    anything is computed from it: the four statistics and ``rewards`` ``[B, T]`` finite floats, rewards on
+    action positions only, ``action_mask`` bool, ``beta`` finite > 0, ``group_ids`` ``[B]`` integers.
+    Raises ValueError naming the first problem (DPO reads rewards only through the pairs they order, so a
+    NaN reward would otherwise drop a pair silently)."""
+    B = _check_stats(stats, rewards, action_mask, beta)
+    _check_vector("group_ids", group_ids, length=B, integer=True)
 
 
 def preference_pairs(returns: torch.Tensor, group_ids: torch.Tensor):
@@ -386,9 +393,15 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     DRO's optimal value is ``V*(x) = β log E_{y~π_ref} exp(R(x,y)/β)``. For completions sampled from
     the reference, each row's estimate is that log-mean-exp over the *other* completions of its
     group (leave-one-out, so a row's own reward does not leak into its baseline). A row alone in
-    its group falls back to the leave-one-out estimate over the whole batch. Only meaningful on
+    its group falls back to the leave-one-out estimate over the whole batch, and a batch of one row
+    to ``V = 0`` (``dro_v``'s value; the buffers' rewards are centred). Only meaningful on
     groups of reference samples, and biased low for small groups (Jensen).
+
+    Args: returns ``[B]`` finite floats, group_ids ``[B]`` int, beta finite > 0 (ValueError otherwise).
     """
+    _check_beta(beta)
+    _check_vector("returns", returns, integer=False)
+    _check_vector("group_ids", group_ids, length=returns.shape[0], integer=True)
     R = returns.detach()
     B = R.shape[0]
     same = group_ids[:, None] == group_ids[None, :]
@@ -397,7 +410,7 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     alone = ~peers.any(1)
     peers = torch.where(alone[:, None], other, peers)
     if B == 1:
-        return R.clone()
+        return torch.zeros_like(R)
     scaled = torch.where(
         peers, R[None, :].expand(B, B) / beta, torch.full((B, B), -math.inf, dtype=R.dtype, device=R.device)
     )
@@ -408,7 +421,7 @@ def trajectory_sums(x: torch.Tensor, action_mask: torch.Tensor, segment_ids: tor
     """``Σ_t m_t x_t`` per trajectory, ``[N]``: one entry per trajectory that has an action, rows in
     order and, on packed rows (``segment_ids`` ``[B, T]``), segments in order within a row."""
     x = _float(x) * action_mask
-    if segment_ids is None:
+    if segment_ids is None or segment_ids.numel() == 0:
         return x.sum(-1)[action_mask.any(-1)]
     seg = segment_ids.long()
     key = seg + (seg.max() + 1) * torch.arange(seg.shape[0], device=seg.device)[:, None]

@@ -239,6 +239,7 @@ def compute_loss(
         metrics.update(extra)
         traj_returns, traj_log_ratio = _per_trajectory(stats, rewards, action_mask, segment_ids)
     else:
+        L.check_group_batch(stats, rewards, action_mask, group_ids, cfg.beta)
         returns = L.sequence_return(rewards, action_mask)
         loss, extra = spec.group_loss(cfg.beta, stats, rewards, action_mask, group_ids, returns)
         metrics.update(extra)

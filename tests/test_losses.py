@@ -17,6 +17,7 @@ from shiq_train.losses import (
     dro_v_loss,
     loo_soft_value,
     preference_pairs,
+    sft_loss,
     shiq_loss,
     turn_start_mask,
 )
@@ -587,3 +588,25 @@ def test_copg_averages_pairs_within_then_across_groups():
     g0 = ((1 - 2) ** 2 + (1 - 4) ** 2 + (2 - 4) ** 2) / 3
     g1 = (0 - 3) ** 2
     assert float(got) == pytest.approx((g0 + g1) / 2)
+
+
+def test_sft_loss_checks_its_inputs_like_the_other_losses():
+    c, z, _, _, _, m = _good()
+    with pytest.raises(ValueError, match=r"chosen_logits has a non-finite value at \[row, position\] = \[0, 0\]"):
+        sft_loss(c * float("nan"), z, m)
+    with pytest.raises(ValueError, match="action_mask must be a bool"):
+        sft_loss(c, z, m.long())
+    with pytest.raises(ValueError, match="logz must be a floating-point tensor"):
+        sft_loss(c, z.long(), m)
+    with pytest.raises(ValueError, match="shape mismatch: logz"):
+        sft_loss(c, z[:, :3], m)
+
+
+def test_packed_dro_v_on_an_empty_micro_batch_is_zero_like_the_padded_one():
+    for shape in ((0, 3), (2, 0)):
+        e = torch.zeros(shape, requires_grad=True)
+        em = torch.zeros(shape, dtype=torch.bool)
+        seg = torch.zeros(shape, dtype=torch.long)
+        loss = dro_v_loss(e, e, e.detach(), e.detach(), e.detach(), em, beta=0.1, segment_ids=seg)
+        loss.backward()
+        assert float(loss) == 0.0 and e.grad is not None

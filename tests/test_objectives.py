@@ -198,3 +198,43 @@ def test_config_accepts_exactly_what_the_loss_accepts(beta, gamma):
         LossConfig("shiq", beta=beta, gamma=gamma)
     with pytest.raises(ValueError, match=rf"^loss\.{field} must be"):
         LossConfig("dpo", beta=beta, gamma=gamma)  # the range before the family's own restriction on γ
+
+
+@pytest.mark.parametrize("name", [n for n, s in LOSSES.items() if s.needs_groups])
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda r, g: (r.__setitem__((1, 5), float("nan")), g)[1], r"rewards has a non-finite value at .* \[1, 5\]"),
+        (lambda r, g: (r.__setitem__((2, 0), 1.0), g)[1], r"rewards has a nonzero value on a non-action position"),
+        (lambda r, g: g.double(), "group_ids must be an integer tensor"),
+        (lambda r, g: g[:3], r"group_ids must be \[4\]"),
+    ],
+)
+def test_group_losses_check_rewards_and_groups_before_pairing(name, mutate, message):
+    """DPO orders pairs by return without reading rewards otherwise: a NaN reward used to drop its pairs
+    silently, where CoPG and DRO-V raised. Every group loss now raises the same ValueError."""
+    stats, r, m, groups = batch()
+    groups = mutate(r, groups)
+    with pytest.raises(ValueError, match=message):
+        compute_loss(LossConfig(name), *stats, r, m, group_ids=groups)
+
+
+def test_dro_v_loo_on_one_row_takes_a_value_of_zero_not_its_own_return():
+    """A micro-batch of one completion has no other completion to estimate V from: V = 0 (dro_v's value),
+    so the loss is ½(R − βΛ)² and depends on the reward, where V = R made it ½(βΛ)² whatever R."""
+    stats, r, m, _ = batch(3)
+    one = [s[:1] for s in stats]
+    c, z, cr, zr = one
+    lam = float((((c - z) - (cr - zr)) * m[:1]).sum())
+    losses = []
+    for reward in (-5.0, 0.0, 5.0):
+        rr = torch.zeros_like(r[:1])
+        rr[0, -1] = reward
+        loss, _ = compute_loss(LossConfig("dro_v_loo", beta=0.5), *one, rr, m[:1], group_ids=torch.tensor([0]))
+        assert float(loss) == pytest.approx(0.5 * (reward - 0.5 * lam) ** 2, rel=1e-12)
+        losses.append(float(loss))
+    assert len(set(losses)) == 3
+    with pytest.raises(ValueError, match="beta must be"):
+        L.loo_soft_value(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), beta=0.0)
+    with pytest.raises(ValueError, match=r"group_ids must be \[2\]"):
+        L.loo_soft_value(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 1]), beta=1.0)
