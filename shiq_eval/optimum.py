@@ -15,6 +15,7 @@ Inputs are per-prompt arrays (numpy or anything ``np.asarray`` takes); everythin
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,10 +31,20 @@ def _vector(x, name: str) -> np.ndarray:
 
 
 def _check_beta(beta) -> float:
+    """``beta`` as a float, or a ValueError unless it is a real number (not a bool or a string), finite and > 0."""
+    if isinstance(beta, bool | str | bytes) or not isinstance(beta, numbers.Real):
+        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
     beta = float(beta)
     if not beta > 0 or not math.isfinite(beta):
         raise ValueError(f"beta must be a finite number > 0, got {beta}")
     return beta
+
+
+def _count(x, name: str) -> int:
+    """``x`` as an int, or a ValueError unless it is an integer (``2.0`` and ``np.int64(2)`` are; ``2.5`` is not)."""
+    if isinstance(x, bool) or not isinstance(x, numbers.Real) or not float(x).is_integer():
+        raise ValueError(f"{name} must be a whole number, got {x!r}")
+    return int(x)
 
 
 def mean_stderr(values) -> tuple[float, float]:
@@ -68,7 +79,7 @@ def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
     ``i*s .. i*s+s-1``) as per-prompt means ``[P]``: the unit that paired differences and standard errors
     over prompts use (SHIQ_MATH §9)."""
     v = _vector(values, "values")
-    s = int(samples_per_prompt)
+    s = _count(samples_per_prompt, "samples_per_prompt")
     if s < 1 or v.size % s:
         raise ValueError(f"{v.size} values do not split into prompts of {samples_per_prompt} samples each")
     return v.reshape(-1, s).mean(1)
@@ -98,12 +109,13 @@ def paired_difference(a, b, clusters=None) -> tuple[float, float]:
 
 
 def soft_value(samples, beta) -> float:
-    """``β log mean_i exp(R_i/β)`` of one prompt's reference rewards ``[N]``, by log-sum-exp (exact for
-    any ``R/β``; SHIQ_MATH §9)."""
+    """``β log mean_i exp(R_i/β)`` of one prompt's reference rewards ``[N]``, by log-sum-exp (SHIQ_MATH §9):
+    ``m + β log1p(mean_i expm1((R_i − m)/β))`` with ``m = max R``, which neither overflows for small ``β``
+    nor rounds ``exp`` of a tiny argument to 1 for large ``β`` (where the value tends to ``mean R``)."""
     r = _vector(samples, "samples")
     beta = _check_beta(beta)
     m = r.max()
-    return float(m + beta * (np.log(np.mean(np.exp((r - m) / beta)))))
+    return float(m + beta * np.log1p(np.mean(np.expm1((r - m) / beta))))
 
 
 def j_star(ref_rewards, beta) -> np.ndarray:
@@ -127,6 +139,7 @@ def j_star_curve(ref_rewards, beta, sizes: Sequence[int] | None = None) -> list[
         sizes = sorted({min(2**k, n_max) for k in range(int(math.log2(n_max)) + 2)})
     out = []
     for n in sizes:
+        n = _count(n, "sample size")
         if not 1 <= n <= n_max:
             raise ValueError(f"sample size {n} out of range 1..{n_max}")
         mean, se = mean_stderr(j_star(r[:, :n], beta))

@@ -16,6 +16,7 @@ from shiq_eval.optimum import (
     j_value,
     mean_stderr,
     paired_difference,
+    per_prompt,
     soft_value,
 )
 
@@ -26,11 +27,13 @@ def _mp_soft_value(samples, beta):
     return float(mpmath.mpf(beta) * mpmath.log(total / len(samples)))
 
 
-@pytest.mark.parametrize("beta", [1.0, 0.3, 0.05, 1e-2])
+@pytest.mark.parametrize("beta", [1.0, 0.3, 0.05, 1e-2, 1e8, 1e15])
 @pytest.mark.parametrize("scale", [1.0, 1e3])
 def test_soft_value_matches_arbitrary_precision(beta, scale):
     rng = np.random.default_rng(0)
-    samples = rng.normal(size=7) * scale  # R/beta up to ~1e5: a plain exp overflows
+    samples = rng.normal(size=7) * scale
+    # R/beta up to ~1e5 (a plain exp overflows) and down to ~1e-15 (a plain exp rounds to 1: the value
+    # then tends to the mean reward, which 1e15 got wrong by 0.05 before)
     assert soft_value(samples, beta) == pytest.approx(_mp_soft_value(samples, beta), rel=1e-12, abs=1e-9)
     assert samples.mean() <= soft_value(samples, beta) <= samples.max() + 1e-12  # between mean and max
 
@@ -97,6 +100,10 @@ def test_clustered_standard_errors_against_cluster_means_and_singletons():
         (lambda: j_star([1.0, 2.0], 1.0), r"\[prompts, samples\]"),
         (lambda: paired_difference([1.0, 2.0], [1.0]), "same prompts"),
         (lambda: j_star_curve([[1.0, 2.0]], 1.0, sizes=[3]), "out of range"),
+        (lambda: j_star_curve([[1.0, 2.0]], 1.0, sizes=[2.0, 1.5]), "sample size must be a whole number"),
+        (lambda: per_prompt([1.0, 2.0, 3.0, 4.0], 2.5), "samples_per_prompt must be a whole number"),
+        (lambda: j_value([1.0], [0.1], True), "beta"),
+        (lambda: j_value([1.0], [0.1], "0.5"), "beta"),
     ],
 )
 def test_bad_inputs(call, match):
