@@ -321,13 +321,33 @@ def evaluate_samples(
     )
     completions = policy.generate(prompt_ids, cfg, progress=progress)
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
-    rewards = torch.tensor(scorer(prompt_texts, texts), dtype=torch.float64)
+    rewards = _per_completion("the scorer's rewards", scorer(prompt_texts, texts), len(texts))
     ks, ke = kls(prompt_ids, completions)
+    ks, ke = (_per_completion(f"the {k} KL estimates", v, len(texts)) for k, v in (("sample", ks), ("exact", ke)))
     r, rse = _over_prompts(rewards, s)
     a, ase = _over_prompts(ks, s)
     b, bse = _over_prompts(ke, s)
     shown = [(prompt_texts[i], texts[i], float(rewards[i])) for i in range(min(keep_samples, len(texts)))]
     return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist(), ks.tolist())
+
+
+def _per_completion(what: str, values, n: int) -> torch.Tensor:
+    """``values`` as a float64 ``[n]`` tensor, one finite value per completion, or a ValueError saying which
+    is wrong: a scorer that drops a completion, or returns NaN, would otherwise give a plausible mean over
+    the wrong completions."""
+    try:
+        v = torch.as_tensor(values, dtype=torch.float64)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{what} are not a list of numbers ({e})") from None
+    if v.dim() != 1 or v.shape[0] != n:
+        raise ValueError(
+            f"{what} hold {tuple(v.shape)} values for {n} completions: one number per completion is needed"
+        )
+    bad = torch.nonzero(~torch.isfinite(v))
+    if bad.numel():
+        i = int(bad[0])
+        raise ValueError(f"{what} hold a non-finite value ({float(v[i])}) for completion {i}")
+    return v
 
 
 def _check_prompt_major(prompt_ids: list[list[int]], samples_per_prompt) -> int:

@@ -358,3 +358,27 @@ def test_evaluate_policy_reports_standard_errors_over_prompts(trained_from):
         assert mean == pytest.approx(v.mean(), rel=1e-9, abs=1e-12)
         assert se == pytest.approx(_numpy_se(v.reshape(-1, S).mean(axis=1)), rel=1e-9, abs=1e-12)
     assert res.kl_exact > 1e-4 and np.std(res.rewards) > 0  # something to estimate
+
+
+@pytest.mark.parametrize(
+    "rewards, kl, message",
+    [
+        ([1.0, 3.0], None, r"the scorer's rewards hold \(2,\) values for 4 completions"),
+        ([1.0, float("nan"), 0.0, 0.0], None, r"the scorer's rewards hold a non-finite value \(nan\) for completion 1"),
+        ([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 0.0], r"the sample KL estimates hold \(3,\) values for 4 completions"),
+        ([1.0, 2.0, 3.0, 4.0], [0.0, 0.0, float("inf"), 0.0], r"the sample KL estimates hold a non-finite value"),
+        (["a", "b", "c", "d"], None, r"the scorer's rewards are not a list of numbers"),
+    ],
+)
+def test_a_scorer_or_kl_that_miscounts_completions_is_refused(rewards, kl, message):
+    """A scorer that returns two rewards for four completions used to be reported as a mean over four; a NaN
+    reward or KL ended as a NaN mean. Each is a ValueError naming what is wrong."""
+    from types import SimpleNamespace
+
+    from shiq_eval.evaluate import evaluate_samples
+
+    policy = SimpleNamespace(generate=lambda ids, cfg, progress=False: [[10, 11]] * len(ids))
+    kl = [0.0] * 4 if kl is None else kl
+    kls = lambda p, c: (torch.tensor(kl, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))  # noqa: E731
+    with pytest.raises(ValueError, match=message):
+        evaluate_samples(policy, kls, Tok(), [[1], [2], [3], [4]], list("abcd"), lambda p, t: rewards, progress=False)
