@@ -61,6 +61,8 @@ def guided_logits(
         raise ValueError(
             f"atom_logits {tuple(atom_logits.shape)} must be [B, K, A] with [B, K] = ref_logits {tuple(ref_logits.shape)}"
         )
+    if atoms.shape[0] == 0:
+        raise ValueError("atoms is empty: a return distribution needs at least one atom")
     if atoms.shape[0] != atom_logits.shape[2]:
         raise ValueError(f"atoms has {atoms.shape[0]} entries but atom_logits has A = {atom_logits.shape[2]}")
     for name, t in (("ref_logits", ref_logits), ("atom_logits", atom_logits), ("atoms", atoms)):
@@ -177,8 +179,8 @@ class GuidedPolicy:
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
         self.beta = _check_beta(beta)
         self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
-        if self.atoms.dim() != 1 or not torch.isfinite(self.atoms).all():
-            raise ValueError(f"atoms must be a finite 1-D tensor [A], got {self.atoms.tolist()}")
+        if self.atoms.dim() != 1 or self.atoms.numel() == 0 or not torch.isfinite(self.atoms).all():
+            raise ValueError(f"atoms must be a finite, non-empty 1-D tensor [A], got {self.atoms.tolist()}")
         self.ref_model = ref_model.eval()
         self.value_model = value_model.eval()
         self.top_k = int(top_k)

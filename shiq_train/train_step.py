@@ -82,8 +82,9 @@ class OptimizerConfig:
             raise ValueError(f"optimizer.clip_grad must be finite and >= 0 (0: no clipping), got {self.clip_grad}")
         if self.warmup_steps < 0 or self.decay_steps < 0:
             raise ValueError("optimizer.warmup_steps and decay_steps must be >= 0")
-        if not isinstance(self.distributed, bool):
-            raise ValueError(f"optimizer.distributed must be true or false, got {self.distributed!r}")
+        for name in ("fp32_master_weights", "distributed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"optimizer.{name} must be true or false, got {getattr(self, name)!r}")
         if self.distributed and not self.fp32_master_weights:
             raise ValueError(
                 "optimizer.distributed=true always keeps float32 master weights (megatron's distributed "

@@ -251,6 +251,8 @@ def test_the_option_is_validated_and_refused_where_it_does_not_apply():
 
     with pytest.raises(ValueError, match="optimizer.distributed must be true or false"):
         OptimizerConfig(distributed="yes")
+    with pytest.raises(ValueError, match="optimizer.fp32_master_weights must be true or false"):
+        OptimizerConfig(fp32_master_weights="false")  # a non-empty string read as true
     with pytest.raises(ValueError, match="set optimizer.fp32_master_weights=true"):
         OptimizerConfig(distributed=True, fp32_master_weights=False)
     run = {"loss": {"name": "qsharp_value"}, "optimizer": {"distributed": True}, "train": {}, "data": {}, "seed": 0}

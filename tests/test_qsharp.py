@@ -98,6 +98,7 @@ def test_guided_logits_errors_name_the_argument():
             cases.append((tuple(args), bad))
     cases.append(((ref, al, atoms, True), "beta"))
     cases.append(((ref, al, atoms, "1"), "beta"))
+    cases.append(((ref, torch.zeros(2, 3, 0), torch.zeros(0), 1.0), "atoms is empty"))  # was -inf logits
     for (r, a, z, beta), name in cases:
         with pytest.raises(ValueError, match=name):
             guided_logits(r, a, z, beta=beta)
@@ -650,3 +651,12 @@ def test_evaluate_guided_policy_reports_reward_and_kl():
     assert res.kl_exact == pytest.approx(float(ke.mean()), abs=1e-12)
     assert res.kls_exact == pytest.approx(ke.tolist(), abs=1e-12)
     assert res.kl_sample == pytest.approx(float(ks.mean()), abs=1e-12)
+
+
+def test_guided_policy_refuses_bad_atoms_and_top_k():
+    ref, value = tiny_llama(0), value_model(1)
+    for atoms in ([], [0.0, float("nan")], [[0.0, 1.0]]):
+        with pytest.raises(ValueError, match="atoms must be a finite, non-empty 1-D tensor"):
+            GuidedPolicy(ref, value, atoms, 0.5, eos_id=63)
+    with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
+        GuidedPolicy(ref, value, ATOMS, 0.5, top_k=0, eos_id=63)
