@@ -617,6 +617,28 @@ def test_a_new_default_beta_resumes_a_full_run_but_not_a_default_one(tmp_path):
         Stages(tmp_path / "default", changed, free=demo.free_keys(changed))
 
 
+def test_a_plain_arm_is_not_reported_at_a_default_beta_it_was_not_trained_at(tmp_path):
+    """A run whose arms all name their β takes a new default β (free_keys); a later resume that lists the
+    plain arm again would have reported its old curve at the new β. The β recorded in the arm's curve.json
+    refuses it, naming the file; the same β, or an arm of its own β, resumes."""
+    from shiq_eval.recipes.common import Stages
+
+    out = tmp_path / "run"
+    first = demo.load_config(quick=True)
+    Stages(out, first, free=demo.free_keys(first)).finish("train_shiq", 1.0)
+    (out / "runs" / "shiq").mkdir(parents=True)
+    (out / "runs" / "shiq" / "curve.json").write_text(json.dumps([{"method": "shiq", "beta": 0.03, "step": 4}]))
+    named = demo.load_config(quick=True, overrides=["train.methods=[qsharp@0.03]", "methods.shiq.beta=0.5"])
+    demo.check_trained_betas(named, out)  # shiq is not listed: nothing to compare
+    Stages(out, named, free=demo.free_keys(named))  # every arm names its β: the new default is saved
+    plain = demo.load_config(quick=True, overrides=["methods.shiq.beta=0.5"])
+    Stages(out, plain, free=demo.free_keys(plain))  # the saved configuration agrees now ...
+    with pytest.raises(ValueError, match=r"runs/shiq/curve.json: the arm shiq was trained and evaluated at β 0.03"):
+        demo.check_trained_betas(plain, out)  # ... but the arm's curve does not
+    demo.check_trained_betas(first, out)
+    demo.check_trained_betas(demo.load_config(quick=True, overrides=["train.methods=[shiq@0.5]"]), out)
+
+
 def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
     """A run folder whose config.json predates ``reward_model.precision`` (fitted in float32) resumes when
     given ``reward_model.precision=float32`` (the key is then saved) and refuses the new default, naming what

@@ -152,6 +152,26 @@ def free_keys(cfg: dict) -> tuple[str, ...]:
     return free
 
 
+def check_trained_betas(cfg: dict, out: Path) -> None:
+    """Refuse a configuration whose β for an arm already trained or evaluated in ``out`` differs from the β
+    recorded in that arm's ``runs/<arm>/curve.json``. :func:`free_keys` lets a run whose arms all name their β
+    take a new default ``methods.<m>.beta``; a later resume listing the plain arm ``m`` would otherwise
+    report its old results at the new β. Rows written before β was recorded are not checked."""
+    for arm in cfg["train"]["methods"]:
+        path = out / "runs" / arm / "curve.json"
+        if not path.is_file():
+            continue
+        rows = read_json(path)
+        trained = {r["beta"] for r in rows if isinstance(r, dict) and "beta" in r} if isinstance(rows, list) else set()
+        beta = arm_beta(cfg, arm)
+        if trained and trained != {beta}:
+            raise ValueError(
+                f"{path}: the arm {arm} was trained and evaluated at β {', '.join(f'{b:g}' for b in sorted(trained))}, "
+                f"but the configuration gives it β {beta:g}: name the β in the arm ({arm_method(arm)}@{beta:g}) to "
+                "train a new arm, or use another --out"
+            )
+
+
 # ----------------------------------------------------------------------------------------------
 # configuration
 
@@ -630,7 +650,8 @@ def stage_train(ctx: Context, arm: str) -> None:
         policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
         _log(f"{arm}: evaluating step {step}")
         t0 = time.perf_counter()
-        curve.append({"method": arm, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
+        beta = arm_beta(ctx.cfg, arm)  # kept with the row: a resume checks it (check_trained_betas)
+        curve.append({"method": arm, "beta": beta, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
         clock["eval"] += time.perf_counter() - t0
         done.add(step)
         atomic_write_json(curve_path, curve)
@@ -751,7 +772,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     _log(f"{arm}: evaluating the guided reference (top-k {q['top_k']})")
     res = evaluate_hf(ctx, None, guided=guided, limit=q["eval_prompts"])
     train_seconds = read_json(timing)["train_seconds"]
-    row = {"method": arm, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
+    row = {"method": arm, "beta": beta, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
     (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
     atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
 
@@ -1426,6 +1447,7 @@ def run(cfg: dict, out: str | Path) -> dict:
     check_run_folder(out, "shiq-demo")  # before anything is made there
     out.mkdir(parents=True, exist_ok=True)
     _check_assets()
+    check_trained_betas(cfg, out)
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT)
     ctx = Context(cfg, out)
     plan = [
