@@ -23,6 +23,7 @@ import select
 import sys
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USER_ERROR = 2
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
@@ -180,10 +181,12 @@ def check_output_files(inputs, outputs: dict, overwrite: bool = True) -> None:
 
 def folder_path(text: str) -> str:
     """An argparse ``type`` for an output folder: refuses the empty string, which ``Path`` reads as the
-    current folder (argparse names the option in its refusal)."""
+    current folder (argparse names the option in its refusal). A path with a ``..`` is resolved first:
+    ``RUN/x/..`` is ``RUN``, and the checks of what a folder holds must see that folder, not a ``RUN/x`` that
+    does not exist yet."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
-    return text
+    return str(Path(text).resolve()) if ".." in Path(text).parts else text
 
 
 def file_path(text: str) -> str:

@@ -622,6 +622,9 @@ def check_results_folder(out: Path) -> None:
         "stages.json": "a recipe's run",
         "value_model.json": "a Q♯ value model",
         "config.json": "a model folder or a recipe's run",
+        "leaderboard.csv": "a leaderboard's folder",
+        "full_report.json": "a shiq-demo --full study",
+        "seeds_report.json": "a shiq-bfcl --seeds study",
     }
     for name, what in marks.items():
         if (out / name).exists():
@@ -700,6 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--out",
         required=True,
+        type=folder_path,
         help="output folder for results.csv/json, suite.json and the plots (its other files are left alone); not a "
         "model's, a run's or a buffer's folder",
     )

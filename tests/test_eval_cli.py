@@ -249,7 +249,13 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
             [*out, *prompts, "--tokenizer", str(tmp_path)],
             f"--tokenizer {tmp_path}: not a Hugging Face tokenizer folder",
         ),
+        # a `..` through a folder not made yet reached the model folder unchecked, and wrote results into it
+        (["--out", str(folder / "x" / ".."), *prompts], f"--out {folder} is a model folder or a recipe's run"),
     ]
+    for name, what in (("leaderboard.csv", "a leaderboard's folder"), ("full_report.json", "a shiq-demo --full study")):
+        (tmp_path / name.split(".")[0]).mkdir()
+        (tmp_path / name.split(".")[0] / name).write_text("x")
+        cases.append((["--out", str(tmp_path / name.split(".")[0]), *prompts], f"is {what} (it holds {name})"))
     capsys.readouterr()  # (the tiny folder's writing)
     for extra, needle in cases:
         before = sorted(folder.iterdir())
@@ -257,6 +263,9 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, (extra, err)
         assert not (tmp_path / "o").exists() and sorted(folder.iterdir()) == before
+    with pytest.raises(SystemExit) as e:  # argparse's refusal (its usage, then the error)
+        main([*base, "--out", "", *prompts, *end])
+    assert e.value.code == 2 and "--out: must name a folder, got an empty string" in capsys.readouterr().err
 
 
 def test_prompts_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
