@@ -302,7 +302,7 @@ def test_a_config_file_of_wrong_types_is_refused_naming_the_key(tmp_path):
     cfg["eval"]["batch_size"] = "64"
     path = tmp_path / "mine.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="eval.batch_size must be an integer >= 1, got '64'"):
+    with pytest.raises(ValueError, match="mine.yaml: eval.batch_size is '64'; demo.yaml has 64 there"):
         demo.load_config(path)
     cfg["eval"]["batch_size"], cfg["data"]["max_new_tokens"] = 64, float("nan")
     path.write_text(yaml.safe_dump(cfg))
@@ -637,6 +637,12 @@ def test_a_plain_arm_is_not_reported_at_a_default_beta_it_was_not_trained_at(tmp
         demo.check_trained_betas(plain, out)  # ... but the arm's curve does not
     demo.check_trained_betas(first, out)
     demo.check_trained_betas(demo.load_config(quick=True, overrides=["train.methods=[shiq@0.5]"]), out)
+    # through Stages, as the run does: refused before the configuration is saved
+    saved = (out / "config.json").read_text()
+    again = demo.load_config(quick=True, overrides=["methods.shiq.beta=0.5", "train.keep_checkpoints=false"])
+    with pytest.raises(ValueError, match=r"trained and evaluated at β 0.03, but the configuration gives it β 0.5"):
+        Stages(out, again, free=demo.free_keys(again), check=lambda: demo.check_trained_betas(again, out))
+    assert (out / "config.json").read_text() == saved
 
 
 def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):
@@ -794,3 +800,60 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (run / "stages.json").write_text('{"done": {}}')  # nothing finished: no stage to blame
     with pytest.raises(FileNotFoundError, match="samples.jsonl"):
         Stages(run, fixed).run([("buffer", read_samples)], print, dict, str)
+
+
+def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecked(tmp_path, capsys):
+    """Broken YAML in an override and an entry of a list as a key ended in tracebacks; a section given whole
+    (``train={stepz: 3}``) saved its misspelt key into the run; a --config file whose section is a list, or that
+    lacks a key, ended in a ConfigTypeError or a KeyError; a misspelt key in it was ignored. Each is one line,
+    exit 2, nothing written. A copy of the shipped file, or one of before ``reward_model.precision``, loads."""
+    shipped = yaml.safe_load(Path(demo.CONFIG).read_text())
+
+    def file(name, edit):
+        cfg = json.loads(json.dumps(shipped))
+        edit(cfg)
+        (tmp_path / name).write_text(yaml.safe_dump(cfg))
+        return ["--config", str(tmp_path / name)]
+
+    cases = [
+        (['data.instruction="a'], "not valid YAML values"),
+        (["train.methods=[shiq,dpo"], "not valid YAML values"),
+        (["train.methods.0=dpo"], "'train.methods.0' is not a config key (an entry of a list: set the whole list"),
+        (["train.methods[0]=dpo"], "is not a config key (an entry of a list"),
+        (["=1"], "'' is not a config key"),
+        (["train={stepz: 3}"], "override train={'stepz': 3}: set each key on its own (train.NAME=...)"),
+        (["methods.shiq={beta:0}"], "set each key on its own (methods.shiq.NAME=...)"),
+        (file("list.yaml", lambda c: c.__setitem__("train", [1, 2])), "list.yaml: train is [1, 2]; demo.yaml has"),
+        (file("quick.yaml", lambda c: c.__setitem__("quick", 5)), "quick.yaml: quick is 5; demo.yaml has"),
+        (
+            file("lacks.yaml", lambda c: c["data"].pop("instruction")),
+            "lacks the keys ['data.instruction'] of demo.yaml",
+        ),
+        (file("typo.yaml", lambda c: c["train"].__setitem__("stepz", 3)), "typo.yaml: unknown key 'train.stepz'"),
+        (file("qtypo.yaml", lambda c: c["quick"]["train"].__setitem__("stepz", 3)), "unknown key 'quick.train.stepz'"),
+    ]
+    for argv, needle in cases:
+        assert demo.main(["--quick", "--out", str(tmp_path / "run"), *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+    assert not (tmp_path / "run").exists()
+    file("copy.yaml", lambda c: None)
+    assert demo.load_config(tmp_path / "copy.yaml", quick=True)["train"] == demo.load_config(quick=True)["train"]
+    file("old.yaml", lambda c: c["reward_model"].pop("precision"))
+    assert "precision" not in demo.load_config(tmp_path / "old.yaml")["reward_model"]
+
+
+def test_a_folder_holding_a_config_json_of_something_else_is_refused_not_replaced(tmp_path, capsys):
+    """A folder with only a config.json of the user's own was taken as a new run, and the file replaced by
+    the demo's configuration. Now a config.json that is not this recipe's configuration is refused, kept."""
+    out = tmp_path / "proj"
+    out.mkdir()
+    (out / "config.json").write_text('{"my": "precious settings"}')
+    assert demo.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds a run with other sections" in err and len(err.splitlines()) == 1, err
+    assert json.loads((out / "config.json").read_text()) == {"my": "precious settings"}
+    (out / "config.json").write_text("[1, 2]")
+    assert demo.main(["--quick", "--out", str(out)]) == 2
+    assert "expected the run's configuration (a JSON object)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["config.json"]

@@ -37,21 +37,32 @@ from shiq_train.trainer import TrainConfig, Trainer
 
 
 def load_yaml_config(
-    path: str | Path, quick: bool = False, overrides: list[str] | None = None, keep=(), like: Path | None = None
+    path: str | Path,
+    quick: bool = False,
+    overrides: list[str] | None = None,
+    keep=(),
+    like: Path | None = None,
+    optional=(),
 ) -> dict:
     """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
     section stays a section). Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is
     dropped unless kept. ``like``: the recipe's shipped configuration, whose top-level sections ``path``
-    must have (another recipe's file, or a file of other YAML, is refused naming what it lacks)."""
+    must have (another recipe's file, or a file of other YAML, is refused naming what it lacks), and whose keys
+    and kinds of value it must have too (:func:`_check_like`), but for the dotted keys ``optional`` (keys added
+    since, which a file of before may lack)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config {path} not found")
+    import yaml  # OmegaConf's own parser: its errors
+
     cfg = _yaml_mapping(path)
     if like is not None and Path(like).resolve() != path.resolve():
-        lacks = [k for k in _yaml_mapping(Path(like)) if k not in cfg and k not in ("quick", "full")]
+        shipped = _yaml_mapping(Path(like))
+        lacks = [k for k in shipped if k not in cfg and k not in ("quick", "full")]
         if lacks:
             raise ValueError(f"{path}: lacks the sections {lacks} of {Path(like).name}: not a config of this recipe")
+        _check_like(OmegaConf.to_container(cfg), OmegaConf.to_container(shipped), path, Path(like).name, optional)
     quick_block = cfg.pop("quick", None)
     if "full" not in keep:
         cfg.pop("full", None)
@@ -63,20 +74,63 @@ def load_yaml_config(
             raise ValueError(f"overrides must look like key=value, got {bad}")
         for o in overrides:
             key = o.split("=", 1)[0]
+            if not re.fullmatch(rf"{KEY_PART}(\.{KEY_PART})*", key):
+                entry = " (an entry of a list: set the whole list, KEY=[a,b])" if re.search(r"\[|\.\d", key) else ""
+                raise ValueError(f"override {o!r}: {key!r} is not a config key{entry}; keys look like train.steps")
             if OmegaConf.select(cfg, key, default="__missing__") == "__missing__":
                 raise ValueError(f"unknown config key {key!r} in override {o!r} (see {path})")
         try:
             given = OmegaConf.from_dotlist(overrides)
-        except OmegaConfBaseException as e:
-            raise ValueError(f"overrides {overrides}: {' '.join(str(e).split())}") from None
+        except (OmegaConfBaseException, yaml.YAMLError) as e:
+            raise ValueError(
+                f"overrides {overrides}: not valid YAML values ({' '.join(str(e).split())[:160]})"
+            ) from None
         for key in (o.split("=", 1)[0] for o in overrides):
             old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
             if OmegaConf.is_dict(old) and not OmegaConf.is_dict(new):
                 raise ValueError(f"override {key}={new!r}: {key} is a section: set its keys ({key}.NAME=...)")
+            if OmegaConf.is_dict(new):  # its keys would reach the run unchecked (a typo saved as a new key)
+                raise ValueError(
+                    f"override {key}={OmegaConf.to_container(new)!r}: set each key on its own ({key}.NAME=...)"
+                )
             if not same_kind(old, new):
                 raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
         cfg = OmegaConf.merge(cfg, given)
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+def _kind(v) -> str:
+    """What kind of value a config file holds: a number (int or float alike: the bounds say which is needed,
+    in their own words), a flag, a string, a list or a section."""
+    if isinstance(v, bool):
+        return "flag"
+    return "number" if isinstance(v, (int, float)) else type(v).__name__
+
+
+KEY_PART = r"[A-Za-z_][A-Za-z0-9_-]*"  # one part of a dotted config key (no list index)
+
+
+def _check_like(cfg: dict, shipped: dict, path: Path, name: str, optional=(), prefix: str = "") -> None:
+    """A ``--config`` file against the recipe's shipped one ``name``: the same keys, each value of the shipped
+    value's kind (:func:`same_kind`; a section a section), so that a stage never meets a missing key or a
+    list where a section stands, and a misspelt key is not ignored. Its ``quick`` and ``full`` blocks may
+    leave keys out but add none (``full``'s grids excepted, whose keys are the arms)."""
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if key not in shipped:
+            raise ValueError(f"{path}: unknown key {dotted!r} (not in {name})")
+        old = shipped[key]
+        if None not in (old, value) and _kind(old) != _kind(value):
+            raise ValueError(
+                f"{path}: {dotted} is {value!r}; {name} has {old!r} there (a value of that kind is needed)"
+            )
+        if isinstance(old, dict) and not (prefix == "full." and key == "betas"):
+            partial = prefix.split(".")[0] in ("quick", "full") or (not prefix and key in ("quick", "full"))
+            lacks = [k for k in old if k not in value and f"{dotted}.{k}" not in optional]
+            if not partial and lacks:
+                raise ValueError(f"{path}: lacks the keys {[f'{dotted}.{k}' for k in lacks]} of {name}")
+            inner = shipped if (not prefix and key == "quick") else old
+            _check_like(value, inner, path, name, optional, f"{dotted}.")
 
 
 def _yaml_mapping(path: Path):
@@ -386,7 +440,8 @@ class Stages:
     configuration after runs were made to the value that stands for the code before them: a saved
     configuration without such a key reads as holding that value (so an older run resumes with it given).
     A run none of whose stages finished or left any file (one refused by its first stage) takes the new
-    configuration.
+    configuration. ``check()``, if given, runs once the configuration is accepted and before it is saved: a
+    recipe's own refusal (a free key's new value that a finished stage contradicts) leaves the run as it was.
     ``DIR`` must be a run folder, new or empty (:func:`check_run_folder`)."""
 
     def __init__(
@@ -396,13 +451,12 @@ class Stages:
         prog: str = "shiq-demo",
         free: tuple[str, ...] = (),
         absent: dict[str, object] | None = None,
+        check: Callable[[], None] | None = None,
     ):
         self.out, self.path = out, out / "stages.json"
         saved = out / "config.json"
         check_run_folder(out, prog)
         self.state = self._read_state()
-        if saved.exists() and not self.state["done"] and set(p.name for p in out.iterdir()) <= BARE_RUN:
-            atomic_write_json(saved, cfg)  # no stage finished nor left anything: nothing holds the old configuration
         if saved.exists():
             old = read_json(saved, " (the run's configuration: put it back whole, or use another --out)")
             if not isinstance(old, dict):
@@ -412,6 +466,11 @@ class Stages:
                     f"{out} holds a run with other sections ({', '.join(sorted(set(old) ^ set(cfg)))} in one of the two "
                     f"configurations only): a run of another recipe than {prog}, or of another version; use another --out"
                 )
+        if saved.exists() and not self.state["done"] and set(p.name for p in out.iterdir()) <= BARE_RUN:
+            if check is not None:
+                check()
+            atomic_write_json(saved, cfg)  # no stage finished nor left anything: nothing holds the old configuration
+        elif saved.exists():
             filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
             diff = sorted(diff_keys(old, cfg))
             if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
@@ -427,9 +486,13 @@ class Stages:
                     "use another --out or remove it"
                 )
             diff = diff or filled
+            if check is not None:
+                check()
             if diff:
                 atomic_write_json(saved, cfg)
         else:
+            if check is not None:
+                check()
             atomic_write_json(saved, cfg)
 
     def _read_state(self) -> dict:

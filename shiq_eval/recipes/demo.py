@@ -185,7 +185,7 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
         raise FileNotFoundError(f"demo config {path} not found")
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG)
+    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG, optional=ABSENT)
     _check_config(cfg)
     return cfg
 
@@ -1447,8 +1447,7 @@ def run(cfg: dict, out: str | Path) -> dict:
     check_run_folder(out, "shiq-demo")  # before anything is made there
     out.mkdir(parents=True, exist_ok=True)
     _check_assets()
-    check_trained_betas(cfg, out)
-    stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT)
+    stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT, check=lambda: check_trained_betas(cfg, out))
     ctx = Context(cfg, out)
     plan = [
         ("reward_model", lambda: stage_reward_model(ctx)),
