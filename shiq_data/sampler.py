@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from shiq_data.buffer import buffer_fingerprint
 from shiq_data.schema import REF_FIELDS
 
 MODES = ("padded", "packed", "groups")
@@ -377,6 +378,7 @@ class BufferSampler:
             "rows": len(self.buffer),
             "epoch": self._epoch,
             "position": self._position,
+            "buffer": buffer_fingerprint(self.buffer.manifest),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -388,6 +390,12 @@ class BufferSampler:
                     f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
                     f"state, {mine[key]!r} here (buffer {self.buffer.path})"
                 )
+        if "buffer" in state and state["buffer"] != mine["buffer"]:  # (states saved before it was kept: not checked)
+            raise ValueError(
+                f"sampler state does not match this sampler: the buffer {self.buffer.path} holds other shards than "
+                "when the state was saved (another buffer of as many rows written at its path, or one whose reference "
+                "statistics were added since): train in a new out folder"
+            )
         if not 0 <= int(state["position"]) < self._units or int(state["epoch"]) < 0:
             raise ValueError(
                 f"sampler state has position {state['position']} / epoch {state['epoch']} outside [0, {self._units})"

@@ -171,12 +171,20 @@ def load_optimizer_state_by_name(model, optimizer, state: dict) -> None:
             f"{len(sd['param_groups'])} (a different optimizer?)"
         )
     restored = {}
+    tensors = [p for group in inner.param_groups for p in group["params"]]  # in the order of ``slots``
     for i, (name, g) in enumerate(slots):
         saved = state["params"].get(name)
         if saved is None:
             continue
         if saved["group"] != g:
             raise ValueError(f"parameter {name} is in optimizer group {saved['group']} in the checkpoint, {g} here")
+        for key, value in [*saved["state"].items(), ("master", saved.get("master"))]:
+            # a moment of another shape would be read past its end by the fused AdamW kernel
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != tensors[i].shape:
+                raise ValueError(
+                    f"the checkpoint's optimizer state of parameter {name}: {key} has shape {list(value.shape)}, the "
+                    f"parameter {list(tensors[i].shape)} (a damaged rank file)"
+                )
         if saved["state"]:
             restored[i] = saved["state"]
     groups = [{**saved, "params": g["params"]} for saved, g in zip(state["groups"], sd["param_groups"])]

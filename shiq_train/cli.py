@@ -15,6 +15,7 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -40,7 +41,7 @@ from shiq_data.cli_common import (
     setup_logging,
     verbose,
 )
-from shiq_data.io import atomic_write_bytes
+from shiq_data.io import atomic_write_bytes, exclusive_lock
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
@@ -430,7 +431,8 @@ def _check_out(out: Path) -> None:
     folder): training would write its config, checkpoints and logs among them."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file: give a folder for the run")
-    if out.is_dir() and any(out.iterdir()) and not any((out / n).exists() for n in ("config.yaml", "checkpoints")):
+    held = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
+    if held and not any((out / n).exists() for n in ("config.yaml", "checkpoints")):
         raise ConfigError(
             f"out={out} holds files but is not a shiq-train run folder (no config.yaml, no checkpoints): give a new "
             "or empty folder"
@@ -591,8 +593,9 @@ def check_plain_options(cfg: dict) -> None:
     data = cfg.get("data") or {}
     ints.update({f"data.{k}": data.get(k) for k in ("rows_per_micro_batch", "micro_batches_per_step", "seed")})
     for key, value in ints.items():
-        if not _fits(value, int) or (key != "seed" and key != "data.seed" and value < 1):
-            raise ConfigError(f"{key}={value!r}: expected an integer" + ("" if "seed" in key else " >= 1"))
+        low = 0 if "seed" in key else 1  # (numpy refuses a negative seed, without naming it)
+        if not _fits(value, int) or not low <= value < 2**63:
+            raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
     for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}={value!r}: expected a path")
@@ -639,7 +642,6 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     logging_cfg = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging")
     if logging_cfg.wandb:
         import_wandb()  # installed, or one line saying how, before any work
-    from megatron.core import parallel_state as ps  # heavy: megatron
 
     allowed, force = resume_options(cfg.get("resume"))
     cfg = {k: v for k, v in cfg.items() if k != "resume"}  # how to start, not what the run is
@@ -688,12 +690,54 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
     _check_out(out)
-    check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
-    saved_step = latest_step_dir(out / "checkpoints")
-    if saved_step is not None:
-        tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
-        dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
-        check_resume_config(out, cfg, allowed, force, dp)
+    lock = lock_run_folder(out) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
+        saved_step = latest_step_dir(out / "checkpoints")
+        if saved_step is not None:
+            tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
+            dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
+            check_resume_config(out, cfg, allowed, force, dp)
+        elif (out / "config.yaml").is_file():  # stopped before its first checkpoint: its log would be replaced
+            check_resume_config(out, cfg, allowed, force)
+    except BaseException:
+        _release(lock)
+        remove_half_made_run(created, out)
+        raise
+    try:
+        return _train(
+            cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest
+        )
+    finally:
+        _release(lock)
+
+
+LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
+
+
+def lock_run_folder(out: Path) -> contextlib.ExitStack:
+    """Make ``out`` and hold an exclusive lock on ``out/.lock`` for this run (``shiq_data.io.exclusive_lock``;
+    released by :func:`_release`, or when the process ends), or a ``ConfigError`` if another run holds it: two
+    runs into one folder would pass the resume check before either saved a checkpoint, then write each other's
+    steps into one run."""
+    out.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
+    why = stack.enter_context(exclusive_lock(out / LOCK_NAME, wait=False, holder="another shiq-train run"))
+    if why is not None:
+        stack.close()
+        raise ConfigError(f"out={out}: {why}, training into this folder: wait for it to end, or use another out=")
+    return stack
+
+
+def _release(lock: contextlib.ExitStack | None) -> None:
+    if lock is not None:
+        lock.close()
+
+
+def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest) -> Path:
+    """:func:`run` once the configuration is checked and the run folder is this run's: the training itself."""
+    from megatron.core import parallel_state as ps  # heavy: megatron
+
     parallel.init_distributed(par, seed=cfg["seed"])
     try:
         rank0 = dist.get_rank() == 0
@@ -714,9 +758,12 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         def on_start(step: int) -> None:  # the checkpoint (if any) loaded: only now is the run folder written
             if rank0:
                 out.mkdir(parents=True, exist_ok=True)
+                restart = not step and (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size
                 atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
                 if step:
                     log.info(f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})")
+                elif restart:
+                    log.info(f"shiq-train: {out} has no checkpoint: training again from step 0 (its metrics.jsonl too)")
 
         meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
         trainer = Trainer(
@@ -808,8 +855,13 @@ def hydra_error(argv: list[str]) -> str | None:
                 break
             if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
                 lines.append(line.strip())
-        return "; ".join(lines) or type(e).__name__
+        message = "; ".join(lines) or type(e).__name__
+        if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
+            message += " (quote such a value: key='value', inside the shell's own quotes)"
+        return message
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
+    for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
+        return f"+{key}: {key!r} is no option of shiq-train (see shiq-train --help)"
     for key, section in default.items():  # a section removed (~loss) or replaced by a value (data=x)
         if key in OPTIONAL_SECTIONS:  # read as cfg.get(key) or {}
             continue

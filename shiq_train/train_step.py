@@ -167,6 +167,24 @@ def build_optimizer(model, cfg: OptimizerConfig):
     return opt, sched
 
 
+def apply_optimizer_config(scheduler, cfg: OptimizerConfig) -> None:
+    """Set the hyperparameters of ``cfg`` on a resumed optimizer: loading a checkpoint brings back the saved
+    run's learning rate (the ``LambdaLR``'s base and each group's ``lr``), betas, eps and weight decay, so a
+    change accepted on resume (``+resume.allow_changed=[optimizer.lr]``) would be logged and never applied.
+    ``scheduler`` is the ``LambdaLR`` of :func:`build_optimizer` (or of ``shiq_train.dist_optim``), whose lambda
+    reads ``cfg``; its step count is kept. The no-decay group (biases, norms) keeps a weight decay of 0
+    (megatron's groups: ``wd_mult``). An unchanged ``cfg`` changes nothing, to the bit."""
+    groups = scheduler.optimizer.param_groups
+    scheduler.base_lrs = [cfg.lr] * len(groups)
+    for i, (group, lam) in enumerate(zip(groups, scheduler.lr_lambdas)):
+        group["lr"] = cfg.lr * lam(scheduler.last_epoch)  # LambdaLR's own formula at the resumed step
+        group["betas"] = (cfg.adam_beta1, cfg.adam_beta2)
+        group["eps"] = cfg.adam_eps
+        mult = group.get("wd_mult", 1.0 if i == 0 else 0.0)  # build_optimizer: the decayed group first
+        group["weight_decay"] = cfg.weight_decay * mult
+    scheduler._last_lr = [g["lr"] for g in groups]
+
+
 def objective_loss_fn(loss_cfg) -> LossFn:
     """Loss selected by config (:class:`shiq_train.objectives.LossConfig`) as a ``LossFn``."""
 

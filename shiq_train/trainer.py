@@ -29,7 +29,14 @@ from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
 from shiq_train.prefix_cache import PrefixCache, suffix_only
-from shiq_train.train_step import OptimizerConfig, build_optimizer, forward_backward, objective_loss_fn, train_step
+from shiq_train.train_step import (
+    OptimizerConfig,
+    apply_optimizer_config,
+    build_optimizer,
+    forward_backward,
+    objective_loss_fn,
+    train_step,
+)
 
 REFERENCES = ("precomputed", "online")
 LOSS_AVERAGES = ("step", "micro_batch")
@@ -303,7 +310,15 @@ class Trainer:
         check_latest(self.ckpt_dir)
         if latest_step_dir(self.ckpt_dir) is not None:
             start, user = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
+            if not isinstance(user, dict) or "data" not in user:
+                raise ValueError(
+                    f"{latest_step_dir(self.ckpt_dir)}: its rank file holds no data position (user_state.data): the "
+                    "checkpoint is damaged"
+                )
+            apply_optimizer_config(self.scheduler, self.opt_cfg)  # a change accepted on resume takes effect
             data.load_state_dict(user["data"])
+        if rank0:  # a metrics.jsonl that cannot be resumed is refused before on_start writes the run folder
+            _check_metrics_file(self.out_dir / "metrics.jsonl")
         if on_start is not None:
             on_start(start)
         if self.prefix_cache is None and self.cfg.cache_frozen_prefix:
@@ -416,6 +431,14 @@ class Trainer:
                 f"the evaluate hook returned {type(result).__name__} at step {step}: expected a dict or None"
             )
         return result
+
+
+def _check_metrics_file(path: Path) -> None:
+    """Refuse (``ValueError`` naming it) a run's ``metrics.jsonl`` that is not a file of metrics records."""
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{path} is not a file: remove it, or train in a new out folder")
+    if path.exists():
+        _metric_lines(path)
 
 
 def _metric_lines(path: Path) -> list[str]:

@@ -3,6 +3,7 @@ model configs, start-up errors, statistics from the model, and a short ShiQ trai
 
 import dataclasses
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -591,6 +592,28 @@ def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
         load_checkpoint(tmp_path, model)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nowhere", model)
+
+
+def test_an_optimizer_moment_of_another_shape_is_refused_not_read_past_its_end(dist1, tmp_path):
+    """A rank file edited with its checksum renewed, whose AdamW moment has another shape than its parameter,
+    was loaded and stepped by the fused kernel: heap corruption (free(): invalid next size). Refused, naming
+    the parameter and the moment."""
+    from shiq_train.checkpoint import load_checkpoint, save_checkpoint, save_hashed
+    from shiq_train.train_step import OptimizerConfig, build_optimizer
+
+    model = M.build_model(M.ModelConfig())
+    opt, sched = build_optimizer(model, OptimizerConfig())
+    sum(p.float().sum() for p in model.parameters()).backward()
+    opt.step()
+    d = save_checkpoint(tmp_path, 1, model, opt, sched)
+    rank = d / "rank_tp0_pp0_dp0.pt"
+    state = torch.load(rank, weights_only=True)
+    name = next(iter(state["optimizer"]["params"]))
+    state["optimizer"]["params"][name]["state"]["exp_avg"] = torch.zeros(3)
+    save_hashed(state, rank)
+    opt2, sched2 = build_optimizer(model, OptimizerConfig())
+    with pytest.raises(ValueError, match=rf"optimizer state of parameter {re.escape(name)}: exp_avg has shape \[3\]"):
+        load_checkpoint(tmp_path, model, opt2, sched2)
 
 
 def test_a_rank_file_is_checked_against_its_sha256_before_it_is_read(dist1, tmp_path):

@@ -223,6 +223,21 @@ def test_resume_reproduces_the_following_batches(rows_and_buffer, mode):
         BufferSampler(buf, **{**kw, "seed": 12}).load_state_dict(state)
 
 
+def test_a_state_is_refused_by_another_buffer_of_as_many_rows(rows_and_buffer, tmp_path):
+    """A buffer rewritten at the same path with other rows of the same count and grouping passed every check of
+    the state (mode, seed, units, rows): a resumed run went on over other data. The state now keeps the buffer's
+    fingerprint; a state saved before it was kept still loads."""
+    rows, buf = rows_and_buffer
+    kw = dict(rows_per_micro_batch=4, micro_batches_per_step=1, seed=3, mode="padded")
+    state = BufferSampler(buf, **kw).state_dict()
+    other = [{**r, "tokens": [t + 1 for t in r["tokens"]]} for r in rows]
+    other_buf = write_buffer(other, tmp_path / "o", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+    with pytest.raises(ValueError, match=r"holds other shards than when the state was saved"):
+        BufferSampler(other_buf, **kw).load_state_dict(state)
+    BufferSampler(other_buf, **kw).load_state_dict({k: v for k, v in state.items() if k != "buffer"})
+    BufferSampler(open_buffer(buf.path), **kw).load_state_dict(state)
+
+
 def test_reference_columns_are_batched(tmp_path):
     rows = make_rows(6)
     write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=6, progress=False)

@@ -48,6 +48,7 @@ import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -780,6 +781,21 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
     assert hydra_error(["--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
+    # +foo=1 was kept in config.yaml and read by nothing; a path with ü gave Hydra's lexer error alone
+    assert hydra_error(["+foo=1"]) == "+foo: 'foo' is no option of shiq-train (see shiq-train --help)"
+    assert "quote such a value: key='value'" in hydra_error(["out=runs/ünicode"])
+    assert hydra_error(["out='runs/ünicode'"]) is None
+
+
+@pytest.mark.parametrize("key", ["seed", "data.seed"])
+def test_a_negative_seed_is_refused_naming_its_key(key):
+    from shiq_train.cli import ConfigError, check_plain_options
+
+    cfg, _ = composed("data.buffer=b", "out=o")
+    section = cfg["data"] if key == "data.seed" else cfg
+    section[key.split(".")[-1]] = -1
+    with pytest.raises(ConfigError, match=rf"{key}=-1: expected an integer >= 0"):
+        check_plain_options(cfg)
 
 
 def test_multirun_is_refused_before_hydra_makes_its_folders(tmp_path):
@@ -811,3 +827,55 @@ def test_resume_allow_changed_naming_no_key_of_the_configuration_is_refused(tmp_
     for typo in ("loss.betta", "loss"):  # a section is not a key either
         with pytest.raises(ConfigError, match=f"allow_changed names '{typo}', which is not a key"):
             check_resume_config(tmp_path, new, {"loss.beta", typo}, False)
+
+
+def test_run_folder_lock_applied_resume_changes_and_untouched_config_on_refusal(tmp_path):
+    """Four holes of a rerun into a run folder:
+    - a second run into a folder that a run is training into is refused (two runs used to alternate
+      checkpoints of two configurations in one folder);
+    - a learning rate accepted on resume is the one used (the checkpoint's came back and was logged as new);
+    - a run with config.yaml but no checkpoint (stopped early) is compared with it, not overwritten;
+    - a metrics.jsonl that cannot be resumed is refused before config.yaml is rewritten."""
+    import fcntl
+
+    import yaml
+
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    run = tmp_path / "run"
+    base = [f"data.buffer={tmp_path / 'buf'}", f"out={run}", "data.rows_per_micro_batch=2"]
+    run.mkdir()
+    with open(run / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = train_cli(*base, "train.steps=2")
+    assert busy.returncode == 2 and ".lock is held by another shiq-train run, training into" in busy.stderr
+    assert sorted(p.name for p in run.iterdir()) == [".lock"]  # and the folder is free again once released
+
+    first = train_cli(*base, "train.steps=2", "optimizer.warmup_steps=0", "optimizer.decay_steps=0")
+    assert first.returncode == 0, first.stderr[-2000:]
+    faster = train_cli(
+        *base, "train.steps=4", "optimizer.warmup_steps=0", "optimizer.decay_steps=0", "optimizer.lr=0.01",
+        "+resume.allow_changed=[optimizer.lr]",
+    )  # fmt: skip
+    assert faster.returncode == 0, faster.stderr[-2000:]
+    assert [m["lr"] for m in metrics(run)] == pytest.approx([3e-4, 3e-4, 0.01, 0.01])
+
+    saved = (run / "config.yaml").read_bytes()
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write("garbage\n")
+    now = ["optimizer.warmup_steps=0", "optimizer.decay_steps=0", "optimizer.lr=0.01"]  # as config.yaml says
+    bad_log = train_cli(*base, *now, "train.steps=5", "loss.beta=0.7", "+resume.allow_changed=[loss.beta]")
+    assert bad_log.returncode == 2 and "metrics.jsonl: line 5: not a metrics record" in bad_log.stderr
+    assert (run / "config.yaml").read_bytes() == saved
+
+    shutil.rmtree(run / "checkpoints")  # as a run stopped before its first checkpoint leaves it
+    (run / "metrics.jsonl").write_text(
+        "".join(ln + "\n" for ln in (run / "metrics.jsonl").read_text().splitlines()[:2])
+    )
+    other = train_cli(*base, *now, "train.steps=2", "loss.beta=0.5")
+    assert other.returncode == 2 and "loss.beta 0.1 -> 0.5" in other.stderr, other.stderr[-2000:]
+    assert (run / "config.yaml").read_bytes() == saved and len(metrics(run)) == 2
+    assert yaml.safe_load(saved)["optimizer"]["lr"] == 0.01
+    again = train_cli(*base, *now, "train.steps=2")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "has no checkpoint: training again from step 0" in again.stderr
+    assert [m["step"] for m in metrics(run)] == [1, 2]
