@@ -357,9 +357,10 @@ def check_guide_args(args, temperature: float = 1.0) -> None:
         raise EvalInputError(f"--guide samples at temperature 1, but the suite's sampling.temperature is {temperature}")
 
 
-def evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
-    """Reward and KL (an ``EvalResult``) of the reference guided by the value model in ``args.guide``."""
-    from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy  # heavy: torch
+def load_guide(args, ref_model):
+    """The value model of ``args.guide``, checked against the reference ``ref_model``: loaded once the
+    reference is, before any policy is evaluated, so a damaged folder or another vocabulary is refused at once
+    instead of after the checkpoints' evaluations."""
     from shiq_train.qsharp_value import load_value_model  # heavy: torch
 
     value = load_value_model(args.guide)
@@ -368,6 +369,13 @@ def evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
             f"--guide {args.guide}: the value model has {value.config.vocab_size} token ids but the reference "
             f"{ref_model.config.vocab_size}; train it from this reference (shiq-train loss=qsharp_value init=...)"
         )
+    return value
+
+
+def evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown, scorer, kw):
+    """Reward and KL (an ``EvalResult``) of the reference guided by ``value`` (:func:`load_guide`)."""
+    from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy  # heavy: torch
+
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     policy = GuidedPolicy(ref_model, value, value.atoms, args.beta, top_k=args.top_k, eos_id=eos, pad_id=pad)
@@ -495,6 +503,7 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
+    value = load_guide(args, ref_model) if args.guide is not None else None
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, suite.chat) for _ in range(k)]
     shown_k = [text for text in shown for _ in range(k)]
@@ -573,7 +582,7 @@ def run(args) -> list[dict]:
                     f"{rows[-1]['reward_stderr']:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
-            res = evaluate_guide(args, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
+            res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
             row = {
                 "run": Path(os.path.abspath(args.guide)).name,
                 "method": "qsharp",

@@ -116,8 +116,10 @@ class PythonFunctionScorer:
             sys.path.insert(0, os.getcwd())
         try:
             module = importlib.import_module(self.module_name)
-        except ImportError as e:
-            raise ValueError(f"scorer {spec}: cannot import module {self.module_name!r} ({e})") from None
+        except Exception as e:  # the user's module: a SyntaxError or any error of its own code at import
+            raise ValueError(
+                f"scorer {spec}: cannot import module {self.module_name!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+            ) from e
         self.fn = getattr(module, self.function_name, None)
         if not callable(self.fn):
             raise ValueError(f"scorer {spec}: module {self.module_name!r} has no function {self.function_name!r}")
@@ -142,14 +144,23 @@ class PythonFunctionScorer:
         return hashlib.sha256(Path(self.source).read_bytes()).hexdigest()
 
     def __call__(self, prompts, completions):
-        out = self.fn(list(prompts), list(completions))
+        try:
+            out = self.fn(list(prompts), list(completions))
+        except Exception as e:  # the user's function failed: named in one line (SHIQ_VERBOSE=1 shows where)
+            raise ValueError(
+                f"scorer {self.spec}: the function raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+            ) from e
         n = len(completions)
+        huge = False
         try:
             values = [float(x) for x in out] if not isinstance(out, (str, bytes, dict)) else None
         except (TypeError, ValueError):
             values = None
+        except OverflowError:  # an int beyond a float's range
+            values, huge = None, True
         if values is None or len(values) != n or not all(math.isfinite(v) for v in values):
             got = f"{type(out).__name__}" + (f" of length {len(out)}" if hasattr(out, "__len__") else "")
+            got += " holding a number beyond a float's range" if huge else ""
             if values is not None and len(values) == n:
                 got = f"a non-finite value {next(v for v in values if not math.isfinite(v))}"
             raise ValueError(

@@ -21,3 +21,11 @@ def with_nan(prompts, completions):
 
 def one_argument(completions):
     return [0.0] * len(completions)
+
+
+def raises(prompts, completions):
+    return {}["no such key"]
+
+
+def too_large(prompts, completions):
+    return [10**400 for _ in completions]

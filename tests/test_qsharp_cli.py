@@ -272,3 +272,23 @@ def test_a_damaged_value_model_is_named_in_one_line(trained, tmp_path, capsys):
     base = ["run", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl"), "--reward-model", "rm"]
     assert eval_main(base + ["--guide", str(tmp_path / "v0"), "--beta", "0.5"]) == 2
     assert "field 'steps' must be an integer >= 0, got 'x'" in capsys.readouterr().err
+
+
+def test_a_guide_without_weights_is_refused_before_any_policy_is_evaluated(trained, tmp_path, capsys, monkeypatch):
+    """--guide a folder whose value_model.pt is gone was found out only after the reference and every checkpoint
+    had been evaluated (minutes to hours); the value model is now loaded with the reference, before them."""
+    from shiq_eval import evaluate
+
+    _, _, value_dir = trained
+    shutil.copytree(value_dir, tmp_path / "v")
+    (tmp_path / "v" / "value_model.pt").unlink()
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4 w5"}\n')
+
+    def evaluated(*a, **k):
+        raise AssertionError("a policy was evaluated before the value model was checked")
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", evaluated)  # (imported from there when run starts)
+    args = ["run", "--guide", str(tmp_path / "v"), "--beta", "0.5", "--out", str(tmp_path / "o")]
+    assert eval_main(args + ["--prompts", str(tmp_path / "p.jsonl"), "--scorer", "vader", "--quiet"]) == 2
+    assert "value_model.pt does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -76,6 +76,8 @@ def test_python_function_scorer_gives_the_function_s_rewards(tmp_path, init):
         ("one_short", "returned list of length 3"),
         ("with_nan", "non-finite value nan"),
         ("missing", "has no function 'missing'"),
+        ("raises", "the function raised KeyError: 'no such key'"),  # was a traceback
+        ("too_large", "holding a number beyond a float's range"),  # 10**400: an OverflowError, no name
     ],
 )
 def test_a_bad_python_scorer_fails_in_one_line_naming_it(tmp_path, capsys, init, name, problem):
@@ -88,9 +90,12 @@ def test_a_bad_python_scorer_fails_in_one_line_naming_it(tmp_path, capsys, init,
     assert f"python:scorer_functions:{name}" in lines[0] and problem in lines[0], err
 
 
-def test_bad_scorer_names_are_refused_before_any_model_loads(tmp_path, capsys, init):
+def test_bad_scorer_names_are_refused_before_any_model_loads(tmp_path, capsys, init, monkeypatch):
     capsys.readouterr()
+    (tmp_path / "broken_scorer_module.py").write_text("def f(prompts, completions:\n    return []\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
     for spec, problem in [
+        ("python:broken_scorer_module:f", "cannot import module 'broken_scorer_module' (SyntaxError: "),
         ("python:no_such_module_here:f", "cannot import module 'no_such_module_here'"),
         ("python:scorer_functions", "expected python:MODULE:FUNCTION"),
         ("python:scorer_functions:one_argument", "one_argument must take two arguments"),
