@@ -163,9 +163,9 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
                 raise EvalInputError(f"{path}, line {i}: {e}") from None
             prompt = row["messages"]
             default_shown = prompt[-1]["content"]
-        elif not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"]:
-            raise EvalInputError(
-                f"{path}, line {i}: field 'prompt' must be a non-empty string (or give 'messages', a chat)"
+        elif not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise EvalInputError(  # (blank text encodes to no token: a prompt of nothing to continue)
+                f"{path}, line {i}: field 'prompt' must be a string that is not blank (or give 'messages', a chat)"
             )
         else:
             prompt = default_shown = row["prompt"]

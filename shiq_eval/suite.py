@@ -31,6 +31,7 @@ SEED_MAX = 10**9  # a seed, with small offsets added (per batch, per stage), see
 # the largest sampling settings taken: beyond them a typo (an extra zero or three) would run for days or
 # allocate without end rather than be refused
 SAMPLING_MAX = {"max_new_tokens": 1_000_000, "samples_per_prompt": 10_000, "batch_size": 65_536}
+TEMPERATURE_MIN = 1e-3  # logits / T of a smaller one overflow float32 (1e-320: every probability NaN)
 
 
 @dataclass
@@ -166,8 +167,10 @@ def check_suite(suite: Suite, path: Path | None) -> None:
             raise SuiteError(f"{where}sampling.{key} must be in 1..{high:,}, got {getattr(s, key)}")
     if not 0 <= s.seed <= SEED_MAX:
         raise SuiteError(f"{where}sampling.seed must be in 0..{SEED_MAX:,}, got {s.seed}")
-    if not 0 < s.temperature < math.inf:  # written into every result row: JSON has no Infinity
-        raise SuiteError(f"{where}sampling.temperature must be a finite number > 0, got {s.temperature}")
+    if not TEMPERATURE_MIN <= s.temperature < math.inf:  # written into every result row: JSON has no Infinity
+        raise SuiteError(
+            f"{where}sampling.temperature must be a finite number >= {TEMPERATURE_MIN:g}, got {s.temperature}"
+        )
 
 
 def scorer_sha256(suite: Suite, scorer=None) -> str:

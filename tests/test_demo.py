@@ -238,8 +238,11 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.steps=50", "multiple of train.eval_every"),
         ("data.completions_per_prompt=1", "data.completions_per_prompt must be an integer >= 2 (DPO, CoPG"),
         ("nonsense", "key=value"),
-        ("train.methods=[shiq@x]", "must be a finite number > 0, got 'x'"),
-        ("train.methods=[shiq@inf]", "must be a finite number > 0, got inf"),
+        ("train.methods=[shiq@x]", "'shiq@x': the β after @ must be a plain number, such as shiq@0.1"),
+        ("train.methods=[shiq@inf]", "'shiq@inf': the β after @ must be a plain number"),
+        ("train.methods=[shiq@1_0]", "'shiq@1_0': the β after @ must be a plain number"),  # float() read 10
+        ("train.methods=[shiq@0.1,shiq@0.10]", "'shiq@0.1' and 'shiq@0.10' are the same arm (β 0.1)"),
+        ("train.methods=[dpo,dpo@0.03]", "'dpo' and 'dpo@0.03' are the same arm (β 0.03)"),
         ("train.methods=[]", "train.methods is empty"),
         ("train.methods=[shiq@-1]", "must be a finite number > 0, got -1.0"),
         ("train.methods=[shiq,shiq]", "lists an entry twice"),
@@ -857,3 +860,13 @@ def test_a_folder_holding_a_config_json_of_something_else_is_refused_not_replace
     assert demo.main(["--quick", "--out", str(out)]) == 2
     assert "expected the run's configuration (a JSON object)" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["config.json"]
+
+
+def test_a_one_layer_model_is_not_told_to_train_at_most_zero_layers():
+    from shiq_eval.recipes.common import check_frozen_prefix
+
+    with pytest.raises(ValueError, match="a model of one layer has none: set train.cache_frozen_prefix=false"):
+        check_frozen_prefix({"train.trainable_last_layers": 6}, 1)  # said "train at most 0", which bounds refuse
+    with pytest.raises(ValueError, match="train at most 29, or set train.cache_frozen_prefix=false"):
+        check_frozen_prefix({"train.trainable_last_layers": -1}, 30)
+    check_frozen_prefix({"train.trainable_last_layers": 6}, 30)

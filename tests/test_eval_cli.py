@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import torch
 import transformers
 
 from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
-from shiq_eval.cli import main, read_prompts_jsonl
+from shiq_eval.cli import EvalInputError, main, read_prompts_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 128
@@ -202,7 +203,7 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
         str(tiny_hf_folder(tmp_path / "m")),
     ]
     assert main(args) == 2
-    assert f"{bad}, line 2: field 'prompt' must be a non-empty string" in capsys.readouterr().err
+    assert f"{bad}, line 2: field 'prompt' must be a string that is not blank" in capsys.readouterr().err
     assert (
         main(
             [
@@ -236,6 +237,7 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
         ([*out, *prompts, "--batch-size", "0"], "sampling.batch_size must be in 1..65,536, got 0"),
         ([*out, *prompts, "--seed", "-1"], "sampling.seed must be in 0..1,000,000,000, got -1"),
         ([*out, *prompts, "--seed", str(10**20)], "sampling.seed must be in 0..1,000,000,000"),
+        ([*out, *prompts, "--temperature", "1e-320"], "sampling.temperature must be a finite number >= 0.001"),
         ([*out, "--movie-prompts", "0"], "movie_prompts (--movie-prompts) must be >= 1, got 0"),
         ([*out, "--movie-prompts", "-1"], "movie_prompts (--movie-prompts) must be >= 1, got -1"),
         ([*out, "--movie-prompts", str(10**6)], "--movie-prompts 1000000: there are "),
@@ -507,3 +509,13 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     assert main(args + ["--max-new-tokens", "2", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "fingerprint" not in err and f"{step / 'rank_tp0_pp0_dp0.pt'}: not a readable checkpoint" in err, err
+
+
+def test_a_blank_prompt_is_named_with_its_file_and_line(tmp_path):
+    """A prompt of spaces encoded to no token and failed later as "prompt 0 is empty", no file or line."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "fine"}\n{"prompt": "   "}\n')
+    with pytest.raises(
+        EvalInputError, match=rf"{re.escape(str(path))}, line 2: field 'prompt' must be a string that is not blank"
+    ):
+        read_prompts_jsonl(path)

@@ -253,7 +253,9 @@ def check_frozen_prefix(trainable: dict[str, int], layers: int) -> None:
         if k == -1 or k >= layers:
             raise ValueError(
                 f"{key}={k} trains every layer of {layers}, so train.cache_frozen_prefix=true has no frozen layers "
-                f"to cache: train at most {layers - 1}, or set train.cache_frozen_prefix=false"
+                f"to cache: "
+                + (f"train at most {layers - 1}, or " if layers > 1 else "a model of one layer has none: ")
+                + "set train.cache_frozen_prefix=false"
             )
 
 
@@ -306,8 +308,11 @@ def check_arms(cfg: dict, known, single=()) -> None:
         raise ValueError("train.methods is empty: name at least one method to train")
     if len(set(methods)) != len(methods):
         raise ValueError(f"train.methods lists an entry twice: {methods}")
+    seen = {}
     for arm in methods:
         m, _, b = str(arm).partition("@")
+        if b and not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", b):  # float() also reads 1_0 (10), nan, inf
+            raise ValueError(f"train.methods: {arm!r}: the β after @ must be a plain number, such as {m}@0.1")
         if arm_is_single(m):
             m = arm_method(m)
             if m not in single:
@@ -327,6 +332,9 @@ def check_arms(cfg: dict, known, single=()) -> None:
             raise ValueError(
                 f"methods.{m}.beta (or {m}@BETA in train.methods) must be a finite number > 0, got {beta!r}"
             )
+        same = seen.setdefault((str(arm).partition("@")[0], float(beta)), arm)
+        if same != arm:  # shiq@0.1 and shiq@0.10 (or shiq at its default β): one arm trained twice
+            raise ValueError(f"train.methods: {same!r} and {arm!r} are the same arm (β {float(beta):g})")
 
 
 BARE_RUN = {"config.json", "stages.json", "run.log"}  # a run folder with no stage's output in it
