@@ -204,6 +204,11 @@ class BufferSampler:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
         if len(buffer) == 0:
             raise ValueError(f"buffer {buffer.path} has no rows")
+        if rows_per_micro_batch > len(buffer):  # 100000 on 8 rows: every row 12,500 times in each micro-batch
+            raise ValueError(
+                f"rows_per_micro_batch={rows_per_micro_batch} is more than the {len(buffer)} rows of buffer "
+                f"{buffer.path}: a micro-batch would hold rows more than once"
+            )
         self.buffer, self.mode, self.seed = buffer, mode, int(seed)
         self.rows_per_micro_batch, self.micro_batches_per_step = int(rows_per_micro_batch), int(micro_batches_per_step)
         self.dp_rank, self.dp_world, self.pad_id = int(dp_rank), int(dp_world), int(pad_id)

@@ -347,6 +347,10 @@ def check_guide_args(args, temperature: float = 1.0) -> None:
         return
     if args.beta is None or not (0 < args.beta < float("inf")):
         raise EvalInputError(f"--guide needs --beta B, a finite KL weight > 0 (got {args.beta})")
+    if Path(os.path.abspath(args.guide)).name == "reference":  # its row is labelled by its folder's name
+        raise EvalInputError(
+            f"--guide {args.guide}: its row would be labelled 'reference', the reference model's label; rename the folder"
+        )
     if args.top_k is None:
         args.top_k = DEFAULT_TOP_K
     if args.top_k < 1:

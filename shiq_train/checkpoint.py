@@ -501,6 +501,17 @@ def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
     return state
 
 
+def remove_temporaries(directory) -> list[Path]:
+    """Remove the temporary files that a save killed mid-write left in the checkpoints folder ``directory`` and
+    its step folders (``atomic_write``'s ``.NAME.XXXX.tmp``: a rank file's can be gigabytes); returns them.
+    Call it when no save is under way (a run's start, on rank 0)."""
+    directory = Path(directory)
+    stale = [*directory.glob(".*.tmp"), *directory.glob("step_*/.*.tmp")] if directory.is_dir() else []
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
 def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:
     """Restore what :func:`save_checkpoint` saved (the ``latest`` step unless ``step_dir`` is given), in any
     tensor-, pipeline- and data-parallel layout. Returns ``(step, user_state)``.

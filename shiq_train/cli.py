@@ -391,6 +391,27 @@ def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer
         )
 
 
+def reference_mismatch(manifest: dict, init: str, reference_mode: str, buffer_dir) -> str | None:
+    """What to warn of when precomputed reference statistics come from another model than ``init`` (SHIQ_MATH
+    §2: the loss regularises towards the model of the statistics, which then differs from the trained model
+    before the first update), or None. Statistics of a training checkpoint are not compared (``init`` may be
+    anything there). A warning, not a refusal: a run may start from one model and be held to another."""
+    record = manifest.get("ref_model") if reference_mode == "precomputed" else None
+    if not isinstance(record, dict) or record.get("megatron_checkpoint") or not isinstance(record.get("model"), str):
+        return None
+    model = record["model"]
+    if init in (None, "none"):
+        start = "init=none starts from random weights"
+    elif (init if init == "smollm2" else str(Path(init).resolve())) != model:
+        start = f"init={init} is another model"
+    else:
+        return None
+    return (
+        f"{buffer_dir}: its reference statistics were computed with {model}, but {start}: the loss holds the trained "
+        "model to that reference (train.reference=online holds it to init)"
+    )
+
+
 def resume_options(section) -> tuple[set[str], bool]:
     """``(allowed, force)`` from the command line's ``+resume.allow_changed=[KEY,...]`` and ``+resume.force=true``."""
     if section is None:
@@ -685,6 +706,10 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     check_buffer_fits(cfg, model_cfg, train_cfg.reference)
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
+    if (mismatch := reference_mismatch(manifest, cfg["init"], train_cfg.reference, cfg["data"]["buffer"])) and int(
+        os.environ.get("RANK", "0")
+    ) == 0:
+        log.warning(f"shiq-train: {mismatch}")
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     log.debug(f"shiq-train: resolved config {json.dumps(cfg, sort_keys=True, default=str)}")
     out = Path(cfg["out"])

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from shiq_data.cli_common import LOG_LEVELS
 from shiq_data.io import atomic_write_text
 from shiq_train import prefix_tree
-from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, save_checkpoint
+from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, remove_temporaries, save_checkpoint
 from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
@@ -321,6 +321,8 @@ class Trainer:
             _check_metrics_file(self.out_dir / "metrics.jsonl")
         if on_start is not None:
             on_start(start)
+        if rank0:
+            remove_temporaries(self.ckpt_dir)  # of a save killed mid-write; none is under way before the first step
         if self.prefix_cache is None and self.cfg.cache_frozen_prefix:
             buffer = _buffer_of(data)
             if buffer is None:

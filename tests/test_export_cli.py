@@ -77,7 +77,9 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     buffer = tmp_path / "buffer"
     buffer.mkdir()
     (buffer / "manifest.json").write_text(json.dumps({"format": FORMAT}))
+    (tmp_path / "link").symlink_to(tmp_path / "hf")  # rmtree refused it only after the whole export
     for out, needle in [
+        (tmp_path / "link", "is a symbolic link (to "),
         (run, "is the run folder"),
         (tmp_path, "holds the run folder"),
         (run / "checkpoints" / "step_00000002", "is inside the run's checkpoints"),

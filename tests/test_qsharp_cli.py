@@ -227,6 +227,7 @@ def test_guide_argument_errors(trained, capsys):
         (["--beta", "0.5", str(value_dir)], "--beta is the KL weight of Q♯ guidance"),
         (["--guide", str(tmp / "buffer"), "--beta", "0.5"], "value_model.json does not exist"),
         (["--guide", str(value_dir), "--beta", "0.5", "--engine", "megatron"], "use --engine hf"),
+        (["--guide", str(tmp / "x" / "reference"), "--beta", "0.5"], "its row would be labelled 'reference'"),
     ]
     for extra, message in cases:
         assert eval_main(base + extra) == 2, extra

@@ -351,3 +351,11 @@ def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit,
     rewrite_shard(tmp_path / "b", 1, edit)
     with pytest.raises(ValueError, match="shard-00001.arrow: " + needle):
         BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
+
+
+def test_a_micro_batch_larger_than_the_buffer_is_refused(rows_and_buffer):
+    """rows_per_micro_batch=100000 on 8 rows ran, each micro-batch repeating every row thousands of times."""
+    _, buf = rows_and_buffer
+    with pytest.raises(ValueError, match=r"rows_per_micro_batch=24 is more than the 23 rows of buffer"):
+        BufferSampler(buf, rows_per_micro_batch=24)
+    BufferSampler(buf, rows_per_micro_batch=23)

@@ -387,9 +387,15 @@ def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
     proc.wait()
     killed_at = max(m["step"] for m in metrics(out))
     assert 50 <= killed_at < steps  # killed part-way, after at least two checkpoints
+    # what a kill during a save leaves (atomic_write's temporaries): gone once the run resumes
+    step_dir = sorted((out / "checkpoints").glob("step_*"))[-1]
+    planted = [step_dir / ".rank_tp0_pp0_dp0.pt.abc123.tmp", out / "checkpoints" / ".latest.xyz.tmp"]
+    for path in planted:
+        path.write_bytes(b"partial")
 
     resumed = subprocess.run(cmd(out), capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not any(path.exists() for path in planted)
     got, want = metrics(out), metrics(tmp_path / "a")
     assert [m["step"] for m in got] == list(range(1, steps + 1))
     assert [m["loss"] for m in got] == [m["loss"] for m in want]
@@ -879,3 +885,23 @@ def test_run_folder_lock_applied_resume_changes_and_untouched_config_on_refusal(
     assert again.returncode == 0, again.stderr[-2000:]
     assert "has no checkpoint: training again from step 0" in again.stderr
     assert [m["step"] for m in metrics(run)] == [1, 2]
+
+
+def test_reference_statistics_of_another_model_than_init_are_warned_of(tmp_path):
+    """Statistics computed with one model and a run started from another (or from random weights) trained
+    without a word: at step 1 log_ratio was -0.33 instead of 0. A warning names both; the same model, online
+    statistics, and statistics of a training checkpoint say nothing."""
+    from shiq_train.cli import reference_mismatch
+
+    (tmp_path / "a").mkdir()
+    manifest = {"ref_model": {"model": str((tmp_path / "a").resolve()), "tokenizer": "f"}}
+    assert reference_mismatch(manifest, str(tmp_path / "a"), "precomputed", "buf") is None
+    assert reference_mismatch(manifest, str(tmp_path / "b"), "online", "buf") is None
+    msg = reference_mismatch(manifest, str(tmp_path / "b"), "precomputed", "buf")
+    assert msg.startswith(f"buf: its reference statistics were computed with {(tmp_path / 'a').resolve()}, but init=")
+    assert "init=none starts from random weights" in reference_mismatch(manifest, "none", "precomputed", "buf")
+    smol = {"ref_model": {"model": "smollm2"}}
+    assert reference_mismatch(smol, "smollm2", "precomputed", "buf") is None
+    checkpoint = {"ref_model": {**manifest["ref_model"], "megatron_checkpoint": "/x/step_1"}}
+    assert reference_mismatch(checkpoint, "none", "precomputed", "buf") is None
+    assert reference_mismatch({"ref_model": None}, "none", "precomputed", "buf") is None
