@@ -204,11 +204,6 @@ class BufferSampler:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
         if len(buffer) == 0:
             raise ValueError(f"buffer {buffer.path} has no rows")
-        if rows_per_micro_batch > len(buffer):  # 100000 on 8 rows: every row 12,500 times in each micro-batch
-            raise ValueError(
-                f"rows_per_micro_batch={rows_per_micro_batch} is more than the {len(buffer)} rows of buffer "
-                f"{buffer.path}: a micro-batch would hold rows more than once"
-            )
         self.buffer, self.mode, self.seed = buffer, mode, int(seed)
         self.rows_per_micro_batch, self.micro_batches_per_step = int(rows_per_micro_batch), int(micro_batches_per_step)
         self.dp_rank, self.dp_world, self.pad_id = int(dp_rank), int(dp_world), int(pad_id)
@@ -239,6 +234,16 @@ class BufferSampler:
             self._units = len(ids)
         else:
             self._units = len(buffer)
+        # 100000 rows on a buffer of 8 took every row 12,500 times in each micro-batch; in groups mode the value
+        # bounds the rows of the whole groups taken, which repeat a group once every row and one more group fit
+        room = len(buffer) + (int(self._group_sizes.min()) - 1 if mode == "groups" else 0)
+        if self.rows_per_micro_batch > room:
+            raise ValueError(
+                f"rows_per_micro_batch={rows_per_micro_batch} (shiq-train's data.rows_per_micro_batch) is more than "
+                f"the {len(buffer)} rows of buffer {buffer.path}"
+                + (f" and its smallest group less one ({room})" if room != len(buffer) else "")
+                + ": a micro-batch would hold rows more than once"
+            )
         self._epoch, self._position = 0, 0
         self._perm_epoch, self._perm = -1, None
 

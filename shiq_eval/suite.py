@@ -31,7 +31,7 @@ SEED_MAX = 10**9  # a seed, with small offsets added (per batch, per stage), see
 # the largest sampling settings taken: beyond them a typo (an extra zero or three) would run for days or
 # allocate without end rather than be refused
 SAMPLING_MAX = {"max_new_tokens": 1_000_000, "samples_per_prompt": 10_000, "batch_size": 65_536}
-TEMPERATURE_MIN = 1e-3  # logits / T of a smaller one overflow float32 (1e-320: every probability NaN)
+TEMPERATURE_MIN = 1e-30  # logits / T overflow float32 below about 1e-37 (1e-320: every probability NaN)
 
 
 @dataclass

@@ -402,14 +402,27 @@ def reference_mismatch(manifest: dict, init: str, reference_mode: str, buffer_di
     model = record["model"]
     if init in (None, "none"):
         start = "init=none starts from random weights"
-    elif (init if init == "smollm2" else str(Path(init).resolve())) != model:
-        start = f"init={init} is another model"
-    else:
+    elif (init if init == "smollm2" else str(Path(init).resolve())) == model or _same_weights(init, record):
         return None
+    else:
+        start = f"init={init} is another model"
     return (
         f"{buffer_dir}: its reference statistics were computed with {model}, but {start}: the loss holds the trained "
         "model to that reference (train.reference=online holds it to init)"
     )
+
+
+def _same_weights(init: str, record: dict) -> bool:
+    """Whether the folder ``init`` holds the weights whose SHA-256 the reference record keeps (a copy of the
+    model at another path)."""
+    from shiq_data.io import sha256_files, weight_files
+
+    if init == "smollm2" or not isinstance(record.get("sha256"), str) or not Path(init).is_dir():
+        return False
+    try:
+        return sha256_files(weight_files(Path(init))) == record["sha256"]
+    except (OSError, ValueError):
+        return False
 
 
 def resume_options(section) -> tuple[set[str], bool]:
@@ -460,8 +473,23 @@ def _check_out(out: Path) -> None:
         )
 
 
+def _logged_steps(out: Path) -> int:
+    """How many steps ``out/metrics.jsonl`` logs (0 if it is absent; a file that is not a log counts as one)."""
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    if not path.is_file():
+        return 1  # (refused by the trainer, naming it)
+    return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
+
+
 def check_resume_config(
-    out: Path, cfg: dict, allowed: set[str], force: bool, dp: tuple[int, int] | None = None
+    out: Path,
+    cfg: dict,
+    allowed: set[str],
+    force: bool,
+    dp: tuple[int, int] | None = None,
+    why: str = "resuming would mix the two",
 ) -> list[str]:
     """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
     with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
@@ -517,8 +545,8 @@ def check_resume_config(
             f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}{notes.get(k, '')}" for k in refused
         )
         raise ConfigError(
-            f"{path}: the run in {out} was started with another configuration ({diffs}); resuming would mix "
-            f"the two: rerun with the saved values, use another out=, or accept the change with "
+            f"{path}: the run in {out} was started with another configuration ({diffs}); {why}: rerun with the "
+            f"saved values, use another out=, or accept the change with "
             f"+resume.allow_changed=[{','.join(refused)}] (+resume.force=true accepts any change)"
         )
     return changed
@@ -723,8 +751,8 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
             dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
             check_resume_config(out, cfg, allowed, force, dp)
-        elif (out / "config.yaml").is_file():  # stopped before its first checkpoint: its log would be replaced
-            check_resume_config(out, cfg, allowed, force)
+        elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
+            check_resume_config(out, cfg, allowed, force, why=f"a new start would replace its log of {logged} steps")
     except BaseException:
         _release(lock)
         remove_half_made_run(created, out)

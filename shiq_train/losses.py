@@ -394,7 +394,8 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     the reference, each row's estimate is that log-mean-exp over the *other* completions of its
     group (leave-one-out, so a row's own reward does not leak into its baseline). A row alone in
     its group falls back to the leave-one-out estimate over the whole batch, and a batch of one row
-    to ``V = 0`` (``dro_v``'s value; the buffers' rewards are centred). Only meaningful on
+    to ``V = 0`` (``dro_v``'s value: the right one when rewards are centred, as the main job's are; its own
+    return would cancel it whatever the reward). Only meaningful on
     groups of reference samples, and biased low for small groups (Jensen).
 
     Args: returns ``[B]`` finite floats, group_ids ``[B]`` int, beta finite > 0 (ValueError otherwise).

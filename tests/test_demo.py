@@ -828,10 +828,8 @@ def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecke
         (["methods.shiq={beta:0}"], "set each key on its own (methods.shiq.NAME=...)"),
         (file("list.yaml", lambda c: c.__setitem__("train", [1, 2])), "list.yaml: train is [1, 2]; demo.yaml has"),
         (file("quick.yaml", lambda c: c.__setitem__("quick", 5)), "quick.yaml: quick is 5; demo.yaml has"),
-        (
-            file("lacks.yaml", lambda c: c["data"].pop("instruction")),
-            "lacks the keys ['data.instruction'] of demo.yaml",
-        ),
+        (file("lacks.yaml", lambda c: c["data"].pop("instruction")), "lacks.yaml: lacks the key 'instruction' that"),
+        (file("empty.yaml", lambda c: c.__setitem__("eval", None)), "empty.yaml: eval is None; demo.yaml has"),
         (file("typo.yaml", lambda c: c["train"].__setitem__("stepz", 3)), "typo.yaml: unknown key 'train.stepz'"),
         (file("qtypo.yaml", lambda c: c["quick"]["train"].__setitem__("stepz", 3)), "unknown key 'quick.train.stepz'"),
     ]
@@ -844,6 +842,17 @@ def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecke
     assert demo.load_config(tmp_path / "copy.yaml", quick=True)["train"] == demo.load_config(quick=True)["train"]
     file("old.yaml", lambda c: c["reward_model"].pop("precision"))
     assert "precision" not in demo.load_config(tmp_path / "old.yaml")["reward_model"]
+
+    def older(c):  # keys added since, read with their defaults of before; methods no arm trains
+        for section, key in (("eval", "validation_prompts"), ("train", "share_prefixes")):
+            c[section].pop(key)
+        c["reward_model"].pop("finetune_last_layers")
+        c["train"]["methods"] = ["shiq"]
+        for m in ("dpo", "copg", "dro_v", "qsharp"):
+            c["methods"].pop(m)
+
+    file("older.yaml", older)
+    assert demo.load_config(tmp_path / "older.yaml")["train"]["methods"] == ["shiq"]
 
 
 def test_a_folder_holding_a_config_json_of_something_else_is_refused_not_replaced(tmp_path, capsys):

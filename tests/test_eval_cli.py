@@ -237,7 +237,7 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
         ([*out, *prompts, "--batch-size", "0"], "sampling.batch_size must be in 1..65,536, got 0"),
         ([*out, *prompts, "--seed", "-1"], "sampling.seed must be in 0..1,000,000,000, got -1"),
         ([*out, *prompts, "--seed", str(10**20)], "sampling.seed must be in 0..1,000,000,000"),
-        ([*out, *prompts, "--temperature", "1e-320"], "sampling.temperature must be a finite number >= 0.001"),
+        ([*out, *prompts, "--temperature", "1e-320"], "sampling.temperature must be a finite number >= 1e-30"),
         ([*out, "--movie-prompts", "0"], "movie_prompts (--movie-prompts) must be >= 1, got 0"),
         ([*out, "--movie-prompts", "-1"], "movie_prompts (--movie-prompts) must be >= 1, got -1"),
         ([*out, "--movie-prompts", str(10**6)], "--movie-prompts 1000000: there are "),

@@ -353,9 +353,25 @@ def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit,
         BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
 
 
-def test_a_micro_batch_larger_than_the_buffer_is_refused(rows_and_buffer):
+def test_a_micro_batch_larger_than_the_buffer_is_refused(rows_and_buffer, tmp_path):
     """rows_per_micro_batch=100000 on 8 rows ran, each micro-batch repeating every row thousands of times."""
-    _, buf = rows_and_buffer
-    with pytest.raises(ValueError, match=r"rows_per_micro_batch=24 is more than the 23 rows of buffer"):
-        BufferSampler(buf, rows_per_micro_batch=24)
+    rows, buf = rows_and_buffer
+    for mode in ("padded", "packed"):
+        with pytest.raises(
+            ValueError, match=r"rows_per_micro_batch=24 \(shiq-train's data.rows_per_micro_batch\) is more"
+        ):
+            BufferSampler(buf, rows_per_micro_batch=24, mode=mode)
     BufferSampler(buf, rows_per_micro_batch=23)
+    # groups mode: a bound on the rows of whole groups; with groups of one row, every row and one more group
+    # fit in 24, so a group would come twice; 23 never repeats a row within a micro-batch
+    with pytest.raises(ValueError, match=r"rows_per_micro_batch=24 .* is more than the 23 rows of buffer"):
+        BufferSampler(buf, rows_per_micro_batch=24, mode="groups")
+    groups = BufferSampler(buf, rows_per_micro_batch=23, mode="groups")
+    for _ in range(5):
+        firsts = [t for mb in groups.next_micro_batches() for t in first_tokens_by_segment(mb)]
+        assert len(firsts) == len(set(firsts))
+    pairs = [{**r, "group_id": i // 2} for i, r in enumerate(rows[:8])]  # four groups of two rows
+    paired = write_buffer(pairs, tmp_path / "pairs", tokenizer_info=TOK, command=["t"], progress=False)
+    BufferSampler(paired, rows_per_micro_batch=9, mode="groups")  # 8 rows and less than one more group
+    with pytest.raises(ValueError, match=r"and its smallest group less one \(9\)"):
+        BufferSampler(paired, rows_per_micro_batch=10, mode="groups")

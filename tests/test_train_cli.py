@@ -879,12 +879,18 @@ def test_run_folder_lock_applied_resume_changes_and_untouched_config_on_refusal(
     )
     other = train_cli(*base, *now, "train.steps=2", "loss.beta=0.5")
     assert other.returncode == 2 and "loss.beta 0.1 -> 0.5" in other.stderr, other.stderr[-2000:]
+    assert "a new start would replace its log of 2 steps" in other.stderr
     assert (run / "config.yaml").read_bytes() == saved and len(metrics(run)) == 2
     assert yaml.safe_load(saved)["optimizer"]["lr"] == 0.01
     again = train_cli(*base, *now, "train.steps=2")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "has no checkpoint: training again from step 0" in again.stderr
     assert [m["step"] for m in metrics(run)] == [1, 2]
+    # a start that got no step logged (killed at once, out of memory) retries with any configuration
+    shutil.rmtree(run / "checkpoints")
+    (run / "metrics.jsonl").write_text("")
+    retry = train_cli(*base, *now, "train.steps=2", "loss.beta=0.5")
+    assert retry.returncode == 0, retry.stderr[-2000:]
 
 
 def test_reference_statistics_of_another_model_than_init_are_warned_of(tmp_path):
@@ -905,3 +911,13 @@ def test_reference_statistics_of_another_model_than_init_are_warned_of(tmp_path)
     checkpoint = {"ref_model": {**manifest["ref_model"], "megatron_checkpoint": "/x/step_1"}}
     assert reference_mismatch(checkpoint, "none", "precomputed", "buf") is None
     assert reference_mismatch({"ref_model": None}, "none", "precomputed", "buf") is None
+    # a copy of the model at another path holds the same weights, by the recorded SHA-256: no warning
+    from shiq_data.io import sha256_files, weight_files
+
+    (tmp_path / "a" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "model.safetensors").write_bytes(b"weights")
+    record = {**manifest["ref_model"], "sha256": sha256_files(weight_files(tmp_path / "a"))}
+    assert reference_mismatch({"ref_model": record}, str(tmp_path / "copy"), "precomputed", "buf") is None
+    (tmp_path / "copy" / "model.safetensors").write_bytes(b"other weights")
+    assert "is another model" in reference_mismatch({"ref_model": record}, str(tmp_path / "copy"), "precomputed", "buf")

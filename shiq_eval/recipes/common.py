@@ -42,15 +42,13 @@ def load_yaml_config(
     overrides: list[str] | None = None,
     keep=(),
     like: Path | None = None,
-    optional=(),
 ) -> dict:
     """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
     section stays a section). Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is
     dropped unless kept. ``like``: the recipe's shipped configuration, whose top-level sections ``path``
-    must have (another recipe's file, or a file of other YAML, is refused naming what it lacks), and whose keys
-    and kinds of value it must have too (:func:`_check_like`), but for the dotted keys ``optional`` (keys added
-    since, which a file of before may lack)."""
+    must have (another recipe's file, or a file of other YAML, is refused naming what it lacks), with no key and
+    no kind of value the shipped file does not have (:func:`_check_like`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config {path} not found")
@@ -62,7 +60,7 @@ def load_yaml_config(
         lacks = [k for k in shipped if k not in cfg and k not in ("quick", "full")]
         if lacks:
             raise ValueError(f"{path}: lacks the sections {lacks} of {Path(like).name}: not a config of this recipe")
-        _check_like(OmegaConf.to_container(cfg), OmegaConf.to_container(shipped), path, Path(like).name, optional)
+        _check_like(OmegaConf.to_container(cfg), OmegaConf.to_container(shipped), path, Path(like).name)
     quick_block = cfg.pop("quick", None)
     if "full" not in keep:
         cfg.pop("full", None)
@@ -110,27 +108,24 @@ def _kind(v) -> str:
 KEY_PART = r"[A-Za-z_][A-Za-z0-9_-]*"  # one part of a dotted config key (no list index)
 
 
-def _check_like(cfg: dict, shipped: dict, path: Path, name: str, optional=(), prefix: str = "") -> None:
-    """A ``--config`` file against the recipe's shipped one ``name``: the same keys, each value of the shipped
-    value's kind (:func:`same_kind`; a section a section), so that a stage never meets a missing key or a
-    list where a section stands, and a misspelt key is not ignored. Its ``quick`` and ``full`` blocks may
-    leave keys out but add none (``full``'s grids excepted, whose keys are the arms)."""
+def _check_like(cfg: dict, shipped: dict, path: Path, name: str, prefix: str = "") -> None:
+    """A ``--config`` file against the recipe's shipped one ``name``: no key the shipped file lacks (a misspelt
+    key would be ignored), each value of the shipped value's kind (:func:`_kind`; a section a section, never
+    empty), so that a stage never meets a list where a section stands. A file may lack keys: one written before
+    they existed reads as the code of its day did (the recipe's own check names a key it cannot do without).
+    Its ``quick`` block holds keys of the file's sections; ``full``'s grids have the arms as keys."""
     for key, value in cfg.items():
         dotted = f"{prefix}{key}"
         if key not in shipped:
             raise ValueError(f"{path}: unknown key {dotted!r} (not in {name})")
         old = shipped[key]
-        if None not in (old, value) and _kind(old) != _kind(value):
+        if (None not in (old, value) or isinstance(old, dict)) and _kind(old) != _kind(value):
             raise ValueError(
                 f"{path}: {dotted} is {value!r}; {name} has {old!r} there (a value of that kind is needed)"
             )
         if isinstance(old, dict) and not (prefix == "full." and key == "betas"):
-            partial = prefix.split(".")[0] in ("quick", "full") or (not prefix and key in ("quick", "full"))
-            lacks = [k for k in old if k not in value and f"{dotted}.{k}" not in optional]
-            if not partial and lacks:
-                raise ValueError(f"{path}: lacks the keys {[f'{dotted}.{k}' for k in lacks]} of {name}")
             inner = shipped if (not prefix and key == "quick") else old
-            _check_like(value, inner, path, name, optional, f"{dotted}.")
+            _check_like(value, inner, path, name, f"{dotted}.")
 
 
 def _yaml_mapping(path: Path):
