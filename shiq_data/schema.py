@@ -30,9 +30,11 @@ none, and reading them gives nulls). They keep what the input said, so a buffer 
 filtered, re-tokenised and exported:
 
 - ``prompt``, ``completion``: the text as given, a string itself, or for a list of chat messages
-  its JSON text (``json.dumps(messages, ensure_ascii=False)``). A string that is itself the JSON of
-  a non-empty list of ``{"role", "content", ...}`` objects reads back as that message list
-  (:func:`shiq_data.readers.encode.decode_text`). Conversations (hh, multiturn, the binarized
+  its JSON text (``json.dumps(messages, ensure_ascii=False)``). A string that would read back as
+  something else (the JSON text of a non-empty list of ``{"role", "content", ...}`` objects, or the
+  JSON string literal of such a string) is kept as its JSON string literal, which reads back as the
+  string (:func:`shiq_data.readers.encode.text_of`, :func:`~shiq_data.readers.encode.decode_text`).
+  Buffers written before kept such a string as itself, and read it back as messages. Conversations (hh, multiturn, the binarized
   UltraFeedback form) keep the messages before the first action turn in ``prompt`` and the rest,
   from the first action turn on, in ``completion``: the completion's assistant turns are exactly
   the row's action turns.

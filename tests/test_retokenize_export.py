@@ -305,3 +305,45 @@ def test_a_non_finite_number_in_an_extra_field_is_refused_at_build(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"in.jsonl: line 2: field 'extra': holds {name}," in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+JSON_LOOKING = [
+    {"prompt": "Echo this JSON", "completion": '[{"role": "assistant", "content": "x"}]', "reward": 1.0},
+    {"prompt": '[{"role": "user", "content": "What is 2+2?"}]', "completion": "four", "reward": 0.5},
+    {"prompt": '"[{\\"role\\": \\"user\\", \\"content\\": \\"q\\"}]"', "completion": '"quoted"', "reward": 0.0},
+]
+
+
+def test_text_that_reads_as_a_chat_keeps_its_tokens_through_retokenize_and_export(tmp_path, gpt2, capsys):
+    """A completion that is the JSON text of a message list (a model answering in JSON) was read back as a chat:
+    retokenize rendered it through the chat template (20 tokens became 37) or failed, and export wrote a list
+    that build then refused. Such text is kept as its JSON string literal and reads back as the string."""
+    inp = write_jsonl(tmp_path / "in.jsonl", JSON_LOOKING)
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
+    assert run("retokenize", tmp_path / "b", "--tokenizer", "gpt2", "--out", tmp_path / "r", "--no-progress") == 0
+    _, b = shard_frame(tmp_path / "b")
+    _, r = shard_frame(tmp_path / "r")
+    for col in ("tokens", "action_mask"):
+        assert lists(r, col) == lists(b, col), col
+    assert run("export", tmp_path / "b", "--format", "jsonl", "--out", tmp_path / "x") == 0
+    exported = [json.loads(line) for line in (tmp_path / "x" / "data.jsonl").read_text().splitlines()]
+    assert [(e["prompt"], e["completion"]) for e in exported] == [(j["prompt"], j["completion"]) for j in JSON_LOOKING]
+
+
+def test_text_columns_read_back_what_was_written():
+    """decode_text(text_of(v)) == v for strings of every shape near the chat form, and message lists."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from shiq_data.readers.encode import decode_text, text_of
+
+    chat = json.dumps([{"role": "user", "content": "hi"}])
+    near = st.sampled_from([chat, json.dumps(chat), json.dumps(json.dumps(chat)), '"', '""', "[", "[]", '"x"'])
+
+    @given(st.one_of(near, st.text(), st.builds(lambda a, b: a + b, near, st.text())))
+    def roundtrip(value):
+        assert decode_text(text_of(value)) == value
+
+    roundtrip()
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "[]"}]
+    assert decode_text(text_of(messages)) == messages and text_of("plain") == "plain"

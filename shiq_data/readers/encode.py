@@ -219,13 +219,18 @@ def input_row(
 
 
 def text_of(value) -> str:
-    """A prompt or completion as a text column keeps it: a string itself, a message list its JSON text."""
-    return value if isinstance(value, str) else json.dumps(list(value), ensure_ascii=False)
+    """A prompt or completion as a text column keeps it: a message list its JSON text; a string itself, unless
+    :func:`decode_text` would read it as something else (a completion that is the JSON text of a message list,
+    as a model answering in JSON writes): then its JSON string literal, which reads back as the string."""
+    if not isinstance(value, str):
+        return json.dumps(list(value), ensure_ascii=False)
+    return value if decode_text(value) == value else json.dumps(value, ensure_ascii=False)
 
 
 def decode_text(text: str):
-    """The prompt or completion a text column holds: the message list whose JSON text it is (a non-empty
-    list of objects with ``role`` and ``content``), else the string itself."""
+    """The prompt or completion a text column holds (:func:`text_of`): the message list whose JSON text it is
+    (a non-empty list of objects with ``role`` and ``content``); the string a JSON string literal holds when
+    that string would itself read as something else (how :func:`text_of` keeps one); else the text itself."""
     if text.startswith("["):
         try:
             value = json.loads(text)
@@ -236,6 +241,13 @@ def decode_text(text: str):
             and value
             and all(isinstance(m, dict) and {"role", "content"} <= m.keys() for m in value)
         ):
+            return value
+    elif text.startswith('"'):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            return text
+        if isinstance(value, str) and decode_text(value) != value:
             return value
     return text
 
