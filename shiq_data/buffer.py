@@ -976,6 +976,13 @@ def append_buffer(
                     f"{tokenizer_info[PIPELINE_FIELD][:12]}…): same vocabulary, another pipeline that may split text differently "
                     "(normalizer, pre-tokenizer, model options or flags such as add_prefix_space)"
                 )
+            for field in ("eos_id", "pad_id"):  # (special tokens: neither fingerprint covers which is which)
+                if field in have and field in tokenizer_info and have[field] != tokenizer_info[field]:
+                    raise ValueError(
+                        f"{buffer_dir / MANIFEST}: tokenizer mismatch in field 'tokenizer.{field}': the buffer's rows "
+                        f"use {have[field]}, the new rows' tokenizer {tokenizer_info[field]} (its tokenizer_config.json "
+                        "names another special token)"
+                    )
         for entry in manifest["shards"]:
             verify_shard(buffer_dir / entry["file"], entry)
         old = Buffer(buffer_dir, manifest)

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
@@ -215,17 +216,49 @@ def unencodable_field(value, field: str = "") -> str | None:
     return None
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    """``json.loads``' ``object_pairs_hook``: the object, or :class:`_DuplicateKey` for a key given twice (JSON
+    itself keeps the last, silently: ``{"reward": 1, "reward": -1}`` read as -1)."""
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _readable(lines: Iterator, path: Path) -> Iterator:
+    """``lines``, with a file that cannot be read to its end (a cut or damaged ``.gz``, a read error) named
+    as a ``ValueError``: gzip's and zlib's own errors name no file."""
+    n = 0
+    try:
+        for n, line in lines:
+            yield n, line
+    except (EOFError, OSError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot be read past line {n} ({type(e).__name__}: {e})") from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """``(line_number, object)`` of each non-blank line of a JSON-lines file, plain or ``.gz`` (1-based
     numbers). Bad UTF-8, bad JSON, a line that is not a JSON object or a string that is not Unicode text
     (a lone surrogate escape, ``"\\ud800"``) raises :class:`RowError` naming the file, line and field."""
     path = Path(path)
     with open_binary(path) as f:
-        for n, line in utf8_lines(f, path):
+        for n, line in _readable(utf8_lines(f, path), path):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
+                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
+            except _DuplicateKey as e:
+                raise RowError(
+                    path, n, e.key, "given twice in one JSON object (which would win is a guess)", row_label="line"
+                ) from None
             except json.JSONDecodeError as e:
                 raise RowError(
                     path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"

@@ -251,6 +251,14 @@ def test_append_refuses_other_tokenizer_and_duplicate_ids(tmp_path):
     with pytest.raises(RowError, match="row 0: field 'row_id'.*not unique"):
         append_buffer(b, make_rows(2), command=["a"], progress=False)  # same ids as the buffer's rows
     assert (b / "manifest.json").read_bytes() == manifest
+    # the same vocabulary and pipeline, another special token as eos (base and instruct tokenizers differ so)
+    e = tmp_path / "e"
+    write_buffer(make_rows(4), e, tokenizer_info={**TOK, "eos_id": 1, "pad_id": 1}, command=["t"], progress=False)
+    with pytest.raises(
+        ValueError, match=r"tokenizer mismatch in field 'tokenizer.eos_id': the buffer's rows use 1, .* 0"
+    ):
+        append_buffer(e, make_rows(2, seed=5), command=["a"], tokenizer_info={**TOK, "eos_id": 0, "pad_id": 1})
+    append_buffer(e, make_rows(2, seed=5), command=["a"], tokenizer_info={**TOK, "eos_id": 1, "pad_id": 1})
     assert sorted(p.name for p in b.iterdir() if not p.name.startswith(".")) == ["manifest.json", "shard-00000.arrow"]
 
 

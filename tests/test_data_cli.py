@@ -76,6 +76,7 @@ BAD = [
     ('{"prompt": "a", "completion": "b", "reward": Infinity}\n', "line 2", "'reward'", "non-finite"),
     ('{"prompt": "a", "completion": "", "reward": 1}\n', "line 2", "'completion'", "empty completion"),
     ('{"prompt": "a", "completion": "b", "reward": "1"}\n', "line 2", "'reward'", "number"),
+    ('{"prompt": "a", "completion": "b", "reward": 1, "reward": -1}\n', "line 2", "'reward'", "given twice"),
 ]
 
 
@@ -714,3 +715,29 @@ def test_empty_output_names_and_a_folder_for_an_input_file_are_refused(tmp_path,
             code = e.code
         err = capsys.readouterr().err
         assert code == 2 and (needle or f"{tmp_path} is a folder: give a file") in err, err
+
+
+def test_a_cut_or_damaged_gzip_input_is_named(tmp_path, capsys, gpt2):
+    """gzip's own errors (EOFError, BadGzipFile, a CRC check) named no file."""
+    import gzip
+
+    whole = gzip.compress("".join(json.dumps(r) + "\n" for r in RECORDS).encode())
+    (tmp_path / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    (tmp_path / "plain.jsonl.gz").write_bytes(b'{"prompt": "a"}\n')
+    for name, words in (("cut.jsonl.gz", "EOFError"), ("plain.jsonl.gz", "BadGzipFile")):
+        rc = main(
+            [
+                "build",
+                "jsonl",
+                str(tmp_path / name),
+                "--tokenizer",
+                "gpt2",
+                "--out",
+                str(tmp_path / "b"),
+                "--no-progress",
+            ]
+        )
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1, err
+        assert f"{tmp_path / name}: cannot be read past line" in err and words in err, err
+        assert not (tmp_path / "b").exists()

@@ -120,3 +120,6 @@ def test_field_options_map_other_names_and_errors_name_them(tmp_path, gpt2, caps
     assert "line 1: field 'score': missing" in capsys.readouterr().err
     assert build(tmp_path, "jsonl", missing, "prompt_fieldd=question")[0] == 2
     assert "unknown option" in capsys.readouterr().err
+    # two options naming one field: every prompt was read as its own completion, the real one kept in extra
+    assert build(tmp_path, "jsonl", missing, "prompt_field=question", "completion_field=question")[0] == 2
+    assert "--option prompt_field and completion_field name the same input field 'question'" in capsys.readouterr().err

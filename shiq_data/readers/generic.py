@@ -249,6 +249,9 @@ def records_to_rows(
     for name, value in fields.items():
         if not isinstance(value, str) or not value:
             raise ValueError(f"--option {name}_field: expected a field name, got {value!r}")
+    named = [f"{name}_field" for name, value in fields.items() if list(fields.values()).count(value) > 1]
+    if named:  # completion_field=prompt read every prompt as its own completion
+        raise ValueError(f"--option {' and '.join(named)} name the same input field {fields[named[0][:-6]]!r}")
     default_source = Path(file).name
     eos = tokenizer.eos_token_id
     if add_eos and eos is None:
