@@ -171,8 +171,11 @@ def open_binary(path: str | os.PathLike):
 
 def utf8_lines(f, path) -> Iterator[tuple[int, str]]:
     """``(line_number, text)`` of each line of the binary file ``f`` (1-based numbers); a line that is not
-    valid UTF-8 raises :class:`RowError` naming ``path``, the line and the offending byte."""
+    valid UTF-8 raises :class:`RowError` naming ``path``, the line and the offending byte. A byte-order mark
+    opening the file (Windows tools write one) is not part of its first line."""
     for line_no, raw in enumerate(f, 1):
+        if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]
         try:
             yield line_no, raw.decode("utf-8")
         except UnicodeDecodeError as e:

@@ -24,7 +24,6 @@ import sys
 import typing
 from pathlib import Path
 
-import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import yaml
@@ -333,12 +332,6 @@ def check_buffer(buffer_dir, model_cfg, init: str) -> dict:
     return manifest
 
 
-def longest_row(buffer_dir) -> int:
-    """The token count of the buffer's longest trajectory."""
-    lengths = [pc.max(pc.list_value_length(t.column("tokens"))).as_py() for t in open_buffer(buffer_dir).shard_tables]
-    return max([n for n in lengths if n is not None], default=0)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -358,7 +351,7 @@ def check_buffer_fits(cfg: dict, model_cfg, reference_mode: str) -> None:
             f"(model.vocab_size) has only {model_cfg.vocab_size}"
         )
         fixes.append(f"model.vocab_size={_round_up(int(tok['vocab_size']), 128)}")
-    longest = longest_row(buffer_dir)
+    longest = reference.longest_row(buffer_dir)
     if longest > model_cfg.max_sequence_length:
         problems.append(
             f"its longest row has {longest} tokens but model.max_sequence_length={model_cfg.max_sequence_length}"

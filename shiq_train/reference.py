@@ -17,6 +17,7 @@ import logging
 import sys
 from pathlib import Path
 
+import pyarrow.compute as pc
 import torch
 
 from shiq_data.assets import smollm2_gguf
@@ -306,6 +307,24 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
     return load_causal_lm(model, dtype)[0], record
 
 
+def longest_row(buffer_dir) -> int:
+    """The token count of the buffer's longest trajectory."""
+    lengths = [pc.max(pc.list_value_length(t.column("tokens"))).as_py() for t in open_buffer(buffer_dir).shard_tables]
+    return max([n for n in lengths if n is not None], default=0)
+
+
+def check_context(buffer_dir, hf_config, model: str) -> None:
+    """Refuse a buffer whose longest row is longer than the reference's context (``max_position_embeddings``):
+    the statistics of the positions past it would be stored as if the model had read them."""
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    longest = longest_row(buffer_dir)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"{buffer_dir}: its longest row has {longest} tokens, more than the {limit} positions of {model} "
+            "(max_position_embeddings): leave the longer rows out of the buffer, or use a model of a longer context"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     """Compute, check and report."""
     buffer = open_buffer(args.buffer)
@@ -315,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
     hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype])
     check_tokenizer_matches(buffer.tokenizer_info, None, int(hf.config.vocab_size), args.buffer)  # its vocabulary
+    check_context(args.buffer, hf.config, args.model)
     done = compute_ref_stats(
         args.buffer,
         hf_stats_fn(hf),

@@ -741,3 +741,33 @@ def test_a_cut_or_damaged_gzip_input_is_named(tmp_path, capsys, gpt2):
         assert rc == 2 and len(err.splitlines()) == 1, err
         assert f"{tmp_path / name}: cannot be read past line" in err and words in err, err
         assert not (tmp_path / "b").exists()
+
+
+def test_a_byte_order_mark_opening_a_jsonl_file_is_not_part_of_its_first_line(tmp_path, gpt2):
+    """Windows tools write one; json refused it as 'Unexpected UTF-8 BOM'. The rows equal the file's without it."""
+    text = "".join(json.dumps(r) + "\n" for r in RECORDS)
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "plain.jsonl").write_text(text)
+    for name in ("bom", "plain"):
+        assert (
+            main(
+                [
+                    "build",
+                    "jsonl",
+                    str(tmp_path / f"{name}.jsonl"),
+                    "--tokenizer",
+                    "gpt2",
+                    "--out",
+                    str(tmp_path / name),
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
+    from shiq_data.buffer import open_buffer
+
+    rows = [
+        open_buffer(tmp_path / n).table.select(["tokens", "action_mask", "rewards"]).to_pylist()
+        for n in ("bom", "plain")
+    ]
+    assert rows[0] == rows[1] and len(rows[0]) == len(RECORDS)
