@@ -840,6 +840,10 @@ def write_buffer(
     out_dir = Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists; choose a new --out folder or append to it")
+    if out_dir.is_symlink():  # a link to nowhere: the rename at the end would fail, after the whole build
+        raise FileExistsError(
+            f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}, which does not exist): choose a new --out folder"
+        )
     refuse_inside_buffer(out_dir)
     _check_tokenizer_info(tokenizer_info)
     created = _make_parents(out_dir)
@@ -888,7 +892,15 @@ def write_buffer(
             manifest.update(parents=parents, curation=curation)
         atomic_write_json(tmp / MANIFEST, manifest, indent=1)
         fsync_dir(tmp)
-        os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer
+        try:
+            os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer
+        except OSError as e:
+            if not (out_dir.exists() or out_dir.is_symlink()):
+                raise
+            raise FileExistsError(
+                f"{out_dir} appeared while this build ran (another build into the same --out?): it is left as it is, "
+                "and this build's rows are discarded"
+            ) from e
         fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -214,10 +214,30 @@ def test_row_errors_name_the_input_location_a_reader_gives(tmp_path):
     assert len(open_buffer(tmp_path / "b")) == 2
 
 
-def test_existing_out_dir_is_refused(tmp_path):
+def test_existing_out_dir_is_refused(tmp_path, monkeypatch):
     (tmp_path / "b").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         write_buffer(make_rows(2), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    # a link to nowhere failed with a raw errno after the whole build
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(FileExistsError, match="is a symbolic link .* which does not exist"):
+        write_buffer(make_rows(2), tmp_path / "dangling", tokenizer_info=TOK, command=["t"], progress=False)
+    # another build that finished into the same --out first: its buffer stays, this one says so
+    import shiq_data.buffer as B
+
+    real = B.atomic_write_json
+
+    def racing(path, *a, **k):  # the other build renames its folder into place while this one writes
+        if Path(path).name == "manifest.json" and not (tmp_path / "c").exists():
+            (tmp_path / "c").mkdir()
+            (tmp_path / "c" / "theirs").write_text("x")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(B, "atomic_write_json", racing)
+    with pytest.raises(FileExistsError, match="appeared while this build ran"):
+        write_buffer(make_rows(2), tmp_path / "c", tokenizer_info=TOK, command=["t"], progress=False)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == ["theirs"]
+    assert not list(tmp_path.glob(".c.building-*"))
 
 
 def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):

@@ -77,6 +77,12 @@ BAD = [
     ('{"prompt": "a", "completion": "", "reward": 1}\n', "line 2", "'completion'", "empty completion"),
     ('{"prompt": "a", "completion": "b", "reward": "1"}\n', "line 2", "'reward'", "number"),
     ('{"prompt": "a", "completion": "b", "reward": 1, "reward": -1}\n', "line 2", "'reward'", "given twice"),
+    (
+        '{"prompt": "a", "completion": "b", "reward": 1' + "0" * 400 + "}\n",
+        "line 2",
+        "'reward'",
+        "401 digits, too large",
+    ),
 ]
 
 
@@ -771,3 +777,14 @@ def test_a_byte_order_mark_opening_a_jsonl_file_is_not_part_of_its_first_line(tm
         for n in ("bom", "plain")
     ]
     assert rows[0] == rows[1] and len(rows[0]) == len(RECORDS)
+
+
+def test_a_turn_reward_too_large_names_turn_rewards(tmp_path, capsys, smollm2):
+    """A per-turn reward beyond float32 was blamed on field 'reward', which the row does not have."""
+    row = {"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "turn_rewards": [1e300]}
+    inp = write_jsonl(tmp_path / "in.jsonl", [row])
+    assert (
+        main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert f"{inp}: line 1: field 'turn_rewards': reward does not fit in float32" in err, err

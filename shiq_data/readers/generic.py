@@ -153,7 +153,9 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
     r = record["reward"]
     if isinstance(r, bool) or not isinstance(r, (int, float)):
         raise err("reward", f"must be a number, got {type(r).__name__}")
-    if not is_finite_number(r):  # also an integer too large for a float
+    if isinstance(r, int) and not is_finite_number(r):
+        raise err("reward", f"an integer of {len(str(abs(r)))} digits, too large for a float")
+    if not is_finite_number(r):
         raise err("reward", f"non-finite reward {str(r)[:40]}")
 
 
@@ -285,8 +287,14 @@ def records_to_rows(
                     turn_rewards=rec.get("turn_rewards"),
                     extra=rec["extra"],
                 ),
-                INPUT_KEY: input_location(
-                    file, n, row_label=row_label, fields={"rewards": rec["names"]["reward"]}, group=key
+                INPUT_KEY: input_location(  # (per-turn rewards: an error in them names that field)
+                    file,
+                    n,
+                    row_label=row_label,
+                    fields={
+                        "rewards": "turn_rewards" if rec.get("turn_rewards") is not None else rec["names"]["reward"]
+                    },
+                    group=key,
                 ),
             }
 
