@@ -373,6 +373,7 @@ def load_guide(args, ref_model):
             f"--guide {args.guide}: the value model has {value.config.vocab_size} token ids but the reference "
             f"{ref_model.config.vocab_size}; train it from this reference (shiq-train loss=qsharp_value init=...)"
         )
+    args.top_k = min(args.top_k, int(ref_model.config.vocab_size))  # what decoding uses, and the row records
     return value
 
 

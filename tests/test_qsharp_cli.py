@@ -293,3 +293,20 @@ def test_a_guide_without_weights_is_refused_before_any_policy_is_evaluated(train
     assert eval_main(args + ["--prompts", str(tmp_path / "p.jsonl"), "--scorer", "vader", "--quiet"]) == 2
     assert "value_model.pt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_top_k_beyond_the_vocabulary_is_recorded_as_the_vocabulary(trained):
+    """--top-k 1000000000 was recorded in the results while decoding used the whole vocabulary."""
+    from types import SimpleNamespace
+
+    from shiq_eval.cli import load_guide
+    from shiq_train.qsharp_value import load_value_model
+
+    _, _, value_dir = trained
+    vocab = load_value_model(value_dir).config.vocab_size
+    args = SimpleNamespace(guide=str(value_dir), top_k=10**9)
+    load_guide(args, SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)))
+    assert args.top_k == vocab
+    args.top_k = 5
+    load_guide(args, SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)))
+    assert args.top_k == 5
