@@ -932,8 +932,12 @@ def _is_buffer_manifest(path: Path) -> bool:
 
 
 def text_key(prompt: str | None, completion: str) -> bytes:
-    """What two rows with the same prompt and completion text share (a sha256 digest)."""
-    return hashlib.sha256(json.dumps([prompt, completion], ensure_ascii=False).encode()).digest()
+    """What two rows with the same prompt and completion text (as given: ``readers.encode.given_text``) share
+    (a sha256 digest)."""
+    from shiq_data.readers.encode import given_text  # (the readers import this module)
+
+    given = [given_text(prompt), given_text(completion)]
+    return hashlib.sha256(json.dumps(given, ensure_ascii=False).encode()).digest()
 
 
 def append_buffer(
@@ -988,13 +992,12 @@ def append_buffer(
                     f"{tokenizer_info[PIPELINE_FIELD][:12]}…): same vocabulary, another pipeline that may split text differently "
                     "(normalizer, pre-tokenizer, model options or flags such as add_prefix_space)"
                 )
-            for field in ("eos_id", "pad_id"):  # (special tokens: neither fingerprint covers which is which)
-                if field in have and field in tokenizer_info and have[field] != tokenizer_info[field]:
-                    raise ValueError(
-                        f"{buffer_dir / MANIFEST}: tokenizer mismatch in field 'tokenizer.{field}': the buffer's rows "
-                        f"use {have[field]}, the new rows' tokenizer {tokenizer_info[field]} (its tokenizer_config.json "
-                        "names another special token)"
-                    )
+            if "eos_id" in have and "eos_id" in tokenizer_info and have["eos_id"] != tokenizer_info["eos_id"]:
+                raise ValueError(  # (neither fingerprint covers which special token ends a completion)
+                    f"{buffer_dir / MANIFEST}: tokenizer mismatch in field 'tokenizer.eos_id': the buffer's completions "
+                    f"end in {have['eos_id']}, the new rows' tokenizer's in {tokenizer_info['eos_id']} (its "
+                    "tokenizer_config.json names another eos token)"
+                )
         for entry in manifest["shards"]:
             verify_shard(buffer_dir / entry["file"], entry)
         old = Buffer(buffer_dir, manifest)

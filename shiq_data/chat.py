@@ -16,7 +16,6 @@ on later ones) raises :class:`ChatTemplateError` rather than producing wrong mas
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import Sequence
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -78,18 +77,6 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
             raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
             raise MessageError(f"{where}[{i}].content", f"expected a string, got {type(m.get('content')).__name__}")
-        for key in m.keys() - RENDERED_KEYS - _WARNED:
-            _WARNED.add(key)  # once a process: a dataset of tool calls has one on every row
-            log.warning(
-                f"{where}[{i}].{key}: handed to the chat template with the message, and kept in the row's text; a "
-                "template that does not use it (SmolLM2's uses role and content only) leaves it out of the tokens: "
-                "shiq-data show displays them (said once per key)"
-            )
-
-
-log = logging.getLogger(__name__)
-RENDERED_KEYS = {"role", "content", "reward"}  # ("reward": a turn's reward, read by the readers)
-_WARNED: set = set()
 
 
 def control_texts(tokenizer) -> list[str]:

@@ -313,16 +313,18 @@ def longest_row(buffer_dir) -> int:
     return max([n for n in lengths if n is not None], default=0)
 
 
-def check_context(buffer_dir, hf_config, model: str) -> None:
-    """Refuse a buffer whose longest row is longer than the reference's context (``max_position_embeddings``):
-    the statistics of the positions past it would be stored as if the model had read them."""
+def context_warning(buffer_dir, hf_config, model: str) -> str | None:
+    """What to warn of when the buffer's longest row is longer than the reference's ``max_position_embeddings``:
+    rotary positions go on past it, but the model was not trained there (a config that stretches its context,
+    or a run trained longer, may read them well). None otherwise, or when the config gives no length."""
     limit = getattr(hf_config, "max_position_embeddings", None)
     longest = longest_row(buffer_dir)
-    if isinstance(limit, int) and longest > limit:
-        raise ValueError(
-            f"{buffer_dir}: its longest row has {longest} tokens, more than the {limit} positions of {model} "
-            "(max_position_embeddings): leave the longer rows out of the buffer, or use a model of a longer context"
-        )
+    if not isinstance(limit, int) or longest <= limit:
+        return None
+    return (
+        f"{buffer_dir}: its longest row has {longest} tokens, more than the {limit} positions of {model} "
+        "(max_position_embeddings): the statistics past them come from positions the model may never have read"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -334,7 +336,8 @@ def run(args: argparse.Namespace) -> int:
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
     hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype])
     check_tokenizer_matches(buffer.tokenizer_info, None, int(hf.config.vocab_size), args.buffer)  # its vocabulary
-    check_context(args.buffer, hf.config, args.model)
+    if not args.megatron_checkpoint and (warning := context_warning(args.buffer, hf.config, args.model)):
+        log.warning(f"shiq-train ref-stats: {warning}")  # (a checkpoint may have trained longer than its --model)
     done = compute_ref_stats(
         args.buffer,
         hf_stats_fn(hf),

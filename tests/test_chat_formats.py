@@ -613,19 +613,3 @@ def test_a_reward_inside_a_jsonl_message_is_refused_not_dropped(tmp_path, capsys
     null = [{"prompt": "q", "completion": [{**msg, "reward": None}], "reward": 1.0}]
     src = write_jsonl(tmp_path / "rows4.jsonl", null)
     assert run(capsys, "build", "jsonl", src, "--tokenizer", "smollm2", "--out", tmp_path / "b4")[0] == 0
-
-
-def test_a_message_key_the_template_may_not_render_is_warned_of_once(caplog):
-    """tool_calls (and ShareGPT's weight) were kept in the text column and dropped from the tokens by
-    SmolLM2's template without a word: one warning per key names the first message holding it."""
-    import logging
-
-    from shiq_data import chat
-
-    chat._WARNED.discard("tool_calls")
-    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", "tool_calls": [], "reward": 1.0}]
-    with caplog.at_level(logging.WARNING, logger="shiq_data.chat"):
-        chat.check_messages(msgs, "completion")
-        chat.check_messages(msgs, "completion")
-    warned = [r.getMessage() for r in caplog.records]
-    assert len(warned) == 1 and warned[0].startswith("completion[1].tool_calls: handed to the chat template"), warned

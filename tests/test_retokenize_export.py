@@ -347,3 +347,16 @@ def test_text_columns_read_back_what_was_written():
     roundtrip()
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "[]"}]
     assert decode_text(text_of(messages)) == messages and text_of("plain") == "plain"
+
+
+def test_curation_compares_the_text_as_given_whichever_way_it_was_kept():
+    """A JSON-answer completion kept as itself (buffers of before) or as its JSON string literal (now) is one
+    text to dedup, append's duplicate check and the curation verbs; a message list stays its JSON text."""
+    from shiq_data.buffer import text_key
+    from shiq_data.readers.encode import given_text, text_of
+
+    answer = '[{"role": "assistant", "content": "x"}]'
+    assert text_of(answer) != answer and given_text(text_of(answer)) == answer == given_text(answer)
+    assert text_key("p", answer) == text_key("p", text_of(answer)) != text_key("p", "other")
+    messages = [{"role": "user", "content": "hi"}]
+    assert given_text(text_of(messages)) == text_of(messages) and given_text(None) is None

@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shiq_data.buffer import MANIFEST, open_buffer, read_shard
+from shiq_data.readers.encode import given_text
 from shiq_data.schema import REF_FIELDS
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 
@@ -245,12 +246,15 @@ class CurationSource:
         return pa.table(cols)
 
     def texts(self, table: pa.Table) -> tuple[list[str], list[str]]:
-        """Each row's prompt and completion: the text columns as given (a chat-message list is JSON text),
+        """Each row's prompt and completion: the text columns as given (:func:`given_text`; a chat-message
+        list is JSON text),
         else the decoded prompt tokens and the decoded action tokens (special tokens left out)."""
         n = table.num_rows
         names = table.schema.names
-        prompts = table.column("prompt").to_pylist() if "prompt" in names else [None] * n
-        completions = table.column("completion").to_pylist() if "completion" in names else [None] * n
+        prompts = [given_text(t) for t in table.column("prompt").to_pylist()] if "prompt" in names else [None] * n
+        completions = (
+            [given_text(t) for t in table.column("completion").to_pylist()] if "completion" in names else [None] * n
+        )
         todo = [i for i in range(n) if prompts[i] is None or completions[i] is None]
         if todo:
             starts, lengths, tokens = _flat(table.column("tokens"))

@@ -252,6 +252,16 @@ def decode_text(text: str):
     return text
 
 
+def given_text(text: str | None) -> str | None:
+    """A text column's value as the input gave it: a message list's JSON text as it is stored, a string kept
+    as its JSON string literal (:func:`text_of`) as that string. What curation compares and hashes, so that a
+    row written before strings were kept so equals the same row written after."""
+    if text is None:
+        return None
+    value = decode_text(text)
+    return value if isinstance(value, str) else text
+
+
 def extra_text(record: dict, consumed: Iterable[str]) -> str | None:
     """The ``extra`` column: the JSON object text of ``record``'s fields other than ``consumed``, or None."""
     consumed = set(consumed)
