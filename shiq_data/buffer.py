@@ -56,6 +56,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -85,6 +86,8 @@ from shiq_data.schema import (
 )
 from shiq_data.spill import Spill, remove_stale
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, pipeline_mismatch
+
+log = logging.getLogger(__name__)
 
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
@@ -615,6 +618,7 @@ class _ShardStream:
         self.written: list[Path] = []
         self.max_group = group_offset - 1
         self.n = 0
+        self.warned_keys: set[str] = set()  # message keys warned of (_warn_of_unrendered_keys)
 
     def add(self, row: dict) -> None:
         i = self.n
@@ -633,6 +637,8 @@ class _ShardStream:
             if location is None:
                 raise
             raise at_input(e, location, i) from None
+        if i < KEY_CHECK_ROWS:
+            self._warn_of_unrendered_keys(row, location)
         compare = self.log.old_texts and row.get("completion") is not None
         self.log.add(i, row["row_id"], text_key(row["prompt"], row["completion"]) if compare else None, location)
         gid = int(row["group_id"]) + self.group_offset
@@ -641,6 +647,25 @@ class _ShardStream:
         self.n += 1
         if len(self.pending) + sum(t.num_rows for t in self.pending_tables) >= self.shard_rows:
             self.flush()
+
+    def _warn_of_unrendered_keys(self, row: dict, location: dict | None) -> None:
+        """Warn, once per key and write, of a message key other than role and content in a chat row's text (a
+        ``tool_calls``, a ``name``): the chat template is handed it, and SmolLM2's, like many, leaves it out of
+        the tokens. Read in the main process from the rows' text, on the first :data:`KEY_CHECK_ROWS` rows."""
+        from shiq_data.readers.encode import decode_text  # (the readers import this module)
+
+        for field in ("prompt", "completion"):
+            text = row.get(field)
+            messages = decode_text(text) if isinstance(text, str) and text.startswith("[") else None
+            for j, m in enumerate(messages if isinstance(messages, list) else []):
+                for key in sorted(m.keys() - {"role", "content", "reward"} - self.warned_keys):
+                    self.warned_keys.add(key)
+                    where = f"{location['file']}: {location['row_label']} {location['row']}: " if location else ""
+                    log.warning(
+                        f"shiq-data: warning: {where}{field}[{j}].{key}: handed to the chat template with its message "
+                        "and kept in the row's text, but a template that does not use it (SmolLM2's reads role and "
+                        "content only) leaves it out of the tokens; `shiq-data show` displays them (said once per key)"
+                    )
 
     def add_table(self, table: pa.Table) -> None:
         """Add the rows of ``table``, rows of a buffer with its stored columns (they are not checked one by one
@@ -929,6 +954,9 @@ def _is_buffer_manifest(path: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+KEY_CHECK_ROWS = 1000  # rows of a write whose messages are looked at for keys a chat template may not render
 
 
 def text_key(prompt: str | None, completion: str) -> bytes:

@@ -788,3 +788,46 @@ def test_a_turn_reward_too_large_names_turn_rewards(tmp_path, capsys, smollm2):
     )
     err = capsys.readouterr().err.strip()
     assert f"{inp}: line 1: field 'turn_rewards': reward does not fit in float32" in err, err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_message_key_the_chat_template_may_not_render_is_warned_of_once(tmp_path, capsys, smollm2, workers):
+    """tool_calls (and ShareGPT's weight) were kept in the text and left out of the tokens by SmolLM2's template
+    without a word. One warning per key, from the main process (so once with --workers too, and silenced by
+    --log-level ERROR), naming the first row and message holding it; the tokens are as before."""
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    rows = [
+        {"prompt": "Hi", "completion": [{"role": "assistant", "content": f"a{i}", "tool_calls": [call]}], "reward": 1}
+        for i in range(6)
+    ]
+    rows[3]["completion"][0]["weight"] = 0
+    inp = write_jsonl(tmp_path / "tc.jsonl", rows)
+    args = ["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--no-progress", "--workers", workers]
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
+    assert len(warned) == 2, warned
+    assert f"{inp}: line 1: completion[0].tool_calls: handed to the chat template" in warned[0]
+    assert f"{inp}: line 4: completion[0].weight:" in warned[1]
+    assert main([*args, "--out", str(tmp_path / "q"), "--log-level", "ERROR"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    plain = [{**r, "completion": [{"role": "assistant", "content": r["completion"][0]["content"]}]} for r in rows]
+    assert (
+        main(
+            [
+                "build",
+                "jsonl",
+                str(write_jsonl(tmp_path / "p.jsonl", plain)),
+                "--tokenizer",
+                "smollm2",
+                "--no-progress",
+                "--out",
+                str(tmp_path / "p"),
+            ]
+        )
+        == 0
+    )
+    assert "warning" not in capsys.readouterr().err
+    from shiq_data.buffer import open_buffer
+
+    tokens = [open_buffer(tmp_path / n).table.column("tokens").to_pylist() for n in ("b", "p")]
+    assert tokens[0] == tokens[1]  # SmolLM2's template leaves the keys out
