@@ -469,11 +469,9 @@ class Stages:
                     f"{out} holds a run with other sections ({', '.join(sorted(set(old) ^ set(cfg)))} in one of the two "
                     f"configurations only): a run of another recipe than {prog}, or of another version; use another --out"
                 )
-        if saved.exists() and not self.state["done"] and set(p.name for p in out.iterdir()) <= BARE_RUN:
-            if check is not None:
-                check()
-            atomic_write_json(saved, cfg)  # no stage finished nor left anything: nothing holds the old configuration
-        elif saved.exists():
+        # no stage finished nor left anything: nothing holds the old configuration, and the new one is saved
+        write = not saved.exists() or (not self.state["done"] and set(p.name for p in out.iterdir()) <= BARE_RUN)
+        if not write:
             filled = [k for k, v in (absent or {}).items() if _fill_absent(old, k, v)]
             diff = sorted(diff_keys(old, cfg))
             if refused := [k for k in diff if not any(k == f or k.startswith(f + ".") for f in free)]:
@@ -488,14 +486,10 @@ class Stages:
                     f"{out} holds a run with a different configuration (differs in {refused}{hint}); "
                     "use another --out or remove it"
                 )
-            diff = diff or filled
-            if check is not None:
-                check()
-            if diff:
-                atomic_write_json(saved, cfg)
-        else:
-            if check is not None:
-                check()
+            write = bool(diff or filled)
+        if check is not None:
+            check()
+        if write:
             atomic_write_json(saved, cfg)
 
     def _read_state(self) -> dict:
