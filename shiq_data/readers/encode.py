@@ -256,8 +256,8 @@ def given_text(text: str | None) -> str | None:
     """A text column's value as the input gave it: a message list's JSON text as it is stored, a string kept
     as its JSON string literal (:func:`text_of`) as that string. What curation compares and hashes, so that a
     row written before strings were kept so equals the same row written after."""
-    if text is None:
-        return None
+    if text is None or not text.startswith('"'):  # only a string literal is kept otherwise: no JSON to parse
+        return text
     value = decode_text(text)
     return value if isinstance(value, str) else text
 
