@@ -395,7 +395,7 @@ def reference_mismatch(manifest: dict, init: str, reference_mode: str, buffer_di
     model = record["model"]
     if init in (None, "none"):
         start = "init=none starts from random weights"
-    elif (init if init == "smollm2" else str(Path(init).resolve())) == model or _same_weights(init, record):
+    elif reference.model_name(init) == model or _same_weights(init, record):
         return None
     else:
         start = f"init={init} is another model"
@@ -408,12 +408,10 @@ def reference_mismatch(manifest: dict, init: str, reference_mode: str, buffer_di
 def _same_weights(init: str, record: dict) -> bool:
     """Whether the folder ``init`` holds the weights whose SHA-256 the reference record keeps (a copy of the
     model at another path)."""
-    from shiq_data.io import sha256_files, weight_files
-
     if init == "smollm2" or not isinstance(record.get("sha256"), str) or not Path(init).is_dir():
         return False
     try:
-        return sha256_files(weight_files(Path(init))) == record["sha256"]
+        return reference.weights_sha256(init) == record["sha256"]
     except (OSError, ValueError):
         return False
 

@@ -271,6 +271,16 @@ def _model_config(model: str):
     return AutoConfig.from_pretrained(str(model))
 
 
+def model_name(model: str) -> str:
+    """How a reference record names ``--model``: ``smollm2``, or the folder's resolved path."""
+    return model if model == "smollm2" else str(Path(model).resolve())
+
+
+def weights_sha256(folder) -> str:
+    """What a reference record keeps of a model folder's weights: the SHA-256 of its weight files."""
+    return sha256_files(weight_files(Path(folder)))
+
+
 def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
@@ -283,7 +293,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
             f"{Path(model) / 'config.json'} does not exist"
         )
     record = {
-        "model": model if model == "smollm2" else str(Path(model).resolve()),
+        "model": model_name(model),
         "tokenizer": tok_info["fingerprint"],
     }
     if megatron_checkpoint:
@@ -303,7 +313,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
         record["sha256"] = hashlib.sha256(digests.encode()).hexdigest()
         return hf, record
     if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
-        record["sha256"] = sha256_files(weight_files(Path(model)))
+        record["sha256"] = weights_sha256(model)
     return load_causal_lm(model, dtype)[0], record
 
 
