@@ -734,48 +734,39 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     out = Path(cfg["out"])
     created = outermost_missing(out)  # removed again if this start fails before a step is done
     _check_out(out)
-    lock = lock_run_folder(out) if int(os.environ.get("RANK", "0")) == 0 else None
-    try:
-        check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
-        saved_step = latest_step_dir(out / "checkpoints")
-        if saved_step is not None:
-            tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
-            dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
-            check_resume_config(out, cfg, allowed, force, dp)
-        elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
-            check_resume_config(out, cfg, allowed, force, why=f"a new start would replace its log of {logged} steps")
-    except BaseException:
-        _release(lock)
-        remove_half_made_run(created, out)
-        raise
-    try:
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+        if int(os.environ.get("RANK", "0")) == 0:
+            lock_run_folder(held, out)
+        try:
+            check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
+            saved_step = latest_step_dir(out / "checkpoints")
+            if saved_step is not None:
+                tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
+                dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
+                check_resume_config(out, cfg, allowed, force, dp)
+            elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
+                why = f"a new start would replace its log of {logged} steps"
+                check_resume_config(out, cfg, allowed, force, why=why)
+        except BaseException:
+            remove_half_made_run(created, out)
+            raise
         return _train(
             cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest
         )
-    finally:
-        _release(lock)
 
 
 LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
 
 
-def lock_run_folder(out: Path) -> contextlib.ExitStack:
-    """Make ``out`` and hold an exclusive lock on ``out/.lock`` for this run (``shiq_data.io.exclusive_lock``;
-    released by :func:`_release`, or when the process ends), or a ``ConfigError`` if another run holds it: two
-    runs into one folder would pass the resume check before either saved a checkpoint, then write each other's
-    steps into one run."""
+def lock_run_folder(held: contextlib.ExitStack, out: Path) -> None:
+    """Make ``out`` and hold an exclusive lock on ``out/.lock`` in ``held`` (``shiq_data.io.exclusive_lock``;
+    released when ``held`` closes, or when the process ends), or a ``ConfigError`` if another run holds it:
+    two runs into one folder would pass the resume check before either saved a checkpoint, then write each
+    other's steps into one run."""
     out.mkdir(parents=True, exist_ok=True)
-    stack = contextlib.ExitStack()
-    why = stack.enter_context(exclusive_lock(out / LOCK_NAME, wait=False, holder="another shiq-train run"))
+    why = held.enter_context(exclusive_lock(out / LOCK_NAME, wait=False, holder="another shiq-train run"))
     if why is not None:
-        stack.close()
         raise ConfigError(f"out={out}: {why}, training into this folder: wait for it to end, or use another out=")
-    return stack
-
-
-def _release(lock: contextlib.ExitStack | None) -> None:
-    if lock is not None:
-        lock.close()
 
 
 def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest) -> Path:
