@@ -126,11 +126,7 @@ _log = logger(PROG, __name__)
 
 def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[str] | None = None) -> dict:
     """``configs/bfcl.yaml`` merged with its ``quick`` block when ``quick``, then ``key=value`` overrides."""
-    cfg = load_yaml_config(path, quick, overrides, like=CONFIG)
-    try:
-        _check_config(cfg)
-    except KeyError as e:  # a file from before a key the recipe cannot do without (one it reads with [])
-        raise ValueError(f"{path}: lacks the key {e} that {CONFIG.name} has: add it from there") from None
+    cfg = load_yaml_config(path, quick, overrides, like=CONFIG, check=_check_config)
     return cfg
 
 

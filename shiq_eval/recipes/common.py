@@ -42,13 +42,16 @@ def load_yaml_config(
     overrides: list[str] | None = None,
     keep=(),
     like: Path | None = None,
+    check: Callable[[dict], None] | None = None,
 ) -> dict:
     """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
     section stays a section). Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is
     dropped unless kept. ``like``: the recipe's shipped configuration, whose top-level sections ``path``
     must have (another recipe's file, or a file of other YAML, is refused naming what it lacks), with no key and
-    no kind of value the shipped file does not have (:func:`_check_like`)."""
+    no kind of value the shipped file does not have (:func:`_check_like`). ``check(cfg)``: the recipe's own
+    check of the result; a key it cannot find (a file from before the key, which it reads with ``[]``) is named
+    as one the file lacks."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config {path} not found")
@@ -94,7 +97,14 @@ def load_yaml_config(
             if not same_kind(old, new):
                 raise ValueError(f"override {key}={new!r}: expected a value like {old!r} (see {path})")
         cfg = OmegaConf.merge(cfg, given)
-    return OmegaConf.to_container(cfg, resolve=True)
+    cfg = OmegaConf.to_container(cfg, resolve=True)
+    if check is not None:
+        try:
+            check(cfg)
+        except KeyError as e:
+            shipped = f"that {Path(like).name} has" if like is not None else "the recipe needs"
+            raise ValueError(f"{path}: lacks the key {e} {shipped}: add it from there") from None
+    return cfg
 
 
 def _kind(v) -> str:

@@ -185,11 +185,7 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
         raise FileNotFoundError(f"demo config {path} not found")
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
-    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG)
-    try:
-        _check_config(cfg)
-    except KeyError as e:  # a file from before a key the recipe cannot do without (one it reads with [])
-        raise ValueError(f"{path}: lacks the key {e} that {CONFIG.name} has: add it from there") from None
+    cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG, check=_check_config)
     return cfg
 
 
