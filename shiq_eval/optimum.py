@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -30,14 +31,18 @@ def _vector(x, name: str) -> np.ndarray:
     return a
 
 
-def _check_beta(beta) -> float:
-    """``beta`` as a float, or a ValueError unless it is a real number (not a bool or a string), finite and > 0."""
-    if isinstance(beta, bool | str | bytes) or not isinstance(beta, numbers.Real):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    beta = float(beta)
-    if not beta > 0 or not math.isfinite(beta):
-        raise ValueError(f"beta must be a finite number > 0, got {beta}")
-    return beta
+def check_beta(beta, name: str = "beta") -> float:
+    """``beta`` as a float, or a ValueError naming ``name`` unless it is a finite real number > 0.
+
+    A bool or a string is not a number; a one-element tensor is (read without importing torch). The same
+    values as ``shiq_train.losses.check_beta``, which needs torch."""
+    torch = sys.modules.get("torch")  # a tensor exists only once torch is imported
+    tensor = torch is not None and isinstance(beta, torch.Tensor) and beta.numel() == 1 and beta.dtype != torch.bool
+    number = isinstance(beta, numbers.Real) and not isinstance(beta, bool)
+    value = float(beta) if number or tensor else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {beta!r}")
+    return value
 
 
 def _count(x, name: str) -> int:
@@ -91,7 +96,7 @@ def j_per_prompt(rewards, kls, beta) -> np.ndarray:
     r, k = _vector(rewards, "rewards"), _vector(kls, "kls")
     if r.shape != k.shape:
         raise ValueError(f"rewards {r.shape} and kls {k.shape} must have the same shape")
-    return r - _check_beta(beta) * k
+    return r - check_beta(beta) * k
 
 
 def j_value(rewards, kls, beta) -> tuple[float, float]:
@@ -113,7 +118,7 @@ def soft_value(samples, beta) -> float:
     ``m + β log1p(mean_i expm1((R_i − m)/β))`` with ``m = max R``, which neither overflows for small ``β``
     nor rounds ``exp`` of a tiny argument to 1 for large ``β`` (where the value tends to ``mean R``)."""
     r = _vector(samples, "samples")
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     m = r.max()
     return float(m + beta * np.log1p(np.mean(np.expm1((r - m) / beta))))
 

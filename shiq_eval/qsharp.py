@@ -26,7 +26,6 @@ the reference on its own samples, and :func:`evaluate_guided_policy` reward and 
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 from functools import partial
 
@@ -34,6 +33,7 @@ import torch
 
 from shiq_eval.evaluate import EvalResult, evaluate_one_pass
 from shiq_eval.generate import SamplingConfig, generate_in_batches, lm_forward, read_prompts, sample_next
+from shiq_eval.optimum import check_beta
 
 
 def guided_logits(
@@ -52,7 +52,7 @@ def guided_logits(
     Raises:
         ValueError naming the argument on a shape mismatch, a non-finite input or ``beta <= 0``.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     for name, t, dims in (("ref_logits", ref_logits, 2), ("atom_logits", atom_logits, 3), ("atoms", atoms, 1)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() != dims:
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
@@ -93,15 +93,6 @@ def guided_log_probs(
     if restrict_to_top_k:
         base = torch.full_like(base, -math.inf)
     return torch.log_softmax(base.scatter(-1, candidates, guided.double()), -1)
-
-
-def _check_beta(beta) -> float:
-    """``beta`` as a float, or a ValueError naming it unless it is a finite number > 0."""
-    number = isinstance(beta, numbers.Real) or (isinstance(beta, torch.Tensor) and beta.numel() == 1)
-    value = float(beta) if number and not isinstance(beta, bool) else math.nan
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
-    return value
 
 
 @dataclass
@@ -177,7 +168,7 @@ class GuidedPolicy:
     ):
         if not (isinstance(top_k, int) and top_k >= 1):
             raise ValueError(f"top_k must be an integer >= 1, got {top_k!r}")
-        self.beta = _check_beta(beta)
+        self.beta = check_beta(beta)
         self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
         if self.atoms.dim() != 1 or self.atoms.numel() == 0 or not torch.isfinite(self.atoms).all():
             raise ValueError(f"atoms must be a finite, non-empty 1-D tensor [A], got {self.atoms.tolist()}")

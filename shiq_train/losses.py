@@ -46,7 +46,7 @@ def _check_inputs(named: dict[str, torch.Tensor], rewards, action_mask, beta, ga
             f"rewards has a nonzero value on a non-action position at [row, position] = {bad}: "
             "rewards must sit on action tokens (SHIQ_MATH §2)"
         )
-    _check_beta(beta)
+    check_beta(beta)
     if not (_is_number(gamma) and 0.0 <= gamma <= 1.0):
         raise ValueError(f"gamma must be a number in [0, 1], got {gamma!r}")
     if segment_ids is not None:
@@ -70,9 +70,16 @@ def _is_number(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def _check_beta(beta) -> None:
-    if not (_is_number(beta) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"beta must be a finite number > 0, got {beta!r}")
+def check_beta(beta, name: str = "beta") -> float:
+    """``beta`` as a float, or a ValueError naming ``name`` unless it is a finite real number > 0.
+
+    A bool or a string is not a number; a one-element tensor is. ``shiq_eval.optimum.check_beta`` accepts
+    the same values without importing torch (``tests/test_losses.py`` holds them to it)."""
+    one = isinstance(beta, torch.Tensor) and beta.numel() == 1 and not beta.dtype == torch.bool
+    value = float(beta) if _is_number(beta) or one else math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {beta!r}")
+    return value
 
 
 def _check_vector(
@@ -400,7 +407,7 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
 
     Args: returns ``[B]`` finite floats, group_ids ``[B]`` int, beta finite > 0 (ValueError otherwise).
     """
-    _check_beta(beta)
+    check_beta(beta)
     _check_vector("returns", returns, integer=False)
     _check_vector("group_ids", group_ids, length=returns.shape[0], integer=True)
     R = returns.detach()

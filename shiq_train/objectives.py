@@ -11,7 +11,6 @@ command line hands it to ``shiq_train.qsharp_train``, and the policy trainer ref
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -170,8 +169,7 @@ class LossConfig:
                 f"loss {self.name!r} trains a {LOSSES[self.name].trains} model, not the policy: train it with "
                 f"shiq-train loss={self.name} init=REFERENCE (shiq_train.qsharp_train), not with the policy trainer"
             )
-        if not (L._is_number(self.beta) and math.isfinite(self.beta) and self.beta > 0):
-            raise ValueError(f"loss.beta must be a finite number > 0, got {self.beta!r}")
+        L.check_beta(self.beta, "loss.beta")
         if not (L._is_number(self.gamma) and 0.0 <= self.gamma <= 1.0):
             raise ValueError(f"loss.gamma must be a number in [0, 1], got {self.gamma!r}")
         if self.gamma != 1.0 and LOSSES[self.name].variant is None:

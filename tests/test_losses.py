@@ -275,6 +275,39 @@ def test_non_positive_beta_raises(beta):
         shiq_loss(*_good(), beta=beta)
 
 
+_BETAS = [0.5, 2, 1e-30, 1e300, True, False, 0, -0.5, math.nan, math.inf, "0.5", b"1", None, [0.5], 3 + 0j]
+
+
+@pytest.mark.parametrize("beta", _BETAS + ["numpy", "tensor", "tensor1", "tensor2", "tensor_bool", "tensor_0"])
+def test_the_training_and_evaluation_beta_checks_accept_the_same_values(beta):
+    """``shiq_train.losses.check_beta`` (torch) and ``shiq_eval.optimum.check_beta`` (no torch) agree: each
+    returns the float the value means, or refuses it, on numbers, numpy scalars, bools, strings and tensors."""
+    import numpy as np
+
+    from shiq_eval.optimum import check_beta as eval_check
+    from shiq_train.losses import check_beta as train_check
+
+    made = {
+        "numpy": (np.float32(0.25), 0.25),
+        "tensor": (torch.tensor(0.25, dtype=torch.float64), 0.25),
+        "tensor1": (torch.tensor([0.25]), 0.25),
+        "tensor2": (torch.tensor([0.25, 0.5]), None),
+        "tensor_bool": (torch.tensor(True), None),
+        "tensor_0": (torch.tensor(0.0), None),
+    }
+    value, want = made[beta] if isinstance(beta, str) and beta in made else (beta, None)
+    if want is None and not isinstance(value, torch.Tensor):
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+        want = float(value) if ok else None
+    for check in (train_check, eval_check):
+        if want is None:
+            with pytest.raises(ValueError, match="beta must be a finite number > 0"):
+                check(value)
+        else:
+            got = check(value)
+            assert type(got) is float and got == want
+
+
 def test_numpy_and_integer_beta_are_accepted():
     import numpy as np
 
