@@ -271,7 +271,8 @@ def test_split_has_no_shared_group_or_prompt_and_sizes_add_up(data, tmp_path, ca
         assert not set(unit[train]) & set(unit[test])
         biggest = unit.value_counts().max()
         assert round(0.3 * n) <= len(test) < round(0.3 * n) + biggest
-        assert f"{out}/test {len(test)} rows" in stdout
+        units = unit[test].nunique()  # counted by pandas; one of a kind is said in the singular
+        assert f"{out}/test {len(test)} rows ({units} {by}{'s' * (units != 1)})" in stdout
         for side in ("train", "test"):
             m = json.loads((out / side / "manifest.json").read_text())
             assert m["curation"]["side"] == side and m["parents"][0]["path"] == str(data["ab"].resolve())

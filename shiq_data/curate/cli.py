@@ -75,6 +75,11 @@ def cmd_dedup(args) -> int:
     return 0
 
 
+def _n(count: int, noun: str) -> str:
+    """``1 row``, ``2 rows``: a count and its noun, in the singular for one."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def cmd_split(args) -> int:
     r = split_buffer(
         args.buffer,
@@ -86,8 +91,9 @@ def cmd_split(args) -> int:
         progress=not args.no_progress,
     )
     print(
-        f"shiq-data: split {args.buffer} by {args.by} (seed {args.seed}): {args.out}/train {r['train']} rows "
-        f"({r['units']['train']} {args.by}s), {args.out}/test {r['test']} rows ({r['units']['test']} {args.by}s)"
+        f"shiq-data: split {args.buffer} by {args.by} (seed {args.seed}): {args.out}/train {_n(r['train'], 'row')} "
+        f"({_n(r['units']['train'], args.by)}), {args.out}/test {_n(r['test'], 'row')} "
+        f"({_n(r['units']['test'], args.by)})"
     )
     return 0
 
@@ -103,11 +109,11 @@ def cmd_mix(args) -> int:
         progress=not args.no_progress,
     )
     parts = ", ".join(
-        f"{path} x{weight:g}: {r} rows ({g} groups)"
+        f"{path} x{weight:g}: {_n(r, 'row')} ({_n(g, 'group')})"
         for (path, weight), r, g in zip(map(parse_spec, args.inputs), c["rows_per_input"], c["groups_per_input"])
     )
     note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
-    print(f"shiq-data: mixed into {args.out}: {len(buf)} rows ({parts}){note}")
+    print(f"shiq-data: mixed into {args.out}: {_n(len(buf), 'row')} ({parts}){note}")
     return 0
 
 
