@@ -140,6 +140,9 @@ def test_one_layout_and_help(capsys):
     assert len(out) == 2 and out[1].startswith("8B    H100 tp2+sp pp1 dp4")
     with pytest.raises(SystemExit, match="sequence parallelism needs tp > 1"):
         plan_memory.main(["--model", "8B", "--tp", "1", "--sequence-parallel"])
+    with pytest.raises(SystemExit, match="--vpp 2: virtual pipeline stages interleave a pipeline, which needs --pp 2"):
+        plan_memory.main(["--model", "8B", "--tp", "1", "--vpp", "2"])
+    assert plan_memory.main(["--model", "70B", "--gpu", "H100", "--tp", "4", "--pp", "2", "--vpp", "2"]) == 0
     with pytest.raises(SystemExit):
         plan_memory.parse_args(["--help"])
     text = capsys.readouterr().out

@@ -89,6 +89,8 @@ def parse_args(argv=None):
         p.error(f"{', '.join(layout)}: an option of the one layout --tp prints; give --tp too (the table's are fixed)")
     if args.sequence_parallel and args.tp == 1:
         refuse("--sequence-parallel: sequence parallelism needs tp > 1 (--tp)")
+    if args.vpp > 1 and args.pp < 2:
+        refuse(f"--vpp {args.vpp}: virtual pipeline stages interleave a pipeline, which needs --pp 2 or more")
     return args
 
 
