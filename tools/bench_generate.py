@@ -10,6 +10,10 @@ cache: transformers' dynamic cache, megatron's ``StaticInferenceContext``. Metho
     python tools/bench_generate.py                   # 32 prompts, 32 new tokens, batches of 8
     python tools/bench_generate.py --prompts 64 --batch 16 --reps 5
     python tools/bench_generate.py --prompts 16 --repeat 4 --batch 64 --new-tokens 24   # as the main job samples
+    python tools/bench_generate.py --prompts 64 --batch 32 64 --new-tokens 24 --reps 2  # two batch sizes side by side
+
+With several ``--batch`` sizes every engine runs at each, all in the same alternation, so the ratio
+between batch sizes is measured side by side too.
 
 With --repeat N every prompt comes N times in a row (N completions of each, as the main job's buffer
 and J* samples); a fourth engine then reads every repeated prompt again, to show what reading each
@@ -33,7 +37,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--prompts", type=_args.count, default=32, help="held-out movie prompts (default 32)")
     p.add_argument("--new-tokens", type=_args.count, default=32, help="new tokens per prompt (default 32)")
-    p.add_argument("--batch", type=_args.count, default=8, help="prompts per batch (default 8)")
+    p.add_argument(
+        "--batch",
+        type=_args.count,
+        nargs="+",
+        default=[8],
+        help="prompts per batch; several sizes are timed alike (default 8)",
+    )
     p.add_argument(
         "--repeat", type=_args.count, default=1, help="times each prompt comes, one after another (default 1)"
     )
@@ -61,7 +71,6 @@ def main(argv=None) -> None:
     hf, tok = H.load_smollm2(torch.float32)
     prompts, _ = movie_prompts(args.prompts)
     ids = [p for p in encode_prompts(tok, prompts, chat=True) for _ in range(args.repeat)]
-    cfg = SamplingConfig(max_new_tokens=args.new_tokens, temperature=0, batch_size=args.batch)
     with parallel.distributed(seed=0):
         mg = M.build_model(H.model_config_from_llama(hf.config, params_dtype="float32", logits_chunk_tokens=0))
         H.import_llama(mg, hf.state_dict(), hf.config)
@@ -75,29 +84,32 @@ def main(argv=None) -> None:
         if args.repeat > 1:  # the default engine but for reading each distinct prompt once
             again = type("ReadAgain", (HFPolicy,), {"_read_prompts": HFPolicy._read_distinct})
             engines["transformers (HFPolicy, repeated prompts read again)"] = again(hf, eos_id=tok.eos_token_id)
-        outputs = {name: e.generate(ids, cfg) for name, e in engines.items()}  # warm-up
-        times = {name: [] for name in engines}
+        sizes = list(dict.fromkeys(args.batch))
+        cfgs = {b: SamplingConfig(max_new_tokens=args.new_tokens, temperature=0, batch_size=b) for b in sizes}
+        runs = {(name, b): (e, cfgs[b]) for b in sizes for name, e in engines.items()}  # [engine x batch size]
+        outputs = {key: e.generate(ids, cfg) for key, (e, cfg) in runs.items()}  # warm-up
+        times = {key: [] for key in runs}
         for _ in range(args.reps):
-            for name, e in engines.items():
+            for key, (e, cfg) in runs.items():
                 t0 = time.perf_counter()
                 e.generate(ids, cfg)
-                times[name].append(time.perf_counter() - t0)
-    tokens = {name: sum(len(o) for o in out) for name, out in outputs.items()}
-    hf_name = next(iter(engines))
-    base = statistics.median(times[hf_name])
-    same = sum(len(set(map(tuple, rows))) == 1 for rows in zip(*outputs.values()))  # the same in every engine
+                times[key].append(time.perf_counter() - t0)
+    tokens = {key: sum(len(o) for o in out) for key, out in outputs.items()}
+    base_key = next(iter(runs))
+    base = statistics.median(times[base_key])
+    same = sum(len(set(map(tuple, rows))) == 1 for rows in zip(*outputs.values()))  # the same in every run
     print(
         f"SmolLM2-135M-Instruct, {len(ids)} prompts ({min(map(len, ids))}-{max(map(len, ids))} tokens"
         f"{f', each {args.repeat} times' if args.repeat > 1 else ''}), "
-        f"greedy, {args.new_tokens} new tokens, batches of {args.batch}, {args.threads} threads, "
+        f"greedy, {args.new_tokens} new tokens, batches of {' and '.join(map(str, sizes))}, {args.threads} threads, "
         f"median of {args.reps}; identical completions: {same}/{len(ids)}"
     )
     print()
-    print("| engine | seconds per pass | generated tokens/s | time / transformers |")
-    print("|---|---|---|---|")
-    for name in engines:
-        med = statistics.median(times[name])
-        print(f"| {name} | {med:.2f} | {tokens[name] / med:,.0f} | {med / base:.2f}x |")
+    print(f"| engine | batch | seconds per pass | generated tokens/s | time / {base_key[0]}, batch {base_key[1]} |")
+    print("|---|---|---|---|---|")
+    for name, b in runs:
+        med = statistics.median(times[name, b])
+        print(f"| {name} | {b} | {med:.2f} | {tokens[name, b] / med:,.0f} | {med / base:.2f}x |")
 
 
 if __name__ == "__main__":
