@@ -2,9 +2,11 @@
 
 The parameter sets have the shapes of the main job's: the last 6 of SmolLM2-135M's 30 layers and its final
 norm (what ``train.trainable_last_layers=6`` trains) and MiniLM-L6's embeddings and 6 layers (what the reward
-model's fine-tuning trains). Random gradients; the ways alternate in rounds, so load
-from other processes hits them alike. The three must update the same way: the largest difference of the
-parameters after the timed steps, from the loop's, is printed too.
+model's fine-tuning trains). Random gradients. Each way first takes one untimed step (a warm-up: it creates
+the optimizer's state, the two moments, which no timed step then pays for); then the ways alternate in rounds,
+in the listed order in even rounds (0, 2, ...) and reversed in odd ones, so load from other processes and the
+order itself hit them alike. The three must update the same way: the largest difference of the parameters
+after the same steps (the warm-up's and the timed ones), from the loop's, is printed too.
 
     python tools/bench_adamw.py                 # 20 steps a round, 3 rounds
 """
@@ -53,8 +55,8 @@ def main(argv=None) -> None:
     }
     ways = {"loop over tensors": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
     print(
-        f"AdamW (lr 1e-4, weight decay 0.01), {args.steps} steps a round, median of {args.rounds} rounds, "
-        f"{args.threads} threads"
+        f"AdamW (lr 1e-4, weight decay 0.01), one warm-up step per way, then {args.steps} steps a round, median "
+        f"of {args.rounds} rounds, the order reversed every other round, {args.threads} threads"
     )
     print()
     print("| parameters | way | ms per step | speed-up | largest difference from the loop |")
@@ -65,9 +67,13 @@ def main(argv=None) -> None:
         grads = [[torch.randn(s, generator=g) * 1e-3 for s in shape_list] for _ in range(3)]
         params = {w: [torch.nn.Parameter(t.clone()) for t in start] for w in ways}
         opts = {w: torch.optim.AdamW(params[w], lr=1e-4, weight_decay=0.01, **kw) for w, kw in ways.items()}
+        for w in ways:  # warm-up, untimed: creates each way's AdamW state
+            for p, gr in zip(params[w], grads[0]):
+                p.grad = gr
+            opts[w].step()
         times = {w: [] for w in ways}
-        for _ in range(args.rounds):
-            for w in ways:
+        for r in range(args.rounds):
+            for w in list(ways) if r % 2 == 0 else list(reversed(ways)):
                 t0 = time.perf_counter()
                 for step in range(args.steps):
                     for p, gr in zip(params[w], grads[step % 3]):

@@ -5,8 +5,10 @@ The rows of a group (completions of one prompt; a trajectory and its edits) begi
 row's remainder from its KV cache, a group at a time (``hf_stats_fn(...).with_prefix``) or several small
 groups to a batch (``with_prefixes``, what the function uses when it has it); without them every row runs
 whole, in length-sorted batches. One run, side by side, SmolLM2-135M-Instruct on the first ``--groups`` groups of
-a real buffer (the main job's ``DIR/buffer``, the BFCL recipe's ``DIR/buffer``). The two ways alternate in
-rounds, so load from other processes hits them alike; medians are reported, and the statistics of each
+a real buffer (the main job's ``DIR/buffer``, the BFCL recipe's ``DIR/buffer``). Each way runs once untimed
+first (a warm-up: first-call costs such as allocation and kernel selection fall on no timed pass); then the
+ways alternate in rounds, in the listed order in even rounds (0, 2, ...) and reversed in odd ones, so load
+from other processes and the order itself hit them alike; medians are reported, and the statistics of each
 way are compared value by value with those of whole rows.
 
     python tools/bench_ref_stats_prefix.py runs/demo/buffer                 # 32 groups, 2 rounds
@@ -34,7 +36,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--groups", type=_args.count, default=32, help="the buffer's first N groups (default 32)")
     p.add_argument("--batch-tokens", type=_args.count, default=2048, help="ref-stats --batch-tokens (default 2048)")
-    p.add_argument("--rounds", type=_args.count, default=2, help="timed passes per way (default 2)")
+    p.add_argument(
+        "--rounds", type=_args.count, default=2, help="timed passes per way, after one untimed warm-up pass (default 2)"
+    )
     p.add_argument("--threads", type=_args.threads, default=2, help="torch CPU threads (default 2)")
     return p.parse_args(argv)
 
@@ -72,10 +76,14 @@ def main(argv=None) -> None:
         "shared prefixes once, a group at a time": (one_group_at_a_time, groups),
         "shared prefixes once, small groups side by side": (fn, groups),
     }
+    for f, g in ways.values():  # warm-up, untimed
+        rows_ref_stats(tokens, f, args.batch_tokens, groups=g)
     times = {name: [] for name in ways}
     out = {}
-    for _ in range(args.rounds):
-        for name, (f, g) in ways.items():
+    for r in range(args.rounds):
+        order = list(ways) if r % 2 == 0 else list(reversed(ways))
+        for name in order:
+            f, g = ways[name]
             t0 = time.perf_counter()
             out[name] = rows_ref_stats(tokens, f, args.batch_tokens, groups=g)
             times[name].append(time.perf_counter() - t0)
@@ -85,7 +93,8 @@ def main(argv=None) -> None:
         f"SmolLM2-135M-Instruct, {len(keep)} groups ({len(tokens)} rows, {n_tokens:,} tokens, "
         f"{np.mean([len(t) for t in tokens]):.0f} per row) of {args.buffer}; {len(used)} groups share at least "
         f"{MIN_SHARED_TOKENS} tokens (mean shared prefix {np.mean([shared[g] for g in used]) if used else 0:.0f}); "
-        f"--batch-tokens {args.batch_tokens}, {args.threads} threads, median of {args.rounds} interleaved round(s)"
+        f"--batch-tokens {args.batch_tokens}, {args.threads} threads, after a warm-up pass of each way, median of "
+        f"{args.rounds} interleaved round(s), the order reversed every other round"
     )
     print()
     print("| way | seconds | tokens/s | speed-up | largest difference from whole rows |")

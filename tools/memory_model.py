@@ -1,6 +1,7 @@
 """Bytes per GPU and step time of a Llama-family model under a megatron-core layout (formulas only).
 
-Used by ``tools/plan_memory.py`` (the table and ``--validate``) and by ``tests/test_plan_memory.py``.
+Used by ``tools/plan_memory.py`` (the table and ``--validate``) and by ``tests/test_plan_memory.py``; run as a
+script, it only points to ``python tools/plan_memory.py --help`` (exit 0 with -h/--help, else 2).
 Everything is per GPU, for the pipeline stage that needs the most memory, and counts bytes exactly
 where the quantity is exact (parameters, gradients, optimizer state) and by formula where it is an
 estimate (activations, logits).
@@ -393,3 +394,14 @@ def fits(p: Plan, gpu: str, reserve_gib: float = 6.0) -> bool:
     """Whether the plan's total leaves ``reserve_gib`` of the GPU free (CUDA context, NCCL and
     communication buffers, allocator fragmentation)."""
     return p.total_bytes <= (GPU_MEMORY_GIB[gpu] - reserve_gib) * GiB
+
+
+if __name__ == "__main__":  # a library, not a command: point to the one that uses it
+    import sys
+
+    _asked = bool(set(sys.argv[1:]) & {"-h", "--help"})  # as argparse: help to stdout, exit 0; else stderr, exit 2
+    print(
+        "memory_model.py: a library of formulas, no command line; run: python tools/plan_memory.py --help",
+        file=sys.stdout if _asked else sys.stderr,
+    )
+    sys.exit(0 if _asked else 2)
