@@ -362,7 +362,8 @@ def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: boo
     first touched)."""
     check_sha256(path)
     try:
-        state = torch.load(path, weights_only=True, mmap=mmap)
+        # on the CPU whatever device a tensor was saved from (a GPU of the saving machine); copied into place later
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the checkpoint is incomplete") from None
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:

@@ -50,6 +50,7 @@ from shiq_train.model import (
     ModelConfig,
     build_model_chunks,
     check_fp8_shapes,
+    check_layout,
     check_runtime,
     resolved_transformer_impl,
     width_multiple,
@@ -115,6 +116,7 @@ RESUME_SAFE_KEYS = (
     "model.compile",  # the same steps up to float rounding; absent from runs started before it existed
     "model.attention_backend",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
+    "parallel.backend",  # the same steps up to float rounding (checkpoints load on the CPU); absent before it existed
 )
 # keys absent from runs started before they existed, with the value those runs computed with
 ABSENT_MEANS = {"train.loss_average": "micro_batch"}
@@ -660,14 +662,31 @@ def check_packed_layers(mode: str, model_cfg) -> None:
 
 
 def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.ParallelConfig:
-    """The layout of ``parallel.*`` (tp, pp, cp, vpp), refused in one line if it cannot run this model and step
-    (``ParallelConfig.check_fits``, ``parallel.check_context_parallel``)."""
+    """The layout of ``parallel.*`` (tp, pp, cp, vpp, backend), refused in one line naming the key if it cannot
+    run this model, step, machine or number of processes (``ParallelConfig.check_fits``,
+    ``parallel.check_context_parallel``, ``model.check_layout``, ``ParallelConfig.resolved_backend``; torchrun's
+    ``WORLD_SIZE`` a multiple of tp x pp), before any process group or run folder is made."""
     try:
-        par = parallel.ParallelConfig(section["tp"], section["pp"], section.get("cp", 1), section.get("vpp", 1))
+        par = parallel.ParallelConfig(
+            section["tp"], section["pp"], section.get("cp", 1), section.get("vpp", 1), section.get("backend", "auto")
+        )
         par.check_fits(model_cfg.num_layers, micro_batches)
         parallel.check_context_parallel(par.context_parallel_size)
+        tp, pp, vpp = (
+            par.tensor_model_parallel_size,
+            par.pipeline_model_parallel_size,
+            par.virtual_pipeline_model_parallel_size,
+        )
+        check_layout(model_cfg, tp, pp, vpp)
+        par.resolved_backend()
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
+    world = os.environ.get("WORLD_SIZE", "1")
+    if world.isdigit() and int(world) % (tp * pp):
+        raise ConfigError(
+            f"parallel.tp x parallel.pp = {tp} x {pp} needs a multiple of {tp * pp} processes, but this run has "
+            f"{world} (WORLD_SIZE): start it with torchrun --nproc-per-node {tp * pp}, or a multiple"
+        )
     return par
 
 
@@ -744,6 +763,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
                 dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
                 check_resume_config(out, cfg, allowed, force, dp)
+                check_online_reference_layout(cfg, read_meta(saved_step)["layout"])
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
                 why = f"a new start would replace its log of {logged} steps"
                 check_resume_config(out, cfg, allowed, force, why=why)
@@ -756,6 +776,23 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
 
 
 LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
+
+
+def check_online_reference_layout(cfg: dict, saved_layout: dict) -> None:
+    """Refuse to resume a run whose online reference would change: with ``init=none`` and
+    ``train.reference=online`` the reference is rebuilt from the seeded random start, and megatron-core draws
+    those weights per pipeline stage, so another ``parallel.pp`` or ``parallel.vpp`` than the checkpoint's makes
+    another reference (the tensor-parallel split draws the same ones). Every other start loads its reference."""
+    if cfg["init"] not in (None, "none") or cfg["train"].get("reference") != "online":
+        return
+    now = {"pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
+    then = {"pp": saved_layout["pp"], "vpp": saved_layout.get("vpp", 1)}
+    if now != then:
+        raise ConfigError(
+            f"parallel.pp={now['pp']}, parallel.vpp={now['vpp']}: the checkpoint was saved at pp={then['pp']}, "
+            f"vpp={then['vpp']}, and with init=none the online reference is the random start drawn per pipeline "
+            f"stage, another in another layout: resume with parallel.pp={then['pp']} parallel.vpp={then['vpp']}"
+        )
 
 
 def lock_run_folder(held: contextlib.ExitStack, out: Path) -> None:

@@ -328,6 +328,30 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
         )
 
 
+def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
+    """A ValueError naming the ``model.`` key whose value the parallel layout cannot split: the vocabulary,
+    heads and query groups over ``tp`` ranks, the layers over ``pp * vpp`` stages, and with
+    ``recompute=full`` and ``recompute_method=uniform`` a stage's layers into groups of
+    ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer). Checked before
+    megatron-core's own config, whose messages name no key."""
+    groups = cfg.num_query_groups or cfg.num_attention_heads
+    for field, value, by, what in [
+        ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
+        ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
+        ("num_query_groups", groups, tp, "tensor-parallel size"),
+        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages"),
+    ]:
+        if value % by:
+            raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
+    per_stage = cfg.num_layers // (pp * vpp)
+    if cfg.recompute == "full" and cfg.recompute_method == "uniform" and per_stage % cfg.recompute_num_layers:
+        raise ValueError(
+            f"model.recompute_num_layers={cfg.recompute_num_layers} must divide the {per_stage} layers of a pipeline "
+            "stage with model.recompute_method=uniform (it checkpoints groups of that many layers); or use "
+            "model.recompute_method=block"
+        )
+
+
 def transformer_config(cfg: ModelConfig):
     """megatron ``TransformerConfig`` for ``cfg`` and the initialised model-parallel layout."""
     from megatron.core import parallel_state  # heavy: megatron
@@ -340,6 +364,7 @@ def transformer_config(cfg: ModelConfig):
         tp = parallel_state.get_tensor_model_parallel_world_size()
         pp = parallel_state.get_pipeline_model_parallel_world_size()
         vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    check_layout(cfg, tp, pp, vpp or 1)
     dtype = DTYPES[cfg.params_dtype]
     on_gpu = torch.cuda.is_available()
     kwargs = dict(
@@ -604,21 +629,11 @@ def build_model(
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
-    tp, pp = tc.tensor_model_parallel_size, tc.pipeline_model_parallel_size
     vpp = tc.virtual_pipeline_model_parallel_size or 1
     if vpp > 1 and vp_stage is None:
         raise ValueError(
             f"with {vpp} virtual pipeline stages a rank holds {vpp} model chunks: build them with build_model_chunks"
         )
-    groups = cfg.num_query_groups or cfg.num_attention_heads
-    for field, value, by, what in [
-        ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
-        ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
-        ("num_query_groups", groups, tp, "tensor-parallel size"),
-        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages"),
-    ]:
-        if value % by:
-            raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
     stage = dict(ignore_virtual=vpp == 1, vp_stage=vp_stage)
     if pre_process is None:
         pre_process = (

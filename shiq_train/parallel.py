@@ -90,6 +90,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+BACKENDS = ("auto", "gloo", "nccl")  # parallel.backend
+
 _APPLIED: list[str] = []
 
 
@@ -334,12 +336,17 @@ class ParallelConfig:
     model chunks (``shiq_train.model.build_model_chunks``; chunk c of rank p holds the layers of
     virtual stage ``c * pp + p``) and ``train_step.forward_backward`` runs megatron's interleaved
     1F1B schedule over the list, which shrinks the pipeline bubble by vpp.
+
+    ``backend`` (``parallel.backend``): the process groups' communication backend. ``auto`` takes ``nccl``
+    where a CUDA GPU is visible and ``gloo`` (CPU) where none is; ``nccl`` and ``gloo`` ask for one and are
+    refused in one line where it cannot run (:meth:`resolved_backend`).
     """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int = 1
+    backend: str = "auto"
 
     def __post_init__(self):
         for name in (
@@ -351,11 +358,30 @@ class ParallelConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
             raise ValueError(
                 f"parallel.vpp (virtual_pipeline_model_parallel_size) = {self.virtual_pipeline_model_parallel_size} "
                 "interleaves pipeline stages: it needs parallel.pp (pipeline_model_parallel_size) >= 2, or vpp=1"
             )
+
+    def resolved_backend(self) -> str:
+        """``nccl`` or ``gloo`` for this machine, or a RuntimeError saying why the one asked for cannot run:
+        ``nccl`` needs a CUDA GPU and a torch built with NCCL; ``gloo`` trains on the CPU, so a visible GPU
+        (whose tensors the model would be built on) is refused with the way to hide it."""
+        gpu = torch.cuda.is_available()
+        if self.backend == "auto":
+            return "nccl" if gpu else "gloo"
+        if self.backend == "nccl" and not (gpu and dist.is_nccl_available()):
+            why = "no CUDA GPU is visible" if not gpu else "this torch is built without NCCL"
+            raise RuntimeError(f"parallel.backend=nccl needs a CUDA GPU and NCCL, but {why}: use parallel.backend=auto")
+        if self.backend == "gloo" and gpu:
+            raise RuntimeError(
+                "parallel.backend=gloo trains on the CPU, but a CUDA GPU is visible (the model would be built on it): "
+                "hide the GPUs with CUDA_VISIBLE_DEVICES= to train on the CPU, or use parallel.backend=auto"
+            )
+        return self.backend
 
     def check_fits(self, num_layers: int, micro_batches: int) -> None:
         """Refuse, in one line naming the keys, a model or step the layout cannot run: ``num_layers`` must
@@ -454,7 +480,8 @@ def init_distributed(
 
     Rank, world size and rendezvous come from the arguments, else from torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``/``MASTER_PORT``); a lone process with none of them
-    gets world size 1 with an in-memory store. The backend is ``nccl`` with a GPU, ``gloo`` without.
+    gets world size 1 with an in-memory store. The backend is ``backend`` if given, else ``parallel.backend``
+    (:meth:`ParallelConfig.resolved_backend`: by default ``nccl`` with a GPU, ``gloo`` without).
     Applies the CPU adaptations when no GPU is present, and seeds (:func:`set_seed`) if ``seed`` is
     given. ``world_size`` must be a multiple of ``tp * pp``; cp > 1 is refused (:func:`check_context_parallel`).
     """
@@ -475,7 +502,7 @@ def init_distributed(
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
     if not dist.is_initialized():
         if backend is None:
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = parallel.resolved_backend()
         rendezvous: dict = {"init_method": init_method}
         if init_method is None and "MASTER_ADDR" not in os.environ:
             if world_size != 1:

@@ -133,11 +133,72 @@ def test_interleaved_stages_from_the_command_line_train_like_one_process(tmp_pat
         ({"pp": 3, "vpp": 1}, 4, 3, "model.num_layers=4 must be divisible by the number of (virtual) pipeline stag"),
     ],
 )
-def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_batches, message):
+def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_batches, message, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun --nproc-per-node 2 sets it
     with pytest.raises(ConfigError) as e:
         parallel_config({"tp": 1, "cp": 1, **section}, ModelConfig(num_layers=layers), micro_batches)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert parallel_config({"tp": 1, "pp": 2, "cp": 1, "vpp": 2}, ModelConfig(num_layers=4), 4)
+
+
+@pytest.mark.parametrize(
+    "section, model, message",
+    [
+        (
+            {"tp": 2},
+            {"hidden_size": 48, "num_attention_heads": 3},
+            "model.num_attention_heads=3 must be divisible by t",
+        ),
+        ({"tp": 2}, {"vocab_size": 255}, "model.vocab_size=255 must be divisible by the tensor-parallel size (pad the"),
+        ({"tp": 1}, {"num_layers": 3, "recompute": "full", "recompute_num_layers": 2}, "model.recompute_num_layers=2 "),
+        (
+            {"pp": 2},
+            {"num_layers": 4, "recompute": "full", "recompute_num_layers": 3},
+            "divide the 2 layers of a pipel",
+        ),
+        (
+            {"tp": 1, "backend": "nccl"},
+            {},
+            "parallel.backend=nccl needs a CUDA GPU and NCCL, but no CUDA GPU is visible",
+        ),
+        ({"tp": 1, "backend": "mpi"}, {}, "parallel.backend must be one of ['auto', 'gloo', 'nccl'], got 'mpi'"),
+        ({"tp": 2}, {}, "parallel.tp x parallel.pp = 2 x 1 needs a multiple of 2 processes, but this run has 1 (WORLD"),
+    ],
+)
+def test_layouts_the_model_or_machine_cannot_run_are_refused_before_any_process_group(
+    section, model, message, monkeypatch
+):
+    """Checked by ``parallel_config`` from the configuration and ``WORLD_SIZE`` alone, before megatron-core's own
+    checks (whose messages name no key: ``num_attention_heads (3) must be a multiple of ...``) or the recompute
+    loop's IndexError at the first forward; this machine has no GPU, so nccl cannot run here."""
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ConfigError) as e:
+        parallel_config({"tp": 1, "pp": 1, "cp": 1, **section}, ModelConfig(**model), 2)
+    assert message in str(e.value) and "\n" not in str(e.value)
+    assert not dist.is_initialized()
+    # the same layouts where they can run: block recompute takes any count, two processes fill tp=2, gloo is the CPU's
+    cfg = ModelConfig(num_layers=3, recompute="full", recompute_method="block", recompute_num_layers=2)
+    assert parallel_config({"tp": 1, "pp": 1, "cp": 1}, cfg, 2)
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert parallel_config({"tp": 2, "pp": 1, "cp": 1}, ModelConfig(), 2).tensor_model_parallel_size == 2
+    assert (
+        parallel_config({"tp": 1, "pp": 1, "cp": 1, "backend": "gloo"}, ModelConfig(), 2).resolved_backend() == "gloo"
+    )
+
+
+def test_an_online_reference_from_a_random_start_is_not_resumed_in_another_pipeline_layout():
+    """With init=none the online reference is rebuilt from the seeded random start, which megatron-core draws per
+    pipeline stage: another pp or vpp than the checkpoint's would train against another reference."""
+    from shiq_train.cli import check_online_reference_layout
+
+    cfg = {"init": "none", "train": {"reference": "online"}, "parallel": {"tp": 1, "pp": 2, "vpp": 1}}
+    with pytest.raises(ConfigError, match="the checkpoint was saved at pp=1, vpp=1, and with init=none the online"):
+        check_online_reference_layout(cfg, {"tp": 1, "pp": 1, "dp": 1})
+    check_online_reference_layout(cfg, {"tp": 2, "pp": 2, "dp": 1, "vpp": 1})  # tp may change: the same weights
+    for other in ({"init": "smollm2"}, {"train": {"reference": "precomputed"}}):  # a loaded or stored reference
+        check_online_reference_layout({**cfg, **other}, {"tp": 1, "pp": 1, "dp": 1})
 
 
 def test_vpp_is_in_the_train_config_and_may_change_on_resume(tmp_path):
