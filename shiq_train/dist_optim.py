@@ -88,6 +88,21 @@ def build_distributed(model, cfg: OptimizerConfig):
     return ddp, opt, sched
 
 
+def adam_step(inner: dict) -> int:
+    """The step count of the Adam that megatron-core's distributed optimizer wraps, from its ``state_dict()``
+    ``inner``: torch's Adam keeps it per parameter (a tensor in each ``state`` entry), Transformer Engine's and
+    Apex's fused Adam (which megatron-core 0.16.1 takes whenever either imports) per parameter group (an int,
+    in the groups that hold parameters), as megatron's own ``DistributedOptimizer.state_dict`` reads it. The
+    per-parameter counts win where there are any: after a resume torch's groups also hold the saved ``step``,
+    which torch's Adam never advances. 0 before the first step; a RuntimeError if the counts differ."""
+    steps = {int(s["step"]) for s in inner["state"].values() if "step" in s}
+    if not steps:
+        steps = {int(g["step"]) for g in inner["param_groups"] if g.get("params") and "step" in g}
+    if len(steps) > 1:
+        raise RuntimeError(f"AdamW's step counts differ between parameters: {sorted(steps)}")
+    return steps.pop() if steps else 0
+
+
 class DistributedAdamW:
     """megatron's distributed optimizer behind the interface :func:`shiq_train.train_step.train_step` uses.
 
@@ -183,10 +198,7 @@ class DistributedAdamW:
         """The AdamW parameter groups without their parameters, each with the step count (as megatron's
         ``DistributedOptimizer.state_dict``, which fails on a rank holding no state, e.g. a frozen stage)."""
         inner = self.torch_optimizer.state_dict()
-        steps = {int(s["step"]) for s in inner["state"].values()}
-        if len(steps) > 1:
-            raise RuntimeError(f"AdamW's step counts differ between parameters: {sorted(steps)}")
-        step = steps.pop() if steps else 0
+        step = adam_step(inner)
         return [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in inner["param_groups"]]
 
     @torch.no_grad()
@@ -221,7 +233,8 @@ class DistributedAdamW:
         # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
         # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
         for s in self.torch_optimizer.state.values():
-            s["step"] = s["step"].clone()
+            if "step" in s:  # (Transformer Engine's and Apex's fused Adam count in the groups instead)
+                s["step"] = s["step"].clone()
         for start, end, live in self._owned(offsets):
             for k in STATE_KEYS:
                 live[k].copy_(flat[k][start:end].view_as(live[k]))

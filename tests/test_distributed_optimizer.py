@@ -258,3 +258,27 @@ def test_the_option_is_validated_and_refused_where_it_does_not_apply():
     run = {"loss": {"name": "qsharp_value"}, "optimizer": {"distributed": True}, "train": {}, "data": {}, "seed": 0}
     with pytest.raises(ValueError, match="loss=qsharp_value trains in one process"):
         value_config_from_run(run)
+
+
+def test_the_step_count_is_read_where_each_adam_keeps_it():
+    """torch's Adam counts per parameter (a tensor in each state entry); Transformer Engine's and Apex's fused
+    Adam, which megatron-core takes on a GPU machine that has either, count per parameter group and keep no
+    per-parameter ``step`` (their checkpoints would otherwise fail on the first save). After a resume torch's
+    groups also carry the saved count, which its Adam never advances: the per-parameter counts win."""
+    from shiq_train.dist_optim import adam_step
+
+    p = torch.nn.Parameter(torch.ones(3))
+    torch_adam = torch.optim.AdamW([p])
+    assert adam_step(torch_adam.state_dict()) == 0
+    for _ in range(3):
+        p.grad = torch.ones(3)
+        torch_adam.step()
+    assert adam_step(torch_adam.state_dict()) == 3
+    resumed = torch_adam.state_dict()
+    resumed["param_groups"][0]["step"] = 1  # megatron's load hands the saved groups, "step" included, to torch
+    assert adam_step(resumed) == 3
+    fused_like = {"state": {0: {"exp_avg": p, "exp_avg_sq": p}}, "param_groups": [{"params": [0], "step": 5}]}
+    fused_like["param_groups"].append({"params": [], "step": 0})  # an empty group is never stepped
+    assert adam_step(fused_like) == 5
+    with pytest.raises(RuntimeError, match=r"step counts differ between parameters: \[2, 5\]"):
+        adam_step({"state": {}, "param_groups": [{"params": [0], "step": 5}, {"params": [1], "step": 2}]})
