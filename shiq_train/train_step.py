@@ -352,7 +352,12 @@ def finalize_grads(model) -> None:
     1. Tied embeddings under pipeline parallelism: the first stage's embedding and the last stage's
        output copy each hold part of the gradient; all-reduce (sum) over the embedding group so both
        hold the full one (megatron ``finalize_model_grads._allreduce_word_embedding_grads``).
-    2. Data parallelism: mean of every gradient over the data-parallel group.
+    2. Sequence parallelism: a parameter megatron marks ``sequence_parallel`` (the row-parallel layers'
+       biases; Transformer Engine's norms) holds on each tensor-parallel rank the gradient of that rank's
+       positions only; all-reduce (sum) over the tensor-parallel group (megatron
+       ``finalize_model_grads._allreduce_non_tensor_model_parallel_grads``). The local layers' norms
+       (``model.SequenceParallelNorm``) sum theirs in the backward and carry no such mark.
+    3. Data parallelism: mean of every gradient over the data-parallel group.
     """
     from megatron.core import parallel_state  # heavy: megatron
 
@@ -367,6 +372,13 @@ def finalize_grads(model) -> None:
         w = inner[0].shared_embedding_or_output_weight()
         if w is not None and w.grad is not None:
             dist.all_reduce(w.grad, group=parallel_state.get_embedding_group())
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        group = parallel_state.get_tensor_model_parallel_group()
+        for c in model_chunks(model):
+            if getattr(unwrap(c).config, "sequence_parallel", False):
+                for p in c.parameters():
+                    if p.grad is not None and getattr(p, "sequence_parallel", False):
+                        dist.all_reduce(p.grad, group=group)
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1:
         group = parallel_state.get_data_parallel_group()

@@ -365,3 +365,32 @@ def test_interleaved_pipeline_matches_reference(vpp_reference, tmp_path, tp, sp)
         assert r["layers"] == [["0", "2"], ["1", "3"]][r["pp_rank"]]
     assert sorted((r["pp_rank"], r["tp_rank"]) for r in results) == [(p, t) for p in range(2) for t in range(tp)]
     _check_against_reference(results, vpp_reference, tp, f"tp={tp} pp=2 x vpp=2 sequence-parallel={sp}")
+
+
+def _bias_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    init = f"tcp://127.0.0.1:{port}"
+    with parallel.distributed(parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=init, seed=SEED):
+        from megatron.core import parallel_state as ps
+
+        full = torch.load(os.path.join(out_dir, "full_params.pt"), weights_only=True)
+        _, loss, norm, grads, step_s = run_layout(tiny_config(add_bias_linear=True, sequence_parallel=True), full)
+        result = {"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": ps.get_tensor_model_parallel_rank()}
+        torch.save({**result, "step_s": step_s}, os.path.join(out_dir, f"bias-rank{rank}.pt"))
+
+
+def test_sequence_parallel_biases_get_the_gradient_of_every_position(tmp_path):
+    """Under sequence parallelism megatron-core marks the row-parallel layers' biases ``sequence_parallel``: each
+    tensor-parallel rank adds only its own positions' gradient, and ``finalize_grads`` must sum them over the
+    tensor-parallel group (as megatron's ``finalize_model_grads`` does for such parameters, Transformer Engine's
+    norms included). Against one process: every gradient, and the two ranks' copies of each bias, agree."""
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model, loss, norm, grads, _ = run_layout(tiny_config(add_bias_linear=True))
+        torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, tmp_path / "full_params.pt")
+    reference = {"loss": loss, "grad_norm": norm, "grads": {full: g for full, _, _, g in grads.values()}}
+    assert any(k.endswith("linear_fc2.bias") for k in reference["grads"])
+    mp.spawn(_bias_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"bias-rank{r}.pt", weights_only=True) for r in range(2)]
+    _check_against_reference(results, reference, 2, "tp=2 sequence-parallel with biases")
