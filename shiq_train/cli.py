@@ -631,7 +631,8 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
 
 def check_plain_options(cfg: dict) -> None:
     """The options outside the dataclass sections: integers where integers are needed, paths as strings."""
-    ints = {"seed": cfg.get("seed"), **{f"parallel.{k}": v for k, v in (cfg.get("parallel") or {}).items()}}
+    sizes = {k: v for k, v in (cfg.get("parallel") or {}).items() if k != "backend"}  # (backend: a name)
+    ints = {"seed": cfg.get("seed"), **{f"parallel.{k}": v for k, v in sizes.items()}}
     data = cfg.get("data") or {}
     ints.update({f"data.{k}": data.get(k) for k in ("rows_per_micro_batch", "micro_batches_per_step", "seed")})
     for key, value in ints.items():
