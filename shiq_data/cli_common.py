@@ -160,8 +160,11 @@ def setup_logging(level: str | int = "INFO") -> None:
 def check_output_files(inputs, outputs: dict, overwrite: bool = True) -> None:
     """Refuse, before anything is written, output files (``{option: path or None}``) that are an input, the
     same file as another output, or an existing folder: a command would otherwise replace its own input or
-    write one output and then fail on the next; without ``overwrite``, any existing file too (the command's
+    write one output and then fail on the next; a file inside a buffer folder, which the buffer neither lists
+    nor keeps (``shiq-data validate`` removes it); without ``overwrite``, any existing file too (the command's
     ``--overwrite`` replaces it)."""
+    from shiq_data.buffer import refuse_inside_buffer  # heavy: pyarrow, only for a command that writes
+
     seen = {}
     ins = {os.path.realpath(p) for p in inputs}
     for option, path in outputs.items():
@@ -174,6 +177,7 @@ def check_output_files(inputs, outputs: dict, overwrite: bool = True) -> None:
             raise ValueError(f"{option} {path} is also given to {seen[real]}: give each output its own file")
         if os.path.isdir(path):
             raise ValueError(f"{option} {path} is a folder: give a file")
+        refuse_inside_buffer(path, option)
         if not overwrite and os.path.lexists(path):
             raise ValueError(f"{option} {path} exists: give a new file, or --overwrite to replace it")
         seen[real] = option

@@ -135,6 +135,39 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
     return path
 
 
+def atomic_write_texts(files: dict) -> list[Path]:
+    """Write several files that belong together (``{path: text}``, UTF-8), in any folders: each is first written
+    in full to a temporary file beside it, and only when all are written are they renamed into place, so a
+    failure on one (a folder that cannot be made, a full disk) leaves every path as it was and no temporary
+    file behind. Returns the paths."""
+    staged: list[tuple[Path, Path]] = []
+    try:
+        for path, text in files.items():
+            path = Path(path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            except OSError as e:  # a parent that is a file, a folder without write permission
+                raise ValueError(
+                    f"{path}: cannot be written ({e.strerror}: {e.filename}); nothing was written"
+                ) from None
+            staged.append((Path(tmp_name), path))
+            with os.fdopen(fd, "wb") as f:
+                f.write(text.encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp_name, 0o644)
+        for tmp, path in staged:
+            os.replace(tmp, path)
+        for folder in {path.parent for _, path in staged}:
+            fsync_dir(folder)
+    finally:
+        for tmp, _ in staged:
+            if tmp.exists():
+                tmp.unlink()
+    return [path for _, path in staged]
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` atomically (:func:`atomic_write`)."""
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -221,8 +221,9 @@ def test_command_line_rollout_and_report(tmp_path, capsys, monkeypatch):
     rep = json.loads(out.read_text())
     assert rep["bfcl_eval_version"] == "2026.3.23" and rep["overall"]["accuracy"] == 1.0
     assert rep["categories"]["multi_turn_miss_func"]["n"] == 2
-    assert cli.main(["report", str(traj), "--subset", "train"]) == 0  # test ids only: nothing kept
-    assert "overall" in capsys.readouterr().out
+    capsys.readouterr()
+    assert cli.main(["report", str(traj), "--subset", "train"]) == 2  # test ids only: nothing to report
+    assert "has no trajectory in the subset train: nothing to report for it" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     # an existing output (hours of model rollouts) is replaced only with --overwrite; an input never is
@@ -311,6 +312,69 @@ def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, cap
         assert cli.main(["report", str(gt), str(silent), *argv]) == 2
         assert needle in capsys.readouterr().err
     assert gt.read_bytes() == saved and not (tmp_path / "new.json").exists() and not (tmp_path / "a.json").exists()
+
+
+def test_report_ranks_only_comparable_rollouts(tmp_path, capsys):
+    """A leaderboard row is one model, one checker and one sampling; the rows cover the same entries. Mixed
+    inputs are refused in one line naming the field and the files, before anything is written."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    base = ["rollout", "--categories", "multi_turn_base"]
+    assert cli.main([*base, "--limit", "2", "--model-name", "A", "--out", str(a)]) == 0
+    assert cli.main([*base, "--limit", "3", "--model-name", "B", "--out", str(b)]) == 0
+    out = tmp_path / "r.json"
+
+    def refused(*files, needle):
+        capsys.readouterr()
+        assert cli.main(["report", *map(str, files), "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+    refused(a, b, needle="models 'A' and 'B' were rolled out on different entries (2 and 3; multi_turn_base_2 only in")
+
+    def variant(path, name, **fields):
+        rows = [{**json.loads(x), **fields} for x in a.read_text().splitlines()]
+        target = tmp_path / name
+        target.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return target
+
+    other_weights = variant(a, "w.jsonl", model_sha256="ab" * 32)
+    refused(a, other_weights, needle="model 'A': its trajectories differ in weights (model_sha256): null in")
+    hot = variant(a, "t.jsonl", sampling={"temperature": 1.0, "seed": 0, "max_new_tokens": 8})
+    refused(a, hot, needle="model 'A': its trajectories differ in sampling settings (sampling)")
+    old = variant(a, "old.jsonl", model="C", bfcl_eval_version="2024.1.1")
+    refused(a, old, needle="trajectories scored by bfcl-eval")
+    refused(variant(a, "v.jsonl", bfcl_eval_version=["x"]), needle="field 'bfcl_eval_version': must be a version str")
+    rows = [json.loads(x) for x in a.read_text().splitlines()]
+    (tmp_path / "id.jsonl").write_text(json.dumps({**rows[0], "id": "multi_turn_base_\u00b2"}) + "\n")
+    refused(tmp_path / "id.jsonl", needle="field 'id': must be an entry id such as multi_turn_base_0")
+    # the same entries, weights, checker and sampling: one table
+    assert cli.main(["report", str(a), str(variant(a, "a2.jsonl", model="A2")), "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["models"]) == {"A", "A2"}
+
+
+def test_report_writes_all_of_its_outputs_or_none(tmp_path, capsys):
+    traj, out, blocker = tmp_path / "a.jsonl", tmp_path / "r.json", tmp_path / "afile"
+    assert cli.main(["rollout", "--categories", "multi_turn_base", "--limit", "1", "--out", str(traj)]) == 0
+    out.write_text("old\n")
+    blocker.write_text("a file, not a folder\n")
+    capsys.readouterr()
+    argv = ["report", str(traj), "--out", str(out), "--csv", str(tmp_path / "r.csv")]
+    assert cli.main([*argv, "--markdown", str(blocker / "x.md"), "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert f"{blocker / 'x.md'}: cannot be written" in err and "nothing was written" in err
+    assert out.read_text() == "old\n" and not (tmp_path / "r.csv").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    # an output inside a buffer folder (which shiq-data validate would remove as unlisted) is refused
+    from shiq_data.buffer import FORMAT
+
+    buf = tmp_path / "buf"
+    buf.mkdir()
+    (buf / "manifest.json").write_text(json.dumps({"format": FORMAT}))  # what marks a buffer's folder
+    for command in (argv[:2] + ["--out", str(buf / "report.json")], ["rollout", "--out", str(buf / "t.jsonl")]):
+        capsys.readouterr()
+        assert cli.main(command) == 2
+        assert f"is inside the buffer {buf}: choose a folder outside it" in capsys.readouterr().err
 
 
 def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2):

@@ -7,6 +7,7 @@ import argparse
 import functools
 import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_text
+from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_texts
 from shiq_data.schema import is_bounded_number
 from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.bfcl.checker import (
@@ -106,7 +107,8 @@ def _model_policy_factory(args):
         tok,
         SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed),
     )
-    record = {"model_path": str(path), "model_sha256": content_hash(path)}
+    sampling = {"temperature": args.temperature, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
+    record = {"model_path": str(path), "model_sha256": content_hash(path), "sampling": sampling}
     return (lambda entry: policy), record
 
 
@@ -134,7 +136,7 @@ def _cmd_rollout(args) -> int:
     check_output_files(_split_input(args), {"--out": args.out}, args.overwrite)
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     if args.policy == "scripted":
-        make_policy, record = ScriptedPolicy.ground_truth, {"model_path": None, "model_sha256": None}
+        make_policy, record = ScriptedPolicy.ground_truth, {"model_path": None, "model_sha256": None, "sampling": None}
     else:
         make_policy, record = _model_policy_factory(args)
     model = args.model_name or (args.policy if args.policy in ("scripted", "smollm2") else Path(args.policy).name)
@@ -157,12 +159,22 @@ def _check_scored(t: dict, where: str) -> None:
     multi-turn category (``category``, when given, its), ``valid`` true or false (a string "false" would count
     as valid), turn rewards lists of bounded numbers, one per turn (``num_turns``, when given)."""
     entry = t["id"]
-    if not isinstance(entry, str) or entry_category(entry) not in CATEGORIES or not entry.rsplit("_", 1)[-1].isdigit():
+    number = entry.rsplit("_", 1)[-1] if isinstance(entry, str) else ""
+    if (
+        not isinstance(entry, str)
+        or entry_category(entry) not in CATEGORIES
+        or not (number.isascii() and number.isdigit())
+    ):
         raise ValueError(f"{where}: field 'id': must be an entry id such as multi_turn_base_0, got {json.dumps(entry)}")
     if entry_index(entry) >= len(_entries(entry_category(entry))):
         raise ValueError(f"{where}: field 'id': {entry} is no entry of BFCL-V3 {entry_category(entry)}")
     if not isinstance(t["valid"], bool):
         raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
+    if not isinstance(t.get("bfcl_eval_version", ""), str):
+        raise ValueError(
+            f"{where} ({entry}): field 'bfcl_eval_version': must be a version string, got "
+            f"{json.dumps(t['bfcl_eval_version'])[:40]}"
+        )
     if "category" in t and t["category"] != entry_category(entry):
         raise ValueError(f"{where} ({entry}): field 'category': {json.dumps(t['category'])[:40]} is not its id's")
     for field in ("turn_rewards", "turn_rewards_reset"):
@@ -185,8 +197,56 @@ def _check_scored(t: dict, where: str) -> None:
         )
 
 
+def _temperature(text: str) -> float:
+    """An argparse ``type``: 0 (greedy) or a finite temperature of at least ``TEMPERATURE_MIN``, as ``shiq-eval
+    run`` takes (inf sampled uniformly, without a word; below it the scaled logits overflow)."""
+    from shiq_eval.suite import TEMPERATURE_MIN
+
+    try:
+        t = float(text)
+    except ValueError:
+        t = math.nan
+    if not (t == 0 or TEMPERATURE_MIN <= t < math.inf):
+        raise argparse.ArgumentTypeError(f"must be 0 (greedy) or a finite number >= {TEMPERATURE_MIN:g}, got {text}")
+    return t
+
+
 def _count(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# What a model's trajectories must share to be one row: the weights, the checker's version and the sampling
+COMPARED = {"model_sha256": "weights", "bfcl_eval_version": "bfcl-eval version", "sampling": "sampling settings"}
+
+
+def _one_value(name: str, field: str, seen: dict) -> None:
+    """Refuse ``seen`` (``{value as JSON: first file}``) holding more than one value of ``field``."""
+    if len(seen) > 1:
+        (a, fa), (b, fb) = list(seen.items())[:2]
+        raise ValueError(
+            f"model {name!r}: its trajectories differ in {COMPARED[field]} ({field}): {a[:80]} in {fa} and "
+            f"{b[:80]} in {fb}: results of two models or settings are not one row; give each its own --model-name "
+            "when rolling out"
+        )
+
+
+def _check_same_entries(rows: dict[str, list[dict]], subset: str) -> None:
+    """Refuse models rolled out on different entries (or none): their accuracies would be ranked over
+    different scenarios, the Overall column a mean over different categories."""
+    ids = {name: {t["id"] for t in ts} for name, ts in rows.items()}
+    for name, got in ids.items():
+        if not got:
+            raise ValueError(f"model {name!r} has no trajectory in the subset {subset}: nothing to report for it")
+    (first, a), *rest = ids.items()
+    for name, b in rest:
+        if a != b:
+            only = sorted(a - b) or sorted(b - a)
+            who = first if (a - b) else name
+            raise ValueError(
+                f"models {first!r} and {name!r} were rolled out on different entries ({len(a)} and {len(b)}; "
+                f"{only[0]} only in {who!r}): roll them out on the same --categories, --limit and --subset, or "
+                "report them apart"
+            )
 
 
 def _cmd_report(args) -> int:
@@ -194,20 +254,33 @@ def _cmd_report(args) -> int:
     check_output_files([*args.trajectories, *_split_input(args)], outputs, args.overwrite)
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[dict]] = {}
+    seen: dict[tuple[str, str], dict] = {}  # (model, field) -> {value: first file}
     for path in args.trajectories:
         trajectories = read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
         for i, t in enumerate(trajectories, 1):
             _check_scored(t, f"{path}: trajectory {i}")
-            groups.setdefault(str(t.get("model") or Path(path).name), []).append(t)
+            name = str(t.get("model") or Path(path).name)
+            groups.setdefault(name, []).append(t)
+            for field in COMPARED:
+                value = json.dumps(t.get(field), sort_keys=True)  # null: not recorded
+                seen.setdefault((name, field), {}).setdefault(value, str(path))
+                _one_value(name, field, seen[name, field])
+    versions = {v: f for (_, field), vs in seen.items() if field == "bfcl_eval_version" for v, f in vs.items()}
+    if len(versions) > 1:
+        (a, fa), (b, fb) = list(versions.items())[:2]
+        raise ValueError(f"trajectories scored by bfcl-eval {a} ({fa}) and {b} ({fb}) are not one leaderboard")
+    in_subset = {name: _in_subset(ts, args) for name, ts in groups.items()}
+    _check_same_entries(in_subset, args.subset)
     summaries = {}
-    for name, trajectories in groups.items():
+    for name, trajectories in in_subset.items():
         try:
-            summaries[name] = summarize(_in_subset(trajectories, args))
+            summaries[name] = summarize(trajectories)
         except ValueError as e:
             raise ValueError(f"model {name!r}: {e}") from None
-    versions = sorted({t.get("bfcl_eval_version", "unknown") for ts in groups.values() for t in ts})
     info = dict(
-        subset=args.subset, trajectory_files=[str(p) for p in args.trajectories], trajectory_bfcl_eval_versions=versions
+        subset=args.subset,
+        trajectory_files=[str(p) for p in args.trajectories],
+        trajectory_bfcl_eval_versions=sorted(json.loads(v) or "unknown" for v in versions),
     )
     rows = leaderboard_rows(summaries)
     if len(summaries) == 1:
@@ -217,15 +290,11 @@ def _cmd_report(args) -> int:
     else:
         summary = {"bfcl_eval_version": bfcl_version(), "models": summaries, **info}
         print(leaderboard_markdown(rows), end="")
-    if args.out:
-        atomic_write_json(args.out, summary)
-        print(f"wrote {args.out}")
-    if args.csv:
-        atomic_write_text(args.csv, leaderboard_csv(rows))
-        print(f"wrote {args.csv}")
-    if args.markdown:
-        atomic_write_text(args.markdown, leaderboard_markdown(rows))
-        print(f"wrote {args.markdown}")
+    texts = {args.out: json.dumps(summary, indent=2) + "\n"} if args.out else {}
+    texts |= {args.csv: leaderboard_csv(rows)} if args.csv else {}
+    texts |= {args.markdown: leaderboard_markdown(rows)} if args.markdown else {}
+    for path in atomic_write_texts(texts):  # all or none: never a new report beside an old table
+        print(f"wrote {path}")
     return 0
 
 
@@ -328,8 +397,10 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=file_path, help="trajectory JSONL to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
     q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
-    q.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (model policies)")
-    q.add_argument("--seed", type=int, default=0, help="sampling seed (model policies)")
+    q.add_argument(
+        "--temperature", type=_temperature, default=0.0, help="0 is greedy, else at least 1e-30 (model policies)"
+    )
+    q.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (model policies)")
     q.add_argument("--model-name", help="name recorded in every trajectory, for 'report' (default: the --policy value)")
     q.set_defaults(func=_cmd_rollout)
 
