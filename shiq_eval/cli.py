@@ -662,6 +662,10 @@ def leaderboard_command(args) -> None:
             raise EvalInputError(f"--out {out} is one of the result folders read: give the leaderboard its own folder")
     if (out / "results.json").exists():
         raise EvalInputError(f"--out {out} holds a shiq-eval run's results.json: give the leaderboard its own folder")
+    try:
+        refuse_inside_buffer(out, "--out", itself=True)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
     rows = leaderboard.read_results(args.results)
     written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed)
     print(f"shiq-eval: leaderboard of {len(args.results)} result folders; wrote " + ", ".join(map(str, written)))

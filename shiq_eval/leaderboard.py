@@ -34,6 +34,7 @@ import html
 import io
 import json
 import math
+import sys
 from pathlib import Path
 
 from shiq_data.io import atomic_write_text, files_together
@@ -333,6 +334,40 @@ def _order(row: dict) -> tuple:
     )
 
 
+def _measured(row: dict) -> str:
+    """What an evaluation measured (its per-sample rewards and KLs), to tell a folder given twice, which
+    agrees, from a second evaluation of the same model, which may not."""
+    return json.dumps([row.get(k) for k in ("rewards", "kls_exact", "kls_sample")])
+
+
+def check_runs(rows: list[dict]) -> None:
+    """Refuse one run label (:func:`run_label`) on rows of different methods or ``β``: two training runs, whose
+    checkpoints would be drawn as one curve and the later one's last step paired as the run's. Rows of one
+    label from checkpoints of different run folders (their recorded paths) are drawn as one run, said on stderr.
+    """
+    first: dict = {}
+    folders: dict = {}
+    for row in rows:
+        key = (row["suite_sha256"], run_label(row))
+        a = first.setdefault(key, row)
+        for field in ("method", "beta"):
+            if a.get(field) != row.get(field):
+                raise ValueError(
+                    f"{a['source']} and {row['source']}: run {run_label(row)!r} has {field} {a.get(field)} in one "
+                    f"and {row.get(field)} in the other: two runs under one label; give one of them another label "
+                    "(shiq-eval run --label)"
+                )
+        if row["method"] not in ("reference", "qsharp") and isinstance(row.get("checkpoint"), str):
+            folders.setdefault(key[1], set()).add(str(Path(row["checkpoint"]).parent.parent))
+    for label, where in folders.items():
+        if len(where) > 1:
+            print(
+                f"shiq-eval: run {label!r} has checkpoints of {len(where)} run folders ({', '.join(sorted(where))}): "
+                "drawn as one run; if they are several, give each its own label (shiq-eval run --label)",
+                file=sys.stderr,
+            )
+
+
 def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list[dict]]:
     """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
     in suite, loss, β, run, step order (the run as :func:`run_label` gives it: a Q♯ row's with its β and
@@ -341,6 +376,7 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
     errors, and those of the differences (paired by prompt), are clustered by scenario where the prompt set's
     scenario ids are known (:func:`scenario_ids`; SHIQ_MATH §9)."""
     check_suites(rows, allow_mixed)
+    check_runs(rows)
     ids = scenario_ids(rows)
     seen, table, values = {}, [], []
     for row in rows:
@@ -352,6 +388,12 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                     f"{seen[key]['source']} and {row['source']}: run {label!r} step {row['step']} names two "
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
                     "--label)"
+                )
+            if _measured(seen[key]) != _measured(row):  # one model, two evaluations: which to show is a guess
+                raise ValueError(
+                    f"{seen[key]['source']} and {row['source']}: run {label!r} step {row['step']} is one model "
+                    "evaluated twice with different results (another engine, seed or setting): keep one of the "
+                    "two folders, or give one another label (shiq-eval run --label)"
                 )
             continue
         seen[key] = row
@@ -385,9 +427,15 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                 "stderr_note": ta["stderr_note"],  # one prompt set: the same scenarios (or none) for a and b
             }
             clusters = values[a]["scenarios"]
-            pair["reward_diff"], pair["reward_diff_stderr"] = paired_difference(
-                values[a]["reward"], values[b]["reward"], clusters
-            )
+            try:
+                pair["reward_diff"], pair["reward_diff_stderr"] = paired_difference(
+                    values[a]["reward"], values[b]["reward"], clusters
+                )
+            except ValueError as e:  # one prompt set's SHA-256, another number of prompts: a hand-edited file
+                raise ValueError(
+                    f"runs {ta['run']!r} ({ta['source']}) and {tb['run']!r} ({tb['source']}) name one prompt set "
+                    f"({ta['prompt_set_sha256'][:12]}) but differ in its prompts: {e}"
+                ) from None
             note = j_comparable(ta, tb)
             if not note:
                 pair["J_diff"], pair["J_diff_stderr"] = paired_difference(values[a]["J"], values[b]["J"], clusters)

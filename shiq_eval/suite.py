@@ -173,8 +173,24 @@ def check_suite(suite: Suite, path: Path | None) -> None:
         )
 
 
+# what AutoTokenizer reads from a model folder (those present are hashed with the weights)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "spiece.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
 def scorer_sha256(suite: Suite, scorer=None) -> str:
-    """What identifies the scorer's content: the head file's SHA-256, the folder's weight files' and config's,
+    """What identifies the scorer's content: the head file's SHA-256, the folder's weight, config and tokenizer files',
     the VADER or bfcl-eval package's version, or for ``python:MODULE:FUNCTION`` the SHA-256 of that name and
     of the module's source file (``scorer``: the loaded :class:`PythonFunctionScorer`, else it is imported)."""
     if suite.scorer.startswith(PYTHON_PREFIX):
@@ -187,7 +203,9 @@ def scorer_sha256(suite: Suite, scorer=None) -> str:
     if suite.scorer == "hf_reward_model":
         folder = Path(suite.reward_model)
         weights = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-        return sha256_files([folder / "config.json", *weights])
+        # the tokenizer scores as much as the weights: the same weights read other token ids under another one
+        tokenizer = [folder / name for name in TOKENIZER_FILES if (folder / name).is_file()]
+        return sha256_files([folder / "config.json", *weights, *tokenizer])
     return hashlib.sha256(f"vaderSentiment=={version('vaderSentiment')}".encode()).hexdigest()
 
 

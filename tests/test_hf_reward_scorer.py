@@ -45,3 +45,26 @@ def test_batched_scores_equal_one_text_at_a_time(tmp_path):
     two, _ = classifier_folder(tmp_path / "two", num_labels=2)
     with pytest.raises(ValueError, match="one output"):
         SequenceClassifierScorer(two)
+
+
+def test_the_suite_fingerprint_holds_the_reward_models_tokenizer(tmp_path):
+    """Two folders with the same weights and config but another tokenizer score the same text differently, so
+    they are two scorers: their suites' fingerprints differ (a leaderboard would otherwise merge their rows)."""
+    import shutil
+
+    from shiq_eval.suite import Suite, scorer_sha256
+
+    folder, _ = classifier_folder(tmp_path)
+    other = tmp_path / "other"
+    shutil.copytree(folder, other)
+    shifted = transformers.AutoTokenizer.from_pretrained(folder)
+    vocab = shifted.backend_tokenizer.to_str()
+    (other / "tokenizer.json").write_text(
+        vocab.replace('"w3":', '"w3_":').replace('"w4":', '"w3":').replace('"w3_":', '"w4":')
+    )
+    a, b = (SequenceClassifierScorer(f)(["w3"], ["w4 w5"]) for f in (folder, other))
+    assert a != b  # the same weights, another tokenizer: other scores
+    fp = [scorer_sha256(Suite(scorer="hf_reward_model", reward_model=str(f))) for f in (folder, other)]
+    assert fp[0] != fp[1]
+    shutil.copytree(folder, tmp_path / "copy")  # a copy elsewhere is the same scorer
+    assert scorer_sha256(Suite(scorer="hf_reward_model", reward_model=str(tmp_path / "copy"))) == fp[0]

@@ -284,6 +284,31 @@ def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, 
     assert not (tmp_path / "o").exists()
 
 
+def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys):
+    """A label on rows of two methods or β is two runs (refused: one curve, the later run's step paired as the
+    label's last); on checkpoints of two run folders it is said on stderr; one model's step evaluated twice with
+    other results (another engine or seed) is refused, where the argument order used to pick which one showed."""
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3)
+    ckpt = lambda run, step: {"checkpoint": f"/runs/{run}/checkpoints/step_{step:08d}"}  # noqa: E731
+    x = write_results(tmp_path / "x", [ref, result_row("a", 1, "m1", [2.0, 2.0, 7.0], [1.0, 3.0, 2.0], **ckpt("p", 1))])
+    other_beta = result_row("a", 2, "m2", [2.0, 3.0, 7.0], [1.0, 3.0, 2.0], beta=0.1, **ckpt("q", 2))
+    y = write_results(tmp_path / "y", [ref, other_beta])
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", x, y, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "run 'a' has beta 0.5 in one and 0.1 in the other: two runs under one label" in err and y in err
+    z = write_results(tmp_path / "z", [ref, result_row("a", 2, "m2", [2.0, 3.0, 7.0], [1.0, 3.0, 2.0], **ckpt("q", 2))])
+    assert eval_cli.main(["leaderboard", x, z, "--out", str(tmp_path / "o")]) == 0
+    assert "run 'a' has checkpoints of 2 run folders (/runs/p, /runs/q): drawn as one run" in capsys.readouterr().err
+    # the same reference weights evaluated twice with other rewards: refused in either order; given twice: once
+    again = write_results(tmp_path / "again", [{**ref, "rewards": [9.0, 9.0, 9.0]}])
+    for order in ((x, again), (again, x)):
+        assert eval_cli.main(["leaderboard", *order, "--out", str(tmp_path / "o2")]) == 2
+        assert "run 'reference' step 0 is one model evaluated twice with different results" in capsys.readouterr().err
+    assert eval_cli.main(["leaderboard", x, x, "--out", str(tmp_path / "o3")]) == 0
+    assert len(pd.read_csv(tmp_path / "o3" / "leaderboard.csv")) == 2
+
+
 def write_results(folder, rows):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(rows))
