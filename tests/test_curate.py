@@ -339,10 +339,14 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     assert [p["path"] for p in m["parents"]] == [str(data["a"].resolve()), str(data["b"].resolve())]
     assert m["curation"]["rows_per_input"] == per_input and f"{sum(per_input)} rows" in stdout
     # without --rows: as large as the inputs allow without replacement (b is used up)
-    out = tmp_path / "all"
-    assert run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--out", out, "--no-progress")[0] == 0
-    _, per_input = _check_mix(out, [da, db])
-    assert per_input[1] == len(db) and len(db) <= per_input[0] < len(db) + biggest[0]
+    for name, weight in (("all", 1), ("huge_weights", 1e308)):  # weights are relative: 1e308 each is 1:1 too
+        out = tmp_path / name
+        code, _, err = run(
+            capsys, "mix", f"{data['a']}:{weight}", f"{data['b']}:{weight}", "--out", out, "--no-progress"
+        )
+        assert code == 0, err
+        _, per_input = _check_mix(out, [da, db])
+        assert per_input[1] == len(db) and len(db) <= per_input[0] < len(db) + biggest[0]
     # more rows than an input has: refused without replacement, copies with it
     code, _, err = run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 40, "--out", tmp_path / "x")
     assert code == 2 and "--replacement" in err and not (tmp_path / "x").exists()
@@ -561,3 +565,24 @@ def test_extra_integers_beyond_int64_are_numbers_to_where(tmp_path, capsys):
     assert len(open_buffer(tmp_path / "f")) == 2
     stats, _ = buffer_stats(tmp_path / "b", "score > 1e29")
     assert stats["all"]["rows"] == 1
+
+
+def test_extra_keys_that_differ_only_in_case_are_not_where_columns(tmp_path, capsys, caplog):
+    """SQL names are case-insensitive: with extra keys "Lang" and "lang" in one buffer, DuckDB read every
+    reference to either as the first, so --where "lang = 'fr'" matched no row while three have lang "fr". Both
+    keys are now left out with a warning naming them, and a --where naming one is refused (unknown column);
+    the other keys and columns still work."""
+    rows = [
+        {"prompt": "p", "completion": f" c{i}", "reward": 1.0, **({"Lang": "EN"} if i % 2 else {"lang": "fr"}), "n": i}
+        for i in range(6)
+    ]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    with caplog.at_level("WARNING"):
+        code, _, err = run(
+            capsys, "filter", tmp_path / "b", "--where", "lang = 'fr'", "--out", tmp_path / "f", "--no-progress"
+        )
+    assert code == 2 and "lang" in err and not (tmp_path / "f").exists()
+    assert "extra keys 'Lang', 'lang' differ only in case" in caplog.text + err
+    stats, _ = buffer_stats(tmp_path / "b", "n >= 3")  # pandas on the input: rows 3, 4 and 5
+    assert stats["all"]["rows"] == sum(r["n"] >= 3 for r in rows) == 3

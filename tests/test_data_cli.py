@@ -154,6 +154,17 @@ def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, ca
         assert len(err.splitlines()) == 1
         assert f"{tmp_path / inp / meta}: field '{field}': '{name}' is not a name inside" in err, err
         assert not (tmp_path / "b").exists()
+    # a DatasetDict whose split names an outside file is refused as a DatasetDict before any split is read
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(cols)}).save_to_disk(str(tmp_path / "dd2"))
+    split_state = tmp_path / "dd2" / "train" / "state.json"
+    state = json.loads(split_state.read_text())
+    state["_data_files"][0]["filename"] = "../../nowhere/x.arrow"
+    split_state.write_text(json.dumps(state))
+    argv = ["build", "datasets", str(tmp_path / "dd2"), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{tmp_path / 'dd2'}: a DatasetDict with splits ['train']; pass one split's folder" in err, err
+    assert "nowhere" not in err and not (tmp_path / "b").exists()
 
 
 def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):

@@ -198,7 +198,8 @@ def _check_space(sources, targets: list[int], out) -> None:
 
 def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill) -> tuple[Buffer, dict]:
     weights = np.array([w for _, w in parsed], dtype=np.float64)
-    share = weights / weights.sum()
+    share = weights / weights.max()  # first scaled to at most 1: two weights of 1e308 would sum to infinity
+    share /= share.sum()
     groups = [_Groups(s, i, spill) for i, s in enumerate(sources)]
     have = np.array([len(s) for s in sources], dtype=np.float64)
     total = int(rows) if rows is not None else int(np.floor((have / share).min()))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import unicodedata
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,8 @@ from shiq_data.buffer import MANIFEST, open_buffer, read_shard
 from shiq_data.readers.encode import given_text
 from shiq_data.schema import REF_FIELDS
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
+
+log = logging.getLogger(__name__)
 
 # the text columns of schema version 2, when a shard has them
 TEXT_FIELDS = ("prompt", "completion", "reward", "turn_rewards", "extra")
@@ -187,7 +190,8 @@ class CurationSource:
 
     def extra_kinds(self) -> dict[str, str]:
         """Top-level keys of the ``extra`` objects -> their column kind (bool, int, float, str, or json for
-        mixed or nested values), over the whole buffer; keys named like a derived column are left out."""
+        mixed or nested values), over the whole buffer; keys named like a derived column, and keys that differ
+        from another only in case (SQL names are case-insensitive: a warning names them), are left out."""
         if self._extra_kinds is None:
             seen: dict[str, set] = {}
             for table in self.shards():
@@ -195,8 +199,16 @@ class CurationSource:
                     for key, value in obj.items():
                         seen.setdefault(key, set()).add(_kind(value))
             kinds = {}
+            folded: dict[str, list[str]] = {}  # SQL names are case-insensitive: "Lang" and "lang" are one
+            for key in seen:
+                folded.setdefault(key.lower(), []).append(key)
+            for same in (keys for keys in folded.values() if len(keys) > 1):
+                log.warning(
+                    f"{self.path}: extra keys {', '.join(map(repr, sorted(same)))} differ only in case, which "
+                    "--where cannot tell apart: they are left out of its columns"
+                )
             for key, ks in seen.items():
-                if key.lower() in DERIVED:
+                if key.lower() in DERIVED or len(folded[key.lower()]) > 1:
                     continue
                 ks.discard(None)
                 if len(ks) == 1:

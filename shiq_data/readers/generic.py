@@ -394,6 +394,12 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
     _check_saved_dataset(path)
+    if (path / "dataset_dict.json").is_file():  # refused before loading: a split's state.json is not checked here
+        splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or ["SPLIT"]
+        splits = splits if isinstance(splits, list) else [splits]
+        raise ValueError(
+            f"{path}: a DatasetDict with splits {splits}; pass one split's folder, e.g. {path / splits[0]}"
+        )
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(
