@@ -5,7 +5,8 @@ One run, the same SmolLM2-135M-Instruct weights (imported into megatron-core), t
 demo's held-out movie-review openings in the chat template), the same batches, greedy decoding so
 both produce the same tokens (the table says how many completions agree exactly). Both keep a KV
 cache: transformers' dynamic cache, megatron's ``StaticInferenceContext``. Methods alternate
-(A B A B ...) after one warm-up each, so load from other processes hits both alike.
+(A B C C B A ...: the order reversed every other pass) after one warm-up each, so neither load from other
+processes nor the order favours one.
 
     python tools/bench_generate.py                   # 32 prompts, 32 new tokens, batches of 8
     python tools/bench_generate.py --prompts 64 --batch 16 --reps 5
@@ -89,8 +90,9 @@ def main(argv=None) -> None:
         runs = {(name, b): (e, cfgs[b]) for b in sizes for name, e in engines.items()}  # [engine x batch size]
         outputs = {key: e.generate(ids, cfg) for key, (e, cfg) in runs.items()}  # warm-up
         times = {key: [] for key in runs}
-        for _ in range(args.reps):
-            for key, (e, cfg) in runs.items():
+        for rep in range(args.reps):
+            for key in list(runs) if rep % 2 == 0 else list(runs)[::-1]:  # reversed every other pass
+                e, cfg = runs[key]
                 t0 = time.perf_counter()
                 e.generate(ids, cfg)
                 times[key].append(time.perf_counter() - t0)
