@@ -157,19 +157,33 @@ def resolve_data_mode(loss_name: str, mode: str | None) -> tuple[str, str | None
     return mode or "padded", None
 
 
+LLAMA_SHAPE = {  # what a checkpoint needs to export as (and be read back from) a Hugging Face Llama
+    "gated_linear_unit": True,
+    "activation": "silu",
+    "normalization": "RMSNorm",
+    "position_embedding_type": "rope",
+    "add_bias_linear": False,
+}
+
+
+def check_llama_shaped(model_cfg) -> None:
+    """Refuse, in one line naming each key, a model that is not Llama-shaped: its checkpoints could be neither
+    exported nor evaluated (``shiq-eval`` reads them as Llama models)."""
+    off = [f"model.{k}={getattr(model_cfg, k)!r}" for k, v in LLAMA_SHAPE.items() if getattr(model_cfg, k) != v]
+    if off:
+        want = ", ".join(f"{k}={v!r}" for k, v in LLAMA_SHAPE.items())
+        raise ConfigError(
+            f"{', '.join(off)}: model {model_cfg.name!r} is not Llama-shaped, which training needs (its checkpoints "
+            f"are read as Llama models): use {want}"
+        )
+
+
 def llama_config_from_model(model_cfg):
     """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig`
     (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
     from transformers import LlamaConfig  # heavy: transformers
 
-    if not (
-        model_cfg.gated_linear_unit
-        and model_cfg.activation == "silu"
-        and model_cfg.normalization == "RMSNorm"
-        and model_cfg.position_embedding_type == "rope"
-        and not model_cfg.add_bias_linear
-    ):
-        raise ConfigError(f"model {model_cfg.name!r} is not Llama-shaped (RMSNorm, gated SiLU, RoPE, no biases)")
+    check_llama_shaped(model_cfg)
     return LlamaConfig(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -708,6 +722,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     check_plain_options(cfg)
     check_types(ModelConfig, {k: v for k, v in cfg["model"].items() if k in ModelConfig.__dataclass_fields__}, "model")
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
+    check_llama_shaped(model_cfg)  # before any process group or folder: build_policy needs it
     try:
         check_runtime(model_cfg)
     except RuntimeError as e:

@@ -188,6 +188,19 @@ def test_layouts_the_model_or_machine_cannot_run_are_refused_before_any_process_
     )
 
 
+def test_a_model_that_is_not_llama_shaped_is_refused_naming_its_keys():
+    """ModelConfig builds LayerNorm, GELU, learned positions and biases, but a run's checkpoints are exported and
+    evaluated as Llama models: the keys that differ are named before anything starts (it used to stop after the
+    model was built, naming only the model)."""
+    from shiq_train.cli import check_llama_shaped
+
+    check_llama_shaped(ModelConfig())
+    with pytest.raises(ConfigError) as e:
+        check_llama_shaped(ModelConfig(normalization="LayerNorm", add_bias_linear=True))
+    assert str(e.value).startswith("model.normalization='LayerNorm', model.add_bias_linear=True: model 'tiny' is not")
+    assert "use gated_linear_unit=True, activation='silu', normalization='RMSNorm'" in str(e.value)
+
+
 def test_an_online_reference_from_a_random_start_is_not_resumed_in_another_pipeline_layout():
     """With init=none the online reference is rebuilt from the seeded random start, which megatron-core draws per
     pipeline stage: another pp or vpp than the checkpoint's would train against another reference."""
