@@ -29,10 +29,18 @@ strings with ``eval()`` and caches simulator instances in module globals. Here i
   <message>"``), so the response check compares the same strings and no model output can raise
   out of the executor.
 
-Deliberate differences from the official executor, none of which changes a verdict on
-well-formed calls: names that are not methods of the involved classes (Python builtins such as
-``len``) are reported as undefined instead of being run, and string arguments are never rewritten
-(the official executor prefixes every ``identifier(`` it finds, even inside string literals).
+Deliberate differences from the official executor, none of which changes a verdict on calls of the
+form ``name(key=literal, ...)`` (what models write and the ground truth holds): names that are not
+methods of the involved classes (Python builtins such as ``len``) are reported as undefined instead of
+being run, and string arguments are never rewritten (the official executor prefixes every
+``identifier(`` it finds, even inside string literals). On other raw call strings the verdicts can
+differ, because arguments are literals here and code there: ``cd(folder='docu' + 'ment')``,
+``cd(folder=str('document'))`` and ``cd(folder=f'document')`` are errors here and run there;
+``ｃd(...)`` (a full-width letter, which Python's parser folds to ``cd``) and ``(cd)(...)`` run here
+and fail there. Rollouts decode model text to the plain form first (``decode_calls``), so these reach the
+checker only from raw input (``check_entry``, a scorer's JSON). The work budget
+(``shiq_eval.bfcl.budget``) also ends a scenario whose thousands of harmless calls the official
+executor would run to the end (about 1,100 ``du`` or 8,000 ``ls`` calls on one entry).
 """
 
 from __future__ import annotations
