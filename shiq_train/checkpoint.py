@@ -233,7 +233,9 @@ def save_checkpoint(
     _barrier()
     if dist.get_rank() == 0:
         layout = {k: lay[k] for k in ("tp", "pp", "dp") + (("vpp",) if lay["vpp"] > 1 else ())}
-        info = {"step": step, "layout": layout, "meta": meta or {}}
+        # the device the weights were drawn and trained on (a random start differs between them)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        info = {"step": step, "layout": layout, "device": device, "meta": meta or {}}
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()

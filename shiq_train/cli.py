@@ -616,6 +616,10 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
         )
     if (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) != (1, 1) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise ConfigError(f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1 and no torchrun")
+    try:  # one process, no process group: only whether the machine has what parallel.backend asks for
+        parallel.ParallelConfig(backend=cfg["parallel"].get("backend", "auto")).resolved_backend()
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
     if cfg["data"].get("mode") not in (None, "padded"):
         raise ConfigError(f"loss={name} reads one trajectory per row: data.mode must be null or padded")
     if not Path(cfg["data"]["buffer"]).exists():
@@ -779,7 +783,8 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
                 dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
                 check_resume_config(out, cfg, allowed, force, dp)
-                check_online_reference_layout(cfg, read_meta(saved_step)["layout"])
+                if not force:  # (+resume.force=true accepts any change, this one too)
+                    check_online_reference_layout(cfg, read_meta(saved_step))
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
                 why = f"a new start would replace its log of {logged} steps"
                 check_resume_config(out, cfg, allowed, force, why=why)
@@ -794,20 +799,29 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
 LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
 
 
-def check_online_reference_layout(cfg: dict, saved_layout: dict) -> None:
+def check_online_reference_layout(cfg: dict, saved: dict) -> None:
     """Refuse to resume a run whose online reference would change: with ``init=none`` and
-    ``train.reference=online`` the reference is rebuilt from the seeded random start, and megatron-core draws
-    those weights per pipeline stage, so another ``parallel.pp`` or ``parallel.vpp`` than the checkpoint's makes
-    another reference (the tensor-parallel split draws the same ones). Every other start loads its reference."""
+    ``train.reference=online`` the reference is rebuilt from the seeded random start, which megatron-core draws
+    per pipeline stage, per tensor-parallel rank on a GPU, and from another generator on a GPU than on the CPU:
+    another ``parallel.pp`` or ``parallel.vpp`` than the checkpoint's, another ``parallel.tp`` where a GPU drew
+    or draws it, or another device, makes another reference. ``saved``: the checkpoint's ``meta.json`` (its ``layout``, and ``device`` where recorded).
+    Every other start loads its reference, and may change all of these."""
     if cfg["init"] not in (None, "none") or cfg["train"].get("reference") != "online":
         return
-    now = {"pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
-    then = {"pp": saved_layout["pp"], "vpp": saved_layout.get("vpp", 1)}
-    if now != then:
+    layout = saved["layout"]
+    now = {"tp": cfg["parallel"]["tp"], "pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
+    then = {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1)}
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu" and saved.get("device", "cpu") == "cpu":  # CPU init draws the full weights, then splits
+        now["tp"] = then["tp"]
+    if now != then or saved.get("device", device) != device:
+        keep = " ".join(f"parallel.{k}={v}" for k, v in then.items())
+        name = {"cuda": "GPU", "cpu": "CPU"}
+        where = f" on the {name.get(saved['device'], saved['device'])}" if saved.get("device", device) != device else ""
         raise ConfigError(
-            f"parallel.pp={now['pp']}, parallel.vpp={now['vpp']}: the checkpoint was saved at pp={then['pp']}, "
-            f"vpp={then['vpp']}, and with init=none the online reference is the random start drawn per pipeline "
-            f"stage, another in another layout: resume with parallel.pp={then['pp']} parallel.vpp={then['vpp']}"
+            f"{' '.join(f'parallel.{k}={v}' for k, v in now.items())} on the {name[device]}: the checkpoint was "
+            f"saved at {keep}{where}, and with init=none the online reference is the random start, drawn anew in "
+            f"another layout or on another device: resume with {keep}{where and ' on that device'}"
         )
 
 

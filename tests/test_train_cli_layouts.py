@@ -201,17 +201,26 @@ def test_a_model_that_is_not_llama_shaped_is_refused_naming_its_keys():
     assert "use gated_linear_unit=True, activation='silu', normalization='RMSNorm'" in str(e.value)
 
 
-def test_an_online_reference_from_a_random_start_is_not_resumed_in_another_pipeline_layout():
+def test_an_online_reference_from_a_random_start_is_not_resumed_in_another_layout_or_device():
     """With init=none the online reference is rebuilt from the seeded random start, which megatron-core draws per
-    pipeline stage: another pp or vpp than the checkpoint's would train against another reference."""
+    pipeline stage (and per tensor-parallel rank on a GPU, from another generator than the CPU's): another layout
+    or device than the checkpoint's would train against another reference."""
     from shiq_train.cli import check_online_reference_layout
 
     cfg = {"init": "none", "train": {"reference": "online"}, "parallel": {"tp": 1, "pp": 2, "vpp": 1}}
-    with pytest.raises(ConfigError, match="the checkpoint was saved at pp=1, vpp=1, and with init=none the online"):
-        check_online_reference_layout(cfg, {"tp": 1, "pp": 1, "dp": 1})
-    check_online_reference_layout(cfg, {"tp": 2, "pp": 2, "dp": 1, "vpp": 1})  # tp may change: the same weights
+    with pytest.raises(
+        ConfigError, match="the checkpoint was saved at parallel.tp=1 parallel.pp=1 parallel.vpp=1, and"
+    ):
+        check_online_reference_layout(cfg, {"layout": {"tp": 1, "pp": 1, "dp": 1}, "device": "cpu"})
+    with pytest.raises(ConfigError, match="saved at parallel.tp=2 parallel.pp=2 parallel.vpp=1 on the GPU, and"):
+        check_online_reference_layout(cfg, {"layout": {"tp": 2, "pp": 2, "dp": 1}, "device": "cuda"})
+    same = {"layout": {"tp": 1, "pp": 2, "dp": 2, "vpp": 1}, "device": "cpu"}
+    check_online_reference_layout(cfg, same)  # data parallelism may change: each rank draws the same start
+    # on the CPU the full weights are drawn, then split: tp may change (tests/test_train_cli.py resumes TP=2 in one)
+    check_online_reference_layout(cfg, {"layout": {"tp": 2, "pp": 2, "dp": 1}, "device": "cpu"})
+    check_online_reference_layout(cfg, {"layout": same["layout"]})  # saved before the device was recorded
     for other in ({"init": "smollm2"}, {"train": {"reference": "precomputed"}}):  # a loaded or stored reference
-        check_online_reference_layout({**cfg, **other}, {"tp": 1, "pp": 1, "dp": 1})
+        check_online_reference_layout({**cfg, **other}, {"layout": {"tp": 2, "pp": 1, "dp": 1}, "device": "cuda"})
 
 
 def test_vpp_is_in_the_train_config_and_may_change_on_resume(tmp_path):
