@@ -685,8 +685,10 @@ errors, and those of the differences, are clustered by scenario (SHIQ_MATH §9) 
 results.json keeps per turn; BFCL results written before these were recorded get the plain per-turn
 standard error, marked "not clustered" (column stderr_note and in the Markdown and HTML). Rows with the
 same run label and step from several folders must be the same model (same weights SHA-256); they appear
-once. A Q♯ row (--guide) is labelled with its decoding beta and top-k, so a sweep over them keeps one row
-per setting.
+once, the first folder's results if they differ (said on stderr: another engine or machine). A label on rows
+of two methods or betas is refused (two runs); one on checkpoints of two run folders is drawn as one run,
+said on stderr. A Q♯ row (--guide) is labelled with its decoding
+beta and top-k, so a sweep over them keeps one row per setting.
 
 Results of different suites (fingerprints) are not comparable and are refused, naming both files,
 unless --allow-mixed. Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html

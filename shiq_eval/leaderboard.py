@@ -336,7 +336,8 @@ def _order(row: dict) -> tuple:
 
 def _measured(row: dict) -> str:
     """What an evaluation measured (its per-sample rewards and KLs), to tell a folder given twice, which
-    agrees, from a second evaluation of the same model, which may not."""
+    agrees, from a second evaluation of the same model (the reference of every results folder, a checkpoint
+    evaluated on another engine or machine), which may differ."""
     return json.dumps([row.get(k) for k in ("rewards", "kls_exact", "kls_sample")])
 
 
@@ -358,7 +359,10 @@ def check_runs(rows: list[dict]) -> None:
                     "(shiq-eval run --label)"
                 )
         if row["method"] not in ("reference", "qsharp") and isinstance(row.get("checkpoint"), str):
-            folders.setdefault(key[1], set()).add(str(Path(row["checkpoint"]).parent.parent))
+            step = Path(row["checkpoint"])  # RUN/checkpoints/step_N, else a model folder of its own
+            folders.setdefault(key[1], set()).add(
+                str(step.parent.parent if step.parent.name == "checkpoints" else step)
+            )
     for label, where in folders.items():
         if len(where) > 1:
             print(
@@ -389,11 +393,12 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
                     "--label)"
                 )
-            if _measured(seen[key]) != _measured(row):  # one model, two evaluations: which to show is a guess
-                raise ValueError(
-                    f"{seen[key]['source']} and {row['source']}: run {label!r} step {row['step']} is one model "
-                    "evaluated twice with different results (another engine, seed or setting): keep one of the "
-                    "two folders, or give one another label (shiq-eval run --label)"
+            if _measured(seen[key]) != _measured(row):  # one model, two evaluations: say which is shown
+                print(
+                    f"shiq-eval: run {label!r} step {row['step']} is one model evaluated twice with other results "
+                    f"(another engine, seed or machine): {seen[key]['source']} is shown, {row['source']} left out "
+                    "(the folder given first wins; leave one out to choose)",
+                    file=sys.stderr,
                 )
             continue
         seen[key] = row

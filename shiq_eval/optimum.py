@@ -53,10 +53,19 @@ def _count(x, name: str) -> int:
 
 
 def mean_stderr(values) -> tuple[float, float]:
-    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; 0 for one value)."""
+    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; 0 for one value). The spread is taken of
+    the values scaled to at most 1 and scaled back, so values near 1e200 (J at a large β) give a finite one
+    where their squares would overflow."""
     v = _vector(values, "values")
-    se = float(v.std(ddof=1) / math.sqrt(v.size)) if v.size > 1 else 0.0
+    scale = _scale(v)
+    se = float((v / scale).std(ddof=1) / math.sqrt(v.size) * scale) if v.size > 1 else 0.0
     return float(v.mean()), se
+
+
+def _scale(v: np.ndarray) -> float:
+    """``max |v|``, or 1 when that is 0: what values are divided by before they are squared."""
+    m = float(np.abs(v).max())
+    return m if m > 0 else 1.0
 
 
 def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
@@ -75,8 +84,9 @@ def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
     mean = float(v.mean())
     if g < 2:
         return mean, 0.0
-    sums = np.bincount(idx, weights=v - mean, minlength=g)  # [G]
-    return mean, float(math.sqrt(g / (g - 1) * float((sums**2).sum())) / v.size)
+    scale = _scale(v)
+    sums = np.bincount(idx, weights=(v - mean) / scale, minlength=g)  # [G], scaled as in mean_stderr
+    return mean, float(math.sqrt(g / (g - 1) * float((sums**2).sum())) / v.size * scale)
 
 
 def per_prompt(values, samples_per_prompt: int) -> np.ndarray:

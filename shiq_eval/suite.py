@@ -123,6 +123,8 @@ def _check_file_settings(suite: Suite, path: Path, overrides: dict) -> None:
         if value is None or overrides.get(key) is not None:
             continue
         folder = path.parent.resolve()
+        if "\0" in value:  # (os calls refuse it with "embedded null byte", naming no file)
+            raise SuiteError(f"{path}: {key} {value!r} holds a NUL character: not a file name")
         if Path(value).is_absolute() or not (folder / value).resolve().is_relative_to(folder):
             flag = "--" + key.replace("_", "-")
             raise SuiteError(

@@ -223,7 +223,7 @@ def test_command_line_rollout_and_report(tmp_path, capsys, monkeypatch):
     assert rep["categories"]["multi_turn_miss_func"]["n"] == 2
     capsys.readouterr()
     assert cli.main(["report", str(traj), "--subset", "train"]) == 2  # test ids only: nothing to report
-    assert "has no trajectory in the subset train: nothing to report for it" in capsys.readouterr().err
+    assert "is in the subset train" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["--help"])
     # an existing output (hours of model rollouts) is replaced only with --overwrite; an input never is
@@ -330,10 +330,10 @@ def test_report_ranks_only_comparable_rollouts(tmp_path, capsys):
         assert needle in err and len(err.strip().splitlines()) == 1, err
         assert not out.exists()
 
-    refused(a, b, needle="models 'A' and 'B' were rolled out on different entries (2 and 3; multi_turn_base_2 only in")
+    refused(a, b, needle="models 'A' and 'B' were rolled out on different entries of the subset all (2 and 3; multi")
 
     def variant(path, name, **fields):
-        rows = [{**json.loads(x), **fields} for x in a.read_text().splitlines()]
+        rows = [{**json.loads(x), **fields} for x in path.read_text().splitlines()]
         target = tmp_path / name
         target.write_text("".join(json.dumps(r) + "\n" for r in rows))
         return target
@@ -348,6 +348,24 @@ def test_report_ranks_only_comparable_rollouts(tmp_path, capsys):
     rows = [json.loads(x) for x in a.read_text().splitlines()]
     (tmp_path / "id.jsonl").write_text(json.dumps({**rows[0], "id": "multi_turn_base_\u00b2"}) + "\n")
     refused(tmp_path / "id.jsonl", needle="field 'id': must be an entry id such as multi_turn_base_0")
+    (tmp_path / "empty.jsonl").write_text("")
+    refused(tmp_path / "empty.jsonl", needle="empty.jsonl: holds no trajectory")
+    # a greedy rollout's seed draws nothing: greedy rollouts at two seeds are one setting
+    greedy = {"temperature": 0.0, "max_new_tokens": 8}
+    g1, g2 = (variant(a, f"g{s}.jsonl", sampling={**greedy, "seed": s}) for s in (0, 1))
+    assert cli.main(["report", str(g1), str(g2), "--out", str(out)]) == 2  # (each entry twice under one name)
+    assert "sampling" not in capsys.readouterr().err
+    # training rollouts sampled otherwise under the same name (README: report runs/bfcl/*.jsonl --subset test)
+    # count only in their own subset
+    te, tr = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    for path, subset in ((te, "test"), (tr, "train")):
+        assert cli.main([*base, "--subset", subset, "--limit", "1", "--model-name", "M", "--out", str(path)]) == 0
+    hot_train = variant(tr, "train_hot.jsonl", sampling={"temperature": 1.0, "seed": 3, "max_new_tokens": 8})
+    greedy_test = variant(te, "test_greedy.jsonl", sampling={**greedy, "seed": 0})
+    assert cli.main(["report", str(greedy_test), str(hot_train), "--subset", "test", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["overall"]["n"] == 1
+    out.unlink()
+    refused(greedy_test, hot_train, needle="model 'M': its trajectories differ in sampling settings")  # subset all
     # the same entries, weights, checker and sampling: one table
     assert cli.main(["report", str(a), str(variant(a, "a2.jsonl", model="A2")), "--out", str(out)]) == 0
     assert set(json.loads(out.read_text())["models"]) == {"A", "A2"}

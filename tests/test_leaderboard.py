@@ -287,7 +287,8 @@ def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, 
 def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys):
     """A label on rows of two methods or β is two runs (refused: one curve, the later run's step paired as the
     label's last); on checkpoints of two run folders it is said on stderr; one model's step evaluated twice with
-    other results (another engine or seed) is refused, where the argument order used to pick which one showed."""
+    other results (another engine or seed) keeps the first folder's, which the argument order picked silently
+    before and is now said on stderr."""
     ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3)
     ckpt = lambda run, step: {"checkpoint": f"/runs/{run}/checkpoints/step_{step:08d}"}  # noqa: E731
     x = write_results(tmp_path / "x", [ref, result_row("a", 1, "m1", [2.0, 2.0, 7.0], [1.0, 3.0, 2.0], **ckpt("p", 1))])
@@ -300,12 +301,19 @@ def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys
     z = write_results(tmp_path / "z", [ref, result_row("a", 2, "m2", [2.0, 3.0, 7.0], [1.0, 3.0, 2.0], **ckpt("q", 2))])
     assert eval_cli.main(["leaderboard", x, z, "--out", str(tmp_path / "o")]) == 0
     assert "run 'a' has checkpoints of 2 run folders (/runs/p, /runs/q): drawn as one run" in capsys.readouterr().err
-    # the same reference weights evaluated twice with other rewards: refused in either order; given twice: once
+    # the same reference weights evaluated twice with other rewards (another engine or machine): the first folder's
+    # is shown and the choice said, in either order; a folder given twice is said nothing of
     again = write_results(tmp_path / "again", [{**ref, "rewards": [9.0, 9.0, 9.0]}])
-    for order in ((x, again), (again, x)):
-        assert eval_cli.main(["leaderboard", *order, "--out", str(tmp_path / "o2")]) == 2
-        assert "run 'reference' step 0 is one model evaluated twice with different results" in capsys.readouterr().err
+    for order, mean in (((x, again), 7 / 3), ((again, x), 9.0)):
+        out = tmp_path / f"o-{Path(order[0]).name}"
+        assert eval_cli.main(["leaderboard", *order, "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        assert "run 'reference' step 0 is one model evaluated twice with other results" in err
+        assert f"{order[0]}/results.json is shown, {order[1]}/results.json left out" in err
+        table = pd.read_csv(out / "leaderboard.csv").set_index("run")
+        assert table.loc["reference", "reward_mean"] == pytest.approx(mean)
     assert eval_cli.main(["leaderboard", x, x, "--out", str(tmp_path / "o3")]) == 0
+    assert "evaluated twice" not in capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "o3" / "leaderboard.csv")) == 2
 
 
@@ -603,6 +611,8 @@ def test_a_suite_file_reads_files_beside_it_and_runs_no_code_alone(tmp_path, mon
     ]:
         with pytest.raises(SuiteError, match=f"{key} '{re.escape(value)}' is outside the suite's folder"):
             load_suite(suite_file(**{key: value, "scorer": "reward_model"}))
+    with pytest.raises(SuiteError, match=re.escape("prompts 'p.jsonl\\x00' holds a NUL character: not a file name")):
+        load_suite(suite_file(prompts="p.jsonl\0"))
     # the flag may name any file: the user typed it
     flagged, _ = load_suite(suite_file(prompts="../outside.jsonl"), {"prompts": str(tmp_path / "outside.jsonl")})
     assert flagged.prompts == str(tmp_path / "outside.jsonl")

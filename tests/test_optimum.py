@@ -69,6 +69,20 @@ def test_j_and_paired_difference_against_the_statistics_module():
     assert mean_stderr([2.0]) == (2.0, 0.0)
 
 
+def test_standard_errors_of_huge_values_are_finite():
+    """J at β = 1e100 with KLs of 1e100 is about 1e200: its squares overflow float64, so the standard error was
+    inf in the leaderboard's CSV. statistics.stdev works in exact fractions: the reference."""
+    from shiq_eval.optimum import clustered_mean_stderr
+
+    values = [1e200, -1e200, 3e199, 7e199]
+    mean, se = mean_stderr(values)
+    assert mean == pytest.approx(statistics.fmean(values))
+    assert se == pytest.approx(statistics.stdev(values) / 2, rel=1e-12) and math.isfinite(se)
+    # one value per cluster: the clustered error is the plain one
+    assert clustered_mean_stderr(values, [0, 1, 2, 3])[1] == pytest.approx(se, rel=1e-12)
+    assert mean_stderr([0.0, 0.0]) == (0.0, 0.0)
+
+
 def test_clustered_standard_errors_against_cluster_means_and_singletons():
     """Independent references: with one value per cluster the clustered standard error is the plain
     one (``statistics.stdev/√n``); with clusters of equal size it is the standard error of the cluster

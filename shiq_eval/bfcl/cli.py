@@ -231,45 +231,67 @@ def _one_value(name: str, field: str, seen: dict) -> None:
 
 
 def _check_same_entries(rows: dict[str, list[dict]], subset: str) -> None:
-    """Refuse models rolled out on different entries (or none): their accuracies would be ranked over
-    different scenarios, the Overall column a mean over different categories."""
+    """Refuse models rolled out on different entries: their accuracies would be ranked over different
+    scenarios, the Overall column a mean over different categories."""
     ids = {name: {t["id"] for t in ts} for name, ts in rows.items()}
-    for name, got in ids.items():
-        if not got:
-            raise ValueError(f"model {name!r} has no trajectory in the subset {subset}: nothing to report for it")
     (first, a), *rest = ids.items()
     for name, b in rest:
         if a != b:
             only = sorted(a - b) or sorted(b - a)
             who = first if (a - b) else name
             raise ValueError(
-                f"models {first!r} and {name!r} were rolled out on different entries ({len(a)} and {len(b)}; "
-                f"{only[0]} only in {who!r}): roll them out on the same --categories, --limit and --subset, or "
-                "report them apart"
+                f"models {first!r} and {name!r} were rolled out on different entries of the subset {subset} "
+                f"({len(a)} and {len(b)}; {only[0]} only in {who!r}): roll them out on the same --categories, "
+                "--limit and --subset, or report them apart"
             )
+
+
+def _compared_value(t: dict, field: str) -> str:
+    """A trajectory's ``field`` as compared between the trajectories of one model (null: not recorded); a
+    greedy rollout's seed draws nothing, so it is left out of its sampling."""
+    value = t.get(field)
+    if field == "sampling" and isinstance(value, dict) and value.get("temperature") == 0:
+        value = {k: v for k, v in value.items() if k != "seed"}
+    return json.dumps(value, sort_keys=True)
 
 
 def _cmd_report(args) -> int:
     outputs = {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown}
     check_output_files([*args.trajectories, *_split_input(args)], outputs, args.overwrite)
     # One group per model: the name a trajectory records, else its file's name.
-    groups: dict[str, list[dict]] = {}
-    seen: dict[tuple[str, str], dict] = {}  # (model, field) -> {value: first file}
+    groups: dict[str, list[tuple[str, dict]]] = {}
     for path in args.trajectories:
         trajectories = read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
+        if not trajectories:
+            raise ValueError(f"{path}: holds no trajectory")
         for i, t in enumerate(trajectories, 1):
             _check_scored(t, f"{path}: trajectory {i}")
-            name = str(t.get("model") or Path(path).name)
-            groups.setdefault(name, []).append(t)
-            for field in COMPARED:
-                value = json.dumps(t.get(field), sort_keys=True)  # null: not recorded
-                seen.setdefault((name, field), {}).setdefault(value, str(path))
-                _one_value(name, field, seen[name, field])
-    versions = {v: f for (_, field), vs in seen.items() if field == "bfcl_eval_version" for v, f in vs.items()}
+            groups.setdefault(str(t.get("model") or Path(path).name), []).append((str(path), t))
+    # what the report counts: each model's trajectories in the subset (another subset's, sampled otherwise for
+    # training data, do not count), compared within a model and between models
+    in_subset: dict[str, list[dict]] = {}
+    files: dict[int, str] = {}
+    for name, pairs in groups.items():
+        kept = _in_subset([t for _, t in pairs], args)
+        files |= {id(t): f for f, t in pairs}
+        if kept:
+            in_subset[name] = kept
+        else:
+            log.warning(f"model {name!r} has no trajectory in the subset {args.subset}: left out of the report")
+    if not in_subset:
+        raise ValueError(f"no trajectory of {', '.join(map(repr, groups))} is in the subset {args.subset}")
+    versions: dict[str, str] = {}
+    for name, trajectories in in_subset.items():
+        for field in COMPARED:
+            seen: dict[str, str] = {}
+            for t in trajectories:
+                seen.setdefault(_compared_value(t, field), files[id(t)])
+            _one_value(name, field, seen)
+        for t in trajectories:
+            versions.setdefault(json.dumps(t.get("bfcl_eval_version")), files[id(t)])
     if len(versions) > 1:
         (a, fa), (b, fb) = list(versions.items())[:2]
         raise ValueError(f"trajectories scored by bfcl-eval {a} ({fa}) and {b} ({fb}) are not one leaderboard")
-    in_subset = {name: _in_subset(ts, args) for name, ts in groups.items()}
     _check_same_entries(in_subset, args.subset)
     summaries = {}
     for name, trajectories in in_subset.items():
