@@ -687,7 +687,13 @@ class _ShardStream:
         cols = [
             table.column(f.name) if f.name in names else pa.nulls(table.num_rows, f.type) for f in schema
         ]  # a text column the rows lack is null
-        table = pa.Table.from_arrays(cols, names=schema.names).cast(schema)
+        try:
+            table = pa.Table.from_arrays(cols, names=schema.names).cast(schema)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
+            raise ValueError(
+                f"{self.input_name}: rows of another kind than a buffer's ({' '.join(str(e).split())[:160]})"
+            ) from None
+        _check_lengths(table, self.input_name, self.n)
         row_ids = table.column("row_id").to_pylist()
         for k, rid in enumerate(row_ids):
             if not rid:
@@ -954,6 +960,30 @@ def _is_buffer_manifest(path: Path) -> bool:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+def _check_lengths(table: pa.Table, input_name: str, first_row: int) -> None:
+    """Refuse rows of a buffer's columns (``add_table``'s, not checked one by one) whose per-token lists are not
+    as long as ``tokens``, or whose ``prompt_len`` is outside ``[1, len(tokens))``: written as they are, they
+    would make a buffer that ``validate`` refuses. The error names the row's place in what is being written and
+    its ``row_id`` (a curation verb's output keeps the input's ids). Vectorised: a pass over the list offsets."""
+    n = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
+
+    def refuse(k: int, field: str, problem: str):
+        rid = table.column("row_id")[k].as_py()
+        raise RowError(input_name, first_row + k, field, f"{problem} (row_id {rid!r})")
+
+    for name in ("action_mask", "rewards", *(f for f in REF_FIELDS if f in table.schema.names)):
+        other = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        bad = np.flatnonzero(other != n)
+        if bad.size:
+            k = int(bad[0])
+            refuse(k, name, f"length {other[k]} differs from tokens' length {n[k]}")
+    prompt = table.column("prompt_len").to_numpy(zero_copy_only=False)
+    bad = np.flatnonzero((prompt < 1) | (prompt >= n))
+    if bad.size:  # as check_row: at least one prompt token and one completion token
+        k = int(bad[0])
+        refuse(k, "prompt_len", f"{prompt[k]} is outside [1, {n[k]}) (at least one prompt and one completion token)")
 
 
 KEY_CHECK_ROWS = 1000  # rows of a write whose messages are looked at for keys a chat template may not render

@@ -22,7 +22,14 @@ from shiq_data.buffer import (
     write_buffer,
 )
 from shiq_data.chat import set_system_prompt
-from shiq_data.cli_common import add_log_level_option, folder_path, int_at_least, run_command, setup_logging
+from shiq_data.cli_common import (
+    add_log_level_option,
+    folder_path,
+    int_at_least,
+    log_level,
+    run_command,
+    setup_logging,
+)
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
 from shiq_data.readers import FORMATS, get_format
@@ -218,7 +225,7 @@ def cmd_retokenize(args) -> int:
 
 
 def cmd_export(args) -> int:
-    buf = export_buffer(args.buffer, args.out, args.format)
+    buf = export_buffer(args.buffer, args.out, args.format, progress=not args.no_progress)
     where = Path(args.out) / DATA_FILE[args.format] if args.format in DATA_FILE else Path(args.out)
     print(
         f"shiq-data: exported {args.buffer} ({_summary(buf)}) as {args.format} to {where}, card {Path(args.out) / 'README.md'}"
@@ -401,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("buffer", metavar="BUFFER")
     e.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="folder to create")
     e.add_argument("--format", required=True, choices=EXPORT_FORMATS, help="hf, parquet or jsonl")
+    e.add_argument("--no-progress", action="store_true", help="no progress bar (the hf format's)")
     e.set_defaults(func=cmd_export)
 
     v = sub.add_parser(
@@ -430,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = ["shiq-data", *argv]
     setup_logging(getattr(args, "log_level", "INFO"))
+    if log_level(getattr(args, "log_level", "INFO")) > logging.INFO:  # WARNING or ERROR: no progress bars either
+        args.no_progress = True
     return run_command("shiq-data", args.func, args)  # RowError names the file, row and field
 
 

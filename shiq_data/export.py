@@ -105,13 +105,20 @@ def _write_parquet(buffer: Buffer, path: Path) -> None:
             writer.write_table(table)
 
 
-def _write_hf(buffer: Buffer, folder: Path) -> None:
+def _write_hf(buffer: Buffer, folder: Path, progress: bool = True) -> None:
     import datasets  # heavy: only this export format needs it
 
     table = pa.concat_tables(t for _, t in _tables(buffer))  # the memory-mapped shards, not copied
     # the buffer's fingerprint names the data: without one, datasets would hash (and so copy) the whole table
     fingerprint = buffer_fingerprint(buffer.manifest)[:16]
-    datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(folder))
+    shown = datasets.utils.logging.is_progress_bar_enabled()
+    if not progress:
+        datasets.disable_progress_bars()
+    try:
+        datasets.Dataset(datasets.table.InMemoryTable(table), fingerprint=fingerprint).save_to_disk(str(folder))
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
 
 
 def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
@@ -166,10 +173,10 @@ def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def export_buffer(buffer_dir, out_dir, fmt: str) -> Buffer:
+def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffer:
     """Write the buffer at ``buffer_dir`` as a dataset folder ``out_dir`` in format ``fmt`` (see the module
     doc); refuses an existing ``out_dir``, and ``jsonl`` for a buffer without text columns. Returns the
-    opened buffer."""
+    opened buffer. ``progress``: the hf format's own progress bar."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out_dir)
@@ -187,7 +194,7 @@ def export_buffer(buffer_dir, out_dir, fmt: str) -> Buffer:
 
     def fill(tmp: Path) -> None:
         if fmt == "hf":
-            _write_hf(buffer, tmp)
+            _write_hf(buffer, tmp, progress)
         elif fmt == "parquet":
             _write_parquet(buffer, tmp / DATA_FILE["parquet"])
         else:

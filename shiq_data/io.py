@@ -141,10 +141,12 @@ def atomic_write_texts(files: dict) -> list[Path]:
     failure on one (a folder that cannot be made, a full disk) leaves every path as it was and no temporary
     file behind. Returns the paths."""
     staged: list[tuple[Path, Path]] = []
+    made: list[Path] = []  # folders made here, removed again (if still empty) when a later file fails
     try:
         for path, text in files.items():
             path = Path(path)
             try:
+                made += [p for p in reversed(path.parents) if not p.exists()]
                 path.parent.mkdir(parents=True, exist_ok=True)
                 fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             except OSError as e:  # a parent that is a file, a folder without write permission
@@ -161,6 +163,13 @@ def atomic_write_texts(files: dict) -> list[Path]:
             os.replace(tmp, path)
         for folder in {path.parent for _, path in staged}:
             fsync_dir(folder)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        for folder in reversed(made):  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     finally:
         for tmp, _ in staged:
             if tmp.exists():
@@ -382,10 +391,12 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
     place (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
-    process built it first) unless ``replace`` is true, when it is removed just before the rename."""
+    process built it first) unless ``replace`` is true, when it is removed just before the rename. Parent
+    folders it had to make are removed again on failure, if still empty."""
     folder = Path(folder)
     if folder.is_dir() and not replace:
         return folder
+    made = [p for p in [*reversed(folder.parents)] if not p.exists()]  # outermost first
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -399,6 +410,12 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
             if not folder.is_dir():
                 raise
         fsync_dir(folder.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for parent in reversed(made):  # innermost first; one another process filled meanwhile stays
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder

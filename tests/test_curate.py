@@ -586,3 +586,69 @@ def test_extra_keys_that_differ_only_in_case_are_not_where_columns(tmp_path, cap
     assert "extra keys 'Lang', 'lang' differ only in case" in caplog.text + err
     stats, _ = buffer_stats(tmp_path / "b", "n >= 3")  # pandas on the input: rows 3, 4 and 5
     assert stats["all"]["rows"] == sum(r["n"] >= 3 for r in rows) == 3
+
+
+def _damage_first_shard(src, dst, change):
+    """A copy of the buffer ``src`` whose first shard is rewritten by ``change(table)`` with its checksum and
+    size updated in the manifest: damage the checksums cannot see."""
+    import hashlib
+    import shutil
+
+    import pyarrow as pa
+
+    shutil.copytree(src, dst)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    entry = manifest["shards"][0]
+    path = dst / entry["file"]
+    table = change(pa.ipc.open_stream(pa.py_buffer(path.read_bytes())).read_all())
+    with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+        w.write_table(table)
+    entry["bytes"], entry["sha256"] = path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()
+    (dst / "manifest.json").write_text(json.dumps(manifest))
+    return dst
+
+
+def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, capsys):
+    """A shard rewritten with its checksum: a column missing or of another type ended in a traceback (stats,
+    show, filter) or an unnamed Arrow error; per-token lists of the wrong length or a prompt longer than the
+    row were written into new buffers that validate then refused. Each is now one line naming the shard or the
+    row and field, and nothing is written."""
+    import pyarrow as pa
+
+    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(4)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+
+    def short_mask(t):
+        mask = t.column("action_mask").to_pylist()
+        mask[0] = mask[0][:-1]
+        return t.set_column(t.schema.names.index("action_mask"), "action_mask", pa.array(mask, pa.list_(pa.bool_())))
+
+    def long_prompt(t):
+        n = t.column("prompt_len").to_pylist()
+        n[1] = 999
+        return t.set_column(
+            t.schema.names.index("prompt_len"), "prompt_len", pa.array(n, t.schema.field("prompt_len").type)
+        )
+
+    cases = [
+        ("nocol", lambda t: t.drop_columns(["rewards"]), "column 'rewards' is missing, the buffer's schema says"),
+        (
+            "rtype",
+            lambda t: t.set_column(t.schema.names.index("reward"), "reward", pa.array(["x"] * 4)),
+            "column 'reward' is string",
+        ),
+        ("mask", short_mask, "field 'action_mask': length 5 differs from tokens' length 6 (row_id 'b0-0')"),
+        ("plen", long_prompt, "field 'prompt_len': 999 is outside [1, 6) (at least one prompt and one completion"),
+    ]
+    for name, change, needle in cases:
+        buf = _damage_first_shard(tmp_path / "b", tmp_path / name, change)
+        verbs = [["filter", buf, "--where", "reward >= 0"], ["dedup", buf], ["split", buf, "--test-fraction", 0.5]]
+        if name in ("nocol", "rtype"):  # only a shard's columns: the reading verbs see them too
+            verbs += [["stats", buf], ["show", buf]]
+        for verb in verbs:
+            out = ["--out", tmp_path / f"{name}-{verb[0]}", "--no-progress"] if verb[0] not in ("stats", "show") else []
+            code, _, err = run(capsys, *verb, *out)
+            assert code == 2 and needle in err and "Traceback" not in err, (name, verb[0], err)
+            assert len(err.strip().splitlines()) == 1, err
+            assert not (tmp_path / f"{name}-{verb[0]}").exists()

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -242,6 +243,34 @@ def test_export_refuses_an_existing_folder_and_a_clashing_extra_field(tmp_path, 
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "row 0: field 'extra'" in err and "'source'" in err
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.*"))
+    # the folders a failed export made for its --out are gone with it; one that was there stays
+    assert run("export", tmp_path / "b2", "--format", "jsonl", "--out", tmp_path / "new" / "deeper" / "e") == 2
+    assert not (tmp_path / "new").exists()
+    assert run("export", tmp_path / "b2", "--format", "jsonl", "--out", tmp_path / "taken" / "e") == 2
+    assert (tmp_path / "taken").is_dir()
+
+
+def test_progress_bars_follow_no_progress_and_the_log_level(tmp_path, gpt2, capsys):
+    """--log-level WARNING or ERROR shows no progress bar (its help says the level decides which progress lines
+    appear); export --format hf has --no-progress for datasets' own bar."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [STRINGS[1]] * 3)
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
+    capsys.readouterr()
+    assert run("export", tmp_path / "b", "--format", "hf", "--out", tmp_path / "shown") == 0
+    assert "Saving the dataset" in capsys.readouterr().err  # datasets' bar, shown by default
+    for i, quiet in enumerate((["--no-progress"], ["--log-level", "ERROR"])):
+        assert run("export", tmp_path / "b", "--format", "hf", "--out", tmp_path / f"quiet{i}", *quiet) == 0
+        assert "Saving the dataset" not in capsys.readouterr().err
+    for verb in (
+        ["validate", tmp_path / "b"],
+        ["filter", tmp_path / "b", "--where", "reward > -9", "--out", tmp_path / "f"],
+    ):
+        assert (
+            run(*verb) == 0 and "\r" in capsys.readouterr().err
+        )  # a bar by default (tqdm redraws it with a carriage return)
+        shutil.rmtree(tmp_path / "f", ignore_errors=True)
+        assert run(*verb, "--log-level", "ERROR") == 0
+        assert "\r" not in capsys.readouterr().err
 
 
 def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
