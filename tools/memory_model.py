@@ -399,7 +399,7 @@ def fits(p: Plan, gpu: str, reserve_gib: float = 6.0) -> bool:
 if __name__ == "__main__":  # a library, not a command: point to the one that uses it
     import sys
 
-    _asked = bool(set(sys.argv[1:]) & {"-h", "--help"})  # as argparse: help to stdout, exit 0; else stderr, exit 2
+    _asked = bool(set(sys.argv[1:]) & {"-h", "--help"})  # help to stdout, exit 0; anything else to stderr, exit 2
     print(
         "memory_model.py: a library of formulas, no command line; run: python tools/plan_memory.py --help",
         file=sys.stdout if _asked else sys.stderr,
