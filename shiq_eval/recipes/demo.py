@@ -1533,10 +1533,12 @@ def _main(args) -> int:
         return 0
     rep = run(cfg, out)
     _log(f"done: {out / 'report.md'}")
-    for m, r in rep["methods"].items():
+    for m, r in rep["methods"].items():  # each against the reference on its own prompts, paired (report.md: more)
         _log(
-            f"{m}: reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} (reference {rep['reference']['reward_mean']:.3f}), "
-            f"KL {r['kl']:.3f}, J {r['J']:.3f} (β {r['beta']:g}; reference J {rep['reference']['J']:.3f})"
+            f"{m} (β {r['beta']:g}, {r['n_prompts']} prompts): reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} "
+            f"(reference on these prompts {r['reference_reward_on_these_prompts']:.3f}), KL {r['kl']:.3f} ± "
+            f"{r['kl_stderr']:.3f}, J {r['J']:.3f} ± {r['J_stderr']:.3f}, J − J_ref {r['J_minus_reference']:+.3f} ± "
+            f"{r['J_minus_reference_stderr']:.3f} (paired by prompt)"
         )
     return 0
 
