@@ -301,10 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--source", default=None, help="value of the 'source' column (default: the input's file name)")
         p.add_argument(
             "--option",
-            action="append",
+            action="extend",
+            nargs="+",
             default=[],
             metavar="KEY=VALUE",
-            help="option passed to a format reader (repeatable; values parsed as JSON when possible)",
+            help="options passed to a format reader: one or more after each --option, which may be repeated "
+            "(values parsed as JSON when possible)",
         )
         p.add_argument(
             "--workers",

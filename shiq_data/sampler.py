@@ -394,18 +394,19 @@ class BufferSampler:
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (from :meth:`state_dict`); refuses a state of another buffer, mode or seed."""
         mine = self.state_dict()
+        # the buffer first: one rebuilt at its path (of any size) is named as such, not as a count that differs
+        if "buffer" in state and state["buffer"] != mine["buffer"]:  # (states saved before it was kept: not checked)
+            raise ValueError(
+                f"sampler state does not match this sampler: the buffer {self.buffer.path} holds other shards than "
+                "when the state was saved (another buffer written at its path, or one whose reference statistics "
+                "were added since): train in a new out folder"
+            )
         for key in ("version", "mode", "seed", "units", "rows"):
             if state.get(key) != mine[key]:
                 raise ValueError(
                     f"sampler state does not match this sampler: {key} is {state.get(key)!r} in the "
                     f"state, {mine[key]!r} here (buffer {self.buffer.path})"
                 )
-        if "buffer" in state and state["buffer"] != mine["buffer"]:  # (states saved before it was kept: not checked)
-            raise ValueError(
-                f"sampler state does not match this sampler: the buffer {self.buffer.path} holds other shards than "
-                "when the state was saved (another buffer of as many rows written at its path, or one whose reference "
-                "statistics were added since): train in a new out folder"
-            )
         if not 0 <= int(state["position"]) < self._units or int(state["epoch"]) < 0:
             raise ValueError(
                 f"sampler state has position {state['position']} / epoch {state['epoch']} outside [0, {self._units})"

@@ -548,9 +548,12 @@ def check_resume_config(
         def show(v):
             return "(unset)" if v is unset else repr(v)[:40]
 
-        diffs = ", ".join(
-            f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}{notes.get(k, '')}" for k in refused
-        )
+        def diff(k):
+            if k == GLOBAL_BATCH_KEY and m_old == m_new:  # the key as saved: the number of ranks changed
+                return f"{k}={m_new} over {dp[0]} -> {dp[1]} data-parallel ranks{notes.get(k, '')}"
+            return f"{k} {show(old.get(k, unset))} -> {show(new.get(k, unset))}{notes.get(k, '')}"
+
+        diffs = ", ".join(diff(k) for k in refused)
         raise ConfigError(
             f"{path}: the run in {out} was started with another configuration ({diffs}); {why}: rerun with the "
             f"saved values, use another out=, or accept the change with "

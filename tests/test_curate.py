@@ -3,6 +3,7 @@
 
 import hashlib
 import json
+import math
 import random
 import shutil
 import subprocess
@@ -652,3 +653,27 @@ def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, cap
             assert code == 2 and needle in err and "Traceback" not in err, (name, verb[0], err)
             assert len(err.strip().splitlines()) == 1, err
             assert not (tmp_path / f"{name}-{verb[0]}").exists()
+
+
+def test_stats_leave_one_rows_spread_undefined_and_show_a_median_between_lengths(tmp_path, capsys):
+    """A source of one row has no sample standard deviation (ddof 1; pandas gives NaN): null in the statistics,
+    "-" in the table, where 0 claimed a spread of nothing. A median between two lengths is shown as it is
+    (9.5 read as 10 before)."""
+    rows = [
+        {"prompt": "p", "completion": " one", "reward": 1.0, "source": "single"},
+        {"prompt": "p", "completion": " a b", "reward": 0.5, "source": "pair"},
+        {"prompt": "p", "completion": " a b c", "reward": 0.0, "source": "pair"},
+    ]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    stats, _ = buffer_stats(tmp_path / "b")
+    single, pair = stats["sources"]["single"], stats["sources"]["pair"]
+    assert single["reward"]["std"] is None and math.isnan(pd.Series([1.0]).std())
+    assert pair["reward"]["std"] == pytest.approx(pd.Series([0.5, 0.0]).std())
+    code, out, _ = run(capsys, "stats", tmp_path / "b")
+    assert code == 0
+    line = next(x for x in out.splitlines() if x.startswith("single"))
+    assert line.split()[7] == "-"  # the std column
+    median = pair["tokens"]["p50"]
+    assert median == pytest.approx(pd.Series([pair["tokens"]["min"], pair["tokens"]["max"]]).median())
+    assert f"/{median:g}/" in next(x for x in out.splitlines() if x.startswith("pair")) and median % 1 == 0.5

@@ -111,6 +111,11 @@ def test_field_options_map_other_names_and_errors_name_them(tmp_path, gpt2, caps
         assert g["rewards"] == pytest.approx(w["rewards"])
     assert [r["source"] for r in rows] == ["geo", "qa.jsonl"]  # a string "source" field names the row's source
     assert [r["prompt"] for r in rows] == ["Capital of France?", "Capital of Spain?"] and rows[0]["extra"] is None
+    # as the README writes it: one --option followed by the three settings builds the same rows
+    one = tmp_path / "one_option"
+    argv = ["build", "jsonl", str(tmp_path / "qa.jsonl"), "--tokenizer", "gpt2", "--option", *opts, "--out", str(one)]
+    assert main([*argv, "--no-progress"]) == 0
+    assert [{k: r[k] for k in KEYS} for r in rows_of(one)] == [{k: r[k] for k in KEYS} for r in rows]
     bad = write_jsonl(tmp_path / "qa_bad.jsonl", [recs[0], {"question": "x", "answer": "", "score": 1}])
     assert build(tmp_path, "jsonl", bad, *opts)[0] == 2
     err = capsys.readouterr().err.strip()

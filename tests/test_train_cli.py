@@ -202,8 +202,8 @@ def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp
     with pytest.raises(ConfigError) as e:
         resume(dp=(1, 2))
     assert (
-        "data.micro_batches_per_step 2 -> 2 (a global batch of 1 x 2 micro-batches saved, 2 x 2 now over "
-        "data-parallel ranks; data.micro_batches_per_step=1 keeps it)" in str(e.value)
+        "data.micro_batches_per_step=2 over 1 -> 2 data-parallel ranks (a global batch of 1 x 2 micro-batches "
+        "saved, 2 x 2 now over data-parallel ranks; data.micro_batches_per_step=1 keeps it)" in str(e.value)
     )
     assert "+resume.allow_changed=[data.micro_batches_per_step]" in str(e.value)
     with pytest.raises(ConfigError, match=r"2 -> 3 \(a global batch of 1 x 2 micro-batches saved, 1 x 3 now"):

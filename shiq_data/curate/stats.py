@@ -77,7 +77,7 @@ def _summaries(spill: Spill) -> dict:
             n = r["n"]
             summary = {"rows": n, "groups": 0, "ref_share": float(r["ref"])}
             for c in DESCRIBED:
-                std = math.sqrt(r[f"d_{c}"] / (n - 1)) if n > 1 else 0.0
+                std = math.sqrt(r[f"d_{c}"] / (n - 1)) if n > 1 else None  # (ddof 1: undefined for one row)
                 summary[c] = {"mean": float(r[f"m_{c}"]), "std": std, "min": float(r[f"lo_{c}"])}
                 summary[c].update(p50=None, p95=None, max=float(r[f"hi_{c}"]))
             found[r["source"] if by_source else None] = summary
@@ -146,8 +146,9 @@ def _ordered(s: dict | None) -> dict:
 def summarise(spill: Spill) -> dict:
     """Statistics of the rows in the spill's table ``rows`` (:func:`buffer_stats`): ``{"rows", "all": summary,
     "sources": {source: summary}, "group_sizes": {size: groups}}``, a summary holding ``rows``, ``groups``,
-    the ``tokens``/``prompt_tokens``/``completion_tokens``/``reward`` distributions (mean, std, min, p50,
-    p95, max) and ``ref_share``, the share of rows with reference statistics."""
+    the ``tokens``/``prompt_tokens``/``completion_tokens``/``reward`` distributions (mean, std with ddof 1 and
+    None for one row, min, p50, p95 (linear), max) and ``ref_share``, the share of rows with reference
+    statistics."""
     found = _summaries(spill)
     sizes = spill.con.execute(
         f"SELECT size, count(*) FROM (SELECT count(*) AS size FROM {spill.table('rows')} GROUP BY group_id) "
@@ -181,11 +182,12 @@ def format_stats(stats: dict, title: str) -> str:
 
     def line(name, s):
         tk, pr, ac, rw = s["tokens"], s["prompt_tokens"], s["completion_tokens"], s["reward"]
-        tokens = f"{tk['mean']:.1f}/{tk['p50']:.0f}/{tk['max']:.0f}"
+        tokens = f"{tk['mean']:.1f}/{tk['p50']:g}/{tk['max']:.0f}"  # a median may fall between two lengths
         actions = f"{ac['mean']:.1f}/{ac['max']:.0f}"
         lines.append(
             f"{name[:20]:<20} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
-            f"{rw['mean']:>12.4g} {rw['std']:>8.3g} {rw['min']:>8.3g} {rw['max']:>8.3g} {s['ref_share']:>5.0%}"
+            f"{rw['mean']:>12.4g} {'-' if rw['std'] is None else format(rw['std'], '.3g'):>8} {rw['min']:>8.3g} "
+            f"{rw['max']:>8.3g} {s['ref_share']:>5.0%}"
         )
 
     if stats["rows"]:
