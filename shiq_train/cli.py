@@ -939,8 +939,16 @@ def hydra_error(argv: list[str]) -> str | None:
             f"{sweep}: shiq-train runs one job, in its own out= folder; for a sweep, run it once per value "
             "(for b in 0.1 0.3; do shiq-train ... loss.beta=$b out=runs/beta$b; done), or shiq-demo --full"
         )
-    if any(a.startswith("-") for a in argv):
-        return None
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:  # Hydra's own flags are Hydra's; another gave its usage block, several lines, and exit status 0
+        from hydra._internal.utils import get_args_parser  # heavy: hydra, only the training command needs it
+
+        known = set(get_args_parser()._option_string_actions)
+        unknown = next((a for a in flags if a.split("=", 1)[0] not in known), None)
+        if unknown is None:
+            return None
+        hint = "; the log level is logging.level=LEVEL" if unknown.startswith("--log-level") else ""
+        return f"{unknown}: not an option of shiq-train, which takes key=value settings{hint}"
     keyless = [a for a in argv if a.startswith("=")]
     if keyless:
         return f"argument {keyless[0]!r} has no key: expected key=value"

@@ -790,6 +790,12 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
     assert hydra_error(["--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
+    assert hydra_error(["--config-name=train", "out=x"]) is None
+    # another flag printed Hydra's usage block and exited 0 without training
+    assert hydra_error(["--log-level", "WARNING"]) == (
+        "--log-level: not an option of shiq-train, which takes key=value settings; the log level is logging.level=LEVEL"
+    )
+    assert hydra_error(["out=x", "--steps=3"]).startswith("--steps=3: not an option of shiq-train")
     # +foo=1 was kept in config.yaml and read by nothing; a path with ü gave Hydra's lexer error alone
     assert hydra_error(["+foo=1"]) == "+foo: 'foo' is no option of shiq-train (see shiq-train --help)"
     assert "quote such a value: key='value'" in hydra_error(["out=runs/ünicode"])
