@@ -70,7 +70,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shiq_data.io import RowError, atomic_write_json, exclusive_lock, fsync_dir, sha256_files
+from shiq_data.io import (
+    RowError,
+    atomic_write_json,
+    exclusive_lock,
+    fsync_dir,
+    make_parents,
+    remove_created_dirs,
+    sha256_files,
+)
 from shiq_data.schema import (
     CHECKED_KEY,
     INPUT_KEY,
@@ -805,34 +813,6 @@ def _remove_stale_build_dirs(out_dir: Path) -> None:
     remove_stale(out_dir.parent, f".{out_dir.name}.building-*")
 
 
-def _make_parents(out_dir: Path) -> list[Path]:
-    """Create the missing parent folders of ``out_dir``; the ones this call created, outermost first."""
-    missing = [p for p in reversed(out_dir.parents) if not p.exists()]
-    created = []
-    try:
-        for p in missing:
-            try:
-                p.mkdir()
-            except FileExistsError:  # made meanwhile by someone else: not ours to remove
-                continue
-            created.append(p)
-    except BaseException:
-        _remove_created_dirs(created)
-        raise
-    return created
-
-
-def _remove_created_dirs(created: list[Path]) -> None:
-    """Remove the folders :func:`_make_parents` created, innermost first, as long as they are empty."""
-    for p in reversed(created):
-        try:
-            p.rmdir()
-        except FileNotFoundError:
-            continue
-        except OSError:  # not empty: someone else put something there, and so into its parents
-            break
-
-
 def write_buffer(
     rows: Iterable[dict | pa.Table],
     out_dir,
@@ -877,7 +857,7 @@ def write_buffer(
         )
     refuse_inside_buffer(out_dir)
     _check_tokenizer_info(tokenizer_info)
-    created = _make_parents(out_dir)
+    created = make_parents(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         _remove_stale_build_dirs(out_dir)
@@ -935,7 +915,7 @@ def write_buffer(
         fsync_dir(out_dir.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        _remove_created_dirs(created)
+        remove_created_dirs(created)
         raise
     return open_buffer(out_dir)
 

@@ -135,6 +135,35 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None], *, mode
     return path
 
 
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing parent folders of ``path``; the ones this call created, outermost first (one another
+    process made meanwhile is not among them)."""
+    missing = [p for p in reversed(Path(path).parents) if not p.exists()]
+    created = []
+    try:
+        for p in missing:
+            try:
+                p.mkdir()
+            except FileExistsError:  # made meanwhile by someone else: not ours to remove
+                continue
+            created.append(p)
+    except BaseException:
+        remove_created_dirs(created)
+        raise
+    return created
+
+
+def remove_created_dirs(created: list[Path]) -> None:
+    """Remove the folders :func:`make_parents` created, innermost first, as long as they are empty."""
+    for p in reversed(created):
+        try:
+            p.rmdir()
+        except FileNotFoundError:
+            continue
+        except OSError:  # not empty: someone else put something there, and so into its parents
+            break
+
+
 def atomic_write_texts(files: dict) -> list[Path]:
     """Write several files that belong together (``{path: text}``, UTF-8), in any folders: each is first written
     in full to a temporary file beside it, and only when all are written are they renamed into place, so a
@@ -146,8 +175,7 @@ def atomic_write_texts(files: dict) -> list[Path]:
         for path, text in files.items():
             path = Path(path)
             try:
-                made += [p for p in reversed(path.parents) if not p.exists()]
-                path.parent.mkdir(parents=True, exist_ok=True)
+                made += make_parents(path)
                 fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
             except OSError as e:  # a parent that is a file, a folder without write permission
                 raise ValueError(
@@ -166,9 +194,7 @@ def atomic_write_texts(files: dict) -> list[Path]:
     except BaseException:
         for tmp, _ in staged:
             tmp.unlink(missing_ok=True)
-        for folder in reversed(made):  # innermost first
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        remove_created_dirs(made)
         raise
     finally:
         for tmp, _ in staged:
@@ -396,8 +422,7 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     folder = Path(folder)
     if folder.is_dir() and not replace:
         return folder
-    made = [p for p in [*reversed(folder.parents)] if not p.exists()]  # outermost first
-    folder.parent.mkdir(parents=True, exist_ok=True)
+    made = make_parents(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
         fill(tmp)
@@ -412,9 +437,7 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
         fsync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        for parent in reversed(made):  # innermost first; one another process filled meanwhile stays
-            with contextlib.suppress(OSError):
-                parent.rmdir()
+        remove_created_dirs(made)
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
