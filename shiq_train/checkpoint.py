@@ -48,6 +48,7 @@ import torch.distributed as dist
 
 from shiq_data.io import atomic_write, check_step_folder, sha256_files
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
+from shiq_train.parallel import device_type
 from shiq_train.train_step import MasterWeightOptimizer
 from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
 
@@ -234,8 +235,7 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         layout = {k: lay[k] for k in ("tp", "pp", "dp") + (("vpp",) if lay["vpp"] > 1 else ())}
         # the device the weights were drawn and trained on (a random start differs between them)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        info = {"step": step, "layout": layout, "device": device, "meta": meta or {}}
+        info = {"step": step, "layout": layout, "device": device_type(), "meta": meta or {}}
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()

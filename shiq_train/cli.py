@@ -783,11 +783,12 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
             check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
             saved_step = latest_step_dir(out / "checkpoints")
             if saved_step is not None:
+                saved = read_meta(saved_step)
                 tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
-                dp = (read_meta(saved_step)["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
+                dp = (saved["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
                 check_resume_config(out, cfg, allowed, force, dp)
                 if not force:  # (+resume.force=true accepts any change, this one too)
-                    check_online_reference_layout(cfg, read_meta(saved_step))
+                    check_online_reference_layout(cfg, saved)
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
                 why = f"a new start would replace its log of {logged} steps"
                 check_resume_config(out, cfg, allowed, force, why=why)
@@ -814,7 +815,7 @@ def check_online_reference_layout(cfg: dict, saved: dict) -> None:
     layout = saved["layout"]
     now = {"tp": cfg["parallel"]["tp"], "pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
     then = {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1)}
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = parallel.device_type()
     if device == "cpu" and saved.get("device", "cpu") == "cpu":  # CPU init draws the full weights, then splits
         now["tp"] = then["tp"]
     if now != then or saved.get("device", device) != device:

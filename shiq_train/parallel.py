@@ -313,9 +313,14 @@ def apply_cpu_adaptations() -> list[str]:
     return list(_APPLIED)
 
 
+def device_type() -> str:
+    """``cuda`` where a GPU is visible, else ``cpu`` (which GPU is not asked: no CUDA context is made)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def device() -> torch.device:
     """The device this process computes on: its local GPU, or the CPU."""
-    if torch.cuda.is_available():
+    if device_type() == "cuda":
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
