@@ -62,7 +62,7 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -232,17 +232,25 @@ class Buffer:
     def shard_tables(self) -> list[pa.Table]:
         """One memory-mapped table per shard, restricted to the buffer's common columns."""
         if self._shard_tables is None:
-            tables = []
-            for p, entry in zip(self.shard_paths, self.manifest["shards"]):
-                t = read_shard(p)
-                if t.num_rows != entry["rows"]:
-                    raise ValueError(f"{p}: holds {t.num_rows} rows, manifest says {entry['rows']}")
-                missing = [n for n in self.schema.names if n not in t.schema.names]
-                if missing:
-                    raise ValueError(f"{p}: columns {missing} missing (schema of {self.path / MANIFEST})")
-                tables.append(t.select(self.schema.names))
-            self._shard_tables = tables
+            self._shard_tables = [t.select(self.schema.names) for t in self.checked_shards()]
         return self._shard_tables
+
+    def checked_shards(self) -> Iterator[pa.Table]:
+        """Each shard as a memory-mapped table with every stored column, its number of rows and the buffer's
+        columns (of the buffer's types) checked against the manifest: a shard replaced together with its checksum
+        is named, not read as rows."""
+        for p, entry in zip(self.shard_paths, self.manifest["shards"]):
+            t = read_shard(p)
+            if t.num_rows != entry["rows"]:
+                raise ValueError(f"{p}: holds {t.num_rows} rows, manifest says {entry['rows']}; the buffer is damaged")
+            for f in self.schema:
+                if f.name not in t.schema.names or column_kind(t.schema.field(f.name).type) != column_kind(f.type):
+                    got = t.schema.field(f.name).type if f.name in t.schema.names else "missing"
+                    raise ValueError(
+                        f"{p}: column {f.name!r} is {got}, the buffer's schema says {f.type} "
+                        f"({self.path / MANIFEST}); the buffer is damaged"
+                    )
+            yield t
 
     def shard_columns(self, names) -> list[pa.Table]:
         """One memory-mapped table per shard holding only the columns ``names`` (nothing else is read); a
@@ -701,7 +709,7 @@ class _ShardStream:
             raise ValueError(
                 f"{self.input_name}: rows of another kind than a buffer's ({' '.join(str(e).split())[:160]})"
             ) from None
-        _check_lengths(table, self.input_name, self.n)
+        check_lengths(table, self.input_name, self.n)
         row_ids = table.column("row_id").to_pylist()
         for k, rid in enumerate(row_ids):
             if not rid:
@@ -942,7 +950,17 @@ def _is_buffer_manifest(path: Path) -> bool:
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
 
-def _check_lengths(table: pa.Table, input_name: str, first_row: int) -> None:
+def column_kind(t: pa.DataType) -> pa.DataType:
+    """A column type up to its offsets' width (``large_string`` is ``string``, a ``large_list`` a ``list``): the
+    kinds of values a shard must hold, which writers of different versions store either way."""
+    if pa.types.is_large_string(t):
+        return pa.string()
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        return pa.list_(column_kind(t.value_type))
+    return t
+
+
+def check_lengths(table: pa.Table, input_name: str, first_row: int) -> None:
     """Refuse rows of a buffer's columns (``add_table``'s, not checked one by one) whose per-token lists are not
     as long as ``tokens``, or whose ``prompt_len`` is outside ``[1, len(tokens))``: written as they are, they
     would make a buffer that ``validate`` refuses. The error names the row's place in what is being written and
@@ -963,7 +981,9 @@ def _check_lengths(table: pa.Table, input_name: str, first_row: int) -> None:
     bad = np.flatnonzero((prompt < 1) | (prompt >= n))
     if bad.size:  # as check_row: at least one prompt token and one completion token
         k = int(bad[0])
-        refuse(k, "prompt_len", f"{prompt[k]} is outside [1, {n[k]}) (at least one prompt and one completion token)")
+        refuse(
+            k, "prompt_len", f"{prompt[k]} is outside [1, {n[k]}) (at least one prompt token and one completion token)"
+        )
 
 
 KEY_CHECK_ROWS = 1000  # rows of a write whose messages are looked at for keys a chat template may not render

@@ -10,7 +10,8 @@
 Each folder also holds a dataset card ``README.md`` (schema, row and token counts, the commands that
 built the buffer, a licence field for the curator to fill in). ``shiq-data build jsonl|parquet|datasets``
 reads every export back (:mod:`shiq_data.readers.generic`): the rows are tokenised again from their
-text, so another tokenizer can be used. Reference statistics are not exported. The folder is
+text, so another tokenizer can be used. Reference statistics are not exported. Every row is checked as
+``validate`` checks it before it is written (a damaged shard is refused, not published), and the folder is
 written atomically (:func:`shiq_data.io.atomic_dir`).
 """
 
@@ -26,7 +27,7 @@ import pyarrow.parquet as pq
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir
 from shiq_data.readers.encode import decode_text
-from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, parse_extra
+from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, parse_extra
 from shiq_data.tokenizers import PIPELINE_FIELD
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
@@ -88,27 +89,45 @@ def _tables(buffer: Buffer) -> Iterator[tuple[Path, pa.Table]]:
     yield from zip(buffer.shard_paths, buffer.shard_columns(EXPORT_COLUMNS))
 
 
+def _checked_rows(buffer: Buffer, shard: Path, table: pa.Table) -> Iterator[tuple[int, dict]]:
+    """``(index, row)`` of each row of a shard's ``table``, each checked as ``validate`` checks it
+    (:func:`shiq_data.schema.check_row`, against the manifest's vocabulary): a shard replaced together with its
+    checksum is refused row by row, naming the shard, row and field, and is not published."""
+    vocab = buffer.manifest["tokenizer"].get("vocab_size")
+    for start in range(0, table.num_rows, _ROWS_PER_SLICE):
+        for j, row in enumerate(table.slice(start, _ROWS_PER_SLICE).to_pylist()):
+            check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
+            yield start + j, row
+
+
+def _checked_tables(buffer: Buffer) -> list[pa.Table]:
+    """The shards' export columns, every row checked first (:func:`_checked_rows`)."""
+    out = []
+    for shard, table in _tables(buffer):
+        for _ in _checked_rows(buffer, shard, table):
+            pass
+        out.append(table)
+    return out
+
+
 def _write_jsonl(buffer: Buffer, path: Path) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for shard, table in _tables(buffer):
-            for start in range(0, table.num_rows, _ROWS_PER_SLICE):
-                for j, row in enumerate(table.slice(start, _ROWS_PER_SLICE).to_pylist()):
-                    record = jsonl_record(row, where=f"{shard}: row {start + j}")
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            for i, row in _checked_rows(buffer, shard, table):
+                f.write(json.dumps(jsonl_record(row, where=f"{shard}: row {i}"), ensure_ascii=False) + "\n")
 
 
 def _write_parquet(buffer: Buffer, path: Path) -> None:
-    tables = list(_tables(buffer))
-    schema = tables[0][1].schema if tables else None
-    with pq.ParquetWriter(str(path), schema) as writer:
-        for _, table in tables:
+    tables = _checked_tables(buffer)
+    with pq.ParquetWriter(str(path), tables[0].schema) as writer:
+        for table in tables:
             writer.write_table(table)
 
 
 def _write_hf(buffer: Buffer, folder: Path, progress: bool = True) -> None:
     import datasets  # heavy: only this export format needs it
 
-    table = pa.concat_tables(t for _, t in _tables(buffer))  # the memory-mapped shards, not copied
+    table = pa.concat_tables(_checked_tables(buffer))  # the memory-mapped shards, not copied
     # the buffer's fingerprint names the data: without one, datasets would hash (and so copy) the whole table
     fingerprint = buffer_fingerprint(buffer.manifest)[:16]
     shown = datasets.utils.logging.is_progress_bar_enabled()

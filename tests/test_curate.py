@@ -609,11 +609,20 @@ def _damage_first_shard(src, dst, change):
     return dst
 
 
+def _set_first_token(t, value: int):
+    import pyarrow as pa
+
+    tokens = t.column("tokens").to_pylist()
+    tokens[0][0] = value
+    return t.set_column(t.schema.names.index("tokens"), "tokens", pa.array(tokens, t.schema.field("tokens").type))
+
+
 def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, capsys):
     """A shard rewritten with its checksum: a column missing or of another type ended in a traceback (stats,
     show, filter) or an unnamed Arrow error; per-token lists of the wrong length or a prompt longer than the
     row were written into new buffers that validate then refused. Each is now one line naming the shard or the
-    row and field, and nothing is written."""
+    row and field, and nothing is written. Export published such rows (in every format): it now checks each row
+    as validate does."""
     import pyarrow as pa
 
     rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(4)]
@@ -639,20 +648,30 @@ def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, cap
             lambda t: t.set_column(t.schema.names.index("reward"), "reward", pa.array(["x"] * 4)),
             "column 'reward' is string",
         ),
-        ("mask", short_mask, "field 'action_mask': length 5 differs from tokens' length 6 (row_id 'b0-0')"),
-        ("plen", long_prompt, "field 'prompt_len': 999 is outside [1, 6) (at least one prompt and one completion"),
+        ("mask", short_mask, "field 'action_mask': length 5 differs from tokens' length 6"),
+        ("plen", long_prompt, "field 'prompt_len': 999 is outside [1, 6) (at least one prompt token and one"),
+        ("vocab", lambda t: _set_first_token(t, 10**6), "field 'tokens': token id 1000000 at position 0"),
     ]
     for name, change, needle in cases:
         buf = _damage_first_shard(tmp_path / "b", tmp_path / name, change)
-        verbs = [["filter", buf, "--where", "reward >= 0"], ["dedup", buf], ["split", buf, "--test-fraction", 0.5]]
+        # export checks every row as validate does; the curation verbs check columns and lengths, which the
+        # buffers they write would otherwise lose (a token id is checked when a buffer is used, against its model)
+        verbs = [["export", buf, "--format", fmt] for fmt in ("jsonl", "parquet", "hf")]
+        if name != "vocab":
+            verbs += [["filter", buf, "--where", "reward >= 0"], ["dedup", buf], ["split", buf, "--test-fraction", 0.5]]
         if name in ("nocol", "rtype"):  # only a shard's columns: the reading verbs see them too
             verbs += [["stats", buf], ["show", buf]]
         for verb in verbs:
-            out = ["--out", tmp_path / f"{name}-{verb[0]}", "--no-progress"] if verb[0] not in ("stats", "show") else []
+            folder = tmp_path / f"{name}-{'-'.join(map(str, verb[::2]))}"
+            out = ["--out", folder, "--no-progress"] if verb[0] not in ("stats", "show") else []
             code, _, err = run(capsys, *verb, *out)
-            assert code == 2 and needle in err and "Traceback" not in err, (name, verb[0], err)
+            assert code == 2 and needle in err and "Traceback" not in err, (name, verb, err)
             assert len(err.strip().splitlines()) == 1, err
-            assert not (tmp_path / f"{name}-{verb[0]}").exists()
+            if verb[0] == "export" and name not in ("nocol", "rtype"):  # the shard's own row
+                assert f"{buf / json.loads((buf / 'manifest.json').read_text())['shards'][0]['file']}: row " in err
+                assert f": row {1 if name == 'plen' else 0}: field" in err, err
+            assert not folder.exists()
+            assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name + "-")) == [], verb
 
 
 def test_stats_leave_one_rows_spread_undefined_and_show_a_median_between_lengths(tmp_path, capsys):

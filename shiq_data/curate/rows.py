@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.buffer import MANIFEST, open_buffer, read_shard
+from shiq_data.buffer import MANIFEST, open_buffer
 from shiq_data.readers.encode import given_text
 from shiq_data.schema import REF_FIELDS
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
@@ -116,16 +116,6 @@ def _extra_objects(table: pa.Table) -> list[dict]:
     return out
 
 
-def _kind_of(t: pa.DataType) -> pa.DataType:
-    """A column type up to its offsets' width (``large_string`` is ``string``, a ``large_list`` a ``list``): the
-    kinds of values a shard must hold, which writers of different versions store either way."""
-    if pa.types.is_large_string(t):
-        return pa.string()
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
-        return pa.list_(_kind_of(t.value_type))
-    return t
-
-
 class CurationSource:
     """The buffer at ``path`` (checksums verified), read shard by shard for the curation verbs."""
 
@@ -194,22 +184,8 @@ class CurationSource:
         return self._tokenizer
 
     def shards(self) -> Iterator[pa.Table]:
-        """Each shard as a memory-mapped table with every stored column, its rows and the buffer's columns
-        (of the buffer's types) checked against the manifest: a shard replaced together with its checksum
-        is named, not read as rows."""
-        schema = self.buffer.schema
-        for p, entry in zip(self.buffer.shard_paths, self.buffer.manifest["shards"]):
-            t = read_shard(p)
-            if t.num_rows != entry["rows"]:
-                raise ValueError(f"{p}: holds {t.num_rows} rows, manifest says {entry['rows']}; the buffer is damaged")
-            for f in schema:
-                if f.name not in t.schema.names or _kind_of(t.schema.field(f.name).type) != _kind_of(f.type):
-                    got = t.schema.field(f.name).type if f.name in t.schema.names else "missing"
-                    raise ValueError(
-                        f"{p}: column {f.name!r} is {got}, the buffer's schema says {f.type} "
-                        f"({self.path / MANIFEST}); the buffer is damaged"
-                    )
-            yield t
+        """Each shard with every stored column, checked against the manifest (:meth:`Buffer.checked_shards`)."""
+        return self.buffer.checked_shards()
 
     def extra_kinds(self) -> dict[str, str]:
         """Top-level keys of the ``extra`` objects -> their column kind (bool, int, float, str, or json for
