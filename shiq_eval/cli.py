@@ -575,7 +575,7 @@ def run(args) -> list[dict]:
                 "method": info["method"],
                 "beta": info["beta"],
                 "step": info["step"],
-                "checkpoint": str(info["path"]),
+                "checkpoint": os.path.abspath(info["path"]),  # one run's rows agree, whatever the cwd was
                 "model_sha256": model_sha256(info["files"]),
                 **common,
                 **res.as_dict(),
@@ -592,7 +592,7 @@ def run(args) -> list[dict]:
                 "run": Path(os.path.abspath(args.guide)).name,
                 "method": "qsharp",
                 "step": guide_info(args.guide)["steps"],
-                "checkpoint": str(args.guide),
+                "checkpoint": os.path.abspath(args.guide),
                 "model_sha256": model_sha256([Path(args.guide) / "value_model.pt"]),
                 **common,
                 **res.as_dict(),

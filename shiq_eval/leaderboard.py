@@ -344,7 +344,8 @@ def _measured(row: dict) -> str:
 def check_runs(rows: list[dict]) -> None:
     """Refuse one run label (:func:`run_label`) on rows of different methods or ``β``: two training runs, whose
     checkpoints would be drawn as one curve and the later one's last step paired as the run's. Rows of one
-    label from checkpoints of different run folders (their recorded paths) are drawn as one run, said on stderr.
+    label from checkpoints of different run folders (their recorded paths, absolute since evaluations record them
+    so) are drawn as one run, said on stderr.
     """
     first: dict = {}
     folders: dict = {}

@@ -13,6 +13,7 @@ import base64
 import hashlib
 import json
 import math
+import os
 import re
 from pathlib import Path
 
@@ -54,7 +55,7 @@ def recompute(row: dict, beta) -> dict:
     }
 
 
-def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
+def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys, monkeypatch):
     from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
 
     init = tiny_hf_folder(tmp_path / "init")
@@ -84,7 +85,8 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     common = ["--suite", str(suite_dir / "tiny.yaml"), "--quiet"]
     runs_b = [str(runs["0.1"]), str(runs["0.5"])]
     assert eval_cli.main(["run", *runs_b, "--out", str(tmp_path / "ev"), *common]) == 0
-    assert eval_cli.main(["run", str(hf), "--out", str(tmp_path / "ev_hf"), *common]) == 0
+    monkeypatch.chdir(tmp_path)  # a model named by a relative path is recorded by its absolute one
+    assert eval_cli.main(["run", hf.name, "--out", str(tmp_path / "ev_hf"), *common]) == 0
     ev = json.loads((tmp_path / "ev" / "results.json").read_text())
     ev_hf = json.loads((tmp_path / "ev_hf" / "results.json").read_text())
 
@@ -104,6 +106,9 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys):
     assert ev[0]["model_sha256"] == sha256_of(init / "model.safetensors")
     assert [(r["run"], r["method"], r["step"], r["beta"]) for r in ev_hf[1:]] == [("hf_b05", "shiq", 2, betas["0.5"])]
     assert ev_hf[1]["model_sha256"] == sha256_of(hf / "model.safetensors")
+    assert ev_hf[1]["checkpoint"] == os.path.abspath(hf) and ev[1]["checkpoint"] == os.path.abspath(
+        runs["0.1"] / "checkpoints" / "step_00000001"
+    )
     # one suite, one fingerprint: the resolved settings with the prompts' and head's content hashes
     prompts_sha = hashlib.sha256(
         json.dumps([[f"w{i} w{i + 1} w{i + 2}"] * 2 for i in range(3, 9)]).encode()
