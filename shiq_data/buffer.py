@@ -100,8 +100,8 @@ log = logging.getLogger(__name__)
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-_SHARD_RE = re.compile(r"^\.?shard-\d{5}.*")
-_SHARD_NAME = re.compile(r"^shard-\d{5}(\.r\d+)?\.arrow$")  # what a manifest may list
+_SHARD_RE = re.compile(r"\.?shard-[0-9]{5}.*", re.DOTALL)  # (.match) the files an append may leave
+_SHARD_NAME = re.compile(r"shard-[0-9]{5}(\.r[0-9]+)?\.arrow")  # (.fullmatch) what a manifest may list
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -388,7 +388,7 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         if not isinstance(entry, dict):
             raise ValueError(f"{where}: must be an object, got {type(entry).__name__}")
         name = entry.get("file")
-        if not isinstance(name, str) or not _SHARD_NAME.match(name):
+        if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
             raise ValueError(
                 f"{where}.file: {name!r} is not a shard file name (shard-NNNNN.arrow or shard-NNNNN.rN.arrow)"
             )

@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import uuid
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -416,9 +417,10 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
 
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
-    place (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
-    process built it first) unless ``replace`` is true, when it is removed just before the rename. Parent
-    folders it had to make are removed again on failure, if still empty."""
+        place (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
+        process built it first) unless ``replace`` is true, when it is renamed aside just before the rename and
+    removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost). Parent
+        folders it had to make are removed again on failure, if still empty."""
     folder = Path(folder)
     if folder.is_dir() and not replace:
         return folder
@@ -427,14 +429,21 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)
-        if replace and folder.exists():
-            shutil.rmtree(folder)
+        old = None
+        if replace and folder.exists():  # set aside, not deleted, until the new one is in place
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.old")
+            os.rename(folder, old)
         try:
             os.rename(tmp, folder)
-        except OSError:  # another process finished first; its copy is identical
-            if not folder.is_dir():
+        except OSError:
+            if old is not None:  # put back what is replaced, and say why the new one is not there
+                os.rename(old, folder)
+                raise
+            if not folder.is_dir():  # else another process finished first; its copy is identical
                 raise
         fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         remove_created_dirs(made)

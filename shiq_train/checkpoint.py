@@ -340,8 +340,12 @@ def _checksum_file(path: Path) -> Path:
 
 def check_sha256(path: Path) -> None:
     """Raise ``ValueError`` naming ``path`` unless it matches the SHA-256 in ``path.sha256``: a file cut short,
-    damaged on disk or edited is refused before it is read, as is one without a checksum."""
+    damaged on disk or edited is refused before it is read, as is one without a checksum, and either file being
+    a symbolic link (it could name any file outside the folder)."""
     sums = _checksum_file(path)
+    for p in (path, sums):  # a link would let the folder name any file, its checksum included
+        if p.is_symlink():
+            raise ValueError(f"{p} is a link; a checkpoint's files must be plain files inside {path.parent}")
     if not path.is_file():
         raise ValueError(f"{path} is missing: the checkpoint is incomplete")
     try:

@@ -529,6 +529,37 @@ def test_a_failed_append_commit_leaves_the_old_buffer(tmp_path, monkeypatch):
     assert validate_buffer(b)["rows"] == 9
 
 
+def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):
+    """``atomic_dir(replace=True)`` (a model export, a value model, the converted model cache) deleted the old
+    folder before renaming the new one into place: a failure between the two lost both. The old one is now
+    renamed aside and removed only once the new one is in place; on a failed rename it is put back."""
+    import shiq_data.io as io
+
+    folder = tmp_path / "model"
+    io.atomic_dir(folder, lambda t: (t / "w").write_text("old"))
+
+    def fill(t):
+        (t / "w").write_text("new")
+
+    real_rename = os.rename
+
+    def rename_fails_into_place(src, dst):
+        if Path(dst) == folder and ".old" not in Path(src).name:
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "rename", rename_fails_into_place)
+        with pytest.raises(OSError, match="No space"):
+            io.atomic_dir(folder, fill, replace=True)
+    assert (folder / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with pytest.raises(RuntimeError, match="fill failed"):
+        io.atomic_dir(folder, lambda t: (_ for _ in ()).throw(RuntimeError("fill failed")), replace=True)
+    assert (folder / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    io.atomic_dir(folder, fill, replace=True)
+    assert (folder / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):
     """write_buffer/append_buffer given Arrow tables of rows (as the curation verbs give them), mixed with row
     dicts and cut anywhere, write the rows the dicts alone write, at the same shard boundaries; duplicate row

@@ -39,11 +39,25 @@ def _files(folder):
     return {p.name: _sha(p) for p in Path(folder).iterdir() if p.is_file() and p.name != ".lock"}
 
 
-@pytest.mark.parametrize("name", ["../other/shard-00000.arrow", "/etc/passwd", "sub/shard-00000.arrow", "x.arrow", 7])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "../other/shard-00000.arrow",
+        "/etc/passwd",
+        "sub/shard-00000.arrow",
+        "x.arrow",
+        7,
+        "shard-00000.arrow\n",  # "$" matched before a final newline: validate then deleted the real shard
+        "shard-\u0660\u0660\u0660\u0660\u0660.arrow",  # digits, but not ASCII ones
+    ],
+)
 def test_a_shard_name_outside_the_folder_is_refused_everywhere(tmp_path, name):
     a, other = _build(tmp_path / "a"), _build(tmp_path / "other", seed=1)
     victim = dict(_files(other))
     _edit_manifest(a, lambda m: m["shards"][0].update(file=name))
+    if isinstance(name, str) and "/" not in name:  # a file of that name beside the real one
+        (a / name).write_bytes((a / "shard-00000.arrow").read_bytes())
+    mine = _files(a)
     for call in (
         lambda: read_manifest(a),
         lambda: open_buffer(a),
@@ -54,6 +68,28 @@ def test_a_shard_name_outside_the_folder_is_refused_everywhere(tmp_path, name):
         with pytest.raises(ValueError, match=r"manifest\.json: shards\[0\]\.file"):
             call()
     assert _files(other) == victim  # the other buffer was not touched
+    assert _files(a) == mine  # nor this one (validate's cleanup deleted nothing)
+
+
+@pytest.mark.parametrize("linked", [("f.pt",), ("f.pt.sha256",), ("f.pt", "f.pt.sha256")])
+def test_a_linked_checkpoint_file_or_checksum_is_refused(tmp_path, linked):
+    """A rank file (or Q♯ value model) and its ``.sha256`` are plain files of their folder: a link, even to a
+    file its checksum matches, could read any file outside the run."""
+    from shiq_train.checkpoint import check_sha256
+
+    outside, step = tmp_path / "outside", tmp_path / "run" / "step"
+    outside.mkdir()
+    step.mkdir(parents=True)
+    for folder in (outside, step):
+        (folder / "f.pt").write_bytes(b"weights")
+        (folder / "f.pt.sha256").write_text(f"{hashlib.sha256(b'weights').hexdigest()}  f.pt\n")
+    check_sha256(outside / "f.pt")  # the files themselves pass
+    check_sha256(step / "f.pt")
+    for name in linked:
+        (step / name).unlink()
+        os.symlink(outside / name, step / name)
+    with pytest.raises(ValueError, match=rf"{step / linked[0]} is a link; a checkpoint's files must be plain files"):
+        check_sha256(step / "f.pt")
 
 
 def test_a_symlinked_shard_is_refused(tmp_path):

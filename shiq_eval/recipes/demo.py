@@ -706,7 +706,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         trainer.fit(sampler, evaluate=evaluate, on_start=lambda start: validate(0) if start == 0 else None)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
-        shutil.copyfile(metrics, run / "train_metrics.jsonl")
+        atomic_write_bytes(run / "train_metrics.jsonl", metrics.read_bytes())
 
 
 def validation_batches(ctx: Context) -> list[dict]:
