@@ -324,10 +324,16 @@ def check_group_batch(stats: tuple, rewards, action_mask, group_ids, beta) -> No
     """The checks every group loss (DPO, CoPG, ``dro_v_loo``; SHIQ_MATH §5) makes of its micro-batch before
     anything is computed from it: the four statistics and ``rewards`` ``[B, T]`` finite floats, rewards on
     action positions only, ``action_mask`` bool, ``beta`` finite > 0, ``group_ids`` ``[B]`` integers.
-    Raises ValueError naming the first problem (DPO reads rewards only through the pairs they order, so a
-    NaN reward would otherwise drop a pair silently)."""
+    Every row has an action: a row without one (return 0, log-ratio 0) would otherwise enter the pairs and
+    groups as a completion. Raises ValueError naming the first problem (DPO reads rewards only through the pairs
+    they order, so a NaN reward would otherwise drop a pair silently)."""
     B = _check_stats(stats, rewards, action_mask, beta)
     _check_vector("group_ids", group_ids, length=B, integer=True)
+    empty = torch.nonzero(~action_mask.any(-1)).flatten()
+    if empty.numel():
+        raise ValueError(
+            f"action_mask: row {int(empty[0])} has no action position (a group loss reads whole completions)"
+        )
 
 
 def preference_pairs(returns: torch.Tensor, group_ids: torch.Tensor):

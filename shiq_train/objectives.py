@@ -241,7 +241,7 @@ def compute_loss(
         returns = L.sequence_return(rewards, action_mask)
         loss, extra = spec.group_loss(cfg.beta, stats, rewards, action_mask, group_ids, returns)
         metrics.update(extra)
-        traj_returns = returns.detach()
+        traj_returns = returns.detach()  # every row has an action (check_group_batch)
         traj_log_ratio = L.sequence_log_ratio(*stats, action_mask).detach()
     metrics["reward"] = float(traj_returns.mean()) if traj_returns.numel() else 0.0
     metrics["log_ratio"] = float(traj_log_ratio.mean()) if traj_log_ratio.numel() else 0.0

@@ -77,6 +77,12 @@ def test_group_losses_refuse_batches_without_whole_groups(name):
     seg = torch.zeros(m.shape, dtype=torch.long)
     with pytest.raises(ValueError, match=f"loss '{name}' needs one trajectory per row, but the micro-batch is packed"):
         compute_loss(LossConfig(name), *stats, r, m, group_ids=groups, segment_ids=seg)
+    # a row without an action would enter the pairs and groups as a completion of return 0 and log-ratio 0
+    m2, r2 = m.clone(), r.clone()
+    m2[1], r2[1] = False, 0.0
+    compute_loss(LossConfig(name), *stats, r, m, group_ids=groups)  # whole rows pass
+    with pytest.raises(ValueError, match="action_mask: row 1 has no action position"):
+        compute_loss(LossConfig(name), *stats, r2, m2, group_ids=groups)
 
 
 def test_registry_entries_are_consistent():
