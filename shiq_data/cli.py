@@ -75,6 +75,17 @@ def _parse_options(pairs: list[str]) -> dict:
     return out
 
 
+def _key_value(text: str) -> str:
+    """An ``--option`` value: ``KEY=VALUE``, else a one-line argparse error. ``--option`` takes several values,
+    so the input file written after them is read as one; the error says so."""
+    if not text.partition("=")[0] or "=" not in text:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not KEY=VALUE (--option reads every value up to the next flag: write the input "
+            "file before --option)"
+        )
+    return text
+
+
 def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
     form = get_format(fmt)
     options = _parse_options(args.option)
@@ -303,6 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--option",
             action="extend",
             nargs="+",
+            type=_key_value,
             default=[],
             metavar="KEY=VALUE",
             help="options passed to a format reader: one or more after each --option, which may be repeated "

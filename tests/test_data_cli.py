@@ -410,6 +410,14 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
     # the generic formats take the field-name options only
     want = "--option x: unknown option; format 'jsonl' accepts --option completion_field, prompt_field, reward_field"
     assert want in capsys.readouterr().err
+    # --option takes several values: an input file written after them is named as the misplaced value it is,
+    # where argparse said only that FORMAT and INPUT were missing
+    with pytest.raises(SystemExit) as e:
+        main(["build", "--option", "prompt_field=q", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", "x"])
+    assert e.value.code == 2
+    assert "argument --option: 'jsonl' is not KEY=VALUE (--option reads every value up to the next flag" in (
+        capsys.readouterr().err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
