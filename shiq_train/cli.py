@@ -568,15 +568,31 @@ def outermost_missing(path: Path) -> Path | None:
     return next((p for p in [*reversed(path.parents), path] if not p.exists()), None)
 
 
-def remove_half_made_run(created: Path | None, out: Path) -> None:
-    """After a failed start: remove ``created`` (the outermost folder this start made for ``out``) unless the
-    run got as far as a logged step or a checkpoint. Folders that existed before are never touched."""
-    if created is None or not created.exists():
-        return
+def start_state(out: Path) -> tuple[Path | None, set[str] | None]:
+    """What a failed start may remove (:func:`remove_half_made_run`): the outermost folder it will create for
+    ``out``, or, when ``out`` exists, the names it holds now."""
+    created = outermost_missing(out)
+    return created, ({p.name for p in out.iterdir()} if created is None and out.is_dir() else None)
+
+
+def remove_half_made_run(state: tuple[Path | None, set[str] | None], out: Path) -> None:
+    """After a failed start: remove what it made (:func:`start_state`: the outermost folder it created for
+    ``out``, else the files and folders it added to an existing ``out``) unless the run got as far as a
+    logged step or a checkpoint. Folders and files that existed before are never touched."""
+    created, before = state
     metrics = out / "metrics.jsonl"
     if (out / "checkpoints" / "latest").exists() or (metrics.is_file() and metrics.stat().st_size > 0):
         return
-    shutil.rmtree(created, ignore_errors=True)
+    if created is not None:
+        if created.exists():
+            shutil.rmtree(created, ignore_errors=True)
+        return
+    for p in out.iterdir() if before is not None and out.is_dir() else ():
+        if p.name not in before:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
 
 
 def _fits(value, kind) -> bool:
@@ -774,7 +790,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     log.debug(f"shiq-train: resolved config {json.dumps(cfg, sort_keys=True, default=str)}")
     out = Path(cfg["out"])
-    created = outermost_missing(out)  # removed again if this start fails before a step is done
+    created = start_state(out)  # what is removed again if this start fails before a step is done
     _check_out(out)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
         if int(os.environ.get("RANK", "0")) == 0:

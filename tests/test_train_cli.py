@@ -648,11 +648,17 @@ def test_a_failed_start_leaves_no_half_made_run_folder(tmp_path):
     assert res.returncode == 2 and "row 3, field 'tokens'" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer", "driver.py"]
 
+    # an empty folder the user made is a valid out= (one holding files is refused before any of this): the
+    # same failure in it must leave it, not remove it as a folder of the run's own making
     (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("keep")
     res = start(tmp_path / "mine")
-    assert res.returncode == 2
-    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+    assert res.returncode == 2 and "row 3, field 'tokens'" in res.stderr.strip().splitlines()[-1], res.stderr[-2000:]
+    assert (tmp_path / "mine").is_dir() and list((tmp_path / "mine").iterdir()) == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("keep")
+    res = start(tmp_path / "other")
+    assert res.returncode == 2 and "holds files but is not a shiq-train run folder" in res.stderr, res.stderr[-2000:]
+    assert (tmp_path / "other" / "notes.txt").read_text() == "keep"
 
 
 def test_a_corrupted_shard_is_refused_unless_checksums_are_switched_off(tmp_path):
