@@ -165,8 +165,10 @@ def test_repo_split_is_160_40_seeded_and_loadable(tmp_path, capsys):
     assert cli.main([*argv, "--out", str(tmp_path / "p.jsonl")]) == 2
     assert "a split of 2 scenarios, but multi_turn_base_2 is scenario 2" in capsys.readouterr().err
     assert not (tmp_path / "p.jsonl").exists()
-    with pytest.raises(SystemExit):  # --limit -1 kept 199 of 200 entries
+    with pytest.raises(SystemExit) as e:  # --limit -1 kept 199 of 200 entries
         cli.main(["prompts", "--categories", "multi_turn_base", "--limit", "-1", "--out", str(tmp_path / "q")])
+    assert e.value.code == 2 and "argument --limit: must be >= 1, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_summary_numbers_by_hand():

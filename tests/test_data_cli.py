@@ -92,7 +92,7 @@ def test_bad_input_fails_with_one_line_naming_file_line_field(tmp_path, capsys, 
     inp.write_text(json.dumps(RECORDS[0]) + "\n" + bad_line + json.dumps(RECORDS[1]) + "\n")
     rc = main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"])
     err = capsys.readouterr().err.strip()
-    assert rc != 0 and len(err.splitlines()) == 1
+    assert rc == 2 and len(err.splitlines()) == 1
     assert str(inp) in err and where in err and f"field {field}" in err and words in err
     assert not (tmp_path / "buf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 

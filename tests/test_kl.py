@@ -96,7 +96,7 @@ def test_mean_stderr():
     m, se = mean_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5
     assert se == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() / 2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="mean_stderr needs at least one value"):
         mean_stderr(torch.tensor([]))
 
 

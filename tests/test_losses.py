@@ -232,7 +232,7 @@ def test_no_action_gives_zero_loss_with_a_gradient_path():
     c = torch.zeros(2, 3, requires_grad=True)
     loss = shiq_loss(c, c, c.detach(), c.detach(), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), beta=1.0)
     loss.backward()
-    assert float(loss.detach()) == 0.0 and c.grad is not None
+    assert float(loss.detach()) == 0.0 and c.grad is not None and not c.grad.any()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -314,7 +314,7 @@ def test_numpy_and_integer_beta_are_accepted():
     args = _good()
     want = shiq_loss(*args, beta=0.5)
     assert torch.equal(shiq_loss(*args, beta=np.float32(0.5)), want)
-    assert torch.isfinite(shiq_loss(*args, beta=1))
+    assert torch.equal(shiq_loss(*args, beta=1), shiq_loss(*args, beta=1.0))  # an int β is that float
 
 
 def _baseline_call(name, args, **override):
@@ -357,8 +357,9 @@ def test_baselines_check_rewards_and_per_row_vectors():
         with pytest.raises(ValueError, match="non-action position"):
             _baseline_call(name, args)
     good = _good()
-    with pytest.raises(ValueError, match="outside"):
-        _baseline_call("dpo", good, winners=torch.tensor([2]))
+    for w, l in (([2], [1]), ([-1], [1]), ([0], [-2])):  # a negative index would read a row from the end
+        with pytest.raises(ValueError, match=r"holds a row index outside \[0, 2\)"):
+            _baseline_call("dpo", good, winners=torch.tensor(w), losers=torch.tensor(l))
     with pytest.raises(ValueError, match="pair up"):
         _baseline_call("dpo", good, losers=torch.tensor([1, 0]))
     with pytest.raises(ValueError, match="group_ids must be \\[2\\]"):
@@ -380,10 +381,26 @@ def test_baselines_check_rewards_and_per_row_vectors():
 def test_bad_variant_gamma_and_segments_raise():
     with pytest.raises(ValueError, match="variant must be one of"):
         shiq_loss(*_good(), beta=0.5, variant="dqn")
-    with pytest.raises(ValueError, match="gamma must be"):
-        shiq_loss(*_good(), beta=0.5, gamma=1.5)
+    for gamma in (1.5, -0.2, float("nan"), float("inf"), "0.5", True):
+        with pytest.raises(ValueError, match=r"gamma must be a number in \[0, 1\]"):
+            shiq_loss(*_good(), beta=0.5, gamma=gamma)
+    for gamma in (0.0, 0.5, 1.0):  # the edges are allowed
+        assert torch.isfinite(shiq_loss(*_good(), beta=0.5, gamma=gamma))
     with pytest.raises(ValueError, match="non-decreasing"):
         shiq_loss(*_good(), segment_ids=torch.tensor([[0, 0, 1, 0], [0, 0, 0, 0]]), beta=0.5)
+    for seg, message in (
+        (torch.tensor([[0, 0, 1, 1], [-1, 0, 0, 0]]), "segment_ids must be non-negative"),
+        (torch.zeros(2, 4), "segment_ids must be an integer tensor, got dtype torch.float32"),
+        (torch.zeros(2, 4, dtype=torch.bool), "segment_ids must be an integer tensor, got dtype torch.bool"),
+        (torch.zeros(2, 3, dtype=torch.long), r"shape mismatch: segment_ids has shape \(2, 3\)"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            shiq_loss(*_good(), segment_ids=seg, beta=0.5)
+    for mask in (torch.ones(4, dtype=torch.bool), torch.ones(2, 4, 1, dtype=torch.bool)):
+        args = _good()
+        args[5] = mask
+        with pytest.raises(ValueError, match=r"inputs must be \[B, T\]; action_mask has shape"):
+            shiq_loss(*args, beta=0.5)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -642,4 +659,4 @@ def test_packed_dro_v_on_an_empty_micro_batch_is_zero_like_the_padded_one():
         seg = torch.zeros(shape, dtype=torch.long)
         loss = dro_v_loss(e, e, e.detach(), e.detach(), e.detach(), em, beta=0.1, segment_ids=seg)
         loss.backward()
-        assert float(loss) == 0.0 and e.grad is not None
+        assert float(loss) == 0.0 and e.grad is not None and not e.grad.any()

@@ -366,8 +366,13 @@ def test_a_bool_is_not_an_integer_config_value(field):
 
 
 def test_config_values_at_the_edges_are_accepted():
-    M.ModelConfig(num_query_groups=1, hidden_dropout=0.0, attention_dropout=0.999, ffn_hidden_size=1)
-    M.ModelConfig(num_query_groups=4, layernorm_epsilon=1e-12, hidden_dropout=0)
+    a = M.ModelConfig(num_query_groups=1, hidden_dropout=0.0, attention_dropout=0.999, ffn_hidden_size=1)
+    b = M.ModelConfig(num_query_groups=4, layernorm_epsilon=1e-12, hidden_dropout=0)
+    assert (a.num_query_groups, a.hidden_dropout, a.attention_dropout, a.ffn_hidden_size) == (1, 0.0, 0.999, 1)
+    assert (b.num_query_groups, b.layernorm_epsilon, b.hidden_dropout) == (4, 1e-12, 0)
+    for edge in ({"attention_dropout": 1.0}, {"ffn_hidden_size": 0}, {"num_query_groups": 0}):  # just beyond
+        with pytest.raises(ValueError, match=rf"model\.{next(iter(edge))} = "):
+            M.ModelConfig(**edge)
 
 
 def test_unknown_config_key_is_named():

@@ -169,26 +169,28 @@ def test_dro_v_reads_single_rows_padded_or_packed():
 
 
 @pytest.mark.parametrize(
-    "beta,gamma",
+    "beta,gamma,ok",
     [
-        (0.1, 1.5),
-        (0.1, -0.2),
-        (0.1, float("nan")),
-        (0.1, "0.9"),
-        (float("inf"), 1.0),
-        (float("nan"), 1.0),
-        (0.0, 1.0),
-        (-0.5, 1.0),
-        (True, 1.0),
-        (0.1, 0.0),
-        (0.1, 1.0),
-        (0.1, 0.5),
-        (2, 1),
+        (0.1, 1.5, False),
+        (0.1, -0.2, False),
+        (0.1, float("nan"), False),
+        (0.1, "0.9", False),
+        (float("inf"), 1.0, False),
+        (float("nan"), 1.0, False),
+        (0.0, 1.0, False),
+        (-0.5, 1.0, False),
+        (True, 1.0, False),
+        (0.1, True, False),
+        (0.1, 0.0, True),
+        (0.1, 1.0, True),
+        (0.1, 0.5, True),
+        (2, 1, True),
     ],
 )
-def test_config_accepts_exactly_what_the_loss_accepts(beta, gamma):
+def test_config_accepts_exactly_what_the_loss_accepts(beta, gamma, ok):
     """β and γ out of range are refused when the config is made, in one line naming the field and value, not at
-    the first step: the config accepts exactly the values the loss functions accept (``shiq_loss``'s own check)."""
+    the first step: the config accepts exactly the values the loss functions accept (``shiq_loss``'s own check),
+    and both accept the values SHIQ_MATH allows (``ok``: β finite > 0, γ in [0, 1], numbers, not bools)."""
     stats, r, m, _ = batch()
     try:
         L.shiq_loss(*stats, r, m, beta=beta, gamma=gamma)
@@ -196,6 +198,7 @@ def test_config_accepts_exactly_what_the_loss_accepts(beta, gamma):
         loss_ok = False
     else:
         loss_ok = True
+    assert loss_ok == ok
     if loss_ok:
         LossConfig("shiq", beta=beta, gamma=gamma)
         return

@@ -196,8 +196,13 @@ def test_atom_support():
     assert np.allclose(atoms.numpy(), np.linspace(-2.0, 3.0, 11), atol=1e-7)
     assert float(atoms[0]) == -2.0 and float(atoms[-1]) == 3.0
     assert atom_support(0, 1).shape == (11,)  # the default of 11 atoms
-    for bad in ((1.0, 1.0, 11), (2.0, 1.0, 11), (0.0, 1.0, 1), (0.0, float("inf"), 11)):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        ((1.0, 1.0, 11), "need finite v_min < v_max"),
+        ((2.0, 1.0, 11), "need finite v_min < v_max"),
+        ((0.0, 1.0, 1), "num_atoms must be an integer >= 2"),
+        ((0.0, float("inf"), 11), "need finite v_min < v_max"),
+    ):
+        with pytest.raises(ValueError, match=message):
             atom_support(*bad)
 
 

@@ -295,7 +295,7 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
 
 
-def test_epochs_cli_reports_every_epoch(tmp_path):
+def test_epochs_cli_reports_every_epoch(tmp_path, capsys):
     assert toys.main(["gridworld", "--protocol", "epochs", "--quick", "--n-pairs", "30", "--out", str(tmp_path)]) == 0
     grid = json.loads((tmp_path / "gridworld.json").read_text())
     for block in grid["settings"].values():
@@ -305,14 +305,15 @@ def test_epochs_cli_reports_every_epoch(tmp_path):
             assert res["at_epoch"]["2"]["reward"] == res["final_reward"]
             assert res["at_epoch"]["1"]["regret_std"] == res["regret_std"][1]
     assert (tmp_path / "gridworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for bad in (
-        ["bandit", "--protocol", "epochs"],
-        ["gridworld", "--epochs", "3"],
-        ["gridworld", "--protocol", "epochs", "--steps", "5"],
+    for bad, message in (
+        (["bandit", "--protocol", "epochs"], "--protocol epochs applies to the gridworld experiment only"),
+        (["gridworld", "--epochs", "3"], "--epochs needs --protocol epochs"),
+        (["gridworld", "--protocol", "epochs", "--steps", "5"], "--steps does not apply to --protocol epochs"),
     ):
         with pytest.raises(SystemExit) as e:
             toys.main([*bad, "--out", str(tmp_path)])
-        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"shiq-toys: error: {message}" in err, err
 
 
 @pytest.mark.slow
