@@ -93,6 +93,8 @@ def hf_folder_info(folder: Path) -> dict:
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(hf_config, dict):
+        raise EvalInputError(f"{folder / 'config.json'}: expected a JSON object, got {type(hf_config).__name__}")
     _as_input_error(check_weight_map, folder)
     files = weight_files(folder)
     if not files:

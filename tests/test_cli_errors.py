@@ -73,6 +73,9 @@ def files(tmp_path_factory):
     (d / "rm.safetensors").write_text("this is not a safetensors file")
     (d / "prompts.jsonl").write_text('{"prompt": "a"}\n')
     (d / "afile").write_text("not a folder")
+    (d / "listcfg").mkdir()  # a Hugging Face folder whose config.json is a JSON list
+    (d / "listcfg" / "config.json").write_text("[]")
+    (d / "listcfg" / "model.safetensors").write_bytes(b"x")
     return d
 
 
@@ -144,6 +147,11 @@ CASES = [
         ]
         + ["--reference", "{d}/nomodel"],
         "rm.safetensors",
+    ),
+    case(
+        "shiq-eval",
+        ["run", "{d}/listcfg", "--out", "{d}/o", "--prompts", "{d}/prompts.jsonl", "--reward-model", "{d}/rm.st"],
+        "{d}/listcfg/config.json: expected a JSON object, got list",
     ),
     case("shiq-eval", ["bfcl", "report", "{d}/missing.jsonl"], "missing.jsonl"),
     case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),
