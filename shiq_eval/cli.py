@@ -51,7 +51,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import atomic_write_json, files_together, weight_files
+from shiq_data.io import RowError, atomic_write_json, files_together, utf8_lines, weight_files
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
@@ -149,7 +149,12 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
     if not path.is_file():
         raise EvalInputError(f"--prompts {path}: no such file")
     prompts, shown = [], []
-    for i, line in enumerate(path.read_text(encoding="utf-8").split("\n"), 1):  # (U+2028 may be inside a string)
+    try:
+        with open(path, "rb") as f:  # lines end at "\n" only (U+2028 may be inside a string)
+            lines = list(utf8_lines(f, path))
+    except RowError as e:  # a byte that is not UTF-8, named with its line
+        raise EvalInputError(str(e)) from None
+    for i, line in lines:
         if not line.strip():
             continue
         try:

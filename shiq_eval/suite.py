@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import version
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -89,6 +90,11 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         if path is not None:
             base = OmegaConf.merge(base, OmegaConf.load(path))
         suite = OmegaConf.to_object(base)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or type(e).__name__
+        raise SuiteError(f"{path}: not valid YAML ({problem}{where})") from None
     except (OmegaConfBaseException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise SuiteError(f"{path}: {first} (a suite has the keys {[f.name for f in fields(Suite)]})") from None

@@ -73,6 +73,8 @@ def files(tmp_path_factory):
     (d / "rm.safetensors").write_text("this is not a safetensors file")
     (d / "prompts.jsonl").write_text('{"prompt": "a"}\n')
     (d / "afile").write_text("not a folder")
+    (d / "bad_suite.yaml").write_text("prompts: [1\n")  # YAML cut short
+    (d / "nonutf8.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "b\xff"}\n')
     (d / "listcfg").mkdir()  # a Hugging Face folder whose config.json is a JSON list
     (d / "listcfg" / "config.json").write_text("[]")
     (d / "listcfg" / "model.safetensors").write_bytes(b"x")
@@ -152,6 +154,18 @@ CASES = [
         "shiq-eval",
         ["run", "{d}/listcfg", "--out", "{d}/o", "--prompts", "{d}/prompts.jsonl", "--reward-model", "{d}/rm.st"],
         "{d}/listcfg/config.json: expected a JSON object, got list",
+    ),
+    case(
+        "shiq-eval",
+        ["run", "{d}/evalrun", "--out", "{d}/o", "--suite", "{d}/bad_suite.yaml"],
+        "{d}/bad_suite.yaml: not valid YAML (",
+        "at line 2, column 1",
+    ),
+    case(
+        "shiq-eval",
+        ["run", "{d}/evalrun", "--out", "{d}/o", "--prompts", "{d}/nonutf8.jsonl", "--scorer", "vader"]
+        + ["--reference", "{d}/nomodel"],
+        "{d}/nonutf8.jsonl: line 2: field '*': not valid UTF-8 (byte 0xff",
     ),
     case("shiq-eval", ["bfcl", "report", "{d}/missing.jsonl"], "missing.jsonl"),
     case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),
