@@ -31,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from shiq_data.assets import config_dir
-from shiq_data.buffer import open_buffer, read_manifest
+from shiq_data.buffer import open_buffer, read_manifest, refuse_inside_buffer
 from shiq_data.cli_common import (
     broken_pipe,
     fail,
@@ -468,10 +468,14 @@ def _comparable(cfg: dict) -> dict:
 
 
 def _check_out(out: Path) -> None:
-    """Refuse an ``out`` that is a file, or a folder holding other things than a run (a buffer, a home
-    folder): training would write its config, checkpoints and logs among them."""
+    """Refuse an ``out`` that is a file, a buffer or a folder inside one, or a folder holding other things than a
+    run (a home folder): training would write its config, checkpoints and logs among them."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file: give a folder for the run")
+    try:  # the buffer's folder is its own: validate would delete what it does not list
+        refuse_inside_buffer(out, "out=", itself=True)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("out= ", "out=", 1)) from None
     held = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
     if held and not any((out / n).exists() for n in ("config.yaml", "checkpoints")):
         raise ConfigError(

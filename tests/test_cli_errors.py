@@ -103,7 +103,12 @@ CASES = [
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "loss=nope"], "loss/nope"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=[1"], "[1"),
     case("shiq-train", ["data.buffer={d}/missing", "out={d}/r"], "{d}/missing"),
-    case("shiq-train", ["data.buffer={d}/buf", "out={d}/buf"], "out={d}/buf", "not a shiq-train run folder"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/buf"], "out={d}/buf is the buffer: choose a folder outside it"),
+    case(
+        "shiq-train",
+        ["data.buffer={d}/buf", "out={d}/buf/run"],
+        "out={d}/buf/run is inside the buffer {d}/buf: choose a folder outside it",
+    ),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/afile"], "out={d}/afile is a file"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "=5"], "argument '=5' has no key: expected key=value"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "~loss"], "the section 'loss' was removed"),
