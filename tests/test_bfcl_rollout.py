@@ -466,6 +466,56 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2
     assert not none.exists()
 
 
+def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_end_of_turn(tmp_path, capsys, smollm2):
+    """A model answer stopped by --max-new-tokens, re-rendered by the chat template, gained an <|im_end|> the
+    model never drew, marked as its action and given the turn's reward. rollout now records the cut answers
+    (``truncated``), and to-buffer refuses such a trajectory unless told to drop or keep it."""
+    from shiq_data.buffer import open_buffer
+
+    tok, info = smollm2
+    end = info["eos_id"]
+    entry = next(
+        e for e in data.load_category("multi_turn_base") if data.entry_index(e["id"]) in set(data.load_split()["train"])
+    )
+    limit = len(tok("[pwd()]", add_special_tokens=False)["input_ids"])
+    drawn = iter([("[pwd()]", False), ("done", True)])  # (text, ended by the model's own end token)
+
+    class Model:
+        max_context, eos_id = 100_000, end
+
+        def generate(self, batch, cfg):
+            text, ended = next(drawn, ("ok", True))
+            return [tok(text, add_special_tokens=False)["input_ids"] + ([end] if ended else [])]
+
+    class Cfg:
+        max_new_tokens = limit
+
+    cut = ro.rollout_entry(entry, ro.ChatModelPolicy(Model(), tok, Cfg()))
+    assert cut["truncated"] == [0]
+    assert [m["content"] for m in cut["messages"] if m["role"] == "assistant"][:2] == ["[pwd()]", "done"]
+    whole = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    assert whole["truncated"] == []
+    ro.write_trajectories(tmp_path / "t.jsonl", [cut, whole])
+    args = ["to-buffer", str(tmp_path / "t.jsonl"), "--subset", "train", "--out"]
+    assert cli.main([*args, str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 't.jsonl'}: trajectory 1 ({entry['id']}): assistant message 0 was cut by the token" in err
+    assert not (tmp_path / "refused").exists()
+    assert cli.main([*args, str(tmp_path / "dropped"), "--truncated", "drop"]) == 0
+    assert "wrote 1 trajectories of 1 entries" in capsys.readouterr().out
+    (row,) = [open_buffer(tmp_path / "dropped").row(0)]
+    assistant = [m["content"] for m in whole["messages"] if m["role"] == "assistant"]
+    assert tok.decode([x for x, m in zip(row["tokens"], row["action_mask"]) if m]) == "".join(
+        a + "<|im_end|>" for a in assistant
+    )
+    assert cli.main([*args, str(tmp_path / "kept"), "--truncated", "keep"]) == 0
+    assert len(open_buffer(tmp_path / "kept")) == 2
+    bad = dict(cut, truncated=[99])
+    ro.write_trajectories(tmp_path / "bad.jsonl", [bad])
+    assert cli.main(["to-buffer", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b")]) == 2
+    assert "field 'truncated': must be a list of assistant message indices" in capsys.readouterr().err
+
+
 class _CharTokenizer:
     """One token per character; the chat template joins role and content."""
 

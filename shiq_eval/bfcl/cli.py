@@ -49,8 +49,10 @@ from shiq_eval.bfcl.data import (
     select_subset,
 )
 from shiq_eval.bfcl.rollout import (
+    TRUNCATED,
     ChatModelPolicy,
     ScriptedPolicy,
+    cut_answers,
     read_trajectories,
     rollout_entries,
     rollout_entry,
@@ -145,7 +147,11 @@ def _cmd_rollout(args) -> int:
     summary = summarize(trajectories)
     summary["subset"] = args.subset
     print(format_summary(summary))
-    print(f"wrote {len(trajectories)} trajectories to {args.out}")
+    cut = sum(bool(t.get("truncated")) for t in trajectories)
+    print(
+        f"wrote {len(trajectories)} trajectories to {args.out}"
+        + (f" ({cut} with an answer cut by --max-new-tokens {args.max_new_tokens})" if cut else "")
+    )
     return 0
 
 
@@ -353,19 +359,34 @@ def _cmd_to_buffer(args) -> int:
     trajectories = _in_subset([t for _, _, t in read], args)
     if not trajectories:
         raise ValueError(f"no trajectories to write (subset {args.subset})")
+    for t in trajectories:  # a bad 'truncated' field is named before the tokenizer loads
+        t["_cut"] = _as_input(cut_answers, t, where=t["_where"])
+    dropped = sum(bool(t["_cut"]) for t in trajectories) if args.truncated == "drop" else 0
+    if dropped == len(trajectories):
+        raise ValueError(f"no trajectories to write: all {dropped} hold an answer cut by the token limit")
     tok, info = load_tokenizer(args.tokenizer)
     buf = write_buffer(
-        trajectories_to_rows(trajectories, tok, args.reward),
+        trajectories_to_rows(trajectories, tok, args.reward, args.truncated),
         args.out,
         tokenizer_info=info,
         command=args.command_line,
         input_name=", ".join(map(str, args.trajectories)),
     )
+    kept = [t for t in trajectories if not (dropped and t["_cut"])]
     print(
-        f"wrote {len(trajectories)} trajectories of {len({t['id'] for t in trajectories})} entries "
+        f"wrote {len(kept)} trajectories of {len({t['id'] for t in kept})} entries "
         f"({args.reward} turn rewards) to the buffer {buf.path}"
+        + (f"; left out {dropped} with an answer cut by the token limit" if dropped else "")
     )
     return 0
+
+
+def _as_input(fn, t: dict, *, where: str):
+    """``fn(t)``, its ``ValueError`` prefixed with ``where`` (the file and trajectory)."""
+    try:
+        return fn(t)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
@@ -483,6 +504,14 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         default="cumulative",
         help="turn reward: state checked after the model's own history (cumulative) or after a "
         "ground-truth history (reset)",
+    )
+    q.add_argument(
+        "--truncated",
+        choices=TRUNCATED,
+        default="refuse",
+        help="trajectories with an answer the token limit cut (rollout records them): its row would end the answer "
+        "with an end-of-turn token the model never drew, marked as its action. refuse (default) stops naming "
+        "the first, drop leaves them out, keep writes them as they are",
     )
     subset(q, "keep only entries of this part of the split (train data: --subset train)")
     q.set_defaults(func=_cmd_to_buffer)

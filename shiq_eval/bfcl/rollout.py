@@ -138,12 +138,20 @@ class ContextOverflow(RuntimeError):
     """The conversation no longer fits the model's context; the rollout of the entry stops."""
 
 
+class CutAnswer(str):
+    """An answer the token limit cut: the model drew ``max_new_tokens`` tokens and no end-of-turn token. The
+    rollout records it (``truncated``); a buffer row made from its text would end the turn with a template
+    end-of-turn token the model never drew, marked as its action (:func:`trajectories_to_rows` refuses it
+    unless told otherwise)."""
+
+
 class ChatModelPolicy:
     """A chat model as a policy: chat template -> token ids -> ``generate`` -> text.
 
     ``token_policy`` is a :class:`shiq_eval.generate.HFPolicy` or ``MegatronPolicy``; ``cfg`` its
     ``SamplingConfig``.
-    Special tokens are dropped from the answer text. Raises :class:`ContextOverflow` when the
+    Special tokens are dropped from the answer text; an answer that ends without the policy's end token after
+    ``cfg.max_new_tokens`` tokens is returned as a :class:`CutAnswer`. Raises :class:`ContextOverflow` when the
     prompt plus ``cfg.max_new_tokens`` exceeds ``max_context`` (default: the model config's
     ``max_position_embeddings``, or the megatron model's ``max_sequence_length``).
     """
@@ -165,7 +173,10 @@ class ChatModelPolicy:
                 f"exceeds the context of {self.max_context}"
             )
         out = self.token_policy.generate([ids], self.cfg)[0]
-        return self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        eos = getattr(self.token_policy, "eos_id", None)
+        cut = len(out) >= self.cfg.max_new_tokens and (not out or eos is None or out[-1] != eos)
+        return CutAnswer(text) if cut else text
 
 
 def rollout_entry(
@@ -179,7 +190,8 @@ def rollout_entry(
 
     Returns a trajectory: ``id``, ``category``, ``bfcl_eval_version``, ``messages`` (the whole
     conversation), ``assistant_turns`` (turn index of each assistant message, in order),
-    ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``force_terminated``
+    ``decoded_turns`` (turn -> step -> call strings, only steps with calls), ``truncated`` (the indices,
+    among the assistant messages, of the answers the token limit cut: :class:`CutAnswer`), ``force_terminated``
     (step limit, or :class:`ContextOverflow` from the policy: then ``valid`` is False with
     ``error_type`` ``multi_turn:context_overflow``), and the fields of
     :func:`shiq_eval.bfcl.checker.check_trajectory` (``valid``, ``error_type``, ``turn_rewards``,
@@ -200,6 +212,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
     env = Environment(entry, budget)
     messages = [system_message(docs)]
     assistant_turns: list[int] = []
+    truncated: list[int] = []  # assistant messages (their index among them) the token limit cut
     decoded_turns: list[list[list[str]]] = []
     force_terminated, overflow = False, None
     for k, question in enumerate(entry["question"]):
@@ -215,6 +228,8 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
                 break
             if not isinstance(answer, str):
                 raise TypeError(f"{entry['id']}: turn {k}: the policy returned {type(answer).__name__}, expected str")
+            if isinstance(answer, CutAnswer):
+                truncated.append(len(assistant_turns))
             messages.append({"role": "assistant", "content": as_text(answer)})
             assistant_turns.append(k)
             calls = decode_calls(answer)  # from the answer as written: the checker sees the calls made
@@ -237,6 +252,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
         "bfcl_eval_version": bfcl_version(),
         "messages": messages,
         "assistant_turns": assistant_turns,
+        "truncated": truncated,
         "decoded_turns": decoded_turns,
         "force_terminated": force_terminated,
     }
@@ -326,22 +342,59 @@ def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict
     return {"row_id": traj["id"], **row}
 
 
-def trajectories_to_rows(trajectories: Iterable[dict], tokenizer, reward: str = "cumulative") -> Iterator[dict]:
+TRUNCATED = ("refuse", "drop", "keep")  # what trajectories_to_rows does with a trajectory holding a cut answer
+
+
+def cut_answers(traj: dict) -> list[int]:
+    """The assistant messages (indices among them) of ``traj`` the token limit cut (``truncated``, recorded by
+    :func:`rollout_entry`; none for a trajectory written before it was); ``ValueError`` if it is not such a list."""
+    cut = traj.get("truncated", [])
+    n = len(traj.get("assistant_turns") or [])
+    if not isinstance(cut, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in cut):
+        raise ValueError(
+            f"field 'truncated': must be a list of assistant message indices (of {n}), got {str(cut)[:60]}"
+        )
+    return cut
+
+
+def trajectories_to_rows(
+    trajectories: Iterable[dict], tokenizer, reward: str = "cumulative", truncated: str = "refuse"
+) -> Iterator[dict]:
     """Replay-buffer rows (:mod:`shiq_data.schema`) of checked trajectories.
 
     Each row is :func:`trajectory_to_row` with ``row_id`` ``"<entry id>:<n>"`` (the ``n``-th
     trajectory of that entry among the inputs), ``group_id`` shared by every trajectory of one entry
     (several rollouts of an entry are completions of one prompt, as DPO and CoPG pair them) and
     ``source`` ``"bfcl:<category>"``.
+
+    A trajectory with an answer the token limit cut (:func:`cut_answers`) would end that answer with the
+    template's end-of-turn token, an action the model never drew (SHIQ_MATH §2: actions are the tokens the
+    policy chose). ``truncated``: ``refuse`` (a ``ValueError`` naming it), ``drop`` (left out; the caller
+    counts them with :func:`cut_answers`) or ``keep`` (written as they are).
     """
+    if truncated not in TRUNCATED:
+        raise ValueError(f"truncated = {truncated!r}: expected one of {', '.join(TRUNCATED)}")
     groups: dict[str, int] = {}
     counts: dict[str, int] = {}
     for t in trajectories:
+        where = t.get("_where") or "trajectory " + repr(t["id"])
+        try:
+            cut = cut_answers(t)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+        if cut and truncated == "drop":
+            continue
+        if cut and truncated == "refuse":
+            raise ValueError(
+                f"{where}: assistant message {cut[0]} was cut by the token limit (no end-of-turn token drawn): "
+                "as a row its end-of-turn token would be recorded as the model's action; --truncated drop leaves "
+                "such trajectories out, --truncated keep writes them as they are"
+            )
         group = groups.setdefault(t["id"], len(groups))
         n = counts[t["id"]] = counts.get(t["id"], -1) + 1
         try:
             row = trajectory_to_row(t, tokenizer, reward)
         except ValueError as e:  # name where the trajectory came from (to-buffer sets _where: file, record)
-            raise ValueError(f"{t.get('_where') or 'trajectory ' + repr(t['id'])}: {e}") from None
+            raise ValueError(f"{where}: {e}") from None
         category = t.get("category") or entry_category(t["id"])
         yield {**row, "row_id": f"{t['id']}:{n}", "group_id": group, "source": f"bfcl:{category}"}
