@@ -33,7 +33,7 @@ from shiq_data.tokenizers import (
     pipeline_mismatch,
     template_mismatch,
 )
-from shiq_train.checkpoint import CHECKSUM_SUFFIX, latest_step_dir
+from shiq_train.checkpoint import CHECKSUM_SUFFIX, latest_step_dir, read_meta
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import load_causal_lm
 from shiq_train.model import DTYPES, forward_stats
@@ -307,7 +307,9 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
                     "its checkpoints folder or a step folder)"
                 )
         record["megatron_checkpoint"] = str(step_dir.resolve())
-        hf = hf_model_from_checkpoint(step_dir, _model_config(model), dtype)  # (its rank files' checksums checked)
+        config = _model_config(model)
+        check_same_architecture(step_dir, config, model)
+        hf = hf_model_from_checkpoint(step_dir, config, dtype)  # (its rank files' checksums checked)
         sums = sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}"))  # each rank file's, checked just now
         digests = "".join(f.read_text(encoding="utf-8").split()[0].lower() + "\n" for f in sums)
         record["sha256"] = hashlib.sha256(digests.encode()).hexdigest()
@@ -315,6 +317,28 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
     if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
         record["sha256"] = weights_sha256(model)
     return load_causal_lm(model, dtype)[0], record
+
+
+_ARCHITECTURE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_architecture(step_dir: Path, config, model: str) -> None:
+    """Refuse a ``--megatron-checkpoint`` whose run trained another architecture (its ``meta.hf_config``) than
+    ``--model``'s ``config``, naming the sizes that differ: its weights cannot be read into that model (the
+    error would otherwise come from the loading, and read as a damaged checkpoint)."""
+    saved = read_meta(step_dir)["meta"].get("hf_config")
+    if not isinstance(saved, dict):
+        return  # (hf_model_from_checkpoint names what is wrong with the weights)
+    differ = [
+        f"{k} {saved.get(k)} against {getattr(config, k, None)}"
+        for k in _ARCHITECTURE
+        if saved.get(k) is not None and saved.get(k) != getattr(config, k, None)
+    ]
+    if differ:
+        raise ValueError(
+            f"--megatron-checkpoint {step_dir}: its run trained another model than --model {model} "
+            f"({', '.join(differ)}): give as --model the model the run started from"
+        )
 
 
 def longest_row(buffer_dir) -> int:

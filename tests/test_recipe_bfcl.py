@@ -332,6 +332,11 @@ def test_quick_run_report_and_resume(tmp_path):
         for r in checker.check_trajectory(data.load_entry(cfg["data"]["category"], i), dec)["turn_rewards_reset"]
     ]
     assert rep["reference"]["turn_accuracy"] == pytest.approx(sum(rewards) / len(rewards))
+    # the turns no answer in the ground truth's form fits (their answers are cut at eval.max_new_tokens), said
+    limit = cfg["eval"]["max_new_tokens"]
+    over = sum(t["gt_tokens"] > limit for t in turns)
+    assert rep["reference"]["turns_longer_than_limit"] == over > 0  # 6 tokens: a quick run's answers are cut
+    assert f"{over} of the {len(turns)} ground-truth answers are longer" in (out / "report.md").read_text()
     # supervised training on the ground truths lowers their NLL on the held-out turns
     assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
     # the buffer holds the scenarios the training reads (2 steps x 1 of the 3 shortest), drawn by the seed

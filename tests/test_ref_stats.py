@@ -451,8 +451,12 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     )
     with parallel.distributed(seed=3):
         mg = M.build_model(cfg)
-        save_checkpoint(tmp_path / "run" / "checkpoints", 1, mg)
+        meta = {"hf_config": llama_config_from_model(cfg).to_dict()}  # as shiq-train records it
+        save_checkpoint(tmp_path / "run" / "checkpoints", 1, mg, meta=meta)
         llama_config_from_model(cfg).save_pretrained(folder)  # architecture only; weights come from the checkpoint
+        wide = M.ModelConfig(**{**cfg.to_dict(), "hidden_size": 64})
+        llama_config_from_model(wide).save_pretrained(tmp_path / "wide")  # another architecture
+        tok.save_pretrained(tmp_path / "wide")
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
     assert (
@@ -470,6 +474,12 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     )
     out = open_buffer(buf)
     assert out.manifest["ref_model"]["megatron_checkpoint"].endswith("step_00000001")
+    # a run of another architecture than --model's is named as such, not as a damaged checkpoint
+    args = [str(buf), "--model", str(tmp_path / "wide"), "--megatron-checkpoint", str(tmp_path / "run")]
+    assert ref_stats([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its run trained another model than --model" in err and "hidden_size 32 against 64" in err, err
+    assert open_buffer(buf).manifest == out.manifest
     for form in ("checkpoints", "checkpoints/step_00000001"):  # its checkpoints folder, a step: the same model
         args = [str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "run" / form)]
         assert ref_stats([*args, "--no-progress"]) == 0

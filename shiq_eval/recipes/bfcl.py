@@ -544,8 +544,12 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "eval_seconds": res["eval_seconds"],
             "answers": _shown(res["turns"], cfg["eval"]["show_answers"]),
         }
+    limit = cfg["eval"]["max_new_tokens"]
     reference = {
         **summarize(ref["turns"]),
+        # turns whose ground-truth answer (its end-of-turn token included) is longer than one answer may be:
+        # an answer in that form is cut, which caps turn accuracy at (n_turns - this) / n_turns
+        "turns_longer_than_limit": sum(t["gt_tokens"] > limit for t in ref["turns"]),
         "eval_seconds": ref["eval_seconds"],
         "answers": _shown(ref["turns"], cfg["eval"]["show_answers"]),
     }
@@ -646,7 +650,15 @@ def report_markdown(rep: dict) -> str:
         f"- **Evaluation.** {ref['n_scenarios']} held-out scenarios, {ref['n_turns']} turns: at each turn the model "
         "sees the ground-truth history and writes one message "
         + ("(greedy" if ev["temperature"] == 0 else f"(temperature {ev['temperature']}")
-        + f", at most {ev['max_new_tokens']} tokens), parsed as calls and checked. Turn accuracy: the checker's reset "
+        + f", at most {ev['max_new_tokens']} tokens"
+        + (
+            f"; {ref['turns_longer_than_limit']} of the {ref['n_turns']} ground-truth answers are longer, so an "
+            f"answer in their form is cut: turn accuracy is at most "
+            f"{(ref['n_turns'] - ref['turns_longer_than_limit']) / ref['n_turns']:.3f}"
+            if ref.get("turns_longer_than_limit")
+            else ""
+        )
+        + "), parsed as calls and checked. Turn accuracy: the checker's reset "
         "reward (the turn run from the ground-truth state); turn reward: the cumulative reward of the same answers; "
         "KL: exact per-token KL(π‖π_ref) summed over each answer (SHIQ_MATH §6)"
         + (
