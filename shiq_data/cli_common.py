@@ -190,13 +190,25 @@ def folder_path(text: str) -> str:
     does not exist yet."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
+    _refuse_file_in_the_way(Path(text))
     return str(Path(text).resolve()) if ".." in Path(text).parts else text
+
+
+def _refuse_file_in_the_way(path: Path) -> None:
+    """An output path whose nearest existing ancestor is a file (``afile/sub``): refused here, naming that file,
+    rather than by the operating system at the first write ("Not a directory", after the work)."""
+    for parent in Path(os.path.abspath(path)).parents:  # nearest first; ".." resolved textually
+        if parent.exists():
+            if not parent.is_dir():
+                raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a folder")
+            return
 
 
 def file_path(text: str) -> str:
     """An argparse ``type`` for an output file: refuses the empty string (argparse names the option)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a file, got an empty string")
+    _refuse_file_in_the_way(Path(text))
     return text
 
 

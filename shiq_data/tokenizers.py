@@ -192,6 +192,10 @@ def load_tokenizer(name_or_path: str):
                 f"tokenizer {name_or_path!r}: expected 'gpt2', 'smollm2' or a local Hugging Face "
                 f"tokenizer folder, but {folder} is not a folder"
             )
+        if not any((folder / f).is_file() for f in TOKENIZER_FILES):  # (transformers' message names no folder)
+            raise FileNotFoundError(
+                f"tokenizer {name_or_path!r}: {folder} holds no tokenizer files (none of {', '.join(TOKENIZER_FILES)})"
+            )
         tok = AutoTokenizer.from_pretrained(str(folder))
         name = str(folder.resolve())
     eos = tok.eos_token_id

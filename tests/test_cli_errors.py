@@ -93,6 +93,16 @@ CASES = [
         "reward",
     ),
     case("shiq-data", ["info", "{d}/badtypes"], "manifest.json", "'rows'"),
+    case(
+        "shiq-data",
+        ["build", "datasets", "{d}/big.jsonl", "--tokenizer", "gpt2", "--out", "{d}/x", "--no-progress"],
+        "{d}/big.jsonl: not a folder; 'build datasets' reads a folder written by datasets' save_to_disk",
+    ),
+    case(
+        "shiq-data",
+        ["build", "jsonl", "{d}/big.jsonl", "--tokenizer", "{d}/listcfg", "--out", "{d}/x", "--no-progress"],
+        "tokenizer '{d}/listcfg': {d}/listcfg holds no tokenizer files",
+    ),
     case("shiq-data", ["validate", "{d}/missing"], "{d}/missing"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "optimizer.lr=abc"], "optimizer.lr"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=-1"], "train.steps"),
@@ -175,7 +185,7 @@ CASES = [
     case("shiq-eval", ["bfcl", "report", "{d}/missing.jsonl"], "missing.jsonl"),
     case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),
     case("shiq-demo", ["--out", "{d}/demo", "train.nope=1"], "train.nope"),
-    case("shiq-toys", ["bandit", "--quick", "--out", "{d}/afile"], "afile"),
+    case("shiq-toys", ["bandit", "--quick", "--out", "{d}/afile"], "--out {d}/afile is a file: give a folder"),
     case("shiq-data", ["stats", "{d}/buf", "--plot", "{d}/afile"], "--plot {d}/afile is a file"),
     case("shiq-eval", ["leaderboard", "{d}/evalrun", "--out", "{d}/afile"], "--out {d}/afile is a file"),
 ]
@@ -217,3 +227,24 @@ def test_verbose_shows_the_traceback(files):
         [sys.executable, "-m", "shiq_data", "info", str(files / "badtypes")], capture_output=True, text=True, env=env
     )
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "'rows'" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "command, args, option",
+    [
+        ("shiq-toys", ["bandit", "--quick", "--out", "{d}/afile/x"], "--out"),
+        ("shiq-data", ["build", "jsonl", "{d}/big.jsonl", "--tokenizer", "gpt2", "--out", "{d}/afile/sub"], "--out"),
+        ("shiq-data", ["stats", "{d}/buf", "--plot", "{d}/afile/sub"], "--plot"),
+        ("shiq-eval", ["leaderboard", "{d}/evalrun", "--out", "{d}/afile/sub"], "--out"),
+    ],
+)
+def test_an_output_under_a_file_is_refused_before_any_work(files, command, args, option):
+    """An output path below a file was refused by the operating system at the first write: "[Errno 20] Not a
+    directory" naming a temporary folder (build), or after the whole work was done and printed (stats --plot).
+    It is now an argument error naming the file, before anything runs."""
+    proc = run_case(files, command, args)
+    last = proc.stderr.strip().splitlines()[-1]
+    bad = [a for a in args if "afile/" in a][0].format(d=files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.endswith(f"argument {option}: {bad}: {files / 'afile'} is a file, not a folder"), last
+    assert proc.stdout == ""  # nothing ran (stats printed its whole table first)

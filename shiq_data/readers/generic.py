@@ -393,6 +393,11 @@ def _check_saved_dataset(path: Path) -> None:
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
+    if not Path(path).is_dir():  # (datasets' own message calls a file a directory)
+        raise ValueError(
+            f"{path}: not a folder; 'build datasets' reads a folder written by datasets' save_to_disk "
+            "(a JSONL or Parquet file: build jsonl or build parquet)"
+        )
     _check_saved_dataset(path)
     if (path / "dataset_dict.json").is_file():  # refused before loading: a split's state.json is not checked here
         splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or ["SPLIT"]

@@ -281,7 +281,8 @@ def read_trajectories(path: str | Path, fields: Sequence[str] = TRAJECTORY_FIELD
     for line, t in iter_jsonl(path):
         for field in fields:
             if field not in t:
-                raise ValueError(f"{path}: line {line} ({t.get('id', '?')}): missing field {field!r}")
+                named = f" ({t['id']})" if isinstance(t.get("id"), str) else ""
+                raise ValueError(f"{path}: line {line}{named}: missing field {field!r}")
         out.append(t)
     return out
 

@@ -691,6 +691,8 @@ def _main(args, p) -> int:
         p.error("--good-policy applies to the gridworld experiment only")
     workers = 1 if args.quick else args.workers
     refuse_inside_buffer(args.out, "--out", itself=True)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise ValueError(f"--out {args.out} is a file: give a folder")
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     written = []
