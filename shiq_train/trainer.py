@@ -148,6 +148,11 @@ def freeze_all_but_last_layers(model, n: int) -> int:
     if not (isinstance(n, int) and not isinstance(n, bool) and n >= -1):
         raise ValueError(f"trainable_last_layers must be -1 (every parameter) or an integer >= 0, got {n!r}")
     inners = [unwrap(c) for c in model_chunks(model)]
+    if n > inners[0].config.num_layers:  # it would train every layer but not the embeddings: not what -1 means
+        raise ValueError(
+            f"train.trainable_last_layers={n} is more than the model's {inners[0].config.num_layers} layers "
+            "(-1 trains every parameter)"
+        )
     if n >= 0:
         for inner in inners:
             total_layers = inner.config.num_layers

@@ -178,6 +178,12 @@ def test_online_reference_equals_precomputed(dist1, tmp_path):
 def test_only_the_last_layers_train_when_asked(dist1, tmp_path):
     model = M.build_model(cfg())
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    n_layers = cfg().num_layers
+    with pytest.raises(ValueError, match=rf"trainable_last_layers={n_layers + 1} is more than the model's {n_layers}"):
+        freeze_all_but_last_layers(model, n_layers + 1)  # it trained every layer, not the embeddings, silently
+    assert freeze_all_but_last_layers(model, n_layers) == sum(
+        p.numel() for n, p in model.named_parameters() if n.startswith(("decoder.layers.", "decoder.final_layernorm"))
+    )
     n_trainable = freeze_all_but_last_layers(model, 1)
     assert n_trainable == sum(
         p.numel()
