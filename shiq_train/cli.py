@@ -881,7 +881,10 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
         model, hf_config = build_policy(model_cfg, cfg["init"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
 
+        started = []  # the step training starts from (on_start's)
+
         def on_start(step: int) -> None:  # the checkpoint (if any) loaded: only now is the run folder written
+            started.append(step)
             if rank0:
                 out.mkdir(parents=True, exist_ok=True)
                 restart = not step and (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size
@@ -897,7 +900,13 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
         )
         history = trainer.fit(DeviceSource(source, parallel.device()), on_start=on_start)
         if rank0:
-            last = f"loss {history[-1]['loss']:.4g}" if history else "already complete"
+            at = started[-1] if started else train_cfg.steps
+            if history:
+                last = f"loss {history[-1]['loss']:.4g}"
+            elif at > train_cfg.steps:  # a resume past what is asked trains nothing: say so, not "complete"
+                last = f"nothing trained: the run is at step {at}, past train.steps={train_cfg.steps}"
+            else:
+                last = "already complete"
             print(
                 f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"

@@ -256,6 +256,11 @@ def test_dedup_near_matches_exact_jaccard(data, tmp_path, capsys):
     code, _, err = run(capsys, *args, "--no-progress")
     assert code == 0, err
     assert ids(tmp_path / "near1") == df.iloc[kept].row_id.tolist()
+    # --threshold without --near was ignored silently (exact deduplication has no threshold): refused
+    args = ["dedup", data["ab"], "--threshold", 0.5, "--out", tmp_path / "exact", "--no-progress"]
+    code, _, err = run(capsys, *args)
+    assert code == 2 and "--threshold 0.5 applies to near duplicates: add --near" in err
+    assert not (tmp_path / "exact").exists()
 
 
 def test_split_has_no_shared_group_or_prompt_and_sizes_add_up(data, tmp_path, capsys):

@@ -589,6 +589,11 @@ def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_pat
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "shiq-train: resumed from step 2" in longer.stderr
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    # asked for fewer steps than the run has: nothing trains, and the closing line says so ("already complete")
+    fewer = train_cli(*base, "train.steps=1")
+    assert fewer.returncode == 0, fewer.stderr[-2000:]
+    assert "1 steps (nothing trained: the run is at step 3, past train.steps=1)" in fewer.stdout, fewer.stdout
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3]
 
     allowed = train_cli(*base, "train.steps=4", "loss.beta=0.5", "+resume.allow_changed=[loss.beta]")
     assert allowed.returncode == 0, allowed.stderr[-2000:]

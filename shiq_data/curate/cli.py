@@ -57,7 +57,14 @@ def cmd_filter(args) -> int:
     return 0
 
 
+DEDUP_THRESHOLD = 0.8  # --near's default Jaccard threshold
+
+
 def cmd_dedup(args) -> int:
+    if args.threshold is not None and not args.near:  # it would be ignored: exact deduplication has none
+        raise ValueError(f"--threshold {args.threshold:g} applies to near duplicates: add --near, or leave it out")
+    if args.threshold is None:
+        args.threshold = DEDUP_THRESHOLD
     _, c = dedup_buffer(
         args.buffer,
         args.out,
@@ -174,7 +181,11 @@ def add_commands(sub) -> None:
     d.add_argument("--by", choices=DEDUP_BY, default="row", help="text compared (default %(default)s)")
     d.add_argument("--near", action="store_true", help="also drop near duplicates (MinHash LSH)")
     d.add_argument(
-        "--threshold", type=float, default=0.8, metavar="T", help="Jaccard threshold for --near (default %(default)s)"
+        "--threshold",
+        type=float,
+        default=None,
+        metavar="T",
+        help=f"Jaccard threshold, with --near only (default {DEDUP_THRESHOLD})",
     )
     out_options(d)
     d.set_defaults(func=cmd_dedup)
