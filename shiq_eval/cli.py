@@ -456,6 +456,10 @@ def run(args) -> list[dict]:
     """Evaluate the reference and every checkpoint; write the table and plots; returns the rows."""
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
+    if args.quiet:  # transformers' own bars too ("Loading weights")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     check_results_folder(Path(args.out))
     suite, suite_file = load_suite(args.suite, suite_overrides(args))
     sampling = suite.sampling

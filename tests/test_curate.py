@@ -437,6 +437,10 @@ def test_stats_match_pandas(data, tmp_path, capsys):
     pngs = sorted(p.name for p in (tmp_path / "plots").iterdir())
     assert pngs == ["completion_tokens.png", "group_sizes.png", "reward.png", "tokens.png"]
     assert all((tmp_path / "plots" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # no row matches: no empty histograms (and none of matplotlib's warnings about them)
+    code, stdout, err = run(capsys, "stats", data["ab"], "--where", "reward > 1e9", "--plot", tmp_path / "none")
+    assert code == 0 and err == "" and "no rows, where reward > 1e9: no histograms written" in stdout
+    assert not (tmp_path / "none").exists()
 
 
 def test_show_marks_actions_and_rewards(data, capsys):

@@ -125,7 +125,7 @@ def train(tmp_path, init: Path, loss: str, *overrides: str, name: str | None = N
     return out
 
 
-def test_eval_run_over_two_methods(tmp_path):
+def test_eval_run_over_two_methods(tmp_path, capsys):
     init = tiny_hf_folder(tmp_path / "init")
     write_tiny_buffer(tmp_path / "buffer", init)
     runs = [train(tmp_path, init, "shiq"), train(tmp_path, init, "dpo")]
@@ -138,6 +138,7 @@ def test_eval_run_over_two_methods(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
 
     out = tmp_path / "eval"
+    capsys.readouterr()  # (what building the runs printed)
     code = main(
         [
             "run",
@@ -157,6 +158,8 @@ def test_eval_run_over_two_methods(tmp_path):
         ]
     )
     assert code == 0
+    err = capsys.readouterr().err
+    assert "Loading" not in err and "%|" not in err, err[-2000:]  # --quiet: no bar, transformers' own neither
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["step"]) for r in rows] == [("reference", 0), ("shiq", 1), ("shiq", 2), ("dpo", 2)]
     assert rows[0]["kl_exact"] == 0.0 and rows[0]["kl_sample"] == 0.0

@@ -45,7 +45,9 @@ def cmd_stats(args) -> int:
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
-    if args.plot:
+    if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
+        print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
+    elif args.plot:
         paths = plot_stats(stats, hists, args.plot)
         print(f"shiq-data: wrote {', '.join(str(p) for p in paths)}")
     return 0
