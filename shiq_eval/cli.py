@@ -47,6 +47,7 @@ from shiq_data.chat import check_messages
 from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
+    int_at_least,
     quiet_optional_dependencies,
     run_command,
     setup_logging,
@@ -799,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     r.add_argument(
         "--tp",
-        type=int,
+        type=int_at_least(1),
         default=1,
         help="tensor-parallel size of --engine megatron (run under torchrun --nproc_per_node TP)",
     )

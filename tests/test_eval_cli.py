@@ -271,6 +271,9 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
     with pytest.raises(SystemExit) as e:  # argparse's refusal (its usage, then the error)
         main([*base, "--out", "", *prompts, *end])
     assert e.value.code == 2 and "--out: must name a folder, got an empty string" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # it was read as "launch with torchrun --nproc_per_node 0"
+        main([*base, *out, *prompts, *end, "--engine", "megatron", "--tp", "0"])
+    assert e.value.code == 2 and "argument --tp: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_prompts_jsonl_keeps_a_line_separator_inside_a_string(tmp_path):
