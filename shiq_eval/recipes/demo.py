@@ -120,7 +120,7 @@ from shiq_eval.report import (
 from shiq_eval.scorers import VaderScorer
 from shiq_eval.suite import SEED_MAX
 from shiq_train import parallel
-from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
+from shiq_train.checkpoint import gather_full_parameters, latest_step_dir, read_meta
 from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
 from shiq_train.objectives import LOSS_NAMES, LOSSES
@@ -698,7 +698,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         # A run interrupted while evaluating resumes after that checkpoint: evaluate it from disk first.
         latest = latest_step_dir(ckpt_dir)
         if latest is not None:
-            step = read_json(latest / "meta.json")["step"]
+            step = read_meta(latest)["step"]  # (checked: a step that is an integer)
             if step not in done:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
