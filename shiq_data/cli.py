@@ -80,8 +80,8 @@ def _key_value(text: str) -> str:
     so the input file written after them is read as one; the error says so."""
     if not text.partition("=")[0] or "=" not in text:
         raise argparse.ArgumentTypeError(
-            f"{text!r} is not KEY=VALUE (--option reads every value up to the next flag: write the input "
-            "file before --option)"
+            f"{text!r} is not KEY=VALUE (--option reads every value up to the next flag: write FORMAT and INPUT "
+            "before --option)"
         )
     return text
 

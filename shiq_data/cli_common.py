@@ -190,18 +190,24 @@ def folder_path(text: str) -> str:
     does not exist yet."""
     if not text.strip():
         raise argparse.ArgumentTypeError("must name a folder, got an empty string")
-    _refuse_file_in_the_way(Path(text))
-    return str(Path(text).resolve()) if ".." in Path(text).parts else text
+    path = str(Path(text).resolve()) if ".." in Path(text).parts else text
+    _refuse_file_in_the_way(Path(path))
+    return path
 
 
 def _refuse_file_in_the_way(path: Path) -> None:
     """An output path whose nearest existing ancestor is a file (``afile/sub``): refused here, naming that file,
-    rather than by the operating system at the first write ("Not a directory", after the work)."""
-    for parent in Path(os.path.abspath(path)).parents:  # nearest first; ".." resolved textually
-        if parent.exists():
+    rather than by the operating system at the first write ("Not a directory", after the work). An ancestor that
+    cannot be looked at (no permission) ends the check: the write will say what is wrong."""
+    for parent in path.absolute().parents:  # nearest first
+        try:
+            if not parent.exists():
+                continue
             if not parent.is_dir():
                 raise argparse.ArgumentTypeError(f"{path}: {parent} is a file, not a folder")
-            return
+        except OSError:
+            pass
+        return
 
 
 def file_path(text: str) -> str:

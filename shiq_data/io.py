@@ -416,14 +416,51 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
 
 
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
-    """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into
-        place (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
-        process built it first) unless ``replace`` is true, when it is renamed aside just before the rename and
-    removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost). Parent
-        folders it had to make are removed again on failure, if still empty."""
+    """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into place
+    (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
+    process built it first) unless ``replace`` is true: then it is renamed aside just before the rename and
+    removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost), and a
+    ``folder`` that is a link or a file is refused before any work. Parent folders it had to make are removed
+    again on failure, if still empty."""
     folder = Path(folder)
+    if replace and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
+        raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder to replace")
     if folder.is_dir() and not replace:
         return folder
+    made = make_parents(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    try:
+        fill(tmp)
+        os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)
+        old = None
+        if replace and folder.exists():  # set aside, not deleted, until the new one is in place
+            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.old")
+            os.rename(folder, old)
+        try:
+            os.rename(tmp, folder)
+        except OSError as e:
+            if old is not None:  # put back what is replaced, and say why the new one is not there
+                try:
+                    os.rename(old, folder)
+                except OSError:
+                    raise OSError(
+                        e.errno,
+                        f"{folder} could not be replaced ({e.strerror}), and the folder it replaces is kept "
+                        f"as {old} (another process wrote {folder} meanwhile)",
+                    ) from None
+                raise
+            if not folder.is_dir():  # else another process finished first; its copy is identical
+                raise
+        fsync_dir(folder.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_created_dirs(made)
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
     made = make_parents(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:

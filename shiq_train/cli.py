@@ -472,16 +472,22 @@ def _check_out(out: Path) -> None:
     run (a home folder): training would write its config, checkpoints and logs among them."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"out={out} is a file: give a folder for the run")
-    try:  # the buffer's folder is its own: validate would delete what it does not list
-        refuse_inside_buffer(out, "out=", itself=True)
-    except ValueError as e:
-        raise ConfigError(str(e).replace("out= ", "out=", 1)) from None
+    _refuse_out_in_buffer(out)
     held = [p for p in out.iterdir() if p.name != LOCK_NAME] if out.is_dir() else []
     if held and not any((out / n).exists() for n in ("config.yaml", "checkpoints")):
         raise ConfigError(
             f"out={out} holds files but is not a shiq-train run folder (no config.yaml, no checkpoints): give a new "
             "or empty folder"
         )
+
+
+def _refuse_out_in_buffer(out: Path) -> None:
+    """Refuse ``out=`` a buffer or a folder inside one: the buffer's folder is its own (``validate`` would delete
+    what its manifest does not list)."""
+    try:
+        refuse_inside_buffer(out, "out=", itself=True)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("out= ", "out=", 1)) from None
 
 
 def _logged_steps(out: Path) -> int:
@@ -645,6 +651,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(str(e)) from None
     if cfg["data"].get("mode") not in (None, "padded"):
         raise ConfigError(f"loss={name} reads one trajectory per row: data.mode must be null or padded")
+    _refuse_out_in_buffer(Path(cfg["out"]))
     if not Path(cfg["data"]["buffer"]).exists():
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"

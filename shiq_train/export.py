@@ -220,7 +220,7 @@ def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:
         return
     if not overwrite:
         raise ValueError(f"--hf {out} exists: give a new folder, or --overwrite to replace it")
-    if out.is_symlink():  # replacing it would delete a link, not an export (rmtree refuses one, at the end)
+    if out.is_symlink():  # replacing it would replace a link, not an export (atomic_dir refuses one, at the end)
         raise ValueError(f"--hf {out} is a symbolic link (to {o}): give the folder itself, or a new one")
     if r.is_relative_to(o):  # (a folder inside the run is replaced only if it is an earlier export, below)
         where = "is" if o == r else "holds"

@@ -326,7 +326,7 @@ def check_same_architecture(step_dir: Path, config, model: str) -> None:
     """Refuse a ``--megatron-checkpoint`` whose run trained another architecture (its ``meta.hf_config``) than
     ``--model``'s ``config``, naming the sizes that differ: its weights cannot be read into that model (the
     error would otherwise come from the loading, and read as a damaged checkpoint)."""
-    saved = read_meta(step_dir)["meta"].get("hf_config")
+    saved = (read_meta(step_dir).get("meta") or {}).get("hf_config")
     if not isinstance(saved, dict):
         return  # (hf_model_from_checkpoint names what is wrong with the weights)
     differ = [

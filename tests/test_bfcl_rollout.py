@@ -374,15 +374,15 @@ def test_report_ranks_only_comparable_rollouts(tmp_path, capsys):
 
 
 def test_report_writes_all_of_its_outputs_or_none(tmp_path, capsys):
-    traj, out, blocker = tmp_path / "a.jsonl", tmp_path / "r.json", tmp_path / "afile"
+    traj, out = tmp_path / "a.jsonl", tmp_path / "r.json"
+    unwritable = tmp_path / ("x" * 300 + ".md")  # a name longer than a file system takes: fails at the write
     assert cli.main(["rollout", "--categories", "multi_turn_base", "--limit", "1", "--out", str(traj)]) == 0
     out.write_text("old\n")
-    blocker.write_text("a file, not a folder\n")
     capsys.readouterr()
     argv = ["report", str(traj), "--out", str(out), "--csv", str(tmp_path / "r.csv")]
-    assert cli.main([*argv, "--markdown", str(blocker / "x.md"), "--overwrite"]) == 2
+    assert cli.main([*argv, "--markdown", str(unwritable), "--overwrite"]) == 2
     err = capsys.readouterr().err
-    assert f"{blocker / 'x.md'}: cannot be written" in err and "nothing was written" in err
+    assert f"{unwritable}: cannot be written" in err and "nothing was written" in err, err
     assert out.read_text() == "old\n" and not (tmp_path / "r.csv").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     # an output inside a buffer folder (which shiq-data validate would remove as unlisted) is refused

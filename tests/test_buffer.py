@@ -558,6 +558,27 @@ def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):
     assert (folder / "w").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
     io.atomic_dir(folder, fill, replace=True)
     assert (folder / "w").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # a link or a file in its place is refused before any work (renamed aside, it was replaced silently)
+    (tmp_path / "link").symlink_to(folder)
+    (tmp_path / "file").write_text("x")
+    for name, what in (("link", "a link"), ("file", "a file")):
+        with pytest.raises(ValueError, match=f"{tmp_path / name} is {what}, not a folder to replace"):
+            io.atomic_dir(tmp_path / name, fill, replace=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "link", "model"]
+    assert (tmp_path / "link").resolve() == folder and (tmp_path / "file").read_text() == "x"
+    # another process writing the folder meanwhile: the put-back fails, and the error says where the old one is
+
+    def another_writer(src, dst):
+        real_rename(src, dst)
+        if Path(src) == folder:  # (set aside): another process makes the folder now
+            (folder / "theirs").mkdir(parents=True)
+
+    with monkeypatch.context() as m:
+        m.setattr(io.os, "rename", another_writer)
+        with pytest.raises(OSError, match=r"could not be replaced .* the folder it replaces is kept as .*\.old"):
+            io.atomic_dir(folder, fill, replace=True)
+    kept = [p for p in tmp_path.iterdir() if p.name.endswith(".old")]
+    assert len(kept) == 1 and (kept[0] / "w").read_text() == "new"
 
 
 def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):

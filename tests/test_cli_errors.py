@@ -119,6 +119,11 @@ CASES = [
         ["data.buffer={d}/buf", "out={d}/buf/run"],
         "out={d}/buf/run is inside the buffer {d}/buf: choose a folder outside it",
     ),
+    case(  # Q♯'s value model trains by another path: refused there too
+        "shiq-train",
+        ["loss=qsharp_value", "init=smollm2", "data.buffer={d}/buf", "out={d}/buf/run"],
+        "out={d}/buf/run is inside the buffer {d}/buf: choose a folder outside it",
+    ),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/afile"], "out={d}/afile is a file"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "=5"], "argument '=5' has no key: expected key=value"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "~loss"], "the section 'loss' was removed"),

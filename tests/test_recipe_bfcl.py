@@ -108,6 +108,10 @@ def test_edited_trajectories_and_turn_cuts_keep_what_the_model_saw(tokenizer):
         assert cut["tokens"][: T - 1] == full["tokens"][: T - 1] and cut["action_mask"] == full["action_mask"][:T]
         assert cut["rewards"] == full["rewards"][:T]
         assert sum(cut["rewards"]) == sum(group[1]["turn_rewards"][:n])
+    # the answers a token limit cut keep their marks, among the messages kept (a model's rollout cut by turns)
+    marked = {**group[1], "truncated": [0, len(group[1]["assistant_turns"]) - 1]}
+    one = bfcl.cut_to_turns(marked, 1)
+    assert one["truncated"] == [0] and len(one["assistant_turns"]) < len(marked["assistant_turns"])
     trajs, rows = bfcl.fit_group(group, tokenizer, max_tokens=len(full["tokens"]) - 1, reward="cumulative")
     assert trajs and all(len(r["tokens"]) < len(full["tokens"]) for r in rows)
     assert len({t["kept_turns"] for t in trajs}) == 1  # the same turns for every trajectory of the scenario

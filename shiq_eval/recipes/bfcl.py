@@ -268,6 +268,7 @@ def cut_to_turns(traj: dict, n_turns: int) -> dict:
         "turn_rewards": traj["turn_rewards"][:n_turns],
         "turn_rewards_reset": traj["turn_rewards_reset"][:n_turns],
         "decoded_turns": traj["decoded_turns"][:n_turns],
+        "truncated": [i for i in traj.get("truncated", []) if i < kept],  # (indices among the kept messages)
         "kept_turns": n_turns,
     }
 
@@ -653,7 +654,7 @@ def report_markdown(rep: dict) -> str:
         + f", at most {ev['max_new_tokens']} tokens"
         + (
             f"; {ref['turns_longer_than_limit']} of the {ref['n_turns']} ground-truth answers are longer, so an "
-            f"answer in their form is cut: turn accuracy is at most "
+            f"answer in their form is cut: for answers of that form, turn accuracy is at most "
             f"{(ref['n_turns'] - ref['turns_longer_than_limit']) / ref['n_turns']:.3f}"
             if ref.get("turns_longer_than_limit")
             else ""
