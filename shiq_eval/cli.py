@@ -37,6 +37,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -317,14 +318,18 @@ def engine_context(args, seed: int = 0):
 
 
 def guide_info(path) -> dict:
-    """``{steps, init}`` of a Q♯ value-model folder written by ``shiq-train loss=qsharp_value``
-    (read from its value_model.json, without loading the weights)."""
+    """``{steps, init, reference_sha256, tokenizer}`` of a Q♯ value-model folder written by ``shiq-train
+    loss=qsharp_value`` (read from its value_model.json, its checksum checked, without loading the weights;
+    the last two None for a folder written before they were recorded)."""
+    from shiq_train.checkpoint import check_sha256  # heavy: torch
+
     path = Path(path)
     config = path / "value_model.json"
     if not config.is_file():
         raise EvalInputError(
             f"--guide {path}: {config} does not exist (a folder written by shiq-train loss=qsharp_value)"
         )
+    check_sha256(config)  # it decides the model's shape, the reference and the row's step
     try:
         info = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -337,7 +342,10 @@ def guide_info(path) -> dict:
     init = run_config.get("init", "none") if isinstance(run_config, dict) else None
     if not isinstance(run_config, dict) or not (init is None or isinstance(init, str)):
         raise EvalInputError(f"{config}: field 'config' must be an object whose 'init' is a string or null")
-    return {"steps": steps, "init": init}
+    ref_sha, tok = info.get("reference_sha256"), info.get("tokenizer")
+    if not (ref_sha is None or isinstance(ref_sha, str)) or not (tok is None or isinstance(tok, dict)):
+        raise EvalInputError(f"{config}: fields 'reference_sha256' (a string) and 'tokenizer' (an object) are damaged")
+    return {"steps": steps, "init": init, "reference_sha256": ref_sha, "tokenizer": tok}
 
 
 def check_guide_args(args, temperature: float = 1.0) -> None:
@@ -367,17 +375,38 @@ def check_guide_args(args, temperature: float = 1.0) -> None:
         raise EvalInputError(f"--guide samples at temperature 1, but the suite's sampling.temperature is {temperature}")
 
 
-def load_guide(args, ref_model):
-    """The value model of ``args.guide``, checked against the reference ``ref_model``: loaded once the
-    reference is, before any policy is evaluated, so a damaged folder or another vocabulary is refused at once
-    instead of after the checkpoints' evaluations."""
+def load_guide(args, ref_model, reference: str, tokenizer):
+    """The value model of ``args.guide``, checked against the reference ``ref_model`` (named ``reference``)
+    and the evaluation ``tokenizer``: loaded once the reference is, before any policy is evaluated, so a damaged
+    folder, another reference (guidance reweights the reference it learnt the returns of: SHIQ_MATH §8), another
+    tokenizer or vocabulary, or a β its atoms overflow at, is refused at once instead of after the
+    checkpoints' evaluations."""
     from shiq_train.qsharp_value import load_value_model  # heavy: torch
 
+    info = guide_info(args.guide)
     value = load_value_model(args.guide)
     if value.config.vocab_size != ref_model.config.vocab_size:
         raise EvalInputError(
             f"--guide {args.guide}: the value model has {value.config.vocab_size} token ids but the reference "
             f"{ref_model.config.vocab_size}; train it from this reference (shiq-train loss=qsharp_value init=...)"
+        )
+    want = info["reference_sha256"]
+    if want is not None and (got := model_sha256(reference_files(reference))) != want:
+        raise EvalInputError(
+            f"--guide {args.guide} learnt the returns of the reference {info['init']} (weights {want[:12]}…), but "
+            f"the reference here is {reference} ({(got or 'no weights')[:12]}…): guided decoding reweights the "
+            "reference it was trained from; give that one (--reference), or train a value model from this one"
+        )
+    if info["tokenizer"] is not None:
+        check_tokenizers(
+            [{"tokenizer": info["tokenizer"], "hf_config": value.config.to_dict(), "path": args.guide}],
+            tokenizer,
+            ref_model,
+        )
+    largest = float(value.atoms.abs().max())
+    if not math.isfinite(largest / args.beta):
+        raise EvalInputError(
+            f"--beta {args.beta!r} is too small for the value model's atoms (|z| up to {largest:g}): z/β overflows"
         )
     args.top_k = min(args.top_k, int(ref_model.config.vocab_size))  # what decoding uses, and the row records
     return value
@@ -518,7 +547,9 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
-    value = load_guide(args, ref_model) if args.guide is not None else None
+    value = load_guide(args, ref_model, reference, tokenizer) if args.guide is not None else None
+    guide = guide_info(args.guide) if args.guide is not None else None  # (read once, as loaded)
+    guide_sha = model_sha256(guide_files(args.guide)) if args.guide is not None else None
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, suite.chat) for _ in range(k)]
     shown_k = [text for text in shown for _ in range(k)]
@@ -601,9 +632,9 @@ def run(args) -> list[dict]:
             row = {
                 "run": Path(os.path.abspath(args.guide)).name,
                 "method": "qsharp",
-                "step": guide_info(args.guide)["steps"],
+                "step": guide["steps"],
                 "checkpoint": os.path.abspath(args.guide),
-                "model_sha256": model_sha256([Path(args.guide) / "value_model.pt"]),
+                "model_sha256": guide_sha,  # the weights and value_model.json, which shapes the model
                 **common,
                 **res.as_dict(),
                 "beta": args.beta,
@@ -653,6 +684,11 @@ def check_results_folder(out: Path) -> None:
     for name, what in marks.items():
         if (out / name).exists():
             raise EvalInputError(f"--out {out} is {what} (it holds {name}): give the results a folder of their own")
+
+
+def guide_files(guide) -> list[Path]:
+    """The files that make a Q♯ value model: its weights and its ``value_model.json``."""
+    return [Path(guide) / "value_model.pt", Path(guide) / "value_model.json"]
 
 
 def reference_files(reference: str) -> list[Path]:

@@ -19,6 +19,7 @@ tensors by :func:`save_value_model`; :func:`load_value_model` returns the same w
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import pickle
 from pathlib import Path
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.io import atomic_dir
-from shiq_train.checkpoint import check_sha256, save_hashed
+from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, save_hashed
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
@@ -225,7 +226,8 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
     in ``value_model.pt.sha256``: the
     trunk's full parameters under ``trunk.`` named as in a TP=1, PP=1 megatron GPT, ``head.weight``,
     ``head.bias``, ``atoms``) and ``value_model.json`` (atoms, the Hugging Face config of the trunk and
-    ``meta``; no ``β``: it is chosen at decoding time); ``history`` goes to ``metrics.jsonl``."""
+    ``meta``; no ``β``: it is chosen at decoding time; its SHA-256 in ``value_model.json.sha256``); ``history``
+    goes to ``metrics.jsonl``."""
     tensors = {
         "trunk." + full_param_name(model.trunk, n): p.detach().cpu().clone()
         for n, p in unwrap(model.trunk).named_parameters()
@@ -241,9 +243,12 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
         **(meta or {}),
     }
 
+    text = (json.dumps(config, indent=2) + "\n").encode()
+
     def fill(tmp: Path) -> None:
         save_hashed(tensors, tmp / WEIGHTS_FILE)  # and value_model.pt.sha256, checked before loading
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / CONFIG_FILE).write_bytes(text)  # its SHA-256 beside it too: it shapes the model and the results
+        (tmp / (CONFIG_FILE + CHECKSUM_SUFFIX)).write_text(f"{hashlib.sha256(text).hexdigest()}  {CONFIG_FILE}\n")
         if history is not None:
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
@@ -262,6 +267,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     for name in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
             raise FileNotFoundError(f"{path / name} does not exist: expected a folder written by train_value_model")
+    check_sha256(path / CONFIG_FILE)
     config = _read_config(path / CONFIG_FILE)
     check_sha256(path / WEIGHTS_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)

@@ -137,6 +137,15 @@ def test_value_loss_config_errors(trained, tmp_path):
     assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
 
 
+def write_json_hashed(folder: Path, config) -> None:
+    """``value_model.json`` as ``config``, with its ``.sha256`` written again (an edit made with its checksum)."""
+    import hashlib
+
+    text = json.dumps(config).encode()
+    (folder / "value_model.json").write_bytes(text)
+    (folder / "value_model.json.sha256").write_text(f"{hashlib.sha256(text).hexdigest()}  value_model.json\n")
+
+
 def full_pass_kl(ref, value, prompt, completion, atoms, beta, top_k):
     """Exact KL(π_g ‖ π_ref) summed over the completion's states, each from full forward passes of
     prompt + completion prefix (+ candidate for the value model), in float64, over the vocabulary: the
@@ -183,6 +192,15 @@ def test_shiq_eval_run_guide_reports_the_guided_policy(trained):
     ]
     row = rows[1]
     assert row["beta"] == BETA and row["top_k"] == TOP_K and row["n"] == 6
+    import hashlib
+
+    digest = hashlib.sha256()  # the weights, then value_model.json, which shapes the model: one hash of both
+    for name in ("value_model.pt", "value_model.json"):
+        digest.update((value_dir / name).read_bytes())
+    assert row["model_sha256"] == digest.hexdigest()
+    recorded = json.loads((value_dir / "value_model.json").read_text())
+    assert recorded["reference_sha256"] == rows[0]["model_sha256"]  # the reference it learnt the returns of
+    assert recorded["tokenizer"] == json.loads((tmp / "buffer" / "manifest.json").read_text())["tokenizer"]
     assert row["prompt_set_sha256"] == rows[0]["prompt_set_sha256"]
 
     # the same guided policy built here, on the same prompts and seed, samples the saved completions
@@ -264,15 +282,24 @@ def test_a_damaged_value_model_is_named_in_one_line(trained, tmp_path, capsys):
     for i, (config, needle) in enumerate(json_cases + [(saved, n) for _, n in pt_cases]):
         folder = tmp_path / f"v{i}"
         shutil.copytree(value_dir, folder)
-        (folder / "value_model.json").write_text(json.dumps(config))
+        write_json_hashed(folder, config)  # edited together with its checksum: the fields themselves are checked
         if i >= len(json_cases):
             save_hashed(pt_cases[i - len(json_cases)][0], folder / "value_model.pt")
         with pytest.raises(ValueError, match=re.escape(needle)):
             load_value_model(folder)
-    (tmp_path / "v0" / "value_model.json").write_text(json.dumps({**saved, "steps": "x"}))
+    write_json_hashed(tmp_path / "v0", {**saved, "steps": "x"})
     base = ["run", "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl"), "--reward-model", "rm"]
     assert eval_main(base + ["--guide", str(tmp_path / "v0"), "--beta", "0.5"]) == 2
     assert "field 'steps' must be an integer >= 0, got 'x'" in capsys.readouterr().err
+    # value_model.json shapes the model (rope_theta, its init, its step) and has a checksum of its own: an edit
+    # without it (a changed rope_theta loaded silently, under the weights' unchanged hash) is refused
+    edited = tmp_path / "edited"
+    shutil.copytree(value_dir, edited)
+    (edited / "value_model.json").write_text(json.dumps({**saved, "hf_config": {**hf, "rope_theta": 7.0}}))
+    with pytest.raises(ValueError, match="value_model.json: sha256 differs from value_model.json.sha256's"):
+        load_value_model(edited)
+    assert eval_main(base + ["--guide", str(edited), "--beta", "0.5"]) == 2
+    assert "value_model.json: sha256 differs" in capsys.readouterr().err
 
 
 def test_a_guide_without_weights_is_refused_before_any_policy_is_evaluated(trained, tmp_path, capsys, monkeypatch):
@@ -302,11 +329,36 @@ def test_a_top_k_beyond_the_vocabulary_is_recorded_as_the_vocabulary(trained):
     from shiq_eval.cli import load_guide
     from shiq_train.qsharp_value import load_value_model
 
-    _, _, value_dir = trained
+    _, init, value_dir = trained
     vocab = load_value_model(value_dir).config.vocab_size
-    args = SimpleNamespace(guide=str(value_dir), top_k=10**9)
-    load_guide(args, SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)))
+    tok = transformers.AutoTokenizer.from_pretrained(str(init))
+    ref = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
+    args = SimpleNamespace(guide=str(value_dir), top_k=10**9, beta=0.5)
+    load_guide(args, ref, str(init), tok)
     assert args.top_k == vocab
     args.top_k = 5
-    load_guide(args, SimpleNamespace(config=SimpleNamespace(vocab_size=vocab)))
+    load_guide(args, ref, str(init), tok)
     assert args.top_k == 5
+
+
+def test_a_guide_is_refused_with_another_reference_or_a_beta_its_atoms_overflow(trained, tmp_path, capsys):
+    """Guided decoding reweights the reference the value model learnt the returns of (SHIQ_MATH §8): another
+    reference of the same vocabulary was accepted, and the guided policy reported as if it were that one's. A β
+    so small that z/β overflows failed late, as NaN probabilities, after the reference's evaluation."""
+    tmp, init, value_dir = trained
+    other = tmp_path / "other"
+    model = transformers.LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)  # (tied: the embeddings too) another model, the same shape
+    model.save_pretrained(other)
+    transformers.AutoTokenizer.from_pretrained(str(init)).save_pretrained(other)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4 w5"}\n')
+    args = ["run", "--guide", str(value_dir), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    args += ["--scorer", "vader", "--quiet", "--max-new-tokens", "2"]
+    assert eval_main([*args, "--beta", "0.5", "--reference", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert f"--guide {value_dir} learnt the returns of the reference {init}" in err and str(other) in err, err
+    assert eval_main([*args, "--beta", "1e-320"]) == 2
+    assert "--beta 1e-320 is too small for the value model's atoms" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+    assert eval_main([*args, "--beta", "0.5", "--reference", str(init)]) == 0  # its own reference, given: fine
