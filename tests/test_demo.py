@@ -100,6 +100,15 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
         assert r["gain_share"] == pytest.approx(share.mean()) and r["gain_share_sd"] == pytest.approx(share.std(ddof=1))
     best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
+    # an arm whose J* is not above the reference's J has no gain share (NaN): it was kept as the best when it came
+    # first (x > nan is never true); it ranks last now
+    for seed in per:  # the first arm of the method
+        rep = json.loads((tmp_path / seed / "report.json").read_text())
+        rep["methods"]["shiq@0.1"]["j_star"] = rep["methods"]["shiq@0.1"]["reference_reward_on_these_prompts"]
+        (tmp_path / seed / "report.json").write_text(json.dumps(rep))
+    again = demo.full_report(tmp_path, list(per))
+    assert math.isnan({r["arm"]: r for r in again["arms"]}["shiq@0.1"]["gain_share"])
+    assert again["best_beta"]["shiq"] == 1.0
     for name in ("full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"):
         assert (tmp_path / name).is_file()
     # the checkpoints across seeds: every arm's, drawn for each frontier method at its best β
@@ -512,6 +521,21 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         f"train_{trained[0]}"
     }
     assert list(json.loads((out / "report.json").read_text())["methods"]) == [trained[0]]
+    # an arm killed after its last checkpoint and before that step's validation loss and evaluation: its
+    # resume evaluates the checkpoint, and now also writes the step's validation loss (it was never written)
+    arm, last = "dpo", cfg["train"]["steps"]
+    val_path, curve_path = out / "runs" / arm / "val_loss.json", out / "runs" / arm / "curve.json"
+    val, curve = json.loads(val_path.read_text()), json.loads(curve_path.read_text())
+    val_path.write_text(json.dumps([v for v in val if v["step"] != last]))
+    curve_path.write_text(json.dumps([c for c in curve if c["step"] != last]))
+    stages = json.loads((out / "stages.json").read_text())
+    del stages["done"][f"train_{arm}"]
+    (out / "stages.json").write_text(json.dumps(stages))
+    subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
+    again = json.loads(val_path.read_text())
+    assert [v["step"] for v in again] == steps  # the last step's too
+    assert again[-1]["loss"] == pytest.approx(val[-1]["loss"], rel=1e-4)  # the same checkpoint, the same loss
+    assert [c["step"] for c in json.loads(curve_path.read_text())] == [c["step"] for c in curve]
 
 
 def _se(v):
@@ -646,6 +670,17 @@ def test_a_plain_arm_is_not_reported_at_a_default_beta_it_was_not_trained_at(tmp
     with pytest.raises(ValueError, match=r"trained and evaluated at β 0.03, but the configuration gives it β 0.5"):
         Stages(out, again, free=demo.free_keys(again), check=lambda: demo.check_trained_betas(again, out))
     assert (out / "config.json").read_text() == saved
+    # an arm killed after a checkpoint and before its first evaluation has no curve.json: the checkpoint's own
+    # β (its meta.json's loss) decides, or it would be evaluated, or trained on, at the new β
+    step = out / "runs" / "dpo" / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    meta = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"loss": {"name": "dpo", "beta": 0.03}}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    (step.parent / "latest").write_text("step_00000002\n")
+    demo.check_trained_betas(demo.load_config(quick=True, overrides=["train.methods=[dpo]"]), out)  # 0.03: fine
+    moved = demo.load_config(quick=True, overrides=["train.methods=[dpo]", "methods.dpo.beta=0.5"])
+    with pytest.raises(ValueError, match=r"step_00000002: the arm dpo was trained to this step at β 0.03, but the"):
+        demo.check_trained_betas(moved, out)
 
 
 def test_a_run_from_before_a_new_key_resumes_with_the_old_value_given(tmp_path):

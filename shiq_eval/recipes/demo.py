@@ -154,16 +154,26 @@ def free_keys(cfg: dict) -> tuple[str, ...]:
 
 def check_trained_betas(cfg: dict, out: Path) -> None:
     """Refuse a configuration whose β for an arm already trained or evaluated in ``out`` differs from the β
-    recorded in that arm's ``runs/<arm>/curve.json``. :func:`free_keys` lets a run whose arms all name their β
+    recorded in that arm's ``runs/<arm>/curve.json``, or in its newest checkpoint (one saved before any
+    evaluation was recorded: it would be evaluated, or trained on, at the new β). :func:`free_keys` lets a run whose arms all name their β
     take a new default ``methods.<m>.beta``; a later resume listing the plain arm ``m`` would otherwise
     report its old results at the new β. Rows written before β was recorded are not checked."""
     for arm in cfg["train"]["methods"]:
         path = out / "runs" / arm / "curve.json"
+        beta = arm_beta(cfg, arm)
+        ckpt = out / "runs" / arm / "checkpoints"
+        latest = latest_step_dir(ckpt) if ckpt.is_dir() else None
+        saved = ((read_meta(latest).get("meta") or {}).get("loss") or {}).get("beta") if latest is not None else None
+        if isinstance(saved, int | float) and saved != beta:  # a checkpoint saved before any evaluation was recorded
+            raise ValueError(
+                f"{latest}: the arm {arm} was trained to this step at β {saved:g}, but the configuration gives it "
+                f"β {beta:g}: name the β in the arm ({arm_method(arm)}@{beta:g}) to train a new arm, or use "
+                "another --out"
+            )
         if not path.is_file():
             continue
         rows = read_json(path)
         trained = {r["beta"] for r in rows if isinstance(r, dict) and "beta" in r} if isinstance(rows, list) else set()
-        beta = arm_beta(cfg, arm)
         if trained and trained != {beta}:
             raise ValueError(
                 f"{path}: the arm {arm} was trained and evaluated at β {', '.join(f'{b:g}' for b in sorted(trained))}, "
@@ -703,7 +713,9 @@ def stage_train(ctx: Context, arm: str) -> None:
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
         val_cache = ctx.prefix_caches.get("buffer_val", t["trainable_last_layers"], model) if val_batches else None
-        trainer.fit(sampler, evaluate=evaluate, on_start=lambda start: validate(0) if start == 0 else None)
+        # validate(start): step 0, or a step whose checkpoint was saved before its validation loss (validate skips
+        # the steps it has)
+        trainer.fit(sampler, evaluate=evaluate, on_start=validate)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         atomic_write_bytes(run / "train_metrics.jsonl", metrics.read_bytes())
@@ -1277,8 +1289,13 @@ def full_report(out: Path, names: list[str]) -> dict:
             row[f"{key}_se"] = float(np.mean([m[se or f"{key}_stderr"] for m in per]))
         rows.append(row)
     best = {}
+
+    def rank(row):  # a gain share that is not a number (J* at or below the reference's J) ranks last, then by J
+        g = row["gain_share"]
+        return (g if isinstance(g, float | int) and math.isfinite(g) else -math.inf, row["J"])
+
     for row in rows:
-        if row["method"] not in best or row["gain_share"] > best[row["method"]]["gain_share"]:
+        if row["method"] not in best or rank(row) > rank(best[row["method"]]):
             best[row["method"]] = row
     ref = seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
     ref_gold = seed_stats([rep["reference"]["gold_mean"] for rep in reps.values()])
