@@ -138,6 +138,8 @@ def read_results(folders) -> list[dict]:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")
+        if not data:
+            raise ValueError(f"{path}: no result rows (an empty list)")
         suite = suite_scorer(path.parent / SUITE)
         for i, row in enumerate(data):
             missing = [k for k in REQUIRED if k not in row]
@@ -373,6 +375,20 @@ def check_runs(rows: list[dict]) -> None:
             )
 
 
+def check_prompt_sets(rows: list[dict]) -> None:
+    """Refuse rows of one suite fingerprint with different prompt sets: the fingerprint covers the prompt set,
+    so only a hand-edited file has them, and its rows would be listed and drawn as one suite's."""
+    first: dict = {}
+    for row in rows:
+        a = first.setdefault(row["suite_sha256"], row)
+        if a["prompt_set_sha256"] != row["prompt_set_sha256"]:
+            raise ValueError(
+                f"{a['source']} and {row['source']}: one suite fingerprint ({row['suite_sha256'][:12]}…) with two "
+                "prompt sets (field 'prompt_set_sha256'): the suite's fingerprint covers its prompts, so one of "
+                "the files was edited"
+            )
+
+
 def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list[dict]]:
     """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
     in suite, loss, β, run, step order (the run as :func:`run_label` gives it: a Q♯ row's with its β and
@@ -381,6 +397,7 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
     errors, and those of the differences (paired by prompt), are clustered by scenario where the prompt set's
     scenario ids are known (:func:`scenario_ids`; SHIQ_MATH §9)."""
     check_suites(rows, allow_mixed)
+    check_prompt_sets(rows)
     check_runs(rows)
     ids = scenario_ids(rows)
     seen, table, values = {}, [], []
@@ -389,6 +406,12 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
         key = (row["suite_sha256"], label, row["step"])
         if key in seen:
             if seen[key]["model_sha256"] != row["model_sha256"]:
+                if row["method"] == "reference":  # (its label is fixed: --label cannot tell two references apart)
+                    raise ValueError(
+                        f"{seen[key]['source']} and {row['source']}: evaluated against two different reference "
+                        "models (different weights SHA-256), whose runs' KLs and J are not comparable: make one "
+                        "leaderboard per reference"
+                    )
                 raise ValueError(
                     f"{seen[key]['source']} and {row['source']}: run {label!r} step {row['step']} names two "
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
@@ -462,7 +485,7 @@ def j_comparable(a: dict, b: dict) -> str:
     if "reference" in (a["method"], b["method"]):
         return ""
     if not math.isclose(a["beta"], b["beta"], rel_tol=1e-12, abs_tol=0.0):
-        return f"no J difference: β {a['beta']:g} ≠ {b['beta']:g}, two objectives"
+        return f"no J difference: β {a['beta']!r} ≠ {b['beta']!r}, two objectives"
     return ""
 
 
@@ -539,7 +562,11 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
 
     def md_table(header, lines):
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return out + ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines]
+        return out + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in lines]
+
+    def md_cell(text: str) -> str:  # one line, no HTML: a label may hold a newline, "|" or "<i>"
+        text = " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
+        return html.escape(text, quote=False).replace("|", "\\|")
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):
@@ -589,14 +616,19 @@ def plots(table: list[dict], out: Path) -> list[Path]:
     """Reward vs KL, reward vs step and J vs step, one curve per run (per run and suite when mixed), the
     first reference row as the reference."""
     mixed = len({t["suite_sha256"] for t in table}) > 1
+    # mixed: a curve per run and suite fingerprint (two suites may share a name: one run with an override);
+    # no reference (each suite has its own), and the KL axis names every estimator drawn
     rows = [
-        {**t, "run": f"{t['run']} [{t['suite']}]" if mixed else t["run"]} for t in table if t["method"] != "reference"
+        {**t, "run": f"{t['run']} [{t['suite']} {t['suite_sha256'][:8]}]" if mixed else t["run"]}
+        for t in table
+        if t["method"] != "reference"
     ]
     refs = [t for t in table if t["method"] == "reference"]
     if not rows:
         return []
-    ref = refs[0] if refs else None
-    paths = plot_curves(rows, out, reference=ref, kl_key="kl", kl_name=table[0]["kl_estimator"])
+    ref = refs[0] if refs and not mixed else None
+    estimators = " / ".join(sorted({t["kl_estimator"] for t in rows}))
+    paths = plot_curves(rows, out, reference=ref, kl_key="kl", kl_name=estimators)
     with_j = [r for r in rows if r["J"] is not None]
     if with_j:
         ref_j = (ref["J"], ref["J_stderr"]) if ref is not None and ref["J"] is not None else None

@@ -118,8 +118,20 @@ def _run_lines(ax, rows: list[dict], x_key: str, y_key: str, err_key: str, label
             yerr=[r[err_key] for r in pts],
             marker="o",
             capsize=3,
-            label=label(pts),
+            label=legend_text(label(pts)),
         )
+    if x_key == "step":  # steps are whole numbers
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def legend_text(text: str) -> str:
+    """A run's label as matplotlib shows it as written: ``$`` escaped (it starts math text: ``cost $5 and $6``
+    read as math), and a label beginning with ``_`` (which matplotlib leaves out of legends) shown after a
+    thin space."""
+    text = str(text).replace("$", r"\$")
+    return "\u2009" + text if text.startswith("_") else text
 
 
 def plot_j_vs_step(

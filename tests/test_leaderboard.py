@@ -328,6 +328,61 @@ def write_results(folder, rows):
     return str(folder)
 
 
+def test_results_the_leaderboard_cannot_rank_are_named_and_labels_are_shown_as_written(tmp_path, capsys):
+    """Two folders evaluated against different references were refused with advice that cannot be followed
+    (--label cannot rename the reference); an empty results.json gave an empty leaderboard; rows of one suite
+    fingerprint with two prompt sets (a hand edit) were listed as one suite's. A label with a newline or HTML
+    broke the Markdown table; one with "$" or a leading "_" was drawn as math text or left out of the legend."""
+    from shiq_eval.report import legend_text
+
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3)
+    x = write_results(tmp_path / "x", [ref, result_row("a", 1, "m1", [2.0, 2.0, 7.0], [1.0, 3.0, 2.0])])
+    other = write_results(tmp_path / "other", [{**ref, "model_sha256": "f" * 64}])
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", x, other, "--out", str(tmp_path / "o")]) == 2
+    assert "evaluated against two different reference models" in capsys.readouterr().err
+    empty = write_results(tmp_path / "empty", [])
+    assert eval_cli.main(["leaderboard", x, empty, "--out", str(tmp_path / "o")]) == 2
+    assert f"{tmp_path / 'empty' / 'results.json'}: no result rows" in capsys.readouterr().err
+    edited = write_results(tmp_path / "edited", [{**ref, "prompt_set_sha256": "e" * 64}])
+    assert eval_cli.main(["leaderboard", x, edited, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "one suite fingerprint" in err and "with two prompt sets (field 'prompt_set_sha256')" in err, err
+    assert not (tmp_path / "o").exists()
+    # labels as written: one line and no HTML in a Markdown cell; "$" and "_" shown in plots
+    odd = write_results(tmp_path / "odd", [ref, result_row("lab|x\ny<i>&", 1, "m1", [2.0, 2.0, 7.0], [1.0] * 3)])
+    assert eval_cli.main(["leaderboard", odd, "--out", str(tmp_path / "o")]) == 0
+    md = (tmp_path / "o" / "leaderboard.md").read_text()
+    line = next(x for x in md.splitlines() if "lab" in x)
+    assert "lab\\|x y&lt;i&gt;&amp;" in line and "<i>" not in md, line
+    assert legend_text("cost $5 and $6") == r"cost \$5 and \$6" and legend_text("_hidden") == "\u2009_hidden"
+
+
+def test_mixed_suites_of_one_name_are_drawn_apart_without_one_suites_reference(tmp_path, monkeypatch):
+    """With --allow-mixed, two suites of one name (one suite file run with an override) were drawn as one curve
+    per run, joined across suites, against the first suite's reference and its KL estimator's axis label."""
+    from shiq_eval import leaderboard as lb
+
+    def rows(sha, estimator, mean):
+        kw = {"suite_sha256": sha, "kl_estimator": estimator, "source": f"{sha[:1]}/results.json"}
+        return [
+            result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3, **kw),
+            result_row("a", 2, "m", [mean] * 3, [1.0] * 3, **kw),
+        ]
+
+    seen = {}
+    monkeypatch.setattr(lb, "plot_curves", lambda rows, out, **kw: seen.update(rows=rows, **kw) or [])
+    monkeypatch.setattr(lb, "plot_j_vs_step", lambda *a, **kw: tmp_path / "j.png")
+    table, _ = lb.build(rows("a" * 64, "sample", 2.0) + rows("c" * 64, "exact", 3.0), allow_mixed=True)
+    lb.plots(table, tmp_path)
+    assert sorted(r["run"] for r in seen["rows"]) == ["a [s aaaaaaaa]", "a [s cccccccc]"]  # two curves
+    assert seen["reference"] is None and seen["kl_name"] == "exact / sample"
+    table, _ = lb.build(rows("a" * 64, "sample", 2.0), allow_mixed=False)  # one suite: its reference, as before
+    lb.plots(table, tmp_path)
+    assert [r["run"] for r in seen["rows"]] == ["a"] and seen["reference"]["method"] == "reference"
+    assert seen["kl_name"] == "sample"
+
+
 def guide_row(beta, top_k, rewards, kls, **extra):
     """A Q♯ row as shiq-eval run --guide writes it: the value model's folder name as run, its weights' hash."""
     row = result_row("value", 4, "v" * 64, rewards, kls, beta=beta, top_k=top_k, **extra)
