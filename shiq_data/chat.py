@@ -189,6 +189,13 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
         before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         for name, ids in (("the generation prompt before", before), ("the rendering through", through)):
+            if full[: len(ids)] != ids and ids is before and m["content"][:1].isspace():
+                lead = m["content"][: len(m["content"]) - len(m["content"].lstrip())]
+                raise ChatTemplateError(  # the data, not the template: a token would be both prompt and action
+                    f"messages[{i}] (assistant) starts with white space ({', '.join(map(repr, lead[:8]))}) that the "
+                    "tokenizer joins with the end of the generation prompt into one token, which would be both "
+                    "prompt and action: strip the reply's leading white space"
+                )
             if full[: len(ids)] != ids:
                 raise ChatTemplateError(
                     f"the chat template is not prefix-stable: {name} messages[{i}] is not a token-prefix "

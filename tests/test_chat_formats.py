@@ -130,6 +130,19 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
         tok.chat_template = saved
 
 
+@pytest.mark.parametrize("lead", ["  ", "\n\n", " \n"])
+def test_a_reply_whose_leading_white_space_joins_the_header_is_named_as_the_datas(tok, lead):
+    """A reply starting with white space the tokenizer merges with the assistant header's newline (one token
+    both prompt and action) was refused as a template that is not prefix-stable; it is the reply's white space.
+    One space, a tab or a user turn's white space are fine."""
+    user = {"role": "user", "content": "Hi"}
+    with pytest.raises(ChatTemplateError, match=r"messages\[1\] \(assistant\) starts with white space \("):
+        encode_chat(tok, [user, {"role": "assistant", "content": lead + "two"}])
+    for fine in (" one", "\tone", "one"):
+        encode_chat(tok, [user, {"role": "assistant", "content": fine}])
+    encode_chat(tok, [{"role": "user", "content": lead + "Hi"}, {"role": "assistant", "content": "one"}])
+
+
 # ----------------------------------------------------------------------------------------------
 # public formats
 
