@@ -478,6 +478,34 @@ def template_ids(tok, messages, add_generation_prompt=False):
     return list(out["input_ids"] if hasattr(out, "keys") else out)
 
 
+def test_rows_share_a_group_exactly_when_the_model_reads_the_same_prompt(tmp_path, smollm2):
+    """Without "group", rows of one prompt form a group. A plain row and a chat row of one prompt text were one
+    group though their prompts tokenise differently (DPO and CoPG would pair completions made in different
+    contexts), and a string prompt and the same user message given as a list were two. The reference: the
+    prompt's token ids, as built."""
+    q = "What is 2+3?"
+    records = [
+        {"prompt": q, "completion": [{"role": "assistant", "content": "It is 5."}], "reward": 1.0},
+        {"prompt": q, "completion": " 5", "reward": 0.5},  # plain: the text alone, no template
+        {
+            "prompt": [{"role": "user", "content": q}],
+            "completion": [{"role": "assistant", "content": "5"}],
+            "reward": 0,
+        },
+        {"prompt": q, "completion": " five", "reward": -1.0},
+        {"prompt": q + " ", "completion": " 5", "reward": 0.0},  # another text
+    ]
+    inp = write_jsonl(tmp_path / "mixed.jsonl", records)
+    args = ["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "buf"), "--no-progress"]
+    assert main(args) == 0
+    rows = read_rows(tmp_path / "buf")[1]
+    prompts = [tuple(r["tokens"][: r["prompt_len"]]) for r in rows]
+    for i in range(len(rows)):
+        for j in range(len(rows)):
+            assert (rows[i]["group_id"] == rows[j]["group_id"]) == (prompts[i] == prompts[j]), (i, j)
+    assert [r["group_id"] for r in rows] == [0, 1, 0, 1, 2]
+
+
 def test_chat_completions_go_through_the_template(tmp_path, smollm2):
     tok, _ = smollm2
     inp = write_jsonl(tmp_path / "chat.jsonl", CHAT)

@@ -1,10 +1,10 @@
 """Generic (prompt, completion, reward) rows from JSONL, Parquet or a ``datasets`` folder → buffer rows.
 
 Each input record is ``{"prompt": str, "completion": str, "reward": number}`` with an optional
-``"group"`` (any JSON value) naming the prompt group; without it, records with identical prompt
-text form a group. The buffer row is ``tokens = prompt ids + completion ids (+ eos)`` (each part
-tokenised on its own, without special tokens), ``action_mask`` True on the completion (and eos),
-and the reward on the last action token (SHIQ_MATH §1: a sequence reward is the last token's).
+``"group"`` (any JSON value) naming the prompt group; without it, records with identical prompts
+form a group (:func:`group_key`: as the model reads them; a plain row and a chat row are never one). The
+buffer row is ``tokens = prompt ids + completion ids (+ eos)`` (each part tokenised on its own, without
+special tokens), ``action_mask`` True on the completion (and eos), and the reward on the last action token (SHIQ_MATH §1: a sequence reward is the last token's).
 
 The completion may instead be a list of chat messages ``[{"role", "content"}, ...]`` (roles as in
 :func:`shiq_data.chat.check_messages`, at least one assistant message): the row is then the
@@ -58,16 +58,23 @@ NAMES = {"prompt": "prompt", "completion": "completion", "reward": "reward"}
 
 
 def group_key(record: dict) -> tuple:
-    """What makes a record's group: its explicit group, else its prompt text (groups are numbered in order of
-    first appearance of this key)."""
+    """What makes a record's group: its explicit group, else its prompt as the model reads it (groups are
+    numbered in order of first appearance of this key): the text of a plain prompt, or the chat context of a
+    chat completion, where a string prompt is the user's message. So a plain row and a chat row of one prompt
+    text are two groups (their prompts tokenise differently), and a string prompt and the same user message
+    given as a list are one."""
     key = record.get("group_key")
-    if key is None and record.get("group") is not None:
-        key = ("group", json.dumps(record["group"], sort_keys=True, default=str))
-    elif key is None and isinstance(record["prompt"], str):
-        key = ("prompt", record["prompt"])
-    elif key is None:
-        key = ("messages", json.dumps(record["prompt"], sort_keys=True, default=str))
-    return key
+    if key is not None:
+        return key
+    if record.get("group") is not None:
+        return ("group", json.dumps(record["group"], sort_keys=True, default=str))
+    prompt = record["prompt"]
+    if is_chat(record):
+        context = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        return ("messages", json.dumps(context, sort_keys=True, default=str))
+    if isinstance(prompt, str):
+        return ("prompt", prompt)
+    return ("messages", json.dumps(prompt, sort_keys=True, default=str))
 
 
 def _named(field: str, names: dict) -> str:
