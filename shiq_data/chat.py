@@ -189,7 +189,7 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
         before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
         through = _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
         for name, ids in (("the generation prompt before", before), ("the rendering through", through)):
-            if full[: len(ids)] != ids and ids is before and m["content"][:1].isspace():
+            if full[: len(ids)] != ids and ids is before and _white_space_joins(tokenizer, messages, i):
                 lead = m["content"][: len(m["content"]) - len(m["content"].lstrip())]
                 raise ChatTemplateError(  # the data, not the template: a token would be both prompt and action
                     f"messages[{i}] (assistant) starts with white space ({', '.join(map(repr, lead[:8]))}) that the "
@@ -209,6 +209,19 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
         last = len(turn) - 1 - turn[::-1].index(eot)
         spans.append((len(before), len(before) + last + 1))
     return full, spans
+
+
+def _white_space_joins(tokenizer, messages: Sequence[dict], i: int) -> bool:
+    """Whether the assistant message ``i``'s leading white space, and only it, makes the generation prompt
+    before it not a token-prefix of the conversation: the same conversation with that white space stripped is
+    prefix-stable there (else the template itself is at fault, whatever the reply starts with)."""
+    content = messages[i]["content"]
+    if not content[:1].isspace():
+        return False
+    stripped = [*messages[:i], {**messages[i], "content": content.lstrip()}, *messages[i + 1 :]]
+    full = _render_ids(tokenizer, stripped, add_generation_prompt=False)
+    before = _render_ids(tokenizer, stripped[:i], add_generation_prompt=True)
+    return full[: len(before)] == before
 
 
 def encode_chat(

@@ -461,30 +461,3 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
-    made = make_parents(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        fill(tmp)
-        os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)
-        old = None
-        if replace and folder.exists():  # set aside, not deleted, until the new one is in place
-            old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.old")
-            os.rename(folder, old)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            if old is not None:  # put back what is replaced, and say why the new one is not there
-                os.rename(old, folder)
-                raise
-            if not folder.is_dir():  # else another process finished first; its copy is identical
-                raise
-        fsync_dir(folder.parent)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        remove_created_dirs(made)
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder

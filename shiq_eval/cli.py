@@ -375,7 +375,7 @@ def check_guide_args(args, temperature: float = 1.0) -> None:
         raise EvalInputError(f"--guide samples at temperature 1, but the suite's sampling.temperature is {temperature}")
 
 
-def load_guide(args, ref_model, reference: str, tokenizer):
+def load_guide(args, ref_model, reference: str, tokenizer, info: dict, reference_sha256: str | None):
     """The value model of ``args.guide``, checked against the reference ``ref_model`` (named ``reference``)
     and the evaluation ``tokenizer``: loaded once the reference is, before any policy is evaluated, so a damaged
     folder, another reference (guidance reweights the reference it learnt the returns of: SHIQ_MATH §8), another
@@ -383,7 +383,6 @@ def load_guide(args, ref_model, reference: str, tokenizer):
     checkpoints' evaluations."""
     from shiq_train.qsharp_value import load_value_model  # heavy: torch
 
-    info = guide_info(args.guide)
     value = load_value_model(args.guide)
     if value.config.vocab_size != ref_model.config.vocab_size:
         raise EvalInputError(
@@ -391,7 +390,7 @@ def load_guide(args, ref_model, reference: str, tokenizer):
             f"{ref_model.config.vocab_size}; train it from this reference (shiq-train loss=qsharp_value init=...)"
         )
     want = info["reference_sha256"]
-    if want is not None and (got := model_sha256(reference_files(reference))) != want:
+    if want is not None and (got := reference_sha256) != want:
         raise EvalInputError(
             f"--guide {args.guide} learnt the returns of the reference {info['init']} (weights {want[:12]}…), but "
             f"the reference here is {reference} ({(got or 'no weights')[:12]}…): guided decoding reweights the "
@@ -495,7 +494,8 @@ def run(args) -> list[dict]:
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)
-    guide_inits = {guide_info(args.guide)["init"]} if args.guide is not None else set()
+    guide = guide_info(args.guide) if args.guide is not None else None  # (read once)
+    guide_inits = {guide["init"]} if guide is not None else set()
     reference = args.reference
     if reference is None:
         inits = sorted({i["init"] for i in infos if i["init"] is not None} | guide_inits)
@@ -547,9 +547,9 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
-    value = load_guide(args, ref_model, reference, tokenizer) if args.guide is not None else None
-    guide = guide_info(args.guide) if args.guide is not None else None  # (read once, as loaded)
-    guide_sha = model_sha256(guide_files(args.guide)) if args.guide is not None else None
+    ref_sha = model_sha256(reference_files(reference))  # (hashed once: the reference row's, and the guide's check)
+    value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
+    guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, suite.chat) for _ in range(k)]
     shown_k = [text for text in shown for _ in range(k)]
@@ -582,7 +582,7 @@ def run(args) -> list[dict]:
             "beta": None,
             "step": 0,
             "checkpoint": str(reference),
-            "model_sha256": model_sha256(reference_files(reference)),
+            "model_sha256": ref_sha,
             **common,
             **evaluate_policy(
                 ref_logits,

@@ -406,6 +406,12 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
         key = (row["suite_sha256"], label, row["step"])
         if key in seen:
             if seen[key]["model_sha256"] != row["model_sha256"]:
+                if row["method"] == "qsharp":  # (labelled by its folder: --label does not apply)
+                    raise ValueError(
+                        f"{seen[key]['source']} and {row['source']}: the Q♯ value model {label!r} step {row['step']} "
+                        "has two hashes: another value model in that folder, or one evaluation made before its "
+                        "value_model.json was hashed with its weights; evaluate the older one again"
+                    )
                 if row["method"] == "reference":  # (its label is fixed: --label cannot tell two references apart)
                     raise ValueError(
                         f"{seen[key]['source']} and {row['source']}: evaluated against two different reference "
@@ -570,7 +576,7 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):
-        lines += [f"## {title}", ""]
+        lines += [f"## {' '.join(html.escape(title, quote=False).splitlines())}", ""]  # (a suite name as written)
         if _stderr_line(rows):
             lines += [_stderr_line(rows), ""]
         lines += md_table(HEADER, [_cells(t) for t in rows]) + [""]

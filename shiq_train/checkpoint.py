@@ -353,7 +353,7 @@ def check_sha256(path: Path) -> None:
     except (FileNotFoundError, IndexError, UnicodeDecodeError):
         raise ValueError(
             f"{sums} is missing or empty: {path.name} has no checksum to be checked against (a partial copy of "
-            f"the checkpoint, or one written before checksums were kept: if the file is known to be good, "
+            f"its folder, or a file written before its checksum was kept: if the file is known to be good, "
             f"'sha256sum {path.name} > {sums.name}' in its folder adds one)"
         ) from None
     if sha256_files([path]) != recorded:

@@ -124,8 +124,9 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
     saved = tok.chat_template
     tok.chat_template = unstable
     try:
-        with pytest.raises(ChatTemplateError, match="not prefix-stable"):
-            encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])
+        for reply in ("b", " b", "\tb"):  # a reply's white space is not blamed for the template's fault
+            with pytest.raises(ChatTemplateError, match="not prefix-stable"):
+                encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": reply}])
     finally:
         tok.chat_template = saved
 
@@ -134,7 +135,7 @@ def test_template_that_is_not_prefix_stable_is_refused(tok):
 def test_a_reply_whose_leading_white_space_joins_the_header_is_named_as_the_datas(tok, lead):
     """A reply starting with white space the tokenizer merges with the assistant header's newline (one token
     both prompt and action) was refused as a template that is not prefix-stable; it is the reply's white space.
-    One space, a tab or a user turn's white space are fine."""
+    With this template, one space, a tab or a user turn's white space are fine."""
     user = {"role": "user", "content": "Hi"}
     with pytest.raises(ChatTemplateError, match=r"messages\[1\] \(assistant\) starts with white space \("):
         encode_chat(tok, [user, {"role": "assistant", "content": lead + "two"}])

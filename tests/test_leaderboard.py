@@ -341,6 +341,13 @@ def test_results_the_leaderboard_cannot_rank_are_named_and_labels_are_shown_as_w
     capsys.readouterr()
     assert eval_cli.main(["leaderboard", x, other, "--out", str(tmp_path / "o")]) == 2
     assert "evaluated against two different reference models" in capsys.readouterr().err
+    # one Q♯ value model (labelled by its folder) hashed two ways: no --label advice, which does not apply to it
+    guided = {"method": "qsharp", "top_k": 5}
+    q1 = write_results(tmp_path / "q1", [ref, result_row("vm", 4, "h1", [1.0] * 3, [0.5] * 3, **guided)])
+    q2 = write_results(tmp_path / "q2", [ref, result_row("vm", 4, "h2", [1.0] * 3, [0.5] * 3, **guided)])
+    assert eval_cli.main(["leaderboard", q1, q2, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "the Q♯ value model" in err and "has two hashes" in err and "--label" not in err, err
     empty = write_results(tmp_path / "empty", [])
     assert eval_cli.main(["leaderboard", x, empty, "--out", str(tmp_path / "o")]) == 2
     assert f"{tmp_path / 'empty' / 'results.json'}: no result rows" in capsys.readouterr().err

@@ -326,7 +326,7 @@ def test_a_top_k_beyond_the_vocabulary_is_recorded_as_the_vocabulary(trained):
     """--top-k 1000000000 was recorded in the results while decoding used the whole vocabulary."""
     from types import SimpleNamespace
 
-    from shiq_eval.cli import load_guide
+    from shiq_eval.cli import guide_info, load_guide
     from shiq_train.qsharp_value import load_value_model
 
     _, init, value_dir = trained
@@ -334,10 +334,11 @@ def test_a_top_k_beyond_the_vocabulary_is_recorded_as_the_vocabulary(trained):
     tok = transformers.AutoTokenizer.from_pretrained(str(init))
     ref = SimpleNamespace(config=SimpleNamespace(vocab_size=vocab))
     args = SimpleNamespace(guide=str(value_dir), top_k=10**9, beta=0.5)
-    load_guide(args, ref, str(init), tok)
+    info = guide_info(str(value_dir))
+    load_guide(args, ref, str(init), tok, info, info["reference_sha256"])
     assert args.top_k == vocab
     args.top_k = 5
-    load_guide(args, ref, str(init), tok)
+    load_guide(args, ref, str(init), tok, info, info["reference_sha256"])
     assert args.top_k == 5
 
 
