@@ -92,9 +92,9 @@ class ValueTrainConfig:
             raise ValueError(f"value.lr ({self.lr}) and value.head_lr ({self.head_lr}) must be > 0")
         if self.gamma != 1:  # β log E[exp(Σ_k γ^k r_k / β)] is not the soft optimum's value when γ < 1
             raise ValueError(
-                f"value.gamma must be 1, got {self.gamma}: Q♯ guides the reference by E[exp(Z/β)] of the "
-                "undiscounted return Z, the optimum of the KL-regularised objective (SHIQ_MATH §8); the return of "
-                "a discounted sum gives another policy"
+                f"value.gamma (loss.gamma of shiq-train) must be 1, got {self.gamma}: Q♯ guides the reference by "
+                "E[exp(Z/β)] of the undiscounted return Z, the optimum of the KL-regularised objective "
+                "(SHIQ_MATH §8); the return of a discounted sum gives another policy"
             )
         if not (isinstance(self.num_atoms, int) and self.num_atoms >= 2):
             raise ValueError(f"value.num_atoms must be an integer >= 2, got {self.num_atoms!r}")

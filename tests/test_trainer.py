@@ -332,7 +332,7 @@ def test_value_model_trainable_last_layers_allows_the_head_alone():
 
     assert ValueTrainConfig(trainable_last_layers=0).trainable_last_layers == 0
     for gamma in (0.9, 0.0):  # guidance by E[exp(Z/β)] is the optimum for the undiscounted return only
-        with pytest.raises(ValueError, match=f"value.gamma must be 1, got {gamma}"):
+        with pytest.raises(ValueError, match=rf"value.gamma \(loss.gamma of shiq-train\) must be 1, got {gamma}"):
             ValueTrainConfig(gamma=gamma)
     with pytest.raises(ValueError, match=r"value.trainable_last_layers must be -1 .* got -3"):
         ValueTrainConfig(trainable_last_layers=-3)
