@@ -944,11 +944,16 @@ def build_report(ctx: Context, timings: dict) -> dict:
             methods[m]["decode_seconds"] = last["eval_seconds"]
     write_table(rows, ctx.out, TABLE_COLUMNS)
     plot_curves(rows, ctx.out, reference=ref)
+    n_prompts = len(ref["rewards"]) // s
+    fewer = [
+        f"{m} over its first {r['n_prompts']}" for m, r in methods.items() if r.get("n_prompts", n_prompts) != n_prompts
+    ]
     plot_frontier(
         frontier_points(methods),
         ctx.out / "frontier.png",
         reference=(ref["reward_mean"], ref["reward_stderr"]),
-        title=f"final checkpoints, one training seed, ± 1 standard error over {len(ref['rewards']) // s} prompts",
+        title=f"final checkpoints, one training seed, ± 1 standard error over {n_prompts} prompts"
+        + (f" ({', '.join(fewer)})" if fewer else ""),
     )
     betas = sorted({arm_beta(cfg, m) for m in cfg["train"]["methods"]})
     by_beta = {}
