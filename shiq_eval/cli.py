@@ -42,7 +42,7 @@ import os
 import sys
 from pathlib import Path
 
-from shiq_data.assets import VADER_SDIST, smollm2_gguf
+from shiq_data.assets import VADER_SDIST
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import (
@@ -53,7 +53,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import RowError, atomic_write_json, files_together, utf8_lines, weight_files
+from shiq_data.io import RowError, atomic_write_json, files_together, utf8_lines
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
@@ -547,7 +547,9 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
-    ref_sha = model_sha256(reference_files(reference))  # (hashed once: the reference row's, and the guide's check)
+    from shiq_train.reference import model_weight_files  # heavy: torch
+
+    ref_sha = model_sha256(model_weight_files(reference))  # (hashed once: the reference row's, and the guide's check)
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
@@ -689,13 +691,6 @@ def check_results_folder(out: Path) -> None:
 def guide_files(guide) -> list[Path]:
     """The files that make a Q♯ value model: its weights and its ``value_model.json``."""
     return [Path(guide) / "value_model.pt", Path(guide) / "value_model.json"]
-
-
-def reference_files(reference: str) -> list[Path]:
-    """The weight files of the reference model: SmolLM2's GGUF file, or a folder's weight files."""
-    if reference == "smollm2":
-        return [smollm2_gguf()]
-    return weight_files(Path(reference))
 
 
 def leaderboard_command(args) -> None:

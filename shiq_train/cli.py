@@ -30,7 +30,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
-from shiq_data.assets import config_dir, smollm2_gguf
+from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest, refuse_inside_buffer
 from shiq_data.cli_common import (
     broken_pipe,
@@ -40,7 +40,7 @@ from shiq_data.cli_common import (
     setup_logging,
     verbose,
 )
-from shiq_data.io import atomic_write_bytes, exclusive_lock, sha256_files, weight_files
+from shiq_data.io import atomic_write_bytes, exclusive_lock, sha256_files
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
@@ -634,12 +634,6 @@ def _dataclass_from(cls, section: dict, prefix: str):
     return cls(**section)
 
 
-def init_weight_files(init: str) -> list[Path]:
-    """The weight files of ``init=``: SmolLM2's GGUF file, or a Hugging Face folder's weight files (what
-    ``shiq-eval run`` hashes as the reference's)."""
-    return [smollm2_gguf()] if init == "smollm2" else weight_files(Path(init))
-
-
 def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     """Train Q♯'s value model (a loss whose registry entry has ``trains="value"``, SHIQ_MATH §8) with the
     run's settings (``qsharp_train.value_config_from_run``) in one process; returns ``out``, written as
@@ -675,7 +669,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
         value_cfg,
         meta={  # what shiq-eval run --guide checks the reference and the tokenizer against
             "config": cfg,
-            "reference_sha256": sha256_files(init_weight_files(cfg["init"])),
+            "reference_sha256": sha256_files(reference.model_weight_files(cfg["init"])),
             "tokenizer": read_manifest(cfg["data"]["buffer"])["tokenizer"],
         },
         verify_checksums=cfg["data"].get("verify_checksums", True),

@@ -276,6 +276,13 @@ def model_name(model: str) -> str:
     return model if model == "smollm2" else str(Path(model).resolve())
 
 
+def model_weight_files(model: str) -> list[Path]:
+    """The weight files of a model named as ``init=``, ``--model`` and ``--reference`` name it: SmolLM2's GGUF
+    file, or a Hugging Face folder's weight files (what a value model records of its reference, and what
+    ``shiq-eval run`` hashes as the reference's)."""
+    return [smollm2_gguf()] if model == "smollm2" else weight_files(Path(model))
+
+
 def weights_sha256(folder) -> str:
     """What a reference record keeps of a model folder's weights: the SHA-256 of its weight files."""
     return sha256_files(weight_files(Path(folder)))
