@@ -571,8 +571,7 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
         return out + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in lines]
 
     def md_cell(text: str) -> str:  # one line, no HTML: a label may hold a newline, "|" or "<i>"
-        text = " ".join(text.splitlines()) if ("\n" in text or "\r" in text) else text
-        return html.escape(text, quote=False).replace("|", "\\|")
+        return html.escape(" ".join(text.splitlines()), quote=False).replace("|", "\\|")
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):

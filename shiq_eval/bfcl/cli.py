@@ -360,7 +360,10 @@ def _cmd_to_buffer(args) -> int:
     if not trajectories:
         raise ValueError(f"no trajectories to write (subset {args.subset})")
     for t in trajectories:  # a bad 'truncated' field is named before the tokenizer loads
-        t["_cut"] = _as_input(cut_answers, t, where=t["_where"])
+        try:
+            t["_cut"] = cut_answers(t)
+        except ValueError as e:
+            raise ValueError(f"{t['_where']}: {e}") from None
     dropped = sum(bool(t["_cut"]) for t in trajectories) if args.truncated == "drop" else 0
     if dropped == len(trajectories):
         raise ValueError(f"no trajectories to write: all {dropped} hold an answer cut by the token limit")
@@ -379,14 +382,6 @@ def _cmd_to_buffer(args) -> int:
         + (f"; left out {dropped} with an answer cut by the token limit" if dropped else "")
     )
     return 0
-
-
-def _as_input(fn, t: dict, *, where: str):
-    """``fn(t)``, its ``ValueError`` prefixed with ``where`` (the file and trajectory)."""
-    try:
-        return fn(t)
-    except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
 
 
 def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
