@@ -847,12 +847,13 @@ def check_online_reference_layout(cfg: dict, saved: dict) -> None:
     now = {"tp": cfg["parallel"]["tp"], "pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
     then = {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1)}
     device = parallel.device_type()
-    if device == "cpu" and saved.get("device", "cpu") == "cpu":  # CPU init draws the full weights, then splits
+    saved_device = saved.get("device", device)  # (not recorded before: taken as this one)
+    if device == "cpu" and saved_device == "cpu":  # CPU init draws the full weights, then splits
         now["tp"] = then["tp"]
-    if now != then or saved.get("device", device) != device:
+    if now != then or saved_device != device:
         keep = " ".join(f"parallel.{k}={v}" for k, v in then.items())
         name = {"cuda": "GPU", "cpu": "CPU"}
-        where = f" on the {name.get(saved['device'], saved['device'])}" if saved.get("device", device) != device else ""
+        where = f" on the {name.get(saved_device, saved_device)}" if saved_device != device else ""
         raise ConfigError(
             f"{' '.join(f'parallel.{k}={v}' for k, v in now.items())} on the {name[device]}: the checkpoint was "
             f"saved at {keep}{where}, and with init=none the online reference is the random start, drawn anew in "
