@@ -798,6 +798,18 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (run / "split.json").write_bytes(b"\xff\xfe")
     with pytest.raises(ValueError, match=r"split.json: not UTF-8 text"):
         read_json(run / "split.json")
+    # a stage's output edited by hand: named with what it lacks, not a KeyError
+    (run / "curve.json").write_text('[{"step": 1, "train_seconds": 2}, {"step": 2}]')
+    with pytest.raises(ValueError, match=r"curve.json: record 2: expected a JSON object with 'step', 'train_s"):
+        read_json(run / "curve.json", keys=("step", "train_seconds"))
+    (run / "curve.json").write_text("[]")
+    assert read_json(run / "curve.json", keys=("step",)) == []
+    edited = tmp_path / "edited"
+    Stages(edited, cfg).finish("reward_model", 1.0)
+    Stages(edited, cfg).finish("prompts", 1.0)
+    (edited / "prompts.json").write_text(json.dumps({"instruction": "x", "eval": []}))
+    assert demo.main(["--quick", "--out", str(edited)]) == 2
+    assert "prompts.json: expected a JSON object with 'train', 'eval', got {" in capsys.readouterr().err
     # nothing finished: a new configuration is taken (the first stage failed on a value now fixed), but not
     # once a stage left an output (a checkpoint or curve a new configuration would be trained on top of)
     (run / "stages.json").write_text('{"done": {}}')

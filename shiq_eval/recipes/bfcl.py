@@ -533,10 +533,10 @@ def build_report(ctx: Context, timings: dict) -> dict:
     trajectories = read_jsonl(ctx.out / "trajectories.jsonl")
     data = read_json(ctx.out / "data.json")
     data["groups_tied"] = tied_groups(trajectories, cfg["data"]["reward"])
-    ref = read_json(ctx.out / "reference_eval.json")
+    ref = read_json(ctx.out / "reference_eval.json", keys=("turns",))
     methods = {}
     for arm in cfg["train"]["methods"]:
-        res = read_json(ctx.out / "runs" / arm / "eval.json")
+        res = read_json(ctx.out / "runs" / arm / "eval.json", keys=("turns", "beta", "steps"))
         methods[arm] = {
             **summarize(res["turns"], ref["turns"]),
             "beta": res["beta"],

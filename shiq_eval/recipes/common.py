@@ -404,13 +404,22 @@ def check_study_folder(out: Path, owns: set[str]) -> None:
         )
 
 
-def read_json(path: Path, hint: str | None = None):
-    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone) and saying what to do
-    (``hint``, default: how to make a stage's output again)."""
+def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = ()):
+    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone, or, given ``keys``,
+    not an object holding them, nor a list of such objects) and saying what to do (``hint``, default: how to
+    make a stage's output again)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
         raise ValueError(f"{path}: {_json_problem(e)}{_REDO if hint is None else hint}") from None
+    for i, record in enumerate(data if keys and isinstance(data, list) else [data] if keys else []):
+        if not isinstance(record, dict) or not set(keys) <= set(record):
+            where = f"record {i + 1}: " if isinstance(data, list) else ""
+            raise ValueError(
+                f"{path}: {where}expected a JSON object with {', '.join(map(repr, keys))}, got "
+                f"{json.dumps(record)[:60]}{_REDO if hint is None else hint}"
+            )
+    return data
 
 
 def read_jsonl(path: Path) -> list:

@@ -423,7 +423,7 @@ def stage_reward_model(ctx: Context) -> None:
 
 def stage_prompts(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
-    split = read_json(ctx.out / "split.json")
+    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     rng = random.Random(cfg["seed"] + 1)
 
@@ -442,7 +442,7 @@ def stage_prompts(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    prompts = read_json(ctx.out / "prompts.json")["train"]
+    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["train"]
     sample_prompts(ctx, prompts, ctx.cfg["data"]["completions_per_prompt"], ctx.cfg["seed"] + 2, "samples.jsonl")
 
 
@@ -451,7 +451,7 @@ def stage_samples_single(ctx: Context) -> None:
     completions_per_prompt`` training-split prompts (drawn with their own seed; they may include the
     grouped buffer's prompts), so ``buffer_single`` holds as many completions as ``buffer``."""
     d = ctx.cfg["data"]
-    split = read_json(ctx.out / "split.json")
+    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if len(by_id[i].text.split()) > d["prompt_words"]]
     n = d["train_prompts"] * d["completions_per_prompt"]
@@ -468,14 +468,14 @@ def stage_validation(ctx: Context) -> None:
     centred like the training buffer's): ``buffer_val``, whose loss each arm records at every evaluation
     and at step 0 (the paper's validation-loss curves, ShiQ against ShiQ/init)."""
     d, n = ctx.cfg["data"], ctx.cfg["eval"]["validation_prompts"]
-    split = read_json(ctx.out / "split.json")
-    train = {p["snippet_id"] for p in read_json(ctx.out / "prompts.json")["train"]}
+    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
+    train = {p["snippet_id"] for p in read_json(ctx.out / "prompts.json", keys=("train", "eval"))["train"]}
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if i not in train and len(by_id[i].text.split()) > d["prompt_words"]]
     ids = sorted(random.Random(ctx.cfg["seed"] + 6).sample(usable, n))
     prompts = [{"snippet_id": i, "opening": opening(by_id[i].text, d["prompt_words"])} for i in ids]
     sample_prompts(ctx, prompts, d["completions_per_prompt"], ctx.cfg["seed"] + 7, "samples_val.jsonl")
-    center = read_json(ctx.out / "buffer.json")["reward_center"]
+    center = read_json(ctx.out / "buffer.json", keys=("reward_center",))["reward_center"]
     stage_buffer(ctx, "samples_val.jsonl", "buffer_val", center=center)
 
 
@@ -599,7 +599,7 @@ class _GoldRecorder:
 def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[int]]]:
     """Openings (each repeated ``eval.samples_per_prompt`` times, prompt-major) and their token ids, of
     the first ``limit`` held-out prompts (0: all)."""
-    prompts = read_json(ctx.out / "prompts.json")["eval"]
+    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["eval"]
     prompts = prompts[:limit] if limit else prompts
     openings = [p["opening"] for p in prompts for _ in range(ctx.cfg["eval"]["samples_per_prompt"])]
     return openings, ctx.prompt_ids(openings)
@@ -644,7 +644,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
-    curve = read_json(curve_path) if curve_path.exists() else []
+    curve = read_json(curve_path, keys=("step", "train_seconds")) if curve_path.exists() else []
     done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
@@ -782,7 +782,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     guided = GuidedPolicy(ref, value, value.atoms, beta, top_k=q["top_k"], eos_id=tok.eos_token_id, pad_id=pad)
     _log(f"{arm}: evaluating the guided reference (top-k {q['top_k']})")
     res = evaluate_hf(ctx, None, guided=guided, limit=q["eval_prompts"])
-    train_seconds = read_json(timing)["train_seconds"]
+    train_seconds = read_json(timing, keys=("train_seconds",))["train_seconds"]
     row = {"method": arm, "beta": beta, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
     (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
     atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
@@ -811,7 +811,7 @@ def stage_eval_reference(ctx: Context) -> None:
     texts, rewards, gold = sample(openings, ids, ctx.cfg["seed"] + 3)  # what evaluate_policy draws
     eval_seconds = time.perf_counter() - t0
     s, n_star = ev["samples_per_prompt"], ev["j_star_samples"]
-    prompts = read_json(ctx.out / "prompts.json")["eval"]
+    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["eval"]
     extra = n_star - s
     more_open = [p["opening"] for p in prompts for _ in range(extra)]
     _log(f"reference: {extra} more samples per held-out prompt for the J* estimate")
@@ -904,12 +904,12 @@ def build_report(ctx: Context, timings: dict) -> dict:
     s = cfg["eval"]["samples_per_prompt"]
     ref = read_json(ctx.out / "reference_eval.json")
     rm = read_json(ctx.out / "reward_model.json")
-    buf = read_json(ctx.out / "buffer.json")
+    buf = read_json(ctx.out / "buffer.json", keys=("reward_center",))
     matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
-        curve = read_json(ctx.out / "runs" / m / "curve.json")
+        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=("step", "rewards"))
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
