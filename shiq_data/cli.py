@@ -86,11 +86,18 @@ def _key_value(text: str) -> str:
     return text
 
 
+def _source(text: str) -> str:
+    """A ``--source`` value: a name that curation verbs can select by, so not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name the rows' source, got an empty string")
+    return text
+
+
 def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
     form = get_format(fmt)
     options = _parse_options(args.option)
     form.check_options(options)
-    if args.source:
+    if args.source is not None:
         options["source"] = args.source
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
@@ -309,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     formats = sorted(FORMATS)
 
     def input_options(p):
-        p.add_argument("--source", default=None, help="value of the 'source' column (default: the input's file name)")
+        p.add_argument(
+            "--source", default=None, type=_source, help="value of the 'source' column (default: the input's file name)"
+        )
         p.add_argument(
             "--option",
             action="extend",

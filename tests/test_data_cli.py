@@ -211,7 +211,7 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
-def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2):
+def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2, capsys):
     calls = []
 
     def toy_format(path, tokenizer, *, reward, source=None):
@@ -234,6 +234,10 @@ def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2):
     assert main([*argv, "--out", str(tmp_path / "buf2"), "--source", "S"]) == 0  # --source reaches the reader
     assert calls[-1] == ("x.txt", {"reward": 2.5, "source": "S"})
     assert read_rows(tmp_path / "buf2")[1][0]["source"] == "S"
+    with pytest.raises(SystemExit) as e:  # an empty name was taken as no name: the file's name, silently
+        main([*argv, "--out", str(tmp_path / "buf3"), "--source", " "])
+    assert e.value.code == 2 and "--source: must name the rows' source, got an empty string" in capsys.readouterr().err
+    assert not (tmp_path / "buf3").exists()
 
 
 def test_encode_record_of_one_text_record(gpt2):
