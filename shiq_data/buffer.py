@@ -70,15 +70,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
+from shiq_data.cli_common import one_line
 from shiq_data.io import (
     RowError,
     atomic_write_json,
     exclusive_lock,
     fsync_dir,
     make_parents,
+    read_json_file,
     remove_created_dirs,
     sha256_files,
 )
+from shiq_data.readers.encode import decode_text, given_text
 from shiq_data.schema import (
     CHECKED_KEY,
     INPUT_KEY,
@@ -183,9 +186,7 @@ def read_shard(path: Path) -> pa.Table:
         table.validate(full=True)  # offsets in range, strings UTF-8 (30 ms per 100 MB)
         return table
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise ValueError(
-            f"{path}: not a readable Arrow shard ({' '.join(str(e).split())[:160]}); the buffer is damaged"
-        ) from None
+        raise ValueError(f"{path}: not a readable Arrow shard ({one_line(e, 160)}); the buffer is damaged") from None
 
 
 def has_text_columns(manifest: dict) -> bool:
@@ -307,10 +308,7 @@ def read_manifest(buffer_dir) -> dict:
     path = Path(buffer_dir) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: {buffer_dir} is not a replay buffer (no manifest)")
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as e:  # (bad JSON or UTF-8, 4300-digit numbers, nesting too deep)
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json_file(path)
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: field 'format' must be {FORMAT!r}")
     version = manifest.get("schema_version")
@@ -668,8 +666,6 @@ class _ShardStream:
         """Warn, once per key and write, of a message key other than role and content in a chat row's text (a
         ``tool_calls``, a ``name``): the chat template is handed it, and SmolLM2's, like many, leaves it out of
         the tokens. Read in the main process from the rows' text, on the first :data:`KEY_CHECK_ROWS` rows."""
-        from shiq_data.readers.encode import decode_text  # (the readers import this module)
-
         for field in ("prompt", "completion"):
             text = row.get(field)
             messages = decode_text(text) if isinstance(text, str) and text.startswith("[") else None
@@ -706,9 +702,7 @@ class _ShardStream:
         try:
             table = pa.Table.from_arrays(cols, names=schema.names).cast(schema)
         except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as e:
-            raise ValueError(
-                f"{self.input_name}: rows of another kind than a buffer's ({' '.join(str(e).split())[:160]})"
-            ) from None
+            raise ValueError(f"{self.input_name}: rows of another kind than a buffer's ({one_line(e, 160)})") from None
         check_lengths(table, self.input_name, self.n)
         row_ids = table.column("row_id").to_pylist()
         for k, rid in enumerate(row_ids):
@@ -945,7 +939,7 @@ def _is_buffer_manifest(path: Path) -> bool:
         return False
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+    except (OSError, ValueError, RecursionError):
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
@@ -992,8 +986,6 @@ KEY_CHECK_ROWS = 1000  # rows of a write whose messages are looked at for keys a
 def text_key(prompt: str | None, completion: str) -> bytes:
     """What two rows with the same prompt and completion text (as given: ``readers.encode.given_text``) share
     (a sha256 digest)."""
-    from shiq_data.readers.encode import given_text  # (the readers import this module)
-
     given = [given_text(prompt), given_text(completion)]
     return hashlib.sha256(json.dumps(given, ensure_ascii=False).encode()).digest()
 

@@ -21,12 +21,13 @@ from shiq_data.buffer import (
     refuse_inside_buffer,
     write_buffer,
 )
-from shiq_data.chat import set_system_prompt
+from shiq_data.chat import SYSTEM_PROMPT_SETTINGS, set_system_prompt
 from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     int_at_least,
     log_level,
+    one_line,
     run_command,
     setup_logging,
 )
@@ -149,7 +150,7 @@ def cmd_append(args) -> int:
             else f"{Path(args.buffer) / MANIFEST}: field 'tokenizer.name' {name!r}"
         )
         hint = "" if args.tokenizer else ": pass --tokenizer"
-        raise ValueError(f"{where}: cannot be loaded ({' '.join(str(e).split())[:160]}){hint}") from None
+        raise ValueError(f"{where}: cannot be loaded ({one_line(e, 160)}){hint}") from None
     if info["fingerprint"] != manifest["tokenizer"]["fingerprint"]:  # before its settings are compared
         raise ValueError(
             f"{Path(args.buffer) / MANIFEST}: tokenizer mismatch: the buffer was built with "
@@ -275,7 +276,7 @@ def _system_summary(tok: dict) -> str:
     if system is None:
         return "not recorded (the chat template's default)"
     text = "no system turn" if system.get("text") is None else repr(system["text"])
-    return f"{text}  (--system-prompt {system['setting'] if system['setting'] in ('template', 'off') else 'TEXT'})"
+    return f"{text}  (--system-prompt {system['setting'] if system['setting'] in SYSTEM_PROMPT_SETTINGS else 'TEXT'})"
 
 
 def cmd_info(args) -> int:

@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
 # messages of the warnings megatron-core gives at import when an optional accelerator library is absent
 OPTIONAL_DEPENDENCY_NOTICES = (
@@ -51,12 +52,24 @@ def is_user_error(e: BaseException) -> bool:
     ).__name__ in ("SafetensorError", "HeaderTooLarge")
 
 
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """The message of ``e`` on one line (its line breaks and runs of spaces collapsed), cut to ``limit``
+    characters: how a library's error is quoted inside one of ours."""
+    return " ".join(str(e).split())[:limit]
+
+
 def error_line(prog: str, e: BaseException | str) -> str:
-    """``PROG: error: MESSAGE`` on one line (the message's line breaks and runs of spaces collapsed)."""
-    text = " ".join(str(e).split()) or type(e).__name__
+    """``PROG: error: MESSAGE`` on one line (:func:`one_line`)."""
+    text = one_line(e) or type(e).__name__
     if isinstance(e, BaseException) and not isinstance(e, (ValueError, OSError, RuntimeError)):
         text = f"{type(e).__name__}: {text}"  # e.g. OverflowError: int too large to convert to float
     return f"{prog}: error: {text}"
+
+
+def interrupted(prog: str, hint: str = "") -> int:
+    """Print ``PROG: interrupted`` (then ``hint``) to stderr, for Ctrl-C; the exit status for it (130)."""
+    print(f"{prog}: interrupted{hint}", file=sys.stderr)
+    return EXIT_INTERRUPTED
 
 
 def fail(prog: str, e: BaseException | str) -> int:
@@ -94,11 +107,17 @@ def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
     stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
-    stopped by SIGPIPE; a broken pipe elsewhere is an error like any other."""
+    stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``)
+    prints ``PROG: interrupted`` and gives status 130, as a shell reports SIGINT (what it leaves is what each
+    command says of a kill: its writes are atomic)."""
     try:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return status
+    except KeyboardInterrupt:
+        if verbose():
+            raise
+        return interrupted(prog)
     except BrokenPipeError as e:
         return broken_pipe(prog, e)
     except Exception as e:

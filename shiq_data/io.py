@@ -62,7 +62,7 @@ def check_weight_map(folder: Path) -> None:
     for index in sorted(Path(folder).glob("*.index.json")):
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        except (ValueError, RecursionError, AttributeError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
             raise ValueError(f"{index}: not a shard index (a JSON object with a 'weight_map'): {e}") from None
         if not isinstance(weight_map, dict):
             raise ValueError(f"{index}: field 'weight_map' must be an object of weight name: file name")
@@ -103,6 +103,16 @@ def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:
     ):
         raise ValueError(f"{record_path}: field 'sha256': each value must be a SHA-256 in hex (64 digits)")
     return {name: d.lower() for name, d in recorded.items()}
+
+
+def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = ""):
+    """The JSON value of the file ``path``, or ``error`` naming it (then ``hint``) when it is not valid JSON or
+    not UTF-8, and also when it holds what ``json`` refuses without a ``JSONDecodeError``: a number of more
+    than 4,300 digits (a ``ValueError``) or nesting too deep for Python (a ``RecursionError``)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise error(f"{path}: not valid JSON ({e}){hint}") from None
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

@@ -39,11 +39,10 @@ import pyarrow as pa
 import torch
 
 from shiq_data.buffer import buffer_fingerprint
-from shiq_data.schema import REF_FIELDS
+from shiq_data.schema import LIST_FIELDS, REF_FIELDS
 
 MODES = ("padded", "packed", "groups")
 STATE_VERSION = 1
-_LIST_COLUMNS = ("tokens", "action_mask", "rewards")
 
 
 class _ListView:
@@ -137,7 +136,7 @@ class _RowReader:
 
     def __init__(self, buffer):
         self.with_ref = bool(buffer.has_ref_stats)
-        names = _LIST_COLUMNS + (REF_FIELDS if self.with_ref else ())
+        names = LIST_FIELDS + (REF_FIELDS if self.with_ref else ())
         vocab = int(buffer.manifest["tokenizer"]["vocab_size"])
         self.chunks: list[dict[str, _ListView]] = []
         starts, lengths, groups = [0], [], []
@@ -153,10 +152,6 @@ class _RowReader:
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self.group_ids = np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, np.int64)
         self.columns = names
-
-    def locate(self, row: int) -> tuple[dict, int]:
-        c = int(np.searchsorted(self.starts, row, side="right")) - 1
-        return self.chunks[c], row - int(self.starts[c])
 
 
 class BufferSampler:

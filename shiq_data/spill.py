@@ -61,17 +61,21 @@ class Spill:
             self.dir.mkdir()
         except OSError:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))
-        self.con = duckdb.connect(
-            ":memory:",
-            config={
-                "memory_limit": memory_limit,
-                "temp_directory": str(self.dir / "duckdb"),
-                "threads": 1,
-                "preserve_insertion_order": False,
-                "autoinstall_known_extensions": False,
-                "autoload_known_extensions": False,
-            },
-        )
+        try:
+            self.con = duckdb.connect(
+                ":memory:",
+                config={
+                    "memory_limit": memory_limit,
+                    "temp_directory": str(self.dir / "duckdb"),
+                    "threads": 1,
+                    "preserve_insertion_order": False,
+                    "autoinstall_known_extensions": False,
+                    "autoload_known_extensions": False,
+                },
+            )
+        except BaseException:  # (Ctrl-C included) before the caller's ``with`` could remove the folder
+            shutil.rmtree(self.dir, ignore_errors=True)
+            raise
         self._writers: dict[str, pq.ParquetWriter] = {}
         self._schemas: dict[str, pa.Schema] = {}
 

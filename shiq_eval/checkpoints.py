@@ -5,12 +5,18 @@ Hugging Face model."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
 from shiq_data.buffer import read_manifest
-from shiq_data.io import check_step_folder, check_weight_map, recorded_sha256, sha256_files, weight_files
+from shiq_data.io import (
+    check_step_folder,
+    check_weight_map,
+    read_json_file,
+    recorded_sha256,
+    sha256_files,
+    weight_files,
+)
 
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
@@ -41,10 +47,7 @@ def checkpoint_info(step_dir: Path) -> dict:
     """``{kind, path, method, beta, step, hf_config, init, tokenizer, files}`` of a step directory saved by
     ``shiq-train`` (``files``: the rank files the parameters are read from, data-parallel rank 0's)."""
     meta_path = step_dir / "meta.json"
-    try:
-        info = json.loads(meta_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{meta_path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    info = read_json_file(meta_path, EvalInputError, "; the checkpoint is damaged")
     meta = info.get("meta", {}) if isinstance(info, dict) else None
     if not isinstance(meta, dict) or not isinstance(info.get("step"), int):
         raise EvalInputError(f"{meta_path}: expected an object with an integer 'step' and a 'meta' object")
@@ -82,17 +85,11 @@ def hf_folder_info(folder: Path) -> dict:
     record_path = folder / EXPORT_RECORD
     record = {}
     if record_path.is_file():
-        try:
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise EvalInputError(f"{record_path}: not valid JSON ({e})") from None
+        record = read_json_file(record_path, EvalInputError)
         if not isinstance(record, dict) or not isinstance(record.get("loss", {}), dict):
             raise EvalInputError(f"{record_path}: expected an object with a 'loss' object")
         _check_record(record_path, record)
-    try:
-        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
+    hf_config = read_json_file(folder / "config.json", EvalInputError)
     if not isinstance(hf_config, dict):
         raise EvalInputError(f"{folder / 'config.json'}: expected a JSON object, got {type(hf_config).__name__}")
     _as_input_error(check_weight_map, folder)

@@ -49,11 +49,12 @@ from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     int_at_least,
+    one_line,
     quiet_optional_dependencies,
     run_command,
     setup_logging,
 )
-from shiq_data.io import RowError, atomic_write_json, files_together, utf8_lines
+from shiq_data.io import RowError, atomic_write_json, files_together, read_json_file, utf8_lines
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
@@ -131,7 +132,7 @@ def check_reward_model_file(path) -> None:
             keys = set(f.keys())
     except (SafetensorError, OSError, ValueError) as e:
         raise EvalInputError(
-            f"--reward-model {path}: not a safetensors file ({' '.join(str(e).split())[:120]}); expected a head "
+            f"--reward-model {path}: not a safetensors file ({one_line(e, 120)}); expected a head "
             "saved by RegressionRewardModel.save"
         ) from None
     if not {"weight", "bias"} <= keys:
@@ -161,8 +162,8 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
             continue
         try:
             row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{path}, line {i}: not valid JSON ({e.msg})") from None
+        except (ValueError, RecursionError) as e:  # (also a number of over 4,300 digits, nesting too deep)
+            raise EvalInputError(f"{path}, line {i}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if isinstance(row, dict) and "messages" in row and "prompt" not in row:
             try:
                 check_messages(row["messages"], "field 'messages'")
@@ -330,10 +331,7 @@ def guide_info(path) -> dict:
             f"--guide {path}: {config} does not exist (a folder written by shiq-train loss=qsharp_value)"
         )
     check_sha256(config)  # it decides the model's shape, the reference and the row's step
-    try:
-        info = json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EvalInputError(f"{config}: not valid JSON ({e})") from None
+    info = read_json_file(config, EvalInputError)
     if not isinstance(info, dict) or info.get("format") != "shiq-qsharp-value":
         raise EvalInputError(f"{config}: field 'format' must be 'shiq-qsharp-value'")
     steps, run_config = info.get("steps", 0), info.get("config", {})
@@ -543,7 +541,7 @@ def run(args) -> list[dict]:
         try:
             tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         except (OSError, ValueError, TypeError) as e:
-            raise EvalInputError(f"--tokenizer {args.tokenizer}: {' '.join(str(e).split())[:200]}") from None
+            raise EvalInputError(f"--tokenizer {args.tokenizer}: {one_line(e, 200)}") from None
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)

@@ -37,7 +37,7 @@ import math
 import sys
 from pathlib import Path
 
-from shiq_data.io import atomic_write_text, files_together
+from shiq_data.io import atomic_write_text, files_together, read_json_file
 from shiq_data.schema import is_bounded_number
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
@@ -132,10 +132,7 @@ def read_results(folders) -> list[dict]:
         path = path if path.is_file() else path / RESULTS
         if not path.is_file():
             raise ValueError(f"{folder}: no {RESULTS} (expected an --out folder of shiq-eval run)")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError) as e:  # (bad JSON or UTF-8, 4300-digit numbers, nesting too deep)
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        data = read_json_file(path)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")
         if not data:

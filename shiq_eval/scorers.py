@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from shiq_data.cli_common import one_line
 from shiq_data.io import check_weight_map
 from shiq_eval.bfcl.checker import check_entry, check_trajectory, decode_trajectory_json
 from shiq_eval.bfcl.data import entry_category, ground_truth_decoded, load_entry
@@ -71,7 +72,7 @@ def parse_turn_ref(text: str) -> tuple[str, int]:
     try:
         entry = load_entry(entry_category(entry_id), entry_id)
     except (KeyError, ValueError, IndexError) as e:
-        raise ValueError(f"{text!r}: no BFCL multi-turn entry {entry_id!r} ({' '.join(str(e).split())})") from None
+        raise ValueError(f"{text!r}: no BFCL multi-turn entry {entry_id!r} ({one_line(e)})") from None
     if int(turn) >= len(entry["ground_truth"]):
         raise ValueError(f"{text!r}: entry {entry_id} has turns 0..{len(entry['ground_truth']) - 1}")
     return entry_id, int(turn)
@@ -118,7 +119,7 @@ class PythonFunctionScorer:
             module = importlib.import_module(self.module_name)
         except Exception as e:  # the user's module: a SyntaxError or any error of its own code at import
             raise ValueError(
-                f"scorer {spec}: cannot import module {self.module_name!r} ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+                f"scorer {spec}: cannot import module {self.module_name!r} ({type(e).__name__}: {one_line(e, 200)})"
             ) from e
         self.fn = getattr(module, self.function_name, None)
         if not callable(self.fn):
@@ -147,9 +148,7 @@ class PythonFunctionScorer:
         try:
             out = self.fn(list(prompts), list(completions))
         except Exception as e:  # the user's function failed: named in one line (SHIQ_VERBOSE=1 shows where)
-            raise ValueError(
-                f"scorer {self.spec}: the function raised {type(e).__name__}: {' '.join(str(e).split())[:200]}"
-            ) from e
+            raise ValueError(f"scorer {self.spec}: the function raised {type(e).__name__}: {one_line(e, 200)}") from e
         n = len(completions)
         huge = False
         try:

@@ -46,7 +46,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.io import atomic_write, check_step_folder, sha256_files
+from shiq_data.cli_common import one_line
+from shiq_data.io import atomic_write, check_step_folder, read_json_file, sha256_files
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.parallel import device_type
 from shiq_train.train_step import MasterWeightOptimizer
@@ -279,10 +280,7 @@ def read_meta(step_dir) -> dict:
     """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp and, with virtual
     pipeline stages, vpp) integers, ``meta`` an object; ``ValueError`` naming the file otherwise."""
     path = Path(step_dir) / "meta.json"
-    try:
-        info = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    info = read_json_file(path, hint="; the checkpoint is damaged")
     layout = info.get("layout") if isinstance(info, dict) else None
     if (
         not isinstance(info, dict)
@@ -373,7 +371,7 @@ def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: boo
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the checkpoint is incomplete") from None
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        msg = " ".join(str(e).split())[:200]
+        msg = one_line(e, 200)
         raise ValueError(f"{path}: not a readable checkpoint file ({msg})") from None
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: not a checkpoint written by shiq_train (expected the keys {list(keys)})")

@@ -35,12 +35,14 @@ from shiq_data.buffer import open_buffer, read_manifest, refuse_inside_buffer
 from shiq_data.cli_common import (
     broken_pipe,
     fail,
+    interrupted,
     is_user_error,
+    one_line,
     quiet_optional_dependencies,
     setup_logging,
     verbose,
 )
-from shiq_data.io import atomic_write_bytes, exclusive_lock, sha256_files
+from shiq_data.io import atomic_write_bytes, exclusive_lock, read_json_file, sha256_files
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
@@ -209,10 +211,10 @@ def read_llama_config(init: str):
         raise ConfigError(
             f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {path} does not exist"
         )
-    try:
-        model_type = json.loads(path.read_text()).get("model_type")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise ConfigError(f"init={init!r}: {path} is not a JSON object ({e})") from None
+    hf_config = read_json_file(path, ConfigError)
+    if not isinstance(hf_config, dict):
+        raise ConfigError(f"init={init!r}: {path} is not a JSON object")
+    model_type = hf_config.get("model_type")
     if model_type != "llama":
         raise ConfigError(
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
@@ -520,7 +522,7 @@ def check_resume_config(
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+        raise ConfigError(f"{path}: not valid YAML ({one_line(e, 200)})") from None
     if saved is not None and not isinstance(saved, dict):
         raise ConfigError(f"{path}: expected a mapping of options, got {type(saved).__name__}")
     if saved is None:
@@ -949,6 +951,12 @@ def _task(cfg) -> None:
         setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
         run(plain, keys)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
+    except KeyboardInterrupt:
+        if verbose():
+            raise
+        sys.exit(
+            interrupted("shiq-train", " (the same command resumes the run from its last checkpoint, if it saved one)")
+        )
     except BrokenPipeError as e:  # the reader of stdout went away (shiq-train ... | head), or another pipe broke
         sys.exit(broken_pipe("shiq-train", e))
     except MissingMandatoryValue as e:

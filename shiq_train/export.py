@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, one_line, run_command, setup_logging
 from shiq_data.io import atomic_dir, atomic_write_json, sha256_files
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
@@ -75,9 +75,7 @@ def llama_config(hf_config: dict, step_dir):
     try:
         return LlamaConfig.from_dict(hf_config)
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
-        raise ValueError(
-            f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {' '.join(str(e).split())[:300]}"
-        ) from None
+        raise ValueError(f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {one_line(e, 300)}") from None
 
 
 def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
@@ -92,7 +90,7 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
 
     def misfit(e: Exception) -> ValueError:
         return ValueError(
-            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({' '.join(str(e).split())[:200]}): "
+            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({one_line(e, 200)}): "
             "the checkpoint is damaged or its meta.json was edited"
         )
 
@@ -143,8 +141,7 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
         tok, info = load_tokenizer(name)
     except (OSError, ValueError) as e:
         raise ValueError(
-            f"the run's tokenizer {name!r} cannot be loaded ({' '.join(str(e).split())[:160]}): give it with "
-            "--tokenizer FOLDER"
+            f"the run's tokenizer {name!r} cannot be loaded ({one_line(e, 160)}): give it with --tokenizer FOLDER"
         ) from None
     if record is not None and info["fingerprint"] != record.get("fingerprint"):
         raise ValueError(

@@ -22,8 +22,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.assets import smollm2_gguf
-from shiq_data.io import atomic_dir, check_weight_map, exclusive_lock, recorded_sha256, sha256_files
+from shiq_data.assets import cache_root, smollm2_gguf
+from shiq_data.cli_common import one_line
+from shiq_data.io import atomic_dir, check_weight_map, exclusive_lock, read_json_file, recorded_sha256, sha256_files
 from shiq_data.tokenizers import TOKENIZER_FILES
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
@@ -214,9 +215,6 @@ def smollm2_model_folder(dtype=torch.float32) -> Path:
     folder lets one process at a time make or check it: processes started together (``--jobs``) dequantise
     once, the others wait (saying so in one line) and read the result.
     """
-    from shiq_data.assets import cache_root
-    from shiq_data.io import sha256_files
-
     gguf = smollm2_gguf()
     dtype_name = str(dtype).removeprefix("torch.")
     folder = cache_root() / "models" / f"smollm2-{sha256_files([gguf])[:16]}-{dtype_name}"
@@ -271,10 +269,7 @@ def check_export_weights(folder: Path) -> None:
     record_path = folder / EXPORT_RECORD
     if not record_path.is_file():
         return
-    try:
-        record = json.loads(record_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{record_path}: not valid JSON ({e})") from None
+    record = read_json_file(record_path)
     if not isinstance(record, dict):
         raise ValueError(f"{record_path}: expected a JSON object")
     sums = recorded_sha256(record_path, record.get("sha256"))
@@ -308,7 +303,7 @@ def load_causal_lm(spec: str, dtype=torch.float32):
             with safe_open(str(f), "pt"):
                 pass
         except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: not a readable safetensors file ({' '.join(str(e).split())[:160]})") from None
+            raise ValueError(f"{f}: not a readable safetensors file ({one_line(e, 160)})") from None
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):

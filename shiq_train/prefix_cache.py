@@ -30,15 +30,16 @@ embedding or prefix layer, and a model whose prefix weights differ from those it
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from shiq_data.io import atomic_write
 from shiq_data.ref_stats import common_prefix
 from shiq_train import prefix_tree
 from shiq_train.model import FP8_WIDTH, model_chunks, model_inputs, unwrap
@@ -293,14 +294,13 @@ class PrefixCache:
         return h.hexdigest()
 
     def save(self, path) -> None:
-        """Write the cache as a safetensors file at ``path`` (a temporary file, then renamed): its three
-        tensors, and as metadata the layer counts, the prefix fingerprint and :meth:`digest`. Temporary files
-        of earlier saves to ``path`` cut short by a kill are removed."""
+        """Write the cache as a safetensors file at ``path``, atomically (``atomic_write``): its three tensors,
+        and as metadata the layer counts, the prefix fingerprint and :meth:`digest`. Temporary files of earlier
+        saves to ``path`` cut short by a kill are removed."""
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        for stale in path.parent.glob(path.name + ".tmp*"):
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             stale.unlink(missing_ok=True)
         meta = {
             "format": FORMAT,
@@ -310,12 +310,8 @@ class PrefixCache:
             "setting": self.setting,
             "digest": self.digest(),
         }
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-        try:
-            save_file({"hidden": self.hidden, "offsets": self.offsets, "tokens": self.tokens}, str(tmp), metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        tensors = {"hidden": self.hidden, "offsets": self.offsets, "tokens": self.tokens}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
     @classmethod
     def load(cls, path) -> PrefixCache:

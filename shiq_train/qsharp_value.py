@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.io import atomic_dir
+from shiq_data.cli_common import one_line
+from shiq_data.io import atomic_dir, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, save_hashed
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 from shiq_train.losses import suffix_sum
@@ -275,7 +276,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
         hf_config = LlamaConfig.from_dict(config["hf_config"])
         shape = LlamaShape.from_hf_config(hf_config)
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
-        raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {' '.join(str(e).split())[:200]}") from None
+        raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {one_line(e, 200)}") from None
     trunk = LlamaModel(hf_config)
     mg = _Reads({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
     head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
@@ -291,7 +292,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
             raise ValueError("its atoms differ from those of value_model.json")
     except (KeyError, RuntimeError, ValueError) as e:
         raise ValueError(
-            f"{path / WEIGHTS_FILE}: does not fit {path / CONFIG_FILE} ({' '.join(str(e).split())[:200]}): the folder is "
+            f"{path / WEIGHTS_FILE}: does not fit {path / CONFIG_FILE} ({one_line(e, 200)}): the folder is "
             "damaged or its value_model.json was edited"
         ) from None
     return HFValueModel(trunk.to(dtype), head, atoms.float()).eval()
@@ -300,10 +301,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
 def _read_config(path: Path) -> dict:
     """A value_model.json, its fields checked: ``format``, ``hf_config`` an object, ``num_atoms`` an integer
     >= 2 and ``atoms`` that many strictly increasing finite numbers."""
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e}); the folder is damaged") from None
+    config = read_json_file(path, hint="; the folder is damaged")
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         got = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise ValueError(f"{path}: format is {got!r}, expected {FORMAT!r}")
@@ -331,7 +329,7 @@ def _read_tensors(path: Path) -> dict:
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable value model ({' '.join(str(e).split())[:200]})") from None
+        raise ValueError(f"{path}: not a readable value model ({one_line(e, 200)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"{path}: not a value model written by shiq-train (expected a dict of tensors)")
     return tensors

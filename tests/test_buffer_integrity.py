@@ -269,6 +269,37 @@ def test_json_too_deep_or_a_number_too_long_is_named_with_its_file(tmp_path, tex
     (tmp_path / "r" / "results.json").write_text(text)
     with pytest.raises(ValueError, match=rf"{tmp_path / 'r' / 'results.json'}: not valid JSON"):
         read_results([tmp_path / "r"])
+    # every other JSON file read: a step's meta.json (training and evaluation), an export's record and
+    # config.json, a value model's config, a prompts file, an init folder's config.json, a recipe's file
+    from shiq_eval.checkpoints import checkpoint_info, hf_folder_info
+    from shiq_eval.cli import read_prompts_jsonl
+    from shiq_eval.recipes.common import read_json
+    from shiq_train.checkpoint import read_meta
+    from shiq_train.cli import read_llama_config
+    from shiq_train.hf_convert import check_export_weights
+    from shiq_train.qsharp_value import _read_config
+
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    (step / "meta.json").write_text(text)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(text)
+    (tmp_path / "shiq_export.json").write_text(text)
+    (tmp_path / "prompts.jsonl").write_text(text + "\n")
+    cases = [
+        (read_meta, step, step / "meta.json"),
+        (checkpoint_info, step, step / "meta.json"),
+        (hf_folder_info, hf, hf / "config.json"),
+        (check_export_weights, tmp_path, tmp_path / "shiq_export.json"),
+        (_read_config, hf / "config.json", hf / "config.json"),
+        (read_prompts_jsonl, tmp_path / "prompts.jsonl", tmp_path / "prompts.jsonl"),
+        (read_llama_config, str(hf), hf / "config.json"),
+        (read_json, hf / "config.json", hf / "config.json"),
+    ]
+    for read, arg, named in cases:
+        with pytest.raises(ValueError, match=rf"{named}.*not valid JSON"):
+            read(arg)
 
 
 def test_a_shard_with_invalid_utf8_text_is_refused_even_with_a_matching_checksum(tmp_path, capsys):

@@ -2,9 +2,12 @@
 
 import inspect
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -738,6 +741,32 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     # with a reader, the same command prints its report and succeeds
     ok = subprocess.run([*shiq_data_exe(), "info", str(buf)], capture_output=True, text=True)
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
+    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder."""
+    rows = "".join(json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000))
+    (tmp_path / "big.jsonl").write_text(rows)
+    out = tmp_path / "buf"
+    argv = ["build", "jsonl", str(tmp_path / "big.jsonl"), "--tokenizer", "gpt2", "--out", str(out)]
+    proc = subprocess.Popen(
+        [*shiq_data_exe(), *argv, "--workers", str(workers)],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, to signal as a terminal does
+        env={**os.environ, "SHIQ_VERBOSE": "0"},
+    )
+    deadline = time.monotonic() + 120
+    while not any(p.name.startswith(".buf") or p.name == "buf" for p in tmp_path.iterdir()):  # writing rows
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
 def test_a_broken_pipe_that_is_not_stdout_is_an_error(capsys):

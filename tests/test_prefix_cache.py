@@ -353,7 +353,7 @@ def test_a_saved_cache_is_read_back_only_when_it_fits(dist1, buffer, tmp_path, m
         ref_model={"name": "t"},
     )
     (out / "buffer").symlink_to(small.path, target_is_directory=True)
-    (saved.parent / (saved.name + ".tmp123")).write_bytes(b"half")  # a save cut short by a kill
+    (saved.parent / f".{saved.name}.k2j4x.tmp").write_bytes(b"half")  # a save cut short by a kill
     assert len(get(other)) == 6 and built == [1, 1, 1, 1] and "built for 16 rows; the buffer has 6" in logs[-2]
     assert sorted(p.name for p in saved.parent.iterdir()) == [saved.name]  # the stale temporary file is gone
     # another model configuration (here: the norm's epsilon) is not this cache's either

@@ -10,8 +10,9 @@ import math
 import os
 from pathlib import Path
 
+from shiq_data.cli_common import THREADS_MAX  # (what shiq-train and shiq-data accept)
+
 SIZE_MAX = 10**9  # beyond every size the tools can run; larger values overflow torch's and numpy's integers
-THREADS_MAX = 256
 PROCESSES_MAX = 64  # processes a tool starts at once on one machine
 
 

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shiq_data.buffer import MANIFEST, open_buffer
+from shiq_data.cli_common import one_line
 from shiq_data.readers.encode import given_text
 from shiq_data.schema import REF_FIELDS
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
@@ -167,7 +168,7 @@ class CurationSource:
             except (OSError, ValueError) as e:  # a missing folder, or one transformers cannot read
                 raise ValueError(
                     f"{self.path / MANIFEST}: field 'tokenizer.name': the buffer's tokenizer {name!r} cannot be loaded "
-                    f"({' '.join(str(e).split())[:160]})"
+                    f"({one_line(e, 160)})"
                 ) from None
             if info["fingerprint"] != self.fingerprint:
                 raise ValueError(

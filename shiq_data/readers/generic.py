@@ -387,7 +387,7 @@ def _check_saved_dataset(path: Path) -> None:
             continue
         try:
             entries = json.loads(meta.read_text(encoding="utf-8")).get(key, [])
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as e:
+        except (ValueError, RecursionError, AttributeError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
             raise ValueError(f"{meta}: not a JSON object ({e})") from None
         entries = entries if isinstance(entries, list) else [entries]
         names = [e.get("filename") if isinstance(e, dict) else e for e in entries]

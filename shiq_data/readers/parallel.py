@@ -17,6 +17,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import signal
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -32,6 +33,7 @@ _WORKER: dict = {}  # what each worker process reads with, set once by _start
 
 def _start(read, path, tokenizer, options: dict, vocab_size: int | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one chunk at a time: no Rust thread pool beside the others
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the caller stops us
     _WORKER.update(read=read, path=path, tokenizer=tokenizer, options=options, vocab_size=vocab_size)
 
 

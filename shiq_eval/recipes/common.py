@@ -25,7 +25,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
+from shiq_data.cli_common import add_log_level_option, one_line, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
@@ -83,9 +83,7 @@ def load_yaml_config(
         try:
             given = OmegaConf.from_dotlist(overrides)
         except (OmegaConfBaseException, yaml.YAMLError) as e:
-            raise ValueError(
-                f"overrides {overrides}: not valid YAML values ({' '.join(str(e).split())[:160]})"
-            ) from None
+            raise ValueError(f"overrides {overrides}: not valid YAML values ({one_line(e, 160)})") from None
         for key in (o.split("=", 1)[0] for o in overrides):
             old, new = OmegaConf.select(cfg, key), OmegaConf.select(given, key)
             if OmegaConf.is_dict(old) and not OmegaConf.is_dict(new):
@@ -145,7 +143,7 @@ def _yaml_mapping(path: Path):
     try:
         cfg = OmegaConf.load(path)
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable YAML configuration ({' '.join(str(e).split())[:160]})") from None
+        raise ValueError(f"{path}: not a readable YAML configuration ({one_line(e, 160)})") from None
     if not OmegaConf.is_dict(cfg):
         raise ValueError(f"{path}: expected a mapping of sections (data:, train:, ...), got {type(cfg).__name__}")
     return cfg
@@ -410,7 +408,7 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = ()):
     make a stage's output again)."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, FileNotFoundError) as e:
+    except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise ValueError(f"{path}: {_json_problem(e)}{_REDO if hint is None else hint}") from None
     for i, record in enumerate(data if keys and isinstance(data, list) else [data] if keys else []):
         if not isinstance(record, dict) or not set(keys) <= set(record):
@@ -433,7 +431,7 @@ def read_jsonl(path: Path) -> list:
         if line.strip():
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError as e:
+            except (ValueError, RecursionError) as e:
                 raise ValueError(f"{path}: line {i}: {_json_problem(e)}{_REDO}") from None
     return records
 
@@ -449,7 +447,9 @@ def _json_problem(e: Exception) -> str:
         return "missing"
     if isinstance(e, UnicodeDecodeError):
         return "not UTF-8 text"
-    return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    if isinstance(e, json.JSONDecodeError):
+        return f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})"
+    return f"not valid JSON ({e})"  # a number of over 4,300 digits, nesting too deep
 
 
 class Stages:

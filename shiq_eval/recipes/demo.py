@@ -190,9 +190,6 @@ def load_config(path: str | Path = CONFIG, quick: bool = False, overrides: list[
     """``configs/demo.yaml``, merged with its ``quick`` block when ``quick``, then ``key=value``
     overrides (OmegaConf dot-list syntax, e.g. ``train.steps=80``). The ``full`` block (the β grids
     and seeds of :func:`full_runs`) is kept only when ``full``."""
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"demo config {path} not found")
     if quick and full:
         raise ValueError("--quick and --full exclude each other")
     cfg = load_yaml_config(path, quick, overrides, keep=("full",) if full else (), like=CONFIG, check=_check_config)
