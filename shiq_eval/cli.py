@@ -548,6 +548,8 @@ def run(args) -> list[dict]:
     from shiq_train.reference import model_weight_files  # heavy: torch
 
     ref_sha = model_sha256(model_weight_files(reference))  # (hashed once: the reference row's, and the guide's check)
+    if args.reference is not None:
+        warn_other_reference(reference, ref_sha, {i["init"] for i in infos} - {None, "none"})
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
@@ -664,26 +666,56 @@ def run(args) -> list[dict]:
     return [ref_row] + rows
 
 
-def check_results_folder(out: Path) -> None:
-    """Refuse an ``--out`` that is a file, a buffer or inside one, or a folder of a model or run (a
-    checkpoint step, a shiq-train or recipe run, a Hugging Face or value-model folder), among whose files the
-    results would be written (and a file of the same name replaced)."""
+# what marks a folder as another command's: an --out holding one of these files is refused
+_FOLDER_MARKS = {
+    "meta.json": "a checkpoint step",
+    "checkpoints": "a shiq-train run",
+    "stages.json": "a recipe's run",
+    "value_model.json": "a Q♯ value model",
+    "config.json": "a model folder or a recipe's run",
+    "results.json": "a shiq-eval run's results",
+    "leaderboard.csv": "a leaderboard's folder",
+    "full_report.json": "a shiq-demo --full study",
+    "seeds_report.json": "a shiq-bfcl --seeds study",
+}
+
+
+def check_results_folder(out: Path, own: str = "results.json", what: str = "the results") -> None:
+    """Refuse an ``--out`` that is a file, a buffer or inside one, or the folder of a model, a run or another
+    command's output (a checkpoint step, a shiq-train or recipe run, a Hugging Face or value-model folder, a
+    study; :data:`_FOLDER_MARKS`), among whose files ``what`` would be written (and a file of the same name
+    replaced). ``own``: the mark of the command's own earlier output, which may be written again."""
     if out.exists() and not out.is_dir():
-        raise EvalInputError(f"--out {out} is a file: give a folder for the results")
-    refuse_inside_buffer(out, "--out", itself=True)
-    marks = {
-        "meta.json": "a checkpoint step",
-        "checkpoints": "a shiq-train run",
-        "stages.json": "a recipe's run",
-        "value_model.json": "a Q♯ value model",
-        "config.json": "a model folder or a recipe's run",
-        "leaderboard.csv": "a leaderboard's folder",
-        "full_report.json": "a shiq-demo --full study",
-        "seeds_report.json": "a shiq-bfcl --seeds study",
-    }
-    for name, what in marks.items():
-        if (out / name).exists():
-            raise EvalInputError(f"--out {out} is {what} (it holds {name}): give the results a folder of their own")
+        raise EvalInputError(f"--out {out} is a file: give a folder for {what}")
+    try:
+        refuse_inside_buffer(out, "--out", itself=True)
+    except ValueError as e:
+        raise EvalInputError(str(e)) from None
+    for name, kind in _FOLDER_MARKS.items():
+        if name != own and (out / name).exists():
+            raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
+
+
+def warn_other_reference(reference: str, ref_sha: str | None, inits: set[str]) -> None:
+    """Warn when ``--reference`` is not the model the runs started from (their recorded ``init``s, by name or,
+    for a folder still there, by its weights' SHA-256): KL and J then measure the distance to a model the
+    policies were never pulled towards (SHIQ_MATH §9), which may be meant, but is said."""
+    from shiq_train.reference import model_weight_files  # heavy: torch
+
+    def same(init: str) -> bool:
+        if init == reference:
+            return True
+        try:
+            return init != "smollm2" and model_sha256(model_weight_files(init)) == ref_sha
+        except (OSError, ValueError):  # the folder is gone or not a model: only its name can be compared
+            return False
+
+    if others := sorted(i for i in inits if not same(i)):
+        print(
+            f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({', '.join(others)}): "
+            "KL and J are measured against it",
+            file=sys.stderr,
+        )
 
 
 def guide_files(guide) -> list[Path]:
@@ -694,17 +726,10 @@ def guide_files(guide) -> list[Path]:
 def leaderboard_command(args) -> None:
     """shiq-eval leaderboard: merge result folders into one table (CSV, Markdown, HTML with plots)."""
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise EvalInputError(f"--out {out} is a file: give a folder for the leaderboard")
     for folder in args.results:  # its plots have the same names as the leaderboard's: they would be replaced
         if out.resolve() == Path(folder).resolve():
             raise EvalInputError(f"--out {out} is one of the result folders read: give the leaderboard its own folder")
-    if (out / "results.json").exists():
-        raise EvalInputError(f"--out {out} holds a shiq-eval run's results.json: give the leaderboard its own folder")
-    try:
-        refuse_inside_buffer(out, "--out", itself=True)
-    except ValueError as e:
-        raise EvalInputError(str(e)) from None
+    check_results_folder(out, own="leaderboard.csv", what="the leaderboard")
     rows = leaderboard.read_results(args.results)
     written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed)
     print(f"shiq-eval: leaderboard of {len(args.results)} result folders; wrote " + ", ".join(map(str, written)))

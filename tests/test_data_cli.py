@@ -747,7 +747,9 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
 def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
     with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder."""
-    rows = "".join(json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000))
+    rows = "".join(
+        json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000)
+    )
     (tmp_path / "big.jsonl").write_text(rows)
     out = tmp_path / "buf"
     argv = ["build", "jsonl", str(tmp_path / "big.jsonl"), "--tokenizer", "gpt2", "--out", str(out)]

@@ -525,3 +525,39 @@ def test_a_blank_prompt_is_named_with_its_file_and_line(tmp_path):
         EvalInputError, match=rf"{re.escape(str(path))}, line 2: field 'prompt' must be a string that is not blank"
     ):
         read_prompts_jsonl(path)
+
+
+def test_a_reference_other_than_the_runs_init_is_warned_of(tmp_path, capsys):
+    """--reference another model than the one the runs started from was taken without a word: KL and J then
+    measure the distance to a model the policies were never pulled towards. Warned of now, unless it is the
+    init by name or by its weights (a copy of the folder elsewhere)."""
+    import shutil
+
+    from shiq_eval.checkpoints import model_sha256
+    from shiq_eval.cli import warn_other_reference
+    from shiq_train.reference import model_weight_files
+
+    init = tiny_hf_folder(tmp_path / "init")
+    shutil.copytree(init, tmp_path / "copy")
+    other = tmp_path / "other"
+    model = transformers.LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32)
+    with torch.no_grad():
+        model.lm_head.weight.add_(0.01)
+    model.save_pretrained(other)
+    capsys.readouterr()  # (transformers' bars)
+    for reference, inits, warned in (
+        (init, {str(init)}, None),
+        (tmp_path / "copy", {str(init)}, None),  # the same weights under another name
+        (other, {str(init)}, str(init)),
+        (other, {str(init), str(other)}, str(init)),
+        (init, {str(tmp_path / "gone")}, str(tmp_path / "gone")),  # a folder no longer there: only its name
+    ):
+        warn_other_reference(str(reference), model_sha256(model_weight_files(str(reference))), inits)
+        err = capsys.readouterr().err
+        if warned is None:
+            assert err == "", (reference, err)
+        else:
+            assert err == (
+                f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({warned}): "
+                "KL and J are measured against it\n"
+            )

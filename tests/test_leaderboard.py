@@ -287,6 +287,20 @@ def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, 
     assert eval_cli.main(["leaderboard", str(tmp_path / "old"), "--out", str(tmp_path / "o")]) == 2
     assert "row 0 has no ['run', 'suite_sha256']" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+    # --out a training run, a model folder or a run's results: its own files are not the leaderboard's to
+    # write among (they were, exit 0); its own earlier folder is written again
+    for name, what in (
+        ("checkpoints", "a shiq-train run"),
+        ("config.json", "a model folder"),
+        ("results.json", "a shiq-eval run's"),
+    ):
+        (tmp_path / "busy" / name).mkdir(parents=True)
+        assert eval_cli.main(["leaderboard", str(tmp_path / "x"), "--out", str(tmp_path / "busy")]) == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path / 'busy'} is {what}" in err and "use another folder for the leaderboard" in err, err
+        assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [name]
+        (tmp_path / "busy" / name).rmdir()
+    assert eval_cli.main(["leaderboard", str(tmp_path / "x"), "--out", str(tmp_path / "ok")]) == 0
 
 
 def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys):
