@@ -41,6 +41,7 @@ import hashlib
 import json
 import pickle
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -260,19 +261,33 @@ def latest_step_dir(directory) -> Path | None:
     return step_dir
 
 
+def unfinished_steps(directory) -> list[Path]:
+    """The step folders of the checkpoints folder ``directory`` without a ``meta.json``: saves interrupted
+    before their end (:func:`save_checkpoint` writes it once every rank file is whole), never read."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    steps = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    return sorted(p for p in steps if not (p / "meta.json").exists())
+
+
 def check_latest(directory) -> None:
-    """Refuse a checkpoint folder holding step folders but no ``latest`` pointer (deleted by hand, or a first
-    save interrupted before it): a run would take it for a new one, start over at step 0 beside the old steps
-    and cut its ``metrics.jsonl`` back."""
+    """Refuse a checkpoint folder holding finished step folders but no ``latest`` pointer (deleted by hand, or
+    a first save killed between its ``meta.json`` and the pointer): a run would take it for a new one, start
+    over at step 0 beside the old steps and cut its ``metrics.jsonl`` back. Unfinished step folders
+    (:func:`unfinished_steps`: a first save killed earlier) do not count: such a run starts over, and
+    :func:`remove_temporaries` removes them."""
     directory = Path(directory)
     if not directory.is_dir() or (directory / "latest").exists():
         return
-    steps = sorted(p.name for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name))
+    unfinished = set(unfinished_steps(directory))
+    steps = sorted(
+        p.name for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and p not in unfinished
+    )
     if steps:
         raise ValueError(
             f"{directory / 'latest'} is missing but {directory} holds {', '.join(steps[-3:])}: to resume, write the "
-            f"newest complete step's name into it (echo {steps[-1]} > {directory / 'latest'}); a first save that "
-            "was interrupted leaves such a folder: delete it to start over"
+            f"newest step's name into it (echo {steps[-1]} > {directory / 'latest'}), or delete them to start over"
         )
 
 
@@ -507,14 +522,18 @@ def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
 
 
 def remove_temporaries(directory) -> list[Path]:
-    """Remove the temporary files that a save killed mid-write left in the checkpoints folder ``directory`` and
-    its step folders (``atomic_write``'s ``.NAME.XXXX.tmp``: a rank file's can be gigabytes); returns them.
-    Call it when no save is under way (a run's start, on rank 0)."""
+    """Remove what a save killed mid-write left in the checkpoints folder ``directory``: the step folders it
+    did not finish (:func:`unfinished_steps`) and the temporary files in the others (``atomic_write``'s
+    ``.NAME.XXXX.tmp``: a rank file's can be gigabytes); returns them. Call it when no save is under way (a
+    run's start, on rank 0)."""
     directory = Path(directory)
+    unfinished = unfinished_steps(directory)
+    for step in unfinished:
+        shutil.rmtree(step)
     stale = [*directory.glob(".*.tmp"), *directory.glob("step_*/.*.tmp")] if directory.is_dir() else []
     for path in stale:
         path.unlink(missing_ok=True)
-    return stale
+    return unfinished + stale
 
 
 def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=None) -> tuple[int, dict | None]:

@@ -152,6 +152,22 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
         run(tmp_path / "b", 8)
     assert metrics.read_text() == good and not latest.exists()
 
+    # A first save killed before its meta.json (every rank file whole first): the run was refused for good,
+    # the message's advice (write the step into latest) failing next; now such a step folder is no step: the
+    # run starts over, and it is removed, as is one after the latest step of a run that resumes.
+    c = tmp_path / "c" / "checkpoints"
+    for run_dir, steps in ((c, ("step_00000002",)), (tmp_path / "a" / "checkpoints", ("step_00000008",))):
+        for name in steps:
+            (run_dir / name).mkdir(parents=True)
+            (run_dir / name / ".rank_tp0_pp0_dp0.pt.k2j4x.tmp").write_bytes(b"half")
+    assert [h["step"] for h in run(tmp_path / "c", 1)[0]] == [1]
+    assert sorted(p.name for p in c.glob("step_*")) == ["step_00000001"]  # (the final step's save)
+    assert [h["step"] for h in run(tmp_path / "a", 7)[0]] == [7]
+    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))[-2:] == [
+        "step_00000006",
+        "step_00000007",
+    ]
+
 
 def test_online_reference_equals_precomputed(dist1, tmp_path):
     init = M.build_model(cfg())
