@@ -79,6 +79,7 @@ from shiq_data.io import (
     make_parents,
     read_json_file,
     remove_created_dirs,
+    remove_stale,
     sha256_files,
 )
 from shiq_data.readers.encode import decode_text, given_text
@@ -95,7 +96,7 @@ from shiq_data.schema import (
     check_row,
     row_has_ref,
 )
-from shiq_data.spill import Spill, remove_stale
+from shiq_data.spill import Spill
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD, pipeline_mismatch
 
 log = logging.getLogger(__name__)

@@ -392,6 +392,19 @@ def exclusive_lock(
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+def remove_stale(folder: Path, pattern: str) -> None:
+    """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``, or
+    ``.KIND-PID-suffix``) whose process is gone (killed commands)."""
+    for p in folder.glob(pattern):
+        try:
+            pid = int(p.name.rsplit("-", 2)[-2])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (ValueError, IndexError, PermissionError):
+            pass
+
+
 @contextlib.contextmanager
 def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Path]:
     """Write a set of files that belong together (a table, its report and plots) into a staging folder
@@ -405,7 +418,8 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".staged.", suffix=".tmp", dir=out))
+    remove_stale(out, ".staged-*.tmp")  # of a set whose process was killed while writing it
+    stage = Path(tempfile.mkdtemp(prefix=f".staged-{os.getpid()}-", suffix=".tmp", dir=out))
     try:
         yield stage
         written = sorted(stage.iterdir())

@@ -25,24 +25,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shiq_data.io import remove_stale
+
 MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
 BATCH_ROWS = 8192  # rows per batch read back from a query
 # rows per Parquet row group of a spilled table: DuckDB holds a row group's column chunks while it scans one,
 # so a table appended in one piece (a million rows) must not become one row group the memory limit cannot hold
 ROW_GROUP_ROWS = 65_536
-
-
-def remove_stale(folder: Path, pattern: str) -> None:
-    """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``) whose
-    process is gone (killed commands)."""
-    for p in folder.glob(pattern):
-        try:
-            pid = int(p.name.rsplit("-", 2)[-2])
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
-            pass
 
 
 class Spill:

@@ -802,3 +802,23 @@ def test_lists_of_another_length_are_refused_naming_their_file(tmp_path, capsys,
     assert eval_cli.main(["leaderboard", x, y, "--out", str(tmp_path / "lb")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{tmp_path / 'y' / 'results.json'}: row 0: {needle}" in err, err
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_write(tmp_path):
+    """A set of files killed while it was staged (shiq-eval run, a leaderboard) left ``.staged.*.tmp`` in its
+    --out for good, however large; the next write into the folder removes the staging folders of processes
+    that are gone, and not another live writer's."""
+    import os
+    import subprocess
+    import sys
+
+    from shiq_data.io import files_together
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead, live = tmp_path / f".staged-{int(gone.stdout)}-k2j4x.tmp", tmp_path / f".staged-{os.getpid()}-a8b9c.tmp"
+    for stage in (dead, live):
+        stage.mkdir()
+        (stage / "results.json").write_text("[")
+    with files_together(tmp_path, owns=["a.txt"]) as stage:
+        (stage / "a.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "a.txt"])

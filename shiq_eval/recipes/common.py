@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, one_line, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_data.io import atomic_write_json, atomic_write_texts
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
@@ -572,9 +572,8 @@ class Stages:
         return rep
 
     def _write_report(self, rep: dict, report_markdown) -> None:
-        md = report_markdown(rep)
-        atomic_write_json(self.out / "report.json", rep)
-        atomic_write_bytes(self.out / "report.md", md.encode())
+        md = report_markdown(rep)  # (both written only when both are made, and renamed in together)
+        atomic_write_texts({self.out / "report.json": json.dumps(rep, indent=2) + "\n", self.out / "report.md": md})
 
 
 def seed_stats(values: list[float]) -> tuple[float, float]:
