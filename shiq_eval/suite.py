@@ -97,6 +97,8 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         raise SuiteError(f"{path}: not valid YAML ({problem}{where})") from None
     except (OmegaConfBaseException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if str(getattr(e, "full_key", "")).startswith("sampling."):  # a key of the sampling block
+            raise SuiteError(f"{path}: {first} (sampling has the keys {[f.name for f in fields(Sampling)]})") from None
         raise SuiteError(f"{path}: {first} (a suite has the keys {[f.name for f in fields(Suite)]})") from None
     if path is not None:
         _check_file_settings(suite, path, overrides or {})
@@ -115,7 +117,7 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         suite.movie_prompts = None
     if overrides and overrides.get("movie_prompts") is not None:
         suite.prompts = None
-    check_suite(suite, path)
+    check_suite(suite, path, {k for k, v in (overrides or {}).items() if v is not None})
     return suite, path
 
 
@@ -144,40 +146,48 @@ def _check_file_settings(suite: Suite, path: Path, overrides: dict) -> None:
         )
 
 
-def check_suite(suite: Suite, path: Path | None) -> None:
-    where = f"{path}: " if path is not None else ""
+def check_suite(suite: Suite, path: Path | None, flags: set[str] = frozenset()) -> None:
+    """Refuse a suite that cannot work, naming where the bad value came from: the file ``path``, or, for the
+    keys in ``flags`` (``sampling.max_new_tokens``), the command line's flag (``--max-new-tokens``)."""
+    file = f"{path}: " if path is not None else ""
+
+    def where(key: str) -> str:
+        return f"--{key.split('.')[-1].replace('_', '-')}: " if key in flags else file
+
     if (suite.prompts is None) == (suite.movie_prompts is None):
         raise SuiteError(
-            f"{where}give exactly one of prompts (a JSONL file, --prompts) and movie_prompts (--movie-prompts)"
+            f"{file}give exactly one of prompts (a JSONL file, --prompts) and movie_prompts (--movie-prompts)"
         )
     if suite.scorer.startswith(PYTHON_PREFIX):
         try:
             parse_python_scorer(suite.scorer)
         except ValueError as e:
-            raise SuiteError(f"{where}{e}") from None
+            raise SuiteError(f"{where('scorer')}{e}") from None
     elif suite.scorer not in SCORERS:
-        raise SuiteError(f"{where}scorer must be one of {list(SCORERS)}, got {suite.scorer!r}")
+        raise SuiteError(f"{where('scorer')}scorer must be one of {list(SCORERS)}, got {suite.scorer!r}")
     if suite.scorer == "bfcl" and suite.prompts is None:
         raise SuiteError(
-            f"{where}scorer bfcl needs prompts: a JSONL file of BFCL turns (write one with shiq-eval bfcl prompts)"
+            f"{file}scorer bfcl needs prompts: a JSONL file of BFCL turns (write one with shiq-eval bfcl prompts)"
         )
     if suite.scorer in ("reward_model", "hf_reward_model") and suite.reward_model is None:
         raise SuiteError(
-            f"{where}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"
+            f"{file}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"
         )
     if suite.kl_estimator not in KL_ESTIMATORS:
-        raise SuiteError(f"{where}kl_estimator must be one of {list(KL_ESTIMATORS)}, got {suite.kl_estimator!r}")
+        raise SuiteError(
+            f"{where('kl_estimator')}kl_estimator must be one of {list(KL_ESTIMATORS)}, got {suite.kl_estimator!r}"
+        )
     if suite.movie_prompts is not None and suite.movie_prompts < 1:
-        raise SuiteError(f"{where}movie_prompts (--movie-prompts) must be >= 1, got {suite.movie_prompts}")
+        raise SuiteError(f"{where('movie_prompts')}movie_prompts must be >= 1, got {suite.movie_prompts}")
     s = suite.sampling
     for key, high in SAMPLING_MAX.items():
         if not 1 <= getattr(s, key) <= high:
-            raise SuiteError(f"{where}sampling.{key} must be in 1..{high:,}, got {getattr(s, key)}")
+            raise SuiteError(f"{where('sampling.' + key)}sampling.{key} must be in 1..{high:,}, got {getattr(s, key)}")
     if not 0 <= s.seed <= SEED_MAX:
-        raise SuiteError(f"{where}sampling.seed must be in 0..{SEED_MAX:,}, got {s.seed}")
+        raise SuiteError(f"{where('sampling.seed')}sampling.seed must be in 0..{SEED_MAX:,}, got {s.seed}")
     if not TEMPERATURE_MIN <= s.temperature < math.inf:  # written into every result row: JSON has no Infinity
         raise SuiteError(
-            f"{where}sampling.temperature must be a finite number >= {TEMPERATURE_MIN:g}, got {s.temperature}"
+            f"{where('sampling.temperature')}sampling.temperature must be a finite number >= {TEMPERATURE_MIN:g}, got {s.temperature}"
         )
 
 

@@ -236,13 +236,13 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
     base, end = ["run", str(folder)], ["--scorer", "vader", "--reference", str(folder)]
     out, prompts = ["--out", str(tmp_path / "o")], ["--prompts", str(tmp_path / "p.jsonl")]
     cases = [
-        ([*out, *prompts, "--samples-per-prompt", "100000"], "sampling.samples_per_prompt must be in 1..10,000"),
+        ([*out, *prompts, "--samples-per-prompt", "100000"], "--samples-per-prompt: sampling.samples_per_prompt must"),
         ([*out, *prompts, "--batch-size", "0"], "sampling.batch_size must be in 1..65,536, got 0"),
         ([*out, *prompts, "--seed", "-1"], "sampling.seed must be in 0..1,000,000,000, got -1"),
         ([*out, *prompts, "--seed", str(10**20)], "sampling.seed must be in 0..1,000,000,000"),
         ([*out, *prompts, "--temperature", "1e-320"], "sampling.temperature must be a finite number >= 1e-30"),
-        ([*out, "--movie-prompts", "0"], "movie_prompts (--movie-prompts) must be >= 1, got 0"),
-        ([*out, "--movie-prompts", "-1"], "movie_prompts (--movie-prompts) must be >= 1, got -1"),
+        ([*out, "--movie-prompts", "0"], "--movie-prompts: movie_prompts must be >= 1, got 0"),
+        ([*out, "--movie-prompts", "-1"], "--movie-prompts: movie_prompts must be >= 1, got -1"),
         ([*out, "--movie-prompts", str(10**6)], "--movie-prompts 1000000: there are "),
         ([*out, *prompts, "--top-k", "5"], "--top-k is the number of Q♯ candidates per token: give it with --guide"),
         ([str(folder), *out, *prompts], f"CHECKPOINT {folder} holds {folder}, which {folder} names too"),

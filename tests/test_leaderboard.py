@@ -244,6 +244,26 @@ def test_the_shipped_suite_resolves_with_packaged_assets():
         load_suite(str(bad))
 
 
+def test_a_bad_suite_value_is_named_where_it_came_from(tmp_path):
+    """--max-new-tokens 0 was blamed on the suite file (which said 4); a misspelt key of the sampling block was
+    answered with the suite's top-level keys."""
+    from shiq_eval.suite import SuiteError, load_suite
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    good = tmp_path / "good.yaml"
+    good.write_text("name: s\nprompts: p.jsonl\nscorer: vader\nsampling:\n  max_new_tokens: 4\n")
+    with pytest.raises(SuiteError, match=r"^--max-new-tokens: sampling.max_new_tokens must be in 1..[0-9,]+, got 0$"):
+        load_suite(str(good), {"sampling.max_new_tokens": 0})
+    zero = tmp_path / "zero.yaml"
+    zero.write_text(good.read_text().replace("4", "0"))
+    with pytest.raises(SuiteError, match=rf"^{zero}: sampling.max_new_tokens must be in"):
+        load_suite(str(zero), {"sampling.max_new_tokens": None})
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(good.read_text().replace("max_new_tokens", "max_new_token"))
+    with pytest.raises(SuiteError, match=r"'max_new_token' not in 'Sampling' \(sampling has the keys \['temperature'"):
+        load_suite(str(typo))
+
+
 def result_row(run, step, model, rewards, kls, **extra):
     return {
         "run": run,
