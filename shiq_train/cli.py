@@ -16,9 +16,11 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 from __future__ import annotations
 
 import contextlib
+import difflib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import typing
@@ -868,7 +870,10 @@ def lock_run_folder(held: contextlib.ExitStack, out: Path) -> None:
     released when ``held`` closes, or when the process ends), or a ``ConfigError`` if another run holds it:
     two runs into one folder would pass the resume check before either saved a checkpoint, then write each
     other's steps into one run."""
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a folder without write permission, a path under /proc
+        raise ConfigError(f"out={out}: cannot be made ({e.strerror}: {e.filename})") from None
     why = held.enter_context(exclusive_lock(out / LOCK_NAME, wait=False, holder="another shiq-train run"))
     if why is not None:
         raise ConfigError(f"out={out}: {why}, training into this folder: wait for it to end, or use another out=")
@@ -978,6 +983,21 @@ def _fail(message) -> None:
 OPTIONAL_SECTIONS = {"logging"}  # sections a run reads with their defaults when they are removed
 
 
+def _closest(key: str, cfg) -> str:
+    """``" (did you mean optimizer.lr?)"``: the settings of the configuration ``cfg`` that the unknown dotted
+    ``key`` may have meant (a close spelling, or the same last part in another section), or ``""``."""
+
+    def flat(node, prefix=""):
+        for k, v in node.items():
+            yield from flat(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+
+    keys = list(flat(OmegaConf.to_container(cfg, resolve=False)))
+    leaf = key.rsplit(".", 1)[-1]
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.75)
+    close += [k for k in keys if k.rsplit(".", 1)[-1] == leaf and k not in close]
+    return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
@@ -1006,6 +1026,7 @@ def hydra_error(argv: list[str]) -> str | None:
     from hydra.errors import HydraException  # heavy: hydra
     from omegaconf.errors import OmegaConfBaseException
 
+    default = None
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             default = compose(config_name="train")
@@ -1019,12 +1040,15 @@ def hydra_error(argv: list[str]) -> str | None:
             if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
                 lines.append(line.strip())
         message = "; ".join(lines) or type(e).__name__
+        unknown = re.match(r"Could not override '([^']+)'.*To append to your config use \+", message)
+        if unknown and default is not None:  # Hydra's advice, +key=value, would be refused next (below)
+            return f"{unknown[1]}: no such setting{_closest(unknown[1], default)}"
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
-        return f"+{key}: {key!r} is no option of shiq-train (see shiq-train --help)"
+        return f"+{key}: {key!r} is no option of shiq-train"
     for key, section in default.items():  # a section removed (~loss) or replaced by a value (data=x)
         if key in OPTIONAL_SECTIONS:  # read as cfg.get(key) or {}
             continue

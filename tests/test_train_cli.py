@@ -808,7 +808,11 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     )
     assert hydra_error(["out=x", "--steps=3"]).startswith("--steps=3: not an option of shiq-train")
     # +foo=1 was kept in config.yaml and read by nothing; a path with ü gave Hydra's lexer error alone
-    assert hydra_error(["+foo=1"]) == "+foo: 'foo' is no option of shiq-train (see shiq-train --help)"
+    assert hydra_error(["+foo=1"]) == "+foo: 'foo' is no option of shiq-train"  # (main adds: see --help)
+    # a misspelt or misplaced key: Hydra advised +key=value, refused next; now the setting it may have meant
+    assert hydra_error(["trian.lr=1e-4"]) == "trian.lr: no such setting (did you mean optimizer.lr?)"
+    assert hydra_error(["loss.bta=0.1"]) == "loss.bta: no such setting (did you mean loss.beta?)"
+    assert hydra_error(["zzz.qqq=1"]) == "zzz.qqq: no such setting"
     assert "quote such a value: key='value'" in hydra_error(["out=runs/ünicode"])
     assert hydra_error(["out='runs/ünicode'"]) is None
 
@@ -957,3 +961,14 @@ def test_ref_stats_warns_of_rows_longer_than_the_reference_context(tmp_path):
     assert context_warning(tmp_path / "buf", SimpleNamespace(), "m") is None
     warning = context_warning(tmp_path / "buf", SimpleNamespace(max_position_embeddings=n - 1), "m")
     assert f"its longest row has {n} tokens, more than the {n - 1} positions of m" in warning
+
+
+def test_an_out_that_cannot_be_made_is_named_as_out(tmp_path):
+    """out= under a folder without write permission (here /proc) gave "[Errno 2] No such file or directory",
+    naming no setting."""
+    import contextlib
+
+    from shiq_train.cli import ConfigError, lock_run_folder
+
+    with contextlib.ExitStack() as held, pytest.raises(ConfigError, match=r"^out=/proc/x/run: cannot be made \("):
+        lock_run_folder(held, Path("/proc/x/run"))
