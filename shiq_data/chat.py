@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+from shiq_data.io import type_name
+
 ROLES = ("system", "user", "assistant", "tool")
 
 
@@ -69,14 +71,14 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
     """Raise :class:`MessageError` (a ``ValueError``) naming ``where`` and the message index if a message is
     malformed."""
     if not isinstance(messages, (list, tuple)) or not messages:
-        raise MessageError(where, f"expected a non-empty list of messages, got {type(messages).__name__}")
+        raise MessageError(where, f"expected a non-empty list of messages, got {type_name(messages)}")
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
-            raise MessageError(f"{where}[{i}]", f"expected an object with 'role' and 'content', got {type(m).__name__}")
+            raise MessageError(f"{where}[{i}]", f"expected an object with 'role' and 'content', got {type_name(m)}")
         if m.get("role") not in ROLES:
             raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m.get('role')!r}")
         if not isinstance(m.get("content"), str):
-            raise MessageError(f"{where}[{i}].content", f"expected a string, got {type(m.get('content')).__name__}")
+            raise MessageError(f"{where}[{i}].content", f"expected a string, got {type_name(m.get('content'))}")
 
 
 def control_texts(tokenizer) -> list[str]:

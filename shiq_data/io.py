@@ -39,6 +39,11 @@ def _row_error(cls, file, row, field, problem, row_label):
     return cls(file, row, field, problem, row_label=row_label)
 
 
+def type_name(value) -> str:
+    """What an input value is, for a message: ``null`` for JSON's null (Python's None), else its type's name."""
+    return "null" if value is None else type(value).__name__
+
+
 def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
     """SHA-256 of the files' bytes read one after the other, in the order given (one file: its own SHA-256)."""
     h = hashlib.sha256()

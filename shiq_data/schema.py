@@ -59,7 +59,7 @@ from numbers import Integral, Real
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.io import RowError, lone_surrogate
+from shiq_data.io import RowError, lone_surrogate, type_name
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no text columns (they read as null)
@@ -159,7 +159,7 @@ def _as_array(row: dict, name: str, kind: str, err) -> np.ndarray:
     """The list field ``name`` as a 1-D numpy array of ``kind`` ('i' ints, 'b' bools, 'f' floats)."""
     value = row[name]
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
-        raise err(name, f"must be a list, got {type(value).__name__}")
+        raise err(name, f"must be a list, got {type_name(value)}")
     arr = np.asarray(value)
     if arr.ndim != 1:
         raise err(name, f"must be a flat list, got shape {arr.shape}")
@@ -188,7 +188,7 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
         return RowError(file, row_index, field, problem)
 
     if not isinstance(row, dict):
-        raise err("*", f"a row must be a dict, got {type(row).__name__}")
+        raise err("*", f"a row must be a dict, got {type_name(row)}")
     for name in BASE_FIELDS:
         if name not in row:
             raise err(name, "missing")
@@ -198,13 +198,13 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
         raise err(missing, f"missing (the row has {present_ref[0]}; both reference columns go together)")
     for name in ("row_id", "source"):
         if not isinstance(row[name], str):
-            raise err(name, f"must be a string, got {type(row[name]).__name__}")
+            raise err(name, f"must be a string, got {type_name(row[name])}")
         _check_unicode(row[name], name, err)
     if not row["row_id"]:
         raise err("row_id", "must not be empty")
     for name in ("group_id", "prompt_len"):
         if not _is_int(row[name]):
-            raise err(name, f"must be an integer, got {type(row[name]).__name__}")
+            raise err(name, f"must be an integer, got {type_name(row[name])}")
     if row["group_id"] < 0:
         raise err("group_id", f"must be >= 0, got {row['group_id']}")
 
@@ -264,7 +264,7 @@ def _check_text(row: dict, err) -> None:
     for name in ("prompt", "completion", "extra"):
         value = row.get(name)
         if value is not None and not isinstance(value, str):
-            raise err(name, f"must be a string or null, got {type(value).__name__}")
+            raise err(name, f"must be a string or null, got {type_name(value)}")
         if value is not None:
             _check_unicode(value, name, err)
     reward = row.get("reward")
@@ -273,7 +273,7 @@ def _check_text(row: dict, err) -> None:
     turns = row.get("turn_rewards")
     if turns is not None:
         if isinstance(turns, (str, bytes, dict)) or not hasattr(turns, "__iter__"):
-            raise err("turn_rewards", f"must be a list or null, got {type(turns).__name__}")
+            raise err("turn_rewards", f"must be a list or null, got {type_name(turns)}")
         bad = next((i for i, r in enumerate(turns) if r is not None and not is_finite_number(r)), None)
         if bad is not None:
             raise err("turn_rewards", f"item {bad} must be a finite number or null, got {str(turns[bad])[:40]}")
@@ -286,7 +286,7 @@ def _check_text(row: dict, err) -> None:
         except ValueError as e:
             raise err("extra", str(e)) from None
         if not isinstance(parsed, dict):
-            raise err("extra", f"must be the JSON text of an object, got {type(parsed).__name__}")
+            raise err("extra", f"must be the JSON text of an object, got {type_name(parsed)}")
 
 
 class _NonFinite(ValueError):

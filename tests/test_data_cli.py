@@ -192,6 +192,15 @@ def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
     )
     err = capsys.readouterr().err
     assert "in.parquet: row 1: field 'reward': non-finite" in err and not (tmp_path / "buf").exists()
+    # a null (pandas writes NaN so): named as null, not as Python's NoneType
+    pq.write_table(
+        pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, None]}), tmp_path / "n.parquet"
+    )
+    assert (
+        main(["build", "parquet", str(tmp_path / "n.parquet"), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf")])
+        == 2
+    )
+    assert "n.parquet: row 1: field 'reward': must be a number, got null" in capsys.readouterr().err
 
 
 def test_append_validate_info(tmp_path, capsys, gpt2):

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from shiq_data.chat import ChatTemplateError, control_texts, encode_chat
 from shiq_data.io import RowError
-from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, input_location, is_finite_number, type_name
 
 MESSAGES = "a list of chat messages"
 
@@ -42,7 +42,7 @@ def string_field(obj, key, path, line) -> str:
     if key not in obj:
         raise row_error(path, line, key, "missing")
     if not isinstance(obj[key], str):
-        raise row_error(path, line, key, f"expected a string, got {type(obj[key]).__name__}")
+        raise row_error(path, line, key, f"expected a string, got {type_name(obj[key])}")
     return obj[key]
 
 

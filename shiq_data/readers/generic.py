@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl
 from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
-from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number, type_name
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row
@@ -106,7 +106,7 @@ def _check_chat(record: dict, err) -> None:
                         "'turn_rewards' (one per assistant turn) or its 'reward'",
                     )
         elif not isinstance(value, str):
-            raise err(key, f"must be a string or {MESSAGES}, got {type(value).__name__}")
+            raise err(key, f"must be a string or {MESSAGES}, got {type_name(value)}")
     if not any(m["role"] == "assistant" for m in record["completion"]):
         raise err("completion", "no assistant message, so the row would have no action tokens")
 
@@ -116,7 +116,7 @@ def _check_turn_rewards(record: dict, err) -> None:
     if not is_chat(record):
         raise err("turn_rewards", f"only a completion of {MESSAGES} can carry per-turn rewards")
     if not isinstance(turns, list):
-        raise err("turn_rewards", f"must be a list (one reward or null per assistant turn), got {type(turns).__name__}")
+        raise err("turn_rewards", f"must be a list (one reward or null per assistant turn), got {type_name(turns)}")
     for i, r in enumerate(turns):
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not is_finite_number(r)):
             raise err(f"turn_rewards[{i}]", f"must be a finite number or null, got {str(r)[:40]}")
@@ -135,7 +135,7 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
         return RowError(file, row, _named(field, names), problem, row_label=row_label)
 
     if not isinstance(record, dict):
-        raise err("*", f"expected a JSON object, got {type(record).__name__}")
+        raise err("*", f"expected a JSON object, got {type_name(record)}")
     for key in ("prompt", "completion"):
         if key not in record:
             raise err(key, "missing")
@@ -145,7 +145,7 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
         for key in ("prompt", "completion"):
             if not isinstance(record[key], str):
                 also = f" (or {MESSAGES} with a message-list completion)" if key == "prompt" else f" or {MESSAGES}"
-                raise err(key, f"must be a string{also}, got {type(record[key]).__name__}")
+                raise err(key, f"must be a string{also}, got {type_name(record[key])}")
     if record["prompt"] == "":
         raise err("prompt", "empty (the first token cannot be an action)")
     if record["completion"] == "":
@@ -159,7 +159,7 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
         raise err("reward", "missing")
     r = record["reward"]
     if isinstance(r, bool) or not isinstance(r, (int, float)):
-        raise err("reward", f"must be a number, got {type(r).__name__}")
+        raise err("reward", f"must be a number, got {type_name(r)}")
     if isinstance(r, int) and not is_finite_number(r):
         raise err("reward", f"an integer of {len(str(abs(r)))} digits, too large for a float")
     if not is_finite_number(r):
@@ -176,7 +176,7 @@ def _from_buffer_row(rec: dict, err) -> dict:
         out[key] = decode_text(value) if isinstance(value, str) else value
     extra = rec.get("extra")
     if extra is not None and not isinstance(extra, str):
-        raise err("extra", f"must be the JSON text of an object or null, got {type(extra).__name__}")
+        raise err("extra", f"must be the JSON text of an object or null, got {type_name(extra)}")
     for key in ("reward", "turn_rewards"):
         if rec.get(key) is not None:
             out[key] = rec[key]
@@ -197,7 +197,7 @@ def canonical_records(rec, *, fields: dict, file: str, row: int, row_label: str)
         return RowError(file, row, field, problem, row_label=row_label)
 
     if not isinstance(rec, dict):
-        raise err("*", f"expected a JSON object, got {type(rec).__name__}")
+        raise err("*", f"expected a JSON object, got {type_name(rec)}")
     if BUFFER_ROW_FIELDS <= rec.keys():
         return [{**_from_buffer_row(rec, err), "names": NAMES}]
     pf, cf, rf = fields["prompt"], fields["completion"], fields["reward"]

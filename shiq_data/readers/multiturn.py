@@ -24,7 +24,7 @@ from shiq_data.readers.encode import (
     input_row,
     row_error,
 )
-from shiq_data.schema import GroupIds
+from shiq_data.schema import GroupIds, type_name
 
 
 def read_multiturn(
@@ -72,7 +72,7 @@ def read_multiturn(
         if key is None:
             key = ("line", line)
         elif not isinstance(key, (str, int)) or isinstance(key, bool):
-            raise row_error(path, line, "group", f"expected a string or an integer, got {type(key).__name__}")
+            raise row_error(path, line, "group", f"expected a string or an integer, got {type_name(key)}")
         group = group_id(key)
         encoded = encode_messages(
             tokenizer, messages, path, line, "messages", field_of=lambda i: f"messages[{i}].content", **kwargs

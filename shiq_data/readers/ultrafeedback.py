@@ -30,6 +30,7 @@ from shiq_data.readers.encode import (
     string_field,
     text_columns,
 )
+from shiq_data.schema import type_name
 
 SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
 
@@ -50,7 +51,7 @@ def completion_score(c: dict, path, line, field: str, score_field: str | None = 
     if key in ("ratings", "annotations"):
         items = list(value.values()) if isinstance(value, dict) else value
         if not isinstance(items, list):
-            raise row_error(path, line, where, f"expected a list or an object of ratings, got {type(value).__name__}")
+            raise row_error(path, line, where, f"expected a list or an object of ratings, got {type_name(value)}")
         numbers = []
         for item in items:
             rating = item.get("Rating") if isinstance(item, dict) else item
@@ -74,7 +75,7 @@ def _messages_field(obj, key, prompt: str | None, path, line) -> list[dict]:
     if isinstance(value, str) and prompt is not None:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": value}]
     if not isinstance(value, list):
-        raise row_error(path, line, key, f"expected a list of messages, got {type(value).__name__}")
+        raise row_error(path, line, key, f"expected a list of messages, got {type_name(value)}")
     try:
         check_messages(value, key)
     except ValueError as e:
@@ -109,14 +110,14 @@ def read_ultrafeedback(
             for k, c in enumerate(completions):
                 field = f"completions[{k}]"
                 if not isinstance(c, dict):
-                    raise row_error(path, line, field, f"expected an object, got {type(c).__name__}")
+                    raise row_error(path, line, field, f"expected an object, got {type_name(c)}")
                 response = c.get("response")
                 if not isinstance(response, str):
                     raise row_error(
                         path,
                         line,
                         f"{field}.response",
-                        "missing" if response is None else f"expected a string, got {type(response).__name__}",
+                        "missing" if response is None else f"expected a string, got {type_name(response)}",
                     )
                 score = completion_score(c, path, line, field, score_field)
                 messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
