@@ -370,6 +370,28 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_mix_warns_of_rows_that_several_inputs_share(data, tmp_path, capsys):
+    """Inputs that share rows (a buffer and a filtered copy of it, a buffer given twice) gave a mix holding
+    them twice, silently. The count of prompt-completion pairs found in more than one input is warned of and
+    kept in the manifest; inputs with no row in common are not warned of."""
+    df = data["df"]
+    da, db = df[df.source == "a"], df[df.source == "b"]
+    pairs = lambda d: set(zip(d.prompt, d.completion))  # noqa: E731  (the same text, the same tokens)
+    cases = [
+        ("twice", [f"{data['a']}:1", f"{data['a']}:1"], len(pairs(da))),  # every row of a, from both inputs
+        ("apart", [f"{data['a']}:1", f"{data['b']}:1"], len(pairs(da) & pairs(db))),
+    ]
+    for name, inputs, want in cases:
+        code, _, err = run(capsys, "mix", *inputs, "--out", tmp_path / name, "--no-progress")
+        assert code == 0, err
+        assert read_rows(tmp_path / name)[0]["curation"]["pairs_in_several_inputs"] == want
+        if want:
+            assert f"warning: {want} prompt-completion pairs came from more than one input" in err, err
+        else:
+            assert "warning" not in err, err
+    assert len(pairs(da)) > 1  # (the first case warns)
+
+
 def test_mix_refuses_another_tokenizer(data, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(data["b"], other)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from shiq_data.buffer import refuse_inside_buffer
@@ -123,6 +124,13 @@ def cmd_mix(args) -> int:
     )
     note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
     print(f"shiq-data: mixed into {args.out}: {_n(len(buf), 'row')} ({parts}){note}")
+    if pairs := c["pairs_in_several_inputs"]:
+        print(
+            f"shiq-data: warning: {pairs} prompt-completion pair{'' if pairs == 1 else 's'} came from more than one "
+            "input (inputs that share rows: one curated from another, or a buffer given twice), so the mix holds "
+            "them more than once",
+            file=sys.stderr,
+        )
     return 0
 
 

@@ -176,6 +176,16 @@ def mix_buffers(
         return _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill)
 
 
+def _token_hashes(spill: Spill, table: pa.Table) -> pa.Array:
+    """A 64-bit hash of each row's tokens (its prompt and completion as the model reads them), by DuckDB, in
+    no particular order."""
+    spill.con.register("part", table.select(["tokens"]))
+    try:
+        return spill.con.execute("SELECT hash(tokens) AS key FROM part").to_arrow_table().column("key").combine_chunks()
+    finally:
+        spill.con.unregister("part")
+
+
 def _check_space(sources, targets: list[int], out) -> None:
     """Refuse a mix whose shards would not fit the free space where ``out`` goes (each input's rows at its
     own shards' bytes per row): ``--rows`` with ``--replacement`` has no other bound, and a mistyped one
@@ -227,6 +237,8 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
         "ref_stats_dropped": any(s.keep_ref for s in sources) and not keep_ref,
     }
 
+    spill.declare("keys", pa.schema([("input", pa.int32()), ("key", pa.uint64())]))
+
     def out_rows():
         offset = 0  # new group ids before input i's
         for i, (source, g) in enumerate(zip(sources, groups)):
@@ -249,8 +261,18 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
                 part = part.set_column(names.index("row_id"), "row_id", pa.array(row_ids, pa.string()))
                 part = part.set_column(names.index("group_id"), "group_id", pa.array(group_ids, pa.int64()))
                 curation["rows_per_input"][i] += len(take)
+                spill.append(
+                    "keys",
+                    pa.table({"input": pa.array([i] * len(part), pa.int32()), "key": _token_hashes(spill, part)}),
+                )
                 yield part
             offset += drawn[i]
+        # rows whose tokens another input gave too (one input curated from another, a buffer given twice):
+        # the mix holds them more than once, as it holds a group drawn twice with replacement
+        keys = spill.table("keys")
+        (curation["pairs_in_several_inputs"],) = spill.one(
+            f"SELECT count(*) FROM (SELECT key FROM {keys} GROUP BY key HAVING count(DISTINCT input) > 1)"
+        )
 
     buf = write_curated(
         out_rows(),
