@@ -253,9 +253,10 @@ def test_dedup_near_matches_exact_jaccard(data, tmp_path, capsys):
         if not any(g == grams[j] for j in kept):
             kept.append(i)
     args[args.index("--threshold") + 1], args[-1] = 1, tmp_path / "near1"
-    code, _, err = run(capsys, *args, "--no-progress")
+    code, _, err = run(capsys, *args)  # with its progress: the minhashing pass had none, only the writing
     assert code == 0, err
     assert ids(tmp_path / "near1") == df.iloc[kept].row_id.tolist()
+    assert "minhashing: 100%" in err and f"{len(df)}/{len(df)}" in err, err
     # --threshold without --near was ignored silently (exact deduplication has no threshold): refused
     args = ["dedup", data["ab"], "--threshold", 0.5, "--out", tmp_path / "exact", "--no-progress"]
     code, _, err = run(capsys, *args)

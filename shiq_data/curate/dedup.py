@@ -26,6 +26,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+from tqdm import tqdm
 
 from shiq_data.buffer import Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
@@ -81,15 +82,20 @@ class Signatures:
         return [signature[k * r : (k + 1) * r].tobytes() for k in range(self.b)]
 
 
-def _write_keys(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> int:
+def _write_keys(
+    source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
+) -> int:
     """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to
-    ``sigs`` and its band keys to ``bands``. Returns the rows read."""
+    ``sigs`` and its band keys to ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
+    Returns the rows read."""
     spill.declare("keys", pa.schema([("idx", pa.int64()), ("key", pa.binary())]))
     if signatures is not None:
         spill.declare("sigs", pa.schema([("idx", pa.int64()), ("sig", pa.binary())]))
         spill.declare("bands", pa.schema([("idx", pa.int64()), ("band", pa.int32()), ("bkey", pa.binary())]))
     start = 0
+    bar = tqdm(total=len(source), desc="minhashing" if signatures else "hashing", unit=" rows", disable=not progress)
     for table in source.shards():
+        bar.update(table.num_rows)
         prompts, completions = source.texts(table)
         parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
         idx = np.arange(start, start + len(parts), dtype=np.int64)
@@ -109,12 +115,15 @@ def _write_keys(source: CurationSource, spill: Spill, by: str, signatures: Signa
                 ),
             )
         start += len(parts)
+    bar.close()
     return start
 
 
-def kept_rows(source: CurationSource, spill: Spill, by: str, signatures: Signatures | None) -> Bitmap:
+def kept_rows(
+    source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
+) -> Bitmap:
     """Passes 1 and 2 (see the module doc): a bitmap of the rows ``dedup`` keeps."""
-    kept = Bitmap(_write_keys(source, spill, by, signatures), fill=True)
+    kept = Bitmap(_write_keys(source, spill, by, signatures, progress), fill=True)
     keys = spill.table("keys")
     firsts = f"SELECT key, min(idx) AS first FROM {keys} GROUP BY key"
     repeats = f"SELECT k.idx FROM {keys} k JOIN ({firsts}) f ON k.key = f.key WHERE k.idx > f.first"
@@ -177,7 +186,7 @@ def dedup_buffer(
         "removed": {},
     }
     with Spill(out) as spill:
-        kept = kept_rows(source, spill, by, signatures)
+        kept = kept_rows(source, spill, by, signatures, progress)
     removed: Counter = Counter()
 
     def rows():
