@@ -621,6 +621,23 @@ def test_extra_keys_that_differ_only_in_case_are_not_where_columns(tmp_path, cap
     assert stats["all"]["rows"] == sum(r["n"] >= 3 for r in rows) == 3
 
 
+def test_extra_keys_named_like_columns_are_warned_of_and_reachable(tmp_path, capsys, caplog):
+    """An input field named like a column of every row ("tokens", "has_ref") was hidden from --where without a
+    word: "tokens > 100" read the row's token count. Warned of now, with how to reach the field."""
+    rows = [
+        {"prompt": "p", "completion": f" c{i}", "reward": 1.0, "tokens": 999 * (i == 2), "has_ref": True}
+        for i in range(4)
+    ]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    with caplog.at_level("WARNING"):
+        stats, _ = buffer_stats(tmp_path / "b", "tokens > 100 OR has_ref")
+    assert stats["all"]["rows"] == 0  # the columns: every row has a few tokens, none reference statistics
+    assert "extra keys 'has_ref', 'tokens' are named like columns of every row" in caplog.text + capsys.readouterr().err
+    stats, _ = buffer_stats(tmp_path / "b", "json_extract_string(extra, '$.tokens') = '999'")
+    assert stats["all"]["rows"] == sum(r["tokens"] == 999 for r in rows) == 1
+
+
 def _damage_first_shard(src, dst, change):
     """A copy of the buffer ``src`` whose first shard is rewritten by ``change(table)`` with its checksum and
     size updated in the manifest: damage the checksums cannot see."""

@@ -188,6 +188,21 @@ class CurationSource:
         """Each shard with every stored column, checked against the manifest (:meth:`Buffer.checked_shards`)."""
         return self.buffer.checked_shards()
 
+    def warn_of_shadowed_keys(self, columns: set[str]) -> None:
+        """Warn when the ``extra`` objects of the first shard have a key named like one of ``columns`` (the
+        derived columns a ``--where`` names, such as ``tokens``): the expression reads the column, not the
+        input's field of that name, which the warning says how to reach. One shard is looked at, so the
+        check costs little however large the buffer."""
+        names = {c.lower() for c in columns if c.lower() in DERIVED}
+        first = next(iter(self.shards()), None)
+        if not names or first is None:
+            return
+        if shadowed := sorted({k for obj in _extra_objects(first) for k in obj if k.lower() in names}):
+            log.warning(
+                f"{self.path}: extra keys {', '.join(map(repr, shadowed))} are named like columns of every row, "
+                "which --where reads under those names: reach the keys with json_extract_string(extra, '$.KEY')"
+            )
+
     def extra_kinds(self) -> dict[str, str]:
         """Top-level keys of the ``extra`` objects -> their column kind (bool, int, float, str, or json for
         mixed or nested values), over the whole buffer; keys named like a derived column, and keys that differ

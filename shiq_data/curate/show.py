@@ -45,6 +45,8 @@ def render(tokens, action_mask, rewards, tokenizer) -> str:
 
 def _matching(source: CurationSource, where: Where | None, row_id: str | None) -> Iterator[tuple[dict, dict]]:
     """``(stored row, derived columns)`` of the rows to show, in buffer order."""
+    if where is not None:
+        source.warn_of_shadowed_keys(where.columns)
     for table, keep in selected(source, where):
         if row_id is not None:
             keep = np.intersect1d(keep, np.flatnonzero(pc.equal(table.column("row_id"), row_id).to_numpy()))

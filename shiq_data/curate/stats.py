@@ -47,6 +47,8 @@ def _percentile(a: float, b: float, t: float) -> float:
 def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> None:
     """The derived scalar columns of the rows where ``where`` holds (all rows without it) to table ``rows``."""
     spill.declare("rows", _SCHEMA)
+    if where is not None:
+        source.warn_of_shadowed_keys(where.columns)
     for table in source.shards():
         view = source.view(
             table,
