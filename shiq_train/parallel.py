@@ -85,6 +85,7 @@ import os
 import random
 import socket
 import types
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -522,6 +523,14 @@ def init_distributed(
         )
     from megatron.core import parallel_state  # heavy: megatron
 
+    if dist.get_backend() == "gloo":  # advice for GPUs, said by every rank of a CPU run: not for this one
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
+    # megatron's distributed optimizer: torch's deprecations to megatron, and its zeroing of the gradients of
+    # parameter shards (views of one buffer, not leaves) are not our users' to act on, said by every rank
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated"
+    )
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf", module="megatron")
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     vpp = parallel.virtual_pipeline_model_parallel_size

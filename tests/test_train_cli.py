@@ -972,3 +972,22 @@ def test_an_out_that_cannot_be_made_is_named_as_out(tmp_path):
 
     with contextlib.ExitStack() as held, pytest.raises(ConfigError, match=r"^out=/proc/x/run: cannot be made \("):
         lock_run_folder(held, Path("/proc/x/run"))
+
+
+def test_library_notices_every_rank_repeated_are_hidden_on_cpu():
+    """Under torchrun every rank printed megatron's advice to set CUDA_DEVICE_MAX_CONNECTIONS (for GPUs), torch's
+    deprecations of the collectives megatron's distributed optimizer calls, and a warning on its zeroing of
+    shard gradients: none the user can act on. Hidden once a gloo process group starts; other warnings stay."""
+    given = (
+        "When using async grad allreduce it is recommended to set the environment variable "
+        "CUDA_DEVICE_MAX_CONNECTIONS to 1 for maximum speedup",
+        "`torch.distributed.reduce_scatter_tensor` is deprecated. Please use `x` instead.",
+        "`torch.distributed.all_gather_into_tensor` is deprecated. Please use `y` instead.",
+        "a warning of our own",
+    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with parallel.distributed(seed=3):
+            for message in given:
+                warnings.warn(message, FutureWarning if "deprecated" in message else UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen if str(w.message) in given] == ["a warning of our own"]
