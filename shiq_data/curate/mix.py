@@ -181,7 +181,7 @@ def _token_hashes(spill: Spill, table: pa.Table) -> pa.Array:
     no particular order."""
     spill.con.register("part", table.select(["tokens"]))
     try:
-        return spill.con.execute("SELECT hash(tokens) AS key FROM part").to_arrow_table().column("key").combine_chunks()
+        return spill.con.sql("SELECT hash(tokens) AS key FROM part").to_arrow_table().column("key").combine_chunks()
     finally:
         spill.con.unregister("part")
 
