@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import gzip
 import hashlib
 import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import uuid
@@ -399,14 +401,15 @@ def exclusive_lock(
 
 def remove_stale(folder: Path, pattern: str) -> None:
     """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``, or
-    ``.KIND-PID-suffix``) whose process is gone (killed commands)."""
+    ``.KIND-HOST-PID-suffix``) whose process is gone (killed commands). A process of another machine sharing
+    the folder looks gone from here: ``pattern`` names this host where that can be (:func:`files_together`)."""
     for p in folder.glob(pattern):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
             os.kill(pid, 0)
         except ProcessLookupError:
             shutil.rmtree(p, ignore_errors=True)
-        except (ValueError, IndexError, PermissionError):
+        except (ValueError, IndexError, OverflowError, PermissionError):  # (not a pid; beyond any pid)
             pass
 
 
@@ -423,8 +426,9 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    remove_stale(out, ".staged-*.tmp")  # of a set whose process was killed while writing it
-    stage = Path(tempfile.mkdtemp(prefix=f".staged-{os.getpid()}-", suffix=".tmp", dir=out))
+    host = socket.gethostname().replace("-", "_")  # (a pid is this machine's: out may be shared with others)
+    remove_stale(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
+    stage = Path(tempfile.mkdtemp(prefix=f".staged-{host}-{os.getpid()}-", suffix=".tmp", dir=out))
     try:
         yield stage
         written = sorted(stage.iterdir())

@@ -262,12 +262,16 @@ def latest_step_dir(directory) -> Path | None:
 
 
 def unfinished_steps(directory) -> list[Path]:
-    """The step folders of the checkpoints folder ``directory`` without a ``meta.json``: saves interrupted
-    before their end (:func:`save_checkpoint` writes it once every rank file is whole), never read."""
+    """The step folders of the checkpoints folder ``directory`` after its ``latest`` step (all of them when
+    there is none) without a ``meta.json``: saves killed before their end (:func:`save_checkpoint` writes it
+    once every rank file is whole, and ``latest`` after it), never read. A folder without one before ``latest``
+    is not such a save (a copy under way, a step put back by hand): it is not counted."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    steps = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+    latest = latest_step_dir(directory)
+    after = -1 if latest is None else int(latest.name[5:])
+    steps = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and int(p.name[5:]) > after]
     return sorted(p for p in steps if not (p / "meta.json").exists())
 
 

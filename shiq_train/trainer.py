@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,8 @@ from shiq_train.train_step import (
     objective_loss_fn,
     train_step,
 )
+
+logger = logging.getLogger(__name__)  # (``log`` below is a run's metrics log)
 
 REFERENCES = ("precomputed", "online")
 LOSS_AVERAGES = ("step", "micro_batch")
@@ -327,7 +330,9 @@ class Trainer:
         if on_start is not None:
             on_start(start)
         if rank0:
-            remove_temporaries(self.ckpt_dir)  # of a save killed mid-write; none is under way before the first step
+            for path in remove_temporaries(self.ckpt_dir):  # of a save killed mid-write; none is under way now
+                if path.name.startswith("step_"):
+                    logger.warning(f"shiq-train: removed {path}, a checkpoint whose save was killed before its end")
         if self.prefix_cache is None and self.cfg.cache_frozen_prefix:
             buffer = _buffer_of(data)
             if buffer is None:

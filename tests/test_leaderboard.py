@@ -829,16 +829,23 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_write(tmp_path):
     --out for good, however large; the next write into the folder removes the staging folders of processes
     that are gone, and not another live writer's."""
     import os
+    import socket
     import subprocess
     import sys
 
     from shiq_data.io import files_together
 
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead, live = tmp_path / f".staged-{int(gone.stdout)}-k2j4x.tmp", tmp_path / f".staged-{os.getpid()}-a8b9c.tmp"
-    for stage in (dead, live):
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f".staged-{host}-{int(gone.stdout)}-k2j4x.tmp"
+    kept = [
+        tmp_path / f".staged-{host}-{os.getpid()}-a8b9c.tmp",  # a live writer
+        tmp_path / f".staged-{host}x-{int(gone.stdout)}-a8b9c.tmp",  # another machine's (its pid means nothing here)
+        tmp_path / f".staged-{host}-{10**12}-a8b9c.tmp",  # beyond any pid: not ours to judge (it raised)
+    ]
+    for stage in (dead, *kept):
         stage.mkdir()
         (stage / "results.json").write_text("[")
     with files_together(tmp_path, owns=["a.txt"]) as stage:
         (stage / "a.txt").write_text("new")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "a.txt"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in kept), "a.txt"])

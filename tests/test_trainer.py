@@ -162,11 +162,13 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
             (run_dir / name / ".rank_tp0_pp0_dp0.pt.k2j4x.tmp").write_bytes(b"half")
     assert [h["step"] for h in run(tmp_path / "c", 1)[0]] == [1]
     assert sorted(p.name for p in c.glob("step_*")) == ["step_00000001"]  # (the final step's save)
+    copying = tmp_path / "a" / "checkpoints" / "step_00000001"  # before latest: not a killed save (a copy?)
+    copying.mkdir()
+    (copying / "rank_tp0_pp0_dp0.pt").write_bytes(b"being copied")
     assert [h["step"] for h in run(tmp_path / "a", 7)[0]] == [7]
-    assert sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))[-2:] == [
-        "step_00000006",
-        "step_00000007",
-    ]
+    saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))
+    assert saved[-2:] == ["step_00000006", "step_00000007"] and "step_00000008" not in saved
+    assert (copying / "rank_tp0_pp0_dp0.pt").read_bytes() == b"being copied"
 
 
 def test_online_reference_equals_precomputed(dist1, tmp_path):
