@@ -998,6 +998,19 @@ def _closest(key: str, cfg) -> str:
     return f" (did you mean {' or '.join(close[:3])}?)" if close else ""
 
 
+def _with_groups(argv: list[str], default):
+    """The configuration composed with the groups ``argv`` chooses (``loss=qsharp_value``: the keys a misspelt
+    ``loss.`` key was meant among), or ``default`` if it cannot be."""
+    from hydra import compose, initialize_config_dir  # heavy: hydra, only the training command needs it
+
+    groups = [a for a in argv if "=" in a and not a.startswith(("+", "~")) and "." not in a.split("=", 1)[0]]
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+            return compose(config_name="train", overrides=groups)
+    except Exception:  # (a bad choice among them: Hydra names it when the whole line is composed)
+        return default
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
@@ -1042,7 +1055,7 @@ def hydra_error(argv: list[str]) -> str | None:
         message = "; ".join(lines) or type(e).__name__
         unknown = re.match(r"Could not override '([^']+)'.*To append to your config use \+", message)
         if unknown and default is not None:  # Hydra's advice, +key=value, would be refused next (below)
-            return f"{unknown[1]}: no such setting{_closest(unknown[1], default)}"
+            return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(argv, default))}"
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message

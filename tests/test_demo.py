@@ -801,9 +801,12 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     # a stage's output edited by hand: named with what it lacks, not a KeyError
     (run / "curve.json").write_text('[{"step": 1, "train_seconds": 2}, {"step": 2}]')
     with pytest.raises(ValueError, match=r"curve.json: record 2: expected a JSON object with 'step', 'train_s"):
-        read_json(run / "curve.json", keys=("step", "train_seconds"))
+        read_json(run / "curve.json", keys=("step", "train_seconds"), records=True)
+    (run / "curve.json").write_text('{"step": 1, "train_seconds": 2}')  # one record where a list belongs
+    with pytest.raises(ValueError, match=r"curve.json: expected a list of records, got \{"):
+        read_json(run / "curve.json", keys=("step", "train_seconds"), records=True)
     (run / "curve.json").write_text("[]")
-    assert read_json(run / "curve.json", keys=("step",)) == []
+    assert read_json(run / "curve.json", keys=("step",), records=True) == []
     edited = tmp_path / "edited"
     Stages(edited, cfg).finish("reward_model", 1.0)
     Stages(edited, cfg).finish("prompts", 1.0)

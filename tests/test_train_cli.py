@@ -813,6 +813,11 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["trian.lr=1e-4"]) == "trian.lr: no such setting (did you mean optimizer.lr?)"
     assert hydra_error(["loss.bta=0.1"]) == "loss.bta: no such setting (did you mean loss.beta?)"
     assert hydra_error(["zzz.qqq=1"]) == "zzz.qqq: no such setting"
+    # among the keys of the group the command line chooses, not the default one's
+    assert (
+        hydra_error(["loss=qsharp_value", "loss.num_atom=3"])
+        == "loss.num_atom: no such setting (did you mean loss.num_atoms?)"
+    )
     assert "quote such a value: key='value'" in hydra_error(["out=runs/ünicode"])
     assert hydra_error(["out='runs/ünicode'"]) is None
 

@@ -402,20 +402,23 @@ def check_study_folder(out: Path, owns: set[str]) -> None:
         )
 
 
-def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = ()):
-    """A recipe's JSON file, or a ``ValueError`` naming it (cut short, not UTF-8, gone, or, given ``keys``,
-    not an object holding them, nor a list of such objects) and saying what to do (``hint``, default: how to
-    make a stage's output again)."""
+def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), records: bool = False):
+    """A recipe's JSON file, or a ``ValueError`` naming it and saying what to do (``hint``, default: how to
+    make a stage's output again) when it is cut short, not UTF-8 or gone, or, given ``keys``, not an object
+    holding them (with ``records``: not a list of such objects)."""
+    redo = _REDO if hint is None else hint
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
-        raise ValueError(f"{path}: {_json_problem(e)}{_REDO if hint is None else hint}") from None
-    for i, record in enumerate(data if keys and isinstance(data, list) else [data] if keys else []):
+        raise ValueError(f"{path}: {_json_problem(e)}{redo}") from None
+    if records and not isinstance(data, list):
+        raise ValueError(f"{path}: expected a list of records, got {json.dumps(data)[:60]}{redo}")
+    for i, record in enumerate(data if records else [data] if keys else []):
         if not isinstance(record, dict) or not set(keys) <= set(record):
-            where = f"record {i + 1}: " if isinstance(data, list) else ""
+            where = f"record {i + 1}: " if records else ""
             raise ValueError(
                 f"{path}: {where}expected a JSON object with {', '.join(map(repr, keys))}, got "
-                f"{json.dumps(record)[:60]}{_REDO if hint is None else hint}"
+                f"{json.dumps(record)[:60]}{redo}"
             )
     return data
 

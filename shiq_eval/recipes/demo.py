@@ -602,6 +602,11 @@ def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[in
     return openings, ctx.prompt_ids(openings)
 
 
+# what an evaluation record (evaluate_hf's, the reference's) holds that the report reads
+EVAL_KEYS = ("rewards", "gold", "kls_exact", "reward_mean", "reward_stderr", "gold_mean", "gold_stderr", "n", "samples")
+EVAL_KEYS += ("kl_exact", "kl_exact_stderr", "kl_sample", "kl_sample_stderr", "eval_seconds")
+
+
 def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: int = 0) -> dict:
     """Reward, VADER score and KL of an HF policy (or of the guided reference ``guided``) on the held-out
     prompts (the first ``limit``; same prompts, same sampling seed for every policy), with every
@@ -641,7 +646,9 @@ def stage_train(ctx: Context, arm: str) -> None:
     run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
-    curve = read_json(curve_path, keys=("step", "train_seconds")) if curve_path.exists() else []
+    curve = (
+        read_json(curve_path, keys=EVAL_KEYS + ("step", "train_seconds"), records=True) if curve_path.exists() else []
+    )
     done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
@@ -899,14 +906,14 @@ def frontier_points(methods: dict) -> list[dict]:
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
-    ref = read_json(ctx.out / "reference_eval.json")
+    ref = read_json(ctx.out / "reference_eval.json", keys=EVAL_KEYS + ("j_star_rewards", "j_star_seconds"))
     rm = read_json(ctx.out / "reward_model.json")
     buf = read_json(ctx.out / "buffer.json", keys=("reward_center",))
     matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
-        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=("step", "rewards"))
+        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=EVAL_KEYS + ("step", "train_seconds"), records=True)
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
