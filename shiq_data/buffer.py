@@ -70,17 +70,18 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
 
-from shiq_data.cli_common import one_line
 from shiq_data.io import (
     RowError,
     atomic_write_json,
     exclusive_lock,
     fsync_dir,
     make_parents,
+    one_line,
     read_json_file,
     remove_created_dirs,
     remove_stale,
     sha256_files,
+    type_name,
 )
 from shiq_data.readers.encode import decode_text, given_text
 from shiq_data.schema import (
@@ -374,18 +375,18 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         raise ValueError(f"{path}: field 'commands' must be a list of objects whose 'argv' is a list of strings")
     for key in ("ref_model", "ref_stats"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
-            raise ValueError(f"{path}: field {key!r} must be an object or null, got {type(manifest[key]).__name__}")
+            raise ValueError(f"{path}: field {key!r} must be an object or null, got {type_name(manifest[key])}")
     done = (manifest.get("ref_stats") or {}).get("done", [])
     if not isinstance(done, list) or not all(isinstance(f, str) for f in done):
         raise ValueError(f"{path}: field 'ref_stats.done' must be a list of shard file names")
     if not isinstance(manifest["shards"], list):
-        raise ValueError(f"{path}: field 'shards' must be a list, got {type(manifest['shards']).__name__}")
+        raise ValueError(f"{path}: field 'shards' must be a list, got {type_name(manifest['shards'])}")
     folder = path.parent.resolve()
     numbers: dict[str, int] = {}  # shard number -> index of the entry listing it
     for i, entry in enumerate(manifest["shards"]):
         where = f"{path}: shards[{i}]"
         if not isinstance(entry, dict):
-            raise ValueError(f"{where}: must be an object, got {type(entry).__name__}")
+            raise ValueError(f"{where}: must be an object, got {type_name(entry)}")
         name = entry.get("file")
         if not isinstance(name, str) or not _SHARD_NAME.fullmatch(name):
             raise ValueError(

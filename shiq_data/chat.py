@@ -77,8 +77,10 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
             raise MessageError(f"{where}[{i}]", f"expected an object with 'role' and 'content', got {type_name(m)}")
         if m.get("role") not in ROLES:
             raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m.get('role')!r}")
-        if not isinstance(m.get("content"), str):
-            raise MessageError(f"{where}[{i}].content", f"expected a string, got {type_name(m.get('content'))}")
+        if "content" not in m:
+            raise MessageError(f"{where}[{i}].content", "missing")
+        if not isinstance(m["content"], str):
+            raise MessageError(f"{where}[{i}].content", f"expected a string, got {type_name(m['content'])}")
 
 
 def control_texts(tokenizer) -> list[str]:

@@ -27,12 +27,12 @@ from shiq_data.cli_common import (
     folder_path,
     int_at_least,
     log_level,
-    one_line,
     run_command,
     setup_logging,
 )
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
+from shiq_data.io import one_line
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer

@@ -25,6 +25,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from shiq_data.io import one_line
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
@@ -50,12 +52,6 @@ def is_user_error(e: BaseException) -> bool:
     return isinstance(e, (ValueError, OSError, RuntimeError, OverflowError, EOFError, pickle.UnpicklingError)) or type(
         e
     ).__name__ in ("SafetensorError", "HeaderTooLarge")
-
-
-def one_line(e: BaseException | str, limit: int | None = None) -> str:
-    """The message of ``e`` on one line (its line breaks and runs of spaces collapsed), cut to ``limit``
-    characters: how a library's error is quoted inside one of ours."""
-    return " ".join(str(e).split())[:limit]
 
 
 def error_line(prog: str, e: BaseException | str) -> str:

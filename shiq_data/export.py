@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
-from shiq_data.io import atomic_dir
+from shiq_data.io import atomic_dir, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, parse_extra
 from shiq_data.tokenizers import PIPELINE_FIELD
@@ -75,7 +75,7 @@ def jsonl_record(row: dict, *, where: str) -> dict:
     except ValueError as e:
         raise ValueError(f"{where}: field 'extra': {e}") from None
     if not isinstance(extra, dict):
-        raise ValueError(f"{where}: field 'extra': must be the JSON text of an object, got {type(extra).__name__}")
+        raise ValueError(f"{where}: field 'extra': must be the JSON text of an object, got {type_name(extra)}")
     clash = [k for k in extra if k in _RESERVED]
     if clash:
         raise ValueError(

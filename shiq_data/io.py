@@ -41,6 +41,12 @@ def _row_error(cls, file, row, field, problem, row_label):
     return cls(file, row, field, problem, row_label=row_label)
 
 
+def one_line(e: BaseException | str, limit: int | None = None) -> str:
+    """The message of ``e`` on one line (its line breaks and runs of spaces collapsed), cut to ``limit``
+    characters: how a library's error is quoted inside one of ours."""
+    return " ".join(str(e).split())[:limit]
+
+
 def type_name(value) -> str:
     """What an input value is, for a message: ``null`` for JSON's null (Python's None), else its type's name."""
     return "null" if value is None else type(value).__name__
@@ -355,7 +361,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
                 raise RowError(path, n, "*", f"not valid JSON ({e})", row_label="line") from None
             if not isinstance(obj, dict):
-                raise RowError(path, n, "*", f"expected a JSON object, got {type(obj).__name__}", row_label="line")
+                raise RowError(path, n, "*", f"expected a JSON object, got {type_name(obj)}", row_label="line")
             if "\\u" in line:  # only an escape can make a lone surrogate (the line itself is valid UTF-8)
                 field = unencodable_field(obj)
                 if field is not None:

@@ -15,6 +15,7 @@ from shiq_data.io import (
     read_json_file,
     recorded_sha256,
     sha256_files,
+    type_name,
     weight_files,
 )
 
@@ -91,7 +92,7 @@ def hf_folder_info(folder: Path) -> dict:
         _check_record(record_path, record)
     hf_config = read_json_file(folder / "config.json", EvalInputError)
     if not isinstance(hf_config, dict):
-        raise EvalInputError(f"{folder / 'config.json'}: expected a JSON object, got {type(hf_config).__name__}")
+        raise EvalInputError(f"{folder / 'config.json'}: expected a JSON object, got {type_name(hf_config)}")
     _as_input_error(check_weight_map, folder)
     files = weight_files(folder)
     if not files:

@@ -49,12 +49,11 @@ from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     int_at_least,
-    one_line,
     quiet_optional_dependencies,
     run_command,
     setup_logging,
 )
-from shiq_data.io import RowError, atomic_write_json, files_together, read_json_file, utf8_lines
+from shiq_data.io import RowError, atomic_write_json, files_together, one_line, read_json_file, utf8_lines
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
-from shiq_data.cli_common import one_line
-from shiq_data.io import check_weight_map
+from shiq_data.io import check_weight_map, one_line
 from shiq_eval.bfcl.checker import check_entry, check_trajectory, decode_trajectory_json
 from shiq_eval.bfcl.data import entry_category, ground_truth_decoded, load_entry
 from shiq_eval.bfcl.parse import decode_calls

@@ -47,8 +47,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.cli_common import one_line
-from shiq_data.io import atomic_write, check_step_folder, read_json_file, sha256_files
+from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_file, sha256_files
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.parallel import device_type
 from shiq_train.train_step import MasterWeightOptimizer

@@ -39,12 +39,11 @@ from shiq_data.cli_common import (
     fail,
     interrupted,
     is_user_error,
-    one_line,
     quiet_optional_dependencies,
     setup_logging,
     verbose,
 )
-from shiq_data.io import atomic_write_bytes, exclusive_lock, read_json_file, sha256_files
+from shiq_data.io import atomic_write_bytes, exclusive_lock, one_line, read_json_file, sha256_files
 from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import add_log_level_option, one_line, run_command, setup_logging
-from shiq_data.io import atomic_dir, atomic_write_json, sha256_files
+from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.io import atomic_dir, atomic_write_json, one_line, sha256_files
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file

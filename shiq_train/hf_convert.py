@@ -23,8 +23,15 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.assets import cache_root, smollm2_gguf
-from shiq_data.cli_common import one_line
-from shiq_data.io import atomic_dir, check_weight_map, exclusive_lock, read_json_file, recorded_sha256, sha256_files
+from shiq_data.io import (
+    atomic_dir,
+    check_weight_map,
+    exclusive_lock,
+    one_line,
+    read_json_file,
+    recorded_sha256,
+    sha256_files,
+)
 from shiq_data.tokenizers import TOKENIZER_FILES
 from shiq_train.checkpoint import gather_full_parameters
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap

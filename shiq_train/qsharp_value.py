@@ -26,8 +26,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import one_line
-from shiq_data.io import atomic_dir, read_json_file
+from shiq_data.io import atomic_dir, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, save_hashed
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 from shiq_train.losses import suffix_sum

@@ -462,7 +462,7 @@ def _metric_lines(path: Path) -> list[str]:
     for n, line in numbered:
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (JSONDecodeError; a number of 4,301 digits; nesting too deep)
             if n == numbered[-1][0] and line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
                 continue
             record = None

@@ -922,3 +922,18 @@ def test_a_message_key_the_chat_template_may_not_render_is_warned_of_once(tmp_pa
 
     tokens = [open_buffer(tmp_path / n).table.column("tokens").to_pylist() for n in ("b", "p")]
     assert tokens[0] == tokens[1]  # SmolLM2's template leaves the keys out
+
+
+def test_a_prompt_that_looks_like_deeply_nested_json_is_kept_as_text(tmp_path, capsys):
+    """A string prompt of 20,000 '[' (a text column keeps a string unless it reads as a message list) ended the
+    build with "maximum recursion depth exceeded", naming no file: json's RecursionError was not caught."""
+    deep = "[" * 20_000
+    write_jsonl(tmp_path / "in.jsonl", [{"prompt": deep, "completion": " b", "reward": 1.0}])
+    assert (
+        main(["build", "jsonl", str(tmp_path / "in.jsonl"), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf")]) == 0
+    )
+    from shiq_data.buffer import open_buffer
+    from shiq_data.readers.encode import decode_text
+
+    row = open_buffer(tmp_path / "buf").row(0)
+    assert decode_text(row["prompt"]) == deep

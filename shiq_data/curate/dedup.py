@@ -94,28 +94,28 @@ def _write_keys(
         spill.declare("bands", pa.schema([("idx", pa.int64()), ("band", pa.int32()), ("bkey", pa.binary())]))
     start = 0
     bar = tqdm(total=len(source), desc="minhashing" if signatures else "hashing", unit=" rows", disable=not progress)
-    for table in source.shards():
-        bar.update(table.num_rows)
-        prompts, completions = source.texts(table)
-        parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
-        idx = np.arange(start, start + len(parts), dtype=np.int64)
-        spill.append("keys", pa.table({"idx": idx, "key": pa.array([text_key(*x) for x in parts], pa.binary())}))
-        if signatures is not None:
-            sigs = [signatures(x) for x in parts]
-            spill.append("sigs", pa.table({"idx": idx, "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}))
-            b = signatures.b
-            spill.append(
-                "bands",
-                pa.table(
-                    {
-                        "idx": np.repeat(idx, b),
-                        "band": np.tile(np.arange(b, dtype=np.int32), len(sigs)),
-                        "bkey": pa.array([k for s in sigs for k in signatures.bands(s)], pa.binary()),
-                    }
-                ),
-            )
-        start += len(parts)
-    bar.close()
+    with bar:
+        for table in source.shards():
+            prompts, completions = source.texts(table)
+            parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
+            idx = np.arange(start, start + len(parts), dtype=np.int64)
+            spill.append("keys", pa.table({"idx": idx, "key": pa.array([text_key(*x) for x in parts], pa.binary())}))
+            if signatures is not None:
+                sigs = [signatures(x) for x in parts]
+                spill.append("sigs", pa.table({"idx": idx, "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}))
+                b = signatures.b
+                spill.append(
+                    "bands",
+                    pa.table(
+                        {
+                            "idx": np.repeat(idx, b),
+                            "band": np.tile(np.arange(b, dtype=np.int32), len(sigs)),
+                            "bkey": pa.array([k for s in sigs for k in signatures.bands(s)], pa.binary()),
+                        }
+                    ),
+                )
+            start += len(parts)
+            bar.update(len(parts))
     return start
 
 

@@ -29,10 +29,10 @@ def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = 
     out = refuse_existing(out)
     where = Where(expr)
     source = CurationSource(path)
-    source.warn_of_shadowed_keys(where.columns)
     for table in source.shards():  # a wrong column or type fails here, before anything is written
         where.mask(source.view(table.slice(0, 0), text=where.needs(TEXT_COLUMNS), extra_keys=where.needs_extra_keys()))
         break
+    source.warn_of_shadowed_keys(where.columns)
     curation = {"verb": "filter", "where": expr, "rows_read": 0, "rows_kept": 0}
 
     def rows():

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from shiq_data.buffer import MANIFEST, open_buffer
-from shiq_data.cli_common import one_line
+from shiq_data.io import one_line
 from shiq_data.readers.encode import given_text
 from shiq_data.schema import REF_FIELDS
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
@@ -111,7 +111,7 @@ def _extra_objects(table: pa.Table) -> list[dict]:
     for text in table.column("extra").to_pylist():
         try:
             obj = json.loads(text) if text else {}
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (JSONDecodeError; a number of 4,301 digits; nesting too deep)
             obj = {}
         out.append(obj if isinstance(obj, dict) else {})
     return out

@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from shiq_data.chat import ChatTemplateError, control_texts, encode_chat
-from shiq_data.io import RowError
-from shiq_data.schema import INPUT_KEY, input_location, is_finite_number, type_name
+from shiq_data.io import RowError, type_name
+from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
 
 MESSAGES = "a list of chat messages"
 
@@ -234,7 +234,7 @@ def decode_text(text: str):
     if text.startswith("["):
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (not JSON; a number of 4,301 digits; nesting too deep): text
             return text
         if (
             isinstance(value, list)
@@ -245,7 +245,7 @@ def decode_text(text: str):
     elif text.startswith('"'):
         try:
             value = json.loads(text)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # (not JSON; a number of 4,301 digits; nesting too deep): text
             return text
         if isinstance(value, str) and decode_text(value) != value:
             return value

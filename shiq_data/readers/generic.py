@@ -48,9 +48,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from shiq_data.chat import MessageError, check_messages
-from shiq_data.io import RowError, iter_jsonl
+from shiq_data.io import RowError, iter_jsonl, type_name
 from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
-from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number, type_name
+from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row

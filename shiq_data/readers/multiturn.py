@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import check_messages
-from shiq_data.io import iter_jsonl
+from shiq_data.io import iter_jsonl, type_name
 from shiq_data.readers.encode import (
     conversation_columns,
     encode_messages,
@@ -24,7 +24,7 @@ from shiq_data.readers.encode import (
     input_row,
     row_error,
 )
-from shiq_data.schema import GroupIds, type_name
+from shiq_data.schema import GroupIds
 
 
 def read_multiturn(

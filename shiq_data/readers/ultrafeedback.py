@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from shiq_data.chat import check_messages
-from shiq_data.io import iter_jsonl
+from shiq_data.io import iter_jsonl, type_name
 from shiq_data.readers.encode import (
     conversation_columns,
     encode_messages,
@@ -30,7 +30,6 @@ from shiq_data.readers.encode import (
     string_field,
     text_columns,
 )
-from shiq_data.schema import type_name
 
 SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
 

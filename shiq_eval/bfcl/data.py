@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from shiq_data.assets import config_dir
-from shiq_data.io import iter_jsonl
+from shiq_data.io import iter_jsonl, type_name
 
 CATEGORIES = (
     "multi_turn_base",
@@ -180,7 +180,7 @@ def load_split(path: str | Path = SPLIT_PATH) -> dict:
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: cannot read the split ({e})") from None
     if not isinstance(split, dict):
-        raise ValueError(f"{path}: expected an object with fields n, train and test, got {type(split).__name__}")
+        raise ValueError(f"{path}: expected an object with fields n, train and test, got {type_name(split)}")
     for field in ("n", "train", "test"):
         if field not in split:
             raise ValueError(f"{path}: missing field {field!r}")

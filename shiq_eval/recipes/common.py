@@ -25,8 +25,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import add_log_level_option, one_line, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_json, atomic_write_texts
+from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
+from shiq_data.io import atomic_write_json, atomic_write_texts, one_line, type_name
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
@@ -145,7 +145,7 @@ def _yaml_mapping(path: Path):
     except (yaml.YAMLError, OmegaConfBaseException, UnicodeDecodeError, ValueError, OSError) as e:
         raise ValueError(f"{path}: not a readable YAML configuration ({one_line(e, 160)})") from None
     if not OmegaConf.is_dict(cfg):
-        raise ValueError(f"{path}: expected a mapping of sections (data:, train:, ...), got {type(cfg).__name__}")
+        raise ValueError(f"{path}: expected a mapping of sections (data:, train:, ...), got {type_name(cfg)}")
     return cfg
 
 
@@ -485,7 +485,7 @@ class Stages:
         if saved.exists():
             old = read_json(saved, " (the run's configuration: put it back whole, or use another --out)")
             if not isinstance(old, dict):
-                raise ValueError(f"{saved}: expected the run's configuration (a JSON object), got {type(old).__name__}")
+                raise ValueError(f"{saved}: expected the run's configuration (a JSON object), got {type_name(old)}")
             if set(old) != set(cfg) and not set(old) ^ set(cfg) <= {k.split(".")[0] for k in absent or {}}:
                 raise ValueError(
                     f"{out} holds a run with other sections ({', '.join(sorted(set(old) ^ set(cfg)))} in one of the two "
