@@ -570,7 +570,11 @@ CHAT_BAD = [  # (the record on line 2, the field the error names, words in it)
         "completion[2].role",
         "expected one of",
     ),
-    ({"prompt": "a", "completion": [{"role": "assistant"}], "reward": 1}, "completion[0].content", "expected a string"),
+    (
+        {"prompt": "a", "completion": [{"role": "assistant"}], "reward": 1},
+        "completion[0].content",
+        "missing",
+    ),  # (not "got NoneType")
     (
         {
             "prompt": "a",
