@@ -1,9 +1,11 @@
-"""Low-level file helpers every layer shares: atomic writes, JSON-lines reading, input-row errors.
+"""Low-level file helpers every layer shares: atomic writes, JSON and JSON-lines reading, input-row errors and
+their messages.
 
-Atomic writes go through one function: the bytes land in a temporary file beside the target, are
-flushed to disk, and the file is renamed over the target (the rename is flushed too), so a killed
-process or a power loss leaves either the old file or the new one under the final name, never a
-partial one. Nothing here imports torch or pyarrow.
+A file is written atomically by :func:`atomic_write`: the bytes land in a temporary file beside the target,
+are flushed to disk, and the file is renamed over the target (the rename is flushed too), so a killed
+process or a power loss leaves either the old file or the new one under the final name, never a partial
+one. A folder is made whole the same way (:func:`atomic_dir`), and files that belong together are renamed
+in together (:func:`atomic_write_texts`, :func:`files_together`). Nothing here imports torch or pyarrow.
 """
 
 from __future__ import annotations
