@@ -322,3 +322,50 @@ def test_default_grid_final_reward_all_methods_reach_goal():
     cfg = GridConfig.make("final_reward")
     for m in toys.GRID_METHODS:
         assert run_grid(cfg, m, seed=0)["reward"][-1] > 6.8, m
+
+
+def test_ctrl_c_stops_the_workers_and_the_command_at_once(tmp_path):
+    """Ctrl-C reached the pool's workers too, and shiq-toys then waited on them, at times for good, and a second
+    Ctrl-C left them running, orphaned, after a traceback. Now one line, status 130, and no worker left."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    exe = [sys.executable, "-m", "shiq_eval.recipes.toys"]
+    proc = subprocess.Popen(
+        [*exe, "all", "--workers", "2", "--out", str(tmp_path / "out")],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, signalled as a terminal does
+        env={**os.environ, "SHIQ_VERBOSE": "0", "OMP_NUM_THREADS": "1"},
+    )
+
+    def workers() -> list[str]:
+        found = subprocess.run(["pgrep", "-f", "-g", str(proc.pid), "spawn_main"], capture_output=True, text=True)
+        return found.stdout.split()
+
+    deadline = time.monotonic() + 120
+    while len(workers()) < 2:  # the workers are up and have their tasks
+        assert proc.poll() is None and time.monotonic() < deadline, "the command ended before it could be stopped"
+        time.sleep(0.1)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):  # pressed twice, as people do (and `timeout -s INT` signals)
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        err = proc.communicate(timeout=60)[1]
+    except subprocess.TimeoutExpired:  # a hang (the old failure): nothing left behind by the test
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 130, err[-3000:]
+    lines = [
+        ln for ln in err.replace("\r", "\n").splitlines() if ln.strip() and "run/s" not in ln and "s/run" not in ln
+    ]
+    assert lines[-1] == "shiq-toys: interrupted" and "Traceback" not in err, err[-3000:]
+    deadline = time.monotonic() + 10  # (the multiprocessing resource tracker ends once its parent has)
+    while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""  # no worker left

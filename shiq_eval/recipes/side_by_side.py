@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import importlib
 import json
-import multiprocessing
 import os
 import sys
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from pathlib import Path
 
 import torch
 
 from shiq_data.cli_common import quiet_optional_dependencies, setup_logging
+from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
 
@@ -79,7 +79,7 @@ def run_side_by_side(
     threads = threads_per_job(jobs)
     seen = {name: set(_finished(Path(folder))) for name, folder, _ in jobs_args}
     errors: dict[str, BaseException] = {}
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with worker_pool(jobs) as pool:
         running = {}
         for name, folder, args in jobs_args:
             running[pool.submit(_job, target, args, str(folder), threads, log_level)] = (name, Path(folder))

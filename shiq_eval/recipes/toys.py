@@ -24,11 +24,9 @@ import dataclasses
 import io
 import json
 import math
-import multiprocessing as mp
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,6 +36,7 @@ from tqdm import tqdm
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.cli_common import add_log_level_option, folder_path, int_at_least, run_command, setup_logging
 from shiq_data.io import atomic_write_bytes
+from shiq_eval.recipes.pool import worker_pool
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
 
@@ -408,8 +407,9 @@ def run_jobs(jobs, workers: int, desc: str):
                 results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
                 bar.update()
         else:
-            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn")) as ex:
-                for j, res in ex.map(_run, jobs):
+            with worker_pool(workers) as ex:
+                futures = [ex.submit(_run, job) for job in jobs]  # (not ex.map: see worker_pool)
+                for j, res in (f.result() for f in futures):
                     results[(j[0], getattr(j[1], "setting", ""), j[2], j[3])] = res
                     bar.update()
     return results
