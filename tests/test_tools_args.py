@@ -101,3 +101,24 @@ def test_bad_value_is_one_line_and_status_2(tmp_path, name, args, option):
     assert errors == lines[-1:], out.stderr
     assert option in errors[0]
     assert list(tmp_path.iterdir()) == []  # no temporary file or folder left behind
+
+
+@pytest.mark.parametrize("verbose", ["0", "1"])
+def test_ctrl_c_ends_a_tool_in_one_line(verbose):
+    """A benchmark stopped with Ctrl-C printed a traceback of some thirty lines (under torch.distributed, each
+    prefixed [rank0]); now one line, as the shiq commands print, and the status of SIGINT (130 in a shell).
+    SHIQ_VERBOSE=1 keeps the traceback."""
+    import signal
+
+    code = "import sys; sys.argv = ['bench_x.py']; import _args; raise KeyboardInterrupt"
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TOOLS), os.environ.get("PYTHONPATH", "")]),
+        "SHIQ_VERBOSE": verbose,
+    }
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == -signal.SIGINT
+    if verbose == "0":
+        assert proc.stderr == "bench_x.py: interrupted\n"
+    else:
+        assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("KeyboardInterrupt")

@@ -1,16 +1,29 @@
-"""Checks of the tools' option values, as ``type=`` functions of their parsers.
+"""Checks of the tools' option values, as ``type=`` functions of their parsers, and how a tool ends on Ctrl-C.
 
 A function refuses a value with ValueError; the parser then prints one line naming the option, the value and
-what the function accepts (its name), and exits with status 2.
+what the function accepts (its name), and exits with status 2. Ctrl-C ends a tool as it ends a shiq command:
+one line, ``TOOL: interrupted`` (status 130: Python ends an uncaught ``KeyboardInterrupt`` by the signal),
+the traceback only with ``SHIQ_VERBOSE=1``.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from shiq_data.cli_common import THREADS_MAX  # (what shiq-train and shiq-data accept)
+
+
+def _interrupted(kind, value, tb, _hook=sys.excepthook) -> None:
+    if issubclass(kind, KeyboardInterrupt) and os.environ.get("SHIQ_VERBOSE", "") in ("", "0"):
+        print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
+    else:
+        _hook(kind, value, tb)
+
+
+sys.excepthook = _interrupted  # every tool imports this module
 
 SIZE_MAX = 10**9  # beyond every size the tools can run; larger values overflow torch's and numpy's integers
 PROCESSES_MAX = 64  # processes a tool starts at once on one machine
