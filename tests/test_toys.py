@@ -293,6 +293,14 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     for png in ("bandit.png", "gridworld.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    # a second run into the folder replaced the first's results without a word (a smoke run over a full one)
+    before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
+    assert toys.main(["bandit", "--quick", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path} holds bandit.json, bandit.png of an earlier run: give --overwrite" in err, err
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    assert toys.main(["bandit", "--quick", "--seeds", "3", "--overwrite", "--out", str(tmp_path)]) == 0
+    assert json.loads((tmp_path / "bandit.json").read_text())["config"]["seeds"] == 3
 
 
 def test_epochs_cli_reports_every_epoch(tmp_path, capsys):

@@ -616,6 +616,9 @@ def main(argv=None) -> int:
     p.add_argument("experiment", choices=("bandit", "gridworld", "all"))
     p.add_argument("--out", default="runs/toys", type=folder_path, help="output directory (created; default runs/toys)")
     p.add_argument("--quick", action="store_true", help="2 seeds, few steps: a smoke run in seconds")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace the results of an earlier run in --out (refused otherwise)"
+    )
     p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; quick: 2)")
     p.add_argument(
         "--steps",
@@ -693,6 +696,17 @@ def _main(args, p) -> int:
     refuse_inside_buffer(args.out, "--out", itself=True)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: give a folder")
+    names = [
+        f"{kind}.{ext}"
+        for kind in ("bandit", "gridworld")
+        if args.experiment in (kind, "all")
+        for ext in ("json", "png")
+    ]
+    if earlier := [n for n in names if os.path.exists(os.path.join(args.out, n))] if not args.overwrite else []:
+        raise ValueError(
+            f"--out {args.out} holds {', '.join(earlier)} of an earlier run: give --overwrite to replace them, or "
+            "another --out"
+        )
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     written = []
