@@ -109,7 +109,7 @@ CASES = [
     case(
         "shiq-train", ["data.buffer={d}/buf", "out={d}/r", "data.rows_per_micro_batch=x"], "data.rows_per_micro_batch"
     ),
-    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "foo=1"], "'foo'"),
+    case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "foo=1"], "command line: foo: no such setting"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "loss=nope"], "loss/nope"),
     case("shiq-train", ["data.buffer={d}/buf", "out={d}/r", "train.steps=[1"], "[1"),
     case("shiq-train", ["data.buffer={d}/missing", "out={d}/r"], "{d}/missing"),

@@ -1,24 +1,39 @@
 """Worker processes a recipe starts and stops itself, Ctrl-C included.
 
 Ctrl-C reaches every process of the terminal's process group: a ``ProcessPoolExecutor``'s workers were
-interrupted mid-task too, and the ``with`` block's exit then waited on them, at times for good (and a second
-Ctrl-C left them running, orphaned). Workers of :func:`worker_pool` ignore SIGINT; the caller, interrupted,
-terminates them and cancels the queued work, then goes on with its ``KeyboardInterrupt`` (one line and
-status 130 from the command). Only the standard library is imported here: a spawned worker imports this
-module to run its initializer.
+interrupted mid-task too (or while importing torch, each a traceback), and the ``with`` block's exit then
+waited on them, at times for good (and a second Ctrl-C left them running, orphaned). The workers of
+:func:`worker_pool` are started with SIGINT ignored, which a new Python process keeps (it installs its
+``KeyboardInterrupt`` handler only where the signal is not ignored), so they never see it; the caller,
+interrupted, terminates them, then goes on with its ``KeyboardInterrupt`` (one line and status 130 from the
+command).
 """
 
 from __future__ import annotations
 
 import contextlib
-import multiprocessing
 import signal
+import threading
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from multiprocessing.context import SpawnContext, SpawnProcess
 
 
-def _ignore_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+class _DeafProcess(SpawnProcess):
+    """A spawned process that ignores SIGINT from its first instruction on."""
+
+    def start(self) -> None:
+        if threading.current_thread() is not threading.main_thread():  # (signals are the main thread's)
+            return super().start()
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # inherited through the new interpreter's exec
+        try:
+            super().start()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class _DeafContext(SpawnContext):
+    Process = _DeafProcess
 
 
 @contextlib.contextmanager
@@ -29,7 +44,7 @@ def worker_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
     tasks and wait on their futures: ``map``'s results, left unread, cancel their futures, which the
     executor's thread then fails in vain (``InvalidStateError``, printed). Otherwise the pool shuts down as
     usual, once every task is done."""
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint)
+    pool = ProcessPoolExecutor(workers, mp_context=_DeafContext())
     try:
         yield pool
     except BaseException as e:
