@@ -418,9 +418,19 @@ def stage_reward_model(ctx: Context) -> None:
     _log(f"reward model: held-out Pearson r = {info['pearson_held_out']:.3f}")
 
 
+def read_prompts(ctx: Context) -> dict:
+    """The run's ``prompts.json``: ``{"train": [...], "eval": [...]}`` (stage ``prompts``), checked."""
+    return read_json(ctx.out / "prompts.json", keys=("train", "eval"))
+
+
+def read_split(ctx: Context) -> dict:
+    """The run's ``split.json``: the rated snippets' ids, ``train`` and ``held_out`` (stage ``reward_model``)."""
+    return read_json(ctx.out / "split.json", keys=("train", "held_out"))
+
+
 def stage_prompts(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
-    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
+    split = read_split(ctx)
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     rng = random.Random(cfg["seed"] + 1)
 
@@ -439,7 +449,7 @@ def stage_prompts(ctx: Context) -> None:
 
 
 def stage_samples(ctx: Context) -> None:
-    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["train"]
+    prompts = read_prompts(ctx)["train"]
     sample_prompts(ctx, prompts, ctx.cfg["data"]["completions_per_prompt"], ctx.cfg["seed"] + 2, "samples.jsonl")
 
 
@@ -448,7 +458,7 @@ def stage_samples_single(ctx: Context) -> None:
     completions_per_prompt`` training-split prompts (drawn with their own seed; they may include the
     grouped buffer's prompts), so ``buffer_single`` holds as many completions as ``buffer``."""
     d = ctx.cfg["data"]
-    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
+    split = read_split(ctx)
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if len(by_id[i].text.split()) > d["prompt_words"]]
     n = d["train_prompts"] * d["completions_per_prompt"]
@@ -465,8 +475,8 @@ def stage_validation(ctx: Context) -> None:
     centred like the training buffer's): ``buffer_val``, whose loss each arm records at every evaluation
     and at step 0 (the paper's validation-loss curves, ShiQ against ShiQ/init)."""
     d, n = ctx.cfg["data"], ctx.cfg["eval"]["validation_prompts"]
-    split = read_json(ctx.out / "split.json", keys=("train", "held_out"))
-    train = {p["snippet_id"] for p in read_json(ctx.out / "prompts.json", keys=("train", "eval"))["train"]}
+    split = read_split(ctx)
+    train = {p["snippet_id"] for p in read_prompts(ctx)["train"]}
     by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
     usable = [i for i in split["train"] if i not in train and len(by_id[i].text.split()) > d["prompt_words"]]
     ids = sorted(random.Random(ctx.cfg["seed"] + 6).sample(usable, n))
@@ -596,7 +606,7 @@ class _GoldRecorder:
 def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[int]]]:
     """Openings (each repeated ``eval.samples_per_prompt`` times, prompt-major) and their token ids, of
     the first ``limit`` held-out prompts (0: all)."""
-    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["eval"]
+    prompts = read_prompts(ctx)["eval"]
     prompts = prompts[:limit] if limit else prompts
     openings = [p["opening"] for p in prompts for _ in range(ctx.cfg["eval"]["samples_per_prompt"])]
     return openings, ctx.prompt_ids(openings)
@@ -605,6 +615,7 @@ def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[in
 # what an evaluation record (evaluate_hf's, the reference's) holds that the report reads
 EVAL_KEYS = ("rewards", "gold", "kls_exact", "reward_mean", "reward_stderr", "gold_mean", "gold_stderr", "n", "samples")
 EVAL_KEYS += ("kl_exact", "kl_exact_stderr", "kl_sample", "kl_sample_stderr", "eval_seconds")
+CURVE_KEYS = EVAL_KEYS + ("step", "train_seconds")  # a record of runs/<arm>/curve.json
 
 
 def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: int = 0) -> dict:
@@ -646,9 +657,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
-    curve = (
-        read_json(curve_path, keys=EVAL_KEYS + ("step", "train_seconds"), records=True) if curve_path.exists() else []
-    )
+    curve = read_json(curve_path, keys=CURVE_KEYS, records=True) if curve_path.exists() else []
     done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
@@ -815,7 +824,7 @@ def stage_eval_reference(ctx: Context) -> None:
     texts, rewards, gold = sample(openings, ids, ctx.cfg["seed"] + 3)  # what evaluate_policy draws
     eval_seconds = time.perf_counter() - t0
     s, n_star = ev["samples_per_prompt"], ev["j_star_samples"]
-    prompts = read_json(ctx.out / "prompts.json", keys=("train", "eval"))["eval"]
+    prompts = read_prompts(ctx)["eval"]
     extra = n_star - s
     more_open = [p["opening"] for p in prompts for _ in range(extra)]
     _log(f"reference: {extra} more samples per held-out prompt for the J* estimate")
@@ -913,7 +922,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
-        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=EVAL_KEYS + ("step", "train_seconds"), records=True)
+        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=CURVE_KEYS, records=True)
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
