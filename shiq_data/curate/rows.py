@@ -194,8 +194,8 @@ class CurationSource:
         input's field of that name, which the warning says how to reach. One shard is looked at, so the
         check costs little however large the buffer."""
         names = {c.lower() for c in columns if c.lower() in DERIVED}
-        first = next(iter(self.shards()), None)
-        if not names or first is None:
+        first = next(iter(self.shards()), None) if names else None  # (no shard read for an expression without)
+        if first is None:
             return
         if shadowed := sorted({k for obj in _extra_objects(first) for k in obj if k.lower() in names}):
             log.warning(
