@@ -31,6 +31,11 @@ seeded at start-up: dropout masks then differ from an uninterrupted run's, while
 continues with the same losses up to float rounding. The user state should be the same on every rank (the
 trainer's data position is). Files written before the layouts were recorded resume in their own layout only.
 
+Modules' extra state is not saved: Transformer Engine keeps its FP8 scaling history (amax and scales) there as a
+pickled object and unpickles it to restore it, while a checkpoint here is data only (read with
+``weights_only=True``, nothing in it unpickled). An FP8 run therefore resumes with that history restarted from its
+defaults.
+
 Every file is written to a temporary name and renamed into place; ``latest`` moves only after every
 rank has written (a barrier), so an interrupted save never becomes the resume point.
 """
