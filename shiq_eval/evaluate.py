@@ -56,6 +56,9 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
     ``s`` = the shortest prompt's length − 1), and :func:`shiq_eval.kl.masked_kls` runs the float64
     log-softmaxes at the completion tokens' positions only.
     """
+    for i, p in enumerate(prompt_ids):
+        if not p:  # (its first completion token would have no position to be predicted from)
+            raise ValueError(f"prompt {i} is empty")
     samples, exact = [], []
     for start in range(0, len(prompt_ids), batch_size):
         prompts = prompt_ids[start : start + batch_size]
@@ -68,7 +71,7 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
             tokens[i, : len(r)] = torch.tensor(r)
             attn[i, : len(r)] = 1
             mask[i, len(p) : len(r)] = True
-        first = max(min(len(p) for p in prompts) - 1, 0)  # the first position that predicts a completion token
+        first = min(len(p) for p in prompts) - 1  # the first position that predicts a completion token
         keep = T - first  # logits of positions first .. T-1; the last one predicts nothing
         logits, ref_logits = (
             net(input_ids=tokens, attention_mask=attn, logits_to_keep=keep).logits[:, :-1] for net in (model, ref_model)

@@ -4,7 +4,9 @@ Every function takes the four per-token statistics of SHIQ_MATH §2 -- chosen lo
 ``z`` of the trained model, and the same two for the frozen reference -- plus rewards and the action
 mask, all ``[B, T]``. Position ``t`` of a row holds the statistics of token ``t`` (predicted from
 position ``t-1``); ``action_mask[b, t]`` is True where that token was chosen by the policy. Nothing
-here knows about models, parallelism or data loading.
+here knows about models, parallelism or data loading. Statistics read off a causal LM
+(``shiq_train.stats.causal_lm_stats``) are zero at position 0, which nothing predicts: a row then starts with its
+prompt, never with an action (any position may be an action when the caller gives the statistics, as a bandit's).
 
 Losses are computed in float32 (or float64 if given): bf16 statistics are upcast first.
 """
@@ -329,6 +331,10 @@ def check_group_batch(stats: tuple, rewards, action_mask, group_ids, beta) -> No
     they order, so a NaN reward would otherwise drop a pair silently)."""
     B = _check_stats(stats, rewards, action_mask, beta)
     _check_vector("group_ids", group_ids, length=B, integer=True)
+    _check_every_row_acts(action_mask)
+
+
+def _check_every_row_acts(action_mask: torch.Tensor) -> None:
     empty = torch.nonzero(~action_mask.any(-1)).flatten()
     if empty.numel():
         raise ValueError(
@@ -364,10 +370,12 @@ def dpo_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask, winn
 
     Args:
         chosen_logits, logz, ref_chosen_logits, ref_logz: ``[B, T]``.
-        action_mask: ``[B, T]`` bool.
+        action_mask: ``[B, T]`` bool; every row has an action (a row without one is refused, as in
+            :func:`check_group_batch`).
         winners, losers: ``[P]`` row indices of preferred / dispreferred trajectories.
     """
     B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), None, action_mask, beta)
+    _check_every_row_acts(action_mask)
     for name, x in (("winners", winners), ("losers", losers)):
         _check_vector(name, x, integer=True, index_below=B)
     if winners.shape != losers.shape:
@@ -384,12 +392,12 @@ def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_
 
     Multi-turn CoPG (§5) is the same function on multi-turn rows (``R`` = cumulative turn reward).
 
-    Args: the four statistics, rewards ``[B, T]``, action_mask ``[B, T]``, group_ids ``[B]`` int.
+    Args: the four statistics, rewards ``[B, T]``, action_mask ``[B, T]`` (every row with an action),
+    group_ids ``[B]`` int; checked by :func:`check_group_batch`.
     """
-    B = _check_stats((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, beta)
-    _check_vector("group_ids", group_ids, length=B, integer=True)
+    check_group_batch((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, group_ids, beta)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
-    reg_return = sequence_return(rewards, action_mask) - beta * lam
+    reg_return = sequence_return(rewards, action_mask) - float(beta) * lam  # [B] (a one-element tensor β too)
     i, j = group_pairs(group_ids)
     if i.numel() == 0:
         return reg_return.sum() * 0.0

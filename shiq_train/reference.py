@@ -49,7 +49,7 @@ CHUNKED_MODEL_TYPES = ("llama",)
 
 def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
     """``stats_fn`` of a ``transformers`` causal LM (float32, no grad): ``(tokens [B, T], attention_mask
-    [B, T]) -> (chosen [B, T], logz [B, T])`` (SHIQ_MATH §2).
+    [B, T] bool or 0/1 integers) -> (chosen [B, T], logz [B, T])`` (SHIQ_MATH §2).
 
     For Llama-family models (output layer without bias or logit scaling) the statistics come from the
     final hidden states and the output weight ``chunk_tokens`` positions at a time
@@ -64,6 +64,7 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
     chunked = getattr(model.config, "model_type", None) in CHUNKED_MODEL_TYPES and getattr(head, "bias", None) is None
 
     def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention_mask = attention_mask.bool()  # (0/1 integers, as transformers takes it, or bool)
         with torch.no_grad():
             if chunked:
                 hidden = model.get_decoder()(input_ids=tokens, attention_mask=attention_mask.long()).last_hidden_state
@@ -202,6 +203,7 @@ def megatron_stats_fn(model) -> StatsFn:
     model.eval()
 
     def stats(tokens: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        attention_mask = attention_mask.bool()  # (0/1 integers, as transformers takes it, or bool)
         with torch.no_grad():
             st = forward_stats(model, tokens)
         return (

@@ -31,8 +31,9 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
         logits: ``[B, T, V]`` any float dtype; ``logits[b, t]`` scores ``targets[b, t]``.
         targets: ``[B, T]`` int64 token ids.
     Returns:
-        :class:`TokenStats` with ``[B, T]`` float32 tensors. Logits are upcast to float32 before the
-        max-shifted log-sum-exp, so bf16 inputs with large magnitudes stay exact to float32 rounding.
+        :class:`TokenStats` with ``[B, T]`` float32 tensors (float64 for float64 logits). Lower-precision
+        logits are upcast to float32 before the max-shifted log-sum-exp, so bf16 inputs with large
+        magnitudes stay exact to float32 rounding.
     """
     if logits.dim() != 3 or targets.shape != logits.shape[:2]:
         raise ValueError(
@@ -40,7 +41,7 @@ def token_stats(logits: torch.Tensor, targets: torch.Tensor) -> TokenStats:
         )
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= logits.shape[-1]):
         raise ValueError(f"targets hold token ids outside [0, {logits.shape[-1]})")
-    x = logits.float()
+    x = logits if logits.dtype == torch.float64 else logits.float()
     chosen = x.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
     return TokenStats(chosen_logits=chosen, logz=torch.logsumexp(x, dim=-1))
 

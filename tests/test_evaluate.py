@@ -30,6 +30,13 @@ def tiny(seed, layers=1):
     return transformers.LlamaForCausalLM(cfg).eval()
 
 
+def test_sequence_kls_refuses_an_empty_prompt():
+    """Its first completion token has no position to be predicted from (it was dropped from the KL)."""
+    m = tiny(0)
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        sequence_kls(m, tiny(1), [[1, 2], []], [[3], [3, 4]])
+
+
 def test_self_kl_is_zero_and_rewards_are_scored():
     m = tiny(0)
     prompts = [[1, 2, 3], [4, 5]] * 4

@@ -165,3 +165,20 @@ def test_the_checker_sees_what_it_must(tmp_path):
     assert "shiq_data.io" in edges["shiq_data.buffer"]
     assert any(_layer(t) < _layer("shiq_eval.cli") for t in edges["shiq_eval.cli"])
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_the_readme_names_every_module():
+    """README's "Where things live" names every module of its package's row (subpackages' modules too)."""
+    import re
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = readme.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    rows = {m.group(1): m.group(2) for m in re.finditer(r"^\| `(shiq_\w+)`[^|]*\| (.*) \|$", table, re.M)}
+    assert set(rows) == set(LAYERS)
+    missing = [
+        name
+        for name, path in _modules().items()
+        if path.stem not in ("__init__", "__main__")
+        and not re.search(rf"(?<![\w.]){re.escape(path.stem)}(?![\w])", rows[name.split(".")[0]])
+    ]
+    assert not missing, f"README's 'Where things live' does not name {missing}"

@@ -269,6 +269,24 @@ def test_bad_inputs_raise_value_error_naming_the_problem(mutate, message):
         shiq_loss(*args, beta=0.5)
 
 
+@pytest.mark.parametrize("name", ["dpo", "copg"])
+def test_group_losses_called_directly_refuse_a_row_without_an_action(name):
+    """Such a row would enter the pairs as a completion of return 0 and log-ratio 0 (as ``compute_loss`` refuses
+    it, so do the losses themselves)."""
+    args = _good()
+    args[4][1] = 0.0
+    args[5][1] = False
+    with pytest.raises(ValueError, match="row 1 has no action position"):
+        _baseline_call(name, args)
+
+
+def test_copg_takes_a_one_element_tensor_beta():
+    c, z, cr, zr, r, m = _good()
+    g = torch.tensor([3, 3])
+    want = copg_loss(c, z, cr, zr, r, m, g, beta=0.5)
+    assert copg_loss(c, z, cr, zr, r, m, g, beta=torch.tensor([[0.5]])) == want
+
+
 @pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
 def test_non_positive_beta_raises(beta):
     with pytest.raises(ValueError, match="beta must be"):
@@ -421,6 +439,14 @@ def test_token_stats_bf16_with_large_logits():
     assert torch.allclose(
         st_.logprobs.double(), torch.log_softmax(exact, -1).gather(-1, targets[..., None])[..., 0], atol=1e-2
     )
+
+
+def test_token_stats_keep_float64():
+    logits = torch.randn(2, 3, 7, dtype=torch.float64)
+    targets = torch.randint(0, 7, (2, 3))
+    st = token_stats(logits, targets)
+    assert st.chosen_logits.dtype == st.logz.dtype == torch.float64
+    assert torch.equal(st.logz, torch.logsumexp(logits, -1))  # no float32 rounding on the way
 
 
 def test_causal_lm_stats_alignment():

@@ -167,6 +167,17 @@ def test_llama_stats_never_form_full_logits_and_equal_them(tiny_llama, chunk_tok
         np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
 
 
+def test_the_stats_function_takes_a_0_1_attention_mask(tiny_llama):
+    """transformers' own mask form (0/1 integers) gives what a bool mask gives: padded positions 0."""
+    tokens = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    fn = hf_stats_fn(tiny_llama)
+    want = fn(tokens, mask.bool())
+    got = fn(tokens, mask)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert not want[1][1, 2:].any() and want[1][1, 1] != 0
+
+
 def test_other_models_use_their_full_logits():
     """A model outside the Llama family (GPT-2: its own output path) goes through its full logits."""
     from transformers import GPT2Config, GPT2LMHeadModel
