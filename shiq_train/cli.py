@@ -510,6 +510,7 @@ def check_resume_config(
     force: bool,
     dp: tuple[int, int] | None = None,
     why: str = "resuming would mix the two",
+    saved_micro_batches: int | None = None,
 ) -> list[str]:
     """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
     with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
@@ -518,7 +519,9 @@ def check_resume_config(
     ``dp``: the data-parallel size the checkpoint was saved with and this run's. A step's global batch is
     ``dp * data.micro_batches_per_step`` micro-batches, read in the same stream order whatever ``dp`` is, so
     ``data.micro_batches_per_step`` may change exactly when the global batch stays; a global batch that
-    changes (a new ``dp`` with the old value) is a change of that key, with the value that keeps it."""
+    changes (a new ``dp`` with the old value) is a change of that key, with the value that keeps it.
+    ``saved_micro_batches``: that key's value in the checkpoint's own configuration, which pairs with its ``dp``
+    (``config.yaml`` may be a later start's, one stopped before it saved a checkpoint)."""
     path = out / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -535,6 +538,8 @@ def check_resume_config(
         )
     old, new = _comparable(saved), _comparable(cfg)
     old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
+    if isinstance(saved_micro_batches, int) and not isinstance(saved_micro_batches, bool):
+        old[GLOBAL_BATCH_KEY] = saved_micro_batches
     unknown = sorted(allowed - old.keys() - new.keys())
     if unknown:  # a misspelt key would otherwise accept nothing, silently
         raise ConfigError(
@@ -820,7 +825,10 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 saved = read_meta(saved_step)
                 tp_pp = cfg["parallel"]["tp"] * cfg["parallel"]["pp"]
                 dp = (saved["layout"]["dp"], max(1, int(os.environ.get("WORLD_SIZE", 1)) // tp_pp))
-                check_resume_config(out, cfg, allowed, force, dp)
+                saved_cfg = saved.get("meta", {}).get("config")  # (read_meta: meta is an object)
+                saved_data = saved_cfg.get("data") if isinstance(saved_cfg, dict) else None
+                m = saved_data.get("micro_batches_per_step") if isinstance(saved_data, dict) else None
+                check_resume_config(out, cfg, allowed, force, dp, saved_micro_batches=m)
                 if not force:  # (+resume.force=true accepts any change, this one too)
                     check_online_reference_layout(cfg, saved)
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint

@@ -211,6 +211,34 @@ def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp
     with pytest.raises(ConfigError, match=r"1 x 2 micro-batches saved, 4 x 2 now over data-parallel ranks\)"):
         resume(dp=(1, 4))  # 2 micro-batches do not split over 4 ranks: no value keeps the global batch
     assert resume(dp=(1, 2), allowed=["data.micro_batches_per_step"]) == ["data.micro_batches_per_step"]
+    # config.yaml as a start in one process wrote it before it was killed, ahead of any checkpoint of its own; the
+    # checkpoint's global batch is 2 ranks x 1 micro-batch (its own configuration's value)
+    assert check_resume_config(tmp_path, cfg, set(), False, (2, 1), saved_micro_batches=1) == []
+    with pytest.raises(ConfigError, match=r"1 -> 4 \(a global batch of 2 x 1 micro-batches saved, 1 x 4 now.*=2 keeps"):
+        new = {**cfg, "data": {"micro_batches_per_step": 4}}
+        check_resume_config(tmp_path, new, set(), False, (2, 1), saved_micro_batches=1)
+
+
+def test_the_global_batch_is_compared_with_the_checkpoints_own(tmp_path):
+    """A checkpoint saved at DP=2 with 1 micro-batch a rank, then a start in one process with 2 (the same global
+    batch) killed before it saved one: its config.yaml says 2, and the same command again was refused (2 x 2
+    saved, it said, against 1 x 2), while the value it advised (4) trained twice the batch."""
+    import yaml
+
+    out = tmp_path / "run"
+    common = ["train.reference=online", "seed=3"]
+    first = run_cli(tmp_path, f"out={out}", "train.steps=2", "data.micro_batches_per_step=1", *common)
+    assert first.returncode == 0, first.stderr[-3000:]
+    meta = out / "checkpoints" / "step_00000002" / "meta.json"  # as a DP=2 run saved it (the rank files serve)
+    meta.write_text(meta.read_text().replace('"dp": 1', '"dp": 2'))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["data"]["micro_batches_per_step"] = 2  # as the killed start in one process wrote it
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    twice = run_cli(tmp_path, f"out={out}", "train.steps=3", "data.micro_batches_per_step=4", *common)
+    assert twice.returncode == 2 and "a global batch of 2 x 1 micro-batches saved, 1 x 4 now" in twice.stderr
+    again = run_cli(tmp_path, f"out={out}", "train.steps=3", "data.micro_batches_per_step=2", *common)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step 2" in again.stderr and [m["step"] for m in metrics(out)] == [1, 2, 3]
 
 
 def test_bad_configs_fail_with_a_clear_message(tmp_path):
