@@ -125,3 +125,25 @@ def test_dedup_exact_keeps_first_of_each_normalised_text(buf, tmp_path):
     got = [r["completion"] for r in open_buffer(out).table.select(["completion"]).to_pylist()]
     assert got == [texts[j] for j in want] and curation["rows_kept"] == len(want) < len(texts)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exact"]
+
+
+def test_dedup_near_of_thousands_of_rows_alike(tmp_path):
+    """3,000 answers that differ in a number only, the way boilerplate repeats: about 4.5 million candidate pairs
+    (each pair of rows shares a band). Their signatures were joined to every pair inside DuckDB's 64 MB, which ran
+    out of memory (from 2,000 such rows). It keeps what datasketch's LSH index, filled with the kept rows as they
+    come, keeps (the naive loop keeps one: a few near pairs share no band)."""
+    from datasketch import MinHashLSH
+
+    base = "I am sorry, but I cannot help with that request; it may cause harm. Ask me something else. "
+    texts = [base + f"(case {i})" for i in range(3000)]
+    hashes = [_minhash(t) for t in texts]
+    lsh, by_lsh = MinHashLSH(threshold=THRESHOLD, num_perm=128), []
+    for j in range(len(texts)):
+        if not any(hashes[i].jaccard(hashes[j]) >= THRESHOLD for i in lsh.query(hashes[j])):
+            lsh.insert(j, hashes[j])
+            by_lsh.append(j)
+    assert 1 <= len(by_lsh) <= 10  # nearly all of them go
+    path = tmp_path / "buf"
+    write_buffer(_rows(texts), path, tokenizer_info=TOK, command=["test"], shard_rows=1000, progress=False)
+    _, curation = dedup_buffer(path, tmp_path / "out", by="completion", near=True, threshold=THRESHOLD, command=["t"])
+    assert open_buffer(tmp_path / "out").table.column("completion").to_pylist() == [texts[j] for j in by_lsh]

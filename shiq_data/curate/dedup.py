@@ -12,11 +12,12 @@ them, else decoded from the prompt and action tokens (:meth:`CurationSource.text
   similarity (the share of equal signature values, as ``MinHash.jaccard``).
 
 Memory is bounded, not proportional to the buffer: three passes over the shards, one shard at a time.
-Pass 1 writes each row's exact key (and, for ``near``, its signature and band keys) to temporary Parquet
-tables (:class:`shiq_data.spill.Spill`, next to ``out``, removed afterwards); DuckDB, with a fixed memory
-limit and spilling to disk beyond it, finds the rows that repeat an earlier key and the candidate pairs
-``i < j`` sharing a band among the other rows. Pass 2 walks the confirmed pairs in order of ``j`` and
-marks the kept rows in a bitmap, one bit per row of the buffer (1.25 MB per 10 million rows), the only
+Pass 1 writes each row's exact key (and, for ``near``, its band keys) to temporary Parquet tables and its
+signature to a memory-mapped array (:class:`shiq_data.spill.Spill`, next to ``out``, removed afterwards);
+DuckDB, with a fixed memory limit and spilling to disk beyond it, finds the rows that repeat an earlier key
+and the candidate pairs ``i < j`` sharing a band among the other rows (16 bytes a pair: a cluster of ``k``
+rows alike gives about ``k²/2``). Pass 2 walks the pairs in order of ``j``, confirms those whose rows are
+both still kept by their signatures and marks the kept rows in a bitmap, one bit per row of the buffer (1.25 MB per 10 million rows), the only
 state that grows with the buffer; pass 3 writes the kept rows shard by shard.
 """
 
@@ -37,7 +38,7 @@ BY = ("row", "prompt", "completion")
 NUM_PERM = 128
 SHINGLE_CHARS = 5
 SEED = 1
-PAIR_BATCH = 4096  # candidate pairs (two signatures each) confirmed at a time
+PAIR_BATCH = 16_384  # candidate pairs confirmed at a time (two signatures of 1 KB each read for a pair)
 
 
 def row_text(by: str, prompt: str, completion: str) -> tuple[str, ...]:
@@ -85,12 +86,14 @@ class Signatures:
 def _write_keys(
     source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
 ) -> int:
-    """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to
-    ``sigs`` and its band keys to ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
-    Returns the rows read."""
+    """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to row
+    ``idx`` of the memory-mapped array ``sigs`` ``[rows, NUM_PERM]`` (returned; None without ``signatures``) and
+    its band keys to table ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
+    Returns ``(rows read, sigs)``."""
     spill.declare("keys", pa.schema([("idx", pa.int64()), ("key", pa.binary())]))
+    sig_array = None
     if signatures is not None:
-        spill.declare("sigs", pa.schema([("idx", pa.int64()), ("sig", pa.binary())]))
+        sig_array = spill.array("sigs", len(source) * NUM_PERM, np.uint64).reshape(len(source), NUM_PERM)
         spill.declare("bands", pa.schema([("idx", pa.int64()), ("band", pa.int32()), ("bkey", pa.binary())]))
     start = 0
     bar = tqdm(total=len(source), desc="minhashing" if signatures else "hashing", unit=" rows", disable=not progress)
@@ -102,7 +105,7 @@ def _write_keys(
             spill.append("keys", pa.table({"idx": idx, "key": pa.array([text_key(*x) for x in parts], pa.binary())}))
             if signatures is not None:
                 sigs = [signatures(x) for x in parts]
-                spill.append("sigs", pa.table({"idx": idx, "sig": pa.array([s.tobytes() for s in sigs], pa.binary())}))
+                sig_array[start : start + len(parts)] = sigs
                 b = signatures.b
                 spill.append(
                     "bands",
@@ -116,14 +119,18 @@ def _write_keys(
                 )
             start += len(parts)
             bar.update(len(parts))
-    return start
+    if sig_array is not None:  # written: read back read-only (clean pages the kernel may drop and read again)
+        sig_array.flush()
+        sig_array = np.load(spill.dir / "sigs.npy", mmap_mode="r").reshape(len(source), NUM_PERM)
+    return start, sig_array
 
 
 def kept_rows(
     source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
 ) -> Bitmap:
     """Passes 1 and 2 (see the module doc): a bitmap of the rows ``dedup`` keeps."""
-    kept = Bitmap(_write_keys(source, spill, by, signatures, progress), fill=True)
+    n, sigs = _write_keys(source, spill, by, signatures, progress)
+    kept = Bitmap(n, fill=True)
     keys = spill.table("keys")
     firsts = f"SELECT key, min(idx) AS first FROM {keys} GROUP BY key"
     repeats = f"SELECT k.idx FROM {keys} k JOIN ({firsts}) f ON k.key = f.key WHERE k.idx > f.first"
@@ -131,28 +138,26 @@ def kept_rows(
         kept.clear_many(batch.column(0).to_numpy())
     if signatures is None:
         return kept
-    sigs, bands = spill.table("sigs"), spill.table("bands")
+    # the candidate pairs (16 bytes each: a cluster of k rows alike gives about k²/2 of them), in order of j: every
+    # pair of an earlier j is done, so kept[i] (i < j) is final when j is decided. A pair with a row dropped
+    # before its batch began is skipped unread; the others are confirmed by their signatures' share of equal
+    # values, read from the memory-mapped array, then walked in order.
     candidates = f"""
-        WITH b AS (SELECT * FROM {bands} WHERE idx IN (SELECT first FROM ({firsts}))),
-        pairs AS (
-            SELECT DISTINCT x.idx AS i, y.idx AS j FROM b x JOIN b y
-            ON x.band = y.band AND x.bkey = y.bkey AND x.idx < y.idx
-        )
-        SELECT p.i, p.j, si.sig AS si, sj.sig AS sj
-        FROM pairs p JOIN {sigs} si ON si.idx = p.i JOIN {sigs} sj ON sj.idx = p.j"""
-    spill.declare("near", pa.schema([("i", pa.int64()), ("j", pa.int64())]))
-    for batch in spill.query(candidates, batch_rows=PAIR_BATCH):
-        si, sj = (batch.column(name).to_pylist() for name in ("si", "sj"))
-        a = np.frombuffer(b"".join(si), np.uint8).reshape(len(si), NUM_PERM, -1)
-        c = np.frombuffer(b"".join(sj), np.uint8).reshape(len(sj), NUM_PERM, -1)
-        equal = (a == c).all(axis=2).sum(axis=1)
-        near = equal.astype(np.float64) / float(NUM_PERM) >= signatures.threshold
-        spill.append("near", batch.select(["i", "j"]).filter(pa.array(near)))
-    # in order of j, every pair of an earlier j is done, so kept[i] (i < j) is final when j is decided
-    for batch in spill.query(f"SELECT i, j FROM {spill.table('near')} ORDER BY j, i"):
-        for i, j in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist()):
-            if kept[j] and kept[i]:
-                kept.clear(j)
+        WITH b AS (SELECT * FROM {spill.table("bands")} WHERE idx IN (SELECT first FROM ({firsts})))
+        SELECT DISTINCT x.idx AS i, y.idx AS j FROM b x JOIN b y
+        ON x.band = y.band AND x.bkey = y.bkey AND x.idx < y.idx
+        ORDER BY j, i"""
+    bar = tqdm(desc="near pairs", unit=" pairs", disable=not progress)
+    with bar:
+        for batch in spill.query(candidates, batch_rows=PAIR_BATCH):
+            i, j = (batch.column(name).to_numpy() for name in ("i", "j"))
+            bar.update(len(i))
+            live = kept.get_many(i) & kept.get_many(j)
+            i, j = i[live], j[live]
+            near = (sigs[i] == sigs[j]).sum(axis=1) / float(NUM_PERM) >= signatures.threshold
+            for a, c in zip(i[near].tolist(), j[near].tolist()):
+                if kept[c] and kept[a]:
+                    kept.clear(c)
     return kept
 
 
