@@ -20,6 +20,7 @@ Stream-format shards are what ``datasets`` writes, so ``datasets.Dataset.from_fi
      "has_ref_stats": bool, "ref_model": {...} | null,
      "ref_stats": {"ref_model": {...}, "done": [shard files with reference columns]} | null,
      "commands": [{"argv", "time", "rows", "shards"}], "created", "updated",
+     "shard_rows": rows per shard asked for (absent from buffers written before it was kept: :func:`shard_rows_of`),
      "retokenized_from": {"path", "fingerprint", ...} (only on a re-tokenised buffer)}
 
 ``tokenizer.pipeline_fingerprint`` (:func:`shiq_data.tokenizers.pipeline_fingerprint`: how the tokenizer cuts
@@ -332,6 +333,20 @@ def _is_count(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 2**63
 
 
+DEFAULT_SHARD_ROWS = 4096
+
+
+def shard_rows_of(manifest: dict) -> int:
+    """The rows per shard a buffer was written with, for the shards added to it or to a buffer curated from it:
+    its manifest's ``shard_rows``; for a buffer written before that was kept, its largest shard's rows when it has
+    several (a command's shards are full but its last), else at least :data:`DEFAULT_SHARD_ROWS` (a buffer of 5
+    rows does not make every later shard 5 rows)."""
+    if _is_count(manifest.get("shard_rows")) and manifest["shard_rows"] >= 1:
+        return manifest["shard_rows"]
+    sizes = [max(int(s["rows"]), 1) for s in manifest["shards"]]
+    return max(sizes) if len(sizes) > 1 else max(sizes + [DEFAULT_SHARD_ROWS])
+
+
 def _check_manifest_types(path: Path, manifest: dict) -> None:
     """Raise ``ValueError`` naming ``path`` and the field unless every field this code reads is present (every
     schema version has them) with the right type, the totals are the sums over the shards, and every shard
@@ -340,6 +355,8 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
     for key in ("rows", "tokens", "action_tokens", "next_group_id"):
         if not _is_count(manifest[key]):
             raise ValueError(f"{path}: field {key!r} must be an integer in [0, 2**63), got {manifest[key]!r:.40}")
+    if "shard_rows" in manifest and not (_is_count(manifest["shard_rows"]) and manifest["shard_rows"] >= 1):
+        raise ValueError(f"{path}: field 'shard_rows' must be an integer >= 1, got {manifest['shard_rows']!r:.40}")
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
@@ -823,7 +840,7 @@ def write_buffer(
     *,
     tokenizer_info: dict,
     command: list[str],
-    shard_rows: int = 4096,
+    shard_rows: int = DEFAULT_SHARD_ROWS,
     progress: bool = True,
     input_name: str = "<rows>",
     ref_model: dict | None = None,
@@ -901,6 +918,7 @@ def write_buffer(
             + [{"argv": list(command), "time": now, "rows": stream.n, "shards": [e["file"] for e in stream.entries]}],
             "created": now,
             "updated": now,
+            "shard_rows": shard_rows,
             **(manifest_extra or {}),
         }
         if parents is not None:
@@ -1012,7 +1030,7 @@ def append_buffer(
     are offset by the manifest's ``next_group_id`` so groups stay unique; missing ``row_id`` s become
     ``b<k>-<row_key>`` or ``b<k>-<index>`` for the k-th command (see :func:`write_buffer`), so rows of
     two inputs with the same file name do not clash. The new shards are committed by replacing
-    ``manifest.json``; old shards are not touched. ``shard_rows`` defaults to the first shard's size.
+    ``manifest.json``; old shards are not touched. ``shard_rows`` defaults to the buffer's (:func:`shard_rows_of`).
     The new shards have text columns when the buffer does (``text_columns``, when given, must say the
     same: ``ValueError`` otherwise). The manifest written is version 2, so appending to a version-1
     buffer (no text columns) upgrades it. New rows with the prompt and completion text of a row already
@@ -1054,7 +1072,7 @@ def append_buffer(
             verify_shard(buffer_dir / entry["file"], entry)
         old = Buffer(buffer_dir, manifest)
         if shard_rows is None:
-            shard_rows = max(manifest["shards"][0]["rows"], 1) if manifest["shards"] else 4096
+            shard_rows = shard_rows_of(manifest)
         k = len(manifest["commands"])
         with Spill(buffer_dir) as spill:
             stream = _ShardStream(
@@ -1099,6 +1117,7 @@ def append_buffer(
             "shards": shards,
             "next_group_id": stream.max_group + 1,
             "has_ref_stats": all(s["has_ref"] for s in shards),
+            "shard_rows": shard_rows_of(manifest),  # (kept, or as it was inferred)
             "commands": manifest["commands"]
             + [
                 {

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import (
+    DEFAULT_SHARD_ROWS,
     MANIFEST,
     append_buffer,
     has_text_columns,
@@ -361,7 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     b.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
-    b.add_argument("--shard-rows", type=int_at_least(1), default=4096, help="rows per shard (default %(default)s)")
+    b.add_argument(
+        "--shard-rows", type=int_at_least(1), default=DEFAULT_SHARD_ROWS, help="rows per shard (default %(default)s)"
+    )
     b.add_argument("--system-prompt", default="template", metavar="template|off|TEXT", help=system_help)
     input_options(b)
     b.set_defaults(func=cmd_build)
@@ -383,7 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
         "go through one",
     )
     a.add_argument(
-        "--shard-rows", type=int_at_least(1), default=None, help="rows per new shard (default: the first shard's)"
+        "--shard-rows",
+        type=int_at_least(1),
+        default=None,
+        help="rows per new shard (default: the buffer's, as it was built)",
     )
     a.add_argument(
         "--system-prompt",
@@ -410,7 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     r.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
     r.add_argument(
-        "--shard-rows", type=int_at_least(1), default=None, help="rows per shard (default: the buffer's first shard's)"
+        "--shard-rows",
+        type=int_at_least(1),
+        default=None,
+        help="rows per shard (default: the buffer's, as it was built)",
     )
     r.add_argument(
         "--system-prompt",

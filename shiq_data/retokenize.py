@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, write_buffer
+from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, shard_rows_of, write_buffer
 from shiq_data.readers.encode import encode_kept
 from shiq_data.schema import INPUT_KEY, TEXT_FIELDS, input_location
 
@@ -44,7 +44,7 @@ def retokenize_buffer(
 ) -> Buffer:
     """Write at ``out_dir`` the rows of the buffer at ``buffer_dir`` tokenised with ``tokenizer`` (see the
     module doc); ``ValueError`` for a buffer without text columns. ``shard_rows`` defaults to the
-    parent's first shard's size."""
+    parent's (:func:`shiq_data.buffer.shard_rows_of`)."""
     buffer = open_buffer(buffer_dir)
     if not buffer.has_text:
         why = "schema version 1" if buffer.manifest.get("schema_version") == 1 else "built with --no-text"
@@ -64,7 +64,7 @@ def retokenize_buffer(
         out_dir,
         tokenizer_info=tokenizer_info,
         command=command,
-        shard_rows=shard_rows or (max(shards[0]["rows"], 1) if shards else 4096),
+        shard_rows=shard_rows or shard_rows_of(buffer.manifest),
         progress=progress,
         input_name=str(buffer_dir),
         text_columns=True,

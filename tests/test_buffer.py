@@ -240,6 +240,35 @@ def test_existing_out_dir_is_refused(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".c.building-*"))
 
 
+def test_added_and_curated_shards_take_the_buffers_rows_per_shard_not_its_first_shards(tmp_path):
+    """A buffer of 5 rows (one shard of 5) made every later shard 5 rows: an append of 12 rows wrote 3 shards
+    and a buffer curated from it likewise. The rows per shard asked for are kept in the manifest; a buffer
+    written before that infers them from a full first shard, or takes the default."""
+    from shiq_data.curate.filter import filter_buffer
+
+    def shard_sizes(folder):
+        return [s["rows"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+
+    small = tmp_path / "small"
+    write_buffer(make_rows(5), small, tokenizer_info=TOK, command=["build"], progress=False)
+    append_buffer(small, make_rows(12, seed=1), command=["append"], tokenizer_info=TOK, progress=False)
+    assert shard_sizes(small) == [5, 12]
+    filter_buffer(small, tmp_path / "f", "reward > -100", command=["filter"])
+    assert shard_sizes(tmp_path / "f") == [17]
+    asked = tmp_path / "asked"
+    write_buffer(make_rows(5), asked, tokenizer_info=TOK, command=["build"], shard_rows=3, progress=False)
+    append_buffer(asked, make_rows(4, seed=1), command=["append"], tokenizer_info=TOK, progress=False)
+    assert shard_sizes(asked) == [3, 2, 3, 1]
+    # as written before the manifest kept them: one shard of 5 rows (the default then), shards of 3 (the largest)
+    for folder, want, added in ((tmp_path / "old1", 4096, [7]), (tmp_path / "old2", 3, [3, 3, 1])):
+        write_buffer(make_rows(5), folder, tokenizer_info=TOK, command=["build"], shard_rows=want, progress=False)
+        manifest = json.loads((folder / "manifest.json").read_text())
+        assert manifest.pop("shard_rows") == want
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        append_buffer(folder, make_rows(7, seed=2), command=["append"], tokenizer_info=TOK, progress=False)
+        assert shard_sizes(folder)[-len(added) :] == added
+
+
 def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):
     b = tmp_path / "b"
     write_buffer(make_rows(7, seed=0), b, tokenizer_info=TOK, command=["build"], shard_rows=3, progress=False)

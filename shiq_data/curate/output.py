@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shiq_data.buffer import Buffer, refuse_inside_buffer, write_buffer
+from shiq_data.buffer import Buffer, refuse_inside_buffer, shard_rows_of, write_buffer
 from shiq_data.curate.rows import CurationSource
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
 
@@ -35,7 +35,7 @@ def write_curated(
 ) -> Buffer:
     """Write ``rows`` (tables of stored columns, as :meth:`CurationSource.take` gives) as a new buffer at
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
-    tokenizer, the first parent's text setting (text columns or none), shards as large as its first shard,
+    tokenizer, the first parent's text setting (text columns or none), its rows per shard (:func:`shard_rows_of`),
     and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
     row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
     fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
@@ -47,7 +47,7 @@ def write_curated(
     templates = [p.manifest["tokenizer"].get(CHAT_TEMPLATE_FIELD, MISSING) for p in parents]
     if any(t is MISSING or t != templates[0] for t in templates):  # unknown, or rows of several templates
         tokenizer_info.pop(CHAT_TEMPLATE_FIELD, None)
-    shard_rows = max(first["shards"][0]["rows"], 1) if first["shards"] else 4096
+    shard_rows = shard_rows_of(first)
     return write_buffer(
         rows,
         out,
