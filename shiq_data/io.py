@@ -421,6 +421,12 @@ def remove_stale(folder: Path, pattern: str) -> None:
             pass
 
 
+def _host() -> str:
+    """This machine's name as a temporary folder carries it beside the pid (a pid is this machine's: a folder
+    may be shared with others), ``-`` made ``_`` so that the pid is the name's last but one ``-`` part."""
+    return socket.gethostname().replace("-", "_")
+
+
 @contextlib.contextmanager
 def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator[Path]:
     """Write a set of files that belong together (a table, its report and plots) into a staging folder
@@ -434,7 +440,7 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    host = socket.gethostname().replace("-", "_")  # (a pid is this machine's: out may be shared with others)
+    host = _host()
     remove_stale(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
     stage = Path(tempfile.mkdtemp(prefix=f".staged-{host}-{os.getpid()}-", suffix=".tmp", dir=out))
     try:
@@ -462,14 +468,17 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     process built it first) unless ``replace`` is true: then it is renamed aside just before the rename and
     removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost), and a
     ``folder`` that is a link or a file is refused before any work. Parent folders it had to make are removed
-    again on failure, if still empty."""
+    again on failure, if still empty. The temporary folder ``.NAME.HOST-PID-XXXX.tmp`` of a process killed while
+    filling it is removed by the next call for the same folder on this machine."""
     folder = Path(folder)
     if replace and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder to replace")
     if folder.is_dir() and not replace:
         return folder
     made = make_parents(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+    host, name = _host(), folder.name
+    remove_stale(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{host}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)

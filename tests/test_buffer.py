@@ -558,6 +558,27 @@ def test_a_failed_append_commit_leaves_the_old_buffer(tmp_path, monkeypatch):
     assert validate_buffer(b)["rows"] == 9
 
 
+def test_atomic_dir_removes_what_a_killed_fill_left(tmp_path):
+    """A killed ``export`` or ``split`` left its temporary folder beside the output for good (91 MB for a
+    killed export of 200,000 rows); the next write of the same folder on this machine removes it, not the
+    temporary folder of a process still at work."""
+    from shiq_data.io import _host, atomic_dir
+
+    folder = tmp_path / "out"
+    code = (
+        "import os, signal, sys; from pathlib import Path; from shiq_data.io import atomic_dir; "
+        "atomic_dir(Path(sys.argv[1]), lambda t: ((t / 'half').write_text('1'), os.kill(os.getpid(), signal.SIGKILL)))"
+    )
+    killed = subprocess.run([sys.executable, "-c", code, str(folder)], cwd=REPO)
+    assert killed.returncode == -signal.SIGKILL
+    (left,) = tmp_path.glob(".out.*.tmp")
+    assert (left / "half").exists()
+    alive = tmp_path / f".out.{_host()}-{os.getpid()}-abc.tmp"  # a process at work on it (this one)
+    alive.mkdir()
+    atomic_dir(folder, lambda t: (t / "whole").write_text("1"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"] and (folder / "whole").exists()
+
+
 def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):
     """``atomic_dir(replace=True)`` (a model export, a value model, the converted model cache) deleted the old
     folder before renaming the new one into place: a failure between the two lost both. The old one is now
