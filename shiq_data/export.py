@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir, type_name
@@ -89,45 +90,47 @@ def _tables(buffer: Buffer) -> Iterator[tuple[Path, pa.Table]]:
     yield from zip(buffer.shard_paths, buffer.shard_columns(EXPORT_COLUMNS))
 
 
-def _checked_rows(buffer: Buffer, shard: Path, table: pa.Table) -> Iterator[tuple[int, dict]]:
+def _checked_rows(buffer: Buffer, shard: Path, table: pa.Table, bar: tqdm) -> Iterator[tuple[int, dict]]:
     """``(index, row)`` of each row of a shard's ``table``, each checked as ``validate`` checks it
     (:func:`shiq_data.schema.check_row`, against the manifest's vocabulary): a shard replaced together with its
-    checksum is refused row by row, naming the shard, row and field, and is not published."""
+    checksum is refused row by row, naming the shard, row and field, and is not published. ``bar`` counts them."""
     vocab = buffer.manifest["tokenizer"].get("vocab_size")
     for start in range(0, table.num_rows, _ROWS_PER_SLICE):
-        for j, row in enumerate(table.slice(start, _ROWS_PER_SLICE).to_pylist()):
+        rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
+        for j, row in enumerate(rows):
             check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
             yield start + j, row
+        bar.update(len(rows))
 
 
-def _checked_tables(buffer: Buffer) -> list[pa.Table]:
+def _checked_tables(buffer: Buffer, bar: tqdm) -> list[pa.Table]:
     """The shards' export columns, every row checked first (:func:`_checked_rows`)."""
     out = []
     for shard, table in _tables(buffer):
-        for _ in _checked_rows(buffer, shard, table):
+        for _ in _checked_rows(buffer, shard, table, bar):
             pass
         out.append(table)
     return out
 
 
-def _write_jsonl(buffer: Buffer, path: Path) -> None:
+def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for shard, table in _tables(buffer):
-            for i, row in _checked_rows(buffer, shard, table):
+            for i, row in _checked_rows(buffer, shard, table, bar):
                 f.write(json.dumps(jsonl_record(row, where=f"{shard}: row {i}"), ensure_ascii=False) + "\n")
 
 
-def _write_parquet(buffer: Buffer, path: Path) -> None:
-    tables = _checked_tables(buffer)
+def _write_parquet(buffer: Buffer, path: Path, bar: tqdm) -> None:
+    tables = _checked_tables(buffer, bar)
     with pq.ParquetWriter(str(path), tables[0].schema) as writer:
         for table in tables:
             writer.write_table(table)
 
 
-def _write_hf(buffer: Buffer, folder: Path, progress: bool = True) -> None:
+def _write_hf(buffer: Buffer, folder: Path, bar: tqdm, progress: bool = True) -> None:
     import datasets  # heavy: only this export format needs it
 
-    table = pa.concat_tables(_checked_tables(buffer))  # the memory-mapped shards, not copied
+    table = pa.concat_tables(_checked_tables(buffer, bar))  # the memory-mapped shards, not copied
     # the buffer's fingerprint names the data: without one, datasets would hash (and so copy) the whole table
     fingerprint = buffer_fingerprint(buffer.manifest)[:16]
     shown = datasets.utils.logging.is_progress_bar_enabled()
@@ -195,7 +198,7 @@ def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
 def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffer:
     """Write the buffer at ``buffer_dir`` as a dataset folder ``out_dir`` in format ``fmt`` (see the module
     doc); refuses an existing ``out_dir``, and ``jsonl`` for a buffer without text columns. Returns the
-    opened buffer. ``progress``: the hf format's own progress bar."""
+    opened buffer. ``progress``: a bar of the rows checked and written (and the hf format's own)."""
     if fmt not in EXPORT_FORMATS:
         raise ValueError(f"--format {fmt!r}: expected one of {', '.join(EXPORT_FORMATS)}")
     out_dir = Path(out_dir)
@@ -212,12 +215,14 @@ def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffe
         raise ValueError(f"{Path(buffer_dir) / MANIFEST}: the buffer has no rows to export")
 
     def fill(tmp: Path) -> None:
-        if fmt == "hf":
-            _write_hf(buffer, tmp, progress)
-        elif fmt == "parquet":
-            _write_parquet(buffer, tmp / DATA_FILE["parquet"])
-        else:
-            _write_jsonl(buffer, tmp / DATA_FILE["jsonl"])
+        # the rows checked (and, for jsonl, written); the hf format's own bar then shows its writing
+        with tqdm(total=len(buffer), desc=f"export {fmt}", unit=" rows", disable=not progress) as bar:
+            if fmt == "hf":
+                _write_hf(buffer, tmp, bar, progress)
+            elif fmt == "parquet":
+                _write_parquet(buffer, tmp / DATA_FILE["parquet"], bar)
+            else:
+                _write_jsonl(buffer, tmp / DATA_FILE["jsonl"], bar)
         (tmp / "README.md").write_text(dataset_card(buffer, fmt, out_dir.name), encoding="utf-8")
 
     atomic_dir(out_dir, fill)

@@ -190,8 +190,10 @@ def same_partition(a, b) -> bool:
 def test_export_then_build_gives_the_same_rows(tmp_path, mixed_buffer, fmt, reader, data, capsys):
     out = tmp_path / "e"
     assert run("export", mixed_buffer, "--format", fmt, "--out", out) == 0
-    assert str(out) in capsys.readouterr().out
+    shown = capsys.readouterr()
+    assert str(out) in shown.out
     _, orig = shard_frame(mixed_buffer)
+    assert f"export {fmt}: 100%" in shown.err and f"{len(orig)}/{len(orig)} [" in shown.err  # the rows' bar
     # the files themselves, read with pandas / datasets
     if fmt == "jsonl":
         frame = pd.read_json(out / data, lines=True)
