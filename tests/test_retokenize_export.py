@@ -236,12 +236,12 @@ def test_export_refuses_an_existing_folder_and_a_clashing_extra_field(tmp_path, 
     inp = write_jsonl(tmp_path / "in.jsonl", [{**STRINGS[1], "meta": {"source_url": "x"}}])
     assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
     (tmp_path / "taken").mkdir()
-    assert run("export", tmp_path / "b", "--format", "parquet", "--out", tmp_path / "taken") == 2
+    assert run("export", tmp_path / "b", "--format", "parquet", "--out", tmp_path / "taken", "--no-progress") == 2
     assert "already exists" in capsys.readouterr().err
     # an input record whose non-string "source" field stays in extra cannot be flattened into a JSONL record
     inp2 = write_jsonl(tmp_path / "in2.jsonl", [{**STRINGS[1], "source": 3}])
     assert run("build", "jsonl", inp2, "--tokenizer", "gpt2", "--out", tmp_path / "b2", "--no-progress") == 0
-    assert run("export", tmp_path / "b2", "--format", "jsonl", "--out", tmp_path / "e") == 2
+    assert run("export", tmp_path / "b2", "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "row 0: field 'extra'" in err and "'source'" in err
     assert not (tmp_path / "e").exists() and not list(tmp_path.glob(".e.*"))
@@ -259,10 +259,12 @@ def test_progress_bars_follow_no_progress_and_the_log_level(tmp_path, gpt2, caps
     assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
     capsys.readouterr()
     assert run("export", tmp_path / "b", "--format", "hf", "--out", tmp_path / "shown") == 0
-    assert "Saving the dataset" in capsys.readouterr().err  # datasets' bar, shown by default
+    err = capsys.readouterr().err
+    assert "Saving the dataset" in err and "export hf: 100%" in err  # datasets' bar and the rows', by default
     for i, quiet in enumerate((["--no-progress"], ["--log-level", "ERROR"])):
         assert run("export", tmp_path / "b", "--format", "hf", "--out", tmp_path / f"quiet{i}", *quiet) == 0
-        assert "Saving the dataset" not in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "Saving the dataset" not in err and "export hf" not in err
     for verb in (
         ["validate", tmp_path / "b"],
         ["filter", tmp_path / "b", "--where", "reward > -9", "--out", tmp_path / "f"],
@@ -296,7 +298,7 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
     write_buffer([row(0, True), row(1, False)], buf, tokenizer_info=tok, command=["t"], progress=False)
     table = pa.ipc.open_stream(pa.memory_map(str(buf / "shard-00000.arrow"))).read_all()
     assert table.column("prompt").to_pylist() == ["p", None]  # the input, as plain pyarrow reads it
-    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e") == 2
+    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{buf / 'shard-00000.arrow'}: row 1: field 'prompt': null" in err and "--format parquet" in err
