@@ -17,8 +17,9 @@ signature to a memory-mapped array (:class:`shiq_data.spill.Spill`, next to ``ou
 DuckDB, with a fixed memory limit and spilling to disk beyond it, finds the rows that repeat an earlier key
 and the candidate pairs ``i < j`` sharing a band among the other rows (16 bytes a pair: a cluster of ``k``
 rows alike gives about ``k²/2``). Pass 2 walks the pairs in order of ``j``, confirms those whose rows are
-both still kept by their signatures and marks the kept rows in a bitmap, one bit per row of the buffer (1.25 MB per 10 million rows), the only
-state that grows with the buffer; pass 3 writes the kept rows shard by shard.
+both still kept by their signatures and marks the kept rows in a bitmap, one bit per row of the buffer
+(1.25 MB per 10 million rows), the only state that grows with the buffer; pass 3 writes the kept rows shard
+by shard.
 """
 
 from __future__ import annotations
@@ -85,7 +86,7 @@ class Signatures:
 
 def _write_keys(
     source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
-) -> int:
+) -> tuple[int, np.ndarray | None]:
     """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to row
     ``idx`` of the memory-mapped array ``sigs`` ``[rows, NUM_PERM]`` (returned; None without ``signatures``) and
     its band keys to table ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
