@@ -338,13 +338,22 @@ DEFAULT_SHARD_ROWS = 4096
 
 def shard_rows_of(manifest: dict) -> int:
     """The rows per shard a buffer was written with, for the shards added to it or to a buffer curated from it:
-    its manifest's ``shard_rows``; for a buffer written before that was kept, its largest shard's rows when it has
-    several (a command's shards are full but its last), else at least :data:`DEFAULT_SHARD_ROWS` (a buffer of 5
-    rows does not make every later shard 5 rows)."""
+    its manifest's ``shard_rows``. For a buffer written before that was kept (whose appends took their size
+    from its first shard), the first shard's rows when the command that wrote it wrote more (so it is full),
+    else at least :data:`DEFAULT_SHARD_ROWS` (a buffer begun with 5 rows does not make every later shard 5 rows)."""
     if _is_count(manifest.get("shard_rows")) and manifest["shard_rows"] >= 1:
         return manifest["shard_rows"]
-    sizes = [max(int(s["rows"]), 1) for s in manifest["shards"]]
-    return max(sizes) if len(sizes) > 1 else max(sizes + [DEFAULT_SHARD_ROWS])
+    if not manifest["shards"]:
+        return DEFAULT_SHARD_ROWS
+    first = manifest["shards"][0]
+    # the last command listing it wrote it (a curated buffer's commands start with its parent's, same file names)
+    wrote = [
+        c.get("shards")
+        for c in manifest["commands"]
+        if isinstance(c, dict) and first["file"] in (c.get("shards") or [])
+    ]
+    full = bool(wrote) and len(wrote[-1]) > 1
+    return max(int(first["rows"]), 1) if full else max(int(first["rows"]), DEFAULT_SHARD_ROWS)
 
 
 def _check_manifest_types(path: Path, manifest: dict) -> None:
@@ -1117,7 +1126,6 @@ def append_buffer(
             "shards": shards,
             "next_group_id": stream.max_group + 1,
             "has_ref_stats": all(s["has_ref"] for s in shards),
-            "shard_rows": shard_rows_of(manifest),  # (kept, or as it was inferred)
             "commands": manifest["commands"]
             + [
                 {

@@ -409,8 +409,9 @@ def exclusive_lock(
 
 def remove_stale(folder: Path, pattern: str) -> None:
     """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``, or
-    ``.KIND-HOST-PID-suffix``) whose process is gone (killed commands). A process of another machine sharing
-    the folder looks gone from here: ``pattern`` names this host where that can be (:func:`files_together`)."""
+    ``.KIND-HOST-PID-suffix``, ``.NAME.HOST-PID-suffix``) whose process is gone (killed commands). A process of
+    another machine sharing the folder looks gone from here: ``pattern`` names this host where that can be
+    (:func:`files_together`, :func:`atomic_dir`)."""
     for p in folder.glob(pattern):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])

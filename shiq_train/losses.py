@@ -84,6 +84,11 @@ def check_beta(beta, name: str = "beta") -> float:
     return value
 
 
+def _scalar(beta):
+    """A checked β as a scalar: a one-element tensor as a 0-d tensor (its gradient kept), a number as it is."""
+    return beta.reshape(()) if isinstance(beta, torch.Tensor) else beta
+
+
 def _check_vector(
     name: str, x: torch.Tensor, *, length: int | None = None, integer: bool, index_below: int | None = None
 ) -> None:
@@ -397,7 +402,7 @@ def copg_loss(chosen_logits, logz, ref_chosen_logits, ref_logz, rewards, action_
     """
     check_group_batch((chosen_logits, logz, ref_chosen_logits, ref_logz), rewards, action_mask, group_ids, beta)
     lam = sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_mask)
-    reg_return = sequence_return(rewards, action_mask) - float(beta) * lam  # [B] (a one-element tensor β too)
+    reg_return = sequence_return(rewards, action_mask) - _scalar(beta) * lam  # [B] (a one-element tensor β too)
     i, j = group_pairs(group_ids)
     if i.numel() == 0:
         return reg_return.sum() * 0.0
@@ -424,6 +429,7 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     check_beta(beta)
     _check_vector("returns", returns, integer=False)
     _check_vector("group_ids", group_ids, length=returns.shape[0], integer=True)
+    beta = _scalar(beta)
     R = returns.detach()
     B = R.shape[0]
     same = group_ids[:, None] == group_ids[None, :]

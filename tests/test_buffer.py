@@ -259,14 +259,21 @@ def test_added_and_curated_shards_take_the_buffers_rows_per_shard_not_its_first_
     write_buffer(make_rows(5), asked, tokenizer_info=TOK, command=["build"], shard_rows=3, progress=False)
     append_buffer(asked, make_rows(4, seed=1), command=["append"], tokenizer_info=TOK, progress=False)
     assert shard_sizes(asked) == [3, 2, 3, 1]
-    # as written before the manifest kept them: one shard of 5 rows (the default then), shards of 3 (the largest)
-    for folder, want, added in ((tmp_path / "old1", 4096, [7]), (tmp_path / "old2", 3, [3, 3, 1])):
-        write_buffer(make_rows(5), folder, tokenizer_info=TOK, command=["build"], shard_rows=want, progress=False)
+    # as written before the manifest kept them: 5 rows built in one shard (the default then), then appends that
+    # took its size (5, 5, 2); 5 rows built in shards of 3 (3, 2). Only the building command's full shards tell.
+    for folder, asked, added in ((tmp_path / "old1", 4096, [7]), (tmp_path / "old2", 3, [3, 3, 1])):
+        write_buffer(make_rows(5), folder, tokenizer_info=TOK, command=["build"], shard_rows=asked, progress=False)
+        if asked == 4096:
+            append_buffer(
+                folder, make_rows(12, seed=1), command=["a"], tokenizer_info=TOK, shard_rows=5, progress=False
+            )
+            assert shard_sizes(folder) == [5, 5, 5, 2]
         manifest = json.loads((folder / "manifest.json").read_text())
-        assert manifest.pop("shard_rows") == want
+        assert manifest.pop("shard_rows") == asked
         (folder / "manifest.json").write_text(json.dumps(manifest))
         append_buffer(folder, make_rows(7, seed=2), command=["append"], tokenizer_info=TOK, progress=False)
         assert shard_sizes(folder)[-len(added) :] == added
+        assert "shard_rows" not in json.loads((folder / "manifest.json").read_text())  # a guess is not kept
 
 
 def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):

@@ -280,11 +280,18 @@ def test_group_losses_called_directly_refuse_a_row_without_an_action(name):
         _baseline_call(name, args)
 
 
-def test_copg_takes_a_one_element_tensor_beta():
+def test_copg_takes_a_one_element_tensor_beta_and_passes_it_a_gradient():
     c, z, cr, zr, r, m = _good()
     g = torch.tensor([3, 3])
     want = copg_loss(c, z, cr, zr, r, m, g, beta=0.5)
     assert copg_loss(c, z, cr, zr, r, m, g, beta=torch.tensor([[0.5]])) == want
+    beta = torch.tensor(0.5, dtype=torch.float64, requires_grad=True)
+    copg_loss(*(x.double() for x in (c, z, cr, zr, r)), m, g, beta=beta).backward()
+    h = 1e-6  # against a central difference
+    up, down = (copg_loss(*(x.double() for x in (c, z, cr, zr, r)), m, g, beta=0.5 + s) for s in (h, -h))
+    assert float(beta.grad) == pytest.approx(float(up - down) / (2 * h), rel=1e-6)
+    returns, groups = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0, 0, 1])
+    assert loo_soft_value(returns, groups, beta=torch.tensor([[0.5]])).shape == (3,)
 
 
 @pytest.mark.parametrize("beta", [0.0, -1.0, float("nan"), float("inf")])
