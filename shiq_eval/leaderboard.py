@@ -228,7 +228,7 @@ def run_label(row: dict) -> str:
     is two policies, under one folder name and one weights SHA-256)."""
     if row["method"] != "qsharp":
         return row["run"]
-    settings = [f"β {row['beta']:g}" if row.get("beta") is not None else "β ?"]
+    settings = [f"β {row['beta']:.15g}" if row.get("beta") is not None else "β ?"]  # (every digit that tells two apart)
     if row.get("top_k") is not None:
         settings.append(f"top-k {row['top_k']}")
     return f"{row['run']} [{', '.join(settings)}]"
@@ -386,18 +386,22 @@ def check_prompt_sets(rows: list[dict]) -> None:
             )
 
 
-def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list[dict]]:
+def build(
+    rows: list[dict], allow_mixed: bool = False, against: list[str] | None = None
+) -> tuple[list[dict], list[dict]]:
     """``(table, pairs)`` from result rows (:func:`read_results`): the table one row per (suite, run, step)
     in suite, loss, β, run, step order (the run as :func:`run_label` gives it: a Q♯ row's with its β and
     top-k); the pairs every two runs of one suite on the same prompts, each at its last step, ``a − b`` with
     ``b`` the earlier in table order, the ``J`` difference only at one ``β`` (:func:`j_comparable`). Standard
     errors, and those of the differences (paired by prompt), are clustered by scenario where the prompt set's
-    scenario ids are known (:func:`scenario_ids`; SHIQ_MATH §9)."""
+    scenario ids are known (:func:`scenario_ids`; SHIQ_MATH §9). ``against``: run labels (e.g. ``reference``);
+    only the pairs with one of them are formed (every pair of ``n`` runs is ``n (n − 1) / 2`` of them)."""
     check_suites(rows, allow_mixed)
     check_prompt_sets(rows)
     check_runs(rows)
     ids = scenario_ids(rows)
     seen, table, values = {}, [], []
+    other_refs: dict[tuple, list[str]] = {}  # the reference evaluated again with other results: said once, below
     for row in rows:
         label = run_label(row)
         key = (row["suite_sha256"], label, row["step"])
@@ -420,7 +424,9 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
                     "--label)"
                 )
-            if _measured(seen[key]) != _measured(row):  # one model, two evaluations: say which is shown
+            if _measured(seen[key]) != _measured(row) and row["method"] == "reference":
+                other_refs.setdefault(key, []).append(row["source"])
+            elif _measured(seen[key]) != _measured(row):  # one model, two evaluations: say which is shown
                 print(
                     f"shiq-eval: run {label!r} step {row['step']} is one model evaluated twice with other results "
                     f"(another engine, seed or machine): {seen[key]['source']} is shown, {row['source']} left out "
@@ -432,6 +438,20 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
         t, v = summarize(row, ids.get((row["suite_sha256"], row["prompt_set_sha256"])))
         table.append(t)
         values.append(v)
+    for key, sources in other_refs.items():  # each result folder holds the reference's evaluation: one line
+        print(
+            f"shiq-eval: the reference (suite {seen[key]['suite']}) is evaluated with other results in {len(sources)} "
+            f"more folder(s) (another engine, seed or machine; the first: {sources[0]}): {seen[key]['source']}'s is "
+            "shown, with every folder's runs",
+            file=sys.stderr,
+        )
+    if against:
+        runs = {t["run"] for t in table}
+        if unknown := [a for a in against if a not in runs]:
+            raise ValueError(
+                f"--against {unknown[0]!r} names no run of these results (runs: {', '.join(sorted(runs)[:8])}"
+                f"{', ...' if len(runs) > 8 else ''})"
+            )
     order = sorted(range(len(table)), key=lambda i: _order(table[i]))
     table, values = [table[i] for i in order], [values[i] for i in order]
     last = {}
@@ -445,6 +465,8 @@ def build(rows: list[dict], allow_mixed: bool = False) -> tuple[list[dict], list
         for a in finals[x + 1 :]:
             ta, tb = table[a], table[b]
             if (ta["suite_sha256"], ta["prompt_set_sha256"]) != (tb["suite_sha256"], tb["prompt_set_sha256"]):
+                continue
+            if against and ta["run"] not in against and tb["run"] not in against:
                 continue
             pair = {
                 "suite": ta["suite"],
@@ -552,9 +574,11 @@ def _groups(table: list[dict], pairs: list[dict]):
     for sha in dict.fromkeys(t["suite_sha256"] for t in table):
         rows = [t for t in table if t["suite_sha256"] == sha]
         first = rows[0]
+        temperature = temperature_of(first)  # (part of the fingerprint: one per suite)
         title = (
             f"suite {first['suite']} (fingerprint {sha[:12]}; {first['prompts']} prompts x "
-            f"{first['samples_per_prompt']} samples; KL: {first['kl_estimator']})"
+            f"{first['samples_per_prompt']} samples; KL: {first['kl_estimator']}"
+            f"{'' if temperature == 1.0 else f'; temperature {temperature:g}'})"
         )
         out.append((title, rows, [p for p in pairs if p["suite_sha256"] == sha]))
     return out
@@ -650,9 +674,11 @@ LEADERBOARD_FILES = (
 )
 
 
-def write_leaderboard(rows: list[dict], out: Path, allow_mixed: bool = False) -> list[Path]:
+def write_leaderboard(
+    rows: list[dict], out: Path, allow_mixed: bool = False, against: list[str] | None = None
+) -> list[Path]:
     """Build the leaderboard of result rows (:func:`build`) and write it to ``out``; returns the files."""
-    table, pairs = build(rows, allow_mixed)
+    table, pairs = build(rows, allow_mixed, against)
     out = Path(out)
     with files_together(out, owns=LEADERBOARD_FILES) as stage:  # all or none: never new tables beside old plots
         written = [

@@ -233,11 +233,26 @@ def plot_val_loss(curves: dict[str, list[dict]], out_path) -> Path:
     return _finish(plt, fig, ax, out_path, legend_outside=True)  # many arms: the legend beside the axes
 
 
+LEGEND_MAX = 30  # legend entries drawn; beyond, the legend would be taller than the plot (a leaderboard of 400 runs)
+
+
 def _finish(plt, fig, ax, out_path, legend_size: float | None = 7, legend_outside: bool = False) -> Path:
     """Grid, a legend (font size ``legend_size``; None: matplotlib's default; right of the axes with
-    ``legend_outside``), the figure written atomically to ``out_path`` and closed."""
+    ``legend_outside``), the figure written atomically to ``out_path`` and closed. Over :data:`LEGEND_MAX`
+    entries, no legend: a note in the corner says how many lines there are (their labels are in the tables)."""
     ax.grid(alpha=0.3)
-    if legend_outside:
+    entries = len(ax.get_legend_handles_labels()[1])
+    if entries > LEGEND_MAX:
+        ax.text(
+            0.01,
+            0.99,
+            f"{entries} lines: too many to label (see the tables)",
+            transform=ax.transAxes,
+            va="top",
+            fontsize=7,
+            color="grey",
+        )
+    elif legend_outside:
         ax.legend(fontsize=legend_size, handlelength=3.5, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
     else:

@@ -347,12 +347,19 @@ def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys
         out = tmp_path / f"o-{Path(order[0]).name}"
         assert eval_cli.main(["leaderboard", *order, "--out", str(out)]) == 0
         err = capsys.readouterr().err
-        assert "run 'reference' step 0 is one model evaluated twice with other results" in err
-        assert f"{order[0]}/results.json is shown, {order[1]}/results.json left out" in err
+        assert "the reference (suite s) is evaluated with other results in 1 more folder(s)" in err
+        assert (
+            f"the first: {order[1]}/results.json): {order[0]}/results.json's is shown, with every folder's runs" in err
+        )
+        assert len(err.strip().splitlines()) == 1
         table = pd.read_csv(out / "leaderboard.csv").set_index("run")
         assert table.loc["reference", "reward_mean"] == pytest.approx(mean)
+    many = [write_results(tmp_path / f"m{i}", [{**ref, "rewards": [float(i)] * 3}]) for i in range(5)]
+    assert eval_cli.main(["leaderboard", x, *many, "--out", str(tmp_path / "o-many")]) == 0
+    err = capsys.readouterr().err  # one line for the reference's five other evaluations, not one a folder
+    assert len(err.strip().splitlines()) == 1 and "in 5 more folder(s)" in err
     assert eval_cli.main(["leaderboard", x, x, "--out", str(tmp_path / "o3")]) == 0
-    assert "evaluated twice" not in capsys.readouterr().err
+    assert "evaluated" not in capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "o3" / "leaderboard.csv")) == 2
 
 
@@ -470,6 +477,14 @@ def test_qsharp_rows_at_another_beta_or_top_k_are_other_rows(tmp_path):
     pairs = pd.read_csv(out / "pairs.csv")
     pairs = {(p["run_a"], p["run_b"]): p for _, p in pairs.iterrows()}
     assert len(pairs) == 6  # every two of the four runs
+    against = tmp_path / "against"  # only the pairs with the reference: the same three differences
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(against), "--against", "reference"]) == 0
+    few = pd.read_csv(against / "pairs.csv")
+    assert len(few) == 3 and all("reference" in (a, b) for a, b in zip(few["run_a"], few["run_b"]))
+    for _, p in few.iterrows():
+        assert p["reward_diff"] == pytest.approx(pairs[p["run_a"], p["run_b"]]["reward_diff"])
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "x"), "--against", "refrence"]) == 2
+    assert not (tmp_path / "x").exists()
     a, b = labels[0.1, 20], labels[0.1, 5]  # one β, two top-k: one objective, J compared
     p = pairs.get((a, b), pairs.get((b, a)))
     ja = np.asarray(rows[0.1, 20][0]) - 0.1 * np.asarray(rows[0.1, 20][1])
@@ -479,6 +494,15 @@ def test_qsharp_rows_at_another_beta_or_top_k_are_other_rows(tmp_path):
     for x, y in ((labels[0.3, 20], labels[0.1, 20]), (labels[0.3, 20], labels[0.1, 5])):  # two β: no J difference
         p = pairs.get((x, y), pairs.get((y, x)))
         assert math.isnan(p["J_diff"]) and "two objectives" in p["J_note"]
+
+    # two β equal to 6 digits are two policies, two labels (":g" printed both as 0.1 and refused them as one)
+    close = [
+        write_results(tmp_path / f"c{i}", [ref, guide_row(b, 20, *rows[0.1, 20])])
+        for i, b in enumerate((0.1000001, 0.1000004))
+    ]
+    assert eval_cli.main(["leaderboard", *close, "--out", str(tmp_path / "close")]) == 0
+    runs = set(pd.read_csv(tmp_path / "close" / "leaderboard.csv")["run"])
+    assert {"value [β 0.1000001, top-k 20]", "value [β 0.1000004, top-k 20]"} <= runs
 
     # a row written before top_k was recorded: labelled by its β alone
     old = {k: v for k, v in guide_row(0.3, 20, *rows[0.3, 20]).items() if k != "top_k"}
@@ -554,6 +578,7 @@ def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     p = pd.read_csv(out / "pairs.csv").iloc[0]
     assert p["reward_diff"] == pytest.approx(np.mean(np.asarray(r) - ref_r)) and math.isnan(p["J_diff"])
     assert "temperature 0.7" in (out / "leaderboard.md").read_text()
+    assert "samples; KL: sample; temperature 0.7)" in (out / "leaderboard.md").read_text()  # in the suite's heading
     assert not (out / "j_vs_step.png").exists()
 
     plain = [{k: v for k, v in row.items() if k != "temperature"} for row in hot]  # older rows: temperature 1
@@ -849,3 +874,26 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_write(tmp_path):
     with files_together(tmp_path, owns=["a.txt"]) as stage:
         (stage / "a.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*(p.name for p in kept), "a.txt"])
+
+
+def test_a_plot_of_more_lines_than_a_legend_holds_says_so_instead():
+    """400 runs drew a 400-entry legend, 9,223 pixels tall; beyond 30 lines the plot says how many there are."""
+    from shiq_eval import report
+
+    rows = [
+        {"run": f"r{i}", "method": "shiq", "step": 1, "kl": float(i), "reward_mean": 1.0, "reward_stderr": 0.1}
+        for i in range(31)
+    ]
+    plt = report._pyplot()
+    for n, legend in ((30, True), (31, False)):
+        captured = {}
+        real = report._savefig
+        report._savefig = lambda fig, path: captured.setdefault("ax", fig.axes[0])
+        try:
+            report.plot_curves(rows[:n], "/nonexistent", kl_key="kl")
+        finally:
+            report._savefig = real
+        ax = captured["ax"]
+        assert (ax.get_legend() is not None) == legend
+        assert any(f"{n} lines" in t.get_text() for t in ax.texts) != legend
+    plt.close("all")
