@@ -132,6 +132,8 @@ def read_results(folders) -> list[dict]:
         path = path if path.is_file() else path / RESULTS
         if not path.is_file():
             raise ValueError(f"{folder}: no {RESULTS} (expected an --out folder of shiq-eval run)")
+        if path.suffix != ".json":  # a shell glob over result folders that caught their plots too
+            raise ValueError(f"{folder}: a file, not an --out folder of shiq-eval run nor its {RESULTS}")
         data = read_json_file(path)
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")

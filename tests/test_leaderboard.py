@@ -897,3 +897,11 @@ def test_a_plot_of_more_lines_than_a_legend_holds_says_so_instead():
         assert (ax.get_legend() is not None) == legend
         assert any(f"{n} lines" in t.get_text() for t in ax.texts) != legend
     plt.close("all")
+
+
+def test_a_plot_caught_by_a_glob_is_named_as_not_a_result(tmp_path, capsys):
+    """``leaderboard g/*`` over folders that hold plots too: the plot was reported as "not valid JSON"."""
+    plot = tmp_path / "reward_vs_kl.png"
+    plot.write_bytes(b"\x89PNG\r\n")
+    assert eval_cli.main(["leaderboard", str(plot), "--out", str(tmp_path / "o")]) == 2
+    assert f"{plot}: a file, not an --out folder of shiq-eval run nor its results.json" in capsys.readouterr().err
