@@ -34,6 +34,7 @@ import html
 import io
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -322,6 +323,12 @@ def summarize(row: dict, scenarios: list[str] | None = None) -> tuple[dict, dict
     return out, {"reward": reward, "J": j, "scenarios": scenarios}
 
 
+def _natural(text: str) -> list:
+    """A sort key that reads the numbers in ``text`` as numbers (``run2`` before ``run10``, ``lr0.25`` before
+    ``lr0.3``); text at even places, numbers at odd ones, so two keys always compare."""
+    return [float(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+(?:\.\d+)?)", text))]
+
+
 def _order(row: dict) -> tuple:
     beta = row["beta"] if row["beta"] is not None else float("-inf")
     return (
@@ -330,7 +337,7 @@ def _order(row: dict) -> tuple:
         row["method"] != "reference",
         row["method"],
         beta,
-        row["run"],
+        _natural(row["run"]),
         row["step"],
     )
 

@@ -905,3 +905,11 @@ def test_a_plot_caught_by_a_glob_is_named_as_not_a_result(tmp_path, capsys):
     plot.write_bytes(b"\x89PNG\r\n")
     assert eval_cli.main(["leaderboard", str(plot), "--out", str(tmp_path / "o")]) == 2
     assert f"{plot}: a file, not an --out folder of shiq-eval run nor its results.json" in capsys.readouterr().err
+
+
+def test_runs_sort_by_the_numbers_in_their_labels():
+    """``run10`` came before ``run2`` (labels compared as text)."""
+    from shiq_eval.leaderboard import _natural
+
+    labels = ["run10", "run2", "run1", "lr0.3", "lr0.25", "a", "run2x", "10run"]
+    assert sorted(labels, key=_natural) == ["10run", "a", "lr0.25", "lr0.3", "run1", "run2", "run2x", "run10"]
