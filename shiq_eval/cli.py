@@ -743,8 +743,8 @@ averaged first). J is left out, with a note, for results sampled at a temperatur
 reward is then the tempered policy's, the KL the model's own). For each pair of runs on the same prompts
 (same prompts SHA-256), at each run's last step: the paired difference of reward and of J, a - b, with
 its standard error over prompts; the J difference only when both runs have the same beta (or one is the
-reference): at two betas J is two objectives. --against RUN... keeps only the pairs with those runs (n runs
-make n(n-1)/2 pairs: 320,000 for 800). BFCL turns (scorer bfcl) are not independent: the standard
+reference): at two betas J is two objectives. --against RUN (repeatable) keeps only the pairs with those
+runs (n runs make n(n-1)/2 pairs: 320,000 for 800). BFCL turns (scorer bfcl) are not independent: the standard
 errors, and those of the differences, are clustered by scenario (SHIQ_MATH §9) from the scenario ids that
 results.json keeps per turn; BFCL results written before these were recorded get the plain per-turn
 standard error, marked "not clustered" (column stderr_note and in the Markdown and HTML). Rows with the
@@ -872,10 +872,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lb.add_argument(
         "--against",
-        nargs="+",
+        action="append",
         metavar="RUN",
-        help="pair every run only with these runs (labels as in the table, e.g. reference); default: every pair "
-        "(n runs make n(n-1)/2 pairs)",
+        help="pair every run only with this run (a label as in the table, e.g. reference; repeat for several); "
+        "default: every pair (n runs make n(n-1)/2 pairs)",
     )
     sub.add_parser(
         "bfcl",

@@ -38,7 +38,7 @@ import re
 import sys
 from pathlib import Path
 
-from shiq_data.io import atomic_write_text, files_together, read_json_file
+from shiq_data.io import atomic_write_text, files_together, one_line, read_json_file
 from shiq_data.schema import is_bounded_number
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
@@ -133,9 +133,14 @@ def read_results(folders) -> list[dict]:
         path = path if path.is_file() else path / RESULTS
         if not path.is_file():
             raise ValueError(f"{folder}: no {RESULTS} (expected an --out folder of shiq-eval run)")
-        if path.suffix != ".json":  # a shell glob over result folders that caught their plots too
-            raise ValueError(f"{folder}: a file, not an --out folder of shiq-eval run nor its {RESULTS}")
-        data = read_json_file(path)
+        try:
+            data = read_json_file(path)
+        except ValueError as e:  # a file given by name: a shell glob over result folders catches their plots too
+            if path.name == RESULTS:
+                raise
+            raise ValueError(
+                f"{folder}: not an --out folder of shiq-eval run nor a results file ({one_line(e, 120)})"
+            ) from None
         if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
             raise ValueError(f"{path}: expected a list of result rows (objects)")
         if not data:
@@ -338,6 +343,7 @@ def _order(row: dict) -> tuple:
         row["method"],
         beta,
         _natural(row["run"]),
+        row["run"],  # (two labels of one number, run1 and run01, are two runs: never interleaved)
         row["step"],
     )
 
@@ -410,7 +416,7 @@ def build(
     check_runs(rows)
     ids = scenario_ids(rows)
     seen, table, values = {}, [], []
-    other_refs: dict[tuple, list[str]] = {}  # the reference evaluated again with other results: said once, below
+    other_refs: dict[tuple, dict] = {}  # the reference evaluated again with other results: said once, below
     for row in rows:
         label = run_label(row)
         key = (row["suite_sha256"], label, row["step"])
@@ -434,7 +440,7 @@ def build(
                     "--label)"
                 )
             if _measured(seen[key]) != _measured(row) and row["method"] == "reference":
-                other_refs.setdefault(key, []).append(row["source"])
+                other_refs.setdefault(key, {})[row["source"]] = None  # (a folder given twice: once)
             elif _measured(seen[key]) != _measured(row):  # one model, two evaluations: say which is shown
                 print(
                     f"shiq-eval: run {label!r} step {row['step']} is one model evaluated twice with other results "
@@ -448,10 +454,11 @@ def build(
         table.append(t)
         values.append(v)
     for key, sources in other_refs.items():  # each result folder holds the reference's evaluation: one line
+        first = seen[key]
         print(
-            f"shiq-eval: the reference (suite {seen[key]['suite']}) is evaluated with other results in {len(sources)} "
-            f"more folder(s) (another engine, seed or machine; the first: {sources[0]}): {seen[key]['source']}'s is "
-            "shown, with every folder's runs",
+            f"shiq-eval: the reference (suite {first['suite']}, fingerprint {first['suite_sha256'][:12]}) is evaluated "
+            f"with other results in {len(sources)} more folder(s) (another engine, seed or machine; the first: "
+            f"{next(iter(sources))}): {first['source']}'s is shown, with every folder's runs",
             file=sys.stderr,
         )
     if against:
@@ -461,6 +468,14 @@ def build(
                 f"--against {unknown[0]!r} names no run of these results (runs: {', '.join(sorted(runs)[:8])}"
                 f"{', ...' if len(runs) > 8 else ''})"
             )
+        for sha in dict.fromkeys(t["suite_sha256"] for t in table):  # (mixed suites: one may hold none of them)
+            rows_of = [t for t in table if t["suite_sha256"] == sha]
+            if not any(t["run"] in against for t in rows_of):
+                print(
+                    f"shiq-eval: suite {rows_of[0]['suite']} (fingerprint {sha[:12]}) holds none of the --against "
+                    "runs: no paired differences for it",
+                    file=sys.stderr,
+                )
     order = sorted(range(len(table)), key=lambda i: _order(table[i]))
     table, values = [table[i] for i in order], [values[i] for i in order]
     last = {}

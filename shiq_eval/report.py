@@ -239,10 +239,11 @@ LEGEND_MAX = 30  # legend entries drawn; beyond, the legend would be taller than
 def _finish(plt, fig, ax, out_path, legend_size: float | None = 7, legend_outside: bool = False) -> Path:
     """Grid, a legend (font size ``legend_size``; None: matplotlib's default; right of the axes with
     ``legend_outside``), the figure written atomically to ``out_path`` and closed. Over :data:`LEGEND_MAX`
-    entries, no legend: a note in the corner says how many lines there are (their labels are in the tables)."""
+    entries in the axes (a legend beside them, for many arms, has room), no legend: a note in the corner says how
+    many lines there are (their labels are in the tables)."""
     ax.grid(alpha=0.3)
     entries = len(ax.get_legend_handles_labels()[1])
-    if entries > LEGEND_MAX:
+    if entries > LEGEND_MAX and not legend_outside:
         ax.text(
             0.01,
             0.99,

@@ -538,7 +538,7 @@ def check_resume_config(
         )
     old, new = _comparable(saved), _comparable(cfg)
     old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
-    if isinstance(saved_micro_batches, int) and not isinstance(saved_micro_batches, bool):
+    if isinstance(saved_micro_batches, int) and not isinstance(saved_micro_batches, bool) and saved_micro_batches >= 1:
         old[GLOBAL_BATCH_KEY] = saved_micro_batches
     unknown = sorted(allowed - old.keys() - new.keys())
     if unknown:  # a misspelt key would otherwise accept nothing, silently

@@ -347,7 +347,10 @@ def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys
         out = tmp_path / f"o-{Path(order[0]).name}"
         assert eval_cli.main(["leaderboard", *order, "--out", str(out)]) == 0
         err = capsys.readouterr().err
-        assert "the reference (suite s) is evaluated with other results in 1 more folder(s)" in err
+        assert (
+            "the reference (suite s, fingerprint aaaaaaaaaaaa) is evaluated with other results in 1 more folder(s)"
+            in err
+        )
         assert (
             f"the first: {order[1]}/results.json): {order[0]}/results.json's is shown, with every folder's runs" in err
         )
@@ -355,7 +358,7 @@ def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys
         table = pd.read_csv(out / "leaderboard.csv").set_index("run")
         assert table.loc["reference", "reward_mean"] == pytest.approx(mean)
     many = [write_results(tmp_path / f"m{i}", [{**ref, "rewards": [float(i)] * 3}]) for i in range(5)]
-    assert eval_cli.main(["leaderboard", x, *many, "--out", str(tmp_path / "o-many")]) == 0
+    assert eval_cli.main(["leaderboard", x, *many, many[0], "--out", str(tmp_path / "o-many")]) == 0
     err = capsys.readouterr().err  # one line for the reference's five other evaluations, not one a folder
     assert len(err.strip().splitlines()) == 1 and "in 5 more folder(s)" in err
     assert eval_cli.main(["leaderboard", x, x, "--out", str(tmp_path / "o3")]) == 0
@@ -904,7 +907,10 @@ def test_a_plot_caught_by_a_glob_is_named_as_not_a_result(tmp_path, capsys):
     plot = tmp_path / "reward_vs_kl.png"
     plot.write_bytes(b"\x89PNG\r\n")
     assert eval_cli.main(["leaderboard", str(plot), "--out", str(tmp_path / "o")]) == 2
-    assert f"{plot}: a file, not an --out folder of shiq-eval run nor its results.json" in capsys.readouterr().err
+    assert f"{plot}: not an --out folder of shiq-eval run nor a results file (" in capsys.readouterr().err
+    named = tmp_path / "results-old"  # a results file under another name, without a suffix: read as before
+    named.write_text(json.dumps([result_row("a", 1, "m", [1.0, 2.0], [0.5, 0.5])]))
+    assert eval_cli.main(["leaderboard", str(named), "--out", str(tmp_path / "o")]) == 0
 
 
 def test_runs_sort_by_the_numbers_in_their_labels():
@@ -913,3 +919,29 @@ def test_runs_sort_by_the_numbers_in_their_labels():
 
     labels = ["run10", "run2", "run1", "lr0.3", "lr0.25", "a", "run2x", "10run"]
     assert sorted(labels, key=_natural) == ["10run", "a", "lr0.25", "lr0.3", "run1", "run2", "run2x", "run10"]
+
+
+def test_two_labels_of_one_number_stay_two_runs_in_a_fixed_order(tmp_path):
+    """run1 and run01 read as one number: their steps were interleaved in the table, and which was a and
+    which b in their paired difference followed the order of the folders on the command line."""
+    x = write_results(tmp_path / "x", [result_row("run01", s, f"x{s}", [1.0, 2.0, 3.0], [0.1] * 3) for s in (1, 2)])
+    y = write_results(tmp_path / "y", [result_row("run1", s, f"y{s}", [2.0, 2.0, 4.0], [0.1] * 3) for s in (1, 2)])
+    tables = []
+    for order in ((x, y), (y, x)):
+        out = tmp_path / f"o{len(tables)}"
+        assert eval_cli.main(["leaderboard", *order, "--out", str(out)]) == 0
+        tables.append((pd.read_csv(out / "leaderboard.csv")[["run", "step"]], pd.read_csv(out / "pairs.csv")))
+    assert tables[0][0]["run"].tolist() == ["run01", "run01", "run1", "run1"]
+    assert tables[0][0].equals(tables[1][0]) and tables[0][1][["run_a", "run_b", "reward_diff"]].equals(
+        tables[1][1][["run_a", "run_b", "reward_diff"]]
+    )
+
+
+def test_against_says_which_suite_it_leaves_without_pairs(tmp_path, capsys):
+    rows = [result_row("a", 1, "ma", [1.0, 2.0], [0.5] * 2), result_row("b", 1, "mb", [2.0, 2.0], [0.5] * 2)]
+    other = [{**r, "suite": "t", "suite_sha256": "c" * 64, "run": r["run"] + "2"} for r in rows]
+    folders = [write_results(tmp_path / "s", rows), write_results(tmp_path / "t", other)]
+    args = ["leaderboard", *folders, "--out", str(tmp_path / "o"), "--allow-mixed", "--against", "a"]
+    assert eval_cli.main(args) == 0
+    assert "suite t (fingerprint cccccccccccc) holds none of the --against runs" in capsys.readouterr().err
+    assert len(pd.read_csv(tmp_path / "o" / "pairs.csv")) == 1

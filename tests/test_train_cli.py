@@ -214,6 +214,8 @@ def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp
     # config.yaml as a start in one process wrote it before it was killed, ahead of any checkpoint of its own; the
     # checkpoint's global batch is 2 ranks x 1 micro-batch (its own configuration's value)
     assert check_resume_config(tmp_path, cfg, set(), False, (2, 1), saved_micro_batches=1) == []
+    for damaged in (0, -1, True, "1"):  # a hand-edited meta.json: config.yaml's value serves (no advice of "=0")
+        assert check_resume_config(tmp_path, cfg, set(), False, (1, 1), saved_micro_batches=damaged) == []
     with pytest.raises(ConfigError, match=r"1 -> 4 \(a global batch of 2 x 1 micro-batches saved, 1 x 4 now.*=2 keeps"):
         new = {**cfg, "data": {"micro_batches_per_step": 4}}
         check_resume_config(tmp_path, new, set(), False, (2, 1), saved_micro_batches=1)
