@@ -24,6 +24,7 @@ from shiq_data.buffer import (
 )
 from shiq_data.chat import SYSTEM_PROMPT_SETTINGS, set_system_prompt
 from shiq_data.cli_common import (
+    ArgumentParser,
     add_log_level_option,
     folder_path,
     int_at_least,
@@ -307,7 +308,7 @@ def cmd_info(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="shiq-data",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=EPILOG,

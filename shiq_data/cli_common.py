@@ -41,6 +41,16 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 PROJECT_LOGGERS = ("shiq_data", "shiq_train", "shiq_eval", "__main__")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose refusal of a command line is one line too, like every other user error:
+    ``PROG: error: MESSAGE (see PROG --help)`` and exit status 2, without the usage argparse prints first (a
+    dozen lines for a command of many options, the error last). The parsers of its subcommands are of this
+    class too (``add_subparsers`` makes them of their parent's class)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
 def verbose() -> bool:
     """True when ``SHIQ_VERBOSE`` is set to anything but empty or 0."""
     return os.environ.get("SHIQ_VERBOSE", "") not in ("", "0")

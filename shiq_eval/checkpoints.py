@@ -32,6 +32,12 @@ def checkpoint_steps(path) -> list[Path]:
     """The step directories named by ``path``: itself if it holds ``meta.json``, else every
     ``step_*`` directory with a ``meta.json`` in ``path/checkpoints`` (or ``path``), in step order."""
     path = Path(path)
+    if not path.exists():
+        raise EvalInputError(f"{path}: no such file or folder")
+    if not path.is_dir():
+        raise EvalInputError(
+            f"{path} is a file: give a checkpoint step folder, a shiq-train run folder or a Hugging Face model folder"
+        )
     if (path / "meta.json").is_file():
         return [path]
     for folder in (path / "checkpoints", path):
@@ -39,8 +45,8 @@ def checkpoint_steps(path) -> list[Path]:
         if steps:
             return steps
     raise EvalInputError(
-        f"{path}: not a checkpoint step directory (no meta.json) nor a run with saved steps "
-        f"(no {path / 'checkpoints'}/step_*/meta.json)"
+        f"{path}: not a checkpoint step directory (no meta.json), a run with saved steps "
+        f"(no {path / 'checkpoints'}/step_*/meta.json) nor a Hugging Face model folder (no config.json)"
     )
 
 

@@ -46,6 +46,7 @@ from shiq_data.assets import VADER_SDIST
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.chat import check_messages
 from shiq_data.cli_common import (
+    ArgumentParser,
     add_log_level_option,
     folder_path,
     int_at_least,
@@ -487,6 +488,11 @@ def run(args) -> list[dict]:
 
         hf_logging.disable_progress_bar()
     check_results_folder(Path(args.out))
+    if (earlier := Path(args.out) / "results.json").exists() and not args.overwrite:
+        raise EvalInputError(
+            f"--out {args.out} holds an earlier run's results ({earlier.name}): give --overwrite to replace them, "
+            "or another folder"
+        )
     suite, suite_file = load_suite(args.suite, suite_overrides(args))
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
@@ -731,7 +737,9 @@ def leaderboard_command(args) -> None:
     check_results_folder(out, own="leaderboard.csv", what="the leaderboard")
     rows = leaderboard.read_results(args.results)
     written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed, against=args.against)
-    print(f"shiq-eval: leaderboard of {len(args.results)} result folders; wrote " + ", ".join(map(str, written)))
+    # a folder named twice, or by its results file too, is read once
+    folders = len({(p if p.is_file() else p / leaderboard.RESULTS).resolve() for p in map(Path, args.results)})
+    print(f"shiq-eval: leaderboard of {folders} result folders; wrote " + ", ".join(map(str, written)))
 
 
 LEADERBOARD_HELP = """shiq-eval leaderboard: merge the result folders of shiq-eval run into one table.
@@ -761,7 +769,7 @@ unless --allow-mixed. Writes to --out: leaderboard.csv, pairs.csv, leaderboard.m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="shiq-eval", description="Evaluate shiq-train checkpoints (SHIQ_MATH §6).")
+    p = ArgumentParser(prog="shiq-eval", description="Evaluate shiq-train checkpoints (SHIQ_MATH §6).")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "run",
@@ -790,6 +798,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=folder_path,
         help="output folder for results.csv/json, suite.json and the plots (its other files are left alone); not a "
         "model's, a run's or a buffer's folder",
+    )
+    r.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (refused otherwise: they may have taken hours)",
     )
     r.add_argument(
         "--suite",

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import ArgumentParser, add_log_level_option, run_command, setup_logging
 from shiq_data.io import atomic_dir, atomic_write_json, one_line, sha256_files
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
@@ -247,9 +247,7 @@ OUT is written completely or not at all.
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="shiq-train export", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = ArgumentParser(prog="shiq-train export", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN", help="a shiq-train run folder (or one of its step folders)")
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")

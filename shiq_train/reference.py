@@ -22,7 +22,14 @@ import torch
 
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import THREADS_MAX, add_log_level_option, int_at_least, run_command, setup_logging
+from shiq_data.cli_common import (
+    THREADS_MAX,
+    ArgumentParser,
+    add_log_level_option,
+    int_at_least,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import sha256_files, weight_files
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
 from shiq_data.tokenizers import (
@@ -398,7 +405,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="shiq-train ref-stats",
         description="Run the reference model over every shard of BUFFER and store its chosen logit and "
         "log-partition of each token (SHIQ_MATH §2) as the columns ref_chosen_logits and ref_logz. "

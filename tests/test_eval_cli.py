@@ -222,8 +222,37 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
         )
         == 2
     )
-    assert "not a checkpoint step directory" in capsys.readouterr().err
+    assert f"{tmp_path / 'nothing'}: no such file or folder" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()  # nothing written on failure
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "afile").write_text("x")
+    for given, said in (
+        ("empty", "not a checkpoint step directory (no meta.json), a run with saved steps"),
+        ("afile", "is a file: give a checkpoint step folder, a shiq-train run folder or a Hugging Face model folder"),
+    ):
+        run = ["run", str(tmp_path / given), "--out", str(tmp_path / "o"), "--prompts", str(bad), "--reward-model", "x"]
+        assert main(run) == 2
+        assert said in capsys.readouterr().err, given
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_replaces_an_earlier_runs_results_only_with_overwrite(tmp_path, capsys):
+    """An --out holding results.json was written over in silence (results of another suite and other models
+    that may have taken hours): refused in one line, nothing touched; --overwrite goes on (here to the next
+    refusal, a CHECKPOINT that does not exist, which shows the results check came first and let it pass)."""
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text("[]")
+    (out / "results.csv").write_text("run\n")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    run = ["run", str(tmp_path / "nothing"), "--out", str(out), "--scorer", "vader", "--movie-prompts", "2"]
+    assert main(run) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert f"--out {out} holds an earlier run's results (results.json): give --overwrite to replace them" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*run, "--overwrite"]) == 2
+    assert f"{tmp_path / 'nothing'}: no such file or folder" in capsys.readouterr().err
 
 
 def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys):
@@ -268,7 +297,7 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
         err = capsys.readouterr().err.strip()
         assert needle in err and len(err.splitlines()) == 1, (extra, err)
         assert not (tmp_path / "o").exists() and sorted(folder.iterdir()) == before
-    with pytest.raises(SystemExit) as e:  # argparse's refusal (its usage, then the error)
+    with pytest.raises(SystemExit) as e:  # argparse's refusal, in one line
         main([*base, "--out", "", *prompts, *end])
     assert e.value.code == 2 and "--out: must name a folder, got an empty string" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # it was read as "launch with torchrun --nproc_per_node 0"

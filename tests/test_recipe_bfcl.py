@@ -517,7 +517,7 @@ def test_seeds_report_against_numpy(tmp_path):
 
 def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatch):
     """--seeds: one run per seed in DIR/seed<N> with that seed and the same configuration otherwise, then the
-    report over those folders; a seed listed twice is refused in one line (argparse's usage and error, exit 2)."""
+    report over those folders; a seed listed twice is refused in one line (argparse's, exit 2)."""
     calls, reported = [], []
     monkeypatch.setattr(bfcl, "run", lambda cfg, out: calls.append((cfg, Path(out))))
     monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))

@@ -1,5 +1,5 @@
 """Every command-line script of ``tools/`` refuses a bad option value as the project's commands do: one line on
-stderr naming the option (after argparse's usage), exit status 2, no traceback, nothing on stdout and no
+stderr naming the option (argparse's usage is not printed), exit status 2, no traceback, nothing on stdout and no
 temporary file left behind. Only refusals run here, no measurement."""
 
 from __future__ import annotations

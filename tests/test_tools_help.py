@@ -7,7 +7,7 @@ import pytest
 from test_help_texts import MARKUP  # what the console scripts' help must not show either
 from tool_runs import TOOLS, run_tool
 
-SCRIPTS = sorted(p.name for p in TOOLS.glob("*.py") if "argparse" in p.read_text())
+SCRIPTS = sorted(p.name for p in TOOLS.glob("*.py") if "ArgumentParser(" in p.read_text())
 SAYS = {  # a phrase every script's help must contain: what it measures (no hyphen: wrapping may break there)
     "bench_adamw.py": "AdamW's step on CPU",
     "bench_attention.py": "with each core attention",

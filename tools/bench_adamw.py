@@ -13,15 +13,16 @@ after the same steps (the warm-up's and the timed ones), from the loop's, is pri
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per parameter set and way, the median milliseconds per step, the speed-up over the loop, "
         "and the largest parameter difference from the loop after the same steps.",

@@ -20,7 +20,6 @@ operators by self CPU time are printed for each contestant.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import warnings
@@ -28,11 +27,13 @@ import warnings
 import _args
 from bench_vs_trl import build_hf
 
+from shiq_data.cli_common import ArgumentParser
+
 CONTESTANTS = ("megatron attention", "sdpa attention", "transformers")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--shapes",
         type=_args.shapes,

@@ -19,7 +19,6 @@ are compared with those of batch size 1.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -27,6 +26,8 @@ import time
 import warnings
 
 import _args
+
+from shiq_data.cli_common import ArgumentParser
 
 
 def held_out_scenarios() -> int:
@@ -37,7 +38,7 @@ def held_out_scenarios() -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per batch size, median seconds per pass over the scenarios, the speed-up against batch "
         "size 1, and whether the answers are the same as batch size 1's.",

@@ -43,6 +43,8 @@ from pathlib import Path
 import _args
 import numpy as np
 
+from shiq_data.cli_common import ArgumentParser
+
 # the checkout whose shiq_data the measured processes run (--code; their "-P" keeps the working folder off sys.path)
 CODE = Path(__file__).resolve().parents[1]
 WORDS = (
@@ -566,9 +568,7 @@ def print_groups_part(results: list[dict], args) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
-        description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = ArgumentParser(description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
         choices=("all", "buffer", "curate", "groups"),

@@ -22,7 +22,6 @@ median per method and its ratio to ``per-parameter``, at each data-parallel size
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -32,11 +31,13 @@ import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 METHODS = ("per-parameter", "megatron DDP", "distributed")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints a table of optimizer-state bytes per rank and one of median step times (ratio to per-parameter).",
     )

@@ -22,16 +22,17 @@ reported, and each path's completions and KLs are compared with those of the two
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per path, median seconds per evaluation (sampling, scoring and KL), its speed-up against "
         "the baseline, whether it sampled the same completions as the two full passes, and the largest KL difference "

@@ -23,16 +23,17 @@ distinct prompt of a batch once saves.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints median seconds per pass over the prompts, generated tokens/s, and each engine's time against the first's.",
     )

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"  # the main job's settings
 
 
@@ -51,7 +53,7 @@ def demo_config() -> dict:
 
 def parse_args(argv=None):
     cfg = demo_config()
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints the wall time of the arms one after the other (all threads) and side by side (one process "
         "each, the threads shared), model loading included, and how many times sooner side by side is.",

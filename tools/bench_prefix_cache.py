@@ -25,7 +25,6 @@ path (they must agree).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -34,9 +33,11 @@ from pathlib import Path
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints the median step time of each path, their ratio, the cache build time and the "
         "number of steps after which the cache has paid for itself.",

@@ -16,18 +16,19 @@ so load from other processes hits them alike; medians are reported.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 VOCAB = 49152  # SmolLM2's: the most candidates there are
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints median seconds per pass over the prompts, generated tokens/s, and the ratio to plain sampling.",
     )

@@ -25,9 +25,11 @@ import tempfile
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints seconds, tokens/s and peak memory per way, their ratios, and the "
         "largest difference between the two ways' statistics.",

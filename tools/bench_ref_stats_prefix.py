@@ -17,16 +17,17 @@ way are compared value by value with those of whole rows.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per way, median seconds and tokens per second, the speed-up of the shared prefixes, and "
         "the largest difference between the two ways' statistics.",

@@ -20,7 +20,6 @@ stays ``torch.compile``): the commands as they were before.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import shutil
@@ -33,12 +32,14 @@ from pathlib import Path
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 REPO = Path(__file__).resolve().parents[1]
 MEASURES = ("import", "2 steps")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per measure, the median seconds of a fresh process each way and their ratio.",
     )

@@ -39,9 +39,11 @@ import warnings
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints a table of median step times (and ratio to SFT on the action positions) and of peak "
         "statistics memory (full logits vs chunked).",

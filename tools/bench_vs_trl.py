@@ -60,6 +60,8 @@ from pathlib import Path
 
 import _args
 
+from shiq_data.cli_common import ArgumentParser
+
 TRL_INSTALL = "pip install 'shiq[bench]' (the optional extra bench: trl==1.16.0)"
 SETS = ("synthetic", "buffer", "hh")
 CONTESTANTS = (
@@ -83,7 +85,7 @@ VOCAB = 49152  # SmolLM2's; the tiny model uses the same tokenizer
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="Prints, per row set, a table of real tokens/s and peak memory per contestant, "
         "and the ratio of each to TRL DPO with online and with precomputed reference.",

@@ -25,6 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _args  # noqa: E402
 import memory_model as mm  # noqa: E402  (a module next to this script)
 
+from shiq_data.cli_common import ArgumentParser
+
 GIB = mm.GiB
 # the options of the one layout --tp prints (parse_args' names)
 LAYOUT_OPTIONS = (
@@ -43,7 +45,7 @@ def refuse(message: str):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
         epilog="All figures are predictions from formulas, except the measured column of --validate. "
         "Sizes in GiB. A layout fits if its total leaves 6 GiB of the GPU free.",

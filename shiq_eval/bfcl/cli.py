@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from shiq_data.assets import smollm2_gguf
 from shiq_data.buffer import write_buffer
 from shiq_data.cli_common import (
+    ArgumentParser,
     add_log_level_option,
     check_output_files,
     file_path,
@@ -385,7 +386,7 @@ def _cmd_to_buffer(args) -> int:
 
 
 def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=prog,
         description="BFCL-V3 multi-turn (bfcl-eval package data and simulators): check the ground "
         "truth with the safe state-based checker, roll out a policy, and report "

@@ -53,7 +53,7 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import folder_path
+from shiq_data.cli_common import ArgumentParser, folder_path
 from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
@@ -849,7 +849,7 @@ def run(cfg: dict, out: str | Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog=PROG,
         description="Multi-turn BFCL-V3: offline turn-rewarded trajectories of the training scenarios (ground "
         "truths and checker-scored edits), SFT, ShiQ, ShiQ/tk, multi-turn DPO and multi-turn CoPG trained from "

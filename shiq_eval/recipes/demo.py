@@ -40,7 +40,6 @@ newest checkpoint):
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -57,7 +56,7 @@ import torch
 from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf, vader_archive
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
-from shiq_data.cli_common import folder_path
+from shiq_data.cli_common import ArgumentParser, folder_path
 from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import (
@@ -1518,7 +1517,7 @@ def _check_assets() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog="shiq-demo",
         description="Offline RL on SmolLM2-135M-Instruct end to end: reward model, offline samples, replay buffer, "
         "ShiQ and baselines on megatron-core, held-out evaluation and a report (DIR/report.md, "

@@ -34,7 +34,14 @@ import torch
 from tqdm import tqdm
 
 from shiq_data.buffer import refuse_inside_buffer
-from shiq_data.cli_common import add_log_level_option, folder_path, int_at_least, run_command, setup_logging
+from shiq_data.cli_common import (
+    ArgumentParser,
+    add_log_level_option,
+    folder_path,
+    int_at_least,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import atomic_write_bytes
 from shiq_eval.recipes.pool import worker_pool
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
@@ -595,7 +602,7 @@ def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int) -> dict
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="shiq-toys",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="defaults (recorded in the JSON 'config'):\n"
