@@ -188,7 +188,7 @@ def read_shard(path: Path) -> pa.Table:
             table = reader.read_all()
         table.validate(full=True)  # offsets in range, strings UTF-8 (30 ms per 100 MB)
         return table
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowIOError) as e:  # ArrowIOError: a truncated file
         raise ValueError(f"{path}: not a readable Arrow shard ({one_line(e, 160)}); the buffer is damaged") from None
 
 

@@ -370,13 +370,14 @@ def check_buffer_fits(cfg: dict, model_cfg, reference_mode: str) -> None:
             f"(model.vocab_size) has only {model_cfg.vocab_size}"
         )
         fixes.append(f"model.vocab_size={_round_up(int(tok['vocab_size']), 128)}")
-    longest = reference.longest_row(buffer_dir)
+    buffer = open_buffer(buffer_dir, verify_checksums=cfg["data"].get("verify_checksums", True))
+    longest = reference.longest_row(buffer)
     if longest > model_cfg.max_sequence_length:
         problems.append(
             f"its longest row has {longest} tokens but model.max_sequence_length={model_cfg.max_sequence_length}"
         )
         fixes.append(f"model.max_sequence_length={_round_up(longest, 64)}")
-    missing = [c for c in REF_COLUMNS if c not in buffer_columns(open_buffer(buffer_dir))]
+    missing = [c for c in REF_COLUMNS if c not in buffer_columns(buffer)]
     alternative = ""
     if reference_mode == "precomputed" and missing:
         problems.append(f"it has no reference statistics (columns {missing}) but train.reference=precomputed")
@@ -540,6 +541,13 @@ def check_resume_config(
     old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
     if isinstance(saved_micro_batches, int) and not isinstance(saved_micro_batches, bool) and saved_micro_batches >= 1:
         old[GLOBAL_BATCH_KEY] = saved_micro_batches
+    if new.get("optimizer.distributed") is True and old.get("optimizer.distributed") is not True:
+        # no +resume.allow_changed or force can help: the load would refuse the checkpoint after the start-up
+        raise ConfigError(
+            f"{path}: the run in {out} was saved with optimizer.distributed=false, whose optimizer state the "
+            "distributed optimizer cannot read: resume with optimizer.distributed=false (a run saved with true "
+            "resumes with false too), or start the new run in another out="
+        )
     unknown = sorted(allowed - old.keys() - new.keys())
     if unknown:  # a misspelt key would otherwise accept nothing, silently
         raise ConfigError(
@@ -914,7 +922,8 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
             if rank0:
                 out.mkdir(parents=True, exist_ok=True)
                 restart = not step and (out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").stat().st_size
-                atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+                if step < train_cfg.steps or not (out / "config.yaml").is_file():  # else nothing trains with cfg
+                    atomic_write_bytes(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
                 if step:
                     log.info(f"shiq-train: resumed from step {step} ({latest_step_dir(out / 'checkpoints')})")
                 elif restart:

@@ -335,14 +335,20 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
     ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer). Checked before
     megatron-core's own config, whose messages name no key."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
-    for field, value, by, what in [
-        ("vocab_size", cfg.vocab_size, tp, "tensor-parallel size (pad the vocabulary)"),
-        ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size"),
-        ("num_query_groups", groups, tp, "tensor-parallel size"),
-        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages"),
+    for field, value, by, what, hint in [
+        (
+            "vocab_size",
+            cfg.vocab_size,
+            tp,
+            "tensor-parallel size",
+            f" (pad the vocabulary to {-(-cfg.vocab_size // tp) * tp})",
+        ),
+        ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size", ""),
+        ("num_query_groups", groups, tp, "tensor-parallel size", ""),
+        ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages", ""),
     ]:
         if value % by:
-            raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}")
+            raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}{hint}")
     per_stage = cfg.num_layers // (pp * vpp)
     if cfg.recompute == "full" and cfg.recompute_method == "uniform" and per_stage % cfg.recompute_num_layers:
         raise ValueError(

@@ -357,9 +357,10 @@ def check_same_architecture(step_dir: Path, config, model: str) -> None:
         )
 
 
-def longest_row(buffer_dir) -> int:
-    """The token count of the buffer's longest trajectory."""
-    lengths = [pc.max(pc.list_value_length(t.column("tokens"))).as_py() for t in open_buffer(buffer_dir).shard_tables]
+def longest_row(buffer) -> int:
+    """The token count of the longest trajectory of ``buffer`` (an opened buffer, or its folder)."""
+    buffer = open_buffer(buffer) if isinstance(buffer, (str, Path)) else buffer
+    lengths = [pc.max(pc.list_value_length(t.column("tokens"))).as_py() for t in buffer.shard_tables]
     return max([n for n in lengths if n is not None], default=0)
 
 

@@ -323,6 +323,18 @@ def test_a_shard_with_invalid_utf8_text_is_refused_even_with_a_matching_checksum
     assert not (tmp_path / "f").exists()
 
 
+def test_a_truncated_shard_read_without_its_checksum_is_named(tmp_path):
+    """With checksums off (``verify_checksums=False``, ``data.verify_checksums=false``) a truncated shard reached
+    Arrow's reader, whose error named no file ("Expected to be able to read 1864 bytes for message body")."""
+    a = _build(tmp_path / "a")
+    path = Path(a) / read_manifest(a)["shards"][0]["file"]
+    whole = path.read_bytes()
+    for keep in range(8, len(whole), max(1, len(whole) // 40)):  # inside headers, schema and record batches
+        path.write_bytes(whole[:keep])
+        with pytest.raises(ValueError, match=rf"{path}: not a readable Arrow shard .*the buffer is damaged"):
+            B.open_buffer(a, verify_checksums=False).columns(["tokens"])
+
+
 def test_a_manifest_tokenizer_that_cannot_be_loaded_is_named_as_its_field(tmp_path, capsys):
     """A manifest whose tokenizer.name is a folder transformers cannot read gave transformers' own message
     ("Couldn't instantiate the backend tokenizer ...") naming neither the manifest nor the field."""

@@ -52,6 +52,7 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 from shiq_train.cli import resolve_data_mode  # noqa: E402
 from shiq_train.parallel import free_port  # noqa: E402
@@ -219,6 +220,25 @@ def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp
     with pytest.raises(ConfigError, match=r"1 -> 4 \(a global batch of 2 x 1 micro-batches saved, 1 x 4 now.*=2 keeps"):
         new = {**cfg, "data": {"micro_batches_per_step": 4}}
         check_resume_config(tmp_path, new, set(), False, (2, 1), saved_micro_batches=1)
+
+
+def test_a_resume_into_the_distributed_optimizer_is_refused_without_advice_that_fails(tmp_path):
+    """A run saved with the plain optimizer, resumed with optimizer.distributed=true: the refusal advised
+    +resume.allow_changed=[optimizer.distributed], which the checkpoint load then refused (the distributed
+    optimizer cannot read the plain one's state). It now says what works; the other way is accepted as a change."""
+    import yaml
+
+    from shiq_train.cli import ConfigError, check_resume_config
+
+    cfg = {"optimizer": {"distributed": False, "lr": 1e-3}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    on = {"optimizer": {"distributed": True, "lr": 1e-3}}
+    for allowed, force in ((set(), False), ({"optimizer.distributed"}, False), (set(), True)):
+        with pytest.raises(ConfigError, match="saved with optimizer.distributed=false, whose optimizer state") as e:
+            check_resume_config(tmp_path, on, allowed, force)
+        assert "allow_changed" not in str(e.value) and "resume with optimizer.distributed=false" in str(e.value)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(on))
+    assert check_resume_config(tmp_path, cfg, {"optimizer.distributed"}, False) == ["optimizer.distributed"]
 
 
 def test_the_global_batch_is_compared_with_the_checkpoints_own(tmp_path):
@@ -619,11 +639,17 @@ def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_pat
     assert longer.returncode == 0, longer.stderr[-2000:]
     assert "shiq-train: resumed from step 2" in longer.stderr
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
-    # asked for fewer steps than the run has: nothing trains, and the closing line says so ("already complete")
+    # asked for fewer steps than the run has: nothing trains, and the closing line says so ("already complete");
+    # config.yaml keeps the settings the run trained with (it recorded train.steps=1 and, from a run in another
+    # layout that trained nothing, that layout)
+    saved = (run / "config.yaml").read_bytes()
     fewer = train_cli(*base, "train.steps=1")
     assert fewer.returncode == 0, fewer.stderr[-2000:]
     assert "1 steps (nothing trained: the run is at step 3, past train.steps=1)" in fewer.stdout, fewer.stdout
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
+    done = train_cli(*base, "train.steps=3", "train.log_every=2")
+    assert done.returncode == 0 and "3 steps (already complete)" in done.stdout, done.stdout + done.stderr[-2000:]
+    assert (run / "config.yaml").read_bytes() == saved
 
     allowed = train_cli(*base, "train.steps=4", "loss.beta=0.5", "+resume.allow_changed=[loss.beta]")
     assert allowed.returncode == 0, allowed.stderr[-2000:]
@@ -700,7 +726,7 @@ def test_a_corrupted_shard_is_refused_unless_checksums_are_switched_off(tmp_path
     """data.verify_checksums (default true) hashes every shard before training reads it; false is the
     explicit opt-out for buffers verified already."""
     from shiq_data.buffer import read_manifest
-    from shiq_train.cli import ConfigError, check_plain_options, open_data_source
+    from shiq_train.cli import ConfigError, check_buffer_fits, check_plain_options, open_data_source
 
     write_tiny_buffer(tmp_path / "buf", False)
     shard = tmp_path / "buf" / read_manifest(tmp_path / "buf")["shards"][0]["file"]
@@ -711,6 +737,11 @@ def test_a_corrupted_shard_is_refused_unless_checksums_are_switched_off(tmp_path
     with pytest.raises(ValueError, match="sha256 .* differs"):
         open_data_source(cfg, "padded", "online", 0, 1, 64)
     open_data_source({**cfg, "verify_checksums": False}, "padded", "online", 0, 1, 64)
+    # the checks before training read the shards too: they hashed them whatever the setting
+    model = SimpleNamespace(vocab_size=128, max_sequence_length=64)
+    with pytest.raises(ValueError, match="sha256 .* differs"):
+        check_buffer_fits({"data": cfg, "init": "none", "out": "x"}, model, "online")
+    check_buffer_fits({"data": {**cfg, "verify_checksums": False}, "init": "none", "out": "x"}, model, "online")
     with pytest.raises(ConfigError, match="data.verify_checksums='no'"):
         check_plain_options({"seed": 0, "parallel": {}, "out": "x", "data": {**cfg, "verify_checksums": "no"}})
 

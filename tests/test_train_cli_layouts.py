@@ -149,7 +149,11 @@ def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_
             {"hidden_size": 48, "num_attention_heads": 3},
             "model.num_attention_heads=3 must be divisible by t",
         ),
-        ({"tp": 2}, {"vocab_size": 255}, "model.vocab_size=255 must be divisible by the tensor-parallel size (pad the"),
+        (
+            {"tp": 2},
+            {"vocab_size": 255},
+            "model.vocab_size=255 must be divisible by the tensor-parallel size 2 (pad the vocabulary to 256)",
+        ),
         ({"tp": 1}, {"num_layers": 3, "recompute": "full", "recompute_num_layers": 2}, "model.recompute_num_layers=2 "),
         (
             {"pp": 2},
