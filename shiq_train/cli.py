@@ -50,11 +50,13 @@ from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
 from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import (
+    RANDOM_START,
     ModelConfig,
     build_model_chunks,
     check_fp8_shapes,
     check_layout,
     check_runtime,
+    draw_random_start,
     resolved_transformer_impl,
     width_multiple,
 )
@@ -269,8 +271,9 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
         )
 
 
-def build_policy(model_cfg, init: str):
-    """The model for this rank with its initial weights, and the Hugging Face config to export it with.
+def build_policy(model_cfg, init: str, seed: int):
+    """The model for this rank with its initial weights (``init=none``: drawn from ``seed``, the same in every
+    layout; :func:`shiq_train.model.draw_random_start`), and the Hugging Face config to export it with.
     With virtual pipeline stages (``parallel.vpp`` > 1) the model is the list of this rank's chunks."""
     state, hf_config = load_init(init)
     if hf_config is not None:
@@ -279,6 +282,8 @@ def build_policy(model_cfg, init: str):
     model = chunks if len(chunks) > 1 else chunks[0]
     if state is not None:
         import_llama(model, state, hf_config)
+    else:
+        draw_random_start(model, seed)
     return model, hf_config if hf_config is not None else llama_config_from_model(model_cfg)
 
 
@@ -838,7 +843,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 m = saved_data.get("micro_batches_per_step") if isinstance(saved_data, dict) else None
                 check_resume_config(out, cfg, allowed, force, dp, saved_micro_batches=m)
                 if not force:  # (+resume.force=true accepts any change, this one too)
-                    check_online_reference_layout(cfg, saved)
+                    check_online_reference_start(cfg, saved)
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
                 why = f"a new start would replace its log of {logged} steps"
                 check_resume_config(out, cfg, allowed, force, why=why)
@@ -853,30 +858,20 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
 LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
 
 
-def check_online_reference_layout(cfg: dict, saved: dict) -> None:
+def check_online_reference_start(cfg: dict, saved: dict) -> None:
     """Refuse to resume a run whose online reference would change: with ``init=none`` and
-    ``train.reference=online`` the reference is rebuilt from the seeded random start, which megatron-core draws
-    per pipeline stage, per tensor-parallel rank on a GPU, and from another generator on a GPU than on the CPU:
-    another ``parallel.pp`` or ``parallel.vpp`` than the checkpoint's, another ``parallel.tp`` where a GPU drew
-    or draws it, or another device, makes another reference. ``saved``: the checkpoint's ``meta.json`` (its ``layout``, and ``device`` where recorded).
-    Every other start loads its reference, and may change all of these."""
+    ``train.reference=online`` the reference is rebuilt from the seeded random start, which is the same in every
+    layout and on every device (:func:`shiq_train.model.draw_random_start`) but was drawn otherwise by releases
+    before it, whose checkpoints do not record ``random_start``. ``saved``: the checkpoint's ``meta.json``.
+    Every other start loads its reference."""
     if cfg["init"] not in (None, "none") or cfg["train"].get("reference") != "online":
         return
-    layout = saved["layout"]
-    now = {"tp": cfg["parallel"]["tp"], "pp": cfg["parallel"]["pp"], "vpp": cfg["parallel"].get("vpp", 1)}
-    then = {"tp": layout["tp"], "pp": layout["pp"], "vpp": layout.get("vpp", 1)}
-    device = parallel.device_type()
-    saved_device = saved.get("device", device)  # (not recorded before: taken as this one)
-    if device == "cpu" and saved_device == "cpu":  # CPU init draws the full weights, then splits
-        now["tp"] = then["tp"]
-    if now != then or saved_device != device:
-        keep = " ".join(f"parallel.{k}={v}" for k, v in then.items())
-        name = {"cuda": "GPU", "cpu": "CPU"}
-        where = f" on the {name.get(saved_device, saved_device)}" if saved_device != device else ""
+    meta = saved.get("meta")
+    if not isinstance(meta, dict) or meta.get("random_start") != RANDOM_START:
         raise ConfigError(
-            f"{' '.join(f'parallel.{k}={v}' for k, v in now.items())} on the {name[device]}: the checkpoint was "
-            f"saved at {keep}{where}, and with init=none the online reference is the random start, drawn anew in "
-            f"another layout or on another device: resume with {keep}{where and ' on that device'}"
+            "the checkpoint was saved by an earlier shiq-train, which drew the random start (init=none) otherwise: "
+            "the online reference, rebuilt from it, would be another model; start the run again in another out= "
+            "(or keep training it with the release that began it)"
         )
 
 
@@ -912,7 +907,7 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
             model_cfg.max_sequence_length,
             width_multiple(model_cfg, par.tensor_model_parallel_size),
         )
-        model, hf_config = build_policy(model_cfg, cfg["init"])
+        model, hf_config = build_policy(model_cfg, cfg["init"], cfg["seed"])
         ref = frozen_copy(model, model_cfg) if train_cfg.reference == "online" else None
 
         started = []  # the step training starts from (on_start's)
@@ -930,6 +925,8 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
                     log.info(f"shiq-train: {out} has no checkpoint: training again from step 0 (its metrics.jsonl too)")
 
         meta = {"config": cfg, "hf_config": hf_config.to_dict(), "tokenizer": manifest["tokenizer"]}
+        if cfg["init"] in (None, "none"):
+            meta["random_start"] = RANDOM_START
         trainer = Trainer(
             model, loss_cfg, opt_cfg, train_cfg, out, ref_model=ref, run_meta=meta, logging_cfg=logging_cfg
         )

@@ -15,6 +15,7 @@ itself when given ``labels`` (:func:`stats_inputs`), or chunked from hidden stat
 from __future__ import annotations
 
 import functools
+import hashlib
 import importlib.util
 import math
 import numbers
@@ -846,6 +847,51 @@ def tp_layout(model, name: str, param) -> tuple[int | None, bool]:
     if dim != megatron_dim:
         raise ValueError(f"{name}: megatron splits it on dim {megatron_dim}, shiq_train.weights says {dim}")
     return dim, glu
+
+
+RANDOM_START = "per-weight-name-v1"  # how init=none draws the weights (a checkpoint's meta records it)
+
+
+def _weight_init(config, full: str):
+    """megatron-core's initialiser of the weight matrix named ``full`` (in the single-stage model): its own
+    choice per kind of layer (the embeddings', the output projections' scaled one, or the plain one)."""
+    if full.startswith("embedding."):
+        return config.embedding_init_method
+    if full.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return config.output_layer_init_method
+    if full.endswith(("linear_qkv.weight", "linear_fc1.weight")) or full == "output_layer.weight":
+        return config.init_method
+    raise ValueError(f"{full}: no initialiser known for this weight (init=none)")
+
+
+def draw_random_start(model, seed: int) -> None:
+    """``init=none``: draw every weight matrix of ``model`` (one model, or this rank's chunks) whole, at its
+    single-process shape, with megatron-core's initialiser for its kind, from a generator seeded by ``seed`` and
+    the weight's full name (:func:`full_param_name`), then keep this rank's tensor-parallel shard: the same
+    random start in every layout (tp, pp, vpp) and on every device. megatron-core itself draws the start per
+    pipeline stage (a stage does not draw the layers before it: PP=2 started from another model than one
+    process) and, on a GPU, per tensor-parallel rank. Vectors (norm weights, biases) keep megatron-core's
+    constant values, the same everywhere; one that is not constant is refused rather than left per layout.
+    Each rank draws its weights' full shapes (a whole embedding on every tensor-parallel rank) one at a time."""
+    from megatron.core import parallel_state  # heavy: megatron
+
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    for _, chunk, name, p in named_chunk_parameters(model):
+        full = full_param_name(chunk, name)
+        if p.dim() < 2:
+            if p.numel() and not bool((p == p.reshape(-1)[0]).all()):
+                raise ValueError(f"{full}: megatron-core drew this vector at random; init=none cannot redraw it")
+            continue
+        dim, glu = tp_layout(chunk, name, p)
+        shape = tuple(n * tp if d == dim else n for d, n in enumerate(p.shape))
+        digest = hashlib.sha256(f"{seed}/{full}".encode()).digest()
+        weight = torch.empty(shape, dtype=torch.float32)
+        _weight_init(unwrap(chunk).config, full)(
+            weight, generator=torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+        )
+        with torch.no_grad():
+            p.copy_(W.shard_tensor(weight, dim, glu, tp, rank))
 
 
 def load_full_parameters(model, full: dict[str, torch.Tensor]) -> None:

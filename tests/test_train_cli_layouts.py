@@ -205,26 +205,80 @@ def test_a_model_that_is_not_llama_shaped_is_refused_naming_its_keys():
     assert "use gated_linear_unit=True, activation='silu', normalization='RMSNorm'" in str(e.value)
 
 
-def test_an_online_reference_from_a_random_start_is_not_resumed_in_another_layout_or_device():
-    """With init=none the online reference is rebuilt from the seeded random start, which megatron-core draws per
-    pipeline stage (and per tensor-parallel rank on a GPU, from another generator than the CPU's): another layout
-    or device than the checkpoint's would train against another reference."""
-    from shiq_train.cli import check_online_reference_layout
+def test_an_online_reference_from_a_random_start_drawn_by_an_earlier_release_is_not_resumed():
+    """With init=none the online reference is rebuilt from the seeded random start on resume. It is the same in
+    every layout and device now (draw_random_start), so they may change; a checkpoint that does not record how
+    its start was drawn came from a release that drew it per pipeline stage: another reference, refused."""
+    from shiq_train.cli import check_online_reference_start
+    from shiq_train.model import RANDOM_START
 
     cfg = {"init": "none", "train": {"reference": "online"}, "parallel": {"tp": 1, "pp": 2, "vpp": 1}}
-    with pytest.raises(
-        ConfigError, match="the checkpoint was saved at parallel.tp=1 parallel.pp=1 parallel.vpp=1, and"
-    ):
-        check_online_reference_layout(cfg, {"layout": {"tp": 1, "pp": 1, "dp": 1}, "device": "cpu"})
-    with pytest.raises(ConfigError, match="saved at parallel.tp=2 parallel.pp=2 parallel.vpp=1 on the GPU, and"):
-        check_online_reference_layout(cfg, {"layout": {"tp": 2, "pp": 2, "dp": 1}, "device": "cuda"})
-    same = {"layout": {"tp": 1, "pp": 2, "dp": 2, "vpp": 1}, "device": "cpu"}
-    check_online_reference_layout(cfg, same)  # data parallelism may change: each rank draws the same start
-    # on the CPU the full weights are drawn, then split: tp may change (tests/test_train_cli.py resumes TP=2 in one)
-    check_online_reference_layout(cfg, {"layout": {"tp": 2, "pp": 2, "dp": 1}, "device": "cpu"})
-    check_online_reference_layout(cfg, {"layout": same["layout"]})  # saved before the device was recorded
+    for meta in ({}, {"random_start": "megatron"}, None):
+        with pytest.raises(ConfigError, match="saved by an earlier shiq-train, which drew the random start"):
+            check_online_reference_start(cfg, {"layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta})
+    check_online_reference_start(cfg, {"layout": {"tp": 2, "pp": 1, "dp": 1}, "meta": {"random_start": RANDOM_START}})
     for other in ({"init": "smollm2"}, {"train": {"reference": "precomputed"}}):  # a loaded or stored reference
-        check_online_reference_layout({**cfg, **other}, {"layout": {"tp": 2, "pp": 1, "dp": 1}, "device": "cuda"})
+        check_online_reference_start({**cfg, **other}, {"layout": {"tp": 2, "pp": 1, "dp": 1}, "meta": {}})
+
+
+def test_a_random_start_is_the_same_model_in_every_layout(tmp_path):
+    """init=none: megatron-core draws the weights per pipeline stage, so PP=2 trained another model than one
+    process (other losses from step 1). draw_random_start draws each weight by its full name: PP=2 x VPP=2 gives
+    the single process's losses and gradient norms, and its checkpoint continues in one process, whose online
+    reference (rebuilt from the random start) is then the same: the uninterrupted run's losses."""
+    write_tiny_buffer(tmp_path / "buf", with_ref=False)
+    common = [
+        f"data.buffer={tmp_path / 'buf'}",
+        "train.reference=online",
+        "model.num_layers=4",
+        "data.rows_per_micro_batch=2",
+        "data.micro_batches_per_step=2",
+        "optimizer.lr=3e-3",
+        "seed=3",
+    ]
+    one = shiq_train(*common, f"out={tmp_path / 'one'}", "train.steps=4")
+    assert one.returncode == 0, one.stderr[-3000:]
+    run = tmp_path / "pp"
+    pp = shiq_train(*common, f"out={run}", "train.steps=2", "parallel.pp=2", "parallel.vpp=2", nproc=2)
+    assert pp.returncode == 0, pp.stderr[-3000:]
+    assert _layout(run, 2) == {"tp": 1, "pp": 2, "dp": 1, "vpp": 2}
+    _close(metrics(run), metrics(tmp_path / "one")[:2], "loss")
+    _close(metrics(run), metrics(tmp_path / "one")[:2], "grad_norm")
+    resumed = shiq_train(*common, f"out={run}", "train.steps=4")
+    assert resumed.returncode == 0 and "resumed from step 2" in resumed.stderr, resumed.stderr[-3000:]
+    _close(metrics(run), metrics(tmp_path / "one"), "loss")
+    _close(metrics(run), metrics(tmp_path / "one"), "grad_norm")
+
+
+def test_the_random_start_draws_each_weight_as_megatron_core_does():
+    """draw_random_start uses megatron-core's initialiser of each kind of weight: per weight, the spread of its
+    values matches megatron-core's own draw (the output projections' scaled by 1/sqrt(2 x layers), the others
+    init_method_std), norm weights stay ones; the same seed draws the same weights, another seed others."""
+    import torch
+
+    from shiq_train import model as M
+    from shiq_train import parallel
+
+    cfg = ModelConfig(vocab_size=256, max_sequence_length=16, num_layers=8, hidden_size=64, num_attention_heads=4)
+    with parallel.distributed(seed=0):
+        model = M.build_model(cfg)
+        theirs = {n: p.detach().clone() for n, p in model.named_parameters()}
+        M.draw_random_start(model, seed=7)
+        ours = {n: p.detach().clone() for n, p in model.named_parameters()}
+        M.draw_random_start(model, seed=7)
+        again = {n: p.detach().clone() for n, p in model.named_parameters()}
+        M.draw_random_start(model, seed=8)
+        other = {n: p.detach().clone() for n, p in model.named_parameters()}
+    scaled = [n for n in ours if n.endswith(("linear_proj.weight", "linear_fc2.weight"))]
+    assert len(scaled) == 16 and theirs[scaled[0]].std() < 0.3 * cfg.init_method_std  # the kinds differ
+    for n, p in ours.items():
+        assert torch.equal(p, again[n]), n
+        if p.dim() < 2:
+            assert torch.equal(p, theirs[n]), n  # ones and zeros, as megatron-core set them
+            continue
+        assert not torch.equal(p, theirs[n]) and not torch.equal(p, other[n]), n
+        assert abs(p.mean().item()) < 0.1 * theirs[n].std().item(), n
+        assert p.std().item() == pytest.approx(theirs[n].std().item(), rel=0.08), n
 
 
 def test_vpp_is_in_the_train_config_and_may_change_on_resume(tmp_path):
