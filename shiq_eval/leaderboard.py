@@ -592,17 +592,58 @@ def _pairing(rows: list[dict]) -> str:
     return "paired by turn, clustered by scenario" if clustered else "paired by prompt"
 
 
+def _flat(content, prefix: str = "") -> dict:
+    """A suite's settings as ``{dotted key: value}`` (``sampling.max_new_tokens``)."""
+    if not isinstance(content, dict):
+        return {prefix[:-1]: content} if prefix else {}
+    return {k: v for key, value in content.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+
+
+def _suite_settings(table: list[dict]) -> dict[str, dict]:
+    """``{fingerprint: settings}`` (:func:`_flat` of the ``suite.json`` beside a row's results file, where it is
+    that suite's) of the suites whose name another suite of the table has: what tells them apart."""
+    names: dict[str, set] = {}
+    for t in table:
+        names.setdefault(t["suite"], set()).add(t["suite_sha256"])
+    settings = {}
+    for t in table:
+        sha = t["suite_sha256"]
+        if len(names[t["suite"]]) < 2 or sha in settings or t.get("source") is None:
+            continue
+        try:
+            suite = json.loads((Path(t["source"]).parent / SUITE).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(suite, dict) and suite.get("sha256") == sha and isinstance(suite.get("content"), dict):
+            settings[sha] = _flat(suite["content"])
+    return settings
+
+
+def _differing(sha: str, name: str, table: list[dict], settings: dict[str, dict]) -> str:
+    """The settings of suite ``sha`` that differ in another suite named ``name`` (``key=value, ...``)."""
+    mine = settings.get(sha)
+    others = [settings[o] for o in dict.fromkeys(t["suite_sha256"] for t in table if t["suite"] == name) if o != sha]
+    if mine is None or not others or any(o is None for o in others):
+        return ""
+    keys = sorted(k for k in mine.keys() | set().union(*others) if any(o.get(k) != mine.get(k) for o in others))
+    return ", ".join(f"{k}={mine.get(k)}" for k in keys if k != "name")
+
+
 def _groups(table: list[dict], pairs: list[dict]):
-    """``(title, table rows, pairs)`` per suite fingerprint, in table order."""
+    """``(title, table rows, pairs)`` per suite fingerprint, in table order. Suites of one name (one run with
+    other settings than the suite file's) name the settings that tell them apart."""
     out = []
+    settings = _suite_settings(table)
     for sha in dict.fromkeys(t["suite_sha256"] for t in table):
         rows = [t for t in table if t["suite_sha256"] == sha]
         first = rows[0]
         temperature = temperature_of(first)  # (part of the fingerprint: one per suite)
+        differing = _differing(sha, first["suite"], table, settings)
         title = (
             f"suite {first['suite']} (fingerprint {sha[:12]}; {first['prompts']} prompts x "
             f"{first['samples_per_prompt']} samples; KL: {first['kl_estimator']}"
-            f"{'' if temperature == 1.0 else f'; temperature {temperature:g}'})"
+            f"{'' if temperature == 1.0 else f'; temperature {temperature:g}'}"
+            f"{f'; {differing}' if differing else ''})"
         )
         out.append((title, rows, [p for p in pairs if p["suite_sha256"] == sha]))
     return out

@@ -434,6 +434,37 @@ def test_mixed_suites_of_one_name_are_drawn_apart_without_one_suites_reference(t
     assert seen["kl_name"] == "sample"
 
 
+def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tmp_path, capsys):
+    """--allow-mixed over one suite file run as written, with --max-new-tokens 4 and with another scorer: three
+    sections headed "suite s", told apart only by a fingerprint. Each heading now names its settings that differ
+    from another suite of the name (from the suite.json beside its results); a suite alone keeps its heading."""
+    folders = []
+    for sha, content in (
+        ("a", {"name": "s", "scorer": "vader", "sampling": {"max_new_tokens": 48}}),
+        ("c", {"name": "s", "scorer": "vader", "sampling": {"max_new_tokens": 4}}),
+        ("d", {"name": "s", "scorer": "python:m:f", "sampling": {"max_new_tokens": 48}}),
+        ("e", {"name": "t", "scorer": "vader", "sampling": {"max_new_tokens": 4}}),
+    ):
+        kw = {"suite_sha256": sha * 64, "suite": content["name"]}
+        folder = write_results(
+            tmp_path / sha,
+            [
+                result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3, **kw),
+                result_row(sha, 1, "m", [2.0] * 3, [1.0] * 3, **kw),
+            ],
+        )
+        (tmp_path / sha / "suite.json").write_text(json.dumps({"name": "s", "sha256": sha * 64, "content": content}))
+        folders.append(folder)
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "o"), "--allow-mixed"]) == 0
+    headings = [x for x in (tmp_path / "o" / "leaderboard.md").read_text().splitlines() if x.startswith("## ")]
+    assert len(headings) == 4, headings
+    assert headings[0].endswith("; sampling.max_new_tokens=48, scorer=vader)"), headings
+    assert headings[1].endswith("; sampling.max_new_tokens=4, scorer=vader)"), headings
+    assert headings[2].endswith("; sampling.max_new_tokens=48, scorer=python:m:f)"), headings
+    assert headings[3].startswith("## suite t (") and headings[3].endswith("KL: sample)"), headings
+    assert "sampling.max_new_tokens=4, scorer=vader" in (tmp_path / "o" / "leaderboard.html").read_text()
+
+
 def guide_row(beta, top_k, rewards, kls, **extra):
     """A Q♯ row as shiq-eval run --guide writes it: the value model's folder name as run, its weights' hash."""
     row = result_row("value", 4, "v" * 64, rewards, kls, beta=beta, top_k=top_k, **extra)
