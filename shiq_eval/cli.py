@@ -764,7 +764,8 @@ beta and top-k, so a sweep over them keeps one row per setting.
 
 Results of different suites (fingerprints) are not comparable and are refused, naming both files,
 unless --allow-mixed (then one section per suite; suites of one name, a suite file run with other settings,
-are headed with the settings that tell them apart, read from the suite.json beside their results). Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html
+are headed with the settings that tell them apart, read from the suite.json beside their results).
+Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html
 (one self-contained page with the plots embedded), reward_vs_kl.png, reward_vs_step.png, j_vs_step.png.
 """
 
