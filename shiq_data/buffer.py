@@ -183,12 +183,15 @@ def read_shard(path: Path) -> pa.Table:
     """A shard as a pyarrow Table backed by a memory map of the file (no copy); ``ValueError`` naming the file
     when it is not a valid Arrow stream (damaged, or replaced together with its checksum; its text columns
     must be UTF-8, which Arrow does not check on reading)."""
+    source = pa.memory_map(str(path), "r")  # (a missing file, no permission: the system's error, as it is)
     try:
-        with pa.ipc.open_stream(pa.memory_map(str(path), "r")) as reader:
+        with pa.ipc.open_stream(source) as reader:
             table = reader.read_all()
         table.validate(full=True)  # offsets in range, strings UTF-8 (30 ms per 100 MB)
         return table
-    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowIOError) as e:  # ArrowIOError: a truncated file
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OSError) as e:  # Arrow's OSError without errno: a truncated file
+        if isinstance(e, OSError) and e.errno is not None:  # the system's (a read error): not the file's content
+            raise
         raise ValueError(f"{path}: not a readable Arrow shard ({one_line(e, 160)}); the buffer is damaged") from None
 
 

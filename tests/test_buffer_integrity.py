@@ -333,6 +333,9 @@ def test_a_truncated_shard_read_without_its_checksum_is_named(tmp_path):
         path.write_bytes(whole[:keep])
         with pytest.raises(ValueError, match=rf"{path}: not a readable Arrow shard .*the buffer is damaged"):
             B.open_buffer(a, verify_checksums=False).columns(["tokens"])
+    path.unlink()  # the system's errors stay what they are: not the file's content
+    with pytest.raises(FileNotFoundError):
+        B.read_shard(path)
 
 
 def test_a_manifest_tokenizer_that_cannot_be_loaded_is_named_as_its_field(tmp_path, capsys):

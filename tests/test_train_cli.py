@@ -235,8 +235,14 @@ def test_a_resume_into_the_distributed_optimizer_is_refused_without_advice_that_
     on = {"optimizer": {"distributed": True, "lr": 1e-3}}
     for allowed, force in ((set(), False), ({"optimizer.distributed"}, False), (set(), True)):
         with pytest.raises(ConfigError, match="saved with optimizer.distributed=false, whose optimizer state") as e:
-            check_resume_config(tmp_path, on, allowed, force)
+            check_resume_config(tmp_path, on, allowed, force, saved_distributed=False)
         assert "allow_changed" not in str(e.value) and "resume with optimizer.distributed=false" in str(e.value)
+    # no checkpoint (a start stopped before its first): nothing to read, the change is one like any other
+    assert check_resume_config(tmp_path, on, {"optimizer.distributed"}, False) == ["optimizer.distributed"]
+    # the checkpoint's own setting decides, not config.yaml (a later start's, killed before it saved)
+    assert check_resume_config(tmp_path, on, {"optimizer.distributed"}, False, saved_distributed=True) == [
+        "optimizer.distributed"
+    ]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(on))
     assert check_resume_config(tmp_path, cfg, {"optimizer.distributed"}, False) == ["optimizer.distributed"]
 
