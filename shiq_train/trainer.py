@@ -302,7 +302,9 @@ class Trainer:
         megatron's RNG tracker states and the model's train/eval mode restored afterwards, so its
         random draws never change training. A returned dict is logged on that step's line of
         ``metrics.jsonl`` as ``eval/<key>`` (and in the returned metrics). Steps at or before a
-        resumed checkpoint are not evaluated again.
+        resumed checkpoint are not evaluated again; a run killed
+        while evaluating resumes from that step's checkpoint, which keeps the step's line of training metrics (the
+        resume writes it, without the ``eval/`` keys).
 
         ``on_start(step)`` (optional) runs on every rank once the starting step is known (0, or the step of
         the checkpoint just loaded) and before anything is written to ``out_dir``: a start that fails
@@ -314,7 +316,7 @@ class Trainer:
 
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         dp = ps.get_data_parallel_world_size()
-        start = 0
+        start, user = 0, None
         check_latest(self.ckpt_dir)
         if latest_step_dir(self.ckpt_dir) is not None:
             start, user = load_checkpoint(self.ckpt_dir, self.model, self.optimizer, self.scheduler)
@@ -347,6 +349,9 @@ class Trainer:
         log = _MetricLog(
             self.out_dir, start, rank0, self.cfg.tensorboard, self.logging_cfg, self.run_meta.get("config")
         )
+        saved_line = user.get("metrics") if isinstance(user, dict) else None
+        if isinstance(saved_line, dict) and saved_line.get("step") == start and log.last_step < start:
+            log.write(saved_line)  # killed between the checkpoint and its step's line (while evaluating it)
         history = []
         bar = tqdm(
             range(start, self.cfg.steps),
@@ -383,13 +388,16 @@ class Trainer:
                 if logged and not evaluating:  # an evaluated step is logged once its evaluation is in
                     log.write(metrics)
                 if last or evaluating or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
+                    # the step's line goes with it: a kill before the line is written (during the evaluation)
+                    # has the resume write it, without the evaluation's keys
+                    line = dict(metrics) if logged else None
                     save_checkpoint(
                         self.ckpt_dir,
                         step + 1,
                         self.model,
                         self.optimizer,
                         self.scheduler,
-                        user_state={"data": data.state_dict()},
+                        user_state={"data": data.state_dict(), "metrics": line},
                         meta={**self.run_meta, "loss": self.loss_cfg.__dict__},
                     )
                 if evaluating:
@@ -495,13 +503,16 @@ class _MetricLog:
         self.active = active
         self.tb = None
         self.wandb = None
+        self.last_step = 0  # the last step with a line in the file (after the lines past the resumed step go)
         if not active:
+            self.last_step = start_step  # (other ranks write nothing)
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
             kept = [ln for ln in _metric_lines(self.path) if json.loads(ln)["step"] <= start_step]
             atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
+            self.last_step = max([json.loads(ln)["step"] for ln in kept], default=0)
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard, only when logging to it

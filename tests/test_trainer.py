@@ -287,6 +287,30 @@ def test_evaluation_hook_runs_at_eval_steps_and_changes_nothing(dist1, tmp_path)
     assert list(seen) == [2, 3, 4, 6]
     assert [h["loss"] for h in first + second] == [h["loss"] for h in plain]
 
+    # killed while evaluating step 4, after its checkpoint and before its line: the resume writes the line (the
+    # step's training metrics, saved with the checkpoint; the evaluation's keys died with it), so the log reads
+    # as the uninterrupted run's (its lines were lost for good)
+    def killed_at_4(step, model):
+        if step == 4:
+            raise KeyboardInterrupt
+        return {"step_seen": step}
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed", 6, killed_at_4, eval_every=2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()] == [
+        1,
+        2,
+        3,
+    ]
+    run(tmp_path / "killed", 6, lambda s, m: {"step_seen": s}, eval_every=2)
+    got = [json.loads(x) for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in got] == [1, 2, 3, 4, 5, 6]
+    assert [x.get("eval/step_seen") for x in got] == [None, 2, None, None, None, 6]
+    for x, y in zip(got, lines):  # the same training metrics as the uninterrupted run's (its speed aside)
+        assert {k: v for k, v in x.items() if not k.startswith(("eval/", "tokens_per_s"))} == {
+            k: v for k, v in y.items() if not k.startswith(("eval/", "tokens_per_s"))
+        }
+
 
 def test_eval_every_is_validated():
     with pytest.raises(ValueError, match="eval_every"):
