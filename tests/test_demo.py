@@ -273,7 +273,12 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.trainable_last_layers=30", "train at most 29, or set train.cache_frozen_prefix=false"),
         ("methods.qsharp.trainable_last_layers=30", "methods.qsharp.trainable_last_layers=30 trains every layer"),
         ("methods.qsharp.trainable_last_layers=-2", "must be an integer in 0..30 or -1 (0: the head only"),
-        ("methods.qsharp.top_k=0", "methods.qsharp.top_k must be an integer >= 1, got 0"),
+        ("methods.qsharp.top_k=0", "methods.qsharp.top_k must be an integer in 1..49152 (SmolLM2's vocabulary), got 0"),
+        # found only after the paid-for stages: a tensor of 38 GB, samples past the context, a J* loop of 10^8
+        ("methods.qsharp.top_k=100000000", "methods.qsharp.top_k must be an integer in 1..49152"),
+        ("data.max_new_tokens=100000000", "data.max_new_tokens must be an integer in 1..4096"),
+        ("eval.j_star_samples=100000000", "eval.j_star_samples must be an integer in 1..10000"),
+        ("train.methods=[qsharp_value@0.1]", "unknown method 'qsharp_value'"),  # it trains a value model
         ("methods.qsharp.num_atoms=1", "methods.qsharp.num_atoms must be an integer >= 2, got 1"),
         ("reward_model.cv_folds=1", "reward_model.cv_folds must be an integer >= 2, got 1"),
         ("reward_model.l2=[1.0,-3.0]", "reward_model.l2 must be a non-empty list of entries each a number > 0"),
@@ -318,7 +323,7 @@ def test_a_config_file_of_wrong_types_is_refused_naming_the_key(tmp_path):
         demo.load_config(path)
     cfg["eval"]["batch_size"], cfg["data"]["max_new_tokens"] = 64, float("nan")
     path.write_text(yaml.safe_dump(cfg))
-    with pytest.raises(ValueError, match="data.max_new_tokens must be an integer >= 1, got nan"):
+    with pytest.raises(ValueError, match=r"data.max_new_tokens must be an integer in 1..4096 .*, got nan"):
         demo.load_config(path)
 
 
@@ -805,8 +810,11 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (run / "curve.json").write_text('{"step": 1, "train_seconds": 2}')  # one record where a list belongs
     with pytest.raises(ValueError, match=r"curve.json: expected a list of records, got \{"):
         read_json(run / "curve.json", keys=("step", "train_seconds"), records=True)
-    (run / "curve.json").write_text("[]")
-    assert read_json(run / "curve.json", keys=("step",), records=True) == []
+    (run / "curve.json").write_text("[]")  # written only with a record in it: an IndexError further on
+    with pytest.raises(
+        ValueError, match=r"curve.json: expected a list of records, got \[\] .*its whole folder runs/ARM"
+    ):
+        read_json(run / "curve.json", keys=("step",), records=True)
     edited = tmp_path / "edited"
     Stages(edited, cfg).finish("reward_model", 1.0)
     Stages(edited, cfg).finish("prompts", 1.0)
@@ -903,6 +911,21 @@ def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecke
 
     file("older.yaml", older)
     assert demo.load_config(tmp_path / "older.yaml")["train"]["methods"] == ["shiq"]
+
+
+def test_two_runs_in_one_folder_are_refused(tmp_path, capsys):
+    """Two shiq-demo processes started in one --out ran the same stages side by side, writing each other's files,
+    and both ended with status 0. The second is refused in one line while the first holds the folder's lock;
+    the folder is the first's, unchanged; the lock goes with the process that held it."""
+    from shiq_data.io import exclusive_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with exclusive_lock(out / ".lock"):  # what the first run's process holds
+        assert demo.main(["--quick", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{out / '.lock'} is held by another shiq-demo run: wait for it" in err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
 def test_a_folder_holding_a_config_json_of_something_else_is_refused_not_replaced(tmp_path, capsys):

@@ -7,6 +7,7 @@ command line."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -26,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_json, atomic_write_texts, one_line, type_name
+from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, one_line, type_name
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
@@ -340,7 +341,8 @@ def check_arms(cfg: dict, known, single=()) -> None:
             raise ValueError(f"train.methods: {same!r} and {arm!r} are the same arm (β {float(beta):g})")
 
 
-BARE_RUN = {"config.json", "stages.json", "run.log"}  # a run folder with no stage's output in it
+LOCK = ".lock"  # held (flock) by the process running the recipe in the folder
+BARE_RUN = {"config.json", "stages.json", "run.log", LOCK}  # a run folder with no stage's output in it
 
 
 def check_run_folder(out: Path, prog: str) -> None:
@@ -360,13 +362,32 @@ def check_run_folder(out: Path, prog: str) -> None:
             f"{out} holds stages.json but no config.json: the configuration its finished stages were made with is "
             "gone, so this one cannot be checked against it; use another --out (or put config.json back)"
         )
-    others = sorted(p.name for p in out.iterdir() if p.name != "run.log")  # --jobs opens it before the run
+    others = sorted(p.name for p in out.iterdir() if p.name not in ("run.log", LOCK))  # (--jobs opens run.log first)
     if others:
         shown = ", ".join(others[:4]) + (", ..." if len(others) > 4 else "")
         raise ValueError(
             f"--out {out} holds files ({shown}) but is not a {prog} run folder (no config.json): give a new or "
             "empty folder"
         )
+
+
+_LOCKED: dict[Path, contextlib.ExitStack] = {}  # the run folders this process holds the lock of
+
+
+def lock_run_folder(out: Path, prog: str) -> None:
+    """Make ``out`` and hold the lock ``out/.lock`` until this process ends (again for the same folder: held
+    already), or refuse the folder: two processes in one run folder would run the same stages side by side and
+    write each other's files. The lock goes with the process however it ends (a kill too)."""
+    out.mkdir(parents=True, exist_ok=True)
+    key = out.resolve()
+    if key in _LOCKED:
+        return
+    held = contextlib.ExitStack()
+    why = held.enter_context(exclusive_lock(out / LOCK, wait=False, holder=f"another {prog} run"))
+    if why is not None:
+        held.close()
+        raise ValueError(f"--out {out}: {why}: wait for it to end, or use another --out")
+    _LOCKED[key] = held
 
 
 def check_study_folder(out: Path, owns: set[str]) -> None:
@@ -411,7 +432,7 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), r
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise ValueError(f"{path}: {_json_problem(e)}{redo}") from None
-    if records and not isinstance(data, list):
+    if records and (not isinstance(data, list) or not data):  # (written only with a record in it)
         raise ValueError(f"{path}: expected a list of records, got {json.dumps(data)[:60]}{redo}")
     for i, record in enumerate(data if records else [data] if keys else []):
         if not isinstance(record, dict) or not set(keys) <= set(record):
@@ -441,7 +462,8 @@ def read_jsonl(path: Path) -> list:
 
 _REDO = (
     " (a stage's output, damaged or removed: delete it, and the stage that made it from the run's stages.json, "
-    "to make it again; or use another --out)"
+    "to make it again; a file of a trained arm, its whole folder runs/ARM: its checkpoints would resume past the "
+    "steps the file recorded; or use another --out)"
 )
 
 
@@ -509,6 +531,7 @@ class Stages:
                     "use another --out or remove it"
                 )
             write = bool(diff or filled)
+        lock_run_folder(out, prog)  # (a folder refused above is left as it was, without a lock file)
         if check is not None:
             check()
         if write:

@@ -128,7 +128,8 @@ from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
 
 CONFIG = config_dir() / "demo.yaml"
-METHODS = (*LOSS_NAMES, "qsharp")  # the trained losses, and Q♯ guided decoding
+# the losses that train the policy (not qsharp_value: Q♯'s value model trains in its own arm), and Q♯ guided decoding
+METHODS = (*(n for n in LOSS_NAMES if LOSSES[n].trains == "policy"), "qsharp")
 # the policy losses that need no second completion of a prompt (the information-controlled arms)
 SINGLE_METHODS = tuple(n for n in LOSS_NAMES if not LOSSES[n].needs_groups and LOSSES[n].trains == "policy")
 TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr", *COLUMNS[4:8], "J", "J_stderr"]
@@ -222,6 +223,8 @@ def reward_precision(cfg: dict) -> str:
 
 LAYERS = SMOLLM2_LAYERS
 # Every number of the configuration, checked before any stage runs (SHIQ_MATH §9 for the evaluation's)
+SAMPLES_MAX = 10_000  # completions per held-out prompt (shiq-eval run's bound too)
+SMOLLM2_VOCAB = 49_152  # the tokens of SmolLM2's vocabulary: Q♯'s candidates per step at most
 BOUNDS = {
     "seed": Bounds(low=0, high=SEED_MAX, why=SEED_WHY),
     "data.held_out_fraction": Bounds(integer=False, low=0, high=1, above=True, below=True),
@@ -229,7 +232,7 @@ BOUNDS = {
     "data.train_prompts": Bounds(low=1),
     "data.completions_per_prompt": Bounds(low=2, why="DPO, CoPG and DRO-V compare completions of a prompt"),
     "data.eval_prompts": Bounds(low=1),
-    "data.max_new_tokens": Bounds(low=1),
+    "data.max_new_tokens": Bounds(low=1, high=4096, why="SmolLM2's 8,192 positions hold the prompt too"),
     "reward_model.l2": Bounds(integer=False, low=0, above=True, each=True, why="ridge penalties"),
     "reward_model.cv_folds": Bounds(low=2),
     "reward_model.max_train_texts": Bounds(low=0, why="0: every training snippet"),
@@ -241,15 +244,15 @@ BOUNDS = {
     "train.eval_every": Bounds(low=1),
     "train.trainable_last_layers": Bounds(low=1, high=LAYERS, also=(-1,), why="-1: every parameter"),
     "eval.batch_size": Bounds(low=1),
-    "eval.samples_per_prompt": Bounds(low=1),
+    "eval.samples_per_prompt": Bounds(low=1, high=SAMPLES_MAX),
     "eval.show_samples": Bounds(low=0),
-    "eval.j_star_samples": Bounds(low=1),
+    "eval.j_star_samples": Bounds(low=1, high=SAMPLES_MAX),
     "eval.validation_prompts": Bounds(low=0),
     "methods.qsharp.steps": Bounds(low=1),
     "methods.qsharp.lr": Bounds(integer=False, low=0, above=True),
     "methods.qsharp.trainable_last_layers": Bounds(low=0, high=LAYERS, also=(-1,), why="0: the head only; -1: all"),
     "methods.qsharp.num_atoms": Bounds(low=2),
-    "methods.qsharp.top_k": Bounds(low=1),
+    "methods.qsharp.top_k": Bounds(low=1, high=SMOLLM2_VOCAB, why="SmolLM2's vocabulary"),
     "methods.qsharp.eval_prompts": Bounds(low=0, why="0: every held-out prompt"),
     "full.seeds": Bounds(low=0, high=SEED_MAX, each=True, why=SEED_WHY),
     "full.validation_prompts": Bounds(low=0),
@@ -1054,7 +1057,8 @@ def report_markdown(rep: dict) -> str:
         f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} prompts × {d['completions_per_prompt']} "
         f"completions per step, the same batches for every method, the last {t['trainable_last_layers']} of 30 "
         "transformer layers trained (embeddings frozen), megatron-core GPTModel on CPU. β per method is in the "
-        'table (the shipped defaults are each method\'s best β in `shiq-demo --full`: README, "The full study").',
+        "table (the shipped default, 0.03, is not every method's best β in `shiq-demo --full`: 0.01 ranks first by "
+        'gain share at more KL; README, "The full study", says why 0.03 stays).',
     ]
     if q is not None:
         qc = cfg["methods"]["qsharp"]
@@ -1125,6 +1129,11 @@ def report_markdown(rep: dict) -> str:
         "![J vs step](j_vs_step.png)",
         "![reward vs step](reward_vs_step.png)",
         "![J* vs N](j_star_curve.png)",
+        *(
+            ["![validation loss vs step](val_loss_vs_step.png)"]
+            if any(r.get("val_loss") for r in rep["methods"].values())
+            else []
+        ),
         "",
         "## Sample generations (the first evaluation prompts)",
         "",
