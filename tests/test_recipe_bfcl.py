@@ -359,6 +359,27 @@ def test_quick_run_report_and_resume(tmp_path):
     assert res.stderr.count("done earlier, skipped") == 1 + 1 + 5  # data, the reference, five methods
     stages = json.loads((out / "stages.json").read_text())["done"]
     assert list(stages)[:2] == ["data", "eval_reference"]  # the baseline first: a run stopped part-way has it
+    # its files edited by hand are named with the record, turn and field (the report ended in a KeyError,
+    # a ZeroDivisionError or a TypeError)
+    path, keys = out / "runs" / "shiq" / "eval.json", ("turns", "beta", "steps", "train_seconds", "eval_seconds")
+    ev = json.loads(path.read_text())
+    assert bfcl.read_eval(path, keys) == ev and bfcl.read_trajectories(out / "trajectories.jsonl", "turn_rewards")
+    bad = tmp_path / "bad.json"
+    for edit, said in (
+        (lambda e: e["turns"][1].pop("kl"), "turns[1]: field 'kl' is missing"),
+        (lambda e: e["turns"][0].update(gt_tokens=0), "turns[0]: field 'gt_tokens' must be an integer >= 1, got 0"),
+        (lambda e: e["turns"][0].update(kl="x"), "turns[0]: field 'kl' must be a finite number, got 'x'"),
+        (lambda e: e.update(turns=[]), "field 'turns' must be a non-empty list"),
+        (lambda e: e.pop("train_seconds"), "'train_seconds'"),
+    ):
+        e = json.loads(path.read_text())
+        edit(e)
+        bad.write_text(json.dumps(e))
+        with pytest.raises(ValueError, match=re.escape(f"{bad}: ") + ".*" + re.escape(said)):
+            bfcl.read_eval(bad, keys)
+    bad.write_text('{"id": 1}\n')
+    with pytest.raises(ValueError, match=r"bad.json: record 1: expected a trajectory with a text 'id' and a list"):
+        bfcl.read_trajectories(bad, "turn_rewards")
 
 
 def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):

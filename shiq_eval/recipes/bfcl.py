@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import shutil
 import sys
@@ -72,6 +73,7 @@ from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_t
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, paired_difference
 from shiq_eval.recipes.common import (
+    REDO,
     SEED_WHY,
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
@@ -528,15 +530,86 @@ def tied_groups(trajectories: list[dict], reward: str) -> int:
     return sum(len(r) == 1 for r in returns.values())
 
 
+# what the report reads of each evaluated turn: text, a count (>= 1), an index (>= 0), a finite number, a flag,
+# or anything
+TURN_FIELDS = {
+    "id": "text",
+    "turn": "index",
+    "reset": "number",
+    "cumulative": "number",
+    "kl": "number",
+    "gt_nll": "number",
+    "gt_tokens": "count",
+    "answer_tokens": "number",
+    "valid": "flag",
+    "answer": "any",
+    "truth": "any",
+}
+
+
+def _field_problem(kind: str, v) -> str | None:
+    """What a value of kind ``kind`` (:data:`TURN_FIELDS`) must be, when ``v`` is not that; else None."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = {
+        "text": isinstance(v, str),
+        "count": number and isinstance(v, int) and v >= 1,
+        "index": number and isinstance(v, int) and v >= 0,
+        "number": number and math.isfinite(v),
+        "flag": isinstance(v, bool),
+        "any": True,
+    }[kind]
+    wanted = {"count": "an integer >= 1", "index": "an integer >= 0", "number": "a finite number", "text": "text"}
+    return None if ok else wanted.get(kind, "true or false")
+
+
+def read_eval(path: Path, keys: tuple[str, ...]) -> dict:
+    """An evaluation file of the run (``reference_eval.json``, ``runs/<arm>/eval.json``) with ``keys`` and a
+    non-empty list of ``turns``, each holding :data:`TURN_FIELDS` of their kind: a file edited by hand is named
+    with the turn and field (a KeyError or ZeroDivisionError in the report otherwise)."""
+    res = read_json(path, keys=keys)
+    turns = res["turns"]
+    if not isinstance(turns, list) or not turns:
+        raise ValueError(f"{path}: field 'turns' must be a non-empty list of turns, got {json.dumps(turns)[:60]}{REDO}")
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise ValueError(f"{path}: turns[{i}] must be an object, got {json.dumps(t)[:60]}{REDO}")
+        for field, kind in TURN_FIELDS.items():
+            if field not in t:
+                raise ValueError(f"{path}: turns[{i}]: field {field!r} is missing{REDO}")
+            if (want := _field_problem(kind, t[field])) is not None:
+                raise ValueError(f"{path}: turns[{i}]: field {field!r} must be {want}, got {t[field]!r:.40}{REDO}")
+    return res
+
+
+def read_trajectories(path: Path, key: str) -> list[dict]:
+    """``trajectories.jsonl``, each record with an ``id`` and a list ``key`` of finite turn rewards."""
+    trajectories = read_jsonl(path)
+    for i, t in enumerate(trajectories, 1):
+        rewards = t.get(key) if isinstance(t, dict) else None
+        if not (isinstance(t, dict) and isinstance(t.get("id"), str) and isinstance(rewards, list)) or any(
+            _field_problem("number", r) for r in rewards
+        ):
+            raise ValueError(
+                f"{path}: record {i}: expected a trajectory with a text 'id' and a list {key!r} of finite numbers, "
+                f"got {json.dumps(t)[:60]}{REDO}"
+            )
+    return trajectories
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
-    trajectories = read_jsonl(ctx.out / "trajectories.jsonl")
+    key = "turn_rewards" if cfg["data"]["reward"] == "cumulative" else "turn_rewards_reset"
+    trajectories = read_trajectories(ctx.out / "trajectories.jsonl", key)
     data = read_json(ctx.out / "data.json")
+    if not isinstance(data, dict):
+        raise ValueError(f"{ctx.out / 'data.json'}: expected an object of counts, got {json.dumps(data)[:60]}{REDO}")
     data["groups_tied"] = tied_groups(trajectories, cfg["data"]["reward"])
-    ref = read_json(ctx.out / "reference_eval.json", keys=("turns",))
+    ref = read_eval(ctx.out / "reference_eval.json", keys=("turns", "eval_seconds"))
     methods = {}
     for arm in cfg["train"]["methods"]:
-        res = read_json(ctx.out / "runs" / arm / "eval.json", keys=("turns", "beta", "steps"))
+        res = read_eval(
+            ctx.out / "runs" / arm / "eval.json", ("turns", "beta", "steps", "train_seconds", "eval_seconds")
+        )
         methods[arm] = {
             **summarize(res["turns"], ref["turns"]),
             "beta": res["beta"],

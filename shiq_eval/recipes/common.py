@@ -465,6 +465,7 @@ _REDO = (
     "to make it again; a file of a trained arm, its whole folder runs/ARM: its checkpoints would resume past the "
     "steps the file recorded; or use another --out)"
 )
+REDO = _REDO  # what a recipe's message about one of its stage's files says to do
 
 
 def _json_problem(e: Exception) -> str:
