@@ -56,7 +56,7 @@ from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_fi
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.parallel import device_type
 from shiq_train.train_step import MasterWeightOptimizer
-from shiq_train.weights import rank_file_name, reshard_tensor, unshard_tensors
+from shiq_train.weights import full_shape, rank_file_name, reshard_tensor, unshard_tensors
 
 
 def _layout() -> dict:
@@ -416,10 +416,6 @@ def _check_names(step_dir, saved: set[str], model: set[str]) -> None:
         )
 
 
-def _full_shape(shape, dim: int | None, tp: int) -> tuple[int, ...]:
-    return tuple(n * tp if d == dim else n for d, n in enumerate(shape))
-
-
 class _SavedLayout:
     """The data-parallel rank 0 files of a checkpoint saved under another layout, indexed by full parameter
     name: each parameter's tensor-parallel shards and optimizer state, and :meth:`shard` to cut this rank's
@@ -450,7 +446,7 @@ class _SavedLayout:
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         e = self.entries[name]
-        return _full_shape(e["shards"][0][0].shape, e["dim"], self.tp if e["dim"] is not None else 1)
+        return full_shape(e["shards"][0][0].shape, e["dim"], self.tp if e["dim"] is not None else 1)
 
     def shard(self, name: str, tp: int, rank: int, pick) -> torch.Tensor:
         """This rank's shard of ``pick(param shard, optimizer entry)`` of every saved tensor-parallel rank."""
@@ -492,7 +488,7 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
         name, e = info["name"], src.entries[info["name"]]
         if (e["dim"], e["glu"]) != (info["dim"], info["glu"]):
             raise _does_not_fit(step_dir, f"{name} is split on dim {e['dim']} there, on dim {info['dim']} here")
-        want = _full_shape(params[local].shape, info["dim"], tp if info["dim"] is not None else 1)
+        want = full_shape(params[local].shape, info["dim"], tp if info["dim"] is not None else 1)
         if src.full_shape(name) != want:
             raise _does_not_fit(step_dir, f"{name} has shape {list(src.full_shape(name))} there, {list(want)} here")
         with torch.no_grad():

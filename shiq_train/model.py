@@ -884,7 +884,7 @@ def draw_random_start(model, seed: int) -> None:
                 raise ValueError(f"{full}: megatron-core drew this vector at random; init=none cannot redraw it")
             continue
         dim, glu = tp_layout(chunk, name, p)
-        shape = tuple(n * tp if d == dim else n for d, n in enumerate(p.shape))
+        shape = W.full_shape(p.shape, dim, tp)
         digest = hashlib.sha256(f"{seed}/{full}".encode()).digest()
         weight = torch.empty(shape, dtype=torch.float32)
         _weight_init(unwrap(chunk).config, full)(

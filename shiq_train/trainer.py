@@ -510,9 +510,9 @@ class _MetricLog:
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
         if self.path.exists():
-            kept = [ln for ln in _metric_lines(self.path) if json.loads(ln)["step"] <= start_step]
-            atomic_write_text(self.path, "".join(ln + "\n" for ln in kept))
-            self.last_step = max([json.loads(ln)["step"] for ln in kept], default=0)
+            kept = [(ln, step) for ln in _metric_lines(self.path) if (step := json.loads(ln)["step"]) <= start_step]
+            atomic_write_text(self.path, "".join(ln + "\n" for ln, _ in kept))
+            self.last_step = max([step for _, step in kept], default=0)
         self.file = self.path.open("a")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # heavy: tensorboard, only when logging to it

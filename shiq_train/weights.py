@@ -54,6 +54,11 @@ def tp_split(name: str, gated: bool = True) -> tuple[int | None, bool]:
     return None, False
 
 
+def full_shape(shape, dim: int | None, tp: int) -> tuple[int, ...]:
+    """The single-process shape of a tensor-parallel shard of ``shape`` split on ``dim`` (None: not split)."""
+    return tuple(n * tp if d == dim else n for d, n in enumerate(shape))
+
+
 def shard_tensor(full: torch.Tensor, dim: int | None, glu: bool, tp: int, rank: int) -> torch.Tensor:
     """Rank ``rank``'s slice of ``full`` under the layout from :func:`tp_split`."""
     if dim is None or tp == 1:

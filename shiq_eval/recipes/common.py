@@ -427,7 +427,7 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), r
     """A recipe's JSON file, or a ``ValueError`` naming it and saying what to do (``hint``, default: how to
     make a stage's output again) when it is cut short, not UTF-8 or gone, or, given ``keys``, not an object
     holding them (with ``records``: not a list of such objects)."""
-    redo = _REDO if hint is None else hint
+    redo = REDO if hint is None else hint
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
@@ -449,23 +449,22 @@ def read_jsonl(path: Path) -> list:
     try:
         lines = path.read_text(encoding="utf-8").split("\n")  # (U+2028 may be inside a string)
     except (UnicodeDecodeError, FileNotFoundError) as e:
-        raise ValueError(f"{path}: {_json_problem(e)}{_REDO}") from None
+        raise ValueError(f"{path}: {_json_problem(e)}{REDO}") from None
     records = []
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except (ValueError, RecursionError) as e:
-                raise ValueError(f"{path}: line {i}: {_json_problem(e)}{_REDO}") from None
+                raise ValueError(f"{path}: line {i}: {_json_problem(e)}{REDO}") from None
     return records
 
 
-_REDO = (
+REDO = (  # what a message about a stage's file says to do (shiq_eval.recipes.bfcl's too)
     " (a stage's output, damaged or removed: delete it, and the stage that made it from the run's stages.json, "
     "to make it again; a file of a trained arm, its whole folder runs/ARM: its checkpoints would resume past the "
     "steps the file recorded; or use another --out)"
 )
-REDO = _REDO  # what a recipe's message about one of its stage's files says to do
 
 
 def _json_problem(e: Exception) -> str:
