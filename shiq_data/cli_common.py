@@ -47,8 +47,23 @@ class ArgumentParser(argparse.ArgumentParser):
     dozen lines for a command of many options, the error last). The parsers of its subcommands are of this
     class too (``add_subparsers`` makes them of their parent's class)."""
 
+    _innermost = None  # the last parser to read a command line: a subcommand's, inside its parent's reading
+
     def error(self, message: str):
         self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ArgumentParser._innermost = self
+        return super().parse_known_args(args, namespace)
+
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, except that an unknown option after a subcommand is refused by the subcommand's parser,
+        whose ``--help`` lists the options it takes (argparse's top-level refusal sent the user to the list of
+        subcommands)."""
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            (ArgumentParser._innermost or self).error(f"unrecognized arguments: {' '.join(extras)}")
+        return namespace
 
 
 def verbose() -> bool:

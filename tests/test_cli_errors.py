@@ -203,6 +203,9 @@ CASES = [
     case("shiq-demo", ["--out", "{d}/afile/sub"], "{d}/afile is a file, not a folder"),
     case("shiq-toys", ["bandit", "--out", ""], "--out: must name a folder"),
     case("shiq-train", ["export"], "required: RUN", "see shiq-train export --help"),
+    # an unknown option after a subcommand: refused by the subcommand, whose --help lists its options
+    case("shiq-eval", ["run", "{d}/evalrun", "--out", "{d}/x", "--bogus"], "see shiq-eval run --help", "--bogus"),
+    case("shiq-data", ["stats", "{d}/buf", "--bogus"], "shiq-data stats: error: unrecognized arguments: --bogus"),
 ]
 
 

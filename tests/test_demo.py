@@ -3,6 +3,7 @@
 import csv
 import json
 import math
+import random
 import re
 import subprocess
 import sys
@@ -350,6 +351,41 @@ def test_a_bad_number_ends_the_command_in_one_line_before_any_work(tmp_path, cap
     assert demo.main(["--out", str(out), "eval.batch_size=0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "shiq-demo: error: eval.batch_size must be an integer >= 1, got 0" and not out.exists()
+
+
+def test_prompt_counts_the_split_cannot_supply_are_refused_before_any_stage(tmp_path, capsys):
+    """data.eval_prompts beyond the held-out split ended the run only after the reward model (minutes), and the
+    run folder then refused the corrected value as a changed configuration; eval.validation_prompts beyond what
+    the training prompts leave ended in random's 'Sample larger than population'. The counts are pandas' on the
+    rated snippets, independently of the recipe's split."""
+    import pandas as pd
+
+    from shiq_data.assets import vader_archive
+    from shiq_eval.moviereviews import load_movie_snippets
+
+    rows = load_movie_snippets(vader_archive())
+    ids = pd.Series([r.id for r in rows]).sort_values().tolist()
+    random.Random(0).shuffle(ids)  # the split of seed 0: the first 20% held out
+    words = pd.Series({r.id: len(r.text.split()) for r in rows})
+    k = round(len(ids) * 0.2)
+    held, train = int((words[ids[:k]] > 6).sum()), int((words[ids[k:]] > 6).sum())
+    out, v = tmp_path / "run", 2 * ((train - 8) // 2 + 1)
+    cases = [
+        (["data.eval_prompts=" + str(held + 1)], f"data.eval_prompts asks for {held + 1} prompts; the held-out "
+         f"split of seed 0 has {held} snippets longer than data.prompt_words (6) words"),
+        (["data.train_prompts=8", f"eval.validation_prompts={v}"],  # a multiple of groups_per_step (2)
+         f"data.train_prompts + eval.validation_prompts asks for {8 + v} prompts; the training split of seed 0 "
+         f"has {train} snippets"),
+        (["train.methods=[shiq-single]", f"data.train_prompts={train // 2 + 1}"],
+         f"the -single arms' prompts) asks for {2 * (train // 2 + 1)} prompts"),
+    ]  # fmt: skip
+    for argv, needle in cases:
+        assert demo.main(["--quick", "--out", str(out), *argv]) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, (argv, err)
+        assert not out.exists()
+    assert demo.main(["--full", "--out", str(out), "full.seeds=[0]", "data.eval_prompts=" + str(held + 1)]) == 2
+    assert f"data.eval_prompts asks for {held + 1} prompts" in capsys.readouterr().err and not out.exists()
 
 
 def test_bounds_refuse_what_is_not_a_number_of_their_kind():
@@ -861,6 +897,38 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     (run / "stages.json").write_text('{"done": {}}')  # nothing finished: no stage to blame
     with pytest.raises(FileNotFoundError, match="samples.jsonl"):
         Stages(run, fixed).run([("buffer", read_samples)], print, dict, str)
+
+
+def test_evaluation_files_edited_or_cut_by_hand_are_named_with_record_and_field(tmp_path):
+    """A NaN reward, a list cut short or a stage's record of other prompts ended in a TypeError, a NaN in the
+    report or a silently shorter pairing with the reference; each is named with the file, record and field."""
+    s = 2  # samples per prompt
+    rec = {k: 0.5 for k, kind in demo.EVAL_FIELDS.items() if kind == "number"}
+    rec |= {"rewards": [1.0, 2.0, 3.0, 4.0], "gold": [0.0] * 4, "kls_exact": [0.1] * 4, "n": 4, "samples": []}
+    curve = tmp_path / "curve.json"
+    curve.write_text(json.dumps([rec | {"step": 2, "train_seconds": 1.0}]))
+    assert demo.read_evaluations(curve, s)[0]["rewards"] == [1.0, 2.0, 3.0, 4.0]
+    ref = rec | {"j_star_rewards": [[1.0, 2.0, 0.0], [3.0, 4.0, 1.0]], "j_star_seconds": 1.0}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert demo.read_evaluations(tmp_path / "ref.json", s, demo.REFERENCE_FIELDS, records=False) == ref
+    bad_curves = [
+        ({"rewards": [1.0, float("nan"), 3.0, 4.0]}, r"record 2: field 'rewards' must be a non-empty list of finite"),
+        ({"reward_mean": None}, r"record 2: field 'reward_mean' must be a finite number, got null"),
+        ({"kls_exact": [0.1] * 3}, r"record 2: fields 'rewards', 'gold' and 'kls_exact' must be of one length.*\[4, 4, 3\]"),
+        ({"rewards": [1.0] * 3, "gold": [0.0] * 3, "kls_exact": [0.0] * 3}, r"record 2: .*samples_per_prompt \(2\), got lengths \[3, 3, 3\]"),
+        ({"step": -1}, r"record 2: field 'step' must be an integer >= 0, got -1"),
+        ({"n": True}, r"record 2: field 'n' must be an integer >= 1, got true"),
+    ]  # fmt: skip
+    for edit, needle in bad_curves:
+        curve.write_text(
+            json.dumps([rec | {"step": 2, "train_seconds": 1.0}, rec | {"step": 4, "train_seconds": 2.0} | edit])
+        )
+        with pytest.raises(ValueError, match=rf"curve.json: {needle}.*runs/ARM"):
+            demo.read_evaluations(curve, s)
+    for j_star in ([[1.0, 2.0, 0.0]], [[1.0, 2.0], [3.0, 4.0, 1.0]], [[1.0], [3.0]], [[1.0, 2.0], [3.0, None]]):
+        (tmp_path / "ref.json").write_text(json.dumps(ref | {"j_star_rewards": j_star}))
+        with pytest.raises(ValueError, match=r"ref.json: field 'j_star_rewards' must be 2 lists \(one a prompt\) of"):
+            demo.read_evaluations(tmp_path / "ref.json", s, demo.REFERENCE_FIELDS, records=False)
 
 
 def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecked(tmp_path, capsys):

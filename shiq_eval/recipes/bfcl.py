@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import shutil
 import sys
@@ -89,6 +88,7 @@ from shiq_eval.recipes.common import (
     check_run_folder,
     check_study_folder,
     drop_checkpoints,
+    field_problem,
     load_yaml_config,
     logger,
     megatron_policy,
@@ -547,24 +547,9 @@ TURN_FIELDS = {
 }
 
 
-def _field_problem(kind: str, v) -> str | None:
-    """What a value of kind ``kind`` (:data:`TURN_FIELDS`) must be, when ``v`` is not that; else None."""
-    number = isinstance(v, (int, float)) and not isinstance(v, bool)
-    ok = {
-        "text": isinstance(v, str),
-        "count": number and isinstance(v, int) and v >= 1,
-        "index": number and isinstance(v, int) and v >= 0,
-        "number": number and math.isfinite(v),
-        "flag": isinstance(v, bool),
-        "any": True,
-    }[kind]
-    wanted = {"count": "an integer >= 1", "index": "an integer >= 0", "number": "a finite number", "text": "text"}
-    return None if ok else wanted.get(kind, "true or false")
-
-
 def read_eval(path: Path, keys: tuple[str, ...]) -> dict:
     """An evaluation file of the run (``reference_eval.json``, ``runs/<arm>/eval.json``) with ``keys`` and a
-    non-empty list of ``turns``, each holding :data:`TURN_FIELDS` of their kind: a file edited by hand is named
+    non-empty list of ``turns``, each holding :data:`TURN_FIELDS` of their kind (:func:`field_problem`): a file edited by hand is named
     with the turn and field (a KeyError or ZeroDivisionError in the report otherwise)."""
     res = read_json(path, keys=keys)
     turns = res["turns"]
@@ -576,7 +561,7 @@ def read_eval(path: Path, keys: tuple[str, ...]) -> dict:
         for field, kind in TURN_FIELDS.items():
             if field not in t:
                 raise ValueError(f"{path}: turns[{i}]: field {field!r} is missing{REDO}")
-            if (want := _field_problem(kind, t[field])) is not None:
+            if (want := field_problem(kind, t[field])) is not None:
                 raise ValueError(f"{path}: turns[{i}]: field {field!r} must be {want}, got {t[field]!r:.40}{REDO}")
     return res
 
@@ -587,7 +572,7 @@ def read_trajectories(path: Path, key: str) -> list[dict]:
     for i, t in enumerate(trajectories, 1):
         rewards = t.get(key) if isinstance(t, dict) else None
         if not (isinstance(t, dict) and isinstance(t.get("id"), str) and isinstance(rewards, list)) or any(
-            _field_problem("number", r) for r in rewards
+            field_problem("number", r) for r in rewards
         ):
             raise ValueError(
                 f"{path}: record {i}: expected a trajectory with a text 'id' and a list {key!r} of finite numbers, "

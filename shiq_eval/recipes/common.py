@@ -444,6 +444,25 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), r
     return data
 
 
+def field_problem(kind: str, v) -> str | None:
+    """What a value of kind ``kind`` must be when ``v`` is not that, else None: ``text``, ``count`` (an
+    integer >= 1), ``index`` (an integer >= 0), ``number`` (finite), ``numbers`` (a non-empty list of finite
+    numbers), ``flag`` (a bool) or ``any``."""
+    number = isinstance(v, (int, float)) and not isinstance(v, bool)
+    ok = {
+        "text": isinstance(v, str),
+        "count": number and isinstance(v, int) and v >= 1,
+        "index": number and isinstance(v, int) and v >= 0,
+        "number": number and math.isfinite(v),
+        "numbers": isinstance(v, list) and bool(v) and all(field_problem("number", x) is None for x in v),
+        "flag": isinstance(v, bool),
+        "any": True,
+    }[kind]
+    wanted = {"count": "an integer >= 1", "index": "an integer >= 0", "number": "a finite number", "text": "text"}
+    wanted["numbers"] = "a non-empty list of finite numbers"
+    return None if ok else wanted.get(kind, "true or false")
+
+
 def read_jsonl(path: Path) -> list:
     """The records of a recipe's JSONL file (blank lines skipped), or a ``ValueError`` naming file and line."""
     try:

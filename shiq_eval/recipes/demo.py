@@ -77,6 +77,7 @@ from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
 from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
+    REDO,
     SEED_WHY,
     SINGLE,
     SMOLLM2_LAYERS,
@@ -95,6 +96,7 @@ from shiq_eval.recipes.common import (
     check_run_folder,
     check_study_folder,
     drop_checkpoints,
+    field_problem,
     load_yaml_config,
     logger,
     megatron_policy,
@@ -212,8 +214,35 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
         c["train"]["keep_checkpoints"] = cfg["full"].get("keep_checkpoints", c["train"]["keep_checkpoints"])
         c["train"]["methods"] = [f"{m}@{b:g}" for m, betas in cfg["full"]["betas"].items() for b in betas]
         _check_config(c)
+        check_prompt_supply(c)
         out.append((f"seed{seed}", c))
     return out
+
+
+def check_prompt_supply(cfg: dict) -> None:
+    """Refuse, before any stage runs, prompt counts that the seed's split of the rated snippets cannot
+    supply (the stages ``prompts``, ``validation`` and ``samples_single`` draw them only after the
+    reward model is fitted, and the run folder is by then tied to the configuration)."""
+    d = cfg["data"]
+    rows = load_movie_snippets(vader_archive())
+    split = split_ids(rows, held_out=d["held_out_fraction"], seed=cfg["seed"])
+    long_enough = {r.id for r in rows if len(r.text.split()) > d["prompt_words"]}
+    train, held = (sum(i in long_enough for i in split[k]) for k in ("train", "held_out"))
+    v = cfg["eval"].get("validation_prompts", 0)
+    single = any(arm_is_single(m) for m in cfg["train"]["methods"])
+    needs = [
+        ("data.eval_prompts", d["eval_prompts"], held, "held-out"),
+        ("data.train_prompts", d["train_prompts"], train, "training"),
+        ("data.train_prompts + eval.validation_prompts", d["train_prompts"] + v, train, "training") if v else None,
+        ("data.train_prompts × data.completions_per_prompt (the -single arms' prompts)",
+         d["train_prompts"] * d["completions_per_prompt"], train, "training") if single else None,
+    ]  # fmt: skip
+    for key, n, have, part in filter(None, needs):
+        if n > have:
+            raise ValueError(
+                f"{key} asks for {n} prompts; the {part} split of seed {cfg['seed']} has {have} snippets longer "
+                f"than data.prompt_words ({d['prompt_words']}) words"
+            )
 
 
 def reward_precision(cfg: dict) -> str:
@@ -614,10 +643,44 @@ def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[in
     return openings, ctx.prompt_ids(openings)
 
 
-# what an evaluation record (evaluate_hf's, the reference's) holds that the report reads
-EVAL_KEYS = ("rewards", "gold", "kls_exact", "reward_mean", "reward_stderr", "gold_mean", "gold_stderr", "n", "samples")
-EVAL_KEYS += ("kl_exact", "kl_exact_stderr", "kl_sample", "kl_sample_stderr", "eval_seconds")
-CURVE_KEYS = EVAL_KEYS + ("step", "train_seconds")  # a record of runs/<arm>/curve.json
+# what an evaluation record (evaluate_hf's, the reference's) holds that the report reads, and of what kind
+# (common.field_problem); a record of runs/<arm>/curve.json adds its step and training time
+EVAL_FIELDS = {"rewards": "numbers", "gold": "numbers", "kls_exact": "numbers", "n": "count", "samples": "any"}
+EVAL_FIELDS |= dict.fromkeys(("reward_mean", "reward_stderr", "gold_mean", "gold_stderr", "eval_seconds"), "number")
+EVAL_FIELDS |= dict.fromkeys(("kl_exact", "kl_exact_stderr", "kl_sample", "kl_sample_stderr"), "number")
+CURVE_FIELDS = EVAL_FIELDS | {"step": "index", "train_seconds": "number"}
+REFERENCE_FIELDS = EVAL_FIELDS | {"j_star_rewards": "any", "j_star_seconds": "number"}
+
+
+def read_evaluations(path: Path, s: int, fields: dict[str, str] = CURVE_FIELDS, records: bool = True):
+    """The evaluations in ``path`` (a list of records: ``curve.json``; one record: ``reference_eval.json``),
+    each holding ``fields`` of their kind, its per-sample lists of one length, a multiple of ``s`` (samples per
+    prompt), and a reference's ``j_star_rewards`` one list of at least ``s`` finite numbers per prompt, all of one
+    length; a file edited or cut by hand is named with the record and field (a TypeError, a NaN in the report,
+    or numbers of other prompts paired, otherwise)."""
+    data = read_json(path, keys=tuple(fields), records=records)
+    for i, rec in enumerate(data if records else [data]):
+        where = f"record {i + 1}: " if records else ""
+        for field, kind in fields.items():
+            if (want := field_problem(kind, rec[field])) is not None:
+                raise ValueError(
+                    f"{path}: {where}field {field!r} must be {want}, got {json.dumps(rec[field])[:40]}{REDO}"
+                )
+        sizes = [len(rec[k]) for k in ("rewards", "gold", "kls_exact")]
+        if len(set(sizes)) > 1 or sizes[0] % s:
+            raise ValueError(
+                f"{path}: {where}fields 'rewards', 'gold' and 'kls_exact' must be of one length, a multiple of "
+                f"eval.samples_per_prompt ({s}), got lengths {sizes}{REDO}"
+            )
+        if "j_star_rewards" in fields:
+            rows = rec["j_star_rewards"]
+            ok = isinstance(rows, list) and len(rows) == sizes[0] // s
+            if not (ok and all(field_problem("numbers", r) is None and len(r) == len(rows[0]) >= s for r in rows)):
+                raise ValueError(
+                    f"{path}: field 'j_star_rewards' must be {sizes[0] // s} lists (one a prompt) of at least {s} "
+                    f"finite numbers, all of one length{REDO}"
+                )
+    return data
 
 
 def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: int = 0) -> dict:
@@ -659,7 +722,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     run = ctx.out / "runs" / arm
     ckpt_dir = run / "checkpoints"
     curve_path = run / "curve.json"
-    curve = read_json(curve_path, keys=CURVE_KEYS, records=True) if curve_path.exists() else []
+    curve = read_evaluations(curve_path, ctx.cfg["eval"]["samples_per_prompt"]) if curve_path.exists() else []
     done = {row["step"] for row in curve}
     ref, _ = ctx.reference
     policy = LlamaForCausalLM(ref.config).eval()
@@ -917,14 +980,14 @@ def frontier_points(methods: dict) -> list[dict]:
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
-    ref = read_json(ctx.out / "reference_eval.json", keys=EVAL_KEYS + ("j_star_rewards", "j_star_seconds"))
+    ref = read_evaluations(ctx.out / "reference_eval.json", s, REFERENCE_FIELDS, records=False)
     rm = read_json(ctx.out / "reward_model.json")
     buf = read_json(ctx.out / "buffer.json", keys=("reward_center",))
     matrix = np.asarray(ref["j_star_rewards"], dtype=np.float64)
     rows, methods = [], {}
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
-        curve = read_json(ctx.out / "runs" / m / "curve.json", keys=CURVE_KEYS, records=True)
+        curve = read_evaluations(ctx.out / "runs" / m / "curve.json", s)
         rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
@@ -1181,7 +1244,8 @@ COMPARISONS = (
 
 def _final_per_prompt(run: Path, arm: str, s: int) -> dict[str, np.ndarray]:
     """The arm's last evaluation in ``run``, per held-out prompt ``[P]``: reward, gold score, exact KL."""
-    curve = read_json(run / "runs" / arm / "curve.json")
+    fields = {k: CURVE_FIELDS[k] for k in ("step", "rewards", "gold", "kls_exact")}  # what it reads
+    curve = read_evaluations(run / "runs" / arm / "curve.json", s, fields)
     last = max(curve, key=lambda r: r["step"])
     return {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
 
@@ -1487,8 +1551,9 @@ ABSENT = {"reward_model.precision": "float32"}
 def run(cfg: dict, out: str | Path) -> dict:
     out = Path(out)
     check_run_folder(out, "shiq-demo")  # before anything is made there
-    out.mkdir(parents=True, exist_ok=True)
     _check_assets()
+    check_prompt_supply(cfg)
+    out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT, check=lambda: check_trained_betas(cfg, out))
     ctx = Context(cfg, out)
     plan = [
@@ -1567,6 +1632,7 @@ def _main(args) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     if args.full:
+        _check_assets()
         runs = full_runs(cfg)
         check_study_folder(out, FULL_FILES)  # before anything is made there
         jobs = [(name, out / name, (c, str(out / name))) for name, c in runs]
