@@ -4,7 +4,7 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 ...``; rank and world size come from torchrun's environment). The pieces, in order:
 
 1. :func:`resolve_data_mode` — the data mode the loss's registry entry asks for (whole prompt groups for dpo,
-   copg, dro_v, mt_*; packed rows only for the ShiQ family).
+   copg, dro_v_loo, mt_*; packed rows for the ShiQ family, dro_v and sft).
 2. ``parallel.init_distributed`` — process groups (gloo on CPU, nccl on GPU), seed.
 3. :func:`build_policy` — the model, with weights from ``init`` (random, SmolLM2, or a Hugging Face folder).
 4. :func:`open_data_source` — this data-parallel rank's seeded, resumable sampler over the buffer.
@@ -109,6 +109,8 @@ RESUME_SAFE_KEYS = (
     "logging.wandb",
     "logging.wandb_project",
     "logging.wandb_mode",
+    "logging.level",  # which lines reach stderr
+    "data.verify_checksums",  # whether shards are hashed before use: the same rows either way
     "train.cache_frozen_prefix",  # the same steps up to float rounding
     "train.share_prefixes",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.tp",  # checkpoints resume in any layout: the same steps up to float rounding
