@@ -5,6 +5,7 @@ import hashlib
 import json
 import math
 import random
+import re
 import shutil
 import subprocess
 import sys
@@ -315,9 +316,8 @@ def _check_mix(out, df_by_input):
     m, rows = read_rows(out)
     by_group: dict = {}
     for r in rows:
-        i, _, old = r["row_id"].partition("-")
-        old = old.split("-copy")[0]
-        by_group.setdefault(r["group_id"], []).append((int(i[1:]), old))
+        i, _, old = r["row_id"].partition("-")  # m<i>-<id>, or m<i>c<k>-<id> for the k-th repeat
+        by_group.setdefault(r["group_id"], []).append((int(i[1:].partition("c")[0]), old))
     per_input = [0] * len(df_by_input)
     for gid, members in by_group.items():
         assert len({i for i, _ in members}) == 1, f"group {gid} mixes inputs"
@@ -362,7 +362,14 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     assert run(capsys, *args, "--no-progress")[0] == 0
     _, per_input = _check_mix(out, [da, db])
     assert all(20 <= got < 20 + big for got, big in zip(per_input, biggest))
-    assert any("-copy" in r for r in ids(out))
+    assert any(re.match(r"m[01]c1-", r) for r in ids(out))
+    # a mix of that mix, with replacement again: a copy's id named like an earlier copy's (m0-X-copy1, the copy
+    # of m0-X, and the row m0-X-copy1 itself) made the output refuse itself, blaming the input
+    again = tmp_path / "rep2"
+    remix = ["mix", f"{out}:1", "--rows", 200, "--replacement", "--seed", 3, "--out", again, "--no-progress"]
+    assert run(capsys, *remix)[0] == 0
+    twice = ids(again)
+    assert len(set(twice)) == len(twice) and any(re.match(r"m0c\d+-m[01]c1-", r) for r in twice)
     # with replacement nothing bounds --rows but the disk: a mix that cannot fit is refused before drawing
     # (a mistyped 10**20 drew groups one at a time for hours), nothing left beside --out
     before = sorted(tmp_path.iterdir())

@@ -120,7 +120,7 @@ def _reference_mix(dfs, targets, seed, replacement):
         for rid, g in zip(df.row_id, df.group_id):
             for k in range(copies[g]):
                 out.append(
-                    (f"m{i}-{rid}" + (f"-copy{k}" if k else ""), new_group.setdefault((i, g, k), len(new_group)))
+                    (f"m{i}" + (f"c{k}" if k else "") + f"-{rid}", new_group.setdefault((i, g, k), len(new_group)))
                 )
     return [r for r, _ in out], [g for _, g in out]
 
@@ -133,7 +133,7 @@ def test_mix_matches_the_in_memory_draw(buf, small_batches, tmp_path, replacemen
     targets = [round(rows / 3), round(rows * 2 / 3)]
     want = _reference_mix([df, df], targets, 3, replacement)
     assert _ids(tmp_path / "m") == want
-    assert any("-copy" in r for r in want[0]) == replacement
+    assert any(r.startswith("m0c1-") for r in want[0]) == replacement
 
 
 def test_a_table_appended_in_one_piece_is_queried_within_the_memory_limit(tmp_path):

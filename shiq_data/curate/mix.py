@@ -8,8 +8,8 @@ up to one group more than ``r_i``. Without ``rows`` the mix is as large as the i
 replacement: ``min_i(rows_i * sum(w) / w_i)``.
 
 The output's group ids are ``0, 1, ...`` in order of appearance, one per (input, group, copy), so no two
-inputs (or copies) share one; row ids become ``m<i>-<row id>`` (``m<i>-<row id>-copy<k>`` for the k-th
-repeat). All inputs must share a tokenizer fingerprint (and pipeline fingerprint, among those recording one:
+inputs (or copies) share one; row ids become ``m<i>-<row id>`` (``m<i>c<k>-<row id>`` for the k-th
+repeat: unique whatever the input's ids are, a mix's own ``...-copy1`` too). All inputs must share a tokenizer fingerprint (and pipeline fingerprint, among those recording one:
 the mix records it only when every input does) and a system prompt setting, and all keep text columns or
 none does. Reference statistics are kept when every input has them from the same reference
 model, and dropped otherwise (the result says so).
@@ -255,7 +255,7 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
                 k = np.arange(len(take)) - np.repeat(np.cumsum(copies) - copies, copies)  # each copy's number
                 group_ids = (offset + np.asarray(g.first[unit])[take] + k).tolist()
                 ids = table.column("row_id").to_pylist()
-                row_ids = [f"m{i}-{ids[j]}" + (f"-copy{c}" if c else "") for j, c in zip(take.tolist(), k.tolist())]
+                row_ids = [f"m{i}{f'c{c}' if c else ''}-{ids[j]}" for j, c in zip(take.tolist(), k.tolist())]
                 part = source.take(table, take)
                 names = part.schema.names
                 part = part.set_column(names.index("row_id"), "row_id", pa.array(row_ids, pa.string()))
