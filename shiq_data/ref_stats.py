@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 
 from shiq_data.buffer import add_ref_columns, open_buffer, read_shard, shards_without_ref
-from shiq_data.sampler import check_rows
+from shiq_data.schema import check_rows
 
 Stats = torch.Tensor | np.ndarray
 StatsFn = Callable[[torch.Tensor, torch.Tensor], tuple[Stats, Stats]]

@@ -342,3 +342,93 @@ def is_finite_number(x) -> bool:
         return math.isfinite(x)
     except OverflowError:  # an integer beyond the float range
         return False
+
+
+# ----------------------------------------------------------------------------------------------
+# rows of a shard, checked as flat Arrow columns (what training and the curation verbs read)
+
+
+class ListView:
+    """Zero-copy numpy views of one list<…> column chunk: offsets and flat values (or a bitmap for bools)."""
+
+    def __init__(self, arr: pa.ListArray):
+        if arr.null_count:
+            raise ValueError("list columns must not hold nulls")
+        self.offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+        values = arr.values
+        self.is_bool = pa.types.is_boolean(values.type)
+        if self.is_bool:
+            self.bits = np.frombuffer(values.buffers()[1], dtype=np.uint8)
+            self.bit_offset = values.offset
+        else:
+            self.values = values.to_numpy(zero_copy_only=True)
+
+    def get(self, i: int) -> np.ndarray:
+        """The ``i``-th list as a numpy array (a view for numbers, a small unpacked copy for bools)."""
+        s, e = int(self.offsets[i]), int(self.offsets[i + 1])
+        if not self.is_bool:
+            return self.values[s:e]
+        a, b = self.bit_offset + s, self.bit_offset + e
+        unpacked = np.unpackbits(self.bits[a >> 3 : (b + 7) >> 3], bitorder="little")
+        return unpacked[a & 7 : (a & 7) + (e - s)].astype(bool)
+
+
+def check_rows(columns: dict[str, pa.ListArray], vocab: int, shard, first_row: int = 0) -> None:
+    """:func:`check_row_views` on Arrow list columns (``tokens`` and any other per-token ones) of one shard."""
+    check_row_views(
+        {n: ListView(a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a) for n, a in columns.items()},
+        vocab,
+        shard,
+        first_row,
+    )
+
+
+def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: int) -> None:
+    """Refuse, naming the shard, row and field, a row that training cannot use as it is: token ids outside
+    ``[0, vocab)``, other per-token columns of another length than its tokens, fewer than 2 tokens, an
+    action at position 0 (nothing predicts it) or none at all, a non-finite reward. Such a row comes from a
+    shard edited after it was written, checksum included; the embedding lookup or the batch's copy would
+    meet it as an opaque error, the loss as a NaN or a silently dropped row. Only what training reads is
+    checked here (vectorised, per record batch); ``shiq-data validate`` checks every field of every row."""
+    tokens = chunk["tokens"]
+    n = np.diff(tokens.offsets)
+    for name, view in chunk.items():
+        if name != "tokens" and not np.array_equal(np.diff(view.offsets), n):
+            r = int(np.flatnonzero(np.diff(view.offsets) != n)[0])
+            raise ValueError(
+                f"{shard}: row {first_row + r}: field {name!r}: {int(np.diff(view.offsets)[r])} values for "
+                f"{int(n[r])} tokens (shiq-data validate lists every bad row)"
+            )
+
+    def refuse(bad: np.ndarray, field: str, problem: str):  # bad: [rows] bool, the first True is named
+        raise ValueError(
+            f"{shard}: row {first_row + int(np.flatnonzero(bad)[0])}: field {field!r}: {problem} "
+            "(shiq-data validate lists every bad row)"
+        )
+
+    if (n < 2).any():
+        refuse(n < 2, "tokens", "fewer than 2 tokens (at least one prompt token and one completion token)")
+    if "action_mask" in chunk:
+        m = chunk["action_mask"]
+        lo, hi = m.bit_offset + int(m.offsets[0]), m.bit_offset + int(m.offsets[-1])
+        bits = np.unpackbits(m.bits[lo >> 3 : (hi + 7) >> 3], bitorder="little")[lo & 7 : (lo & 7) + hi - lo]
+        starts = m.offsets - m.offsets[0]
+        if bits[starts[:-1]].any():  # every row has a first token (n >= 2 above)
+            refuse(bits[starts[:-1]].astype(bool), "action_mask", "action token at position 0")
+        actions = np.diff(np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])[starts])
+        if (actions == 0).any():
+            refuse(actions == 0, "action_mask", "no action token (empty completion)")
+    if "rewards" in chunk:
+        r = chunk["rewards"]
+        finite = np.isfinite(r.values[r.offsets[0] : r.offsets[-1]])
+        if not finite.all():
+            at = int(np.flatnonzero(~finite)[0]) + int(r.offsets[0])  # a flat index: its row is named
+            refuse(np.arange(len(n)) == np.searchsorted(r.offsets, at, side="right") - 1, "rewards", "non-finite")
+    flat = tokens.values[tokens.offsets[0] : tokens.offsets[-1]]
+    if flat.size and (flat.min() < 0 or flat.max() >= vocab):
+        at = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0]) + int(tokens.offsets[0])
+        r = int(np.searchsorted(tokens.offsets, at, side="right")) - 1
+        raise ValueError(
+            f"{shard}: row {first_row + r}: field 'tokens': token id {int(tokens.values[at])} outside [0, {vocab}) "
+            "of the buffer's tokenizer (shiq-data validate lists every bad row)"
+        )

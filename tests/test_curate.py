@@ -673,6 +673,23 @@ def _set_first_token(t, value: int):
     return t.set_column(t.schema.names.index("tokens"), "tokens", pa.array(tokens, t.schema.field("tokens").type))
 
 
+def _set_list(t, name: str, row: int, change):
+    import pyarrow as pa
+
+    values = t.column(name).to_pylist()
+    values[row] = change(values[row])
+    return t.set_column(t.schema.names.index(name), name, pa.array(values, t.schema.field(name).type))
+
+
+def _set_scalar(t, name: str, row: int, value):
+    import pyarrow as pa
+
+    values = t.column(name).to_pylist()
+    values[row] = value
+    field = t.schema.field(name).with_nullable(True)  # (a null, as another writer could store it)
+    return t.set_column(t.schema.names.index(name), field, pa.array(values, field.type))
+
+
 def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, capsys):
     """A shard rewritten with its checksum: a column missing or of another type ended in a traceback (stats,
     show, filter) or an unnamed Arrow error; per-token lists of the wrong length or a prompt longer than the
@@ -706,28 +723,60 @@ def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, cap
         ),
         ("mask", short_mask, "field 'action_mask': length 5 differs from tokens' length 6"),
         ("plen", long_prompt, "field 'prompt_len': 999 is outside [1, 6) (at least one prompt token and one"),
-        ("vocab", lambda t: _set_first_token(t, 10**6), "field 'tokens': token id 1000000 at position 0"),
+        ("vocab", lambda t: _set_first_token(t, 10**6), "field 'tokens': token id 1000000"),
+        (
+            "noact",
+            lambda t: _set_list(t, "action_mask", 2, lambda m: [False] * len(m)),
+            "field 'action_mask': no action",
+        ),
+        ("nan", lambda t: _set_list(t, "rewards", 2, lambda r: r[:-1] + [math.nan]), "field 'rewards': non-finite"),
+        (
+            "inside",
+            lambda t: _set_list(t, "action_mask", 2, lambda m: [False, True] + m[2:]),
+            "action token at position 1, inside the prompt",
+        ),
+        (
+            "offact",
+            lambda t: _set_list(t, "rewards", 2, lambda r: [0.0, 1.0] + r[2:]),
+            "nonzero reward 1.0 at position 1, which is not an action",
+        ),
+        ("group", lambda t: _set_scalar(t, "group_id", 2, -5), "field 'group_id': must be >= 0, got -5"),
+        ("nullid", lambda t: _set_scalar(t, "row_id", 2, None), "field 'row_id': must be a string, got null"),
     ]
     for name, change, needle in cases:
         buf = _damage_first_shard(tmp_path / "b", tmp_path / name, change)
-        # export checks every row as validate does; the curation verbs check columns and lengths, which the
-        # buffers they write would otherwise lose (a token id is checked when a buffer is used, against its model)
+        # export checks every row as validate does; the curation verbs check every stored column, so a buffer
+        # they write is one validate takes (a row without an action, a NaN reward, a negative group, an action in
+        # the prompt went through filter, dedup, split and mix, and mix wrote a null row id as the text 'None')
         verbs = [["export", buf, "--format", fmt] for fmt in ("jsonl", "parquet", "hf")]
-        if name != "vocab":
-            verbs += [["filter", buf, "--where", "reward >= 0"], ["dedup", buf], ["split", buf, "--test-fraction", 0.5]]
-        if name in ("nocol", "rtype"):  # only a shard's columns: the reading verbs see them too
-            verbs += [["stats", buf], ["show", buf]]
+        verbs += [["filter", buf, "--where", "reward >= 0"], ["dedup", buf], ["split", buf, "--test-fraction", 0.5]]
+        verbs += [["mix", f"{buf}:1"], ["stats", buf], ["show", buf]]
         for verb in verbs:
             folder = tmp_path / f"{name}-{'-'.join(map(str, verb[::2]))}"
             out = ["--out", folder, "--no-progress"] if verb[0] not in ("stats", "show") else []
             code, _, err = run(capsys, *verb, *out)
             assert code == 2 and needle in err and "Traceback" not in err, (name, verb, err)
             assert len(err.strip().splitlines()) == 1, err
-            if verb[0] == "export" and name not in ("nocol", "rtype"):  # the shard's own row
+            if name not in ("nocol", "rtype"):  # the shard's own row
                 assert f"{buf / json.loads((buf / 'manifest.json').read_text())['shards'][0]['file']}: row " in err
-                assert f": row {1 if name == 'plen' else 0}: field" in err, err
+                assert f": row {dict(plen=1, vocab=0, mask=0).get(name, 2)}: field" in err, err
             assert not folder.exists()
             assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name + "-")) == [], verb
+
+
+def test_stats_name_each_source_whole(tmp_path, capsys):
+    """Source names were cut to 20 characters: two sources of one long prefix printed as two rows of one name."""
+    rows = [
+        {"prompt": "p", "completion": " a b", "reward": 1.0, "source": "dataset-2024-batch-0001"},
+        {"prompt": "p", "completion": " a", "reward": -1.0, "source": "dataset-2024-batch-0002"},
+    ]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "stats", tmp_path / "b")
+    lines = {line.split()[0]: line for line in out.splitlines() if line.startswith(("source", "all", "dataset"))}
+    assert code == 0 and {"dataset-2024-batch-0001", "dataset-2024-batch-0002"} <= set(lines), out
+    assert lines["dataset-2024-batch-0001"].split()[8] == "1" and lines["dataset-2024-batch-0002"].split()[8] == "-1"
+    assert len({len(line) for line in lines.values()}) == 1, out  # the columns aligned
 
 
 def test_stats_leave_one_rows_spread_undefined_and_show_a_median_between_lengths(tmp_path, capsys):

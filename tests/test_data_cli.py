@@ -252,6 +252,24 @@ def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2, capsys):
     assert not (tmp_path / "buf3").exists()
 
 
+def test_a_source_field_that_source_replaces_stays_in_extra(tmp_path, gpt2):
+    """``--source`` replaced a record's own source field and the value was gone (neither the row's source nor in
+    ``extra``, which holds the record's other fields); an empty source field still says nothing."""
+    records = [
+        {"prompt": "p1", "completion": " a", "reward": 0.5, "source": "web", "lang": "fr"},
+        {"prompt": "p2", "completion": " b", "reward": 1.0, "source": ""},
+        {"prompt": "p3", "completion": " c", "reward": 1.0},
+    ]
+    write_jsonl(tmp_path / "s.jsonl", records)
+    argv = ["build", "jsonl", str(tmp_path / "s.jsonl"), "--tokenizer", "gpt2", "--no-progress", "--out"]
+    assert main([*argv, str(tmp_path / "own")]) == 0
+    assert main([*argv, str(tmp_path / "named"), "--source", "mine"]) == 0
+    own = [(r["source"], r["extra"] and json.loads(r["extra"])) for r in read_rows(tmp_path / "own")[1]]
+    named = [(r["source"], r["extra"] and json.loads(r["extra"])) for r in read_rows(tmp_path / "named")[1]]
+    assert own == [("web", {"lang": "fr"}), ("s.jsonl", None), ("s.jsonl", None)]
+    assert named == [("mine", {"source": "web", "lang": "fr"}), ("mine", None), ("mine", None)]
+
+
 def test_encode_record_of_one_text_record(gpt2):
     """The (prompt, completion) encoder on its own: the two parts tokenised separately, then eos; the
     completion and eos are the actions and the reward sits on eos."""
@@ -756,10 +774,12 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
+@pytest.mark.parametrize("workers,stop", [(1, "SIGINT"), (2, "SIGINT"), (2, "SIGTERM")])
+def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, stop):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
-    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder."""
+    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder. SIGTERM to the
+    command alone (``kill PID``, a scheduler's stop) left its temporary folder: now it ends as Ctrl-C does, with
+    ``terminated`` and status 143."""
     rows = "".join(
         json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000)
     )
@@ -777,10 +797,14 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
     while not any(p.name.startswith(".buf") or p.name == "buf" for p in tmp_path.iterdir()):  # writing rows
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    if stop == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        os.kill(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], err[-3000:]
+    last = {"SIGINT": "shiq-data: interrupted", "SIGTERM": "shiq-data: terminated"}[stop]
+    assert err.strip().splitlines()[-1] == last and "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 

@@ -20,7 +20,8 @@ WHERE_HELP = (
     "SQL boolean expression over the row's columns, evaluated by DuckDB (no subqueries, no file access): "
     "row_id, source, group_id, tokens (count), prompt_tokens, completion_tokens (action tokens), reward "
     "(the scalar reward as given, else the sum of the per-token rewards), has_ref, prompt, completion "
-    "(text as given, else decoded), turn_rewards, extra and the top-level keys of extra; "
+    "(text as given, else decoded), turn_rewards, extra and the top-level keys of extra (a key whose values "
+    "are of mixed kinds, or nested, reads as JSON text: the string 4 is '\"4\"'); "
     "e.g. \"reward > 0 AND source = 'hh'\""
 )
 

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from shiq_data.buffer import MANIFEST, open_buffer
 from shiq_data.io import one_line
 from shiq_data.readers.encode import given_text
-from shiq_data.schema import REF_FIELDS
+from shiq_data.schema import LIST_FIELDS, REF_FIELDS, check_rows
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 
 log = logging.getLogger(__name__)
@@ -117,6 +117,67 @@ def _extra_objects(table: pa.Table) -> list[dict]:
     return out
 
 
+def check_shard(table: pa.Table, vocab: int, shard) -> None:
+    """Refuse, naming the shard, row and field, a row that a curation verb would otherwise copy into a buffer
+    ``validate`` refuses (a shard edited together with its checksum): a null anywhere in the stored columns, an
+    empty ``row_id``, a negative ``group_id``, a ``prompt_len`` outside ``[1, tokens)``, an action inside the
+    prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero at position
+    0, and what training refuses (:func:`shiq_data.sampler.check_rows`: per-token lengths, token ids outside the
+    vocabulary, no action, a non-finite reward). Vectorised: a few passes over the shard's flat columns. The text
+    columns are ``validate``'s to check."""
+
+    def refuse(bad: np.ndarray, field: str, problem: str):  # bad: [rows] bool, the first True is named
+        r = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{shard}: row {r}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
+
+    lists = [*LIST_FIELDS, *(f for f in REF_FIELDS if f in table.schema.names)]
+    for name in ("row_id", "source", "group_id", "prompt_len", *lists):
+        col = table.column(name)
+        if col.null_count:
+            kind = {"row_id": "a string", "source": "a string"}.get(name, "a list" if name in lists else "an integer")
+            refuse(pc.is_null(col).to_numpy(zero_copy_only=False), name, f"must be {kind}, got null")
+        if name in lists and (inner := pc.list_flatten(col)).null_count:
+            at = int(np.flatnonzero(pc.is_null(inner).to_numpy(zero_copy_only=False))[0])
+            refuse(np.cumsum(pc.list_value_length(col).to_numpy(zero_copy_only=False)) > at, name, "a null value")
+    if (empty := pc.equal(pc.utf8_length(table.column("row_id")), 0).to_numpy(zero_copy_only=False)).any():
+        refuse(empty, "row_id", "empty")
+    group = table.column("group_id").to_numpy()
+    if (group < 0).any():
+        refuse(group < 0, "group_id", f"must be >= 0, got {group[group < 0][0]}")
+    n = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
+    for name in lists[1:]:
+        other = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        if (other != n).any():
+            r = int(np.flatnonzero(other != n)[0])
+            refuse(other != n, name, f"length {other[r]} differs from tokens' length {n[r]}")
+    p = table.column("prompt_len").to_numpy().astype(np.int64)
+    if (bad := (p < 1) | (p >= n)).any():
+        r = int(np.flatnonzero(bad)[0])
+        refuse(bad, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
+    check_rows({name: table.column(name) for name in lists}, vocab, shard)
+    row_of = np.repeat(np.arange(len(n)), n)  # [tokens] the row of each flat position, and its place in the row
+    pos = np.arange(row_of.size) - np.repeat(np.cumsum(n) - n, n)
+    mask = pc.list_flatten(table.column("action_mask")).to_numpy(zero_copy_only=False)
+    flat = {name: pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False) for name in lists[2:]}
+
+    def refuse_at(bad_flat: np.ndarray, field: str, problem):  # problem(position, value of field there)
+        at = int(np.flatnonzero(bad_flat)[0])
+        refuse(np.arange(len(n)) == row_of[at], field, problem(int(pos[at]), flat.get(field, mask)[at]))
+
+    if (inside := mask & (pos < p[row_of])).any():
+        prompt = p[row_of[np.flatnonzero(inside)[0]]]
+        refuse_at(
+            inside, "action_mask", lambda t, _: f"action token at position {t}, inside the prompt (prompt_len {prompt})"
+        )
+    if (off := (flat["rewards"] != 0) & ~mask).any():
+        refuse_at(off, "rewards", lambda t, v: f"nonzero reward {v} at position {t}, which is not an action token")
+    for name in REF_FIELDS:
+        if name in flat and (bad := ~np.isfinite(flat[name])).any():
+            refuse_at(bad, name, lambda t, v: f"non-finite value {v} at position {t}")
+        if name in flat and (bad := (pos == 0) & (flat[name] != 0)).any():
+            refuse_at(bad, name, lambda t, v: f"position 0 must be 0 (nothing predicts the first token), got {v}")
+
+
 class CurationSource:
     """The buffer at ``path`` (checksums verified), read shard by shard for the curation verbs."""
 
@@ -131,6 +192,7 @@ class CurationSource:
         self.keep_ref = self.buffer.has_ref_stats  # rows keep reference columns only when every shard has them
         self._tokenizer = None
         self._extra_kinds: dict[str, str] | None = None
+        self._checked: set[int] = set()  # shards whose rows check_shard passed (a verb may read them twice)
 
     def __len__(self) -> int:
         return len(self.buffer)
@@ -185,8 +247,14 @@ class CurationSource:
         return self._tokenizer
 
     def shards(self) -> Iterator[pa.Table]:
-        """Each shard with every stored column, checked against the manifest (:meth:`Buffer.checked_shards`)."""
-        return self.buffer.checked_shards()
+        """Each shard with every stored column, checked against the manifest (:meth:`Buffer.checked_shards`) and
+        its rows by :func:`check_shard` (once per shard)."""
+        vocab = int(self.manifest["tokenizer"]["vocab_size"])
+        for k, (path, table) in enumerate(zip(self.buffer.shard_paths, self.buffer.checked_shards())):
+            if k not in self._checked:
+                check_shard(table, vocab, path)
+                self._checked.add(k)
+            yield table
 
     def warn_of_shadowed_keys(self, columns: set[str]) -> None:
         """Warn when the ``extra`` objects of the first shard have a key named like one of ``columns`` (the

@@ -175,9 +175,10 @@ def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tu
 
 
 def format_stats(stats: dict, title: str) -> str:
-    """The table ``shiq-data stats`` prints."""
+    """The table ``shiq-data stats`` prints (its first column as wide as the longest source name, at least 20)."""
+    w = max([20, *map(len, stats["sources"])])
     head = (
-        f"{'source':<20} {'rows':>7} {'groups':>7} {'tokens mean/p50/max':>22} {'prompt mean':>12} "
+        f"{'source':<{w}} {'rows':>7} {'groups':>7} {'tokens mean/p50/max':>22} {'prompt mean':>12} "
         f"{'actions mean/max':>17} {'reward mean':>12} {'std':>8} {'min':>8} {'max':>8} {'ref':>5}"
     )
     lines = [title, head]
@@ -187,7 +188,7 @@ def format_stats(stats: dict, title: str) -> str:
         tokens = f"{tk['mean']:.1f}/{tk['p50']:g}/{tk['max']:.0f}"  # a median may fall between two lengths
         actions = f"{ac['mean']:.1f}/{ac['max']:.0f}"
         lines.append(
-            f"{name[:20]:<20} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
+            f"{name:<{w}} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
             f"{rw['mean']:>12.4g} {'-' if rw['std'] is None else format(rw['std'], '.3g'):>8} {rw['min']:>8.3g} "
             f"{rw['max']:>8.3g} {s['ref_share']:>5.0%}"
         )

@@ -28,8 +28,9 @@ Other public shapes, recognised by their fields:
 - Other field names: ``prompt_field``, ``completion_field``, ``reward_field`` (``--option``) say
   which fields hold the prompt, completion and reward; errors name those fields.
 
-A string ``"source"`` field is the row's ``source`` (``--source`` overrides it; default the input's
-file name). The rows keep their text (:mod:`shiq_data.schema`): ``prompt`` and ``completion`` as
+A non-empty string ``"source"`` field is the row's ``source`` (default the input's file name); given
+``--source``, that names the rows and the field stays in ``extra`` with the record's other fields (as a
+non-string one does; an empty one is dropped). The rows keep their text (:mod:`shiq_data.schema`): ``prompt`` and ``completion`` as
 given, ``reward``, ``turn_rewards``, and in ``extra`` the record's other fields.
 
 Errors name the file, the line (JSONL, 1-based) or row (Parquet / datasets, 0-based) and the field;
@@ -187,11 +188,13 @@ def _from_buffer_row(rec: dict, err) -> dict:
     return out
 
 
-def canonical_records(rec, *, fields: dict, file: str, row: int, row_label: str) -> list[dict]:
+def canonical_records(
+    rec, *, fields: dict, file: str, row: int, row_label: str, source_given: bool = False
+) -> list[dict]:
     """The (prompt, completion, reward) records of one input record in any shape the generic formats
     recognise (see the module doc): one, or two for a preference pair. Each carries ``names`` (record key
     -> input field, for errors), ``source`` (str or None), ``extra`` (JSON text or None) and maybe
-    ``group_key``."""
+    ``group_key``. ``source_given``: the rows are named by ``--source``, so a ``source`` field stays in ``extra``."""
 
     def err(field, problem):
         return RowError(file, row, field, problem, row_label=row_label)
@@ -202,7 +205,9 @@ def canonical_records(rec, *, fields: dict, file: str, row: int, row_label: str)
         return [{**_from_buffer_row(rec, err), "names": NAMES}]
     pf, cf, rf = fields["prompt"], fields["completion"], fields["reward"]
     source = rec.get("source") if isinstance(rec.get("source"), str) else None
-    consumed = {pf, "group", "turn_rewards", *(("source",) if source is not None else ())}
+    kept = source_given and bool(source)  # a source --source replaces: kept in extra (an empty one says nothing)
+    consumed = {pf, "group", "turn_rewards", *(("source",) if source is not None and not kept else ())}
+    source = source or None
     base = {k: rec[k] for k in ("group", "turn_rewards") if k in rec}
     if pf in rec:
         base["prompt"] = rec[pf]
@@ -306,7 +311,9 @@ def records_to_rows(
             }
 
     for n, rec in records:
-        for c in canonical_records(rec, fields=fields, file=file, row=n, row_label=row_label):
+        for c in canonical_records(
+            rec, fields=fields, file=file, row=n, row_label=row_label, source_given=bool(source)
+        ):
             check_record(c, file=file, row=n, row_label=row_label, names=c["names"])
             batch.append((n, c))
         if len(batch) >= _BATCH:
