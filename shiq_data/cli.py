@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,7 +304,8 @@ def cmd_info(args) -> int:
         + f"\ncreated     {m.get('created')}  updated {m.get('updated')}"
     )
     for c in m.get("commands", []):
-        print(f"command     {c.get('time')}  +{c.get('rows')} rows  {' '.join(c.get('argv', []))}")
+        argv = c.get("argv", [])  # quoted as a shell reads it, so the line can be run again
+        print(f"command     {c.get('time')}  +{c.get('rows')} rows  {shlex.join(map(str, argv))}")
     return 0
 
 

@@ -223,6 +223,23 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
+def test_info_quotes_each_recorded_command_as_a_shell_reads_it(tmp_path, capsys, gpt2):
+    """A recorded --where of several words was printed unquoted, so the line could not be run again."""
+    write_jsonl(tmp_path / "a.jsonl", RECORDS)
+    buf, kept = str(tmp_path / "buf"), str(tmp_path / "kept")
+    assert (
+        main(["build", "jsonl", str(tmp_path / "a.jsonl"), "--tokenizer", "gpt2", "--out", buf, "--no-progress"]) == 0
+    )
+    where = "reward >= 0 OR source = 'it''s'"
+    assert main(["filter", buf, "--where", where, "--out", kept, "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["info", kept]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("command")]
+    recorded = json.loads((Path(kept) / "manifest.json").read_text())["commands"]
+    assert lines and [shlex.split(line.split(" rows  ", 1)[1]) for line in lines] == [c["argv"] for c in recorded]
+    assert any(where in c["argv"] for c in recorded)
+
+
 def test_a_registered_format_plugs_in(tmp_path, monkeypatch, gpt2, capsys):
     calls = []
 
