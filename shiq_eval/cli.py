@@ -471,6 +471,7 @@ def cluster_by_scenario(row: dict, scenarios: list[str] | None) -> dict:
     so; ``row`` unchanged without scenarios."""
     if scenarios is None:
         return row
+    scenarios = [leaderboard.scenario_of(i) for i in scenarios]  # an entry's scenario, in every category
     k = int(row["samples_per_prompt"])
     out = dict(row)
     for key, values in (("reward", "rewards"), ("kl_exact", "kls_exact"), ("kl_sample", "kls_sample")):

@@ -248,12 +248,21 @@ def temperature_of(row: dict) -> float:
     return 1.0 if t is None else float(t)
 
 
+def scenario_of(entry_id: str) -> str:
+    """The scenario of a BFCL entry id (``multi_turn_miss_func_12`` -> ``12``), what standard errors cluster by: a
+    scenario's entries in the four multi-turn categories share its functions, initial state and (almost always)
+    questions, so their turns are no more independent than one entry's (SHIQ_MATH §9). An id without an index is
+    its own scenario."""
+    _, sep, index = entry_id.rpartition("_")
+    return index if sep and index.isdigit() else entry_id
+
+
 def scenario_ids(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
     """The scenario of each prompt (``scenario_ids``, ``[P]``) per ``(suite_sha256, prompt_set_sha256)``, from
     the rows that keep them: one suite's prompt set is one list of turns (the prompts' SHA-256 covers the
     ``ENTRY_ID:TURN`` scorer prompts), so rows of it that keep no ids (older files) share them; the clusters of
     the standard errors (SHIQ_MATH §9). Two rows of one prompt set naming different scenarios, or ids that are
-    not a list of strings, are refused naming the files."""
+    not a list of strings, are refused naming the files. Each id is returned as its scenario (:func:`scenario_of`)."""
     out, where = {}, {}
     for row in rows:
         ids = row.get(SCENARIO_IDS)
@@ -270,7 +279,7 @@ def scenario_ids(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
                 f"{SCENARIO_IDS}: one of the files was edited"
             )
         out[key], where[key] = ids, row["source"]
-    return out
+    return {key: [scenario_of(i) for i in ids] for key, ids in out.items()}
 
 
 def mean_se(values, scenarios: list[str] | None) -> tuple[float, float]:

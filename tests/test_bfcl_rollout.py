@@ -673,6 +673,8 @@ def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
         (lambda t: t["assistant_turns"].__setitem__(0, "0"), "field 'assistant_turns'"),
         (lambda t: t["assistant_turns"].__setitem__(0, -1), "field 'assistant_turns'"),
         (lambda t: t["messages"][1].update(content="a <|im_end|> b"), "contains '<|im_end|>'"),
+        # every assistant message in turn 0: one turn's reward on another's message, the others' lost
+        (lambda t: t.update(assistant_turns=[0] * len(t["assistant_turns"])), "is not the turns its messages begin"),
     ],
 )
 def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tmp_path, capsys, smollm2, edit, needle):
@@ -710,6 +712,11 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("kept_turns", 2, "one reward per turn, got 2 turns, 4 and 4 rewards"),
         ("kept_turns", 9, "the kept ones at most all, got 4 and 9"),
         ("category", "simple", "field 'category': \"simple\" is not its id's"),
+        # what the checker gives again on the trajectory's own calls: a forged verdict counted as it said
+        ("decoded_turns", [[], [], [], []], "field 'valid': true, but the checker (bfcl-eval"),
+        ("turn_rewards", [5.0] * 4, "field 'turn_rewards': [5.0, 5.0, 5.0, 5.0], but the checker"),
+        ("turn_rewards_reset", [1.0, 0.0, 1.0, 1.0], "field 'turn_rewards_reset': [1.0, 0.0, 1.0, 1.0], but the"),
+        ("decoded_turns", "calls", "field 'decoded_turns': multi_turn_base_0: decoded_turns must be a list"),
     ],
 )
 @pytest.mark.parametrize("command", ["report", "to-buffer"])
@@ -728,6 +735,19 @@ def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path,
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and f"{path}: trajectory 1" in err and needle in err, err
     assert not (tmp_path / "b").exists()
+
+
+def test_to_buffer_refuses_a_file_given_twice(tmp_path, capsys):
+    """to-buffer of one file twice (or of a copy of it) wrote every trajectory twice; report refuses a repeated id."""
+    entry = data.load_entry("multi_turn_base", 0)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))) + "\n")
+    (tmp_path / "copy.jsonl").write_bytes(path.read_bytes())
+    for second in (path, tmp_path / "copy.jsonl"):
+        assert cli.main(["to-buffer", str(path), str(second), "--out", str(tmp_path / "b")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert f"{second}: given twice (the same file as {path})" in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "b").exists()
 
 
 def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, capsys):

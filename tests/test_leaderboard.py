@@ -664,6 +664,26 @@ def write_bfcl_results(folder, rows, suite_json: bool = True):
     return out
 
 
+def test_one_scenario_in_several_bfcl_categories_is_one_cluster(tmp_path):
+    """multi_turn_base_6 and multi_turn_long_context_6 are one scenario (one initial state, one set of functions,
+    nearly always the same questions): their turns were two clusters, as if independent, so the standard errors
+    came out too small. The clusters are now the entries' indices; shiq-eval run clusters the same way."""
+    rows, turn, scenarios = bfcl_rows(with_ids=True)
+    renamed = [s.replace("multi_turn_base_13", "multi_turn_long_context_6") for s in scenarios]
+    assert len(set(renamed)) == 4  # four entry ids, three scenarios
+    rows = [r | {"scenario_ids": renamed} for r in rows]
+    out = tmp_path / "board"
+    assert eval_cli.main(["leaderboard", write_bfcl_results(tmp_path / "r", rows), "--out", str(out)]) == 0
+    t = pd.read_csv(out / "leaderboard.csv").set_index("run")
+    index = [s.rsplit("_", 1)[1] for s in renamed]
+    for name, v in turn.items():
+        assert t.loc[name, "reward_stderr"] == pytest.approx(clustered_se_pd(v["reward"], index), rel=1e-9)
+        assert t.loc[name, "stderr_note"] == "clustered by scenario (3 scenarios)"
+    assert t.loc["a", "reward_stderr"] != pytest.approx(clustered_se_pd(turn["a"]["reward"], renamed), rel=1e-3)
+    clustered = eval_cli.cluster_by_scenario(rows[1] | {"samples_per_prompt": rows[1]["samples_per_prompt"]}, renamed)
+    assert clustered["reward_stderr"] == pytest.approx(clustered_se_pd(turn["a"]["reward"], index), rel=1e-9)
+
+
 def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
     """BFCL results that keep each turn's scenario (scenario_ids, as shiq-eval run writes them for the bfcl
     scorer): every standard error, of the table and of the paired differences, equals the clustered one computed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -46,10 +47,12 @@ from shiq_eval.bfcl.data import (
     entry_index,
     ground_truth_decoded,
     load_category,
+    load_entry,
     load_split,
     select_subset,
 )
 from shiq_eval.bfcl.rollout import (
+    ERR_CONTEXT,
     TRUNCATED,
     ChatModelPolicy,
     ScriptedPolicy,
@@ -262,17 +265,47 @@ def _compared_value(t: dict, field: str) -> str:
     return json.dumps(value, sort_keys=True)
 
 
+def _check_verdict(t: dict, where: str) -> None:
+    """Refuse a trajectory whose verdict or turn rewards are not what the checker gives again on its own
+    ``decoded_turns`` (a file edited by hand counted as it said: valid with no call at all, turn rewards of 5),
+    naming the field. A trajectory cut to its first turns (``kept_turns``, the recipe's training data) is
+    compared on the cumulative rewards of those turns, which the later turns cannot change; a rollout stopped by
+    the context (``multi_turn:context_overflow``) is invalid whatever its calls."""
+    entry = load_entry(entry_category(t["id"]), entry_index(t["id"]))
+    n = len(entry["ground_truth"])
+    cut = t.get("kept_turns", n) < n
+    try:
+        got = check_trajectory(entry, t["decoded_turns"])
+    except ValueError as e:  # decoded_turns of another shape
+        raise ValueError(f"{where}: field 'decoded_turns': {e}") from None
+    fields = ("turn_rewards",) if cut else ("valid", "turn_rewards", "turn_rewards_reset")
+    for field in fields:
+        mine, checked = t[field], got[field][: len(t[field])] if field != "valid" else got[field]
+        if field == "valid" and not mine and t.get("error_type") == ERR_CONTEXT:
+            continue
+        if mine != checked:
+            raise ValueError(
+                f"{where}: field {field!r}: {json.dumps(mine)[:60]}, but the checker (bfcl-eval {bfcl_version()}) "
+                f"gives {json.dumps(checked)[:60]} on its decoded_turns: a trajectory edited by hand, or scored "
+                f"by another checker (its bfcl_eval_version: {t.get('bfcl_eval_version', 'not recorded')})"
+            )
+
+
 def _cmd_report(args) -> int:
     outputs = {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown}
     check_output_files([*args.trajectories, *_split_input(args)], outputs, args.overwrite)
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[tuple[str, dict]]] = {}
+    wheres: dict[int, str] = {}  # each trajectory's file, line and id, for a refusal of its verdict
     for path in args.trajectories:
-        trajectories = read_trajectories(path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset"))
+        trajectories = read_trajectories(
+            path, fields=("id", "valid", "turn_rewards", "turn_rewards_reset", "decoded_turns")
+        )
         if not trajectories:
             raise ValueError(f"{path}: holds no trajectory")
         for i, t in enumerate(trajectories, 1):
             _check_scored(t, f"{path}: trajectory {i}")
+            wheres[id(t)] = f"{path}: trajectory {i} ({t['id']})"
             groups.setdefault(str(t.get("model") or Path(path).name), []).append((str(path), t))
     # what the report counts: each model's trajectories in the subset (another subset's, sampled otherwise for
     # training data, do not count), compared within a model and between models
@@ -287,6 +320,9 @@ def _cmd_report(args) -> int:
             log.warning(f"model {name!r} has no trajectory in the subset {args.subset}: left out of the report")
     if not in_subset:
         raise ValueError(f"no trajectory of {', '.join(map(repr, groups))} is in the subset {args.subset}")
+    counted = [t for ts in in_subset.values() for t in ts]
+    for t in tqdm(counted, desc="checking the verdicts again", unit=" trajectories", disable=len(counted) < 50):
+        _check_verdict(t, wheres[id(t)])
     versions: dict[str, str] = {}
     for name, trajectories in in_subset.items():
         for field in COMPARED:
@@ -353,6 +389,13 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_to_buffer(args) -> int:
+    seen: dict[str, str] = {}
+    for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
+        if (first := seen.setdefault(digest, str(path))) != str(path) or list(map(str, args.trajectories)).count(
+            str(path)
+        ) > 1:
+            raise ValueError(f"{path}: given twice (the same file as {first}): each trajectory would be written twice")
     read = [(path, i, t) for path in args.trajectories for i, t in enumerate(read_trajectories(path), 1)]
     for path, i, t in read:
         _check_scored(t, f"{path}: trajectory {i}")  # what report counts, checked alike
@@ -360,6 +403,8 @@ def _cmd_to_buffer(args) -> int:
     trajectories = _in_subset([t for _, _, t in read], args)
     if not trajectories:
         raise ValueError(f"no trajectories to write (subset {args.subset})")
+    for t in trajectories:
+        _check_verdict(t, t["_where"])  # its rewards are the buffer's
     for t in trajectories:  # a bad 'truncated' field is named before the tokenizer loads
         try:
             t["_cut"] = cut_answers(t)

@@ -271,7 +271,15 @@ def write_trajectories(path: str | Path, trajectories: Iterable[dict]) -> Path:
     return atomic_write_jsonl(path, trajectories)
 
 
-TRAJECTORY_FIELDS = ("id", "valid", "turn_rewards", "turn_rewards_reset", "messages", "assistant_turns")
+TRAJECTORY_FIELDS = (
+    "id",
+    "valid",
+    "turn_rewards",
+    "turn_rewards_reset",
+    "messages",
+    "assistant_turns",
+    "decoded_turns",
+)
 
 
 def read_trajectories(path: str | Path, fields: Sequence[str] = TRAJECTORY_FIELDS) -> list[dict]:
@@ -322,6 +330,16 @@ def _check_trajectory_fields(traj: dict, reward: str) -> None:
         )
     if any(per_turn[k] is None for k in set(turns)):
         raise ValueError(f"field {field!r}: a turn with an assistant message has no reward")
+    derived, k = [], -1  # each turn begins with its user message(s): the turn of every assistant message
+    for before, m in zip([None, *messages], messages):
+        k += m["role"] == "user" and (before is None or before["role"] != "user")
+        if m["role"] == "assistant":
+            derived.append(k)
+    if turns != derived:
+        raise ValueError(
+            f"field 'assistant_turns': {str(turns)[:60]} is not the turns its messages begin (each with a user "
+            f"message): {str(derived)[:60]} (a reward would sit on another turn's message, or be lost)"
+        )
 
 
 def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict:
