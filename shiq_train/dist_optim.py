@@ -29,6 +29,7 @@ from shiq_train.train_step import MasterWeightOptimizer, OptimizerConfig
 
 STATE_FORMAT = "shiq/distributed-adamw/full-per-parameter/v1"
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")  # float32 master weight and the AdamW moments
+GATHER_CHUNK = 1 << 26  # values a collective of the optimizer state moves at once (256 MiB of float32)
 
 
 def build_distributed(model, cfg: OptimizerConfig):
@@ -171,27 +172,44 @@ class DistributedAdamW:
             n += p.numel()
         return offsets, n
 
+    def _pieces(self, offsets, c0: int, c1: int):
+        """``(index, a, b)`` for each trainable parameter overlapping ``[c0, c1)`` of the flat vector: the overlap
+        ``[a, b)`` in flat coordinates (the parameters lie end to end, in order)."""
+        for i, ((_, p), off) in enumerate(zip(self.named, offsets)):
+            a, b = max(off, c0), min(off + p.numel(), c1)
+            if a < b:
+                yield i, a, b
+
     @torch.no_grad()
     def state_dict(self) -> dict:
         """``{"format", "groups", "state"}``: ``groups`` megatron's parameter groups (learning rate, betas,
         weight decay, step count); ``state`` on data-parallel rank 0 maps each trainable parameter's name (as
-        checkpoints key them: ``shiq_train.model.named_chunk_parameters``) to full float32 tensors of its shape:
-        ``param`` (the master weight), ``exp_avg``, ``exp_avg_sq``; None on the other data-parallel ranks."""
+        checkpoints key them: ``shiq_train.model.named_chunk_parameters``) to full float32 tensors of its shape
+        in host memory: ``param`` (the master weight), ``exp_avg``, ``exp_avg_sq``; None on the other
+        data-parallel ranks. The slices travel in pieces of :data:`GATHER_CHUNK` values: a rank's device holds
+        one piece, not the whole state (three float32 copies of the model: 90 GiB at 8B)."""
         group = self._group()
         offsets, n = self._flat()
-        flat = {k: torch.zeros(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}  # nccl: on the GPU
-        for start, end, live in self._owned(offsets):
-            for k in STATE_KEYS:
-                flat[k][start:end] = live[k].detach().view(-1).float()
-        root = dist.get_global_rank(group, 0)
-        for k in STATE_KEYS:  # slices do not overlap: the sum is a gather
-            dist.reduce(flat[k], dst=root, group=group)
+        owned = list(self._owned(offsets))
+        root, rank0 = dist.get_global_rank(group, 0), dist.get_rank(group) == 0
         state = None
-        if dist.get_rank(group) == 0:
-            state = {
-                name: {k: flat[k][off : off + p.numel()].view(p.shape).cpu().clone() for k in STATE_KEYS}
-                for (name, p), off in zip(self.named, offsets)
-            }
+        if rank0:
+            state = {name: {k: torch.empty(p.shape, dtype=torch.float32) for k in STATE_KEYS} for name, p in self.named}
+        piece = torch.empty(min(n, GATHER_CHUNK), dtype=torch.float32, device=device())  # nccl: on the GPU
+        for k in STATE_KEYS:
+            for c0 in range(0, n, GATHER_CHUNK):
+                c1 = min(n, c0 + GATHER_CHUNK)
+                part = piece[: c1 - c0].zero_()
+                for start, end, live in owned:
+                    a, b = max(start, c0), min(end, c1)
+                    if a < b:
+                        part[a - c0 : b - c0] = live[k].detach().view(-1)[a - start : b - start].float()
+                dist.reduce(part, dst=root, group=group)  # slices do not overlap: the sum is a gather
+                if rank0:
+                    host = part.cpu()
+                    for i, a, b in self._pieces(offsets, c0, c1):
+                        name, p = self.named[i]
+                        state[name][k].view(-1)[a - offsets[i] : b - offsets[i]] = host[a - c0 : b - c0]
         return {"format": STATE_FORMAT, "groups": self._groups(), "state": state}
 
     def _groups(self) -> list[dict]:
@@ -212,14 +230,9 @@ class DistributedAdamW:
         group = self._group()
         offsets, n = self._flat()
         state = saved["state"]
-        flat = {k: torch.empty(n, dtype=torch.float32, device=device()) for k in STATE_KEYS}
         problem = None
         if dist.get_rank(group) == 0:
             problem = self._check(state)
-            if problem is None:
-                for (name, p), off in zip(self.named, offsets):
-                    for k in STATE_KEYS:
-                        flat[k][off : off + p.numel()] = state[name][k].reshape(-1)
         root = dist.get_global_rank(group, 0)
         bad = torch.tensor([problem is not None], dtype=torch.int32, device=device())
         dist.broadcast(bad, src=root, group=group)  # every rank stops, not only the one that read the state
@@ -227,17 +240,27 @@ class DistributedAdamW:
             raise ValueError(
                 problem or "the checkpoint's optimizer state does not fit the model (see data-parallel rank 0)"
             )
-        for k in STATE_KEYS:
-            dist.broadcast(flat[k], src=root, group=group)
         self.dist.load_state_dict({"optimizer": {"param_groups": saved["groups"]}})  # allocates the slices
         # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
         # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
         for s in self.torch_optimizer.state.values():
             if "step" in s:  # (Transformer Engine's and Apex's fused Adam count in the groups instead)
                 s["step"] = s["step"].clone()
-        for start, end, live in self._owned(offsets):
-            for k in STATE_KEYS:
-                live[k].copy_(flat[k][start:end].view_as(live[k]))
+        owned = list(self._owned(offsets))
+        piece = torch.empty(min(n, GATHER_CHUNK), dtype=torch.float32, device=device())
+        for k in STATE_KEYS:  # in pieces, as state_dict gathers them
+            for c0 in range(0, n, GATHER_CHUNK):
+                c1 = min(n, c0 + GATHER_CHUNK)
+                part = piece[: c1 - c0]
+                if dist.get_rank(group) == 0:
+                    for i, a, b in self._pieces(offsets, c0, c1):
+                        name = self.named[i][0]
+                        part[a - c0 : b - c0] = state[name][k].reshape(-1)[a - offsets[i] : b - offsets[i]]
+                dist.broadcast(part, src=root, group=group)
+                for start, end, live in owned:
+                    a, b = max(start, c0), min(end, c1)
+                    if a < b:
+                        live[k].view(-1)[a - start : b - start].copy_(part[a - c0 : b - c0])
 
     def state_by_name(self, model) -> dict | None:
         """:meth:`state_dict` in the checkpoint's by-name form (``shiq_train.checkpoint.optimizer_state_by_name``)

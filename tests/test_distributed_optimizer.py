@@ -14,6 +14,7 @@ where 4 uninterrupted steps end, bit for bit. bfloat16 parameters: float32 maste
 """
 
 import os
+import sys
 import warnings
 
 import pytest
@@ -83,6 +84,9 @@ def fit(full, out_dir, steps):
 
 
 def _worker(rank, world, port, tp, pp, params_path, out_dir, resume, plain):
+    import shiq_train.dist_optim as D
+
+    D.GATHER_CHUNK = 1007  # the saved and resumed state travels in many pieces, across parameter boundaries
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with parallel.distributed(
@@ -244,6 +248,48 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
         assert abs(loss - ploss) < 1e-2 * abs(ploss), f"step {step + 1}: {loss} vs {ploss}"
         assert abs(norm - pnorm) < 2e-2 * abs(pnorm), f"step {step + 1}: {norm} vs {pnorm}"
     assert ours[-1][0] < ours[0][0] - 0.1  # it trains
+
+
+def test_the_state_travels_in_pieces_a_device_can_hold(monkeypatch):
+    """state_dict gathered three float32 vectors of the whole model on every data-parallel rank's device (90 GiB
+    at 8B), load_state_dict broadcast them so: now each rank's device holds one piece of GATHER_CHUNK values at a
+    time. The state in pieces of 5 values (across every parameter's boundary) is the state in one piece, and
+    loads back into another optimizer as it was, with no device tensor of the optimizer state larger than 5."""
+    import shiq_train.dist_optim as D
+
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config())
+        full = {name: p.detach().clone() for name, p in model.named_parameters()}
+        ddp, opt, sched = build_distributed(model, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        run_steps(ddp, opt, sched, steps=2)
+        whole = opt.state_dict()
+        sizes = []
+        empty = torch.empty
+
+        def recording_empty(*shape, **kw):  # what state_dict and load_state_dict allocate on the device
+            t = empty(*shape, **kw)
+            if kw.get("device") is not None and sys._getframe(1).f_globals["__name__"] == D.__name__:
+                sizes.append(t.numel())
+            return t
+
+        monkeypatch.setattr(D, "GATHER_CHUNK", 5)
+        monkeypatch.setattr(D.torch, "empty", recording_empty)
+        pieces = opt.state_dict()
+        assert sorted(pieces["state"]) == sorted(whole["state"]) == sorted(full)
+        for name, states in whole["state"].items():
+            for k, v in states.items():
+                assert torch.equal(pieces["state"][name][k], v), (name, k)
+        model2 = M.build_model(tiny_config())
+        M.load_full_parameters(model2, full)
+        _, opt2, _ = build_distributed(model2, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        opt2.load_state_dict(pieces)
+        monkeypatch.setattr(D.torch, "empty", empty)
+        assert sizes and max(sizes) <= 5, sizes
+        again = opt2.state_dict()
+        for name, states in whole["state"].items():
+            for k, v in states.items():
+                assert torch.equal(again["state"][name][k], v), (name, k)
 
 
 def test_the_option_is_validated_and_refused_where_it_does_not_apply():
