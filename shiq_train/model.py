@@ -247,6 +247,13 @@ def check_runtime(cfg: ModelConfig) -> None:
                     else "."
                 )
             )
+        capability = torch.cuda.get_device_capability()
+        if capability < FP8_CAPABILITY:
+            raise RuntimeError(
+                f"model.fp8={cfg.fp8!r} needs a GPU with FP8 tensor cores (compute capability "
+                f"{'.'.join(map(str, FP8_CAPABILITY))} or newer: Ada, Hopper); this is {torch.cuda.get_device_name()} "
+                f"({'.'.join(map(str, capability))}). Set model.fp8=null to train in bf16 (model.params_dtype=bfloat16)."
+            )
         if impl != "transformer_engine":
             raise RuntimeError(
                 f"model.fp8={cfg.fp8!r} needs model.transformer_impl=transformer_engine or auto "
@@ -271,6 +278,7 @@ def check_runtime(cfg: ModelConfig) -> None:
         )
 
 
+FP8_CAPABILITY = (8, 9)  # the first CUDA compute capability with FP8 tensor cores (Ada; Hopper is 9.0)
 FP8_WIDTH = 16  # Transformer Engine's FP8 GEMMs: the input features (and, in the weight gradient, the tokens) % 16
 FP8_ROWS = 8  # ... and the rows (tokens of the forward's input, output features of a weight) % 8
 

@@ -210,27 +210,36 @@ def test_fp8_without_gpu_fails_at_startup_naming_what_is_missing(impl):
 
 def test_fp8_with_local_layers_is_refused(monkeypatch):
     """Even where a GPU and Transformer Engine are present (pretended here), FP8 needs TE layers."""
-    import importlib.util
-
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
-    )
+    pretend_gpu_with_transformer_engine(monkeypatch)
     with pytest.raises(RuntimeError, match=r"needs model.transformer_impl=transformer_engine or auto \(got 'local'\)"):
         M.check_runtime(M.ModelConfig(fp8="hybrid", transformer_impl="local"))
     assert M.resolved_transformer_impl(M.ModelConfig()) == "transformer_engine"  # auto picks TE there
     M.check_runtime(M.ModelConfig(fp8="hybrid"))  # auto + fp8: accepted
 
 
-def pretend_gpu_with_transformer_engine(monkeypatch):
+def pretend_gpu_with_transformer_engine(monkeypatch, capability=(9, 0), name="NVIDIA H100 80GB HBM3"):
     import importlib.util
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: name)
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
     )
+
+
+@pytest.mark.parametrize("capability,name,ok", [((8, 0), "NVIDIA A100-SXM4-80GB", False), ((8, 9), "NVIDIA L4", True)])
+def test_fp8_on_a_gpu_without_fp8_tensor_cores_is_refused_at_startup(monkeypatch, capability, name, ok):
+    """An A100 with Transformer Engine (pretended here) passed the start-up check, though its tensor cores have no
+    FP8: refused in one line naming the GPU and its compute capability; Ada (8.9) and Hopper (9.0) pass."""
+    pretend_gpu_with_transformer_engine(monkeypatch, capability, name)
+    if ok:
+        M.check_runtime(M.ModelConfig(fp8="hybrid"))
+        return
+    with pytest.raises(RuntimeError, match=r"compute capability 8.9 or newer.*this is NVIDIA A100-SXM4-80GB \(8.0\)"):
+        M.check_runtime(M.ModelConfig(fp8="hybrid"))
+    M.check_runtime(M.ModelConfig())  # bf16 on the same GPU: fine
 
 
 def fp8_gemm_runs(rows: int, inner: int, out: int | None = None) -> bool:

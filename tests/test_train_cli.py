@@ -823,6 +823,7 @@ def pretend_gpu_with_transformer_engine(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # a Hopper GPU
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)
     )
