@@ -19,6 +19,7 @@ import hashlib
 import importlib.util
 import math
 import numbers
+import warnings
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -341,23 +342,41 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
     """A ValueError naming the ``model.`` key whose value the parallel layout cannot split: the vocabulary,
     heads and query groups over ``tp`` ranks, the layers over ``pp * vpp`` stages, and with
     ``recompute=full`` and ``recompute_method=uniform`` a stage's layers into groups of
-    ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer). Checked before
-    megatron-core's own config, whose messages name no key."""
+    ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer), and
+    ``sequence_parallel`` without tensor parallelism or with a sequence length ``tp`` does not divide. Checked
+    before megatron-core's own config, whose messages name no key, and by ``shiq-train`` before any process
+    group starts; each message says what would work."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
+
+    def divisors(n: int) -> str:
+        ds = [str(d) for d in range(1, n + 1) if n % d == 0]
+        return ", ".join(ds[:-1]) + f" or {ds[-1]}" if len(ds) > 1 else ds[0]
+
     for field, value, by, what, hint in [
         (
             "vocab_size",
             cfg.vocab_size,
             tp,
             "tensor-parallel size",
-            f" (pad the vocabulary to {-(-cfg.vocab_size // tp) * tp})",
+            f" (parallel.tp; or pad the vocabulary to {-(-cfg.vocab_size // tp) * tp})",
         ),
         ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size", ""),
         ("num_query_groups", groups, tp, "tensor-parallel size", ""),
         ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages", ""),
     ]:
         if value % by:
+            key = "parallel.tp" if by == tp and field != "num_layers" else "parallel.pp × parallel.vpp"
+            hint = hint or f" ({key}: {divisors(value)} divide it)"
             raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}{hint}")
+    if cfg.sequence_parallel and tp == 1:
+        raise ValueError(
+            "model.sequence_parallel=true needs tensor parallelism (parallel.tp > 1); set it false for tp=1"
+        )
+    if cfg.sequence_parallel and cfg.max_sequence_length % tp:
+        raise ValueError(
+            f"model.sequence_parallel=true needs model.max_sequence_length={cfg.max_sequence_length} divisible by "
+            f"the tensor-parallel size {tp} (e.g. {-(-cfg.max_sequence_length // tp) * tp})"
+        )
     per_stage = cfg.num_layers // (pp * vpp)
     if cfg.recompute == "full" and cfg.recompute_method == "uniform" and per_stage % cfg.recompute_num_layers:
         raise ValueError(
@@ -416,16 +435,7 @@ def transformer_config(cfg: ModelConfig):
             recompute_method=cfg.recompute_method,
             recompute_num_layers=cfg.recompute_num_layers,
         )
-    if cfg.sequence_parallel:
-        if tp == 1:
-            raise ValueError(
-                "model.sequence_parallel=true needs tensor parallelism (parallel.tp > 1); set it false for tp=1"
-            )
-        if cfg.max_sequence_length % tp:
-            raise ValueError(
-                f"model.sequence_parallel=true needs model.max_sequence_length={cfg.max_sequence_length} "
-                f"divisible by the tensor-parallel size {tp}"
-            )
+    if cfg.sequence_parallel:  # (check_layout: with tp > 1, of a length it divides)
         kwargs.update(sequence_parallel=True)
     if not on_gpu:  # these fusions call CUDA kernels (megatron-cpu.md)
         kwargs.update(
@@ -436,7 +446,10 @@ def transformer_config(cfg: ModelConfig):
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
         )
-    return TransformerConfig(**kwargs)
+    with warnings.catch_warnings():
+        if kwargs["transformer_impl"] == "local":  # advice for Transformer Engine's fused attention, not ours
+            warnings.filterwarnings("ignore", message="If you are using transformer_engine as the transformer impl")
+        return TransformerConfig(**kwargs)
 
 
 def layer_spec(cfg: ModelConfig):

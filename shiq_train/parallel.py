@@ -398,7 +398,8 @@ class ParallelConfig:
             stages = f"parallel.pp x parallel.vpp = {pp} x {vpp}" if vpp > 1 else f"parallel.pp = {pp}"
             raise ValueError(
                 f"model.num_layers={num_layers} must be divisible by the number of (virtual) pipeline stages "
-                f"{stages}: every stage holds as many layers"
+                f"{stages}: every stage holds as many layers ({', '.join(str(d) for d in range(1, num_layers + 1) if num_layers % d == 0)} "
+                "stages divide it)"
             )
         if vpp > 1 and micro_batches % pp:
             raise ValueError(

@@ -117,6 +117,16 @@ def test_sequence_parallel_needs_tensor_parallelism():
             M.build_model(tiny_config(sequence_parallel=True))
 
 
+def test_selective_recompute_on_local_layers_gives_no_advice_for_transformer_engine():
+    """megatron-core's advice about Transformer Engine's fused attention reached stderr twice (policy and
+    reference) on runs of megatron's local layers, which have no fused attention."""
+    with parallel.distributed(seed=SEED):
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            M.transformer_config(tiny_config(recompute="selective"))
+    assert not [w for w in seen if "transformer_engine" in str(w.message)], [str(w.message) for w in seen]
+
+
 def test_context_parallel_is_refused_naming_what_is_missing():
     import importlib.util
 

@@ -131,6 +131,12 @@ def test_interleaved_stages_from_the_command_line_train_like_one_process(tmp_pat
         ({"pp": 2, "vpp": 2}, 6, 2, "model.num_layers=6 must be divisible by the number of (virtual) pipeline stages "),
         ({"pp": 2, "vpp": 2}, 4, 3, "data.micro_batches_per_step=3 a multiple of parallel.pp=2: use data.micro_ba"),
         ({"pp": 3, "vpp": 1}, 4, 3, "model.num_layers=4 must be divisible by the number of (virtual) pipeline stag"),
+        (
+            {"pp": 3, "vpp": 1},
+            4,
+            3,
+            "stages parallel.pp = 3: every stage holds as many layers (1, 2, 4 stages divide it)",
+        ),
     ],
 )
 def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_batches, message, monkeypatch):
@@ -147,12 +153,17 @@ def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_
         (
             {"tp": 2},
             {"hidden_size": 48, "num_attention_heads": 3},
-            "model.num_attention_heads=3 must be divisible by t",
+            "model.num_attention_heads=3 must be divisible by the tensor-parallel size 2 (parallel.tp: 1 or 3 divide",
+        ),
+        (
+            {"tp": 8},
+            {},
+            "model.num_attention_heads=4 must be divisible by the tensor-parallel size 8 (parallel.tp: 1, 2",
         ),
         (
             {"tp": 2},
             {"vocab_size": 255},
-            "model.vocab_size=255 must be divisible by the tensor-parallel size 2 (pad the vocabulary to 256)",
+            "model.vocab_size=255 must be divisible by the tensor-parallel size 2 (parallel.tp; or pad the vocabulary to 256)",
         ),
         ({"tp": 1}, {"num_layers": 3, "recompute": "full", "recompute_num_layers": 2}, "model.recompute_num_layers=2 "),
         (
@@ -166,6 +177,17 @@ def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_
             "parallel.backend=nccl needs a CUDA GPU and NCCL, but no CUDA GPU is visible",
         ),
         ({"tp": 1, "backend": "mpi"}, {}, "parallel.backend must be one of ['auto', 'gloo', 'nccl'], got 'mpi'"),
+        # sequence parallelism: refused here, not after the process groups started and the data was opened
+        (
+            {"tp": 1},
+            {"sequence_parallel": True},
+            "model.sequence_parallel=true needs tensor parallelism (parallel.tp > 1)",
+        ),
+        (
+            {"tp": 2},
+            {"sequence_parallel": True, "max_sequence_length": 15},
+            "needs model.max_sequence_length=15 divisible by the tensor-parallel size 2 (e.g. 16)",
+        ),
         ({"tp": 2}, {}, "parallel.tp x parallel.pp = 2 x 1 needs a multiple of 2 processes, but this run has 1 (WORLD"),
     ],
 )
