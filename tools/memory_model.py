@@ -49,7 +49,7 @@ from dataclasses import dataclass
 
 GiB = 1024**3
 DTYPE_BYTES = {"bf16": 2, "fp32": 4}
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # SXM, dense bf16; FP8 doubles it
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # SXM, dense bf16; FP8 GEMMs twice it (step_seconds)
 GPU_MEMORY_GIB = {"H100": 81559 / 1024, "H200": 143771 / 1024}  # total memory as the driver reports it (MiB)
 
 
@@ -127,6 +127,13 @@ class Layout:
             raise ValueError(f"recompute must be none, selective or full, got {self.recompute!r}")
         if self.sequence_parallel and self.tp == 1:
             raise ValueError("sequence parallelism needs tp > 1")
+        if self.sequence_parallel and self.seq % self.tp:  # as shiq-train (model.check_layout)
+            raise ValueError(f"sequence parallelism needs seq={self.seq} divisible by tp={self.tp}")
+        if self.vpp > 1 and self.micro_batches % self.pp:  # as shiq-train (ParallelConfig.check_fits)
+            raise ValueError(
+                f"vpp={self.vpp} (the interleaved schedule) needs micro_batches={self.micro_batches} a multiple of "
+                f"pp={self.pp}"
+            )
         if shape.num_layers % (self.pp * self.vpp):
             raise ValueError(f"{shape.num_layers} layers do not split into pp*vpp = {self.pp * self.vpp} chunks")
         if self.logits_chunk_tokens < 0:
@@ -337,30 +344,41 @@ class Plan:
         )
 
 
+def step_flop_parts(s: Shape, lay: Layout) -> tuple[float, float]:
+    """Executed FLOPs of one optimizer step over all GPUs: ``(in the decoder layers' linear layers, the rest)``.
+    The rest (attention's two products, the norms, the output layer) stays in bf16 under FP8, which runs the
+    decoder layers' linear layers only (Transformer Engine's FP8 GEMMs)."""
+    tokens = lay.dp * lay.micro_batches * lay.micro_batch * lay.seq
+    split, rep = layer_params(s)
+    L, out = s.num_layers, s.vocab * s.hidden  # the input embedding is a lookup; the output layer a GEMM
+    attn_fwd = 4 * L * s.hidden * lay.seq  # per token (QK^T and AV)
+    lin, other = 2 * L * split, 2 * (L * rep + out + s.hidden) + attn_fwd  # the forward, per token
+    fwd = (lin, other)
+    # backward: twice the forward of what gradients flow through (the trainable layers and the output layer)
+    k = L if lay.trainable_layers < 0 else lay.trainable_layers
+    bwd_lin, bwd_other = 2 * k * split, 2 * (k * rep + out) + attn_fwd * k / L
+    lin, other = lin + 2 * bwd_lin, other + 2 * bwd_other
+    if lay.recompute == "full":  # the trainable layers' forward again
+        lin, other = lin + bwd_lin, other + bwd_other - 2 * out
+    elif lay.recompute == "selective":
+        other += attn_fwd * k / L
+    if lay.reference == "online":
+        lin, other = lin + fwd[0], other + fwd[1]
+    return lin * tokens, other * tokens
+
+
 def step_flops(s: Shape, lay: Layout) -> float:
     """Executed FLOPs of one optimizer step over all GPUs."""
-    tokens = lay.dp * lay.micro_batches * lay.micro_batch * lay.seq
-    n = total_params(s) - s.vocab * s.hidden * (0 if s.tied else 1)  # the input embedding is a lookup
-    attn_fwd = 4 * s.num_layers * s.hidden * lay.seq  # per token (QK^T and AV)
-    fwd = 2 * n + attn_fwd
-    # backward: twice the forward of what gradients flow through (the trainable layers and the output layer)
-    k = s.num_layers if lay.trainable_layers < 0 else lay.trainable_layers
-    split, rep = layer_params(s)
-    bwd_fwd = 2 * (k * (split + rep) + s.vocab * s.hidden) + attn_fwd * k / s.num_layers
-    per_token = fwd + 2 * bwd_fwd
-    if lay.recompute == "full":
-        per_token += bwd_fwd - 2 * s.vocab * s.hidden  # the trainable layers' forward again
-    elif lay.recompute == "selective":
-        per_token += attn_fwd * k / s.num_layers
-    if lay.reference == "online":
-        per_token += fwd
-    return per_token * tokens
+    return sum(step_flop_parts(s, lay))
 
 
 def step_seconds(s: Shape, lay: Layout, gpu: str, utilisation: float) -> float:
-    peak = PEAK_TFLOPS[gpu] * 1e12 * (2 if lay.fp8 else 1)
+    """The step's time at ``utilisation`` of the GPUs' bf16 peak, the FP8 GEMMs (``lay.fp8``) at twice it, with
+    the pipeline's bubble."""
+    lin, other = step_flop_parts(s, lay)
+    peak = PEAK_TFLOPS[gpu] * 1e12
     bubble = 1 + (lay.pp - 1) / (lay.vpp * lay.micro_batches)
-    return step_flops(s, lay) / (lay.gpus * peak * utilisation) * bubble
+    return (lin / (2 if lay.fp8 else 1) + other) / (lay.gpus * peak * utilisation) * bubble
 
 
 def plan(s: Shape, lay: Layout, gpu: str = "H100", utilisation: float = 0.4) -> Plan:
