@@ -124,6 +124,7 @@ RESUME_SAFE_KEYS = (
     "model.attention_backend",  # the same steps up to float rounding; absent from runs started before it existed
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
     "parallel.backend",  # the same steps up to float rounding (checkpoints load on the CPU); absent before it existed
+    "parallel.timeout_minutes",  # how long a collective waits; absent before it existed
 )
 # keys absent from runs started before they existed, with the value those runs computed with
 ABSENT_MEANS = {"train.loss_average": "micro_batch"}
@@ -747,7 +748,12 @@ def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.Pa
     ``WORLD_SIZE`` a multiple of tp x pp), before any process group or run folder is made."""
     try:
         par = parallel.ParallelConfig(
-            section["tp"], section["pp"], section.get("cp", 1), section.get("vpp", 1), section.get("backend", "auto")
+            section["tp"],
+            section["pp"],
+            section.get("cp", 1),
+            section.get("vpp", 1),
+            section.get("backend", "auto"),
+            section.get("timeout_minutes", 30.0),
         )
         par.check_fits(model_cfg.num_layers, micro_batches)
         parallel.check_context_parallel(par.context_parallel_size)

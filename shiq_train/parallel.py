@@ -346,6 +346,9 @@ class ParallelConfig:
     ``backend`` (``parallel.backend``): the process groups' communication backend. ``auto`` takes ``nccl``
     where a CUDA GPU is visible and ``gloo`` (CPU) where none is; ``nccl`` and ``gloo`` ask for one and are
     refused in one line where it cannot run (:meth:`resolved_backend`).
+
+    ``timeout_minutes`` (``parallel.timeout_minutes``): how long a collective may wait for the slowest rank
+    before the run stops, e.g. while data-parallel rank 0 writes and hashes a checkpoint (minutes for 70B).
     """
 
     tensor_model_parallel_size: int = 1
@@ -353,6 +356,7 @@ class ParallelConfig:
     context_parallel_size: int = 1
     virtual_pipeline_model_parallel_size: int = 1
     backend: str = "auto"
+    timeout_minutes: float = 30.0
 
     def __post_init__(self):
         for name in (
@@ -364,6 +368,9 @@ class ParallelConfig:
             v = getattr(self, name)
             if not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"parallel.{name} must be an integer >= 1, got {v!r}")
+        t = self.timeout_minutes
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 10**6:
+            raise ValueError(f"parallel.timeout_minutes must be a number of minutes > 0, got {t!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"parallel.backend must be one of {list(BACKENDS)}, got {self.backend!r}")
         if self.virtual_pipeline_model_parallel_size > 1 and self.pipeline_model_parallel_size == 1:
@@ -481,7 +488,7 @@ def init_distributed(
     init_method: str | None = None,
     backend: str | None = None,
     seed: int | None = None,
-    timeout_s: float = 300.0,
+    timeout_s: float | None = None,
 ) -> None:
     """Initialise ``torch.distributed`` and megatron's model-parallel groups.
 
@@ -491,6 +498,7 @@ def init_distributed(
     (:meth:`ParallelConfig.resolved_backend`: by default ``nccl`` with a GPU, ``gloo`` without).
     Applies the CPU adaptations when no GPU is present, and seeds (:func:`set_seed`) if ``seed`` is
     given. ``world_size`` must be a multiple of ``tp * pp``; cp > 1 is refused (:func:`check_context_parallel`).
+    A collective waits ``timeout_s`` seconds at most (default: ``parallel.timeout_minutes``).
     """
     parallel = parallel or ParallelConfig()
     check_context_parallel(parallel.context_parallel_size)
@@ -519,7 +527,7 @@ def init_distributed(
             backend=backend,
             rank=rank,
             world_size=world_size,
-            timeout=datetime.timedelta(seconds=timeout_s),
+            timeout=datetime.timedelta(seconds=timeout_s if timeout_s is not None else 60 * parallel.timeout_minutes),
             **rendezvous,
         )
     from megatron.core import parallel_state  # heavy: megatron

@@ -177,6 +177,7 @@ def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_
             "parallel.backend=nccl needs a CUDA GPU and NCCL, but no CUDA GPU is visible",
         ),
         ({"tp": 1, "backend": "mpi"}, {}, "parallel.backend must be one of ['auto', 'gloo', 'nccl'], got 'mpi'"),
+        ({"tp": 1, "timeout_minutes": 0}, {}, "parallel.timeout_minutes must be a number of minutes > 0, got 0"),
         # sequence parallelism: refused here, not after the process groups started and the data was opened
         (
             {"tp": 1},
@@ -313,3 +314,24 @@ def test_vpp_is_in_the_train_config_and_may_change_on_resume(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump({"parallel": {"tp": 1, "pp": 1}}))  # before vpp existed
     new = {"parallel": {"tp": 1, "pp": 2, "vpp": 2}}
     assert check_resume_config(tmp_path, new, set(), False, (1, 1)) == ["parallel.pp", "parallel.vpp"]
+
+
+def test_collectives_wait_parallel_timeout_minutes(monkeypatch):
+    """The process groups waited 300 s at most, fixed: at 70B, data-parallel rank 0 writes and hashes a
+    checkpoint of some 100 GB while the others wait at a barrier, and the run stopped. parallel.timeout_minutes
+    (30 by default) sets it."""
+    import torch.distributed as dist
+
+    from shiq_train import parallel
+
+    seen = {}
+    init = dist.init_process_group
+
+    def recording(*a, **kw):
+        seen["timeout"] = kw["timeout"]
+        return init(*a, **kw)
+
+    monkeypatch.setattr(dist, "init_process_group", recording)
+    for config, minutes in ((parallel.ParallelConfig(), 30), (parallel.ParallelConfig(timeout_minutes=90), 90)):
+        with parallel.distributed(config, seed=0):
+            assert seen["timeout"].total_seconds() == 60 * minutes
