@@ -883,7 +883,7 @@ def write_buffer(
     """
     out_dir = Path(out_dir)
     if out_dir.exists():
-        raise FileExistsError(f"{out_dir} already exists; choose a new --out folder or append to it")
+        raise FileExistsError(f"{out_dir} already exists; choose a new --out folder")
     if out_dir.is_symlink():  # a link to nowhere: the rename at the end would fail, after the whole build
         raise FileExistsError(
             f"{out_dir} is a symbolic link (to {os.readlink(out_dir)}, which does not exist): choose a new --out folder"
