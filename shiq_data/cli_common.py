@@ -20,9 +20,7 @@ import logging
 import os
 import pickle
 import select
-import signal
 import sys
-import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +30,6 @@ from shiq_data.io import one_line
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
-EXIT_TERMINATED = 143  # what a shell reports for a command stopped by SIGTERM (128 + 15)
 # messages of the warnings megatron-core gives at import when an optional accelerator library is absent
 OPTIONAL_DEPENDENCY_NOTICES = (
     r".*(Apex is not installed|Transformer Engine and Apex are not installed|Transformer Engine is not installed"
@@ -57,15 +54,19 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def parse_known_args(self, args=None, namespace=None):
         ArgumentParser._innermost = self
-        return super().parse_known_args(args, namespace)
+        namespace, extras = super().parse_known_args(args, namespace)
+        self._left_over = list(extras)  # what this parser did not recognise (a subcommand's, for its parent)
+        return namespace, extras
 
     def parse_args(self, args=None, namespace=None):
-        """argparse's, except that an unknown option after a subcommand is refused by the subcommand's parser,
+        """argparse's, except that unknown options after a subcommand are refused by the subcommand's parser,
         whose ``--help`` lists the options it takes (argparse's top-level refusal sent the user to the list of
-        subcommands)."""
+        subcommands); one before the subcommand stays the top level's."""
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
-            (ArgumentParser._innermost or self).error(f"unrecognized arguments: {' '.join(extras)}")
+            inner = ArgumentParser._innermost
+            blamed = inner if inner is not None and inner is not self and inner._left_over == extras else self
+            blamed.error(f"unrecognized arguments: {' '.join(extras)}")
         return namespace
 
 
@@ -127,36 +128,20 @@ def broken_pipe(prog: str, e: BrokenPipeError) -> int:
     return EXIT_BROKEN_PIPE
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (``kill PID``, a scheduler's stop), raised like Ctrl-C while :func:`run_command` runs a command, so
-    that what a command cleans up when interrupted (its temporary folders, its workers) is cleaned up then too."""
-
-
-def _terminated(signum, frame):
-    raise Terminated()
-
-
 def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
     stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
     stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``)
     prints ``PROG: interrupted`` and gives status 130, as a shell reports SIGINT (what it leaves is what each
-    command says of a kill: its writes are atomic); SIGTERM is taken the same way (:class:`Terminated`), with
-    ``PROG: terminated`` and status 143, where nothing else handles it (a temporary folder was left behind)."""
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _terminated)
+    command says of a kill: its writes are atomic)."""
     try:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return status
-    except KeyboardInterrupt as e:
+    except KeyboardInterrupt:
         if verbose():
             raise
-        if isinstance(e, Terminated):
-            print(f"{prog}: terminated", file=sys.stderr)
-            return EXIT_TERMINATED
         return interrupted(prog)
     except BrokenPipeError as e:
         return broken_pipe(prog, e)
@@ -164,9 +149,6 @@ def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
         if verbose() or not is_user_error(e):
             raise
         return fail(prog, e)
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def quiet_optional_dependencies() -> None:

@@ -422,7 +422,7 @@ def remove_stale(folder: Path, pattern: str) -> None:
             pass
 
 
-def _host() -> str:
+def this_host() -> str:
     """This machine's name as a temporary folder carries it beside the pid (a pid is this machine's: a folder
     may be shared with others), ``-`` made ``_`` so that the pid is the name's last but one ``-`` part."""
     return socket.gethostname().replace("-", "_")
@@ -441,7 +441,7 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     out = Path(out)
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    host = _host()
+    host = this_host()
     remove_stale(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
     stage = Path(tempfile.mkdtemp(prefix=f".staged-{host}-{os.getpid()}-", suffix=".tmp", dir=out))
     try:
@@ -477,7 +477,7 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     if folder.is_dir() and not replace:
         return folder
     made = make_parents(folder)
-    host, name = _host(), folder.name
+    host, name = this_host(), folder.name
     remove_stale(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{host}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
     try:

@@ -1,8 +1,8 @@
 """Out-of-core work tables for what a command must remember about every row of a buffer (duplicate texts,
 repeated row ids, near-duplicate candidates).
 
-A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and by
-the next command on the same output if a killed process left it) holding Parquet tables that the caller
+A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and, if a
+killed process left it, by the next command of this machine that makes one in that folder) holding Parquet tables that the caller
 appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
 :data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
 command holds in memory for such work is then the limit plus one batch, whatever the buffer's size. A
@@ -13,6 +13,7 @@ kernel can write back and drop, not process memory). A :class:`Bitmap` holds one
 
 from __future__ import annotations
 
+import glob
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shiq_data.io import remove_stale
+from shiq_data.io import remove_stale, this_host
 
 MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
 BATCH_ROWS = 8192  # rows per batch read back from a query
@@ -35,7 +36,7 @@ ROW_GROUP_ROWS = 65_536
 
 
 class Spill:
-    """A context manager: a temporary folder ``.<name>.spill-<pid>-<random>`` next to ``near`` (in the system's
+    """A context manager: a temporary folder ``.<name>.spill-<host>-<pid>-<random>`` next to ``near`` (in the system's
     temporary folder when that one cannot be written), Parquet tables in it and a DuckDB connection with
     ``memory_limit`` and its ``temp_directory`` inside it; the folder is removed on exit."""
 
@@ -44,9 +45,10 @@ class Spill:
         folder = near.parent
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
             folder = folder.parent
-        remove_stale(folder, f".{near.name}.spill-*")
+        host = this_host()
+        remove_stale(folder, f".*.spill-{glob.escape(host)}-*")  # any killed command's of this machine (a kill -9)
         try:
-            self.dir = folder / f".{near.name}.spill-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.dir = folder / f".{near.name}.spill-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
             self.dir.mkdir()
         except OSError:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))

@@ -206,6 +206,11 @@ CASES = [
     # an unknown option after a subcommand: refused by the subcommand, whose --help lists its options
     case("shiq-eval", ["run", "{d}/evalrun", "--out", "{d}/x", "--bogus"], "see shiq-eval run --help", "--bogus"),
     case("shiq-data", ["stats", "{d}/buf", "--bogus"], "shiq-data stats: error: unrecognized arguments: --bogus"),
+    case(
+        "shiq-data",
+        ["--bogus", "stats", "{d}/buf"],
+        "shiq-data: error: unrecognized arguments: --bogus (see shiq-data --",
+    ),
 ]
 
 

@@ -764,6 +764,32 @@ def test_curation_refuses_a_shard_that_does_not_match_its_manifest(tmp_path, cap
             assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(name + "-")) == [], verb
 
 
+def test_a_killed_commands_spill_folder_is_removed_by_the_next_one_in_that_folder(tmp_path, capsys, data):
+    """A curation command killed (kill -9, or SIGTERM, which Python does not clean up after) left its
+    ``.NAME.spill-…`` folder beside its output until a command wrote that same output again; now the next
+    curation command of this machine that works in the folder removes it, whatever output it writes, and not a
+    live command's or another machine's."""
+    import os
+    import socket
+    import subprocess
+
+    gone = int(
+        subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout
+    )
+    host = socket.gethostname().replace("-", "_")
+    dead = tmp_path / f".killed.spill-{host}-{gone}-1a2b3c4d"
+    kept = [
+        tmp_path / f".running.spill-{host}-{os.getpid()}-1a2b3c4d",  # a live command
+        tmp_path / f".other.spill-{host}x-{gone}-1a2b3c4d",  # another machine's: its pid means nothing here
+    ]
+    for folder in (dead, *kept):
+        (folder / "duckdb").mkdir(parents=True)
+    assert (
+        run(capsys, "filter", data["a"], "--where", "reward > 0", "--out", tmp_path / "kept", "--no-progress")[0] == 0
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept", *(p.name for p in kept)])
+
+
 def test_stats_name_each_source_whole(tmp_path, capsys):
     """Source names were cut to 20 characters: two sources of one long prefix printed as two rows of one name."""
     rows = [

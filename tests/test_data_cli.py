@@ -791,12 +791,10 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
 
 
-@pytest.mark.parametrize("workers,stop", [(1, "SIGINT"), (2, "SIGINT"), (2, "SIGTERM")])
-def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, stop):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
-    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder. SIGTERM to the
-    command alone (``kill PID``, a scheduler's stop) left its temporary folder: now it ends as Ctrl-C does, with
-    ``terminated`` and status 143."""
+    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder."""
     rows = "".join(
         json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000)
     )
@@ -814,14 +812,10 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, 
     while not any(p.name.startswith(".buf") or p.name == "buf" for p in tmp_path.iterdir()):  # writing rows
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
         time.sleep(0.05)
-    if stop == "SIGINT":
-        os.killpg(proc.pid, signal.SIGINT)
-    else:
-        os.kill(proc.pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == {"SIGINT": 130, "SIGTERM": 143}[stop], err[-3000:]
-    last = {"SIGINT": "shiq-data: interrupted", "SIGTERM": "shiq-data: terminated"}[stop]
-    assert err.strip().splitlines()[-1] == last and "Traceback" not in err, err[-3000:]
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
