@@ -35,6 +35,8 @@ from shiq_eval.evaluate import EvalResult, evaluate_one_pass
 from shiq_eval.generate import SamplingConfig, generate_in_batches, lm_forward, read_prompts, sample_next
 from shiq_eval.optimum import check_beta
 
+CANDIDATE_CHUNK = 64  # candidates the value model scores in one pass (all of them when top_k is at most this)
+
 
 def guided_logits(
     ref_logits: torch.Tensor, atom_logits: torch.Tensor, atoms: torch.Tensor, *, beta: float
@@ -48,9 +50,10 @@ def guided_logits(
         beta: KL weight ``β > 0`` (the reference code's ``eta`` is ``1/β``).
     Returns:
         ``[B, K]``, float64 if any input is float64, else float32. Computed as a log-sum-exp in float64
-        (``log_softmax(atom_logits) + atoms/β``), so huge ``atoms/β`` cannot overflow.
+        (``log_softmax(atom_logits) + atoms/β``), so huge ``atoms/β`` cannot overflow there.
     Raises:
-        ValueError naming the argument on a shape mismatch, a non-finite input or ``beta <= 0``.
+        ValueError naming the argument on a shape mismatch, a non-finite input or ``beta <= 0``, and naming
+        ``beta`` when the result does not fit the output's dtype.
     """
     beta = check_beta(beta)
     for name, t, dims in (("ref_logits", ref_logits, 2), ("atom_logits", atom_logits, 3), ("atoms", atoms, 1)):
@@ -71,7 +74,13 @@ def guided_logits(
     out_dtype = torch.float64 if torch.float64 in (ref_logits.dtype, atom_logits.dtype, atoms.dtype) else torch.float32
     log_p = torch.log_softmax(atom_logits.double(), -1)
     scaled = atoms.double().to(atom_logits.device) / float(beta)
-    return (ref_logits.double() + torch.logsumexp(log_p + scaled, -1)).to(out_dtype)
+    out = (ref_logits.double() + torch.logsumexp(log_p + scaled, -1)).to(out_dtype)
+    if not torch.isfinite(out).all():  # atoms / β beyond float32 (or float64): a β too small for these returns
+        raise ValueError(
+            f"beta={beta:g} is too small for atoms up to {float(atoms.abs().max()):g}: the guided logits overflow "
+            f"{str(out_dtype).removeprefix('torch.')} (give float64 inputs, or a larger beta)"
+        )
+    return out
 
 
 def guided_log_probs(
@@ -143,8 +152,9 @@ class GuidedPolicy:
             repeated prompt once (``shiq_eval.generate.read_prompts``: the same attention, in float rounding).
 
     Both models first read the prompts into their KV caches (``share_prefix``). Each step then runs the
-    reference on the new token (step 0: its logits at the prompts' end) and the value trunk once on
-    ``[new token, k candidates]`` (step 0: the candidates alone) over the value trunk's cached prefix: a
+    reference on the new token (step 0: its logits at the prompts' end) and the value trunk on
+    ``[new token, k candidates]`` (step 0: the candidates alone; beyond :data:`CANDIDATE_CHUNK` candidates, in
+    passes of that many, the new token with the first) over the value trunk's cached prefix: a
     candidate attends to the prefix and to itself only (a diagonal mask among candidates) and sits at the
     position after the prefix, so it is scored exactly as ``prefix + candidate`` would be; the candidates'
     cache entries are dropped after the pass. Prompts are left-padded (after the leading tokens they share);
@@ -172,6 +182,12 @@ class GuidedPolicy:
         self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
         if self.atoms.dim() != 1 or self.atoms.numel() == 0 or not torch.isfinite(self.atoms).all():
             raise ValueError(f"atoms must be a finite, non-empty 1-D tensor [A], got {self.atoms.tolist()}")
+        own = getattr(value_model, "atoms", None)  # the atoms the value model was trained on (HFValueModel keeps them)
+        if isinstance(own, torch.Tensor) and not torch.equal(own.detach().cpu().double(), self.atoms):
+            raise ValueError(
+                f"atoms {self.atoms.tolist()} are not the value model's own {own.tolist()}: its outputs are "
+                "probabilities of those returns"
+            )
         self.ref_model = ref_model.eval()
         self.value_model = value_model.eval()
         self.top_k = int(top_k)
@@ -219,7 +235,12 @@ class GuidedPolicy:
         ``restrict_to_top_k`` it is ``-inf`` for a completion with a token outside the candidates (which
         that policy cannot produce).
         """
-        samples, exact = [], []
+        if len(prompt_ids) != len(completion_ids):
+            raise ValueError(
+                f"{len(prompt_ids)} prompts but {len(completion_ids)} completions: one completion per prompt"
+            )
+        empty = torch.zeros(0, dtype=torch.float64)
+        samples, exact = [empty], [empty]
         for start in range(0, len(prompt_ids), batch_size):
             batch = prompt_ids[start : start + batch_size]
             forced = completion_ids[start : start + batch_size]
@@ -286,7 +307,20 @@ class GuidedPolicy:
             ref_logp_all = torch.log_softmax(ref_logits.double(), -1)  # [B, V]
             k = min(self.top_k, ref_logits.shape[-1])
             ref_top, cand = ref_logits.float().topk(k, dim=-1)  # [B, K]
-            atom_logits = self._score_candidates(new_ids, new_pos, attn, cand, next_pos, value_cache)
+            atom_logits = torch.cat(  # in chunks: a value pass over K candidates holds a [L + K, P + L + K] mask
+                [
+                    self._score_candidates(
+                        new_ids[:, : new_ids.shape[1] * (c == 0)],  # the new token once, with the first chunk
+                        new_pos[:, : new_pos.shape[1] * (c == 0)],
+                        attn,
+                        cand[:, c : c + CANDIDATE_CHUNK],
+                        next_pos,
+                        value_cache,
+                    )
+                    for c in range(0, k, CANDIDATE_CHUNK)
+                ],
+                1,
+            )
             guided = guided_logits(ref_top, atom_logits, atoms, beta=self.beta).double()  # [B, K]
             logp_g = guided_log_probs(ref_logits, cand, guided, restrict_to_top_k=self.restrict_to_top_k)  # [B, V]
             if forced is None:

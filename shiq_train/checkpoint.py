@@ -381,6 +381,15 @@ def check_sha256(path: Path) -> None:
         raise ValueError(f"{path}: sha256 differs from {sums.name}'s (the file changed or is corrupt)")
 
 
+def load_problem(e: Exception) -> str:
+    """What ``torch.load(..., weights_only=True)`` refused, on one line; for a file of other objects than tensors
+    and plain containers, that alone, without torch's advice to load it with ``weights_only=False`` (which would
+    run whatever the file's pickle holds)."""
+    if "Weights only load failed" in str(e):
+        return "it holds objects other than tensors and plain containers, which are never unpickled"
+    return one_line(e, 200)
+
+
 def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False) -> dict:
     """One rank's saved state, its SHA-256 checked (:func:`check_sha256`), read with ``weights_only=True`` (only tensors and plain containers are
     rebuilt: never arbitrary pickled objects; ``pickle`` is named here only for the error it raises); a
@@ -394,8 +403,7 @@ def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: boo
     except FileNotFoundError:
         raise ValueError(f"{path} is missing: the checkpoint is incomplete") from None
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        msg = one_line(e, 200)
-        raise ValueError(f"{path}: not a readable checkpoint file ({msg})") from None
+        raise ValueError(f"{path}: not a readable checkpoint file ({load_problem(e)})") from None
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: not a checkpoint written by shiq_train (expected the keys {list(keys)})")
     return state

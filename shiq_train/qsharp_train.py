@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class ValueTrainConfig:
             raise ValueError(f"value.lr ({self.lr}) and value.head_lr ({self.head_lr}) must be > 0")
         if self.gamma != 1:  # β log E[exp(Σ_k γ^k r_k / β)] is not the soft optimum's value when γ < 1
             raise ValueError(
-                f"value.gamma (loss.gamma of shiq-train) must be 1, got {self.gamma}: Q♯ guides the reference by "
+                f"value.gamma must be 1, got {self.gamma}: Q♯ guides the reference by "
                 "E[exp(Z/β)] of the undiscounted return Z, the optimum of the KL-regularised objective "
                 "(SHIQ_MATH §8); the return of a discounted sum gives another policy"
             )
@@ -100,6 +101,9 @@ class ValueTrainConfig:
             raise ValueError(f"value.num_atoms must be an integer >= 2, got {self.num_atoms!r}")
         if self.micro_batches_per_step < 1:
             raise ValueError(f"value.micro_batches_per_step must be >= 1, got {self.micro_batches_per_step}")
+        given = [v for v in (self.v_min, self.v_max) if v is not None]
+        if not all(math.isfinite(v) for v in given) or (len(given) == 2 and not self.v_min < self.v_max):
+            raise ValueError(f"value.v_min ({self.v_min}) and value.v_max ({self.v_max}) must be finite, v_min < v_max")
         self.schedule()  # checks min_lr, warmup_steps, decay_steps
         for name in ("cache_frozen_prefix", "share_prefixes"):
             if not isinstance(getattr(self, name), bool):
@@ -148,6 +152,21 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
             f"train.loss_average={train['loss_average']}: loss=qsharp_value averages its loss over every action of "
             "a step (train.loss_average=step)"
         )
+    try:
+        return _value_config(cfg, loss, opt, train, data, max_tokens_per_row)
+    except ValueError as e:  # named as the run's keys, not ValueTrainConfig's (value.lr is optimizer.lr)
+        raise ValueError(re.sub(r"value\.(\w+)", lambda m: RUN_KEYS.get(m[1], m[0]), str(e))) from None
+
+
+# ValueTrainConfig's fields as a shiq-train run's configuration names them
+RUN_KEYS = {name: f"loss.{name}" for name in ("num_atoms", "v_min", "v_max", "head_lr", "gamma")}
+RUN_KEYS |= {name: f"optimizer.{name}" for name in ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay")}
+RUN_KEYS |= {name: f"train.{name}" for name in ("steps", "trainable_last_layers", "cache_frozen_prefix")}
+RUN_KEYS |= {"share_prefixes": "train.share_prefixes", "rows_per_micro_batch": "data.rows_per_micro_batch"}
+RUN_KEYS |= {"micro_batches_per_step": "data.micro_batches_per_step"}
+
+
+def _value_config(cfg, loss, opt, train, data, max_tokens_per_row) -> ValueTrainConfig:
     return ValueTrainConfig(
         steps=int(train["steps"]),
         rows_per_micro_batch=int(data["rows_per_micro_batch"]),

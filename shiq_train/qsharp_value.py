@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.io import atomic_dir, one_line, read_json_file
-from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, save_hashed
+from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
 from shiq_train.hf_convert import LlamaShape, megatron_to_llama
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
@@ -328,7 +328,7 @@ def _read_tensors(path: Path) -> dict:
     try:
         tensors = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError, OSError) as e:
-        raise ValueError(f"{path}: not a readable value model ({one_line(e, 200)})") from None
+        raise ValueError(f"{path}: not a readable value model ({load_problem(e)})") from None
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"{path}: not a value model written by shiq-train (expected a dict of tensors)")
     return tensors

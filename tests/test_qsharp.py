@@ -538,6 +538,7 @@ def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass()
     warnings.filterwarnings("ignore")
     ref, value = tiny_llama(0), value_model(6)
     zero = torch.zeros(len(ATOMS))  # log Σ_j p_j exp(0/β) = 0 for every candidate, whatever the head says
+    value.atoms = zero.clone()  # (a policy's atoms must be its value model's)
     k = 4
     kw = dict(top_k=k, eos_id=63, pad_id=0)
     default = GuidedPolicy(ref, value, zero, 0.5, **kw)
@@ -665,3 +666,81 @@ def test_guided_policy_refuses_bad_atoms_and_top_k():
             GuidedPolicy(ref, value, atoms, 0.5, eos_id=63)
     with pytest.raises(ValueError, match="top_k must be an integer >= 1"):
         GuidedPolicy(ref, value, ATOMS, 0.5, top_k=0, eos_id=63)
+    # atoms other than the value model's own: its outputs would be read as probabilities of other returns
+    for atoms in (ATOMS.flip(0), torch.zeros(len(ATOMS)), ATOMS + 1):
+        with pytest.raises(ValueError, match=r"are not the value model's own \[-1.0, -0.69"):
+            GuidedPolicy(ref, value, atoms, 0.5, eos_id=63)
+    GuidedPolicy(ref, value, ATOMS.double(), 0.5, eos_id=63)  # the same returns in another dtype
+
+
+def test_guided_logits_that_overflow_their_dtype_name_beta():
+    """float32 inputs at β = 1e-300 returned inf, though the log-sum-exp is taken in float64: refused naming β;
+    float64 inputs hold the result."""
+    args = (torch.zeros(1, 2), torch.zeros(1, 2, 2), torch.tensor([0.0, 1.0]))
+    with pytest.raises(
+        ValueError, match=r"beta=1e-300 is too small for atoms up to 1: the guided logits overflow float32"
+    ):
+        guided_logits(*args, beta=1e-300)
+    out = guided_logits(*(a.double() for a in args), beta=1e-300)
+    assert out.dtype == F64 and torch.isfinite(out).all() and float(out[0, 0]) == pytest.approx(1e300 - math.log(2))
+
+
+def test_teacher_forced_kls_need_one_completion_per_prompt_and_take_none():
+    """sequence_kls of 2 prompts and 1 completion scored the second prompt with its completion broadcast (pad
+    tokens); of none it ended in torch.cat's error."""
+    policy = GuidedPolicy(tiny_llama(0), value_model(1), ATOMS, 0.5, top_k=4, eos_id=63, pad_id=0)
+    with pytest.raises(ValueError, match="2 prompts but 1 completions: one completion per prompt"):
+        policy.sequence_kls([[1, 2], [3]], [[4]])
+    sample, exact = policy.sequence_kls([], [])
+    assert sample.shape == exact.shape == (0,) and sample.dtype == exact.dtype == F64
+
+
+def test_candidates_beyond_a_chunk_score_as_in_one_pass(monkeypatch):
+    """Every candidate scored in one value pass held a [L + K, P + L + K] mask: --top-k 49152 (every token, the
+    setting that recovers π*) asked for 38 GB. In chunks, each candidate still sees the prefix and itself only:
+    chunks of 3 give the one pass's steps (float rounding apart)."""
+    import shiq_eval.qsharp as Q
+    from shiq_eval.generate import SamplingConfig
+
+    policy = GuidedPolicy(tiny_llama(0), value_model(1), ATOMS, 0.5, top_k=8, eos_id=63, pad_id=0)
+    cfg = SamplingConfig(max_new_tokens=5)
+    whole = policy.decode(PROMPTS, cfg, generator=torch.Generator().manual_seed(3), record=True)
+    monkeypatch.setattr(Q, "CANDIDATE_CHUNK", 3)
+    chunks = policy.decode(PROMPTS, cfg, generator=torch.Generator().manual_seed(3), record=True)
+    assert torch.equal(chunks.tokens, whole.tokens) and torch.equal(chunks.candidates, whole.candidates)
+    assert (chunks.atom_logits - whole.atom_logits).abs().max() < 1e-4
+    assert (chunks.kl - whole.kl).abs().max() < 1e-9 + 1e-5 * whole.kl.abs().max()
+
+
+class _RunsACommand:
+    """A pickled object whose unpickling would run a shell command (what a file written by anyone may hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_file_of_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_path):
+    """A value model or checkpoint file holding other objects than tensors was refused (nothing ran), but the
+    message passed on torch's advice to re-run torch.load with weights_only=False, which would run it."""
+    import hashlib
+
+    from shiq_train.checkpoint import read_rank_file
+    from shiq_train.qsharp_value import _read_tensors
+
+    marker = tmp_path / "ran"
+    for name in ("value_model.pt", "rank_00.pt"):
+        path = tmp_path / name
+        torch.save({"model": {"w": _RunsACommand(marker)}, "x": 1}, path)
+        (tmp_path / f"{name}.sha256").write_text(hashlib.sha256(path.read_bytes()).hexdigest() + f"  {name}\n")
+        read = _read_tensors if name == "value_model.pt" else read_rank_file
+        with pytest.raises(ValueError) as e:
+            read(path)
+        message = str(e.value)
+        assert "holds objects other than tensors and plain containers, which are never unpickled" in message
+        assert "weights_only" not in message and str(path) in message and "\n" not in message
+    assert not marker.exists()

@@ -368,13 +368,41 @@ def test_trainable_last_layers_is_all_or_at_least_one():
         freeze_all_but_last_layers(None, -2)
 
 
+@pytest.mark.parametrize(
+    "section,key,value,needle",
+    [
+        ("loss", "num_atoms", 1, "loss.num_atoms must be an integer >= 2, got 1"),
+        ("loss", "head_lr", -1, "optimizer.lr (0.0003) and loss.head_lr (-1.0) must be > 0"),
+        ("loss", "v_min", 1.0, "loss.v_min (1.0) and loss.v_max (0.0) must be finite, v_min < v_max"),
+        ("loss", "gamma", 0.9, "loss.gamma must be 1, got 0.9"),
+        ("train", "trainable_last_layers", -3, "train.trainable_last_layers must be -1"),
+    ],
+)
+def test_value_model_settings_are_refused_by_the_runs_own_keys(section, key, value, needle):
+    """shiq-train loss=qsharp_value named its settings value.num_atoms, value.lr, or v_min without a section, and
+    refused v_min >= v_max only once the weights had loaded: each refusal names the run's key, before any work."""
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from shiq_train.qsharp_train import value_config_from_run
+
+    cfg = OmegaConf.to_container(OmegaConf.load(pathlib.Path(__file__).resolve().parents[1] / "configs" / "train.yaml"))
+    cfg.update(loss={"name": "qsharp_value", "v_max": 0.0} if key == "v_min" else {"name": "qsharp_value"}, seed=0)
+    cfg["data"]["seed"], cfg["optimizer"]["lr"] = 0, 3e-4
+    cfg[section][key] = value
+    with pytest.raises(ValueError) as e:
+        value_config_from_run(cfg, 64)
+    assert needle in str(e.value) and "value." not in str(e.value), str(e.value)
+
+
 def test_value_model_trainable_last_layers_allows_the_head_alone():
     """Q♯'s value model trains its head whatever the trunk does: 0 is valid there, below -1 is not."""
     from shiq_train.qsharp_train import ValueTrainConfig
 
     assert ValueTrainConfig(trainable_last_layers=0).trainable_last_layers == 0
     for gamma in (0.9, 0.0):  # guidance by E[exp(Z/β)] is the optimum for the undiscounted return only
-        with pytest.raises(ValueError, match=rf"value.gamma \(loss.gamma of shiq-train\) must be 1, got {gamma}"):
+        with pytest.raises(ValueError, match=rf"value.gamma must be 1, got {gamma}"):
             ValueTrainConfig(gamma=gamma)
     with pytest.raises(ValueError, match=r"value.trainable_last_layers must be -1 .* got -3"):
         ValueTrainConfig(trainable_last_layers=-3)
