@@ -569,7 +569,7 @@ def test_atomic_dir_removes_what_a_killed_fill_left(tmp_path):
     """A killed ``export`` or ``split`` left its temporary folder beside the output for good (91 MB for a
     killed export of 200,000 rows); the next write of the same folder on this machine removes it, not the
     temporary folder of a process still at work."""
-    from shiq_data.io import _host, atomic_dir
+    from shiq_data.io import atomic_dir, this_host
 
     folder = tmp_path / "out"
     code = (
@@ -580,7 +580,7 @@ def test_atomic_dir_removes_what_a_killed_fill_left(tmp_path):
     assert killed.returncode == -signal.SIGKILL
     (left,) = tmp_path.glob(".out.*.tmp")
     assert (left / "half").exists()
-    alive = tmp_path / f".out.{_host()}-{os.getpid()}-abc.tmp"  # a process at work on it (this one)
+    alive = tmp_path / f".out.{this_host()}-{os.getpid()}-abc.tmp"  # a process at work on it (this one)
     alive.mkdir()
     atomic_dir(folder, lambda t: (t / "whole").write_text("1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"] and (folder / "whole").exists()
