@@ -154,6 +154,8 @@ def suffix_sum(
         return (cs.gather(1, last) - cs + x.double()).to(x.dtype)
     # gamma < 1: a reverse scan, carrying the return of the next action of the same trajectory.
     B, T = x.shape
+    if T == 0:  # rows of no token: nothing to sum
+        return x
     carry = torch.zeros(B, dtype=x.dtype, device=x.device)
     cols = []
     for t in range(T - 1, -1, -1):
@@ -439,10 +441,13 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     peers = torch.where(alone[:, None], other, peers)
     if B == 1:
         return torch.zeros_like(R)
-    scaled = torch.where(
-        peers, R[None, :].expand(B, B) / beta, torch.full((B, B), -math.inf, dtype=R.dtype, device=R.device)
-    )
-    return beta * (torch.logsumexp(scaled, dim=1) - torch.log(peers.sum(1).to(R.dtype)))
+    # in float64, shifted by each row's largest peer return: at a large β, (R − max) / β keeps the digits that
+    # R / β in float32 loses (β 1e6 was 3% off)
+    b = beta.detach().double() if isinstance(beta, torch.Tensor) else float(beta)
+    R64 = R.double()[None, :].expand(B, B)
+    top = torch.where(peers, R64, -math.inf).max(1).values  # [B]
+    scaled = torch.where(peers, (R64 - top[:, None]) / b, -math.inf)
+    return (top + b * (torch.logsumexp(scaled, dim=1) - torch.log(peers.sum(1).double()))).to(R.dtype)
 
 
 def trajectory_sums(x: torch.Tensor, action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None):

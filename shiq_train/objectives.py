@@ -67,7 +67,8 @@ class LossSpec:
 
     ``needs_groups``: compares completions of one prompt, so micro-batches must hold whole prompt
     groups (with ``group_ids``). ``packed_ok``: works on packed rows (several trajectories per row).
-    ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``variant``: the
+    ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``needs_rewards``: reads the
+    rewards (a loss that does not may be given none). ``variant``: the
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
     ``fn(beta, stats, rewards, action_mask, group_ids, returns) -> (loss, extra metrics)``.
     ``trajectory_loss``: for a sequence-level loss on single trajectories,
@@ -82,6 +83,7 @@ class LossSpec:
     needs_groups: bool = False
     packed_ok: bool = False
     needs_reference: bool = True
+    needs_rewards: bool = True
     variant: str | None = None
     group_loss: GroupLossFn | None = None
     trajectory_loss: TrajectoryLossFn | None = None
@@ -140,12 +142,14 @@ LOSSES: dict[str, LossSpec] = {
             "supervised fine-tuning: mean NLL of the action tokens, no reward, no reference (§5)",
             packed_ok=True,
             needs_reference=False,
+            needs_rewards=False,
             trajectory_loss=_sft,
         ),
         LossSpec(
             "qsharp_value",
             "Q♯ value model: the reference's return distribution over atoms, for guided decoding (§8)",
             needs_reference=False,
+            needs_rewards=False,  # returns-to-go of the buffer's rewards, read by shiq_train.qsharp_train
             trains="value",
         ),
     )
@@ -194,7 +198,9 @@ def compute_loss(
     """The configured loss and its metrics.
 
     Args:
-        chosen_logits, logz, ref_chosen_logits, ref_logz, rewards: ``[B, T]``; action_mask ``[B, T]`` bool.
+        chosen_logits, logz, ref_chosen_logits, ref_logz, rewards: ``[B, T]``; action_mask ``[B, T]`` bool. A
+            loss that reads no reference statistics (``needs_reference``: sft) or no rewards (``needs_rewards``)
+            may be given None for them.
         group_ids: ``[B]`` int, completions of one prompt (required by the losses with ``needs_groups``).
         segment_ids: ``[B, T]`` int for packed rows (only the losses with ``packed_ok``).
     Returns:
@@ -208,8 +214,16 @@ def compute_loss(
         loss. ``log_ratio`` is not KL(π‖π_ref): it is the sample estimate of that KL (§6) only on rows
         sampled from π; on buffer rows sampled from π_ref it estimates −KL(π_ref‖π).
     """
-    stats = (chosen_logits, logz, ref_chosen_logits, ref_logz)
     spec = cfg.spec
+    if ref_chosen_logits is None or ref_logz is None:
+        if spec.needs_reference:
+            raise ValueError(f"loss {cfg.name!r} reads the reference statistics: give ref_chosen_logits and ref_logz")
+        ref_chosen_logits, ref_logz = chosen_logits.detach(), logz.detach()  # the policy's own: Λ is 0 in the logs
+    if rewards is None:
+        if spec.needs_rewards:
+            raise ValueError(f"loss {cfg.name!r} reads the rewards: give rewards [B, T]")
+        rewards = torch.zeros_like(chosen_logits, dtype=torch.float32)
+    stats = (chosen_logits, logz, ref_chosen_logits, ref_logz)
     if segment_ids is not None and not spec.packed_ok:
         raise ValueError(
             f"loss {cfg.name!r} needs one trajectory per row, but the micro-batch is packed (segment_ids): "

@@ -190,9 +190,7 @@ def objective_loss_fn(loss_cfg) -> LossFn:
 
     def fn(st: TokenStats, mb: dict):
         ref_c, ref_z = mb.get("ref_chosen_logits"), mb.get("ref_logz")
-        if ref_c is None and not loss_cfg.spec.needs_reference:  # e.g. sft: Λ is then 0 in the logs
-            ref_c, ref_z = st.chosen_logits.detach(), st.logz.detach()
-        elif ref_c is None:
+        if ref_c is None and loss_cfg.spec.needs_reference:  # (sft: compute_loss takes none)
             raise ValueError(
                 f"loss {loss_cfg.name!r} reads the reference statistics, but the micro-batch has no "
                 "ref_chosen_logits: precompute them in the buffer (shiq-train ref-stats) or use train.reference=online"

@@ -99,11 +99,23 @@ def _grad_from_softmax_(p, targets, vocab_start: int, grad_c, grad_z):
     return p
 
 
-def _check(targets, tokens_dim: int, what: str):
+def _check(targets, tokens_dim: int, what: str, shard_width: int, group, vocab_size: int | None):
+    """Refuse ``targets`` of another shape than ``[N]``, or holding ids outside the vocabulary (``vocab_size``,
+    else every shard's columns): a gather masked per shard would read 0, or a padding column, for them, where
+    ``shiq_train.stats.token_stats`` refuses them. On a GPU the ids are checked on the device (an assertion
+    there, no wait for the host)."""
     if targets.dim() != 1 or targets.shape[0] != tokens_dim:
         raise ValueError(
             f"targets must be [N] matching {what}'s first dimension {tokens_dim}, got {tuple(targets.shape)}"
         )
+    vocab = vocab_size if vocab_size is not None else shard_width * (1 if group is None else dist.get_world_size(group))
+    inside = ((targets >= 0) & (targets < vocab)).all()
+    message = f"targets hold token ids outside [0, {vocab})"
+    if targets.device.type == "cpu":
+        if not bool(inside):
+            raise ValueError(message)
+    else:
+        torch._assert_async(inside, message)
 
 
 class VocabParallelTokenStats(torch.autograd.Function):
@@ -120,7 +132,7 @@ class VocabParallelTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, targets, group=None, vocab_size=None):
-        _check(targets, logits.shape[0], "logits")
+        _check(targets, logits.shape[0], "logits", logits.shape[-1], group, vocab_size)
         vocab_start = _rank(group) * logits.shape[-1]
         c, z, p = _shard_stats(logits, targets, vocab_start, vocab_size, group, keep_softmax=True)
         ctx.save_for_backward(p, targets)
@@ -152,7 +164,7 @@ class ChunkedTokenStats(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, chunk_tokens, group=None, vocab_size=None):
-        _check(targets, hidden.shape[0], "hidden")
+        _check(targets, hidden.shape[0], "hidden", weight.shape[0], group, vocab_size)
         if hidden.shape[-1] != weight.shape[-1]:
             raise ValueError(
                 f"hidden [N, H] and weight [V/tp, H] disagree on H: {tuple(hidden.shape)} vs {tuple(weight.shape)}"

@@ -247,3 +247,25 @@ def test_dro_v_loo_on_one_row_takes_a_value_of_zero_not_its_own_return():
         L.loo_soft_value(torch.tensor([1.0, 2.0]), torch.tensor([0, 0]), beta=0.0)
     with pytest.raises(ValueError, match=r"group_ids must be \[2\]"):
         L.loo_soft_value(torch.tensor([1.0, 2.0]), torch.tensor([0, 0, 1]), beta=1.0)
+
+
+def test_a_loss_that_reads_no_reference_or_rewards_takes_none():
+    """compute_loss for sft, called directly (a TRL-style loop) without reference statistics, ended in an
+    AttributeError on None although the registry says sft reads none; now it gives the mean NLL of the action
+    tokens (computed here by hand), Λ = 0 in its metrics. A loss that reads them refuses None naming them."""
+    import torch
+
+    from shiq_train.objectives import LOSSES, LossConfig, compute_loss
+
+    torch.manual_seed(0)
+    c, z = torch.randn(2, 4), torch.randn(2, 4) + 3
+    m = torch.tensor([[0, 1, 1, 0], [0, 1, 1, 1]], dtype=torch.bool)
+    want = float(-(c - z)[m].mean())
+    for rewards in (torch.zeros(2, 4), None):
+        loss, metrics = compute_loss(LossConfig("sft"), c, z, None, None, rewards, m)
+        assert float(loss) == pytest.approx(want, rel=1e-6) and metrics["log_ratio"] == 0.0
+    assert not LOSSES["sft"].needs_reference and not LOSSES["sft"].needs_rewards
+    with pytest.raises(ValueError, match="loss 'shiq' reads the reference statistics"):
+        compute_loss(LossConfig("shiq"), c, z, None, None, torch.zeros(2, 4), m)
+    with pytest.raises(ValueError, match=r"loss 'dro_v' reads the rewards: give rewards \[B, T\]"):
+        compute_loss(LossConfig("dro_v"), c, z, c, z, None, m)

@@ -263,3 +263,27 @@ def test_sequence_first_logits_match_causal_lm_stats():
     _close(seq_first.grad.transpose(0, 1), lg_ref.grad)
     with pytest.raises(ValueError, match="tokens must be"):
         seq_first_causal_stats(seq_first, targets[:, :-1])
+
+
+def test_targets_outside_the_vocabulary_are_refused_as_token_stats_refuses_them():
+    """The per-shard gathers read 0 for a token id beyond every shard, or a padding column's logit for one in
+    [vocab_size, padded width) (a log-probability of +0.92 here), where token_stats refuses both; now every path
+    refuses them, naming the vocabulary."""
+    from shiq_train.vocab_parallel import chunked_causal_stats, seq_first_causal_stats, vocab_parallel_token_stats
+
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 12)
+    for targets, vocab, width in (([[0, 10]], 9, 9), ([[0, 12]], None, 12), ([[0, -1]], None, 12)):
+        with pytest.raises(ValueError, match=rf"targets hold token ids outside \[0, {width}\)"):
+            token_stats(logits[..., :width], torch.tensor(targets))  # the reference
+        with pytest.raises(ValueError, match=rf"targets hold token ids outside \[0, {width}\)"):
+            vocab_parallel_token_stats(logits, torch.tensor(targets), vocab_size=vocab)
+    hidden, weight = torch.randn(1, 3, 4), torch.randn(12, 4)
+    with pytest.raises(ValueError, match=r"outside \[0, 12\)"):
+        chunked_causal_stats(hidden, weight, torch.tensor([[1, 2, 12]]))
+    with pytest.raises(ValueError, match=r"outside \[0, 10\)"):
+        chunked_causal_stats(hidden, weight, torch.tensor([[1, 2, 11]]), vocab_size=10)
+    with pytest.raises(ValueError, match=r"outside \[0, 12\)"):
+        seq_first_causal_stats(torch.randn(3, 1, 12), torch.tensor([[1, 2, 12]]))
+    st = vocab_parallel_token_stats(logits, torch.tensor([[0, 11]]))  # the last id of the vocabulary: fine
+    assert torch.allclose(st.chosen_logits, token_stats(logits, torch.tensor([[0, 11]])).chosen_logits)
