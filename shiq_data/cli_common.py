@@ -16,13 +16,16 @@ result (tables, JSON, the line saying where its outputs went) goes to stdout and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import pickle
 import select
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from shiq_data.io import one_line
@@ -30,6 +33,7 @@ from shiq_data.io import one_line
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for a command stopped by Ctrl-C
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a command stopped by SIGPIPE (128 + 13)
+EXIT_TERMINATED = 143  # what a shell reports for a command stopped by SIGTERM (128 + 15)
 # messages of the warnings megatron-core gives at import when an optional accelerator library is absent
 OPTIONAL_DEPENDENCY_NOTICES = (
     r".*(Apex is not installed|Transformer Engine and Apex are not installed|Transformer Engine is not installed"
@@ -91,6 +95,31 @@ def error_line(prog: str, e: BaseException | str) -> str:
     return f"{prog}: error: {text}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where a command has workers or temporary folders to clean up first (:func:`on_sigterm`);
+    :func:`run_command` then says so and ends with status 143, as a shell reports SIGTERM."""
+
+
+@contextlib.contextmanager
+def on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (``kill PID``, a scheduler's stop) raises :class:`Terminated` in the main thread
+    instead of ending the process at once, so that the block's cleanup (a worker pool: its processes, left
+    running otherwise; a temporary folder) runs first. Only where the main thread waits in Python (a pool's
+    results): a handler cannot run while it blocks in C. Elsewhere, or when SIGTERM is handled already, a no-op."""
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
 def interrupted(prog: str, hint: str = "") -> int:
     """Print ``PROG: interrupted`` (then ``hint``) to stderr, for Ctrl-C; the exit status for it (130)."""
     print(f"{prog}: interrupted{hint}", file=sys.stderr)
@@ -139,9 +168,12 @@ def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
         return status
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if verbose():
             raise
+        if isinstance(e, Terminated):  # cleaned up: the status a shell gives a process SIGTERM ended
+            print(f"{prog}: terminated", file=sys.stderr)
+            return EXIT_TERMINATED
         return interrupted(prog)
     except BrokenPipeError as e:
         return broken_pipe(prog, e)

@@ -2,7 +2,7 @@
 repeated row ids, near-duplicate candidates).
 
 A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and, if a
-killed process left it, by the next command of this machine that makes one in that folder) holding Parquet tables that the caller
+killed process left it, by the next command of this machine that makes one in that folder: :func:`sweep`) holding Parquet tables that the caller
 appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
 :data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
 command holds in memory for such work is then the limit plus one batch, whatever the buffer's size. A
@@ -13,6 +13,7 @@ kernel can write back and drop, not process memory). A :class:`Bitmap` holds one
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import os
 import shutil
@@ -35,6 +36,32 @@ BATCH_ROWS = 8192  # rows per batch read back from a query
 ROW_GROUP_ROWS = 65_536
 
 
+HELD = ".held"  # a spill folder's lock file: locked (flock) by the command using the folder, as long as it runs
+
+
+def sweep(folder: Path, host: str) -> None:
+    """Remove the spill folders in ``folder`` of this machine's commands that are gone. A command holds its
+    folder's :data:`HELD` lock while it runs and the kernel releases it however the command ends, so a folder
+    whose lock can be taken is an orphan; a folder's pid alone could name a live command of another container
+    of the same host name (another pid namespace). A folder without the lock file (of an older release) is
+    judged by its pid (:func:`shiq_data.io.remove_stale`)."""
+    for p in folder.glob(f".*.spill-{glob.escape(host)}-*"):
+        try:
+            fd = os.open(p / HELD, os.O_RDWR)
+        except FileNotFoundError:
+            remove_stale(folder, glob.escape(p.name))
+            continue
+        except OSError:  # not ours to open: left alone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(p, ignore_errors=True)
+        except BlockingIOError:  # a command at work in it
+            pass
+        finally:
+            os.close(fd)
+
+
 class Spill:
     """A context manager: a temporary folder ``.<name>.spill-<host>-<pid>-<random>`` next to ``near`` (in the system's
     temporary folder when that one cannot be written), Parquet tables in it and a DuckDB connection with
@@ -46,10 +73,17 @@ class Spill:
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
             folder = folder.parent
         host = this_host()
-        remove_stale(folder, f".*.spill-{glob.escape(host)}-*")  # any killed command's of this machine (a kill -9)
+        sweep(folder, host)  # the folders of this machine's killed commands (a kill -9, SIGTERM, the OOM killer)
+        self._held = None
         try:
-            self.dir = folder / f".{near.name}.spill-{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            self.dir.mkdir()
+            # made under another name, its lock file held, then renamed: a sweep never sees it unlocked
+            name = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            making = folder / f".{near.name}.spillnew-{name}"
+            making.mkdir()
+            self._held = os.open(making / HELD, os.O_CREAT | os.O_RDWR, 0o644)
+            fcntl.flock(self._held, fcntl.LOCK_EX)
+            self.dir = folder / f".{near.name}.spill-{name}"
+            os.rename(making, self.dir)
         except OSError:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))
         try:
@@ -65,7 +99,7 @@ class Spill:
                 },
             )
         except BaseException:  # (Ctrl-C included) before the caller's ``with`` could remove the folder
-            shutil.rmtree(self.dir, ignore_errors=True)
+            self._remove()
             raise
         self._writers: dict[str, pq.ParquetWriter] = {}
         self._schemas: dict[str, pa.Schema] = {}
@@ -81,7 +115,13 @@ class Spill:
             w.close()
         self._writers = {}
         self.con.close()
+        self._remove()
+
+    def _remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        if self._held is not None:  # (the lock goes with the file descriptor)
+            os.close(self._held)
+            self._held = None
 
     def declare(self, name: str, schema: pa.Schema) -> None:
         """Start table ``name`` with ``schema`` (so it exists, empty, even if nothing is appended)."""

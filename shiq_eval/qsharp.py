@@ -182,8 +182,17 @@ class GuidedPolicy:
         self.atoms = torch.as_tensor(atoms, dtype=torch.float64)
         if self.atoms.dim() != 1 or self.atoms.numel() == 0 or not torch.isfinite(self.atoms).all():
             raise ValueError(f"atoms must be a finite, non-empty 1-D tensor [A], got {self.atoms.tolist()}")
-        own = getattr(value_model, "atoms", None)  # the atoms the value model was trained on (HFValueModel keeps them)
-        if isinstance(own, torch.Tensor) and not torch.equal(own.detach().cpu().double(), self.atoms):
+        # the atoms the value model was trained on (HFValueModel keeps them), compared at its precision
+        own = getattr(value_model, "atoms", None)
+        if isinstance(own, torch.Tensor) and not (
+            own.shape == self.atoms.shape
+            and torch.allclose(  # to a few roundings of the model's dtype (a linspace in float32 or float64)
+                own.detach().cpu().double(),
+                self.atoms,
+                rtol=4 * torch.finfo(own.dtype).eps,
+                atol=4 * torch.finfo(own.dtype).eps * float(self.atoms.abs().max()),
+            )
+        ):
             raise ValueError(
                 f"atoms {self.atoms.tolist()} are not the value model's own {own.tolist()}: its outputs are "
                 "probabilities of those returns"

@@ -385,9 +385,15 @@ def load_problem(e: Exception) -> str:
     """What ``torch.load(..., weights_only=True)`` refused, on one line; for a file of other objects than tensors
     and plain containers, that alone, without torch's advice to load it with ``weights_only=False`` (which would
     run whatever the file's pickle holds)."""
-    if "Weights only load failed" in str(e):
-        return "it holds objects other than tensors and plain containers, which are never unpickled"
-    return one_line(e, 200)
+    text = str(e)
+    if "Weights only load failed" not in text:
+        return one_line(e, 200)
+    # torch's own reason is the paragraph after its advice and before its pointer to the documentation
+    reason = next(
+        (p for p in text.split("\n\n")[1:] if p.strip() and "weights_only" not in p and "documentation" not in p), ""
+    )
+    detail = f": {one_line(reason.strip(), 160)}" if reason.strip() else ""
+    return f"it holds objects other than tensors and plain containers, which are never unpickled{detail}"
 
 
 def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False) -> dict:

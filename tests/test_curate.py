@@ -768,7 +768,7 @@ def test_a_killed_commands_spill_folder_is_removed_by_the_next_one_in_that_folde
     """A curation command killed (kill -9, or SIGTERM, which Python does not clean up after) left its
     ``.NAME.spill-…`` folder beside its output until a command wrote that same output again; now the next
     curation command of this machine that works in the folder removes it, whatever output it writes, and not a
-    live command's or another machine's."""
+    live command's (its lock held, whatever its pid says) or another machine's."""
     import os
     import socket
     import subprocess
@@ -784,10 +784,23 @@ def test_a_killed_commands_spill_folder_is_removed_by_the_next_one_in_that_folde
     ]
     for folder in (dead, *kept):
         (folder / "duckdb").mkdir(parents=True)
-    assert (
-        run(capsys, "filter", data["a"], "--where", "reward > 0", "--out", tmp_path / "kept", "--no-progress")[0] == 0
-    )
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept", *(p.name for p in kept)])
+    # a command of another container of this host name (its own pid numbering: its pid is gone here) holds its
+    # folder's lock, and stays; a folder whose lock nobody holds is an orphan whatever its pid names
+    import fcntl
+
+    other_ns = tmp_path / f".container.spill-{host}-{gone}-5e6f7a8b"
+    orphan = tmp_path / f".orphan.spill-{host}-{os.getpid()}-5e6f7a8b"
+    for folder in (other_ns, orphan):
+        folder.mkdir()
+        (folder / ".held").write_text("")
+    held = os.open(other_ns / ".held", os.O_RDWR)
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        argv = ["filter", data["a"], "--where", "reward > 0", "--out", tmp_path / "kept", "--no-progress"]
+        assert run(capsys, *argv)[0] == 0
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept", other_ns.name, *(p.name for p in kept)])
 
 
 def test_stats_name_each_source_whole(tmp_path, capsys):

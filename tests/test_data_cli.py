@@ -791,10 +791,27 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
+def _descendants(pid: int) -> set[int]:
+    """The processes below ``pid`` (children, theirs, ...), from /proc."""
+    out, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = {int(k) for k in (task / "children").read_text().split()}
+            except OSError:
+                continue
+            todo += list(kids - out)
+            out |= kids
+    return out
+
+
+@pytest.mark.parametrize("workers,stop", [(1, "SIGINT"), (2, "SIGINT"), (2, "SIGTERM")])
+def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, stop):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
-    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder."""
+    with ``--workers 2`` one more from a worker; now one line, status 130, and no output folder. SIGTERM to the
+    command alone (``kill PID``, a scheduler's stop) left its workers running, orphaned, and its temporary
+    folders: now they go first, then the command ends by SIGTERM, saying so."""
     rows = "".join(
         json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(60000)
     )
@@ -812,10 +829,25 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers):
     while not any(p.name.startswith(".buf") or p.name == "buf" for p in tmp_path.iterdir()):  # writing rows
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 130, err[-3000:]
-    assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
+    if stop == "SIGINT":
+        os.killpg(proc.pid, signal.SIGINT)
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
+    else:
+        while len(_descendants(proc.pid)) < 1 + workers:  # the fork server and its workers
+            assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
+            time.sleep(0.05)
+        time.sleep(2)  # the workers started (one still unpickling its start-up state when stopped prints why)
+        below = _descendants(proc.pid)
+        assert proc.poll() is None, "the build ended before it could be stopped"
+        os.kill(proc.pid, signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+        assert proc.returncode == 143, err[-3000:]
+        assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
+        while any(Path(f"/proc/{p}").exists() for p in below):  # its workers end with it, not orphaned
+            assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
+            time.sleep(0.1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 

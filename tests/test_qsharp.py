@@ -671,6 +671,12 @@ def test_guided_policy_refuses_bad_atoms_and_top_k():
         with pytest.raises(ValueError, match=r"are not the value model's own \[-1.0, -0.69"):
             GuidedPolicy(ref, value, atoms, 0.5, eos_id=63)
     GuidedPolicy(ref, value, ATOMS.double(), 0.5, eos_id=63)  # the same returns in another dtype
+    from shiq_train.qsharp_value import atom_support
+
+    # the same returns computed in float64, or written out, and a value model kept in bfloat16: all its own
+    GuidedPolicy(ref, value, atom_support(-1.0, 2.0, 11, dtype=torch.float64), 0.5, eos_id=63)
+    GuidedPolicy(ref, value, [-1 + 0.3 * i for i in range(11)], 0.5, eos_id=63)
+    GuidedPolicy(ref, value_model(1).to(torch.bfloat16), ATOMS, 0.5, eos_id=63)
 
 
 def test_guided_logits_that_overflow_their_dtype_name_beta():
@@ -743,4 +749,5 @@ def test_a_file_of_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_
         message = str(e.value)
         assert "holds objects other than tensors and plain containers, which are never unpickled" in message
         assert "weights_only" not in message and str(path) in message and "\n" not in message
+        assert "unsupported GLOBAL posix.system" in message  # torch's reason, without its advice
     assert not marker.exists()

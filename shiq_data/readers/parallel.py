@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
+from shiq_data.cli_common import on_sigterm
 from shiq_data.readers import Format
 from shiq_data.schema import CHECKED_KEY, INPUT_KEY, GroupIds, check_row
 
@@ -95,37 +96,40 @@ def parallel_rows(
     group_id = GroupIds()  # group key -> group id over the whole input
     pending: deque = deque()
     failed: Exception | None = None  # the input could not be read further (raised after the rows before it)
-    pool = ProcessPoolExecutor(
-        workers,
-        mp_context=_context(),
-        initializer=_start,
-        initargs=(form.read, path, tokenizer, options, vocab_size),
-    )
-    try:
-        done = False
-        while True:
-            while not done and failed is None and len(pending) < 2 * workers:
-                try:
-                    batch = list(islice(records, chunk or CHUNK))
-                except Exception as e:
-                    failed = e
+    with on_sigterm():  # a kill of the command stops its workers too (they were left running, orphaned)
+        pool = ProcessPoolExecutor(
+            workers,
+            mp_context=_context(),
+            initializer=_start,
+            initargs=(form.read, path, tokenizer, options, vocab_size),
+        )
+        try:
+            done = False
+            while True:
+                while not done and failed is None and len(pending) < 2 * workers:
+                    try:
+                        batch = list(islice(records, chunk or CHUNK))
+                    except Exception as e:
+                        failed = e
+                        break
+                    if not batch:
+                        done = True
+                        break
+                    pending.append(pool.submit(_read_chunk, batch))
+                if not pending:
                     break
-                if not batch:
-                    done = True
-                    break
-                pending.append(pool.submit(_read_chunk, batch))
-            if not pending:
-                break
-            rows, error = pending.popleft().result()
-            for row in rows:
-                location = row[INPUT_KEY]
-                if location.get("group") is None:
-                    raise RuntimeError(f"format {form.name!r}: its reader gives no group key (input_location group)")
-                row["group_id"] = group_id(location["group"])
-                yield row
-            if error is not None:
-                raise error
-        if failed is not None:
-            raise failed
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+                rows, error = pending.popleft().result()
+                for row in rows:
+                    location = row[INPUT_KEY]
+                    if location.get("group") is None:
+                        raise RuntimeError(
+                            f"format {form.name!r}: its reader gives no group key (input_location group)"
+                        )
+                    row["group_id"] = group_id(location["group"])
+                    yield row
+                if error is not None:
+                    raise error
+            if failed is not None:
+                raise failed
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
