@@ -16,6 +16,7 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import re
 import shutil
 import tempfile
 import uuid
@@ -39,12 +40,17 @@ ROW_GROUP_ROWS = 65_536
 HELD = ".held"  # a spill folder's lock file: locked (flock) by the command using the folder, as long as it runs
 
 
-def sweep(folder: Path, host: str) -> None:
+def sweep(folder: Path, host: str, name: str | None = None) -> None:
     """Remove the spill folders in ``folder`` of this machine's commands that are gone. A command holds its
     folder's :data:`HELD` lock while it runs and the kernel releases it however the command ends, so a folder
     whose lock can be taken is an orphan; a folder's pid alone could name a live command of another container
-    of the same host name (another pid namespace). A folder without the lock file (of an older release) is
-    judged by its pid (:func:`shiq_data.io.remove_stale`)."""
+    of the same host name (another pid namespace). A folder without the lock file (being made, or of an older
+    release) is judged by its pid (:func:`shiq_data.io.remove_stale`), as are, for the output ``name``, the
+    folders of releases that named no host (``.NAME.spill-PID-hex``)."""
+    if name is not None:
+        for p in folder.glob(f".{glob.escape(name)}.spill-*"):
+            if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(name) + len("..spill-") :]):
+                remove_stale(folder, glob.escape(p.name))
     for p in folder.glob(f".*.spill-{glob.escape(host)}-*"):
         try:
             fd = os.open(p / HELD, os.O_RDWR)
@@ -73,7 +79,9 @@ class Spill:
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
             folder = folder.parent
         host = this_host()
-        sweep(folder, host)  # the folders of this machine's killed commands (a kill -9, SIGTERM, the OOM killer)
+        sweep(
+            folder, host, near.name
+        )  # the folders of this machine's killed commands (a kill -9, SIGTERM, the OOM killer)
         self._held = None
         try:
             # made under another name, its lock file held, then renamed: a sweep never sees it unlocked

@@ -788,6 +788,7 @@ def test_a_killed_commands_spill_folder_is_removed_by_the_next_one_in_that_folde
     # folder's lock, and stays; a folder whose lock nobody holds is an orphan whatever its pid names
     import fcntl
 
+    (tmp_path / f".kept.spill-{gone}-9a8b7c6d").mkdir()  # an earlier release's, named without a host: its pid
     other_ns = tmp_path / f".container.spill-{host}-{gone}-5e6f7a8b"
     orphan = tmp_path / f".orphan.spill-{host}-{os.getpid()}-5e6f7a8b"
     for folder in (other_ns, orphan):
