@@ -79,9 +79,8 @@ class Spill:
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
             folder = folder.parent
         host = this_host()
-        sweep(
-            folder, host, near.name
-        )  # the folders of this machine's killed commands (a kill -9, SIGTERM, the OOM killer)
+        # the folders of this machine's killed commands (a kill -9, SIGTERM, the OOM killer)
+        sweep(folder, host, near.name)
         self._held = None
         try:
             # made under another name, its lock file held, then renamed: a sweep never sees it unlocked

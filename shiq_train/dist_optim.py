@@ -104,6 +104,15 @@ def adam_step(inner: dict) -> int:
     return steps.pop() if steps else 0
 
 
+def _overlapping(spans, c0: int, c1: int):
+    """``(start, item, a, b)`` for each ``(start, end, item)`` of ``spans`` (ranges of the optimizer state's flat
+    vector) that overlaps the piece ``[c0, c1)``: the overlap is ``[a, b)``, in flat coordinates."""
+    for start, end, item in spans:
+        a, b = max(start, c0), min(end, c1)
+        if a < b:
+            yield start, item, a, b
+
+
 class DistributedAdamW:
     """megatron's distributed optimizer behind the interface :func:`shiq_train.train_step.train_step` uses.
 
@@ -172,14 +181,6 @@ class DistributedAdamW:
             n += p.numel()
         return offsets, n
 
-    def _pieces(self, offsets, c0: int, c1: int):
-        """``(index, a, b)`` for each trainable parameter overlapping ``[c0, c1)`` of the flat vector: the overlap
-        ``[a, b)`` in flat coordinates (the parameters lie end to end, in order)."""
-        for i, ((_, p), off) in enumerate(zip(self.named, offsets)):
-            a, b = max(off, c0), min(off + p.numel(), c1)
-            if a < b:
-                yield i, a, b
-
     @torch.no_grad()
     def state_dict(self) -> dict:
         """``{"format", "groups", "state"}``: ``groups`` megatron's parameter groups (learning rate, betas,
@@ -191,6 +192,7 @@ class DistributedAdamW:
         group = self._group()
         offsets, n = self._flat()
         owned = list(self._owned(offsets))
+        spans = [(off, off + p.numel(), name) for (name, p), off in zip(self.named, offsets)]
         root, rank0 = dist.get_global_rank(group, 0), dist.get_rank(group) == 0
         state = None
         if rank0:
@@ -200,16 +202,13 @@ class DistributedAdamW:
             for c0 in range(0, n, GATHER_CHUNK):
                 c1 = min(n, c0 + GATHER_CHUNK)
                 part = piece[: c1 - c0].zero_()
-                for start, end, live in owned:
-                    a, b = max(start, c0), min(end, c1)
-                    if a < b:
-                        part[a - c0 : b - c0] = live[k].detach().view(-1)[a - start : b - start].float()
+                for start, live, a, b in _overlapping(owned, c0, c1):
+                    part[a - c0 : b - c0] = live[k].detach().view(-1)[a - start : b - start].float()
                 dist.reduce(part, dst=root, group=group)  # slices do not overlap: the sum is a gather
                 if rank0:
                     host = part.cpu()
-                    for i, a, b in self._pieces(offsets, c0, c1):
-                        name, p = self.named[i]
-                        state[name][k].view(-1)[a - offsets[i] : b - offsets[i]] = host[a - c0 : b - c0]
+                    for off, name, a, b in _overlapping(spans, c0, c1):
+                        state[name][k].view(-1)[a - off : b - off] = host[a - c0 : b - c0]
         return {"format": STATE_FORMAT, "groups": self._groups(), "state": state}
 
     def _groups(self) -> list[dict]:
@@ -247,20 +246,18 @@ class DistributedAdamW:
             if "step" in s:  # (Transformer Engine's and Apex's fused Adam count in the groups instead)
                 s["step"] = s["step"].clone()
         owned = list(self._owned(offsets))
+        spans = [(off, off + p.numel(), name) for (name, p), off in zip(self.named, offsets)]
         piece = torch.empty(min(n, GATHER_CHUNK), dtype=torch.float32, device=device())
         for k in STATE_KEYS:  # in pieces, as state_dict gathers them
             for c0 in range(0, n, GATHER_CHUNK):
                 c1 = min(n, c0 + GATHER_CHUNK)
                 part = piece[: c1 - c0]
                 if dist.get_rank(group) == 0:
-                    for i, a, b in self._pieces(offsets, c0, c1):
-                        name = self.named[i][0]
-                        part[a - c0 : b - c0] = state[name][k].reshape(-1)[a - offsets[i] : b - offsets[i]]
+                    for off, name, a, b in _overlapping(spans, c0, c1):
+                        part[a - c0 : b - c0] = state[name][k].reshape(-1)[a - off : b - off]
                 dist.broadcast(part, src=root, group=group)
-                for start, end, live in owned:
-                    a, b = max(start, c0), min(end, c1)
-                    if a < b:
-                        live[k].view(-1)[a - start : b - start].copy_(part[a - c0 : b - c0])
+                for start, live, a, b in _overlapping(owned, c0, c1):
+                    live[k].view(-1)[a - start : b - start].copy_(part[a - c0 : b - c0])
 
     def state_by_name(self, model) -> dict | None:
         """:meth:`state_dict` in the checkpoint's by-name form (``shiq_train.checkpoint.optimizer_state_by_name``)

@@ -126,34 +126,37 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
     vocabulary, no action, a non-finite reward). Vectorised: a few passes over the shard's flat columns. The text
     columns are ``validate``'s to check."""
 
-    def refuse(bad: np.ndarray, field: str, problem: str):  # bad: [rows] bool, the first True is named
-        r = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{shard}: row {r}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
+    def refuse(row, field: str, problem: str):
+        raise ValueError(f"{shard}: row {row}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
+
+    def first(bad: np.ndarray) -> int:  # [rows] or [tokens] bool: the first True
+        return int(np.flatnonzero(bad)[0])
 
     lists = [*LIST_FIELDS, *(f for f in REF_FIELDS if f in table.schema.names)]
     for name in ("row_id", "source", "group_id", "prompt_len", *lists):
         col = table.column(name)
         if col.null_count:
             kind = {"row_id": "a string", "source": "a string"}.get(name, "a list" if name in lists else "an integer")
-            refuse(pc.is_null(col).to_numpy(zero_copy_only=False), name, f"must be {kind}, got null")
+            refuse(first(pc.is_null(col).to_numpy(zero_copy_only=False)), name, f"must be {kind}, got null")
         if name in lists and (inner := pc.list_flatten(col)).null_count:
-            at = int(np.flatnonzero(pc.is_null(inner).to_numpy(zero_copy_only=False))[0])
-            refuse(np.cumsum(pc.list_value_length(col).to_numpy(zero_copy_only=False)) > at, name, "a null value")
+            at = first(pc.is_null(inner).to_numpy(zero_copy_only=False))
+            refuse(
+                first(np.cumsum(pc.list_value_length(col).to_numpy(zero_copy_only=False)) > at), name, "a null value"
+            )
     if (empty := pc.equal(pc.utf8_length(table.column("row_id")), 0).to_numpy(zero_copy_only=False)).any():
-        refuse(empty, "row_id", "empty")
+        refuse(first(empty), "row_id", "empty")
     group = table.column("group_id").to_numpy()
     if (group < 0).any():
-        refuse(group < 0, "group_id", f"must be >= 0, got {group[group < 0][0]}")
+        refuse(r := first(group < 0), "group_id", f"must be >= 0, got {group[r]}")
     n = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
     for name in lists[1:]:
         other = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
         if (other != n).any():
-            r = int(np.flatnonzero(other != n)[0])
-            refuse(other != n, name, f"length {other[r]} differs from tokens' length {n[r]}")
+            refuse(r := first(other != n), name, f"length {other[r]} differs from tokens' length {n[r]}")
     p = table.column("prompt_len").to_numpy().astype(np.int64)
     if (bad := (p < 1) | (p >= n)).any():
-        r = int(np.flatnonzero(bad)[0])
-        refuse(bad, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
+        r = first(bad)
+        refuse(r, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
     check_rows({name: table.column(name) for name in lists}, vocab, shard)
     row_of = np.repeat(np.arange(len(n)), n)  # [tokens] the row of each flat position, and its place in the row
     pos = np.arange(row_of.size) - np.repeat(np.cumsum(n) - n, n)
@@ -161,11 +164,11 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
     flat = {name: pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False) for name in lists[2:]}
 
     def refuse_at(bad_flat: np.ndarray, field: str, problem):  # problem(position, value of field there)
-        at = int(np.flatnonzero(bad_flat)[0])
-        refuse(np.arange(len(n)) == row_of[at], field, problem(int(pos[at]), flat.get(field, mask)[at]))
+        at = first(bad_flat)
+        refuse(row_of[at], field, problem(int(pos[at]), flat.get(field, mask)[at]))
 
     if (inside := mask & (pos < p[row_of])).any():
-        prompt = p[row_of[np.flatnonzero(inside)[0]]]
+        prompt = p[row_of[first(inside)]]
         refuse_at(
             inside, "action_mask", lambda t, _: f"action token at position {t}, inside the prompt (prompt_len {prompt})"
         )

@@ -389,13 +389,14 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_to_buffer(args) -> int:
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
     for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
-        if (first := seen.setdefault(digest, str(path))) != str(path) or list(map(str, args.trajectories)).count(
-            str(path)
-        ) > 1:
-            raise ValueError(f"{path}: given twice (the same file as {first}): each trajectory would be written twice")
+        key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
+        if key in seen:
+            raise ValueError(
+                f"{path}: given twice (the same file as {seen[key]}): each trajectory would be written twice"
+            )
+        seen[key] = str(path)
     read = [(path, i, t) for path in args.trajectories for i, t in enumerate(read_trajectories(path), 1)]
     for path, i, t in read:
         _check_scored(t, f"{path}: trajectory {i}")  # what report counts, checked alike
