@@ -55,14 +55,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import sys
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -76,12 +75,16 @@ from shiq_data.io import (
     atomic_write_json,
     exclusive_lock,
     fsync_dir,
+    held_dir,
     make_parents,
     one_line,
     read_json_file,
+    release_held,
     remove_created_dirs,
     remove_stale,
     sha256_files,
+    sweep_held,
+    this_host,
     type_name,
 )
 from shiq_data.readers.encode import decode_text, given_text
@@ -841,9 +844,15 @@ def _check_tokenizer_info(info: dict) -> None:
         raise ValueError(f"tokenizer_info lacks {missing} (load_tokenizer returns a complete one)")
 
 
-def _remove_stale_build_dirs(out_dir: Path) -> None:
-    """Remove temporary build folders for ``out_dir`` whose building process is gone (killed builds)."""
-    remove_stale(out_dir.parent, f".{out_dir.name}.building-*")
+def _remove_stale_build_dirs(out_dir: Path, host: str) -> None:
+    """Remove the temporary build folders for ``out_dir`` whose building process is gone (killed builds): this
+    machine's whose lock can be taken (:func:`shiq_data.io.sweep_held`), and those of releases that named no host
+    (``.NAME.building-PID-hex``), judged by their pid."""
+    name = glob.escape(out_dir.name)
+    for p in out_dir.parent.glob(f".{name}.building-*"):
+        if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(out_dir.name) + len("..building-") :]):
+            remove_stale(out_dir.parent, glob.escape(p.name))
+    sweep_held(out_dir.parent, f".{name}.building-{glob.escape(host)}-*")
 
 
 def write_buffer(
@@ -891,10 +900,14 @@ def write_buffer(
     refuse_inside_buffer(out_dir)
     _check_tokenizer_info(tokenizer_info)
     created = make_parents(out_dir)
-    tmp = out_dir.parent / f".{out_dir.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    host = this_host()
     try:
-        _remove_stale_build_dirs(out_dir)
-        tmp.mkdir()
+        _remove_stale_build_dirs(out_dir, host)
+        tmp, held = held_dir(out_dir.parent, f".{out_dir.name}.building-{host}-{os.getpid()}")
+    except BaseException:
+        remove_created_dirs(created)
+        raise
+    try:
         with Spill(out_dir) as spill:
             stream = _ShardStream(
                 tmp,
@@ -948,9 +961,10 @@ def write_buffer(
             ) from e
         fsync_dir(out_dir.parent)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_held(tmp, held)
         remove_created_dirs(created)
         raise
+    release_held(tmp, held)  # (its lock: the folder is the buffer now)
     return open_buffer(out_dir)
 
 

@@ -409,9 +409,9 @@ def exclusive_lock(
 
 def remove_stale(folder: Path, pattern: str) -> None:
     """Remove the temporary folders in ``folder`` matching ``pattern`` (``.NAME.KIND-PID-suffix``, or
-    ``.KIND-HOST-PID-suffix``, ``.NAME.HOST-PID-suffix``) whose process is gone (killed commands). A process of
-    another machine sharing the folder looks gone from here: ``pattern`` names this host where that can be
-    (:func:`files_together`, :func:`atomic_dir`)."""
+    ``.KIND-HOST-PID-suffix``, ``.NAME.HOST-PID-suffix``) whose process is gone (killed commands), judged by the
+    pid in their name. A process of another machine sharing the folder looks gone from here: ``pattern`` names
+    this host where that can be. :func:`sweep_held` judges by a lock instead, where there is one."""
     for p in folder.glob(pattern):
         try:
             pid = int(p.name.rsplit("-", 2)[-2])
@@ -420,6 +420,72 @@ def remove_stale(folder: Path, pattern: str) -> None:
             shutil.rmtree(p, ignore_errors=True)
         except (ValueError, IndexError, OverflowError, PermissionError):  # (not a pid; beyond any pid)
             pass
+
+
+HELD = ".held"  # the suffix of a temporary folder's lock file, beside it (:func:`held_dir`)
+
+
+def held_dir(parent: Path, stem: str, suffix: str = "") -> tuple[Path, int | None]:
+    """Make the temporary folder ``parent/<stem>-<hex><suffix>`` (mode 700; ``stem`` ends with this host and this
+    pid: ``.NAME.KIND-HOST-PID``) with its lock file ``<folder>.held`` beside it, made and locked (flock) first,
+    so that :func:`sweep_held` never takes the folder of a live process for an orphan. Returns the folder and the
+    lock's descriptor, which this process holds as long as it uses the folder and :func:`release_held` closes;
+    the kernel releases the lock however the process ends. Where the file system has no flock (some network
+    file systems) there is no lock file and the descriptor is None: the folder is judged by its pid."""
+    name = f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+    lock = parent / f"{name}{HELD}"
+    fd: int | None = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # no flock on this file system
+        os.close(fd)
+        lock.unlink(missing_ok=True)
+        fd = None
+    folder = parent / name
+    try:
+        folder.mkdir(mode=0o700)
+    except BaseException:
+        release_held(folder, fd)
+        raise
+    return folder, fd
+
+
+def release_held(folder: Path, fd: int | None) -> None:
+    """Remove a :func:`held_dir` folder (if still there: it may have been renamed into place), then its lock."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if fd is not None:
+        folder.with_name(f"{folder.name}{HELD}").unlink(missing_ok=True)
+        os.close(fd)
+
+
+def sweep_held(parent: Path, pattern: str) -> None:
+    """Remove the :func:`held_dir` folders in ``parent`` matching ``pattern`` (which names this host) whose process
+    is gone: their lock can be taken. A pid alone could name a live process of another container of the same host
+    name (another pid numbering). A folder without a lock file (made where there is no flock, or by an earlier
+    release) is judged by its pid (:func:`remove_stale`); a lock file whose folder is gone is removed once free."""
+    for p in sorted({*parent.glob(pattern), *parent.glob(f"{pattern}{HELD}")}):
+        held = p.name.endswith(HELD)
+        if held and p.with_name(p.name[: -len(HELD)]).exists():
+            continue  # (judged with its folder)
+        lock = p if held else p.with_name(f"{p.name}{HELD}")
+        try:
+            fd = os.open(lock, os.O_RDWR)
+        except FileNotFoundError:
+            remove_stale(parent, glob.escape(p.name))
+            continue
+        except OSError:  # not ours to open: left alone
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # a process at work in it (or no flock here)
+            os.close(fd)
+            continue
+        try:
+            if not held:
+                shutil.rmtree(p, ignore_errors=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def this_host() -> str:
@@ -442,8 +508,8 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     host = this_host()
-    remove_stale(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
-    stage = Path(tempfile.mkdtemp(prefix=f".staged-{host}-{os.getpid()}-", suffix=".tmp", dir=out))
+    sweep_held(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
+    stage, held = held_dir(out, f".staged-{host}-{os.getpid()}", ".tmp")
     try:
         yield stage
         written = sorted(stage.iterdir())
@@ -454,13 +520,14 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
                 (out / name).unlink()
         fsync_dir(out)
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        release_held(stage, held)
+        held = None
         if made:
             with contextlib.suppress(OSError):
                 out.rmdir()
         raise
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        release_held(stage, held)
 
 
 def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
@@ -470,7 +537,7 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost), and a
     ``folder`` that is a link or a file is refused before any work. Parent folders it had to make are removed
     again on failure, if still empty. The temporary folder ``.NAME.HOST-PID-XXXX.tmp`` of a process killed while
-    filling it is removed by the next call for the same folder on this machine."""
+    filling it is removed by the next call for the same folder on this machine (:func:`sweep_held`)."""
     folder = Path(folder)
     if replace and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder to replace")
@@ -478,11 +545,11 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
         return folder
     made = make_parents(folder)
     host, name = this_host(), folder.name
-    remove_stale(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{host}-{os.getpid()}-", suffix=".tmp", dir=folder.parent))
+    sweep_held(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
+    tmp, held = held_dir(folder.parent, f".{name}.{host}-{os.getpid()}", ".tmp")
     try:
         fill(tmp)
-        os.chmod(tmp, 0o755)  # shared like every result (mkdtemp makes it 0700)
+        os.chmod(tmp, 0o755)  # shared like every result (held_dir makes it 0700)
         old = None
         if replace and folder.exists():  # set aside, not deleted, until the new one is in place
             old = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:12]}.old")
@@ -506,9 +573,10 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_held(tmp, held)
+        held = None
         remove_created_dirs(made)
         raise
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        release_held(tmp, held)
     return folder

@@ -2,8 +2,8 @@
 repeated row ids, near-duplicate candidates).
 
 A :class:`Spill` is a temporary folder next to the command's output (removed when the command ends, and, if a
-killed process left it, by the next command of this machine that makes one in that folder: :func:`sweep`) holding Parquet tables that the caller
-appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
+killed process left it, by the next command of this machine that makes one in that folder: :func:`sweep`)
+holding Parquet tables that the caller appends to a batch at a time, and a DuckDB connection that queries them with its memory limited to
 :data:`MEMORY_LIMIT`: its joins, aggregations and sorts spill to that folder beyond the limit. What a
 command holds in memory for such work is then the limit plus one batch, whatever the buffer's size. A
 :meth:`Spill.array` is a numpy array in a memory-mapped file of that folder (its pages are page cache the
@@ -13,13 +13,10 @@ kernel can write back and drop, not process memory). A :class:`Bitmap` holds one
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import os
 import re
-import shutil
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shiq_data.io import remove_stale, this_host
+from shiq_data.io import held_dir, release_held, remove_stale, sweep_held, this_host
 
 MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
 BATCH_ROWS = 8192  # rows per batch read back from a query
@@ -37,35 +34,15 @@ BATCH_ROWS = 8192  # rows per batch read back from a query
 ROW_GROUP_ROWS = 65_536
 
 
-HELD = ".held"  # a spill folder's lock file: locked (flock) by the command using the folder, as long as it runs
-
-
 def sweep(folder: Path, host: str, name: str | None = None) -> None:
-    """Remove the spill folders in ``folder`` of this machine's commands that are gone. A command holds its
-    folder's :data:`HELD` lock while it runs and the kernel releases it however the command ends, so a folder
-    whose lock can be taken is an orphan; a folder's pid alone could name a live command of another container
-    of the same host name (another pid namespace). A folder without the lock file (being made, or of an older
-    release) is judged by its pid (:func:`shiq_data.io.remove_stale`), as are, for the output ``name``, the
-    folders of releases that named no host (``.NAME.spill-PID-hex``)."""
+    """Remove the spill folders in ``folder`` of this machine's commands that are gone: those whose lock can be
+    taken (:func:`shiq_data.io.sweep_held`), and for the output ``name`` the folders of releases that named no
+    host (``.NAME.spill-PID-hex``), judged by their pid."""
     if name is not None:
         for p in folder.glob(f".{glob.escape(name)}.spill-*"):
             if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(name) + len("..spill-") :]):
                 remove_stale(folder, glob.escape(p.name))
-    for p in folder.glob(f".*.spill-{glob.escape(host)}-*"):
-        try:
-            fd = os.open(p / HELD, os.O_RDWR)
-        except FileNotFoundError:
-            remove_stale(folder, glob.escape(p.name))
-            continue
-        except OSError:  # not ours to open: left alone
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            shutil.rmtree(p, ignore_errors=True)
-        except BlockingIOError:  # a command at work in it
-            pass
-        finally:
-            os.close(fd)
+    sweep_held(folder, f".*.spill-{glob.escape(host)}-*")
 
 
 class Spill:
@@ -83,14 +60,7 @@ class Spill:
         sweep(folder, host, near.name)
         self._held = None
         try:
-            # made under another name, its lock file held, then renamed: a sweep never sees it unlocked
-            name = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            making = folder / f".{near.name}.spillnew-{name}"
-            making.mkdir()
-            self._held = os.open(making / HELD, os.O_CREAT | os.O_RDWR, 0o644)
-            fcntl.flock(self._held, fcntl.LOCK_EX)
-            self.dir = folder / f".{near.name}.spill-{name}"
-            os.rename(making, self.dir)
+            self.dir, self._held = held_dir(folder, f".{near.name}.spill-{host}-{os.getpid()}")
         except OSError:
             self.dir = Path(tempfile.mkdtemp(prefix=f"{near.name}.spill-"))
         try:
@@ -125,10 +95,8 @@ class Spill:
         self._remove()
 
     def _remove(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-        if self._held is not None:  # (the lock goes with the file descriptor)
-            os.close(self._held)
-            self._held = None
+        release_held(self.dir, self._held)
+        self._held = None
 
     def declare(self, name: str, schema: pa.Schema) -> None:
         """Start table ``name`` with ``schema`` (so it exists, empty, even if nothing is appended)."""

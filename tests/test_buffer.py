@@ -509,8 +509,9 @@ def run_and_kill(tmp_path, mode, folder):
 def test_killed_build_leaves_no_buffer(tmp_path):
     run_and_kill(tmp_path, "build", tmp_path / "b")
     assert not (tmp_path / "b").exists()
-    leftovers = list(tmp_path.glob(".b.building-*"))
+    leftovers = [p for p in tmp_path.glob(".b.building-*") if p.is_dir()]
     assert len(leftovers) == 1 and list(leftovers[0].glob("shard-*"))  # the kill happened mid-write
+    assert (tmp_path / f"{leftovers[0].name}.held").is_file()  # its lock file, free since the kill
     # the next build of the same folder clears the dead build's temporary folder
     write_buffer(make_rows(2), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
     assert not list(tmp_path.glob(".b.building-*")) and len(open_buffer(tmp_path / "b")) == 2
@@ -584,6 +585,52 @@ def test_atomic_dir_removes_what_a_killed_fill_left(tmp_path):
     alive.mkdir()
     atomic_dir(folder, lambda t: (t / "whole").write_text("1"))
     assert sorted(p.name for p in tmp_path.iterdir()) == [alive.name, "out"] and (folder / "whole").exists()
+
+
+def test_a_temporary_folder_is_judged_by_its_lock_not_by_the_pid_in_its_name(tmp_path):
+    """A temporary folder named by a pid that is gone here can belong to a live process of another container of
+    the same host name (its own pid numbering): a pid check removed it under that process. Its lock, held by the
+    process while it lives (whatever kills it), decides; a lock file left without its folder goes too."""
+    from shiq_data.io import atomic_dir, files_together, this_host
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    host = this_host()
+    child = subprocess.Popen(  # holds the lock of each folder it names, as a live writer does, until told to stop
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, os, sys\nfds = [os.open(p, os.O_RDWR) for p in sys.argv[1:]]\n"
+            "[fcntl.flock(f, fcntl.LOCK_EX) for f in fds]\nprint('held', flush=True)\nsys.stdin.read()",
+            *(
+                str(tmp_path / f"{n}.held")
+                for n in (f".out.{host}-{gone}-ab12cd34.tmp", f".staged-{host}-{gone}-ab12cd34.tmp")
+            ),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+    )
+    names = {}
+    for kind, name in (("fill", f".out.{host}-{gone}-ab12cd34.tmp"), ("stage", f".staged-{host}-{gone}-ab12cd34.tmp")):
+        (tmp_path / name).mkdir()
+        (tmp_path / f"{name}.held").touch()
+        names[kind] = name
+    try:
+        assert child.stdout.readline().strip() == "held"
+        (tmp_path / f".staged-{host}-{os.getpid()}-0f0f0f0f.tmp.held").touch()  # its folder gone, its lock free
+        atomic_dir(tmp_path / "out", lambda t: (t / "whole").write_text("1"))
+        with files_together(tmp_path, owns=["a.txt"]) as stage:
+            (stage / "a.txt").write_text("new")
+        live = sorted([*names.values(), *(f"{n}.held" for n in names.values())])
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*live, "out", "a.txt"])
+    finally:
+        child.communicate("")
+    # the holder gone, the next writes remove what it left
+    atomic_dir(tmp_path / "out", lambda t: (t / "whole").write_text("2"), replace=True)
+    with files_together(tmp_path, owns=["a.txt"]) as stage:
+        (stage / "a.txt").write_text("newer")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
 
 def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):

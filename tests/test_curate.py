@@ -793,15 +793,16 @@ def test_a_killed_commands_spill_folder_is_removed_by_the_next_one_in_that_folde
     orphan = tmp_path / f".orphan.spill-{host}-{os.getpid()}-5e6f7a8b"
     for folder in (other_ns, orphan):
         folder.mkdir()
-        (folder / ".held").write_text("")
-    held = os.open(other_ns / ".held", os.O_RDWR)
+        (tmp_path / f"{folder.name}.held").write_text("")  # its lock file, beside it
+    held = os.open(tmp_path / f"{other_ns.name}.held", os.O_RDWR)
     fcntl.flock(held, fcntl.LOCK_EX)
     try:
         argv = ["filter", data["a"], "--where", "reward > 0", "--out", tmp_path / "kept", "--no-progress"]
         assert run(capsys, *argv)[0] == 0
     finally:
         os.close(held)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["kept", other_ns.name, *(p.name for p in kept)])
+    kept_names = ["kept", other_ns.name, f"{other_ns.name}.held", *(p.name for p in kept)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept_names)
 
 
 def test_stats_name_each_source_whole(tmp_path, capsys):
