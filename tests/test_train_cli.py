@@ -151,7 +151,10 @@ def metrics(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_single_process_run_and_tp2_torchrun_give_the_same_first_step(tmp_path):
+def test_single_process_run_and_tp2_torchrun_give_the_same_steps(tmp_path):
+    """The first step's loss alone could not tell: with an online reference the policy is the reference then, and
+    the loss is the rewards' alone (a wrong log-partition under TP passed). Every step's loss and gradient norm
+    are compared, and a resume in another layout continues as the one-process run does."""
     common = ["train.steps=3", "train.reference=online", "loss.beta=0.5", "seed=11", "optimizer.lr=1e-3"]
     one = run_cli(tmp_path, f"out={tmp_path / 'one'}", *common)
     assert one.returncode == 0, one.stderr[-3000:]
@@ -167,7 +170,8 @@ def test_single_process_run_and_tp2_torchrun_give_the_same_first_step(tmp_path):
     two = run_cli(tmp_path, f"out={tmp_path / 'two'}", "parallel.tp=2", *common, nproc=2)
     assert two.returncode == 0, two.stderr[-3000:]
     m2 = metrics(tmp_path / "two")
-    assert m2[0]["loss"] == pytest.approx(m1[0]["loss"], rel=1e-5)
+    for key in ("loss", "grad_norm"):
+        assert [m[key] for m in m2] == pytest.approx([m[key] for m in m1], rel=1e-5), key
     assert json.loads((tmp_path / "two/checkpoints/step_00000003/meta.json").read_text())["layout"]["tp"] == 2
 
     # the TP=2 run continues in one process: parallel.tp may change, the checkpoint is cut for the new layout
@@ -179,7 +183,10 @@ def test_single_process_run_and_tp2_torchrun_give_the_same_first_step(tmp_path):
     assert back.returncode == 0, back.stderr[-3000:]
     assert "resumed from step 3" in back.stderr
     m3 = metrics(tmp_path / "two")
-    assert m3[:3] == m2 and m3[3]["step"] == 4 and math.isfinite(m3[3]["loss"])
+    assert m3[:3] == m2 and m3[3]["step"] == 4
+    assert run_cli(tmp_path, f"out={tmp_path / 'one'}", *more).returncode == 0  # the one-process run, resumed
+    m4 = metrics(tmp_path / "one")[3]
+    assert (m3[3]["loss"], m3[3]["grad_norm"]) == pytest.approx((m4["loss"], m4["grad_norm"]), rel=1e-5)
     assert json.loads((tmp_path / "two/checkpoints/step_00000004/meta.json").read_text())["layout"]["tp"] == 1
 
 

@@ -371,7 +371,10 @@ def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
         for s, (mb, n) in enumerate(steps):
             t0 = time.perf_counter()
             metrics = train_step(model, opt, sched, [dict(mb)], loss_fn, CLIP)
-            rep.send(step=s, seconds=time.perf_counter() - t0, tokens=n, loss=float(metrics["loss"]))
+            seconds = time.perf_counter() - t0
+            rep.send(
+                step=s, seconds=seconds, tokens=n, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"])
+            )
     finally:
         parallel.destroy_distributed()
 
@@ -419,21 +422,35 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
     class RowsAsIds(DPOTrainer):
         """DPOTrainer on rows given as token ids (its own tokenisation skipped), counting real tokens."""
 
-        tokens = 0
+        tokens, loss, grad_norm = 0, None, None
 
         def _prepare_dataset(self, dataset, *args, **kwargs):
             return dataset
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             self.tokens += int(inputs["attention_mask"].sum())
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            self.loss = float((out[0] if return_outputs else out).detach())
+            return out
+
+        def _get_grad_norm(self, *a, **k):  # the step's gradient norm before clipping, as the trainer computed it
+            norm = super()._get_grad_norm(*a, **k)
+            self.grad_norm = float(norm)
+            return norm
 
     class Timer(TrainerCallback):
         def on_step_begin(self, *a, **k):
             trainer.tokens, self.t0 = 0, time.perf_counter()
 
         def on_step_end(self, state_args, state, *a, **k):
-            rep.send(step=state.global_step - 1, seconds=time.perf_counter() - self.t0, tokens=trainer.tokens)
+            seconds = time.perf_counter() - self.t0
+            rep.send(
+                step=state.global_step - 1,
+                seconds=seconds,
+                tokens=trainer.tokens,
+                loss=trainer.loss,
+                grad_norm=trainer.grad_norm,
+            )
 
     n_steps = 1 + args.steps
     pairs = [p for s in range(n_steps) for p in step_pairs(rowset["pairs"], s, args.pairs)]
