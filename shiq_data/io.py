@@ -100,6 +100,26 @@ def check_step_folder(meta_path: Path, step) -> None:
         )
 
 
+def step_folders(directory) -> list[Path]:
+    """The step folders (``step_N``) of the checkpoints folder ``directory``, in step order. A link of such a name
+    is refused: a run's steps are its own folders (a restart removes what a killed save left in them, which
+    through a link would remove files outside the run)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        if re.fullmatch(r"step_\d+", p.name):
+            if p.is_symlink():
+                raise ValueError(
+                    f"{p} is a symbolic link, not a step folder of {directory}: a run's checkpoints are its own "
+                    "folders (copy the step in, or remove the link)"
+                )
+            if p.is_dir():
+                found.append(p)
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
 def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:
     """The ``sha256`` field of the record ``shiq-train export`` writes beside a model's weights
     (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files`, each digest 64

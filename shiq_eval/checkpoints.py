@@ -15,6 +15,7 @@ from shiq_data.io import (
     read_json_file,
     recorded_sha256,
     sha256_files,
+    step_folders,
     type_name,
     weight_files,
 )
@@ -41,7 +42,10 @@ def checkpoint_steps(path) -> list[Path]:
     if (path / "meta.json").is_file():
         return [path]
     for folder in (path / "checkpoints", path):
-        steps = sorted(p for p in folder.glob("step_*") if (p / "meta.json").is_file())
+        try:
+            steps = [p for p in step_folders(folder) if (p / "meta.json").is_file()]
+        except ValueError as e:  # a linked step folder
+            raise EvalInputError(str(e)) from None
         if steps:
             return steps
     raise EvalInputError(

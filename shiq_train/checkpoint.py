@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_file, sha256_files
+from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_file, sha256_files, step_folders
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.parallel import device_type
 from shiq_train.train_step import MasterWeightOptimizer
@@ -270,13 +270,10 @@ def unfinished_steps(directory) -> list[Path]:
     there is none) without a ``meta.json``: saves killed before their end (:func:`save_checkpoint` writes it
     once every rank file is whole, and ``latest`` after it), never read. A folder without one before ``latest``
     is not such a save (a copy under way, a step put back by hand): it is not counted."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    latest = latest_step_dir(directory)
+    steps = step_folders(directory)
+    latest = latest_step_dir(directory) if steps else None
     after = -1 if latest is None else int(latest.name[5:])
-    steps = [p for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and int(p.name[5:]) > after]
-    return sorted(p for p in steps if not (p / "meta.json").exists())
+    return [p for p in steps if int(p.name[5:]) > after and not (p / "meta.json").exists()]
 
 
 def check_latest(directory) -> None:
@@ -289,9 +286,7 @@ def check_latest(directory) -> None:
     if not directory.is_dir() or (directory / "latest").exists():
         return
     unfinished = set(unfinished_steps(directory))
-    steps = sorted(
-        p.name for p in directory.iterdir() if p.is_dir() and _STEP_DIR.match(p.name) and p not in unfinished
-    )
+    steps = [p.name for p in step_folders(directory) if p not in unfinished]
     if steps:
         raise ValueError(
             f"{directory / 'latest'} is missing but {directory} holds {', '.join(steps[-3:])}: to resume, write the "
@@ -548,7 +543,8 @@ def remove_temporaries(directory) -> list[Path]:
     unfinished = unfinished_steps(directory)
     for step in unfinished:
         shutil.rmtree(step)
-    stale = [*directory.glob(".*.tmp"), *directory.glob("step_*/.*.tmp")] if directory.is_dir() else []
+    folders = [directory, *step_folders(directory)] if directory.is_dir() else []
+    stale = [p for folder in folders for p in folder.glob(".*.tmp") if p.is_file() or p.is_symlink()]
     for path in stale:
         path.unlink(missing_ok=True)
     return unfinished + stale

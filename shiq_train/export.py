@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.cli_common import ArgumentParser, add_log_level_option, run_command, setup_logging
-from shiq_data.io import atomic_dir, atomic_write_json, one_line, sha256_files
+from shiq_data.io import atomic_dir, atomic_write_json, one_line, sha256_files, step_folders
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
@@ -122,9 +122,10 @@ def step_dir_of(run, step: int | None = None) -> Path:
         if found is None:
             raise ValueError(f"{run}: no checkpoint ({folder / 'latest'} does not exist); expected a shiq-train run")
         return found
+    saved = [p for p in step_folders(folder) if (p / "meta.json").is_file()]
     found = folder / f"step_{step:08d}"
-    if not (found / "meta.json").is_file():
-        steps = sorted(int(p.name[5:]) for p in folder.glob("step_*") if (p / "meta.json").is_file())
+    if found not in saved:
+        steps = [int(p.name[5:]) for p in saved]
         raise ValueError(f"{run}: no checkpoint of step {step} in {folder} (saved steps: {steps})")
     return found
 

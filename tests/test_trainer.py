@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 import warnings
 
 import pytest
@@ -169,6 +170,25 @@ def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     saved = sorted(p.name for p in (tmp_path / "a" / "checkpoints").glob("step_*"))
     assert saved[-2:] == ["step_00000006", "step_00000007"] and "step_00000008" not in saved
     assert (copying / "rank_tp0_pp0_dp0.pt").read_bytes() == b"being copied"
+
+    # A link named like a step folder: a restart removed the temporary files it found through it, outside the
+    # run. It is refused, by a resume as by export and evaluation, and what it leads to is left alone.
+    from shiq_eval.checkpoints import EvalInputError, checkpoint_steps
+    from shiq_train.export import step_dir_of
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / ".precious.tmp").write_text("theirs")
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step_00000007" / "meta.json", elsewhere / "meta.json")
+    (tmp_path / "a" / "checkpoints" / "step_00000009").symlink_to(elsewhere)
+    refused = r"step_0*9 is a symbolic link, not a step folder of .*: a run's checkpoints are its own folders"
+    with pytest.raises(ValueError, match=refused):
+        run(tmp_path / "a", 10)
+    with pytest.raises(ValueError, match=refused):
+        step_dir_of(tmp_path / "a", 9)
+    with pytest.raises(EvalInputError, match=refused):
+        checkpoint_steps(tmp_path / "a")
+    assert (elsewhere / ".precious.tmp").read_text() == "theirs"
 
 
 def test_online_reference_equals_precomputed(dist1, tmp_path):
