@@ -120,13 +120,16 @@ def step_folders(directory) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
-def recorded_sha256(record_path: Path, recorded) -> dict[str, str] | None:
+def recorded_sha256(record_path: Path, recorded) -> dict[str, str]:
     """The ``sha256`` field of the record ``shiq-train export`` writes beside a model's weights
     (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files`, each digest 64
-    hex digits (returned in lower case, as :func:`sha256_files` gives them); None for a record written before
-    checksums were kept; ``ValueError`` naming the file and field otherwise."""
+    hex digits (returned in lower case, as :func:`sha256_files` gives them); ``ValueError`` naming the file and
+    field otherwise, a missing field too (weights that cannot be checked are not read as the record's)."""
     if recorded is None:
-        return None
+        raise ValueError(
+            f"{record_path}: field 'sha256' is missing, so the weights cannot be checked: export the run again "
+            f"(shiq-train export), or remove {Path(record_path).name} to read the folder as any Hugging Face model"
+        )
     names = [f.name for f in weight_files(Path(record_path).parent)]
     if not isinstance(recorded, dict) or sorted(recorded) != names:
         got = sorted(recorded) if isinstance(recorded, dict) else recorded

@@ -271,19 +271,14 @@ EXPORT_RECORD = "shiq_export.json"  # what shiq-train export writes beside the w
 def check_export_weights(folder: Path) -> None:
     """Check the weight files of a folder ``shiq-train export`` wrote against the SHA-256 its record keeps,
     before anything reads them: ``ValueError`` naming the file that differs (cut short, damaged, edited) or
-    the record's field. A folder without the record has nothing to check against; an export from before
-    checksums were kept is read with a warning."""
+    the record's field (a missing one too). A folder without the record has nothing to check against."""
     record_path = folder / EXPORT_RECORD
     if not record_path.is_file():
         return
     record = read_json_file(record_path)
     if not isinstance(record, dict):
         raise ValueError(f"{record_path}: expected a JSON object")
-    sums = recorded_sha256(record_path, record.get("sha256"))
-    if sums is None:
-        print(f"warning: {record_path}: no 'sha256' (an older export): its weights are read unchecked", file=sys.stderr)
-        return
-    for name, digest in sums.items():
+    for name, digest in recorded_sha256(record_path, record.get("sha256")).items():
         if sha256_files([folder / name]) != digest:
             raise ValueError(f"{folder / name}: sha256 differs from {EXPORT_RECORD}'s (the file changed or is corrupt)")
 

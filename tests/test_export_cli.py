@@ -145,7 +145,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         record_path.write_text(json.dumps({**record, field: value}))
         with pytest.raises(EvalInputError, match=f"shiq_export.json: field '{field}"):
             hf_folder_info(tmp_path / "hf")
-    for value in [{}, {"../x.safetensors": "0" * 64}, {"model.safetensors": "abc"}, "x"]:
+    for value in [None, {}, {"../x.safetensors": "0" * 64}, {"model.safetensors": "abc"}, "x"]:
         record_path.write_text(json.dumps({**record, "sha256": value}))
         with pytest.raises(EvalInputError, match="shiq_export.json: field 'sha256'"):
             hf_folder_info(tmp_path / "hf")
@@ -168,4 +168,8 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     from shiq_train.hf_convert import load_causal_lm  # every loader of a folder: --reference, init=, ref-stats
 
     with pytest.raises(ValueError, match=f"{weights}: sha256 differs from shiq_export.json's"):
+        load_causal_lm(str(tmp_path / "hf"))
+    # a record without its checksums turned the check off (a warning, and the edited weights were read)
+    record_path.write_text(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
+    with pytest.raises(ValueError, match="shiq_export.json: field 'sha256' is missing, so the weights cannot be"):
         load_causal_lm(str(tmp_path / "hf"))
