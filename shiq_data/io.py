@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import sys
@@ -118,6 +119,15 @@ def step_folders(directory) -> list[Path]:
             if p.is_dir():
                 found.append(p)
     return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def recorded_folder(record_path: Path, what: str, path: str, option: str) -> str:
+    """The refusal of a folder ``path`` that the file ``record_path`` names as ``what`` for a command to load by
+    itself: a path read from a file is not followed out of that file's folder; the command line names it."""
+    return (
+        f"{record_path}: the {what} is the folder {path} as recorded there; a path read from a file is not "
+        f"followed: give it with {option} {shlex.quote(path)}"
+    )
 
 
 def recorded_sha256(record_path: Path, recorded) -> dict[str, str]:

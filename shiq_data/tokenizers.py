@@ -166,6 +166,12 @@ def pipeline_mismatch(recorded: dict, loaded: dict) -> bool:
     return a is not None and b is not None and a != b
 
 
+# the names load_tokenizer resolves without a path: the only tokenizer a file (a checkpoint's record) may name for a
+# command to load by itself; a folder it records is named on the command line (a path read from a file is not
+# followed out of that file's folder)
+BUILTIN_TOKENIZERS = ("gpt2", "smollm2")
+
+
 def load_tokenizer(name_or_path: str):
     """``(tokenizer, info)`` for ``gpt2``, ``smollm2`` or a local Hugging Face tokenizer folder.
 

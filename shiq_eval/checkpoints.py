@@ -8,7 +8,6 @@ import hashlib
 import os
 from pathlib import Path
 
-from shiq_data.buffer import read_manifest
 from shiq_data.io import (
     check_step_folder,
     check_weight_map,
@@ -202,14 +201,9 @@ def model_sha256(files: list[Path]) -> str | None:
 
 
 def run_tokenizer(meta: dict) -> dict | None:
-    """The tokenizer info of the buffer a run trained on: recorded in its checkpoints by shiq-train, or, for
-    checkpoints saved before it was, read from that buffer's manifest if the buffer is still there."""
-    if isinstance(meta.get("tokenizer"), dict):
-        return meta["tokenizer"]
-    buffer = ((meta.get("config") or {}).get("data") or {}).get("buffer")
-    if isinstance(buffer, str) and (Path(buffer) / "manifest.json").is_file():
-        return read_manifest(buffer)["tokenizer"]
-    return None
+    """The tokenizer info of the buffer a run trained on, as shiq-train recorded it in its checkpoints (None in
+    checkpoints saved before it did: the buffer's path they record is not followed)."""
+    return meta["tokenizer"] if isinstance(meta.get("tokenizer"), dict) else None
 
 
 def hf_policy(info: dict):

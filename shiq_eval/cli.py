@@ -54,11 +54,20 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import RowError, atomic_write_json, files_together, one_line, read_json_file, utf8_lines
+from shiq_data.io import (
+    RowError,
+    atomic_write_json,
+    files_together,
+    one_line,
+    read_json_file,
+    recorded_folder,
+    utf8_lines,
+)
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
 from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.checkpoints import (
+    EXPORT_RECORD,
     EvalInputError,
     hf_policy,
     model_sha256,
@@ -509,6 +518,12 @@ def run(args) -> list[dict]:
                 "--reference (smollm2 or a Hugging Face folder)"
             )
         reference = inits[0]
+        if reference != "smollm2":  # a folder: named on the command line
+            where = Path(next((i["path"] for i in infos if i["init"] == reference), args.guide))
+            record = next(
+                (where / f for f in ("meta.json", EXPORT_RECORD, "value_model.json") if (where / f).is_file()), where
+            )
+            raise EvalInputError(recorded_folder(record, "runs' initial model", reference, "--reference"))
     if suite.scorer == "reward_model":
         if not Path(suite.reward_model).is_file():
             raise EvalInputError(
@@ -836,7 +851,9 @@ def build_parser() -> argparse.ArgumentParser:
         "folder of --scorer hf_reward_model",
     )
     r.add_argument(
-        "--reference", help="reference model for the KL: smollm2 or a Hugging Face folder (default: the runs' init)"
+        "--reference",
+        help="reference model for the KL: smollm2 or a Hugging Face folder (default: the runs' init when it is "
+        "smollm2; a folder they started from is named here, as a path read from a file is not followed)",
     )
     r.add_argument("--tokenizer", help="Hugging Face tokenizer folder (default: the reference's)")
     r.add_argument(

@@ -18,8 +18,8 @@ from pathlib import Path
 import torch
 
 from shiq_data.cli_common import ArgumentParser, add_log_level_option, run_command, setup_logging
-from shiq_data.io import atomic_dir, atomic_write_json, one_line, sha256_files, step_folders
-from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
+from shiq_data.io import atomic_dir, atomic_write_json, one_line, recorded_folder, sha256_files, step_folders
+from shiq_data.tokenizers import BUILTIN_TOKENIZERS, PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
 from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama
@@ -138,6 +138,8 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
     name = tokenizer or (record or {}).get("name")
     if name is None:
         raise ValueError(f"{step_dir / 'meta.json'}: records no tokenizer: give one with --tokenizer FOLDER")
+    if tokenizer is None and name not in BUILTIN_TOKENIZERS:
+        raise ValueError(recorded_folder(step_dir / "meta.json", "tokenizer", name, "--tokenizer"))
     try:
         tok, info = load_tokenizer(name)
     except (OSError, ValueError) as e:
@@ -252,7 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", metavar="RUN", help="a shiq-train run folder (or one of its step folders)")
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
     p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")
-    p.add_argument("--tokenizer", help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded when it "
+        "is gpt2 or smollm2; a folder is named here, as a path read from a file is not followed)",
+    )
     p.add_argument(
         "--overwrite",
         action="store_true",

@@ -621,6 +621,21 @@ def test_rollout_of_a_model_folder_records_its_name_path_and_hash(tmp_path, caps
     assert len(t["decoded_turns"]) >= 1 and "valid" in t
 
 
+def test_a_tokenizer_folder_a_checkpoint_records_is_not_followed(tmp_path, capsys):
+    """A run's checkpoint recorded its buffer's tokenizer by path, and a rollout of the run loaded a tokenizer
+    from whatever folder its meta.json named. Only a built-in name is taken from the file; a folder is given
+    with --tokenizer, as the refusal says, before any model loads."""
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}, "tokenizer": {"name": "/elsewhere/tok"}}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    args = ["rollout", "--policy", str(tmp_path / "run"), "--categories", "multi_turn_base", "--subset", "test"]
+    assert cli.main([*args, "--limit", "1", "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{step / 'meta.json'}: the run's tokenizer is the folder /elsewhere/tok as recorded there" in err
+    assert "give it with --tokenizer /elsewhere/tok" in err and not (tmp_path / "t.jsonl").exists()
+
+
 def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
     """A model's call with a '\\ud800' file name made the simulator answer with a lone surrogate, which the
     next turn's tokenizer could not read (a TypeError ended the whole rollout), and an echo of

@@ -139,24 +139,28 @@ def test_eval_run_over_two_methods(tmp_path, capsys):
 
     out = tmp_path / "eval"
     capsys.readouterr()  # (what building the runs printed)
-    code = main(
-        [
-            "run",
-            str(runs[0]),
-            str(runs[1] / "checkpoints" / "step_00000002"),
-            "--out",
-            str(out),
-            "--prompts",
-            str(prompts),
-            "--reward-model",
-            str(tmp_path / "rm.safetensors"),
-            "--max-new-tokens",
-            "4",
-            "--batch-size",
-            "6",
-            "--quiet",
-        ]
-    )
+    argv = [
+        "run",
+        str(runs[0]),
+        str(runs[1] / "checkpoints" / "step_00000002"),
+        "--out",
+        str(out),
+        "--prompts",
+        str(prompts),
+        "--reward-model",
+        str(tmp_path / "rm.safetensors"),
+        "--max-new-tokens",
+        "4",
+        "--batch-size",
+        "6",
+        "--quiet",
+    ]
+    # the folder the runs started from, recorded in their meta.json, is not followed: a file names no path to read
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"the runs' initial model is the folder {init} as recorded there" in err
+    assert f"give it with --reference {init}\n" in err and not out.exists()
+    code = main([*argv, "--reference", str(init)])
     assert code == 0
     err = capsys.readouterr().err
     assert "Loading" not in err and "%|" not in err, err[-2000:]  # --quiet: no bar, transformers' own neither
@@ -399,6 +403,8 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
     common = [
         str(run),
+        "--reference",
+        str(init),
         "--prompts",
         str(prompts),
         "--reward-model",

@@ -49,7 +49,13 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
             save_checkpoint(run / "checkpoints", step, mg, meta=meta)
         with torch.no_grad():
             want = mg(**M.model_inputs(ids)).float()
-    assert export.main([str(run), "--step", "2", "--hf", str(tmp_path / "hf")]) == 0
+    # the tokenizer folder the run recorded is not followed (a file names no path to read): it is given
+    assert export.main([str(run), "--step", "2", "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert f"step_00000002/meta.json: the tokenizer is the folder {tmp_path / 'tok'} as recorded there" in err
+    assert f"give it with --tokenizer {tmp_path / 'tok'}\n" in err and not (tmp_path / "hf").exists()
+    tok_arg = ["--tokenizer", str(tmp_path / "tok")]
+    assert export.main([str(run), *tok_arg, "--step", "2", "--hf", str(tmp_path / "hf")]) == 0
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         got = hf(ids).logits
@@ -63,13 +69,13 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     assert record["tokenizer"]["fingerprint"] == tok_info["fingerprint"]
 
     capsys.readouterr()  # refusals: one line, exit status 2, nothing written
-    assert export.main([str(run), "--step", "2", "--hf", str(tmp_path / "hf")]) == 2
+    assert export.main([str(run), *tok_arg, "--step", "2", "--hf", str(tmp_path / "hf")]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert export.main([str(run), "--step", "7", "--hf", str(tmp_path / "x")]) == 2
+    assert export.main([str(run), *tok_arg, "--step", "7", "--hf", str(tmp_path / "x")]) == 2
     assert "no checkpoint of step 7" in capsys.readouterr().err and not (tmp_path / "x").exists()
     other = tiny_hf_folder(tmp_path / "other")
     (other / "tokenizer.json").write_text((other / "tokenizer.json").read_text().replace('"w5"', '"w5x"'))
-    assert export.main([str(run), "--hf", str(tmp_path / "x"), "--tokenizer", str(other)]) == 2
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "x"), "--tokenizer", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' progress bars
     assert err.startswith("shiq-train export: error: --tokenizer ") and "fingerprint" in err
     assert not (tmp_path / "x").exists()
@@ -88,13 +94,13 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         (buffer / "hf", "is inside the buffer"),
     ]:
         before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-        assert export.main([str(run), "--hf", str(out), "--overwrite"]) == 2
+        assert export.main([str(run), *tok_arg, "--hf", str(out), "--overwrite"]) == 2
         assert needle in capsys.readouterr().err
         assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
-    assert export.main([str(run), "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf"), "--overwrite"]) == 0  # the newest step
     # an export kept inside the run folder is replaced like any other earlier export
-    assert export.main([str(run), "--hf", str(run / "hf")]) == 0
-    assert export.main([str(run), "--step", "1", "--hf", str(run / "hf"), "--overwrite"]) == 0
+    assert export.main([str(run), *tok_arg, "--hf", str(run / "hf")]) == 0
+    assert export.main([str(run), *tok_arg, "--step", "1", "--hf", str(run / "hf"), "--overwrite"]) == 0
     assert json.loads((run / "hf" / "shiq_export.json").read_text())["step"] == 1
     assert (run / "hf").stat().st_mode & 0o777 == 0o755  # shared like every result, not the temporary folder's 0700
 
@@ -110,14 +116,14 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     ]:
         bad = {**saved, "meta": {**saved["meta"], "hf_config": {**saved["meta"]["hf_config"], **edit}}}
         (step / "meta.json").write_text(json.dumps(bad))
-        assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2
+        assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     for bad, needle in [
         ({k: v for k, v in saved.items() if k != "meta"}, "field meta.hf_config is missing"),
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
     ]:
         (step / "meta.json").write_text(json.dumps(bad))
-        assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2
+        assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     for bad, needle in [  # what shiq-eval reads of the same meta.json
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
@@ -134,7 +140,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         json.dumps({**saved, "meta": {**saved["meta"], "config": {"init": str(run / "hf")}}})
     )
     before = (run / "hf" / "model.safetensors").read_bytes()
-    assert export.main([str(run), "--hf", str(run / "hf"), "--overwrite"]) == 2
+    assert export.main([str(run), *tok_arg, "--hf", str(run / "hf"), "--overwrite"]) == 2
     assert "is the model the run started from" in capsys.readouterr().err
     assert (run / "hf" / "model.safetensors").read_bytes() == before
     (step / "meta.json").write_text(json.dumps(saved))

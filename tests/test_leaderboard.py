@@ -62,7 +62,7 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys, monk
     write_tiny_buffer(tmp_path / "buffer", init)
     runs = {b: train(tmp_path, init, "shiq", f"loss.beta={b}", name=f"b{b}", in_process=True) for b in ("0.1", "0.5")}
     hf = tmp_path / "hf_b05"
-    assert export.main([str(runs["0.5"]), "--hf", str(hf)]) == 0
+    assert export.main([str(runs["0.5"]), "--hf", str(hf), "--tokenizer", str(init)]) == 0
     assert checkpoints.EXPORT_RECORD == export.EXPORT_RECORD  # the name written is the name read
 
     suite_dir = tmp_path / "suite"
@@ -82,7 +82,7 @@ def test_two_runs_an_export_one_suite_and_the_leaderboard(tmp_path, capsys, monk
         "sampling": {"max_new_tokens": 4, "samples_per_prompt": K, "seed": 3, "batch_size": 5},
     }
     (suite_dir / "tiny.yaml").write_text(yaml.safe_dump(suite))
-    common = ["--suite", str(suite_dir / "tiny.yaml"), "--quiet"]
+    common = ["--suite", str(suite_dir / "tiny.yaml"), "--quiet", "--reference", str(init)]
     runs_b = [str(runs["0.1"]), str(runs["0.5"])]
     assert eval_cli.main(["run", *runs_b, "--out", str(tmp_path / "ev"), *common]) == 0
     monkeypatch.chdir(tmp_path)  # a model named by a relative path is recorded by its absolute one

@@ -183,6 +183,7 @@ def test_shiq_eval_run_guide_reports_the_guided_policy(trained):
     out = tmp / "eval"
     args = ["run", "--guide", str(value_dir), "--beta", str(BETA), "--top-k", str(TOP_K), "--out", str(out)]
     args += ["--prompts", str(tmp / "prompts.jsonl"), "--reward-model", str(tmp / "rm.safetensors")]
+    args += ["--reference", str(init)]  # (the folder value_model.json records is not followed: it is given)
     assert eval_main(args + ["--max-new-tokens", "4", "--batch-size", "4", "--quiet"]) == 0
     rows = json.loads((out / "results.json").read_text())
     # no checkpoints: the reference (the value model's init) and the guided policy
@@ -307,7 +308,7 @@ def test_a_guide_without_weights_is_refused_before_any_policy_is_evaluated(train
     had been evaluated (minutes to hours); the value model is now loaded with the reference, before them."""
     from shiq_eval import evaluate
 
-    _, _, value_dir = trained
+    _, init, value_dir = trained
     shutil.copytree(value_dir, tmp_path / "v")
     (tmp_path / "v" / "value_model.pt").unlink()
     (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4 w5"}\n')
@@ -316,7 +317,17 @@ def test_a_guide_without_weights_is_refused_before_any_policy_is_evaluated(train
         raise AssertionError("a policy was evaluated before the value model was checked")
 
     monkeypatch.setattr(evaluate, "evaluate_policy", evaluated)  # (imported from there when run starts)
-    args = ["run", "--guide", str(tmp_path / "v"), "--beta", "0.5", "--out", str(tmp_path / "o")]
+    args = [
+        "run",
+        "--guide",
+        str(tmp_path / "v"),
+        "--beta",
+        "0.5",
+        "--out",
+        str(tmp_path / "o"),
+        "--reference",
+        str(init),
+    ]
     assert eval_main(args + ["--prompts", str(tmp_path / "p.jsonl"), "--scorer", "vader", "--quiet"]) == 2
     assert "value_model.pt does not exist" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
@@ -359,7 +370,7 @@ def test_a_guide_is_refused_with_another_reference_or_a_beta_its_atoms_overflow(
     assert eval_main([*args, "--beta", "0.5", "--reference", str(other)]) == 2
     err = capsys.readouterr().err
     assert f"--guide {value_dir} learnt the returns of the reference {init}" in err and str(other) in err, err
-    assert eval_main([*args, "--beta", "1e-320"]) == 2
+    assert eval_main([*args, "--beta", "1e-320", "--reference", str(init)]) == 2
     assert "--beta 1e-320 is too small for the value model's atoms" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert eval_main([*args, "--beta", "0.5", "--reference", str(init)]) == 0  # its own reference, given: fine

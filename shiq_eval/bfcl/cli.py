@@ -28,9 +28,9 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_texts
+from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_texts, recorded_folder
 from shiq_data.schema import is_bounded_number
-from shiq_data.tokenizers import load_tokenizer
+from shiq_data.tokenizers import BUILTIN_TOKENIZERS, load_tokenizer
 from shiq_eval.bfcl.checker import (
     check_trajectory,
     format_summary,
@@ -103,9 +103,11 @@ def _model_policy_factory(args):
     else:
         path = checkpoint_steps(spec)[-1]
         info = checkpoint_info(path)
-        model, tok = policy_from_checkpoint(path, info["hf_config"]), None
         if args.tokenizer is None and info["tokenizer"] is not None:
             args.tokenizer = info["tokenizer"].get("name")
+            if args.tokenizer not in BUILTIN_TOKENIZERS:
+                raise ValueError(recorded_folder(path / "meta.json", "run's tokenizer", args.tokenizer, "--tokenizer"))
+        model, tok = policy_from_checkpoint(path, info["hf_config"]), None
     if args.tokenizer is not None or tok is None:
         tok, _ = load_tokenizer(args.tokenizer or "smollm2")
     policy = ChatModelPolicy(
@@ -475,7 +477,8 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument(
         "--tokenizer",
         help="tokenizer of a model policy: gpt2, smollm2 or a folder (default: the model folder's own, else "
-        "the one a checkpoint's buffer recorded, else smollm2)",
+        "the one a checkpoint's buffer recorded when it is gpt2 or smollm2 (a folder it records is named here), "
+        "else smollm2)",
     )
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
