@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from importlib.metadata import version
 from pathlib import Path
@@ -80,6 +81,24 @@ def suite_path(spec: str) -> Path:
     return path
 
 
+def check_no_resolvers(cfg, path: Path, prefix: str = "") -> None:
+    """Refuse a value of the configuration file ``path`` (its OmegaConf config or container, unresolved) that calls
+    a resolver (``${oc.env:HOME}``, ``${oc.decode:...}``): resolved, a shared file would copy what it names (an
+    environment variable, a secret) into results. A reference to another key (``${data.seed}``) stays."""
+    node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        dotted = f"{prefix}{key}" if isinstance(node, dict) else f"{prefix.rstrip('.')}[{key}]"
+        if isinstance(value, (dict, list)):
+            check_no_resolvers(value, path, f"{dotted}.")
+        elif isinstance(value, str) and "${" in value:
+            if any(not re.fullmatch(r"[\w.\[\]-]+", inner) for inner in re.findall(r"\$\{([^}]*)\}?", value)):
+                raise ValueError(
+                    f"{path}: {dotted} is {value!r}: a file's values are data, never a resolver call (${{NAME:...}}); "
+                    "an interpolation may only name another key (${section.key})"
+                )
+
+
 def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, Path | None]:
     """``(suite, file)``: the suite ``spec`` names (None: an unnamed ``custom`` suite of defaults) with
     ``overrides`` (``{key or sampling.key: value}``, None values skipped) applied, checked; relative paths in
@@ -87,14 +106,21 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
     path = suite_path(spec) if spec is not None else None
     base = OmegaConf.structured(Suite)
     try:
-        if path is not None:
-            base = OmegaConf.merge(base, OmegaConf.load(path))
+        given = OmegaConf.load(path) if path is not None else None
+        if given is not None:
+            try:
+                check_no_resolvers(given, path)
+            except ValueError as e:
+                raise SuiteError(str(e)) from None
+            base = OmegaConf.merge(base, given)
         suite = OmegaConf.to_object(base)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(e, "problem", None) or type(e).__name__
         raise SuiteError(f"{path}: not valid YAML ({problem}{where})") from None
+    except SuiteError:
+        raise
     except (OmegaConfBaseException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if str(getattr(e, "full_key", "")).startswith("sampling."):  # a key of the sampling block

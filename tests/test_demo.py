@@ -958,6 +958,10 @@ def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecke
         (file("empty.yaml", lambda c: c.__setitem__("eval", None)), "empty.yaml: eval is None; demo.yaml has"),
         (file("typo.yaml", lambda c: c["train"].__setitem__("stepz", 3)), "typo.yaml: unknown key 'train.stepz'"),
         (file("qtypo.yaml", lambda c: c["quick"]["train"].__setitem__("stepz", 3)), "unknown key 'quick.train.stepz'"),
+        (  # resolved, a shared file copied the environment (a secret) into the run's config and report
+            file("env.yaml", lambda c: c["data"].__setitem__("instruction", "${oc.env:HOME}")),
+            "env.yaml: data.instruction is '${oc.env:HOME}': a file's values are data, never a resolver call",
+        ),
     ]
     for argv, needle in cases:
         assert demo.main(["--quick", "--out", str(tmp_path / "run"), *argv]) == 2, argv

@@ -258,6 +258,11 @@ def test_a_bad_suite_value_is_named_where_it_came_from(tmp_path):
     zero.write_text(good.read_text().replace("4", "0"))
     with pytest.raises(SuiteError, match=rf"^{zero}: sampling.max_new_tokens must be in"):
         load_suite(str(zero), {"sampling.max_new_tokens": None})
+    # a resolver's value (an environment variable: a secret) was copied into results.json and suite.json
+    env = tmp_path / "env.yaml"
+    env.write_text('name: "${oc.env:HOME}"\nprompts: p.jsonl\nscorer: vader\n')
+    with pytest.raises(SuiteError, match=rf"^{env}: name is '\$\{{oc.env:HOME\}}': a file's values are data, never"):
+        load_suite(str(env))
     typo = tmp_path / "typo.yaml"
     typo.write_text(good.read_text().replace("max_new_tokens", "max_new_token"))
     with pytest.raises(SuiteError, match=r"'max_new_token' not in 'Sampling' \(sampling has the keys \['temperature'"):

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, one_line, type_name
+from shiq_eval.suite import check_no_resolvers
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model
@@ -147,6 +148,7 @@ def _yaml_mapping(path: Path):
         raise ValueError(f"{path}: not a readable YAML configuration ({one_line(e, 160)})") from None
     if not OmegaConf.is_dict(cfg):
         raise ValueError(f"{path}: expected a mapping of sections (data:, train:, ...), got {type_name(cfg)}")
+    check_no_resolvers(cfg, path)
     return cfg
 
 
