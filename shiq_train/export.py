@@ -23,6 +23,7 @@ from shiq_data.tokenizers import BUILTIN_TOKENIZERS, PIPELINE_FIELD, load_tokeni
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
 from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama
+from shiq_train.losses import check_beta
 
 log = logging.getLogger(__name__)
 
@@ -98,9 +99,13 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
         full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)
     except KeyError as e:  # a layer the config names and the weights lack
         raise misfit(e) from None
-    model = LlamaForCausalLM(hf_config).to(dtype)
     try:
         sd = megatron_to_llama(full, shape)
+        with torch.device("meta"):  # the config's shapes, checked before any memory is taken for them
+            skeleton = LlamaForCausalLM(hf_config)
+        skeleton.load_state_dict(sd, strict=not shape.tied, assign=True)
+        del skeleton
+        model = LlamaForCausalLM(hf_config).to(dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
     except (KeyError, RuntimeError) as e:  # a missing weight name; a shape that differs
         raise misfit(e) from None
@@ -175,6 +180,11 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
         raise ValueError(
             f"{step_dir / 'meta.json'}: field meta.hf_config is missing (was the run written by shiq-train?)"
         )
+    loss = meta.get("loss", {})  # copied into the export's record, which shiq-eval reads
+    if not (isinstance(loss, dict) and isinstance(loss.get("name", ""), str)):
+        raise ValueError(f"{step_dir / 'meta.json'}: field meta.loss must be an object with a string 'name'")
+    if loss.get("beta") is not None:
+        check_beta(loss["beta"], f"{step_dir / 'meta.json'}: field meta.loss.beta")
     tok = export_tokenizer(meta, step_dir, tokenizer)
     config = llama_config(meta["hf_config"], step_dir)
     config.eos_token_id = tok.eos_token_id
@@ -189,7 +199,7 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
         "format": "shiq-hf-export",
         "run": run.name,
         "step": info["step"],
-        "loss": meta.get("loss", {}),
+        "loss": loss,
         "init": (meta.get("config") or {}).get("init"),
         "tokenizer": meta.get("tokenizer"),
         "checkpoint": str(step_dir.resolve()),

@@ -113,6 +113,8 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         ({"num_hidden_layers": cfg.num_layers + 1}, "its weights do not fit meta.hf_config"),
         ({"hidden_size": "x"}, "meta.json: field meta.hf_config:"),
         ({"num_hidden_layers": cfg.num_layers - 1}, f"beyond the {cfg.num_layers - 1} of meta.hf_config"),
+        # a model of 10^12 wide layers was allocated before its weights were compared with it: a memory error
+        ({"hidden_size": 10**12}, "its weights do not fit meta.hf_config"),
     ]:
         bad = {**saved, "meta": {**saved["meta"], "hf_config": {**saved["meta"]["hf_config"], **edit}}}
         (step / "meta.json").write_text(json.dumps(bad))
@@ -120,6 +122,11 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     for bad, needle in [
         ({k: v for k, v in saved.items() if k != "meta"}, "field meta.hf_config is missing"),
+        # copied into the export's record as NaN (not JSON), which shiq-eval then refused
+        (
+            {**saved, "meta": {**saved["meta"], "loss": {"name": "shiq", "beta": float("nan")}}},
+            "meta.loss.beta must be",
+        ),
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
     ]:
         (step / "meta.json").write_text(json.dumps(bad))
