@@ -33,7 +33,7 @@ from shiq_data.io import (
     sha256_files,
 )
 from shiq_data.tokenizers import TOKENIZER_FILES
-from shiq_train.checkpoint import gather_full_parameters
+from shiq_train.checkpoint import gather_full_parameters, load_problem
 from shiq_train.model import ModelConfig, full_param_name, load_full_parameters, unwrap
 
 
@@ -306,7 +306,13 @@ def load_causal_lm(spec: str, dtype=torch.float32):
                 pass
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({one_line(e, 160)})") from None
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+    except Exception as e:  # transformers loads .bin weights with weights_only=True: name the file, not torch's advice
+        if "Weights only load failed" not in str(e):
+            raise
+        named = ", ".join(p.name for p in sorted(folder.glob("*.bin"))) or "its weights"
+        raise ValueError(f"{folder} ({named}): {load_problem(e)}") from None
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -750,4 +750,22 @@ def test_a_file_of_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_
         assert "holds objects other than tensors and plain containers, which are never unpickled" in message
         assert "weights_only" not in message and str(path) in message and "\n" not in message
         assert "unsupported GLOBAL posix.system" in message  # torch's reason, without its advice
-    assert not marker.exists()
+    # a Hugging Face folder's pytorch_model.bin (transformers loads it with weights_only=True): the folder and
+    # file named, torch's advice left out
+    from transformers import LlamaConfig
+
+    from shiq_train.hf_convert import load_causal_lm
+
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    LlamaConfig(
+        vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2
+    ).save_pretrained(folder)
+    torch.save({"model.embed_tokens.weight": _RunsACommand(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ValueError) as e:
+        load_causal_lm(str(folder))
+    message = str(e.value)
+    assert (
+        message.startswith(f"{folder} (pytorch_model.bin): it holds objects other than tensors") and "\n" not in message
+    )
+    assert "weights_only" not in message and not marker.exists()
