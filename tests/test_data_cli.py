@@ -170,6 +170,29 @@ def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, ca
     assert "nowhere" not in err and not (tmp_path / "b").exists()
 
 
+def test_binary_and_date_parquet_columns_reach_extra_as_standard_text(tmp_path, gpt2):
+    """A Parquet binary column went to ``extra`` as Python's repr (``"b'\\x00\\xff'"``), which no other tool reads
+    back as the bytes; it is base64 now, and a date is ISO 8601."""
+    import base64
+    import datetime
+
+    table = pa.table(
+        {
+            "prompt": ["p"],
+            "completion": [" c"],
+            "reward": [1.0],
+            "blob": pa.array([b"\x00\xffab"], pa.binary()),
+            "day": pa.array([datetime.date(2026, 12, 5)], pa.date32()),
+        }
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    argv = ["build", "parquet", str(tmp_path / "in.parquet"), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--no-progress"]) == 0
+    (row,) = read_rows(tmp_path / "b")[1]
+    extra = json.loads(row["extra"])
+    assert base64.b64decode(extra["blob"]) == b"\x00\xffab" and extra["day"] == "2026-12-05"
+
+
 def test_bad_parquet_row_names_row_and_field(tmp_path, capsys, gpt2):
     pq.write_table(
         pa.table({"prompt": ["a", "b"], "completion": ["x", "y"], "reward": [1.0, float("nan")]}),

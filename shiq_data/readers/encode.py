@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import base64
+import datetime
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -262,11 +264,22 @@ def given_text(text: str | None) -> str | None:
     return value if isinstance(value, str) else text
 
 
+def _json_value(value):
+    """A value JSON has no type for, as text: binary data (a Parquet or Arrow binary column) in base64 (its Python
+    repr, ``b'...'``, was kept before), a date or time in ISO 8601, anything else (a decimal) as ``str`` gives it."""
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, (datetime.date, datetime.time)):
+        return value.isoformat()
+    return str(value)
+
+
 def extra_text(record: dict, consumed: Iterable[str]) -> str | None:
-    """The ``extra`` column: the JSON object text of ``record``'s fields other than ``consumed``, or None."""
+    """The ``extra`` column: the JSON object text of ``record``'s fields other than ``consumed``, or None (values
+    JSON has no type for as :func:`_json_value` writes them)."""
     consumed = set(consumed)
     rest = {k: v for k, v in record.items() if k not in consumed}
-    return json.dumps(rest, ensure_ascii=False, default=str) if rest else None
+    return json.dumps(rest, ensure_ascii=False, default=_json_value) if rest else None
 
 
 def text_columns(prompt, completion, *, reward=None, turn_rewards=None, extra: str | None = None) -> dict:
