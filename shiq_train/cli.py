@@ -19,6 +19,7 @@ import contextlib
 import difflib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -96,6 +97,7 @@ SHAPE_FIELDS = (
     "vocab_size",
     "share_embeddings_and_output_weights",
     "rotary_base",
+    "layernorm_epsilon",  # (not a shape, but the checkpoint's, and what its export records)
 )
 # keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
 RESUME_SAFE_KEYS = (
@@ -264,7 +266,9 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
     bad = [
         f"model.{f}={mine[f]} but the checkpoint has {getattr(want, f)}"
         for f in SHAPE_FIELDS
-        if mine[f] != getattr(want, f)
+        if not (
+            mine[f] == getattr(want, f) or (f == "layernorm_epsilon" and math.isclose(mine[f], want.layernorm_epsilon))
+        )
     ]
     if bad:
         raise ConfigError(

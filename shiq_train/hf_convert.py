@@ -122,10 +122,27 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
 
 
 def model_config_from_llama(hf_config, **overrides):
-    """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config."""
+    """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config. Whatever the config
+    holds that changes the forward pass and this model does not compute is refused, never dropped: another
+    architecture (its biases, a sliding window), scaled rotary embeddings, biases, another activation, a head
+    width other than ``hidden_size / num_attention_heads``."""
+    model_type = getattr(hf_config, "model_type", "llama")
+    if model_type != "llama":
+        raise ValueError(
+            f"model_type {model_type!r}: only Llama-family checkpoints (model_type 'llama') import exactly (what "
+            "another architecture adds, such as biases or a sliding attention window, would be dropped)"
+        )
     rope = getattr(hf_config, "rope_theta", None) or (getattr(hf_config, "rope_parameters", None) or {}).get(
         "rope_theta"
     )
+    rope = 10000 if rope is None else int(rope) if float(rope).is_integer() else float(rope)  # (never cut to int)
+    heads = hf_config.num_attention_heads
+    head_dim = getattr(hf_config, "head_dim", None)
+    if head_dim is not None and head_dim * heads != hf_config.hidden_size:
+        raise ValueError(
+            f"head_dim={head_dim} but hidden_size / num_attention_heads = {hf_config.hidden_size} / {heads}: "
+            "attention heads of another width than hidden_size / num_attention_heads are not supported"
+        )
     kw = dict(
         name=getattr(hf_config, "_name_or_path", "") or "llama",
         num_layers=hf_config.num_hidden_layers,
@@ -141,7 +158,7 @@ def model_config_from_llama(hf_config, **overrides):
         activation="silu",
         add_bias_linear=False,
         position_embedding_type="rope",
-        rotary_base=int(rope or 10000),
+        rotary_base=rope,
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
     )
     if getattr(hf_config, "hidden_act", "silu") != "silu":
@@ -154,8 +171,9 @@ def model_config_from_llama(hf_config, **overrides):
                 f"Llama checkpoints with scaled rotary embeddings are not supported: {field} has "
                 f"rope_type={rope_kind!r} (only 'default' RoPE imports exactly)"
             )
-    if getattr(hf_config, "attention_bias", False) or getattr(hf_config, "mlp_bias", False):
-        raise ValueError("Llama checkpoints with attention or MLP biases are not supported")
+    biased = [f"{f}=True" for f in ("attention_bias", "mlp_bias") if getattr(hf_config, f, False)]
+    if biased:
+        raise ValueError(f"Llama checkpoints with biases are not supported: {', '.join(biased)}")
     kw.update(overrides)
     return ModelConfig(**kw)
 

@@ -106,7 +106,7 @@ class ModelConfig:
     activation: str = "silu"
     add_bias_linear: bool = False
     position_embedding_type: str = "rope"
-    rotary_base: int = 10000
+    rotary_base: float = 10000
     share_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0

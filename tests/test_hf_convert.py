@@ -10,6 +10,7 @@ follows transformers' greedy path).
 import io
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -72,6 +73,51 @@ def test_tiny_llama_round_trip_tp1(tmp_path, tied):
         H.export_llama(mg, hf.config, tmp_path / "export")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert torch.equal(back(tokens).logits, ref)
+
+
+def test_what_the_model_does_not_compute_is_refused_never_dropped():
+    """A field that changes the forward pass and that the megatron model does not compute is refused naming it:
+    a Qwen2 folder imported through the evaluation's megatron engine lost its biases (logits off by 0.95), a
+    Mistral one its sliding window; a head width of its own failed on a shard shape naming no field."""
+    base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
+    cases = [
+        (transformers.Qwen2Config(**base), "model_type 'qwen2': only Llama-family checkpoints"),
+        (transformers.MistralConfig(**base, sliding_window=4), "model_type 'mistral': only Llama-family"),
+        (transformers.LlamaConfig(**base, head_dim=32), "head_dim=32 but hidden_size / num_attention_heads = 64 / 4"),
+        (transformers.LlamaConfig(**base, mlp_bias=True), "biases are not supported: mlp_bias=True"),
+        (transformers.LlamaConfig(**base, attention_bias=True), "biases are not supported: attention_bias=True"),
+        (transformers.LlamaConfig(**base, hidden_act="gelu"), "hidden_act='gelu'"),
+        (transformers.LlamaConfig(**base, rope_scaling={"rope_type": "linear", "factor": 2.0}), "rope_type='linear'"),
+    ]
+    for cfg, needle in cases:
+        with pytest.raises(ValueError, match=re.escape(needle)):
+            H.model_config_from_llama(cfg)
+
+
+def test_a_fractional_rope_theta_and_another_norm_epsilon_import_exactly():
+    """rope_theta was cut to an integer (12.7 imported as 12: logits off by 2e-4); the norm's epsilon, which no
+    shape check compared, is now one: a model config with another one is refused (the run would have trained with
+    it while its export recorded the checkpoint's)."""
+    from shiq_train.cli import ConfigError, check_shape
+
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=12.7, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    tokens = tokens_for(128)
+    with parallel.distributed(seed=0):
+        mg = M.build_model(H.model_config_from_llama(hf.config)).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        assert (megatron_logits(mg, tokens) - hf(tokens).logits).abs().max() < 1e-5
+    check_shape(H.model_config_from_llama(cfg), cfg, "folder")
+    with pytest.raises(ConfigError, match=r"model.layernorm_epsilon=1e-05 but the checkpoint has 1e-06"):
+        check_shape(H.model_config_from_llama(cfg, layernorm_epsilon=1e-5), cfg, "folder")
 
 
 def test_checkpoint_exports_to_hugging_face(tmp_path):
