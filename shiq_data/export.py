@@ -11,8 +11,8 @@ Each folder also holds a dataset card ``README.md`` (schema, row and token count
 built the buffer, a licence field for the curator to fill in). ``shiq-data build jsonl|parquet|datasets``
 reads every export back (:mod:`shiq_data.readers.generic`): the rows are tokenised again from their
 text, so another tokenizer can be used. Reference statistics are not exported. Every row is checked as
-``validate`` checks it before it is written (a damaged shard is refused, not published), and the folder is
-written atomically (:func:`shiq_data.io.atomic_dir`).
+``validate`` checks it before it is written (a damaged shard is refused, not published), a repeated ``row_id``
+is refused too, and the folder is written atomically (:func:`shiq_data.io.atomic_dir`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -29,6 +30,7 @@ from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, 
 from shiq_data.io import atomic_dir, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, parse_extra
+from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
@@ -111,6 +113,30 @@ def _checked_tables(buffer: Buffer, bar: tqdm) -> list[pa.Table]:
             pass
         out.append(table)
     return out
+
+
+def _check_unique_ids(buffer: Buffer, near: Path) -> None:
+    """Refuse, as ``validate`` does, a buffer in which a ``row_id`` repeats (a shard edited together with its
+    checksum), naming the later row's shard and row. The ids go to a :class:`~shiq_data.spill.Spill` beside
+    ``near``, so memory does not grow with the buffer."""
+    with Spill(near) as spill:
+        spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
+        pos = 0
+        for k, table in enumerate(buffer.shard_columns(["row_id"])):
+            n = table.num_rows
+            ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
+            spill.append("ids", pa.table(ids))
+            pos += n
+        ids = spill.table("ids")
+        repeat = spill.one(
+            f"""SELECT shard, pos, row_id FROM {ids} n JOIN (SELECT row_id, min(pos) AS first FROM {ids} GROUP BY
+            row_id) f USING (row_id) WHERE n.pos > f.first ORDER BY pos LIMIT 1"""
+        )
+    if repeat is not None:
+        k, pos, rid = repeat
+        shards = buffer.manifest["shards"]
+        row = pos - sum(s["rows"] for s in shards[:k])
+        raise ValueError(f"{buffer.shard_paths[k]}: row {row}: field 'row_id': {rid!r} is not unique")
 
 
 def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:
@@ -223,6 +249,7 @@ def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffe
                 _write_parquet(buffer, tmp / DATA_FILE["parquet"], bar)
             else:
                 _write_jsonl(buffer, tmp / DATA_FILE["jsonl"], bar)
+        _check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
         (tmp / "README.md").write_text(dataset_card(buffer, fmt, out_dir.name), encoding="utf-8")
 
     atomic_dir(out_dir, fill)

@@ -278,15 +278,22 @@ def _check_text(row: dict, err) -> None:
         if bad is not None:
             raise err("turn_rewards", f"item {bad} must be a finite number or null, got {str(turns[bad])[:40]}")
     extra = row.get("extra")
-    if extra is not None:
-        try:
-            parsed = parse_extra(extra)
-        except json.JSONDecodeError as e:
-            raise err("extra", f"not valid JSON ({e.msg})") from None
-        except ValueError as e:
-            raise err("extra", str(e)) from None
-        if not isinstance(parsed, dict):
-            raise err("extra", f"must be the JSON text of an object, got {type_name(parsed)}")
+    if extra is not None and (problem := extra_problem(extra)) is not None:
+        raise err("extra", problem)
+
+
+def extra_problem(extra: str) -> str | None:
+    """What is wrong with an ``extra`` text (not JSON, what :func:`parse_extra` refuses, not an object), or
+    None: the one judgement of ``validate`` and of the curation verbs, which copy ``extra`` unparsed."""
+    try:
+        parsed = parse_extra(extra)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg})"
+    except ValueError as e:
+        return str(e)
+    if not isinstance(parsed, dict):
+        return f"must be the JSON text of an object, got {type_name(parsed)}"
+    return None
 
 
 class _NonFinite(ValueError):

@@ -842,3 +842,39 @@ def test_stats_leave_one_rows_spread_undefined_and_show_a_median_between_lengths
     median = pair["tokens"]["p50"]
     assert median == pytest.approx(pd.Series([pair["tokens"]["min"], pair["tokens"]["max"]]).median())
     assert f"/{median:g}/" in next(x for x in out.splitlines() if x.startswith("pair")) and median % 1 == 0.5
+
+
+def test_curation_refuses_extra_text_and_export_a_repeated_row_id_that_validate_refuses(tmp_path, capsys):
+    """A shard rewritten with its checksum: an ``extra`` holding NaN or not an object was
+    copied by filter, dedup, split and mix into a buffer validate refused, and export published a buffer whose
+    ``row_id`` repeats. Each verb now refuses as validate does: exit status 2, one line naming the input shard,
+    row and field, nothing written."""
+    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(4)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    cases = [
+        ("nan", lambda t: _set_scalar(t, "extra", 2, '{"a": NaN}'), 2, "extra", "holds NaN"),
+        ("list", lambda t: _set_scalar(t, "extra", 2, "[1]"), 2, "extra", "must be the JSON text of an object"),
+    ]
+    curate = [["filter", "--where", "reward >= 0"], ["dedup"], ["split", "--test-fraction", 0.5], ["mix"]]
+    for name, change, row, field, needle in cases:
+        buf = _damage_first_shard(tmp_path / "b", tmp_path / name, change)
+        assert run(capsys, "validate", buf)[0] == 2
+        shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][0]["file"]
+        for verb, *opts in curate:
+            folder = tmp_path / f"{name}-{verb}"
+            code, _, err = run(
+                capsys, verb, f"{buf}:1" if verb == "mix" else buf, *opts, "--out", folder, "--no-progress"
+            )
+            assert code == 2 and f"{shard}: row {row}: field {field!r}: " in err and needle in err, (name, verb, err)
+            assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+            assert not folder.exists()
+    ids = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 3, t["row_id"][1]))
+    code, _, err = run(capsys, "validate", ids)
+    assert code == 2 and "is not unique" in err, err
+    shard = ids / json.loads((ids / "manifest.json").read_text())["shards"][0]["file"]
+    for fmt in ("jsonl", "parquet", "hf"):
+        code, _, err = run(capsys, "export", ids, "--format", fmt, "--out", tmp_path / f"ids-{fmt}", "--no-progress")
+        assert code == 2 and f"{shard}: row 3: field 'row_id': " in err and "is not unique" in err, (fmt, err)
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"ids-{fmt}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []

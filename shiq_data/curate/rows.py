@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from shiq_data.buffer import MANIFEST, open_buffer
 from shiq_data.io import one_line
 from shiq_data.readers.encode import given_text
-from shiq_data.schema import LIST_FIELDS, REF_FIELDS, check_rows
+from shiq_data.schema import LIST_FIELDS, REF_FIELDS, check_rows, extra_problem
 from shiq_data.tokenizers import PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 
 log = logging.getLogger(__name__)
@@ -123,8 +123,9 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
     empty ``row_id``, a negative ``group_id``, a ``prompt_len`` outside ``[1, tokens)``, an action inside the
     prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero at position
     0, and what training refuses (:func:`shiq_data.sampler.check_rows`: per-token lengths, token ids outside the
-    vocabulary, no action, a non-finite reward). Vectorised: a few passes over the shard's flat columns. The text
-    columns are ``validate``'s to check."""
+    vocabulary, no action, a non-finite reward), and an ``extra`` text ``validate`` refuses
+    (:func:`shiq_data.schema.extra_problem`). Vectorised but for ``extra``: a few passes over the shard's flat
+    columns. The other text columns are ``validate``'s to check."""
 
     def refuse(row, field: str, problem: str):
         raise ValueError(f"{shard}: row {row}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
@@ -158,6 +159,10 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
         r = first(bad)
         refuse(r, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
     check_rows({name: table.column(name) for name in lists}, vocab, shard)
+    if "extra" in table.schema.names:  # copied as text: NaN, a non-object, bad JSON would reach the new buffer
+        for r, text in enumerate(table.column("extra").to_pylist()):
+            if text is not None and (problem := extra_problem(text)) is not None:
+                refuse(r, "extra", problem)
     row_of = np.repeat(np.arange(len(n)), n)  # [tokens] the row of each flat position, and its place in the row
     pos = np.arange(row_of.size) - np.repeat(np.cumsum(n) - n, n)
     mask = pc.list_flatten(table.column("action_mask")).to_numpy(zero_copy_only=False)
