@@ -314,11 +314,14 @@ def _finite_float(text: str) -> float:
 def parse_extra(text: str):
     """``json.loads`` of an ``extra`` text, refusing ``NaN``/``Infinity`` (what Python's JSON writes for a
     number out of float range, such as ``1e999``, and what no other JSON reader accepts) with a
-    ``ValueError`` saying so."""
+    ``ValueError`` saying so; nesting too deep for Python is a ``ValueError`` too (a ``RecursionError`` names no
+    file, row or field where the caller catches ``ValueError`` to name them)."""
     try:
         return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _NonFinite as e:
         raise ValueError(non_finite_json(e.args[0])) from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deep)") from None
 
 
 def non_finite_json(name: str) -> str:

@@ -878,3 +878,24 @@ def test_curation_refuses_extra_text_and_export_a_repeated_row_id_that_validate_
         assert code == 2 and f"{shard}: row 3: field 'row_id': " in err and "is not unique" in err, (fmt, err)
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"ids-{fmt}").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_extra_nested_too_deep_is_named_with_its_shard_row_and_field(tmp_path, capsys):
+    """An ``extra`` nested 50,000 deep ended validate, export and the curation verbs in "maximum recursion depth
+    exceeded", naming no file (json's RecursionError): it is now bad JSON of that shard's row, field 'extra'."""
+    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(4)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    deep = '{"a": ' + "[" * 50_000 + "]" * 50_000 + "}"
+    buf = _damage_first_shard(tmp_path / "b", tmp_path / "deep", lambda t: _set_scalar(t, "extra", 1, deep))
+    shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][0]["file"]
+    verbs = [
+        ["validate", buf, "--no-progress"],
+        ["export", buf, "--format", "jsonl", "--out", tmp_path / "x", "--no-progress"],
+    ]
+    verbs += [["filter", buf, "--where", "reward >= 0", "--out", tmp_path / "f", "--no-progress"]]
+    for verb in verbs:
+        code, _, err = run(capsys, *verb)
+        assert code == 2 and f"{shard}: row 1: field 'extra': not valid JSON (nested too deep)" in err, (verb, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "f").exists()
