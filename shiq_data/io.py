@@ -156,9 +156,15 @@ def recorded_sha256(record_path: Path, recorded) -> dict[str, str]:
 def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = ""):
     """The JSON value of the file ``path``, or ``error`` naming it (then ``hint``) when it is not valid JSON or
     not UTF-8, and also when it holds what ``json`` refuses without a ``JSONDecodeError``: a number of more
-    than 4,300 digits (a ``ValueError``) or nesting too deep for Python (a ``RecursionError``)."""
+    than 4,300 digits (a ``ValueError``) or nesting too deep for Python (a ``RecursionError``). A key given twice
+    in one object is refused naming it (JSON keeps the last, silently: a manifest's second ``"tokenizer"`` or a
+    shard's second ``"sha256"`` would win unseen)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
+    except _DuplicateKey as e:
+        raise error(
+            f"{path}: key {e.key!r} given twice in one JSON object (which would win is a guess){hint}"
+        ) from None
     except (ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
 

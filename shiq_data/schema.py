@@ -59,7 +59,7 @@ from numbers import Integral, Real
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.io import RowError, lone_surrogate, type_name
+from shiq_data.io import RowError, _DuplicateKey, _no_duplicate_keys, lone_surrogate, type_name
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no text columns (they read as null)
@@ -314,10 +314,14 @@ def _finite_float(text: str) -> float:
 def parse_extra(text: str):
     """``json.loads`` of an ``extra`` text, refusing ``NaN``/``Infinity`` (what Python's JSON writes for a
     number out of float range, such as ``1e999``, and what no other JSON reader accepts) with a
-    ``ValueError`` saying so; nesting too deep for Python is a ``ValueError`` too (a ``RecursionError`` names no
+    ``ValueError`` saying so, and so a key given twice in one object (JSON keeps the last, silently); nesting too deep for Python is a ``ValueError`` too (a ``RecursionError`` names no
     file, row or field where the caller catches ``ValueError`` to name them)."""
     try:
-        return json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        return json.loads(
+            text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicate_keys
+        )
+    except _DuplicateKey as e:
+        raise ValueError(f"key {e.key!r} given twice in one JSON object (which would win is a guess)") from None
     except _NonFinite as e:
         raise ValueError(non_finite_json(e.args[0])) from None
     except RecursionError:

@@ -368,3 +368,42 @@ def test_append_to_a_manifest_with_an_edited_vocabulary_size_names_the_manifest(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"{a / 'manifest.json'}: field 'tokenizer.vocab_size' is 10, but its tokenizer" in err, err
     assert _files(a) == before
+
+
+def test_a_json_key_given_twice_is_refused_naming_the_file_and_key(tmp_path, capsys):
+    """JSON keeps the last of a key given twice, silently: a manifest with a second "tokenizer" object, a shard
+    entry's "sha256" given twice, a results row's "mean_reward" twice and an ``extra`` with "a" twice were all
+    read as the last one. Each is now refused naming the file (and row) and the key."""
+    from data_cli_runs import rewrite_shard, run, write_jsonl
+
+    from shiq_eval.leaderboard import read_results
+
+    a = _build(tmp_path / "a")
+    m = json.loads((a / "manifest.json").read_text())
+    text = json.dumps(m)  # (one line: the keys below are found by their text)
+    tok = json.dumps(m["tokenizer"])
+    first = m["shards"][0]["sha256"]
+    cases = {
+        "tokenizer": text.replace(f'"tokenizer": {tok}', f'"tokenizer": {{"name": "other"}}, "tokenizer": {tok}'),
+        "sha256": text.replace(f'"sha256": "{first}"', f'"sha256": "{"0" * 64}", "sha256": "{first}"'),
+    }
+    for key, damaged in cases.items():
+        assert damaged != text and json.loads(damaged) == m  # what the last-wins reading saw: the manifest itself
+        (a / "manifest.json").write_text(damaged)
+        code, _, err = run(capsys, "validate", a, "--no-progress")
+        assert code == 2 and f"{a / 'manifest.json'}: key {key!r} given twice in one JSON object" in err, err
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text('[{"mean_reward": 9.0, "mean_reward": 1.0}]')
+    with pytest.raises(ValueError, match=rf"{tmp_path / 'r' / 'results.json'}: key 'mean_reward' given twice"):
+        read_results([tmp_path / "r"])
+    src = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "p", "completion": " c d", "reward": 1.0}])
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+
+    def twice(rows):
+        rows[0]["extra"] = '{"a": 1, "a": 2}'
+
+    rewrite_shard(tmp_path / "b", 0, twice)
+    shard = tmp_path / "b" / json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
+    code, _, err = run(capsys, "validate", tmp_path / "b", "--no-progress")
+    assert code == 2 and f"{shard}: row 0: field 'extra': key 'a' given twice in one JSON object" in err, err
