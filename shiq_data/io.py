@@ -16,6 +16,7 @@ import glob
 import gzip
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -279,8 +280,28 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, obj, *, indent: int = 2) -> Path:
-    """Write ``obj`` as indented JSON with a final newline, atomically."""
-    return atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+    """Write ``obj`` as indented JSON with a final newline, atomically. A NaN or infinite number is refused
+    (``ValueError`` naming the file and the field): ``json`` would write ``NaN``/``Infinity``, which standard
+    JSON cannot hold and other readers refuse; a caller with an undefined value writes null for it."""
+    try:
+        text = json.dumps(obj, indent=indent, allow_nan=False)
+    except ValueError:
+        field = non_finite_field(obj)
+        raise ValueError(f"{path}: field {field!r}: not a finite number, which standard JSON cannot hold") from None
+    return atomic_write_text(path, text + "\n")
+
+
+def non_finite_field(value, field: str = "") -> str | None:
+    """The path (``rows[0].loss``) of the first NaN or infinite float in the JSON value ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else field or "*"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        name = f"{field}[{key}]" if isinstance(key, int) else f"{field}.{key}" if field else str(key)
+        found = non_finite_field(item, name)
+        if found is not None:
+            return found
+    return None
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path:

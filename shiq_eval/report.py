@@ -35,8 +35,8 @@ def write_table(rows: list[dict], out_dir, columns: list[str] | None = None) -> 
     w.writeheader()
     for r in rows:
         w.writerow(r)
+    atomic_write_json(out_dir / "results.json", rows)  # first: it refuses a NaN, which the CSV would take
     atomic_write_bytes(out_dir / "results.csv", buf.getvalue().encode())
-    atomic_write_json(out_dir / "results.json", rows)
     return out_dir / "results.csv", out_dir / "results.json"
 
 

@@ -407,3 +407,20 @@ def test_a_json_key_given_twice_is_refused_naming_the_file_and_key(tmp_path, cap
     shard = tmp_path / "b" / json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
     code, _, err = run(capsys, "validate", tmp_path / "b", "--no-progress")
     assert code == 2 and f"{shard}: row 0: field 'extra': key 'a' given twice in one JSON object" in err, err
+
+
+def test_a_json_file_written_with_nan_or_infinity_is_refused_naming_the_field(tmp_path):
+    """``atomic_write_json`` wrote ``NaN`` and ``Infinity``, which standard JSON cannot hold (other readers, and
+    this project's own checks of an ``extra`` text, refuse them): it now refuses the value, naming the file and
+    the field, and writes nothing."""
+    import math
+    import re
+
+    from shiq_data.io import atomic_write_json
+
+    for bad, field in (({"rows": [{"loss": 1.0}, {"loss": math.nan}]}, "rows[1].loss"), ([math.inf], "[0]")):
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'r.json'}: field {field!r}: not a finite number")):
+            atomic_write_json(tmp_path / "r.json", bad)
+        assert list(tmp_path.iterdir()) == []
+    atomic_write_json(tmp_path / "r.json", {"a": None, "b": 1e308})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": 1e308}

@@ -101,14 +101,18 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
         assert r["gain_share"] == pytest.approx(share.mean()) and r["gain_share_sd"] == pytest.approx(share.std(ddof=1))
     best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
-    # an arm whose J* is not above the reference's J has no gain share (NaN): it was kept as the best when it came
-    # first (x > nan is never true); it ranks last now
+    # an arm whose J* is not above the reference's J has no gain share: it was kept as the best when it came
+    # first (x > nan is never true); it ranks last now, and its share is null (full_report.json held NaN, which
+    # standard JSON cannot hold)
     for seed in per:  # the first arm of the method
         rep = json.loads((tmp_path / seed / "report.json").read_text())
         rep["methods"]["shiq@0.1"]["j_star"] = rep["methods"]["shiq@0.1"]["reference_reward_on_these_prompts"]
         (tmp_path / seed / "report.json").write_text(json.dumps(rep))
     again = demo.full_report(tmp_path, list(per))
-    assert math.isnan({r["arm"]: r for r in again["arms"]}["shiq@0.1"]["gain_share"])
+    assert {r["arm"]: r for r in again["arms"]}["shiq@0.1"]["gain_share"] is None
+    strict = json.loads((tmp_path / "full_report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert {r["arm"]: r for r in strict["arms"]}["shiq@0.1"]["gain_share"] is None
+    assert "| shiq | 0.1 | 3 |" in (md := (tmp_path / "full_report.md").read_text()) and "n/a (J* ≤ J_ref)" in md
     assert again["best_beta"]["shiq"] == 1.0
     for name in ("full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"):
         assert (tmp_path / name).is_file()

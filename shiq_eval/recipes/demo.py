@@ -1377,6 +1377,8 @@ def full_report(out: Path, names: list[str]) -> dict:
             row[key], row[f"{key}_sd"] = seed_stats([m[key] for m in per])
         for key, se in (("reward_mean", "reward_stderr"), ("J", "J_stderr"), ("J_minus_reference", None)):
             row[f"{key}_se"] = float(np.mean([m[se or f"{key}_stderr"] for m in per]))
+        if not math.isfinite(row["gain_share"]):  # a seed's J* at or below J_ref: no share, null (JSON has no NaN)
+            row["gain_share"] = row["gain_share_sd"] = None
         rows.append(row)
     best = {}
 
@@ -1463,7 +1465,7 @@ def full_report_markdown(rep: dict) -> str:
             f"{f(r['J'])} ± {sd('J')} [{f(r['J_se'])}]",
             f"{f(r['J_minus_reference'])} ± {sd('J_minus_reference')} [{f(r['J_minus_reference_se'])}]",
             f"{f(r['j_star'])} ± {sd('j_star')}",
-            f"{r['gain_share']:.2f} ± {sd('gain_share', '.2f')}",
+            f"{r['gain_share']:.2f} ± {sd('gain_share', '.2f')}" if r["gain_share"] is not None else "n/a (J* ≤ J_ref)",
         ]
         lines.append(f"| {r['method']}{mark} | {r['beta']:g} | {r['seeds']} | " + " | ".join(cells) + " |")
     lines += [
