@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from safetensors import safe_open
 
 from shiq_data.assets import minilm_dir
-from shiq_data.io import atomic_write
+from shiq_data.io import _no_duplicate_keys, atomic_write, one_line, type_name
 
 if TYPE_CHECKING:
     import torch
@@ -315,17 +315,48 @@ class RegressionRewardModel:
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> RegressionRewardModel:
         """A saved head. Its encoder is the one saved with it when it was fine-tuned, else ``encoder``
-        (default: the packaged MiniLM); passing ``encoder`` for a head with its own is a ``ValueError``."""
+        (default: the packaged MiniLM); passing ``encoder`` for a head with its own is a ``ValueError``. So is
+        a file that is not a head (each naming the file and the tensor or metadata field): a tensor other than
+        ``weight``, ``bias`` and the encoder's, a ``weight`` that is not one finite value per embedding
+        dimension, a ``bias`` that is not one finite value, a ``meta`` that is not the JSON text of an object, or
+        encoder tensors the MiniLM model does not have (torch's errors named none of these)."""
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
+            names = list(f.keys())
+            foreign = [k for k in names if k not in ("weight", "bias") and not k.startswith(ENCODER_PREFIX)]
+            if foreign:
+                raise ValueError(
+                    f"{path}: tensor {foreign[0]!r}: not a reward head's (weight, bias, {ENCODER_PREFIX}*)"
+                )
+            for name in ("weight", "bias"):
+                if name not in names:
+                    raise ValueError(f"{path}: tensor {name!r}: missing (not a reward head)")
             weight, bias = f.get_tensor("weight"), f.get_tensor("bias")
-            own = {k[len(ENCODER_PREFIX) :]: f.get_tensor(k) for k in f.keys() if k.startswith(ENCODER_PREFIX)}
+            own = {k[len(ENCODER_PREFIX) :]: f.get_tensor(k) for k in names if k.startswith(ENCODER_PREFIX)}
+        for name, t, shape in (("weight", weight, "[D] (D >= 1)"), ("bias", bias, "[1]")):
+            if t.ndim != 1 or not t.numel() or (name == "bias" and t.numel() != 1):
+                raise ValueError(f"{path}: tensor {name!r}: shape {list(t.shape)}, expected {shape}")
+            if not t.is_floating_point() or not bool(t.isfinite().all()):
+                raise ValueError(f"{path}: tensor {name!r}: must hold finite floating-point values ({t.dtype})")
+        try:
+            info = json.loads(meta.get("meta", "{}"), object_pairs_hook=_no_duplicate_keys)
+        except (ValueError, RecursionError) as e:  # (a key given twice, too deep, a number too long)
+            raise ValueError(f"{path}: metadata 'meta': not valid JSON ({one_line(e, 120)})") from None
+        if not isinstance(info, dict):
+            raise ValueError(f"{path}: metadata 'meta': must be the JSON text of an object, got {type_name(info)}")
         if own and encoder is not None:
             raise ValueError(f"{path}: this head carries its own fine-tuned encoder; load it without one")
         if own:
-            encoder = minilm_encoder(weights=own)
+            try:
+                encoder = minilm_encoder(weights=own)
+            except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors, over many lines
+                detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+                raise ValueError(
+                    f"{path}: tensors '{ENCODER_PREFIX}*': not the MiniLM encoder's ({one_line(detail, 200)})"
+                ) from None
         elif encoder is None:
             encoder = minilm_encoder()
-        return cls(
-            encoder, weight, float(bias[0]), json.loads(meta.get("meta", "{}")), meta.get("joiner", " "), own or None
-        )
+        model = getattr(encoder, "model", None)  # MiniLM's: its width is known without encoding a text
+        if model is not None and weight.shape[0] != (dim := model.get_sentence_embedding_dimension()):
+            raise ValueError(f"{path}: tensor 'weight': {weight.shape[0]} values, the encoder's embeddings have {dim}")
+        return cls(encoder, weight, float(bias[0]), info, meta.get("joiner", " "), own or None)

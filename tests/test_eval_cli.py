@@ -526,7 +526,7 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
     from safetensors.numpy import save_file
 
-    save_file({"weight": np.zeros(2), "bias": np.zeros(1)}, str(tmp_path / "rm.safetensors"))  # a head, never used
+    save_file({"weight": np.zeros(384), "bias": np.zeros(1)}, str(tmp_path / "rm.safetensors"))  # a head, never used
     (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4"}\n')
     args = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
     args += ["--reward-model", str(tmp_path / "rm.safetensors"), "--reference", str(folder)]

@@ -1,6 +1,7 @@
 """Reward-model head against scikit-learn's Ridge, the rated-snippet reader on a fixture archive."""
 
 import io
+import math
 import tarfile
 
 import pytest
@@ -31,6 +32,52 @@ def test_ridge_head_matches_sklearn_and_round_trips(tmp_path):
     assert back(["t1", "t2"], ["", ""]) == pytest.approx(ref.predict(X[1:3].numpy()).tolist())
     assert back.meta["n_train"] == 200
     assert pearson(torch.tensor(back.score_texts(list(table))), y) > 0.9
+
+
+def test_a_file_that_is_not_a_reward_head_is_refused_naming_the_file_and_tensor(tmp_path):
+    """An empty ``bias`` ended in an IndexError traceback, bad ``meta`` JSON in an error naming no file, and a
+    misshapen or foreign tensor in torch's unnamed "size mismatch" (or was ignored): each is now a ValueError
+    naming the file and the tensor or metadata field."""
+    import re
+
+    from safetensors.torch import save_file
+
+    from shiq_data.reward_head import minilm_encoder
+
+    w, b = torch.randn(16, dtype=torch.float64), torch.tensor([0.5], dtype=torch.float64)
+    state = {f"encoder.{k}": v.clone().contiguous() for k, v in minilm_encoder().model.state_dict().items()}
+    word = "0.model.embeddings.word_embeddings.weight"  # (a tensor of the real encoder, misshapen below)
+    assert state[f"encoder.{word}"].shape == (30522, 384)
+    w384 = torch.randn(384, dtype=torch.float64)
+    encoder = lambda texts: torch.zeros(len(texts), 16)  # noqa: E731
+    cases = [
+        ({"weight": w, "bias": torch.zeros(0, dtype=torch.float64)}, {}, encoder, "tensor 'bias': shape [0], expected"),
+        ({"weight": w.reshape(8, 2), "bias": b}, {}, encoder, "tensor 'weight': shape [8, 2], expected [D]"),
+        ({"weight": w, "bias": torch.tensor([math.nan])}, {}, encoder, "tensor 'bias': must hold finite"),
+        ({"weight": w, "bias": b}, {"meta": "{bad"}, encoder, "metadata 'meta': not valid JSON"),
+        ({"weight": w, "bias": b}, {"meta": '{"l2": 1, "l2": 2}'}, encoder, "metadata 'meta': not valid JSON"),
+        ({"weight": w, "bias": b}, {"meta": "[1]"}, encoder, "metadata 'meta': must be the JSON text of an object"),
+        ({"weight": w, "bias": b, "head.extra": b.clone()}, {}, encoder, "tensor 'head.extra': not a reward head's"),
+        ({"bias": b}, {}, encoder, "tensor 'weight': missing"),
+        ({"weight": w, "bias": b}, {}, None, "tensor 'weight': 16 values, the encoder's embeddings have 384"),
+        (
+            {"weight": w384, "bias": b, **state, f"encoder.{word}": torch.zeros(3, 3)},
+            {},
+            None,
+            f"tensors 'encoder.*': not the MiniLM encoder's (size mismatch for {word}: copying a param with shape",
+        ),
+        (
+            {"weight": w384, "bias": b, f"encoder.{word}": torch.zeros(3, 3)},
+            {},
+            None,
+            "tensors 'encoder.*': not the MiniLM encoder's (Missing key(s) in state_dict:",
+        ),
+    ]
+    for k, (tensors, meta, enc, needle) in enumerate(cases):
+        path = tmp_path / f"h{k}.safetensors"
+        save_file(tensors, str(path), metadata=meta)
+        with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: {needle}')}"):
+            RegressionRewardModel.load(path, enc)
 
 
 def test_finetuned_head_beats_its_ridge_start_and_round_trips_with_its_encoder(tmp_path):
