@@ -35,7 +35,7 @@ from shiq_data.cli_common import (
 )
 from shiq_data.curate.cli import add_commands as add_curate_commands
 from shiq_data.export import DATA_FILE, EXPORT_FORMATS, export_buffer
-from shiq_data.io import one_line
+from shiq_data.io import one_line, printable
 from shiq_data.readers import FORMATS, get_format
 from shiq_data.readers.parallel import parallel_rows
 from shiq_data.retokenize import retokenize_buffer
@@ -289,23 +289,25 @@ def cmd_info(args) -> int:
         return 0
     tok = m["tokenizer"]
     with_ref = sum(s["has_ref"] for s in m["shards"])
+    # the manifest's texts are data: their control characters are printed escaped (printable), not sent to the
+    # terminal (an escape sequence in a tokenizer name or a recorded argument could rewrite the screen)
     print(
         f"buffer      {args.buffer}\n"
         f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
         f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
         f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
-        f"tokenizer   {tok['name']}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}"
+        f"tokenizer   {printable(tok['name'])}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}"
         f"  pipeline {(tok.get(PIPELINE_FIELD) or 'not recorded')[:16]}"
-        f"  chat template {_template_summary(tok)}\n"
-        f"system      {_system_summary(tok)}\n"
+        f"  chat template {printable(_template_summary(tok))}\n"
+        f"system      {printable(_system_summary(tok))}\n"
         f"schema      version {m['schema_version']}, text columns {'yes' if has_text_columns(m) else 'no'}\n"
         f"ref stats   {with_ref}/{len(m['shards'])} shards"
-        + (f"  ({m['ref_model']})" if m.get("ref_model") else "")
-        + f"\ncreated     {m.get('created')}  updated {m.get('updated')}"
+        + (f"  ({printable(m['ref_model'])})" if m.get("ref_model") else "")
+        + f"\ncreated     {printable(m.get('created'))}  updated {printable(m.get('updated'))}"
     )
     for c in m.get("commands", []):
         argv = c.get("argv", [])  # quoted as a shell reads it, so the line can be run again
-        print(f"command     {c.get('time')}  +{c.get('rows')} rows  {shlex.join(map(str, argv))}")
+        print(printable(f"command     {c.get('time')}  +{c.get('rows')} rows  {shlex.join(map(str, argv))}"))
     return 0
 
 

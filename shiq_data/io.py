@@ -45,6 +45,15 @@ def _row_error(cls, file, row, field, problem, row_label):
     return cls(file, row, field, problem, row_label=row_label)
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what a terminal may act on rather than show
+
+
+def printable(text: str, keep: str = "") -> str:
+    """``text`` with its control characters (C0, DEL, C1; but those in ``keep``, such as ``"\\n\\t"``) written
+    as ``\\x1b``: data printed to a terminal must not move its cursor, retitle it or hide what follows."""
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", str(text))
+
+
 def one_line(e: BaseException | str, limit: int | None = None) -> str:
     """The message of ``e`` on one line (its line breaks and runs of spaces collapsed), cut to ``limit``
     characters: how a library's error is quoted inside one of ours."""

@@ -899,3 +899,25 @@ def test_extra_nested_too_deep_is_named_with_its_shard_row_and_field(tmp_path, c
         assert code == 2 and f"{shard}: row 1: field 'extra': not valid JSON (nested too deep)" in err, (verb, err)
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "f").exists()
+
+
+def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, capsys):
+    """A completion, a source or an extra value holding an escape sequence (``\\x1b[2J`` clears the screen,
+    ``\\x1b]0;…\\x07`` retitles the terminal, ``\\x9b`` is the C1 introducer) was printed raw by ``shiq-data show``,
+    and a manifest's tokenizer name and recorded arguments by ``shiq-data info``: each control character is
+    now printed as ``\\xNN``; the line breaks and tabs of a row's text are kept."""
+    rows = [{"prompt": "say", "completion": " hi\x1b[2J there\n\tnext\x9b", "reward": 1.0, "note": "n\x1b]0;t\x07"}]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--source", "s\x1b[1m", "--out", tmp_path / "b"]
+    assert run(capsys, *build, "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "show", tmp_path / "b")
+    assert code == 0
+    assert " hi\\x1b[2J there\n\tnext\\x9b" in out and "source s\\x1b[1m " in out, out
+    assert not re.search(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]", out), repr(out)
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["tokenizer"]["name"] = "gpt2\x1b]0;owned\x07"
+    manifest["commands"][0]["argv"].append("--x=\x1b[31mred\n")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    code, out, _ = run(capsys, "info", tmp_path / "b")
+    assert code == 0 and "gpt2\\x1b]0;owned\\x07" in out and "--x=\\x1b[31mred\\x0a" in out, out
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)

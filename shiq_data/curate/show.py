@@ -2,7 +2,9 @@
 
 A row prints as a header (row id, source, group, lengths, scalar reward) and its decoded tokens, the
 action tokens inside ``⟦ ⟧`` and each nonzero per-token reward as ``⟨r=+1.5⟩`` right after the token it
-sits on. Special tokens are shown (they are part of what the model sees).
+sits on. Special tokens are shown (they are part of what the model sees). Control characters of the data
+(an escape sequence in a completion) are shown escaped, ``\\x1b``, not sent to the terminal; line breaks and
+tabs of the text are kept.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import pyarrow.compute as pc
 from shiq_data.curate.filter import selected
 from shiq_data.curate.rows import CurationSource
 from shiq_data.curate.where import Where
+from shiq_data.io import printable
 
 OPEN, CLOSE = "⟦", "⟧"
 
@@ -35,7 +38,7 @@ def render(tokens, action_mask, rewards, tokenizer) -> str:
         if mask[s] != inside:
             out.append(OPEN if mask[s] else CLOSE)
             inside = bool(mask[s])
-        out.append(tokenizer.decode(tokens[s:e]))
+        out.append(printable(tokenizer.decode(tokens[s:e]), keep="\n\t"))  # data, not terminal commands
         if rewards[e - 1] != 0:
             out.append(f"⟨r={rewards[e - 1]:+.4g}⟩")
     if inside:
@@ -64,13 +67,13 @@ def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | No
     cond = Where(where) if where else None
     blocks = []
     for row, d in _matching(source, cond, row_id):
-        head = (
-            f"row {d['row_id']}  source {d['source']}  group {d['group_id']}  tokens {d['tokens']} "
+        head = (  # the stored texts with their control characters escaped, line breaks too: one header line
+            f"row {printable(d['row_id'])}  source {printable(d['source'])}  group {d['group_id']}  tokens {d['tokens']} "
             f"(prompt {d['prompt_tokens']}, actions {d['completion_tokens']})  reward {d['reward']:+.4g}"
             + ("  [reference statistics]" if d["has_ref"] else "")
         )
         if d.get("extra") is not None:
-            head += f"\n  extra {d['extra']}"
+            head += f"\n  extra {printable(d['extra'])}"
         blocks.append(head + "\n" + render(row["tokens"], row["action_mask"], row["rewards"], source.tokenizer))
         if row_id is None and len(blocks) >= rows:
             break
