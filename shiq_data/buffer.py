@@ -61,6 +61,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -527,14 +528,25 @@ def remove_unlisted_files(buffer_dir, manifest: dict | None = None) -> list[str]
     buffer_dir = Path(buffer_dir)
     manifest = manifest or read_manifest(buffer_dir)
     listed = {s["file"] for s in manifest["shards"]}
-    removed = []
-    for p in buffer_dir.iterdir():
-        if p.name in listed or p.name in (MANIFEST, LOCK):
-            continue
-        if _SHARD_RE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")):
+    stray = [
+        p
+        for p in sorted(buffer_dir.iterdir())
+        if p.name not in listed
+        and p.name not in (MANIFEST, LOCK)
+        and (_SHARD_RE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")))
+    ]
+    for p in stray:  # checked before anything is removed: no write makes a folder named like a shard
+        if p.is_dir() and not p.is_symlink() and _SHARD_RE.match(p.name):
+            raise ValueError(
+                f"{p}: a folder named like a shard, which the manifest does not list and no write of a buffer "
+                "makes; move it out of the buffer"
+            )
+    for p in stray:  # a temporary folder (copied in, or left by another tool) goes like a temporary file
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
             p.unlink()
-            removed.append(p.name)
-    return removed
+    return [p.name for p in stray]
 
 
 def _with_row_id(row: dict, prefix: str, index: int) -> dict:

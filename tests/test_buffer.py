@@ -276,6 +276,31 @@ def test_added_and_curated_shards_take_the_buffers_rows_per_shard_not_its_first_
         assert "shard_rows" not in json.loads((folder / "manifest.json").read_text())  # a guess is not kept
 
 
+def test_a_stray_folder_in_a_buffer_is_removed_or_named_not_errno_21(tmp_path):
+    """A folder ``.junk.tmp`` or ``shard-00009.arrow`` in a buffer (copied in, made by another tool) ended
+    validate's cleanup and append in a raw ``[Errno 21] Is a directory``: a temporary folder is now removed like
+    a temporary file; a folder named like a shard, which no write makes, is refused naming it, and nothing is
+    removed."""
+    b = tmp_path / "b"
+    buf = write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
+    (b / ".junk.tmp" / "sub").mkdir(parents=True)
+    (b / ".junk.tmp" / "sub" / "f").write_text("x")
+    report = validate_buffer(b, cleanup=True)
+    assert report["rows"] == 4 and report["removed_files"] == [".junk.tmp"] and not (b / ".junk.tmp").exists()
+    (b / "shard-00009.arrow").mkdir()
+    (b / ".left.tmp").write_text("x")
+    for act in (
+        lambda: validate_buffer(b, cleanup=True),
+        lambda: append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False),
+    ):
+        with pytest.raises(ValueError, match=rf"^{b / 'shard-00009.arrow'}: a folder named like a shard"):
+            act()
+        assert (b / "shard-00009.arrow").is_dir() and (b / ".left.tmp").is_file()  # nothing removed
+    assert len(open_buffer(b)) == 4 and buf.shard_paths[0].exists()
+    (b / "shard-00009.arrow").rmdir()
+    assert len(append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False)) == 5
+
+
 def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):
     b = tmp_path / "b"
     write_buffer(make_rows(7, seed=0), b, tokenizer_info=TOK, command=["build"], shard_rows=3, progress=False)
