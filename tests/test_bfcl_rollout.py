@@ -171,6 +171,22 @@ def test_repo_split_is_160_40_seeded_and_loadable(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
+@pytest.mark.parametrize("text", ['{"n": 1' + "0" * 5000 + ', "train": [], "test": []}', "[" * 100_000 + "]" * 100_000])
+def test_a_split_file_json_cannot_hold_is_named(tmp_path, capsys, text):
+    """A ``--split`` file with a 5,000-digit number (json's ValueError) or nesting too deep for Python (a
+    RecursionError) gave an error naming no file, or a traceback: only JSONDecodeError was caught. Both now name
+    the file, and ``shiq-bfcl prompts`` exits 2 with that one line."""
+    bad = tmp_path / "split.json"
+    bad.write_text(text)
+    with pytest.raises(ValueError, match=rf"^{bad}: cannot read the split \("):
+        data.load_split(bad)
+    argv = ["prompts", "--categories", "multi_turn_base", "--subset", "test", "--split", str(bad)]
+    assert cli.main([*argv, "--out", str(tmp_path / "p.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad}: cannot read the split (" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "p.jsonl").exists()
+
+
 def test_summary_numbers_by_hand():
     rs = [
         {"id": "multi_turn_base_0", "valid": True, "turn_rewards": [1.0, 1.0], "turn_rewards_reset": [1.0, 1.0]},

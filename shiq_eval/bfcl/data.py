@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from shiq_data.assets import config_dir
-from shiq_data.io import iter_jsonl, type_name
+from shiq_data.io import iter_jsonl, one_line, type_name
 
 CATEGORIES = (
     "multi_turn_base",
@@ -177,8 +177,8 @@ def load_split(path: str | Path = SPLIT_PATH) -> dict:
     path = Path(path)
     try:
         split = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: cannot read the split ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:  # (and a number of over 4,300 digits, nesting too deep)
+        raise ValueError(f"{path}: cannot read the split ({one_line(e, 200)})") from None
     if not isinstance(split, dict):
         raise ValueError(f"{path}: expected an object with fields n, train and test, got {type_name(split)}")
     for field in ("n", "train", "test"):
