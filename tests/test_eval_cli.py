@@ -139,22 +139,9 @@ def test_eval_run_over_two_methods(tmp_path, capsys):
 
     out = tmp_path / "eval"
     capsys.readouterr()  # (what building the runs printed)
-    argv = [
-        "run",
-        str(runs[0]),
-        str(runs[1] / "checkpoints" / "step_00000002"),
-        "--out",
-        str(out),
-        "--prompts",
-        str(prompts),
-        "--reward-model",
-        str(tmp_path / "rm.safetensors"),
-        "--max-new-tokens",
-        "4",
-        "--batch-size",
-        "6",
-        "--quiet",
-    ]
+    argv = ["run", str(runs[0]), str(runs[1] / "checkpoints" / "step_00000002"), "--out", str(out), "--quiet"]
+    argv += ["--prompts", str(prompts), "--reward-model", str(tmp_path / "rm.safetensors")]
+    argv += ["--max-new-tokens", "4", "--batch-size", "6"]
     # the folder the runs started from, recorded in their meta.json, is not followed: a file names no path to read
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -401,22 +388,9 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     head.save(tmp_path / "rm.safetensors")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 9)))
-    common = [
-        str(run),
-        "--reference",
-        str(init),
-        "--prompts",
-        str(prompts),
-        "--reward-model",
-        str(tmp_path / "rm.safetensors"),
-        "--max-new-tokens",
-        "4",
-        "--batch-size",
-        "4",
-        "--engine",
-        "megatron",
-        "--quiet",
-    ]
+    common = [str(run), "--reference", str(init), "--engine", "megatron", "--quiet"]
+    common += ["--prompts", str(prompts), "--reward-model", str(tmp_path / "rm.safetensors")]
+    common += ["--max-new-tokens", "4", "--batch-size", "4"]
 
     assert main(["run", *common, "--out", str(tmp_path / "tp1")]) == 0
     one = json.loads((tmp_path / "tp1" / "results.json").read_text())
