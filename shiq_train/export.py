@@ -22,7 +22,7 @@ from shiq_data.io import atomic_dir, atomic_write_json, one_line, recorded_folde
 from shiq_data.tokenizers import BUILTIN_TOKENIZERS, PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
-from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama
+from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama, save_llama
 from shiq_train.losses import check_beta
 
 log = logging.getLogger(__name__)
@@ -206,7 +206,7 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     }
 
     def fill(tmp: Path) -> None:
-        model.save_pretrained(tmp)
+        save_llama(model, tmp)
         tok.save_pretrained(tmp)
         weights = sorted(tmp.glob("*.safetensors"))  # checked by shiq-eval before it loads them
         atomic_write_json(tmp / EXPORT_RECORD, {**record, "sha256": {w.name: sha256_files([w]) for w in weights}})

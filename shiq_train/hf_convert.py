@@ -198,7 +198,19 @@ def export_llama(model, hf_config, out_dir) -> None:
     sd = megatron_to_llama(full, LlamaShape.from_hf_config(hf_config))
     hf = LlamaForCausalLM(hf_config)
     hf.load_state_dict({k: v.to(hf.dtype) for k, v in sd.items()}, strict=not hf_config.tie_word_embeddings)
-    atomic_dir(out_dir, lambda tmp: hf.save_pretrained(tmp), replace=True)
+    atomic_dir(out_dir, lambda tmp: save_llama(hf, tmp), replace=True)
+
+
+def save_llama(hf, folder: Path) -> None:
+    """``hf.save_pretrained(folder)``, its ``config.json`` also giving ``rope_theta`` at the top level: transformers
+    5 writes it only inside ``rope_parameters``, where readers of the older layout (transformers 4, and tools
+    that read config.json themselves) do not look, and would take the default 10000: other logits, silently."""
+    hf.save_pretrained(folder)
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text(encoding="utf-8"))
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        path.write_text(json.dumps({**config, "rope_theta": theta}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _local_full(model):

@@ -66,6 +66,8 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     assert tok("w3 w9 w17", add_special_tokens=False)["input_ids"] == [3, 9, 17]
     record = json.loads((tmp_path / "hf" / "shiq_export.json").read_text())
     assert (record["run"], record["step"], record["loss"]["beta"]) == ("run", 2, 0.25)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())  # for readers of the older layout too
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == hf.config.rope_parameters["rope_theta"]
     assert record["tokenizer"]["fingerprint"] == tok_info["fingerprint"]
 
     capsys.readouterr()  # refusals: one line, exit status 2, nothing written

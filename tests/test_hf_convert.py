@@ -73,6 +73,10 @@ def test_tiny_llama_round_trip_tp1(tmp_path, tied):
         H.export_llama(mg, hf.config, tmp_path / "export")
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert torch.equal(back(tokens).logits, ref)
+    # rope_theta at the top level too: transformers 5 writes it only inside rope_parameters, where an older
+    # reader does not look (it would take 10000)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
 
 
 def test_what_the_model_does_not_compute_is_refused_never_dropped():
