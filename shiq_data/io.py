@@ -170,8 +170,8 @@ def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError,
     in one object is refused naming it (JSON keeps the last, silently: a manifest's second ``"tokenizer"`` or a
     shard's second ``"sha256"`` would win unseen)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except _DuplicateKey as e:
+        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
+    except DuplicateKey as e:
         raise error(
             f"{path}: key {e.key!r} given twice in one JSON object (which would win is a guess){hint}"
         ) from None
@@ -382,19 +382,26 @@ def unencodable_field(value, field: str = "") -> str | None:
     return None
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
+    """A key given twice in one JSON object (:func:`no_duplicate_keys`)."""
+
     def __init__(self, key: str):
-        super().__init__(key)
+        super().__init__(f"key {key!r} given twice in one JSON object (which would win is a guess)")
         self.key = key
 
 
-def _no_duplicate_keys(pairs: list) -> dict:
-    """``json.loads``' ``object_pairs_hook``: the object, or :class:`_DuplicateKey` for a key given twice (JSON
+def json_loads(text: str):
+    """``json.loads(text)``, a key given twice in one object refused (:class:`DuplicateKey`, a ``ValueError``)."""
+    return json.loads(text, object_pairs_hook=no_duplicate_keys)
+
+
+def no_duplicate_keys(pairs: list) -> dict:
+    """``json.loads``' ``object_pairs_hook``: the object, or :class:`DuplicateKey` for a key given twice (JSON
     itself keeps the last, silently: ``{"reward": 1, "reward": -1}`` read as -1)."""
     out = {}
     for key, value in pairs:
         if key in out:
-            raise _DuplicateKey(key)
+            raise DuplicateKey(key)
         out[key] = value
     return out
 
@@ -420,8 +427,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line, object_pairs_hook=_no_duplicate_keys)
-            except _DuplicateKey as e:
+                obj = json.loads(line, object_pairs_hook=no_duplicate_keys)
+            except DuplicateKey as e:
                 raise RowError(
                     path, n, e.key, "given twice in one JSON object (which would win is a guess)", row_label="line"
                 ) from None

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from safetensors import safe_open
 
 from shiq_data.assets import minilm_dir
-from shiq_data.io import _no_duplicate_keys, atomic_write, one_line, type_name
+from shiq_data.io import atomic_write, no_duplicate_keys, one_line, type_name
 
 if TYPE_CHECKING:
     import torch
@@ -339,7 +339,7 @@ class RegressionRewardModel:
             if not t.is_floating_point() or not bool(t.isfinite().all()):
                 raise ValueError(f"{path}: tensor {name!r}: must hold finite floating-point values ({t.dtype})")
         try:
-            info = json.loads(meta.get("meta", "{}"), object_pairs_hook=_no_duplicate_keys)
+            info = json.loads(meta.get("meta", "{}"), object_pairs_hook=no_duplicate_keys)
         except (ValueError, RecursionError) as e:  # (a key given twice, too deep, a number too long)
             raise ValueError(f"{path}: metadata 'meta': not valid JSON ({one_line(e, 120)})") from None
         if not isinstance(info, dict):

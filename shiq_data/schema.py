@@ -59,7 +59,7 @@ from numbers import Integral, Real
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.io import RowError, _DuplicateKey, _no_duplicate_keys, lone_surrogate, type_name
+from shiq_data.io import DuplicateKey, RowError, lone_surrogate, no_duplicate_keys, type_name
 
 SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)  # version 1: no text columns (they read as null)
@@ -318,9 +318,9 @@ def parse_extra(text: str):
     file, row or field where the caller catches ``ValueError`` to name them)."""
     try:
         return json.loads(
-            text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_no_duplicate_keys
+            text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=no_duplicate_keys
         )
-    except _DuplicateKey as e:
+    except DuplicateKey as e:
         raise ValueError(f"key {e.key!r} given twice in one JSON object (which would win is a guess)") from None
     except _NonFinite as e:
         raise ValueError(non_finite_json(e.args[0])) from None

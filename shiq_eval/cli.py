@@ -58,6 +58,7 @@ from shiq_data.io import (
     RowError,
     atomic_write_json,
     files_together,
+    json_loads,
     one_line,
     read_json_file,
     recorded_folder,
@@ -170,7 +171,7 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            row = json_loads(line)
         except (ValueError, RecursionError) as e:  # (also a number of over 4,300 digits, nesting too deep)
             raise EvalInputError(f"{path}, line {i}: not valid JSON ({getattr(e, 'msg', e)})") from None
         if isinstance(row, dict) and "messages" in row and "prompt" not in row:

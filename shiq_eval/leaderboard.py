@@ -38,7 +38,7 @@ import re
 import sys
 from pathlib import Path
 
-from shiq_data.io import atomic_write_text, files_together, one_line, read_json_file
+from shiq_data.io import atomic_write_text, files_together, json_loads, one_line, read_json_file
 from shiq_data.schema import is_bounded_number
 from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
 from shiq_eval.report import plot_curves, plot_j_vs_step
@@ -116,7 +116,7 @@ def suite_scorer(path: Path) -> tuple[str, str] | None:
     read): how a BFCL result row written before rows kept their scenario ids is told from results whose
     prompts are independent."""
     try:
-        suite = json.loads(path.read_text(encoding="utf-8"))
+        suite = json_loads(path.read_text(encoding="utf-8"))
         return str(suite["sha256"]), str(suite["content"]["scorer"])
     except (OSError, ValueError, TypeError, KeyError):
         return None
@@ -620,7 +620,7 @@ def _suite_settings(table: list[dict]) -> dict[str, dict]:
         if len(names[t["suite"]]) < 2 or sha in settings or t.get("source") is None:
             continue
         try:
-            suite = json.loads((Path(t["source"]).parent / SUITE).read_text(encoding="utf-8"))
+            suite = json_loads((Path(t["source"]).parent / SUITE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
         if isinstance(suite, dict) and suite.get("sha256") == sha and isinstance(suite.get("content"), dict):

@@ -76,6 +76,7 @@ def files(tmp_path_factory):
     (d / "afile").write_text("not a folder")
     (d / "bad_suite.yaml").write_text("prompts: [1\n")  # YAML cut short
     (d / "nonutf8.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "b\xff"}\n')
+    (d / "twice.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n')  # (the last won)
     (d / "listcfg").mkdir()  # a Hugging Face folder whose config.json is a JSON list
     (d / "listcfg" / "config.json").write_text("[]")
     (d / "listcfg" / "model.safetensors").write_bytes(b"x")
@@ -187,6 +188,12 @@ CASES = [
         ["run", "{d}/evalrun", "--out", "{d}/o", "--prompts", "{d}/nonutf8.jsonl", "--scorer", "vader"]
         + ["--reference", "{d}/nomodel"],
         "{d}/nonutf8.jsonl: line 2: field '*': not valid UTF-8 (byte 0xff",
+    ),
+    case(
+        "shiq-eval",
+        ["run", "{d}/evalrun", "--out", "{d}/o", "--prompts", "{d}/twice.jsonl", "--scorer", "vader"]
+        + ["--reference", "{d}/nomodel"],
+        "{d}/twice.jsonl, line 2: not valid JSON (key 'prompt' given twice in one JSON object",
     ),
     case("shiq-eval", ["bfcl", "report", "{d}/missing.jsonl"], "missing.jsonl"),
     case("shiq-demo", ["--out", "{d}/demo", "train.steps=abc"], "train.steps"),

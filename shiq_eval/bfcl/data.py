@@ -17,7 +17,7 @@ from functools import cache
 from pathlib import Path
 
 from shiq_data.assets import config_dir
-from shiq_data.io import iter_jsonl, one_line, type_name
+from shiq_data.io import iter_jsonl, json_loads, one_line, type_name
 
 CATEGORIES = (
     "multi_turn_base",
@@ -176,7 +176,7 @@ def load_split(path: str | Path = SPLIT_PATH) -> dict:
     """Read and validate a split file (see :func:`make_split`); errors name the file and field."""
     path = Path(path)
     try:
-        split = json.loads(path.read_text(encoding="utf-8"))
+        split = json_loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError) as e:  # (and a number of over 4,300 digits, nesting too deep)
         raise ValueError(f"{path}: cannot read the split ({one_line(e, 200)})") from None
     if not isinstance(split, dict):

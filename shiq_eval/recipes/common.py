@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
-from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, one_line, type_name
+from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, json_loads, one_line, type_name
 from shiq_eval.suite import check_no_resolvers
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
@@ -431,7 +431,7 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), r
     holding them (with ``records``: not a list of such objects)."""
     redo = REDO if hint is None else hint
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json_loads(path.read_text(encoding="utf-8"))
     except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise ValueError(f"{path}: {_json_problem(e)}{redo}") from None
     if records and (not isinstance(data, list) or not data):  # (written only with a record in it)
@@ -475,7 +475,7 @@ def read_jsonl(path: Path) -> list:
     for i, line in enumerate(lines, 1):
         if line.strip():
             try:
-                records.append(json.loads(line))
+                records.append(json_loads(line))
             except (ValueError, RecursionError) as e:
                 raise ValueError(f"{path}: line {i}: {_json_problem(e)}{REDO}") from None
     return records
