@@ -157,10 +157,24 @@ def test_full_refuses_an_out_of_other_files_before_anything_is_made(tmp_path, ca
     assert "is a file" in capsys.readouterr().err
 
 
+def test_a_gain_is_beyond_two_standard_errors_only_where_an_error_was_measured():
+    """One held-out prompt (data.eval_prompts=1 is allowed) gives a paired error of 0, and every positive gain
+    was reported as beyond two standard errors."""
+    from shiq_eval.evaluate import _check_prompt_major
+    from shiq_eval.optimum import paired_difference
+
+    gain, se = paired_difference([0.4], [0.1])
+    assert (gain, se) == pytest.approx((0.3, 0.0)) and not demo.beyond_two_se(gain, se)
+    assert demo.beyond_two_se(0.3, 0.1) and not demo.beyond_two_se(0.2, 0.1)
+    with pytest.raises(ValueError, match="samples_per_prompt must be a whole number, got 2.5"):  # (was taken as 2)
+        _check_prompt_major([[1], [1], [2], [2]], 2.5)
+
+
 def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_seeds(tmp_path):
     """arm_comparisons against numpy on hand-made per-prompt evaluations: per seed the paired mean
     difference of reward, gold, KL and J = reward - β·KL (two samples per prompt averaged first; Q♯ scored
-    on fewer prompts, so the pair uses those), then the seed mean, sqrt(Σ se²)/S and the seeds' s.d."""
+    on fewer prompts, so the pair uses those), then the seed mean, its standard error sqrt(max(sd², mean se²)/S)
+    and the seeds' s.d."""
     rng = np.random.default_rng(1)
     arms = {"shiq@0.3": 10, "copg@0.3": 10, "qsharp@0.3": 6, "shiq@1": 10, "dpo@1": 10}  # arm -> prompts
     s, per = 2, {}
@@ -196,13 +210,14 @@ def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_see
             assert row[key] == pytest.approx(np.mean(means)), (a, b, key)
             assert row[f"{key}_per_seed"] == pytest.approx(means)
             assert row[f"{key}_sd"] == pytest.approx(np.std(means, ddof=1))
-            assert row[f"{key}_se"] == pytest.approx(math.sqrt(sum(x**2 for x in ses)) / 2)
+            # the seeds' spread (training and evaluation noise), never below the within-seed errors
+            assert row[f"{key}_se"] == pytest.approx(math.sqrt(max(np.var(means, ddof=1), np.mean(np.square(ses))) / 2))
 
 
 def test_matched_kl_comparisons_pair_each_arm_with_the_nearest_kl_of_the_other_method(tmp_path):
     """matched_kl_comparisons against numpy: each ShiQ arm against the CoPG (or DPO) arm at any β with the
     nearest mean KL, dropped when the two differ by more than the tolerance; the paired reward, gold and KL
-    differences per seed, their seed mean and sqrt(Σ se²)/S; no J (two β)."""
+    differences per seed, their seed mean and its standard error sqrt(max(sd², mean se²)/S); no J (two β)."""
     rng = np.random.default_rng(2)
     kl = {"shiq@0.03": 4.4, "shiq@0.1": 2.9, "shiq@0.3": 1.0, "copg@0.1": 4.3, "copg@0.3": 2.7, "dpo@0.1": 6.0}
     P, per = 8, {}
@@ -230,7 +245,8 @@ def test_matched_kl_comparisons_pair_each_arm_with_the_nearest_kl_of_the_other_m
             assert row[f"{key}_per_seed"] == pytest.approx(means)
             assert row[key] == pytest.approx(np.mean(means))
             assert row[f"{key}_sd"] == pytest.approx(np.std(means, ddof=1))
-            assert row[f"{key}_se"] == pytest.approx(math.sqrt(sum((x.std(ddof=1) / math.sqrt(P)) ** 2 for x in d)) / 3)
+            within = np.mean([(x.std(ddof=1) / math.sqrt(P)) ** 2 for x in d])
+            assert row[f"{key}_se"] == pytest.approx(math.sqrt(max(np.var([x.mean() for x in d], ddof=1), within) / 3))
     assert demo.matched_kl_comparisons(tmp_path, list(per), {"shiq@0.1": 2.9}) == []  # no CoPG arm at all
 
 

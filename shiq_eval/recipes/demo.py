@@ -977,6 +977,12 @@ def frontier_points(methods: dict) -> list[dict]:
     ]
 
 
+def beyond_two_se(gain: float, se: float) -> bool:
+    """Whether ``gain`` exceeds twice its standard error ``se``; never from an error of 0, which one prompt gives
+    (no spread to measure: every positive gain passed)."""
+    return bool(se > 0 and gain > 2 * se)
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
@@ -1009,7 +1015,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
             "train_seconds": last["train_seconds"],
             "eval_seconds": last["eval_seconds"],
             "reward_gain": diff,
-            "gain_over_2se": bool(paired > 2 * paired_se),  # the paired gain, by its paired s.e.
+            "gain_over_2se": beyond_two_se(paired, paired_se),  # the paired gain, by its paired s.e.
             "reward_gain_unpaired_stderr": _stderr_of_difference(last, per_prompt(ref["rewards"], s)[:P]),
             "reward_gain_paired_stderr": paired_se,
             "samples": last["samples"],
@@ -1260,8 +1266,8 @@ MATCHED_KL_TOLERANCE = 0.15
 def _paired_across_seeds(out: Path, reps: dict[str, dict], a: str, b: str, beta: float | None) -> dict | None:
     """Arms ``a − b`` paired by prompt within each seed that ran both, combined over those seeds: reward,
     gold score and KL, and ``J = reward − β·KL`` when both share ``beta`` (None: they do not, and J at two
-    β is two objectives). Per metric: the seed mean, ``_se`` (sqrt(Σ se_s²) / S), ``_sd`` (the seeds' s.d.)
-    and ``_per_seed`` (each seed's mean difference). None if no seed ran both."""
+    β is two objectives). Per metric: the seed mean, ``_se`` (its standard error, :func:`across_seeds`), ``_sd``
+    (the seeds' s.d.) and ``_per_seed`` (each seed's mean difference). None if no seed ran both."""
     seeds = [n for n, rep in reps.items() if a in rep["methods"] and b in rep["methods"]]
     if not seeds:
         return None
@@ -1290,8 +1296,9 @@ def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
     ``out/<name>``. Within a seed both arms were scored on the same held-out prompts with the same
     sampling seed, so the difference of reward, gold score, KL and ``J = reward − β·KL`` is paired by prompt
     (SHIQ_MATH §9; Q♯ may use only the first prompts, and the pair then uses those). Per pair: the mean over
-    seeds of the per-seed mean differences (``<metric>``), the standard error of that mean from the
-    within-seed paired errors (``<metric>_se`` = sqrt(Σ se_s²) / S), the seeds' standard deviation of the
+    seeds of the per-seed mean differences (``<metric>``), the standard error of that mean
+    (``<metric>_se``, :func:`across_seeds`: the seeds' spread, never below the within-seed paired errors), the
+    seeds' standard deviation of the
     per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed) and those differences
     (``<metric>_per_seed``)."""
     reps = {n: read_json(out / n / "report.json") for n in names}
@@ -1502,8 +1509,9 @@ def full_report_markdown(rep: dict) -> str:
             "## Paired differences between arms at the same β",
             "",
             "`a − b` on the same held-out prompts within each seed (paired by prompt), averaged over seeds: "
-            "mean ± standard error of that mean from the within-seed paired errors [the seeds' standard "
-            "deviation of the per-seed differences].",
+            "mean ± standard error of that mean (from the seeds' spread, never below the within-seed paired "
+            "errors: with three seeds, a difference of less than about 4.3 of them is within chance at 5%) [the "
+            "seeds' standard deviation of the per-seed differences].",
             "",
             "| a | b | β | seeds | reward | gold | KL | J |",
             "|---|---|---|---|---|---|---|---|",
