@@ -961,6 +961,7 @@ def write_buffer(
         if parents is not None:
             manifest.update(parents=parents, curation=curation)
         atomic_write_json(tmp / MANIFEST, manifest, indent=1)
+        os.chmod(tmp, 0o755)  # shared like every result (held_dir makes it 0700)
         fsync_dir(tmp)
         try:
             os.rename(tmp, out_dir)  # fails if out_dir appeared meanwhile: never overwrite a buffer

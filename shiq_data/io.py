@@ -11,6 +11,7 @@ in together (:func:`atomic_write_texts`, :func:`files_together`). Nothing here i
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import gzip
@@ -501,29 +502,46 @@ def remove_stale(folder: Path, pattern: str) -> None:
 HELD = ".held"  # the suffix of a temporary folder's lock file, beside it (:func:`held_dir`)
 
 
+# flock's errors where a file system has no flock (some network file systems): the folder is judged by its pid
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS)
+
+
 def held_dir(parent: Path, stem: str, suffix: str = "") -> tuple[Path, int | None]:
     """Make the temporary folder ``parent/<stem>-<hex><suffix>`` (mode 700; ``stem`` ends with this host and this
     pid: ``.NAME.KIND-HOST-PID``) with its lock file ``<folder>.held`` beside it, made and locked (flock) first,
     so that :func:`sweep_held` never takes the folder of a live process for an orphan. Returns the folder and the
     lock's descriptor, which this process holds as long as it uses the folder and :func:`release_held` closes;
-    the kernel releases the lock however the process ends. Where the file system has no flock (some network
-    file systems) there is no lock file and the descriptor is None: the folder is judged by its pid."""
-    name = f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
-    lock = parent / f"{name}{HELD}"
-    fd: int | None = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:  # no flock on this file system
-        os.close(fd)
-        lock.unlink(missing_ok=True)
-        fd = None
-    folder = parent / name
-    try:
-        folder.mkdir(mode=0o700)
-    except BaseException:
-        release_held(folder, fd)
-        raise
-    return folder, fd
+    the kernel releases the lock however the process ends. Where the file system has no flock (:data:`NO_FLOCK`)
+    there is no lock file and the descriptor is None: the folder is judged by its pid.
+
+    A sweep can meet the lock file between its making and its locking, take it for an orphan's and remove it:
+    this call then holds a lock on a removed file, sees so (the name no longer leads to its file) and starts
+    again under another name."""
+    for _ in range(8):
+        name = f"{stem}-{uuid.uuid4().hex[:8]}{suffix}"
+        lock = parent / f"{name}{HELD}"
+        fd: int | None = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(fd), os.stat(lock)):
+                raise FileNotFoundError(lock)
+        except (BlockingIOError, FileNotFoundError):  # a sweep holds it, or removed it: another name
+            os.close(fd)
+            continue
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in NO_FLOCK:
+                raise
+            lock.unlink(missing_ok=True)
+            fd = None
+        folder = parent / name
+        try:
+            folder.mkdir(mode=0o700)
+        except BaseException:
+            release_held(folder, fd)
+            raise
+        return folder, fd
+    raise OSError(f"{parent}: a lock file for a temporary folder could not be kept from other processes' sweeps")
 
 
 def release_held(folder: Path, fd: int | None) -> None:

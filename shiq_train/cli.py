@@ -20,6 +20,7 @@ import difflib
 import json
 import logging
 import math
+import operator
 import os
 import re
 import shutil
@@ -263,12 +264,12 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
     mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
     mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
     mine["ffn_hidden_size"] = model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size
+    # an epsilon as the checkpoint's float32 holds it (SmolLM2's GGUF: 9.999999747e-06 for the config's 1e-05)
+    same = {"layernorm_epsilon": lambda a, b: math.isclose(a, b, rel_tol=1e-6)}
     bad = [
         f"model.{f}={mine[f]} but the checkpoint has {getattr(want, f)}"
         for f in SHAPE_FIELDS
-        if not (
-            mine[f] == getattr(want, f) or (f == "layernorm_epsilon" and math.isclose(mine[f], want.layernorm_epsilon))
-        )
+        if not same.get(f, operator.eq)(mine[f], getattr(want, f))
     ]
     if bad:
         raise ConfigError(

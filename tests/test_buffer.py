@@ -1,5 +1,6 @@
 """Replay buffer files: round trip against plain pyarrow, row checks, append, shard rewrite, kills."""
 
+import glob
 import json
 import os
 import signal
@@ -656,6 +657,49 @@ def test_a_temporary_folder_is_judged_by_its_lock_not_by_the_pid_in_its_name(tmp
     with files_together(tmp_path, owns=["a.txt"]) as stage:
         (stage / "a.txt").write_text("newer")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+
+
+def test_a_sweep_between_a_lock_files_making_and_its_locking_leaves_the_writer_locked(tmp_path, monkeypatch):
+    """A sweep of another process that met a writer's lock file before the writer locked it took it for an
+    orphan's and removed it: the writer went on with a lock on a removed file, its folder judged by its pid again
+    (another container's sweep would remove it). The writer now sees that and locks a file of another name."""
+    import fcntl
+
+    from shiq_data import io
+
+    host, real, swept = io.this_host(), fcntl.flock, []
+
+    def flock(fd, op):
+        if not swept:  # the worst moment: the lock file made, not yet locked
+            swept.append(sorted(p.name for p in tmp_path.iterdir()))
+            io.sweep_held(tmp_path, f".x.{glob.escape(host)}-*.tmp")
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", flock)
+    folder, fd = io.held_dir(tmp_path, f".x.{host}-{os.getpid()}", ".tmp")
+    monkeypatch.undo()
+    lock = tmp_path / f"{folder.name}.held"
+    assert swept[0] != [] and swept[0][0] != lock.name  # the first lock file was swept; this is another
+    other = os.open(lock, os.O_RDWR)
+    try:
+        with pytest.raises(BlockingIOError):  # held by the writer
+            fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(other)
+    io.sweep_held(tmp_path, f".x.{glob.escape(host)}-*.tmp")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, lock.name]
+    io.release_held(folder, fd)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_buffer_is_readable_by_others_as_every_result(tmp_path):
+    """The build folder (0700, as its temporary folder is made) became the buffer without its mode widened."""
+    old = os.umask(0o022)
+    try:
+        write_buffer(make_rows(2), tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o755
 
 
 def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):

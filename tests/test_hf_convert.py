@@ -17,6 +17,7 @@ import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -122,6 +123,10 @@ def test_a_fractional_rope_theta_and_another_norm_epsilon_import_exactly():
     check_shape(H.model_config_from_llama(cfg), cfg, "folder")
     with pytest.raises(ConfigError, match=r"model.layernorm_epsilon=1e-05 but the checkpoint has 1e-06"):
         check_shape(H.model_config_from_llama(cfg, layernorm_epsilon=1e-5), cfg, "folder")
+    # the same epsilon as a float32 holds it (SmolLM2's GGUF: model=smollm2_135m init=smollm2 was refused)
+    cfg.rms_norm_eps = float(np.float32(1e-5))
+    assert cfg.rms_norm_eps != 1e-5
+    check_shape(H.model_config_from_llama(cfg, layernorm_epsilon=1e-5), cfg, "folder")
 
 
 def test_checkpoint_exports_to_hugging_face(tmp_path):
@@ -189,6 +194,9 @@ def test_smollm2_135m_logits_parity_and_export(tmp_path):
             if key not in ("name", "max_sequence_length", "params_dtype", "logits_chunk_tokens"):
                 want = shipped[key]
                 assert value == (pytest.approx(want, rel=1e-6) if isinstance(want, float) else want), key
+        from shiq_train.cli import check_shape  # as shiq-train model=smollm2_135m init=smollm2 checks it
+
+        check_shape(M.ModelConfig.from_dict(_yaml("smollm2_135m")), hf.config, "smollm2")
         mg = M.build_model(cfg).eval()
         H.import_llama(mg, hf.state_dict(), hf.config)
         got = megatron_logits(mg, tokens)
