@@ -122,6 +122,12 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
     }
     for info in infos:
         if info["tokenizer"] is None:
+            if info["kind"] == "checkpoint":  # (a release that did not record it; its buffer's path is not followed)
+                print(
+                    f"shiq-eval: warning: {info['path'] / 'meta.json'} records no tokenizer (an older checkpoint): "
+                    "its buffer's tokenizer cannot be compared with the evaluation's",
+                    file=sys.stderr,
+                )
             continue
         vocab = [v for v in (info["hf_config"].get("vocab_size"), ref_model.config.vocab_size) if isinstance(v, int)]
         check_tokenizer_matches(
@@ -571,7 +577,7 @@ def run(args) -> list[dict]:
 
     ref_sha = model_sha256(model_weight_files(reference))  # (hashed once: the reference row's, and the guide's check)
     if args.reference is not None:
-        warn_other_reference(reference, ref_sha, {i["init"] for i in infos} - {None, "none"})
+        warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
@@ -718,24 +724,20 @@ def check_results_folder(out: Path, own: str = "results.json", what: str = "the 
             raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
 
 
-def warn_other_reference(reference: str, ref_sha: str | None, inits: set[str]) -> None:
-    """Warn when ``--reference`` is not the model the runs started from (their recorded ``init``s, by name or,
-    for a folder still there, by its weights' SHA-256): KL and J then measure the distance to a model the
-    policies were never pulled towards (SHIQ_MATH §9), which may be meant, but is said."""
-    from shiq_train.reference import model_weight_files  # heavy: torch
+def warn_other_reference(reference: str, inits: set[str]) -> None:
+    """Warn when ``--reference`` is not the model the runs started from (their recorded ``init``s, by name or by
+    the folder a path leads to; a recorded path's files are not read): KL and J then measure the distance to a
+    model the policies were never pulled towards (SHIQ_MATH §9), which may be meant, but is said."""
 
     def same(init: str) -> bool:
-        if init == reference:
-            return True
-        try:
-            return init != "smollm2" and model_sha256(model_weight_files(init)) == ref_sha
-        except (OSError, ValueError):  # the folder is gone or not a model: only its name can be compared
-            return False
+        if init == reference or "smollm2" in (init, reference):
+            return init == reference
+        return os.path.realpath(init) == os.path.realpath(reference)
 
     if others := sorted(i for i in inits if not same(i)):
         print(
-            f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({', '.join(others)}): "
-            "KL and J are measured against it",
+            f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({', '.join(others)}) "
+            "unless it is a copy of it: KL and J are measured against it",
             file=sys.stderr,
         )
 

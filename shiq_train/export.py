@@ -143,6 +143,8 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
     name = tokenizer or (record or {}).get("name")
     if name is None:
         raise ValueError(f"{step_dir / 'meta.json'}: records no tokenizer: give one with --tokenizer FOLDER")
+    if not isinstance(name, str):
+        raise ValueError(f"{step_dir / 'meta.json'}: field meta.tokenizer.name must be a string, got {name!r}")
     if tokenizer is None and name not in BUILTIN_TOKENIZERS:
         raise ValueError(recorded_folder(step_dir / "meta.json", "tokenizer", name, "--tokenizer"))
     try:

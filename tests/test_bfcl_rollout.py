@@ -650,6 +650,14 @@ def test_a_tokenizer_folder_a_checkpoint_records_is_not_followed(tmp_path, capsy
     err = capsys.readouterr().err
     assert f"{step / 'meta.json'}: the run's tokenizer is the folder /elsewhere/tok as recorded there" in err
     assert "give it with --tokenizer /elsewhere/tok" in err and not (tmp_path / "t.jsonl").exists()
+    # the tokenizer given for it must be the one the run trained with (any folder was taken)
+    meta["tokenizer"]["fingerprint"] = "0" * 64
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    assert cli.main([*args, "--limit", "1", "--out", str(tmp_path / "t.jsonl"), "--tokenizer", "gpt2"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "--tokenizer gpt2: fingerprint " in err and "but the run trained on a buffer built with '/elsewhere/tok'" in err
+    )
 
 
 def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):

@@ -536,18 +536,34 @@ def test_a_blank_prompt_is_named_with_its_file_and_line(tmp_path):
         read_prompts_jsonl(path)
 
 
+def test_a_checkpoint_that_records_no_tokenizer_is_said_to_go_unchecked(tmp_path, capsys):
+    """A checkpoint of a release that did not record its buffer's tokenizer was checked through the buffer's
+    path in its meta.json; that path is no longer followed, and the check it cannot have is said, not skipped
+    silently (a Hugging Face folder, which records none, is not an older checkpoint)."""
+    from shiq_data.tokenizers import load_tokenizer
+    from shiq_eval.cli import check_tokenizers
+
+    tok = load_tokenizer("gpt2")[0]
+    infos = [{"kind": "checkpoint", "path": tmp_path / "step_00000001", "tokenizer": None}]
+    check_tokenizers([*infos, {"kind": "hf", "path": tmp_path / "hf", "tokenizer": None}], tok, None)
+    assert capsys.readouterr().err == (
+        f"shiq-eval: warning: {tmp_path / 'step_00000001' / 'meta.json'} records no tokenizer (an older checkpoint): "
+        "its buffer's tokenizer cannot be compared with the evaluation's\n"
+    )
+
+
 def test_a_reference_other_than_the_runs_init_is_warned_of(tmp_path, capsys):
     """--reference another model than the one the runs started from was taken without a word: KL and J then
     measure the distance to a model the policies were never pulled towards. Warned of now, unless it is the
-    init by name or by its weights (a copy of the folder elsewhere)."""
+    init by name or by the folder its path leads to (a copy elsewhere is warned of, as the recorded path's files are
+    not read: a path a file names is not followed)."""
     import shutil
 
-    from shiq_eval.checkpoints import model_sha256
     from shiq_eval.cli import warn_other_reference
-    from shiq_train.reference import model_weight_files
 
     init = tiny_hf_folder(tmp_path / "init")
     shutil.copytree(init, tmp_path / "copy")
+    (tmp_path / "link").symlink_to(init)
     other = tmp_path / "other"
     model = transformers.LlamaForCausalLM.from_pretrained(str(init), dtype=torch.float32)
     with torch.no_grad():
@@ -556,17 +572,18 @@ def test_a_reference_other_than_the_runs_init_is_warned_of(tmp_path, capsys):
     capsys.readouterr()  # (transformers' bars)
     for reference, inits, warned in (
         (init, {str(init)}, None),
-        (tmp_path / "copy", {str(init)}, None),  # the same weights under another name
+        (tmp_path / "copy", {str(init)}, str(init)),  # the same weights under another name: said, with the caveat
+        (tmp_path / "link", {str(init)}, None),  # the same folder
         (other, {str(init)}, str(init)),
         (other, {str(init), str(other)}, str(init)),
         (init, {str(tmp_path / "gone")}, str(tmp_path / "gone")),  # a folder no longer there: only its name
     ):
-        warn_other_reference(str(reference), model_sha256(model_weight_files(str(reference))), inits)
+        warn_other_reference(str(reference), inits)
         err = capsys.readouterr().err
         if warned is None:
             assert err == "", (reference, err)
         else:
             assert err == (
-                f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({warned}): "
-                "KL and J are measured against it\n"
+                f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({warned}) "
+                "unless it is a copy of it: KL and J are measured against it\n"
             )

@@ -134,6 +134,9 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         (step / "meta.json").write_text(json.dumps(bad))
         assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
+    (step / "meta.json").write_text(json.dumps({**saved, "meta": {**saved["meta"], "tokenizer": {"name": 5}}}))
+    assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2  # (shlex.quote(5) was a traceback)
+    assert "field meta.tokenizer.name must be a string, got 5" in capsys.readouterr().err
     for bad, needle in [  # what shiq-eval reads of the same meta.json
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
         (

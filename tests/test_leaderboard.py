@@ -263,6 +263,8 @@ def test_a_bad_suite_value_is_named_where_it_came_from(tmp_path):
     env.write_text('name: "${oc.env:HOME}"\nprompts: p.jsonl\nscorer: vader\n')
     with pytest.raises(SuiteError, match=rf"^{env}: name is '\$\{{oc.env:HOME\}}': a file's values are data, never"):
         load_suite(str(env))
+    env.write_text("name: 'literal \\${oc.env:HOME}'\nprompts: p.jsonl\nscorer: vader\n")  # escaped: text
+    assert load_suite(str(env))[0].name == "literal ${oc.env:HOME}"
     typo = tmp_path / "typo.yaml"
     typo.write_text(good.read_text().replace("max_new_tokens", "max_new_token"))
     with pytest.raises(SuiteError, match=r"'max_new_token' not in 'Sampling' \(sampling has the keys \['temperature'"):

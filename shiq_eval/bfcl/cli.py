@@ -94,22 +94,28 @@ def _model_policy_factory(args):
     from shiq_train.hf_convert import load_causal_lm  # heavy: torch and transformers
 
     spec = args.policy
-    if spec == "smollm2":
-        model, tok = load_causal_lm("smollm2")
-        path = smollm2_gguf()
-    elif (Path(spec) / "config.json").is_file():
+    if spec == "smollm2" or (Path(spec) / "config.json").is_file():
         model, tok = load_causal_lm(spec)
-        path = Path(spec)
+        path = smollm2_gguf() if spec == "smollm2" else Path(spec)
+        if args.tokenizer is not None or tok is None:
+            tok, _ = load_tokenizer(args.tokenizer or "smollm2")
     else:
         path = checkpoint_steps(spec)[-1]
         info = checkpoint_info(path)
-        if args.tokenizer is None and info["tokenizer"] is not None:
-            args.tokenizer = info["tokenizer"].get("name")
-            if args.tokenizer not in BUILTIN_TOKENIZERS:
-                raise ValueError(recorded_folder(path / "meta.json", "run's tokenizer", args.tokenizer, "--tokenizer"))
-        model, tok = policy_from_checkpoint(path, info["hf_config"]), None
-    if args.tokenizer is not None or tok is None:
-        tok, _ = load_tokenizer(args.tokenizer or "smollm2")
+        recorded = info["tokenizer"] or {}
+        name = recorded.get("name") if isinstance(recorded.get("name"), str) else None
+        if args.tokenizer is None and name is not None:
+            if name not in BUILTIN_TOKENIZERS:
+                raise ValueError(recorded_folder(path / "meta.json", "run's tokenizer", name, "--tokenizer"))
+            args.tokenizer = name
+        tok, tok_info = load_tokenizer(args.tokenizer or "smollm2")
+        if recorded.get("fingerprint") not in (None, tok_info["fingerprint"]):  # (a folder given for it, say)
+            raise ValueError(
+                f"--tokenizer {args.tokenizer or 'smollm2'}: fingerprint {tok_info['fingerprint'][:12]}…, but the run "
+                f"trained on a buffer built with {name!r} (fingerprint {str(recorded['fingerprint'])[:12]}…, in "
+                f"{path / 'meta.json'}): give that tokenizer"
+            )
+        model = policy_from_checkpoint(path, info["hf_config"])
     policy = ChatModelPolicy(
         HFPolicy(model, eos_id=tok.eos_token_id),
         tok,
