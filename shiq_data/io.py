@@ -530,9 +530,9 @@ def held_dir(parent: Path, stem: str, suffix: str = "") -> tuple[Path, int | Non
             continue
         except OSError as e:
             os.close(fd)
+            lock.unlink(missing_ok=True)
             if e.errno not in NO_FLOCK:
                 raise
-            lock.unlink(missing_ok=True)
             fd = None
         folder = parent / name
         try:

@@ -655,9 +655,8 @@ def test_a_tokenizer_folder_a_checkpoint_records_is_not_followed(tmp_path, capsy
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
     assert cli.main([*args, "--limit", "1", "--out", str(tmp_path / "t.jsonl"), "--tokenizer", "gpt2"]) == 2
     err = capsys.readouterr().err
-    assert (
-        "--tokenizer gpt2: fingerprint " in err and "but the run trained on a buffer built with '/elsewhere/tok'" in err
-    )
+    assert f"{step / 'meta.json'}: built with tokenizer '/elsewhere/tok' (fingerprint 000000000000…) but the " in err
+    assert "rollout (--tokenizer)'s tokenizer 'gpt2' has fingerprint" in err
 
 
 def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):

@@ -526,8 +526,13 @@ def test_seeds_report_against_numpy(tmp_path):
         g = len(sums)
         assert c["gt_nll_per_token"] == pytest.approx(np.mean([x.mean() for x in per_seed]))
         clustered2 = g / (g - 1) * (sums**2).sum() / len(d) ** 2
-        sd = np.std([x.mean() for x in per_seed], ddof=1)  # a seed's training shifts all its turns: added
-        assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(clustered2 + sd**2 / len(per_seed)))
+        sd = np.std([x.mean() for x in per_seed], ddof=1)  # a seed's training shifts all its turns: added,
+        # less the turns' noise the clustered part already counts (a two-way ANOVA's residual mean square)
+        table = pd.concat(per_seed, axis=1)  # [turns, seeds]
+        S, T = table.shape[1], table.shape[0]
+        resid = table.sub(table.mean(axis=0), axis=1).sub(table.mean(axis=1), axis=0) + table.values.mean()
+        r2 = (resid.values**2).sum() / ((S - 1) * (T - 1))
+        assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(clustered2 + max(0.0, sd**2 - r2 / T) / S))
         assert c["gt_nll_per_token_sd"] == pytest.approx(sd)
     assert all((tmp_path / f"seeds_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     md = (tmp_path / "seeds_report.md").read_text()

@@ -109,11 +109,15 @@ def _model_policy_factory(args):
                 raise ValueError(recorded_folder(path / "meta.json", "run's tokenizer", name, "--tokenizer"))
             args.tokenizer = name
         tok, tok_info = load_tokenizer(args.tokenizer or "smollm2")
-        if recorded.get("fingerprint") not in (None, tok_info["fingerprint"]):  # (a folder given for it, say)
-            raise ValueError(
-                f"--tokenizer {args.tokenizer or 'smollm2'}: fingerprint {tok_info['fingerprint'][:12]}…, but the run "
-                f"trained on a buffer built with {name!r} (fingerprint {str(recorded['fingerprint'])[:12]}…, in "
-                f"{path / 'meta.json'}): give that tokenizer"
+        if recorded:  # the run's buffer's tokenizer: the same vocabulary, or refused (pipeline, template: warned of)
+            from shiq_train.reference import check_tokenizer_matches  # heavy: torch, loaded for the model anyway
+
+            check_tokenizer_matches(recorded, tok_info, None, path / "meta.json", role="rollout (--tokenizer)")
+        else:
+            print(
+                f"shiq-eval bfcl: warning: {path / 'meta.json'} records no tokenizer (an older checkpoint): the "
+                f"rollout uses {args.tokenizer or 'smollm2'}, unchecked against the run's buffer",
+                file=sys.stderr,
             )
         model = policy_from_checkpoint(path, info["hf_config"])
     policy = ChatModelPolicy(

@@ -771,11 +771,13 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     """Per :data:`METRICS` value, ``a − b`` paired by turn over the seeds' runs ``out/<seed>``: the mean over
     seeds; ``_sd``, the seeds' standard deviation of their mean differences; ``_se``, the standard error
     clustered by scenario (SHIQ_MATH §9) of each turn's difference averaged over the seeds, with the seeds'
-    own spread added (``se² = se_clustered² + sd² / S``). Every seed scores the same held-out turns, so their
-    scenario errors are shared, not independent: that part comes from the turns' seed means, not from
-    ``sqrt(Σ se²) / S``. But a seed's training shifts all its turns alike, which the turns' spread does not
-    see (an interval of ±1.96 of it held a true difference in 76% of studies of three seeds with a training
-    sd of 0.05 over 40 scenarios; with the seeds' spread added, 92%)."""
+    shift added. Every seed scores the same held-out turns, so their scenario errors are shared, not
+    independent: that part comes from the turns' seed means, not from ``sqrt(Σ se²) / S``. But a seed's
+    training shifts all its turns alike, which the turns' spread does not see (an interval of ±1.96 of it held
+    a true difference in 76% of studies of three seeds with a training sd of 0.05 over 40 scenarios). With
+    ``d[s, t] = turn effect + seed shift + noise``, the seeds' variance ``sd²`` holds the shift's variance and
+    the noise's over ``T`` turns, which the clustered part already counts: ``se² = se_clustered² + max(0, sd² −
+    r² / T) / S``, ``r²`` the two-way residual variance ``Σ (d − d_s· − d_·t + d··)² / ((S − 1)(T − 1))``."""
     per_seed, ids = [], None
     for n in seeds:
         ta, tb = (read_json(out / n / "runs" / x / "eval.json")["turns"] for x in (a, b))
@@ -791,8 +793,11 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     for m in METRICS:
         d = np.stack([p[m] for p in per_seed])  # [S, turns]
         row[m], clustered = clustered_mean_stderr(d.mean(0), [i for i, _ in ids])
-        row[f"{m}_sd"] = seed_stats(d.mean(1).tolist())[1]
-        row[f"{m}_se"] = float(np.sqrt(clustered**2 + row[f"{m}_sd"] ** 2 / len(per_seed)))
+        row[f"{m}_sd"] = sd = seed_stats(d.mean(1).tolist())[1]
+        S, T = d.shape
+        resid = d - d.mean(1, keepdims=True) - d.mean(0, keepdims=True) + d.mean()
+        r2 = float((resid**2).sum() / ((S - 1) * (T - 1))) if S > 1 and T > 1 else 0.0
+        row[f"{m}_se"] = float(np.sqrt(clustered**2 + max(0.0, sd**2 - r2 / T) / S))
     return row
 
 
@@ -804,7 +809,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
     :data:`METRICS` value and its difference to the reference as the mean over the seeds that ran it, the
     seeds' standard deviation (``_sd``) and the mean within-seed standard error clustered by scenario
     (``_se``); and for the :data:`SEED_PAIRS` at the same β, ``a − b`` paired by turn over the seeds
-    (:func:`_paired_over_seeds`: mean, ``_se`` clustered by scenario, ``_sd``).
+    (:func:`_paired_over_seeds`: mean, ``_se`` clustered by scenario with the seeds' shift added, ``_sd``).
     Writes ``seeds_report.json``, ``seeds_report.md`` and the :data:`FIGURES` across seeds (``seeds_*.png``)."""
     reps = {n: read_json(out / n / "report.json") for n in names}
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
@@ -869,9 +874,10 @@ def seeds_report_markdown(rep: dict) -> str:
             "",
             "## Paired differences at the same β",
             "",
-            "`a − b` on the same turns within each seed (clustered by scenario), averaged over seeds: mean ± "
-            "standard error of that mean from the within-seed errors [the seeds' standard deviation; – from "
-            "one seed].",
+            "`a − b` on the same turns within each seed, averaged over seeds: mean ± standard error of that mean "
+            "(the turns' seed means clustered by scenario, with the seeds' own shift added; with S seeds a "
+            "difference is beyond chance at 5% past Student's t quantile with S − 1 degrees of freedom, 12.7 "
+            "for two seeds, 4.3 for three) [the seeds' standard deviation; – from one seed].",
             "",
             "| a | b | β | seeds | turn accuracy | turn reward | KL per turn | GT NLL per token |",
             "|---|---|---|---|---|---|---|---|",

@@ -1510,8 +1510,9 @@ def full_report_markdown(rep: dict) -> str:
             "",
             "`a − b` on the same held-out prompts within each seed (paired by prompt), averaged over seeds: "
             "mean ± standard error of that mean (from the seeds' spread, never below the within-seed paired "
-            "errors: with three seeds, a difference of less than about 4.3 of them is within chance at 5%) [the "
-            "seeds' standard deviation of the per-seed differences].",
+            "errors; with S seeds a difference is beyond chance at 5% past Student's t quantile with S − 1 "
+            "degrees of freedom, 12.7 for two seeds, 4.3 for three) [the seeds' standard deviation of the "
+            "per-seed differences].",
             "",
             "| a | b | β | seeds | reward | gold | KL | J |",
             "|---|---|---|---|---|---|---|---|",
