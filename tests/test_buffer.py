@@ -692,6 +692,38 @@ def test_a_sweep_between_a_lock_files_making_and_its_locking_leaves_the_writer_l
     assert list(tmp_path.iterdir()) == []
 
 
+def test_where_the_file_system_has_no_flock_a_temporary_folder_is_judged_by_its_pid(tmp_path, monkeypatch):
+    """Some network file systems refuse flock (ENOLCK): the folder is then made without a lock file and a sweep
+    judges it by the pid in its name, as before locks; another error of flock is raised, no lock file left."""
+    import errno
+    import fcntl
+
+    from shiq_data import io
+
+    host = io.this_host()
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    folder, fd = io.held_dir(tmp_path, f".x.{host}-{os.getpid()}", ".tmp")
+    assert fd is None and [p.name for p in tmp_path.iterdir()] == [folder.name]
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    dead = tmp_path / f".x.{host}-{gone}-0a0a0a0a.tmp"
+    dead.mkdir()
+    io.sweep_held(tmp_path, f".x.{glob.escape(host)}-*.tmp")  # this process's stays, the one of a gone pid goes
+    assert [p.name for p in tmp_path.iterdir()] == [folder.name]
+    io.release_held(folder, fd)
+
+    def broken(fd, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(OSError, match="Input/output error"):
+        io.held_dir(tmp_path, f".x.{host}-{os.getpid()}", ".tmp")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_new_buffer_is_readable_by_others_as_every_result(tmp_path):
     """The build folder (0700, as its temporary folder is made) became the buffer without its mode widened."""
     old = os.umask(0o022)
