@@ -82,7 +82,7 @@ from shiq_data.io import (
     read_json_file,
     release_held,
     remove_created_dirs,
-    remove_stale,
+    remove_stale_hostless,
     sha256_files,
     sweep_held,
     this_host,
@@ -860,11 +860,8 @@ def _remove_stale_build_dirs(out_dir: Path, host: str) -> None:
     """Remove the temporary build folders for ``out_dir`` whose building process is gone (killed builds): this
     machine's whose lock can be taken (:func:`shiq_data.io.sweep_held`), and those of releases that named no host
     (``.NAME.building-PID-hex``), judged by their pid."""
-    name = glob.escape(out_dir.name)
-    for p in out_dir.parent.glob(f".{name}.building-*"):
-        if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(out_dir.name) + len("..building-") :]):
-            remove_stale(out_dir.parent, glob.escape(p.name))
-    sweep_held(out_dir.parent, f".{name}.building-{glob.escape(host)}-*")
+    remove_stale_hostless(out_dir.parent, f".{out_dir.name}.building-")
+    sweep_held(out_dir.parent, f".{glob.escape(out_dir.name)}.building-{glob.escape(host)}-*")
 
 
 def write_buffer(

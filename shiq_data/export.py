@@ -32,6 +32,7 @@ from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, parse_extra
 from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
+from shiq_data.validate import refuse_repeated_ids
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -127,16 +128,7 @@ def _check_unique_ids(buffer: Buffer, near: Path) -> None:
             ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
             spill.append("ids", pa.table(ids))
             pos += n
-        ids = spill.table("ids")
-        repeat = spill.one(
-            f"""SELECT shard, pos, row_id FROM {ids} n JOIN (SELECT row_id, min(pos) AS first FROM {ids} GROUP BY
-            row_id) f USING (row_id) WHERE n.pos > f.first ORDER BY pos LIMIT 1"""
-        )
-    if repeat is not None:
-        k, pos, rid = repeat
-        shards = buffer.manifest["shards"]
-        row = pos - sum(s["rows"] for s in shards[:k])
-        raise ValueError(f"{buffer.shard_paths[k]}: row {row}: field 'row_id': {rid!r} is not unique")
+        refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 
 def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:

@@ -499,6 +499,14 @@ def remove_stale(folder: Path, pattern: str) -> None:
             pass
 
 
+def remove_stale_hostless(folder: Path, prefix: str) -> None:
+    """Remove the temporary folders ``<prefix>PID-hex`` in ``folder`` that releases naming no host made, whose
+    process is gone (:func:`remove_stale`, by pid; only for the output they were made for)."""
+    for p in folder.glob(f"{glob.escape(prefix)}*"):
+        if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(prefix) :]):
+            remove_stale(folder, glob.escape(p.name))
+
+
 HELD = ".held"  # the suffix of a temporary folder's lock file, beside it (:func:`held_dir`)
 
 

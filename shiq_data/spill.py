@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import glob
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shiq_data.io import held_dir, release_held, remove_stale, sweep_held, this_host
+from shiq_data.io import held_dir, release_held, remove_stale_hostless, sweep_held, this_host
 
 MEMORY_LIMIT = "64MB"  # DuckDB's working memory; beyond it, its operators spill to the spill folder
 BATCH_ROWS = 8192  # rows per batch read back from a query
@@ -39,9 +38,7 @@ def sweep(folder: Path, host: str, name: str | None = None) -> None:
     taken (:func:`shiq_data.io.sweep_held`), and for the output ``name`` the folders of releases that named no
     host (``.NAME.spill-PID-hex``), judged by their pid."""
     if name is not None:
-        for p in folder.glob(f".{glob.escape(name)}.spill-*"):
-            if re.fullmatch(r"\d+-[0-9a-f]{8}", p.name[len(name) + len("..spill-") :]):
-                remove_stale(folder, glob.escape(p.name))
+        remove_stale_hostless(folder, f".{name}.spill-")
     sweep_held(folder, f".*.spill-{glob.escape(host)}-*")
 
 

@@ -62,6 +62,20 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     return {"path": str(path), **result, "removed_files": removed, "cleanup_skipped": skipped}
 
 
+def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]) -> None:
+    """Refuse a ``row_id`` the spill's ``table`` (``pos``, ``shard``, ``row_id``: every row of the buffer at
+    ``path``, its manifest's ``shards``) holds twice, naming the later row's shard and row."""
+    ids = spill.table(table)
+    repeat = spill.one(
+        f"""SELECT shard, pos, row_id FROM {ids} n JOIN (SELECT row_id, min(pos) AS first FROM {ids} GROUP BY row_id) f
+        USING (row_id) WHERE n.pos > f.first ORDER BY pos LIMIT 1"""
+    )
+    if repeat is not None:
+        k, pos, rid = repeat
+        i = pos - sum(s["rows"] for s in shards[:k])
+        raise ValueError(f"{Path(path) / shards[k]['file']}: row {i}: field 'row_id': {rid!r} is not unique")
+
+
 def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:
     """Every check of :func:`validate_buffer` against one manifest; the summary counts."""
     with Spill(path) as spill:
@@ -129,14 +143,7 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
         totals["tokens"] += n_tokens
         totals["action_tokens"] += n_actions
     ids = spill.table("ids")
-    repeat = spill.one(
-        f"""SELECT shard, pos, row_id FROM {ids} n JOIN (SELECT row_id, min(pos) AS first FROM {ids} GROUP BY row_id) f
-        USING (row_id) WHERE n.pos > f.first ORDER BY pos LIMIT 1"""
-    )
-    if repeat is not None:
-        k, pos, rid = repeat
-        i = pos - sum(s["rows"] for s in shards[:k])
-        raise ValueError(f"{path / shards[k]['file']}: row {i}: field 'row_id': {rid!r} is not unique")
+    refuse_repeated_ids(spill, "ids", path, shards)
     (n_groups,) = spill.one(f"SELECT count(*) FROM (SELECT group_id FROM {ids} GROUP BY group_id)")
     for name, value in totals.items():
         if manifest.get(name) != value:

@@ -22,6 +22,7 @@ import torch
 
 from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches, left_padded
 from shiq_eval.kl import masked_kls, mean_stderr
+from shiq_eval.optimum import whole_number
 from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, shared_prefix_layers
 
 
@@ -356,9 +357,7 @@ def _per_completion(what: str, values, n: int) -> torch.Tensor:
 def _check_prompt_major(prompt_ids: list[list[int]], samples_per_prompt) -> int:
     """``samples_per_prompt`` as an int, once ``prompt_ids`` is checked to hold each prompt that many times in a
     row (prompt ``i``'s samples at ``i*s .. i*s+s-1``)."""
-    if isinstance(samples_per_prompt, bool) or not float(samples_per_prompt).is_integer():  # (2.5 was taken for 2)
-        raise ValueError(f"samples_per_prompt must be a whole number, got {samples_per_prompt!r}")
-    s = int(samples_per_prompt)
+    s = whole_number(samples_per_prompt, "samples_per_prompt")  # (2.5 was taken for 2)
     if s < 1 or len(prompt_ids) % s:
         raise ValueError(f"{len(prompt_ids)} prompts do not split into groups of samples_per_prompt={s}")
     for i in range(0, len(prompt_ids), s):

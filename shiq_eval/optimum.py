@@ -45,7 +45,7 @@ def check_beta(beta, name: str = "beta") -> float:
     return value
 
 
-def _count(x, name: str) -> int:
+def whole_number(x, name: str) -> int:
     """``x`` as an int, or a ValueError unless it is an integer (``2.0`` and ``np.int64(2)`` are; ``2.5`` is not)."""
     if isinstance(x, bool) or not isinstance(x, numbers.Real) or not float(x).is_integer():
         raise ValueError(f"{name} must be a whole number, got {x!r}")
@@ -94,7 +94,7 @@ def per_prompt(values, samples_per_prompt: int) -> np.ndarray:
     ``i*s .. i*s+s-1``) as per-prompt means ``[P]``: the unit that paired differences and standard errors
     over prompts use (SHIQ_MATH §9)."""
     v = _vector(values, "values")
-    s = _count(samples_per_prompt, "samples_per_prompt")
+    s = whole_number(samples_per_prompt, "samples_per_prompt")
     if s < 1 or v.size % s:
         raise ValueError(f"{v.size} values do not split into prompts of {samples_per_prompt} samples each")
     return v.reshape(-1, s).mean(1)
@@ -154,7 +154,7 @@ def j_star_curve(ref_rewards, beta, sizes: Sequence[int] | None = None) -> list[
         sizes = sorted({min(2**k, n_max) for k in range(int(math.log2(n_max)) + 2)})
     out = []
     for n in sizes:
-        n = _count(n, "sample size")
+        n = whole_number(n, "sample size")
         if not 1 <= n <= n_max:
             raise ValueError(f"sample size {n} out of range 1..{n_max}")
         mean, se = mean_stderr(j_star(r[:, :n], beta))
