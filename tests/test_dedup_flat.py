@@ -3,6 +3,7 @@ a Python dict of normalised texts for exact repeats, and for near duplicates bot
 ``datasketch.MinHash.jaccard`` against every earlier kept row and datasketch's own ``MinHashLSH`` queried
 and filled row by row."""
 
+import re
 import unicodedata
 
 import numpy as np
@@ -147,3 +148,42 @@ def test_dedup_near_of_thousands_of_rows_alike(tmp_path):
     write_buffer(_rows(texts), path, tokenizer_info=TOK, command=["test"], shard_rows=1000, progress=False)
     _, curation = dedup_buffer(path, tmp_path / "out", by="completion", near=True, threshold=THRESHOLD, command=["t"])
     assert open_buffer(tmp_path / "out").table.column("completion").to_pylist() == [texts[j] for j in by_lsh]
+
+
+def test_dedup_near_rows_of_one_signature_cost_no_pairs(tmp_path, capsys):
+    """2,000 texts that differ (so no exact repeat) but have one set of 5-grams, the way a repeated phrase
+    does: one MinHash signature. Each pair of them used to be a candidate (2,005,950 pairs); a row whose
+    signature repeats an earlier row's is now dropped without a pair. The rows kept are datasketch's LSH index's
+    and the naive loop's, including where the cluster's first row is itself dropped by an earlier near row
+    (its twins then go through that row). Only the rows of other signatures make pairs."""
+    from datasketch import MinHashLSH
+
+    rng = np.random.default_rng(0)
+    words = " ".join(rng.choice(WORDS, 30))
+    near_first = words + " ha ha ha end!"  # near the cluster below, and before it
+    texts = [near_first] + [words + " ha" * k + " end" for k in range(4, 2004)]
+    texts += [" ".join(rng.choice(WORDS, 30)) for _ in range(3)] + ["ha " * k + "bye" for k in range(3, 103)]
+    hashes = [_minhash(t) for t in texts]
+    assert len({_norm(t) for t in texts}) == len(texts)  # no exact repeats
+    assert len({h.hashvalues.tobytes() for h in hashes}) == 1 + 1 + 3 + 1  # 6 signatures, 2,104 rows
+    assert hashes[0].jaccard(hashes[1]) >= THRESHOLD  # the cluster's first row goes through an earlier row
+    naive = []
+    for j in range(len(texts)):
+        if not any(hashes[i].jaccard(hashes[j]) >= THRESHOLD for i in naive):
+            naive.append(j)
+    lsh, by_lsh = MinHashLSH(threshold=THRESHOLD, num_perm=128), []
+    for j in range(len(texts)):
+        if not any(hashes[i].jaccard(hashes[j]) >= THRESHOLD for i in lsh.query(hashes[j])):
+            lsh.insert(j, hashes[j])
+            by_lsh.append(j)
+    assert naive == by_lsh and 1 not in naive and len(naive) == 5
+    path = tmp_path / "buf"
+    write_buffer(_rows(texts), path, tokenizer_info=TOK, command=["test"], shard_rows=500, progress=False)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _, curation = dedup_buffer(path, out, by="completion", near=True, threshold=THRESHOLD, command=["t"], progress=True)
+    assert open_buffer(out).table.column("completion").to_pylist() == [texts[j] for j in naive]
+    assert curation["rows_kept"] == len(naive)
+    err = capsys.readouterr().err
+    pairs = [int(m) for m in re.findall(r"near pairs: (\d+) pairs", err)]
+    assert pairs and max(pairs) <= 15, err[-2000:]  # at most a pair per two of the 6 signatures

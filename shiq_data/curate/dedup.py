@@ -9,14 +9,18 @@ them, else decoded from the prompt and action tokens (:meth:`CurationSource.text
   least ``threshold`` with an earlier kept row: MinHash signatures (128 permutations, seed 1), candidates
   found by locality-sensitive hashing (rows sharing one of ``b`` bands of ``r`` signature values, with the
   ``(b, r)`` that ``datasketch.MinHashLSH`` picks for the threshold), each confirmed by its estimated
-  similarity (the share of equal signature values, as ``MinHash.jaccard``).
+  similarity (the share of equal signature values, as ``MinHash.jaccard``). A row whose signature equals an
+  earlier row's is dropped without a pair: that pairing would always drop it (similarity 1; and if the earlier
+  row was dropped, the kept row that dropped it is exactly as similar to this one), and a dropped row drops
+  nothing, so a cluster of ``k`` rows with one signature costs no pairs, not ``k²/2``.
 
 Memory is bounded, not proportional to the buffer: three passes over the shards, one shard at a time.
 Pass 1 writes each row's exact key (and, for ``near``, its band keys) to temporary Parquet tables and its
 signature to a memory-mapped array (:class:`shiq_data.spill.Spill`, next to ``out``, removed afterwards);
 DuckDB, with a fixed memory limit and spilling to disk beyond it, finds the rows that repeat an earlier key
-and the candidate pairs ``i < j`` sharing a band among the other rows (16 bytes a pair: a cluster of ``k``
-rows alike gives about ``k²/2``). Pass 2 walks the pairs in order of ``j``, confirms those whose rows are
+(for ``near``: an earlier signature, which equal texts share) and the candidate pairs ``i < j`` sharing a
+band among the other rows (16 bytes a pair: a cluster of ``k`` rows alike but for a few signature values
+gives about ``k²/2``). Pass 2 walks the pairs in order of ``j``, confirms those whose rows are
 both still kept by their signatures and marks the kept rows in a bitmap, one bit per row of the buffer
 (1.25 MB per 10 million rows), the only state that grows with the buffer; pass 3 writes the kept rows shard
 by shard.
@@ -24,6 +28,7 @@ by shard.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 
 import numpy as np
@@ -87,9 +92,9 @@ class Signatures:
 def _write_keys(
     source: CurationSource, spill: Spill, by: str, signatures: Signatures | None, progress: bool = False
 ) -> tuple[int, np.ndarray | None]:
-    """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` also its signature to row
-    ``idx`` of the memory-mapped array ``sigs`` ``[rows, NUM_PERM]`` (returned; None without ``signatures``) and
-    its band keys to table ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
+    """Pass 1: each row's index and exact key to table ``keys``; with ``signatures`` the key is a 16-byte hash
+    of its signature instead, which it also writes to row ``idx`` of the memory-mapped array ``sigs``
+    ``[rows, NUM_PERM]`` (returned; None without ``signatures``), and its band keys to table ``bands`` (the slow part of a near dedup: a bar shows it with ``progress``).
     Returns ``(rows read, sigs)``."""
     spill.declare("keys", pa.schema([("idx", pa.int64()), ("key", pa.binary())]))
     sig_array = None
@@ -103,9 +108,13 @@ def _write_keys(
             prompts, completions = source.texts(table)
             parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
             idx = np.arange(start, start + len(parts), dtype=np.int64)
-            spill.append("keys", pa.table({"idx": idx, "key": pa.array([text_key(*x) for x in parts], pa.binary())}))
-            if signatures is not None:
+            if signatures is None:
+                keys = [text_key(*x) for x in parts]
+            else:
                 sigs = [signatures(x) for x in parts]
+                keys = [hashlib.blake2b(s.tobytes(), digest_size=16).digest() for s in sigs]
+            spill.append("keys", pa.table({"idx": idx, "key": pa.array(keys, pa.binary())}))
+            if signatures is not None:
                 sig_array[start : start + len(parts)] = sigs
                 b = signatures.b
                 spill.append(
@@ -139,6 +148,8 @@ def kept_rows(
         kept.clear_many(batch.column(0).to_numpy())
     if signatures is None:
         return kept
+    # (with signatures, the keys were the signatures': a repeat of an earlier signature was dropped, see the
+    # module doc, and only the rows first with their signature have bands to pair)
     # the candidate pairs (16 bytes each: a cluster of k rows alike gives about k²/2 of them), in order of j: every
     # pair of an earlier j is done, so kept[i] (i < j) is final when j is decided. A pair with a row dropped
     # before its batch began is skipped unread; the others are confirmed by their signatures' share of equal
