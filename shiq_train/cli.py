@@ -525,7 +525,6 @@ def check_resume_config(
     dp: tuple[int, int] | None = None,
     why: str = "resuming would mix the two",
     saved_micro_batches: int | None = None,
-    saved_distributed: bool | None = None,
 ) -> list[str]:
     """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
     with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
@@ -536,9 +535,7 @@ def check_resume_config(
     ``data.micro_batches_per_step`` may change exactly when the global batch stays; a global batch that
     changes (a new ``dp`` with the old value) is a change of that key, with the value that keeps it.
     ``saved_micro_batches``: that key's value in the checkpoint's own configuration, which pairs with its ``dp``
-    (``config.yaml`` may be a later start's, one stopped before it saved a checkpoint). ``saved_distributed``: the
-    checkpoint's own ``optimizer.distributed`` (None without a checkpoint): the distributed optimizer cannot read
-    the plain one's state, which no ``allow_changed`` or ``force`` changes."""
+    (``config.yaml`` may be a later start's, one stopped before it saved a checkpoint)."""
     path = out / "config.yaml"
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -557,13 +554,6 @@ def check_resume_config(
     old = {**{k: v for k, v in ABSENT_MEANS.items() if k in new}, **old}
     if isinstance(saved_micro_batches, int) and not isinstance(saved_micro_batches, bool) and saved_micro_batches >= 1:
         old[GLOBAL_BATCH_KEY] = saved_micro_batches
-    if new.get("optimizer.distributed") is True and saved_distributed is False:
-        # no +resume.allow_changed or force can help: the load would refuse the checkpoint after the start-up
-        raise ConfigError(
-            f"the run in {out} was saved with optimizer.distributed=false, whose optimizer state the "
-            "distributed optimizer cannot read: resume with optimizer.distributed=false (a run saved with true "
-            "resumes with false too), or start the new run in another out="
-        )
     unknown = sorted(allowed - old.keys() - new.keys())
     if unknown:  # a misspelt key would otherwise accept nothing, silently
         raise ConfigError(
@@ -857,9 +847,7 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
                 saved_cfg = saved.get("meta", {}).get("config")  # (read_meta: meta is an object)
                 saved_data = saved_cfg.get("data") if isinstance(saved_cfg, dict) else None
                 m = saved_data.get("micro_batches_per_step") if isinstance(saved_data, dict) else None
-                saved_opt = saved_cfg.get("optimizer") if isinstance(saved_cfg, dict) else None
-                distributed = saved_opt.get("distributed", False) if isinstance(saved_opt, dict) else None
-                check_resume_config(out, cfg, allowed, force, dp, saved_micro_batches=m, saved_distributed=distributed)
+                check_resume_config(out, cfg, allowed, force, dp, saved_micro_batches=m)
                 if not force:  # (+resume.force=true accepts any change, this one too)
                     check_online_reference_start(cfg, saved)
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint

@@ -277,21 +277,48 @@ class DistributedAdamW:
         return {"groups": [{**g, "format": STATE_FORMAT} for g in sd["groups"]], "params": params}
 
     def load_state_by_name(self, model, state: dict) -> None:
-        """Restore :meth:`state_by_name`'s form (as saved, or resharded from another layout); collective."""
+        """Restore :meth:`state_by_name`'s form (as saved, or resharded from another layout), or the default
+        optimizer's (``optimizer.distributed=false``: :func:`shiq_train.checkpoint.optimizer_state_by_name`, see
+        :meth:`_from_plain`); collective. Any other state is refused on every rank."""
         groups = state.get("groups") or []
-        if not groups or any(g.get("format") != STATE_FORMAT for g in groups):
-            self.load_state_dict({})  # refused on every rank with the message that names the cause
         entries = state.get("params") or {}
-        self.load_state_dict(
-            {
-                "format": STATE_FORMAT,
-                "groups": [{k: v for k, v in g.items() if k != "format"} for g in groups],
-                "state": {
-                    name: {"param": e.get("master"), **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
-                    for name, e in entries.items()
-                },
+        if groups and all(g.get("format") == STATE_FORMAT for g in groups):
+            groups = [{k: v for k, v in g.items() if k != "format"} for g in groups]
+            full = {
+                name: {"param": e.get("master"), **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
+                for name, e in entries.items()
             }
-        )
+        elif groups and not any("format" in g for g in groups):
+            groups, full = self._from_plain(entries)
+        else:
+            groups, full = None, None  # refused by load_state_dict, naming the cause
+        self.load_state_dict({"format": STATE_FORMAT, "groups": groups, "state": full} if groups else {})
+
+    def _from_plain(self, entries: dict) -> tuple[list[dict], dict | None]:
+        """``(groups, state)`` of :meth:`load_state_dict` from the default optimizer's by-name ``entries`` (its
+        AdamW run on whole parameters, the same update): each parameter's moments as saved, and its master weight
+        the saved float32 copy (a bfloat16 parameter's) or else the parameter as just loaded (a float32
+        parameter is its own master). A parameter the saved optimizer never stepped starts with zero moments.
+        The groups are this optimizer's own (their hyper-parameters come from the configuration, as on any
+        resume) with the saved step count. ``state`` is built on data-parallel rank 0 only (None elsewhere),
+        the one rank whose state :meth:`load_state_dict` reads."""
+        steps = [
+            float(e["state"]["step"]) for e in entries.values() if isinstance(e, dict) and "step" in e.get("state", {})
+        ]
+        groups = [{**g, "step": int(max(steps, default=0))} for g in self._groups()]
+        if dist.get_rank(self._group()) != 0:
+            return groups, None
+        shapes = dict(self.named)
+        full = {}
+        for name, e in entries.items():
+            saved = e.get("state", {}) if isinstance(e, dict) else {}
+            p = shapes.get(name)
+            master = e.get("master") if isinstance(e, dict) else None
+            if master is None and p is not None:
+                master = p.detach().float().cpu()
+            zero = torch.zeros(p.shape) if p is not None else None
+            full[name] = {"param": master, **{k: saved.get(k, zero) for k in STATE_KEYS[1:]}}
+        return groups, full
 
     def _check(self, state) -> str | None:
         """What is wrong with data-parallel rank 0's saved ``state`` for these parameters, or None."""

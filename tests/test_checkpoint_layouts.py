@@ -225,6 +225,24 @@ def test_a_distributed_optimizer_checkpoint_resumes_in_another_layout(runs):
     assert _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
 
 
+def test_a_plain_optimizer_checkpoint_resumes_into_the_distributed_optimizer(runs, tmp_path):
+    """The reference's step-3 checkpoint (the default optimizer: AdamW on whole parameters) resumes with
+    optimizer.distributed=true: its moments and step become the distributed optimizer's state, the master
+    weights the loaded parameters, and steps 4-6 give the reference's losses and final parameters. The
+    distributed optimizer refused that state before."""
+    shutil.copytree(runs["dir"] / "reference", tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000006")
+    (tmp_path / "run" / "checkpoints" / "latest").write_text("step_00000003\n")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        more = train(tmp_path / "run", runs["dir"] / "buffer", 6, distributed=True)
+        final = gather_full_parameters(_loaded(tmp_path / "run" / "checkpoints"))
+    assert len(more) == 3 and _rel(runs["ref_losses"][:3] + more, runs["ref_losses"]) < TOL, (more, runs["ref_losses"])
+    assert sorted(final) == sorted(runs["ref_final"])
+    for name, value in final.items():  # (the tolerance of the resumes above: AdamW amplifies rounding near 0)
+        assert _rel(value, runs["ref_final"][name]) < 3e-4, (name, _rel(value, runs["ref_final"][name]))
+
+
 def test_a_checkpoint_of_another_model_shape_is_refused(runs, tmp_path):
     saved = runs["dir"] / "tp2pp2" / "checkpoints"
     warnings.filterwarnings("ignore")
