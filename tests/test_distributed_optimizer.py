@@ -225,6 +225,7 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
         full = {name: p.detach().clone() for name, p in model.named_parameters()}
         opt, sched = build_optimizer(model, OPT)
         plain = run_steps(model, opt, sched)
+        model_plain = model
         model = M.build_model(tiny_config(params_dtype="bfloat16"))
         M.load_full_parameters(model, full)
         ddp, dopt, dsched = build_distributed(model, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
@@ -244,6 +245,23 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
         name = sorted(full)[0]
         with pytest.raises(ValueError, match=rf"missing \['{name}'\]"):
             dopt.load_state_dict({**saved, "state": {k: v for k, v in saved["state"].items() if k != name}})
+        # the default optimizer's checkpoint form converts: its float32 master weights, moments and step become
+        # the distributed optimizer's state
+        from shiq_train.checkpoint import optimizer_state_by_name
+
+        by_name = optimizer_state_by_name(model_plain, opt)
+        fresh = M.build_model(tiny_config(params_dtype="bfloat16"))
+        M.load_full_parameters(fresh, {k: v.detach() for k, v in model_plain.named_parameters()})
+        _, dopt2, _ = build_distributed(fresh, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        dopt2.load_state_by_name(fresh, by_name)
+        got = dopt2.state_dict()
+        master_of = {id(p): m for p, m in zip(opt.params, opt.masters)}  # every parameter's float32 copy
+        for n, p in model_plain.named_parameters():
+            m = master_of[id(p)]
+            assert torch.equal(got["state"][n]["param"], m.detach()), n
+            assert torch.equal(got["state"][n]["exp_avg"], opt.inner.state[m]["exp_avg"]), n
+            assert torch.equal(got["state"][n]["exp_avg_sq"], opt.inner.state[m]["exp_avg_sq"]), n
+        assert {g["step"] for g in got["groups"]} == {STEPS}
     for step, ((loss, norm, _), (ploss, pnorm, _)) in enumerate(zip(ours, plain)):
         assert abs(loss - ploss) < 1e-2 * abs(ploss), f"step {step + 1}: {loss} vs {ploss}"
         assert abs(norm - pnorm) < 2e-2 * abs(pnorm), f"step {step + 1}: {norm} vs {pnorm}"
