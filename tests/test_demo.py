@@ -170,6 +170,29 @@ def test_a_gain_is_beyond_two_standard_errors_only_where_an_error_was_measured()
         _check_prompt_major([[1], [1], [2], [2]], 2.5)
 
 
+def test_arm_comparisons_refuse_to_pair_values_of_different_prompts(tmp_path):
+    """Two arms' per-prompt values are paired by position over the shorter list: where the evaluations record
+    their prompts' snippet ids, the first P must agree (a hand-made pair of curves whose second prompt differs
+    is refused naming both files); a shorter arm on a prefix of the same list pairs as before."""
+    s, seed = 1, tmp_path / "seed0"
+    curves = {"shiq@0.3": ([5, 7, 9], [1.0, 2.0, 3.0]), "copg@0.3": ([5, 8], [0.5, 0.5])}
+    for arm, (ids, r) in curves.items():
+        (seed / "runs" / arm).mkdir(parents=True)
+        rec = {"step": 1, "rewards": r, "gold": r, "kls_exact": [0.1] * len(r), "snippet_ids": ids}
+        (seed / "runs" / arm / "curve.json").write_text(json.dumps([rec]))
+    rep = {"methods": dict.fromkeys(curves, {}), "config": {"eval": {"samples_per_prompt": s}}}
+    (seed / "report.json").write_text(json.dumps(rep))
+    with pytest.raises(ValueError, match="different held-out prompts") as e:
+        demo.arm_comparisons(tmp_path, ["seed0"])
+    assert str(seed / "runs" / "shiq@0.3" / "curve.json") in str(e.value)
+    assert str(seed / "runs" / "copg@0.3" / "curve.json") in str(e.value)
+    path = seed / "runs" / "copg@0.3" / "curve.json"
+    rec = json.loads(path.read_text())[0]
+    path.write_text(json.dumps([rec | {"snippet_ids": [5, 7]}]))  # the first two of shiq's prompts
+    (row,) = demo.arm_comparisons(tmp_path, ["seed0"])
+    assert row["reward"] == pytest.approx(((1.0 - 0.5) + (2.0 - 0.5)) / 2)  # by hand
+
+
 def test_arm_comparisons_are_paired_by_prompt_within_seeds_and_averaged_over_seeds(tmp_path):
     """arm_comparisons against numpy on hand-made per-prompt evaluations: per seed the paired mean
     difference of reward, gold, KL and J = reward - β·KL (two samples per prompt averaged first; Q♯ scored

@@ -705,8 +705,11 @@ def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: 
     else:
         res = evaluate_guided_policy(guided, tok, ids, openings, scorer, **kw)
     gold, gold_se = mean_stderr(per_prompt(scorer.gold, ev["samples_per_prompt"]))
+    held = read_prompts(ctx)["eval"]
     return {
         **res.as_dict(),
+        # which held-out prompts, in order: what pairs two arms' per-prompt values (_paired_across_seeds)
+        "snippet_ids": [p["snippet_id"] for p in (held[:limit] if limit else held)],
         "gold": scorer.gold,
         "gold_mean": gold,
         "gold_stderr": gold_se,
@@ -1248,12 +1251,33 @@ COMPARISONS = (
 )
 
 
-def _final_per_prompt(run: Path, arm: str, s: int) -> dict[str, np.ndarray]:
-    """The arm's last evaluation in ``run``, per held-out prompt ``[P]``: reward, gold score, exact KL."""
+def _final_per_prompt(run: Path, arm: str, s: int) -> dict:
+    """The arm's last evaluation in ``run``, per held-out prompt ``[P]``: reward, gold score, exact KL, and
+    ``snippet_ids``, the prompts' snippet ids in order (None in a file written before they were recorded)."""
     fields = {k: CURVE_FIELDS[k] for k in ("step", "rewards", "gold", "kls_exact")}  # what it reads
     curve = read_evaluations(run / "runs" / arm / "curve.json", s, fields)
     last = max(curve, key=lambda r: r["step"])
-    return {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
+    out = {k: per_prompt(last[src], s) for k, src in (("reward", "rewards"), ("gold", "gold"), ("kl", "kls_exact"))}
+    out["snippet_ids"] = last.get("snippet_ids")
+    return out
+
+
+def _check_same_prompts(run: Path, a: str, ids_a, b: str, ids_b, P: int) -> None:
+    """Refuse to pair two arms' first ``P`` per-prompt values unless they are of the same held-out prompts:
+    the snippet ids their evaluations recorded (``snippet_ids``) must agree on the first ``P``. Files written
+    before the ids were recorded are taken as prefixes of the run's one ``prompts.json`` list, as both were
+    evaluated on it."""
+    files = [run / "runs" / arm / "curve.json" for arm in (a, b)]
+    for path, ids in zip(files, (ids_a, ids_b)):
+        if ids is not None and (not isinstance(ids, list) or len(ids) < P):
+            raise ValueError(f"{path}: field 'snippet_ids' must list at least {P} prompts' ids{REDO}")
+    if ids_a is None or ids_b is None or ids_a[:P] == ids_b[:P]:
+        return
+    i = next(i for i in range(P) if ids_a[i] != ids_b[i])
+    raise ValueError(
+        f"{files[0]} and {files[1]} were evaluated on different held-out prompts (prompt {i + 1}: snippet "
+        f"{ids_a[i]!r} against {ids_b[i]!r}), so their per-prompt values cannot be paired{REDO}"
+    )
 
 
 # (a, b) method pairs also compared where their KLs meet: each arm of a against the arm of b, at any β, whose
@@ -1278,6 +1302,7 @@ def _paired_across_seeds(out: Path, reps: dict[str, dict], a: str, b: str, beta:
         s = int(reps[n]["config"]["eval"]["samples_per_prompt"])
         va, vb = _final_per_prompt(out / n, a, s), _final_per_prompt(out / n, b, s)
         P = min(len(va["reward"]), len(vb["reward"]))
+        _check_same_prompts(out / n, a, va.pop("snippet_ids"), b, vb.pop("snippet_ids"), P)
         va, vb = ({k: v[:P] for k, v in x.items()} for x in (va, vb))
         for k in ("reward", "gold", "kl"):
             diffs[k].append(paired_difference(va[k], vb[k]))
