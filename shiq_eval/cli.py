@@ -100,6 +100,7 @@ RUN_COLUMNS = [
     "step",
     *COLUMNS[2:],
     "stderr_note",  # how the standard errors were computed, when not over independent prompts (BFCL turns)
+    "n_scenarios",  # the clusters of those standard errors (BFCL turns), empty otherwise
     "samples_per_prompt",
     "temperature",
     "suite",
@@ -484,7 +485,7 @@ def cluster_by_scenario(row: dict, scenarios: list[str] | None) -> dict:
     """``row`` (an evaluation's result) with the standard errors of reward and both KL estimators clustered by
     scenario, given each prompt's scenario (``scenarios [P]``: BFCL turns, whose scenario's turns share its
     state; SHIQ_MATH §9, the estimator of the leaderboard and of ``shiq-bfcl``), and a ``stderr_note`` saying
-    so; ``row`` unchanged without scenarios."""
+    so, and the number of scenarios (``n_scenarios``); ``row`` unchanged without scenarios."""
     if scenarios is None:
         return row
     scenarios = [leaderboard.scenario_of(i) for i in scenarios]  # an entry's scenario, in every category
@@ -493,6 +494,7 @@ def cluster_by_scenario(row: dict, scenarios: list[str] | None) -> dict:
     for key, values in (("reward", "rewards"), ("kl_exact", "kls_exact"), ("kl_sample", "kls_sample")):
         out[f"{key}_stderr"] = clustered_mean_stderr(per_prompt(row[values], k), scenarios)[1]
     out["stderr_note"] = leaderboard.stderr_note(row, scenarios)
+    out["n_scenarios"] = len(set(scenarios))  # the clusters: a t quantile's G − 1 degrees of freedom
     return out
 
 

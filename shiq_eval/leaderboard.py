@@ -40,7 +40,14 @@ from pathlib import Path
 
 from shiq_data.io import atomic_write_text, files_together, json_loads, one_line, read_json_file
 from shiq_data.schema import is_bounded_number
-from shiq_eval.optimum import clustered_mean_stderr, j_per_prompt, mean_stderr, paired_difference, per_prompt
+from shiq_eval.optimum import (
+    clustered_mean_stderr,
+    j_per_prompt,
+    mean_stderr,
+    paired_difference,
+    per_prompt,
+    t_quantile,
+)
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
 RESULTS = "results.json"
@@ -291,11 +298,17 @@ def mean_se(values, scenarios: list[str] | None) -> tuple[float, float]:
 
 def stderr_note(row: dict, scenarios: list[str] | None) -> str:
     """How a row's standard errors were computed, when not simply over independent prompts (SHIQ_MATH §9):
-    clustered by scenario (with the number of scenarios), or, for BFCL turns without scenario ids,
-    :data:`NOT_CLUSTERED`; "" otherwise."""
+    clustered by scenario, with the number of scenarios ``G`` and the 95% interval's Student t quantile for
+    ``G − 1`` degrees of freedom (:func:`shiq_eval.optimum.t_quantile`: with few scenarios ±1.96 standard errors
+    covers far less than 95%), or, for BFCL turns without scenario ids, :data:`NOT_CLUSTERED`; "" otherwise."""
     if scenarios is not None:
         g = len(set(scenarios))
-        return f"clustered by scenario ({g} scenario{'s' if g != 1 else ''})"
+        if g < 2:
+            return "clustered by scenario (1 scenario: no standard error)"
+        return (
+            f"clustered by scenario ({g} scenarios; 95% interval ± {t_quantile(g - 1):.2f} standard errors, "
+            f"Student's t with {g - 1} degree{'s' if g > 2 else ''} of freedom)"
+        )
     return NOT_CLUSTERED if row.get("scorer") == "bfcl" else ""
 
 

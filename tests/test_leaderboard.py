@@ -630,6 +630,17 @@ def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     assert t.loc["reference", "J"] == pytest.approx(np.mean(ref_r))
 
 
+def clustered_note(g: int) -> str:
+    """The ``stderr_note`` of standard errors clustered over ``g`` scenarios, its t quantile for ``g − 1``
+    degrees of freedom from scipy (independent of shiq_eval.optimum.t_quantile)."""
+    from scipy.stats import t
+
+    return (
+        f"clustered by scenario ({g} scenarios; 95% interval ± {t.ppf(0.975, g - 1):.2f} standard errors, "
+        f"Student's t with {g - 1} degree{'s' if g > 2 else ''} of freedom)"
+    )
+
+
 def clustered_se_pd(values, scenarios) -> float:
     """Standard error of the mean of per-turn values clustered by scenario (SHIQ_MATH §9), by hand from the
     scenarios' means and sizes: ``se² = G/(G−1) · Σ_c n_c² (m_c − v̄)² / N²``."""
@@ -685,7 +696,7 @@ def test_one_scenario_in_several_bfcl_categories_is_one_cluster(tmp_path):
     index = [s.rsplit("_", 1)[1] for s in renamed]
     for name, v in turn.items():
         assert t.loc[name, "reward_stderr"] == pytest.approx(clustered_se_pd(v["reward"], index), rel=1e-9)
-        assert t.loc[name, "stderr_note"] == "clustered by scenario (3 scenarios)"
+        assert t.loc[name, "stderr_note"] == clustered_note(3)
     assert t.loc["a", "reward_stderr"] != pytest.approx(clustered_se_pd(turn["a"]["reward"], renamed), rel=1e-3)
     clustered = eval_cli.cluster_by_scenario(rows[1] | {"samples_per_prompt": rows[1]["samples_per_prompt"]}, renamed)
     assert clustered["reward_stderr"] == pytest.approx(clustered_se_pd(turn["a"]["reward"], index), rel=1e-9)
@@ -711,7 +722,7 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
         if name != "reference":
             assert row["kl_stderr"] == pytest.approx(clustered_se_pd(v["kl"], scenarios), rel=1e-9)
         assert row["reward_stderr"] > 1.5 * se_np(v["reward"])  # clustering matters here
-        assert row["stderr_note"] == "clustered by scenario (4 scenarios)"
+        assert row["stderr_note"] == clustered_note(4)
     pairs = pd.read_csv(out / "pairs.csv")
     assert len(pairs) == 3
     for _, p in pairs.iterrows():
@@ -720,12 +731,12 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
             d = a[key] - b[key]
             assert p[col] == pytest.approx(d.mean(), abs=1e-12)
             assert p[col + "_stderr"] == pytest.approx(clustered_se_pd(d, scenarios), rel=1e-9)
-        assert p["stderr_note"] == "clustered by scenario (4 scenarios)"
+        assert p["stderr_note"] == clustered_note(4)
     ab = pairs[(pairs["run_a"] == "b") & (pairs["run_b"] == "a")].iloc[0]
     d = turn["b"]["reward"] - turn["a"]["reward"]
     assert ab["reward_diff_stderr"] > 1.5 * se_np(d)  # a − b, paired by turn: still correlated within scenarios
     md = (out / "leaderboard.md").read_text()
-    assert "clustered by scenario (4 scenarios)" in md and "a − b paired by turn, clustered by scenario" in md
+    assert clustered_note(4) in md and "a − b paired by turn, clustered by scenario" in md
     assert "clustered by scenario" in (out / "leaderboard.html").read_text()
 
     # the same results written before scenario ids were recorded: per-turn standard errors, marked
@@ -754,7 +765,7 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
     newer = write_bfcl_results(tmp_path / "newer", [r | {"run": "c", "model_sha256": "mc"} for r in rows[1:2]])
     assert eval_cli.main(["leaderboard", old, newer, "--out", str(both)]) == 0
     t = pd.read_csv(both / "leaderboard.csv").set_index("run")
-    assert (t["stderr_note"] == "clustered by scenario (4 scenarios)").all()
+    assert (t["stderr_note"] == clustered_note(4)).all()
     assert t.loc["b", "reward_stderr"] == pytest.approx(clustered_se_pd(turn["b"]["reward"], scenarios), rel=1e-9)
     # ids that disagree on the same prompts, or that do not match the turns, are refused naming the files
     capsys.readouterr()

@@ -130,3 +130,23 @@ def test_vader_gold_scorer_reads_sentiment():
 
     good, bad, flat = VaderScorer()(["", "", ""], ["a wonderful, moving film", "dull, boring and awful", "the"])
     assert -1.0 <= bad < 0.0 == flat < good <= 1.0
+
+
+@pytest.mark.parametrize("df", [1, 2, 3, 4, 9, 39, 200])
+def test_t_quantile_is_students_against_scipy(df):
+    """The 95% two-sided Student t quantile that clustered standard errors over G clusters are multiplied by
+    (G − 1 degrees of freedom), against scipy's; 1.96 would cover only about 85% at G = 5."""
+    from scipy.stats import t
+
+    from shiq_eval import optimum
+
+    assert optimum.t_quantile(df) == pytest.approx(t.ppf(0.975, df), rel=1e-10)
+    assert optimum.t_quantile(df, 0.9) == pytest.approx(t.ppf(0.95, df), rel=1e-10)
+    assert 2 * t.cdf(-1.96, 4) > 0.12  # (the coverage ±1.96 gives at G = 5: below 88%)
+
+
+def test_t_quantile_refuses_no_degrees_of_freedom():
+    from shiq_eval import optimum
+
+    with pytest.raises(ValueError, match="df >= 1"):
+        optimum.t_quantile(0)

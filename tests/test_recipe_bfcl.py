@@ -341,6 +341,12 @@ def test_quick_run_report_and_resume(tmp_path):
     over = sum(t["gt_tokens"] > limit for t in turns)
     assert rep["reference"]["turns_longer_than_limit"] == over > 0  # 6 tokens: a quick run's answers are cut
     assert f"{over} of the {len(turns)} ground-truth answers are longer" in (out / "report.md").read_text()
+    # with few scenarios a difference is judged by Student's t for G − 1 degrees of freedom, not 1.96 (scipy's)
+    g = rep["reference"]["n_scenarios"]
+    from scipy.stats import t as scipy_t
+
+    want = f"past Student's t quantile with {g - 1} degrees of freedom, {scipy_t.ppf(0.975, g - 1):.2f} standard"
+    assert want in (out / "report.md").read_text()
     # supervised training on the ground truths lowers their NLL on the held-out turns
     assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
     # the buffer holds the scenarios the training reads (2 steps x 1 of the 3 shortest), drawn by the seed
@@ -534,6 +540,7 @@ def test_seeds_report_against_numpy(tmp_path):
         r2 = (resid.values**2).sum() / ((S - 1) * (T - 1))
         assert c["gt_nll_per_token_se"] == pytest.approx(np.sqrt(clustered2 + max(0.0, sd**2 - r2 / T) / S))
         assert c["gt_nll_per_token_sd"] == pytest.approx(sd)
+        assert c["n_scenarios"] == g  # the clusters, beside the errors, for a reader's t quantile
     assert all((tmp_path / f"seeds_{name}").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     md = (tmp_path / "seeds_report.md").read_text()
     assert "| shiq@0.1 | mt_copg@0.1 | 0.1 | 3 |" in md and "| mt_dpo | 0.5 | 2 |" in md

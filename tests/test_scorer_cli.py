@@ -26,6 +26,17 @@ def init(tmp_path_factory):
     return tiny_hf_folder(tmp_path_factory.mktemp("tiny") / "init")
 
 
+def clustered_note(g: int) -> str:
+    """The ``stderr_note`` of standard errors clustered over ``g`` scenarios, its t quantile for ``g − 1``
+    degrees of freedom from scipy (independent of shiq_eval.optimum.t_quantile)."""
+    from scipy.stats import t
+
+    return (
+        f"clustered by scenario ({g} scenarios; 95% interval ± {t.ppf(0.975, g - 1):.2f} standard errors, "
+        f"Student's t with {g - 1} degree{'s' if g > 2 else ''} of freedom)"
+    )
+
+
 def run_eval(tmp_path, init, scorer, out="eval", *extra):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": f"w{i} w{i + 1} w{i + 2}"}) + "\n" for i in range(3, 7)))
@@ -156,14 +167,12 @@ def test_bfcl_results_keep_each_turn_s_scenario(tmp_path, init):
     assert all(len(r["rewards"]) == 2 * len(refs) and {"rewards", "kls_exact", "kls_sample"} <= set(r) for r in rows)
     assert eval_cli.main(["leaderboard", str(tmp_path / "eval"), "--out", str(tmp_path / "board")]) == 0
     table = pd.read_csv(tmp_path / "board" / "leaderboard.csv")
-    assert (table["stderr_note"] == "clustered by scenario (2 scenarios)").all()
+    assert (table["stderr_note"] == clustered_note(2)).all()
     # the run's own results (results.json, results.csv) say how their standard errors were computed (the
     # numbers: test_run_rows_cluster_their_standard_errors_by_scenario; here every value is 0, the policy
     # being the reference and no turn passing the checker)
     csv_rows = pd.read_csv(tmp_path / "eval" / "results.csv")
-    assert (
-        list(csv_rows["stderr_note"]) == [r["stderr_note"] for r in rows] == ["clustered by scenario (2 scenarios)"] * 2
-    )
+    assert list(csv_rows["stderr_note"]) == [r["stderr_note"] for r in rows] == [clustered_note(2)] * 2
 
 
 def test_run_rows_cluster_their_standard_errors_by_scenario():
@@ -181,7 +190,7 @@ def test_run_rows_cluster_their_standard_errors_by_scenario():
         row[key] = [shift[s] + float(x) for s in scenarios for x in rng.normal(0, 0.1, 2)]
     out = eval_cli.cluster_by_scenario(row, scenarios)
     assert eval_cli.cluster_by_scenario(row, None) is row and row["reward_stderr"] == -1.0
-    assert out["stderr_note"] == "clustered by scenario (3 scenarios)"
+    assert out["stderr_note"] == clustered_note(3) and out["n_scenarios"] == 3  # a reader's G − 1
     for key, values in (("reward", "rewards"), ("kl_exact", "kls_exact"), ("kl_sample", "kls_sample")):
         v = pd.Series(row[values]).groupby(lambda i: i // 2).mean()
         d = (v - v.mean()).groupby(pd.Series(scenarios)).sum()

@@ -70,7 +70,7 @@ from shiq_eval.bfcl.data import (
 from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
-from shiq_eval.optimum import clustered_mean_stderr, paired_difference
+from shiq_eval.optimum import clustered_mean_stderr, paired_difference, t_quantile
 from shiq_eval.recipes.common import (
     REDO,
     SEED_WHY,
@@ -726,7 +726,15 @@ def report_markdown(rep: dict) -> str:
             else ""
         )
         + "; NLL: of the ground-truth answer, per token within a turn, then averaged over turns. Means over turns ± standard errors clustered by scenario (a scenario's turns are not "
-        "independent); differences to the reference paired by turn, clustered the same way. Scenario "
+        "independent); differences to the reference paired by turn, clustered the same way"
+        + (
+            f" (with {ref['n_scenarios']} scenarios a difference is beyond chance at 5% past Student's t quantile "
+            f"with {ref['n_scenarios'] - 1} degrees of freedom, {t_quantile(ref['n_scenarios'] - 1):.2f} standard "
+            "errors, not 1.96)"
+            if ref["n_scenarios"] > 1
+            else " (one scenario: no standard error)"
+        )
+        + ". Scenario "
         "accuracy: all answers of a scenario pass the official check (answers written with the ground-truth "
         "history, not a free rollout).",
         "",
@@ -789,7 +797,7 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
         ids = keys
         va, vb = turn_metrics(ta), turn_metrics(tb)
         per_seed.append({m: va[m] - vb[m] for m in METRICS})
-    row = {}
+    row = {"n_scenarios": len({i for i, _ in ids})}  # the clusters of the clustered part
     for m in METRICS:
         d = np.stack([p[m] for p in per_seed])  # [S, turns]
         row[m], clustered = clustered_mean_stderr(d.mean(0), [i for i, _ in ids])
@@ -820,7 +828,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
             for rep in reps.values()
             if arm == "reference" or arm in rep["methods"]
         ]
-        row = {"arm": arm, "beta": per[0].get("beta"), "seeds": len(per)}
+        row = {"arm": arm, "beta": per[0].get("beta"), "seeds": len(per), "n_scenarios": per[0].get("n_scenarios")}
         for key in (*METRICS, *(f"{m}_minus_reference" for m in METRICS)):
             if key in per[0]:
                 row[key], row[f"{key}_sd"] = seed_stats([p[key] for p in per])
