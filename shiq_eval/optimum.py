@@ -66,22 +66,13 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     """Student's t quantile with ``df`` degrees of freedom that a two-sided ``level`` interval spans, in standard
     errors (12.71 for 1, 4.30 for 2, 2.78 for 4, toward 1.96): what a standard error clustered over ``G``
     clusters is multiplied by, with ``G − 1`` (SHIQ_MATH §9); ±1.96 of it covers only about 85% at ``G = 5``.
-    Solved from the t distribution's tail ``I_x(df/2, 1/2) = 1 − level``, ``x = df/(df + t²)`` (mpmath's
-    regularised incomplete beta function, bisected in ``x``)."""
-    import mpmath  # (a declared dependency; scipy is not)
+    scipy's ``t.ppf``."""
+    from scipy.stats import t  # heavy: only reports need it
 
     df = whole_number(df, "df")
     if df < 1 or not 0 < level < 1:
         raise ValueError(f"t_quantile needs df >= 1 and 0 < level < 1, got df {df}, level {level}")
-    lo, hi = 0.0, 1.0  # I_x rises with x: the tail beyond t shrinks as t grows (x falls)
-    for _ in range(200):
-        mid = (lo + hi) / 2
-        if float(mpmath.betainc(df / 2, 0.5, 0, mid, regularized=True)) < 1 - level:
-            lo = mid
-        else:
-            hi = mid
-    x = (lo + hi) / 2
-    return math.sqrt(df * (1 - x) / x)
+    return float(t.ppf(0.5 + level / 2, df))
 
 
 def _scale(v: np.ndarray) -> float:
