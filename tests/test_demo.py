@@ -635,6 +635,8 @@ def check_report_against_saved_results(out, rep, cfg):
     ref_r = np.asarray(ref_eval["rewards"], dtype=np.float64)
     P = len(ref_r)
     assert P == cfg["data"]["eval_prompts"]
+    held = [p["snippet_id"] for p in json.loads((out / "prompts.json").read_text())["eval"]]
+    assert ref_eval["snippet_ids"] == held  # what the arms' evaluations are paired with it by
     ref = rep["reference"]
     assert ref["reward_mean"] == pytest.approx(ref_r.mean(), abs=1e-12)
     assert ref["reward_stderr"] == pytest.approx(_se(ref_r), abs=1e-12)
@@ -672,6 +674,7 @@ def check_report_against_saved_results(out, rep, cfg):
         n = len(rw)
         expected_n = cfg["methods"]["qsharp"]["eval_prompts"] if m == "qsharp" else P
         assert n == expected_n == r["n_prompts"]
+        assert last["snippet_ids"] == held[:n]
         assert r["beta"] == beta
         j = rw - beta * kl
         assert r["J"] == pytest.approx(j.mean(), abs=1e-9) and r["J_stderr"] == pytest.approx(_se(j), abs=1e-9)

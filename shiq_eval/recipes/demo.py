@@ -916,6 +916,7 @@ def stage_eval_reference(ctx: Context) -> None:
         "rewards": rewards,
         "gold": gold,
         "kls_exact": [0.0] * len(texts),
+        "snippet_ids": [p["snippet_id"] for p in prompts],  # what pairs the arms with it (build_report)
         "eval_seconds": eval_seconds,
         "j_star_rewards": matrix,  # [prompt][sample]: the evaluation samples first
         "j_star_gold_extra_mean": float(np.mean(more_gold)) if extra else None,
@@ -997,9 +998,13 @@ def build_report(ctx: Context, timings: dict) -> dict:
     for m in cfg["train"]["methods"]:
         beta = arm_beta(cfg, m)
         curve = read_evaluations(ctx.out / "runs" / m / "curve.json", s)
-        rows += curve_rows(m, beta, curve, ref, s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
+        ref_file = ctx.out / "reference_eval.json"
+        _check_same_prompts(
+            ctx.out / "runs" / m / "curve.json", last.get("snippet_ids"), ref_file, ref.get("snippet_ids"), P
+        )
+        rows += curve_rows(m, beta, curve, ref, s)
         diff = last["reward_mean"] - float(per_prompt(ref["rewards"], s)[:P].mean())
         paired, paired_se = paired_difference(per_prompt(last["rewards"], s), per_prompt(ref["rewards"], s)[:P])
         methods[m] = {
@@ -1262,12 +1267,12 @@ def _final_per_prompt(run: Path, arm: str, s: int) -> dict:
     return out
 
 
-def _check_same_prompts(run: Path, a: str, ids_a, b: str, ids_b, P: int) -> None:
-    """Refuse to pair two arms' first ``P`` per-prompt values unless they are of the same held-out prompts:
-    the snippet ids their evaluations recorded (``snippet_ids``) must agree on the first ``P``. Files written
-    before the ids were recorded are taken as prefixes of the run's one ``prompts.json`` list, as both were
-    evaluated on it."""
-    files = [run / "runs" / arm / "curve.json" for arm in (a, b)]
+def _check_same_prompts(file_a: Path, ids_a, file_b: Path, ids_b, P: int) -> None:
+    """Refuse to pair two evaluations' first ``P`` per-prompt values (two arms', or an arm's and the
+    reference's) unless they are of the same held-out prompts: the snippet ids the evaluations recorded
+    (``snippet_ids``, in ``file_a`` and ``file_b``) must agree on the first ``P``. Files written before the ids
+    were recorded are taken as prefixes of the run's one ``prompts.json`` list, as both were evaluated on it."""
+    files = [file_a, file_b]
     for path, ids in zip(files, (ids_a, ids_b)):
         if ids is not None and (not isinstance(ids, list) or len(ids) < P):
             raise ValueError(f"{path}: field 'snippet_ids' must list at least {P} prompts' ids{REDO}")
@@ -1302,7 +1307,8 @@ def _paired_across_seeds(out: Path, reps: dict[str, dict], a: str, b: str, beta:
         s = int(reps[n]["config"]["eval"]["samples_per_prompt"])
         va, vb = _final_per_prompt(out / n, a, s), _final_per_prompt(out / n, b, s)
         P = min(len(va["reward"]), len(vb["reward"]))
-        _check_same_prompts(out / n, a, va.pop("snippet_ids"), b, vb.pop("snippet_ids"), P)
+        curves = [out / n / "runs" / arm / "curve.json" for arm in (a, b)]
+        _check_same_prompts(curves[0], va.pop("snippet_ids"), curves[1], vb.pop("snippet_ids"), P)
         va, vb = ({k: v[:P] for k, v in x.items()} for x in (va, vb))
         for k in ("reward", "gold", "kl"):
             diffs[k].append(paired_difference(va[k], vb[k]))
