@@ -141,21 +141,29 @@ def recorded_folder(record_path: Path, what: str, path: str, option: str) -> str
     )
 
 
-def recorded_sha256(record_path: Path, recorded) -> dict[str, str]:
+def recorded_sha256(
+    record_path: Path, recorded, names: list[str] | None = None, missing: str | None = None
+) -> dict[str, str]:
     """The ``sha256`` field of the record ``shiq-train export`` writes beside a model's weights
-    (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files`, each digest 64
-    hex digits (returned in lower case, as :func:`sha256_files` gives them); ``ValueError`` naming the file and
-    field otherwise, a missing field too (weights that cannot be checked are not read as the record's)."""
+    (``record_path``): ``{file name: digest}`` for exactly the folder's :func:`weight_files` (or the file
+    names ``names``, for another record of files beside it), each digest 64 hex digits (returned in lower
+    case, as :func:`sha256_files` gives them); ``ValueError`` naming the file and field otherwise, a missing
+    field too (files that cannot be checked are not read as the record's), then ``missing``: what to do."""
     if recorded is None:
-        raise ValueError(
-            f"{record_path}: field 'sha256' is missing, so the weights cannot be checked: export the run again "
-            f"(shiq-train export), or remove {Path(record_path).name} to read the folder as any Hugging Face model"
-        )
-    names = [f.name for f in weight_files(Path(record_path).parent)]
-    if not isinstance(recorded, dict) or sorted(recorded) != names:
+        if missing is None:
+            missing = (
+                "export the run again (shiq-train export), or remove "
+                f"{Path(record_path).name} to read the folder as any Hugging Face model"
+            )
+        what = "the weights" if names is None else ", ".join(names)
+        raise ValueError(f"{record_path}: field 'sha256' is missing, so {what} cannot be checked: {missing}")
+    files = "the folder's weight files" if names is None else "the files"
+    if names is None:
+        names = [f.name for f in weight_files(Path(record_path).parent)]
+    if not isinstance(recorded, dict) or sorted(recorded) != sorted(names):
         got = sorted(recorded) if isinstance(recorded, dict) else recorded
         raise ValueError(
-            f"{record_path}: field 'sha256': must give the SHA-256 of exactly the folder's weight files {names}, got {got!r}"
+            f"{record_path}: field 'sha256': must give the SHA-256 of exactly {files} {names}, got {got!r}"
         )
     if not all(
         isinstance(d, str) and len(d) == 64 and all(c in "0123456789abcdefABCDEF" for c in d) for d in recorded.values()

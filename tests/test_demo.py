@@ -899,6 +899,7 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
         read_json(run / "curve.json", keys=("step",), records=True)
     edited = tmp_path / "edited"
     Stages(edited, cfg).finish("reward_model", 1.0)
+    _save_head(edited)  # a whole head, its checksum recorded (checked before the next stage runs)
     Stages(edited, cfg).finish("prompts", 1.0)
     (edited / "prompts.json").write_text(json.dumps({"instruction": "x", "eval": []}))
     assert demo.main(["--quick", "--out", str(edited)]) == 2
@@ -1029,6 +1030,76 @@ def test_overrides_and_config_files_that_reached_a_traceback_or_the_run_unchecke
 
     file("older.yaml", older)
     assert demo.load_config(tmp_path / "older.yaml")["train"]["methods"] == ["shiq"]
+
+
+def _save_head(out: Path, **info) -> Path:
+    """A reward head (zeros, MiniLM's width) saved as the stage reward_model saves it, with its record."""
+    import torch
+
+    from shiq_data.reward_head import RegressionRewardModel
+
+    demo.save_reward_head(out, RegressionRewardModel(None, torch.zeros(384), 0.5), {"pearson_held_out": 0.5, **info})
+    return out / "reward_model.safetensors"
+
+
+def test_the_reward_head_is_checked_against_the_sha256_its_record_keeps(tmp_path):
+    """The head was read back (on resume) with only its shapes checked: a file damaged or replaced since the
+    run fitted it scored every later stage. Its record now keeps its SHA-256, checked before it is read: a
+    changed file, a missing one, a record without the field (a run of before) each a one-line error naming
+    the file, the last saying how to resume."""
+    from shiq_data.io import sha256_files
+
+    head = _save_head(tmp_path)
+    record = json.loads((tmp_path / "reward_model.json").read_text())
+    assert record == {"pearson_held_out": 0.5, "sha256": {"reward_model.safetensors": sha256_files([head])}}
+    assert demo.check_reward_head(tmp_path) == head
+    rm = demo.Context({}, tmp_path).reward_model  # read once checked
+    assert rm.bias == 0.5 and rm.score_texts(["a review"]) == [0.5]
+
+    data = bytearray(head.read_bytes())
+    data[-1] ^= 1  # one bit of the last weight
+    head.write_bytes(bytes(data))
+    for check in (lambda: demo.check_reward_head(tmp_path), lambda: demo.Context({}, tmp_path).reward_model):
+        with pytest.raises(ValueError) as e:
+            check()
+        assert str(e.value).startswith(f"{head}: sha256 differs from reward_model.json's (the file changed or is")
+        assert "\n" not in str(e.value)
+    head.unlink()
+    with pytest.raises(ValueError, match=re.escape(f"{head}: missing (a stage's output")):
+        demo.check_reward_head(tmp_path)
+
+    _save_head(tmp_path)
+    (tmp_path / "reward_model.json").write_text(json.dumps({"pearson_held_out": 0.5}))  # as written before
+    with pytest.raises(ValueError) as e:
+        _ = demo.Context({}, tmp_path).reward_model
+    msg = str(e.value)
+    assert msg.startswith(
+        f"{tmp_path / 'reward_model.json'}: field 'sha256' is missing, so reward_model.safetensors cannot be "
+        "checked: a run made before the recipe kept it; if the file is known to be good, add "
+        '"sha256": {"reward_model.safetensors": "<its SHA-256, as sha256sum prints it>"} to reward_model.json'
+    )
+    assert "delete reward_model from" in msg and "\n" not in msg
+    (tmp_path / "reward_model.json").write_text(json.dumps({"sha256": {"other.safetensors": "0" * 64}}))
+    with pytest.raises(ValueError, match=r"reward_model.json: field 'sha256': must give the SHA-256 of exactly the"):
+        demo.check_reward_head(tmp_path)
+
+
+def test_a_resumed_run_refuses_an_unchecked_head_before_any_stage_runs(tmp_path, capsys):
+    """shiq-demo on a run folder whose reward_model stage is done: the head's checksum is checked before the
+    next stage (sampling, minutes of work) begins, and a run of before, without one, ends in one line, exit 2."""
+    from shiq_eval.recipes.common import Stages
+
+    cfg = demo.load_config(quick=True)
+    out = tmp_path / "run"
+    Stages(out, cfg).finish("reward_model", 1.0)
+    _save_head(out)
+    (out / "reward_model.json").write_text(json.dumps({"pearson_held_out": 0.5}))  # a run of before
+    before = sorted(p.name for p in out.iterdir())
+    assert demo.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shiq-demo: error: {out / 'reward_model.json'}: field 'sha256' is missing, so reward_")
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / "prompts.json").exists()
 
 
 def test_two_runs_in_one_folder_are_refused(tmp_path, capsys):

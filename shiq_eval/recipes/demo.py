@@ -15,7 +15,8 @@ newest checkpoint):
 
 1. ``reward_model`` — seeded split of the rated snippets (``split.json``), a ridge head on MiniLM
    sentence embeddings fitted on the training split, its penalty chosen by cross-validation on the
-   training split (``reward_model.safetensors``), its held-out Pearson correlation (``reward_model.json``).
+   training split (``reward_model.safetensors``), its held-out Pearson correlation and the head's SHA-256,
+   checked before a resumed run reads the head (``reward_model.json``).
 2. ``prompts`` — training prompts from the training split, evaluation prompts from the held-out
    split (``prompts.json``): the policy is never scored on a snippet the reward model trained on.
 3. ``samples`` — several completions per training prompt from the reference (temperature 1),
@@ -57,7 +58,7 @@ from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf,
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
 from shiq_data.cli_common import ArgumentParser, folder_path
-from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_data.io import atomic_write_bytes, atomic_write_json, recorded_sha256, sha256_files, type_name
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import (
     PRECISIONS,
@@ -365,7 +366,7 @@ class Context:
     @property
     def reward_model(self):
         if self._rm is None:
-            self._rm = RegressionRewardModel.load(self.out / "reward_model.safetensors")
+            self._rm = RegressionRewardModel.load(check_reward_head(self.out))
         return self._rm
 
     @property
@@ -443,10 +444,41 @@ def stage_reward_model(ctx: Context) -> None:
         "rating_scale": "mean human sentiment rating of the snippet, -4 (most negative) to +4 (most positive)",
     }
     rm.meta.update(info)
-    rm.save(ctx.out / "reward_model.safetensors")
-    atomic_write_json(ctx.out / "reward_model.json", info)
+    save_reward_head(ctx.out, rm, info)
     ctx._rm = rm
     _log(f"reward model: held-out Pearson r = {info['pearson_held_out']:.3f}")
+
+
+REWARD_HEAD = "reward_model.safetensors"  # the stage reward_model's head, its SHA-256 kept in reward_model.json
+
+
+def save_reward_head(out: Path, rm: RegressionRewardModel, info: dict) -> None:
+    """The head as ``out/reward_model.safetensors``, then its record ``out/reward_model.json``: ``info`` and
+    the file's SHA-256 (``sha256``, as an export records its weights'), which :func:`check_reward_head` checks
+    before the head is read again."""
+    rm.save(out / REWARD_HEAD)
+    atomic_write_json(out / "reward_model.json", {**info, "sha256": {REWARD_HEAD: sha256_files([out / REWARD_HEAD])}})
+
+
+def check_reward_head(out: Path) -> Path:
+    """``out/reward_model.safetensors``, once its SHA-256 is the one ``out/reward_model.json`` records:
+    ``ValueError`` naming the file (cut short, damaged, edited or gone) or the record's field, a record
+    without one too (a run made before the recipe kept it: the message says how to resume it)."""
+    record_path, head = out / "reward_model.json", out / REWARD_HEAD
+    record = read_json(record_path)
+    if not isinstance(record, dict):
+        raise ValueError(f"{record_path}: expected a JSON object, got {type_name(record)}{REDO}")
+    older = (
+        f"a run made before the recipe kept it; if the file is known to be good, add "
+        f'"sha256": {{"{REWARD_HEAD}": "<its SHA-256, as sha256sum prints it>"}} to {record_path.name} to resume '
+        f"the run, else delete reward_model from {out / 'stages.json'} to fit the head again, or use another --out"
+    )
+    digest = recorded_sha256(record_path, record.get("sha256"), [REWARD_HEAD], older)[REWARD_HEAD]
+    if not head.is_file():
+        raise ValueError(f"{head}: missing{REDO}")
+    if sha256_files([head]) != digest:
+        raise ValueError(f"{head}: sha256 differs from {record_path.name}'s (the file changed or is corrupt){REDO}")
+    return head
 
 
 def read_prompts(ctx: Context) -> dict:
@@ -1616,6 +1648,8 @@ def run(cfg: dict, out: str | Path) -> dict:
         for m in cfg["train"]["methods"]
     ]
     plan += [("eval_reference", lambda: stage_eval_reference(ctx))]
+    if stages.done("reward_model") and not all(stages.done(name) for name, _ in plan):
+        check_reward_head(out)  # a resumed run's stages score with the head: refused before any of them runs
     return stages.run(
         plan,
         _log,
