@@ -11,6 +11,7 @@ deviation is the sample one (``ddof=1``).
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -19,7 +20,7 @@ import pyarrow as pa
 
 from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
-from shiq_data.io import atomic_write, files_together
+from shiq_data.io import atomic_write, files_together, printable
 from shiq_data.spill import Spill
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
@@ -174,9 +175,24 @@ def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tu
         return stats, _histograms(spill, stats) if histograms else None
 
 
+OVERALL = "(all sources)"  # the first column of the table's overall row; no source's label begins with "("
+
+
+def source_label(name: str) -> str:
+    """A source's name in the table of ``shiq-data stats``: as it is, or as a JSON string (quoted, escaped)
+    when it could be read as something else: the overall row's label (:data:`OVERALL`, so a source named
+    ``(all sources)`` is not the overall row), a quoted name, an empty one, one with a control character (which
+    a terminal would act on) or with space at either end (which the column would not show)."""
+    if not name or name[0] in '("' or name != name.strip() or printable(name) != name:
+        return printable(json.dumps(name, ensure_ascii=False))
+    return name
+
+
 def format_stats(stats: dict, title: str) -> str:
-    """The table ``shiq-data stats`` prints (its first column as wide as the longest source name, at least 20)."""
-    w = max([20, *map(len, stats["sources"])])
+    """The table ``shiq-data stats`` prints: the overall row (:data:`OVERALL`), then a row per source
+    (:func:`source_label`), the first column as wide as the longest label, at least 20."""
+    labels = {name: source_label(name) for name in stats["sources"]}
+    w = max([20, *map(len, labels.values())])
     head = (
         f"{'source':<{w}} {'rows':>7} {'groups':>7} {'tokens mean/p50/max':>22} {'prompt mean':>12} "
         f"{'actions mean/max':>17} {'reward mean':>12} {'std':>8} {'min':>8} {'max':>8} {'ref':>5}"
@@ -194,9 +210,9 @@ def format_stats(stats: dict, title: str) -> str:
         )
 
     if stats["rows"]:
-        line("all", stats["all"])
+        line(OVERALL, stats["all"])
         for name, s in stats["sources"].items():
-            line(name, s)
+            line(labels[name], s)
     sizes = ", ".join(f"{k}: {v}" for k, v in stats["group_sizes"].items())
     lines.append(f"group sizes (rows: groups)  {sizes or 'none'}")
     return "\n".join(lines)
