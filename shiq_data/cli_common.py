@@ -116,7 +116,29 @@ def on_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
+_DEFERRED = {"depth": 0, "pending": False}  # within sigterm_deferred: how deep, and whether SIGTERM came
+
+
+@contextlib.contextmanager
+def sigterm_deferred() -> Iterator[None]:
+    """Within the block, the :class:`Terminated` of a SIGTERM (:func:`on_sigterm`) waits for the block's end,
+    then is raised (in place of any other exception of the block): for work that must not be cut in the
+    middle, such as a worker pool starting a process (stopped between the fork and the pool's record of it,
+    the worker is left unpickling its start-up state from a parent gone, and prints a traceback)."""
+    _DEFERRED["depth"] += 1
+    try:
+        yield
+    finally:
+        _DEFERRED["depth"] -= 1
+        if not _DEFERRED["depth"] and _DEFERRED["pending"]:
+            _DEFERRED["pending"] = False
+            raise Terminated()
+
+
 def _raise_terminated(signum, frame):
+    if _DEFERRED["depth"]:
+        _DEFERRED["pending"] = True
+        return
     raise Terminated()
 
 

@@ -874,6 +874,81 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, 
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
+def test_a_sigterm_in_a_deferred_block_is_raised_at_its_end():
+    """Within sigterm_deferred (a pool starting a worker), the Terminated of a SIGTERM waits for the block's end,
+    and takes the place of another exception of the block; outside it, it is raised at once."""
+    from shiq_data.cli_common import Terminated, on_sigterm, sigterm_deferred
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # on_sigterm would leave it be: the kill would land
+        pytest.skip("SIGTERM is handled by the test runner")
+    with on_sigterm():
+        finished = False
+        with pytest.raises(Terminated):
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)  # (a handler runs between bytecodes: here, had it raised)
+                finished = True
+        assert finished
+        with pytest.raises(Terminated):
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise ValueError("the block's own error")
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def _children(pid: int) -> set[int]:
+    """The child processes of ``pid``, from /proc (none once it has ended)."""
+    out = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            out |= {int(k) for k in (task / "children").read_text().split()}
+        except OSError:
+            continue
+    return out
+
+
+def test_sigterm_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path):
+    """SIGTERM to a parallel build while the pool was starting a worker (writing it its start-up state: the
+    tokenizer, megabytes) stopped the start in the middle: the worker, left reading a cut state from a command
+    that had ended, printed a traceback of its own ('pickle data was truncated') after 'shiq-data: terminated'.
+    The start now ends first, then the command stops. The worker is held in its start by
+    SHIQ_TEST_WORKER_START_DELAY (a sleep inside the state it unpickles, before the tokenizer), so the signal
+    lands there every time."""
+    from shiq_data.readers.parallel import START_DELAY
+
+    rows = "".join(
+        json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(2000)
+    )
+    (tmp_path / "rows.jsonl").write_text(rows)
+    argv = ["build", "jsonl", str(tmp_path / "rows.jsonl"), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf")]
+    proc = subprocess.Popen(
+        [*shiq_data_exe(), *argv, "--workers", "2"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "SHIQ_VERBOSE": "0", START_DELAY: "3"},
+    )
+    deadline = time.monotonic() + 120
+    # a worker: a child of the fork server (the command's other children, the fork server and the resource
+    # tracker, have none)
+    while not any(_children(c) for c in _children(proc.pid)):
+        assert proc.poll() is None and time.monotonic() < deadline, "the build ended before a worker started"
+        time.sleep(0.02)
+    time.sleep(0.5)  # well inside the worker's 3 seconds of start-up
+    below = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
+    while any(Path(f"/proc/{p}").exists() for p in below):  # its workers end with it, not orphaned
+        assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
+        time.sleep(0.1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
 def test_a_broken_pipe_that_is_not_stdout_is_an_error(capsys):
     """A BrokenPipeError from another pipe (a worker, a socket) while stdout is fine is reported like any bad
     input (one line, status 2), not taken for a reader that went away."""

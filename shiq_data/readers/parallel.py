@@ -18,12 +18,13 @@ import multiprocessing
 import os
 import pickle
 import signal
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
-from shiq_data.cli_common import on_sigterm
+from shiq_data.cli_common import on_sigterm, sigterm_deferred
 from shiq_data.readers import Format
 from shiq_data.schema import CHECKED_KEY, INPUT_KEY, GroupIds, check_row
 
@@ -32,7 +33,28 @@ CHUNK = 256  # records per task: small enough to keep every worker busy, large e
 _WORKER: dict = {}  # what each worker process reads with, set once by _start
 
 
-def _start(read, path, tokenizer, options: dict, vocab_size: int | None) -> None:
+START_DELAY = "SHIQ_TEST_WORKER_START_DELAY"  # seconds a worker spends unpickling its start-up state (tests)
+
+
+class _StartDelay:
+    """Unpickled in a worker as a call of ``time.sleep(seconds)``: put before the tokenizer in the start-up
+    state, it holds the worker (and the main process, writing the rest of that state to it) in start-up, so a
+    test can stop the command there for certain."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __reduce__(self):
+        return time.sleep, (self.seconds,)
+
+
+def _start_delay() -> _StartDelay | None:
+    """A :class:`_StartDelay` of :data:`START_DELAY` seconds when that variable is set, else None."""
+    seconds = os.environ.get(START_DELAY)
+    return _StartDelay(float(seconds)) if seconds else None
+
+
+def _start(delay, read, path, tokenizer, options: dict, vocab_size: int | None) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one chunk at a time: no Rust thread pool beside the others
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the caller stops us
     _WORKER.update(read=read, path=path, tokenizer=tokenizer, options=options, vocab_size=vocab_size)
@@ -101,7 +123,7 @@ def parallel_rows(
             workers,
             mp_context=_context(),
             initializer=_start,
-            initargs=(form.read, path, tokenizer, options, vocab_size),
+            initargs=(_start_delay(), form.read, path, tokenizer, options, vocab_size),
         )
         try:
             done = False
@@ -115,7 +137,8 @@ def parallel_rows(
                     if not batch:
                         done = True
                         break
-                    pending.append(pool.submit(_read_chunk, batch))
+                    with sigterm_deferred():  # a submit may start a worker: not stopped half started
+                        pending.append(pool.submit(_read_chunk, batch))
                 if not pending:
                     break
                 rows, error = pending.popleft().result()
