@@ -219,8 +219,9 @@ class DistributedAdamW:
         return [{**{k: v for k, v in g.items() if k != "params"}, "step": step} for g in inner["param_groups"]]
 
     @torch.no_grad()
-    def load_state_dict(self, saved: dict) -> None:
-        """Restore :meth:`state_dict`'s output (data-parallel rank 0's ``state`` reaches the others)."""
+    def load_state_dict(self, saved: dict, problem: str | None = None) -> None:
+        """Restore :meth:`state_dict`'s output (data-parallel rank 0's ``state`` reaches the others); ``problem``:
+        what data-parallel rank 0 already found wrong with it (refused on every rank, as what it checks here)."""
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise ValueError(
                 "the checkpoint's optimizer state was not written by optimizer.distributed=true "
@@ -229,9 +230,8 @@ class DistributedAdamW:
         group = self._group()
         offsets, n = self._flat()
         state = saved["state"]
-        problem = None
         if dist.get_rank(group) == 0:
-            problem = self._check(state)
+            problem = problem or self._check(state)
         root = dist.get_global_rank(group, 0)
         bad = torch.tensor([problem is not None], dtype=torch.int32, device=device())
         dist.broadcast(bad, src=root, group=group)  # every rank stops, not only the one that read the state
@@ -288,22 +288,25 @@ class DistributedAdamW:
                 name: {"param": e.get("master"), **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
                 for name, e in entries.items()
             }
+            problem = None
         elif groups and not any("format" in g for g in groups):
+            problem = _plain_problem(groups, entries, dict(self.named))
             groups, full = self._from_plain(entries)
         else:
-            groups, full = None, None  # refused by load_state_dict, naming the cause
-        self.load_state_dict({"format": STATE_FORMAT, "groups": groups, "state": full} if groups else {})
+            groups, full, problem = None, None, None  # refused by load_state_dict, naming the cause
+        self.load_state_dict({"format": STATE_FORMAT, "groups": groups, "state": full} if groups else {}, problem)
 
     def _from_plain(self, entries: dict) -> tuple[list[dict], dict | None]:
         """``(groups, state)`` of :meth:`load_state_dict` from the default optimizer's by-name ``entries`` (its
-        AdamW run on whole parameters, the same update): each parameter's moments as saved, and its master weight
-        the saved float32 copy (a bfloat16 parameter's) or else the parameter as just loaded (a float32
-        parameter is its own master). A parameter the saved optimizer never stepped starts with zero moments.
-        The groups are this optimizer's own (their hyper-parameters come from the configuration, as on any
-        resume) with the saved step count. ``state`` is built on data-parallel rank 0 only (None elsewhere),
+        AdamW run on whole parameters, the same update; checked by :func:`_plain_problem`): each parameter's
+        moments as saved, and its master weight the saved float32 copy (a bfloat16 parameter's) or else the
+        parameter as just loaded (a float32 parameter is its own master). The groups are this optimizer's own
+        (their hyper-parameters come from the configuration, as on any resume) with the saved step count. ``state`` is built on data-parallel rank 0 only (None elsewhere),
         the one rank whose state :meth:`load_state_dict` reads."""
         steps = [
-            float(e["state"]["step"]) for e in entries.values() if isinstance(e, dict) and "step" in e.get("state", {})
+            float(e["state"]["step"])
+            for e in entries.values()
+            if isinstance(e, dict) and isinstance(e.get("state"), dict) and "step" in e["state"]
         ]
         groups = [{**g, "step": int(max(steps, default=0))} for g in self._groups()]
         if dist.get_rank(self._group()) != 0:
@@ -311,13 +314,12 @@ class DistributedAdamW:
         shapes = dict(self.named)
         full = {}
         for name, e in entries.items():
-            saved = e.get("state", {}) if isinstance(e, dict) else {}
+            saved = e.get("state") if isinstance(e, dict) and isinstance(e.get("state"), dict) else {}
             p = shapes.get(name)
             master = e.get("master") if isinstance(e, dict) else None
             if master is None and p is not None:
                 master = p.detach().float().cpu()
-            zero = torch.zeros(p.shape) if p is not None else None
-            full[name] = {"param": master, **{k: saved.get(k, zero) for k in STATE_KEYS[1:]}}
+            full[name] = {"param": master, **{k: saved.get(k) for k in STATE_KEYS[1:]}}
         return groups, full
 
     def _check(self, state) -> str | None:
@@ -326,7 +328,7 @@ class DistributedAdamW:
         if not isinstance(state, dict) or set(state) != set(names):
             have = set(state) if isinstance(state, dict) else set()
             return (
-                "the checkpoint's distributed optimizer state covers other parameters than the trainable ones "
+                "the checkpoint's optimizer state covers other parameters than the trainable ones "
                 f"(missing {sorted(set(names) - have)}, extra {sorted(have - set(names))})"
             )
         for name, p in self.named:
@@ -338,6 +340,39 @@ class DistributedAdamW:
                         f"the checkpoint's optimizer state {name}.{k} has shape {shape}, the parameter {tuple(p.shape)}"
                     )
         return None
+
+
+def _plain_problem(groups: list, entries: dict, params: dict) -> str | None:
+    """What keeps the default optimizer's by-name state (``groups``, ``entries``) from becoming the distributed
+    optimizer's for the trainable ``params`` (name: parameter), or None: it must be AdamW's (its two groups,
+    decayed parameters of more than one dimension first, each with betas and eps), and every parameter must
+    hold both moments and the one step count that the distributed optimizer keeps for them all (a parameter
+    skipped by some steps, or never stepped, has its own). Parameter names and shapes are checked by
+    :meth:`DistributedAdamW._check` after."""
+    resume_plain = "; resume with optimizer.distributed=false"
+    if len(groups) != 2 or not all("betas" in g and "eps" in g for g in groups):
+        return f"the checkpoint's optimizer state is not the default optimizer's AdamW (its parameter groups){resume_plain}"
+    steps = set()
+    for name, p in params.items():
+        e = entries.get(name)
+        if not isinstance(e, dict):
+            continue  # (named by _check)
+        state = e.get("state") if isinstance(e.get("state"), dict) else {}
+        if e.get("group") != (0 if p.dim() > 1 else 1):
+            return f"the checkpoint's optimizer state puts parameter {name} in group {e.get('group')!r}{resume_plain}"
+        missing = [k for k in ("exp_avg", "exp_avg_sq", "step") if k not in state]
+        if missing:
+            return (
+                f"the checkpoint's optimizer state of parameter {name} has no {', '.join(missing)} (never stepped, "
+                f"or not AdamW's), which the distributed optimizer cannot start from{resume_plain}"
+            )
+        steps.add(float(state["step"]))
+    if len(steps) > 1:
+        return (
+            f"the checkpoint's AdamW step counts differ between parameters ({', '.join(f'{x:g}' for x in sorted(steps))}): "
+            f"the distributed optimizer keeps one for all{resume_plain}"
+        )
+    return None
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -268,6 +268,46 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
     assert ours[-1][0] < ours[0][0] - 0.1  # it trains
 
 
+def test_only_the_default_optimizers_adamw_state_converts():
+    """The default optimizer's by-name state converts into the distributed optimizer's only when it is that
+    AdamW's, with both moments and one step count for every parameter: another optimizer's groups, a missing
+    moment, a parameter in the other weight-decay group or step counts that differ (a parameter some steps
+    skipped) are refused in one line, where they loaded as zeros or the largest count."""
+    import copy
+
+    from shiq_train.checkpoint import optimizer_state_by_name
+
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config())
+        opt, sched = build_optimizer(model, OPT)
+        run_steps(model, opt, sched, steps=2)
+        good = optimizer_state_by_name(model, opt)
+        fresh = M.build_model(tiny_config())
+        _, dopt, _ = build_distributed(fresh, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        names = sorted(good["params"])
+        matrix = next(n for n in names if good["params"][n]["state"]["exp_avg"].dim() > 1)
+        cases = []
+        sgd = copy.deepcopy(good)
+        sgd["groups"] = [{"lr": 0.1, "momentum": 0.9}] * 2
+        cases.append((sgd, "is not the default optimizer's AdamW"))
+        no_moment = copy.deepcopy(good)
+        del no_moment["params"][matrix]["state"]["exp_avg_sq"]
+        cases.append((no_moment, f"parameter {matrix} has no exp_avg_sq"))
+        regrouped = copy.deepcopy(good)
+        regrouped["params"][matrix]["group"] = 1
+        cases.append((regrouped, f"puts parameter {matrix} in group 1"))
+        skipped = copy.deepcopy(good)
+        skipped["params"][matrix]["state"]["step"] = torch.tensor(1.0)
+        cases.append((skipped, "step counts differ between parameters \\(1, 2\\)"))
+        for state, message in cases:
+            with pytest.raises(ValueError, match=message) as e:
+                dopt.load_state_by_name(fresh, state)
+            assert "optimizer.distributed=false" in str(e.value) and "\n" not in str(e.value)
+        dopt.load_state_by_name(fresh, good)  # (the same optimizer takes the state it was refused beside)
+        assert {g["step"] for g in dopt.state_dict()["groups"]} == {2}
+
+
 def test_the_state_travels_in_pieces_a_device_can_hold(monkeypatch):
     """state_dict gathered three float32 vectors of the whole model on every data-parallel rank's device (90 GiB
     at 8B), load_state_dict broadcast them so: now each rank's device holds one piece of GATHER_CHUNK values at a
