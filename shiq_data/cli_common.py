@@ -124,7 +124,8 @@ def sigterm_deferred() -> Iterator[None]:
     """Within the block, the :class:`Terminated` of a SIGTERM (:func:`on_sigterm`) waits for the block's end,
     then is raised (in place of any other exception of the block): for work that must not be cut in the
     middle, such as a worker pool starting a process (stopped between the fork and the pool's record of it,
-    the worker is left unpickling its start-up state from a parent gone, and prints a traceback)."""
+    the worker is left unpickling its start-up state from a parent gone, and prints a traceback). A second
+    SIGTERM within the block is raised at once, so a block that hangs can still be stopped."""
     _DEFERRED["depth"] += 1
     try:
         yield
@@ -136,9 +137,10 @@ def sigterm_deferred() -> Iterator[None]:
 
 
 def _raise_terminated(signum, frame):
-    if _DEFERRED["depth"]:
+    if _DEFERRED["depth"] and not _DEFERRED["pending"]:  # a second SIGTERM does not wait (a start that hangs)
         _DEFERRED["pending"] = True
         return
+    _DEFERRED["pending"] = False
     raise Terminated()
 
 

@@ -896,6 +896,19 @@ def test_a_sigterm_in_a_deferred_block_is_raised_at_its_end():
         with pytest.raises(Terminated):
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
+        # a second SIGTERM does not wait for the block's end (a block that hangs is still stopped)
+        second = False
+        with pytest.raises(Terminated):
+            with sigterm_deferred():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.05)
+                second = True
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(1)
+                second = False
+        assert second
+        with sigterm_deferred():  # and nothing is left pending for a later block
+            pass
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
