@@ -823,12 +823,14 @@ def test_stats_name_each_source_whole(tmp_path, capsys):
 def test_stats_keep_a_source_named_all_apart_from_the_overall_row(tmp_path, capsys):
     """The table's overall row was labelled ``all``: a source of that name printed a second ``all`` row, the two
     told apart only in the JSON. The overall row is ``(all sources)`` now, and a source that could read as it
-    (or as another name: quoted, empty, spaced, with a control character) is shown as a JSON string."""
+    (or as another name: quoted, empty, spaced, with a control character or a zero-width space) is shown as a
+    JSON string."""
     rows = [
         {"prompt": "p", "completion": " a b c", "reward": 1.0, "source": "all"},
         {"prompt": "q", "completion": " a", "reward": -1.0, "source": "(all sources)"},
         {"prompt": "r", "completion": " a b", "reward": 0.5, "source": " spaced\x1b[2J"},
         {"prompt": "s", "completion": " b", "reward": 0.0, "source": "web"},
+        {"prompt": "t", "completion": " c", "reward": 0.0, "source": "web\u200b"},  # a zero-width space: reads as web
     ]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
@@ -836,9 +838,9 @@ def test_stats_keep_a_source_named_all_apart_from_the_overall_row(tmp_path, caps
     assert code == 0
     table = out.splitlines()[2:-1]  # below the title and the header, above the group sizes
     labels = [line[:20].rstrip() for line in table]
-    assert labels == ["(all sources)", '" spaced\\u001b[2J"', '"(all sources)"', "all", "web"], out
-    assert [line.split()[-10] for line in table] == ["4", "1", "1", "1", "1"]  # the rows column
-    assert table[0].split()[-5:-2] == ["0.125", "0.854", "-1"] and table[3].split()[-5] == "1"  # reward mean, std, min
+    assert labels == ["(all sources)", '" spaced\\u001b[2J"', '"(all sources)"', "all", "web", '"web\\u200b"'], out
+    assert [line.split()[-10] for line in table] == ["5", "1", "1", "1", "1", "1"]  # the rows column
+    assert table[0].split()[-5:-2] == ["0.1", "0.742", "-1"] and table[3].split()[-5] == "1"  # reward mean, std, min
     assert "\x1b" not in out and len({len(line) for line in table}) == 1  # nothing for the terminal; aligned
 
 

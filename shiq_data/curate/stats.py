@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
-from shiq_data.io import atomic_write, files_together, printable
+from shiq_data.io import atomic_write, files_together
 from shiq_data.spill import Spill
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
@@ -181,10 +181,14 @@ OVERALL = "(all sources)"  # the first column of the table's overall row; no sou
 def source_label(name: str) -> str:
     """A source's name in the table of ``shiq-data stats``: as it is, or as a JSON string (quoted, escaped)
     when it could be read as something else: the overall row's label (:data:`OVERALL`, so a source named
-    ``(all sources)`` is not the overall row), a quoted name, an empty one, one with a control character (which
-    a terminal would act on) or with space at either end (which the column would not show)."""
-    if not name or name[0] in '("' or name != name.strip() or printable(name) != name:
-        return printable(json.dumps(name, ensure_ascii=False))
+    ``(all sources)`` is not the overall row), a quoted name, an empty one, one with space at either end
+    (which the column would not show), or one with a character that does not print as itself: a control
+    character (which a terminal would act on), a zero-width or direction mark (``web\u200b`` would read as
+    ``web``), any space but the ASCII one; those characters are escaped (``\u200b``)."""
+    if not name.isprintable():
+        return json.dumps(name)
+    if not name or name[0] in '("' or name != name.strip():
+        return json.dumps(name, ensure_ascii=False)
     return name
 
 
