@@ -137,7 +137,7 @@ def test_vader_gold_scorer_reads_sentiment():
 )
 def test_t_quantile_is_students(df, t95, t90):
     """The two-sided Student t quantile that clustered standard errors over G clusters are multiplied by
-    (G − 1 degrees of freedom), against a printed table's three decimals; 1.96 would cover only about 85% at
+    (G − 1 degrees of freedom), against a printed table's three decimals; 1.96 would cover about 88% at
     G = 5."""
     from shiq_eval import optimum
 
