@@ -1,6 +1,7 @@
 """The main job (``shiq-demo``): configuration handling, buffer rows, and the quick end-to-end run."""
 
 import csv
+import hashlib
 import json
 import math
 import random
@@ -1047,11 +1048,10 @@ def test_the_reward_head_is_checked_against_the_sha256_its_record_keeps(tmp_path
     run fitted it scored every later stage. Its record now keeps its SHA-256, checked before it is read: a
     changed file, a missing one, a record without the field (a run of before) each a one-line error naming
     the file, the last saying how to resume."""
-    from shiq_data.io import sha256_files
-
     head = _save_head(tmp_path)
     record = json.loads((tmp_path / "reward_model.json").read_text())
-    assert record == {"pearson_held_out": 0.5, "sha256": {"reward_model.safetensors": sha256_files([head])}}
+    digest = hashlib.sha256(head.read_bytes()).hexdigest()
+    assert record == {"pearson_held_out": 0.5, "sha256": {"reward_model.safetensors": digest}}
     assert demo.check_reward_head(tmp_path) == head
     rm = demo.Context({}, tmp_path).reward_model  # read once checked
     assert rm.bias == 0.5 and rm.score_texts(["a review"]) == [0.5]
