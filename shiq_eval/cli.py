@@ -75,7 +75,7 @@ from shiq_eval.checkpoints import (
     policy_infos,
 )
 from shiq_eval.moviereviews import movie_prompts
-from shiq_eval.optimum import clustered_mean_stderr, per_prompt
+from shiq_eval.optimum import clustered_mean_stderr, error_text, per_prompt
 from shiq_eval.report import COLUMNS, plot_curves, write_table
 from shiq_eval.scorers import (
     PYTHON_PREFIX,
@@ -657,7 +657,7 @@ def run(args) -> list[dict]:
             if lead and not args.quiet:
                 log.info(
                     f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
-                    f"{rows[-1]['reward_stderr']:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
@@ -676,7 +676,7 @@ def run(args) -> list[dict]:
             if lead and not args.quiet:
                 log.info(
                     f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
-                    f"{rows[-1]['reward_stderr']:.2g}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
     if not lead:
         return [ref_row] + rows

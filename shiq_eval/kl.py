@@ -73,12 +73,12 @@ def exact_token_kl(token_kls: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def mean_stderr(values: torch.Tensor) -> tuple[float, float]:
-    """Mean and standard error of the mean of ``[N]`` per-sequence values (SHIQ_MATH §9; stderr 0 when N = 1).
+    """Mean and standard error of the mean of ``[N]`` per-sequence values (SHIQ_MATH §9; stderr NaN, undefined, when N = 1).
     Unlike :func:`shiq_eval.optimum.mean_stderr`, which refuses them, an infinite KL (a token the reference
     gives probability 0) is kept: the mean is then infinite, as the KL is, and its standard error NaN (undefined)."""
     v = values.double().flatten()
     n = v.numel()
     if n == 0:
         raise ValueError("mean_stderr needs at least one value")
-    se = float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else 0.0
+    se = float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
     return float(v.mean()), se

@@ -47,6 +47,7 @@ from shiq_eval.optimum import (
     paired_difference,
     per_prompt,
     t_quantile,
+    undefined_as_null,
 )
 from shiq_eval.report import plot_curves, plot_j_vs_step
 
@@ -561,16 +562,18 @@ def j_comparable(a: dict, b: dict) -> str:
 
 
 def _csv(rows: list[dict], columns: list[str]) -> str:
+    """The ``columns`` of ``rows`` as CSV; an undefined (NaN) standard error an empty cell, as null is
+    (:func:`shiq_eval.optimum.undefined_as_null`)."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     w.writeheader()
-    for r in rows:
+    for r in undefined_as_null(rows):
         w.writerow(r)
     return buf.getvalue()
 
 
 def _pm(mean, se, note: str = "", units: int = 2) -> str:
-    """``mean ± se``; ``± –`` over one prompt or scenario, which measures no spread (its s.e. 0 a placeholder)."""
+    """``mean ± se``; ``± –`` over one prompt or scenario, which measures no spread (its s.e. NaN, undefined)."""
     if mean is None:
         return f"– ({note})" if note else ""
     return f"{mean:.4g} ± {se:.2g}" if units > 1 else f"{mean:.4g} ± –"

@@ -53,13 +53,53 @@ def whole_number(x, name: str) -> int:
 
 
 def mean_stderr(values) -> tuple[float, float]:
-    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; 0 for one value). The spread is taken of
-    the values scaled to at most 1 and scaled back, so values near 1e200 (J at a large β) give a finite one
-    where their squares would overflow."""
+    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; NaN for one value, whose spread is
+    undefined: written as null, :func:`undefined_as_null`). The spread is taken of the values scaled to at most
+    1 and scaled back, so values near 1e200 (J at a large β) give a finite one where their squares would
+    overflow."""
     v = _vector(values, "values")
     scale = _scale(v)
-    se = float((v / scale).std(ddof=1) / math.sqrt(v.size) * scale) if v.size > 1 else 0.0
+    se = float((v / scale).std(ddof=1) / math.sqrt(v.size) * scale) if v.size > 1 else math.nan
     return float(v.mean()), se
+
+
+ERROR_SUFFIXES = ("_stderr", "_se", "_sd")  # the keys of standard errors and deviations in written results
+
+
+def is_error_key(key) -> bool:
+    """Whether a results key names a standard error or deviation (``stderr``, ``*_stderr``, ``*_se``,
+    ``*_sd``): the fields :func:`undefined_as_null` writes as null when they are undefined (NaN)."""
+    return isinstance(key, str) and (key == "stderr" or key.endswith(ERROR_SUFFIXES))
+
+
+def undefined_as_null(obj):
+    """``obj`` (JSON-like: dicts, lists, tuples) with every NaN under an error key (:func:`is_error_key`)
+    as None: an undefined standard error or deviation (one prompt, one scenario, one seed) is null in JSON
+    and empty in CSV, never 0 (a zero-width interval). Any other NaN is left, for the writer to refuse."""
+    if isinstance(obj, dict):
+        return {
+            k: None if is_error_key(k) and isinstance(v, float) and math.isnan(v) else undefined_as_null(v)
+            for k, v in obj.items()
+        }
+    if isinstance(obj, (list, tuple)):
+        return [undefined_as_null(v) for v in obj]
+    return obj
+
+
+def null_as_undefined(obj):
+    """The inverse of :func:`undefined_as_null` for a file read back: None under an error key as NaN, so
+    arithmetic on it gives NaN (undefined), not a TypeError. A 0.0 of an older file stays 0.0."""
+    if isinstance(obj, dict):
+        return {k: math.nan if v is None and is_error_key(k) else null_as_undefined(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [null_as_undefined(v) for v in obj]
+    return obj
+
+
+def error_text(se, fmt: str = ".3f") -> str:
+    """A standard error as text: ``–`` where it is undefined (NaN, or None as read from a file), as the
+    Markdown tables show an error over one prompt, scenario or seed."""
+    return "–" if se is None or math.isnan(se) else format(se, fmt)
 
 
 def t_quantile(df: int, level: float = 0.95) -> float:
@@ -85,7 +125,7 @@ def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
     """Mean of ``values [N]`` and its standard error when values of one cluster (``clusters [N]``: any
     hashable labels, e.g. the turns of one multi-turn scenario) may be correlated and clusters are
     independent (SHIQ_MATH §9): ``se² = G/(G−1) · Σ_c (Σ_{i∈c} (v_i − v̄))² / N²`` over ``G`` clusters;
-    0 for one cluster. With one value per cluster it is :func:`mean_stderr`'s; with clusters of equal
+    NaN (undefined) for one cluster. With one value per cluster it is :func:`mean_stderr`'s; with clusters of equal
     size, the standard error of the cluster means."""
     v = _vector(values, "values")
     labels = list(clusters)
@@ -96,7 +136,7 @@ def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
     g = len(codes)
     mean = float(v.mean())
     if g < 2:
-        return mean, 0.0
+        return mean, math.nan
     scale = _scale(v)
     sums = np.bincount(idx, weights=(v - mean) / scale, minlength=g)  # [G], scaled as in mean_stderr
     return mean, float(math.sqrt(g / (g - 1) * float((sums**2).sum())) / v.size * scale)

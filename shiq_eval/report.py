@@ -12,6 +12,7 @@ import io
 from pathlib import Path
 
 from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_eval.optimum import undefined_as_null
 
 COLUMNS = [
     "method",
@@ -28,8 +29,11 @@ COLUMNS = [
 
 
 def write_table(rows: list[dict], out_dir, columns: list[str] | None = None) -> tuple[Path, Path]:
-    """``results.csv`` (the ``columns``, default :data:`COLUMNS`) and ``results.json`` in ``out_dir``."""
+    """``results.csv`` (the ``columns``, default :data:`COLUMNS`) and ``results.json`` in ``out_dir``. An
+    undefined (NaN) standard error, of one prompt or scenario, is null in the JSON and empty in the CSV
+    (:func:`shiq_eval.optimum.undefined_as_null`)."""
     out_dir = Path(out_dir)
+    rows = undefined_as_null(rows)
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns or COLUMNS, extrasaction="ignore")
     w.writeheader()

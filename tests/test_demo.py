@@ -159,13 +159,15 @@ def test_full_refuses_an_out_of_other_files_before_anything_is_made(tmp_path, ca
 
 
 def test_a_gain_is_beyond_two_standard_errors_only_where_an_error_was_measured():
-    """One held-out prompt (data.eval_prompts=1 is allowed) gives a paired error of 0, and every positive gain
-    was reported as beyond two standard errors."""
+    """One held-out prompt (data.eval_prompts=1 is allowed) gave a paired error of 0, and every positive gain
+    was reported as beyond two standard errors; the error is now undefined (NaN), and neither it nor an older
+    file's 0 puts a gain beyond two of it."""
     from shiq_eval.evaluate import _check_prompt_major
     from shiq_eval.optimum import paired_difference
 
     gain, se = paired_difference([0.4], [0.1])
-    assert (gain, se) == pytest.approx((0.3, 0.0)) and not demo.beyond_two_se(gain, se)
+    assert gain == pytest.approx(0.3) and math.isnan(se) and not demo.beyond_two_se(gain, se)
+    assert not demo.beyond_two_se(0.3, 0.0)
     assert demo.beyond_two_se(0.3, 0.1) and not demo.beyond_two_se(0.2, 0.1)
     with pytest.raises(ValueError, match="samples_per_prompt must be a whole number, got 2.5"):  # (was taken as 2)
         _check_prompt_major([[1], [1], [2], [2]], 2.5)
@@ -951,11 +953,15 @@ def test_evaluation_files_edited_or_cut_by_hand_are_named_with_record_and_field(
     """A NaN reward, a list cut short or a stage's record of other prompts ended in a TypeError, a NaN in the
     report or a silently shorter pairing with the reference; each is named with the file, record and field."""
     s = 2  # samples per prompt
-    rec = {k: 0.5 for k, kind in demo.EVAL_FIELDS.items() if kind == "number"}
+    rec = {k: 0.5 for k, kind in demo.EVAL_FIELDS.items() if kind in ("number", "error")}
     rec |= {"rewards": [1.0, 2.0, 3.0, 4.0], "gold": [0.0] * 4, "kls_exact": [0.1] * 4, "n": 4, "samples": []}
     curve = tmp_path / "curve.json"
     curve.write_text(json.dumps([rec | {"step": 2, "train_seconds": 1.0}]))
     assert demo.read_evaluations(curve, s)[0]["rewards"] == [1.0, 2.0, 3.0, 4.0]
+    curve.write_text(json.dumps([rec | {"step": 2, "train_seconds": 1.0, "reward_stderr": None}]))
+    got = demo.read_evaluations(curve, s)[0]  # an undefined error (one prompt), null in the file: NaN
+    assert math.isnan(got["reward_stderr"]) and got["gold_stderr"] == 0.5
+    curve.write_text(json.dumps([rec | {"step": 2, "train_seconds": 1.0}]))
     ref = rec | {"j_star_rewards": [[1.0, 2.0, 0.0], [3.0, 4.0, 1.0]], "j_star_seconds": 1.0}
     (tmp_path / "ref.json").write_text(json.dumps(ref))
     assert demo.read_evaluations(tmp_path / "ref.json", s, demo.REFERENCE_FIELDS, records=False) == ref
@@ -966,6 +972,7 @@ def test_evaluation_files_edited_or_cut_by_hand_are_named_with_record_and_field(
         ({"rewards": [1.0] * 3, "gold": [0.0] * 3, "kls_exact": [0.0] * 3}, r"record 2: .*samples_per_prompt \(2\), got lengths \[3, 3, 3\]"),
         ({"step": -1}, r"record 2: field 'step' must be an integer >= 0, got -1"),
         ({"n": True}, r"record 2: field 'n' must be an integer >= 1, got true"),
+        ({"reward_stderr": "0.1"}, r"record 2: field 'reward_stderr' must be a finite number or null, got \"0.1\""),
     ]  # fmt: skip
     for edit, needle in bad_curves:
         curve.write_text(
@@ -1141,3 +1148,83 @@ def test_a_one_layer_model_is_not_told_to_train_at_most_zero_layers():
     with pytest.raises(ValueError, match="train at most 29, or set train.cache_frozen_prefix=false"):
         check_frozen_prefix({"train.trainable_last_layers": -1}, 30)
     check_frozen_prefix({"train.trainable_last_layers": 6}, 30)
+
+
+def test_one_held_out_prompt_writes_its_undefined_standard_errors_as_null_and_empty(tmp_path):
+    """data.eval_prompts=1: one prompt measures no spread. The report (build_report on hand-made stage files,
+    written as the run writes it) holds null for every standard error over prompts in report.json and
+    results.json and empty cells in results.csv, where all held 0.0 (read as exact); report.md shows "–". The
+    stage files hold null for them too and are read back (a resumed run re-reads them)."""
+    from types import SimpleNamespace
+
+    from shiq_eval.recipes.common import Stages
+
+    cfg = demo.load_config(quick=True, overrides=["train.methods=[shiq@0.1]", "eval.samples_per_prompt=1"])
+    errors = ("reward_stderr", "gold_stderr", "kl_exact_stderr", "kl_sample_stderr")
+    ev = {"n": 1, "samples": [], "eval_seconds": 1.0, "snippet_ids": [7], **dict.fromkeys(errors)}
+    ev |= {"rewards": [0.5], "gold": [0.25], "reward_mean": 0.5, "gold_mean": 0.25}
+    ref = ev | {"kls_exact": [0.0], "kl_exact": 0.0, "kl_sample": 0.0, "j_star_rewards": [[0.5, 0.7]]}
+    (tmp_path / "reference_eval.json").write_text(json.dumps(ref | {"j_star_seconds": 1.0}))
+    arm = ev | {"rewards": [0.75], "reward_mean": 0.75, "kls_exact": [0.5], "kl_exact": 0.5, "kl_sample": 0.5}
+    (tmp_path / "runs" / "shiq@0.1").mkdir(parents=True)
+    row = arm | {"method": "shiq@0.1", "beta": 0.1, "step": 4, "train_seconds": 2.0}
+    (tmp_path / "runs" / "shiq@0.1" / "curve.json").write_text(json.dumps([row]))
+    (tmp_path / "reward_model.json").write_text(
+        json.dumps({"l2": 1.0, "n_train": 9, "n_held_out": 3, "pearson_held_out": 0.5})
+    )
+    (tmp_path / "buffer.json").write_text(json.dumps({"reward_center": 0.0}))
+    rep = demo.build_report(SimpleNamespace(cfg=cfg, out=tmp_path), {"report": 1.0})
+    Stages._write_report(SimpleNamespace(out=tmp_path), rep, demo.report_markdown)
+    strict = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert {k: strict["reference"][k] for k in ("reward_stderr", "gold_stderr", "J_stderr")} == dict.fromkeys(
+        ("reward_stderr", "gold_stderr", "J_stderr")
+    )
+    m = strict["methods"]["shiq@0.1"]
+    per_prompt = ("J_stderr", "J_minus_reference_stderr", "gold_minus_reference_stderr", "j_star_stderr")
+    per_prompt += ("j_star_minus_J_stderr", "reward_gain_paired_stderr", "reward_gain_unpaired_stderr")
+    assert {k: m[k] for k in errors[:2] + ("kl_stderr", "kl_sample_stderr") + per_prompt} == dict.fromkeys(
+        errors[:2] + ("kl_stderr", "kl_sample_stderr") + per_prompt
+    )
+    assert m["gain_over_2se"] is False and m["reward_gain"] == 0.25
+    assert strict["j_star"]["stderr"] is None and {c["j_star_stderr"] for c in strict["j_star"]["curve"]} == {None}
+    # the table: step 0 (the reference on the arm's prompt; its KL 0 exact) and the arm's checkpoint
+    rows = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["step"], r["reward_stderr"], r["gold_stderr"], r["J_stderr"]) for r in rows] == [
+        (0, None, None, None),
+        (4, None, None, None),
+    ]
+    assert [(r["kl_exact_stderr"], r["kl_sample_stderr"]) for r in rows] == [(0.0, 0.0), (None, None)]
+    with open(tmp_path / "results.csv", newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert [(c["reward_stderr"], c["gold_stderr"], c["kl_exact_stderr"], c["J_stderr"]) for c in cells] == [
+        ("", "", "0.0", ""),
+        ("", "", "", ""),
+    ]
+    md = (tmp_path / "report.md").read_text()
+    assert "nan" not in md and "± –" in md
+
+
+def test_seed_statistics_of_one_seed_or_undefined_errors_are_nan_not_zero():
+    """seed_stats: the s.d. of one seed is NaN (undefined), not 0; across_seeds: with one seed the standard
+    error is that seed's, with undefined within-seed errors (one prompt) the seeds' spread alone, NaN when
+    neither is defined, and otherwise sqrt(max(sd², mean se²) / S) as before (numbers of defined errors
+    unchanged); the written form is null and reads back as NaN, an older 0.0 as 0.0."""
+    from shiq_eval.optimum import null_as_undefined, undefined_as_null
+    from shiq_eval.recipes.common import across_seeds, sd_cell, seed_stats
+
+    mean, sd = seed_stats([0.5])
+    assert mean == 0.5 and math.isnan(sd) and sd_cell(sd, 1) == "–" and sd_cell(math.nan, 3) == "–"
+    mean, se, sd = across_seeds([(0.5, 0.2)])
+    assert (mean, se) == (0.5, 0.2) and math.isnan(sd)
+    per = [(0.5, math.nan), (0.7, math.nan), (0.9, math.nan)]  # one prompt in each seed
+    assert across_seeds(per)[1] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1) / math.sqrt(3), rel=1e-15)
+    assert all(math.isnan(x) for x in across_seeds([(0.5, math.nan)])[1:])
+    per = [(0.5, 0.3), (0.7, 0.01), (0.6, 0.2)]
+    within = np.mean([0.3**2, 0.01**2, 0.2**2])
+    assert across_seeds(per)[1] == float(np.sqrt(max(np.std([0.5, 0.7, 0.6], ddof=1) ** 2, within) / 3))
+    row = {"J": 0.5, "J_se": math.nan, "J_sd": 0.0, "curve": [{"j_star_stderr": math.nan, "j_star": math.nan}]}
+    assert json.dumps(undefined_as_null(row)) == (
+        '{"J": 0.5, "J_se": null, "J_sd": 0.0, "curve": [{"j_star_stderr": null, "j_star": NaN}]}'
+    )  # only errors: another NaN is left for atomic_write_json to refuse
+    back = null_as_undefined(json.loads('{"J_se": null, "J_sd": 0.0, "gain_share": null}'))
+    assert math.isnan(back["J_se"]) and back["J_sd"] == 0.0 and back["gain_share"] is None

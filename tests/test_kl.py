@@ -96,6 +96,8 @@ def test_mean_stderr():
     m, se = mean_stderr(torch.tensor([1.0, 2.0, 3.0, 4.0]))
     assert m == 2.5
     assert se == pytest.approx(torch.tensor([1.0, 2.0, 3.0, 4.0]).std().item() / 2)
+    m, se = mean_stderr(torch.tensor([2.0]))  # one value: no spread to measure, NaN (undefined), not 0
+    assert m == 2.0 and math.isnan(se)
     with pytest.raises(ValueError, match="mean_stderr needs at least one value"):
         mean_stderr(torch.tensor([]))
 

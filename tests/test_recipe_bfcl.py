@@ -591,3 +591,39 @@ def test_values_a_stage_would_refuse_are_refused_before_the_run_folder_is_made(t
     assert bfcl.main(["--quick", "--out", str(out), "--seeds", "0,1"]) == 2
     assert "holds files (buffer) that a study of seeds does not write" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == before
+
+
+def test_one_seed_of_one_scenario_writes_its_undefined_errors_as_null(tmp_path):
+    """One scenario measures no spread between scenarios, one seed none between seeds: the run's summary gives
+    NaN for the clustered errors (report.json: null, as the run writes it), and seeds_report.json holds null for
+    every ``_se`` and ``_sd``, where it held 0.0 (read as exact); seeds_report.md shows "–", never "nan". A
+    report.json of before, holding 0.0, still reads (its 0.0 passed on as it was)."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    rep = _hand_made_seed(tmp_path / "seed0", rng, {"shiq": 0.5, "mt_copg": 0.5}, n_scenarios=1)
+    turns = json.loads((tmp_path / "seed0" / "runs" / "shiq" / "eval.json").read_text())["turns"]
+    ref_turns = json.loads((tmp_path / "seed0" / "runs" / "mt_copg" / "eval.json").read_text())["turns"]
+    extra = {"valid": True, "answer_tokens": 9}
+    summary = bfcl.summarize([t | extra for t in turns], [t | extra for t in ref_turns])
+    errors = sorted(k for k in summary if k.endswith("_stderr"))
+    assert len(errors) == 8 and all(math.isnan(summary[k]) for k in errors)
+    for s in (rep["reference"], *rep["methods"].values()):
+        s.update((k, None) for k in list(s) if k.endswith("_stderr"))  # as the run's report.json holds them
+    (tmp_path / "seed0" / "report.json").write_text(json.dumps(rep))
+    bfcl.seeds_report(tmp_path, ["seed0"])
+    strict = json.loads((tmp_path / "seeds_report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
+    for row in strict["arms"]:
+        spread = {k: v for k, v in row.items() if k.endswith(("_se", "_sd"))}
+        assert len(spread) == 16 and spread == dict.fromkeys(spread), row["arm"]
+    (pair,) = strict["comparisons"]
+    assert (pair["a"], pair["b"], pair["seeds"], pair["n_scenarios"]) == ("shiq", "mt_copg", 1, 1)
+    spread = {k: v for k, v in pair.items() if k.endswith(("_se", "_sd"))}
+    assert len(spread) == 8 and spread == dict.fromkeys(spread)
+    md = (tmp_path / "seeds_report.md").read_text()
+    assert "nan" not in md and "± – [–]" in md
+    for s in (rep["reference"], *rep["methods"].values()):  # a report.json of before: 0.0 for the same errors
+        s.update((k, 0.0) for k in list(s) if k.endswith("_stderr"))
+    (tmp_path / "seed0" / "report.json").write_text(json.dumps(rep))
+    rows = {r["arm"]: r for r in bfcl.seeds_report(tmp_path, ["seed0"])["arms"]}
+    assert rows["shiq"]["turn_accuracy_se"] == 0.0 and math.isnan(rows["shiq"]["turn_accuracy_sd"])

@@ -199,3 +199,32 @@ def test_run_rows_cluster_their_standard_errors_by_scenario():
         se = (3 / (3 - 1) * (d**2).sum() / len(v) ** 2) ** 0.5
         assert out[f"{key}_stderr"] == pytest.approx(se, rel=1e-12), key
         assert out[f"{key}_stderr"] > 1.2 * v.sem()  # correlated turns: more than the plain standard error
+
+
+def test_one_prompt_writes_its_undefined_standard_errors_as_null_and_empty(tmp_path, init):
+    """One prompt measures no spread: shiq-eval run's results.json holds null for its standard errors and
+    results.csv empty cells, where both held 0.0 (read as exact, a zero-width interval); the leaderboard of
+    those results leaves them empty in leaderboard.csv and pairs.csv, and its Markdown shows "–"."""
+    import csv
+
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4 w5"}) + "\n")
+    args = ["run", str(init), "--reference", str(init), "--out", str(tmp_path / "eval"), "--prompts", str(prompts)]
+    args += ["--scorer", "python:scorer_functions:length_and_letters", "--max-new-tokens", "3"]
+    assert eval_cli.main([*args, "--samples-per-prompt", "2", "--quiet"]) == 0
+    errors = ("reward_stderr", "kl_sample_stderr", "kl_exact_stderr")
+    rows = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(rows) == 2
+    assert [{k: r[k] for k in errors} for r in rows] == [dict.fromkeys(errors)] * 2  # null, not 0.0
+    assert all(isinstance(r["reward_mean"], float) for r in rows)
+    with open(tmp_path / "eval" / "results.csv", newline="") as f:
+        cells = list(csv.DictReader(f))
+    assert [{k: c[k] for k in errors} for c in cells] == [dict.fromkeys(errors, "")] * 2
+    assert eval_cli.main(["leaderboard", str(tmp_path / "eval"), "--out", str(tmp_path / "board")]) == 0
+    with open(tmp_path / "board" / "leaderboard.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [(t["units"], t["reward_stderr"], t["kl_stderr"], t["J_stderr"]) for t in table] == [("1", "", "", "")] * 2
+    with open(tmp_path / "board" / "pairs.csv", newline="") as f:
+        pairs = list(csv.DictReader(f))
+    assert pairs and [(p["reward_diff_stderr"], p["J_diff_stderr"]) for p in pairs] == [("", "")] * len(pairs)
+    assert "± –" in (tmp_path / "board" / "leaderboard.md").read_text()

@@ -70,7 +70,7 @@ from shiq_eval.bfcl.data import (
 from shiq_eval.bfcl.edits import CORRUPTIONS
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
-from shiq_eval.optimum import clustered_mean_stderr, paired_difference, t_quantile
+from shiq_eval.optimum import clustered_mean_stderr, error_text, paired_difference, t_quantile
 from shiq_eval.recipes.common import (
     REDO,
     SEED_WHY,
@@ -99,6 +99,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     sd_cell,
     seed_stats,
+    write_results_json,
 )
 from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import plot_frontier
@@ -677,10 +678,10 @@ def report_markdown(rep: dict) -> str:
     layers = cfg["model"]["layers"]
 
     def pm(r, k):
-        return f"{r[k]:.3f} ± {r[k + '_stderr']:.3f}"
+        return f"{r[k]:.3f} ± {error_text(r[k + '_stderr'])}"
 
     def diff(r, k):
-        return f"{r[k + '_minus_reference']:+.3f} ({r[k + '_minus_reference_stderr']:.3f})"
+        return f"{r[k + '_minus_reference']:+.3f} ({error_text(r[k + '_minus_reference_stderr'])})"
 
     lines = [
         "# shiq-bfcl: multi-turn BFCL-V3 on SmolLM2-135M-Instruct",
@@ -805,7 +806,8 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
         S, T = d.shape
         resid = d - d.mean(1, keepdims=True) - d.mean(0, keepdims=True) + d.mean()
         r2 = float((resid**2).sum() / ((S - 1) * (T - 1))) if S > 1 and T > 1 else 0.0
-        row[f"{m}_se"] = float(np.sqrt(clustered**2 + max(0.0, sd**2 - r2 / T) / S))
+        shift = max(0.0, sd**2 - r2 / T) if S > 1 else 0.0  # one seed: no shift measured (sd NaN)
+        row[f"{m}_se"] = float(np.sqrt(clustered**2 + shift / S))  # NaN over one scenario (clustered NaN)
     return row
 
 
@@ -852,7 +854,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
     title = f"{len(names)} training seeds: mean ± 1 s.d. of the seeds"
     plot_turn_frontiers(by_arm.pop("reference"), by_arm, out, err="sd", title=title, prefix="seeds_")
     result = {"seeds": names, "arms": rows, "comparisons": comparisons}
-    atomic_write_json(out / "seeds_report.json", result)
+    write_results_json(out / "seeds_report.json", result)
     atomic_write_bytes(out / "seeds_report.md", seeds_report_markdown(result).encode())
     return result
 
@@ -860,7 +862,7 @@ def seeds_report(out: Path, names: list[str]) -> dict:
 def seeds_report_markdown(rep: dict) -> str:
     def cell(r, k):
         sign = "+" if k.endswith("_minus_reference") else ""
-        return f"{r[k]:{sign}.3f} ± {sd_cell(r[k + '_sd'], r['seeds'])} [{r[k + '_se']:.3f}]" if k in r else ""
+        return f"{r[k]:{sign}.3f} ± {sd_cell(r[k + '_sd'], r['seeds'])} [{error_text(r[k + '_se'])}]" if k in r else ""
 
     lines = [
         f"# {PROG}: seeds {', '.join(rep['seeds'])}",
@@ -891,7 +893,7 @@ def seeds_report_markdown(rep: dict) -> str:
             "|---|---|---|---|---|---|---|---|",
         ]
         for c in rep["comparisons"]:
-            cells = [f"{c[m]:+.3f} ± {c[m + '_se']:.3f} [{sd_cell(c[m + '_sd'], c['seeds'])}]" for m in METRICS]
+            cells = [f"{c[m]:+.3f} ± {error_text(c[m + '_se'])} [{sd_cell(c[m + '_sd'], c['seeds'])}]" for m in METRICS]
             lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -994,7 +996,7 @@ def _main(args) -> int:
     ref = rep["reference"]
     for m, r in rep["methods"].items():
         _log(
-            f"{m}: turn accuracy {r['turn_accuracy']:.3f} ± {r['turn_accuracy_stderr']:.3f} (reference "
+            f"{m}: turn accuracy {r['turn_accuracy']:.3f} ± {error_text(r['turn_accuracy_stderr'])} (reference "
             f"{ref['turn_accuracy']:.3f}), turn reward {r['mean_turn_reward']:.3f}, KL {r['kl']:.3f}"
         )
     _log(f"done: {Path(args.out) / 'report.md'}")

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, json_loads, one_line, type_name
+from shiq_eval.optimum import null_as_undefined, undefined_as_null
 from shiq_eval.suite import check_no_resolvers
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
@@ -428,10 +429,11 @@ def check_study_folder(out: Path, owns: set[str]) -> None:
 def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), records: bool = False):
     """A recipe's JSON file, or a ``ValueError`` naming it and saying what to do (``hint``, default: how to
     make a stage's output again) when it is cut short, not UTF-8 or gone, or, given ``keys``, not an object
-    holding them (with ``records``: not a list of such objects)."""
+    holding them (with ``records``: not a list of such objects). A null standard error or deviation (an
+    undefined one, :func:`shiq_eval.optimum.undefined_as_null`) is read as NaN."""
     redo = REDO if hint is None else hint
     try:
-        data = json_loads(path.read_text(encoding="utf-8"))
+        data = null_as_undefined(json_loads(path.read_text(encoding="utf-8")))  # an undefined error: NaN
     except (ValueError, RecursionError, FileNotFoundError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise ValueError(f"{path}: {_json_problem(e)}{redo}") from None
     if records and (not isinstance(data, list) or not data):  # (written only with a record in it)
@@ -446,12 +448,20 @@ def read_json(path: Path, hint: str | None = None, keys: tuple[str, ...] = (), r
     return data
 
 
+def write_results_json(path: Path, obj) -> Path:
+    """``atomic_write_json`` of a recipe's results: an undefined (NaN) standard error or deviation written as
+    null (:func:`shiq_eval.optimum.undefined_as_null`; :func:`read_json` reads it back as NaN)."""
+    return atomic_write_json(path, undefined_as_null(obj))
+
+
 def field_problem(kind: str, v) -> str | None:
     """What a value of kind ``kind`` must be when ``v`` is not that, else None: ``text``, ``count`` (an
     integer >= 1), ``index`` (an integer >= 0), ``number`` (finite), ``numbers`` (a non-empty list of finite
-    numbers), ``flag`` (a bool) or ``any``."""
+    numbers), ``error`` (a standard error: finite, or NaN where it is undefined, null in the file and read as
+    NaN by :func:`read_json`), ``flag`` (a bool) or ``any``."""
     number = isinstance(v, (int, float)) and not isinstance(v, bool)
     ok = {
+        "error": number and not math.isinf(v),
         "text": isinstance(v, str),
         "count": number and isinstance(v, int) and v >= 1,
         "index": number and isinstance(v, int) and v >= 0,
@@ -462,6 +472,7 @@ def field_problem(kind: str, v) -> str | None:
     }[kind]
     wanted = {"count": "an integer >= 1", "index": "an integer >= 0", "number": "a finite number", "text": "text"}
     wanted["numbers"] = "a non-empty list of finite numbers"
+    wanted["error"] = "a finite number or null"
     return None if ok else wanted.get(kind, "true or false")
 
 
@@ -620,19 +631,21 @@ class Stages:
 
     def _write_report(self, rep: dict, report_markdown) -> None:
         md = report_markdown(rep)  # (both written only when both are made, and renamed in together)
-        atomic_write_texts({self.out / "report.json": json.dumps(rep, indent=2) + "\n", self.out / "report.md": md})
+        text = json.dumps(undefined_as_null(rep), indent=2) + "\n"  # an undefined error: null
+        atomic_write_texts({self.out / "report.json": text, self.out / "report.md": md})
 
 
 def seed_stats(values: list[float]) -> tuple[float, float]:
-    """Mean over seeds and the seeds' standard deviation (ddof 1; 0 for one seed)."""
+    """Mean over seeds and the seeds' standard deviation (ddof 1; NaN for one seed, which measures no spread:
+    null in the reports, :func:`shiq_eval.optimum.undefined_as_null`)."""
     v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else 0.0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else math.nan
 
 
 def sd_cell(sd: float, seeds: int, fmt: str = ".3f") -> str:
     """The seeds' standard deviation as a table cell: ``–`` from one seed, which measures no spread (its
-    :func:`seed_stats` value 0 is a placeholder, not a finding)."""
-    return format(sd, fmt) if seeds > 1 else "–"
+    :func:`seed_stats` value is NaN; an older report's 0 was a placeholder, not a finding)."""
+    return format(sd, fmt) if seeds > 1 and sd is not None and not math.isnan(sd) else "–"
 
 
 def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, float]:
@@ -642,10 +655,12 @@ def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, flo
     the seeds measures training and evaluation noise together, and is never taken below the evaluation noise
     alone (three seeds' sd can fall below it by chance). The within-seed errors alone (``sqrt(Σ se_s²) / S``)
     left the training noise out: an interval of ±1.96 of them held a true difference of 0 in 53% of studies
-    of three seeds with a training sd 2.5 times the within-seed error. With one seed it is that seed's error."""
+    of three seeds with a training sd 2.5 times the within-seed error. With one seed it is that seed's error
+    (the sd NaN, :func:`seed_stats`); with undefined within-seed errors (one prompt: NaN), the seeds' spread
+    alone; NaN when neither is defined."""
     mean, sd = seed_stats([m for m, _ in per_seed])
     within = float(np.mean([se**2 for _, se in per_seed]))
-    return mean, float(np.sqrt(max(sd**2, within) / len(per_seed))), sd
+    return mean, float(np.sqrt(np.fmax(sd**2, within) / len(per_seed))), sd  # (fmax: a NaN side is left out)
 
 
 def _fill_absent(cfg: dict, key: str, value) -> bool:

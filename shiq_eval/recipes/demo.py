@@ -75,7 +75,15 @@ from shiq_data.tokenizers import load_tokenizer
 from shiq_eval.evaluate import PromptPrefixes, evaluate_policy
 from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
-from shiq_eval.optimum import j_per_prompt, j_star, j_star_curve, mean_stderr, paired_difference, per_prompt
+from shiq_eval.optimum import (
+    error_text,
+    j_per_prompt,
+    j_star,
+    j_star_curve,
+    mean_stderr,
+    paired_difference,
+    per_prompt,
+)
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     REDO,
@@ -108,6 +116,7 @@ from shiq_eval.recipes.common import (
     run_recipe,
     sd_cell,
     seed_stats,
+    write_results_json,
 )
 from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import (
@@ -678,8 +687,8 @@ def _eval_prompts(ctx: Context, limit: int = 0) -> tuple[list[str], list[list[in
 # what an evaluation record (evaluate_hf's, the reference's) holds that the report reads, and of what kind
 # (common.field_problem); a record of runs/<arm>/curve.json adds its step and training time
 EVAL_FIELDS = {"rewards": "numbers", "gold": "numbers", "kls_exact": "numbers", "n": "count", "samples": "any"}
-EVAL_FIELDS |= dict.fromkeys(("reward_mean", "reward_stderr", "gold_mean", "gold_stderr", "eval_seconds"), "number")
-EVAL_FIELDS |= dict.fromkeys(("kl_exact", "kl_exact_stderr", "kl_sample", "kl_sample_stderr"), "number")
+EVAL_FIELDS |= dict.fromkeys(("reward_mean", "gold_mean", "kl_exact", "kl_sample", "eval_seconds"), "number")
+EVAL_FIELDS |= dict.fromkeys(("reward_stderr", "gold_stderr", "kl_exact_stderr", "kl_sample_stderr"), "error")
 CURVE_FIELDS = EVAL_FIELDS | {"step": "index", "train_seconds": "number"}
 REFERENCE_FIELDS = EVAL_FIELDS | {"j_star_rewards": "any", "j_star_seconds": "number"}
 
@@ -776,7 +785,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         curve.append({"method": arm, "beta": beta, "step": step, "train_seconds": trained, **evaluate_hf(ctx, policy)})
         clock["eval"] += time.perf_counter() - t0
         done.add(step)
-        atomic_write_json(curve_path, curve)
+        write_results_json(curve_path, curve)
         _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
 
     val_path = run / "val_loss.json"
@@ -898,7 +907,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     train_seconds = read_json(timing, keys=("train_seconds",))["train_seconds"]
     row = {"method": arm, "beta": beta, "step": q["steps"], "train_seconds": train_seconds, "top_k": q["top_k"], **res}
     (ctx.out / "runs" / arm).mkdir(parents=True, exist_ok=True)
-    atomic_write_json(ctx.out / "runs" / arm / "curve.json", [row])
+    write_results_json(ctx.out / "runs" / arm / "curve.json", [row])
 
 
 def stage_eval_reference(ctx: Context) -> None:
@@ -954,7 +963,7 @@ def stage_eval_reference(ctx: Context) -> None:
         "j_star_gold_extra_mean": float(np.mean(more_gold)) if extra else None,
         "j_star_seconds": time.perf_counter() - t0 - eval_seconds,
     }
-    atomic_write_json(ctx.out / "reference_eval.json", res)
+    write_results_json(ctx.out / "reference_eval.json", res)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1014,8 +1023,8 @@ def frontier_points(methods: dict) -> list[dict]:
 
 
 def beyond_two_se(gain: float, se: float) -> bool:
-    """Whether ``gain`` exceeds twice its standard error ``se``; never from an error of 0, which one prompt gives
-    (no spread to measure: every positive gain passed)."""
+    """Whether ``gain`` exceeds twice its standard error ``se``; never from an undefined error (NaN, one prompt:
+    no spread to measure) or one of 0 (an older file's placeholder for it: every positive gain passed)."""
     return bool(se > 0 and gain > 2 * se)
 
 
@@ -1203,16 +1212,16 @@ def report_markdown(rep: dict) -> str:
         "| policy | β | step | reward (± s.e.) | gold VADER (± s.e.) | KL (± s.e.) | J (± s.e.) | "
         "J − J_ref (paired s.e.) | J* − J (paired s.e.) | train s | eval s |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| reference | | 0 | {ref['reward_mean']:.3f} ± {ref['reward_stderr']:.3f} | "
-        f"{ref['gold_mean']:.3f} ± {ref['gold_stderr']:.3f} | 0 | {ref['J']:.3f} ± {ref['J_stderr']:.3f} | | | | "
+        f"| reference | | 0 | {ref['reward_mean']:.3f} ± {error_text(ref['reward_stderr'])} | "
+        f"{ref['gold_mean']:.3f} ± {error_text(ref['gold_stderr'])} | 0 | {ref['J']:.3f} ± {error_text(ref['J_stderr'])} | | | | "
         f"{ref['eval_seconds']:.0f} |",
     ]
     for m, r in rep["methods"].items():
         lines.append(
-            f"| {m} | {r['beta']:g} | {r['step']} | {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} | "
-            f"{r['gold_mean']:.3f} ± {r['gold_stderr']:.3f} | {r['kl']:.3f} ± {r['kl_stderr']:.3f} | "
-            f"{r['J']:.3f} ± {r['J_stderr']:.3f} | {r['J_minus_reference']:+.3f} ({r['J_minus_reference_stderr']:.3f}) | "
-            f"{r['j_star_minus_J']:+.3f} ({r['j_star_minus_J_stderr']:.3f}) | {r['train_seconds']:.0f} | "
+            f"| {m} | {r['beta']:g} | {r['step']} | {r['reward_mean']:.3f} ± {error_text(r['reward_stderr'])} | "
+            f"{r['gold_mean']:.3f} ± {error_text(r['gold_stderr'])} | {r['kl']:.3f} ± {error_text(r['kl_stderr'])} | "
+            f"{r['J']:.3f} ± {error_text(r['J_stderr'])} | {r['J_minus_reference']:+.3f} ({error_text(r['J_minus_reference_stderr'])}) | "
+            f"{r['j_star_minus_J']:+.3f} ({error_text(r['j_star_minus_J_stderr'])}) | {r['train_seconds']:.0f} | "
             f"{r['eval_seconds']:.0f} |"
         )
     lines += ["", f"J* estimate from N = {js['samples']} reference samples per prompt:", ""]
@@ -1220,15 +1229,15 @@ def report_markdown(rep: dict) -> str:
         v = js["by_beta"][str(b)]
         curve = ", ".join(f"N={c['samples']}: {c['j_star']:.3f}" for c in v["curve"])
         lines.append(
-            f"- β = {b:g}: J* = {v['mean']:.3f} ± {v['stderr']:.3f}, i.e. {v['mean'] - ref['J']:+.3f} over the "
+            f"- β = {b:g}: J* = {v['mean']:.3f} ± {error_text(v['stderr'])}, i.e. {v['mean'] - ref['J']:+.3f} over the "
             f"reference's J ({curve})"
         )
     lines += [
         "",
         "Reward gains (policy − reference reward, paired by prompt): "
         + "; ".join(
-            f"{m} {r['reward_gain']:+.3f} (s.e. {r['reward_gain_paired_stderr']:.3f}), gold "
-            f"{r['gold_minus_reference']:+.3f} (s.e. {r['gold_minus_reference_stderr']:.3f})"
+            f"{m} {r['reward_gain']:+.3f} (s.e. {error_text(r['reward_gain_paired_stderr'])}), gold "
+            f"{r['gold_minus_reference']:+.3f} (s.e. {error_text(r['gold_minus_reference_stderr'])})"
             for m, r in rep["methods"].items()
         )
         + ".",
@@ -1362,7 +1371,7 @@ def arm_comparisons(out: Path, names: list[str]) -> list[dict]:
     seeds of the per-seed mean differences (``<metric>``), the standard error of that mean
     (``<metric>_se``, :func:`across_seeds`: the seeds' spread, never below the within-seed paired errors), the
     seeds' standard deviation of the
-    per-seed differences (``<metric>_sd``, ddof 1; 0 for one seed) and those differences
+    per-seed differences (``<metric>_sd``, ddof 1; NaN, null in the file, for one seed) and those differences
     (``<metric>_per_seed``)."""
     reps = {n: read_json(out / n / "report.json") for n in names}
     arms = {a.partition("@") for rep in reps.values() for a in rep["methods"]}
@@ -1500,7 +1509,7 @@ def full_report(out: Path, names: list[str]) -> dict:
         "curve_arms": sorted(chosen),
         "seconds": seconds,
     }
-    atomic_write_json(out / "full_report.json", result)
+    write_results_json(out / "full_report.json", result)
     atomic_write_bytes(out / "full_report.md", full_report_markdown(result).encode())
     return result
 
@@ -1529,11 +1538,11 @@ def full_report_markdown(rep: dict) -> str:
             return sd_cell(r[f"{key}_sd"], r["seeds"], fmt)
 
         cells = [
-            f"{f(r['reward_mean'])} ± {sd('reward_mean')} [{f(r['reward_mean_se'])}]",
+            f"{f(r['reward_mean'])} ± {sd('reward_mean')} [{error_text(r['reward_mean_se'])}]",
             f"{f(r['gold_mean'])} ± {sd('gold_mean')}",
             f"{f(r['kl'])} ± {sd('kl')}",
-            f"{f(r['J'])} ± {sd('J')} [{f(r['J_se'])}]",
-            f"{f(r['J_minus_reference'])} ± {sd('J_minus_reference')} [{f(r['J_minus_reference_se'])}]",
+            f"{f(r['J'])} ± {sd('J')} [{error_text(r['J_se'])}]",
+            f"{f(r['J_minus_reference'])} ± {sd('J_minus_reference')} [{error_text(r['J_minus_reference_se'])}]",
             f"{f(r['j_star'])} ± {sd('j_star')}",
             f"{r['gain_share']:.2f} ± {sd('gain_share', '.2f')}" if r["gain_share"] is not None else "n/a (J* ≤ J_ref)",
         ]
@@ -1582,7 +1591,7 @@ def full_report_markdown(rep: dict) -> str:
         ]
         for c in rep["comparisons"]:
             cells = [
-                f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
+                f"{c[k]:+.3f} ± {error_text(c[k + '_se'])} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
                 for k in ("reward", "gold", "kl", "J")
             ]
             lines.append(f"| {c['a']} | {c['b']} | {c['beta']:g} | {c['seeds']} | " + " | ".join(cells) + " |")
@@ -1600,7 +1609,7 @@ def full_report_markdown(rep: dict) -> str:
         ]
         for c in rep["matched_kl"]:
             cells = [
-                f"{c[k]:+.3f} ± {c[k + '_se']:.3f} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
+                f"{c[k]:+.3f} ± {error_text(c[k + '_se'])} [{sd_cell(c[k + '_sd'], c['seeds'])}]"
                 for k in ("reward", "gold", "kl")
             ]
             per_seed = ", ".join(f"{x:+.3f}" for x in c["reward_per_seed"])
@@ -1720,10 +1729,10 @@ def _main(args) -> int:
     _log(f"done: {out / 'report.md'}")
     for m, r in rep["methods"].items():  # each against the reference on its own prompts, paired (report.md: more)
         _log(
-            f"{m} (β {r['beta']:g}, {r['n_prompts']} prompts): reward {r['reward_mean']:.3f} ± {r['reward_stderr']:.3f} "
+            f"{m} (β {r['beta']:g}, {r['n_prompts']} prompts): reward {r['reward_mean']:.3f} ± {error_text(r['reward_stderr'])} "
             f"(reference on these prompts {r['reference_reward_on_these_prompts']:.3f}), KL {r['kl']:.3f} ± "
-            f"{r['kl_stderr']:.3f}, J {r['J']:.3f} ± {r['J_stderr']:.3f}, J − J_ref {r['J_minus_reference']:+.3f} ± "
-            f"{r['J_minus_reference_stderr']:.3f} (paired by prompt)"
+            f"{error_text(r['kl_stderr'])}, J {r['J']:.3f} ± {error_text(r['J_stderr'])}, J − J_ref {r['J_minus_reference']:+.3f} ± "
+            f"{error_text(r['J_minus_reference_stderr'])} (paired by prompt)"
         )
     return 0
 
