@@ -50,7 +50,7 @@ from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
-from shiq_train.hf_convert import import_llama, load_causal_lm, model_config_from_llama
+from shiq_train.hf_convert import as_llama_config, import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import (
     RANDOM_START,
     ModelConfig,
@@ -213,7 +213,9 @@ def llama_config_from_model(model_cfg):
 
 
 def read_llama_config(init: str):
-    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init``; any other model type is refused."""
+    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder whose sliding
+    window never acts: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`); any
+    other model type is refused."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():
@@ -224,14 +226,18 @@ def read_llama_config(init: str):
     if not isinstance(hf_config, dict):
         raise ConfigError(f"init={init!r}: {path} is not a JSON object")
     model_type = hf_config.get("model_type")
-    if model_type != "llama":
+    if model_type not in ("llama", "mistral"):
         raise ConfigError(
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
-            "(model_type 'llama') can initialise the model"
+            "(model_type 'llama', or 'mistral' without a sliding window) can initialise the model"
         )
-    from transformers import LlamaConfig  # heavy: only an init folder needs it
+    from transformers import LlamaConfig, MistralConfig  # heavy: only an init folder needs it
 
-    return LlamaConfig.from_pretrained(str(folder))
+    config = (MistralConfig if model_type == "mistral" else LlamaConfig).from_pretrained(str(folder))
+    try:
+        return as_llama_config(config)
+    except ValueError as e:
+        raise ConfigError(f"init={init!r}: {path}: {e}") from None
 
 
 def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfig:
@@ -255,7 +261,7 @@ def load_init(init: str):
     if init != "smollm2":
         read_llama_config(init)  # a Llama folder, or a one-line refusal naming its model_type
     hf, _ = load_causal_lm(init, torch.float32)
-    return hf.state_dict(), hf.config
+    return hf.state_dict(), as_llama_config(hf.config)
 
 
 def check_shape(model_cfg, hf_config, init: str) -> None:

@@ -87,7 +87,10 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
     cases = [
         (transformers.Qwen2Config(**base), "model_type 'qwen2': only Llama-family checkpoints"),
-        (transformers.MistralConfig(**base, sliding_window=4), "model_type 'mistral': only Llama-family"),
+        (
+            transformers.MistralConfig(**base, sliding_window=4, max_position_embeddings=32),
+            "model_type 'mistral' with sliding_window=4, below max_position_embeddings=32",
+        ),
         (transformers.LlamaConfig(**base, head_dim=32), "head_dim=32 but hidden_size / num_attention_heads = 64 / 4"),
         (transformers.LlamaConfig(**base, mlp_bias=True), "biases are not supported: mlp_bias=True"),
         (transformers.LlamaConfig(**base, attention_bias=True), "biases are not supported: attention_bias=True"),
@@ -97,6 +100,52 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
     for cfg, needle in cases:
         with pytest.raises(ValueError, match=re.escape(needle)):
             H.model_config_from_llama(cfg)
+
+
+@pytest.mark.parametrize("window", [None, 32])
+def test_a_mistral_folder_whose_window_never_acts_trains_and_exports_as_the_same_llama(tmp_path, window):
+    """A Mistral checkpoint without a sliding window (sliding_window null, as from Mistral v0.2 on), or with one
+    no shorter than its positions, is a Llama model of the same weights: the imported megatron model gives
+    transformers' Mistral logits, the training command reads the folder as the Llama config of the same model
+    (recorded and exported as Llama), and the export reloads with the Mistral's logits. It was refused."""
+    from shiq_train.cli import ConfigError, load_init, read_llama_config
+
+    cfg = transformers.MistralConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=32,
+        sliding_window=window, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.MistralForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "mistral")
+    tokens = tokens_for(128, T=32)  # every position: a window of 32 covers them all
+    ref = hf(tokens).logits
+    llama = read_llama_config(str(tmp_path / "mistral"))
+    assert isinstance(llama, transformers.LlamaConfig) and llama.model_type == "llama"
+    assert not hasattr(llama, "sliding_window") or llama.sliding_window is None
+    state, config = load_init(str(tmp_path / "mistral"))
+    assert config.model_type == "llama" and config.to_dict()["model_type"] == "llama"
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=0):
+        mg = M.build_model(H.model_config_from_llama(config)).eval()
+        H.import_llama(mg, state, config)
+        assert (megatron_logits(mg, tokens) - ref).abs().max() < 1e-5
+        H.export_llama(mg, config, tmp_path / "export")
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llama"
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert (back(tokens).logits - ref).abs().max() < 1e-5
+    # a window that acts within the positions is refused in one line naming the folder (its logits differ)
+    windowed = transformers.MistralForCausalLM(transformers.MistralConfig(**{**cfg.to_dict(), "sliding_window": 8}))
+    windowed.load_state_dict(hf.state_dict())
+    assert (windowed.eval()(tokens).logits - ref).abs().max() > 1e-2
+    hf.config.sliding_window = 8
+    hf.config.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ConfigError, match=r"mistral/config.json: model_type 'mistral' with sliding_window=8, below"):
+        read_llama_config(str(tmp_path / "mistral"))
 
 
 def test_a_fractional_rope_theta_and_another_norm_epsilon_import_exactly():
