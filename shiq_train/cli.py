@@ -213,9 +213,9 @@ def llama_config_from_model(model_cfg):
 
 
 def read_llama_config(init: str):
-    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder whose sliding
-    window never acts: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`); any
-    other model type is refused."""
+    """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder without a sliding
+    window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`); any other model
+    type is refused."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():

@@ -123,9 +123,9 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
 
 def model_config_from_llama(hf_config, **overrides):
     """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config, or of a Mistral one
-    whose sliding window never acts (:func:`window_problem`: the same weights and forward pass). Whatever the
+    without a sliding window (:func:`window_problem`: the same weights and forward pass). Whatever the
     config holds that changes the forward pass and this model does not compute is refused, never dropped:
-    another architecture (its biases), a sliding window that acts, scaled rotary embeddings, biases, another
+    another architecture (its biases), a sliding window, scaled rotary embeddings, biases, another
     activation, a head width other than ``hidden_size / num_attention_heads``."""
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type not in ("llama", "mistral"):
@@ -183,29 +183,30 @@ def model_config_from_llama(hf_config, **overrides):
 
 def window_problem(hf_config) -> str | None:
     """Why a Mistral config's sliding attention window would change the forward pass of a Llama model of its
-    weights, or None: it acts on a sequence longer than ``sliding_window``, which a window of None (Mistral
-    from v0.2 on) or of at least ``max_position_embeddings`` never is. None for any other config."""
+    weights, or None: any window acts on a sequence longer than it, and rows may be longer than the config's
+    ``max_position_embeddings`` (``model.max_sequence_length``), so only a Mistral without one (``sliding_window``
+    null, from Mistral v0.2 on) is a Llama model. None for any other config."""
     if getattr(hf_config, "model_type", None) != "mistral":
         return None
-    window, longest = getattr(hf_config, "sliding_window", None), hf_config.max_position_embeddings
-    if window is None or window >= longest:
+    window = getattr(hf_config, "sliding_window", None)
+    if window is None:
         return None
     return (
-        f"model_type 'mistral' with sliding_window={window}, below max_position_embeddings={longest}: attention "
-        "beyond the window is not computed here, so longer sequences would differ (a Mistral checkpoint without "
-        "a window, sliding_window null, imports exactly)"
+        f"model_type 'mistral' with sliding_window={window}: attention beyond the window is not computed here, "
+        "so sequences longer than it would differ (a Mistral checkpoint without a window, sliding_window null, "
+        "imports exactly)"
     )
 
 
 def as_llama_config(hf_config):
-    """``hf_config`` itself for a Llama config; for a Mistral one whose window never acts
+    """``hf_config`` itself for a Llama config; for a Mistral one without a sliding window
     (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same model, which a
     run records and exports (the weights' names are the same)."""
     if getattr(hf_config, "model_type", "llama") != "mistral":
         return hf_config
     from transformers import LlamaConfig  # heavy: only a Mistral folder needs it
 
-    model_config_from_llama(hf_config)  # (refuses a window that acts, or what Llama would not compute)
+    model_config_from_llama(hf_config)  # (refuses a window, or what Llama would not compute)
     dropped = ("model_type", "sliding_window", "architectures")
     return LlamaConfig.from_dict({k: v for k, v in hf_config.to_dict().items() if k not in dropped})
 

@@ -89,7 +89,7 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
         (transformers.Qwen2Config(**base), "model_type 'qwen2': only Llama-family checkpoints"),
         (
             transformers.MistralConfig(**base, sliding_window=4, max_position_embeddings=32),
-            "model_type 'mistral' with sliding_window=4, below max_position_embeddings=32",
+            "model_type 'mistral' with sliding_window=4: attention beyond the window",
         ),
         (transformers.LlamaConfig(**base, head_dim=32), "head_dim=32 but hidden_size / num_attention_heads = 64 / 4"),
         (transformers.LlamaConfig(**base, mlp_bias=True), "biases are not supported: mlp_bias=True"),
@@ -102,10 +102,9 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
             H.model_config_from_llama(cfg)
 
 
-@pytest.mark.parametrize("window", [None, 32])
-def test_a_mistral_folder_whose_window_never_acts_trains_and_exports_as_the_same_llama(tmp_path, window):
-    """A Mistral checkpoint without a sliding window (sliding_window null, as from Mistral v0.2 on), or with one
-    no shorter than its positions, is a Llama model of the same weights: the imported megatron model gives
+def test_a_mistral_folder_without_a_sliding_window_trains_and_exports_as_the_same_llama(tmp_path):
+    """A Mistral checkpoint without a sliding window (sliding_window null, as from Mistral v0.2 on) is a Llama
+    model of the same weights: the imported megatron model gives
     transformers' Mistral logits, the training command reads the folder as the Llama config of the same model
     (recorded and exported as Llama), and the export reloads with the Mistral's logits. It was refused."""
     from shiq_train.cli import ConfigError, load_init, read_llama_config
@@ -113,7 +112,7 @@ def test_a_mistral_folder_whose_window_never_acts_trains_and_exports_as_the_same
     cfg = transformers.MistralConfig(
         vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=100000.0, max_position_embeddings=32,
-        sliding_window=window, tie_word_embeddings=False,
+        sliding_window=None, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
     hf = transformers.MistralForCausalLM(cfg).eval()
@@ -122,7 +121,7 @@ def test_a_mistral_folder_whose_window_never_acts_trains_and_exports_as_the_same
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
     hf.save_pretrained(tmp_path / "mistral")
-    tokens = tokens_for(128, T=32)  # every position: a window of 32 covers them all
+    tokens = tokens_for(128, T=32)
     ref = hf(tokens).logits
     llama = read_llama_config(str(tmp_path / "mistral"))
     assert isinstance(llama, transformers.LlamaConfig) and llama.model_type == "llama"
@@ -138,13 +137,18 @@ def test_a_mistral_folder_whose_window_never_acts_trains_and_exports_as_the_same
     assert json.loads((tmp_path / "export" / "config.json").read_text())["model_type"] == "llama"
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
     assert (back(tokens).logits - ref).abs().max() < 1e-5
-    # a window that acts within the positions is refused in one line naming the folder (its logits differ)
+    # a window is refused in one line naming the folder (it acts on longer rows: its logits differ), even one of
+    # max_position_embeddings, as rows may be longer (model.max_sequence_length)
     windowed = transformers.MistralForCausalLM(transformers.MistralConfig(**{**cfg.to_dict(), "sliding_window": 8}))
     windowed.load_state_dict(hf.state_dict())
     assert (windowed.eval()(tokens).logits - ref).abs().max() > 1e-2
     hf.config.sliding_window = 8
     hf.config.save_pretrained(tmp_path / "mistral")
-    with pytest.raises(ConfigError, match=r"mistral/config.json: model_type 'mistral' with sliding_window=8, below"):
+    with pytest.raises(ConfigError, match=r"mistral/config.json: model_type 'mistral' with sliding_window=8: "):
+        read_llama_config(str(tmp_path / "mistral"))
+    hf.config.sliding_window = 32
+    hf.config.save_pretrained(tmp_path / "mistral")
+    with pytest.raises(ConfigError, match=r"model_type 'mistral' with sliding_window=32: "):
         read_llama_config(str(tmp_path / "mistral"))
 
 
