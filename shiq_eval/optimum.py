@@ -63,27 +63,34 @@ def mean_stderr(values) -> tuple[float, float]:
     return float(v.mean()), se
 
 
-ERROR_SUFFIXES = ("_stderr", "_se", "_sd")  # the keys of standard errors and deviations in written results
+ERROR_SUFFIXES = ("_stderr", "_se", "_sd", "_std")  # the keys of standard errors and deviations in results
 
 
 def is_error_key(key) -> bool:
     """Whether a results key names a standard error or deviation (``stderr``, ``*_stderr``, ``*_se``,
-    ``*_sd``): the fields :func:`undefined_as_null` writes as null when they are undefined (NaN)."""
+    ``*_sd``, ``*_std``): the fields :func:`undefined_as_null` writes as null when they are undefined (NaN)."""
     return isinstance(key, str) and (key == "stderr" or key.endswith(ERROR_SUFFIXES))
 
 
 def undefined_as_null(obj):
-    """``obj`` (JSON-like: dicts, lists, tuples) with every NaN under an error key (:func:`is_error_key`)
-    as None: an undefined standard error or deviation (one prompt, one scenario, one seed) is null in JSON
-    and empty in CSV, never 0 (a zero-width interval). Any other NaN is left, for the writer to refuse."""
+    """``obj`` (JSON-like: dicts, lists, tuples) with every NaN under an error key (:func:`is_error_key`), or
+    in a list under one (a curve of deviations), as None: an undefined standard error or deviation (one
+    prompt, one scenario, one seed) is null in JSON and empty in CSV, never 0 (a zero-width interval). Any
+    other NaN is left, for the writer to refuse."""
     if isinstance(obj, dict):
-        return {
-            k: None if is_error_key(k) and isinstance(v, float) and math.isnan(v) else undefined_as_null(v)
-            for k, v in obj.items()
-        }
+        return {k: _nan_as_none(v) if is_error_key(k) else undefined_as_null(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [undefined_as_null(v) for v in obj]
     return obj
+
+
+def _nan_as_none(value):
+    """An error key's value with its NaN (or its list's NaNs) as None."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (list, tuple)):
+        return [_nan_as_none(v) for v in value]
+    return undefined_as_null(value)
 
 
 def null_as_undefined(obj):

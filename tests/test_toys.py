@@ -240,9 +240,10 @@ def test_epochs_protocol_passes_over_the_data_once_per_epoch(monkeypatch):
     assert by_epoch["regret"] == by_step["regret"] and by_epoch["reward"] == by_step["reward"]
 
 
-def test_aggregate_spread_is_the_sample_sd_over_seeds():
+def test_aggregate_spread_is_the_sample_sd_over_seeds(tmp_path):
     """The spread over seeds is the sample standard deviation (ddof 1), at every evaluation and at the
-    end, computed here with pandas / numpy on the input curves; one seed gives 0 (no spread), not NaN."""
+    end, computed here with pandas / numpy on the input curves; one seed measures no spread: NaN in memory (pandas
+    too), null in the JSON file, where it was 0 (a band of no width, read as exact)."""
     rng = np.random.default_rng(3)
     regret, reward = rng.gamma(2.0, 0.1, (5, 7)), rng.normal(5.0, 1.0, (5, 7))
     runs = [
@@ -258,8 +259,14 @@ def test_aggregate_spread_is_the_sample_sd_over_seeds():
         np.testing.assert_allclose(out[f"{name}_mean"], arr.mean(0), rtol=1e-12)
         assert out[f"final_{name}"] == pytest.approx(arr[:, -1].mean(), rel=1e-12)
     one = toys.aggregate(runs[:1], ["regret", "reward"])
-    assert one["final_regret_std"] == 0.0 and one["reward_std"] == [0.0] * 7
+    assert np.isnan(pd.DataFrame(regret[:1]).std().to_numpy()).all()  # pandas: undefined too
+    assert math.isnan(one["final_regret_std"]) and np.isnan(one["reward_std"]).all() and len(one["reward_std"]) == 7
     assert one["regret_mean"] == pytest.approx(regret[0].tolist())
+    path = tmp_path / "one.json"
+    toys.write_json(str(path), {"methods": {"shiq": one}})
+    written = json.loads(path.read_text())["methods"]["shiq"]
+    assert written["final_regret_std"] is None and written["reward_std"] == [None] * 7
+    assert written["final_regret"] == pytest.approx(one["final_regret"])
 
 
 # ----------------------------------------------------------------------------------------------

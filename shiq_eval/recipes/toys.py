@@ -43,6 +43,7 @@ from shiq_data.cli_common import (
     setup_logging,
 )
 from shiq_data.io import atomic_write_bytes
+from shiq_eval.optimum import undefined_as_null
 from shiq_eval.recipes.pool import worker_pool
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
@@ -423,10 +424,11 @@ def run_jobs(jobs, workers: int, desc: str):
 
 
 def seed_sd(arr: np.ndarray) -> np.ndarray:
-    """The seeds' sample standard deviation (ddof 1) of ``arr [seeds, ...]`` along the seed axis; 0 for one
-    seed, which measures no spread (the convention of the recipes' ``seed_stats``)."""
+    """The seeds' sample standard deviation (ddof 1) of ``arr [seeds, ...]`` along the seed axis; NaN for one
+    seed, which measures no spread (undefined, as the recipes' ``seed_stats``; null in the JSON files, no band
+    in the plots)."""
     arr = np.asarray(arr, dtype=np.float64)
-    return arr.std(0, ddof=1) if arr.shape[0] > 1 else np.zeros(arr.shape[1:])
+    return arr.std(0, ddof=1) if arr.shape[0] > 1 else np.full(arr.shape[1:], np.nan)
 
 
 def aggregate(runs: list[dict], keys) -> dict:
@@ -447,7 +449,8 @@ def aggregate(runs: list[dict], keys) -> dict:
 
 
 def write_json(path: str, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, allow_nan=False) + "\n").encode())
+    """``obj`` as JSON at ``path``, atomically; an undefined deviation (one seed) as null."""
+    atomic_write_bytes(path, (json.dumps(undefined_as_null(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
