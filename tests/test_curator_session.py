@@ -93,8 +93,15 @@ def texts(df: pd.DataFrame) -> list[tuple]:
 
 
 def stats_lines(stdout: str) -> dict:
-    """``shiq-data stats`` table -> {name: its whitespace-separated fields}."""
-    return {line.split()[0]: line.split() for line in stdout.splitlines()[2:] if not line.startswith("group sizes")}
+    """``shiq-data stats`` table -> {name: its label, then its whitespace-separated fields}; the overall row,
+    labelled ``(all sources)``, under ``all``."""
+    out = {}
+    for line in stdout.splitlines()[2:]:
+        if line.startswith("(all sources) "):
+            out["all"] = ["(all sources)", *line.removeprefix("(all sources)").split()]
+        elif not line.startswith("group sizes"):
+            out[line.split()[0]] = line.split()
+    return out
 
 
 def test_curator_session(tmp_path, capsys, gpt2):
