@@ -829,6 +829,19 @@ def _descendants(pid: int) -> set[int]:
     return out
 
 
+def _terminate_in_one_line(proc, deadline: float) -> None:
+    """SIGTERM to the build ``proc``: it ends with status 143 and the one line ``shiq-data: terminated``, no
+    traceback (its own or a worker's), and its workers end with it, not orphaned."""
+    below = _descendants(proc.pid)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
+    while any(Path(f"/proc/{p}").exists() for p in below):
+        assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
+        time.sleep(0.1)
+
+
 @pytest.mark.parametrize("workers,stop", [(1, "SIGINT"), (2, "SIGINT"), (2, "SIGTERM")])
 def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, stop):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) printed a traceback of 25 lines, and
@@ -862,15 +875,8 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, 
             assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
             time.sleep(0.05)
         time.sleep(2)  # the workers started (one still unpickling its start-up state when stopped prints why)
-        below = _descendants(proc.pid)
         assert proc.poll() is None, "the build ended before it could be stopped"
-        os.kill(proc.pid, signal.SIGTERM)
-        err = proc.communicate(timeout=120)[1]
-        assert proc.returncode == 143, err[-3000:]
-        assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
-        while any(Path(f"/proc/{p}").exists() for p in below):  # its workers end with it, not orphaned
-            assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
-            time.sleep(0.1)
+        _terminate_in_one_line(proc, deadline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
 
 
@@ -951,14 +957,7 @@ def test_sigterm_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path)
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before a worker started"
         time.sleep(0.02)
     time.sleep(0.5)  # well inside the worker's 3 seconds of start-up
-    below = _descendants(proc.pid)
-    os.kill(proc.pid, signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode == 143, err[-3000:]
-    assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
-    while any(Path(f"/proc/{p}").exists() for p in below):  # its workers end with it, not orphaned
-        assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
-        time.sleep(0.1)
+    _terminate_in_one_line(proc, deadline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 

@@ -43,8 +43,12 @@ def tiny_llama(seed=0, tied=True):
         tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # non-trivial norms so a swapped norm weight would show
+    return with_varied_norms(transformers.LlamaForCausalLM(cfg).eval())
+
+
+def with_varied_norms(model):
+    """``model`` with its norm weights drawn from [0.5, 1.5] (not all 1), so that a swapped norm weight shows."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
@@ -115,11 +119,7 @@ def test_a_mistral_folder_without_a_sliding_window_trains_and_exports_as_the_sam
         sliding_window=None, tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
-    hf = transformers.MistralForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+    hf = with_varied_norms(transformers.MistralForCausalLM(cfg).eval())
     hf.save_pretrained(tmp_path / "mistral")
     tokens = tokens_for(128, T=32)
     ref = hf(tokens).logits
@@ -163,11 +163,7 @@ def test_a_fractional_rope_theta_and_another_norm_epsilon_import_exactly():
         num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=12.7, max_position_embeddings=32,
     )  # fmt: skip
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name:
-                p.uniform_(0.5, 1.5)
+    hf = with_varied_norms(transformers.LlamaForCausalLM(cfg).eval())
     tokens = tokens_for(128)
     with parallel.distributed(seed=0):
         mg = M.build_model(H.model_config_from_llama(hf.config)).eval()

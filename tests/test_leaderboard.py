@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import yaml
 from test_eval_cli import tiny_hf_folder, train, write_tiny_buffer  # (a tiny Llama, buffer, 2-step run)
+from test_scorer_cli import clustered_note
 
 from shiq_eval import checkpoints
 from shiq_eval import cli as eval_cli
@@ -628,19 +629,6 @@ def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     assert (t["temperature"] == 1.0).all()
     assert t.loc["a", "J"] == pytest.approx(np.mean(np.asarray(r) - 0.5 * np.asarray(kl)))
     assert t.loc["reference", "J"] == pytest.approx(np.mean(ref_r))
-
-
-# two-sided 95% Student t quantiles, as printed in statistics tables (an independent reference)
-T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23}
-
-
-def clustered_note(g: int) -> str:
-    """The ``stderr_note`` of standard errors clustered over ``g`` scenarios, its t quantile for ``g − 1``
-    degrees of freedom from a printed table."""
-    return (
-        f"clustered by scenario ({g} scenarios; 95% interval ± {T95[g - 1]:.2f} standard errors, "
-        f"Student's t with {g - 1} degree{'s' if g > 2 else ''} of freedom)"
-    )
 
 
 def clustered_se_pd(values, scenarios) -> float:
