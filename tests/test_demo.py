@@ -1150,6 +1150,40 @@ def test_a_one_layer_model_is_not_told_to_train_at_most_zero_layers():
     check_frozen_prefix({"train.trainable_last_layers": 6}, 30)
 
 
+def _one_prompt_run(out, earlier_ids=None):
+    """The stage files build_report reads, hand-made for one held-out prompt (snippet 7) and one arm, shiq@0.1,
+    evaluated at step 4 (and, with ``earlier_ids``, at step 2 on the prompts of those snippet ids); its context."""
+    from types import SimpleNamespace
+
+    cfg = demo.load_config(quick=True, overrides=["train.methods=[shiq@0.1]", "eval.samples_per_prompt=1"])
+    errors = ("reward_stderr", "gold_stderr", "kl_exact_stderr", "kl_sample_stderr")
+    ev = {"n": 1, "samples": [], "eval_seconds": 1.0, "snippet_ids": [7], **dict.fromkeys(errors)}
+    ev |= {"rewards": [0.5], "gold": [0.25], "reward_mean": 0.5, "gold_mean": 0.25}
+    ref = ev | {"kls_exact": [0.0], "kl_exact": 0.0, "kl_sample": 0.0, "j_star_rewards": [[0.5, 0.7]]}
+    (out / "reference_eval.json").write_text(json.dumps(ref | {"j_star_seconds": 1.0}))
+    arm = ev | {"rewards": [0.75], "reward_mean": 0.75, "kls_exact": [0.5], "kl_exact": 0.5, "kl_sample": 0.5}
+    (out / "runs" / "shiq@0.1").mkdir(parents=True)
+    rows = [arm | {"method": "shiq@0.1", "beta": 0.1, "step": 4, "train_seconds": 2.0}]
+    if earlier_ids is not None:
+        rows.insert(0, rows[0] | {"step": 2, "snippet_ids": earlier_ids})
+    (out / "runs" / "shiq@0.1" / "curve.json").write_text(json.dumps(rows))
+    (out / "reward_model.json").write_text(
+        json.dumps({"l2": 1.0, "n_train": 9, "n_held_out": 3, "pearson_held_out": 0.5})
+    )
+    (out / "buffer.json").write_text(json.dumps({"reward_center": 0.0}))
+    return SimpleNamespace(cfg=cfg, out=out)
+
+
+def test_every_evaluation_of_an_arm_is_paired_with_the_reference_on_its_own_prompts(tmp_path):
+    """The report pairs each of an arm's evaluations (every checkpoint's row of the table) with the reference by
+    prompt: an earlier evaluation recorded on other prompts than the reference's is refused naming both files,
+    where only the last evaluation was checked."""
+    with pytest.raises(ValueError, match="different held-out prompts") as e:
+        demo.build_report(_one_prompt_run(tmp_path, earlier_ids=[8]), {"report": 1.0})
+    assert str(tmp_path / "runs" / "shiq@0.1" / "curve.json") in str(e.value)
+    assert str(tmp_path / "reference_eval.json") in str(e.value)
+
+
 def test_one_held_out_prompt_writes_its_undefined_standard_errors_as_null_and_empty(tmp_path):
     """data.eval_prompts=1: one prompt measures no spread. The report (build_report on hand-made stage files,
     written as the run writes it) holds null for every standard error over prompts in report.json and
@@ -1159,21 +1193,8 @@ def test_one_held_out_prompt_writes_its_undefined_standard_errors_as_null_and_em
 
     from shiq_eval.recipes.common import Stages
 
-    cfg = demo.load_config(quick=True, overrides=["train.methods=[shiq@0.1]", "eval.samples_per_prompt=1"])
     errors = ("reward_stderr", "gold_stderr", "kl_exact_stderr", "kl_sample_stderr")
-    ev = {"n": 1, "samples": [], "eval_seconds": 1.0, "snippet_ids": [7], **dict.fromkeys(errors)}
-    ev |= {"rewards": [0.5], "gold": [0.25], "reward_mean": 0.5, "gold_mean": 0.25}
-    ref = ev | {"kls_exact": [0.0], "kl_exact": 0.0, "kl_sample": 0.0, "j_star_rewards": [[0.5, 0.7]]}
-    (tmp_path / "reference_eval.json").write_text(json.dumps(ref | {"j_star_seconds": 1.0}))
-    arm = ev | {"rewards": [0.75], "reward_mean": 0.75, "kls_exact": [0.5], "kl_exact": 0.5, "kl_sample": 0.5}
-    (tmp_path / "runs" / "shiq@0.1").mkdir(parents=True)
-    row = arm | {"method": "shiq@0.1", "beta": 0.1, "step": 4, "train_seconds": 2.0}
-    (tmp_path / "runs" / "shiq@0.1" / "curve.json").write_text(json.dumps([row]))
-    (tmp_path / "reward_model.json").write_text(
-        json.dumps({"l2": 1.0, "n_train": 9, "n_held_out": 3, "pearson_held_out": 0.5})
-    )
-    (tmp_path / "buffer.json").write_text(json.dumps({"reward_center": 0.0}))
-    rep = demo.build_report(SimpleNamespace(cfg=cfg, out=tmp_path), {"report": 1.0})
+    rep = demo.build_report(_one_prompt_run(tmp_path), {"report": 1.0})
     Stages._write_report(SimpleNamespace(out=tmp_path), rep, demo.report_markdown)
     strict = json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert {k: strict["reference"][k] for k in ("reward_stderr", "gold_stderr", "J_stderr")} == dict.fromkeys(

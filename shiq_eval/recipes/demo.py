@@ -1041,10 +1041,10 @@ def build_report(ctx: Context, timings: dict) -> dict:
         curve = read_evaluations(ctx.out / "runs" / m / "curve.json", s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
-        ref_file = ctx.out / "reference_eval.json"
-        _check_same_prompts(
-            ctx.out / "runs" / m / "curve.json", last.get("snippet_ids"), ref_file, ref.get("snippet_ids"), P
-        )
+        for rec in curve:  # every evaluation is paired with the reference's (curve_rows): each on its prompts
+            curve_file, ref_file = ctx.out / "runs" / m / "curve.json", ctx.out / "reference_eval.json"
+            n = len(rec["rewards"]) // s
+            _check_same_prompts(curve_file, rec.get("snippet_ids"), ref_file, ref.get("snippet_ids"), n)
         rows += curve_rows(m, beta, curve, ref, s)
         diff = last["reward_mean"] - float(per_prompt(ref["rewards"], s)[:P].mean())
         paired, paired_se = paired_difference(per_prompt(last["rewards"], s), per_prompt(ref["rewards"], s)[:P])
