@@ -99,6 +99,7 @@ SHAPE_FIELDS = (
     "share_embeddings_and_output_weights",
     "rotary_base",
     "layernorm_epsilon",  # (not a shape, but the checkpoint's, and what its export records)
+    "add_qkv_bias",  # (Qwen2's query/key/value biases)
 )
 # keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
 RESUME_SAFE_KEYS = (
@@ -130,7 +131,7 @@ RESUME_SAFE_KEYS = (
     "parallel.timeout_minutes",  # how long a collective waits; absent before it existed
 )
 # keys absent from runs started before they existed, with the value those runs computed with
-ABSENT_MEANS = {"train.loss_average": "micro_batch"}
+ABSENT_MEANS = {"train.loss_average": "micro_batch", "model.add_qkv_bias": False}
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 

@@ -62,6 +62,10 @@ class ModelConfig:
     a time from the output weight (never holding ``[tokens, V]`` logits); 0 uses full
     vocab-parallel logits.
 
+    ``add_qkv_bias``: a bias on the query, key and value projections only (megatron-core's ``add_qkv_bias``:
+    the fused ``linear_qkv`` gets one, interleaved per query group as its weight), as Qwen2 has; the
+    attention's output projection and the MLP stay without (``add_bias_linear`` gives every linear layer one).
+
     Memory features (megatron-core's; they change memory and time, not the result):
 
     - ``recompute``: activation recomputation. ``none`` keeps every activation for the backward;
@@ -105,6 +109,7 @@ class ModelConfig:
     gated_linear_unit: bool = True
     activation: str = "silu"
     add_bias_linear: bool = False
+    add_qkv_bias: bool = False
     position_embedding_type: str = "rope"
     rotary_base: float = 10000
     share_embeddings_and_output_weights: bool = True
@@ -176,6 +181,8 @@ class ModelConfig:
             )
         if not isinstance(self.sequence_parallel, bool):
             bad("sequence_parallel", self.sequence_parallel, "true or false")
+        if not isinstance(self.add_qkv_bias, bool):
+            bad("add_qkv_bias", self.add_qkv_bias, "true or false")
         if not isinstance(self.compile, bool):
             bad("compile", self.compile, "true or false")
         if self.compile and (self.hidden_dropout or self.attention_dropout):
@@ -412,6 +419,7 @@ def transformer_config(cfg: ModelConfig):
         gated_linear_unit=cfg.gated_linear_unit,
         activation_func=ACTIVATIONS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
+        add_qkv_bias=cfg.add_qkv_bias,
         init_method_std=cfg.init_method_std,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
