@@ -50,7 +50,7 @@ from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
-from shiq_train.hf_convert import as_llama_config, import_llama, load_causal_lm, model_config_from_llama
+from shiq_train.hf_convert import MODEL_TYPES, as_llama_config, import_llama, load_causal_lm, model_config_from_llama
 from shiq_train.model import (
     RANDOM_START,
     ModelConfig,
@@ -191,11 +191,27 @@ def check_llama_shaped(model_cfg) -> None:
 
 
 def llama_config_from_model(model_cfg):
-    """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig`
-    (inverse of ``hf_convert.model_config_from_llama``), so checkpoints export to Hugging Face."""
-    from transformers import LlamaConfig  # heavy: transformers
+    """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig` (a
+    ``Qwen2Config`` with ``add_qkv_bias``, without a sliding window), the inverse of
+    ``hf_convert.model_config_from_llama``, so checkpoints export to Hugging Face."""
+    from transformers import LlamaConfig, Qwen2Config  # heavy: transformers
 
     check_llama_shaped(model_cfg)
+    if model_cfg.add_qkv_bias:
+        return Qwen2Config(
+            vocab_size=model_cfg.vocab_size,
+            hidden_size=model_cfg.hidden_size,
+            intermediate_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
+            num_hidden_layers=model_cfg.num_layers,
+            num_attention_heads=model_cfg.num_attention_heads,
+            num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
+            max_position_embeddings=model_cfg.max_sequence_length,
+            rms_norm_eps=model_cfg.layernorm_epsilon,
+            rope_parameters={"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)},
+            tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
+            hidden_act="silu",
+            use_sliding_window=False,
+        )
     return LlamaConfig(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -215,8 +231,8 @@ def llama_config_from_model(model_cfg):
 
 def read_llama_config(init: str):
     """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder without a sliding
-    window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`); any other model
-    type is refused."""
+    window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`; a Qwen2 folder
+    whose sliding window acts on no layer: its ``Qwen2Config``); any other model type is refused."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():
@@ -227,14 +243,15 @@ def read_llama_config(init: str):
     if not isinstance(hf_config, dict):
         raise ConfigError(f"init={init!r}: {path} is not a JSON object")
     model_type = hf_config.get("model_type")
-    if model_type not in ("llama", "mistral"):
+    if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
-            "(model_type 'llama', or 'mistral' without a sliding window) can initialise the model"
+            "(model_type 'llama', or 'mistral' or 'qwen2' without a sliding window) can initialise the model"
         )
-    from transformers import LlamaConfig, MistralConfig  # heavy: only an init folder needs it
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config  # heavy: only an init folder needs it
 
-    config = (MistralConfig if model_type == "mistral" else LlamaConfig).from_pretrained(str(folder))
+    kind = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(model_type, LlamaConfig)
+    config = kind.from_pretrained(str(folder))
     try:
         return as_llama_config(config)
     except ValueError as e:
@@ -255,7 +272,8 @@ def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfi
 def load_init(init: str):
     """``(hf_state_dict, hf_config)`` of the initial weights, or ``(None, None)`` for ``init=none``.
 
-    ``smollm2``: the packaged SmolLM2-135M-Instruct; anything else: a Hugging Face Llama folder.
+    ``smollm2``: the packaged SmolLM2-135M-Instruct; anything else: a Hugging Face Llama (Mistral, Qwen2)
+    folder (:func:`read_llama_config`).
     """
     if init in (None, "none"):
         return None, None

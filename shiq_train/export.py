@@ -22,7 +22,14 @@ from shiq_data.io import atomic_dir, atomic_write_json, one_line, recorded_folde
 from shiq_data.tokenizers import BUILTIN_TOKENIZERS, PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
 from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
-from shiq_train.hf_convert import EXPORT_RECORD, LlamaShape, megatron_to_llama, save_llama
+from shiq_train.hf_convert import (
+    EXPORT_RECORD,
+    LlamaShape,
+    causal_lm_class,
+    megatron_to_llama,
+    save_llama,
+    window_problem,
+)
 from shiq_train.losses import check_beta
 
 log = logging.getLogger(__name__)
@@ -68,26 +75,31 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
 
 
 def llama_config(hf_config: dict, step_dir):
-    """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved; ``ValueError`` naming
-    its meta.json when transformers refuses it (a hand-edited field)."""
+    """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved (``Qwen2Config`` when it
+    records model_type 'qwen2', checked to have no sliding window that acts); ``ValueError`` naming its
+    meta.json when transformers refuses it (a hand-edited field)."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-    from transformers import LlamaConfig  # heavy: only export needs it
+    from transformers import LlamaConfig, Qwen2Config  # heavy: only export needs it
 
+    qwen2 = hf_config.get("model_type") == "qwen2"
     try:
-        return LlamaConfig.from_dict(hf_config)
+        config = (Qwen2Config if qwen2 else LlamaConfig).from_dict(hf_config)
+        if qwen2 and (problem := window_problem(config)) is not None:
+            raise ValueError(problem)
+        return config
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
         raise ValueError(f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {one_line(e, 300)}") from None
 
 
 def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     """A ``transformers.LlamaForCausalLM`` holding the weights of a checkpoint step directory (``hf_config``:
-    a ``LlamaConfig``, or the dict its meta.json saved). Weights that do not fit the config (a meta.json
-    edited, or another run's) are refused in one line naming the step directory."""
-    from transformers import LlamaForCausalLM  # heavy: only export needs it
-
+    a ``LlamaConfig``, or the dict its meta.json saved; a ``Qwen2ForCausalLM`` for a Qwen2 config). Weights that
+    do not fit the config (a meta.json edited, or another run's) are refused in one line naming the step
+    directory."""
     if isinstance(hf_config, dict):
         hf_config = llama_config(hf_config, step_dir)
     shape = LlamaShape.from_hf_config(hf_config)
+    model_class = causal_lm_class(hf_config)
 
     def misfit(e: Exception) -> ValueError:
         return ValueError(
@@ -102,10 +114,10 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     try:
         sd = megatron_to_llama(full, shape)
         with torch.device("meta"):  # the config's shapes, checked before any memory is taken for them
-            skeleton = LlamaForCausalLM(hf_config)
+            skeleton = model_class(hf_config)
         skeleton.load_state_dict(sd, strict=not shape.tied, assign=True)
         del skeleton
-        model = LlamaForCausalLM(hf_config).to(dtype)
+        model = model_class(hf_config).to(dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
     except (KeyError, RuntimeError) as e:  # a missing weight name; a shape that differs
         raise misfit(e) from None
@@ -168,7 +180,7 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
 
 
 def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = False) -> Path:
-    """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama
+    """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama (or Qwen2)
     config the run saved, float32 safetensors, the tokenizer (:func:`export_tokenizer`, its eos and pad ids
     in the config) and ``shiq_export.json`` (the run, step, loss, and the SHA-256 of each weight file, which
     shiq-eval checks before loading them). Loads with ``transformers.AutoModelForCausalLM``."""
@@ -253,7 +265,7 @@ def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:
 
 HELP = """shiq-train export: a checkpoint of a shiq-train run as a Hugging Face model folder.
 
-Writes OUT with config.json (the Llama config the run saved), model.safetensors (float32), the tokenizer
+Writes OUT with config.json (the Llama or Qwen2 config the run saved), model.safetensors (float32), the tokenizer
 files of the buffer the run trained on (or --tokenizer, which must have the same fingerprint) and
 shiq_export.json (the run's loss, beta, step and initial model, which shiq-eval run reads).
 transformers.AutoModelForCausalLM.from_pretrained(OUT) loads it; its logits are the trained model's.

@@ -1,4 +1,5 @@
-"""Hugging Face Llama-family weights <-> megatron-core GPTModel weights (local or TE layer spec).
+"""Hugging Face Llama-family weights <-> megatron-core GPTModel weights (local or TE layer spec); Qwen2 is
+Llama with a bias on the query, key and value projections (``LlamaShape.qkv_bias``).
 
 :func:`llama_to_megatron` lays out a Hugging Face state dict the way megatron's GPTModel (TP=1,
 PP=1) names and fuses it and :func:`megatron_to_llama` goes back; sharding for any TP/PP layout is
@@ -7,7 +8,7 @@ PP=1) names and fuses it and :func:`megatron_to_llama` goes back; sharding for a
 
 Layouts megatron uses (and the logits-parity test would catch if wrong):
 - ``linear_qkv`` interleaves query groups: for each group, its query heads, then its key head,
-  then its value head. Tensor parallelism splits it by whole groups.
+  then its value head; its bias (Qwen2's) likewise. Tensor parallelism splits both by whole groups.
 - ``linear_fc1`` stacks ``[gate; up]`` (megatron applies the activation to the first half).
   Tensor parallelism splits gate and up separately and stacks each rank's halves.
 """
@@ -44,6 +45,7 @@ class LlamaShape:
     num_heads: int
     num_kv_heads: int
     tied: bool = True
+    qkv_bias: bool = False  # Qwen2: q_proj, k_proj and v_proj have biases (fused into linear_qkv.bias)
 
     @property
     def head_dim(self) -> int:
@@ -57,24 +59,28 @@ class LlamaShape:
             cfg.num_attention_heads,
             cfg.num_key_value_heads or cfg.num_attention_heads,
             bool(cfg.tie_word_embeddings),
+            getattr(cfg, "model_type", "llama") == "qwen2",
         )
 
 
 def _fuse_qkv(q, k, v, shape: LlamaShape):
+    """megatron's ``linear_qkv`` weight (2-D) or bias (1-D) from the query, key and value projections'."""
     d, g = shape.head_dim, shape.num_kv_heads
-    per = shape.num_heads // g
+    per, rest = shape.num_heads // g, q.shape[1:]
     q = q.view(g, per * d, -1)
     k = k.view(g, d, -1)
     v = v.view(g, d, -1)
-    return torch.cat([q, k, v], dim=1).reshape(g * (per + 2) * d, -1)
+    return torch.cat([q, k, v], dim=1).reshape(g * (per + 2) * d, *rest)
 
 
 def _split_qkv(qkv, shape: LlamaShape):
+    """Inverse of :func:`_fuse_qkv`: the query, key and value projections' weights (2-D) or biases (1-D)."""
     d, g = shape.head_dim, shape.num_kv_heads
     per = shape.num_heads // g
     x = qkv.view(g, (per + 2) * d, -1)
     q, k, v = x[:, : per * d], x[:, per * d : (per + 1) * d], x[:, (per + 1) * d :]
-    return q.reshape(-1, x.shape[-1]), k.reshape(-1, x.shape[-1]), v.reshape(-1, x.shape[-1])
+    rest = qkv.shape[1:]
+    return q.reshape(-1, *rest), k.reshape(-1, *rest), v.reshape(-1, *rest)
 
 
 def llama_to_megatron(hf: dict[str, torch.Tensor], shape: LlamaShape) -> dict[str, torch.Tensor]:
@@ -89,6 +95,10 @@ def llama_to_megatron(hf: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
             hf[h + "self_attn.v_proj.weight"],
             shape,
         )
+        if shape.qkv_bias:
+            out[m + "self_attention.linear_qkv.bias"] = _fuse_qkv(
+                hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"], hf[h + "self_attn.v_proj.bias"], shape
+            )
         out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
         out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
         out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], 0)
@@ -111,6 +121,13 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
             k,
             v,
         )
+        if shape.qkv_bias:
+            q, k, v = _split_qkv(mg[m + "self_attention.linear_qkv.bias"], shape)
+            out[h + "self_attn.q_proj.bias"], out[h + "self_attn.k_proj.bias"], out[h + "self_attn.v_proj.bias"] = (
+                q,
+                k,
+                v,
+            )
         out[h + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
         out[h + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
         gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2, 0)
@@ -121,17 +138,22 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
     return out
 
 
+MODEL_TYPES = ("llama", "mistral", "qwen2")  # what model_config_from_llama reads (without a window acting)
+
+
 def model_config_from_llama(hf_config, **overrides):
-    """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config, or of a Mistral one
-    without a sliding window (:func:`window_problem`: the same weights and forward pass). Whatever the
-    config holds that changes the forward pass and this model does not compute is refused, never dropped:
-    another architecture (its biases), a sliding window, scaled rotary embeddings, biases, another
-    activation, a head width other than ``hidden_size / num_attention_heads``."""
+    """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config, of a Mistral one
+    without a sliding window (:func:`window_problem`: the same weights and forward pass), or of a Qwen2 one
+    (Qwen2, Qwen2.5) whose sliding window acts on no layer (``add_qkv_bias``: Llama with biases on the
+    query, key and value projections). Whatever the config holds that changes the forward pass and this model
+    does not compute is refused, never dropped: another architecture (its biases), a sliding window, scaled
+    rotary embeddings, biases, another activation, a head width other than ``hidden_size / num_attention_heads``."""
     model_type = getattr(hf_config, "model_type", "llama")
-    if model_type not in ("llama", "mistral"):
+    if model_type not in MODEL_TYPES:
         raise ValueError(
-            f"model_type {model_type!r}: only Llama-family checkpoints (model_type 'llama', or 'mistral' without a "
-            "sliding window) import exactly (what another architecture adds, such as biases, would be dropped)"
+            f"model_type {model_type!r}: only Llama-family checkpoints (model_type 'llama', or 'mistral' or 'qwen2' "
+            "without a sliding window) import exactly (what another architecture adds, such as biases, would be "
+            "dropped)"
         )
     if (problem := window_problem(hf_config)) is not None:
         raise ValueError(problem)
@@ -160,6 +182,7 @@ def model_config_from_llama(hf_config, **overrides):
         gated_linear_unit=True,
         activation="silu",
         add_bias_linear=False,
+        add_qkv_bias=model_type == "qwen2",
         position_embedding_type="rope",
         rotary_base=rope,
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
@@ -182,10 +205,15 @@ def model_config_from_llama(hf_config, **overrides):
 
 
 def window_problem(hf_config) -> str | None:
-    """Why a Mistral config's sliding attention window would change the forward pass of a Llama model of its
-    weights, or None: any window acts on a sequence longer than it, and rows may be longer than the config's
-    ``max_position_embeddings`` (``model.max_sequence_length``), so only a Mistral without one (``sliding_window``
-    null, from Mistral v0.2 on) is a Llama model. None for any other config."""
+    """Why a Mistral or Qwen2 config's sliding attention window would change the forward pass of a Llama model
+    of its weights, or None: any window acts on a sequence longer than it, and rows may be longer than the
+    config's ``max_position_embeddings`` (``model.max_sequence_length``), so only a Mistral without one
+    (``sliding_window`` null, from Mistral v0.2 on) is a Llama model. A Qwen2 config's window acts on the layers
+    its ``layer_types`` names ``sliding_attention`` (transformers derives them: with ``use_sliding_window``, the
+    layers from ``max_window_layers`` on); with none of those (Qwen2 and Qwen2.5 ship ``use_sliding_window``
+    false) it is computed here. None for any other config."""
+    if getattr(hf_config, "model_type", None) == "qwen2":
+        return _qwen2_window_problem(hf_config)
     if getattr(hf_config, "model_type", None) != "mistral":
         return None
     window = getattr(hf_config, "sliding_window", None)
@@ -198,10 +226,36 @@ def window_problem(hf_config) -> str | None:
     )
 
 
+def _qwen2_window_problem(hf_config) -> str | None:
+    """:func:`window_problem` of a Qwen2 config: the layers transformers' ``Qwen2Attention`` gives a window
+    (``layer_types``, or as ``Qwen2Config`` derives them when a config object lacks them)."""
+    window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", False) else None
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types is None:
+        first = getattr(hf_config, "max_window_layers", 0)
+        n = hf_config.num_hidden_layers
+        layer_types = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n)]
+    windowed = [i for i, kind in enumerate(layer_types) if kind != "full_attention"]
+    if not windowed:
+        return None
+    kinds = sorted({layer_types[i] for i in windowed})
+    return (
+        f"model_type 'qwen2' with {', '.join(map(repr, kinds))} layers {windowed[:4]}{'...' if len(windowed) > 4 else ''}"
+        f" (use_sliding_window={getattr(hf_config, 'use_sliding_window', None)}, sliding_window={window}, "
+        f"max_window_layers={getattr(hf_config, 'max_window_layers', None)}): attention beyond the window is not "
+        "computed here, so sequences longer than it would differ (a Qwen2 checkpoint with use_sliding_window false "
+        "imports exactly)"
+    )
+
+
 def as_llama_config(hf_config):
-    """``hf_config`` itself for a Llama config; for a Mistral one without a sliding window
-    (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same model, which a
-    run records and exports (the weights' names are the same)."""
+    """``hf_config`` itself for a Llama config, and for a Qwen2 one whose window acts on no layer (else
+    ``ValueError``; a run records and exports it as Qwen2: its biases are no Llama's); for a Mistral one without
+    a sliding window (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same
+    model, which a run records and exports (the weights' names are the same)."""
+    if getattr(hf_config, "model_type", "llama") == "qwen2":
+        model_config_from_llama(hf_config)  # (refuses a window, or what the model would not compute)
+        return hf_config
     if getattr(hf_config, "model_type", "llama") != "mistral":
         return hf_config
     from transformers import LlamaConfig  # heavy: only a Mistral folder needs it
@@ -217,8 +271,18 @@ def import_llama(model, hf_state_dict: dict[str, torch.Tensor], hf_config) -> No
     load_full_parameters(model, full)
 
 
+def causal_lm_class(hf_config):
+    """The transformers class a model of ``hf_config`` is: ``Qwen2ForCausalLM`` for a Qwen2 config, else
+    ``LlamaForCausalLM`` (what :func:`as_llama_config` gives is either)."""
+    import transformers  # heavy: only export needs it
+
+    qwen2 = getattr(hf_config, "model_type", "llama") == "qwen2"
+    return transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM
+
+
 def export_llama(model, hf_config, out_dir) -> None:
-    """Write the megatron model as a Hugging Face Llama folder (config + safetensors); collective.
+    """Write the megatron model as a Hugging Face Llama (or Qwen2, :func:`causal_lm_class`) folder (config +
+    safetensors); collective.
 
     Rank 0 writes into a temporary sibling folder and renames it into place, so ``out_dir`` is
     either complete or absent.
@@ -226,10 +290,8 @@ def export_llama(model, hf_config, out_dir) -> None:
     full = gather_full_parameters(model) if dist.is_initialized() else _local_full(model)
     if full is None:
         return
-    from transformers import LlamaForCausalLM  # heavy: only export needs it
-
     sd = megatron_to_llama(full, LlamaShape.from_hf_config(hf_config))
-    hf = LlamaForCausalLM(hf_config)
+    hf = causal_lm_class(hf_config)(hf_config)
     hf.load_state_dict({k: v.to(hf.dtype) for k, v in sd.items()}, strict=not hf_config.tie_word_embeddings)
     atomic_dir(out_dir, lambda tmp: save_llama(hf, tmp), replace=True)
 

@@ -46,6 +46,27 @@ def tiny_llama(seed=0, tied=True):
     return with_varied_norms(transformers.LlamaForCausalLM(cfg).eval())
 
 
+def tiny_qwen2(seed=0, tied=False, **config):
+    """A tiny ``Qwen2ForCausalLM`` with non-zero random query/key/value biases (transformers starts them at 0)."""
+    cfg = transformers.Qwen2Config(
+        **{
+            **dict(
+                vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters={"rope_type": "default", "rope_theta": 1e5},
+                max_position_embeddings=32, tie_word_embeddings=tied,
+            ),
+            **config,
+        }
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = with_varied_norms(transformers.Qwen2ForCausalLM(cfg).eval())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-1.0, 1.0)
+    return model
+
+
 def with_varied_norms(model):
     """``model`` with its norm weights drawn from [0.5, 1.5] (not all 1), so that a swapped norm weight shows."""
     with torch.no_grad():
@@ -90,7 +111,11 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
     Mistral one its sliding window; a head width of its own failed on a shard shape naming no field."""
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
     cases = [
-        (transformers.Qwen2Config(**base), "model_type 'qwen2': only Llama-family checkpoints"),
+        (transformers.GemmaConfig(**base), "model_type 'gemma': only Llama-family checkpoints"),
+        (
+            transformers.Qwen2Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=0),
+            "model_type 'qwen2' with 'sliding_attention' layers [0] (use_sliding_window=True, sliding_window=4, ",
+        ),
         (
             transformers.MistralConfig(**base, sliding_window=4, max_position_embeddings=32),
             "model_type 'mistral' with sliding_window=4: attention beyond the window",
@@ -193,10 +218,10 @@ def test_checkpoint_exports_to_hugging_face(tmp_path):
     assert torch.equal(back(tokens).logits, hf(tokens).logits)
 
 
-def _tp2_worker(rank, port, out_dir):
+def _tp2_worker(rank, port, out_dir, kind="llama"):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    hf = tiny_llama()
+    hf = tiny_llama() if kind == "llama" else tiny_qwen2()
     tokens = tokens_for(128)
     with parallel.distributed(
         parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=0
@@ -221,6 +246,111 @@ def test_tiny_llama_import_and_export_under_tensor_parallelism(tmp_path):
     back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
     for name, p in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
+
+
+def test_tiny_qwen2_imports_exports_and_reloads_with_its_logits(tmp_path):
+    """Qwen2 is Llama with biases on the query, key and value projections: imported (into megatron's fused
+    linear_qkv.bias, interleaved per query group as the weight) the megatron model gives transformers' own Qwen2
+    logits; exported (directly, and from a checkpoint) it reloads as a Qwen2ForCausalLM with the same logits.
+    A Qwen2 config was refused."""
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.export import hf_model_from_checkpoint
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_qwen2()
+    tokens = tokens_for(128)
+    ref = hf(tokens).logits
+    no_bias = tiny_qwen2()
+    with torch.no_grad():
+        for name, p in no_bias.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    assert (no_bias(tokens).logits - ref).abs().max() > 0.1  # (the biases matter)
+    with parallel.distributed(seed=0):
+        cfg = H.model_config_from_llama(hf.config)
+        assert cfg.add_qkv_bias and not cfg.add_bias_linear
+        mg = M.build_model(cfg).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        assert (megatron_logits(mg, tokens) - ref).abs().max() < 1e-5
+        H.export_llama(mg, hf.config, tmp_path / "export")
+        step_dir = save_checkpoint(tmp_path / "run", 1, mg)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "qwen2" and config["architectures"] == ["Qwen2ForCausalLM"]
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert isinstance(back, transformers.Qwen2ForCausalLM)
+    assert (back(tokens).logits - ref).abs().max() < 1e-5
+    for name, p in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name
+    # as shiq-train export reads a checkpoint: the config recorded in its meta.json (a dict)
+    restored = hf_model_from_checkpoint(step_dir, json.loads(hf.config.to_json_string()))
+    assert isinstance(restored, transformers.Qwen2ForCausalLM)
+    assert torch.equal(restored(tokens).logits, back(tokens).logits)
+
+
+def test_tiny_qwen2_import_and_export_under_tensor_parallelism(tmp_path):
+    """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight and bias; the
+    statistics are transformers' Qwen2's and the export gathers every weight and bias back bit for bit."""
+    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), "qwen2"), nprocs=2, join=True)
+    hf = tiny_qwen2()
+    tokens = tokens_for(128)
+    want = causal_lm_stats(hf(tokens).logits.detach(), tokens)
+    got = torch.load(tmp_path / "stats.pt", weights_only=True)
+    assert (got["c"] - want.chosen_logits).abs().max() < 1e-5
+    assert (got["z"] - want.logz).abs().max() < 1e-5
+    back = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "export").eval()
+    for name, p in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name
+
+
+def test_a_qwen2_folder_initialises_a_run_and_one_whose_window_acts_is_refused(tmp_path):
+    """The training command reads a Qwen2 folder as its Qwen2Config (recorded and exported as Qwen2: its biases
+    are no Llama's), builds the model with add_qkv_bias, and refuses a model config without the biases. A
+    sliding window that acts on a layer (use_sliding_window with layers from max_window_layers on) is refused in
+    one line naming the folder; one that acts on no layer is not a window."""
+    from shiq_train.cli import (
+        ConfigError,
+        check_shape,
+        llama_config_from_model,
+        load_init,
+        model_config,
+        read_llama_config,
+    )
+
+    hf = tiny_qwen2()
+    hf.save_pretrained(tmp_path / "qwen2")
+    folder = str(tmp_path / "qwen2")
+    config = read_llama_config(folder)
+    assert isinstance(config, transformers.Qwen2Config) and config.to_dict()["model_type"] == "qwen2"
+    state, config = load_init(folder)
+    assert config.model_type == "qwen2"
+    for name, p in hf.state_dict().items():
+        assert torch.equal(state[name], p), name
+    model_cfg = model_config(M.ModelConfig().to_dict(), folder, set())
+    assert model_cfg.add_qkv_bias and model_cfg.name == "qwen2" and model_cfg.num_query_groups == 2
+    check_shape(model_cfg, config, folder)
+    with pytest.raises(ConfigError, match=r"model.add_qkv_bias=False but the checkpoint has True"):
+        check_shape(M.ModelConfig(**{**model_cfg.to_dict(), "add_qkv_bias": False}), config, folder)
+    fresh = llama_config_from_model(model_cfg)  # (init=none with the biases: exported as Qwen2)
+    assert fresh.model_type == "qwen2" and H.model_config_from_llama(fresh, name=model_cfg.name) == model_cfg
+    # a window on layer 1: transformers' logits differ on rows longer than it
+    long = tokens_for(128, T=32)
+    windowed = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            **{**hf.config.to_dict(), "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1,
+               "layer_types": None}
+        )
+    )  # fmt: skip
+    windowed.load_state_dict(hf.state_dict())
+    assert windowed.config.layer_types == ["full_attention", "sliding_attention"]
+    assert (windowed.eval()(long).logits - hf(long).logits).abs().max() > 1e-2
+    windowed.config.save_pretrained(tmp_path / "qwen2")
+    with pytest.raises(ConfigError) as e:
+        read_llama_config(folder)
+    assert str(e.value).startswith(f"init={folder!r}: {tmp_path / 'qwen2' / 'config.json'}: model_type 'qwen2' ")
+    assert "'sliding_attention' layers [1]" in str(e.value) and "\n" not in str(e.value)
+    on_no_layer = {**windowed.config.to_dict(), "max_window_layers": 2, "layer_types": None}  # (use_sliding_window)
+    transformers.Qwen2Config(**on_no_layer).save_pretrained(folder)
+    assert read_llama_config(folder).layer_types == ["full_attention", "full_attention"]
 
 
 def test_smollm2_135m_logits_parity_and_export(tmp_path):
