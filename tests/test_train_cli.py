@@ -516,6 +516,41 @@ def test_init_folder_decides_the_model_shape(tmp_path):
     assert res.returncode == 2 and "model.hidden_size=64 but the checkpoint has 32" in res.stderr
 
 
+def test_a_qwen2_init_folder_trains_and_its_checkpoint_exports_as_qwen2(tmp_path):
+    """init=a Qwen2 folder: the run builds the model with its query/key/value biases (model.add_qkv_bias),
+    records its Qwen2 config, and the checkpoint comes back as a Qwen2ForCausalLM with the folder's logits
+    (lr 1e-12: the step changes nothing visible). The folder was refused (model_type 'qwen2')."""
+    import transformers
+    import yaml
+
+    from shiq_train.checkpoint import read_meta
+    from shiq_train.export import hf_model_from_checkpoint
+
+    cfg = transformers.Qwen2Config(
+        vocab_size=128, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, rms_norm_eps=1e-5, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Qwen2ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.uniform_(-1.0, 1.0)
+    hf.save_pretrained(tmp_path / "qwen2")
+    common = [f"init={tmp_path / 'qwen2'}", "train.steps=1", "optimizer.lr=1e-12", "train.reference=online"]
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]["add_qkv_bias"] is True
+    step_dir = tmp_path / "run/checkpoints/step_00000001"
+    hf_config = read_meta(step_dir)["meta"]["hf_config"]
+    assert hf_config["model_type"] == "qwen2"
+    back = hf_model_from_checkpoint(step_dir, hf_config)
+    assert isinstance(back, transformers.Qwen2ForCausalLM)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back(tokens).logits - hf(tokens).logits).abs().max() < 1e-4
+
+
 def test_init_folder_of_another_model_type_is_refused(tmp_path):
     folder = tmp_path / "gpt"
     folder.mkdir()
