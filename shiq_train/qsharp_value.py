@@ -28,7 +28,7 @@ import torch
 
 from shiq_data.io import atomic_dir, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
-from shiq_train.hf_convert import LlamaShape, megatron_to_llama
+from shiq_train.hf_convert import LlamaShape, megatron_to_llama, window_problem
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
 
@@ -256,12 +256,12 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
 
 
 def load_value_model(path, dtype=torch.float32) -> HFValueModel:
-    """The saved value model as an :class:`HFValueModel` (``transformers.LlamaModel`` trunk with the
-    trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``.
+    """The saved value model as an :class:`HFValueModel` (``transformers.LlamaModel`` trunk, ``Qwen2Model`` for a
+    Qwen2 reference, with the trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``.
     A damaged or edited folder (a field of value_model.json, weights that do not fit its config, a file that
     is not this format's) is a ``ValueError`` naming the file."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-    from transformers import LlamaConfig, LlamaModel  # heavy: only loading needs transformers
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model  # heavy: only loading needs it
 
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -271,12 +271,15 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     config = _read_config(path / CONFIG_FILE)
     check_sha256(path / WEIGHTS_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)
+    qwen2 = config["hf_config"].get("model_type") == "qwen2"  # (its biases: a Qwen2 trunk, not a Llama one)
     try:
-        hf_config = LlamaConfig.from_dict(config["hf_config"])
+        hf_config = (Qwen2Config if qwen2 else LlamaConfig).from_dict(config["hf_config"])
+        if (problem := window_problem(hf_config)) is not None:
+            raise ValueError(problem)
         shape = LlamaShape.from_hf_config(hf_config)
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
         raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {one_line(e, 200)}") from None
-    trunk = LlamaModel(hf_config)
+    trunk = (Qwen2Model if qwen2 else LlamaModel)(hf_config)
     mg = _Reads({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
     head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
     try:

@@ -323,8 +323,13 @@ def test_value_loss_minimiser_is_the_projected_return_distribution():
 # (e) guided decoding with a tiny Llama on CPU
 
 
-def tiny_llama(seed, vocab=64):
-    cfg = transformers.LlamaConfig(
+def tiny_llama(seed, vocab=64, arch="llama"):
+    """A tiny Llama (or, ``arch="qwen2"``, Qwen2: Llama with query/key/value biases) with varied weights."""
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    cfg = config_class(
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -336,8 +341,8 @@ def tiny_llama(seed, vocab=64):
         tie_word_embeddings=True,
     )
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():  # larger weights than the default init, so logits and values vary
+    model = model_class(cfg).eval()
+    with torch.no_grad():  # larger weights than the default init (biases too), so logits and values vary
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.3)
@@ -564,14 +569,17 @@ def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass()
 # the megatron value model: save, load as a Hugging Face trunk, train from a buffer
 
 
-def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path, arch):
+    """A value model's megatron trunk saved and loaded as transformers' decoder gives the same values, for a
+    Llama reference and a Qwen2 one (its query/key/value biases: a Qwen2Model trunk)."""
     from shiq_train import model as M
     from shiq_train import parallel
     from shiq_train.hf_convert import import_llama, model_config_from_llama
     from shiq_train.qsharp_value import MegatronValueModel, load_value_model, save_value_model
 
     warnings.filterwarnings("ignore")
-    hf = tiny_llama(3)
+    hf = tiny_llama(3, arch=arch)
     tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
     with parallel.distributed(seed=0):
         mv = MegatronValueModel(M.build_model(model_config_from_llama(hf.config)), len(ATOMS))

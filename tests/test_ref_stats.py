@@ -153,6 +153,36 @@ def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_l
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])
 def test_llama_stats_never_form_full_logits_and_equal_them(tiny_llama, chunk_tokens, monkeypatch):
     """The chunked Llama path gives the naive full-logit values without calling the output layer."""
+    _chunked_equals_full_logits(tiny_llama, chunk_tokens, monkeypatch)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_mistral_and_qwen2_stats_take_the_chunked_path_and_equal_full_logits(arch, monkeypatch):
+    """Mistral and Qwen2 (query/key/value biases, none on the output layer), which the trainer imports as Llama
+    models, take the chunked path too, with the naive full-logit values."""
+    import transformers
+
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    torch.manual_seed(0)
+    cfg = config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.5)  # (Qwen2's biases start at 0)
+    _chunked_equals_full_logits(model, 5, monkeypatch)
+
+
+def _chunked_equals_full_logits(model, chunk_tokens, monkeypatch):
+    """The statistics of ``model`` by :func:`hf_stats_fn` equal the naive ones of its full logits, and its output
+    layer is never called."""
+    tiny_llama = model
     rows = [r["tokens"] for r in make_rows(5, seed=4, min_len=2, max_len=12)]
     with torch.no_grad():
         expected = [naive_stats(tiny_llama(input_ids=torch.tensor([t])).logits[0], t) for t in rows]
