@@ -295,15 +295,13 @@ class MegatronEngine:
         return self._ref
 
     def policy(self, info: dict):
-        from transformers import LlamaConfig  # heavy: transformers
-
         from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
         from shiq_train.export import full_parameters_from_checkpoint  # heavy: torch
-        from shiq_train.hf_convert import LlamaShape, import_llama  # heavy: torch
+        from shiq_train.hf_convert import LlamaShape, hf_config_from_dict, import_llama  # heavy: torch
         from shiq_train.model import load_full_parameters  # heavy: torch
 
         hf_config = info["hf_config"]
-        config = LlamaConfig.from_dict(hf_config)
+        config = hf_config_from_dict(hf_config)  # (a Qwen2 model's, with its biases)
         if self._policy[0] != hf_config:
             self._policy = (hf_config, self._build(config))
         model = self._policy[1]

@@ -25,7 +25,9 @@ from shiq_train.checkpoint import latest_step_dir, read_meta, read_rank_file
 from shiq_train.hf_convert import (
     EXPORT_RECORD,
     LlamaShape,
+    ReadKeys,
     causal_lm_class,
+    hf_config_from_dict,
     megatron_to_llama,
     save_llama,
     window_problem,
@@ -76,15 +78,13 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
 
 def llama_config(hf_config: dict, step_dir):
     """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved (``Qwen2Config`` when it
-    records model_type 'qwen2', checked to have no sliding window that acts); ``ValueError`` naming its
-    meta.json when transformers refuses it (a hand-edited field)."""
+    records model_type 'qwen2', :func:`shiq_train.hf_convert.hf_config_from_dict`; checked to have no sliding
+    window that acts); ``ValueError`` naming its meta.json when transformers refuses it (a hand-edited field)."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-    from transformers import LlamaConfig, Qwen2Config  # heavy: only export needs it
 
-    qwen2 = hf_config.get("model_type") == "qwen2"
     try:
-        config = (Qwen2Config if qwen2 else LlamaConfig).from_dict(hf_config)
-        if qwen2 and (problem := window_problem(config)) is not None:
+        config = hf_config_from_dict(hf_config)
+        if (problem := window_problem(config)) is not None:
             raise ValueError(problem)
         return config
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
@@ -112,7 +112,10 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     except KeyError as e:  # a layer the config names and the weights lack
         raise misfit(e) from None
     try:
+        full = ReadKeys(full)
         sd = megatron_to_llama(full, shape)
+        if full.unused():  # (a Qwen2 run's biases read with a Llama config were dropped without a word)
+            raise KeyError(f"weights its hf_config has no place for: {full.unused()[:3]}")
         with torch.device("meta"):  # the config's shapes, checked before any memory is taken for them
             skeleton = model_class(hf_config)
         skeleton.load_state_dict(sd, strict=not shape.tied, assign=True)

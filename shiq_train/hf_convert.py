@@ -138,6 +138,33 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
     return out
 
 
+class ReadKeys(dict):
+    """A dict that remembers which keys were read (what a conversion left unused: weights a config has no place
+    for, such as a Qwen2 checkpoint's biases read with a Llama config)."""
+
+    def __init__(self, items: dict):
+        super().__init__(items)
+        self.read: set = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def unused(self) -> list:
+        """The keys never read, sorted."""
+        return sorted(set(self) - self.read)
+
+
+def hf_config_from_dict(config: dict):
+    """The transformers config of a config dict (a checkpoint's recorded ``hf_config``, a folder's
+    ``config.json``) of a model type this module reads: ``Qwen2Config``, ``MistralConfig``, else ``LlamaConfig``,
+    chosen by its ``model_type`` (a Llama config read as Llama, as before)."""
+    import transformers  # heavy: only reading a config needs it
+
+    kinds = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
+    return kinds.get(config.get("model_type"), transformers.LlamaConfig).from_dict(config)
+
+
 MODEL_TYPES = ("llama", "mistral", "qwen2")  # what model_config_from_llama reads (without a window acting)
 
 

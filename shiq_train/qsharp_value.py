@@ -28,7 +28,7 @@ import torch
 
 from shiq_data.io import atomic_dir, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
-from shiq_train.hf_convert import LlamaShape, megatron_to_llama, window_problem
+from shiq_train.hf_convert import LlamaShape, ReadKeys, megatron_to_llama, window_problem
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
 
@@ -280,13 +280,12 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
         raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {one_line(e, 200)}") from None
     trunk = (Qwen2Model if qwen2 else LlamaModel)(hf_config)
-    mg = _Reads({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
+    mg = ReadKeys({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
     head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
     try:
         hf = megatron_to_llama(mg, shape)
-        unused = set(mg) - mg.read
-        if unused:  # a value_model.json with fewer layers than the weights: a truncated trunk otherwise
-            raise ValueError(f"weights its hf_config has no place for: {sorted(unused)[:3]}")
+        if mg.unused():  # a value_model.json with fewer layers than the weights: a truncated trunk otherwise
+            raise ValueError(f"weights its hf_config has no place for: {mg.unused()[:3]}")
         trunk.load_state_dict({k[len("model.") :]: v for k, v in hf.items() if k.startswith("model.")})
         head.load_state_dict({"weight": tensors["head.weight"], "bias": tensors["head.bias"]})
         atoms = tensors["atoms"]
@@ -335,15 +334,3 @@ def _read_tensors(path: Path) -> dict:
     if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
         raise ValueError(f"{path}: not a value model written by shiq-train (expected a dict of tensors)")
     return tensors
-
-
-class _Reads(dict):
-    """A dict that remembers which keys were read (what a conversion left unused)."""
-
-    def __init__(self, items: dict):
-        super().__init__(items)
-        self.read: set = set()
-
-    def __getitem__(self, key):
-        self.read.add(key)
-        return super().__getitem__(key)
