@@ -197,22 +197,7 @@ def llama_config_from_model(model_cfg):
     from transformers import LlamaConfig, Qwen2Config  # heavy: transformers
 
     check_llama_shaped(model_cfg)
-    if model_cfg.add_qkv_bias:
-        return Qwen2Config(
-            vocab_size=model_cfg.vocab_size,
-            hidden_size=model_cfg.hidden_size,
-            intermediate_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
-            num_hidden_layers=model_cfg.num_layers,
-            num_attention_heads=model_cfg.num_attention_heads,
-            num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
-            max_position_embeddings=model_cfg.max_sequence_length,
-            rms_norm_eps=model_cfg.layernorm_epsilon,
-            rope_parameters={"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)},
-            tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
-            hidden_act="silu",
-            use_sliding_window=False,
-        )
-    return LlamaConfig(
+    shape = dict(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
         intermediate_size=model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size,
@@ -221,12 +206,13 @@ def llama_config_from_model(model_cfg):
         num_key_value_heads=model_cfg.num_query_groups or model_cfg.num_attention_heads,
         max_position_embeddings=model_cfg.max_sequence_length,
         rms_norm_eps=model_cfg.layernorm_epsilon,
-        rope_theta=float(model_cfg.rotary_base),
         tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
         hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
     )
+    if model_cfg.add_qkv_bias:
+        rope = {"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)}
+        return Qwen2Config(**shape, rope_parameters=rope, use_sliding_window=False)
+    return LlamaConfig(**shape, rope_theta=float(model_cfg.rotary_base), attention_bias=False, mlp_bias=False)
 
 
 def read_llama_config(init: str):

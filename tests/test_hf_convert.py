@@ -235,19 +235,6 @@ def _tp2_worker(rank, port, out_dir, kind="llama"):
             torch.save({"c": st.chosen_logits, "z": st.logz}, os.path.join(out_dir, "stats.pt"))
 
 
-def test_tiny_llama_import_and_export_under_tensor_parallelism(tmp_path):
-    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
-    hf = tiny_llama()
-    tokens = tokens_for(128)
-    want = causal_lm_stats(hf(tokens).logits.detach(), tokens)
-    got = torch.load(tmp_path / "stats.pt", weights_only=True)
-    assert (got["c"] - want.chosen_logits).abs().max() < 1e-5
-    assert (got["z"] - want.logz).abs().max() < 1e-5
-    back = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "export").eval()
-    for name, p in hf.state_dict().items():
-        assert torch.equal(back.state_dict()[name], p), name
-
-
 def test_tiny_qwen2_imports_exports_and_reloads_with_its_logits(tmp_path):
     """Qwen2 is Llama with biases on the query, key and value projections: imported (into megatron's fused
     linear_qkv.bias, interleaved per query group as the weight) the megatron model gives transformers' own Qwen2
@@ -287,17 +274,22 @@ def test_tiny_qwen2_imports_exports_and_reloads_with_its_logits(tmp_path):
     assert torch.equal(restored(tokens).logits, back(tokens).logits)
 
 
-def test_tiny_qwen2_import_and_export_under_tensor_parallelism(tmp_path):
-    """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight and bias; the
-    statistics are transformers' Qwen2's and the export gathers every weight and bias back bit for bit."""
-    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), "qwen2"), nprocs=2, join=True)
-    hf = tiny_qwen2()
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
+    """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight (and Qwen2's bias);
+    the statistics are transformers' and the export gathers every weight and bias back bit for bit."""
+    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), arch), nprocs=2, join=True)
+    hf, model_class = {
+        "llama": (tiny_llama, transformers.LlamaForCausalLM),
+        "qwen2": (tiny_qwen2, transformers.Qwen2ForCausalLM),
+    }[arch]
+    hf = hf()
     tokens = tokens_for(128)
     want = causal_lm_stats(hf(tokens).logits.detach(), tokens)
     got = torch.load(tmp_path / "stats.pt", weights_only=True)
     assert (got["c"] - want.chosen_logits).abs().max() < 1e-5
     assert (got["z"] - want.logz).abs().max() < 1e-5
-    back = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "export").eval()
+    back = model_class.from_pretrained(tmp_path / "export").eval()
     for name, p in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
 
