@@ -29,9 +29,7 @@ the plots are embedded as PNG), ``reward_vs_kl.png``, ``reward_vs_step.png``, ``
 from __future__ import annotations
 
 import base64
-import csv
 import html
-import io
 import json
 import math
 import re
@@ -47,9 +45,8 @@ from shiq_eval.optimum import (
     paired_difference,
     per_prompt,
     t_quantile,
-    undefined_as_null,
 )
-from shiq_eval.report import plot_curves, plot_j_vs_step
+from shiq_eval.report import csv_text, plot_curves, plot_j_vs_step
 
 RESULTS = "results.json"
 SUITE = "suite.json"  # written beside results.json by shiq-eval run: the suite's content (its scorer)
@@ -561,17 +558,6 @@ def j_comparable(a: dict, b: dict) -> str:
     return ""
 
 
-def _csv(rows: list[dict], columns: list[str]) -> str:
-    """The ``columns`` of ``rows`` as CSV; an undefined (NaN) standard error an empty cell, as null is
-    (:func:`shiq_eval.optimum.undefined_as_null`)."""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    w.writeheader()
-    for r in undefined_as_null(rows):
-        w.writerow(r)
-    return buf.getvalue()
-
-
 def _pm(mean, se, note: str = "", units: int = 2) -> str:
     """``mean ± se``; ``± –`` over one prompt or scenario, which measures no spread (its s.e. NaN, undefined)."""
     if mean is None:
@@ -772,8 +758,8 @@ def write_leaderboard(
     out = Path(out)
     with files_together(out, owns=LEADERBOARD_FILES) as stage:  # all or none: never new tables beside old plots
         written = [
-            atomic_write_text(stage / "leaderboard.csv", _csv(table, COLUMNS)),
-            atomic_write_text(stage / "pairs.csv", _csv(pairs, PAIR_COLUMNS)),
+            atomic_write_text(stage / "leaderboard.csv", csv_text(table, COLUMNS)),
+            atomic_write_text(stage / "pairs.csv", csv_text(pairs, PAIR_COLUMNS)),
             atomic_write_text(stage / "leaderboard.md", markdown(table, pairs)),
         ]
         images = plots(table, stage)

@@ -33,15 +33,20 @@ def write_table(rows: list[dict], out_dir, columns: list[str] | None = None) -> 
     undefined (NaN) standard error, of one prompt or scenario, is null in the JSON and empty in the CSV
     (:func:`shiq_eval.optimum.undefined_as_null`)."""
     out_dir = Path(out_dir)
-    rows = undefined_as_null(rows)
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns or COLUMNS, extrasaction="ignore")
-    w.writeheader()
-    for r in rows:
-        w.writerow(r)
-    atomic_write_json(out_dir / "results.json", rows)  # first: it refuses a NaN, which the CSV would take
-    atomic_write_bytes(out_dir / "results.csv", buf.getvalue().encode())
+    atomic_write_json(out_dir / "results.json", undefined_as_null(rows))  # first: it refuses a NaN the CSV takes
+    atomic_write_bytes(out_dir / "results.csv", csv_text(rows, columns or COLUMNS).encode())
     return out_dir / "results.csv", out_dir / "results.json"
+
+
+def csv_text(rows: list[dict], columns: list[str]) -> str:
+    """The ``columns`` of ``rows`` as CSV; an undefined (NaN) standard error an empty cell, as null is
+    (:func:`shiq_eval.optimum.undefined_as_null`)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    for r in undefined_as_null(rows):
+        w.writerow(r)
+    return buf.getvalue()
 
 
 def _savefig(fig, path):

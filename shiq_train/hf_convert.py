@@ -280,14 +280,14 @@ def as_llama_config(hf_config):
     ``ValueError``; a run records and exports it as Qwen2: its biases are no Llama's); for a Mistral one without
     a sliding window (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same
     model, which a run records and exports (the weights' names are the same)."""
-    if getattr(hf_config, "model_type", "llama") == "qwen2":
-        model_config_from_llama(hf_config)  # (refuses a window, or what the model would not compute)
+    model_type = getattr(hf_config, "model_type", "llama")
+    if model_type not in ("mistral", "qwen2"):
         return hf_config
-    if getattr(hf_config, "model_type", "llama") != "mistral":
+    model_config_from_llama(hf_config)  # (refuses a window, or what the model would not compute)
+    if model_type == "qwen2":
         return hf_config
     from transformers import LlamaConfig  # heavy: only a Mistral folder needs it
 
-    model_config_from_llama(hf_config)  # (refuses a window, or what Llama would not compute)
     dropped = ("model_type", "sliding_window", "architectures")
     return LlamaConfig.from_dict({k: v for k, v in hf_config.to_dict().items() if k not in dropped})
 

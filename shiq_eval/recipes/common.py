@@ -28,7 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, json_loads, one_line, type_name
-from shiq_eval.optimum import null_as_undefined, undefined_as_null
+from shiq_eval.optimum import error_text, null_as_undefined, undefined_as_null
 from shiq_eval.suite import check_no_resolvers
 from shiq_train import parallel
 from shiq_train.hf_convert import import_llama, model_config_from_llama
@@ -645,7 +645,7 @@ def seed_stats(values: list[float]) -> tuple[float, float]:
 def sd_cell(sd: float, seeds: int, fmt: str = ".3f") -> str:
     """The seeds' standard deviation as a table cell: ``–`` from one seed, which measures no spread (its
     :func:`seed_stats` value is NaN; an older report's 0 was a placeholder, not a finding)."""
-    return format(sd, fmt) if seeds > 1 and sd is not None and not math.isnan(sd) else "–"
+    return error_text(sd, fmt) if seeds > 1 else "–"
 
 
 def across_seeds(per_seed: list[tuple[float, float]]) -> tuple[float, float, float]:

@@ -1041,8 +1041,8 @@ def build_report(ctx: Context, timings: dict) -> dict:
         curve = read_evaluations(ctx.out / "runs" / m / "curve.json", s)
         last = max(curve, key=lambda r: r["step"])
         P = len(last["rewards"]) // s
+        curve_file, ref_file = ctx.out / "runs" / m / "curve.json", ctx.out / "reference_eval.json"
         for rec in curve:  # every evaluation is paired with the reference's (curve_rows): each on its prompts
-            curve_file, ref_file = ctx.out / "runs" / m / "curve.json", ctx.out / "reference_eval.json"
             n = len(rec["rewards"]) // s
             _check_same_prompts(curve_file, rec.get("snippet_ids"), ref_file, ref.get("snippet_ids"), n)
         rows += curve_rows(m, beta, curve, ref, s)

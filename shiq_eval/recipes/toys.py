@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import math
 import os
 import sys
@@ -42,7 +41,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import atomic_write_bytes
+from shiq_data.io import atomic_write_bytes, atomic_write_json
 from shiq_eval.optimum import undefined_as_null
 from shiq_eval.recipes.pool import worker_pool
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
@@ -450,7 +449,7 @@ def aggregate(runs: list[dict], keys) -> dict:
 
 def write_json(path: str, obj) -> None:
     """``obj`` as JSON at ``path``, atomically; an undefined deviation (one seed) as null."""
-    atomic_write_bytes(path, (json.dumps(undefined_as_null(obj), indent=1, allow_nan=False) + "\n").encode())
+    atomic_write_json(path, undefined_as_null(obj), indent=1)
 
 
 def save_figure(fig, path: str, dpi: int = 100) -> None:
