@@ -837,8 +837,13 @@ def _terminate_in_one_line(proc, deadline: float) -> None:
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, err[-3000:]
     assert err.strip().splitlines()[-1] == "shiq-data: terminated" and "Traceback" not in err, err[-3000:]
-    while any(Path(f"/proc/{p}").exists() for p in below):
-        assert time.monotonic() < deadline + 30, [p for p in below if Path(f"/proc/{p}").exists()]
+    _wait_gone(below, deadline)
+
+
+def _wait_gone(pids, deadline: float) -> None:
+    """Wait for the processes ``pids`` to end (a failure naming those left 30 s after ``deadline``)."""
+    while any(Path(f"/proc/{p}").exists() for p in pids):
+        assert time.monotonic() < deadline + 30, [p for p in pids if Path(f"/proc/{p}").exists()]
         time.sleep(0.1)
 
 
@@ -929,13 +934,15 @@ def _children(pid: int) -> set[int]:
     return out
 
 
-def test_sigterm_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path):
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path, stop):
     """SIGTERM to a parallel build while the pool was starting a worker (writing it its start-up state: the
     tokenizer, megabytes) stopped the start in the middle: the worker, left reading a cut state from a command
     that had ended, printed a traceback of its own ('pickle data was truncated') after 'shiq-data: terminated'.
-    The start now ends first, then the command stops. The worker is held in its start by
-    SHIQ_TEST_WORKER_START_DELAY (a sleep inside the state it unpickles, before the tokenizer), so the signal
-    lands there every time."""
+    The start now ends first, then the command stops. Ctrl-C there (SIGINT to the whole process group: the
+    worker in its start gets it too) ends in 'shiq-data: interrupted' alone, with nothing written. The worker is
+    held in its start by SHIQ_TEST_WORKER_START_DELAY (a sleep inside the state it unpickles, before the
+    tokenizer), so the signal lands there every time."""
     from shiq_data.readers.parallel import START_DELAY
 
     rows = "".join(
@@ -957,7 +964,15 @@ def test_sigterm_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path)
         assert proc.poll() is None and time.monotonic() < deadline, "the build ended before a worker started"
         time.sleep(0.02)
     time.sleep(0.5)  # well inside the worker's 3 seconds of start-up
-    _terminate_in_one_line(proc, deadline)
+    if stop == "SIGTERM":
+        _terminate_in_one_line(proc, deadline)
+    else:
+        below = _descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: the command and its workers
+        err = proc.communicate(timeout=120)[1]  # (read to the end: until every process holding stderr is gone)
+        assert proc.returncode == 130, err[-3000:]
+        assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
+        _wait_gone(below, deadline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 
