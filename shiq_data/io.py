@@ -338,6 +338,8 @@ def open_binary(path: str | os.PathLike):
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file")
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 

@@ -803,3 +803,14 @@ def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, cap
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps(cut) + "\n")
     assert cli.main(["report", str(path)]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["report", "to-buffer"])
+def test_a_missing_trajectory_file_is_named_in_one_line(tmp_path, capsys, command):
+    """A trajectory file that does not exist ends in 'FILE: no such file', not the OS's [Errno 2] text."""
+    missing = tmp_path / "nosuch.jsonl"
+    out = tmp_path / ("r.json" if command == "report" else "buf")
+    assert cli.main([command, str(missing), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == f"shiq-eval bfcl: error: {missing}: no such file", err
+    assert not out.exists()
