@@ -535,7 +535,7 @@ def run(args) -> list[dict]:
         if not Path(suite.reward_model).is_file():
             raise EvalInputError(
                 f"--reward-model {suite.reward_model}: no such file (a head saved by "
-                "shiq_eval.scorers.RegressionRewardModel.save)"
+                "shiq_data.reward_head.RegressionRewardModel.save)"
             )
     if suite.scorer == "hf_reward_model" and not (Path(suite.reward_model) / "config.json").is_file():
         raise EvalInputError(

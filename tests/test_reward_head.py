@@ -1,5 +1,8 @@
 """The ridge head's fit and its cross-validated penalty, against direct float64 numpy computations."""
 
+import importlib
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -61,3 +64,14 @@ def test_cross_validation_refuses_bad_folds():
         cross_validate_l2(torch.tensor(X), torch.tensor(y), [1.0], folds=1)
     with pytest.raises(ValueError, match="folds"):
         cross_validate_l2(torch.tensor(X), torch.tensor(y), [], folds=2)
+
+
+def test_a_missing_head_names_the_class_that_saves_one(tmp_path):
+    """build hh --option reward_model=MISSING named shiq_eval.scorers.RegressionRewardModel.save, which does not
+    exist: the class the message names is importable."""
+    from shiq_data.readers.hh import regression_reward_fn
+
+    with pytest.raises(FileNotFoundError, match="no such file") as e:
+        regression_reward_fn(tmp_path / "missing.safetensors")
+    module, name = re.search(r"a head saved by ([\w.]+)\.save\)", str(e.value)).group(1).rsplit(".", 1)
+    assert hasattr(importlib.import_module(module), name), str(e.value)

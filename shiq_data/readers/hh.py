@@ -71,7 +71,7 @@ def regression_reward_fn(head_path) -> Callable[[list], float]:
     if not head_path.is_file():
         raise FileNotFoundError(
             f"--option reward_model={head_path}: no such file (a head saved by "
-            "shiq_eval.scorers.RegressionRewardModel.save)"
+            "shiq_data.reward_head.RegressionRewardModel.save)"
         )
     head = RegressionRewardModel.load(head_path)
     return lambda messages: head.score_texts([hh_text(messages).strip()])[0]
