@@ -74,6 +74,18 @@ def test_trl_preference_pairs_give_two_rows_in_one_group(tmp_path, gpt2):
     assert rc == 0 and [{k: r[k] for k in KEYS} for r in rows_of(out2)] == [expect(tok, *w) for w in want]
 
 
+@pytest.mark.parametrize("given,other", [("chosen", "rejected"), ("rejected", "chosen")])
+def test_half_a_preference_pair_names_the_missing_side(tmp_path, gpt2, capsys, given, other):
+    """A pair without 'rejected' (or 'chosen') was told its 'completion' was missing."""
+    pairs = [{"prompt": "Sky?", "chosen": " Blue.", "rejected": " Red."}, {"prompt": "Sky?", given: " Grey."}]
+    bad = write_jsonl(tmp_path / "half.jsonl", pairs)
+    rc, out = build(tmp_path, "jsonl", bad)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{bad}: line 2: field {other!r}: missing: a preference pair needs {given!r} and {other!r}" in err, err
+    assert not out.exists()
+
+
 def test_trl_unpaired_labels_become_plus_or_minus_one(tmp_path, gpt2, capsys):
     tok, _ = gpt2
     recs = [

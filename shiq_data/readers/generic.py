@@ -226,6 +226,9 @@ def canonical_records(
             }
             for key, reward in (("chosen", 1.0), ("rejected", -1.0))
         ]
+    if cf not in rec and ("chosen" in rec) != ("rejected" in rec):  # half a TRL pair
+        given, other = ("chosen", "rejected") if "chosen" in rec else ("rejected", "chosen")
+        raise err(other, f"missing: a preference pair needs {given!r} and {other!r} (or give {cf!r})")
     names = {"prompt": pf, "completion": cf, "reward": rf}
     out = dict(base)
     if cf in rec:
