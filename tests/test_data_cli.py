@@ -170,6 +170,21 @@ def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, ca
     assert "nowhere" not in err and not (tmp_path / "b").exists()
 
 
+def test_a_folder_that_is_not_a_saved_dataset_is_named_in_one_line(tmp_path, capsys):
+    """An empty folder, or one of other files, gave datasets' own 'Directory X is neither a `Dataset` directory
+    nor a `DatasetDict` directory.'"""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "rows.jsonl").write_text('{"prompt": "a", "completion": " b", "reward": 1}\n')
+    for inp in ("empty", "other"):
+        argv = ["build", "datasets", str(tmp_path / inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"{tmp_path / inp}: not a saved dataset (no state.json or dataset_dict.json)" in err, err
+        assert not (tmp_path / "b").exists()
+
+
 def test_binary_and_date_parquet_columns_reach_extra_as_standard_text(tmp_path, gpt2):
     """A Parquet binary column went to ``extra`` as Python's repr (``"b'\\x00\\xff'"``), which no other tool reads
     back as the bytes; it is base64 now, and a date is ISO 8601."""

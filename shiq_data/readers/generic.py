@@ -415,6 +415,11 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
             f"{path}: not a folder; 'build datasets' reads a folder written by datasets' save_to_disk "
             "(a JSONL or Parquet file: build jsonl or build parquet)"
         )
+    if not any((path / name).is_file() for name in ("state.json", "dataset_dict.json")):
+        raise ValueError(
+            f"{path}: not a saved dataset (no state.json or dataset_dict.json); 'build datasets' reads a folder "
+            "written by datasets' save_to_disk or shiq-data export --format hf"
+        )
     _check_saved_dataset(path)
     if (path / "dataset_dict.json").is_file():  # refused before loading: a split's state.json is not checked here
         splits = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8")).get("splits") or ["SPLIT"]
