@@ -1224,9 +1224,16 @@ def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
             f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded.get('model')} whose weights have "
             "changed since (another sha256): build a new buffer for the model that folder holds now"
         )
+    fields = [
+        k for k in dict.fromkeys([*recorded, *ref_model]) if k != "sha256" and recorded.get(k) != ref_model.get(k)
+    ]
+    differ = ", ".join(f"ref_model.{k} {recorded.get(k)!r}, not {ref_model.get(k)!r}" for k in fields)
+    hint = f" (or --dtype {recorded['dtype']})" if fields == ["dtype"] and recorded.get("dtype") else ""
     return ValueError(
-        f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded}, not {ref_model}; "
-        "build a new buffer for another reference model"
+        f"{Path(buffer_dir) / MANIFEST}: holds reference statistics"
+        + (f" of {recorded['model']!r}" if recorded.get("model") else "")
+        + f" with {differ}; "
+        f"build a new buffer for another reference model{hint}"
     )
 
 

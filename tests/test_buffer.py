@@ -487,6 +487,26 @@ def test_add_ref_columns_shard_by_shard(tmp_path):
     assert validate_buffer(b)["has_ref_stats"]
 
 
+def test_statistics_of_another_reference_name_the_fields_that_differ(tmp_path):
+    """ref-stats --dtype bfloat16 on a buffer of float32 statistics printed both records whole (two dicts with
+    the tokenizer's whole sha256), leaving the reader to find the field that differs."""
+    b = tmp_path / "b"
+    rows = make_rows(3)
+    write_buffer(rows, b, tokenizer_info=TOK, command=["t"], progress=False)
+    model = {"model": "smollm2", "tokenizer": "f" * 64, "dtype": "float32"}
+    ref = [[0.0] * len(r["tokens"]) for r in rows]
+    add_ref_columns(b, 0, ref, ref, ref_model=model)
+    with pytest.raises(ValueError) as e:
+        shards_without_ref(b, {**model, "dtype": "bfloat16"})
+    assert str(e.value) == (
+        f"{b / 'manifest.json'}: holds reference statistics of 'smollm2' with ref_model.dtype 'float32', not "
+        "'bfloat16'; build a new buffer for another reference model (or --dtype float32)"
+    )
+    with pytest.raises(ValueError, match="with ref_model.model 'smollm2', not 'other'; build a new buffer") as e:
+        shards_without_ref(b, {**model, "model": "other"})
+    assert "f" * 64 not in str(e.value)
+
+
 def test_replace_shard_refuses_changed_rows(tmp_path):
     b = tmp_path / "b"
     buf = write_buffer(make_rows(3), b, tokenizer_info=TOK, command=["t"], progress=False)
