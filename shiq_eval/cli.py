@@ -687,7 +687,8 @@ def run(args) -> list[dict]:
         plots = [out / p.name for p in plot_curves(rows, stage, reference=ref_row)]
     csv_path, json_path, suite_path = out / "results.csv", out / "results.json", out / "suite.json"
     print(
-        f"shiq-eval: {len(rows)} models on {len(prompts)} prompts x {k} samples ({args.engine} engine), suite "
+        f"shiq-eval: {len(rows)} model{'s' * (len(rows) != 1)} on {len(prompts)} prompt{'s' * (len(prompts) != 1)} x "
+        f"{k} sample{'s' * (k != 1)} ({args.engine} engine), suite "
         f"{suite.name} ({suite_sha[:12]}); wrote {csv_path}, {json_path}, {suite_path}, "
         + ", ".join(str(p) for p in plots)
     )

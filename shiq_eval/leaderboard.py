@@ -651,8 +651,8 @@ def _groups(table: list[dict], pairs: list[dict]):
         temperature = temperature_of(first)  # (part of the fingerprint: one per suite)
         differing = _differing(sha, first["suite"], table, settings)
         title = (
-            f"suite {first['suite']} (fingerprint {sha[:12]}; {first['prompts']} prompts x "
-            f"{first['samples_per_prompt']} samples; KL: {first['kl_estimator']}"
+            f"suite {first['suite']} (fingerprint {sha[:12]}; {first['prompts']} prompt{'s' * (first['prompts'] != 1)} x "
+            f"{first['samples_per_prompt']} sample{'s' * (first['samples_per_prompt'] != 1)}; KL: {first['kl_estimator']}"
             f"{'' if temperature == 1.0 else f'; temperature {temperature:g}'}"
             f"{f'; {differing}' if differing else ''})"
         )

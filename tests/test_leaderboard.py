@@ -620,7 +620,7 @@ def test_no_j_for_results_sampled_at_another_temperature(tmp_path):
     p = pd.read_csv(out / "pairs.csv").iloc[0]
     assert p["reward_diff"] == pytest.approx(np.mean(np.asarray(r) - ref_r)) and math.isnan(p["J_diff"])
     assert "temperature 0.7" in (out / "leaderboard.md").read_text()
-    assert "samples; KL: sample; temperature 0.7)" in (out / "leaderboard.md").read_text()  # in the suite's heading
+    assert "x 1 sample; KL: sample; temperature 0.7)" in (out / "leaderboard.md").read_text()  # in the suite's heading
     assert not (out / "j_vs_step.png").exists()
 
     plain = [{k: v for k, v in row.items() if k != "temperature"} for row in hot]  # older rows: temperature 1
