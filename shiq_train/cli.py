@@ -59,6 +59,7 @@ from shiq_train.model import (
     check_layout,
     check_runtime,
     draw_random_start,
+    head_dim,
     resolved_transformer_impl,
     width_multiple,
 )
@@ -100,6 +101,8 @@ SHAPE_FIELDS = (
     "rotary_base",
     "layernorm_epsilon",  # (not a shape, but the checkpoint's, and what its export records)
     "add_qkv_bias",  # (Qwen2's query/key/value biases)
+    "kv_channels",  # (the heads' width, Qwen3's head_dim)
+    "qk_layernorm",  # (Qwen3's query and key norms)
 )
 # keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
 RESUME_SAFE_KEYS = (
@@ -131,7 +134,12 @@ RESUME_SAFE_KEYS = (
     "parallel.timeout_minutes",  # how long a collective waits; absent before it existed
 )
 # keys absent from runs started before they existed, with the value those runs computed with
-ABSENT_MEANS = {"train.loss_average": "micro_batch", "model.add_qkv_bias": False}
+ABSENT_MEANS = {
+    "train.loss_average": "micro_batch",
+    "model.add_qkv_bias": False,
+    "model.kv_channels": None,
+    "model.qk_layernorm": False,
+}
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"
 
@@ -192,11 +200,18 @@ def check_llama_shaped(model_cfg) -> None:
 
 def llama_config_from_model(model_cfg):
     """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig` (a
-    ``Qwen2Config`` with ``add_qkv_bias``, without a sliding window), the inverse of
-    ``hf_convert.model_config_from_llama``, so checkpoints export to Hugging Face."""
-    from transformers import LlamaConfig, Qwen2Config  # heavy: transformers
+    ``Qwen2Config`` with ``add_qkv_bias``, a ``Qwen3Config`` with ``qk_layernorm``, without a sliding window; the
+    heads' width ``kv_channels`` as ``head_dim``), the inverse of ``hf_convert.model_config_from_llama``, so
+    checkpoints export to Hugging Face. Both ``add_qkv_bias`` and ``qk_layernorm`` are refused: no Hugging Face
+    model of this family computes them together (Qwen3's ``attention_bias`` also biases the output projection)."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config  # heavy: transformers
 
     check_llama_shaped(model_cfg)
+    if model_cfg.add_qkv_bias and model_cfg.qk_layernorm:
+        raise ConfigError(
+            f"model {model_cfg.name!r} has both add_qkv_bias and qk_layernorm: no Hugging Face model (Qwen2: the "
+            "biases, Qwen3: the norms) computes both, so its checkpoints could not be exported; set one false"
+        )
     shape = dict(
         vocab_size=model_cfg.vocab_size,
         hidden_size=model_cfg.hidden_size,
@@ -209,8 +224,12 @@ def llama_config_from_model(model_cfg):
         tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
         hidden_act="silu",
     )
+    if model_cfg.kv_channels is not None:
+        shape["head_dim"] = model_cfg.kv_channels
+    rope = {"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)}
+    if model_cfg.qk_layernorm:
+        return Qwen3Config(**shape, rope_parameters=rope, use_sliding_window=False, attention_bias=False)
     if model_cfg.add_qkv_bias:
-        rope = {"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)}
         return Qwen2Config(**shape, rope_parameters=rope, use_sliding_window=False)
     return LlamaConfig(**shape, rope_theta=float(model_cfg.rotary_base), attention_bias=False, mlp_bias=False)
 
@@ -275,6 +294,8 @@ def check_shape(model_cfg, hf_config, init: str) -> None:
     mine = {f: getattr(model_cfg, f) for f in SHAPE_FIELDS}
     mine["num_query_groups"] = model_cfg.num_query_groups or model_cfg.num_attention_heads
     mine["ffn_hidden_size"] = model_cfg.ffn_hidden_size or 4 * model_cfg.hidden_size
+    mine["kv_channels"] = head_dim(model_cfg)
+    want.kv_channels = head_dim(want)  # (null: the same width as hidden_size / num_attention_heads given)
     # an epsilon as the checkpoint's float32 holds it (SmolLM2's GGUF: 9.999999747e-06 for the config's 1e-05)
     same = {"layernorm_epsilon": lambda a, b: math.isclose(a, b, rel_tol=1e-6)}
     bad = [

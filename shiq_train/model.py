@@ -66,6 +66,16 @@ class ModelConfig:
     the fused ``linear_qkv`` gets one, interleaved per query group as its weight), as Qwen2 has; the
     attention's output projection and the MLP stay without (``add_bias_linear`` gives every linear layer one).
 
+    ``kv_channels``: the width of each attention head (megatron-core's ``kv_channels``, a Hugging Face config's
+    ``head_dim``); null means ``hidden_size / num_attention_heads`` (then a whole number). Qwen3-0.6B's is 128
+    with 16 heads of a hidden size of 1024: the query projection is ``heads * kv_channels`` wide, not
+    ``hidden_size``.
+
+    ``qk_layernorm``: a norm of each query and key head (``normalization`` over its ``kv_channels`` values with
+    ``layernorm_epsilon``, one weight shared by the heads) after the projection and before the rotary
+    embedding, as Qwen3 has (megatron-core's ``qk_layernorm``: ``self_attention.q_layernorm`` and
+    ``k_layernorm``).
+
     Memory features (megatron-core's; they change memory and time, not the result):
 
     - ``recompute``: activation recomputation. ``none`` keeps every activation for the backward;
@@ -110,6 +120,8 @@ class ModelConfig:
     activation: str = "silu"
     add_bias_linear: bool = False
     add_qkv_bias: bool = False
+    kv_channels: int | None = None
+    qk_layernorm: bool = False
     position_embedding_type: str = "rope"
     rotary_base: float = 10000
     share_embeddings_and_output_weights: bool = True
@@ -134,8 +146,15 @@ class ModelConfig:
         for f in ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "max_sequence_length"):
             if not (_is_int(getattr(self, f)) and getattr(self, f) >= 1):
                 bad(f, getattr(self, f), "expected an integer >= 1")
-        if self.hidden_size % self.num_attention_heads:
-            bad("hidden_size", self.hidden_size, f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        k = self.kv_channels
+        if k is not None and not (_is_int(k) and k >= 1):
+            bad("kv_channels", k, "an integer >= 1 (null: hidden_size / num_attention_heads)")
+        if k is None and self.hidden_size % self.num_attention_heads:
+            bad(
+                "hidden_size",
+                self.hidden_size,
+                f"must be divisible by num_attention_heads={self.num_attention_heads} (or set model.kv_channels)",
+            )
         q = self.num_query_groups
         if q is not None and not (_is_int(q) and q >= 1):
             bad("num_query_groups", q, "an integer >= 1 (null: one per attention head)")
@@ -183,6 +202,8 @@ class ModelConfig:
             bad("sequence_parallel", self.sequence_parallel, "true or false")
         if not isinstance(self.add_qkv_bias, bool):
             bad("add_qkv_bias", self.add_qkv_bias, "true or false")
+        if not isinstance(self.qk_layernorm, bool):
+            bad("qk_layernorm", self.qk_layernorm, "true or false")
         if not isinstance(self.compile, bool):
             bad("compile", self.compile, "true or false")
         if self.compile and (self.hidden_dropout or self.attention_dropout):
@@ -219,6 +240,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def head_dim(cfg: ModelConfig) -> int:
+    """The width of each attention head: ``cfg.kv_channels``, or ``hidden_size / num_attention_heads``."""
+    return cfg.kv_channels or cfg.hidden_size // cfg.num_attention_heads
 
 
 def resolved_transformer_impl(cfg: ModelConfig) -> str:
@@ -314,7 +340,7 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
     if cfg.fp8 is None:
         return
     ffn = cfg.ffn_hidden_size or 4 * cfg.hidden_size
-    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    width = head_dim(cfg)
     groups = cfg.num_query_groups or cfg.num_attention_heads
     on = f" / parallel.tp={tp}" if tp > 1 else ""
     sizes = [
@@ -323,8 +349,8 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
         ("model.ffn_hidden_size", ffn, tp, FP8_WIDTH),
         (
             "the query-key-value width (num_attention_heads + 2 * num_query_groups) * head_dim = "
-            f"({cfg.num_attention_heads} + 2 * {groups}) * {head_dim}",
-            (cfg.num_attention_heads + 2 * groups) * head_dim,
+            f"({cfg.num_attention_heads} + 2 * {groups}) * {width}",
+            (cfg.num_attention_heads + 2 * groups) * width,
             tp,
             FP8_ROWS,
         ),
@@ -420,6 +446,8 @@ def transformer_config(cfg: ModelConfig):
         activation_func=ACTIVATIONS[cfg.activation],
         add_bias_linear=cfg.add_bias_linear,
         add_qkv_bias=cfg.add_qkv_bias,
+        kv_channels=cfg.kv_channels,
+        qk_layernorm=cfg.qk_layernorm,
         init_method_std=cfg.init_method_std,
         hidden_dropout=cfg.hidden_dropout,
         attention_dropout=cfg.attention_dropout,
@@ -464,12 +492,12 @@ def layer_spec(cfg: ModelConfig):
     """Transformer Engine spec when asked for or when ``auto`` finds a GPU with Transformer Engine,
     else the local spec with ``cfg.normalization`` and the core attention of
     :func:`resolved_attention_backend` (megatron's ``DotProductAttention`` or
-    :class:`shiq_train.attention.SDPACoreAttention`)."""
+    :class:`shiq_train.attention.SDPACoreAttention`); with ``cfg.qk_layernorm``, the query and key norms."""
     from megatron.core.models.gpt import gpt_layer_specs as specs  # heavy: megatron
 
     if resolved_transformer_impl(cfg) == "transformer_engine":
-        return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8)
-    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization)
+        return specs.get_gpt_layer_with_transformer_engine_spec(fp8=cfg.fp8, qk_layernorm=cfg.qk_layernorm)
+    spec = specs.get_gpt_layer_local_spec(normalization=cfg.normalization, qk_layernorm=cfg.qk_layernorm)
     if resolved_attention_backend(cfg) == "megatron":
         return spec
     from shiq_train.attention import SDPACoreAttention  # heavy: megatron
@@ -514,10 +542,23 @@ class SequenceParallelNorm:
         return norm(hidden_size, eps=eps)
 
 
+class HeadNorm:
+    """torch ``RMSNorm`` / ``LayerNorm`` of each query or key head for the local layers under sequence
+    parallelism (megatron's local norm refuses ``sequence_parallel``, though the heads are not split over the
+    sequence): each tensor-parallel rank normalises its own heads at every position, so its weight's gradient
+    is the sum over those heads, which ``train_step.finalize_grads`` (as megatron's ``finalize_model_grads``)
+    sums over the tensor-parallel group. Built like megatron's norms: ``HeadNorm(config, hidden_size, eps)``."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+        norm = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        return norm(hidden_size, eps=eps)
+
+
 def block_spec(cfg: ModelConfig, tc, vp_stage: int | None = None):
     """What ``GPTModel`` builds its decoder from: :func:`layer_spec`, or, for sequence parallelism
     with the local layers, the block of this stage's (virtual stage's) layers with
-    :class:`SequenceParallelNorm` as every norm (the layers' and the final one)."""
+    :class:`SequenceParallelNorm` as every norm (the layers' and the final one), and :class:`HeadNorm` as the
+    query and key norms (``qk_layernorm``)."""
     spec = layer_spec(cfg)
     if not (tc.sequence_parallel and resolved_transformer_impl(cfg) == "local"):
         return spec
@@ -527,6 +568,10 @@ def block_spec(cfg: ModelConfig, tc, vp_stage: int | None = None):
     )
 
     sub = replace(spec.submodules, input_layernorm=SequenceParallelNorm, pre_mlp_layernorm=SequenceParallelNorm)
+    if cfg.qk_layernorm:
+        attn = sub.self_attention
+        heads = replace(attn.submodules, q_layernorm=HeadNorm, k_layernorm=HeadNorm)
+        sub = replace(sub, self_attention=replace(attn, submodules=heads))
     layer = replace(spec, submodules=sub)
     return TransformerBlockSubmodules(
         layer_specs=[layer] * get_num_layers_to_build(tc, vp_stage), layer_norm=SequenceParallelNorm

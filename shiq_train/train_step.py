@@ -355,6 +355,9 @@ def finalize_grads(model) -> None:
        positions only; all-reduce (sum) over the tensor-parallel group (megatron
        ``finalize_model_grads._allreduce_non_tensor_model_parallel_grads``). The local layers' norms
        (``model.SequenceParallelNorm``) sum theirs in the backward and carry no such mark.
+       The query and key norms (``model.qk_layernorm``) hold on each tensor-parallel rank the gradient of that
+       rank's heads only; all-reduce (sum) likewise, with or without sequence parallelism (megatron
+       ``finalize_model_grads`` sums every parameter named ``q_layernorm`` or ``k_layernorm``).
     3. Data parallelism: mean of every gradient over the data-parallel group.
     """
     from megatron.core import parallel_state  # heavy: megatron
@@ -373,10 +376,14 @@ def finalize_grads(model) -> None:
     if parallel_state.get_tensor_model_parallel_world_size() > 1:
         group = parallel_state.get_tensor_model_parallel_group()
         for c in model_chunks(model):
-            if getattr(unwrap(c).config, "sequence_parallel", False):
-                for p in c.parameters():
-                    if p.grad is not None and getattr(p, "sequence_parallel", False):
-                        dist.all_reduce(p.grad, group=group)
+            config = unwrap(c).config
+            for name, p in c.named_parameters():
+                if p.grad is None:
+                    continue
+                split = getattr(config, "sequence_parallel", False) and getattr(p, "sequence_parallel", False)
+                heads = getattr(config, "qk_layernorm", False) and ("q_layernorm" in name or "k_layernorm" in name)
+                if split or heads:
+                    dist.all_reduce(p.grad, group=group)
     dp = parallel_state.get_data_parallel_world_size()
     if dp > 1:
         group = parallel_state.get_data_parallel_group()

@@ -394,3 +394,50 @@ def test_sequence_parallel_biases_get_the_gradient_of_every_position(tmp_path):
     mp.spawn(_bias_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"bias-rank{r}.pt", weights_only=True) for r in range(2)]
     _check_against_reference(results, reference, 2, "tp=2 sequence-parallel with biases")
+
+
+QK_NORM = dict(qk_layernorm=True, kv_channels=24, num_query_groups=2)  # (heads 24 wide, not hidden_size / 4)
+
+
+def _qk_norm_worker(rank, port, out_dir):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    init = f"tcp://127.0.0.1:{port}"
+    with parallel.distributed(parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=init, seed=SEED):
+        from megatron.core import parallel_state as ps
+
+        full = torch.load(os.path.join(out_dir, "full_params.pt"), weights_only=True)
+        for sp in (False, True):
+            _, loss, norm, grads, step_s = run_layout(tiny_config(**QK_NORM, sequence_parallel=sp), full)
+            result = {"loss": loss, "grad_norm": norm, "grads": grads, "tp_rank": ps.get_tensor_model_parallel_rank()}
+            torch.save({**result, "step_s": step_s}, os.path.join(out_dir, f"qk-sp{int(sp)}-rank{rank}.pt"))
+
+
+def test_query_and_key_norms_get_the_gradient_of_every_head(tmp_path):
+    """With ``model.qk_layernorm`` (Qwen3) each tensor-parallel rank normalises only its own heads, so the query and
+    key norms' weight gradient on a rank sums over those heads only; ``finalize_grads`` must sum it over the
+    tensor-parallel group (as megatron's ``finalize_model_grads`` does for parameters named q_layernorm or
+    k_layernorm). At TP=2, with and without sequence parallelism, from random norm weights and heads of another
+    width than hidden_size / heads: the loss and every gradient (the norms' included, on both ranks) are those
+    of one process."""
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config(**QK_NORM))
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(3)
+            for name, p in model.named_parameters():
+                if "layernorm" in name:
+                    p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+        full = {name: p.detach().clone() for name, p in model.named_parameters()}
+        model, loss, norm, grads, _ = run_layout(tiny_config(**QK_NORM), full)
+        torch.save(full, tmp_path / "full_params.pt")
+    reference = {"loss": loss, "grad_norm": norm, "grads": {full: g for full, _, _, g in grads.values()}}
+    heads = [k for k in reference["grads"] if "q_layernorm" in k or "k_layernorm" in k]
+    assert len(heads) == 4 and all(reference["grads"][k].shape == (24,) for k in heads)
+    mp.spawn(_qk_norm_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    for sp in (0, 1):
+        results = [torch.load(tmp_path / f"qk-sp{sp}-rank{r}.pt", weights_only=True) for r in range(2)]
+        _check_against_reference(results, reference, 2, f"tp=2 sequence_parallel={bool(sp)} with q/k norms")
+        for res in results:  # (each rank's copy: _gather checks they agree, and here the norms' against one process)
+            got = {full: g for full, _, _, g in res["grads"].values()}
+            assert max(_rel(got[k], reference["grads"][k]) for k in heads) < TOL
