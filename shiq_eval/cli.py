@@ -301,7 +301,7 @@ class MegatronEngine:
         from shiq_train.model import load_full_parameters  # heavy: torch
 
         hf_config = info["hf_config"]
-        config = hf_config_from_dict(hf_config)  # (a Qwen2 model's, with its biases)
+        config = hf_config_from_dict(hf_config)  # (a Qwen2 model's, with its biases; a Qwen3 one's, its q/k norms)
         if self._policy[0] != hf_config:
             self._policy = (hf_config, self._build(config))
         model = self._policy[1]

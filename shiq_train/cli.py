@@ -237,7 +237,8 @@ def llama_config_from_model(model_cfg):
 def read_llama_config(init: str):
     """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder without a sliding
     window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`; a Qwen2 folder
-    whose sliding window acts on no layer: its ``Qwen2Config``); any other model type is refused."""
+    whose sliding window acts on no layer: its ``Qwen2Config``, a Qwen3 one likewise its ``Qwen3Config``); any
+    other model type is refused."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():
@@ -251,11 +252,11 @@ def read_llama_config(init: str):
     if model_type not in MODEL_TYPES:
         raise ConfigError(
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
-            "(model_type 'llama', or 'mistral' or 'qwen2' without a sliding window) can initialise the model"
+            "(model_type 'llama', or 'mistral', 'qwen2' or 'qwen3' without a sliding window) can initialise the model"
         )
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config  # heavy: only an init folder needs it
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # heavy: only an init folder
 
-    kind = {"mistral": MistralConfig, "qwen2": Qwen2Config}.get(model_type, LlamaConfig)
+    kind = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(model_type, LlamaConfig)
     config = kind.from_pretrained(str(folder))
     try:
         return as_llama_config(config)
@@ -277,7 +278,7 @@ def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfi
 def load_init(init: str):
     """``(hf_state_dict, hf_config)`` of the initial weights, or ``(None, None)`` for ``init=none``.
 
-    ``smollm2``: the packaged SmolLM2-135M-Instruct; anything else: a Hugging Face Llama (Mistral, Qwen2)
+    ``smollm2``: the packaged SmolLM2-135M-Instruct; anything else: a Hugging Face Llama (Mistral, Qwen2, Qwen3)
     folder (:func:`read_llama_config`).
     """
     if init in (None, "none"):

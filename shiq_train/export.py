@@ -77,8 +77,8 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
 
 
 def llama_config(hf_config: dict, step_dir):
-    """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved (``Qwen2Config`` when it
-    records model_type 'qwen2', :func:`shiq_train.hf_convert.hf_config_from_dict`; checked to have no sliding
+    """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved (``Qwen2Config`` or
+    ``Qwen3Config`` when it records model_type 'qwen2' or 'qwen3', :func:`shiq_train.hf_convert.hf_config_from_dict`; checked to have no sliding
     window that acts); ``ValueError`` naming its meta.json when transformers refuses it (a hand-edited field)."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
 
@@ -93,7 +93,8 @@ def llama_config(hf_config: dict, step_dir):
 
 def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
     """A ``transformers.LlamaForCausalLM`` holding the weights of a checkpoint step directory (``hf_config``:
-    a ``LlamaConfig``, or the dict its meta.json saved; a ``Qwen2ForCausalLM`` for a Qwen2 config). Weights that
+    a ``LlamaConfig``, or the dict its meta.json saved; a ``Qwen2ForCausalLM`` or ``Qwen3ForCausalLM`` for a
+    Qwen2 or Qwen3 config). Weights that
     do not fit the config (a meta.json edited, or another run's) are refused in one line naming the step
     directory."""
     if isinstance(hf_config, dict):
@@ -183,7 +184,7 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
 
 
 def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = False) -> Path:
-    """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama (or Qwen2)
+    """Write the checkpoint ``step_dir`` as a Hugging Face folder ``out`` (complete or absent): the Llama (Qwen2, Qwen3)
     config the run saved, float32 safetensors, the tokenizer (:func:`export_tokenizer`, its eos and pad ids
     in the config) and ``shiq_export.json`` (the run, step, loss, and the SHA-256 of each weight file, which
     shiq-eval checks before loading them). Loads with ``transformers.AutoModelForCausalLM``."""
@@ -268,7 +269,7 @@ def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:
 
 HELP = """shiq-train export: a checkpoint of a shiq-train run as a Hugging Face model folder.
 
-Writes OUT with config.json (the Llama or Qwen2 config the run saved), model.safetensors (float32), the tokenizer
+Writes OUT with config.json (the Llama, Qwen2 or Qwen3 config the run saved), model.safetensors (float32), the tokenizer
 files of the buffer the run trained on (or --tokenizer, which must have the same fingerprint) and
 shiq_export.json (the run's loss, beta, step and initial model, which shiq-eval run reads).
 transformers.AutoModelForCausalLM.from_pretrained(OUT) loads it; its logits are the trained model's.

@@ -1,5 +1,7 @@
 """Hugging Face Llama-family weights <-> megatron-core GPTModel weights (local or TE layer spec); Qwen2 is
-Llama with a bias on the query, key and value projections (``LlamaShape.qkv_bias``).
+Llama with a bias on the query, key and value projections (``LlamaShape.qkv_bias``), Qwen3 Llama with a norm
+of each query and key head (``LlamaShape.qk_norm``: ``q_norm``/``k_norm`` as ``q_layernorm``/``k_layernorm``)
+and heads whose width ``head_dim`` may differ from ``hidden_size / num_attention_heads``.
 
 :func:`llama_to_megatron` lays out a Hugging Face state dict the way megatron's GPTModel (TP=1,
 PP=1) names and fuses it and :func:`megatron_to_llama` goes back; sharding for any TP/PP layout is
@@ -46,20 +48,25 @@ class LlamaShape:
     num_kv_heads: int
     tied: bool = True
     qkv_bias: bool = False  # Qwen2: q_proj, k_proj and v_proj have biases (fused into linear_qkv.bias)
+    qk_norm: bool = False  # Qwen3: q_norm and k_norm, a norm of each query and key head
+    head_width: int | None = None  # the config's head_dim; None: hidden_size / num_heads
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_width or self.hidden_size // self.num_heads
 
     @classmethod
     def from_hf_config(cls, cfg) -> LlamaShape:
+        model_type = getattr(cfg, "model_type", "llama")
         return cls(
             cfg.num_hidden_layers,
             cfg.hidden_size,
             cfg.num_attention_heads,
             cfg.num_key_value_heads or cfg.num_attention_heads,
             bool(cfg.tie_word_embeddings),
-            getattr(cfg, "model_type", "llama") == "qwen2",
+            model_type == "qwen2",
+            model_type == "qwen3",
+            getattr(cfg, "head_dim", None),
         )
 
 
@@ -99,6 +106,9 @@ def llama_to_megatron(hf: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
             out[m + "self_attention.linear_qkv.bias"] = _fuse_qkv(
                 hf[h + "self_attn.q_proj.bias"], hf[h + "self_attn.k_proj.bias"], hf[h + "self_attn.v_proj.bias"], shape
             )
+        if shape.qk_norm:
+            out[m + "self_attention.q_layernorm.weight"] = hf[h + "self_attn.q_norm.weight"]
+            out[m + "self_attention.k_layernorm.weight"] = hf[h + "self_attn.k_norm.weight"]
         out[m + "self_attention.linear_proj.weight"] = hf[h + "self_attn.o_proj.weight"]
         out[m + "pre_mlp_layernorm.weight"] = hf[h + "post_attention_layernorm.weight"]
         out[m + "mlp.linear_fc1.weight"] = torch.cat([hf[h + "mlp.gate_proj.weight"], hf[h + "mlp.up_proj.weight"]], 0)
@@ -128,6 +138,9 @@ def megatron_to_llama(mg: dict[str, torch.Tensor], shape: LlamaShape) -> dict[st
                 k,
                 v,
             )
+        if shape.qk_norm:
+            out[h + "self_attn.q_norm.weight"] = mg[m + "self_attention.q_layernorm.weight"]
+            out[h + "self_attn.k_norm.weight"] = mg[m + "self_attention.k_layernorm.weight"]
         out[h + "self_attn.o_proj.weight"] = mg[m + "self_attention.linear_proj.weight"]
         out[h + "post_attention_layernorm.weight"] = mg[m + "pre_mlp_layernorm.weight"]
         gate, up = mg[m + "mlp.linear_fc1.weight"].chunk(2, 0)
@@ -157,30 +170,37 @@ class ReadKeys(dict):
 
 def hf_config_from_dict(config: dict):
     """The transformers config of a config dict (a checkpoint's recorded ``hf_config``, a folder's
-    ``config.json``) of a model type this module reads: ``Qwen2Config``, ``MistralConfig``, else ``LlamaConfig``,
-    chosen by its ``model_type`` (a Llama config read as Llama, as before)."""
+    ``config.json``) of a model type this module reads: ``Qwen2Config``, ``Qwen3Config``, ``MistralConfig``, else
+    ``LlamaConfig``, chosen by its ``model_type`` (a Llama config read as Llama, as before)."""
     import transformers  # heavy: only reading a config needs it
 
-    kinds = {"qwen2": transformers.Qwen2Config, "mistral": transformers.MistralConfig}
+    kinds = {
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+    }
     return kinds.get(config.get("model_type"), transformers.LlamaConfig).from_dict(config)
 
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")  # what model_config_from_llama reads (without a window acting)
+MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what model_config_from_llama reads (without a window acting)
+WINDOWED_QWEN = ("qwen2", "qwen3")  # sliding windows on the layers layer_types names (use_sliding_window)
 
 
 def model_config_from_llama(hf_config, **overrides):
     """``ModelConfig`` of a megatron GPTModel with the shape of a Hugging Face Llama config, of a Mistral one
     without a sliding window (:func:`window_problem`: the same weights and forward pass), or of a Qwen2 one
     (Qwen2, Qwen2.5) whose sliding window acts on no layer (``add_qkv_bias``: Llama with biases on the
-    query, key and value projections). Whatever the config holds that changes the forward pass and this model
-    does not compute is refused, never dropped: another architecture (its biases), a sliding window, scaled
-    rotary embeddings, biases, another activation, a head width other than ``hidden_size / num_attention_heads``."""
+    query, key and value projections), or of a Qwen3 one likewise (``qk_layernorm``: Llama with a norm of each
+    query and key head). A ``head_dim`` other than ``hidden_size / num_attention_heads`` is ``kv_channels``.
+    Whatever the config holds that changes the forward pass and this model does not compute is refused, never
+    dropped: another architecture (its biases), a sliding window, scaled rotary embeddings, biases (Qwen3's
+    ``attention_bias``: the output projection's too), another activation."""
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise ValueError(
-            f"model_type {model_type!r}: only Llama-family checkpoints (model_type 'llama', or 'mistral' or 'qwen2' "
-            "without a sliding window) import exactly (what another architecture adds, such as biases, would be "
-            "dropped)"
+            f"model_type {model_type!r}: only Llama-family checkpoints (model_type 'llama', or 'mistral', 'qwen2' or "
+            "'qwen3' without a sliding window) import exactly (what another architecture adds, such as biases, would "
+            "be dropped)"
         )
     if (problem := window_problem(hf_config)) is not None:
         raise ValueError(problem)
@@ -190,11 +210,10 @@ def model_config_from_llama(hf_config, **overrides):
     rope = 10000 if rope is None else int(rope) if float(rope).is_integer() else float(rope)  # (never cut to int)
     heads = hf_config.num_attention_heads
     head_dim = getattr(hf_config, "head_dim", None)
-    if head_dim is not None and head_dim * heads != hf_config.hidden_size:
-        raise ValueError(
-            f"head_dim={head_dim} but hidden_size / num_attention_heads = {hf_config.hidden_size} / {heads}: "
-            "attention heads of another width than hidden_size / num_attention_heads are not supported"
-        )
+    if head_dim is not None and not (isinstance(head_dim, int) and head_dim >= 1):
+        raise ValueError(f"head_dim={head_dim!r}: expected an integer >= 1 (the width of each attention head)")
+    if head_dim is not None and head_dim * heads == hf_config.hidden_size:
+        head_dim = None  # (the default width: recorded as null, as every run before kv_channels)
     kw = dict(
         name=getattr(hf_config, "_name_or_path", "") or "llama",
         num_layers=hf_config.num_hidden_layers,
@@ -210,6 +229,8 @@ def model_config_from_llama(hf_config, **overrides):
         activation="silu",
         add_bias_linear=False,
         add_qkv_bias=model_type == "qwen2",
+        kv_channels=head_dim,
+        qk_layernorm=model_type == "qwen3",
         position_embedding_type="rope",
         rotary_base=rope,
         share_embeddings_and_output_weights=bool(hf_config.tie_word_embeddings),
@@ -239,7 +260,7 @@ def window_problem(hf_config) -> str | None:
     its ``layer_types`` names ``sliding_attention`` (transformers derives them: with ``use_sliding_window``, the
     layers from ``max_window_layers`` on); with none of those (Qwen2 and Qwen2.5 ship ``use_sliding_window``
     false) it is computed here. None for any other config."""
-    if getattr(hf_config, "model_type", None) == "qwen2":
+    if getattr(hf_config, "model_type", None) in WINDOWED_QWEN:
         return _qwen2_window_problem(hf_config)
     if getattr(hf_config, "model_type", None) != "mistral":
         return None
@@ -254,8 +275,9 @@ def window_problem(hf_config) -> str | None:
 
 
 def _qwen2_window_problem(hf_config) -> str | None:
-    """:func:`window_problem` of a Qwen2 config: the layers transformers' ``Qwen2Attention`` gives a window
-    (``layer_types``, or as ``Qwen2Config`` derives them when a config object lacks them)."""
+    """:func:`window_problem` of a Qwen2 or Qwen3 config: the layers transformers' ``Qwen2Attention`` (or
+    ``Qwen3Attention``) gives a window (``layer_types``, or as ``Qwen2Config`` derives them when a config object
+    lacks them)."""
     window = getattr(hf_config, "sliding_window", None) if getattr(hf_config, "use_sliding_window", False) else None
     layer_types = getattr(hf_config, "layer_types", None)
     if layer_types is None:
@@ -267,24 +289,25 @@ def _qwen2_window_problem(hf_config) -> str | None:
         return None
     kinds = sorted({layer_types[i] for i in windowed})
     return (
-        f"model_type 'qwen2' with {', '.join(map(repr, kinds))} layers {windowed[:4]}{'...' if len(windowed) > 4 else ''}"
+        f"model_type {hf_config.model_type!r} with {', '.join(map(repr, kinds))} layers {windowed[:4]}{'...' if len(windowed) > 4 else ''}"
         f" (use_sliding_window={getattr(hf_config, 'use_sliding_window', None)}, sliding_window={window}, "
         f"max_window_layers={getattr(hf_config, 'max_window_layers', None)}): attention beyond the window is not "
-        "computed here, so sequences longer than it would differ (a Qwen2 checkpoint with use_sliding_window false "
-        "imports exactly)"
+        f"computed here, so sequences longer than it would differ (a {hf_config.model_type.capitalize()} checkpoint "
+        "with use_sliding_window false imports exactly)"
     )
 
 
 def as_llama_config(hf_config):
-    """``hf_config`` itself for a Llama config, and for a Qwen2 one whose window acts on no layer (else
-    ``ValueError``; a run records and exports it as Qwen2: its biases are no Llama's); for a Mistral one without
+    """``hf_config`` itself for a Llama config, and for a Qwen2 or Qwen3 one whose window acts on no layer (else
+    ``ValueError``; a run records and exports it as Qwen2 or Qwen3: its biases, its query and key norms, are no
+    Llama's); for a Mistral one without
     a sliding window (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same
     model, which a run records and exports (the weights' names are the same)."""
     model_type = getattr(hf_config, "model_type", "llama")
-    if model_type not in ("mistral", "qwen2"):
+    if model_type not in ("mistral", *WINDOWED_QWEN):
         return hf_config
     model_config_from_llama(hf_config)  # (refuses a window, or what the model would not compute)
-    if model_type == "qwen2":
+    if model_type in WINDOWED_QWEN:
         return hf_config
     from transformers import LlamaConfig  # heavy: only a Mistral folder needs it
 
@@ -299,16 +322,16 @@ def import_llama(model, hf_state_dict: dict[str, torch.Tensor], hf_config) -> No
 
 
 def causal_lm_class(hf_config):
-    """The transformers class a model of ``hf_config`` is: ``Qwen2ForCausalLM`` for a Qwen2 config, else
-    ``LlamaForCausalLM`` (what :func:`as_llama_config` gives is either)."""
+    """The transformers class a model of ``hf_config`` is: ``Qwen2ForCausalLM`` for a Qwen2 config,
+    ``Qwen3ForCausalLM`` for a Qwen3 one, else ``LlamaForCausalLM`` (what :func:`as_llama_config` gives is one)."""
     import transformers  # heavy: only export needs it
 
-    qwen2 = getattr(hf_config, "model_type", "llama") == "qwen2"
-    return transformers.Qwen2ForCausalLM if qwen2 else transformers.LlamaForCausalLM
+    kinds = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}
+    return kinds.get(getattr(hf_config, "model_type", "llama"), transformers.LlamaForCausalLM)
 
 
 def export_llama(model, hf_config, out_dir) -> None:
-    """Write the megatron model as a Hugging Face Llama (or Qwen2, :func:`causal_lm_class`) folder (config +
+    """Write the megatron model as a Hugging Face Llama (or Qwen2, Qwen3: :func:`causal_lm_class`) folder (config +
     safetensors); collective.
 
     Rank 0 writes into a temporary sibling folder and renames it into place, so ``out_dir`` is

@@ -67,6 +67,24 @@ def tiny_qwen2(seed=0, tied=False, **config):
     return model
 
 
+def tiny_qwen3(seed=0, tied=False, **config):
+    """A tiny ``Qwen3ForCausalLM`` whose heads are 24 wide (head_dim, not hidden_size / heads = 16), its query and
+    key norms (q_norm, k_norm) random like the other norms."""
+    cfg = transformers.Qwen3Config(
+        **{
+            **dict(
+                vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-5,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e5}, max_position_embeddings=32,
+                tie_word_embeddings=tied,
+            ),
+            **config,
+        }
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return with_varied_norms(transformers.Qwen3ForCausalLM(cfg).eval())
+
+
 def with_varied_norms(model):
     """``model`` with its norm weights drawn from [0.5, 1.5] (not all 1), so that a swapped norm weight shows."""
     with torch.no_grad():
@@ -108,7 +126,7 @@ def test_tiny_llama_round_trip_tp1(tmp_path, tied):
 def test_what_the_model_does_not_compute_is_refused_never_dropped():
     """A field that changes the forward pass and that the megatron model does not compute is refused naming it:
     a Qwen2 folder imported through the evaluation's megatron engine lost its biases (logits off by 0.95), a
-    Mistral one its sliding window; a head width of its own failed on a shard shape naming no field."""
+    Mistral one its sliding window; Qwen3's attention_bias would bias the output projection too."""
     base = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4)
     cases = [
         (transformers.GemmaConfig(**base), "model_type 'gemma': only Llama-family checkpoints"),
@@ -120,7 +138,12 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
             transformers.MistralConfig(**base, sliding_window=4, max_position_embeddings=32),
             "model_type 'mistral' with sliding_window=4: attention beyond the window",
         ),
-        (transformers.LlamaConfig(**base, head_dim=32), "head_dim=32 but hidden_size / num_attention_heads = 64 / 4"),
+        (
+            transformers.Qwen3Config(**base, use_sliding_window=True, sliding_window=4, max_window_layers=0),
+            "model_type 'qwen3' with 'sliding_attention' layers [0] (use_sliding_window=True, sliding_window=4, ",
+        ),
+        (transformers.Qwen3Config(**base, attention_bias=True), "biases are not supported: attention_bias=True"),
+        (transformers.LlamaConfig(**base, head_dim=0), "head_dim=0: expected an integer >= 1"),
         (transformers.LlamaConfig(**base, mlp_bias=True), "biases are not supported: mlp_bias=True"),
         (transformers.LlamaConfig(**base, attention_bias=True), "biases are not supported: attention_bias=True"),
         (transformers.LlamaConfig(**base, hidden_act="gelu"), "hidden_act='gelu'"),
@@ -221,7 +244,7 @@ def test_checkpoint_exports_to_hugging_face(tmp_path):
 def _tp2_worker(rank, port, out_dir, kind="llama"):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    hf = tiny_llama() if kind == "llama" else tiny_qwen2()
+    hf = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}[kind]()
     tokens = tokens_for(128)
     with parallel.distributed(
         parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=0
@@ -274,14 +297,15 @@ def test_tiny_qwen2_imports_exports_and_reloads_with_its_logits(tmp_path):
     assert torch.equal(restored(tokens).logits, back(tokens).logits)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
-    """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight (and Qwen2's bias);
-    the statistics are transformers' and the export gathers every weight and bias back bit for bit."""
+    """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight (and Qwen2's bias;
+    Qwen3's heads 24 wide, each rank normalising its own with the whole q/k norm weights); the statistics are transformers' and the export gathers every weight and bias back bit for bit."""
     mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), arch), nprocs=2, join=True)
     hf, model_class = {
         "llama": (tiny_llama, transformers.LlamaForCausalLM),
         "qwen2": (tiny_qwen2, transformers.Qwen2ForCausalLM),
+        "qwen3": (tiny_qwen3, transformers.Qwen3ForCausalLM),
     }[arch]
     hf = hf()
     tokens = tokens_for(128)
@@ -292,6 +316,94 @@ def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
     back = model_class.from_pretrained(tmp_path / "export").eval()
     for name, p in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
+
+
+def test_tiny_qwen3_imports_exports_and_reloads_with_its_logits(tmp_path):
+    """Qwen3 is Llama with a norm of each query and key head (RMSNorm over head_dim, before the rotary embedding:
+    megatron's q_layernorm/k_layernorm with qk_layernorm) and heads of their own width (head_dim 24, not
+    hidden_size / heads = 16: kv_channels): imported, the megatron model gives transformers' own Qwen3 logits;
+    exported (directly, and from a checkpoint) it reloads as a Qwen3ForCausalLM with the same weights and
+    logits. A Qwen3 config was refused."""
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.export import hf_model_from_checkpoint
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_qwen3()
+    tokens = tokens_for(128)
+    ref = hf(tokens).logits
+    plain = tiny_qwen3()
+    with torch.no_grad():
+        for name, p in plain.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.fill_(1.0)
+    assert (plain(tokens).logits - ref).abs().max() > 0.05  # (the norms' weights matter)
+    with parallel.distributed(seed=0):
+        cfg = H.model_config_from_llama(hf.config)
+        assert cfg.qk_layernorm and cfg.kv_channels == 24 and not (cfg.add_qkv_bias or cfg.add_bias_linear)
+        mg = M.build_model(cfg).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        # megatron's query norm: an RMSNorm over each head's 24 values with the config's epsilon and weight
+        norm = mg.decoder.layers[0].self_attention.q_layernorm
+        x = torch.randn(3, 5, 24)
+        want = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * hf.model.layers[0].self_attn.q_norm.weight
+        assert (norm(x) - want).abs().max() < 1e-6
+        assert (megatron_logits(mg, tokens) - ref).abs().max() < 1e-5
+        H.export_llama(mg, hf.config, tmp_path / "export")
+        step_dir = save_checkpoint(tmp_path / "run", 1, mg)
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert config["head_dim"] == 24
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert isinstance(back, transformers.Qwen3ForCausalLM)
+    assert torch.equal(back(tokens).logits, ref)
+    for name, p in hf.state_dict().items():
+        assert torch.equal(back.state_dict()[name], p), name
+    # as shiq-train export reads a checkpoint: the config recorded in its meta.json (a dict)
+    restored = hf_model_from_checkpoint(step_dir, json.loads(hf.config.to_json_string()))
+    assert isinstance(restored, transformers.Qwen3ForCausalLM)
+    assert torch.equal(restored(tokens).logits, ref)
+
+
+def test_a_qwen3_folder_initialises_a_run_and_one_whose_window_acts_is_refused(tmp_path):
+    """The training command reads a Qwen3 folder as its Qwen3Config (recorded and exported as Qwen3), builds the
+    model with qk_layernorm and kv_channels (its head_dim), and refuses a model config without them; a fresh
+    model with both exports as Qwen3, one with add_qkv_bias too is refused (no such Hugging Face model). A
+    sliding window that acts on a layer is refused in one line naming the folder."""
+    from shiq_train.cli import (
+        ConfigError,
+        check_shape,
+        llama_config_from_model,
+        load_init,
+        model_config,
+        read_llama_config,
+    )
+
+    hf = tiny_qwen3()
+    hf.save_pretrained(tmp_path / "qwen3")
+    folder = str(tmp_path / "qwen3")
+    assert isinstance(read_llama_config(folder), transformers.Qwen3Config)
+    state, config = load_init(folder)
+    assert config.model_type == "qwen3"
+    for name, p in hf.state_dict().items():
+        assert torch.equal(state[name], p), name
+    model_cfg = model_config(M.ModelConfig().to_dict(), folder, set())
+    assert model_cfg.qk_layernorm and model_cfg.kv_channels == 24 and model_cfg.name == "qwen3"
+    check_shape(model_cfg, config, folder)
+    with pytest.raises(ConfigError, match=r"model.qk_layernorm=False but the checkpoint has True"):
+        check_shape(M.ModelConfig(**{**model_cfg.to_dict(), "qk_layernorm": False}), config, folder)
+    with pytest.raises(ConfigError, match=r"model.kv_channels=16 but the checkpoint has 24"):
+        check_shape(M.ModelConfig(**{**model_cfg.to_dict(), "kv_channels": None}), config, folder)
+    fresh = llama_config_from_model(model_cfg)  # (init=none with the norms: exported as Qwen3)
+    assert fresh.model_type == "qwen3" and fresh.head_dim == 24
+    assert H.model_config_from_llama(fresh, name=model_cfg.name) == model_cfg
+    with pytest.raises(ConfigError, match="both add_qkv_bias and qk_layernorm"):
+        llama_config_from_model(M.ModelConfig(**{**model_cfg.to_dict(), "add_qkv_bias": True}))
+    windowed = {**hf.config.to_dict(), "use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}
+    transformers.Qwen3Config(**{**windowed, "layer_types": None}).save_pretrained(folder)
+    with pytest.raises(ConfigError) as e:
+        read_llama_config(folder)
+    assert str(e.value).startswith(f"init={folder!r}: {tmp_path / 'qwen3' / 'config.json'}: model_type 'qwen3' ")
+    assert "'sliding_attention' layers [1]" in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_qwen2_folder_initialises_a_run_and_one_whose_window_acts_is_refused(tmp_path):

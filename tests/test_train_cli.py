@@ -567,6 +567,56 @@ def test_a_qwen2_init_folder_trains_and_its_checkpoint_exports_as_qwen2(tmp_path
     assert (got - hf(tokens).logits).abs().max() < 1e-4
 
 
+def test_a_qwen3_init_folder_trains_and_its_checkpoint_exports_as_qwen3(tmp_path):
+    """init=a Qwen3 folder (heads 16 wide with hidden_size 32 and 4 heads; random query and key norm weights):
+    the run builds the model with its query and key norms (model.qk_layernorm) and head width
+    (model.kv_channels), records its Qwen3 config, and the checkpoint comes back as a Qwen3ForCausalLM with the
+    folder's logits (lr 1e-12: the step changes nothing visible), as shiq-train export reads it and through the
+    megatron evaluation engine. The folder was refused (model_type 'qwen3')."""
+    import transformers
+    import yaml
+
+    from shiq_train.checkpoint import read_meta
+    from shiq_train.export import hf_model_from_checkpoint
+
+    cfg = transformers.Qwen3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-5, max_position_embeddings=32, tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = transformers.Qwen3ForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    hf.save_pretrained(tmp_path / "qwen3")
+    common = [f"init={tmp_path / 'qwen3'}", "train.steps=1", "optimizer.lr=1e-12", "train.reference=online"]
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert model["qk_layernorm"] is True and model["kv_channels"] == 16 and model["add_qkv_bias"] is False
+    step_dir = tmp_path / "run/checkpoints/step_00000001"
+    hf_config = read_meta(step_dir)["meta"]["hf_config"]
+    assert hf_config["model_type"] == "qwen3" and hf_config["head_dim"] == 16
+    back = hf_model_from_checkpoint(step_dir, hf_config)
+    assert isinstance(back, transformers.Qwen3ForCausalLM)
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (back(tokens).logits - hf(tokens).logits).abs().max() < 1e-4
+    back.save_pretrained(tmp_path / "export")  # (as shiq-train export writes it, with the run's tokenizer)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert isinstance(exported, transformers.Qwen3ForCausalLM) and exported.config.head_dim == 16
+    with torch.no_grad():
+        assert (exported(tokens).logits - hf(tokens).logits).abs().max() < 1e-4
+    from shiq_eval.cli import MegatronEngine
+
+    with parallel.distributed(seed=0):
+        engine = MegatronEngine(hf, SimpleNamespace(eos_token_id=0, pad_token_id=0))
+        logits, _ = engine.policy({"kind": "run", "path": step_dir, "hf_config": hf_config})
+        got = logits(tokens).logits
+    assert (got - hf(tokens).logits).abs().max() < 1e-4
+
+
 def test_init_folder_of_another_model_type_is_refused(tmp_path):
     folder = tmp_path / "gpt"
     folder.mkdir()
