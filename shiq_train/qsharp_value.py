@@ -257,11 +257,11 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
 
 def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     """The saved value model as an :class:`HFValueModel` (``transformers.LlamaModel`` trunk, ``Qwen2Model`` for a
-    Qwen2 reference, with the trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``.
+    Qwen2 reference, ``Qwen3Model`` for a Qwen3 one, with the trained weights plus the head), ready for ``shiq_eval.qsharp.GuidedPolicy(ref, value, value.atoms, β)``.
     A damaged or edited folder (a field of value_model.json, weights that do not fit its config, a file that
     is not this format's) is a ``ValueError`` naming the file."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model  # heavy: only loading needs it
+    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model  # heavy
 
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -271,15 +271,17 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     config = _read_config(path / CONFIG_FILE)
     check_sha256(path / WEIGHTS_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)
-    qwen2 = config["hf_config"].get("model_type") == "qwen2"  # (its biases: a Qwen2 trunk, not a Llama one)
+    # (Qwen2's biases, Qwen3's query and key norms: their own trunk, not a Llama one)
+    kinds = {"qwen2": (Qwen2Config, Qwen2Model), "qwen3": (Qwen3Config, Qwen3Model)}
+    config_class, model_class = kinds.get(config["hf_config"].get("model_type"), (LlamaConfig, LlamaModel))
     try:
-        hf_config = (Qwen2Config if qwen2 else LlamaConfig).from_dict(config["hf_config"])
+        hf_config = config_class.from_dict(config["hf_config"])
         if (problem := window_problem(hf_config)) is not None:
             raise ValueError(problem)
         shape = LlamaShape.from_hf_config(hf_config)
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
         raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {one_line(e, 200)}") from None
-    trunk = (Qwen2Model if qwen2 else LlamaModel)(hf_config)
+    trunk = model_class(hf_config)
     mg = ReadKeys({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
     head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
     try:

@@ -50,9 +50,9 @@ from shiq_train.vocab_parallel import chunked_causal_stats, chunked_token_stats
 log = logging.getLogger(__name__)
 
 # Causal LMs whose logits are exactly ``last_hidden_state @ lm_head.weight.T`` (the Llama family the
-# trainer imports, Mistral and Qwen2 included: no bias on the output layer); others go through their full
+# trainer imports, Mistral, Qwen2 and Qwen3 included: no bias on the output layer); others go through their full
 # logits.
-CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:

@@ -324,12 +324,15 @@ def test_value_loss_minimiser_is_the_projected_return_distribution():
 
 
 def tiny_llama(seed, vocab=64, arch="llama"):
-    """A tiny Llama (or, ``arch="qwen2"``, Qwen2: Llama with query/key/value biases) with varied weights."""
+    """A tiny Llama (or, ``arch="qwen2"``, Qwen2: Llama with query/key/value biases; ``arch="qwen3"``, Qwen3: Llama
+    with query and key norms, random, and heads 12 wide, not hidden_size / heads = 8) with varied weights."""
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     cfg = config_class(
+        **({"head_dim": 12} if arch == "qwen3" else {}),
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -346,6 +349,8 @@ def tiny_llama(seed, vocab=64, arch="llama"):
         for name, p in model.named_parameters():
             if "norm" not in name:
                 p.normal_(0, 0.3)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
     return model
 
 
@@ -569,10 +574,11 @@ def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass()
 # the megatron value model: save, load as a Hugging Face trunk, train from a buffer
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
 def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path, arch):
     """A value model's megatron trunk saved and loaded as transformers' decoder gives the same values, for a
-    Llama reference and a Qwen2 one (its query/key/value biases: a Qwen2Model trunk)."""
+    Llama reference, a Qwen2 one (its query/key/value biases: a Qwen2Model trunk) and a Qwen3 one (its query and
+    key norms and head width: a Qwen3Model trunk)."""
     from shiq_train import model as M
     from shiq_train import parallel
     from shiq_train.hf_convert import import_llama, model_config_from_llama

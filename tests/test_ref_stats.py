@@ -156,26 +156,30 @@ def test_llama_stats_never_form_full_logits_and_equal_them(tiny_llama, chunk_tok
     _chunked_equals_full_logits(tiny_llama, chunk_tokens, monkeypatch)
 
 
-@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
-def test_mistral_and_qwen2_stats_take_the_chunked_path_and_equal_full_logits(arch, monkeypatch):
-    """Mistral and Qwen2 (query/key/value biases, none on the output layer), which the trainer imports as Llama
-    models, take the chunked path too, with the naive full-logit values."""
+@pytest.mark.parametrize("arch", ["mistral", "qwen2", "qwen3"])
+def test_mistral_and_qwen_stats_take_the_chunked_path_and_equal_full_logits(arch, monkeypatch):
+    """Mistral, Qwen2 (query/key/value biases, none on the output layer) and Qwen3 (query and key norms, heads of
+    their own width), which the trainer imports as Llama-family models, take the chunked path too, with the naive
+    full-logit values."""
     import transformers
 
     config_class, model_class = {
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     torch.manual_seed(0)
     cfg = config_class(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64,
+        num_key_value_heads=2, max_position_embeddings=64, **({"head_dim": 12} if arch == "qwen3" else {}),
     )  # fmt: skip
     model = model_class(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
                 p.normal_(0, 0.5)  # (Qwen2's biases start at 0)
+            elif name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)  # (Qwen3's start at 1)
     _chunked_equals_full_logits(model, 5, monkeypatch)
 
 
