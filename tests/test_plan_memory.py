@@ -29,6 +29,7 @@ CONFIGS = {
     "untied-gqa": M.ModelConfig(
         num_layers=4, num_query_groups=2, ffn_hidden_size=96, share_embeddings_and_output_weights=False
     ),
+    "qwen3-heads": M.ModelConfig(num_layers=4, num_query_groups=2, kv_channels=24, qk_layernorm=True),
 }
 
 

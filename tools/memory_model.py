@@ -55,7 +55,8 @@ GPU_MEMORY_GIB = {"H100": 81559 / 1024, "H200": 143771 / 1024}  # total memory a
 
 @dataclass(frozen=True)
 class Shape:
-    """A Llama-style decoder (gated SiLU MLP, RMSNorm, RoPE, no biases)."""
+    """A Llama-style decoder (gated SiLU MLP, RMSNorm, RoPE, no biases); ``head_dim`` None is ``hidden / heads``,
+    ``qk_norm`` a norm of each query and key head (Qwen3: two replicated vectors of ``head_dim`` per layer)."""
 
     name: str
     num_layers: int
@@ -66,6 +67,12 @@ class Shape:
     vocab: int
     tied: bool = False
     gated: bool = True
+    head_dim: int | None = None
+    qk_norm: bool = False
+
+    @property
+    def head_width(self) -> int:
+        return self.head_dim or self.hidden // self.heads
 
     @classmethod
     def from_model_config(cls, cfg) -> Shape:
@@ -80,6 +87,8 @@ class Shape:
             cfg.vocab_size,
             cfg.share_embeddings_and_output_weights,
             cfg.gated_linear_unit,
+            cfg.kv_channels,
+            cfg.qk_layernorm,
         )
 
 
@@ -150,11 +159,11 @@ class Layout:
 
 def layer_params(s: Shape) -> tuple[int, int]:
     """``(tensor-parallel-split, replicated)`` parameter counts of one decoder layer."""
-    d = s.hidden // s.heads
+    d = s.head_width
     qkv = s.hidden * (s.heads + 2 * s.kv_groups) * d
     proj = s.heads * d * s.hidden
     mlp = s.hidden * s.ffn * (3 if s.gated else 2)
-    return qkv + proj + mlp, 2 * s.hidden
+    return qkv + proj + mlp, 2 * s.hidden + (2 * d if s.qk_norm else 0)
 
 
 def total_params(s: Shape) -> int:
