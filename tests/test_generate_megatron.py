@@ -24,9 +24,15 @@ EOS, PAD = 0, 47
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [9] * 7, [30, 31]]
 
 
-def peaked_llama():
-    """A tiny Llama with large weights, so greedy paths vary and some rows stop at EOS."""
-    cfg = transformers.LlamaConfig(
+def peaked_llama(arch="llama"):
+    """A tiny Llama with large weights, so greedy paths vary and some rows stop at EOS (``arch="qwen3"``: a Qwen3,
+    its heads 24 wide, not hidden_size / heads = 16, its query and key norms random)."""
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[arch]
+    cfg = config_class(
+        **({"head_dim": 24} if arch == "qwen3" else {}),
         vocab_size=48,
         hidden_size=64,
         intermediate_size=96,
@@ -37,8 +43,13 @@ def peaked_llama():
         initializer_range=0.3,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    torch.manual_seed({"llama": 0, "qwen3": 10}[arch])  # (a draw whose greedy paths stop some rows at EOS)
+    model = model_class(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.uniform_(0.5, 1.5)
+    return model
 
 
 def imported(hf):
@@ -54,8 +65,9 @@ def dist1():
         yield
 
 
-def test_greedy_equals_transformers_with_and_without_cache(dist1):
-    hf = peaked_llama()
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_greedy_equals_transformers_with_and_without_cache(dist1, arch):
+    hf = peaked_llama(arch)
     want = [greedy_without_cache(hf, p, 10, EOS) for p in PROMPTS]
     assert sum(w[-1] == EOS for w in want) >= 2, "the fixture should stop some rows early"
     cfg = SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4)  # batches mix prompt lengths
