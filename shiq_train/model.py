@@ -334,8 +334,8 @@ def width_multiple(cfg: ModelConfig, tp: int = 1) -> int:
 def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
     """With ``model.fp8``, refuse (RuntimeError, one line naming the setting) sizes Transformer Engine's FP8 GEMMs
     cannot run at tensor-parallel size ``tp``: every linear layer's input features on a rank divisible by 16 and
-    its output features by 8 (``hidden_size``, ``ffn_hidden_size`` and the query-key-value width, each split over
-    tp where the layer is), and ``max_sequence_length`` a multiple of :func:`width_multiple` (the padded widths
+    its output features by 8 (``hidden_size``, ``ffn_hidden_size``, the attention width and the query-key-value
+    width, each split over tp where the layer is), and ``max_sequence_length`` a multiple of :func:`width_multiple` (the padded widths
     stay within it). Nothing to check without FP8."""
     if cfg.fp8 is None:
         return
@@ -343,9 +343,13 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
     width = head_dim(cfg)
     groups = cfg.num_query_groups or cfg.num_attention_heads
     on = f" / parallel.tp={tp}" if tp > 1 else ""
+    attention = ("model.hidden_size", cfg.hidden_size)  # the attention output projection's input
+    if cfg.kv_channels is not None:  # (heads of their own width: num_attention_heads * kv_channels wide)
+        attention = (f"the attention width num_attention_heads * kv_channels = {cfg.num_attention_heads} * {width}",
+                     cfg.num_attention_heads * width)  # fmt: skip
     sizes = [
         ("model.hidden_size", cfg.hidden_size, 1, FP8_WIDTH),
-        ("model.hidden_size", cfg.hidden_size, tp, FP8_WIDTH),  # the attention output projection's input
+        (*attention, tp, FP8_WIDTH),
         ("model.ffn_hidden_size", ffn, tp, FP8_WIDTH),
         (
             "the query-key-value width (num_attention_heads + 2 * num_query_groups) * head_dim = "

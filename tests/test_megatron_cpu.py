@@ -270,6 +270,11 @@ def test_fp8_sizes_transformer_engine_cannot_run_are_refused_at_startup(monkeypa
             r"query-key-value width .*=54 divisible by 8",
         ),
         (M.ModelConfig(fp8="hybrid", max_sequence_length=40), 1, r"use model.max_sequence_length=48 or model.fp8"),
+        (  # heads of their own width: the attention output projection's input is 4 * 20, not hidden_size
+            M.ModelConfig(fp8="hybrid", kv_channels=20),
+            2,
+            r"attention width num_attention_heads \* kv_channels = 4 \* 20=80 / parallel.tp=2 divisible by 16",
+        ),
     ]
     for model_cfg, tp, match in cases:
         with pytest.raises(RuntimeError, match=match) as refused:
