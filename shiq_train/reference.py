@@ -336,7 +336,14 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
     return load_causal_lm(model, dtype)[0], record
 
 
-_ARCHITECTURE = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+_ARCHITECTURE = (
+    "num_hidden_layers",
+    "hidden_size",
+    "intermediate_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",  # (Qwen3's may differ from hidden_size / num_attention_heads)
+)
 
 
 def check_same_architecture(step_dir: Path, config, model: str) -> None:

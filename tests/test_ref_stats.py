@@ -502,6 +502,9 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
         wide = M.ModelConfig(**{**cfg.to_dict(), "hidden_size": 64})
         llama_config_from_model(wide).save_pretrained(tmp_path / "wide")  # another architecture
         tok.save_pretrained(tmp_path / "wide")
+        heads = M.ModelConfig(**{**cfg.to_dict(), "kv_channels": 24})  # heads of another width only
+        llama_config_from_model(heads).save_pretrained(tmp_path / "heads")
+        tok.save_pretrained(tmp_path / "heads")
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
     assert (
@@ -524,6 +527,10 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     assert ref_stats([*args, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "its run trained another model than --model" in err and "hidden_size 32 against 64" in err, err
+    args = [str(buf), "--model", str(tmp_path / "heads"), "--megatron-checkpoint", str(tmp_path / "run")]
+    assert ref_stats([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its run trained another model than --model" in err and "head_dim 16 against 24" in err, err
     assert open_buffer(buf).manifest == out.manifest
     for form in ("checkpoints", "checkpoints/step_00000001"):  # its checkpoints folder, a step: the same model
         args = [str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "run" / form)]
