@@ -123,6 +123,31 @@ def test_tiny_llama_round_trip_tp1(tmp_path, tied):
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 100000.0
 
 
+def test_a_llama_with_heads_of_their_own_width_imports_and_exports_as_llama(tmp_path):
+    """A Llama config's head_dim other than hidden_size / num_attention_heads (transformers' Llama honours it) is
+    model.kv_channels: the logits are transformers', and the export is a Llama with that head_dim (it was
+    refused)."""
+    warnings.filterwarnings("ignore")
+    cfg = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=24, max_position_embeddings=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    hf = with_varied_norms(transformers.LlamaForCausalLM(cfg).eval())
+    tokens = tokens_for(128)
+    ref = hf(tokens).logits
+    with parallel.distributed(seed=0):
+        model_cfg = H.model_config_from_llama(hf.config)
+        assert model_cfg.kv_channels == 24 and not model_cfg.qk_layernorm
+        mg = M.build_model(model_cfg).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        assert (megatron_logits(mg, tokens) - ref).abs().max() < 1e-5
+        H.export_llama(mg, hf.config, tmp_path / "export")
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert isinstance(back, transformers.LlamaForCausalLM) and back.config.head_dim == 24
+    assert torch.equal(back(tokens).logits, ref)
+
+
 def test_what_the_model_does_not_compute_is_refused_never_dropped():
     """A field that changes the forward pass and that the megatron model does not compute is refused naming it:
     a Qwen2 folder imported through the evaluation's megatron engine lost its biases (logits off by 0.95), a
