@@ -1237,6 +1237,16 @@ def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
     )
 
 
+def refuse_other_reference(buffer_dir, ref_model: dict) -> None:
+    """Refuse (``ValueError``, as :func:`shards_without_ref` would) a buffer holding the statistics of a
+    reference that differs from ``ref_model`` in more than the SHA-256 of its weights: what can be told before
+    the reference model is loaded (``shiq-train ref-stats`` checks its name, tokenizer, checkpoint and dtype
+    first, and the weights' SHA-256 once they are read)."""
+    recorded = read_manifest(buffer_dir).get("ref_model")
+    if recorded is not None and _but_weights(recorded) != _but_weights(ref_model):
+        raise _other_reference(buffer_dir, recorded, ref_model)
+
+
 def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
     """Indices of the shards that still lack reference statistics (all of them if ``ref_model`` differs
     from the one already recorded, which :func:`replace_shard` would refuse to mix)."""

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import torch
 
 from shiq_data.assets import smollm2_gguf
-from shiq_data.buffer import open_buffer
+from shiq_data.buffer import open_buffer, refuse_other_reference
 from shiq_data.cli_common import (
     THREADS_MAX,
     ArgumentParser,
@@ -298,12 +298,14 @@ def weights_sha256(folder) -> str:
     return sha256_files(weight_files(Path(folder)))
 
 
-def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32):
+def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32, before_load=None):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
     (its newest step, or a step folder); the model's parameters in ``dtype``. The record names a folder by its
     path and the SHA-256 of its weights (a folder refilled since holds another model, whose statistics a buffer
-    may not mix with the old ones)."""
+    may not mix with the old ones). ``before_load(record)``, if given, is called with the record but the
+    SHA-256 after the quick checks and before the slow reading of the weights (to refuse what the record
+    already shows wrong)."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
         raise FileNotFoundError(
             f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
@@ -326,11 +328,15 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
         record["megatron_checkpoint"] = str(step_dir.resolve())
         config = _model_config(model)
         check_same_architecture(step_dir, config, model)
+        if before_load is not None:
+            before_load(dict(record))
         hf = hf_model_from_checkpoint(step_dir, config, dtype)  # (its rank files' checksums checked)
         sums = sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}"))  # each rank file's, checked just now
         digests = "".join(f.read_text(encoding="utf-8").split()[0].lower() + "\n" for f in sums)
         record["sha256"] = hashlib.sha256(digests.encode()).hexdigest()
         return hf, record
+    if before_load is not None:
+        before_load(dict(record))
     if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
         record["sha256"] = weights_sha256(model)
     return load_causal_lm(model, dtype)[0], record
@@ -393,7 +399,13 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     _, tok_info = load_tokenizer(args.model)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
-    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype])
+
+    # a buffer of another reference's statistics (name, checkpoint, dtype) is refused before the slow model load
+    # too, and once the weights are read, one of other weights (their SHA-256)
+    def refuse_other(record: dict) -> None:
+        refuse_other_reference(args.buffer, {**record, "dtype": args.dtype})
+
+    hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype], refuse_other)
     check_tokenizer_matches(buffer.tokenizer_info, None, int(hf.config.vocab_size), args.buffer)  # its vocabulary
     if not args.megatron_checkpoint and (warning := context_warning(args.buffer, hf.config, args.model)):
         log.warning(f"shiq-train ref-stats: {warning}")  # (a checkpoint may have trained longer than its --model)

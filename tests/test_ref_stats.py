@@ -353,7 +353,7 @@ def test_tokenizer_mismatch_is_refused():
     check_tokenizer_matches(TOKENIZER, TOKENIZER, VOCAB, "buf")
 
 
-def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, smollm2_tokenizer):
+def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, smollm2_tokenizer, monkeypatch):
     """``shiq-data build hh`` then ``shiq-train ref-stats --model FOLDER`` on a tiny random Llama whose folder
     holds SmolLM2's tokenizer; a buffer tokenised differently is refused."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -430,6 +430,17 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
             assert np.abs(np.array(r[key]) - want).max() < np.abs(np.array(r32[key]) - want).max(), key
         assert np.abs(z[1:] - np.log(len(tok))).max() > 100 * 4e-6  # logz is not the constant log V
     capsys.readouterr()  # transformers' loading bar
+    # another dtype than the buffer's statistics is refused before the model loads (slow for a large one)
+    import shiq_train.reference as reference
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the reference model was loaded")
+
+    with monkeypatch.context() as m:
+        m.setattr(reference, "load_causal_lm", no_load)
+        assert ref_stats([str(tmp_path / "b16"), "--model", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "ref_model.dtype 'bfloat16', not 'float32'" in err and "(or --dtype bfloat16)" in err, err
 
     other = write_buffer(make_rows(2), tmp_path / "other", tokenizer_info=TOKENIZER, command=["test"], progress=False)
     assert ref_stats([str(other.path), "--model", str(folder), "--no-progress"]) == 2
