@@ -354,7 +354,7 @@ _ARCHITECTURE = (
 
 def check_same_architecture(step_dir: Path, config, model: str) -> None:
     """Refuse a ``--megatron-checkpoint`` whose run trained another architecture (its ``meta.hf_config``) than
-    ``--model``'s ``config``, naming the sizes that differ: its weights cannot be read into that model (the
+    ``--model``'s ``config``, naming the model type and sizes that differ: its weights cannot be read into that model (the
     error would otherwise come from the loading, and read as a damaged checkpoint)."""
     saved = (read_meta(step_dir).get("meta") or {}).get("hf_config")
     if not isinstance(saved, dict):
@@ -364,6 +364,10 @@ def check_same_architecture(step_dir: Path, config, model: str) -> None:
         for k in _ARCHITECTURE
         if saved.get(k) is not None and saved.get(k) != getattr(config, k, None)
     ]
+    kind = getattr(config, "model_type", None)
+    kind = "llama" if kind == "mistral" else kind  # (a run records a Mistral folder as the Llama model it is)
+    if isinstance(saved.get("model_type"), str) and kind is not None and saved["model_type"] != kind:
+        differ.insert(0, f"model_type {saved['model_type']!r} against {kind!r}")  # (Qwen3's norms, Qwen2's biases)
     if differ:
         raise ValueError(
             f"--megatron-checkpoint {step_dir}: its run trained another model than --model {model} "

@@ -516,6 +516,9 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
         heads = M.ModelConfig(**{**cfg.to_dict(), "kv_channels": 24})  # heads of another width only
         llama_config_from_model(heads).save_pretrained(tmp_path / "heads")
         tok.save_pretrained(tmp_path / "heads")
+        qwen3 = M.ModelConfig(**{**cfg.to_dict(), "qk_layernorm": True})  # the same sizes, with query/key norms
+        llama_config_from_model(qwen3).save_pretrained(tmp_path / "qwen3")
+        tok.save_pretrained(tmp_path / "qwen3")
         rows = open_buffer(buf).table.to_pylist()
         want_c, want_z = rows_ref_stats([r["tokens"] for r in rows], megatron_stats_fn(mg))
     assert (
@@ -542,6 +545,10 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     assert ref_stats([*args, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "its run trained another model than --model" in err and "head_dim 16 against 24" in err, err
+    args = [str(buf), "--model", str(tmp_path / "qwen3"), "--megatron-checkpoint", str(tmp_path / "run")]
+    assert ref_stats([*args, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "its run trained another model than --model" in err and "model_type 'llama' against 'qwen3'" in err, err
     assert open_buffer(buf).manifest == out.manifest
     for form in ("checkpoints", "checkpoints/step_00000001"):  # its checkpoints folder, a step: the same model
         args = [str(buf), "--model", str(folder), "--megatron-checkpoint", str(tmp_path / "run" / form)]
