@@ -239,17 +239,19 @@ def layer_activation_terms(s: Shape, seq: int, b: int, dropout: bool = True, act
     """Bytes kept for the backward by one layer and one micro-batch (no parallelism), by term.
 
     ``residual``: norm inputs 2·2sbh, QKV and first-MLP inputs 2·2sbh, dropout masks 2·sbh;
-    ``tensor_parallel``: Q (2sbh), K and V (2sbh·g/a each), attention output 2sbh, MLP intermediates
-    (gated: fc1 output 2·2sbf, activation output 2sbf, fc2 input 2sbf; else 2sbf + 2sbf);
+    ``tensor_parallel``: Q (2sbq), K and V (2sbk each), attention output 2sbq, MLP intermediates
+    (gated: fc1 output 2·2sbf, activation output 2sbf, fc2 input 2sbf; else 2sbf + 2sbf), and with query and
+    key norms their inputs (2sbq + 2sbk); ``q = a·d`` is the attention's width and ``k = g·d`` the keys' (``d``
+    the head width: ``q = h`` and ``k = h·g/a`` when ``d = h/a``);
     ``scores``: softmax output 2as²b (+ dropout mask as²b and output 2as²b with attention dropout).
     At 2 bytes per value; ``act_bytes`` scales them. GPT case (f = 4h, a = g, dropout): 34sbh + 5as²b.
     """
     sbh = seq * b * s.hidden
     sbf = seq * b * s.ffn
-    g = s.kv_groups / s.heads
+    sbq, sbk = seq * b * s.heads * s.head_width, seq * b * s.kv_groups * s.head_width
     residual = 4 * sbh + 4 * sbh + (2 * sbh if dropout else 0)
     mlp = (4 + 2 + 2) * sbf if s.gated else (2 + 2) * sbf
-    tensor_parallel = 2 * sbh + 4 * sbh * g + 2 * sbh + mlp
+    tensor_parallel = 2 * sbq + 4 * sbk + 2 * sbq + mlp + ((2 * sbq + 2 * sbk) if s.qk_norm else 0)
     scores = (5 if dropout else 2) * s.heads * seq * seq * b
     k = act_bytes / 2
     return {"residual": residual * k, "tensor_parallel": tensor_parallel * k, "scores": scores * k}
@@ -257,9 +259,10 @@ def layer_activation_terms(s: Shape, seq: int, b: int, dropout: bool = True, act
 
 def linear_input_terms(s: Shape, seq: int, b: int) -> tuple[float, float]:
     """``(residual, tensor_parallel)`` bytes of the four GEMM inputs at 2 bytes (what FP8 halves):
-    QKV and fc1 inputs (residual stream), attention output and fc2 input (tensor-parallel)."""
-    sbh, sbf = seq * b * s.hidden, seq * b * s.ffn
-    return 4 * sbh, 2 * sbh + 2 * sbf
+    QKV and fc1 inputs (residual stream), attention output (the attention's width) and fc2 input
+    (tensor-parallel)."""
+    sbh, sbf, sbq = seq * b * s.hidden, seq * b * s.ffn, seq * b * s.heads * s.head_width
+    return 4 * sbh, 2 * sbq + 2 * sbf
 
 
 def layer_activations(s: Shape, lay: Layout) -> float:
@@ -360,7 +363,7 @@ def step_flop_parts(s: Shape, lay: Layout) -> tuple[float, float]:
     tokens = lay.dp * lay.micro_batches * lay.micro_batch * lay.seq
     split, rep = layer_params(s)
     L, out = s.num_layers, s.vocab * s.hidden  # the input embedding is a lookup; the output layer a GEMM
-    attn_fwd = 4 * L * s.hidden * lay.seq  # per token (QK^T and AV)
+    attn_fwd = 4 * L * s.heads * s.head_width * lay.seq  # per token (QK^T and AV, the attention's width)
     lin, other = 2 * L * split, 2 * (L * rep + out + s.hidden) + attn_fwd  # the forward, per token
     fwd = (lin, other)
     # backward: twice the forward of what gradients flow through (the trainable layers and the output layer)
