@@ -50,7 +50,14 @@ from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import BufferSampler
 from shiq_train import export, parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
-from shiq_train.hf_convert import MODEL_TYPES, as_llama_config, import_llama, load_causal_lm, model_config_from_llama
+from shiq_train.hf_convert import (
+    MODEL_TYPES,
+    as_llama_config,
+    hf_classes,
+    import_llama,
+    load_causal_lm,
+    model_config_from_llama,
+)
 from shiq_train.model import (
     RANDOM_START,
     ModelConfig,
@@ -254,10 +261,7 @@ def read_llama_config(init: str):
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
             "(model_type 'llama', or 'mistral', 'qwen2' or 'qwen3' without a sliding window) can initialise the model"
         )
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # heavy: only an init folder
-
-    kind = {"mistral": MistralConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config}.get(model_type, LlamaConfig)
-    config = kind.from_pretrained(str(folder))
+    config = hf_classes(model_type)[0].from_pretrained(str(folder))
     try:
         return as_llama_config(config)
     except ValueError as e:

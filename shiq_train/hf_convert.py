@@ -168,18 +168,28 @@ class ReadKeys(dict):
         return sorted(set(self) - self.read)
 
 
+# per model type this module reads: its transformers config, causal language model and base model classes
+HF_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "LlamaModel"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "MistralModel"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "Qwen2Model"),  # (its query/key/value biases)
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "Qwen3Model"),  # (its query and key norms)
+}
+
+
+def hf_classes(model_type: str | None) -> tuple:
+    """``(config class, causal LM class, base model class)`` of transformers for ``model_type``
+    (:data:`HF_CLASSES`); Llama's for any other (a config without a model type is read as Llama, as before)."""
+    import transformers  # heavy: only reading or building a model needs it
+
+    return tuple(getattr(transformers, name) for name in HF_CLASSES.get(model_type, HF_CLASSES["llama"]))
+
+
 def hf_config_from_dict(config: dict):
     """The transformers config of a config dict (a checkpoint's recorded ``hf_config``, a folder's
     ``config.json``) of a model type this module reads: ``Qwen2Config``, ``Qwen3Config``, ``MistralConfig``, else
-    ``LlamaConfig``, chosen by its ``model_type`` (a Llama config read as Llama, as before)."""
-    import transformers  # heavy: only reading a config needs it
-
-    kinds = {
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "mistral": transformers.MistralConfig,
-    }
-    return kinds.get(config.get("model_type"), transformers.LlamaConfig).from_dict(config)
+    ``LlamaConfig``, chosen by its ``model_type`` (:func:`hf_classes`)."""
+    return hf_classes(config.get("model_type"))[0].from_dict(config)
 
 
 MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # what model_config_from_llama reads (without a window acting)
@@ -324,10 +334,7 @@ def import_llama(model, hf_state_dict: dict[str, torch.Tensor], hf_config) -> No
 def causal_lm_class(hf_config):
     """The transformers class a model of ``hf_config`` is: ``Qwen2ForCausalLM`` for a Qwen2 config,
     ``Qwen3ForCausalLM`` for a Qwen3 one, else ``LlamaForCausalLM`` (what :func:`as_llama_config` gives is one)."""
-    import transformers  # heavy: only export needs it
-
-    kinds = {"qwen2": transformers.Qwen2ForCausalLM, "qwen3": transformers.Qwen3ForCausalLM}
-    return kinds.get(getattr(hf_config, "model_type", "llama"), transformers.LlamaForCausalLM)
+    return hf_classes(getattr(hf_config, "model_type", "llama"))[1]
 
 
 def export_llama(model, hf_config, out_dir) -> None:

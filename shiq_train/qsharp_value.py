@@ -28,7 +28,7 @@ import torch
 
 from shiq_data.io import atomic_dir, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
-from shiq_train.hf_convert import LlamaShape, ReadKeys, megatron_to_llama, window_problem
+from shiq_train.hf_convert import LlamaShape, ReadKeys, hf_classes, megatron_to_llama, window_problem
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
 
@@ -261,7 +261,6 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     A damaged or edited folder (a field of value_model.json, weights that do not fit its config, a file that
     is not this format's) is a ``ValueError`` naming the file."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-    from transformers import LlamaConfig, LlamaModel, Qwen2Config, Qwen2Model, Qwen3Config, Qwen3Model  # heavy
 
     path = Path(path)
     for name in (CONFIG_FILE, WEIGHTS_FILE):
@@ -272,8 +271,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     check_sha256(path / WEIGHTS_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)
     # (Qwen2's biases, Qwen3's query and key norms: their own trunk, not a Llama one)
-    kinds = {"qwen2": (Qwen2Config, Qwen2Model), "qwen3": (Qwen3Config, Qwen3Model)}
-    config_class, model_class = kinds.get(config["hf_config"].get("model_type"), (LlamaConfig, LlamaModel))
+    config_class, _, model_class = hf_classes(config["hf_config"].get("model_type"))
     try:
         hf_config = config_class.from_dict(config["hf_config"])
         if (problem := window_problem(hf_config)) is not None:
