@@ -231,8 +231,8 @@ def llama_config_from_model(model_cfg):
         tie_word_embeddings=model_cfg.share_embeddings_and_output_weights,
         hidden_act="silu",
     )
-    if model_cfg.kv_channels is not None:
-        shape["head_dim"] = model_cfg.kv_channels
+    if model_cfg.kv_channels is not None or model_cfg.qk_layernorm:  # (Qwen3Config's own default head_dim is 128)
+        shape["head_dim"] = head_dim(model_cfg)
     rope = {"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)}
     if model_cfg.qk_layernorm:
         return Qwen3Config(**shape, rope_parameters=rope, use_sliding_window=False, attention_bias=False)

@@ -704,3 +704,33 @@ def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
             load_causal_lm(str(tmp_path / "a"))
         with pytest.raises(EvalInputError, match=needle):
             hf_folder_info(tmp_path / "a")
+
+
+def test_a_fresh_model_with_query_and_key_norms_of_the_default_head_width_exports_as_qwen3(tmp_path):
+    """init=none with model.qk_layernorm and kv_channels null (heads hidden_size / num_attention_heads = 16 wide):
+    the run's Qwen3 config records head_dim 16, so its checkpoints export and reload with the model's logits. It
+    recorded Qwen3Config's own default head_dim of 128, which no weight of the run fits (export called the
+    checkpoint damaged)."""
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.cli import llama_config_from_model
+    from shiq_train.export import hf_model_from_checkpoint
+
+    warnings.filterwarnings("ignore")
+    model_cfg = M.ModelConfig(qk_layernorm=True, num_query_groups=2)
+    fresh = llama_config_from_model(model_cfg)
+    assert fresh.model_type == "qwen3" and fresh.head_dim == 16
+    back_cfg = H.model_config_from_llama(fresh)
+    assert back_cfg.qk_layernorm and back_cfg.kv_channels is None  # (the default width, as the run's config)
+    tokens = tokens_for(128)
+    with parallel.distributed(seed=0):
+        mg = M.build_model(model_cfg).eval()
+        with torch.no_grad():
+            for name, p in mg.named_parameters():
+                if "q_layernorm" in name or "k_layernorm" in name:
+                    p.uniform_(0.5, 1.5)
+        want = megatron_logits(mg, tokens)
+        step_dir = save_checkpoint(tmp_path / "run", 1, mg)
+    back = hf_model_from_checkpoint(step_dir, json.loads(fresh.to_json_string()))
+    assert isinstance(back, transformers.Qwen3ForCausalLM)
+    with torch.no_grad():
+        assert (back(tokens).logits - want).abs().max() < 1e-5
