@@ -62,9 +62,16 @@ class PrefixTree:
 
 def cost_ratio(config) -> float:
     """A transformer layer's work per position over its attention's work per pair of positions, for
-    :func:`build`: ``(8 H² + 6 H F) / 4 H`` (the projections and a gated MLP against the scores and their
-    weighted sum), from a megatron ``TransformerConfig`` (``hidden_size`` ``H``, ``ffn_hidden_size`` ``F``)."""
-    return 2.0 * config.hidden_size + 1.5 * config.ffn_hidden_size
+    :func:`build`, in multiply-adds: ``(H (a + 2g) d + a d H + m H F) / 2 a d``, the query, key and value
+    projections, the output projection and the MLP (``m`` = 3 gated, else 2) against the scores and their
+    weighted sum, from a megatron ``TransformerConfig`` (``hidden_size`` ``H``, ``num_attention_heads`` ``a``,
+    ``num_query_groups`` ``g``, ``kv_channels`` ``d``, ``ffn_hidden_size`` ``F``, ``gated_linear_unit``). With
+    ``a = g`` heads ``H / a`` wide and a gated MLP: ``2 H + 1.5 F``."""
+    H, a, F = config.hidden_size, config.num_attention_heads, config.ffn_hidden_size
+    g = config.num_query_groups or a
+    d = config.kv_channels or H // a
+    mlp = 3 if config.gated_linear_unit else 2
+    return (H * (a + 2 * g) * d + a * d * H + mlp * H * F) / (2 * a * d)
 
 
 def check_model(inner) -> None:

@@ -258,8 +258,43 @@ def test_a_trie_costlier_than_its_rows_is_not_built():
             assert (tree is not None) == (N * (r + N) < B * T * (r + T)), (N, r)
             assert tree is None or tree.num_nodes == N
     assert prefix_tree.build(unrelated, torch.full((4,), 50), cost_ratio=1e9) is None
-    assert prefix_tree.build(grouped, lengths, cost_ratio=3456.0) is not None  # SmolLM2-135M's ratio
-    assert prefix_tree.cost_ratio(SimpleNamespace(hidden_size=576, ffn_hidden_size=1536)) == 3456.0
+    assert prefix_tree.build(grouped, lengths, cost_ratio=3072.0) is not None  # SmolLM2-135M's ratio
+    smollm2 = dict(hidden_size=576, num_attention_heads=9, num_query_groups=3, kv_channels=64, ffn_hidden_size=1536)
+    assert prefix_tree.cost_ratio(SimpleNamespace(**smollm2, gated_linear_unit=True)) == 3072.0
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"num_query_groups": 2},  # grouped-query attention: smaller key and value projections
+        {"num_query_groups": 2, "kv_channels": 24, "qk_layernorm": True},  # heads wider than hidden_size / heads
+        {"gated_linear_unit": False, "activation": "gelu"},  # two MLP matrices, not three
+    ],
+)
+def test_the_cost_ratio_is_the_layers_flops_per_position_over_per_pair(dist1, kw):
+    """cost_ratio against torch's FLOP counter on one built layer (megatron's attention, which computes every
+    pair of positions): its FLOPs at T positions are ``c1 T + c2 T²``, and the ratio is ``c1 / c2``. The
+    formula ``2 H + 1.5 F`` it replaced held for the first case only (512 against 480, 352 and 384)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = M.ModelConfig(attention_backend="megatron", **kw)
+    model = M.build_model(cfg)
+    layer = model.decoder.layers[0]
+
+    def flops(T: int) -> int:
+        with FlopCounterMode(display=False) as counter:
+            layer(
+                torch.randn(T, 1, cfg.hidden_size),
+                attention_mask=M.causal_mask(T),
+                rotary_pos_emb=model.rotary_pos_emb(T),
+            )
+        return counter.get_total_flops()
+
+    f8, f16 = flops(8), flops(16)
+    c2 = (f16 - 2 * f8) / (16 * 16 - 2 * 8 * 8)
+    c1 = (f8 - c2 * 8 * 8) / 8
+    assert prefix_tree.cost_ratio(model.config) == pytest.approx(c1 / c2, rel=1e-12)
 
 
 def test_value_model_training_with_shared_prefixes_equals_training_without(tmp_path, buffer, monkeypatch):
