@@ -110,6 +110,7 @@ SHAPE_FIELDS = (
     "add_qkv_bias",  # (Qwen2's query/key/value biases)
     "kv_channels",  # (the heads' width, Qwen3's head_dim)
     "qk_layernorm",  # (Qwen3's query and key norms)
+    "rope_scaling_factor",  # (Llama 3.1 and 3.2's rope_type llama3)
 )
 # keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
 RESUME_SAFE_KEYS = (
@@ -146,6 +147,7 @@ ABSENT_MEANS = {
     "model.add_qkv_bias": False,
     "model.kv_channels": None,
     "model.qk_layernorm": False,
+    "model.rope_scaling_factor": None,
 }
 GLOBAL_BATCH_KEY = "data.micro_batches_per_step"  # per data-parallel rank: may change with the number of ranks
 RESUME_HELP = "+resume.allow_changed=[KEY,...] accepts changes to those keys, +resume.force=true any change"

@@ -76,6 +76,12 @@ class ModelConfig:
     embedding, as Qwen3 has (megatron-core's ``qk_layernorm``: ``self_attention.q_layernorm`` and
     ``k_layernorm``).
 
+    ``rope_scaling_factor``: null for plain RoPE; a number >= 1 scales the rotary frequencies as Llama 3.1 and
+    3.2 do (a Hugging Face config's ``rope_type`` ``llama3`` with that ``factor``): the frequencies whose
+    wavelength exceeds 8192 positions divided by it, those under 8192 / 4 = 2048 kept, those between
+    interpolated (megatron-core's ``rope_scaling``, whose ``low_freq_factor`` 1, ``high_freq_factor`` 4 and
+    ``original_max_position_embeddings`` 8192 are fixed). Llama 3.1's is 8, Llama 3.2's 32.
+
     Memory features (megatron-core's; they change memory and time, not the result):
 
     - ``recompute``: activation recomputation. ``none`` keeps every activation for the backward;
@@ -124,6 +130,7 @@ class ModelConfig:
     qk_layernorm: bool = False
     position_embedding_type: str = "rope"
     rotary_base: float = 10000
+    rope_scaling_factor: float | None = None
     share_embeddings_and_output_weights: bool = True
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
@@ -175,6 +182,11 @@ class ModelConfig:
             bad("init_method_std", self.init_method_std, "a finite number > 0")
         if not (_is_real(self.rotary_base) and math.isfinite(self.rotary_base) and self.rotary_base > 0):
             bad("rotary_base", self.rotary_base, "a finite number > 0")
+        factor = self.rope_scaling_factor
+        if factor is not None and not (_is_real(factor) and math.isfinite(factor) and factor >= 1):
+            bad("rope_scaling_factor", factor, "a finite number >= 1 (Llama 3's scaled RoPE), or null (plain RoPE)")
+        if factor is not None and self.position_embedding_type != "rope":
+            bad("rope_scaling_factor", factor, "scales rotary embeddings: needs position_embedding_type 'rope'")
         if self.activation not in ACTIVATIONS:
             bad("activation", self.activation, f"one of {sorted(ACTIVATIONS)}")
         if self.params_dtype not in DTYPES:
@@ -739,6 +751,8 @@ def build_model(
         share_embeddings_and_output_weights=cfg.share_embeddings_and_output_weights,
         position_embedding_type=cfg.position_embedding_type,
         rotary_base=cfg.rotary_base,
+        rope_scaling=cfg.rope_scaling_factor is not None,
+        rope_scaling_factor=cfg.rope_scaling_factor or 8.0,  # (megatron's default, unused without rope_scaling)
         vp_stage=vp_stage,
     )
     model.return_hidden = cfg.logits_chunk_tokens > 0

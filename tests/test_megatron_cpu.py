@@ -351,6 +351,13 @@ def test_transformer_engine_impl_without_gpu_fails_clearly():
         ({"layernorm_epsilon": 0.0}, r"model.layernorm_epsilon = 0.0 is not valid"),
         ({"init_method_std": float("nan")}, r"model.init_method_std = nan is not valid"),
         ({"rotary_base": 0}, r"model.rotary_base = 0 is not valid"),
+        ({"rope_scaling_factor": 0.5}, r"model.rope_scaling_factor = 0.5 is not valid: a finite number >= 1"),
+        ({"rope_scaling_factor": float("inf")}, r"model.rope_scaling_factor = inf is not valid"),
+        ({"rope_scaling_factor": True}, r"model.rope_scaling_factor = True is not valid"),
+        (
+            {"rope_scaling_factor": 8.0, "position_embedding_type": "learned_absolute"},
+            r"model.rope_scaling_factor = 8.0 is not valid: scales rotary embeddings: needs position_embedding_type",
+        ),
     ],
 )
 def test_bad_config_values_are_named(kw, match):
