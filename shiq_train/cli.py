@@ -55,6 +55,7 @@ from shiq_train.hf_convert import (
     as_llama_config,
     hf_classes,
     import_llama,
+    llama3_rope,
     load_causal_lm,
     model_config_from_llama,
 )
@@ -210,8 +211,8 @@ def check_llama_shaped(model_cfg) -> None:
 def llama_config_from_model(model_cfg):
     """A ``transformers.LlamaConfig`` with the shape of a :class:`~shiq_train.model.ModelConfig` (a
     ``Qwen2Config`` with ``add_qkv_bias``, a ``Qwen3Config`` with ``qk_layernorm``, without a sliding window; the
-    heads' width ``kv_channels`` as ``head_dim``), the inverse of ``hf_convert.model_config_from_llama``, so
-    checkpoints export to Hugging Face. Both ``add_qkv_bias`` and ``qk_layernorm`` are refused: no Hugging Face
+    heads' width ``kv_channels`` as ``head_dim``; ``rope_scaling_factor`` as Llama 3's ``rope_type`` 'llama3'), the
+    inverse of ``hf_convert.model_config_from_llama``, so checkpoints export to Hugging Face. Both ``add_qkv_bias`` and ``qk_layernorm`` are refused: no Hugging Face
     model of this family computes them together (Qwen3's ``attention_bias`` also biases the output projection)."""
     from transformers import LlamaConfig, Qwen2Config, Qwen3Config  # heavy: transformers
 
@@ -235,11 +236,13 @@ def llama_config_from_model(model_cfg):
     )
     if model_cfg.kv_channels is not None or model_cfg.qk_layernorm:  # (Qwen3Config's own default head_dim is 128)
         shape["head_dim"] = head_dim(model_cfg)
-    rope = {"rope_type": "default", "rope_theta": float(model_cfg.rotary_base)}
+    rope = {**llama3_rope(model_cfg.rope_scaling_factor), "rope_theta": float(model_cfg.rotary_base)}
     if model_cfg.qk_layernorm:
         return Qwen3Config(**shape, rope_parameters=rope, use_sliding_window=False, attention_bias=False)
     if model_cfg.add_qkv_bias:
         return Qwen2Config(**shape, rope_parameters=rope, use_sliding_window=False)
+    if model_cfg.rope_scaling_factor is not None:
+        return LlamaConfig(**shape, rope_parameters=rope, attention_bias=False, mlp_bias=False)
     return LlamaConfig(**shape, rope_theta=float(model_cfg.rotary_base), attention_bias=False, mlp_bias=False)
 
 
@@ -247,7 +250,8 @@ def read_llama_config(init: str):
     """The ``transformers.LlamaConfig`` of the Hugging Face folder ``init`` (a Mistral folder without a sliding
     window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`; a Qwen2 folder
     whose sliding window acts on no layer: its ``Qwen2Config``, a Qwen3 one likewise its ``Qwen3Config``); any
-    other model type is refused."""
+    other model type, or what the model would not compute (``model_config_from_llama``: another RoPE scaling than
+    Llama 3's, biases), is refused naming the folder."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():
@@ -265,6 +269,7 @@ def read_llama_config(init: str):
         )
     config = hf_classes(model_type)[0].from_pretrained(str(folder))
     try:
+        model_config_from_llama(config)  # (what the model would not compute, such as another RoPE scaling)
         return as_llama_config(config)
     except ValueError as e:
         raise ConfigError(f"init={init!r}: {path}: {e}") from None

@@ -18,6 +18,7 @@ Layouts megatron uses (and the logits-parity test would catch if wrong):
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,8 +204,9 @@ def model_config_from_llama(hf_config, **overrides):
     query, key and value projections), or of a Qwen3 one likewise (``qk_layernorm``: Llama with a norm of each
     query and key head). A ``head_dim`` other than ``hidden_size / num_attention_heads`` is ``kv_channels``.
     Whatever the config holds that changes the forward pass and this model does not compute is refused, never
-    dropped: another architecture (its biases), a sliding window, scaled rotary embeddings, biases (Qwen3's
-    ``attention_bias``: the output projection's too), another activation."""
+    dropped: another architecture (its biases), a sliding window, rotary embeddings scaled otherwise than Llama
+    3's (:func:`rope_scaling_factor`), biases (Qwen3's ``attention_bias``: the output projection's too), another
+    activation."""
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type not in MODEL_TYPES:
         raise ValueError(
@@ -247,19 +249,55 @@ def model_config_from_llama(hf_config, **overrides):
     )
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"only SiLU-gated Llama MLPs are supported, got hidden_act={hf_config.hidden_act!r}")
-    for field in ("rope_scaling", "rope_parameters"):
-        rope = getattr(hf_config, field, None) or {}
-        rope_kind = rope.get("rope_type", rope.get("type", "default"))
-        if rope_kind != "default":
-            raise ValueError(
-                f"Llama checkpoints with scaled rotary embeddings are not supported: {field} has "
-                f"rope_type={rope_kind!r} (only 'default' RoPE imports exactly)"
-            )
+    kw["rope_scaling_factor"] = rope_scaling_factor(hf_config)
     biased = [f"{f}=True" for f in ("attention_bias", "mlp_bias") if getattr(hf_config, f, False)]
     if biased:
         raise ValueError(f"Llama checkpoints with biases are not supported: {', '.join(biased)}")
     kw.update(overrides)
     return ModelConfig(**kw)
+
+
+# Llama 3.1 and 3.2's rope_type 'llama3' parameters besides its factor, as megatron-core's rope_scaling fixes them
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_scaling_factor(hf_config) -> float | None:
+    """``model.rope_scaling_factor`` of a Hugging Face config: None for plain RoPE (``rope_type`` 'default'), the
+    ``factor`` of Llama 3's scaling (``rope_type`` 'llama3' with :data:`LLAMA3_ROPE`'s other parameters, which
+    megatron-core fixes: Llama 3.1's and 3.2's); read from ``rope_parameters`` (transformers 5) and the older
+    ``rope_scaling``. Any other scaling (linear, dynamic, yarn, longrope, ..., or 'llama3' with other
+    parameters) raises ``ValueError`` naming the field: this model would compute other rotary embeddings."""
+    factors = set()
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = getattr(hf_config, field, None) or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind == "default":
+            continue
+        exact = "only 'default' RoPE and Llama 3's 'llama3' (" + ", ".join(f"{k} {v:g}" for k, v in LLAMA3_ROPE.items())
+        if kind != "llama3":
+            raise ValueError(f"{field} has rope_type={kind!r}: {exact}) import exactly")
+        other = [f"{k}={rope.get(k)!r}" for k, v in LLAMA3_ROPE.items() if rope.get(k) != v]
+        if other:
+            raise ValueError(
+                f"{field} has rope_type='llama3' with {', '.join(other)}: {exact}, the values megatron-core fixes) "
+                "import exactly"
+            )
+        factor = rope.get("factor")
+        number = isinstance(factor, (int, float)) and not isinstance(factor, bool) and math.isfinite(factor)
+        if not (number and factor >= 1):
+            raise ValueError(f"{field} has rope_type='llama3' with factor={factor!r}: expected a number >= 1")
+        factors.add(float(factor))
+    if len(factors) > 1:
+        raise ValueError(f"rope_scaling and rope_parameters give other llama3 factors: {sorted(factors)}")
+    return factors.pop() if factors else None
+
+
+def llama3_rope(factor: float | None) -> dict:
+    """The ``rope_parameters`` (without ``rope_theta``) of ``model.rope_scaling_factor``: the inverse of
+    :func:`rope_scaling_factor`."""
+    if factor is None:
+        return {"rope_type": "default"}
+    return {"rope_type": "llama3", "factor": float(factor), **LLAMA3_ROPE}
 
 
 def window_problem(hf_config) -> str | None:
@@ -354,15 +392,21 @@ def export_llama(model, hf_config, out_dir) -> None:
 
 
 def save_llama(hf, folder: Path) -> None:
-    """``hf.save_pretrained(folder)``, its ``config.json`` also giving ``rope_theta`` at the top level: transformers
-    5 writes it only inside ``rope_parameters``, where readers of the older layout (transformers 4, and tools
-    that read config.json themselves) do not look, and would take the default 10000: other logits, silently."""
+    """``hf.save_pretrained(folder)``, its ``config.json`` also giving ``rope_theta`` at the top level, and Llama
+    3's scaling (``rope_type`` 'llama3') as ``rope_scaling``: transformers 5 writes both only inside
+    ``rope_parameters``, where readers of the older layout (transformers 4, and tools that read config.json
+    themselves) do not look, and would take the default 10000 and plain RoPE: other logits, silently."""
     hf.save_pretrained(folder)
     path = Path(folder) / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    theta = (config.get("rope_parameters") or {}).get("rope_theta")
-    if theta is not None and "rope_theta" not in config:
-        path.write_text(json.dumps({**config, "rope_theta": theta}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    rope = config.get("rope_parameters") or {}
+    older = {}
+    if rope.get("rope_theta") is not None and "rope_theta" not in config:
+        older["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type") == "llama3" and not config.get("rope_scaling"):
+        older["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    if older:
+        path.write_text(json.dumps({**config, **older}, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _local_full(model):

@@ -85,6 +85,30 @@ def tiny_qwen3(seed=0, tied=False, **config):
     return with_varied_norms(transformers.Qwen3ForCausalLM(cfg).eval())
 
 
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def tiny_llama3(seed=0, tied=False, factor=32.0, rope_type="llama3", **config):
+    """A tiny Llama 3.1/3.2-style model (rope_type llama3 with ``factor``; ``rope_type="default"``: the same weights
+    with plain RoPE), its weights large (initializer_range 0.2) so that the scaled low frequencies (16-wide heads,
+    rope_theta 500000: half of them wavelengths over 2048) move its logits by far more than the tolerance."""
+    rope = {"rope_type": rope_type, "rope_theta": 500000.0}
+    if rope_type == "llama3":
+        rope.update(factor=factor, **LLAMA3_ROPE)
+    cfg = transformers.LlamaConfig(
+        **{
+            **dict(
+                vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, rms_norm_eps=1e-5, rope_parameters=rope, max_position_embeddings=32,
+                tie_word_embeddings=tied, initializer_range=0.2,
+            ),
+            **config,
+        }
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    return with_varied_norms(transformers.LlamaForCausalLM(cfg).eval())
+
+
 def with_varied_norms(model):
     """``model`` with its norm weights drawn from [0.5, 1.5] (not all 1), so that a swapped norm weight shows."""
     with torch.no_grad():
@@ -266,10 +290,51 @@ def test_checkpoint_exports_to_hugging_face(tmp_path):
     assert torch.equal(back(tokens).logits, hf(tokens).logits)
 
 
+@pytest.mark.parametrize("backend", ["sdpa", "megatron"])
+def test_a_llama3_scaled_rope_imports_and_exports_with_transformers_logits(tmp_path, backend):
+    """Llama 3.1/3.2's rope_type llama3 (factor 32; low_freq_factor 1, high_freq_factor 4 and an original context
+    of 8192, as megatron-core's rope_scaling fixes them) is model.rope_scaling_factor: transformers' logits, also
+    with the rows' shared prefix run once (the prefix tree's own rotary table), and the export reloads with the
+    same logits and rope parameters, which older readers also find as rope_scaling. The config was refused."""
+    from shiq_train import prefix_tree
+    from shiq_train.cli import llama_config_from_model
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_llama3()
+    tokens = tokens_for(128, T=24)
+    tokens[1, :10] = tokens[0, :10]  # (a shared prefix for the tree)
+    ref = hf(tokens).logits
+    # the scaling moves these logits far beyond the tolerance, and so does another factor
+    assert (tiny_llama3(rope_type="default")(tokens).logits - ref).abs().max() > 1e-2
+    assert (tiny_llama3(factor=8.0)(tokens).logits - ref).abs().max() > 1e-3
+    with parallel.distributed(seed=0):
+        cfg = H.model_config_from_llama(hf.config, attention_backend=backend)
+        assert cfg.rope_scaling_factor == 32.0
+        mg = M.build_model(cfg).eval()
+        H.import_llama(mg, hf.state_dict(), hf.config)
+        assert (megatron_logits(mg, tokens) - ref).abs().max() < 1e-5
+        tree = prefix_tree.build(tokens, torch.tensor([24, 24]))
+        assert tree is not None and tree.num_nodes == 38
+        with torch.no_grad():
+            shared = mg(**M.model_inputs(tokens), prefix_tree=tree).float()
+        assert (shared - ref).abs().max() < 1e-5
+        H.export_llama(mg, hf.config, tmp_path / "export")
+    rope = {"rope_type": "llama3", "factor": 32.0, **LLAMA3_ROPE}
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["rope_parameters"] == {**rope, "rope_theta": 500000.0} and config["rope_scaling"] == rope
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    assert isinstance(back, transformers.LlamaForCausalLM)
+    assert back.config.rope_parameters == hf.config.rope_parameters
+    assert torch.equal(back(tokens).logits, ref)
+    # a run's model config (model.rope_scaling_factor given, init=none) exports as the same rope parameters
+    assert llama_config_from_model(cfg).rope_parameters == hf.config.rope_parameters
+    assert llama_config_from_model(M.ModelConfig()).rope_parameters["rope_type"] == "default"
+
+
 def _tp2_worker(rank, port, out_dir, kind="llama"):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
-    hf = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3}[kind]()
+    hf = {"llama": tiny_llama, "qwen2": tiny_qwen2, "qwen3": tiny_qwen3, "llama3": tiny_llama3}[kind]()
     tokens = tokens_for(128)
     with parallel.distributed(
         parallel.ParallelConfig(2, 1), rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=0
@@ -322,15 +387,18 @@ def test_tiny_qwen2_imports_exports_and_reloads_with_its_logits(tmp_path):
     assert torch.equal(restored(tokens).logits, back(tokens).logits)
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama3"])
 def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
     """Two gloo processes at TP=2: each holds one query group's slice of linear_qkv's weight (and Qwen2's bias;
-    Qwen3's heads 24 wide, each rank normalising its own with the whole q/k norm weights); the statistics are transformers' and the export gathers every weight and bias back bit for bit."""
+    Qwen3's heads 24 wide, each rank normalising its own with the whole q/k norm weights; Llama 3's scaled
+    rotary frequencies on each rank); the statistics are transformers' and the export gathers every weight and
+    bias back bit for bit (and Llama 3's rope parameters)."""
     mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), arch), nprocs=2, join=True)
     hf, model_class = {
         "llama": (tiny_llama, transformers.LlamaForCausalLM),
         "qwen2": (tiny_qwen2, transformers.Qwen2ForCausalLM),
         "qwen3": (tiny_qwen3, transformers.Qwen3ForCausalLM),
+        "llama3": (tiny_llama3, transformers.LlamaForCausalLM),
     }[arch]
     hf = hf()
     tokens = tokens_for(128)
@@ -339,6 +407,7 @@ def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
     assert (got["c"] - want.chosen_logits).abs().max() < 1e-5
     assert (got["z"] - want.logz).abs().max() < 1e-5
     back = model_class.from_pretrained(tmp_path / "export").eval()
+    assert back.config.rope_parameters == hf.config.rope_parameters
     for name, p in hf.state_dict().items():
         assert torch.equal(back.state_dict()[name], p), name
 
@@ -671,6 +740,39 @@ def test_scaled_rope_is_refused_not_imported_wrongly(scaling):
     with pytest.raises(ValueError, match=f"rope_type='{scaling['rope_type']}'"):
         H.model_config_from_llama(cfg)
     assert H.model_config_from_llama(tiny_llama().config).rotary_base == 100000
+
+
+@pytest.mark.parametrize(
+    "scaling,named",
+    [
+        ({"low_freq_factor": 2.0}, "low_freq_factor=2.0"),
+        ({"high_freq_factor": 8.0}, "high_freq_factor=8.0"),
+        ({"original_max_position_embeddings": 4096}, "original_max_position_embeddings=4096"),
+        ({"factor": 0.5}, "factor=0.5: expected a number >= 1"),
+        ({"rope_type": "yarn", "beta_fast": 32.0, "beta_slow": 1.0}, "rope_type='yarn'"),
+        ({"rope_type": "dynamic"}, "rope_type='dynamic'"),
+    ],
+)
+def test_llama3_rope_imports_only_with_the_parameters_megatron_fixes(tmp_path, scaling, named):
+    """rope_type llama3 imports as model.rope_scaling_factor only with low_freq_factor 1, high_freq_factor 4 and
+    original_max_position_embeddings 8192 (megatron-core's rope_scaling computes no others); other values, and
+    other scalings, are refused in one line naming the folder, the field and the value."""
+    from shiq_train.cli import ConfigError, read_llama_config
+
+    warnings.filterwarnings("ignore")
+    good = tiny_llama3(factor=8.0).config
+    assert H.model_config_from_llama(good).rope_scaling_factor == 8.0
+    assert H.model_config_from_llama(tiny_llama3(rope_type="default").config).rope_scaling_factor is None
+    rope = {**good.rope_parameters, **scaling}
+    cfg = tiny_llama3(rope_parameters=rope).config
+    with pytest.raises(ValueError, match=f"^rope_(scaling|parameters) has rope_type='{rope['rope_type']}'") as e:
+        H.model_config_from_llama(cfg)
+    assert named in str(e.value)
+    folder = tmp_path / "llama3"
+    cfg.save_pretrained(folder)
+    with pytest.raises(ConfigError, match=f"^init='{folder}': {folder / 'config.json'}: rope_") as e:
+        read_llama_config(str(folder))
+    assert named in str(e.value) and "\n" not in str(e.value)
 
 
 def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
