@@ -24,15 +24,25 @@ EOS, PAD = 0, 47
 PROMPTS = [[1, 2, 3], [5], [7, 8, 9, 10, 11], [4, 4], [9] * 7, [30, 31]]
 
 
-def peaked_llama(arch="llama"):
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192, "rope_theta": 500000.0,
+}  # fmt: skip
+PLAIN_ROPE = {"rope_type": "default", "rope_theta": 500000.0}
+
+
+def peaked_llama(arch="llama", rope=None):
     """A tiny Llama with large weights, so greedy paths vary and some rows stop at EOS (``arch="qwen3"``: a Qwen3,
-    its heads 24 wide, not hidden_size / heads = 16, its query and key norms random)."""
+    its heads 24 wide, not hidden_size / heads = 16, its query and key norms random; ``arch="llama3"``: a Llama
+    with Llama 3.2's rope_type llama3, factor 32, or the same weights with ``rope``)."""
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
     }[arch]
     cfg = config_class(
         **({"head_dim": 24} if arch == "qwen3" else {}),
+        **({"rope_parameters": rope or LLAMA3_ROPE} if arch == "llama3" else {}),
         vocab_size=48,
         hidden_size=64,
         intermediate_size=96,
@@ -43,7 +53,9 @@ def peaked_llama(arch="llama"):
         initializer_range=0.3,
         tie_word_embeddings=True,
     )
-    torch.manual_seed({"llama": 0, "qwen3": 10}[arch])  # (a draw whose greedy paths stop some rows at EOS)
+    torch.manual_seed(
+        {"llama": 0, "qwen3": 10, "llama3": 31}[arch]
+    )  # (a draw whose greedy paths stop some rows at EOS)
     model = model_class(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -65,11 +77,14 @@ def dist1():
         yield
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "llama3"])
 def test_greedy_equals_transformers_with_and_without_cache(dist1, arch):
     hf = peaked_llama(arch)
     want = [greedy_without_cache(hf, p, 10, EOS) for p in PROMPTS]
     assert sum(w[-1] == EOS for w in want) >= 2, "the fixture should stop some rows early"
+    if arch == "llama3":  # the scaled rotary frequencies change a greedy path (so plain RoPE would not pass)
+        plain = peaked_llama(arch, rope=PLAIN_ROPE)
+        assert want != [greedy_without_cache(plain, p, 10, EOS) for p in PROMPTS]
     cfg = SamplingConfig(max_new_tokens=10, temperature=0, batch_size=4)  # batches mix prompt lengths
     assert HFPolicy(hf, eos_id=EOS, pad_id=PAD).generate(PROMPTS, cfg) == want
     mg = imported(hf).train()

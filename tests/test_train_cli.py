@@ -617,6 +617,61 @@ def test_a_qwen3_init_folder_trains_and_its_checkpoint_exports_as_qwen3(tmp_path
     assert (got - hf(tokens).logits).abs().max() < 1e-4
 
 
+def test_a_llama3_init_folder_trains_and_its_checkpoint_exports_with_its_rope_scaling(tmp_path):
+    """init=a Llama 3.2-style folder (rope_type llama3, factor 32; weights large enough that plain RoPE moves the
+    logits by more than 1e-2): the run records model.rope_scaling_factor, its checkpoint comes back (shiq-train
+    export's reading, and the megatron evaluation engine) with the folder's logits and rope parameters, and a
+    model group without the scaling is refused naming the field. The folder was refused (rope_type 'llama3')."""
+    import transformers
+    import yaml
+
+    from shiq_train.checkpoint import read_meta
+    from shiq_train.export import hf_model_from_checkpoint
+
+    rope = {
+        "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192, "rope_theta": 500000.0,
+    }  # fmt: skip
+
+    def llama(rope):
+        cfg = transformers.LlamaConfig(
+            vocab_size=128, hidden_size=32, intermediate_size=80, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, rms_norm_eps=1e-5, max_position_embeddings=32, tie_word_embeddings=True,
+            initializer_range=0.2, rope_parameters=rope,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        return transformers.LlamaForCausalLM(cfg).eval()
+
+    hf = llama(rope)
+    tokens = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf(tokens).logits
+        assert (llama({"rope_type": "default", "rope_theta": 500000.0})(tokens).logits - want).abs().max() > 1e-2
+    hf.save_pretrained(tmp_path / "llama3")
+    common = [f"init={tmp_path / 'llama3'}", "train.steps=1", "optimizer.lr=1e-12", "train.reference=online"]
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", *common)
+    assert res.returncode == 0, res.stderr[-3000:]
+    model = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["model"]
+    assert model["rope_scaling_factor"] == 32.0 and model["rotary_base"] == 500000
+    step_dir = tmp_path / "run/checkpoints/step_00000001"
+    hf_config = read_meta(step_dir)["meta"]["hf_config"]
+    assert hf_config["rope_parameters"] == rope
+    back = hf_model_from_checkpoint(step_dir, hf_config)
+    assert back.config.rope_parameters == rope
+    with torch.no_grad():
+        assert (back(tokens).logits - want).abs().max() < 1e-4
+    from shiq_eval.cli import MegatronEngine
+
+    with parallel.distributed(seed=0):
+        engine = MegatronEngine(hf, SimpleNamespace(eos_token_id=0, pad_token_id=0))
+        logits, _ = engine.policy({"kind": "run", "path": step_dir, "hf_config": hf_config})
+        got = logits(tokens).logits
+    assert (got - want).abs().max() < 1e-4
+    # a model config without the scaling does not fit the folder
+    res = run_cli(tmp_path, f"out={tmp_path / 'plain'}", *common, "model.rope_scaling_factor=null")
+    assert res.returncode == 2 and "model.rope_scaling_factor=None but the checkpoint has 32.0" in res.stderr
+
+
 def test_init_folder_of_another_model_type_is_refused(tmp_path):
     folder = tmp_path / "gpt"
     folder.mkdir()
