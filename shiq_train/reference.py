@@ -42,7 +42,7 @@ from shiq_data.tokenizers import (
 )
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, latest_step_dir, read_meta
 from shiq_train.export import hf_model_from_checkpoint
-from shiq_train.hf_convert import load_causal_lm
+from shiq_train.hf_convert import hf_config_from_dict, load_causal_lm, model_config_from_llama
 from shiq_train.model import DTYPES, forward_stats
 from shiq_train.stats import causal_lm_stats
 from shiq_train.vocab_parallel import chunked_causal_stats, chunked_token_stats
@@ -354,7 +354,7 @@ _ARCHITECTURE = (
 
 def check_same_architecture(step_dir: Path, config, model: str) -> None:
     """Refuse a ``--megatron-checkpoint`` whose run trained another architecture (its ``meta.hf_config``) than
-    ``--model``'s ``config``, naming the model type and sizes that differ: its weights cannot be read into that model (the
+    ``--model``'s ``config``, naming the model type, sizes and rotary embeddings that differ: its weights cannot be read into that model (the
     error would otherwise come from the loading, and read as a damaged checkpoint)."""
     saved = (read_meta(step_dir).get("meta") or {}).get("hf_config")
     if not isinstance(saved, dict):
@@ -368,11 +368,32 @@ def check_same_architecture(step_dir: Path, config, model: str) -> None:
     kind = "llama" if kind == "mistral" else kind  # (a run records a Mistral folder as the Llama model it is)
     if isinstance(saved.get("model_type"), str) and kind is not None and saved["model_type"] != kind:
         differ.insert(0, f"model_type {saved['model_type']!r} against {kind!r}")  # (Qwen3's norms, Qwen2's biases)
+    differ += _rope_differences(saved, config)
     if differ:
         raise ValueError(
             f"--megatron-checkpoint {step_dir}: its run trained another model than --model {model} "
             f"({', '.join(differ)}): give as --model the model the run started from"
         )
+
+
+def _rope_differences(saved: dict, config) -> list[str]:
+    """How the rotary embeddings of a run's recorded ``hf_config`` (``saved``) and of ``--model``'s ``config``
+    differ (their base ``rope_theta``, Llama 3's scaling factor): the weights would read, and the logits be
+    another model's. Nothing when either config is one the import refuses (that refusal names it)."""
+    try:
+        theirs, mine = model_config_from_llama(hf_config_from_dict(saved)), model_config_from_llama(config)
+    except (ValueError, TypeError):
+        return []
+    out = []
+    if theirs.rotary_base != mine.rotary_base:
+        out.append(f"rope_theta {theirs.rotary_base:g} against {mine.rotary_base:g}")
+    if theirs.rope_scaling_factor != mine.rope_scaling_factor:
+        kind = {None: "none"}
+        out.append(
+            f"llama3 rope scaling factor {kind.get(theirs.rope_scaling_factor, theirs.rope_scaling_factor)} against "
+            f"{kind.get(mine.rope_scaling_factor, mine.rope_scaling_factor)}"
+        )
+    return out
 
 
 def longest_row(buffer) -> int:
