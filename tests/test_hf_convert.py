@@ -458,29 +458,31 @@ def test_tiny_qwen3_imports_exports_and_reloads_with_its_logits(tmp_path):
     assert torch.equal(restored(tokens).logits, ref)
 
 
+def _read_as_init_folder(hf, path, config_class):
+    """``hf`` saved to ``path`` and read as the training command's ``init`` folder: ``(folder, config, model
+    config)``, after checking that the config is read as ``config_class`` (its model type, not Llama's) and the
+    weights as saved."""
+    from shiq_train.cli import load_init, model_config, read_llama_config
+
+    hf.save_pretrained(path)
+    folder = str(path)
+    assert type(read_llama_config(folder)) is config_class
+    state, config = load_init(folder)
+    assert type(config) is config_class and config.model_type == hf.config.model_type
+    for name, p in hf.state_dict().items():
+        assert torch.equal(state[name], p), name
+    return folder, config, model_config(M.ModelConfig().to_dict(), folder, set())
+
+
 def test_a_qwen3_folder_initialises_a_run_and_one_whose_window_acts_is_refused(tmp_path):
     """The training command reads a Qwen3 folder as its Qwen3Config (recorded and exported as Qwen3), builds the
     model with qk_layernorm and kv_channels (its head_dim), and refuses a model config without them; a fresh
     model with both exports as Qwen3, one with add_qkv_bias too is refused (no such Hugging Face model). A
     sliding window that acts on a layer is refused in one line naming the folder."""
-    from shiq_train.cli import (
-        ConfigError,
-        check_shape,
-        llama_config_from_model,
-        load_init,
-        model_config,
-        read_llama_config,
-    )
+    from shiq_train.cli import ConfigError, check_shape, llama_config_from_model, read_llama_config
 
     hf = tiny_qwen3()
-    hf.save_pretrained(tmp_path / "qwen3")
-    folder = str(tmp_path / "qwen3")
-    assert isinstance(read_llama_config(folder), transformers.Qwen3Config)
-    state, config = load_init(folder)
-    assert config.model_type == "qwen3"
-    for name, p in hf.state_dict().items():
-        assert torch.equal(state[name], p), name
-    model_cfg = model_config(M.ModelConfig().to_dict(), folder, set())
+    folder, config, model_cfg = _read_as_init_folder(hf, tmp_path / "qwen3", transformers.Qwen3Config)
     assert model_cfg.qk_layernorm and model_cfg.kv_channels == 24 and model_cfg.name == "qwen3"
     check_shape(model_cfg, config, folder)
     with pytest.raises(ConfigError, match=r"model.qk_layernorm=False but the checkpoint has True"):
@@ -505,25 +507,10 @@ def test_a_qwen2_folder_initialises_a_run_and_one_whose_window_acts_is_refused(t
     are no Llama's), builds the model with add_qkv_bias, and refuses a model config without the biases. A
     sliding window that acts on a layer (use_sliding_window with layers from max_window_layers on) is refused in
     one line naming the folder; one that acts on no layer is not a window."""
-    from shiq_train.cli import (
-        ConfigError,
-        check_shape,
-        llama_config_from_model,
-        load_init,
-        model_config,
-        read_llama_config,
-    )
+    from shiq_train.cli import ConfigError, check_shape, llama_config_from_model, read_llama_config
 
     hf = tiny_qwen2()
-    hf.save_pretrained(tmp_path / "qwen2")
-    folder = str(tmp_path / "qwen2")
-    config = read_llama_config(folder)
-    assert isinstance(config, transformers.Qwen2Config) and config.to_dict()["model_type"] == "qwen2"
-    state, config = load_init(folder)
-    assert config.model_type == "qwen2"
-    for name, p in hf.state_dict().items():
-        assert torch.equal(state[name], p), name
-    model_cfg = model_config(M.ModelConfig().to_dict(), folder, set())
+    folder, config, model_cfg = _read_as_init_folder(hf, tmp_path / "qwen2", transformers.Qwen2Config)
     assert model_cfg.add_qkv_bias and model_cfg.name == "qwen2" and model_cfg.num_query_groups == 2
     check_shape(model_cfg, config, folder)
     with pytest.raises(ConfigError, match=r"model.add_qkv_bias=False but the checkpoint has True"):
