@@ -413,3 +413,19 @@ def test_a_cache_of_transformer_engine_layers_runs_plain_rows(dist1):
     padded = PrefixCache.build(model, rows, TRAINABLE, progress=False, share_prefixes=False, tokens_per_batch=16)
     assert len(widths) > 1 and all(w % 16 == 0 for w in widths), widths
     torch.testing.assert_close(padded.hidden, cache.hidden, rtol=1e-5, atol=1e-6)
+
+
+def test_a_cache_of_other_rotary_frequencies_does_not_fit(dist1, buffer):
+    """The same weights with another rope_theta or Llama 3's scaled RoPE compute other hidden states: a cache
+    saved with one is not the other's (the frequencies are GPTModel arguments, outside the config that
+    model_setting hashed, so such a cache was read back as fitting)."""
+    model = frozen_model()
+    rows = [buffer.row(i)["tokens"] for i in range(len(buffer))]
+    cache = PrefixCache.build(model, rows, 1, progress=False)
+    for change in ({"rotary_base": 500000}, {"rope_scaling_factor": 32.0}, {"rope_scaling_factor": 8.0}):
+        other = frozen_model(**change)
+        other.load_state_dict(model.state_dict())  # the same weights
+        assert "another model configuration" in (cache.fits(buffer, other, 1) or ""), change
+    scaled = frozen_model(rope_scaling_factor=32.0)
+    assert model_setting(scaled) == model_setting(frozen_model(rope_scaling_factor=32.0))  # rebuilt: it matches
+    assert model_setting(scaled) != model_setting(frozen_model(rope_scaling_factor=8.0))
