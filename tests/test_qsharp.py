@@ -323,16 +323,25 @@ def test_value_loss_minimiser_is_the_projected_return_distribution():
 # (e) guided decoding with a tiny Llama on CPU
 
 
-def tiny_llama(seed, vocab=64, arch="llama"):
+LLAMA3_ROPE = {
+    "rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192, "rope_theta": 500000.0,
+}  # fmt: skip
+
+
+def tiny_llama(seed, vocab=64, arch="llama", rope=None):
     """A tiny Llama (or, ``arch="qwen2"``, Qwen2: Llama with query/key/value biases; ``arch="qwen3"``, Qwen3: Llama
-    with query and key norms, random, and heads 12 wide, not hidden_size / heads = 8) with varied weights."""
+    with query and key norms, random, and heads 12 wide, not hidden_size / heads = 8; ``arch="llama3"``: Llama 3.2's
+    rope_type llama3, factor 32, or the same weights with ``rope``) with varied weights."""
     config_class, model_class = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "llama3": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }[arch]
     cfg = config_class(
         **({"head_dim": 12} if arch == "qwen3" else {}),
+        **({"rope_parameters": rope or LLAMA3_ROPE} if arch == "llama3" else {}),
         vocab_size=vocab,
         hidden_size=32,
         intermediate_size=64,
@@ -574,7 +583,7 @@ def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass()
 # the megatron value model: save, load as a Hugging Face trunk, train from a buffer
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama3"])
 def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path, arch):
     """A value model's megatron trunk saved and loaded as transformers' decoder gives the same values, for a
     Llama reference, a Qwen2 one (its query/key/value biases: a Qwen2Model trunk) and a Qwen3 one (its query and
@@ -602,6 +611,11 @@ def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path, arch):
     scale = float(want.abs().max())  # float32 rounding of megatron vs transformers kernels, relative to the outputs
     assert (got - want).abs().max() < 1e-5 * scale
     assert (from_hf_trunk - want).abs().max() < 1e-5 * scale  # the trunk is the reference's decoder
+    if arch == "llama3":  # Llama 3's scaled rotary frequencies, kept by value_model.json's hf_config
+        assert loaded.config.rope_parameters == LLAMA3_ROPE
+        plain = tiny_llama(3, arch=arch, rope={"rope_type": "default", "rope_theta": 500000.0})
+        with torch.no_grad():
+            assert (loaded.head(plain.model(tokens).last_hidden_state) - want).abs().max() > 1e-3 * scale
     assert torch.equal(loaded.atoms, ATOMS)
     torch.load(tmp_path / "v" / "value_model.pt", weights_only=True)
     meta = json.loads((tmp_path / "v" / "value_model.json").read_text())
