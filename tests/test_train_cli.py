@@ -667,9 +667,13 @@ def test_a_llama3_init_folder_trains_and_its_checkpoint_exports_with_its_rope_sc
         logits, _ = engine.policy({"kind": "run", "path": step_dir, "hf_config": hf_config})
         got = logits(tokens).logits
     assert (got - want).abs().max() < 1e-4
-    # a model config without the scaling does not fit the folder
-    res = run_cli(tmp_path, f"out={tmp_path / 'plain'}", *common, "model.rope_scaling_factor=null")
-    assert res.returncode == 2 and "model.rope_scaling_factor=None but the checkpoint has 32.0" in res.stderr
+    # a model config without the scaling does not fit the folder (the check the run makes before it builds)
+    from shiq_train.cli import ConfigError, check_shape, load_init, model_config
+
+    folder = str(tmp_path / "llama3")
+    plain = {**model_config(M.ModelConfig().to_dict(), folder, set()).to_dict(), "rope_scaling_factor": None}
+    with pytest.raises(ConfigError, match=r"model.rope_scaling_factor=None but the checkpoint has 32.0"):
+        check_shape(M.ModelConfig(**plain), load_init(folder)[1], folder)
 
 
 def test_init_folder_of_another_model_type_is_refused(tmp_path):
