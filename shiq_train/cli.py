@@ -241,9 +241,8 @@ def llama_config_from_model(model_cfg):
         return Qwen3Config(**shape, rope_parameters=rope, use_sliding_window=False, attention_bias=False)
     if model_cfg.add_qkv_bias:
         return Qwen2Config(**shape, rope_parameters=rope, use_sliding_window=False)
-    if model_cfg.rope_scaling_factor is not None:
-        return LlamaConfig(**shape, rope_parameters=rope, attention_bias=False, mlp_bias=False)
-    return LlamaConfig(**shape, rope_theta=float(model_cfg.rotary_base), attention_bias=False, mlp_bias=False)
+    # (plain RoPE given as rope_parameters: the config of rope_theta alone, field for field)
+    return LlamaConfig(**shape, rope_parameters=rope, attention_bias=False, mlp_bias=False)
 
 
 def read_llama_config(init: str):
@@ -269,8 +268,7 @@ def read_llama_config(init: str):
         )
     config = hf_classes(model_type)[0].from_pretrained(str(folder))
     try:
-        model_config_from_llama(config)  # (what the model would not compute, such as another RoPE scaling)
-        return as_llama_config(config)
+        return as_llama_config(config)  # (refuses what the model would not compute, such as another RoPE scaling)
     except ValueError as e:
         raise ConfigError(f"init={init!r}: {path}: {e}") from None
 

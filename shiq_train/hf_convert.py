@@ -346,16 +346,13 @@ def _qwen2_window_problem(hf_config) -> str | None:
 
 
 def as_llama_config(hf_config):
-    """``hf_config`` itself for a Llama config, and for a Qwen2 or Qwen3 one whose window acts on no layer (else
-    ``ValueError``; a run records and exports it as Qwen2 or Qwen3: its biases, its query and key norms, are no
-    Llama's); for a Mistral one without
-    a sliding window (:func:`window_problem`, else ``ValueError``) the ``transformers.LlamaConfig`` of the same
-    model, which a run records and exports (the weights' names are the same)."""
-    model_type = getattr(hf_config, "model_type", "llama")
-    if model_type not in ("mistral", *WINDOWED_QWEN):
-        return hf_config
+    """``hf_config`` itself for a Llama, Qwen2 or Qwen3 config (a run records and exports a Qwen2 or Qwen3 one as
+    such: its biases, its query and key norms, are no Llama's), and for a Mistral one without a sliding window the
+    ``transformers.LlamaConfig`` of the same model, which a run records and exports (the weights' names are the
+    same). What the model would not compute (:func:`model_config_from_llama`: a window that acts, another RoPE
+    scaling, biases) is a ``ValueError``."""
     model_config_from_llama(hf_config)  # (refuses a window, or what the model would not compute)
-    if model_type in WINDOWED_QWEN:
+    if getattr(hf_config, "model_type", "llama") != "mistral":
         return hf_config
     from transformers import LlamaConfig  # heavy: only a Mistral folder needs it
 
