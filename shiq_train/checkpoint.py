@@ -8,6 +8,11 @@ Layout on disk (one directory per saved step)::
                                                        optimizer state by parameter name, scheduler
                                                        state, RNG states (CPU, CUDA, and megatron's
                                                        tracker), user state
+    <dir>/step_00000010/rank_tp0_pp0_dp1.pt            another data-parallel rank's: scheduler, RNG and
+                                                       user state, and its own slices of the
+                                                       distributed optimizer's state (the parameters
+                                                       and a replicated optimizer's state are its data-
+                                                       parallel rank 0's, saved there once)
     <dir>/step_00000010/rank_tp0_pp0_dp0.pt.sha256     its SHA-256 (``sha256sum`` format), checked
                                                        before every read
     <dir>/latest                                       name of the newest complete step directory
@@ -16,20 +21,30 @@ A rank file records for every local parameter its full name in the TP=1, PP=1 mo
 (:func:`shiq_train.model.full_param_name`), its tensor-parallel split dimension and whether it is a
 gated MLP's ``[gate; up]`` stack (:func:`shiq_train.model.tp_layout`), and holds the optimizer state
 keyed by the local parameter name (:func:`optimizer_state_by_name`: AdamW's moments and step, the float32
-master weights of a :class:`~shiq_train.train_step.MasterWeightOptimizer`). With virtual pipeline stages
+master weights of a :class:`~shiq_train.train_step.MasterWeightOptimizer`). Data-parallel ranks hold the same
+parameters and the default optimizer the same state, so only data-parallel rank 0 saves them; megatron's
+distributed optimizer (``optimizer.distributed=true``) holds a slice of the master weights and moments on each
+data-parallel rank, and each rank saves its own (``shiq_train.dist_optim.DistributedAdamW.state_by_name``):
+nothing is gathered and every value is written once, by the rank that holds it. With virtual pipeline stages
 (interleaved 1F1B) the model is this rank's list of chunks; a pipeline rank's file holds them all, each local
 name prefixed by its chunk (``chunk1.decoder.layers.0...``, :func:`shiq_train.model.chunk_key`), and
 ``meta.json``'s layout records ``vpp``.
 
-Resuming in the saved layout reads the rank's own file and continues bit-for-bit, RNG included. Under
-another layout every rank reads the saved data-parallel rank 0 files (memory-mapped: only the tensors it
-needs are read), puts each of its parameters and their optimizer state together by full name and cuts its
-own shard (``shiq_train.weights.reshard_tensor``); scheduler, step, user state and torch's CPU (and CUDA)
+Resuming in the saved layout reads the rank's own file (and its data-parallel rank 0's parameters,
+memory-mapped) and continues bit-for-bit, RNG included; the distributed optimizer takes its own slices back
+as they are (no data moves between ranks), or, where they are not its own (the default optimizer resuming, or
+other buffers), each parameter's slices put together. Under another layout every rank reads the saved
+data-parallel rank 0 files (memory-mapped: only the tensors it needs are read), and the distributed
+optimizer's slices from every data-parallel rank's file, puts each of its parameters and their optimizer
+state together by full name, one parameter at a time, and cuts its own shard
+(``shiq_train.weights.reshard_tensor``); scheduler, step, user state and torch's CPU (and CUDA)
 generator come from the saved global rank 0. An exact RNG continuation across layouts does not exist
 (megatron's tracker holds one stream per tensor-parallel rank), so the tracker keeps the states this run
 seeded at start-up: dropout masks then differ from an uninterrupted run's, while dropout-free training
 continues with the same losses up to float rounding. The user state should be the same on every rank (the
-trainer's data position is). Files written before the layouts were recorded resume in their own layout only.
+trainer's data position is). Files written before the layouts were recorded (format 1) resume in their own
+layout only; format 2 (every rank's parameters, the distributed optimizer's state gathered on data-parallel
+rank 0) resumes in any.
 
 Modules' extra state is not saved: Transformer Engine keeps its FP8 scaling history (amax and scales) there as a
 pickled object and unpickles it to restore it, while a checkpoint here is data only (read with
@@ -53,8 +68,9 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_file, sha256_files, step_folders
+from shiq_train.dist_optim import full_groups, is_sliced, merge_slices
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
-from shiq_train.parallel import device_type
+from shiq_train.parallel import device, device_type
 from shiq_train.train_step import MasterWeightOptimizer
 from shiq_train.weights import full_shape, rank_file_name, reshard_tensor, unshard_tensors
 
@@ -103,7 +119,12 @@ def _set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states({k: v.clone() for k, v in state["tracker"].items()})
 
 
-FORMAT = 2  # rank files with parameter layouts and the optimizer state by parameter name; 1: neither
+# 3: what data-parallel ranks hold alike (parameters, the default optimizer's state) in data-parallel rank 0's
+# files only, the distributed optimizer's state in every rank's own slices; 2: every rank's file holds its
+# parameters and layouts, the optimizer state by parameter name (the distributed optimizer's gathered on
+# data-parallel rank 0); 1: neither layouts nor names
+FORMAT = 3
+BY_NAME = (2, 3)  # the formats with parameter layouts and the optimizer state by name
 
 
 def param_layout(model) -> dict[str, dict]:
@@ -147,9 +168,10 @@ def optimizer_state_by_name(model, optimizer) -> dict:
     MasterWeightOptimizer)}}}``. For AdamW ``state`` holds ``exp_avg``, ``exp_avg_sq`` (each shaped like the
     parameter shard) and ``step``; a parameter the optimizer has not stepped yet has an empty ``state``.
 
-    An optimizer whose state lives elsewhere (sharded over data-parallel ranks) provides this form itself, for
-    this rank's parameter shards, with a ``state_by_name(model)`` method (and ``load_state_by_name(model,
-    state)`` for :func:`load_optimizer_state_by_name`)."""
+    An optimizer whose state is sharded over data-parallel ranks provides its own form, this rank's part of it,
+    with a ``state_by_name(model)`` method (and ``load_state_by_name(model, state)`` for
+    :func:`load_optimizer_state_by_name`); :func:`save_checkpoint` saves it on every data-parallel rank, the
+    default optimizer's state on data-parallel rank 0 only."""
     if hasattr(optimizer, "state_by_name"):
         return optimizer.state_by_name(model)
     inner, slots = _optimizer_slots(model, optimizer)
@@ -225,13 +247,18 @@ def save_checkpoint(
     if dist.get_rank() == 0:
         step_dir.mkdir(parents=True, exist_ok=True)
     _barrier()
+    first = lay["dp_rank"] == 0  # data-parallel replicas hold the same parameters: saved once
+    # an optimizer with its own by-name form is sharded over data-parallel ranks: each saves its slices
+    sharded = optimizer is not None and hasattr(optimizer, "state_by_name")
     state = {
         "format": FORMAT,
         "step": step,
         "layout": lay,
-        "model": {n: p.detach().clone() for n, p in _local_parameters(model).items()},
-        "params": param_layout(model),
-        "optimizer": optimizer_state_by_name(model, optimizer) if optimizer is not None else None,
+        "model": {n: p.detach().clone() for n, p in _local_parameters(model).items()} if first else {},
+        "params": param_layout(model) if first else {},
+        "optimizer": optimizer_state_by_name(model, optimizer)
+        if optimizer is not None and (first or sharded)
+        else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "rng": _rng_state(),
         "user_state": user_state,
@@ -425,10 +452,31 @@ def _check_names(step_dir, saved: set[str], model: set[str]) -> None:
         )
 
 
+def _slice_pieces(step_dir: Path, dp: int, tp_rank: int, pp_rank: int, first: dict) -> dict[str, list[dict]]:
+    """``{local name: [its distributed-optimizer slice entry of each data-parallel rank holding one]}`` of one saved
+    tensor/pipeline rank (``first``: its data-parallel rank 0 file, read; the others are memory-mapped)."""
+    pieces: dict[str, list[dict]] = {}
+    for dp_rank in range(dp):
+        path = step_dir / rank_file_name(tp_rank, pp_rank, dp_rank)
+        opt = (first if dp_rank == 0 else read_rank_file(path, mmap=True))["optimizer"]
+        if not is_sliced(opt) or not isinstance(opt.get("params"), dict):
+            raise ValueError(
+                f"{path}: no distributed-optimizer slices beside data-parallel rank 0's: the checkpoint is damaged"
+            )
+        for local, entry in opt["params"].items():
+            pieces.setdefault(local, []).append(entry)
+    return pieces
+
+
+def _slices_where(step_dir: Path, tp_rank: int, pp_rank: int) -> str:
+    return f"{step_dir / rank_file_name(tp_rank, pp_rank, 0).replace('_dp0.pt', '_dp*.pt')}"
+
+
 class _SavedLayout:
     """The data-parallel rank 0 files of a checkpoint saved under another layout, indexed by full parameter
     name: each parameter's tensor-parallel shards and optimizer state, and :meth:`shard` to cut this rank's
-    shard of any of them (``shiq_train.weights.reshard_tensor``)."""
+    shard of any of them (``shiq_train.weights.reshard_tensor``). The distributed optimizer's slices (saved
+    by every data-parallel rank) are put together one parameter at a time, when it is cut."""
 
     def __init__(self, step_dir: Path, saved: dict):
         self.step_dir, self.tp = step_dir, saved["tp"]
@@ -438,7 +486,7 @@ class _SavedLayout:
             for tp_rank in range(saved["tp"]):
                 path = step_dir / rank_file_name(tp_rank, pp_rank, 0)
                 state = read_rank_file(path, mmap=True)
-                if state.get("format") != FORMAT or not isinstance(state.get("params"), dict):
+                if state.get("format") not in BY_NAME or not isinstance(state.get("params"), dict):
                     raise ValueError(
                         f"{path}: written without the parameter layouts (an older shiq_train), so it resumes only "
                         f"in its own layout tp={saved['tp']} pp={saved['pp']} dp={saved['dp']}"
@@ -446,6 +494,11 @@ class _SavedLayout:
                 if self.first is None:  # global rank 0's file
                     self.first = state
                 opt = (state["optimizer"] or {}).get("params", {})
+                if is_sliced(state["optimizer"]):
+                    where = _slices_where(step_dir, tp_rank, pp_rank)
+                    opt = {
+                        k: (v, where) for k, v in _slice_pieces(step_dir, saved["dp"], tp_rank, pp_rank, state).items()
+                    }
                 for local, info in state["params"].items():
                     # the tied embedding's last-stage copy comes after the first stage's (equal) one
                     e = self.entries.setdefault(info["name"], {"dim": info["dim"], "glu": info["glu"], "shards": {}})
@@ -463,23 +516,36 @@ class _SavedLayout:
         parts = [pick(*e["shards"][r]) for r in range(self.tp if e["dim"] is not None else 1)]
         return reshard_tensor(parts, e["dim"], e["glu"], tp, rank)
 
+    def optimizer_groups(self) -> list[dict]:
+        """The saved optimizer's parameter groups, as the full per-parameter state's (what :meth:`optimizer_state` gives)."""
+        opt = self.first["optimizer"] or {}
+        return full_groups(opt["groups"]) if is_sliced(opt) else opt.get("groups", [])
+
     def optimizer_state(self, name: str, tp: int, rank: int) -> dict | None:
         """The by-name optimizer entry of parameter ``name`` cut for this rank: tensors shaped like the
         parameter shard resharded, others (``step``) taken from tensor-parallel rank 0."""
         e = self.entries[name]
-        param0, entry0 = e["shards"][0]
+        saved = {}  # tensor-parallel rank: its entry (the distributed optimizer's slices put together)
+        for r in range(self.tp if e["dim"] is not None else 1):
+            param, entry = e["shards"][r]
+            saved[r] = (param, merge_slices(name, *entry) if isinstance(entry, tuple) else entry)
+        param0, entry0 = saved[0]
         if entry0 is None:
             return None
+
+        def cut(pick) -> torch.Tensor:
+            return reshard_tensor([pick(saved[r][1]) for r in sorted(saved)], e["dim"], e["glu"], tp, rank)
+
         out = {"group": entry0["group"], "state": {}}
         for key, value in entry0["state"].items():
             per_element = isinstance(value, torch.Tensor) and value.shape == param0.shape and value.dim() > 0
             out["state"][key] = (  # a copy: the optimizer updates it in place, never the mapped file
-                self.shard(name, tp, rank, lambda p, o, k=key: o["state"][k]).clone()
+                cut(lambda o, k=key: o["state"][k]).clone()
                 if per_element
                 else (value.clone() if isinstance(value, torch.Tensor) else value)
             )
         if entry0.get("master") is not None:
-            out["master"] = self.shard(name, tp, rank, lambda p, o: o["master"]).clone()
+            out["master"] = cut(lambda o: o["master"]).clone()
         return out
 
 
@@ -492,7 +558,7 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
     _check_names(step_dir, set(src.entries), set().union(*stages))
     params = _local_parameters(model)
     tp, rank = lay["tp"], lay["tp_rank"]
-    by_name = {"groups": (src.first["optimizer"] or {}).get("groups", []), "params": {}}
+    by_name = {"groups": src.optimizer_groups(), "params": {}}
     for local, info in layout.items():
         name, e = info["name"], src.entries[info["name"]]
         if (e["dim"], e["glu"]) != (info["dim"], info["glu"]):
@@ -510,27 +576,55 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
     return src.first
 
 
-def _load_same_layout(step_dir: Path, lay: dict, model, optimizer) -> dict:
-    """Load this rank's own file: parameters and optimizer state exactly as saved."""
+def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) -> dict:
+    """The distributed optimizer's state to load on this rank from a checkpoint of this layout: its own saved
+    slices when every rank's are its optimizer's (the same data-parallel size, buffers and trainable parameters:
+    nothing moves between ranks), else each parameter put together from every data-parallel rank's slices (the
+    full per-parameter form; only where it is read: every rank for the default optimizer, data-parallel rank 0
+    for the distributed one, which hands it to the others)."""
+    own = state["optimizer"]
+    holds = getattr(optimizer, "holds_slices", None)
+    fits = torch.tensor([int(holds is not None and holds(own))], dtype=torch.int32, device=device())
+    dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank takes the same path
+    if fits.item():
+        return own
+    if holds is not None and lay["dp_rank"]:
+        return {"groups": full_groups(own["groups"]), "params": {}}
+    first = state if lay["dp_rank"] == 0 else read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
+    where = _slices_where(step_dir, lay["tp_rank"], lay["pp_rank"])
+    pieces = _slice_pieces(step_dir, dp, lay["tp_rank"], lay["pp_rank"], first)
+    return {"groups": full_groups(own["groups"]), "params": {k: merge_slices(k, v, where) for k, v in pieces.items()}}
+
+
+def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> dict:
+    """Load this rank's own file: parameters and optimizer state exactly as saved (format 3: the parameters, and
+    the default optimizer's state, from data-parallel rank 0's file, memory-mapped)."""
     state = read_rank_file(_rank_file(step_dir, lay))
+    fmt, opt = state.get("format"), state["optimizer"]
+    first = None
+    if lay["dp_rank"] and (fmt == 3 or (fmt == 2 and optimizer is not None and opt is None)):
+        # format 2: an optimizer sharded over data-parallel ranks saved its by-name state on data-parallel rank 0
+        first = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
+    weights = first["model"] if fmt == 3 and first is not None else state["model"]
     params = _local_parameters(model)
-    _check_names(step_dir, set(state["model"]), set(params))
+    _check_names(step_dir, set(weights), set(params))
     for n, p in params.items():
-        if tuple(state["model"][n].shape) != tuple(p.shape):
+        if tuple(weights[n].shape) != tuple(p.shape):
             raise _does_not_fit(
-                step_dir, f"parameter {n} has shape {list(state['model'][n].shape)} there, {list(p.shape)} here"
+                step_dir, f"parameter {n} has shape {list(weights[n].shape)} there, {list(p.shape)} here"
             )
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(state["model"][n])
-    if optimizer is not None and state["optimizer"] is None and state.get("format") == FORMAT and lay["dp_rank"]:
-        # an optimizer sharded over data-parallel ranks may save its by-name state on data-parallel rank 0 only
-        state["optimizer"] = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}))["optimizer"]
-    if optimizer is not None and state["optimizer"] is not None:
-        if state.get("format") == FORMAT:
-            load_optimizer_state_by_name(model, optimizer, state["optimizer"])
+            p.copy_(weights[n])
+    if optimizer is not None and opt is None and first is not None:
+        opt = state["optimizer"] = first["optimizer"]
+    if optimizer is not None and opt is not None:
+        if fmt in BY_NAME:
+            if is_sliced(opt):
+                opt = _sliced_state(step_dir, dp, lay, optimizer, state)
+            load_optimizer_state_by_name(model, optimizer, opt)
         else:  # format 1: torch's own state_dict, parameters by index
-            optimizer.load_state_dict(state["optimizer"])
+            optimizer.load_state_dict(opt)
     return state
 
 
@@ -567,7 +661,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     saved = read_meta(step_dir)["layout"]
     same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp")) and saved.get("vpp", 1) == lay["vpp"]
     if same:
-        state = _load_same_layout(step_dir, lay, model, optimizer)
+        state = _load_same_layout(step_dir, lay, saved["dp"], model, optimizer)
     else:
         state = _load_resharded(step_dir, saved, lay, model, optimizer)
     if isinstance(optimizer, MasterWeightOptimizer) and state["optimizer"] is None:

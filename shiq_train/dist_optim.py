@@ -12,8 +12,10 @@ Selected by ``optimizer.distributed=true`` (:class:`shiq_train.train_step.Optimi
   global gradient norm (each element once, as :func:`shiq_train.train_step.grad_norm`), clips by it and
   all-gathers the updated parameters. Weight decay skips 1-D parameters; the learning rate follows
   ``OptimizerConfig.lr_at`` through a ``LambdaLR``, as in :func:`shiq_train.train_step.build_optimizer`.
-- :meth:`DistributedAdamW.state_dict` holds the optimizer state as full per-parameter tensors (this
-  tensor/pipeline rank's shape, independent of the data-parallel size), gathered on data-parallel rank 0.
+- :meth:`DistributedAdamW.state_by_name` is what a checkpoint saves: each data-parallel rank's own slices of
+  the master weights and moments, written by that rank alone (nothing gathered; each value saved once).
+  :meth:`DistributedAdamW.state_dict` holds the state as full per-parameter tensors (this tensor/pipeline
+  rank's shape, independent of the data-parallel size), gathered on data-parallel rank 0.
 
 :func:`optimizer_state_bytes` measures what the optimizer holds on this rank, with either optimizer.
 """
@@ -28,6 +30,7 @@ from shiq_train.parallel import device
 from shiq_train.train_step import MasterWeightOptimizer, OptimizerConfig
 
 STATE_FORMAT = "shiq/distributed-adamw/full-per-parameter/v1"
+SHARDED_FORMAT = "shiq/distributed-adamw/data-parallel-slices/v1"  # state_by_name: this rank's slices only
 STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")  # float32 master weight and the AdamW moments
 GATHER_CHUNK = 1 << 26  # values a collective of the optimizer state moves at once (256 MiB of float32)
 
@@ -259,35 +262,72 @@ class DistributedAdamW:
                 for start, live, a, b in _overlapping(owned, c0, c1):
                     live[k].view(-1)[a - start : b - start].copy_(part[a - c0 : b - c0])
 
-    def state_by_name(self, model) -> dict | None:
-        """:meth:`state_dict` in the checkpoint's by-name form (``shiq_train.checkpoint.optimizer_state_by_name``)
-        on data-parallel rank 0, None on the others; collective. Every trainable parameter's entry holds its full
-        ``master`` weight and ``exp_avg`` / ``exp_avg_sq`` (this tensor/pipeline rank's shapes) and ``step``, so a
-        checkpoint reshards to another layout by name like the default optimizer's; each group carries ``format``
-        so that only this optimizer loads it back."""
-        sd = self.state_dict()
-        if sd["state"] is None:
-            return None
-        dims = dict((n, p.dim()) for n, p in self.named)
+    def state_by_name(self, model) -> dict:
+        """What a checkpoint saves of this optimizer on this rank (``shiq_train.checkpoint.optimizer_state_by_name``):
+        this data-parallel rank's own slices, no collective. ``{"groups": [...], "params": {name: entry}}``, each
+        group carrying ``format`` (:data:`SHARDED_FORMAT`) so that the form is recognised. Every trainable
+        parameter with a slice here has an entry: ``group`` (0: weight decay, 1: none), ``master`` and
+        ``state``'s ``exp_avg`` / ``exp_avg_sq`` (float32, flat, in host memory) for the elements
+        ``slice = [start, end)`` of the flattened parameter (this tensor/pipeline rank's ``shape``), and ``step``;
+        ``master`` is None for a float32 parameter, which is its own master (megatron's is a view of it), so the
+        checkpoint's parameters hold it.
+        The slices of a parameter over the data-parallel ranks cover it once; :func:`merge_slices` puts them
+        together under another layout (``shiq_train.checkpoint``)."""
+        groups = self._groups()
+        step = float(groups[0]["step"]) if groups else 0.0
         params = {}
-        for name, t in sd["state"].items():
-            step = torch.tensor(float(sd["groups"][0]["step"]))
-            state = {"exp_avg": t["exp_avg"], "exp_avg_sq": t["exp_avg_sq"], "step": step}
-            params[name] = {"group": 0 if dims[name] > 1 else 1, "state": state, "master": t["param"]}
-        return {"groups": [{**g, "format": STATE_FORMAT} for g in sd["groups"]], "params": params}
+        for name, p in self.named:
+            sl = self._slice(p)
+            if sl is None:
+                continue
+            live = self.dist._get_main_param_and_optimizer_states(p)
+            flat = {k: live[k].detach().reshape(-1).to("cpu", torch.float32, copy=True) for k in STATE_KEYS[1:]}
+            if p.dtype != torch.float32:
+                flat["param"] = live["param"].detach().reshape(-1).to("cpu", torch.float32, copy=True)
+            params[name] = {
+                "group": 0 if p.dim() > 1 else 1,
+                "state": {"exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"], "step": torch.tensor(step)},
+                "master": flat["param"] if p.dtype != torch.float32 else None,
+                "slice": [sl[0], sl[1]],
+                "shape": list(p.shape),
+            }
+        return {"groups": [{**g, "format": SHARDED_FORMAT} for g in groups], "params": params}
+
+    def holds_slices(self, state: dict) -> bool:
+        """Whether ``state`` (:meth:`state_by_name`'s form) holds exactly this rank's slices: the same trainable
+        parameters, shapes and ranges, so it loads here as it is (the saved layout, with the same buffers)."""
+        entries = state.get("params") if isinstance(state, dict) else None
+        if not is_sliced(state) or not isinstance(entries, dict):
+            return False
+        own = {name: (p, self._slice(p)) for name, p in self.named if self._slice(p) is not None}
+        if set(entries) != set(own):
+            return False
+        return all(
+            _holds_slice(entries[name], list(p.shape), sl[1] - sl[0])
+            and list(entries[name].get("slice") or []) == list(sl)
+            for name, (p, sl) in own.items()
+        )
 
     def load_state_by_name(self, model, state: dict) -> None:
-        """Restore :meth:`state_by_name`'s form (as saved, or resharded from another layout), or the default
-        optimizer's (``optimizer.distributed=false``: :func:`shiq_train.checkpoint.optimizer_state_by_name`, see
-        :meth:`_from_plain`); collective. Any other state is refused on every rank."""
+        """Restore this rank's own slices (:meth:`state_by_name` as saved, which must hold them: see
+        :meth:`holds_slices`), the full per-parameter form (:func:`merge_slices`' of another layout's slices, or a
+        checkpoint of an earlier release), or the default optimizer's (``optimizer.distributed=false``:
+        :func:`shiq_train.checkpoint.optimizer_state_by_name`, see :meth:`_from_plain`); collective. Any other state
+        is refused on every rank."""
         groups = state.get("groups") or []
         entries = state.get("params") or {}
+        if is_sliced(state):
+            self._load_slices(state)
+            return
         if groups and all(g.get("format") == STATE_FORMAT for g in groups):
             groups = [{k: v for k, v in g.items() if k != "format"} for g in groups]
-            full = {
-                name: {"param": e.get("master"), **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
-                for name, e in entries.items()
-            }
+            params = dict(self.named)
+            full = {}
+            for name, e in entries.items():
+                master = e.get("master")
+                if master is None and name in params and params[name].dtype == torch.float32:
+                    master = params[name].detach().float().cpu()  # its own master, loaded as the parameter
+                full[name] = {"param": master, **{k: e.get("state", {}).get(k) for k in STATE_KEYS[1:]}}
             problem = None
         elif groups and not any("format" in g for g in groups):
             problem = _plain_problem(groups, entries, dict(self.named))
@@ -295,6 +335,28 @@ class DistributedAdamW:
         else:
             groups, full, problem = None, None, None  # refused by load_state_dict, naming the cause
         self.load_state_dict({"format": STATE_FORMAT, "groups": groups, "state": full} if groups else {}, problem)
+
+    @torch.no_grad()
+    def _load_slices(self, state: dict) -> None:
+        """Copy this rank's saved slices into place (no data moves between ranks); refused on every data-parallel
+        rank if any of them does not hold its own slices."""
+        fits = torch.tensor([int(self.holds_slices(state))], dtype=torch.int32, device=device())
+        dist.all_reduce(fits, op=dist.ReduceOp.MIN, group=self._group())
+        if not fits.item():
+            raise ValueError(
+                "the checkpoint's optimizer slices are not this layout's (another data-parallel size, or other "
+                "trainable parameters): put them together first (shiq_train.checkpoint)"
+            )
+        groups = [{k: v for k, v in g.items() if k != "format"} for g in state["groups"]]
+        self.dist.load_state_dict({"optimizer": {"param_groups": groups}})  # allocates the slices
+        for s in self.torch_optimizer.state.values():  # one step tensor each (see load_state_dict)
+            if "step" in s:
+                s["step"] = s["step"].clone()
+        for name, p in self.named:
+            if name in state["params"]:
+                live = self.dist._get_main_param_and_optimizer_states(p)
+                for k, saved in _slice_tensors(state["params"][name]).items():
+                    live[k].view(-1).copy_(saved)
 
     def _from_plain(self, entries: dict) -> tuple[list[dict], dict | None]:
         """``(groups, state)`` of :meth:`load_state_dict` from the default optimizer's by-name ``entries`` (its
@@ -373,6 +435,67 @@ def _plain_problem(groups: list, entries: dict, params: dict) -> str | None:
             f"the distributed optimizer keeps one for all{resume_plain}"
         )
     return None
+
+
+def _slice_tensors(entry: dict) -> dict:
+    """``{"param" (unless the parameter is its own master), "exp_avg", "exp_avg_sq"}`` of one
+    :meth:`DistributedAdamW.state_by_name` entry."""
+    state = entry.get("state") if isinstance(entry.get("state"), dict) else {}
+    out = {"exp_avg": state.get("exp_avg"), "exp_avg_sq": state.get("exp_avg_sq")}
+    return out if entry.get("master") is None else {"param": entry["master"], **out}
+
+
+def _holds_slice(entry, shape: list, n: int) -> bool:
+    """Whether ``entry`` is a slice entry of a parameter of ``shape`` holding ``n`` values of each tensor and a step."""
+    if not isinstance(entry, dict) or list(entry.get("shape") or []) != list(shape):
+        return False
+    step = entry["state"].get("step") if isinstance(entry.get("state"), dict) else None
+    tensors = _slice_tensors(entry).values()
+    return torch.is_tensor(step) and all(torch.is_tensor(t) and t.dim() == 1 and t.numel() == n for t in tensors)
+
+
+def is_sliced(state) -> bool:
+    """Whether the by-name optimizer ``state`` holds data-parallel slices (:meth:`DistributedAdamW.state_by_name`)."""
+    groups = state.get("groups") if isinstance(state, dict) else None
+    return bool(groups) and all(isinstance(g, dict) and g.get("format") == SHARDED_FORMAT for g in groups)
+
+
+def merge_slices(name: str, pieces: list[dict], where: str) -> dict:
+    """One parameter's full by-name entry (``master``, or None where the parameter is its own, ``exp_avg``,
+    ``exp_avg_sq`` of its ``shape``, ``step``, ``group``) from its :meth:`DistributedAdamW.state_by_name` entries of
+    every data-parallel rank (``pieces``), which must cover the parameter exactly once; ``where`` (the files) names a damaged checkpoint in the ``ValueError``."""
+    shape = list(pieces[0].get("shape") or [])
+    n = 1
+    for d in shape:
+        n *= d
+    spans = sorted((tuple(e.get("slice") or (0, 0)), i) for i, e in enumerate(pieces))
+    covered = 0
+    for (a, b), i in spans:
+        if a != covered or b <= a or not _holds_slice(pieces[i], shape, b - a):
+            break
+        covered = b
+    masters = {e.get("master") is None for e in pieces}
+    if covered != n or len({e.get("group") for e in pieces}) != 1 or len(masters) != 1:
+        raise ValueError(
+            f"{where}: the distributed optimizer's slices of {name} do not cover it once (shape {shape}, slices "
+            f"{[list(s) for s, _ in spans]}): the checkpoint is damaged"
+        )
+    full = {k: torch.empty(n, dtype=torch.float32) for k in _slice_tensors(pieces[0])}
+    for (a, b), i in spans:
+        for k, t in _slice_tensors(pieces[i]).items():
+            full[k][a:b] = t
+    state = {k: full[k].view(shape) for k in STATE_KEYS[1:]}
+    state["step"] = pieces[0]["state"]["step"].clone()
+    return {
+        "group": pieces[0]["group"],
+        "state": state,
+        "master": full["param"].view(shape) if "param" in full else None,
+    }
+
+
+def full_groups(groups: list[dict]) -> list[dict]:
+    """The groups of :meth:`DistributedAdamW.state_by_name` as the full per-parameter form's (:func:`merge_slices`)."""
+    return [{**g, "format": STATE_FORMAT} for g in groups]
 
 
 def optimizer_state_bytes(optimizer) -> int:

@@ -211,18 +211,128 @@ def _distributed_dp2_worker(rank, port, d):
         (d / "zero1.json").write_text(json.dumps(losses))
 
 
-def test_a_distributed_optimizer_checkpoint_resumes_in_another_layout(runs):
-    """optimizer.distributed=true saves full per-parameter state (master weights, moments) in the by-name
-    form: a DP2 checkpoint of step 3 resumes in one process and continues with the reference's losses."""
+@pytest.fixture(scope="module")
+def zero1(runs):
+    """The DP2 distributed-optimizer checkpoint of step 3 (the reference's initial parameters and batches) and
+    the losses of its 3 steps; tests resume copies of it."""
     d = runs["dir"]
     mp.spawn(_distributed_dp2_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
-    first = json.loads((d / "zero1.json").read_text())
+    return {"dir": d / "zero1", "losses": json.loads((d / "zero1.json").read_text())}
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_distributed_optimizer_checkpoint_resumes_in_another_layout(runs, zero1, tmp_path):
+    """A DP2 checkpoint of the distributed optimizer (each rank's slices of the master weights and moments)
+    resumes in one process, the slices put together by parameter, and continues with the reference's losses."""
+    run = _copy(zero1["dir"], tmp_path / "zero1")
     warnings.filterwarnings("ignore")
     with parallel.distributed(seed=7):
-        more = train(d / "zero1", d / "buffer", 6, distributed=True)
-    got = first + more
-    assert len(first) == 3 and len(more) == 3
+        more = train(run, runs["dir"] / "buffer", 6, distributed=True)
+    got = zero1["losses"] + more
+    assert len(zero1["losses"]) == 3 and len(more) == 3
     assert _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
+
+
+def test_each_value_is_saved_once_by_the_rank_that_holds_it(runs, zero1):
+    """At DP2 the parameters are saved once, by data-parallel rank 0, and each rank saves its own slices of the
+    distributed optimizer's moments (float32 parameters are their own masters): the two files together hold
+    the state once (12 bytes a float32 parameter: weight and two moments; they held 28 when rank 1 saved the
+    parameters too and rank 0 the gathered state with a copy of the weights as masters). Put together, the
+    slices are the single-process run's AdamW moments at the same step."""
+    step = zero1["dir"] / "checkpoints" / "step_00000003"
+    files = [torch.load(step / f"rank_tp0_pp0_dp{r}.pt", weights_only=True) for r in range(2)]
+    assert files[1]["model"] == {} and files[1]["params"] == {} and files[0]["model"]
+    ref = torch.load(
+        runs["dir"] / "reference" / "checkpoints" / "step_00000003" / "rank_tp0_pp0_dp0.pt", weights_only=True
+    )
+    weights = files[0]["model"]
+    assert sorted(weights) == sorted(ref["optimizer"]["params"])
+    for name, w in weights.items():
+        spans = sorted(
+            (tuple(f["optimizer"]["params"][name]["slice"]), r)
+            for r, f in enumerate(files)
+            if name in f["optimizer"]["params"]
+        )
+        assert spans[0][0][0] == 0 and spans[-1][0][1] == w.numel(), (name, spans)
+        assert all(a[0][1] == b[0][0] for a, b in zip(spans, spans[1:])), (name, spans)  # no gap, no overlap
+
+        def joined(pick, spans=spans, name=name, shape=w.shape):
+            return torch.cat([pick(files[r]["optimizer"]["params"][name]) for _, r in spans]).view(shape)
+
+        assert all(files[r]["optimizer"]["params"][name]["master"] is None for _, r in spans), name
+        for k in ("exp_avg", "exp_avg_sq"):
+            want = ref["optimizer"]["params"][name]["state"][k]
+            assert _rel(joined(lambda e, k=k: e["state"][k]), want) < TOL, (name, k)
+    n = sum(w.numel() for w in weights.values())
+    assert any(len(f["optimizer"]["params"]) for f in files[1:])  # rank 1 holds slices too
+    size = sum((step / f"rank_tp0_pp0_dp{r}.pt").stat().st_size for r in range(2))
+    assert 12 * n <= size < 12 * n * 1.1, (size, 12 * n)
+
+
+def _as_earlier_release(step: Path) -> None:
+    """Rewrite a format-3 DP2 distributed-optimizer step folder as format 2 wrote it: every rank's file holds
+    the parameters and layouts, data-parallel rank 0's the whole state per parameter, rank 1's none."""
+    from shiq_train.checkpoint import save_hashed
+    from shiq_train.dist_optim import STATE_FORMAT
+
+    files = [torch.load(step / f"rank_tp0_pp0_dp{r}.pt", weights_only=True) for r in range(2)]
+    params = {}
+    for name, w in files[0]["model"].items():
+        parts = sorted(
+            (f["optimizer"]["params"][name] for f in files if name in f["optimizer"]["params"]),
+            key=lambda e: e["slice"][0],
+        )
+        cat = lambda pick, parts=parts, shape=w.shape: torch.cat([pick(e) for e in parts]).view(shape)  # noqa: E731
+        state = {k: cat(lambda e, k=k: e["state"][k]) for k in ("exp_avg", "exp_avg_sq")}
+        params[name] = {
+            "group": parts[0]["group"],
+            "state": {**state, "step": parts[0]["state"]["step"]},
+            "master": w.clone(),  # (format 2 saved the float32 masters, copies of the weights)
+        }
+    groups = [{**g, "format": STATE_FORMAT} for g in files[0]["optimizer"]["groups"]]
+    files[0] = {**files[0], "format": 2, "optimizer": {"groups": groups, "params": params}}
+    files[1] = {**files[1], "format": 2, "model": files[0]["model"], "params": files[0]["params"], "optimizer": None}
+    for r, f in enumerate(files):
+        save_hashed(f, step / f"rank_tp0_pp0_dp{r}.pt")
+
+
+def _dp2_resume_worker(rank, port, d):
+    """Resume copies of the DP2 distributed checkpoint at DP2: with the default optimizer (the slices put
+    together on every rank), and rewritten as an earlier release saved it (with the distributed optimizer)."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    with parallel.distributed(rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        plain = train(d / "to_plain", d / "buffer", 6, distributed=False)
+        earlier = train(d / "earlier", d / "buffer", 6, distributed=True)
+    if rank == 0:
+        (d / "dp2_resumes.json").write_text(json.dumps({"plain": plain, "earlier": earlier}))
+
+
+def test_distributed_slices_resume_at_dp2_into_either_optimizer_and_earlier_files_still_load(runs, zero1, tmp_path):
+    """In the saved layout (DP2) the slices load as they are into the distributed optimizer (the DP2 resume of
+    tests/test_distributed_optimizer.py, bit for bit); the default optimizer takes them put together; and a
+    checkpoint as an earlier release wrote it (parameters on every rank, the state gathered on rank 0) resumes
+    too. Steps 4-6 give the reference's losses each way. A missing rank file is named."""
+    _copy(zero1["dir"], tmp_path / "to_plain")
+    _as_earlier_release(_copy(zero1["dir"], tmp_path / "earlier") / "checkpoints" / "step_00000003")
+    shutil.copytree(runs["dir"] / "buffer", tmp_path / "buffer")
+    mp.spawn(_dp2_resume_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = json.loads((tmp_path / "dp2_resumes.json").read_text())
+    for how in ("plain", "earlier"):
+        assert len(got[how]) == 3 and _rel(zero1["losses"] + got[how], runs["ref_losses"]) < TOL, (how, got[how])
+    broken = _copy(zero1["dir"], tmp_path / "broken") / "checkpoints" / "step_00000003"
+    (broken / "rank_tp0_pp0_dp1.pt").unlink()
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        model = M.build_model(tiny_config())
+        opt, sched = build_optimizer(model, OptimizerConfig())
+        with pytest.raises(ValueError, match=r"rank_tp0_pp0_dp1.pt is missing: the checkpoint is incomplete"):
+            load_checkpoint(broken.parent, model, opt, sched)
 
 
 def test_a_plain_optimizer_checkpoint_resumes_into_the_distributed_optimizer(runs, tmp_path):

@@ -240,6 +240,13 @@ def test_bfloat16_parameters_get_float32_masters_and_train_like_the_default():
         saved = dopt.state_dict()  # full per-parameter float32 tensors of each parameter's shape
         assert sorted(saved["state"]) == sorted(full)
         assert all(saved["state"][k]["param"].shape == full[k].shape for k in full)
+        # a checkpoint keeps the float32 masters of the bfloat16 parameters; a float32 one is its own master
+        sliced = dopt.state_by_name(ddp)["params"]
+        for k, v in full.items():
+            if v.dtype == torch.float32:
+                assert sliced[k]["master"] is None, k
+            else:
+                assert torch.equal(sliced[k]["master"], saved["state"][k]["param"].view(-1)), k
         with pytest.raises(ValueError, match="not written by optimizer.distributed=true"):
             dopt.load_state_dict(opt.state_dict())
         name = sorted(full)[0]
@@ -348,6 +355,69 @@ def test_the_state_travels_in_pieces_a_device_can_hold(monkeypatch):
         for name, states in whole["state"].items():
             for k, v in states.items():
                 assert torch.equal(again["state"][name][k], v), (name, k)
+
+
+def test_a_checkpoint_holds_each_ranks_own_slices_and_loads_them_back_in_place():
+    """What a checkpoint saves of the distributed optimizer (``state_by_name``) is this rank's slices, no
+    gather: at DP=1 one slice per parameter, covering it, equal to the gathered ``state_dict``; they load into
+    another optimizer of the same layout as they were. A slice of another range (a layout with other buffers)
+    is not this rank's, and is refused in one line."""
+    import copy
+
+    from shiq_train.dist_optim import merge_slices
+
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        model = M.build_model(tiny_config())
+        full = {name: p.detach().clone() for name, p in model.named_parameters()}
+        ddp, opt, sched = build_distributed(model, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        run_steps(ddp, opt, sched, steps=2)
+        whole = opt.state_dict()["state"]
+        saved = opt.state_by_name(ddp)
+        assert sorted(saved["params"]) == sorted(full)
+        for name, e in saved["params"].items():
+            n = full[name].numel()
+            assert e["slice"] == [0, n] and e["shape"] == list(full[name].shape), name
+            assert e["state"]["exp_avg"].shape == (n,) and float(e["state"]["step"]) == 2
+            assert e["master"] is None  # a float32 parameter is its own master: saved as the parameter
+            merged = merge_slices(name, [e], "test")
+            assert merged["master"] is None and torch.equal(
+                whole[name]["param"], dict(M.unwrap(ddp).named_parameters())[name].detach()
+            ), name
+            assert torch.equal(merged["state"]["exp_avg"], whole[name]["exp_avg"]), name
+            assert torch.equal(merged["state"]["exp_avg_sq"], whole[name]["exp_avg_sq"]), name
+        model2 = M.build_model(tiny_config())  # the weights as a checkpoint loads them, before the optimizer
+        M.load_full_parameters(model2, {n: p.detach().clone() for n, p in M.unwrap(ddp).named_parameters()})
+        ddp2, opt2, _ = build_distributed(model2, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
+        assert opt2.holds_slices(saved)
+        opt2.load_state_by_name(ddp2, saved)
+        again = opt2.state_dict()
+        assert {g["step"] for g in again["groups"]} == {2}
+        for name, states in whole.items():
+            for k, v in states.items():
+                assert torch.equal(again["state"][name][k], v), (name, k)
+        name = sorted(full)[0]
+        shifted = copy.deepcopy(saved)
+        shifted["params"][name]["slice"] = [1, full[name].numel() + 1]
+        assert not opt2.holds_slices(shifted)
+        with pytest.raises(ValueError, match="optimizer slices are not this layout's") as e:
+            opt2.load_state_by_name(ddp2, shifted)
+        assert "\n" not in str(e.value)
+        # two slices that overlap (or leave a gap) do not make a parameter
+        half = full[name].numel() // 2
+        a, b = copy.deepcopy(saved["params"][name]), copy.deepcopy(saved["params"][name])
+        a["slice"], b["slice"] = [0, half + 1], [half, full[name].numel()]
+        for e in (a, b):
+            lo, hi = e["slice"]
+            e["state"] = {
+                **e["state"],
+                "exp_avg": e["state"]["exp_avg"][lo:hi],
+                "exp_avg_sq": e["state"]["exp_avg_sq"][lo:hi],
+            }
+        with pytest.raises(
+            ValueError, match=rf"where: the distributed optimizer's slices of {name} do not cover it once"
+        ):
+            merge_slices(name, [a, b], "where")
 
 
 def test_the_option_is_validated_and_refused_where_it_does_not_apply():

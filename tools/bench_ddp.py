@@ -16,6 +16,11 @@ AdamW moments and step counts, and float32 master copies), for float32 and bfloa
 data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C A B C ...) after a warm-up each,
 median per method and its ratio to ``per-parameter``, at each data-parallel size above 1.
 
+Checkpoints (``shiq_train.checkpoint.save_checkpoint``, float32, ``per-parameter`` and ``distributed``): the bytes
+all ranks write against the state they hold once (the weights once, the optimizer state of one rank for
+``per-parameter``, of every rank for ``distributed``: 1.00 means each value is written once), the largest rank
+file's share of them, and the median seconds of a save (``--reps`` saves, the ranks' slowest).
+
     python tools/bench_ddp.py                 # DP 1, 2, 4; hidden 256, 4 layers, vocab 8192, 2 x 4 x 128 tokens
     python tools/bench_ddp.py --dp 2 --reps 3
 """
@@ -119,7 +124,9 @@ def build(method, args, dtype):
         model, opt, sched = build_distributed(model, opt_cfg)
     else:
         opt, sched = build_optimizer(model, opt_cfg)
-    return opt, lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)
+    step = lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)  # noqa: E731
+    step.model = model  # what a checkpoint saves beside the optimizer
+    return opt, step
 
 
 def state_bytes(method, opt):
@@ -130,6 +137,33 @@ def state_bytes(method, opt):
     inner = opt.chained_optimizers[0]  # FP32Optimizer / Float16OptimizerWithFloat16Params
     masters = [m for g in getattr(inner, "fp32_from_float16_groups", []) for m in g]
     return optimizer_state_bytes(inner.optimizer) + sum(m.numel() * m.element_size() for m in masters)
+
+
+def save_times(method, model, opt, args, out_dir) -> dict:
+    """Save ``args.reps`` checkpoints of this model and optimizer (collective): this rank's seconds per save, and
+    (after the first save) the bytes of every rank file and of the weights (data-parallel rank 0's parameters)."""
+    import shutil
+    from pathlib import Path
+
+    import torch.distributed as dist
+
+    from shiq_train.checkpoint import save_checkpoint
+
+    folder = Path(out_dir) / f"ckpt_{method.replace(' ', '_')}"
+    out = {"seconds": [], "files": {}}
+    for i in range(args.reps):
+        dist.barrier()
+        t0 = time.perf_counter()
+        step_dir = save_checkpoint(folder, i + 1, model, opt)
+        out["seconds"].append(time.perf_counter() - t0)
+        if i == 0 and dist.get_rank() == 0:
+            out["files"] = {p.name: p.stat().st_size for p in step_dir.glob("rank_*.pt")}
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(step_dir)
+    out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    out["state"] = state_bytes(method, opt)
+    return out
 
 
 def worker(rank, world, port, args, out_dir):
@@ -148,7 +182,7 @@ def worker(rank, world, port, args, out_dir):
 
     with parallel.distributed(rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=0):
         mbs = micro_batches(args, rank)
-        result = {"memory": {}, "time": {m: [] for m in METHODS}}
+        result = {"memory": {}, "time": {m: [] for m in METHODS}, "checkpoint": {}}
         for dtype in ("float32", "bfloat16"):
             for method in METHODS:
                 if method == "megatron DDP" and dtype == "bfloat16":
@@ -156,6 +190,8 @@ def worker(rank, world, port, args, out_dir):
                 opt, step = build(method, args, dtype)
                 step([dict(mb) for mb in mbs], loss_fn)  # AdamW allocates its state at the first step
                 result["memory"][(dtype, method)] = state_bytes(method, opt)
+                if dtype == "float32" and method != "megatron DDP":
+                    result["checkpoint"][method] = save_times(method, step.model, opt, args, out_dir)
                 del opt, step
         if world > 1:
             steps = {m: build(m, args, "float32")[1] for m in METHODS}
@@ -197,6 +233,25 @@ def main(argv=None) -> int:
             per_rank = {m: max(r["memory"].get((dtype, m), -1) for r in ranks) for m in METHODS}
             cells = " | ".join(f"{per_rank[m]:,}" if per_rank[m] >= 0 else "n/a" for m in METHODS)
             print(f"| {dtype} | {dp} | {cells} | {per_rank['distributed'] / per_rank['per-parameter']:.3f} |")
+    print(
+        "\n| DP | optimizer | bytes written, all ranks | / state held once | largest rank file / all | "
+        "median s/save | distributed / per-parameter |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for dp, ranks in results.items():
+        seconds = {}
+        for m in ("per-parameter", "distributed"):
+            c = [r["checkpoint"][m] for r in ranks]
+            files = c[0]["files"]
+            # the weights once; the optimizer state of one rank (replicated) or of every rank (sharded)
+            held = c[0]["weights"] + (sum(x["state"] for x in c) if m == "distributed" else c[0]["state"])
+            # the ranks' slowest save, the median of them
+            seconds[m] = statistics.median(max(x["seconds"][i] for x in c) for i in range(len(c[0]["seconds"])))
+            ratio = f"{seconds[m] / seconds['per-parameter']:.2f}x" if m == "distributed" else ""
+            print(
+                f"| {dp} | {m} | {sum(files.values()):,} | {sum(files.values()) / held:.2f} | "
+                f"{max(files.values()) / sum(files.values()):.2f} | {seconds[m]:.3f} | {ratio} |"
+            )
     timed = {dp: ranks[0]["time"] for dp, ranks in results.items() if dp > 1}
     if timed:
         print(
