@@ -177,15 +177,46 @@ def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError,
     not UTF-8, and also when it holds what ``json`` refuses without a ``JSONDecodeError``: a number of more
     than 4,300 digits (a ``ValueError``) or nesting too deep for Python (a ``RecursionError``). A key given twice
     in one object is refused naming it (JSON keeps the last, silently: a manifest's second ``"tokenizer"`` or a
-    shard's second ``"sha256"`` would win unseen)."""
+    shard's second ``"sha256"`` would win unseen), and so are ``NaN``, ``Infinity`` and ``-Infinity``, which
+    Python's ``json`` reads by default but are not JSON (other readers refuse the file; this project writes
+    null for an undefined number)."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys)
+        return json.loads(
+            Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=_no_constant
+        )
     except DuplicateKey as e:
         raise error(
             f"{path}: key {e.key!r} given twice in one JSON object (which would win is a guess){hint}"
         ) from None
+    except NotJsonConstant as e:
+        raise error(f"{path}: not valid JSON ({e.name} is not a JSON number){hint}") from None
     except (ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
+
+
+class NotJsonConstant(ValueError):
+    """``NaN``, ``Infinity`` or ``-Infinity`` (``name``) met by :func:`read_json_file`."""
+
+    def __init__(self, name: str):
+        super().__init__(name)
+        self.name = name
+
+
+def _no_constant(name: str):
+    raise NotJsonConstant(name)
+
+
+def non_finite_as_null(obj):
+    """``obj`` (JSON-like: dicts, lists, tuples) with every NaN or infinite float as None, for a file that must
+    be standard JSON (:func:`read_json_file` refuses ``NaN``/``Infinity``) but may hold an undefined number
+    (a diverged loss)."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: non_finite_as_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [non_finite_as_null(v) for v in obj]
+    return obj
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

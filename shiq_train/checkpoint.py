@@ -67,7 +67,15 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from shiq_data.io import atomic_write, check_step_folder, one_line, read_json_file, sha256_files, step_folders
+from shiq_data.io import (
+    atomic_write,
+    check_step_folder,
+    non_finite_as_null,
+    one_line,
+    read_json_file,
+    sha256_files,
+    step_folders,
+)
 from shiq_train.dist_optim import full_groups, is_sliced, merge_slices
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
 from shiq_train.parallel import device, device_type
@@ -269,7 +277,9 @@ def save_checkpoint(
         layout = {k: lay[k] for k in ("tp", "pp", "dp") + (("vpp",) if lay["vpp"] > 1 else ())}
         # the device the weights were drawn and trained on (a random start differs between them)
         info = {"step": step, "layout": layout, "device": device_type(), "meta": meta or {}}
-        atomic_write(step_dir / "meta.json", lambda p: p.write_text(json.dumps(info, indent=2)))
+        # standard JSON (read_meta refuses NaN/Infinity): an undefined number in the config, null
+        text = json.dumps(non_finite_as_null(info), indent=2, allow_nan=False)
+        atomic_write(step_dir / "meta.json", lambda p: p.write_text(text))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()
     return step_dir

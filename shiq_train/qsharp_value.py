@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.io import atomic_dir, one_line, read_json_file
+from shiq_data.io import atomic_dir, non_finite_as_null, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
 from shiq_train.hf_convert import LlamaShape, ReadKeys, hf_classes, megatron_to_llama, window_problem
 from shiq_train.losses import suffix_sum
@@ -243,7 +243,8 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
         **(meta or {}),
     }
 
-    text = (json.dumps(config, indent=2) + "\n").encode()
+    # standard JSON (_read_config refuses NaN/Infinity): a diverged loss in meta's "last", null
+    text = (json.dumps(non_finite_as_null(config), indent=2, allow_nan=False) + "\n").encode()
 
     def fill(tmp: Path) -> None:
         save_hashed(tensors, tmp / WEIGHTS_FILE)  # and value_model.pt.sha256, checked before loading

@@ -424,3 +424,69 @@ def test_a_json_file_written_with_nan_or_infinity_is_refused_naming_the_field(tm
         assert list(tmp_path.iterdir()) == []
     atomic_write_json(tmp_path / "r.json", {"a": None, "b": 1e308})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None, "b": 1e308}
+
+
+@pytest.mark.parametrize("constant", ["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("shape", ['{{"rows": {}}}', "[1, {}]", '{{"a": [{{"b": {}}}], "c": 1}}'])
+def test_json_nan_or_infinity_is_refused_naming_the_file_and_the_constant(tmp_path, capsys, constant, shape):
+    """Python's ``json`` reads ``NaN``, ``Infinity`` and ``-Infinity``, which are not JSON: a manifest, a
+    meta.json, a results file or a config given by the user holding one was read (a NaN where a number is
+    checked passes every comparison unseen), while other readers refuse the file. Each is now refused in one
+    line naming the file and the constant, however deep it is nested."""
+    import re
+
+    from shiq_data.io import read_json_file
+    from shiq_eval.leaderboard import read_results
+    from shiq_train.checkpoint import read_meta
+
+    text = shape.format(constant)
+    path = tmp_path / "x.json"
+    path.write_text(text)
+    with pytest.raises(KeyError) as e:
+        read_json_file(path, KeyError, hint="; make it again")
+    assert e.value.args[0] == f"{path}: not valid JSON ({constant} is not a JSON number); make it again"
+    a = _build(tmp_path / "a")
+    (a / "manifest.json").write_text(text)
+    assert main(["info", str(a)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{a / 'manifest.json'}: not valid JSON ({constant} is not" in err, err
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "results.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'r' / 'results.json'}: not valid JSON ({constant} ")):
+        read_results([tmp_path / "r"])
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    (step / "meta.json").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(f"{step / 'meta.json'}: not valid JSON ({constant} is not a")):
+        read_meta(step)
+    # a string that holds the word is text, not the constant; a finite number is read as before
+    path.write_text('{"a": "NaN", "b": [-1.5e300, 2]}')
+    assert read_json_file(path) == {"a": "NaN", "b": [-1.5e300, 2]}
+
+
+def test_a_checkpoint_meta_is_written_with_null_for_an_undefined_number(tmp_path):
+    """A checkpoint's meta.json and a value model's value_model.json (its ``last`` metrics: a diverged loss)
+    were written with ``json.dumps``' default, ``NaN``/``Infinity``, which their readers now refuse: an
+    undefined number is written as null, so the checkpoint resumes and the value model loads (that one:
+    test_qsharp.py)."""
+    import math
+
+    from shiq_train import model as M
+    from shiq_train import parallel
+    from shiq_train.checkpoint import read_meta, save_checkpoint
+
+    cfg = M.ModelConfig(
+        num_layers=1, hidden_size=16, num_attention_heads=2, ffn_hidden_size=32, vocab_size=32, max_sequence_length=8
+    )
+    with parallel.distributed(seed=0):
+        step = save_checkpoint(tmp_path, 1, M.build_model(cfg), meta={"config": {"lr": math.nan}, "loss": math.inf})
+    text = (step / "meta.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert read_meta(step)["meta"] == {"config": {"lr": None}, "loss": None}
+    from shiq_data.io import non_finite_as_null
+
+    assert non_finite_as_null({"a": [1.0, math.nan, (math.inf, -math.inf)], "b": "NaN", "c": 2}) == {
+        "a": [1.0, None, [None, None]],
+        "b": "NaN",
+        "c": 2,
+    }

@@ -622,6 +622,28 @@ def test_megatron_value_model_loads_as_hugging_face_trunk(tmp_path, arch):
     assert meta["num_atoms"] == 11 and "beta" not in meta
 
 
+def test_a_value_model_with_an_undefined_number_in_its_meta_loads(tmp_path):
+    """value_model.json was written with ``json.dumps``' default: a diverged loss in its ``last`` metrics
+    became ``NaN``, which its reader (standard JSON only) refuses. It is written as null: the model loads."""
+    import math
+
+    from shiq_train import model as M
+    from shiq_train import parallel
+    from shiq_train.hf_convert import model_config_from_llama
+    from shiq_train.qsharp_value import MegatronValueModel, load_value_model, save_value_model
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_llama(3)
+    with parallel.distributed(seed=0):
+        mv = MegatronValueModel(M.build_model(model_config_from_llama(hf.config)), len(ATOMS))
+        last = {"step": 2, "value_ce": math.nan, "reward": math.inf}
+        save_value_model(tmp_path / "v", mv, ATOMS, hf.config, meta={"steps": 2, "last": last})
+    text = (tmp_path / "v" / "value_model.json").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    assert json.loads(text)["last"] == {"step": 2, "value_ce": None, "reward": None}
+    assert torch.equal(load_value_model(tmp_path / "v").atoms, ATOMS)
+
+
 def test_train_value_model_from_a_buffer(tmp_path):
     from shiq_data.buffer import write_buffer
     from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
