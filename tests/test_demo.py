@@ -53,6 +53,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     """full_report against numpy on hand-made per-seed reports: seed means, seed s.d. (ddof 1), mean
     within-seed s.e., the gain share (J - J_ref) / (J* - J_ref) and the best β by mean share."""
     rng = np.random.default_rng(0)
+    star_se = np.random.default_rng(1)  # J*'s within-seed s.e. (its own stream: the other draws are unchanged)
     arms = ["shiq@0.1", "shiq@1", "dpo@0.1", "shiq-single@0.1"]
     per = {}
     for seed in ("seed0", "seed1", "seed2"):
@@ -71,6 +72,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
                 "J_minus_reference_stderr": abs(v[7]),
                 "reference_reward_on_these_prompts": 0.1,
                 "j_star": 0.1 + abs(v[8]) + 0.5,
+                "j_star_stderr": float(star_se.uniform(0.01, 0.5)),
             }
         per[seed] = methods
         for arm in arms:  # per-prompt values for the paired comparisons (tested on their own below)
@@ -90,6 +92,7 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     out = demo.full_report(tmp_path, list(per))
     rows = {r["arm"]: r for r in out["arms"]}
     assert set(rows) == set(arms) and out["seconds"] == 180.0
+    md_lines = (tmp_path / "full_report.md").read_text().splitlines()
     for arm in arms:
         ms = [per[s][arm] for s in per]
         share = np.array([(m["J_minus_reference"]) / (m["j_star"] - 0.1) for m in ms])
@@ -100,6 +103,13 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
         assert r["reward_mean_se"] == pytest.approx(np.mean([m["reward_stderr"] for m in ms]))
         assert r["J_minus_reference_se"] == pytest.approx(np.mean([m["J_minus_reference_stderr"] for m in ms]))
         assert r["gain_share"] == pytest.approx(share.mean()) and r["gain_share_sd"] == pytest.approx(share.std(ddof=1))
+        # J*'s cell carries the mean within-seed s.e. like J's (it showed the seeds' s.d. alone)
+        star = np.array([m["j_star"] for m in ms])
+        se = sum(m["j_star_stderr"] for m in ms) / len(ms)
+        assert r["j_star_se"] == pytest.approx(se)
+        method, beta = arm.partition("@")[::2]
+        line = next(x for x in md_lines if re.match(rf"\| {re.escape(method)}( \*\*)? \| {beta} \| 3 \|", x))
+        assert line.split(" | ")[8] == f"{star.mean():.3f} ± {star.std(ddof=1):.3f} [{se:.3f}]", line
     best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
     # an arm whose J* is not above the reference's J has no gain share: it was kept as the best when it came
@@ -108,11 +118,19 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
     for seed in per:  # the first arm of the method
         rep = json.loads((tmp_path / seed / "report.json").read_text())
         rep["methods"]["shiq@0.1"]["j_star"] = rep["methods"]["shiq@0.1"]["reference_reward_on_these_prompts"]
+        if seed == "seed0":  # a report without J*'s s.e.: the mean over seeds is undefined, null, shown as –
+            del rep["methods"]["shiq@0.1"]["j_star_stderr"]
         (tmp_path / seed / "report.json").write_text(json.dumps(rep))
     again = demo.full_report(tmp_path, list(per))
     assert {r["arm"]: r for r in again["arms"]}["shiq@0.1"]["gain_share"] is None
     strict = json.loads((tmp_path / "full_report.json").read_text(), parse_constant=lambda c: pytest.fail(c))
     assert {r["arm"]: r for r in strict["arms"]}["shiq@0.1"]["gain_share"] is None
+    assert {r["arm"]: r for r in strict["arms"]}["shiq@0.1"]["j_star_se"] is None
+    line = next(x for x in (tmp_path / "full_report.md").read_text().splitlines() if x.startswith("| shiq | 0.1 |"))
+    assert line.split(" | ")[8].endswith(" [–]"), line
+    for r in strict["arms"]:  # a full report written before j_star_se: its table is still made
+        del r["j_star_se"]
+    assert "| shiq | 0.1 | 3 |" in demo.full_report_markdown(strict)
     assert "| shiq | 0.1 | 3 |" in (md := (tmp_path / "full_report.md").read_text()) and "n/a (J* ≤ J_ref)" in md
     assert again["best_beta"]["shiq"] == 1.0
     for name in ("full_report.json", "full_report.md", "frontier.png", "frontier_variants.png", "frontier_gold.png"):
