@@ -124,16 +124,22 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     for bad, needle in [
         ({k: v for k, v in saved.items() if k != "meta"}, "field meta.hf_config is missing"),
-        # copied into the export's record as NaN (not JSON), which shiq-eval then refused
+        # copied into the export's record as NaN (not JSON), which shiq-eval then refused; NaN itself is not
+        # JSON, refused as it is read
         (
             {**saved, "meta": {**saved["meta"], "loss": {"name": "shiq", "beta": float("nan")}}},
-            "meta.loss.beta must be",
+            "meta.json: not valid JSON (NaN is not a JSON number)",
         ),
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
     ]:
         (step / "meta.json").write_text(json.dumps(bad))
         assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
+    # a number beyond float range is JSON, read as infinity: the field's check refuses it
+    beyond = {**saved, "meta": {**saved["meta"], "loss": {"name": "shiq", "beta": "BEYOND"}}}
+    (step / "meta.json").write_text(json.dumps(beyond).replace('"BEYOND"', "1e999"))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
+    assert "meta.loss.beta must be" in capsys.readouterr().err and not (tmp_path / "y").exists()
     (step / "meta.json").write_text(json.dumps({**saved, "meta": {**saved["meta"], "tokenizer": {"name": 5}}}))
     assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2  # (shlex.quote(5) was a traceback)
     assert "field meta.tokenizer.name must be a string, got 5" in capsys.readouterr().err
