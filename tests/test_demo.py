@@ -73,6 +73,8 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
                 "reference_reward_on_these_prompts": 0.1,
                 "j_star": 0.1 + abs(v[8]) + 0.5,
                 "j_star_stderr": float(star_se.uniform(0.01, 0.5)),
+                "gold_stderr": float(star_se.uniform(0.01, 0.5)),
+                "kl_stderr": float(star_se.uniform(0.01, 0.5)),
             }
         per[seed] = methods
         for arm in arms:  # per-prompt values for the paired comparisons (tested on their own below)
@@ -110,6 +112,10 @@ def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path)
         method, beta = arm.partition("@")[::2]
         line = next(x for x in md_lines if re.match(rf"\| {re.escape(method)}( \*\*)? \| {beta} \| 3 \|", x))
         assert line.split(" | ")[8] == f"{star.mean():.3f} ± {star.std(ddof=1):.3f} [{se:.3f}]", line
+        for col, key, se_key in ((4, "gold_mean", "gold_stderr"), (5, "kl", "kl_stderr")):  # so do gold's and KL's
+            v, e = np.array([m[key] for m in ms]), np.mean([m[se_key] for m in ms])
+            assert r[f"{key}_se"] == pytest.approx(e)
+            assert line.split(" | ")[col] == f"{v.mean():.3f} ± {v.std(ddof=1):.3f} [{e:.3f}]", (col, line)
     best_shiq = max(("shiq@0.1", "shiq@1"), key=lambda a: rows[a]["gain_share"])
     assert out["best_beta"] == {"shiq": rows[best_shiq]["beta"], "dpo": 0.1, "shiq-single": 0.1}
     # an arm whose J* is not above the reference's J has no gain share: it was kept as the best when it came

@@ -1456,8 +1456,9 @@ def full_report(out: Path, names: list[str]) -> dict:
             row[key], row[f"{key}_sd"] = seed_stats([m[key] for m in per])
         for key, se in (("reward_mean", "reward_stderr"), ("J", "J_stderr"), ("J_minus_reference", None)):
             row[f"{key}_se"] = float(np.mean([m[se or f"{key}_stderr"] for m in per]))
-        # J*'s over the held-out prompts (undefined, null, where a seed's report has none)
-        row["j_star_se"] = float(np.mean([m.get("j_star_stderr", math.nan) for m in per]))
+        # the gold score's, KL's and J*'s over the held-out prompts (undefined, null, where a seed's report has none)
+        for key, se in (("gold_mean", "gold_stderr"), ("kl", "kl_stderr"), ("j_star", "j_star_stderr")):
+            row[f"{key}_se"] = float(np.mean([m.get(se, math.nan) for m in per]))
         if not math.isfinite(row["gain_share"]):  # a seed's J* at or below J_ref: no share, null (JSON has no NaN)
             row["gain_share"] = row["gain_share_sd"] = None
         rows.append(row)
@@ -1541,8 +1542,8 @@ def full_report_markdown(rep: dict) -> str:
 
         cells = [
             f"{f(r['reward_mean'])} ± {sd('reward_mean')} [{error_text(r['reward_mean_se'])}]",
-            f"{f(r['gold_mean'])} ± {sd('gold_mean')}",
-            f"{f(r['kl'])} ± {sd('kl')}",
+            f"{f(r['gold_mean'])} ± {sd('gold_mean')} [{error_text(r.get('gold_mean_se'))}]",
+            f"{f(r['kl'])} ± {sd('kl')} [{error_text(r.get('kl_se'))}]",
             f"{f(r['J'])} ± {sd('J')} [{error_text(r['J_se'])}]",
             f"{f(r['J_minus_reference'])} ± {sd('J_minus_reference')} [{error_text(r['J_minus_reference_se'])}]",
             f"{f(r['j_star'])} ± {sd('j_star')} [{error_text(r.get('j_star_se'))}]",  # (none in an older report)
