@@ -466,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     i.set_defaults(func=cmd_info)
 
-    add_curate_commands(sub)  # show, stats, filter, dedup, split, mix
+    add_curate_commands(sub)  # show, stats, filter, dedup, decontaminate, split, mix
     add_log_level_option(parser)
     return parser
 

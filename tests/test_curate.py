@@ -9,6 +9,7 @@ import re
 import shutil
 import subprocess
 import sys
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,8 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 from data_cli_runs import run, write_jsonl
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
 from shiq_data.curate.stats import buffer_stats
@@ -945,3 +948,167 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
     code, out, _ = run(capsys, "info", tmp_path / "b")
     assert code == 0 and "gpt2\\x1b]0;owned\\x07" in out and "--x=\\x1b[31mred\\x0a" in out, out
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# decontaminate: brute force over word tuples (sets of every run of each length), against the input records
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
+
+
+def _tuples(ws, n):
+    return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
+
+
+def _brute_force(rows: list[str], evaluation: list[str], ngram: int, min_words: int) -> list[bool]:
+    """Whether each row text holds a run of words an evaluation text holds (see shiq_data.curate.decontaminate)."""
+    runs: dict[int, set] = {}
+    for text in evaluation:
+        ws = _words(text)
+        n = min(len(ws), ngram)
+        if n >= min(min_words, ngram):
+            runs.setdefault(n, set()).update(_tuples(ws, n))
+    return [any(_tuples(_words(t), n) & r for n, r in runs.items()) for t in rows]
+
+
+EVALUATION = [  # (JSON line, its text as the reference reads it)
+    (
+        {"prompt": "Tell me: the quick brown fox JUMPS, over the hill"},
+        "Tell me: the quick brown fox JUMPS, over the hill",
+    ),
+    ("What is the capital of France", "What is the capital of France"),
+    (
+        {"prompt": [[{"role": "user", "content": "Count to three."}], [{"role": "user", "content": "then stop"}]]},
+        "Count to three. then stop",
+    ),
+    ({"prompt": "Say hi."}, "Say hi."),  # 2 words: under --min-words 3, skipped
+    ({"prompt": "nothing here matches any row at all, surely", "id": 7}, "nothing here matches any row at all, surely"),
+]
+
+
+def test_decontaminate_drops_exactly_the_rows_a_brute_force_search_drops(data, tmp_path, capsys):
+    df = data["df"]
+    against = write_jsonl(tmp_path / "eval.jsonl", [line for line, _ in EVALUATION])
+    texts = [t for _, t in EVALUATION]
+    for by in ("row", "prompt", "completion"):
+        row_text = {"row": df.prompt + "\n" + df.completion, "prompt": df.prompt, "completion": df.completion}[by]
+        bad = _brute_force(row_text.tolist(), texts, ngram=4, min_words=3)
+        keep = df[[not b for b in bad]]
+        removed = df[bad].groupby("source").size().to_dict()
+        out, dropped = tmp_path / by, tmp_path / f"{by}.dropped.jsonl"
+        argv = ["decontaminate", data["ab"], "--against", against, "--by", by, "--ngram", 4, "--min-words", 3]
+        code, stdout, err = run(capsys, *argv, "--dropped", dropped, "--out", out, "--no-progress")
+        assert code == 0, err
+        assert 0 < len(keep) < len(df), by  # the data drops some rows and keeps others
+        assert ids(out) == keep.row_id.tolist(), by
+        c = json.loads((out / "manifest.json").read_text())["curation"]
+        assert c["removed"] == removed and c["rows_read"] == len(df) and c["rows_kept"] == len(keep)
+        assert c["evaluation_texts"] == 5 and c["evaluation_texts_too_short"] == 1 and c["ngram"] == 4
+        assert c["against"][0]["sha256"] == hashlib.sha256(against.read_bytes()).hexdigest()
+        # the texts found: the brute force asked of each evaluation text alone
+        found = sum(any(_brute_force(row_text.tolist(), [t], 4, 3)) for t in texts)
+        assert c["evaluation_texts_matched"] == found and f"{found} of the evaluation texts found" in stdout
+        listed = [json.loads(x) for x in dropped.read_text().splitlines()]
+        assert [x["row_id"] for x in listed] == df[bad].row_id.tolist()
+        for x in listed:  # each names words of its row that an evaluation text holds
+            ws = tuple(x["words"].split())
+            assert " ".join(ws) in " ".join(_words(row_text[df.row_id == x["row_id"]].iloc[0]))
+            assert any(" ".join(ws) in " ".join(_words(t)) for t in texts), x
+        assert f"kept {len(keep)} of {len(df)} rows" in stdout and "1 text under 3 words skipped" in stdout
+
+
+def test_decontaminate_against_a_buffer_and_a_bfcl_question_field(data, tmp_path, capsys):
+    """A buffer's prompts as the evaluation texts (as a held-out split of it would be), and BFCL-shaped
+    records whose question is a list of turns of chat messages, chosen by --field."""
+    df = data["df"]
+    b_prompts = df[df.source == "b"].prompt.tolist()
+    bad = _brute_force((df.prompt + "\n" + df.completion).tolist(), b_prompts, ngram=13, min_words=1)
+    code, _, err = run(
+        capsys,
+        "decontaminate",
+        data["ab"],
+        "--against",
+        data["b"],
+        "--min-words",
+        1,
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert ids(tmp_path / "o") == df[[not b for b in bad]].row_id.tolist() and set(df[bad].source) == {"a", "b"}
+    c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
+    assert c["against"][0]["texts"] == len(b_prompts) and "manifest_sha256" in c["against"][0]
+    bfcl = [{"id": "multi_turn_base_0", "question": [[{"role": "user", "content": "Describe a scene, please."}]]}]
+    against = write_jsonl(tmp_path / "bfcl.jsonl", bfcl)
+    code, stdout, err = run(
+        capsys,
+        "decontaminate",
+        data["ab"],
+        "--against",
+        against,
+        "--field",
+        "question",
+        "--by",
+        "prompt",
+        "--ngram",
+        3,
+        "--out",
+        tmp_path / "q",
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert ids(tmp_path / "q") == df[df.prompt != "Describe a scene."].row_id.tolist(), stdout
+
+
+@pytest.mark.parametrize(
+    "lines, extra, says",
+    [
+        (None, [], "--against {d}/missing.jsonl: no such file or folder"),
+        (['{"prompt": "a b c d e f g h"}', '{"text": "x"}'], [], "line 2: no field 'prompt' (choose it with --field)"),
+        (['{"prompt": "a b c d e f g h"', ""], [], "line 1: not valid JSON"),
+        (['{"prompt": {"x": 1}}'], [], "line 1: field 'prompt' holds no text"),
+        (['"too short"'], [], "every one of the 1 evaluation texts is shorter than --min-words 8 words"),
+        (['"What is the capital of France"'], ["--ngram", "1"], "shares a run of words with the evaluation texts"),
+    ],
+)
+def test_decontaminate_refuses_in_one_line_and_writes_nothing(data, tmp_path, capsys, lines, extra, says):
+    against = tmp_path / "missing.jsonl"
+    if lines is not None:
+        against = tmp_path / "eval.jsonl"
+        against.write_text("\n".join(lines) + "\n")
+    if "shares a run" in says:  # every row: a buffer against its own rows, word by word
+        extra = [*extra, "--against", data["ab"], "--against-by", "row", "--min-words", "1"]
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "decontaminate", data["ab"], "--against", against, *extra, "--out", out, "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and says.format(d=tmp_path) in err, err
+    assert not out.exists()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.sampled_from("abcd"), max_size=12), max_size=6),
+    evaluation=st.lists(st.lists(st.sampled_from("abcde"), max_size=9), min_size=1, max_size=4),
+    ngram=st.integers(1, 6),
+    min_words=st.integers(1, 6),
+)
+def test_the_rows_found_are_the_brute_force_rows_for_any_words(rows, evaluation, ngram, min_words):
+    """Every row's runs of each length at once, none across two rows (a four-letter vocabulary makes runs repeat
+    within and across rows): the rows found, and their first matching words, against word tuples."""
+    from shiq_data.curate.decontaminate import EvaluationRuns, WordHashes, contaminated
+
+    texts = [" ".join(e) for e in evaluation]
+    want = _brute_force([" ".join(r) for r in rows], texts, ngram, min_words)
+    runs = EvaluationRuns(texts, ngram, min_words)
+    if not runs.lengths:
+        assert not any(want)
+        return
+    first = contaminated(rows, runs, WordHashes())
+    assert sorted(first) == [i for i, b in enumerate(want) if b]
+    for i, found in first.items():
+        assert any(
+            set(_tuples(found.split(), len(found.split()))) & _tuples(_words(t), len(found.split())) for t in texts
+        )
+        assert found in " ".join(rows[i])

@@ -33,14 +33,18 @@ def test_the_curation_walk_through_prints_what_the_readme_shows(tmp_path, capsys
     shutil.copytree(REPO / "docs" / "examples" / "curation", tmp_path, dirs_exist_ok=True)
     monkeypatch.chdir(tmp_path)
     steps = readme_block()
-    assert len(steps) == 8 and steps[-1][0].startswith("shiq-data mix")
+    assert len(steps) == 9 and steps[-1][0].startswith("shiq-data decontaminate")
     for cmd, shown in steps:
         argv = shlex.split(cmd)
         assert argv[0] == "shiq-data", cmd
-        quiet = ["--no-progress"] if argv[1] in ("build", "append", "filter", "dedup", "split", "mix") else []
+        quiet = (
+            ["--no-progress"]
+            if argv[1] in ("build", "append", "filter", "dedup", "split", "mix", "decontaminate")
+            else []
+        )
         assert main([*argv[1:], *quiet]) == 0, cmd
         out = capsys.readouterr()
         printed = " ".join(" ".join(line.split()) for line in (out.out + out.err).splitlines() if line.strip())
         if shown:  # (the README shows no output for build and append)
             assert printed == " ".join(shown.split()), (cmd, printed, shown)
-    assert sum(bool(shown) for _, shown in steps) == 6
+    assert sum(bool(shown) for _, shown in steps) == 7

@@ -320,7 +320,8 @@ print("BENCH " + json.dumps(result))
 
 def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
     """The command line of each verb measured (``out``: a folder that does not exist yet); ``build`` reads
-    ``<buf>.jsonl``, ``append`` adds ``<buf's folder>/append.jsonl`` to ``out`` (a copy of ``buf``)."""
+    ``<buf>.jsonl``, ``append`` adds ``<buf's folder>/append.jsonl`` to ``out`` (a copy of ``buf``),
+    ``decontaminate`` reads the evaluation texts of ``<buf's folder>/eval.jsonl``."""
     return {
         "build": ["build", "jsonl", f"{buf}.jsonl", "--tokenizer", "gpt2", "--out", str(out), "--no-progress"],
         "append": ["append", str(out), "jsonl", str(buf.parent / "append.jsonl"), "--no-progress"],
@@ -332,6 +333,8 @@ def curate_verbs(buf: Path, out: Path) -> dict[str, list[str]]:
         "filter": ["filter", str(buf), "--where", "reward > 0 AND score >= 2", "--out", str(out), "--no-progress"],
         "dedup": ["dedup", str(buf), "--out", str(out), "--no-progress"],
         "dedup --near": ["dedup", str(buf), "--near", "--by", "completion", "--out", str(out), "--no-progress"],
+        "decontaminate": ["decontaminate", str(buf), "--against", str(buf.parent / "eval.jsonl"), "--out", str(out)]
+        + ["--no-progress"],
         "split": ["split", str(buf), "--test-fraction", "0.1", "--out", str(out), "--no-progress"],
         "mix": ["mix", f"{buf}:1", f"{buf}:2", "--out", str(out), "--no-progress"],
         "export jsonl": ["export", str(buf), "--format", "jsonl", "--out", str(out)],
@@ -712,6 +715,12 @@ def main(argv=None) -> int:
                     for i, r in enumerate(synthetic_text_rows(2000)):
                         if i % 2 == 0:
                             f.write(json.dumps({k: r[k] for k in ("prompt", "completion", "reward")}) + "\n")
+                with open(work / "eval.jsonl", "w") as f:  # 1,000 evaluation texts, 1 in 10 an early row's completion
+                    rng = np.random.default_rng(7)
+                    for i, r in enumerate(synthetic_text_rows(10_000)):
+                        text = r["completion"] if i % 100 == 0 else " ".join(rng.choice(WORDS, 40))
+                        if i % 10 == 0:
+                            f.write(json.dumps({"prompt": text}) + "\n")
             if scan:
                 results["curate_memory"] = bench_curate_memory(bufs, work, verbs)
             if verbs is None:

@@ -1,5 +1,5 @@
-"""Curating replay buffers: look at, filter, deduplicate, split and mix them (``shiq-data show|stats|filter|
-dedup|split|mix``).
+"""Curating replay buffers: look at, filter, deduplicate, decontaminate, split and mix them (``shiq-data
+show|stats|filter|dedup|decontaminate|split|mix``).
 
 Every verb reads a buffer shard by shard (:mod:`shiq_data.curate.rows`) and sees each row through the
 same derived columns (:func:`shiq_data.curate.rows.view`), which ``--where`` expressions
@@ -23,7 +23,7 @@ top-level keys of ``extra`` one column each (booleans, integers, floats or strin
                             values as JSON text), unless the name is taken by a column above
 ==========================  =====================================================================
 
-The verbs that write (filter, dedup, split, mix) write new buffers with
+The verbs that write (filter, dedup, decontaminate, split, mix) write new buffers with
 :func:`shiq_data.buffer.write_buffer` (atomically, shard by shard), keep every stored column of the
 rows they keep (reference statistics included) and record the parent buffers (path and manifest
 sha256) and what was done under the manifest keys ``parents`` and ``curation``.

@@ -1,4 +1,4 @@
-"""The curation subcommands of ``shiq-data``: show, stats, filter, dedup, split, mix."""
+"""The curation subcommands of ``shiq-data``: show, stats, filter, dedup, decontaminate, split, mix."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from pathlib import Path
 
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.cli_common import folder_path, int_at_least
+from shiq_data.curate.decontaminate import BY as DECON_BY
+from shiq_data.curate.decontaminate import MIN_WORDS, NGRAM, decontaminate_buffer
 from shiq_data.curate.dedup import BY as DEDUP_BY
 from shiq_data.curate.dedup import dedup_buffer
 from shiq_data.curate.filter import filter_buffer
@@ -86,6 +88,32 @@ def cmd_dedup(args) -> int:
     return 0
 
 
+def cmd_decontaminate(args) -> int:
+    _, c = decontaminate_buffer(
+        args.buffer,
+        args.out,
+        args.against,
+        by=args.by,
+        field=args.field,
+        against_by=args.against_by,
+        ngram=args.ngram,
+        min_words=args.min_words,
+        dropped=args.dropped,
+        command=args.argv,
+        progress=not args.no_progress,
+    )
+    short = c["evaluation_texts_too_short"]
+    skipped = f"; {_n(short, 'text')} under {args.min_words} words skipped" if short else ""
+    listed = f"; the dropped rows are listed in {args.dropped}" if args.dropped else ""
+    print(
+        f"shiq-data: decontaminated {args.buffer} into {args.out} by {args.by} against "
+        f"{_n(c['evaluation_texts'], 'evaluation text')} (runs of {args.ngram} words{skipped}): kept "
+        f"{c['rows_kept']} of {c['rows_read']} rows; removed per source: {_removed(c['removed'])}; "
+        f"{c['evaluation_texts_matched']} of the evaluation texts found in the buffer{listed}"
+    )
+    return 0
+
+
 def _n(count: int, noun: str) -> str:
     """``1 row``, ``2 rows``: a count and its noun, in the singular for one."""
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
@@ -136,7 +164,7 @@ def cmd_mix(args) -> int:
 
 
 def add_commands(sub) -> None:
-    """Add show, stats, filter, dedup, split and mix to the ``shiq-data`` subparsers ``sub``."""
+    """Add show, stats, filter, dedup, decontaminate, split and mix to the ``shiq-data`` subparsers ``sub``."""
 
     def out_options(p, what="new buffer folder (must not exist)"):
         p.add_argument("--out", required=True, type=folder_path, metavar="DIR", help=what)
@@ -200,6 +228,48 @@ def add_commands(sub) -> None:
     )
     out_options(d)
     d.set_defaults(func=cmd_dedup)
+
+    dc = sub.add_parser(
+        "decontaminate",
+        help="drop rows that share a run of words with an evaluation set",
+        description="Drop the rows of BUFFER whose text (--by) holds a run of --ngram consecutive words that also "
+        "stands in an evaluation text (words: lower case, runs of letters, digits and _; other characters only "
+        "separate them; chat messages by their text). An evaluation text shorter than --ngram words counts whole "
+        "from --min-words words; shorter ones are skipped. Evaluation texts: JSON lines (a string or an object "
+        "whose --field holds a string or chat messages, such as BFCL's question), a JSON list of them, a .txt "
+        "file (a text a line) or a buffer folder (its --against-by text).",
+        epilog="example: shiq-data decontaminate buffers/train --against eval/prompts.jsonl buffers/test "
+        "--dropped dropped.jsonl --out buffers/train-clean",
+    )
+    dc.add_argument("buffer", metavar="BUFFER")
+    dc.add_argument(
+        "--against", nargs="+", required=True, metavar="FILE", help="evaluation texts: files or buffer folders"
+    )
+    dc.add_argument("--by", choices=DECON_BY, default="row", help="the buffer's text searched (default %(default)s)")
+    dc.add_argument(
+        "--field",
+        default="prompt",
+        metavar="KEY",
+        help="the key of a JSON object holding its text (default %(default)s)",
+    )
+    dc.add_argument(
+        "--against-by", choices=DECON_BY, default="prompt", help="an evaluation buffer's text (default %(default)s)"
+    )
+    dc.add_argument(
+        "--ngram", type=int_at_least(1), default=NGRAM, metavar="N", help="words in a run (default %(default)s)"
+    )
+    dc.add_argument(
+        "--min-words",
+        type=int_at_least(1),
+        default=MIN_WORDS,
+        metavar="M",
+        help="shortest evaluation text that counts (default %(default)s)",
+    )
+    dc.add_argument(
+        "--dropped", default=None, metavar="FILE", help="write each dropped row's id, source and matching words here"
+    )
+    out_options(dc)
+    dc.set_defaults(func=cmd_decontaminate)
 
     sp = sub.add_parser(
         "split",

@@ -1,0 +1,323 @@
+"""``shiq-data decontaminate``: drop the rows that share a run of words with an evaluation set.
+
+Texts are compared as words: Unicode NFKC, lower case, then the runs of letters, digits and underscores
+(``\\w+``: white space and punctuation only separate words), and a chat-message list (a row's text column as
+given, or an evaluation record) contributes the text of its messages. A row is contaminated when its text
+(``by``: prompt, completion or both, as :class:`~shiq_data.curate.rows.CurationSource` gives it) contains
+``ngram`` consecutive words (default 13) that also stand consecutively in an evaluation text; an evaluation
+text shorter than ``ngram`` words counts whole, as one run of its own length, when it has at least ``min_words``
+words (default 8), and is skipped (and counted) below that, where it would match common phrases.
+
+The evaluation texts come from files (``--against``): JSON lines (one record a line: a string, or an object
+whose ``field``, default ``prompt``, holds a string, a message list or a list of them, as BFCL's ``question``),
+a JSON file holding a list of such records, a text file (``.txt``: one text a non-empty line), or a buffer
+folder (its prompts, or its rows' text with ``--against-by``: whatever ``by`` reads).
+
+Each run of words is kept as a 64-bit hash: a polynomial over the words' own 64-bit hashes (BLAKE2b), so a
+false match needs a 64-bit collision. The evaluation set's runs are held in memory (12 bytes a run: its hash
+and its text's index; a 100-word text has 88 runs of 13 words); the buffer is read one shard at a time, and
+only the dropped rows' list (with ``dropped``) grows with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from shiq_data.buffer import MANIFEST, Buffer, refuse_inside_buffer
+from shiq_data.curate.output import refuse_existing, write_curated
+from shiq_data.curate.rows import CurationSource
+from shiq_data.io import atomic_write, json_loads, sha256_files
+
+BY = ("row", "prompt", "completion")
+NGRAM = 13  # words in a run (13-gram overlap, the usual test of evaluation contamination)
+MIN_WORDS = 8  # an evaluation text shorter than NGRAM counts whole from this many words
+MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash of a run of word hashes, mod 2**64
+_WORD = re.compile(r"\w+")
+
+
+def words(text: str) -> list[str]:
+    """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters."""
+    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+
+
+def message_text(value) -> str | None:
+    """The text of a string, a chat message (its ``content``), a content part (its ``text``) or a list of any
+    of them (joined by new lines); None where there is none."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict):
+        inner = value.get("content", value.get("text"))
+        return message_text(inner) if inner is not None else None
+    if isinstance(value, list):
+        parts = [t for t in map(message_text, value) if t is not None]
+        return "\n".join(parts) if parts else None
+    return None
+
+
+def given_row_text(text: str) -> str:
+    """A buffer row's text as compared: a stored message list's (JSON text) messages, else the text itself."""
+    if text.startswith("[") or text.startswith("{"):
+        try:
+            found = message_text(json.loads(text))
+        except ValueError:
+            found = None
+        if found is not None:
+            return found
+    return text
+
+
+class WordHashes:
+    """64-bit hashes of words, remembered (a corpus repeats its words)."""
+
+    def __init__(self):
+        self.known: dict[str, int] = {}
+
+    def __call__(self, ws: list[str]) -> np.ndarray:
+        known = self.known
+        if len(known) > 4_000_000:  # bounded: a stream of distinct words (numbers, ids) would grow it for ever
+            known.clear()
+        out = np.empty(len(ws), dtype=np.uint64)
+        for i, w in enumerate(ws):
+            h = known.get(w)
+            if h is None:
+                h = known[w] = int.from_bytes(hashlib.blake2b(w.encode("utf-8"), digest_size=8).digest(), "little")
+            out[i] = h
+        return out
+
+
+def run_hashes(word_hashes: np.ndarray, length: int) -> np.ndarray:
+    """``[n - length + 1]`` hashes of every run of ``length`` consecutive words of ``word_hashes`` ``[n]``."""
+    n = len(word_hashes) - length + 1
+    if n <= 0:
+        return np.empty(0, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        h = word_hashes[:n].copy()
+        for k in range(1, length):
+            h = h * MULTIPLIER + word_hashes[k : k + n]
+    return h
+
+
+def _records(path: Path, field: str):
+    """``(line or item number, record)`` of a JSON lines or JSON file."""
+    if path.suffix == ".json":
+        try:
+            value = json_loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:
+            raise ValueError(f"--against {path}: not valid JSON ({e})") from None
+        if not isinstance(value, list):
+            raise ValueError(f"--against {path}: expected a JSON list of records (or JSON lines in a .jsonl file)")
+        yield from enumerate(value, 1)
+        return
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield number, json_loads(line)
+                except ValueError as e:
+                    raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
+
+
+def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[list[str], dict]:
+    """The evaluation texts of one ``--against`` input (see the module doc) and its record for the manifest
+    (path, SHA-256 of the file or of a buffer's manifest, texts)."""
+    path = Path(path)
+    if path.is_dir():
+        if not (path / MANIFEST).is_file():
+            raise ValueError(f"--against {path}: a folder that is not a buffer (no {MANIFEST})")
+        source = CurationSource(path)
+        texts = []
+        for table in source.shards():
+            prompts, completions = source.texts(table)
+            texts += [_by(by, p, c) for p, c in zip(prompts, completions)]
+        return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
+    if not path.is_file():
+        raise ValueError(f"--against {path}: no such file or folder")
+    if path.suffix == ".txt":
+        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    else:
+        texts = []
+        for number, record in _records(path, field):
+            where = f"--against {path}: {'item' if path.suffix == '.json' else 'line'} {number}"
+            if isinstance(record, dict):
+                if field not in record:
+                    raise ValueError(f"{where}: no field {field!r} (choose it with --field)")
+                text = message_text(record[field])
+                if text is None:
+                    raise ValueError(f"{where}: field {field!r} holds no text (a string or chat messages)")
+            elif isinstance(record, str):
+                text = record
+            else:
+                raise ValueError(f"{where}: expected a string or an object, got {type(record).__name__}")
+            texts.append(text)
+    return texts, {"path": str(path.resolve()), "sha256": sha256_files([path]), "texts": len(texts)}
+
+
+def _by(by: str, prompt: str, completion: str) -> str:
+    prompt, completion = given_row_text(prompt), given_row_text(completion)
+    return {"prompt": prompt, "completion": completion, "row": prompt + "\n" + completion}[by]
+
+
+class EvaluationRuns:
+    """The hashed runs of words of the evaluation texts, by run length, with the text each came from."""
+
+    def __init__(self, texts: list[str], ngram: int = NGRAM, min_words: int = MIN_WORDS):
+        self.ngram, self.min_words = ngram, min_words
+        hashes = WordHashes()
+        by_length: dict[int, tuple[list, list]] = {}
+        self.skipped = 0
+        for i, text in enumerate(texts):
+            ws = words(text)
+            length = min(len(ws), ngram)
+            if length < min(min_words, ngram):
+                self.skipped += 1
+                continue
+            runs = np.unique(run_hashes(hashes(ws), length))
+            h, owner = by_length.setdefault(length, ([], []))
+            h.append(runs)
+            owner.append(np.full(len(runs), i, dtype=np.int32))
+        self.lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        for length, (h, owner) in sorted(by_length.items()):
+            h, owner = np.concatenate(h), np.concatenate(owner)
+            order = np.argsort(h, kind="stable")
+            self.lengths[length] = (h[order], owner[order])
+        self.texts = len(texts)
+        self.matched = np.zeros(len(texts), dtype=bool)
+
+    def hits(self, runs: np.ndarray, length: int) -> np.ndarray:
+        """``[len(runs)]`` bool: which of ``runs`` (hashes of runs of ``length`` words) an evaluation text holds;
+        the texts they come from are marked matched."""
+        table, owner = self.lengths[length]
+        at = np.searchsorted(table, runs)
+        inside = at < len(table)
+        hit = np.zeros(len(runs), dtype=bool)
+        hit[inside] = table[at[inside]] == runs[inside]
+        if hit.any():  # every text holding a matched run (one run may stand in several texts: a range of the table)
+            found = np.unique(runs[hit])
+            lo, hi = np.searchsorted(table, found, "left"), np.searchsorted(table, found, "right")
+            n = hi - lo
+            at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
+            self.matched[owner[at]] = True
+        return hit
+
+
+def contaminated(row_words: list[list[str]], runs: EvaluationRuns, hashes: WordHashes) -> dict[int, str]:
+    """``{row index: its first run of words that an evaluation text holds}`` for the rows (lists of
+    :func:`words`) that hold one: every row's runs of each evaluation length at once, none across two rows."""
+    starts = np.cumsum([0] + [len(ws) for ws in row_words])
+    flat = hashes([w for ws in row_words for w in ws])
+    row_of = np.repeat(np.arange(len(row_words)), np.diff(starts))
+    first: dict[int, str] = {}
+    for length in runs.lengths:
+        h = run_hashes(flat, length)
+        if not len(h):
+            continue
+        pos = np.arange(len(h))
+        inside = row_of[pos] == row_of[pos + length - 1]  # a run within one row
+        hit = np.zeros(len(h), dtype=bool)
+        hit[inside] = runs.hits(h[inside], length)
+        for p in np.flatnonzero(hit):
+            r = int(row_of[p])
+            if r not in first:
+                s = int(p - starts[r])
+                first[r] = " ".join(row_words[r][s : s + length])
+    return first
+
+
+def decontaminate_buffer(
+    path,
+    out,
+    against: list,
+    *,
+    by: str = "row",
+    field: str = "prompt",
+    against_by: str = "prompt",
+    ngram: int = NGRAM,
+    min_words: int = MIN_WORDS,
+    dropped=None,
+    command: list[str],
+    progress: bool = False,
+) -> tuple[Buffer, dict]:
+    """Write the rows of the buffer at ``path`` that share no run of words with the evaluation texts of
+    ``against`` (files or buffer folders, see the module doc) as a new buffer at ``out``; ``(new buffer, curation
+    record)``. ``dropped``: a JSON lines file to write each dropped row's id, source and first matching words to."""
+    if by not in BY or against_by not in BY:
+        raise ValueError(f"--by and --against-by take one of {', '.join(BY)}")
+    if ngram < 1 or min_words < 1:
+        raise ValueError(f"--ngram ({ngram}) and --min-words ({min_words}) must be at least 1")
+    out = refuse_existing(out)
+    if dropped is not None:
+        if Path(dropped).exists():
+            raise FileExistsError(f"--dropped {dropped} already exists; choose a new file")
+        refuse_inside_buffer(dropped, "--dropped")
+    texts, inputs = [], []
+    for item in against:
+        t, record = evaluation_texts(item, field, against_by)
+        texts += t
+        inputs.append(record)
+    if not texts:
+        raise ValueError(f"--against {', '.join(map(str, against))}: no evaluation text")
+    runs = EvaluationRuns(texts, ngram, min_words)
+    if not runs.lengths:
+        raise ValueError(
+            f"--against: every one of the {len(texts)} evaluation texts is shorter than --min-words {min_words} words"
+        )
+    source = CurationSource(path)
+    curation = {
+        "verb": "decontaminate",
+        "by": by,
+        "ngram": ngram,
+        "min_words": min_words,
+        "against": inputs,
+        "evaluation_texts": len(texts),
+        "evaluation_texts_too_short": runs.skipped,
+        "evaluation_texts_matched": 0,
+        "rows_read": 0,
+        "rows_kept": 0,
+        "removed": {},
+    }
+    removed: Counter = Counter()
+    hashes = WordHashes()
+    lines: list[str] = []
+
+    def rows():
+        for table in source.shards():
+            prompts, completions = source.texts(table)
+            first = contaminated([words(_by(by, p, c)) for p, c in zip(prompts, completions)], runs, hashes)
+            bad = np.array(sorted(first), dtype=np.int64)
+            keep = np.setdiff1d(np.arange(table.num_rows), bad)
+            ids, sources = table.column("row_id").to_pylist(), table.column("source").to_pylist()
+            for r in bad.tolist():
+                removed[sources[r]] += 1
+                lines.append(json.dumps({"row_id": ids[r], "source": sources[r], "words": first[r]}))
+            curation["rows_read"] += table.num_rows
+            curation["rows_kept"] += len(keep)
+            curation["removed"] = dict(sorted(removed.items()))
+            curation["evaluation_texts_matched"] = int(runs.matched.sum())
+            yield source.take(table, keep)
+
+    try:
+        buf = write_curated(
+            rows(),
+            out,
+            parents=[source],
+            command=command,
+            curation=curation,
+            ref_model=source.ref_model,
+            progress=progress,
+        )
+    except ValueError as e:
+        if str(e).endswith("no rows to write"):
+            raise ValueError(
+                f"every row of {path} shares a run of words with the evaluation texts; nothing written"
+            ) from None
+        raise
+    if dropped is not None:
+        atomic_write(dropped, lambda p: p.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+    return buf, curation
