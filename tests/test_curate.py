@@ -1112,3 +1112,21 @@ def test_the_rows_found_are_the_brute_force_rows_for_any_words(rows, evaluation,
             set(_tuples(found.split(), len(found.split()))) & _tuples(_words(t), len(found.split())) for t in texts
         )
         assert found in " ".join(rows[i])
+
+
+def test_decontaminate_reads_a_json_completion_whole(tmp_path, capsys):
+    """A completion that is a JSON object (not a stored message list) is compared with all its words: its
+    ``text`` key alone would hide an evaluation text copied into another key."""
+    text = "the quick brown fox jumps over the lazy dog while the old cat sleeps near the warm fire tonight"
+    records = [
+        {"prompt": "Answer in JSON.", "completion": json.dumps({"text": "yes", "reason": text}), "reward": 0.0},
+        {"prompt": "Say x.", "completion": " y", "reward": 0.0},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    against = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": text}])
+    code, stdout, err = run(
+        capsys, "decontaminate", tmp_path / "b", "--against", against, "--out", tmp_path / "o", "--no-progress"
+    )
+    assert code == 0, err
+    assert "kept 1 of 2 rows" in stdout, stdout

@@ -62,14 +62,18 @@ def message_text(value) -> str | None:
 
 
 def given_row_text(text: str) -> str:
-    """A buffer row's text as compared: a stored message list's (JSON text) messages, else the text itself."""
-    if text.startswith("[") or text.startswith("{"):
+    """A buffer row's text as compared: a stored message list's (JSON text: a list of objects with a ``role``)
+    messages, else the text itself. Other JSON (a completion that is a JSON object, ``{"text": ..., "reason":
+    ...}``) is compared whole: taking only its ``text`` or ``content`` would hide the rest of its words."""
+    if text.startswith("["):
         try:
-            found = message_text(json.loads(text))
-        except ValueError:
-            found = None
-        if found is not None:
-            return found
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            value = None
+        if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
+            found = message_text(value)
+            if found is not None:
+                return found
     return text
 
 
