@@ -1130,3 +1130,40 @@ def test_decontaminate_reads_a_json_completion_whole(tmp_path, capsys):
     )
     assert code == 0, err
     assert "kept 1 of 2 rows" in stdout, stdout
+
+
+@pytest.mark.parametrize(
+    "where, says",
+    [
+        ("{out}/dropped.jsonl", "--dropped {out}/dropped.jsonl is inside --out {out}: choose a file outside it"),
+        ("{out}", "--dropped {out} is inside --out {out}: choose a file outside it"),
+        ("{d}/a-file/dropped.jsonl", "--dropped {d}/a-file/dropped.jsonl: cannot be written"),
+    ],
+)
+def test_decontaminate_refuses_a_dropped_file_it_cannot_write_before_writing_anything(
+    data, tmp_path, capsys, where, says
+):
+    """--dropped inside (or at) --out would land in the new buffer, or fail once the buffer is written; a place
+    that cannot be written fails after the buffer was written: all are refused first, and nothing is left."""
+    (tmp_path / "a-file").write_text("x")
+    against = write_jsonl(tmp_path / "eval.jsonl", ["What is the capital of France"])
+    out = tmp_path / "out"
+    dropped = where.format(out=out, d=tmp_path)
+    code, _, err = run(
+        capsys,
+        "decontaminate",
+        data["ab"],
+        "--against",
+        against,
+        "--ngram",
+        4,
+        "--min-words",
+        3,
+        "--dropped",
+        dropped,
+        "--out",
+        out,
+        "--no-progress",
+    )
+    assert code == 2 and err.count("\n") == 1 and says.format(out=out, d=tmp_path) in err, err
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "eval.jsonl"]

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import tempfile
 import unicodedata
 from collections import Counter
 from pathlib import Path
@@ -33,7 +35,7 @@ import numpy as np
 from shiq_data.buffer import MANIFEST, Buffer, refuse_inside_buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
-from shiq_data.io import atomic_write, json_loads, sha256_files
+from shiq_data.io import fsync_dir, json_loads, make_parents, remove_created_dirs, sha256_files
 
 BY = ("row", "prompt", "completion")
 NGRAM = 13  # words in a run (13-gram overlap, the usual test of evaluation contamination)
@@ -260,6 +262,36 @@ def decontaminate_buffer(
         if Path(dropped).exists():
             raise FileExistsError(f"--dropped {dropped} already exists; choose a new file")
         refuse_inside_buffer(dropped, "--dropped")
+        d, o = Path(dropped).resolve(), out.resolve()
+        if d == o or o in d.parents:  # it would be written into the new buffer (or over it) once that is made
+            raise ValueError(f"--dropped {dropped} is inside --out {out}: choose a file outside it")
+    staged = _stage(dropped) if dropped is not None else None  # refuses an unwritable place before any work
+    try:
+        return _decontaminate(
+            path, out, against, by, field, against_by, ngram, min_words, dropped, staged, command, progress
+        )
+    finally:
+        if staged is not None:
+            tmp, made = staged
+            if tmp.exists():  # not renamed into place: a failure, Ctrl-C
+                tmp.unlink()
+                remove_created_dirs(made)
+
+
+def _stage(dropped) -> tuple[Path, list[Path]]:
+    """A temporary file beside ``dropped`` (its missing folders made), and the folders made; a ValueError
+    naming ``--dropped`` where it cannot be written."""
+    path = Path(dropped)
+    try:
+        made = make_parents(path)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise ValueError(f"--dropped {dropped}: cannot be written ({e.strerror}: {e.filename})") from None
+    os.close(fd)
+    return Path(name), made
+
+
+def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, dropped, staged, command, progress):
     texts, inputs = [], []
     for item in against:
         t, record = evaluation_texts(item, field, against_by)
@@ -305,6 +337,9 @@ def decontaminate_buffer(
             curation["removed"] = dict(sorted(removed.items()))
             curation["evaluation_texts_matched"] = int(runs.matched.sum())
             yield source.take(table, keep)
+        if staged is not None:  # written in full before the buffer is committed: then only a rename is left
+            staged[0].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+            os.chmod(staged[0], 0o644)
 
     try:
         buf = write_curated(
@@ -322,6 +357,7 @@ def decontaminate_buffer(
                 f"every row of {path} shares a run of words with the evaluation texts; nothing written"
             ) from None
         raise
-    if dropped is not None:
-        atomic_write(dropped, lambda p: p.write_text("".join(line + "\n" for line in lines), encoding="utf-8"))
+    if staged is not None:
+        os.replace(staged[0], dropped)
+        fsync_dir(Path(dropped).parent)
     return buf, curation
