@@ -955,20 +955,30 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower())
+    """Runs of \\w, but each Han, kana, Thai... character (a script without spaces) a word of its own."""
+    out = []
+    for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()):
+        out += re.findall(
+            r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff"
+            r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]|[^\u0e00-\u0eff"
+            r"\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+            r"\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+",
+            w,
+        )
+    return out
 
 
 def _tuples(ws, n):
     return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
-def _brute_force(rows: list[str], evaluation: list[str], ngram: int, min_words: int) -> list[bool]:
+def _brute_force(rows: list[str], evaluation: list[str], ngram: int, min_words: int | None) -> list[bool]:
     """Whether each row text holds a run of words an evaluation text holds (see shiq_data.curate.decontaminate)."""
     runs: dict[int, set] = {}
     for text in evaluation:
         ws = _words(text)
         n = min(len(ws), ngram)
-        if n >= min(min_words, ngram):
+        if len(ws) >= (min(8, ngram) if min_words is None else min_words):
             runs.setdefault(n, set()).update(_tuples(ws, n))
     return [any(_tuples(_words(t), n) & r for n, r in runs.items()) for t in rows]
 
@@ -1167,3 +1177,41 @@ def test_decontaminate_refuses_a_dropped_file_it_cannot_write_before_writing_any
     )
     assert code == 2 and err.count("\n") == 1 and says.format(out=out, d=tmp_path) in err, err
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "eval.jsonl"]
+
+
+def test_decontaminate_reads_chinese_and_japanese_by_character(tmp_path, capsys):
+    """Chinese and Japanese have no spaces: as runs of \\w a clause was one word, so with the defaults these
+    evaluation texts (two and one such words) were skipped as under --min-words and the copied prompts kept."""
+    zh = "请计算一个半径为五厘米的圆的面积，并给出详细的解题步骤和最终答案。"
+    ja = "東京から大阪までの新幹線の所要時間と料金を詳しく教えてください。"
+    records = [
+        {"prompt": "前言：" + zh[:-1] + "谢谢", "completion": " 好的", "reward": 0.0},
+        {"prompt": "質問：" + ja, "completion": " はい", "reward": 0.0},
+        {"prompt": "今天天气很好，我们去公园散步吧。", "completion": " 好", "reward": 0.0},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    against = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": zh}, {"prompt": ja}])
+    code, stdout, err = run(
+        capsys, "decontaminate", tmp_path / "b", "--against", against, "--out", tmp_path / "o", "--no-progress"
+    )
+    assert code == 0, err
+    assert "kept 1 of 3 rows" in stdout and "2 of the evaluation texts found" in stdout and "skipped" not in stdout
+
+
+def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tmp_path, capsys):
+    """--min-words 8 --ngram 3: a text of 5 words is under 8 words, so it is skipped, as the help and the
+    message say (it counted, while the message said texts under 8 words were skipped)."""
+    records = [
+        {"prompt": "the quick brown fox jumps", "completion": " x", "reward": 0.0},
+        {"prompt": "say hi", "completion": " y", "reward": 0.0},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    (tmp_path / "eval.txt").write_text("the quick brown fox jumps\nthe quick brown fox jumps over the lazy dog\n")
+    argv = ["decontaminate", tmp_path / "b", "--against", tmp_path / "eval.txt", "--ngram", 3, "--min-words", 8]
+    code, stdout, err = run(capsys, *argv, "--out", tmp_path / "o", "--no-progress")
+    assert code == 0, err
+    assert "1 text under 8 words skipped" in stdout and "kept 1 of 2 rows" in stdout, stdout
+    c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
+    assert c["evaluation_texts_too_short"] == 1 and c["evaluation_texts_matched"] == 1

@@ -103,7 +103,7 @@ def cmd_decontaminate(args) -> int:
         progress=not args.no_progress,
     )
     short = c["evaluation_texts_too_short"]
-    skipped = f"; {_n(short, 'text')} under {args.min_words} words skipped" if short else ""
+    skipped = f"; {_n(short, 'text')} under {c['min_words']} words skipped" if short else ""
     listed = f"; the dropped rows are listed in {args.dropped}" if args.dropped else ""
     print(
         f"shiq-data: decontaminated {args.buffer} into {args.out} by {args.by} against "
@@ -261,9 +261,9 @@ def add_commands(sub) -> None:
     dc.add_argument(
         "--min-words",
         type=int_at_least(1),
-        default=MIN_WORDS,
+        default=None,
         metavar="M",
-        help="shortest evaluation text that counts (default %(default)s)",
+        help=f"shortest evaluation text that counts, in words (default {MIN_WORDS}, or --ngram when that is fewer)",
     )
     dc.add_argument(
         "--dropped", default=None, metavar="FILE", help="write each dropped row's id, source and matching words here"

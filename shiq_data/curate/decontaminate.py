@@ -6,7 +6,7 @@ given, or an evaluation record) contributes the text of its messages. A row is c
 (``by``: prompt, completion or both, as :class:`~shiq_data.curate.rows.CurationSource` gives it) contains
 ``ngram`` consecutive words (default 13) that also stand consecutively in an evaluation text; an evaluation
 text shorter than ``ngram`` words counts whole, as one run of its own length, when it has at least ``min_words``
-words (default 8), and is skipped (and counted) below that, where it would match common phrases.
+words (default 8, or ``ngram`` when that is fewer; a text under ``min_words`` never counts), and is skipped (and counted) below that, where it would match common phrases.
 
 The evaluation texts come from files (``--against``): JSON lines (one record a line: a string, or an object
 whose ``field``, default ``prompt``, holds a string, a message list or a list of them, as BFCL's ``question``),
@@ -41,11 +41,19 @@ BY = ("row", "prompt", "completion")
 NGRAM = 13  # words in a run (13-gram overlap, the usual test of evaluation contamination)
 MIN_WORDS = 8  # an evaluation text shorter than NGRAM counts whole from this many words
 MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash of a run of word hashes, mod 2**64
-_WORD = re.compile(r"\w+")
+# scripts written without spaces between words (Han, kana, Thai, Lao, Myanmar, Khmer): each character a word, as
+# character n-grams are the usual unit for them (``\w+`` would make a whole clause one word, so that a 13-word run
+# is 13 clauses, and most texts fall under --min-words)
+UNSPACED = (
+    "\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
+    "\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f"
+)
+_WORD = re.compile(f"[{UNSPACED}]|[^\\W{UNSPACED}]+")
 
 
 def words(text: str) -> list[str]:
-    """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters."""
+    """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters, and each character of a
+    script written without spaces (:data:`UNSPACED`: Chinese, Japanese, Thai...) a word of its own."""
     return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
 
 
@@ -181,7 +189,7 @@ class EvaluationRuns:
         for i, text in enumerate(texts):
             ws = words(text)
             length = min(len(ws), ngram)
-            if length < min(min_words, ngram):
+            if len(ws) < min_words:  # (also above --ngram: "shortest evaluation text that counts")
                 self.skipped += 1
                 continue
             runs = np.unique(run_hashes(hashes(ws), length))
@@ -245,7 +253,7 @@ def decontaminate_buffer(
     field: str = "prompt",
     against_by: str = "prompt",
     ngram: int = NGRAM,
-    min_words: int = MIN_WORDS,
+    min_words: int | None = None,
     dropped=None,
     command: list[str],
     progress: bool = False,
@@ -255,6 +263,8 @@ def decontaminate_buffer(
     record)``. ``dropped``: a JSON lines file to write each dropped row's id, source and first matching words to."""
     if by not in BY or against_by not in BY:
         raise ValueError(f"--by and --against-by take one of {', '.join(BY)}")
+    if min_words is None:  # not given: 8 words, or --ngram when that is fewer
+        min_words = min(MIN_WORDS, ngram)
     if ngram < 1 or min_words < 1:
         raise ValueError(f"--ngram ({ngram}) and --min-words ({min_words}) must be at least 1")
     out = refuse_existing(out)
