@@ -1,6 +1,7 @@
 """shiq-data show / stats / filter / dedup / split / mix on tiny GPT-2 buffers, each checked against pandas
 (or a plain-Python computation) on the input JSONL records."""
 
+import gzip
 import hashlib
 import json
 import math
@@ -1215,3 +1216,39 @@ def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tm
     assert "1 text under 8 words skipped" in stdout and "kept 1 of 2 rows" in stdout, stdout
     c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
     assert c["evaluation_texts_too_short"] == 1 and c["evaluation_texts_matched"] == 1
+
+
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("eval.json", b'\xef\xbb\xbf[{"prompt": "What is the capital of France"}]'),
+        ("eval.jsonl", b'\xef\xbb\xbf{"prompt": "What is the capital of France"}\n'),
+        ("eval.txt", b"\xef\xbb\xbfWhat is the capital of France\r\n\r\n"),
+        ("eval.jsonl.gz", gzip.compress(b'{"prompt": "What is the capital of France"}\n')),
+    ],
+)
+def test_decontaminate_reads_a_byte_order_mark_and_gzip(data, tmp_path, capsys, name, content):
+    """Windows tools open a file with a byte-order mark (build's readers leave it out; JSON refused it), and
+    evaluation sets ship gzipped (it ended in a line naming neither file nor line)."""
+    (tmp_path / name).write_bytes(content)
+    out = tmp_path / "out"
+    argv = ["decontaminate", data["ab"], "--against", tmp_path / name, "--ngram", 4, "--min-words", 3]
+    code, stdout, err = run(capsys, *argv, "--out", out, "--no-progress")
+    assert code == 0, err
+    assert "1 of the evaluation texts found" in stdout, stdout
+
+
+def test_decontaminate_names_the_file_and_line_that_is_not_utf8(data, tmp_path, capsys):
+    (tmp_path / "eval.txt").write_bytes(b"What is the capital of France\nbad \xff byte\n")
+    code, _, err = run(
+        capsys,
+        "decontaminate",
+        data["ab"],
+        "--against",
+        tmp_path / "eval.txt",
+        "--out",
+        tmp_path / "o",
+        "--no-progress",
+    )
+    assert code == 2 and err.count("\n") == 1 and f"--against {tmp_path / 'eval.txt'}: line 2" in err, err
+    assert "not valid UTF-8" in err and not (tmp_path / "o").exists()

@@ -35,7 +35,15 @@ import numpy as np
 from shiq_data.buffer import MANIFEST, Buffer, refuse_inside_buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
-from shiq_data.io import fsync_dir, json_loads, make_parents, remove_created_dirs, sha256_files
+from shiq_data.io import (
+    fsync_dir,
+    json_loads,
+    make_parents,
+    open_binary,
+    remove_created_dirs,
+    sha256_files,
+    utf8_lines,
+)
 
 BY = ("row", "prompt", "completion")
 NGRAM = 13  # words in a run (13-gram overlap, the usual test of evaluation contamination)
@@ -118,24 +126,37 @@ def run_hashes(word_hashes: np.ndarray, length: int) -> np.ndarray:
     return h
 
 
+def _kind(path: Path) -> str:
+    """``.json``, ``.txt`` or JSON lines (any other name) of an evaluation file, a ``.gz`` ending aside."""
+    name = path.name[:-3] if path.name.endswith(".gz") else path.name
+    return Path(name).suffix
+
+
+def _lines(path: Path):
+    """``(line number, text)`` of a (gzip) text file: a byte-order mark opening it left out, a line that is not
+    UTF-8 refused naming the file and the line."""
+    with open_binary(path) as f:
+        yield from utf8_lines(f, f"--against {path}")
+
+
 def _records(path: Path, field: str):
     """``(line or item number, record)`` of a JSON lines or JSON file."""
-    if path.suffix == ".json":
+    if _kind(path) == ".json":
+        text = "".join(line for _, line in _lines(path))
         try:
-            value = json_loads(path.read_text(encoding="utf-8"))
+            value = json_loads(text)
         except ValueError as e:
             raise ValueError(f"--against {path}: not valid JSON ({e})") from None
         if not isinstance(value, list):
             raise ValueError(f"--against {path}: expected a JSON list of records (or JSON lines in a .jsonl file)")
         yield from enumerate(value, 1)
         return
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    yield number, json_loads(line)
-                except ValueError as e:
-                    raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
+    for number, line in _lines(path):
+        if line.strip():
+            try:
+                yield number, json_loads(line)
+            except ValueError as e:
+                raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
 
 
 def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[list[str], dict]:
@@ -153,12 +174,12 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
         return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
     if not path.is_file():
         raise ValueError(f"--against {path}: no such file or folder")
-    if path.suffix == ".txt":
-        texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if _kind(path) == ".txt":
+        texts = [t for _, line in _lines(path) for t in line.splitlines() if t.strip()]
     else:
         texts = []
         for number, record in _records(path, field):
-            where = f"--against {path}: {'item' if path.suffix == '.json' else 'line'} {number}"
+            where = f"--against {path}: {'item' if _kind(path) == '.json' else 'line'} {number}"
             if isinstance(record, dict):
                 if field not in record:
                     raise ValueError(f"{where}: no field {field!r} (choose it with --field)")
