@@ -323,6 +323,7 @@ def _stage(dropped) -> tuple[Path, list[Path]]:
 
 
 def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, dropped, staged, command, progress):
+    source = CurationSource(path)  # a missing or broken buffer is refused before the evaluation texts are read
     texts, inputs = [], []
     for item in against:
         t, record = evaluation_texts(item, field, against_by)
@@ -335,7 +336,6 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
         raise ValueError(
             f"--against: every one of the {len(texts)} evaluation texts is shorter than --min-words {min_words} words"
         )
-    source = CurationSource(path)
     curation = {
         "verb": "decontaminate",
         "by": by,
