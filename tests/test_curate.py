@@ -1262,3 +1262,20 @@ def test_decontaminate_refuses_a_missing_buffer_before_reading_the_evaluation_te
         capsys, "decontaminate", tmp_path / "nosuch", "--against", tmp_path / "eval.jsonl", "--out", tmp_path / "o"
     )
     assert code == 2 and err.count("\n") == 1 and "nosuch is not a replay buffer" in err, err
+
+
+def test_decontaminate_refuses_an_evaluation_input_given_twice(data, tmp_path, capsys):
+    """Given twice, a file's texts counted twice (evaluation_texts, evaluation_texts_matched, against)."""
+    against = write_jsonl(tmp_path / "eval.jsonl", ["What is the capital of France"])
+    twice = [against, tmp_path / "." / "eval.jsonl"]
+    argv = ["decontaminate", data["ab"], "--against", *twice, "--ngram", 4, "--min-words", 3]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "o", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "given twice" in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_decontaminate_reads_a_json_line_that_is_a_message_list(data, tmp_path, capsys):
+    against = write_jsonl(tmp_path / "eval.jsonl", [[{"role": "user", "content": "What is the capital of France"}]])
+    argv = ["decontaminate", data["ab"], "--against", against, "--ngram", 4, "--min-words", 3]
+    code, stdout, err = run(capsys, *argv, "--out", tmp_path / "o", "--no-progress")
+    assert code == 0 and "1 of the evaluation texts found" in stdout, err

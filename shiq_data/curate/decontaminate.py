@@ -188,8 +188,10 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
                     raise ValueError(f"{where}: field {field!r} holds no text (a string or chat messages)")
             elif isinstance(record, str):
                 text = record
+            elif isinstance(record, list) and (text := message_text(record)) is not None:
+                pass  # a line that is a chat-message list itself
             else:
-                raise ValueError(f"{where}: expected a string or an object, got {type(record).__name__}")
+                raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
             texts.append(text)
     return texts, {"path": str(path.resolve()), "sha256": sha256_files([path]), "texts": len(texts)}
 
@@ -323,6 +325,11 @@ def _stage(dropped) -> tuple[Path, list[Path]]:
 
 
 def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, dropped, staged, command, progress):
+    seen: dict[Path, str] = {}
+    for item in against:  # twice, its texts would count twice in the manifest and the message
+        if (key := Path(item).resolve()) in seen:
+            raise ValueError(f"--against {item}: given twice (as {seen[key]}); give each evaluation input once")
+        seen[key] = str(item)
     source = CurationSource(path)  # a missing or broken buffer is refused before the evaluation texts are read
     texts, inputs = [], []
     for item in against:
