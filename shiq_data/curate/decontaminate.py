@@ -218,12 +218,17 @@ class EvaluationRuns:
             runs = np.unique(run_hashes(hashes(ws), length))
             h, owner = by_length.setdefault(length, ([], []))
             h.append(runs)
-            owner.append(np.full(len(runs), i, dtype=np.int32))
+            owner.append((i, len(runs)))  # (an array per text would cost about 100 bytes more a text)
         self.lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for length, (h, owner) in sorted(by_length.items()):
-            h, owner = np.concatenate(h), np.concatenate(owner)
+        for length in sorted(by_length):  # each list freed as it is joined: about 28 bytes a run at the peak
+            h, owner = by_length.pop(length)
+            h = np.concatenate(h)
+            texts_of, counts = np.array(owner, dtype=np.int64).reshape(-1, 2).T
+            del owner
             order = np.argsort(h, kind="stable")
-            self.lengths[length] = (h[order], owner[order])
+            h = h[order]
+            self.lengths[length] = (h, np.repeat(texts_of.astype(np.int32), counts)[order])
+            del order
         self.texts = len(texts)
         self.matched = np.zeros(len(texts), dtype=bool)
 
