@@ -958,7 +958,7 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
 def _words(text: str) -> list[str]:
     """Runs of \\w, but each Han, kana, Thai... character (a script without spaces) a word of its own."""
     out = []
-    for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).lower()):
+    for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()):
         out += re.findall(
             r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff"
             r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]|[^\u0e00-\u0eff"
@@ -973,14 +973,16 @@ def _tuples(ws, n):
     return {tuple(ws[i : i + n]) for i in range(len(ws) - n + 1)}
 
 
-def _brute_force(rows: list[str], evaluation: list[str], ngram: int, min_words: int | None) -> list[bool]:
-    """Whether each row text holds a run of words an evaluation text holds (see shiq_data.curate.decontaminate)."""
+def _brute_force(rows: list[str], evaluation: list, ngram: int, min_words: int | None) -> list[bool]:
+    """Whether each row text holds a run of words an evaluation text holds (see shiq_data.curate.decontaminate):
+    each evaluation text a string, or a list of its messages (runs within a message)."""
     runs: dict[int, set] = {}
     for text in evaluation:
-        ws = _words(text)
-        n = min(len(ws), ngram)
-        if len(ws) >= (min(8, ngram) if min_words is None else min_words):
-            runs.setdefault(n, set()).update(_tuples(ws, n))
+        for message in [text] if isinstance(text, str) else text:
+            ws = _words(message)
+            n = min(len(ws), ngram)
+            if len(ws) >= (min(8, ngram) if min_words is None else min_words):
+                runs.setdefault(n, set()).update(_tuples(ws, n))
     return [any(_tuples(_words(t), n) & r for n, r in runs.items()) for t in rows]
 
 
@@ -992,7 +994,7 @@ EVALUATION = [  # (JSON line, its text as the reference reads it)
     ("What is the capital of France", "What is the capital of France"),
     (
         {"prompt": [[{"role": "user", "content": "Count to three."}], [{"role": "user", "content": "then stop"}]]},
-        "Count to three. then stop",
+        ["Count to three.", "then stop"],  # runs within a message: "count to three" whole, "then stop" too short
     ),
     ({"prompt": "Say hi."}, "Say hi."),  # 2 words: under --min-words 3, skipped
     ({"prompt": "nothing here matches any row at all, surely", "id": 7}, "nothing here matches any row at all, surely"),
@@ -1026,7 +1028,8 @@ def test_decontaminate_drops_exactly_the_rows_a_brute_force_search_drops(data, t
         for x in listed:  # each names words of its row that an evaluation text holds
             ws = tuple(x["words"].split())
             assert " ".join(ws) in " ".join(_words(row_text[df.row_id == x["row_id"]].iloc[0]))
-            assert any(" ".join(ws) in " ".join(_words(t)) for t in texts), x
+            messages = [m for t in texts for m in ([t] if isinstance(t, str) else t)]
+            assert any(" ".join(ws) in " ".join(_words(m)) for m in messages), x
         assert f"kept {len(keep)} of {len(df)} rows" in stdout and "1 text under 3 words skipped" in stdout
 
 
@@ -1279,3 +1282,55 @@ def test_decontaminate_reads_a_json_line_that_is_a_message_list(data, tmp_path, 
     argv = ["decontaminate", data["ab"], "--against", against, "--ngram", 4, "--min-words", 3]
     code, stdout, err = run(capsys, *argv, "--out", tmp_path / "o", "--no-progress")
     assert code == 0 and "1 of the evaluation texts found" in stdout, err
+
+
+def test_decontaminate_gives_one_answer_with_or_without_text_columns_and_folds_case(tmp_path, capsys):
+    """A chat buffer built without its text columns decodes its prompts with the template's role names between
+    the messages ("system ... user ..."): runs never cross two messages of an evaluation text, so its rows are
+    dropped as the text buffer's are (the joined conversation matched only the latter). Case is folded: STRASSE
+    is Straße."""
+    rows = [
+        {
+            "prompt": [
+                {"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the boiling point of water?"},
+            ],
+            "completion": [{"role": "assistant", "content": "100 C on the STRASSE."}],
+            "reward": 1,
+        },
+        {
+            "prompt": [{"role": "user", "content": "Name a planet, please."}],
+            "completion": [{"role": "assistant", "content": "Mars."}],
+            "reward": 0,
+        },
+    ]
+    inp = write_jsonl(tmp_path / "chat.jsonl", rows)
+    question = [
+        [
+            {"role": "system", "content": "You are terse."},
+            {"role": "user", "content": "What is the boiling point of water?"},
+        ]
+    ]
+    against = write_jsonl(tmp_path / "q.jsonl", [{"question": question}, {"question": "on the Straße"}])
+    for text in ([], ["--no-text"]):
+        buf = tmp_path / f"b{len(text)}"
+        assert (
+            run(capsys, "build", "jsonl", inp, "--tokenizer", "smollm2", "--out", buf, *text, "--no-progress")[0] == 0
+        )
+        for args, found in ((["--field", "question"], 2), (["--field", "question", "--by", "completion"], 1)):
+            out = tmp_path / f"o{len(text)}{len(args)}"
+            code, stdout, err = run(
+                capsys,
+                "decontaminate",
+                buf,
+                "--against",
+                against,
+                *args,
+                "--min-words",
+                3,
+                "--out",
+                out,
+                "--no-progress",
+            )
+            assert code == 0, err
+            assert ids(out) == ["b0-1"] and f"{found} of the evaluation texts found" in stdout, (text, args, stdout)

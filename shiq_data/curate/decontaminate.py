@@ -1,22 +1,26 @@
 """``shiq-data decontaminate``: drop the rows that share a run of words with an evaluation set.
 
-Texts are compared as words: Unicode NFKC, lower case, then the runs of letters, digits and underscores
-(``\\w+``: white space and punctuation only separate words), and a chat-message list (a row's text column as
-given, or an evaluation record) contributes the text of its messages. A row is contaminated when its text
-(``by``: prompt, completion or both, as :class:`~shiq_data.curate.rows.CurationSource` gives it) contains
-``ngram`` consecutive words (default 13) that also stand consecutively in an evaluation text; an evaluation
-text shorter than ``ngram`` words counts whole, as one run of its own length, when it has at least ``min_words``
-words (default 8, or ``ngram`` when that is fewer; a text under ``min_words`` never counts), and is skipped (and counted) below that, where it would match common phrases.
+Texts are compared as words: Unicode NFKC, case-folded, then the runs of letters, digits and underscores
+(``\\w+``: white space and punctuation only separate words), each character of a script written without spaces
+(Chinese, Japanese, Thai...) a word of its own. A row is contaminated when its text (``by``: prompt, completion
+or both, as :class:`~shiq_data.curate.rows.CurationSource` gives it; a stored chat-message list by its
+messages' text) contains ``ngram`` consecutive words (default 13) that also stand consecutively in one message
+of an evaluation text; a message shorter than ``ngram`` words counts whole, as one run of its own length, when
+it has at least ``min_words`` words (default 8, or ``ngram`` when that is fewer). An evaluation text none of whose
+messages counts is skipped (and counted): it would match common phrases.
 
-The evaluation texts come from files (``--against``): JSON lines (one record a line: a string, or an object
-whose ``field``, default ``prompt``, holds a string, a message list or a list of them, as BFCL's ``question``),
-a JSON file holding a list of such records, a text file (``.txt``: one text a non-empty line), or a buffer
-folder (its prompts, or its rows' text with ``--against-by``: whatever ``by`` reads).
+The evaluation texts come from files (``--against``): JSON lines (one record a line: a string, chat messages,
+or an object whose ``field``, default ``prompt``, holds a string, a message list or a list of them, as BFCL's
+``question``), a JSON file holding a list of such records, a text file (``.txt``: one text a non-empty line),
+any of them gzipped (``.gz``), or a buffer folder (its prompts, or its rows' text with ``--against-by``:
+whatever ``by`` reads).
 
 Each run of words is kept as a 64-bit hash: a polynomial over the words' own 64-bit hashes (BLAKE2b), so a
-false match needs a 64-bit collision. The evaluation set's runs are held in memory (12 bytes a run: its hash
-and its text's index; a 100-word text has 88 runs of 13 words); the buffer is read one shard at a time, and
-only the dropped rows' list (with ``dropped``) grows with it.
+false match needs a 64-bit collision. The evaluation set is held in memory: 12 bytes a run (its hash and its
+text's index; a 100-word message has 88 runs of 13 words) once sorted, about 30 while they are read and sorted,
+the texts themselves included (200,000 texts of 50 words: 7.6 million runs, 424 MB at the peak against 172 MB
+for a small set). The buffer is read one shard at a time; only the dropped rows' list (with ``dropped``) grows
+with it.
 """
 
 from __future__ import annotations
@@ -62,37 +66,42 @@ _WORD = re.compile(f"[{UNSPACED}]|[^\\W{UNSPACED}]+")
 def words(text: str) -> list[str]:
     """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters, and each character of a
     script written without spaces (:data:`UNSPACED`: Chinese, Japanese, Thai...) a word of its own."""
-    return _WORD.findall(unicodedata.normalize("NFKC", text).lower())
+    return _WORD.findall(unicodedata.normalize("NFKC", text).casefold())
 
 
-def message_text(value) -> str | None:
-    """The text of a string, a chat message (its ``content``), a content part (its ``text``) or a list of any
-    of them (joined by new lines); None where there is none."""
+def message_parts(value) -> list[str]:
+    """The texts of a string, a chat message (its ``content``), a content part (its ``text``) or a list of any
+    of them, one a message; ``[]`` where there is none."""
     if isinstance(value, str):
-        return value
+        return [value]
     if isinstance(value, dict):
         inner = value.get("content", value.get("text"))
-        return message_text(inner) if inner is not None else None
+        return message_parts(inner) if inner is not None else []
     if isinstance(value, list):
-        parts = [t for t in map(message_text, value) if t is not None]
-        return "\n".join(parts) if parts else None
-    return None
+        return [t for item in value for t in message_parts(item)]
+    return []
 
 
-def given_row_text(text: str) -> str:
-    """A buffer row's text as compared: a stored message list's (JSON text: a list of objects with a ``role``)
-    messages, else the text itself. Other JSON (a completion that is a JSON object, ``{"text": ..., "reason":
-    ...}``) is compared whole: taking only its ``text`` or ``content`` would hide the rest of its words."""
+def row_parts(text: str) -> list[str]:
+    """A buffer row's text as evaluation texts: a stored message list's (see :func:`given_row_text`) messages,
+    one each, else the text itself."""
     if text.startswith("["):
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):
             value = None
         if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m for m in value):
-            found = message_text(value)
-            if found is not None:
-                return found
-    return text
+            parts = message_parts(value)
+            if parts:
+                return parts
+    return [text]
+
+
+def given_row_text(text: str) -> str:
+    """A buffer row's text as compared: a stored message list's (JSON text: a list of objects with a ``role``)
+    messages, else the text itself. Other JSON (a completion that is a JSON object, ``{"text": ..., "reason":
+    ...}``) is compared whole: taking only its ``text`` or ``content`` would hide the rest of its words."""
+    return "\n".join(row_parts(text))
 
 
 class WordHashes:
@@ -159,9 +168,10 @@ def _records(path: Path, field: str):
                 raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
 
 
-def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[list[str], dict]:
-    """The evaluation texts of one ``--against`` input (see the module doc) and its record for the manifest
-    (path, SHA-256 of the file or of a buffer's manifest, texts)."""
+def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[list[list[str]], dict]:
+    """The evaluation texts of one ``--against`` input (see the module doc), each as its messages' texts (a
+    plain text: itself alone), and its record for the manifest (path, SHA-256 of the file or of a buffer's
+    manifest, texts)."""
     path = Path(path)
     if path.is_dir():
         if not (path / MANIFEST).is_file():
@@ -170,12 +180,15 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
         texts = []
         for table in source.shards():
             prompts, completions = source.texts(table)
-            texts += [_by(by, p, c) for p, c in zip(prompts, completions)]
+            for p, c in zip(prompts, completions):
+                texts.append(
+                    {"prompt": row_parts(p), "completion": row_parts(c), "row": row_parts(p) + row_parts(c)}[by]
+                )
         return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
     if not path.is_file():
         raise ValueError(f"--against {path}: no such file or folder")
     if _kind(path) == ".txt":
-        texts = [t for _, line in _lines(path) for t in line.splitlines() if t.strip()]
+        texts = [[t] for _, line in _lines(path) for t in line.splitlines() if t.strip()]
     else:
         texts = []
         for number, record in _records(path, field):
@@ -183,12 +196,12 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
             if isinstance(record, dict):
                 if field not in record:
                     raise ValueError(f"{where}: no field {field!r} (choose it with --field)")
-                text = message_text(record[field])
-                if text is None:
+                text = message_parts(record[field])
+                if not text:
                     raise ValueError(f"{where}: field {field!r} holds no text (a string or chat messages)")
             elif isinstance(record, str):
-                text = record
-            elif isinstance(record, list) and (text := message_text(record)) is not None:
+                text = [record]
+            elif isinstance(record, list) and (text := message_parts(record)):
                 pass  # a line that is a chat-message list itself
             else:
                 raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
@@ -202,23 +215,27 @@ def _by(by: str, prompt: str, completion: str) -> str:
 
 
 class EvaluationRuns:
-    """The hashed runs of words of the evaluation texts, by run length, with the text each came from."""
+    """The hashed runs of words of the evaluation texts, by run length, with the text each came from. A text
+    given as several messages (a list of strings) has the runs of each message, none across two: what stands
+    between two messages in a row (a chat template's role names, or nothing) is not the evaluation's; a text
+    whose every message is under ``min_words`` words is skipped (counted in ``skipped``)."""
 
-    def __init__(self, texts: list[str], ngram: int = NGRAM, min_words: int = MIN_WORDS):
+    def __init__(self, texts: list[list[str] | str], ngram: int = NGRAM, min_words: int = MIN_WORDS):
         self.ngram, self.min_words = ngram, min_words
         hashes = WordHashes()
         by_length: dict[int, tuple[list, list]] = {}
         self.skipped = 0
         for i, text in enumerate(texts):
-            ws = words(text)
-            length = min(len(ws), ngram)
-            if len(ws) < min_words:  # (also above --ngram: "shortest evaluation text that counts")
+            # (a message under min_words never counts, also above --ngram: "shortest evaluation text that counts")
+            parts = [ws for ws in map(words, [text] if isinstance(text, str) else text) if len(ws) >= min_words]
+            if not parts:
                 self.skipped += 1
-                continue
-            runs = np.unique(run_hashes(hashes(ws), length))
-            h, owner = by_length.setdefault(length, ([], []))
-            h.append(runs)
-            owner.append((i, len(runs)))  # (an array per text would cost about 100 bytes more a text)
+            for ws in parts:
+                length = min(len(ws), ngram)
+                runs = np.unique(run_hashes(hashes(ws), length))
+                h, owner = by_length.setdefault(length, ([], []))
+                h.append(runs)
+                owner.append((i, len(runs)))  # (an array per text would cost about 100 bytes more a text)
         self.lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for length in sorted(by_length):  # each list freed as it is joined: about 28 bytes a run at the peak
             h, owner = by_length.pop(length)
