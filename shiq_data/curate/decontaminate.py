@@ -112,7 +112,8 @@ class WordHashes:
 
     def __call__(self, ws: list[str]) -> np.ndarray:
         known = self.known
-        if len(known) > 1_000_000:  # bounded (about 160 MB): a stream of distinct words (numbers, ids) would grow it for ever
+        # bounded (about 160 MB): a stream of distinct words (numbers, ids) would grow it for ever
+        if len(known) > 1_000_000:
             known.clear()
         out = np.empty(len(ws), dtype=np.uint64)
         for i, w in enumerate(ws):
