@@ -468,7 +468,13 @@ def _slice_pieces(step_dir: Path, dp: int, tp_rank: int, pp_rank: int, first: di
     pieces: dict[str, list[dict]] = {}
     for dp_rank in range(dp):
         path = step_dir / rank_file_name(tp_rank, pp_rank, dp_rank)
-        opt = (first if dp_rank == 0 else read_rank_file(path, mmap=True))["optimizer"]
+        other = first if dp_rank == 0 else read_rank_file(path, mmap=True)
+        if other.get("step") != first.get("step"):
+            raise ValueError(
+                f"{path}: saved at step {other.get('step')}, data-parallel rank 0's file at step {first.get('step')}: "
+                "the checkpoint is damaged"
+            )
+        opt = other["optimizer"]
         if not is_sliced(opt) or not isinstance(opt.get("params"), dict):
             raise ValueError(
                 f"{path}: no distributed-optimizer slices beside data-parallel rank 0's: the checkpoint is damaged"
@@ -492,6 +498,7 @@ class _SavedLayout:
         self.step_dir, self.tp = step_dir, saved["tp"]
         self.entries: dict[str, dict] = {}
         self.first = None
+        self.steps: set[int] = set()  # the saved optimizer groups' step counts (a frozen stage's are 0)
         for pp_rank in range(saved["pp"]):
             for tp_rank in range(saved["tp"]):
                 path = step_dir / rank_file_name(tp_rank, pp_rank, 0)
@@ -503,6 +510,8 @@ class _SavedLayout:
                     )
                 if self.first is None:  # global rank 0's file
                     self.first = state
+                if state["optimizer"] and (state["optimizer"].get("params") or {}):
+                    self.steps |= {int(g.get("step", 0)) for g in state["optimizer"].get("groups") or []}
                 opt = (state["optimizer"] or {}).get("params", {})
                 if is_sliced(state["optimizer"]):
                     where = _slices_where(step_dir, tp_rank, pp_rank)
@@ -529,7 +538,10 @@ class _SavedLayout:
     def optimizer_groups(self) -> list[dict]:
         """The saved optimizer's parameter groups, as the full per-parameter state's (what :meth:`optimizer_state` gives)."""
         opt = self.first["optimizer"] or {}
-        return full_groups(opt["groups"]) if is_sliced(opt) else opt.get("groups", [])
+        groups = opt.get("groups", [])
+        if is_sliced(opt) and self.steps:  # global rank 0 may hold a frozen stage, whose groups say step 0
+            groups = [{**g, "step": max(self.steps)} for g in groups]
+        return full_groups(groups) if is_sliced(opt) else groups
 
     def optimizer_state(self, name: str, tp: int, rank: int) -> dict | None:
         """The by-name optimizer entry of parameter ``name`` cut for this rank: tensors shaped like the
@@ -598,12 +610,36 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
     dist.all_reduce(fits, op=dist.ReduceOp.MIN)  # every rank takes the same path
     if fits.item():
         return own
-    if holds is not None and lay["dp_rank"]:
-        return {"groups": full_groups(own["groups"]), "params": {}}
-    first = state if lay["dp_rank"] == 0 else read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
     where = _slices_where(step_dir, lay["tp_rank"], lay["pp_rank"])
-    pieces = _slice_pieces(step_dir, dp, lay["tp_rank"], lay["pp_rank"], first)
-    return {"groups": full_groups(own["groups"]), "params": {k: merge_slices(k, v, where) for k, v in pieces.items()}}
+    merged, problem = {"groups": full_groups(own["groups"]), "params": {}}, None
+    if holds is None or lay["dp_rank"] == 0:
+        try:
+            first = (
+                state if lay["dp_rank"] == 0 else read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
+            )
+            pieces = _slice_pieces(step_dir, dp, lay["tp_rank"], lay["pp_rank"], first)
+            merged["params"] = {k: merge_slices(k, v, where) for k, v in pieces.items()}
+        except ValueError as e:
+            problem = e
+    if holds is not None:  # the other data-parallel ranks wait for rank 0's merge: every rank stops with it
+        bad = torch.tensor([int(problem is not None)], dtype=torch.int32, device=device())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() and problem is None:
+            problem = ValueError(f"{where}: the distributed optimizer's slices are damaged (see data-parallel rank 0)")
+    if problem is not None:
+        raise problem
+    return merged
+
+
+def _copied(value):
+    """``value`` (tensors in plain containers) with every tensor copied out of its memory-mapped file."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_copied(v) for v in value)
+    return value
 
 
 def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> dict:
@@ -626,8 +662,8 @@ def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> d
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
-    if optimizer is not None and opt is None and first is not None:
-        opt = state["optimizer"] = first["optimizer"]
+    if optimizer is not None and opt is None and first is not None:  # copies: the optimizer updates them in place
+        opt = state["optimizer"] = _copied(first["optimizer"])
     if optimizer is not None and opt is not None:
         if fmt in BY_NAME:
             if is_sliced(opt):
@@ -668,10 +704,20 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     if step_dir is None:
         raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
     lay = _layout()
-    saved = read_meta(step_dir)["layout"]
+    meta = read_meta(step_dir)
+    saved = meta["layout"]
     same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp")) and saved.get("vpp", 1) == lay["vpp"]
     if same:
         state = _load_same_layout(step_dir, lay, saved["dp"], model, optimizer)
+        # every rank resumes from its own file: one of another step (a copied file) would desynchronise the ranks
+        bad = torch.tensor([int(state.get("step") != meta["step"])], dtype=torch.int32, device=device())
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item():
+            raise ValueError(
+                f"{_rank_file(step_dir, lay)}: saved at step {state.get('step')}, not {meta['step']} as {step_dir / 'meta.json'}"
+                if state.get("step") != meta["step"]
+                else f"checkpoint {step_dir}: a rank file of another step (see the other ranks): the checkpoint is damaged"
+            )
     else:
         state = _load_resharded(step_dir, saved, lay, model, optimizer)
     if isinstance(optimizer, MasterWeightOptimizer) and state["optimizer"] is None:

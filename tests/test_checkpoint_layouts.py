@@ -64,10 +64,10 @@ def make_buffer(path: Path):
     write_buffer(rows, path, tokenizer_info=tok, command=["t"], shard_rows=10, progress=False, ref_model={"n": 1})
 
 
-def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False) -> list[float]:
+def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False, last=-1) -> list[float]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) until ``steps`` in the current layout, from the
-    full parameters ``init`` (with megatron's distributed optimizer if ``distributed``); returns the losses of
-    the steps run (every rank)."""
+    full parameters ``init`` (with megatron's distributed optimizer if ``distributed``; only the ``last`` layers
+    trained, all with -1); returns the losses of the steps run (every rank)."""
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
@@ -78,7 +78,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=
         model,
         LossConfig("shiq", beta=0.1),
         OptimizerConfig(lr=2e-3, min_lr=2e-4, weight_decay=0.1, warmup_steps=2, decay_steps=4, distributed=distributed),
-        TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False),
+        TrainConfig(steps=steps, save_every=save_every, progress=False, tensorboard=False, trainable_last_layers=last),
         out_dir,
     )
     data = BufferSampler(
@@ -426,3 +426,89 @@ def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_pat
         assert torch.equal(p, q), n
     for a, b in zip(straight[1].masters, resumed[1].masters):
         assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def _frozen_stage_worker(rank, port, d):
+    """PP2 with the distributed optimizer and only the last layer trained: the first stage (global rank 0) has
+    no trainable parameter. Three steps, saved."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    cfg = parallel.ParallelConfig(1, 2)
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        init = torch.load(d / "init.pt", weights_only=True)
+        losses = train(d / "frozen_pp2", d / "buffer", 3, init, distributed=True, last=1)
+    if rank == 0:
+        (d / "frozen_pp2.json").write_text(json.dumps(losses))
+
+
+def test_a_frozen_first_stage_keeps_the_step_count_of_the_stage_that_trains(runs, tmp_path):
+    """The saved groups of global rank 0 (a frozen first stage: no state, step 0) gave the step count of every
+    parameter resumed in another layout, so AdamW's bias correction started over: steps 4-6 were 8e-4 away from
+    the uninterrupted run's. The step now comes from the stage that holds the state."""
+    d = runs["dir"]
+    mp.spawn(_frozen_stage_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
+    first = json.loads((d / "frozen_pp2.json").read_text())
+    run = _copy(d / "frozen_pp2", tmp_path / "run")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        init = torch.load(d / "init.pt", weights_only=True)
+        reference = train(tmp_path / "reference", d / "buffer", 6, init, distributed=True, last=1)
+        more = train(run, d / "buffer", 6, distributed=True, last=1)
+    assert len(first) == 3 and len(more) == 3
+    assert _rel(first + more, reference) < TOL, (first + more, reference)
+
+
+def _damaged_worker(rank, port, d, names):
+    """Load each damaged copy of the DP2 distributed checkpoint at DP2 (the saved layout): every rank records
+    what it raised (a hang would stop the test at the one-minute collective timeout)."""
+    from shiq_train.dist_optim import build_distributed
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    cfg = parallel.ParallelConfig(timeout_minutes=1)
+    got = {}
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        for name in names:
+            ddp, opt, sched = build_distributed(M.build_model(tiny_config()), OptimizerConfig(distributed=True))
+            try:
+                load_checkpoint(d / name / "checkpoints", ddp, opt, sched)
+                got[name] = "loaded"
+            except ValueError as e:
+                got[name] = str(e)
+    (d / f"damaged{rank}.json").write_text(json.dumps(got))
+
+
+def test_damaged_slices_and_a_rank_file_of_another_step_stop_every_rank(zero1, tmp_path):
+    """In the saved layout: slices that do not cover a parameter were named on data-parallel rank 0 while rank 1
+    waited in a collective (gloo ended it when rank 0 exited; NCCL would hang), and a rank file of another step
+    (copied in) went unnoticed: each rank resumed from its own step and the run desynchronised. Now every rank
+    stops with a ValueError in one line. In another layout (one process) the file of another step is named."""
+    from shiq_train.checkpoint import save_hashed
+
+    step = "checkpoints/step_00000003/rank_tp0_pp0_dp1.pt"
+    for name in ("slices", "step"):
+        path = _copy(zero1["dir"], tmp_path / name) / step
+        state = torch.load(path, weights_only=True)
+        if name == "slices":  # one slice moved by one element: a gap at its start, an overlap at its end
+            entry = next(iter(state["optimizer"]["params"].values()))
+            entry["slice"] = [entry["slice"][0] + 1, entry["slice"][1] + 1]
+        else:  # as the same rank's file of the step before would read
+            state["step"] = 2
+        save_hashed(state, path)
+    shutil.copytree(zero1["dir"].parent / "buffer", tmp_path / "buffer")
+    mp.spawn(_damaged_worker, args=(parallel.free_port(), str(tmp_path), ["slices", "step"]), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"damaged{r}.json").read_text()) for r in range(2)]
+    assert "do not cover it once" in got[0]["slices"] and "see data-parallel rank 0" in got[1]["slices"], got
+    assert f"{tmp_path / 'step' / step}: saved at step 2, not 3" in got[1]["step"], got
+    assert "a rank file of another step" in got[0]["step"], got
+    assert all("\n" not in m for g in got for m in g.values())
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        model = M.build_model(tiny_config())
+        opt, sched = build_optimizer(model, OptimizerConfig())
+        with pytest.raises(
+            ValueError, match=r"rank_tp0_pp0_dp1.pt: saved at step 2, data-parallel rank 0's file at step 3"
+        ):
+            load_checkpoint(tmp_path / "step" / "checkpoints", model, opt, sched)
