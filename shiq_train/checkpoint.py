@@ -14,7 +14,8 @@ Layout on disk (one directory per saved step)::
                                                        and a replicated optimizer's state are its data-
                                                        parallel rank 0's, saved there once)
     <dir>/step_00000010/rank_tp0_pp0_dp0.pt.sha256     its SHA-256 (``sha256sum`` format), checked
-                                                       before every read
+                                                       before any rank reads the file, by one rank
+                                                       (:func:`check_rank_files`)
     <dir>/latest                                       name of the newest complete step directory
 
 A rank file records for every local parameter its full name in the TP=1, PP=1 model
@@ -428,13 +429,17 @@ def load_problem(e: Exception) -> str:
     return f"it holds objects other than tensors and plain containers, which are never unpickled{detail}"
 
 
-def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False) -> dict:
-    """One rank's saved state, its SHA-256 checked (:func:`check_sha256`), read with ``weights_only=True`` (only tensors and plain containers are
+def read_rank_file(
+    path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: bool = False, checked: bool = False
+) -> dict:
+    """One rank's saved state, its SHA-256 checked (:func:`check_sha256`; ``checked``: already, by
+    :func:`check_rank_files`), read with ``weights_only=True`` (only tensors and plain containers are
     rebuilt: never arbitrary pickled objects; ``pickle`` is named here only for the error it raises); a
     missing, truncated or foreign file (one without ``keys``; reading parameters needs only ``model``)
     is a ``ValueError`` naming it. ``mmap`` maps the tensors instead of reading them (each is read when
     first touched)."""
-    check_sha256(path)
+    if not checked:
+        check_sha256(path)
     try:
         # on the CPU whatever device a tensor was saved from (a GPU of the saving machine); copied into place later
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -445,6 +450,46 @@ def read_rank_file(path: Path, keys: tuple[str, ...] = RANK_FILE_KEYS, mmap: boo
     if not isinstance(state, dict) or any(k not in state for k in keys) or not isinstance(state["model"], dict):
         raise ValueError(f"{path}: not a checkpoint written by shiq_train (expected the keys {list(keys)})")
     return state
+
+
+def assign_files(sizes: list[int], world: int) -> list[int]:
+    """The rank that checks each file of ``sizes`` (bytes): the largest first, each to the rank with the fewest
+    bytes so far (the lowest of them on a tie), so that every file is checked once and the ranks share the
+    work; the same answer on every rank, which all list the same files."""
+    load, owner = [0] * world, [0] * len(sizes)
+    for i in sorted(range(len(sizes)), key=lambda i: (-sizes[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i], load[r] = r, load[r] + max(sizes[i], 1)
+    return owner
+
+
+def check_rank_files(step_dir: Path, saved: dict, every: bool) -> None:
+    """Check the SHA-256 of the rank files a load reads (:func:`check_sha256`), each once, the ranks sharing
+    the files (:func:`assign_files`), before any rank reads one; collective. ``saved``: the checkpoint's
+    layout; ``every``: all its files (a load in the saved layout, or one with an optimizer, whose slices may be
+    in every file), else the data-parallel rank 0 files only (the parameters). A file that fails stops every
+    rank with the same one-line ``ValueError`` (each rank hashing every file it read put the whole checkpoint
+    through every rank's disk reads, once per rank)."""
+    files = [
+        step_dir / rank_file_name(t, p, d)
+        for p in range(saved["pp"])
+        for t in range(saved["tp"])
+        for d in range(saved["dp"] if every else 1)
+    ]
+    sizes = [f.stat().st_size if f.is_file() and not f.is_symlink() else 0 for f in files]
+    world, rank = dist.get_world_size(), dist.get_rank()
+    problem = None
+    for f, owner in zip(files, assign_files(sizes, world)):
+        if owner == rank and problem is None:
+            try:
+                check_sha256(f)
+            except ValueError as e:
+                problem = str(e)
+    problems = [None] * world
+    dist.all_gather_object(problems, problem)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise ValueError(first)
 
 
 def _does_not_fit(step_dir, what: str) -> ValueError:
@@ -468,7 +513,7 @@ def _slice_pieces(step_dir: Path, dp: int, tp_rank: int, pp_rank: int, first: di
     pieces: dict[str, list[dict]] = {}
     for dp_rank in range(dp):
         path = step_dir / rank_file_name(tp_rank, pp_rank, dp_rank)
-        other = first if dp_rank == 0 else read_rank_file(path, mmap=True)
+        other = first if dp_rank == 0 else read_rank_file(path, mmap=True, checked=True)
         if other.get("step") != first.get("step"):
             raise ValueError(
                 f"{path}: saved at step {other.get('step')}, data-parallel rank 0's file at step {first.get('step')}: "
@@ -502,7 +547,7 @@ class _SavedLayout:
         for pp_rank in range(saved["pp"]):
             for tp_rank in range(saved["tp"]):
                 path = step_dir / rank_file_name(tp_rank, pp_rank, 0)
-                state = read_rank_file(path, mmap=True)
+                state = read_rank_file(path, mmap=True, checked=True)
                 if state.get("format") not in BY_NAME or not isinstance(state.get("params"), dict):
                     raise ValueError(
                         f"{path}: written without the parameter layouts (an older shiq_train), so it resumes only "
@@ -615,7 +660,9 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
     if holds is None or lay["dp_rank"] == 0:
         try:
             first = (
-                state if lay["dp_rank"] == 0 else read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
+                state
+                if lay["dp_rank"] == 0
+                else read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True, checked=True)
             )
             pieces = _slice_pieces(step_dir, dp, lay["tp_rank"], lay["pp_rank"], first)
             merged["params"] = {k: merge_slices(k, v, where) for k, v in pieces.items()}
@@ -645,12 +692,12 @@ def _copied(value):
 def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> dict:
     """Load this rank's own file: parameters and optimizer state exactly as saved (format 3: the parameters, and
     the default optimizer's state, from data-parallel rank 0's file, memory-mapped)."""
-    state = read_rank_file(_rank_file(step_dir, lay))
+    state = read_rank_file(_rank_file(step_dir, lay), checked=True)
     fmt, opt = state.get("format"), state["optimizer"]
     first = None
     if lay["dp_rank"] and (fmt == 3 or (fmt == 2 and optimizer is not None and opt is None)):
         # format 2: an optimizer sharded over data-parallel ranks saved its by-name state on data-parallel rank 0
-        first = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True)
+        first = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True, checked=True)
     weights = first["model"] if fmt == 3 and first is not None else state["model"]
     params = _local_parameters(model)
     _check_names(step_dir, set(weights), set(params))
@@ -707,6 +754,7 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     meta = read_meta(step_dir)
     saved = meta["layout"]
     same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp")) and saved.get("vpp", 1) == lay["vpp"]
+    check_rank_files(step_dir, saved, every=same or optimizer is not None)
     if same:
         state = _load_same_layout(step_dir, lay, saved["dp"], model, optimizer)
         # every rank resumes from its own file: one of another step (a copied file) would desynchronise the ranks

@@ -414,6 +414,8 @@ def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_pat
         got = run(interrupted, 2)
         d = save_checkpoint(tmp_path, 2, *interrupted, user_state={"data": {"position": 8}})
         (d / "meta.json").write_text((d / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
+        for suffix in ("", ".sha256"):  # the file a second data-parallel rank would have written
+            shutil.copy(d / f"rank_tp0_pp0_dp0.pt{suffix}", d / f"rank_tp0_pp0_dp1.pt{suffix}")
         resumed = fresh(2)
         assert load_checkpoint(tmp_path, *resumed) == (2, {"data": {"position": 8}})
         got += run(resumed, 2)
@@ -512,3 +514,71 @@ def test_damaged_slices_and_a_rank_file_of_another_step_stop_every_rank(zero1, t
             ValueError, match=r"rank_tp0_pp0_dp1.pt: saved at step 2, data-parallel rank 0's file at step 3"
         ):
             load_checkpoint(tmp_path / "step" / "checkpoints", model, opt, sched)
+
+
+def test_the_files_to_check_are_shared_out_each_once():
+    from shiq_train.checkpoint import assign_files
+
+    for sizes, world in (([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2), ([5, 5, 5, 5], 4), ([3, 0, 7], 5), ([4, 4, 4], 1)):
+        owner = assign_files(sizes, world)
+        assert len(owner) == len(sizes) and all(0 <= r < world for r in owner)
+        load = [sum(s for s, r in zip(sizes, owner) if r == k) for k in range(world)]
+        assert max(load) <= sum(sizes) / world + max(sizes), (sizes, world, load)  # the greedy bound
+    assert assign_files([10, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1], 2).count(0) == 1  # the large file alone on rank 0
+    assert assign_files([5, 5, 5, 5], 4) == [0, 1, 2, 3]
+
+
+def _checks_worker(rank, port, d):
+    """Load the DP2 checkpoint at DP2, recording which files this rank hashed; then a copy with rank 1's file
+    corrupted: what each rank raised."""
+    import shiq_train.checkpoint as C
+    from shiq_train.dist_optim import build_distributed
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    hashed, check = [], C.check_sha256
+
+    def recording(path):
+        hashed.append(Path(path).name)
+        return check(path)
+
+    C.check_sha256 = recording
+    got = {}
+    with parallel.distributed(rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        for name in ("good", "corrupt"):
+            ddp, opt, sched = build_distributed(M.build_model(tiny_config()), OptimizerConfig(distributed=True))
+            try:
+                load_checkpoint(d / name / "checkpoints", ddp, opt, sched)
+                got[name] = list(hashed)
+            except ValueError as e:
+                got[name] = str(e)
+    (d / f"checks{rank}.json").write_text(json.dumps(got))
+
+
+def test_each_rank_file_is_hashed_once_by_one_rank_and_a_bad_one_stops_every_rank(zero1, tmp_path):
+    """Every rank hashed each file it read (at DP2, rank 1 its own and rank 0's, the larger): the checkpoint's
+    bytes went through the disks once per rank reading them. Now the ranks share the files, each hashed once
+    before any is read, and a corrupt file stops every rank with the same line."""
+    _copy(zero1["dir"], tmp_path / "good")
+    bad = _copy(zero1["dir"], tmp_path / "corrupt") / "checkpoints" / "step_00000003" / "rank_tp0_pp0_dp1.pt"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad.write_bytes(bytes(data))
+    mp.spawn(_checks_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
+    assert sorted(got[0]["good"] + got[1]["good"]) == ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp0_dp1.pt"], got
+    assert len(got[0]["good"]) == len(got[1]["good"]) == 1
+    assert (
+        got[0]["corrupt"]
+        == got[1]["corrupt"]
+        == f"{bad}: sha256 differs from {bad.name}.sha256's (the file changed or is corrupt)"
+    )
+    # in another layout without an optimizer only the parameters' files are read, and hashed
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=7):
+        model = M.build_model(tiny_config())
+        assert load_checkpoint(bad.parent.parent, model)[0] == 3  # rank 1's corrupt file is not read
+        opt, sched = build_optimizer(model, OptimizerConfig())
+        with pytest.raises(ValueError, match="sha256 differs"):
+            load_checkpoint(bad.parent.parent, model, opt, sched)
