@@ -582,6 +582,36 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     rm_info = json.loads((out / "reward_model.json").read_text())  # --quick scores 400 of the held-out snippets
     assert rm_info["n_held_out"] == cfg["reward_model"]["max_held_out_texts"] < len(split["held_out"])
     assert {p["snippet_id"] for p in prompts["train"]} <= set(split["train"])
+    # by text too (the report's contamination), against word tuples
+    from shiq_data.assets import vader_archive
+    from shiq_eval.moviereviews import load_movie_snippets
+
+    def ws(text):
+        return tuple(re.findall(r"\w+", text.casefold()))
+
+    by_id = {r.id: r.text for r in load_movie_snippets(vader_archive())}
+    single_ids = [json.loads(x)["snippet_id"] for x in (out / "samples_single.jsonl").read_text().splitlines()]
+    prompt_words = cfg["data"]["prompt_words"]
+    openings = {ws(p["opening"]) for p in prompts["train"]}
+    openings |= {ws(" ".join(by_id[i].split()[:prompt_words])) for i in single_ids}
+    held_runs = set()
+    for i in split["held_out"]:
+        w = ws(by_id[i])
+        n = min(len(w), 13)
+        held_runs |= {(i, w[k : k + n]) for k in range(len(w) - n + 1)} if len(w) >= 8 else set()
+    runs_of = {}
+    for i, run in held_runs:
+        runs_of.setdefault(len(run), {}).setdefault(run, set()).add(i)
+    found = set()
+    for j in split["train"]:
+        w = ws(by_id[j])
+        for n, table in runs_of.items():
+            for k in range(len(w) - n + 1):
+                found |= table.get(w[k : k + n], set())
+    c = rep["contamination"]
+    assert c["eval_prompts"] == len(prompts["eval"]) and c["held_out_snippets"] == len(split["held_out"])
+    assert c["eval_prompts_trained_on"] == sum(ws(p["opening"]) in openings for p in prompts["eval"])
+    assert c["held_out_snippets_in_training_snippets"] == len(found)
     # the information-controlled arm: one completion for each of train_prompts x k training prompts
     k, n = cfg["data"]["completions_per_prompt"], cfg["data"]["train_prompts"]
     import pyarrow.ipc as ipc

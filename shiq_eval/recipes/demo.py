@@ -58,6 +58,7 @@ from shiq_data.assets import AssetMissing, config_dir, minilm_dir, smollm2_gguf,
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
 from shiq_data.cli_common import ArgumentParser, folder_path
+from shiq_data.curate.decontaminate import MIN_WORDS, NGRAM, EvaluationRuns, WordHashes, contaminated, words
 from shiq_data.io import atomic_write_bytes, atomic_write_json, recorded_sha256, sha256_files, type_name
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import (
@@ -1028,6 +1029,33 @@ def beyond_two_se(gain: float, se: float) -> bool:
     return bool(se > 0 and gain > 2 * se)
 
 
+def contamination(ctx: Context) -> dict:
+    """What of the evaluation the training data holds, by text (``shiq_data.curate.decontaminate``'s words): the
+    held-out prompts whose opening is also the opening of a prompt the policies trained on (the grouped
+    buffer's, and the single-completion arm's when it ran), and the held-out snippets (whose ratings give the
+    reward model's held-out r) that share a run of 13 words with a training snippet or are one: the split is by
+    snippet id, and the rated snippets hold a few texts twice."""
+    split, prompts = read_split(ctx), read_prompts(ctx)
+    by_id = {r.id: r for r in load_movie_snippets(vader_archive())}
+    trained = [p["opening"] for p in prompts["train"]]
+    single = ctx.out / "samples_single.jsonl"
+    if single.is_file():
+        trained += [opening(by_id[r["snippet_id"]].text, ctx.cfg["data"]["prompt_words"]) for r in read_jsonl(single)]
+    seen = {tuple(words(o)) for o in trained}
+    in_training = sum(tuple(words(p["opening"])) in seen for p in prompts["eval"])
+    held = [by_id[i].text for i in split["held_out"]]
+    runs = EvaluationRuns(held, NGRAM, MIN_WORDS)
+    contaminated([words(by_id[i].text) for i in split["train"]], runs, WordHashes())
+    return {
+        "eval_prompts": len(prompts["eval"]),
+        "eval_prompts_trained_on": in_training,
+        "held_out_snippets": len(held),
+        "held_out_snippets_in_training_snippets": int(runs.matched.sum()),
+        "ngram": NGRAM,
+        "min_words": MIN_WORDS,
+    }
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     s = cfg["eval"]["samples_per_prompt"]
@@ -1125,6 +1153,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
         "curves": rows,
         "timings": timings,
         "reward_model": rm,
+        "contamination": contamination(ctx),
         "reward_center": buf["reward_center"],
         "config": cfg,
         "versions": _versions(),
@@ -1163,7 +1192,15 @@ def report_markdown(rep: dict) -> str:
             else ""
         )
         + f"; Pearson r = {rm['pearson_held_out']:.3f} on {rm['n_held_out']} held-out snippets (never used for "
-        "fitting or choosing l2). Evaluation prompts come only from the held-out snippets.",
+        "fitting or choosing l2). Evaluation prompts come only from the held-out snippets."
+        + (
+            f" By text: {c['eval_prompts_trained_on']} of the {c['eval_prompts']} evaluation prompts open like a prompt "
+            f"the policies trained on, and {c['held_out_snippets_in_training_snippets']} of the "
+            f"{c['held_out_snippets']} held-out snippets share a run of {c['ngram']} words with a training snippet "
+            "(the split is by snippet id; the rated snippets hold a few texts twice)."
+            if (c := rep.get("contamination"))
+            else ""
+        ),
         "- **Second opinion (gold).** The VADER lexicon's compound score (−1 … +1) of each completion alone, a "
         "hand-built rule scorer that nothing here is trained on. A policy whose reward rises while its gold "
         "score does not is probably exploiting the reward model (e.g. incoherent text scored positive).",
