@@ -314,6 +314,32 @@ def test_quick_run_report_and_resume(tmp_path):
     first = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)
     rep = json.loads((out / "report.json").read_text())
     assert (out / "report.md").is_file() and (out / "buffer" / "manifest.json").is_file()
+    # the held-out scenarios' user turns against the trained scenarios', by word tuples (report.json's contamination)
+    cfg = bfcl.load_config(quick=True)
+
+    def turns(e):
+        return [m["content"] for turn in e["question"] for m in turn if isinstance(m.get("content"), str)]
+
+    def ws(text):
+        return tuple(re.findall(r"\w+", text.casefold()))
+
+    trained = {json.loads(x)["id"] for x in (out / "trajectories.jsonl").read_text().splitlines()}
+    seen = [ws(t) for e in data.load_category(cfg["data"]["category"]) if e["id"] in trained for t in turns(e)]
+    held = bfcl.scenario_entries(cfg, "test")
+
+    def in_training(e):
+        for t in turns(e):
+            w = ws(t)
+            n = min(len(w), 13)
+            if len(w) >= 8 and any(
+                w[k : k + n] == s[j : j + n] for s in seen for j in range(len(s) - n + 1) for k in range(len(w) - n + 1)
+            ):
+                return True
+        return False
+
+    c = rep["contamination"]
+    assert (c["held_out_scenarios"], c["trained_scenarios"]) == (len(held), len(trained))
+    assert c["held_out_scenarios_in_training_questions"] == sum(map(in_training, held))
     assert all((out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for name in bfcl.FIGURES)
     cfg = bfcl.load_config(quick=True)
     assert set(rep["methods"]) == {"sft", "shiq", "shiq_tk", "mt_dpo", "mt_copg"}
@@ -627,3 +653,18 @@ def test_one_seed_of_one_scenario_writes_its_undefined_errors_as_null(tmp_path):
     (tmp_path / "seed0" / "report.json").write_text(json.dumps(rep))
     rows = {r["arm"]: r for r in bfcl.seeds_report(tmp_path, ["seed0"])["arms"]}
     assert rows["shiq"]["turn_accuracy_se"] == 0.0 and math.isnan(rows["shiq"]["turn_accuracy_sd"])
+
+
+def test_contamination_finds_held_out_scenarios_that_were_trained_on(tmp_path):
+    """A held-out scenario among the trained ones is found by its own user turns (every scenario has a turn
+    of at least 8 words); the default split's trained scenarios share no run of 13 words with the held-out
+    ones; a trajectory of an unknown scenario is named."""
+    cfg = bfcl.load_config()
+    held = bfcl.scenario_entries(cfg, "test")
+    trained = bfcl.trained_scenarios(cfg, bfcl.scenario_entries(cfg, "train"))
+    leak = bfcl.contamination(cfg, [{"id": e["id"]} for e in trained + held[:3]], tmp_path / "t.jsonl")
+    clean = bfcl.contamination(cfg, [{"id": e["id"]} for e in trained], tmp_path / "t.jsonl")
+    assert leak["held_out_scenarios_in_training_questions"] >= 3 and leak["held_out_scenarios"] == len(held)
+    assert clean["held_out_scenarios_in_training_questions"] == 0
+    with pytest.raises(ValueError, match=r"t.jsonl: scenario 'nope_1' is not one of multi_turn_base's"):
+        bfcl.contamination(cfg, [{"id": "nope_1"}], tmp_path / "t.jsonl")

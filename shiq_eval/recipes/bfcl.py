@@ -54,6 +54,15 @@ import torch
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.cli_common import ArgumentParser, folder_path
+from shiq_data.curate.decontaminate import (
+    MIN_WORDS,
+    NGRAM,
+    EvaluationRuns,
+    WordHashes,
+    contaminated,
+    message_parts,
+    words,
+)
 from shiq_data.io import atomic_write_bytes, atomic_write_json, atomic_write_jsonl
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.sampler import BufferSampler
@@ -582,6 +591,26 @@ def read_trajectories(path: Path, key: str) -> list[dict]:
     return trajectories
 
 
+def contamination(cfg: dict, trajectories: list[dict], path: Path) -> dict:
+    """What of the held-out scenarios the training data holds, by text (``shiq_data.curate.decontaminate``'s
+    words): the evaluated held-out scenarios whose user turns share a run of 13 words with a trained
+    scenario's (the split is by scenario index; BFCL's scenarios reuse phrasings and credentials)."""
+    entries = {e["id"]: e for e in load_category(cfg["data"]["category"])}
+    trained = sorted({t["id"] for t in trajectories})
+    if unknown := [i for i in trained if i not in entries]:
+        raise ValueError(f"{path}: scenario {unknown[0]!r} is not one of {cfg['data']['category']}'s{REDO}")
+    held = scenario_entries(cfg, "test")
+    runs = EvaluationRuns([message_parts(e["question"]) for e in held], NGRAM, MIN_WORDS)
+    contaminated([words(m) for i in trained for m in message_parts(entries[i]["question"])], runs, WordHashes())
+    return {
+        "held_out_scenarios": len(held),
+        "held_out_scenarios_in_training_questions": int(runs.matched.sum()),
+        "trained_scenarios": len(trained),
+        "ngram": NGRAM,
+        "min_words": MIN_WORDS,
+    }
+
+
 def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     key = "turn_rewards" if cfg["data"]["reward"] == "cumulative" else "turn_rewards_reset"
@@ -618,6 +647,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
         "reference": reference,
         "methods": methods,
         "data": data,
+        "contamination": contamination(cfg, trajectories, ctx.out / "trajectories.jsonl"),
         "timings": timings,
         "config": cfg,
         "versions": _versions(),
@@ -702,7 +732,13 @@ def report_markdown(rep: dict) -> str:
         f"trajectories, {data['turns']} turns, {data['tokens']['mean']:.0f} tokens per row on average (at most "
         f"{cfg['data']['max_tokens']}: {data['scenarios_cut']} scenarios kept only their first whole turns, "
         f"{len(data['scenarios_dropped'])} dropped). In {data['groups_tied']} scenarios every trajectory has the "
-        "same return: multi-turn DPO forms no pair from them (ties are dropped), ShiQ and CoPG still learn from them.",
+        "same return: multi-turn DPO forms no pair from them (ties are dropped), ShiQ and CoPG still learn from them."
+        + (
+            f" By text, {c['held_out_scenarios_in_training_questions']} of the {c['held_out_scenarios']} held-out "
+            f"scenarios share a run of {c['ngram']} words with a trained scenario's user turns."
+            if (c := rep.get("contamination"))
+            else ""
+        ),
         f"- **Training.** {', '.join(t['methods'])}: {t['steps']} AdamW steps each (lr {t['lr']}, warm-up "
         f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} scenarios per step with all their trajectories "
         f"(sft: their ground truths only), the last {t['trainable_last_layers']} transformer layers trained. β per "
