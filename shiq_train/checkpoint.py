@@ -668,11 +668,12 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
             merged["params"] = {k: merge_slices(k, v, where) for k, v in pieces.items()}
         except ValueError as e:
             problem = e
-    if holds is not None:  # the other data-parallel ranks wait for rank 0's merge: every rank stops with it
-        bad = torch.tensor([int(problem is not None)], dtype=torch.int32, device=device())
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() and problem is None:
-            problem = ValueError(f"{where}: the distributed optimizer's slices are damaged (see data-parallel rank 0)")
+    # every rank stops with a rank that failed (the distributed optimizer's other data-parallel ranks wait for
+    # rank 0's merge; another tensor or pipeline rank's slices may be the damaged ones)
+    bad = torch.tensor([int(problem is not None)], dtype=torch.int32, device=device())
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item() and problem is None:
+        problem = ValueError(f"{where}: the distributed optimizer's slices are damaged (see the other ranks)")
     if problem is not None:
         raise problem
     return merged

@@ -1225,6 +1225,9 @@ def _one_prompt_run(out, earlier_ids=None):
         json.dumps({"l2": 1.0, "n_train": 9, "n_held_out": 3, "pearson_held_out": 0.5})
     )
     (out / "buffer.json").write_text(json.dumps({"reward_center": 0.0}))
+    (out / "split.json").write_text(json.dumps({"train": [1, 2], "held_out": [7]}))  # (the report's contamination)
+    openings = {"train": [{"snippet_id": 1, "opening": "a b c"}], "eval": [{"snippet_id": 7, "opening": "d e f"}]}
+    (out / "prompts.json").write_text(json.dumps({"instruction": "x", **openings}))
     return SimpleNamespace(cfg=cfg, out=out)
 
 

@@ -259,6 +259,8 @@ def test_the_global_batch_is_compared_with_the_checkpoints_own(tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     meta = out / "checkpoints" / "step_00000002" / "meta.json"  # as a DP=2 run saved it (the rank files serve)
     meta.write_text(meta.read_text().replace('"dp": 1', '"dp": 2'))
+    for suffix in ("", ".sha256"):  # the file the second data-parallel rank wrote
+        shutil.copy(meta.parent / f"rank_tp0_pp0_dp0.pt{suffix}", meta.parent / f"rank_tp0_pp0_dp1.pt{suffix}")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     cfg["data"]["micro_batches_per_step"] = 2  # as the killed start in one process wrote it
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
