@@ -402,22 +402,16 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
             staged[0].write_text("".join(line + "\n" for line in lines), encoding="utf-8")
             os.chmod(staged[0], 0o644)
 
-    try:
-        buf = write_curated(
-            rows(),
-            out,
-            parents=[source],
-            command=command,
-            curation=curation,
-            ref_model=source.ref_model,
-            progress=progress,
-        )
-    except ValueError as e:
-        if str(e).endswith("no rows to write"):
-            raise ValueError(
-                f"every row of {path} shares a run of words with the evaluation texts; nothing written"
-            ) from None
-        raise
+    buf = write_curated(
+        rows(),
+        out,
+        parents=[source],
+        command=command,
+        curation=curation,
+        ref_model=source.ref_model,
+        progress=progress,
+        nothing=f"every row of {path} shares a run of words with the evaluation texts; nothing written",
+    )
     if staged is not None:
         os.replace(staged[0], dropped)
         fsync_dir(Path(dropped).parent)

@@ -41,18 +41,14 @@ def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = 
             curation["rows_kept"] += len(keep)
             yield source.take(table, keep)
 
-    try:
-        buf = write_curated(
-            rows(),
-            out,
-            parents=[source],
-            command=command,
-            curation=curation,
-            ref_model=source.ref_model,
-            progress=progress,
-        )
-    except ValueError as e:
-        if str(e).endswith("no rows to write"):
-            raise ValueError(f"--where {expr!r}: no row of {path} matches; nothing written") from None
-        raise
+    buf = write_curated(
+        rows(),
+        out,
+        parents=[source],
+        command=command,
+        curation=curation,
+        ref_model=source.ref_model,
+        progress=progress,
+        nothing=f"--where {expr!r}: no row of {path} matches; nothing written",
+    )
     return buf, curation["rows_kept"], curation["rows_read"]

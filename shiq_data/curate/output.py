@@ -32,6 +32,7 @@ def write_curated(
     curation: dict,
     ref_model: dict | None,
     progress: bool = False,
+    nothing: str | None = None,
 ) -> Buffer:
     """Write ``rows`` (tables of stored columns, as :meth:`CurationSource.take` gives) as a new buffer at
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
@@ -39,7 +40,8 @@ def write_curated(
     and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
     row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
     fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
-    pipeline), the chat template's only when every parent records the same one."""
+    pipeline), the chat template's only when every parent records the same one. ``nothing``: the error when no
+    row is left (the verb's own words; nothing is written)."""
     first = parents[0].manifest
     tokenizer_info = dict(first["tokenizer"])
     if any(p.pipeline_fingerprint is None for p in parents):
@@ -48,18 +50,23 @@ def write_curated(
     if any(t is MISSING or t != templates[0] for t in templates):  # unknown, or rows of several templates
         tokenizer_info.pop(CHAT_TEMPLATE_FIELD, None)
     shard_rows = shard_rows_of(first)
-    return write_buffer(
-        rows,
-        out,
-        tokenizer_info=tokenizer_info,
-        command=command,
-        shard_rows=shard_rows,
-        progress=progress,
-        input_name=", ".join(str(p.path) for p in parents),
-        ref_model=ref_model,
-        text_columns=parents[0].buffer.has_text,
-        parents=[p.parent() for p in parents],
-        curation=curation,
-        # the parents' commands come first, so a later append's row ids b<k>-... never clash with kept ones
-        prior_commands=[c for p in parents for c in p.manifest.get("commands", [])],
-    )
+    try:
+        return write_buffer(
+            rows,
+            out,
+            tokenizer_info=tokenizer_info,
+            command=command,
+            shard_rows=shard_rows,
+            progress=progress,
+            input_name=", ".join(str(p.path) for p in parents),
+            ref_model=ref_model,
+            text_columns=parents[0].buffer.has_text,
+            parents=[p.parent() for p in parents],
+            curation=curation,
+            # the parents' commands come first, so a later append's row ids b<k>-... never clash with kept ones
+            prior_commands=[c for p in parents for c in p.manifest.get("commands", [])],
+        )
+    except ValueError as e:
+        if nothing is not None and str(e).endswith("no rows to write"):
+            raise ValueError(nothing) from None
+        raise
