@@ -539,7 +539,9 @@ class _SavedLayout:
     shard of any of them (``shiq_train.weights.reshard_tensor``). The distributed optimizer's slices (saved
     by every data-parallel rank) are put together one parameter at a time, when it is cut."""
 
-    def __init__(self, step_dir: Path, saved: dict):
+    def __init__(self, step_dir: Path, saved: dict, optimizer: bool = True):
+        # ``optimizer``: the optimizer state is wanted; without it only the data-parallel rank 0 files are
+        # read (the only ones :func:`check_rank_files` checked then): never the other ranks' slices
         self.step_dir, self.tp = step_dir, saved["tp"]
         self.entries: dict[str, dict] = {}
         self.first = None
@@ -557,8 +559,8 @@ class _SavedLayout:
                     self.first = state
                 if state["optimizer"] and (state["optimizer"].get("params") or {}):
                     self.steps |= {int(g.get("step", 0)) for g in state["optimizer"].get("groups") or []}
-                opt = (state["optimizer"] or {}).get("params", {})
-                if is_sliced(state["optimizer"]):
+                opt = (state["optimizer"] or {}).get("params", {}) if optimizer else {}
+                if optimizer and is_sliced(state["optimizer"]):
                     where = _slices_where(step_dir, tp_rank, pp_rank)
                     opt = {
                         k: (v, where) for k, v in _slice_pieces(step_dir, saved["dp"], tp_rank, pp_rank, state).items()
@@ -618,7 +620,7 @@ class _SavedLayout:
 
 def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) -> dict:
     """Load a checkpoint saved under the layout ``saved`` into this rank's shards; returns global rank 0's file."""
-    src = _SavedLayout(step_dir, saved)
+    src = _SavedLayout(step_dir, saved, optimizer is not None)
     layout = param_layout(model)
     stages = [None] * dist.get_world_size()  # the whole model's names: this rank holds one stage's
     dist.all_gather_object(stages, sorted({info["name"] for info in layout.values()}))

@@ -582,3 +582,37 @@ def test_each_rank_file_is_hashed_once_by_one_rank_and_a_bad_one_stops_every_ran
         opt, sched = build_optimizer(model, OptimizerConfig())
         with pytest.raises(ValueError, match="sha256 differs"):
             load_checkpoint(bad.parent.parent, model, opt, sched)
+
+
+def test_a_load_without_an_optimizer_in_another_layout_reads_no_unchecked_slices(tmp_path):
+    """Without an optimizer, a load in another layout checks the data-parallel rank 0 files only: it must not
+    read the other ranks' files either (the distributed optimizer's slices, which it does not need). They were
+    unpickled unchecked: a symbolic link followed, a truncated or missing file stopped the load."""
+    import os
+
+    from shiq_train.checkpoint import is_sliced, read_rank_file
+
+    make_buffer(tmp_path / "buffer")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1, distributed=True)
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    assert is_sliced(read_rank_file(step / "rank_tp0_pp0_dp0.pt")["optimizer"])
+    # the same checkpoint as saved at DP2: its rank 1 file, then damaged in three ways
+    (step / "meta.json").write_text((step / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
+    one = step / "rank_tp0_pp0_dp1.pt"
+    for suffix in ("", ".sha256"):
+        shutil.copy(step / f"rank_tp0_pp0_dp0.pt{suffix}", step / f"rank_tp0_pp0_dp1.pt{suffix}")
+    for damage in ("truncated", "missing", "link"):
+        one.unlink(missing_ok=True)
+        if damage == "truncated":
+            one.write_bytes((step / "rank_tp0_pp0_dp0.pt").read_bytes()[:100])
+        elif damage == "link":
+            os.symlink(step / "rank_tp0_pp0_dp0.pt", one)
+        with parallel.distributed(seed=7):
+            model = M.build_model(tiny_config())
+            # loaded as another layout (dp 2 there, 1 here): rank 1's file is neither needed nor checked
+            assert load_checkpoint(step.parent, model)[0] == 1, damage
+            opt, sched = build_optimizer(model, OptimizerConfig())
+            with pytest.raises(ValueError, match="rank_tp0_pp0_dp1.pt"):  # with an optimizer it is checked
+                load_checkpoint(step.parent, model, opt, sched)
