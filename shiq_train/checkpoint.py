@@ -485,6 +485,8 @@ def check_rank_files(step_dir: Path, saved: dict, every: bool) -> None:
                 check_sha256(f)
             except ValueError as e:
                 problem = str(e)
+            except OSError as e:  # unreadable (EIO on a damaged disk, a folder in its place): also on every rank
+                problem = f"{e.filename or f}: cannot be read to check its sha256 ({e.strerror or e}): the checkpoint is damaged"
     problems = [None] * world
     dist.all_gather_object(problems, problem)
     first = next((p for p in problems if p is not None), None)

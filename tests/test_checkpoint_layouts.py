@@ -616,3 +616,21 @@ def test_a_load_without_an_optimizer_in_another_layout_reads_no_unchecked_slices
             opt, sched = build_optimizer(model, OptimizerConfig())
             with pytest.raises(ValueError, match="rank_tp0_pp0_dp1.pt"):  # with an optimizer it is checked
                 load_checkpoint(step.parent, model, opt, sched)
+
+
+def test_a_rank_file_that_cannot_be_read_stops_the_load_with_one_line(tmp_path):
+    """check_rank_files shares every rank's failure (an all-gather of the problems): an OSError (EIO on a
+    damaged disk, a folder in a file's place) escaped it on the checking rank only, the others getting a
+    transport error instead of the line."""
+    from shiq_train.checkpoint import check_rank_files
+
+    make_buffer(tmp_path / "buffer")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=SEED):
+        train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1)
+        step = tmp_path / "run" / "checkpoints" / "step_00000001"
+        sums = step / "rank_tp0_pp0_dp0.pt.sha256"
+        sums.unlink()
+        sums.mkdir()
+        with pytest.raises(ValueError, match=r"rank_tp0_pp0_dp0.pt.sha256: cannot be read to check its sha256"):
+            check_rank_files(step, {"tp": 1, "pp": 1, "dp": 1}, every=True)
