@@ -476,8 +476,10 @@ def check_rank_files(step_dir: Path, saved: dict, every: bool) -> None:
         for t in range(saved["tp"])
         for d in range(saved["dp"] if every else 1)
     ]
-    sizes = [f.stat().st_size if f.is_file() and not f.is_symlink() else 0 for f in files]
     world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [[f.stat().st_size if f.is_file() and not f.is_symlink() else 0 for f in files] if rank == 0 else None]
+    dist.broadcast_object_list(sizes, src=0)  # rank 0's: every rank shares out the same way (nodes may see others)
+    sizes = sizes[0]
     problem = None
     for f, owner in zip(files, assign_files(sizes, world)):
         if owner == rank and problem is None:

@@ -612,6 +612,7 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     assert c["eval_prompts"] == len(prompts["eval"]) and c["held_out_snippets"] == len(split["held_out"])
     assert c["eval_prompts_trained_on"] == sum(ws(p["opening"]) in openings for p in prompts["eval"])
     assert c["held_out_snippets_in_training_snippets"] == len(found)
+    assert c["held_out_snippets_too_short"] == sum(len(ws(by_id[i])) < 8 for i in split["held_out"])
     # the information-controlled arm: one completion for each of train_prompts x k training prompts
     k, n = cfg["data"]["completions_per_prompt"], cfg["data"]["train_prompts"]
     import pyarrow.ipc as ipc

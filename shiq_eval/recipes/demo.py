@@ -1051,6 +1051,7 @@ def contamination(ctx: Context) -> dict:
         "eval_prompts_trained_on": in_training,
         "held_out_snippets": len(held),
         "held_out_snippets_in_training_snippets": int(runs.matched.sum()),
+        "held_out_snippets_too_short": runs.skipped,  # under min_words: not checked
         "ngram": NGRAM,
         "min_words": MIN_WORDS,
     }
@@ -1197,7 +1198,12 @@ def report_markdown(rep: dict) -> str:
             f" By text: {c['eval_prompts_trained_on']} of the {c['eval_prompts']} evaluation prompts open like a prompt "
             f"the policies trained on, and {c['held_out_snippets_in_training_snippets']} of the "
             f"{c['held_out_snippets']} held-out snippets share a run of {c['ngram']} words with a training snippet "
-            "(the split is by snippet id; the rated snippets hold a few texts twice)."
+            "(the split is by snippet id; the rated snippets hold a few texts twice"
+            + (
+                f"; {c['held_out_snippets_too_short']} held-out snippets under {c['min_words']} words are not checked)."
+                if c.get("held_out_snippets_too_short")
+                else ")."
+            )
             if (c := rep.get("contamination"))
             else ""
         ),
