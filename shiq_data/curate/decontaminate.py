@@ -83,8 +83,10 @@ def message_parts(value) -> list[str]:
 
 
 def row_parts(text: str) -> list[str]:
-    """A buffer row's text as evaluation texts: a stored message list's (see :func:`given_row_text`) messages,
-    one each, else the text itself."""
+    """A buffer row's text column as compared: a stored message list's (JSON text: a list of objects with a
+    ``role``) messages, one each, else the text itself. Other JSON (a completion that is a JSON object,
+    ``{"text": ..., "reason": ...}``) is compared whole: taking only its ``text`` or ``content`` would hide the
+    rest of its words."""
     if text.startswith("["):
         try:
             value = json.loads(text)
@@ -97,11 +99,9 @@ def row_parts(text: str) -> list[str]:
     return [text]
 
 
-def given_row_text(text: str) -> str:
-    """A buffer row's text as compared: a stored message list's (JSON text: a list of objects with a ``role``)
-    messages, else the text itself. Other JSON (a completion that is a JSON object, ``{"text": ..., "reason":
-    ...}``) is compared whole: taking only its ``text`` or ``content`` would hide the rest of its words."""
-    return "\n".join(row_parts(text))
+def by_parts(by: str, prompt: str, completion: str) -> list[str]:
+    """The texts (:func:`row_parts`) of a buffer row's prompt, completion or both (``by``)."""
+    return (row_parts(prompt) if by != "completion" else []) + (row_parts(completion) if by != "prompt" else [])
 
 
 class WordHashes:
@@ -181,10 +181,7 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
         texts = []
         for table in source.shards():
             prompts, completions = source.texts(table)
-            for p, c in zip(prompts, completions):
-                texts.append(
-                    {"prompt": row_parts(p), "completion": row_parts(c), "row": row_parts(p) + row_parts(c)}[by]
-                )
+            texts += [by_parts(by, p, c) for p, c in zip(prompts, completions)]
         return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
     if not path.is_file():
         raise ValueError(f"--against {path}: no such file or folder")
@@ -208,11 +205,6 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
                 raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
             texts.append(text)
     return texts, {"path": str(path.resolve()), "sha256": sha256_files([path]), "texts": len(texts)}
-
-
-def _by(by: str, prompt: str, completion: str) -> str:
-    prompt, completion = given_row_text(prompt), given_row_text(completion)
-    return {"prompt": prompt, "completion": completion, "row": prompt + "\n" + completion}[by]
 
 
 class EvaluationRuns:
@@ -386,7 +378,9 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
     def rows():
         for table in source.shards():
             prompts, completions = source.texts(table)
-            first = contaminated([words(_by(by, p, c)) for p, c in zip(prompts, completions)], runs, hashes)
+            first = contaminated(
+                [words("\n".join(by_parts(by, p, c))) for p, c in zip(prompts, completions)], runs, hashes
+            )
             bad = np.array(sorted(first), dtype=np.int64)
             keep = np.setdiff1d(np.arange(table.num_rows), bad)
             ids, sources = table.column("row_id").to_pylist(), table.column("source").to_pylist()
