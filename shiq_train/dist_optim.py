@@ -22,6 +22,8 @@ Selected by ``optimizer.distributed=true`` (:class:`shiq_train.train_step.Optimi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -242,12 +244,7 @@ class DistributedAdamW:
             raise ValueError(
                 problem or "the checkpoint's optimizer state does not fit the model (see data-parallel rank 0)"
             )
-        self.dist.load_state_dict({"optimizer": {"param_groups": saved["groups"]}})  # allocates the slices
-        # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
-        # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
-        for s in self.torch_optimizer.state.values():
-            if "step" in s:  # (Transformer Engine's and Apex's fused Adam count in the groups instead)
-                s["step"] = s["step"].clone()
+        self._allocate(saved["groups"])
         owned = list(self._owned(offsets))
         spans = [(off, off + p.numel(), name) for (name, p), off in zip(self.named, offsets)]
         piece = torch.empty(min(n, GATHER_CHUNK), dtype=torch.float32, device=device())
@@ -287,7 +284,7 @@ class DistributedAdamW:
             params[name] = {
                 "group": 0 if p.dim() > 1 else 1,
                 "state": {"exp_avg": flat["exp_avg"], "exp_avg_sq": flat["exp_avg_sq"], "step": torch.tensor(step)},
-                "master": flat["param"] if p.dtype != torch.float32 else None,
+                "master": flat.get("param"),
                 "slice": [sl[0], sl[1]],
                 "shape": list(p.shape),
             }
@@ -347,16 +344,22 @@ class DistributedAdamW:
                 "the checkpoint's optimizer slices are not this layout's (another data-parallel size, or other "
                 "trainable parameters): put them together first (shiq_train.checkpoint)"
             )
-        groups = [{k: v for k, v in g.items() if k != "format"} for g in state["groups"]]
-        self.dist.load_state_dict({"optimizer": {"param_groups": groups}})  # allocates the slices
-        for s in self.torch_optimizer.state.values():  # one step tensor each (see load_state_dict)
-            if "step" in s:
-                s["step"] = s["step"].clone()
+        self._allocate([{k: v for k, v in g.items() if k != "format"} for g in state["groups"]])
         for name, p in self.named:
             if name in state["params"]:
                 live = self.dist._get_main_param_and_optimizer_states(p)
                 for k, saved in _slice_tensors(state["params"][name]).items():
                     live[k].view(-1).copy_(saved)
+
+    def _allocate(self, groups: list[dict]) -> None:
+        """Load the parameter groups ``groups`` (hyper-parameters, step count) into megatron's optimizer, which
+        allocates this rank's slices of the state."""
+        self.dist.load_state_dict({"optimizer": {"param_groups": groups}})
+        # megatron (0.16.1 distrib_optimizer.py:821-825, torch AdamW without Apex/TE) gives every parameter
+        # the same ``step`` tensor, which AdamW then increments once per parameter: one tensor each
+        for s in self.torch_optimizer.state.values():
+            if "step" in s:  # (Transformer Engine's and Apex's fused Adam count in the groups instead)
+                s["step"] = s["step"].clone()
 
     def _from_plain(self, entries: dict) -> tuple[list[dict], dict | None]:
         """``(groups, state)`` of :meth:`load_state_dict` from the default optimizer's by-name ``entries`` (its
@@ -465,9 +468,7 @@ def merge_slices(name: str, pieces: list[dict], where: str) -> dict:
     ``exp_avg_sq`` of its ``shape``, ``step``, ``group``) from its :meth:`DistributedAdamW.state_by_name` entries of
     every data-parallel rank (``pieces``), which must cover the parameter exactly once; ``where`` (the files) names a damaged checkpoint in the ``ValueError``."""
     shape = list(pieces[0].get("shape") or [])
-    n = 1
-    for d in shape:
-        n *= d
+    n = math.prod(shape)
     spans = sorted((tuple(e.get("slice") or (0, 0)), i) for i, e in enumerate(pieces))
     covered = 0
     for (a, b), i in spans:
