@@ -205,7 +205,7 @@ def model_config_from_llama(hf_config, **overrides):
     query and key head). A ``head_dim`` other than ``hidden_size / num_attention_heads`` is ``kv_channels``.
     Whatever the config holds that changes the forward pass and this model does not compute is refused, never
     dropped: another architecture (its biases), a sliding window, rotary embeddings scaled otherwise than Llama
-    3's (:func:`rope_scaling_factor`), biases (Qwen3's ``attention_bias``: the output projection's too), another
+    3's (:func:`rope_scaling_factor`) or on a part of each head (``partial_rotary_factor``), biases (Qwen3's ``attention_bias``: the output projection's too), another
     activation."""
     model_type = getattr(hf_config, "model_type", "llama")
     if model_type not in MODEL_TYPES:
@@ -250,6 +250,18 @@ def model_config_from_llama(hf_config, **overrides):
     if getattr(hf_config, "hidden_act", "silu") != "silu":
         raise ValueError(f"only SiLU-gated Llama MLPs are supported, got hidden_act={hf_config.hidden_act!r}")
     kw["rope_scaling_factor"] = rope_scaling_factor(hf_config)
+    partial = {  # transformers rotates only this share of each head's dimensions (its llama3 RoPE reads it)
+        getattr(hf_config, "partial_rotary_factor", None),
+        *(
+            (getattr(hf_config, f, None) or {}).get("partial_rotary_factor")
+            for f in ("rope_scaling", "rope_parameters")
+        ),
+    } - {None, 1}  # (1.0 == 1)
+    if partial:
+        raise ValueError(
+            f"partial_rotary_factor={sorted(partial, key=str)[0]!r}: rotary embeddings on a part of each head are "
+            "not computed here (every dimension of a head rotates)"
+        )
     biased = [f"{f}=True" for f in ("attention_bias", "mlp_bias") if getattr(hf_config, f, False)]
     if biased:
         raise ValueError(f"Llama checkpoints with biases are not supported: {', '.join(biased)}")

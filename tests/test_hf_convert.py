@@ -762,6 +762,33 @@ def test_llama3_rope_imports_only_with_the_parameters_megatron_fixes(tmp_path, s
     assert named in str(e.value) and "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("rope_type", ["llama3", "default"])
+def test_rotary_embeddings_on_part_of_each_head_are_refused(tmp_path, rope_type):
+    """A config's partial_rotary_factor (transformers' llama3 RoPE computes the frequencies of only that share of
+    each head's dimensions; its Llama attention then fails on them) was not read: the import built a model of
+    other rotary embeddings than the config's. It is refused in one line naming the field, wherever the config
+    holds it; a factor of 1 imports."""
+    from shiq_train.cli import ConfigError, read_llama_config
+
+    warnings.filterwarnings("ignore")
+    full = tiny_llama3(rope_type=rope_type)
+    rope = {**full.config.rope_parameters, "partial_rotary_factor": 0.5}
+    half = tiny_llama3(rope_type=rope_type, rope_parameters=rope)
+    if rope_type == "llama3":  # what the refusal protects: frequencies for half of each head
+        assert half.model.rotary_emb.inv_freq.numel() == full.model.rotary_emb.inv_freq.numel() // 2 == 4
+    with pytest.raises(ValueError, match=r"^partial_rotary_factor=0.5: rotary embeddings on a part of each head"):
+        H.model_config_from_llama(half.config)
+    top = tiny_llama3(rope_type=rope_type, partial_rotary_factor=0.25).config  # the older top-level field
+    with pytest.raises(ValueError, match=r"^partial_rotary_factor=0.25: "):
+        H.model_config_from_llama(top)
+    half.config.save_pretrained(tmp_path / "half")
+    with pytest.raises(ConfigError, match=r"config.json: partial_rotary_factor=0.5: ") as e:
+        read_llama_config(str(tmp_path / "half"))
+    assert "\n" not in str(e.value)
+    one = tiny_llama3(rope_type=rope_type, rope_parameters={**rope, "partial_rotary_factor": 1.0}).config
+    assert H.model_config_from_llama(one).rotary_base == 500000
+
+
 def test_a_shard_index_naming_a_file_outside_the_folder_is_refused(tmp_path):
     """transformers follows a sharded folder's model.safetensors.index.json wherever it points: an entry
     ``../b/model-00001-of-00003.safetensors`` loaded another folder's weights, which no checksum of the folder
