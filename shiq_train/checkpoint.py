@@ -489,8 +489,15 @@ def check_rank_files(step_dir: Path, saved: dict, every: bool) -> None:
                 problem = str(e)
             except OSError as e:  # unreadable (EIO on a damaged disk, a folder in its place): also on every rank
                 problem = f"{e.filename or f}: cannot be read to check its sha256 ({e.strerror or e}): the checkpoint is damaged"
-    problems = [None] * world
-    dist.all_gather_object(problems, problem)
+    stop_together(problem)
+
+
+def stop_together(problem: Exception | str | None) -> None:
+    """Collective: every rank raises the lowest failing rank's ``problem`` as the same one-line ``ValueError``,
+    or none raises. A rank that raised alone (a stage whose file does not fit, slices it alone merges) would
+    leave the others waiting in their next collective, under NCCL until ``parallel.timeout_minutes``."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, None if problem is None else str(problem))
     first = next((p for p in problems if p is not None), None)
     if first is not None:
         raise ValueError(first)
@@ -624,26 +631,31 @@ class _SavedLayout:
 
 def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) -> dict:
     """Load a checkpoint saved under the layout ``saved`` into this rank's shards; returns global rank 0's file."""
-    src = _SavedLayout(step_dir, saved, optimizer is not None)
     layout = param_layout(model)
     stages = [None] * dist.get_world_size()  # the whole model's names: this rank holds one stage's
     dist.all_gather_object(stages, sorted({info["name"] for info in layout.values()}))
-    _check_names(step_dir, set(src.entries), set().union(*stages))
     params = _local_parameters(model)
     tp, rank = lay["tp"], lay["tp_rank"]
-    by_name = {"groups": src.optimizer_groups(), "params": {}}
-    for local, info in layout.items():
-        name, e = info["name"], src.entries[info["name"]]
-        if (e["dim"], e["glu"]) != (info["dim"], info["glu"]):
-            raise _does_not_fit(step_dir, f"{name} is split on dim {e['dim']} there, on dim {info['dim']} here")
-        want = full_shape(params[local].shape, info["dim"], tp if info["dim"] is not None else 1)
-        if src.full_shape(name) != want:
-            raise _does_not_fit(step_dir, f"{name} has shape {list(src.full_shape(name))} there, {list(want)} here")
-        with torch.no_grad():
-            params[local].copy_(src.shard(name, tp, rank, lambda p, o: p))
-        entry = src.optimizer_state(name, tp, rank)
-        if entry is not None:
-            by_name["params"][local] = entry
+    problem = None
+    try:  # each stage checks its own parameters and merges their slices: every rank stops with one that fails
+        src = _SavedLayout(step_dir, saved, optimizer is not None)
+        _check_names(step_dir, set(src.entries), set().union(*stages))
+        by_name = {"groups": src.optimizer_groups(), "params": {}}
+        for local, info in layout.items():
+            name, e = info["name"], src.entries[info["name"]]
+            if (e["dim"], e["glu"]) != (info["dim"], info["glu"]):
+                raise _does_not_fit(step_dir, f"{name} is split on dim {e['dim']} there, on dim {info['dim']} here")
+            want = full_shape(params[local].shape, info["dim"], tp if info["dim"] is not None else 1)
+            if src.full_shape(name) != want:
+                raise _does_not_fit(step_dir, f"{name} has shape {list(src.full_shape(name))} there, {list(want)} here")
+            with torch.no_grad():
+                params[local].copy_(src.shard(name, tp, rank, lambda p, o: p))
+            entry = src.optimizer_state(name, tp, rank)
+            if entry is not None:
+                by_name["params"][local] = entry
+    except ValueError as e:
+        problem = e
+    stop_together(problem)
     if optimizer is not None and src.first["optimizer"] is not None:
         load_optimizer_state_by_name(model, optimizer, by_name)
     return src.first
@@ -676,12 +688,7 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
             problem = e
     # every rank stops with a rank that failed (the distributed optimizer's other data-parallel ranks wait for
     # rank 0's merge; another tensor or pipeline rank's slices may be the damaged ones)
-    bad = torch.tensor([int(problem is not None)], dtype=torch.int32, device=device())
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    if bad.item() and problem is None:
-        problem = ValueError(f"{where}: the distributed optimizer's slices are damaged (see the other ranks)")
-    if problem is not None:
-        raise problem
+    stop_together(problem)
     return merged
 
 
@@ -699,20 +706,25 @@ def _copied(value):
 def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> dict:
     """Load this rank's own file: parameters and optimizer state exactly as saved (format 3: the parameters, and
     the default optimizer's state, from data-parallel rank 0's file, memory-mapped)."""
-    state = read_rank_file(_rank_file(step_dir, lay), checked=True)
-    fmt, opt = state.get("format"), state["optimizer"]
-    first = None
-    if lay["dp_rank"] and (fmt == 3 or (fmt == 2 and optimizer is not None and opt is None)):
-        # format 2: an optimizer sharded over data-parallel ranks saved its by-name state on data-parallel rank 0
-        first = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True, checked=True)
-    weights = first["model"] if fmt == 3 and first is not None else state["model"]
-    params = _local_parameters(model)
-    _check_names(step_dir, set(weights), set(params))
-    for n, p in params.items():
-        if tuple(weights[n].shape) != tuple(p.shape):
-            raise _does_not_fit(
-                step_dir, f"parameter {n} has shape {list(weights[n].shape)} there, {list(p.shape)} here"
-            )
+    problem = None
+    try:  # each tensor and pipeline rank reads and checks its own files: every rank stops with one that fails
+        state = read_rank_file(_rank_file(step_dir, lay), checked=True)
+        fmt, opt = state.get("format"), state["optimizer"]
+        first = None
+        if lay["dp_rank"] and (fmt == 3 or (fmt == 2 and optimizer is not None and opt is None)):
+            # format 2: an optimizer sharded over data-parallel ranks saved its by-name state on data-parallel rank 0
+            first = read_rank_file(_rank_file(step_dir, {**lay, "dp_rank": 0}), mmap=True, checked=True)
+        weights = first["model"] if fmt == 3 and first is not None else state["model"]
+        params = _local_parameters(model)
+        _check_names(step_dir, set(weights), set(params))
+        for n, p in params.items():
+            if tuple(weights[n].shape) != tuple(p.shape):
+                raise _does_not_fit(
+                    step_dir, f"parameter {n} has shape {list(weights[n].shape)} there, {list(p.shape)} here"
+                )
+    except ValueError as e:
+        problem = e
+    stop_together(problem)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
@@ -765,14 +777,11 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     if same:
         state = _load_same_layout(step_dir, lay, saved["dp"], model, optimizer)
         # every rank resumes from its own file: one of another step (a copied file) would desynchronise the ranks
-        bad = torch.tensor([int(state.get("step") != meta["step"])], dtype=torch.int32, device=device())
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item():
-            raise ValueError(
-                f"{_rank_file(step_dir, lay)}: saved at step {state.get('step')}, not {meta['step']} as {step_dir / 'meta.json'}"
-                if state.get("step") != meta["step"]
-                else f"checkpoint {step_dir}: a rank file of another step (see the other ranks): the checkpoint is damaged"
-            )
+        stop_together(
+            f"{_rank_file(step_dir, lay)}: saved at step {state.get('step')}, not {meta['step']} as {step_dir / 'meta.json'}"
+            if state.get("step") != meta["step"]
+            else None
+        )
     else:
         state = _load_resharded(step_dir, saved, lay, model, optimizer)
     if isinstance(optimizer, MasterWeightOptimizer) and state["optimizer"] is None:
