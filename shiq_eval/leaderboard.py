@@ -633,7 +633,9 @@ def _suite_settings(table: list[dict]) -> dict[str, dict]:
 def _differing(sha: str, name: str, table: list[dict], settings: dict[str, dict]) -> str:
     """The settings of suite ``sha`` that differ in another suite named ``name`` (``key=value, ...``)."""
     mine = settings.get(sha)
-    others = [settings[o] for o in dict.fromkeys(t["suite_sha256"] for t in table if t["suite"] == name) if o != sha]
+    others = [
+        settings.get(o) for o in dict.fromkeys(t["suite_sha256"] for t in table if t["suite"] == name) if o != sha
+    ]
     if mine is None or not others or any(o is None for o in others):
         return ""
     keys = sorted(k for k in mine.keys() | set().union(*others) if any(o.get(k) != mine.get(k) for o in others))

@@ -471,6 +471,13 @@ def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tm
     assert headings[2].endswith("; sampling.max_new_tokens=48, scorer=python:m:f)"), headings
     assert headings[3].startswith("## suite t (") and headings[3].endswith("KL: sample)"), headings
     assert "sampling.max_new_tokens=4, scorer=vader" in (tmp_path / "o" / "leaderboard.html").read_text()
+    # a suite of the name whose settings are unknown (no suite.json beside its results): a KeyError traceback,
+    # nothing written; now every heading of the name keeps its fingerprint only
+    (tmp_path / "c" / "suite.json").unlink()
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "o2"), "--allow-mixed"]) == 0
+    headings = [x for x in (tmp_path / "o2" / "leaderboard.md").read_text().splitlines() if x.startswith("## suite s")]
+    assert len(headings) == 3 and all(h.endswith("KL: sample)") for h in headings), headings
 
 
 def guide_row(beta, top_k, rewards, kls, **extra):
