@@ -365,13 +365,16 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path
 
 
 def open_binary(path: str | os.PathLike):
-    """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz``."""
+    """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz`` (in any case) or
+    its first two bytes are gzip's (which no text or JSON file starts with)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    with open(path, "rb") as f:
+        gzipped = path.suffix.lower() == ".gz" or f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
 def utf8_lines(f, path) -> Iterator[tuple[int, str]]:

@@ -1228,11 +1228,16 @@ def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tm
         ("eval.jsonl", b'\xef\xbb\xbf{"prompt": "What is the capital of France"}\n'),
         ("eval.txt", b"\xef\xbb\xbfWhat is the capital of France\r\n\r\n"),
         ("eval.jsonl.gz", gzip.compress(b'{"prompt": "What is the capital of France"}\n')),
+        ("EVAL.JSON", b'[{"prompt": "What is the capital of France"}]'),
+        ("Eval.Txt.GZ", gzip.compress(b"What is the capital of France\n")),
+        ("eval-jsonl", gzip.compress(b'{"prompt": "What is the capital of France"}\n')),
     ],
+    ids=["json", "jsonl", "txt", "jsonl.gz", "JSON", "Txt.GZ", "gzip-unnamed"],
 )
 def test_decontaminate_reads_a_byte_order_mark_and_gzip(data, tmp_path, capsys, name, content):
     """Windows tools open a file with a byte-order mark (build's readers leave it out; JSON refused it), and
-    evaluation sets ship gzipped (it ended in a line naming neither file nor line)."""
+    evaluation sets ship gzipped (it ended in a line naming neither file nor line). A name's ending counts in
+    any case (``EVAL.JSON`` was read as JSON lines, ``.GZ`` not decompressed), and gzip is known by its bytes."""
     (tmp_path / name).write_bytes(content)
     out = tmp_path / "out"
     argv = ["decontaminate", data["ab"], "--against", tmp_path / name, "--ngram", 4, "--min-words", 3]

@@ -137,9 +137,10 @@ def run_hashes(word_hashes: np.ndarray, length: int) -> np.ndarray:
 
 
 def _kind(path: Path) -> str:
-    """``.json``, ``.txt`` or JSON lines (any other name) of an evaluation file, a ``.gz`` ending aside."""
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return Path(name).suffix
+    """``.json``, ``.txt`` or JSON lines (any other name) of an evaluation file, a ``.gz`` ending aside (in any
+    case: ``EVAL.JSON`` is a JSON file)."""
+    name = path.name.lower()
+    return Path(name.removesuffix(".gz")).suffix
 
 
 def _lines(path: Path):
