@@ -140,3 +140,21 @@ def test_field_options_map_other_names_and_errors_name_them(tmp_path, gpt2, caps
     # two options naming one field: every prompt was read as its own completion, the real one kept in extra
     assert build(tmp_path, "jsonl", missing, "prompt_field=question", "completion_field=question")[0] == 2
     assert "--option prompt_field and completion_field name the same input field 'question'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "later", ['{"prompt": "q", "completion": " a", "reward": "high"}', '{"prompt": "q", '], ids=["field", "json"]
+)
+def test_the_first_bad_line_is_named_not_a_later_one(tmp_path, gpt2, capsys, later):
+    """A line whose text could not be tokenised (a control token's text) was only found when its batch of 512
+    records was encoded, so a bad field or bad JSON a few lines further down was named instead of it."""
+    lines = [json.dumps({"prompt": f"q{i}", "completion": f" a{i}", "reward": 1.0}) for i in range(5)]
+    lines[1] = json.dumps({"prompt": "q<|endoftext|>", "completion": " a", "reward": 1.0})
+    lines[3] = later
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    rc, out = build(tmp_path, "jsonl", bad)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{bad}: line 2: field 'prompt': contains '<|endoftext|>'" in err, err
+    assert not out.exists()

@@ -277,7 +277,7 @@ def records_to_rows(
     batch: list[tuple[int, dict]] = []
     where = {"file": file, "row_label": row_label, "eos": eos if add_eos else None}
 
-    def flush():
+    def flush(batch):
         texts = [r for _, r in batch if not is_chat(r)]
         prompts = completions = []
         if texts:
@@ -313,17 +313,22 @@ def records_to_rows(
                 ),
             }
 
-    for n, rec in records:
-        for c in canonical_records(
-            rec, fields=fields, file=file, row=n, row_label=row_label, source_given=bool(source)
-        ):
-            check_record(c, file=file, row=n, row_label=row_label, names=c["names"])
-            batch.append((n, c))
-        if len(batch) >= _BATCH:
-            yield from flush()
-            batch = []
+    try:
+        for n, rec in records:
+            for c in canonical_records(
+                rec, fields=fields, file=file, row=n, row_label=row_label, source_given=bool(source)
+            ):
+                check_record(c, file=file, row=n, row_label=row_label, names=c["names"])
+                batch.append((n, c))
+            if len(batch) >= _BATCH:
+                ready, batch = batch, []
+                yield from flush(ready)
+    except ValueError:  # a bad record or line: the batch before it first, so an error in it is named first
+        ready, batch = batch, []
+        yield from flush(ready)
+        raise
     if batch:
-        yield from flush()
+        yield from flush(batch)
 
 
 def _require_file(path, kind: str) -> Path:
