@@ -169,3 +169,24 @@ def test_chat_formats_with_two_workers_equal_one(tmp_path, capsys, smollm2, monk
             )
             assert code == 0, err
         same_buffer(tmp_path / f"{fmt}-1", tmp_path / f"{fmt}-2")
+
+
+@pytest.mark.parametrize(
+    "first", [{"prompt": "p", "completion": " c", "reward": "high"}, {"prompt": "p<|endoftext|>", "completion": " c"}]
+)
+def test_a_bad_line_before_an_unreadable_one_is_named_with_workers(tmp_path, capsys, small_chunks, first):
+    """With --workers, a line the input could not be read past (bad JSON) dropped the records of its chunk read
+    before it, so a bad record among them went unreported and the later line was named; one process names it."""
+    lines = [json.dumps(r) for r in records(300)]
+    lines[149] = json.dumps({"reward": 1.0, **first})
+    lines[151] = '{"prompt": "p", "completion": '  # lines 145..160 are one chunk
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("\n".join(lines) + "\n")
+    field = "reward" if first.get("reward") == "high" else "prompt"
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        code, stdout, err = run(
+            capsys, "build", "jsonl", inp, "--tokenizer", "gpt2", "--out", out, "--workers", workers, "--no-progress"
+        )
+        assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists(), err
+        assert f"in.jsonl: line 150: field '{field}': " in err, (workers, err)

@@ -129,11 +129,12 @@ def parallel_rows(
             done = False
             while True:
                 while not done and failed is None and len(pending) < 2 * workers:
+                    batch = []
                     try:
-                        batch = list(islice(records, chunk or CHUNK))
-                    except Exception as e:
+                        for record in islice(records, chunk or CHUNK):
+                            batch.append(record)
+                    except Exception as e:  # the records before it are read first, as one process reads them
                         failed = e
-                        break
                     if not batch:
                         done = True
                         break
