@@ -158,3 +158,18 @@ def test_the_first_bad_line_is_named_not_a_later_one(tmp_path, gpt2, capsys, lat
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"{bad}: line 2: field 'prompt': contains '<|endoftext|>'" in err, err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("chat", ["chosen", "rejected"])
+def test_a_pair_of_a_string_and_messages_is_refused(tmp_path, gpt2, capsys, chat):
+    """A pair whose one side was a message list and the other a string gave a chat row and a plain row in one
+    group: their prompts tokenise differently (the template's turns, or not), so a loss comparing them compared
+    completions of two different prompts."""
+    text = "rejected" if chat == "chosen" else "chosen"
+    pair = {"prompt": "Sky?", chat: [{"role": "assistant", "content": "Blue."}], text: " Red."}
+    bad = write_jsonl(tmp_path / "mixed.jsonl", [{"prompt": "Sky?", "chosen": " Blue.", "rejected": " Red."}, pair])
+    rc, out = build(tmp_path, "jsonl", bad)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and len(err.splitlines()) == 1, err
+    assert f"{bad}: line 2: field {text!r}: a string, but {chat!r} is a list of chat messages" in err, err
+    assert not out.exists()

@@ -213,6 +213,10 @@ def canonical_records(
         base["prompt"] = rec[pf]
     base["source"] = source
     if cf not in rec and "chosen" in rec and "rejected" in rec:
+        kinds = [isinstance(rec[k], list) for k in ("chosen", "rejected") if isinstance(rec[k], (str, list))]
+        if kinds == [True, False] or kinds == [False, True]:  # one group, prompts tokenised two ways
+            chat, text = ("chosen", "rejected") if kinds[0] else ("rejected", "chosen")
+            raise err(text, f"a string, but {chat!r} is {MESSAGES}: a pair's completions must be of one kind")
         extra = extra_text(rec, consumed | {"chosen", "rejected"})
         if rec.get("group") is None:
             base["group_key"] = ("pair", row)
