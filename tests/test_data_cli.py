@@ -510,6 +510,25 @@ def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.parametrize(
+    "fmt,option,says",
+    [
+        ("ultrafeedback", "score_field=[1]", "--option score_field: expected text, got list [1]"),
+        ("hh", "reward_model=5", "--option reward_model: expected text, got int 5"),
+        ("hh", "source=2024", "--option source: expected text, got int 2024"),
+        ("multiturn", "source=2024", "--option source: expected text, got int 2024"),
+    ],
+)
+def test_an_option_of_the_wrong_type_is_a_clean_error(tmp_path, capsys, gpt2, fmt, option, says):
+    """An --option value the command line read as JSON (a number, a list) where a text is expected gave a
+    traceback (score_field, reward_model) or an error blaming the input's first line (source)."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "a"}])
+    argv = ["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--option", option]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"shiq-data: error: {says}\n" and not (tmp_path / "buf").exists()
+
+
 def test_failed_build_removes_only_the_parent_folders_it_created(tmp_path, capsys, gpt2):
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps(RECORDS[0]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')

@@ -32,6 +32,13 @@ def row_error(path, line, field, problem, row_label: str = "line") -> RowError:
     return RowError(path, line, field, problem, row_label=row_label)
 
 
+def text_option(name: str, value) -> None:
+    """Raise ``ValueError`` naming ``--option name`` unless ``value`` is None or a string (the command line reads an
+    option's value as JSON when it can: ``source=2024`` gives a number, ``score_field=[1]`` a list)."""
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"--option {name}: expected text, got {type_name(value)} {value!r:.40}")
+
+
 def finite_number(value, path, line, field) -> float:
     """``value`` as a float, or a :class:`RowError` unless it is a finite number (not a bool)."""
     if not isinstance(value, (int, float)) or not is_finite_number(value):

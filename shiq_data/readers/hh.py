@@ -27,6 +27,7 @@ from shiq_data.readers.encode import (
     input_row,
     row_error,
     string_field,
+    text_option,
 )
 from shiq_data.reward_head import RegressionRewardModel
 
@@ -97,6 +98,8 @@ def read_hh(
     the last one) instead of only the final turn. ``records``: the file's ``(line, record)`` pairs when read
     already (a parallel build gives each worker a chunk of them).
     """
+    text_option("reward_model", reward_model)
+    text_option("source", source)
     if reward_model is not None:
         if reward_fn is not None:
             raise ValueError("hh: give reward_fn or reward_model, not both")

@@ -23,6 +23,7 @@ from shiq_data.readers.encode import (
     finite_number,
     input_row,
     row_error,
+    text_option,
 )
 from shiq_data.schema import GroupIds
 
@@ -37,6 +38,7 @@ def read_multiturn(
     it every row is its own group. ``records``: the file's ``(line, record)`` pairs when read already (a
     parallel build gives each worker a chunk of them).
     """
+    text_option("source", source)
     path = Path(path)
     source = source or f"multiturn:{path.name}"
     group_id = GroupIds()  # group -> consecutive group id

@@ -29,6 +29,7 @@ from shiq_data.readers.encode import (
     row_error,
     string_field,
     text_columns,
+    text_option,
 )
 
 SCORE_FIELDS = ("overall_score", "fine-grained_score", "ratings", "annotations")
@@ -97,6 +98,8 @@ def read_ultrafeedback(
     its score (:func:`completion_score`; ``score_chosen``/``score_rejected`` when binarized). ``records``: the
     file's ``(line, record)`` pairs when read already (a parallel build gives each worker a chunk of them).
     """
+    text_option("score_field", score_field)
+    text_option("source", source)
     path = Path(path)
     source = source or f"ultrafeedback:{path.name}"
     for group, (line, obj) in enumerate(iter_jsonl(path) if records is None else records):
