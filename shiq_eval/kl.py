@@ -38,10 +38,10 @@ def kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
     Args: logp, logq ``[..., V]`` normalised log-probabilities (a ``log_softmax``), float64 for the sums.
     A token ``p`` cannot emit (``log p = −inf``, a masked logit) adds 0, as ``0 log 0 = 0``; one ``q`` cannot
-    emit and ``p`` can makes the KL ``+inf``.
+    emit and ``p`` can makes the KL ``+inf``; a NaN in ``p`` makes it NaN (undefined), not 0.
     """
     p = logp.exp()
-    return torch.where(p > 0, p * (logp - logq), 0.0).sum(-1)
+    return torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1)
 
 
 def masked_kls(

@@ -115,3 +115,13 @@ def test_a_token_the_policy_cannot_emit_adds_nothing_and_one_the_reference_canno
     sample, exact = masked_kls(logits, ref, tokens, mask)
     assert exact.item() == pytest.approx(want, rel=1e-12)
     assert sample.item() == pytest.approx(math.log(0.5 / 0.6), rel=1e-12)
+
+
+def test_a_policy_distribution_of_nan_gives_a_nan_kl_not_zero():
+    """A NaN logit (a diverged model) makes the policy's distribution NaN: its KL is NaN (undefined), which the
+    evaluation refuses, not 0, which would read as the reference itself (SHIQ_MATH §6)."""
+    nan = float("nan")
+    logits = torch.tensor([[[nan, 0.0, 1.0]]], dtype=F64)
+    ref = torch.zeros(1, 1, 3, dtype=F64)
+    assert math.isnan(token_kl(logits, ref).item())
+    assert math.isnan(masked_kls(logits, ref, torch.tensor([[1]]), torch.tensor([[True]]))[1].item())
