@@ -19,9 +19,10 @@ def sample_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Te
     """Per-sequence sample estimate ``Σ_t m_t ρ_t`` (SHIQ_MATH §6), ``[B]``.
 
     Args: logprobs, ref_logprobs ``[B, T]`` log-probabilities of the sampled tokens under π and
-    π_ref (``c − z`` of SHIQ_MATH §2); mask ``[B, T]`` bool, True on generated tokens.
+    π_ref (``c − z`` of SHIQ_MATH §2); mask ``[B, T]`` bool, True on generated tokens. A position off the mask
+    adds nothing, whatever it holds (a padded position's ``−inf``).
     """
-    return ((logprobs.double() - ref_logprobs.double()) * mask).sum(-1)
+    return torch.where(mask, logprobs.double() - ref_logprobs.double(), 0.0).sum(-1)
 
 
 def token_kl(logits: torch.Tensor, ref_logits: torch.Tensor) -> torch.Tensor:
@@ -68,8 +69,9 @@ def masked_kls(
 
 
 def exact_token_kl(token_kls: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per-sequence exact per-token sum ``Σ_t m_t KL(π(·|s_t) ‖ π_ref(·|s_t))`` (SHIQ_MATH §6), ``[B]``."""
-    return (token_kls.double() * mask).sum(-1)
+    """Per-sequence exact per-token sum ``Σ_t m_t KL(π(·|s_t) ‖ π_ref(·|s_t))`` (SHIQ_MATH §6), ``[B]``; a position
+    off the mask adds nothing, whatever it holds (an infinite KL at a padded position)."""
+    return torch.where(mask, token_kls.double(), 0.0).sum(-1)
 
 
 def mean_stderr(values: torch.Tensor) -> tuple[float, float]:

@@ -125,3 +125,14 @@ def test_a_policy_distribution_of_nan_gives_a_nan_kl_not_zero():
     ref = torch.zeros(1, 1, 3, dtype=F64)
     assert math.isnan(token_kl(logits, ref).item())
     assert math.isnan(masked_kls(logits, ref, torch.tensor([[1]]), torch.tensor([[True]]))[1].item())
+
+
+def test_positions_off_the_mask_add_nothing_even_when_infinite():
+    """``Σ_t m_t ρ_t`` and ``Σ_t m_t KL_t`` sum the masked positions only (SHIQ_MATH §6): a padded position whose
+    log-probabilities are −inf, or whose KL is infinite (a token the reference masks there), adds nothing; a
+    product ``inf · 0`` made the whole sequence's estimate NaN."""
+    inf = float("inf")
+    mask = torch.tensor([[True, True, False]])
+    lp, lq = torch.tensor([[-1.0, -2.0, -inf]], dtype=F64), torch.tensor([[-1.5, -1.0, -inf]], dtype=F64)
+    assert sample_kl(lp, lq, mask).item() == pytest.approx(-0.5)
+    assert exact_token_kl(torch.tensor([[0.25, 0.5, inf]], dtype=F64), mask).item() == 0.75
