@@ -8,9 +8,11 @@ import unicodedata
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.curate.dedup import dedup_buffer
+from shiq_data.curate.dedup import Signatures, dedup_buffer
 
 WORDS = (
     "apple river stone cloud maple tiger violin garden copper ocean lantern meadow falcon pepper harbor "
@@ -128,11 +130,13 @@ def test_dedup_exact_keeps_first_of_each_normalised_text(buf, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exact"]
 
 
-def test_dedup_near_of_thousands_of_rows_alike(tmp_path):
+def test_dedup_near_of_thousands_of_rows_alike(tmp_path, capsys):
     """3,000 answers that differ in a number only, the way boilerplate repeats: about 4.5 million candidate pairs
     (each pair of rows shares a band). Their signatures were joined to every pair inside DuckDB's 64 MB, which ran
-    out of memory (from 2,000 such rows). It keeps what datasketch's LSH index, filled with the kept rows as they
-    come, keeps (the naive loop keeps one: a few near pairs share no band)."""
+    out of memory (from 2,000 such rows); then every pair was written, sorted and read back (k²/2 for a cluster
+    of k). Each row is now compared with the kept rows of its bands only: a few comparisons a row. It keeps what
+    datasketch's LSH index, filled with the kept rows as they come, keeps (the naive loop keeps one: a few near
+    pairs share no band)."""
     from datasketch import MinHashLSH
 
     base = "I am sorry, but I cannot help with that request; it may cause harm. Ask me something else. "
@@ -146,8 +150,56 @@ def test_dedup_near_of_thousands_of_rows_alike(tmp_path):
     assert 1 <= len(by_lsh) <= 10  # nearly all of them go
     path = tmp_path / "buf"
     write_buffer(_rows(texts), path, tokenizer_info=TOK, command=["test"], shard_rows=1000, progress=False)
-    _, curation = dedup_buffer(path, tmp_path / "out", by="completion", near=True, threshold=THRESHOLD, command=["t"])
-    assert open_buffer(tmp_path / "out").table.column("completion").to_pylist() == [texts[j] for j in by_lsh]
+    capsys.readouterr()
+    out = tmp_path / "out"
+    _, curation = dedup_buffer(path, out, by="completion", near=True, threshold=THRESHOLD, command=["t"], progress=True)
+    assert open_buffer(out).table.column("completion").to_pylist() == [texts[j] for j in by_lsh]
+    pairs = [int(m) for m in re.findall(r"near pairs: (\d+) pairs", capsys.readouterr().err)]
+    bands = Signatures(THRESHOLD).b
+    assert pairs and max(pairs) <= len(texts) * bands * len(by_lsh), pairs  # at most each band's kept rows a row
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    seed=st.integers(0, 10_000),
+    batch=st.sampled_from([1, 3, 8, 1000]),
+    threshold=st.sampled_from([0.5, 0.8, 0.95]),
+)
+def test_dedup_near_keeps_what_datasketch_lsh_keeps_on_random_clusters(tmp_path_factory, seed, batch, threshold):
+    """Random clusters of texts each a few words from its cluster's base (so rows alike, near and not near, in
+    any order), read a few entries at a time (``ENTRY_BATCH``: a row's bands split over two reads, rows of one
+    cluster decided within one read and across reads): the rows kept are those datasketch's LSH index keeps when
+    queried and filled with the kept rows as they come."""
+    from datasketch import MinHashLSH
+
+    import shiq_data.curate.dedup as D
+
+    rng = np.random.default_rng(seed)
+    bases = [list(rng.choice(WORDS, int(rng.integers(4, 25)))) for _ in range(int(rng.integers(1, 5)))]
+    texts = []
+    for _ in range(int(rng.integers(2, 40))):
+        words = list(bases[int(rng.integers(len(bases)))])
+        for _ in range(int(rng.integers(0, 4))):
+            words[int(rng.integers(len(words)))] = str(rng.choice(WORDS))
+        texts.append(" ".join(words))
+    hashes = [_minhash(t) for t in texts]
+    lsh, keys, want = MinHashLSH(threshold=min(threshold, 0.98), num_perm=128), set(), []
+    for j, h in enumerate(hashes):
+        key = h.hashvalues.tobytes()
+        if key in keys or any(hashes[i].jaccard(h) >= threshold for i in lsh.query(h)):
+            keys.add(key)
+            continue
+        keys.add(key)
+        lsh.insert(j, h)
+        want.append(j)
+    tmp = tmp_path_factory.mktemp("random")
+    write_buffer(_rows(texts), tmp / "buf", tokenizer_info=TOK, command=["test"], shard_rows=7, progress=False)
+    before, D.ENTRY_BATCH = D.ENTRY_BATCH, batch
+    try:
+        dedup_buffer(tmp / "buf", tmp / "out", by="completion", near=True, threshold=threshold, command=["t"])
+    finally:
+        D.ENTRY_BATCH = before
+    assert open_buffer(tmp / "out").table.column("completion").to_pylist() == [texts[j] for j in want]
 
 
 def test_dedup_near_rows_of_one_signature_cost_no_pairs(tmp_path, capsys):
@@ -187,3 +239,67 @@ def test_dedup_near_rows_of_one_signature_cost_no_pairs(tmp_path, capsys):
     err = capsys.readouterr().err
     pairs = [int(m) for m in re.findall(r"near pairs: (\d+) pairs", err)]
     assert pairs and max(pairs) <= 15, err[-2000:]  # at most a pair per two of the 6 signatures
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(seed=st.integers(0, 10_000), batch=st.sampled_from([1, 5, 1000]), threshold=st.sampled_from([0.5, 0.8]))
+def test_dedup_near_compares_with_every_kept_row_of_each_band(tmp_path_factory, seed, batch, threshold, monkeypatch):
+    """Signatures drawn to share bands without being near (each a base signature with a random share of its
+    values replaced), so that a band holds several kept rows and a row is near only a later one of them: the rows
+    kept are those of a loop over every earlier kept row sharing a band (exact repeats of a signature dropped)."""
+    import shiq_data.curate.dedup as D
+
+    rng = np.random.default_rng(seed)
+    bases = rng.integers(0, 2**32, (int(rng.integers(1, 4)), 128), dtype=np.uint64)
+    sigs = []
+    for _ in range(int(rng.integers(2, 60))):
+        sig = bases[int(rng.integers(len(bases)))].copy()
+        replaced = rng.random(128) < rng.choice([0.0, 0.1, 0.3, 0.6])
+        sig[replaced] = rng.integers(0, 4, int(replaced.sum()))  # few values: repeats between rows too
+        sigs.append(sig)
+    signatures = D.Signatures(threshold)
+    want, seen = [], set()
+    for j, sig in enumerate(sigs):
+        bands = set(enumerate(signatures.bands(sig)))
+        repeat = sig.tobytes() in seen
+        seen.add(sig.tobytes())
+        if repeat or any(
+            bands & set(enumerate(signatures.bands(sigs[i]))) and (sigs[i] == sig).mean() >= threshold for i in want
+        ):
+            continue
+        want.append(j)
+    monkeypatch.setattr(D.Signatures, "__call__", lambda self, parts: sigs[int(parts[0].split()[1])])
+    monkeypatch.setattr(D, "ENTRY_BATCH", batch)
+    tmp = tmp_path_factory.mktemp("sigs")
+    texts = [f"row {k}" for k in range(len(sigs))]
+    write_buffer(_rows(texts), tmp / "buf", tokenizer_info=TOK, command=["test"], shard_rows=7, progress=False)
+    dedup_buffer(tmp / "buf", tmp / "out", by="completion", near=True, threshold=threshold, command=["t"])
+    assert open_buffer(tmp / "out").table.column("completion").to_pylist() == [texts[j] for j in want]
+
+
+@pytest.mark.parametrize("batch", [1, 1000])
+def test_dedup_near_finds_a_row_near_the_second_kept_row_of_a_band(tmp_path, batch, monkeypatch):
+    """Rows a and b share band 0 only (not near: kept both, a first); c shares band 0 with both and is near b
+    alone, one value off in each of b's other bands (so it shares none of them). c is dropped: a band's further
+    kept rows count, not only its first, whether c is read with them or after."""
+    import shiq_data.curate.dedup as D
+
+    signatures = D.Signatures(0.8)
+    r = signatures.r
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 2**32, (2, 128), dtype=np.uint64)
+    b[:r] = a[:r]  # band 0 shared
+    c = b.copy()
+    c[r::r][: signatures.b - 1] += 1  # one value off in each other band
+    d = a.copy()
+    d[:r] += 1  # near a, sharing its other bands: a row after c in the bands' order, so c is not read last
+    sigs = [a, b, c, d]
+    bands = [set(enumerate(signatures.bands(x))) for x in sigs[:3]]
+    assert bands[0] & bands[1] == bands[1] & bands[2] == bands[0] & bands[2] and len(bands[0] & bands[1]) == 1
+    assert (a == b).mean() < 0.8 <= (b == c).mean() and (a == c).mean() < 0.8
+    monkeypatch.setattr(D.Signatures, "__call__", lambda self, parts: sigs[int(parts[0].split()[1])])
+    monkeypatch.setattr(D, "ENTRY_BATCH", batch)
+    texts = [f"row {k}" for k in range(4)]
+    write_buffer(_rows(texts), tmp_path / "buf", tokenizer_info=TOK, command=["test"], shard_rows=7, progress=False)
+    dedup_buffer(tmp_path / "buf", tmp_path / "out", by="completion", near=True, threshold=0.8, command=["t"])
+    assert open_buffer(tmp_path / "out").table.column("completion").to_pylist() == ["row 0", "row 1"]

@@ -24,9 +24,13 @@
    rows (``--group-rows``, shards of R / 5 rows), each in a fresh process; peak RssAnon and what it grew by
    per added group. ``--code DIR`` runs the measured commands on another checkout's ``shiq_data`` (the same
    inputs), to compare two versions.
+8. Near duplicates that cluster (``--part near``): ``dedup --near --by completion`` of buffers of R, 2 R and
+   4 R rows (``--near-rows``), half of them one boilerplate answer differing by a number (a cluster of R / 2
+   to 2 R rows alike), half random; seconds and peak RssAnon, each in a fresh process. ``--code DIR`` runs them
+   on another checkout (the rows kept must agree).
 
-Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups] [--tokens 1000000] [--growth 10]
-[--curate-rows 5000] [--speed-only] [--group-rows 2000] [--prompt-chars 2000] [--code DIR]``
+Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups|near] [--tokens 1000000] [--growth 10]
+[--curate-rows 5000] [--speed-only] [--group-rows 2000] [--prompt-chars 2000] [--near-rows 2000] [--code DIR]``
 """
 
 from __future__ import annotations
@@ -411,6 +415,47 @@ def bench_group_memory(work: Path, rows: list[int], prompt_chars: int) -> list[d
     return out
 
 
+BOILERPLATE = "I am sorry, but I cannot help with that request; it may cause harm. Ask me something else."
+
+
+def clustered_rows(n_rows: int):
+    """:func:`synthetic_text_rows` with every other row's completion the same boilerplate answer and a number:
+    one cluster of ``n_rows / 2`` rows alike, spread over the buffer."""
+    for i, row in enumerate(synthetic_text_rows(n_rows)):
+        if i % 2 == 0:
+            row["completion"] = f" {BOILERPLATE} (case {i})"
+        yield row
+
+
+def bench_near(work: Path, rows: list[int], info: dict) -> list[dict]:
+    """``dedup --near --by completion`` of :func:`clustered_rows` buffers of ``rows[k]`` rows (shards of
+    ``rows[0] // 5``), each in a fresh process: ``[{"rows", "kept", "peak_mb", "secs"}]``."""
+    import shutil
+
+    from shiq_data.buffer import write_buffer
+
+    out = []
+    for n in rows:
+        buf, dst = work / f"near-{n}", work / f"near-{n}-out"
+        shard_rows = max(rows[0] // 5, 1)
+        write_buffer(
+            clustered_rows(n), buf, tokenizer_info=info, command=["bench"], shard_rows=shard_rows, progress=False
+        )
+        r = run_verb(["dedup", str(buf), "--near", "--by", "completion", "--out", str(dst), "--no-progress"])
+        kept = json.loads((dst / "manifest.json").read_text())["rows"]
+        out.append({"rows": n, "kept": kept, "peak_mb": r["peak_kb"] / 1024, "secs": r["secs"]})
+        shutil.rmtree(buf)
+        shutil.rmtree(dst)
+    return out
+
+
+def print_near_part(results: list[dict]) -> None:
+    print(f"\ndedup --near --by completion, half the rows one cluster alike ({CODE.name}; fresh process each)")
+    print(f"{'rows':>10}{'kept':>9}{'RssAnon peak':>15}{'seconds':>9}")
+    for r in results:
+        print(f"{r['rows']:>10,}{r['kept']:>9,}{r['peak_mb']:>12.1f} MB{r['secs']:>9.1f}")
+
+
 def _norm(text: str) -> str:
     import unicodedata
 
@@ -574,10 +619,11 @@ def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
-        choices=("all", "buffer", "curate", "groups"),
+        choices=("all", "buffer", "curate", "groups", "near"),
         default="all",
         help="buffer: measures 1-3 (building, reading, reader memory); curate: 4-6 (parallel build, the "
-        "curation verbs' memory and speed); groups: 7 (build memory per distinct prompt group); default "
+        "curation verbs' memory and speed); groups: 7 (build memory per distinct prompt group); near: 8 (near "
+        "duplicates that cluster); default "
         "%(default)s",
     )
     ap.add_argument(
@@ -609,6 +655,13 @@ def main(argv=None) -> int:
         default=2000,
         help="rows (each its own group) of the smaller input of the group memory scan; the larger has --growth "
         "times as many (default %(default)s)",
+    )
+    ap.add_argument(
+        "--near-rows",
+        type=_args.count,
+        default=2000,
+        help="rows of the smallest buffer of the near-duplicate scan; the others have 2 and 4 times as many "
+        "(default %(default)s)",
     )
     ap.add_argument(
         "--prompt-chars",
@@ -730,6 +783,9 @@ def main(argv=None) -> int:
             rows = [args.group_rows, args.group_rows * args.growth]
             results["group_memory"] = bench_group_memory(work, rows, args.prompt_chars)
             print_groups_part(results["group_memory"], args)
+        if args.part in ("all", "near"):
+            results["near"] = bench_near(work, [args.near_rows * k for k in (1, 2, 4)], info)
+            print_near_part(results["near"])
     if args.json:
         from shiq_data.io import atomic_write_json
 

@@ -9,21 +9,22 @@ them, else decoded from the prompt and action tokens (:meth:`CurationSource.text
   least ``threshold`` with an earlier kept row: MinHash signatures (128 permutations, seed 1), candidates
   found by locality-sensitive hashing (rows sharing one of ``b`` bands of ``r`` signature values, with the
   ``(b, r)`` that ``datasketch.MinHashLSH`` picks for the threshold), each confirmed by its estimated
-  similarity (the share of equal signature values, as ``MinHash.jaccard``). A row whose signature equals an
-  earlier row's is dropped without a pair: that pairing would always drop it (similarity 1; and if the earlier
-  row was dropped, the kept row that dropped it is exactly as similar to this one), and a dropped row drops
-  nothing, so a cluster of ``k`` rows with one signature costs no pairs, not ``k²/2``.
+  similarity (the share of equal signature values, as ``MinHash.jaccard``): ``datasketch.MinHashLSH`` queried
+  and filled with the kept rows as they come. A row whose signature equals an earlier row's is dropped without
+  a pair: that pairing would always drop it (similarity 1; and if the earlier row was dropped, the kept row that
+  dropped it is exactly as similar to this one).
 
 Memory is bounded, not proportional to the buffer: three passes over the shards, one shard at a time.
 Pass 1 writes each row's exact key (and, for ``near``, its band keys) to temporary Parquet tables and its
 signature to a memory-mapped array (:class:`shiq_data.spill.Spill`, next to ``out``, removed afterwards);
 DuckDB, with a fixed memory limit and spilling to disk beyond it, finds the rows that repeat an earlier key
-(for ``near``: an earlier signature, which equal texts share) and the candidate pairs ``i < j`` sharing a
-band among the other rows (16 bytes a pair: a cluster of ``k`` rows alike but for a few signature values
-gives about ``k²/2``). Pass 2 walks the pairs in order of ``j``, confirms those whose rows are
-both still kept by their signatures and marks the kept rows in a bitmap, one bit per row of the buffer
-(1.25 MB per 10 million rows), the only state that grows with the buffer; pass 3 writes the kept rows shard
-by shard.
+(for ``near``: an earlier signature, which equal texts share) and numbers the buckets (a band and its key)
+that two or more of the other rows share. Pass 2 walks those rows in order with their buckets and compares
+each with the kept rows of its buckets only (each bucket's first kept row in a memory-mapped array, 9 bytes a
+bucket; the rare further kept rows of a bucket, rows that share a band without being near, in memory), so a
+cluster of ``k`` rows alike costs about ``k`` comparisons, not the ``k²/2`` pairs of its rows; it marks the
+kept rows in a bitmap, one bit per row of the buffer (1.25 MB per 10 million rows), the only state held in
+memory that grows with the buffer; pass 3 writes the kept rows shard by shard.
 """
 
 from __future__ import annotations
@@ -44,7 +45,8 @@ BY = ("row", "prompt", "completion")
 NUM_PERM = 128
 SHINGLE_CHARS = 5
 SEED = 1
-PAIR_BATCH = 16_384  # candidate pairs confirmed at a time (two signatures of 1 KB each read for a pair)
+ENTRY_BATCH = 65_536  # (row, bucket) entries read at a time in pass 2 (16 bytes each)
+PAIR_BATCH = 4_096  # pairs of rows compared at a time (their signatures: 8 MB)
 
 
 def row_text(by: str, prompt: str, completion: str) -> tuple[str, ...]:
@@ -146,31 +148,90 @@ def kept_rows(
     repeats = f"SELECT k.idx FROM {keys} k JOIN ({firsts}) f ON k.key = f.key WHERE k.idx > f.first"
     for batch in spill.query(repeats):
         kept.clear_many(batch.column(0).to_numpy())
-    if signatures is None:
-        return kept
-    # (with signatures, the keys were the signatures': a repeat of an earlier signature was dropped, see the
-    # module doc, and only the rows first with their signature have bands to pair)
-    # the candidate pairs (16 bytes each: a cluster of k rows alike gives about k²/2 of them), in order of j: every
-    # pair of an earlier j is done, so kept[i] (i < j) is final when j is decided. A pair with a row dropped
-    # before its batch began is skipped unread; the others are confirmed by their signatures' share of equal
-    # values, read from the memory-mapped array, then walked in order.
-    candidates = f"""
-        WITH b AS (SELECT * FROM {spill.table("bands")} WHERE idx IN (SELECT first FROM ({firsts})))
-        SELECT DISTINCT x.idx AS i, y.idx AS j FROM b x JOIN b y
-        ON x.band = y.band AND x.bkey = y.bkey AND x.idx < y.idx
-        ORDER BY j, i"""
-    bar = tqdm(desc="near pairs", unit=" pairs", disable=not progress)
-    with bar:
-        for batch in spill.query(candidates, batch_rows=PAIR_BATCH):
-            i, j = (batch.column(name).to_numpy() for name in ("i", "j"))
-            bar.update(len(i))
-            live = kept.get_many(i) & kept.get_many(j)
-            i, j = i[live], j[live]
-            near = (sigs[i] == sigs[j]).sum(axis=1) / float(NUM_PERM) >= signatures.threshold
-            for a, c in zip(i[near].tolist(), j[near].tolist()):
-                if kept[c] and kept[a]:
-                    kept.clear(c)
+    if signatures is not None:
+        # (with signatures, the keys were the signatures': a repeat of an earlier signature was dropped, see the
+        # module doc, and only the rows first with their signature have bands to compare)
+        _near(kept, sigs, spill, firsts, signatures.threshold, progress)
     return kept
+
+
+class _Buckets:
+    """The kept rows of each bucket so far: ``first[bucket]`` its first kept row + 1 (0: none yet; a
+    memory-mapped array), ``more[bucket]`` its further kept rows (flagged in ``has_more``, memory-mapped)."""
+
+    def __init__(self, spill: Spill, n: int):
+        self.first = spill.array("bucket_first", n)
+        self.has_more = spill.array("bucket_has_more", n, np.bool_)
+        self.more: dict[int, list[int]] = {}
+
+    def add(self, rows: np.ndarray, buckets: np.ndarray) -> None:
+        """Record the kept ``rows`` (entries in order of rows) in their ``buckets``."""
+        new, at = np.unique(buckets, return_index=True)  # each bucket's first entry: its earliest row here
+        empty = self.first[new] == 0
+        self.first[new[empty]] = rows[at[empty]] + 1
+        rest = np.ones(len(rows), bool)
+        rest[at[empty]] = False
+        for row, bucket in zip(rows[rest].tolist(), buckets[rest].tolist()):
+            self.more.setdefault(bucket, []).append(row)
+            self.has_more[bucket] = True
+
+
+def _near(kept: Bitmap, sigs: np.ndarray, spill: Spill, firsts: str, threshold: float, progress: bool) -> None:
+    """Pass 2 of a near dedup (see the module doc): clear in ``kept`` each row near (estimated similarity of
+    its signature in ``sigs`` at least ``threshold``) a kept row before it that shares one of its buckets."""
+    bands = f"SELECT * FROM {spill.table('bands')} WHERE idx IN (SELECT first FROM ({firsts}))"
+    shared = f"SELECT band, bkey FROM ({bands}) GROUP BY band, bkey HAVING count(*) > 1"
+    (count,) = spill.one(f"SELECT count(*) FROM ({shared})")
+    entries = f"""
+        WITH b AS ({bands}), s AS (SELECT band, bkey, row_number() OVER () - 1 AS bucket FROM ({shared}))
+        SELECT b.idx AS j, s.bucket FROM b JOIN s ON b.band = s.band AND b.bkey = s.bkey ORDER BY j"""
+    buckets = _Buckets(spill, count)
+    bar = tqdm(desc="near pairs", unit=" pairs", disable=not progress)
+
+    def near(i: np.ndarray, j: np.ndarray) -> np.ndarray:
+        bar.update(len(i))
+        out = np.zeros(len(i), bool)
+        for k in range(0, len(i), PAIR_BATCH):  # two signatures of 1 KB read for a pair
+            at = slice(k, k + PAIR_BATCH)
+            out[at] = (sigs[i[at]] == sigs[j[at]]).sum(axis=1) / float(NUM_PERM) >= threshold
+        return out
+
+    def decide(j: np.ndarray, b: np.ndarray) -> None:
+        """The rows of the entries ``(j, b)`` (whole rows, in order; every earlier row decided)."""
+        # against the kept rows of earlier batches: each bucket's first kept row, then its further ones
+        first = buckets.first[b].astype(np.int64) - 1
+        hit = np.zeros(len(j), bool)
+        hit[first >= 0] = near(first[first >= 0], j[first >= 0])
+        for e in np.flatnonzero(buckets.has_more[b] & ~hit):
+            others = np.asarray(buckets.more[int(b[e])])
+            hit[e] = near(others, np.full(len(others), j[e])).any()
+        dropped = set(np.unique(j[hit]).tolist())
+        # against the rows of this batch kept before them, in order: only buckets two of its rows share count
+        live = ~np.isin(j, list(dropped))
+        _, inverse, counts = np.unique(b[live], return_inverse=True, return_counts=True)
+        twice = np.flatnonzero(live)[counts[inverse] > 1]
+        here: dict[int, list[int]] = {}  # bucket: the rows of this batch kept in it
+        rows, starts = np.unique(j[twice], return_index=True)
+        for row, entry in zip(rows.tolist(), np.split(b[twice], starts[1:])):
+            others = sorted({i for bucket in entry.tolist() for i in here.get(bucket, ())})
+            if others and near(np.asarray(others), np.full(len(others), row)).any():
+                dropped.add(row)
+                continue
+            for bucket in entry.tolist():
+                here.setdefault(bucket, []).append(row)
+        kept.clear_many(np.fromiter(dropped, np.int64, len(dropped)))
+        stays = ~np.isin(j, list(dropped))
+        buckets.add(j[stays], b[stays])
+
+    with bar:
+        j, b = np.zeros(0, np.int64), np.zeros(0, np.int64)
+        for batch in spill.query(entries, batch_rows=ENTRY_BATCH):
+            j = np.concatenate([j, batch.column("j").to_numpy()])
+            b = np.concatenate([b, batch.column("bucket").to_numpy()])
+            cut = int(np.searchsorted(j, j[-1]))  # the last row's entries may go on in the next batch
+            decide(j[:cut], b[:cut])
+            j, b = j[cut:], b[cut:]
+        decide(j, b)
 
 
 def dedup_buffer(
