@@ -100,10 +100,13 @@ def test_trl_unpaired_labels_become_plus_or_minus_one(tmp_path, gpt2, capsys):
     assert [{k: r[k] for k in KEYS} for r in rows] == [expect(tok, *w) for w in want]
     assert [r["group_id"] for r in rows] == [0, 0, 1]
     assert [r["extra"] for r in rows] == [None, None, '{"label": false}']
-    bad = write_jsonl(tmp_path / "bad.jsonl", [recs[0], {"prompt": "a", "completion": " b", "label": "yes"}])
-    assert build(tmp_path, "jsonl", bad)[0] == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"{bad}: line 2: field 'label': must be true or false" in err
+    for label, shown in (("yes", '"yes"'), (None, "null"), (1, "1"), ({"a": 1}, "dict")):  # as the input wrote it
+        bad = write_jsonl(tmp_path / "bad.jsonl", [recs[0], {"prompt": "a", "completion": " b", "label": label}])
+        assert build(tmp_path, "jsonl", bad)[0] == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.endswith(
+            f"{bad}: line 2: field 'label': must be true or false, got {shown}"
+        ), err
 
 
 def test_field_options_map_other_names_and_errors_name_them(tmp_path, gpt2, capsys):

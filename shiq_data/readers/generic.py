@@ -243,7 +243,10 @@ def canonical_records(
     elif "label" in rec:
         label = rec["label"]
         if not isinstance(label, bool):
-            raise err("label", f"must be true or false, got {str(label)[:40]}")
+            shown = (
+                json.dumps(label)[:40] if isinstance(label, (str, int, float)) or label is None else type_name(label)
+            )
+            raise err("label", f"must be true or false, got {shown}")
         out["reward"] = 1.0 if label else -1.0
         names["reward"] = "label"
         consumed.add("label")
