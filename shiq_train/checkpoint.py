@@ -730,13 +730,19 @@ def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> d
             p.copy_(weights[n])
     if optimizer is not None and opt is None and first is not None:  # copies: the optimizer updates them in place
         opt = state["optimizer"] = _copied(first["optimizer"])
+    problem = None
     if optimizer is not None and opt is not None:
         if fmt in BY_NAME:
             if is_sliced(opt):
                 opt = _sliced_state(step_dir, dp, lay, optimizer, state)
-            load_optimizer_state_by_name(model, optimizer, opt)
-        else:  # format 1: torch's own state_dict, parameters by index
-            optimizer.load_state_dict(opt)
+        try:  # each tensor and pipeline rank's own state (another grouping, a damaged moment): every rank stops
+            if fmt in BY_NAME:
+                load_optimizer_state_by_name(model, optimizer, opt)
+            else:  # format 1: torch's own state_dict, parameters by index
+                optimizer.load_state_dict(opt)
+        except ValueError as e:
+            problem = e
+    stop_together(problem)
     return state
 
 

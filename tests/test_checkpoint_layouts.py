@@ -563,6 +563,48 @@ def test_a_rank_whose_own_file_does_not_fit_stops_every_rank(tmp_path):
     assert all("\n" not in m for g in got for m in g.values())
 
 
+def _optimizer_misfit_worker(rank, port, d):
+    """TP2: one step saved, then one parameter's optimizer state in tensor-parallel rank 1's file put in the other
+    parameter group (by rank 0), and loaded in the saved layout with an optimizer: every rank records what it
+    raised (a hang would stop the test at the one-minute collective timeout)."""
+    import torch.distributed as dist
+
+    from shiq_train.checkpoint import save_hashed
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    cfg = parallel.ParallelConfig(tensor_model_parallel_size=2, timeout_minutes=1)
+    got = "no error"
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        train(d / "run", d / "buffer", 1, save_every=1)
+        one = d / "run" / "checkpoints" / "step_00000001" / "rank_tp1_pp0_dp0.pt"
+        if rank == 0:
+            state = torch.load(one, weights_only=True)
+            entry = state["optimizer"]["params"][sorted(state["optimizer"]["params"])[-1]]
+            entry["group"] = 1 - entry["group"]
+            save_hashed(state, one)
+        dist.barrier()
+        model = M.build_model(tiny_config())
+        opt = build_optimizer(model, OptimizerConfig())[0]
+        try:
+            load_checkpoint(d / "run" / "checkpoints", model, opt)
+            got = "loaded"
+        except ValueError as e:
+            got = str(e)
+    (d / f"optmisfit{rank}.json").write_text(json.dumps(got))
+
+
+def test_a_rank_whose_own_optimizer_state_does_not_fit_stops_every_rank(tmp_path):
+    """In the saved layout each tensor and pipeline rank loads its own optimizer state: one that did not fit (a
+    parameter in another group) stopped that rank alone, after the parameters' check, while the others waited
+    in the step check's collective. Now every rank stops with the failing rank's line."""
+    make_buffer(tmp_path / "buffer")
+    mp.spawn(_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"optmisfit{r}.json").read_text()) for r in range(2)]
+    assert "in optimizer group" in got[1] and got[0] == got[1], got
+
+
 def test_the_files_to_check_are_shared_out_each_once():
     from shiq_train.checkpoint import assign_files
 
