@@ -657,7 +657,11 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
         problem = e
     stop_together(problem)
     if optimizer is not None and src.first["optimizer"] is not None:
-        load_optimizer_state_by_name(model, optimizer, by_name)
+        try:  # each stage's own parameters' state (another grouping): every rank stops with one that does not fit
+            load_optimizer_state_by_name(model, optimizer, by_name)
+        except ValueError as e:
+            problem = e
+    stop_together(problem)
     return src.first
 
 

@@ -605,6 +605,44 @@ def test_a_rank_whose_own_optimizer_state_does_not_fit_stops_every_rank(tmp_path
     assert "in optimizer group" in got[1] and got[0] == got[1], got
 
 
+def _resharded_optimizer_misfit_worker(rank, port, d):
+    """PP2: load the one-process checkpoint (its final norm's optimizer state put in the other group) with an
+    optimizer; every rank records what it raised."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    cfg = parallel.ParallelConfig(1, 2, timeout_minutes=1)
+    got = "no error"
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        model = M.build_model(tiny_config())
+        opt = build_optimizer(model, OptimizerConfig())[0]
+        try:
+            load_checkpoint(d / "run" / "checkpoints", model, opt)
+            got = "loaded"
+        except ValueError as e:
+            got = str(e)
+    (d / f"reshardmisfit{rank}.json").write_text(json.dumps(got))
+
+
+def test_a_stage_whose_resharded_optimizer_state_does_not_fit_stops_every_rank(tmp_path):
+    """In another layout each stage loads the optimizer state of its own parameters: one that did not fit (a
+    parameter in another group, here the last stage's final norm) stopped that stage alone, the others going on
+    into training's first collective. Now every rank stops with the failing rank's line."""
+    from shiq_train.checkpoint import save_hashed
+
+    make_buffer(tmp_path / "buffer")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=99):
+        train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1)
+    one = tmp_path / "run" / "checkpoints" / "step_00000001" / "rank_tp0_pp0_dp0.pt"
+    state = torch.load(one, weights_only=True)
+    state["optimizer"]["params"]["decoder.final_layernorm.weight"]["group"] = 0
+    save_hashed(state, one)
+    mp.spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
+    assert "in optimizer group" in got[1] and got[0] == got[1], got
+
+
 def test_the_files_to_check_are_shared_out_each_once():
     from shiq_train.checkpoint import assign_files
 
