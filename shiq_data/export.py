@@ -29,7 +29,7 @@ from tqdm import tqdm
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir, type_name
 from shiq_data.readers.encode import decode_text
-from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, parse_extra
+from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
 from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
 from shiq_data.validate import refuse_repeated_ids
@@ -77,7 +77,7 @@ def jsonl_record(row: dict, *, where: str) -> dict:
     except (json.JSONDecodeError, TypeError) as e:
         raise ValueError(f"{where}: field 'extra': not JSON text ({e})") from None
     except ValueError as e:
-        raise ValueError(f"{where}: field 'extra': {e}") from None
+        raise ValueError(f"{where}: field '{extra_field(row['extra'])}': {e}") from None
     if not isinstance(extra, dict):
         raise ValueError(f"{where}: field 'extra': must be the JSON text of an object, got {type_name(extra)}")
     clash = [k for k in extra if k in _RESERVED]

@@ -279,7 +279,7 @@ def _check_text(row: dict, err) -> None:
             raise err("turn_rewards", f"item {bad} must be a finite number or null, got {str(turns[bad])[:40]}")
     extra = row.get("extra")
     if extra is not None and (problem := extra_problem(extra)) is not None:
-        raise err("extra", problem)
+        raise err(extra_field(extra), problem)
 
 
 def extra_problem(extra: str) -> str | None:
@@ -294,6 +294,24 @@ def extra_problem(extra: str) -> str | None:
     if not isinstance(parsed, dict):
         return f"must be the JSON text of an object, got {type_name(parsed)}"
     return None
+
+
+def extra_field(extra: str) -> str:
+    """The field an error of the ``extra`` text names: ``extra.KEY`` for the first key of its object whose value
+    holds NaN or Infinity (an input record's own field, kept in ``extra``), else ``extra``."""
+
+    def holds(value) -> bool:
+        if isinstance(value, float):
+            return not math.isfinite(value)
+        values = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        return any(holds(v) for v in values)
+
+    try:
+        parsed = json.loads(extra)  # (NaN, Infinity and 1e999 read as floats here)
+        key = next((k for k, v in parsed.items() if holds(v)), None) if isinstance(parsed, dict) else None
+    except (ValueError, RecursionError):
+        key = None
+    return "extra" if key is None else f"extra.{key}"
 
 
 class _NonFinite(ValueError):

@@ -308,11 +308,15 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
 @pytest.mark.parametrize(
     "extra,needle",
     [
-        ("[1, 2]", "must be the JSON text of an object, got list"),
-        ("{nope", "not JSON text"),
-        ('{"score": Infinity}', "holds Infinity, which standard JSON cannot hold"),  # exported as Infinity before
-        ('{"a": [NaN]}', "holds NaN"),
-        ('{"score": 1e999}', "holds Infinity"),  # a number beyond float range, as an exported JSONL may hold it
+        ("[1, 2]", "'extra': must be the JSON text of an object, got list"),
+        ("{nope", "'extra': not JSON text"),
+        # exported as Infinity before; the key that holds it is named
+        ('{"lang": "fr", "score": Infinity}', "'extra.score': holds Infinity, which standard JSON cannot hold"),
+        ('{"a": [1, {"b": NaN}]}', "'extra.a': holds NaN"),
+        (
+            '{"score": 1e999}',
+            "'extra.score': holds Infinity",
+        ),  # a number beyond float range, as an exported JSONL may hold it
     ],
 )
 def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):
@@ -321,14 +325,15 @@ def test_a_hand_edited_extra_column_is_named_when_exported(extra, needle):
 
     row = {"prompt": "a", "completion": " b", "turn_rewards": None, "reward": 1.0, "group_id": 0, "source": "s"}
     assert jsonl_record({**row, "extra": '{"lang": "fr"}'}, where="x")["lang"] == "fr"
-    with pytest.raises(ValueError, match=f"shard-00000.arrow: row 3: field 'extra': {needle}"):
+    with pytest.raises(ValueError, match=f"shard-00000.arrow: row 3: field {needle}"):
         jsonl_record({**row, "extra": extra}, where="shard-00000.arrow: row 3")
 
 
 @pytest.mark.parametrize("value,name", [("1e999", "Infinity"), ("-1e999", "-Infinity"), ("NaN", "NaN")])
 def test_a_non_finite_number_in_an_extra_field_is_refused_at_build(tmp_path, capsys, value, name):
     """Python's JSON reads 1e999 as inf and writes it back as ``Infinity``, which no other JSON reader
-    accepts: the buffer would carry it into every export. Refused at build, naming file, line and field."""
+    accepts: the buffer would carry it into every export. Refused at build, naming file, line and field (the
+    input's own field, kept in ``extra``: it was named ``extra`` alone)."""
     src = tmp_path / "in.jsonl"
     src.write_text(
         '{"prompt": "a b", "completion": " c", "reward": 1.0}\n'
@@ -336,7 +341,7 @@ def test_a_non_finite_number_in_an_extra_field_is_refused_at_build(tmp_path, cap
     )
     assert run("build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and f"in.jsonl: line 2: field 'extra': holds {name}," in err
+    assert len(err.splitlines()) == 1 and f"in.jsonl: line 2: field 'extra.score': holds {name}," in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
