@@ -517,9 +517,11 @@ def test_damaged_slices_and_a_rank_file_of_another_step_stop_every_rank(zero1, t
 
 
 def _misfit_worker(rank, port, d):
-    """TP2: one step saved, then a parameter of tensor-parallel rank 1's file renamed (by rank 0) so that it no
-    longer fits the model (rank 0's still does), and loaded in the saved layout without and with an optimizer:
-    every rank records what it raised (a hang would stop the test at the one-minute collective timeout)."""
+    """TP2: one step saved, then two copies of it whose tensor-parallel rank 1 file no longer fits the model
+    (rank 0's still does), made by rank 0: ``names``, a parameter renamed; ``group``, a parameter's optimizer
+    state put in the other parameter group. Each is loaded in the saved layout (``names`` without and with an
+    optimizer): every rank records what it raised (a hang would stop the test at the one-minute collective
+    timeout)."""
     import torch.distributed as dist
 
     from shiq_train.checkpoint import save_hashed
@@ -531,78 +533,43 @@ def _misfit_worker(rank, port, d):
     got = {}
     with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
         train(d / "run", d / "buffer", 1, save_every=1)
-        one = d / "run" / "checkpoints" / "step_00000001" / "rank_tp1_pp0_dp0.pt"
         if rank == 0:
-            state = torch.load(one, weights_only=True)
-            name = sorted(state["model"])[-1]
-            state["model"][name + ".renamed"] = state["model"].pop(name)
-            save_hashed(state, one)
+            for damage in ("names", "group"):
+                one = _copy(d / "run", d / damage) / "checkpoints" / "step_00000001" / "rank_tp1_pp0_dp0.pt"
+                state = torch.load(one, weights_only=True)
+                if damage == "names":
+                    name = sorted(state["model"])[-1]
+                    state["model"][name + ".renamed"] = state["model"].pop(name)
+                else:
+                    entry = state["optimizer"]["params"][sorted(state["optimizer"]["params"])[-1]]
+                    entry["group"] = 1 - entry["group"]
+                save_hashed(state, one)
         dist.barrier()
-        for optimizer in (False, True):
+        for damage, optimizer in (("names", False), ("names", True), ("group", True)):
             model = M.build_model(tiny_config())
             opt = build_optimizer(model, OptimizerConfig())[0] if optimizer else None
             try:
-                load_checkpoint(d / "run" / "checkpoints", model, opt)
-                got[str(optimizer)] = "loaded"
+                load_checkpoint(d / damage / "checkpoints", model, opt)
+                got[f"{damage} {optimizer}"] = "loaded"
             except ValueError as e:
-                got[str(optimizer)] = str(e)
+                got[f"{damage} {optimizer}"] = str(e)
     (d / f"misfit{rank}.json").write_text(json.dumps(got))
 
 
 def test_a_rank_whose_own_file_does_not_fit_stops_every_rank(tmp_path):
-    """In the saved layout each tensor and pipeline rank checks its own file against its shard of the model: a
-    file that did not fit stopped that rank alone, the others waiting in the next collective (gloo ended it
-    with a transport error when the rank exited, NCCL waits for parallel.timeout_minutes). Now every rank stops
-    with the failing rank's line."""
+    """In the saved layout each tensor and pipeline rank checks its own file against its shard of the model, and
+    loads its own optimizer state: a file that did not fit (a parameter renamed; a parameter's state in another
+    group, found after the parameters' check) stopped that rank alone, the others waiting in the next collective
+    (gloo ended it with a transport error when the rank exited, NCCL waits for parallel.timeout_minutes). Now
+    every rank stops with the failing rank's line."""
     make_buffer(tmp_path / "buffer")
     mp.spawn(_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
     got = [json.loads((tmp_path / f"misfit{r}.json").read_text()) for r in range(2)]
-    for key in ("False", "True"):
+    for key in ("names False", "names True"):
         assert "does not fit this model: parameters only in the checkpoint" in got[1][key], got
         assert ".renamed" in got[1][key] and got[0][key] == got[1][key], got
+    assert "in optimizer group" in got[1]["group True"] and got[0]["group True"] == got[1]["group True"], got
     assert all("\n" not in m for g in got for m in g.values())
-
-
-def _optimizer_misfit_worker(rank, port, d):
-    """TP2: one step saved, then one parameter's optimizer state in tensor-parallel rank 1's file put in the other
-    parameter group (by rank 0), and loaded in the saved layout with an optimizer: every rank records what it
-    raised (a hang would stop the test at the one-minute collective timeout)."""
-    import torch.distributed as dist
-
-    from shiq_train.checkpoint import save_hashed
-
-    torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
-    d = Path(d)
-    cfg = parallel.ParallelConfig(tensor_model_parallel_size=2, timeout_minutes=1)
-    got = "no error"
-    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
-        train(d / "run", d / "buffer", 1, save_every=1)
-        one = d / "run" / "checkpoints" / "step_00000001" / "rank_tp1_pp0_dp0.pt"
-        if rank == 0:
-            state = torch.load(one, weights_only=True)
-            entry = state["optimizer"]["params"][sorted(state["optimizer"]["params"])[-1]]
-            entry["group"] = 1 - entry["group"]
-            save_hashed(state, one)
-        dist.barrier()
-        model = M.build_model(tiny_config())
-        opt = build_optimizer(model, OptimizerConfig())[0]
-        try:
-            load_checkpoint(d / "run" / "checkpoints", model, opt)
-            got = "loaded"
-        except ValueError as e:
-            got = str(e)
-    (d / f"optmisfit{rank}.json").write_text(json.dumps(got))
-
-
-def test_a_rank_whose_own_optimizer_state_does_not_fit_stops_every_rank(tmp_path):
-    """In the saved layout each tensor and pipeline rank loads its own optimizer state: one that did not fit (a
-    parameter in another group) stopped that rank alone, after the parameters' check, while the others waited
-    in the step check's collective. Now every rank stops with the failing rank's line."""
-    make_buffer(tmp_path / "buffer")
-    mp.spawn(_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
-    got = [json.loads((tmp_path / f"optmisfit{r}.json").read_text()) for r in range(2)]
-    assert "in optimizer group" in got[1] and got[0] == got[1], got
 
 
 def _resharded_optimizer_misfit_worker(rank, port, d):
