@@ -123,7 +123,7 @@ def suite_scorer(path: Path) -> tuple[str, str] | None:
     try:
         suite = json_loads(path.read_text(encoding="utf-8"))
         return str(suite["sha256"]), str(suite["content"]["scorer"])
-    except (OSError, ValueError, TypeError, KeyError):
+    except (OSError, ValueError, TypeError, KeyError, RecursionError):  # (nested past Python's limit)
         return None
 
 
@@ -621,12 +621,12 @@ def _suite_settings(table: list[dict]) -> dict[str, dict]:
         sha = t["suite_sha256"]
         if len(names[t["suite"]]) < 2 or sha in settings or t.get("source") is None:
             continue
-        try:
+        try:  # (a file nested past Python's recursion limit is unreadable too)
             suite = json_loads((Path(t["source"]).parent / SUITE).read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            if isinstance(suite, dict) and suite.get("sha256") == sha and isinstance(suite.get("content"), dict):
+                settings[sha] = _flat(suite["content"])
+        except (OSError, ValueError, RecursionError):
             continue
-        if isinstance(suite, dict) and suite.get("sha256") == sha and isinstance(suite.get("content"), dict):
-            settings[sha] = _flat(suite["content"])
     return settings
 
 

@@ -478,6 +478,13 @@ def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tm
     assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "o2"), "--allow-mixed"]) == 0
     headings = [x for x in (tmp_path / "o2" / "leaderboard.md").read_text().splitlines() if x.startswith("## suite s")]
     assert len(headings) == 3 and all(h.endswith("KL: sample)") for h in headings), headings
+    # a suite.json nested past Python's recursion limit is unreadable like a missing one (it ended in a line
+    # naming no file)
+    (tmp_path / "c" / "suite.json").write_text("[" * 100_000 + "]" * 100_000)
+    assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "o3"), "--allow-mixed"]) == 0, (
+        capsys.readouterr().err
+    )
+    assert (tmp_path / "o3" / "leaderboard.md").read_text().count("## suite s") == 3
 
 
 def guide_row(beta, top_k, rewards, kls, **extra):
