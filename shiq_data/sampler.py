@@ -152,6 +152,16 @@ class BufferSampler:
                 + (f" and its smallest group less one ({room})" if room != len(buffer) else "")
                 + ": a micro-batch would hold rows more than once"
             )
+        # a packed row stops only when the next trajectory (at most the longest) does not fit: it holds more than
+        # max_tokens_per_row - longest tokens, so a micro-batch holding more than the buffer's repeats rows
+        total = int(lengths.sum())
+        if mode == "packed" and self.rows_per_micro_batch * (self.max_tokens_per_row - longest + 1) > total:
+            raise ValueError(
+                f"rows_per_micro_batch={rows_per_micro_batch} packed rows of max_tokens_per_row="
+                f"{self.max_tokens_per_row} tokens (shiq-train's data.rows_per_micro_batch and "
+                f"model.max_sequence_length) hold more than the {total} tokens of buffer {buffer.path}: a micro-batch "
+                "would hold rows more than once; use fewer or narrower packed rows, or data.mode=padded"
+            )
         self._epoch, self._position = 0, 0
         self._perm_epoch, self._perm = -1, None
 

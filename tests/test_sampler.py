@@ -379,3 +379,23 @@ def test_a_micro_batch_larger_than_the_buffer_is_refused(rows_and_buffer, tmp_pa
     BufferSampler(paired, rows_per_micro_batch=9, mode="groups")  # 8 rows and less than one more group
     with pytest.raises(ValueError, match=r"and its smallest group less one \(9\)"):
         BufferSampler(paired, rows_per_micro_batch=10, mode="groups")
+
+
+def test_packed_rows_wider_than_the_buffer_are_refused(rows_and_buffer, tmp_path):
+    """Packed rows of model.max_sequence_length tokens over a buffer of fewer tokens ran, each packed row holding
+    every trajectory many times over (3 rows of 17 tokens, 2 rows of 256: each trajectory 15 times a row)."""
+    rows, _ = rows_and_buffer
+    small = write_buffer(rows[:3], tmp_path / "small", tokenizer_info=TOK, command=["t"], progress=False)
+    lengths = [len(r["tokens"]) for r in rows[:3]]
+    total, longest = sum(lengths), max(lengths)
+    with pytest.raises(ValueError, match=rf"hold more than the {total} tokens of buffer .*more than once"):
+        BufferSampler(small, rows_per_micro_batch=2, mode="packed", max_tokens_per_row=256)
+    # the widest packed row that may still stop within the buffer's tokens (a row stops when the next trajectory,
+    # at most the longest, does not fit): it never holds every trajectory twice
+    cap = total + longest - 1
+    s = BufferSampler(small, rows_per_micro_batch=1, mode="packed", max_tokens_per_row=cap, pad_id=PAD)
+    for _ in range(5):
+        counts = Counter(first_tokens_by_segment(s.next_micro_batches()[0]))
+        assert min(counts.get(i, 0) for i in range(3)) <= 1
+    with pytest.raises(ValueError, match=r"rows_per_micro_batch=1 packed rows of max_tokens_per_row="):
+        BufferSampler(small, rows_per_micro_batch=1, mode="packed", max_tokens_per_row=cap + 1)
