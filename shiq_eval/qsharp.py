@@ -218,7 +218,19 @@ class GuidedPolicy:
         :meth:`sequence_kls` gives for those completions (SHIQ_MATH §6), read off the sampling pass itself
         (``sequence_kls`` teacher-forces the completions through the same steps: this saves that second
         pass). The estimators are those of the temperature-1 guided policy at the visited states, whatever
-        ``cfg.temperature`` and ``cfg.top_p`` sampled."""
+        ``cfg.temperature`` and ``cfg.top_p`` sampled. A prompt whose tokens plus ``cfg.max_new_tokens`` pass
+        either model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
+        limits = [
+            getattr(getattr(m, "config", None), "max_position_embeddings", None)
+            for m in (self.ref_model, self.value_model)
+        ]
+        limit = min((n for n in limits if isinstance(n, int)), default=None)
+        for j, p in enumerate(prompt_ids):  # past it, positions the models never learnt: refused, not sampled
+            if limit is not None and len(p) + cfg.max_new_tokens > limit:
+                raise ValueError(
+                    f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
+                    f"max_new_tokens {cfg.max_new_tokens} exceed the models' max_position_embeddings {limit}"
+                )
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):

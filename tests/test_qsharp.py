@@ -819,3 +819,23 @@ def test_a_file_of_pickled_objects_is_refused_without_advice_to_unpickle_it(tmp_
         message.startswith(f"{folder} (pytorch_model.bin): it holds objects other than tensors") and "\n" not in message
     )
     assert "weights_only" not in message and not marker.exists()
+
+
+def test_a_prompt_that_would_run_past_the_models_positions_is_refused():
+    """A prompt whose tokens plus max_new_tokens pass max_position_embeddings was sampled by the guided policy at
+    positions neither model learnt, without a word (plain sampling refused it already); the reference's and the
+    value trunk's limits both count."""
+    from shiq_eval.generate import SamplingConfig
+
+    warnings.filterwarnings("ignore")
+    policy = GuidedPolicy(tiny_llama(0), value_model(1), ATOMS, 0.5, top_k=4, eos_id=63, pad_id=0)
+    fits = [[1] * 56, [2, 3]]  # 56 + 8 = 64: the last position both models have
+    assert [len(c) <= 8 for c in policy.generate(fits, SamplingConfig(max_new_tokens=8))] == [True, True]
+    with pytest.raises(
+        ValueError,
+        match="prompt 1 of the 2 sampled .*: 57 tokens \\+ max_new_tokens 8 exceed the models' max_position_",
+    ):
+        policy.generate([[2, 3], [1] * 57], SamplingConfig(max_new_tokens=8))
+    policy.value_model.config.max_position_embeddings = 32  # a value trunk with fewer positions than the reference
+    with pytest.raises(ValueError, match="prompt 0 of the 1 sampled .*: 30 tokens \\+ max_new_tokens 4 exceed"):
+        policy.generate_with_kls([[1] * 30], SamplingConfig(max_new_tokens=4))
