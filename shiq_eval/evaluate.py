@@ -184,7 +184,9 @@ class SharedPrefixPolicy:
         self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False
     ) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
         """``(completions, sample [N], exact [N])``: ``HFPolicy.generate`` and, for those completions, the
-        estimators :func:`sequence_kls` gives (float64 log-softmax, the same per-token sums)."""
+        estimators :func:`sequence_kls` gives (float64 log-softmax, the same per-token sums). A prompt that would
+        run past the model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
+        self.sampler._check_positions(prompt_ids, cfg)
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):

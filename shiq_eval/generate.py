@@ -83,6 +83,13 @@ class HFPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see :func:`generate_in_batches` for batching and seeds)."""
+        self._check_positions(prompt_ids, cfg)
+        return generate_in_batches(
+            prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
+        )
+
+    def _check_positions(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
+        """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass the model's ``max_position_embeddings``."""
         limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
         for j, p in enumerate(prompt_ids):  # past it, positions the model never learnt: refused, not sampled
             if isinstance(limit, int) and len(p) + cfg.max_new_tokens > limit:
@@ -90,9 +97,6 @@ class HFPolicy:
                     f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
                     f"max_new_tokens {cfg.max_new_tokens} exceed the model's max_position_embeddings {limit}"
                 )
-        return generate_in_batches(
-            prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
-        )
 
     def _read_prompts(self, batch: list[list[int]]):
         """``(cache, logits [B, V], attention_mask, position_ids)`` after the prompts: :func:`read_prompts`."""

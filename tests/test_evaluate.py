@@ -389,3 +389,21 @@ def test_a_scorer_or_kl_that_miscounts_completions_is_refused(rewards, kl, messa
     kls = lambda p, c: (torch.tensor(kl, dtype=torch.float64), torch.zeros(4, dtype=torch.float64))  # noqa: E731
     with pytest.raises(ValueError, match=message):
         evaluate_samples(policy, kls, Tok(), [[1], [2], [3], [4]], list("abcd"), lambda p, t: rewards, progress=False)
+
+
+def test_a_prompt_past_the_models_positions_is_refused_on_the_shared_prefix_path():
+    """A policy sharing the reference's first layers is sampled by ``SharedPrefixPolicy``, which sampled a prompt
+    whose tokens plus max_new_tokens pass max_position_embeddings without a word; ``HFPolicy`` (the path of a
+    policy sharing nothing) refused it already. Both paths now refuse it alike."""
+    ref = tiny(13, layers=3)
+    policy = fine_tune_of(ref, 2, seed=5)
+    scorer = FunctionScorer(lambda p, c: len(c.split()))
+    kw = dict(max_new_tokens=8, batch_size=4, seed=2, progress=False)
+    fits = evaluate_policy(policy, ref, Tok(), [[1] * 56, [2, 3]], ["p"] * 2, scorer, **kw)  # 56 + 8 = 64
+    assert fits.n == 2
+    for other in (policy, fine_tune_of(ref, 0, seed=5)):  # the shared prefix path, then the plain one
+        with pytest.raises(
+            ValueError,
+            match="prompt 1 of the 2 sampled .*: 57 tokens \\+ max_new_tokens 8 exceed the model's max_position_",
+        ):
+            evaluate_policy(other, ref, Tok(), [[2, 3], [1] * 57], ["p"] * 2, scorer, **kw)
