@@ -63,6 +63,20 @@ def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
     return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
+def check_positions(prompt_ids: list[list[int]], cfg: SamplingConfig, models) -> None:
+    """Refuse (one-line ``ValueError`` naming the prompt) a prompt whose tokens plus ``cfg.max_new_tokens`` pass
+    the smallest ``max_position_embeddings`` of ``models``: past it, positions a model never learnt."""
+    limits = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
+    limit = min((n for n in limits if isinstance(n, int)), default=None)
+    whose = "the models'" if len(models) > 1 else "the model's"
+    for j, p in enumerate(prompt_ids):
+        if limit is not None and len(p) + cfg.max_new_tokens > limit:
+            raise ValueError(
+                f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
+                f"max_new_tokens {cfg.max_new_tokens} exceed {whose} max_position_embeddings {limit}"
+            )
+
+
 class HFPolicy:
     """A Hugging Face causal LM as a policy. Prompts are left-padded within a batch; the prompt is read in one
     pass, then each new token through the model's KV cache, and every token is drawn by :func:`sample_next`
@@ -90,13 +104,7 @@ class HFPolicy:
 
     def _check_positions(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
         """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass the model's ``max_position_embeddings``."""
-        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
-        for j, p in enumerate(prompt_ids):  # past it, positions the model never learnt: refused, not sampled
-            if isinstance(limit, int) and len(p) + cfg.max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
-                    f"max_new_tokens {cfg.max_new_tokens} exceed the model's max_position_embeddings {limit}"
-                )
+        check_positions(prompt_ids, cfg, [self.model])
 
     def _read_prompts(self, batch: list[list[int]]):
         """``(cache, logits [B, V], attention_mask, position_ids)`` after the prompts: :func:`read_prompts`."""

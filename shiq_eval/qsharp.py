@@ -32,7 +32,14 @@ from functools import partial
 import torch
 
 from shiq_eval.evaluate import EvalResult, evaluate_one_pass
-from shiq_eval.generate import SamplingConfig, generate_in_batches, lm_forward, read_prompts, sample_next
+from shiq_eval.generate import (
+    SamplingConfig,
+    check_positions,
+    generate_in_batches,
+    lm_forward,
+    read_prompts,
+    sample_next,
+)
 from shiq_eval.optimum import check_beta
 
 CANDIDATE_CHUNK = 64  # candidates the value model scores in one pass (all of them when top_k is at most this)
@@ -220,17 +227,7 @@ class GuidedPolicy:
         pass). The estimators are those of the temperature-1 guided policy at the visited states, whatever
         ``cfg.temperature`` and ``cfg.top_p`` sampled. A prompt whose tokens plus ``cfg.max_new_tokens`` pass
         either model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
-        limits = [
-            getattr(getattr(m, "config", None), "max_position_embeddings", None)
-            for m in (self.ref_model, self.value_model)
-        ]
-        limit = min((n for n in limits if isinstance(n, int)), default=None)
-        for j, p in enumerate(prompt_ids):  # past it, positions the models never learnt: refused, not sampled
-            if limit is not None and len(p) + cfg.max_new_tokens > limit:
-                raise ValueError(
-                    f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
-                    f"max_new_tokens {cfg.max_new_tokens} exceed the models' max_position_embeddings {limit}"
-                )
+        check_positions(prompt_ids, cfg, [self.ref_model, self.value_model])
         sample, exact = [], []
 
         def batch_fn(batch, first, seed):
