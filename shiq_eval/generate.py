@@ -9,6 +9,7 @@ prompts reach every model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
@@ -18,13 +19,14 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.ref_stats import common_prefix
+from shiq_eval.suite import TEMPERATURE_MIN
 from shiq_train.model import causal_mask, model_inputs, unwrap
 
 
 @dataclass
 class SamplingConfig:
     max_new_tokens: int = 32
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 means greedy; else finite and at least TEMPERATURE_MIN
     top_p: float = 1.0
     batch_size: int = 16
     seed: int = 0
@@ -32,8 +34,10 @@ class SamplingConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (self.temperature == 0 or TEMPERATURE_MIN <= self.temperature < math.inf):  # (NaN fails both)
+            raise ValueError(
+                f"temperature must be 0 (greedy) or a finite number >= {TEMPERATURE_MIN:g}, got {self.temperature}"
+            )
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.batch_size < 1:

@@ -188,6 +188,11 @@ def test_bad_sampling_config():
         SamplingConfig(top_p=0)
     with pytest.raises(ValueError, match="max_new_tokens"):
         SamplingConfig(max_new_tokens=0)
+    # NaN, infinity and a temperature whose logits / T overflow were taken (a NaN draw, or one unclear error later)
+    for t in (float("nan"), float("inf"), 1e-40, -1.0):
+        with pytest.raises(ValueError, match="temperature must be 0 \\(greedy\\) or a finite number >= 1e-30"):
+            SamplingConfig(temperature=t)
+    assert SamplingConfig(temperature=0).temperature == 0 and SamplingConfig(temperature=1e-30).temperature == 1e-30
 
 
 def test_a_prompt_that_would_run_past_the_models_positions_is_refused():
