@@ -51,13 +51,13 @@ def generate_in_batches(
     under seed ``cfg.seed + i`` (so results do not depend on what else runs), empty prompts refused, each
     completion cut after its first end-of-sequence token (kept). ``generate_batch(batch, first, seed)``
     returns the raw completion ids of one batch whose first prompt has index ``first``."""
+    empty = next((j for j, p in enumerate(prompt_ids) if not p), None)
+    if empty is not None:  # before any batch is sampled
+        raise ValueError(f"prompt {empty} is empty")
     out: list[list[int]] = []
     starts = range(0, len(prompt_ids), cfg.batch_size)
     for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
         batch = prompt_ids[start : start + cfg.batch_size]
-        for j, p in enumerate(batch):
-            if not p:
-                raise ValueError(f"prompt {start + j} is empty")
         out.extend(cut_at_eos(row, eos_id) for row in generate_batch(batch, start, cfg.seed + i))
     return out
 

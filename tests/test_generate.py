@@ -183,6 +183,22 @@ def test_draw_refuses_bad_rows_and_never_returns_an_impossible_index_at_the_edge
             draw(torch.tensor(bad), torch.Generator())
 
 
+def test_an_empty_prompt_is_refused_before_any_batch_is_sampled():
+    """An empty prompt was found when its batch was reached, after the batches before it had been sampled."""
+    from shiq_eval.generate import generate_in_batches
+
+    sampled = []
+
+    def batch(prompts, first, seed):
+        sampled.append(first)
+        return [[5] for _ in prompts]
+
+    with pytest.raises(ValueError, match="^prompt 3 is empty$"):
+        generate_in_batches([[1], [2], [3], []], SamplingConfig(batch_size=1), False, 9, batch)
+    assert sampled == []
+    assert generate_in_batches([[1], [2]], SamplingConfig(batch_size=1), False, 9, batch) == [[5], [5]]
+
+
 def test_bad_sampling_config():
     with pytest.raises(ValueError, match="top_p"):
         SamplingConfig(top_p=0)
