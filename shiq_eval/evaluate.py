@@ -57,10 +57,12 @@ def sequence_kls(model, ref_model, prompt_ids, completion_ids, batch_size=16, pa
     ``s`` = the shortest prompt's length − 1), and :func:`shiq_eval.kl.masked_kls` runs the float64
     log-softmaxes at the completion tokens' positions only.
     """
+    if len(prompt_ids) != len(completion_ids):  # (zip would drop the extra ones without a word)
+        raise ValueError(f"{len(prompt_ids)} prompts but {len(completion_ids)} completions")
     for i, p in enumerate(prompt_ids):
         if not p:  # (its first completion token would have no position to be predicted from)
             raise ValueError(f"prompt {i} is empty")
-    samples, exact = [], []
+    samples, exact = [torch.zeros(0, dtype=torch.float64)], [torch.zeros(0, dtype=torch.float64)]  # [0]: none
     for start in range(0, len(prompt_ids), batch_size):
         prompts = prompt_ids[start : start + batch_size]
         rows = [p + c for p, c in zip(prompts, completion_ids[start : start + batch_size])]

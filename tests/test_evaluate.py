@@ -37,6 +37,15 @@ def test_sequence_kls_refuses_an_empty_prompt():
         sequence_kls(m, tiny(1), [[1, 2], []], [[3], [3, 4]])
 
 
+def test_sequence_kls_of_no_prompts_is_empty_and_unequal_lists_are_refused():
+    """No prompts ended in torch.cat's error; more prompts than completions gave fewer KLs than prompts."""
+    m = tiny(0)
+    sample, exact = sequence_kls(m, m, [], [])
+    assert sample.shape == exact.shape == (0,)
+    with pytest.raises(ValueError, match="^3 prompts but 2 completions$"):
+        sequence_kls(m, tiny(1), [[1], [2], [3]], [[3], [4]])
+
+
 def test_self_kl_is_zero_and_rewards_are_scored():
     m = tiny(0)
     prompts = [[1, 2, 3], [4, 5]] * 4
