@@ -429,6 +429,8 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
     Args: returns ``[B]`` finite floats, group_ids ``[B]`` int, beta finite > 0 (ValueError otherwise).
     """
     check_beta(beta)
+    if not returns.is_floating_point():  # the value is returned in returns' dtype: an integer one would truncate it
+        raise ValueError(f"returns must be a floating-point tensor, got dtype {returns.dtype}")
     _check_vector("returns", returns, integer=False)
     _check_vector("group_ids", group_ids, length=returns.shape[0], integer=True)
     beta = _scalar(beta)

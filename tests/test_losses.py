@@ -643,6 +643,13 @@ def test_loo_soft_value_by_hand():
     assert float(v[3]) == pytest.approx(lme([1.0, 3.0, 2.0]), rel=1e-6)  # alone: the rest of the batch
 
 
+def test_loo_soft_value_refuses_integer_returns():
+    """Integer returns came back as the log-mean-exp truncated to integers (3 for 3.43 with R = 1, 2, 4 at
+    β 1): the value of SHIQ_MATH §5 is a real number, so returns must be floats."""
+    with pytest.raises(ValueError, match="returns must be a floating-point tensor"):
+        loo_soft_value(torch.tensor([1, 2, 4]), torch.tensor([0, 0, 0]), beta=1.0)
+
+
 def test_multiturn_dpo_and_copg_sum_every_assistant_turn():
     """Multi-turn variants (SHIQ_MATH §5): Λ over all assistant tokens, R the cumulative turn reward."""
     m = torch.tensor([[False, True, True, False, False, True], [False, True, False, False, True, True]])
