@@ -78,7 +78,7 @@ def check_beta(beta, name: str = "beta") -> float:
     A bool or a string is not a number; a one-element tensor is. ``shiq_eval.optimum.check_beta`` accepts
     the same values without importing torch (``tests/test_losses.py`` holds them to it)."""
     one = isinstance(beta, torch.Tensor) and beta.numel() == 1 and not beta.dtype == torch.bool
-    value = float(beta) if _is_number(beta) or one else math.nan
+    value = float(beta.detach() if one else beta) if _is_number(beta) or one else math.nan  # (detached: no warning)
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {beta!r}")
     return value

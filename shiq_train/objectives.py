@@ -268,7 +268,7 @@ def _per_trajectory(stats, rewards, action_mask, segment_ids):
     c, z, cr, zr = (s.double() for s in stats)
     rho = ((c - z) - (cr - zr)) * action_mask
     r = rewards.double() * action_mask
-    if segment_ids is None:
+    if segment_ids is None or segment_ids.numel() == 0:  # (an empty packed micro-batch: no trajectory)
         has = action_mask.any(1)
         return r.sum(1)[has], rho.sum(1)[has]
     B = action_mask.shape[0]

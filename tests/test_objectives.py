@@ -167,6 +167,12 @@ def test_dro_v_reads_single_rows_padded_or_packed():
     ]
     assert float(loss) == pytest.approx(sum(rows) / 4, rel=1e-12)
 
+    # a packed micro-batch of no tokens holds no trajectory, as an unpacked one (it ended in max() of nothing)
+    empty = [x[:, :0] for x in (*stats, r)]
+    for packed in (None, seg[:, :0]):
+        loss, _ = compute_loss(LossConfig("dro_v", beta=0.25), *empty, m[:, :0], segment_ids=packed)
+        assert float(loss) == 0.0
+
 
 @pytest.mark.parametrize(
     "beta,gamma,ok",
