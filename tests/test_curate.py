@@ -175,6 +175,7 @@ BAD_WHERE = [
     ("count(*) > 1", "aggregate functions"),
     ("exists (select 1 from rows)", "subqueries are not allowed"),
     ("read_text('/etc/passwd') is not null", "table function"),
+    ("COLUMNS(*) IS NOT NULL", "COLUMNS(...) are not allowed"),  # one keep column per column: a KeyError
 ]
 
 

@@ -84,6 +84,8 @@ class Where:
         inner = node["select_list"]
         if any(n.get("class") == "SUBQUERY" or n.get("type") in ("SUBQUERY", "TABLE_FUNCTION") for n in _walk(inner)):
             raise ValueError(f"--where {expr!r}: subqueries are not allowed (the expression sees one row's columns)")
+        if any(n.get("class") == "STAR" for n in _walk(inner)):  # COLUMNS(...) gives one value per column
+            raise ValueError(f"--where {expr!r}: * and COLUMNS(...) are not allowed: name the columns")
         aggregates = {
             r[0]
             for r in self.con.sql(
