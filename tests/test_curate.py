@@ -176,6 +176,9 @@ BAD_WHERE = [
     ("exists (select 1 from rows)", "subqueries are not allowed"),
     ("read_text('/etc/passwd') is not null", "table function"),
     ("COLUMNS(*) IS NOT NULL", "COLUMNS(...) are not allowed"),  # one keep column per column: a KeyError
+    # rows b0-0 (no value) and b0-1 (two) of the first shard: as many values as rows, kept b0-0 for b0-1's first
+    ("unnest(CASE row_id WHEN 'b0-0' THEN []::BOOLEAN[] WHEN 'b0-1' THEN [true, false] ELSE [false] END)", "unnest"),
+    ("generate_subscripts([1, 2], 1) = 1", "generate_subscripts gives several values per row"),
 ]
 
 

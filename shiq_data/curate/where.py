@@ -98,6 +98,19 @@ class Where:
                 f"--where {expr!r}: aggregate functions ({', '.join(sorted(used & aggregates))}) are not allowed "
                 "(the expression sees one row's columns)"
             )
+        # unnest gives a row per list element: a row count that happens to match would shift the rows kept
+        set_returning = {"unnest", "unlist"} | {
+            r[0]
+            for r in self.con.sql(
+                "SELECT function_name FROM duckdb_functions() WHERE function_type = 'macro' "
+                "AND macro_definition ILIKE '%unnest(%'"
+            ).fetchall()
+        }
+        if used & set_returning:
+            raise ValueError(
+                f"--where {expr!r}: {', '.join(sorted(used & set_returning))} gives several values per row, which "
+                "is not allowed (the expression gives one value per row: list functions such as list_contains read a list)"
+            )
         if any(n.get("class") == "WINDOW" for n in _walk(inner)):
             raise ValueError(
                 f"--where {expr!r}: window functions are not allowed (the expression sees one row's columns)"
