@@ -192,6 +192,16 @@ def test_bad_where_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys,
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.parametrize("verb", ["stats", "show"])
+def test_an_empty_where_is_refused_by_stats_and_show_as_by_filter(data, capsys, verb):
+    """--where "" (an unset shell variable) gave the statistics or rows of the whole buffer as if no --where was
+    given, while filter and a --where of one space refuse it."""
+    for expr in ("", " "):
+        code, stdout, err = run(capsys, verb, data["ab"], "--where", expr)
+        assert code == 2 and stdout == "" and err.count("\n") == 1, (expr, stdout, err)
+        assert err.startswith("shiq-data: error: --where: empty expression"), err
+
+
 def test_file_access_refused_end_to_end_and_by_the_connection(data, tmp_path):
     exe = Path(sys.executable).with_name("shiq-data")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "shiq_data"]

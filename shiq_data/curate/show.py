@@ -64,7 +64,7 @@ def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | No
     """The first ``rows`` rows of the buffer at ``path`` (where ``where`` holds), or the row ``row_id``,
     each rendered as a header line and its decoded tokens (:func:`render`)."""
     source = CurationSource(path)
-    cond = Where(where) if where else None
+    cond = Where(where) if where is not None else None
     blocks = []
     for row, d in _matching(source, cond, row_id):
         head = (  # the stored texts with their control characters escaped, line breaks too: one header line

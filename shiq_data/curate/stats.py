@@ -170,7 +170,7 @@ def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tu
     (:func:`summarise`; the histograms of :func:`plot_stats`, only with ``histograms``)."""
     source = CurationSource(path)
     with Spill(source.path) as spill:
-        _spill_rows(source, Where(where) if where else None, spill)
+        _spill_rows(source, Where(where) if where is not None else None, spill)
         stats = summarise(spill)
         return stats, _histograms(spill, stats) if histograms else None
 
