@@ -179,6 +179,10 @@ BAD_WHERE = [
     # rows b0-0 (no value) and b0-1 (two) of the first shard: as many values as rows, kept b0-0 for b0-1's first
     ("unnest(CASE row_id WHEN 'b0-0' THEN []::BOOLEAN[] WHEN 'b0-1' THEN [true, false] ELSE [false] END)", "unnest"),
     ("generate_subscripts([1, 2], 1) = 1", "generate_subscripts gives several values per row"),
+    # a clause after the expression: rows grouped or sampled, so the values are no longer one per row
+    ("true) AS keep FROM rows GROUP BY ALL --", "single SQL boolean expression"),
+    ("true) AS keep FROM rows TABLESAMPLE 50% --", "single SQL boolean expression"),
+    ("NOT " * 600 + "true", "nested too deep"),  # (a RecursionError, in a line that did not say --where)
 ]
 
 

@@ -60,7 +60,10 @@ class Where:
             raise ValueError('--where: empty expression; give a SQL boolean expression such as "reward > 0"')
         self.con = sandbox()
         self.sql = _QUERY.format(expr=expr)
-        tree = json.loads(self.con.execute("SELECT json_serialize_sql(?)", [self.sql]).fetchall()[0][0])
+        try:
+            tree = json.loads(self.con.execute("SELECT json_serialize_sql(?)", [self.sql]).fetchall()[0][0])
+        except RecursionError:  # (its syntax tree, nested past Python's limit)
+            raise ValueError(f"--where {expr[:80]!r}...: nested too deep") from None
         if tree.get("error"):
             problem = (tree.get("error_message") or "not valid SQL").strip().splitlines()[0]
             raise ValueError(f"--where {expr!r}: {problem}")
@@ -71,12 +74,14 @@ class Where:
             and len(node.get("select_list", [])) == 1
             and (node.get("from_table") or {}).get("type") == "BASE_TABLE"
             and (node.get("from_table") or {}).get("table_name") == TABLE
+            and (node.get("from_table") or {}).get("sample") is None
             and not node.get("modifiers")
             and node.get("where_clause") is None
             and not node.get("group_expressions")
             and node.get("having") is None
             and node.get("qualify") is None
             and node.get("sample") is None
+            and node.get("aggregate_handling", "STANDARD_HANDLING") == "STANDARD_HANDLING"  # (GROUP BY ALL)
             and not (node.get("cte_map") or {}).get("map")
         )
         if not simple:
