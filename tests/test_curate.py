@@ -379,6 +379,10 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     # more rows than an input has: refused without replacement, copies with it
     code, _, err = run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 40, "--out", tmp_path / "x")
     assert code == 2 and "--replacement" in err and not (tmp_path / "x").exists()
+    # a --rows that rounds every share to no row: it said 'no rows to write', as if the inputs were empty
+    code, _, err = run(capsys, "mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 1, "--out", tmp_path / "x")
+    assert code == 2 and "--rows 1 over weights 1, 1 gives every input" in err and "raise --rows" in err, err
+    assert not (tmp_path / "x").exists()
     out = tmp_path / "rep"
     args = ["mix", f"{data['a']}:1", f"{data['b']}:1", "--rows", 40, "--replacement", "--seed", 1, "--out", out]
     assert run(capsys, *args, "--no-progress")[0] == 0

@@ -214,6 +214,11 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
     have = np.array([len(s) for s in sources], dtype=np.float64)
     total = int(rows) if rows is not None else int(np.floor((have / share).min()))
     targets = [int(round(total * p)) for p in share]
+    if not any(targets):  # (every share rounds to no row: the inputs are not empty)
+        raise ValueError(
+            f"--rows {total} over weights {', '.join(f'{w:g}' for w in weights)} gives every input round(rows * w / "
+            "sum(w)) = 0 rows: raise --rows"
+        )
     if not replacement:
         for s, t in zip(sources, targets):
             if t > len(s):
