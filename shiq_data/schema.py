@@ -366,6 +366,14 @@ def is_bounded_number(x) -> bool:
     return is_finite_number(x) and abs(x) <= VALUE_MAX
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are stored as float32
+
+
+def fits_float32(x) -> bool:
+    """A finite number (:func:`is_finite_number`) that float32, the rewards' storage, holds."""
+    return is_finite_number(x) and abs(float(x)) <= FLOAT32_MAX
+
+
 def is_finite_number(x) -> bool:
     """A real, finite number (bools excluded)."""
     if not isinstance(x, (Real, np.floating, np.integer)) or isinstance(x, (bool, np.bool_)):

@@ -1101,14 +1101,15 @@ def test_a_byte_order_mark_opening_a_jsonl_file_is_not_part_of_its_first_line(tm
 
 
 def test_a_turn_reward_too_large_names_turn_rewards(tmp_path, capsys, smollm2):
-    """A per-turn reward beyond float32 was blamed on field 'reward', which the row does not have."""
+    """A per-turn reward beyond float32 was blamed on field 'reward', which the row does not have; then on
+    'turn_rewards' as a whole. It is named by its place in the list."""
     row = {"prompt": "a", "completion": [{"role": "assistant", "content": "b"}], "turn_rewards": [1e300]}
     inp = write_jsonl(tmp_path / "in.jsonl", [row])
     assert (
         main(["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(tmp_path / "b"), "--no-progress"]) == 2
     )
     err = capsys.readouterr().err.strip()
-    assert f"{inp}: line 1: field 'turn_rewards': reward does not fit in float32" in err, err
+    assert f"{inp}: line 1: field 'turn_rewards[0]': 1e+300 does not fit in float32" in err, err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

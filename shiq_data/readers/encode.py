@@ -23,7 +23,7 @@ from pathlib import Path
 
 from shiq_data.chat import ChatTemplateError, control_texts, encode_chat
 from shiq_data.io import RowError, type_name
-from shiq_data.schema import INPUT_KEY, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, fits_float32, input_location, is_finite_number
 
 MESSAGES = "a list of chat messages"
 
@@ -43,6 +43,8 @@ def finite_number(value, path, line, field) -> float:
     """``value`` as a float, or a :class:`RowError` unless it is a finite number (not a bool)."""
     if not isinstance(value, (int, float)) or not is_finite_number(value):
         raise row_error(path, line, field, f"expected a finite number, got {repr(value)[:40]}")
+    if not fits_float32(value):  # (named here: the buffer's own check names the row's reward column only)
+        raise row_error(path, line, field, f"{float(value):.4g} does not fit in float32, which rewards are stored as")
     return float(value)
 
 

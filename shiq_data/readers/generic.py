@@ -51,7 +51,7 @@ import pyarrow.parquet as pq
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl, type_name
 from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
-from shiq_data.schema import INPUT_KEY, GroupIds, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, GroupIds, fits_float32, input_location, is_finite_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row
@@ -121,6 +121,8 @@ def _check_turn_rewards(record: dict, err) -> None:
     for i, r in enumerate(turns):
         if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not is_finite_number(r)):
             raise err(f"turn_rewards[{i}]", f"must be a finite number or null, got {str(r)[:40]}")
+        if r is not None and not fits_float32(r):
+            raise err(f"turn_rewards[{i}]", f"{float(r):.4g} does not fit in float32, which rewards are stored as")
     if record.get("reward") is not None:
         raise err("reward", "give either a reward or turn_rewards, not both")
 
