@@ -63,6 +63,7 @@ import json
 import pickle
 import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -503,6 +504,18 @@ def stop_together(problem: Exception | str | None) -> None:
         raise ValueError(first)
 
 
+@contextmanager
+def failing_together():
+    """Run the ``with`` body, then :func:`stop_together` with the ``ValueError`` it raised, if any: every rank
+    enters the block, so every rank reaches the collective whether its own work failed or not."""
+    problem = None
+    try:
+        yield
+    except ValueError as e:
+        problem = e
+    stop_together(problem)
+
+
 def _does_not_fit(step_dir, what: str) -> ValueError:
     return ValueError(
         f"checkpoint {step_dir} does not fit this model: {what} (a different model config? the saved one is in "
@@ -636,8 +649,7 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
     dist.all_gather_object(stages, sorted({info["name"] for info in layout.values()}))
     params = _local_parameters(model)
     tp, rank = lay["tp"], lay["tp_rank"]
-    problem = None
-    try:  # each stage checks its own parameters and merges their slices: every rank stops with one that fails
+    with failing_together():  # each stage checks its own parameters and merges their slices
         src = _SavedLayout(step_dir, saved, optimizer is not None)
         _check_names(step_dir, set(src.entries), set().union(*stages))
         by_name = {"groups": src.optimizer_groups(), "params": {}}
@@ -653,15 +665,9 @@ def _load_resharded(step_dir: Path, saved: dict, lay: dict, model, optimizer) ->
             entry = src.optimizer_state(name, tp, rank)
             if entry is not None:
                 by_name["params"][local] = entry
-    except ValueError as e:
-        problem = e
-    stop_together(problem)
-    if optimizer is not None and src.first["optimizer"] is not None:
-        try:  # each stage's own parameters' state (another grouping): every rank stops with one that does not fit
+    with failing_together():  # each stage's own parameters' state (another grouping)
+        if optimizer is not None and src.first["optimizer"] is not None:
             load_optimizer_state_by_name(model, optimizer, by_name)
-        except ValueError as e:
-            problem = e
-    stop_together(problem)
     return src.first
 
 
@@ -678,9 +684,11 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
     if fits.item():
         return own
     where = _slices_where(step_dir, lay["tp_rank"], lay["pp_rank"])
-    merged, problem = {"groups": full_groups(own["groups"]), "params": {}}, None
-    if holds is None or lay["dp_rank"] == 0:
-        try:
+    merged = {"groups": full_groups(own["groups"]), "params": {}}
+    # every rank stops with a rank that failed (the distributed optimizer's other data-parallel ranks wait for
+    # rank 0's merge; another tensor or pipeline rank's slices may be the damaged ones)
+    with failing_together():
+        if holds is None or lay["dp_rank"] == 0:
             first = (
                 state
                 if lay["dp_rank"] == 0
@@ -688,11 +696,6 @@ def _sliced_state(step_dir: Path, dp: int, lay: dict, optimizer, state: dict) ->
             )
             pieces = _slice_pieces(step_dir, dp, lay["tp_rank"], lay["pp_rank"], first)
             merged["params"] = {k: merge_slices(k, v, where) for k, v in pieces.items()}
-        except ValueError as e:
-            problem = e
-    # every rank stops with a rank that failed (the distributed optimizer's other data-parallel ranks wait for
-    # rank 0's merge; another tensor or pipeline rank's slices may be the damaged ones)
-    stop_together(problem)
     return merged
 
 
@@ -710,8 +713,7 @@ def _copied(value):
 def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> dict:
     """Load this rank's own file: parameters and optimizer state exactly as saved (format 3: the parameters, and
     the default optimizer's state, from data-parallel rank 0's file, memory-mapped)."""
-    problem = None
-    try:  # each tensor and pipeline rank reads and checks its own files: every rank stops with one that fails
+    with failing_together():  # each tensor and pipeline rank reads and checks its own files
         state = read_rank_file(_rank_file(step_dir, lay), checked=True)
         fmt, opt = state.get("format"), state["optimizer"]
         first = None
@@ -726,27 +728,19 @@ def _load_same_layout(step_dir: Path, lay: dict, dp: int, model, optimizer) -> d
                 raise _does_not_fit(
                     step_dir, f"parameter {n} has shape {list(weights[n].shape)} there, {list(p.shape)} here"
                 )
-    except ValueError as e:
-        problem = e
-    stop_together(problem)
     with torch.no_grad():
         for n, p in params.items():
             p.copy_(weights[n])
     if optimizer is not None and opt is None and first is not None:  # copies: the optimizer updates them in place
         opt = state["optimizer"] = _copied(first["optimizer"])
-    problem = None
-    if optimizer is not None and opt is not None:
-        if fmt in BY_NAME:
-            if is_sliced(opt):
-                opt = _sliced_state(step_dir, dp, lay, optimizer, state)
-        try:  # each tensor and pipeline rank's own state (another grouping, a damaged moment): every rank stops
+    if optimizer is not None and opt is not None and fmt in BY_NAME and is_sliced(opt):
+        opt = _sliced_state(step_dir, dp, lay, optimizer, state)
+    with failing_together():  # each tensor and pipeline rank's own state (another grouping, a damaged moment)
+        if optimizer is not None and opt is not None:
             if fmt in BY_NAME:
                 load_optimizer_state_by_name(model, optimizer, opt)
             else:  # format 1: torch's own state_dict, parameters by index
                 optimizer.load_state_dict(opt)
-        except ValueError as e:
-            problem = e
-    stop_together(problem)
     return state
 
 
