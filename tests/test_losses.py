@@ -291,9 +291,11 @@ def test_copg_takes_a_one_element_tensor_beta_and_passes_it_a_gradient():
         warnings.simplefilter("error")
         loss = copg_loss(*(x.double() for x in (c, z, cr, zr, r)), m, g, beta=beta)
     loss.backward()
-    h = 1e-6  # against a central difference
+    # against a central difference; h = 1e-4 keeps its rounding (about 1e-12 of the loss) and its O(h²) error
+    # (about 1e-8 of the third derivative) far below the tolerance, whatever the random logits
+    h = 1e-4
     up, down = (copg_loss(*(x.double() for x in (c, z, cr, zr, r)), m, g, beta=0.5 + s) for s in (h, -h))
-    assert float(beta.grad) == pytest.approx(float(up - down) / (2 * h), rel=1e-6)
+    assert float(beta.grad) == pytest.approx(float(up - down) / (2 * h), rel=1e-5, abs=1e-9)
     returns, groups = torch.tensor([1.0, 2.0, 0.5]), torch.tensor([0, 0, 1])
     assert loo_soft_value(returns, groups, beta=torch.tensor([[0.5]])).shape == (3,)
 
