@@ -507,13 +507,22 @@ def stop_together(problem: Exception | str | None) -> None:
 @contextmanager
 def failing_together():
     """Run the ``with`` body, then :func:`stop_together` with the ``ValueError`` it raised, if any: every rank
-    enters the block, so every rank reaches the collective whether its own work failed or not."""
-    problem = None
+    enters the block, so every rank reaches the collective whether its own work failed or not. Another exception
+    (host memory running out in a copy, a bug) stops the others too: its rank raises it as it was, the others a
+    ``ValueError`` naming that rank and the error."""
+    problem = own = None
     try:
         yield
     except ValueError as e:
         problem = e
-    stop_together(problem)
+    except Exception as e:
+        problem, own = f"rank {dist.get_rank()} stopped loading the checkpoint: {type(e).__name__}: {e}", e
+    try:
+        stop_together(problem)
+    except ValueError:
+        if own is not None:
+            raise own from None
+        raise
 
 
 def _does_not_fit(step_dir, what: str) -> ValueError:
@@ -770,11 +779,20 @@ def load_checkpoint(directory, model, optimizer=None, scheduler=None, step_dir=N
     torch's generators from the saved global rank 0; megatron's RNG tracker as this run seeded it (see the
     module doc).
     """
-    step_dir = Path(step_dir) if step_dir is not None else latest_step_dir(directory)
-    if step_dir is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
+    with failing_together():  # each rank reads the pointer and meta.json itself (a node may see another folder)
+        step_dir = Path(step_dir) if step_dir is not None else latest_step_dir(directory)
+        if step_dir is None:
+            raise FileNotFoundError(f"no checkpoint in {directory}: {Path(directory) / 'latest'} does not exist")
+        meta = read_meta(step_dir)
+    read = [None] * dist.get_world_size()
+    dist.all_gather_object(read, (str(step_dir), step_dir.name, json.dumps(meta, sort_keys=True)))
+    other = next((r for r, x in enumerate(read) if x[1:] != read[0][1:]), None)
+    if other is not None:  # every rank decides the same: the layout read decides how each loads
+        raise ValueError(
+            f"rank {other} read {read[other][0]}/meta.json, rank 0 {read[0][0]}/meta.json, and they differ: every "
+            "rank must see the same checkpoints folder (a folder not shared between nodes? one being written?)"
+        )
     lay = _layout()
-    meta = read_meta(step_dir)
     saved = meta["layout"]
     same = all(saved[k] == lay[k] for k in ("tp", "pp", "dp")) and saved.get("vpp", 1) == lay["vpp"]
     check_rank_files(step_dir, saved, every=same or optimizer is not None)

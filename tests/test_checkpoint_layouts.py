@@ -610,6 +610,64 @@ def test_a_stage_whose_resharded_optimizer_state_does_not_fit_stops_every_rank(t
     assert "in optimizer group" in got[1] and got[0] == got[1], got
 
 
+def _one_rank_fails_worker(rank, port, d):
+    """PP2 loads of the one-process checkpoint (steps 1 and 2) where rank 1 alone fails: ``memory``, host memory
+    runs out while it loads its optimizer state; ``meta``, it reads another step folder than rank 0 (a folder not
+    shared between nodes); ``missing``, it finds no checkpoint. Every rank records what it raised (a hang would
+    stop the test at the one-minute collective timeout)."""
+    import shiq_train.checkpoint as ck
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    ckpts = d / "run" / "checkpoints"
+    cfg = parallel.ParallelConfig(1, 2, timeout_minutes=1)
+    got = {}
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        for case in ("memory", "meta", "missing"):
+            model = M.build_model(tiny_config())
+            opt = build_optimizer(model, OptimizerConfig())[0]
+            kwargs, real = {}, ck.load_optimizer_state_by_name
+            if case == "memory" and rank == 1:
+
+                def no_room(*a, **k):
+                    raise MemoryError("host out of memory")
+
+                ck.load_optimizer_state_by_name = no_room
+            if case == "meta":
+                kwargs["step_dir"] = ckpts / f"step_0000000{rank + 1}"
+            where = d / "empty" if case == "missing" and rank == 1 else ckpts
+            try:
+                load_checkpoint(where, model, opt, **kwargs)
+                got[case] = "loaded"
+            except Exception as e:
+                got[case] = f"{type(e).__name__}: {e}"
+            finally:
+                ck.load_optimizer_state_by_name = real
+    (d / f"onefails{rank}.json").write_text(json.dumps(got))
+
+
+def test_a_rank_failing_alone_in_any_way_stops_every_rank(tmp_path):
+    """Only a ``ValueError`` was shared: another error on one rank (host memory running out in a copy) left the
+    others waiting in their next collective; a rank that found no checkpoint stopped alone; ranks that read
+    different ``meta.json`` files (a folder not shared between nodes) took different paths. Now the failing rank
+    raises its own error and the others a line naming it; different folders stop every rank with one line."""
+    make_buffer(tmp_path / "buffer")
+    (tmp_path / "empty").mkdir()
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=99):
+        train(tmp_path / "run", tmp_path / "buffer", 2, save_every=1)
+    mp.spawn(_one_rank_fails_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    got = [json.loads((tmp_path / f"onefails{r}.json").read_text()) for r in range(2)]
+    assert got[1]["memory"] == "MemoryError: host out of memory", got
+    assert got[0]["memory"] == "ValueError: rank 1 stopped loading the checkpoint: MemoryError: host out of memory"
+    assert got[0]["meta"] == got[1]["meta"], got
+    assert got[0]["meta"].startswith("ValueError: rank 1 read ") and "step_00000002/meta.json" in got[0]["meta"], got
+    assert got[1]["missing"].startswith(f"FileNotFoundError: no checkpoint in {tmp_path / 'empty'}"), got
+    assert got[0]["missing"].startswith("ValueError: rank 1 stopped loading the checkpoint: FileNotFoundError"), got
+    assert all("\n" not in m for g in got for m in g.values())
+
+
 def test_the_files_to_check_are_shared_out_each_once():
     from shiq_train.checkpoint import assign_files
 
