@@ -20,9 +20,10 @@ Modes (all right-padded; padding has ``action_mask`` False, reward 0 and token `
   ``rows_per_micro_batch`` rows, for the pair/group losses (DPO, CoPG; SHIQ_MATH §5); ``group_ids``
   are renumbered ``0..G-1`` within the micro-batch.
 
-In ``padded`` and ``groups`` modes each micro-batch also holds ``buffer_rows`` ``[B]`` (int64): the
-buffer index of each row (what ``shiq_train.prefix_cache`` looks rows up by), and ``lengths`` ``[B]``
-(int64): each row's number of real tokens, the rest being padding (what ``shiq_train.prefix_tree`` reads).
+Every micro-batch holds ``lengths`` ``[B]`` (int64): each row's number of real tokens, the rest being padding
+(what ``shiq_train.prefix_tree`` reads, and the trainer's tokens/s counts; a packed row's is the sum of its
+trajectories'). In ``padded`` and ``groups`` modes each also holds ``buffer_rows`` ``[B]`` (int64): the buffer
+index of each row (what ``shiq_train.prefix_cache`` looks rows up by).
 
 Reading goes straight from the memory-mapped shards into the batch arrays (only the selected rows'
 bytes are copied), so reader memory does not grow with the buffer's size. Opening a buffer reads its token
@@ -288,7 +289,7 @@ class BufferSampler:
             out["group_ids"] = torch.from_numpy(reader.group_ids[rows])
         if self.mode != "packed":
             out["buffer_rows"] = torch.from_numpy(rows.copy())
-            out["lengths"] = torch.from_numpy(lengths.astype(np.int64))
+        out["lengths"] = torch.from_numpy(np.bincount(out_row, weights=lengths, minlength=B).astype(np.int64))
         return out
 
     def __iter__(self) -> Iterator[list[dict]]:

@@ -29,6 +29,7 @@ from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint
 from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
+from shiq_train.parallel import device
 from shiq_train.prefix_cache import PrefixCache, suffix_only
 from shiq_train.train_step import (
     OptimizerConfig,
@@ -376,7 +377,13 @@ class Trainer:
                     metrics = train_step(
                         self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
                     )
-                tokens = sum(int(mb["tokens"].numel()) for mb in mbs) * dp
+                # real tokens, not padding (a data source's micro-batch without lengths: every position)
+                tokens = sum(int(mb["lengths"].sum()) if "lengths" in mb else mb["tokens"].numel() for mb in mbs)
+                if dp > 1:  # every data-parallel rank's (their rows differ in length)
+                    count = torch.tensor([tokens], dtype=torch.float64, device=device())
+                    dist.all_reduce(count, group=ps.get_data_parallel_group())
+                    tokens = int(count.item())
+                metrics["tokens"] = tokens
                 metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
                 metrics["step"] = step + 1
                 history.append(metrics)

@@ -668,6 +668,34 @@ def test_a_rank_failing_alone_in_any_way_stops_every_rank(tmp_path):
     assert all("\n" not in m for g in got for m in g.values())
 
 
+def _tokens_worker(rank, port, d):
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    cfg = parallel.ParallelConfig(timeout_minutes=1)
+    with parallel.distributed(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}", seed=99):
+        train(Path(d) / "dp2", Path(d) / "buffer", 6)
+
+
+def test_the_logged_tokens_are_the_rows_real_tokens_over_every_data_parallel_rank(tmp_path):
+    """``tokens_per_s`` counted every padded position, and rank 0's count times the number of data-parallel
+    ranks; ``tokens`` (new) counts the rows' real tokens over every rank, as ``tokens_per_s`` now does. Six steps of four rows are one epoch of the 24-row buffer: their tokens add up to the
+    buffer's (read with pyarrow), and at DP2 (the same global batches) each step's equal DP1's."""
+    import pyarrow.compute as pc
+
+    make_buffer(tmp_path / "buffer")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=99):
+        train(tmp_path / "dp1", tmp_path / "buffer", 6)
+    mp.spawn(_tokens_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    logged = {
+        run: [json.loads(x)["tokens"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("dp1", "dp2")
+    }
+    total = pc.sum(pc.list_value_length(open_buffer(tmp_path / "buffer").table.column("tokens"))).as_py()
+    assert sum(logged["dp1"]) == total and len(logged["dp1"]) == 6, (logged, total)
+    assert logged["dp2"] == logged["dp1"], logged
+
+
 def test_the_files_to_check_are_shared_out_each_once():
     from shiq_train.checkpoint import assign_files
 

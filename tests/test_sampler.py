@@ -114,6 +114,7 @@ def test_padded_batches_equal_the_rows(rows_and_buffer):
                 r = rows[int(mb["tokens"][b, 0])]
                 n = len(r["tokens"])
                 assert mb["tokens"][b].tolist() == r["tokens"] + [7] * (T - n)
+                assert int(mb["lengths"][b]) == n
                 assert mb["action_mask"][b].tolist() == r["action_mask"] + [False] * (T - n)
                 assert mb["rewards"][b].tolist() == r["rewards"] + [0.0] * (T - n)
                 assert int(mb["group_ids"][b]) == r["group_id"]
@@ -177,6 +178,7 @@ def test_packed_rows_hold_whole_trajectories_with_segment_ids(rows_and_buffer):
                 assert ids[pos:] == [n_segments] * (len(ids) - pos)
                 assert not mb["action_mask"][b, pos:].any() and not mb["rewards"][b, pos:].any()
                 assert (mb["tokens"][b, pos:] == PAD).all()
+                assert int(mb["lengths"][b]) == pos  # the packed row's real tokens
     assert n_multi > 0
 
 
