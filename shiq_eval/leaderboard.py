@@ -669,12 +669,12 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         return out + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in lines]
 
-    def md_cell(text: str) -> str:  # one line, no HTML: a label may hold a newline, "|" or "<i>"
-        return html.escape(" ".join(text.splitlines()), quote=False).replace("|", "\\|")
+    def md_cell(text: str) -> str:  # as written: one line, no HTML ("<i>"), no Markdown ("*x*", "a_b_c", "|")
+        return re.sub(r"([\\`*_\[\]~|])", r"\\\1", html.escape(" ".join(text.splitlines()), quote=False))
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):
-        lines += [f"## {' '.join(html.escape(title, quote=False).splitlines())}", ""]  # (a suite name as written)
+        lines += [f"## {md_cell(title)}", ""]  # (a suite name as written)
         if _stderr_line(rows):
             lines += [_stderr_line(rows), ""]
         lines += md_table(HEADER, [_cells(t) for t in rows]) + [""]

@@ -11,6 +11,7 @@ table.
 
 import base64
 import hashlib
+import html
 import json
 import math
 import os
@@ -414,6 +415,17 @@ def test_results_the_leaderboard_cannot_rank_are_named_and_labels_are_shown_as_w
     md = (tmp_path / "o" / "leaderboard.md").read_text()
     line = next(x for x in md.splitlines() if "lab" in x)
     assert "lab\\|x y&lt;i&gt;&amp;" in line and "<i>" not in md, line
+    # and no Markdown: rendered (CommonMark with tables), the cells and heading read as written
+    from markdown_it import MarkdownIt
+
+    label, suite = "*x* a_b_c_ [l](u) `c` ~~s~~ \\ |", "s*uite*_"
+    odd = write_results(
+        tmp_path / "md", [{**ref, "suite": suite}, {**result_row(label, 1, "m1", [2.0] * 3, [1.0] * 3), "suite": suite}]
+    )
+    assert eval_cli.main(["leaderboard", odd, "--out", str(tmp_path / "md_board")]) == 0
+    page = MarkdownIt("commonmark").enable("table").render((tmp_path / "md_board" / "leaderboard.md").read_text())
+    assert f"<td>{html.escape(label, quote=False)}</td>" in page, page
+    assert f"<h2>suite {suite} (fingerprint" in page and "<em>" not in page and "<code>" not in page, page
     assert legend_text("cost $5 and $6") == r"cost \$5 and \$6" and legend_text("_hidden") == "\u2009_hidden"
 
 
