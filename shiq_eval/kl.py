@@ -82,5 +82,10 @@ def mean_stderr(values: torch.Tensor) -> tuple[float, float]:
     n = v.numel()
     if n == 0:
         raise ValueError("mean_stderr needs at least one value")
-    se = float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else math.nan
-    return float(v.mean()), se
+    scale = 1.0
+    largest = float(v.abs().max())
+    if 2.0**500 < largest < math.inf:  # squares past 1e154 overflow float64: in a power of two near the largest
+        scale = math.ldexp(1.0, math.frexp(largest)[1] - 1)  # the largest becomes 1 to 2
+        v = v / scale
+    se = float(v.std(unbiased=True)) * scale / math.sqrt(n) if n > 1 else math.nan
+    return float(v.mean()) * scale, se

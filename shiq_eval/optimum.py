@@ -60,7 +60,7 @@ def mean_stderr(values) -> tuple[float, float]:
     v = _vector(values, "values")
     scale = _scale(v)
     se = float((v / scale).std(ddof=1) / math.sqrt(v.size) * scale) if v.size > 1 else math.nan
-    return float(v.mean()), se
+    return _mean(v), se
 
 
 ERROR_SUFFIXES = ("_stderr", "_se", "_sd", "_std")  # the keys of standard errors and deviations in results
@@ -122,6 +122,12 @@ def t_quantile(df: int, level: float = 0.95) -> float:
     return float(t.ppf(0.5 + level / 2, df))
 
 
+def _mean(v: np.ndarray) -> float:
+    """The mean of ``v``; where its sum could overflow (values past 1e300), of ``v / max |v|``, scaled back."""
+    scale = _scale(v)
+    return float(v.mean()) if scale < 1e300 else float((v / scale).mean() * scale)
+
+
 def _scale(v: np.ndarray) -> float:
     """``max |v|``, or 1 when that is 0: what values are divided by before they are squared."""
     m = float(np.abs(v).max())
@@ -141,7 +147,7 @@ def clustered_mean_stderr(values, clusters) -> tuple[float, float]:
     codes: dict = {}
     idx = np.array([codes.setdefault(c, len(codes)) for c in labels])  # [N] cluster numbers
     g = len(codes)
-    mean = float(v.mean())
+    mean = _mean(v)
     if g < 2:
         return mean, math.nan
     scale = _scale(v)

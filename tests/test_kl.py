@@ -102,6 +102,21 @@ def test_mean_stderr():
         mean_stderr(torch.tensor([]))
 
 
+def test_mean_stderr_of_huge_values_is_exact_arithmetics():
+    """Values near 1e155 (a KL of a nearly degenerate policy, in float64) gave an infinite standard error: their
+    squares overflow. Checked against Python's statistics module (exact fractions)."""
+    import statistics
+
+    for values in ([1e155, -1e155, 3e155], [1e200, -3e200, 2e199], [2.0**600, 1.0, -(2.0**599)]):
+        m, se = mean_stderr(torch.tensor(values, dtype=torch.float64))
+        assert m == pytest.approx(statistics.mean(values), rel=1e-12)
+        assert se == pytest.approx(statistics.stdev(values) / math.sqrt(len(values)), rel=1e-12)
+    values = [1.7e308, 1.7e308, 1.0e308]  # their sum overflows
+    assert mean_stderr(torch.tensor(values, dtype=torch.float64))[0] == pytest.approx(statistics.mean(values))
+    m, se = mean_stderr(torch.tensor([1.0, math.inf], dtype=torch.float64))
+    assert m == math.inf and math.isnan(se)  # an infinite KL stays infinite
+
+
 def test_a_token_the_policy_cannot_emit_adds_nothing_and_one_the_reference_cannot_makes_it_infinite():
     """A masked logit (−inf) is a zero-probability token: ``0 log 0 = 0`` in ``KL(p ‖ q)`` (SHIQ_MATH §6), by hand
     on three tokens; a token with p > 0 and q = 0 makes the KL infinite."""

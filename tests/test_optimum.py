@@ -82,6 +82,9 @@ def test_standard_errors_of_huge_values_are_finite():
     # one value per cluster: the clustered error is the plain one
     assert clustered_mean_stderr(values, [0, 1, 2, 3])[1] == pytest.approx(se, rel=1e-12)
     assert mean_stderr([0.0, 0.0]) == (0.0, 0.0)
+    big = [1.7e308, 1.7e308, 1.0e308]  # their sum overflows: the mean was inf
+    assert mean_stderr(big)[0] == pytest.approx(statistics.mean(big), rel=1e-12)
+    assert clustered_mean_stderr(big, [0, 0, 1])[0] == pytest.approx(statistics.mean(big), rel=1e-12)
 
 
 def test_clustered_standard_errors_against_cluster_means_and_singletons():
