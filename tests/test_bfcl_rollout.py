@@ -775,6 +775,32 @@ def test_report_refuses_a_hand_edited_trajectory_naming_file_and_field(tmp_path,
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("num_turns", [1, None])
+@pytest.mark.parametrize("command", ["report", "to-buffer"])
+def test_a_trajectory_listing_the_rewards_of_fewer_turns_than_its_entry_is_refused(
+    tmp_path, capsys, num_turns, command
+):
+    """A trajectory whose rewards were cut to its first turns (with ``num_turns`` set to match, or left out)
+    passed the checker's recount, compared on as many turns as it listed: the report counted a turn reward
+    mean of 1.0 for turns rewarded 1, 0, 0, 0. It is compared on every turn of its entry now, and refused."""
+    entry = data.load_entry("multi_turn_base", 0)
+    decoded = data.ground_truth_decoded(entry)
+    decoded[1:] = [[] for _ in decoded[1:]]
+    t = ro.rollout_entry(entry, ro.ScriptedPolicy(decoded))
+    assert t["turn_rewards"] == [1.0, 0.0, 0.0, 0.0]
+    t.update(turn_rewards=[1.0], turn_rewards_reset=[1.0], num_turns=num_turns)
+    if num_turns is None:
+        del t["num_turns"]
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(t) + "\n")
+    out = ["--out", str(tmp_path / "b")] if command == "to-buffer" else []
+    assert cli.main([command, str(path), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: trajectory 1" in err, err
+    assert "field 'turn_rewards': [1.0], but the checker" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_to_buffer_refuses_a_file_given_twice(tmp_path, capsys):
     """to-buffer of one file twice (or of a copy of it) wrote every trajectory twice; report refuses a repeated id."""
     entry = data.load_entry("multi_turn_base", 0)

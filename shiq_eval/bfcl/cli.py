@@ -281,8 +281,9 @@ def _check_verdict(t: dict, where: str) -> None:
     """Refuse a trajectory whose verdict or turn rewards are not what the checker gives again on its own
     ``decoded_turns`` (a file edited by hand counted as it said: valid with no call at all, turn rewards of 5),
     naming the field. A trajectory cut to its first turns (``kept_turns``, the recipe's training data) is
-    compared on the cumulative rewards of those turns, which the later turns cannot change; a rollout stopped by
-    the context (``multi_turn:context_overflow``) is invalid whatever its calls."""
+    compared on the cumulative rewards of those turns, which the later turns cannot change; any other on the
+    rewards of every turn of its entry (not on as many as it lists); a rollout stopped by the context
+    (``multi_turn:context_overflow``) is invalid whatever its calls."""
     entry = load_entry(entry_category(t["id"]), entry_index(t["id"]))
     n = len(entry["ground_truth"])
     cut = t.get("kept_turns", n) < n
@@ -292,7 +293,7 @@ def _check_verdict(t: dict, where: str) -> None:
         raise ValueError(f"{where}: field 'decoded_turns': {e}") from None
     fields = ("turn_rewards",) if cut else ("valid", "turn_rewards", "turn_rewards_reset")
     for field in fields:
-        mine, checked = t[field], got[field][: len(t[field])] if field != "valid" else got[field]
+        mine, checked = t[field], got[field][: len(t[field])] if cut and field != "valid" else got[field]
         if field == "valid" and not mine and t.get("error_type") == ERR_CONTEXT:
             continue
         if mine != checked:
