@@ -801,6 +801,21 @@ def test_a_trajectory_listing_the_rewards_of_fewer_turns_than_its_entry_is_refus
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("command", ["report", "to-buffer"])
+def test_an_entry_id_with_leading_zeros_is_refused(tmp_path, capsys, command):
+    """``multi_turn_base_00`` is entry 0 under another id: beside ``multi_turn_base_0`` the report counted
+    one entry twice (n 2), the repeated-id check comparing the strings. Refused now, naming the field."""
+    entry = data.load_entry("multi_turn_base", 0)
+    t = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(t) + "\n" + json.dumps({**t, "id": "multi_turn_base_00"}) + "\n")
+    out = ["--out", str(tmp_path / "b")] if command == "to-buffer" else []
+    assert cli.main([command, str(path), *out]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{path}: trajectory 2: field 'id': must be an entry id" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 def test_to_buffer_refuses_a_file_given_twice(tmp_path, capsys):
     """to-buffer of one file twice (or of a copy of it) wrote every trajectory twice; report refuses a repeated id."""
     entry = data.load_entry("multi_turn_base", 0)

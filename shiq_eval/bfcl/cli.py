@@ -178,7 +178,7 @@ def _entries(category: str) -> list[dict]:
 
 def _check_scored(t: dict, where: str) -> None:
     """The fields ``report`` counts (and ``to-buffer`` reads), each of its kind: ``id`` an entry id of a
-    multi-turn category (``category``, when given, its), ``valid`` true or false (a string "false" would count
+    multi-turn category, its number written without leading zeros (``category``, when given, its), ``valid`` true or false (a string "false" would count
     as valid), turn rewards lists of bounded numbers, one per turn (``num_turns``, when given)."""
     entry = t["id"]
     number = entry.rsplit("_", 1)[-1] if isinstance(entry, str) else ""
@@ -186,6 +186,7 @@ def _check_scored(t: dict, where: str) -> None:
         not isinstance(entry, str)
         or entry_category(entry) not in CATEGORIES
         or not (number.isascii() and number.isdigit())
+        or number != str(int(number))  # multi_turn_base_00 is entry 0 again, under another id
     ):
         raise ValueError(f"{where}: field 'id': must be an entry id such as multi_turn_base_0, got {json.dumps(entry)}")
     if entry_index(entry) >= len(_entries(entry_category(entry))):
