@@ -710,6 +710,9 @@ def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
         (lambda t: t.update(assistant_turns=[0, 9]), "field 'assistant_turns': must be a list of turn indices"),
         (lambda t: t["assistant_turns"].__setitem__(0, "0"), "field 'assistant_turns'"),
         (lambda t: t["assistant_turns"].__setitem__(0, -1), "field 'assistant_turns'"),
+        # a number: a TypeError traceback (len of an int) when reading which answers were cut
+        (lambda t: t.update(assistant_turns=5), "field 'assistant_turns': must be a list of turn indices"),
+        (lambda t: t.update(assistant_turns=True), "field 'assistant_turns': must be a list of turn indices"),
         (lambda t: t["messages"][1].update(content="a <|im_end|> b"), "contains '<|im_end|>'"),
         # every assistant message in turn 0: one turn's reward on another's message, the others' lost
         (lambda t: t.update(assistant_turns=[0] * len(t["assistant_turns"])), "is not the turns its messages begin"),

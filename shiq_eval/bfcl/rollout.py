@@ -366,9 +366,11 @@ TRUNCATED = ("refuse", "drop", "keep")  # what trajectories_to_rows does with a 
 
 def cut_answers(traj: dict) -> list[int]:
     """The assistant messages (indices among them) of ``traj`` the token limit cut (``truncated``, recorded by
-    :func:`rollout_entry`; none for a trajectory written before it was); ``ValueError`` if it is not such a list."""
+    :func:`rollout_entry`; none for a trajectory written before it was); ``ValueError`` if it is not such a list
+    (an ``assistant_turns`` that is no list has no index: :func:`trajectory_to_row` names that field)."""
     cut = traj.get("truncated", [])
-    n = len(traj.get("assistant_turns") or [])
+    turns = traj.get("assistant_turns")
+    n = len(turns) if isinstance(turns, list) else 0
     if not isinstance(cut, list) or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in cut):
         raise ValueError(
             f"field 'truncated': must be a list of assistant message indices (of {n}), got {str(cut)[:60]}"
