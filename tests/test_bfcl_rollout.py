@@ -850,6 +850,18 @@ def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, cap
 
 
 @pytest.mark.parametrize("command", ["report", "to-buffer"])
+def test_a_null_kept_turns_is_a_trajectory_not_cut(tmp_path, capsys, command):
+    """``"kept_turns": null`` passed the field check as a trajectory not cut, then ended the recount of its
+    verdict in a TypeError traceback (None < int). It is checked and counted as a whole trajectory now."""
+    entry = data.load_entry("multi_turn_base", 0)
+    t = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps({**t, "kept_turns": None}) + "\n")
+    out = ["--out", str(tmp_path / "b")] if command == "to-buffer" else []
+    assert cli.main([command, str(path), *out]) == 0, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["report", "to-buffer"])
 def test_a_missing_trajectory_file_is_named_in_one_line(tmp_path, capsys, command):
     """A trajectory file that does not exist ends in 'FILE: no such file', not the OS's [Errno 2] text."""
     missing = tmp_path / "nosuch.jsonl"

@@ -287,7 +287,7 @@ def _check_verdict(t: dict, where: str) -> None:
     (``multi_turn:context_overflow``) is invalid whatever its calls."""
     entry = load_entry(entry_category(t["id"]), entry_index(t["id"]))
     n = len(entry["ground_truth"])
-    cut = t.get("kept_turns", n) < n
+    cut = t.get("kept_turns") is not None and t["kept_turns"] < n  # (null: not cut, as _check_scored takes it)
     try:
         got = check_trajectory(entry, t["decoded_turns"])
     except ValueError as e:  # decoded_turns of another shape
