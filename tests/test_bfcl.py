@@ -404,3 +404,11 @@ def test_work_bounds_accept_every_ground_truth_call():
                     assert executor._work_limit_error("MathAPI", getattr(math_api, p.name), p) is None, (e["id"], call)
                     n += 1
     assert largest == 987654 and n > 0
+
+
+def test_leaderboard_markdown_keeps_each_row_on_one_line():
+    """A model name with a line break (a trajectory's ``model`` field, ``--model-name``) split its row of the
+    Markdown leaderboard in two, breaking the table; the break is a space now, a ``|`` still escaped."""
+    row = {c: "N/A" for c in checker.LEADERBOARD_HEADER} | {"Rank": 1, "Model": "A\nB | c\r\nD", "Entries": 1}
+    lines = checker.leaderboard_markdown([row]).splitlines()
+    assert len(lines) == 3 and lines[2].startswith("| 1 | A B \\| c D | N/A |"), lines

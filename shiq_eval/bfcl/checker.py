@@ -317,9 +317,10 @@ def leaderboard_csv(rows: Sequence[dict]) -> str:
 
 
 def leaderboard_markdown(rows: Sequence[dict]) -> str:
-    """:func:`leaderboard_rows` as a Markdown table."""
+    """:func:`leaderboard_rows` as a Markdown table (a ``|`` in a cell escaped, a line break a space: each
+    row one line)."""
     lines = ["| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
     for row in rows:
-        cells = [str(row[c]).replace("|", "\\|") for c in LEADERBOARD_HEADER]
+        cells = [" ".join(str(row[c]).splitlines()).replace("|", "\\|") for c in LEADERBOARD_HEADER]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
