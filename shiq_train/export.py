@@ -43,7 +43,8 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
     Loads with ``weights_only=True`` (``shiq_train.checkpoint.read_rank_file``). Only data-parallel rank 0's files are read (the others hold
     the same parameters). A rank file records each parameter's full name (with virtual pipeline stages,
     the only way to tell a chunk's layers apart); files without the record are named by
-    ``shiq_train.weights``'s layout (split dimensions, layer numbers, file names).
+    ``shiq_train.weights``'s layout (split dimensions, layer numbers, file names). With ``tied``, an output layer
+    in the file of the embedding (an untied run read as tied: it was dropped) is a ``ValueError`` naming the file.
     """
     step_dir = Path(step_dir)
     info = read_meta(step_dir)
@@ -58,8 +59,15 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
             path = step_dir / W.rank_file_name(tp_rank, pp_rank, 0)
             state = read_rank_file(path, keys=("model",))  # weights_only: never unpickles arbitrary objects
             recorded = state.get("params") if isinstance(state.get("params"), dict) else {}
+            embedding = any(n == W.EMBEDDING or n.endswith("." + W.EMBEDDING) for n in state["model"])
             for name, value in state["model"].items():
                 if tied and (name == W.TIED_OUTPUT or name.endswith("." + W.TIED_OUTPUT)):
+                    if embedding:  # (a tied model's output layer is a copy on the last stage, never beside it)
+                        raise ValueError(
+                            f"{path}: holds an output layer of its own beside the embedding, but meta.hf_config in "
+                            "its meta.json has tie_word_embeddings true: the checkpoint is damaged or its meta.json "
+                            "was edited"
+                        )
                     continue  # the last stage's copy of the tied embedding
                 full = recorded[name]["name"] if name in recorded else W.full_name(name, pp_rank, per_stage, tied)
                 parts.setdefault(full, {})[tp_rank] = value

@@ -197,3 +197,37 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     record_path.write_text(json.dumps({k: v for k, v in record.items() if k != "sha256"}))
     with pytest.raises(ValueError, match="shiq_export.json: field 'sha256' is missing, so the weights cannot be"):
         load_causal_lm(str(tmp_path / "hf"))
+
+
+def _untied_run(tmp_path):
+    """A run of the tiny model with an output layer of its own (one checkpoint, step 1), and its tokenizer
+    option."""
+    tok_info = load_tokenizer(str(tiny_hf_folder(tmp_path / "tok")))[1]
+    section = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
+    cfg = M.ModelConfig.from_dict({**section, "num_query_groups": 2, "share_embeddings_and_output_weights": False})
+    meta = {
+        "config": {"init": "none"},
+        "hf_config": llama_config_from_model(cfg).to_dict(),
+        "tokenizer": tok_info,
+        "loss": {"name": "dpo", "beta": 0.25},
+    }
+    with parallel.distributed(seed=0):
+        save_checkpoint(tmp_path / "run" / "checkpoints", 1, M.build_model(cfg), meta=meta)
+    return tmp_path / "run", ["--tokenizer", str(tmp_path / "tok")]
+
+
+def test_a_meta_json_that_ties_the_embeddings_of_an_untied_run_is_refused(tmp_path, capsys):
+    """meta.hf_config edited to tie_word_embeddings true on a run with an output layer of its own: the output
+    layer was skipped as the tied copy and the export (exit 0) gave the embedding's logits instead of the run's."""
+    warnings.filterwarnings("ignore")
+    run, tok_arg = _untied_run(tmp_path)
+    step = run / "checkpoints" / "step_00000001"
+    saved = json.loads((step / "meta.json").read_text())
+    saved["meta"]["hf_config"]["tie_word_embeddings"] = True
+    (step / "meta.json").write_text(json.dumps(saved))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        err.startswith("shiq-train export: error: ") and "holds an output layer of its own beside the embedding" in err
+    )
+    assert "tie_word_embeddings" in err and not (tmp_path / "hf").exists()
