@@ -29,8 +29,8 @@ from shiq_train.hf_convert import (
     causal_lm_class,
     hf_config_from_dict,
     megatron_to_llama,
+    model_config_from_llama,
     save_llama,
-    window_problem,
 )
 from shiq_train.losses import check_beta
 
@@ -86,14 +86,15 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
 
 def llama_config(hf_config: dict, step_dir):
     """``transformers.LlamaConfig`` of the ``meta.hf_config`` a step directory saved (``Qwen2Config`` or
-    ``Qwen3Config`` when it records model_type 'qwen2' or 'qwen3', :func:`shiq_train.hf_convert.hf_config_from_dict`; checked to have no sliding
-    window that acts); ``ValueError`` naming its meta.json when transformers refuses it (a hand-edited field)."""
+    ``Qwen3Config`` when it records model_type 'qwen2' or 'qwen3', :func:`shiq_train.hf_convert.hf_config_from_dict`; checked
+    as an import checks one, :func:`shiq_train.hf_convert.model_config_from_llama`: no sliding window that acts, no
+    head_dim or vocab_size of 0); ``ValueError`` naming its meta.json when transformers or that check refuses it (a
+    hand-edited field)."""
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
 
     try:
         config = hf_config_from_dict(hf_config)
-        if (problem := window_problem(config)) is not None:
-            raise ValueError(problem)
+        model_config_from_llama(config)  # (a window that acts; what no model has: heads or a vocabulary of no width)
         return config
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
         raise ValueError(f"{Path(step_dir) / 'meta.json'}: field meta.hf_config: {one_line(e, 300)}") from None

@@ -231,3 +231,25 @@ def test_a_meta_json_that_ties_the_embeddings_of_an_untied_run_is_refused(tmp_pa
         err.startswith("shiq-train export: error: ") and "holds an output layer of its own beside the embedding" in err
     )
     assert "tie_word_embeddings" in err and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"head_dim": 0}, "head_dim=0: expected an integer >= 1"),  # (ZeroDivisionError in transformers' attention)
+        ({"vocab_size": 0}, "model.vocab_size = 0 is not valid"),  # (IndexError in transformers' embedding)
+    ],
+)
+def test_a_meta_json_with_heads_or_a_vocabulary_of_no_width_is_refused_in_one_line(tmp_path, capsys, edit, needle):
+    """meta.hf_config edited to what no model has (checked as an import checks a config): these ended in a
+    traceback from transformers instead of one line naming the file and field."""
+    warnings.filterwarnings("ignore")
+    run, tok_arg = _untied_run(tmp_path)
+    step = run / "checkpoints" / "step_00000001"
+    saved = json.loads((step / "meta.json").read_text())
+    saved["meta"]["hf_config"].update(edit)
+    (step / "meta.json").write_text(json.dumps(saved))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"shiq-train export: error: {step / 'meta.json'}: field meta.hf_config: ") and needle in err
+    assert not (tmp_path / "hf").exists()
