@@ -250,7 +250,7 @@ def read_llama_config(init: str):
     window: the Llama config of the same model, :func:`shiq_train.hf_convert.as_llama_config`; a Qwen2 folder
     whose sliding window acts on no layer: its ``Qwen2Config``, a Qwen3 one likewise its ``Qwen3Config``); any
     other model type, or what the model would not compute (``model_config_from_llama``: another RoPE scaling than
-    Llama 3's, biases), is refused naming the folder."""
+    Llama 3's, biases), is refused naming the folder, as is a field transformers refuses (a string for a number)."""
     folder = Path(init)
     path = folder / "config.json"
     if not path.is_file():
@@ -266,11 +266,13 @@ def read_llama_config(init: str):
             f"init={init!r}: {path} has model_type {model_type!r}; only Llama-family checkpoints "
             "(model_type 'llama', or 'mistral', 'qwen2' or 'qwen3' without a sliding window) can initialise the model"
         )
-    config = hf_classes(model_type)[0].from_pretrained(str(folder))
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
+
     try:
+        config = hf_classes(model_type)[0].from_pretrained(str(folder))
         return as_llama_config(config)  # (refuses what the model would not compute, such as another RoPE scaling)
-    except ValueError as e:
-        raise ConfigError(f"init={init!r}: {path}: {e}") from None
+    except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:  # (a field transformers refuses too)
+        raise ConfigError(f"init={init!r}: {path}: {one_line(e)}") from None
 
 
 def model_config(section: dict, init: str, given: set[str] | None) -> ModelConfig:

@@ -1237,3 +1237,24 @@ def test_library_notices_every_rank_repeated_are_hidden_on_cpu():
             for message in given:
                 warnings.warn(message, FutureWarning if "deprecated" in message else UserWarning, stacklevel=1)
     assert [str(w.message) for w in seen if str(w.message) in given] == ["a warning of our own"]
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"hidden_size": "x"}, "Field 'hidden_size' expected int, got str"),  # (transformers' StrictDataclassError)
+        ({"num_attention_heads": 0}, "division or modulo by zero"),  # (a ZeroDivisionError in transformers' config)
+    ],
+)
+def test_an_init_folder_whose_config_json_transformers_refuses_is_one_line(tmp_path, edit, needle):
+    """A config.json of a bad field in an init folder ended in transformers' traceback (exit status 1)."""
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96}
+    (folder / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 2, "num_attention_heads": 4, **edit})
+    )
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", f"init={folder}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"shiq-train: error: init='{folder}': {folder / 'config.json'}: ") and needle in line, line
