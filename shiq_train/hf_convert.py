@@ -521,7 +521,8 @@ def check_export_weights(folder: Path) -> None:
 def load_causal_lm(spec: str, dtype=torch.float32):
     """``(model, tokenizer)`` of the causal LM ``spec`` names, the model in eval mode: ``smollm2``
     (:func:`load_smollm2`) or a Hugging Face model folder (any ``transformers`` causal LM; tokenizer None
-    when the folder has none). ``FileNotFoundError`` naming the folder's ``config.json`` if it has none.
+    when the folder has none). ``FileNotFoundError`` naming the folder's ``config.json`` if it has none,
+    ``ValueError`` naming it when transformers refuses one of its fields.
     The one loader of "SmolLM2 or a folder" for training, reference statistics and evaluation."""
     if spec == "smollm2":
         return load_smollm2(dtype)
@@ -530,9 +531,14 @@ def load_causal_lm(spec: str, dtype=torch.float32):
         raise FileNotFoundError(
             f"{folder}: expected smollm2 or a Hugging Face model folder, but {folder / 'config.json'} does not exist"
         )
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    try:  # its fields first: transformers' refusal of one (a string for a number) is no input error to a command
+        AutoConfig.from_pretrained(str(folder))
+    except (StrictDataclassError, TypeError, ArithmeticError) as e:
+        raise ValueError(f"{folder / 'config.json'}: {one_line(e, 300)}") from None
     check_weight_map(folder)
     check_export_weights(folder)
     for f in sorted(folder.glob("*.safetensors")):  # the header and the file's size: a cut file is named here

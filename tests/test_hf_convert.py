@@ -850,3 +850,21 @@ def test_a_fresh_model_with_query_and_key_norms_of_the_default_head_width_export
     assert isinstance(back, transformers.Qwen3ForCausalLM)
     with torch.no_grad():
         assert (back(tokens).logits - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"hidden_size": "x"}, "Field 'hidden_size' expected int, got str"),  # (transformers' StrictDataclassError)
+        ({"num_attention_heads": 0}, "division or modulo by zero"),  # (a ZeroDivisionError in transformers' config)
+    ],
+)
+def test_a_model_folder_whose_config_json_transformers_refuses_is_one_error_naming_it(tmp_path, edit, needle):
+    """load_causal_lm (shiq-eval --reference, ref-stats, evaluation of a folder) let transformers' own errors of a
+    bad config.json field through: not input errors to the commands, which ended in a traceback."""
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96}
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 2, "num_attention_heads": 4, **edit})
+    )
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: ") + ".*" + re.escape(needle)):
+        H.load_causal_lm(str(tmp_path))
