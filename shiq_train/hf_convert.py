@@ -522,7 +522,8 @@ def load_causal_lm(spec: str, dtype=torch.float32):
     """``(model, tokenizer)`` of the causal LM ``spec`` names, the model in eval mode: ``smollm2``
     (:func:`load_smollm2`) or a Hugging Face model folder (any ``transformers`` causal LM; tokenizer None
     when the folder has none). ``FileNotFoundError`` naming the folder's ``config.json`` if it has none,
-    ``ValueError`` naming it when transformers refuses one of its fields.
+    ``ValueError`` naming it when transformers refuses one of its fields, and naming the folder when its weight
+    files lack one of the config's weights (transformers would draw it at random).
     The one loader of "SmolLM2 or a folder" for training, reference statistics and evaluation."""
     if spec == "smollm2":
         return load_smollm2(dtype)
@@ -548,12 +549,20 @@ def load_causal_lm(spec: str, dtype=torch.float32):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({one_line(e, 160)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype).eval()
+        model, loading = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model.eval()
     except Exception as e:  # transformers loads .bin weights with weights_only=True: name the file, not torch's advice
         if "Weights only load failed" not in str(e):
             raise
         named = ", ".join(p.name for p in sorted(folder.glob("*.bin"))) or "its weights"
         raise ValueError(f"{folder} ({named}): {load_problem(e)}") from None
+    missing = sorted(loading.get("missing_keys") or ())  # (transformers draws them at random, and only logs it)
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(
+            f"{folder}: its weight files lack {', '.join(missing[:3])}{more}, which its config.json has: the folder "
+            "is incomplete or of another model"
+        )
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

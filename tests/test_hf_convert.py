@@ -868,3 +868,17 @@ def test_a_model_folder_whose_config_json_transformers_refuses_is_one_error_nami
     )
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: ") + ".*" + re.escape(needle)):
         H.load_causal_lm(str(tmp_path))
+
+
+def test_a_model_folder_whose_weights_lack_a_tensor_is_refused_not_started_at_random(tmp_path):
+    """A model.safetensors without one of the config's weights loaded with that weight drawn at random (transformers
+    only logs it): an init or reference model of other logits, without an error."""
+    from safetensors.torch import load_file, save_file
+
+    warnings.filterwarnings("ignore")
+    tiny_llama(tied=False).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: its weight files lack model.layers.1.mlp.down_proj")):
+        H.load_causal_lm(str(tmp_path))
