@@ -46,7 +46,7 @@ from shiq_eval.optimum import (
     per_prompt,
     t_quantile,
 )
-from shiq_eval.report import csv_text, plot_curves, plot_j_vs_step
+from shiq_eval.report import csv_text, markdown_cell, plot_curves, plot_j_vs_step
 
 RESULTS = "results.json"
 SUITE = "suite.json"  # written beside results.json by shiq-eval run: the suite's content (its scorer)
@@ -667,14 +667,11 @@ def markdown(table: list[dict], pairs: list[dict]) -> str:
 
     def md_table(header, lines):
         out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        return out + ["| " + " | ".join(md_cell(c) for c in cells) + " |" for cells in lines]
-
-    def md_cell(text: str) -> str:  # as written: one line, no HTML ("<i>"), no Markdown ("*x*", "a_b_c", "|")
-        return re.sub(r"([\\`*_\[\]~|])", r"\\\1", html.escape(" ".join(text.splitlines()), quote=False))
+        return out + ["| " + " | ".join(markdown_cell(c) for c in cells) + " |" for cells in lines]
 
     lines = ["# Leaderboard", ""]
     for title, rows, group_pairs in _groups(table, pairs):
-        lines += [f"## {md_cell(title)}", ""]  # (a suite name as written)
+        lines += [f"## {markdown_cell(title)}", ""]  # (a suite name as written)
         if _stderr_line(rows):
             lines += [_stderr_line(rows), ""]
         lines += md_table(HEADER, [_cells(t) for t in rows]) + [""]

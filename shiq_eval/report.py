@@ -8,7 +8,9 @@ Input rows are dicts with at least ``method``, ``step``, ``reward_mean``, ``rewa
 from __future__ import annotations
 
 import csv
+import html
 import io
+import re
 from pathlib import Path
 
 from shiq_data.io import atomic_write_bytes, atomic_write_json
@@ -133,6 +135,14 @@ def _run_lines(ax, rows: list[dict], x_key: str, y_key: str, err_key: str, label
         from matplotlib.ticker import MaxNLocator
 
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` (a run label, a suite or model name) shown as written in a Markdown table cell or heading: on one
+    line, HTML escaped (``<i>``), Markdown's marks escaped (``*x*``, ``_x_``, backticks, ``[l](u)``, ``|``; an
+    ``_`` between two letters or digits, which CommonMark never reads as a mark, is left as it is)."""
+    text = html.escape(" ".join(str(text).splitlines()), quote=False)
+    return re.sub(r"([\\`*\[\]~|]|(?<![^\W_])_|_(?![^\W_]))", r"\\\1", text)
 
 
 def legend_text(text: str) -> str:

@@ -412,3 +412,5 @@ def test_leaderboard_markdown_keeps_each_row_on_one_line():
     row = {c: "N/A" for c in checker.LEADERBOARD_HEADER} | {"Rank": 1, "Model": "A\nB | c\r\nD", "Entries": 1}
     lines = checker.leaderboard_markdown([row]).splitlines()
     assert len(lines) == 3 and lines[2].startswith("| 1 | A B \\| c D | N/A |"), lines
+    row["Model"] = "*m* <b>"  # and shown as written, not in italics or bold
+    assert checker.leaderboard_markdown([row]).splitlines()[2].startswith("| 1 | \\*m\\* &lt;b&gt; | N/A |")

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from shiq_eval.bfcl.budget import Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
 from shiq_eval.bfcl.executor import Environment
+from shiq_eval.report import markdown_cell
 
 # Official error types (bfcl_eval multi_turn_checker / eval_runner), reused verbatim.
 ERR_EMPTY = "multi_turn:empty_turn_model_response"
@@ -317,10 +318,10 @@ def leaderboard_csv(rows: Sequence[dict]) -> str:
 
 
 def leaderboard_markdown(rows: Sequence[dict]) -> str:
-    """:func:`leaderboard_rows` as a Markdown table (a ``|`` in a cell escaped, a line break a space: each
-    row one line)."""
+    """:func:`leaderboard_rows` as a Markdown table, each cell shown as written (``shiq_eval.report.markdown_cell``:
+    one line, no HTML or Markdown marks)."""
     lines = ["| " + " | ".join(LEADERBOARD_HEADER) + " |", "|" + "---|" * len(LEADERBOARD_HEADER)]
     for row in rows:
-        cells = [" ".join(str(row[c]).splitlines()).replace("|", "\\|") for c in LEADERBOARD_HEADER]
+        cells = [markdown_cell(row[c]) for c in LEADERBOARD_HEADER]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
