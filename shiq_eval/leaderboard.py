@@ -259,7 +259,7 @@ def scenario_of(entry_id: str) -> str:
     questions, so their turns are no more independent than one entry's (SHIQ_MATH §9). An id without an index is
     its own scenario."""
     _, sep, index = entry_id.rpartition("_")
-    return index if sep and index.isdigit() else entry_id
+    return index if sep and index.isascii() and index.isdigit() else entry_id
 
 
 def scenario_ids(rows: list[dict]) -> dict[tuple[str, str], list[str]]:

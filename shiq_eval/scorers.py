@@ -66,7 +66,7 @@ class BFCLScorer:
 def parse_turn_ref(text: str) -> tuple[str, int]:
     """``(entry_id, turn)`` of a BFCL turn reference ``"multi_turn_base_15:2"``; ValueError naming it otherwise."""
     entry_id, sep, turn = str(text).rpartition(":")
-    if not sep or not turn.isdigit():
+    if not sep or not (turn.isascii() and turn.isdigit()):  # ("²" and "٣" are digits to str.isdigit)
         raise ValueError(f"{text!r} is not a BFCL turn reference ENTRY_ID:TURN (e.g. multi_turn_base_15:2)")
     try:
         entry = load_entry(entry_category(entry_id), entry_id)

@@ -806,7 +806,7 @@ def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.Pa
     except (ValueError, RuntimeError) as e:
         raise ConfigError(str(e)) from None
     world = os.environ.get("WORLD_SIZE", "1")
-    if world.isdigit() and int(world) % (tp * pp):
+    if world.isascii() and world.isdigit() and int(world) % (tp * pp):
         raise ConfigError(
             f"parallel.tp x parallel.pp = {tp} x {pp} needs a multiple of {tp * pp} processes, but this run has "
             f"{world} (WORLD_SIZE): start it with torchrun --nproc-per-node {tp * pp}, or a multiple"

@@ -147,6 +147,9 @@ def test_bfcl_turn_scorer_and_prompts(tmp_path):
     assert scorer(refs, truth[1:] + truth[:1]) == [0.0] * n  # another turn's calls
     with pytest.raises(ValueError, match="multi_turn_base_0:99"):
         scorer(["multi_turn_base_0:99"], [truth[0]])
+    for odd in ("multi_turn_base_0:\u0663", "multi_turn_base_0:\u00b2"):  # "٣" (turn 3?) and "²": digits to str.isdigit
+        with pytest.raises(ValueError, match="is not a BFCL turn reference ENTRY_ID:TURN"):
+            scorer([odd], [truth[0]])
 
 
 def test_bfcl_results_keep_each_turn_s_scenario(tmp_path, init):
