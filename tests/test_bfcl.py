@@ -151,6 +151,29 @@ def test_turn_rewards_after_a_lasting_state_change():
             assert (r["valid"], r["failed_turn"], r["error_type"]) == (False, k, checker.ERR_STATE)
 
 
+def test_reset_rewards_ignore_model_changes_to_shared_long_context_cards():
+    """Long-context TravelAPI instances share the module-level card dicts (CREDIT_CARD_EXTENSION),
+    so a model's balance change also shows in the cumulative ground truth (the official checker
+    sees no state difference and neither do we); the reset rewards compare with the ground truth
+    run alone, so the change costs exactly the turn that made it (it used to leak into the
+    ground-truth states of later turns and go unseen in the last turn)."""
+    for i in (150, 151, 152):
+        e = data.load_entry("multi_turn_long_context", i)
+        tok = e["initial_config"]["TravelAPI"]["access_token"]
+        extra = (
+            f"purchase_insurance(access_token='{tok}', insurance_type='comprehensive', booking_id='booking_901', "
+            "insurance_cost=10.0, card_id='1234567812345678')"
+        )
+        n = len(e["question"])
+        for k in range(n):
+            d = data.ground_truth_decoded(e)
+            d[k] = d[k] + [[extra]]
+            ours = checker.check_trajectory(e, d)
+            theirs = official_verdict(e, json.loads(json.dumps(d)))
+            assert ours["valid"] == theirs["valid"], (e["id"], k, ours, theirs)
+            assert ours["turn_rewards_reset"] == [1.0] * k + [0.0] + [1.0] * (n - k - 1), (e["id"], k, ours)
+
+
 def test_response_check_counts_results_as_a_multiset():
     assert checker.missing_results(["a", "a", "b"], ["b", "a"]) == ["a"]
     assert checker.missing_results(["a", "b"], ["x", "b", "a"]) == []

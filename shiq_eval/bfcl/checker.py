@@ -9,7 +9,7 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 
-from shiq_eval.bfcl.budget import Budget, entry_scope
+from shiq_eval.bfcl.budget import MODULE_STATE, Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
 from shiq_eval.bfcl.executor import Environment
 from shiq_eval.report import markdown_cell
@@ -103,6 +103,14 @@ def check_trajectory(
     The model's calls (cumulative and reset runs together) share one work ``budget`` (default:
     a fresh :class:`shiq_eval.bfcl.budget.Budget`); past it, each further call is an error result.
     The ground truth runs unbounded. The simulator modules' data is restored before and after.
+
+    Order: the ground truth first runs alone through every turn (deep copies of its state before
+    each turn and its results: the reset rewards' reference); then the cumulative run, where per
+    turn the model's steps run first and the ground truth's calls second, as in the official
+    checker. The order matters only through simulator data shared between instances: the
+    long-context ``TravelAPI`` puts the same module-level card dicts into every instance, so the
+    model's balance changes show in the cumulative ground truth too (as in the official checker,
+    where they never count as a state difference), but never in the reset reference.
     """
     entry_id = entry["id"]
     _validate_decoded(entry_id, decoded_turns)
@@ -134,22 +142,31 @@ def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
             ),
         )
 
-    # Cumulative: model and ground truth each run through all turns from the initial state.
+    # The ground truth alone, first: its state before each turn and its results, for the reset
+    # rewards. The long-context TravelAPI puts the same module-level card dicts
+    # (long_context.CREDIT_CARD_EXTENSION) into every instance, so the cumulative ground truth
+    # below sees the model's balance changes; these snapshots (deep copies) must not.
+    truth_alone = Environment(entry)
+    truth_before = [truth_alone.copy()]  # ground-truth state before turn k (k = n: after the last)
+    truth_results_per_turn = []
+    for k in range(n):
+        truth_results_per_turn.append(truth_alone.execute(truth[k]))
+        truth_before.append(truth_alone.copy())
+    MODULE_STATE.restore()  # the shared module-level data as at the start, for the cumulative run
+
+    # Cumulative: model and ground truth each run through all turns from the initial state; per
+    # turn, the model's steps first and the ground truth's calls second, as the official checker.
     model_env, truth_env = Environment(entry, budget), Environment(entry)
-    truth_before = [truth_env.copy()]  # ground-truth state before turn k, for the reset rewards
     model_results: list[str] = []
-    rewards, truth_results_per_turn = [], []
+    rewards = []
     for k in range(n):
         steps = decoded_turns[k] if k < len(decoded_turns) else None
+        for calls in steps or ():
+            model_results.extend(model_env.execute(calls))
         truth_results = truth_env.execute(truth[k])
-        truth_results_per_turn.append(truth_results)
-        if k + 1 < n:
-            truth_before.append(truth_env.copy())
         if steps is None:
             rewards.append(0.0)
             continue
-        for calls in steps:
-            model_results.extend(model_env.execute(calls))
         err, msg = _judge_turn(truth[k], steps, model_env, truth_env, model_results, truth_results)
         rewards.append(0.0 if err else 1.0)
         # Only turns with ground-truth calls decide the verdict; the first failure is reported.
@@ -168,8 +185,7 @@ def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
         env.budget = budget
         for calls in steps:
             reset_results.extend(env.execute(calls))
-        truth_env_k = truth_before[k + 1] if k + 1 < n else truth_env
-        err, _ = _judge_turn(truth[k], steps, env, truth_env_k, reset_results, truth_results_per_turn[k])
+        err, _ = _judge_turn(truth[k], steps, env, truth_before[k + 1], reset_results, truth_results_per_turn[k])
         rewards_reset.append(0.0 if err else 1.0)
 
     result["turn_rewards"] = rewards
