@@ -426,10 +426,11 @@ def check_rows(columns: dict[str, pa.ListArray], vocab: int, shard, first_row: i
 def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: int) -> None:
     """Refuse, naming the shard, row and field, a row that training cannot use as it is: token ids outside
     ``[0, vocab)``, other per-token columns of another length than its tokens, fewer than 2 tokens, an
-    action at position 0 (nothing predicts it) or none at all, a non-finite reward. Such a row comes from a
-    shard edited after it was written, checksum included; the embedding lookup or the batch's copy would
-    meet it as an opaque error, the loss as a NaN or a silently dropped row. Only what training reads is
-    checked here (vectorised, per record batch); ``shiq-data validate`` checks every field of every row."""
+    action at position 0 (nothing predicts it) or none at all, a non-finite reward or reference statistic.
+    Such a row comes from a shard edited after it was written, checksum included; the embedding lookup or the
+    batch's copy would meet it as an opaque error, the loss as a NaN or a silently dropped row. Only what
+    training reads is checked here (vectorised, per record batch); ``shiq-data validate`` checks every field
+    of every row."""
     tokens = chunk["tokens"]
     n = np.diff(tokens.offsets)
     for name, view in chunk.items():
@@ -458,12 +459,14 @@ def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: in
         actions = np.diff(np.concatenate([[0], np.cumsum(bits, dtype=np.int64)])[starts])
         if (actions == 0).any():
             refuse(actions == 0, "action_mask", "no action token (empty completion)")
-    if "rewards" in chunk:
-        r = chunk["rewards"]
+    for name in ("rewards", *REF_FIELDS):  # (the reference statistics: what train.reference=precomputed reads)
+        if name not in chunk:
+            continue
+        r = chunk[name]
         finite = np.isfinite(r.values[r.offsets[0] : r.offsets[-1]])
         if not finite.all():
             at = int(np.flatnonzero(~finite)[0]) + int(r.offsets[0])  # a flat index: its row is named
-            refuse(np.arange(len(n)) == np.searchsorted(r.offsets, at, side="right") - 1, "rewards", "non-finite")
+            refuse(np.arange(len(n)) == np.searchsorted(r.offsets, at, side="right") - 1, name, "non-finite")
     flat = tokens.values[tokens.offsets[0] : tokens.offsets[-1]]
     if flat.size and (flat.min() < 0 or flat.max() >= vocab):
         at = int(np.flatnonzero((flat < 0) | (flat >= vocab))[0]) + int(tokens.offsets[0])

@@ -359,6 +359,21 @@ def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit,
         BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
 
 
+@pytest.mark.parametrize("field,value", [("ref_logz", float("nan")), ("ref_chosen_logits", float("-inf"))])
+def test_a_hand_edited_non_finite_reference_statistic_is_refused_naming_shard_row_and_field(tmp_path, field, value):
+    """A NaN in ref_logz (a shard edited with its checksum) passed the sampler's checks, as a NaN reward does
+    not: train.reference=precomputed met it at whichever step drew the row, as a loss error naming a batch
+    position, not the shard and row."""
+    rows = [
+        {**r, "ref_chosen_logits": [0.0] * len(r["tokens"]), "ref_logz": [0.0] + [1.0] * (len(r["tokens"]) - 1)}
+        for r in make_rows(23)
+    ]
+    write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+    rewrite_shard(tmp_path / "b", 1, lambda rows: rows[2][field].__setitem__(-1, value))
+    with pytest.raises(ValueError, match=f"shard-00001.arrow: row 2: field '{field}': non-finite"):
+        BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
+
+
 def test_a_micro_batch_larger_than_the_buffer_is_refused(rows_and_buffer, tmp_path):
     """rows_per_micro_batch=100000 on 8 rows ran, each micro-batch repeating every row thousands of times."""
     rows, buf = rows_and_buffer
