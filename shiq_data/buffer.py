@@ -1206,26 +1206,41 @@ def _next_shard_index(manifest: dict) -> int:
     return max(nums) + 1 if nums else 0
 
 
+# what a reference record keeps of a model folder's files: its weights' and its config.json's SHA-256
+CONTENT_KEYS = ("sha256", "config_sha256")
+
+
 def same_reference(recorded: dict | None, ref_model: dict | None) -> bool:
     """Whether two records of a reference model (``ref_model`` of a manifest) name the same model: equal, or
-    equal but for the ``sha256`` of its weights, which records written before it was kept lack."""
+    equal but for a SHA-256 of its files (:data:`CONTENT_KEYS`) that only one of them has (records written
+    before it was kept lack it)."""
     if recorded is None or ref_model is None or recorded == ref_model:
         return True
-    return ("sha256" in recorded) != ("sha256" in ref_model) and _but_weights(recorded) == _but_weights(ref_model)
+    return _but_weights(recorded) == _but_weights(ref_model) and all(
+        k not in recorded or k not in ref_model or recorded[k] == ref_model[k] for k in CONTENT_KEYS
+    )
 
 
 def _but_weights(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k != "sha256"}
+    return {k: v for k, v in record.items() if k not in CONTENT_KEYS}
 
 
 def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
     if _but_weights(recorded) == _but_weights(ref_model):
+        changed = " and ".join(
+            {"sha256": "weights", "config_sha256": "config.json"}[k]
+            for k in CONTENT_KEYS
+            if k in recorded and k in ref_model and recorded[k] != ref_model[k]
+        )
         return ValueError(
-            f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded.get('model')} whose weights have "
-            "changed since (another sha256): build a new buffer for the model that folder holds now"
+            f"{Path(buffer_dir) / MANIFEST}: holds reference statistics of {recorded.get('model')} whose {changed} "
+            f"{'has' if changed == 'config.json' else 'have'} changed since (another sha256): build a new buffer for "
+            "the model that folder holds now"
         )
     fields = [
-        k for k in dict.fromkeys([*recorded, *ref_model]) if k != "sha256" and recorded.get(k) != ref_model.get(k)
+        k
+        for k in dict.fromkeys([*recorded, *ref_model])
+        if k not in CONTENT_KEYS and recorded.get(k) != ref_model.get(k)
     ]
     differ = ", ".join(f"ref_model.{k} {recorded.get(k)!r}, not {ref_model.get(k)!r}" for k in fields)
     hint = f" (or --dtype {recorded['dtype']})" if fields == ["dtype"] and recorded.get("dtype") else ""

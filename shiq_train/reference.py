@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import hashlib
+import json
 import logging
 import sys
 from pathlib import Path
@@ -298,12 +299,26 @@ def weights_sha256(folder) -> str:
     return sha256_files(weight_files(Path(folder)))
 
 
+# config.json fields that do not change the model's logits: written by whichever transformers saved it, and
+# the precision, which a reference record keeps as its ``dtype`` (the one the statistics were computed in)
+_CONFIG_NOT_MODEL = ("transformers_version", "_name_or_path", "torch_dtype", "dtype")
+
+
+def config_sha256(folder) -> str:
+    """What a reference record keeps of a model folder's config.json: the SHA-256 of its fields (sorted, without
+    :data:`_CONFIG_NOT_MODEL`), since the same weights under another config (rotary base or scaling, norm
+    epsilon) give other logits. The folder's config must have been read already (by the model's loading)."""
+    config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    fields = {k: v for k, v in config.items() if k not in _CONFIG_NOT_MODEL}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
 def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32, before_load=None):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
     (its newest step, or a step folder); the model's parameters in ``dtype``. The record names a folder by its
-    path and the SHA-256 of its weights (a folder refilled since holds another model, whose statistics a buffer
-    may not mix with the old ones). ``before_load(record)``, if given, is called with the record but the
+    path and the SHA-256 of its weights and of its config.json (a folder refilled or reconfigured since holds
+    another model, whose statistics a buffer may not mix with the old ones). ``before_load(record)``, if given, is called with the record but the
     SHA-256 after the quick checks and before the slow reading of the weights (to refuse what the record
     already shows wrong)."""
     if model != "smollm2" and not (Path(model) / "config.json").is_file():
@@ -334,12 +349,17 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
         sums = sorted(step_dir.glob(f"rank_*_dp0.pt{CHECKSUM_SUFFIX}"))  # each rank file's, checked just now
         digests = "".join(f.read_text(encoding="utf-8").split()[0].lower() + "\n" for f in sums)
         record["sha256"] = hashlib.sha256(digests.encode()).hexdigest()
+        if model != "smollm2":  # the architecture's config: another rotary base is another model
+            record["config_sha256"] = config_sha256(model)
         return hf, record
     if before_load is not None:
         before_load(dict(record))
     if model != "smollm2":  # the folder's weights, not only its path: a folder refilled since is another model
         record["sha256"] = weights_sha256(model)
-    return load_causal_lm(model, dtype)[0], record
+    hf = load_causal_lm(model, dtype)[0]
+    if model != "smollm2":  # and its config, read by the loading (the same weights under another config differ)
+        record["config_sha256"] = config_sha256(model)
+    return hf, record
 
 
 _ARCHITECTURE = (

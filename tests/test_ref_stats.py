@@ -686,3 +686,46 @@ def test_groups_sharing_a_batch_read_their_prefixes_in_one_pass(tiny_llama):
 def test_with_prefix_refuses_a_prefix_longer_than_a_row(tiny_llama):
     with pytest.raises(ValueError, match="shared must be in 1..3"):
         hf_stats_fn(tiny_llama).with_prefix([[1, 2, 3], [1, 2, 3, 4]], 4, 100)
+
+
+def test_a_resumed_run_refuses_a_model_folder_whose_config_changed(tmp_path, capsys, smollm2_tokenizer, monkeypatch):
+    """The reference record kept the SHA-256 of a folder's weights but not of its config.json: a run interrupted
+    after its first shard, resumed after config.json changed (another rope_theta: other logits from the same
+    weights), added the other model's statistics to the rest of the buffer, which then claimed one reference."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import shiq_data.ref_stats
+    from shiq_data.cli import main
+    from shiq_train.reference import main as ref_stats
+
+    tok = smollm2_tokenizer
+    folder = tmp_path / "tiny-llama"
+    torch.manual_seed(1)
+    cfg = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), max_position_embeddings=128, **cfg)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    hh = tmp_path / "hh.jsonl"
+    pair = {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello.", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}
+    hh.write_text(json.dumps(pair) + "\n" + json.dumps(pair) + "\n")
+    buf = tmp_path / "buf"
+    assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--shard-rows", "2"]) == 0
+    commit = shiq_data.ref_stats.add_ref_columns
+
+    def interrupted_after_one(buffer_dir, i, *args, **kwargs):
+        if i > 0:
+            raise KeyboardInterrupt
+        return commit(buffer_dir, i, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(shiq_data.ref_stats, "add_ref_columns", interrupted_after_one)
+        assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 130
+    assert [s["has_ref"] for s in open_buffer(buf).manifest["shards"]] == [True, False]
+    config = json.loads((folder / "config.json").read_text())
+    rope = {"rope_parameters": {"rope_theta": 500.0, "rope_type": "default"}}  # (transformers 5; older: rope_theta)
+    (folder / "config.json").write_text(json.dumps({**config, **rope, "rope_theta": 500.0}))
+    capsys.readouterr()
+    assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (after transformers' bar of the weights' loading)
+    assert last.startswith("shiq-train ref-stats: error: ") and "whose config.json has changed since" in last, err
+    assert [s["has_ref"] for s in open_buffer(buf).manifest["shards"]] == [True, False]
