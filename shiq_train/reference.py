@@ -31,7 +31,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import sha256_files, weight_files
+from shiq_data.io import one_line, sha256_files, weight_files
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
 from shiq_data.tokenizers import (
     CHAT_TEMPLATE_FIELD,
@@ -437,6 +437,28 @@ def context_warning(buffer_dir, hf_config, model: str) -> str | None:
     )
 
 
+def refuse_unreadable_rows(model, buffer_dir, name: str) -> None:
+    """Refuse (``ValueError`` naming the shard, row and field) a buffer whose longest row ``model`` cannot read at
+    all: learned absolute position embeddings (GPT-2's) end at ``max_position_embeddings``, where rotary ones go
+    on. Tried on that row's length with the model's body (no output layer), before any shard is computed: the
+    batch holding the row would otherwise end the run in torch's IndexError, after the shards before it."""
+    buffer = open_buffer(buffer_dir, verify_checksums=False)  # (checked by the caller's open_buffer)
+    longest, where = 0, None
+    for path, table in zip(buffer.shard_paths, buffer.shard_tables):
+        lengths = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False)
+        if len(lengths) and int(lengths.max()) > longest:
+            longest, where = int(lengths.max()), (path, int(lengths.argmax()))
+    try:
+        with torch.no_grad():
+            model.base_model(input_ids=torch.zeros(1, longest, dtype=torch.long))
+    except (IndexError, RuntimeError) as e:
+        limit = getattr(model.config, "max_position_embeddings", None)
+        raise ValueError(
+            f"{where[0]}: row {where[1]}: field 'tokens': {longest} tokens, more than {name} can read (its "
+            f"max_position_embeddings is {limit}: {one_line(e, 100)}); give a model of at least that many positions"
+        ) from None
+
+
 def run(args: argparse.Namespace) -> int:
     """Compute, check and report."""
     buffer = open_buffer(args.buffer)
@@ -453,6 +475,7 @@ def run(args: argparse.Namespace) -> int:
     hf, record = load_reference(args.model, args.megatron_checkpoint, tok_info, DTYPES[args.dtype], refuse_other)
     check_tokenizer_matches(buffer.tokenizer_info, None, int(hf.config.vocab_size), args.buffer)  # its vocabulary
     if not args.megatron_checkpoint and (warning := context_warning(args.buffer, hf.config, args.model)):
+        refuse_unreadable_rows(hf, args.buffer, args.model)
         log.warning(f"shiq-train ref-stats: {warning}")  # (a checkpoint may have trained longer than its --model)
     done = compute_ref_stats(
         args.buffer,

@@ -729,3 +729,34 @@ def test_a_resumed_run_refuses_a_model_folder_whose_config_changed(tmp_path, cap
     last = err.strip().splitlines()[-1]  # (after transformers' bar of the weights' loading)
     assert last.startswith("shiq-train ref-stats: error: ") and "whose config.json has changed since" in last, err
     assert [s["has_ref"] for s in open_buffer(buf).manifest["shards"]] == [True, False]
+
+
+def test_rows_past_learned_position_embeddings_are_refused_before_any_shard(tmp_path, capsys, smollm2_tokenizer):
+    """A model with learned absolute positions (GPT-2's 40 here) cannot read a row longer than them: ref-stats
+    warned of the length, then ended in torch's IndexError traceback (exit status 1) when that row's batch came,
+    after the shards before it; it is now refused first, in one line naming the shard, row and field."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from shiq_data.cli import main
+    from shiq_train.reference import main as ref_stats
+
+    tok = smollm2_tokenizer
+    folder = tmp_path / "tiny-gpt2"
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, n_positions=40)).save_pretrained(
+        folder
+    )
+    tok.save_pretrained(folder)
+    hh = tmp_path / "hh.jsonl"
+    short = {"chosen": "\n\nHuman: Hi\n\nAssistant: Yo", "rejected": "\n\nHuman: Hi\n\nAssistant: No"}
+    long = {"chosen": "\n\nHuman: Hi\n\nAssistant: " + "hello " * 20, "rejected": "\n\nHuman: Hi\n\nAssistant: No"}
+    hh.write_text(json.dumps(short) + "\n" + json.dumps(long) + "\n")
+    buf = tmp_path / "buf"
+    assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--shard-rows", "2"]) == 0
+    rows = open_buffer(buf).table.to_pylist()
+    assert max(len(r["tokens"]) for r in rows[:2]) <= 40 < len(rows[2]["tokens"])
+    capsys.readouterr()
+    assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("shiq-train ref-stats: error: ") and "shard-00001.arrow: row 0: field 'tokens'" in last
+    assert not any(s["has_ref"] for s in open_buffer(buf).manifest["shards"])
