@@ -66,7 +66,8 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
     held whole; other models go through their full logits (``causal_lm_stats``). Padded positions
     (attention mask False) are set to 0. Puts the model in eval mode. For the Llama family the function
     also has ``with_prefix(rows, shared, max_batch_tokens)``: the statistics of rows that share their
-    first ``shared`` tokens, those run once (see :func:`shiq_data.ref_stats.rows_ref_stats`).
+    first ``shared`` tokens, those run once (see :func:`shiq_data.ref_stats.rows_ref_stats`), and, without a
+    sliding window, ``with_prefixes`` (several groups to a batch).
     """
     model.eval()
     head = model.get_output_embeddings()
@@ -88,7 +89,10 @@ def hf_stats_fn(model, chunk_tokens: int = 256) -> StatsFn:
 
     if chunked:
         stats.with_prefix = _with_prefix(model.get_decoder(), head.weight, chunk_tokens)
-        stats.with_prefixes = _with_prefixes(model.get_decoder(), head.weight, chunk_tokens, stats.with_prefix)
+        # a sliding window counts its width in cache places, which a batch's right-padded prefixes shift: a row
+        # of a shorter prefix would see other tokens than its own forward pass; such a model runs each group alone
+        if getattr(model.config, "sliding_window", None) is None:
+            stats.with_prefixes = _with_prefixes(model.get_decoder(), head.weight, chunk_tokens, stats.with_prefix)
     return stats
 
 

@@ -760,3 +760,35 @@ def test_rows_past_learned_position_embeddings_are_refused_before_any_shard(tmp_
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("shiq-train ref-stats: error: ") and "shard-00001.arrow: row 0: field 'tokens'" in last
     assert not any(s["has_ref"] for s in open_buffer(buf).manifest["shards"])
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_groups_of_a_sliding_window_model_get_its_plain_statistics(arch):
+    """Groups sharing a batch have their prefixes right-padded to the longest; a sliding window counts its width
+    in those padded places, so a row of a shorter prefix saw other tokens than its own forward pass does (0.1
+    off in logz on a window of 16). Each row's statistics are the naive ones of its own logits."""
+    import transformers
+
+    config_class, model_class = {
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[arch]
+    window = {"sliding_window": 16} if arch == "mistral" else {"use_sliding_window": True, "sliding_window": 16}
+    torch.manual_seed(0)
+    cfg = config_class(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, max_window_layers=0, **window,
+    )  # fmt: skip
+    model = model_class(cfg).eval()
+    g = np.random.default_rng(1)
+    rows, groups = [], []
+    for k, (shared, tails) in enumerate([(33, (0, 2, 7)), (50, (1, 3)), (40, (9, 4, 12))]):
+        prefix = g.integers(0, VOCAB, shared).tolist()
+        rows += [prefix + g.integers(0, VOCAB, n).tolist() for n in tails]
+        groups += [k] * len(tails)
+    chosen, logz = rows_ref_stats(rows, hf_stats_fn(model, chunk_tokens=5), max_batch_tokens=10_000, groups=groups)
+    for t, got_c, got_z in zip(rows, chosen, logz, strict=True):
+        with torch.no_grad():
+            c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
+        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
