@@ -1272,6 +1272,9 @@ def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
     return [i for i, s in enumerate(manifest["shards"]) if not s["has_ref"]]
 
 
+CHECK_BATCH_ROWS = 256  # rows :func:`replace_shard` holds as Python objects at a time, to check them
+
+
 def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: dict | None = None) -> dict:
     """Replace shard ``shard_index`` (position in the manifest's list) by ``table``; its new manifest entry.
 
@@ -1312,8 +1315,11 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             if not same_reference(recorded, ref_model):
                 raise _other_reference(buffer_dir, recorded, ref_model)
         vocab = manifest["tokenizer"]["vocab_size"]
-        for i, row in enumerate(table.to_pylist()):
-            check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
+        i = 0
+        for batch in table.to_batches(max_chunksize=CHECK_BATCH_ROWS):  # (a whole shard's rows as Python objects
+            for row in batch.to_pylist():  # would take about 130 bytes a token)
+                check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
+                i += 1
         revision = int(entry.get("revision", 0)) + 1
         name = shard_file_name(int(entry["file"][6:11]), revision)
         tmp = buffer_dir / f".{name}.tmp"

@@ -15,7 +15,7 @@ import pytest
 import torch
 from data_cli_runs import rewrite_shard
 
-from shiq_data.buffer import open_buffer, write_buffer
+from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.ref_stats import compute_ref_stats, length_sorted_batches, rows_ref_stats
 from shiq_train.reference import check_tokenizer_matches, hf_stats_fn, megatron_stats_fn
 
@@ -792,3 +792,27 @@ def test_groups_of_a_sliding_window_model_get_its_plain_statistics(arch):
             c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
         np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
         np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+
+
+def test_committing_a_shard_does_not_hold_its_rows_as_python_objects(tmp_path):
+    """add_ref_columns checked each row of the new shard from ``table.to_pylist()``: every token of the shard as
+    Python objects at once (about 130 bytes a token, 2 GB for a shard of 4096 rows of 4096 tokens), on top of
+    the statistics. Its Python peak is now that of a bounded number of rows, the same for a 4 times longer shard."""
+    import tracemalloc
+
+    peaks = []
+    for n in (500, 2000):
+        rows = [
+            {"row_id": f"r{i}", "source": "s", "group_id": i, "prompt_len": 10, "tokens": [1] * 100,
+             "action_mask": [False] * 10 + [True] * 90, "rewards": [0.0] * 100}
+            for i in range(n)
+        ]  # fmt: skip
+        folder = tmp_path / f"b{n}"
+        write_buffer(rows, folder, tokenizer_info=TOKENIZER, command=["t"], shard_rows=n, progress=False)
+        del rows
+        ref = [np.zeros(100, np.float32) for _ in range(n)]
+        tracemalloc.start()
+        add_ref_columns(folder, 0, ref, ref, ref_model={"name": "m"})
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    assert peaks[1] < 1.5 * peaks[0] + 1_000_000, peaks
