@@ -166,32 +166,54 @@ RUN_KEYS |= {"share_prefixes": "train.share_prefixes", "rows_per_micro_batch": "
 RUN_KEYS |= {"micro_batches_per_step": "data.micro_batches_per_step"}
 
 
+def _setting(section: dict, prefix: str, key: str, kind, default=None, optional: bool = False):
+    """``section[key]`` (``default`` when absent) as ``kind``, or a ``ValueError`` naming the run's key
+    (``loss.num_atoms=2.5: expected an integer``): int is an integer (not true/false), float any number,
+    bool true or false; ``optional``: null too. (``int(2.5)`` would train a model of 2 atoms, ``float([1])``
+    end in a traceback.)"""
+    value = section.get(key, default)
+    if optional and value is None:
+        return None
+    fits = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+    }[kind]
+    if not fits:
+        kind_name = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+        raise ValueError(
+            f"{prefix}{'.' if prefix else ''}{key}={value!r}: expected {kind_name}{' or null' if optional else ''}"
+        )
+    return kind(value)
+
+
 def _value_config(cfg, loss, opt, train, data, max_tokens_per_row) -> ValueTrainConfig:
+    seed = _setting(cfg, "", "seed", int)
     return ValueTrainConfig(
-        steps=int(train["steps"]),
-        rows_per_micro_batch=int(data["rows_per_micro_batch"]),
-        micro_batches_per_step=int(data.get("micro_batches_per_step", 1)),
-        lr=float(opt["lr"]),
-        head_lr=None if loss.get("head_lr") is None else float(loss["head_lr"]),
-        weight_decay=float(opt["weight_decay"]),
-        clip_grad=float(opt["clip_grad"]),
-        adam_beta1=float(opt["adam_beta1"]),
-        adam_beta2=float(opt["adam_beta2"]),
-        adam_eps=float(opt["adam_eps"]),
-        min_lr=float(opt["min_lr"]),
-        warmup_steps=int(opt["warmup_steps"]),
-        decay_steps=int(opt["decay_steps"]),
-        num_atoms=int(loss.get("num_atoms", 11)),
-        v_min=None if loss.get("v_min") is None else float(loss["v_min"]),
-        v_max=None if loss.get("v_max") is None else float(loss["v_max"]),
-        gamma=float(loss.get("gamma", 1.0)),
-        trainable_last_layers=int(train["trainable_last_layers"]),
-        seed=int(cfg["seed"]),
-        data_seed=int(data.get("seed", cfg["seed"])),
+        steps=_setting(train, "train", "steps", int),
+        rows_per_micro_batch=_setting(data, "data", "rows_per_micro_batch", int),
+        micro_batches_per_step=_setting(data, "data", "micro_batches_per_step", int, 1),
+        lr=_setting(opt, "optimizer", "lr", float),
+        head_lr=_setting(loss, "loss", "head_lr", float, optional=True),
+        weight_decay=_setting(opt, "optimizer", "weight_decay", float),
+        clip_grad=_setting(opt, "optimizer", "clip_grad", float),
+        adam_beta1=_setting(opt, "optimizer", "adam_beta1", float),
+        adam_beta2=_setting(opt, "optimizer", "adam_beta2", float),
+        adam_eps=_setting(opt, "optimizer", "adam_eps", float),
+        min_lr=_setting(opt, "optimizer", "min_lr", float),
+        warmup_steps=_setting(opt, "optimizer", "warmup_steps", int),
+        decay_steps=_setting(opt, "optimizer", "decay_steps", int),
+        num_atoms=_setting(loss, "loss", "num_atoms", int, 11),
+        v_min=_setting(loss, "loss", "v_min", float, optional=True),
+        v_max=_setting(loss, "loss", "v_max", float, optional=True),
+        gamma=_setting(loss, "loss", "gamma", float, 1.0),
+        trainable_last_layers=_setting(train, "train", "trainable_last_layers", int),
+        seed=seed,
+        data_seed=_setting(data, "data", "seed", int, seed),
         max_tokens_per_row=max_tokens_per_row,
-        progress=bool(train.get("progress", True)),
-        cache_frozen_prefix=bool(train.get("cache_frozen_prefix", False)),
-        share_prefixes=bool(train.get("share_prefixes", False)),
+        progress=_setting(train, "train", "progress", bool, True),
+        cache_frozen_prefix=_setting(train, "train", "cache_frozen_prefix", bool, False),
+        share_prefixes=_setting(train, "train", "share_prefixes", bool, False),
     )
 
 

@@ -9,6 +9,7 @@ returns, and full forward passes without a KV cache for decoding.
 import itertools
 import json
 import math
+import re
 import warnings
 
 import mpmath
@@ -839,3 +840,32 @@ def test_a_prompt_that_would_run_past_the_models_positions_is_refused():
     policy.value_model.config.max_position_embeddings = 32  # a value trunk with fewer positions than the reference
     with pytest.raises(ValueError, match="prompt 0 of the 1 sampled .*: 30 tokens \\+ max_new_tokens 4 exceed"):
         policy.generate_with_kls([[1] * 30], SamplingConfig(max_new_tokens=4))
+
+
+@pytest.mark.parametrize(
+    "section, key, value",
+    [
+        ("loss", "num_atoms", 2.5),  # was int(2.5): a model of 2 atoms
+        ("train", "steps", 2.5),  # was 2 steps
+        ("loss", "head_lr", [1]),  # was a TypeError traceback
+        ("loss", "v_min", "abc"),  # was "could not convert string to float: 'abc'", no key named
+        ("optimizer", "lr", "x"),
+        ("data", "micro_batches_per_step", True),
+        ("train", "share_prefixes", "yes"),
+    ],
+)
+def test_value_run_settings_of_the_wrong_type_are_refused_naming_the_key(section, key, value):
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from shiq_train.qsharp_train import value_config_from_run
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    cfg = OmegaConf.to_container(OmegaConf.load(root / "train.yaml"))
+    cfg.update(loss={"name": "qsharp_value"}, seed=0)
+    cfg["data"]["seed"] = 0
+    value_config_from_run(cfg, 64)  # the defaults are fine
+    cfg[section][key] = value
+    with pytest.raises(ValueError, match=rf"^{section}\.{key}={re.escape(repr(value))}: expected"):
+        value_config_from_run(cfg, 64)
