@@ -204,6 +204,14 @@ class GuidedPolicy:
                 f"atoms {self.atoms.tolist()} are not the value model's own {own.tolist()}: its outputs are "
                 "probabilities of those returns"
             )
+        # the value model scores the reference's candidates by token id: another vocabulary is another
+        # tokenizer (SHIQ_MATH §8), and an id past its embeddings an IndexError deep in torch
+        vocab = [getattr(getattr(m, "config", None), "vocab_size", None) for m in (ref_model, value_model)]
+        if all(isinstance(n, int) for n in vocab) and vocab[0] != vocab[1]:
+            raise ValueError(
+                f"the value model has {vocab[1]} token ids but the reference {vocab[0]}: it scores the "
+                "reference's tokens, so train it from this reference (shiq-train loss=qsharp_value init=...)"
+            )
         self.ref_model = ref_model.eval()
         self.value_model = value_model.eval()
         self.top_k = int(top_k)

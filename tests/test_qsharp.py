@@ -869,3 +869,17 @@ def test_value_run_settings_of_the_wrong_type_are_refused_naming_the_key(section
     cfg[section][key] = value
     with pytest.raises(ValueError, match=rf"^{section}\.{key}={re.escape(repr(value))}: expected"):
         value_config_from_run(cfg, 64)
+
+
+def test_a_value_model_of_another_vocabulary_is_refused():
+    """The value model scores the reference's candidate ids: a value model of 32 token ids under a reference of
+    64 ended in ``IndexError: index out of range in self`` at the first step; one of more ids than the reference
+    (another tokenizer) guided it silently."""
+    from shiq_train.qsharp_value import HFValueModel
+
+    warnings.filterwarnings("ignore")
+    ref = tiny_llama(0)
+    for other in (32, 80):
+        value = HFValueModel.from_causal_lm(tiny_llama(1, vocab=other), ATOMS)
+        with pytest.raises(ValueError, match=rf"^the value model has {other} token ids but the reference 64"):
+            GuidedPolicy(ref, value, ATOMS, 0.5, top_k=5, eos_id=63)
