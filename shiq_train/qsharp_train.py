@@ -297,6 +297,17 @@ def train_value_model(
     v_min, v_max = cfg.v_min, cfg.v_max
     if v_min is None or v_max is None:
         lo, hi = buffer_return_range(sampler, cfg.gamma)
+        # the one given must still leave room for the other, read from the buffer: say where that came from
+        if v_min is not None and not v_min < hi:
+            raise ValueError(
+                f"v_min={v_min:g} is not below v_max={hi:g}, the largest return-to-go in buffer {buffer_path}: "
+                "give v_max too (above v_min), or leave v_min to the buffer"
+            )
+        if v_max is not None and not lo < v_max:
+            raise ValueError(
+                f"v_max={v_max:g} is not above v_min={lo:g}, the smallest return-to-go in buffer {buffer_path}: "
+                "give v_min too (below v_max), or leave v_max to the buffer"
+            )
         v_min = lo if v_min is None else v_min
         v_max = hi if v_max is None else v_max
     atoms = atom_support(v_min, v_max, cfg.num_atoms)

@@ -883,3 +883,35 @@ def test_a_value_model_of_another_vocabulary_is_refused():
         value = HFValueModel.from_causal_lm(tiny_llama(1, vocab=other), ATOMS)
         with pytest.raises(ValueError, match=rf"^the value model has {other} token ids but the reference 64"):
             GuidedPolicy(ref, value, ATOMS, 0.5, top_k=5, eos_id=63)
+
+
+def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_from(tmp_path):
+    """With only ``v_min`` given, ``v_max`` is the buffer's largest return-to-go (and the other way round): a
+    ``v_min`` above it said ``need finite v_min < v_max, got v_min=5.0, v_max=1.0``, a ``v_max`` nobody gave."""
+    from shiq_data.buffer import write_buffer
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    rows = [
+        dict(
+            row_id=f"r{i}",
+            source="t",
+            group_id=i,
+            prompt_len=1,
+            tokens=[3, 4, 5],
+            action_mask=[False, True, True],
+            rewards=[0.0, 0.0, float(i)],
+        )
+        for i in range(2)
+    ]
+    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 64}
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=tok, command=["test"], progress=False)
+    hf = tiny_llama(4)
+    for given, match in (
+        (dict(v_min=5.0), r"^v_min=5 is not below v_max=1, the largest return-to-go in buffer .*buf"),
+        (dict(v_max=-3.0), r"^v_max=-3 is not above v_min=0, the smallest return-to-go in buffer .*buf"),
+    ):
+        cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=2, progress=False, **given)
+        with pytest.raises(ValueError, match=match):
+            train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+        assert not (tmp_path / "value").exists()
