@@ -104,7 +104,7 @@ class ValueTrainConfig:
         given = [v for v in (self.v_min, self.v_max) if v is not None]
         if not all(math.isfinite(v) for v in given) or (len(given) == 2 and not self.v_min < self.v_max):
             raise ValueError(f"value.v_min ({self.v_min}) and value.v_max ({self.v_max}) must be finite, v_min < v_max")
-        self.schedule()  # checks min_lr, warmup_steps, decay_steps
+        self.schedule()  # checks min_lr, warmup_steps, decay_steps and the AdamW settings
         for name in ("cache_frozen_prefix", "share_prefixes"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"value.{name} must be true or false, got {getattr(self, name)!r}")
@@ -121,9 +121,18 @@ class ValueTrainConfig:
             )
 
     def schedule(self) -> OptimizerConfig:
-        """The learning-rate schedule (``OptimizerConfig.lr_at``) of the trunk's group."""
+        """The learning-rate schedule (``OptimizerConfig.lr_at``) of the trunk's group; building it checks every
+        AdamW setting as a policy run's ``OptimizerConfig`` does (``clip_grad >= 0``, betas in ``[0, 1)``, ...)."""
         return OptimizerConfig(
-            lr=self.lr, min_lr=self.min_lr, warmup_steps=self.warmup_steps, decay_steps=self.decay_steps
+            lr=self.lr,
+            min_lr=self.min_lr,
+            weight_decay=self.weight_decay,
+            adam_beta1=self.adam_beta1,
+            adam_beta2=self.adam_beta2,
+            adam_eps=self.adam_eps,
+            clip_grad=self.clip_grad,
+            warmup_steps=self.warmup_steps,
+            decay_steps=self.decay_steps,
         )
 
 

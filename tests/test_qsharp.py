@@ -915,3 +915,17 @@ def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_
         with pytest.raises(ValueError, match=match):
             train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
         assert not (tmp_path / "value").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("clip_grad", -1.0), ("clip_grad", math.inf), ("adam_beta1", 1.5), ("adam_eps", -1.0), ("weight_decay", -1.0)],
+)
+def test_value_optimizer_settings_out_of_range_are_refused_naming_them(field, value):
+    """``clip_grad=-1`` trained without clipping (``if clip_grad > 0``), ``adam_beta1=1.5`` reached torch's
+    ``Invalid beta parameter at index 0`` after the buffer was read and the trunk built: they are refused as a
+    policy run refuses them (``OptimizerConfig``), naming the setting."""
+    from shiq_train.qsharp_train import ValueTrainConfig
+
+    with pytest.raises(ValueError, match=rf"^optimizer\.{field} must be"):
+        ValueTrainConfig(**{field: value})
