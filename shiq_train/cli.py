@@ -725,6 +725,8 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     state, hf_config = load_init(cfg["init"])
     check_shape(model_cfg, hf_config, cfg["init"])
+    # the value model learns the returns of the buffer's ids under the reference: the same tokenizer, as a policy run
+    manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
     cfg = {**cfg, "model": model_cfg.to_dict()}
     out = train_value_model(
@@ -736,7 +738,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
         meta={  # what shiq-eval run --guide checks the reference and the tokenizer against
             "config": cfg,
             "reference_sha256": sha256_files(reference.model_weight_files(cfg["init"])),
-            "tokenizer": read_manifest(cfg["data"]["buffer"])["tokenizer"],
+            "tokenizer": manifest["tokenizer"],
         },
         verify_checksums=cfg["data"].get("verify_checksums", True),
     )

@@ -374,3 +374,35 @@ def test_a_guide_is_refused_with_another_reference_or_a_beta_its_atoms_overflow(
     assert "--beta 1e-320 is too small for the value model's atoms" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
     assert eval_main([*args, "--beta", "0.5", "--reference", str(init)]) == 0  # its own reference, given: fine
+
+
+def test_a_buffer_of_another_tokenizer_than_the_reference_is_refused(trained, tmp_path):
+    """A value model learns the returns of the buffer's token ids under the reference: a buffer built with another
+    tokenizer (of no more ids than the reference's) trained one silently, where a policy run refuses it."""
+    from shiq_data.buffer import write_buffer
+
+    tmp, init, _ = trained
+    rows = [
+        dict(
+            row_id=f"r{i}",
+            source="t",
+            group_id=i,
+            prompt_len=1,
+            tokens=[3, 4, 5],
+            action_mask=[False, True, True],
+            rewards=[0.0, 0.0, float(i)],
+        )
+        for i in range(4)
+    ]
+    tok = {"name": "other", "fingerprint": "f" * 64, "vocab_size": 64}
+    write_buffer(rows, tmp_path / "other", tokenizer_info=tok, command=["test"], progress=False)
+    res = shiq_train(
+        f"data.buffer={tmp_path / 'other'}",
+        f"init={init}",
+        f"out={tmp_path / 'v'}",
+        "loss=qsharp_value",
+        "train.steps=1",
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "built with tokenizer 'other'" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "v").exists()
