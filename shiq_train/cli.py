@@ -709,6 +709,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(
             f"loss={name} starts the value model from the reference: give init=smollm2 or a Hugging Face Llama folder"
         )
+    check_plain_options(cfg)  # (a negative seed: numpy's "expected non-negative integer", naming no key)
     if (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) != (1, 1) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise ConfigError(f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1 and no torchrun")
     try:  # one process, no process group: only whether the machine has what parallel.backend asks for

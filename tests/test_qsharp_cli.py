@@ -406,3 +406,15 @@ def test_a_buffer_of_another_tokenizer_than_the_reference_is_refused(trained, tm
     assert res.returncode == 2, res.stderr[-2000:]
     assert "built with tokenizer 'other'" in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize(
+    "arg, message",
+    [("seed=-1", "seed=-1: expected an integer >= 0"), ("data.seed=-1", "data.seed=-1: expected an integer >= 0")],
+)
+def test_a_negative_seed_is_refused_naming_it(trained, tmp_path, arg, message):
+    """numpy's ``expected non-negative integer`` named no key: the value run checks the plain options as a policy
+    run does."""
+    tmp, init, _ = trained
+    res = shiq_train(f"data.buffer={tmp / 'buffer'}", f"init={init}", f"out={tmp_path / 'v'}", "loss=qsharp_value", arg)
+    assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"shiq-train: error: {message}"
