@@ -728,8 +728,20 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     check_shape(model_cfg, hf_config, cfg["init"])
     # the value model learns the returns of the buffer's ids under the reference: the same tokenizer, as a policy run
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
+    # the trunk is the reference's own model (train_value_model builds it from init's config, in float32, without
+    # dropout): a model.* setting given for it would not be used, and value_model.json records what was built
+    built = model_config_from_llama(hf_config, name=model_cfg.name, max_sequence_length=model_cfg.max_sequence_length)
+    unused = [
+        k for k in sorted(model_keys or ()) if k in built.to_dict() and getattr(model_cfg, k) != getattr(built, k)
+    ]
+    if unused:
+        raise ConfigError(
+            f"loss={name} builds its value model from init's config.json as it is: "
+            f"{', '.join(f'model.{k}={getattr(model_cfg, k)!r}' for k in unused)} would not be used; leave "
+            f"{'it' if len(unused) == 1 else 'them'} out"
+        )
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
-    cfg = {**cfg, "model": model_cfg.to_dict()}
+    cfg = {**cfg, "model": built.to_dict()}
     out = train_value_model(
         cfg["data"]["buffer"],
         cfg["out"],

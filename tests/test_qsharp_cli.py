@@ -116,6 +116,9 @@ def test_shiq_train_trains_the_value_model_train_value_model_would(trained):
     assert meta["atoms"] == pytest.approx([i / 6 for i in range(7)], abs=1e-7)
     assert meta["config"]["loss"]["name"] == "qsharp_value" and meta["config"]["init"] == str(init)
     assert meta["train"]["adam_beta2"] == 0.95 and meta["train"]["data_seed"] == 5
+    # the model it built: the reference's own (float32, no dropout), as value_model.json records
+    assert meta["config"]["model"]["params_dtype"] == "float32" and meta["config"]["model"]["hidden_dropout"] == 0.0
+    assert meta["config"]["model"]["hidden_size"] == transformers.AutoConfig.from_pretrained(str(init)).hidden_size
 
     loaded, loaded_direct = load_value_model(value_dir), load_value_model(direct)
     tokens = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(0))
@@ -135,6 +138,18 @@ def test_value_loss_config_errors(trained, tmp_path):
     )
     assert taken.returncode == 2 and "is not a value-model folder" in taken.stderr
     assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
+    # model settings a value run would not use (it builds the reference's own model): refused, not recorded
+    unused = shiq_train(
+        f"data.buffer={tmp / 'buffer'}",
+        f"out={tmp_path / 'v2'}",
+        f"init={init}",
+        "loss=qsharp_value",
+        "model.params_dtype=bfloat16",
+        "model.hidden_dropout=0.5",
+    )
+    assert unused.returncode == 2, unused.stderr[-2000:]
+    assert "model.hidden_dropout=0.5, model.params_dtype='bfloat16' would not be used" in unused.stderr
+    assert not (tmp_path / "v2").exists()
 
 
 def write_json_hashed(folder: Path, config) -> None:
