@@ -885,14 +885,12 @@ def test_a_value_model_of_another_vocabulary_is_refused():
             GuidedPolicy(ref, value, ATOMS, 0.5, top_k=5, eos_id=63)
 
 
-def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_from(tmp_path):
-    """With only ``v_min`` given, ``v_max`` is the buffer's largest return-to-go (and the other way round): a
-    ``v_min`` above it said ``need finite v_min < v_max, got v_min=5.0, v_max=1.0``, a ``v_max`` nobody gave."""
+def write_toy_buffer(path, rows: int, tokenizer: str = "toy") -> None:
+    """A buffer of ``rows`` rows ``[3, 4, 5]`` (prompt ``[3]``), row ``i`` of return ``i``, under a 64-id
+    tokenizer named ``tokenizer``."""
     from shiq_data.buffer import write_buffer
-    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
 
-    warnings.filterwarnings("ignore")
-    rows = [
+    made = [
         dict(
             row_id=f"r{i}",
             source="t",
@@ -902,10 +900,19 @@ def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_
             action_mask=[False, True, True],
             rewards=[0.0, 0.0, float(i)],
         )
-        for i in range(2)
+        for i in range(rows)
     ]
-    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 64}
-    write_buffer(rows, tmp_path / "buf", tokenizer_info=tok, command=["test"], progress=False)
+    tok = {"name": tokenizer, "fingerprint": "f" * 64, "vocab_size": 64}
+    write_buffer(made, path, tokenizer_info=tok, command=["test"], progress=False)
+
+
+def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_from(tmp_path):
+    """With only ``v_min`` given, ``v_max`` is the buffer's largest return-to-go (and the other way round): a
+    ``v_min`` above it said ``need finite v_min < v_max, got v_min=5.0, v_max=1.0``, a ``v_max`` nobody gave."""
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=2)
     hf = tiny_llama(4)
     for given, match in (
         (dict(v_min=5.0), r"^v_min=5 is not below v_max=1, the largest return-to-go in buffer .*buf"),

@@ -394,23 +394,10 @@ def test_a_guide_is_refused_with_another_reference_or_a_beta_its_atoms_overflow(
 def test_a_buffer_of_another_tokenizer_than_the_reference_is_refused(trained, tmp_path):
     """A value model learns the returns of the buffer's token ids under the reference: a buffer built with another
     tokenizer (of no more ids than the reference's) trained one silently, where a policy run refuses it."""
-    from shiq_data.buffer import write_buffer
+    from test_qsharp import write_toy_buffer
 
     tmp, init, _ = trained
-    rows = [
-        dict(
-            row_id=f"r{i}",
-            source="t",
-            group_id=i,
-            prompt_len=1,
-            tokens=[3, 4, 5],
-            action_mask=[False, True, True],
-            rewards=[0.0, 0.0, float(i)],
-        )
-        for i in range(4)
-    ]
-    tok = {"name": "other", "fingerprint": "f" * 64, "vocab_size": 64}
-    write_buffer(rows, tmp_path / "other", tokenizer_info=tok, command=["test"], progress=False)
+    write_toy_buffer(tmp_path / "other", rows=4, tokenizer="other")
     res = shiq_train(
         f"data.buffer={tmp_path / 'other'}",
         f"init={init}",

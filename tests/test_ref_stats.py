@@ -89,6 +89,16 @@ def smollm2_tokenizer():
     return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
 
 
+def assert_each_row_alone(model, rows, chosen, logz):
+    """``chosen`` and ``logz`` of ``rows`` equal :func:`naive_stats` of each row's own forward pass through
+    ``model`` (a Hugging Face causal LM) to 1e-5."""
+    for t, got_c, got_z in zip(rows, chosen, logz, strict=True):
+        with torch.no_grad():
+            c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
+        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
+        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+
+
 def naive_stats(logits, tokens):
     """c_t = logits[t-1, tokens[t]], z_t = log Σ_v exp logits[t-1, v] in float64, 0 at t = 0 (a plain loop)."""
     lg = logits.double()
@@ -220,11 +230,7 @@ def test_other_models_use_their_full_logits():
     model = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64)).eval()
     rows = [r["tokens"] for r in make_rows(4, seed=5, min_len=2, max_len=12)]
     chosen, logz = rows_ref_stats(rows, hf_stats_fn(model, chunk_tokens=2), max_batch_tokens=30)
-    for t, got_c, got_z in zip(rows, chosen, logz, strict=True):
-        with torch.no_grad():
-            c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
-        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+    assert_each_row_alone(model, rows, chosen, logz)
 
 
 def test_padding_does_not_change_values(tiny_llama):
@@ -787,11 +793,7 @@ def test_groups_of_a_sliding_window_model_get_its_plain_statistics(arch):
         rows += [prefix + g.integers(0, VOCAB, n).tolist() for n in tails]
         groups += [k] * len(tails)
     chosen, logz = rows_ref_stats(rows, hf_stats_fn(model, chunk_tokens=5), max_batch_tokens=10_000, groups=groups)
-    for t, got_c, got_z in zip(rows, chosen, logz, strict=True):
-        with torch.no_grad():
-            c, z = naive_stats(model(input_ids=torch.tensor([t])).logits[0], t)
-        np.testing.assert_allclose(got_c, c, atol=1e-5, rtol=1e-5)
-        np.testing.assert_allclose(got_z, z, atol=1e-5, rtol=1e-5)
+    assert_each_row_alone(model, rows, chosen, logz)
 
 
 def test_committing_a_shard_does_not_hold_its_rows_as_python_objects(tmp_path):
