@@ -22,6 +22,9 @@ from shiq_data.io import (
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
 EXPORT_RECORD = "shiq_export.json"
+# Policy losses that read no reference (shiq_train.objectives.LOSSES with needs_reference False, not imported
+# here for the same reason): their config's loss.beta is unused, so the policy has no β and no J (SHIQ_MATH §5, §9).
+NO_KL_WEIGHT = frozenset(["sft"])
 
 
 class EvalInputError(ValueError):
@@ -80,7 +83,7 @@ def checkpoint_info(step_dir: Path) -> dict:
         "kind": "checkpoint",
         "path": step_dir,
         "method": meta["loss"]["name"],
-        "beta": meta["loss"].get("beta"),
+        "beta": policy_beta(meta["loss"]),
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
         "init": init,
@@ -113,7 +116,7 @@ def hf_folder_info(folder: Path) -> dict:
         "sha256": _as_input_error(recorded_sha256, record_path, record.get("sha256")) if record else None,
         "path": folder,
         "method": loss.get("name", "hf"),
-        "beta": loss.get("beta"),
+        "beta": policy_beta(loss),
         "step": int(record.get("step", 0)),
         "hf_config": hf_config,
         "init": record.get("init"),
@@ -145,6 +148,12 @@ def _check_record(path: Path, record: dict) -> None:
         if not ok:
             value = record.get(field) if "." not in field else loss.get(field.split(".")[1])
             raise EvalInputError(f"{path}: field {field!r}: must be {kind}, got {value!r}")
+
+
+def policy_beta(loss: dict):
+    """The KL weight β of the policy a recorded ``loss`` trained (SHIQ_MATH §9: its J is at this β): its
+    ``beta``, or None for a loss that reads no reference (:data:`NO_KL_WEIGHT`: SFT), whose ``beta`` is unused."""
+    return None if loss.get("name") in NO_KL_WEIGHT else loss.get("beta")
 
 
 def _beta_ok(beta) -> bool:

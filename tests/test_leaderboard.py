@@ -221,6 +221,25 @@ def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
         policy_infos([str(a), str(b)], ["A"])
 
 
+def test_a_loss_without_a_kl_weight_has_no_beta_and_no_j(tmp_path):
+    """SFT reads no reference (SHIQ_MATH §5): the loss.beta its config carries (0.1 by default, unused) was
+    recorded as the run's β, so the leaderboard gave it J = reward − 0.1·KL and a J difference to ShiQ at β 0.1,
+    as if both optimised that objective (SHIQ_MATH §9: J at the policy's own β). Its rows now have no β, so no J."""
+    step = tmp_path / "sft" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    meta = {"loss": {"name": "sft", "beta": 0.1}, "hf_config": {}}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    assert checkpoints.checkpoint_info(step)["beta"] is None
+    folder = tiny_hf_folder(tmp_path / "hf")
+    weights = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in folder.glob("*.safetensors")}
+    record = {"loss": {"name": "sft", "beta": 0.1}, "step": 1, "sha256": weights}
+    (folder / checkpoints.EXPORT_RECORD).write_text(json.dumps(record))
+    assert checkpoints.hf_folder_info(folder)["beta"] is None
+    record["loss"]["name"] = "shiq"  # a loss of the family keeps its β
+    (folder / checkpoints.EXPORT_RECORD).write_text(json.dumps(record))
+    assert checkpoints.hf_folder_info(folder)["beta"] == 0.1
+
+
 def test_the_shipped_suite_resolves_with_packaged_assets():
     """configs/eval/movie_vader_small.yaml: its prompts ship beside it, its scorer is the installed VADER lexicon;
     flags override single settings and change the fingerprint; a bad key is refused naming the file."""
