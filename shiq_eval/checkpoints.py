@@ -5,6 +5,7 @@ Hugging Face model."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from shiq_data.io import (
     type_name,
     weight_files,
 )
+from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
 
 # What shiq-train export records about the run in a Hugging Face folder: shiq_train.export.EXPORT_RECORD,
 # not imported here because that module loads torch, and reading checkpoints' metadata must not.
@@ -87,7 +89,7 @@ def checkpoint_info(step_dir: Path) -> dict:
         "step": int(info["step"]),
         "hf_config": meta["hf_config"],
         "init": init,
-        "tokenizer": run_tokenizer(meta),
+        "tokenizer": run_tokenizer(meta, meta_path),
         "files": sorted(step_dir.glob("rank_tp*_pp*_dp0.pt")),
     }
 
@@ -209,10 +211,40 @@ def model_sha256(files: list[Path]) -> str | None:
     return sha256_files(files) if files else None
 
 
-def run_tokenizer(meta: dict) -> dict | None:
+def run_tokenizer(meta: dict, meta_path: Path) -> dict | None:
     """The tokenizer info of the buffer a run trained on, as shiq-train recorded it in its checkpoints (None in
-    checkpoints saved before it did: the buffer's path they record is not followed)."""
-    return meta["tokenizer"] if isinstance(meta.get("tokenizer"), dict) else None
+    checkpoints saved before it did: the buffer's path they record is not followed); one that is not an object
+    is refused naming ``meta_path`` (it was taken for a missing one, and the check skipped)."""
+    tok = meta.get("tokenizer")
+    if tok is not None and not isinstance(tok, dict):
+        raise EvalInputError(f"{meta_path}: field meta.tokenizer must be null or an object, got {json.dumps(tok)[:80]}")
+    return tok
+
+
+def check_tokenizer_record(tok, path, field: str) -> dict | None:
+    """``tok``, a recorded tokenizer info (None: none recorded), once it holds what the evaluation's tokenizer
+    is compared on (``shiq_train.reference.check_tokenizer_matches``): a string ``fingerprint``, an integer
+    ``vocab_size`` >= 1, and a string ``name`` and pipeline fingerprint and a string or null chat template
+    fingerprint where given; :class:`EvalInputError` naming ``path`` and ``field`` otherwise (a damaged or
+    hand-edited record, which failed there as a KeyError or was taken for a missing one)."""
+    if tok is None:
+        return None
+    ok = (
+        isinstance(tok, dict)
+        and isinstance(tok.get("fingerprint"), str)
+        and isinstance(tok.get("vocab_size"), int)
+        and not isinstance(tok.get("vocab_size"), bool)
+        and tok["vocab_size"] >= 1
+        and isinstance(tok.get("name", ""), str)
+        and isinstance(tok.get(PIPELINE_FIELD, ""), str)
+        and isinstance(tok.get(CHAT_TEMPLATE_FIELD), (str, type(None)))
+    )
+    if not ok:
+        raise EvalInputError(
+            f"{path}: field {field} must be null or an object with a string 'fingerprint' and an integer "
+            f"'vocab_size' >= 1 (the buffer's tokenizer), got {json.dumps(tok)[:80]}"
+        )
+    return tok
 
 
 def hf_policy(info: dict):

@@ -70,6 +70,7 @@ from shiq_eval.bfcl import cli as bfcl_cli
 from shiq_eval.checkpoints import (
     EXPORT_RECORD,
     EvalInputError,
+    check_tokenizer_record,
     hf_policy,
     model_sha256,
     policy_infos,
@@ -122,6 +123,10 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
         PIPELINE_FIELD: pipeline_fingerprint(tokenizer),
     }
     for info in infos:
+        record, field = {"checkpoint": ("meta.json", "meta.tokenizer"), "hf": (EXPORT_RECORD, "tokenizer")}.get(
+            info.get("kind"), ("value_model.json", "tokenizer")
+        )
+        check_tokenizer_record(info["tokenizer"], Path(info["path"]) / record, field)  # (else a KeyError below)
         if info["tokenizer"] is None:
             if info["kind"] == "checkpoint":  # (a release that did not record it; its buffer's path is not followed)
                 print(

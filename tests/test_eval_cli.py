@@ -587,3 +587,33 @@ def test_a_reference_other_than_the_runs_init_is_warned_of(tmp_path, capsys):
                 f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({warned}) "
                 "unless it is a copy of it: KL and J are measured against it\n"
             )
+
+
+def test_a_damaged_tokenizer_record_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    """A checkpoint's meta.json (or an export's record) whose tokenizer lacks its fingerprint or vocabulary size
+    ended, once the reference was loaded, in a KeyError traceback from the tokenizer check (exit status 1); one
+    that is not an object was taken for an older checkpoint's missing record and the check skipped. Both are now
+    refused naming the file and field, before any sampling (exit status 2)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w3 w4"}\n')
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    argv = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init)]
+    for tokenizer in ({}, {"fingerprint": "f" * 64}, {"fingerprint": 3, "vocab_size": 128}, "gpt2"):
+        meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}, "tokenizer": tokenizer}
+        (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+        capsys.readouterr()
+        assert main(argv) == 2, tokenizer
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"shiq-eval: error: {step / 'meta.json'}: field meta.tokenizer must be"), err
+        assert len(err.splitlines()) == 1 and not (tmp_path / "o").exists()
+    record = {"loss": {"name": "shiq", "beta": 0.1}, "step": 1, "tokenizer": {"vocab_size": 128}}
+    record["sha256"] = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in init.glob("*.safetensors")}
+    (init / "shiq_export.json").write_text(json.dumps(record))
+    argv[1] = str(init)
+    assert main(argv) == 2
+    assert f"{init / 'shiq_export.json'}: field tokenizer must be" in capsys.readouterr().err
