@@ -215,19 +215,30 @@ def prompt_set_sha256(prompts: list, shown: list[str]) -> str:
     return hashlib.sha256(json.dumps([[p, s] for p, s in zip(prompts, shown)], ensure_ascii=False).encode()).hexdigest()
 
 
-def encode_prompts(tokenizer, prompts: list, chat: bool) -> list[list[int]]:
+def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -> list[list[int]]:
     """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
-    prompt) when ``chat``; a prompt given as chat messages always goes through the template."""
+    prompt) when ``chat``; a prompt given as chat messages always goes through the template. A conversation
+    the template refuses (``raise_exception``: a system role it has none of) is an :class:`EvalInputError`
+    naming ``source`` (the prompts file) and the prompt."""
+    from jinja2.exceptions import TemplateError  # transformers' template engine
+
     if (chat or any(isinstance(p, list) for p in prompts)) and not getattr(tokenizer, "chat_template", None):
         raise EvalInputError(
             "the prompts need the tokenizer's chat template (--chat, or prompts given as messages), but the "
             "tokenizer has none: give one that has (--tokenizer)"
         )
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, list) or chat:
             messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+            try:
+                ids = tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=True, return_dict=False
+                )
+            except TemplateError as e:
+                raise EvalInputError(
+                    f"{source}, prompt {i + 1}: the tokenizer's chat template refuses it ({one_line(e, 200)})"
+                ) from None
             out.append(list(ids))
         else:
             out.append(tokenizer(p, add_special_tokens=False)["input_ids"])
@@ -586,7 +597,11 @@ def run(args) -> list[dict]:
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
-    prompt_ids = [ids for ids in encode_prompts(tokenizer, prompts, suite.chat) for _ in range(k)]
+    prompt_ids = [
+        ids
+        for ids in encode_prompts(tokenizer, prompts, suite.chat, suite.prompts or "the movie prompts")
+        for _ in range(k)
+    ]
     shown_k = [text for text in shown for _ in range(k)]
     common = {
         "engine": args.engine,

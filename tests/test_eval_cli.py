@@ -617,3 +617,30 @@ def test_a_damaged_tokenizer_record_is_named_in_one_line(tmp_path, capsys, monke
     argv[1] = str(init)
     assert main(argv) == 2
     assert f"{init / 'shiq_export.json'}: field tokenizer must be" in capsys.readouterr().err
+
+
+def test_a_prompt_the_chat_template_refuses_is_named_in_one_line(tmp_path, capsys, monkeypatch):
+    """A chat template that refuses a conversation (raise_exception, as templates without a system role do) ended in
+    jinja's TemplateError traceback (exit status 1) once the reference was loaded; it is now one line naming the
+    prompts file and the prompt (exit status 2)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    config = json.loads((init / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+        "{% endif %}{{ m['content'] }} {% endfor %}"
+    )
+    (init / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    system = [{"role": "system", "content": "w5"}, {"role": "user", "content": "w3 w4"}]
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n" + json.dumps({"messages": system}) + "\n")
+    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"shiq-eval: error: {prompts}, prompt 2: the tokenizer's chat template refuses it (System role not supported)"
+    ), err
+    assert not (tmp_path / "o").exists()
