@@ -111,10 +111,21 @@ def evaluate_policy(
     their embeddings and first layers (:func:`shared_prefix_layers`), sampling and KL are one pass
     (:class:`SharedPrefixPolicy`): the same completions, the same estimators up to float rounding.
     ``prompt_prefixes`` (of ``ref_model``) then keeps the prompts' pass through those shared layers for the
-    next policy evaluated on the same prompts: the same completions and KLs, bit for bit.
+    next policy evaluated on the same prompts: the same completions and KLs, bit for bit. ``model`` that is
+    ``ref_model`` (the reference row) has both KLs exactly 0: its completions are sampled alone.
     """
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    if model is ref_model:  # the reference itself: both estimators are 0 (SHIQ_MATH §6), not float noise either side
+
+        def zero_kls(prompts, completions):
+            zero = torch.zeros(len(completions), dtype=torch.float64)
+            return zero, zero
+
+        policy = sampler if sampler is not None else HFPolicy(model, eos_id=eos, pad_id=pad)
+        return evaluate_samples(
+            policy, zero_kls, tokenizer, prompt_ids, prompt_texts, scorer, batch_size=batch_size, **options
+        )
     k = shared_prefix_layers(model, ref_model) if sampler is None else 0
     if k:  # one pass: the KL from the hidden states that sampling computed at layer k
         fused = SharedPrefixPolicy(model, ref_model, k, eos_id=eos, pad_id=pad, prompt_prefixes=prompt_prefixes)

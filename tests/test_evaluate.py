@@ -57,6 +57,27 @@ def test_self_kl_is_zero_and_rewards_are_scored():
     assert res.samples[0][0] == "p"
 
 
+@pytest.mark.parametrize("batch_size", [3, 4, 16])
+def test_the_reference_against_itself_has_a_kl_of_exactly_zero(batch_size):
+    """The reference row of shiq-eval run (the model against itself) went through the one-pass path, whose
+    reference logits come from another matmul shape than sampling's: in batches of 3 or 4 its sample KL was
+    about 1e-8 either side of 0 and its exact one -1e-17 (a KL below 0), where it is 0 by definition (SHIQ_MATH §6,
+    §9: J(π_ref) = E[R]). The same completions and rewards as sampling it alone."""
+    from shiq_eval.generate import HFPolicy
+
+    m = tiny(0)
+    prompts = [p for p in [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10]] for _ in range(2)]
+    scorer = FunctionScorer(lambda p, c: len(c.split()))
+    kw = dict(max_new_tokens=6, batch_size=batch_size, samples_per_prompt=2, progress=False)
+    res = evaluate_policy(m, m, Tok(), prompts, ["p"] * 6, scorer, **kw)
+    assert res.kls_sample == [0.0] * 6 and res.kls_exact == [0.0] * 6
+    assert res.kl_sample == 0.0 and res.kl_exact == 0.0
+    alone = evaluate_policy(
+        m, tiny(1), Tok(), prompts, ["p"] * 6, scorer, sampler=HFPolicy(m, eos_id=39, pad_id=0), **kw
+    )
+    assert res.rewards == alone.rewards
+
+
 def test_padding_does_not_change_the_kl_of_a_sequence():
     a, b = tiny(1), tiny(2)
     prompts, comps = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9, 10]]
