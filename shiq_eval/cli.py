@@ -245,6 +245,19 @@ def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -
     return out
 
 
+def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limits: list, source) -> None:
+    """Refuse, before any sampling, a prompt whose tokens plus ``max_new_tokens`` pass the smallest of the models'
+    ``max_position_embeddings`` (``limits``; those that are not integers are not known), naming ``source`` (the
+    prompts file) and the prompt's place in it, not its index among the repeated samples."""
+    limit = min((n for n in limits if isinstance(n, int) and not isinstance(n, bool)), default=None)
+    for i, p in enumerate(prompt_ids):
+        if limit is not None and len(p) + max_new_tokens > limit:
+            raise EvalInputError(
+                f"{source}, prompt {i + 1}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the models' "
+                f"max_position_embeddings {limit}: shorten the prompt or lower max_new_tokens"
+            )
+
+
 def load_reference(spec: str):
     """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
     import torch  # heavy: only shiq-eval run needs torch
@@ -597,11 +610,11 @@ def run(args) -> list[dict]:
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
-    prompt_ids = [
-        ids
-        for ids in encode_prompts(tokenizer, prompts, suite.chat, suite.prompts or "the movie prompts")
-        for _ in range(k)
-    ]
+    source_name = suite.prompts or "the movie prompts"
+    encoded = encode_prompts(tokenizer, prompts, suite.chat, source_name)
+    limits = [ref_model.config.max_position_embeddings, *(i["hf_config"].get("max_position_embeddings") for i in infos)]
+    check_prompt_lengths(encoded, sampling.max_new_tokens, limits, source_name)
+    prompt_ids = [ids for ids in encoded for _ in range(k)]
     shown_k = [text for text in shown for _ in range(k)]
     common = {
         "engine": args.engine,

@@ -644,3 +644,26 @@ def test_a_prompt_the_chat_template_refuses_is_named_in_one_line(tmp_path, capsy
         f"shiq-eval: error: {prompts}, prompt 2: the tokenizer's chat template refuses it (System role not supported)"
     ), err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompt_too_long_for_the_models_is_named_with_its_file(tmp_path, capsys, monkeypatch):
+    """A prompt whose tokens and max_new_tokens pass the models' max_position_embeddings was refused as "prompt 3
+    of the 6 sampled (each prompt once per sample)": no file, and an index among the repeated samples, not the
+    file's prompt (here its second). It is now named by the prompts file and its place there."""
+    init = tiny_hf_folder(tmp_path / "init")  # max_position_embeddings 16
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    long = " ".join(f"w{i}" for i in range(3, 16))  # 13 tokens
+    prompts.write_text(json.dumps({"prompt": "w3"}) + "\n\n" + json.dumps({"prompt": long}) + "\n")
+    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--samples-per-prompt", "3"]
+    capsys.readouterr()
+    assert main([*argv, "--max-new-tokens", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (
+        f"shiq-eval: error: {prompts}, prompt 2: 13 tokens + max_new_tokens 4 exceed the models' "
+        "max_position_embeddings 16: shorten the prompt or lower max_new_tokens"
+    ), err
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--max-new-tokens", "3"]) == 0  # 13 + 3 fit
