@@ -44,7 +44,7 @@ from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
 from shiq_data.buffer import refuse_inside_buffer
-from shiq_data.chat import check_messages
+from shiq_data.chat import check_messages, control_texts
 from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
@@ -219,7 +219,8 @@ def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -
     """Token ids of each prompt, through the tokenizer's chat template (user turn + generation
     prompt) when ``chat``; a prompt given as chat messages always goes through the template. A conversation
     the template refuses (``raise_exception``: a system role it has none of) is an :class:`EvalInputError`
-    naming ``source`` (the prompts file) and the prompt."""
+    naming ``source`` (the prompts file) and the prompt, as is a prompt whose text spells one of the tokenizer's
+    control tokens (``<|im_end|>``: encoded, it would be that token; the data pipeline refuses such rows too)."""
     from jinja2.exceptions import TemplateError  # transformers' template engine
 
     if (chat or any(isinstance(p, list) for p in prompts)) and not getattr(tokenizer, "chat_template", None):
@@ -227,8 +228,16 @@ def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -
             "the prompts need the tokenizer's chat template (--chat, or prompts given as messages), but the "
             "tokenizer has none: give one that has (--tokenizer)"
         )
+    controls = control_texts(tokenizer)
     out = []
     for i, p in enumerate(prompts):
+        texts = [m.get("content") for m in p if isinstance(m, dict)] if isinstance(p, list) else [p]
+        found = [t for t in controls for text in texts if isinstance(text, str) and t in text]
+        if found:  # as the data pipeline refuses it: encoded, it would be that control token, not text
+            raise EvalInputError(
+                f"{source}, prompt {i + 1}: contains {found[0]!r}, the text of one of the tokenizer's control "
+                "tokens; it would be read as that token, not as text: remove it from the prompt"
+            )
         if isinstance(p, list) or chat:
             messages = p if isinstance(p, list) else [{"role": "user", "content": p}]
             try:

@@ -644,6 +644,14 @@ def test_a_prompt_the_chat_template_refuses_is_named_in_one_line(tmp_path, capsy
         f"shiq-eval: error: {prompts}, prompt 2: the tokenizer's chat template refuses it (System role not supported)"
     ), err
     assert not (tmp_path / "o").exists()
+    # a prompt that spells a control token ("<eos>" here) would be encoded as that token: refused as a buffer's is
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n" + json.dumps({"prompt": "w3 <eos> w4"}) + "\n")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(
+        f"shiq-eval: error: {prompts}, prompt 2: contains '<eos>', the text of one of the tokenizer"
+    ), err
+    assert not (tmp_path / "o").exists()
 
 
 def test_a_prompt_too_long_for_the_models_is_named_with_its_file(tmp_path, capsys, monkeypatch):
