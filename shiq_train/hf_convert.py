@@ -556,13 +556,19 @@ def load_causal_lm(spec: str, dtype=torch.float32):
             raise
         named = ", ".join(p.name for p in sorted(folder.glob("*.bin"))) or "its weights"
         raise ValueError(f"{folder} ({named}): {load_problem(e)}") from None
-    missing = sorted(loading.get("missing_keys") or ())  # (transformers draws them at random, and only logs it)
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(
-            f"{folder}: its weight files lack {', '.join(missing[:3])}{more}, which its config.json has: the folder "
-            "is incomplete or of another model"
-        )
+    # transformers draws a missing weight at random and drops one its config has no place for (a q_proj.bias under
+    # attention_bias false), and only logs either: a model of other logits than the folder's
+    for key, what in (
+        ("missing_keys", "lack {}, which its config.json has"),
+        ("unexpected_keys", "hold {}, which its config.json has no place for"),
+    ):
+        found = sorted(loading.get(key) or ())
+        if found:
+            more = f" and {len(found) - 3} more" if len(found) > 3 else ""
+            raise ValueError(
+                f"{folder}: its weight files {what.format(', '.join(found[:3]) + more)}: the folder is incomplete or "
+                "of another model"
+            )
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

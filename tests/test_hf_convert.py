@@ -882,3 +882,14 @@ def test_a_model_folder_whose_weights_lack_a_tensor_is_refused_not_started_at_ra
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: its weight files lack model.layers.1.mlp.down_proj")):
         H.load_causal_lm(str(tmp_path))
+    # and one its config has no place for (a bias under attention_bias false) was dropped, as silently
+    tiny_llama(tied=False).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["model.layers.0.self_attn.q_proj.bias"] = torch.ones(
+        weights["model.layers.0.self_attn.q_proj.weight"].shape[0]
+    )
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(
+        ValueError, match=re.escape(f"{tmp_path}: its weight files hold model.layers.0.self_attn.q_proj.bias")
+    ):
+        H.load_causal_lm(str(tmp_path))
