@@ -1307,3 +1307,28 @@ def test_seed_statistics_of_one_seed_or_undefined_errors_are_nan_not_zero():
     )  # only errors: another NaN is left for atomic_write_json to refuse
     back = null_as_undefined(json.loads('{"J_se": null, "J_sd": 0.0, "gain_share": null}'))
     assert math.isnan(back["J_se"]) and back["J_sd"] == 0.0 and back["gain_share"] is None
+
+
+def test_a_method_with_no_gain_share_at_any_beta_has_no_best_beta(tmp_path):
+    """The best β of a method is the one of the largest mean gain share (full_report_markdown's **): a method none
+    of whose β has a share (J* at or below J_ref in a seed, SHIQ_MATH §9) has none, where the β of the largest J
+    was named and marked, J at two β being two objectives (the smallest β's, whose KL costs least, won)."""
+    arms = {"dpo@0.03": (0.9, 0.1), "dpo@1": (0.6, 0.3), "shiq@0.03": (0.5, 0.8), "shiq@1": (0.4, 0.9)}
+    for seed in ("seed0", "seed1"):
+        methods = {}
+        for arm, (j, star) in arms.items():
+            methods[arm] = {"beta": float(arm.partition("@")[2]), "reward_mean": j, "reward_stderr": 0.1}
+            methods[arm] |= {"gold_mean": 0.0, "kl": 1.0, "J": j, "J_stderr": 0.1, "J_minus_reference": j - 0.3}
+            methods[arm] |= {"J_minus_reference_stderr": 0.1, "reference_reward_on_these_prompts": 0.3}
+            methods[arm] |= {"j_star": star, "j_star_stderr": 0.1, "gold_stderr": 0.1, "kl_stderr": 0.1}
+            (tmp_path / seed / "runs" / arm).mkdir(parents=True)
+            curve = [{"step": 4, **{k: [0.1, 0.2, 0.3] for k in ("rewards", "gold", "kls_exact")}}]
+            (tmp_path / seed / "runs" / arm / "curve.json").write_text(json.dumps(curve))
+        rep = {"methods": methods, "reference": {"reward_mean": 0.3, "gold_mean": 0.0}, "timings": {"a": 1.0}}
+        rep |= {"config": {"eval": {"samples_per_prompt": 1}}, "curves": []}
+        (tmp_path / seed / "report.json").write_text(json.dumps(rep))
+    out = demo.full_report(tmp_path, ["seed0", "seed1"])
+    assert [r["gain_share"] for r in out["arms"]][:2] == [None, None]  # dpo's J* is not above J_ref at either β
+    assert out["best_beta"] == {"shiq": 0.03}
+    md = (tmp_path / "full_report.md").read_text()
+    assert "| dpo | 0.03 |" in md and "| dpo | 1 |" in md and "| shiq ** | 0.03 |" in md

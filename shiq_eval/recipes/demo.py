@@ -1480,7 +1480,7 @@ def full_report(out: Path, names: list[str]) -> dict:
     estimate and the share of the attainable gain ``(J − J_ref) / (J* − J_ref)`` (SHIQ_MATH §9), each as the
     mean over seeds with the seeds' standard deviation (``*_sd``) and the mean within-seed standard error
     (``*_se``). ``J`` values at different β are different objectives; the gain share puts them on one
-    scale, and each method's best β is the one with the largest mean share. Writes ``full_report.json``,
+    scale, and each method's best β is the one with the largest mean share (none where no β of it has a share). Writes ``full_report.json``,
     ``full_report.md``, ``frontier.png`` (reward against KL, one line per method through its β grid),
     ``frontier_variants.png`` (ShiQ with its ablations and the single-completion arms), ``frontier_gold.png``
     (the gold score against KL), the paired comparisons of :func:`arm_comparisons`, and every arm's
@@ -1506,13 +1506,12 @@ def full_report(out: Path, names: list[str]) -> dict:
             row["gain_share"] = row["gain_share_sd"] = None
         rows.append(row)
     best = {}
-
-    def rank(row):  # a gain share that is not a number (J* at or below the reference's J) ranks last, then by J
-        g = row["gain_share"]
-        return (g if isinstance(g, float | int) and math.isfinite(g) else -math.inf, row["J"])
-
+    # by mean gain share only: an arm without one (J* at or below the reference's J) is never a best β, and a
+    # method with no share at any β has none (J at two β is two objectives, SHIQ_MATH §9: the smallest β won)
     for row in rows:
-        if row["method"] not in best or rank(row) > rank(best[row["method"]]):
+        if row["gain_share"] is not None and (
+            row["method"] not in best or row["gain_share"] > best[row["method"]]["gain_share"]
+        ):
             best[row["method"]] = row
     ref = seed_stats([rep["reference"]["reward_mean"] for rep in reps.values()])
     ref_gold = seed_stats([rep["reference"]["gold_mean"] for rep in reps.values()])
