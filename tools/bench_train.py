@@ -18,9 +18,12 @@ the table gives the median and the ratio to SFT on the action positions.
 
 Memory: the per-token statistics of SHIQ_MATH §2 (chosen logit and log-partition, forward and backward,
 including the output-weight gradient) from final hidden states ``[B, T, H]``, full logits against
-chunked, each in a fresh subprocess that holds nothing else. Peak = increase of the process's peak
-resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) over the computation; torch's large CPU
-buffers are mmap-backed and returned to the OS when freed, so the resident peak tracks its allocator.
+chunked, each in a fresh subprocess that holds nothing else. Peak = the process's resident high-water mark
+(``VmHWM``, reset through ``/proc/self/clear_refs`` just before the computation, once ``malloc_trim`` has
+returned freed temporaries to the system) minus its resident size at that point. (The peak since the process
+started, ``ru_maxrss``, would hide the first tens of MiB of either path under the transient peak of importing
+torch and megatron.) torch's large CPU buffers are mmap-backed and returned to the OS when freed, so the
+resident peak tracks its allocator.
 
     python tools/bench_train.py                 # defaults: hidden 256, 4 layers, vocab 49152, seq 256, batch 4
     python tools/bench_train.py --reps 3 --vocab 8192
@@ -30,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -214,14 +216,35 @@ def memory_child(args) -> dict:
     hidden = torch.randn(args.batch, args.seq, args.hidden, generator=g).requires_grad_(True)
     weight = (torch.randn(args.vocab, args.hidden, generator=g) * 0.02).requires_grad_(True)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=g)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    if args.memory_child == "full":
-        st = vp.vocab_parallel_causal_stats(hidden @ weight.t(), tokens)
-    else:
-        st = vp.chunked_causal_stats(hidden, weight, tokens, args.chunk)
-    (st.logz - st.chosen_logits).mean().backward()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"path": args.memory_child, "peak_increase_mib": (after - before) / 1024}  # ru_maxrss is KiB on Linux
+
+    def stats():
+        if args.memory_child == "full":
+            st = vp.vocab_parallel_causal_stats(hidden @ weight.t(), tokens)
+        else:
+            st = vp.chunked_causal_stats(hidden, weight, tokens, args.chunk)
+        (st.logz - st.chosen_logits).mean().backward()
+
+    return {"path": args.memory_child, "peak_increase_mib": peak_increase_mib(stats)}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_increase_mib(fn) -> float:
+    """How far ``fn()`` raises this process's resident memory above its size when called (MiB): ``VmHWM`` reset
+    to the resident size first, so an earlier, higher peak (importing torch) hides nothing."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed temporaries would otherwise be reused unseen
+    with open("/proc/self/clear_refs", "w") as f:  # reset VmHWM to the current resident size
+        f.write("5")
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
 
 
 def measure_memory(args) -> list[dict]:
@@ -256,10 +279,7 @@ def measure_memory(args) -> list[dict]:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     full = rows[0]["peak_increase_mib"]
     if full < 1.0:
-        raise RuntimeError(
-            "the full-logits statistics raised no measurable peak RSS (the process's peak was "
-            "already higher); rerun on a less loaded machine"
-        )
+        raise RuntimeError("the full-logits statistics raised no measurable peak RSS; rerun on a less loaded machine")
     for r in rows:
         # below a page-level resolution the increase can read as 0: report the ratio as a lower bound
         r["full_over_this"] = full / max(r["peak_increase_mib"], 1.0)
