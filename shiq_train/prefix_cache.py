@@ -394,7 +394,9 @@ class PrefixCache:
 
     def gather(self, micro_batch: dict) -> torch.Tensor:
         """The cached states of a micro-batch's rows as ``decoder_input`` ``[T, B, H]`` (zeros at padding),
-        on the device of its ``tokens`` ``[B, T]``; its ``buffer_rows`` ``[B]`` name the rows."""
+        on the device of its ``tokens`` ``[B, T]``; its ``buffer_rows`` ``[B]`` name the rows. With ``lengths``
+        ``[B]`` (the sampler's), a row of another length than its cached one is refused (zeros would stand for
+        the states of its tokens after the cached ones)."""
         if micro_batch.get("segment_ids") is not None:
             raise ValueError(
                 "the frozen-prefix cache does not support packed rows (data.mode=packed); use padded or "
@@ -412,6 +414,7 @@ class PrefixCache:
             raise ValueError(f"{ROWS_KEY} has {len(rows)} entries for {B} rows of tokens")
         out = torch.zeros(B, T, self.hidden.shape[1], dtype=self.hidden.dtype)
         cpu_tokens = tokens.cpu()
+        lengths = micro_batch["lengths"].tolist() if "lengths" in micro_batch else [None] * B
         for b, r in enumerate(rows):
             if not 0 <= r < len(self):
                 raise ValueError(f"buffer row {r} is not in the frozen-prefix cache ({len(self)} rows)")
@@ -420,6 +423,11 @@ class PrefixCache:
                 raise ValueError(
                     f"buffer row {r}: the micro-batch's tokens are not those the frozen-prefix cache was built "
                     "from (another buffer?)"
+                )
+            if lengths[b] is not None and lengths[b] != e - s:
+                raise ValueError(
+                    f"buffer row {r}: the micro-batch's {lengths[b]} tokens are not the {e - s} the frozen-prefix "
+                    "cache was built from (another buffer?)"
                 )
             out[b, : e - s] = self.hidden[s:e]
         return out.transpose(0, 1).contiguous().to(tokens.device)

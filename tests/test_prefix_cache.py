@@ -429,3 +429,15 @@ def test_a_cache_of_other_rotary_frequencies_does_not_fit(dist1, buffer):
     scaled = frozen_model(rope_scaling_factor=32.0)
     assert model_setting(scaled) == model_setting(frozen_model(rope_scaling_factor=32.0))  # rebuilt: it matches
     assert model_setting(scaled) != model_setting(frozen_model(rope_scaling_factor=8.0))
+
+
+def test_a_row_longer_than_its_cached_one_is_refused(dist1):
+    """A micro-batch row whose first tokens are its cached row's but which goes on (``lengths`` says so: a buffer
+    rebuilt with longer rows behind the same indices) has no cached state for its last tokens: gather refused it
+    only when the first tokens differed, and gave zeros as the states of the others (another forward)."""
+    model = frozen_model()
+    cache = PrefixCache.build(model, [[1, 2, 3], [4, 5]], 1, progress=False)
+    mb = {"tokens": torch.tensor([[1, 2, 3, 6], [4, 5, 0, 0]]), "buffer_rows": torch.tensor([0, 1])}
+    assert cache.gather({**mb, "lengths": torch.tensor([3, 2])}).shape == (4, 2, 64)  # padding after them
+    with pytest.raises(ValueError, match="buffer row 0: the micro-batch's 4 tokens are not the 3 the frozen-prefix"):
+        cache.gather({**mb, "lengths": torch.tensor([4, 2])})
