@@ -109,8 +109,8 @@ def prefix_fingerprint(model, n_frozen: int) -> str:
 
 def model_setting(model) -> str:
     """What the cached states depend on besides the tokens and the prefix's weights: blake2b of the model
-    config's plain fields (numbers, strings, dtypes: shapes, norms, rotary settings, precision), of its
-    rotary frequencies (``rotary_base``, ``rope_scaling_factor``: megatron keeps them outside the config) and
+    config's plain fields (numbers, strings, dtypes: shapes, norms, rotary settings, precision), of the name of
+    its activation function (a function, not a plain field), of its rotary frequencies (``rotary_base``, ``rope_scaling_factor``: megatron keeps them outside the config) and
     of the torch and megatron-core versions that compute them."""
     from importlib.metadata import version
 
@@ -119,6 +119,8 @@ def model_setting(model) -> str:
         k: v for k, v in sorted(vars(inner.config).items()) if isinstance(v, (bool, int, float, str, torch.dtype))
     }
     fields |= {k: getattr(inner, k) for k in ("position_embedding_type", "rotary_percent") if hasattr(inner, k)}
+    activation = inner.config.activation_func  # (shiq_train.model.ACTIVATIONS: torch functions)
+    fields["activation_func"] = f"{activation.__module__}.{activation.__qualname__}"
     # the rotary frequencies (GPTModel arguments, not config fields: rope_theta, Llama 3's scaling and factor)
     inv_freq = getattr(getattr(inner, "rotary_pos_emb", None), "inv_freq", None)
     rotary = inv_freq.detach().cpu().double().tolist() if torch.is_tensor(inv_freq) else None

@@ -441,3 +441,16 @@ def test_a_row_longer_than_its_cached_one_is_refused(dist1):
     assert cache.gather({**mb, "lengths": torch.tensor([3, 2])}).shape == (4, 2, 64)  # padding after them
     with pytest.raises(ValueError, match="buffer row 0: the micro-batch's 4 tokens are not the 3 the frozen-prefix"):
         cache.gather({**mb, "lengths": torch.tensor([4, 2])})
+
+
+def test_a_cache_of_another_activation_does_not_fit(dist1, buffer):
+    """The same weights through gelu instead of silu compute other hidden states; the activation is a function
+    in megatron's config, which model_setting (numbers, strings, dtypes) left out, so such a cache fitted."""
+    model = frozen_model()
+    rows = [buffer.row(i)["tokens"] for i in range(len(buffer))]
+    cache = PrefixCache.build(model, rows, 1, progress=False)
+    other = frozen_model(activation="gelu")
+    other.load_state_dict(model.state_dict())  # the same weights
+    assert not torch.equal(PrefixCache.build(other, rows, 1, progress=False).hidden, cache.hidden)
+    assert "another model configuration" in (cache.fits(buffer, other, 1) or "")
+    assert cache.fits(buffer, model, 1) is None
