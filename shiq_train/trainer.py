@@ -328,6 +328,8 @@ class Trainer:
                 )
             apply_optimizer_config(self.scheduler, self.opt_cfg)  # a change accepted on resume takes effect
             data.load_state_dict(user["data"])
+            if self.prefix_cache is not None:  # checked against the model given: its frozen layers are now loaded
+                self._check_cache(self.prefix_cache)
         if rank0:  # a metrics.jsonl that cannot be resumed is refused before on_start writes the run folder
             _check_metrics_file(self.out_dir / "metrics.jsonl")
         if on_start is not None:

@@ -454,3 +454,21 @@ def test_a_cache_of_another_activation_does_not_fit(dist1, buffer):
     assert not torch.equal(PrefixCache.build(other, rows, 1, progress=False).hidden, cache.hidden)
     assert "another model configuration" in (cache.fits(buffer, other, 1) or "")
     assert cache.fits(buffer, model, 1) is None
+
+
+def test_a_cache_of_other_weights_than_the_resumed_checkpoints_is_refused(dist1, buffer, tmp_path):
+    """A trainer checked its cache against the model it was given, then resumed a checkpoint whose frozen
+    layers are other weights and trained on the cached states of the first ones (another step than the
+    resumed run's); the cache is checked again against the weights the checkpoint loaded."""
+    rows = [buffer.row(i)["tokens"] for i in range(len(buffer))]
+
+    def trainer(model, steps, cache=None):
+        cfg = TrainConfig(steps=steps, trainable_last_layers=TRAINABLE, progress=False, tensorboard=False)
+        return Trainer(model, LossConfig("shiq", beta=0.3), OptimizerConfig(lr=LR), cfg, tmp_path, prefix_cache=cache)
+
+    sampler = lambda: BufferSampler(buffer, rows_per_micro_batch=4, micro_batches_per_step=2, seed=1)  # noqa: E731
+    trainer(frozen_model(), 1).fit(sampler())  # a checkpoint at step 1
+    other = frozen_model()  # another random start: other frozen layers than the checkpoint's
+    cache = PrefixCache.build(other, rows, TRAINABLE, progress=False)
+    with pytest.raises(ValueError, match="differ from those the frozen-prefix cache was built with"):
+        trainer(other, 2, cache).fit(sampler())
