@@ -98,8 +98,10 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
     texts = control_texts(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
     for i, m in enumerate(messages):
-        found = [t for t in texts if t in m["content"]]
-        if found:
+        for key, where, text in _message_texts(m):  # the content first, then any other field a template may render
+            found = [t for t in texts if t in text]
+            if not found or (key != "content" and not _renders_field(tokenizer, messages, i, key)):
+                continue
             what = (
                 "this tokenizer's end-of-turn token (the turn would end early)"
                 if found[0] == eot_text
@@ -109,7 +111,42 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
                 f"contains {found[0]!r}, the text of {what}; it would be read as that control token, not as text: "
                 "remove it from the data"
             )
-            raise ChatTemplateError(f"messages[{i}].content {detail}", message=i, detail=detail)
+            text = f"messages[{i}].{where} {detail}"
+            if where != "content":  # (a reader names the message's content: say which field holds it)
+                detail = f"the message's field {where!r} {detail}"
+            raise ChatTemplateError(text, message=i, detail=detail)
+
+
+def _renders_field(tokenizer, messages: Sequence[dict], i: int, key: str) -> bool:
+    """Whether the chat template renders the field ``key`` of message ``i``: the conversation renders otherwise
+    without it (SmolLM2's renders no ``tool_calls``)."""
+    without = [*messages[:i], {k: v for k, v in messages[i].items() if k != key}, *messages[i + 1 :]]
+    try:
+        return tokenizer.apply_chat_template(list(without), tokenize=False) != tokenizer.apply_chat_template(
+            list(messages), tokenize=False
+        )
+    except Exception:  # the template needs the field (or fails on it): it is read
+        return True
+
+
+def _message_texts(message: dict):
+    """``(key, path, text)`` of every string in ``message`` but its role (checked apart): its content, then
+    the other fields a chat template may render (``name``, a tool call's name and arguments), keys included;
+    ``key`` is the message's field it lies in, ``path`` names it (``tool_calls[0].function.arguments``)."""
+    yield "content", "content", message["content"]
+    for key, value in message.items():
+        stack = [] if key in ("role", "content") else [(key, value)]
+        while stack:
+            where, value = stack.pop(0)
+            if isinstance(value, str):
+                yield key, where, value
+            elif isinstance(value, dict):
+                for k, v in value.items():
+                    if isinstance(k, str):
+                        yield key, f"{where} (a key)", k
+                    stack.append((f"{where}.{k}", v))
+            elif isinstance(value, (list, tuple)):
+                stack.extend((f"{where}[{j}]", v) for j, v in enumerate(value))
 
 
 SYSTEM_PROMPT_SETTINGS = ("template", "off")
