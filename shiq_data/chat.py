@@ -156,23 +156,25 @@ def template_system_prompt(tokenizer) -> str | None:
     """The system text the chat template writes when a conversation has no system turn (SmolLM2's:
     ``"You are a helpful AI assistant named SmolLM, trained by Hugging Face"``), ``None`` if it writes none.
 
-    Found by rendering one user turn with and without an empty system turn: the difference is the default
-    text, checked by rendering it back.
+    Found by rendering one user turn with and without a system turn of a marker text: what the rendering
+    without one holds where the marker sits is the default text, checked by rendering it back. (Comparing
+    with an empty system turn took a template that shows its default for an empty one to write ``""``.)
     """
     if not getattr(tokenizer, "chat_template", None):
         return None
     user = [{"role": "user", "content": "x"}]
     bare = tokenizer.apply_chat_template(user, tokenize=False)
-    empty = tokenizer.apply_chat_template([{"role": "system", "content": ""}, *user], tokenize=False)
-    extra = len(bare) - len(empty)
-    if extra < 0:
+    mark = "shiq system prompt marker"
+    marked = tokenizer.apply_chat_template([{"role": "system", "content": mark}, *user], tokenize=False)
+    at = marked.find(mark)
+    if at < 0:  # the template does not show a system turn's text: "" as before when it drops one altogether
+        return "" if marked == bare else None
+    before, after = marked[:at], marked[at + len(mark) :]
+    if len(bare) < len(before) + len(after) or not (bare.startswith(before) and bare.endswith(after)):
         return None  # no system turn without one in the data
-    for cut in range(len(empty) + 1):  # where the default text sits inside the empty system turn
-        text = bare[cut : cut + extra]
-        if empty[:cut] + text + empty[cut:] != bare:
-            continue
-        if tokenizer.apply_chat_template([{"role": "system", "content": text}, *user], tokenize=False) == bare:
-            return text
+    text = bare[len(before) : len(bare) - len(after)]
+    if tokenizer.apply_chat_template([{"role": "system", "content": text}, *user], tokenize=False) == bare:
+        return text
     return None
 
 

@@ -107,3 +107,27 @@ def test_help_states_the_default_and_the_switch():
     build = build_parser()._subparsers._group_actions[0].choices["build"].format_help()
     flat = " ".join(build.split())
     assert "--system-prompt" in flat and SMOLLM_DEFAULT in flat and "'off'" in flat
+
+
+# shows its default system text unless the first message is a system turn with some text (an empty one counts as none)
+TRUTHY = (
+    "{% if messages[0]['role'] == 'system' and messages[0]['content'] %}{% set sys = messages[0]['content'] %}"
+    "{% else %}{% set sys = 'You are DEFAULT' %}{% endif %}{{ '<|im_start|>system\n' + sys + '<|im_end|>\n' }}"
+    "{% for m in messages if m['role'] != 'system' %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+    "'<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_shows_its_default_for_an_empty_system_turn(smollm2):
+    """Such a template renders alike with no system turn and an empty one, which was taken for a default of "":
+    the manifest recorded "" (no system text) for conversations shown "You are DEFAULT", and "off" was accepted
+    without switching it off. The default is found, and "off" refused."""
+    tok, _ = smollm2
+    saved = tok.chat_template
+    tok.chat_template = TRUTHY
+    try:
+        assert template_system_prompt(tok) == "You are DEFAULT"
+        with pytest.raises(ChatTemplateError, match="system prompt 'off': the chat template renders 'You are DEFAULT'"):
+            set_system_prompt(tok, "off")
+    finally:
+        tok.chat_template = saved
