@@ -160,12 +160,17 @@ def template_system_prompt(tokenizer) -> str | None:
     without one holds where the marker sits is the default text, checked by rendering it back. (Comparing
     with an empty system turn took a template that shows its default for an empty one to write ``""``.)
     """
+    from jinja2.exceptions import TemplateError  # transformers' template engine
+
     if not getattr(tokenizer, "chat_template", None):
         return None
     user = [{"role": "user", "content": "x"}]
-    bare = tokenizer.apply_chat_template(user, tokenize=False)
     mark = "shiq system prompt marker"
-    marked = tokenizer.apply_chat_template([{"role": "system", "content": mark}, *user], tokenize=False)
+    try:
+        bare = tokenizer.apply_chat_template(user, tokenize=False)
+        marked = tokenizer.apply_chat_template([{"role": "system", "content": mark}, *user], tokenize=False)
+    except TemplateError:  # a template that refuses a system turn (Gemma's raise_exception) writes none
+        return None
     at = marked.find(mark)
     if at < 0:  # the template does not show a system turn's text: "" as before when it drops one altogether
         return "" if marked == bare else None
@@ -204,6 +209,8 @@ def set_system_prompt(tokenizer, setting: str) -> str | None:
         "{%- endif %}" + tokenizer.chat_template
     )
     got = template_system_prompt(tokenizer)
+    if got is None:
+        raise ChatTemplateError(f"system prompt {setting!r}: the chat template shows no system turn (it refuses one)")
     if got != text:
         raise ChatTemplateError(f"system prompt {setting!r}: the chat template renders {got!r} instead")
     return text

@@ -131,3 +131,35 @@ def test_a_template_that_shows_its_default_for_an_empty_system_turn(smollm2):
             set_system_prompt(tok, "off")
     finally:
         tok.chat_template = saved
+
+
+NO_SYSTEM = (  # refuses a system turn, as Gemma's template does
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def test_a_template_that_refuses_a_system_turn_loads(smollm2, tmp_path, capsys):
+    """Finding the default system text rendered a system turn, which such a template refuses: loading the
+    tokenizer ended in jinja2's TemplateError traceback (exit 1), so no buffer could be built with it. It writes
+    no system text (None); a --system-prompt text is refused in one line, a system turn in the data per row."""
+    tok, _ = smollm2
+    saved = tok.chat_template
+    tok.chat_template = NO_SYSTEM
+    try:
+        tok.save_pretrained(str(tmp_path / "tok"))
+    finally:
+        tok.chat_template = saved
+    _, info = load_tokenizer(str(tmp_path / "tok"))
+    assert info["system_prompt"] == {"setting": "template", "text": None}
+    rows = write(tmp_path / "rows.jsonl", USER_ONLY)
+    argv = ["build", "jsonl", rows, "--tokenizer", str(tmp_path / "tok"), "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "buf")]) == 0
+    assert read_manifest(tmp_path / "buf")["tokenizer"]["system_prompt"]["text"] is None
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "b2"), "--system-prompt", "Be kind."]) == 2
+    err = capsys.readouterr().err
+    assert "system prompt 'Be kind.': the chat template shows no system turn" in err and "Traceback" not in err
+    assert main([*argv[:2], write(tmp_path / "sys.jsonl", WITH_SYSTEM), *argv[3:], "--out", str(tmp_path / "b3")]) == 2
+    assert "line 1: field 'completion': chat template: System role not supported" in capsys.readouterr().err
