@@ -398,3 +398,18 @@ def test_curation_compares_the_text_as_given_whichever_way_it_was_kept():
     assert text_key("p", answer) == text_key("p", text_of(answer)) != text_key("p", "other")
     messages = [{"role": "user", "content": "hi"}]
     assert given_text(text_of(messages)) == text_of(messages) and given_text(None) is None
+
+
+def test_retokenize_names_a_hand_written_message_that_is_not_text(tmp_path, smollm2, capsys):
+    """A shard written by hand whose completion holds ``{"role": "assistant", "content": 5}``: retokenize ended
+    in AttributeError ('int' object has no attribute 'strip') before the messages were checked. One line now."""
+    row = {"row_id": "r0", "source": "s", "group_id": 0, "prompt_len": 1, "tokens": [3, 4]}
+    row.update(action_mask=[False, True], rewards=[0.0, 1.0], prompt="q", reward=1.0)
+    row["completion"] = json.dumps([{"role": "assistant", "content": 5}])
+    buf = tmp_path / "b"
+    info = {"name": "smollm2", "fingerprint": smollm2[1]["fingerprint"], "vocab_size": smollm2[1]["vocab_size"]}
+    write_buffer([row], buf, tokenizer_info=info, command=["t"], progress=False)
+    assert run("retokenize", buf, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "shard-00000.arrow: row 0: field 'completion': messages[1].content: expected a string, got int" in err

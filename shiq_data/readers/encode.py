@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from shiq_data.chat import ChatTemplateError, control_texts, encode_chat
+from shiq_data.chat import ChatTemplateError, MessageError, check_messages, control_texts, encode_chat
 from shiq_data.io import RowError, type_name
 from shiq_data.schema import INPUT_KEY, fits_float32, input_location, is_finite_number
 
@@ -83,7 +83,12 @@ def encode_messages(
     **kwargs,
 ) -> dict:
     """:func:`encode_chat` with its errors re-raised naming the file, line (or ``row_label``) and field;
-    empty action turns are refused first, named by ``field_of(message index)`` (default ``field``)."""
+    malformed messages (a buffer's text column written by hand) and empty action turns are refused first, named
+    by ``field_of(message index)`` (default ``field``)."""
+    try:
+        check_messages(messages)
+    except MessageError as e:
+        raise row_error(path, line, field, str(e), row_label) from None
     _check_actions_not_empty(
         messages, actions, path, line, field_of or (lambda i: field), context=context, row_label=row_label
     )
