@@ -84,10 +84,18 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
 
 
 def control_texts(tokenizer) -> list[str]:
-    """The text of every special token of ``tokenizer`` (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ...):
-    the strings a rendered conversation would turn into control tokens."""
+    """The text of every special token of ``tokenizer`` (``<|im_start|>``, ``<|im_end|>``, ``<|endoftext|>``, ...),
+    and of every added token its chat template writes (Qwen's ``<tool_call>``, not special; or those its
+    ``chat_control_tokens`` lists), as transformers counts control tokens: the strings a rendered conversation
+    would turn into control tokens."""
     texts = set(tokenizer.all_special_tokens)
-    texts.update(t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special)
+    chosen = getattr(tokenizer, "chat_control_tokens", None)
+    template = getattr(tokenizer, "chat_template", None) or ""
+    template = template if isinstance(template, str) else "".join(template.values())
+    for t in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        written = t.content in chosen if chosen is not None else t.content in template and not t.content.isspace()
+        if t.special or written:
+            texts.add(t.content)
     return sorted(t for t in texts if t)
 
 
