@@ -19,6 +19,7 @@ import torch
 from shiq_train import losses as L
 
 TERMS = "loss_terms"  # the metric: how many terms the loss averages (SHIQ_MATH §3, §5)
+TRAJECTORIES = "trajectories"  # the metric: how many trajectories ``reward`` and ``log_ratio`` average
 
 
 def _dpo(beta, stats, rewards, action_mask, group_ids, returns):
@@ -212,7 +213,9 @@ def compute_loss(
         ``log_ratio`` (mean over trajectories of ``Λ = Σ_t m_t ρ_t``, SHIQ_MATH §2, §5, on the batch's
         rows), and for the ShiQ family ``abs_delta_mean`` / ``abs_delta_max`` over the positions in the
         loss. ``log_ratio`` is not KL(π‖π_ref): it is the sample estimate of that KL (§6) only on rows
-        sampled from π; on buffer rows sampled from π_ref it estimates −KL(π_ref‖π).
+        sampled from π; on buffer rows sampled from π_ref it estimates −KL(π_ref‖π). ``trajectories`` (an
+        int, :data:`TRAJECTORIES`) counts the trajectories those two average, with which a step of several
+        micro-batches or ranks weighs them (``shiq_train.train_step.forward_backward``).
     """
     spec = cfg.spec
     if ref_chosen_logits is None or ref_logz is None:
@@ -259,6 +262,7 @@ def compute_loss(
         traj_log_ratio = L.sequence_log_ratio(*stats, action_mask).detach()
     metrics["reward"] = float(traj_returns.mean()) if traj_returns.numel() else 0.0
     metrics["log_ratio"] = float(traj_log_ratio.mean()) if traj_log_ratio.numel() else 0.0
+    metrics[TRAJECTORIES] = int(traj_returns.numel())
     return loss, metrics
 
 

@@ -32,13 +32,14 @@ import torch
 import torch.distributed as dist
 
 from shiq_train.model import model_chunks, output_stats, stats_inputs, unwrap
-from shiq_train.objectives import TERMS, compute_loss
+from shiq_train.objectives import TERMS, TRAJECTORIES, compute_loss
 from shiq_train.parallel import device
 from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
 LOSS_SUM, WEIGHT = "_loss_sum", "_loss_weight"  # a weighted step's numerator and denominator, not logged
-SUMMED = (TERMS, LOSS_SUM, WEIGHT)  # metrics a step sums over micro-batches and ranks (the rest: means)
+SUMMED = (TERMS, TRAJECTORIES, LOSS_SUM, WEIGHT)  # metrics a step sums over micro-batches and ranks (the rest: means)
+PER_TRAJECTORY = ("reward", "log_ratio")  # means over the step's trajectories (when the loss counts them)
 
 
 @dataclass
@@ -291,8 +292,9 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
       each micro-batch weighing the same whatever its number of terms.
 
     Returns ``(loss, metrics)`` on every rank, broadcast from the last pipeline stage: that loss, ``loss_terms``
-    summed over the step's micro-batches and ranks, and every other metric as the mean over micro-batches
-    and ranks.
+    (and ``trajectories``) summed over the step's micro-batches and ranks, ``reward`` and ``log_ratio`` as the
+    means over the step's trajectories (each micro-batch's weighing by its ``trajectories``, when the loss
+    function reports them), and every other metric as the mean over micro-batches and ranks.
     """
     from megatron.core import parallel_state  # heavy: megatron
     from megatron.core.pipeline_parallel import get_forward_backward_func  # heavy: megatron
@@ -319,9 +321,16 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     )
     keys = sorted(out[0]) if out else []
     vals = None
-    if out:  # per key: the sum over micro-batches (SUMMED) or their mean
-        vals = torch.tensor([[float(d.get(k, 0)) for k in keys] for d in out], dtype=torch.float64).sum(0)
-        vals /= torch.tensor([1.0 if k in SUMMED else len(out) for k in keys], dtype=torch.float64)
+    if out:  # per key: the sum over micro-batches (_summed; reward and log_ratio times trajectories) or their mean
+        per_trajectory = _summed(keys) & set(PER_TRAJECTORY)
+        vals = torch.tensor(
+            [
+                [float(d.get(k, 0)) * (float(d.get(TRAJECTORIES, 0)) if k in per_trajectory else 1.0) for k in keys]
+                for d in out
+            ],
+            dtype=torch.float64,
+        ).sum(0)
+        vals /= torch.tensor([1.0 if k in _summed(keys) else len(out) for k in keys], dtype=torch.float64)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         src = parallel_state.get_pipeline_model_parallel_last_rank()
@@ -331,8 +340,10 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     if dp > 1:  # sums over data-parallel ranks; the means' mean
         vals = vals.to(device(), copy=True)  # nccl (the GPU's data-parallel group) reduces device tensors only
         dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-        vals = vals.cpu() / torch.tensor([1.0 if k in SUMMED else dp for k in keys], dtype=torch.float64)
+        vals = vals.cpu() / torch.tensor([1.0 if k in _summed(keys) else dp for k in keys], dtype=torch.float64)
     metrics = {k: float(v) for k, v in zip(keys, vals)}
+    for k in _summed(keys) & set(PER_TRAJECTORY):  # the sums over the step's trajectories, divided once
+        metrics[k] = metrics[k] / metrics[TRAJECTORIES] if metrics[TRAJECTORIES] > 0 else 0.0
     if weighted:
         weight = metrics.pop(WEIGHT)
         metrics["loss"] = metrics.pop(LOSS_SUM) / weight if weight > 0 else 0.0
@@ -342,6 +353,12 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
                 if p.grad is not None:
                     p.grad.mul_(dp / weight)
     return metrics["loss"], metrics
+
+
+def _summed(keys) -> set:
+    """The metrics of ``keys`` a step sums over micro-batches and ranks: :data:`SUMMED`, and ``reward`` and
+    ``log_ratio`` (each times its micro-batch's trajectories) when the loss counts its ``trajectories``."""
+    return set(SUMMED) | (set(PER_TRAJECTORY) & set(keys) if TRAJECTORIES in keys else set())
 
 
 def finalize_grads(model) -> None:

@@ -230,6 +230,7 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir):
             loss, metrics, grads = run(full, micro_batches(), name, per_term=True, dp_rank=dp_rank, dp=dp)
             model = M.build_model(tiny_config())
             res[name] = {"loss": loss, "terms": metrics["loss_terms"], "grads": _layout(model, grads)}
+            res[name]["per_row"] = {k: metrics[k] for k in ("reward", "log_ratio")}
             # megatron's DDP and distributed optimizer: one AdamW step, its loss and gradient norm
             M.load_full_parameters(model, full)
             model.config.calculate_per_token_loss = True  # before DDP: it then sums over ranks
@@ -261,9 +262,10 @@ def test_parallel_steps_are_the_mean_over_all_terms(params, tmp_path, tp, pp, dp
             M.load_full_parameters(model, params)
             opt, sched = build_optimizer(model, OPT)
             step = train_step(model, opt, sched, one_micro_batch(), _loss(name), OPT.clip_grad)
+            per_row = {k: step[k] for k in ("reward", "log_ratio")}
             norm = grad_norm(model)  # after the step: the same gradients (no clipping)
             assert norm == pytest.approx(step["grad_norm"], rel=1e-12)
-            ref[name] = {"loss": loss, "grads": grads, "norm": step["grad_norm"]}
+            ref[name] = {"loss": loss, "grads": grads, "norm": step["grad_norm"], "per_row": per_row}
     world = tp * pp * dp
     mp.spawn(_worker, args=(world, parallel.free_port(), tp, pp, str(path), str(tmp_path)), nprocs=world, join=True)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
@@ -276,6 +278,8 @@ def test_parallel_steps_are_the_mean_over_all_terms(params, tmp_path, tp, pp, dp
             assert ddp_terms == counted_terms(name)
             assert _rel(torch.tensor(ddp_loss), torch.tensor(ref[name]["loss"])) < TOL, name
             assert _rel(torch.tensor(ddp_norm), torch.tensor(ref[name]["norm"])) < TOL, (name, ddp_norm)
+            for k, v in ref[name]["per_row"].items():  # means over the step's rows, as the loss is over its terms
+                assert r["per_row"][k] == pytest.approx(v, rel=TOL, abs=1e-9), (name, k)
         grads = _gather([{"grads": res[name]["grads"], "tp_rank": res["tp_rank"]} for res in results], tp)
         assert sorted(grads) == sorted(ref[name]["grads"])
         for k, g in ref[name]["grads"].items():

@@ -459,8 +459,11 @@ def test_step_metrics_are_reduced_over_data_parallel_ranks_on_the_compute_device
     assert handed == [parallel.device()]
     assert mean.keys() == alone.keys()
     assert all(isinstance(v, float) for v in mean.values())
-    for k in alone:  # the step's loss terms are a count: summed over the ranks, every other metric averaged
-        want = 2 * alone[k] + 1 if k == "loss_terms" else alone[k] + 0.5
+    n = alone["trajectories"]
+    for k in alone:  # counts summed over the ranks, reward and log_ratio over their trajectories, the rest averaged
+        want = 2 * alone[k] + 1 if k in ("loss_terms", "trajectories") else alone[k] + 0.5
+        if k in ("reward", "log_ratio"):
+            want = (2 * alone[k] * n + 1) / (2 * n + 1)
         assert mean[k] == pytest.approx(want, rel=1e-12, abs=1e-12), k
     assert alone["loss_terms"] == sum(int(mb["action_mask"].sum()) for mb in mbs)  # ShiQ: every action
     # whatever device the helper reports is the one the tensor is on when it reaches the collective
