@@ -870,3 +870,34 @@ def test_a_missing_trajectory_file_is_named_in_one_line(tmp_path, capsys, comman
     err = capsys.readouterr().err
     assert err.strip() == f"shiq-eval bfcl: error: {missing}: no such file", err
     assert not out.exists()
+
+
+def test_a_model_answer_becomes_the_tokens_the_model_drew(smollm2):
+    """ChatModelPolicy stripped the decoded answer: the newlines and spaces a model drew around its calls were
+    dropped from the conversation, so the row's action tokens were not those the model chose (and the next
+    prompt showed it another answer than its own). The answer is kept as drawn: the row's action tokens of a
+    message are the model's tokens, then the end-of-turn token it drew."""
+    tok, info = smollm2
+    end = info["eos_id"]
+    drawn = [tok(text, add_special_tokens=False)["input_ids"] + [end] for text in ("\n[pwd()]\n", " done \n", "\nok")]
+    answers = iter(drawn)
+
+    class Model:
+        max_context, eos_id = 100_000, end
+
+        def generate(self, batch, cfg):
+            return [next(answers, drawn[-1])]
+
+    class Cfg:
+        max_new_tokens = 64
+
+    traj = ro.rollout_entry(data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, Cfg()))
+    assert traj["decoded_turns"][0] == [["pwd()"]]
+    row = ro.trajectory_to_row(traj, tok)
+    actions, run = [], []
+    for x, m in zip(row["tokens"], row["action_mask"]):
+        if m:
+            run.append(x)
+        elif run:
+            actions, run = [*actions, run], []
+    assert actions[:3] == drawn

@@ -150,7 +150,8 @@ class ChatModelPolicy:
 
     ``token_policy`` is a :class:`shiq_eval.generate.HFPolicy` or ``MegatronPolicy``; ``cfg`` its
     ``SamplingConfig``.
-    Special tokens are dropped from the answer text; an answer that ends without the policy's end token after
+    Special tokens are dropped from the answer text, and nothing else (its spaces and newlines are tokens the
+    model drew, a buffer row's actions); an answer that ends without the policy's end token after
     ``cfg.max_new_tokens`` tokens is returned as a :class:`CutAnswer`. Raises :class:`ContextOverflow` when the
     prompt plus ``cfg.max_new_tokens`` exceeds ``max_context`` (default: the model config's
     ``max_position_embeddings``, or the megatron model's ``max_sequence_length``).
@@ -173,7 +174,7 @@ class ChatModelPolicy:
                 f"exceeds the context of {self.max_context}"
             )
         out = self.token_policy.generate([ids], self.cfg)[0]
-        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        text = self.tokenizer.decode(out, skip_special_tokens=True)  # as drawn: its tokens are the row's actions
         eos = getattr(self.token_policy, "eos_id", None)
         cut = len(out) >= self.cfg.max_new_tokens and (not out or eos is None or out[-1] != eos)
         return CutAnswer(text) if cut else text
