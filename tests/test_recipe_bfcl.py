@@ -668,3 +668,14 @@ def test_contamination_finds_held_out_scenarios_that_were_trained_on(tmp_path):
     assert clean["held_out_scenarios_in_training_questions"] == 0
     with pytest.raises(ValueError, match=r"t.jsonl: scenario 'nope_1' is not one of multi_turn_base's"):
         bfcl.contamination(cfg, [{"id": "nope_1"}], tmp_path / "t.jsonl")
+
+
+@pytest.mark.parametrize("arms", ["[[shiq]]", "[shiq,{a:1}]"])
+def test_a_method_that_is_no_name_is_refused_in_one_line(tmp_path, capsys, arms):
+    """train.methods=[[shiq]] (a list, or a mapping, where a method's name goes) ended in a TypeError traceback
+    (unhashable type) with status 1; it is refused in one line naming the entry, before the run folder is made."""
+    out = tmp_path / "x"
+    assert bfcl.main(["--quick", "--out", str(out), f"train.methods={arms}"]) == 2
+    err = capsys.readouterr().err
+    assert "train.methods: each entry must be a method's name" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()

@@ -308,11 +308,13 @@ def arm_beta(cfg: dict, arm: str) -> float:
 
 
 def check_arms(cfg: dict, known, single=()) -> None:
-    """``train.methods``: no entry twice, every method in ``known`` (``-single`` arms only of methods in
+    """``train.methods``: names only, no entry twice, every method in ``known`` (``-single`` arms only of methods in
     ``single``), every β a number > 0."""
     methods = cfg["train"]["methods"]
     if not methods:  # every stage would run, then a report of no method
         raise ValueError("train.methods is empty: name at least one method to train")
+    if bad := [arm for arm in methods if not isinstance(arm, str)]:  # (a list or mapping: unhashable, a TypeError)
+        raise ValueError(f"train.methods: each entry must be a method's name, such as shiq or shiq@0.1, got {bad[0]!r}")
     if len(set(methods)) != len(methods):
         raise ValueError(f"train.methods lists an entry twice: {methods}")
     seen = {}
