@@ -679,3 +679,13 @@ def test_a_method_that_is_no_name_is_refused_in_one_line(tmp_path, capsys, arms)
     err = capsys.readouterr().err
     assert "train.methods: each entry must be a method's name" in err and "Traceback" not in err
     assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
+def test_the_largest_seed_allowed_evaluates(tmp_path):
+    """seed=200000000 (the bound is 10**9) passed the configuration, then the reference's evaluation, after the
+    data stage, failed: each scenario's turn generator was seeded past 2**64 (ValueError: Overflow when unpacking
+    long long). Every allowed seed now evaluates; a seed below the overflow draws as before."""
+    cfg = bfcl.load_config(quick=True, overrides=["seed=1000000000", "eval.scenarios=1", "eval.max_new_tokens=2"])
+    ctx = bfcl.Context(cfg, tmp_path)
+    res = bfcl.evaluate(ctx, ctx.reference[0])
+    assert res["turns"] and all(t["answer_tokens"] >= 1 for t in res["turns"])

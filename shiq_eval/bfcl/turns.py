@@ -293,7 +293,8 @@ def answer_turns_batch(
         # generate the answers, every answering row one token per step, from a batched copy of their caches
         act = [b for b in range(B) if answering[b]]
         batch = _BatchLM.stack([policy[b] for b in act])
-        generators = [torch.Generator().manual_seed(seeds[b] * 1_000_003 + k) for b in range(B)]
+        # (modulo 2**64, what a torch seed holds: a large seed overflowed it; a smaller one draws as before)
+        generators = [torch.Generator().manual_seed((seeds[b] * 1_000_003 + k) % 2**64) for b in range(B)]
         states = [[lasts[b]] if answering[b] else [] for b in range(B)]
         tokens: list[list[int]] = [[] for _ in range(B)]
         fed: list[list[torch.Tensor]] = [[] for _ in range(B)]  # with shared layers: each fed token's [H] there
