@@ -321,6 +321,7 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("train.methods=[shiq@x]", "'shiq@x': the β after @ must be a plain number, such as shiq@0.1"),
         ("train.methods=[shiq@inf]", "'shiq@inf': the β after @ must be a plain number"),
         ("train.methods=[shiq@1_0]", "'shiq@1_0': the β after @ must be a plain number"),  # float() read 10
+        ("train.methods=[shiq@]", "'shiq@': nothing after @: give the β (shiq@0.1) or leave the @ out"),
         ("train.methods=[shiq@0.1,shiq@0.10]", "'shiq@0.1' and 'shiq@0.10' are the same arm (β 0.1)"),
         ("train.methods=[dpo,dpo@0.03]", "'dpo' and 'dpo@0.03' are the same arm (β 0.03)"),
         ("train.methods=[]", "train.methods is empty"),

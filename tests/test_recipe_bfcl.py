@@ -681,6 +681,15 @@ def test_a_method_that_is_no_name_is_refused_in_one_line(tmp_path, capsys, arms)
     assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_an_sft_arm_with_a_beta_is_refused_in_one_line(tmp_path, capsys):
+    """sft@0.1 was accepted: the same run as sft (SFT reads no β), under another name and arm."""
+    out = tmp_path / "x"
+    assert bfcl.main(["--quick", "--out", str(out), "train.methods=[sft@0.1]"]) == 2
+    err = capsys.readouterr().err
+    assert "'sft@0.1': sft reads no β (no KL to the reference): write sft" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
+
+
 def test_the_largest_seed_allowed_evaluates(tmp_path):
     """seed=200000000 (the bound is 10**9) passed the configuration, then the reference's evaluation, after the
     data stage, failed: each scenario's turn generator was seeded past 2**64 (ValueError: Overflow when unpacking

@@ -28,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from shiq_data.buffer import open_buffer
 from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
 from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, json_loads, one_line, type_name
+from shiq_eval.checkpoints import NO_KL_WEIGHT
 from shiq_eval.optimum import error_text, null_as_undefined, undefined_as_null
 from shiq_eval.suite import check_no_resolvers
 from shiq_train import parallel
@@ -309,7 +310,7 @@ def arm_beta(cfg: dict, arm: str) -> float:
 
 def check_arms(cfg: dict, known, single=()) -> None:
     """``train.methods``: names only, no entry twice, every method in ``known`` (``-single`` arms only of methods in
-    ``single``), every β a number > 0."""
+    ``single``), every β a number > 0, none after ``@`` for a loss that reads no β (SFT) and none missing after an ``@``."""
     methods = cfg["train"]["methods"]
     if not methods:  # every stage would run, then a report of no method
         raise ValueError("train.methods is empty: name at least one method to train")
@@ -319,7 +320,11 @@ def check_arms(cfg: dict, known, single=()) -> None:
         raise ValueError(f"train.methods lists an entry twice: {methods}")
     seen = {}
     for arm in methods:
-        m, _, b = str(arm).partition("@")
+        m, at, b = str(arm).partition("@")
+        if at and not b:  # (it was read as the method's default β)
+            raise ValueError(f"train.methods: {arm!r}: nothing after @: give the β ({m}@0.1) or leave the @ out")
+        if b and arm_method(m) in NO_KL_WEIGHT:  # (the same run as without it, under another name)
+            raise ValueError(f"train.methods: {arm!r}: {arm_method(m)} reads no β (no KL to the reference): write {m}")
         if b and not re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?", b):  # float() also reads 1_0 (10), nan, inf
             raise ValueError(f"train.methods: {arm!r}: the β after @ must be a plain number, such as {m}@0.1")
         if arm_is_single(m):
