@@ -20,6 +20,14 @@ def test_both_ways_run_the_arms_on_smollm2():
     for how in ("one after the other", "side by side"):
         per_arm, wall = float(rows[how][1]), float(rows[how][2])
         assert 0 < per_arm < wall  # the wall time includes loading the model, once per arm
-    assert float(rows["side by side"][3].rstrip("x")) == pytest.approx(
-        float(rows["one after the other"][2]) / float(rows["side by side"][2]), abs=0.01
-    )
+
+    # the speed-up is of the unrounded times: within what the printed times' rounding allows (2.35 printed for
+    # times shown as a ratio of 2.340 was refused at a flat 0.01)
+    def bounds(text):
+        half = 0.5 * 10 ** -(len(text.partition(".")[2]))
+        return float(text) - half, float(text) + half
+
+    (a_lo, a_hi), (b_lo, b_hi) = bounds(rows["one after the other"][2]), bounds(rows["side by side"][2])
+    printed = rows["side by side"][3].rstrip("x")
+    half = 0.5 * 10 ** -(len(printed.partition(".")[2]))
+    assert a_lo / b_hi - half <= float(printed) <= a_hi / b_lo + half, rows
