@@ -255,16 +255,17 @@ def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -
 
 
 def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limits: list, source) -> None:
-    """Refuse, before any sampling, a prompt whose tokens plus ``max_new_tokens`` pass the smallest of the models'
-    ``max_position_embeddings`` (``limits``; those that are not integers are not known), naming ``source`` (the
-    prompts file) and the prompt's place in it, not its index among the repeated samples."""
-    limit = min((n for n in limits if isinstance(n, int) and not isinstance(n, bool)), default=None)
-    for i, p in enumerate(prompt_ids):
-        if limit is not None and len(p) + max_new_tokens > limit:
-            raise EvalInputError(
-                f"{source}, prompt {i + 1}: {len(p)} tokens + max_new_tokens {max_new_tokens} exceed the models' "
-                f"max_position_embeddings {limit}: shorten the prompt or lower max_new_tokens"
-            )
+    """Refuse, before any sampling, a prompt :func:`shiq_eval.generate.overlong_prompt` finds for ``limits``,
+    naming ``source`` (the prompts file) and the prompt's place in it, not its index among the repeated samples."""
+    from shiq_eval.generate import overlong_prompt  # heavy: torch
+
+    found = overlong_prompt(prompt_ids, max_new_tokens, limits)
+    if found is not None:
+        i, limit = found
+        raise EvalInputError(
+            f"{source}, prompt {i + 1}: {len(prompt_ids[i])} tokens + max_new_tokens {max_new_tokens} exceed the "
+            f"models' max_position_embeddings {limit}: shorten the prompt or lower max_new_tokens"
+        )
 
 
 def load_reference(spec: str):

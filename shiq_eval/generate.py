@@ -67,18 +67,27 @@ def cut_at_eos(row: list[int], eos_id: int) -> list[int]:
     return row[: row.index(eos_id) + 1] if eos_id in row else row
 
 
+def overlong_prompt(prompt_ids: list[list[int]], max_new_tokens: int, limits: list) -> tuple[int, int] | None:
+    """``(index, limit)`` of the first prompt whose tokens plus ``max_new_tokens`` pass the smallest of ``limits``
+    (the models' ``max_position_embeddings``; those that are not integers are not known), or None: past that
+    limit come positions a model never learnt."""
+    limit = min((n for n in limits if isinstance(n, int) and not isinstance(n, bool)), default=None)
+    if limit is None:
+        return None
+    return next(((j, limit) for j, p in enumerate(prompt_ids) if len(p) + max_new_tokens > limit), None)
+
+
 def check_positions(prompt_ids: list[list[int]], cfg: SamplingConfig, models) -> None:
-    """Refuse (one-line ``ValueError`` naming the prompt) a prompt whose tokens plus ``cfg.max_new_tokens`` pass
-    the smallest ``max_position_embeddings`` of ``models``: past it, positions a model never learnt."""
+    """Refuse (one-line ``ValueError`` naming the prompt) a prompt :func:`overlong_prompt` finds for ``models``."""
     limits = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models]
-    limit = min((n for n in limits if isinstance(n, int)), default=None)
-    whose = "the models'" if len(models) > 1 else "the model's"
-    for j, p in enumerate(prompt_ids):
-        if limit is not None and len(p) + cfg.max_new_tokens > limit:
-            raise ValueError(
-                f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(p)} tokens + "
-                f"max_new_tokens {cfg.max_new_tokens} exceed {whose} max_position_embeddings {limit}"
-            )
+    found = overlong_prompt(prompt_ids, cfg.max_new_tokens, limits)
+    if found is not None:
+        j, limit = found
+        whose = "the models'" if len(models) > 1 else "the model's"
+        raise ValueError(
+            f"prompt {j} of the {len(prompt_ids)} sampled (each prompt once per sample): {len(prompt_ids[j])} tokens "
+            f"+ max_new_tokens {cfg.max_new_tokens} exceed {whose} max_position_embeddings {limit}"
+        )
 
 
 class HFPolicy:

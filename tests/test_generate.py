@@ -211,6 +211,19 @@ def test_bad_sampling_config():
     assert SamplingConfig(temperature=0).temperature == 0 and SamplingConfig(temperature=1e-30).temperature == 1e-30
 
 
+def test_the_position_limit_is_the_smallest_known_one():
+    """The one rule both the command's early check and every sampler use: the smallest integer limit counts;
+    unknown limits (None, a string, a boolean from an edited config.json) do not, and with none known nothing is
+    refused; the first prompt past the limit is named."""
+    from shiq_eval.generate import overlong_prompt
+
+    prompts = [[1] * 10, [1] * 13, [1] * 20]
+    assert overlong_prompt(prompts, 4, [64, None, "16", True]) is None  # 20 + 4 <= 64: True is not a limit of 1
+    assert overlong_prompt(prompts, 4, [64, 16, 20]) == (1, 16)  # 13 + 4 > 16, the first past the smallest
+    assert overlong_prompt(prompts, 0, [16]) == (2, 16)  # 20 > 16
+    assert overlong_prompt(prompts, 4, [None, False]) is None
+
+
 def test_a_prompt_that_would_run_past_the_models_positions_is_refused():
     """A prompt whose tokens plus max_new_tokens pass max_position_embeddings was sampled at positions the
     model never learnt, without a word (the megatron engine refused it already)."""
