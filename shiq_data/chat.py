@@ -105,10 +105,11 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
     as actions. Such rows are refused rather than silently re-encoded."""
     texts = control_texts(tokenizer)
     eot_text = tokenizer.convert_ids_to_tokens(end_of_turn_id(tokenizer))
+    whole = []  # the whole conversation rendered, once, when a field other than a content needs it
     for i, m in enumerate(messages):
         for key, where, text in _message_texts(m):  # the content first, then any other field a template may render
             found = [t for t in texts if t in text]
-            if not found or (key != "content" and not _renders_field(tokenizer, messages, i, key)):
+            if not found or (key != "content" and not _renders_field(tokenizer, messages, i, key, whole)):
                 continue
             what = (
                 "this tokenizer's end-of-turn token (the turn would end early)"
@@ -125,14 +126,15 @@ def _refuse_control_text(tokenizer, messages: Sequence[dict]) -> None:
             raise ChatTemplateError(text, message=i, detail=detail)
 
 
-def _renders_field(tokenizer, messages: Sequence[dict], i: int, key: str) -> bool:
+def _renders_field(tokenizer, messages: Sequence[dict], i: int, key: str, whole: list) -> bool:
     """Whether the chat template renders the field ``key`` of message ``i``: the conversation renders otherwise
-    without it (SmolLM2's renders no ``tool_calls``)."""
+    without it (SmolLM2's renders no ``tool_calls``). ``whole`` keeps the whole conversation's rendering between
+    calls (empty until it is first needed)."""
     without = [*messages[:i], {k: v for k, v in messages[i].items() if k != key}, *messages[i + 1 :]]
     try:
-        return tokenizer.apply_chat_template(list(without), tokenize=False) != tokenizer.apply_chat_template(
-            list(messages), tokenize=False
-        )
+        if not whole:
+            whole.append(tokenizer.apply_chat_template(list(messages), tokenize=False))
+        return tokenizer.apply_chat_template(list(without), tokenize=False) != whole[0]
     except Exception:  # the template needs the field (or fails on it): it is read
         return True
 
