@@ -48,7 +48,12 @@ def _render_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool
 def user_prompt_ids(tokenizer, text: str) -> list[int]:
     """Token ids of a one-turn chat prompt: the template's default system turn (if any), ``text`` as the user
     turn, and the assistant header that a completion follows."""
-    return _render_ids(tokenizer, [{"role": "user", "content": text}], add_generation_prompt=True)
+    return prompt_ids(tokenizer, [{"role": "user", "content": text}])
+
+
+def prompt_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
+    """Token ids of ``messages`` rendered as a prompt: then the assistant header that a completion follows."""
+    return _render_ids(tokenizer, messages, add_generation_prompt=True)
 
 
 def end_of_turn_id(tokenizer) -> int:

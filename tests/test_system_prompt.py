@@ -162,4 +162,48 @@ def test_a_template_that_refuses_a_system_turn_loads(smollm2, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "system prompt 'Be kind.': the chat template shows no system turn" in err and "Traceback" not in err
     assert main([*argv[:2], write(tmp_path / "sys.jsonl", WITH_SYSTEM), *argv[3:], "--out", str(tmp_path / "b3")]) == 2
-    assert "line 1: field 'completion': chat template: System role not supported" in capsys.readouterr().err
+    assert "line 1: field 'prompt': chat template: System role not supported" in capsys.readouterr().err
+
+
+NO_SHOUTING = (  # refuses an assistant turn in capitals: a fault of the completion, not of the prompt
+    "{% for m in messages %}{% if m['role'] == 'assistant' and m['content'].isupper() %}"
+    "{{ raise_exception('No shouting') }}{% endif %}"
+    "{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@pytest.mark.parametrize(
+    "template, record, field",
+    [
+        (NO_SYSTEM, WITH_SYSTEM[0], "prompt"),  # was named 'completion'
+        (NO_SHOUTING, {**USER_ONLY[0], "completion": [{"role": "assistant", "content": "HI!"}]}, "completion"),
+        (
+            NO_SHOUTING,
+            {
+                **USER_ONLY[0],
+                "prompt": [
+                    {"role": "user", "content": "a"},
+                    {"role": "assistant", "content": "B"},
+                    {"role": "user", "content": "c"},
+                ],
+            },
+            "prompt",
+        ),  # a shouting turn inside the prompt
+    ],
+)
+def test_a_template_failure_names_the_side_of_the_record_at_fault(smollm2, template, record, field):
+    """A chat template that refuses the conversation names no message; the row's error named the field
+    'completion' whichever side the template failed on. It now names the prompt when the prompt alone fails."""
+    from shiq_data.io import RowError
+    from shiq_data.readers.encode import encode_record
+
+    tok, _ = smollm2
+    saved = tok.chat_template
+    tok.chat_template = template
+    try:
+        with pytest.raises(RowError) as e:
+            encode_record(record, tok, file="rows.jsonl", row=3)
+    finally:
+        tok.chat_template = saved
+    assert f"rows.jsonl: line 3: field '{field}': chat template: " in str(e.value)

@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from shiq_data.chat import ChatTemplateError, MessageError, check_messages, control_texts, encode_chat
+from shiq_data.chat import ChatTemplateError, MessageError, check_messages, control_texts, encode_chat, prompt_ids
 from shiq_data.io import RowError, type_name
 from shiq_data.schema import INPUT_KEY, fits_float32, input_location, is_finite_number
 
@@ -79,12 +79,14 @@ def encode_messages(
     field_of: Callable[[int], str] | None = None,
     actions: str = "all",
     context: int = 0,
+    context_field: str | None = None,
     row_label: str = "line",
     **kwargs,
 ) -> dict:
     """:func:`encode_chat` with its errors re-raised naming the file, line (or ``row_label``) and field;
     malformed messages (a buffer's text column written by hand) and empty action turns are refused first, named
-    by ``field_of(message index)`` (default ``field``)."""
+    by ``field_of(message index)`` (default ``field``). A chat template that fails on the first ``context``
+    messages alone is named as ``context_field`` (the prompt's), when given."""
     try:
         check_messages(messages)
     except MessageError as e:
@@ -95,11 +97,22 @@ def encode_messages(
     try:
         return encode_chat(tokenizer, messages, actions=actions, context=context, **kwargs)
     except ChatTemplateError as e:
+        if context_field is not None and e.message is None and _fails_alone(tokenizer, messages[:context]):
+            raise row_error(path, line, context_field, str(e), row_label) from None  # the prompt's fault
         if field_of is None or e.message is None:
             raise row_error(path, line, field, str(e), row_label) from None
         raise row_error(path, line, field_of(e.message), e.detail, row_label) from None  # the message at fault
     except ValueError as e:
         raise row_error(path, line, field, str(e), row_label) from None
+
+
+def _fails_alone(tokenizer, context: Sequence[dict]) -> bool:
+    """Whether the chat template fails on the context messages alone (then the fault is the prompt's)."""
+    try:
+        prompt_ids(tokenizer, context)
+    except ChatTemplateError:
+        return True
+    return False
 
 
 def is_chat(record: dict) -> bool:
@@ -126,6 +139,7 @@ def _encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_lab
         row,
         "completion",
         context=k,
+        context_field="prompt",
         row_label=row_label,
         field_of=lambda i: (
             f"completion[{i - k}].content"
