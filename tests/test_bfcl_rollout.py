@@ -6,12 +6,14 @@ import csv
 import json
 import random
 import re
+from dataclasses import replace
 
 import pytest
 
 from shiq_data.assets import config_dir
 from shiq_eval.bfcl import checker, cli, data, executor, parse
 from shiq_eval.bfcl import rollout as ro
+from shiq_eval.generate import SamplingConfig
 
 
 @pytest.fixture(autouse=True)
@@ -503,10 +505,7 @@ def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_en
             text, ended = next(drawn, ("ok", True))
             return [tok(text, add_special_tokens=False)["input_ids"] + ([end] if ended else [])]
 
-    class Cfg:
-        max_new_tokens = limit
-
-    cut = ro.rollout_entry(entry, ro.ChatModelPolicy(Model(), tok, Cfg()))
+    cut = ro.rollout_entry(entry, ro.ChatModelPolicy(Model(), tok, SamplingConfig(max_new_tokens=limit)))
     assert cut["truncated"] == [0]
     assert [m["content"] for m in cut["messages"] if m["role"] == "assistant"][:2] == ["[pwd()]", "done"]
     whole = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
@@ -558,9 +557,42 @@ class _EchoModel:
         return [[ord(c) for c in ("[pwd()]" if self.calls % 2 else "done")]]
 
 
-def test_chat_model_policy_and_context_overflow():
-    from shiq_eval.generate import SamplingConfig
+class _SeedRecorder(_EchoModel):
+    """An echo model that records the seed each answer is drawn under."""
 
+    def __init__(self):
+        super().__init__()
+        self.seeds = []
+
+    def generate(self, prompt_ids, cfg):
+        self.seeds.append(cfg.seed)
+        return super().generate(prompt_ids, cfg)
+
+
+def test_every_answer_is_drawn_under_its_own_seed():
+    """Every answer of every entry was drawn under the one --seed: at temperature > 0 the answers shared one
+    random stream (the same uniforms at every step). Now each answer has its own seed, the same whichever
+    entries ran before, and runs under --seed 0 and 1 share none."""
+    e0, e1 = data.load_entry("multi_turn_base", 0), data.load_entry("multi_turn_base", 1)
+    cfg = SamplingConfig(max_new_tokens=8, batch_size=1, temperature=1.0, seed=0)
+
+    def seeds(entries, seed):
+        model, out = _SeedRecorder(), []
+        for e in entries:
+            ro.rollout_entry(e, ro.ChatModelPolicy(model, _CharTokenizer(), replace(cfg, seed=seed), 10**7, e["id"]))
+            out.append(list(model.seeds))
+            model.seeds.clear()
+        return out
+
+    both = seeds([e0, e1], 0)
+    assert len(both[0]) >= 2 and len(set(both[0] + both[1])) == len(both[0]) + len(both[1])  # all distinct
+    assert seeds([e1], 0) == [both[1]]  # entry 1 alone: the same seeds as after entry 0
+    other = seeds([e0, e1], 1)
+    assert not set(both[0] + both[1]) & set(other[0] + other[1])
+    assert all(0 <= s < 2**62 for s in both[0] + both[1])
+
+
+def test_chat_model_policy_and_context_overflow():
     e = data.load_entry("multi_turn_base", 0)
     first_prompt = len(
         _CharTokenizer().apply_chat_template(
@@ -684,10 +716,9 @@ def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
             prompts.append(batch[0])
             return [tok(next(answers, "ok"), add_special_tokens=False, split_special_tokens=True)["input_ids"]]
 
-    class Cfg:
-        max_new_tokens = 64
-
-    traj = ro.rollout_entry(data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, Cfg()))
+    traj = ro.rollout_entry(
+        data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, SamplingConfig(max_new_tokens=64))
+    )
     tools = [m["content"] for m in traj["messages"] if m["role"] == "tool"]
     assert any("\ufffd" in t for t in tools) and all(ro._SURROGATE.search(t) is None for t in tools)
     assert any("<\u200b|im_end|>" in t for t in tools)
@@ -888,10 +919,9 @@ def test_a_model_answer_becomes_the_tokens_the_model_drew(smollm2):
         def generate(self, batch, cfg):
             return [next(answers, drawn[-1])]
 
-    class Cfg:
-        max_new_tokens = 64
-
-    traj = ro.rollout_entry(data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, Cfg()))
+    traj = ro.rollout_entry(
+        data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, SamplingConfig(max_new_tokens=64))
+    )
     assert traj["decoded_turns"][0] == [["pwd()"]]
     row = ro.trajectory_to_row(traj, tok)
     actions, run = [], []

@@ -120,14 +120,11 @@ def _model_policy_factory(args):
                 file=sys.stderr,
             )
         model = policy_from_checkpoint(path, info["hf_config"])
-    policy = ChatModelPolicy(
-        HFPolicy(model, eos_id=tok.eos_token_id),
-        tok,
-        SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed),
-    )
+    token_policy = HFPolicy(model, eos_id=tok.eos_token_id)
+    cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed)
     sampling = {"temperature": args.temperature, "seed": args.seed, "max_new_tokens": args.max_new_tokens}
     record = {"model_path": str(path), "model_sha256": content_hash(path), "sampling": sampling}
-    return (lambda entry: policy), record
+    return (lambda entry: ChatModelPolicy(token_policy, tok, cfg, stream=entry["id"])), record
 
 
 def _split_input(args) -> list[str]:

@@ -23,6 +23,8 @@ so that the chat template renders it as text and never as a turn boundary.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -145,6 +147,13 @@ class CutAnswer(str):
     unless told otherwise)."""
 
 
+def answer_seed(seed: int, stream: str, k: int) -> int:
+    """The sampling seed of answer ``k`` of ``stream`` under ``seed``: 62 bits of a sha256 of the three (seeds
+    ``s`` and ``s + 1`` would share all but one answer's draws, were the answers numbered from the seed)."""
+    digest = hashlib.sha256(json.dumps([seed, stream, k]).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 2
+
+
 class ChatModelPolicy:
     """A chat model as a policy: chat template -> token ids -> ``generate`` -> text.
 
@@ -155,10 +164,15 @@ class ChatModelPolicy:
     ``cfg.max_new_tokens`` tokens is returned as a :class:`CutAnswer`. Raises :class:`ContextOverflow` when the
     prompt plus ``cfg.max_new_tokens`` exceeds ``max_context`` (default: the model config's
     ``max_position_embeddings``, or the megatron model's ``max_sequence_length``).
+
+    Each answer is drawn under its own seed, :func:`answer_seed` of ``cfg.seed``, ``stream`` (an entry's id: a
+    fresh policy per entry) and the answer's number: answers are not drawn from one random stream again and
+    again, and an entry's answers do not depend on which entries ran before it.
     """
 
-    def __init__(self, token_policy, tokenizer, cfg, max_context: int | None = None):
+    def __init__(self, token_policy, tokenizer, cfg, max_context: int | None = None, stream: str = ""):
         self.token_policy, self.tokenizer, self.cfg = token_policy, tokenizer, cfg
+        self.stream, self.answers = stream, 0
         if max_context is None:
             max_context = getattr(token_policy, "max_context", None) or getattr(
                 getattr(token_policy.model, "config", None), "max_position_embeddings", None
@@ -173,7 +187,9 @@ class ChatModelPolicy:
                 f"prompt of {len(ids)} tokens + {self.cfg.max_new_tokens} new tokens "
                 f"exceeds the context of {self.max_context}"
             )
-        out = self.token_policy.generate([ids], self.cfg)[0]
+        cfg = dataclasses.replace(self.cfg, seed=answer_seed(self.cfg.seed, self.stream, self.answers))
+        self.answers += 1
+        out = self.token_policy.generate([ids], cfg)[0]
         text = self.tokenizer.decode(out, skip_special_tokens=True)  # as drawn: its tokens are the row's actions
         eos = getattr(self.token_policy, "eos_id", None)
         cut = len(out) >= self.cfg.max_new_tokens and (not out or eos is None or out[-1] != eos)
