@@ -101,7 +101,7 @@ def cross_validate_l2(X: torch.Tensor, y: torch.Tensor, l2s: list[float], folds:
         )
     X, y = X.double(), y.double()
     order = torch.randperm(X.shape[0], generator=torch.Generator().manual_seed(seed))
-    parts = torch.chunk(order, folds)
+    parts = torch.tensor_split(order, folds)  # exactly ``folds`` parts (torch.chunk can make fewer)
     scores = {}
     for l2 in l2s:
         pred = torch.empty_like(y)

@@ -38,9 +38,10 @@ def test_cross_validation_scores_pooled_out_of_fold_predictions_and_picks_the_be
     X, y = _data()
     l2s, folds, seed = [0.01, 1.0, 30.0, 1000.0], 4, 3
     best, scores = cross_validate_l2(torch.tensor(X), torch.tensor(y), l2s, folds, seed=seed)
-    # the folds: chunks of the seeded permutation (the documented contract)
+    # the folds: the seeded permutation cut into `folds` near-equal parts (the documented contract)
     parts = [
-        p.numpy() for p in torch.chunk(torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)), folds)
+        p.numpy()
+        for p in torch.tensor_split(torch.randperm(len(y), generator=torch.Generator().manual_seed(seed)), folds)
     ]
     expected = {}
     for l2 in l2s:
@@ -56,6 +57,23 @@ def test_cross_validation_scores_pooled_out_of_fold_predictions_and_picks_the_be
     assert best == max(expected, key=expected.get)
     # noisy, small data: the least regularised fit is not the best out of fold
     assert best != 0.01
+
+
+def test_cross_validation_uses_as_many_folds_as_asked_when_they_do_not_divide_the_rows(monkeypatch):
+    """9 rows in 6 folds are 3 folds of 2 rows and 3 of 1: six fits per penalty, on 7, 7, 7, 8, 8 and 8 rows
+    (chunks of ceil(9 / 6) = 2 rows made 5 folds, one of them fitted on 6 rows)."""
+    import shiq_data.reward_head as rh
+
+    X, y = _data(n=9, d=3)
+    sizes = []
+
+    def counting(X, y, l2):
+        sizes.append(X.shape[0])
+        return ridge(X, y, l2)
+
+    monkeypatch.setattr(rh, "ridge", counting)
+    cross_validate_l2(torch.tensor(X), torch.tensor(y), [1.0], folds=6)
+    assert sorted(sizes) == [7, 7, 7, 8, 8, 8]
 
 
 def test_cross_validation_refuses_bad_folds():
