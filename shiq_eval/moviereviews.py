@@ -31,7 +31,7 @@ class RatedText:
 
 def parse_ratings(raw: str, source: str) -> list[RatedText]:
     """Parse ``id<TAB>rating<TAB>text`` lines; errors name the source, line and field."""
-    rows = []
+    rows, seen = [], {}  # id -> its line: an id given twice could land on both sides of the split
     for n, line in enumerate(raw.splitlines(), start=1):
         if not line.strip():
             continue
@@ -44,6 +44,9 @@ def parse_ratings(raw: str, source: str) -> list[RatedText]:
             rid = int(parts[0])
         except ValueError:
             raise ValueError(f"{source}, line {n}, field 'id': not an integer: {parts[0]!r}") from None
+        if rid in seen:
+            raise ValueError(f"{source}, line {n}, field 'id': {rid} is the id of line {seen[rid]} too")
+        seen[rid] = n
         try:
             rating = float(parts[1])
         except ValueError:

@@ -275,6 +275,12 @@ def test_bad_lines_name_source_line_and_field(line, field):
         parse_ratings("1\t2", "src")
 
 
+def test_an_id_given_twice_is_refused_naming_both_lines():
+    """One snippet id on two lines could be split into both train and held-out (the split shuffles ids)."""
+    with pytest.raises(ValueError, match=r"src, line 3, field 'id': 7 is the id of line 1 too"):
+        parse_ratings("7\t1.0\tok\n8\t0.5\tfine\n7\t-2.0\tawful", "src")
+
+
 def test_split_is_seeded_disjoint_and_complete():
     rows = parse_ratings("\n".join(f"{i}\t0\tt{i}" for i in range(1, 101)), "s")
     a, b = split_ids(rows, held_out=0.2, seed=1), split_ids(rows, held_out=0.2, seed=1)
