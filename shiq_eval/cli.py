@@ -475,11 +475,10 @@ def evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown, scorer,
 
 def suite_overrides(args) -> dict:
     """The suite settings the command line sets (None: not given, the suite's value stands)."""
-    scorer = args.scorer or ("reward_model" if args.reward_model is not None else None)
     return {
         "prompts": args.prompts,
         "movie_prompts": args.movie_prompts,
-        "scorer": scorer,
+        "scorer": args.scorer,  # (--reward-model alone: see run)
         "reward_model": args.reward_model,
         "chat": args.chat,
         "kl_estimator": args.kl_estimator,
@@ -549,7 +548,15 @@ def run(args) -> list[dict]:
             f"--out {args.out} holds an earlier run's results ({earlier.name}): give --overwrite to replace them, "
             "or another folder"
         )
-    suite, suite_file = load_suite(args.suite, suite_overrides(args))
+    overrides = suite_overrides(args)
+    suite, suite_file = load_suite(args.suite, overrides)
+    if (
+        args.scorer is None
+        and args.reward_model is not None
+        and suite.scorer not in ("reward_model", "hf_reward_model")
+    ):
+        # --reward-model alone makes the scorer reward_model, unless the suite's reads it (hf_reward_model: a folder)
+        suite, suite_file = load_suite(args.suite, {**overrides, "scorer": "reward_model"})
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)
@@ -890,7 +897,7 @@ def build_parser() -> argparse.ArgumentParser:
         "prompts written by shiq-eval bfcl prompts, whose scorer prompts are ENTRY_ID:TURN) or "
         "python:MODULE:FUNCTION (a function fn(prompts: list[str], completions: list[str]) -> list[float], "
         "one finite float per completion, imported from MODULE); default: reward_model when --reward-model "
-        "is given",
+        "is given (hf_reward_model when the suite names it)",
     )
     r.add_argument(
         "--reward-model",

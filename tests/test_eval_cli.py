@@ -675,3 +675,30 @@ def test_a_prompt_too_long_for_the_models_is_named_with_its_file(tmp_path, capsy
     ), err
     assert not (tmp_path / "o").exists()
     assert main([*argv, "--max-new-tokens", "3"]) == 0  # 13 + 3 fit
+
+
+def test_reward_model_flag_keeps_a_suites_hf_reward_model_scorer(tmp_path, capsys, monkeypatch):
+    """--reward-model alone made the scorer reward_model (a head file) even when the suite names hf_reward_model,
+    so another Hugging Face folder for that suite was refused as "no such file"; it now replaces the suite's
+    folder and the suite's scorer stands. With a suite whose scorer reads no model (vader), it is still a head."""
+    import shiq_eval.cli as cli
+
+    loaded = []
+    real = cli.load_suite
+
+    def recording(spec, overrides=None):
+        loaded.append(real(spec, overrides)[0])
+        return loaded[-1], None
+
+    monkeypatch.setattr(cli, "load_suite", recording)
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text("{}")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
+    for scorer, given, want in (("hf_reward_model", "other", "hf_reward_model"), ("vader", "head.st", "reward_model")):
+        suite = tmp_path / f"{scorer}.yaml"
+        suite.write_text(f"name: s\nscorer: {scorer}\nreward_model: rm\nmovie_prompts: 2\n")
+        run = ["run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--suite", str(suite)]
+        assert main([*run, "--reward-model", str(tmp_path / given)]) == 2  # (no such checkpoint, after the suite)
+        assert (loaded[-1].scorer, loaded[-1].reward_model) == (want, str(tmp_path / given))
+    capsys.readouterr()
