@@ -887,7 +887,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--movie-prompts",
         type=int,
         metavar="N",
-        help="the first N (>= 1) held-out movie-review openings of the demo (vaderSentiment archive)",
+        help="the first N (>= 1) held-out movie-review openings of the demo's split under seed 0 (snippets longer "
+        "than their six-word opening; vaderSentiment archive), not the demo's sample of evaluation prompts",
     )
     r.add_argument(
         "--scorer",

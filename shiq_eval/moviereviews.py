@@ -94,9 +94,13 @@ def opening(text: str, n_words: int) -> str:
 def movie_prompts(
     n: int, held_out: float = 0.2, words: int = 6, seed: int = 0, instruction: str = DEMO_INSTRUCTION
 ) -> tuple[list[str], list[str]]:
-    """The demo's held-out movie-review openings: ``(instruction + opening, opening)`` for the first ``n``."""
+    """Held-out movie-review openings of the demo's split under ``seed``: ``(instruction + opening, opening)``
+    for the first ``n`` held-out snippets (by id) longer than their opening, as the demo's prompts are (a
+    snippet of ``words`` words or fewer would be its own opening, nothing left to continue). Not the demo's
+    evaluation prompts, a seeded sample of the same snippets."""
     rows = load_movie_snippets(vader_archive())
-    ids = split_ids(rows, held_out=held_out, seed=seed)["held_out"][:n]
     by_id = {r.id: r for r in rows}
+    held = split_ids(rows, held_out=held_out, seed=seed)["held_out"]
+    ids = [i for i in held if len(by_id[i].text.split()) > words][:n]
     openings = [opening(by_id[i].text, words) for i in ids]
     return [instruction + o for o in openings], openings

@@ -311,3 +311,21 @@ def test_bfcl_checker_as_a_scorer():
     assert per_turn[0] == 1.0 and 0.0 <= per_turn[1] < 1.0
     verdict = checker.check_entry("multi_turn_base", e["id"], broken)
     assert verdict["error_type"] == "multi_turn:empty_turn_model_response" and len(verdict["turn_rewards"]) == turns
+
+
+def test_movie_prompts_are_held_out_openings_with_text_left_to_continue(tmp_path, monkeypatch):
+    """``--movie-prompts N`` took the first N held-out snippets whatever their length, so a snippet of six
+    words or fewer was its own "opening" (11 of the first 160 on the shipped archive). Only snippets longer
+    than their opening are taken now, as the demo's prompts are; all are held out, in id order."""
+    from shiq_eval import moviereviews
+
+    body = "".join(f"{i}\t1.0\t{' '.join(f'w{i}' for _ in range(3 + i % 5))}\r\n" for i in range(1, 41))  # 3-7 words
+    _fixture_archive(tmp_path / "v.tar.gz", body)
+    monkeypatch.setattr(moviereviews, "vader_archive", lambda: tmp_path / "v.tar.gz")
+    prompts, shown = moviereviews.movie_prompts(5, held_out=0.5, words=4, instruction="Go: ")
+    snippets = load_movie_snippets(tmp_path / "v.tar.gz")
+    rows = {r.id: r.text for r in snippets}
+    held = split_ids(snippets, held_out=0.5, seed=0)["held_out"]
+    longer = [i for i in held if len(rows[i].split()) > 4][:5]  # the expected ids, by hand from the rule
+    assert len(longer) == 5 and shown == [" ".join(rows[i].split()[:4]) for i in longer]
+    assert prompts == ["Go: " + s for s in shown]
