@@ -679,6 +679,7 @@ def run(args) -> list[dict]:
         ref_row = cluster_by_scenario(ref_row, scenarios)
         rows = []
         for info in infos:
+            weights_sha = model_sha256(info["files"])  # before loading: the row names the weights evaluated
             logits, sampler = engine.policy(info)
             res = evaluate_policy(
                 logits,
@@ -697,7 +698,7 @@ def run(args) -> list[dict]:
                 "beta": info["beta"],
                 "step": info["step"],
                 "checkpoint": os.path.abspath(info["path"]),  # one run's rows agree, whatever the cwd was
-                "model_sha256": model_sha256(info["files"]),
+                "model_sha256": weights_sha,
                 **common,
                 **res.as_dict(),
             }

@@ -702,3 +702,34 @@ def test_reward_model_flag_keeps_a_suites_hf_reward_model_scorer(tmp_path, capsy
         assert main([*run, "--reward-model", str(tmp_path / given)]) == 2  # (no such checkpoint, after the suite)
         assert (loaded[-1].scorer, loaded[-1].reward_model) == (want, str(tmp_path / given))
     capsys.readouterr()
+
+
+def test_a_policys_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
+    """A policy's weights were hashed after it was evaluated, so weights replaced meanwhile (a training run
+    saving into the folder) gave the row the new files' hash, not that of the weights evaluated."""
+    from shiq_eval import cli as eval_cli
+
+    init = tiny_hf_folder(tmp_path / "init")
+    policy = tiny_hf_folder(tmp_path / "policy")
+    weights = policy / "model.safetensors"
+    loaded_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
+    loader = eval_cli.hf_policy
+
+    def load_then_replace(info):
+        model = loader(info)
+        torch.manual_seed(7)
+        transformers.LlamaForCausalLM(model.config).save_pretrained(tmp_path / "other")  # other weights
+        (tmp_path / "other" / "model.safetensors").replace(weights)
+        return model
+
+    monkeypatch.setattr(eval_cli, "hf_policy", load_then_replace)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(policy), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
+    assert rows[1]["model_sha256"] == loaded_hash  # one weights file: its own SHA-256
