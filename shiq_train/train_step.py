@@ -38,8 +38,11 @@ from shiq_train.stats import TokenStats
 
 LossFn = Callable[[TokenStats, dict], "tuple[torch.Tensor, dict]"]
 LOSS_SUM, WEIGHT = "_loss_sum", "_loss_weight"  # a weighted step's numerator and denominator, not logged
-SUMMED = (TERMS, TRAJECTORIES, LOSS_SUM, WEIGHT)  # metrics a step sums over micro-batches and ranks (the rest: means)
-PER_TRAJECTORY = ("reward", "log_ratio")  # means over the step's trajectories (when the loss counts them)
+SUMMED = (TERMS, TRAJECTORIES, LOSS_SUM, WEIGHT, "pairs")  # metrics a step sums over micro-batches and ranks
+# means over the step's trajectories or loss terms (when the loss counts them): each micro-batch's value weighs by
+# its count of the metric named here
+WEIGHED_BY = {"reward": TRAJECTORIES, "log_ratio": TRAJECTORIES, "abs_delta_mean": TERMS}
+MAXED = ("abs_delta_max",)  # the largest over micro-batches and ranks (every other metric: the mean)
 
 
 @dataclass
@@ -292,9 +295,11 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
       each micro-batch weighing the same whatever its number of terms.
 
     Returns ``(loss, metrics)`` on every rank, broadcast from the last pipeline stage: that loss, ``loss_terms``
-    (and ``trajectories``) summed over the step's micro-batches and ranks, ``reward`` and ``log_ratio`` as the
-    means over the step's trajectories (each micro-batch's weighing by its ``trajectories``, when the loss
-    function reports them), and every other metric as the mean over micro-batches and ranks.
+    (and ``trajectories``, DPO's ``pairs``) summed over the step's micro-batches and ranks, ``reward`` and
+    ``log_ratio`` as the means over the step's trajectories and ``abs_delta_mean`` over its loss terms (each
+    micro-batch's weighing by its count, when the loss function reports it: :data:`WEIGHED_BY`),
+    ``abs_delta_max`` as the largest over the step, and every other metric as the mean over micro-batches and
+    ranks.
     """
     from megatron.core import parallel_state  # heavy: megatron
     from megatron.core.pipeline_parallel import get_forward_backward_func  # heavy: megatron
@@ -321,29 +326,35 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
     )
     keys = sorted(out[0]) if out else []
     vals = None
-    if out:  # per key: the sum over micro-batches (_summed; reward and log_ratio times trajectories) or their mean
-        per_trajectory = _summed(keys) & set(PER_TRAJECTORY)
-        vals = torch.tensor(
+    if out:  # per key: the sum over micro-batches (_summed; weighed metrics times their counts), max or mean
+        weighed = _summed(keys) & set(WEIGHED_BY)
+        table = torch.tensor(
             [
-                [float(d.get(k, 0)) * (float(d.get(TRAJECTORIES, 0)) if k in per_trajectory else 1.0) for k in keys]
+                [float(d.get(k, 0)) * (float(d.get(WEIGHED_BY[k], 0)) if k in weighed else 1.0) for k in keys]
                 for d in out
             ],
             dtype=torch.float64,
-        ).sum(0)
-        vals /= torch.tensor([1.0 if k in _summed(keys) else len(out) for k in keys], dtype=torch.float64)
+        )  # [micro-batches, keys]
+        vals = torch.where(torch.tensor([k in MAXED for k in keys]), table.max(0).values, table.sum(0))
+        vals /= torch.tensor([1.0 if k in _summed(keys) or k in MAXED else len(out) for k in keys], dtype=torch.float64)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         group = parallel_state.get_pipeline_model_parallel_group()
         src = parallel_state.get_pipeline_model_parallel_last_rank()
         obj = [(keys, vals)]
         dist.broadcast_object_list(obj, src=src, group=group)
         keys, vals = obj[0]
-    if dp > 1:  # sums over data-parallel ranks; the means' mean
-        vals = vals.to(device(), copy=True)  # nccl (the GPU's data-parallel group) reduces device tensors only
-        dist.all_reduce(vals, group=parallel_state.get_data_parallel_group())
-        vals = vals.cpu() / torch.tensor([1.0 if k in _summed(keys) else dp for k in keys], dtype=torch.float64)
+    if dp > 1:  # sums over data-parallel ranks, the largest of the maxima; the means' mean
+        maxed = torch.tensor([k in MAXED for k in keys])
+        group = parallel_state.get_data_parallel_group()
+        summed, largest = vals.to(device(), copy=True), vals.to(device(), copy=True)  # (nccl: device tensors)
+        dist.all_reduce(summed, group=group)
+        if maxed.any():
+            dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        vals = torch.where(maxed, largest.cpu(), summed.cpu())
+        vals /= torch.tensor([1.0 if k in _summed(keys) or k in MAXED else dp for k in keys], dtype=torch.float64)
     metrics = {k: float(v) for k, v in zip(keys, vals)}
-    for k in _summed(keys) & set(PER_TRAJECTORY):  # the sums over the step's trajectories, divided once
-        metrics[k] = metrics[k] / metrics[TRAJECTORIES] if metrics[TRAJECTORIES] > 0 else 0.0
+    for k in _summed(keys) & set(WEIGHED_BY):  # the sums over the step's trajectories or terms, divided once
+        metrics[k] = metrics[k] / metrics[WEIGHED_BY[k]] if metrics[WEIGHED_BY[k]] > 0 else 0.0
     if weighted:
         weight = metrics.pop(WEIGHT)
         metrics["loss"] = metrics.pop(LOSS_SUM) / weight if weight > 0 else 0.0
@@ -356,9 +367,9 @@ def forward_backward(model, micro_batches: list[dict], loss_fn: LossFn, forward_
 
 
 def _summed(keys) -> set:
-    """The metrics of ``keys`` a step sums over micro-batches and ranks: :data:`SUMMED`, and ``reward`` and
-    ``log_ratio`` (each times its micro-batch's trajectories) when the loss counts its ``trajectories``."""
-    return set(SUMMED) | (set(PER_TRAJECTORY) & set(keys) if TRAJECTORIES in keys else set())
+    """The metrics of ``keys`` a step sums over micro-batches and ranks: :data:`SUMMED`, and those of
+    :data:`WEIGHED_BY` (each times its micro-batch's count) when the loss reports their count."""
+    return set(SUMMED) | {k for k in keys if k in WEIGHED_BY and WEIGHED_BY[k] in keys}
 
 
 def finalize_grads(model) -> None:

@@ -215,6 +215,11 @@ def test_a_run_started_before_the_option_resumes_only_as_it_ran(tmp_path):
 # data and pipeline parallelism (spawned gloo processes)
 
 
+# metrics of the whole step, whatever its split into micro-batches and ranks: means over its trajectories or
+# loss terms, the largest |delta|, DPO's count of pairs (means of the micro-batches' means before)
+STEP_WIDE = ("reward", "log_ratio", "abs_delta_mean", "abs_delta_max", "pairs")
+
+
 def _worker(rank, world, port, tp, pp, params_path, out_dir):
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
@@ -230,7 +235,7 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir):
             loss, metrics, grads = run(full, micro_batches(), name, per_term=True, dp_rank=dp_rank, dp=dp)
             model = M.build_model(tiny_config())
             res[name] = {"loss": loss, "terms": metrics["loss_terms"], "grads": _layout(model, grads)}
-            res[name]["per_row"] = {k: metrics[k] for k in ("reward", "log_ratio")}
+            res[name]["per_row"] = {k: metrics[k] for k in STEP_WIDE if k in metrics}
             # megatron's DDP and distributed optimizer: one AdamW step, its loss and gradient norm
             M.load_full_parameters(model, full)
             model.config.calculate_per_token_loss = True  # before DDP: it then sums over ranks
@@ -262,7 +267,8 @@ def test_parallel_steps_are_the_mean_over_all_terms(params, tmp_path, tp, pp, dp
             M.load_full_parameters(model, params)
             opt, sched = build_optimizer(model, OPT)
             step = train_step(model, opt, sched, one_micro_batch(), _loss(name), OPT.clip_grad)
-            per_row = {k: step[k] for k in ("reward", "log_ratio")}
+            per_row = {k: step[k] for k in STEP_WIDE if k in step}
+            assert len(per_row) == {"shiq": 4, "dpo": 3}[name]
             norm = grad_norm(model)  # after the step: the same gradients (no clipping)
             assert norm == pytest.approx(step["grad_norm"], rel=1e-12)
             ref[name] = {"loss": loss, "grads": grads, "norm": step["grad_norm"], "per_row": per_row}
@@ -278,7 +284,7 @@ def test_parallel_steps_are_the_mean_over_all_terms(params, tmp_path, tp, pp, dp
             assert ddp_terms == counted_terms(name)
             assert _rel(torch.tensor(ddp_loss), torch.tensor(ref[name]["loss"])) < TOL, name
             assert _rel(torch.tensor(ddp_norm), torch.tensor(ref[name]["norm"])) < TOL, (name, ddp_norm)
-            for k, v in ref[name]["per_row"].items():  # means over the step's rows, as the loss is over its terms
+            for k, v in ref[name]["per_row"].items():  # over the step's rows, as the loss is over its terms
                 assert r["per_row"][k] == pytest.approx(v, rel=TOL, abs=1e-9), (name, k)
         grads = _gather([{"grads": res[name]["grads"], "tp_rank": res["tp_rank"]} for res in results], tp)
         assert sorted(grads) == sorted(ref[name]["grads"])

@@ -444,26 +444,30 @@ def test_step_metrics_are_reduced_over_data_parallel_ranks_on_the_compute_device
 
     dp_group, real_all_reduce, handed = ps.get_data_parallel_group(), torch.distributed.all_reduce, []
 
-    def all_reduce(t, *args, group=None, **kwargs):
+    def all_reduce(t, op=torch.distributed.ReduceOp.SUM, group=None, **kwargs):
         if group is not dp_group:
-            return real_all_reduce(t, *args, group=group, **kwargs)
+            return real_all_reduce(t, op=op, group=group, **kwargs)
         handed.append(t.device)
         if t.device.type == "meta":
             raise RuntimeError("handed to the collective on the reported device")
-        t.add_(t + 1)  # this rank's values plus the other rank's
+        t.add_(1 if op == torch.distributed.ReduceOp.MAX else t + 1)  # the other rank's values: this one's + 1
         return None
 
     monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
     monkeypatch.setattr(ps, "get_data_parallel_world_size", lambda *a, **k: 2)
     _, mean = TS.forward_backward(model, [dict(mb) for mb in mbs], loss_fn, forward_only=True)
-    assert handed == [parallel.device()]
+    assert handed == [parallel.device()] * 2  # the sums, then the maxima
     assert mean.keys() == alone.keys()
     assert all(isinstance(v, float) for v in mean.values())
-    n = alone["trajectories"]
-    for k in alone:  # counts summed over the ranks, reward and log_ratio over their trajectories, the rest averaged
+    n, terms = alone["trajectories"], alone["loss_terms"]
+    for k in alone:  # counts summed over the ranks, means over their trajectories or terms, the largest, the rest
         want = 2 * alone[k] + 1 if k in ("loss_terms", "trajectories") else alone[k] + 0.5
         if k in ("reward", "log_ratio"):
             want = (2 * alone[k] * n + 1) / (2 * n + 1)
+        if k == "abs_delta_mean":
+            want = (2 * alone[k] * terms + 1) / (2 * terms + 1)
+        if k == "abs_delta_max":
+            want = alone[k] + 1
         assert mean[k] == pytest.approx(want, rel=1e-12, abs=1e-12), k
     assert alone["loss_terms"] == sum(int(mb["action_mask"].sum()) for mb in mbs)  # ShiQ: every action
     # whatever device the helper reports is the one the tensor is on when it reaches the collective
