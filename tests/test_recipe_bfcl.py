@@ -698,3 +698,23 @@ def test_the_largest_seed_allowed_evaluates(tmp_path):
     ctx = bfcl.Context(cfg, tmp_path)
     res = bfcl.evaluate(ctx, ctx.reference[0])
     assert res["turns"] and all(t["answer_tokens"] >= 1 for t in res["turns"])
+
+
+def test_a_dropped_scenario_is_replaced_by_another_of_the_split():
+    """With ``data.buffer: visited`` a scenario of which not even the first turn fits ``data.max_tokens`` was
+    dropped, and the buffer held fewer scenarios than the steps read: the sampler then repeated some. Another
+    scenario of the split, not already chosen, now takes each dropped one's place (none with ``all``)."""
+    split = [{"id": f"multi_turn_base_{i}"} for i in range(12)]
+    cfg = bfcl.load_config(overrides=["train.steps=2", "train.groups_per_step=2"])
+    chosen = bfcl.trained_scenarios(cfg, split)
+    spares = bfcl.spare_scenarios(cfg, split, chosen)
+    assert sorted(e["id"] for e in chosen + spares) == sorted(e["id"] for e in split)  # the rest, each once
+    too_long = {chosen[1]["id"], spares[0]["id"]}  # the first spare does not fit either: the next one stands in
+    kept, dropped = bfcl.fit_scenarios(chosen, spares, lambda e: ([] if e["id"] in too_long else [e], []))
+    ids = [e["id"] for e, _, _ in kept]
+    assert dropped == [chosen[1]["id"], spares[0]["id"]]
+    assert ids == [chosen[0]["id"], chosen[2]["id"], chosen[3]["id"], spares[1]["id"]] and len(set(ids)) == 4
+    everything = bfcl.load_config(overrides=["data.buffer=all"])
+    assert bfcl.spare_scenarios(everything, split, bfcl.trained_scenarios(everything, split)) == []
+    kept, dropped = bfcl.fit_scenarios(split[:2], [], lambda e: ([] if e is split[0] else [e], []))
+    assert [e for e, _, _ in kept] == [split[1]] and dropped == [split[0]["id"]]  # no spare: one fewer

@@ -310,20 +310,59 @@ def trained_scenarios(cfg: dict, entries: list[dict]) -> list[dict]:
     return [entries[i] for i in sorted(keep.tolist())]
 
 
+def _replaced(data: dict) -> str:
+    """The report's words for the scenarios that took dropped ones' places (none in reports written before)."""
+    n = len(data.get("scenarios_replacing", []))
+    return f", {n} other scenario{'s' if n != 1 else ''} of the split in their place" if n else ""
+
+
+def spare_scenarios(cfg: dict, split: list[dict], chosen: list[dict]) -> list[dict]:
+    """The scenarios of ``split`` not ``chosen``, in a seeded order: those that take a dropped scenario's place
+    (:func:`fit_scenarios`) with ``data.buffer: visited``; none with ``all`` (every scenario is in the buffer)."""
+    ids = {e["id"] for e in chosen}
+    rest = [e for e in split if e["id"] not in ids]
+    if cfg["data"]["buffer"] == "all" or not rest:
+        return []
+    return [rest[i] for i in np.random.default_rng([cfg["seed"], 16]).permutation(len(rest)).tolist()]
+
+
+def fit_scenarios(chosen: list[dict], spares: list[dict], fit) -> tuple[list[tuple], list[str]]:
+    """``([(entry, trajectories, rows)], dropped ids)``: ``fit(entry)`` of each chosen scenario, in order; a
+    scenario of which not even the first turn fits (``fit`` gives no trajectory) is dropped and the next of
+    ``spares`` is fitted in its place, so that the training still reads as many distinct scenarios (the sampler
+    would otherwise repeat some within the steps); with no spare left, fewer."""
+    queue, spares, kept, dropped = list(chosen), iter(spares), [], []
+    while queue:
+        e = queue.pop(0)
+        trajs, rows = fit(e)
+        if trajs:
+            kept.append((e, trajs, rows))
+            continue
+        dropped.append(e["id"])
+        spare = next(spares, None)
+        if spare is not None:
+            queue.append(spare)
+    return kept, dropped
+
+
 def stage_data(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
     split = scenario_entries(cfg, "train")
     entries = trained_scenarios(cfg, split)
     _, tok = ctx.reference
     tok_info = load_tokenizer("smollm2")[1]
-    kept, rows_all, rows_sft, dropped, cut = [], [], [], [], 0
-    t0 = time.perf_counter()
-    for i, e in enumerate(entries):
+    kept, rows_all, rows_sft, cut = [], [], [], 0
+    t0, done = time.perf_counter(), [0]
+
+    def fit(e):
         group = scenario_trajectories(e, d["edits_per_scenario"], cfg["seed"], d["docs"] == "compact")
-        trajs, rows = fit_group(group, tok, d["max_tokens"], d["reward"])
-        if not trajs:
-            dropped.append(e["id"])
-            continue
+        done[0] += 1
+        if done[0] % 20 == 0:
+            _log(f"data: {done[0]} scenarios of {len(entries)} ({time.perf_counter() - t0:.0f} s)")
+        return fit_group(group, tok, d["max_tokens"], d["reward"])
+
+    fitted, dropped = fit_scenarios(entries, spare_scenarios(cfg, split, entries), fit)
+    for e, trajs, rows in fitted:
         cut += trajs[0]["kept_turns"] < len(e["ground_truth"])
         for t, r in zip(trajs, rows):
             r = {**r, "group_id": len(kept), "row_id": f"{t['id']}:{t['edit']}"}
@@ -331,8 +370,6 @@ def stage_data(ctx: Context) -> None:
             if t["edit"] == "ground_truth":
                 rows_sft.append(r)
         kept.append(trajs)
-        if (i + 1) % 20 == 0:
-            _log(f"data: {i + 1}/{len(entries)} scenarios ({time.perf_counter() - t0:.0f} s)")
     if not kept:
         raise ValueError(f"data.max_tokens={d['max_tokens']}: not even the first turn of any scenario fits")
     atomic_write_jsonl(ctx.out / "trajectories.jsonl", [t for g in kept for t in g])
@@ -361,6 +398,7 @@ def stage_data(ctx: Context) -> None:
         "scenarios": len(kept),
         "scenario_ids": [g[0]["id"] for g in kept],
         "scenarios_dropped": dropped,
+        "scenarios_replacing": [e["id"] for e, _, _ in fitted if e not in entries],  # spares in dropped ones' place
         "scenarios_cut": cut,
         "trajectories": len(flat),
         "rows_sft": len(rows_sft),
@@ -731,7 +769,7 @@ def report_markdown(rep: dict) -> str:
         f"1 or 0 by the state-based checker ({data['reward']} turn rewards in the buffer). {data['trajectories']} "
         f"trajectories, {data['turns']} turns, {data['tokens']['mean']:.0f} tokens per row on average (at most "
         f"{cfg['data']['max_tokens']}: {data['scenarios_cut']} scenarios kept only their first whole turns, "
-        f"{len(data['scenarios_dropped'])} dropped). In {data['groups_tied']} scenarios every trajectory has the "
+        f"{len(data['scenarios_dropped'])} dropped{_replaced(data)}). In {data['groups_tied']} scenarios every trajectory has the "
         "same return: multi-turn DPO forms no pair from them (ties are dropped), ShiQ and CoPG still learn from them."
         + (
             f" By text, {c['held_out_scenarios_in_training_questions']} of the {c['held_out_scenarios']} held-out "
