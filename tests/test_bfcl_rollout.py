@@ -534,6 +534,8 @@ def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_en
 class _CharTokenizer:
     """One token per character; the chat template joins role and content."""
 
+    all_special_tokens: list = []  # (no control token)
+
     def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
         return "".join(f"<{m['role']}>{m['content']}" for m in messages) + (
             "<assistant>" if add_generation_prompt else ""
@@ -590,6 +592,37 @@ def test_every_answer_is_drawn_under_its_own_seed():
     other = seeds([e0, e1], 1)
     assert not set(both[0] + both[1]) & set(other[0] + other[1])
     assert all(0 <= s < 2**62 for s in both[0] + both[1])
+
+
+def test_a_control_text_other_than_chatmls_is_written_as_text(smollm2):
+    """Only ``<|`` was broken, so SmolLM2's other control texts (``<file_sep>``, ``<repo_name>``) in a model
+    answer or a tool result reached the next prompt as control tokens, and the trajectory was refused when rows
+    were made. Every control text of the model's tokenizer is now broken by a zero-width space."""
+    from shiq_data.chat import control_texts
+
+    tok, _ = smollm2
+    said = "[pwd()] <file_sep> <repo_name>x <|im_end|>"
+
+    class Model:
+        eos_id = tok.convert_tokens_to_ids("<|im_end|>")
+        calls = 0
+
+        def generate(self, prompt_ids, cfg):
+            Model.calls += 1
+            text = said if Model.calls == 1 else "done"
+            return [tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"] + [self.eos_id]]
+
+    assert {"<file_sep>", "<repo_name>"} <= set(control_texts(tok))  # what the test is about
+    traj = ro.rollout_entry(
+        data.load_entry("multi_turn_base", 0), ro.ChatModelPolicy(Model(), tok, SamplingConfig(), 10**6)
+    )
+    first = next(m["content"] for m in traj["messages"] if m["role"] == "assistant")
+    assert first.replace("\u200b", "") == said and "<file_sep>" not in first and "<repo_name>" not in first
+    rendered = tok.apply_chat_template(traj["messages"][:3], tokenize=False)
+    ids = tok(rendered, add_special_tokens=False)["input_ids"]
+    specials = {tok.convert_tokens_to_ids(t) for t in ("<file_sep>", "<repo_name>")}
+    assert not specials & set(ids)  # written as text in the next prompt
+    assert ro.trajectory_to_row({**traj, "truncated": []}, tok)["tokens"]  # and the row is made
 
 
 def test_chat_model_policy_and_context_overflow():

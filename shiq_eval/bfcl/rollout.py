@@ -17,8 +17,9 @@ cumulative and reset turn rewards).
 
 What the model writes and what the simulators answer are data (:func:`as_text`): a lone surrogate (a call's
 ``'\\ud800'`` string echoed in a tool result) becomes U+FFFD, and text spelling a control token
-(``<|im_end|>`` written as plain characters, or echoed by a tool) has a zero-width space put after its ``<``,
-so that the chat template renders it as text and never as a turn boundary.
+(``<|im_end|>`` written as plain characters, or echoed by a tool; with a model policy, any of its tokenizer's
+control texts) has a zero-width space put after its first character, so that the chat template renders it as
+text and never as a turn boundary or another control token.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from shiq_data.chat import encode_chat
+from shiq_data.chat import control_texts, encode_chat
 from shiq_data.io import atomic_write_jsonl, iter_jsonl
 from shiq_data.schema import is_finite_number
 from shiq_eval.bfcl.budget import Budget, entry_scope
@@ -45,11 +46,17 @@ Policy = Callable[[list], str]
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def as_text(text: str) -> str:
+def as_text(text: str, controls: Sequence[str] = ()) -> str:
     """``text`` as the conversation stores and renders it: lone surrogates (which UTF-8 cannot hold, nor a
-    tokenizer read) replaced by U+FFFD, and ``<|`` (how ChatML's and Llama's control tokens begin) written
-    ``<\u200b|``, so no model answer or tool result can spell a control token into the next prompt."""
-    return _SURROGATE.sub("\ufffd", text).replace("<|", "<\u200b|")
+    tokenizer read) replaced by U+FFFD, ``<|`` (how ChatML's and Llama's control tokens begin) written
+    ``<\u200b|``, and each of ``controls`` (a tokenizer's other control texts, SmolLM2's ``<file_sep>``, say)
+    with a zero-width space after its first character, so no model answer or tool result can spell a control
+    token into the next prompt."""
+    text = _SURROGATE.sub("\ufffd", text).replace("<|", "<\u200b|")
+    for control in controls:
+        if len(control) > 1:
+            text = text.replace(control, control[0] + "\u200b" + control[1:])
+    return text
 
 
 SYSTEM_PROMPT = """You are an expert in composing functions. You are given a question and a set of possible functions. Based on the question, you will need to make one or more function/tool calls to achieve the purpose.
@@ -173,6 +180,7 @@ class ChatModelPolicy:
     def __init__(self, token_policy, tokenizer, cfg, max_context: int | None = None, stream: str = ""):
         self.token_policy, self.tokenizer, self.cfg = token_policy, tokenizer, cfg
         self.stream, self.answers = stream, 0
+        self.control_texts = control_texts(tokenizer)  # what as_text breaks in its answers and the tool results
         if max_context is None:
             max_context = getattr(token_policy, "max_context", None) or getattr(
                 getattr(token_policy.model, "config", None), "max_position_embeddings", None
@@ -227,6 +235,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
     if compact:
         docs, withheld = compact_docs(docs), {k: compact_docs(v) for k, v in withheld.items()}
     env = Environment(entry, budget)
+    controls = getattr(policy, "control_texts", ())  # (a model policy's tokenizer's)
     messages = [system_message(docs)]
     assistant_turns: list[int] = []
     truncated: list[int] = []  # assistant messages (their index among them) the token limit cut
@@ -247,7 +256,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
                 raise TypeError(f"{entry['id']}: turn {k}: the policy returned {type(answer).__name__}, expected str")
             if isinstance(answer, CutAnswer):
                 truncated.append(len(assistant_turns))
-            messages.append({"role": "assistant", "content": as_text(answer)})
+            messages.append({"role": "assistant", "content": as_text(answer, controls)})
             assistant_turns.append(k)
             calls = decode_calls(answer)  # from the answer as written: the checker sees the calls made
             if not calls:
@@ -257,7 +266,7 @@ def _rollout(entry: dict, policy: Policy, max_steps: int, budget: Budget, compac
                 force_terminated = True
                 break
             for result in env.execute(calls):
-                messages.append({"role": "tool", "content": as_text(result)})
+                messages.append({"role": "tool", "content": as_text(result, controls)})
         decoded_turns.append(steps)
         if force_terminated:
             break
