@@ -384,3 +384,17 @@ def test_ctrl_c_stops_the_workers_and_the_command_at_once(tmp_path):
     while subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout and time.monotonic() < deadline:
         time.sleep(0.1)
     assert subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True).stdout == b""  # no worker left
+
+
+def test_an_option_of_the_other_experiment_is_refused(tmp_path, capsys):
+    """--n-pairs sets the grid world's data and --center-rewards the bandit's rewards: given to the other
+    experiment alone, each was ignored without a word (a bandit run with "--n-pairs 50" used its 500 pairs)."""
+    for bad, message in (
+        (["bandit", "--n-pairs", "50"], "--n-pairs applies to the gridworld experiment only"),
+        (["gridworld", "--center-rewards"], "--center-rewards applies to the bandit experiment only"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            toys.main([*bad, "--quick", "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"shiq-toys: error: {message}" in err, err
+        assert not os.listdir(tmp_path)

@@ -701,6 +701,10 @@ def _main(args, p) -> int:
         p.error("--epochs and --n-pairs must be >= 1")
     if args.good_policy != "optimal" and args.experiment == "bandit":
         p.error("--good-policy applies to the gridworld experiment only")
+    if args.n_pairs is not None and args.experiment == "bandit":
+        p.error("--n-pairs applies to the gridworld experiment only")
+    if args.center_rewards and args.experiment == "gridworld":
+        p.error("--center-rewards applies to the bandit experiment only")
     workers = 1 if args.quick else args.workers
     refuse_inside_buffer(args.out, "--out", itself=True)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
