@@ -53,6 +53,20 @@ def test_jobs_run_in_their_own_processes_with_their_share_of_the_cores(tmp_path)
     assert lines[0].startswith("3 runs, 2 at a time with")
 
 
+def test_fewer_runs_than_jobs_share_all_the_cores(tmp_path, monkeypatch):
+    """Two runs with --jobs 4 on 8 cores go two at a time: each gets 4 threads (8 // 2), not the 2 (8 // 4) that
+    left half the cores idle."""
+    import shiq_eval.recipes.side_by_side as sbs
+
+    monkeypatch.setattr(sbs, "cores", lambda: 8)
+    jobs = [(n, tmp_path / n, (str(tmp_path / n), False)) for n in ("seed0", "seed1")]
+    lines = []
+    run_side_by_side(f"{__name__}:fake_run", jobs, 4, lines.append, poll_seconds=0.05)
+    for name in ("seed0", "seed1"):
+        assert json.loads((tmp_path / name / "seen.json").read_text())["threads"] == 8 // 2
+    assert lines[0] == f"2 runs, 2 at a time with 4 thread(s) each; their output: <run>/{LOG_NAME}"
+
+
 def test_a_failed_job_is_named_after_the_others_finish(tmp_path):
     jobs = [(n, tmp_path / n, (str(tmp_path / n), n == "seed0")) for n in ("seed0", "seed1")]
     lines = []

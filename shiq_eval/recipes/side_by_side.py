@@ -72,11 +72,12 @@ def run_side_by_side(
 ) -> None:
     """The function ``target`` (``"module:function"``, imported in each worker) called with ``args`` for each
     ``(name, folder, args)`` of ``jobs_args``, ``jobs`` processes at a time, each with
-    :func:`threads_per_job` torch threads and its output in ``folder/run.log``. ``log`` gets a line when the
+    :func:`threads_per_job` torch threads (the cores shared among ``min(jobs, runs)``) and its output in ``folder/run.log``. ``log`` gets a line when the
     jobs start, when a stage of one finishes (``folder/stages.json``) and when one ends. Every job runs to its
     end even when another fails; then the first failure (in ``jobs_args`` order) is raised again, its job
     named, as the same kind of error where it can be."""
-    threads = threads_per_job(jobs)
+    threads_per_job(jobs)  # refuses jobs < 1
+    threads = threads_per_job(max(1, min(jobs, len(jobs_args))))  # the cores shared by the runs that go at once
     seen = {name: set(_finished(Path(folder))) for name, folder, _ in jobs_args}
     errors: dict[str, BaseException] = {}
     with worker_pool(jobs) as pool:
