@@ -92,7 +92,8 @@ def ridge(X: torch.Tensor, y: torch.Tensor, l2: float) -> tuple[torch.Tensor, fl
 def cross_validate_l2(X: torch.Tensor, y: torch.Tensor, l2s: list[float], folds: int = 5, seed: int = 0):
     """Choose the ridge penalty by ``folds``-fold cross-validation on ``(X [N, D], y [N])`` only: for each
     ``l2`` the Pearson correlation of the pooled out-of-fold predictions with ``y`` (folds from a seeded
-    permutation). Returns ``(best l2, {l2: correlation})``; ties go to the first ``l2`` listed."""
+    permutation). Returns ``(best l2, {l2: correlation})``; ties go to the first ``l2`` listed, an undefined
+    correlation (NaN: constant predictions) is never the best unless all are."""
     import torch  # heavy: shiq-data imports this module for every build
 
     if folds < 2 or folds > X.shape[0] or not l2s:
@@ -111,7 +112,8 @@ def cross_validate_l2(X: torch.Tensor, y: torch.Tensor, l2s: list[float], folds:
             w, b = ridge(X[keep], y[keep], float(l2))
             pred[part] = X[part] @ w + b
         scores[float(l2)] = pearson(pred, y)
-    best = max(scores, key=lambda k: (scores[k], -list(scores).index(k)))
+    # an undefined correlation (constant predictions: NaN) ranks below every other; ties go to the first listed
+    best = max(scores, key=lambda k: (-math.inf if math.isnan(scores[k]) else scores[k], -list(scores).index(k)))
     return best, scores
 
 

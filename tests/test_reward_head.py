@@ -76,6 +76,30 @@ def test_cross_validation_uses_as_many_folds_as_asked_when_they_do_not_divide_th
     assert sorted(sizes) == [7, 7, 7, 8, 8, 8]
 
 
+@pytest.mark.parametrize("order", [(1e9, 1.0, 10.0), (1.0, 1e9, 10.0), (1.0, 10.0, 1e9)])
+def test_cross_validation_never_picks_a_penalty_whose_correlation_is_undefined(monkeypatch, order):
+    """A penalty whose out-of-fold predictions are constant has no correlation (NaN); comparing NaN made the
+    pick depend on where it was listed. It is now never the best while another correlation is defined."""
+    import shiq_data.reward_head as RH
+
+    real = RH.ridge
+
+    def flat_for_huge(X, y, l2):  # the huge penalty predicts a constant
+        w, b = real(X, y, l2)
+        return (torch.zeros_like(w), 0.0) if l2 > 1e8 else (w, b)
+
+    monkeypatch.setattr(RH, "ridge", flat_for_huge)
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(40, 3, generator=g, dtype=torch.float64)
+    y = X @ torch.tensor([1.0, -0.5, 0.2], dtype=torch.float64) + 0.3 * torch.randn(
+        40, generator=g, dtype=torch.float64
+    )
+    best, scores = cross_validate_l2(X, y, list(order), folds=4)
+    assert np.isnan(scores[1e9])
+    finite = {k: v for k, v in scores.items() if not np.isnan(v)}
+    assert best == max(finite, key=finite.get)  # the best defined correlation, wherever NaN was listed
+
+
 def test_cross_validation_refuses_bad_folds():
     X, y = _data(n=10)
     with pytest.raises(ValueError, match="folds"):
