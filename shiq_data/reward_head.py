@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from safetensors import safe_open
 
 from shiq_data.assets import minilm_dir
-from shiq_data.io import atomic_write, no_duplicate_keys, one_line, type_name
+from shiq_data.io import atomic_write, no_duplicate_keys, one_line, read_json_file, sha256_files, type_name
 
 if TYPE_CHECKING:
     import torch
@@ -321,7 +321,9 @@ class RegressionRewardModel:
         a file that is not a head (each naming the file and the tensor or metadata field): a tensor other than
         ``weight``, ``bias`` and the encoder's, a ``weight`` that is not one finite value per embedding
         dimension, a ``bias`` that is not one finite value, a ``meta`` that is not the JSON text of an object, or
-        encoder tensors the MiniLM model does not have (torch's errors named none of these)."""
+        encoder tensors the MiniLM model does not have (torch's errors named none of these), and a head whose
+        SHA-256 is not the one a record beside it gives (:func:`check_recorded_sha256`)."""
+        check_recorded_sha256(path)
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             names = list(f.keys())
@@ -362,3 +364,25 @@ class RegressionRewardModel:
         if model is not None and weight.shape[0] != (dim := model.get_sentence_embedding_dimension()):
             raise ValueError(f"{path}: tensor 'weight': {weight.shape[0]} values, the encoder's embeddings have {dim}")
         return cls(encoder, weight, float(bias[0]), info, meta.get("joiner", " "), own or None)
+
+
+HEAD_RECORD = "reward_model.json"  # what the demo writes beside its head: {..., "sha256": {file name: digest}}
+
+
+def check_recorded_sha256(path: str | Path) -> None:
+    """Refuse (``ValueError`` naming both files) a head whose SHA-256 differs from the one that a record beside
+    it (:data:`HEAD_RECORD`, as the demo writes it) gives for its file name: the head changed or is corrupt since
+    it was recorded. A head with no such record, or one the record does not name, is read as it is."""
+    path = Path(path)
+    record = path.parent / HEAD_RECORD
+    if not record.is_file():
+        return
+    value = read_json_file(record)
+    recorded = value.get("sha256") if isinstance(value, dict) else None
+    want = recorded.get(path.name) if isinstance(recorded, dict) else None
+    if want is None:
+        return
+    if not isinstance(want, str) or sha256_files([path]) != want.lower():
+        raise ValueError(
+            f"{path}: its SHA-256 differs from the one {record} records for it (the file changed or is corrupt)"
+        )

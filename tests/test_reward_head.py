@@ -117,3 +117,30 @@ def test_a_missing_head_names_the_class_that_saves_one(tmp_path):
         regression_reward_fn(tmp_path / "missing.safetensors")
     module, name = re.search(r"a head saved by ([\w.]+)\.save\)", str(e.value)).group(1).rsplit(".", 1)
     assert hasattr(importlib.import_module(module), name), str(e.value)
+
+
+def test_a_head_is_checked_against_the_record_beside_it(tmp_path):
+    """A head with the demo's record beside it (reward_model.json, its SHA-256) was read by shiq-eval run and
+    shiq-data build without that check (only the demo checked it): a head changed since was scored with. Every
+    load now checks it; a head with no record, or one the record does not name, is read as it is."""
+    import hashlib
+    import json
+
+    from shiq_data.reward_head import RegressionRewardModel
+
+    def encoder(texts):
+        return torch.ones(len(texts), 3)
+
+    head = tmp_path / "reward_model.safetensors"
+    RegressionRewardModel(encoder, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 0.5).save(head)
+    record = tmp_path / "reward_model.json"
+    assert RegressionRewardModel.load(head, encoder).score_texts(["a"]) == [6.5]  # no record: read as it is
+    record.write_text(json.dumps({"pearson_held_out": 0.7, "sha256": {"other.safetensors": "0" * 64}}))
+    assert RegressionRewardModel.load(head, encoder).score_texts(["a"]) == [6.5]  # the record names another file
+    record.write_text(json.dumps({"sha256": {head.name: hashlib.sha256(head.read_bytes()).hexdigest().upper()}}))
+    assert RegressionRewardModel.load(head, encoder).score_texts(["a"]) == [6.5]  # the recorded digest
+    RegressionRewardModel(encoder, torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64), 0.5).save(head)  # changed
+    with pytest.raises(
+        ValueError, match=rf"{re.escape(str(head))}: its SHA-256 differs from the one {re.escape(str(record))}"
+    ):
+        RegressionRewardModel.load(head, encoder)
