@@ -196,6 +196,23 @@ def test_bad_where_is_one_line_exit_2_and_writes_nothing(data, tmp_path, capsys,
     assert [p.name for p in tmp_path.iterdir()] == []
 
 
+@pytest.mark.parametrize("verb", ["filter", "stats"])
+def test_a_where_that_fails_on_one_shards_values_names_the_shard(data, tmp_path, capsys, verb):
+    """An expression that fails on the values of a later shard only (a cast of source b's prompts, the
+    buffer's later shards) named --where but not where it failed. It now names the shard's file."""
+    expr = "CASE WHEN source = 'a' THEN reward > 0 ELSE CAST(prompt AS INTEGER) > 0 END"
+    m = json.loads((data["ab"] / "manifest.json").read_text())
+    first_b = next(  # the first shard holding a row of source b, by pyarrow
+        s["file"] for s in m["shards"] if "b" in read_shard(data["ab"] / s["file"]).column("source").to_pylist()
+    )
+    assert first_b != m["shards"][0]["file"]  # a later shard: the expression runs on the first ones
+    out = ["--out", tmp_path / "f", "--no-progress"] if verb == "filter" else []
+    code, _, err = run(capsys, verb, data["ab"], "--where", expr, *out)
+    assert code == 2 and err.count("\n") == 1 and "Conversion Error" in err, err
+    assert f"on the rows of {data['ab'] / first_b} (columns:" in err, err
+    assert not (tmp_path / "f").exists()
+
+
 @pytest.mark.parametrize("verb", ["stats", "show"])
 def test_an_empty_where_is_refused_by_stats_and_show_as_by_filter(data, capsys, verb):
     """--where "" (an unset shell variable) gave the statistics or rows of the whole buffer as if no --where was

@@ -20,7 +20,7 @@ def selected(source: CurationSource, where: Where | None) -> Iterator[tuple]:
             yield table, np.arange(table.num_rows)
             continue
         view = source.view(table, text=where.needs(TEXT_COLUMNS), extra_keys=where.needs_extra_keys())
-        yield table, np.flatnonzero(where.mask(view))
+        yield table, np.flatnonzero(where.mask(view, source.shard_path))
 
 
 def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = False) -> tuple[Buffer, int, int]:

@@ -201,6 +201,7 @@ class CurationSource:
         self._tokenizer = None
         self._extra_kinds: dict[str, str] | None = None
         self._checked: set[int] = set()  # shards whose rows check_shard passed (a verb may read them twice)
+        self.shard_path = None  # the file of the shard shards() last gave
 
     def __len__(self) -> int:
         return len(self.buffer)
@@ -256,12 +257,13 @@ class CurationSource:
 
     def shards(self) -> Iterator[pa.Table]:
         """Each shard with every stored column, checked against the manifest (:meth:`Buffer.checked_shards`) and
-        its rows by :func:`check_shard` (once per shard)."""
+        its rows by :func:`check_shard` (once per shard); :attr:`shard_path` is its file meanwhile."""
         vocab = int(self.manifest["tokenizer"]["vocab_size"])
         for k, (path, table) in enumerate(zip(self.buffer.shard_paths, self.buffer.checked_shards())):
             if k not in self._checked:
                 check_shard(table, vocab, path)
                 self._checked.add(k)
+            self.shard_path = path
             yield table
 
     def warn_of_shadowed_keys(self, columns: set[str]) -> None:

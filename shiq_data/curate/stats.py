@@ -57,7 +57,7 @@ def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> No
             extra_keys=where is not None and where.needs_extra_keys(),
         )
         if where is not None:
-            view = view.filter(pa.array(where.mask(view)))
+            view = view.filter(pa.array(where.mask(view, source.shard_path)))
         spill.append("rows", view.select(list(COLUMNS)))
 
 

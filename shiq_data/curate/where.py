@@ -132,14 +132,16 @@ class Where:
         """Whether the expression names a column other than the derived ones (a key of ``extra``)."""
         return bool(self.columns - set(DERIVED))
 
-    def mask(self, view: pa.Table) -> np.ndarray:
-        """``[N]`` bool: the rows of ``view`` (a table of derived columns) where the expression is true."""
+    def mask(self, view: pa.Table, shard=None) -> np.ndarray:
+        """``[N]`` bool: the rows of ``view`` (a table of derived columns) where the expression is true; an
+        error the rows' values raise (a cast that fails on one shard's text) names ``shard``, their file."""
         self.con.register(TABLE, view)
         try:
             result = self.con.sql(self.sql).to_arrow_table()
         except duckdb.Error as e:
             columns = ", ".join(view.schema.names + [c for c in TEXT_COLUMNS if c not in view.schema.names])
-            raise ValueError(f"--where {self.expr!r}: {_first_line(e)} (columns: {columns})") from None
+            where = f" on the rows of {shard}" if shard is not None and view.num_rows else ""
+            raise ValueError(f"--where {self.expr!r}: {_first_line(e)}{where} (columns: {columns})") from None
         finally:
             self.con.unregister(TABLE)
         keep = result.column("keep")
