@@ -98,7 +98,7 @@ def evaluate_policy(
     prompt_prefixes: PromptPrefixes | None = None,
     **options,
 ) -> EvalResult:
-    """Reward and both KL estimators of ``model`` against ``ref_model`` on the given prompts.
+    """Reward and both KL estimators (SHIQ_MATH §6) of ``model`` against ``ref_model`` on the given prompts.
 
     ``model`` and ``ref_model`` answer ``model(input_ids=, attention_mask=).logits`` (transformers
     models, or :class:`shiq_eval.generate.MegatronLogits`); completions come from ``sampler`` (a
@@ -140,7 +140,7 @@ def evaluate_policy(
 
 def evaluate_one_pass(policy, tokenizer, prompt_ids, prompt_texts, scorer, **options) -> EvalResult:
     """:func:`evaluate_samples` for a policy whose ``generate_with_kls(prompt_ids, cfg, progress)`` returns
-    ``(completions, sample [N], exact [N])``: the KL estimators read off the sampling pass itself."""
+    ``(completions, sample [N], exact [N])``: the KL estimators (SHIQ_MATH §6) read off the sampling pass itself."""
     kls = {}
 
     def generate(prompts, cfg, progress=False):

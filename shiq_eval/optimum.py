@@ -53,7 +53,7 @@ def whole_number(x, name: str) -> int:
 
 
 def mean_stderr(values) -> tuple[float, float]:
-    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``; NaN for one value, whose spread is
+    """Mean and standard error of the mean (``std(ddof=1)/sqrt(n)``, SHIQ_MATH §9; NaN for one value, whose spread is
     undefined: written as null, :func:`undefined_as_null`). The spread is taken of the values scaled to at most
     1 and scaled back, so values near 1e200 (J at a large β) give a finite one where their squares would
     overflow."""
@@ -210,7 +210,7 @@ def j_star(ref_rewards, beta) -> np.ndarray:
 def j_star_curve(ref_rewards, beta, sizes: Sequence[int] | None = None) -> list[dict]:
     """How the ``J*`` estimate moves with the number of reference samples: for each ``n`` in ``sizes``
     (default 1, 2, 4, ... up to ``N``), the mean over prompts of the estimate from the first ``n``
-    samples, with its standard error over prompts. A converged estimate changes little between the
+    samples, with its standard error over prompts (SHIQ_MATH §9). A converged estimate changes little between the
     last sizes; a still-rising one says ``N`` is too small (the estimate is biased low)."""
     r = np.asarray(ref_rewards, dtype=np.float64)
     if r.ndim != 2 or 0 in r.shape:

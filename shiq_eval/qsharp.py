@@ -431,7 +431,8 @@ class GuidedPolicy:
 
 
 def _kl_sums(steps: GuidedSteps) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row ``(Σ_t log π_g(y_t|s_t) − log π_ref(y_t|s_t), Σ_t KL_t)`` over the active steps, ``([B], [B])``."""
+    """Per-row ``(Σ_t log π_g(y_t|s_t) − log π_ref(y_t|s_t), Σ_t KL_t)`` over the active steps, ``([B], [B])``:
+    the sample and exact KL estimators of SHIQ_MATH §6."""
     return (
         torch.where(steps.active, steps.logp - steps.ref_logp, 0.0).sum(-1),
         torch.where(steps.active, steps.kl, 0.0).sum(-1),

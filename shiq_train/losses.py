@@ -168,7 +168,8 @@ def suffix_sum(
 
 
 def next_action_index(action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None):
-    """Index of the next action of the same trajectory, ``[B, T]`` int64, and whether it exists."""
+    """Index of the next action of the same trajectory, ``[B, T]`` int64, and whether it exists: "the next
+    state" of an action (SHIQ_MATH §2), read by ShiQ/ms (§4)."""
     B, T = action_mask.shape
     seg = _segments(action_mask, segment_ids)
     pos = torch.arange(T, device=action_mask.device).expand(B, T)
@@ -325,7 +326,7 @@ def sequence_log_ratio(chosen_logits, logz, ref_chosen_logits, ref_logz, action_
 
 
 def sequence_return(rewards, action_mask) -> torch.Tensor:
-    """``R(x, y) = Σ_t m_t r_t``, ``[B]``: the sequence reward, or the cumulative turn reward."""
+    """``R(x, y) = Σ_t m_t r_t``, ``[B]``: the sequence reward, or the cumulative turn reward (SHIQ_MATH §5)."""
     return (_float(rewards) * action_mask).sum(-1)
 
 
@@ -350,7 +351,8 @@ def _check_every_row_acts(action_mask: torch.Tensor) -> None:
 
 
 def preference_pairs(returns: torch.Tensor, group_ids: torch.Tensor):
-    """All (winner, loser) row pairs within each group, by ``1[R_i > R_j]`` (ties dropped).
+    """All (winner, loser) row pairs within each group, by ``1[R_i > R_j]`` (ties dropped): the pairs of DPO and
+    multi-turn DPO (SHIQ_MATH §5), preferred = larger return, deterministic as in §7.
 
     Args: returns ``[B]``, group_ids ``[B]``. Returns two ``[P]`` int64 index tensors.
     """
@@ -361,7 +363,7 @@ def preference_pairs(returns: torch.Tensor, group_ids: torch.Tensor):
 
 
 def group_pairs(group_ids: torch.Tensor):
-    """All unordered pairs ``i > j`` of rows in the same group, as two ``[P]`` index tensors."""
+    """All unordered pairs ``i > j`` of rows in the same group, as two ``[P]`` index tensors (CoPG, SHIQ_MATH §5)."""
     B = group_ids.shape[0]
     same = group_ids[:, None] == group_ids[None, :]
     lower = torch.ones(B, B, dtype=torch.bool, device=group_ids.device).tril(-1)
@@ -453,7 +455,7 @@ def loo_soft_value(returns: torch.Tensor, group_ids: torch.Tensor, *, beta: floa
 
 
 def trajectory_sums(x: torch.Tensor, action_mask: torch.Tensor, segment_ids: torch.Tensor | None = None):
-    """``Σ_t m_t x_t`` per trajectory, ``[N]``: one entry per trajectory that has an action, rows in
+    """``Σ_t m_t x_t`` per trajectory, ``[N]`` (``R`` and ``Λ`` of SHIQ_MATH §5): one entry per trajectory that has an action, rows in
     order and, on packed rows (``segment_ids`` ``[B, T]``), segments in order within a row."""
     x = _float(x) * action_mask
     if segment_ids is None or segment_ids.numel() == 0:

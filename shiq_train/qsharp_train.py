@@ -236,7 +236,7 @@ def action_weights(micro_batches: list[dict]) -> list[float]:
 
 
 def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
-    """Smallest and largest return-to-go over the action positions of one epoch of ``sampler``
+    """Smallest and largest return-to-go (SHIQ_MATH §8) over the action positions of one epoch of ``sampler``
     (a ``shiq_data.sampler.BufferSampler``; its stream position is restored afterwards)."""
     state = sampler.state_dict()
     lo, hi = math.inf, -math.inf

@@ -194,7 +194,8 @@ def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
 
 
 def check_entry(category: str, entry_id: str | int, decoded_turns: Sequence[Sequence[Sequence[str]]]) -> dict:
-    """Check a model's decoded calls on one BFCL multi-turn entry, with per-turn rewards.
+    """Check a model's decoded calls on one BFCL multi-turn entry, with per-turn rewards (the verifier's
+    score of SHIQ_MATH §6, one per turn).
 
     Args:
         category: one of :data:`CATEGORIES`.
@@ -237,7 +238,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 def summarize(results: Sequence[dict]) -> dict:
     """Leaderboard-style numbers from checked trajectories (each with ``id``, ``valid``,
-    ``turn_rewards``, ``turn_rewards_reset``).
+    ``turn_rewards``, ``turn_rewards_reset``): mean verifier scores (SHIQ_MATH §6).
 
     Per category: ``n``, ``accuracy`` (fraction valid), ``turn_reward_mean`` and
     ``turn_reward_reset_mean`` (over all turns of all entries) and the same by turn index
