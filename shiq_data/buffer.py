@@ -1269,7 +1269,21 @@ def shards_without_ref(buffer_dir, ref_model: dict | None = None) -> list[int]:
     recorded = manifest.get("ref_model")
     if not same_reference(recorded, ref_model):
         raise _other_reference(buffer_dir, recorded, ref_model)
+    _refuse_unrecorded_reference(buffer_dir, manifest, ref_model)
     return [i for i, s in enumerate(manifest["shards"]) if not s["has_ref"]]
+
+
+def _refuse_unrecorded_reference(buffer_dir, manifest: dict, ref_model: dict | None, but: int | None = None) -> None:
+    """Refuse to add ``ref_model``'s statistics beside shards (other than shard ``but``) that hold statistics of
+    no recorded model (rows written with reference columns and no ``ref_model``): whose they are is unknown."""
+    held = [s["file"] for i, s in enumerate(manifest["shards"]) if s["has_ref"] and i != but]
+    if ref_model is not None and manifest.get("ref_model") is None and held:
+        raise ValueError(
+            f"{Path(buffer_dir) / MANIFEST}: {held[0]}{' and others' if len(held) > 1 else ''} hold reference "
+            "statistics of no recorded model (field 'ref_model' is missing), so they cannot be told to be "
+            f"{ref_model.get('model') or ref_model.get('name') or 'this model'}'s: build a new buffer without reference "
+            "columns, or write it with its ref_model"
+        )
 
 
 CHECK_BATCH_ROWS = 256  # rows :func:`replace_shard` holds as Python objects at a time, to check them
@@ -1314,6 +1328,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             recorded = manifest.get("ref_model")
             if not same_reference(recorded, ref_model):
                 raise _other_reference(buffer_dir, recorded, ref_model)
+            _refuse_unrecorded_reference(buffer_dir, manifest, ref_model, but=shard_index)
         vocab = manifest["tokenizer"]["vocab_size"]
         i = 0
         for batch in table.to_batches(max_chunksize=CHECK_BATCH_ROWS):  # (a whole shard's rows as Python objects

@@ -487,6 +487,39 @@ def test_add_ref_columns_shard_by_shard(tmp_path):
     assert validate_buffer(b)["has_ref_stats"]
 
 
+def test_statistics_are_not_added_beside_those_of_an_unrecorded_model(tmp_path):
+    """Rows written with reference columns but no ref_model record hold some model's statistics; ref-stats then
+    skipped their shards and filled the others with its own model's, one buffer of two references. It is
+    refused, naming a shard that holds them; a buffer whose statistics are recorded completes as before."""
+    rows = make_rows(5)
+    ref = [{**r, "ref_chosen_logits": [0.0] * len(r["tokens"]), "ref_logz": [0.0] * len(r["tokens"])} for r in rows]
+    b = tmp_path / "b"
+    write_buffer(ref[:3], b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)  # no ref_model
+    append_buffer(b, rows[3:], command=["t"], progress=False)  # a shard without statistics
+    model = {"model": "smollm2", "dtype": "float32"}
+    assert [s["has_ref"] for s in json.loads((b / "manifest.json").read_text())["shards"]] == [
+        True,
+        False,
+    ]  # by the manifest
+    with pytest.raises(ValueError, match=r"shard-00000.arrow hold reference statistics of no recorded model"):
+        shards_without_ref(b, model)
+    with pytest.raises(ValueError, match=r"shard-00000.arrow hold reference statistics of no recorded model"):
+        add_ref_columns(
+            b,
+            1,
+            [[0.0] * len(r["tokens"]) for r in rows[3:]],
+            [[0.0] * len(r["tokens"]) for r in rows[3:]],
+            ref_model=model,
+        )
+    assert not any(
+        s.get("revision") for s in json.loads((b / "manifest.json").read_text())["shards"]
+    )  # nothing replaced
+    c = tmp_path / "c"
+    write_buffer(ref[:3], c, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False, ref_model=model)
+    append_buffer(c, rows[3:], command=["t"], progress=False)
+    assert shards_without_ref(c, model) == [1]
+
+
 def test_statistics_of_another_reference_name_the_fields_that_differ(tmp_path):
     """ref-stats --dtype bfloat16 on a buffer of float32 statistics printed both records whole (two dicts with
     the tokenizer's whole sha256), leaving the reader to find the field that differs."""
