@@ -1140,6 +1140,11 @@ def hydra_error(argv: list[str]) -> str | None:
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
         return f"+{key}: {key!r} is no option of shiq-train"
+    chosen = OmegaConf.to_container(_with_groups(argv, default), resolve=False)  # (the loss and model chosen)
+    for key, section in given.items():  # +data.foo=1, +train.eval_every=3 likewise: read by nothing
+        if key != "resume" and isinstance(section, dict) and isinstance(chosen.get(key), dict):
+            for added in sorted(section.keys() - chosen[key].keys()):
+                return f"+{key}.{added}: '{key}.{added}' is no option of shiq-train"
     for key, section in default.items():  # a section removed (~loss) or replaced by a value (data=x)
         if key in OPTIONAL_SECTIONS:  # read as cfg.get(key) or {}
             continue

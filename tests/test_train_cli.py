@@ -1050,6 +1050,11 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["out=x", "--steps=3"]).startswith("--steps=3: not an option of shiq-train")
     # +foo=1 was kept in config.yaml and read by nothing; a path with ü gave Hydra's lexer error alone
     assert hydra_error(["+foo=1"]) == "+foo: 'foo' is no option of shiq-train"  # (main adds: see --help)
+    # so was a key added inside a section that no code of shiq-train reads (train.eval_every: only shiq-demo's)
+    assert hydra_error(["+data.foo=1"]) == "+data.foo: 'data.foo' is no option of shiq-train"
+    assert hydra_error(["+parallel.tpp=2"]) == "+parallel.tpp: 'parallel.tpp' is no option of shiq-train"
+    assert hydra_error(["+train.eval_every=3"]) == "+train.eval_every: 'train.eval_every' is no option of shiq-train"
+    assert hydra_error(["loss=qsharp_value", "+loss.beta=1"]) == "+loss.beta: 'loss.beta' is no option of shiq-train"
     # a misspelt or misplaced key: Hydra advised +key=value, refused next; now the setting it may have meant
     assert hydra_error(["trian.lr=1e-4"]) == "trian.lr: no such setting (did you mean optimizer.lr?)"
     assert hydra_error(["loss.bta=0.1"]) == "loss.bta: no such setting (did you mean loss.beta?)"
