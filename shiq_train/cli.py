@@ -700,6 +700,10 @@ def _dataclass_from(cls, section: dict, prefix: str):
     return cls(**section)
 
 
+# a policy run's settings the value trainer does not read, with what it does in their place
+VALUE_RUN_UNREAD = {"logging.wandb": False, "train.save_every": 0, "train.log_every": 1}
+
+
 def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     """Train Q♯'s value model (a loss whose registry entry has ``trains="value"``, SHIQ_MATH §8) with the
     run's settings (``qsharp_train.value_config_from_run``) in one process; returns ``out``, written as
@@ -710,6 +714,13 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
             f"loss={name} starts the value model from the reference: give init=smollm2 or a Hugging Face Llama folder"
         )
     check_plain_options(cfg)  # (a negative seed: numpy's "expected non-negative integer", naming no key)
+    for key, means in VALUE_RUN_UNREAD.items():
+        section, option = key.split(".")
+        if (cfg.get(section) or {}).get(option, means) != means:
+            raise ConfigError(
+                f"{key}={cfg[section][option]!r}: loss={name} does not read it (it saves the value model once, at "
+                f"the end, and logs every step to metrics.jsonl only); leave it at {means!r}"
+            )
     if (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) != (1, 1) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
         raise ConfigError(f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1 and no torchrun")
     try:  # one process, no process group: only whether the machine has what parallel.backend asks for

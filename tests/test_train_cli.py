@@ -1068,6 +1068,25 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["out='runs/ünicode'"]) is None
 
 
+@pytest.mark.parametrize("arg", ["logging.wandb=true", "train.save_every=5", "train.log_every=10"])
+def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg):
+    """loss=qsharp_value writes no W&B run, saves once at the end and logs every step: these settings were accepted
+    and changed nothing."""
+    import re
+
+    from shiq_train.cli import ConfigError, run
+
+    cfg, keys = composed(
+        f"data.buffer={tmp_path / 'b'}", f"out={tmp_path / 'o'}", "init=somewhere", "loss=qsharp_value"
+    )
+    key, value = arg.split("=")
+    section, option = key.split(".")
+    cfg[section][option] = value == "true" or int(value)
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.*loss=qsharp_value does not read it"):
+        run(cfg, keys)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("key", ["seed", "data.seed"])
 def test_a_negative_seed_is_refused_naming_its_key(key):
     from shiq_train.cli import ConfigError, check_plain_options
