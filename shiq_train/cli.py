@@ -892,10 +892,12 @@ def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
-    check_buffer_fits(cfg, model_cfg, train_cfg.reference)
+    # (the buffer's reference statistics only matter to a loss that reads them: sft reads none)
+    ref_mode = train_cfg.reference if loss_cfg.spec.needs_reference else None
+    check_buffer_fits(cfg, model_cfg, ref_mode)
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
-    check_ref_stats_dtype(manifest, model_cfg, train_cfg.reference, cfg["data"]["buffer"])
-    if (mismatch := reference_mismatch(manifest, cfg["init"], train_cfg.reference, cfg["data"]["buffer"])) and int(
+    check_ref_stats_dtype(manifest, model_cfg, ref_mode, cfg["data"]["buffer"])
+    if (mismatch := reference_mismatch(manifest, cfg["init"], ref_mode, cfg["data"]["buffer"])) and int(
         os.environ.get("RANK", "0")
     ) == 0:
         log.warning(f"shiq-train: {mismatch}")
@@ -977,7 +979,7 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
         source = open_data_source(
             cfg["data"],
             mode,
-            train_cfg.reference,
+            train_cfg.reference if loss_cfg.spec.needs_reference else None,
             ps.get_data_parallel_rank(),
             ps.get_data_parallel_world_size(),
             model_cfg.max_sequence_length,

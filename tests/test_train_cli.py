@@ -408,6 +408,19 @@ def test_real_buffer_reference_check_and_forced_group_mode(tmp_path):
     assert all(math.isfinite(x["loss"]) for x in metrics(tmp_path / "c"))
 
 
+def test_sft_trains_on_a_buffer_without_reference_statistics(tmp_path):
+    """sft reads no reference statistics, yet a buffer without them was refused under the default
+    train.reference=precomputed (asking for ref-stats or an online copy of the model); it trains, with the losses
+    of the same run over an online reference, which sft does not read either."""
+    write_tiny_buffer(tmp_path / "plain", with_ref=False)
+    args = [f"data.buffer={tmp_path / 'plain'}", "loss=sft", "train.steps=2", "data.rows_per_micro_batch=2"]
+    res = train_cli(*args, f"out={tmp_path / 'a'}")
+    assert res.returncode == 0, res.stderr[-2000:]
+    online = train_cli(*args, f"out={tmp_path / 'b'}", "train.reference=online")
+    assert online.returncode == 0, online.stderr[-2000:]
+    assert [x["loss"] for x in metrics(tmp_path / "a")] == pytest.approx([x["loss"] for x in metrics(tmp_path / "b")])
+
+
 def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
     """SIGKILL a real `shiq-train` process between checkpoints, rerun the same command: the metrics read
     as one run and equal an uninterrupted run's, step for step (data order, dropout RNG, optimizer)."""
