@@ -704,7 +704,7 @@ def _dataclass_from(cls, section: dict, prefix: str):
 VALUE_RUN_UNREAD = {"logging.wandb": False, "train.save_every": 0, "train.log_every": 1}
 
 
-def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
+def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str] | None = None) -> Path:
     """Train Q♯'s value model (a loss whose registry entry has ``trains="value"``, SHIQ_MATH §8) with the
     run's settings (``qsharp_train.value_config_from_run``) in one process; returns ``out``, written as
     ``shiq_train.qsharp_value.load_value_model`` reads it, with the resolved config in value_model.json."""
@@ -743,7 +743,9 @@ def run_value(cfg: dict, model_keys: set[str] | None = None) -> Path:
     # dropout): a model.* setting given for it would not be used, and value_model.json records what was built
     built = model_config_from_llama(hf_config, name=model_cfg.name, max_sequence_length=model_cfg.max_sequence_length)
     unused = [
-        k for k in sorted(model_keys or ()) if k in built.to_dict() and getattr(model_cfg, k) != getattr(built, k)
+        k
+        for k in sorted(model_keys if model_keys is not None else model_overrides or ())
+        if k in built.to_dict() and getattr(model_cfg, k) != getattr(built, k)
     ]
     if unused:
         raise ConfigError(
@@ -840,14 +842,15 @@ def parallel_config(section: dict, model_cfg, micro_batches: int) -> parallel.Pa
     return par
 
 
-def run(cfg: dict, model_keys: set[str] | None = None) -> Path:
+def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str] | None = None) -> Path:
     """Train as configured (``cfg``: the resolved config as a plain dict); returns the run directory.
 
     ``model_keys``: the ``model.*`` keys set on the command line when no model group was chosen, so an
-    ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is."""
+    ``init`` folder decides the architecture (:func:`model_config`); None takes ``cfg['model']`` as is.
+    ``model_overrides``: the ``model.*`` keys set on the command line whether or not a model group was chosen."""
     spec = LOSSES.get(cfg["loss"].get("name"))
     if spec is not None and spec.trains == "value":  # Q♯'s value model, not the policy
-        return run_value(cfg, model_keys)
+        return run_value(cfg, model_keys, model_overrides)
     logging_cfg = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging")
     if logging_cfg.wandb:
         import_wandb()  # installed, or one line saying how, before any work
@@ -1042,10 +1045,11 @@ def _task(cfg) -> None:
     from hydra.core.hydra_config import HydraConfig  # heavy: hydra, only the command line needs it
 
     try:
-        keys = model_keys_given(list(HydraConfig.get().overrides.task))
+        overrides = list(HydraConfig.get().overrides.task)
+        keys = model_keys_given(overrides)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
-        run(plain, keys)
+        run(plain, keys, model_keys_given([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "model"]))
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
     except KeyboardInterrupt:
         if verbose():

@@ -152,6 +152,24 @@ def test_value_loss_config_errors(trained, tmp_path):
     assert not (tmp_path / "v2").exists()
 
 
+def test_model_settings_a_value_run_would_not_use_are_refused_with_a_model_group_too(trained, tmp_path):
+    """With model= chosen (as for init=smollm2 model=smollm2_135m) a model.* setting the value model's trunk does not
+    use was accepted and ignored; it is refused as without a group."""
+    tmp, init, _ = trained
+    res = shiq_train(
+        f"data.buffer={tmp / 'buffer'}",
+        f"out={tmp_path / 'v'}",
+        f"init={init}",
+        "loss=qsharp_value",
+        "model=tiny",
+        "model.hidden_dropout=0.5",
+        "train.steps=1",
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "model.hidden_dropout=0.5 would not be used" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "v").exists()
+
+
 def write_json_hashed(folder: Path, config) -> None:
     """``value_model.json`` as ``config``, with its ``.sha256`` written again (an edit made with its checksum)."""
     import hashlib
