@@ -788,6 +788,11 @@ def check_plain_options(cfg: dict) -> None:
     for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}={value!r}: expected a path")
+    if cfg.get("init") is not None and not isinstance(cfg["init"], str):  # (init=3: a folder named 3, unquoted)
+        raise ConfigError(
+            f"init={cfg['init']!r}: expected none, smollm2 or a Hugging Face model folder (a folder named like a "
+            "number or true/false in quotes: init=\"'3'\")"
+        )
     if not isinstance(data.get("verify_checksums", True), bool):
         raise ConfigError(f"data.verify_checksums={data['verify_checksums']!r}: expected true or false")
 

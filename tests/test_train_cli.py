@@ -1100,6 +1100,17 @@ def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("value", [3, True, 0.5])
+def test_an_init_hydra_read_as_a_number_is_refused_naming_init(value):
+    """init=3 (a folder named 3, unquoted) reached Path(3): a TypeError traceback and exit status 1."""
+    from shiq_train.cli import ConfigError, check_plain_options
+
+    cfg, _ = composed("data.buffer=b", "out=o", f"init={value}")
+    assert cfg["init"] == value  # (Hydra's reading of the unquoted value)
+    with pytest.raises(ConfigError, match=rf"^init={value!r}: expected none, smollm2 or a Hugging Face model folder"):
+        check_plain_options(cfg)
+
+
 @pytest.mark.parametrize("key", ["seed", "data.seed"])
 def test_a_negative_seed_is_refused_naming_its_key(key):
     from shiq_train.cli import ConfigError, check_plain_options
