@@ -896,6 +896,11 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
             f"model.attention_dropout={model_cfg.attention_dropout}, "
             f"model.transformer_impl={resolved_transformer_impl(model_cfg)}): set train.share_prefixes=false"
         )
+    if train_cfg.cache_frozen_prefix and mode == "packed":  # (else refused once the cache is built: a buffer pass)
+        raise ConfigError(
+            "train.cache_frozen_prefix=true does not support packed rows (data.mode=packed): use data.mode=padded or "
+            "groups, or set train.cache_frozen_prefix=false"
+        )
     if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"

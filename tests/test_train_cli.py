@@ -421,6 +421,24 @@ def test_sft_trains_on_a_buffer_without_reference_statistics(tmp_path):
     assert [x["loss"] for x in metrics(tmp_path / "a")] == pytest.approx([x["loss"] for x in metrics(tmp_path / "b")])
 
 
+def test_a_frozen_prefix_cache_of_packed_rows_is_refused_before_it_is_built(tmp_path):
+    """The cache cannot serve packed rows, which was found only after one forward pass over the whole buffer."""
+    write_tiny_buffer(tmp_path / "ref", with_ref=True)
+    res = train_cli(
+        f"data.buffer={tmp_path / 'ref'}",
+        f"out={tmp_path / 'run'}",
+        "data.mode=packed",
+        "model.max_sequence_length=32",
+        "data.rows_per_micro_batch=1",
+        "train.trainable_last_layers=1",
+        "train.cache_frozen_prefix=true",
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "frozen-prefix cache:" not in res.stderr  # (the line the cache prints when it is built)
+    assert "train.cache_frozen_prefix=true does not support packed rows" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
+
+
 def test_run_killed_mid_training_resumes_to_the_uninterrupted_losses(tmp_path):
     """SIGKILL a real `shiq-train` process between checkpoints, rerun the same command: the metrics read
     as one run and equal an uninterrupted run's, step for step (data order, dropout RNG, optimizer)."""
