@@ -754,6 +754,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
             f"{'it' if len(unused) == 1 else 'them'} out"
         )
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
+    check_min_lr(value_cfg)
     cfg = {**cfg, "model": built.to_dict()}
     out = train_value_model(
         cfg["data"]["buffer"],
@@ -773,6 +774,16 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         f"(metrics in {out / 'metrics.jsonl'}; use it with shiq-eval run --guide {out} --beta B)"
     )
     return out
+
+
+def check_min_lr(opt) -> None:
+    """Refuse an ``optimizer.min_lr`` that no step would reach: with ``decay_steps`` 0 the rate stays ``lr``."""
+    if opt.min_lr != 0 and opt.decay_steps == 0:
+        raise ConfigError(
+            f"optimizer.min_lr={opt.min_lr} is never reached with optimizer.decay_steps=0 (the learning rate stays "
+            "optimizer.lr after warm-up): give optimizer.decay_steps, the steps of the cosine decay to min_lr, or "
+            "leave min_lr at 0"
+        )
 
 
 def check_plain_options(cfg: dict) -> None:
@@ -877,6 +888,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
         raise ConfigError(str(e)) from None
     loss_cfg = _dataclass_from(LossConfig, cfg["loss"], "loss")
     opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
+    check_min_lr(opt_cfg)
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
     check_packed_layers(mode, model_cfg)

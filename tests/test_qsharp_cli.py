@@ -170,6 +170,21 @@ def test_model_settings_a_value_run_would_not_use_are_refused_with_a_model_group
     assert not (tmp_path / "v").exists()
 
 
+def test_a_min_lr_without_decay_steps_is_refused(trained, tmp_path):
+    """With optimizer.decay_steps=0 the value model trained at a constant lr: optimizer.min_lr changed nothing."""
+    tmp, init, _ = trained
+    res = shiq_train(
+        f"data.buffer={tmp / 'buffer'}",
+        f"init={init}",
+        f"out={tmp_path / 'v'}",
+        "loss=qsharp_value",
+        "optimizer.min_lr=1e-5",
+    )
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "optimizer.min_lr=1e-05 is never reached with optimizer.decay_steps=0" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "v").exists()
+
+
 def write_json_hashed(folder: Path, config) -> None:
     """``value_model.json`` as ``config``, with its ``.sha256`` written again (an edit made with its checksum)."""
     import hashlib

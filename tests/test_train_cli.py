@@ -1129,6 +1129,20 @@ def test_an_init_hydra_read_as_a_number_is_refused_naming_init(value):
         check_plain_options(cfg)
 
 
+def test_a_min_lr_without_decay_steps_is_refused(tmp_path):
+    """optimizer.min_lr=1e-5 with decay_steps=0 trained at a constant lr: the setting changed nothing."""
+    from shiq_train.cli import ConfigError, run
+
+    cfg, keys = composed(f"data.buffer={tmp_path}", f"out={tmp_path / 'o'}", "optimizer.min_lr=1e-5")
+    with pytest.raises(ConfigError, match=r"^optimizer.min_lr=1e-05 is never reached with optimizer.decay_steps=0"):
+        run(cfg, keys)
+    cfg["optimizer"]["decay_steps"] = 10  # (then it is the end of the decay)
+    with pytest.raises(Exception) as e:  # refused further on, for another reason: the folder is no buffer
+        run(cfg, keys)
+    assert "manifest.json not found" in str(e.value)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("key", ["seed", "data.seed"])
 def test_a_negative_seed_is_refused_naming_its_key(key):
     from shiq_train.cli import ConfigError, check_plain_options
