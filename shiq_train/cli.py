@@ -119,7 +119,6 @@ RESUME_SAFE_KEYS = (
     "train.steps",
     "train.save_every",
     "train.log_every",
-    "train.eval_every",
     "train.progress",
     "train.tensorboard",
     "logging.wandb",
