@@ -497,7 +497,13 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument(
         "--temperature", type=_temperature, default=0.0, help="0 is greedy, else at least 1e-30 (model policies)"
     )
-    q.add_argument("--seed", type=int_at_least(0), default=0, help="sampling seed (model policies)")
+    q.add_argument(
+        "--seed",
+        type=int_at_least(0),
+        default=0,
+        help="sampling seed (model policies): each answer is drawn under a seed made of it, the entry's id and the "
+        "answer's number",
+    )
     q.add_argument("--model-name", help="name recorded in every trajectory, for 'report' (default: the --policy value)")
     q.set_defaults(func=_cmd_rollout)
 
