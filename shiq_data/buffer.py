@@ -91,6 +91,7 @@ from shiq_data.io import (
 from shiq_data.readers.encode import decode_text, given_text
 from shiq_data.schema import (
     CHECKED_KEY,
+    GROUP_ID_MAX,
     INPUT_KEY,
     READABLE_VERSIONS,
     REF_FIELDS,
@@ -702,6 +703,14 @@ class _ShardStream:
         compare = self.log.old_texts and row.get("completion") is not None
         self.log.add(i, row["row_id"], text_key(row["prompt"], row["completion"]) if compare else None, location)
         gid = int(row["group_id"]) + self.group_offset
+        if gid > GROUP_ID_MAX:
+            error = RowError(
+                self.input_name,
+                i,
+                "group_id",
+                f"{row['group_id']} plus the buffer's next_group_id {self.group_offset} is beyond 2**63 - 2 (int64)",
+            )
+            raise error if location is None else at_input(error, location, i)
         self.max_group = max(self.max_group, gid)
         self.pending.append({**row, "group_id": gid})
         self.n += 1
@@ -759,6 +768,11 @@ class _ShardStream:
             lo, hi = pc.min_max(table.column("group_id")).values()
             if lo.as_py() < 0:
                 raise ValueError(f"{self.input_name}: group ids must be >= 0, got {lo.as_py()}")
+            if hi.as_py() > GROUP_ID_MAX - self.group_offset:
+                raise ValueError(
+                    f"{self.input_name}: group id {hi.as_py()} plus the buffer's next_group_id {self.group_offset} "
+                    "is beyond 2**63 - 2 (int64)"
+                )
             top = pc.max(pc.list_flatten(table.column("tokens"))).as_py()
             if self.vocab_size is not None and top is not None and top >= self.vocab_size:
                 raise ValueError(f"{self.input_name}: token id {top} is outside [0, {self.vocab_size})")

@@ -103,6 +103,8 @@ def arrow_schema(with_ref: bool, text: bool = False) -> pa.Schema:
 
 INPUT_KEY = "_input"  # private row key: where in the input a reader's row came from (never written)
 CHECKED_KEY = "_checked"  # private row key: the vocabulary size check_row passed the row for (never written)
+# the largest group id a buffer holds: int64, and the manifest's next_group_id (one more) must be too
+GROUP_ID_MAX = 2**63 - 2
 
 
 def input_location(file, row: int, *, row_label: str = "line", fields: dict | None = None, group=None) -> dict:
@@ -207,6 +209,10 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
             raise err(name, f"must be an integer, got {type_name(row[name])}")
     if row["group_id"] < 0:
         raise err("group_id", f"must be >= 0, got {row['group_id']}")
+    if row["group_id"] > GROUP_ID_MAX:
+        raise err(
+            "group_id", f"must be at most 2**63 - 2 (int64, and one more numbers the next group), got {row['group_id']}"
+        )
 
     tokens = _as_array(row, "tokens", "i", err)
     mask = _as_array(row, "action_mask", "b", err)

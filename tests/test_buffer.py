@@ -322,6 +322,34 @@ def test_append_keeps_old_shard_bytes_and_offsets_groups(tmp_path):
     assert validate_buffer(b)["groups"] == 7
 
 
+def test_group_ids_beyond_int64_are_refused_naming_the_row_and_leave_no_buffer(tmp_path):
+    top = 2**63 - 2  # the largest group id whose next one (the manifest's next_group_id) is still an int64
+    rows = make_rows(2)
+    rows[1]["group_id"] = top
+    write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["build"], progress=False)
+    assert json.loads((tmp_path / "b" / "manifest.json").read_text())["next_group_id"] == 2**63 - 1
+    assert [r["group_id"] for r in plain_read(tmp_path / "b")] == [0, top]
+    for gid in (2**63 - 1, 2**63, 2**64):  # a buffer that does not open again, or an OverflowError naming no row
+        rows = make_rows(2)
+        rows[1]["group_id"] = gid
+        with pytest.raises(RowError) as e:
+            write_buffer(rows, tmp_path / "c", tokenizer_info=TOK, command=["build"], progress=False)
+        assert (e.value.row, e.value.field) == (1, "group_id")
+        assert not (tmp_path / "c").exists()
+    write_buffer(make_rows(2), tmp_path / "d", tokenizer_info=TOK, command=["build"], progress=False)
+    before = (tmp_path / "d" / "manifest.json").read_bytes()
+    rows = make_rows(2, seed=1)
+    rows[1]["group_id"] = top  # fits alone, not after the buffer's next_group_id (1) is added to it
+    with pytest.raises(RowError) as e:
+        append_buffer(tmp_path / "d", rows, command=["append"], progress=False)
+    assert (e.value.row, e.value.field) == (1, "group_id")
+    assert (tmp_path / "d" / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "d").iterdir() if p.name != ".lock") == [
+        "manifest.json",
+        "shard-00000.arrow",
+    ]
+
+
 def test_append_refuses_other_tokenizer_and_duplicate_ids(tmp_path):
     b = tmp_path / "b"
     write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
