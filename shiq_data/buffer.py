@@ -114,6 +114,7 @@ LOCK = ".lock"
 _SHARD_RE = re.compile(r"\.?shard-[0-9]{5}.*", re.DOTALL)  # (.match) the files an append may leave
 _SHARD_NAME = re.compile(r"shard-[0-9]{5}(\.r[0-9]+)?\.arrow")  # (.fullmatch) what a manifest may list
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+SHARD_NUMBER_MAX = 99999  # the shard numbers _SHARD_NAME allows (five digits)
 
 
 def _now() -> str:
@@ -835,6 +836,11 @@ class _ShardStream:
             self._write(pa.concat_tables(tables))
 
     def _write(self, table: pa.Table) -> None:
+        if self.next_shard > SHARD_NUMBER_MAX:  # a longer number is no shard file name a manifest may list
+            raise ValueError(
+                f"{self.out_dir}: shard {self.next_shard} would be past shard-{SHARD_NUMBER_MAX}.arrow, the last a "
+                "buffer can list; write the rows into a new buffer (or one with more rows per shard)"
+            )
         name = shard_file_name(self.next_shard)
         path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
         entry = write_shard_file(table, path)

@@ -350,6 +350,21 @@ def test_group_ids_beyond_int64_are_refused_naming_the_row_and_leave_no_buffer(t
     ]
 
 
+def test_an_append_past_shard_99999_is_refused_and_leaves_the_buffer_readable(tmp_path):
+    b = tmp_path / "b"
+    write_buffer(make_rows(2), b, tokenizer_info=TOK, command=["build"], progress=False)
+    manifest = json.loads((b / "manifest.json").read_text())
+    os.rename(b / "shard-00000.arrow", b / "shard-99999.arrow")  # the last number a five-digit name holds
+    manifest["shards"][0]["file"] = manifest["commands"][0]["shards"][0] = "shard-99999.arrow"
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    before = (b / "manifest.json").read_bytes()
+    with pytest.raises(ValueError, match="shard-99999.arrow"):
+        append_buffer(b, make_rows(2, seed=1), command=["append"], progress=False)
+    assert (b / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in b.iterdir() if p.name != ".lock") == ["manifest.json", "shard-99999.arrow"]
+    assert len(open_buffer(b)) == 2 and plain_read(b) == make_rows(2)
+
+
 def test_append_refuses_other_tokenizer_and_duplicate_ids(tmp_path):
     b = tmp_path / "b"
     write_buffer(make_rows(4), b, tokenizer_info=TOK, command=["t"], progress=False)
