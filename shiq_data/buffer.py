@@ -405,9 +405,13 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         isinstance(c, dict)
         and isinstance(c.get("argv", []), list)
         and all(isinstance(a, str) for a in c.get("argv", []))
+        and isinstance(c.get("shards", []), list)
+        and all(isinstance(f, str) for f in c.get("shards", []))
         for c in commands
     ):
-        raise ValueError(f"{path}: field 'commands' must be a list of objects whose 'argv' is a list of strings")
+        raise ValueError(
+            f"{path}: field 'commands' must be a list of objects whose 'argv' and 'shards' are lists of strings"
+        )
     for key in ("ref_model", "ref_stats"):
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise ValueError(f"{path}: field {key!r} must be an object or null, got {type_name(manifest[key])}")

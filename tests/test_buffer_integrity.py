@@ -148,6 +148,8 @@ def _drop(key):
         (lambda m: m.update(has_ref_stats=True), "field 'has_ref_stats' is true, but not every shard has"),
         (lambda m: m["shards"].append(dict(m["shards"][0])), "shards[2].file: 'shard-00000.arrow' repeats"),
         (lambda m: m["shards"][1].update(file="shard-00000.r1.arrow"), "shards[1].file: 'shard-00000.r1.arrow'"),
+        # (without shard_rows, an append reads the rows per shard from the command that wrote the first shard)
+        (lambda m: (m.pop("shard_rows"), m["commands"][0].update(shards=5)), "field 'commands' must be"),
     ],
 )
 def test_a_manifest_missing_a_field_or_with_wrong_totals_is_one_line_everywhere(tmp_path, capsys, edit, field):
