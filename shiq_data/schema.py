@@ -253,6 +253,9 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
         if not np.isfinite(af).all():
             bad = int(np.flatnonzero(~np.isfinite(af))[0])
             raise err(name, f"non-finite value {af[bad]} at position {bad}")
+        if np.abs(af).max() > np.finfo(np.float32).max:  # stored as float32: it would read back as inf
+            bad = int(np.flatnonzero(np.abs(af) > np.finfo(np.float32).max)[0])
+            raise err(name, f"value {af[bad]} at position {bad} does not fit in float32")
         if af[0] != 0:
             raise err(name, f"position 0 must be 0 (nothing predicts the first token), got {af[0]}")
     _check_text(row, err)

@@ -142,6 +142,13 @@ BAD_ROWS = [
         lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[1.0] + [0.0] * (len(r["tokens"]) - 1)),
         "position 0",
     ),
+    (  # float32's largest is 3.4e38: stored, 1e39 would read back as inf (a shard that validate refuses)
+        "ref_chosen_logits",
+        lambda r: r.update(
+            ref_chosen_logits=[0.0] * (len(r["tokens"]) - 1) + [1e39], ref_logz=[0.0] * len(r["tokens"])
+        ),
+        "float32",
+    ),
 ]
 
 
