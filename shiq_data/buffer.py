@@ -847,9 +847,9 @@ class _ShardStream:
             )
         name = shard_file_name(self.next_shard)
         path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
+        self.written.append(path)  # before it is written: a failure half-way removes what landed of it
         entry = write_shard_file(table, path)
         entry["file"] = name
-        self.written.append(path)
         self.entries.append(entry)
         self.next_shard += 1
 

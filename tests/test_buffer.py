@@ -695,6 +695,27 @@ def test_a_failed_append_commit_leaves_the_old_buffer(tmp_path, monkeypatch):
     assert validate_buffer(b)["rows"] == 9
 
 
+def test_an_append_failing_mid_shard_leaves_no_partial_file(tmp_path, monkeypatch):
+    import shiq_data.buffer as B
+
+    b = tmp_path / "b"
+    write_buffer(make_rows(5), b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    before = {p.name: p.read_bytes() for p in b.iterdir() if p.name != ".lock"}
+    real, calls = B.write_shard_file, []
+
+    def disk_fills(table, path):  # the second new shard: half its bytes land, then the disk is full
+        calls.append(path)
+        if len(calls) == 2:
+            path.write_bytes(b"\xff" * 100)
+            raise OSError(28, "No space left on device")
+        return real(table, path)
+
+    monkeypatch.setattr(B, "write_shard_file", disk_fills)
+    with pytest.raises(OSError, match="No space"):
+        append_buffer(b, make_rows(6, seed=1), command=["a"], shard_rows=3, progress=False)
+    assert {p.name: p.read_bytes() for p in b.iterdir() if p.name != ".lock"} == before
+
+
 def test_atomic_dir_removes_what_a_killed_fill_left(tmp_path):
     """A killed ``export`` or ``split`` left its temporary folder beside the output for good (91 MB for a
     killed export of 200,000 rows); the next write of the same folder on this machine removes it, not the
