@@ -1359,7 +1359,10 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
             for row in batch.to_pylist():  # would take about 130 bytes a token)
                 check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
                 i += 1
-        revision = int(entry.get("revision", 0)) + 1
+        # past the file's own revision too: a manifest whose field says less (edited, or without it) must not
+        # make the new file's name the old one's, which the commit would then delete
+        named = re.fullmatch(r"shard-[0-9]{5}\.r([0-9]+)\.arrow", entry["file"])
+        revision = max(int(entry.get("revision", 0)), int(named[1]) if named else 0) + 1
         name = shard_file_name(int(entry["file"][6:11]), revision)
         tmp = buffer_dir / f".{name}.tmp"
         try:

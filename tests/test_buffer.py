@@ -537,6 +537,24 @@ def test_add_ref_columns_shard_by_shard(tmp_path):
     assert validate_buffer(b)["has_ref_stats"]
 
 
+def test_a_shard_rewritten_again_keeps_its_file_when_the_manifest_lacks_its_revision(tmp_path):
+    b = tmp_path / "b"
+    rows = make_rows(3)
+    write_buffer(rows, b, tokenizer_info=TOK, command=["t"], progress=False)
+    zeros = [[0.0] * len(r["tokens"]) for r in rows]
+    add_ref_columns(b, 0, zeros, zeros, ref_model={"name": "ref"})
+    manifest = json.loads((b / "manifest.json").read_text())
+    assert manifest["shards"][0]["file"] == "shard-00000.r1.arrow"
+    del manifest["shards"][0]["revision"]  # the file's name still says revision 1
+    (b / "manifest.json").write_text(json.dumps(manifest))
+    ones = [[0.0] + [1.0] * (len(r["tokens"]) - 1) for r in rows]
+    add_ref_columns(b, 0, ones, ones, ref_model={"name": "ref"})
+    listed = json.loads((b / "manifest.json").read_text())["shards"][0]["file"]
+    assert (b / listed).is_file() and listed != "shard-00000.r1.arrow"
+    assert [r["ref_logz"] for r in plain_read(b)] == ones
+    assert [{k: r[k] for k in rows[0]} for r in plain_read(b)] == rows
+
+
 def test_statistics_are_not_added_beside_those_of_an_unrecorded_model(tmp_path):
     """Rows written with reference columns but no ref_model record hold some model's statistics; ref-stats then
     skipped their shards and filled the others with its own model's, one buffer of two references. It is
