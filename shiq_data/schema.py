@@ -162,7 +162,10 @@ def _as_array(row: dict, name: str, kind: str, err) -> np.ndarray:
     value = row[name]
     if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__len__"):
         raise err(name, f"must be a list, got {type_name(value)}")
-    arr = np.asarray(value)
+    try:
+        arr = np.asarray(value)
+    except (ValueError, TypeError):  # numpy's own words for a ragged list ([1, [2, 3]]) name no row or field
+        raise err(name, "must be a flat list of numbers, got nested lists of different lengths") from None
     if arr.ndim != 1:
         raise err(name, f"must be a flat list, got shape {arr.shape}")
     if arr.size == 0:

@@ -142,6 +142,8 @@ BAD_ROWS = [
         lambda r: r.update(ref_chosen_logits=[0.0] * len(r["tokens"]), ref_logz=[1.0] + [0.0] * (len(r["tokens"]) - 1)),
         "position 0",
     ),
+    ("tokens", lambda r: r.update(tokens=[r["tokens"][0], [1, 2], *r["tokens"][2:]]), "flat list"),
+    ("rewards", lambda r: r.update(rewards=[[0.0, 1.0], *r["rewards"][1:]]), "flat list"),
     (  # float32's largest is 3.4e38: stored, 1e39 would read back as inf (a shard that validate refuses)
         "ref_chosen_logits",
         lambda r: r.update(
