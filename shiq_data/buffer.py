@@ -62,6 +62,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -475,6 +476,8 @@ def verify_shard(path: Path, entry: dict) -> None:
     shard before any data is used unless ``verify_checksums=False``.
     """
     st = path.stat()
+    if not stat.S_ISREG(st.st_mode):  # a folder, or a named pipe, which reading would wait on for ever
+        raise ValueError(f"{path}: listed in {path.parent / MANIFEST} but not a regular file; the buffer is damaged")
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
     if key in _VERIFIED:
         return

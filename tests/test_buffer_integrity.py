@@ -101,6 +101,33 @@ def test_a_symlinked_shard_is_refused(tmp_path):
         open_buffer(a)
 
 
+def test_a_shard_replaced_by_a_named_pipe_is_refused_not_waited_on(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    a = _build(tmp_path / "a")
+    (a / "shard-00001.arrow").unlink()
+    os.mkfifo(a / "shard-00001.arrow")  # reading it would wait for a writer that never comes
+    before = sorted(p.name for p in a.iterdir())
+    child = textwrap.dedent(f"""
+        import sys
+        sys.path[:0] = [{str(Path(__file__).parent)!r}, {str(Path(__file__).parents[1])!r}]
+        from test_buffer import make_rows
+        from shiq_data.buffer import append_buffer
+        try:
+            append_buffer({str(a)!r}, make_rows(2, seed=1), command=["a"], progress=False)
+        except ValueError as e:
+            print(e)
+    """)
+    try:
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=20).stdout
+    except subprocess.TimeoutExpired:
+        pytest.fail("append waited on the named pipe")
+    assert f"{a / 'shard-00001.arrow'}: listed in" in out and "not a regular file" in out
+    assert sorted(p.name for p in a.iterdir() if p.name != ".lock") == before
+
+
 @pytest.mark.parametrize(
     "edit, field",
     [
