@@ -505,11 +505,13 @@ def exclusive_lock(
     not be taken instead (``path`` is held by ``holder``, or cannot be opened), and the block runs unlocked.
     """
     path = Path(path)
-    try:
-        f = open(path, "a")
+    try:  # not through a link: the lock file is its folder's own (a link would make or open a file elsewhere)
+        f = os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644), "a")
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            e = OSError(e.errno, f"{path} is a symbolic link, not a lock file of its folder (remove the link)")
         if wait:
-            raise
+            raise e from None
         yield f"cannot open {path} ({e.strerror})"
         return
     with f:

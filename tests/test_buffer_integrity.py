@@ -101,6 +101,18 @@ def test_a_symlinked_shard_is_refused(tmp_path):
         open_buffer(a)
 
 
+def test_a_lock_file_linked_out_of_the_buffer_is_refused_and_makes_nothing_there(tmp_path):
+    a = _build(tmp_path / "a")
+    outside = tmp_path / "elsewhere" / "made"
+    outside.parent.mkdir()
+    (a / ".lock").symlink_to(outside)
+    before = _files(a)
+    with pytest.raises(OSError, match="symbolic link"):
+        append_buffer(a, make_rows(2, seed=1), command=["a"], progress=False)
+    assert not os.path.lexists(outside) and os.listdir(outside.parent) == []
+    assert _files(a) == before and os.path.islink(a / ".lock")
+
+
 def test_a_shard_replaced_by_a_named_pipe_is_refused_not_waited_on(tmp_path):
     import subprocess
     import sys
