@@ -112,7 +112,9 @@ log = logging.getLogger(__name__)
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-_SHARD_RE = re.compile(r"\.?shard-[0-9]{5}.*", re.DOTALL)  # (.match) the files an append may leave
+# (.fullmatch) the files a write may leave: a shard (of any revision) renamed into place, or its temporary name;
+# nothing else named like a shard (a user's shard-00001.arrow.bak) is the buffer's to remove
+_SHARD_RE = re.compile(r"\.?shard-[0-9]{5}(\.r[0-9]+)?\.arrow(\.tmp)?")
 _SHARD_NAME = re.compile(r"shard-[0-9]{5}(\.r[0-9]+)?\.arrow")  # (.fullmatch) what a manifest may list
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHARD_NUMBER_MAX = 99999  # the shard numbers _SHARD_NAME allows (five digits)
@@ -542,10 +544,10 @@ def remove_unlisted_files(buffer_dir, manifest: dict | None = None) -> list[str]
         for p in sorted(buffer_dir.iterdir())
         if p.name not in listed
         and p.name not in (MANIFEST, LOCK)
-        and (_SHARD_RE.match(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")))
+        and (_SHARD_RE.fullmatch(p.name) or (p.name.startswith(".") and p.name.endswith(".tmp")))
     ]
     for p in stray:  # checked before anything is removed: no write makes a folder named like a shard
-        if p.is_dir() and not p.is_symlink() and _SHARD_RE.match(p.name):
+        if p.is_dir() and not p.is_symlink() and _SHARD_RE.fullmatch(p.name):
             raise ValueError(
                 f"{p}: a folder named like a shard, which the manifest does not list and no write of a buffer "
                 "makes; move it out of the buffer"

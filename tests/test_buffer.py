@@ -441,9 +441,12 @@ def test_validate_cleanup_leaves_unlisted_files_while_a_writer_holds_the_lock(tm
         assert report["rows"] == 4 and report["removed_files"] == []
         assert ".lock" in report["cleanup_skipped"] and "left in place" in report["cleanup_skipped"]
         assert all(p.exists() for p in unlisted)
+    kept = b / "shard-00000.arrow.bak"  # a user's copy beside the shards: named like one, written by no write
+    kept.write_bytes(b"a copy")
     report = validate_buffer(b, cleanup=True)
     assert sorted(report["removed_files"]) == sorted(p.name for p in unlisted) and report["cleanup_skipped"] is None
     assert not any(p.exists() for p in unlisted) and buf.shard_paths[0].exists()
+    assert kept.read_bytes() == b"a copy"  # was deleted with the stray shards
     assert len(append_buffer(b, make_rows(1, seed=2), command=["a"], progress=False)) == 5  # the lock is free again
 
 
