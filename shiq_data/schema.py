@@ -401,12 +401,14 @@ def is_finite_number(x) -> bool:
 
 
 class ListView:
-    """Zero-copy numpy views of one list<…> column chunk: offsets and flat values (or a bitmap for bools)."""
+    """Zero-copy numpy views of one list<…> or large_list<…> column chunk: offsets and flat values (or a bitmap
+    for bools)."""
 
     def __init__(self, arr: pa.ListArray):
         if arr.null_count:
             raise ValueError("list columns must not hold nulls")
-        self.offsets = np.frombuffer(arr.buffers()[1], dtype=np.int32)[arr.offset : arr.offset + len(arr) + 1]
+        width = np.int64 if pa.types.is_large_list(arr.type) else np.int32  # (a large_list's offsets are 64-bit)
+        self.offsets = np.frombuffer(arr.buffers()[1], dtype=width)[arr.offset : arr.offset + len(arr) + 1]
         values = arr.values
         self.is_bool = pa.types.is_boolean(values.type)
         if self.is_bool:

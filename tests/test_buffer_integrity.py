@@ -531,3 +531,24 @@ def test_a_checkpoint_meta_is_written_with_null_for_an_undefined_number(tmp_path
         "b": "NaN",
         "c": 2,
     }
+
+
+@pytest.mark.parametrize("kind", ["list", "large_list"])
+def test_list_views_read_both_offset_widths_as_pyarrow_does(kind):
+    """A shard whose list columns are large_list (64-bit offsets, as other Arrow writers may store them) passes
+    the column checks, but its offsets were read as 32-bit numbers: every row but the first read wrong (a
+    training run then refused it as 'fewer than 2 tokens'). Each row now reads as pyarrow reads it, sliced too."""
+    import pyarrow as pa
+
+    from shiq_data.schema import ListView
+
+    rows = [[1, 2, 3], [4], [5, 6], [], [7, 8, 9, 10]]
+    arr = pa.array(rows, type=pa.list_(pa.int32()) if kind == "list" else pa.large_list(pa.int32()))
+    for view_of in (arr, arr.slice(1, 3)):
+        view = ListView(view_of)
+        assert [view.get(i).tolist() for i in range(len(view_of))] == view_of.to_pylist()
+    flags = pa.array(
+        [[True, False], [False, False, True]],
+        type=pa.list_(pa.bool_()) if kind == "list" else pa.large_list(pa.bool_()),
+    )
+    assert [ListView(flags).get(i).tolist() for i in range(2)] == flags.to_pylist()
