@@ -136,6 +136,10 @@ def shard_file_name(index: int, revision: int = 0) -> str:
 def _list_array(values: list, dtype: np.dtype, pa_type) -> pa.ListArray:
     """A list<...> Arrow array from a list of 1-D sequences, built from one flat numpy buffer."""
     lengths = np.fromiter((len(v) for v in values), dtype=np.int64, count=len(values))
+    if int(lengths.sum()) > np.iinfo(np.int32).max:  # a list column's offsets are 32-bit: they would wrap
+        raise ValueError(
+            f"{int(lengths.sum())} values in one shard's column: more than 2**31 - 1; use fewer rows a shard"
+        )
     offsets = np.zeros(len(values) + 1, dtype=np.int32)
     np.cumsum(lengths, out=offsets[1:])
     flat = np.concatenate([np.asarray(v, dtype=dtype) for v in values]) if values else np.zeros(0, dtype)

@@ -958,3 +958,22 @@ def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):
     with pytest.raises(ValueError, match=rf"token id {top} is outside \[0, 10\)"):
         write_buffer([table], tmp_path / "vocab", **{**common, "tokenizer_info": {**TOK, "vocab_size": 10}})
     assert not (tmp_path / "dup").exists() and not (tmp_path / "vocab").exists()
+
+
+def test_a_shard_column_of_more_than_int32_values_is_refused_not_wrapped():
+    """A list column's offsets are 32-bit: a shard of 2**31 tokens or more wrapped them silently (the rows then
+    read each other's tokens). It is refused, before any array is built (the lists are only counted here)."""
+    import numpy as np
+
+    from shiq_data.buffer import _list_array
+
+    class Sized:  # a list of this length, never materialised
+        def __init__(self, n):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+    with pytest.raises(ValueError, match=r"2147483648 values in one shard's column: more than 2\*\*31 - 1"):
+        _list_array([Sized(2**30), Sized(2**30)], np.int32, pa.int32())
+    assert _list_array([[1, 2], [3]], np.int32, pa.int32()).to_pylist() == [[1, 2], [3]]
