@@ -235,6 +235,21 @@ def action_weights(micro_batches: list[dict]) -> list[float]:
     return [n / total if total else 1 / len(actions) for n in actions]
 
 
+def value_optimizer(head: list, trunk: list, cfg: ValueTrainConfig) -> torch.optim.AdamW:
+    """AdamW over the value head (at ``cfg.head_lr``, default ``cfg.lr``) and the trainable trunk (``cfg.lr``),
+    with ``cfg.weight_decay`` on matrices only: norms and biases (1-D parameters) get none, as in a policy run's
+    optimizer (:func:`shiq_train.train_step.build_optimizer`)."""
+    groups = []
+    for params, lr in ((head, cfg.head_lr or cfg.lr), (trunk, cfg.lr)):
+        for decay, chosen in (
+            (cfg.weight_decay, [p for p in params if p.dim() > 1]),
+            (0.0, [p for p in params if p.dim() <= 1]),
+        ):
+            if chosen:
+                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
+
+
 def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
     """Smallest and largest return-to-go (SHIQ_MATH §8) over the action positions of one epoch of ``sampler``
     (a ``shiq_data.sampler.BufferSampler``; its stream position is restored afterwards)."""
@@ -338,13 +353,7 @@ def train_value_model(
         if prefix_cache is not None:
             prefix_cache.check_model(trunk, cfg.trainable_last_layers)
         narrowed = suffix_only(trunk, prefix_cache.n_frozen) if prefix_cache is not None else contextlib.nullcontext()
-        trunk_params = [p for p in trunk.parameters() if p.requires_grad]
-        groups = [{"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.lr}]
-        if trunk_params:
-            groups.append({"params": trunk_params, "lr": cfg.lr})
-        opt = torch.optim.AdamW(
-            groups, weight_decay=cfg.weight_decay, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True
-        )
+        opt = value_optimizer(list(model.head.parameters()), [p for p in trunk.parameters() if p.requires_grad], cfg)
         schedule = cfg.schedule()
         lr_schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: schedule.lr_at(step) / schedule.lr)
         model.train()
@@ -370,7 +379,7 @@ def train_value_model(
                     for k, v in metrics.items():  # value_ce (the step's loss) and the other means over actions: w
                         sums[k] = sums.get(k, 0.0) + v * (r / sum(rows) if k == "reward" else w)
                 if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in groups for p in g["params"]], cfg.clip_grad)
+                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
                 opt.step()
                 lr_schedule.step()
                 history.append({"step": step + 1, **sums})

@@ -936,3 +936,28 @@ def test_value_optimizer_settings_out_of_range_are_refused_naming_them(field, va
 
     with pytest.raises(ValueError, match=rf"^optimizer\.{field} must be"):
         ValueTrainConfig(**{field: value})
+
+
+def test_the_value_models_weight_decay_spares_norms_and_biases():
+    """The value model's AdamW put weight decay on every parameter, norms and biases too, unlike a policy run's
+    optimizer (1-D parameters get none). One step with a zero gradient and decay 0.5 at lr 0.1 now shrinks the
+    matrices by 1 - 0.05 and leaves the vectors as they were, by AdamW's own rule."""
+    from shiq_train.qsharp_train import ValueTrainConfig, value_optimizer
+
+    head = torch.nn.Linear(4, 3)  # a matrix and a bias
+    norm = torch.nn.LayerNorm(4)  # two vectors
+    trunk = torch.nn.Linear(4, 4, bias=False)
+    before = {
+        n: p.detach().clone()
+        for n, p in [*head.named_parameters("h"), *norm.named_parameters("n"), *trunk.named_parameters("t")]
+    }
+    cfg = ValueTrainConfig(lr=0.1, head_lr=0.1, weight_decay=0.5)
+    opt = value_optimizer(list(head.parameters()), [*norm.parameters(), *trunk.parameters()], cfg)
+    for p in [*head.parameters(), *norm.parameters(), *trunk.parameters()]:
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    after = dict([*head.named_parameters("h"), *norm.named_parameters("n"), *trunk.named_parameters("t")])
+    for name, p in after.items():
+        want = before[name] * (1 - 0.1 * 0.5) if p.dim() > 1 else before[name]
+        assert torch.allclose(p.detach(), want, rtol=0, atol=1e-7), name
+    assert sum(len(g["params"]) for g in opt.param_groups) == 5  # every parameter, once
