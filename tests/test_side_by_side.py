@@ -87,8 +87,11 @@ def test_one_job_runs_each_in_this_process_one_after_the_other(tmp_path):
         assert json.loads((f / "seen.json").read_text())["pid"] == os.getpid()
         assert not (f / LOG_NAME).exists()  # its output stays where this process writes
     assert lines == [f"{f.name}: done ({f})" for f in folders]
-    with pytest.raises(ValueError, match="row 3 field 'reward'"):  # raised as it is, at once
-        run_each(f"{__name__}:fake_run", [("seed0", folders[0], (str(folders[0]), True))], 1, lines.append)
+    jobs = [("seed0", folders[0], (str(folders[0]), True)), ("seed1", folders[1], (str(folders[1]), False))]
+    (folders[1] / "seen.json").unlink()
+    with pytest.raises(ValueError, match=r"^seed0: row 3 field 'reward' is not a number$"):  # at once, named
+        run_each(f"{__name__}:fake_run", jobs, 1, lines.append)
+    assert not (folders[1] / "seen.json").exists()  # the runs after it do not start
 
 
 def test_several_jobs_go_side_by_side(tmp_path):

@@ -104,24 +104,32 @@ def run_side_by_side(
                     log(f"{name}: done")
     for name, _, _ in jobs_args:
         if name in errors:
-            error = errors[name]
-            try:
-                named = type(error)(f"{name}: {error}")
-            except Exception:  # an error type built from other arguments
-                raise error from None
-            raise named from error
+            _raise_named(name, errors[name])
+
+
+def _raise_named(name: str, error: BaseException) -> None:
+    """Raise ``error`` again with its run's ``name`` before its message, as the same kind of error where it can
+    be (an error type built from other arguments is raised as it was)."""
+    try:
+        named = type(error)(f"{name}: {error}")
+    except Exception:
+        raise error from None
+    raise named from error
 
 
 def run_each(
     target: str, jobs_args: list[tuple[str, Path, tuple]], jobs: int, log: Callable[[str], None], **kwargs
 ) -> None:
     """Each ``(name, folder, args)`` of ``jobs_args`` run by ``target``: one after the other in this process
-    (its output where this process writes) when ``jobs`` is 1, else :func:`run_side_by_side` (``kwargs``
-    go there)."""
+    (its output where this process writes; the first failure stops them, raised again with its run named) when
+    ``jobs`` is 1, else :func:`run_side_by_side` (``kwargs`` go there)."""
     threads_per_job(jobs)  # refuses jobs < 1
     if jobs > 1:
         run_side_by_side(target, jobs_args, jobs, log, **kwargs)
         return
     for name, folder, args in jobs_args:
-        _resolve(target)(*args)
+        try:
+            _resolve(target)(*args)
+        except Exception as error:  # named as side by side (Ctrl-C, a BaseException, goes as it is)
+            _raise_named(name, error)
         log(f"{name}: done ({folder})")
