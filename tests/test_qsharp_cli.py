@@ -138,50 +138,27 @@ def test_value_loss_config_errors(trained, tmp_path):
     )
     assert taken.returncode == 2 and "is not a value-model folder" in taken.stderr
     assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
-    # model settings a value run would not use (it builds the reference's own model): refused, not recorded
-    unused = shiq_train(
-        f"data.buffer={tmp / 'buffer'}",
-        f"out={tmp_path / 'v2'}",
-        f"init={init}",
-        "loss=qsharp_value",
-        "model.params_dtype=bfloat16",
-        "model.hidden_dropout=0.5",
-    )
-    assert unused.returncode == 2, unused.stderr[-2000:]
-    assert "model.hidden_dropout=0.5, model.params_dtype='bfloat16' would not be used" in unused.stderr
-    assert not (tmp_path / "v2").exists()
 
 
-def test_model_settings_a_value_run_would_not_use_are_refused_with_a_model_group_too(trained, tmp_path):
-    """With model= chosen (as for init=smollm2 model=smollm2_135m) a model.* setting the value model's trunk does not
-    use was accepted and ignored; it is refused as without a group."""
+@pytest.mark.parametrize(
+    "settings, says",
+    [
+        # model settings a value run would not use (it builds the reference's own model)
+        (["model.params_dtype=bfloat16", "model.hidden_dropout=0.5"], "model.hidden_dropout=0.5, model.params_dtype="),
+        # with model= chosen (as for init=smollm2 model=smollm2_135m): accepted and ignored before
+        (["model=tiny", "model.hidden_dropout=0.5", "train.steps=1"], "model.hidden_dropout=0.5 would not be used"),
+        # with optimizer.decay_steps=0 the value model trained at a constant lr: min_lr changed nothing
+        (["optimizer.min_lr=1e-5"], "optimizer.min_lr=1e-05 is never reached with optimizer.decay_steps=0"),
+    ],
+)
+def test_value_run_settings_that_would_change_nothing_are_refused(trained, tmp_path, settings, says):
+    """A setting a value run would not read is refused in one line, and nothing is recorded."""
     tmp, init, _ = trained
     res = shiq_train(
-        f"data.buffer={tmp / 'buffer'}",
-        f"out={tmp_path / 'v'}",
-        f"init={init}",
-        "loss=qsharp_value",
-        "model=tiny",
-        "model.hidden_dropout=0.5",
-        "train.steps=1",
+        f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'v'}", f"init={init}", "loss=qsharp_value", *settings
     )
     assert res.returncode == 2, res.stderr[-2000:]
-    assert "model.hidden_dropout=0.5 would not be used" in res.stderr.strip().splitlines()[-1]
-    assert not (tmp_path / "v").exists()
-
-
-def test_a_min_lr_without_decay_steps_is_refused(trained, tmp_path):
-    """With optimizer.decay_steps=0 the value model trained at a constant lr: optimizer.min_lr changed nothing."""
-    tmp, init, _ = trained
-    res = shiq_train(
-        f"data.buffer={tmp / 'buffer'}",
-        f"init={init}",
-        f"out={tmp_path / 'v'}",
-        "loss=qsharp_value",
-        "optimizer.min_lr=1e-5",
-    )
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert "optimizer.min_lr=1e-05 is never reached with optimizer.decay_steps=0" in res.stderr.strip().splitlines()[-1]
+    assert says in res.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "v").exists()
 
 
