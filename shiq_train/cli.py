@@ -720,8 +720,13 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
                 f"{key}={cfg[section][option]!r}: loss={name} does not read it (it saves the value model once, at "
                 f"the end, and logs every step to metrics.jsonl only); leave it at {means!r}"
             )
-    if (cfg["parallel"]["tp"], cfg["parallel"]["pp"]) != (1, 1) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
-        raise ConfigError(f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1 and no torchrun")
+    sizes = {k: cfg["parallel"].get(k, 1) for k in ("tp", "pp", "cp", "vpp")}  # (cp, vpp: else silently unused)
+    if any(v != 1 for v in sizes.values()) or int(os.environ.get("WORLD_SIZE", 1)) != 1:
+        given = ", ".join(f"parallel.{k}={v}" for k, v in sizes.items() if v != 1)
+        raise ConfigError(
+            f"loss={name} trains in one process: parallel.tp=1, parallel.pp=1, parallel.cp=1, parallel.vpp=1 and "
+            f"no torchrun" + (f" (got {given})" if given else "")
+        )
     try:  # one process, no process group: only whether the machine has what parallel.backend asks for
         parallel.ParallelConfig(backend=cfg["parallel"].get("backend", "auto")).resolved_backend()
     except (ValueError, RuntimeError) as e:

@@ -1118,6 +1118,20 @@ def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg)
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("arg", ["parallel.cp=2", "parallel.vpp=2"])
+def test_a_value_run_refuses_parallel_sizes_it_does_not_use(tmp_path, arg):
+    """loss=qsharp_value trains in one process: context parallelism (a GPU path) and virtual pipeline stages were
+    accepted, recorded in value_model.json and not used."""
+    from shiq_train.cli import ConfigError, run
+
+    cfg, keys = composed(
+        f"data.buffer={tmp_path / 'b'}", f"out={tmp_path / 'o'}", "init=somewhere", "loss=qsharp_value", arg
+    )
+    with pytest.raises(ConfigError, match=rf"^loss=qsharp_value trains in one process: .*\(got {arg}\)$"):
+        run(cfg, keys)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("value", [3, True, 0.5])
 def test_an_init_hydra_read_as_a_number_is_refused_naming_init(value):
     """init=3 (a folder named 3, unquoted) reached Path(3): a TypeError traceback and exit status 1."""
