@@ -344,8 +344,8 @@ class ParallelConfig:
     1F1B schedule over the list, which shrinks the pipeline bubble by vpp.
 
     ``backend`` (``parallel.backend``): the process groups' communication backend. ``auto`` takes ``nccl``
-    where a CUDA GPU is visible and ``gloo`` (CPU) where none is; ``nccl`` and ``gloo`` ask for one and are
-    refused in one line where it cannot run (:meth:`resolved_backend`).
+    where a CUDA GPU is visible and ``gloo`` (CPU) where none is; ``nccl`` and ``gloo`` ask for one; each is
+    refused in one line where it cannot run (:meth:`resolved_backend`: ``auto`` too, with a GPU and no NCCL).
 
     ``timeout_minutes`` (``parallel.timeout_minutes``): how long a collective may wait for the slowest rank
     before the run stops, e.g. while data-parallel rank 0 writes and hashes a checkpoint (minutes for 70B).
@@ -384,6 +384,11 @@ class ParallelConfig:
         ``nccl`` needs a CUDA GPU and a torch built with NCCL; ``gloo`` trains on the CPU, so a visible GPU
         (whose tensors the model would be built on) is refused with the way to hide it."""
         gpu = torch.cuda.is_available()
+        if self.backend == "auto" and gpu and not dist.is_nccl_available():  # (torch's Windows CUDA builds)
+            raise RuntimeError(
+                "parallel.backend=auto takes nccl for the visible CUDA GPU, but this torch is built without NCCL: "
+                "hide the GPUs with CUDA_VISIBLE_DEVICES= to train on the CPU (gloo), or install a torch with NCCL"
+            )
         if self.backend == "auto":
             return "nccl" if gpu else "gloo"
         if self.backend == "nccl" and not (gpu and dist.is_nccl_available()):

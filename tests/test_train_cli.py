@@ -1010,12 +1010,15 @@ def test_the_first_readme_command_on_a_fresh_buffer_says_in_one_line_what_to_run
 
 
 def pretend_gpu_with_transformer_engine(monkeypatch):
-    """This process sees a CUDA GPU and Transformer Engine (neither is here): ``transformer_impl=auto`` resolves
+    """This process sees a CUDA GPU, NCCL and Transformer Engine (none is here): ``transformer_impl=auto`` resolves
     to Transformer Engine's layers. Only for start-up checks, which refuse before building anything."""
     import importlib.util
 
+    import torch.distributed as dist
+
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # a Hopper GPU
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: object() if name == "transformer_engine" else find_spec(name, *a)

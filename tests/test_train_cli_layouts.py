@@ -215,6 +215,24 @@ def test_layouts_the_model_or_machine_cannot_run_are_refused_before_any_process_
     )
 
 
+def test_auto_backend_with_a_gpu_but_no_nccl_is_refused_before_any_process_group(monkeypatch):
+    """parallel.backend=auto took nccl whenever a CUDA GPU was visible, also in a torch built without NCCL (its
+    Windows CUDA builds): the process group's start failed with torch's traceback instead of one line."""
+    import torch
+    import torch.distributed as dist
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    with pytest.raises(ConfigError) as e:
+        parallel_config({"tp": 1, "pp": 1, "cp": 1}, ModelConfig(), 2)
+    assert str(e.value).startswith("parallel.backend=auto takes nccl for the visible CUDA GPU, but this torch is")
+    assert "CUDA_VISIBLE_DEVICES=" in str(e.value) and "\n" not in str(e.value)
+    assert not dist.is_initialized()
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert parallel_config({"tp": 1, "pp": 1, "cp": 1}, ModelConfig(), 2).resolved_backend() == "nccl"
+
+
 def test_a_model_that_is_not_llama_shaped_is_refused_naming_its_keys():
     """ModelConfig builds LayerNorm, GELU, learned positions and biases, but a run's checkpoints are exported and
     evaluated as Llama models: the keys that differ are named before anything starts (it used to stop after the
