@@ -284,7 +284,7 @@ def check_runtime(cfg: ModelConfig) -> None:
         missing = [what for what, ok in (("a CUDA GPU", has_gpu), ("Transformer Engine", has_te)) if not ok]
         if missing:
             raise RuntimeError(
-                f"model.fp8={cfg.fp8!r} needs a CUDA GPU with FP8 support (Hopper or newer) and "
+                f"model.fp8={cfg.fp8!r} needs a CUDA GPU with FP8 support (compute capability 8.9 or newer: Ada, Hopper) and "
                 f"Transformer Engine; missing here: {' and '.join(missing)}. Set model.fp8=null to train "
                 "without FP8 (bf16 or fp32 via model.params_dtype)"
                 + (
