@@ -262,6 +262,18 @@ def _frozen_outputs(model, texts: list[str], k: int, batch_size: int, progress: 
     return out
 
 
+def _sorted_metadata(data: bytes) -> bytes:
+    """safetensors ``data`` with its header's ``__metadata__`` keys in sorted order: safetensors writes them in
+    a hash map's order, which changes from one save to the next, so the same head got another SHA-256 (the one
+    a demo's reward_model.json and report record) each time it was saved. The tensors' bytes are unchanged."""
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # (the tensors' bytes start 8-aligned, as safetensors pads its header)
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
 class RegressionRewardModel:
     """A linear head on sentence embeddings: ``reward = e(text) · w + b``; ``encoder_weights`` is the
     encoder's state when it was fine-tuned with the head (saved with it), None for the packaged encoder.
@@ -306,13 +318,14 @@ class RegressionRewardModel:
     def save(self, path: str | Path) -> None:
         """Write the head atomically as safetensors (weight, bias) with JSON metadata."""
         import torch  # heavy: shiq-data imports this module for every build
-        from safetensors.torch import save_file  # heavy: imports torch
+        from safetensors.torch import save  # heavy: imports torch
 
         tensors = {"weight": self.weight.contiguous(), "bias": torch.tensor([self.bias], dtype=torch.float64)}
         for k, v in (self.encoder_weights or {}).items():
             tensors[ENCODER_PREFIX + k] = v.detach().contiguous()
         metadata = {"meta": json.dumps(self.meta), "joiner": self.joiner}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        data = _sorted_metadata(save(tensors, metadata=metadata))
+        atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
     @classmethod
     def load(cls, path: str | Path, encoder: Encoder | None = None) -> RegressionRewardModel:

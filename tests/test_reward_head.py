@@ -144,3 +144,23 @@ def test_a_head_is_checked_against_the_record_beside_it(tmp_path):
         ValueError, match=rf"{re.escape(str(head))}: its SHA-256 differs from the one {re.escape(str(record))}"
     ):
         RegressionRewardModel.load(head, encoder)
+
+
+def test_a_head_saved_again_has_the_same_bytes(tmp_path):
+    """safetensors wrote the head's metadata (meta, joiner) in a hash map's order, which changed from save to
+    save: the same head had another SHA-256 each time (the demo's reward_model.json and report record it). The
+    keys are now written sorted; the head reads back as saved."""
+    from shiq_data.reward_head import RegressionRewardModel
+
+    def encoder(texts):
+        return torch.ones(len(texts), 3)
+
+    rm = RegressionRewardModel(encoder, torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64), 0.5, joiner=" ")
+    rm.meta["pearson_held_out"] = 0.7
+    saved = set()
+    for i in range(16):
+        rm.save(tmp_path / f"head{i}.safetensors")
+        saved.add((tmp_path / f"head{i}.safetensors").read_bytes())
+    assert len(saved) == 1
+    back = RegressionRewardModel.load(tmp_path / "head0.safetensors", encoder)
+    assert back.score_texts(["a"]) == [6.5] and back.joiner == " " and back.meta["pearson_held_out"] == 0.7
