@@ -679,6 +679,11 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
     assert [v["step"] for v in again] == steps  # the last step's too
     assert again[-1]["loss"] == pytest.approx(val[-1]["loss"], rel=1e-4)  # the same checkpoint, the same loss
     assert [c["step"] for c in json.loads(curve_path.read_text())] == [c["step"] for c in curve]
+    # a damaged val_loss.json (an edit; writes are atomic) was read unchecked, into the report or a traceback
+    val_path.write_text(json.dumps({"step": last}))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert f"{val_path}: expected a list of records" in res.stderr.strip().splitlines()[-1]
 
 
 def _se(v):

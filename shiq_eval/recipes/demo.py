@@ -459,6 +459,7 @@ def stage_reward_model(ctx: Context) -> None:
     _log(f"reward model: held-out Pearson r = {info['pearson_held_out']:.3f}")
 
 
+VAL_LOSS_KEYS = ("step", "loss")  # what each record of an arm's val_loss.json holds at least
 REWARD_HEAD = "reward_model.safetensors"  # the stage reward_model's head, its SHA-256 kept in reward_model.json
 
 
@@ -790,7 +791,7 @@ def stage_train(ctx: Context, arm: str) -> None:
         _prune_checkpoints(ckpt_dir, latest_step_dir(ckpt_dir))
 
     val_path = run / "val_loss.json"
-    val_losses = read_json(val_path) if val_path.exists() else []
+    val_losses = read_json(val_path, keys=VAL_LOSS_KEYS, records=True) if val_path.exists() else []
 
     def validate(step: int) -> None:
         """The arm's loss on one pass over ``buffer_val`` (when ``eval.validation_prompts`` > 0), from the
@@ -1100,7 +1101,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
         }
         val_path = ctx.out / "runs" / m / "val_loss.json"
         if val_path.exists():
-            methods[m]["val_loss"] = read_json(val_path)
+            methods[m]["val_loss"] = read_json(val_path, keys=VAL_LOSS_KEYS, records=True)
         if arm_method(m) == "qsharp":
             methods[m]["top_k"] = last["top_k"]
             methods[m]["decode_seconds"] = last["eval_seconds"]
