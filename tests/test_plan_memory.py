@@ -189,3 +189,13 @@ def test_validate_measures_what_it_predicts(built, name):
             k: want[k] for k in ("params", "grads", "optimizer")
         }
         assert 1.0 <= got["activations"] / want["activations"] <= 1.5, rc
+
+
+def test_interleaved_stages_hold_their_warmup_forwards():
+    """Interleaved 1F1B: stage r runs 2·(pp − 1 − r) + (v − 1)·pp warm-up forwards of one chunk (1/v of its layers)
+    before its first backward, then holds one more. The last stage of pp=4, v=2 holds 5 chunks (2.5 micro-batches'
+    worth), not stage 0's 5.5 scaled down to 1.375; stage 0's 11 chunks are 5.5."""
+    lay = mm.Layout(pp=4, vpp=2, micro_batches=64)
+    assert [mm.in_flight(lay, r) for r in range(4)] == [11 / 2, 9 / 2, 7 / 2, 5 / 2]
+    assert mm.in_flight(mm.Layout(pp=2, vpp=2, micro_batches=2), 0) == 2.0  # every chunk in the warm-up: M·v / v
+    assert [mm.in_flight(mm.Layout(pp=4, micro_batches=64), r) for r in range(4)] == [4, 3, 2, 1]

@@ -26,7 +26,7 @@ estimate (activations, logits).
   grouped-query attention and gated MLPs of width f. Full recomputation keeps each layer's input
   ``2·s·b·h`` (split by SP) plus, transiently, one layer's activations during its recomputation.
   1F1B keeps ``min(PP − stage, M)`` micro-batches in flight on a stage (with ``v`` virtual stages,
-  stage 0 holds ``PP·(1 + (PP − 1)/(PP·v))`` micro-batches' worth).
+  ``(2·(PP − 1 − stage) + (v − 1)·PP + 1)/v`` micro-batches' worth: stage 0 ``PP·(1 + (PP − 1)/(PP·v))``).
 - Token statistics (last stage; SHIQ_MATH §2, ``shiq_train.vocab_parallel``): the full path keeps the
   float32 softmax ``[tokens, V/TP]`` between forward and backward and, at its peak, also the
   logits in the parameters' dtype; ``logits_chunk_tokens = c > 0`` keeps only a ``[c, V/TP]`` chunk
@@ -280,14 +280,16 @@ def layer_activations(s: Shape, lay: Layout) -> float:
 
 
 def in_flight(lay: Layout, stage: int) -> float:
-    """Micro-batches whose activations a stage holds at once under 1F1B (interleaved: stage 0's
-    ``PP·(1 + (PP − 1)/(PP·v))``, Narayanan et al. 2021)."""
+    """Micro-batches whose activations a stage holds at once under 1F1B: megatron's warm-up forwards plus
+    one. Interleaved, a stage's warm-up is ``2·(PP − 1 − stage) + (v − 1)·PP`` chunk forwards of 1/v of its
+    layers each (at most all ``M·v``), so stage 0 holds ``PP·(1 + (PP − 1)/(PP·v))`` micro-batches' worth
+    (Narayanan et al. 2021) and the last stage ``((v − 1)·PP + 1)/v``."""
     if lay.pp == 1:
         return 1.0
-    n = min(lay.pp - stage, lay.micro_batches)
-    if lay.vpp > 1:
-        n = min(n * (1 + (lay.pp - 1) / (lay.pp * lay.vpp)), lay.micro_batches * 1.0)
-    return float(n)
+    if lay.vpp == 1:
+        return float(min(lay.pp - stage, lay.micro_batches))
+    chunks = 2 * (lay.pp - 1 - stage) + (lay.vpp - 1) * lay.pp + 1
+    return min(chunks, lay.micro_batches * lay.vpp) / lay.vpp
 
 
 def stage_activations(s: Shape, lay: Layout, stage: int) -> float:
