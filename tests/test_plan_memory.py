@@ -199,3 +199,10 @@ def test_interleaved_stages_hold_their_warmup_forwards():
     assert [mm.in_flight(lay, r) for r in range(4)] == [11 / 2, 9 / 2, 7 / 2, 5 / 2]
     assert mm.in_flight(mm.Layout(pp=2, vpp=2, micro_batches=2), 0) == 2.0  # every chunk in the warm-up: M·v / v
     assert [mm.in_flight(mm.Layout(pp=4, micro_batches=64), r) for r in range(4)] == [4, 3, 2, 1]
+
+
+def test_distributed_optimizer_shards_over_context_parallel_ranks_too():
+    """megatron's distributed optimizer shards over the data- and context-parallel group (``dp_cp``): at DP=2 × CP=2,
+    4 ranks hold 12 bytes per bf16 parameter between them."""
+    assert mm.optimizer_bytes(1000, mm.Layout(dp=2, cp=2)) == 1000 * 12 / 4
+    assert mm.optimizer_bytes(1000, mm.Layout(dp=2, cp=2, distributed_optimizer=False)) == 12000

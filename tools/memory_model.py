@@ -14,7 +14,7 @@ estimate (activations, logits).
 - Optimizer state (AdamW): two float32 moments per parameter, plus a float32 master copy of each
   bf16 parameter. megatron's distributed optimizer (``megatron.core.optimizer.DistributedOptimizer``,
   ZeRO-1) shards exactly these (``shard_fp32_from_float16_groups`` and the ``exp_avg`` /
-  ``exp_avg_sq`` shards) over the data-parallel ranks; fp32 parameters get no master copy.
+  ``exp_avg_sq`` shards) over the data- and context-parallel ranks; fp32 parameters get no master copy.
 - Activations per layer and micro-batch (Korthikanti et al. 2022, "Reducing Activation Recomputation
   in Large Transformer Models"), split into the terms the options act on: the residual-stream terms
   (norm inputs, the inputs of the QKV and first MLP projections, dropout masks), replicated over
@@ -226,9 +226,10 @@ def grad_bytes(n: int, lay: Layout) -> int:
 
 def optimizer_bytes(n: int, lay: Layout) -> float:
     """AdamW: float32 exp_avg and exp_avg_sq, and a float32 master copy of non-fp32 parameters;
-    divided over the data-parallel ranks with the distributed optimizer (megatron's ZeRO-1)."""
+    divided over the data- and context-parallel ranks with the distributed optimizer (megatron's ZeRO-1 shards
+    over its ``dp_cp`` group: context-parallel ranks hold the same parameters)."""
     per = 8 + (4 if lay.params_dtype != "fp32" else 0)
-    return n * per / (lay.dp if lay.distributed_optimizer else 1)
+    return n * per / (lay.dp * lay.cp if lay.distributed_optimizer else 1)
 
 
 # ----------------------------------------------------------------------------------------------
