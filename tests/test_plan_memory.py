@@ -206,3 +206,19 @@ def test_distributed_optimizer_shards_over_context_parallel_ranks_too():
     4 ranks hold 12 bytes per bf16 parameter between them."""
     assert mm.optimizer_bytes(1000, mm.Layout(dp=2, cp=2)) == 1000 * 12 / 4
     assert mm.optimizer_bytes(1000, mm.Layout(dp=2, cp=2, distributed_optimizer=False)) == 12000
+
+
+def test_frozen_output_layer_costs_its_input_gradient_only():
+    """With train.trainable_last_layers = k the output layer is frozen: its backward is the input gradient (2·V·h per
+    token), not twice its forward. Counted by hand for Llama-3.1-70B, the last 16 layers trained, no recompute."""
+    s, lay = mm.PRESETS["70B"], mm.Layout(tp=8, micro_batches=64, sequence_parallel=True, trainable_layers=16)
+    L, k, h, a, g, d, f, V, seq = 80, 16, 8192, 64, 8, 128, 28672, 128256, 4096
+    gemm = h * (a + 2 * g) * d + a * d * h + 3 * h * f  # a layer's linear weights
+    attn = 4 * a * d * seq  # QK^T and AV, forward, per token and layer
+    fwd = 2 * L * (gemm + 2 * h) + L * attn + 2 * (V * h + h)
+    bwd = 2 * (2 * k * (gemm + 2 * h) + k * attn) + 2 * V * h
+    assert mm.step_flops(s, lay) == pytest.approx((fwd + bwd) * 64 * seq, rel=1e-12)
+    full = mm.Layout(**{**lay.__dict__, "recompute": "full"})
+    assert mm.step_flops(s, full) == pytest.approx(
+        (fwd + bwd + 2 * k * (gemm + 2 * h) + k * attn) * 64 * seq, rel=1e-12
+    )

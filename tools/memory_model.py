@@ -34,7 +34,8 @@ estimate (activations, logits).
   (4 float32 per token).
 - Only the last k layers training (``train.trainable_last_layers = k``): gradients and optimizer
   state for those layers (and the final norm) only, activations kept only by them (no gradient
-  reaches the frozen prefix), the backward only through them and the output layer.
+  reaches the frozen prefix), the backward only through them and the output layer (its input gradient
+  only: its weight is frozen).
 - Step time: executed FLOPs / (GPUs · peak · utilisation) × pipeline bubble ``1 + (PP − 1)/(v·M)``,
   with FLOPs ``6·N·tokens`` (matrix parameters N, the output layer included, the input embedding
   not) plus attention ``12·L·h·s·tokens`` (forward and backward), plus a recomputed forward
@@ -369,12 +370,14 @@ def step_flop_parts(s: Shape, lay: Layout) -> tuple[float, float]:
     attn_fwd = 4 * L * s.heads * s.head_width * lay.seq  # per token (QK^T and AV, the attention's width)
     lin, other = 2 * L * split, 2 * (L * rep + out + s.hidden) + attn_fwd  # the forward, per token
     fwd = (lin, other)
-    # backward: twice the forward of what gradients flow through (the trainable layers and the output layer)
+    # backward: twice the forward of the trainable layers; the output layer's input gradient, and its weight's
+    # gradient only when it trains (train.trainable_last_layers freezes it)
     k = L if lay.trainable_layers < 0 else lay.trainable_layers
-    bwd_lin, bwd_other = 2 * k * split, 2 * (k * rep + out) + attn_fwd * k / L
-    lin, other = lin + 2 * bwd_lin, other + 2 * bwd_other
+    bwd_lin, bwd_other = 2 * k * split, 2 * k * rep + attn_fwd * k / L
+    out_bwd = 2 * out * (2 if lay.trainable_layers < 0 else 1)
+    lin, other = lin + 2 * bwd_lin, other + 2 * bwd_other + out_bwd
     if lay.recompute == "full":  # the trainable layers' forward again
-        lin, other = lin + bwd_lin, other + bwd_other - 2 * out
+        lin, other = lin + bwd_lin, other + bwd_other
     elif lay.recompute == "selective":
         other += attn_fwd * k / L
     if lay.reference == "online":
