@@ -222,3 +222,22 @@ def test_frozen_output_layer_costs_its_input_gradient_only():
     assert mm.step_flops(s, full) == pytest.approx(
         (fwd + bwd + 2 * k * (gemm + 2 * h) + k * attn) * 64 * seq, rel=1e-12
     )
+
+
+def test_readme_table_is_what_the_tool_prints(capsys):
+    """Every row of the README's predicted table (GiB columns, fits on H100 / H200, step) is a row the tool prints."""
+    assert plan_memory.main([]) == 0
+    printed = {}
+    for ln in capsys.readouterr().out.splitlines():
+        if ln.startswith(("8B ", "70B ")):
+            f = ln.split()
+            gib, fits, step = tuple(f[-9:-3]), f[-3], float(f[-2])
+            printed.setdefault((f[0], gib, f"{step:.1f} s" if step < 10 else f"{step:.0f} s"), {})[f[1]] = fits.lower()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = [ln for ln in readme.splitlines() if ln.startswith(("| 8B |", "| 70B |"))]
+    assert len(rows) == 6
+    for ln in rows:
+        c = [x.strip() for x in ln.strip("|").split("|")]
+        key = (c[0], tuple(c[2:8]), c[10])
+        assert key in printed, ln
+        assert printed[key] == {"H100": c[8], "H200": c[9]}, ln
