@@ -1,7 +1,7 @@
 """Predicted memory per GPU and step time of ShiQ training of Llama 8B / 70B under megatron layouts.
 
-Without --tp, prints a table of a few layouts of Llama-3.1-8B and -70B on 8 H100 (80 GB)
-and 8 H200 (141 GB), flagging those that do not fit. With --tp (and the other layout options) prints the terms of
+Without --tp, prints a table of a few layouts of Llama-3.1-8B and -70B on H100 (80 GB) and H200 (141 GB)
+GPUs, 8 of them but where a row says otherwise, flagging those that do not fit. With --tp (and the other layout options) prints the terms of
 that one layout. --validate builds small megatron GPTs on this machine's CPU and compares the terms that
 can be measured (parameters, gradients, optimizer state: exact counts; activations kept for the
 backward: the bytes of the tensors autograd saves) with the prediction. The formulas are in
