@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -394,8 +395,16 @@ class Trainer:
                     evaluate is not None and self.cfg.eval_every > 0 and (last or (step + 1) % self.cfg.eval_every == 0)
                 )
                 logged = (step + 1) % self.cfg.log_every == 0 or last
-                if logged and not evaluating:  # an evaluated step is logged once its evaluation is in
+                # a non-finite loss or gradient norm has made the parameters NaN: its line is kept, nothing is saved
+                diverged = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+                if diverged or (logged and not evaluating):  # an evaluated step is logged once its evaluation is in
                     log.write(metrics)
+                if diverged:
+                    raise RuntimeError(
+                        f"training diverged at step {step + 1}: loss {metrics['loss']}, gradient norm "
+                        f"{metrics['grad_norm']}; the step's line is kept in {self.out_dir / 'metrics.jsonl'} and its "
+                        "parameters are not saved (the newest checkpoint, if any, is from before it)"
+                    )
                 if last or evaluating or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
                     # the step's line goes with it: a kill before the line is written (during the evaluation)
                     # has the resume write it, without the evaluation's keys

@@ -109,6 +109,34 @@ def test_short_shiq_run_learns_the_rewarded_tokens(dist1, tmp_path):
     assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
 
 
+def test_a_diverged_step_is_logged_and_ends_the_run_before_it_is_saved(dist1, tmp_path):
+    """A NaN loss makes the parameters NaN: the run stops at that step in one line, its line in metrics.jsonl
+    (even off the log_every grid), and no checkpoint of it (the next step failed naming chosen_logits)."""
+    model = M.build_model(cfg())
+    trainer = Trainer(
+        model,
+        LossConfig("shiq"),
+        OptimizerConfig(lr=1e-3),
+        TrainConfig(steps=3, save_every=1, log_every=5, progress=False, tensorboard=False),
+        tmp_path,
+    )
+    source = with_reference(Synthetic(), frozen_copy(model, cfg()))
+    loss_fn = trainer.loss_fn
+
+    def nan_at_step_2(*args):
+        loss, metrics = loss_fn(*args)
+        return (loss * float("nan") if source.pos > 2 else loss), metrics
+
+    trainer.loss_fn = nan_at_step_2
+    with pytest.raises(
+        RuntimeError, match=r"^training diverged at step 2: loss nan, gradient norm nan; .*metrics\.jsonl"
+    ):
+        trainer.fit(source)
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2] and lines[0]["loss"] != lines[0]["loss"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000001"]
+
+
 def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     mcfg = M.ModelConfig(vocab_size=VOCAB, max_sequence_length=SEQ, hidden_dropout=0.1)
     init = M.build_model(mcfg)
