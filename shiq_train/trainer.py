@@ -425,8 +425,10 @@ class Trainer:
                         log.write(metrics)
                 if logged:
                     bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
-        finally:
-            log.close()
+        except BaseException:
+            log.close(failed=True)
+            raise
+        log.close()
         return history
 
     def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
@@ -561,10 +563,11 @@ class _MetricLog:
                 {k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}, step=metrics["step"]
             )
 
-    def close(self):
+    def close(self, failed: bool = False):
+        """``failed``: the run stopped on an error (a W&B run is then marked failed, not finished)."""
         if self.active:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
             if self.wandb is not None:
-                self.wandb.finish()
+                self.wandb.finish(**({"exit_code": 1} if failed else {}))

@@ -137,6 +137,33 @@ def test_a_diverged_step_is_logged_and_ends_the_run_before_it_is_saved(dist1, tm
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*")) == ["step_00000001"]
 
 
+def test_a_run_that_stops_on_an_error_marks_its_wandb_run_failed(dist1, tmp_path, monkeypatch):
+    """W&B is told the run failed (exit code 1), not that it finished, when a step raises; a whole run finishes."""
+    import sys
+    import types
+
+    from shiq_train.trainer import LoggingConfig
+
+    finished = []
+    run = types.SimpleNamespace(log=lambda values, step: None, finish=lambda **kw: finished.append(kw))
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+
+    def trainer(out, steps):
+        model = M.build_model(cfg())
+        train_cfg = TrainConfig(steps=steps, progress=False, tensorboard=False)
+        return Trainer(
+            model, LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, out, logging_cfg=LoggingConfig(wandb=True)
+        )
+
+    source = Synthetic()
+    good = source.next_micro_batches
+    source.next_micro_batches = lambda: good() if source.pos < 2 else 1 / 0
+    with pytest.raises(ZeroDivisionError):
+        trainer(tmp_path / "a", 3).fit(source)
+    trainer(tmp_path / "b", 1).fit(Synthetic())
+    assert finished == [{"exit_code": 1}, {}]
+
+
 def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     mcfg = M.ModelConfig(vocab_size=VOCAB, max_sequence_length=SEQ, hidden_dropout=0.1)
     init = M.build_model(mcfg)
