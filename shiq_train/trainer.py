@@ -121,8 +121,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.steps < 1:
             raise ValueError(f"train.steps must be >= 1, got {self.steps}")
-        if self.save_every < 0 or self.log_every < 1:
-            raise ValueError("train.save_every must be >= 0 and train.log_every >= 1")
+        if self.save_every < 0:
+            raise ValueError(f"train.save_every must be >= 0 (0: only at the end), got {self.save_every}")
+        if self.log_every < 1:
+            raise ValueError(f"train.log_every must be >= 1 (the last step is always logged), got {self.log_every}")
         if self.eval_every < 0:
             raise ValueError(f"train.eval_every must be >= 0 (0: never), got {self.eval_every}")
         if self.reference not in REFERENCES:

@@ -429,6 +429,18 @@ def test_validation_loss_is_the_loss_a_step_reports_and_changes_nothing(dist1, t
     assert step["step"] == 2 and step["loss"] == pytest.approx(val, rel=1e-6) and val > 0
 
 
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        ({"log_every": 0}, "train.log_every must be >= 1 (the last step is always logged), got 0"),
+        ({"save_every": -1}, "train.save_every must be >= 0 (0: only at the end), got -1"),
+    ],
+)
+def test_log_every_and_save_every_are_refused_naming_the_bad_one(kw, needle):
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        TrainConfig(**kw)
+
+
 def test_trainable_last_layers_is_all_or_at_least_one():
     """-1 trains everything, N >= 1 the last N layers; 0 (nothing would train) and other negative values are
     refused in one line naming the option, as is a value below -1 when freezing a model directly."""
