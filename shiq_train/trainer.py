@@ -436,7 +436,9 @@ class Trainer:
     def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
         """The training loss of the current model on ``micro_batches`` (e.g. one pass over a held-out
         buffer), without gradients or an update, as a training step of those micro-batches would report it
-        (``loss_average``: the mean over all their loss terms, or of the micro-batches' means). With ``reference="online"`` the reference statistics are filled in first.
+        (``loss_average``: the mean over all their loss terms, or of the micro-batches' means), in eval mode (no
+        dropout; each module's mode is restored after). With ``reference="online"`` the reference statistics are
+        filled in first.
         ``prefix_cache``: a :class:`PrefixCache` of the buffer the micro-batches come from (the held-out
         one, not the training buffer's), so that only the layers after its frozen prefix run (the same
         loss up to float rounding)."""
@@ -448,8 +450,15 @@ class Trainer:
         if self.cfg.reference == "online":
             with self._suffix(self.ref_model, prefix_cache):
                 _capture_reference(self.ref_model, micro_batches)
-        with torch.no_grad(), self._suffix(self.model, prefix_cache):
-            loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
+        modes = [(m, m.training) for chunk in model_chunks(self.model) for m in chunk.modules()]
+        try:  # in eval mode: no dropout, so the same model gives the same validation loss
+            for chunk in model_chunks(self.model):
+                chunk.eval()
+            with torch.no_grad(), self._suffix(self.model, prefix_cache):
+                loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
+        finally:
+            for m, training in modes:
+                m.training = training
         return float(loss)
 
     def _evaluate(self, evaluate, step: int) -> dict | None:

@@ -392,6 +392,36 @@ def test_eval_every_is_validated():
         TrainConfig(eval_every=-1)
 
 
+def test_validation_loss_runs_without_dropout_and_restores_the_mode(dist1, tmp_path):
+    """The validation loss ran in training mode: with dropout, the same model on the same rows gave another
+    loss each time (and drew from the generators training uses). It runs in eval mode, the loss of an eval-mode
+    forward pass, and the model is left in training mode as it was."""
+    from dataclasses import replace
+
+    from shiq_train.train_step import forward_backward, objective_loss_fn
+
+    config = replace(cfg(), hidden_dropout=0.5, attention_dropout=0.5)
+    model = M.build_model(config)
+    t = Trainer(
+        model,
+        LossConfig("shiq", beta=0.5),
+        OptimizerConfig(lr=1e-3),
+        TrainConfig(steps=1, reference="online", progress=False, tensorboard=False),
+        tmp_path,
+        ref_model=frozen_copy(model, config),
+    )
+    mbs = Synthetic(seed=4).next_micro_batches()
+    model.train()
+    batch = [dict(mb) for mb in mbs]  # (the online reference's statistics are added to it)
+    first, again = t.validation_loss(batch), t.validation_loss([dict(mb) for mb in mbs])
+    assert first == again and model.training and all(m.training for m in model.modules())
+    model.eval()
+    with torch.no_grad():
+        loss_fn = objective_loss_fn(LossConfig("shiq", beta=0.5))
+        want, _ = forward_backward(model, [dict(mb) for mb in batch], loss_fn, forward_only=True)
+    assert first == pytest.approx(float(want), rel=1e-6)
+
+
 def test_validation_loss_is_the_loss_a_step_reports_and_changes_nothing(dist1, tmp_path):
     """Trainer.validation_loss on a micro-batch list equals the loss the next training step reports on the
     same micro-batches (computed before its update), and leaves the parameters and the optimizer as they were."""
