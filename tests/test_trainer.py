@@ -392,6 +392,21 @@ def test_eval_every_is_validated():
         TrainConfig(eval_every=-1)
 
 
+def online_trainer(config, out):
+    """``(model, Trainer)``: a ShiQ trainer of one step over a model of ``config``, its frozen copy the online
+    reference."""
+    model = M.build_model(config)
+    t = Trainer(
+        model,
+        LossConfig("shiq", beta=0.5),
+        OptimizerConfig(lr=1e-3),
+        TrainConfig(steps=1, reference="online", progress=False, tensorboard=False),
+        out,
+        ref_model=frozen_copy(model, config),
+    )
+    return model, t
+
+
 def test_validation_loss_runs_without_dropout_and_restores_the_mode(dist1, tmp_path):
     """The validation loss ran in training mode: with dropout, the same model on the same rows gave another
     loss each time (and drew from the generators training uses). It runs in eval mode, the loss of an eval-mode
@@ -400,16 +415,7 @@ def test_validation_loss_runs_without_dropout_and_restores_the_mode(dist1, tmp_p
 
     from shiq_train.train_step import forward_backward, objective_loss_fn
 
-    config = replace(cfg(), hidden_dropout=0.5, attention_dropout=0.5)
-    model = M.build_model(config)
-    t = Trainer(
-        model,
-        LossConfig("shiq", beta=0.5),
-        OptimizerConfig(lr=1e-3),
-        TrainConfig(steps=1, reference="online", progress=False, tensorboard=False),
-        tmp_path,
-        ref_model=frozen_copy(model, config),
-    )
+    model, t = online_trainer(replace(cfg(), hidden_dropout=0.5, attention_dropout=0.5), tmp_path)
     mbs = Synthetic(seed=4).next_micro_batches()
     model.train()
     batch = [dict(mb) for mb in mbs]  # (the online reference's statistics are added to it)
@@ -425,16 +431,7 @@ def test_validation_loss_runs_without_dropout_and_restores_the_mode(dist1, tmp_p
 def test_validation_loss_is_the_loss_a_step_reports_and_changes_nothing(dist1, tmp_path):
     """Trainer.validation_loss on a micro-batch list equals the loss the next training step reports on the
     same micro-batches (computed before its update), and leaves the parameters and the optimizer as they were."""
-    model = M.build_model(cfg())
-    ref = frozen_copy(model, cfg())
-    t = Trainer(
-        model,
-        LossConfig("shiq", beta=0.5),
-        OptimizerConfig(lr=1e-3),
-        TrainConfig(steps=1, reference="online", progress=False, tensorboard=False),
-        tmp_path,
-        ref_model=ref,
-    )
+    model, t = online_trainer(cfg(), tmp_path)
     t.fit(Synthetic(seed=3))  # one update, so the policy differs from the reference
     mbs = Synthetic(seed=4).next_micro_batches()
     before = [p.detach().clone() for p in model.parameters()]
