@@ -112,10 +112,11 @@ log = logging.getLogger(__name__)
 FORMAT = "shiq-replay-buffer"
 MANIFEST = "manifest.json"
 LOCK = ".lock"
+# (.fullmatch) what a manifest may list; groups: the shard's number, its revision (None for the first)
+_SHARD_NAME = re.compile(r"shard-([0-9]{5})(?:\.r([0-9]+))?\.arrow")
 # (.fullmatch) the files a write may leave: a shard (of any revision) renamed into place, or its temporary name;
 # nothing else named like a shard (a user's shard-00001.arrow.bak) is the buffer's to remove
-_SHARD_RE = re.compile(r"\.?shard-[0-9]{5}(\.r[0-9]+)?\.arrow(\.tmp)?")
-_SHARD_NAME = re.compile(r"shard-[0-9]{5}(\.r[0-9]+)?\.arrow")  # (.fullmatch) what a manifest may list
+_SHARD_RE = re.compile(rf"\.?{_SHARD_NAME.pattern}(\.tmp)?")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SHARD_NUMBER_MAX = 99999  # the shard numbers _SHARD_NAME allows (five digits)
 
@@ -1370,9 +1371,9 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
                 i += 1
         # past the file's own revision too: a manifest whose field says less (edited, or without it) must not
         # make the new file's name the old one's, which the commit would then delete
-        named = re.fullmatch(r"shard-[0-9]{5}\.r([0-9]+)\.arrow", entry["file"])
-        revision = max(int(entry.get("revision", 0)), int(named[1]) if named else 0) + 1
-        name = shard_file_name(int(entry["file"][6:11]), revision)
+        named = _SHARD_NAME.fullmatch(entry["file"])  # (the manifest's names were checked when it was read)
+        revision = max(int(entry.get("revision", 0)), int(named[2] or 0)) + 1
+        name = shard_file_name(int(named[1]), revision)
         tmp = buffer_dir / f".{name}.tmp"
         try:
             new_entry = write_shard_file(table, tmp)
