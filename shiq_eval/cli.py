@@ -478,7 +478,7 @@ def suite_overrides(args) -> dict:
     return {
         "prompts": args.prompts,
         "movie_prompts": args.movie_prompts,
-        "scorer": args.scorer,  # (--reward-model alone: see run)
+        "scorer": args.scorer,  # (--reward-model alone: see load_suite)
         "reward_model": args.reward_model,
         "chat": args.chat,
         "kl_estimator": args.kl_estimator,
@@ -548,15 +548,7 @@ def run(args) -> list[dict]:
             f"--out {args.out} holds an earlier run's results ({earlier.name}): give --overwrite to replace them, "
             "or another folder"
         )
-    overrides = suite_overrides(args)
-    suite, suite_file = load_suite(args.suite, overrides)
-    if (
-        args.scorer is None
-        and args.reward_model is not None
-        and suite.scorer not in ("reward_model", "hf_reward_model")
-    ):
-        # --reward-model alone makes the scorer reward_model, unless the suite's reads it (hf_reward_model: a folder)
-        suite, suite_file = load_suite(args.suite, {**overrides, "scorer": "reward_model"})
+    suite, suite_file = load_suite(args.suite, suite_overrides(args))
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)

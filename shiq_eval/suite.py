@@ -103,7 +103,8 @@ def check_no_resolvers(cfg, path: Path, prefix: str = "") -> None:
 def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, Path | None]:
     """``(suite, file)``: the suite ``spec`` names (None: an unnamed ``custom`` suite of defaults) with
     ``overrides`` (``{key or sampling.key: value}``, None values skipped) applied, checked; relative paths in
-    the file resolve against its folder."""
+    the file resolve against its folder. A ``reward_model`` given without a ``scorer`` makes the scorer
+    ``reward_model``, unless the suite's scorer already reads one (``reward_model``, ``hf_reward_model``)."""
     path = suite_path(spec) if spec is not None else None
     base = OmegaConf.structured(Suite)
     try:
@@ -144,7 +145,11 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         suite.movie_prompts = None
     if overrides and overrides.get("movie_prompts") is not None:
         suite.prompts = None
-    check_suite(suite, path, {k for k, v in (overrides or {}).items() if v is not None})
+    given = {k for k, v in (overrides or {}).items() if v is not None}
+    if "reward_model" in given and "scorer" not in given and suite.scorer not in ("reward_model", "hf_reward_model"):
+        suite.scorer = "reward_model"  # --reward-model alone: a head file, unless the suite's scorer reads a model
+        given.add("scorer")
+    check_suite(suite, path, given)
     return suite, path
 
 
