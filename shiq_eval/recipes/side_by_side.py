@@ -76,8 +76,7 @@ def run_side_by_side(
     jobs start, when a stage of one finishes (``folder/stages.json``) and when one ends. Every job runs to its
     end even when another fails; then the first failure (in ``jobs_args`` order) is raised again, its job
     named, as the same kind of error where it can be."""
-    threads_per_job(jobs)  # refuses jobs < 1
-    threads = threads_per_job(max(1, min(jobs, len(jobs_args))))  # the cores shared by the runs that go at once
+    threads = threads_per_job(min(jobs, max(1, len(jobs_args))))  # the runs that go at once share the cores
     seen = {name: set(_finished(Path(folder))) for name, folder, _ in jobs_args}
     errors: dict[str, BaseException] = {}
     with worker_pool(jobs) as pool:
