@@ -34,7 +34,7 @@ from shiq_train.qsharp_value import (
     returns_to_go,
     save_value_model,
 )
-from shiq_train.train_step import OptimizerConfig
+from shiq_train.train_step import OptimizerConfig, decay_groups
 from shiq_train.trainer import freeze_all_but_last_layers
 
 # keys of a run's loss section that configure the value model (configs/loss/qsharp_value.yaml)
@@ -238,15 +238,13 @@ def action_weights(micro_batches: list[dict]) -> list[float]:
 def value_optimizer(head: list, trunk: list, cfg: ValueTrainConfig) -> torch.optim.AdamW:
     """AdamW over the value head (at ``cfg.head_lr``, default ``cfg.lr``) and the trainable trunk (``cfg.lr``),
     with ``cfg.weight_decay`` on matrices only: norms and biases (1-D parameters) get none, as in a policy run's
-    optimizer (:func:`shiq_train.train_step.build_optimizer`)."""
-    groups = []
-    for params, lr in ((head, cfg.head_lr or cfg.lr), (trunk, cfg.lr)):
-        for decay, chosen in (
-            (cfg.weight_decay, [p for p in params if p.dim() > 1]),
-            (0.0, [p for p in params if p.dim() <= 1]),
-        ):
-            if chosen:
-                groups.append({"params": chosen, "lr": lr, "weight_decay": decay})
+    optimizer (:func:`shiq_train.train_step.decay_groups`)."""
+    groups = [
+        g
+        for params, lr in ((head, cfg.head_lr or cfg.lr), (trunk, cfg.lr))
+        for g in decay_groups(params, cfg.weight_decay, lr=lr)
+        if g["params"]  # (a trunk with nothing trainable: no group)
+    ]
     return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps, fused=True)
 
 

@@ -144,6 +144,15 @@ class MasterWeightOptimizer:
         self.inner.load_state_dict(state["inner"])
 
 
+def decay_groups(params: list, weight_decay: float, **options) -> list[dict]:
+    """AdamW parameter groups of ``params`` (each with ``options``, such as its ``lr``): ``weight_decay`` on the
+    matrices, none on norms and biases (1-D parameters)."""
+    return [
+        {"params": [p for p in params if p.dim() > 1], "weight_decay": weight_decay, **options},
+        {"params": [p for p in params if p.dim() <= 1], "weight_decay": 0.0, **options},
+    ]
+
+
 def build_optimizer(model, cfg: OptimizerConfig):
     """``(optimizer, LambdaLR)`` over the trainable parameters of ``model`` (one model, or the list of this
     rank's chunks): AdamW, wrapped in a :class:`MasterWeightOptimizer` when some parameter is not float32 and
@@ -152,10 +161,7 @@ def build_optimizer(model, cfg: OptimizerConfig):
 
     def adamw(ps):
         return torch.optim.AdamW(
-            [
-                {"params": [p for p in ps if p.dim() > 1], "weight_decay": cfg.weight_decay},
-                {"params": [p for p in ps if p.dim() <= 1], "weight_decay": 0.0},
-            ],
+            decay_groups(ps, cfg.weight_decay),
             lr=cfg.lr,
             betas=(cfg.adam_beta1, cfg.adam_beta2),
             eps=cfg.adam_eps,
