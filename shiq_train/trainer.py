@@ -450,15 +450,11 @@ class Trainer:
         if self.cfg.reference == "online":
             with self._suffix(self.ref_model, prefix_cache):
                 _capture_reference(self.ref_model, micro_batches)
-        modes = [(m, m.training) for chunk in model_chunks(self.model) for m in chunk.modules()]
-        try:  # in eval mode: no dropout, so the same model gives the same validation loss
+        with _modes_kept(self.model):  # in eval mode: no dropout, so the same model gives the same validation loss
             for chunk in model_chunks(self.model):
                 chunk.eval()
             with torch.no_grad(), self._suffix(self.model, prefix_cache):
                 loss, _ = forward_backward(self.model, micro_batches, self.loss_fn, forward_only=True)
-        finally:
-            for m, training in modes:
-                m.training = training
         return float(loss)
 
     def _evaluate(self, evaluate, step: int) -> dict | None:
@@ -468,20 +464,28 @@ class Trainer:
 
         tracker = get_cuda_rng_tracker()
         tracker_states = {k: v.clone() for k, v in tracker.get_states().items()}
-        modes = [(m, m.training) for chunk in model_chunks(self.model) for m in chunk.modules()]
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
         try:
-            with torch.random.fork_rng(devices=devices):
+            with _modes_kept(self.model), torch.random.fork_rng(devices=devices):
                 result = evaluate(step, self.model)
         finally:
             tracker.set_states(tracker_states)
-            for m, training in modes:
-                m.training = training
         if result is not None and not isinstance(result, dict):
             raise TypeError(
                 f"the evaluate hook returned {type(result).__name__} at step {step}: expected a dict or None"
             )
         return result
+
+
+@contextlib.contextmanager
+def _modes_kept(model):
+    """Each module of ``model`` (one model, or this rank's chunks) back in its train/eval mode after the block."""
+    modes = [(m, m.training) for chunk in model_chunks(model) for m in chunk.modules()]
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def _check_metrics_file(path: Path) -> None:
