@@ -30,6 +30,7 @@ from shiq_data.cli_common import (
     folder_path,
     int_at_least,
     log_level,
+    on_sigterm,
     run_command,
     setup_logging,
 )
@@ -478,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(getattr(args, "log_level", "INFO"))
     if log_level(getattr(args, "log_level", "INFO")) > logging.INFO:  # WARNING or ERROR: no progress bars either
         args.no_progress = True
-    return run_command("shiq-data", args.func, args)  # RowError names the file, row and field
+    with on_sigterm():  # a kill (SIGTERM) removes the temporary files, as Ctrl-C does, then ends with status 143
+        return run_command("shiq-data", args.func, args)  # RowError names the file, row and field
 
 
 if __name__ == "__main__":
