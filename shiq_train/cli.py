@@ -37,6 +37,8 @@ from omegaconf.errors import MissingMandatoryValue
 from shiq_data.assets import config_dir
 from shiq_data.buffer import open_buffer, read_manifest, refuse_inside_buffer
 from shiq_data.cli_common import (
+    EXIT_TERMINATED,
+    Terminated,
     broken_pipe,
     fail,
     interrupted,
@@ -74,7 +76,7 @@ from shiq_train.model import (
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
 from shiq_train.qsharp_train import train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
-from shiq_train.trainer import LoggingConfig, TrainConfig, Trainer, frozen_copy, import_wandb
+from shiq_train.trainer import LoggingConfig, SavedOnSigterm, TrainConfig, Trainer, frozen_copy, import_wandb
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +142,7 @@ RESUME_SAFE_KEYS = (
     "parallel.cp",  # only 1 runs; absent from runs started before it existed
     "parallel.backend",  # the same steps up to float rounding (checkpoints load on the CPU); absent before it existed
     "parallel.timeout_minutes",  # how long a collective waits; absent before it existed
+    "train.save_on_sigterm",  # when a checkpoint is written; absent from runs started before it existed
 )
 # keys absent from runs started before they existed, with the value those runs computed with
 ABSENT_MEANS = {
@@ -1077,9 +1080,18 @@ def _task(cfg) -> None:
         setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
         run(plain, keys, model_keys_given([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "model"]))
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         if verbose():
             raise
+        if isinstance(e, SavedOnSigterm):
+            print(
+                f"shiq-train: terminated after saving step {e.step} (SIGTERM); the same command resumes the run there",
+                file=sys.stderr,
+            )
+            sys.exit(EXIT_TERMINATED)
+        if isinstance(e, Terminated):
+            print("shiq-train: terminated", file=sys.stderr)
+            sys.exit(EXIT_TERMINATED)
         sys.exit(
             interrupted("shiq-train", " (the same command resumes the run from its last checkpoint, if it saved one)")
         )

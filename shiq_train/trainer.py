@@ -14,8 +14,10 @@ import contextlib
 import json
 import logging
 import math
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from shiq_data.cli_common import LOG_LEVELS
+from shiq_data.cli_common import LOG_LEVELS, Terminated
 from shiq_data.io import atomic_write_text
 from shiq_train import prefix_tree
 from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, remove_temporaries, save_checkpoint
@@ -93,6 +95,10 @@ class TrainConfig:
     the last ``N`` layers at each step; the same losses and parameters up to float rounding, much less
     compute. Needs a data source over a replay buffer (``BufferSampler``, ``padded`` or ``groups`` mode),
     tensor and pipeline parallel size 1 and no dropout; an online reference uses the cache too.
+    ``save_on_sigterm``: SIGTERM (a scheduler's stop or preemption; ``torchrun`` passes it to every rank) lets
+    the step under way finish, saves a checkpoint of it on every rank (the ranks agree on the step), and ends
+    the run by :class:`SavedOnSigterm`; the same command resumes from there. A second SIGTERM ends the process
+    at once. ``false``: SIGTERM ends the process at once (the newest checkpoint is from ``save_every``).
     ``share_prefixes``: the rows of a micro-batch that begin with the same tokens (the completions of a
     prompt, prompts with the same system turn) run those tokens through the model once
     (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding; a micro-batch whose
@@ -117,6 +123,7 @@ class TrainConfig:
     cache_frozen_prefix: bool = False
     share_prefixes: bool = False
     loss_average: str = "step"
+    save_on_sigterm: bool = True
 
     def __post_init__(self):
         if self.steps < 1:
@@ -131,7 +138,7 @@ class TrainConfig:
             raise ValueError(f"train.reference must be one of {REFERENCES}, got {self.reference!r}")
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"train.loss_average must be one of {LOSS_AVERAGES}, got {self.loss_average!r}")
-        for name in ("cache_frozen_prefix", "share_prefixes"):
+        for name in ("cache_frozen_prefix", "share_prefixes", "save_on_sigterm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"train.{name} must be true or false, got {getattr(self, name)!r}")
         k = self.trainable_last_layers
@@ -367,66 +374,77 @@ class Trainer:
             disable=not (rank0 and self.cfg.progress),
             dynamic_ncols=True,
         )
+
+        def save(step: int, line: dict | None) -> None:
+            save_checkpoint(
+                self.ckpt_dir,
+                step,
+                self.model,
+                self.optimizer,
+                self.scheduler,
+                user_state={"data": data.state_dict(), "metrics": line},
+                meta={**self.run_meta, "loss": self.loss_cfg.__dict__},
+            )
+
         try:
-            for step in bar:
-                t0 = time.perf_counter()
-                mbs = data.next_micro_batches()
-                if self.prefix_cache is not None:
-                    self.prefix_cache.add_to(mbs)
-                if self.cfg.share_prefixes:
-                    add_prefix_trees(mbs, self._cost_ratio)
-                if self.cfg.reference == "online":
-                    with self._suffix(self.ref_model, self.prefix_cache):
-                        _capture_reference(self.ref_model, mbs)
-                with self._suffix(self.model, self.prefix_cache):
-                    metrics = train_step(
-                        self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
+            with sigterm_requests(self.cfg.save_on_sigterm) as stop_requested:
+                for step in bar:
+                    t0 = time.perf_counter()
+                    mbs = data.next_micro_batches()
+                    if self.prefix_cache is not None:
+                        self.prefix_cache.add_to(mbs)
+                    if self.cfg.share_prefixes:
+                        add_prefix_trees(mbs, self._cost_ratio)
+                    if self.cfg.reference == "online":
+                        with self._suffix(self.ref_model, self.prefix_cache):
+                            _capture_reference(self.ref_model, mbs)
+                    with self._suffix(self.model, self.prefix_cache):
+                        metrics = train_step(
+                            self.model, self.optimizer, self.scheduler, mbs, self.loss_fn, self.opt_cfg.clip_grad
+                        )
+                    # real tokens, not padding (a data source's micro-batch without lengths: every position)
+                    tokens = sum(int(mb["lengths"].sum()) if "lengths" in mb else mb["tokens"].numel() for mb in mbs)
+                    if dp > 1:  # every data-parallel rank's (their rows differ in length)
+                        count = torch.tensor([tokens], dtype=torch.float64, device=device())
+                        dist.all_reduce(count, group=ps.get_data_parallel_group())
+                        tokens = int(count.item())
+                    metrics["tokens"] = tokens
+                    metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
+                    metrics["step"] = step + 1
+                    history.append(metrics)
+                    last = step + 1 == self.cfg.steps
+                    evaluating = (
+                        evaluate is not None
+                        and self.cfg.eval_every > 0
+                        and (last or (step + 1) % self.cfg.eval_every == 0)
                     )
-                # real tokens, not padding (a data source's micro-batch without lengths: every position)
-                tokens = sum(int(mb["lengths"].sum()) if "lengths" in mb else mb["tokens"].numel() for mb in mbs)
-                if dp > 1:  # every data-parallel rank's (their rows differ in length)
-                    count = torch.tensor([tokens], dtype=torch.float64, device=device())
-                    dist.all_reduce(count, group=ps.get_data_parallel_group())
-                    tokens = int(count.item())
-                metrics["tokens"] = tokens
-                metrics["tokens_per_s"] = tokens / (time.perf_counter() - t0)
-                metrics["step"] = step + 1
-                history.append(metrics)
-                last = step + 1 == self.cfg.steps
-                evaluating = (
-                    evaluate is not None and self.cfg.eval_every > 0 and (last or (step + 1) % self.cfg.eval_every == 0)
-                )
-                logged = (step + 1) % self.cfg.log_every == 0 or last
-                # a non-finite loss or gradient norm has made the parameters NaN: its line is kept, nothing is saved
-                diverged = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
-                if diverged or (logged and not evaluating):  # an evaluated step is logged once its evaluation is in
-                    log.write(metrics)
-                if diverged:
-                    raise RuntimeError(
-                        f"training diverged at step {step + 1}: loss {metrics['loss']}, gradient norm "
-                        f"{metrics['grad_norm']}; the step's line is kept in {self.out_dir / 'metrics.jsonl'} and its "
-                        "parameters are not saved (the newest checkpoint, if any, is from before it)"
-                    )
-                if last or evaluating or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0):
-                    # the step's line goes with it: a kill before the line is written (during the evaluation)
-                    # has the resume write it, without the evaluation's keys
-                    line = dict(metrics) if logged else None
-                    save_checkpoint(
-                        self.ckpt_dir,
-                        step + 1,
-                        self.model,
-                        self.optimizer,
-                        self.scheduler,
-                        user_state={"data": data.state_dict(), "metrics": line},
-                        meta={**self.run_meta, "loss": self.loss_cfg.__dict__},
-                    )
-                if evaluating:
-                    result = self._evaluate(evaluate, step + 1)
-                    metrics.update({f"eval/{k}": v for k, v in (result or {}).items()})
-                    if logged or result:
+                    logged = (step + 1) % self.cfg.log_every == 0 or last
+                    # a non-finite loss or gradient norm has made the parameters NaN: its line is kept, nothing is saved
+                    diverged = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
+                    if diverged or (logged and not evaluating):  # an evaluated step is logged once its evaluation is in
                         log.write(metrics)
-                if logged:
-                    bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
+                    if diverged:
+                        raise RuntimeError(
+                            f"training diverged at step {step + 1}: loss {metrics['loss']}, gradient norm "
+                            f"{metrics['grad_norm']}; the step's line is kept in {self.out_dir / 'metrics.jsonl'} and its "
+                            "parameters are not saved (the newest checkpoint, if any, is from before it)"
+                        )
+                    saving = last or evaluating or (self.cfg.save_every and (step + 1) % self.cfg.save_every == 0)
+                    if saving:
+                        # the step's line goes with it: a kill before the line is written (during the evaluation)
+                        # has the resume write it, without the evaluation's keys
+                        save(step + 1, dict(metrics) if logged else None)
+                    if evaluating:
+                        result = self._evaluate(evaluate, step + 1)
+                        metrics.update({f"eval/{k}": v for k, v in (result or {}).items()})
+                        if logged or result:
+                            log.write(metrics)
+                    if logged:
+                        bar.set_postfix(loss=f"{metrics['loss']:.4g}", log_ratio=f"{metrics['log_ratio']:.3g}")
+                    if stop_requested():  # a SIGTERM reached some rank: every rank saves this step, then stops
+                        if not saving:
+                            save(step + 1, dict(metrics) if logged else None)
+                        raise SavedOnSigterm(step + 1)
         except BaseException:
             log.close(failed=True)
             raise
@@ -475,6 +493,61 @@ class Trainer:
                 f"the evaluate hook returned {type(result).__name__} at step {step}: expected a dict or None"
             )
         return result
+
+
+class SavedOnSigterm(Terminated):
+    """The run stopped on SIGTERM once the step it was on was saved (``TrainConfig.save_on_sigterm``)."""
+
+    def __init__(self, step: int):
+        super().__init__(step)
+        self.step = step  # the step saved, where the same command resumes
+
+
+@contextlib.contextmanager
+def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
+    """While training (``TrainConfig.save_on_sigterm``): a first SIGTERM only records a request and gives
+    SIGTERM back its default action (a second ends the process at once); the yielded ``requested()`` tells
+    every rank alike whether any rank got one (a maximum over the ranks: a one-number all-reduce each call when
+    there are several, so the ranks save the same step). Off the main thread, or where the caller handles
+    SIGTERM already, SIGTERM keeps its action. A request that no ``requested()`` saw (it came after the last)
+    raises :class:`~shiq_data.cli_common.Terminated` at the block's end: a caller that trains several runs
+    stops too. Not ``enabled``: SIGTERM keeps its action and ``requested()`` is False, with no all-reduce."""
+    got = threading.Event()
+    seen = threading.Event()
+    previous = None
+    if enabled and threading.current_thread() is threading.main_thread():
+        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+
+            def record(signum, frame):
+                got.set()
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+            previous = signal.signal(signal.SIGTERM, record)
+    several = dist.is_initialized() and dist.get_world_size() > 1
+
+    def requested() -> bool:
+        if not enabled:
+            return False
+        flag = got.is_set()
+        if several:
+            count = torch.tensor([int(flag)], dtype=torch.int32, device=device())
+            dist.all_reduce(count, op=dist.ReduceOp.MAX)
+            flag = bool(count.item())
+        if flag:
+            seen.set()
+        return flag
+
+    failed = False
+    try:
+        yield requested
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if previous is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, previous)
+        if not failed and got.is_set() and not seen.is_set():
+            raise Terminated()
 
 
 @contextlib.contextmanager
