@@ -177,6 +177,19 @@ def _as_array(row: dict, name: str, kind: str, err) -> np.ndarray:
     return arr
 
 
+def _float32_values(values: np.ndarray, field: str, what: str, err) -> np.ndarray:
+    """``values`` as float64, once each is finite and within float32's range (the column's storage: a larger
+    one would read back as inf); else ``err(field, ...)`` naming the first that is not and its position."""
+    vf = values.astype(np.float64)
+    bad = np.flatnonzero(~np.isfinite(vf) | (np.abs(vf) > FLOAT32_MAX))
+    if bad.size:
+        k = int(bad[0])
+        if not np.isfinite(vf[k]):
+            raise err(field, f"non-finite {what} {vf[k]} at position {k}")
+        raise err(field, f"{what} {vf[k]} at position {k} does not fit in float32")
+    return vf
+
+
 def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -> None:
     """Raise :class:`RowError` naming ``file``, ``row_index`` and the field if ``row`` is not a valid buffer row.
 
@@ -241,24 +254,13 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     if not mask.size or not mask.any():
         raise err("action_mask", "no action token (empty completion)")
     if rewards.size:
-        rf = rewards.astype(np.float64)
-        if not np.isfinite(rf).all():
-            bad = int(np.flatnonzero(~np.isfinite(rf))[0])
-            raise err("rewards", f"non-finite reward {rf[bad]} at position {bad}")
+        rf = _float32_values(rewards, "rewards", "reward", err)
         off = (rf != 0) & ~mask
         if off.any():
             bad = int(np.flatnonzero(off)[0])
             raise err("rewards", f"nonzero reward {rf[bad]} at position {bad}, which is not an action token")
-        if np.abs(rf).max() > np.finfo(np.float32).max:
-            raise err("rewards", "reward does not fit in float32")
     for name, arr in refs.items():
-        af = arr.astype(np.float64)
-        if not np.isfinite(af).all():
-            bad = int(np.flatnonzero(~np.isfinite(af))[0])
-            raise err(name, f"non-finite value {af[bad]} at position {bad}")
-        if np.abs(af).max() > np.finfo(np.float32).max:  # stored as float32: it would read back as inf
-            bad = int(np.flatnonzero(np.abs(af) > np.finfo(np.float32).max)[0])
-            raise err(name, f"value {af[bad]} at position {bad} does not fit in float32")
+        af = _float32_values(arr, name, "value", err)
         if af[0] != 0:
             raise err(name, f"position 0 must be 0 (nothing predicts the first token), got {af[0]}")
     _check_text(row, err)

@@ -206,7 +206,7 @@ def test_row_errors_name_the_input_location_a_reader_gives(tmp_path):
     rows[1]["rewards"] = [*rows[1]["rewards"][:-1], 1e300]
     with pytest.raises(
         RowError,
-        match=r"^data/in.jsonl: row 1: field 'reward': reward does not fit in float32 "
+        match=r"^data/in.jsonl: row 1: field 'reward': reward 1e\+300 at position \d+ does not fit in float32 "
         r"\(output row 1, column 'rewards'\)$",
     ):
         write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], progress=False)

@@ -776,7 +776,7 @@ def test_reward_beyond_float32_names_the_input_line_and_field(tmp_path, capsys, 
     assert main(["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
-    assert f"{inp}: {where}: field 'reward': reward does not fit in float32 (output row 1, column 'rewards')" in err
+    assert f"{inp}: {where}: field 'reward': reward 1e+300 at position 10 does not fit in float32 (output row 1" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == [f"in.{fmt}"]
 
 

@@ -113,7 +113,7 @@ def _corrupt(recs: list[dict], kind: str) -> tuple[list[str], str]:
         return lines, "in.jsonl: line 150: field 'reward': must be a number, got str"
     if kind == "row check":  # found by the buffer's row check (beyond float32), in the main process
         lines[149] = json.dumps({"prompt": "p", "completion": " c", "reward": 1e39})
-        return lines, "in.jsonl: line 150: field 'reward': reward does not fit in float32"
+        return lines, "in.jsonl: line 150: field 'reward': reward 1e+39 at position 2 does not fit in float32"
     lines[149] = '{"prompt": "p", "completion": '  # bad JSON: found while reading, in the main process
     return lines, "in.jsonl: line 150: field '*': not valid JSON"
 
