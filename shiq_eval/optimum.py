@@ -94,13 +94,22 @@ def _nan_as_none(value):
 
 
 def null_as_undefined(obj):
-    """The inverse of :func:`undefined_as_null` for a file read back: None under an error key as NaN, so
-    arithmetic on it gives NaN (undefined), not a TypeError. A 0.0 of an older file stays 0.0."""
+    """The inverse of :func:`undefined_as_null` for a file read back: None under an error key (or in a list under
+    one) as NaN, so arithmetic on it gives NaN (undefined), not a TypeError. A 0.0 of an older file stays 0.0."""
     if isinstance(obj, dict):
-        return {k: math.nan if v is None and is_error_key(k) else null_as_undefined(v) for k, v in obj.items()}
+        return {k: _none_as_nan(v) if is_error_key(k) else null_as_undefined(v) for k, v in obj.items()}
     if isinstance(obj, list):
         return [null_as_undefined(v) for v in obj]
     return obj
+
+
+def _none_as_nan(value):
+    """An error key's value read back with its None (or its list's Nones, as :func:`_nan_as_none` wrote them) as NaN."""
+    if value is None:
+        return math.nan
+    if isinstance(value, list):
+        return [_none_as_nan(v) for v in value]
+    return null_as_undefined(value)
 
 
 def error_text(se, fmt: str = ".3f") -> str:

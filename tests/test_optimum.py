@@ -155,3 +155,17 @@ def test_t_quantile_refuses_no_degrees_of_freedom():
 
     with pytest.raises(ValueError, match="df >= 1"):
         optimum.t_quantile(0)
+
+
+def test_null_as_undefined_reads_back_what_undefined_as_null_wrote_in_lists_under_error_keys():
+    """undefined_as_null writes a NaN in a list under an error key (a curve of deviations) as null; reading the
+    file back gave None there (a TypeError in arithmetic) where a lone null under the key gave NaN."""
+    import json
+
+    from shiq_eval.optimum import null_as_undefined, undefined_as_null
+
+    row = {"reward_sd": [math.nan, 0.25], "J_se": math.nan, "curve": [{"j_star_stderr": math.nan}], "ids": [None]}
+    back = null_as_undefined(json.loads(json.dumps(undefined_as_null(row))))
+    assert math.isnan(back["reward_sd"][0]) and back["reward_sd"][1] == 0.25
+    assert math.isnan(back["J_se"]) and math.isnan(back["curve"][0]["j_star_stderr"])
+    assert back["ids"] == [None]  # a null under another key is left as it is
