@@ -47,6 +47,7 @@ from shiq_eval.optimum import (
     t_quantile,
 )
 from shiq_eval.report import csv_text, markdown_cell, plot_curves, plot_j_vs_step
+from shiq_eval.suite import content_sha256
 
 RESULTS = "results.json"
 SUITE = "suite.json"  # written beside results.json by shiq-eval run: the suite's content (its scorer)
@@ -116,15 +117,36 @@ PAIR_COLUMNS = [
 ]
 
 
-def suite_scorer(path: Path) -> tuple[str, str] | None:
-    """``(suite_sha256, scorer)`` of the ``suite.json`` at ``path`` (None when there is none or it cannot be
-    read): how a BFCL result row written before rows kept their scenario ids is told from results whose
-    prompts are independent."""
+def read_suite_json(path: Path) -> dict | None:
+    """The ``suite.json`` at ``path`` (``{"sha256", "content", ...}``, as ``shiq-eval run`` writes it), or None when
+    there is none or it cannot be read; a ``ValueError`` naming it when its content is not the one its ``sha256``
+    fingerprints (:func:`shiq_eval.suite.content_sha256`): an edited file, whose scorer or settings would be
+    taken for those of the results' suite."""
     try:
         suite = json_loads(path.read_text(encoding="utf-8"))
-        return str(suite["sha256"]), str(suite["content"]["scorer"])
+        sha, content = suite["sha256"], suite["content"]
+        if not isinstance(content, dict):
+            return None
+        matches = content_sha256(content) == sha
     except (OSError, ValueError, TypeError, KeyError, RecursionError):  # (nested past Python's limit)
         return None
+    if not matches:
+        raise ValueError(
+            f"{path}: its content does not hash to its field 'sha256' ({one_line(str(sha), 64)}): the file was "
+            "edited, so its scorer and settings cannot be taken for the suite's; restore it or delete it"
+        )
+    return suite
+
+
+def suite_scorer(path: Path) -> tuple[str, str] | None:
+    """``(suite_sha256, scorer)`` of the ``suite.json`` at ``path`` (None when there is none or it cannot be
+    read; a ``ValueError`` when its content is not what its ``sha256`` fingerprints, :func:`read_suite_json`):
+    how a BFCL result row written before rows kept their scenario ids is told from results whose prompts are
+    independent."""
+    suite = read_suite_json(path)
+    if suite is None or "scorer" not in suite["content"]:
+        return None
+    return str(suite["sha256"]), str(suite["content"]["scorer"])
 
 
 def read_results(folders) -> list[dict]:
@@ -621,12 +643,12 @@ def _suite_settings(table: list[dict]) -> dict[str, dict]:
         sha = t["suite_sha256"]
         if len(names[t["suite"]]) < 2 or sha in settings or t.get("source") is None:
             continue
-        try:  # (a file nested past Python's recursion limit is unreadable too)
-            suite = json_loads((Path(t["source"]).parent / SUITE).read_text(encoding="utf-8"))
-            if isinstance(suite, dict) and suite.get("sha256") == sha and isinstance(suite.get("content"), dict):
-                settings[sha] = _flat(suite["content"])
-        except (OSError, ValueError, RecursionError):
+        try:  # (an edited file, whose content is not its fingerprint's, is unknown settings too)
+            suite = read_suite_json(Path(t["source"]).parent / SUITE)
+        except ValueError:
             continue
+        if suite is not None and suite["sha256"] == sha:
+            settings[sha] = _flat(suite["content"])
     return settings
 
 

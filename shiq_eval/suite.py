@@ -269,5 +269,10 @@ def fingerprint(suite: Suite, prompt_set_sha256: str, scorer=None) -> tuple[dict
     content.pop("reward_model")
     content["prompt_set_sha256"] = prompt_set_sha256
     content["scorer_sha256"] = scorer_sha256(suite, scorer)
-    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
-    return content, hashlib.sha256(blob).hexdigest()
+    return content, content_sha256(content)
+
+
+def content_sha256(content: dict) -> str:
+    """The fingerprint of a suite's resolved ``content`` (:func:`fingerprint`): the SHA-256 of its JSON, keys
+    sorted; what ``suite.json`` records beside the content, so that a reader can check the one against the other."""
+    return hashlib.sha256(json.dumps(content, sort_keys=True, ensure_ascii=False).encode()).hexdigest()

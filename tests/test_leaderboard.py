@@ -477,6 +477,8 @@ def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tm
     """--allow-mixed over one suite file run as written, with --max-new-tokens 4 and with another scorer: three
     sections headed "suite s", told apart only by a fingerprint. Each heading now names its settings that differ
     from another suite of the name (from the suite.json beside its results); a suite alone keeps its heading."""
+    from shiq_eval.suite import content_sha256
+
     folders = []
     for sha, content in (
         ("a", {"name": "s", "scorer": "vader", "sampling": {"max_new_tokens": 48}}),
@@ -484,7 +486,8 @@ def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tm
         ("d", {"name": "s", "scorer": "python:m:f", "sampling": {"max_new_tokens": 48}}),
         ("e", {"name": "t", "scorer": "vader", "sampling": {"max_new_tokens": 4}}),
     ):
-        kw = {"suite_sha256": sha * 64, "suite": content["name"]}
+        fingerprint = content_sha256(content)
+        kw = {"suite_sha256": fingerprint, "suite": content["name"]}
         folder = write_results(
             tmp_path / sha,
             [
@@ -492,14 +495,18 @@ def test_suites_of_one_name_are_headed_with_the_settings_that_tell_them_apart(tm
                 result_row(sha, 1, "m", [2.0] * 3, [1.0] * 3, **kw),
             ],
         )
-        (tmp_path / sha / "suite.json").write_text(json.dumps({"name": "s", "sha256": sha * 64, "content": content}))
+        suite = {"name": "s", "sha256": fingerprint, "content": content}
+        (tmp_path / sha / "suite.json").write_text(json.dumps(suite))
         folders.append(folder)
     assert eval_cli.main(["leaderboard", *folders, "--out", str(tmp_path / "o"), "--allow-mixed"]) == 0
     headings = [x for x in (tmp_path / "o" / "leaderboard.md").read_text().splitlines() if x.startswith("## ")]
     assert len(headings) == 4, headings
-    assert headings[0].endswith("; sampling.max_new_tokens=48, scorer=vader)"), headings
-    assert headings[1].endswith("; sampling.max_new_tokens=4, scorer=vader)"), headings
-    assert headings[2].endswith("; sampling.max_new_tokens=48, scorer=python:m:f)"), headings
+    ends = sorted(h.rpartition("; ")[2] for h in headings[:3])  # (suites of one name: in fingerprint order)
+    assert ends == [
+        "sampling.max_new_tokens=4, scorer=vader)",
+        "sampling.max_new_tokens=48, scorer=python:m:f)",
+        "sampling.max_new_tokens=48, scorer=vader)",
+    ], headings
     assert headings[3].startswith("## suite t (") and headings[3].endswith("KL: sample)"), headings
     assert "sampling.max_new_tokens=4, scorer=vader" in (tmp_path / "o" / "leaderboard.html").read_text()
     # a suite of the name whose settings are unknown (no suite.json beside its results): a KeyError traceback,
@@ -710,9 +717,13 @@ def bfcl_rows(with_ids: bool):
 
 def write_bfcl_results(folder, rows, suite_json: bool = True):
     """``results.json`` and (as shiq-eval run writes it) the ``suite.json`` of the bfcl scorer beside it."""
-    out = write_results(folder, rows)
+    from shiq_eval.suite import content_sha256
+
+    content = {"scorer": "bfcl", "name": "s"}
+    sha = content_sha256(content)  # the fingerprint suite.json records beside its content
+    out = write_results(folder, [r | {"suite_sha256": sha} for r in rows])
     if suite_json:
-        suite = {"name": "s", "file": None, "sha256": "a" * 64, "content": {"scorer": "bfcl", "name": "s"}}
+        suite = {"name": "s", "file": None, "sha256": sha, "content": content}
         (folder / "suite.json").write_text(json.dumps(suite))
     return out
 
@@ -812,6 +823,25 @@ def test_bfcl_standard_errors_are_clustered_by_scenario(tmp_path, capsys):
     short = write_bfcl_results(tmp_path / "short", [r | {"scenario_ids": scenarios[:-1]} for r in rows])
     assert eval_cli.main(["leaderboard", short, "--out", str(tmp_path / "x")]) == 2
     assert "field 'scenario_ids': 11 scenarios for 24 rewards, 2 per prompt" in capsys.readouterr().err
+
+
+def test_a_suite_json_whose_content_is_not_its_fingerprints_is_refused(tmp_path, capsys):
+    """suite.json records the SHA-256 of its content beside it; the leaderboard read the content unchecked: a
+    BFCL suite.json edited to another scorer (its sha256 kept) made BFCL turns without scenario ids pass for
+    independent prompts, their standard errors no longer marked "not clustered". It is now refused naming the
+    file; an unedited one is read as before."""
+    rows, _, _ = bfcl_rows(with_ids=False)
+    folder = Path(write_bfcl_results(tmp_path / "r", rows))
+    assert eval_cli.main(["leaderboard", str(folder), "--out", str(tmp_path / "ok")]) == 0
+    assert pd.read_csv(tmp_path / "ok" / "leaderboard.csv")["stderr_note"].str.startswith("not clustered").all()
+    suite = json.loads((folder / "suite.json").read_text())
+    suite["content"]["scorer"] = "vader"
+    (folder / "suite.json").write_text(json.dumps(suite))
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", str(folder), "--out", str(tmp_path / "edited")]) == 2
+    err = capsys.readouterr().err
+    assert str(folder / "suite.json") in err and "does not hash to its field 'sha256'" in err, err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "edited").exists()
 
 
 def test_a_suite_file_reads_files_beside_it_and_runs_no_code_alone(tmp_path, monkeypatch):
