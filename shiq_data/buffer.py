@@ -64,7 +64,7 @@ import re
 import shutil
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -1333,6 +1333,14 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
     shard in ``ref_stats.done``, then the old file is deleted. A kill at any moment leaves either the
     old or the new shard listed, both complete.
     """
+    return _rewrite_shard(buffer_dir, shard_index, lambda old, manifest: table, ref_model=ref_model)
+
+
+def _rewrite_shard(
+    buffer_dir, shard_index: int, make: Callable[[pa.Table, dict], pa.Table], *, ref_model: dict | None
+) -> dict:
+    """:func:`replace_shard` by ``make(old shard, manifest)``, called under the buffer's lock once the old shard
+    is checked against its checksum and read (the same version the replacement is checked against)."""
     buffer_dir = Path(buffer_dir)
     with _locked(buffer_dir):
         manifest = read_manifest(buffer_dir)
@@ -1344,6 +1352,7 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
         old_path = buffer_dir / entry["file"]
         verify_shard(old_path, entry)  # never give a corrupted shard a fresh, valid checksum
         old = read_shard(old_path)
+        table = make(old, manifest)
         with_ref = all(n in table.schema.names for n in REF_FIELDS)
         want = arrow_schema(with_ref, has_text_columns(manifest))
         if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
@@ -1407,22 +1416,24 @@ def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: d
 
 def add_ref_columns(buffer_dir, shard_index: int, ref_chosen_logits: list, ref_logz: list, *, ref_model: dict) -> dict:
     """Commit reference statistics for one shard: per row, ``[T]`` arrays aligned with the row's tokens
-    (position ``t`` = statistics of token ``t``, position 0 = 0; SHIQ_MATH §2). See :func:`replace_shard`."""
-    manifest = read_manifest(buffer_dir)
-    entry = manifest["shards"][shard_index]
-    verify_shard(Path(buffer_dir) / entry["file"], entry)
-    text = has_text_columns(manifest)
-    keep = [n for n in arrow_schema(False, text).names]
-    base = read_shard(Path(buffer_dir) / entry["file"]).select(keep)
-    if len(ref_chosen_logits) != base.num_rows or len(ref_logz) != base.num_rows:
-        raise ValueError(
-            f"shard {shard_index} of {buffer_dir} has {base.num_rows} rows; got "
-            f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows"
+    (position ``t`` = statistics of token ``t``, position 0 = 0; SHIQ_MATH §2). See :func:`replace_shard`; the
+    shard's other columns are read under the buffer's lock, as the rewrite checks them."""
+
+    def with_ref(old: pa.Table, manifest: dict) -> pa.Table:
+        text = has_text_columns(manifest)
+        keep = arrow_schema(False, text).names
+        if len(ref_chosen_logits) != old.num_rows or len(ref_logz) != old.num_rows:
+            raise ValueError(
+                f"shard {shard_index} of {buffer_dir} has {old.num_rows} rows; got "
+                f"{len(ref_chosen_logits)} ref_chosen_logits and {len(ref_logz)} ref_logz rows"
+            )
+        return pa.Table.from_arrays(
+            [old.column(n).combine_chunks() for n in keep]
+            + [
+                _list_array(ref_chosen_logits, np.float32, pa.float32()),
+                _list_array(ref_logz, np.float32, pa.float32()),
+            ],
+            schema=arrow_schema(True, text),
         )
-    schema = arrow_schema(True, text)
-    table = pa.Table.from_arrays(
-        [base.column(n).combine_chunks() for n in keep]
-        + [_list_array(ref_chosen_logits, np.float32, pa.float32()), _list_array(ref_logz, np.float32, pa.float32())],
-        schema=schema,
-    )
-    return replace_shard(buffer_dir, shard_index, table, ref_model=ref_model)
+
+    return _rewrite_shard(buffer_dir, shard_index, with_ref, ref_model=ref_model)

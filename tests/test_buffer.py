@@ -517,6 +517,38 @@ def test_validate_rechecks_when_a_writer_commits_during_the_check(tmp_path, monk
         validate_buffer(b)
 
 
+def test_add_ref_columns_reads_the_shard_under_the_lock_and_hashes_it_once(tmp_path, monkeypatch):
+    """add_ref_columns read the shard's manifest entry and rows before taking the buffer's lock, and the rewrite
+    read them again under it: a ref-stats run committing the same shard in between (another process) deleted
+    the file about to be read, a bare FileNotFoundError. They are read and checked once, under the lock, where
+    no other writer can commit."""
+    import shiq_data.buffer as B
+
+    b = tmp_path / "b"
+    rows = make_rows(5)
+    write_buffer(rows, b, tokenizer_info=TOK, command=["t"], shard_rows=3, progress=False)
+    ref = [[0.0] * len(r["tokens"]) for r in rows[:3]]
+    real_read, real_verify, competed, hashed = B.read_shard, B.verify_shard, [], []
+
+    def read_while_another_writes(path, *a, **k):
+        with B._locked(b, wait=False) as why:
+            free = why is None
+        if free and not competed:  # the lock is free: another ref-stats commits this shard now
+            competed.append(path.name)
+            add_ref_columns(b, 0, ref, ref, ref_model={"name": "ref"})
+        return real_read(path, *a, **k)
+
+    def verify(path, entry):
+        hashed.append(path.name)
+        return real_verify(path, entry)
+
+    monkeypatch.setattr(B, "read_shard", read_while_another_writes)
+    monkeypatch.setattr(B, "verify_shard", verify)
+    add_ref_columns(b, 0, ref, ref, ref_model={"name": "ref"})
+    assert competed == [] and hashed == ["shard-00000.arrow"]
+    assert [s["file"] for s in B.read_manifest(b)["shards"]][0] == "shard-00000.r1.arrow"
+
+
 def test_add_ref_columns_shard_by_shard(tmp_path):
     b = tmp_path / "b"
     rows = make_rows(5)
