@@ -788,7 +788,9 @@ class _ShardStream:
                     f"{self.input_name}: group id {hi.as_py()} plus the buffer's next_group_id {self.group_offset} "
                     "is beyond 2**63 - 2 (int64)"
                 )
-            top = pc.max(pc.list_flatten(table.column("tokens"))).as_py()
+            least, top = (v.as_py() for v in pc.min_max(pc.list_flatten(table.column("tokens"))).values())
+            if least is not None and least < 0:
+                raise ValueError(f"{self.input_name}: token id {least} is negative")
             if self.vocab_size is not None and top is not None and top >= self.vocab_size:
                 raise ValueError(f"{self.input_name}: token id {top} is outside [0, {self.vocab_size})")
             if self.group_offset:

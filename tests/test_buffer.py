@@ -968,7 +968,7 @@ def test_atomic_dir_replacing_a_folder_never_loses_it(tmp_path, monkeypatch):
 def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):
     """write_buffer/append_buffer given Arrow tables of rows (as the curation verbs give them), mixed with row
     dicts and cut anywhere, write the rows the dicts alone write, at the same shard boundaries; duplicate row
-    ids and token ids beyond the vocabulary are still refused."""
+    ids and token ids beyond the vocabulary or negative are still refused."""
     rows = make_rows(23)
     common = {"tokenizer_info": TOK, "command": ["t"], "shard_rows": 5, "progress": False}
     write_buffer(rows, tmp_path / "dicts", **common)
@@ -989,7 +989,15 @@ def test_tables_of_buffer_rows_write_the_same_buffer_as_row_dicts(tmp_path):
     top = max(max(r["tokens"]) for r in rows)
     with pytest.raises(ValueError, match=rf"token id {top} is outside \[0, 10\)"):
         write_buffer([table], tmp_path / "vocab", **{**common, "tokenizer_info": {**TOK, "vocab_size": 10}})
-    assert not (tmp_path / "dup").exists() and not (tmp_path / "vocab").exists()
+    # a negative token id (a crafted or damaged table): refused too, not written (it was, being below the vocabulary)
+    tokens = table.column("tokens").to_pylist()
+    tokens[2] = [tokens[2][0], -3, *tokens[2][2:]]
+    negative = table.set_column(
+        table.schema.get_field_index("tokens"), "tokens", pa.array(tokens, pa.list_(pa.int32()))
+    )
+    with pytest.raises(ValueError, match=r"token id -3 is negative"):
+        write_buffer([negative], tmp_path / "negative", **common)
+    assert not any((tmp_path / n).exists() for n in ("dup", "vocab", "negative"))
 
 
 def test_a_shard_column_of_more_than_int32_values_is_refused_not_wrapped():
