@@ -472,20 +472,21 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
         )
 
 
-_VERIFIED: dict[tuple, bool] = {}  # (real path, size, mtime_ns, sha256) -> checked once per process
+_VERIFIED: dict[tuple, bool] = {}  # (real path, inode, size, mtime_ns, ctime_ns, sha256) -> checked, per process
 
 
 def verify_shard(path: Path, entry: dict) -> None:
     """Raise ``ValueError`` unless the file at ``path`` has the sha256 its manifest ``entry`` records.
 
-    The hash is streamed; a verdict is cached per process for the file's (path, size, modification time),
-    so each shard is hashed once however often it is opened. :func:`open_buffer` calls this for every
+    The hash is streamed; a verdict is cached per process for the file's (path, inode, size, modification
+    and inode change times: a rewrite with its modification time put back still moves the change time), so
+    each shard is hashed once however often it is opened. :func:`open_buffer` calls this for every
     shard before any data is used unless ``verify_checksums=False``.
     """
     st = path.stat()
     if not stat.S_ISREG(st.st_mode):  # a folder, or a named pipe, which reading would wait on for ever
         raise ValueError(f"{path}: listed in {path.parent / MANIFEST} but not a regular file; the buffer is damaged")
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, entry["sha256"])
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, entry["sha256"])
     if key in _VERIFIED:
         return
     actual = _sha256_file(path)

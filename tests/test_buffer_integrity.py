@@ -250,6 +250,22 @@ def test_each_shard_is_hashed_once_per_process(tmp_path, monkeypatch):
         open_buffer(a)
 
 
+def test_a_shard_changed_with_its_modification_time_put_back_is_hashed_again(tmp_path, monkeypatch):
+    """The verdict cache keyed on path, size and modification time: a shard rewritten in place at the same size
+    with its modification time put back (``cp -p``, ``rsync -t``, ``touch -r``, a restore) was taken as checked.
+    The key has the file's inode change time too, which no one can set back."""
+    a = _build(tmp_path / "a")
+    monkeypatch.setattr(B, "_VERIFIED", {})
+    open_buffer(a)
+    path = Path(a) / read_manifest(a)["shards"][0]["file"]
+    st = path.stat()
+    _corrupt(a, 0)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    with pytest.raises(ValueError, match="differs"):
+        open_buffer(a)
+
+
 @pytest.mark.parametrize("pointer", ["../../elsewhere", "/tmp", "step_1/../../x", "step_abc", ""])
 def test_a_checkpoint_pointer_outside_the_run_is_refused(tmp_path, pointer):
     ckpt = tmp_path / "run" / "checkpoints"
