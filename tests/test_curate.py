@@ -213,6 +213,25 @@ def test_a_where_that_fails_on_one_shards_values_names_the_shard(data, tmp_path,
     assert not (tmp_path / "f").exists()
 
 
+@pytest.mark.parametrize("verb", ["filter", "stats", "show"])
+def test_a_where_naming_an_extra_key_that_fails_on_the_first_shard_names_that_shard(tmp_path, capsys, verb):
+    """Reading the kinds of the extra keys (the whole buffer, on the first shard's view) left the shard being
+    read set to the last one: stats and show named the last shard for a value that failed in the first."""
+    recs = [{"prompt": "p", "completion": "abc" if i < 2 else "12", "reward": 1, "lang": "en"} for i in range(6)]
+    src = write_jsonl(tmp_path / "e.jsonl", recs)
+    buf = tmp_path / "e"
+    assert (
+        run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 2, "--out", buf, "--no-progress")[0]
+        == 0
+    )
+    m = json.loads((buf / "manifest.json").read_text())
+    assert len(m["shards"]) == 3
+    out = ["--out", tmp_path / "f", "--no-progress"] if verb == "filter" else []
+    code, _, err = run(capsys, verb, buf, "--where", "lang = 'en' AND CAST(completion AS INTEGER) > 0", *out)
+    assert code == 2 and err.count("\n") == 1 and "Conversion Error" in err, err
+    assert f"on the rows of {buf / m['shards'][0]['file']} (columns:" in err, err
+
+
 @pytest.mark.parametrize("verb", ["stats", "show"])
 def test_an_empty_where_is_refused_by_stats_and_show_as_by_filter(data, capsys, verb):
     """--where "" (an unset shell variable) gave the statistics or rows of the whole buffer as if no --where was

@@ -287,10 +287,12 @@ class CurationSource:
         from another only in case (SQL names are case-insensitive: a warning names them), are left out."""
         if self._extra_kinds is None:
             seen: dict[str, set] = {}
+            reading = self.shard_path  # (a verb's own pass may be on a shard: it must still name that one)
             for table in self.shards():
                 for obj in _extra_objects(table):
                     for key, value in obj.items():
                         seen.setdefault(key, set()).add(_kind(value))
+            self.shard_path = reading
             kinds = {}
             folded: dict[str, list[str]] = {}  # SQL names are case-insensitive: "Lang" and "lang" are one
             for key in seen:
