@@ -451,7 +451,7 @@ def no_duplicate_keys(pairs: list) -> dict:
     return out
 
 
-def _readable(lines: Iterator, path: Path) -> Iterator:
+def readable_lines(lines: Iterator, path: Path) -> Iterator:
     """``lines``, with a file that cannot be read to its end (a cut or damaged ``.gz``, a read error) named
     as a ``ValueError``: gzip's and zlib's own errors name no file."""
     n = 0
@@ -468,7 +468,7 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     (a lone surrogate escape, ``"\\ud800"``) raises :class:`RowError` naming the file, line and field."""
     path = Path(path)
     with open_binary(path) as f:
-        for n, line in _readable(utf8_lines(f, path), path):
+        for n, line in readable_lines(utf8_lines(f, path), path):
             if not line.strip():
                 continue
             try:

@@ -1304,6 +1304,20 @@ def test_decontaminate_reads_a_byte_order_mark_and_gzip(data, tmp_path, capsys, 
     assert "1 of the evaluation texts found" in stdout, stdout
 
 
+@pytest.mark.parametrize("name", ["eval.jsonl.gz", "eval.txt.gz", "eval.json.gz"])
+@pytest.mark.parametrize("damage", ["cut", "not gzip"])
+def test_decontaminate_names_an_evaluation_file_whose_gzip_is_cut_or_damaged(data, tmp_path, capsys, name, damage):
+    """A cut or damaged gzipped evaluation file ended in gzip's own words ('EOFError: Compressed file ended
+    ...', 'Not a gzipped file'), naming no file; build's readers name it. It is now named, in one line."""
+    whole = gzip.compress(b'{"prompt": "What is the capital of France"}\n' * 2000)
+    (tmp_path / name).write_bytes(whole[: len(whole) // 2] if damage == "cut" else b"plain text, no gzip")
+    argv = ["decontaminate", data["ab"], "--against", tmp_path / name, "--ngram", 4, "--min-words", 3]
+    code, _, err = run(capsys, *argv, "--out", tmp_path / "out", "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"shiq-data: error: --against {tmp_path / name}: cannot be read past line"), err
+    assert not (tmp_path / "out").exists()
+
+
 def test_decontaminate_names_the_file_and_line_that_is_not_utf8(data, tmp_path, capsys):
     (tmp_path / "eval.txt").write_bytes(b"What is the capital of France\nbad \xff byte\n")
     code, _, err = run(

@@ -44,6 +44,7 @@ from shiq_data.io import (
     json_loads,
     make_parents,
     open_binary,
+    readable_lines,
     remove_created_dirs,
     sha256_files,
     utf8_lines,
@@ -145,9 +146,9 @@ def _kind(path: Path) -> str:
 
 def _lines(path: Path):
     """``(line number, text)`` of a (gzip) text file: a byte-order mark opening it left out, a line that is not
-    UTF-8 refused naming the file and the line."""
+    UTF-8 refused naming the file and the line, a file that cannot be read to its end (a cut ``.gz``) named."""
     with open_binary(path) as f:
-        yield from utf8_lines(f, f"--against {path}")
+        yield from readable_lines(utf8_lines(f, f"--against {path}"), f"--against {path}")
 
 
 def _records(path: Path, field: str):
