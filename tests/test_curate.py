@@ -1261,6 +1261,27 @@ def test_decontaminate_reads_chinese_and_japanese_by_character(tmp_path, capsys)
     assert "kept 1 of 3 rows" in stdout and "2 of the evaluation texts found" in stdout and "skipped" not in stdout
 
 
+@pytest.mark.parametrize("separator", ["\u2028", "\x0c", "\x85", "\x1e"])
+def test_decontaminate_reads_a_txt_line_whole_whatever_characters_it_holds(tmp_path, capsys, separator):
+    """A .txt evaluation file is a text a line, but a line was cut at every character Python's splitlines
+    takes for a line end (a form feed, U+2028, U+0085...): one text counted as two, and a run of words across
+    the cut was not found. Only line breaks (LF, CRLF, CR) end a text now."""
+    records = [
+        {"prompt": "gamma delta epsilon zeta", "completion": " x", "reward": 0.0},
+        {"prompt": "nothing alike here", "completion": " y", "reward": 0.0},
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    text = f"alpha beta gamma delta{separator}epsilon zeta eta theta\r\nsecond text of this file\rthird one\n"
+    (tmp_path / "eval.txt").write_bytes(text.encode("utf-8"))
+    argv = ["decontaminate", tmp_path / "b", "--against", tmp_path / "eval.txt", "--ngram", 4, "--min-words", 2]
+    code, stdout, err = run(capsys, *argv, "--out", tmp_path / "o", "--no-progress")
+    assert code == 0, err
+    c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
+    assert c["evaluation_texts"] == 3 and c["against"][0]["texts"] == 3, c
+    assert c["rows_kept"] == 1 and c["evaluation_texts_matched"] == 1, c
+
+
 def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tmp_path, capsys):
     """--min-words 8 --ngram 3: a text of 5 words is under 8 words, so it is skipped, as the help and the
     message say (it counted, while the message said texts under 8 words were skipped)."""

@@ -188,7 +188,10 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
     if not path.is_file():
         raise ValueError(f"--against {path}: no such file or folder")
     if _kind(path) == ".txt":
-        texts = [[t] for _, line in _lines(path) for t in line.splitlines() if t.strip()]
+        # only line breaks end a text (str.splitlines would also cut at a form feed, U+2028, U+0085...); a file
+        # of CR line ends (read as one line) is split at them
+        lines = (line.replace("\r\n", "\n").replace("\r", "\n").split("\n") for _, line in _lines(path))
+        texts = [[t] for parts in lines for t in parts if t.strip()]
     else:
         texts = []
         for number, record in _records(path, field):
