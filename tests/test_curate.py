@@ -278,6 +278,22 @@ def test_dedup_exact_removes_what_pandas_drop_duplicates_removes(data, tmp_path,
     assert len(df) - len(df.drop_duplicates(subset=["p", "c"])) == 2  # the data has what it should
 
 
+def test_dedup_keeps_rows_whose_prompt_and_completion_only_split_alike(tmp_path, capsys):
+    """The key of a row's texts joined its normalised parts with a NUL character, which a text may hold itself:
+    prompt 'q a<NUL>' + completion 'b' and prompt 'q a' + completion '<NUL>b' were one key, and the second row,
+    no duplicate, was dropped. Each part is now kept apart by its length."""
+    records = [
+        {"prompt": "Question a\u0000", "completion": " b", "reward": 1.0},
+        {"prompt": "Question a", "completion": "\u0000b", "reward": 1.0},
+        {"prompt": "question A", "completion": "\u0000b", "reward": 0.5},  # a duplicate of the second row
+    ]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    code, stdout, err = run(capsys, "dedup", tmp_path / "b", "--out", tmp_path / "d", "--no-progress")
+    assert code == 0, err
+    assert ids(tmp_path / "d") == ["b0-0", "b0-1"], stdout
+
+
 def _grams(text, n=5):
     t = " ".join(text.lower().split())
     return {t[i : i + n] for i in range(len(t) - n + 1)}

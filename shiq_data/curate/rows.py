@@ -54,10 +54,12 @@ def normalise(text: str) -> str:
 
 
 def text_key(*parts: str) -> bytes:
-    """A 16-byte hash of the normalised ``parts`` (:func:`normalise`), kept apart by a separator."""
+    """A 16-byte hash of the normalised ``parts`` (:func:`normalise`), each after its length in bytes (a
+    separator character could stand in the text itself: ``("a\\0", "b")`` and ``("a", "\\0b")`` are two keys)."""
     h = hashlib.blake2b(digest_size=16)
     for p in parts:
-        h.update(normalise(p).encode("utf-8") + b"\x00")
+        b = normalise(p).encode("utf-8")
+        h.update(len(b).to_bytes(8, "little") + b)
     return h.digest()
 
 
