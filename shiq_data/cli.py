@@ -325,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     def input_options(p):
         p.add_argument(
-            "--source", default=None, type=_source, help="value of the 'source' column (default: the input's file name)"
+            "--source",
+            default=None,
+            type=_source,
+            help="value of the 'source' column (default: a generic record's own 'source' field, else the input's "
+            "file name, as 'FORMAT:NAME' for hh, ultrafeedback and multiturn)",
         )
         p.add_argument(
             "--option",

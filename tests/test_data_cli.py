@@ -373,6 +373,31 @@ def test_help_explains():
     assert proc.returncode == 0 and "--tokenizer" in proc.stdout and "jsonl" in proc.stdout
 
 
+def test_build_help_gives_the_source_column_the_readers_give(tmp_path, capsys):
+    """build --help said --source defaults to the input's file name, but the hh, ultrafeedback and multiturn
+    readers name their rows 'FORMAT:<file name>' and a generic record's own 'source' field wins."""
+    with pytest.raises(SystemExit):
+        main(["build", "--help"])
+    said = " ".join(capsys.readouterr().out.split())
+    assert (
+        "value of the 'source' column (default: a generic record's own 'source' field, else the input's file "
+        "name, as 'FORMAT:NAME' for hh, ultrafeedback and multiturn)" in said
+    ), said
+    inputs = {
+        "jsonl": [{"prompt": "p", "completion": " c", "reward": 1}, {**RECORDS[0], "source": "web"}],
+        "hh": [{"chosen": "\n\nHuman: hi\n\nAssistant: a", "rejected": "\n\nHuman: hi\n\nAssistant: b"}],
+        "multiturn": [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}],
+        "ultrafeedback": [{"instruction": "hi", "completions": [{"response": "a", "overall_score": 1}]}],
+    }
+    want = {"jsonl": ["in-jsonl.jsonl", "web"], "hh": ["hh:in-hh.jsonl"] * 2}
+    want |= {f: [f"{f}:in-{f}.jsonl"] for f in ("multiturn", "ultrafeedback")}
+    for fmt, records in inputs.items():
+        src, out = write_jsonl(tmp_path / f"in-{fmt}.jsonl", records), tmp_path / fmt
+        tok = "gpt2" if fmt == "jsonl" else "smollm2"
+        assert main(["build", fmt, str(src), "--tokenizer", tok, "--out", str(out), "--no-progress"]) == 0
+        assert [r["source"] for r in read_rows(out)[1]] == want[fmt], fmt
+
+
 def test_smollm2_tokenizer_info():
     import importlib.util
 
