@@ -1371,6 +1371,27 @@ def test_decontaminate_names_the_file_and_line_that_is_not_utf8(data, tmp_path, 
     assert "not valid UTF-8" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "name, content, where",
+    [
+        ("eval.jsonl", '{"prompt": "a"}\n{"prompt": ' + "[" * 100_000 + "]" * 100_000 + "}\n", "line 2"),
+        ("eval.json", '[{"prompt": "a"}, ' + "[" * 100_000 + "]" * 100_000 + "]", ""),
+        ("eval.jsonl", '{"prompt": ' + "[" * 990 + '"deep"' + "]" * 990 + "}\n", "line 1"),
+        ("eval.jsonl", "[" * 990 + '"deep"' + "]" * 990 + "\n", "line 1"),
+    ],
+    ids=["jsonl-parse", "json-parse", "field-messages", "line-messages"],
+)
+def test_decontaminate_names_the_file_and_line_of_json_nested_too_deep(data, tmp_path, capsys, name, content, where):
+    """JSON nested past Python's recursion limit ended in 'maximum recursion depth exceeded ...', naming neither
+    the evaluation file nor its line (JSON too deep to parse, or lists too deep to take the text out of)."""
+    (tmp_path / name).write_text(content)
+    argv = ["decontaminate", data["ab"], "--against", tmp_path / name, "--out", tmp_path / "o", "--no-progress"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"shiq-data: error: --against {tmp_path / name}: {where}"), err
+    assert "nested too deep" in err and not (tmp_path / "o").exists(), err
+
+
 def test_decontaminate_refuses_a_missing_buffer_before_reading_the_evaluation_texts(tmp_path, capsys):
     """The buffer is checked first: reading and hashing a large evaluation set took seconds (14 s for 200,000
     texts) before a mistyped buffer path was reported, and a bad evaluation file hid that the buffer is missing."""

@@ -157,6 +157,8 @@ def _records(path: Path, field: str):
         text = "".join(line for _, line in _lines(path))
         try:
             value = json_loads(text)
+        except RecursionError:
+            raise ValueError(f"--against {path}: not valid JSON (nested too deep)") from None
         except ValueError as e:
             raise ValueError(f"--against {path}: not valid JSON ({e})") from None
         if not isinstance(value, list):
@@ -167,6 +169,8 @@ def _records(path: Path, field: str):
         if line.strip():
             try:
                 yield number, json_loads(line)
+            except RecursionError:
+                raise ValueError(f"--against {path}: line {number}: not valid JSON (nested too deep)") from None
             except ValueError as e:
                 raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
 
@@ -196,20 +200,28 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
         texts = []
         for number, record in _records(path, field):
             where = f"--against {path}: {'item' if _kind(path) == '.json' else 'line'} {number}"
-            if isinstance(record, dict):
-                if field not in record:
-                    raise ValueError(f"{where}: no field {field!r} (choose it with --field)")
-                text = message_parts(record[field])
-                if not text:
-                    raise ValueError(f"{where}: field {field!r} holds no text (a string or chat messages)")
-            elif isinstance(record, str):
-                text = [record]
-            elif isinstance(record, list) and (text := message_parts(record)):
-                pass  # a line that is a chat-message list itself
-            else:
-                raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
+            try:
+                text = _record_text(record, field, where)
+            except RecursionError:  # (lists nested past Python's limit, which JSON itself allows)
+                raise ValueError(f"{where}: nested too deep") from None
             texts.append(text)
     return texts, {"path": str(path.resolve()), "sha256": sha256_files([path]), "texts": len(texts)}
+
+
+def _record_text(record, field: str, where: str) -> list[str]:
+    """The texts of one evaluation record (see :func:`evaluation_texts`); ``where`` names it in errors."""
+    if isinstance(record, dict):
+        if field not in record:
+            raise ValueError(f"{where}: no field {field!r} (choose it with --field)")
+        text = message_parts(record[field])
+        if not text:
+            raise ValueError(f"{where}: field {field!r} holds no text (a string or chat messages)")
+        return text
+    if isinstance(record, str):
+        return [record]
+    if isinstance(record, list) and (text := message_parts(record)):
+        return text  # a line that is a chat-message list itself
+    raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
 
 
 class EvaluationRuns:
