@@ -49,6 +49,16 @@ def test_full_runs_every_method_at_every_beta_of_its_grid_once_per_seed():
     assert demo.arm_beta(one, "shiq@0.05") == 0.05 and demo.arm_beta(one, "dpo") == one["methods"]["dpo"]["beta"]
 
 
+@pytest.mark.parametrize("arm", ["../../elsewhere", "/tmp", "a/b", "..", ""])
+def test_full_report_refuses_an_arm_name_that_is_a_path(tmp_path, arm):
+    """The study's report reads each arm's files under ``runs/<arm>``, the arm named by a seed's report.json: an
+    edited report could have it read files outside the run. A name that is not one folder is refused."""
+    (tmp_path / "seed0").mkdir()
+    (tmp_path / "seed0" / "report.json").write_text(json.dumps({"methods": {arm: {}}, "reference": {}}))
+    with pytest.raises(ValueError, match=r"seed0/report.json: method .* is not an arm's name"):
+        demo.full_report(tmp_path, ["seed0"])
+
+
 def test_full_report_aggregates_seeds_and_picks_each_methods_best_beta(tmp_path):
     """full_report against numpy on hand-made per-seed reports: seed means, seed s.d. (ddof 1), mean
     within-seed s.e., the gain share (J - J_ref) / (J* - J_ref) and the best β by mean share."""

@@ -1488,6 +1488,13 @@ def full_report(out: Path, names: list[str]) -> dict:
     checkpoints across seeds (:func:`seed_mean_curves`), drawn for each method at its best β as
     ``reward_vs_kl.png``, ``reward_vs_step.png`` and ``j_vs_step.png``."""
     reps = {n: read_json(out / n / "report.json") for n in names}
+    for n, rep in reps.items():  # an arm's name is a folder of the run's runs/: never a path elsewhere
+        for arm in rep["methods"]:
+            if not arm or arm in (".", "..") or Path(arm).name != arm:
+                raise ValueError(
+                    f"{out / n / 'report.json'}: method {arm!r} is not an arm's name (a folder of {out / n / 'runs'}): "
+                    "the report was edited; run the study's command again to write it"
+                )
     arms = sorted({a for rep in reps.values() for a in rep["methods"]}, key=lambda a: (arm_method(a), a))
     rows = []
     for arm in arms:
