@@ -384,6 +384,8 @@ def test_config_errors(override, needle):
     [
         ("full.betas.shiq=[0.1,-1.0]", "full.betas.shiq must be a non-empty list of entries each a number > 0"),
         ("full.betas.dpo=[]", "full.betas.dpo must be a non-empty list"),
+        # named shiq@0.123457, the arm was trained at that β and reported as it
+        ("full.betas.shiq=[0.1,0.123456789]", "full.betas.shiq: β 0.123456789 has more digits than an arm's name"),
         ("full.seeds=[0,-2]", "full.seeds must be a non-empty list of entries each an integer in 0..1000000000"),
         ("full.seeds=[0,0]", "full.seeds lists a seed twice"),
         ("full.eval_every=0", "full.eval_every must be an integer >= 1, got 0"),

@@ -216,6 +216,13 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
     ``full.eval_every`` and ``full.keep_checkpoints`` (when given) in place of ``eval.validation_prompts``,
     ``train.eval_every`` and ``train.keep_checkpoints``;
     each run resumes like the default one."""
+    for m, betas in cfg["full"]["betas"].items():  # an arm is named method@β with β to 6 digits: trained at that
+        for b in betas:
+            if float(f"{b:g}") != b:
+                raise ValueError(
+                    f"full.betas.{m}: β {b!r} has more digits than an arm's name keeps (it would be trained at "
+                    f"{b:g}): give it as {b:g}"
+                )
     out = []
     for seed in cfg["full"]["seeds"]:
         c = json.loads(json.dumps(cfg))
