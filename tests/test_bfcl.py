@@ -126,6 +126,28 @@ def test_wrong_turn_count_and_too_many_steps_are_force_terminated():
     assert (r["valid"], r["error_type"]) == (False, checker.ERR_FORCE_QUIT)
 
 
+def test_the_step_limit_reached_in_the_last_turn_is_checked_as_the_official_evaluation_does():
+    """The official inference loop runs the step that goes past MAX_STEPS_PER_TURN and then stops the
+    entry: before the last turn, later turns are missing (force-terminated by the eval runner); in the
+    last turn every turn is there, and the eval runner checks the trajectory as any other."""
+    e = next(x for x in _fs_entries() if x["ground_truth"][-1])
+    n = len(e["ground_truth"])
+    gt = data.ground_truth_decoded(e)
+    steps = [[c] for c in gt[-1][0]]
+    looping = gt[:-1] + [steps + [["pwd()"]] * (data.MAX_STEPS_PER_TURN + 1 - len(steps))]
+    assert len(looping[-1]) == data.MAX_STEPS_PER_TURN + 1
+    theirs = official_verdict(e, json.loads(json.dumps(looping)))
+    ours = checker.check_trajectory(e, looping)
+    assert theirs["valid"] is True
+    assert (ours["valid"], ours["error_type"]) == (True, None)
+    assert ours["turn_rewards"] == [1.0] * n
+    # The official loop never records more steps than that, nor a turn after the one that ran over.
+    r = checker.check_trajectory(e, gt[:-1] + [looping[-1] + [["pwd()"]]])
+    assert (r["valid"], r["error_type"]) == (False, checker.ERR_FORCE_QUIT)
+    r = checker.check_trajectory(e, [looping[-1]] + gt[1:])
+    assert (r["valid"], r["error_type"]) == (False, checker.ERR_FORCE_QUIT)
+
+
 def _fs_entries():
     """Base entries whose only stateful class is the file system and whose turns all have calls."""
     out = []

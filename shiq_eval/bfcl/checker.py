@@ -130,7 +130,10 @@ def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
         "failed_turn": None,
         "num_turns": n,
     }
-    too_long = [t for t, steps in enumerate(decoded_turns) if len(steps) > MAX_STEPS_PER_TURN]
+    # The official inference loop runs the step that goes past MAX_STEPS_PER_TURN, then stops the entry:
+    # before the last turn, the later turns are missing (force-terminated by the eval runner); in the last
+    # turn, every turn is there and the eval runner checks the entry as any other.
+    too_long = [t for t, steps in enumerate(decoded_turns) if len(steps) > MAX_STEPS_PER_TURN + (t == n - 1)]
     if len(decoded_turns) != n or too_long:
         result.update(
             valid=False,
@@ -138,7 +141,8 @@ def _check(entry: dict, decoded_turns, budget: Budget) -> dict:
             error_message=(
                 f"model result has {len(decoded_turns)} turns for {n} ground-truth turns"
                 if len(decoded_turns) != n
-                else f"turn {too_long[0]} has more than {MAX_STEPS_PER_TURN} steps"
+                else f"turn {too_long[0]} has {len(decoded_turns[too_long[0]])} steps, more than the "
+                f"{MAX_STEPS_PER_TURN + (too_long[0] == n - 1)} the official inference loop records"
             ),
         )
 
@@ -210,8 +214,10 @@ def check_entry(category: str, entry_id: str | int, decoded_turns: Sequence[Sequ
             simulator instance equal the ground truth's after this turn, and every ground-truth
             result of this turn appears (as a multiset, any order) among the model's results of all
             turns so far. Turns with an empty ground truth are executed but not checked. A result
-            with fewer or more turns than the ground truth, or a turn with more than
-            ``MAX_STEPS_PER_TURN`` steps, is force-terminated (invalid).
+            with fewer or more turns than the ground truth, a turn before the last with more than
+            ``MAX_STEPS_PER_TURN`` steps, or a last turn with more than ``MAX_STEPS_PER_TURN + 1``, is
+            force-terminated (invalid): the official inference loop runs the step that goes past the
+            limit and then stops the entry, so only the last turn of a complete result holds that step.
         ``error_type`` / ``error_message`` / ``failed_turn``: the first failure (official error
             types), or None / "" / None.
         ``turn_rewards`` (cumulative), one float per ground-truth turn: model and ground truth each

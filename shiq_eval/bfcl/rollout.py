@@ -10,7 +10,8 @@ A policy is any callable ``policy(messages: list[dict]) -> str`` over chat messa
    :mod:`shiq_eval.bfcl.executor` and each result comes back as one ``tool`` message; any other answer
    (plain text, or ``[]``) ends the turn;
 3. a policy still calling after ``MAX_STEPS_PER_TURN`` steps is force-quit: the over-limit step is
-   recorded but not run, and the entry stops there (as the official inference loop does).
+   recorded but not run here (the checker runs it, as the official inference loop does), and the entry
+   stops there, as the official loop stops it (in the last turn, the entry is then checked as any other).
 
 The trajectory is then checked from scratch by :func:`shiq_eval.bfcl.checker.check_trajectory` (verdict,
 cumulative and reset turn rewards).
