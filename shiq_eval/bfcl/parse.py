@@ -118,6 +118,13 @@ def decode_calls(text: str) -> list[str] | None:
     Surrounding whitespace and a Markdown code fence are ignored. Text longer than
     :data:`MAX_STEP_CHARS`, or that Python cannot parse (also nesting too deep for its parser),
     decodes to ``None``.
+
+    This is the rollouts' own decoder, as each model handler of BFCL has its own; it is not
+    ``bfcl_eval``'s default prompting decoder (``default_decode_execute_prompting``), which keeps only
+    keyword arguments (``cd('document')`` runs as ``cd()``, and fails), strips backticks from both ends
+    (so a fenced ```` ```python ```` answer does not parse there) and adds a missing ``[`` or ``]``. Here
+    positional arguments are kept and run, a fence is accepted, and a bracket is never added. The verdict on
+    decoded calls is the official checker's (:mod:`shiq_eval.bfcl.checker`).
     """
     if not isinstance(text, str) or len(text) > MAX_STEP_CHARS:
         return None
