@@ -569,6 +569,18 @@ def load_causal_lm(spec: str, dtype=torch.float32):
                 f"{folder}: its weight files {what.format(', '.join(found[:3]) + more)}: the folder is incomplete or "
                 "of another model"
             )
+    # a config.json that ties the embeddings over weights holding an output layer of its own: transformers keeps
+    # that layer (a warning only), but an import follows the config and would use the embedding in its place
+    embedding, output = model.get_input_embeddings(), model.get_output_embeddings()
+    if (
+        getattr(model.config, "tie_word_embeddings", False)
+        and output is not None
+        and not torch.equal(output.weight, embedding.weight)
+    ):
+        raise ValueError(
+            f"{folder / 'config.json'}: tie_word_embeddings is true but its weight files hold an lm_head.weight other "
+            "than the embedding: the config.json was edited or is of another model"
+        )
     tokenizer = None
     if any((folder / name).is_file() for name in TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(str(folder))

@@ -893,3 +893,24 @@ def test_a_model_folder_whose_weights_lack_a_tensor_is_refused_not_started_at_ra
         ValueError, match=re.escape(f"{tmp_path}: its weight files hold model.layers.0.self_attn.q_proj.bias")
     ):
         H.load_causal_lm(str(tmp_path))
+
+
+def test_a_model_folder_whose_config_ties_embeddings_its_weights_hold_apart_is_refused(tmp_path):
+    """A config.json edited to tie_word_embeddings true over an untied model's weights: transformers keeps the
+    folder's own lm_head.weight (a warning only), but the import into megatron followed the config and used the
+    embedding as the output layer: a model of other logits, without an error."""
+    warnings.filterwarnings("ignore")
+    hf = tiny_llama(tied=False)
+    with torch.no_grad():
+        hf.lm_head.weight.normal_()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: tie_word_embeddings is true but")):
+        H.load_causal_lm(str(tmp_path))
+    # a tied model saved with both tensors, equal, still loads
+    tied = tiny_llama(tied=True)
+    tied.save_pretrained(tmp_path / "tied")
+    model, _ = H.load_causal_lm(str(tmp_path / "tied"))
+    tokens = tokens_for(128)
+    assert torch.equal(model(tokens).logits, tied(tokens).logits)
