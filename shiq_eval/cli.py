@@ -335,7 +335,7 @@ class MegatronEngine:
 
     def policy(self, info: dict):
         from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
-        from shiq_train.export import full_parameters_from_checkpoint  # heavy: torch
+        from shiq_train.export import fitting_parameters  # heavy: torch
         from shiq_train.hf_convert import LlamaShape, hf_config_from_dict, import_llama  # heavy: torch
         from shiq_train.model import load_full_parameters  # heavy: torch
 
@@ -349,7 +349,10 @@ class MegatronEngine:
             import_llama(model, hf.state_dict(), hf.config)
         else:
             shape = LlamaShape.from_hf_config(config)
-            full = full_parameters_from_checkpoint(info["path"], shape.num_layers, shape.tied)
+            try:  # (weights the config lacks would be dropped; ones it names and they lack, a KeyError)
+                full = fitting_parameters(info["path"], shape)
+            except ValueError as e:
+                raise EvalInputError(str(e)) from None
             load_full_parameters(model, full)
         return MegatronLogits(model), MegatronPolicy(model, eos_id=self.eos, pad_id=self.pad)
 

@@ -110,22 +110,8 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
         hf_config = llama_config(hf_config, step_dir)
     shape = LlamaShape.from_hf_config(hf_config)
     model_class = causal_lm_class(hf_config)
-
-    def misfit(e: Exception) -> ValueError:
-        return ValueError(
-            f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({one_line(e, 200)}): "
-            "the checkpoint is damaged or its meta.json was edited"
-        )
-
+    sd = megatron_to_llama(fitting_parameters(step_dir, shape), shape)
     try:
-        full = full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied)
-    except KeyError as e:  # a layer the config names and the weights lack
-        raise misfit(e) from None
-    try:
-        full = ReadKeys(full)
-        sd = megatron_to_llama(full, shape)
-        if full.unused():  # (a Qwen2 run's biases read with a Llama config were dropped without a word)
-            raise KeyError(f"weights its hf_config has no place for: {full.unused()[:3]}")
         with torch.device("meta"):  # the config's shapes, checked before any memory is taken for them
             skeleton = model_class(hf_config)
         skeleton.load_state_dict(sd, strict=not shape.tied, assign=True)
@@ -133,8 +119,30 @@ def hf_model_from_checkpoint(step_dir, hf_config, dtype=torch.float32):
         model = model_class(hf_config).to(dtype)
         model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=not shape.tied)
     except (KeyError, RuntimeError) as e:  # a missing weight name; a shape that differs
-        raise misfit(e) from None
+        raise _misfit(step_dir, e) from None
     return model.eval()
+
+
+def _misfit(step_dir, e: Exception) -> ValueError:
+    return ValueError(
+        f"{step_dir}: its weights do not fit meta.hf_config in its meta.json ({one_line(e, 200)}): "
+        "the checkpoint is damaged or its meta.json was edited"
+    )
+
+
+def fitting_parameters(step_dir, shape: LlamaShape) -> dict[str, torch.Tensor]:
+    """:func:`full_parameters_from_checkpoint` of a step directory read with the Llama ``shape`` of its
+    meta.hf_config, once its weights hold exactly what that shape names: ``ValueError`` naming the step directory
+    when they lack one (a Llama run read as Qwen3: its query and key norms) or hold one it has no place for (a
+    Qwen2 run's biases read as Llama's would be dropped without a word)."""
+    try:
+        full = ReadKeys(full_parameters_from_checkpoint(step_dir, shape.num_layers, shape.tied))
+        megatron_to_llama(full, shape)
+        if full.unused():
+            raise KeyError(f"weights its hf_config has no place for: {full.unused()[:3]}")
+    except KeyError as e:  # a weight the config names and the checkpoint lacks, or the other way round
+        raise _misfit(step_dir, e) from None
+    return dict(full)
 
 
 def step_dir_of(run, step: int | None = None) -> Path:

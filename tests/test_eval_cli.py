@@ -733,3 +733,33 @@ def test_a_policys_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
     assert rows[1]["model_sha256"] == loaded_hash  # one weights file: its own SHA-256
+
+
+@pytest.mark.parametrize(
+    "arch, edit",
+    [({"add_qkv_bias": True}, {"model_type": "llama"}), ({}, {"model_type": "qwen3", "head_dim": 16})],
+)
+def test_megatron_engine_refuses_a_checkpoint_whose_meta_json_does_not_fit_its_weights(tmp_path, arch, edit):
+    """meta.hf_config edited to another architecture than the weights': the megatron engine loaded a Qwen2 run's
+    query/key/value biases into a Llama model without them (dropped, other logits: the export refuses it), and a
+    Llama run read as Qwen3 failed in a KeyError traceback instead of one line naming the step directory."""
+    import yaml
+
+    from shiq_data.assets import config_dir
+    from shiq_eval.cli import MegatronEngine
+    from shiq_train import model as M
+    from shiq_train import parallel
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.cli import llama_config_from_model
+
+    section = yaml.safe_load((config_dir() / "model" / "tiny.yaml").read_text())
+    cfg = M.ModelConfig.from_dict({**section, **arch})
+    hf_config = {**llama_config_from_model(cfg).to_dict(), **edit}
+    folder = tiny_hf_folder(tmp_path / "ref")
+    ref, tok = transformers.LlamaForCausalLM.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    with parallel.distributed(seed=0):
+        save_checkpoint(tmp_path / "run" / "checkpoints", 1, M.build_model(cfg), meta={"hf_config": hf_config})
+        step = tmp_path / "run" / "checkpoints" / "step_00000001"
+        engine = MegatronEngine(ref, tok)
+        with pytest.raises(EvalInputError, match=re.escape(f"{step}: its weights do not fit meta.hf_config")):
+            engine.policy({"kind": "checkpoint", "path": step, "hf_config": hf_config})
