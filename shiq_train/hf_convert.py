@@ -549,13 +549,29 @@ def load_causal_lm(spec: str, dtype=torch.float32):
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{f}: not a readable safetensors file ({one_line(e, 160)})") from None
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, output_loading_info=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            str(folder),
+            dtype=dtype,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,  # (refused below)
+        )
         model.eval()
     except Exception as e:  # transformers loads .bin weights with weights_only=True: name the file, not torch's advice
         if "Weights only load failed" not in str(e):
             raise
         named = ", ".join(p.name for p in sorted(folder.glob("*.bin"))) or "its weights"
         raise ValueError(f"{folder} ({named}): {load_problem(e)}") from None
+    # a weight of another shape than the config gives it (a config.json edited): transformers' own refusal is a
+    # RuntimeError after a table of the weights, so it is drawn at random here and refused in one line
+    mismatched = sorted(
+        (name, tuple(ours), tuple(theirs)) for name, ours, theirs in loading.get("mismatched_keys") or ()
+    )
+    if mismatched:
+        (name, ours, theirs), more = mismatched[0], len(mismatched) - 1
+        raise ValueError(
+            f"{folder}: its weight files hold {name} of shape {ours} where its config.json gives {theirs}"
+            f"{f' (and {more} more)' if more else ''}: the config.json was edited or is of another model"
+        )
     # transformers draws a missing weight at random and drops one its config has no place for (a q_proj.bias under
     # attention_bias false), and only logs either: a model of other logits than the folder's
     for key, what in (

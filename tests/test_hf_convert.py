@@ -914,3 +914,24 @@ def test_a_model_folder_whose_config_ties_embeddings_its_weights_hold_apart_is_r
     model, _ = H.load_causal_lm(str(tmp_path / "tied"))
     tokens = tokens_for(128)
     assert torch.equal(model(tokens).logits, tied(tokens).logits)
+
+
+@pytest.mark.parametrize(
+    "make, edit, needle",
+    [
+        (tiny_llama, {"intermediate_size": 128}, "model.layers.0.mlp.down_proj.weight of shape (64, 96)"),
+        (tiny_qwen3, {"head_dim": 16}, "model.layers.0.self_attn.k_norm.weight of shape (24,)"),
+    ],
+)
+def test_a_model_folder_whose_config_json_gives_its_weights_other_shapes_is_one_error_naming_it(
+    tmp_path, make, edit, needle
+):
+    """A config.json field edited to other shapes than the folder's weights (intermediate_size, head_dim) ended in
+    transformers' RuntimeError (a traceback after a table of the weights) instead of one line naming the folder."""
+    warnings.filterwarnings("ignore")
+    make().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path}: its weight files hold {needle}")) as e:
+        H.load_causal_lm(str(tmp_path))
+    assert "\n" not in str(e.value) and "config.json" in str(e.value)
