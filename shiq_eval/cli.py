@@ -318,17 +318,23 @@ class MegatronEngine:
             )
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
-        ref = self._build(ref_model.config)
+        ref = self._build(ref_model.config, ref_model.config.name_or_path)
         H.import_llama(ref, ref_model.state_dict(), ref_model.config)
         self._ref = (MegatronLogits(ref), MegatronPolicy(ref, eos_id=self.eos, pad_id=self.pad))
         self._policy = (None, None)  # (architecture, model): reloaded per checkpoint, rebuilt per architecture
 
     @staticmethod
-    def _build(hf_config):
+    def _build(hf_config, where):
+        """The megatron model of ``hf_config``; what it would not compute (a sliding window that acts, another
+        architecture) is an :class:`EvalInputError` naming ``where``, the model's folder or step directory."""
         from shiq_train import hf_convert as H  # heavy: torch
         from shiq_train.model import build_model  # heavy: torch
 
-        return build_model(H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0))
+        try:
+            config = H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0)
+        except ValueError as e:
+            raise EvalInputError(f"{where}: {e}") from None
+        return build_model(config)
 
     def reference(self):
         return self._ref
@@ -342,7 +348,7 @@ class MegatronEngine:
         hf_config = info["hf_config"]
         config = hf_config_from_dict(hf_config)  # (a Qwen2 model's, with its biases; a Qwen3 one's, its q/k norms)
         if self._policy[0] != hf_config:
-            self._policy = (hf_config, self._build(config))
+            self._policy = (hf_config, self._build(config, info["path"]))
         model = self._policy[1]
         if info["kind"] == "hf":  # a Hugging Face folder: its weights imported into the megatron layout
             hf = hf_policy(info)

@@ -763,3 +763,27 @@ def test_megatron_engine_refuses_a_checkpoint_whose_meta_json_does_not_fit_its_w
         engine = MegatronEngine(ref, tok)
         with pytest.raises(EvalInputError, match=re.escape(f"{step}: its weights do not fit meta.hf_config")):
             engine.policy({"kind": "checkpoint", "path": step, "hf_config": hf_config})
+
+
+def test_megatron_engine_names_the_folder_of_a_model_it_does_not_compute(tmp_path):
+    """A Hugging Face folder the megatron engine cannot compute exactly (a Mistral whose sliding window acts) as the
+    policy or the reference: refused in one line naming the field, but not the folder (which of the models?)."""
+    from shiq_eval.checkpoints import hf_folder_info
+    from shiq_eval.cli import MegatronEngine
+    from shiq_train import parallel
+
+    folder = tiny_hf_folder(tmp_path / "ref")
+    ref, tok = transformers.LlamaForCausalLM.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
+    config = transformers.MistralConfig(**{**ref.config.to_dict(), "model_type": "mistral", "sliding_window": 8})
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    with parallel.distributed(seed=0):
+        engine = MegatronEngine(ref, tok)
+        with pytest.raises(
+            EvalInputError, match=re.escape(f"{tmp_path / 'mistral'}: model_type 'mistral' with sliding")
+        ):
+            engine.policy(hf_folder_info(tmp_path / "mistral"))
+        mistral = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mistral")
+        with pytest.raises(
+            EvalInputError, match=re.escape(f"{tmp_path / 'mistral'}: model_type 'mistral' with sliding")
+        ):
+            MegatronEngine(mistral, tok)
