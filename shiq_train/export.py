@@ -62,9 +62,13 @@ def full_parameters_from_checkpoint(step_dir, num_layers: int, tied: bool = True
             embedding = any(n == W.EMBEDDING or n.endswith("." + W.EMBEDDING) for n in state["model"])
             for name, value in state["model"].items():
                 if tied and (name == W.TIED_OUTPUT or name.endswith("." + W.TIED_OUTPUT)):
-                    if embedding:  # (a tied model's output layer is a copy on the last stage, never beside it)
+                    # a tied model's output layer is a copy on the last stage, never beside the embedding, and
+                    # recorded under the embedding's full name (an untied one's under its own)
+                    own = isinstance(recorded.get(name), dict) and recorded[name].get("name") == W.TIED_OUTPUT
+                    if embedding or own:
+                        where = "beside the embedding" if embedding else f"(recorded as {W.TIED_OUTPUT})"
                         raise ValueError(
-                            f"{path}: holds an output layer of its own beside the embedding, but meta.hf_config in "
+                            f"{path}: holds an output layer of its own {where}, but meta.hf_config in "
                             "its meta.json has tie_word_embeddings true: the checkpoint is damaged or its meta.json "
                             "was edited"
                         )

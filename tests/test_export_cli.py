@@ -253,3 +253,35 @@ def test_a_meta_json_with_heads_or_a_vocabulary_of_no_width_is_refused_in_one_li
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"shiq-train export: error: {step / 'meta.json'}: field meta.hf_config: ") and needle in err
     assert not (tmp_path / "hf").exists()
+
+
+def test_a_meta_json_that_ties_the_embeddings_of_an_untied_pipeline_run_is_refused(tmp_path, capsys):
+    """The same edit on a run saved over two pipeline stages: the last stage's output layer, in a file without the
+    embedding, was skipped as the tied copy, and the export (exit 0) gave the embedding's logits instead of the
+    run's. The rank file records it as the output layer of its own (a tied run's copy is recorded as the
+    embedding)."""
+    from shiq_train.checkpoint import read_rank_file, save_hashed
+
+    warnings.filterwarnings("ignore")
+    run, tok_arg = _untied_run(tmp_path)
+    step = run / "checkpoints" / "step_00000001"
+    state = read_rank_file(step / "rank_tp0_pp0_dp0.pt")
+    (step / "rank_tp0_pp0_dp0.pt").unlink()
+    stages = [{}, {}]  # rank file states ({"model", "params"}) of two stages of one layer each
+    for name, value in state["model"].items():
+        pp = 0 if name.startswith(("embedding.", "decoder.layers.0.")) else 1
+        local = name.replace("decoder.layers.1.", "decoder.layers.0.")
+        stages[pp].setdefault("model", {})[local] = value
+        stages[pp].setdefault("params", {})[local] = state["params"][name]  # (its full name)
+    for pp, stage in enumerate(stages):
+        save_hashed({**state, **stage}, step / f"rank_tp0_pp{pp}_dp0.pt")
+    saved = json.loads((step / "meta.json").read_text())
+    saved["layout"]["pp"] = 2
+    (step / "meta.json").write_text(json.dumps(saved))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "untied")]) == 0  # (the split checkpoint reads)
+    saved["meta"]["hf_config"]["tie_word_embeddings"] = True
+    (step / "meta.json").write_text(json.dumps(saved))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"shiq-train export: error: {step / 'rank_tp0_pp1_dp0.pt'}: holds an output layer of its own")
+    assert "tie_word_embeddings" in err and not (tmp_path / "hf").exists()
