@@ -13,7 +13,8 @@ def test_shared_path_matches_two_passes_on_smollm2():
         smollm2_gguf()
     except AssetMissing as e:
         pytest.skip(str(e))
-    out = run_tool("bench_eval.py", "--prompts", "6", "--new-tokens", "3", "--rounds", "1")
+    # one thread: two beside the other test worker's busy core spin-wait (124 s against 15 s for this run)
+    out = run_tool("bench_eval.py", "--prompts", "6", "--new-tokens", "3", "--rounds", "1", "--threads", "1")
     rows = {r[0]: r[1:] for r in table_rows(out)}
     shared = [
         "shared first 24 layers, prompts' pass kept, both models' later layers over prompt + completion (before)",

@@ -7,7 +7,7 @@ from tool_runs import run_tool, table_rows
 
 
 def test_every_engine_samples_the_same_completions():
-    args = ["--prompts", "3", "--repeat", "2", "--batch", "4", "--new-tokens", "3", "--reps", "1"]
+    args = ["--prompts", "3", "--repeat", "2", "--batch", "4", "--new-tokens", "3", "--reps", "1", "--threads", "1"]
     out = run_tool("bench_generate.py", *args)
     assert "6 prompts" in out and "each 2 times" in out
     assert "identical completions: 6/6" in out  # megatron-core and transformers, greedy
