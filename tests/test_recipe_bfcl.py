@@ -718,3 +718,53 @@ def test_a_dropped_scenario_is_replaced_by_another_of_the_split():
     assert bfcl.spare_scenarios(everything, split, bfcl.trained_scenarios(everything, split)) == []
     kept, dropped = bfcl.fit_scenarios(split[:2], [], lambda e: ([] if e is split[0] else [e], []))
     assert [e for e, _, _ in kept] == [split[1]] and dropped == [split[0]["id"]]  # no spare: one fewer
+
+
+def _hand_made_run(out):
+    """A finished run's files as the report reads them: trajectories.jsonl, data.json, the reference's and one
+    arm's evaluation (two scenarios of two turns)."""
+    ids = ["multi_turn_base_0", "multi_turn_base_1"]
+    trajs = [{"id": i, "turn_rewards": [1.0, r], "turn_rewards_reset": [1.0, r]} for i in ids for r in (0.0, 1.0)]
+    (out / "trajectories.jsonl").write_text("".join(json.dumps(t) + "\n" for t in trajs))
+    data_info = {"category": "multi_turn_base", "reward": "cumulative", "scenarios": 2, "trajectories": 4}
+    data_info |= {"turns": 8, "scenarios_cut": 0, "scenarios_dropped": [], "tokens": {"mean": 100.0}}
+    (out / "data.json").write_text(json.dumps(data_info))
+    turns = [
+        {"id": i, "turn": k, "reset": 1.0, "cumulative": 0.0, "kl": 0.1 * k, "gt_nll": 3.0 + k, "gt_tokens": 5}
+        | {"answer_tokens": 4, "answer": "[f()]", "truth": ["f()"], "valid": True}
+        for i in ids
+        for k in range(2)
+    ]
+    (out / "reference_eval.json").write_text(json.dumps({"turns": turns, "eval_seconds": 1.0}))
+    (out / "runs" / "shiq").mkdir(parents=True)
+    arm = {"turns": turns, "beta": 0.5, "steps": 2, "train_seconds": 3.0, "eval_seconds": 1.0}
+    (out / "runs" / "shiq" / "eval.json").write_text(json.dumps(arm))
+
+
+def test_a_damaged_data_or_eval_file_is_named_not_a_traceback(tmp_path):
+    """The report reads data.json's counts and the numbers beside an arm's turns (β, steps, seconds): a file
+    edited by hand without one, or with one of another kind, is named with the field in a ValueError (a
+    KeyError or TypeError in the report's text before); the files as the run writes them make the report."""
+    cfg = bfcl.load_config(quick=True, overrides=["train.methods=[shiq]"])
+    _hand_made_run(tmp_path)
+    ctx = bfcl.Context(cfg, tmp_path)
+    assert "| shiq | 0.5 |" in bfcl.report_markdown(bfcl.build_report(ctx, {"data": 1.0}))
+    good = json.loads((tmp_path / "data.json").read_text())
+    for edit, said in (
+        (lambda d: d.pop("tokens"), "field 'tokens' is missing"),
+        (lambda d: d.update(tokens={}), "field 'tokens' must be an object with a finite 'mean'"),
+        (lambda d: d.update(scenarios_dropped=None), "field 'scenarios_dropped' must be a list"),
+        (lambda d: d.update(scenarios_cut="x"), "field 'scenarios_cut' must be an integer >= 0"),
+    ):
+        d = json.loads(json.dumps(good))
+        edit(d)
+        (tmp_path / "data.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'data.json'}: {said}")):
+            bfcl.build_report(ctx, {})
+    (tmp_path / "data.json").write_text(json.dumps(good))
+    path = tmp_path / "runs" / "shiq" / "eval.json"
+    arm = json.loads(path.read_text())
+    for key in ("beta", "train_seconds"):
+        path.write_text(json.dumps(arm | {key: None}))
+        with pytest.raises(ValueError, match=re.escape(f"{path}: field {key!r} must be a finite number, got null")):
+            bfcl.report_markdown(bfcl.build_report(ctx, {}))

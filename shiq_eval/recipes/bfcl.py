@@ -600,6 +600,9 @@ def read_eval(path: Path, keys: tuple[str, ...]) -> dict:
     non-empty list of ``turns``, each holding :data:`TURN_FIELDS` of their kind (:func:`field_problem`): a file edited by hand is named
     with the turn and field (a KeyError or ZeroDivisionError in the report otherwise)."""
     res = read_json(path, keys=keys)
+    for key in keys:  # the run's numbers beside the turns (beta, steps, seconds), printed by the report
+        if key != "turns" and (want := field_problem("number", res[key])) is not None:
+            raise ValueError(f"{path}: field {key!r} must be {want}, got {json.dumps(res[key])[:40]}{REDO}")
     turns = res["turns"]
     if not isinstance(turns, list) or not turns:
         raise ValueError(f"{path}: field 'turns' must be a non-empty list of turns, got {json.dumps(turns)[:60]}{REDO}")
@@ -612,6 +615,46 @@ def read_eval(path: Path, keys: tuple[str, ...]) -> dict:
             if (want := field_problem(kind, t[field])) is not None:
                 raise ValueError(f"{path}: turns[{i}]: field {field!r} must be {want}, got {t[field]!r:.40}{REDO}")
     return res
+
+
+# what the report reads of data.json, each of its kind (:func:`field_problem`); ``tokens`` holds a ``mean``
+DATA_FIELDS = {
+    "category": "text",
+    "reward": "text",
+    "scenarios": "count",
+    "trajectories": "count",
+    "turns": "count",
+    "scenarios_cut": "index",
+    "scenarios_dropped": "list",
+    "tokens": "mean",
+}
+
+
+def read_data_info(path: Path) -> dict:
+    """``data.json`` (the data stage's counts) holding :data:`DATA_FIELDS` of their kinds: a file edited by hand
+    is named with the field (a KeyError or TypeError in the report otherwise)."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected an object of counts, got {json.dumps(data)[:60]}{REDO}")
+    for field, kind in DATA_FIELDS.items():
+        if field not in data:
+            raise ValueError(f"{path}: field {field!r} is missing{REDO}")
+        v = data[field]
+        if kind == "list":
+            want = None if isinstance(v, list) else "a list"
+        elif kind == "mean":
+            want = (
+                None
+                if isinstance(v, dict) and field_problem("number", v.get("mean")) is None
+                else "an object with a finite 'mean'"
+            )
+        else:
+            want = field_problem(kind, v)
+        if want is not None:
+            raise ValueError(f"{path}: field {field!r} must be {want}, got {json.dumps(v)[:40]}{REDO}")
+    if not isinstance(data.get("scenarios_replacing", []), list):
+        raise ValueError(f"{path}: field 'scenarios_replacing' must be a list{REDO}")
+    return data
 
 
 def read_trajectories(path: Path, key: str) -> list[dict]:
@@ -653,9 +696,7 @@ def build_report(ctx: Context, timings: dict) -> dict:
     cfg = ctx.cfg
     key = "turn_rewards" if cfg["data"]["reward"] == "cumulative" else "turn_rewards_reset"
     trajectories = read_trajectories(ctx.out / "trajectories.jsonl", key)
-    data = read_json(ctx.out / "data.json")
-    if not isinstance(data, dict):
-        raise ValueError(f"{ctx.out / 'data.json'}: expected an object of counts, got {json.dumps(data)[:60]}{REDO}")
+    data = read_data_info(ctx.out / "data.json")
     data["groups_tied"] = tied_groups(trajectories, cfg["data"]["reward"])
     ref = read_eval(ctx.out / "reference_eval.json", keys=("turns", "eval_seconds"))
     methods = {}
