@@ -14,6 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from data_cli_runs import write_jsonl
+from process_tree import descendants
 from test_chat_formats import spans_of  # noqa: E402  (maximal runs of True, a plain loop)
 
 from shiq_data.cli import main
@@ -873,25 +874,10 @@ def test_a_reader_that_goes_away_stops_the_command_quietly(tmp_path, gpt2):
     assert ok.returncode == 0 and "tokenizer   gpt2" in ok.stdout and ok.stderr == ""
 
 
-def _descendants(pid: int) -> set[int]:
-    """The processes below ``pid`` (children, theirs, ...), from /proc."""
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = {int(k) for k in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            todo += list(kids - out)
-            out |= kids
-    return out
-
-
 def _terminate_in_one_line(proc, deadline: float) -> None:
     """SIGTERM to the build ``proc``: it ends with status 143 and the one line ``shiq-data: terminated``, no
     traceback (its own or a worker's), and its workers end with it, not orphaned."""
-    below = _descendants(proc.pid)
+    below = descendants(proc.pid)
     os.kill(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 143, err[-3000:]
@@ -938,7 +924,7 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, 
         assert proc.returncode == 130, err[-3000:]
         assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
     else:
-        while workers > 1 and len(_descendants(proc.pid)) < 1 + workers:  # the fork server and its workers
+        while workers > 1 and len(descendants(proc.pid)) < 1 + workers:  # the fork server and its workers
             assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
             time.sleep(0.05)
         time.sleep(2)  # the workers started (one still unpickling its start-up state when stopped prints why)
@@ -1029,7 +1015,7 @@ def test_a_stop_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path, 
     if stop == "SIGTERM":
         _terminate_in_one_line(proc, deadline)
     else:
-        below = _descendants(proc.pid)
+        below = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)  # as a terminal sends Ctrl-C: the command and its workers
         err = proc.communicate(timeout=120)[1]  # (read to the end: until every process holding stderr is gone)
         assert proc.returncode == 130, err[-3000:]

@@ -54,6 +54,8 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+from process_tree import descendants  # noqa: E402
+
 from shiq_train.cli import resolve_data_mode  # noqa: E402
 from shiq_train.parallel import free_port  # noqa: E402
 
@@ -552,7 +554,7 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
         assert proc.poll() is None and time.time() < deadline, "the run ended before it could be stopped"
         time.sleep(0.02)
     ranks = {}
-    for pid in _descendants(proc.pid):
+    for pid in descendants(proc.pid):
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
         except OSError:
@@ -571,21 +573,6 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
     back = run_cli(tmp_path, f"out={tmp_path / 'run'}", *more)  # one process: the checkpoint is whole
     assert back.returncode == 0, back.stderr[-3000:]
     assert f"resumed from step {int(saved[0][5:])}" in back.stderr
-
-
-def _descendants(pid: int) -> set[int]:
-    """The processes below ``pid`` (children, theirs, ...), from /proc."""
-    out, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                kids = {int(k) for k in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            todo += list(kids - out)
-            out |= kids
-    return out
 
 
 def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
