@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from shiq_data.buffer import buffer_fingerprint
-from shiq_data.schema import LIST_FIELDS, REF_FIELDS, ListView, check_row_views
+from shiq_data.schema import LIST_FIELDS, REF_FIELDS, ListView, check_row_views, refuse_nulls
 
 MODES = ("padded", "packed", "groups")
 STATE_VERSION = 1
@@ -57,6 +57,9 @@ class _RowReader:
         for k, table in enumerate(buffer.shard_columns(("group_id", *names))):  # never the text columns
             shard_start = starts[-1]
             for batch in table.to_batches():
+                refuse_nulls(
+                    {n: batch.column(n) for n in ("group_id", *names)}, buffer.shard_paths[k], starts[-1] - shard_start
+                )
                 self.chunks.append({n: ListView(batch.column(n)) for n in names})
                 check_row_views(self.chunks[-1], vocab, buffer.shard_paths[k], starts[-1] - shard_start)
                 lengths.append(np.diff(self.chunks[-1]["tokens"].offsets))

@@ -58,6 +58,7 @@ from numbers import Integral, Real
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from shiq_data.io import DuplicateKey, RowError, lone_surrogate, no_duplicate_keys, type_name
 
@@ -429,14 +430,36 @@ class ListView:
         return unpacked[a & 7 : (a & 7) + (e - s)].astype(bool)
 
 
+def refuse_nulls(columns: dict[str, pa.Array], shard, first_row: int = 0) -> None:
+    """Refuse, naming the shard, row and field, a null in ``columns`` (a row's value, or an item of a list
+    column's row): no writer of a buffer stores one, and the zero-copy reads of the sampler and ``ref-stats``
+    would meet it as pyarrow's own error, or read the bit under a null action flag as the flag."""
+    for name, arr in columns.items():
+        if isinstance(arr, pa.ChunkedArray):
+            arr = arr.combine_chunks()
+        if arr.null_count:
+            row = int(pc.index(arr.is_null(), True).as_py())
+            raise ValueError(
+                f"{shard}: row {first_row + row}: field {name!r}: null (shiq-data validate lists every bad row)"
+            )
+        if pa.types.is_list(arr.type) or pa.types.is_large_list(arr.type):
+            items = arr.flatten()
+            if items.null_count:
+                at = int(pc.index(items.is_null(), True).as_py())
+                row = int(pc.list_parent_indices(arr)[at].as_py())
+                start = int(arr.offsets[row].as_py()) - int(arr.offsets[0].as_py())
+                raise ValueError(
+                    f"{shard}: row {first_row + row}: field {name!r}: null at position {at - start} "
+                    "(shiq-data validate lists every bad row)"
+                )
+
+
 def check_rows(columns: dict[str, pa.ListArray], vocab: int, shard, first_row: int = 0) -> None:
-    """:func:`check_row_views` on Arrow list columns (``tokens`` and any other per-token ones) of one shard."""
-    check_row_views(
-        {n: ListView(a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a) for n, a in columns.items()},
-        vocab,
-        shard,
-        first_row,
-    )
+    """:func:`check_row_views` on Arrow list columns (``tokens`` and any other per-token ones) of one shard,
+    after :func:`refuse_nulls`."""
+    columns = {n: a.combine_chunks() if isinstance(a, pa.ChunkedArray) else a for n, a in columns.items()}
+    refuse_nulls(columns, shard, first_row)
+    check_row_views({n: ListView(a) for n, a in columns.items()}, vocab, shard, first_row)
 
 
 def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: int) -> None:

@@ -160,6 +160,16 @@ def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_l
     assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 
+def test_a_hand_edited_null_token_is_refused_naming_shard_and_row(tmp_path, tiny_llama):
+    """A null token id (a shard edited with its checksum) failed with pyarrow's zero-copy error naming no shard,
+    row or field; it is named like a token id outside the vocabulary, and the shards before it keep theirs."""
+    buf = build(tmp_path, n=10, shard_rows=4)
+    rewrite_shard(buf.path, 1, lambda rows: rows[2]["tokens"].__setitem__(1, None))
+    with pytest.raises(ValueError, match=r"shard-00001.arrow: row 2: field 'tokens': null at position 1"):
+        compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False)
+    assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
+
+
 @pytest.mark.parametrize("chunk_tokens", [1, 5, 4096])
 def test_llama_stats_never_form_full_logits_and_equal_them(tiny_llama, chunk_tokens, monkeypatch):
     """The chunked Llama path gives the naive full-logit values without calling the output layer."""

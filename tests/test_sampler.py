@@ -359,6 +359,26 @@ def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit,
         BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
 
 
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda rows: rows[2]["tokens"].__setitem__(1, None), r"row 2: field 'tokens': null"),
+        (lambda rows: rows[3]["rewards"].__setitem__(-1, None), r"row 3: field 'rewards': null"),
+        (lambda rows: rows[4]["action_mask"].__setitem__(-1, None), r"row 4: field 'action_mask': null"),
+        (lambda rows: rows[1].update(tokens=None), r"row 1: field 'tokens': null"),
+        (lambda rows: rows[0].update(group_id=None), r"row 0: field 'group_id': null"),
+    ],
+)
+def test_a_hand_edited_null_is_refused_naming_shard_row_and_field(tmp_path, edit, needle):
+    """A null (a shard edited with its checksum) in a column training reads failed with pyarrow's own error
+    ("zero_copy_only", "list columns must not hold nulls") naming no shard, row or field, or (a null action
+    flag) was read as whatever bit lay under it."""
+    write_buffer(make_rows(23), tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+    rewrite_shard(tmp_path / "b", 1, edit)
+    with pytest.raises(ValueError, match="shard-00001.arrow: " + needle):
+        BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
+
+
 @pytest.mark.parametrize("field,value", [("ref_logz", float("nan")), ("ref_chosen_logits", float("-inf"))])
 def test_a_hand_edited_non_finite_reference_statistic_is_refused_naming_shard_row_and_field(tmp_path, field, value):
     """A NaN in ref_logz (a shard edited with its checksum) passed the sampler's checks, as a NaN reward does
