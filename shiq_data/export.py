@@ -32,7 +32,7 @@ from shiq_data.readers.encode import decode_text
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
 from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
-from shiq_data.validate import refuse_repeated_ids
+from shiq_data.validate import check_group_id, refuse_repeated_ids
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -95,13 +95,15 @@ def _tables(buffer: Buffer) -> Iterator[tuple[Path, pa.Table]]:
 
 def _checked_rows(buffer: Buffer, shard: Path, table: pa.Table, bar: tqdm) -> Iterator[tuple[int, dict]]:
     """``(index, row)`` of each row of a shard's ``table``, each checked as ``validate`` checks it
-    (:func:`shiq_data.schema.check_row`, against the manifest's vocabulary): a shard replaced together with its
+    (:func:`shiq_data.schema.check_row`, against the manifest's vocabulary; a ``group_id`` below its
+    ``next_group_id``): a shard replaced together with its
     checksum is refused row by row, naming the shard, row and field, and is not published. ``bar`` counts them."""
     vocab = buffer.manifest["tokenizer"].get("vocab_size")
     for start in range(0, table.num_rows, _ROWS_PER_SLICE):
         rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
         for j, row in enumerate(rows):
             check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
+            check_group_id(row, buffer.manifest, shard, start + j)
             yield start + j, row
         bar.update(len(rows))
 

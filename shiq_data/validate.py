@@ -62,6 +62,16 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     return {"path": str(path), **result, "removed_files": removed, "cleanup_skipped": skipped}
 
 
+def check_group_id(row: dict, manifest: dict, shard, i: int) -> None:
+    """Refuse a checked ``row`` (row ``i`` of ``shard``) whose ``group_id`` is not below the manifest's
+    ``next_group_id`` (the id an append gives its first new group, which would join it)."""
+    if row["group_id"] >= manifest["next_group_id"]:
+        raise ValueError(
+            f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
+            f"next_group_id {manifest['next_group_id']}"
+        )
+
+
 def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]) -> None:
     """Refuse a ``row_id`` the spill's ``table`` (``pos``, ``shard``, ``row_id``: every row of the buffer at
     ``path``, its manifest's ``shards``) holds twice, naming the later row's shard and row."""
@@ -121,11 +131,7 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
             for j, row in enumerate(rows):
                 i = start + j
                 check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
-                if row["group_id"] >= manifest["next_group_id"]:
-                    raise ValueError(
-                        f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
-                        f"next_group_id {manifest['next_group_id']}"
-                    )
+                check_group_id(row, manifest, shard, i)
                 n_tokens += len(row["tokens"])
                 n_actions += sum(row["action_mask"])
             pos = totals["rows"] + start

@@ -305,6 +305,41 @@ def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet", "hf"])
+def test_export_refuses_a_group_id_validate_refuses(tmp_path, capsys, fmt):
+    """A row whose group_id is not below the manifest's next_group_id (a shard edited with its checksum), which
+    validate refuses, was published by export; it is now refused naming the shard, row and field, and nothing
+    is written."""
+    from data_cli_runs import rewrite_shard
+
+    rows = [
+        {
+            "row_id": f"r{i}",
+            "source": "s",
+            "group_id": i,
+            "prompt_len": 1,
+            "tokens": [3, 4],
+            "action_mask": [False, True],
+            "rewards": [0.0, 1.0],
+            "prompt": "p",
+            "completion": "c",
+            "reward": 1.0,
+        }
+        for i in range(3)
+    ]
+    buf = tmp_path / "b"
+    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
+    write_buffer(rows, buf, tokenizer_info=tok, command=["t"], progress=False)
+    rewrite_shard(buf, 0, lambda rows: rows[1].update(group_id=7))
+    assert run("validate", buf, "--no-progress") == 2
+    assert "row 1: field 'group_id'" in capsys.readouterr().err
+    assert run("export", buf, "--format", fmt, "--out", tmp_path / "e", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{buf / 'shard-00000.arrow'}: row 1: field 'group_id': 7 >= the manifest's next_group_id 3" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
 @pytest.mark.parametrize(
     "extra,needle",
     [
