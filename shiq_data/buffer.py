@@ -1245,12 +1245,14 @@ def _next_shard_index(manifest: dict) -> int:
 
 # what a reference record keeps of a model folder's files: its weights' and its config.json's SHA-256
 CONTENT_KEYS = ("sha256", "config_sha256")
+# the precision of reference statistics whose record names none (written before the dtype was recorded)
+REF_DEFAULT_DTYPE = "float32"
 
 
 def same_reference(recorded: dict | None, ref_model: dict | None) -> bool:
     """Whether two records of a reference model (``ref_model`` of a manifest) name the same model: equal, or
     equal but for a SHA-256 of its files (:data:`CONTENT_KEYS`) that only one of them has (records written
-    before it was kept lack it)."""
+    before it was kept lack it); a record without ``dtype`` is one of :data:`REF_DEFAULT_DTYPE`."""
     if recorded is None or ref_model is None or recorded == ref_model:
         return True
     return _but_weights(recorded) == _but_weights(ref_model) and all(
@@ -1259,7 +1261,7 @@ def same_reference(recorded: dict | None, ref_model: dict | None) -> bool:
 
 
 def _but_weights(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in CONTENT_KEYS}
+    return {"dtype": REF_DEFAULT_DTYPE, **{k: v for k, v in record.items() if k not in CONTENT_KEYS}}
 
 
 def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
@@ -1274,11 +1276,8 @@ def _other_reference(buffer_dir, recorded: dict, ref_model: dict) -> ValueError:
             f"{'has' if changed == 'config.json' else 'have'} changed since (another sha256): build a new buffer for "
             "the model that folder holds now"
         )
-    fields = [
-        k
-        for k in dict.fromkeys([*recorded, *ref_model])
-        if k not in CONTENT_KEYS and recorded.get(k) != ref_model.get(k)
-    ]
+    recorded, ref_model = _but_weights(recorded), _but_weights(ref_model)
+    fields = [k for k in dict.fromkeys([*recorded, *ref_model]) if recorded.get(k) != ref_model.get(k)]
     differ = ", ".join(f"ref_model.{k} {recorded.get(k)!r}, not {ref_model.get(k)!r}" for k in fields)
     hint = f" (or --dtype {recorded['dtype']})" if fields == ["dtype"] and recorded.get("dtype") else ""
     return ValueError(

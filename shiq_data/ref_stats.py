@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from shiq_data.buffer import add_ref_columns, open_buffer, read_shard, shards_without_ref
+from shiq_data.buffer import REF_DEFAULT_DTYPE, add_ref_columns, open_buffer, read_shard, shards_without_ref
 from shiq_data.schema import check_rows
 
 Stats = torch.Tensor | np.ndarray
@@ -38,7 +38,7 @@ StatsFn = Callable[[torch.Tensor, torch.Tensor], tuple[Stats, Stats]]
 
 DEFAULT_BATCH_TOKENS = 2048
 MIN_SHARED_TOKENS = 32  # a group's common prefix shorter than this is not worth a pass of its own
-DEFAULT_DTYPE = "float32"  # what buffers that record no dtype were computed in
+DEFAULT_DTYPE = REF_DEFAULT_DTYPE  # what buffers that record no dtype were computed in
 
 
 def ref_stats_dtype(manifest: dict) -> str:

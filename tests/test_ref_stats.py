@@ -160,6 +160,24 @@ def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_l
     assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 
+def test_statistics_recorded_without_a_dtype_are_resumed_in_float32(tmp_path):
+    """A buffer whose first shard got its statistics before the dtype was recorded (so float32, as training
+    reads it) was refused by a float32 run resuming it ("ref_model.dtype None, not 'float32'"); it continues
+    with the remaining shards. Another dtype is still refused."""
+    buf = build(tmp_path, n=10, shard_rows=4)
+    n = [len(r["tokens"]) for r in make_rows(10)[:4]]
+    add_ref_columns(buf.path, 0, [[0.0] * k for k in n], [[0.0] + [1.0] * (k - 1) for k in n], ref_model={"name": "r"})
+
+    def stats_fn(tokens, mask):
+        return torch.zeros(tokens.shape), torch.ones(tokens.shape)
+
+    with pytest.raises(ValueError, match="ref_model.dtype 'float32', not 'bfloat16'"):
+        compute_ref_stats(buf.path, stats_fn, ref_model={"name": "r"}, progress=False, dtype="bfloat16")
+    assert compute_ref_stats(buf.path, stats_fn, ref_model={"name": "r"}, progress=False) == [1, 2]
+    out = open_buffer(buf.path)
+    assert out.has_ref_stats and out.manifest["ref_model"] == {"name": "r", "dtype": "float32"}
+
+
 def test_a_hand_edited_null_token_is_refused_naming_shard_and_row(tmp_path, tiny_llama):
     """A null token id (a shard edited with its checksum) failed with pyarrow's zero-copy error naming no shard,
     row or field; it is named like a token id outside the vocabulary, and the shards before it keep theirs."""
