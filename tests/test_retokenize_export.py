@@ -447,4 +447,30 @@ def test_retokenize_names_a_hand_written_message_that_is_not_text(tmp_path, smol
     assert run("retokenize", buf, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert "shard-00000.arrow: row 0: field 'completion': messages[1].content: expected a string, got int" in err
+    assert "shard-00000.arrow: row 0: field 'completion[0].content': expected a string, got int" in err  # as build
+
+
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ({"completion": ""}, "field 'completion': empty completion"),
+        (
+            {"completion": json.dumps([{"role": "assistant", "content": "a"}]), "turn_rewards": [1.0]},
+            "field 'reward': give either a reward or turn_rewards, not both",
+        ),
+    ],
+)
+def test_retokenize_refuses_the_text_build_refuses(tmp_path, smollm2, capsys, text, needle):
+    """A shard written by hand whose text columns build would refuse: an empty completion became a row whose only
+    action is the end-of-text token, and a reward beside turn rewards lost one of them. Refused as build refuses
+    them, in one line naming the shard, row and field, with nothing written."""
+    row = {"row_id": "r0", "source": "s", "group_id": 0, "prompt_len": 1, "tokens": [3, 4]}
+    row.update(action_mask=[False, True], rewards=[0.0, 1.0], prompt="q", reward=1.0, **text)
+    buf = tmp_path / "b"
+    info = {"name": "smollm2", "fingerprint": smollm2[1]["fingerprint"], "vocab_size": smollm2[1]["vocab_size"]}
+    write_buffer([row], buf, tokenizer_info=info, command=["t"], progress=False)
+    assert run("retokenize", buf, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"shard-00000.arrow: row 0: {needle}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]

@@ -355,4 +355,9 @@ def encode_kept(row: dict, tokenizer, *, eos: int | None, file, row_index: int, 
                 file, row_index, "completion", "a string completion after a message-list prompt", row_label=row_label
             )
         record["reward"] = record["reward"] or 0.0
+    from shiq_data.readers.generic import check_record  # (generic reads through this module)
+
+    # what build refuses is refused here too (an empty completion would be its end-of-text token alone, a reward
+    # beside turn rewards one of them dropped); a conversation may have no reward, as export writes it
+    check_record({**record, "optional_reward": True}, file=str(file), row=row_index, row_label=row_label)
     return encode_record(record, tokenizer, file=str(file), row=row_index, row_label=row_label, eos=eos)
