@@ -29,6 +29,7 @@ from tqdm import tqdm
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
 from shiq_data.io import atomic_dir, type_name
 from shiq_data.readers.encode import decode_text
+from shiq_data.readers.generic import check_record
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
 from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
@@ -137,7 +138,11 @@ def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for shard, table in _tables(buffer):
             for i, row in _checked_rows(buffer, shard, table, bar):
-                f.write(json.dumps(jsonl_record(row, where=f"{shard}: row {i}"), ensure_ascii=False) + "\n")
+                record = jsonl_record(row, where=f"{shard}: row {i}")
+                # a record build would refuse (text edited by hand: an empty completion, a malformed message, a
+                # reward beside turn rewards) is not published
+                check_record(record, file=str(shard), row=i, row_label="row")
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
 def _write_parquet(buffer: Buffer, path: Path, bar: tqdm) -> None:

@@ -474,3 +474,18 @@ def test_retokenize_refuses_the_text_build_refuses(tmp_path, smollm2, capsys, te
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"shard-00000.arrow: row 0: {needle}" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_jsonl_export_refuses_the_text_build_refuses(tmp_path, capsys):
+    """A shard whose text columns were written by hand with an empty completion was exported to a JSONL file that
+    build then refused; export refuses it instead, naming the shard, row and field, and writes nothing."""
+    row = {"row_id": "r0", "source": "s", "group_id": 0, "prompt_len": 1, "tokens": [3, 4]}
+    row.update(action_mask=[False, True], rewards=[0.0, 1.0], prompt="q", completion="", reward=1.0)
+    buf = tmp_path / "b"
+    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
+    write_buffer([row], buf, tokenizer_info=tok, command=["t"], progress=False)
+    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{buf / 'shard-00000.arrow'}: row 0: field 'completion': empty completion" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
