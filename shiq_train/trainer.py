@@ -510,8 +510,9 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
     every rank alike whether any rank got one (a maximum over the ranks: a one-number all-reduce each call when
     there are several, so the ranks save the same step). Off the main thread, or where the caller handles
     SIGTERM already, SIGTERM keeps its action. A request that no ``requested()`` saw (it came after the last)
-    raises :class:`~shiq_data.cli_common.Terminated` at the block's end: a caller that trains several runs
-    stops too. Not ``enabled``: SIGTERM keeps its action and ``requested()`` is False, with no all-reduce."""
+    raises :class:`~shiq_data.cli_common.Terminated` at the block's end, on every rank (one more all-reduce
+    there): a caller that trains several runs stops too. Not ``enabled``: SIGTERM keeps its action and
+    ``requested()`` is False, with no all-reduce."""
     got = threading.Event()
     seen = threading.Event()
     previous = None
@@ -546,7 +547,9 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
     finally:
         if previous is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
             signal.signal(signal.SIGTERM, previous)
-        if not failed and got.is_set() and not seen.is_set():
+        # one more agreement (every rank is here alike: ``seen`` is the same on all): a request that reached one
+        # rank after the last ``requested()`` stops every rank, not that one alone
+        if not failed and not seen.is_set() and requested():
             raise Terminated()
 
 

@@ -600,6 +600,39 @@ def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL and not requested()
 
 
+def _late_sigterm_worker(rank, port, results):
+    import signal
+
+    import torch.distributed as dist
+
+    from shiq_data.cli_common import Terminated
+    from shiq_train.trainer import sigterm_requests
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        with sigterm_requests(True) as requested:
+            assert not requested()  # the last step's agreement: nobody asked yet
+            if rank == 1:  # after it: rank 0 cannot know of this request but by another all-reduce
+                os.kill(os.getpid(), signal.SIGTERM)
+        outcome = "returned"
+    except Terminated:
+        outcome = "terminated"
+    finally:
+        dist.destroy_process_group()
+    (Path(results) / str(rank)).write_text(outcome)
+
+
+def test_a_late_sigterm_request_to_one_rank_stops_every_rank(tmp_path):
+    """A SIGTERM that reaches one rank after the last requested() (its last step's all-reduce) stopped that rank
+    alone at the block's end, while the others returned: ranks ending apart (a recipe training several runs went
+    on into the next one without it). The ranks agree once more at the block's end: every rank stops."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_late_sigterm_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["terminated", "terminated"]
+
+
 def save_tiny_llama(folder):
     """A tiny Llama (GQA, untied sizes differing from the tiny model config) saved by transformers."""
     import transformers
