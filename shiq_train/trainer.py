@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from shiq_data.cli_common import LOG_LEVELS, Terminated
+from shiq_data.cli_common import EXIT_TERMINATED, LOG_LEVELS, Terminated
 from shiq_data.io import atomic_write_text
 from shiq_train import prefix_tree
 from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, remove_temporaries, save_checkpoint
@@ -445,8 +445,8 @@ class Trainer:
                         if not saving:
                             save(step + 1, dict(metrics) if logged else None)
                         raise SavedOnSigterm(step + 1)
-        except BaseException:
-            log.close(failed=True)
+        except BaseException as e:
+            log.close(failed=e)
             raise
         log.close()
         return history
@@ -654,11 +654,16 @@ class _MetricLog:
                 {k if k.startswith("eval/") else f"train/{k}": v for k, v in scalars.items()}, step=metrics["step"]
             )
 
-    def close(self, failed: bool = False):
-        """``failed``: the run stopped on an error (a W&B run is then marked failed, not finished)."""
+    def close(self, failed: BaseException | bool = False):
+        """``failed``: what the run stopped on (a W&B run is then marked failed, not finished: exit code 1; a stop
+        on SIGTERM gets the process's status, 143, and one saved for the same command to resume it is marked
+        preempting, W&B's record of a run to be resumed)."""
         if self.active:
             self.file.close()
             if self.tb is not None:
                 self.tb.close()
             if self.wandb is not None:
-                self.wandb.finish(**({"exit_code": 1} if failed else {}))
+                if isinstance(failed, SavedOnSigterm):
+                    self.wandb.mark_preempting()
+                code = EXIT_TERMINATED if isinstance(failed, Terminated) else 1
+                self.wandb.finish(**({"exit_code": code} if failed else {}))

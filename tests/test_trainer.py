@@ -164,6 +164,41 @@ def test_a_run_that_stops_on_an_error_marks_its_wandb_run_failed(dist1, tmp_path
     assert finished == [{"exit_code": 1}, {}]
 
 
+def test_a_run_saved_on_sigterm_marks_its_wandb_run_preempted_with_the_status_it_ends_with(
+    dist1, tmp_path, monkeypatch
+):
+    """A run stopped by SIGTERM once its step is saved (resumable, ending with status 143) was marked failed with
+    exit code 1 in W&B, like a crash. It is marked preempting (W&B's record of a run to be resumed) and finished
+    with exit code 143, the status the process ends with."""
+    import os
+    import signal
+    import sys
+    import types
+
+    from shiq_train.trainer import LoggingConfig, SavedOnSigterm
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # the trainer would leave SIGTERM to its handler
+        pytest.skip("SIGTERM is handled by the test runner")
+    calls = []
+    run = types.SimpleNamespace(
+        log=lambda values, step: None,
+        finish=lambda **kw: calls.append(("finish", kw)),
+        mark_preempting=lambda: calls.append(("mark_preempting", {})),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    train_cfg = TrainConfig(steps=5, progress=False, tensorboard=False)
+    trainer = Trainer(
+        M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path,
+        logging_cfg=LoggingConfig(wandb=True),
+    )  # fmt: skip
+    source = Synthetic()
+    nxt = source.next_micro_batches
+    source.next_micro_batches = lambda: (os.kill(os.getpid(), signal.SIGTERM) if source.pos == 2 else None, nxt())[1]
+    with pytest.raises(SavedOnSigterm):
+        trainer.fit(source)
+    assert calls == [("mark_preempting", {}), ("finish", {"exit_code": 143})]
+
+
 def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     mcfg = M.ModelConfig(vocab_size=VOCAB, max_sequence_length=SEQ, hidden_dropout=0.1)
     init = M.build_model(mcfg)
