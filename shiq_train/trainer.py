@@ -520,8 +520,10 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
 
             def record(signum, frame):
-                got.set()
+                # the default action back first: a second SIGTERM while the request is recorded (set under the
+                # Event's lock) ends the process, where it ran this handler again, waiting for that lock forever
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                got.set()
 
             previous = signal.signal(signal.SIGTERM, record)
     several = dist.is_initialized() and dist.get_world_size() > 1

@@ -633,6 +633,43 @@ def test_a_late_sigterm_request_to_one_rank_stops_every_rank(tmp_path):
     assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["terminated", "terminated"]
 
 
+SECOND_SIGTERM_WHILE_RECORDING = """
+import os, signal, threading, time
+import shiq_train.trainer as T
+
+class Event(threading.Event):
+    def set(self):  # threading.Event.set, with a second SIGTERM arriving while it holds its lock
+        with self._cond:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            self._flag = True
+            self._cond.notify_all()
+
+threading.Event = Event
+with T.sigterm_requests(True) as requested:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(5)
+print("survived")
+"""
+
+
+def test_a_second_sigterm_while_the_first_is_recorded_ends_the_process():
+    """The first SIGTERM's handler recorded the request (an Event, set under its lock) before giving SIGTERM its
+    default action back: a second SIGTERM in between ran the handler again inside the first, which waited forever
+    for the lock the first held; the process hung, and no further SIGTERM could end it. The default action is
+    given back first: the second SIGTERM ends the process at once."""
+    import signal
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    try:
+        res = subprocess.run(
+            [sys.executable, "-c", SECOND_SIGTERM_WHILE_RECORDING], env=env, capture_output=True, text=True, timeout=30
+        )
+    except subprocess.TimeoutExpired:  # (killed by subprocess.run)
+        pytest.fail("the process hung on a second SIGTERM that came while the first was being recorded")
+    assert res.returncode == -signal.SIGTERM, (res.returncode, res.stdout, res.stderr[-2000:])
+
+
 def save_tiny_llama(folder):
     """A tiny Llama (GQA, untied sizes differing from the tiny model config) saved by transformers."""
     import transformers
