@@ -291,12 +291,14 @@ def train_value_model(
     initialises ``torch.distributed`` itself if needed). Writes ``out_dir`` atomically
     (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
     inside it, replacing an earlier value model there (any other non-empty folder is refused);
-    returns ``out_dir``. The buffer's shards are hashed against the manifest first unless
+    returns ``out_dir`` (a symbolic link is refused before any work). The buffer's shards are hashed against the manifest first unless
     ``verify_checksums`` is False. ``prefix_cache``: the frozen-prefix cache of this buffer for
     ``cfg.trainable_last_layers`` built by the caller (e.g. shared with the policies' trainers); without it,
     ``cfg.cache_frozen_prefix`` builds one from the trunk.
     """
     out = Path(out_dir)
+    if out.is_symlink():  # (save_value_model replaces the folder atomically: it refuses a link, after training)
+        raise ValueError(f"{out} is a link, not a folder to replace: give the folder it points to, or a new one")
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
         raise ValueError(
             f"{out} exists and is not a value-model folder (no {CONFIG_FILE}); it would be replaced: choose a new folder"

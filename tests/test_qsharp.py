@@ -961,3 +961,24 @@ def test_the_value_models_weight_decay_spares_norms_and_biases():
         want = before[name] * (1 - 0.1 * 0.5) if p.dim() > 1 else before[name]
         assert torch.allclose(p.detach(), want, rtol=0, atol=1e-7), name
     assert sum(len(g["params"]) for g in opt.param_groups) == 5  # every parameter, once
+
+
+def test_an_out_folder_that_is_a_link_is_refused_before_training(tmp_path, monkeypatch):
+    """out= a symbolic link (to an empty folder, or to a value model's folder) cannot be replaced atomically: it
+    was refused by the save, after every training step had run; it is now refused before the reference is built."""
+    import shiq_train.qsharp_train as qsharp_train
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=2)
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=2, progress=False)
+    train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+    (tmp_path / "empty").mkdir()
+    built = []
+    monkeypatch.setattr(qsharp_train, "build_model", lambda *a, **k: built.append(1) or pytest.fail("trained"))
+    for target in ("empty", "value"):
+        (tmp_path / f"to_{target}").symlink_to(tmp_path / target, target_is_directory=True)
+        with pytest.raises(ValueError, match=rf"to_{target} is a link"):
+            train_value_model(tmp_path / "buf", tmp_path / f"to_{target}", hf.state_dict(), hf.config, cfg)
+    assert not built and sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
