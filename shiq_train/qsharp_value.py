@@ -28,7 +28,14 @@ import torch
 
 from shiq_data.io import atomic_dir, non_finite_as_null, one_line, read_json_file
 from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
-from shiq_train.hf_convert import LlamaShape, ReadKeys, hf_classes, megatron_to_llama, window_problem
+from shiq_train.hf_convert import (
+    LlamaShape,
+    ReadKeys,
+    hf_classes,
+    megatron_to_llama,
+    model_config_from_llama,
+    window_problem,
+)
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
 
@@ -271,16 +278,18 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
     config = _read_config(path / CONFIG_FILE)
     check_sha256(path / WEIGHTS_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)
-    # (Qwen2's biases, Qwen3's query and key norms: their own trunk, not a Llama one)
-    config_class, _, model_class = hf_classes(config["hf_config"].get("model_type"))
     try:
+        # (Qwen2's biases, Qwen3's query and key norms: their own trunk, not a Llama one)
+        config_class, _, model_class = hf_classes(config["hf_config"].get("model_type"))
         hf_config = config_class.from_dict(config["hf_config"])
         if (problem := window_problem(hf_config)) is not None:
             raise ValueError(problem)
+        # a trunk training could have built (what it computes: SiLU MLPs, whole-head rotary embeddings, ...)
+        model_config_from_llama(hf_config)
         shape = LlamaShape.from_hf_config(hf_config)
+        trunk = model_class(hf_config)
     except (StrictDataclassError, ValueError, TypeError, ArithmeticError, AttributeError) as e:
         raise ValueError(f"{path / CONFIG_FILE}: field 'hf_config': {one_line(e, 200)}") from None
-    trunk = model_class(hf_config)
     mg = ReadKeys({k[len("trunk.") :]: v for k, v in tensors.items() if k.startswith("trunk.")})
     head = torch.nn.Linear(hf_config.hidden_size, config["num_atoms"])
     try:

@@ -299,6 +299,11 @@ def test_a_damaged_value_model_is_named_in_one_line(trained, tmp_path, capsys):
         ({**saved, "hf_config": {**hf, "hidden_size": "x"}}, "value_model.json: field 'hf_config':"),
         ({**saved, "hf_config": {**hf, "num_hidden_layers": hf["num_hidden_layers"] - 1}}, "has no place for"),
         ({**saved, "atoms": [a + 1 for a in saved["atoms"]]}, "its atoms differ from those of value_model.json"),
+        # a trunk training cannot build (it was loaded and computed with another MLP), or a field of a kind
+        # transformers does not check (a TypeError and a ZeroDivisionError traceback)
+        ({**saved, "hf_config": {**hf, "hidden_act": "gelu"}}, "field 'hf_config': only SiLU-gated Llama MLPs"),
+        ({**saved, "hf_config": {**hf, "model_type": ["llama"]}}, "value_model.json: field 'hf_config':"),
+        ({**saved, "hf_config": {**hf, "head_dim": 0}}, "field 'hf_config': head_dim=0"),
     ]
     pt_cases = [
         ([1, 2], "expected a dict of tensors"),
