@@ -562,7 +562,8 @@ def run(args) -> list[dict]:
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)
     guide = guide_info(args.guide) if args.guide is not None else None  # (read once)
-    guide_inits = {guide["init"]} if guide is not None else set()
+    # (a null init names no model, as a policy's: it counts for nothing)
+    guide_inits = {guide["init"]} if guide is not None and guide["init"] is not None else set()
     reference = args.reference
     if reference is None:
         inits = sorted({i["init"] for i in infos if i["init"] is not None} | guide_inits)

@@ -435,3 +435,28 @@ def test_a_negative_seed_is_refused_naming_it(trained, tmp_path, arg, message):
     tmp, init, _ = trained
     res = shiq_train(f"data.buffer={tmp / 'buffer'}", f"init={init}", f"out={tmp_path / 'v'}", "loss=qsharp_value", arg)
     assert res.returncode == 2 and res.stderr.strip().splitlines()[-1] == f"shiq-train: error: {message}"
+
+
+def test_a_guide_recording_no_init_beside_a_policy_that_records_one_is_one_line(trained, tmp_path, capsys):
+    """A value_model.json whose config.init is null (allowed: a string or null) beside a policy whose record names
+    its init, without --reference: the inits were sorted with None among strings, a TypeError traceback; a null
+    init now counts for nothing, as a policy's does, and the reference is the policy's."""
+    import hashlib
+
+    from shiq_data.io import weight_files
+
+    tmp, init, value_dir = trained
+    policy = tmp_path / "policy"
+    shutil.copytree(init, policy)
+    sums = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in weight_files(policy)}
+    record = {"loss": {"name": "sft"}, "step": 1, "init": str(tmp_path / "elsewhere"), "sha256": sums}
+    (policy / "shiq_export.json").write_text(json.dumps(record))
+    guide = tmp_path / "guide"
+    shutil.copytree(value_dir, guide)
+    saved = json.loads((value_dir / "value_model.json").read_text())
+    write_json_hashed(guide, {**saved, "config": {**saved["config"], "init": None}})
+    args = ["run", str(policy), "--guide", str(guide), "--beta", "0.5", "--out", str(tmp_path / "o")]
+    args += ["--prompts", str(tmp_path / "p.jsonl"), "--reward-model", "rm"]
+    assert eval_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "elsewhere" in err[0], err
