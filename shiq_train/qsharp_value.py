@@ -52,9 +52,15 @@ def atom_support(v_min: float, v_max: float, num_atoms: int = 11, dtype=torch.fl
     """``num_atoms`` evenly spaced atoms from ``v_min`` to ``v_max`` (both included), ``[A]`` (SHIQ_MATH §8)."""
     if not (isinstance(num_atoms, int) and num_atoms >= 2):
         raise ValueError(f"num_atoms must be an integer >= 2, got {num_atoms!r}")
-    if not (torch.isfinite(torch.tensor([v_min, v_max])).all() and v_min < v_max):
+    if not (torch.isfinite(torch.tensor([v_min, v_max], dtype=torch.float64)).all() and v_min < v_max):
         raise ValueError(f"need finite v_min < v_max, got v_min={v_min}, v_max={v_max}")
-    return torch.linspace(float(v_min), float(v_max), num_atoms, dtype=torch.float64).to(dtype)
+    atoms = torch.linspace(float(v_min), float(v_max), num_atoms, dtype=torch.float64).to(dtype)
+    if not (torch.isfinite(atoms).all() and (atoms[1:] > atoms[:-1]).all()):  # (beyond its range, or too close)
+        raise ValueError(
+            f"{str(dtype).removeprefix('torch.')} cannot hold {num_atoms} finite distinct atoms from v_min={v_min:g} "
+            f"to v_max={v_max:g}: give returns of a smaller scale, or a wider [v_min, v_max]"
+        )
+    return atoms
 
 
 def _check_atoms(atoms: torch.Tensor) -> None:

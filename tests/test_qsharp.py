@@ -982,3 +982,15 @@ def test_an_out_folder_that_is_a_link_is_refused_before_training(tmp_path, monke
         with pytest.raises(ValueError, match=rf"to_{target} is a link"):
             train_value_model(tmp_path / "buf", tmp_path / f"to_{target}", hf.state_dict(), hf.config, cfg)
     assert not built and sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
+
+
+def test_an_atom_support_its_dtype_cannot_hold_is_refused_naming_the_dtype():
+    """v_max = 1e39 (finite, beyond float32) was refused as 'need finite v_min < v_max'; v_min = 1, v_max = 1 + 1e-9
+    (distinct, the same float32) gave 11 equal atoms, refused only at the first training step as atoms that are
+    not increasing. Both are refused by atom_support, naming the dtype; float64 holds them."""
+    for v_min, v_max in ((0.0, 1e39), (1.0, 1.0 + 1e-9), (-1e39, 0.0)):
+        with pytest.raises(ValueError, match=r"float32 cannot hold .* distinct atoms"):
+            atom_support(v_min, v_max, 11)
+        atoms = atom_support(v_min, v_max, 11, dtype=torch.float64)
+        assert torch.isfinite(atoms).all() and (atoms[1:] > atoms[:-1]).all()
+    assert float(atom_support(0.0, 1e38, 3)[-1]) == pytest.approx(1e38, rel=1e-6)  # (within float32: as before)
