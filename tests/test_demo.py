@@ -4,10 +4,13 @@ import csv
 import hashlib
 import json
 import math
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -547,6 +550,19 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         str(out),
         f"train.methods=[{','.join(arms)}]",
     ]
+    # stopped by SIGTERM during the first arm's step 3 (evaluated every 2 of 4): the step is saved, off the
+    # evaluation grid, and the rerun resumes from it without evaluating it (checked below: the curve's steps and
+    # the validation losses' are the grid's alone; the resume evaluated and validated a stop's step before)
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 1200
+    while not any(len(p.read_text().splitlines()) >= 2 for p in (out / "runs").glob("*/metrics.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be stopped"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGTERM)
+    err = proc.communicate(timeout=600)[1]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "shiq-demo: terminated", err[-2000:]
+    stopped = next(p.parent for p in (out / "runs").glob("*/metrics.jsonl"))
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     subprocess.run(cmd, check=True, timeout=1500)
     for name in [
         "report.md",

@@ -814,6 +814,11 @@ def stage_train(ctx: Context, arm: str) -> None:
         if step not in done:
             record(step, gather_full_parameters(model))
 
+    def evaluated(step: int) -> bool:
+        """Whether ``step`` is one the arm evaluates (0, every ``train.eval_every``-th, the last): a checkpoint a
+        SIGTERM saved between them is resumed from, not evaluated (the curve would depend on when it came)."""
+        return step % t["eval_every"] == 0 or step >= t["steps"]
+
     with parallel.distributed(seed=ctx.cfg["seed"]):
         model = megatron_policy(ref)
         single = arm_is_single(arm)  # the same completions per step, one per prompt
@@ -840,13 +845,13 @@ def stage_train(ctx: Context, arm: str) -> None:
         latest = latest_step_dir(ckpt_dir)
         if latest is not None:
             step = read_meta(latest)["step"]  # (checked: a step that is an integer)
-            if step not in done:
+            if step not in done and evaluated(step):
                 record(step, full_parameters_from_checkpoint(latest, shape.num_layers, shape.tied))
         val_batches = validation_batches(ctx)
         val_cache = ctx.prefix_caches.get("buffer_val", t["trainable_last_layers"], model) if val_batches else None
         # validate(start): step 0, or a step whose checkpoint was saved before its validation loss (validate skips
         # the steps it has)
-        trainer.fit(sampler, evaluate=evaluate, on_start=validate)
+        trainer.fit(sampler, evaluate=evaluate, on_start=lambda step: validate(step) if evaluated(step) else None)
     metrics = run / "metrics.jsonl"
     if metrics.exists():
         atomic_write_bytes(run / "train_metrics.jsonl", metrics.read_bytes())
