@@ -274,13 +274,18 @@ def load_reference(spec: str):
 
     from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
+    check_reference(spec)
+    return load_causal_lm(spec, torch.float32)
+
+
+def check_reference(spec: str) -> None:
+    """Refuse a ``--reference`` that is neither ``smollm2`` nor a Hugging Face model folder."""
     folder = Path(spec)
     if spec != "smollm2" and not (folder / "config.json").is_file():
         raise EvalInputError(
             f"--reference {spec}: expected smollm2 or a Hugging Face model folder "
             f"({folder / 'config.json'} does not exist)"
         )
-    return load_causal_lm(spec, torch.float32)
 
 
 class HFEngine:
@@ -610,6 +615,11 @@ def run(args) -> list[dict]:
     content, suite_sha = suite_fingerprint(suite, prompt_sha, scorer)
     log.debug(f"shiq-eval: suite {suite.name} ({suite_sha}): {json.dumps(content, sort_keys=True)}")
     context = engine_context(args, sampling.seed)
+    from shiq_train.reference import model_weight_files  # heavy: torch
+
+    check_reference(reference)
+    # hashed before loading, so the reference row (and the guide's check) name the weights evaluated
+    ref_sha = model_sha256(model_weight_files(reference))
     ref_model, tokenizer = load_reference(reference)
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # heavy: transformers
@@ -621,9 +631,6 @@ def run(args) -> list[dict]:
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
     check_tokenizers(infos, tokenizer, ref_model)
-    from shiq_train.reference import model_weight_files  # heavy: torch
-
-    ref_sha = model_sha256(model_weight_files(reference))  # (hashed once: the reference row's, and the guide's check)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None

@@ -787,3 +787,34 @@ def test_megatron_engine_names_the_folder_of_a_model_it_does_not_compute(tmp_pat
             EvalInputError, match=re.escape(f"{tmp_path / 'mistral'}: model_type 'mistral' with sliding")
         ):
             MegatronEngine(mistral, tok)
+
+
+def test_the_reference_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
+    """The reference's weights were hashed after the reference was loaded, so weights replaced meanwhile (a folder
+    being written) gave the reference row the new files' hash, not that of the weights evaluated."""
+    from shiq_eval import cli as eval_cli
+
+    init = tiny_hf_folder(tmp_path / "init")
+    policy = tiny_hf_folder(tmp_path / "policy")
+    weights = init / "model.safetensors"
+    loaded_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
+    loader = eval_cli.load_reference
+
+    def load_then_replace(spec):
+        model, tokenizer = loader(spec)
+        torch.manual_seed(7)
+        transformers.LlamaForCausalLM(model.config).save_pretrained(tmp_path / "other")  # other weights
+        (tmp_path / "other" / "model.safetensors").replace(weights)
+        return model, tokenizer
+
+    monkeypatch.setattr(eval_cli, "load_reference", load_then_replace)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(policy), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
+    assert rows[0]["run"] == "reference" and rows[0]["model_sha256"] == loaded_hash
