@@ -630,6 +630,11 @@ def run(args) -> list[dict]:
             raise EvalInputError(f"--tokenizer {args.tokenizer}: {one_line(e, 200)}") from None
     if tokenizer is None:
         raise EvalInputError(f"the reference {reference} has no tokenizer: give one with --tokenizer FOLDER")
+    if tokenizer.eos_token_id is None:  # (HFPolicy, MegatronPolicy: int(None), a TypeError, once sampling began)
+        raise EvalInputError(
+            f"the tokenizer {args.tokenizer or reference} has no end-of-sequence token (eos_token), which ends "
+            "every completion: give a tokenizer that has one (--tokenizer FOLDER)"
+        )
     check_tokenizers(infos, tokenizer, ref_model)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})

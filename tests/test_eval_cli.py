@@ -818,3 +818,28 @@ def test_the_reference_row_names_the_weights_it_evaluated(tmp_path, monkeypatch)
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
     assert rows[0]["run"] == "reference" and rows[0]["model_sha256"] == loaded_hash
+
+
+def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """A tokenizer with no EOS token (--tokenizer, or the reference's) ended in a TypeError traceback (int(None))
+    once the first policy was sampled (exit status 1); sampling needs the token that ends a completion, so it is
+    now one line naming the tokenizer, before any model is sampled (exit status 2)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    config = json.loads((init / "tokenizer_config.json").read_text())
+    config.pop("eos_token", None)
+    (init / "tokenizer_config.json").write_text(json.dumps(config))
+    special = init / "special_tokens_map.json"
+    if special.exists():
+        special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
+    assert transformers.AutoTokenizer.from_pretrained(init).eos_token_id is None
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "end-of-sequence" in err, err
+    assert not (tmp_path / "o").exists()
