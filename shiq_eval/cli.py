@@ -145,6 +145,19 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
         )
 
 
+def check_vocabulary(tokenizer, name, ref_model, infos: list[dict]) -> None:
+    """Refuse, before any sampling, an evaluation tokenizer (named ``name``) with more tokens than the reference's or
+    a policy's vocabulary (whether or not a checkpoint recorded its buffer's tokenizer): its ids past the embedding
+    would fail the first forward pass (an IndexError) or be read as no token the tokenizer means."""
+    sizes = [ref_model.config.vocab_size, *(i["hf_config"].get("vocab_size") for i in infos)]
+    sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
+    if sizes and len(tokenizer) > min(sizes):
+        raise EvalInputError(
+            f"the tokenizer {name} has {len(tokenizer)} tokens but the models' vocabulary has only {min(sizes)}: "
+            "give the models' own tokenizer (--tokenizer FOLDER)"
+        )
+
+
 def check_reward_model_file(path) -> None:
     """Refuse, before any model is loaded, a ``--reward-model`` file that is not safetensors."""
     from safetensors import SafetensorError, safe_open  # heavy: only shiq-eval run reads a head
@@ -636,6 +649,7 @@ def run(args) -> list[dict]:
             "every completion: give a tokenizer that has one (--tokenizer FOLDER)"
         )
     check_tokenizers(infos, tokenizer, ref_model)
+    check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None

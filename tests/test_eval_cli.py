@@ -843,3 +843,30 @@ def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "end-of-sequence" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """A tokenizer (--tokenizer) with more tokens than the models' vocabulary was checked against the models only
+    through a checkpoint's recorded tokenizer; for Hugging Face folders without one, a prompt token past the
+    embedding ended in an IndexError traceback from the reference's first forward pass (exit status 1). It is now
+    refused before any sampling, in one line (exit status 2)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    init = tiny_hf_folder(tmp_path / "init")  # VOCAB tokens
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(2, 2 * VOCAB)]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    big = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    big.save_pretrained(tmp_path / "big")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": f"w3 w{VOCAB + 5}"}) + "\n")
+    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    capsys.readouterr()
+    assert main([*argv, "--tokenizer", str(tmp_path / "big")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{2 * VOCAB} tokens" in err and f"only {VOCAB}" in err, err
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--tokenizer", str(init)]) == 0  # the models' own tokenizer
