@@ -23,14 +23,14 @@ import torch
 def shared_prefix_layers(model, ref_model) -> int:
     """How many leading decoder layers two Hugging Face causal LMs hold alike bit for bit, embeddings and
     rotary frequencies included; 0 when those differ, the configurations differ in anything but the
-    weights, or a model is not of that shape."""
+    weights (where each was read from aside), or a model is not of that shape."""
     try:
         a, b = model.model, ref_model.model
         pairs = [(a.embed_tokens, b.embed_tokens), (a.rotary_emb, b.rotary_emb)]
         layers = list(zip(a.layers, b.layers))
     except AttributeError:
         return 0
-    if type(model) is not type(ref_model) or model.config.to_dict() != ref_model.config.to_dict():
+    if type(model) is not type(ref_model) or _computed(model.config) != _computed(ref_model.config):
         return 0
 
     def same(x, y) -> bool:
@@ -43,6 +43,15 @@ def shared_prefix_layers(model, ref_model) -> int:
     while k < len(layers) and same(*layers[k]):
         k += 1
     return k
+
+
+# config fields that say where a model was read from or which transformers wrote it, not what it computes
+_NOT_COMPUTED = ("_name_or_path", "transformers_version")
+
+
+def _computed(config) -> dict:
+    """``config``'s fields but :data:`_NOT_COMPUTED` (two folders of one model differ in those)."""
+    return {k: v for k, v in config.to_dict().items() if k not in _NOT_COMPUTED}
 
 
 class _Stopped(Exception):

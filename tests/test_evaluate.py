@@ -437,3 +437,20 @@ def test_a_prompt_past_the_models_positions_is_refused_on_the_shared_prefix_path
             match="prompt 1 of the 2 sampled .*: 57 tokens \\+ max_new_tokens 8 exceed the model's max_position_",
         ):
             evaluate_policy(other, ref, Tok(), [[2, 3], [1] * 57], ["p"] * 2, scorer, **kw)
+
+
+def test_shared_prefix_layers_are_found_in_models_loaded_from_two_folders(tmp_path):
+    """A policy and its reference loaded from two folders (as ``shiq-eval run`` loads them) differ in their
+    configs' ``_name_or_path`` (and may in ``transformers_version``), which say where a model was read from, not
+    what it computes: they were counted as another configuration, so no layer was shared and the evaluation
+    ran both models whole."""
+    from shiq_eval.shared_layers import shared_prefix_layers
+
+    ref = tiny(7, layers=3)
+    ref.save_pretrained(tmp_path / "ref")
+    fine_tune_of(ref, 2, seed=0).save_pretrained(tmp_path / "policy")
+    a, b = (transformers.LlamaForCausalLM.from_pretrained(tmp_path / d) for d in ("policy", "ref"))
+    assert a.config.name_or_path != b.config.name_or_path
+    assert shared_prefix_layers(a, b) == 2
+    b.config.rms_norm_eps = 1e-3  # a field that changes the logits still counts
+    assert shared_prefix_layers(a, b) == 0
