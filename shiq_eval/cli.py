@@ -146,10 +146,20 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
 
 
 def check_vocabulary(tokenizer, name, ref_model, infos: list[dict]) -> None:
-    """Refuse, before any sampling, an evaluation tokenizer (named ``name``) with more tokens than the reference's or
-    a policy's vocabulary (whether or not a checkpoint recorded its buffer's tokenizer): its ids past the embedding
-    would fail the first forward pass (an IndexError) or be read as no token the tokenizer means."""
-    sizes = [ref_model.config.vocab_size, *(i["hf_config"].get("vocab_size") for i in infos)]
+    """Refuse, before any sampling, a policy whose vocabulary is not the reference's (the KL compares distributions
+    over the same tokens; an id past the reference's embedding would fail its pass with an IndexError), and an
+    evaluation tokenizer (named ``name``) with more tokens than the models' vocabulary (whether or not a checkpoint
+    recorded its buffer's tokenizer): its ids past the embedding would fail the first forward pass."""
+    ref_vocab = ref_model.config.vocab_size
+    for info in infos:
+        vocab = info["hf_config"].get("vocab_size")
+        if isinstance(vocab, int) and isinstance(ref_vocab, int) and vocab != ref_vocab:
+            raise EvalInputError(
+                f"{info['path']}: its vocabulary has {vocab} token ids but the reference's {ref_vocab}: the KL "
+                "compares distributions over the same tokens; evaluate it against the model it was trained from "
+                "(--reference)"
+            )
+    sizes = [ref_vocab, *(i["hf_config"].get("vocab_size") for i in infos)]
     sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
     if sizes and len(tokenizer) > min(sizes):
         raise EvalInputError(

@@ -870,3 +870,35 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_is_refused_in_one_line(tm
     assert len(err.splitlines()) == 1 and f"{2 * VOCAB} tokens" in err and f"only {VOCAB}" in err, err
     assert not (tmp_path / "o").exists()
     assert main([*argv, "--tokenizer", str(init)]) == 0  # the models' own tokenizer
+
+
+def test_a_policy_whose_vocabulary_is_not_the_references_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """The KL compares the policy's and the reference's distributions over the same tokens. A policy folder with
+    more token ids than the reference was sampled and then, once it drew an id past the reference's embedding,
+    ended in an IndexError traceback from the reference's pass (exit status 1; with fewer, a shape error). Such a
+    policy is now refused before any sampling, in one line naming it (exit status 2)."""
+    import shutil
+
+    init = tiny_hf_folder(tmp_path / "init")
+    wide = tmp_path / "wide"
+    config = transformers.AutoConfig.from_pretrained(init)
+    config.vocab_size = 2 * VOCAB
+    torch.manual_seed(1)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight[VOCAB:] += 5.0  # it draws ids the reference has not
+    model.save_pretrained(wide)
+    for f in init.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens")):
+            shutil.copy(f, wide / f.name)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(wide), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "4"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(wide) in err and f"{2 * VOCAB}" in err and f"{VOCAB}" in err, err
+    assert not (tmp_path / "o").exists()
