@@ -662,8 +662,10 @@ def run(args) -> list[dict]:
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
+    # hashed before loading too, so the Q♯ row names the weights evaluated (a missing file: load_value_model's error)
+    files = guide_files(args.guide) if guide is not None else []
+    guide_sha = model_sha256(files) if files and all(f.is_file() for f in files) else None
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
-    guide_sha = model_sha256(guide_files(args.guide)) if guide is not None else None  # (as just loaded)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     source_name = suite.prompts or "the movie prompts"
     encoded = encode_prompts(tokenizer, prompts, suite.chat, source_name)

@@ -460,3 +460,34 @@ def test_a_guide_recording_no_init_beside_a_policy_that_records_one_is_one_line(
     assert eval_main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "elsewhere" in err[0], err
+
+
+def test_the_guided_row_names_the_value_model_it_evaluated(trained, tmp_path, monkeypatch):
+    """The value model's files were hashed after it was loaded, so files replaced meanwhile (a folder being
+    written) gave the Q♯ row the new files' hash, not that of the weights evaluated."""
+    import hashlib
+
+    from shiq_train import qsharp_value
+
+    _, init, value_dir = trained
+    guide = tmp_path / "guide"
+    shutil.copytree(value_dir, guide)
+    digest = hashlib.sha256()
+    for name in ("value_model.pt", "value_model.json"):
+        digest.update((guide / name).read_bytes())
+    loaded_hash = digest.hexdigest()
+    loader = qsharp_value.load_value_model
+
+    def load_then_replace(path, *a, **k):
+        value = loader(path, *a, **k)
+        with open(Path(path) / "value_model.pt", "ab") as f:  # other bytes in the folder's weights file
+            f.write(b"\0")
+        return value
+
+    monkeypatch.setattr(qsharp_value, "load_value_model", load_then_replace)
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4 w5"}\n')
+    args = ["run", "--guide", str(guide), "--beta", "0.5", "--top-k", "2", "--out", str(tmp_path / "o")]
+    args += ["--reference", str(init), "--prompts", str(tmp_path / "p.jsonl"), "--scorer", "vader", "--quiet"]
+    assert eval_main(args + ["--max-new-tokens", "2"]) == 0
+    rows = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert rows[1]["method"] == "qsharp" and rows[1]["model_sha256"] == loaded_hash
