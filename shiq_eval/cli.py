@@ -194,6 +194,8 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
     ``scorer_prompt`` (what the scorer reads before the completion; default: ``prompt``, or the last
     message's content)."""
     path = Path(path)
+    if path.is_dir():
+        raise EvalInputError(f"--prompts {path}: is a folder, not a JSONL file of prompts")
     if not path.is_file():
         raise EvalInputError(f"--prompts {path}: no such file")
     prompts, shown = [], []

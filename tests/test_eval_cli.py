@@ -902,3 +902,17 @@ def test_a_policy_whose_vocabulary_is_not_the_references_is_refused_in_one_line(
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(wide) in err and f"{2 * VOCAB}" in err and f"{VOCAB}" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_prompts_folder_is_said_to_be_a_folder(tmp_path, capsys):
+    """--prompts a folder was refused as "no such file", which it is not; it is now said to be a folder, not
+    a JSONL file, in one line (exit status 2)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    (tmp_path / "prompts").mkdir()
+    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "prompts")]
+    argv += ["--scorer", "vader", "--reference", str(init)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a folder, not a JSONL file" in err and "no such file" not in err, err
+    assert not (tmp_path / "o").exists()
