@@ -180,6 +180,9 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
             f"--label is given {len(labels)} times for {len(checkpoints)} CHECKPOINT arguments: give one label "
             "per CHECKPOINT, in order"
         )
+    for label in labels or []:  # (a row's run name: an empty one names no run)
+        if not label.strip():
+            raise EvalInputError(f"--label {label!r}: a run label must not be empty or blank")
     infos, owners, seen = [], {}, {}
     for i, arg in enumerate(checkpoints):
         path = Path(arg)

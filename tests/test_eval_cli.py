@@ -916,3 +916,18 @@ def test_a_prompts_folder_is_said_to_be_a_folder(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a folder, not a JSONL file" in err and "no such file" not in err, err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("label", ["", "  "])
+def test_an_empty_label_is_refused_in_one_line(tmp_path, capsys, label):
+    """--label "" was accepted and gave rows whose run name was empty; an empty or blank label names no run and is
+    now refused in one line (exit status 2), before anything is written."""
+    init = tiny_hf_folder(tmp_path / "init")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(init), "--label", label, "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    argv += ["--scorer", "vader", "--reference", str(init), "--max-new-tokens", "2", "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--label" in err and "empty or blank" in err, err
+    assert not (tmp_path / "o").exists()
