@@ -34,6 +34,7 @@ for 100M tokens).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -54,8 +55,10 @@ class _RowReader:
         vocab = int(buffer.manifest["tokenizer"]["vocab_size"])
         self.chunks: list[dict[str, ListView]] = []
         starts, lengths, groups = [0], [], []
+        self.shard_paths, self.shard_starts = list(buffer.shard_paths), []  # a row's shard, and its row there
         for k, table in enumerate(buffer.shard_columns(("group_id", *names))):  # never the text columns
             shard_start = starts[-1]
+            self.shard_starts.append(shard_start)
             for batch in table.to_batches():
                 refuse_nulls(
                     {n: batch.column(n) for n in ("group_id", *names)}, buffer.shard_paths[k], starts[-1] - shard_start
@@ -69,6 +72,11 @@ class _RowReader:
         self.lengths = np.concatenate(lengths).astype(np.int64) if lengths else np.zeros(0, np.int64)
         self.group_ids = np.concatenate(groups).astype(np.int64) if groups else np.zeros(0, np.int64)
         self.columns = names
+
+    def where(self, i: int) -> tuple[Path, int]:
+        """``(shard file, row within it)`` of the buffer's row ``i``."""
+        k = int(np.searchsorted(self.shard_starts, i, side="right")) - 1
+        return self.shard_paths[k], i - self.shard_starts[k]
 
 
 class BufferSampler:
@@ -126,10 +134,11 @@ class BufferSampler:
         self.max_tokens_per_row = int(max_tokens_per_row) if max_tokens_per_row is not None else longest
         if longest > self.max_tokens_per_row:
             i = int(np.argmax(lengths > self.max_tokens_per_row))
+            shard, row = self._reader.where(i)
             raise ValueError(
-                f"buffer {buffer.path}: row {i} has {int(lengths[i])} tokens, more than "
+                f"{shard}: row {row}: field 'tokens': {int(lengths[i])} tokens, more than "
                 f"max_tokens_per_row={self.max_tokens_per_row} ({int((lengths > self.max_tokens_per_row).sum())} "
-                "such rows); raise max_tokens_per_row or leave those rows out of the buffer"
+                "such rows in the buffer); raise max_tokens_per_row or leave those rows out of the buffer"
             )
         if mode == "groups":
             order = np.argsort(self._reader.group_ids, kind="stable")

@@ -359,6 +359,17 @@ def test_a_hand_edited_row_is_refused_naming_shard_row_and_field(tmp_path, edit,
         BufferSampler(open_buffer(tmp_path / "b"), rows_per_micro_batch=4)
 
 
+def test_a_row_longer_than_max_tokens_per_row_is_named_with_its_shard(tmp_path):
+    """The max_tokens_per_row refusal named the row by its index across the whole buffer, which no shard file
+    shows; it now names the shard file and the row within it, as the sampler's other row errors do."""
+    rows = make_rows(23)  # 5 rows a shard: row 7 is shard 1's row 2
+    rows[7].update(prompt_len=3, tokens=[7] + [600] * 39, action_mask=[False] * 3 + [True] * 37, rewards=[0.0] * 40)
+    buf = write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=5, progress=False)
+    needle = r"shard-00001.arrow: row 2: field 'tokens': 40 tokens, more than max_tokens_per_row=20 \(1 such rows"
+    with pytest.raises(ValueError, match=needle):
+        BufferSampler(buf, rows_per_micro_batch=2, max_tokens_per_row=20)
+
+
 @pytest.mark.parametrize(
     "edit,needle",
     [
