@@ -100,6 +100,7 @@ def rows_ref_stats(
     max_batch_tokens: int = DEFAULT_BATCH_TOKENS,
     on_batch: Callable[[int], None] | None = None,
     groups: list[int] | None = None,
+    shard=None,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per row, ``(c_ref [T], z_ref [T])`` float32 numpy arrays from ``stats_fn`` (SHIQ_MATH §2).
 
@@ -107,7 +108,8 @@ def rows_ref_stats(
     common prefix has at least :data:`MIN_SHARED_TOKENS` tokens go through it (the prefix once per group;
     through ``with_prefixes``, several groups to a batch, when ``stats_fn`` has it);
     the other rows through ``stats_fn`` in length-sorted batches. ``on_batch(n_tokens)`` is called after
-    each batch or group (progress reporting).
+    each batch or group (progress reporting). ``shard``: the file the rows are read from, named with a row's
+    number in its errors.
     """
     chosen: list = [None] * len(token_lists)
     logz: list = [None] * len(token_lists)
@@ -116,6 +118,8 @@ def rows_ref_stats(
     def keep(i: int, ci: np.ndarray, zi: np.ndarray) -> None:
         ci, zi = ci[: lengths[i]].copy(), zi[: lengths[i]].copy()
         if not (np.isfinite(ci).all() and np.isfinite(zi).all()):
+            if shard is not None:
+                raise ValueError(f"{shard}: row {i}: stats_fn returned non-finite reference statistics")
             raise ValueError(f"stats_fn returned non-finite reference statistics for row {i}")
         ci[0] = zi[0] = 0.0  # nothing predicts the first token
         chosen[i], logz[i] = ci, zi
@@ -201,6 +205,7 @@ def compute_ref_stats(
                 max_batch_tokens,
                 on_batch=bar.update if bar is not None else None,
                 groups=table.column("group_id").to_pylist(),
+                shard=path,
             )
             add_ref_columns(buffer_dir, i, chosen, logz, ref_model=ref_model)
     finally:

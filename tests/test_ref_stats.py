@@ -160,6 +160,24 @@ def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_l
     assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 
+def test_non_finite_statistics_are_refused_naming_shard_and_row(tmp_path):
+    """A non-finite value from stats_fn was refused with the row's number within its shard only, which does not
+    say which shard; the shard file is now named with it. The shards before it keep their statistics."""
+    buf = build(tmp_path, n=10, shard_rows=4)
+    target = make_rows(10)[6]["tokens"]  # shard 1's row 2
+
+    def stats_fn(tokens, mask):
+        c, z = torch.zeros(tokens.shape), torch.ones(tokens.shape)
+        for b in range(tokens.shape[0]):
+            if int(mask[b].sum()) == len(target) and tokens[b, : len(target)].tolist() == target:
+                c[b, 1] = float("nan")
+        return c, z
+
+    with pytest.raises(ValueError, match=r"shard-00001.arrow: row 2: stats_fn returned non-finite"):
+        compute_ref_stats(buf.path, stats_fn, ref_model={"name": "r"}, progress=False)
+    assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
+
+
 def test_statistics_recorded_without_a_dtype_are_resumed_in_float32(tmp_path):
     """A buffer whose first shard got its statistics before the dtype was recorded (so float32, as training
     reads it) was refused by a float32 run resuming it ("ref_model.dtype None, not 'float32'"); it continues
