@@ -2,7 +2,7 @@
 
 Every row keeps its ``row_id``, ``source``, ``group_id`` and text columns; its tokens, action mask,
 rewards and prompt length are computed again from the text by the readers' own encoder
-(:func:`shiq_data.readers.encode.encode_kept`), so the result equals building the original input
+(:func:`shiq_data.readers.generic.encode_kept`), so the result equals building the original input
 with the new tokenizer. Reference statistics belong to the old tokens and are dropped. The new
 manifest records where the rows came from: ``"retokenized_from": {"path", "fingerprint", "tokenizer",
 "ref_stats_dropped"}`` (the parent's :func:`shiq_data.buffer.buffer_fingerprint`), and lists the
@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, shard_rows_of, write_buffer
-from shiq_data.readers.encode import encode_kept
+from shiq_data.readers.generic import encode_kept
 from shiq_data.schema import INPUT_KEY, TEXT_FIELDS, input_location
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time

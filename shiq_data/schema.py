@@ -44,7 +44,7 @@ filtered, re-tokenised and exported:
 - ``extra``: the JSON object text of the input record's other fields (tags, scores, ...), null if none.
 
 The tokens are a function of the text columns and the tokenizer
-(:func:`shiq_data.readers.encode.encode_kept`): a string completion gives prompt ids + completion
+(:func:`shiq_data.readers.generic.encode_kept`): a string completion gives prompt ids + completion
 ids + eos; a message-list completion goes through the chat template after the prompt (one user
 message for a string), its assistant turns the actions.
 """

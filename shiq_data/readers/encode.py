@@ -8,9 +8,9 @@
 - :func:`input_row` — a buffer row of the chat formats, named by file, line and tag and carrying its
   input location (:data:`shiq_data.schema.INPUT_KEY`).
 - :func:`text_columns`, :func:`conversation_columns`, :func:`extra_text` — the text columns a reader
-  keeps (:mod:`shiq_data.schema`); :func:`decode_text` reads a prompt or completion back and
-  :func:`encode_kept` tokenises a row's kept text again (``shiq-data retokenize``), exactly as its
-  reader did.
+  keeps (:mod:`shiq_data.schema`); :func:`decode_text` reads a prompt or completion back
+  (:func:`shiq_data.readers.generic.encode_kept` tokenises a row's kept text again, ``shiq-data retokenize``,
+  exactly as its reader did, after the generic reader's check of the record).
 """
 
 from __future__ import annotations
@@ -334,30 +334,3 @@ def conversation_columns(messages: Sequence[dict], *, actions: str = "all", **kw
     in ``completion`` (whose assistant turns are then exactly the actions); ``kwargs`` as :func:`text_columns`."""
     k = first_action_turn(messages, actions)
     return text_columns(list(messages[:k]), list(messages[k:]), **kwargs)
-
-
-def encode_kept(row: dict, tokenizer, *, eos: int | None, file, row_index: int, row_label: str = "row") -> dict:
-    """``tokens``, ``action_mask``, ``rewards`` and ``prompt_len`` of a buffer row's text columns with
-    ``tokenizer``, as the readers encode them (:func:`encode_record`; ``eos`` ends a string completion).
-    Errors name ``file``, the row and the column."""
-    for name in ("prompt", "completion"):
-        if row.get(name) is None:
-            raise RowError(file, row_index, name, "null: the row keeps no text to tokenise", row_label=row_label)
-    record = {
-        "prompt": decode_text(row["prompt"]),
-        "completion": decode_text(row["completion"]),
-        "reward": row.get("reward"),
-        "turn_rewards": row.get("turn_rewards"),
-    }
-    if not is_chat(record):
-        if isinstance(record["prompt"], list):
-            raise RowError(
-                file, row_index, "completion", "a string completion after a message-list prompt", row_label=row_label
-            )
-        record["reward"] = record["reward"] or 0.0
-    from shiq_data.readers.generic import check_record  # (generic reads through this module)
-
-    # what build refuses is refused here too (an empty completion would be its end-of-text token alone, a reward
-    # beside turn rewards one of them dropped); a conversation may have no reward, as export writes it
-    check_record({**record, "optional_reward": True}, file=str(file), row=row_index, row_label=row_label)
-    return encode_record(record, tokenizer, file=str(file), row=row_index, row_label=row_label, eos=eos)

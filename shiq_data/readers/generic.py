@@ -458,3 +458,28 @@ read_jsonl = FileReader("file", "line", iter_jsonl)  # a JSONL file, one record 
 read_parquet = FileReader("file", "row", _parquet_records)  # a Parquet file (columns prompt, completion, reward...)
 read_datasets = FileReader("folder", "row", _datasets_records)  # a folder written by datasets.Dataset.save_to_disk
 jsonl_records, parquet_records, datasets_records = read_jsonl.records, read_parquet.records, read_datasets.records
+
+
+def encode_kept(row: dict, tokenizer, *, eos: int | None, file, row_index: int, row_label: str = "row") -> dict:
+    """``tokens``, ``action_mask``, ``rewards`` and ``prompt_len`` of a buffer row's text columns with
+    ``tokenizer``, as the readers encode them (:func:`encode_record`; ``eos`` ends a string completion).
+    Errors name ``file``, the row and the column."""
+    for name in ("prompt", "completion"):
+        if row.get(name) is None:
+            raise RowError(file, row_index, name, "null: the row keeps no text to tokenise", row_label=row_label)
+    record = {
+        "prompt": decode_text(row["prompt"]),
+        "completion": decode_text(row["completion"]),
+        "reward": row.get("reward"),
+        "turn_rewards": row.get("turn_rewards"),
+    }
+    if not is_chat(record):
+        if isinstance(record["prompt"], list):
+            raise RowError(
+                file, row_index, "completion", "a string completion after a message-list prompt", row_label=row_label
+            )
+        record["reward"] = record["reward"] or 0.0
+    # what build refuses is refused here too (an empty completion would be its end-of-text token alone, a reward
+    # beside turn rewards one of them dropped); a conversation may have no reward, as export writes it
+    check_record({**record, "optional_reward": True}, file=str(file), row=row_index, row_label=row_label)
+    return encode_record(record, tokenizer, file=str(file), row=row_index, row_label=row_label, eos=eos)
