@@ -704,25 +704,29 @@ def test_reward_model_flag_keeps_a_suites_hf_reward_model_scorer(tmp_path, capsy
     capsys.readouterr()
 
 
-def test_a_policys_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
-    """A policy's weights were hashed after it was evaluated, so weights replaced meanwhile (a training run
-    saving into the folder) gave the row the new files' hash, not that of the weights evaluated."""
+@pytest.mark.parametrize("which", ["policy", "reference"])
+def test_a_row_names_the_weights_it_evaluated(tmp_path, monkeypatch, which):
+    """A policy's weights were hashed after it was evaluated, and the reference's after it was loaded, so weights
+    replaced meanwhile (a training run saving into the folder, a folder being written) gave the row the new
+    files' hash, not that of the weights evaluated."""
     from shiq_eval import cli as eval_cli
 
     init = tiny_hf_folder(tmp_path / "init")
     policy = tiny_hf_folder(tmp_path / "policy")
-    weights = policy / "model.safetensors"
+    weights = (policy if which == "policy" else init) / "model.safetensors"
     loaded_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
-    loader = eval_cli.hf_policy
+    name = "hf_policy" if which == "policy" else "load_reference"
+    loader = getattr(eval_cli, name)
 
-    def load_then_replace(info):
-        model = loader(info)
+    def load_then_replace(spec):
+        loaded = loader(spec)
+        config = (loaded if which == "policy" else loaded[0]).config
         torch.manual_seed(7)
-        transformers.LlamaForCausalLM(model.config).save_pretrained(tmp_path / "other")  # other weights
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "other")  # other weights
         (tmp_path / "other" / "model.safetensors").replace(weights)
-        return model
+        return loaded
 
-    monkeypatch.setattr(eval_cli, "hf_policy", load_then_replace)
+    monkeypatch.setattr(eval_cli, name, load_then_replace)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
     prompts = tmp_path / "p.jsonl"
@@ -732,7 +736,8 @@ def test_a_policys_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
     assert main(argv) == 0
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
-    assert rows[1]["model_sha256"] == loaded_hash  # one weights file: its own SHA-256
+    assert rows[0]["run"] == "reference" and len(rows) == 2  # then the policy's row
+    assert rows[1 if which == "policy" else 0]["model_sha256"] == loaded_hash
 
 
 @pytest.mark.parametrize(
@@ -787,37 +792,6 @@ def test_megatron_engine_names_the_folder_of_a_model_it_does_not_compute(tmp_pat
             EvalInputError, match=re.escape(f"{tmp_path / 'mistral'}: model_type 'mistral' with sliding")
         ):
             MegatronEngine(mistral, tok)
-
-
-def test_the_reference_row_names_the_weights_it_evaluated(tmp_path, monkeypatch):
-    """The reference's weights were hashed after the reference was loaded, so weights replaced meanwhile (a folder
-    being written) gave the reference row the new files' hash, not that of the weights evaluated."""
-    from shiq_eval import cli as eval_cli
-
-    init = tiny_hf_folder(tmp_path / "init")
-    policy = tiny_hf_folder(tmp_path / "policy")
-    weights = init / "model.safetensors"
-    loaded_hash = hashlib.sha256(weights.read_bytes()).hexdigest()
-    loader = eval_cli.load_reference
-
-    def load_then_replace(spec):
-        model, tokenizer = loader(spec)
-        torch.manual_seed(7)
-        transformers.LlamaForCausalLM(model.config).save_pretrained(tmp_path / "other")  # other weights
-        (tmp_path / "other" / "model.safetensors").replace(weights)
-        return model, tokenizer
-
-    monkeypatch.setattr(eval_cli, "load_reference", load_then_replace)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
-    argv = ["run", str(policy), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
-    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
-    assert main(argv) == 0
-    rows = json.loads((tmp_path / "o" / "results.json").read_text())
-    assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
-    assert rows[0]["run"] == "reference" and rows[0]["model_sha256"] == loaded_hash
 
 
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):

@@ -277,25 +277,27 @@ def test_progress_bars_follow_no_progress_and_the_log_level(tmp_path, gpt2, caps
         assert "\r" not in capsys.readouterr().err
 
 
+def toy_row(i: int, text: bool = True) -> dict:
+    """Buffer row ``i`` of a toy vocabulary: two tokens, its reward on the second; with its text columns."""
+    out = {
+        "row_id": f"r{i}",
+        "source": "s",
+        "group_id": i,
+        "prompt_len": 1,
+        "tokens": [3, 4],
+        "action_mask": [False, True],
+        "rewards": [0.0, 1.0],
+    }
+    return {**out, "prompt": "p", "completion": "c", "reward": 1.0} if text else out
+
+
 def test_jsonl_export_of_a_row_without_text_is_one_line_error(tmp_path, capsys):
     """A buffer with text columns whose row 1 has none (as an earlier mix of buffers with and without text
     wrote them): the JSONL export names the shard, the row and the field, and writes nothing."""
 
-    def row(i, text):
-        out = {
-            "row_id": f"r{i}",
-            "source": "s",
-            "group_id": i,
-            "prompt_len": 1,
-            "tokens": [3, 4],
-            "action_mask": [False, True],
-            "rewards": [0.0, 1.0],
-        }
-        return {**out, "prompt": "p", "completion": "c", "reward": 1.0} if text else out
-
     buf = tmp_path / "b"
     tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
-    write_buffer([row(0, True), row(1, False)], buf, tokenizer_info=tok, command=["t"], progress=False)
+    write_buffer([toy_row(0), toy_row(1, text=False)], buf, tokenizer_info=tok, command=["t"], progress=False)
     table = pa.ipc.open_stream(pa.memory_map(str(buf / "shard-00000.arrow"))).read_all()
     assert table.column("prompt").to_pylist() == ["p", None]  # the input, as plain pyarrow reads it
     assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 2
@@ -312,21 +314,7 @@ def test_export_refuses_a_group_id_validate_refuses(tmp_path, capsys, fmt):
     is written."""
     from data_cli_runs import rewrite_shard
 
-    rows = [
-        {
-            "row_id": f"r{i}",
-            "source": "s",
-            "group_id": i,
-            "prompt_len": 1,
-            "tokens": [3, 4],
-            "action_mask": [False, True],
-            "rewards": [0.0, 1.0],
-            "prompt": "p",
-            "completion": "c",
-            "reward": 1.0,
-        }
-        for i in range(3)
-    ]
+    rows = [toy_row(i) for i in range(3)]
     buf = tmp_path / "b"
     tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
     write_buffer(rows, buf, tokenizer_info=tok, command=["t"], progress=False)
@@ -479,8 +467,7 @@ def test_retokenize_refuses_the_text_build_refuses(tmp_path, smollm2, capsys, te
 def test_jsonl_export_refuses_the_text_build_refuses(tmp_path, capsys):
     """A shard whose text columns were written by hand with an empty completion was exported to a JSONL file that
     build then refused; export refuses it instead, naming the shard, row and field, and writes nothing."""
-    row = {"row_id": "r0", "source": "s", "group_id": 0, "prompt_len": 1, "tokens": [3, 4]}
-    row.update(action_mask=[False, True], rewards=[0.0, 1.0], prompt="q", completion="", reward=1.0)
+    row = {**toy_row(0), "completion": ""}
     buf = tmp_path / "b"
     tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
     write_buffer([row], buf, tokenizer_info=tok, command=["t"], progress=False)
