@@ -704,6 +704,23 @@ def test_reward_model_flag_keeps_a_suites_hf_reward_model_scorer(tmp_path, capsy
     capsys.readouterr()
 
 
+def score_len_run(tmp_path, policy, reference, max_new_tokens: int) -> list[str]:
+    """``shiq-eval run`` of ``policy`` against ``reference`` on one prompt, scored by completion length (a
+    ``python:`` scorer written in ``tmp_path``, the working folder), into ``tmp_path/o``."""
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    argv = ["run", str(policy), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
+    return argv + [
+        "--scorer",
+        "python:score_len:score",
+        "--reference",
+        str(reference),
+        "--max-new-tokens",
+        f"{max_new_tokens}",
+    ]
+
+
 @pytest.mark.parametrize("which", ["policy", "reference"])
 def test_a_row_names_the_weights_it_evaluated(tmp_path, monkeypatch, which):
     """A policy's weights were hashed after it was evaluated, and the reference's after it was loaded, so weights
@@ -728,11 +745,7 @@ def test_a_row_names_the_weights_it_evaluated(tmp_path, monkeypatch, which):
 
     monkeypatch.setattr(eval_cli, name, load_then_replace)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
-    argv = ["run", str(policy), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
-    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    argv = score_len_run(tmp_path, policy, init, max_new_tokens=2)
     assert main(argv) == 0
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert hashlib.sha256(weights.read_bytes()).hexdigest() != loaded_hash  # the folder did change
@@ -807,11 +820,7 @@ def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp
         special.write_text(json.dumps({k: v for k, v in json.loads(special.read_text()).items() if k != "eos_token"}))
     assert transformers.AutoTokenizer.from_pretrained(init).eos_token_id is None
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
-    argv = ["run", str(init), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
-    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2"]
+    argv = score_len_run(tmp_path, init, init, max_new_tokens=2)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
@@ -866,11 +875,7 @@ def test_a_policy_whose_vocabulary_is_not_the_references_is_refused_in_one_line(
         if f.name.startswith(("tokenizer", "special_tokens")):
             shutil.copy(f, wide / f.name)
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
-    argv = ["run", str(wide), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
-    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "4"]
+    argv = score_len_run(tmp_path, wide, init, max_new_tokens=4)
     capsys.readouterr()
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
