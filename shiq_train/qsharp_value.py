@@ -34,7 +34,6 @@ from shiq_train.hf_convert import (
     hf_classes,
     megatron_to_llama,
     model_config_from_llama,
-    window_problem,
 )
 from shiq_train.losses import suffix_sum
 from shiq_train.model import full_param_name, model_inputs, unwrap
@@ -288,9 +287,7 @@ def load_value_model(path, dtype=torch.float32) -> HFValueModel:
         # (Qwen2's biases, Qwen3's query and key norms: their own trunk, not a Llama one)
         config_class, _, model_class = hf_classes(config["hf_config"].get("model_type"))
         hf_config = config_class.from_dict(config["hf_config"])
-        if (problem := window_problem(hf_config)) is not None:
-            raise ValueError(problem)
-        # a trunk training could have built (what it computes: SiLU MLPs, whole-head rotary embeddings, ...)
+        # a trunk training could have built (no sliding window that acts, SiLU MLPs, whole-head rotary embeddings...)
         model_config_from_llama(hf_config)
         shape = LlamaShape.from_hf_config(hf_config)
         trunk = model_class(hf_config)
