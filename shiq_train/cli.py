@@ -1083,14 +1083,10 @@ def _task(cfg) -> None:
     except KeyboardInterrupt as e:
         if verbose():
             raise
-        if isinstance(e, SavedOnSigterm):
-            print(
-                f"shiq-train: terminated after saving step {e.step} (SIGTERM); the same command resumes the run there",
-                file=sys.stderr,
-            )
-            sys.exit(EXIT_TERMINATED)
-        if isinstance(e, Terminated):
-            print("shiq-train: terminated", file=sys.stderr)
+        if isinstance(e, Terminated):  # SIGTERM; the step it saved, if it saved one, is where the rerun resumes
+            saved = isinstance(e, SavedOnSigterm)
+            where = f" after saving step {e.step} (SIGTERM); the same command resumes the run there" if saved else ""
+            print(f"shiq-train: terminated{where}", file=sys.stderr)
             sys.exit(EXIT_TERMINATED)
         sys.exit(
             interrupted("shiq-train", " (the same command resumes the run from its last checkpoint, if it saved one)")
