@@ -1084,9 +1084,8 @@ def _task(cfg) -> None:
         if verbose():
             raise
         if isinstance(e, Terminated):  # SIGTERM; the step it saved, if it saved one, is where the rerun resumes
-            saved = isinstance(e, SavedOnSigterm)
-            where = f" after saving step {e.step} (SIGTERM); the same command resumes the run there" if saved else ""
-            print(f"shiq-train: terminated{where}", file=sys.stderr)
+            if int(os.environ.get("RANK", "0")) == 0:  # the ranks stop alike: one line, not one per process
+                print(f"shiq-train: terminated{terminated_where(e)}", file=sys.stderr)
             sys.exit(EXIT_TERMINATED)
         sys.exit(
             interrupted("shiq-train", " (the same command resumes the run from its last checkpoint, if it saved one)")
@@ -1103,6 +1102,15 @@ def _task(cfg) -> None:
         if verbose() or not is_user_error(e):
             raise
         _fail(e)
+
+
+def terminated_where(e: Terminated) -> str:
+    """What a run stopped by SIGTERM saved, for its one line (nothing: a stop that saved no step)."""
+    if not isinstance(e, SavedOnSigterm):
+        return ""
+    if e.complete:
+        return f" after saving step {e.step} (SIGTERM), the run's last: the run is complete"
+    return f" after saving step {e.step} (SIGTERM); the same command resumes the run there"
 
 
 def _fail(message) -> None:

@@ -98,7 +98,8 @@ class TrainConfig:
     ``save_on_sigterm``: SIGTERM (a scheduler's stop or preemption; ``torchrun`` passes it to every rank) lets
     the step under way finish, saves a checkpoint of it on every rank (the ranks agree on the step), and ends
     the run by :class:`SavedOnSigterm`; the same command resumes from there. A second SIGTERM ends the process
-    at once. ``false``: SIGTERM ends the process at once (the newest checkpoint is from ``save_every``).
+    at once, unless it comes within 5 seconds of the first (``SIGTERM_SAME_STOP_S``: Slurm and torchrun each
+    pass on the same stop). ``false``: SIGTERM ends the process at once (the newest checkpoint is from ``save_every``).
     ``share_prefixes``: the rows of a micro-batch that begin with the same tokens (the completions of a
     prompt, prompts with the same system turn) run those tokens through the model once
     (``shiq_train.prefix_tree``): the same losses and parameters up to float rounding; a micro-batch whose
@@ -444,7 +445,7 @@ class Trainer:
                     if stop_requested():  # a SIGTERM reached some rank: every rank saves this step, then stops
                         if not saving:
                             save(step + 1, dict(metrics) if logged else None)
-                        raise SavedOnSigterm(step + 1)
+                        raise SavedOnSigterm(step + 1, complete=last)
         except BaseException as e:
             log.close(failed=e)
             raise
@@ -498,32 +499,41 @@ class Trainer:
 class SavedOnSigterm(Terminated):
     """The run stopped on SIGTERM once the step it was on was saved (``TrainConfig.save_on_sigterm``)."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, complete: bool = False):
         super().__init__(step)
         self.step = step  # the step saved, where the same command resumes
+        self.complete = complete  # the step was the run's last: nothing is left to resume
+
+
+# a SIGTERM this soon after the first is the same stop (Slurm signals every process of a job step, and torchrun
+# passes its own on to its workers: two, milliseconds apart); a later one ends the process at once
+SIGTERM_SAME_STOP_S = 5.0
 
 
 @contextlib.contextmanager
 def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
-    """While training (``TrainConfig.save_on_sigterm``): a first SIGTERM only records a request and gives
-    SIGTERM back its default action (a second ends the process at once); the yielded ``requested()`` tells
+    """While training (``TrainConfig.save_on_sigterm``): a first SIGTERM only records a request; a second within
+    ``SIGTERM_SAME_STOP_S`` seconds is the same stop (Slurm's and torchrun's), one after that ends the process
+    at once (SIGTERM's default action); the yielded ``requested()`` tells
     every rank alike whether any rank got one (a maximum over the ranks: a one-number all-reduce each call when
     there are several, so the ranks save the same step). Off the main thread, or where the caller handles
     SIGTERM already, SIGTERM keeps its action. A request that no ``requested()`` saw (it came after the last)
     raises :class:`~shiq_data.cli_common.Terminated` at the block's end, on every rank (one more all-reduce
     there): a caller that trains several runs stops too. Not ``enabled``: SIGTERM keeps its action and
     ``requested()`` is False, with no all-reduce."""
-    got = threading.Event()
+    first: list[float] = []  # when the first SIGTERM came: a list, appended to without a lock (a handler that
+    # takes one, as threading.Event.set does, waits for it forever when a second SIGTERM interrupts it there)
     seen = threading.Event()
     previous = None
     if enabled and threading.current_thread() is threading.main_thread():
         if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
 
             def record(signum, frame):
-                # the default action back first: a second SIGTERM while the request is recorded (set under the
-                # Event's lock) ends the process, where it ran this handler again, waiting for that lock forever
-                signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                got.set()
+                if not first:
+                    first.append(time.monotonic())
+                elif time.monotonic() - first[0] >= SIGTERM_SAME_STOP_S:
+                    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                    signal.raise_signal(signal.SIGTERM)
 
             previous = signal.signal(signal.SIGTERM, record)
     several = dist.is_initialized() and dist.get_world_size() > 1
@@ -531,7 +541,7 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
     def requested() -> bool:
         if not enabled:
             return False
-        flag = got.is_set()
+        flag = bool(first)
         if several:
             count = torch.tensor([int(flag)], dtype=torch.int32, device=device())
             dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -547,7 +557,7 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
         failed = True
         raise
     finally:
-        if previous is not None and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         # one more agreement (every rank is here alike: ``seen`` is the same on all): a request that reached one
         # rank after the last ``requested()`` stops every rank, not that one alone

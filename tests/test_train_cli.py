@@ -565,6 +565,7 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode != 0, err[-3000:]
     assert "terminated after saving step" in err, err[-3000:]
+    assert err.count("shiq-train: terminated") == 1, err[-3000:]  # rank 0's line, not one per rank
     saved = [p.name for p in (tmp_path / "run" / "checkpoints").glob("step_*")]
     assert len(saved) == 1 and int(saved[0][5:]) >= 2, saved
     files = sorted(p.name for p in (tmp_path / "run" / "checkpoints" / saved[0]).iterdir())
@@ -575,10 +576,42 @@ def test_sigterm_to_one_rank_saves_the_same_step_on_every_rank(tmp_path):
     assert f"resumed from step {int(saved[0][5:])}" in back.stderr
 
 
+LAST_STEP_SIGTERM = """
+import os, signal
+calls = []
+_next = Source.next_micro_batches
+def next_micro_batches(self):  # a SIGTERM while step SIGTERM_AT_STEP is under way
+    calls.append(1)
+    if len(calls) == int(os.environ["SIGTERM_AT_STEP"]):
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _next(self)
+Source.next_micro_batches = next_micro_batches
+cli.main()
+"""
+
+
+def test_a_sigterm_during_the_last_step_says_the_run_is_complete(tmp_path):
+    """A SIGTERM during a run's last step saved it and said "the same command resumes the run there", though the
+    run was complete (the rerun trains nothing). It still ends with status 143 (a recipe training several runs
+    stops too), saying the run is complete."""
+    cmd, env = cli_command(tmp_path, f"out={tmp_path / 'run'}", "train.steps=3", "train.reference=online")
+    (tmp_path / "driver.py").write_text(DRIVER.replace("cli.main()\n", LAST_STEP_SIGTERM))
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**env, "SIGTERM_AT_STEP": "3"}, timeout=120
+    )
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines()[-1] == (
+        "shiq-train: terminated after saving step 3 (SIGTERM), the run's last: the run is complete"
+    )
+    (tmp_path / "driver.py").write_text(DRIVER)
+    again = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert again.returncode == 0 and "(already complete)" in again.stdout, again.stderr[-3000:]
+
+
 def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
-    """sigterm_requests: the first SIGTERM is recorded, not acted on, and SIGTERM gets its default action back
-    (a second ends the process); a request no requested() saw raises Terminated at the block's end (a recipe
-    training several runs stops too); not enabled, SIGTERM keeps its action."""
+    """sigterm_requests: the first SIGTERM is recorded, not acted on (the handler stays, for a repeat of the same
+    stop); a request no requested() saw raises Terminated at the block's end (a recipe training several runs
+    stops too); the block gives SIGTERM its action back; not enabled, SIGTERM keeps its action."""
     import signal
 
     from shiq_data.cli_common import Terminated
@@ -589,7 +622,8 @@ def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
     with sigterm_requests(True) as requested:
         assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL and not requested()
         os.kill(os.getpid(), signal.SIGTERM)
-        assert requested() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert requested() and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     with pytest.raises(Terminated), sigterm_requests(True):
         os.kill(os.getpid(), signal.SIGTERM)
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
@@ -633,41 +667,51 @@ def test_a_late_sigterm_request_to_one_rank_stops_every_rank(tmp_path):
     assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["terminated", "terminated"]
 
 
-SECOND_SIGTERM_WHILE_RECORDING = """
-import os, signal, threading, time
+SECOND_SIGTERMS = """
+import os, signal, time
 import shiq_train.trainer as T
 
-class Event(threading.Event):
-    def set(self):  # threading.Event.set, with a second SIGTERM arriving while it holds its lock
-        with self._cond:
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)
-            self._flag = True
-            self._cond.notify_all()
+T.SIGTERM_SAME_STOP_S = 2.0
+real, sent = time.monotonic, []
 
-threading.Event = Event
+def monotonic():  # a second SIGTERM arrives while the handler records the first
+    if not sent:
+        sent.append(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.05)
+    return real()
+
+time.monotonic = monotonic
 with T.sigterm_requests(True) as requested:
     os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.1)
+    os.kill(os.getpid(), signal.SIGTERM)  # Slurm's and torchrun's: the same stop
+    time.sleep(0.1)
+    print("same stop", requested(), flush=True)
+    time.sleep(2.1)
+    os.kill(os.getpid(), signal.SIGTERM)  # a stop asked for again, later: at once
     time.sleep(5)
 print("survived")
 """
 
 
-def test_a_second_sigterm_while_the_first_is_recorded_ends_the_process():
-    """The first SIGTERM's handler recorded the request (an Event, set under its lock) before giving SIGTERM its
-    default action back: a second SIGTERM in between ran the handler again inside the first, which waited forever
-    for the lock the first held; the process hung, and no further SIGTERM could end it. The default action is
-    given back first: the second SIGTERM ends the process at once."""
+def test_sigterms_of_one_stop_are_one_and_a_later_one_ends_the_process():
+    """Under Slurm and torchrun a worker gets two SIGTERMs for one stop, milliseconds apart (Slurm signals every
+    process of the job step, torchrun passes its own on): the second ended the process at once, before the step
+    under way was saved. A SIGTERM within SIGTERM_SAME_STOP_S of the first is now the same stop, one that
+    interrupts the handler recording the first included (it takes no lock, so it cannot wait for itself); a later
+    one ends the process at once."""
     import signal
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     try:
         res = subprocess.run(
-            [sys.executable, "-c", SECOND_SIGTERM_WHILE_RECORDING], env=env, capture_output=True, text=True, timeout=30
+            [sys.executable, "-c", SECOND_SIGTERMS], env=env, capture_output=True, text=True, timeout=30
         )
     except subprocess.TimeoutExpired:  # (killed by subprocess.run)
         pytest.fail("the process hung on a second SIGTERM that came while the first was being recorded")
-    assert res.returncode == -signal.SIGTERM, (res.returncode, res.stdout, res.stderr[-2000:])
+    assert res.stdout.split("\n")[0] == "same stop True", (res.returncode, res.stdout, res.stderr[-2000:])
+    assert res.returncode == -signal.SIGTERM and "survived" not in res.stdout, (res.returncode, res.stdout)
 
 
 def save_tiny_llama(folder):
