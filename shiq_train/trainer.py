@@ -14,6 +14,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import signal
 import threading
 import time
@@ -607,6 +608,22 @@ def _metric_lines(path: Path) -> list[str]:
     return lines
 
 
+WANDB_RUN_ID = "wandb_run_id"  # in the run folder: the W&B run a resume logs to
+
+
+def _wandb_run_id(out_dir: Path) -> str | None:
+    """The W&B run id a run folder recorded (``WANDB_RUN_ID``), or None (none recorded, or not an id: a new W&B
+    run is started, with a warning)."""
+    path = out_dir / WANDB_RUN_ID
+    if not path.is_file():
+        return None
+    text = path.read_text(errors="replace").strip()
+    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text) is None:
+        logger.warning(f"{path}: not a W&B run id ({text[:40]!r}): the resume starts a new W&B run")
+        return None
+    return text
+
+
 class _MetricLog:
     """``metrics.jsonl`` (one JSON object a logged step), TensorBoard scalars and, with ``logging.wandb``,
     Weights & Biases (offline by default), on rank 0 only.
@@ -643,13 +660,17 @@ class _MetricLog:
             self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_step + 1)
         if logging_cfg is not None and logging_cfg.wandb:
             wandb = import_wandb()
+            earlier = _wandb_run_id(out_dir) if start_step else None  # a resume continues the run's W&B run
             self.wandb = wandb.init(
                 project=logging_cfg.wandb_project,
                 name=out_dir.name,
                 dir=str(out_dir),
                 mode=logging_cfg.wandb_mode,
                 config=config or {},
+                **({"id": earlier, "resume": "allow"} if earlier else {}),
             )
+            if getattr(self.wandb, "id", None) != earlier:
+                atomic_write_text(out_dir / WANDB_RUN_ID, f"{self.wandb.id}\n")
 
     def write(self, metrics: dict):
         if not self.active:

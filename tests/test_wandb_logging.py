@@ -67,3 +67,33 @@ def test_without_the_package_the_command_says_how_to_install_it(tmp_path, monkey
     ):
         cli.run(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resumed_run_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
+    """Every resume started a new W&B run, so a preempted run's curve was split over as many runs as it had
+    resumes. The run folder records its W&B run's id; a resume continues that run (``resume="allow"``); a start
+    from step 0 begins a new one, and a recorded id that is not one is not sent (a new run, with a warning)."""
+    runs = []
+
+    def init(**kw):
+        runs.append(FakeRun(**kw))
+        runs[-1].id = kw.get("id", f"new{len(runs)}")
+        return runs[-1]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    out, cfg = tmp_path / "run", T.LoggingConfig(wandb=True)
+
+    def start(step):
+        log = T._MetricLog(out, step, True, False, cfg)
+        log.write({"step": step + 1, "loss": 0.5})
+        log.close()
+        return runs[-1].init
+
+    assert "id" not in start(0) and "resume" not in runs[-1].init
+    assert (out / T.WANDB_RUN_ID).read_text() == "new1\n"
+    assert start(1) == {**runs[0].init, "id": "new1", "resume": "allow"}
+    assert "id" not in start(0)  # trained again from step 0: a new W&B run, recorded
+    assert (out / T.WANDB_RUN_ID).read_text() == "new3\n"
+    (out / T.WANDB_RUN_ID).write_text("../../etc\n")
+    assert "id" not in start(2)
+    assert (out / T.WANDB_RUN_ID).read_text() == "new4\n"
