@@ -1141,11 +1141,30 @@ def _with_groups(argv: list[str], default):
     from hydra import compose, initialize_config_dir  # heavy: hydra, only the training command needs it
 
     groups = [a for a in argv if "=" in a and not a.startswith(("+", "~")) and "." not in a.split("=", 1)[0]]
+    groups += [a for a in argv if a.startswith("hydra.searchpath=")]  # (--config-dir's folders)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return compose(config_name="train", overrides=groups)
     except Exception:  # (a bad choice among them: Hydra names it when the whole line is composed)
         return default
+
+
+def _without_config_dirs(argv: list[str]) -> tuple[list[str], list[str | None]]:
+    """``argv`` without Hydra's ``--config-dir DIR`` (``-cd DIR``, ``--config-dir=DIR``), and those folders (None:
+    the flag ended the line, without its folder)."""
+    rest, dirs, i = [], [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config-dir", "-cd"):
+            dirs.append(argv[i + 1] if i + 1 < len(argv) else None)
+            i += 2
+            continue
+        if arg.startswith("--config-dir="):
+            dirs.append(arg.split("=", 1)[1] or None)
+        else:
+            rest.append(arg)
+        i += 1
+    return rest, dirs
 
 
 def hydra_error(argv: list[str]) -> str | None:
@@ -1159,6 +1178,7 @@ def hydra_error(argv: list[str]) -> str | None:
             f"{sweep}: shiq-train runs one job, in its own out= folder; for a sweep, run it once per value "
             "(for b in 0.1 0.3; do shiq-train ... loss.beta=$b out=runs/beta$b; done), or shiq-demo --full"
         )
+    argv, config_dirs = _without_config_dirs(argv)
     flags = [a for a in argv if a.startswith("-")]
     if flags:  # Hydra's own flags are Hydra's; another gave its usage block, several lines, and exit status 0
         from hydra._internal.utils import get_args_parser  # heavy: hydra, only the training command needs it
@@ -1169,6 +1189,15 @@ def hydra_error(argv: list[str]) -> str | None:
             return None
         hint = "; the log level is logging.level=LEVEL" if unknown.startswith("--log-level") else ""
         return f"{unknown}: not an option of shiq-train, which takes key=value settings{hint}"
+    for folder in config_dirs:
+        if folder is None:
+            return "--config-dir needs a folder: --config-dir DIR (a folder of your own config groups, loss/ or model/)"
+        if not Path(folder).is_dir():
+            return f"--config-dir {folder}: no such folder"
+    # Hydra looks in --config-dir's folders for the groups too (loss=mine: DIR/loss/mine.yaml); so does the check
+    searched = [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"] * bool(
+        config_dirs
+    )
     keyless = [a for a in argv if a.startswith("=")]
     if keyless:
         return f"argument {keyless[0]!r} has no key: expected key=value"
@@ -1180,7 +1209,7 @@ def hydra_error(argv: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             default = compose(config_name="train")
-            given = compose(config_name="train", overrides=argv)
+            given = compose(config_name="train", overrides=argv + searched)
     except (HydraException, OmegaConfBaseException, ValueError, KeyError, TypeError) as e:
         # (ValueError and the others: override forms Hydra's parser lets through, such as "=5")
         lines = []
@@ -1192,14 +1221,15 @@ def hydra_error(argv: list[str]) -> str | None:
         message = "; ".join(lines) or type(e).__name__
         unknown = re.match(r"Could not override '([^']+)'.*To append to your config use \+", message)
         if unknown and default is not None:  # Hydra's advice, +key=value, would be refused next (below)
-            return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(argv, default))}"
+            return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(argv + searched, default))}"
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
         return f"+{key}: {key!r} is no option of shiq-train"
-    chosen = OmegaConf.to_container(_with_groups(argv, default), resolve=False)  # (the loss and model chosen)
+    # (the loss and model chosen)
+    chosen = OmegaConf.to_container(_with_groups(argv + searched, default), resolve=False)
     for key, section in given.items():  # +data.foo=1, +train.eval_every=3 likewise: read by nothing
         if key != "resume" and isinstance(section, dict) and isinstance(chosen.get(key), dict):
             for added in sorted(section.keys() - chosen[key].keys()):

@@ -1323,6 +1323,34 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["out='runs/ünicode'"]) is None
 
 
+def test_a_command_line_with_config_dir_is_checked_among_its_groups(tmp_path):
+    """--config-dir DIR (a folder of one's own config groups) made the check leave the whole line to Hydra: a
+    misspelt key got Hydra's multi-line error and status 1. The line is now checked with DIR's groups searched
+    too, as Hydra searches them."""
+    from shiq_train.cli import hydra_error
+
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "mine.yaml").write_text("name: shiq\nbeta: 0.2\nnum_steps: 3\n")
+    d = str(tmp_path)
+    for fine in (["--config-dir", d, "loss=mine", "loss.num_steps=4"], [f"--config-dir={d}", "loss=mine"], ["-cd", d]):
+        assert hydra_error(fine) is None, fine
+    assert hydra_error(["--config-dir", d, "loss=mine", "trian.steps=3"]) == (
+        "trian.steps: no such setting (did you mean train.steps?)"
+    )
+    assert hydra_error(["-cd", d, "loss=mine", "loss.num_step=4"]) == (
+        "loss.num_step: no such setting (did you mean loss.num_steps?)"  # among the keys of DIR's group
+    )
+    assert hydra_error(["--config-dir", d, "loss=mine", "+loss.other=1"]) == (
+        "+loss.other: 'loss.other' is no option of shiq-train"
+    )
+    assert "Could not find 'loss/theirs'" in hydra_error(["--config-dir", d, "loss=theirs"])
+    assert hydra_error(["--config-dir", str(tmp_path / "none"), "out=x"]) == (
+        f"--config-dir {tmp_path / 'none'}: no such folder"
+    )
+    assert hydra_error(["out=x", "--config-dir"]).startswith("--config-dir needs a folder")
+    assert hydra_error(["--config-dir", d, "--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
+
+
 @pytest.mark.parametrize("arg", ["logging.wandb=true", "train.save_every=5", "train.log_every=10"])
 def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg):
     """loss=qsharp_value writes no W&B run, saves once at the end and logs every step: these settings were accepted
