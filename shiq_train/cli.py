@@ -703,7 +703,7 @@ def _dataclass_from(cls, section: dict, prefix: str):
 
 
 # a policy run's settings the value trainer does not read, with what it does in their place
-VALUE_RUN_UNREAD = {"logging.wandb": False, "train.save_every": 0, "train.log_every": 1}
+VALUE_RUN_UNREAD = {"logging.wandb": False, "train.log_every": 1}
 
 
 def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str] | None = None) -> Path:
@@ -720,8 +720,8 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         section, option = key.split(".")
         if (cfg.get(section) or {}).get(option, means) != means:
             raise ConfigError(
-                f"{key}={cfg[section][option]!r}: loss={name} does not read it (it saves the value model once, at "
-                f"the end, and logs every step to metrics.jsonl only); leave it at {means!r}"
+                f"{key}={cfg[section][option]!r}: loss={name} does not read it (it logs every step to the value "
+                f"model's metrics.jsonl only); leave it at {means!r}"
             )
     sizes = {k: cfg["parallel"].get(k, 1) for k in ("tp", "pp", "cp", "vpp")}  # (cp, vpp: else silently unused)
     if any(v != 1 for v in sizes.values()) or int(os.environ.get("WORLD_SIZE", 1)) != 1:

@@ -11,6 +11,8 @@ rows drawn by a seeded ``BufferSampler`` and saves the result with
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import re
 from dataclasses import asdict, dataclass
@@ -21,8 +23,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.buffer import open_buffer
+from shiq_data.io import one_line
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, prefix_tree
+from shiq_train.checkpoint import read_rank_file, save_hashed
 from shiq_train.hf_convert import import_llama, model_config_from_llama
 from shiq_train.model import build_model, unwrap
 from shiq_train.prefix_cache import PrefixCache, suffix_only
@@ -35,7 +39,9 @@ from shiq_train.qsharp_value import (
     save_value_model,
 )
 from shiq_train.train_step import OptimizerConfig, decay_groups
-from shiq_train.trainer import freeze_all_but_last_layers
+from shiq_train.trainer import SavedOnSigterm, freeze_all_but_last_layers, sigterm_requests
+
+logger = logging.getLogger(__name__)
 
 # keys of a run's loss section that configure the value model (configs/loss/qsharp_value.yaml)
 VALUE_LOSS_KEYS = ("name", "num_atoms", "v_min", "v_max", "gamma", "head_lr")
@@ -56,6 +62,11 @@ class ValueTrainConfig:
     ``share_prefixes``: the leading tokens a micro-batch's rows share run once (``shiq_train.prefix_tree``,
     which refuses dropout; a micro-batch whose trie would cost more than its rows runs as rows); the same
     steps up to float rounding.
+    ``save_every``: 0 = never; ``N >= 1`` writes the run's state (``RESUME_FILE`` in the output folder: the
+    trained parameters, the optimizer's and the sampler's state, the steps' metrics) after every ``N``-th step
+    but the last, which the same call resumes from. ``save_on_sigterm``: SIGTERM lets the step under way finish,
+    writes that state and raises ``shiq_train.trainer.SavedOnSigterm`` (``false``: SIGTERM ends the process at
+    once). Neither changes the value model trained.
     """
 
     steps: int = 100
@@ -83,6 +94,8 @@ class ValueTrainConfig:
     data_seed: int | None = None
     cache_frozen_prefix: bool = False
     share_prefixes: bool = False
+    save_every: int = 0
+    save_on_sigterm: bool = True
 
     def __post_init__(self):
         if self.steps < 1 or self.rows_per_micro_batch < 1:
@@ -105,7 +118,9 @@ class ValueTrainConfig:
         if not all(math.isfinite(v) for v in given) or (len(given) == 2 and not self.v_min < self.v_max):
             raise ValueError(f"value.v_min ({self.v_min}) and value.v_max ({self.v_max}) must be finite, v_min < v_max")
         self.schedule()  # checks min_lr, warmup_steps, decay_steps and the AdamW settings
-        for name in ("cache_frozen_prefix", "share_prefixes"):
+        if not (isinstance(self.save_every, int) and not isinstance(self.save_every, bool) and self.save_every >= 0):
+            raise ValueError(f"value.save_every must be an integer >= 0 (0: never), got {self.save_every!r}")
+        for name in ("cache_frozen_prefix", "share_prefixes", "save_on_sigterm"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"value.{name} must be true or false, got {getattr(self, name)!r}")
         k = self.trainable_last_layers
@@ -172,7 +187,8 @@ RUN_KEYS = {name: f"loss.{name}" for name in ("num_atoms", "v_min", "v_max", "he
 RUN_KEYS |= {name: f"optimizer.{name}" for name in ("lr", "min_lr", "warmup_steps", "decay_steps", "weight_decay")}
 RUN_KEYS |= {name: f"train.{name}" for name in ("steps", "trainable_last_layers", "cache_frozen_prefix")}
 RUN_KEYS |= {"share_prefixes": "train.share_prefixes", "rows_per_micro_batch": "data.rows_per_micro_batch"}
-RUN_KEYS |= {"micro_batches_per_step": "data.micro_batches_per_step"}
+RUN_KEYS |= {"micro_batches_per_step": "data.micro_batches_per_step", "save_every": "train.save_every"}
+RUN_KEYS |= {"save_on_sigterm": "train.save_on_sigterm"}
 
 
 def _setting(section: dict, prefix: str, key: str, kind, default=None, optional: bool = False):
@@ -223,6 +239,8 @@ def _value_config(cfg, loss, opt, train, data, max_tokens_per_row) -> ValueTrain
         progress=_setting(train, "train", "progress", bool, True),
         cache_frozen_prefix=_setting(train, "train", "cache_frozen_prefix", bool, False),
         share_prefixes=_setting(train, "train", "share_prefixes", bool, False),
+        save_every=_setting(train, "train", "save_every", int, 0),
+        save_on_sigterm=_setting(train, "train", "save_on_sigterm", bool, True),
     )
 
 
@@ -269,6 +287,76 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
     return lo, hi
 
 
+RESUME_FILE = "resume.pt"  # in a value run's output folder while it trains: what the same call resumes from
+# settings that do not change the value model trained: free to change between a run and its resume
+RESUME_FREE = ("progress", "save_every", "save_on_sigterm")
+
+
+def resume_key(cfg: ValueTrainConfig, atoms: torch.Tensor, meta: dict | None) -> str:
+    """What a saved state must have been trained with to be resumed: the settings that shape the training
+    (``cfg`` but ``RESUME_FREE``), the atoms and the reference's SHA-256 if ``meta`` records it, as JSON."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
+    reference = (meta or {}).get("reference_sha256")
+    return json.dumps(
+        {"settings": settings, "atoms": [float(a) for a in atoms], "reference": reference}, sort_keys=True
+    )
+
+
+def _trained(model) -> dict[str, torch.nn.Parameter]:
+    """The parameters ``model`` trains (the head, the trunk's trainable layers), by name."""
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_resume_state(out: Path, step: int, key: str, model, opt, lr_schedule, sampler, history: list) -> None:
+    """Write ``out/RESUME_FILE`` (its SHA-256 beside it): what :func:`load_resume_state` resumes at ``step``."""
+    state = {
+        "step": step,
+        "key": key,
+        "model": {n: p.detach().cpu().clone() for n, p in _trained(model).items()},
+        "optimizer": opt.state_dict(),
+        "lr_schedule": lr_schedule.state_dict(),
+        "sampler": sampler.state_dict(),
+        "history": json.dumps(history),
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    save_hashed(state, out / RESUME_FILE)
+
+
+def load_resume_state(out: Path, key: str, model, opt, lr_schedule, sampler, steps: int) -> tuple[int, list]:
+    """Load ``out/RESUME_FILE`` (SHA-256 checked, ``weights_only``) into the model, optimizer, schedule and
+    sampler; returns the step it was saved at and the steps' metrics so far. A state of other settings (``key``)
+    or a damaged file is a ``ValueError`` naming the file."""
+    path = out / RESUME_FILE
+    state = read_rank_file(path, keys=("step", "key", "model", "optimizer", "lr_schedule", "sampler", "history"))
+    if state["key"] != key:
+        raise ValueError(
+            f"{path}: the value run saved there trained with other settings, atoms or reference; rerun it as it "
+            f"was, or delete {path} to train from step 0"
+        )
+    mine = _trained(model)
+    saved = state["model"]
+    step = state["step"]
+    if set(saved) != set(mine) or any(tuple(saved[n].shape) != tuple(mine[n].shape) for n in mine):
+        raise ValueError(f"{path}: its parameters are not this value model's; delete it to train from step 0")
+    if not (isinstance(step, int) and 0 < step < steps):
+        raise ValueError(f"{path}: step {step!r} is not a step before the last ({steps}); delete it to train again")
+    try:
+        history = json.loads(state["history"])
+        with torch.no_grad():
+            for n, p in mine.items():
+                p.copy_(saved[n])
+        opt.load_state_dict(state["optimizer"])
+        lr_schedule.load_state_dict(state["lr_schedule"])
+        sampler.load_state_dict(state["sampler"])
+    except (ValueError, KeyError, TypeError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: not a state this run can resume ({one_line(e, 200)}); delete it to train from step 0"
+        ) from None
+    if not (isinstance(history, list) and len(history) == step):
+        raise ValueError(f"{path}: its metrics are not {step} steps'; delete it to train from step 0")
+    return step, history
+
+
 def train_value_model(
     buffer_path,
     out_dir,
@@ -299,7 +387,10 @@ def train_value_model(
     out = Path(out_dir)
     if out.is_symlink():  # (save_value_model replaces the folder atomically: it refuses a link, after training)
         raise ValueError(f"{out} is a link, not a folder to replace: give the folder it points to, or a new one")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file())):
+    if out.exists() and (
+        not out.is_dir()
+        or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file() and not (out / RESUME_FILE).is_file())
+    ):
         raise ValueError(
             f"{out} exists and is not a value-model folder (no {CONFIG_FILE}); it would be replaced: choose a new folder"
         )
@@ -361,8 +452,16 @@ def train_value_model(
         if cfg.share_prefixes:
             prefix_tree.check_model(unwrap(model.trunk))
             ratio = prefix_tree.cost_ratio(unwrap(model.trunk).config)
-        with narrowed:  # the trunk runs only the layers after a cached prefix
-            for step in tqdm(range(cfg.steps), desc="train value", disable=not cfg.progress):
+        key, start, stopped = resume_key(cfg, atoms, meta), 0, False
+        if (out / RESUME_FILE).is_file():
+            start, history = load_resume_state(out, key, model, opt, lr_schedule, sampler, cfg.steps)
+            logger.info(f"train value: resumed from step {start} ({out / RESUME_FILE})")
+        bar = tqdm(
+            range(start, cfg.steps), initial=start, total=cfg.steps, desc="train value", disable=not cfg.progress
+        )
+        # the trunk runs only the layers after a cached prefix
+        with narrowed, sigterm_requests(cfg.save_on_sigterm) as stop_requested:
+            for step in bar:
                 mbs = sampler.next_micro_batches()
                 opt.zero_grad(set_to_none=True)
                 sums: dict[str, float] = {}
@@ -383,6 +482,15 @@ def train_value_model(
                 opt.step()
                 lr_schedule.step()
                 history.append({"step": step + 1, **sums})
+                stopped = stop_requested()  # a SIGTERM: this step is saved, then the run stops
+                if step + 1 == cfg.steps:  # the value model itself is saved below
+                    break
+                if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                    save_resume_state(out, step + 1, key, model, opt, lr_schedule, sampler, history)
+                if stopped:
+                    raise SavedOnSigterm(step + 1)
         info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
         save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
+        if stopped:
+            raise SavedOnSigterm(cfg.steps, complete=True)
     return Path(out_dir)

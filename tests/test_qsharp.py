@@ -994,3 +994,100 @@ def test_an_atom_support_its_dtype_cannot_hold_is_refused_naming_the_dtype():
         atoms = atom_support(v_min, v_max, 11, dtype=torch.float64)
         assert torch.isfinite(atoms).all() and (atoms[1:] > atoms[:-1]).all()
     assert float(atom_support(0.0, 1e38, 3)[-1]) == pytest.approx(1e38, rel=1e-6)  # (within float32: as before)
+
+
+def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, monkeypatch):
+    """A value run (Q♯) saved only at its end: a SIGTERM (a scheduler's stop) or a kill lost every step. Now
+    SIGTERM saves the step under way (resume.pt, SHA-256 checked) and raises SavedOnSigterm, ``save_every`` saves
+    every N steps, and the same call resumes: the value model and metrics equal an uninterrupted run's. A SIGTERM
+    during the last step saves the value model itself; a state of other settings is refused, naming it."""
+    import os
+    import signal
+
+    import shiq_train.qsharp_train as qsharp_train
+    from shiq_train.qsharp_train import RESUME_FILE, ValueTrainConfig, train_value_model
+    from shiq_train.trainer import SavedOnSigterm
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=6)
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(steps=6, rows_per_micro_batch=2, lr=1e-3, progress=False, trainable_last_layers=1)
+
+    def train(name, **kw):
+        return train_value_model(
+            tmp_path / "buf", tmp_path / name, hf.state_dict(), hf.config, cfg.__class__(**{**cfg.__dict__, **kw})
+        )
+
+    def weights(name):
+        return torch.load(tmp_path / name / "value_model.pt", weights_only=True)
+
+    def metrics(name):
+        return (tmp_path / name / "metrics.jsonl").read_text()
+
+    train("straight")
+    real = qsharp_train.qsharp_value_loss  # once a step: one micro-batch a step
+
+    def stop_at(n, how):
+        calls = []
+
+        def loss(*args):
+            calls.append(1)
+            if len(calls) == n:
+                if how == "sigterm":
+                    os.kill(os.getpid(), signal.SIGTERM)
+                else:
+                    raise KeyboardInterrupt  # a kill: nothing saved of this step
+            return real(*args)
+
+        monkeypatch.setattr(qsharp_train, "qsharp_value_loss", loss)
+
+    stop_at(3, "sigterm")
+    with pytest.raises(SavedOnSigterm) as stopped:
+        train("stopped")
+    assert stopped.value.step == 3 and not stopped.value.complete
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == [RESUME_FILE, RESUME_FILE + ".sha256"]
+    monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
+    train("stopped")
+    assert metrics("stopped") == metrics("straight") and not (tmp_path / "stopped" / RESUME_FILE).exists()
+    want = weights("straight")
+    for k, v in weights("stopped").items():
+        assert torch.equal(v, want[k]), k
+
+    stop_at(6, "kill")  # save_every=2: steps 2 and 4 saved, the kill in step 6 loses step 5
+    with pytest.raises(KeyboardInterrupt):
+        train("killed", save_every=2)
+    monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
+    with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
+        train("killed", lr=2e-3)
+    train("killed", save_every=3)  # (when to save does not change the model)
+    assert metrics("killed") == metrics("straight")
+
+    stop_at(6, "sigterm")  # the last step: the value model is saved, the run is complete
+    with pytest.raises(SavedOnSigterm) as stopped:
+        train("last")
+    assert stopped.value.step == 6 and stopped.value.complete and metrics("last") == metrics("straight")
+
+
+def test_a_value_run_reads_when_to_save_from_the_run_config():
+    """shiq-train loss=qsharp_value refused train.save_every (it saved only at the end); it now reads it and
+    train.save_on_sigterm, named as the run's keys when wrong."""
+    import pathlib
+
+    from omegaconf import OmegaConf
+
+    from shiq_train.qsharp_train import value_config_from_run
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "configs"
+    cfg = OmegaConf.to_container(OmegaConf.load(root / "train.yaml"))
+    cfg.update(loss={"name": "qsharp_value"}, seed=0)
+    cfg["data"]["seed"] = 0
+    got = value_config_from_run(cfg, 64)
+    assert (got.save_every, got.save_on_sigterm) == (0, True)
+    cfg["train"].update(save_every=25, save_on_sigterm=False)
+    got = value_config_from_run(cfg, 64)
+    assert (got.save_every, got.save_on_sigterm) == (25, False)
+    cfg["train"]["save_every"] = -1
+    with pytest.raises(ValueError, match=r"train.save_every must be an integer >= 0"):
+        value_config_from_run(cfg, 64)
