@@ -27,6 +27,13 @@ loss=qsharp_value; SHIQ_MATH §8) is evaluated the same way, as one more row, me
 from the reference's top-k tokens reweighted by the value model, its KL the exact per-token KL of the
 guided distribution to the reference at the visited states. The checkpoints may then be omitted.
 
+An interrupted run resumes: each row (the reference's, each checkpoint's, the Q♯ row) is saved in
+--out/.rows/ as soon as it is computed, and the same command run again reuses the saved rows whose inputs are
+unchanged (suite fingerprint, weights SHA-256, reference, tokenizer, engine, label, step, method, beta, top-k;
+said in one line) and evaluates only the rest; a row whose inputs changed is evaluated again, as is one whose
+saved file is damaged (said on stderr). The saved rows are removed once the results are written; --overwrite
+discards them too.
+
 shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
 """
 
@@ -39,6 +46,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -76,7 +84,7 @@ from shiq_eval.checkpoints import (
     policy_infos,
 )
 from shiq_eval.moviereviews import movie_prompts
-from shiq_eval.optimum import clustered_mean_stderr, error_text, per_prompt
+from shiq_eval.optimum import clustered_mean_stderr, error_text, is_error_key, per_prompt, undefined_as_null
 from shiq_eval.report import COLUMNS, plot_curves, write_table
 from shiq_eval.scorers import (
     PYTHON_PREFIX,
@@ -86,7 +94,7 @@ from shiq_eval.scorers import (
     VaderScorer,
     parse_turn_ref,
 )
-from shiq_eval.suite import Suite, load_suite
+from shiq_eval.suite import Suite, content_sha256, load_suite
 from shiq_eval.suite import fingerprint as suite_fingerprint
 
 log = logging.getLogger(__name__)
@@ -110,6 +118,144 @@ RUN_COLUMNS = [
     "model_sha256",
     "checkpoint",
 ]
+
+
+ROWS_FOLDER = ".rows"  # in --out: the rows of a run not finished yet, one JSON file each
+ROW_FORMAT = "shiq-eval-row"
+# the fields of an evaluation's result (EvalResult.as_dict) and those cluster_by_scenario adds
+RESULT_FIELDS = (
+    "reward_mean",
+    "reward_stderr",
+    "kl_sample",
+    "kl_sample_stderr",
+    "kl_exact",
+    "kl_exact_stderr",
+    "n",
+    "samples",
+    "rewards",
+    "kls_exact",
+    "kls_sample",
+)
+CLUSTER_FIELDS = ("stderr_note", "n_scenarios")
+
+
+class SavedRows:
+    """The rows of a ``shiq-eval run`` saved one by one in ``--out/.rows/`` as each is computed, so that the
+    same command run again after an interruption reuses them. A row's file is named by the SHA-256 of its key:
+    everything the row depends on (:func:`row_key`); it holds the key, the row and a checksum of both. A file
+    that cannot be read, or whose key, checksum or fields do not fit, is said on stderr in one line and the row
+    evaluated again (it is data: nothing of it is run). ``read``: whether saved rows may be used (not with
+    --overwrite); ``write``: whether rows are saved (rank 0 only)."""
+
+    def __init__(self, out: Path, *, read: bool, write: bool):
+        self.folder = Path(out) / ROWS_FOLDER
+        self.read, self.write = read, write
+        self.reused = 0
+
+    def path(self, key: dict) -> Path:
+        return self.folder / f"{content_sha256(key)}.json"
+
+    def get(self, key: dict, scenarios: bool) -> dict | None:
+        """The saved row of ``key``, or None (none saved, or one that cannot be used, said on stderr)."""
+        path = self.path(key)
+        if not self.read or not path.is_file():
+            return None
+        try:
+            row = read_saved_row(path, key, scenarios)
+        except (ValueError, OSError) as e:
+            print(f"shiq-eval: warning: {one_line(e, 300)}; the row is evaluated again", file=sys.stderr)
+            return None
+        self.reused += 1
+        return row
+
+    def put(self, key: dict, row: dict) -> None:
+        if self.write:
+            stored = undefined_as_null(row)  # an undefined standard error (NaN) as null, as results.json has it
+            atomic_write_json(
+                self.path(key), {"format": ROW_FORMAT, "key": key, "row": stored, "sha256": _row_sha256(key, stored)}
+            )
+
+    def discard(self) -> None:
+        if self.write and self.folder.is_dir():
+            shutil.rmtree(self.folder)
+
+
+def _row_sha256(key: dict, row: dict) -> str:
+    return hashlib.sha256(json.dumps([key, row], sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def read_saved_row(path: Path, key: dict, scenarios: bool) -> dict:
+    """The row saved in ``path`` under ``key`` (:class:`SavedRows`), checked as data: its key is ``key``, its
+    checksum fits, it has exactly a row's fields (``scenarios``: with those of clustered standard errors), its
+    identity fields are the key's and its results are finite numbers (a standard error null: undefined, NaN
+    again), lists of them, and the sample triples; a ``ValueError`` naming ``path`` otherwise."""
+    saved = read_json_file(path, ValueError)
+    if (
+        not isinstance(saved, dict)
+        or saved.get("format") != ROW_FORMAT
+        or set(saved)
+        != {
+            "format",
+            "key",
+            "row",
+            "sha256",
+        }
+    ):
+        raise ValueError(f"{path}: not a saved row of shiq-eval run (fields format, key, row, sha256)")
+    if saved["key"] != key:
+        raise ValueError(f"{path}: saved for other inputs than this row's")
+    row = saved["row"]
+    if not isinstance(row, dict) or saved["sha256"] != _row_sha256(key, row):
+        raise ValueError(f"{path}: its checksum does not fit its contents (changed or damaged)")
+    identity = key["row"]
+    want = set(identity) | set(RESULT_FIELDS) | (set(CLUSTER_FIELDS) if scenarios else set())
+    if set(row) != want:
+        raise ValueError(f"{path}: field{'s' * (len(set(row) ^ want) != 1)} {sorted(set(row) ^ want)} missing or extra")
+    for name, value in identity.items():
+        if row[name] != value:
+            raise ValueError(f"{path}: field {name!r} is not this row's")
+    out = dict(row)
+    for name in RESULT_FIELDS:
+        value = row[name]
+        if is_error_key(name) and value is None:
+            out[name] = float("nan")  # undefined (one prompt or scenario), as evaluated
+        elif name == "n":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+        elif name == "samples":
+            ok = isinstance(value, list) and all(
+                isinstance(t, list)
+                and len(t) == 3
+                and isinstance(t[0], str)
+                and isinstance(t[1], str)
+                and _number(t[2])
+                for t in value
+            )
+        elif name in ("rewards", "kls_exact", "kls_sample"):
+            ok = value is None or (isinstance(value, list) and all(_number(v) for v in value))
+        else:
+            ok = _number(value)
+        if not (is_error_key(name) and value is None) and not ok:
+            raise ValueError(f"{path}: field {name!r} is damaged")
+    return out
+
+
+def row_key(identity: dict, context: dict) -> dict:
+    """What a row depends on: its ``identity`` (label, method, beta, top-k, step, checkpoint, weights SHA-256 and
+    the suite's fields) and the ``context`` every row of a run shares beyond the suite fingerprint (reference,
+    tokenizer, engine, library versions)."""
+    return {"format": ROW_FORMAT, "row": identity, **context}
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """SHA-256 of everything of ``tokenizer`` that encodes the prompts and decodes the completions."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = backend.to_str() if backend is not None else [fingerprint(tokenizer), pipeline_fingerprint(tokenizer)]
+    ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    return hashlib.sha256(json.dumps([spec, ids, type(tokenizer).__name__]).encode()).hexdigest()
 
 
 def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
@@ -688,6 +834,21 @@ def run(args) -> list[dict]:
     if scenarios is not None:  # [P], prompt order: the leaderboard clusters by scenario (SHIQ_MATH §9)
         common[leaderboard.SCENARIO_IDS] = scenarios
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
+    # every rank reads the saved rows (so all skip the same evaluations); with --overwrite none does, and rank 0
+    # removes them before any evaluation
+    saved = SavedRows(Path(args.out), read=not args.overwrite, write=lead)
+    if args.overwrite:
+        saved.discard()
+    import torch  # heavy: torch
+    import transformers  # heavy: transformers
+
+    shared = {  # what every row depends on beyond the suite's fingerprint and its own identity
+        "reference_sha256": ref_sha,
+        "tokenizer_sha256": tokenizer_sha256(tokenizer),
+        "prompt_ids_sha256": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
+        "tp": args.tp,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
     kw = dict(
         max_new_tokens=sampling.max_new_tokens,
         batch_size=sampling.batch_size,
@@ -698,7 +859,7 @@ def run(args) -> list[dict]:
     with context:
         engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
         ref_logits, ref_sampler = engine.reference()
-        ref_row = {
+        identity = {
             "run": "reference",
             "method": "reference",
             "beta": None,
@@ -706,22 +867,42 @@ def run(args) -> list[dict]:
             "checkpoint": str(reference),
             "model_sha256": ref_sha,
             **common,
-            **evaluate_policy(
-                ref_logits,
-                ref_logits,
-                tokenizer,
-                prompt_ids,
-                shown_k,
-                scorer,
-                sampler=ref_sampler,
-                temperature=sampling.temperature,
-                **kw,
-            ).as_dict(),
         }
-        ref_row = cluster_by_scenario(ref_row, scenarios)
+        key = row_key(identity, shared)
+        ref_row = saved.get(key, scenarios is not None)
+        if ref_row is None:
+            ref_row = {
+                **identity,
+                **evaluate_policy(
+                    ref_logits,
+                    ref_logits,
+                    tokenizer,
+                    prompt_ids,
+                    shown_k,
+                    scorer,
+                    sampler=ref_sampler,
+                    temperature=sampling.temperature,
+                    **kw,
+                ).as_dict(),
+            }
+            ref_row = cluster_by_scenario(ref_row, scenarios)
+            saved.put(key, ref_row)
         rows = []
         for info in infos:
             weights_sha = model_sha256(info["files"])  # before loading: the row names the weights evaluated
+            identity = {
+                "run": info["run"],
+                "method": info["method"],
+                "beta": info["beta"],
+                "step": info["step"],
+                "checkpoint": os.path.abspath(info["path"]),  # one run's rows agree, whatever the cwd was
+                "model_sha256": weights_sha,
+                **common,
+            }
+            key = row_key(identity, shared)
+            if (row := saved.get(key, scenarios is not None)) is not None:
+                rows.append(row)
+                continue
             logits, sampler = engine.policy(info)
             res = evaluate_policy(
                 logits,
@@ -734,43 +915,48 @@ def run(args) -> list[dict]:
                 temperature=sampling.temperature,
                 **kw,
             )
-            row = {
-                "run": info["run"],
-                "method": info["method"],
-                "beta": info["beta"],
-                "step": info["step"],
-                "checkpoint": os.path.abspath(info["path"]),  # one run's rows agree, whatever the cwd was
-                "model_sha256": weights_sha,
-                **common,
-                **res.as_dict(),
-            }
-            rows.append(cluster_by_scenario(row, scenarios))
+            rows.append(cluster_by_scenario({**identity, **res.as_dict()}, scenarios))
+            saved.put(key, rows[-1])
             if lead and not args.quiet:
                 log.info(
                     f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
                     f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
                 )
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
-            res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
-            row = {
+            identity = {
                 "run": Path(os.path.abspath(args.guide)).name,
                 "method": "qsharp",
                 "step": guide["steps"],
                 "checkpoint": os.path.abspath(args.guide),
                 "model_sha256": guide_sha,  # the weights and value_model.json, which shapes the model
                 **common,
-                **res.as_dict(),
                 "beta": args.beta,
                 "top_k": args.top_k,
             }
-            rows.append(cluster_by_scenario(row, scenarios))
+            key = row_key(identity, shared)
+            if (row := saved.get(key, scenarios is not None)) is not None:
+                rows.append(row)
+            else:
+                res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
+                row = {k: v for k, v in identity.items() if k not in ("beta", "top_k")}  # (the columns' order)
+                rows.append(
+                    cluster_by_scenario({**row, **res.as_dict(), "beta": args.beta, "top_k": args.top_k}, scenarios)
+                )
+                saved.put(key, rows[-1])
             if lead and not args.quiet:
                 log.info(
-                    f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {res.reward_mean:.4g} ± "
-                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+                    f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {rows[-1]['reward_mean']:.4g} ± "
+                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {rows[-1]['kl_exact']:.4g} (sample estimate "
+                    f"{rows[-1]['kl_sample']:.4g})"
                 )
     if not lead:
         return [ref_row] + rows
+    if saved.reused:
+        print(
+            f"shiq-eval: {saved.reused} of {len(rows) + 1} rows reused from {saved.folder} (saved by an interrupted "
+            "run of this command); the others evaluated",
+            file=sys.stderr,
+        )
     out = Path(args.out)
     owns = ("results.csv", "results.json", "suite.json", "reward_vs_kl.png", "reward_vs_step.png")
     with files_together(out, owns=owns) as stage:  # all of them or none: never new results beside old plots
@@ -778,6 +964,7 @@ def run(args) -> list[dict]:
         suite_json = {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha}
         atomic_write_json(stage / "suite.json", {**suite_json, "content": content})
         plots = [out / p.name for p in plot_curves(rows, stage, reference=ref_row)]
+    saved.discard()  # the results are written: the rows saved on the way are no longer needed
     csv_path, json_path, suite_path = out / "results.csv", out / "results.json", out / "suite.json"
     print(
         f"shiq-eval: {len(rows)} model{'s' * (len(rows) != 1)} on {len(prompts)} prompt{'s' * (len(prompts) != 1)} x "
@@ -917,7 +1104,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the results of an earlier run in --out (refused otherwise: they may have taken hours)",
+        help="replace the results of an earlier run in --out (refused otherwise: they may have taken hours), and "
+        "evaluate every row again, discarding the rows an interrupted run saved in --out/.rows/",
     )
     r.add_argument(
         "--suite",

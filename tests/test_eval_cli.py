@@ -910,3 +910,122 @@ def test_an_empty_label_is_refused_in_one_line(tmp_path, capsys, label):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--label" in err and "empty or blank" in err, err
     assert not (tmp_path / "o").exists()
+
+
+def resumable_run(tmp_path, monkeypatch, out="o"):
+    """Three Hugging Face policies (``p1``, ``p2``, ``p3``) and their reference, scored by completion length
+    on one prompt into ``tmp_path/out``: ``(argv, calls)``, ``calls`` the labels of the rows evaluated (each
+    call of ``evaluate_policy``, the reference's first), with ``calls.stop_at``: the number of the call that is
+    interrupted by a ``KeyboardInterrupt`` (Ctrl-C), 0 for none."""
+    from shiq_eval import evaluate
+
+    init = tiny_hf_folder(tmp_path / "init")
+    for i, name in enumerate(("p1", "p2", "p3")):
+        tiny_hf_folder(tmp_path / name)
+        torch.manual_seed(10 + i)  # each its own weights
+        transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(init)).save_pretrained(tmp_path / name)
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, tmp_path / "p1", init, max_new_tokens=3)
+    argv[argv.index("--out") + 1] = str(tmp_path / out)
+    argv[2:2] = [str(tmp_path / "p2"), str(tmp_path / "p3")]
+
+    class Calls(list):
+        stop_at = 0
+
+    calls = Calls()
+    real = evaluate.evaluate_policy
+
+    def counted(*a, **kw):
+        calls.append(len(calls))
+        if len(calls) == calls.stop_at:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(evaluate, "evaluate_policy", counted)
+    return argv, calls
+
+
+def results_of(out: Path) -> tuple[bytes, bytes]:
+    return (out / "results.json").read_bytes(), (out / "results.csv").read_bytes()
+
+
+def interrupted_at_third_row(argv, calls, capsys, out: Path) -> None:
+    """Run ``argv`` interrupted while the second policy is evaluated: the reference's and p1's rows saved."""
+    calls.clear()
+    calls.stop_at = 3
+    assert main(argv) == 130
+    assert "shiq-eval: interrupted" in capsys.readouterr().err
+    assert not (out / "results.json").exists() and len(list((out / ".rows").glob("*.json"))) == 2
+    calls.clear()
+    calls.stop_at = 0
+
+
+def test_an_interrupted_run_resumes_with_the_rows_it_saved(tmp_path, monkeypatch, capsys):
+    """An interrupted run lost every row computed (hours of sampling): each row is saved as it is computed and
+    the same command run again evaluates only the missing ones, with the results of an uninterrupted run."""
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0  # uninterrupted (the last --out wins)
+    assert len(calls) == 4 and not (tmp_path / "whole" / ".rows").exists()
+    interrupted_at_third_row(argv, calls, capsys, out)
+    assert main(argv) == 0
+    assert len(calls) == 2  # p2 and p3 only
+    err = capsys.readouterr().err
+    assert f"shiq-eval: 2 of 4 rows reused from {out / '.rows'}" in err
+    assert results_of(out) == results_of(tmp_path / "whole")
+    assert not (out / ".rows").exists()  # removed once the results are written
+    assert main(argv) == 2  # a finished run's results are still refused without --overwrite
+    assert "holds an earlier run's results" in capsys.readouterr().err
+
+
+def test_a_saved_row_of_weights_changed_since_is_evaluated_again(tmp_path, monkeypatch, capsys):
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    interrupted_at_third_row(argv, calls, capsys, out)
+    torch.manual_seed(99)
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path / "p1")).save_pretrained(
+        tmp_path / "p1"
+    )
+    assert main(argv) == 0
+    assert len(calls) == 3  # p1 again, p2, p3; the reference's row reused
+    assert "1 of 4 rows reused" in capsys.readouterr().err
+    rows = json.loads((out / "results.json").read_text())
+    assert rows[1]["run"] == "p1"
+    assert rows[1]["model_sha256"] == hashlib.sha256((tmp_path / "p1" / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_overwrite_discards_the_saved_rows(tmp_path, monkeypatch, capsys):
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    interrupted_at_third_row(argv, calls, capsys, out)
+    assert main([*argv, "--overwrite"]) == 0
+    assert len(calls) == 4
+    assert "reused" not in capsys.readouterr().err
+    assert not (out / ".rows").exists()
+
+
+def test_a_damaged_saved_row_is_said_and_evaluated_again(tmp_path, monkeypatch, capsys):
+    """A saved row is data: a file cut short, an edited value (its checksum no longer fits) or a file that is not
+    an object is named in one line on stderr, without a traceback, and its row evaluated again."""
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    for damage in ("cut", "edited", "a list"):
+        for p in out.glob("*"):
+            p.unlink() if p.is_file() else None
+        interrupted_at_third_row(argv, calls, capsys, out)
+        files = sorted((out / ".rows").glob("*.json"))
+        texts = [f.read_text() for f in files]
+        if damage == "cut":
+            files[0].write_text(texts[0][: len(texts[0]) // 2])
+        elif damage == "edited":
+            files[0].write_text(texts[0].replace('"reward_mean": ', '"reward_mean": 1'))
+        else:
+            files[0].write_text("[1, 2]")
+        assert main(argv) == 0, damage
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if "warning" in line]
+        assert len(said) == 1 and str(files[0]) in said[0] and "evaluated again" in said[0], (damage, err)
+        assert "Traceback" not in err
+        assert len(calls) == 3 and "1 of 4 rows reused" in err, damage
+        assert results_of(out) == results_of(tmp_path / "whole"), damage

@@ -491,3 +491,49 @@ def test_the_guided_row_names_the_value_model_it_evaluated(trained, tmp_path, mo
     assert eval_main(args + ["--max-new-tokens", "2"]) == 0
     rows = json.loads((tmp_path / "o" / "results.json").read_text())
     assert rows[1]["method"] == "qsharp" and rows[1]["model_sha256"] == loaded_hash
+
+
+def test_a_guided_row_saved_before_an_interruption_is_reused_for_its_beta_only(trained, tmp_path, monkeypatch, capsys):
+    """The Q♯ row is saved as soon as it is computed: a run interrupted after it (here while the results are
+    written) reuses it and the reference's; another --beta (not in the suite's fingerprint) evaluates it again."""
+    from shiq_eval import cli as eval_cli
+    from shiq_eval import evaluate, qsharp
+
+    _, init, value_dir = trained
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    args = ["run", "--guide", str(value_dir), "--beta", str(BETA), "--top-k", str(TOP_K), "--quiet"]
+    args += ["--prompts", "p.jsonl", "--scorer", "python:score_len:score", "--reference", str(init)]
+    args += ["--max-new-tokens", "3"]
+    assert eval_main([*args, "--out", str(tmp_path / "whole")]) == 0
+    calls = []
+    for name, module in (("evaluate_policy", evaluate), ("evaluate_guided_policy", qsharp)):
+        real = getattr(module, name)
+        monkeypatch.setattr(
+            module, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)
+        )
+    real_plots = eval_cli.plot_curves
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_cli, "plot_curves", interrupted)
+    out = tmp_path / "o"
+    assert eval_main([*args, "--out", str(out)]) == 130
+    assert len(calls) == 2 and len(list((out / ".rows").glob("*.json"))) == 2
+    monkeypatch.setattr(eval_cli, "plot_curves", real_plots)
+    calls.clear()
+    capsys.readouterr()
+    assert eval_main([*args, "--out", str(out)]) == 0
+    assert calls == [] and "2 of 2 rows reused" in capsys.readouterr().err
+    for name in ("results.json", "results.csv"):
+        assert (out / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+    monkeypatch.setattr(eval_cli, "plot_curves", interrupted)
+    assert eval_main([*args, "--out", str(tmp_path / "o2")]) == 130
+    monkeypatch.setattr(eval_cli, "plot_curves", real_plots)
+    calls.clear()
+    other = [a if a != str(BETA) else str(2 * BETA) for a in args]
+    assert eval_main([*other, "--out", str(tmp_path / "o2")]) == 0
+    assert calls == ["evaluate_guided_policy"]  # the reference's row reused, the guided one evaluated at its beta
+    assert json.loads((tmp_path / "o2" / "results.json").read_text())[1]["beta"] == 2 * BETA
