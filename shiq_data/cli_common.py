@@ -181,13 +181,13 @@ def broken_pipe(prog: str, e: BrokenPipeError) -> int:
     return EXIT_BROKEN_PIPE
 
 
-def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
+def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "") -> int:
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
     stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
     stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``)
     prints ``PROG: interrupted`` and gives status 130, as a shell reports SIGINT (what it leaves is what each
-    command says of a kill: its writes are atomic)."""
+    command says of a kill: its writes are atomic); ``hint`` follows that line, and SIGTERM's."""
     try:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
@@ -196,9 +196,9 @@ def run_command(prog: str, fn: Callable[..., int | None], *args) -> int:
         if verbose():
             raise
         if isinstance(e, Terminated):  # cleaned up: the status a shell gives a process SIGTERM ended
-            print(f"{prog}: terminated", file=sys.stderr)
+            print(f"{prog}: terminated{hint}", file=sys.stderr)
             return EXIT_TERMINATED
-        return interrupted(prog)
+        return interrupted(prog, hint)
     except BrokenPipeError as e:
         return broken_pipe(prog, e)
     except Exception as e:

@@ -58,6 +58,7 @@ from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     int_at_least,
+    on_sigterm,
     quiet_optional_dependencies,
     run_command,
     setup_logging,
@@ -137,6 +138,7 @@ RESULT_FIELDS = (
     "kls_sample",
 )
 CLUSTER_FIELDS = ("stderr_note", "n_scenarios")
+SAVED_ROW_FIELDS = {"format", "key", "row", "sha256"}  # a saved row's file
 
 
 class SavedRows:
@@ -194,17 +196,7 @@ def read_saved_row(path: Path, key: dict, scenarios: bool) -> dict:
     identity fields are the key's and its results are finite numbers (a standard error null: undefined, NaN
     again), lists of them, and the sample triples; a ``ValueError`` naming ``path`` otherwise."""
     saved = read_json_file(path, ValueError)
-    if (
-        not isinstance(saved, dict)
-        or saved.get("format") != ROW_FORMAT
-        or set(saved)
-        != {
-            "format",
-            "key",
-            "row",
-            "sha256",
-        }
-    ):
+    if not isinstance(saved, dict) or saved.get("format") != ROW_FORMAT or set(saved) != SAVED_ROW_FIELDS:
         raise ValueError(f"{path}: not a saved row of shiq-eval run (fields format, key, row, sha256)")
     if saved["key"] != key:
         raise ValueError(f"{path}: saved for other inputs than this row's")
@@ -440,12 +432,12 @@ def check_prompt_lengths(prompt_ids: list[list[int]], max_new_tokens: int, limit
 
 
 def load_reference(spec: str):
-    """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none)."""
+    """``(model, tokenizer)`` for ``smollm2`` or a Hugging Face folder (tokenizer None if it has none), checked
+    by :func:`check_reference` first."""
     import torch  # heavy: only shiq-eval run needs torch
 
     from shiq_train.hf_convert import load_causal_lm  # heavy: torch
 
-    check_reference(spec)
     return load_causal_lm(spec, torch.float32)
 
 
@@ -1212,7 +1204,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
     setup_logging(getattr(args, "log_level", "INFO"))
-    return run_command("shiq-eval", _run_command, args)
+    # (a stop between rows: the rows finished are saved; SIGTERM, a scheduler's stop, ends as Ctrl-C does)
+    hint = " (the same command resumes, reusing the rows it finished)" if args.command == "run" else ""
+    with on_sigterm():
+        return run_command("shiq-eval", _run_command, args, hint=hint)
 
 
 def _run_command(args) -> int:

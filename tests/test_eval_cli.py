@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -931,6 +932,7 @@ def resumable_run(tmp_path, monkeypatch, out="o"):
 
     class Calls(list):
         stop_at = 0
+        by_sigterm = False  # the stop a scheduler's SIGTERM, not Ctrl-C
 
     calls = Calls()
     real = evaluate.evaluate_policy
@@ -938,6 +940,8 @@ def resumable_run(tmp_path, monkeypatch, out="o"):
     def counted(*a, **kw):
         calls.append(len(calls))
         if len(calls) == calls.stop_at:
+            if calls.by_sigterm:
+                os.kill(os.getpid(), signal.SIGTERM)
             raise KeyboardInterrupt
         return real(*a, **kw)
 
@@ -954,7 +958,11 @@ def interrupted_at_third_row(argv, calls, capsys, out: Path) -> None:
     calls.clear()
     calls.stop_at = 3
     assert main(argv) == 130
-    assert "shiq-eval: interrupted" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        err.strip().splitlines()[-1]
+        == "shiq-eval: interrupted (the same command resumes, reusing the rows it finished)"
+    )
     assert not (out / "results.json").exists() and len(list((out / ".rows").glob("*.json"))) == 2
     calls.clear()
     calls.stop_at = 0
@@ -976,6 +984,24 @@ def test_an_interrupted_run_resumes_with_the_rows_it_saved(tmp_path, monkeypatch
     assert not (out / ".rows").exists()  # removed once the results are written
     assert main(argv) == 2  # a finished run's results are still refused without --overwrite
     assert "holds an earlier run's results" in capsys.readouterr().err
+
+
+def test_a_sigterm_ends_the_run_in_one_line_and_the_rows_it_finished_are_reused(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's stop) ended shiq-eval run at once, without a word; it now ends as Ctrl-C does, in one
+    line with status 143 saying the same command resumes, and the rerun reuses the rows finished."""
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    calls.stop_at, calls.by_sigterm = 3, True
+    assert main(argv) == 143
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "shiq-eval: terminated (the same command resumes, reusing the rows it finished)"
+    )
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
+    calls.clear()
+    calls.stop_at = 0
+    assert main(argv) == 0 and len(calls) == 2
+    assert "2 of 4 rows reused" in capsys.readouterr().err
 
 
 def test_a_saved_row_of_weights_changed_since_is_evaluated_again(tmp_path, monkeypatch, capsys):
