@@ -13,6 +13,7 @@ import torch
 from test_scorer_cli import T95  # (a printed table's two-sided 95% t quantiles)
 
 from shiq_eval.bfcl import checker, data
+from shiq_eval.bfcl.edits import CORRUPTIONS, corrupt_shift_call, edit_name
 from shiq_eval.bfcl.parse import decode_calls
 from shiq_eval.bfcl.rollout import trajectory_to_row
 from shiq_eval.bfcl.turns import answer_turns, answer_turns_batch, ground_truth_trajectory, turn_positions
@@ -165,6 +166,18 @@ def _assert_same_answers(res, plain):
     assert res["tokens"] == plain["tokens"] and res["gt_tokens"] == plain["gt_tokens"]
     assert res["kl"] == pytest.approx(plain["kl"], rel=1e-5, abs=1e-9)
     assert res["gt_nll"] == pytest.approx(plain["gt_nll"], rel=1e-6)
+
+
+def test_a_shift_with_nothing_to_shift_is_labelled_as_the_drop_it_does():
+    """Scenario 46 has calls in its first turn only: the shift edit drops a call, and its trajectory says so
+    (``edit``, which ``data.json``'s ``by_edit`` counts), while the row ids stay unique within the group."""
+    entry = data.load_entry("multi_turn_base", 46)
+    group = bfcl.scenario_trajectories(entry, len(CORRUPTIONS), seed=0, compact=True)
+    by_family = {t.get("family"): t for t in group[1:]}
+    assert by_family["shift_call"]["edit"] == "drop_call" and by_family["drop_call"]["edit"] == "drop_call"
+    assert sorted(by_family) == sorted(f.__name__.removeprefix("corrupt_") for f in CORRUPTIONS)
+    assert {t["edit"] for t in group[1:]} == set(by_family) - {"shift_call"}
+    assert edit_name(corrupt_shift_call, data.load_entry("multi_turn_base", 1)) == "shift_call"
 
 
 def test_answers_with_a_shared_cache_equal_a_plain_recomputation(tokenizer):

@@ -89,7 +89,8 @@ def corrupt_split_steps(entry, rng):
 
 
 def corrupt_shift_call(entry, rng):
-    """Move the first call of a turn to the end of the previous turn."""
+    """Move the first call of a turn to the end of the previous turn; on an entry with no call after its
+    first turn, :func:`corrupt_drop_call` instead (:func:`edit_name` names it so)."""
     d = ground_truth_decoded(entry)
     ks = [k for k in nonempty_turns(entry) if k > 0]
     if not ks:
@@ -110,3 +111,11 @@ CORRUPTIONS = [
     corrupt_split_steps,
     corrupt_shift_call,
 ]
+
+
+def edit_name(edit, entry: dict) -> str:
+    """The name of what ``edit`` does to ``entry``: its family's (``corrupt_`` removed), except ``drop_call`` for
+    :func:`corrupt_shift_call` on an entry with no call after its first turn (nothing to shift: it drops one)."""
+    if edit is corrupt_shift_call and not [k for k in nonempty_turns(entry) if k > 0]:
+        edit = corrupt_drop_call
+    return edit.__name__.removeprefix("corrupt_")

@@ -76,7 +76,7 @@ from shiq_eval.bfcl.data import (
     load_split,
     select_subset,
 )
-from shiq_eval.bfcl.edits import CORRUPTIONS
+from shiq_eval.bfcl.edits import CORRUPTIONS, edit_name
 from shiq_eval.bfcl.rollout import ScriptedPolicy, rollout_entry, trajectories_to_rows
 from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, error_text, paired_difference, t_quantile
@@ -253,7 +253,9 @@ def scenario_trajectories(entry: dict, edits: int, seed: int, compact: bool = Fa
     for fam in rng.sample(CORRUPTIONS, edits):
         decoded = fam(entry, rng)
         traj = rollout_entry(entry, ScriptedPolicy(decoded), compact=compact)
-        out.append({**traj, "edit": fam.__name__.removeprefix("corrupt_")})
+        # ``edit``: what was done (a shift with nothing to shift drops a call); ``family``: the edit drawn,
+        # unique within the group (the row's id)
+        out.append({**traj, "edit": edit_name(fam, entry), "family": fam.__name__.removeprefix("corrupt_")})
     return out
 
 
@@ -365,7 +367,7 @@ def stage_data(ctx: Context) -> None:
     for e, trajs, rows in fitted:
         cut += trajs[0]["kept_turns"] < len(e["ground_truth"])
         for t, r in zip(trajs, rows):
-            r = {**r, "group_id": len(kept), "row_id": f"{t['id']}:{t['edit']}"}
+            r = {**r, "group_id": len(kept), "row_id": f"{t['id']}:{t.get('family', t['edit'])}"}
             rows_all.append(r)
             if t["edit"] == "ground_truth":
                 rows_sft.append(r)
