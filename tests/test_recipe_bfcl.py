@@ -733,6 +733,21 @@ def test_a_dropped_scenario_is_replaced_by_another_of_the_split():
     assert [e for e, _, _ in kept] == [split[1]] and dropped == [split[0]["id"]]  # no spare: one fewer
 
 
+def test_a_buffer_short_of_the_scenarios_asked_says_so_in_one_line():
+    """With ``data.buffer: all`` a dropped scenario has no replacement (every one of the split is in the buffer):
+    the buffer held fewer scenarios than asked and only data.json's list said so. The data stage now logs it."""
+    every = bfcl.load_config(overrides=["data.buffer=all", "data.max_tokens=512"])
+    line = bfcl.shortfall(every, 160, 157, ["multi_turn_base_3", "multi_turn_base_9", "multi_turn_base_12"])
+    assert line == (
+        "data: the buffer holds 157 scenarios, 3 fewer than the 160 asked: 3 dropped (not even their first turn "
+        "fits data.max_tokens=512) and data.buffer: all holds every scenario of the split, none is left to take "
+        "their place"
+    )
+    assert "\n" not in line and bfcl.shortfall(every, 160, 160, []) is None
+    visited = bfcl.load_config()
+    assert "no other scenario of the split was left" in bfcl.shortfall(visited, 40, 39, ["multi_turn_base_3"])
+
+
 def _hand_made_run(out):
     """A finished run's files as the report reads them: trajectories.jsonl, data.json, the reference's and one
     arm's evaluation (two scenarios of two turns)."""

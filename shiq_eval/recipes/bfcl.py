@@ -347,6 +347,24 @@ def fit_scenarios(chosen: list[dict], spares: list[dict], fit) -> tuple[list[tup
     return kept, dropped
 
 
+def shortfall(cfg: dict, asked: int, scenarios: int, dropped: list[str]) -> str | None:
+    """The data stage's one line on a buffer holding fewer scenarios than ``asked`` (``None`` when it holds them
+    all): with ``data.buffer: all`` every scenario of the split is already in the buffer, so none can take a
+    dropped one's place; with ``visited`` the spares ran out (:func:`fit_scenarios`)."""
+    short = asked - scenarios
+    if short <= 0:
+        return None
+    why = (
+        "data.buffer: all holds every scenario of the split, none is left to take their place"
+        if cfg["data"]["buffer"] == "all"
+        else "no other scenario of the split was left to take their place"
+    )
+    return (
+        f"data: the buffer holds {scenarios} scenarios, {short} fewer than the {asked} asked: {len(dropped)} dropped "
+        f"(not even their first turn fits data.max_tokens={cfg['data']['max_tokens']}) and {why}"
+    )
+
+
 def stage_data(ctx: Context) -> None:
     cfg, d = ctx.cfg, ctx.cfg["data"]
     split = scenario_entries(cfg, "train")
@@ -423,6 +441,8 @@ def stage_data(ctx: Context) -> None:
         f"data: {info['trajectories']} trajectories of {info['scenarios']} scenarios, "
         f"{info['tokens']['mean']:.0f} tokens per row on average"
     )
+    if line := shortfall(cfg, len(entries), len(kept), dropped):
+        _log(line)
 
 
 # ----------------------------------------------------------------------------------------------
