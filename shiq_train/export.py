@@ -230,6 +230,11 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
     config.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     if tok.bos_token_id is not None:
         config.bos_token_id = tok.bos_token_id
+    elif (meta.get("config") or {}).get("init") in (None, "none"):
+        # A run from no initial model saved the config of its shape (LlamaConfig's default bos_token_id 1): no
+        # model ships it, and the tokenizer has no BOS (Qwen2.5's), so the export names none. A run from a
+        # Hugging Face folder keeps the bos_token_id that folder's config ships.
+        config.bos_token_id = None
     model = hf_model_from_checkpoint(step_dir, config)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = config.pad_token_id

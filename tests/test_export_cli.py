@@ -69,6 +69,10 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
     config = json.loads((tmp_path / "hf" / "config.json").read_text())  # for readers of the older layout too
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == hf.config.rope_parameters["rope_theta"]
     assert record["tokenizer"]["fingerprint"] == tok_info["fingerprint"]
+    # the tokenizer has no BOS and no model shipped the config (LlamaConfig's default 1, here "<eos>"): none
+    assert tok.bos_token_id is None and config["bos_token_id"] is None and hf.generation_config.bos_token_id is None
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert generation.get("bos_token_id") is None and generation["eos_token_id"] == tok.eos_token_id == 1
 
     capsys.readouterr()  # refusals: one line, exit status 2, nothing written
     assert export.main([str(run), *tok_arg, "--step", "2", "--hf", str(tmp_path / "hf")]) == 2
