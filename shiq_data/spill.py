@@ -116,6 +116,13 @@ class Spill:
         path = str(self.dir / f"{name}.parquet").replace("'", "''")
         return f"read_parquet('{path}')"
 
+    def materialize(self, name: str, sql: str) -> str:
+        """Table ``name`` holding the result of ``sql``, computed once (a Parquet file of the spill folder), as
+        :meth:`table` names it."""
+        path = str(self.dir / f"{name}.parquet").replace("'", "''")
+        self.con.execute(f"COPY ({sql}) TO '{path}' (FORMAT parquet, COMPRESSION uncompressed)")
+        return self.table(name)
+
     def query(self, sql: str, batch_rows: int | None = None) -> Iterator[pa.RecordBatch]:
         """The result of ``sql`` as record batches of up to ``batch_rows`` (default :data:`BATCH_ROWS`) rows,
         streamed."""

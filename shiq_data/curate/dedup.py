@@ -181,10 +181,12 @@ def _near(kept: Bitmap, sigs: np.ndarray, spill: Spill, firsts: str, threshold: 
     its signature in ``sigs`` at least ``threshold``) a kept row before it that shares one of its buckets."""
     bands = f"SELECT * FROM {spill.table('bands')} WHERE idx IN (SELECT first FROM ({firsts}))"
     shared = f"SELECT band, bkey FROM ({bands}) GROUP BY band, bkey HAVING count(*) > 1"
-    (count,) = spill.one(f"SELECT count(*) FROM ({shared})")
+    # the shared buckets, numbered, grouped once: counted here and joined to their entries below
+    s = spill.materialize("shared_buckets", f"SELECT band, bkey, row_number() OVER () - 1 AS bucket FROM ({shared})")
+    (count,) = spill.one(f"SELECT count(*) FROM {s}")
     entries = f"""
-        WITH b AS ({bands}), s AS (SELECT band, bkey, row_number() OVER () - 1 AS bucket FROM ({shared}))
-        SELECT b.idx AS j, s.bucket FROM b JOIN s ON b.band = s.band AND b.bkey = s.bkey ORDER BY j"""
+        WITH b AS ({bands})
+        SELECT b.idx AS j, s.bucket FROM b JOIN {s} s ON b.band = s.band AND b.bkey = s.bkey ORDER BY j"""
     buckets = _Buckets(spill, count)
     bar = tqdm(desc="near pairs", unit=" pairs", disable=not progress)
 
