@@ -348,6 +348,15 @@ def _qwen2_window_problem(hf_config) -> str | None:
     if not windowed:
         return None
     kinds = sorted({layer_types[i] for i in windowed})
+    if window is None and kinds == ["sliding_attention"]:
+        # (Qwen2Config and Qwen3Config set sliding_window None without use_sliding_window, and transformers'
+        # forward pass then fails on these layers: no window to apply, not an unwindowed layer)
+        return (
+            f"model_type {hf_config.model_type!r} with 'sliding_attention' layers {windowed[:4]}"
+            f"{'...' if len(windowed) > 4 else ''} but use_sliding_window={getattr(hf_config, 'use_sliding_window', None)}"
+            f", so no sliding_window: transformers' own {hf_config.model_type.capitalize()} model does not run such "
+            "a config either (its sliding layers need a window); layer_types of 'full_attention' only imports exactly"
+        )
     return (
         f"model_type {hf_config.model_type!r} with {', '.join(map(repr, kinds))} layers {windowed[:4]}{'...' if len(windowed) > 4 else ''}"
         f" (use_sliding_window={getattr(hf_config, 'use_sliding_window', None)}, sliding_window={window}, "

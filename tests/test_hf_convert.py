@@ -203,6 +203,35 @@ def test_what_the_model_does_not_compute_is_refused_never_dropped():
             H.model_config_from_llama(cfg)
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "qwen3"])
+def test_sliding_layers_without_use_sliding_window_are_refused_as_transformers_cannot_run_them(kind):
+    """layer_types naming 'sliding_attention' layers with use_sliding_window false: transformers sets
+    sliding_window None and its own forward pass then fails (no window to apply: not an unwindowed layer whose
+    logits could be compared), so the config stays refused; the refusal said a use_sliding_window false
+    checkpoint imports exactly, of a config that has it false. It now names what transformers does."""
+    config_class, model_class = {
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+    }[kind]
+    cfg = config_class(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, use_sliding_window=False, sliding_window=4,
+        layer_types=["full_attention", "sliding_attention"],
+    )  # fmt: skip
+    assert cfg.sliding_window is None and cfg.layer_types[1] == "sliding_attention"
+    with pytest.raises(TypeError), torch.no_grad():
+        model_class(cfg).eval()(torch.arange(8)[None])
+    with pytest.raises(ValueError) as e:
+        H.model_config_from_llama(cfg)
+    assert (
+        "'sliding_attention' layers [1] but use_sliding_window=False, so no sliding_window: transformers' own"
+        in str(e.value)
+        and "with use_sliding_window false imports exactly" not in str(e.value)
+    )
+    full = config_class(**{**cfg.to_dict(), "layer_types": ["full_attention"] * 2})
+    assert H.window_problem(full) is None
+
+
 def test_a_mistral_folder_without_a_sliding_window_trains_and_exports_as_the_same_llama(tmp_path):
     """A Mistral checkpoint without a sliding window (sliding_window null, as from Mistral v0.2 on) is a Llama
     model of the same weights: the imported megatron model gives
