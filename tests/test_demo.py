@@ -560,7 +560,9 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGTERM)
     err = proc.communicate(timeout=600)[1]
-    assert proc.returncode == 143 and err.strip().splitlines()[-1] == "shiq-demo: terminated", err[-2000:]
+    assert proc.returncode == 143 and err.strip().splitlines()[-1] == (
+        "shiq-demo: terminated (the same command resumes after the last finished stage)"
+    ), err[-2000:]
     stopped = next(p.parent for p in (out / "runs").glob("*/metrics.jsonl"))
     assert (stopped / "checkpoints" / "latest").read_text().strip() == "step_00000003"
     subprocess.run(cmd, check=True, timeout=1500)

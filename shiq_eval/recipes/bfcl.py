@@ -82,6 +82,7 @@ from shiq_eval.bfcl.turns import answer_turns_batch, ground_truth_trajectory
 from shiq_eval.optimum import clustered_mean_stderr, error_text, paired_difference, t_quantile
 from shiq_eval.recipes.common import (
     REDO,
+    RESUMES,
     SEED_WHY,
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
@@ -1097,7 +1098,7 @@ def main(argv: list[str] | None = None) -> int:
         help="with --seeds: run this many seeds side by side, one process each, the cores shared among them; each "
         "seed's output then goes to DIR/seed<N>/run.log",
     )
-    return run_recipe(ap, argv, _main)
+    return run_recipe(ap, argv, _main, hint=RESUMES)
 
 
 def _seed_list(text: str) -> list[int]:

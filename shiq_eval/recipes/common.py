@@ -839,13 +839,17 @@ def drop_checkpoints(cfg: dict, out: Path, stage: str, log) -> None:
         log(f"{stage}: could not delete {ckpt} ({e}); it is kept")
 
 
-def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn) -> int:
+# what the line of a stopped recipe adds (Ctrl-C, SIGTERM): its stages and trainers' checkpoints are kept
+RESUMES = " (the same command resumes after the last finished stage)"
+
+
+def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn, hint: str = "") -> int:
     """The end of a recipe's ``main``: the ``KEY=VALUE`` overrides and ``--log-level`` added to ``ap``, the
     command line parsed, megatron's import notices hidden, logging set up, then ``fn(args)`` with a user error
-    ending in one line (:func:`shiq_data.cli_common.run_command`)."""
+    ending in one line (:func:`shiq_data.cli_common.run_command`; ``hint`` follows its line for a stop)."""
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     add_log_level_option(ap)
     args = ap.parse_args(argv)
     quiet_optional_dependencies()
     setup_logging(getattr(args, "log_level", "INFO"))
-    return run_command(ap.prog, fn, args)
+    return run_command(ap.prog, fn, args, hint=hint)

@@ -88,6 +88,7 @@ from shiq_eval.optimum import (
 from shiq_eval.qsharp import GuidedPolicy, evaluate_guided_policy
 from shiq_eval.recipes.common import (
     REDO,
+    RESUMES,
     SEED_WHY,
     SINGLE,
     SMOLLM2_LAYERS,
@@ -1771,7 +1772,7 @@ def main(argv: list[str] | None = None) -> int:
         "each seed's output then goes to DIR/seed<N>/run.log",
     )
     ap.add_argument("--config", default=None, help="config file (default: demo.yaml of the shipped configs)")
-    return run_recipe(ap, argv, _main)
+    return run_recipe(ap, argv, _main, hint=RESUMES)
 
 
 def _main(args) -> int:
