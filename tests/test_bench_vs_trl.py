@@ -148,3 +148,33 @@ def test_every_trl_contestant_trains_on_the_same_real_tokens(tmp_path):
     for name in TRL:
         for key in ("loss", "grad_norm"):
             assert [m[key] for m in steps[name]] == pytest.approx([m[key] for m in want], rel=1e-5), (name, key)
+
+
+def test_table_prints_the_range_over_rounds_and_the_ratio_to_compiled_trl(capsys):
+    """README quotes each contestant's tokens/s with its range over the rounds, and ShiQ against TRL compiled:
+    the table prints both (no division by hand, no reading of the per-round progress lines)."""
+
+    def run(rates):  # one process per round: a warm-up step, then one timed step of 100 tokens
+        return [
+            {
+                "steps": [{"step": 0, "seconds": 9.0, "tokens": 100}, {"step": 1, "seconds": 100 / r, "tokens": 100}],
+                "peak_rss_mib": 1.0,
+            }
+            for r in rates
+        ]
+
+    results = {
+        "shiq padded": run([200, 220, 210]),
+        "trl dpo (online ref)": run([100, 120, 110]),
+        "trl dpo (precomputed ref)": run([150, 160, 155]),
+        "trl dpo (precomputed ref), compiled": run([170, 180, 175]),
+    }
+    rows = B.summarize(results)
+    B.print_table("buffer", "rows", rows, B.parse_args(["--pairs", "2"]))
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert "range over rounds" in table[0] and "/ dpo (precomputed ref), compiled |" in table[0]
+    shiq = next(line for line in table if line.startswith("| shiq padded |"))
+    rate = 300 / sum(100 / r for r in (200, 220, 210))
+    compiled = 300 / sum(100 / r for r in (170, 180, 175))
+    assert f"| {rate:.0f} (200-220) |" in shiq
+    assert shiq.split("|")[-5].strip() == f"{rate / compiled:.2f}x"

@@ -87,8 +87,9 @@ VOCAB = 49152  # SmolLM2's; the tiny model uses the same tokenizer
 def parse_args(argv=None):
     p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Prints, per row set, a table of real tokens/s and peak memory per contestant, "
-        "and the ratio of each to TRL DPO with online and with precomputed reference.",
+        epilog="Prints, per row set, a table of real tokens/s (and its range over the rounds) and peak memory per "
+        "contestant, and the ratio of each to TRL DPO with online and with precomputed reference (and, with "
+        "--compile, to TRL's compiled precomputed contestant).",
     )
     p.add_argument("--sets", default=",".join(SETS), help=f"row sets, comma-separated (default {','.join(SETS)})")
     p.add_argument(
@@ -572,6 +573,12 @@ def row_sets(args, work: Path) -> dict[str, dict]:
     return sets
 
 
+def round_rate(run: dict) -> float:
+    """Real tokens/s of one process's timed steps (the warm-up, step 0, left out)."""
+    timed = [s for s in run["steps"] if s["step"] > 0]
+    return sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed)
+
+
 def summarize(results: dict) -> list[dict]:
     """Per contestant: real tokens/s over the timed steps, tokens per step, peak memory."""
     rows = []
@@ -584,6 +591,7 @@ def summarize(results: dict) -> list[dict]:
             {
                 "contestant": name,
                 "tokens_per_s": sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed),
+                "round_tokens_per_s": [round_rate(r) for r in runs],  # each round's, for the range
                 "tokens_per_step": tokens[0],
                 "seconds_per_step": [round(s["seconds"], 3) for s in timed],
                 "warmup_s": max(r["steps"][0]["seconds"] for r in runs),
@@ -596,11 +604,15 @@ def summarize(results: dict) -> list[dict]:
 
 def print_table(set_name: str, what: str, rows: list[dict], args) -> None:
     by = {r["contestant"]: r["tokens_per_s"] for r in rows}
-    refs = [c for c in ("trl dpo (online ref)", "trl dpo (precomputed ref)") if c in by]
+    refs = [
+        c
+        for c in ("trl dpo (online ref)", "trl dpo (precomputed ref)", "trl dpo (precomputed ref), compiled")
+        if c in by
+    ]
     heads = [f"/ {c[4:]}" for c in refs]
     print(f"\n{set_name}: {what}; {args.pairs} pairs ({2 * args.pairs} rows) a step")
     print(
-        "| contestant | real tokens/step | tokens/s | "
+        "| contestant | real tokens/step | tokens/s (range over rounds) | "
         + "".join(f"{h} | " for h in heads)
         + "peak RSS (MiB) | warm-up step (s) | first loss |"
     )
@@ -610,8 +622,9 @@ def print_table(set_name: str, what: str, rows: list[dict], args) -> None:
         t = r["tokens_per_step"]
         tokens = f"{min(t)}-{max(t)}" if min(t) != max(t) else str(t[0])
         loss = "" if r["first_loss"] is None else f"{r['first_loss']:.4f}"
+        spread = f"{min(r['round_tokens_per_s']):.0f}-{max(r['round_tokens_per_s']):.0f}"
         print(
-            f"| {r['contestant']} | {tokens} | {r['tokens_per_s']:.0f} |{ratios} {r['peak_rss_mib']:,.0f} | "
+            f"| {r['contestant']} | {tokens} | {r['tokens_per_s']:.0f} ({spread}) |{ratios} {r['peak_rss_mib']:,.0f} | "
             f"{r['warmup_s']:.1f} | {loss} |"
         )
 
@@ -653,9 +666,11 @@ def main(argv=None) -> int:
                     print(f"  {set_name}, round {r + 1}: {c}", file=sys.stderr, flush=True)
                     res = run_contestant(c, rows_file, args, log)
                     results[c].append(res)
-                    timed = [s for s in res["steps"] if s["step"] > 0]
-                    rate = sum(s["tokens"] for s in timed) / sum(s["seconds"] for s in timed)
-                    print(f"    {rate:.1f} tokens/s, peak {res['peak_rss_mib']:.0f} MiB", file=sys.stderr, flush=True)
+                    print(
+                        f"    {round_rate(res):.1f} tokens/s, peak {res['peak_rss_mib']:.0f} MiB",
+                        file=sys.stderr,
+                        flush=True,
+                    )
             rows = summarize(results)
             print_table(set_name, rowset["what"], rows, args)
             report["sets"][set_name] = {"what": rowset["what"], "contestants": rows}
