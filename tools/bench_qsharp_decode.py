@@ -7,8 +7,9 @@ value trunk initialised from the same weights with a random atom head (the cost 
 what the head learned), the same prompts (the demo's held-out movie-review openings in the chat
 template) and batches, sampling at temperature 1. Q♯ runs twice: with both models reading the leading
 tokens the prompts share once (``share_prefix``, the default), and reading every prompt whole; the tool
-checks the two sample the same completions. Methods alternate (A B C A B C ...) after one warm-up each,
-so load from other processes hits them alike; medians are reported.
+checks the two sample the same completions. Methods alternate (A B C C B A ...: the order reversed every
+other pass) after one warm-up each, so neither load from other processes nor the order favours one; medians
+are reported.
 
     python tools/bench_qsharp_decode.py                        # 8 prompts, 16 new tokens, k = 20
     python tools/bench_qsharp_decode.py --prompts 32 --new-tokens 32 --top-k 10 --reps 5
@@ -79,8 +80,9 @@ def main(argv=None) -> None:
     times = {name: [] for name in methods}
     tokens = {name: [] for name in methods}
     completions = {}
-    for _ in range(args.reps):
-        for name, m in methods.items():
+    for rep in range(args.reps):
+        for name in list(methods) if rep % 2 == 0 else list(methods)[::-1]:  # reversed every other pass
+            m = methods[name]
             t0 = time.perf_counter()
             out = m.generate(ids, cfg)
             times[name].append(time.perf_counter() - t0)
