@@ -18,3 +18,10 @@ def test_an_earlier_higher_peak_hides_nothing():
     mib = B.peak_increase_mib(lambda: np.ones(64 * 2**20, dtype=np.uint8).sum())
     # the peak since the process started (ru_maxrss) read about 0 here: the 64 MiB stayed under the earlier peak
     assert 56 < mib < 100, mib
+
+
+def test_the_timed_passes_alternate_their_order():
+    """Every pass ran the methods in one order (the baseline always after the chunked step); every other pass
+    is now reversed, as in the other benchmarks."""
+    names = ["a", "b", "c"]
+    assert [B.pass_order(names, rep) for rep in range(3)] == [names, ["c", "b", "a"], names]

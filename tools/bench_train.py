@@ -13,7 +13,7 @@ One run, one model, the same micro-batches (CPU, megatron-core GPTModel, TP=1):
 - ``shiq (chunked stats)``: the same as precomputed, statistics computed ``--chunk`` tokens at a time.
 
 Every step is a full optimizer step (forward, backward, gradient clipping, AdamW). Methods run
-interleaved (A B C D A B C D ...) after one warm-up each, so load from other processes hits all alike;
+interleaved, every other pass reversed (A B C D D C B A ...) after one warm-up each, so load from other processes hits all alike;
 the table gives the median and the ratio to SFT on the action positions.
 
 Memory: the per-token statistics of SHIQ_MATH §2 (chosen logit and log-partition, forward and backward,
@@ -128,6 +128,12 @@ def sft_step(model, optimizer, scheduler, micro_batches, clip_grad):
 BASE = "sft (action positions)"  # the ratios' baseline: the same output-layer work as ShiQ's step
 
 
+def pass_order(items: list, rep: int) -> list:
+    """The methods of timed pass ``rep``: in order, reversed every other pass (A B C C B A ...), so that no method
+    always runs after the same one (the cache and allocator state it leaves)."""
+    return items if rep % 2 == 0 else items[::-1]
+
+
 def time_steps(args) -> list[dict]:
     import torch
     from tqdm.auto import tqdm
@@ -181,8 +187,8 @@ def time_steps(args) -> list[dict]:
         times = {k: [] for k in methods}
         for fn in methods.values():  # warm-up
             fn()
-        for _ in tqdm(range(args.reps), desc="timing", dynamic_ncols=True):
-            for name, fn in methods.items():
+        for rep in tqdm(range(args.reps), desc="timing", dynamic_ncols=True):
+            for name, fn in pass_order(list(methods.items()), rep):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
