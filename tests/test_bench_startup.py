@@ -22,3 +22,16 @@ def test_an_unknown_measure_is_refused():
         [sys.executable, str(TOOLS / "bench_startup.py"), "--measures", "import,boot"], capture_output=True, text=True
     )
     assert res.returncode == 2 and "--measures: expected some of import, 2 steps, got boot" in res.stderr
+
+
+def test_the_order_is_reversed_every_other_round(monkeypatch, capsys):
+    """The wrapped way used to run first in every round (A B A B): the order itself could favour a way."""
+    sys.path.insert(0, str(TOOLS))
+    import bench_startup as B
+
+    calls = []
+    monkeypatch.setattr(B, "check_ways", lambda: None)
+    monkeypatch.setattr(B, "timed", lambda code, run_dir: calls.append(code.startswith("import torch")) or 1.0)
+    B.main(["--rounds", "4", "--measures", "import"])
+    assert calls == [True, False, False, True, True, False, False, True]  # wrapped: True
+    assert "the order reversed every other round" in capsys.readouterr().out

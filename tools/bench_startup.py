@@ -3,7 +3,8 @@ compiled at their first call (shiq_train.deferred_compile).
 
 Every process that imports megatron-core pays for its import; most of the test suite's processes and every
 ``torchrun`` rank do little else. Each measure runs a fresh Python process both ways, alternating, and
-prints the median wall time:
+prints the median wall time (the wrapped way first in even rounds, 0, 2, ..., second in odd ones, so
+neither the order nor load from other processes favours a way):
 
 - ``import``: ``import torch; import megatron.core`` alone (as megatron-core ships), against the same after
   ``import shiq_train`` (as the commands import it);
@@ -128,15 +129,18 @@ def main(argv=None) -> None:
             ),
             "2 steps": ({w: command(train, w) for w in (True, False)}, tmp / "run"),
         }
-        print(f"median wall seconds of {args.rounds} fresh processes each way, alternating, 1 torch thread")
+        print(
+            f"median wall seconds of {args.rounds} fresh processes each way, alternating, the order reversed every "
+            "other round, 1 torch thread"
+        )
         print()
         print("| measure | wrapped at import | compiled at first call | ratio |")
         print("|---|---|---|---|")
         for name in args.measures:
             codes, run_dir = measures[name]
             times = {True: [], False: []}
-            for _ in range(args.rounds):
-                for wrapped in (True, False):
+            for r in range(args.rounds):
+                for wrapped in (True, False) if r % 2 == 0 else (False, True):  # A B, then B A: no way always leads
                     times[wrapped].append(timed(codes[wrapped], run_dir))
             old, new = statistics.median(times[True]), statistics.median(times[False])
             print(f"| {name} | {old:.2f} | {new:.2f} | {old / new:.2f}x |", flush=True)
