@@ -4,7 +4,8 @@ SmolLM2-135M-Instruct (vocab 49152) computes the chosen logit and log-partition 
 same synthetic rows two ways: through its full ``[B, T, V]`` logits (``causal_lm_stats``), and from
 its final hidden states and output weight ``--chunk`` positions at a time (what
 ``shiq_train.reference.hf_stats_fn`` does for Llama-family models). Each way runs in a fresh
-subprocess that holds nothing else, alternating (full, chunked, full, ...), after one warm-up batch.
+subprocess that holds nothing else, alternating (full, chunked, then chunked, full, ...: the order reversed every
+other run, so neither it nor load from other processes favours a way), after one warm-up batch.
 Peak = the process's resident high-water mark (``VmHWM``, reset through ``/proc/self/clear_refs`` once
 the model is loaded and ``malloc_trim`` has returned loading's freed temporaries to the system, so
 neither hides anything) minus its resident memory at that point, over the warm-up and the timed run. The two ways' statistics are compared value by value.
@@ -101,7 +102,7 @@ def main(argv=None) -> None:
     stats = {}
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.reps):
-            for way in results:
+            for way in list(results) if rep % 2 == 0 else list(results)[::-1]:  # full first, then chunked first
                 out = os.path.join(tmp, f"{way}{rep}.npz")
                 res = subprocess.run(
                     [
@@ -133,7 +134,8 @@ def main(argv=None) -> None:
     n_tokens = args.rows * args.tokens
     print(
         f"SmolLM2-135M, vocab 49152, {args.rows} rows x {args.tokens} tokens, --batch-tokens {args.batch_tokens}, "
-        f"chunk {args.chunk}, {args.threads} threads, {args.reps} runs per way (median)\n"
+        f"chunk {args.chunk}, {args.threads} threads, {args.reps} runs per way (median), the order reversed every "
+        "other run\n"
     )
     print("| way | seconds | tokens/s | peak RSS increase (MiB) |")
     print("|---|---|---|---|")
