@@ -13,7 +13,7 @@ micro-batches for every method. Methods:
 
 Memory: bytes of optimizer state on each rank after a step (``shiq_train.dist_optim.optimizer_state_bytes``:
 AdamW moments and step counts, and float32 master copies), for float32 and bfloat16 parameters, at each
-data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C A B C ...) after a warm-up each,
+data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C, then C B A, ...) after a warm-up each,
 median per method and its ratio to ``per-parameter``, at each data-parallel size above 1.
 
 Checkpoints (``shiq_train.checkpoint.save_checkpoint``, float32, ``per-parameter`` and ``distributed``): the bytes
@@ -197,8 +197,8 @@ def worker(rank, world, port, args, out_dir):
             steps = {m: build(m, args, "float32")[1] for m in METHODS}
             for m in METHODS:  # warm-up
                 steps[m]([dict(mb) for mb in mbs], loss_fn)
-            for _ in range(args.reps):
-                for m in METHODS:
+            for r in range(args.reps):
+                for m in METHODS if r % 2 == 0 else METHODS[::-1]:  # A B C, then C B A: no method always leads
                     dist.barrier()
                     t0 = time.perf_counter()
                     steps[m]([dict(mb) for mb in mbs], loss_fn)
