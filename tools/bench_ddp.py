@@ -19,7 +19,8 @@ median per method and its ratio to ``per-parameter``, at each data-parallel size
 Checkpoints (``shiq_train.checkpoint.save_checkpoint``, float32, ``per-parameter`` and ``distributed``): the bytes
 all ranks write against the state they hold once (the weights once, the optimizer state of one rank for
 ``per-parameter``, of every rank for ``distributed``: 1.00 means each value is written once), the largest rank
-file's share of them, and the median seconds of a save (``--reps`` saves, the ranks' slowest).
+file's share of them, and the median seconds of a save (``--reps`` saves, the ranks' slowest; the two alternate, the order reversed
+every other save).
 
     python tools/bench_ddp.py                 # DP 1, 2, 4; hidden 256, 4 layers, vocab 8192, 2 x 4 x 128 tokens
     python tools/bench_ddp.py --dp 2 --reps 3
@@ -139,9 +140,11 @@ def state_bytes(method, opt):
     return optimizer_state_bytes(inner.optimizer) + sum(m.numel() * m.element_size() for m in masters)
 
 
-def save_times(method, model, opt, args, out_dir) -> dict:
-    """Save ``args.reps`` checkpoints of this model and optimizer (collective): this rank's seconds per save, and
-    (after the first save) the bytes of every rank file and of the weights (data-parallel rank 0's parameters)."""
+def save_times(held: dict, args, out_dir) -> dict:
+    """Save ``args.reps`` checkpoints of each method's ``(model, optimizer)`` in ``held`` (collective), the methods
+    in the listed order in even saves (0, 2, ...) and reversed in odd ones, so the first save's costs and the
+    order fall on neither alone: per method, this rank's seconds per save, and (after the first save) the bytes
+    of every rank file and of the weights (data-parallel rank 0's parameters)."""
     import shutil
     from pathlib import Path
 
@@ -149,20 +152,23 @@ def save_times(method, model, opt, args, out_dir) -> dict:
 
     from shiq_train.checkpoint import save_checkpoint
 
-    folder = Path(out_dir) / f"ckpt_{method.replace(' ', '_')}"
-    out = {"seconds": [], "files": {}}
+    out = {m: {"seconds": [], "files": {}} for m in held}
     for i in range(args.reps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        step_dir = save_checkpoint(folder, i + 1, model, opt)
-        out["seconds"].append(time.perf_counter() - t0)
-        if i == 0 and dist.get_rank() == 0:
-            out["files"] = {p.name: p.stat().st_size for p in step_dir.glob("rank_*.pt")}
-        dist.barrier()
-        if dist.get_rank() == 0:
-            shutil.rmtree(step_dir)
-    out["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
-    out["state"] = state_bytes(method, opt)
+        for method in list(held) if i % 2 == 0 else list(held)[::-1]:
+            model, opt = held[method]
+            folder = Path(out_dir) / f"ckpt_{method.replace(' ', '_')}"
+            dist.barrier()
+            t0 = time.perf_counter()
+            step_dir = save_checkpoint(folder, i + 1, model, opt)
+            out[method]["seconds"].append(time.perf_counter() - t0)
+            if i == 0 and dist.get_rank() == 0:
+                out[method]["files"] = {p.name: p.stat().st_size for p in step_dir.glob("rank_*.pt")}
+            dist.barrier()
+            if dist.get_rank() == 0:
+                shutil.rmtree(step_dir)
+    for method, (model, opt) in held.items():
+        out[method]["weights"] = sum(p.numel() * p.element_size() for p in model.parameters())
+        out[method]["state"] = state_bytes(method, opt)
     return out
 
 
@@ -182,7 +188,8 @@ def worker(rank, world, port, args, out_dir):
 
     with parallel.distributed(rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=0):
         mbs = micro_batches(args, rank)
-        result = {"memory": {}, "time": {m: [] for m in METHODS}, "checkpoint": {}}
+        result = {"memory": {}, "time": {m: [] for m in METHODS}}
+        held = {}  # float32 models and optimizers whose checkpoints are timed
         for dtype in ("float32", "bfloat16"):
             for method in METHODS:
                 if method == "megatron DDP" and dtype == "bfloat16":
@@ -191,8 +198,10 @@ def worker(rank, world, port, args, out_dir):
                 step([dict(mb) for mb in mbs], loss_fn)  # AdamW allocates its state at the first step
                 result["memory"][(dtype, method)] = state_bytes(method, opt)
                 if dtype == "float32" and method != "megatron DDP":
-                    result["checkpoint"][method] = save_times(method, step.model, opt, args, out_dir)
+                    held[method] = (step.model, opt)
                 del opt, step
+        result["checkpoint"] = save_times(held, args, out_dir)
+        del held
         if world > 1:
             steps = {m: build(m, args, "float32")[1] for m in METHODS}
             for m in METHODS:  # warm-up
