@@ -303,16 +303,19 @@ def resume_key(cfg: ValueTrainConfig, atoms: torch.Tensor, meta: dict | None) ->
 
 
 def _trained(model) -> dict[str, torch.nn.Parameter]:
-    """The parameters ``model`` trains (the head, the trunk's trainable layers), by name."""
+    """The parameters ``model`` trains (the head, the trunk's trainable layers), by name: taken outside
+    ``suffix_only`` (which renumbers the decoder's layers while it narrows them), so a state saved inside it
+    names them as the resume, which loads it outside it."""
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_resume_state(out: Path, step: int, key: str, model, opt, lr_schedule, sampler, history: list) -> None:
-    """Write ``out/RESUME_FILE`` (its SHA-256 beside it): what :func:`load_resume_state` resumes at ``step``."""
+def save_resume_state(out: Path, step: int, key: str, params, opt, lr_schedule, sampler, history: list) -> None:
+    """Write ``out/RESUME_FILE`` (its SHA-256 beside it): what :func:`load_resume_state` resumes at ``step``;
+    ``params``: the trained parameters by name (:func:`_trained`)."""
     state = {
         "step": step,
         "key": key,
-        "model": {n: p.detach().cpu().clone() for n, p in _trained(model).items()},
+        "model": {n: p.detach().cpu().clone() for n, p in params.items()},
         "optimizer": opt.state_dict(),
         "lr_schedule": lr_schedule.state_dict(),
         "sampler": sampler.state_dict(),
@@ -322,8 +325,8 @@ def save_resume_state(out: Path, step: int, key: str, model, opt, lr_schedule, s
     save_hashed(state, out / RESUME_FILE)
 
 
-def load_resume_state(out: Path, key: str, model, opt, lr_schedule, sampler, steps: int) -> tuple[int, list]:
-    """Load ``out/RESUME_FILE`` (SHA-256 checked, ``weights_only``) into the model, optimizer, schedule and
+def load_resume_state(out: Path, key: str, params, opt, lr_schedule, sampler, steps: int) -> tuple[int, list]:
+    """Load ``out/RESUME_FILE`` (SHA-256 checked, ``weights_only``) into ``params``, the optimizer, schedule and
     sampler; returns the step it was saved at and the steps' metrics so far. A state of other settings (``key``)
     or a damaged file is a ``ValueError`` naming the file."""
     path = out / RESUME_FILE
@@ -333,7 +336,7 @@ def load_resume_state(out: Path, key: str, model, opt, lr_schedule, sampler, ste
             f"{path}: the value run saved there trained with other settings, atoms or reference; rerun it as it "
             f"was, or delete {path} to train from step 0"
         )
-    mine = _trained(model)
+    mine = params
     saved = state["model"]
     step = state["step"]
     if set(saved) != set(mine) or any(tuple(saved[n].shape) != tuple(mine[n].shape) for n in mine):
@@ -452,9 +455,9 @@ def train_value_model(
         if cfg.share_prefixes:
             prefix_tree.check_model(unwrap(model.trunk))
             ratio = prefix_tree.cost_ratio(unwrap(model.trunk).config)
-        key, start, stopped = resume_key(cfg, atoms, meta), 0, False
+        key, start, stopped, trained = resume_key(cfg, atoms, meta), 0, False, _trained(model)
         if (out / RESUME_FILE).is_file():
-            start, history = load_resume_state(out, key, model, opt, lr_schedule, sampler, cfg.steps)
+            start, history = load_resume_state(out, key, trained, opt, lr_schedule, sampler, cfg.steps)
             logger.info(f"train value: resumed from step {start} ({out / RESUME_FILE})")
         bar = tqdm(
             range(start, cfg.steps), initial=start, total=cfg.steps, desc="train value", disable=not cfg.progress
@@ -486,7 +489,7 @@ def train_value_model(
                 if step + 1 == cfg.steps:  # the value model itself is saved below
                     break
                 if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                    save_resume_state(out, step + 1, key, model, opt, lr_schedule, sampler, history)
+                    save_resume_state(out, step + 1, key, trained, opt, lr_schedule, sampler, history)
                 if stopped:
                     raise SavedOnSigterm(step + 1)
         info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}

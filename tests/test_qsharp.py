@@ -1091,3 +1091,62 @@ def test_a_value_run_reads_when_to_save_from_the_run_config():
     cfg["train"]["save_every"] = -1
     with pytest.raises(ValueError, match=r"train.save_every must be an integer >= 0"):
         value_config_from_run(cfg, 64)
+
+
+@pytest.mark.parametrize("how", ["cache_frozen_prefix", "prefix_cache"])
+def test_a_value_run_on_a_frozen_prefix_cache_resumes_after_sigterm(tmp_path, monkeypatch, how):
+    """With a frozen-prefix cache (``cache_frozen_prefix``, or one given as shiq-demo's Q♯ stage does) the steps
+    run inside ``suffix_only``, which renumbers the decoder's layers: the state saved there named the trained
+    layers decoder.layers.0.*, the resume (outside it) looked for decoder.layers.1.*, and refused the state
+    ("its parameters are not this value model's"). It now resumes as one run, equal to an uninterrupted one."""
+    import os
+    import signal
+
+    import shiq_train.qsharp_train as qsharp_train
+    from shiq_train.prefix_cache import PrefixCache
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+    from shiq_train.trainer import SavedOnSigterm
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=6)
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(
+        steps=5, rows_per_micro_batch=2, lr=1e-3, progress=False, trainable_last_layers=1,
+        cache_frozen_prefix=how == "cache_frozen_prefix",
+    )  # fmt: skip
+
+    def train(name):
+        cache = None
+        if how == "prefix_cache":  # built by the caller from the reference, as shiq-demo does
+            from shiq_data.buffer import open_buffer
+            from shiq_train import parallel
+            from shiq_train.hf_convert import import_llama, model_config_from_llama
+            from shiq_train.model import build_model
+
+            with parallel.distributed(seed=0):
+                trunk = build_model(model_config_from_llama(hf.config))
+                import_llama(trunk, hf.state_dict(), hf.config)
+                cache = PrefixCache.from_buffer(trunk, open_buffer(tmp_path / "buf"), 1, progress=False)
+        return train_value_model(tmp_path / "buf", tmp_path / name, hf.state_dict(), hf.config, cfg, prefix_cache=cache)
+
+    train("straight")
+    real = qsharp_train.qsharp_value_loss
+    calls = []
+
+    def loss(*args):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    monkeypatch.setattr(qsharp_train, "qsharp_value_loss", loss)
+    with pytest.raises(SavedOnSigterm):
+        train("stopped")
+    monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
+    train("stopped")
+    read = lambda name: torch.load(tmp_path / name / "value_model.pt", weights_only=True)  # noqa: E731
+    want, got = read("straight"), read("stopped")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
