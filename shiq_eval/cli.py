@@ -29,7 +29,7 @@ guided distribution to the reference at the visited states. The checkpoints may 
 
 An interrupted run resumes: each row (the reference's, each checkpoint's, the Q♯ row) is saved in
 --out/.rows/ as soon as it is computed, and the same command run again reuses the saved rows whose inputs are
-unchanged (suite fingerprint, weights SHA-256, reference, tokenizer, engine, label, step, method, beta, top-k;
+unchanged (suite fingerprint, weights SHA-256 and config, reference, tokenizer, engine, label, step, method, beta, top-k;
 said in one line) and evaluates only the rest; a row whose inputs changed is evaluated again, as is one whose
 saved file is damaged (said on stderr). The saved rows are removed once the results are written; --overwrite
 discards them too.
@@ -240,6 +240,13 @@ def row_key(identity: dict, context: dict) -> dict:
     the suite's fields) and the ``context`` every row of a run shares beyond the suite fingerprint (reference,
     tokenizer, engine, library versions)."""
     return {"format": ROW_FORMAT, "row": identity, **context}
+
+
+def config_sha256(config: dict) -> str:
+    """SHA-256 of a model's Hugging Face config (a dict, keys sorted): the same weights under another config
+    (rotary base or scaling, norm epsilon) give other logits, so a saved row of the weights under another config
+    is not reused."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def tokenizer_sha256(tokenizer) -> str:
@@ -836,6 +843,7 @@ def run(args) -> list[dict]:
 
     shared = {  # what every row depends on beyond the suite's fingerprint and its own identity
         "reference_sha256": ref_sha,
+        "reference_config_sha256": config_sha256(ref_model.config.to_dict()),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
         "prompt_ids_sha256": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
         "tp": args.tp,
@@ -891,7 +899,8 @@ def run(args) -> list[dict]:
                 "model_sha256": weights_sha,
                 **common,
             }
-            key = row_key(identity, shared)
+            # (its config too: the weights' SHA-256 is not the model's, a config.json edited since gives other logits)
+            key = row_key(identity, {**shared, "config_sha256": config_sha256(info["hf_config"])})
             if (row := saved.get(key, scenarios is not None)) is not None:
                 rows.append(row)
                 continue

@@ -1020,6 +1020,25 @@ def test_a_saved_row_of_weights_changed_since_is_evaluated_again(tmp_path, monke
     assert rows[1]["model_sha256"] == hashlib.sha256((tmp_path / "p1" / "model.safetensors").read_bytes()).hexdigest()
 
 
+@pytest.mark.parametrize("whose", ["p1", "init"])
+def test_a_saved_row_of_a_config_changed_since_is_evaluated_again(tmp_path, monkeypatch, capsys, whose):
+    """The key of a saved row held the weights' SHA-256 but not the model's config: a config.json edited since
+    (another norm epsilon: the same weights, other logits) reused the row evaluated under the old one. The
+    policy's config (``p1``) and the reference's (``init``) are in the key now."""
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    interrupted_at_third_row(argv, calls, capsys, out)
+    config = json.loads((tmp_path / whose / "config.json").read_text())
+    config["rms_norm_eps"] = 10 * config["rms_norm_eps"]
+    (tmp_path / whose / "config.json").write_text(json.dumps(config))
+    assert main(argv) == 0
+    # p1's row again (or, with the reference's config changed, every row), p2 and p3
+    assert len(calls) == (3 if whose == "p1" else 4)
+    err = capsys.readouterr().err
+    assert ("1 of 4 rows reused" in err) if whose == "p1" else ("reused" not in err)
+
+
 def test_overwrite_discards_the_saved_rows(tmp_path, monkeypatch, capsys):
     argv, calls = resumable_run(tmp_path, monkeypatch)
     out = tmp_path / "o"
