@@ -690,7 +690,10 @@ class _MetricLog:
     def close(self, failed: BaseException | bool = False):
         """``failed``: what the run stopped on (a W&B run is then marked failed, not finished: exit code 1; a stop
         on SIGTERM gets the process's status, 143, and one saved for the same command to resume it is marked
-        preempting, W&B's record of a run to be resumed)."""
+        preempting, W&B's record of a run to be resumed; one whose step saved was the run's last finishes as a
+        whole run: nothing is left to resume)."""
+        if isinstance(failed, SavedOnSigterm) and failed.complete:
+            failed = False
         if self.active:
             self.file.close()
             if self.tb is not None:

@@ -199,6 +199,40 @@ def test_a_run_saved_on_sigterm_marks_its_wandb_run_preempted_with_the_status_it
     assert calls == [("mark_preempting", {}), ("finish", {"exit_code": 143})]
 
 
+def test_a_run_stopped_by_sigterm_in_its_last_step_finishes_its_wandb_run(dist1, tmp_path, monkeypatch):
+    """A SIGTERM during the last step saves it and the run is complete (SavedOnSigterm.complete: the command says
+    so), but its W&B run was marked preempting and failed with exit code 143, waiting for a resume that has
+    nothing left to do. It finishes as a whole run's does."""
+    import os
+    import signal
+    import sys
+    import types
+
+    from shiq_train.trainer import LoggingConfig, SavedOnSigterm
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # the trainer would leave SIGTERM to its handler
+        pytest.skip("SIGTERM is handled by the test runner")
+    calls = []
+    run = types.SimpleNamespace(
+        log=lambda values, step: None,
+        finish=lambda **kw: calls.append(("finish", kw)),
+        mark_preempting=lambda: calls.append(("mark_preempting", {})),
+    )
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
+    train_cfg = TrainConfig(steps=3, progress=False, tensorboard=False)
+    trainer = Trainer(
+        M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path,
+        logging_cfg=LoggingConfig(wandb=True),
+    )  # fmt: skip
+    source = Synthetic()
+    nxt = source.next_micro_batches
+    source.next_micro_batches = lambda: (os.kill(os.getpid(), signal.SIGTERM) if source.pos == 4 else None, nxt())[1]
+    with pytest.raises(SavedOnSigterm) as stopped:
+        trainer.fit(source)
+    assert stopped.value.complete and stopped.value.step == 3
+    assert calls == [("finish", {})]
+
+
 def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
     mcfg = M.ModelConfig(vocab_size=VOCAB, max_sequence_length=SEQ, hidden_dropout=0.1)
     init = M.build_model(mcfg)
