@@ -1167,6 +1167,35 @@ def _without_config_dirs(argv: list[str]) -> tuple[list[str], list[str | None]]:
     return rest, dirs
 
 
+def _hydra_quoted(text: str) -> str:
+    """``text`` to go between single quotes in a Hydra override: its quotes escaped, and the backslashes before a
+    quote or at its end doubled (Hydra reads the others as they are)."""
+    text = re.sub(r"(\\*)'", lambda m: m[1] * 2 + "\\'", text)
+    return re.sub(r"(\\+)$", lambda m: m[1] * 2, text)
+
+
+def _searched(argv: list[str], config_dirs: list[str]) -> tuple[list[str], list[str]]:
+    """``(argv, [the override that adds config_dirs to Hydra's search path])`` for the check of a command line
+    with ``--config-dir`` (``(argv, [])`` without). Hydra reads only the first ``hydra.searchpath=`` override: one
+    the command line gives is taken out of ``argv`` and its folders searched too (else the check's replaced it, or
+    it the check's). Each folder quoted: a path with a comma is one folder, not two."""
+    if not config_dirs:
+        return argv, []
+    paths = [f"file://{Path(d).resolve()}" for d in config_dirs]
+    given = next((i for i, a in enumerate(argv) if a.startswith("hydra.searchpath=")), None)
+    if given is not None:
+        from hydra.core.override_parser.overrides_parser import OverridesParser  # heavy: hydra
+
+        try:
+            value = OverridesParser.create().parse_override(argv[given]).value()
+        except Exception:  # (Hydra's own complaint about it comes from the composition)
+            value = None
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            argv, paths = argv[:given] + argv[given + 1 :], paths + value
+    quoted = ",".join(f"'{_hydra_quoted(p)}'" for p in paths)
+    return argv, [f"hydra.searchpath=[{quoted}]"]
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
@@ -1195,9 +1224,7 @@ def hydra_error(argv: list[str]) -> str | None:
         if not Path(folder).is_dir():
             return f"--config-dir {folder}: no such folder"
     # Hydra looks in --config-dir's folders for the groups too (loss=mine: DIR/loss/mine.yaml); so does the check
-    searched = [f"hydra.searchpath=[{','.join(f'file://{Path(d).resolve()}' for d in config_dirs)}]"] * bool(
-        config_dirs
-    )
+    argv, searched = _searched(argv, config_dirs)
     keyless = [a for a in argv if a.startswith("=")]
     if keyless:
         return f"argument {keyless[0]!r} has no key: expected key=value"
@@ -1209,7 +1236,7 @@ def hydra_error(argv: list[str]) -> str | None:
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             default = compose(config_name="train")
-            given = compose(config_name="train", overrides=argv + searched)
+            given = compose(config_name="train", overrides=searched + argv)
     except (HydraException, OmegaConfBaseException, ValueError, KeyError, TypeError) as e:
         # (ValueError and the others: override forms Hydra's parser lets through, such as "=5")
         lines = []
@@ -1221,7 +1248,7 @@ def hydra_error(argv: list[str]) -> str | None:
         message = "; ".join(lines) or type(e).__name__
         unknown = re.match(r"Could not override '([^']+)'.*To append to your config use \+", message)
         if unknown and default is not None:  # Hydra's advice, +key=value, would be refused next (below)
-            return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(argv + searched, default))}"
+            return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(searched + argv, default))}"
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message
@@ -1229,7 +1256,7 @@ def hydra_error(argv: list[str]) -> str | None:
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
         return f"+{key}: {key!r} is no option of shiq-train"
     # (the loss and model chosen)
-    chosen = OmegaConf.to_container(_with_groups(argv + searched, default), resolve=False)
+    chosen = OmegaConf.to_container(_with_groups(searched + argv, default), resolve=False)
     for key, section in given.items():  # +data.foo=1, +train.eval_every=3 likewise: read by nothing
         if key != "resume" and isinstance(section, dict) and isinstance(chosen.get(key), dict):
             for added in sorted(section.keys() - chosen[key].keys()):

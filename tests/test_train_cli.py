@@ -1604,3 +1604,23 @@ def test_an_init_folder_whose_config_json_transformers_refuses_is_one_line(tmp_p
     assert res.returncode == 2, res.stderr[-2000:]
     line = res.stderr.strip().splitlines()[-1]
     assert line.startswith(f"shiq-train: error: init='{folder}': {folder / 'config.json'}: ") and needle in line, line
+
+
+def test_a_config_dir_with_a_comma_or_beside_a_searchpath_override_is_checked_as_hydra_reads_it(tmp_path):
+    """The check added --config-dir's folder as ``hydra.searchpath=[file://DIR]``, after the line: a folder whose
+    path has a comma was read as two folders, and one the line also gave its own ``hydra.searchpath=[...]`` for
+    lost to it (Hydra reads only the first such override), so a group of DIR Hydra finds was refused ("Could not
+    find 'loss/mine'", status 2). Both are now searched, each folder one quoted path."""
+    from shiq_train.cli import hydra_error
+
+    mine, theirs = tmp_path / "my configs, v2", tmp_path / "theirs"
+    for d, group in ((mine, "loss"), (theirs, "model")):
+        (d / group).mkdir(parents=True)
+    (mine / "loss" / "mine.yaml").write_text("name: shiq\nbeta: 0.2\nnum_steps: 3\n")
+    (theirs / "model" / "other.yaml").write_text("name: other\n")
+    assert hydra_error(["--config-dir", str(mine), "loss=mine"]) is None
+    extra = f"hydra.searchpath=[file://{theirs}]"
+    assert hydra_error(["--config-dir", str(mine), "loss=mine", extra]) is None
+    assert hydra_error([extra, "-cd", str(mine), "loss=mine", "loss.num_step=4"]) == (
+        "loss.num_step: no such setting (did you mean loss.num_steps?)"
+    )
