@@ -1368,3 +1368,55 @@ def test_a_method_with_no_gain_share_at_any_beta_has_no_best_beta(tmp_path):
     assert out["best_beta"] == {"shiq": 0.03}
     md = (tmp_path / "full_report.md").read_text()
     assert "| dpo | 0.03 |" in md and "| dpo | 1 |" in md and "| shiq ** | 0.03 |" in md
+
+
+def test_the_qsharp_stage_stopped_by_sigterm_resumes_its_value_run_and_counts_every_run_s_seconds(
+    tmp_path, monkeypatch
+):
+    """The Q♯ value run now stops on SIGTERM after saving its step (SavedOnSigterm). The stage wrote train.json
+    only after a whole run: a stop in the last step (the value model saved, the run complete) had the rerun
+    train the value model again from step 0, and a resumed run's train_seconds counted only its own part. The
+    seconds of a stopped run are kept for the resume (train_stopped.json), and a complete one writes train.json."""
+    import types
+
+    from shiq_train.qsharp_train import RESUME_FILE
+    from shiq_train.trainer import SavedOnSigterm
+
+    clock = iter(range(0, 1000, 10))  # each reading 10 s after the one before
+    monkeypatch.setattr(demo, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    runs = []
+
+    def train_value_model(buffer, value_dir, *a, **kw):
+        runs.append(len(runs))
+        value_dir.mkdir(parents=True, exist_ok=True)
+        if len(runs) > 2:  # trained again
+            return value_dir
+        if len(runs) == 1:  # stopped in step 3 of 6: saved for the rerun
+            (value_dir / RESUME_FILE).write_bytes(b"state")
+            raise SavedOnSigterm(3)
+        (value_dir / RESUME_FILE).unlink(missing_ok=True)
+        (value_dir / "value_model.json").write_text("{}")
+        raise SavedOnSigterm(6, complete=True)  # stopped in its last step: the value model saved
+
+    monkeypatch.setattr(demo, "train_value_model", train_value_model)
+    monkeypatch.setattr(demo, "load_value_model", lambda path: types.SimpleNamespace(atoms=None))
+    monkeypatch.setattr(demo, "GuidedPolicy", lambda *a, **kw: None)
+    monkeypatch.setattr(demo, "evaluate_hf", lambda ctx, model, guided=None, limit=0: {"reward_mean": 1.0})
+    written = []
+    monkeypatch.setattr(demo, "write_results_json", lambda path, rows: written.append(rows))
+    q = {"steps": 6, "lr": 1e-3, "num_atoms": 11, "trainable_last_layers": 1, "top_k": 5, "eval_prompts": 0}
+    cfg = {"methods": {"qsharp": q}, "train": {"groups_per_step": 1}, "data": {"completions_per_prompt": 2}}
+    tok = types.SimpleNamespace(pad_token_id=0, eos_token_id=0)
+    ctx = types.SimpleNamespace(
+        cfg={**cfg, "seed": 0},
+        out=tmp_path,
+        reference=(types.SimpleNamespace(state_dict=dict, config=None), tok),
+        prefix_caches=types.SimpleNamespace(get=lambda *a: None),
+    )
+    for _ in range(2):
+        with pytest.raises(SavedOnSigterm):
+            demo.stage_train_qsharp(ctx, "qsharp@0.5")
+    demo.stage_train_qsharp(ctx, "qsharp@0.5")
+    assert runs == [0, 1]  # the complete run was not trained again
+    assert written[-1][0]["train_seconds"] == 20  # 10 s before the stop, 10 s after
+    assert not (tmp_path / "runs" / "qsharp" / "train_stopped.json").exists()

@@ -137,9 +137,10 @@ from shiq_train.checkpoint import gather_full_parameters, latest_step_dir, read_
 from shiq_train.export import full_parameters_from_checkpoint
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
 from shiq_train.objectives import LOSS_NAMES, LOSSES
-from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+from shiq_train.qsharp_train import RESUME_FILE, ValueTrainConfig, train_value_model
 from shiq_train.qsharp_value import load_value_model
 from shiq_train.reference import hf_stats_fn
+from shiq_train.trainer import SavedOnSigterm
 
 CONFIG = config_dir() / "demo.yaml"
 # the losses that train the policy (not qsharp_value: Q♯'s value model trains in its own arm), and Q♯ guided decoding
@@ -893,26 +894,37 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
     q, t, d = ctx.cfg["methods"]["qsharp"], ctx.cfg["train"], ctx.cfg["data"]
     run = ctx.out / "runs" / "qsharp"
     value_dir, timing = run / "value", run / "train.json"
+    # the seconds of the value runs a SIGTERM stopped (saved for the next to resume), for train.json's total
+    stopped = run / "train_stopped.json"
     ref, tok = ctx.reference
     if not timing.exists():
+        before = 0.0
+        if stopped.is_file() and (value_dir / RESUME_FILE).is_file():  # (none resumed: none counted)
+            before = float(read_json(stopped, keys=("train_seconds",))["train_seconds"])
         t0 = time.perf_counter()
-        train_value_model(
-            ctx.out / "buffer",
-            value_dir,
-            ref.state_dict(),
-            ref.config,
-            ValueTrainConfig(
-                steps=q["steps"],
-                rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
-                lr=q["lr"],
-                num_atoms=q["num_atoms"],
-                trainable_last_layers=q["trainable_last_layers"],
-                seed=ctx.cfg["seed"],
-                share_prefixes=t.get("share_prefixes", False),
-            ),
-            prefix_cache=ctx.prefix_caches.get("buffer", q["trainable_last_layers"]),
-        )
-        atomic_write_json(timing, {"train_seconds": time.perf_counter() - t0, "steps": q["steps"]})
+        try:
+            train_value_model(
+                ctx.out / "buffer",
+                value_dir,
+                ref.state_dict(),
+                ref.config,
+                ValueTrainConfig(
+                    steps=q["steps"],
+                    rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
+                    lr=q["lr"],
+                    num_atoms=q["num_atoms"],
+                    trainable_last_layers=q["trainable_last_layers"],
+                    seed=ctx.cfg["seed"],
+                    share_prefixes=t.get("share_prefixes", False),
+                ),
+                prefix_cache=ctx.prefix_caches.get("buffer", q["trainable_last_layers"]),
+            )
+        except SavedOnSigterm as e:  # the step under way saved: the rerun resumes there, or the run is complete
+            seconds = {"train_seconds": before + time.perf_counter() - t0, "steps": q["steps"]}
+            atomic_write_json(timing if e.complete else stopped, seconds)
+            raise
+        atomic_write_json(timing, {"train_seconds": before + time.perf_counter() - t0, "steps": q["steps"]})
+    stopped.unlink(missing_ok=True)
     value = load_value_model(value_dir)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     beta = arm_beta(ctx.cfg, arm)
