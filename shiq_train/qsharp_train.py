@@ -462,38 +462,42 @@ def train_value_model(
         bar = tqdm(
             range(start, cfg.steps), initial=start, total=cfg.steps, desc="train value", disable=not cfg.progress
         )
-        # the trunk runs only the layers after a cached prefix
-        with narrowed, sigterm_requests(cfg.save_on_sigterm) as stop_requested:
-            for step in bar:
-                mbs = sampler.next_micro_batches()
-                opt.zero_grad(set_to_none=True)
-                sums: dict[str, float] = {}
-                # the step's loss is the mean over all its actions (SHIQ_MATH §8): a micro-batch weighs by its
-                # share of them (one micro-batch: weight 1, the mean itself)
-                rows = [len(mb["tokens"]) for mb in mbs]  # reward is a mean over rows: weighed by them
-                for mb, w, r in zip(mbs, action_weights(mbs), rows, strict=True):
-                    mb = {k: v.to(parallel.device()) for k, v in mb.items()}
-                    cached = prefix_cache.gather(mb) if prefix_cache is not None else None
-                    tree = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=ratio) if ratio else None
-                    logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
-                    loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
-                    (loss * w).backward()
-                    for k, v in metrics.items():  # value_ce (the step's loss) and the other means over actions: w
-                        sums[k] = sums.get(k, 0.0) + v * (r / sum(rows) if k == "reward" else w)
-                if cfg.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.clip_grad)
-                opt.step()
-                lr_schedule.step()
-                history.append({"step": step + 1, **sums})
-                stopped = stop_requested()  # a SIGTERM: this step is saved, then the run stops
-                if step + 1 == cfg.steps:  # the value model itself is saved below
-                    break
-                if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                    save_resume_state(out, step + 1, key, trained, opt, lr_schedule, sampler, history)
-                if stopped:
-                    raise SavedOnSigterm(step + 1)
-        info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
-        save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
-        if stopped:
-            raise SavedOnSigterm(cfg.steps, complete=True)
+        # a SIGTERM during the final save waits for its end, as one during a step does
+        with sigterm_requests(cfg.save_on_sigterm) as stop_requested:
+            with narrowed:  # the trunk runs only the layers after a cached prefix
+                for step in bar:
+                    mbs = sampler.next_micro_batches()
+                    opt.zero_grad(set_to_none=True)
+                    sums: dict[str, float] = {}
+                    # the step's loss is the mean over all its actions (SHIQ_MATH §8): a micro-batch weighs by its
+                    # share of them (one micro-batch: weight 1, the mean itself)
+                    rows = [len(mb["tokens"]) for mb in mbs]  # reward is a mean over rows: weighed by them
+                    for mb, w, r in zip(mbs, action_weights(mbs), rows, strict=True):
+                        mb = {k: v.to(parallel.device()) for k, v in mb.items()}
+                        cached = prefix_cache.gather(mb) if prefix_cache is not None else None
+                        tree = prefix_tree.build(mb["tokens"], mb["lengths"], cost_ratio=ratio) if ratio else None
+                        logits = model(mb["tokens"], mb.get("segment_ids"), decoder_input=cached, prefix_tree=tree)
+                        loss, metrics = qsharp_value_loss(logits, mb, atoms, cfg.gamma)
+                        (loss * w).backward()
+                        for k, v in metrics.items():  # value_ce (the step's loss) and the other means over actions: w
+                            sums[k] = sums.get(k, 0.0) + v * (r / sum(rows) if k == "reward" else w)
+                    if cfg.clip_grad > 0:
+                        torch.nn.utils.clip_grad_norm_(
+                            [p for g in opt.param_groups for p in g["params"]], cfg.clip_grad
+                        )
+                    opt.step()
+                    lr_schedule.step()
+                    history.append({"step": step + 1, **sums})
+                    stopped = stop_requested()  # a SIGTERM: this step is saved, then the run stops
+                    if step + 1 == cfg.steps:  # the value model itself is saved below
+                        break
+                    if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                        save_resume_state(out, step + 1, key, trained, opt, lr_schedule, sampler, history)
+                    if stopped:
+                        raise SavedOnSigterm(step + 1)
+            info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
+            # (the whole trunk again, not narrowed)
+            save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
+            if stopped or stop_requested():  # the run is complete: the caller stops too
+                raise SavedOnSigterm(cfg.steps, complete=True)
     return Path(out_dir)

@@ -1069,6 +1069,21 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
         train("last")
     assert stopped.value.step == 6 and stopped.value.complete and metrics("last") == metrics("straight")
 
+    # a SIGTERM during the final save (after the last step's check) killed the process, losing every step since
+    # the last save_every: it now waits for the save's end
+    monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
+    saving = qsharp_train.save_value_model
+
+    def save_value_model(*args, **kw):
+        assert signal.getsignal(signal.SIGTERM) != signal.SIG_DFL, "a SIGTERM now would end the process"
+        os.kill(os.getpid(), signal.SIGTERM)
+        return saving(*args, **kw)
+
+    monkeypatch.setattr(qsharp_train, "save_value_model", save_value_model)
+    with pytest.raises(SavedOnSigterm) as stopped:
+        train("saving")
+    assert stopped.value.step == 6 and stopped.value.complete and metrics("saving") == metrics("straight")
+
 
 def test_a_value_run_reads_when_to_save_from_the_run_config():
     """shiq-train loss=qsharp_value refused train.save_every (it saved only at the end); it now reads it and
