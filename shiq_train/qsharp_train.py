@@ -292,13 +292,17 @@ RESUME_FILE = "resume.pt"  # in a value run's output folder while it trains: wha
 RESUME_FREE = ("progress", "save_every", "save_on_sigterm")
 
 
-def resume_key(cfg: ValueTrainConfig, atoms: torch.Tensor, meta: dict | None) -> str:
+def resume_key(cfg: ValueTrainConfig, atoms: torch.Tensor, meta: dict | None, hf_config) -> str:
     """What a saved state must have been trained with to be resumed: the settings that shape the training
-    (``cfg`` but ``RESUME_FREE``), the atoms and the reference's SHA-256 if ``meta`` records it, as JSON."""
+    (``cfg`` but ``RESUME_FREE``), the atoms, the trunk's Hugging Face config (it builds the model) and the
+    reference's SHA-256 if ``meta`` records it, as JSON."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}
     reference = (meta or {}).get("reference_sha256")
+    trunk = json.loads(hf_config.to_json_string(use_diff=False))
+    trunk.pop("_name_or_path", None)  # where it was read from, not what it builds
     return json.dumps(
-        {"settings": settings, "atoms": [float(a) for a in atoms], "reference": reference}, sort_keys=True
+        {"settings": settings, "atoms": [float(a) for a in atoms], "reference": reference, "trunk": trunk},
+        sort_keys=True,
     )
 
 
@@ -455,7 +459,7 @@ def train_value_model(
         if cfg.share_prefixes:
             prefix_tree.check_model(unwrap(model.trunk))
             ratio = prefix_tree.cost_ratio(unwrap(model.trunk).config)
-        key, start, stopped, trained = resume_key(cfg, atoms, meta), 0, False, _trained(model)
+        key, start, stopped, trained = resume_key(cfg, atoms, meta, hf_config), 0, False, _trained(model)
         if (out / RESUME_FILE).is_file():
             start, history = load_resume_state(out, key, trained, opt, lr_schedule, sampler, cfg.steps)
             logger.info(f"train value: resumed from step {start} ({out / RESUME_FILE})")

@@ -1061,6 +1061,10 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
     with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
         train("killed", lr=2e-3)
+    other = tiny_llama(4)
+    other.config.rms_norm_eps = 1e-3  # the same weights under another config: another model
+    with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
+        train_value_model(tmp_path / "buf", tmp_path / "killed", other.state_dict(), other.config, cfg)
     train("killed", save_every=3)  # (when to save does not change the model)
     assert metrics("killed") == metrics("straight")
 
