@@ -608,20 +608,28 @@ def _metric_lines(path: Path) -> list[str]:
     return lines
 
 
-WANDB_RUN_ID = "wandb_run_id"  # in the run folder: the W&B run a resume logs to
+WANDB_RUN_ID = "wandb_run.json"  # in the run folder: the W&B run a resume logs to, and the folder it logged from
 
 
 def _wandb_run_id(out_dir: Path) -> str | None:
-    """The W&B run id a run folder recorded (``WANDB_RUN_ID``), or None (none recorded, or not an id: a new W&B
-    run is started, with a warning)."""
+    """The W&B run id a run folder recorded (``WANDB_RUN_ID``), or None: none recorded, one recorded by the
+    folder this was copied or moved from (its resume would log into that folder's W&B run), or not an id (a new
+    W&B run is started, said in one line)."""
     path = out_dir / WANDB_RUN_ID
     if not path.is_file():
         return None
-    text = path.read_text(errors="replace").strip()
-    if re.fullmatch(r"[A-Za-z0-9_-]{1,64}", text) is None:
-        logger.warning(f"{path}: not a W&B run id ({text[:40]!r}): the resume starts a new W&B run")
+    try:
+        record = json.loads(path.read_text(errors="replace"))
+    except ValueError:
+        record = None
+    run_id = record.get("id") if isinstance(record, dict) else None
+    if not isinstance(run_id, str) or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id) is None:
+        logger.warning(f"{path}: not a W&B run record: the resume starts a new W&B run")
         return None
-    return text
+    if record.get("folder") != str(out_dir.resolve()):
+        logger.info(f"{path}: written in {record.get('folder')!r}, not here: the resume starts a new W&B run")
+        return None
+    return run_id
 
 
 class _MetricLog:
@@ -670,7 +678,8 @@ class _MetricLog:
                 **({"id": earlier, "resume": "allow"} if earlier else {}),
             )
             if getattr(self.wandb, "id", None) != earlier:
-                atomic_write_text(out_dir / WANDB_RUN_ID, f"{self.wandb.id}\n")
+                record = {"id": self.wandb.id, "folder": str(out_dir.resolve())}
+                atomic_write_text(out_dir / WANDB_RUN_ID, json.dumps(record) + "\n")
 
     def write(self, metrics: dict):
         if not self.active:

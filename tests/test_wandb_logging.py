@@ -71,8 +71,11 @@ def test_without_the_package_the_command_says_how_to_install_it(tmp_path, monkey
 
 def test_a_resumed_run_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
     """Every resume started a new W&B run, so a preempted run's curve was split over as many runs as it had
-    resumes. The run folder records its W&B run's id; a resume continues that run (``resume="allow"``); a start
-    from step 0 begins a new one, and a recorded id that is not one is not sent (a new run, with a warning)."""
+    resumes. The run folder records its W&B run's id and its own path; a resume continues that run
+    (``resume="allow"``); a start from step 0 begins a new one, as does a copy of the folder elsewhere (it would
+    log into the original's run) or a record that is not one."""
+    import shutil
+
     runs = []
 
     def init(**kw):
@@ -83,17 +86,25 @@ def test_a_resumed_run_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
     out, cfg = tmp_path / "run", T.LoggingConfig(wandb=True)
 
-    def start(step):
-        log = T._MetricLog(out, step, True, False, cfg)
+    def start(step, folder=out):
+        log = T._MetricLog(folder, step, True, False, cfg)
         log.write({"step": step + 1, "loss": 0.5})
         log.close()
         return runs[-1].init
 
+    def recorded(folder=out):
+        return json.loads((folder / T.WANDB_RUN_ID).read_text())
+
     assert "id" not in start(0) and "resume" not in runs[-1].init
-    assert (out / T.WANDB_RUN_ID).read_text() == "new1\n"
+    assert recorded() == {"id": "new1", "folder": str(out.resolve())}
     assert start(1) == {**runs[0].init, "id": "new1", "resume": "allow"}
     assert "id" not in start(0)  # trained again from step 0: a new W&B run, recorded
-    assert (out / T.WANDB_RUN_ID).read_text() == "new3\n"
-    (out / T.WANDB_RUN_ID).write_text("../../etc\n")
-    assert "id" not in start(2)
-    assert (out / T.WANDB_RUN_ID).read_text() == "new4\n"
+    assert recorded()["id"] == "new3"
+    shutil.copytree(out, tmp_path / "copy")
+    assert "id" not in start(1, tmp_path / "copy")  # not the original's run
+    assert recorded(tmp_path / "copy") == {"id": "new4", "folder": str((tmp_path / "copy").resolve())}
+    assert start(2)["id"] == "new3"  # the original still resumes its own
+    for bad in ("../../etc\n", "[1]", '{"id": "a/b"}'):
+        (out / T.WANDB_RUN_ID).write_text(bad)
+        assert "id" not in start(2)
+        assert recorded()["id"] == runs[-1].id
