@@ -235,6 +235,14 @@ def read_saved_row(path: Path, key: dict, scenarios: bool) -> dict:
     return out
 
 
+def row_summary(row: dict) -> str:
+    """A result row's reward and KLs, for its log line."""
+    return (
+        f"reward {row['reward_mean']:.4g} ± {error_text(row['reward_stderr'], '.2g')}, KL {row['kl_exact']:.4g} "
+        f"(sample estimate {row['kl_sample']:.4g})"
+    )
+
+
 def row_key(identity: dict, context: dict) -> dict:
     """What a row depends on: its ``identity`` (label, method, beta, top-k, step, checkpoint, weights SHA-256 and
     the suite's fields) and the ``context`` every row of a run shares beyond the suite fingerprint (reference,
@@ -903,26 +911,23 @@ def run(args) -> list[dict]:
             key = row_key(identity, {**shared, "config_sha256": config_sha256(info["hf_config"])})
             if (row := saved.get(key, scenarios is not None)) is not None:
                 rows.append(row)
-                continue
-            logits, sampler = engine.policy(info)
-            res = evaluate_policy(
-                logits,
-                ref_logits,
-                tokenizer,
-                prompt_ids,
-                shown_k,
-                scorer,
-                sampler=sampler,
-                temperature=sampling.temperature,
-                **kw,
-            )
-            rows.append(cluster_by_scenario({**identity, **res.as_dict()}, scenarios))
-            saved.put(key, rows[-1])
-            if lead and not args.quiet:
-                log.info(
-                    f"{info['run']} ({info['method']}) step {info['step']}: reward {res.reward_mean:.4g} ± "
-                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {res.kl_exact:.4g} (sample estimate {res.kl_sample:.4g})"
+            else:
+                logits, sampler = engine.policy(info)
+                res = evaluate_policy(
+                    logits,
+                    ref_logits,
+                    tokenizer,
+                    prompt_ids,
+                    shown_k,
+                    scorer,
+                    sampler=sampler,
+                    temperature=sampling.temperature,
+                    **kw,
                 )
+                rows.append(cluster_by_scenario({**identity, **res.as_dict()}, scenarios))
+                saved.put(key, rows[-1])
+            if lead and not args.quiet:  # (a reused row's too: the run's lines are every row's)
+                log.info(f"{info['run']} ({info['method']}) step {info['step']}: {row_summary(rows[-1])}")
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             identity = {
                 "run": Path(os.path.abspath(args.guide)).name,
@@ -945,11 +950,7 @@ def run(args) -> list[dict]:
                 )
                 saved.put(key, rows[-1])
             if lead and not args.quiet:
-                log.info(
-                    f"qsharp (beta {args.beta}, top-k {args.top_k}): reward {rows[-1]['reward_mean']:.4g} ± "
-                    f"{error_text(rows[-1]['reward_stderr'], '.2g')}, KL {rows[-1]['kl_exact']:.4g} (sample estimate "
-                    f"{rows[-1]['kl_sample']:.4g})"
-                )
+                log.info(f"qsharp (beta {args.beta}, top-k {args.top_k}): {row_summary(rows[-1])}")
     if not lead:
         return [ref_row] + rows
     if saved.reused:
