@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -123,20 +124,7 @@ RUN_COLUMNS = [
 
 ROWS_FOLDER = ".rows"  # in --out: the rows of a run not finished yet, one JSON file each
 ROW_FORMAT = "shiq-eval-row"
-# the fields of an evaluation's result (EvalResult.as_dict) and those cluster_by_scenario adds
-RESULT_FIELDS = (
-    "reward_mean",
-    "reward_stderr",
-    "kl_sample",
-    "kl_sample_stderr",
-    "kl_exact",
-    "kl_exact_stderr",
-    "n",
-    "samples",
-    "rewards",
-    "kls_exact",
-    "kls_sample",
-)
+# the fields cluster_by_scenario adds to an evaluation's result (shiq_eval.evaluate.EvalResult)
 CLUSTER_FIELDS = ("stderr_note", "n_scenarios")
 SAVED_ROW_FIELDS = {"format", "key", "row", "sha256"}  # a saved row's file
 
@@ -204,14 +192,17 @@ def read_saved_row(path: Path, key: dict, scenarios: bool) -> dict:
     if not isinstance(row, dict) or saved["sha256"] != _row_sha256(key, row):
         raise ValueError(f"{path}: its checksum does not fit its contents (changed or damaged)")
     identity = key["row"]
-    want = set(identity) | set(RESULT_FIELDS) | (set(CLUSTER_FIELDS) if scenarios else set())
+    from shiq_eval.evaluate import EvalResult  # heavy: torch (loaded by then)
+
+    result_fields = [f.name for f in dataclasses.fields(EvalResult)]
+    want = set(identity) | set(result_fields) | (set(CLUSTER_FIELDS) if scenarios else set())
     if set(row) != want:
         raise ValueError(f"{path}: field{'s' * (len(set(row) ^ want) != 1)} {sorted(set(row) ^ want)} missing or extra")
     for name, value in identity.items():
         if row[name] != value:
             raise ValueError(f"{path}: field {name!r} is not this row's")
     out = dict(row)
-    for name in RESULT_FIELDS:
+    for name in result_fields:
         value = row[name]
         if is_error_key(name) and value is None:
             out[name] = float("nan")  # undefined (one prompt or scenario), as evaluated

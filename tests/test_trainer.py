@@ -164,12 +164,22 @@ def test_a_run_that_stops_on_an_error_marks_its_wandb_run_failed(dist1, tmp_path
     assert finished == [{"exit_code": 1}, {}]
 
 
-def test_a_run_saved_on_sigterm_marks_its_wandb_run_preempted_with_the_status_it_ends_with(
-    dist1, tmp_path, monkeypatch
+@pytest.mark.parametrize(
+    "steps, stop_at, complete, want",
+    [
+        (5, 2, False, [("mark_preempting", {}), ("finish", {"exit_code": 143})]),
+        (3, 4, True, [("finish", {})]),
+    ],
+    ids=["resumable", "last-step"],
+)
+def test_a_run_saved_on_sigterm_marks_its_wandb_run_as_what_is_left(
+    dist1, tmp_path, monkeypatch, steps, stop_at, complete, want
 ):
     """A run stopped by SIGTERM once its step is saved (resumable, ending with status 143) was marked failed with
     exit code 1 in W&B, like a crash. It is marked preempting (W&B's record of a run to be resumed) and finished
-    with exit code 143, the status the process ends with."""
+    with exit code 143, the status the process ends with. A SIGTERM during the last step saves it and the run is
+    complete (SavedOnSigterm.complete: the command says so): its W&B run finishes as a whole run's does, not
+    preempting and failed, waiting for a resume that has nothing left to do."""
     import os
     import signal
     import sys
@@ -186,51 +196,18 @@ def test_a_run_saved_on_sigterm_marks_its_wandb_run_preempted_with_the_status_it
         mark_preempting=lambda: calls.append(("mark_preempting", {})),
     )
     monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
-    train_cfg = TrainConfig(steps=5, progress=False, tensorboard=False)
+    train_cfg = TrainConfig(steps=steps, progress=False, tensorboard=False)
     trainer = Trainer(
         M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path,
         logging_cfg=LoggingConfig(wandb=True),
     )  # fmt: skip
     source = Synthetic()
     nxt = source.next_micro_batches
-    source.next_micro_batches = lambda: (os.kill(os.getpid(), signal.SIGTERM) if source.pos == 2 else None, nxt())[1]
-    with pytest.raises(SavedOnSigterm):
-        trainer.fit(source)
-    assert calls == [("mark_preempting", {}), ("finish", {"exit_code": 143})]
-
-
-def test_a_run_stopped_by_sigterm_in_its_last_step_finishes_its_wandb_run(dist1, tmp_path, monkeypatch):
-    """A SIGTERM during the last step saves it and the run is complete (SavedOnSigterm.complete: the command says
-    so), but its W&B run was marked preempting and failed with exit code 143, waiting for a resume that has
-    nothing left to do. It finishes as a whole run's does."""
-    import os
-    import signal
-    import sys
-    import types
-
-    from shiq_train.trainer import LoggingConfig, SavedOnSigterm
-
-    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:  # the trainer would leave SIGTERM to its handler
-        pytest.skip("SIGTERM is handled by the test runner")
-    calls = []
-    run = types.SimpleNamespace(
-        log=lambda values, step: None,
-        finish=lambda **kw: calls.append(("finish", kw)),
-        mark_preempting=lambda: calls.append(("mark_preempting", {})),
-    )
-    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kw: run))
-    train_cfg = TrainConfig(steps=3, progress=False, tensorboard=False)
-    trainer = Trainer(
-        M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path,
-        logging_cfg=LoggingConfig(wandb=True),
-    )  # fmt: skip
-    source = Synthetic()
-    nxt = source.next_micro_batches
-    source.next_micro_batches = lambda: (os.kill(os.getpid(), signal.SIGTERM) if source.pos == 4 else None, nxt())[1]
+    kill = lambda: os.kill(os.getpid(), signal.SIGTERM) if source.pos == stop_at else None  # noqa: E731
+    source.next_micro_batches = lambda: (kill(), nxt())[1]
     with pytest.raises(SavedOnSigterm) as stopped:
         trainer.fit(source)
-    assert stopped.value.complete and stopped.value.step == 3
-    assert calls == [("finish", {})]
+    assert stopped.value.complete == complete and calls == want
 
 
 def test_resumed_run_equals_uninterrupted_run(dist1, tmp_path):
