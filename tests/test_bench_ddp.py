@@ -1,4 +1,5 @@
-"""tools/bench_ddp.py: the methods' order is reversed every other timed step (fake models, no process group)."""
+"""tools/bench_ddp.py: the methods' order is reversed every other timed step, and their losses must agree step for
+step (fake models, no process group; one tiny real run at DP=2)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ def test_the_order_is_reversed_every_other_step(monkeypatch, tmp_path):
     def fake_build(method, args, dtype):
         def step(mbs, loss_fn):
             calls.append(method)
+            return 1.0
 
         step.model = None
         return object(), step
@@ -32,6 +34,7 @@ def test_the_order_is_reversed_every_other_step(monkeypatch, tmp_path):
     monkeypatch.setattr(B, "state_bytes", lambda method, opt: 0)
     monkeypatch.setattr(B, "save_times", lambda *a: {})
     monkeypatch.setattr(shiq_train.parallel, "distributed", lambda **kw: contextlib.nullcontext())
+    monkeypatch.setattr(shiq_train.parallel, "set_seed", lambda seed: None)
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
     monkeypatch.setattr(torch, "save", lambda obj, path: saved.update(obj))
     args = B.parse_args(["--dp", "2", "--reps", "3", "--threads", "1"])
@@ -70,3 +73,95 @@ def test_checkpoint_saves_alternate(monkeypatch, tmp_path):
     for m in held:
         assert len(out[m]["seconds"]) == 3 and out[m]["files"] == {"rank_0.pt": 8}
         assert out[m]["weights"] == 6 * 4 and out[m]["state"] == 4
+
+
+def _fake_worker_run(monkeypatch, tmp_path, loss_of):
+    """``B.main`` at DP=2 with :func:`B.worker` in this process (fake models whose step ``k`` of ``method``
+    returns ``loss_of(method, k)``) for both ranks: what it returns."""
+    import torch
+    import torch.distributed
+    import torch.multiprocessing
+
+    import shiq_train.parallel
+
+    def fake_build(method, args, dtype):
+        done = []
+
+        def step(mbs, loss_fn):
+            done.append(None)
+            return loss_of(method, len(done) - 1)
+
+        step.model = None
+        return object(), step
+
+    monkeypatch.setattr(B, "build", fake_build)
+    monkeypatch.setattr(B, "state_bytes", lambda method, opt: 4)
+    ckpt = {"seconds": [0.1], "files": {"rank_0.pt": 8}, "weights": 4, "state": 4}
+    monkeypatch.setattr(B, "save_times", lambda *a: {"per-parameter": ckpt, "distributed": ckpt})
+    monkeypatch.setattr(shiq_train.parallel, "distributed", lambda **kw: contextlib.nullcontext())
+    monkeypatch.setattr(shiq_train.parallel, "set_seed", lambda seed: None)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
+
+    def spawn(fn, args, nprocs, join):
+        for rank in range(nprocs):
+            fn(rank, *args)
+
+    monkeypatch.setattr(torch.multiprocessing, "spawn", spawn)
+    return B.main(["--dp", "2", "--reps", "3", "--threads", "1"])
+
+
+def test_a_method_whose_loss_differs_gets_no_time_table(monkeypatch, tmp_path, capsys):
+    """The methods used to start from different weights and nothing compared their losses: a time table was
+    printed whatever they computed."""
+    off = lambda method, k: 2.0 + (1e-3 if method == "distributed" and k == 2 else 0.0)  # noqa: E731
+    assert _fake_worker_run(monkeypatch, tmp_path, off) == 1
+    out, err = capsys.readouterr()
+    assert "median s/step" not in out and "losses agree" not in out
+    line = [x for x in err.splitlines() if "losses differ" in x]
+    assert len(line) == 1 and "per-parameter" in line[0] and "distributed" in line[0] and "at step 2" in line[0]
+
+
+def test_agreeing_losses_print_the_largest_difference(monkeypatch, tmp_path, capsys):
+    near = lambda method, k: 2.0 - 0.1 * k + (4e-6 if method == "megatron DDP" else 0.0)  # noqa: E731
+    assert _fake_worker_run(monkeypatch, tmp_path, near) == 0
+    out = capsys.readouterr().out
+    assert "median s/step" in out
+    assert "losses agree across methods: max |diff| = 4e-06 over 4 steps" in out
+
+
+def test_the_losses_are_checked_on_every_rank():
+    assert B.check_losses({m: [3.0, 2.0] for m in B.METHODS}) == (0.0, None)
+    diff, line = B.check_losses({"per-parameter": [3.0, 2.0], "megatron DDP": [3.1, 2.0], "distributed": [3.0, 2.0]})
+    assert line.startswith("losses differ across methods: per-parameter 3 and megatron DDP 3.1 at step 0 (warm-up)")
+    assert B.check_losses({"per-parameter": [1.0], "megatron DDP": [float("nan")], "distributed": [1.0]})[1]
+
+
+def test_a_tiny_real_run_agrees(capsys):
+    """Three real methods at DP=2 (gloo processes): the same starting weights and AdamW settings, the same losses."""
+    assert (
+        B.main(
+            [
+                "--dp",
+                "2",
+                "--reps",
+                "1",
+                "--hidden",
+                "32",
+                "--heads",
+                "2",
+                "--layers",
+                "1",
+                "--vocab",
+                "64",
+                "--seq",
+                "8",
+                "--batch",
+                "2",
+                "--micro-batches",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "losses agree across methods: max |diff| = " in out and "over 2 steps" in out

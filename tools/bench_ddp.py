@@ -14,7 +14,12 @@ micro-batches for every method. Methods:
 Memory: bytes of optimizer state on each rank after a step (``shiq_train.dist_optim.optimizer_state_bytes``:
 AdamW moments and step counts, and float32 master copies), for float32 and bfloat16 parameters, at each
 data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C, then C B A, ...) after a warm-up each,
-median per method and its ratio to ``per-parameter``, at each data-parallel size above 1.
+median per method and its ratio to ``per-parameter``, at each data-parallel size above 1. The timed methods start
+from the same weights (``shiq_train.parallel.set_seed(0)`` before each build) and the same AdamW settings (a
+constant learning rate: ``megatron DDP`` has no scheduler, the others' ``LambdaLR`` keeps the rate), and each rank
+checks that their losses (the data-parallel mean) agree step for step, the warm-up included, within
+``LOSS_RTOL`` x max(1, |loss|): the largest difference is printed under the time table; when they differ, no time
+table, one line naming the methods and the step, and exit status 1.
 
 Checkpoints (``shiq_train.checkpoint.save_checkpoint``, float32, ``per-parameter`` and ``distributed``): the bytes
 all ranks write against the state they hold once (the weights once, the optimizer state of one rank for
@@ -76,7 +81,10 @@ def micro_batches(args, rank):
 
 
 def megatron_ddp(model, opt_cfg):
-    """megatron's DDP and non-distributed optimizer (FP32Optimizer, or Float16 with float32 masters)."""
+    """megatron's DDP and non-distributed optimizer (FP32Optimizer, or Float16 with float32 masters), with the
+    AdamW settings of ``opt_cfg`` as ``shiq_train.dist_optim.build_distributed`` passes them. No learning-rate
+    scheduler: ``opt_cfg``'s schedule is constant (no warm-up, no decay), so the other methods' ``LambdaLR``
+    keeps their rate at ``opt_cfg.lr`` too."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamPredicate, get_megatron_optimizer
@@ -86,25 +94,38 @@ def megatron_ddp(model, opt_cfg):
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
+    assert opt_cfg.warmup_steps == 0 and opt_cfg.decay_steps == 0  # a constant rate: no scheduler needed
     mcfg = OptimizerConfig(
-        lr=opt_cfg.lr, clip_grad=opt_cfg.clip_grad, bf16=bf16, params_dtype=model.config.params_dtype
+        optimizer="adam",
+        lr=opt_cfg.lr,
+        weight_decay=opt_cfg.weight_decay,
+        adam_beta1=opt_cfg.adam_beta1,
+        adam_beta2=opt_cfg.adam_beta2,
+        adam_eps=opt_cfg.adam_eps,
+        clip_grad=opt_cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=model.config.params_dtype,
     )
     no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
     opt = get_megatron_optimizer(mcfg, [ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+    for group in opt.param_groups:  # megatron's own scheduler would apply wd_mult (as in build_distributed)
+        group["weight_decay"] = opt_cfg.weight_decay * group["wd_mult"]
 
     def step(mbs, loss_fn):
         from shiq_train.train_step import forward_backward
 
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        forward_backward(ddp, mbs, loss_fn)
+        loss, _ = forward_backward(ddp, mbs, loss_fn)
         opt.step()
+        return loss
 
     return opt, step
 
 
 def build(method, args, dtype):
-    """``(optimizer, step(micro_batches, loss_fn))`` for a fresh model."""
+    """``(optimizer, step(micro_batches, loss_fn) -> loss)`` for a fresh model (its weights drawn from torch's
+    generator: seed it before each build for the same weights; the loss is the step's, the data-parallel mean)."""
     from shiq_train import model as M
     from shiq_train.dist_optim import build_distributed
     from shiq_train.train_step import OptimizerConfig, build_optimizer, train_step
@@ -125,7 +146,7 @@ def build(method, args, dtype):
         model, opt, sched = build_distributed(model, opt_cfg)
     else:
         opt, sched = build_optimizer(model, opt_cfg)
-    step = lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)  # noqa: E731
+    step = lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)["loss"]  # noqa: E731
     step.model = model  # what a checkpoint saves beside the optimizer
     return opt, step
 
@@ -172,6 +193,33 @@ def save_times(held: dict, args, out_dir) -> dict:
     return out
 
 
+# relative to max(1, |loss|): ~80 float32 ulps; the methods' losses differ by 1-2 ulps (reduction, AdamW order)
+LOSS_RTOL = 1e-5
+
+
+def check_losses(losses: dict) -> tuple[float, str | None]:
+    """``(largest |diff|, None)`` when every method's loss agrees with ``per-parameter``'s at every step within
+    :data:`LOSS_RTOL` (times ``max(1, |loss|)``); else the diff and one line naming the first methods and step
+    that do not (step 0: the warm-up)."""
+    import math
+
+    ref, largest = losses[METHODS[0]], 0.0
+    for m in METHODS[1:]:
+        if len(losses[m]) != len(ref):
+            return math.inf, f"losses differ across methods: {m} took {len(losses[m])} steps, {METHODS[0]} {len(ref)}"
+    for i, a in enumerate(ref):
+        for m in METHODS[1:]:
+            b = losses[m][i]
+            diff = abs(a - b)
+            if not diff <= LOSS_RTOL * max(1.0, abs(a)):  # (a NaN fails too)
+                return diff, (
+                    f"losses differ across methods: {METHODS[0]} {a:.8g} and {m} {b:.8g} at step {i}"
+                    f"{' (warm-up)' if i == 0 else ''}, |diff| {diff:.3g} > {LOSS_RTOL:g} x max(1, |loss|)"
+                )
+            largest = max(largest, diff)
+    return largest, None
+
+
 def worker(rank, world, port, args, out_dir):
     import torch
     import torch.distributed as dist
@@ -203,16 +251,22 @@ def worker(rank, world, port, args, out_dir):
         result["checkpoint"] = save_times(held, args, out_dir)
         del held
         if world > 1:
-            steps = {m: build(m, args, "float32")[1] for m in METHODS}
+            steps = {}
+            for m in METHODS:  # the same starting weights for every method
+                parallel.set_seed(0)
+                steps[m] = build(m, args, "float32")[1]
+            losses = result["loss"] = {m: [] for m in METHODS}  # per method, its steps' losses, warm-up first
             for m in METHODS:  # warm-up
-                steps[m]([dict(mb) for mb in mbs], loss_fn)
+                losses[m].append(float(steps[m]([dict(mb) for mb in mbs], loss_fn)))
             for r in range(args.reps):
                 for m in METHODS if r % 2 == 0 else METHODS[::-1]:  # A B C, then C B A: no method always leads
                     dist.barrier()
                     t0 = time.perf_counter()
-                    steps[m]([dict(mb) for mb in mbs], loss_fn)
+                    loss = steps[m]([dict(mb) for mb in mbs], loss_fn)
                     dist.barrier()
                     result["time"][m].append(time.perf_counter() - t0)
+                    losses[m].append(float(loss))
+            result["loss_check"] = check_losses(losses)  # this rank's verdict: (largest |diff|, mismatch or None)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
@@ -229,6 +283,11 @@ def main(argv=None) -> int:
             print(f"bench_ddp: DP={dp} ...", file=sys.stderr, flush=True)
             mp.spawn(worker, args=(dp, free_port(), args, tmp), nprocs=dp, join=True)
             results[dp] = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(dp)]
+    for dp, ranks in results.items():  # every rank's own check of the methods' losses, step for step
+        for rank, r in enumerate(ranks):
+            if dp > 1 and r["loss_check"][1] is not None:
+                print(f"bench_ddp: DP={dp}, rank {rank}: {r['loss_check'][1]}: no time table", file=sys.stderr)
+                return 1
     load = os.getloadavg()[0]
     print(
         f"\nhidden {args.hidden}, {args.layers} layers, vocab {args.vocab}; {args.micro_batches} micro-batches of "
@@ -276,6 +335,12 @@ def main(argv=None) -> int:
             cells = " | ".join(f"{med[m]:.3f}" for m in METHODS)
             ratios = " | ".join(f"{med[m] / med['per-parameter']:.2f}x" for m in METHODS[1:])
             print(f"| {dp} | {cells} | {ratios} |")
+        largest = max(r["loss_check"][0] for dp in timed for r in results[dp])
+        steps = len(next(iter(results[next(iter(timed))][0]["loss"].values())))
+        print(
+            f"\nlosses agree across methods: max |diff| = {largest:.3g} over {steps} steps (warm-up included) "
+            f"on every rank (tolerance {LOSS_RTOL:g} x max(1, |loss|), the same starting weights)"
+        )
     return 0
 
 
