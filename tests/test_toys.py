@@ -269,6 +269,23 @@ def test_aggregate_spread_is_the_sample_sd_over_seeds(tmp_path):
     assert written["final_regret"] == pytest.approx(one["final_regret"])
 
 
+def test_aggregate_keeps_every_seeds_curve(tmp_path):
+    """RESULTS.md reads paired differences between methods and per-seed crossings at every evaluation, not
+    only at the end: the JSON kept each seed's value at the final step alone, so those statements could not
+    be traced to the command's output. Every seed's curve is kept, in seed order."""
+    rng = np.random.default_rng(4)
+    a, b = rng.gamma(2.0, 0.1, (5, 6)), rng.gamma(2.0, 0.1, (5, 6))
+    runs_a, runs_b = ([{"steps": list(range(6)), "regret": row.tolist()} for row in arr] for arr in (a, b))
+    out_a, out_b = toys.aggregate(runs_a, ["regret"]), toys.aggregate(runs_b, ["regret"])
+    assert out_a["regret_per_seed"] == a.tolist()
+    assert [c[-1] for c in out_a["regret_per_seed"]] == out_a["final_regret_per_seed"]
+    path = tmp_path / "a.json"
+    toys.write_json(str(path), {"methods": {"shiq": out_a, "copg": out_b}})
+    written = json.loads(path.read_text())["methods"]
+    d = np.array(written["shiq"]["regret_per_seed"]) - np.array(written["copg"]["regret_per_seed"])
+    np.testing.assert_allclose(d[:, 3], a[:, 3] - b[:, 3], rtol=1e-12)  # a paired difference mid-curve
+
+
 # ----------------------------------------------------------------------------------------------
 # the CLI
 

@@ -432,7 +432,9 @@ def seed_sd(arr: np.ndarray) -> np.ndarray:
 
 def aggregate(runs: list[dict], keys) -> dict:
     """Mean / sample standard deviation (ddof 1, :func:`seed_sd`) over seeds of each curve, plus final
-    values and per-seed finals."""
+    values and every seed's curve (``{name}_per_seed``, ``[seeds][evaluations]``, in seed order, so
+    paired differences between methods and per-seed crossings can be read from the JSON at any
+    evaluation, not only at the end)."""
     out = {"steps": runs[0]["steps"]}
     for k in keys:
         arr = np.array([r[k] for r in runs])
@@ -444,6 +446,7 @@ def aggregate(runs: list[dict], keys) -> dict:
         out[f"initial_{name}"] = float(arr[:, 0].mean())
         out[f"{name}_mean"] = arr.mean(0).tolist()
         out[f"{name}_std"] = sd.tolist()
+        out[f"{name}_per_seed"] = arr.tolist()
     return out
 
 
