@@ -317,6 +317,16 @@ def config_sha256(folder) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
 
+def require_model_folder(model: str) -> None:
+    """Refuse a ``--model`` that is neither ``smollm2`` nor a folder with a config.json, naming the option (checked
+    before its tokenizer is loaded, whose refusal would name a tokenizer and offer ``gpt2``, no model)."""
+    if model != "smollm2" and not (Path(model) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
+            f"{Path(model) / 'config.json'} does not exist"
+        )
+
+
 def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, dtype=torch.float32, before_load=None):
     """``(hf_model, ref_model_record)`` for ``--model`` (``smollm2`` or a Hugging Face folder), or, with
     ``megatron_checkpoint``, that model's architecture holding the weights of a training checkpoint
@@ -325,11 +335,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
     another model, whose statistics a buffer may not mix with the old ones). ``before_load(record)``, if given, is called with the record but the
     SHA-256 after the quick checks and before the slow reading of the weights (to refuse what the record
     already shows wrong)."""
-    if model != "smollm2" and not (Path(model) / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--model {model!r}: expected smollm2 or a Hugging Face model folder, but "
-            f"{Path(model) / 'config.json'} does not exist"
-        )
+    require_model_folder(model)
     record = {
         "model": model_name(model),
         "tokenizer": tok_info["fingerprint"],
@@ -468,6 +474,7 @@ def run(args: argparse.Namespace) -> int:
     buffer = open_buffer(args.buffer)
     if args.threads:
         torch.set_num_threads(args.threads)
+    require_model_folder(args.model)
     _, tok_info = load_tokenizer(args.model)
     check_tokenizer_matches(buffer.tokenizer_info, tok_info, None, args.buffer)  # before the slow model load
 

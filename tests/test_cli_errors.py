@@ -78,6 +78,7 @@ def files(tmp_path_factory):
     (d / "nonutf8.jsonl").write_bytes(b'{"prompt": "a"}\n{"prompt": "b\xff"}\n')
     (d / "twice.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b", "prompt": "c"}\n')  # (the last won)
     (d / "listcfg").mkdir()  # a Hugging Face folder whose config.json is a JSON list
+    (d / "emptydir").mkdir()  # a folder without a model (or tokenizer) in it
     (d / "listcfg" / "config.json").write_text("[]")
     (d / "listcfg" / "model.safetensors").write_bytes(b"x")
     return d
@@ -143,6 +144,9 @@ CASES = [
     ),
     case("shiq-train", ["ref-stats", "{d}/missing", "--model", "smollm2"], "{d}/missing"),
     case("shiq-train", ["ref-stats", "{d}/badtypes", "--model", "smollm2"], "manifest.json", "'rows'"),
+    # a missing model folder was refused as a tokenizer ("tokenizer '...': expected 'gpt2', 'smollm2' or ...")
+    case("shiq-train", ["ref-stats", "{d}/buf", "--model", "{d}/nomodel"], "--model '{d}/nomodel'", "config.json"),
+    case("shiq-train", ["ref-stats", "{d}/buf", "--model", "{d}/emptydir"], "--model '{d}/emptydir'", "config.json"),
     case(
         "shiq-eval",
         [
