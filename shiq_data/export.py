@@ -18,6 +18,8 @@ is refused too, and the folder is written atomically (:func:`shiq_data.io.atomic
 from __future__ import annotations
 
 import json
+import re
+import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +29,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
-from shiq_data.io import atomic_dir, type_name
+from shiq_data.io import atomic_dir, printable, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.readers.generic import check_record
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
@@ -168,6 +170,16 @@ def _write_hf(buffer: Buffer, folder: Path, bar: tqdm, progress: bool = True) ->
             datasets.enable_progress_bars()
 
 
+def _code(argv: list) -> str:
+    """A recorded command line as a Markdown code span that reruns it: quoted for the shell as ``shiq-data info``
+    prints it (words joined by spaces lost the quotes of a ``--where`` expression), its control characters escaped,
+    and fenced by one more backtick than the longest run in it."""
+    text = printable(shlex.join(map(str, argv)))
+    fence = "`" * (max((len(r) for r in re.findall(r"`+", text)), default=0) + 1)
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
+
+
 def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
     """The ``README.md`` of an export: YAML front matter (licence left empty for the curator), contents,
     schema, and the buffer's lineage (the commands that built it)."""
@@ -212,9 +224,7 @@ def dataset_card(buffer: Buffer, fmt: str, name: str) -> str:
         lines += ["| column | type | meaning |", "|---|---|---|"]
         lines += [f"| {c} | {types.get(c, '?')} | {_MEANING[c]} |" for c in EXPORT_COLUMNS]
     lines += ["", "## Lineage", ""]
-    lines += [
-        f"- {c.get('time')}: +{c.get('rows')} rows: `{' '.join(c.get('argv', []))}`" for c in m.get("commands", [])
-    ]
+    lines += [f"- {c.get('time')}: +{c.get('rows')} rows: {_code(c.get('argv', []))}" for c in m.get("commands", [])]
     if m.get("retokenized_from"):
         lines.append(f"- retokenized from: {json.dumps(m['retokenized_from'])}")
     return "\n".join(lines) + "\n"

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+import shlex
 import shutil
 from pathlib import Path
 
@@ -467,3 +468,25 @@ def test_jsonl_export_refuses_the_text_build_refuses(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert f"{buf / 'shard-00000.arrow'}: row 0: field 'completion': empty completion" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+
+
+def test_the_card_lineage_gives_each_command_as_it_reruns(tmp_path, gpt2, capsys):
+    """The card's lineage joined each recorded command's words with spaces: a --where expression lost its quotes
+    (`--where reward > 0 AND source <> 'x'`, which a shell reads as redirections), where `shiq-data info` quotes it."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [STRINGS[1]])
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
+    where = "reward > -5 AND source <> 'x`y'"
+    assert run("filter", tmp_path / "b", "--where", where, "--out", tmp_path / "f", "--no-progress") == 0
+    assert run("export", tmp_path / "f", "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 0
+    card = (tmp_path / "e" / "README.md").read_text()
+    line = [x for x in card.splitlines() if " filter " in x][0]
+    span = line.split("rows: ", 1)[1]
+    assert span.startswith("`` ") and span.endswith(" ``"), line
+    assert shlex.split(span[3:-3])[2:] == [
+        str(tmp_path / "b"),
+        "--where",
+        where,
+        "--out",
+        str(tmp_path / "f"),
+        "--no-progress",
+    ]
