@@ -743,6 +743,30 @@ def test_chat_completion_needs_a_tokenizer_with_a_chat_template(tmp_path, capsys
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.parametrize(
+    "fmt, record, field",
+    [
+        (
+            "multiturn",
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+            "messages",
+        ),
+        ("hh", {"chosen": "\n\nHuman: Hi\n\nAssistant: Yo", "rejected": "\n\nHuman: Hi\n\nAssistant: No"}, "chosen"),
+        ("ultrafeedback", {"prompt": "Hi", "completions": [{"response": "Yo", "overall_score": 3}]}, "completions[0]"),
+    ],
+)
+def test_the_chat_formats_need_a_tokenizer_with_a_chat_template_in_one_line(tmp_path, capsys, gpt2, fmt, record, field):
+    """hh, ultrafeedback and multiturn with a tokenizer without a chat template (gpt2) ended in transformers' own
+    paragraph ("Cannot use chat template functions because tokenizer.chat_template is not set ... please see the
+    documentation at https://...") where a generic record's chat completion names the fix."""
+    inp = write_jsonl(tmp_path / "in.jsonl", [record])
+    assert main(["build", fmt, str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{inp}: line 1: field '{field}': " in err, err
+    assert "needs a tokenizer with a chat template (e.g. --tokenizer smollm2)" in err and "https" not in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_parquet_chat_completions_equal_jsonl(tmp_path, capsys, smollm2):
     records = CHAT[:2]  # a Parquet column holds one type: string prompts, message-list completions
     pq.write_table(pa.Table.from_pylist(records), tmp_path / "in.parquet")

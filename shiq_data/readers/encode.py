@@ -26,6 +26,7 @@ from shiq_data.io import RowError, type_name
 from shiq_data.schema import INPUT_KEY, fits_float32, input_location, is_finite_number
 
 MESSAGES = "a list of chat messages"
+NO_TEMPLATE = "{what} needs a tokenizer with a chat template (e.g. --tokenizer smollm2); this tokenizer has none"
 
 
 def row_error(path, line, field, problem, row_label: str = "line") -> RowError:
@@ -86,7 +87,10 @@ def encode_messages(
     """:func:`encode_chat` with its errors re-raised naming the file, line (or ``row_label``) and field;
     malformed messages (a buffer's text column written by hand) and empty action turns are refused first, named
     by ``field_of(message index)`` (default ``field``). A chat template that fails on the first ``context``
-    messages alone is named as ``context_field`` (the prompt's), when given."""
+    messages alone is named as ``context_field`` (the prompt's), when given. A tokenizer without a chat template
+    is refused as for a generic record's chat completion (not with transformers' paragraph and link)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise row_error(path, line, field, NO_TEMPLATE.format(what="a conversation"), row_label)
     try:
         check_messages(messages)
     except MessageError as e:
@@ -126,7 +130,7 @@ def _encode_chat_record(record: dict, tokenizer, *, file: str, row: int, row_lab
             file,
             row,
             "completion",
-            f"{MESSAGES} needs a tokenizer with a chat template (e.g. --tokenizer smollm2); this tokenizer has none",
+            NO_TEMPLATE.format(what=MESSAGES),
             row_label=row_label,
         )
     prompt = record["prompt"]
