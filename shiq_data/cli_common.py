@@ -257,6 +257,22 @@ def setup_logging(level: str | int = "INFO") -> None:
             logger.addHandler(handler)
 
 
+def progress_bars_shown(level: str | int) -> bool:
+    """Whether a command run at log ``level`` draws progress bars: INFO (the default) and DEBUG do; WARNING and
+    ERROR keep warnings only, so no bar either (the project's, or transformers' "Loading weights")."""
+    return log_level(level) <= logging.INFO
+
+
+def hide_library_progress_bars() -> None:
+    """Turn off the progress bars transformers and huggingface_hub draw themselves ("Loading weights", "Writing
+    model shards"), for a command asked for none (``--no-progress``, ``--quiet``, a log level above INFO)."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+
+
 def check_output_files(inputs, outputs: dict, overwrite: bool = True) -> None:
     """Refuse, before anything is written, output files (``{option: path or None}``) that are an input, the
     same file as another output, or an existing folder: a command would otherwise replace its own input or

@@ -58,8 +58,10 @@ from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
     folder_path,
+    hide_library_progress_bars,
     int_at_least,
     on_sigterm,
+    progress_bars_shown,
     quiet_optional_dependencies,
     run_command,
     setup_logging,
@@ -722,9 +724,7 @@ def run(args) -> list[dict]:
     from shiq_eval.evaluate import evaluate_policy  # heavy: torch
 
     if args.quiet:  # transformers' own bars too ("Loading weights")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+        hide_library_progress_bars()
     check_results_folder(Path(args.out))
     if (earlier := Path(args.out) / "results.json").exists() and not args.overwrite:
         raise EvalInputError(
@@ -1205,6 +1205,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
     setup_logging(getattr(args, "log_level", "INFO"))
+    if args.command == "run" and not progress_bars_shown(getattr(args, "log_level", "INFO")):
+        args.quiet = True  # WARNING or ERROR: warnings only, no bars (its per-checkpoint lines are INFO)
     # (a stop between rows: the rows finished are saved; SIGTERM, a scheduler's stop, ends as Ctrl-C does)
     hint = " (the same command resumes, reusing the rows it finished)" if args.command == "run" else ""
     with on_sigterm():

@@ -41,8 +41,10 @@ from shiq_data.cli_common import (
     Terminated,
     broken_pipe,
     fail,
+    hide_library_progress_bars,
     interrupted,
     is_user_error,
+    progress_bars_shown,
     quiet_optional_dependencies,
     setup_logging,
     verbose,
@@ -1077,7 +1079,10 @@ def _task(cfg) -> None:
         overrides = list(HydraConfig.get().overrides.task)
         keys = model_keys_given(overrides)
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-        setup_logging(_dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level)
+        level = _dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level
+        setup_logging(level)
+        if not progress_bars_shown(level):  # WARNING or ERROR: warnings only (the training bar: trainer.py)
+            hide_library_progress_bars()
         run(plain, keys, model_keys_given([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "model"]))
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
     except KeyboardInterrupt as e:

@@ -17,7 +17,14 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import ArgumentParser, add_log_level_option, run_command, setup_logging
+from shiq_data.cli_common import (
+    ArgumentParser,
+    add_log_level_option,
+    hide_library_progress_bars,
+    progress_bars_shown,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import atomic_dir, atomic_write_json, one_line, recorded_folder, sha256_files, step_folders
 from shiq_data.tokenizers import BUILTIN_TOKENIZERS, PIPELINE_FIELD, load_tokenizer, pipeline_mismatch
 from shiq_train import weights as W
@@ -334,6 +341,8 @@ def main(argv: list[str]) -> int:
     """``shiq-train export RUN [--step N] --hf OUT``: errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
+    if not progress_bars_shown(getattr(args, "log_level", "INFO")):  # WARNING or ERROR: warnings only
+        hide_library_progress_bars()
     return run_command("shiq-train export", _export, args)
 
 

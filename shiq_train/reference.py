@@ -27,7 +27,9 @@ from shiq_data.cli_common import (
     THREADS_MAX,
     ArgumentParser,
     add_log_level_option,
+    hide_library_progress_bars,
     int_at_least,
+    progress_bars_shown,
     run_command,
     setup_logging,
 )
@@ -550,6 +552,10 @@ def main(argv: list[str]) -> int:
     """``shiq-train ref-stats BUFFER --model ...``: errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
+    if not progress_bars_shown(getattr(args, "log_level", "INFO")):  # WARNING or ERROR: warnings only
+        args.no_progress = True
+    if args.no_progress:
+        hide_library_progress_bars()
     return run_command("shiq-train ref-stats", run, args)
 
 

@@ -357,7 +357,10 @@ class Trainer:
                     "train.cache_frozen_prefix=true needs a data source over a replay buffer (a BufferSampler)"
                 )
             cache = PrefixCache.from_buffer(
-                self.model, buffer, self.cfg.trainable_last_layers, progress=rank0 and self.cfg.progress
+                self.model,
+                buffer,
+                self.cfg.trainable_last_layers,
+                progress=rank0 and self.cfg.progress and logger.isEnabledFor(logging.INFO),
             )
             self._check_cache(cache)
             self.prefix_cache = cache
@@ -373,7 +376,7 @@ class Trainer:
             initial=start,
             total=self.cfg.steps,
             desc=f"train {self.loss_cfg.name}",
-            disable=not (rank0 and self.cfg.progress),
+            disable=not (rank0 and self.cfg.progress and logger.isEnabledFor(logging.INFO)),
             dynamic_ncols=True,
         )
 

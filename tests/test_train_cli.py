@@ -1624,3 +1624,65 @@ def test_a_config_dir_with_a_comma_or_beside_a_searchpath_override_is_checked_as
     assert hydra_error([extra, "-cd", str(mine), "loss=mine", "loss.num_step=4"]) == (
         "loss.num_step: no such setting (did you mean loss.num_steps?)"
     )
+
+
+def test_a_log_level_above_info_shows_no_progress_bar_in_training_ref_stats_export_and_evaluation(tmp_path):
+    """``logging.level=WARNING`` (``--log-level WARNING`` for the subcommands and ``shiq-eval``) keeps warnings
+    only, as the README and every ``--log-level`` help say, and as ``shiq-data`` does: the training bar, the
+    reference statistics' bar, ``shiq-eval run``'s, and transformers' own ("Loading weights", "Writing model
+    shards") were all still drawn."""
+    from data_cli_runs import write_jsonl
+
+    from shiq_data.cli import main as data_main
+
+    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}", "reward": r} for w, r in [("a", 1), ("b", -1)] * 2]
+    assert (
+        data_main(
+            ["build", "jsonl", str(write_jsonl(tmp_path / "in.jsonl", rows)), "--tokenizer", "gpt2"]
+            + ["--out", str(tmp_path / "buf"), "--no-progress"]
+        )
+        == 0
+    )
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Say a."}\n')
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("SHIQ_VERBOSE", None)
+    run, hf = tmp_path / "run", tmp_path / "hf"
+    commands = [
+        [
+            "-m",
+            "shiq_train",
+            f"data.buffer={tmp_path / 'buf'}",
+            f"out={run}",
+            "model.vocab_size=50304",
+            "train.reference=online",
+            "train.steps=1",
+            "train.tensorboard=false",
+            "logging.level=WARNING",
+        ],
+        ["-m", "shiq_train", "export", str(run), "--hf", str(hf), "--log-level", "WARNING"],
+        ["-m", "shiq_train", "ref-stats", str(tmp_path / "buf"), "--model", str(hf), "--log-level", "WARNING"],
+        [
+            "-m",
+            "shiq_eval.cli",
+            "--log-level",
+            "WARNING",
+            "run",
+            str(hf),
+            "--out",
+            str(tmp_path / "eval"),
+            "--reference",
+            str(hf),
+            "--prompts",
+            str(tmp_path / "prompts.jsonl"),
+            "--scorer",
+            "vader",
+            "--max-new-tokens",
+            "2",
+        ],
+    ]
+    for argv in commands:
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stderr == "", (argv[:3], proc.stderr[-3000:])
