@@ -308,7 +308,9 @@ class Buffer:
     def row(self, i: int) -> dict:
         """Row ``i`` as a dict of Python values and lists."""
         if not -len(self) <= i < len(self):
-            raise IndexError(f"row {i} out of range for a buffer of {len(self)} rows ({self.path})")
+            raise IndexError(
+                f"row {i} out of range for a buffer of {len(self)} row{'s' * (len(self) != 1)} ({self.path})"
+            )
         return self.table.slice(i % len(self), 1).to_pylist()[0]
 
     def to_datasets(self):

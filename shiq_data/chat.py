@@ -333,7 +333,10 @@ def encode_chat(
         mask[start:end] = [True] * (end - start)
     if turn_rewards is not None:
         if len(turn_rewards) != len(spans):
-            raise ValueError(f"turn_rewards has {len(turn_rewards)} entries but there are {len(spans)} action turns")
+            raise ValueError(
+                f"turn_rewards has {len(turn_rewards)} entr{'y' if len(turn_rewards) == 1 else 'ies'} but there "
+                f"{'is 1 action turn' if len(spans) == 1 else f'are {len(spans)} action turns'}"
+            )
         for (_, end), r in zip(spans, turn_rewards):
             rewards[end - 1] = float(r or 0.0)
     elif completion_reward is not None:

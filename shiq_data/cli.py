@@ -31,6 +31,7 @@ from shiq_data.cli_common import (
     int_at_least,
     log_level,
     on_sigterm,
+    plural,
     run_command,
     setup_logging,
 )
@@ -113,7 +114,10 @@ def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
 
 def _summary(buf) -> str:
     m = buf.manifest
-    return f"{m['rows']} rows, {m['tokens']} tokens ({m['action_tokens']} action tokens), {len(m['shards'])} shard(s)"
+    return (
+        f"{plural(m['rows'], 'row')}, {plural(m['tokens'], 'token')} ({plural(m['action_tokens'], 'action token')}), "
+        f"{plural(len(m['shards']), 'shard')}"
+    )
 
 
 def _system_prompt(tokenizer, info: dict, setting: str) -> None:
@@ -258,12 +262,12 @@ def cmd_export(args) -> int:
 
 def cmd_validate(args) -> int:
     report = validate_buffer(args.buffer, cleanup=not args.no_cleanup, progress=not args.no_progress)
-    removed = f"; removed {len(report['removed_files'])} unlisted file(s)" if report["removed_files"] else ""
+    removed = f"; removed {plural(len(report['removed_files']), 'unlisted file')}" if report["removed_files"] else ""
     if report["cleanup_skipped"]:
         removed = f"; cleanup skipped: {report['cleanup_skipped']}"
     print(
-        f"shiq-data: {args.buffer} is valid: {report['rows']} rows, {report['tokens']} tokens, "
-        f"{report['groups']} groups, {report['shards']} shard(s), reference statistics: "
+        f"shiq-data: {args.buffer} is valid: {plural(report['rows'], 'row')}, {plural(report['tokens'], 'token')}, "
+        f"{plural(report['groups'], 'group')}, {plural(report['shards'], 'shard')}, reference statistics: "
         f"{'yes' if report['has_ref_stats'] else 'no'}{removed}"
     )
     return 0

@@ -257,6 +257,12 @@ def setup_logging(level: str | int = "INFO") -> None:
             logger.addHandler(handler)
 
 
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """``1 row``, ``2 rows``: a count and its noun, in the singular for one (``words`` for an irregular plural,
+    ``word + "s"`` otherwise)."""
+    return f"{n} {word}" if n == 1 else f"{n} {words or word + 's'}"
+
+
 def progress_bars_shown(level: str | int) -> bool:
     """Whether a command run at log ``level`` draws progress bars: INFO (the default) and DEBUG do; WARNING and
     ERROR keep warnings only, so no bar either (the project's, or transformers' "Loading weights")."""

@@ -9,6 +9,7 @@ import json
 import os
 from pathlib import Path
 
+from shiq_data.cli_common import plural
 from shiq_data.io import (
     check_step_folder,
     check_weight_map,
@@ -177,7 +178,8 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
     two different runs."""
     if labels and len(labels) != len(checkpoints):
         raise EvalInputError(
-            f"--label is given {len(labels)} times for {len(checkpoints)} CHECKPOINT arguments: give one label "
+            f"--label is given {'once' if len(labels) == 1 else f'{len(labels)} times'} for {plural(len(checkpoints), 'CHECKPOINT argument')}: "
+            "give one label "
             "per CHECKPOINT, in order"
         )
     for label in labels or []:  # (a row's run name: an empty one names no run)

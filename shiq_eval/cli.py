@@ -61,6 +61,7 @@ from shiq_data.cli_common import (
     hide_library_progress_bars,
     int_at_least,
     on_sigterm,
+    plural,
     progress_bars_shown,
     quiet_optional_dependencies,
     run_command,
@@ -946,7 +947,7 @@ def run(args) -> list[dict]:
         return [ref_row] + rows
     if saved.reused:
         print(
-            f"shiq-eval: {saved.reused} of {len(rows) + 1} rows reused from {saved.folder} (saved by an interrupted "
+            f"shiq-eval: {saved.reused} of {plural(len(rows) + 1, 'row')} reused from {saved.folder} (saved by an interrupted "
             "run of this command); the others evaluated",
             file=sys.stderr,
         )
@@ -1032,7 +1033,7 @@ def leaderboard_command(args) -> None:
     written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed, against=args.against)
     # a folder named twice, or by its results file too, is read once
     folders = len({(p if p.is_file() else p / leaderboard.RESULTS).resolve() for p in map(Path, args.results)})
-    print(f"shiq-eval: leaderboard of {folders} result folders; wrote " + ", ".join(map(str, written)))
+    print(f"shiq-eval: leaderboard of {plural(folders, 'result folder')}; wrote " + ", ".join(map(str, written)))
 
 
 LEADERBOARD_HELP = """shiq-eval leaderboard: merge the result folders of shiq-eval run into one table.

@@ -44,6 +44,7 @@ from shiq_data.cli_common import (
     hide_library_progress_bars,
     interrupted,
     is_user_error,
+    plural,
     progress_bars_shown,
     quiet_optional_dependencies,
     setup_logging,
@@ -779,7 +780,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         verify_checksums=cfg["data"].get("verify_checksums", True),
     )
     print(
-        f"shiq-train: {name} on {cfg['data']['buffer']}: {value_cfg.steps} steps; value model in {out} "
+        f"shiq-train: {name} on {cfg['data']['buffer']}: {plural(value_cfg.steps, 'step')}; value model in {out} "
         f"(metrics in {out / 'metrics.jsonl'}; use it with shiq-eval run --guide {out} --beta B)"
     )
     return out
@@ -957,7 +958,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
                 if not force:  # (+resume.force=true accepts any change, this one too)
                     check_online_reference_start(cfg, saved)
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
-                why = f"a new start would replace its log of {logged} steps"
+                why = f"a new start would replace its log of {plural(logged, 'step')}"
                 check_resume_config(out, cfg, allowed, force, why=why)
         except BaseException:
             remove_half_made_run(created, out)
@@ -1052,7 +1053,7 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
             else:
                 last = "already complete"
             print(
-                f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {train_cfg.steps} steps ({last}); "
+                f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {plural(train_cfg.steps, 'step')} ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
             )
     except BaseException:

@@ -500,7 +500,7 @@ def run(args: argparse.Namespace) -> int:
     )
     final = open_buffer(args.buffer)
     print(
-        f"{args.buffer}: reference statistics of {record['model']} computed for {len(done)} shard(s); "
+        f"{args.buffer}: reference statistics of {record['model']} computed for {len(done)} shard{'s' * (len(done) != 1)}; "
         f"{sum(s['has_ref'] for s in final.manifest['shards'])}/{len(final.manifest['shards'])} shards have them"
     )
     return 0

@@ -517,7 +517,7 @@ def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_en
     assert f"{tmp_path / 't.jsonl'}: trajectory 1 ({entry['id']}): assistant message 0 was cut by the token" in err
     assert not (tmp_path / "refused").exists()
     assert cli.main([*args, str(tmp_path / "dropped"), "--truncated", "drop"]) == 0
-    assert "wrote 1 trajectories of 1 entries" in capsys.readouterr().out
+    assert "wrote 1 trajectory of 1 entry" in capsys.readouterr().out
     (row,) = [open_buffer(tmp_path / "dropped").row(0)]
     assistant = [m["content"] for m in whole["messages"] if m["role"] == "assistant"]
     assert tok.decode([x for x, m in zip(row["tokens"], row["action_mask"]) if m]) == "".join(

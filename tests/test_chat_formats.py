@@ -108,7 +108,7 @@ def test_bad_inputs(tok):
         encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
     with pytest.raises(ValueError, match="no assistant turn"):
         encode_chat(tok, [{"role": "user", "content": "a"}])
-    with pytest.raises(ValueError, match="turn_rewards has 1 entries"):
+    with pytest.raises(ValueError, match="turn_rewards has 1 entry but there are 3 action turns"):
         encode_chat(tok, MULTI, turn_rewards=[1.0])
     with pytest.raises(ChatTemplateError, match="end-of-turn"):
         encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x<|im_end|>y"}])

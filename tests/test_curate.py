@@ -1158,7 +1158,7 @@ def test_decontaminate_against_a_buffer_and_a_bfcl_question_field(data, tmp_path
         (['{"prompt": "a b c d e f g h"}', '{"text": "x"}'], [], "line 2: no field 'prompt' (choose it with --field)"),
         (['{"prompt": "a b c d e f g h"', ""], [], "line 1: not valid JSON"),
         (['{"prompt": {"x": 1}}'], [], "line 1: field 'prompt' holds no text"),
-        (['"too short"'], [], "every one of the 1 evaluation texts is shorter than --min-words 8 words"),
+        (['"too short"'], [], "the evaluation text is shorter than --min-words 8 words"),
         (['"What is the capital of France"'], ["--ngram", "1"], "shares a run of words with the evaluation texts"),
     ],
 )

@@ -437,7 +437,7 @@ def test_validate_skips_cleanup_while_another_writer_holds_the_lock(tmp_path, ca
     out = capsys.readouterr().out
     assert "is valid: 5 rows" in out and "cleanup skipped" in out and ".lock" in out and new_shard.exists()
     assert main(["validate", str(buf), "--no-progress"]) == 0
-    assert "removed 1 unlisted file(s)" in capsys.readouterr().out and not new_shard.exists()
+    assert "removed 1 unlisted file\n" in capsys.readouterr().out and not new_shard.exists()
 
 
 def test_invalid_utf8_names_file_and_line(tmp_path):
@@ -1206,3 +1206,35 @@ def test_a_prompt_that_looks_like_deeply_nested_json_is_kept_as_text(tmp_path, c
 
     row = open_buffer(tmp_path / "buf").row(0)
     assert decode_text(row["prompt"]) == deep
+
+
+def test_counts_agree_with_their_nouns(tmp_path, capsys, gpt2):
+    """A count of one reads "1 row", not "1 rows": build, validate and filter on buffers of one and two rows, and
+    shiq-eval's --label count (one label for two checkpoints, two for one)."""
+    from shiq_data.cli_common import plural
+    from shiq_eval.checkpoints import policy_infos
+
+    assert (plural(1, "row"), plural(2, "row"), plural(1, "entry", "entries"), plural(0, "entry", "entries")) == (
+        "1 row",
+        "2 rows",
+        "1 entry",
+        "0 entries",
+    )
+    for n in (1, 2):
+        write_jsonl(tmp_path / f"{n}.jsonl", RECORDS[:n])
+        buf = str(tmp_path / f"buf{n}")
+        assert (
+            main(["build", "jsonl", str(tmp_path / f"{n}.jsonl"), "--tokenizer", "gpt2", "--out", buf, "--no-progress"])
+            == 0
+        )
+        assert main(["validate", buf, "--no-progress"]) == 0
+        assert main(["filter", buf, "--out", str(tmp_path / f"f{n}"), "--where", "true", "--no-progress"]) == 0
+        out = capsys.readouterr().out
+        rows = "1 row," if n == 1 else "2 rows,"
+        assert f"built {buf}: {rows}" in out and f"is valid: {rows}" in out, out
+        assert f"{rows} " in out and f"{n} group{'s' * (n != 1)}, 1 shard, reference statistics" in out, out
+        assert f"kept {n} of {n} row{'s' * (n != 1)} where true" in out, out
+    with pytest.raises(ValueError, match="--label is given once for 2 CHECKPOINT arguments"):
+        policy_infos(["a", "b"], ["A"])
+    with pytest.raises(ValueError, match="--label is given 2 times for 1 CHECKPOINT argument: "):
+        policy_infos(["a"], ["A", "B"])

@@ -217,7 +217,7 @@ def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
     assert [i["run"] for i in policy_infos([str(a), str(b)], ["A", "B"])] == ["A", "B"]
     with pytest.raises(ValueError, match="which .* names too: give each model once"):  # its rows listed twice
         policy_infos([str(a), str(a / "checkpoints" / "step_00000001")], None)
-    with pytest.raises(ValueError, match="--label is given 1 times for 2 CHECKPOINT"):
+    with pytest.raises(ValueError, match="--label is given once for 2 CHECKPOINT arguments"):
         policy_infos([str(a), str(b)], ["A"])
 
 

@@ -437,7 +437,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     buf = tmp_path / "buf"
     assert main(["build", "hh", str(hh), "--tokenizer", str(folder), "--out", str(buf), "--no-progress"]) == 0
     assert ref_stats([str(buf), "--model", str(folder), "--batch-tokens", "64", "--no-progress"]) == 0
-    assert "computed for 1 shard(s); 1/1 shards" in capsys.readouterr().out
+    assert "computed for 1 shard; 1/1 shards" in capsys.readouterr().out
     assert open_buffer(buf).manifest["ref_model"]["dtype"] == "float32"
     rows = open_buffer(buf).table.to_pylist()
     model.eval()
@@ -459,7 +459,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
         json.dumps({**manifest, "ref_model": old, "ref_stats": {**manifest["ref_stats"], "ref_model": old}})
     )
     assert ref_stats([str(buf), "--model", str(folder), "--no-progress"]) == 0
-    assert "computed for 0 shard(s); 1/1 shards" in capsys.readouterr().out
+    assert "computed for 0 shards; 1/1 shards" in capsys.readouterr().out
 
     # --dtype bfloat16: the statistics of the model in bf16 (logits rounded to bf16), recorded as such
     assert (

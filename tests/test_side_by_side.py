@@ -64,7 +64,7 @@ def test_fewer_runs_than_jobs_share_all_the_cores(tmp_path, monkeypatch):
     run_side_by_side(f"{__name__}:fake_run", jobs, 4, lines.append, poll_seconds=0.05)
     for name in ("seed0", "seed1"):
         assert json.loads((tmp_path / name / "seen.json").read_text())["threads"] == 8 // 2
-    assert lines[0] == f"2 runs, 2 at a time with 4 thread(s) each; their output: <run>/{LOG_NAME}"
+    assert lines[0] == f"2 runs, 2 at a time with 4 threads each; their output: <run>/{LOG_NAME}"
 
 
 def test_a_failed_job_is_named_after_the_others_finish(tmp_path):

@@ -1067,7 +1067,7 @@ def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_pat
     saved = (run / "config.yaml").read_bytes()
     fewer = train_cli(*base, "train.steps=1")
     assert fewer.returncode == 0, fewer.stderr[-2000:]
-    assert "1 steps (nothing trained: the run is at step 3, past train.steps=1)" in fewer.stdout, fewer.stdout
+    assert "1 step (nothing trained: the run is at step 3, past train.steps=1)" in fewer.stdout, fewer.stdout
     assert [m["step"] for m in metrics(run)] == [1, 2, 3]
     done = train_cli(*base, "train.steps=3", "train.log_every=2")
     assert done.returncode == 0 and "3 steps (already complete)" in done.stdout, done.stdout + done.stderr[-2000:]

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 from shiq_data.buffer import refuse_inside_buffer
-from shiq_data.cli_common import folder_path, int_at_least
+from shiq_data.cli_common import folder_path, int_at_least, plural
 from shiq_data.curate.decontaminate import BY as DECON_BY
 from shiq_data.curate.decontaminate import MIN_WORDS, NGRAM, decontaminate_buffer
 from shiq_data.curate.dedup import BY as DEDUP_BY
@@ -48,7 +48,7 @@ def cmd_stats(args) -> int:
             raise ValueError(f"--plot {args.plot} is a file: give a folder for the histograms")
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
     where = f", where {args.where}" if args.where else ""
-    print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({stats['rows']} rows{where})"))
+    print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({plural(stats['rows'], 'row')}{where})"))
     if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
         print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
     elif args.plot:
@@ -59,7 +59,7 @@ def cmd_stats(args) -> int:
 
 def cmd_filter(args) -> int:
     _, kept, read = filter_buffer(args.buffer, args.out, args.where, command=args.argv, progress=not args.no_progress)
-    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {read} rows where {args.where}")
+    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')} where {args.where}")
     return 0
 
 
@@ -83,7 +83,7 @@ def cmd_dedup(args) -> int:
     mode = f"near duplicates (threshold {args.threshold})" if args.near else "exact duplicates"
     print(
         f"shiq-data: deduplicated {args.buffer} into {args.out} by {args.by}, {mode}: kept {c['rows_kept']} of "
-        f"{c['rows_read']} rows; removed per source: {_removed(c['removed'])}"
+        f"{plural(c['rows_read'], 'row')}; removed per source: {_removed(c['removed'])}"
     )
     return 0
 
@@ -103,20 +103,15 @@ def cmd_decontaminate(args) -> int:
         progress=not args.no_progress,
     )
     short = c["evaluation_texts_too_short"]
-    skipped = f"; {_n(short, 'text')} under {c['min_words']} words skipped" if short else ""
+    skipped = f"; {plural(short, 'text')} under {plural(c['min_words'], 'word')} skipped" if short else ""
     listed = f"; the dropped rows are listed in {args.dropped}" if args.dropped else ""
     print(
         f"shiq-data: decontaminated {args.buffer} into {args.out} by {args.by} against "
-        f"{_n(c['evaluation_texts'], 'evaluation text')} (runs of {args.ngram} words{skipped}): kept "
-        f"{c['rows_kept']} of {c['rows_read']} rows; removed per source: {_removed(c['removed'])}; "
+        f"{plural(c['evaluation_texts'], 'evaluation text')} (runs of {plural(args.ngram, 'word')}{skipped}): kept "
+        f"{c['rows_kept']} of {plural(c['rows_read'], 'row')}; removed per source: {_removed(c['removed'])}; "
         f"{c['evaluation_texts_matched']} of the evaluation texts found in the buffer{listed}"
     )
     return 0
-
-
-def _n(count: int, noun: str) -> str:
-    """``1 row``, ``2 rows``: a count and its noun, in the singular for one."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def cmd_split(args) -> int:
@@ -130,9 +125,9 @@ def cmd_split(args) -> int:
         progress=not args.no_progress,
     )
     print(
-        f"shiq-data: split {args.buffer} by {args.by} (seed {args.seed}): {args.out}/train {_n(r['train'], 'row')} "
-        f"({_n(r['units']['train'], args.by)}), {args.out}/test {_n(r['test'], 'row')} "
-        f"({_n(r['units']['test'], args.by)})"
+        f"shiq-data: split {args.buffer} by {args.by} (seed {args.seed}): {args.out}/train {plural(r['train'], 'row')} "
+        f"({plural(r['units']['train'], args.by)}), {args.out}/test {plural(r['test'], 'row')} "
+        f"({plural(r['units']['test'], args.by)})"
     )
     return 0
 
@@ -148,11 +143,11 @@ def cmd_mix(args) -> int:
         progress=not args.no_progress,
     )
     parts = ", ".join(
-        f"{path} x{weight:g}: {_n(r, 'row')} ({_n(g, 'group')})"
+        f"{path} x{weight:g}: {plural(r, 'row')} ({plural(g, 'group')})"
         for (path, weight), r, g in zip(map(parse_spec, args.inputs), c["rows_per_input"], c["groups_per_input"])
     )
     note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
-    print(f"shiq-data: mixed into {args.out}: {_n(len(buf), 'row')} ({parts}){note}")
+    print(f"shiq-data: mixed into {args.out}: {plural(len(buf), 'row')} ({parts}){note}")
     if pairs := c["pairs_in_several_inputs"]:
         print(
             f"shiq-data: warning: {pairs} prompt-completion pair{'' if pairs == 1 else 's'} came from more than one "

@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from shiq_data.buffer import MANIFEST, Buffer, refuse_inside_buffer
+from shiq_data.cli_common import plural
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
 from shiq_data.io import (
@@ -373,7 +374,8 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
     runs = EvaluationRuns(texts, ngram, min_words)
     if not runs.lengths:
         raise ValueError(
-            f"--against: every one of the {len(texts)} evaluation texts is shorter than --min-words {min_words} words"
+            f"--against: {'the evaluation text' if len(texts) == 1 else f'every one of the {len(texts)} evaluation texts'}"
+            f" is shorter than --min-words {plural(min_words, 'word')}"
         )
     curation = {
         "verb": "decontaminate",

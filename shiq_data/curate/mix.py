@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 
 from shiq_data.buffer import MANIFEST, Buffer, same_reference
+from shiq_data.cli_common import plural
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource
 from shiq_data.schema import REF_FIELDS
@@ -223,7 +224,7 @@ def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill
         for s, t in zip(sources, targets):
             if t > len(s):
                 raise ValueError(
-                    f"{s.path}: has {len(s)} rows, the mix asks for {t}; lower --rows or pass --replacement"
+                    f"{s.path}: has {plural(len(s), 'row')}, the mix asks for {t}; lower --rows or pass --replacement"
                 )
     _check_space(sources, targets, out)
     drawn = [g.draw(t, np.random.default_rng([seed, i]), replacement) for i, (g, t) in enumerate(zip(groups, targets))]

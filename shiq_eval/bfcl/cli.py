@@ -25,6 +25,7 @@ from shiq_data.cli_common import (
     file_path,
     folder_path,
     int_at_least,
+    plural,
     run_command,
     setup_logging,
 )
@@ -162,7 +163,7 @@ def _cmd_rollout(args) -> int:
     print(format_summary(summary))
     cut = sum(bool(t.get("truncated")) for t in trajectories)
     print(
-        f"wrote {len(trajectories)} trajectories to {args.out}"
+        f"wrote {plural(len(trajectories), 'trajectory', 'trajectories')} to {args.out}"
         + (f" ({cut} with an answer cut by --max-new-tokens {args.max_new_tokens})" if cut else "")
     )
     return 0
@@ -395,7 +396,7 @@ def _cmd_prompts(args) -> int:
     entries = [e for cat in args.categories for e in _in_subset(load_category(cat), args)[: args.limit]]
     rows = turn_prompts(entries, compact=args.compact)
     path = atomic_write_jsonl(args.out, rows)
-    print(f"wrote {len(rows)} turn prompts of {len(entries)} entries to {path}")
+    print(f"wrote {plural(len(rows), 'turn prompt')} of {plural(len(entries), 'entry', 'entries')} to {path}")
     return 0
 
 
@@ -435,7 +436,7 @@ def _cmd_to_buffer(args) -> int:
     )
     kept = [t for t in trajectories if not (dropped and t["_cut"])]
     print(
-        f"wrote {len(kept)} trajectories of {len({t['id'] for t in kept})} entries "
+        f"wrote {plural(len(kept), 'trajectory', 'trajectories')} of {plural(len({t['id'] for t in kept}), 'entry', 'entries')} "
         f"({args.reward} turn rewards) to the buffer {buf.path}"
         + (f"; left out {dropped} with an answer cut by the token limit" if dropped else "")
     )

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import quiet_optional_dependencies, setup_logging
+from shiq_data.cli_common import plural, quiet_optional_dependencies, setup_logging
 from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
@@ -84,7 +84,7 @@ def run_side_by_side(
         for name, folder, args in jobs_args:
             running[pool.submit(_job, target, args, str(folder), threads, log_level)] = (name, Path(folder))
         log(
-            f"{len(jobs_args)} runs, {min(jobs, len(jobs_args))} at a time with {threads} thread(s) each; "
+            f"{plural(len(jobs_args), 'run')}, {min(jobs, len(jobs_args))} at a time with {plural(threads, 'thread')} each; "
             f"their output: <run>/{LOG_NAME}"
         )
         while running:
