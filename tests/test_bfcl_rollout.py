@@ -964,3 +964,24 @@ def test_a_model_answer_becomes_the_tokens_the_model_drew(smollm2):
         elif run:
             actions, run = [*actions, run], []
     assert actions[:3] == drawn
+
+
+def test_a_log_level_above_info_draws_no_progress_bar(tmp_path, capsys, smollm2):
+    """check-ground-truth, rollout and to-buffer drew their bars at --log-level WARNING too (the other commands
+    draw none there): at WARNING stderr stays empty, at INFO (the default) the bars are drawn."""
+    for level in ("INFO", "WARNING"):
+        traj, buf = tmp_path / f"{level}.jsonl", tmp_path / f"{level}-buf"
+        assert cli.main(["--log-level", level, "check-ground-truth", "--categories", "multi_turn_base"]) == 0
+        assert (
+            cli.main(
+                ["rollout", "--categories", "multi_turn_base", "--limit", "1", "--out", str(traj), "--log-level", level]
+            )
+            == 0
+        )
+        assert cli.main(["--log-level", level, "to-buffer", str(traj), "--out", str(buf)]) == 0
+        out, err = capsys.readouterr()
+        assert "200/200 ground-truth entries pass" in out and "wrote 1 trajectory of 1 entry" in out, out
+        if level == "WARNING":
+            assert err == "", err
+        else:
+            assert "multi_turn_base" in err and "bfcl rollout" in err and f"building {buf.name}" in err, err

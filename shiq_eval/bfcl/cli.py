@@ -24,8 +24,10 @@ from shiq_data.cli_common import (
     check_output_files,
     file_path,
     folder_path,
+    hide_library_progress_bars,
     int_at_least,
     plural,
+    progress_bars_shown,
     run_command,
     setup_logging,
 )
@@ -73,7 +75,7 @@ def _cmd_check_ground_truth(args) -> int:
     check_output_files([], {"--out": args.out}, args.overwrite)
     start, results, failures = time.time(), [], []
     for cat in args.categories:
-        for e in tqdm(load_category(cat), desc=cat):
+        for e in tqdm(load_category(cat), desc=cat, disable=not args.progress):
             r = check_trajectory(e, ground_truth_decoded(e))
             results.append(r)
             if not r["valid"] or min(r["turn_rewards"] + r["turn_rewards_reset"]) < 1.0:
@@ -95,6 +97,8 @@ def _model_policy_factory(args):
     from shiq_train.hf_convert import load_causal_lm  # heavy: torch and transformers
 
     spec = args.policy
+    if not args.progress:  # transformers' own bars too ("Loading weights")
+        hide_library_progress_bars()
     if spec == "smollm2" or (Path(spec) / "config.json").is_file():
         model, tok = load_causal_lm(spec)
         path = smollm2_gguf() if spec == "smollm2" else Path(spec)
@@ -156,7 +160,9 @@ def _cmd_rollout(args) -> int:
     else:
         make_policy, record = _model_policy_factory(args)
     model = args.model_name or (args.policy if args.policy in ("scripted", "smollm2") else Path(args.policy).name)
-    trajectories = [{**t, "model": model, **record} for t in rollout_entries(entries, make_policy)]
+    trajectories = [
+        {**t, "model": model, **record} for t in rollout_entries(entries, make_policy, progress=args.progress)
+    ]
     write_trajectories(args.out, trajectories)
     summary = summarize(trajectories)
     summary["subset"] = args.subset
@@ -333,7 +339,12 @@ def _cmd_report(args) -> int:
     if not in_subset:
         raise ValueError(f"no trajectory of {', '.join(map(repr, groups))} is in the subset {args.subset}")
     counted = [t for ts in in_subset.values() for t in ts]
-    for t in tqdm(counted, desc="checking the verdicts again", unit=" trajectories", disable=len(counted) < 50):
+    for t in tqdm(
+        counted,
+        desc="checking the verdicts again",
+        unit=" trajectories",
+        disable=len(counted) < 50 or not args.progress,
+    ):
         _check_verdict(t, wheres[id(t)])
     versions: dict[str, str] = {}
     for name, trajectories in in_subset.items():
@@ -433,6 +444,7 @@ def _cmd_to_buffer(args) -> int:
         tokenizer_info=info,
         command=args.command_line,
         input_name=", ".join(map(str, args.trajectories)),
+        progress=args.progress,
     )
     kept = [t for t in trajectories if not (dropped and t["_cut"])]
     print(
@@ -586,4 +598,6 @@ def main(argv: Sequence[str] | None = None, prog: str = "shiq-eval bfcl") -> int
     args = build_parser(prog).parse_args(argv)
     args.command_line = [*prog.split(), *argv]
     setup_logging(getattr(args, "log_level", "INFO"))
+    # WARNING or ERROR: warnings only, no progress bar (its own, or transformers' "Loading weights")
+    args.progress = progress_bars_shown(getattr(args, "log_level", "INFO"))
     return run_command(prog, args.func, args)
