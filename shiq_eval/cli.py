@@ -1030,10 +1030,15 @@ def leaderboard_command(args) -> None:
             raise EvalInputError(f"--out {out} is one of the result folders read: give the leaderboard its own folder")
     check_results_folder(out, own="leaderboard.csv", what="the leaderboard")
     rows = leaderboard.read_results(args.results)
+    # (files of another tool under a leaderboard's names, or a leaderboard of other results, are not replaced unasked)
+    replaced = leaderboard.check_replaced(out, rows, args.overwrite)
     written = leaderboard.write_leaderboard(rows, out, allow_mixed=args.allow_mixed, against=args.against)
     # a folder named twice, or by its results file too, is read once
     folders = len({(p if p.is_file() else p / leaderboard.RESULTS).resolve() for p in map(Path, args.results)})
-    print(f"shiq-eval: leaderboard of {plural(folders, 'result folder')}; wrote " + ", ".join(map(str, written)))
+    print(
+        f"shiq-eval: leaderboard of {plural(folders, 'result folder')}; {'replaced the earlier one: ' * replaced}wrote "
+        + ", ".join(map(str, written))
+    )
 
 
 LEADERBOARD_HELP = """shiq-eval leaderboard: merge the result folders of shiq-eval run into one table.
@@ -1061,6 +1066,10 @@ unless --allow-mixed (then one section per suite; suites of one name, a suite fi
 are headed with the settings that tell them apart, read from the suite.json beside their results).
 Writes to --out: leaderboard.csv, pairs.csv, leaderboard.md, leaderboard.html
 (one self-contained page with the plots embedded), reward_vs_kl.png, reward_vs_step.png, j_vs_step.png.
+A leaderboard already in --out is replaced (said in the closing line) when it was built from these result
+files or some of them (regenerated as results come in); one built from other result files only with
+--overwrite. An --out holding files of those names but no leaderboard of this command, or another command's
+output (a run's results, a model, a training run), is refused; the folder's other files are never touched.
 """
 
 
@@ -1180,6 +1189,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     lb.add_argument("results", nargs="+", metavar="RESULT_DIR", help="--out folders of shiq-eval run")
     lb.add_argument("--out", required=True, type=folder_path, help="output folder of the leaderboard")
+    lb.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a leaderboard in --out built from result files not among these (one built from these, "
+        "or from some of them, is replaced without it)",
+    )
     lb.add_argument(
         "--allow-mixed", action="store_true", help="merge results of different suites (not comparable) anyway"
     )

@@ -29,9 +29,11 @@ the plots are embedded as PNG), ``reward_vs_kl.png``, ``reward_vs_step.png``, ``
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -769,6 +771,50 @@ LEADERBOARD_FILES = (
     "reward_vs_step.png",
     "j_vs_step.png",
 )
+
+
+def earlier_sources(out: Path) -> set[str] | None:
+    """The result files (``source``, as real paths) an earlier leaderboard in ``out`` was built from; None when
+    ``out`` holds none of :data:`LEADERBOARD_FILES`. A ``ValueError`` when it holds some of them but no
+    ``leaderboard.csv`` of this command (one with columns ``run`` and ``source``): another tool's files of those
+    names, which a leaderboard written there would replace."""
+    out = Path(out)
+    present = [name for name in LEADERBOARD_FILES if (out / name).exists()]
+    if not present:
+        return None
+    what = "use another folder for the leaderboard"
+    table = out / "leaderboard.csv"
+    if not table.is_file():
+        raise ValueError(f"--out {out} holds {present[0]} but no leaderboard.csv: not a leaderboard's folder; {what}")
+    try:
+        with open(table, encoding="utf-8", newline="") as f:
+            rows = list(csv.DictReader(f))
+            fields = set(rows[0]) if rows else set()
+    except (OSError, ValueError, csv.Error) as e:
+        raise ValueError(f"--out {out}: its leaderboard.csv cannot be read ({one_line(e, 120)}); {what}") from None
+    if not rows or not {"run", "source"} <= fields or any(not r.get("source") for r in rows):
+        raise ValueError(
+            f"--out {out} holds a leaderboard.csv that is not one of shiq-eval leaderboard (rows with columns run "
+            f"and source); {what}"
+        )
+    return {os.path.realpath(r["source"]) for r in rows}
+
+
+def check_replaced(out: Path, rows: list[dict], overwrite: bool) -> bool:
+    """Whether ``out`` holds an earlier leaderboard (:func:`earlier_sources`), which the one of ``rows`` may
+    replace when it was built from none but these rows' result files (the same leaderboard regenerated, or
+    one with more results), or with ``overwrite``; a ``ValueError`` otherwise, naming a result file it would
+    lose."""
+    before = earlier_sources(out)
+    if before is None:
+        return False
+    lost = sorted(before - {os.path.realpath(r["source"]) for r in rows})
+    if lost and not overwrite:
+        raise ValueError(
+            f"--out {out} holds a leaderboard of other results ({len(lost)} result file{'s' * (len(lost) != 1)} "
+            f"not among these, e.g. {lost[0]}): give --overwrite to replace it, or another folder"
+        )
+    return True
 
 
 def write_leaderboard(

@@ -919,7 +919,8 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
     # a later leaderboard with no J (sampled at temperature 0.5): the earlier J plot goes with the earlier set
     assert (out / "j_vs_step.png").exists()
     cool = [{**r, "temperature": 0.5} for r in rows]
-    assert eval_cli.main(["leaderboard", write_results(tmp_path / "cool", cool), "--out", str(out)]) == 0
+    cool_args = ["leaderboard", write_results(tmp_path / "cool", cool), "--out", str(out), "--overwrite"]
+    assert eval_cli.main(cool_args) == 0  # (other results than x and y's: --overwrite)
     assert not (out / "j_vs_step.png").exists() and (out / "notes.txt").read_text() == "mine"
     # the leaderboard's plots have the names of a run's own: --out a results folder would replace them
     for folder in (x, y):
@@ -1079,3 +1080,40 @@ def test_against_says_which_suite_it_leaves_without_pairs(tmp_path, capsys):
     assert eval_cli.main(args) == 0
     assert "suite t (fingerprint cccccccccccc) holds none of the --against runs" in capsys.readouterr().err
     assert len(pd.read_csv(tmp_path / "o" / "pairs.csv")) == 1
+
+
+def test_a_leaderboard_of_other_results_or_another_tools_files_is_not_replaced_unasked(tmp_path, capsys):
+    """--out holding a leaderboard was silently replaced, whatever it was built from, while shiq-eval run refuses
+    an earlier run's results without --overwrite. A leaderboard built from these result files, or some of them
+    (regenerated as results come in), is still replaced, said in the closing line; one built from other results
+    only with --overwrite; files of a leaderboard's names that are not one of this command's never: one line,
+    exit 2, nothing written."""
+    rows = [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2), result_row("a", 3, "m1", [2.0, 3.0], [1.0, 2.0])]
+    x = write_results(tmp_path / "x", rows)
+    y = write_results(tmp_path / "y", [rows[0], result_row("b", 3, "m2", [5.0, 6.0], [1.0, 1.0])])
+    out = tmp_path / "lb"
+    assert eval_cli.main(["leaderboard", x, "--out", str(out)]) == 0
+    assert "replaced" not in capsys.readouterr().out
+    assert eval_cli.main(["leaderboard", x, "--out", str(out)]) == 0  # the same inputs: regenerated
+    assert "replaced the earlier one" in capsys.readouterr().out
+    assert eval_cli.main(["leaderboard", x, y, "--out", str(out)]) == 0  # more results: regenerated
+    assert "replaced the earlier one" in capsys.readouterr().out
+    files = lambda folder: {p.name: p.read_bytes() for p in folder.iterdir()}  # noqa: E731
+    before = files(out)
+    assert eval_cli.main(["leaderboard", y, "--out", str(out)]) == 2  # x's rows would be lost
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds a leaderboard of other results" in err, err
+    assert f"{Path(x).resolve() / 'results.json'}" in err and "--overwrite" in err, err
+    assert files(out) == before
+    assert eval_cli.main(["leaderboard", y, "--out", str(out), "--overwrite"]) == 0
+    assert set(pd.read_csv(out / "leaderboard.csv")["run"]) == {"reference", "b"}
+    # files of a leaderboard's names that are not a leaderboard of this command: refused even with --overwrite
+    for name, text in (("leaderboard.md", "# my notes"), ("leaderboard.csv", "model,score\nm,1\n")):
+        mine = tmp_path / f"mine-{name}"
+        mine.mkdir()
+        (mine / name).write_text(text)
+        for extra in ([], ["--overwrite"]):
+            assert eval_cli.main(["leaderboard", x, "--out", str(mine), *extra]) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and f"--out {mine}" in err and "another folder" in err, err
+            assert files(mine) == {name: text.encode()}
