@@ -87,12 +87,18 @@ def is_user_error(e: BaseException) -> bool:
     ).__name__ in ("SafetensorError", "HeaderTooLarge")
 
 
-def error_line(prog: str, e: BaseException | str) -> str:
-    """``PROG: error: MESSAGE`` on one line (:func:`one_line`)."""
+def error_message(e: BaseException | str) -> str:
+    """The MESSAGE of :func:`error_line`: ``e``'s on one line (:func:`one_line`), after its type's name when
+    that is not a value, OS or runtime error."""
     text = one_line(e) or type(e).__name__
     if isinstance(e, BaseException) and not isinstance(e, (ValueError, OSError, RuntimeError)):
         text = f"{type(e).__name__}: {text}"  # e.g. OverflowError: int too large to convert to float
-    return f"{prog}: error: {text}"
+    return text
+
+
+def error_line(prog: str, e: BaseException | str) -> str:
+    """``PROG: error: MESSAGE`` on one line (:func:`error_message`)."""
+    return f"{prog}: error: {error_message(e)}"
 
 
 class Terminated(KeyboardInterrupt):

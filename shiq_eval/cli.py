@@ -32,7 +32,8 @@ An interrupted run resumes: each row (the reference's, each checkpoint's, the Qโ
 unchanged (suite fingerprint, weights SHA-256 and config, reference, tokenizer, engine, label, step, method, beta, top-k;
 said in one line) and evaluates only the rest; a row whose inputs changed is evaluated again, as is one whose
 saved file is damaged (said on stderr). The saved rows are removed once the results are written; --overwrite
-discards them too.
+discards them too. A run that fails (one line, exit 2) after rows were saved keeps them, and its line says so:
+the same command resumes once the cause is fixed.
 
 shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
 """
@@ -57,9 +58,11 @@ from shiq_data.chat import check_messages, control_texts
 from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
+    error_message,
     folder_path,
     hide_library_progress_bars,
     int_at_least,
+    is_user_error,
     on_sigterm,
     plural,
     progress_bars_shown,
@@ -144,6 +147,23 @@ class SavedRows:
         self.folder = Path(out) / ROWS_FOLDER
         self.read, self.write = read, write
         self.reused = 0
+        self.saved = 0  # rows saved by this run
+
+    @contextlib.contextmanager
+    def said_on_failure(self):
+        """Within the block, a user error (:func:`shiq_data.cli_common.is_user_error`, one line and exit 2) says
+        too that the rows finished, reused or saved by this run, are kept in :attr:`folder` and the same command
+        resumes with them: a folder left beside a failure is otherwise taken for a half-written one."""
+        try:
+            yield
+        except Exception as e:
+            kept = self.reused + self.saved
+            if not kept or not is_user_error(e):
+                raise
+            rows = f"the {kept} rows finished are" if kept != 1 else "the row finished is"
+            raise EvalInputError(
+                f"{error_message(e)}; {rows} kept in {self.folder}/: the same command resumes once this is fixed"
+            ) from e
 
     def path(self, key: dict) -> Path:
         return self.folder / f"{content_sha256(key)}.json"
@@ -167,6 +187,7 @@ class SavedRows:
             atomic_write_json(
                 self.path(key), {"format": ROW_FORMAT, "key": key, "row": stored, "sha256": _row_sha256(key, stored)}
             )
+            self.saved += 1
 
     def discard(self) -> None:
         if self.write and self.folder.is_dir():
@@ -856,7 +877,7 @@ def run(args) -> list[dict]:
         samples_per_prompt=k,  # standard errors over prompts (SHIQ_MATH ยง9)
         progress=lead and not args.quiet,
     )
-    with context:
+    with context, saved.said_on_failure():  # (a failure after rows were saved says they are kept)
         engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
         ref_logits, ref_sampler = engine.reference()
         identity = {
@@ -953,7 +974,8 @@ def run(args) -> list[dict]:
         )
     out = Path(args.out)
     owns = ("results.csv", "results.json", "suite.json", "reward_vs_kl.png", "reward_vs_step.png")
-    with files_together(out, owns=owns) as stage:  # all of them or none: never new results beside old plots
+    # all of them or none: never new results beside old plots (a failure: the rows saved are kept, and said)
+    with saved.said_on_failure(), files_together(out, owns=owns) as stage:
         write_table([ref_row] + rows, stage, RUN_COLUMNS)
         suite_json = {"name": suite.name, "file": str(suite_file) if suite_file else None, "sha256": suite_sha}
         atomic_write_json(stage / "suite.json", {**suite_json, "content": content})

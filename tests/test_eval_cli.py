@@ -1041,6 +1041,38 @@ def test_a_saved_row_of_a_config_changed_since_is_evaluated_again(tmp_path, monk
     assert ("1 of 4 rows reused" in err) if whose == "p1" else ("reused" not in err)
 
 
+def test_a_failure_after_rows_were_saved_says_they_are_kept(tmp_path, monkeypatch, capsys):
+    """A run that failed with a user error after some rows were saved (a later checkpoint's weights damaged) left
+    --out/.rows/ without a word, which looks like a half-written folder: the failure's one line now says how many
+    rows are kept there and that the same command resumes once the cause is fixed; it resumes with them. A
+    failure before any row was saved says nothing of them."""
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    weights = tmp_path / "p2" / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[: len(good) // 2])  # cut short: p2 fails to load after the reference and p1 are saved
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("shiq-eval: error: "), err
+    assert err[0].endswith(
+        f"; the 2 rows finished are kept in {out / '.rows'}/: the same command resumes once this is fixed"
+    ), err
+    assert len(calls) == 2 and len(list((out / ".rows").glob("*.json"))) == 2
+    assert main(argv) == 2  # the two rows reused, the failure again: still said
+    assert "the 2 rows finished are kept" in capsys.readouterr().err and len(calls) == 2
+    weights.write_bytes(good)
+    calls.clear()
+    assert main(argv) == 0 and len(calls) == 2  # p2 and p3
+    assert "2 of 4 rows reused" in capsys.readouterr().err and not (out / ".rows").exists()
+    # a failure before any row is saved (the reference's weights damaged): no word of saved rows
+    ref = tmp_path / "init" / "model.safetensors"
+    ref.write_bytes(ref.read_bytes()[:100])
+    assert main([*argv, "--out", str(tmp_path / "o2")]) == 2
+    err = capsys.readouterr().err
+    assert "shiq-eval: error: " in err and "kept" not in err and not (tmp_path / "o2" / ".rows").exists(), err
+
+
 def test_overwrite_discards_the_saved_rows(tmp_path, monkeypatch, capsys):
     argv, calls = resumable_run(tmp_path, monkeypatch)
     out = tmp_path / "o"
