@@ -37,6 +37,36 @@ STATE_KEYS = ("param", "exp_avg", "exp_avg_sq")  # float32 master weight and the
 GATHER_CHUNK = 1 << 26  # values a collective of the optimizer state moves at once (256 MiB of float32)
 
 
+def megatron_adamw(ddps: list, cfg: OptimizerConfig, bf16: bool, distributed: bool):
+    """megatron-core's AdamW over the ``DistributedDataParallel`` models ``ddps``, with ``cfg``'s settings (weight
+    decay, betas, epsilon, clipping) and no weight decay on 1-D parameters, as :func:`build_distributed` and the
+    non-distributed optimizer of ``shiq_train.train_step`` use them; ``distributed``: megatron's distributed
+    optimizer, else its plain one (float32 masters for bfloat16 parameters either way). The learning rate is
+    ``cfg.lr``; a caller with a schedule sets it."""
+    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig  # heavy: megatron
+    from megatron.core.optimizer import ParamKey, ParamPredicate, get_megatron_optimizer  # heavy: megatron
+    from megatron.core.optimizer_param_scheduler import ParamGroupOverride  # heavy: megatron
+
+    mcfg = MegatronOptimizerConfig(
+        optimizer="adam",
+        lr=cfg.lr,
+        min_lr=cfg.min_lr,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        adam_eps=cfg.adam_eps,
+        clip_grad=cfg.clip_grad,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=distributed,
+    )
+    no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
+    megatron = get_megatron_optimizer(mcfg, ddps, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
+    for group in megatron.param_groups:  # megatron's own scheduler would apply wd_mult; we have none
+        group["weight_decay"] = cfg.weight_decay * group["wd_mult"]
+    return megatron
+
+
 def build_distributed(model, cfg: OptimizerConfig):
     """``(ddp_model, optimizer, scheduler)`` for ``model`` (this rank's stage and shard, trainable parameters
     already chosen: the buffers cover the parameters with ``requires_grad``).
@@ -55,9 +85,6 @@ def build_distributed(model, cfg: OptimizerConfig):
         DistributedDataParallelConfig,
         finalize_model_grads,
     )
-    from megatron.core.optimizer import OptimizerConfig as MegatronOptimizerConfig  # heavy: megatron
-    from megatron.core.optimizer import ParamKey, ParamPredicate, get_megatron_optimizer  # heavy: megatron
-    from megatron.core.optimizer_param_scheduler import ParamGroupOverride  # heavy: megatron
 
     chunks = [unwrap(c) for c in model_chunks(model)]
     dtypes = {p.dtype for c in chunks for p in c.parameters() if p.requires_grad}
@@ -71,23 +98,7 @@ def build_distributed(model, cfg: OptimizerConfig):
     for c in chunks:  # the schedule reads the first chunk's config; every chunk's says the same
         c.config.no_sync_func = [d.no_sync for d in ddps] if len(ddps) > 1 else ddps[0].no_sync
         c.config.finalize_model_grads_func = finalize_model_grads
-    mcfg = MegatronOptimizerConfig(
-        optimizer="adam",
-        lr=cfg.lr,
-        min_lr=cfg.min_lr,
-        weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1,
-        adam_beta2=cfg.adam_beta2,
-        adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad,
-        bf16=bf16,
-        params_dtype=torch.bfloat16 if bf16 else torch.float32,
-        use_distributed_optimizer=True,
-    )
-    no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
-    megatron = get_megatron_optimizer(mcfg, ddps, config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
-    for group in megatron.param_groups:  # megatron's own scheduler would apply wd_mult; we have none
-        group["weight_decay"] = cfg.weight_decay * group["wd_mult"]
+    megatron = megatron_adamw(ddps, cfg, bf16, distributed=True)
     ddp = ddps if isinstance(model, list) else ddps[0]
     opt = DistributedAdamW(ddp, megatron)
     sched = torch.optim.lr_scheduler.LambdaLR(opt.torch_optimizer, lambda step: cfg.lr_at(step) / cfg.lr)

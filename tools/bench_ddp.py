@@ -82,34 +82,20 @@ def micro_batches(args, rank):
 
 def megatron_ddp(model, opt_cfg):
     """megatron's DDP and non-distributed optimizer (FP32Optimizer, or Float16 with float32 masters), with the
-    AdamW settings of ``opt_cfg`` as ``shiq_train.dist_optim.build_distributed`` passes them. No learning-rate
-    scheduler: ``opt_cfg``'s schedule is constant (no warm-up, no decay), so the other methods' ``LambdaLR``
-    keeps their rate at ``opt_cfg.lr`` too."""
+    AdamW settings of ``opt_cfg`` as ``shiq_train.dist_optim.build_distributed`` passes them
+    (``dist_optim.megatron_adamw``). No learning-rate scheduler: ``opt_cfg``'s schedule is constant (no warm-up,
+    no decay), so the other methods' ``LambdaLR`` keeps their rate at ``opt_cfg.lr`` too."""
     import torch
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, ParamKey, ParamPredicate, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+
+    from shiq_train.dist_optim import megatron_adamw
 
     bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())
     ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), model)
     model.config.no_sync_func = ddp.no_sync
     model.config.finalize_model_grads_func = finalize_model_grads
     assert opt_cfg.warmup_steps == 0 and opt_cfg.decay_steps == 0  # a constant rate: no scheduler needed
-    mcfg = OptimizerConfig(
-        optimizer="adam",
-        lr=opt_cfg.lr,
-        weight_decay=opt_cfg.weight_decay,
-        adam_beta1=opt_cfg.adam_beta1,
-        adam_beta2=opt_cfg.adam_beta2,
-        adam_eps=opt_cfg.adam_eps,
-        clip_grad=opt_cfg.clip_grad,
-        bf16=bf16,
-        params_dtype=model.config.params_dtype,
-    )
-    no_decay = ParamKey(predicate=ParamPredicate(name="dim_le_1", fn=lambda p: p.dim() <= 1))
-    opt = get_megatron_optimizer(mcfg, [ddp], config_overrides={no_decay: ParamGroupOverride(wd_mult=0.0)})
-    for group in opt.param_groups:  # megatron's own scheduler would apply wd_mult (as in build_distributed)
-        group["weight_decay"] = opt_cfg.weight_decay * group["wd_mult"]
+    opt = megatron_adamw([ddp], opt_cfg, bf16, distributed=False)
 
     def step(mbs, loss_fn):
         from shiq_train.train_step import forward_backward
