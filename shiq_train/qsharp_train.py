@@ -23,7 +23,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.buffer import open_buffer
-from shiq_data.io import one_line
+from shiq_data.io import atomic_write_text, one_line
 from shiq_data.sampler import BufferSampler
 from shiq_train import parallel, prefix_tree
 from shiq_train.checkpoint import read_rank_file, save_hashed
@@ -288,6 +288,7 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
 
 
 RESUME_FILE = "resume.pt"  # in a value run's output folder while it trains: what the same call resumes from
+PROGRESS_FILE = "metrics.partial.jsonl"  # there too while it trains: a line a step, to follow the run (tail -f)
 # settings that do not change the value model trained: free to change between a run and its resume
 RESUME_FREE = ("progress", "save_every", "save_on_sigterm")
 
@@ -385,7 +386,8 @@ def train_value_model(
     (each micro-batch's mean weighed by its number of actions). Runs in one process (TP = PP = 1;
     initialises ``torch.distributed`` itself if needed). Writes ``out_dir`` atomically
     (:func:`save_value_model`, with ``meta`` added to ``value_model.json``) and a ``metrics.jsonl``
-    inside it, replacing an earlier value model there (any other non-empty folder is refused);
+    inside it, replacing an earlier value model there (any other non-empty folder is refused); while it trains,
+    ``PROGRESS_FILE`` there gets each step's metrics line as the step ends (the resumed steps' first, on a resume);
     returns ``out_dir`` (a symbolic link is refused before any work). The buffer's shards are hashed against the manifest first unless
     ``verify_checksums`` is False. ``prefix_cache``: the frozen-prefix cache of this buffer for
     ``cfg.trainable_last_layers`` built by the caller (e.g. shared with the policies' trainers); without it,
@@ -394,9 +396,14 @@ def train_value_model(
     out = Path(out_dir)
     if out.is_symlink():  # (save_value_model replaces the folder atomically: it refuses a link, after training)
         raise ValueError(f"{out} is a link, not a folder to replace: give the folder it points to, or a new one")
+    # (a folder of a run under way holds its progress file, and its resume state once one is saved)
     if out.exists() and (
         not out.is_dir()
-        or (any(out.iterdir()) and not (out / CONFIG_FILE).is_file() and not (out / RESUME_FILE).is_file())
+        or (
+            any(p.name != PROGRESS_FILE for p in out.iterdir())
+            and not (out / CONFIG_FILE).is_file()
+            and not (out / RESUME_FILE).is_file()
+        )
     ):
         raise ValueError(
             f"{out} exists and is not a value-model folder (no {CONFIG_FILE}); it would be replaced: choose a new folder"
@@ -466,6 +473,9 @@ def train_value_model(
         bar = tqdm(
             range(start, cfg.steps), initial=start, total=cfg.steps, desc="train value", disable=not cfg.progress
         )
+        out.mkdir(parents=True, exist_ok=True)
+        progress = out / PROGRESS_FILE  # the steps so far (a resumed run's too), then a line a step
+        atomic_write_text(progress, "".join(json.dumps(h) + "\n" for h in history))
         # a SIGTERM during the final save waits for its end, as one during a step does
         with sigterm_requests(cfg.save_on_sigterm) as stop_requested:
             with narrowed:  # the trunk runs only the layers after a cached prefix
@@ -492,6 +502,8 @@ def train_value_model(
                     opt.step()
                     lr_schedule.step()
                     history.append({"step": step + 1, **sums})
+                    with progress.open("a", encoding="utf-8") as f:
+                        f.write(json.dumps(history[-1]) + "\n")
                     stopped = stop_requested()  # a SIGTERM: this step is saved, then the run stops
                     if step + 1 == cfg.steps:  # the value model itself is saved below
                         break

@@ -1005,7 +1005,7 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     import signal
 
     import shiq_train.qsharp_train as qsharp_train
-    from shiq_train.qsharp_train import RESUME_FILE, ValueTrainConfig, train_value_model
+    from shiq_train.qsharp_train import PROGRESS_FILE, RESUME_FILE, ValueTrainConfig, train_value_model
     from shiq_train.trainer import SavedOnSigterm
 
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
@@ -1047,7 +1047,13 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     with pytest.raises(SavedOnSigterm) as stopped:
         train("stopped")
     assert stopped.value.step == 3 and not stopped.value.complete
-    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == [RESUME_FILE, RESUME_FILE + ".sha256"]
+    assert sorted(p.name for p in (tmp_path / "stopped").iterdir()) == [
+        PROGRESS_FILE,  # the steps so far, a line each, to follow the run
+        RESUME_FILE,
+        RESUME_FILE + ".sha256",
+    ]
+    progress = (tmp_path / "stopped" / PROGRESS_FILE).read_text()
+    assert progress.splitlines() == metrics("straight").splitlines()[:3]
     monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
     train("stopped")
     assert metrics("stopped") == metrics("straight") and not (tmp_path / "stopped" / RESUME_FILE).exists()
@@ -1058,6 +1064,8 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     stop_at(6, "kill")  # save_every=2: steps 2 and 4 saved, the kill in step 6 loses step 5
     with pytest.raises(KeyboardInterrupt):
         train("killed", save_every=2)
+    progress = (tmp_path / "killed" / PROGRESS_FILE).read_text().splitlines()
+    assert progress == metrics("straight").splitlines()[:5]  # step 5 was logged, not saved
     monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
     with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
         train("killed", lr=2e-3)
@@ -1066,7 +1074,7 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
         train_value_model(tmp_path / "buf", tmp_path / "killed", other.state_dict(), other.config, cfg)
     train("killed", save_every=3)  # (when to save does not change the model)
-    assert metrics("killed") == metrics("straight")
+    assert metrics("killed") == metrics("straight") and not (tmp_path / "killed" / PROGRESS_FILE).exists()
 
     stop_at(6, "sigterm")  # the last step: the value model is saved, the run is complete
     with pytest.raises(SavedOnSigterm) as stopped:
