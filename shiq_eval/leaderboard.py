@@ -817,6 +817,11 @@ def check_replaced(out: Path, rows: list[dict], overwrite: bool) -> bool:
     return True
 
 
+def absolute_source(row: dict) -> dict:
+    """``row`` with its ``source`` (a result file, as given) as an absolute path, as ``leaderboard.csv`` holds it."""
+    return {**row, "source": os.path.abspath(row["source"])} if row.get("source") else row
+
+
 def write_leaderboard(
     rows: list[dict], out: Path, allow_mixed: bool = False, against: list[str] | None = None
 ) -> list[Path]:
@@ -825,7 +830,9 @@ def write_leaderboard(
     out = Path(out)
     with files_together(out, owns=LEADERBOARD_FILES) as stage:  # all or none: never new tables beside old plots
         written = [
-            atomic_write_text(stage / "leaderboard.csv", csv_text(table, COLUMNS)),
+            # each source as an absolute path: the next leaderboard into ``out`` (check_replaced) may be built
+            # from another working folder, where a relative one would name other files, or none
+            atomic_write_text(stage / "leaderboard.csv", csv_text([absolute_source(t) for t in table], COLUMNS)),
             atomic_write_text(stage / "pairs.csv", csv_text(pairs, PAIR_COLUMNS)),
             atomic_write_text(stage / "leaderboard.md", markdown(table, pairs)),
         ]

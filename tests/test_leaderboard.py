@@ -1117,3 +1117,26 @@ def test_a_leaderboard_of_other_results_or_another_tools_files_is_not_replaced_u
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and f"--out {mine}" in err and "another folder" in err, err
             assert files(mine) == {name: text.encode()}
+
+
+def test_a_leaderboard_built_from_relative_paths_is_replaced_only_by_its_own_results(tmp_path, monkeypatch, capsys):
+    """leaderboard.csv kept each result file as given: a relative path, read again from another working folder
+    by the check of an earlier leaderboard, named other files. The same results given as an absolute path from
+    elsewhere were refused as other results, and other results under the same relative path replaced the
+    leaderboard without --overwrite. The sources are now written as absolute paths."""
+    rows = [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2), result_row("a", 3, "m1", [2.0, 3.0], [1.0, 2.0])]
+    write_results(tmp_path / "A" / "x", rows)
+    write_results(tmp_path / "B" / "x", [rows[0], result_row("b", 3, "m2", [5.0, 6.0], [1.0, 1.0])])
+    out = tmp_path / "lb"
+    monkeypatch.chdir(tmp_path / "A")
+    assert eval_cli.main(["leaderboard", "x", "--out", str(out)]) == 0
+    assert set(pd.read_csv(out / "leaderboard.csv")["source"]) == {str(tmp_path / "A" / "x" / "results.json")}
+    monkeypatch.chdir(tmp_path)  # the same results from elsewhere: regenerated
+    assert eval_cli.main(["leaderboard", str(tmp_path / "A" / "x"), "--out", str(out)]) == 0
+    assert "replaced the earlier one" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path / "B")  # other results under the same relative path: refused, nothing written
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert eval_cli.main(["leaderboard", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a leaderboard of other results" in err and str(tmp_path / "A" / "x" / "results.json") in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
