@@ -16,6 +16,7 @@ One process (``shiq-train data.buffer=BUF out=RUN``) or many (``torchrun --nproc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
 import logging
@@ -765,6 +766,9 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         )
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
     check_min_lr(value_cfg)
+    level = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging").level
+    if not progress_bars_shown(level):  # WARNING or ERROR: warnings only, no bar (as a policy run's, trainer.py)
+        value_cfg = dataclasses.replace(value_cfg, progress=False)
     cfg = {**cfg, "model": built.to_dict()}
     out = train_value_model(
         cfg["data"]["buffer"],

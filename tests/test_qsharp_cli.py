@@ -537,3 +537,23 @@ def test_a_guided_row_saved_before_an_interruption_is_reused_for_its_beta_only(t
     assert eval_main([*other, "--out", str(tmp_path / "o2")]) == 0
     assert calls == ["evaluate_guided_policy"]  # the reference's row reused, the guided one evaluated at its beta
     assert json.loads((tmp_path / "o2" / "results.json").read_text())[1]["beta"] == 2 * BETA
+
+
+def test_a_value_run_at_a_log_level_above_info_draws_no_progress_bar(trained, tmp_path):
+    """``logging.level=WARNING`` keeps warnings only, as a policy run does and --log-level's help says: a value
+    run (loss=qsharp_value) still drew its "train value" bar with train.progress at its default."""
+    tmp, init, _ = trained
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("SHIQ_VERBOSE", None)
+    args = [f"data.buffer={tmp / 'buffer'}", f"init={init}", f"out={tmp_path / 'v'}", *RUN_ARGS, "train.steps=2"]
+    res = subprocess.run(
+        [sys.executable, "-m", "shiq_train", "--config-dir", str(REPO / "configs"), *args, "logging.level=WARNING"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stderr == "", res.stderr[-3000:]
+    assert (tmp_path / "v" / "value_model.json").is_file()
