@@ -767,7 +767,7 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
     value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
     check_min_lr(value_cfg)
     level = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging").level
-    if not progress_bars_shown(level):  # WARNING or ERROR: warnings only, no bar (as a policy run's, trainer.py)
+    if not progress_bars_shown(level):  # WARNING or ERROR: warnings only, no bar (as a policy run's)
         value_cfg = dataclasses.replace(value_cfg, progress=False)
     cfg = {**cfg, "model": built.to_dict()}
     out = train_value_model(
@@ -904,6 +904,8 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
     opt_cfg = _dataclass_from(OptimizerConfig, cfg["optimizer"], "optimizer")
     check_min_lr(opt_cfg)
     train_cfg = _dataclass_from(TrainConfig, cfg["train"], "train")
+    if not progress_bars_shown(logging_cfg.level):  # WARNING or ERROR: warnings only, no bar
+        train_cfg = dataclasses.replace(train_cfg, progress=False)
     mode, note = resolve_data_mode(loss_cfg.name, cfg["data"].get("mode"))
     check_packed_layers(mode, model_cfg)
     if train_cfg.share_prefixes and (

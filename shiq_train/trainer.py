@@ -360,7 +360,7 @@ class Trainer:
                 self.model,
                 buffer,
                 self.cfg.trainable_last_layers,
-                progress=rank0 and self.cfg.progress and logger.isEnabledFor(logging.INFO),
+                progress=rank0 and self.cfg.progress,
             )
             self._check_cache(cache)
             self.prefix_cache = cache
@@ -376,7 +376,7 @@ class Trainer:
             initial=start,
             total=self.cfg.steps,
             desc=f"train {self.loss_cfg.name}",
-            disable=not (rank0 and self.cfg.progress and logger.isEnabledFor(logging.INFO)),
+            disable=not (rank0 and self.cfg.progress),
             dynamic_ncols=True,
         )
 

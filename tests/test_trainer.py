@@ -635,3 +635,14 @@ def test_optimizer_settings_adamw_cannot_use_are_refused_by_name(field, value, n
     with pytest.raises(ValueError, match=re.escape(needle)):
         OptimizerConfig(**{field: value})
     OptimizerConfig(adam_beta1=0.0, adam_beta2=0.999, weight_decay=0.0, clip_grad=0.0)  # the edges that work
+
+
+def test_a_trainer_used_from_python_draws_its_bar_whatever_the_logging(dist1, tmp_path, capsys, monkeypatch):
+    """The commands draw no bar above INFO by setting train.progress off; the Trainer itself follows
+    ``progress`` alone: a script whose logging is Python's default (WARNING) still gets the bar it asked for."""
+    import logging
+
+    monkeypatch.setattr(logging.getLogger("shiq_train"), "level", logging.WARNING)
+    train_cfg = TrainConfig(steps=2, progress=True, tensorboard=False)
+    Trainer(M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path).fit(Synthetic())
+    assert "train sft" in capsys.readouterr().err
