@@ -143,11 +143,20 @@ class SavedRows:
     evaluated again (it is data: nothing of it is run). ``read``: whether saved rows may be used (not with
     --overwrite); ``write``: whether rows are saved (rank 0 only)."""
 
-    def __init__(self, out: Path, *, read: bool, write: bool):
+    def __init__(self, out: Path, *, read: bool, write: bool, scenarios: bool):
         self.folder = Path(out) / ROWS_FOLDER
         self.read, self.write = read, write
+        self.scenarios = scenarios  # the rows carry clustered standard errors' fields (BFCL)
         self.reused = 0
         self.saved = 0  # rows saved by this run
+
+    def row(self, key: dict, make, *args) -> dict:
+        """The saved row of ``key``, else ``make(*args)``'s, saved as soon as it is made."""
+        row = self.get(key)
+        if row is None:
+            row = make(*args)
+            self.put(key, row)
+        return row
 
     @contextlib.contextmanager
     def said_on_failure(self):
@@ -168,13 +177,13 @@ class SavedRows:
     def path(self, key: dict) -> Path:
         return self.folder / f"{content_sha256(key)}.json"
 
-    def get(self, key: dict, scenarios: bool) -> dict | None:
+    def get(self, key: dict) -> dict | None:
         """The saved row of ``key``, or None (none saved, or one that cannot be used, said on stderr)."""
         path = self.path(key)
         if not self.read or not path.is_file():
             return None
         try:
-            row = read_saved_row(path, key, scenarios)
+            row = read_saved_row(path, key, self.scenarios)
         except (ValueError, OSError) as e:
             print(f"shiq-eval: warning: {one_line(e, 300)}; the row is evaluated again", file=sys.stderr)
             return None
@@ -856,7 +865,7 @@ def run(args) -> list[dict]:
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     # every rank reads the saved rows (so all skip the same evaluations); with --overwrite none does, and rank 0
     # removes them before any evaluation
-    saved = SavedRows(Path(args.out), read=not args.overwrite, write=lead)
+    saved = SavedRows(Path(args.out), read=not args.overwrite, write=lead, scenarios=scenarios is not None)
     if args.overwrite:
         saved.discard()
     import torch  # heavy: torch
@@ -880,6 +889,29 @@ def run(args) -> list[dict]:
     with context, saved.said_on_failure():  # (a failure after rows were saved says they are kept)
         engine = (HFEngine if args.engine == "hf" else MegatronEngine)(ref_model, tokenizer)
         ref_logits, ref_sampler = engine.reference()
+
+        def evaluated(identity: dict, res, after: dict | None = None) -> dict:  # a result row, with its scenarios'
+            return cluster_by_scenario({**identity, **res.as_dict(), **(after or {})}, scenarios)
+
+        def evaluate_model(identity: dict, info: dict | None = None) -> dict:  # a checkpoint's, or the reference's
+            logits, sampler = engine.policy(info) if info is not None else (ref_logits, ref_sampler)
+            res = evaluate_policy(
+                logits,
+                ref_logits,
+                tokenizer,
+                prompt_ids,
+                shown_k,
+                scorer,
+                sampler=sampler,
+                temperature=sampling.temperature,
+                **kw,
+            )
+            return evaluated(identity, res)
+
+        def evaluate_guided(identity: dict, after: dict) -> dict:
+            res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
+            return evaluated(identity, res, after)  # (beta and top_k after the results: the columns' order)
+
         identity = {
             "run": "reference",
             "method": "reference",
@@ -889,25 +921,8 @@ def run(args) -> list[dict]:
             "model_sha256": ref_sha,
             **common,
         }
-        key = row_key(identity, shared)
-        ref_row = saved.get(key, scenarios is not None)
-        if ref_row is None:
-            ref_row = {
-                **identity,
-                **evaluate_policy(
-                    ref_logits,
-                    ref_logits,
-                    tokenizer,
-                    prompt_ids,
-                    shown_k,
-                    scorer,
-                    sampler=ref_sampler,
-                    temperature=sampling.temperature,
-                    **kw,
-                ).as_dict(),
-            }
-            ref_row = cluster_by_scenario(ref_row, scenarios)
-            saved.put(key, ref_row)
+
+        ref_row = saved.row(row_key(identity, shared), evaluate_model, identity)
         rows = []
         for info in infos:
             weights_sha = model_sha256(info["files"])  # before loading: the row names the weights evaluated
@@ -922,23 +937,7 @@ def run(args) -> list[dict]:
             }
             # (its config too: the weights' SHA-256 is not the model's, a config.json edited since gives other logits)
             key = row_key(identity, {**shared, "config_sha256": config_sha256(info["hf_config"])})
-            if (row := saved.get(key, scenarios is not None)) is not None:
-                rows.append(row)
-            else:
-                logits, sampler = engine.policy(info)
-                res = evaluate_policy(
-                    logits,
-                    ref_logits,
-                    tokenizer,
-                    prompt_ids,
-                    shown_k,
-                    scorer,
-                    sampler=sampler,
-                    temperature=sampling.temperature,
-                    **kw,
-                )
-                rows.append(cluster_by_scenario({**identity, **res.as_dict()}, scenarios))
-                saved.put(key, rows[-1])
+            rows.append(saved.row(key, evaluate_model, identity, info))
             if lead and not args.quiet:  # (a reused row's too: the run's lines are every row's)
                 log.info(f"{info['run']} ({info['method']}) step {info['step']}: {row_summary(rows[-1])}")
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
@@ -949,19 +948,9 @@ def run(args) -> list[dict]:
                 "checkpoint": os.path.abspath(args.guide),
                 "model_sha256": guide_sha,  # the weights and value_model.json, which shapes the model
                 **common,
-                "beta": args.beta,
-                "top_k": args.top_k,
             }
-            key = row_key(identity, shared)
-            if (row := saved.get(key, scenarios is not None)) is not None:
-                rows.append(row)
-            else:
-                res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
-                row = {k: v for k, v in identity.items() if k not in ("beta", "top_k")}  # (the columns' order)
-                rows.append(
-                    cluster_by_scenario({**row, **res.as_dict(), "beta": args.beta, "top_k": args.top_k}, scenarios)
-                )
-                saved.put(key, rows[-1])
+            after = {"beta": args.beta, "top_k": args.top_k}
+            rows.append(saved.row(row_key({**identity, **after}, shared), evaluate_guided, identity, after))
             if lead and not args.quiet:
                 log.info(f"qsharp (beta {args.beta}, top-k {args.top_k}): {row_summary(rows[-1])}")
     if not lead:
