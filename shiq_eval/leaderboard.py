@@ -38,6 +38,7 @@ import re
 import sys
 from pathlib import Path
 
+from shiq_data.cli_common import plural
 from shiq_data.io import atomic_write_text, files_together, json_loads, one_line, read_json_file
 from shiq_data.schema import is_bounded_number
 from shiq_eval.optimum import (
@@ -811,7 +812,7 @@ def check_replaced(out: Path, rows: list[dict], overwrite: bool) -> bool:
     lost = sorted(before - {os.path.realpath(r["source"]) for r in rows})
     if lost and not overwrite:
         raise ValueError(
-            f"--out {out} holds a leaderboard of other results ({len(lost)} result file{'s' * (len(lost) != 1)} "
+            f"--out {out} holds a leaderboard of other results ({plural(len(lost), 'result file')} "
             f"not among these, e.g. {lost[0]}): give --overwrite to replace it, or another folder"
         )
     return True

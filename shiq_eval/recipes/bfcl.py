@@ -53,7 +53,7 @@ import torch
 
 from shiq_data.assets import AssetMissing, config_dir, smollm2_gguf
 from shiq_data.buffer import open_buffer, write_buffer
-from shiq_data.cli_common import ArgumentParser, folder_path
+from shiq_data.cli_common import ArgumentParser, folder_path, plural
 from shiq_data.curate.decontaminate import (
     MIN_WORDS,
     NGRAM,
@@ -361,7 +361,7 @@ def shortfall(cfg: dict, asked: int, scenarios: int, dropped: list[str]) -> str 
         else "no other scenario of the split was left to take their place"
     )
     return (
-        f"data: the buffer holds {scenarios} scenarios, {short} fewer than the {asked} asked: {len(dropped)} dropped "
+        f"data: the buffer holds {plural(scenarios, 'scenario')}, {short} fewer than the {asked} asked: {len(dropped)} dropped "
         f"(not even their first turn fits data.max_tokens={cfg['data']['max_tokens']}) and {why}"
     )
 
