@@ -1088,7 +1088,7 @@ def _task(cfg) -> None:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         level = _dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level
         setup_logging(level)
-        if not progress_bars_shown(level):  # WARNING or ERROR: warnings only (the training bar: trainer.py)
+        if not progress_bars_shown(level):  # WARNING or ERROR: warnings only (the training bar: run, run_value)
             hide_library_progress_bars()
         run(plain, keys, model_keys_given([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "model"]))
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
