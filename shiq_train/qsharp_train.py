@@ -341,17 +341,16 @@ def load_resume_state(out: Path, key: str, params, opt, lr_schedule, sampler, st
             f"{path}: the value run saved there trained with other settings, atoms or reference; rerun it as it "
             f"was, or delete {path} to train from step 0"
         )
-    mine = params
     saved = state["model"]
     step = state["step"]
-    if set(saved) != set(mine) or any(tuple(saved[n].shape) != tuple(mine[n].shape) for n in mine):
+    if set(saved) != set(params) or any(tuple(saved[n].shape) != tuple(params[n].shape) for n in params):
         raise ValueError(f"{path}: its parameters are not this value model's; delete it to train from step 0")
     if not (isinstance(step, int) and 0 < step < steps):
         raise ValueError(f"{path}: step {step!r} is not a step before the last ({steps}); delete it to train again")
     try:
         history = json.loads(state["history"])
         with torch.no_grad():
-            for n, p in mine.items():
+            for n, p in params.items():
                 p.copy_(saved[n])
         opt.load_state_dict(state["optimizer"])
         lr_schedule.load_state_dict(state["lr_schedule"])
