@@ -121,37 +121,41 @@ def test_jobs_without_seeds_is_refused_in_one_line(tmp_path, prog, args, message
     assert not (tmp_path / "o").exists()  # nothing written
 
 
-@pytest.mark.parametrize("n_jobs", [1, 3])
-def test_demo_full_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs):
+@pytest.mark.parametrize("n_jobs, level, bars", [(1, "INFO", True), (3, "WARNING", False)])
+def test_demo_full_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs, level, bars):
     """shiq-demo --full [--jobs 3]: every seed's run of full_runs, in its folder, to the runner (the demo's own
-    run function, side by side or not as --jobs says), then the report across the seeds."""
+    run function, side by side or not as --jobs says; progress bars unless the log level is above INFO), then
+    the report across the seeds."""
     from shiq_eval.recipes import demo
 
     handed, reported = [], []
     monkeypatch.setattr(demo, "run_each", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
     monkeypatch.setattr(demo, "full_report", lambda out, names: reported.append((out, names)) or {"best_beta": {}})
-    assert demo.main(["--full", "--jobs", str(n_jobs), "--out", str(tmp_path)]) == 0
+    assert demo.main(["--full", "--jobs", str(n_jobs), "--out", str(tmp_path), "--log-level", level]) == 0
     ((target, jobs, n),) = handed
     module, _, name = target.partition(":")
     assert sys.modules[module].__dict__[name] is demo.run and n == n_jobs
     runs = demo.full_runs(demo.load_config(full=True))
-    assert jobs == [(s, tmp_path / s, (c, str(tmp_path / s))) for s, c in runs]
+    assert jobs == [(s, tmp_path / s, (c, str(tmp_path / s), bars)) for s, c in runs]
     assert reported == [(tmp_path, [s for s, _ in runs])]
 
 
-@pytest.mark.parametrize("n_jobs", [1, 2])
-def test_bfcl_seeds_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs):
+@pytest.mark.parametrize("n_jobs, level, bars", [(1, "WARNING", False), (2, "INFO", True)])
+def test_bfcl_seeds_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeypatch, n_jobs, level, bars):
     from shiq_eval.recipes import bfcl
 
     handed, reported = [], []
     monkeypatch.setattr(bfcl, "run_each", lambda target, jobs, n, log, **kw: handed.append((target, jobs, n)))
     monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))
-    assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "--jobs", str(n_jobs)]) == 0
+    assert (
+        bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "--jobs", str(n_jobs), "--log-level", level])
+        == 0
+    )
     ((target, jobs, n),) = handed
     module, _, name = target.partition(":")
     assert sys.modules[module].__dict__[name] is bfcl.run and n == n_jobs
     base = bfcl.load_config(quick=True)
     assert jobs == [
-        (f"seed{s}", tmp_path / f"seed{s}", ({**base, "seed": s}, str(tmp_path / f"seed{s}"))) for s in (3, 7)
+        (f"seed{s}", tmp_path / f"seed{s}", ({**base, "seed": s}, str(tmp_path / f"seed{s}"), bars)) for s in (3, 7)
     ]
     assert reported == [(tmp_path, ["seed3", "seed7"])]

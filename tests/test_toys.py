@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
+from shiq_data.cli_common import setup_logging
 from shiq_eval.recipes import toys
 from shiq_eval.recipes.toys import (
     BanditConfig,
@@ -300,7 +301,8 @@ def _finite(x):
 
 def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     assert toys.main(["all", "--quick", "--out", str(tmp_path)]) == 0
-    assert str(tmp_path) in capsys.readouterr().out
+    first = capsys.readouterr()
+    assert str(tmp_path) in first.out and "bandit: 100%" in first.err  # the bar of INFO, the default
     bandit = json.loads((tmp_path / "bandit.json").read_text())
     assert set(bandit["methods"]) == {"shiq", "shiq_tk", "copg", "dpo"} and "config" in bandit
     for res in bandit["methods"].values():
@@ -323,8 +325,11 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"--out {tmp_path} holds bandit.json, bandit.png of an earlier run: give --overwrite" in err, err
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
-    assert toys.main(["bandit", "--quick", "--seeds", "3", "--overwrite", "--out", str(tmp_path)]) == 0
+    argv = ["bandit", "--quick", "--seeds", "3", "--overwrite", "--out", str(tmp_path), "--log-level", "WARNING"]
+    assert toys.main(argv) == 0
     assert json.loads((tmp_path / "bandit.json").read_text())["config"]["seeds"] == 3
+    assert "%|" not in capsys.readouterr().err  # warnings only: no bar
+    setup_logging("INFO")  # as the next command's start would leave it
 
 
 def test_epochs_cli_reports_every_epoch(tmp_path, capsys):

@@ -194,12 +194,12 @@ def _check_config(cfg: dict) -> None:
 
 
 class Context:
-    def __init__(self, cfg: dict, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: dict, out: Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, out, progress  # progress: whether the stages draw their bars
         self._ref = None
         self.truths = {}  # held-out scenario id -> its ground-truth conversation
         self.prefix_caches = PrefixCaches(
-            cfg, out, lambda: self.reference[0], _log, logits_chunk_tokens=LOGITS_CHUNK_TOKENS
+            cfg, out, lambda: self.reference[0], _log, progress=progress, logits_chunk_tokens=LOGITS_CHUNK_TOKENS
         )
 
     @property
@@ -400,7 +400,7 @@ def stage_data(ctx: Context) -> None:
             shutil.rmtree(tmp)
         write_buffer(rows, tmp, tokenizer_info=tok_info, command=[PROG, "data", name], progress=False)
         if name == "buffer":  # the supervised baseline reads no reference statistics
-            compute_ref_stats(tmp, hf_stats_fn(ctx.reference[0]), progress=True, ref_model=ctx.ref_model_info())
+            compute_ref_stats(tmp, hf_stats_fn(ctx.reference[0]), progress=ctx.progress, ref_model=ctx.ref_model_info())
         if (ctx.out / name).exists():
             shutil.rmtree(ctx.out / name)
         tmp.rename(ctx.out / name)
@@ -472,7 +472,15 @@ def stage_train(ctx: Context, arm: str) -> None:
         # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method,
         # each weighing the same in the step's loss whatever its number of turns (loss_average=micro_batch)
         trainer = recipe_trainer(
-            model, cfg, arm, run, ref.config, {"recipe": PROG}, prefix_cache=cache, loss_average="micro_batch"
+            model,
+            cfg,
+            arm,
+            run,
+            ref.config,
+            {"recipe": PROG},
+            prefix_cache=cache,
+            loss_average="micro_batch",
+            progress=ctx.progress,
         )
         sampler = BufferSampler(
             open_buffer(ctx.out / buffer),
@@ -1040,7 +1048,7 @@ def seeds_report_markdown(rep: dict) -> str:
 # driver
 
 
-def run(cfg: dict, out: str | Path) -> dict:
+def run(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     check_run_folder(out, PROG)  # before anything is made there
     out.mkdir(parents=True, exist_ok=True)
@@ -1051,7 +1059,7 @@ def run(cfg: dict, out: str | Path) -> dict:
     # arms can be added to a finished run (each is its own stage), and the evaluation's batch size changes
     # nothing but its speed (batched answers equal single ones up to rounding)
     stages = Stages(out, cfg, prog=PROG, free=FREE_KEYS)
-    ctx = Context(cfg, out)
+    ctx = Context(cfg, out, progress)
     # the reference's evaluation right after the data: a run stopped part-way already has its baseline
     plan = [("data", lambda: stage_data(ctx)), ("eval_reference", lambda: stage_eval_reference(ctx))]
     plan += [(f"train_{m}", lambda m=m: stage_train(ctx, m)) for m in cfg["train"]["methods"]]
@@ -1123,14 +1131,14 @@ def _main(args) -> int:
         names = [f"seed{n}" for n in args.seeds]
         check_study_folder(Path(args.out), SEEDS_FILES)  # before anything is made there
         jobs = [
-            (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name)))
+            (name, Path(args.out) / name, ({**cfg, "seed": n}, str(Path(args.out) / name), args.progress))
             for n, name in zip(args.seeds, names)
         ]
         run_each("shiq_eval.recipes.bfcl:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO"))
         seeds_report(Path(args.out), names)
         _log(f"done: {Path(args.out) / 'seeds_report.md'}")
         return 0
-    rep = run(cfg, args.out)
+    rep = run(cfg, args.out, args.progress)
     ref = rep["reference"]
     for m, r in rep["methods"].items():
         _log(

@@ -26,7 +26,14 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from shiq_data.buffer import open_buffer
-from shiq_data.cli_common import add_log_level_option, quiet_optional_dependencies, run_command, setup_logging
+from shiq_data.cli_common import (
+    add_log_level_option,
+    hide_library_progress_bars,
+    progress_bars_shown,
+    quiet_optional_dependencies,
+    run_command,
+    setup_logging,
+)
 from shiq_data.io import atomic_write_json, atomic_write_texts, exclusive_lock, json_loads, one_line, type_name
 from shiq_eval.checkpoints import NO_KL_WEIGHT
 from shiq_eval.optimum import error_text, null_as_undefined, undefined_as_null
@@ -743,10 +750,12 @@ class PrefixCaches:
     weights; otherwise it is built again and the file replaced.
 
     ``reference``: a callable giving the Hugging Face reference model; ``log``: the recipe's logger;
-    ``overrides``: :func:`megatron_policy` overrides of the model built when a stage gives none."""
+    ``progress``: whether a build draws its bar; ``overrides``: :func:`megatron_policy` overrides of the model
+    built when a stage gives none."""
 
-    def __init__(self, cfg: dict, out: Path, reference: Callable[[], object], log, **overrides):
+    def __init__(self, cfg: dict, out: Path, reference: Callable[[], object], log, progress: bool = True, **overrides):
         self.cfg, self.out, self._reference, self._log, self._overrides = cfg, out, reference, log, overrides
+        self._progress = progress
         self._caches: dict[tuple[str, int], PrefixCache] = {}
 
     def get(self, buffer: str, trainable_last_layers: int, model=None) -> PrefixCache | None:
@@ -767,7 +776,7 @@ class PrefixCaches:
                     model = megatron_policy(self._reference(), **self._overrides)
                 cache = self._saved(path, rows, model, trainable_last_layers)
                 if cache is None:
-                    cache = PrefixCache.from_buffer(model, rows, trainable_last_layers)
+                    cache = PrefixCache.from_buffer(model, rows, trainable_last_layers, progress=self._progress)
                     cache.save(path)
                     how = "cached for"
                 else:
@@ -845,11 +854,16 @@ RESUMES = " (the same command resumes after the last finished stage)"
 
 def run_recipe(ap: argparse.ArgumentParser, argv: list[str] | None, fn, hint: str = "") -> int:
     """The end of a recipe's ``main``: the ``KEY=VALUE`` overrides and ``--log-level`` added to ``ap``, the
-    command line parsed, megatron's import notices hidden, logging set up, then ``fn(args)`` with a user error
-    ending in one line (:func:`shiq_data.cli_common.run_command`; ``hint`` follows its line for a stop)."""
+    command line parsed, megatron's import notices hidden, logging set up, ``args.progress`` set (a log level
+    above INFO draws no progress bar, the libraries' included), then ``fn(args)`` with a user error ending in
+    one line (:func:`shiq_data.cli_common.run_command`; ``hint`` follows its line for a stop)."""
     ap.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     add_log_level_option(ap)
     args = ap.parse_args(argv)
     quiet_optional_dependencies()
-    setup_logging(getattr(args, "log_level", "INFO"))
+    level = getattr(args, "log_level", "INFO")
+    setup_logging(level)
+    args.progress = progress_bars_shown(level)
+    if not args.progress:
+        hide_library_progress_bars()
     return run_command(ap.prog, fn, args, hint=hint)

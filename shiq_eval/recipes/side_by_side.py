@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.cli_common import plural, quiet_optional_dependencies, setup_logging
+from shiq_data.cli_common import (
+    hide_library_progress_bars,
+    plural,
+    progress_bars_shown,
+    quiet_optional_dependencies,
+    setup_logging,
+)
 from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
@@ -46,6 +52,8 @@ def _job(target: str, args: tuple, folder: str, threads: int, log_level: str) ->
         sys.stdout = sys.stderr = log
         quiet_optional_dependencies()
         setup_logging(log_level)
+        if not progress_bars_shown(log_level):  # the job's own bars are its args'; the libraries' are hidden here
+            hide_library_progress_bars()
         _resolve(target)(*args)
 
 

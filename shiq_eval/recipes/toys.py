@@ -38,6 +38,7 @@ from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     int_at_least,
+    progress_bars_shown,
     run_command,
     setup_logging,
 )
@@ -404,10 +405,11 @@ def _run(job):
     return job, (run_bandit if kind == "bandit" else run_grid)(cfg, method, seed)
 
 
-def run_jobs(jobs, workers: int, desc: str):
-    """Run ``(kind, cfg, method, seed)`` jobs, in ``workers`` processes when > 1, with a progress bar."""
+def run_jobs(jobs, workers: int, desc: str, progress: bool = True):
+    """Run ``(kind, cfg, method, seed)`` jobs, in ``workers`` processes when > 1, with a progress bar (unless
+    not ``progress``)."""
     results = {}
-    with tqdm(total=len(jobs), desc=desc, unit="run", file=sys.stderr) as bar:
+    with tqdm(total=len(jobs), desc=desc, unit="run", file=sys.stderr, disable=not progress) as bar:
         if workers <= 1:
             for job in jobs:
                 j, res = _run(job)
@@ -536,9 +538,9 @@ def plot_grid(settings: dict, path: str) -> None:
     save_figure(fig, path)
 
 
-def bandit_experiment(out: str, cfg: BanditConfig, workers: int) -> dict:
+def bandit_experiment(out: str, cfg: BanditConfig, workers: int, progress: bool = True) -> dict:
     jobs = [("bandit", cfg, m, s) for m in BANDIT_METHODS for s in range(cfg.seeds)]
-    res = run_jobs(jobs, workers, "bandit")
+    res = run_jobs(jobs, workers, "bandit", progress)
     methods = {m: aggregate([res[("bandit", "", m, s)] for s in range(cfg.seeds)], ["regret"]) for m in BANDIT_METHODS}
     r = cfg.rewards()
     config = dataclasses.asdict(cfg) | {
@@ -557,9 +559,9 @@ def bandit_experiment(out: str, cfg: BanditConfig, workers: int) -> dict:
     return obj
 
 
-def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int) -> dict:
+def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int, progress: bool = True) -> dict:
     jobs = [("grid", cfg, m, s) for cfg in cfgs.values() for m in GRID_METHODS for s in range(cfg.seeds)]
-    res = run_jobs(jobs, workers, "gridworld")
+    res = run_jobs(jobs, workers, "gridworld", progress)
     settings = {}
     for name, cfg in cfgs.items():
         grid = Grid(cfg)
@@ -676,6 +678,7 @@ def main(argv=None) -> int:
     add_log_level_option(p)
     args = p.parse_args(argv)
     setup_logging(getattr(args, "log_level", "INFO"))
+    args.progress = progress_bars_shown(getattr(args, "log_level", "INFO"))  # none above INFO
     return run_command("shiq-toys", _main, args, p)
 
 
@@ -727,12 +730,14 @@ def _main(args, p) -> int:
     t0 = time.time()
     written = []
     if args.experiment in ("bandit", "all"):
-        bandit_experiment(args.out, BanditConfig(**overrides, center_rewards=args.center_rewards), workers)
+        bandit_experiment(
+            args.out, BanditConfig(**overrides, center_rewards=args.center_rewards), workers, args.progress
+        )
         written += ["bandit.json", "bandit.png"]
     if args.experiment in ("gridworld", "all"):
         grid_kw = {k: v for k, v in overrides.items() if not (k == "steps" and "epochs" in grid_overrides)}
         cfgs = {s: GridConfig.make(s, **grid_kw, **grid_overrides, good_policy=args.good_policy) for s in GRID_SETTINGS}
-        grid_experiment(args.out, cfgs, workers)
+        grid_experiment(args.out, cfgs, workers, args.progress)
         written += ["gridworld.json", "gridworld.png"]
     print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)} in {time.time() - t0:.1f} s")
     return 0
