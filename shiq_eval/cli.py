@@ -178,17 +178,32 @@ class SavedRows:
         return self.folder / f"{content_sha256(key)}.json"
 
     def get(self, key: dict) -> dict | None:
-        """The saved row of ``key``, or None (none saved, or one that cannot be used, said on stderr)."""
+        """The saved row of ``key``, or None (none saved, or one that cannot be used, said on stderr). Under a
+        process group, rank 0's: it reads the file and every rank takes its answer, so all evaluate the same rows
+        (a rank that saw another answer would wait in another collective)."""
+        if not self.read:
+            return None
+        import torch.distributed as dist  # heavy: torch (loaded by then)
+
+        shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        row = self._read(key) if not shared or dist.get_rank() == 0 else None
+        if shared:
+            box = [row]
+            dist.broadcast_object_list(box, src=0)
+            row = box[0]
+        if row is not None:
+            self.reused += 1
+        return row
+
+    def _read(self, key: dict) -> dict | None:
         path = self.path(key)
-        if not self.read or not path.is_file():
+        if not path.is_file():
             return None
         try:
-            row = read_saved_row(path, key, self.scenarios)
+            return read_saved_row(path, key, self.scenarios)
         except (ValueError, OSError) as e:
             print(f"shiq-eval: warning: {one_line(e, 300)}; the row is evaluated again", file=sys.stderr)
             return None
-        self.reused += 1
-        return row
 
     def put(self, key: dict, row: dict) -> None:
         if self.write:
@@ -863,8 +878,8 @@ def run(args) -> list[dict]:
     if scenarios is not None:  # [P], prompt order: the leaderboard clusters by scenario (SHIQ_MATH §9)
         common[leaderboard.SCENARIO_IDS] = scenarios
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
-    # every rank reads the saved rows (so all skip the same evaluations); with --overwrite none does, and rank 0
-    # removes them before any evaluation
+    # rank 0 reads the saved rows and every rank takes its answer (so all skip the same evaluations); with
+    # --overwrite none does, and rank 0 removes them before any evaluation
     saved = SavedRows(Path(args.out), read=not args.overwrite, write=lead, scenarios=scenarios is not None)
     if args.overwrite:
         saved.discard()

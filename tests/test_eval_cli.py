@@ -444,6 +444,57 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+TORCHRUN_EVAL = """import os, sys
+from shiq_eval import cli
+if os.environ.get("KEEP_ROWS"):  # the rows kept beside the results, as an interrupted run leaves them
+    cli.SavedRows.discard = lambda self: None
+if os.environ["RANK"] != "0":  # a row file this rank does not see (another node's stale view of --out)
+    def unseen(path, *a):
+        raise FileNotFoundError(f"{path}: not seen")
+    cli.read_saved_row = unseen
+sys.exit(cli.main())
+"""
+
+
+def test_a_tp2_run_resumes_with_rank_0s_saved_rows(tmp_path):
+    """Under torchrun (TP=2) every rank looked for the saved rows itself: a row file one rank saw and another did
+    not (a node's stale view of --out) made one rank reuse the row while the other evaluated it, the ranks then in
+    different collectives. Rank 0 reads the rows and every rank takes its answer: a run resumed from some of the
+    rows reuses them and writes an uninterrupted run's results, byte for byte."""
+    init = tiny_hf_folder(tmp_path / "init")
+    for i, name in enumerate(("p1", "p2", "p3")):
+        tiny_hf_folder(tmp_path / name)
+        torch.manual_seed(10 + i)
+        transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(init)).save_pretrained(tmp_path / name)
+    argv = score_len_run(tmp_path, tmp_path / "p1", init, max_new_tokens=3)
+    argv[2:2] = [str(tmp_path / "p2"), str(tmp_path / "p3")]
+    argv += ["--engine", "megatron", "--tp", "2"]
+    (tmp_path / "torchrun_eval.py").write_text(TORCHRUN_EVAL)
+    from shiq_train.parallel import free_port
+
+    def torchrun(out: Path, **env) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--master_port", str(free_port()), "torchrun_eval.py", *argv, "--out", str(out)]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # (the cwd is tmp_path)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **env}
+        res = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr[-6000:]
+        return res
+
+    whole, out = tmp_path / "whole", tmp_path / "o"
+    torchrun(whole, KEEP_ROWS="1")
+    files = {json.loads(f.read_text())["key"]["row"]["run"]: f for f in (whole / ".rows").glob("*.json")}
+    assert sorted(files) == ["p1", "p2", "p3", "reference"]
+    (out / ".rows").mkdir(parents=True)
+    for run in ("reference", "p2"):  # p1's and p3's rows not saved before the stop
+        (out / ".rows" / files[run].name).write_bytes(files[run].read_bytes())
+    res = torchrun(out)
+    assert f"shiq-eval: 2 of 4 rows reused from {out / '.rows'}" in res.stderr, res.stderr[-3000:]
+    assert "warning" not in res.stderr, res.stderr[-3000:]
+    assert results_of(out) == results_of(whole)
+    assert not (out / ".rows").exists()
+
+
 def test_megatron_engine_refuses_a_tp_size_that_does_not_divide_the_heads(tmp_path, monkeypatch):
     from megatron.core import parallel_state as ps
 
