@@ -1029,10 +1029,23 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
 # decontaminate: brute force over word tuples (sets of every run of each length), against the input records
 
 
+def _word_runs(text: str) -> list[str]:
+    """Runs of letters, digits, ``_`` and combining marks (category M), character by character."""
+    out, cur = [], ""
+    for ch in text:
+        if ch.isalnum() or ch == "_" or unicodedata.category(ch).startswith("M"):
+            cur += ch
+        else:
+            out += [cur] if cur else []
+            cur = ""
+    return out + ([cur] if cur else [])
+
+
 def _words(text: str) -> list[str]:
-    """Runs of \\w, but each Han, kana, Thai... character (a script without spaces) a word of its own."""
+    """Runs of letters, digits, ``_`` and their marks, but each Han, kana, Thai... character (a script without
+    spaces) a word of its own."""
     out = []
-    for w in re.findall(r"\w+", unicodedata.normalize("NFKC", text).casefold()):
+    for w in _word_runs(unicodedata.normalize("NFKC", text).casefold()):
         out += re.findall(
             r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff"
             r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]|[^\u0e00-\u0eff"
@@ -1275,6 +1288,29 @@ def test_decontaminate_reads_chinese_and_japanese_by_character(tmp_path, capsys)
     )
     assert code == 0, err
     assert "kept 1 of 3 rows" in stdout and "2 of the evaluation texts found" in stdout and "skipped" not in stdout
+
+
+def test_decontaminate_keeps_combining_marks_inside_their_words(tmp_path, capsys):
+    """A combining mark (a Devanagari vowel sign or virama, an Arabic vowel mark) is part of its word: \\w left it
+    out, so words were cut at each mark and the marks dropped, a Hindi text of 3 words read as 13 and the row
+    below, another sentence with the same consonants, matched it. Against the brute-force reference."""
+    hi = "किताब मेरी है"  # "the book is mine": 3 words, 13 consonants
+    other = "कोतीब मारु हो"  # other words, the same consonants
+    ar = "كَتَبَ الوَلَدُ الدَّرْسَ"  # 3 words
+    rows = [other, "मैं कहता हूँ " + hi + " और", "كتب الولد الدرس", "قال: " + ar]
+    assert len(_words(hi)) == 3 and len(_words(ar)) == 3
+    records = [{"prompt": p, "completion": " ok", "reward": 0.0} for p in rows]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    against = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": hi}, {"prompt": ar}])
+    out = tmp_path / "o"
+    code, stdout, err = run(
+        capsys, "decontaminate", tmp_path / "b", "--against", against, "--min-words", "3", "--out", out, "--no-progress"
+    )
+    assert code == 0, err
+    want = _brute_force([p + "\n ok" for p in rows], [hi, ar], 13, 3)
+    assert want == [False, True, False, True]
+    assert ids(out) == [f"b0-{i}" for i, w in enumerate(want) if not w]
 
 
 @pytest.mark.parametrize("separator", ["\u2028", "\x0c", "\x85", "\x1e"])

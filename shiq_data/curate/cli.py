@@ -228,7 +228,8 @@ def add_commands(sub) -> None:
         "decontaminate",
         help="drop rows that share a run of words with an evaluation set",
         description="Drop the rows of BUFFER whose text (--by) holds a run of --ngram consecutive words that also "
-        "stands in an evaluation text (words: lower case, runs of letters, digits and _; other characters only "
+        "stands in an evaluation text (words: lower case, runs of letters, digits and _ with their combining "
+        "marks; other characters only "
         "separate them; chat messages by their text). An evaluation text shorter than --ngram words counts whole "
         "from --min-words words; shorter ones are skipped. Evaluation texts: JSON lines (a string or an object "
         "whose --field holds a string or chat messages, such as BFCL's question), a JSON list of them, a .txt "
