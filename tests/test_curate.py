@@ -456,6 +456,26 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_mix_without_rows_is_as_large_as_the_exact_weights_allow(tmp_path, capsys):
+    """Without --rows the mix holds min_i(rows_i * sum(w) / w_i) rows, in exact arithmetic: in floats 39 rows at
+    weights 3:2 gave 39 / 0.6 = 64.99999999999999, a mix of 64 rows (38 + 26) where 65 (39 + 26) fit."""
+    from fractions import Fraction
+
+    records = [{"prompt": f"Prompt {k}.", "completion": " ok", "reward": 0.0} for k in range(39)]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    buf = tmp_path / "b"
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", buf, "--no-progress")[0] == 0
+    for weights in [(3, 2), (0.3, 0.2), (1, 1, 1)]:
+        out = tmp_path / "mix" / "-".join(map(str, weights))
+        code, _, err = run(capsys, "mix", *(f"{buf}:{w}" for w in weights), "--out", out, "--no-progress")
+        assert code == 0, err
+        total_weight = sum(map(Fraction, weights))
+        want_total = min(int(39 * total_weight / Fraction(w)) for w in weights)
+        want = [round(want_total * Fraction(w) / total_weight) for w in weights]  # (groups of one row each)
+        m, rows = read_rows(out)
+        assert m["curation"]["rows_per_input"] == want and len(rows) == sum(want) == want_total, (weights, want)
+
+
 def test_mix_warns_of_rows_that_several_inputs_share(data, tmp_path, capsys):
     """Inputs that share rows (a buffer and a filtered copy of it, a buffer given twice) gave a mix holding
     them twice, silently. The count of prompt-completion pairs found in more than one input is warned of and

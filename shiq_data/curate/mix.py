@@ -24,7 +24,9 @@ numpy arrays in memory-mapped temporary files, not process memory (the order is 
 
 from __future__ import annotations
 
+import math
 import shutil
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -208,13 +210,17 @@ def _check_space(sources, targets: list[int], out) -> None:
 
 
 def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill) -> tuple[Buffer, dict]:
-    weights = np.array([w for _, w in parsed], dtype=np.float64)
-    share = weights / weights.max()  # first scaled to at most 1: two weights of 1e308 would sum to infinity
-    share /= share.sum()
+    weights = [w for _, w in parsed]
+    # exact (the weights' own binary values): in floats 39 / (3 / 5) is 64.99999999999999, a mix one row short,
+    # and two weights of 1e308 would sum to infinity
+    exact = [Fraction(w) for w in weights]
+    total_weight = sum(exact)
     groups = [_Groups(s, i, spill) for i, s in enumerate(sources)]
-    have = np.array([len(s) for s in sources], dtype=np.float64)
-    total = int(rows) if rows is not None else int(np.floor((have / share).min()))
-    targets = [int(round(total * p)) for p in share]
+    if rows is not None:
+        total = int(rows)
+    else:
+        total = math.floor(min(len(s) * total_weight / w for s, w in zip(sources, exact)))
+    targets = [round(total * w / total_weight) for w in exact]
     if not any(targets):  # (every share rounds to no row: the inputs are not empty)
         raise ValueError(
             f"--rows {total} over weights {', '.join(f'{w:g}' for w in weights)} gives every input round(rows * w / "
