@@ -228,7 +228,8 @@ def worker(rank, world, port, args, out_dir):
             for method in METHODS:
                 if method == "megatron DDP" and dtype == "bfloat16":
                     continue  # its Float16 optimizer is not adapted to CPU (the project does not use it)
-                opt, step = build(method, args, dtype)
+                parallel.set_seed(0)  # the same starting weights for every method (bytes and save times do not
+                opt, step = build(method, args, dtype)  # depend on them, but each measured model is then known)
                 step([dict(mb) for mb in mbs], loss_fn)  # AdamW allocates its state at the first step
                 result["memory"][(dtype, method)] = state_bytes(method, opt)
                 if dtype == "float32" and method != "megatron DDP":
