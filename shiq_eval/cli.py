@@ -871,6 +871,8 @@ def run(args) -> list[dict]:
         "suite_sha256": suite_sha,
         "prompt_set": source,
         "prompt_set_sha256": prompt_sha,
+        # the prompts' token ids: the same texts encoded by another tokenizer or chat template are other prompts
+        "prompt_ids_sha256": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
         "samples_per_prompt": k,
         "temperature": sampling.temperature,  # J (SHIQ_MATH §9) is a policy's only at temperature 1
         "kl_estimator": suite.kl_estimator,
@@ -890,7 +892,6 @@ def run(args) -> list[dict]:
         "reference_sha256": ref_sha,
         "reference_config_sha256": config_sha256(ref_model.config.to_dict()),
         "tokenizer_sha256": tokenizer_sha256(tokenizer),
-        "prompt_ids_sha256": hashlib.sha256(json.dumps(encoded).encode()).hexdigest(),
         "tp": args.tp,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }

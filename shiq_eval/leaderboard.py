@@ -213,6 +213,7 @@ ROW_FIELDS = {
     "suite": ("a string", _text),
     "suite_sha256": ("a string", _text),
     "prompt_set_sha256": ("a string", _text),
+    "prompt_ids_sha256": ("a string or null", lambda v: v is None or _text(v)),
     "model_sha256": ("a string or null", lambda v: v is None or _text(v)),
     "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
@@ -434,8 +435,11 @@ def check_runs(rows: list[dict]) -> None:
 
 def check_prompt_sets(rows: list[dict]) -> None:
     """Refuse rows of one suite fingerprint with different prompt sets: the fingerprint covers the prompt set,
-    so only a hand-edited file has them, and its rows would be listed and drawn as one suite's."""
+    so only a hand-edited file has them, and its rows would be listed and drawn as one suite's. Refuse too rows
+    whose prompts were encoded into different token ids (``prompt_ids_sha256``: the reference's tokenizer or chat
+    template, or ``--tokenizer``, which the fingerprint does not cover); rows without the field are not checked."""
     first: dict = {}
+    encoded: dict = {}
     for row in rows:
         a = first.setdefault(row["suite_sha256"], row)
         if a["prompt_set_sha256"] != row["prompt_set_sha256"]:
@@ -443,6 +447,16 @@ def check_prompt_sets(rows: list[dict]) -> None:
                 f"{a['source']} and {row['source']}: one suite fingerprint ({row['suite_sha256'][:12]}…) with two "
                 "prompt sets (field 'prompt_set_sha256'): the suite's fingerprint covers its prompts, so one of "
                 "the files was edited"
+            )
+        if row.get("prompt_ids_sha256") is None:  # (written before the token ids were recorded)
+            continue
+        b = encoded.setdefault(row["suite_sha256"], row)
+        if b["prompt_ids_sha256"] != row["prompt_ids_sha256"]:
+            raise ValueError(
+                f"{b['source']} and {row['source']}: the suite's prompts (fingerprint {row['suite_sha256'][:12]}…) "
+                "were encoded into other token ids (field 'prompt_ids_sha256': another tokenizer or chat template), "
+                "so the models saw other prompts and their numbers are not comparable: make one leaderboard per "
+                "tokenizer"
             )
 
 

@@ -1159,3 +1159,37 @@ def test_a_damaged_saved_row_is_said_and_evaluated_again(tmp_path, monkeypatch, 
         assert "Traceback" not in err
         assert len(calls) == 3 and "1 of 4 rows reused" in err, damage
         assert results_of(out) == results_of(tmp_path / "whole"), damage
+
+
+def test_prompts_encoded_by_another_chat_template_are_not_ranked_together(tmp_path, capsys, monkeypatch):
+    """One reference's weights with two chat templates: the same prompt texts, the same suite fingerprint, but
+    other prompt tokens, so other numbers. The rows record the prompts' token ids (their SHA-256, recomputed
+    here with transformers' own chat template), and the leaderboard refuses to rank or pair the two, where it
+    paired one folder's runs with the other's reference, measured on other prompts."""
+    policy = tiny_hf_folder(tmp_path / "policy")
+    texts = ["w3 w4", "w5 w6 w7"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": t}) + "\n" for t in texts))
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    monkeypatch.chdir(tmp_path)
+    outs, want = [], []
+    for i, template in enumerate(["{{ messages[0]['content'] }}", "w9 {{ messages[0]['content'] }} w10"]):
+        ref = tiny_hf_folder(tmp_path / f"ref{i}")
+        config = json.loads((ref / "tokenizer_config.json").read_text())
+        (ref / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+        tok = transformers.AutoTokenizer.from_pretrained(ref)
+        rendered = [tok.apply_chat_template([{"role": "user", "content": t}], tokenize=False) for t in texts]
+        ids = [tok(r, add_special_tokens=False)["input_ids"] for r in rendered]
+        want.append(hashlib.sha256(json.dumps(ids).encode()).hexdigest())
+        out = tmp_path / f"o{i}"
+        argv = ["run", str(policy), "--out", str(out), "--prompts", "p.jsonl", "--quiet", "--chat"]
+        argv += ["--scorer", "python:score_len:score", "--reference", str(ref), "--max-new-tokens", "2"]
+        assert main(argv) == 0
+        outs.append(out)
+    rows = [json.loads((o / "results.json").read_text()) for o in outs]
+    assert want[0] != want[1] and rows[0][0]["suite_sha256"] == rows[1][0]["suite_sha256"]
+    assert [{r["prompt_ids_sha256"] for r in rs} for rs in rows] == [{want[0]}, {want[1]}]
+    capsys.readouterr()
+    assert main(["leaderboard", str(outs[0]), str(outs[1]), "--out", str(tmp_path / "board")]) == 2
+    err = capsys.readouterr().err
+    assert "were encoded into other token ids (field 'prompt_ids_sha256'" in err and not (tmp_path / "board").exists()
+    assert main(["leaderboard", str(outs[0]), str(outs[0]), "--out", str(tmp_path / "board")]) == 0
