@@ -389,7 +389,7 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
 
 def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
     """A ValueError naming the ``model.`` key whose value the parallel layout cannot split: the vocabulary,
-    heads and query groups over ``tp`` ranks, the layers over ``pp * vpp`` stages, and with
+    heads, query groups and MLP width over ``tp`` ranks, the layers over ``pp * vpp`` stages, and with
     ``recompute=full`` and ``recompute_method=uniform`` a stage's layers into groups of
     ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer), and
     ``sequence_parallel`` without tensor parallelism or with a sequence length ``tp`` does not divide. Checked
@@ -411,6 +411,7 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
         ),
         ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size", ""),
         ("num_query_groups", groups, tp, "tensor-parallel size", ""),
+        ("ffn_hidden_size", cfg.ffn_hidden_size or 4 * cfg.hidden_size, tp, "tensor-parallel size", ""),
         ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages", ""),
     ]:
         if value % by:

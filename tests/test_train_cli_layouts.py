@@ -165,6 +165,12 @@ def test_layouts_that_cannot_run_are_refused_in_one_line(section, layers, micro_
             {"vocab_size": 255},
             "model.vocab_size=255 must be divisible by the tensor-parallel size 2 (parallel.tp; or pad the vocabulary to 256)",
         ),
+        # (an odd intermediate_size: megatron-core's own AssertionError named neither the key nor a size that works)
+        (
+            {"tp": 2},
+            {"ffn_hidden_size": 97},
+            "model.ffn_hidden_size=97 must be divisible by the tensor-parallel size 2 (parallel.tp: 1 or 97 divide it)",
+        ),
         ({"tp": 1}, {"num_layers": 3, "recompute": "full", "recompute_num_layers": 2}, "model.recompute_num_layers=2 "),
         (
             {"pp": 2},
