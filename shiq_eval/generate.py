@@ -224,10 +224,13 @@ def left_padded(batch: list[list[int]], pad_id: int, device=None) -> tuple[torch
     return ids, attn, (attn.cumsum(-1) - 1).clamp(min=0)
 
 
-def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None, u: torch.Tensor | None = None
+) -> torch.Tensor:
     """One token per row from ``logits`` ``[B, V]``: argmax when ``cfg.temperature == 0``, else a draw
     from ``softmax(logits / temperature)`` restricted to the nucleus, the smallest set of most likely
-    tokens whose probability reaches ``cfg.top_p`` (renormalised). Returns ``[B]`` int64."""
+    tokens whose probability reaches ``cfg.top_p`` (renormalised), at ``u`` (:func:`draw`). Returns ``[B]``
+    int64."""
     if cfg.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits.float() / cfg.temperature
@@ -237,19 +240,26 @@ def sample_next(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Gene
         mass_before = probs.cumsum(dim=-1) - probs  # the most likely token always stays (mass_before 0)
         sorted_logits = sorted_logits.masked_fill(mass_before >= cfg.top_p, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return draw(logits.softmax(dim=-1), generator)
+    return draw(logits.softmax(dim=-1), generator, u)
 
 
-def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def uniforms(rows: int, generator: torch.Generator, device=None) -> torch.Tensor:
+    """The ``[rows, 1]`` float64 uniform numbers :func:`draw` inverts at, one per row, from ``generator``."""
+    return torch.rand(rows, 1, generator=generator, dtype=torch.float64, device=device)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator | None, u: torch.Tensor | None = None) -> torch.Tensor:
     """One index per row of ``probs`` ``[B, V]`` (rows summing to about 1), index ``i`` with probability
-    ``probs[:, i]``, by inverting the cumulative distribution (in float64) at one uniform draw per row:
-    the same law as ``torch.multinomial(probs, 1)``, without its ``V`` random numbers per row (on 2 CPU threads,
-    37 ms per draw for a batch of 32 over a 49k vocabulary, against 1 ms). Returns ``[B]`` int64."""
+    ``probs[:, i]``, by inverting the cumulative distribution (in float64) at one uniform number per row
+    (``u`` ``[B, 1]`` float64, by default :func:`uniforms` of ``generator``): the same law as
+    ``torch.multinomial(probs, 1)``, without its ``V`` random numbers per row (on 2 CPU threads, 37 ms per draw
+    for a batch of 32 over a 49k vocabulary, against 1 ms). Returns ``[B]`` int64."""
     cdf = probs.double().cumsum(-1)  # [B, V]
     total = cdf[:, -1]
     if not bool(torch.isfinite(total).all()) or bool((total <= 0).any()):
         raise ValueError("draw: a row of probabilities is NaN, infinite or all zero")
-    u = torch.rand(probs.shape[0], 1, generator=generator, dtype=torch.float64, device=probs.device)
+    if u is None:
+        u = uniforms(probs.shape[0], generator, probs.device)
     picked = torch.searchsorted(cdf, u * cdf[:, -1:], right=True)[:, 0]  # the first index whose cdf exceeds u
     last = probs.shape[-1] - 1 - (probs > 0).flip(-1).int().argmax(-1)  # rounding at u ~ 1: the last possible index
     return torch.minimum(picked, last)
@@ -266,6 +276,10 @@ class MegatronPolicy:
     token drawn on tensor-parallel rank 0 is broadcast, so all ranks return the same completions.
     Pipeline parallelism is refused (sample from a ``pp=1`` layout, or export to Hugging Face with
     :mod:`shiq_train.export`). ``vocab_size`` (default: the model's) excludes padded vocabulary rows.
+
+    Each row's ``t``-th token is drawn at the uniform number :class:`HFPolicy` draws it at (the row's entry of
+    the generator's ``t``-th batch of :func:`uniforms`), whatever the lengths of the other prompts of its
+    batch: the two engines sample the same completions up to float rounding of the logits.
     """
 
     def __init__(self, model, eos_id: int, pad_id: int | None = None, vocab_size: int | None = None):
@@ -322,10 +336,15 @@ class MegatronPolicy:
         mask = causal_mask(width, device)
         context = StaticInferenceContext(B, width)
         generator = torch.Generator(device=device).manual_seed(seed)
+        # as HFPolicy: the t-th token of every row at the t-th [B, 1] uniforms of the generator; a row whose prompt
+        # is d tokens longer than the shortest draws its t-th token d positions later
+        first = int(lens.min())
+        u = torch.empty(width - first, B, 1, dtype=torch.float64, device=device)  # u[t]: the t-th uniforms
+        rows = torch.arange(B, device=device)
         tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
         done = torch.zeros(B, dtype=torch.bool, device=device)
         start = 0
-        for end in range(int(lens.min()), width):  # draw the token at position `end` from tokens[:, :end]
+        for end in range(first, width):  # draw the token at position `end` from tokens[:, :end]
             if start > 0:
                 context.enable_decode_mode()
             logits = self.model(
@@ -337,7 +356,11 @@ class MegatronPolicy:
             )  # [B, n, V]
             context.increment_sequence_len_offset(end - start)
             start = end
-            drawn = sample_next(logits[:, -1, : self.vocab_size], cfg, generator)
+            at = None  # (greedy: no draw)
+            if cfg.temperature > 0:
+                u[end - first] = uniforms(B, generator, device)
+                at = u[(end - lens).clamp(min=0), rows]  # [B, 1]: each row's completion token here (in its prompt: 0)
+            drawn = sample_next(logits[:, -1, : self.vocab_size], cfg, None, at)
             if tp > 1:  # identical logits give identical draws; broadcasting makes it certain
                 dist.broadcast(
                     drawn, src=ps.get_tensor_model_parallel_src_rank(), group=ps.get_tensor_model_parallel_group()

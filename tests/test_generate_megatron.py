@@ -139,6 +139,21 @@ def test_first_token_frequencies_follow_the_transformers_distribution(dist1):
     assert np.abs(freq - want).max() < 5 * np.sqrt(0.25 / n)
 
 
+@pytest.mark.parametrize("temperature,top_p", [(1.0, 1.0), (0.7, 0.9)])
+def test_sampling_draws_the_transformers_engines_completions_in_batches_of_mixed_prompt_lengths(
+    dist1, temperature, top_p
+):
+    """Each row's t-th token at the uniform number HFPolicy draws it at: the same completions as transformers
+    for every row of a batch whose prompts differ in length (a row whose prompt was longer than its batch's
+    shortest drew with a later row of numbers, so only the shortest prompts' rows matched), EOS stops included."""
+    hf = peaked_llama()
+    prompts = PROMPTS * 3  # 18 rows in batches of 7, 7 and 4, each of mixed lengths
+    cfg = SamplingConfig(max_new_tokens=8, temperature=temperature, top_p=top_p, batch_size=7, seed=3)
+    want = HFPolicy(hf, eos_id=EOS, pad_id=PAD).generate(prompts, cfg)
+    assert len(set(map(tuple, want))) > 6 and any(w[-1] == EOS and len(w) < 8 for w in want)  # varied, some stop
+    assert MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(prompts, cfg) == want
+
+
 def test_bad_inputs_and_pipeline_parallelism_are_refused(dist1, monkeypatch):
     hf = peaked_llama()
     policy = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD)
