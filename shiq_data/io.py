@@ -88,7 +88,7 @@ def check_weight_map(folder: Path) -> None:
     index and the entry."""
     for index in sorted(Path(folder).glob("*.index.json")):
         try:
-            weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+            weight_map = json_loads(index.read_text(encoding="utf-8")).get("weight_map")
         except (ValueError, RecursionError, AttributeError) as e:  # (JSONDecodeError, UnicodeDecodeError: ValueErrors)
             raise ValueError(f"{index}: not a shard index (a JSON object with a 'weight_map'): {e}") from None
         if not isinstance(weight_map, dict):

@@ -545,6 +545,7 @@ def load_causal_lm(spec: str, dtype=torch.float32):
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    read_json_file(folder / "config.json")  # standard JSON first: transformers keeps a key given twice's last value
     try:  # its fields first: transformers' refusal of one (a string for a number) is no input error to a command
         AutoConfig.from_pretrained(str(folder))
     except (StrictDataclassError, TypeError, ArithmeticError) as e:

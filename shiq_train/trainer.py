@@ -27,7 +27,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from shiq_data.cli_common import EXIT_TERMINATED, LOG_LEVELS, Terminated
-from shiq_data.io import atomic_write_text
+from shiq_data.io import atomic_write_text, json_loads
 from shiq_train import prefix_tree
 from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, remove_temporaries, save_checkpoint
 from shiq_train.dist_optim import build_distributed
@@ -596,8 +596,8 @@ def _metric_lines(path: Path) -> list[str]:
     lines = []
     for n, line in numbered:
         try:
-            record = json.loads(line)
-        except (ValueError, RecursionError):  # (JSONDecodeError; a number of 4,301 digits; nesting too deep)
+            record = json_loads(line)  # (a key given twice is no record: which 'step' it means is a guess)
+        except (ValueError, RecursionError):  # (JSONDecodeError, a key twice; a number of 4,301 digits; nesting)
             if n == numbered[-1][0] and line.lstrip().startswith("{") and not line.rstrip().endswith("}"):
                 continue
             record = None

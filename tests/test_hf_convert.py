@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 import transformers
 
+from shiq_data.io import check_weight_map
 from shiq_train import hf_convert as H
 from shiq_train import model as M
 from shiq_train import parallel
@@ -897,6 +898,22 @@ def test_a_model_folder_whose_config_json_transformers_refuses_is_one_error_nami
     )
     with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: ") + ".*" + re.escape(needle)):
         H.load_causal_lm(str(tmp_path))
+
+
+def test_a_model_folder_whose_config_json_or_shard_index_gives_a_key_twice_is_refused(tmp_path):
+    """transformers reads a config.json (and a shard index) keeping a key given twice's last value: a rotary base
+    given twice loaded as whichever came last (init=, ref-stats, --reference), where shiq-eval's own read of the
+    folder refused it."""
+    config = {"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96}
+    text = json.dumps({**config, "num_hidden_layers": 2, "num_attention_heads": 4})
+    (tmp_path / "config.json").write_text(text[:-1] + ', "rope_theta": 1.0, "rope_theta": 10000.0}')
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'config.json'}: key 'rope_theta' given twice")):
+        H.load_causal_lm(str(tmp_path))
+    (tmp_path / "config.json").write_text(text)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text('{"weight_map": {"a": "../x.safetensors"}, "weight_map": {"a": "model.safetensors"}}')
+    with pytest.raises(ValueError, match=re.escape(f"{index}: ") + ".*given twice"):
+        check_weight_map(tmp_path)
 
 
 def test_a_model_folder_whose_weights_lack_a_tensor_is_refused_not_started_at_random(tmp_path):

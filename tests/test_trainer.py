@@ -646,3 +646,14 @@ def test_a_trainer_used_from_python_draws_its_bar_whatever_the_logging(dist1, tm
     train_cfg = TrainConfig(steps=2, progress=True, tensorboard=False)
     Trainer(M.build_model(cfg()), LossConfig("sft"), OptimizerConfig(lr=1e-3), train_cfg, tmp_path).fit(Synthetic())
     assert "train sft" in capsys.readouterr().err
+
+
+def test_a_metrics_line_giving_step_twice_is_refused_not_read_as_its_last(tmp_path):
+    """A metrics.jsonl line with 'step' given twice was read as its last value: a resume cut the log back by a
+    step the line may not be."""
+    from shiq_train.trainer import _metric_lines
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 5, "loss": 0.4, "step": 2}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path}: line 2: not a metrics record")):
+        _metric_lines(path)
