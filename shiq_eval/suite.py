@@ -85,7 +85,7 @@ def check_no_resolvers(cfg, path: Path, prefix: str = "") -> None:
     """Refuse a value of the configuration file ``path`` (its OmegaConf config or container, unresolved) that calls
     a resolver (``${oc.env:HOME}``, ``${oc.decode:...}``): resolved, a shared file would copy what it names (an
     environment variable, a secret) into results. A reference to another key (``${data.seed}``) stays, and so
-    does an escaped ``\\${`` (text, for OmegaConf too)."""
+    does an escaped ``\\${`` (text, for OmegaConf too); ``\\\\${`` is an escaped backslash before a call."""
     node = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
     items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
     for key, value in items:
@@ -93,7 +93,10 @@ def check_no_resolvers(cfg, path: Path, prefix: str = "") -> None:
         if isinstance(value, (dict, list)):
             check_no_resolvers(value, path, f"{dotted}.")
         elif isinstance(value, str) and "${" in value:
-            if any(not re.fullmatch(r"[\w.\[\]-]+", inner) for inner in re.findall(r"(?<!\\)\$\{([^}]*)\}?", value)):
+            if any(
+                not re.fullmatch(r"[\w.\[\]-]+", inner)
+                for inner in re.findall(r"(?<!\\)(?:\\\\)*\$\{([^}]*)\}?", value)
+            ):
                 raise ValueError(
                     f"{path}: {dotted} is {value!r}: a file's values are data, never a resolver call (${{NAME:...}}); "
                     "an interpolation may only name another key (${section.key})"

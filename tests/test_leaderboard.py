@@ -286,6 +286,11 @@ def test_a_bad_suite_value_is_named_where_it_came_from(tmp_path):
         load_suite(str(env))
     env.write_text("name: 'literal \\${oc.env:HOME}'\nprompts: p.jsonl\nscorer: vader\n")  # escaped: text
     assert load_suite(str(env))[0].name == "literal ${oc.env:HOME}"
+    env.write_text(
+        "name: 'x \\\\${oc.env:HOME}'\nprompts: p.jsonl\nscorer: vader\n"
+    )  # an escaped backslash, then a call
+    with pytest.raises(SuiteError, match=rf"^{env}: name is .*a file's values are data, never"):
+        load_suite(str(env))
     typo = tmp_path / "typo.yaml"
     typo.write_text(good.read_text().replace("max_new_tokens", "max_new_token"))
     with pytest.raises(SuiteError, match=r"'max_new_token' not in 'Sampling' \(sampling has the keys \['temperature'"):
