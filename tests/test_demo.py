@@ -1415,6 +1415,7 @@ def test_the_qsharp_stage_stopped_by_sigterm_resumes_its_value_run_and_counts_ev
         out=tmp_path,
         reference=(types.SimpleNamespace(state_dict=dict, config=None), tok),
         prefix_caches=types.SimpleNamespace(get=lambda *a: None),
+        progress=False,
     )
     for _ in range(2):
         with pytest.raises(SavedOnSigterm):

@@ -593,7 +593,7 @@ def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatc
     """--seeds: one run per seed in DIR/seed<N> with that seed and the same configuration otherwise, then the
     report over those folders; a seed listed twice is refused in one line (argparse's, exit 2)."""
     calls, reported = [], []
-    monkeypatch.setattr(bfcl, "run", lambda cfg, out: calls.append((cfg, Path(out))))
+    monkeypatch.setattr(bfcl, "run", lambda cfg, out, progress: calls.append((cfg, Path(out))))
     monkeypatch.setattr(bfcl, "seeds_report", lambda out, names: reported.append((out, names)))
     assert bfcl.main(["--quick", "--out", str(tmp_path), "--seeds", "3,7", "train.steps=3"]) == 0
     base = bfcl.load_config(quick=True, overrides=["train.steps=3"])
