@@ -176,3 +176,42 @@ def test_a_pair_of_a_string_and_messages_is_refused(tmp_path, gpt2, capsys, chat
     assert rc == 2 and len(err.splitlines()) == 1, err
     assert f"{bad}: line 2: field {text!r}: a string, but {chat!r} is a list of chat messages" in err, err
     assert not out.exists()
+
+
+def test_trl_implicit_prompt_pairs_take_the_shared_leading_messages_as_prompt(tmp_path, smollm2, capsys):
+    """TRL's implicit prompt (``{"chosen", "rejected"}`` as two whole conversations, no ``prompt``) was refused
+    ("field 'prompt': missing"). The prompt is the messages both begin with, each completion the rest: every row is
+    its whole conversation as the template renders it, its own messages after the shared ones the actions."""
+    tok, _ = smollm2
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour? 🌤"}
+    chosen = [system, user, {"role": "assistant", "content": "Blue."}]
+    rejected = [system, user, {"role": "assistant", "content": "Green."}, {"role": "user", "content": "Sure?"}]
+    rejected += [{"role": "assistant", "content": "No."}]
+    out = tmp_path / "b"
+    argv = ["build", "jsonl", str(write_jsonl(tmp_path / "p.jsonl", [{"chosen": chosen, "rejected": rejected}]))]
+    assert main([*argv, "--tokenizer", "smollm2", "--out", str(out), "--no-progress"]) == 0, capsys.readouterr().err
+    rows = rows_of(out)
+    assert [r["group_id"] for r in rows] == [0, 0] and [r["reward"] for r in rows] == [1.0, -1.0]
+    for row, conversation in zip(rows, (chosen, rejected)):
+        whole = tok(tok.apply_chat_template(conversation, tokenize=False), add_special_tokens=False)["input_ids"]
+        assert row["tokens"] == whole[: len(row["tokens"])] and tok.decode(whole[len(row["tokens"]) :]).strip() == ""
+        prompt = tok(tok.apply_chat_template(conversation[:2], tokenize=False, add_generation_prompt=True))
+        assert row["prompt_len"] == len(prompt["input_ids"])  # the actions start after the shared messages
+        actions = [t for t, a in zip(row["tokens"], row["action_mask"]) if a]
+        want = "".join(m["content"] + "<|im_end|>" for m in conversation[2:] if m["role"] == "assistant")
+        assert tok.decode(actions) == want
+        last = max(i for i, a in enumerate(row["action_mask"]) if a)  # the last assistant message's <|im_end|>
+        assert row["rewards"][last] == row["reward"] and sum(map(abs, row["rewards"])) == 1.0
+    # refused in one line: a pair that shares nothing, one whose conversation is the other's start
+    for n, (pair, needle) in enumerate(
+        [
+            ({"chosen": chosen, "rejected": [user, *chosen[2:]]}, "field 'chosen': shares no leading message"),
+            ({"chosen": chosen[:2], "rejected": chosen}, "field 'chosen': is the start of the other conversation"),
+        ]
+    ):
+        bad = write_jsonl(tmp_path / f"bad{n}.jsonl", [pair])
+        rc = main(
+            ["build", "jsonl", str(bad), "--tokenizer", "smollm2", "--out", str(tmp_path / f"o{n}"), "--no-progress"]
+        )
+        err = capsys.readouterr().err.strip()
+        assert rc == 2 and len(err.splitlines()) == 1 and f"{bad}: line 1: {needle}" in err, err

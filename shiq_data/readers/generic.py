@@ -18,7 +18,10 @@ through :func:`shiq_data.readers.encode.encode_record`.
 Other public shapes, recognised by their fields:
 
 - TRL preference pairs ``{"prompt", "chosen", "rejected"}`` (strings or message lists): two rows
-  in one group of their own (unless ``"group"`` names one), chosen reward +1, rejected −1.
+  in one group of their own (unless ``"group"`` names one), chosen reward +1, rejected −1. TRL's implicit
+  prompt, ``{"chosen", "rejected"}`` as two whole conversations (message lists): the prompt is the messages
+  they share from the start (as TRL's ``extract_prompt`` takes it), each completion the rest of its
+  conversation (:func:`implicit_prompt`).
 - TRL unpaired preferences ``{"prompt", "completion", "label"}``: ``label`` true → reward +1,
   false → −1 (a ``"reward"`` field wins over ``label``).
 - Rows of a buffer exported by ``shiq-data export --format parquet|hf``: the record has the
@@ -222,13 +225,20 @@ def canonical_records(
         extra = extra_text(rec, consumed | {"chosen", "rejected"})
         if rec.get("group") is None:
             base["group_key"] = ("pair", row)
+        completions = {key: rec[key] for key in ("chosen", "rejected")}
+        prompt_name = pf
+        if pf not in rec and kinds == [True, True]:  # TRL's implicit prompt: the shared leading messages
+            base["prompt"], completions["chosen"], completions["rejected"] = implicit_prompt(
+                rec["chosen"], rec["rejected"], err
+            )
+            prompt_name = "chosen"  # (the prompt's messages are chosen's first ones)
         return [
             {
                 **base,
-                "completion": rec[key],
+                "completion": completions[key],
                 "reward": reward,
                 "extra": extra,
-                "names": {**NAMES, "prompt": pf, "completion": key, "reward": key},
+                "names": {**NAMES, "prompt": prompt_name, "completion": key, "reward": key},
             }
             for key, reward in (("chosen", 1.0), ("rejected", -1.0))
         ]
@@ -255,6 +265,22 @@ def canonical_records(
     out["extra"] = extra_text(rec, consumed)
     out["names"] = names
     return [out]
+
+
+def implicit_prompt(chosen: list, rejected: list, err) -> tuple[list, list, list]:
+    """``(prompt, chosen, rejected)`` of a TRL pair given as two whole conversations: the prompt the messages
+    both begin with, each completion what follows (TRL's ``extract_prompt``). A pair that shares no leading
+    message, or one whose conversation is the other's start (a completion would be empty), is refused by
+    ``err(field, problem)``."""
+    n = 0
+    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+        n += 1
+    if n == 0:
+        raise err("chosen", "shares no leading message with 'rejected': give the pair's 'prompt'")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if n == len(messages):
+            raise err(key, f"is the start of the other conversation: nothing of its own after the {n} shared messages")
+    return chosen[:n], chosen[n:], rejected[n:]
 
 
 def records_to_rows(
