@@ -111,8 +111,9 @@ class TrainConfig:
     (default): the mean over all the step's loss terms (action positions, pairs, groups or trajectories,
     SHIQ_MATH §3), each micro-batch weighing by its number of terms (megatron's
     ``calculate_per_token_loss``); ``micro_batch``: the mean of the micro-batches' means, each weighing the
-    same (megatron's default; e.g. one scenario per micro-batch, every scenario counting alike). The same
-    with one micro-batch per step on one rank."""
+    same (megatron's default; e.g. one scenario per micro-batch, every scenario counting alike; a micro-batch
+    with no term, groups without a pair of different rewards, counts as a loss of 0). The same with one
+    micro-batch per step on one rank."""
 
     steps: int = 100
     save_every: int = 0  # 0: save only at the end
