@@ -469,11 +469,27 @@ def test_mix_without_rows_is_as_large_as_the_exact_weights_allow(tmp_path, capsy
         out = tmp_path / "mix" / "-".join(map(str, weights))
         code, _, err = run(capsys, "mix", *(f"{buf}:{w}" for w in weights), "--out", out, "--no-progress")
         assert code == 0, err
-        total_weight = sum(map(Fraction, weights))
-        want_total = min(int(39 * total_weight / Fraction(w)) for w in weights)
-        want = [round(want_total * Fraction(w) / total_weight) for w in weights]  # (groups of one row each)
+        total_weight = sum(Fraction(str(w)) for w in weights)
+        want_total = min(int(39 * total_weight / Fraction(str(w))) for w in weights)
+        want = [round(want_total * Fraction(str(w)) / total_weight) for w in weights]  # (groups of one row each)
         m, rows = read_rows(out)
         assert m["curation"]["rows_per_input"] == want and len(rows) == sum(want) == want_total, (weights, want)
+
+
+def test_mix_reads_decimal_weights_as_the_decimals_given(tmp_path, capsys):
+    """Weights are the decimals given: 0.1:0.3 is 1:3. Taken at their binary float values (0.1 a little above
+    1/10, 0.3 a little below 3/10) 10 and 30 rows made a mix of 39 rows (10 + 29) where all 40 fit."""
+    bufs = []
+    for name, n in (("a", 10), ("b", 30)):
+        records = [{"prompt": f"Prompt {name} {k}.", "completion": " ok", "reward": 0.0} for k in range(n)]
+        src = write_jsonl(tmp_path / f"{name}.jsonl", records)
+        bufs.append(tmp_path / name)
+        assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", bufs[-1], "--no-progress")[0] == 0
+    out = tmp_path / "mix"
+    code, _, err = run(capsys, "mix", f"{bufs[0]}:0.1", f"{bufs[1]}:0.3", "--out", out, "--no-progress")
+    assert code == 0, err
+    m, rows = read_rows(out)
+    assert m["curation"]["rows_per_input"] == [10, 30] and len(rows) == 40
 
 
 def test_mix_warns_of_rows_that_several_inputs_share(data, tmp_path, capsys):

@@ -211,9 +211,10 @@ def _check_space(sources, targets: list[int], out) -> None:
 
 def _mix(parsed, sources, out, rows, replacement, seed, command, progress, spill) -> tuple[Buffer, dict]:
     weights = [w for _, w in parsed]
-    # exact (the weights' own binary values): in floats 39 / (3 / 5) is 64.99999999999999, a mix one row short,
-    # and two weights of 1e308 would sum to infinity
-    exact = [Fraction(w) for w in weights]
+    # exact, each weight the decimal it was given as (its shortest repr: 0.1 is 1/10, not the float's binary
+    # value, which gave 10 and 30 rows at 0.1:0.3 a mix of 39): in floats 39 / (3 / 5) is 64.99999999999999, a
+    # mix one row short, and two weights of 1e308 would sum to infinity
+    exact = [Fraction(repr(w)) for w in weights]
     total_weight = sum(exact)
     groups = [_Groups(s, i, spill) for i, s in enumerate(sources)]
     if rows is not None:
