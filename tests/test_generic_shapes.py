@@ -215,3 +215,28 @@ def test_trl_implicit_prompt_pairs_take_the_shared_leading_messages_as_prompt(tm
         )
         err = capsys.readouterr().err.strip()
         assert rc == 2 and len(err.splitlines()) == 1 and f"{bad}: line 1: {needle}" in err, err
+
+
+def test_trl_implicit_prompt_pairs_from_parquet_take_their_shared_messages(tmp_path, smollm2, capsys):
+    """From Parquet, an implicit-prompt pair (no prompt) was refused: a file whose other rows have a prompt
+    gives it a null one ("field 'prompt': must be a string"), and its columns' structs give every message their
+    fields, null where it has none, so the same system and user messages, in two columns of other structs (a
+    tool call in a rejected turn), shared nothing ("shares no leading message"). Each builds as from JSON lines."""
+    system, user = {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sky colour?"}
+    chosen = [system, user, {"role": "assistant", "content": "Blue."}]
+    call = [{"type": "function", "function": {"name": "look", "arguments": "{}"}}]
+    rejected = [system, user, {"role": "assistant", "content": "Green.", "tool_calls": call}]
+    explicit = {"prompt": [user], "chosen": [chosen[-1]], "rejected": [{"role": "assistant", "content": "Red."}]}
+    implicit = {"chosen": chosen, "rejected": rejected}
+    want = tmp_path / "want"
+    src = write_jsonl(tmp_path / "p.jsonl", [explicit, implicit])
+    assert main(["build", "jsonl", str(src), "--tokenizer", "smollm2", "--out", str(want), "--no-progress"]) == 0
+    table = pa.Table.from_pylist([{**explicit}, {"prompt": None, **implicit}])
+    assert table.schema.field("chosen").type != table.schema.field("rejected").type  # (tool_calls: rejected's only)
+    pq.write_table(table, tmp_path / "p.parquet")
+    out = tmp_path / "b"
+    rc = main(["build", "parquet", str(tmp_path / "p.parquet"), "--tokenizer", "smollm2", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    got, expected = rows_of(out), rows_of(want)
+    keys = ("tokens", "action_mask", "rewards", "prompt_len", "group_id")
+    assert [{k: r[k] for k in keys} for r in got] == [{k: r[k] for k in keys} for r in expected]

@@ -227,7 +227,8 @@ def canonical_records(
             base["group_key"] = ("pair", row)
         completions = {key: rec[key] for key in ("chosen", "rejected")}
         prompt_name = pf
-        if pf not in rec and kinds == [True, True]:  # TRL's implicit prompt: the shared leading messages
+        # TRL's implicit prompt: the shared leading messages (a null prompt too: Parquet's for a row without one)
+        if rec.get(pf) is None and kinds == [True, True]:
             base["prompt"], completions["chosen"], completions["rejected"] = implicit_prompt(
                 rec["chosen"], rec["rejected"], err
             )
@@ -273,7 +274,7 @@ def implicit_prompt(chosen: list, rejected: list, err) -> tuple[list, list, list
     message, or one whose conversation is the other's start (a completion would be empty), is refused by
     ``err(field, problem)``."""
     n = 0
-    while n < min(len(chosen), len(rejected)) and chosen[n] == rejected[n]:
+    while n < min(len(chosen), len(rejected)) and _same_message(chosen[n], rejected[n]):
         n += 1
     if n == 0:
         raise err("chosen", "shares no leading message with 'rejected': give the pair's 'prompt'")
@@ -281,6 +282,14 @@ def implicit_prompt(chosen: list, rejected: list, err) -> tuple[list, list, list
         if n == len(messages):
             raise err(key, f"is the start of the other conversation: nothing of its own after the {n} shared messages")
     return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _same_message(a, b) -> bool:
+    """Whether two messages are one, a null field as an absent one (Parquet gives a message every field of its
+    column's struct, null where that message has none, and two columns may have other structs)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return {k: v for k, v in a.items() if v is not None} == {k: v for k, v in b.items() if v is not None}
+    return a == b
 
 
 def records_to_rows(
