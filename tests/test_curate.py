@@ -22,6 +22,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
+from shiq_data.curate.decontaminate import words
 from shiq_data.curate.stats import buffer_stats
 from shiq_data.curate.where import sandbox
 from shiq_data.readers import get_format
@@ -1077,18 +1078,30 @@ def _word_runs(text: str) -> list[str]:
     return out + ([cur] if cur else [])
 
 
+def _unspaced(ch: str) -> bool:
+    """Whether ``ch`` is a character of a script written without spaces (Han, kana, Thai...)."""
+    return any(
+        a <= ord(ch) <= b
+        for a, b in [(0xE00, 0xEFF), (0x1000, 0x109F), (0x1780, 0x17FF), (0x3005, 0x3007), (0x3040, 0x30FF)]
+        + [(0x31F0, 0x31FF), (0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x3134F)]
+    )
+
+
 def _words(text: str) -> list[str]:
     """Runs of letters, digits, ``_`` and their marks, but each Han, kana, Thai... character (a script without
-    spaces) a word of its own."""
+    spaces) a word of its own; the marks before a run's first letter or digit (none to mark) left out."""
     out = []
     for w in _word_runs(unicodedata.normalize("NFKC", text).casefold()):
-        out += re.findall(
+        for piece in re.findall(
             r"[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff"
             r"\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]|[^\u0e00-\u0eff"
             r"\u1000-\u109f\u1780-\u17ff\u3005-\u3007\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf"
             r"\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0003134f]+",
             w,
-        )
+        ):
+            while piece and unicodedata.category(piece[0]).startswith("M") and not _unspaced(piece[0]):
+                piece = piece[1:]  # (a Thai mark is a character of a script without spaces: a word of its own)
+            out += [piece] if piece else []
     return out
 
 
@@ -1346,6 +1359,29 @@ def test_decontaminate_keeps_combining_marks_inside_their_words(tmp_path, capsys
     assert code == 0, err
     want = _brute_force([p + "\n ok" for p in rows], [hi, ar], 13, 3)
     assert want == [False, True, False, True]
+    assert ids(out) == [f"b0-{i}" for i, w in enumerate(want) if not w]
+
+
+def test_decontaminate_reads_a_mark_with_no_letter_before_it_as_a_separator(tmp_path, capsys):
+    """A combining mark at the start of a text, after a space or after a character of a script without spaces
+    marks no letter of the word after it: it was read as that word's start ("\u0301the" another word than
+    "the"), so a row holding the evaluation text after a stray accent was kept. Against the brute-force
+    reference."""
+    assert words("\u0301the cat, \u20ddsat 漢\u0301on") == ["the", "cat", "sat", "漢", "on"]
+    assert words("नमस्ते \u093fदुनिया") == ["नमस्ते", "दुनिया"]  # (its marks inside a word stay)
+    ev = "the cat sat on the mat"
+    rows = ["\u0301the cat sat on the mat", "the \u0301cat sat \u20ddon the mat", "the cat sat on a mat"]
+    records = [{"prompt": p, "completion": " ok", "reward": 0.0} for p in rows]
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    against = write_jsonl(tmp_path / "eval.jsonl", [{"prompt": ev}])
+    out = tmp_path / "o"
+    code, _, err = run(
+        capsys, "decontaminate", tmp_path / "b", "--against", against, "--min-words", "6", "--out", out, "--no-progress"
+    )
+    assert code == 0, err
+    want = _brute_force([p + "\n ok" for p in rows], [ev], 13, 6)
+    assert want == [True, True, False]
     assert ids(out) == [f"b0-{i}" for i, w in enumerate(want) if not w]
 
 

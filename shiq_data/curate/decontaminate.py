@@ -68,10 +68,11 @@ UNSPACED = (
 
 @functools.cache
 def _word_pattern() -> re.Pattern:
-    """Words: a character of :data:`UNSPACED`, or a run of ``\\w`` characters and combining marks (Unicode
-    category M, which ``\\w`` leaves out: Devanagari's vowel signs and virama, Arabic's vowel marks, an accent
-    NFKC has no precomposed letter for), so that a mark neither splits its word nor is dropped from it. Built on
-    first use (a pass over the code points, 0.1 s)."""
+    """Words: a character of :data:`UNSPACED`, or a ``\\w`` character and the run of ``\\w`` characters and
+    combining marks after it (Unicode category M, which ``\\w`` leaves out: Devanagari's vowel signs and virama,
+    Arabic's vowel marks, an accent NFKC has no precomposed letter for), so that a mark neither splits its word
+    nor is dropped from it; a mark with no letter before it (at the start of a text, after a space) marks nothing
+    and only separates, as punctuation. Built on first use (a pass over the code points, 0.1 s)."""
     unspaced = re.compile(f"[{UNSPACED}]")
     marks = [
         c
@@ -83,7 +84,7 @@ def _word_pattern() -> re.Pattern:
         if c != prev + 1:
             spans.append(f"\\U{start:08x}" + (f"-\\U{prev:08x}" if prev != start else ""))
             start = c
-    return re.compile(f"[{UNSPACED}]|(?:[^\\W{UNSPACED}]|[{''.join(spans)}])+")
+    return re.compile(f"[{UNSPACED}]|[^\\W{UNSPACED}](?:[^\\W{UNSPACED}]|[{''.join(spans)}])*")
 
 
 def words(text: str) -> list[str]:
