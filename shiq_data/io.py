@@ -172,17 +172,20 @@ def recorded_sha256(
     return {name: d.lower() for name, d in recorded.items()}
 
 
-def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = ""):
+def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError, hint: str = "", *, constants=False):
     """The JSON value of the file ``path``, or ``error`` naming it (then ``hint``) when it is not valid JSON or
     not UTF-8, and also when it holds what ``json`` refuses without a ``JSONDecodeError``: a number of more
     than 4,300 digits (a ``ValueError``) or nesting too deep for Python (a ``RecursionError``). A key given twice
     in one object is refused naming it (JSON keeps the last, silently: a manifest's second ``"tokenizer"`` or a
     shard's second ``"sha256"`` would win unseen), and so are ``NaN``, ``Infinity`` and ``-Infinity``, which
     Python's ``json`` reads by default but are not JSON (other readers refuse the file; this project writes
-    null for an undefined number)."""
+    null for an undefined number), unless ``constants`` (a file another program wrote so: transformers 4 wrote an
+    infinite float of a config.json as ``Infinity``)."""
     try:
         return json.loads(
-            Path(path).read_text(encoding="utf-8"), object_pairs_hook=no_duplicate_keys, parse_constant=_no_constant
+            Path(path).read_text(encoding="utf-8"),
+            object_pairs_hook=no_duplicate_keys,
+            parse_constant=None if constants else _no_constant,
         )
     except DuplicateKey as e:
         raise error(

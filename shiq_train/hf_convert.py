@@ -545,7 +545,9 @@ def load_causal_lm(spec: str, dtype=torch.float32):
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    read_json_file(folder / "config.json")  # standard JSON first: transformers keeps a key given twice's last value
+    # a key given twice refused first (transformers keeps its last value); Infinity and NaN stay: transformers 4
+    # wrote a config's infinite float so (Mamba2's time_step_limit), and transformers reads them
+    read_json_file(folder / "config.json", constants=True)
     try:  # its fields first: transformers' refusal of one (a string for a number) is no input error to a command
         AutoConfig.from_pretrained(str(folder))
     except (StrictDataclassError, TypeError, ArithmeticError) as e:

@@ -916,6 +916,21 @@ def test_a_model_folder_whose_config_json_or_shard_index_gives_a_key_twice_is_re
         check_weight_map(tmp_path)
 
 
+def test_a_model_folder_whose_config_json_has_an_infinite_float_as_transformers_4_wrote_it_loads(tmp_path):
+    """transformers 4 wrote an infinite float of a config.json as a bare ``Infinity`` (Mamba2's, Bamba's
+    ``time_step_limit``: [0.0, Infinity]), which transformers reads; the check of a key given twice refused such a
+    folder as "not valid JSON"."""
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4
+    )
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "time_step_limit": [0.0, float("inf")]}))
+    assert "Infinity" in (tmp_path / "config.json").read_text()
+    model, _ = H.load_causal_lm(str(tmp_path))
+    assert model.config.time_step_limit == [0.0, float("inf")]
+
+
 def test_a_model_folder_whose_weights_lack_a_tensor_is_refused_not_started_at_random(tmp_path):
     """A model.safetensors without one of the config's weights loaded with that weight drawn at random (transformers
     only logs it): an init or reference model of other logits, without an error."""
