@@ -335,7 +335,7 @@ class MegatronPolicy:
         in_prompt = positions.unsqueeze(0) < lens.unsqueeze(1)  # [B, width]
         mask = causal_mask(width, device)
         context = StaticInferenceContext(B, width)
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator().manual_seed(seed)  # on the CPU, as HFPolicy's: a GPU's stream is another
         # as HFPolicy: the t-th token of every row at the t-th [B, 1] uniforms of the generator; a row whose prompt
         # is d tokens longer than the shortest draws its t-th token d positions later
         first = int(lens.min())
@@ -358,7 +358,7 @@ class MegatronPolicy:
             start = end
             at = None  # (greedy: no draw)
             if cfg.temperature > 0:
-                u[end - first] = uniforms(B, generator, device)
+                u[end - first] = uniforms(B, generator).to(device)
                 at = u[(end - lens).clamp(min=0), rows]  # [B, 1]: each row's completion token here (in its prompt: 0)
             drawn = sample_next(logits[:, -1, : self.vocab_size], cfg, None, at)
             if tp > 1:  # identical logits give identical draws; broadcasting makes it certain
