@@ -229,6 +229,18 @@ def test_hh_scored_and_errors(tok, tmp_path):
         list(read_hh(tmp_path / "broken.jsonl", tok))
 
 
+def test_hh_transcripts_with_windows_line_ends_read_as_the_same_dialogues(tok, tmp_path):
+    """A transcript whose turn markers follow "\\r\\n\\r\\n" (a file saved on Windows) was refused ("text before
+    the first turn"): its rows are now the "\\n\\n" transcript's, token for token."""
+    crlf = [{k: v.replace("\n", "\r\n") for k, v in line.items()} for line in HH]
+    rows = list(read_hh(write_jsonl(tmp_path / "crlf.jsonl", crlf), tok))
+    want = list(read_hh(write_jsonl(tmp_path / "lf.jsonl", HH), tok))
+    assert [(r["tokens"], r["prompt_len"], r["rewards"]) for r in rows] == [
+        (r["tokens"], r["prompt_len"], r["rewards"]) for r in want
+    ]
+    assert "Tell a joke." in tok.decode(rows[2]["tokens"][: rows[2]["prompt_len"]])
+
+
 def test_hh_scored_by_a_saved_reward_head_from_the_command_line(tok, tmp_path):
     """`--option reward_model=HEAD`: each dialogue's reward is the head on the MiniLM embedding of its
     HH transcript (computed here from the raw JSON text), on the last action token."""

@@ -31,12 +31,13 @@ from shiq_data.readers.encode import (
 )
 from shiq_data.reward_head import RegressionRewardModel
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+_HH_TURN = re.compile(r"(?:\r?\n){2}(Human|Assistant):")  # (a transcript saved with Windows line ends: \r\n)
 
 
 def parse_hh_dialogue(text: str, path="<text>", line: int = 0, field: str = "chosen") -> list[dict]:
     """Messages of an HH transcript ``"\\n\\nHuman: ...\\n\\nAssistant: ..."`` (user/assistant alternating,
-    first user, last assistant); content is stripped of surrounding whitespace."""
+    first user, last assistant; a turn marker may follow ``"\\r\\n\\r\\n"`` too, as in a file saved with Windows
+    line ends); content is stripped of surrounding whitespace, and kept as written inside."""
     parts = _HH_TURN.split(text)
     if parts[0].strip():
         raise row_error(path, line, field, f"text before the first '\\n\\nHuman:' turn: {parts[0][:40]!r}")
