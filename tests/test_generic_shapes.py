@@ -92,14 +92,15 @@ def test_trl_unpaired_labels_become_plus_or_minus_one(tmp_path, gpt2, capsys):
         {"prompt": "2+2=", "completion": " 4", "label": True},
         {"prompt": "2+2=", "completion": " 5", "label": False},
         {"prompt": "3+3=", "completion": " 6", "label": False, "reward": 0.5},  # a reward wins over the label
+        {"prompt": "3+3=", "completion": " 7", "label": False, "reward": None},  # unless null (a table's empty cell)
     ]
     rc, out = build(tmp_path, "jsonl", write_jsonl(tmp_path / "kto.jsonl", recs))
     assert rc == 0
     rows = rows_of(out)
-    want = [("2+2=", " 4", 1.0), ("2+2=", " 5", -1.0), ("3+3=", " 6", 0.5)]
+    want = [("2+2=", " 4", 1.0), ("2+2=", " 5", -1.0), ("3+3=", " 6", 0.5), ("3+3=", " 7", -1.0)]
     assert [{k: r[k] for k in KEYS} for r in rows] == [expect(tok, *w) for w in want]
-    assert [r["group_id"] for r in rows] == [0, 0, 1]
-    assert [r["extra"] for r in rows] == [None, None, '{"label": false}']
+    assert [r["group_id"] for r in rows] == [0, 0, 1, 1]
+    assert [r["extra"] for r in rows] == [None, None, '{"label": false}', None]
     for label, shown in (("yes", '"yes"'), (None, "null"), (1, "1"), ({"a": 1}, "dict")):  # as the input wrote it
         bad = write_jsonl(tmp_path / "bad.jsonl", [recs[0], {"prompt": "a", "completion": " b", "label": label}])
         assert build(tmp_path, "jsonl", bad)[0] == 2

@@ -23,7 +23,7 @@ Other public shapes, recognised by their fields:
   they share from the start (as TRL's ``extract_prompt`` takes it), each completion the rest of its
   conversation (:func:`implicit_prompt`).
 - TRL unpaired preferences ``{"prompt", "completion", "label"}``: ``label`` true → reward +1,
-  false → −1 (a ``"reward"`` field wins over ``label``).
+  false → −1 (a ``"reward"`` field wins over ``label``, unless it is null: a table with both columns).
 - Rows of a buffer exported by ``shiq-data export --format parquet|hf``: the record has the
   buffer's columns (``group_id``, ``tokens``, ``action_mask``, ``prompt_len``, ...); the text
   columns are read back (:func:`shiq_data.readers.encode.decode_text`) and tokenised again, the
@@ -251,7 +251,7 @@ def canonical_records(
     if cf in rec:
         out["completion"] = rec[cf]
     consumed |= {cf, rf}
-    if rf in rec:
+    if rf in rec and not (rec[rf] is None and "label" in rec):  # (a null reward column beside a label: the label)
         out["reward"] = rec[rf]
     elif "label" in rec:
         label = rec["label"]
