@@ -526,18 +526,9 @@ class MegatronEngine:
     ``shiq_train.parallel.distributed``."""
 
     def __init__(self, ref_model, tokenizer):
-        from megatron.core import parallel_state as ps  # heavy: only --engine megatron needs megatron
-
         from shiq_eval.generate import MegatronLogits, MegatronPolicy  # heavy: torch
         from shiq_train import hf_convert as H  # heavy: torch
 
-        tp = ps.get_tensor_model_parallel_world_size()
-        heads = (ref_model.config.num_attention_heads, ref_model.config.num_key_value_heads)
-        if any(h % tp for h in heads):
-            raise EvalInputError(
-                f"--tp {tp} does not divide the model's {heads[0]} attention heads and {heads[1]} "
-                "key-value heads: choose a tensor-parallel size that divides both"
-            )
         self.eos = tokenizer.eos_token_id
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos
         ref = self._build(ref_model.config, ref_model.config.name_or_path)
@@ -548,12 +539,16 @@ class MegatronEngine:
     @staticmethod
     def _build(hf_config, where):
         """The megatron model of ``hf_config``; what it would not compute (a sliding window that acts, another
-        architecture) is an :class:`EvalInputError` naming ``where``, the model's folder or step directory."""
+        architecture) or split over ``--tp`` ranks (heads, key-value heads, vocabulary or MLP width that the size
+        does not divide) is an :class:`EvalInputError` naming ``where``, the model's folder or step directory."""
+        from megatron.core import parallel_state as ps  # heavy: megatron
+
         from shiq_train import hf_convert as H  # heavy: torch
-        from shiq_train.model import build_model  # heavy: torch
+        from shiq_train.model import build_model, check_layout  # heavy: torch
 
         try:
             config = H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0)
+            check_layout(config, ps.get_tensor_model_parallel_world_size(), 1, 1, tp_option="--tp")
         except ValueError as e:
             raise EvalInputError(f"{where}: {e}") from None
         return build_model(config)

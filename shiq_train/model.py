@@ -387,14 +387,15 @@ def check_fp8_shapes(cfg: ModelConfig, tp: int = 1) -> None:
         )
 
 
-def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
+def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int, tp_option: str = "parallel.tp") -> None:
     """A ValueError naming the ``model.`` key whose value the parallel layout cannot split: the vocabulary,
     heads, query groups and MLP width over ``tp`` ranks, the layers over ``pp * vpp`` stages, and with
     ``recompute=full`` and ``recompute_method=uniform`` a stage's layers into groups of
     ``recompute_num_layers`` (megatron-core's loop would index past the stage's last layer), and
     ``sequence_parallel`` without tensor parallelism or with a sequence length ``tp`` does not divide. Checked
     before megatron-core's own config, whose messages name no key, and by ``shiq-train`` before any process
-    group starts; each message says what would work."""
+    group starts; each message says what would work, naming the tensor-parallel size ``tp_option`` (a command's
+    ``--tp``: a model whose vocabulary is read from its weights cannot be padded, so that hint is then left out)."""
     groups = cfg.num_query_groups or cfg.num_attention_heads
 
     def divisors(n: int) -> str:
@@ -407,7 +408,9 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
             cfg.vocab_size,
             tp,
             "tensor-parallel size",
-            f" (parallel.tp; or pad the vocabulary to {-(-cfg.vocab_size // tp) * tp})",
+            f" (parallel.tp; or pad the vocabulary to {-(-cfg.vocab_size // tp) * tp})"
+            if tp_option == "parallel.tp"
+            else f" ({tp_option}: a size that divides it)",
         ),
         ("num_attention_heads", cfg.num_attention_heads, tp, "tensor-parallel size", ""),
         ("num_query_groups", groups, tp, "tensor-parallel size", ""),
@@ -415,7 +418,7 @@ def check_layout(cfg: ModelConfig, tp: int, pp: int, vpp: int) -> None:
         ("num_layers", cfg.num_layers, pp * vpp, "number of (virtual) pipeline stages", ""),
     ]:
         if value % by:
-            key = "parallel.tp" if by == tp and field != "num_layers" else "parallel.pp × parallel.vpp"
+            key = tp_option if by == tp and field != "num_layers" else "parallel.pp × parallel.vpp"
             hint = hint or f" ({key}: {divisors(value)} divide it)"
             raise ValueError(f"model.{field}={value} must be divisible by the {what} {by}{hint}")
     if cfg.sequence_parallel and tp == 1:

@@ -495,19 +495,43 @@ def test_a_tp2_run_resumes_with_rank_0s_saved_rows(tmp_path):
     assert not (out / ".rows").exists()
 
 
-def test_megatron_engine_refuses_a_tp_size_that_does_not_divide_the_heads(tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "tp, change, message",
+    [
+        (
+            3,
+            {"vocab_size": 132},
+            "model.num_attention_heads=4 must be divisible by the tensor-parallel size 3 (--tp: 1, 2 or 4 divide it)",
+        ),
+        (2, {"num_key_value_heads": 1}, "model.num_query_groups=1 must be divisible by the tensor-parallel size 2"),
+        (
+            2,
+            {"vocab_size": VOCAB + 1},
+            f"model.vocab_size={VOCAB + 1} must be divisible by the tensor-parallel size 2 "
+            "(--tp: a size that divides it)",
+        ),
+        (2, {"intermediate_size": 255}, "model.ffn_hidden_size=255 must be divisible by the tensor-parallel size 2"),
+    ],
+)
+def test_megatron_engine_refuses_a_tp_size_that_does_not_split_the_model(tmp_path, monkeypatch, tp, change, message):
+    """Only the heads were checked: a vocabulary or MLP width --tp does not divide failed in megatron-core, or
+    named the training config's parallel.tp (and suggested padding a vocabulary read from the weights)."""
     from megatron.core import parallel_state as ps
 
     from shiq_eval.cli import EvalInputError, MegatronEngine
     from shiq_train import parallel
 
     folder = tiny_hf_folder(tmp_path / "m")  # 4 attention heads, 4 key-value heads
-    model = transformers.LlamaForCausalLM.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    for key, value in change.items():
+        setattr(config, key, value)
+    model = transformers.LlamaForCausalLM(config)
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     with parallel.distributed(seed=0):
-        monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: 3)
-        with pytest.raises(EvalInputError, match="--tp 3 does not divide the model's 4 attention heads"):
+        monkeypatch.setattr(ps, "get_tensor_model_parallel_world_size", lambda: tp)
+        with pytest.raises(EvalInputError) as e:
             MegatronEngine(model, tok)
+    assert message in str(e.value) and "parallel.tp" not in str(e.value) and "pad" not in str(e.value), e.value
 
 
 @pytest.mark.parametrize(
