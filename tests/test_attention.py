@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 from test_parallel_parity import SEED, TOL, _gather, _rel, make_micro_batches, shiq_loss_fn, tiny_config
 
 from shiq_train import model as M
@@ -120,7 +120,7 @@ def test_sdpa_at_tp2_matches_megatron_attention_in_one_process(dist1, tmp_path):
         _, loss, grads, params = run(tiny_config(attention_backend="megatron", **TP_SHAPE), params, packed)
         refs[packed] = (loss, full_grads(grads))
     torch.save(params, tmp_path / "full.pt")
-    mp.spawn(_tp_worker, args=(parallel.free_port(), str(tmp_path / "full.pt"), str(tmp_path)), nprocs=2, join=True)
+    spawn(_tp_worker, args=(parallel.free_port(), str(tmp_path / "full.pt"), str(tmp_path)), nprocs=2)
     for case, (_, packed) in TP_CASES.items():
         results = [torch.load(tmp_path / f"{case}-rank{r}.pt", weights_only=True) for r in range(2)]
         ref_loss, ref_grads = refs[packed]

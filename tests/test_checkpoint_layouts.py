@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 
 from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.sampler import BufferSampler
@@ -132,7 +132,7 @@ def runs(tmp_path_factory):
     shutil.copytree(d / "reference", d / "into_tp2pp2")  # resumable at the reference's step 3
     shutil.rmtree(d / "into_tp2pp2" / "checkpoints" / "step_00000006")
     (d / "into_tp2pp2" / "checkpoints" / "latest").write_text("step_00000003\n")
-    mp.spawn(_worker, args=((parallel.free_port(), parallel.free_port()), str(d)), nprocs=4, join=True)
+    spawn(_worker, args=((parallel.free_port(), parallel.free_port()), str(d)), nprocs=4)
     first, into, dp2 = (json.loads((d / f"{n}.json").read_text()) for n in ("tp2pp2", "into_tp2pp2", "dp2"))
     return {"dir": d, "ref_losses": ref_losses, "ref_final": ref_final, "first": first, "into": into, "dp2": dp2}
 
@@ -216,7 +216,7 @@ def zero1(runs):
     """The DP2 distributed-optimizer checkpoint of step 3 (the reference's initial parameters and batches) and
     the losses of its 3 steps; tests resume copies of it."""
     d = runs["dir"]
-    mp.spawn(_distributed_dp2_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
+    spawn(_distributed_dp2_worker, args=(parallel.free_port(), str(d)), nprocs=2)
     return {"dir": d / "zero1", "losses": json.loads((d / "zero1.json").read_text())}
 
 
@@ -321,7 +321,7 @@ def test_distributed_slices_resume_at_dp2_into_either_optimizer_and_earlier_file
     _copy(zero1["dir"], tmp_path / "to_plain")
     _as_earlier_release(_copy(zero1["dir"], tmp_path / "earlier") / "checkpoints" / "step_00000003")
     shutil.copytree(runs["dir"] / "buffer", tmp_path / "buffer")
-    mp.spawn(_dp2_resume_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_dp2_resume_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = json.loads((tmp_path / "dp2_resumes.json").read_text())
     for how in ("plain", "earlier"):
         assert len(got[how]) == 3 and _rel(zero1["losses"] + got[how], runs["ref_losses"]) < TOL, (how, got[how])
@@ -449,7 +449,7 @@ def test_a_frozen_first_stage_keeps_the_step_count_of_the_stage_that_trains(runs
     parameter resumed in another layout, so AdamW's bias correction started over: steps 4-6 were 8e-4 away from
     the uninterrupted run's. The step now comes from the stage that holds the state."""
     d = runs["dir"]
-    mp.spawn(_frozen_stage_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
+    spawn(_frozen_stage_worker, args=(parallel.free_port(), str(d)), nprocs=2)
     first = json.loads((d / "frozen_pp2.json").read_text())
     run = _copy(d / "frozen_pp2", tmp_path / "run")
     warnings.filterwarnings("ignore")
@@ -500,7 +500,7 @@ def test_damaged_slices_and_a_rank_file_of_another_step_stop_every_rank(zero1, t
             state["step"] = 2
         save_hashed(state, path)
     shutil.copytree(zero1["dir"].parent / "buffer", tmp_path / "buffer")
-    mp.spawn(_damaged_worker, args=(parallel.free_port(), str(tmp_path), ["slices", "step"]), nprocs=2, join=True)
+    spawn(_damaged_worker, args=(parallel.free_port(), str(tmp_path), ["slices", "step"]), nprocs=2)
     got = [json.loads((tmp_path / f"damaged{r}.json").read_text()) for r in range(2)]
     assert "do not cover it once" in got[0]["slices"] and got[1]["slices"] == got[0]["slices"], got
     assert f"{tmp_path / 'step' / step}: saved at step 2, not 3" in got[1]["step"], got
@@ -563,7 +563,7 @@ def test_a_rank_whose_own_file_does_not_fit_stops_every_rank(tmp_path):
     (gloo ended it with a transport error when the rank exited, NCCL waits for parallel.timeout_minutes). Now
     every rank stops with the failing rank's line."""
     make_buffer(tmp_path / "buffer")
-    mp.spawn(_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"misfit{r}.json").read_text()) for r in range(2)]
     for key in ("names False", "names True"):
         assert "does not fit this model: parameters only in the checkpoint" in got[1][key], got
@@ -605,7 +605,7 @@ def test_a_stage_whose_resharded_optimizer_state_does_not_fit_stops_every_rank(t
     state = torch.load(one, weights_only=True)
     state["optimizer"]["params"]["decoder.final_layernorm.weight"]["group"] = 0
     save_hashed(state, one)
-    mp.spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
     assert "in optimizer group" in got[1] and got[0] == got[1], got
 
@@ -657,7 +657,7 @@ def test_a_rank_failing_alone_in_any_way_stops_every_rank(tmp_path):
     warnings.filterwarnings("ignore")
     with parallel.distributed(seed=99):
         train(tmp_path / "run", tmp_path / "buffer", 2, save_every=1)
-    mp.spawn(_one_rank_fails_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_one_rank_fails_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"onefails{r}.json").read_text()) for r in range(2)]
     assert got[1]["memory"] == "MemoryError: host out of memory", got
     assert got[0]["memory"] == "ValueError: rank 1 stopped loading the checkpoint: MemoryError: host out of memory"
@@ -686,7 +686,7 @@ def test_the_logged_tokens_are_the_rows_real_tokens_over_every_data_parallel_ran
     warnings.filterwarnings("ignore")
     with parallel.distributed(seed=99):
         train(tmp_path / "dp1", tmp_path / "buffer", 6)
-    mp.spawn(_tokens_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_tokens_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     logged = {
         run: [json.loads(x)["tokens"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
         for run in ("dp1", "dp2")
@@ -745,7 +745,7 @@ def test_each_rank_file_is_hashed_once_by_one_rank_and_a_bad_one_stops_every_ran
     data = bytearray(bad.read_bytes())
     data[len(data) // 2] ^= 1
     bad.write_bytes(bytes(data))
-    mp.spawn(_checks_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_checks_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
     assert sorted(got[0]["good"] + got[1]["good"]) == ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp0_dp1.pt"], got
     assert len(got[0]["good"]) == len(got[1]["good"]) == 1

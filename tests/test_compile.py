@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 from test_parallel_parity import SEED, _check_against_reference, _rel, run_layout, tiny_config
 
 from shiq_train import model as M
@@ -74,7 +74,7 @@ def _tp_worker(rank, port, params_path, out_dir):
 
 
 def test_compiled_layers_match_the_reference_at_tp2(eager, tmp_path):
-    mp.spawn(_tp_worker, args=(parallel.free_port(), eager["path"], str(tmp_path)), nprocs=2, join=True)
+    spawn(_tp_worker, args=(parallel.free_port(), eager["path"], str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     reference = {**eager, "grads": {full_name: g for full_name, _, _, g in eager["grads"].values()}}
     _check_against_reference(results, reference, 2, "tp=2, compiled layers")

@@ -19,7 +19,7 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 from test_parallel_parity import SEED, TOL, _gather, _rel, make_micro_batches, shiq_actions_loss_fn, tiny_config
 
 from shiq_train import model as M
@@ -138,11 +138,10 @@ def reference(tmp_path_factory):
 
 def _spawn(reference, out_dir, tp, dp, pp=1, resume=False, plain=False):
     world = tp * pp * dp
-    mp.spawn(
+    spawn(
         _worker,
         args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(out_dir), resume, plain),
         nprocs=world,
-        join=True,
     )
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in range(world)]
 

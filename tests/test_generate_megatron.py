@@ -11,8 +11,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
+from ranks import spawn
 from test_generate import greedy_reference as greedy_without_cache  # (one full forward per token)
 
 from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next
@@ -190,7 +190,7 @@ def test_tensor_parallel_sampling_equals_single_process(tmp_path):
     hf = peaked_llama()
     with parallel.distributed(seed=0):
         want = MegatronPolicy(imported(hf), eos_id=EOS, pad_id=PAD).generate(PROMPTS, SAMPLED)
-    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0] == ranks[1], "both tensor-parallel ranks return the same completions"
     assert ranks[0]["sampled"] == want

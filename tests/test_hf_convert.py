@@ -20,8 +20,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-import torch.multiprocessing as mp
 import transformers
+from ranks import spawn
 
 from shiq_data.io import check_weight_map
 from shiq_train import hf_convert as H
@@ -423,7 +423,7 @@ def test_tiny_model_import_and_export_under_tensor_parallelism(tmp_path, arch):
     Qwen3's heads 24 wide, each rank normalising its own with the whole q/k norm weights; Llama 3's scaled
     rotary frequencies on each rank); the statistics are transformers' and the export gathers every weight and
     bias back bit for bit (and Llama 3's rope parameters)."""
-    mp.spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), arch), nprocs=2, join=True)
+    spawn(_tp2_worker, args=(parallel.free_port(), str(tmp_path), arch), nprocs=2)
     hf, model_class = {
         "llama": (tiny_llama, transformers.LlamaForCausalLM),
         "qwen2": (tiny_qwen2, transformers.Qwen2ForCausalLM),

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 from test_checkpoint_layouts import ROWS_PER_MICRO_BATCH, SEED, TOL, _rel, make_buffer, tiny_config
 
 from shiq_data.buffer import open_buffer
@@ -111,7 +111,7 @@ def runs(tmp_path_factory):
     shutil.copytree(d / "reference", d / "into_vpp")  # resumable at the reference's step 3
     shutil.rmtree(d / "into_vpp" / "checkpoints" / "step_00000006")
     (d / "into_vpp" / "checkpoints" / "latest").write_text("step_00000003\n")
-    mp.spawn(_worker, args=(parallel.free_port(), str(d)), nprocs=2, join=True)
+    spawn(_worker, args=(parallel.free_port(), str(d)), nprocs=2)
     return {"dir": d, "ref": ref, "ref_final": ref_final, **json.loads((d / "vpp.json").read_text())}
 
 

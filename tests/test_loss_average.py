@@ -20,8 +20,8 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import yaml
+from ranks import spawn
 from test_parallel_parity import SEED, SEQ, TOL, _gather, _rel, tiny_config
 
 from shiq_train import model as M
@@ -273,7 +273,7 @@ def test_parallel_steps_are_the_mean_over_all_terms(params, tmp_path, tp, pp, dp
             assert norm == pytest.approx(step["grad_norm"], rel=1e-12)
             ref[name] = {"loss": loss, "grads": grads, "norm": step["grad_norm"], "per_row": per_row}
     world = tp * pp * dp
-    mp.spawn(_worker, args=(world, parallel.free_port(), tp, pp, str(path), str(tmp_path)), nprocs=world, join=True)
+    spawn(_worker, args=(world, parallel.free_port(), tp, pp, str(path), str(tmp_path)), nprocs=world)
     results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for name in ("shiq", "dpo"):
         for res in results:

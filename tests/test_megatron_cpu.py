@@ -702,9 +702,9 @@ def test_gathering_in_one_process_copies_every_parameter(dist1):
 
 
 def test_checkpoint_resumes_exactly_tp2_pp2_and_gathers(tmp_path):
-    import torch.multiprocessing as mp
+    from ranks import spawn
 
-    mp.spawn(_resume_worker, args=(4, parallel.free_port(), 2, 2, str(tmp_path)), nprocs=4, join=True)
+    spawn(_resume_worker, args=(4, parallel.free_port(), 2, 2, str(tmp_path)), nprocs=4)
     from shiq_train.objectives import LossConfig
     from shiq_train.train_step import forward_backward, objective_loss_fn
 

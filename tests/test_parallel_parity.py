@@ -26,7 +26,7 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 
 from shiq_train import model as M
 from shiq_train import parallel
@@ -237,11 +237,10 @@ def test_reference_model_is_sane(reference):
 )
 def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, runs):
     world = tp * pp * dp
-    mp.spawn(
+    spawn(
         _worker,
         args=(world, parallel.free_port(), tp, pp, reference["params_path"], str(tmp_path), runs),
         nprocs=world,
-        join=True,
     )
     for chunk, actions in runs:
         results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(world)]
@@ -254,7 +253,7 @@ def test_parallel_layout_matches_reference(reference, tmp_path, tp, pp, dp, runs
 def test_sequence_parallel_matches_reference(reference, tmp_path):
     runs = [(0, False), (5, False), (0, True), (5, True)]
     args = (2, parallel.free_port(), 2, 1, reference["params_path"], str(tmp_path), runs, True)
-    mp.spawn(_worker, args=args, nprocs=2, join=True)
+    spawn(_worker, args=args, nprocs=2)
     for chunk, actions in runs:
         results = [torch.load(tmp_path / _file(r, chunk, actions), weights_only=True) for r in range(2)]
         what = f"tp=2 sequence-parallel chunk={chunk} actions={actions}"
@@ -359,7 +358,7 @@ def vpp_reference(tmp_path_factory):
 @pytest.mark.parametrize("tp,sp", [(1, False), (2, True)], ids=["pp2xvpp2", "tp2xpp2xvpp2-sequence-parallel"])
 def test_interleaved_pipeline_matches_reference(vpp_reference, tmp_path, tp, sp):
     args = (parallel.free_port(), vpp_reference["path"], str(tmp_path), tp, sp)
-    mp.spawn(_vpp_worker, args=args, nprocs=2 * tp, join=True)
+    spawn(_vpp_worker, args=args, nprocs=2 * tp)
     results = [torch.load(tmp_path / f"vpp-rank{r}.pt", weights_only=True) for r in range(2 * tp)]
     for r in results:  # the interleaved assignment, on every tensor-parallel rank of a pipeline rank
         assert r["layers"] == [["0", "2"], ["1", "3"]][r["pp_rank"]]
@@ -391,7 +390,7 @@ def test_sequence_parallel_biases_get_the_gradient_of_every_position(tmp_path):
         torch.save({name: p.detach().clone() for name, p in model.named_parameters()}, tmp_path / "full_params.pt")
     reference = {"loss": loss, "grad_norm": norm, "grads": {full: g for full, _, _, g in grads.values()}}
     assert any(k.endswith("linear_fc2.bias") for k in reference["grads"])
-    mp.spawn(_bias_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_bias_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     results = [torch.load(tmp_path / f"bias-rank{r}.pt", weights_only=True) for r in range(2)]
     _check_against_reference(results, reference, 2, "tp=2 sequence-parallel with biases")
 
@@ -434,7 +433,7 @@ def test_query_and_key_norms_get_the_gradient_of_every_head(tmp_path):
     reference = {"loss": loss, "grad_norm": norm, "grads": {full: g for full, _, _, g in grads.values()}}
     heads = [k for k in reference["grads"] if "q_layernorm" in k or "k_layernorm" in k]
     assert len(heads) == 4 and all(reference["grads"][k].shape == (24,) for k in heads)
-    mp.spawn(_qk_norm_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_qk_norm_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     for sp in (0, 1):
         results = [torch.load(tmp_path / f"qk-sp{sp}-rank{r}.pt", weights_only=True) for r in range(2)]
         _check_against_reference(results, reference, 2, f"tp=2 sequence_parallel={bool(sp)} with q/k norms")

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
+from ranks import spawn
 
 from shiq_train import model as M
 from shiq_train import parallel
@@ -96,7 +96,7 @@ def reference(tmp_path_factory):
 def test_pipeline_stages_agree_on_micro_batches_of_different_shapes(reference, tp, pp, tmp_path):
     out, expected = reference
     world = tp * pp
-    mp.spawn(_worker, args=(world, parallel.free_port(), tp, pp, str(out / "params.pt"), str(tmp_path)), nprocs=world)
+    spawn(_worker, args=(world, parallel.free_port(), tp, pp, str(out / "params.pt"), str(tmp_path)), nprocs=world)
     for rank in range(world):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         for name, g, e in zip(["loss", "grad norm", "loss after a step"], got, expected):

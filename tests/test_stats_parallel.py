@@ -10,7 +10,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import spawn
 
 from shiq_train.parallel import free_port
 from shiq_train.stats import causal_lm_stats, token_stats
@@ -193,7 +193,7 @@ def _tp_worker(rank, world, port, out_dir, vocab_size):
 
 @pytest.mark.parametrize("vocab_size", [V, V - 40])  # V - 40: rank 1's shard is mostly padding
 def test_tp2_matches_full_logits(tmp_path, vocab_size):
-    mp.spawn(_tp_worker, args=(2, free_port(), str(tmp_path), vocab_size), nprocs=2, join=True)
+    spawn(_tp_worker, args=(2, free_port(), str(tmp_path), vocab_size), nprocs=2)
     logits, hidden, weight, targets, wc, wz = _inputs()
     targets = targets.clamp(max=vocab_size - 1)
     ref = _reference(logits, hidden, weight, targets, wc, wz, vocab_size)

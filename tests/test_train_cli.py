@@ -661,9 +661,9 @@ def test_a_late_sigterm_request_to_one_rank_stops_every_rank(tmp_path):
     """A SIGTERM that reaches one rank after the last requested() (its last step's all-reduce) stopped that rank
     alone at the block's end, while the others returned: ranks ending apart (a recipe training several runs went
     on into the next one without it). The ranks agree once more at the block's end: every rank stops."""
-    import torch.multiprocessing as mp
+    from ranks import spawn
 
-    mp.spawn(_late_sigterm_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_late_sigterm_worker, args=(free_port(), str(tmp_path)), nprocs=2)
     assert [(tmp_path / str(r)).read_text() for r in range(2)] == ["terminated", "terminated"]
 
 
