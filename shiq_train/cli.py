@@ -1154,6 +1154,8 @@ def _with_groups(argv: list[str], default):
 
     groups = [a for a in argv if "=" in a and not a.startswith(("+", "~")) and "." not in a.split("=", 1)[0]]
     groups += [a for a in argv if a.startswith("hydra.searchpath=")]  # (--config-dir's folders)
+    if not groups:  # (the default composition itself: composing it again costs a fifth of a second)
+        return default
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             return compose(config_name="train", overrides=groups)
@@ -1264,11 +1266,12 @@ def hydra_error(argv: list[str]) -> str | None:
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message
+    composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
         return f"+{key}: {key!r} is no option of shiq-train"
     # (the loss and model chosen)
-    chosen = OmegaConf.to_container(_with_groups(searched + argv, default), resolve=False)
+    chosen = OmegaConf.to_container(_with_groups(searched + argv, composed), resolve=False)
     for key, section in given.items():  # +data.foo=1, +train.eval_every=3 likewise: read by nothing
         if key != "resume" and isinstance(section, dict) and isinstance(chosen.get(key), dict):
             for added in sorted(section.keys() - chosen[key].keys()):

@@ -54,6 +54,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import SimpleNamespace  # noqa: E402
 
+import commands  # noqa: E402
 from process_tree import descendants  # noqa: E402
 
 from shiq_train.cli import resolve_data_mode  # noqa: E402
@@ -102,6 +103,8 @@ cli.main()
 
 def run_cli(tmp_path, *overrides, nproc=1, timeout=120):
     cmd, env = cli_command(tmp_path, *overrides, nproc=nproc)
+    if nproc == 1:  # (forked from a process that imported torch and megatron-core: see commands.py)
+        return commands.run(cmd, cwd=REPO, env=env, timeout=timeout)
     return subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
 
 
@@ -963,14 +966,8 @@ def write_buffer_with_tokenizer(path, tokenizer_info, with_ref=False):
 
 def train_cli(*args, timeout=120):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        [sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=timeout,
-    )
+    cmd = [sys.executable, "-m", "shiq_train", "train.progress=false", "train.tensorboard=false", *args]
+    return commands.run(cmd, cwd=REPO, env=env, timeout=timeout)
 
 
 def test_a_buffer_with_a_larger_vocabulary_than_the_model_is_refused_before_training(tmp_path):
