@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import commands
 import numpy as np
 import pytest
 import torch
@@ -114,14 +115,7 @@ def train(tmp_path, init: Path, loss: str, *overrides: str, name: str | None = N
         assert cli.run(cfg, cli.model_keys_given(args)) == out
         return out
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    res = subprocess.run(
-        [sys.executable, "-m", "shiq_train", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=120,
-    )
+    res = commands.run([sys.executable, "-m", "shiq_train", *args], cwd=REPO, env=env, timeout=120)  # (forked)
     assert res.returncode == 0, res.stderr[-3000:]
     return out
 

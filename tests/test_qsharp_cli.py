@@ -18,6 +18,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import commands
 import pytest
 import torch
 import transformers
@@ -68,15 +69,9 @@ DIRECT = dict(
 
 def shiq_train(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(
-        # --config-dir: this checkout's configs are searched too, whatever configs the install points at
-        [sys.executable, "-m", "shiq_train", "--config-dir", str(REPO / "configs"), "train.progress=false", *args],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-        env=env,
-        timeout=600,
-    )
+    # --config-dir: this checkout's configs are searched too, whatever configs the install points at
+    cmd = [sys.executable, "-m", "shiq_train", "--config-dir", str(REPO / "configs"), "train.progress=false", *args]
+    return commands.run(cmd, cwd=REPO, env=env, timeout=600)  # (forked: see commands.py)
 
 
 @pytest.fixture(scope="module")
