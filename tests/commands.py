@@ -18,8 +18,9 @@ import sys
 import tempfile
 import traceback
 import warnings
+from pathlib import Path
 
-from ranks import PRELOAD
+from ranks import start_server
 
 
 def run(cmd: list[str], *, env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
@@ -27,7 +28,7 @@ def run(cmd: list[str], *, env: dict, cwd, timeout: float) -> subprocess.Complet
     = ``[sys.executable, "-m", MODULE, *args]`` or ``[sys.executable, SCRIPT, *args]``."""
     if cmd[0] != sys.executable or len(cmd) < 2 or cmd[1].startswith("-") and cmd[1] != "-m":
         raise ValueError(f"commands.run: not a python -m MODULE or python SCRIPT command: {cmd[:3]}")
-    multiprocessing.set_forkserver_preload(PRELOAD)  # (read when the server starts, at the first call)
+    start_server()
     with tempfile.TemporaryDirectory() as d:
         out, err = os.path.join(d, "stdout"), os.path.join(d, "stderr")
         proc = multiprocessing.get_context("forkserver").Process(
@@ -39,8 +40,8 @@ def run(cmd: list[str], *, env: dict, cwd, timeout: float) -> subprocess.Complet
             proc.kill()
             proc.join()
             raise subprocess.TimeoutExpired(cmd, timeout)
-        with open(out, encoding="utf-8") as f, open(err, encoding="utf-8") as g:
-            return subprocess.CompletedProcess(cmd, proc.exitcode, f.read(), g.read())
+        texts = [Path(p).read_text(encoding="utf-8") if os.path.exists(p) else "" for p in (out, err)]  # (died first)
+        return subprocess.CompletedProcess(cmd, proc.exitcode, *texts)
 
 
 def _main(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:

@@ -65,3 +65,12 @@ def smollm2():
         return cached_load_tokenizer("smollm2")
     except AssetMissing as e:
         pytest.skip(str(e))
+
+
+def pytest_sessionstart(session):
+    """Under pytest-xdist, each test worker starts its fork server (tests/ranks.py) before any test: in the
+    worker's own environment, not that of the first test to need it."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import ranks
+
+        ranks.start_server()
