@@ -585,6 +585,10 @@ def held_dir(parent: Path, stem: str, suffix: str = "") -> tuple[Path, int | Non
         except (BlockingIOError, FileNotFoundError):  # a sweep holds it, or removed it: another name
             os.close(fd)
             continue
+        except (KeyboardInterrupt, SystemExit):  # (Ctrl-C, or SIGTERM's exception, here: no lock file is left)
+            os.close(fd)
+            lock.unlink(missing_ok=True)
+            raise
         except OSError as e:
             os.close(fd)
             lock.unlink(missing_ok=True)
@@ -602,11 +606,16 @@ def held_dir(parent: Path, stem: str, suffix: str = "") -> tuple[Path, int | Non
 
 
 def release_held(folder: Path, fd: int | None) -> None:
-    """Remove a :func:`held_dir` folder (if still there: it may have been renamed into place), then its lock."""
-    shutil.rmtree(folder, ignore_errors=True)
-    if fd is not None:
-        folder.with_name(f"{folder.name}{HELD}").unlink(missing_ok=True)
-        os.close(fd)
+    """Remove a :func:`held_dir` folder (if still there: it may have been renamed into place), then its lock,
+    that one even when the removal is interrupted (a Ctrl-C during it left the lock file)."""
+    try:
+        shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        if fd is not None:
+            try:
+                folder.with_name(f"{folder.name}{HELD}").unlink(missing_ok=True)
+            finally:
+                os.close(fd)
 
 
 def sweep_held(parent: Path, pattern: str) -> None:

@@ -1017,3 +1017,29 @@ def test_a_shard_column_of_more_than_int32_values_is_refused_not_wrapped():
     with pytest.raises(ValueError, match=r"2147483648 values in one shard's column: more than 2\*\*31 - 1"):
         _list_array([Sized(2**30), Sized(2**30)], np.int32, pa.int32())
     assert _list_array([[1, 2], [3]], np.int32, pa.int32()).to_pylist() == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize("where", ["locking", "removing"])
+def test_a_ctrl_c_while_a_temporary_folder_is_made_or_removed_leaves_no_lock_file(tmp_path, monkeypatch, where):
+    """A Ctrl-C of a parallel build left '.buf.spill-HOST-PID-HEX.held' beside the input: it came while the lock
+    file was locked (before its folder existed) or while the folder was removed (before the lock file was)."""
+    import fcntl
+    import shutil
+
+    from shiq_data import io as shiq_io
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    if where == "locking":
+        monkeypatch.setattr(fcntl, "flock", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            shiq_io.held_dir(tmp_path, ".buf.spill-host-1")
+    else:
+        folder, fd = shiq_io.held_dir(tmp_path, ".buf.spill-host-1")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name, f"{folder.name}.held"]
+        monkeypatch.setattr(shutil, "rmtree", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            shiq_io.release_held(folder, fd)
+        folder.rmdir()  # (what the interrupted removal left: the folder, not its lock)
+    assert list(tmp_path.iterdir()) == []
