@@ -20,7 +20,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ranks import start_server
+from ranks import as_caller, start_server
 
 
 def run(cmd: list[str], *, env: dict, cwd, timeout: float) -> subprocess.CompletedProcess:
@@ -53,9 +53,7 @@ def _main(argv: list[str], env: dict, cwd: str, out: str, err: str) -> None:
     sys.stderr = sys.__stderr__ = io.TextIOWrapper(
         io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
     )
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+    as_caller(env, cwd)
     warnings.resetwarnings()  # as a fresh interpreter: the defaults, then PYTHONWARNINGS
     warnings.simplefilter("ignore", DeprecationWarning)
     warnings.filterwarnings("default", category=DeprecationWarning, module="__main__")

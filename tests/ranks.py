@@ -42,7 +42,12 @@ def spawn(fn, args=(), nprocs: int = 1) -> None:
 
 
 def _in_context(rank: int, env: dict, cwd: str, fn, args: tuple) -> None:
+    as_caller(env, cwd)
+    fn(rank, *args)
+
+
+def as_caller(env: dict, cwd: str) -> None:
+    """In a forked process: the caller's environment and working folder in place of the server's."""
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    fn(rank, *args)
