@@ -817,6 +817,8 @@ def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tm
         ("kept_turns", 2, "one reward per turn, got 2 turns, 4 and 4 rewards"),
         ("kept_turns", 9, "the kept ones at most all, got 4 and 9"),
         ("category", "simple", "field 'category': \"simple\" is not its id's"),
+        ("model", 5, "field 'model': must be a model name (a string), got 5"),  # (one row with "5" before)
+        ("model", ["a"], "field 'model': must be a model name (a string), got [\"a\"]"),
         # what the checker gives again on the trajectory's own calls: a forged verdict counted as it said
         ("decoded_turns", [[], [], [], []], "field 'valid': true, but the checker (bfcl-eval"),
         ("turn_rewards", [5.0] * 4, "field 'turn_rewards': [5.0, 5.0, 5.0, 5.0], but the checker"),

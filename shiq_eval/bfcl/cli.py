@@ -182,7 +182,8 @@ def _entries(category: str) -> list[dict]:
 
 def _check_scored(t: dict, where: str) -> None:
     """The fields ``report`` counts (and ``to-buffer`` reads), each of its kind: ``id`` an entry id of a
-    multi-turn category, its number written without leading zeros (``category``, when given, its), ``valid`` true or false (a string "false" would count
+    multi-turn category, its number written without leading zeros (``category``, when given, its), ``model`` a
+    name or null (a number or list was named by its ``str``), ``valid`` true or false (a string "false" would count
     as valid), turn rewards lists of bounded numbers, one per turn (``num_turns``, when given)."""
     entry = t["id"]
     number = entry.rsplit("_", 1)[-1] if isinstance(entry, str) else ""
@@ -197,6 +198,10 @@ def _check_scored(t: dict, where: str) -> None:
         raise ValueError(f"{where}: field 'id': {entry} is no entry of BFCL-V3 {entry_category(entry)}")
     if not isinstance(t["valid"], bool):
         raise ValueError(f"{where} ({entry}): field 'valid': must be true or false, got {json.dumps(t['valid'])}")
+    if not isinstance(t.get("model", ""), (str, type(None))):  # (5 and "5" were one row, named by str())
+        raise ValueError(
+            f"{where} ({entry}): field 'model': must be a model name (a string), got {json.dumps(t['model'])[:40]}"
+        )
     if not isinstance(t.get("bfcl_eval_version", ""), str):
         raise ValueError(
             f"{where} ({entry}): field 'bfcl_eval_version': must be a version string, got "
