@@ -459,3 +459,29 @@ def test_leaderboard_markdown_keeps_each_row_on_one_line():
     assert len(lines) == 3 and lines[2].startswith("| 1 | A B \\| c D | N/A |"), lines
     row["Model"] = "*m* <b>"  # and shown as written, not in italics or bold
     assert checker.leaderboard_markdown([row]).splitlines()[2].startswith("| 1 | \\*m\\* &lt;b&gt; | N/A |")
+
+
+def test_models_of_one_accuracy_share_its_rank_whatever_the_order_given():
+    """Two models with the category accuracies 10%, 20%, 30% in other categories have one overall accuracy (20%),
+    but its mean summed in another order differs in the last bit: they were ranked 1 and 2 by that rounding (the
+    second given first), and equal accuracies by the order of the files. Ranks checked against exact fractions."""
+    from fractions import Fraction
+
+    import pandas as pd
+
+    cats = ["multi_turn_base", "multi_turn_miss_func", "multi_turn_miss_param"]
+
+    def trajectories(valid_of: list[int]) -> list[dict]:  # 10 entries per category, the first k valid
+        return [
+            {"id": f"{c}_{i}", "valid": i < k, "turn_rewards": [1.0], "turn_rewards_reset": [1.0]}
+            for c, k in zip(cats, valid_of)
+            for i in range(10)
+        ]
+
+    valid = {"B": [3, 2, 1], "A": [1, 2, 3], "C": [5, 5, 5], "D": [0, 0, 1]}
+    exact = pd.Series({m: sum(Fraction(k, 10) for k in ks) / 3 for m, ks in valid.items()})
+    expected = exact.rank(method="min", ascending=False).astype(int).to_dict()
+    for names in (list(valid), list(reversed(valid))):
+        rows = checker.leaderboard_rows({m: checker.summarize(trajectories(valid[m])) for m in names})
+        assert [(r["Model"], r["Rank"]) for r in rows] == [("C", 1), ("A", 2), ("B", 2), ("D", 4)]
+        assert {r["Model"]: r["Rank"] for r in rows} == expected

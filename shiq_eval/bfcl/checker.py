@@ -315,14 +315,24 @@ def _percent(x: float | None) -> str:
     return "N/A" if x is None else f"{100 * x:.2f}%"
 
 
+def _rank_key(accuracy: float | None) -> float:
+    """An overall accuracy as ranked: rounded to 9 decimals (far finer than one entry of a category, far coarser
+    than the rounding of a sum of fractions), None as 0."""
+    return round(accuracy or 0.0, 9)
+
+
 def leaderboard_rows(summaries: Mapping[str, dict]) -> list[dict]:
     """One row per model ({name: :func:`summarize` output}) in the shape of BFCL's multi-turn
     leaderboard: rank, model, overall accuracy (the mean of the category accuracies), the accuracy
     of each category (percent with two decimals, ``N/A`` for a category without entries) and the
-    number of entries; best overall first."""
-    order = sorted(summaries.items(), key=lambda kv: -(kv[1]["overall"]["accuracy"] or 0.0))
+    number of entries; best overall first. Models of one accuracy share its rank (``1, 1, 3``) and are listed by
+    name: the mean of the same category accuracies summed in another order may differ in its last bit, which
+    ranked them by rounding and, when equal, by the order of the files."""
+    accuracy = {name: _rank_key(s["overall"]["accuracy"]) for name, s in summaries.items()}
+    order = sorted(summaries.items(), key=lambda kv: (-accuracy[kv[0]], kv[0]))
     rows = []
-    for rank, (name, s) in enumerate(order, 1):
+    for name, s in order:
+        rank = 1 + sum(a > accuracy[name] for a in accuracy.values())
         row = {"Rank": rank, "Model": name, "Multi Turn Overall Acc": _percent(s["overall"]["accuracy"])}
         for cat, column in LEADERBOARD_COLUMNS.items():
             row[column] = _percent(s["categories"][cat]["accuracy"]) if cat in s["categories"] else "N/A"
