@@ -987,3 +987,17 @@ def test_a_log_level_above_info_draws_no_progress_bar(tmp_path, capsys, smollm2)
             assert err == "", err
         else:
             assert "multi_turn_base" in err and "bfcl rollout" in err and f"building {buf.name}" in err, err
+
+
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_a_max_new_tokens_below_one_is_refused_naming_the_option(tmp_path, capsys, value):
+    """--max-new-tokens 0 or -3 was taken (a model policy's sampler refused it only after the model loaded, as
+    "max_new_tokens must be >= 1", naming no option; the scripted policy wrote its trajectories): argparse's
+    one-line refusal now, naming the option, nothing written."""
+    out = tmp_path / "t.jsonl"
+    argv = ["rollout", "--categories", "multi_turn_base", "--limit", "1", "--max-new-tokens", value, "--out", str(out)]
+    with pytest.raises(SystemExit) as e:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "--max-new-tokens" in err, err
+    assert f"must be >= 1, got {value}" in err and not out.exists()

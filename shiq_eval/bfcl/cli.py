@@ -511,7 +511,9 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
     q.add_argument("--out", required=True, type=file_path, help="trajectory JSONL to write (atomically)")
     q.add_argument("--overwrite", action="store_true", help="replace output files that exist (default: refuse)")
-    q.add_argument("--max-new-tokens", type=int, default=256, help="per step, for model policies")
+    q.add_argument(  # (0 or less was refused by the sampler only after the model loaded, naming no option)
+        "--max-new-tokens", type=int_at_least(1), default=256, help="per step, for model policies"
+    )
     q.add_argument(
         "--temperature", type=_temperature, default=0.0, help="0 is greedy, else at least 1e-30 (model policies)"
     )
