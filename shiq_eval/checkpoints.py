@@ -95,6 +95,15 @@ def checkpoint_info(step_dir: Path) -> dict:
     }
 
 
+def check_step_weights(info: dict) -> dict:
+    """``info`` (a :func:`checkpoint_info`) once its step folder holds weights: a step without rank files (a save
+    cut short, or copied without them) is refused naming the folder, before any model is loaded or anything is
+    written (it was refused only once the reference had been evaluated), as a Hugging Face folder without weights is."""
+    if not info["files"]:
+        raise EvalInputError(f"{info['path']}: a checkpoint step without weights (no rank_tp*_pp*_dp0.pt file)")
+    return info
+
+
 def hf_folder_info(folder: Path) -> dict:
     """The :func:`checkpoint_info` of a Hugging Face model folder: loss, beta, step, init and tokenizer from
     the record ``shiq-train export`` writes (method ``hf``, step 0 and no beta for any other folder)."""
@@ -191,7 +200,7 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
         if (path / "config.json").is_file() and not (path / "meta.json").is_file():
             found = [hf_folder_info(path)]
         else:
-            found = [checkpoint_info(s) for s in checkpoint_steps(path)]
+            found = [check_step_weights(checkpoint_info(s)) for s in checkpoint_steps(path)]
         label = labels[i] if labels else run_label(path)
         if label == "reference":
             raise EvalInputError(f"{arg}: the label 'reference' is the reference model's; give another with --label")

@@ -71,6 +71,7 @@ def files(tmp_path_factory):
     good.mkdir(parents=True)
     meta = {"loss": {"name": "shiq"}, "hf_config": {"vocab_size": 128}, "config": {"init": "none"}}
     (good / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (good / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusals below come before weights are read
     (d / "rm.safetensors").write_text("this is not a safetensors file")
     (d / "prompts.jsonl").write_text('{"prompt": "a"}\n')
     (d / "afile").write_text("not a folder")

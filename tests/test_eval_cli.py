@@ -178,6 +178,7 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
             {"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"loss": {"name": "shiq"}, "hf_config": {}}}
         )
     )
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
     (tmp_path / "rm.safetensors").write_bytes(b"")
     args = [
         "run",
@@ -219,6 +220,30 @@ def test_bad_inputs_name_the_problem(tmp_path, capsys):
         run = ["run", str(tmp_path / given), "--out", str(tmp_path / "o"), "--prompts", str(bad), "--reward-model", "x"]
         assert main(run) == 2
         assert said in capsys.readouterr().err, given
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_step_without_weights_is_refused_before_the_reference_is_evaluated(tmp_path, capsys, monkeypatch):
+    """A step whose meta.json is sound but whose rank files are gone (a save cut short, a copy without them) was
+    refused only once the reference had been evaluated, leaving a .rows/ folder in --out; it is now refused up
+    front in one line naming the step folder, nothing written (as a Hugging Face folder without weights is)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "score_len.py").write_text("def score(p, c):\n    return [float(len(x)) for x in c]\n")
+    (tmp_path / "p.jsonl").write_text('{"prompt": "w3 w4"}\n')
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    meta = {
+        "loss": {"name": "shiq", "beta": 0.1},
+        "hf_config": transformers.LlamaConfig.from_pretrained(init).to_dict(),
+    }
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    argv = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    argv += ["--scorer", "python:score_len:score", "--reference", str(init), "--max-new-tokens", "2", "--quiet"]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"shiq-eval: error: {step}: a checkpoint step without weights (no rank_tp*_pp*_dp0.pt file)", err
     assert not (tmp_path / "o").exists()
 
 
@@ -568,6 +593,7 @@ def test_a_run_trained_on_another_tokenizer_is_refused_before_sampling(tmp_path,
     buffer_tok = {"name": "gpt2", "fingerprint": "f" * 64, "vocab_size": VOCAB}
     meta = {"loss": {"name": "shiq"}, "hf_config": {"vocab_size": VOCAB}, "tokenizer": buffer_tok}
     (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
     from safetensors.numpy import save_file
 
     save_file({"weight": np.zeros(384), "bias": np.zeros(1)}, str(tmp_path / "rm.safetensors"))  # a head, never used
@@ -671,6 +697,7 @@ def test_a_damaged_tokenizer_record_is_named_in_one_line(tmp_path, capsys, monke
     prompts.write_text('{"prompt": "w3 w4"}\n')
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
     argv = ["run", str(tmp_path / "run"), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--quiet"]
     argv += ["--scorer", "python:score_len:score", "--reference", str(init)]
     for tokenizer in ({}, {"fingerprint": "f" * 64}, {"fingerprint": 3, "vocab_size": 128}, "gpt2"):
