@@ -217,9 +217,9 @@ ROW_FIELDS = {
     "model_sha256": ("a string or null", lambda v: v is None or _text(v)),
     "samples_per_prompt": ("an integer >= 1", lambda v: _int(v) and v >= 1),
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
-    "rewards": (
-        "a list of numbers in [-1e100, 1e100]",
-        lambda v: isinstance(v, list) and all(is_bounded_number(x) for x in v),
+    "rewards": (  # (an empty one had no mean: numpy's shape error, naming no row or field)
+        "a non-empty list of numbers in [-1e100, 1e100]",
+        lambda v: isinstance(v, list) and v != [] and all(is_bounded_number(x) for x in v),
     ),
     "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (is_bounded_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),

@@ -952,9 +952,10 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
         ("samples_per_prompt", 1.5, "an integer >= 1"),
         ("samples_per_prompt", None, "an integer >= 1"),
         ("kl_estimator", "foo", "'exact' or 'sample'"),
-        ("rewards", {"a": 1}, "a list of numbers in [-1e100, 1e100]"),
-        ("rewards", [1.0, 10**400], "a list of numbers in [-1e100, 1e100]"),
-        ("rewards", [1e308, 1e308], "a list of numbers in [-1e100, 1e100]"),  # their mean overflowed
+        ("rewards", {"a": 1}, "a non-empty list of numbers in [-1e100, 1e100]"),
+        ("rewards", [1.0, 10**400], "a non-empty list of numbers in [-1e100, 1e100]"),
+        ("rewards", [1e308, 1e308], "a non-empty list of numbers in [-1e100, 1e100]"),  # their mean overflowed
+        ("rewards", [], "a non-empty list of numbers in [-1e100, 1e100]"),  # no mean: numpy's shape error, no row
         ("temperature", [1], "null or a number in (0, 1e100]"),
         ("run", "a\ud800", "a non-empty string"),  # a lone surrogate: no UTF-8 to write it in
         ("model_sha256", 7, "a string or null"),
