@@ -223,6 +223,7 @@ ROW_FIELDS = {
     ),
     "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (is_bounded_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
+    SCENARIO_IDS: ("null or a list of strings", lambda v: v is None or (isinstance(v, list) and all(map(_text, v)))),
 }
 
 
@@ -292,17 +293,14 @@ def scenario_ids(rows: list[dict]) -> dict[tuple[str, str], list[str]]:
     """The scenario of each prompt (``scenario_ids``, ``[P]``) per ``(suite_sha256, prompt_set_sha256)``, from
     the rows that keep them: one suite's prompt set is one list of turns (the prompts' SHA-256 covers the
     ``ENTRY_ID:TURN`` scorer prompts), so rows of it that keep no ids (older files) share them; the clusters of
-    the standard errors (SHIQ_MATH §9). Two rows of one prompt set naming different scenarios, or ids that are
-    not a list of strings, are refused naming the files. Each id is returned as its scenario (:func:`scenario_of`)."""
+    the standard errors (SHIQ_MATH §9). Two rows of one prompt set naming different scenarios are refused naming
+    the files (ids that are not a list of strings, by :func:`read_results`, naming the row and field). Each id
+    is returned as its scenario (:func:`scenario_of`)."""
     out, where = {}, {}
     for row in rows:
         ids = row.get(SCENARIO_IDS)
         if ids is None:
             continue
-        if not isinstance(ids, list) or not all(isinstance(i, str) for i in ids):
-            raise ValueError(
-                f"{row['source']}: run {row['run']!r} step {row['step']}: {SCENARIO_IDS} must be a list of strings"
-            )
         key = (row["suite_sha256"], row["prompt_set_sha256"])
         if key in out and out[key] != ids:
             raise ValueError(

@@ -959,6 +959,8 @@ def test_a_leaderboard_that_fails_half_way_leaves_the_earlier_one_whole(tmp_path
         ("temperature", [1], "null or a number in (0, 1e100]"),
         ("run", "a\ud800", "a non-empty string"),  # a lone surrogate: no UTF-8 to write it in
         ("model_sha256", 7, "a string or null"),
+        ("scenario_ids", {"a": 1}, "null or a list of strings"),  # named the run and step, not the row or field
+        ("scenario_ids", ["e0", 1], "null or a list of strings"),
     ],
 )
 def test_a_result_row_of_the_wrong_kind_is_refused_naming_file_row_and_field(tmp_path, capsys, field, value, kind):
