@@ -680,6 +680,10 @@ def test_quick_run_produces_every_artifact_and_resumes(tmp_path):
         info = checkpoint_info(checkpoint_steps(out / "runs" / m)[-1])
         assert (info["method"], info["step"], info["init"]) == (demo.arm_method(m), cfg["train"]["steps"], "smollm2")
         assert info["hf_config"]["num_hidden_layers"] == 30
+        # the tokenizer of the buffer it trained on, which shiq-eval compares with its own (it warned of a
+        # checkpoint that "records no tokenizer (an older checkpoint)" for every arm of a new demo)
+        buffer = out / ("buffer_single" if demo.arm_is_single(m) else "buffer")
+        assert info["tokenizer"] == json.loads((buffer / "manifest.json").read_text())["tokenizer"], m
     # resuming: nothing but the report runs again
     before = json.loads((out / "stages.json").read_text())["done"]
     res = subprocess.run(cmd, check=True, timeout=600, capture_output=True, text=True)

@@ -467,8 +467,8 @@ def stage_train(ctx: Context, arm: str) -> None:
     t0 = time.perf_counter()
     with parallel.distributed(seed=cfg["seed"]):
         model = megatron_policy(ref, logits_chunk_tokens=LOGITS_CHUNK_TOKENS)
-        buffer = "buffer_sft" if sft else "buffer"
-        cache = ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model)
+        buffer = open_buffer(ctx.out / ("buffer_sft" if sft else "buffer"))
+        cache = ctx.prefix_caches.get(buffer.path.name, t["trainable_last_layers"], model)
         # one scenario (all its trajectories) per micro-batch: the same scenarios per step for every method,
         # each weighing the same in the step's loss whatever its number of turns (loss_average=micro_batch)
         trainer = recipe_trainer(
@@ -477,13 +477,13 @@ def stage_train(ctx: Context, arm: str) -> None:
             arm,
             run,
             ref.config,
-            {"recipe": PROG},
+            {"recipe": PROG, "tokenizer": buffer.manifest["tokenizer"]},  # (shiq-eval compares it with its own)
             prefix_cache=cache,
             loss_average="micro_batch",
             progress=ctx.progress,
         )
         sampler = BufferSampler(
-            open_buffer(ctx.out / buffer),
+            buffer,
             rows_per_micro_batch=group,
             micro_batches_per_step=t["groups_per_step"],
             seed=cfg["seed"],

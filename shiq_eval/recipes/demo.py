@@ -825,21 +825,21 @@ def stage_train(ctx: Context, arm: str) -> None:
     with parallel.distributed(seed=ctx.cfg["seed"]):
         model = megatron_policy(ref)
         single = arm_is_single(arm)  # the same completions per step, one per prompt
-        buffer = "buffer_single" if single else "buffer"
+        buffer = open_buffer(ctx.out / ("buffer_single" if single else "buffer"))
         trainer = recipe_trainer(
             model,
             ctx.cfg,
             arm,
             run,
             ref.config,
-            {"demo": True},
-            prefix_cache=ctx.prefix_caches.get(buffer, t["trainable_last_layers"], model),
+            {"demo": True, "tokenizer": buffer.manifest["tokenizer"]},  # (shiq-eval compares it with its own)
+            prefix_cache=ctx.prefix_caches.get(buffer.path.name, t["trainable_last_layers"], model),
             save_every=t["eval_every"],
             eval_every=t["eval_every"],
             progress=ctx.progress,
         )
         sampler = BufferSampler(
-            open_buffer(ctx.out / buffer),
+            buffer,
             rows_per_micro_batch=t["groups_per_step"] * d["completions_per_prompt"],
             micro_batches_per_step=1,
             seed=ctx.cfg["seed"],
