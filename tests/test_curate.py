@@ -1220,6 +1220,7 @@ def test_decontaminate_against_a_buffer_and_a_bfcl_question_field(data, tmp_path
         (['{"prompt": "a b c d e f g h"}', '{"text": "x"}'], [], "line 2: no field 'prompt' (choose it with --field)"),
         (['{"prompt": "a b c d e f g h"', ""], [], "line 1: not valid JSON"),
         (['{"prompt": {"x": 1}}'], [], "line 1: field 'prompt' holds no text"),
+        (["null"], [], "line 1: expected a string, chat messages or an object, got null"),  # (not NoneType)
         (['"too short"'], [], "the evaluation text is shorter than --min-words 8 words"),
         (['"What is the capital of France"'], ["--ngram", "1"], "shares a run of words with the evaluation texts"),
     ],

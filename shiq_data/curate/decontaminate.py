@@ -50,6 +50,7 @@ from shiq_data.io import (
     readable_lines,
     remove_created_dirs,
     sha256_files,
+    type_name,
     utf8_lines,
 )
 
@@ -245,7 +246,7 @@ def _record_text(record, field: str, where: str) -> list[str]:
         return [record]
     if isinstance(record, list) and (text := message_parts(record)):
         return text  # a line that is a chat-message list itself
-    raise ValueError(f"{where}: expected a string, chat messages or an object, got {type(record).__name__}")
+    raise ValueError(f"{where}: expected a string, chat messages or an object, got {type_name(record)}")
 
 
 class EvaluationRuns:
