@@ -558,6 +558,21 @@ def test_mix_refuses_inputs_of_another_system_prompt(data, tmp_path, capsys):
     _mix_is_refused(capsys, tmp_path, data["a"], other, "--system-prompt off")
 
 
+def test_mix_names_long_system_prompts_with_their_quotes(data, tmp_path, capsys):
+    """Two long system prompt texts are shown by their first 60 characters inside quotes and ``…`` (the repr
+    was cut at 60 characters, its closing quote lost: ``(text 'You are ... Hug)``)."""
+    inputs = []
+    for name, letter in (("long-a", "a"), ("long-b", "b")):
+        inputs.append(tmp_path / name)
+        shutil.copytree(data["b"], inputs[-1])
+        m = json.loads((inputs[-1] / "manifest.json").read_text())
+        m["tokenizer"]["system_prompt"] = {"setting": "TEXT", "text": letter * 80}
+        (inputs[-1] / "manifest.json").write_text(json.dumps(m))
+    _mix_is_refused(capsys, tmp_path, *inputs, "--system-prompt TEXT")
+    _, _, err = run(capsys, "mix", f"{inputs[0]}:1", f"{inputs[1]}:1", "--out", tmp_path / "x", "--no-progress")
+    assert f"(text {'b' * 60!r}…)" in err and f"(text {'a' * 60!r}…)" in err, err
+
+
 def test_stats_match_pandas(data, tmp_path, capsys):
     df, tok = data["df"], data["tok"]
     df = df.assign(

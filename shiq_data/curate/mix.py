@@ -121,9 +121,14 @@ def _system_prompt(source: CurationSource) -> dict:
 
 
 def _describe(system: dict) -> str:
-    """A recorded system prompt setting in words: ``--system-prompt off (text '')``."""
+    """A recorded system prompt setting in words: ``--system-prompt off (text '')``; a text over 60 characters
+    is shown by its first 60 and ``…`` (its quotes kept)."""
     setting = system["setting"] if system["setting"] in ("template", "off") else "TEXT"
-    return f"--system-prompt {setting}" + (f" (text {system['text']!r:.60})" if "text" in system else "")
+    if "text" not in system:
+        return f"--system-prompt {setting}"
+    text = system["text"]
+    shown = repr(text) if text is None or len(text) <= 60 else f"{text[:60]!r}…"
+    return f"--system-prompt {setting} (text {shown})"
 
 
 def mix_buffers(
