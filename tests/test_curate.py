@@ -950,6 +950,26 @@ def test_stats_name_each_source_whole(tmp_path, capsys):
     assert len({len(line) for line in lines.values()}) == 1, out  # the columns aligned
 
 
+def test_stats_align_sources_of_wide_characters(tmp_path, capsys):
+    """A Chinese, Japanese or emoji source name takes two terminal columns a character: padded by its count of
+    characters, its row's numbers stood left of the others' (the columns misaligned on screen)."""
+
+    def display_width(text):  # (two columns for East Asian wide and full-width characters, none for a mark)
+        return sum(0 if unicodedata.combining(c) else 1 + (unicodedata.east_asian_width(c) in "WF") for c in text)
+
+    names = ["日本語のソース", "😀😀😀", "short", "cafe\u0301"]
+    rows = [{"prompt": "p", "completion": " a", "reward": 1.0, "source": n} for n in names]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "stats", tmp_path / "b")
+    table = out.splitlines()[1:-1]  # the header and the rows
+    assert code == 0 and len(table) == 2 + len(names), out
+    assert len({display_width(line) for line in table}) == 1, out  # every row as wide on screen
+    from shiq_data.curate.stats import display_width as width
+
+    assert [width(n) for n in names] == [display_width(n) for n in names] == [14, 6, 5, 4]
+
+
 def test_stats_keep_a_source_named_all_apart_from_the_overall_row(tmp_path, capsys):
     """The table's overall row was labelled ``all``: a source of that name printed a second ``all`` row, the two
     told apart only in the JSON. The overall row is ``(all sources)`` now, and a source that could read as it

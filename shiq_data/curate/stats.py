@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -192,11 +193,17 @@ def source_label(name: str) -> str:
     return name
 
 
+def display_width(text: str) -> int:
+    """The terminal columns ``text`` takes: two for a wide character (Chinese, Japanese, an emoji), none for a
+    combining mark, one for any other."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
 def format_stats(stats: dict, title: str) -> str:
     """The table ``shiq-data stats`` prints: the overall row (:data:`OVERALL`), then a row per source
     (:func:`source_label`), the first column as wide as the longest label, at least 20."""
     labels = {name: source_label(name) for name in stats["sources"]}
-    w = max([20, *map(len, labels.values())])
+    w = max([20, *map(display_width, labels.values())])
     head = (
         f"{'source':<{w}} {'rows':>7} {'groups':>7} {'tokens mean/p50/max':>22} {'prompt mean':>12} "
         f"{'actions mean/max':>17} {'reward mean':>12} {'std':>8} {'min':>8} {'max':>8} {'ref':>5}"
@@ -208,7 +215,7 @@ def format_stats(stats: dict, title: str) -> str:
         tokens = f"{tk['mean']:.1f}/{tk['p50']:g}/{tk['max']:.0f}"  # a median may fall between two lengths
         actions = f"{ac['mean']:.1f}/{ac['max']:.0f}"
         lines.append(
-            f"{name:<{w}} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
+            f"{name}{' ' * (w - display_width(name))} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
             f"{rw['mean']:>12.4g} {'-' if rw['std'] is None else format(rw['std'], '.3g'):>8} {rw['min']:>8.3g} "
             f"{rw['max']:>8.3g} {s['ref_share']:>5.0%}"
         )
