@@ -374,7 +374,7 @@ class RegressionRewardModel:
         elif encoder is None:
             encoder = minilm_encoder()
         model = getattr(encoder, "model", None)  # MiniLM's: its width is known without encoding a text
-        if model is not None and weight.shape[0] != (dim := model.get_sentence_embedding_dimension()):
+        if model is not None and weight.shape[0] != (dim := model.get_embedding_dimension()):
             raise ValueError(f"{path}: tensor 'weight': {weight.shape[0]} values, the encoder's embeddings have {dim}")
         return cls(encoder, weight, float(bias[0]), info, meta.get("joiner", " "), own or None)
 

@@ -164,3 +164,21 @@ def test_a_head_saved_again_has_the_same_bytes(tmp_path):
     assert len(saved) == 1
     back = RegressionRewardModel.load(tmp_path / "head0.safetensors", encoder)
     assert back.score_texts(["a"]) == [6.5] and back.joiner == " " and back.meta["pearson_held_out"] == 0.7
+
+
+def test_a_head_on_the_minilm_encoder_is_checked_against_its_width_without_a_warning(tmp_path):
+    """Loading a head beside the MiniLM encoder asked the encoder its width by a name sentence-transformers has
+    renamed, which printed a FutureWarning on every load (every shiq-eval run with a reward model). The width is
+    still checked: 384 values load, 3 are refused naming the tensor."""
+    import warnings
+
+    from shiq_data.reward_head import RegressionRewardModel, minilm_encoder
+
+    encoder = minilm_encoder()
+    RegressionRewardModel(encoder, torch.zeros(384, dtype=torch.float64), 0.25).save(tmp_path / "good.safetensors")
+    RegressionRewardModel(encoder, torch.zeros(3, dtype=torch.float64), 0.25).save(tmp_path / "bad.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert RegressionRewardModel.load(tmp_path / "good.safetensors", encoder).score_texts(["a"]) == [0.25]
+    with pytest.raises(ValueError, match="tensor 'weight': 3 values, the encoder's embeddings have 384"):
+        RegressionRewardModel.load(tmp_path / "bad.safetensors", encoder)
