@@ -475,7 +475,7 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
         train_sampling_strategy="sequential",
         precompute_ref_log_probs=name.startswith("trl dpo (precomputed ref)"),
         torch_compile=name.endswith(", compiled"),
-        gradient_checkpointing=False,
+        activation_checkpointing=False,
         bf16=False,
         use_cpu=True,
         max_length=None,
