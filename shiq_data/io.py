@@ -46,13 +46,21 @@ def _row_error(cls, file, row, field, problem, row_label):
     return cls(file, row, field, problem, row_label=row_label)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0, DEL and C1: what a terminal may act on rather than show
+# C0, DEL and C1: what a terminal may act on rather than show; and the direction marks, embeddings, overrides and
+# isolates (U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), which reorder what a terminal shows after them
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str, keep: str = "") -> str:
     """``text`` with its control characters (C0, DEL, C1; but those in ``keep``, such as ``"\\n\\t"``) written
-    as ``\\x1b``: data printed to a terminal must not move its cursor, retitle it or hide what follows."""
-    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else f"\\x{ord(m[0]):02x}", str(text))
+    as ``\\x1b``, and its bidirectional marks, embeddings, overrides and isolates as ``\\u202e``: data printed
+    to a terminal must not move its cursor, retitle it, hide what follows or show it reordered."""
+    return _CONTROL.sub(lambda m: m[0] if m[0] in keep else _escape(m[0]), str(text))
+
+
+def _escape(c: str) -> str:
+    """The character ``c`` as Python writes it in a string: ``\\x1b``, ``\\u202e``."""
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
 
 
 def one_line(e: BaseException | str, limit: int | None = None) -> str:

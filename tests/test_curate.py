@@ -1097,6 +1097,21 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
 
 
+def test_show_prints_the_datas_direction_overrides_escaped(tmp_path, capsys):
+    """A completion or a source holding a bidirectional override, embedding, isolate or mark (U+202E shows what
+    follows it right to left) was printed raw by ``shiq-data show``, so the terminal showed the rest of the
+    line reordered: each is now printed as ``\\uNNNN``, as stats escapes it; line breaks and tabs are kept."""
+    marks = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
+    rows = [{"prompt": "say", "completion": f" hi\u202eevil\n\t{marks}end", "reward": 1.0}]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--source", "s\u2067x", "--out", tmp_path / "b"]
+    assert run(capsys, *build, "--no-progress")[0] == 0
+    code, out, _ = run(capsys, "show", tmp_path / "b")
+    escaped = "".join(f"\\u{ord(c):04x}" for c in marks)
+    assert code == 0 and f" hi\\u202eevil\n\t{escaped}end" in out and "source s\\u2067x " in out, out
+    assert not re.search("[\u200e\u200f\u202a-\u202e\u2066-\u2069]", out), repr(out)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # decontaminate: brute force over word tuples (sets of every run of each length), against the input records
 

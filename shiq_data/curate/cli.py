@@ -169,7 +169,8 @@ def add_commands(sub) -> None:
         "show",
         help="print rows decoded, action spans and rewards marked",
         description="Print rows decoded with the buffer's tokenizer: action tokens inside ⟦ ⟧, each nonzero "
-        "per-token reward as ⟨r=...⟩ after the token it sits on.",
+        "per-token reward as ⟨r=...⟩ after the token it sits on. The data's control characters and bidirectional "
+        "marks, embeddings, overrides and isolates are printed escaped (\\x1b, \\u202e); line breaks and tabs are kept.",
     )
     s.add_argument("buffer", metavar="BUFFER")
     which = s.add_mutually_exclusive_group()
