@@ -1288,6 +1288,15 @@ def test_decontaminate_refuses_in_one_line_and_writes_nothing(data, tmp_path, ca
     assert not out.exists()
 
 
+def test_decontaminate_names_an_against_path_that_is_neither_a_file_nor_a_folder(data, tmp_path, capsys):
+    """``--against /dev/null`` (a device, which exists) was refused as "no such file or folder"; it is now
+    refused as not a regular file or folder, in one line naming the path, and nothing is written."""
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "decontaminate", data["ab"], "--against", "/dev/null", "--out", out, "--no-progress")
+    assert code == 2 and err.count("\n") == 1 and "--against /dev/null: not a regular file or folder" in err, err
+    assert "Traceback" not in err and not out.exists()
+
+
 @settings(max_examples=150, deadline=None)
 @given(
     rows=st.lists(st.lists(st.sampled_from("abcd"), max_size=12), max_size=6),

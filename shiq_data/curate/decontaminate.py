@@ -214,8 +214,10 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
             prompts, completions = source.texts(table)
             texts += [by_parts(by, p, c) for p, c in zip(prompts, completions)]
         return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
-    if not path.is_file():
+    if not path.exists():
         raise ValueError(f"--against {path}: no such file or folder")
+    if not path.is_file():  # /dev/null, a pipe, a socket
+        raise ValueError(f"--against {path}: not a regular file or folder")
     if _kind(path) == ".txt":
         # only line breaks end a text (str.splitlines would also cut at a form feed, U+2028, U+0085...); a file
         # of CR line ends (read as one line) is split at them
