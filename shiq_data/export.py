@@ -23,7 +23,6 @@ import shlex
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
@@ -33,9 +32,8 @@ from shiq_data.io import atomic_dir, printable, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.readers.generic import check_record
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
-from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
-from shiq_data.validate import check_group_id, refuse_repeated_ids
+from shiq_data.validate import check_group_id, check_unique_ids
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -119,21 +117,6 @@ def _checked_tables(buffer: Buffer, bar: tqdm) -> list[pa.Table]:
             pass
         out.append(table)
     return out
-
-
-def _check_unique_ids(buffer: Buffer, near: Path) -> None:
-    """Refuse, as ``validate`` does, a buffer in which a ``row_id`` repeats (a shard edited together with its
-    checksum), naming the later row's shard and row. The ids go to a :class:`~shiq_data.spill.Spill` beside
-    ``near``, so memory does not grow with the buffer."""
-    with Spill(near) as spill:
-        spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
-        pos = 0
-        for k, table in enumerate(buffer.shard_columns(["row_id"])):
-            n = table.num_rows
-            ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
-            spill.append("ids", pa.table(ids))
-            pos += n
-        refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 
 def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:
@@ -258,7 +241,7 @@ def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffe
                 _write_parquet(buffer, tmp / DATA_FILE["parquet"], bar)
             else:
                 _write_jsonl(buffer, tmp / DATA_FILE["jsonl"], bar)
-        _check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
+        check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
         (tmp / "README.md").write_text(dataset_card(buffer, fmt, out_dir.name), encoding="utf-8")
 
     atomic_dir(out_dir, fill)

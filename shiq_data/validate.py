@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from shiq_data.buffer import (
     MANIFEST,
+    Buffer,
     _sha256_file,
     has_text_columns,
     read_manifest,
@@ -84,6 +85,21 @@ def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]
         k, pos, rid = repeat
         i = pos - sum(s["rows"] for s in shards[:k])
         raise ValueError(f"{Path(path) / shards[k]['file']}: row {i}: field 'row_id': {rid!r} is not unique")
+
+
+def check_unique_ids(buffer: Buffer, near: Path) -> None:
+    """Refuse, as ``validate`` does, a buffer in which a ``row_id`` repeats (a shard edited together with its
+    checksum), naming the later row's shard and row. The ids go to a :class:`~shiq_data.spill.Spill` beside
+    ``near``, so memory does not grow with the buffer."""
+    with Spill(near) as spill:
+        spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
+        pos = 0
+        for k, table in enumerate(buffer.shard_columns(["row_id"])):
+            n = table.num_rows
+            ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
+            spill.append("ids", pa.table(ids))
+            pos += n
+        refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 
 def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:

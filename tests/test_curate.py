@@ -775,9 +775,9 @@ def test_extra_keys_named_like_columns_are_warned_of_and_reachable(tmp_path, cap
     assert stats["all"]["rows"] == sum(r["tokens"] == 999 for r in rows) == 1
 
 
-def _damage_first_shard(src, dst, change):
-    """A copy of the buffer ``src`` whose first shard is rewritten by ``change(table)`` with its checksum and
-    size updated in the manifest: damage the checksums cannot see."""
+def _damage_first_shard(src, dst, change, shard: int = 0):
+    """A copy of the buffer ``src`` whose first shard (or shard ``shard``) is rewritten by ``change(table)`` with
+    its checksum and size updated in the manifest: damage the checksums cannot see."""
     import hashlib
     import shutil
 
@@ -785,7 +785,7 @@ def _damage_first_shard(src, dst, change):
 
     shutil.copytree(src, dst)
     manifest = json.loads((dst / "manifest.json").read_text())
-    entry = manifest["shards"][0]
+    entry = manifest["shards"][shard]
     path = dst / entry["file"]
     table = change(pa.ipc.open_stream(pa.py_buffer(path.read_bytes())).read_all())
     with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
@@ -1051,6 +1051,32 @@ def test_curation_refuses_extra_text_and_export_a_repeated_row_id_that_validate_
         code, _, err = run(capsys, "export", ids, "--format", fmt, "--out", tmp_path / f"ids-{fmt}", "--no-progress")
         assert code == 2 and f"{shard}: row 3: field 'row_id': " in err and "is not unique" in err, (fmt, err)
         assert len(err.strip().splitlines()) == 1 and not (tmp_path / f"ids-{fmt}").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, capsys):
+    """A row id of a later shard set to an earlier row's (the shard's checksum updated): filter, dedup and mix
+    named the buffer folder and the new buffer's row (``b: row 5: field 'row_id'``); they now name the input shard
+    and the later row as validate and export do, and write nothing. (split refuses it only when both rows fall on
+    one side: each buffer it writes holds every id once.)"""
+    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(6)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 2, "--out", tmp_path / "b"]
+    assert run(capsys, *build, "--no-progress")[0] == 0
+    first = json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
+    first_id = pa.ipc.open_stream(pa.py_buffer((tmp_path / "b" / first).read_bytes())).read_all()["row_id"][0]
+    buf = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 1, first_id), 2)
+    shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][2]["file"]
+    want = f"{shard}: row 1: field 'row_id': {first_id.as_py()!r} is not unique"
+    code, _, err = run(capsys, "validate", buf)
+    assert code == 2 and want in err, err
+    curate = [["filter", "--where", "reward >= 0"], ["dedup"], ["mix"]]
+    for verb, *opts in curate:
+        folder = tmp_path / f"ids-{verb}"
+        code, _, err = run(capsys, verb, f"{buf}:1" if verb == "mix" else buf, *opts, "--out", folder, "--no-progress")
+        assert code == 2 and want in err, (verb, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not folder.exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -9,7 +9,9 @@ import pyarrow as pa
 
 from shiq_data.buffer import Buffer, refuse_inside_buffer, shard_rows_of, write_buffer
 from shiq_data.curate.rows import CurationSource
+from shiq_data.io import RowError
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
+from shiq_data.validate import check_unique_ids
 
 MISSING = object()  # a parent's manifest without the field
 
@@ -41,7 +43,10 @@ def write_curated(
     row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
     fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
     pipeline), the chat template's only when every parent records the same one. ``nothing``: the error when no
-    row is left (the verb's own words; nothing is written)."""
+    row is left (the verb's own words; nothing is written). A ``row_id`` the new buffer would hold twice because a
+    parent holds it twice (a shard edited together with its checksum) is named at that parent's shard and row, as
+    ``validate`` names it, not at the new buffer's row; the parents are searched only then, at no cost to a
+    buffer without one."""
     first = parents[0].manifest
     tokenizer_info = dict(first["tokenizer"])
     if any(p.pipeline_fingerprint is None for p in parents):
@@ -66,6 +71,11 @@ def write_curated(
             # the parents' commands come first, so a later append's row ids b<k>-... never clash with kept ones
             prior_commands=[c for p in parents for c in p.manifest.get("commands", [])],
         )
+    except RowError as e:
+        if e.field == "row_id":
+            for p in parents:
+                check_unique_ids(p.buffer, Path(out))
+        raise
     except ValueError as e:
         if nothing is not None and str(e).endswith("no rows to write"):
             raise ValueError(nothing) from None
