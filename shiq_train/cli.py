@@ -454,6 +454,22 @@ def check_buffer_fits(cfg: dict, model_cfg, reference_mode: str) -> None:
         )
 
 
+def check_pairs(buffer_dir, loss_name: str, verify_checksums: bool = True) -> None:
+    """Refuse a pair loss (DPO, CoPG and their multi-turn forms; ``LossSpec.needs_pairs``) on a buffer whose
+    prompt groups all hold one row: no step would have a pair, so every step would train nothing (loss 0,
+    gradient 0) and end as if it had."""
+    if not LOSSES[loss_name].needs_pairs:
+        return
+    buffer = open_buffer(buffer_dir, verify_checksums=verify_checksums)
+    ids = buffer.columns(["group_id"]).column("group_id").to_numpy()
+    if len(ids) and len(set(ids.tolist())) == len(ids):
+        raise ConfigError(
+            f"buffer {buffer_dir}: every prompt group has one row, but loss={loss_name} compares completions of "
+            "one prompt (pairs within a group): build the buffer with several completions per prompt, or use a "
+            "loss that reads single rows (shiq, dro_v)"
+        )
+
+
 def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer_dir) -> None:
     """Refuse precomputed reference statistics computed in another precision than ``model.params_dtype``:
     the trained model would differ from its reference before the first update (SHIQ_MATH §2)."""
@@ -936,6 +952,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
     # (the buffer's reference statistics only matter to a loss that reads them: sft reads none)
     ref_mode = train_cfg.reference if loss_cfg.spec.needs_reference else None
     check_buffer_fits(cfg, model_cfg, ref_mode)
+    check_pairs(cfg["data"]["buffer"], loss_cfg.name, cfg["data"].get("verify_checksums", True))
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, ref_mode, cfg["data"]["buffer"])
     if (mismatch := reference_mismatch(manifest, cfg["init"], ref_mode, cfg["data"]["buffer"])) and int(

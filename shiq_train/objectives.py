@@ -67,7 +67,8 @@ class LossSpec:
     """One loss of the family.
 
     ``needs_groups``: compares completions of one prompt, so micro-batches must hold whole prompt
-    groups (with ``group_ids``). ``packed_ok``: works on packed rows (several trajectories per row).
+    groups (with ``group_ids``). ``needs_pairs``: its terms are pairs of a group's rows (DPO, CoPG), so a buffer
+    whose groups all hold one row gives it nothing to learn from. ``packed_ok``: works on packed rows (several trajectories per row).
     ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``needs_rewards``: reads the
     rewards (a loss that does not may be given none). ``variant``: the
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
@@ -82,6 +83,7 @@ class LossSpec:
     name: str
     description: str
     needs_groups: bool = False
+    needs_pairs: bool = False
     packed_ok: bool = False
     needs_reference: bool = True
     needs_rewards: bool = True
@@ -116,8 +118,8 @@ def _shiq(name, variant, description):
     return LossSpec(name, description, packed_ok=True, variant=variant)
 
 
-def _group(name, fn, description):
-    return LossSpec(name, description, needs_groups=True, group_loss=fn)
+def _group(name, fn, description, pairs=False):
+    return LossSpec(name, description, needs_groups=True, needs_pairs=pairs, group_loss=fn)
 
 
 LOSSES: dict[str, LossSpec] = {
@@ -127,10 +129,10 @@ LOSSES: dict[str, LossSpec] = {
         _shiq("shiq_init", "init", "ShiQ without reward shaping (§4)"),
         _shiq("shiq_ms", "ms", "ShiQ single-step consistency (§4)"),
         _shiq("shiq_tk", "tk", "ShiQ on the first action of every turn only (§4)"),
-        _group("dpo", _dpo, "DPO on pairs of a prompt's completions, preferred = larger return (§5)"),
-        _group("mt_dpo", _dpo, "multi-turn DPO: DPO on whole trajectories, cumulative turn reward (§5)"),
-        _group("copg", _copg, "CoPG over all pairs of a prompt's completions (§5)"),
-        _group("mt_copg", _copg, "multi-turn CoPG: CoPG with the cumulative turn reward (§5)"),
+        _group("dpo", _dpo, "DPO on pairs of a prompt's completions, preferred = larger return (§5)", pairs=True),
+        _group("mt_dpo", _dpo, "multi-turn DPO: DPO on whole trajectories, cumulative turn reward (§5)", pairs=True),
+        _group("copg", _copg, "CoPG over all pairs of a prompt's completions (§5)", pairs=True),
+        _group("mt_copg", _copg, "multi-turn CoPG: CoPG with the cumulative turn reward (§5)", pairs=True),
         LossSpec(
             "dro_v",
             "the paper's single-trajectory DRO, reconstructed: ½(R − βΛ)², V ≡ 0, one network (§5)",

@@ -426,6 +426,27 @@ def test_sft_trains_on_a_buffer_without_reference_statistics(tmp_path):
     assert [x["loss"] for x in metrics(tmp_path / "a")] == pytest.approx([x["loss"] for x in metrics(tmp_path / "b")])
 
 
+def test_a_pair_loss_on_a_buffer_of_one_row_groups_is_refused(tmp_path):
+    """DPO and CoPG read pairs of a group's rows: on a buffer whose groups all hold one row every step had no pair
+    and trained nothing (loss 0, gradient 0), ending with status 0. Refused in one line naming the buffer and
+    the loss, no run folder; dro_v_loo (its leave-one-out value falls back to the micro-batch) still trains."""
+    from shiq_data.buffer import open_buffer, write_buffer
+
+    write_tiny_buffer(tmp_path / "src", with_ref=True)
+    rows = [dict(r, group_id=i) for i, r in enumerate(open_buffer(tmp_path / "src").table.to_pylist())]
+    info = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=info, command=["test"], progress=False)
+    args = [f"data.buffer={tmp_path / 'buf'}", "train.steps=1", "data.rows_per_micro_batch=2"]
+    for loss in ("dpo", "copg"):
+        res = train_cli(*args, f"out={tmp_path / loss}", f"loss={loss}")
+        assert res.returncode == 2, res.stderr[-2000:]
+        line = res.stderr.strip().splitlines()[-1]
+        assert line.startswith("shiq-train: error: ") and f"loss={loss}" in line and "one row" in line
+        assert str(tmp_path / "buf") in line and "Traceback" not in res.stderr and not (tmp_path / loss).exists()
+    ok = train_cli(*args, f"out={tmp_path / 'loo'}", "loss=dro_v_loo")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
 def test_a_frozen_prefix_cache_of_packed_rows_is_refused_before_it_is_built(tmp_path):
     """The cache cannot serve packed rows, which was found only after one forward pass over the whole buffer."""
     write_tiny_buffer(tmp_path / "ref", with_ref=True)
