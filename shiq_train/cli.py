@@ -29,6 +29,8 @@ import sys
 import typing
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 import torch.distributed as dist
 import yaml
@@ -456,18 +458,39 @@ def check_buffer_fits(cfg: dict, model_cfg, reference_mode: str) -> None:
 
 def check_pairs(buffer_dir, loss_name: str, verify_checksums: bool = True) -> None:
     """Refuse a pair loss (DPO, CoPG and their multi-turn forms; ``LossSpec.needs_pairs``) on a buffer whose
-    prompt groups all hold one row: no step would have a pair, so every step would train nothing (loss 0,
-    gradient 0) and end as if it had."""
-    if not LOSSES[loss_name].needs_pairs:
+    prompt groups all hold one row, and DPO (``needs_preferences``: ties dropped) on one whose groups all hold a
+    single return: no step would have a pair, so every step would train nothing (loss 0, gradient 0) and end as
+    if it had."""
+    spec = LOSSES[loss_name]
+    if not spec.needs_pairs:
         return
     buffer = open_buffer(buffer_dir, verify_checksums=verify_checksums)
-    ids = buffer.columns(["group_id"]).column("group_id").to_numpy()
-    if len(ids) and len(set(ids.tolist())) == len(ids):
+    table = buffer.columns(["group_id", "rewards", "action_mask"])
+    _, group = np.unique(table.column("group_id").to_numpy(), return_inverse=True)
+    if len(group) and group.max() + 1 == len(group):
         raise ConfigError(
             f"buffer {buffer_dir}: every prompt group has one row, but loss={loss_name} compares completions of "
             "one prompt (pairs within a group): build the buffer with several completions per prompt, or use a "
             "loss that reads single rows (shiq, dro_v)"
         )
+    if spec.needs_preferences and len(group) and _all_groups_tied(table, group):
+        raise ConfigError(
+            f"buffer {buffer_dir}: the completions of every prompt group have the same return, but loss={loss_name} "
+            "learns from pairs of different returns (ties are dropped): score the buffer's completions, or use "
+            "loss=copg or a loss that reads single rows (shiq, dro_v)"
+        )
+
+
+def _all_groups_tied(table, group) -> bool:
+    """Whether every group's rows have one return ``Σ_t m_t r_t`` (``losses.sequence_return``) between them."""
+    rewards, mask = table.column("rewards"), table.column("action_mask")
+    rows = pc.list_parent_indices(rewards).to_numpy()
+    weighted = pc.list_flatten(rewards).to_numpy().astype(np.float64) * pc.list_flatten(mask).to_numpy(False)
+    returns = np.bincount(rows, weights=weighted, minlength=len(group))
+    high, low = np.full(group.max() + 1, -np.inf), np.full(group.max() + 1, np.inf)
+    np.maximum.at(high, group, returns)
+    np.minimum.at(low, group, returns)
+    return bool((high == low).all())
 
 
 def check_ref_stats_dtype(manifest: dict, model_cfg, reference_mode: str, buffer_dir) -> None:

@@ -68,7 +68,9 @@ class LossSpec:
 
     ``needs_groups``: compares completions of one prompt, so micro-batches must hold whole prompt
     groups (with ``group_ids``). ``needs_pairs``: its terms are pairs of a group's rows (DPO, CoPG), so a buffer
-    whose groups all hold one row gives it nothing to learn from. ``packed_ok``: works on packed rows (several trajectories per row).
+    whose groups all hold one row gives it nothing to learn from. ``needs_preferences``: its pairs are ordered by
+    return and ties dropped (DPO), so a buffer without two returns differing within a group gives it none either.
+    ``packed_ok``: works on packed rows (several trajectories per row).
     ``needs_reference``: reads the reference statistics ``c_ref``, ``z_ref``. ``needs_rewards``: reads the
     rewards (a loss that does not may be given none). ``variant``: the
     ``losses.shiq_loss`` variant of a ShiQ-family loss. ``group_loss``: for a group loss,
@@ -84,6 +86,7 @@ class LossSpec:
     description: str
     needs_groups: bool = False
     needs_pairs: bool = False
+    needs_preferences: bool = False
     packed_ok: bool = False
     needs_reference: bool = True
     needs_rewards: bool = True
@@ -119,7 +122,10 @@ def _shiq(name, variant, description):
 
 
 def _group(name, fn, description, pairs=False):
-    return LossSpec(name, description, needs_groups=True, needs_pairs=pairs, group_loss=fn)
+    preferences = fn is _dpo  # (its pairs come from preference_pairs: ties dropped)
+    return LossSpec(
+        name, description, needs_groups=True, needs_pairs=pairs, needs_preferences=preferences, group_loss=fn
+    )
 
 
 LOSSES: dict[str, LossSpec] = {

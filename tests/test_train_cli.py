@@ -447,6 +447,30 @@ def test_a_pair_loss_on_a_buffer_of_one_row_groups_is_refused(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+def test_dpo_on_a_buffer_whose_groups_all_tie_is_refused(tmp_path):
+    """DPO orders a group's pairs by return and drops ties: on a buffer of one reward for every completion (an
+    unscored buffer) every step had no pair and trained nothing, ending with status 0. Refused in one line, no run
+    folder; one group with two returns is enough, and CoPG (whose pairs need no order) still trains."""
+    from shiq_data.buffer import open_buffer, write_buffer
+
+    write_tiny_buffer(tmp_path / "src", with_ref=True)
+    rows = open_buffer(tmp_path / "src").table.to_pylist()
+    info = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+    tied = [dict(r, rewards=[0.0] * (len(r["rewards"]) - 1) + [0.5]) for r in rows]
+    write_buffer(tied, tmp_path / "tied", tokenizer_info=info, command=["test"], progress=False)
+    args = [f"data.buffer={tmp_path / 'tied'}", "train.steps=1"]
+    res = train_cli(*args, f"out={tmp_path / 'dpo'}", "loss=dpo")
+    assert res.returncode == 2, res.stderr[-2000:]
+    line = res.stderr.strip().splitlines()[-1]
+    assert line.startswith("shiq-train: error: ") and "loss=dpo" in line and "same return" in line
+    assert str(tmp_path / "tied") in line and "Traceback" not in res.stderr and not (tmp_path / "dpo").exists()
+    assert train_cli(*args, f"out={tmp_path / 'copg'}", "loss=copg").returncode == 0
+    tied[0]["rewards"] = [0.0] * (len(tied[0]["rewards"]) - 1) + [1.0]  # group 0 now orders one pair
+    write_buffer(tied, tmp_path / "one_pair", tokenizer_info=info, command=["test"], progress=False)
+    ok = train_cli(f"data.buffer={tmp_path / 'one_pair'}", "train.steps=1", f"out={tmp_path / 'ok'}", "loss=dpo")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+
+
 def test_a_frozen_prefix_cache_of_packed_rows_is_refused_before_it_is_built(tmp_path):
     """The cache cannot serve packed rows, which was found only after one forward pass over the whole buffer."""
     write_tiny_buffer(tmp_path / "ref", with_ref=True)
