@@ -355,6 +355,7 @@ def load_reference(model: str, megatron_checkpoint: str | None, tok_info: dict, 
         record["megatron_checkpoint"] = str(step_dir.resolve())
         config = _model_config(model)
         check_same_architecture(step_dir, config, model)
+        check_same_tokenizer(step_dir, tok_info, model)
         if before_load is not None:
             before_load(dict(record))
         hf = hf_model_from_checkpoint(step_dir, config, dtype)  # (its rank files' checksums checked)
@@ -406,6 +407,20 @@ def check_same_architecture(step_dir: Path, config, model: str) -> None:
             f"--megatron-checkpoint {step_dir}: its run trained another model than --model {model} "
             f"({', '.join(differ)}): give as --model the model the run started from"
         )
+
+
+def check_same_tokenizer(step_dir: Path, tok_info: dict, model: str) -> None:
+    """Refuse a ``--megatron-checkpoint`` whose run trained on another tokenizer (its ``meta.tokenizer``'s
+    fingerprint) than ``--model``'s, which is the buffer's: its weights learned other token ids, and the
+    statistics would be computed, and stored, without a word."""
+    saved = (read_meta(step_dir).get("meta") or {}).get("tokenizer")
+    if not isinstance(saved, dict) or saved.get("fingerprint") in (None, tok_info["fingerprint"]):
+        return  # (a run that recorded no tokenizer: the architecture check is all there is)
+    raise ValueError(
+        f"--megatron-checkpoint {step_dir}: its run trained on tokenizer {saved.get('name')!r} (fingerprint "
+        f"{str(saved['fingerprint'])[:12]}…), not on --model {model}'s and the buffer's {tok_info.get('name')!r} "
+        f"(fingerprint {str(tok_info['fingerprint'])[:12]}…): give a run trained on a buffer of this tokenizer"
+    )
 
 
 def _rope_differences(saved: dict, config) -> list[str]:

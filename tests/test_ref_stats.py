@@ -864,3 +864,55 @@ def test_committing_a_shard_does_not_hold_its_rows_as_python_objects(tmp_path):
         peaks.append(tracemalloc.get_traced_memory()[1])
         tracemalloc.stop()
     assert peaks[1] < 1.5 * peaks[0] + 1_000_000, peaks
+
+
+def test_a_megatron_checkpoint_trained_on_another_tokenizer_is_refused(tmp_path, capsys):
+    """A run trained on a buffer of another tokenizer (its meta.json's record) learned other token ids: its
+    statistics on this buffer were computed and stored without a word. Refused in one line naming the step and
+    both tokenizers, the buffer untouched; the run of this tokenizer is read."""
+    import warnings
+
+    from test_eval_cli import tiny_hf_folder
+
+    from shiq_data.buffer import write_buffer
+    from shiq_data.tokenizers import load_tokenizer
+    from shiq_train import model as M
+    from shiq_train import parallel
+    from shiq_train.checkpoint import save_checkpoint
+    from shiq_train.cli import llama_config_from_model
+    from shiq_train.reference import main as ref_stats
+
+    warnings.filterwarnings("ignore")
+    folder = tiny_hf_folder(tmp_path / "tok")
+    tok_info = load_tokenizer(str(folder))[1]
+    g = torch.Generator().manual_seed(0)
+    rows = [
+        {"group_id": i, "prompt_len": 3, "tokens": torch.randint(0, 16, (8,), generator=g).tolist(),
+         "action_mask": [False] * 3 + [True] * 5, "rewards": [0.0] * 7 + [1.0], "source": "test"}
+        for i in range(2)
+    ]  # fmt: skip
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=tok_info, command=["test"], progress=False)
+
+    from transformers import AutoConfig
+
+    from shiq_train.hf_convert import model_config_from_llama
+
+    cfg = model_config_from_llama(AutoConfig.from_pretrained(folder))
+    other = {"name": "other", "fingerprint": "f" * 64, "vocab_size": tok_info["vocab_size"]}
+    with parallel.distributed(seed=3):
+        mg = M.build_model(cfg)
+        for run, tok in (("other", other), ("same", tok_info)):
+            meta = {"hf_config": llama_config_from_model(cfg).to_dict(), "tokenizer": tok}
+            save_checkpoint(tmp_path / run / "checkpoints", 1, mg, meta=meta)
+    before = (tmp_path / "buf" / "manifest.json").read_text()
+    args = [str(tmp_path / "buf"), "--model", str(folder), "--no-progress", "--megatron-checkpoint"]
+    assert ref_stats([*args, str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (above it: tiny_hf_folder's writing)
+    assert (
+        err.startswith("shiq-train ref-stats: error: ")
+        and "step_00000001" in err
+        and "'other'" in err
+        and str(folder) in err
+    ), err
+    assert (tmp_path / "buf" / "manifest.json").read_text() == before
+    assert ref_stats([*args, str(tmp_path / "same")]) == 0
