@@ -460,20 +460,22 @@ def check_pairs(buffer_dir, loss_name: str, verify_checksums: bool = True) -> No
     """Refuse a pair loss (DPO, CoPG and their multi-turn forms; ``LossSpec.needs_pairs``) on a buffer whose
     prompt groups all hold one row, and DPO (``needs_preferences``: ties dropped) on one whose groups all hold a
     single return: no step would have a pair, so every step would train nothing (loss 0, gradient 0) and end as
-    if it had."""
+    if it had. Read shard by shard: memory grows with the rows, not the tokens."""
     spec = LOSSES[loss_name]
     if not spec.needs_pairs:
         return
     buffer = open_buffer(buffer_dir, verify_checksums=verify_checksums)
-    table = buffer.columns(["group_id", "rewards", "action_mask"])
-    _, group = np.unique(table.column("group_id").to_numpy(), return_inverse=True)
+    names = ["group_id", "rewards", "action_mask"] if spec.needs_preferences else ["group_id"]
+    shards = buffer.shard_columns(names)
+    ids = np.concatenate([t.column("group_id").to_numpy() for t in shards]) if shards else np.zeros(0, np.int64)
+    _, group = np.unique(ids, return_inverse=True)  # [N] each row's group, numbered 0 ..
     if len(group) and group.max() + 1 == len(group):
         raise ConfigError(
             f"buffer {buffer_dir}: every prompt group has one row, but loss={loss_name} compares completions of "
             "one prompt (pairs within a group): build the buffer with several completions per prompt, or use a "
             "loss that reads single rows (shiq, dro_v)"
         )
-    if spec.needs_preferences and len(group) and _all_groups_tied(table, group):
+    if spec.needs_preferences and len(group) and _all_groups_tied(shards, group):
         raise ConfigError(
             f"buffer {buffer_dir}: the completions of every prompt group have the same return, but loss={loss_name} "
             "learns from pairs of different returns (ties are dropped): score the buffer's completions, or use "
@@ -481,12 +483,17 @@ def check_pairs(buffer_dir, loss_name: str, verify_checksums: bool = True) -> No
         )
 
 
-def _all_groups_tied(table, group) -> bool:
-    """Whether every group's rows have one return ``Σ_t m_t r_t`` (``losses.sequence_return``) between them."""
+def _row_returns(table) -> np.ndarray:
+    """``[N]`` float64: each row's return ``Σ_t m_t r_t`` (``losses.sequence_return``) of a shard's columns."""
     rewards, mask = table.column("rewards"), table.column("action_mask")
     rows = pc.list_parent_indices(rewards).to_numpy()
     weighted = pc.list_flatten(rewards).to_numpy().astype(np.float64) * pc.list_flatten(mask).to_numpy(False)
-    returns = np.bincount(rows, weights=weighted, minlength=len(group))
+    return np.bincount(rows, weights=weighted, minlength=table.num_rows)
+
+
+def _all_groups_tied(shards, group) -> bool:
+    """Whether every group's rows (``group`` ``[N]``, over the rows of ``shards`` in order) have one return."""
+    returns = np.concatenate([_row_returns(t) for t in shards])  # [N]
     high, low = np.full(group.max() + 1, -np.inf), np.full(group.max() + 1, np.inf)
     np.maximum.at(high, group, returns)
     np.minimum.at(low, group, returns)

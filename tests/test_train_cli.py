@@ -465,8 +465,10 @@ def test_dpo_on_a_buffer_whose_groups_all_tie_is_refused(tmp_path):
     assert line.startswith("shiq-train: error: ") and "loss=dpo" in line and "same return" in line
     assert str(tmp_path / "tied") in line and "Traceback" not in res.stderr and not (tmp_path / "dpo").exists()
     assert train_cli(*args, f"out={tmp_path / 'copg'}", "loss=copg").returncode == 0
-    tied[0]["rewards"] = [0.0] * (len(tied[0]["rewards"]) - 1) + [1.0]  # group 0 now orders one pair
-    write_buffer(tied, tmp_path / "one_pair", tokenizer_info=info, command=["test"], progress=False)
+    tied[-1]["rewards"] = [0.0] * (len(tied[-1]["rewards"]) - 1) + [1.0]  # the last group now orders one pair
+    # (in the last of several shards: the returns are read shard by shard)
+    write_buffer(tied, tmp_path / "one_pair", tokenizer_info=info, command=["test"], progress=False, shard_rows=2)
+    assert len(json.loads((tmp_path / "one_pair" / "manifest.json").read_text())["shards"]) > 2
     ok = train_cli(f"data.buffer={tmp_path / 'one_pair'}", "train.steps=1", f"out={tmp_path / 'ok'}", "loss=dpo")
     assert ok.returncode == 0, ok.stderr[-2000:]
 
