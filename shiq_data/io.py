@@ -375,17 +375,34 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> Path
     return atomic_write(path, write)
 
 
+class _GzipReader(gzip.GzipFile):
+    """A gzip stream read from an open file, which it closes with itself (``GzipFile`` leaves it open)."""
+
+    def close(self) -> None:
+        raw = self.fileobj
+        try:
+            super().close()
+        finally:
+            if raw is not None:
+                raw.close()
+
+
 def open_binary(path: str | os.PathLike):
     """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz`` (in any case) or
-    its first two bytes are gzip's (which no text or JSON file starts with)."""
+    its first two bytes are gzip's (which no text or JSON file starts with). The file is opened once and its
+    first bytes only peeked at, so a pipe (``<(zcat rows.jsonl.gz)``, a FIFO) is read whole."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file")
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
-    with open(path, "rb") as f:
-        gzipped = path.suffix.lower() == ".gz" or f.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+    f = open(path, "rb")
+    try:
+        gzipped = path.suffix.lower() == ".gz" or f.peek(2)[:2] == b"\x1f\x8b"
+    except BaseException:
+        f.close()
+        raise
+    return _GzipReader(fileobj=f, mode="rb") if gzipped else f
 
 
 def utf8_lines(f, path) -> Iterator[tuple[int, str]]:

@@ -1238,3 +1238,28 @@ def test_counts_agree_with_their_nouns(tmp_path, capsys, gpt2):
         policy_infos(["a", "b"], ["A"])
     with pytest.raises(ValueError, match="--label is given 2 times for 1 CHECKPOINT argument: "):
         policy_infos(["a"], ["A", "B"])
+
+
+@pytest.mark.parametrize("workers,gzipped", [("1", False), ("1", True), ("2", False)])
+def test_a_pipe_input_is_read_whole(tmp_path, capsys, gpt2, tokenizers_once, workers, gzipped):
+    """``build jsonl <(zcat rows.jsonl.gz)`` said "no rows to write": the input was opened once to sniff gzip's
+    magic bytes (a buffered read taking the whole pipe) and again to read; with --workers 2 each worker
+    looked for /dev/fd/N, which it does not have ("no such file"). Now the pipe is read once, whole."""
+    import gzip
+
+    tok, _ = gpt2
+    data = "".join(json.dumps(r) + "\n" for r in RECORDS).encode()
+    r, w = os.pipe()
+    os.write(w, gzip.compress(data) if gzipped else data)
+    os.close(w)
+    try:
+        args = ["build", "jsonl", f"/dev/fd/{r}", "--tokenizer", "gpt2", "--no-progress", "--workers", workers]
+        assert main([*args, "--out", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    finally:
+        os.close(r)
+    _, rows = read_rows(tmp_path / "b")
+    assert len(rows) == len(RECORDS)
+    for rec, row in zip(RECORDS, rows):
+        prompt = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
+        completion = tok(rec["completion"], add_special_tokens=False)["input_ids"]
+        assert row["tokens"] == prompt + completion + [GPT2_EOS]

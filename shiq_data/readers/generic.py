@@ -388,7 +388,7 @@ class FileReader:
     ``*_field`` name the fields holding the prompt, completion and reward; ``records``: the input's ``(line or
     row, record)`` pairs when read already, a parallel build giving each worker a chunk of them); errors name
     the input and the line or row. :meth:`records` gives those pairs. The input must exist (checked at the
-    call, not lazily)."""
+    call, not lazily) unless its ``records`` are given."""
 
     kind: str  # what the input is: "file" or "folder"
     row_label: str  # what its records are counted in: "line" (1-based) or "row" (0-based)
@@ -410,11 +410,14 @@ class FileReader:
         reward_field: str = "reward",
         records: Iterable[tuple[int, dict]] | None = None,
     ) -> Iterator[dict]:
-        path = _require_file(path, self.kind)
-        rows = self.all_records(path) if records is None else records
+        if records is None:
+            path = _require_file(path, self.kind)
+            records = self.all_records(path)
+        else:  # (read already by the caller: a worker of a parallel build may not see a pipe such as /dev/fd/63)
+            path = Path(path)
         fields = {"prompt_field": prompt_field, "completion_field": completion_field, "reward_field": reward_field}
         return records_to_rows(
-            rows, tokenizer, file=str(path), row_label=self.row_label, source=source, add_eos=add_eos, **fields
+            records, tokenizer, file=str(path), row_label=self.row_label, source=source, add_eos=add_eos, **fields
         )
 
 
