@@ -171,6 +171,22 @@ def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, ca
     assert "nowhere" not in err and not (tmp_path / "b").exists()
 
 
+def test_an_empty_saved_dataset_is_an_input_of_no_rows(tmp_path, capsys):
+    """A dataset of zero rows saved by datasets (``ds.select([]).save_to_disk``, a filter that kept nothing: its
+    state.json lists no data file) ended the build with a traceback, datasets' own IndexError from
+    load_from_disk; now the one line of any empty input, exit status 2, no buffer."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict({"prompt": ["a"], "completion": [" b"], "reward": [1.0]})
+    ds.select([]).save_to_disk(str(tmp_path / "ds"))
+    capsys.readouterr()  # datasets' own progress bars
+    argv = ["build", "datasets", str(tmp_path / "ds"), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"shiq-data: error: {tmp_path / 'ds'}: no rows to write", err
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_folder_that_is_not_a_saved_dataset_is_named_in_one_line(tmp_path, capsys):
     """An empty folder, or one of other files, gave datasets' own 'Directory X is neither a `Dataset` directory
     nor a `DatasetDict` directory.'"""

@@ -459,6 +459,12 @@ def _check_saved_dataset(path: Path) -> None:
                 raise ValueError(f"{meta}: field {key!r}: {n!r} is not a name inside {path}")
 
 
+def _no_data_files(path: Path) -> bool:
+    """Whether a ``save_to_disk`` folder's ``state.json`` lists no data file (how datasets saves zero rows)."""
+    state = path / "state.json"
+    return state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []
+
+
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
@@ -479,6 +485,8 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
         raise ValueError(
             f"{path}: a DatasetDict with splits {splits}; pass one split's folder, e.g. {path / splits[0]}"
         )
+    if _no_data_files(path):
+        return  # an empty dataset (ds.select([]).save_to_disk): datasets' own load fails on it with an IndexError
     ds = datasets.load_from_disk(str(path))
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(
