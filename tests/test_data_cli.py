@@ -187,6 +187,25 @@ def test_an_empty_saved_dataset_is_an_input_of_no_rows(tmp_path, capsys):
     assert not (tmp_path / "b").exists()
 
 
+def test_a_saved_dataset_with_a_damaged_data_file_is_named(tmp_path, capsys):
+    """A save_to_disk folder whose Arrow file was cut short ended with pyarrow's message alone ("Expected to read
+    680 metadata bytes, but only read 292"), naming no input; now the folder is named, exit 2, no buffer."""
+    import datasets
+
+    datasets.Dataset.from_dict({"prompt": ["a"], "completion": [" b"], "reward": [1.0]}).save_to_disk(
+        str(tmp_path / "ds")
+    )
+    data = tmp_path / "ds" / "data-00000-of-00001.arrow"
+    data.write_bytes(data.read_bytes()[:300])
+    capsys.readouterr()  # datasets' own progress bars
+    argv = ["build", "datasets", str(tmp_path / "ds"), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+    assert main([*argv, "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"shiq-data: error: {tmp_path / 'ds'}: not a readable saved dataset (ArrowInvalid: "), err
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_folder_that_is_not_a_saved_dataset_is_named_in_one_line(tmp_path, capsys):
     """An empty folder, or one of other files, gave datasets' own 'Directory X is neither a `Dataset` directory
     nor a `DatasetDict` directory.'"""

@@ -465,6 +465,17 @@ def _no_data_files(path: Path) -> bool:
     return state.is_file() and json.loads(state.read_text(encoding="utf-8")).get("_data_files") == []
 
 
+def _load_saved(path: Path):
+    """``datasets.load_from_disk(path)``; a data file that is damaged or missing is named with the folder
+    (pyarrow's own message names neither: "Expected to read 680 metadata bytes, but only read 292")."""
+    import datasets
+
+    try:
+        return datasets.load_from_disk(str(path))
+    except (pa.ArrowException, OSError) as e:
+        raise ValueError(f"{path}: not a readable saved dataset ({type(e).__name__}: {e})") from None
+
+
 def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
     import datasets  # heavy: only the datasets format needs it
 
@@ -487,7 +498,7 @@ def _datasets_records(path: Path) -> Iterator[tuple[int, dict]]:
         )
     if _no_data_files(path):
         return  # an empty dataset (ds.select([]).save_to_disk): datasets' own load fails on it with an IndexError
-    ds = datasets.load_from_disk(str(path))
+    ds = _load_saved(path)
     if isinstance(ds, datasets.DatasetDict):
         raise ValueError(
             f"{path}: a DatasetDict with splits {list(ds)}; pass one split's folder, e.g. {path / next(iter(ds))}"
