@@ -20,6 +20,7 @@ import torch
 from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
+    folder_path,
     hide_library_progress_bars,
     progress_bars_shown,
     run_command,
@@ -310,13 +311,34 @@ OUT is written completely or not at all.
 """
 
 
+def named(what: str):
+    """An argparse ``type`` for a path read (or a built-in name): refuses the empty string, which ``Path`` reads
+    as the current folder (argparse names the option in its refusal, saying it must name ``what``)."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"must name {what}, got an empty string")
+        return text
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="shiq-train export", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN", help="a shiq-train run folder (or one of its step folders)")
+    p.add_argument(
+        "run", metavar="RUN", type=named("a run folder"), help="a shiq-train run folder (or one of its step folders)"
+    )
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
-    p.add_argument("--hf", required=True, metavar="OUT", help="output folder (must not exist, unless --overwrite)")
+    p.add_argument(
+        "--hf",
+        required=True,
+        type=folder_path,
+        metavar="OUT",
+        help="output folder (must not exist, unless --overwrite)",
+    )
     p.add_argument(
         "--tokenizer",
+        type=named("a tokenizer folder, gpt2 or smollm2"),
         help="tokenizer folder, gpt2 or smollm2 (default: the one the run recorded when it "
         "is gpt2 or smollm2; a folder is named here, as a path read from a file is not followed)",
     )

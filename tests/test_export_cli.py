@@ -289,3 +289,23 @@ def test_a_meta_json_that_ties_the_embeddings_of_an_untied_pipeline_run_is_refus
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"shiq-train export: error: {step / 'rank_tp0_pp1_dp0.pt'}: holds an output layer of its own")
     assert "tie_word_embeddings" in err and not (tmp_path / "hf").exists()
+
+
+def test_an_empty_path_option_is_refused_naming_the_option(tmp_path, capsys, monkeypatch):
+    """``Path("")`` is the current folder: ``--hf ""`` was refused as ``--hf . exists``, an empty RUN exported the
+    run the shell stood in, and an empty ``--tokenizer`` fell back to the recorded one. Each is refused in one line
+    naming the option, exit status 2, nothing written."""
+    run, tok_arg = _untied_run(tmp_path)
+    monkeypatch.chdir(run)  # where an empty path points
+    before = sorted(tmp_path.rglob("*"))
+    capsys.readouterr()  # (the checkpoint's progress bars)
+    for argv, needle in [
+        ([str(run), *tok_arg, "--hf", ""], "argument --hf: must name a folder, got an empty string"),
+        (["", *tok_arg, "--hf", str(tmp_path / "x")], "argument RUN: must name a run folder, got an empty string"),
+        ([str(run), "--tokenizer", " ", "--hf", str(tmp_path / "x")], "argument --tokenizer: must name a tokenizer"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            export.main(argv)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(tmp_path.rglob("*")) == before
