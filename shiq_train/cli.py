@@ -1105,6 +1105,8 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
                 last = f"nothing trained: the run is at step {at}, past train.steps={train_cfg.steps}"
             else:
                 last = "already complete"
+            if not history:
+                log.warning(nothing_trained(out, at, train_cfg.steps))
             print(
                 f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {plural(train_cfg.steps, 'step')} ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
@@ -1116,6 +1118,16 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
     finally:
         parallel.destroy_distributed()
     return out
+
+
+def nothing_trained(out: Path, at: int, steps: int) -> str:
+    """The line a resumed run already at step ``at`` >= ``train.steps`` (``steps``) ends with on stderr: it trained
+    nothing, its files left as they were (a rerun of a finished command, a scheduler's retry, exits 0 all the same),
+    and what continues it."""
+    return (
+        f"shiq-train: nothing trained: the run in {out} is already at step {at} >= train.steps={steps}; "
+        f"train.steps={at + 1} or more continues it"
+    )
 
 
 def model_keys_given(overrides: list[str]) -> set[str] | None:

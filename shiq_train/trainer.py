@@ -324,6 +324,9 @@ class Trainer:
         the checkpoint just loaded) and before anything is written to ``out_dir``: a start that fails
         earlier (an unreadable checkpoint, a model that does not fit it) leaves the run folder as it was.
 
+        A run already at or past ``cfg.steps`` trains nothing and writes nothing (its metrics.jsonl, TensorBoard
+        and checkpoints stay as they are) unless its log needs the repair a resume makes (:func:`_log_to_repair`).
+
         Returns the metrics of the steps run in this call (every rank gets the same numbers).
         """
         from megatron.core import parallel_state as ps  # heavy: megatron
@@ -351,7 +354,9 @@ class Trainer:
             for path in remove_temporaries(self.ckpt_dir):  # of a save killed mid-write; none is under way now
                 if path.name.startswith("step_"):
                     logger.warning(f"shiq-train: removed {path}, a checkpoint whose save was killed before its end")
-        if self.prefix_cache is None and self.cfg.cache_frozen_prefix:
+        if start >= self.cfg.steps and not (rank0 and _log_to_repair(self.out_dir / "metrics.jsonl", start, user)):
+            return []  # nothing to train: the log is not rewritten, nor a TensorBoard file or W&B run added
+        if self.prefix_cache is None and self.cfg.cache_frozen_prefix and start < self.cfg.steps:
             buffer = _buffer_of(data)
             if buffer is None:
                 raise ValueError(
@@ -587,6 +592,18 @@ def _check_metrics_file(path: Path) -> None:
         raise ValueError(f"{path} is not a file: remove it, or train in a new out folder")
     if path.exists():
         _metric_lines(path)
+
+
+def _log_to_repair(path: Path, start: int, user) -> bool:
+    """Whether resuming at step ``start`` changes the run's ``metrics.jsonl`` ``path`` (:class:`_MetricLog`):
+    lines past ``start`` or a last line cut short to drop, or the line of the checkpoint's step to write, which
+    its user state ``user`` holds and the log lacks (a kill between the checkpoint and the line)."""
+    kept = [ln for ln in _metric_lines(path) if json.loads(ln)["step"] <= start] if path.is_file() else []
+    if path.is_file() and path.read_text(errors="replace") != "".join(ln + "\n" for ln in kept):
+        return True
+    line = user.get("metrics") if isinstance(user, dict) else None
+    last = max((json.loads(ln)["step"] for ln in kept), default=0)
+    return isinstance(line, dict) and line.get("step") == start and last < start
 
 
 def _metric_lines(path: Path) -> list[str]:

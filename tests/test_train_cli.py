@@ -1133,6 +1133,31 @@ def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_pat
     assert (run / "config.yaml").read_bytes() == saved
 
 
+def test_a_resume_at_or_past_train_steps_says_nothing_was_trained_and_rewrites_nothing(tmp_path):
+    """A rerun of a run saved at step 2 with train.steps=2 (a finished command run again: a scheduler's retry) or
+    train.steps=1 said only "resumed from step 2" on stderr, rewrote metrics.jsonl and added a TensorBoard file;
+    now it says on stderr that nothing was trained and which train.steps continues the run, exit 0 all the same,
+    and no file of the run folder changes."""
+    write_tiny_buffer(tmp_path / "buf", with_ref=True)
+    run = tmp_path / "run"
+    base = [f"data.buffer={tmp_path / 'buf'}", f"out={run}", "data.rows_per_micro_batch=2", "train.tensorboard=true"]
+    first = train_cli(*base, "train.steps=2")
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    def files():
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in [run, *run.rglob("*")]}
+
+    before = files()
+    for steps in (2, 1):
+        again = train_cli(*base, f"train.steps={steps}")
+        assert again.returncode == 0, again.stderr[-2000:]
+        assert (
+            f"shiq-train: nothing trained: the run in {run} is already at step 2 >= train.steps={steps}; "
+            "train.steps=3 or more continues it\n"
+        ) in again.stderr, again.stderr[-2000:]
+        assert files() == before
+
+
 def test_help_documents_the_resume_overrides():
     import yaml
 

@@ -431,6 +431,12 @@ def test_evaluation_hook_runs_at_eval_steps_and_changes_nothing(dist1, tmp_path)
         assert {k: v for k, v in x.items() if not k.startswith(("eval/", "tokens_per_s"))} == {
             k: v for k, v in y.items() if not k.startswith(("eval/", "tokens_per_s"))
         }
+    # killed so while evaluating its last step: the same command again trains nothing but writes that line
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "killed_last", 4, killed_at_4, eval_every=2)
+    again, _ = run(tmp_path / "killed_last", 4, lambda s, m: {"step_seen": s}, eval_every=2)
+    got = [json.loads(x) for x in (tmp_path / "killed_last" / "metrics.jsonl").read_text().splitlines()]
+    assert again == [] and [x["step"] for x in got] == [1, 2, 3, 4]
 
 
 def test_eval_every_is_validated():
