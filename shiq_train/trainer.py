@@ -354,7 +354,11 @@ class Trainer:
             for path in remove_temporaries(self.ckpt_dir):  # of a save killed mid-write; none is under way now
                 if path.name.startswith("step_"):
                     logger.warning(f"shiq-train: removed {path}, a checkpoint whose save was killed before its end")
-        if start >= self.cfg.steps and not (rank0 and _log_to_repair(self.out_dir / "metrics.jsonl", start, user)):
+        # (decided alike on every rank: a rank going on alone would wait for the others in sigterm_requests' last
+        # agreement)
+        if start >= self.cfg.steps and not _on_any_rank(
+            rank0 and _log_to_repair(self.out_dir / "metrics.jsonl", start, user)
+        ):
             return []  # nothing to train: the log is not rewritten, nor a TensorBoard file or W&B run added
         if self.prefix_cache is None and self.cfg.cache_frozen_prefix and start < self.cfg.steps:
             buffer = _buffer_of(data)
@@ -592,6 +596,16 @@ def _check_metrics_file(path: Path) -> None:
         raise ValueError(f"{path} is not a file: remove it, or train in a new out folder")
     if path.exists():
         _metric_lines(path)
+
+
+def _on_any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a one-number all-reduce when there are several), so every rank takes
+    the same path."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    count = torch.tensor([int(flag)], dtype=torch.int32, device=device())
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return bool(count.item())
 
 
 def _log_to_repair(path: Path, start: int, user) -> bool:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from ranks import spawn
 
 from shiq_data.buffer import open_buffer, write_buffer
@@ -814,3 +815,33 @@ def test_a_rank_file_that_cannot_be_read_stops_the_load_with_one_line(tmp_path):
         sums.mkdir()
         with pytest.raises(ValueError, match=r"rank_tp0_pp0_dp0.pt.sha256: cannot be read to check its sha256"):
             check_rank_files(step, {"tp": 1, "pp": 1, "dp": 1}, every=True)
+
+
+def _finished_rerun_worker(rank, port, d):
+    """Train 2 steps at DP2, cut the log's last line on rank 0 (as a kill while writing it would), then run the
+    same 2 steps again: nothing to train, and rank 0 (alone) has a log to repair."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    kw = {"rank": rank, "world_size": 2, "init_method": f"tcp://127.0.0.1:{port}", "seed": 99, "timeout_s": 60}
+    with parallel.distributed(**kw):
+        first = train(d / "run", d / "buffer", 2)
+        if rank == 0:
+            metrics = d / "run" / "metrics.jsonl"
+            metrics.write_text(metrics.read_text() + '{"step": 3, "lo')
+        dist.barrier()
+        again = train(d / "run", d / "buffer", 2)
+    (d / f"rerun{rank}.json").write_text(json.dumps({"first": first, "again": again}))
+
+
+def test_a_finished_run_run_again_agrees_on_every_rank_whether_its_log_needs_repair(runs, tmp_path):
+    """A run at its last step trains nothing when run again; only rank 0 reads the log, and when its last line
+    was cut short it goes on to repair it. The other ranks must go on with it (a rank that returned at once left
+    rank 0 waiting for them in the SIGTERM agreement at the end of training): every rank returns no step, and
+    the cut line is gone."""
+    shutil.copytree(runs["dir"] / "buffer", tmp_path / "buffer")
+    spawn(_finished_rerun_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"rerun{r}.json").read_text()) for r in range(2)]
+    assert [len(g["first"]) for g in got] == [2, 2] and [g["again"] for g in got] == [[], []]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]
