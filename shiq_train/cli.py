@@ -67,6 +67,7 @@ from shiq_train.hf_convert import (
     load_causal_lm,
     model_config_from_llama,
 )
+from shiq_train.losses import sequence_return
 from shiq_train.model import (
     RANDOM_START,
     ModelConfig,
@@ -483,18 +484,30 @@ def check_pairs(buffer_dir, loss_name: str, verify_checksums: bool = True) -> No
         )
 
 
-def _row_returns(table) -> np.ndarray:
-    """``[N]`` float64: each row's return ``Σ_t m_t r_t`` (``losses.sequence_return``) of a shard's columns."""
-    rewards, mask = table.column("rewards"), table.column("action_mask")
-    rows = pc.list_parent_indices(rewards).to_numpy()
-    weighted = pc.list_flatten(rewards).to_numpy().astype(np.float64) * pc.list_flatten(mask).to_numpy(False)
-    return np.bincount(rows, weights=weighted, minlength=table.num_rows)
+def _row_returns(table, rows: int = 1024) -> np.ndarray:
+    """``[N]`` float32: each row's return of a shard's columns as training computes it (``losses.sequence_return``
+    on the padded float32 rows, so that a tie there, which DPO drops, is a tie here), ``rows`` rows at a time."""
+    out = []
+    for start in range(0, table.num_rows, rows):
+        part = table.slice(start, rows)
+        lengths = pc.list_value_length(part.column("rewards")).to_numpy()  # [n]
+        at = (
+            np.repeat(np.arange(len(lengths)), lengths),
+            np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths),
+        )  # (row, position) of each flattened token
+        rewards = np.zeros((len(lengths), lengths.max(initial=0)), np.float32)  # [n, T]
+        mask = np.zeros(rewards.shape, bool)  # [n, T]
+        rewards[at] = pc.list_flatten(part.column("rewards")).to_numpy()
+        mask[at] = pc.list_flatten(part.column("action_mask")).to_numpy(zero_copy_only=False)
+        out.append(sequence_return(torch.from_numpy(rewards), torch.from_numpy(mask)).numpy())
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
 
 
 def _all_groups_tied(shards, group) -> bool:
     """Whether every group's rows (``group`` ``[N]``, over the rows of ``shards`` in order) have one return."""
-    returns = np.concatenate([_row_returns(t) for t in shards])  # [N]
-    high, low = np.full(group.max() + 1, -np.inf), np.full(group.max() + 1, np.inf)
+    returns = np.concatenate([_row_returns(t) for t in shards])  # [N] float32
+    high = np.full(group.max() + 1, -np.inf, np.float32)
+    low = np.full(group.max() + 1, np.inf, np.float32)
     np.maximum.at(high, group, returns)
     np.minimum.at(low, group, returns)
     return bool((high == low).all())

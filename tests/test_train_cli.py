@@ -473,6 +473,37 @@ def test_dpo_on_a_buffer_whose_groups_all_tie_is_refused(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
 
 
+def test_returns_that_tie_in_training_s_float32_are_ties_for_the_dpo_check(tmp_path):
+    """Training sums a row's rewards in float32 (losses.sequence_return) and DPO drops exact ties; the start check
+    summed them in float64, where 0.1 + 0.2 and 0.3 differ, so a multi-turn buffer of such returns passed it and
+    trained nothing. The returns are now the training's own: torch's pairs and the check agree."""
+    from shiq_data.buffer import open_buffer, write_buffer
+    from shiq_train.cli import ConfigError, check_pairs
+    from shiq_train.losses import preference_pairs, sequence_return
+
+    write_tiny_buffer(tmp_path / "src", with_ref=True)
+    rows = open_buffer(tmp_path / "src").table.to_pylist()
+    for k, r in enumerate(rows):  # two turns' rewards 0.1 and 0.2, or one of 0.3, on action positions
+        acts = [t for t, m in enumerate(r["action_mask"]) if m]
+        r["rewards"] = [0.0] * len(r["rewards"])
+        if k % 2:
+            r["rewards"][acts[0]], r["rewards"][acts[-1]] = 0.1, 0.2
+        else:
+            r["rewards"][acts[-1]] = 0.3
+    info = {"name": "test", "fingerprint": "0", "vocab_size": 128}
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=info, command=["test"], progress=False)
+    table = open_buffer(tmp_path / "buf").table
+    width = max(len(r) for r in table.column("rewards").to_pylist())
+    rewards = torch.tensor([r + [0.0] * (width - len(r)) for r in table.column("rewards").to_pylist()])
+    mask = torch.tensor([m + [False] * (width - len(m)) for m in table.column("action_mask").to_pylist()])
+    groups = torch.tensor(table.column("group_id").to_pylist())
+    assert rewards.dtype == torch.float32 and len(set(groups.tolist())) < len(groups)  # groups of several rows
+    assert preference_pairs(sequence_return(rewards, mask), groups)[0].numel() == 0  # training's ties
+    with pytest.raises(ConfigError, match="same return"):
+        check_pairs(tmp_path / "buf", "mt_dpo")
+    check_pairs(tmp_path / "buf", "mt_copg")  # (pairs without an order: they train)
+
+
 def test_a_frozen_prefix_cache_of_packed_rows_is_refused_before_it_is_built(tmp_path):
     """The cache cannot serve packed rows, which was found only after one forward pass over the whole buffer."""
     write_tiny_buffer(tmp_path / "ref", with_ref=True)
