@@ -485,3 +485,22 @@ def test_models_of_one_accuracy_share_its_rank_whatever_the_order_given():
         rows = checker.leaderboard_rows({m: checker.summarize(trajectories(valid[m])) for m in names})
         assert [(r["Model"], r["Rank"]) for r in rows] == [("C", 1), ("A", 2), ("B", 2), ("D", 4)]
         assert {r["Model"]: r["Rank"] for r in rows} == expected
+    # categories of 256 and 10 entries: both means are exactly 3017/5120, whose floats differ in the last bit and
+    # rounded to 9 decimals fell on either side of a digit (ranked 1 and 2)
+    sizes = {"multi_turn_base": 256, "multi_turn_miss_func": 10, "multi_turn_miss_param": 256}
+    sizes["multi_turn_long_context"] = 10
+
+    def sized(valid_of: list[int]) -> list[dict]:
+        return [
+            {"id": f"{c}_{i}", "valid": i < k, "turn_rewards": [1.0], "turn_rewards_reset": [1.0]}
+            for (c, n), k in zip(sizes.items(), valid_of)
+            for i in range(n)
+        ]
+
+    half = {"A": [52, 6, 193, 8], "B": [136, 7, 109, 7]}
+    assert {m: sum(Fraction(k, n) for k, n in zip(ks, sizes.values())) / 4 for m, ks in half.items()} == {
+        "A": Fraction(3017, 5120),
+        "B": Fraction(3017, 5120),
+    }
+    rows = checker.leaderboard_rows({m: checker.summarize(sized(ks)) for m, ks in half.items()})
+    assert [(r["Model"], r["Rank"]) for r in rows] == [("A", 1), ("B", 1)]

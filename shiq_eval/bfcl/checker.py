@@ -8,6 +8,7 @@ import csv
 import io
 import json
 from collections.abc import Mapping, Sequence
+from fractions import Fraction
 
 from shiq_eval.bfcl.budget import MODULE_STATE, Budget, entry_scope
 from shiq_eval.bfcl.data import CATEGORIES, MAX_STEPS_PER_TURN, bfcl_version, entry_category, load_entry
@@ -315,10 +316,14 @@ def _percent(x: float | None) -> str:
     return "N/A" if x is None else f"{100 * x:.2f}%"
 
 
-def _rank_key(accuracy: float | None) -> float:
-    """An overall accuracy as ranked: rounded to 9 decimals (far finer than one entry of a category, far coarser
-    than the rounding of a sum of fractions), None as 0."""
-    return round(accuracy or 0.0, 9)
+def _rank_key(summary: dict) -> Fraction:
+    """A model's overall accuracy (:func:`summarize`) as ranked: exactly, the mean of its categories' fractions
+    ``valid / n`` (0 with no category). Its float, the same fractions summed in another order, may differ in the
+    last bit, and no rounding of it merges every pair of equal means (two may round to either side of a digit)."""
+    cats = list(summary["categories"].values())
+    if not cats:
+        return Fraction(0)
+    return sum(Fraction(round(c["accuracy"] * c["n"]), c["n"]) for c in cats) / len(cats)
 
 
 def leaderboard_rows(summaries: Mapping[str, dict]) -> list[dict]:
@@ -326,9 +331,10 @@ def leaderboard_rows(summaries: Mapping[str, dict]) -> list[dict]:
     leaderboard: rank, model, overall accuracy (the mean of the category accuracies), the accuracy
     of each category (percent with two decimals, ``N/A`` for a category without entries) and the
     number of entries; best overall first. Models of one accuracy share its rank (``1, 1, 3``) and are listed by
-    name: the mean of the same category accuracies summed in another order may differ in its last bit, which
-    ranked them by rounding and, when equal, by the order of the files."""
-    accuracy = {name: _rank_key(s["overall"]["accuracy"]) for name, s in summaries.items()}
+    name, ranked by their exact accuracy (:func:`_rank_key`): the mean of the same category accuracies summed in
+    another order may differ in its last bit, which ranked them by rounding and, when equal, by the order of the
+    files."""
+    accuracy = {name: _rank_key(s) for name, s in summaries.items()}
     order = sorted(summaries.items(), key=lambda kv: (-accuracy[kv[0]], kv[0]))
     rows = []
     for name, s in order:
