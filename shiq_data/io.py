@@ -16,6 +16,7 @@ import fcntl
 import glob
 import gzip
 import hashlib
+import io
 import json
 import math
 import os
@@ -387,10 +388,36 @@ class _GzipReader(gzip.GzipFile):
                 raw.close()
 
 
+class _Prefixed(io.RawIOBase):
+    """The bytes ``head`` read off the open file ``rest`` already, then the rest of it: a pipe's first bytes,
+    read to look at them, put back in front (a pipe cannot seek back to them)."""
+
+    def __init__(self, head: bytes, rest):
+        super().__init__()
+        self.head, self.rest = head, rest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.head:
+            n = min(len(b), len(self.head))
+            b[:n], self.head = self.head[:n], self.head[n:]
+            return n
+        return self.rest.readinto(b)
+
+    def close(self) -> None:
+        try:
+            self.rest.close()
+        finally:
+            super().close()
+
+
 def open_binary(path: str | os.PathLike):
     """Open ``path`` for reading bytes, decompressing on the fly when its name ends in ``.gz`` (in any case) or
-    its first two bytes are gzip's (which no text or JSON file starts with). The file is opened once and its
-    first bytes only peeked at, so a pipe (``<(zcat rows.jsonl.gz)``, a FIFO) is read whole."""
+    its first two bytes are gzip's (which no text or JSON file starts with). The file is opened once, so a pipe
+    (``<(zcat rows.jsonl.gz)``, a FIFO) is read whole: its first two bytes are read (however few its writer
+    wrote at first) and put back in front of the rest; a file's are read and sought back over."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path} is a folder: give a file")
@@ -398,7 +425,12 @@ def open_binary(path: str | os.PathLike):
         raise FileNotFoundError(f"{path}: no such file")
     f = open(path, "rb")
     try:
-        gzipped = path.suffix.lower() == ".gz" or f.peek(2)[:2] == b"\x1f\x8b"
+        head = f.read(2)  # (a BufferedReader's read(2) waits for two bytes or the end)
+        if f.seekable():
+            f.seek(0)
+        else:
+            f = io.BufferedReader(_Prefixed(head, f))
+        gzipped = path.suffix.lower() == ".gz" or head == b"\x1f\x8b"
     except BaseException:
         f.close()
         raise

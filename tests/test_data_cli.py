@@ -1298,3 +1298,33 @@ def test_a_pipe_input_is_read_whole(tmp_path, capsys, gpt2, tokenizers_once, wor
         prompt = tok(rec["prompt"], add_special_tokens=False)["input_ids"]
         completion = tok(rec["completion"], add_special_tokens=False)["input_ids"]
         assert row["tokens"] == prompt + completion + [GPT2_EOS]
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_a_pipe_whose_writer_sends_one_byte_first_is_read_as_it_is(gzipped):
+    """The gzip sniff peeked at a pipe's buffer, which held what the writer had sent so far: after a first write
+    of one byte, a gzip stream was taken for text (its compressed bytes read as rows). The first two bytes are now
+    read whatever the writer's pace, and put back in front of the rest."""
+    import gzip
+    import threading
+
+    from shiq_data.io import open_binary
+
+    data = b'{"prompt": "a", "completion": " b", "reward": 1}\n' * 3
+    sent = gzip.compress(data) if gzipped else data
+    r, w = os.pipe()
+
+    def writer():
+        os.write(w, sent[:1])
+        time.sleep(0.2)  # (the reader peeks meanwhile)
+        os.write(w, sent[1:])
+        os.close(w)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        with open_binary(f"/dev/fd/{r}") as f:
+            assert f.read() == data
+    finally:
+        t.join()
+        os.close(r)
