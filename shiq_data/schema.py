@@ -54,6 +54,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from decimal import Decimal
 from numbers import Integral, Real
 
 import numpy as np
@@ -390,13 +391,18 @@ def fits_float32(x) -> bool:
 
 
 def is_finite_number(x) -> bool:
-    """A real, finite number (bools excluded)."""
-    if not isinstance(x, (Real, np.floating, np.integer)) or isinstance(x, (bool, np.bool_)):
+    """A real, finite number (bools excluded); a ``Decimal`` too (a decimal Parquet or SQL column's value)."""
+    if not is_number(x):
         return False
     try:
         return math.isfinite(x)
-    except OverflowError:  # an integer beyond the float range
+    except (OverflowError, ValueError):  # an integer beyond the float range; a signalling-NaN Decimal
         return False
+
+
+def is_number(x) -> bool:
+    """A real number or a ``Decimal`` (which ``numbers`` does not count as Real), not a bool."""
+    return isinstance(x, (Real, Decimal, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -498,6 +498,40 @@ def test_invalid_utf8_names_file_and_line(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+def test_decimal_parquet_rewards_are_numbers(tmp_path, capsys, gpt2, smollm2):
+    """A decimal reward column (SQL exports write them) was refused: 'must be a number, got Decimal'; its value is
+    the reward now, a per-turn list of decimals too. A bool or string reward is still refused."""
+    from decimal import Decimal
+
+    dec = pa.decimal128(5, 2)
+    tables = {
+        "scalar": pa.table({"prompt": ["Hi"], "completion": [" a"], "reward": pa.array([Decimal("1.5")], dec)}),
+        "turns": pa.table(
+            {
+                "prompt": ["Hi"],
+                "completion": [[{"role": "assistant", "content": "a"}]],
+                "turn_rewards": pa.array([[Decimal("-0.25")]], pa.list_(dec)),
+            }
+        ),
+        "bool": pa.table({"prompt": ["Hi"], "completion": [" a"], "reward": [True]}),
+        "text": pa.table({"prompt": ["Hi"], "completion": [" a"], "reward": ["1.5"]}),
+    }
+    for name, table in tables.items():
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    build = ["build", "parquet", "--tokenizer", "smollm2", "--no-progress", "--out"]
+    assert main([*build, str(tmp_path / "b1"), str(tmp_path / "scalar.parquet")]) == 0
+    assert main([*build, str(tmp_path / "b2"), str(tmp_path / "turns.parquet")]) == 0
+    (row,) = read_rows(tmp_path / "b1")[1]
+    assert row["reward"] == 1.5 and [r for r in row["rewards"] if r] == [1.5]
+    (row,) = read_rows(tmp_path / "b2")[1]
+    assert row["turn_rewards"] == [-0.25] and [r for r in row["rewards"] if r] == [-0.25]
+    capsys.readouterr()
+    for name, kind in (("bool", "bool"), ("text", "str")):
+        assert main([*build, str(tmp_path / "b3"), str(tmp_path / f"{name}.parquet")]) == 2
+        assert f"row 0: field 'reward': must be a number, got {kind}" in capsys.readouterr().err
+        assert not (tmp_path / "b3").exists()
+
+
 def test_non_parquet_input_names_the_file(tmp_path, capsys, gpt2):
     for name, data in [("tiny.parquet", b"hello\n"), ("text.parquet", b"not parquet at all\n" * 100)]:
         inp = tmp_path / name

@@ -54,7 +54,7 @@ import pyarrow.parquet as pq
 from shiq_data.chat import MessageError, check_messages
 from shiq_data.io import RowError, iter_jsonl, type_name
 from shiq_data.readers.encode import MESSAGES, decode_text, encode_record, extra_text, is_chat, text_columns
-from shiq_data.schema import INPUT_KEY, GroupIds, fits_float32, input_location, is_finite_number
+from shiq_data.schema import INPUT_KEY, GroupIds, fits_float32, input_location, is_finite_number, is_number
 
 _BATCH = 512  # records tokenised together (the fast tokenizers batch in Rust)
 BUFFER_ROW_FIELDS = frozenset(("group_id", "prompt_len", "tokens", "action_mask"))  # an exported buffer row
@@ -122,7 +122,7 @@ def _check_turn_rewards(record: dict, err) -> None:
     if not isinstance(turns, list):
         raise err("turn_rewards", f"must be a list (one reward or null per assistant turn), got {type_name(turns)}")
     for i, r in enumerate(turns):
-        if r is not None and (isinstance(r, bool) or not isinstance(r, (int, float)) or not is_finite_number(r)):
+        if r is not None and not is_finite_number(r):
             raise err(f"turn_rewards[{i}]", f"must be a finite number or null, got {str(r)[:40]}")
         if r is not None and not fits_float32(r):
             raise err(f"turn_rewards[{i}]", f"{float(r):.4g} does not fit in float32, which rewards are stored as")
@@ -164,7 +164,7 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
     if "reward" not in record:
         raise err("reward", "missing")
     r = record["reward"]
-    if isinstance(r, bool) or not isinstance(r, (int, float)):
+    if not is_number(r):  # (a Decimal is one: a decimal Parquet column's)
         raise err("reward", f"must be a number, got {type_name(r)}")
     if isinstance(r, int) and not is_finite_number(r):
         raise err("reward", f"an integer of {len(str(abs(r)))} digits, too large for a float")
