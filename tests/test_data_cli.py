@@ -544,6 +544,27 @@ def test_non_parquet_input_names_the_file(tmp_path, capsys, gpt2):
         assert f"{inp}: not a readable Parquet file" in err and not (tmp_path / "buf").exists()
 
 
+def test_parquet_from_a_pipe_says_it_needs_a_file(tmp_path, capsys, gpt2):
+    """``build parquet <(cat x.parquet)`` ended in pyarrow's 'not a readable Parquet file (lseek failed)'; it says
+    now that Parquet needs a file, as append does."""
+    pq.write_table(pa.table({"prompt": ["Hi"], "completion": [" a"], "reward": [1.0]}), tmp_path / "x.parquet")
+    buf, inp = str(tmp_path / "buf"), str(write_jsonl(tmp_path / "r.jsonl", RECORDS[:1]))
+    assert main(["build", "jsonl", inp, "--tokenizer", "gpt2", "--out", buf, "--no-progress"]) == 0
+    for verb in (["build", "parquet", "PIPE", "--out", str(tmp_path / "b2")], ["append", buf, "parquet", "PIPE"]):
+        r, w = os.pipe()
+        os.write(w, (tmp_path / "x.parquet").read_bytes())
+        os.close(w)
+        try:
+            argv = [f"/dev/fd/{r}" if a == "PIPE" else a for a in verb]
+            assert main([*argv, "--tokenizer", "gpt2", "--no-progress"]) == 2
+        finally:
+            os.close(r)
+        err = capsys.readouterr().err.strip()
+        assert err.endswith(f"/dev/fd/{r}: Parquet is read by seeking; give a file, not a pipe"), err
+        assert len(err.splitlines()) == 1
+    assert not (tmp_path / "b2").exists() and len(read_rows(buf)[1]) == 1
+
+
 def test_unknown_or_function_option_is_a_clean_error(tmp_path, capsys, gpt2):
     inp = write_jsonl(tmp_path / "in.jsonl", [{"messages": [{"role": "user", "content": "a"}]}])
     proc = subprocess.run(

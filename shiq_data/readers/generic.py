@@ -44,6 +44,7 @@ names it too (its ``rewards`` as the input's reward field).
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,7 +422,15 @@ class FileReader:
         )
 
 
+def _refuse_pipe(path: Path) -> None:
+    """Refuse a pipe or socket (``<(cat rows.parquet)``, a FIFO): Parquet's metadata sits at the end of the file,
+    which is read by seeking (pyarrow's own message was 'lseek failed')."""
+    if stat.S_ISFIFO(mode := path.stat().st_mode) or stat.S_ISSOCK(mode):
+        raise ValueError(f"{path}: Parquet is read by seeking; give a file, not a pipe")
+
+
 def _parquet_records(path: Path) -> Iterator[tuple[int, dict]]:
+    _refuse_pipe(path)
     try:
         batches = pq.ParquetFile(path).iter_batches(batch_size=1024)
     except (pa.ArrowException, OSError) as e:
