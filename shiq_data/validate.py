@@ -7,6 +7,8 @@ checks within a fixed memory limit (:mod:`shiq_data.spill`), so memory does not 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +110,21 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
         return _check_rows(path, manifest, vocab_size, progress, spill)
 
 
+@contextmanager
+def _progress(shards: int, enabled: bool) -> Iterator[tqdm]:
+    """A progress bar over ``shards`` shards (updated by the caller; not iterated, since tqdm's iterator closes
+    its bar, kept, as the error leaves the loop) when ``enabled``, closed on leaving: kept when every shard
+    passed, cleared when one did not, so the error line starts on a clean line (it followed a half-drawn bar)."""
+    bar = tqdm(total=shards, desc="validating", unit=" shards", disable=not enabled)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()
+
+
 def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bool, spill: Spill) -> dict:
     mpath = path / MANIFEST
     vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
@@ -117,53 +134,52 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
     )
     totals = {"rows": 0, "tokens": 0, "action_tokens": 0}
     shards = manifest["shards"]
-    it = shards
-    if progress:
-        it = tqdm(shards, desc="validating", unit=" shards")
-    for k, entry in enumerate(it):
-        shard = path / entry["file"]
-        if not shard.is_file():
-            raise ValueError(f"{mpath}: shard {k} file {entry['file']!r} is missing")
-        if shard.stat().st_size != entry["bytes"]:
-            raise ValueError(f"{shard}: size {shard.stat().st_size} bytes, manifest says {entry['bytes']}")
-        if _sha256_file(shard) != entry["sha256"]:
-            raise ValueError(f"{shard}: sha256 differs from the manifest's (the file changed or is corrupt)")
-        try:
-            table = read_shard(shard)
-        except Exception as e:  # pyarrow raises several error types on damaged files
-            raise ValueError(f"{shard}: not a readable Arrow IPC stream ({e})") from None
-        text = has_text_columns(manifest)
-        want = arrow_schema(bool(entry["has_ref"]), text)
-        if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
-            raise ValueError(
-                f"{shard}: schema {table.schema.names} does not match {want.names} "
-                f"(has_ref={entry['has_ref']}, text_columns={text})"
-            )
-        if table.num_rows != entry["rows"]:
-            raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")
-        n_tokens = n_actions = 0
-        for start in range(0, table.num_rows, _ROWS_PER_SLICE):
-            rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
-            for j, row in enumerate(rows):
-                i = start + j
-                check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
-                check_group_id(row, manifest, shard, i)
-                n_tokens += len(row["tokens"])
-                n_actions += sum(row["action_mask"])
-            pos = totals["rows"] + start
-            ids = {
-                "pos": np.arange(pos, pos + len(rows)),
-                "shard": np.full(len(rows), k, np.int32),
-                "row_id": [r["row_id"] for r in rows],
-                "group_id": [r["group_id"] for r in rows],
-            }
-            spill.append("ids", pa.table(ids))
-        for name, value in (("tokens", n_tokens), ("action_tokens", n_actions)):
-            if value != entry[name]:
-                raise ValueError(f"{shard}: holds {value} {name}, manifest says {entry[name]}")
-        totals["rows"] += table.num_rows
-        totals["tokens"] += n_tokens
-        totals["action_tokens"] += n_actions
+    with _progress(len(shards), progress) as bar:
+        for k, entry in enumerate(shards):
+            shard = path / entry["file"]
+            if not shard.is_file():
+                raise ValueError(f"{mpath}: shard {k} file {entry['file']!r} is missing")
+            if shard.stat().st_size != entry["bytes"]:
+                raise ValueError(f"{shard}: size {shard.stat().st_size} bytes, manifest says {entry['bytes']}")
+            if _sha256_file(shard) != entry["sha256"]:
+                raise ValueError(f"{shard}: sha256 differs from the manifest's (the file changed or is corrupt)")
+            try:
+                table = read_shard(shard)
+            except Exception as e:  # pyarrow raises several error types on damaged files
+                raise ValueError(f"{shard}: not a readable Arrow IPC stream ({e})") from None
+            text = has_text_columns(manifest)
+            want = arrow_schema(bool(entry["has_ref"]), text)
+            if table.schema.names != want.names or [f.type for f in table.schema] != [f.type for f in want]:
+                raise ValueError(
+                    f"{shard}: schema {table.schema.names} does not match {want.names} "
+                    f"(has_ref={entry['has_ref']}, text_columns={text})"
+                )
+            if table.num_rows != entry["rows"]:
+                raise ValueError(f"{shard}: holds {table.num_rows} rows, manifest says {entry['rows']}")
+            n_tokens = n_actions = 0
+            for start in range(0, table.num_rows, _ROWS_PER_SLICE):
+                rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
+                for j, row in enumerate(rows):
+                    i = start + j
+                    check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
+                    check_group_id(row, manifest, shard, i)
+                    n_tokens += len(row["tokens"])
+                    n_actions += sum(row["action_mask"])
+                pos = totals["rows"] + start
+                ids = {
+                    "pos": np.arange(pos, pos + len(rows)),
+                    "shard": np.full(len(rows), k, np.int32),
+                    "row_id": [r["row_id"] for r in rows],
+                    "group_id": [r["group_id"] for r in rows],
+                }
+                spill.append("ids", pa.table(ids))
+            for name, value in (("tokens", n_tokens), ("action_tokens", n_actions)):
+                if value != entry[name]:
+                    raise ValueError(f"{shard}: holds {value} {name}, manifest says {entry[name]}")
+            totals["rows"] += table.num_rows
+            totals["tokens"] += n_tokens
+            totals["action_tokens"] += n_actions
+            bar.update()
     ids = spill.table("ids")
     refuse_repeated_ids(spill, "ids", path, shards)
     (n_groups,) = spill.one(f"SELECT count(*) FROM (SELECT group_id FROM {ids} GROUP BY group_id)")

@@ -297,6 +297,22 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
+def test_validate_clears_its_progress_bar_before_an_error(tmp_path, capsys, gpt2):
+    """``validate`` on a corrupt shard left its bar half-drawn ('validating:  33%|...') on the line above the error;
+    the bar is cleared now, the error on a clean line (a terminal shows what follows a line's last carriage return)."""
+    buf = str(tmp_path / "buf")
+    inp = str(write_jsonl(tmp_path / "a.jsonl", RECORDS))
+    assert main(["build", "jsonl", inp, "--tokenizer", "gpt2", "--out", buf, "--shard-rows", "1", "--no-progress"]) == 0
+    shard = tmp_path / "buf" / "shard-00002.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert main(["validate", buf]) == 2
+    shown = [line.rsplit("\r", 1)[-1] for line in capsys.readouterr().err.rstrip("\n").split("\n")]
+    assert shown == [f"shiq-data: error: {shard}: sha256 differs from the manifest's (the file changed or is corrupt)"]
+
+
 def test_info_quotes_each_recorded_command_as_a_shell_reads_it(tmp_path, capsys, gpt2):
     """A recorded --where of several words was printed unquoted, so the line could not be run again."""
     write_jsonl(tmp_path / "a.jsonl", RECORDS)
