@@ -48,8 +48,8 @@ def _row_error(cls, file, row, field, problem, row_label):
 
 
 # C0, DEL and C1: what a terminal may act on rather than show; and the direction marks, embeddings, overrides and
-# isolates (U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), which reorder what a terminal shows after them
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# isolates (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069), which reorder what a terminal shows after them
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
 
 
 def printable(text: str, keep: str = "") -> str:

@@ -952,22 +952,24 @@ def test_stats_name_each_source_whole(tmp_path, capsys):
 
 def test_stats_align_sources_of_wide_characters(tmp_path, capsys):
     """A Chinese, Japanese or emoji source name takes two terminal columns a character: padded by its count of
-    characters, its row's numbers stood left of the others' (the columns misaligned on screen)."""
-
-    def display_width(text):  # (two columns for East Asian wide and full-width characters, none for a mark)
-        return sum(0 if unicodedata.combining(c) else 1 + (unicodedata.east_asian_width(c) in "WF") for c in text)
-
-    names = ["日本語のソース", "😀😀😀", "short", "cafe\u0301"]
+    characters, its row's numbers stood left of the others' (the columns misaligned on screen). Marks drawn on
+    the character before them (an accent, Thai vowel and tone marks) and an emoji's skin tone take none."""
+    names = ["日本語のソース", "😀😀😀", "short", "cafe\u0301", "ที่นี่", "👍🏽ok"]
+    columns = [14, 6, 5, 4, 2, 4]  # as a terminal draws them, counted by hand
     rows = [{"prompt": "p", "completion": " a", "reward": 1.0, "source": n} for n in names]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     assert run(capsys, "build", "jsonl", src, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress")[0] == 0
     code, out, _ = run(capsys, "stats", tmp_path / "b")
     table = out.splitlines()[1:-1]  # the header and the rows
     assert code == 0 and len(table) == 2 + len(names), out
-    assert len({display_width(line) for line in table}) == 1, out  # every row as wide on screen
-    from shiq_data.curate.stats import display_width as width
+    overall = len(table[1])  # the overall row, in ASCII: as wide on screen as it is long
+    width = dict(zip(names, columns))
+    for line in table[2:]:  # every source row (in name order) as wide on screen as it
+        name = next(n for n in width if line.startswith(n + " "))
+        assert width[name] + len(line) - len(name) == overall, (name, out)
+    from shiq_data.curate.stats import display_width
 
-    assert [width(n) for n in names] == [display_width(n) for n in names] == [14, 6, 5, 4]
+    assert [display_width(n) for n in names] == columns
 
 
 def test_stats_keep_a_source_named_all_apart_from_the_overall_row(tmp_path, capsys):
@@ -1127,7 +1129,7 @@ def test_show_prints_the_datas_direction_overrides_escaped(tmp_path, capsys):
     """A completion or a source holding a bidirectional override, embedding, isolate or mark (U+202E shows what
     follows it right to left) was printed raw by ``shiq-data show``, so the terminal showed the rest of the
     line reordered: each is now printed as ``\\uNNNN``, as stats escapes it; line breaks and tabs are kept."""
-    marks = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f"
+    marks = "\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069\u200e\u200f\u061c"
     rows = [{"prompt": "say", "completion": f" hi\u202eevil\n\t{marks}end", "reward": 1.0}]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--source", "s\u2067x", "--out", tmp_path / "b"]
@@ -1135,7 +1137,7 @@ def test_show_prints_the_datas_direction_overrides_escaped(tmp_path, capsys):
     code, out, _ = run(capsys, "show", tmp_path / "b")
     escaped = "".join(f"\\u{ord(c):04x}" for c in marks)
     assert code == 0 and f" hi\\u202eevil\n\t{escaped}end" in out and "source s\\u2067x " in out, out
-    assert not re.search("[\u200e\u200f\u202a-\u202e\u2066-\u2069]", out), repr(out)
+    assert not re.search("[\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]", out), repr(out)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ A row prints as a header (row id, source, group, lengths, scalar reward) and its
 action tokens inside ``⟦ ⟧`` and each nonzero per-token reward as ``⟨r=+1.5⟩`` right after the token it
 sits on. Special tokens are shown (they are part of what the model sees). Control characters of the data
 (an escape sequence in a completion) are shown escaped, ``\\x1b``, not sent to the terminal, and so are its
-bidirectional marks, embeddings, overrides and isolates (U+200E, U+200F, U+202A-U+202E, U+2066-U+2069:
+bidirectional marks, embeddings, overrides and isolates (U+061C, U+200E, U+200F, U+202A-U+202E, U+2066-U+2069:
 ``\\u202e``), which would show what follows them reordered; line breaks and tabs of the text are kept.
 """
 

@@ -195,8 +195,16 @@ def source_label(name: str) -> str:
 
 def display_width(text: str) -> int:
     """The terminal columns ``text`` takes: two for a wide character (Chinese, Japanese, an emoji), none for a
-    combining mark, one for any other."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+    mark drawn on the character before it (a combining accent, a Thai vowel or tone mark: categories Mn and
+    Me), a format character or an emoji skin-tone modifier (U+1F3FB-U+1F3FF, drawn into the emoji before it),
+    one for any other."""
+
+    def width(c: str) -> int:
+        if unicodedata.category(c) in ("Mn", "Me", "Cf") or "\U0001f3fb" <= c <= "\U0001f3ff":
+            return 0
+        return 2 if unicodedata.east_asian_width(c) in "WF" else 1
+
+    return sum(map(width, text))
 
 
 def format_stats(stats: dict, title: str) -> str:
