@@ -1135,8 +1135,8 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
 
 def nothing_trained(out: Path, at: int, steps: int) -> str:
     """The line a resumed run already at step ``at`` >= ``train.steps`` (``steps``) ends with on stderr: it trained
-    nothing, its files left as they were (a rerun of a finished command, a scheduler's retry, exits 0 all the same),
-    and what continues it."""
+    nothing, its files left as they were but for a metrics.jsonl a kill left to repair (a rerun of a finished
+    command, a scheduler's retry, exits 0 all the same), and what continues it."""
     return (
         f"shiq-train: nothing trained: the run in {out} is already at step {at} >= train.steps={steps}; "
         f"train.steps={at + 1} or more continues it"
