@@ -70,7 +70,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from shiq_data.io import (
     RowError,
@@ -80,6 +79,7 @@ from shiq_data.io import (
     held_dir,
     make_parents,
     one_line,
+    progress_bar,
     read_json_file,
     release_held,
     remove_created_dirs,
@@ -869,16 +869,20 @@ class _ShardStream:
         self.next_shard += 1
 
 
-def _feed(stream: _ShardStream, rows: Iterable[dict | pa.Table], enabled: bool, desc: str) -> None:
-    """Add ``rows`` (row dicts, or tables of buffer rows) to ``stream``, with a progress bar if ``enabled``."""
-    with tqdm(desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0, disable=not enabled) as bar:
-        for item in rows:
-            if isinstance(item, pa.Table):
-                stream.add_table(item)
-                bar.update(item.num_rows)
-            else:
-                stream.add(item)
-                bar.update(1)
+def _rows_bar(enabled: bool, desc: str):
+    """The rows' progress bar (:func:`shiq_data.io.progress_bar`: cleared if the block raises), when ``enabled``."""
+    return progress_bar(enabled, desc=desc, unit=" rows", file=sys.stderr, mininterval=1.0)
+
+
+def _feed(stream: _ShardStream, rows: Iterable[dict | pa.Table], bar) -> None:
+    """Add ``rows`` (row dicts, or tables of buffer rows) to ``stream``, counting them on ``bar``."""
+    for item in rows:
+        if isinstance(item, pa.Table):
+            stream.add_table(item)
+            bar.update(item.num_rows)
+        else:
+            stream.add(item)
+            bar.update(1)
 
 
 def _totals(shards: list[dict]) -> dict:
@@ -969,10 +973,11 @@ def write_buffer(
                 temp_names=False,
                 text=text_columns,
             )
-            _feed(stream, rows, progress, f"building {out_dir.name}")
-            stream.finish()
-        if stream.n == 0:
-            raise ValueError(f"{input_name}: no rows to write")
+            with _rows_bar(progress, f"building {out_dir.name}") as bar:  # cleared if the rows are refused
+                _feed(stream, rows, bar)
+                stream.finish()
+                if stream.n == 0:
+                    raise ValueError(f"{input_name}: no rows to write")
         now = _now()
         manifest = {
             "format": FORMAT,
@@ -1164,16 +1169,21 @@ def append_buffer(
                 refuse_duplicates=refuse_duplicates,
             )
             try:
-                _feed(stream, rows, progress, f"appending to {buffer_dir.name}")
-                stream.finish()
-                if stream.n == 0:
-                    raise ValueError(f"{input_name}: no rows to append")
-                recorded = manifest.get("ref_model")
-                if stream.with_ref and recorded is not None and not (ref_model and same_reference(recorded, ref_model)):
-                    raise ValueError(
-                        f"{input_name}: the new rows' reference model {ref_model} differs from the "
-                        f"buffer's {manifest['ref_model']}"
-                    )
+                with _rows_bar(progress, f"appending to {buffer_dir.name}") as bar:  # cleared if the rows are refused
+                    _feed(stream, rows, bar)
+                    stream.finish()
+                    if stream.n == 0:
+                        raise ValueError(f"{input_name}: no rows to append")
+                    recorded = manifest.get("ref_model")
+                    if (
+                        stream.with_ref
+                        and recorded is not None
+                        and not (ref_model and same_reference(recorded, ref_model))
+                    ):
+                        raise ValueError(
+                            f"{input_name}: the new rows' reference model {ref_model} differs from the "
+                            f"buffer's {manifest['ref_model']}"
+                        )
                 for path, entry in zip(stream.written, stream.entries):
                     os.rename(path, buffer_dir / entry["file"])
                 fsync_dir(buffer_dir)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, refuse_inside_buffer
-from shiq_data.io import atomic_dir, printable, type_name
+from shiq_data.io import atomic_dir, printable, progress_bar, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.readers.generic import check_record
 from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
@@ -234,14 +234,15 @@ def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffe
 
     def fill(tmp: Path) -> None:
         # the rows checked (and, for jsonl, written); the hf format's own bar then shows its writing
-        with tqdm(total=len(buffer), desc=f"export {fmt}", unit=" rows", disable=not progress) as bar:
+        # (cleared if a row is refused, so the error starts on a clean line)
+        with progress_bar(progress, total=len(buffer), desc=f"export {fmt}", unit=" rows") as bar:
             if fmt == "hf":
                 _write_hf(buffer, tmp, bar, progress)
             elif fmt == "parquet":
                 _write_parquet(buffer, tmp / DATA_FILE["parquet"], bar)
             else:
                 _write_jsonl(buffer, tmp / DATA_FILE["jsonl"], bar)
-        check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
+            check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
         (tmp / "README.md").write_text(dataset_card(buffer, fmt, out_dir.name), encoding="utf-8")
 
     atomic_dir(out_dir, fill)

@@ -797,3 +797,21 @@ def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, repla
     finally:
         release_held(tmp, held)
     return folder
+
+
+@contextlib.contextmanager
+def progress_bar(enabled: bool, **kwargs) -> Iterator:
+    """A tqdm bar (``kwargs`` are tqdm's; none drawn unless ``enabled``) for the caller to update by hand (not
+    iterated: tqdm's iterator closes its bar, kept, as an error leaves the loop), closed on leaving the block:
+    kept when the block ends, cleared when it raises, so the command's one-line error starts on a clean line
+    rather than after a half-drawn or finished bar. Put the checks that may still refuse the input inside."""
+    from tqdm import tqdm
+
+    bar = tqdm(disable=not enabled, **kwargs)
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        raise
+    finally:
+        bar.close()

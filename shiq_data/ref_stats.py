@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from shiq_data.buffer import REF_DEFAULT_DTYPE, add_ref_columns, open_buffer, read_shard, shards_without_ref
+from shiq_data.io import progress_bar
 from shiq_data.schema import check_rows
 
 Stats = torch.Tensor | np.ndarray
@@ -184,17 +184,17 @@ def compute_ref_stats(
     buffer = open_buffer(buffer_dir)
     todo = shards_without_ref(buffer_dir, ref_model)
     entries = buffer.manifest["shards"]
-    bar = None
-    if progress and todo:
-        bar = tqdm(
-            total=sum(entries[i]["tokens"] for i in todo),
-            desc=f"reference statistics {Path(buffer_dir).name}",
-            unit=" tok",
-            unit_scale=True,
-            file=sys.stderr,
-            mininterval=1.0,
-        )
-    try:
+    bar_total = sum(entries[i]["tokens"] for i in todo)
+    desc = f"reference statistics {Path(buffer_dir).name}"
+    with progress_bar(  # cleared if a shard is refused, so the error starts on a clean line
+        bool(progress and todo),
+        total=bar_total,
+        desc=desc,
+        unit=" tok",
+        unit_scale=True,
+        file=sys.stderr,
+        mininterval=1.0,
+    ) as bar:
         for i in todo:
             path = Path(buffer_dir) / entries[i]["file"]
             table = read_shard(path)
@@ -203,12 +203,9 @@ def compute_ref_stats(
                 list(table.column("tokens").to_numpy(zero_copy_only=False)),
                 stats_fn,
                 max_batch_tokens,
-                on_batch=bar.update if bar is not None else None,
+                on_batch=bar.update if progress else None,
                 groups=table.column("group_id").to_pylist(),
                 shard=path,
             )
             add_ref_columns(buffer_dir, i, chosen, logz, ref_model=ref_model)
-    finally:
-        if bar is not None:
-            bar.close()
     return todo

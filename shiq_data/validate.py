@@ -7,13 +7,10 @@ checks within a fixed memory limit (:mod:`shiq_data.spill`), so memory does not 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from shiq_data.buffer import (
     MANIFEST,
@@ -24,6 +21,7 @@ from shiq_data.buffer import (
     read_shard,
     remove_unlisted_files_unless_locked,
 )
+from shiq_data.io import progress_bar
 from shiq_data.schema import arrow_schema, check_row
 from shiq_data.spill import Spill
 
@@ -110,21 +108,6 @@ def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: 
         return _check_rows(path, manifest, vocab_size, progress, spill)
 
 
-@contextmanager
-def _progress(shards: int, enabled: bool) -> Iterator[tqdm]:
-    """A progress bar over ``shards`` shards (updated by the caller; not iterated, since tqdm's iterator closes
-    its bar, kept, as the error leaves the loop) when ``enabled``, closed on leaving: kept when every shard
-    passed, cleared when one did not, so the error line starts on a clean line (it followed a half-drawn bar)."""
-    bar = tqdm(total=shards, desc="validating", unit=" shards", disable=not enabled)
-    try:
-        yield bar
-    except BaseException:
-        bar.leave = False
-        raise
-    finally:
-        bar.close()
-
-
 def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bool, spill: Spill) -> dict:
     mpath = path / MANIFEST
     vocab = vocab_size if vocab_size is not None else manifest["tokenizer"].get("vocab_size")
@@ -134,7 +117,7 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
     )
     totals = {"rows": 0, "tokens": 0, "action_tokens": 0}
     shards = manifest["shards"]
-    with _progress(len(shards), progress) as bar:
+    with progress_bar(progress, total=len(shards), desc="validating", unit=" shards") as bar:
         for k, entry in enumerate(shards):
             shard = path / entry["file"]
             if not shard.is_file():

@@ -1082,6 +1082,43 @@ def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_curation_and_export_clear_their_progress_bars_before_an_error(tmp_path, capsys):
+    """A refused input row (a repeated row id, found after the rows were read; an extra field holding NaN, found
+    while they were) left filter, dedup, mix, decontaminate and export's bar ('building ids-filter: 6 rows [...]') on the
+    line above the error; the bar is cleared now, the error on a clean line (a terminal shows what follows a
+    line's last carriage return), and kept on success (dedup's finished hashing pass is kept too)."""
+    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(6)]
+    src = write_jsonl(tmp_path / "rows.jsonl", rows)
+    build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 2, "--out", tmp_path / "b"]
+    assert run(capsys, *build, "--no-progress")[0] == 0
+    first = json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
+    first_id = pa.ipc.open_stream(pa.py_buffer((tmp_path / "b" / first).read_bytes())).read_all()["row_id"][0]
+    ids = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 1, first_id), 2)
+    nan = _damage_first_shard(tmp_path / "b", tmp_path / "nan", lambda t: _set_scalar(t, "extra", 1, '{"a": NaN}'), 1)
+    (tmp_path / "against.jsonl").write_text(
+        json.dumps({"prompt": "nothing alike here at all, not one word of it in any row"}) + "\n"
+    )
+    verbs = [
+        ["filter", "--where", "reward >= 0"],
+        ["dedup"],
+        ["mix"],
+        ["decontaminate", "--against", tmp_path / "against.jsonl"],
+        ["export", "--format", "jsonl"],
+    ]
+    for buf in (ids, nan):
+        for verb, *opts in verbs:
+            folder = tmp_path / f"{buf.name}-{verb}"
+            code, _, err = run(capsys, verb, f"{buf}:1" if verb == "mix" else buf, *opts, "--out", folder)
+            shown = [line.rsplit("\r", 1)[-1] for line in err.rstrip("\n").split("\n")]
+            if verb == "dedup" and buf is ids:  # the hashing pass, finished, is kept; the bar of the rows written not
+                assert shown[0].startswith("hashing: 100%") and len(shown) == 2, err
+                shown = shown[1:]
+            assert code == 2 and len(shown) == 1 and shown[0].startswith("shiq-data: error: "), (buf.name, verb, err)
+            assert "\r" in err or buf is nan, err  # a bar was drawn, then cleared (NaN: refused before a verb's)
+    code, _, err = run(capsys, "filter", tmp_path / "b", "--where", "reward >= 0", "--out", tmp_path / "kept")
+    assert code == 0 and err.rstrip("\n").rsplit("\r", 1)[-1].startswith("building kept: 6 rows"), err
+
+
 def test_extra_nested_too_deep_is_named_with_its_shard_row_and_field(tmp_path, capsys):
     """An ``extra`` nested 50,000 deep ended validate, export and the curation verbs in "maximum recursion depth
     exceeded", naming no file (json's RecursionError): it is now bad JSON of that shard's row, field 'extra'."""

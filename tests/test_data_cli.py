@@ -313,6 +313,33 @@ def test_validate_clears_its_progress_bar_before_an_error(tmp_path, capsys, gpt2
     assert shown == [f"shiq-data: error: {shard}: sha256 differs from the manifest's (the file changed or is corrupt)"]
 
 
+@pytest.mark.parametrize("case", ["bad row", "repeated row"])
+def test_build_and_append_clear_their_progress_bar_before_an_error(tmp_path, capsys, gpt2, case):
+    """A refused input left build's and append's bar ('building buf: 1 rows [...]', or the finished count when the
+    rows' repeats were refused after the last row) on the line above the error; the bar is cleared now, the error
+    on a clean line (a terminal shows what follows a line's last carriage return), and kept on success."""
+    buf = str(tmp_path / "buf")
+    good = str(write_jsonl(tmp_path / "good.jsonl", RECORDS[:2]))
+    assert main(["build", "jsonl", good, "--tokenizer", "gpt2", "--out", buf]) == 0
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.rstrip("\n").rsplit("\r", 1)[-1].startswith("building buf: 2 rows"), err
+    if case == "bad row":
+        inp = tmp_path / "bad.jsonl"
+        inp.write_text(json.dumps(RECORDS[2]) + "\n" + '{"prompt": "a", "completion": "", "reward": 1}\n')
+        runs, needle = [["build", "jsonl", str(inp), "--tokenizer", "gpt2"]], "line 2: field 'completion'"
+        runs.append(["append", buf, "jsonl", str(inp)])
+    else:  # refused once every row was read
+        runs, needle = [["append", buf, "jsonl", good, "--no-duplicates"]], "refused: --no-duplicates"
+    for argv in runs:
+        if argv[0] == "build":
+            argv += ["--out", str(tmp_path / "new")]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        shown = [line.rsplit("\r", 1)[-1] for line in err.rstrip("\n").split("\n")]
+        assert len(shown) == 1 and shown[0].startswith("shiq-data: error: ") and needle in shown[0], err
+        assert "\r" in err, err  # the bar was drawn, then cleared
+
+
 def test_info_quotes_each_recorded_command_as_a_shell_reads_it(tmp_path, capsys, gpt2):
     """A recorded --where of several words was printed unquoted, so the line could not be run again."""
     write_jsonl(tmp_path / "a.jsonl", RECORDS)

@@ -160,9 +160,10 @@ def test_a_hand_edited_token_id_is_refused_naming_shard_and_row(tmp_path, tiny_l
     assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 
-def test_non_finite_statistics_are_refused_naming_shard_and_row(tmp_path):
+def test_non_finite_statistics_are_refused_naming_shard_and_row(tmp_path, capsys):
     """A non-finite value from stats_fn was refused with the row's number within its shard only, which does not
-    say which shard; the shard file is now named with it. The shards before it keep their statistics."""
+    say which shard; the shard file is now named with it. The shards before it keep their statistics. The
+    progress bar, left half-drawn above the error line, is cleared (nothing shown after its last '\r')."""
     buf = build(tmp_path, n=10, shard_rows=4)
     target = make_rows(10)[6]["tokens"]  # shard 1's row 2
 
@@ -173,8 +174,11 @@ def test_non_finite_statistics_are_refused_naming_shard_and_row(tmp_path):
                 c[b, 1] = float("nan")
         return c, z
 
+    capsys.readouterr()
     with pytest.raises(ValueError, match=r"shard-00001.arrow: row 2: stats_fn returned non-finite"):
-        compute_ref_stats(buf.path, stats_fn, ref_model={"name": "r"}, progress=False)
+        compute_ref_stats(buf.path, stats_fn, ref_model={"name": "r"}, progress=True)
+    err = capsys.readouterr().err
+    assert "reference statistics" in err and "\n" not in err and err.rsplit("\r", 1)[-1].strip() == "", err
     assert [s["has_ref"] for s in open_buffer(buf.path).manifest["shards"]] == [True, False, False]
 
 

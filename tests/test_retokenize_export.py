@@ -449,10 +449,12 @@ def test_retokenize_refuses_the_text_build_refuses(tmp_path, smollm2, capsys, te
     buf = tmp_path / "b"
     info = {"name": "smollm2", "fingerprint": smollm2[1]["fingerprint"], "vocab_size": smollm2[1]["vocab_size"]}
     write_buffer([row], buf, tokenizer_info=info, command=["t"], progress=False)
-    assert run("retokenize", buf, "--tokenizer", "smollm2", "--out", tmp_path / "r", "--no-progress") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"shard-00000.arrow: row 0: {needle}" in err, err
+    assert run("retokenize", buf, "--tokenizer", "smollm2", "--out", tmp_path / "r") == 2
+    err = capsys.readouterr().err
+    # the bar ('building r: 0 rows [...]') cleared, the error on a clean line (what follows a line's last '\r')
+    shown = [line.rsplit("\r", 1)[-1] for line in err.rstrip("\n").split("\n")]
+    assert len(shown) == 1 and "Traceback" not in err and "\r" in err, err
+    assert f"shard-00000.arrow: row 0: {needle}" in shown[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
@@ -463,10 +465,12 @@ def test_jsonl_export_refuses_the_text_build_refuses(tmp_path, capsys):
     buf = tmp_path / "b"
     tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 50}
     write_buffer([row], buf, tokenizer_info=tok, command=["t"], progress=False)
-    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e", "--no-progress") == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err
-    assert f"{buf / 'shard-00000.arrow'}: row 0: field 'completion': empty completion" in err, err
+    assert run("export", buf, "--format", "jsonl", "--out", tmp_path / "e") == 2
+    err = capsys.readouterr().err
+    # the bar ('export jsonl: 0%|...') cleared, the error on a clean line (what follows a line's last '\r')
+    shown = [line.rsplit("\r", 1)[-1] for line in err.rstrip("\n").split("\n")]
+    assert len(shown) == 1 and "Traceback" not in err and "\r" in err, err
+    assert f"{buf / 'shard-00000.arrow'}: row 0: field 'completion': empty completion" in shown[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 

@@ -39,6 +39,7 @@ from tqdm import tqdm
 from shiq_data.buffer import Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, normalise, text_key
+from shiq_data.io import progress_bar
 from shiq_data.spill import Bitmap, Spill
 
 BY = ("row", "prompt", "completion")
@@ -104,8 +105,8 @@ def _write_keys(
         sig_array = spill.array("sigs", len(source) * NUM_PERM, np.uint64).reshape(len(source), NUM_PERM)
         spill.declare("bands", pa.schema([("idx", pa.int64()), ("band", pa.int32()), ("bkey", pa.binary())]))
     start = 0
-    bar = tqdm(total=len(source), desc="minhashing" if signatures else "hashing", unit=" rows", disable=not progress)
-    with bar:
+    desc = "minhashing" if signatures else "hashing"
+    with progress_bar(progress, total=len(source), desc=desc, unit=" rows") as bar:  # cleared if a shard is refused
         for table in source.shards():
             prompts, completions = source.texts(table)
             parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
