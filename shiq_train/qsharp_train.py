@@ -268,7 +268,8 @@ def value_optimizer(head: list, trunk: list, cfg: ValueTrainConfig) -> torch.opt
 
 def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
     """Smallest and largest return-to-go (SHIQ_MATH §8) over the action positions of one epoch of ``sampler``
-    (a ``shiq_data.sampler.BufferSampler``; its stream position is restored afterwards)."""
+    (a ``shiq_data.sampler.BufferSampler``; its stream position is restored afterwards); equal for a constant
+    return."""
     state = sampler.state_dict()
     lo, hi = math.inf, -math.inf
     seen = 0
@@ -282,8 +283,6 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
     sampler.load_state_dict(state)
     if lo == math.inf:
         raise ValueError(f"buffer {sampler.buffer.path} has no action positions")
-    if lo == hi:  # a constant return: any support around it
-        lo, hi = lo - 1.0, hi + 1.0
     return lo, hi
 
 
@@ -425,6 +424,8 @@ def train_value_model(
     v_min, v_max = cfg.v_min, cfg.v_max
     if v_min is None or v_max is None:
         lo, hi = buffer_return_range(sampler, cfg.gamma)
+        if v_min is None and v_max is None and lo == hi:  # a constant return: any support around it
+            lo, hi = lo - 1.0, hi + 1.0
         # the one given must still leave room for the other, read from the buffer: say where that came from
         if v_min is not None and not v_min < hi:
             raise ValueError(

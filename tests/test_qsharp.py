@@ -924,6 +924,38 @@ def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_
         assert not (tmp_path / "value").exists()
 
 
+def test_a_constant_return_buffer_with_one_bound_given_uses_the_buffers_own_return(tmp_path):
+    """Every return 0 (no reward, or all rewards equal): the buffer's range was widened to [-1, 1] before a
+    given bound was checked against it, so ``v_min=0.5`` trained on atoms 0.5..1, a v_max from no return, and
+    ``v_min=1`` said ``the largest return-to-go in buffer`` was 1. Now the other bound is the buffer's return, 0;
+    with neither given the support is still [-1, 1] around it."""
+    import shutil
+
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=1)  # one row of return 0
+    hf = tiny_llama(4)
+
+    def atoms(**given):
+        cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=1, num_atoms=3, progress=False, **given)
+        out = train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+        return json.loads((out / "value_model.json").read_text())["atoms"]
+
+    assert atoms() == [-1.0, 0.0, 1.0]
+    assert atoms(v_min=-4.0) == [-4.0, -2.0, 0.0]
+    assert atoms(v_max=2.0) == [0.0, 1.0, 2.0]
+    shutil.rmtree(tmp_path / "value")
+    for given, match in (
+        (dict(v_min=0.5), r"^v_min=0.5 is not below v_max=0, the largest return-to-go in buffer .*buf"),
+        (dict(v_max=-1.0), r"^v_max=-1 is not above v_min=0, the smallest return-to-go in buffer .*buf"),
+    ):
+        cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=1, progress=False, **given)
+        with pytest.raises(ValueError, match=match):
+            train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+        assert not (tmp_path / "value").exists()
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("clip_grad", -1.0), ("clip_grad", math.inf), ("adam_beta1", 1.5), ("adam_eps", -1.0), ("weight_decay", -1.0)],
