@@ -329,6 +329,24 @@ def save_resume_state(out: Path, step: int, key: str, params, opt, lr_schedule, 
     save_hashed(state, out / RESUME_FILE)
 
 
+def _key_changes(saved: str, key: str) -> str:
+    """`` (KEY: SAVED saved, NOW now, ...)``: what differs between two :func:`resume_key` strings, settings named
+    as the run's keys (``optimizer.lr``), or ``""`` when ``saved`` is not one."""
+    names = RUN_KEYS | {k: f"optimizer.{k}" for k in ("adam_beta1", "adam_beta2", "adam_eps", "clip_grad")}
+    names |= {"data_seed": "data.seed", "max_tokens_per_row": "model.max_sequence_length"}
+    try:
+        old, new = json.loads(saved), json.loads(key)
+        changes = [
+            f"{names.get(k, k)}: {old['settings'].get(k)!r} saved, {v!r} now"
+            for k, v in new["settings"].items()
+            if old["settings"].get(k) != v
+        ]
+        changes += [f"the {k}" for k in ("atoms", "reference", "trunk") if old[k] != new[k]]
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ""
+    return f" ({'; '.join(changes)})" if changes else ""
+
+
 def load_resume_state(out: Path, key: str, params, opt, lr_schedule, sampler, steps: int) -> tuple[int, list]:
     """Load ``out/RESUME_FILE`` (SHA-256 checked, ``weights_only``) into ``params``, the optimizer, schedule and
     sampler; returns the step it was saved at and the steps' metrics so far. A state of other settings (``key``)
@@ -337,8 +355,8 @@ def load_resume_state(out: Path, key: str, params, opt, lr_schedule, sampler, st
     state = read_rank_file(path, keys=("step", "key", "model", "optimizer", "lr_schedule", "sampler", "history"))
     if state["key"] != key:
         raise ValueError(
-            f"{path}: the value run saved there trained with other settings, atoms or reference; rerun it as it "
-            f"was, or delete {path} to train from step 0"
+            f"{path}: the value run saved there trained with other settings, atoms or reference"
+            f"{_key_changes(state['key'], key)}; rerun it as it was, or delete {path} to train from step 0"
         )
     saved = state["model"]
     step = state["step"]

@@ -1099,11 +1099,22 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     progress = (tmp_path / "killed" / PROGRESS_FILE).read_text().splitlines()
     assert progress == metrics("straight").splitlines()[:5]  # step 5 was logged, not saved
     monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
-    with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
+    # (it names what changed, as the run's keys: it said only "other settings, atoms or reference")
+    with pytest.raises(
+        ValueError,
+        match=rf"killed/{RESUME_FILE}: the value run saved there trained with other.*"
+        r"\(optimizer\.lr: 0\.001 saved, 0\.002 now\); rerun",
+    ):
         train("killed", lr=2e-3)
+    with pytest.raises(ValueError, match=r"\(loss\.num_atoms: 11 saved, 5 now; the atoms\)"):
+        train("killed", num_atoms=5)
     other = tiny_llama(4)
     other.config.rms_norm_eps = 1e-3  # the same weights under another config: another model
-    with pytest.raises(ValueError, match=rf"killed/{RESUME_FILE}: the value run saved there trained with other"):
+    with pytest.raises(
+        ValueError,
+        match=rf"killed/{RESUME_FILE}: the value run saved there trained with other.*"
+        r"\(the trunk\)",
+    ):
         train_value_model(tmp_path / "buf", tmp_path / "killed", other.state_dict(), other.config, cfg)
     train("killed", save_every=3)  # (when to save does not change the model)
     assert metrics("killed") == metrics("straight") and not (tmp_path / "killed" / PROGRESS_FILE).exists()
