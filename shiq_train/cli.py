@@ -81,7 +81,7 @@ from shiq_train.model import (
     width_multiple,
 )
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
-from shiq_train.qsharp_train import train_value_model, value_config_from_run
+from shiq_train.qsharp_train import run_key_names, train_value_model, value_config_from_run
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import LoggingConfig, SavedOnSigterm, TrainConfig, Trainer, frozen_copy, import_wandb
 
@@ -829,19 +829,22 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
     if not progress_bars_shown(level):  # WARNING or ERROR: warnings only, no bar (as a policy run's)
         value_cfg = dataclasses.replace(value_cfg, progress=False)
     cfg = {**cfg, "model": built.to_dict()}
-    out = train_value_model(
-        cfg["data"]["buffer"],
-        cfg["out"],
-        state,
-        hf_config,
-        value_cfg,
-        meta={  # what shiq-eval run --guide checks the reference and the tokenizer against
-            "config": cfg,
-            "reference_sha256": sha256_files(reference.model_weight_files(cfg["init"])),
-            "tokenizer": manifest["tokenizer"],
-        },
-        verify_checksums=cfg["data"].get("verify_checksums", True),
-    )
+    try:
+        out = train_value_model(
+            cfg["data"]["buffer"],
+            cfg["out"],
+            state,
+            hf_config,
+            value_cfg,
+            meta={  # what shiq-eval run --guide checks the reference and the tokenizer against
+                "config": cfg,
+                "reference_sha256": sha256_files(reference.model_weight_files(cfg["init"])),
+                "tokenizer": manifest["tokenizer"],
+            },
+            verify_checksums=cfg["data"].get("verify_checksums", True),
+        )
+    except ValueError as e:  # (value.v_min is the run's loss.v_min)
+        raise ValueError(run_key_names(str(e))) from None
     print(
         f"shiq-train: {name} on {cfg['data']['buffer']}: {plural(value_cfg.steps, 'step')}; value model in {out} "
         f"(metrics in {out / 'metrics.jsonl'}; use it with shiq-eval run --guide {out} --beta B)"

@@ -179,7 +179,12 @@ def value_config_from_run(cfg: dict, max_tokens_per_row: int | None = None) -> V
     try:
         return _value_config(cfg, loss, opt, train, data, max_tokens_per_row)
     except ValueError as e:  # named as the run's keys, not ValueTrainConfig's (value.lr is optimizer.lr)
-        raise ValueError(re.sub(r"value\.(\w+)", lambda m: RUN_KEYS.get(m[1], m[0]), str(e))) from None
+        raise ValueError(run_key_names(str(e))) from None
+
+
+def run_key_names(message: str) -> str:
+    """``message`` with ValueTrainConfig's ``value.<field>`` named as a shiq-train run's key (``optimizer.lr``)."""
+    return re.sub(r"value\.(\w+)", lambda m: RUN_KEYS.get(m[1], m[0]), message)
 
 
 # ValueTrainConfig's fields as a shiq-train run's configuration names them
@@ -447,13 +452,13 @@ def train_value_model(
         # the one given must still leave room for the other, read from the buffer: say where that came from
         if v_min is not None and not v_min < hi:
             raise ValueError(
-                f"v_min={v_min:g} is not below v_max={hi:g}, the largest return-to-go in buffer {buffer_path}: "
-                "give v_max too (above v_min), or leave v_min to the buffer"
+                f"value.v_min={v_min:g} is not below value.v_max={hi:g}, the largest return-to-go in buffer "
+                f"{buffer_path}: give value.v_max too (above value.v_min), or leave value.v_min to the buffer"
             )
         if v_max is not None and not lo < v_max:
             raise ValueError(
-                f"v_max={v_max:g} is not above v_min={lo:g}, the smallest return-to-go in buffer {buffer_path}: "
-                "give v_min too (below v_max), or leave v_max to the buffer"
+                f"value.v_max={v_max:g} is not above value.v_min={lo:g}, the smallest return-to-go in buffer "
+                f"{buffer_path}: give value.v_min too (below value.v_max), or leave value.v_max to the buffer"
             )
         v_min = lo if v_min is None else v_min
         v_max = hi if v_max is None else v_max

@@ -915,8 +915,8 @@ def test_a_v_min_or_v_max_beyond_the_buffers_returns_names_where_the_other_came_
     write_toy_buffer(tmp_path / "buf", rows=2)
     hf = tiny_llama(4)
     for given, match in (
-        (dict(v_min=5.0), r"^v_min=5 is not below v_max=1, the largest return-to-go in buffer .*buf"),
-        (dict(v_max=-3.0), r"^v_max=-3 is not above v_min=0, the smallest return-to-go in buffer .*buf"),
+        (dict(v_min=5.0), r"^value\.v_min=5 is not below value\.v_max=1, the largest return-to-go in buffer .*buf"),
+        (dict(v_max=-3.0), r"^value\.v_max=-3 is not above value\.v_min=0, the smallest return-to-go in buffer .*buf"),
     ):
         cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=2, progress=False, **given)
         with pytest.raises(ValueError, match=match):
@@ -947,8 +947,8 @@ def test_a_constant_return_buffer_with_one_bound_given_uses_the_buffers_own_retu
     assert atoms(v_max=2.0) == [0.0, 1.0, 2.0]
     shutil.rmtree(tmp_path / "value")
     for given, match in (
-        (dict(v_min=0.5), r"^v_min=0.5 is not below v_max=0, the largest return-to-go in buffer .*buf"),
-        (dict(v_max=-1.0), r"^v_max=-1 is not above v_min=0, the smallest return-to-go in buffer .*buf"),
+        (dict(v_min=0.5), r"^value\.v_min=0\.5 is not below value\.v_max=0, the largest return-to-go in buffer .*buf"),
+        (dict(v_max=-1.0), r"^value\.v_max=-1 is not above value\.v_min=0, the smallest return-to-go in buffer .*buf"),
     ):
         cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=1, progress=False, **given)
         with pytest.raises(ValueError, match=match):

@@ -133,6 +133,16 @@ def test_value_loss_config_errors(trained, tmp_path):
     )
     assert taken.returncode == 2 and "is not a value-model folder" in taken.stderr
     assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
+    # a bound beyond the buffer's returns was named as train_value_model's argument (v_min=5), not the run's key
+    high = shiq_train(
+        f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'v'}", f"init={init}", "loss=qsharp_value", "loss.v_min=5"
+    )
+    assert high.returncode == 2
+    assert high.stderr.strip().splitlines()[-1] == (
+        "shiq-train: error: loss.v_min=5 is not below loss.v_max=1, the largest return-to-go in buffer "
+        f"{tmp / 'buffer'}: give loss.v_max too (above loss.v_min), or leave loss.v_min to the buffer"
+    )
+    assert not (tmp_path / "v").exists()
 
 
 @pytest.mark.parametrize(
