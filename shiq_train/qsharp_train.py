@@ -193,7 +193,8 @@ RUN_KEYS |= {name: f"optimizer.{name}" for name in ("lr", "min_lr", "warmup_step
 RUN_KEYS |= {name: f"train.{name}" for name in ("steps", "trainable_last_layers", "cache_frozen_prefix")}
 RUN_KEYS |= {"share_prefixes": "train.share_prefixes", "rows_per_micro_batch": "data.rows_per_micro_batch"}
 RUN_KEYS |= {"micro_batches_per_step": "data.micro_batches_per_step", "save_every": "train.save_every"}
-RUN_KEYS |= {"save_on_sigterm": "train.save_on_sigterm"}
+RUN_KEYS |= {"save_on_sigterm": "train.save_on_sigterm", "seed": "seed", "data_seed": "data.seed"}
+RUN_KEYS |= {name: f"optimizer.{name}" for name in ("adam_beta1", "adam_beta2", "adam_eps", "clip_grad")}
 
 
 def _setting(section: dict, prefix: str, key: str, kind, default=None, optional: bool = False):
@@ -335,14 +336,13 @@ def save_resume_state(out: Path, step: int, key: str, params, opt, lr_schedule, 
 
 
 def _key_changes(saved: str, key: str) -> str:
-    """`` (KEY: SAVED saved, NOW now, ...)``: what differs between two :func:`resume_key` strings, settings named
-    as the run's keys (``optimizer.lr``), or ``""`` when ``saved`` is not one."""
-    names = RUN_KEYS | {k: f"optimizer.{k}" for k in ("adam_beta1", "adam_beta2", "adam_eps", "clip_grad")}
-    names |= {"data_seed": "data.seed", "max_tokens_per_row": "model.max_sequence_length"}
+    """`` (value.FIELD: SAVED saved, NOW now, ...)``: what differs between two :func:`resume_key` strings (settings
+    named as ValueTrainConfig's fields, :func:`run_key_names` names them as a run's keys), or ``""`` when ``saved``
+    is not one."""
     try:
         old, new = json.loads(saved), json.loads(key)
         changes = [
-            f"{names.get(k, k)}: {old['settings'].get(k)!r} saved, {v!r} now"
+            f"value.{k}: {old['settings'].get(k)!r} saved, {v!r} now"
             for k, v in new["settings"].items()
             if old["settings"].get(k) != v
         ]

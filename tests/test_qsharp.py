@@ -1099,14 +1099,14 @@ def test_a_value_run_stopped_by_sigterm_or_killed_resumes_as_one_run(tmp_path, m
     progress = (tmp_path / "killed" / PROGRESS_FILE).read_text().splitlines()
     assert progress == metrics("straight").splitlines()[:5]  # step 5 was logged, not saved
     monkeypatch.setattr(qsharp_train, "qsharp_value_loss", real)
-    # (it names what changed, as the run's keys: it said only "other settings, atoms or reference")
+    # (it names what changed: it said only "other settings, atoms or reference")
     with pytest.raises(
         ValueError,
         match=rf"killed/{RESUME_FILE}: the value run saved there trained with other.*"
-        r"\(optimizer\.lr: 0\.001 saved, 0\.002 now\); rerun",
+        r"\(value\.lr: 0\.001 saved, 0\.002 now\); rerun",
     ):
         train("killed", lr=2e-3)
-    with pytest.raises(ValueError, match=r"\(loss\.num_atoms: 11 saved, 5 now; the atoms\)"):
+    with pytest.raises(ValueError, match=r"\(value\.num_atoms: 11 saved, 5 now; the atoms\)"):
         train("killed", num_atoms=5)
     other = tiny_llama(4)
     other.config.rms_norm_eps = 1e-3  # the same weights under another config: another model
