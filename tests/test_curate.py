@@ -1056,18 +1056,25 @@ def test_curation_refuses_extra_text_and_export_a_repeated_row_id_that_validate_
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
-def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, capsys):
-    """A row id of a later shard set to an earlier row's (the shard's checksum updated): filter, dedup and mix
-    named the buffer folder and the new buffer's row (``b: row 5: field 'row_id'``); they now name the input shard
-    and the later row as validate and export do, and write nothing. (split refuses it only when both rows fall on
-    one side: each buffer it writes holds every id once.)"""
+def _three_shards_and_a_repeated_id(tmp_path, capsys):
+    """A buffer ``b`` of 6 rows in 3 shards, and its copy ``ids`` whose third shard's row 1 holds the first row's
+    id (the shard's checksum updated); returns ``(ids, the repeated id)``."""
     rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(6)]
     src = write_jsonl(tmp_path / "rows.jsonl", rows)
     build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 2, "--out", tmp_path / "b"]
     assert run(capsys, *build, "--no-progress")[0] == 0
     first = json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
     first_id = pa.ipc.open_stream(pa.py_buffer((tmp_path / "b" / first).read_bytes())).read_all()["row_id"][0]
-    buf = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 1, first_id), 2)
+    ids = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 1, first_id), 2)
+    return ids, first_id
+
+
+def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, capsys):
+    """A row id of a later shard set to an earlier row's (the shard's checksum updated): filter, dedup and mix
+    named the buffer folder and the new buffer's row (``b: row 5: field 'row_id'``); they now name the input shard
+    and the later row as validate and export do, and write nothing. (split refuses it only when both rows fall on
+    one side: each buffer it writes holds every id once.)"""
+    buf, first_id = _three_shards_and_a_repeated_id(tmp_path, capsys)
     shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][2]["file"]
     want = f"{shard}: row 1: field 'row_id': {first_id.as_py()!r} is not unique"
     code, _, err = run(capsys, "validate", buf)
@@ -1087,13 +1094,7 @@ def test_curation_and_export_clear_their_progress_bars_before_an_error(tmp_path,
     while they were) left filter, dedup, mix, decontaminate and export's bar ('building ids-filter: 6 rows [...]') on the
     line above the error; the bar is cleared now, the error on a clean line (a terminal shows what follows a
     line's last carriage return), and kept on success (dedup's finished hashing pass is kept too)."""
-    rows = [{"prompt": f"p{i}", "completion": f" c{i} d", "reward": float(i)} for i in range(6)]
-    src = write_jsonl(tmp_path / "rows.jsonl", rows)
-    build = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 2, "--out", tmp_path / "b"]
-    assert run(capsys, *build, "--no-progress")[0] == 0
-    first = json.loads((tmp_path / "b" / "manifest.json").read_text())["shards"][0]["file"]
-    first_id = pa.ipc.open_stream(pa.py_buffer((tmp_path / "b" / first).read_bytes())).read_all()["row_id"][0]
-    ids = _damage_first_shard(tmp_path / "b", tmp_path / "ids", lambda t: _set_scalar(t, "row_id", 1, first_id), 2)
+    ids, first_id = _three_shards_and_a_repeated_id(tmp_path, capsys)
     nan = _damage_first_shard(tmp_path / "b", tmp_path / "nan", lambda t: _set_scalar(t, "extra", 1, '{"a": NaN}'), 1)
     (tmp_path / "against.jsonl").write_text(
         json.dumps({"prompt": "nothing alike here at all, not one word of it in any row"}) + "\n"
