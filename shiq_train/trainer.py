@@ -550,16 +550,11 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
                     signal.raise_signal(signal.SIGTERM)
 
             previous = signal.signal(signal.SIGTERM, record)
-    several = dist.is_initialized() and dist.get_world_size() > 1
 
     def requested() -> bool:
         if not enabled:
             return False
-        flag = bool(first)
-        if several:
-            count = torch.tensor([int(flag)], dtype=torch.int32, device=device())
-            dist.all_reduce(count, op=dist.ReduceOp.MAX)
-            flag = bool(count.item())
+        flag = _on_any_rank(bool(first))
         if flag:
             seen.set()
         return flag
