@@ -528,12 +528,13 @@ def train_value_model(
                     with progress.open("a", encoding="utf-8") as f:
                         f.write(json.dumps(history[-1]) + "\n")
                     stopped = stop_requested()  # a SIGTERM: this step is saved, then the run stops
-                    if step + 1 == cfg.steps:  # the value model itself is saved below
-                        break
-                    if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
-                        save_resume_state(out, step + 1, key, trained, opt, lr_schedule, sampler, history)
-                    if stopped:
-                        raise SavedOnSigterm(step + 1)
+                    # after the last step the value model itself is saved, below; the loop ends by itself there, not
+                    # by a break, which would leave the bar one step short of its total
+                    if step + 1 < cfg.steps:
+                        if stopped or (cfg.save_every and (step + 1) % cfg.save_every == 0):
+                            save_resume_state(out, step + 1, key, trained, opt, lr_schedule, sampler, history)
+                        if stopped:
+                            raise SavedOnSigterm(step + 1)
             info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
             # (the whole trunk again, not narrowed)
             save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)

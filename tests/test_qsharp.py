@@ -1220,3 +1220,30 @@ def test_a_value_run_on_a_frozen_prefix_cache_resumes_after_sigterm(tmp_path, mo
     want, got = read("straight"), read("stopped")
     assert all(torch.equal(got[k], want[k]) for k in want)
     assert (tmp_path / "stopped" / "metrics.jsonl").read_text() == (tmp_path / "straight" / "metrics.jsonl").read_text()
+
+
+def test_a_finished_value_runs_progress_bar_counts_its_last_step(tmp_path, capsys):
+    """The bar of a 3-step run ends at 3/3 (it stopped at 2/3: the loop left before the bar counted the last step)."""
+    from shiq_data.buffer import write_buffer
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    rows = [
+        dict(
+            row_id=f"r{i}",
+            source="t",
+            group_id=i,
+            prompt_len=2,
+            tokens=[1, 2, 3, 4],
+            action_mask=[False, False, True, True],
+            rewards=[0.0, 0.0, 0.0, float(i)],
+        )
+        for i in range(4)
+    ]
+    tok = {"name": "toy", "fingerprint": "f" * 64, "vocab_size": 64}
+    write_buffer(rows, tmp_path / "buf", tokenizer_info=tok, command=["test"], progress=False)
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(steps=3, rows_per_micro_batch=2, progress=True)
+    train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+    bar = capsys.readouterr().err
+    assert "train value" in bar and "3/3" in bar, bar
