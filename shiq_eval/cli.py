@@ -440,10 +440,13 @@ def encode_prompts(tokenizer, prompts: list, chat: bool, source="the prompts") -
     control tokens (``<|im_end|>``: encoded, it would be that token; the data pipeline refuses such rows too)."""
     from jinja2.exceptions import TemplateError  # transformers' template engine
 
-    if (chat or any(isinstance(p, list) for p in prompts)) and not getattr(tokenizer, "chat_template", None):
+    as_messages = any(isinstance(p, list) for p in prompts)
+    if (chat or as_messages) and not getattr(tokenizer, "chat_template", None):
+        # a suite's chat: true (movie_vader_small's) asks for it too: a model without a template reads plain text
+        plain = "" if as_messages else ", or read the prompts as plain text (--no-chat)"
         raise EvalInputError(
-            "the prompts need the tokenizer's chat template (--chat, or prompts given as messages), but the "
-            "tokenizer has none: give one that has (--tokenizer)"
+            "the prompts need the tokenizer's chat template (--chat or the suite's chat: true, or prompts given as "
+            f"messages), but the tokenizer has none: give one that has (--tokenizer){plain}"
         )
     controls = control_texts(tokenizer)
     out = []

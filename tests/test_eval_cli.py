@@ -1238,3 +1238,17 @@ def test_prompts_encoded_by_another_chat_template_are_not_ranked_together(tmp_pa
     err = capsys.readouterr().err
     assert "were encoded into other token ids (field 'prompt_ids_sha256'" in err and not (tmp_path / "board").exists()
     assert main(["leaderboard", str(outs[0]), str(outs[0]), "--out", str(tmp_path / "board")]) == 0
+
+
+def test_chat_prompts_for_a_tokenizer_without_a_template_point_to_no_chat():
+    """A GPT-2 run evaluated on a suite of chat: true (movie_vader_small) is told of --no-chat, the flag that runs
+    it; prompts given as messages need a template whatever the flags, so they are not told of it."""
+    from types import SimpleNamespace
+
+    from shiq_eval.cli import encode_prompts
+
+    no_template = SimpleNamespace(chat_template=None)
+    with pytest.raises(EvalInputError, match=r"suite's chat: true.*--tokenizer\), or .*\(--no-chat\)$"):
+        encode_prompts(no_template, ["Name a color."], chat=True)
+    with pytest.raises(EvalInputError, match=r"--tokenizer\)$"):
+        encode_prompts(no_template, [[{"role": "user", "content": "Hi"}]], chat=False)
