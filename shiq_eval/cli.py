@@ -122,6 +122,7 @@ RUN_COLUMNS = [
     "temperature",
     "suite",
     "suite_sha256",
+    "prompt_ids_sha256",  # the prompts' token ids (tokenizer and chat template), which the fingerprint does not cover
     "kl_estimator",
     "model_sha256",
     "checkpoint",

@@ -164,6 +164,10 @@ def test_eval_run_over_two_methods(tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert [t["method"] for t in table] == ["reference", "shiq", "shiq", "dpo"]
     assert {t["prompt_set_sha256"] for t in table} == {want}
+    # and that of their token ids, as the README says of every row: the folder's tokenizer, plain text
+    tok = transformers.AutoTokenizer.from_pretrained(str(init))
+    ids = [tok.encode(f"w{i} w{i + 1} w{i + 2}", add_special_tokens=False) for i in range(3, 9)]
+    assert {t["prompt_ids_sha256"] for t in table} == {hashlib.sha256(json.dumps(ids).encode()).hexdigest()}
     for name in ("reward_vs_kl.png", "reward_vs_step.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
