@@ -72,12 +72,26 @@ def _summaries(spill: Spill) -> dict:
         key, group = ("source", "GROUP BY source") if by_source else ("NULL::VARCHAR AS source", "")
         firsts = ", ".join(f"favg({c}::DOUBLE) AS m_{c}, min({c}) AS lo_{c}, max({c}) AS hi_{c}" for c in DESCRIBED)
         devs = ", ".join(f"fsum(({c}::DOUBLE - s.m_{c}) * ({c}::DOUBLE - s.m_{c})) AS d_{c}" for c in DESCRIBED)
-        sql = f"""WITH s AS (SELECT {key}, count(*) AS n, favg(has_ref::DOUBLE) AS ref, {firsts} FROM {rows} {group})
-            SELECT s.*, {devs} FROM {rows} r {"JOIN s USING (source)" if by_source else "CROSS JOIN s"} GROUP BY ALL"""
-        cursor = spill.con.execute(sql)
+        # the first pass's results (one row per source) are kept in a small table, and the second pass groups by
+        # source alone: grouping the joined rows by every column of the first pass (GROUP BY ALL) ran out of
+        # DuckDB's memory limit on a million rows of one source
+        spill.con.execute(
+            f"CREATE OR REPLACE TEMP TABLE s AS SELECT {key}, count(*) AS n, favg(has_ref::DOUBLE) AS ref, {firsts} "
+            f"FROM {rows} {group}"
+        )
+        join = "JOIN s USING (source) GROUP BY r.source" if by_source else "CROSS JOIN s"
+        cursor = spill.con.execute(
+            f"SELECT {'r.source' if by_source else 'NULL'} AS source, {devs} FROM {rows} r {join}"
+        )
+        names = [d[0] for d in cursor.description]
+        dev = {record[0]: dict(zip(names, record)) for record in cursor.fetchall()}
+        cursor = spill.con.execute("SELECT * FROM s")
         names = [d[0] for d in cursor.description]
         for record in cursor.fetchall():
             r = dict(zip(names, record))
+            if not r["n"]:  # no rows (an empty filter): no summary, as no group came out of the rows before
+                continue
+            r.update(dev[r["source"]])
             n = r["n"]
             summary = {"rows": n, "groups": 0, "ref_share": float(r["ref"])}
             for c in DESCRIBED:
