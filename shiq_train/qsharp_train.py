@@ -462,7 +462,15 @@ def train_value_model(
             )
         v_min = lo if v_min is None else v_min
         v_max = hi if v_max is None else v_max
-    atoms = atom_support(v_min, v_max, cfg.num_atoms)
+    try:
+        atoms = atom_support(v_min, v_max, cfg.num_atoms)
+    except ValueError as e:  # (say which bound came from where: the keys, or the buffer's returns)
+        read = [f"value.{k}" for k in ("v_min", "v_max") if getattr(cfg, k) is None]
+        given = [f"value.{k}" for k in ("v_min", "v_max") if getattr(cfg, k) is not None]
+        widened = ", widened by 1 either side of its one return" if len(read) == 2 and v_max - v_min == 2 else ""
+        where = [f"{' and '.join(given)} given"] if given else []
+        where += [f"{' and '.join(read)} from the returns-to-go of buffer {buffer_path}{widened}"] if read else []
+        raise ValueError(f"{e} ({'; '.join(where)})") from None
     context = contextlib.nullcontext() if dist.is_initialized() else parallel.distributed(seed=cfg.seed)
     history = []
     with context:

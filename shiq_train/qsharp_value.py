@@ -56,8 +56,9 @@ def atom_support(v_min: float, v_max: float, num_atoms: int = 11, dtype=torch.fl
     atoms = torch.linspace(float(v_min), float(v_max), num_atoms, dtype=torch.float64).to(dtype)
     if not (torch.isfinite(atoms).all() and (atoms[1:] > atoms[:-1]).all()):  # (beyond its range, or too close)
         raise ValueError(
-            f"{str(dtype).removeprefix('torch.')} cannot hold {num_atoms} finite distinct atoms from v_min={v_min:g} "
-            f"to v_max={v_max:g}: give returns of a smaller scale, or a wider [v_min, v_max]"
+            f"{str(dtype).removeprefix('torch.')} cannot hold {num_atoms} finite distinct atoms from "
+            f"v_min={float(v_min)!r} to v_max={float(v_max)!r}: give returns of a smaller scale, or a wider "
+            "[v_min, v_max]"
         )
     return atoms
 

@@ -142,6 +142,17 @@ def test_value_loss_config_errors(trained, tmp_path):
         "shiq-train: error: loss.v_min=5 is not below loss.v_max=1, the largest return-to-go in buffer "
         f"{tmp / 'buffer'}: give loss.v_max too (above loss.v_min), or leave loss.v_min to the buffer"
     )
+    # a support too narrow for float32 said v_min=1 to v_max=1 (printed with 6 digits) and named no key
+    narrow = shiq_train(
+        f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'v'}", f"init={init}", "loss=qsharp_value",
+        "loss.v_min=0.9999999",
+    )  # fmt: skip
+    assert narrow.returncode == 2
+    assert narrow.stderr.strip().splitlines()[-1] == (
+        "shiq-train: error: float32 cannot hold 11 finite distinct atoms from v_min=0.9999999 to v_max=1.0: give "
+        "returns of a smaller scale, or a wider [v_min, v_max] (loss.v_min given; loss.v_max from the "
+        f"returns-to-go of buffer {tmp / 'buffer'})"
+    )
     assert not (tmp_path / "v").exists()
 
 
