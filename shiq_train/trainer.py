@@ -649,8 +649,8 @@ def _wandb_run_id(out_dir: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        record = json.loads(path.read_text(errors="replace"))
-    except ValueError:
+        record = json_loads(path.read_text(errors="replace"))  # (a key given twice: not a record)
+    except (ValueError, RecursionError):
         record = None
     run_id = record.get("id") if isinstance(record, dict) else None
     if not isinstance(run_id, str) or re.fullmatch(r"[A-Za-z0-9_-]{1,64}", run_id) is None:

@@ -104,7 +104,8 @@ def test_a_resumed_run_logs_to_its_own_wandb_run(tmp_path, monkeypatch):
     assert "id" not in start(1, tmp_path / "copy")  # not the original's run
     assert recorded(tmp_path / "copy") == {"id": "new4", "folder": str((tmp_path / "copy").resolve())}
     assert start(2)["id"] == "new3"  # the original still resumes its own
-    for bad in ("../../etc\n", "[1]", '{"id": "a/b"}'):
+    twice = json.dumps({"id": "new3", "folder": str(out.resolve())})[:-1] + ', "id": "other"}'
+    for bad in ("../../etc\n", "[1]", '{"id": "a/b"}', twice, "[" * 100_000):
         (out / T.WANDB_RUN_ID).write_text(bad)
         assert "id" not in start(2)
         assert recorded()["id"] == runs[-1].id
