@@ -10,7 +10,9 @@ Every module logs to ``log = logging.getLogger(__name__)``; :func:`setup_logging
 entry point with its ``--log-level``, or ``logging.level`` of ``shiq-train``) sends the records of the project's
 packages at that level or above to stderr, one line each, the message alone. INFO (the default) shows the
 progress and status lines; WARNING keeps warnings only; DEBUG adds details. What a command prints as its
-result (tables, JSON, the line saying where its outputs went) goes to stdout and is not logging.
+result (tables, JSON, the line saying where its outputs went) goes to stdout and is not logging. A log line or
+error written while a progress bar is drawn starts on a line of its own: the bar is wiped first (and drawn again
+below a log line; closed before an error).
 """
 
 from __future__ import annotations
@@ -150,14 +152,61 @@ def _raise_terminated(signum, frame):
     raise Terminated()
 
 
+def _open_bars() -> list:
+    """The tqdm bars open now (of tqdm's class and of its subclasses, such as ``tqdm.auto``'s, each of which may
+    keep its own list) that draw on stdout or stderr; none when tqdm was never imported."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return []
+    classes, todo = [], [std.tqdm]
+    while todo:
+        cls = todo.pop()
+        classes.append(cls)
+        todo += cls.__subclasses__()
+    bars = {id(b): b for cls in classes for b in list(cls.__dict__.get("_instances", ()))}
+    terminal = (sys.stdout, sys.stderr)
+    return [b for b in bars.values() if hasattr(b, "start_t") and not b.disable and b.fp in terminal]
+
+
+@contextlib.contextmanager
+def bars_cleared() -> Iterator[None]:
+    """Within the block, the progress bars on screen (:func:`_open_bars`) are wiped from their line, and drawn
+    again after it: a line written to stderr inside (a warning in the middle of a build) then starts on a line
+    of its own, rather than after a bar's text, and the bar goes on below it."""
+    bars = _open_bars()
+    if not bars:
+        yield
+        return
+    lock = type(bars[0]).get_lock()
+    with lock:
+        for bar in bars:
+            bar.clear(nolock=True)
+        try:
+            yield
+        finally:
+            for bar in bars:
+                bar.refresh(nolock=True)
+
+
+def close_progress_bars() -> None:
+    """Wipe and close the progress bars still open (a loop left by an error or Ctrl-C), so that the command's
+    last line (its error, ``interrupted``) starts on a clean line, not after a half-drawn bar."""
+    for bar in _open_bars():
+        bar.leave = False
+        bar.close()
+
+
 def interrupted(prog: str, hint: str = "") -> int:
     """Print ``PROG: interrupted`` (then ``hint``) to stderr, for Ctrl-C; the exit status for it (130)."""
+    close_progress_bars()
     print(f"{prog}: interrupted{hint}", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
 def fail(prog: str, e: BaseException | str) -> int:
-    """Print :func:`error_line` to stderr; the exit status for it (2)."""
+    """Print :func:`error_line` to stderr (after closing any progress bar left open); the exit status for it
+    (2)."""
+    close_progress_bars()
     print(error_line(prog, e), file=sys.stderr)
     return EXIT_USER_ERROR
 
@@ -202,6 +251,7 @@ def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "")
         if verbose():
             raise
         if isinstance(e, Terminated):  # cleaned up: the status a shell gives a process SIGTERM ended
+            close_progress_bars()
             print(f"{prog}: terminated{hint}", file=sys.stderr)
             return EXIT_TERMINATED
         return interrupted(prog, hint)
@@ -236,6 +286,10 @@ class _StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value):  # always the current sys.stderr
         pass
+
+    def emit(self, record):
+        with bars_cleared():  # a warning in the middle of a progress bar gets a line of its own
+            super().emit(record)
 
 
 def log_level(level: str | int) -> int:

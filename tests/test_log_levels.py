@@ -104,3 +104,60 @@ def test_recipe_progress_lines_and_bad_levels(capsys):
     assert LoggingConfig(level="debug").level == "debug"
     with pytest.raises(ValueError, match=r"logging.level must be one of \['DEBUG', 'INFO', 'WARNING', 'ERROR'\]"):
         LoggingConfig(level="LOUD")
+
+
+def shown_lines(err: str) -> list[str]:
+    """What a terminal shows of ``err``: each line's text after its last carriage return (a bar redraws
+    itself over its line with one)."""
+    return [line.rsplit("\r", 1)[-1] for line in err.rstrip("\n").split("\n")]
+
+
+@pytest.mark.parametrize("verb", ["build", "append"])
+def test_a_warning_in_the_middle_of_a_progress_bar_is_a_line_of_its_own(
+    tmp_path, capsys, smollm2, tokenizers_once, verb
+):
+    """A warning logged while build's or append's bar was drawn (a message key the chat template may leave out)
+    was written after the bar's text on its line ('building b: 0 rows [...]shiq-data: warning: ...'); the bar is
+    now wiped first and drawn again below the warning, where it goes on to its last count."""
+    from shiq_data.cli import main
+
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    rows = [{"prompt": "Hi", "completion": [{"role": "assistant", "content": "a", "tool_calls": [call]}], "reward": 1}]
+    inp = tmp_path / "tc.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows * 3))
+    buf = tmp_path / "b"
+    if verb == "append":
+        plain = tmp_path / "plain.jsonl"
+        plain.write_text(json.dumps({"prompt": "Hi", "completion": "a", "reward": 1}) + "\n")
+        assert main(["build", "jsonl", str(plain), "--tokenizer", "smollm2", "--out", str(buf)]) == 0
+        capsys.readouterr()
+        argv, bar = ["append", str(buf), "jsonl", str(inp)], "appending to b: "
+    else:
+        argv, bar = ["build", "jsonl", str(inp), "--tokenizer", "smollm2", "--out", str(buf)], "building b: "
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    shown = shown_lines(err)
+    warned = [line for line in shown if "warning" in line]
+    assert len(warned) == 1 and warned[0].startswith("shiq-data: warning: "), err
+    assert bar in err.split("warning")[0], err  # the bar was on screen when the warning came
+    assert shown[-1].startswith(bar + "3 rows"), err  # and it is kept, with its last count, below the warning
+
+
+def test_an_error_after_a_bar_left_open_starts_on_a_clean_line(capsys):
+    """A bar updated by hand and left open when its work raised (``shiq-data dedup``'s 'near pairs', stopped by
+    an error or Ctrl-C) had the command's error written after its text; the bar is now wiped before the error
+    line."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from shiq_data.cli_common import run_command
+
+    def work():
+        bar = tqdm(desc="near pairs", unit=" pairs", file=sys.stderr)
+        bar.update(2)
+        raise ValueError("shard-00001.arrow: sha256 differs")
+
+    assert run_command("shiq-data", work) == 2
+    err = capsys.readouterr().err
+    assert "near pairs" in err and shown_lines(err) == ["shiq-data: error: shard-00001.arrow: sha256 differs"], err
