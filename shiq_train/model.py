@@ -730,6 +730,8 @@ def build_model(
 
     apply_cpu_adaptations()
     tc = transformer_config(cfg)
+    if tc.params_dtype != torch.float32:
+        quiet_mixed_norm_warning()
     vpp = tc.virtual_pipeline_model_parallel_size or 1
     if vpp > 1 and vp_stage is None:
         raise ValueError(
@@ -766,6 +768,20 @@ def build_model(
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
+
+
+MIXED_NORM_WARNING = "Mismatch dtype between input and weight"
+
+
+def quiet_mixed_norm_warning() -> None:
+    """Hide the warning torch gives at a bfloat16 model's first step, "Mismatch dtype between input and weight:
+    input dtype = c10::BFloat16, weight dtype = float, Cannot dispatch to fused implementation", from the local
+    layers' norms, whose weights megatron-core keeps in float32 (it builds them without ``params_dtype``).
+    Harmless: torch then normalises the bfloat16 input in float32, scales it by the float32 weight and rounds the
+    result once to bfloat16, the input's dtype; what a mixed-precision norm (Transformer Engine's, Apex's)
+    computes, and closer to the float32 result than the all-bfloat16 kernel it names. Only that message from
+    ``torch.nn.functional`` is hidden."""
+    warnings.filterwarnings("ignore", message=MIXED_NORM_WARNING, category=UserWarning, module="torch.nn.functional")
 
 
 def compile_layers(model) -> None:
