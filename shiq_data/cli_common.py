@@ -302,10 +302,22 @@ def log_level(level: str | int) -> int:
     raise ValueError(f"log level {level!r}: expected one of {', '.join(LOG_LEVELS)}")
 
 
+def _show_warning_clear_of_bars(message, category, filename, lineno, file=None, line=None):
+    """Python's ``warnings.showwarning``, with the progress bars on screen wiped first and drawn again after
+    (:func:`bars_cleared`): a library's warning in the middle of a bar (torch's, at a training's first step)
+    was written after the bar's text on its line."""
+    with bars_cleared():
+        _show_warning_clear_of_bars.shown(message, category, filename, lineno, file, line)
+
+
 def setup_logging(level: str | int = "INFO") -> None:
     """Send the log records of the project's packages (and of ``__main__``, a module of theirs run with
     ``python -m``) at ``level`` or above to stderr, one line each (the message alone); calling it again
-    changes the level."""
+    changes the level. Python warnings shown from then on start on a line of their own when a progress bar is
+    drawn (:func:`_show_warning_clear_of_bars`)."""
+    if warnings.showwarning is not _show_warning_clear_of_bars:
+        _show_warning_clear_of_bars.shown = warnings.showwarning
+        warnings.showwarning = _show_warning_clear_of_bars
     number = log_level(level)
     for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)

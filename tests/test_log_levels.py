@@ -161,3 +161,32 @@ def test_an_error_after_a_bar_left_open_starts_on_a_clean_line(capsys):
     assert run_command("shiq-data", work) == 2
     err = capsys.readouterr().err
     assert "near pairs" in err and shown_lines(err) == ["shiq-data: error: shard-00001.arrow: sha256 differs"], err
+
+
+def test_a_library_warning_in_the_middle_of_a_progress_bar_is_a_line_of_its_own(tmp_path):
+    """A Python warning a library gives while a command's bar is drawn (torch's at a training's first step) was
+    written after the bar's text on its line ('train sft:   0%|...|/.../functional.py:3006: UserWarning: ...');
+    once a command has set up its logging, the bar is wiped first and drawn again below the warning."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "warns.py"
+    script.write_text(
+        "import sys, warnings\n"
+        "from tqdm.auto import tqdm\n"
+        "from shiq_data.cli_common import setup_logging\n"
+        "setup_logging('INFO')\n"
+        "for step in tqdm(range(2), desc='train sft', file=sys.stderr):\n"
+        "    if step == 0:\n"
+        "        warnings.warn('a library warning')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONWARNINGS"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    shown = shown_lines(res.stderr)
+    warned = [line for line in shown if "UserWarning" in line]
+    assert len(warned) == 1 and "train sft" not in warned[0], res.stderr
+    assert "train sft" in res.stderr.split("UserWarning")[0] and shown[-1].startswith("train sft: 100%"), res.stderr
