@@ -31,9 +31,9 @@ from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, 
 from shiq_data.io import atomic_dir, printable, progress_bar, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.readers.generic import check_record
-from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_row, extra_field, parse_extra
+from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, extra_field, parse_extra
 from shiq_data.tokenizers import PIPELINE_FIELD
-from shiq_data.validate import check_group_id, check_unique_ids
+from shiq_data.validate import check_slice, check_unique_ids
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -94,35 +94,33 @@ def _tables(buffer: Buffer) -> Iterator[tuple[Path, pa.Table]]:
     yield from zip(buffer.shard_paths, buffer.shard_columns(EXPORT_COLUMNS))
 
 
-def _checked_rows(buffer: Buffer, shard: Path, table: pa.Table, bar: tqdm) -> Iterator[tuple[int, dict]]:
-    """``(index, row)`` of each row of a shard's ``table``, each checked as ``validate`` checks it
-    (:func:`shiq_data.schema.check_row`, against the manifest's vocabulary; a ``group_id`` below its
-    ``next_group_id``): a shard replaced together with its
-    checksum is refused row by row, naming the shard, row and field, and is not published. ``bar`` counts them."""
+def _checked_slices(buffer: Buffer, tables, bar: tqdm) -> Iterator[tuple[Path, int, pa.Table]]:
+    """``(shard, start, piece)``: the export columns of ``tables`` (``(shard, table)`` pairs) in slices of rows ``start``, ``start + 1``, ..., every
+    row checked first as ``validate`` checks it (:func:`shiq_data.validate.check_slice`, against the manifest's
+    vocabulary and ``next_group_id``): a shard replaced together with its checksum is refused naming the shard,
+    row and field, and is not published. ``bar`` counts the rows."""
     vocab = buffer.manifest["tokenizer"].get("vocab_size")
-    for start in range(0, table.num_rows, _ROWS_PER_SLICE):
-        rows = table.slice(start, _ROWS_PER_SLICE).to_pylist()
-        for j, row in enumerate(rows):
-            check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
-            check_group_id(row, buffer.manifest, shard, start + j)
-            yield start + j, row
-        bar.update(len(rows))
+    for shard, table in tables:
+        for start in range(0, table.num_rows, _ROWS_PER_SLICE):
+            piece = table.slice(start, _ROWS_PER_SLICE)
+            check_slice(piece, start, vocab, buffer.manifest, shard)
+            yield shard, start, piece
+            bar.update(piece.num_rows)
 
 
 def _checked_tables(buffer: Buffer, bar: tqdm) -> list[pa.Table]:
-    """The shards' export columns, every row checked first (:func:`_checked_rows`)."""
-    out = []
-    for shard, table in _tables(buffer):
-        for _ in _checked_rows(buffer, shard, table, bar):
-            pass
-        out.append(table)
-    return out
+    """The shards' export columns, every row checked first (:func:`_checked_slices`)."""
+    tables = list(_tables(buffer))
+    for _ in _checked_slices(buffer, tables, bar):
+        pass
+    return [table for _, table in tables]
 
 
 def _write_jsonl(buffer: Buffer, path: Path, bar: tqdm) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        for shard, table in _tables(buffer):
-            for i, row in _checked_rows(buffer, shard, table, bar):
+        for shard, start, piece in _checked_slices(buffer, _tables(buffer), bar):
+            for j, row in enumerate(piece.to_pylist()):
+                i = start + j
                 record = jsonl_record(row, where=f"{shard}: row {i}")
                 # a record build would refuse (text edited by hand: an empty completion, a malformed message, a
                 # reward beside turn rewards) is not published

@@ -165,6 +165,24 @@ def _clean_slice_counts(piece: pa.Table, vocab: int | None, next_group_id: int) 
         return None
 
 
+def check_slice(piece: pa.Table, start: int, vocab: int | None, manifest: dict, shard) -> tuple[int, int]:
+    """Check every row of ``piece`` (rows ``start``, ``start + 1``, ... of ``shard``, a shard of the buffer whose
+    ``manifest`` is given) as ``validate`` does, and return its ``(tokens, action tokens)``. The rows are checked
+    on whole columns (:func:`_clean_slice_counts`); only a slice that may hold a bad row is checked row by row
+    (:func:`shiq_data.schema.check_row`, :func:`check_group_id`), which raises naming the first bad row and
+    field. ``validate`` and ``export`` both check their rows here."""
+    counts = _clean_slice_counts(piece, vocab, manifest["next_group_id"])
+    if counts is not None:  # every row passes: no row needs converting to Python
+        return counts
+    n_tokens = n_actions = 0
+    for j, row in enumerate(piece.to_pylist()):
+        check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
+        check_group_id(row, manifest, shard, start + j)
+        n_tokens += len(row["tokens"])
+        n_actions += sum(row["action_mask"])
+    return n_tokens, n_actions
+
+
 def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:
     """Every check of :func:`validate_buffer` against one manifest; the summary counts."""
     with Spill(path) as spill:
@@ -205,31 +223,15 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
             n_tokens = n_actions = 0
             for start in range(0, table.num_rows, _ROWS_PER_SLICE):
                 piece = table.slice(start, _ROWS_PER_SLICE)
+                tokens, actions = check_slice(piece, start, vocab, manifest, shard)
+                n_tokens += tokens
+                n_actions += actions
                 pos = totals["rows"] + start
-                counts = _clean_slice_counts(piece, vocab, manifest["next_group_id"])
-                if counts is not None:  # every row passes: no row needs converting to Python
-                    n_tokens += counts[0]
-                    n_actions += counts[1]
-                    ids = {
-                        "pos": np.arange(pos, pos + piece.num_rows),
-                        "shard": np.full(piece.num_rows, k, np.int32),
-                        "row_id": piece.column("row_id"),
-                        "group_id": piece.column("group_id"),
-                    }
-                    spill.append("ids", pa.table(ids))
-                    continue
-                rows = piece.to_pylist()
-                for j, row in enumerate(rows):
-                    i = start + j
-                    check_row(row, vocab_size=vocab, file=str(shard), row_index=i)
-                    check_group_id(row, manifest, shard, i)
-                    n_tokens += len(row["tokens"])
-                    n_actions += sum(row["action_mask"])
                 ids = {
-                    "pos": np.arange(pos, pos + len(rows)),
-                    "shard": np.full(len(rows), k, np.int32),
-                    "row_id": [r["row_id"] for r in rows],
-                    "group_id": [r["group_id"] for r in rows],
+                    "pos": np.arange(pos, pos + piece.num_rows),
+                    "shard": np.full(piece.num_rows, k, np.int32),
+                    "row_id": piece.column("row_id"),
+                    "group_id": piece.column("group_id"),
                 }
                 spill.append("ids", pa.table(ids))
             for name, value in (("tokens", n_tokens), ("action_tokens", n_actions)):
