@@ -23,7 +23,16 @@ from shiq_data.buffer import (
     remove_unlisted_files_unless_locked,
 )
 from shiq_data.io import progress_bar
-from shiq_data.schema import GROUP_ID_MAX, LIST_FIELDS, REF_FIELDS, ListView, arrow_schema, check_row, extra_problem
+from shiq_data.schema import (
+    GROUP_ID_MAX,
+    LIST_FIELDS,
+    REF_FIELDS,
+    ListView,
+    arrow_schema,
+    check_row,
+    check_row_views,
+    extra_problem,
+)
 from shiq_data.spill import Spill
 
 _ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
@@ -103,11 +112,12 @@ def check_unique_ids(buffer: Buffer, near: Path) -> None:
         refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 
-def _clean_slice_counts(piece: pa.Table, vocab: int | None, next_group_id: int) -> tuple[int, int] | None:
+def _clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
     """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
-    :func:`shiq_data.schema.check_row` and :func:`check_group_id`, checked on whole columns at once; None when a
-    row may not, and the caller then checks the rows one by one, which names the first bad row and field as
-    before. A row by row check of a million short rows took over a minute."""
+    :func:`shiq_data.schema.check_row` and :func:`check_group_id`, checked on whole columns at once (training's own
+    check, :func:`shiq_data.schema.check_row_views`, then the rules it leaves out); None when a row may not, and
+    the caller then checks the rows one by one, which names the first bad row and field as before. A row by row
+    check of a million short rows took over a minute."""
     try:
         cols = {name: piece.column(name).combine_chunks() for name in piece.schema.names}
         for name in ("row_id", "source", "group_id", "prompt_len", *LIST_FIELDS, *REF_FIELDS):
@@ -126,12 +136,10 @@ def _clean_slice_counts(piece: pa.Table, vocab: int | None, next_group_id: int) 
         if groups.min() < 0 or groups.max() > GROUP_ID_MAX or groups.max() >= next_group_id:
             return None
         views = {name: ListView(cols[name]) for name in (*LIST_FIELDS, *REF_FIELDS) if name in cols}
+        # what training refuses (a ValueError, caught below): token ids outside [0, vocab), per-token lengths
+        # other than the tokens', no action, a non-finite reward or reference statistic
+        check_row_views(views, vocab, "", 0)
         n = np.diff(views["tokens"].offsets).astype(np.int64)
-        if any(not np.array_equal(np.diff(v.offsets), n) for v in views.values()):
-            return None
-        tokens = views["tokens"].values[views["tokens"].offsets[0] : views["tokens"].offsets[-1]]
-        if tokens.size and (tokens.min() < 0 or (vocab is not None and tokens.max() >= vocab)):
-            return None
         prompt = cols["prompt_len"].to_numpy().astype(np.int64)
         if ((prompt < 1) | (prompt >= n)).any():
             return None
@@ -141,17 +149,14 @@ def _clean_slice_counts(piece: pa.Table, vocab: int | None, next_group_id: int) 
         bits = bits.astype(bool)
         row = np.repeat(np.arange(len(n)), n)
         position = np.arange(len(bits)) - np.repeat(np.concatenate([[0], np.cumsum(n)[:-1]]), n)
-        if (bits & (position < prompt[row])).any() or (np.bincount(row, bits, len(n)) == 0).any():
+        if (bits & (position < prompt[row])).any():
             return None
         rewards = views["rewards"].values[views["rewards"].offsets[0] : views["rewards"].offsets[-1]]
-        if not np.isfinite(rewards).all() or ((rewards != 0) & ~bits).any():
+        if ((rewards != 0) & ~bits).any():
             return None
         for name in REF_FIELDS:
-            if name in views:
-                v = views[name]
-                values = v.values[v.offsets[0] : v.offsets[-1]]
-                if not np.isfinite(values).all() or (values[v.offsets[:-1] - v.offsets[0]] != 0).any():
-                    return None
+            if name in views and (views[name].values[views[name].offsets[:-1]] != 0).any():
+                return None
         if "reward" in cols and not np.isfinite(cols["reward"].drop_null().to_numpy()).all():
             return None
         if "turn_rewards" in cols and not np.isfinite(cols["turn_rewards"].flatten().drop_null().to_numpy()).all():
@@ -165,7 +170,7 @@ def _clean_slice_counts(piece: pa.Table, vocab: int | None, next_group_id: int) 
         return None
 
 
-def check_slice(piece: pa.Table, start: int, vocab: int | None, manifest: dict, shard) -> tuple[int, int]:
+def check_slice(piece: pa.Table, start: int, vocab: int, manifest: dict, shard) -> tuple[int, int]:
     """Check every row of ``piece`` (rows ``start``, ``start + 1``, ... of ``shard``, a shard of the buffer whose
     ``manifest`` is given) as ``validate`` does, and return its ``(tokens, action tokens)``. The rows are checked
     on whole columns (:func:`_clean_slice_counts`); only a slice that may hold a bad row is checked row by row
