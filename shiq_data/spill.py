@@ -42,12 +42,21 @@ def sweep(folder: Path, host: str, name: str | None = None) -> None:
     sweep_held(folder, f".*.spill-{glob.escape(host)}-*")
 
 
+class SpillMemoryError(RuntimeError):
+    """DuckDB ran out of a :class:`Spill`'s memory limit (a user error: one line, exit status 2)."""
+
+
 class Spill:
     """A context manager: a temporary folder ``.<name>.spill-<host>-<pid>-<random>`` next to ``near`` (in the system's
     temporary folder when that one cannot be written), Parquet tables in it and a DuckDB connection with
-    ``memory_limit`` and its ``temp_directory`` inside it; the folder is removed on exit."""
+    ``memory_limit`` (default :data:`MEMORY_LIMIT`) and its ``temp_directory`` inside it; the folder is removed on
+    exit. DuckDB running out of the limit in the block (a query whose operators cannot spill enough) is then a
+    :class:`SpillMemoryError` saying so in one line, not DuckDB's own error, whose advice (``SET memory_limit``) no
+    user of a command can follow."""
 
-    def __init__(self, near, memory_limit: str = MEMORY_LIMIT):
+    def __init__(self, near, memory_limit: str | None = None):
+        memory_limit = memory_limit or MEMORY_LIMIT
+        self.memory_limit = memory_limit
         near = Path(near).absolute()
         folder = near.parent
         while not folder.is_dir():  # the output's parents may not exist yet: the nearest one that does
@@ -81,8 +90,15 @@ class Spill:
     def __enter__(self) -> Spill:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, error, traceback) -> None:
         self.close()
+        if isinstance(error, duckdb.OutOfMemoryException):
+            first = str(error).strip().splitlines()[0] if str(error).strip() else "out of memory"
+            raise SpillMemoryError(
+                f"DuckDB ran out of the {self.memory_limit} memory limit of this command's work tables ({first}); "
+                "the limit is fixed (no option or setting raises it): run the command on fewer rows, e.g. on parts "
+                "of the buffer written by shiq-data filter --where"
+            ) from None
 
     def close(self) -> None:
         for w in self._writers.values():
