@@ -126,7 +126,7 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
     prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero at position
     0, and what training refuses (:func:`shiq_data.sampler.check_rows`: per-token lengths, token ids outside the
     vocabulary, no action, a non-finite reward), and an ``extra`` text ``validate`` refuses
-    (:func:`shiq_data.schema.extra_problem`). Vectorised but for ``extra``: a few passes over the shard's flat
+    (:func:`shiq_data.schema.extra_problem`). Vectorised but for ``extra`` (each distinct text parsed once): a few passes over the shard's flat
     columns. The other text columns are ``validate``'s to check."""
 
     def refuse(row, field: str, problem: str):
@@ -162,9 +162,13 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
         refuse(r, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
     check_rows({name: table.column(name) for name in lists}, vocab, shard)
     if "extra" in table.schema.names:  # copied as text: NaN, a non-object, bad JSON would reach the new buffer
-        for r, text in enumerate(table.column("extra").to_pylist()):
-            if text is not None and (problem := extra_problem(text)) is not None:
-                refuse(r, "extra", problem)
+        # each distinct text is judged once (rows mixed with replacement, or a few kinds of extra, repeat them);
+        # the rows are gone through only to name the first one holding a bad text
+        extra = table.column("extra")
+        bad = {t: why for t in pc.unique(extra.drop_null()).to_pylist() if (why := extra_problem(t)) is not None}
+        if bad:
+            r, text = next((r, t) for r, t in enumerate(extra.to_pylist()) if t in bad)
+            refuse(r, "extra", bad[text])
     row_of = np.repeat(np.arange(len(n)), n)  # [tokens] the row of each flat position, and its place in the row
     pos = np.arange(row_of.size) - np.repeat(np.cumsum(n) - n, n)
     mask = pc.list_flatten(table.column("action_mask")).to_numpy(zero_copy_only=False)
