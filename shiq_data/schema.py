@@ -520,3 +520,76 @@ def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: in
             f"{shard}: row {first_row + r}: field 'tokens': token id {int(tokens.values[at])} outside [0, {vocab}) "
             "of the buffer's tokenizer (shiq-data validate lists every bad row)"
         )
+
+
+def check_shard(table: pa.Table, vocab: int, shard) -> None:
+    """Refuse, naming the shard, row and field, a row that a curation verb would otherwise copy into a buffer
+    ``validate`` refuses (a shard edited together with its checksum): a null anywhere in the stored columns, an
+    empty ``row_id``, a negative ``group_id``, a ``prompt_len`` outside ``[1, tokens)``, an action inside the
+    prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero at position
+    0, and what training refuses (:func:`check_rows`: per-token lengths, token ids outside the
+    vocabulary, no action, a non-finite reward), and an ``extra`` text ``validate`` refuses
+    (:func:`shiq_data.schema.extra_problem`). Vectorised but for ``extra`` (each distinct text parsed once): a few passes over the shard's flat
+    columns. The other text columns are ``validate``'s to check."""
+
+    def refuse(row, field: str, problem: str):
+        raise ValueError(f"{shard}: row {row}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
+
+    def first(bad: np.ndarray) -> int:  # [rows] or [tokens] bool: the first True
+        return int(np.flatnonzero(bad)[0])
+
+    lists = [*LIST_FIELDS, *(f for f in REF_FIELDS if f in table.schema.names)]
+    for name in ("row_id", "source", "group_id", "prompt_len", *lists):
+        col = table.column(name)
+        if col.null_count:
+            kind = {"row_id": "a string", "source": "a string"}.get(name, "a list" if name in lists else "an integer")
+            refuse(first(pc.is_null(col).to_numpy(zero_copy_only=False)), name, f"must be {kind}, got null")
+        if name in lists and (inner := pc.list_flatten(col)).null_count:
+            at = first(pc.is_null(inner).to_numpy(zero_copy_only=False))
+            refuse(
+                first(np.cumsum(pc.list_value_length(col).to_numpy(zero_copy_only=False)) > at), name, "a null value"
+            )
+    if (empty := pc.equal(pc.utf8_length(table.column("row_id")), 0).to_numpy(zero_copy_only=False)).any():
+        refuse(first(empty), "row_id", "empty")
+    group = table.column("group_id").to_numpy()
+    if (group < 0).any():
+        refuse(r := first(group < 0), "group_id", f"must be >= 0, got {group[r]}")
+    n = pc.list_value_length(table.column("tokens")).to_numpy(zero_copy_only=False).astype(np.int64)
+    for name in lists[1:]:
+        other = pc.list_value_length(table.column(name)).to_numpy(zero_copy_only=False)
+        if (other != n).any():
+            refuse(r := first(other != n), name, f"length {other[r]} differs from tokens' length {n[r]}")
+    p = table.column("prompt_len").to_numpy().astype(np.int64)
+    if (bad := (p < 1) | (p >= n)).any():
+        r = first(bad)
+        refuse(r, "prompt_len", f"{p[r]} is outside [1, {n[r]}) (at least one prompt token and one completion token)")
+    check_rows({name: table.column(name) for name in lists}, vocab, shard)
+    if "extra" in table.schema.names:  # copied as text: NaN, a non-object, bad JSON would reach the new buffer
+        # each distinct text is judged once (rows mixed with replacement, or a few kinds of extra, repeat them);
+        # the rows are gone through only to name the first one holding a bad text
+        extra = table.column("extra")
+        bad = {t: why for t in pc.unique(extra.drop_null()).to_pylist() if (why := extra_problem(t)) is not None}
+        if bad:
+            r, text = next((r, t) for r, t in enumerate(extra.to_pylist()) if t in bad)
+            refuse(r, "extra", bad[text])
+    row_of = np.repeat(np.arange(len(n)), n)  # [tokens] the row of each flat position, and its place in the row
+    pos = np.arange(row_of.size) - np.repeat(np.cumsum(n) - n, n)
+    mask = pc.list_flatten(table.column("action_mask")).to_numpy(zero_copy_only=False)
+    flat = {name: pc.list_flatten(table.column(name)).to_numpy(zero_copy_only=False) for name in lists[2:]}
+
+    def refuse_at(bad_flat: np.ndarray, field: str, problem):  # problem(position, value of field there)
+        at = first(bad_flat)
+        refuse(row_of[at], field, problem(int(pos[at]), flat.get(field, mask)[at]))
+
+    if (inside := mask & (pos < p[row_of])).any():
+        prompt = p[row_of[first(inside)]]
+        refuse_at(
+            inside, "action_mask", lambda t, _: f"action token at position {t}, inside the prompt (prompt_len {prompt})"
+        )
+    if (off := (flat["rewards"] != 0) & ~mask).any():
+        refuse_at(off, "rewards", lambda t, v: f"nonzero reward {v} at position {t}, which is not an action token")
+    for name in REF_FIELDS:
+        if name in flat and (bad := ~np.isfinite(flat[name])).any():
+            refuse_at(bad, name, lambda t, v: f"non-finite value {v} at position {t}")
+        if name in flat and (bad := (pos == 0) & (flat[name] != 0)).any():
+            refuse_at(bad, name, lambda t, v: f"position 0 must be 0 (nothing predicts the first token), got {v}")

@@ -1,6 +1,7 @@
 """Full check of a replay buffer: manifest, shard checksums, schema and every row.
 
-Shards are read one at a time and their rows converted in slices of 1024; the row ids (unique over the
+Shards are read one at a time and their rows checked in slices of 1024, on whole columns (converted to Python
+rows only in a slice that may hold a bad row, to name it); the row ids (unique over the
 buffer) and group ids (counted) of all rows go to a temporary Parquet table next to the buffer that DuckDB
 checks within a fixed memory limit (:mod:`shiq_data.spill`), so memory does not grow with the buffer.
 """
@@ -23,19 +24,10 @@ from shiq_data.buffer import (
     remove_unlisted_files_unless_locked,
 )
 from shiq_data.io import progress_bar
-from shiq_data.schema import (
-    GROUP_ID_MAX,
-    LIST_FIELDS,
-    REF_FIELDS,
-    ListView,
-    arrow_schema,
-    check_row,
-    check_row_views,
-    extra_problem,
-)
+from shiq_data.schema import GROUP_ID_MAX, arrow_schema, check_row, check_shard
 from shiq_data.spill import Spill
 
-_ROWS_PER_SLICE = 1024  # rows converted to Python at a time (bounded memory on big shards)
+_ROWS_PER_SLICE = 1024  # rows checked at a time (bounded memory on big shards, also when converted to Python)
 _ATTEMPTS = 3  # checks of a buffer whose manifest keeps changing under the check
 
 
@@ -114,58 +106,30 @@ def check_unique_ids(buffer: Buffer, near: Path) -> None:
 
 def _clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
     """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
-    :func:`shiq_data.schema.check_row` and :func:`check_group_id`, checked on whole columns at once (training's own
-    check, :func:`shiq_data.schema.check_row_views`, then the rules it leaves out); None when a row may not, and
-    the caller then checks the rows one by one, which names the first bad row and field as before. A row by row
-    check of a million short rows took over a minute."""
+    :func:`shiq_data.schema.check_row` and :func:`check_group_id`, checked on whole columns at once (the curation
+    verbs' check of a stored shard, :func:`shiq_data.schema.check_shard`, then the rules it leaves to
+    ``validate``); None when a row may not, and the caller then checks the rows one by one, which names the first
+    bad row and field as before. A row by row check of a million short rows took over a minute."""
     try:
-        cols = {name: piece.column(name).combine_chunks() for name in piece.schema.names}
-        for name in ("row_id", "source", "group_id", "prompt_len", *LIST_FIELDS, *REF_FIELDS):
-            if name in cols and (
-                cols[name].null_count or (pa.types.is_list(cols[name].type) and cols[name].flatten().null_count)
-            ):
-                return None
-        for name in ("row_id", "source", "prompt", "completion", "extra"):
-            if name in cols:
-                cols[name].validate(full=True)  # UTF-8 (no lone surrogate)
         if piece.num_rows == 0:
             return 0, 0
-        if pc.min(pc.binary_length(cols["row_id"])).as_py() == 0:
+        check_shard(piece, vocab, "")  # a ValueError (caught below) for a row it refuses
+        names = piece.schema.names
+        for name in ("row_id", "source", "prompt", "completion", "extra"):
+            if name in names:
+                piece.column(name).validate(full=True)  # UTF-8 (no lone surrogate)
+        groups = piece.column("group_id").to_numpy()
+        if groups.max() > GROUP_ID_MAX or groups.max() >= next_group_id:
             return None
-        groups = cols["group_id"].to_numpy()
-        if groups.min() < 0 or groups.max() > GROUP_ID_MAX or groups.max() >= next_group_id:
-            return None
-        views = {name: ListView(cols[name]) for name in (*LIST_FIELDS, *REF_FIELDS) if name in cols}
-        # what training refuses (a ValueError, caught below): token ids outside [0, vocab), per-token lengths
-        # other than the tokens', no action, a non-finite reward or reference statistic
-        check_row_views(views, vocab, "", 0)
-        n = np.diff(views["tokens"].offsets).astype(np.int64)
-        prompt = cols["prompt_len"].to_numpy().astype(np.int64)
-        if ((prompt < 1) | (prompt >= n)).any():
-            return None
-        m = views["action_mask"]
-        lo, hi = m.bit_offset + int(m.offsets[0]), m.bit_offset + int(m.offsets[-1])
-        bits = np.unpackbits(m.bits[lo >> 3 : (hi + 7) >> 3], bitorder="little")[lo & 7 : (lo & 7) + hi - lo]
-        bits = bits.astype(bool)
-        row = np.repeat(np.arange(len(n)), n)
-        position = np.arange(len(bits)) - np.repeat(np.concatenate([[0], np.cumsum(n)[:-1]]), n)
-        if (bits & (position < prompt[row])).any():
-            return None
-        rewards = views["rewards"].values[views["rewards"].offsets[0] : views["rewards"].offsets[-1]]
-        if ((rewards != 0) & ~bits).any():
-            return None
-        for name in REF_FIELDS:
-            if name in views and (views[name].values[views[name].offsets[:-1]] != 0).any():
-                return None
-        if "reward" in cols and not np.isfinite(cols["reward"].drop_null().to_numpy()).all():
-            return None
-        if "turn_rewards" in cols and not np.isfinite(cols["turn_rewards"].flatten().drop_null().to_numpy()).all():
-            return None
-        if "extra" in cols and any(
-            extra_problem(x) is not None for x in pc.unique(cols["extra"].drop_null()).to_pylist()
-        ):
-            return None
-        return int(n.sum()), int(bits.sum())
+        for name in ("reward", "turn_rewards"):  # null allowed, else finite
+            if name in names:
+                column = piece.column(name)
+                values = pc.list_flatten(column) if pa.types.is_list(column.type) else column
+                if not np.isfinite(values.drop_null().to_numpy()).all():
+                    return None
+        tokens = pc.sum(pc.list_value_length(piece.column("tokens"))).as_py()
+        actions = pc.sum(pc.cast(pc.list_flatten(piece.column("action_mask")), pa.int64())).as_py()
+        return int(tokens), int(actions or 0)
     except (pa.ArrowException, ValueError, TypeError, UnicodeError):  # anything unexpected: the row by row check
         return None
 

@@ -1060,7 +1060,7 @@ def test_curation_parses_each_distinct_extra_text_of_a_shard_once(tmp_path, monk
     """The curation verbs' check of a shard parsed every row's ``extra`` in Python (half of filter's time on 200,000
     short rows mixed with replacement); each distinct text is parsed once, and a bad one is still named at the
     first row holding it."""
-    from shiq_data.curate import rows as R
+    from shiq_data import schema as R
     from shiq_data.schema import extra_problem
 
     texts = ['{"k": 1}', '{"k": 2}', None, '{"k": 1}', '{"k": 3}', '{"k": 2}', '{"k": 1}', None]
