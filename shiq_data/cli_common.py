@@ -163,9 +163,22 @@ def _open_bars() -> list:
         cls = todo.pop()
         classes.append(cls)
         todo += cls.__subclasses__()
-    bars = {id(b): b for cls in classes for b in list(cls.__dict__.get("_instances", ()))}
+    bars = {id(b): b for cls in classes for b in _instances(cls)}
     terminal = (sys.stdout, sys.stderr)
     return [b for b in bars.values() if hasattr(b, "start_t") and not b.disable and b.fp in terminal]
+
+
+def _instances(cls) -> list:
+    """The bars ``cls`` itself lists (tqdm's ``_instances``, a set another thread's new or closed bar changes
+    under tqdm's lock, not ours); read again when such a change interrupts the reading (Python's "Set changed
+    size during iteration"), and none if it keeps changing: a log line is then written without the wipe, never
+    lost to the error."""
+    for _ in range(10):
+        try:
+            return list(cls.__dict__.get("_instances", ()))
+        except RuntimeError:
+            continue
+    return []
 
 
 @contextlib.contextmanager

@@ -190,3 +190,33 @@ def test_a_library_warning_in_the_middle_of_a_progress_bar_is_a_line_of_its_own(
     warned = [line for line in shown if "UserWarning" in line]
     assert len(warned) == 1 and "train sft" not in warned[0], res.stderr
     assert "train sft" in res.stderr.split("UserWarning")[0] and shown[-1].startswith("train sft: 100%"), res.stderr
+
+
+def test_a_bar_made_or_closed_by_another_thread_meanwhile_does_not_end_a_log_line(capsys, monkeypatch):
+    """tqdm's list of open bars is a set another thread changes when it makes or closes a bar; reading it just
+    then raised 'Set changed size during iteration' out of the log call, which ended the command as an error.
+    The list is read again, and a line is never lost to it."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc="work", file=sys.stderr)
+    try:
+        calls = []
+
+        class Changing:  # the set as another thread leaves it: changed while read, twice
+            def __iter__(self):
+                calls.append(1)
+                if len(calls) <= 2:
+                    raise RuntimeError("Set changed size during iteration")
+                return iter([bar])
+
+        monkeypatch.setattr(type(bar), "_instances", Changing())
+        setup_logging("INFO")
+        logging.getLogger("shiq_data.test").warning("shiq-data: warning: a line")
+        assert len(calls) == 3
+        shown = shown_lines(capsys.readouterr().err)
+        assert "shiq-data: warning: a line" in shown  # on a line of its own: the bar was wiped first
+    finally:
+        monkeypatch.undo()  # (tqdm's own set back, for the bar's close to leave it)
+        bar.close()
