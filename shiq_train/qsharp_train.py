@@ -447,7 +447,8 @@ def train_value_model(
     v_min, v_max = cfg.v_min, cfg.v_max
     if v_min is None or v_max is None:
         lo, hi = buffer_return_range(sampler, cfg.gamma)
-        if v_min is None and v_max is None and lo == hi:  # a constant return: any support around it
+        widened = v_min is None and v_max is None and lo == hi
+        if widened:  # a constant return: any support around it
             lo, hi = lo - 1.0, hi + 1.0
         # the one given must still leave room for the other, read from the buffer: say where that came from
         if v_min is not None and not v_min < hi:
@@ -467,9 +468,9 @@ def train_value_model(
     except ValueError as e:  # (say which bound came from where: the keys, or the buffer's returns)
         read = [f"value.{k}" for k in ("v_min", "v_max") if getattr(cfg, k) is None]
         given = [f"value.{k}" for k in ("v_min", "v_max") if getattr(cfg, k) is not None]
-        widened = ", widened by 1 either side of its one return" if len(read) == 2 and v_max - v_min == 2 else ""
+        one = ", widened by 1 either side of its one return" if read and widened else ""
         where = [f"{' and '.join(given)} given"] if given else []
-        where += [f"{' and '.join(read)} from the returns-to-go of buffer {buffer_path}{widened}"] if read else []
+        where += [f"{' and '.join(read)} from the returns-to-go of buffer {buffer_path}{one}"] if read else []
         raise ValueError(f"{e} ({'; '.join(where)})") from None
     context = contextlib.nullcontext() if dist.is_initialized() else parallel.distributed(seed=cfg.seed)
     history = []

@@ -885,9 +885,9 @@ def test_a_value_model_of_another_vocabulary_is_refused():
             GuidedPolicy(ref, value, ATOMS, 0.5, top_k=5, eos_id=63)
 
 
-def write_toy_buffer(path, rows: int, tokenizer: str = "toy") -> None:
-    """A buffer of ``rows`` rows ``[3, 4, 5]`` (prompt ``[3]``), row ``i`` of return ``i``, under a 64-id
-    tokenizer named ``tokenizer``."""
+def write_toy_buffer(path, rows: int, tokenizer: str = "toy", offset: float = 0.0, step: float = 1.0) -> None:
+    """A buffer of ``rows`` rows ``[3, 4, 5]`` (prompt ``[3]``), row ``i`` of return ``offset + step * i``, under
+    a 64-id tokenizer named ``tokenizer``."""
     from shiq_data.buffer import write_buffer
 
     made = [
@@ -898,7 +898,7 @@ def write_toy_buffer(path, rows: int, tokenizer: str = "toy") -> None:
             prompt_len=1,
             tokens=[3, 4, 5],
             action_mask=[False, True, True],
-            rewards=[0.0, 0.0, float(i)],
+            rewards=[0.0, 0.0, offset + step * i],
         )
         for i in range(rows)
     ]
@@ -953,6 +953,33 @@ def test_a_constant_return_buffer_with_one_bound_given_uses_the_buffers_own_retu
         cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=1, progress=False, **given)
         with pytest.raises(ValueError, match=match):
             train_value_model(tmp_path / "buf", tmp_path / "value", hf.state_dict(), hf.config, cfg)
+        assert not (tmp_path / "value").exists()
+
+
+def test_a_support_float32_cannot_hold_says_where_its_bounds_came_from(tmp_path):
+    """Returns too large for float32's spacing: the message printed both bounds with 6 digits (``from
+    v_min=1e+09 to v_max=1e+09``) and named no key; now the bounds are whole and the line says which came from
+    the buffer, and that a constant return was widened by 1 (only then: returns 4e6 and 4e6 + 2, two of them, are
+    not said to be widened, though their range is 2 as well)."""
+    from shiq_train.qsharp_train import ValueTrainConfig, train_value_model
+
+    warnings.filterwarnings("ignore")
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=1, progress=False)
+    for rows, offset, step, source in (
+        (1, 1e9, 0.0, "buf1, widened by 1 either side of its one return)"),
+        (2, 4e6, 2.0, "buf2)"),  # (float32 holds both returns, not 11 atoms between them)
+    ):
+        buf = tmp_path / f"buf{rows}"
+        write_toy_buffer(buf, rows=rows, offset=offset, step=step)
+        with pytest.raises(ValueError) as e:
+            train_value_model(buf, tmp_path / "value", hf.state_dict(), hf.config, cfg)
+        lo, hi = (offset - 1, offset + 1) if rows == 1 else (offset, offset + step)
+        assert str(e.value).startswith(
+            f"float32 cannot hold 11 finite distinct atoms from v_min={lo!r} to v_max={hi!r}"
+        )
+        assert f"(value.v_min and value.v_max from the returns-to-go of buffer {buf}" in str(e.value)
+        assert str(e.value).endswith(source)
         assert not (tmp_path / "value").exists()
 
 
