@@ -98,7 +98,7 @@ class Spill:
                 f"DuckDB ran out of the {self.memory_limit} memory limit of this command's work tables ({first}); "
                 "the limit is fixed (no option or setting raises it): run the command on fewer rows, e.g. on parts "
                 "of the buffer written by shiq-data filter --where"
-            ) from None
+            ) from error  # (its traceback, with SHIQ_VERBOSE=1)
 
     def close(self) -> None:
         for w in self._writers.values():

@@ -93,3 +93,9 @@ def test_duckdb_running_out_of_its_memory_limit_is_one_line(tmp_path, capsys, mo
     assert "SET memory_limit" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert not any("spill" in p.name for p in (tmp_path / "b").iterdir())  # (the work tables are removed)
+    import duckdb
+
+    monkeypatch.setenv("SHIQ_VERBOSE", "1")  # the traceback, with DuckDB's own error as the cause
+    with pytest.raises(spill.SpillMemoryError) as raised:
+        run(capsys, *argv)
+    assert isinstance(raised.value.__cause__, duckdb.OutOfMemoryException)
