@@ -1739,3 +1739,25 @@ def test_decontaminate_gives_one_answer_with_or_without_text_columns_and_folds_c
             )
             assert code == 0, err
             assert ids(out) == ["b0-1"] and f"{found} of the evaluation texts found" in stdout, (text, args, stdout)
+
+
+def test_a_long_where_is_shown_by_its_start_and_length(data, tmp_path, capsys):
+    """A --where of thousands of row ids (a 120 KB list, the longest one argument a shell passes) was echoed
+    whole in filter's status line and in an error's one line; both now show its start and its length."""
+    df = data["df"]
+    wanted = df.row_id.tolist()[::3]
+    listed = wanted + [f"none-{i}" for i in range(3000)]
+    expr = "row_id IN (" + ", ".join(f"'{i}'" for i in listed) + ")"
+    code, stdout, err = run(capsys, "filter", data["ab"], "--where", expr, "--out", tmp_path / "f", "--no-progress")
+    assert code == 0, err
+    assert ids(tmp_path / "f") == df[df.row_id.isin(wanted)].row_id.tolist()
+    line = f"kept {len(wanted)} of {len(df)} rows where {expr[:100]}... ({len(expr):,} characters)\n"
+    assert stdout.endswith(line) and len(stdout) < 400, stdout[:500]
+    code, stdout, err = run(capsys, "filter", data["ab"], "--where", expr + " AND nope", "--out", tmp_path / "g")
+    assert code == 2 and err.count("\n") == 1 and len(err) < 600, err[:700]
+    assert (
+        err.startswith(f"shiq-data: error: --where {expr[:100]!r}... ({len(expr) + 9:,} characters): ")
+        and "nope" in err
+    )
+    code, stdout, err = run(capsys, "stats", data["ab"], "--where", expr)
+    assert code == 0 and f"where {expr[:100]}... ({len(expr):,} characters))" in stdout and len(stdout) < 4000

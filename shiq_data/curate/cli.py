@@ -17,6 +17,7 @@ from shiq_data.curate.show import show_rows
 from shiq_data.curate.split import BY as SPLIT_BY
 from shiq_data.curate.split import split_buffer
 from shiq_data.curate.stats import buffer_stats, format_stats, plot_stats
+from shiq_data.curate.where import shown
 
 WHERE_HELP = (
     "SQL boolean expression over the row's columns, evaluated by DuckDB (no subqueries, no file access): "
@@ -37,7 +38,7 @@ def cmd_show(args) -> int:
     for block in blocks:
         print(block + "\n")
     if not blocks:
-        print(f"shiq-data: no row of {args.buffer} to show" + (f" where {args.where}" if args.where else ""))
+        print(f"shiq-data: no row of {args.buffer} to show" + (f" where {shown(args.where)}" if args.where else ""))
     return 0
 
 
@@ -47,7 +48,7 @@ def cmd_stats(args) -> int:
         if Path(args.plot).exists() and not Path(args.plot).is_dir():
             raise ValueError(f"--plot {args.plot} is a file: give a folder for the histograms")
     stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
-    where = f", where {args.where}" if args.where else ""
+    where = f", where {shown(args.where)}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({plural(stats['rows'], 'row')}{where})"))
     if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
         print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
@@ -59,7 +60,9 @@ def cmd_stats(args) -> int:
 
 def cmd_filter(args) -> int:
     _, kept, read = filter_buffer(args.buffer, args.out, args.where, command=args.argv, progress=not args.no_progress)
-    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')} where {args.where}")
+    print(
+        f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')} where {shown(args.where)}"
+    )
     return 0
 
 

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from shiq_data.curate.filter import selected
 from shiq_data.curate.rows import CurationSource
-from shiq_data.curate.where import Where
+from shiq_data.curate.where import Where, shown
 from shiq_data.io import printable
 
 OPEN, CLOSE = "⟦", "⟧"
@@ -79,5 +79,5 @@ def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | No
         if row_id is None and len(blocks) >= rows:
             break
     if row_id is not None and not blocks:
-        raise ValueError(f"{path}: no row with row_id {row_id!r}" + (f" where {where}" if where else ""))
+        raise ValueError(f"{path}: no row with row_id {row_id!r}" + (f" where {shown(where)}" if where else ""))
     return blocks

@@ -21,6 +21,19 @@ TABLE = "rows"
 _QUERY = "SELECT ({expr}) AS keep FROM " + TABLE
 
 
+SHOWN_CHARS = 200  # an expression longer than this is shown by its start and its length
+
+
+def shown(expr: str, quote: bool = False) -> str:
+    """``expr`` as a message shows it (``repr``-quoted with ``quote``): whole, or when longer than
+    :data:`SHOWN_CHARS` (a list of thousands of row ids) its first 100 characters and its length, so that a status
+    line or an error stays one short line."""
+    if len(expr) <= SHOWN_CHARS:
+        return repr(expr) if quote else expr
+    start = repr(expr[:100]) if quote else expr[:100]
+    return f"{start}... ({len(expr):,} characters)"
+
+
 def _first_line(e: Exception) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
@@ -66,7 +79,7 @@ class Where:
             raise ValueError(f"--where {expr[:80]!r}...: nested too deep") from None
         if tree.get("error"):
             problem = (tree.get("error_message") or "not valid SQL").strip().splitlines()[0]
-            raise ValueError(f"--where {expr!r}: {problem}")
+            raise ValueError(f"--where {shown(expr, True)}: {problem}")
         statements = tree.get("statements", [])
         node = statements[0].get("node", {}) if len(statements) == 1 else {}
         simple = (
@@ -85,12 +98,16 @@ class Where:
             and not (node.get("cte_map") or {}).get("map")
         )
         if not simple:
-            raise ValueError(f"--where {expr!r}: must be a single SQL boolean expression over the row's columns")
+            raise ValueError(
+                f"--where {shown(expr, True)}: must be a single SQL boolean expression over the row's columns"
+            )
         inner = node["select_list"]
         if any(n.get("class") == "SUBQUERY" or n.get("type") in ("SUBQUERY", "TABLE_FUNCTION") for n in _walk(inner)):
-            raise ValueError(f"--where {expr!r}: subqueries are not allowed (the expression sees one row's columns)")
+            raise ValueError(
+                f"--where {shown(expr, True)}: subqueries are not allowed (the expression sees one row's columns)"
+            )
         if any(n.get("class") == "STAR" for n in _walk(inner)):  # COLUMNS(...) gives one value per column
-            raise ValueError(f"--where {expr!r}: * and COLUMNS(...) are not allowed: name the columns")
+            raise ValueError(f"--where {shown(expr, True)}: * and COLUMNS(...) are not allowed: name the columns")
         aggregates = {
             r[0]
             for r in self.con.sql(
@@ -100,7 +117,7 @@ class Where:
         used = {n.get("function_name", "").lower() for n in _walk(inner) if n.get("class") == "FUNCTION"}
         if used & aggregates:
             raise ValueError(
-                f"--where {expr!r}: aggregate functions ({', '.join(sorted(used & aggregates))}) are not allowed "
+                f"--where {shown(expr, True)}: aggregate functions ({', '.join(sorted(used & aggregates))}) are not allowed "
                 "(the expression sees one row's columns)"
             )
         # unnest gives a row per list element: a row count that happens to match would shift the rows kept
@@ -113,12 +130,12 @@ class Where:
         }
         if used & set_returning:
             raise ValueError(
-                f"--where {expr!r}: {', '.join(sorted(used & set_returning))} gives several values per row, which "
+                f"--where {shown(expr, True)}: {', '.join(sorted(used & set_returning))} gives several values per row, which "
                 "is not allowed (the expression gives one value per row: list functions such as list_contains read a list)"
             )
         if any(n.get("class") == "WINDOW" for n in _walk(inner)):
             raise ValueError(
-                f"--where {expr!r}: window functions are not allowed (the expression sees one row's columns)"
+                f"--where {shown(expr, True)}: window functions are not allowed (the expression sees one row's columns)"
             )
         self.columns = {
             name.lower() for n in _walk(inner) if n.get("class") == "COLUMN_REF" for name in n.get("column_names", [])
@@ -141,14 +158,20 @@ class Where:
         except duckdb.Error as e:
             columns = ", ".join(view.schema.names + [c for c in TEXT_COLUMNS if c not in view.schema.names])
             where = f" on the rows of {shard}" if shard is not None and view.num_rows else ""
-            raise ValueError(f"--where {self.expr!r}: {_first_line(e)}{where} (columns: {columns})") from None
+            raise ValueError(
+                f"--where {shown(self.expr, True)}: {_first_line(e)}{where} (columns: {columns})"
+            ) from None
         finally:
             self.con.unregister(TABLE)
         keep = result.column("keep")
         if not pa.types.is_boolean(keep.type) and not pa.types.is_null(keep.type):
-            raise ValueError(f"--where {self.expr!r}: must be a boolean expression, it gives {keep.type} values")
+            raise ValueError(
+                f"--where {shown(self.expr, True)}: must be a boolean expression, it gives {keep.type} values"
+            )
         if len(keep) != view.num_rows:
-            raise ValueError(f"--where {self.expr!r}: must be a per-row expression (no aggregate such as count(*))")
+            raise ValueError(
+                f"--where {shown(self.expr, True)}: must be a per-row expression (no aggregate such as count(*))"
+            )
         if pa.types.is_null(keep.type):
             return np.zeros(view.num_rows, dtype=bool)
         return np.asarray(keep.fill_null(False).to_numpy(zero_copy_only=False), dtype=bool)
