@@ -102,6 +102,7 @@ from shiq_data.schema import (
     arrow_schema,
     at_input,
     check_row,
+    clean_slice_counts,
     row_has_ref,
 )
 from shiq_data.spill import Spill
@@ -1334,14 +1335,16 @@ def _refuse_unrecorded_reference(buffer_dir, manifest: dict, ref_model: dict | N
         )
 
 
-CHECK_BATCH_ROWS = 256  # rows :func:`replace_shard` holds as Python objects at a time, to check them
+CHECK_BATCH_ROWS = 1024  # rows :func:`replace_shard` checks at a time (as Python objects only where one may be bad)
 
 
 def replace_shard(buffer_dir, shard_index: int, table: pa.Table, *, ref_model: dict | None = None) -> dict:
     """Replace shard ``shard_index`` (position in the manifest's list) by ``table``; its new manifest entry.
 
     Meant for adding the reference columns: ``table`` must hold the same rows (the base columns equal
-    the old shard's) and conform to :func:`shiq_data.schema.arrow_schema`. Every row is checked. The
+    the old shard's) and conform to :func:`shiq_data.schema.arrow_schema`. Every row is checked as
+    :func:`shiq_data.schema.check_row` checks it, on whole columns 1024 rows at a time (row by row only in a
+    slice that may hold a bad row, naming the first bad row and field). The
     new version is written to a new file (``shard-XXXXX.rN.arrow``, via a ``.tmp`` name and
     ``os.replace``), then ``manifest.json`` is replaced atomically to point at it and record the
     shard in ``ref_stats.done``, then the old file is deleted. A kill at any moment leaves either the
@@ -1387,11 +1390,12 @@ def _rewrite_shard(
                 raise _other_reference(buffer_dir, recorded, ref_model)
             _refuse_unrecorded_reference(buffer_dir, manifest, ref_model, but=shard_index)
         vocab = manifest["tokenizer"]["vocab_size"]
-        i = 0
-        for batch in table.to_batches(max_chunksize=CHECK_BATCH_ROWS):  # (a whole shard's rows as Python objects
-            for row in batch.to_pylist():  # would take about 130 bytes a token)
-                check_row(row, vocab_size=vocab, file=str(old_path), row_index=i)
-                i += 1
+        for start in range(0, table.num_rows, CHECK_BATCH_ROWS):  # (a whole shard's rows as Python objects
+            piece = table.slice(start, CHECK_BATCH_ROWS)  # would take about 130 bytes a token)
+            if clean_slice_counts(piece, vocab, manifest["next_group_id"]) is not None:
+                continue  # every row passes on whole columns (row by row: 14 s of checks for 200,000 short rows)
+            for j, row in enumerate(piece.to_pylist()):  # a row may be bad: the first is named, as before
+                check_row(row, vocab_size=vocab, file=str(old_path), row_index=start + j)
         # past the file's own revision too: a manifest whose field says less (edited, or without it) must not
         # make the new file's name the old one's, which the commit would then delete
         named = _SHARD_NAME.fullmatch(entry["file"])  # (the manifest's names were checked when it was read)

@@ -593,3 +593,33 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
             refuse_at(bad, name, lambda t, v: f"non-finite value {v} at position {t}")
         if name in flat and (bad := (pos == 0) & (flat[name] != 0)).any():
             refuse_at(bad, name, lambda t, v: f"position 0 must be 0 (nothing predicts the first token), got {v}")
+
+
+def clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
+    """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
+    :func:`check_row` and :func:`shiq_data.validate.check_group_id`, checked on whole columns at once (the curation
+    verbs' check of a stored shard, :func:`check_shard`, then the rules it leaves to
+    ``validate``); None when a row may not, and the caller then checks the rows one by one, which names the first
+    bad row and field as before. A row by row check of a million short rows took over a minute."""
+    try:
+        if piece.num_rows == 0:
+            return 0, 0
+        check_shard(piece, vocab, "")  # a ValueError (caught below) for a row it refuses
+        names = piece.schema.names
+        for name in ("row_id", "source", "prompt", "completion", "extra"):
+            if name in names:
+                piece.column(name).validate(full=True)  # UTF-8 (no lone surrogate)
+        groups = piece.column("group_id").to_numpy()
+        if groups.max() > GROUP_ID_MAX or groups.max() >= next_group_id:
+            return None
+        for name in ("reward", "turn_rewards"):  # null allowed, else finite
+            if name in names:
+                column = piece.column(name)
+                values = pc.list_flatten(column) if pa.types.is_list(column.type) else column
+                if not np.isfinite(values.drop_null().to_numpy()).all():
+                    return None
+        tokens = pc.sum(pc.list_value_length(piece.column("tokens"))).as_py()
+        actions = pc.sum(pc.cast(pc.list_flatten(piece.column("action_mask")), pa.int64())).as_py()
+        return int(tokens), int(actions or 0)
+    except (pa.ArrowException, ValueError, TypeError, UnicodeError):  # anything unexpected: the row by row check
+        return None

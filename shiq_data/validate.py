@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from shiq_data.buffer import (
     MANIFEST,
@@ -24,7 +23,7 @@ from shiq_data.buffer import (
     remove_unlisted_files_unless_locked,
 )
 from shiq_data.io import progress_bar
-from shiq_data.schema import GROUP_ID_MAX, arrow_schema, check_row, check_shard
+from shiq_data.schema import arrow_schema, check_row, clean_slice_counts
 from shiq_data.spill import Spill
 
 _ROWS_PER_SLICE = 1024  # rows checked at a time (bounded memory on big shards, also when converted to Python)
@@ -104,43 +103,13 @@ def check_unique_ids(buffer: Buffer, near: Path) -> None:
         refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 
-def _clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
-    """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
-    :func:`shiq_data.schema.check_row` and :func:`check_group_id`, checked on whole columns at once (the curation
-    verbs' check of a stored shard, :func:`shiq_data.schema.check_shard`, then the rules it leaves to
-    ``validate``); None when a row may not, and the caller then checks the rows one by one, which names the first
-    bad row and field as before. A row by row check of a million short rows took over a minute."""
-    try:
-        if piece.num_rows == 0:
-            return 0, 0
-        check_shard(piece, vocab, "")  # a ValueError (caught below) for a row it refuses
-        names = piece.schema.names
-        for name in ("row_id", "source", "prompt", "completion", "extra"):
-            if name in names:
-                piece.column(name).validate(full=True)  # UTF-8 (no lone surrogate)
-        groups = piece.column("group_id").to_numpy()
-        if groups.max() > GROUP_ID_MAX or groups.max() >= next_group_id:
-            return None
-        for name in ("reward", "turn_rewards"):  # null allowed, else finite
-            if name in names:
-                column = piece.column(name)
-                values = pc.list_flatten(column) if pa.types.is_list(column.type) else column
-                if not np.isfinite(values.drop_null().to_numpy()).all():
-                    return None
-        tokens = pc.sum(pc.list_value_length(piece.column("tokens"))).as_py()
-        actions = pc.sum(pc.cast(pc.list_flatten(piece.column("action_mask")), pa.int64())).as_py()
-        return int(tokens), int(actions or 0)
-    except (pa.ArrowException, ValueError, TypeError, UnicodeError):  # anything unexpected: the row by row check
-        return None
-
-
 def check_slice(piece: pa.Table, start: int, vocab: int, manifest: dict, shard) -> tuple[int, int]:
     """Check every row of ``piece`` (rows ``start``, ``start + 1``, ... of ``shard``, a shard of the buffer whose
     ``manifest`` is given) as ``validate`` does, and return its ``(tokens, action tokens)``. The rows are checked
-    on whole columns (:func:`_clean_slice_counts`); only a slice that may hold a bad row is checked row by row
-    (:func:`shiq_data.schema.check_row`, :func:`check_group_id`), which raises naming the first bad row and
-    field. ``validate`` and ``export`` both check their rows here."""
-    counts = _clean_slice_counts(piece, vocab, manifest["next_group_id"])
+    on whole columns (:func:`shiq_data.schema.clean_slice_counts`); only a slice that may hold a bad row is
+    checked row by row (:func:`shiq_data.schema.check_row`, :func:`check_group_id`), which raises naming the
+    first bad row and field. ``validate`` and ``export`` both check their rows here."""
+    counts = clean_slice_counts(piece, vocab, manifest["next_group_id"])
     if counts is not None:  # every row passes: no row needs converting to Python
         return counts
     n_tokens = n_actions = 0

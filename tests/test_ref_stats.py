@@ -920,3 +920,62 @@ def test_a_megatron_checkpoint_trained_on_another_tokenizer_is_refused(tmp_path,
     ), err
     assert (tmp_path / "buf" / "manifest.json").read_text() == before
     assert ref_stats([*args, str(tmp_path / "same")]) == 0
+
+
+def _shard_of_rows(folder, n):
+    """A one-shard buffer of ``n`` rows of 2 + 3 tokens (ids from i mod 59), the last token rewarded."""
+    rows = [
+        {"row_id": f"r{i}", "source": "s", "group_id": i, "prompt_len": 2, "tokens": [i % (VOCAB - 5) + k for k in range(5)],
+         "action_mask": [False, False, True, True, True], "rewards": [0.0] * 4 + [1.0]}
+        for i in range(n)
+    ]  # fmt: skip
+    write_buffer(rows, folder, tokenizer_info=TOKENIZER, command=["t"], shard_rows=n, progress=False)
+
+
+def test_committing_clean_statistics_converts_no_row_to_python(tmp_path, monkeypatch):
+    """add_ref_columns checked each of the new shard's rows in Python (check_row): a clean shard is now checked
+    on whole columns, no row at all one by one, and the statistics are stored as given."""
+    import shiq_data.buffer
+
+    _shard_of_rows(tmp_path / "b", 3000)  # three slices of 1024 rows, the last short
+    calls = []
+    monkeypatch.setattr(shiq_data.buffer, "check_row", lambda *a, **k: calls.append(1))
+    chosen = [np.array([0.0, 1, 2, 3, i], np.float32) for i in range(3000)]
+    logz = [np.array([0.0, -1, -2, -3, -i], np.float32) for i in range(3000)]
+    add_ref_columns(tmp_path / "b", 0, chosen, logz, ref_model={"name": "m"})
+    assert calls == []
+    table = open_buffer(tmp_path / "b").shard_tables[0]
+    assert table.column("ref_chosen_logits").to_pylist()[2999] == [0.0, 1.0, 2.0, 3.0, 2999.0]
+    assert table.column("ref_logz").to_pylist()[1500] == [0.0, -1.0, -2.0, -3.0, -1500.0]
+
+
+@pytest.mark.parametrize(
+    "field, row, position, value, says",
+    [
+        ("ref_logz", 2500, 3, np.inf, "field 'ref_logz': non-finite value inf at position 3"),
+        ("ref_chosen_logits", 7, 4, np.nan, "field 'ref_chosen_logits': non-finite value nan at position 4"),
+        (
+            "ref_logz",
+            1100,
+            0,
+            1.0,
+            "field 'ref_logz': position 0 must be 0 (nothing predicts the first token), got 1.0",
+        ),
+    ],
+)
+def test_bad_statistics_are_refused_naming_the_shard_row_and_field(tmp_path, field, row, position, value, says):
+    """A statistic training would refuse (non-finite, or non-zero at position 0) is still refused before
+    anything is written, naming the shard file, the row and the field as the row by row check did."""
+    folder = tmp_path / "b"
+    _shard_of_rows(folder, 3000)
+    before = json.loads((folder / "manifest.json").read_text())
+    stats = {n: [np.zeros(5, np.float32) for _ in range(3000)] for n in ("ref_chosen_logits", "ref_logz")}
+    stats[field][row][position] = value
+    with pytest.raises(ValueError) as e:
+        add_ref_columns(folder, 0, stats["ref_chosen_logits"], stats["ref_logz"], ref_model={"name": "m"})
+    assert str(e.value) == f"{folder / 'shard-00000.arrow'}: row {row}: {says}"
+    assert json.loads((folder / "manifest.json").read_text()) == before
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
+        "manifest.json",
+        "shard-00000.arrow",
+    ]

@@ -9,7 +9,7 @@ import pytest
 
 from shiq_data import validate as V
 from shiq_data.io import RowError
-from shiq_data.schema import arrow_schema, check_row
+from shiq_data.schema import arrow_schema, check_row, clean_slice_counts
 
 VOCAB, NEXT_GROUP = 100, 10
 
@@ -110,14 +110,14 @@ def test_the_column_check_passes_exactly_the_slices_the_row_check_passes(damage)
     table = _table(DAMAGES[damage](rows) if damage else rows)
     for start, length in SLICES:
         piece = table.slice(start, length)
-        counts = V._clean_slice_counts(piece, VOCAB, NEXT_GROUP)
+        counts = clean_slice_counts(piece, VOCAB, NEXT_GROUP)
         clean = _row_by_row_passes(piece)
         assert (counts is not None) == clean, (damage, start, length)
         if clean:  # hand counts of the slice's tokens and action tokens
             got = piece.to_pylist()
             assert counts == (sum(len(r["tokens"]) for r in got), sum(sum(r["action_mask"]) for r in got))
     if damage:
-        assert V._clean_slice_counts(table, VOCAB, NEXT_GROUP) is None
+        assert clean_slice_counts(table, VOCAB, NEXT_GROUP) is None
 
 
 def test_validate_converts_no_row_of_a_clean_buffer(tmp_path, monkeypatch):
