@@ -1761,3 +1761,13 @@ def test_a_long_where_is_shown_by_its_start_and_length(data, tmp_path, capsys):
     )
     code, stdout, err = run(capsys, "stats", data["ab"], "--where", expr)
     assert code == 0 and f"where {expr[:100]}... ({len(expr):,} characters))" in stdout and len(stdout) < 4000
+    none = "row_id IN (" + ", ".join(f"'none-{i}'" for i in range(3000)) + ")"  # no row: nothing written
+    code, stdout, err = run(capsys, "filter", data["ab"], "--where", none, "--out", tmp_path / "h")
+    assert code == 2 and err.count("\n") == 1 and len(err) < 600, err[:700]
+    assert f"--where {none[:100]!r}... ({len(none):,} characters): no row of" in err
+    deep = "NOT " * 900 + "true"  # (its syntax tree nested past Python's limit, within DuckDB's)
+    code, stdout, err = run(capsys, "filter", data["ab"], "--where", deep, "--out", tmp_path / "i")
+    assert (
+        code == 2
+        and err == f"shiq-data: error: --where {deep[:100]!r}... ({len(deep):,} characters): nested too deep\n"
+    )

@@ -9,7 +9,7 @@ import numpy as np
 from shiq_data.buffer import Buffer
 from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
-from shiq_data.curate.where import Where
+from shiq_data.curate.where import Where, shown
 
 
 def selected(source: CurationSource, where: Where | None) -> Iterator[tuple]:
@@ -49,6 +49,6 @@ def filter_buffer(path, out, expr: str, *, command: list[str], progress: bool = 
         curation=curation,
         ref_model=source.ref_model,
         progress=progress,
-        nothing=f"--where {expr!r}: no row of {path} matches; nothing written",
+        nothing=f"--where {shown(expr, True)}: no row of {path} matches; nothing written",
     )
     return buf, curation["rows_kept"], curation["rows_read"]

@@ -76,7 +76,7 @@ class Where:
         try:
             tree = json.loads(self.con.execute("SELECT json_serialize_sql(?)", [self.sql]).fetchall()[0][0])
         except RecursionError:  # (its syntax tree, nested past Python's limit)
-            raise ValueError(f"--where {expr[:80]!r}...: nested too deep") from None
+            raise ValueError(f"--where {shown(expr, True)}: nested too deep") from None
         if tree.get("error"):
             problem = (tree.get("error_message") or "not valid SQL").strip().splitlines()[0]
             raise ValueError(f"--where {shown(expr, True)}: {problem}")
