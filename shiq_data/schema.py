@@ -406,7 +406,8 @@ def is_number(x) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# rows of a shard, checked as flat Arrow columns (what training and the curation verbs read)
+# rows of a shard, checked as flat Arrow columns (what training, the curation verbs, validate, export and
+# ref-stats read)
 
 
 class ListView:
@@ -523,14 +524,15 @@ def check_row_views(chunk: dict[str, ListView], vocab: int, shard, first_row: in
 
 
 def check_shard(table: pa.Table, vocab: int, shard) -> None:
-    """Refuse, naming the shard, row and field, a row that a curation verb would otherwise copy into a buffer
-    ``validate`` refuses (a shard edited together with its checksum): a null anywhere in the stored columns, an
-    empty ``row_id``, a negative ``group_id``, a ``prompt_len`` outside ``[1, tokens)``, an action inside the
-    prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero at position
-    0, and what training refuses (:func:`check_rows`: per-token lengths, token ids outside the
+    """Refuse, naming the shard, row and field, a stored row that ``validate`` refuses (a shard edited together
+    with its checksum), so that no curation verb copies it into a new buffer: a null anywhere in the stored
+    columns, an empty ``row_id``, a negative ``group_id``, a ``prompt_len`` outside ``[1, tokens)``, an action
+    inside the prompt, a nonzero reward off the actions, a reference statistic that is not finite or is nonzero
+    at position 0, and what training refuses (:func:`check_rows`: per-token lengths, token ids outside the
     vocabulary, no action, a non-finite reward), and an ``extra`` text ``validate`` refuses
-    (:func:`shiq_data.schema.extra_problem`). Vectorised but for ``extra`` (each distinct text parsed once): a few passes over the shard's flat
-    columns. The other text columns are ``validate``'s to check."""
+    (:func:`extra_problem`). Vectorised but for ``extra`` (each distinct text parsed once): a few passes over the
+    shard's flat columns. The other text columns, and group ids against the manifest, are checked by
+    :func:`clean_slice_counts`, which ``validate``, ``export`` and ``ref-stats`` run on top of this."""
 
     def refuse(row, field: str, problem: str):
         raise ValueError(f"{shard}: row {row}: field {field!r}: {problem} (shiq-data validate lists every bad row)")
@@ -597,10 +599,10 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
 
 def clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
     """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
-    :func:`check_row` and :func:`shiq_data.validate.check_group_id`, checked on whole columns at once (the curation
-    verbs' check of a stored shard, :func:`check_shard`, then the rules it leaves to
-    ``validate``); None when a row may not, and the caller then checks the rows one by one, which names the first
-    bad row and field as before. A row by row check of a million short rows took over a minute."""
+    :func:`check_row` and has a ``group_id`` below ``next_group_id`` (``validate``'s ``check_group_id``), checked
+    on whole columns at once (:func:`check_shard`, then the rules it leaves out); None when a row may not, and the
+    caller then checks the rows one by one with its own row checks, which name the first bad row and field. A row
+    by row check of a million short rows took over a minute."""
     try:
         if piece.num_rows == 0:
             return 0, 0
