@@ -79,6 +79,8 @@ class Where:
             raise ValueError(f"--where {shown(expr, True)}: nested too deep") from None
         if tree.get("error"):
             problem = (tree.get("error_message") or "not valid SQL").strip().splitlines()[0]
+            if "max_expression_depth" in problem:  # (DuckDB's advice, a SET, is not the user's to give)
+                problem = "nested too deep (DuckDB's parser takes at most 1000 levels)"
             raise ValueError(f"--where {shown(expr, True)}: {problem}")
         statements = tree.get("statements", [])
         node = statements[0].get("node", {}) if len(statements) == 1 else {}
