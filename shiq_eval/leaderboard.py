@@ -38,9 +38,11 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from shiq_data.cli_common import plural
 from shiq_data.io import atomic_write_text, files_together, json_loads, one_line, read_json_file
-from shiq_data.schema import is_bounded_number
+from shiq_data.schema import VALUE_MAX, is_bounded_number
 from shiq_eval.optimum import (
     clustered_mean_stderr,
     j_per_prompt,
@@ -204,6 +206,18 @@ def _text(v) -> bool:
     return True
 
 
+def bounded_numbers(values: list) -> bool:
+    """Whether every item of ``values`` is a number in ``[-1e100, 1e100]`` (:func:`is_bounded_number`). A list of
+    floats only, what ``results.json`` holds (every reward and KL is written with a fraction or an exponent), is
+    checked as one numpy array: a leaderboard reads every completion's values of every folder, millions of them
+    for a hundred folders of a few thousand prompts, and one call per value was most of its time. Any other
+    list is checked item by item, with the same answer."""
+    if all(type(x) is float for x in values):
+        a = np.fromiter(values, dtype=np.float64, count=len(values))
+        return bool(np.all(np.abs(a) <= VALUE_MAX))  # (NaN compares False, as infinity fails the bound)
+    return all(is_bounded_number(x) for x in values)
+
+
 # what each field of a result row must be, as shiq-eval run writes it (a hand-edited or foreign file otherwise)
 ROW_FIELDS = {
     "run": ("a non-empty string", lambda v: _text(v) and v != ""),
@@ -219,7 +233,7 @@ ROW_FIELDS = {
     "kl_estimator": ("'exact' or 'sample'", lambda v: v in ("exact", "sample")),
     "rewards": (  # (an empty one had no mean: numpy's shape error, naming no row or field)
         "a non-empty list of numbers in [-1e100, 1e100]",
-        lambda v: isinstance(v, list) and v != [] and all(is_bounded_number(x) for x in v),
+        lambda v: isinstance(v, list) and v != [] and bounded_numbers(v),
     ),
     "temperature": ("null or a number in (0, 1e100]", lambda v: v is None or (is_bounded_number(v) and v > 0)),
     "top_k": ("null or an integer >= 1", lambda v: v is None or (_int(v) and v >= 1)),
@@ -234,7 +248,7 @@ def _check_row(path: Path, i: int, row: dict) -> None:
         if field in row and not ok(row[field]):
             raise ValueError(f"{path}: row {i}: field {field!r}: must be {kind}, got {json.dumps(row[field])[:60]}")
     kls = "kls_exact" if row["kl_estimator"] == "exact" else "kls_sample"
-    if not isinstance(row.get(kls), list) or not all(is_bounded_number(x) for x in row[kls]):
+    if not isinstance(row.get(kls), list) or not bounded_numbers(row[kls]):
         raise ValueError(
             f"{path}: row {i}: field {kls!r}: must be a list of numbers in [-1e100, 1e100] (the suite's KL estimator)"
         )
