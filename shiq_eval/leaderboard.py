@@ -487,6 +487,7 @@ def build(
     check_runs(rows)
     ids = scenario_ids(rows)
     seen, table, values = {}, [], []
+    measured: dict[tuple, str] = {}  # _measured of seen[key], made once: every folder repeats the reference's row
     other_refs: dict[tuple, dict] = {}  # the reference evaluated again with other results: said once, below
     for row in rows:
         label = run_label(row)
@@ -510,9 +511,12 @@ def build(
                     "different models (different weights SHA-256): give one of them another label (shiq-eval run "
                     "--label)"
                 )
-            if _measured(seen[key]) != _measured(row) and row["method"] == "reference":
+            if key not in measured:
+                measured[key] = _measured(seen[key])
+            differs = measured[key] != _measured(row)
+            if differs and row["method"] == "reference":
                 other_refs.setdefault(key, {})[row["source"]] = None  # (a folder given twice: once)
-            elif _measured(seen[key]) != _measured(row):  # one model, two evaluations: say which is shown
+            elif differs:  # one model, two evaluations: say which is shown
                 print(
                     f"shiq-eval: run {label!r} step {row['step']} is one model evaluated twice with other results "
                     f"(another engine, seed or machine): {seen[key]['source']} is shown, {row['source']} left out "

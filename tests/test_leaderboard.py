@@ -1201,3 +1201,25 @@ def test_result_values_are_checked_as_one_array_and_refused_as_before(tmp_path, 
     ]
     for values in cases:
         assert leaderboard.bounded_numbers(values) == bounded_by_hand(values), values
+
+
+def test_the_reference_repeated_in_every_folder_is_serialised_once_per_folder(tmp_path, capsys, monkeypatch):
+    """Every results folder holds the reference's row, and each repeat was compared with the first by turning
+    both into JSON, up to twice: four serialisations of the first's values per folder. The first's is now made
+    once, so six folders cost one for it and one for each of the five repeats; the table and what is said on
+    stderr are the same."""
+    from shiq_eval import leaderboard
+
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 3.0], [0.0] * 3)
+    folders = [
+        write_results(tmp_path / f"f{i}", [ref, result_row(f"run{i}", 1, f"m{i}", [1.5, 2.0, 3.0 + i], [0.5] * 3)])
+        for i in range(6)
+    ]
+    calls = []
+    real = leaderboard._measured
+    monkeypatch.setattr(leaderboard, "_measured", lambda row: calls.append(row["source"]) or real(row))
+    table, pairs = leaderboard.build(leaderboard.read_results(folders))
+    assert len(calls) == 6, calls  # the first folder's reference once, then each of the 5 repeats once
+    assert [t["run"] for t in table] == ["reference"] + [f"run{i}" for i in range(6)]
+    assert len(pairs) == 7 * 6 // 2
+    assert capsys.readouterr().err == ""  # the repeats agree: nothing said
