@@ -156,6 +156,8 @@ def at_input(error: RowError, location: dict, row_index: int) -> RowError:
 
 
 def _is_int(x) -> bool:
+    if type(x) is int:  # the usual case, answered without the abstract-class check below
+        return True
     return isinstance(x, (Integral, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
@@ -240,10 +242,11 @@ def check_row(row: dict, *, vocab_size: int | None, file: str, row_index: int) -
     for name, arr in [("action_mask", mask), ("rewards", rewards), *refs.items()]:
         if len(arr) != n:
             raise err(name, f"length {len(arr)} differs from tokens' length {n}")
-    if n and (int(tokens.min()) < 0 or (vocab_size is not None and int(tokens.max()) >= vocab_size)):
-        bad = int(np.flatnonzero((tokens < 0) | (tokens >= (vocab_size or np.iinfo(np.int64).max)))[0])
+    top = int(tokens.max()) if n else 0
+    if n and (int(tokens.min()) < 0 or (vocab_size is not None and top >= vocab_size)):
+        bad = int(np.flatnonzero((tokens < 0) | (tokens >= (vocab_size or INT64_MAX)))[0])
         raise err("tokens", f"token id {int(tokens[bad])} at position {bad} is outside [0, {vocab_size})")
-    if n and int(tokens.max()) > np.iinfo(np.int32).max:
+    if n and top > INT32_MAX:
         raise err("tokens", "token ids must fit in int32")
     p = int(row["prompt_len"])
     if not 1 <= p < max(n, 1):
@@ -383,6 +386,8 @@ def is_bounded_number(x) -> bool:
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)  # rewards are stored as float32
+INT32_MAX = int(np.iinfo(np.int32).max)  # token ids are stored as int32
+INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def fits_float32(x) -> bool:
@@ -402,6 +407,8 @@ def is_finite_number(x) -> bool:
 
 def is_number(x) -> bool:
     """A real number or a ``Decimal`` (which ``numbers`` does not count as Real), not a bool."""
+    if type(x) in (float, int):  # the usual case, answered without the abstract-class checks below
+        return True
     return isinstance(x, (Real, Decimal, np.floating, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
