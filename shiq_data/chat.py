@@ -252,7 +252,10 @@ def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[list[int], lis
                 "messages[0] is an assistant turn: there is no prompt for the template to render before it"
             )
         before = _render_ids(tokenizer, messages[:i], add_generation_prompt=True)
-        through = _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        # through the last message is the whole conversation, rendered already (one render less per row)
+        through = (
+            full if i == len(messages) - 1 else _render_ids(tokenizer, messages[: i + 1], add_generation_prompt=False)
+        )
         for name, ids in (("the generation prompt before", before), ("the rendering through", through)):
             if full[: len(ids)] != ids and ids is before and _white_space_joins(tokenizer, messages, i):
                 lead = m["content"][: len(m["content"]) - len(m["content"].lstrip())]

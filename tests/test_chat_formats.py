@@ -697,3 +697,42 @@ def test_an_added_token_the_template_writes_is_a_control_token(tok):
     with pytest.raises(ChatTemplateError, match=r"messages\[0\]\.content contains '<tool_call>'"):
         encode_chat(t, [user, {"role": "assistant", "content": "ok"}])
     encode_chat(t, [{**user, "content": "say <unused>"}, {"role": "assistant", "content": "ok"}])
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "héllo 你好  "}],
+        [{"role": "system", "content": ""}, {"role": "user", "content": " x"}, {"role": "assistant", "content": "y"}],
+        MULTI,
+    ],
+)
+def test_the_whole_conversation_is_rendered_once_for_its_last_turn(tok, monkeypatch, messages):
+    # The last assistant turn's span comes from the whole conversation's rendering, not a second one of it;
+    # the rows equal those built by hand from the template's renderings.
+    import shiq_data.chat as chat
+
+    calls = []
+    real = chat._render_ids
+
+    def counted(t, m, add_generation_prompt):
+        calls.append((len(m), add_generation_prompt))
+        return real(t, m, add_generation_prompt=add_generation_prompt)
+
+    monkeypatch.setattr(chat, "_render_ids", counted)
+    row = encode_chat(tok, messages, actions="all")
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    assert calls.count((len(messages), False)) == 1
+    assert len(calls) == 1 + 2 * len(turns) - 1
+
+    def ids(msgs, gen):
+        text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        return tok(text, add_special_tokens=False)["input_ids"]
+
+    full = ids(messages, False)
+    mask = [False] * len(full)
+    for i in turns:
+        start, through = len(ids(messages[:i], True)), ids(messages[: i + 1], False)
+        end = len(through) - through[::-1].index(tok.eos_token_id)
+        mask[start:end] = [True] * (end - start)
+    assert row["tokens"] == full and row["action_mask"] == mask
