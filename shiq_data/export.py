@@ -31,9 +31,9 @@ from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, 
 from shiq_data.io import atomic_dir, printable, progress_bar, type_name
 from shiq_data.readers.encode import decode_text
 from shiq_data.readers.generic import check_record
-from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, extra_field, parse_extra
+from shiq_data.schema import BASE_FIELDS, TEXT_FIELDS, check_slice, extra_field, parse_extra
 from shiq_data.tokenizers import PIPELINE_FIELD
-from shiq_data.validate import check_slice, check_unique_ids
+from shiq_data.validate import check_unique_ids
 
 EXPORT_FORMATS = ("hf", "parquet", "jsonl")
 EXPORT_COLUMNS = (*BASE_FIELDS, *TEXT_FIELDS)
@@ -96,14 +96,14 @@ def _tables(buffer: Buffer) -> Iterator[tuple[Path, pa.Table]]:
 
 def _checked_slices(buffer: Buffer, tables, bar: tqdm) -> Iterator[tuple[Path, int, pa.Table]]:
     """``(shard, start, piece)``: the export columns of ``tables`` (``(shard, table)`` pairs) in slices of rows ``start``, ``start + 1``, ..., every
-    row checked first as ``validate`` checks it (:func:`shiq_data.validate.check_slice`, against the manifest's
+    row checked first as ``validate`` checks it (:func:`shiq_data.schema.check_slice`, against the manifest's
     vocabulary and ``next_group_id``): a shard replaced together with its checksum is refused naming the shard,
     row and field, and is not published. ``bar`` counts the rows."""
     vocab = buffer.manifest["tokenizer"].get("vocab_size")
     for shard, table in tables:
         for start in range(0, table.num_rows, _ROWS_PER_SLICE):
             piece = table.slice(start, _ROWS_PER_SLICE)
-            check_slice(piece, start, vocab, buffer.manifest, shard)
+            check_slice(piece, start, vocab, shard, buffer.manifest["next_group_id"])
             yield shard, start, piece
             bar.update(piece.num_rows)
 

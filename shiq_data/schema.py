@@ -606,7 +606,7 @@ def check_shard(table: pa.Table, vocab: int, shard) -> None:
 
 def clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple[int, int] | None:
     """``(tokens, action tokens)`` of ``piece`` (rows of a shard of the buffer's schema) when every row passes
-    :func:`check_row` and has a ``group_id`` below ``next_group_id`` (``validate``'s ``check_group_id``), checked
+    :func:`check_row` and has a ``group_id`` below ``next_group_id`` (:func:`check_group_id`), checked
     on whole columns at once (:func:`check_shard`, then the rules it leaves out); None when a row may not, and the
     caller then checks the rows one by one with its own row checks, which name the first bad row and field. A row
     by row check of a million short rows took over a minute."""
@@ -632,3 +632,31 @@ def clean_slice_counts(piece: pa.Table, vocab: int, next_group_id: int) -> tuple
         return int(tokens), int(actions or 0)
     except (pa.ArrowException, ValueError, TypeError, UnicodeError):  # anything unexpected: the row by row check
         return None
+
+
+def check_group_id(row: dict, next_group_id: int, shard, i: int) -> None:
+    """Refuse a checked ``row`` (row ``i`` of ``shard``) whose ``group_id`` is not below the manifest's
+    ``next_group_id`` (the id an append gives its first new group, which would join it)."""
+    if row["group_id"] >= next_group_id:
+        raise ValueError(
+            f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's next_group_id {next_group_id}"
+        )
+
+
+def check_slice(piece: pa.Table, start: int, vocab: int, shard, next_group_id: int | None = None) -> tuple[int, int]:
+    """Check every row of ``piece`` (rows ``start``, ``start + 1``, ... of ``shard``) as :func:`check_row` does,
+    and, given the manifest's ``next_group_id``, its group id against it (:func:`check_group_id`), as ``validate``
+    and ``export`` do (``ref-stats``' rewrite of a shard gives none); return its ``(tokens, action tokens)``. The
+    rows are checked on whole columns (:func:`clean_slice_counts`); only a slice that may hold a bad row is
+    checked row by row, which raises naming the first bad row and field."""
+    counts = clean_slice_counts(piece, vocab, GROUP_ID_MAX + 1 if next_group_id is None else next_group_id)
+    if counts is not None:  # every row passes: no row needs converting to Python
+        return counts
+    n_tokens = n_actions = 0
+    for j, row in enumerate(piece.to_pylist()):
+        check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
+        if next_group_id is not None:
+            check_group_id(row, next_group_id, shard, start + j)
+        n_tokens += len(row["tokens"])
+        n_actions += sum(row["action_mask"])
+    return n_tokens, n_actions

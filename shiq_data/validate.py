@@ -23,7 +23,7 @@ from shiq_data.buffer import (
     remove_unlisted_files_unless_locked,
 )
 from shiq_data.io import progress_bar
-from shiq_data.schema import arrow_schema, check_row, clean_slice_counts
+from shiq_data.schema import arrow_schema, check_slice
 from shiq_data.spill import Spill
 
 _ROWS_PER_SLICE = 1024  # rows checked at a time (bounded memory on big shards, also when converted to Python)
@@ -64,16 +64,6 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     return {"path": str(path), **result, "removed_files": removed, "cleanup_skipped": skipped}
 
 
-def check_group_id(row: dict, manifest: dict, shard, i: int) -> None:
-    """Refuse a checked ``row`` (row ``i`` of ``shard``) whose ``group_id`` is not below the manifest's
-    ``next_group_id`` (the id an append gives its first new group, which would join it)."""
-    if row["group_id"] >= manifest["next_group_id"]:
-        raise ValueError(
-            f"{shard}: row {i}: field 'group_id': {row['group_id']} >= the manifest's "
-            f"next_group_id {manifest['next_group_id']}"
-        )
-
-
 def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]) -> None:
     """Refuse a ``row_id`` the spill's ``table`` (``pos``, ``shard``, ``row_id``: every row of the buffer at
     ``path``, its manifest's ``shards``) holds twice, naming the later row's shard and row."""
@@ -101,24 +91,6 @@ def check_unique_ids(buffer: Buffer, near: Path) -> None:
             spill.append("ids", pa.table(ids))
             pos += n
         refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
-
-
-def check_slice(piece: pa.Table, start: int, vocab: int, manifest: dict, shard) -> tuple[int, int]:
-    """Check every row of ``piece`` (rows ``start``, ``start + 1``, ... of ``shard``, a shard of the buffer whose
-    ``manifest`` is given) as ``validate`` does, and return its ``(tokens, action tokens)``. The rows are checked
-    on whole columns (:func:`shiq_data.schema.clean_slice_counts`); only a slice that may hold a bad row is
-    checked row by row (:func:`shiq_data.schema.check_row`, :func:`check_group_id`), which raises naming the
-    first bad row and field. ``validate`` and ``export`` both check their rows here."""
-    counts = clean_slice_counts(piece, vocab, manifest["next_group_id"])
-    if counts is not None:  # every row passes: no row needs converting to Python
-        return counts
-    n_tokens = n_actions = 0
-    for j, row in enumerate(piece.to_pylist()):
-        check_row(row, vocab_size=vocab, file=str(shard), row_index=start + j)
-        check_group_id(row, manifest, shard, start + j)
-        n_tokens += len(row["tokens"])
-        n_actions += sum(row["action_mask"])
-    return n_tokens, n_actions
 
 
 def _check_shards(path: Path, manifest: dict, vocab_size: int | None, progress: bool) -> dict:
@@ -161,7 +133,7 @@ def _check_rows(path: Path, manifest: dict, vocab_size: int | None, progress: bo
             n_tokens = n_actions = 0
             for start in range(0, table.num_rows, _ROWS_PER_SLICE):
                 piece = table.slice(start, _ROWS_PER_SLICE)
-                tokens, actions = check_slice(piece, start, vocab, manifest, shard)
+                tokens, actions = check_slice(piece, start, vocab, shard, manifest["next_group_id"])
                 n_tokens += tokens
                 n_actions += actions
                 pos = totals["rows"] + start

@@ -935,11 +935,11 @@ def _shard_of_rows(folder, n):
 def test_committing_clean_statistics_converts_no_row_to_python(tmp_path, monkeypatch):
     """add_ref_columns checked each of the new shard's rows in Python (check_row): a clean shard is now checked
     on whole columns, no row at all one by one, and the statistics are stored as given."""
-    import shiq_data.buffer
+    import shiq_data.schema
 
     _shard_of_rows(tmp_path / "b", 3000)  # three slices of 1024 rows, the last short
     calls = []
-    monkeypatch.setattr(shiq_data.buffer, "check_row", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(shiq_data.schema, "check_row", lambda *a, **k: calls.append(1))
     chosen = [np.array([0.0, 1, 2, 3, i], np.float32) for i in range(3000)]
     logz = [np.array([0.0, -1, -2, -3, -i], np.float32) for i in range(3000)]
     add_ref_columns(tmp_path / "b", 0, chosen, logz, ref_model={"name": "m"})

@@ -7,9 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from shiq_data import schema
 from shiq_data import validate as V
 from shiq_data.io import RowError
-from shiq_data.schema import arrow_schema, check_row, clean_slice_counts
+from shiq_data.schema import arrow_schema, check_group_id, check_row, clean_slice_counts
 
 VOCAB, NEXT_GROUP = 100, 10
 
@@ -98,7 +99,7 @@ def _row_by_row_passes(piece: pa.Table) -> bool:
     try:
         for i, row in enumerate(piece.to_pylist()):
             check_row(row, vocab_size=VOCAB, file="s", row_index=i)
-            V.check_group_id(row, {"next_group_id": NEXT_GROUP}, "s", i)
+            check_group_id(row, NEXT_GROUP, "s", i)
     except (RowError, ValueError):
         return False
     return True
@@ -129,7 +130,7 @@ def test_validate_converts_no_row_of_a_clean_buffer(tmp_path, monkeypatch):
     rows = [{k: v for k, v in r.items() if not k.startswith("ref_")} for r in _rows()]
     write_buffer(rows, tmp_path / "b", tokenizer_info=info, command=["t"], progress=False, shard_rows=2)
     calls = []
-    monkeypatch.setattr(V, "check_row", lambda *a, **k: calls.append(1) or check_row(*a, **k))
+    monkeypatch.setattr(schema, "check_row", lambda *a, **k: calls.append(1) or check_row(*a, **k))
     report = V.validate_buffer(tmp_path / "b")
     assert report["rows"] == 5 and report["tokens"] == sum(len(r["tokens"]) for r in rows)
     assert report["groups"] == 3 and calls == []
@@ -150,13 +151,10 @@ def _clean_buffer(path, shard_rows=2):
 
 
 def _count_row_checks(monkeypatch) -> list:
-    """Count every call of the row by row check, wherever a module imported it from."""
-    from shiq_data import export
-
+    """Count every call of the row by row check (:func:`shiq_data.schema.check_slice`'s)."""
     calls = []
     counted = lambda *a, **k: calls.append(1) or check_row(*a, **k)  # noqa: E731
-    monkeypatch.setattr(V, "check_row", counted)
-    monkeypatch.setattr(export, "check_row", counted, raising=False)
+    monkeypatch.setattr(schema, "check_row", counted)
     return calls
 
 
