@@ -59,10 +59,19 @@ def cmd_stats(args) -> int:
 
 
 def cmd_filter(args) -> int:
-    _, kept, read = filter_buffer(args.buffer, args.out, args.where, command=args.argv, progress=not args.no_progress)
-    print(
-        f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')} where {shown(args.where)}"
+    _, kept, read = filter_buffer(
+        args.buffer,
+        args.out,
+        args.where,
+        ids=args.ids,
+        exclude_ids=args.exclude_ids,
+        command=args.argv,
+        progress=not args.no_progress,
     )
+    which = f" listed in {args.ids}" if args.ids is not None else ""
+    which += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
+    which += f" where {shown(args.where)}" if args.where is not None else ""
+    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')}{which}")
     return 0
 
 
@@ -199,11 +208,19 @@ def add_commands(sub) -> None:
 
     f = sub.add_parser(
         "filter",
-        help="keep the rows where an expression holds",
-        description="Write the rows of BUFFER where EXPR is true as a new buffer (NULL counts as false).",
+        help="keep the rows where an expression holds, or whose row ids a file lists",
+        description="Write the rows of BUFFER where EXPR is true (NULL counts as false), whose row_id FILE lists "
+        "(--ids) or does not list (--exclude-ids), as a new buffer: a row is kept when every condition given holds "
+        "(at least one given; --ids and --exclude-ids not together). FILE: UTF-8 text, one row_id a line ('-': "
+        "standard input); a line's end (\\n, or \\r\\n) is not part of the id, nothing else is stripped; a "
+        "duplicate line is harmless; a blank line, a line that is not UTF-8 and a file that lists no id are refused, "
+        "naming the file and line. Listed ids that no row of BUFFER has are counted in a warning. The manifest "
+        "records the file's name, SHA-256 and id count under curation, not the ids.",
     )
     f.add_argument("buffer", metavar="BUFFER")
-    f.add_argument("--where", required=True, metavar="EXPR", help=WHERE_HELP)
+    f.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
+    f.add_argument("--ids", default=None, metavar="FILE", help="keep only the rows whose row_id FILE lists")
+    f.add_argument("--exclude-ids", default=None, metavar="FILE", help="drop the rows whose row_id FILE lists")
     out_options(f)
     f.set_defaults(func=cmd_filter)
 
