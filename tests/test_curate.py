@@ -1775,3 +1775,171 @@ def test_a_long_where_is_shown_by_its_start_and_length(data, tmp_path, capsys):
     code, stdout, err = run(capsys, "filter", data["ab"], "--where", deeper, "--out", tmp_path / "j")
     assert code == 2 and err.count("\n") == 1 and "SET" not in err, err[-300:]
     assert err.endswith(" characters): nested too deep (DuckDB's parser takes at most 1000 levels)\n")
+
+
+def _ids_file(path, lines, end="\n"):
+    """``lines`` written to ``path`` as bytes, each ended by ``end``; returns ``path``."""
+    path.write_bytes(b"".join((line if isinstance(line, bytes) else line.encode()) + end.encode() for line in lines))
+    return path
+
+
+def test_filter_ids_and_exclude_ids_keep_the_rows_pandas_keeps(data, tmp_path, capsys):
+    """--ids keeps the listed rows, --exclude-ids drops them, each alone or with --where (every condition given
+    holds); the rows kept are pandas' on the input records, and the manifest records the file, not its ids."""
+    df = data["df"]
+    listed = ["b1-3", "b0-0", "b0-5", "b1-0", "b0-5", "b1-7"]  # out of order, one twice
+    f = _ids_file(tmp_path / "ids.txt", listed, end="\r\n")  # a file written on Windows
+    sha = hashlib.sha256(f.read_bytes()).hexdigest()
+    cases = [
+        (["--ids", f], df[df.row_id.isin(listed)]),
+        (["--exclude-ids", f], df[~df.row_id.isin(listed)]),
+        (["--ids", f, "--where", "reward > 0"], df[df.row_id.isin(listed) & (df.reward > 0)]),
+        (["--where", "source = 'a'", "--exclude-ids", f], df[~df.row_id.isin(listed) & (df.source == "a")]),
+    ]
+    for k, (options, want) in enumerate(cases):
+        out = tmp_path / f"f{k}"
+        code, stdout, err = run(capsys, "filter", data["ab"], *options, "--out", out, "--no-progress")
+        assert code == 0 and err == "", err
+        assert ids(out) == want.row_id.tolist() and 0 < len(want) < len(df), options
+        key = "ids" if "--ids" in options else "exclude_ids"
+        which = f"listed in {f}" if key == "ids" else f"not listed in {f}"
+        where = options[options.index("--where") + 1] if "--where" in options else None
+        assert stdout.endswith(f"kept {len(want)} of {len(df)} rows {which}" + (f" where {where}\n" if where else "\n"))
+        m = json.loads((out / "manifest.json").read_text())
+        assert m["curation"] == {
+            "verb": "filter",
+            "where": where,
+            "rows_read": len(df),
+            "rows_kept": len(want),
+            key: {"file": str(f), "sha256": sha, "lines": 6, "ids": 5, "not_in_buffer": 0},
+        }
+
+
+def test_filter_ids_from_stdin_and_ids_as_they_are(data, tmp_path, capsys, monkeypatch):
+    """``-`` reads the ids from standard input; a byte-order mark opening the file and a last line without its
+    line break are read as such, but a space around an id is part of it (so that id is not in the buffer)."""
+    import io
+
+    df = data["df"]
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b"\xef\xbb\xbfb0-2\nb1-1 \nb1-4")))
+    code, stdout, err = run(capsys, "filter", data["ab"], "--ids", "-", "--out", tmp_path / "f", "--no-progress")
+    assert code == 0, err
+    assert ids(tmp_path / "f") == df[df.row_id.isin(["b0-2", "b1-4"])].row_id.tolist()
+    assert err == f"shiq-data: warning: --ids -: 1 of 3 listed row ids is not in {data['ab']} (first: 'b1-1 ')\n"
+
+
+def test_filter_ids_warns_of_listed_ids_the_buffer_lacks(data, tmp_path, capsys):
+    """A stale list (ids of rows since dropped) still filters; stderr says how many listed ids are not in the
+    buffer and the first of them in the file's order, and the manifest counts them."""
+    df = data["df"]
+    listed = ["gone-1", "b0-1", "gone-2", "b1-2", "gone-1"]
+    f = _ids_file(tmp_path / "stale.txt", listed)
+    for option, want in [("--ids", df[df.row_id.isin(listed)]), ("--exclude-ids", df[~df.row_id.isin(listed)])]:
+        out = tmp_path / option.strip("-")
+        code, stdout, err = run(capsys, "filter", data["ab"], option, f, "--out", out, "--no-progress")
+        assert code == 0 and ids(out) == want.row_id.tolist()
+        assert (
+            err
+            == f"shiq-data: warning: {option} {f}: 2 of 4 listed row ids are not in {data['ab']} (first: 'gone-1')\n"
+        )
+        record = json.loads((out / "manifest.json").read_text())["curation"][option.strip("-").replace("-", "_")]
+        assert record["ids"] == 4 and record["lines"] == 5 and record["not_in_buffer"] == 2
+
+
+def test_filter_ids_that_match_nothing_write_nothing(data, tmp_path, capsys):
+    """No listed row (or none left once --where or --exclude-ids has its say): the usual 'nothing written', exit 2,
+    after the warning of the ids the buffer lacks."""
+    df = data["df"]
+    gone = _ids_file(tmp_path / "gone.txt", ["gone-1", "gone-2"])
+    every = _ids_file(tmp_path / "every.txt", df.row_id.tolist())
+    some = _ids_file(tmp_path / "some.txt", df[df.reward > 0].row_id.tolist())
+    for options, end in [
+        (["--ids", gone], f"--ids {gone}: no row of {data['ab']} matches; nothing written\n"),
+        (["--exclude-ids", every], f"--exclude-ids {every}: no row of {data['ab']} is left; nothing written\n"),
+        (
+            ["--ids", some, "--where", "reward <= 0"],
+            f"--where 'reward <= 0' and --ids {some}: no row of {data['ab']} matches; nothing written\n",
+        ),
+    ]:
+        out = tmp_path / "out"
+        code, stdout, err = run(capsys, "filter", data["ab"], *options, "--out", out, "--no-progress")
+        assert code == 2 and not out.exists() and stdout == "", err
+        assert err.endswith("shiq-data: error: " + end), err
+        assert err.count("\n") == (2 if options[1] == gone else 1), err
+    assert not list(tmp_path.glob(".out*"))  # no build folder left either
+
+
+def test_filter_ids_errors_name_the_file_and_line(data, tmp_path, capsys):
+    """A list that could never match as given, or a command line without a condition, is refused in one line
+    naming the file and line: exit status 2, no output folder, no traceback."""
+    good = _ids_file(tmp_path / "good.txt", ["b0-1"])
+    blank = _ids_file(tmp_path / "blank.txt", ["b0-1", "", "b0-2"])
+    spaces = _ids_file(tmp_path / "spaces.txt", ["b0-1", "b0-2", " \t"])
+    crlf_blank = _ids_file(tmp_path / "crlf.txt", ["b0-1", "b0-2", "b0-3", ""], end="\r\n")
+    latin1 = _ids_file(tmp_path / "latin1.txt", ["b0-1", "caf\xe9".encode("latin-1")])
+    surrogate = _ids_file(tmp_path / "surrogate.txt", [b"b0-\xed\xa0\x80"])  # an encoded lone surrogate
+    empty = _ids_file(tmp_path / "empty.txt", [])
+    cases = [
+        (["--ids", blank], f"--ids {blank}: line 2: field 'row_id': blank (one row id a line, no blank lines)"),
+        (["--exclude-ids", spaces], f"--exclude-ids {spaces}: line 3: field 'row_id': blank ("),
+        (["--ids", crlf_blank, "--where", "reward > 0"], f"--ids {crlf_blank}: line 4: field 'row_id': blank ("),
+        (["--ids", latin1], f"--ids {latin1}: line 2: field 'row_id': not valid UTF-8 (byte 0xe9 at byte 4 of"),
+        (["--ids", surrogate], f"--ids {surrogate}: line 1: field 'row_id': not valid UTF-8 (byte 0xed at byte 4"),
+        (["--ids", empty], f"--ids {empty}: lists no row id (one row id a line)"),
+        (["--ids", tmp_path / "none.txt"], f"--ids {tmp_path / 'none.txt'}: cannot be read (No such file or"),
+        (["--exclude-ids", tmp_path], f"--exclude-ids {tmp_path} is a folder: give a file of row ids"),
+        (["--ids", good, "--exclude-ids", good], f"--ids {good} and --exclude-ids {good}: give one of them"),
+        ([], "filter: give --where EXPR, --ids FILE or --exclude-ids FILE (the rows to keep)"),
+        (["--ids", good, "--where", "nope > 0"], "--where 'nope > 0': "),
+    ]
+    for options, start in cases:
+        out = tmp_path / "out"
+        code, stdout, err = run(capsys, "filter", data["ab"], *options, "--out", out, "--no-progress")
+        assert code == 2 and stdout == "" and not out.exists(), (options, err)
+        assert err.startswith("shiq-data: error: " + start) and err.count("\n") == 1, (options, err)
+        assert "Traceback" not in err
+    (tmp_path / "out").mkdir()  # an existing --out is refused before the list is read
+    code, _, err = run(capsys, "filter", data["ab"], "--ids", blank, "--out", tmp_path / "out", "--no-progress")
+    assert code == 2 and err == f"shiq-data: error: --out {tmp_path / 'out'} already exists; choose a new folder\n"
+
+
+def test_filter_ids_at_scale(tmp_path, capsys):
+    """200,000 listed ids (a labelling pass's, most of them of rows not in this part of the data) against a
+    buffer of 20,000 rows in several shards: read as a stream and matched per shard, the rows kept and dropped
+    are exactly Python's set membership, and the stale ids are counted."""
+    n = 20_000
+    _, info = load_tokenizer("gpt2")
+    rows = (
+        {
+            "source": "s",
+            "group_id": i,
+            "prompt_len": 1,
+            "tokens": [1, 2, 3 + i % 7],
+            "action_mask": [False, True, True],
+            "rewards": [0.0, 0.0, float(i % 3 - 1)],
+        }
+        for i in range(n)
+    )
+    buf = tmp_path / "big"
+    write_buffer(rows, buf, tokenizer_info=info, command=["test"], shard_rows=3000, progress=False)
+    rng = random.Random(0)
+    present = [f"b0-{i}" for i in rng.sample(range(n), n // 4)]
+    listed = present + [f"b9-{i}" for i in range(200_000 - len(present))]
+    rng.shuffle(listed)
+    f = _ids_file(tmp_path / "ids.txt", listed)
+    all_ids = ids(buf)
+    wanted = set(listed)
+    code, stdout, err = run(capsys, "filter", buf, "--ids", f, "--out", tmp_path / "keep", "--no-progress")
+    assert code == 0 and ids(tmp_path / "keep") == [i for i in all_ids if i in wanted]
+    first_gone = next(i for i in listed if i.startswith("b9-"))
+    assert (
+        err
+        == f"shiq-data: warning: --ids {f}: 195,000 of 200,000 listed row ids are not in {buf} (first: {first_gone!r})\n"
+    )
+    code, stdout, err = run(
+        capsys, "filter", buf, "--exclude-ids", f, "--where", "reward > 0", "--out", tmp_path / "drop", "--no-progress"
+    )
+    assert code == 0, err
+    m, kept = read_rows(tmp_path / "drop")
+    assert [r["row_id"] for r in kept] == [i for k, i in enumerate(all_ids) if i not in wanted and k % 3 == 2]
+    assert m["curation"]["exclude_ids"]["ids"] == 200_000 and m["curation"]["rows_read"] == n

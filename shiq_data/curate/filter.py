@@ -76,7 +76,8 @@ def filter_buffer(
             missing, first = listed.missing()
             if missing:
                 log.warning(
-                    f"shiq-data: warning: {listed.label}: {missing:,} of {len(listed):,} listed row ids "
+                    f"shiq-data: warning: {listed.label}: {missing:,} of {len(listed):,} listed row "
+                    f"{'id' if len(listed) == 1 else 'ids'} "
                     f"{'is' if missing == 1 else 'are'} not in {path} (first: {first!r})"
                 )
 
