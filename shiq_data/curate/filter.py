@@ -64,13 +64,20 @@ def filter_buffer(
     key = "ids" if ids is not None else "exclude_ids"
 
     def rows():
+        held, n = [], 0  # shards (with the rows --where keeps) waiting for one RowIds.members call
         for table, keep in selected(source, where):
             curation["rows_read"] += table.num_rows
-            if listed is not None:
-                member = listed.member(table.column("row_id"))
-                keep = keep[member[keep] if ids is not None else ~member[keep]]
-            curation["rows_kept"] += len(keep)
-            yield source.take(table, keep)
+            if listed is None:
+                curation["rows_kept"] += len(keep)
+                yield source.take(table, keep)
+                continue
+            held.append((table, keep))
+            n += table.num_rows
+            if listed.enough(n):
+                yield from matched(held)
+                held, n = [], 0
+        if held:
+            yield from matched(held)
         if listed is not None:  # (before write_curated's own end: also when no row is left)
             curation[key] = listed.record()
             missing, first = listed.missing()
@@ -80,6 +87,13 @@ def filter_buffer(
                     f"{'id' if len(listed) == 1 else 'ids'} "
                     f"{'is' if missing == 1 else 'are'} not in {path} (first: {first!r})"
                 )
+
+    def matched(held):
+        members = listed.members([table.column("row_id") for table, _ in held])
+        for (table, keep), member in zip(held, members):
+            keep = keep[member[keep] if ids is not None else ~member[keep]]
+            curation["rows_kept"] += len(keep)
+            yield source.take(table, keep)
 
     given = [f"--where {shown(expr, True)}"] if expr is not None else []
     given += [listed.label] if listed is not None else []
