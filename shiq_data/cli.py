@@ -313,6 +313,13 @@ def cmd_info(args) -> int:
     for c in m.get("commands", []):
         argv = c.get("argv", [])  # quoted as a shell reads it, so the line can be run again
         print(printable(f"command     {c.get('time')}  +{c.get('rows')} rows  {shlex.join(map(str, argv))}"))
+    parents = m.get("parents")
+    for p in parents if isinstance(parents, list) else []:  # a curated buffer's inputs, when it was written
+        if isinstance(p, dict):
+            p = f"{p.get('path')}  ({p.get('rows')} rows, manifest sha256 {str(p.get('manifest_sha256'))[:16]})"
+        print(printable(f"parent      {p}"))
+    if m.get("curation") is not None:  # what the curating verb did (its own keys: see the verb's --help)
+        print(printable(f"curation    {json.dumps(m['curation'], ensure_ascii=False)}"))
     return 0
 
 

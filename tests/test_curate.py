@@ -1199,6 +1199,39 @@ def test_show_and_info_print_the_datas_control_characters_escaped(tmp_path, caps
     assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]", out), repr(out)
 
 
+def test_info_prints_a_curated_buffers_parents_and_curation(data, tmp_path, capsys):
+    """``shiq-data info`` of a curated buffer names its inputs (path, rows, manifest SHA-256) and what the verb
+    recorded (here filter's ids file: its SHA-256, not its ids), read back from the manifest as written; a
+    buffer built from rows has neither line, and a hand-edited manifest's odd entries print, not fail."""
+    listed = tmp_path / "ids.txt"
+    listed.write_text("b0-1\nnot-there\n")
+    out = tmp_path / "kept"
+    code, _, err = run(
+        capsys, "filter", data["ab"], "--ids", listed, "--where", "reward > -9", "--out", out, "--no-progress"
+    )
+    assert code == 0, err
+    code, text, _ = run(capsys, "info", out)
+    parent = hashlib.sha256((Path(data["ab"]) / "manifest.json").read_bytes()).hexdigest()[:16]
+    rows = json.loads((Path(data["ab"]) / "manifest.json").read_text())["rows"]
+    assert code == 0 and f"\nparent      {data['ab']}  ({rows} rows, manifest sha256 {parent})\n" in text, text
+    curation = json.loads(text.split("\ncuration    ", 1)[1])
+    assert curation["verb"] == "filter" and curation["where"] == "reward > -9"
+    assert curation["ids"] == {
+        "file": str(listed),
+        "sha256": hashlib.sha256(listed.read_bytes()).hexdigest(),
+        "lines": 2,
+        "ids": 2,
+        "not_in_buffer": 1,
+    }
+    code, text, _ = run(capsys, "info", data["ab"])
+    assert code == 0 and "\nparent " not in text and "\ncuration " not in text
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["parents"] = ["hand\x1b[2Jwritten", 3]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    code, text, _ = run(capsys, "info", out)
+    assert code == 0 and "parent      hand\\x1b[2Jwritten\nparent      3\n" in text, text
+
+
 def test_show_prints_the_datas_direction_overrides_escaped(tmp_path, capsys):
     """A completion or a source holding a bidirectional override, embedding, isolate or mark (U+202E shows what
     follows it right to left) was printed raw by ``shiq-data show``, so the terminal showed the rest of the
