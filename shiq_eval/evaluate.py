@@ -15,15 +15,33 @@ and are not independent draws (SHIQ_MATH §9).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import NamedTuple
 
 import torch
 
-from shiq_eval.generate import HFPolicy, SamplingConfig, cut_at_eos, generate_in_batches, left_padded
+from shiq_eval.generate import (
+    HFPolicy,
+    SamplingConfig,
+    check_not_empty,
+    cut_at_eos,
+    generate_with_kls_in_batches,
+    in_batches,
+    left_padded,
+)
 from shiq_eval.kl import masked_kls, mean_stderr
 from shiq_eval.optimum import whole_number
 from shiq_eval.shared_layers import cache_from, decoder_from, inputs_of_layer, shared_prefix_layers
+
+
+class SampledBatch(NamedTuple):
+    """One batch of an evaluation (:func:`evaluate_samples`), what an interrupted one keeps: each completion's
+    token ids (up to its first end-of-sequence token) and its two KL estimators (SHIQ_MATH §6)."""
+
+    completions: list[list[int]]  # [B] token ids
+    kl_sample: list[float]  # [B] float64
+    kl_exact: list[float]  # [B] float64
 
 
 @dataclass
@@ -141,21 +159,7 @@ def evaluate_policy(
 def evaluate_one_pass(policy, tokenizer, prompt_ids, prompt_texts, scorer, **options) -> EvalResult:
     """:func:`evaluate_samples` for a policy whose ``generate_with_kls(prompt_ids, cfg, progress)`` returns
     ``(completions, sample [N], exact [N])``: the KL estimators (SHIQ_MATH §6) read off the sampling pass itself."""
-    kls = {}
-
-    def generate(prompts, cfg, progress=False):
-        completions, kls["sample"], kls["exact"] = policy.generate_with_kls(prompts, cfg, progress)
-        return completions
-
-    return evaluate_samples(
-        SimpleNamespace(generate=generate),
-        lambda prompts, completions: (kls["sample"], kls["exact"]),
-        tokenizer,
-        prompt_ids,
-        prompt_texts,
-        scorer,
-        **options,
-    )
+    return evaluate_samples(policy, None, tokenizer, prompt_ids, prompt_texts, scorer, **options)
 
 
 class SharedPrefixPolicy:
@@ -200,9 +204,8 @@ class SharedPrefixPolicy:
         estimators :func:`sequence_kls` gives (float64 log-softmax, the same per-token sums). A prompt that would
         run past the model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
         self.sampler._check_positions(prompt_ids, cfg)
-        sample, exact = [], []
 
-        def batch_fn(batch, first, seed):
+        def batch_fn(batch, first, seed):  # (raw completions [B], sample [B], exact [B])
             store = self.prefixes if self.prefixes is not None else PromptPrefixes(self.ref_model)
             ids, attn, positions = left_padded(batch, self.sampler.pad_id)  # [B, W] each
             store.get(ids, attn, positions, self.k)  # before the hook below: the reference's pass is not for it
@@ -228,14 +231,9 @@ class SharedPrefixPolicy:
             mask = torch.zeros((len(rows), n), dtype=torch.bool)  # each completion up to its first EOS
             for j, row in enumerate(rows):
                 mask[j, : len(cut_at_eos(row, self.eos_id))] = True
-            s, e = masked_kls(torch.stack(logits, 1), torch.cat(ref_logits, 1), torch.tensor(rows), mask)
-            sample.append(s)
-            exact.append(e)
-            return rows
+            return (rows, *masked_kls(torch.stack(logits, 1), torch.cat(ref_logits, 1), torch.tensor(rows), mask))
 
-        completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
-        empty = torch.zeros(0, dtype=torch.float64)
-        return completions, torch.cat(sample) if sample else empty, torch.cat(exact) if exact else empty
+        return generate_with_kls_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
 
 
 class PromptPrefixes:
@@ -324,25 +322,50 @@ def evaluate_samples(
     progress=True,
     temperature=1.0,
     samples_per_prompt=1,
+    journal=None,
 ) -> EvalResult:
     """The evaluation every policy shares (SHIQ_MATH §6): completions from ``policy.generate`` at
     ``temperature`` (default 1, so the samples come from the policy whose KL is reported), top-p 1,
     decoded without special tokens and scored by ``scorer(prompt_texts, texts)``;
-    ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators.
+    ``kls(prompt_ids, completions) -> (sample [N], exact [N])`` gives the two KL estimators (None: the policy's
+    ``generate_with_kls`` gives them with the completions, :func:`evaluate_one_pass`).
+
+    Sampling and KLs go batch by batch (:func:`shiq_eval.generate.in_batches`): batch ``i`` is sampled alone under
+    seed ``seed + i``, which is the policy's batch ``i`` of the whole set, bit for bit, and its KLs computed at
+    once; each batch's :class:`SampledBatch` is given to ``journal`` (``get(i, batch)``, ``put(i, batch,
+    result)``), which may hand back the batches an interrupted evaluation finished. The scorer reads every
+    completion at the end.
 
     ``prompt_ids`` holds each prompt ``samples_per_prompt`` times in a row (prompt-major, as ``shiq-eval run``
     repeats them; ``policy.generate`` keeps that order): the reported means and standard errors are over
     prompts, of each prompt's mean over its samples (SHIQ_MATH §9). With one sample per prompt they are the
     plain mean and standard error over completions."""
     s = _check_prompt_major(prompt_ids, samples_per_prompt)
+    check_not_empty(prompt_ids)  # before any batch is sampled
     cfg = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, batch_size=batch_size, seed=seed
     )
-    completions = policy.generate(prompt_ids, cfg, progress=progress)
+
+    def run_batch(batch: list[list[int]], first: int, seed: int) -> SampledBatch:
+        alone = dataclasses.replace(cfg, seed=seed)  # one batch under its own seed: the whole set's batch i
+        if kls is None:
+            completions, sample, exact = policy.generate_with_kls(batch, alone)
+        else:
+            completions = policy.generate(batch, alone)
+            sample, exact = kls(batch, completions)
+        sample, exact = (
+            _per_completion(f"the {k} KL estimates", v, len(completions)).tolist()
+            for k, v in (("sample", sample), ("exact", exact))
+        )
+        return SampledBatch([list(map(int, c)) for c in completions], sample, exact)
+
+    batches = in_batches(prompt_ids, cfg, progress, run_batch, journal)
+    completions = [c for b in batches for c in b.completions]  # [N]
+    ks, ke = (
+        torch.tensor([v for b in batches for v in getattr(b, k)], dtype=torch.float64) for k in SampledBatch._fields[1:]
+    )
     texts = [tokenizer.decode(c, skip_special_tokens=True).strip() for c in completions]
     rewards = _per_completion("the scorer's rewards", scorer(prompt_texts, texts), len(texts))
-    ks, ke = kls(prompt_ids, completions)
-    ks, ke = (_per_completion(f"the {k} KL estimates", v, len(texts)) for k, v in (("sample", ks), ("exact", ke)))
     r, rse = _over_prompts(rewards, s)
     a, ase = _over_prompts(ks, s)
     b, bse = _over_prompts(ke, s)

@@ -44,22 +44,66 @@ class SamplingConfig:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
 
 
+def in_batches(items: list, cfg: SamplingConfig, progress: bool, run_batch, journal=None) -> list:
+    """The batches every policy's sampling and every evaluation go through: ``items`` in batches of
+    ``cfg.batch_size``, in order, batch ``i`` run as ``run_batch(batch, first, seed)`` under seed ``cfg.seed + i``
+    (``first`` the index of its first item), so a batch's result depends on nothing else that runs. With ``journal``
+    (``get(i, batch)``: batch ``i``'s result saved earlier, or None; ``put(i, batch, result)``), a batch the journal
+    has is not run, and each one run is given to it: a run interrupted part-way resumes at its first batch not
+    saved. Returns the batches' results, in order."""
+    out = []
+    starts = range(0, len(items), cfg.batch_size)
+    for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
+        batch = items[start : start + cfg.batch_size]
+        result = journal.get(i, batch) if journal is not None else None
+        if result is None:
+            result = run_batch(batch, start, cfg.seed + i)
+            if journal is not None:
+                journal.put(i, batch, result)
+        out.append(result)
+    return out
+
+
+def check_not_empty(prompt_ids: list[list[int]]) -> None:
+    """Refuse (``ValueError`` naming it) an empty prompt, before any batch is sampled."""
+    empty = next((j for j, p in enumerate(prompt_ids) if not p), None)
+    if empty is not None:
+        raise ValueError(f"prompt {empty} is empty")
+
+
 def generate_in_batches(
     prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int, generate_batch
 ) -> list[list[int]]:
     """What every policy's ``generate`` promises: batches of ``cfg.batch_size`` in order, batch ``i`` sampled
-    under seed ``cfg.seed + i`` (so results do not depend on what else runs), empty prompts refused, each
-    completion cut after its first end-of-sequence token (kept). ``generate_batch(batch, first, seed)``
-    returns the raw completion ids of one batch whose first prompt has index ``first``."""
-    empty = next((j for j, p in enumerate(prompt_ids) if not p), None)
-    if empty is not None:  # before any batch is sampled
-        raise ValueError(f"prompt {empty} is empty")
-    out: list[list[int]] = []
-    starts = range(0, len(prompt_ids), cfg.batch_size)
-    for i, start in enumerate(tqdm(starts, desc="generate", disable=not progress)):
-        batch = prompt_ids[start : start + cfg.batch_size]
-        out.extend(cut_at_eos(row, eos_id) for row in generate_batch(batch, start, cfg.seed + i))
-    return out
+    under seed ``cfg.seed + i`` (:func:`in_batches`: so results do not depend on what else runs, and one batch
+    sampled alone under ``cfg.seed + i`` is batch ``i``), empty prompts refused, each completion cut after its first
+    end-of-sequence token (kept). ``generate_batch(batch, first, seed)`` returns the raw completion ids of one
+    batch whose first prompt has index ``first``."""
+    check_not_empty(prompt_ids)
+
+    def run_batch(batch, first, seed):
+        return [cut_at_eos(row, eos_id) for row in generate_batch(batch, first, seed)]
+
+    return [row for rows in in_batches(prompt_ids, cfg, progress, run_batch) for row in rows]
+
+
+def generate_with_kls_in_batches(
+    prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool, eos_id: int, generate_batch
+) -> tuple[list[list[int]], torch.Tensor, torch.Tensor]:
+    """:func:`generate_in_batches` for a sampling pass that also gives each completion's KL estimators
+    (SHIQ_MATH §6): ``generate_batch(batch, first, seed)`` returns ``(raw completion ids [B], sample [B], exact
+    [B])``; returns ``(completions, sample [N], exact [N])`` float64."""
+    check_not_empty(prompt_ids)
+
+    def run_batch(batch, first, seed):
+        rows, sample, exact = generate_batch(batch, first, seed)
+        return [cut_at_eos(row, eos_id) for row in rows], sample, exact
+
+    batches = in_batches(prompt_ids, cfg, progress, run_batch)
+    if not batches:
+        return [], torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+    completions, sample, exact = zip(*batches)
+    return [row for rows in completions for row in rows], torch.cat(sample), torch.cat(exact)
 
 
 def cut_at_eos(row: list[int], eos_id: int) -> list[int]:

@@ -35,7 +35,7 @@ from shiq_eval.evaluate import EvalResult, evaluate_one_pass
 from shiq_eval.generate import (
     SamplingConfig,
     check_positions,
-    generate_in_batches,
+    generate_with_kls_in_batches,
     lm_forward,
     read_prompts,
     sample_next,
@@ -236,17 +236,12 @@ class GuidedPolicy:
         ``cfg.temperature`` and ``cfg.top_p`` sampled. A prompt whose tokens plus ``cfg.max_new_tokens`` pass
         either model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
         check_positions(prompt_ids, cfg, [self.ref_model, self.value_model])
-        sample, exact = [], []
 
-        def batch_fn(batch, first, seed):
+        def batch_fn(batch, first, seed):  # (raw completions [B], sample [B], exact [B])
             steps = self.decode(batch, cfg, generator=torch.Generator().manual_seed(seed))
-            for out, value in zip((sample, exact), _kl_sums(steps)):
-                out.append(value)
-            return steps.tokens.tolist()
+            return (steps.tokens.tolist(), *_kl_sums(steps))
 
-        completions = generate_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
-        empty = torch.zeros(0, dtype=torch.float64)
-        return completions, torch.cat(sample) if sample else empty, torch.cat(exact) if exact else empty
+        return generate_with_kls_in_batches(prompt_ids, cfg, progress, self.eos_id, batch_fn)
 
     @torch.no_grad()
     def sequence_kls(

@@ -203,7 +203,7 @@ def test_evaluate_policy_takes_the_shared_prefix_path_with_the_same_result(monke
         ev.SharedPrefixPolicy, "generate_with_kls", lambda self, *a, **k: calls.append(self.k) or real(self, *a, **k)
     )
     got = ev.evaluate_policy(policy, ref, Tok(), prompts, ["p"] * 12, scorer, **kw)
-    assert calls == [2]
+    assert calls == [2, 2, 2]  # one call per batch of 4
     want = ev.evaluate_samples(
         ev.HFPolicy(policy, eos_id=39, pad_id=0),
         lambda p, c: sequence_kls(policy, ref, p, c, 4, 0),
@@ -454,3 +454,35 @@ def test_shared_prefix_layers_are_found_in_models_loaded_from_two_folders(tmp_pa
     assert shared_prefix_layers(a, b) == 2
     b.config.rms_norm_eps = 1e-3  # a field that changes the logits still counts
     assert shared_prefix_layers(a, b) == 0
+
+
+@pytest.mark.parametrize("trained_from", [0, 2])
+def test_an_evaluation_resumes_from_the_batches_its_journal_kept(trained_from):
+    """Each batch's completions and KLs go to the journal (``put``) as soon as they are computed; an evaluation
+    whose journal hands back the first batches (``get``) samples only the others and gives every completion's
+    reward and KLs bit for bit (two passes, and the one-pass shared-layers path)."""
+    from shiq_eval.evaluate import SampledBatch
+
+    ref = tiny(23, layers=3)
+    policy = fine_tune_of(ref, trained_from, seed=3)
+    prompts = [[1, 2, 3], [4, 5], [6], [7, 8], [9, 10, 11]]
+    scorer = FunctionScorer(lambda p, c: len(c.split()))
+    kw = dict(max_new_tokens=4, batch_size=2, seed=5, progress=False)
+
+    class Journal(dict):
+        def get(self, i, batch):
+            return super().get((i, tuple(map(tuple, batch))))
+
+        def put(self, i, batch, result):
+            assert (i, tuple(map(tuple, batch))) not in self
+            self[i, tuple(map(tuple, batch))] = result
+
+    kept = Journal()
+    whole = evaluate_policy(policy, ref, Tok(), prompts, ["p"] * 5, scorer, journal=kept, **kw)
+    assert sorted(i for i, _ in kept) == [0, 1, 2] and all(isinstance(b, SampledBatch) for b in kept.values())
+    assert whole.kls_exact == [v for _, b in sorted(kept.items()) for v in b.kl_exact]
+    resumed = Journal({key: b for key, b in kept.items() if key[0] < 2})  # the third batch not saved
+    # (a batch run again would be put again: refused above)
+    got = evaluate_policy(policy, ref, Tok(), prompts, ["p"] * 5, scorer, journal=resumed, **kw)
+    assert got == whole and sorted(i for i, _ in resumed) == [0, 1, 2]
+    assert resumed[max(resumed)] == kept[max(kept)]
