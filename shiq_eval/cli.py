@@ -31,9 +31,13 @@ An interrupted run resumes: each row (the reference's, each checkpoint's, the Qâ
 --out/.rows/ as soon as it is computed, and the same command run again reuses the saved rows whose inputs are
 unchanged (suite fingerprint, weights SHA-256 and config, reference, tokenizer, engine, label, step, method, beta, top-k;
 said in one line) and evaluates only the rest; a row whose inputs changed is evaluated again, as is one whose
-saved file is damaged (said on stderr). The saved rows are removed once the results are written; --overwrite
-discards them too. A run that fails (one line, exit 2) after rows were saved keeps them, and its line says so:
-the same command resumes once the cause is fixed.
+saved file is damaged (said on stderr). A row stopped part-way resumes at its first batch not finished: each
+finished batch of it (its completions' token ids and both KLs) is saved in --out/.rows/ too, under the row's inputs
+and the batch's index, size and prompts, and taken again with the same bits (said in one line; a damaged one is
+said on stderr and sampled again); the scorer reads every completion once the row's batches are done. A row's
+batches are removed once the row is saved, the saved rows once the results are written; --overwrite discards
+them too. A run that fails (one line, exit 2) after rows or a row's batches were saved (a scorer that fails once
+they are sampled) keeps them, and its line says so: the same command resumes once the cause is fixed.
 
 shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
 """
@@ -131,6 +135,8 @@ RUN_COLUMNS = [
 
 ROWS_FOLDER = ".rows"  # in --out: the rows of a run not finished yet, one JSON file each
 ROW_FORMAT = "shiq-eval-row"
+BATCH_FORMAT = "shiq-eval-batch"  # a finished batch of a row not finished yet, in the folder named as the row's file
+SAVED_BATCH_FIELDS = {"format", "row", "index", "batch_size", "prompts_sha256", "completions", "kl_sample", "kl_exact"}
 # the fields cluster_by_scenario adds to an evaluation's result (shiq_eval.evaluate.EvalResult)
 CLUSTER_FIELDS = ("stderr_note", "n_scenarios")
 SAVED_ROW_FIELDS = {"format", "key", "row", "sha256"}  # a saved row's file
@@ -144,20 +150,42 @@ class SavedRows:
     evaluated again (it is data: nothing of it is run). ``read``: whether saved rows may be used (not with
     --overwrite); ``write``: whether rows are saved (rank 0 only)."""
 
-    def __init__(self, out: Path, *, read: bool, write: bool, scenarios: bool):
+    def __init__(self, out: Path, *, read: bool, write: bool, scenarios: bool, batch_size: int = 1):
         self.folder = Path(out) / ROWS_FOLDER
         self.read, self.write = read, write
         self.scenarios = scenarios  # the rows carry clustered standard errors' fields (BFCL)
+        self.batch_size = batch_size  # the evaluation's (the suite's): a saved batch's must be it
         self.reused = 0
         self.saved = 0  # rows saved by this run
+        self.batches_reused = 0  # batches of unfinished rows
+        self.pending = 0  # the batches of the row being evaluated in the folder: saved by this run or reused
 
     def row(self, key: dict, make, *args) -> dict:
-        """The saved row of ``key``, else ``make(*args)``'s, saved as soon as it is made."""
+        """The saved row of ``key``, else ``make(*args, journal=...)``'s, saved as soon as it is made; the journal
+        (:class:`SavedBatches`) keeps its finished batches until then, so an interrupted row resumes at its first
+        batch not saved."""
         row = self.get(key)
         if row is None:
-            row = make(*args)
+            batches = SavedBatches(self, key)
+            row = make(*args, journal=batches)
             self.put(key, row)
+            batches.discard()
+            self.pending = 0
         return row
+
+    def rank_0s(self, read):
+        """``read()`` on rank 0, its answer taken by every rank of the process group (if any), so all skip the same
+        evaluations (a rank that saw another answer, a file damaged or not seen there, would wait in another
+        collective)."""
+        import torch.distributed as dist  # heavy: torch (loaded by then)
+
+        shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        found = read() if not shared or dist.get_rank() == 0 else None
+        if shared:
+            box = [found]
+            dist.broadcast_object_list(box, src=0)
+            found = box[0]
+        return found
 
     @contextlib.contextmanager
     def said_on_failure(self):
@@ -167,12 +195,15 @@ class SavedRows:
         try:
             yield
         except Exception as e:
-            kept = self.reused + self.saved
-            if not kept or not is_user_error(e):
+            kept, batches = self.reused + self.saved, self.pending
+            if not (kept or batches) or not is_user_error(e):
                 raise
-            rows = f"the {kept} rows finished are" if kept != 1 else "the row finished is"
+            what = [f"the {kept} rows finished" if kept != 1 else "the row finished"] if kept else []
+            what += [f"{plural(batches, 'batch', 'batches')} of an unfinished row"] if batches else []
+            verb = "is" if kept + batches == 1 else "are"
             raise EvalInputError(
-                f"{error_message(e)}; {rows} kept in {self.folder}/: the same command resumes once this is fixed"
+                f"{error_message(e)}; {' and '.join(what)} {verb} kept in {self.folder}/: the same command resumes "
+                "once this is fixed"
             ) from e
 
     def path(self, key: dict) -> Path:
@@ -184,14 +215,7 @@ class SavedRows:
         (a rank that saw another answer would wait in another collective)."""
         if not self.read:
             return None
-        import torch.distributed as dist  # heavy: torch (loaded by then)
-
-        shared = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        row = self._read(key) if not shared or dist.get_rank() == 0 else None
-        if shared:
-            box = [row]
-            dist.broadcast_object_list(box, src=0)
-            row = box[0]
+        row = self.rank_0s(lambda: self._read(key))
         if row is not None:
             self.reused += 1
         return row
@@ -217,6 +241,108 @@ class SavedRows:
     def discard(self) -> None:
         if self.write and self.folder.is_dir():
             shutil.rmtree(self.folder)
+
+
+class SavedBatches:
+    """The finished batches of one row not finished yet (:class:`SavedRows`), the journal its evaluation gives
+    each batch to (:func:`shiq_eval.evaluate.evaluate_samples`): batch ``i`` in ``--out/.rows/ROW/batch_i.json``,
+    ``ROW`` the name of the row's own file (the SHA-256 of its key, so other inputs find no batches), holding the
+    batch's index, size and prompts' SHA-256, its completions' token ids and both KL estimators (float64, exact
+    in JSON), and a checksum of it all. The same command run again takes those batches instead of sampling them
+    again, with the same bits; a file that cannot be used is said on stderr and its batch evaluated again. Rank
+    0 reads and every rank takes its answer, as for rows; only rank 0 writes. Removed once the row is saved."""
+
+    def __init__(self, rows: SavedRows, key: dict):
+        self.rows = rows
+        self.name = content_sha256(key)
+        self.folder = rows.folder / self.name
+
+    def path(self, i: int) -> Path:
+        return self.folder / f"batch_{int(i)}.json"  # (an integer: the path stays inside the folder)
+
+    def record(self, i: int, batch: list[list[int]]) -> dict:
+        """What batch ``i`` of prompts ``batch`` is saved under: its file's fields other than its results."""
+        return {
+            "format": BATCH_FORMAT,
+            "row": self.name,
+            "index": int(i),
+            "batch_size": self.rows.batch_size,
+            "prompts_sha256": hashlib.sha256(json.dumps(batch).encode()).hexdigest(),
+        }
+
+    def get(self, i: int, batch: list[list[int]]):
+        """Batch ``i``'s saved :class:`shiq_eval.evaluate.SampledBatch`, or None (none saved, or one that cannot
+        be used, said on stderr): rank 0's answer on every rank."""
+        if not self.rows.read:
+            return None
+        found = self.rows.rank_0s(lambda: self._read(i, batch))
+        if found is not None:
+            from shiq_eval.evaluate import SampledBatch  # heavy: torch (loaded by then)
+
+            found = SampledBatch(*found)
+            self.rows.batches_reused += 1
+            self.rows.pending += 1
+        return found
+
+    def _read(self, i: int, batch: list[list[int]]):
+        path = self.path(i)
+        if not path.is_file():
+            return None
+        try:
+            return read_saved_batch(path, self.record(i, batch), len(batch))
+        except (ValueError, OSError) as e:
+            print(f"shiq-eval: warning: {one_line(e, 300)}; the batch is evaluated again", file=sys.stderr)
+            return None
+
+    def put(self, i: int, batch: list[list[int]], result) -> None:
+        if self.rows.write:
+            completions, kl_sample, kl_exact = result
+            saved = {**self.record(i, batch), "completions": completions, "kl_sample": kl_sample, "kl_exact": kl_exact}
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.path(i), {**saved, "sha256": content_sha256(saved)}, indent=None)
+            self.rows.pending += 1
+
+    def discard(self) -> None:
+        if self.rows.write and self.folder.is_dir():
+            shutil.rmtree(self.folder)
+
+
+def read_saved_batch(path: Path, record: dict, size: int) -> tuple[list[list[int]], list[float], list[float]]:
+    """``(completions [size], kl_sample [size], kl_exact [size])`` of the batch saved in ``path``
+    (:class:`SavedBatches`), checked as data: its fields other than the results are ``record``'s, its checksum
+    fits, its completions are ``size`` lists of token ids (integers >= 0) and its KLs ``size`` finite numbers
+    each; a ``ValueError`` naming ``path`` otherwise."""
+    saved = read_json_file(path, ValueError)
+    if (
+        not isinstance(saved, dict)
+        or saved.get("format") != BATCH_FORMAT
+        or set(saved) != SAVED_BATCH_FIELDS | {"sha256"}
+    ):
+        raise ValueError(
+            f"{path}: not a saved batch of shiq-eval run (fields {', '.join(sorted(SAVED_BATCH_FIELDS))}, sha256)"
+        )
+    if any(saved[name] != value for name, value in record.items()):
+        raise ValueError(f"{path}: saved for other inputs than this batch's")
+    content = {name: saved[name] for name in SAVED_BATCH_FIELDS}
+    if saved["sha256"] != content_sha256(content):
+        raise ValueError(f"{path}: its checksum does not fit its contents (changed or damaged)")
+    completions = saved["completions"]
+    if not (
+        isinstance(completions, list)
+        and len(completions) == size
+        and all(
+            isinstance(c, list) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in c)
+            for c in completions
+        )
+    ):
+        raise ValueError(f"{path}: field 'completions' is damaged")
+    kls = []
+    for name in ("kl_sample", "kl_exact"):
+        values = saved[name]
+        if not (isinstance(values, list) and len(values) == size and all(_number(v) for v in values)):
+            raise ValueError(f"{path}: field {name!r} is damaged")
+        kls.append([float(v) for v in values])
+    return completions, *kls
 
 
 def _row_sha256(key: dict, row: dict) -> str:
@@ -881,7 +1007,13 @@ def run(args) -> list[dict]:
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     # rank 0 reads the saved rows and every rank takes its answer (so all skip the same evaluations); with
     # --overwrite none does, and rank 0 removes them before any evaluation
-    saved = SavedRows(Path(args.out), read=not args.overwrite, write=lead, scenarios=scenarios is not None)
+    saved = SavedRows(
+        Path(args.out),
+        read=not args.overwrite,
+        write=lead,
+        scenarios=scenarios is not None,
+        batch_size=sampling.batch_size,
+    )
     if args.overwrite:
         saved.discard()
     import torch  # heavy: torch
@@ -908,7 +1040,8 @@ def run(args) -> list[dict]:
         def evaluated(identity: dict, res, after: dict | None = None) -> dict:  # a result row, with its scenarios'
             return cluster_by_scenario({**identity, **res.as_dict(), **(after or {})}, scenarios)
 
-        def evaluate_model(identity: dict, info: dict | None = None) -> dict:  # a checkpoint's, or the reference's
+        # a checkpoint's row, or the reference's
+        def evaluate_model(identity: dict, info: dict | None = None, *, journal) -> dict:
             logits, sampler = engine.policy(info) if info is not None else (ref_logits, ref_sampler)
             res = evaluate_policy(
                 logits,
@@ -919,12 +1052,15 @@ def run(args) -> list[dict]:
                 scorer,
                 sampler=sampler,
                 temperature=sampling.temperature,
+                journal=journal,
                 **kw,
             )
             return evaluated(identity, res)
 
-        def evaluate_guided(identity: dict, after: dict) -> dict:
-            res = evaluate_guide(args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, kw)
+        def evaluate_guided(identity: dict, after: dict, *, journal) -> dict:
+            res = evaluate_guide(
+                args, value, ref_model, tokenizer, prompt_ids, shown_k, scorer, {**kw, "journal": journal}
+            )
             return evaluated(identity, res, after)  # (beta and top_k after the results: the columns' order)
 
         identity = {
@@ -974,6 +1110,12 @@ def run(args) -> list[dict]:
         print(
             f"shiq-eval: {saved.reused} of {plural(len(rows) + 1, 'row')} reused from {saved.folder} (saved by an interrupted "
             "run of this command); the others evaluated",
+            file=sys.stderr,
+        )
+    if saved.batches_reused:
+        print(
+            f"shiq-eval: {plural(saved.batches_reused, 'batch', 'batches')} of unfinished rows reused from {saved.folder} (saved by "
+            "an interrupted run of this command)",
             file=sys.stderr,
         )
     out = Path(args.out)
@@ -1134,7 +1276,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the results of an earlier run in --out (refused otherwise: they may have taken hours), and "
-        "evaluate every row again, discarding the rows an interrupted run saved in --out/.rows/",
+        "evaluate every row again, discarding the rows and batches an interrupted run saved in --out/.rows/",
     )
     r.add_argument(
         "--suite",

@@ -468,13 +468,24 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
 
 
 TORCHRUN_EVAL = """import os, sys
-from shiq_eval import cli
+from shiq_eval import cli, generate
 if os.environ.get("KEEP_ROWS"):  # the rows kept beside the results, as an interrupted run leaves them
     cli.SavedRows.discard = lambda self: None
 if os.environ["RANK"] != "0":  # a row file this rank does not see (another node's stale view of --out)
     def unseen(path, *a):
         raise FileNotFoundError(f"{path}: not seen")
     cli.read_saved_row = unseen
+    def damaged(path, *a):  # and a batch file it sees damaged
+        raise ValueError(f"{path}: damaged")
+    cli.read_saved_batch = damaged
+if os.environ.get("STOP_AT_BATCH"):  # Ctrl-C while that batch is sampled, on every rank
+    real, seen = generate.MegatronPolicy._generate_batch, []
+    def counted(self, *a, **kw):
+        seen.append(len(seen))
+        if len(seen) == int(os.environ["STOP_AT_BATCH"]):
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+    generate.MegatronPolicy._generate_batch = counted
 sys.exit(cli.main())
 """
 
@@ -513,6 +524,39 @@ def test_a_tp2_run_resumes_with_rank_0s_saved_rows(tmp_path):
         (out / ".rows" / files[run].name).write_bytes(files[run].read_bytes())
     res = torchrun(out)
     assert f"shiq-eval: 2 of 4 rows reused from {out / '.rows'}" in res.stderr, res.stderr[-3000:]
+    assert "warning" not in res.stderr, res.stderr[-3000:]
+    assert results_of(out) == results_of(whole)
+    assert not (out / ".rows").exists()
+
+
+def test_a_tp2_run_resumes_at_rank_0s_saved_batches(tmp_path):
+    """Under torchrun (TP=2) a row interrupted part-way resumes at its first batch not saved: rank 0 reads the
+    saved batches and every rank takes its answer (rank 1 here sees the batch file damaged, and would sample it
+    again alone), and the results are an uninterrupted run's, byte for byte."""
+    init = tiny_hf_folder(tmp_path / "init")
+    tiny_hf_folder(tmp_path / "p1")
+    torch.manual_seed(10)
+    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(init)).save_pretrained(tmp_path / "p1")
+    argv = score_len_run(tmp_path, tmp_path / "p1", init, max_new_tokens=3)
+    argv += ["--samples-per-prompt", "3", "--batch-size", "1", "--engine", "megatron", "--tp", "2"]
+    (tmp_path / "torchrun_eval.py").write_text(TORCHRUN_EVAL)
+    from shiq_train.parallel import free_port
+
+    def torchrun(out: Path, **env) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+        command += ["--master_port", str(free_port()), "torchrun_eval.py", *argv, "--out", str(out)]
+        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # (the cwd is tmp_path)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **env}
+        return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
+
+    whole, out = tmp_path / "whole", tmp_path / "o"
+    assert torchrun(whole).returncode == 0
+    res = torchrun(out, STOP_AT_BATCH="5")  # p1's second batch: the reference's row and p1's first batch saved
+    assert res.returncode != 0 and "shiq-eval: interrupted" in res.stderr, res.stderr[-3000:]
+    assert len(list((out / ".rows").glob("*.json"))) == 1 and len(list((out / ".rows").glob("*/batch_*.json"))) == 1
+    res = torchrun(out)
+    assert res.returncode == 0, res.stderr[-6000:]
+    assert "1 of 2 rows reused" in res.stderr and "1 batch of unfinished rows reused" in res.stderr, res.stderr[-3000:]
     assert "warning" not in res.stderr, res.stderr[-3000:]
     assert results_of(out) == results_of(whole)
     assert not (out / ".rows").exists()
@@ -1256,3 +1300,132 @@ def test_chat_prompts_for_a_tokenizer_without_a_template_point_to_no_chat():
         encode_prompts(no_template, ["Name a color."], chat=True)
     with pytest.raises(EvalInputError, match=r"--tokenizer\)$"):
         encode_prompts(no_template, [[{"role": "user", "content": "Hi"}]], chat=False)
+
+
+def batched_run(tmp_path, monkeypatch):
+    """:func:`resumable_run` with four samples of its prompt in batches of one (four batches a row): ``(argv,
+    calls, batches)``, ``batches`` the batches sampled (each call of ``HFPolicy._generate_batch``), with
+    ``batches.stop_at``: the number of the batch whose sampling is interrupted (Ctrl-C), 0 for none."""
+    from shiq_eval.generate import HFPolicy
+
+    argv, calls = resumable_run(tmp_path, monkeypatch)
+    argv += ["--samples-per-prompt", "4", "--batch-size", "1"]
+
+    class Batches(list):
+        stop_at = 0
+
+    batches = Batches()
+    real = HFPolicy._generate_batch
+
+    def counted(self, *a, **kw):
+        batches.append(len(batches))
+        if len(batches) == batches.stop_at:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(HFPolicy, "_generate_batch", counted)
+    return argv, calls, batches
+
+
+def interrupted_in_p1s_third_batch(argv, batches, capsys, out: Path) -> list[Path]:
+    """Run ``argv`` interrupted while p1's third batch is sampled: the reference's row and p1's first two batches
+    saved; returns those batches' files."""
+    batches.clear()
+    batches.stop_at = 4 + 3
+    assert main(argv) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("shiq-eval: interrupted")
+    assert len(list((out / ".rows").glob("*.json"))) == 1  # the reference's row
+    saved = sorted((out / ".rows").glob("*/batch_*.json"))
+    assert [p.name for p in saved] == ["batch_0.json", "batch_1.json"]
+    batches.clear()
+    batches.stop_at = 0
+    return saved
+
+
+def test_an_interrupted_row_resumes_at_its_first_batch_not_saved(tmp_path, monkeypatch, capsys):
+    """A row interrupted part-way was evaluated again from its first batch (a whole model's sampling, on a large
+    suite): its finished batches are saved in --out/.rows/ and the same command samples only the others, with an
+    uninterrupted run's results, every completion's reward and KLs bit for bit; they are removed with the row's
+    saving, and --overwrite discards them."""
+    argv, calls, batches = batched_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert len(batches) == 16
+    saved = interrupted_in_p1s_third_batch(argv, batches, capsys, out)
+    assert all(len(p.read_bytes()) < 600 for p in saved)  # token ids and two floats a completion
+    assert main(argv) == 0
+    assert len(batches) == 2 + 4 + 4  # p1's last two, p2's and p3's
+    err = capsys.readouterr().err
+    assert "1 of 4 rows reused" in err and "shiq-eval: 2 batches of unfinished rows reused" in err, err
+    assert results_of(out) == results_of(tmp_path / "whole")
+    assert not (out / ".rows").exists()
+    again = [*argv, "--out", str(tmp_path / "o2")]
+    interrupted_in_p1s_third_batch(again, batches, capsys, tmp_path / "o2")
+    assert main([*again, "--overwrite"]) == 0 and len(batches) == 16
+    assert "reused" not in capsys.readouterr().err and not (tmp_path / "o2" / ".rows").exists()
+
+
+def test_a_row_saved_removes_its_saved_batches(tmp_path, monkeypatch, capsys):
+    """Interrupted twice: in p1's third batch, then, resumed, in p3's first: p1's two batches saved by the first
+    run were taken by the second and removed once p1's row was saved."""
+    argv, calls, batches = batched_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    interrupted_in_p1s_third_batch(argv, batches, capsys, out)
+    batches.stop_at = 2 + 4 + 1  # p1's last two batches, p2's four, then p3's first
+    assert main(argv) == 130
+    assert len(list((out / ".rows").glob("*.json"))) == 3 and not list((out / ".rows").glob("*/batch_*.json"))
+    assert not [p for p in (out / ".rows").iterdir() if p.is_dir()]
+
+
+def test_a_damaged_saved_batch_is_said_and_evaluated_again(tmp_path, monkeypatch, capsys):
+    """A saved batch is data: a file cut short, an edited token id or KL (its checksum no longer fits), one that is
+    not an object, or one another batch's (renamed) is named in one line on stderr and its batch sampled again."""
+    argv, calls, batches = batched_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    for damage in ("cut", "edited", "a list", "renamed"):
+        for p in out.glob("*"):
+            p.unlink() if p.is_file() else None
+        first, second = interrupted_in_p1s_third_batch(argv, batches, capsys, out)
+        text = second.read_text()
+        if damage == "cut":
+            second.write_text(text[: len(text) // 2])
+        elif damage == "edited":
+            second.write_text(text.replace('"kl_exact": [', '"kl_exact": [1'))
+        elif damage == "a list":
+            second.write_text("[1, 2]")
+        else:
+            second.write_bytes(first.read_bytes())
+        assert main(argv) == 0, damage
+        err = capsys.readouterr().err
+        said = [line for line in err.splitlines() if "warning" in line]
+        assert len(said) == 1 and str(second) in said[0] and "the batch is evaluated again" in said[0], (damage, err)
+        assert "Traceback" not in err
+        assert len(batches) == 3 + 4 + 4 and "1 batch of unfinished rows reused" in err, damage
+        assert results_of(out) == results_of(tmp_path / "whole"), damage
+
+
+def test_a_scorer_that_fails_after_a_rows_batches_keeps_them(tmp_path, monkeypatch, capsys):
+    """The scorer reads a row's completions once all its batches are sampled: when it fails (one line, exit 2)
+    the row's batches are kept, the line says so, and the same command, the cause fixed, scores them without
+    sampling them again."""
+    argv, calls, batches = batched_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    argv[argv.index("python:score_len:score")] = "python:score_or_fail:score"  # (a module of its own name)
+    (tmp_path / "score_or_fail.py").write_text(
+        "import os\n\ndef score(p, c):\n"
+        "    if os.path.exists('fail'):\n        raise RuntimeError('the scoring service is down')\n"
+        "    return [float(len(x)) for x in c]\n"
+    )
+    (tmp_path / "fail").write_text("")
+    capsys.readouterr()
+    assert main(argv) == 2 and len(batches) == 4  # the reference's
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the scoring service is down" in err[0], err
+    assert err[0].endswith(
+        f"; 4 batches of an unfinished row are kept in {out / '.rows'}/: the same command resumes once this is fixed"
+    ), err
+    (tmp_path / "fail").unlink()
+    batches.clear()
+    assert main(argv) == 0 and len(batches) == 4 * 3  # the policies' only
+    assert "shiq-eval: 4 batches of unfinished rows reused" in capsys.readouterr().err
