@@ -196,6 +196,10 @@ class SharedPrefixPolicy:
         kv, last = _prompt_tail(self.model, self.decoder, kv, hidden, attn, positions, self.k)
         return filled_cache(self.model, kv), last
 
+    def check_prompts(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
+        """:meth:`HFPolicy.check_prompts` of the policy sampled."""
+        self.sampler.check_prompts(prompt_ids, cfg)
+
     @torch.no_grad()
     def generate_with_kls(
         self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False
@@ -203,7 +207,7 @@ class SharedPrefixPolicy:
         """``(completions, sample [N], exact [N])``: ``HFPolicy.generate`` and, for those completions, the
         estimators :func:`sequence_kls` gives (float64 log-softmax, the same per-token sums). A prompt that would
         run past the model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
-        self.sampler._check_positions(prompt_ids, cfg)
+        self.check_prompts(prompt_ids, cfg)
 
         def batch_fn(batch, first, seed):  # (raw completions [B], sample [B], exact [B])
             store = self.prefixes if self.prefixes is not None else PromptPrefixes(self.ref_model)
@@ -345,6 +349,8 @@ def evaluate_samples(
     cfg = SamplingConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=1.0, batch_size=batch_size, seed=seed
     )
+    if hasattr(policy, "check_prompts"):  # over all prompts, naming one by its index among them (not its batch's)
+        policy.check_prompts(prompt_ids, cfg)
 
     def run_batch(batch: list[list[int]], first: int, seed: int) -> SampledBatch:
         alone = dataclasses.replace(cfg, seed=seed)  # one batch under its own seed: the whole set's batch i

@@ -154,13 +154,15 @@ class HFPolicy:
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
         """Completion token ids per prompt (see :func:`generate_in_batches` for batching and seeds)."""
-        self._check_positions(prompt_ids, cfg)
+        self.check_prompts(prompt_ids, cfg)
         return generate_in_batches(
             prompt_ids, cfg, progress, self.eos_id, lambda batch, first, seed: self._generate_batch(batch, cfg, seed)
         )
 
-    def _check_positions(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
-        """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass the model's ``max_position_embeddings``."""
+    def check_prompts(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
+        """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass the model's ``max_position_embeddings``
+        (every policy has this check: an evaluation that samples batch by batch runs it once over all prompts,
+        so the prompt is named by its index among them)."""
         check_positions(prompt_ids, cfg, [self.model])
 
     def _read_prompts(self, batch: list[list[int]]):
@@ -357,16 +359,21 @@ class MegatronPolicy:
         finally:
             self.model.train(was_training)
 
-    def _generate_batch(self, batch: list[list[int]], first: int, cfg: SamplingConfig, seed: int) -> list[list[int]]:
-        from megatron.core import parallel_state as ps  # heavy: only megatron models need it
-        from megatron.core.inference.contexts import StaticInferenceContext  # heavy: megatron
-
-        for j, p in enumerate(batch):
+    def check_prompts(self, prompt_ids: list[list[int]], cfg: SamplingConfig, first: int = 0) -> None:
+        """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass the model's ``max_sequence_length``, named
+        by its index (``first``: that of ``prompt_ids[0]`` among all the prompts sampled)."""
+        for j, p in enumerate(prompt_ids):
             if len(p) + cfg.max_new_tokens > self.max_context:
                 raise ValueError(
                     f"prompt {first + j}: {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceed "
                     f"the model's max_sequence_length {self.max_context}"
                 )
+
+    def _generate_batch(self, batch: list[list[int]], first: int, cfg: SamplingConfig, seed: int) -> list[list[int]]:
+        from megatron.core import parallel_state as ps  # heavy: only megatron models need it
+        from megatron.core.inference.contexts import StaticInferenceContext  # heavy: megatron
+
+        self.check_prompts(batch, cfg, first)
         device = next(self.model.parameters()).device
         B = len(batch)
         lens = torch.tensor([len(p) for p in batch], device=device)

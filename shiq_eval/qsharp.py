@@ -225,6 +225,10 @@ class GuidedPolicy:
         """Completion token ids per prompt (see ``shiq_eval.generate.generate_in_batches`` for batches and seeds)."""
         return self.generate_with_kls(prompt_ids, cfg, progress)[0]
 
+    def check_prompts(self, prompt_ids: list[list[int]], cfg: SamplingConfig) -> None:
+        """Refuse a prompt whose tokens plus ``cfg.max_new_tokens`` pass either model's ``max_position_embeddings``."""
+        check_positions(prompt_ids, cfg, [self.ref_model, self.value_model])
+
     @torch.no_grad()
     def generate_with_kls(
         self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False
@@ -235,7 +239,7 @@ class GuidedPolicy:
         pass). The estimators are those of the temperature-1 guided policy at the visited states, whatever
         ``cfg.temperature`` and ``cfg.top_p`` sampled. A prompt whose tokens plus ``cfg.max_new_tokens`` pass
         either model's ``max_position_embeddings`` is refused, as ``HFPolicy.generate`` refuses it."""
-        check_positions(prompt_ids, cfg, [self.ref_model, self.value_model])
+        self.check_prompts(prompt_ids, cfg)
 
         def batch_fn(batch, first, seed):  # (raw completions [B], sample [B], exact [B])
             steps = self.decode(batch, cfg, generator=torch.Generator().manual_seed(seed))

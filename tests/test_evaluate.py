@@ -421,14 +421,16 @@ def test_a_scorer_or_kl_that_miscounts_completions_is_refused(rewards, kl, messa
         evaluate_samples(policy, kls, Tok(), [[1], [2], [3], [4]], list("abcd"), lambda p, t: rewards, progress=False)
 
 
-def test_a_prompt_past_the_models_positions_is_refused_on_the_shared_prefix_path():
+@pytest.mark.parametrize("batch_size", [4, 1])
+def test_a_prompt_past_the_models_positions_is_refused_on_the_shared_prefix_path(batch_size):
     """A policy sharing the reference's first layers is sampled by ``SharedPrefixPolicy``, which sampled a prompt
     whose tokens plus max_new_tokens pass max_position_embeddings without a word; ``HFPolicy`` (the path of a
-    policy sharing nothing) refused it already. Both paths now refuse it alike."""
+    policy sharing nothing) refused it already. Both paths now refuse it alike, naming the prompt by its index
+    among all those sampled, also when the evaluation samples them one batch at a time."""
     ref = tiny(13, layers=3)
     policy = fine_tune_of(ref, 2, seed=5)
     scorer = FunctionScorer(lambda p, c: len(c.split()))
-    kw = dict(max_new_tokens=8, batch_size=4, seed=2, progress=False)
+    kw = dict(max_new_tokens=8, batch_size=batch_size, seed=2, progress=False)
     fits = evaluate_policy(policy, ref, Tok(), [[1] * 56, [2, 3]], ["p"] * 2, scorer, **kw)  # 56 + 8 = 64
     assert fits.n == 2
     for other in (policy, fine_tune_of(ref, 0, seed=5)):  # the shared prefix path, then the plain one

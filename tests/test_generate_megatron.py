@@ -15,6 +15,7 @@ import transformers
 from ranks import spawn
 from test_generate import greedy_reference as greedy_without_cache  # (one full forward per token)
 
+from shiq_eval.evaluate import evaluate_samples
 from shiq_eval.generate import HFPolicy, MegatronPolicy, SamplingConfig, sample_next
 from shiq_train import hf_convert as H
 from shiq_train import model as M
@@ -161,6 +162,20 @@ def test_bad_inputs_and_pipeline_parallelism_are_refused(dist1, monkeypatch):
         policy.generate([[1], []], SamplingConfig(max_new_tokens=2))
     with pytest.raises(ValueError, match="prompt 0: 30 tokens .* exceed the model's max_sequence_length 32"):
         policy.generate([[1] * 30], SamplingConfig(max_new_tokens=3))
+    with pytest.raises(ValueError, match="prompt 2: 30 tokens"):  # named among all the prompts, not in its batch
+        policy.generate([[1], [2], [1] * 30], SamplingConfig(max_new_tokens=3, batch_size=2))
+    with pytest.raises(ValueError, match="prompt 2: 30 tokens"):  # an evaluation checks them all before sampling
+        evaluate_samples(
+            policy,
+            lambda p, c: (None, None),
+            None,
+            [[1], [2], [1] * 30],
+            list("abc"),
+            None,
+            max_new_tokens=3,
+            batch_size=1,
+            progress=False,
+        )
     from megatron.core import parallel_state
 
     monkeypatch.setattr(parallel_state, "get_pipeline_model_parallel_world_size", lambda: 2)
