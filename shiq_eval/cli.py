@@ -35,8 +35,9 @@ saved file is damaged (said on stderr). A row stopped part-way resumes at its fi
 finished batch of it (its completions' token ids and both KLs) is saved in --out/.rows/ too, under the row's inputs
 and the batch's index, size and prompts, and taken again with the same bits (said in one line; a damaged one is
 said on stderr and sampled again); the scorer reads every completion once the row's batches are done. A row's
-batches are removed once the row is saved, the saved rows once the results are written; --overwrite discards
-them too. A run that fails (one line, exit 2) after rows or a row's batches were saved (a scorer that fails once
+batches are removed once the row is saved, the saved rows once the results are written. --overwrite discards
+them before it evaluates, but for those a run given --overwrite saved: the same command, interrupted, resumes
+too (rm -r --out/.rows evaluates everything again). A run that fails (one line, exit 2) after rows or a row's batches were saved (a scorer that fails once
 they are sampled) keeps them, and its line says so: the same command resumes once the cause is fixed.
 
 shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
@@ -76,6 +77,7 @@ from shiq_data.cli_common import (
 )
 from shiq_data.io import (
     RowError,
+    atomic_write,
     atomic_write_json,
     files_together,
     json_loads,
@@ -134,6 +136,9 @@ RUN_COLUMNS = [
 
 
 ROWS_FOLDER = ".rows"  # in --out: the rows of a run not finished yet, one JSON file each
+# in ROWS_FOLDER: its rows were saved by a run given --overwrite (which discarded the older ones first), so the same
+# command run again takes them rather than discarding its own work
+OVERWRITING = "overwriting"
 ROW_FORMAT = "shiq-eval-row"
 BATCH_FORMAT = "shiq-eval-batch"  # a finished batch of a row not finished yet, in the folder named as the row's file
 SAVED_BATCH_FIELDS = {"format", "row", "index", "batch_size", "prompts_sha256", "completions", "kl_sample", "kl_exact"}
@@ -148,17 +153,41 @@ class SavedRows:
     everything the row depends on (:func:`row_key`); it holds the key, the row and a checksum of both. A file
     that cannot be read, or whose key, checksum or fields do not fit, is said on stderr in one line and the row
     evaluated again (it is data: nothing of it is run). ``read``: whether saved rows may be used (not with
-    --overwrite); ``write``: whether rows are saved (rank 0 only)."""
+    --overwrite, unless they were saved by a run given it: :meth:`for_run`); ``write``: whether rows are saved
+    (rank 0 only); ``overwriting``: the run was given --overwrite, which the folder records (:data:`OVERWRITING`)
+    with its first saved row or batch."""
 
-    def __init__(self, out: Path, *, read: bool, write: bool, scenarios: bool, batch_size: int = 1):
+    def __init__(
+        self, out: Path, *, read: bool, write: bool, scenarios: bool, batch_size: int = 1, overwriting: bool = False
+    ):
         self.folder = Path(out) / ROWS_FOLDER
-        self.read, self.write = read, write
+        self.read, self.write, self.overwriting = read, write, overwriting
         self.scenarios = scenarios  # the rows carry clustered standard errors' fields (BFCL)
         self.batch_size = batch_size  # the evaluation's (the suite's): a saved batch's must be it
         self.reused = 0
         self.saved = 0  # rows saved by this run
         self.batches_reused = 0  # batches of unfinished rows
         self.pending = 0  # the batches of the row being evaluated in the folder: saved by this run or reused
+
+    @classmethod
+    def for_run(cls, out: Path, *, overwrite: bool, write: bool, **options) -> SavedRows:
+        """The saved rows of a run into ``out``: read unless ``overwrite``, which discards them first (rank 0), but
+        for those an interrupted run given --overwrite saved (the same command run again: its own work). Every
+        rank decides alike before any rank changes the folder: the folder is discarded only where no record of
+        --overwrite is, and the record is written with the first row or batch saved, after the ranks' first
+        collective."""
+        resumed = overwrite and (Path(out) / ROWS_FOLDER / OVERWRITING).is_file()
+        saved = cls(out, read=not overwrite or resumed, write=write, overwriting=overwrite, **options)
+        if overwrite and not resumed:
+            saved.discard()
+        return saved
+
+    def note_overwriting(self) -> None:
+        """Before a row or batch is saved by a run given --overwrite: record it in the folder (:data:`OVERWRITING`)."""
+        mark = self.folder / OVERWRITING
+        if self.overwriting and not mark.is_file():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            atomic_write(mark, lambda p: p.write_text("rows saved by shiq-eval run --overwrite\n"))
 
     def row(self, key: dict, make, *args) -> dict:
         """The saved row of ``key``, else ``make(*args, journal=...)``'s, saved as soon as it is made; the journal
@@ -232,6 +261,7 @@ class SavedRows:
 
     def put(self, key: dict, row: dict) -> None:
         if self.write:
+            self.note_overwriting()
             stored = undefined_as_null(row)  # an undefined standard error (NaN) as null, as results.json has it
             atomic_write_json(
                 self.path(key), {"format": ROW_FORMAT, "key": key, "row": stored, "sha256": _row_sha256(key, stored)}
@@ -298,6 +328,7 @@ class SavedBatches:
         if self.rows.write:
             completions, kl_sample, kl_exact = result
             saved = {**self.record(i, batch), "completions": completions, "kl_sample": kl_sample, "kl_exact": kl_exact}
+            self.rows.note_overwriting()
             self.folder.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.path(i), {**saved, "sha256": content_sha256(saved)}, indent=None)
             self.rows.pending += 1
@@ -1006,16 +1037,15 @@ def run(args) -> list[dict]:
         common[leaderboard.SCENARIO_IDS] = scenarios
     lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
     # rank 0 reads the saved rows and every rank takes its answer (so all skip the same evaluations); with
-    # --overwrite none does, and rank 0 removes them before any evaluation
-    saved = SavedRows(
+    # --overwrite none does, and rank 0 removes them before any evaluation, but for those of an interrupted run
+    # given --overwrite (this command's own)
+    saved = SavedRows.for_run(
         Path(args.out),
-        read=not args.overwrite,
+        overwrite=args.overwrite,
         write=lead,
         scenarios=scenarios is not None,
         batch_size=sampling.batch_size,
     )
-    if args.overwrite:
-        saved.discard()
     import torch  # heavy: torch
     import transformers  # heavy: transformers
 
@@ -1276,7 +1306,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite",
         action="store_true",
         help="replace the results of an earlier run in --out (refused otherwise: they may have taken hours), and "
-        "evaluate every row again, discarding the rows and batches an interrupted run saved in --out/.rows/",
+        "evaluate every row again, discarding the rows and batches an interrupted run saved in --out/.rows/ (but for "
+        "those of an interrupted run given --overwrite: the same command resumes)",
     )
     r.add_argument(
         "--suite",
@@ -1392,7 +1423,7 @@ def main(argv=None) -> int:
     if args.command == "run" and not progress_bars_shown(getattr(args, "log_level", "INFO")):
         args.quiet = True  # WARNING or ERROR: warnings only, no bars (its per-checkpoint lines are INFO)
     # (a stop between rows: the rows finished are saved; SIGTERM, a scheduler's stop, ends as Ctrl-C does)
-    hint = " (the same command resumes, reusing the rows it finished)" if args.command == "run" else ""
+    hint = " (the same command resumes, reusing the rows and batches it finished)" if args.command == "run" else ""
     with on_sigterm():
         return run_command("shiq-eval", _run_command, args, hint=hint)
 

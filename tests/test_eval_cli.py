@@ -1105,7 +1105,7 @@ def interrupted_at_third_row(argv, calls, capsys, out: Path) -> None:
     err = capsys.readouterr().err
     assert (
         err.strip().splitlines()[-1]
-        == "shiq-eval: interrupted (the same command resumes, reusing the rows it finished)"
+        == "shiq-eval: interrupted (the same command resumes, reusing the rows and batches it finished)"
     )
     assert not (out / "results.json").exists() and len(list((out / ".rows").glob("*.json"))) == 2
     calls.clear()
@@ -1141,7 +1141,7 @@ def test_a_sigterm_ends_the_run_in_one_line_and_the_rows_it_finished_are_reused(
     calls.stop_at, calls.by_sigterm = 3, True
     assert main(argv) == 143
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        "shiq-eval: terminated (the same command resumes, reusing the rows it finished)"
+        "shiq-eval: terminated (the same command resumes, reusing the rows and batches it finished)"
     )
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # given back
     calls.clear()
@@ -1363,6 +1363,30 @@ def test_an_interrupted_row_resumes_at_its_first_batch_not_saved(tmp_path, monke
     interrupted_in_p1s_third_batch(again, batches, capsys, tmp_path / "o2")
     assert main([*again, "--overwrite"]) == 0 and len(batches) == 16
     assert "reused" not in capsys.readouterr().err and not (tmp_path / "o2" / ".rows").exists()
+
+
+def test_an_interrupted_overwrite_resumes_with_the_same_command(tmp_path, monkeypatch, capsys):
+    """A run given --overwrite (an earlier run's results in --out) and interrupted said "the same command
+    resumes", but that command discarded what it had saved, its own rows and batches: it now takes them (they
+    were saved after the older ones were discarded), with an uninterrupted run's results bit for bit, while rows
+    saved by a run not given --overwrite are still discarded by it."""
+    argv, calls, batches = batched_run(tmp_path, monkeypatch)
+    out = tmp_path / "o"
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    assert main(argv) == 0  # the earlier run's results
+    capsys.readouterr()
+    again = [*argv, "--overwrite"]
+    interrupted_in_p1s_third_batch(again, batches, capsys, out)
+    assert (out / ".rows" / "overwriting").is_file()
+    assert main(again) == 0 and len(batches) == 2 + 4 + 4  # p1's last two, p2's and p3's
+    err = capsys.readouterr().err
+    assert "1 of 4 rows reused" in err and "2 batches of unfinished rows reused" in err, err
+    assert results_of(out) == results_of(tmp_path / "whole") and not (out / ".rows").exists()
+    (out / "results.json").unlink()  # (so that a run without --overwrite may write here)
+    interrupted_in_p1s_third_batch(argv, batches, capsys, out)
+    assert not (out / ".rows" / "overwriting").exists()
+    assert main(again) == 0 and len(batches) == 16  # rows saved without --overwrite: discarded by it
+    assert "reused" not in capsys.readouterr().err and not (out / ".rows").exists()
 
 
 def test_a_row_saved_removes_its_saved_batches(tmp_path, monkeypatch, capsys):
