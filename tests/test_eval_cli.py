@@ -490,11 +490,13 @@ sys.exit(cli.main())
 """
 
 
-def test_a_tp2_run_resumes_with_rank_0s_saved_rows(tmp_path):
+def test_a_tp2_run_resumes_with_rank_0s_saved_rows_and_batches(tmp_path):
     """Under torchrun (TP=2) every rank looked for the saved rows itself: a row file one rank saw and another did
     not (a node's stale view of --out) made one rank reuse the row while the other evaluated it, the ranks then in
-    different collectives. Rank 0 reads the rows and every rank takes its answer: a run resumed from some of the
-    rows reuses them and writes an uninterrupted run's results, byte for byte."""
+    different collectives. Rank 0 reads the saved rows, and the saved batches of a row interrupted part-way, and
+    every rank takes its answer (rank 1 here does not see the row files and sees the batch file damaged): a run
+    resumed from some of the rows and batches reuses them and writes an uninterrupted run's results, byte for
+    byte."""
     init = tiny_hf_folder(tmp_path / "init")
     for i, name in enumerate(("p1", "p2", "p3")):
         tiny_hf_folder(tmp_path / name)
@@ -502,42 +504,6 @@ def test_a_tp2_run_resumes_with_rank_0s_saved_rows(tmp_path):
         transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(init)).save_pretrained(tmp_path / name)
     argv = score_len_run(tmp_path, tmp_path / "p1", init, max_new_tokens=3)
     argv[2:2] = [str(tmp_path / "p2"), str(tmp_path / "p3")]
-    argv += ["--engine", "megatron", "--tp", "2"]
-    (tmp_path / "torchrun_eval.py").write_text(TORCHRUN_EVAL)
-    from shiq_train.parallel import free_port
-
-    def torchrun(out: Path, **env) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-        command += ["--master_port", str(free_port()), "torchrun_eval.py", *argv, "--out", str(out)]
-        path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))  # (the cwd is tmp_path)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": path, **env}
-        res = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
-        assert res.returncode == 0, res.stderr[-6000:]
-        return res
-
-    whole, out = tmp_path / "whole", tmp_path / "o"
-    torchrun(whole, KEEP_ROWS="1")
-    files = {json.loads(f.read_text())["key"]["row"]["run"]: f for f in (whole / ".rows").glob("*.json")}
-    assert sorted(files) == ["p1", "p2", "p3", "reference"]
-    (out / ".rows").mkdir(parents=True)
-    for run in ("reference", "p2"):  # p1's and p3's rows not saved before the stop
-        (out / ".rows" / files[run].name).write_bytes(files[run].read_bytes())
-    res = torchrun(out)
-    assert f"shiq-eval: 2 of 4 rows reused from {out / '.rows'}" in res.stderr, res.stderr[-3000:]
-    assert "warning" not in res.stderr, res.stderr[-3000:]
-    assert results_of(out) == results_of(whole)
-    assert not (out / ".rows").exists()
-
-
-def test_a_tp2_run_resumes_at_rank_0s_saved_batches(tmp_path):
-    """Under torchrun (TP=2) a row interrupted part-way resumes at its first batch not saved: rank 0 reads the
-    saved batches and every rank takes its answer (rank 1 here sees the batch file damaged, and would sample it
-    again alone), and the results are an uninterrupted run's, byte for byte."""
-    init = tiny_hf_folder(tmp_path / "init")
-    tiny_hf_folder(tmp_path / "p1")
-    torch.manual_seed(10)
-    transformers.LlamaForCausalLM(transformers.AutoConfig.from_pretrained(init)).save_pretrained(tmp_path / "p1")
-    argv = score_len_run(tmp_path, tmp_path / "p1", init, max_new_tokens=3)
     argv += ["--samples-per-prompt", "3", "--batch-size", "1", "--engine", "megatron", "--tp", "2"]
     (tmp_path / "torchrun_eval.py").write_text(TORCHRUN_EVAL)
     from shiq_train.parallel import free_port
@@ -550,14 +516,18 @@ def test_a_tp2_run_resumes_at_rank_0s_saved_batches(tmp_path):
         return subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300)
 
     whole, out = tmp_path / "whole", tmp_path / "o"
-    assert torchrun(whole).returncode == 0
-    res = torchrun(out, STOP_AT_BATCH="5")  # p1's second batch: the reference's row and p1's first batch saved
+    res = torchrun(whole, KEEP_ROWS="1")
+    assert res.returncode == 0, res.stderr[-6000:]
+    files = {json.loads(f.read_text())["key"]["row"]["run"]: f for f in (whole / ".rows").glob("*.json")}
+    assert sorted(files) == ["p1", "p2", "p3", "reference"]
+    res = torchrun(out, STOP_AT_BATCH="5")  # p1's second batch: the reference's row (3 batches), p1's first saved
     assert res.returncode != 0 and "shiq-eval: interrupted" in res.stderr, res.stderr[-3000:]
     assert len(list((out / ".rows").glob("*.json"))) == 1 and len(list((out / ".rows").glob("*/batch_*.json"))) == 1
+    (out / ".rows" / files["p2"].name).write_bytes(files["p2"].read_bytes())  # a row saved by another run
     res = torchrun(out)
     assert res.returncode == 0, res.stderr[-6000:]
-    assert "1 of 2 rows reused" in res.stderr and "1 batch of unfinished rows reused" in res.stderr, res.stderr[-3000:]
-    assert "warning" not in res.stderr, res.stderr[-3000:]
+    assert f"shiq-eval: 2 of 4 rows reused from {out / '.rows'}" in res.stderr, res.stderr[-3000:]
+    assert "1 batch of unfinished rows reused" in res.stderr and "warning" not in res.stderr, res.stderr[-3000:]
     assert results_of(out) == results_of(whole)
     assert not (out / ".rows").exists()
 
