@@ -268,7 +268,7 @@ def test_dedup_near_compares_with_every_kept_row_of_each_band(tmp_path_factory, 
         ):
             continue
         want.append(j)
-    monkeypatch.setattr(D.Signatures, "__call__", lambda self, parts: sigs[int(parts[0].split()[1])])
+    monkeypatch.setattr(D.Signatures, "many", lambda self, texts: np.array([sigs[int(p[0].split()[1])] for p in texts]))
     monkeypatch.setattr(D, "ENTRY_BATCH", batch)
     tmp = tmp_path_factory.mktemp("sigs")
     texts = [f"row {k}" for k in range(len(sigs))]
@@ -297,9 +297,64 @@ def test_dedup_near_finds_a_row_near_the_second_kept_row_of_a_band(tmp_path, bat
     bands = [set(enumerate(signatures.bands(x))) for x in sigs[:3]]
     assert bands[0] & bands[1] == bands[1] & bands[2] == bands[0] & bands[2] and len(bands[0] & bands[1]) == 1
     assert (a == b).mean() < 0.8 <= (b == c).mean() and (a == c).mean() < 0.8
-    monkeypatch.setattr(D.Signatures, "__call__", lambda self, parts: sigs[int(parts[0].split()[1])])
+    monkeypatch.setattr(D.Signatures, "many", lambda self, texts: np.array([sigs[int(p[0].split()[1])] for p in texts]))
     monkeypatch.setattr(D, "ENTRY_BATCH", batch)
     texts = [f"row {k}" for k in range(4)]
     write_buffer(_rows(texts), tmp_path / "buf", tokenizer_info=TOK, command=["test"], shard_rows=7, progress=False)
     dedup_buffer(tmp_path / "buf", tmp_path / "out", by="completion", near=True, threshold=0.8, command=["t"])
     assert open_buffer(tmp_path / "out").table.column("completion").to_pylist() == ["row 0", "row 1"]
+
+
+def test_signatures_are_datasketch_minhash_of_each_text(monkeypatch):
+    """``Signatures.many`` gives each text exactly ``datasketch.MinHash.update_batch`` of its shingles (texts
+    shorter than a shingle, empty ones, non-BMP and NUL characters, a shingle repeated in a text), also when
+    the texts are hashed and permuted a few at a time and the remembered hashes are dropped between them."""
+    from datasketch import MinHash
+
+    import shiq_data.curate.dedup as D
+
+    rng = np.random.default_rng(3)
+    words = WORDS + ["épée", "漢字", "😀x", "a\x00", "Ⅻ"]
+    texts = [
+        (" ".join(rng.choice(words, rng.integers(0, 80))), " ".join(rng.choice(words, rng.integers(0, 9))))
+        for _ in range(200)
+    ] + [("", ""), ("a", ""), ("abc", ""), ("ab\x00", ""), ("ab", ""), ("abcde", ""), ("aaaaaaaaaaaa", "")]
+    for batches in [(1 << 20, 32_768, 1 << 20), (97, 50, 10)]:
+        monkeypatch.setattr(D, "HASH_BATCH", batches[0])
+        monkeypatch.setattr(D, "SHINGLE_BATCH", batches[1])
+        monkeypatch.setattr(D, "HASH_CACHE", batches[2])
+        got = Signatures(THRESHOLD).many(texts)
+        for (p, c), sig in zip(texts, got):
+            t = _norm(p) + "\n" + _norm(c)  # (the parts normalised each, joined by a line break)
+            m = MinHash(num_perm=128, seed=1)
+            m.update_batch([t[i : i + 5].encode() for i in range(len(t) - 4)] if len(t) >= 5 else [t.encode()])
+            assert sig.dtype == np.uint32 and (sig == m.hashvalues).all(), (p, c)
+
+
+def test_dedup_near_hashes_each_distinct_shingle_once(tmp_path, monkeypatch):
+    """A near dedup hashes (SHA-1, datasketch's hash function) each distinct shingle of the buffer once, not
+    each shingle of each row: a corpus repeats its 5-grams, 300 rows of 60 words of a 20-word vocabulary here
+    (some 105,000 shingles, a few hundred distinct). The rows kept are those of the naive datasketch loop."""
+    import hashlib
+    import types
+
+    import datasketch.hashfunc
+
+    calls = []
+    sha1 = hashlib.sha1
+    monkeypatch.setattr(
+        datasketch.hashfunc, "hashlib", types.SimpleNamespace(sha1=lambda data: calls.append(data) or sha1(data))
+    )
+    rng = np.random.default_rng(5)
+    texts = [" ".join(rng.choice(WORDS, 60)) for _ in range(300)]
+    texts[100] = texts[7].replace("apple", "APPLE  ")  # a repeat after normalisation
+    write_buffer(_rows(texts), tmp_path / "buf", tokenizer_info=TOK, command=["test"], shard_rows=64, progress=False)
+    dedup_buffer(tmp_path / "buf", tmp_path / "out", by="completion", near=True, threshold=THRESHOLD, command=["t"])
+    distinct = {t[i : i + 5] for t in map(_norm, texts) for i in range(len(t) - 4)}
+    assert sorted(calls) == sorted(g.encode() for g in distinct)
+    kept = []
+    for t in texts:
+        m = _minhash(t)
+        if not any(m.jaccard(k) >= THRESHOLD for k in kept):
+            kept.append(m)
+    assert len(open_buffer(tmp_path / "out")) == len(kept) < len(texts)

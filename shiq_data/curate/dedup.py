@@ -34,6 +34,7 @@ from collections import Counter
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from shiq_data.buffer import Buffer
@@ -48,6 +49,9 @@ SHINGLE_CHARS = 5
 SEED = 1
 ENTRY_BATCH = 65_536  # (row, bucket) entries read at a time in pass 2 (16 bytes each)
 PAIR_BATCH = 4_096  # pairs of rows compared at a time (their signatures: 8 MB)
+SHINGLE_BATCH = 32_768  # shingles permuted at a time ([shingles, NUM_PERM] 32-bit values: 16 MB)
+HASH_BATCH = 1 << 20  # shingles hashed at a time (their code points: 20 MB)
+HASH_CACHE = 1 << 20  # shingle hashes remembered (cleared when full: about 130 MB)
 
 
 def row_text(by: str, prompt: str, completion: str) -> tuple[str, ...]:
@@ -55,12 +59,16 @@ def row_text(by: str, prompt: str, completion: str) -> tuple[str, ...]:
     return {"prompt": (prompt,), "completion": (completion,), "row": (prompt, completion)}[by]
 
 
-def shingles(parts: tuple[str, ...]) -> set[bytes]:
+def shingle_strings(parts: tuple[str, ...]) -> set[str]:
     """Character ``SHINGLE_CHARS``-grams of the normalised parts (a shorter text is its own shingle)."""
     text = "\n".join(normalise(p) for p in parts)
     n = SHINGLE_CHARS
-    grams = {text[i : i + n] for i in range(len(text) - n + 1)} if len(text) >= n else {text}
-    return {g.encode("utf-8") for g in grams}
+    return {text[i : i + n] for i in range(len(text) - n + 1)} if len(text) >= n else {text}
+
+
+def shingles(parts: tuple[str, ...]) -> set[bytes]:
+    """:func:`shingle_strings` as UTF-8 bytes (what the MinHash hashes)."""
+    return {g.encode("utf-8") for g in shingle_strings(parts)}
 
 
 class Signatures:
@@ -77,14 +85,82 @@ class Signatures:
         lsh = MinHashLSH(threshold=min(threshold, 0.98), num_perm=NUM_PERM)
         self.threshold, self.b, self.r = threshold, lsh.b, lsh.r
         first = MinHash(num_perm=NUM_PERM, seed=SEED)
-        self._minhash = MinHash
+        if first.scheme != "affine32":  # (the pre-mix and 32-bit wrap below are that scheme's)
+            raise RuntimeError(f"datasketch's MinHash uses scheme {first.scheme!r}; dedup --near expects 'affine32'")
+        from datasketch.minhash import _fmix
+
         self.permutations, self.scheme = first.permutations, first.scheme
+        self._fmix, self._width, self._dtype = _fmix, 32, first.hashvalues.dtype
+        self._hashfunc = first.hashfunc
+        self._known: dict[bytes, int] = {}
 
     def __call__(self, parts: tuple[str, ...]) -> np.ndarray:
-        """The ``[NUM_PERM]`` signature of the text ``parts`` (:func:`shingles`)."""
-        m = self._minhash(num_perm=NUM_PERM, seed=SEED, permutations=self.permutations, scheme=self.scheme)
-        m.update_batch(list(shingles(parts)))
-        return m.hashvalues
+        """The ``[NUM_PERM]`` signature of the text ``parts`` (:func:`shingles`), as ``datasketch.MinHash`` gives it."""
+        return self.many([parts])[0]
+
+    def many(self, texts: list[tuple[str, ...]]) -> np.ndarray:
+        """The ``[len(texts), NUM_PERM]`` signatures of ``texts``, each what ``datasketch.MinHash.update_batch``
+        gives for its shingles (its hash function, its 32-bit affine permutations after its pre-mix), computed
+        for many texts at once: their shingles are windows of a numpy array of code points, each distinct
+        shingle is hashed once (remembered across calls: a corpus repeats its 5-grams; at most
+        :data:`HASH_CACHE` of them), and the permutations and minima are numpy operations, not one ``MinHash``
+        object and one hash call per shingle. A shingle standing twice in a text changes no minimum, so none is
+        set aside."""
+        joined = ["\n".join(normalise(p) for p in parts) for parts in texts]
+        out = np.empty((len(joined), NUM_PERM), dtype=self._dtype)
+        counts = np.array([max(len(t) - SHINGLE_CHARS + 1, 1) for t in joined], dtype=np.int64)
+        ends = np.cumsum(counts)
+        first = 0
+        while first < len(joined):  # texts holding about HASH_BATCH shingles at a time
+            last = max(first + 1, int(np.searchsorted(ends, ends[first] - counts[first] + HASH_BATCH, "right")))
+            hv = self._fmix(self._hashes(joined[first:last], counts[first:last]), self._width)
+            self._minima(hv, counts[first:last], out[first:last])
+            first = last
+        return out
+
+    def _hashes(self, texts: list[str], counts: np.ndarray) -> np.ndarray:
+        """The hash function's value of each shingle of ``texts`` (``counts[k]`` of text ``k``, in order)."""
+        n = SHINGLE_CHARS
+        lengths = np.array([len(t) for t in texts], dtype=np.int64)
+        offsets = np.cumsum(lengths) - lengths
+        at = np.cumsum(counts) - counts  # each text's first shingle in the result
+        hv = np.empty(int(counts.sum()), dtype=np.uint32)
+        long = np.flatnonzero(lengths >= n)
+        for k in np.flatnonzero(lengths < n).tolist():  # a text shorter than a shingle is its own shingle
+            hv[at[k]] = self._hash(texts[k].encode("utf-32-le"))
+        if len(long):
+            points = np.frombuffer("".join(texts).encode("utf-32-le"), dtype="<u4")
+            c = counts[long]
+            within = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
+            windows = np.lib.stride_tricks.sliding_window_view(points, n)[np.repeat(offsets[long], c) + within]
+            grams = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(4 * n), len(windows), [None, pa.py_buffer(np.ascontiguousarray(windows))]
+            )
+            encoded = pc.dictionary_encode(grams)
+            distinct = np.array([self._hash(g) for g in encoded.dictionary.to_pylist()], dtype=np.uint32)
+            hv[np.repeat(at[long], c) + within] = distinct[encoded.indices.to_numpy()]
+        return hv
+
+    def _hash(self, gram: bytes) -> int:
+        """The hash function's value of a shingle given as UTF-32 code points (hashed as UTF-8)."""
+        h = self._known.get(gram)
+        if h is None:
+            if len(self._known) >= HASH_CACHE:
+                self._known.clear()
+            h = self._known[gram] = self._hashfunc(gram.decode("utf-32-le").encode("utf-8"))
+        return h
+
+    def _minima(self, hv: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
+        """``out[k]``: the minimum of each permutation over the ``counts[k]`` shingle hashes ``hv`` of text ``k``."""
+        a, b = (p.reshape(-1, 1) for p in self.permutations)  # [NUM_PERM, shingles]: minima along rows of memory
+        ends = np.cumsum(counts)
+        starts = ends - counts
+        first = 0
+        while first < len(counts):  # texts whose shingles fill about SHINGLE_BATCH columns at a time
+            last = max(first + 1, int(np.searchsorted(ends, starts[first] + SHINGLE_BATCH, "right")))
+            lo, hi = starts[first], ends[last - 1]
+            out[first:last] = np.minimum.reduceat(a * hv[lo:hi] + b, starts[first:last] - lo, axis=1).T
+            first = last
 
     def bands(self, signature: np.ndarray) -> list[bytes]:
         """The ``b`` band keys of a signature: the bytes of values ``[k r, (k + 1) r)`` for band ``k``."""
@@ -114,7 +190,7 @@ def _write_keys(
             if signatures is None:
                 keys = [text_key(*x) for x in parts]
             else:
-                sigs = [signatures(x) for x in parts]
+                sigs = signatures.many(parts)
                 keys = [hashlib.blake2b(s.tobytes(), digest_size=16).digest() for s in sigs]
             spill.append("keys", pa.table({"idx": idx, "key": pa.array(keys, pa.binary())}))
             if signatures is not None:
