@@ -1989,3 +1989,65 @@ def test_filter_ids_at_scale(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "filter", buf, "--ids", few, "--out", tmp_path / "few", "--no-progress")
     assert code == 0 and ids(tmp_path / "few") == [f"b0-{i}" for i in range(0, n, n // 10)], err
     assert len(calls) == 2 + 7  # one a shard
+
+
+@pytest.mark.parametrize(
+    ("argv", "decoded"),
+    [
+        (["split", "--by", "prompt", "--test-fraction", "0.5"], {"prompt"}),
+        (["dedup", "--by", "prompt"], {"prompt"}),
+        (["dedup", "--by", "completion"], {"completion"}),
+        (["dedup"], {"prompt", "completion"}),
+        (["decontaminate", "--by", "prompt", "--against", "EVAL"], {"prompt"}),
+        (["decontaminate", "--by", "completion", "--against", "EVAL"], {"completion"}),
+    ],
+)
+def test_verbs_decode_only_the_text_they_compare(tmp_path, capsys, monkeypatch, argv, decoded):
+    """A buffer without text columns is compared by its decoded tokens: a verb comparing prompts decodes the
+    prompt tokens alone, not the (long) completions too, and one comparing completions decodes only those.
+    The rows kept are those the text compared gives."""
+    import shiq_data.curate.rows as rows_module
+
+    tok, info = load_tokenizer("gpt2")
+    prompts = ["the cat sat on the mat", "a dog ran far away", "the cat sat on the mat"]
+    completions = [" and then it slept for a long time in the sun", " yes", " and then it slept for a long time"]
+    rows = []
+    for i, (p, c) in enumerate(zip(prompts * 4, completions * 4)):
+        p_ids, c_ids = tok.encode(p), tok.encode(c + f" number {i // 3}")
+        ids = p_ids + c_ids
+        rows.append(
+            {
+                "source": "s",
+                "group_id": i,
+                "prompt_len": len(p_ids),
+                "tokens": ids,
+                "action_mask": [False] * len(p_ids) + [True] * len(c_ids),
+                "rewards": [0.0] * len(ids),
+            }
+        )
+    buf = tmp_path / "buf"
+    write_buffer(rows, buf, tokenizer_info=info, command=["test"], text_columns=False, progress=False)
+    eval_file = tmp_path / "eval.txt"
+    eval_file.write_text("the cat sat on the mat\nand then it slept for a long time\n")
+    seen = set()
+
+    class Spy:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def batch_decode(self, ids, **kw):
+            texts = self.tok.batch_decode(ids, **kw)
+            seen.update("prompt" if t.startswith(("the cat", "a dog")) else "completion" for t in texts)
+            return texts
+
+    load = rows_module._load_tokenizer
+    monkeypatch.setattr(rows_module, "_load_tokenizer", lambda name: (Spy(load(name)[0]), load(name)[1]))
+    args = [str(eval_file) if a == "EVAL" else a for a in argv]
+    extra = ["--min-words", "6", "--ngram", "6"] if argv[0] == "decontaminate" else []
+    code, _, err = run(capsys, args[0], buf, *args[1:], *extra, "--out", tmp_path / "out", "--no-progress")
+    assert code == 0, err
+    assert seen == decoded
+    if argv[:3] == ["dedup", "--by", "prompt"]:
+        assert len(open_buffer(tmp_path / "out")) == 2
+    if argv[0] == "decontaminate":
+        assert len(open_buffer(tmp_path / "out")) == 4  # (the rows whose compared text holds a 6-word run)

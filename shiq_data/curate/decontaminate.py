@@ -211,7 +211,7 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
         source = CurationSource(path)
         texts = []
         for table in source.shards():
-            prompts, completions = source.texts(table)
+            prompts, completions = source.texts(table, prompt=by != "completion", completion=by != "prompt")
             texts += [by_parts(by, p, c) for p, c in zip(prompts, completions)]
         return texts, {"path": str(path.resolve()), "manifest_sha256": source.manifest_sha256, "texts": len(texts)}
     if not path.exists():
@@ -422,7 +422,7 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
 
     def rows():
         for table in source.shards():
-            prompts, completions = source.texts(table)
+            prompts, completions = source.texts(table, prompt=by != "completion", completion=by != "prompt")
             first = contaminated(
                 [words("\n".join(by_parts(by, p, c))) for p, c in zip(prompts, completions)], runs, hashes
             )

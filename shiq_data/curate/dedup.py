@@ -184,7 +184,7 @@ def _write_keys(
     desc = "minhashing" if signatures else "hashing"
     with progress_bar(progress, total=len(source), desc=desc, unit=" rows") as bar:  # cleared if a shard is refused
         for table in source.shards():
-            prompts, completions = source.texts(table)
+            prompts, completions = source.texts(table, prompt=by != "completion", completion=by != "prompt")
             parts = [row_text(by, p, c) for p, c in zip(prompts, completions)]
             idx = np.arange(start, start + len(parts), dtype=np.int64)
             if signatures is None:

@@ -285,32 +285,41 @@ class CurationSource:
                 cols[key] = pa.array(values, _ARROW_KIND[kind])
         return pa.table(cols)
 
-    def texts(self, table: pa.Table) -> tuple[list[str], list[str]]:
+    def texts(
+        self, table: pa.Table, *, prompt: bool = True, completion: bool = True
+    ) -> tuple[list[str | None], list[str | None]]:
         """Each row's prompt and completion: the text columns as given (:func:`given_text`; a chat-message
         list is JSON text),
-        else the decoded prompt tokens and the decoded action tokens (special tokens left out)."""
+        else the decoded prompt tokens and the decoded action tokens (special tokens left out). Without
+        ``prompt`` (or ``completion``) that side is None for every row, neither read nor decoded (a verb
+        comparing prompts only does not decode completions of thousands of tokens)."""
         n = table.num_rows
         names = table.schema.names
-        prompts = [given_text(t) for t in table.column("prompt").to_pylist()] if "prompt" in names else [None] * n
-        completions = (
-            [given_text(t) for t in table.column("completion").to_pylist()] if "completion" in names else [None] * n
-        )
-        todo = [i for i in range(n) if prompts[i] is None or completions[i] is None]
-        if todo:
+
+        def given(name: str, wanted: bool) -> list:
+            if wanted and name in names:
+                return [given_text(t) for t in table.column(name).to_pylist()]
+            return [None] * n
+
+        prompts, completions = given("prompt", prompt), given("completion", completion)
+        todo_p = [i for i in range(n) if prompts[i] is None] if prompt else []
+        todo_c = [i for i in range(n) if completions[i] is None] if completion else []
+        if todo_p or todo_c:
             starts, lengths, tokens = _flat(table.column("tokens"))
-            _, _, mask = _flat(table.column("action_mask"))
-            plen = table.column("prompt_len").to_numpy()
-            p_ids = [tokens[starts[i] : starts[i] + plen[i]].tolist() for i in todo]
-            c_ids = []
-            for i in todo:
-                s, e = starts[i], starts[i] + lengths[i]
-                c_ids.append(tokens[s:e][mask[s:e].astype(bool)].tolist())
             tok = self.tokenizer
-            p_text = tok.batch_decode(p_ids, skip_special_tokens=True)
-            c_text = tok.batch_decode(c_ids, skip_special_tokens=True)
-            for i, p, c in zip(todo, p_text, c_text):
-                prompts[i] = p if prompts[i] is None else prompts[i]
-                completions[i] = c if completions[i] is None else completions[i]
+            if todo_p:
+                plen = table.column("prompt_len").to_numpy()
+                p_ids = [tokens[starts[i] : starts[i] + plen[i]].tolist() for i in todo_p]
+                for i, text in zip(todo_p, tok.batch_decode(p_ids, skip_special_tokens=True)):
+                    prompts[i] = text
+            if todo_c:
+                _, _, mask = _flat(table.column("action_mask"))
+                c_ids = []
+                for i in todo_c:
+                    s, e = starts[i], starts[i] + lengths[i]
+                    c_ids.append(tokens[s:e][mask[s:e].astype(bool)].tolist())
+                for i, text in zip(todo_c, tok.batch_decode(c_ids, skip_special_tokens=True)):
+                    completions[i] = text
         return prompts, completions
 
     def take(self, table: pa.Table, indices) -> pa.Table:

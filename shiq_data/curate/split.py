@@ -34,7 +34,7 @@ CHUNK = 1 << 20  # units read at a time from the memory-mapped arrays
 def _unit_keys(source: CurationSource, table, by: str) -> pa.Array:
     if by == "group":
         return table.column("group_id").combine_chunks()
-    prompts, _ = source.texts(table)
+    prompts, _ = source.texts(table, completion=False)
     return pa.array([text_key(p) for p in prompts], pa.binary())
 
 
