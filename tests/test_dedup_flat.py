@@ -331,6 +331,39 @@ def test_signatures_are_datasketch_minhash_of_each_text(monkeypatch):
             assert sig.dtype == np.uint32 and (sig == m.hashvalues).all(), (p, c)
 
 
+def test_signatures_permute_each_texts_distinct_hashes_in_bounded_blocks(monkeypatch):
+    """The permuted values (``[NUM_PERM, shingles]``) of one long text were made at once, whatever its length
+    (2 GB for a completion of two million characters repeating a few 5-grams, where datasketch's MinHash held
+    48 MB): each text's repeated hashes are now permuted once, in blocks of at most ``SHINGLE_BATCH`` columns,
+    a text spanning blocks taking the least of each; the signatures are still datasketch's."""
+    from datasketch import MinHash
+
+    import shiq_data.curate.dedup as D
+
+    monkeypatch.setattr(D, "SHINGLE_BATCH", 64)
+    widths = []
+
+    class Spy(np.ndarray):  # the permutations' multipliers, noting how many columns each block permutes
+        def __mul__(self, other):
+            widths.append(np.shape(other)[-1])
+            return np.asarray(self) * other
+
+    sig = Signatures(THRESHOLD)
+    sig.permutations = (sig.permutations[0].view(Spy), sig.permutations[1])
+    rng = np.random.default_rng(0)
+    texts = [("ab " * 20_000, ""), (" ".join(rng.choice(WORDS, 300)), ""), ("abc", "")]
+    got = sig.many(texts)
+    for (p, c), s in zip(texts, got):
+        t = _norm(p) + "\n" + _norm(c)
+        m = MinHash(num_perm=128, seed=1)
+        m.update_batch([t[i : i + 5].encode() for i in range(len(t) - 4)] if len(t) >= 5 else [t.encode()])
+        assert (s == m.hashvalues).all()
+    distinct = [
+        len({t[i : i + 5] for i in range(len(t) - 4)} or {t}) for t in (_norm(p) + "\n" + _norm(c) for p, c in texts)
+    ]
+    assert max(widths) <= 64 and sum(widths) == sum(distinct), (widths, distinct)
+
+
 def test_dedup_near_hashes_each_distinct_shingle_once(tmp_path, monkeypatch):
     """A near dedup hashes (SHA-1, datasketch's hash function) each distinct shingle of the buffer once, not
     each shingle of each row: a corpus repeats its 5-grams, 300 rows of 60 words of a 20-word vocabulary here

@@ -104,8 +104,7 @@ class Signatures:
         for many texts at once: their shingles are windows of a numpy array of code points, each distinct
         shingle is hashed once (remembered across calls: a corpus repeats its 5-grams; at most
         :data:`HASH_CACHE` of them), and the permutations and minima are numpy operations, not one ``MinHash``
-        object and one hash call per shingle. A shingle standing twice in a text changes no minimum, so none is
-        set aside."""
+        object and one hash call per shingle. Memory is bounded by the batches' sizes, not by a text's length."""
         joined = ["\n".join(normalise(p) for p in parts) for parts in texts]
         out = np.empty((len(joined), NUM_PERM), dtype=self._dtype)
         counts = np.array([max(len(t) - SHINGLE_CHARS + 1, 1) for t in joined], dtype=np.int64)
@@ -151,16 +150,24 @@ class Signatures:
         return h
 
     def _minima(self, hv: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
-        """``out[k]``: the minimum of each permutation over the ``counts[k]`` shingle hashes ``hv`` of text ``k``."""
+        """``out[k]``: the minimum of each permutation over the ``counts[k]`` shingle hashes ``hv`` of text ``k``.
+        A text's repeated hashes are counted once (a degenerate completion repeats a few 5-grams a million
+        times), and the ``[NUM_PERM, shingles]`` permuted values are made :data:`SHINGLE_BATCH` columns at a
+        time whatever the texts' lengths, a text cut across several such blocks taking the least of each."""
+        text = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
+        keys = np.unique((text << np.uint64(32)) | hv.astype(np.uint64))  # by text, then hash: each pair once
+        hv = (keys & np.uint64(0xFFFFFFFF)).astype(hv.dtype)
+        counts = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=len(counts))  # every text >= 1
         a, b = (p.reshape(-1, 1) for p in self.permutations)  # [NUM_PERM, shingles]: minima along rows of memory
         ends = np.cumsum(counts)
         starts = ends - counts
-        first = 0
-        while first < len(counts):  # texts whose shingles fill about SHINGLE_BATCH columns at a time
-            last = max(first + 1, int(np.searchsorted(ends, starts[first] + SHINGLE_BATCH, "right")))
-            lo, hi = starts[first], ends[last - 1]
-            out[first:last] = np.minimum.reduceat(a * hv[lo:hi] + b, starts[first:last] - lo, axis=1).T
-            first = last
+        out[:] = np.iinfo(out.dtype).max
+        for lo in range(0, len(hv), SHINGLE_BATCH):
+            hi = min(lo + SHINGLE_BATCH, len(hv))
+            first, last = int(np.searchsorted(ends, lo, "right")), int(np.searchsorted(starts, hi, "left"))
+            at = np.maximum(starts[first:last], lo) - lo  # each text's first column in the block
+            block = np.minimum.reduceat(a * hv[lo:hi] + b, at, axis=1).T  # [last - first, NUM_PERM]
+            np.minimum(out[first:last], block, out=out[first:last])
 
     def bands(self, signature: np.ndarray) -> list[bytes]:
         """The ``b`` band keys of a signature: the bytes of values ``[k r, (k + 1) r)`` for band ``k``."""
