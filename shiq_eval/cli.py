@@ -36,8 +36,8 @@ finished batch of it (its completions' token ids and both KLs) is saved in --out
 and the batch's index, size and prompts, and taken again with the same bits (said in one line; a damaged one is
 said on stderr and sampled again); the scorer reads every completion once the row's batches are done. A row's
 batches are removed once the row is saved, the saved rows once the results are written. --overwrite discards
-them before it evaluates, but for those a run given --overwrite saved: the same command, interrupted, resumes
-too (rm -r --out/.rows evaluates everything again). A run that fails (one line, exit 2) after rows or a row's batches were saved (a scorer that fails once
+them before it evaluates, unless a run given --overwrite saved rows there (the folder records it): the same
+command, interrupted, then resumes too (rm -r OUT/.rows evaluates everything again). A run that fails (one line, exit 2) after rows or a row's batches were saved (a scorer that fails once
 they are sampled) keeps them, and its line says so: the same command resumes once the cause is fixed.
 
 shiq-eval leaderboard RESULT_DIR... --out DIR merges the results of several runs (see its --help).
@@ -172,10 +172,10 @@ class SavedRows:
     @classmethod
     def for_run(cls, out: Path, *, overwrite: bool, write: bool, **options) -> SavedRows:
         """The saved rows of a run into ``out``: read unless ``overwrite``, which discards them first (rank 0), but
-        for those an interrupted run given --overwrite saved (the same command run again: its own work). Every
-        rank decides alike before any rank changes the folder: the folder is discarded only where no record of
-        --overwrite is, and the record is written with the first row or batch saved, after the ranks' first
-        collective."""
+        for those an interrupted run given --overwrite saved (the same command run again: its own work). Rank 0
+        alone discards the folder, and its ``read`` is the one every rank follows (its answer to each look-up is
+        taken by all: :meth:`get`), so a rank whose view of the folder differs (another node's stale view) still
+        skips what rank 0 skips."""
         resumed = overwrite and (Path(out) / ROWS_FOLDER / OVERWRITING).is_file()
         saved = cls(out, read=not overwrite or resumed, write=write, overwriting=overwrite, **options)
         if overwrite and not resumed:
@@ -241,10 +241,9 @@ class SavedRows:
     def get(self, key: dict) -> dict | None:
         """The saved row of ``key``, or None (none saved, or one that cannot be used, said on stderr). Under a
         process group, rank 0's: it reads the file and every rank takes its answer, so all evaluate the same rows
-        (a rank that saw another answer would wait in another collective)."""
-        if not self.read:
-            return None
-        row = self.rank_0s(lambda: self._read(key))
+        (a rank that saw another answer would wait in another collective). Whether saved rows may be used at all
+        (``read``) is rank 0's too: under --overwrite it rests on the folder as rank 0 saw it (:meth:`for_run`)."""
+        row = self.rank_0s(lambda: self._read(key) if self.read else None)
         if row is not None:
             self.reused += 1
         return row
@@ -302,10 +301,8 @@ class SavedBatches:
 
     def get(self, i: int, batch: list[list[int]]):
         """Batch ``i``'s saved :class:`shiq_eval.evaluate.SampledBatch`, or None (none saved, or one that cannot
-        be used, said on stderr): rank 0's answer on every rank."""
-        if not self.rows.read:
-            return None
-        found = self.rows.rank_0s(lambda: self._read(i, batch))
+        be used, said on stderr): rank 0's answer on every rank (whether saved batches may be used at all too)."""
+        found = self.rows.rank_0s(lambda: self._read(i, batch) if self.rows.read else None)
         if found is not None:
             from shiq_eval.evaluate import SampledBatch  # heavy: torch (loaded by then)
 

@@ -1359,6 +1359,54 @@ def test_an_interrupted_overwrite_resumes_with_the_same_command(tmp_path, monkey
     assert "reused" not in capsys.readouterr().err and not (out / ".rows").exists()
 
 
+def _overwrite_ranks(rank, port, out):
+    """A rank of :func:`test_ranks_follow_rank_0_on_an_overwrite_runs_saved_rows`: rank 1 does not see the folder's
+    record of --overwrite (another node's stale view); returns through ``out/rank<N>.json``."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from shiq_eval import cli as eval_cli
+
+    if rank == 1:
+        real = Path.is_file
+        Path.is_file = lambda self: False if self.name == eval_cli.OVERWRITING else real(self)
+    saved = eval_cli.SavedRows.for_run(Path(out), overwrite=True, write=rank == 0, scenarios=False)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+    )
+    try:
+        row = saved.get({"row": "reference"})
+        batch = eval_cli.SavedBatches(saved, {"row": "p1"}).get(0, [[1, 2]])
+        total = torch.tensor([1.0])
+        dist.all_reduce(total)  # the next collective, as sampling's: reached by both ranks at once
+        answer = {"row": row, "batch": None if batch is None else list(batch), "total": total.item()}
+        (Path(out) / f"rank{rank}.json").write_text(json.dumps(answer))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_follow_rank_0_on_an_overwrite_runs_saved_rows(tmp_path):
+    """Whether saved rows may be used under --overwrite rests on the folder's record that a run given it saved
+    them: each rank read that record itself, so a rank that did not see it (a stale view of --out) skipped rank
+    0's broadcast of a saved row and went on to the next collective, the ranks then in different collectives
+    (a hang). Every rank now takes rank 0's answer, here no row and a saved batch."""
+    from ranks import spawn
+
+    from shiq_eval import cli as eval_cli
+    from shiq_train.parallel import free_port
+
+    out = tmp_path / "o"
+    rows = eval_cli.SavedRows.for_run(out, overwrite=True, write=True, scenarios=False)
+    eval_cli.SavedBatches(rows, {"row": "p1"}).put(0, [[1, 2]], ([[7, 8]], [0.25], [0.125]))
+    assert (out / ".rows" / eval_cli.OVERWRITING).is_file()
+    spawn(_overwrite_ranks, args=(free_port(), str(out)), nprocs=2)
+    answers = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert answers[0] == answers[1], answers
+    assert answers[0]["row"] is None and answers[0]["batch"] == [[[7, 8]], [0.25], [0.125]]
+    assert answers[0]["total"] == 2.0
+
+
 def test_a_row_saved_removes_its_saved_batches(tmp_path, monkeypatch, capsys):
     """Interrupted twice: in p1's third batch, then, resumed, in p3's first: p1's two batches saved by the first
     run were taken by the second and removed once p1's row was saved."""
