@@ -360,7 +360,7 @@ def evaluate_samples(
             completions = policy.generate(batch, alone)
             sample, exact = kls(batch, completions)
         sample, exact = (
-            _per_completion(f"the {k} KL estimates", v, len(completions)).tolist()
+            _per_completion(f"the {k} KL estimates", v, len(completions), first).tolist()
             for k, v in (("sample", sample), ("exact", exact))
         )
         return SampledBatch([list(map(int, c)) for c in completions], sample, exact)
@@ -379,10 +379,10 @@ def evaluate_samples(
     return EvalResult(r, rse, a, ase, b, bse, len(texts), shown, rewards.tolist(), ke.tolist(), ks.tolist())
 
 
-def _per_completion(what: str, values, n: int) -> torch.Tensor:
+def _per_completion(what: str, values, n: int, first: int = 0) -> torch.Tensor:
     """``values`` as a float64 ``[n]`` tensor, one finite value per completion, or a ValueError saying which
-    is wrong: a scorer that drops a completion, or returns NaN, would otherwise give a plausible mean over
-    the wrong completions."""
+    is wrong (by its index among all completions, ``first`` that of ``values[0]``): a scorer that drops a
+    completion, or returns NaN, would otherwise give a plausible mean over the wrong completions."""
     try:
         v = torch.as_tensor(values, dtype=torch.float64)
     except (TypeError, ValueError, RuntimeError) as e:
@@ -394,7 +394,7 @@ def _per_completion(what: str, values, n: int) -> torch.Tensor:
     bad = torch.nonzero(~torch.isfinite(v))
     if bad.numel():
         i = int(bad[0])
-        raise ValueError(f"{what} hold a non-finite value ({float(v[i])}) for completion {i}")
+        raise ValueError(f"{what} hold a non-finite value ({float(v[i])}) for completion {first + i}")
     return v
 
 

@@ -421,6 +421,25 @@ def test_a_scorer_or_kl_that_miscounts_completions_is_refused(rewards, kl, messa
         evaluate_samples(policy, kls, Tok(), [[1], [2], [3], [4]], list("abcd"), lambda p, t: rewards, progress=False)
 
 
+def test_a_non_finite_kl_is_named_among_all_completions():
+    """The KLs are checked batch by batch, as each batch is sampled: a NaN at the second completion of the
+    second batch (batches of two) was said to be completion 1; it is completion 3 of the four."""
+    from types import SimpleNamespace
+
+    from shiq_eval.evaluate import evaluate_samples
+
+    policy = SimpleNamespace(generate=lambda ids, cfg, progress=False: [[10, 11]] * len(ids))
+
+    def kls(prompts, completions):  # [B] each; NaN for the prompt [4], the fourth
+        sample = torch.tensor([float("nan") if p == [4] else 0.0 for p in prompts], dtype=torch.float64)
+        return sample, torch.zeros(len(prompts), dtype=torch.float64)
+
+    with pytest.raises(ValueError, match=r"the sample KL estimates hold a non-finite value \(nan\) for completion 3"):
+        evaluate_samples(
+            policy, kls, Tok(), [[1], [2], [3], [4]], list("abcd"), lambda p, t: [0.0] * 4, batch_size=2, progress=False
+        )
+
+
 @pytest.mark.parametrize("batch_size", [4, 1])
 def test_a_prompt_past_the_models_positions_is_refused_on_the_shared_prefix_path(batch_size):
     """A policy sharing the reference's first layers is sampled by ``SharedPrefixPolicy``, which sampled a prompt
