@@ -1989,6 +1989,12 @@ def test_filter_ids_at_scale(tmp_path, capsys, monkeypatch):
     code, _, err = run(capsys, "filter", buf, "--ids", few, "--out", tmp_path / "few", "--no-progress")
     assert code == 0 and ids(tmp_path / "few") == [f"b0-{i}" for i in range(0, n, n // 10)], err
     assert len(calls) == 2 + 7  # one a shard
+    import shiq_data.curate.filter as filter_module
+
+    monkeypatch.setattr(filter_module, "HELD_SHARDS", 3)  # a lookup holds at most this many mapped shards
+    code, _, err = run(capsys, "filter", buf, "--ids", f, "--out", tmp_path / "held", "--no-progress")
+    assert code == 0 and ids(tmp_path / "held") == ids(tmp_path / "keep"), err
+    assert len(calls) == 2 + 7 + 3  # shards 1-3, 4-6, 7
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where, shown
 
 log = logging.getLogger(__name__)
+HELD_SHARDS = 1024  # memory-mapped shards held for one id lookup at most (the system's mappings are finite)
 
 
 def selected(source: CurationSource, where: Where | None) -> Iterator[tuple]:
@@ -73,7 +74,7 @@ def filter_buffer(
                 continue
             held.append((table, keep))
             n += table.num_rows
-            if listed.enough(n):
+            if listed.enough(n) or len(held) >= HELD_SHARDS:
                 yield from matched(held)
                 held, n = [], 0
         if held:
