@@ -3,8 +3,8 @@ drops.
 
 The file is UTF-8 text (``-``: standard input), one ``row_id`` a line, read as a stream: what stays in memory
 is the distinct ids (as Arrow strings) and the file's SHA-256. A line's end (``\\n``, and a ``\\r`` before it,
-as a file written on Windows has) is not part of its id; nothing else is stripped, so an id with a space at an
-end is that id. A duplicate line is harmless. Refused, naming the file and the line: a line that is not UTF-8
+as a file written on Windows has) is not part of its id, nor is a byte-order mark opening the file; nothing
+else is stripped, so an id with a space at an end is that id. A duplicate line is harmless. Refused, naming the file and the line: a line that is not UTF-8
 (a ``row_id`` is Unicode text) and a blank line (empty or white space only: a ``row_id`` is never empty, and
 the buffer's writer gives every row an id of the form ``b<k>-...``); a file that lists no id at all is refused
 too (an empty list is more likely a failed step before than a wish to keep nothing or to drop nothing).
