@@ -334,8 +334,9 @@ def test_signatures_are_datasketch_minhash_of_each_text(monkeypatch):
 def test_signatures_permute_each_texts_distinct_hashes_in_bounded_blocks(monkeypatch):
     """The permuted values (``[NUM_PERM, shingles]``) of one long text were made at once, whatever its length
     (2 GB for a completion of two million characters repeating a few 5-grams, where datasketch's MinHash held
-    48 MB): each text's repeated hashes are now permuted once, in blocks of at most ``SHINGLE_BATCH`` columns,
-    a text spanning blocks taking the least of each; the signatures are still datasketch's."""
+    48 MB): the values are now made in blocks of at most ``SHINGLE_BATCH`` columns, a text spanning blocks
+    taking the least of each, and a text longer than a block has its repeated hashes permuted once (here the
+    two long texts); the signatures are still datasketch's."""
     from datasketch import MinHash
 
     import shiq_data.curate.dedup as D

@@ -151,13 +151,20 @@ class Signatures:
 
     def _minima(self, hv: np.ndarray, counts: np.ndarray, out: np.ndarray) -> None:
         """``out[k]``: the minimum of each permutation over the ``counts[k]`` shingle hashes ``hv`` of text ``k``.
-        A text's repeated hashes are counted once (a degenerate completion repeats a few 5-grams a million
-        times), and the ``[NUM_PERM, shingles]`` permuted values are made :data:`SHINGLE_BATCH` columns at a
-        time whatever the texts' lengths, a text cut across several such blocks taking the least of each."""
-        text = np.repeat(np.arange(len(counts), dtype=np.uint64), counts)
-        keys = np.unique((text << np.uint64(32)) | hv.astype(np.uint64))  # by text, then hash: each pair once
-        hv = (keys & np.uint64(0xFFFFFFFF)).astype(hv.dtype)
-        counts = np.bincount((keys >> np.uint64(32)).astype(np.int64), minlength=len(counts))  # every text >= 1
+        The ``[NUM_PERM, shingles]`` permuted values are made :data:`SHINGLE_BATCH` columns at a time whatever
+        the texts' lengths, a text cut across several such blocks taking the least of each; a text longer than
+        a block has its repeated hashes permuted once (a degenerate completion repeats a few 5-grams a million
+        times; sorting every text's would cost more than it saves)."""
+        ends = np.cumsum(counts)
+        long = np.flatnonzero(counts > SHINGLE_BATCH)
+        if len(long):
+            pieces, last, counts = [], 0, counts.copy()
+            for k in long.tolist():
+                start = int(ends[k] - counts[k])
+                distinct = np.unique(hv[start : ends[k]])
+                pieces += [hv[last:start], distinct]
+                counts[k], last = len(distinct), int(ends[k])
+            hv = np.concatenate([*pieces, hv[last:]])
         a, b = (p.reshape(-1, 1) for p in self.permutations)  # [NUM_PERM, shingles]: minima along rows of memory
         ends = np.cumsum(counts)
         starts = ends - counts
