@@ -1,6 +1,7 @@
 """shiq-data show / stats / filter / dedup / split / mix on tiny GPT-2 buffers, each checked against pandas
 (or a plain-Python computation) on the input JSONL records."""
 
+import functools
 import gzip
 import hashlib
 import json
@@ -22,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
+from shiq_data.curate.decontaminate import _bit_table as dc_bit_table
 from shiq_data.curate.decontaminate import words
 from shiq_data.curate.stats import buffer_stats
 from shiq_data.curate.where import sandbox
@@ -1457,6 +1459,120 @@ def test_the_rows_found_are_the_brute_force_rows_for_any_words(rows, evaluation,
             set(_tuples(found.split(), len(found.split()))) & _tuples(_words(t), len(found.split())) for t in texts
         )
         assert found in " ".join(rows[i])
+
+
+@functools.cache
+def _old_word_pattern() -> re.Pattern:
+    """The word pattern as first written (letter, then (letter or mark)* in one alternation): the reference
+    :func:`words` is held to."""
+    from shiq_data.curate.decontaminate import UNSPACED
+
+    marks = [
+        c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)).startswith("M") and not _unspaced(chr(c))
+    ]
+    spans, start = [], marks[0]
+    for prev, c in zip(marks, marks[1:] + [-1]):
+        if c != prev + 1:
+            spans.append(f"\\U{start:08x}" + (f"-\\U{prev:08x}" if prev != start else ""))
+            start = c
+    return re.compile(f"[{UNSPACED}]|[^\\W{UNSPACED}](?:[^\\W{UNSPACED}]|[{''.join(spans)}])*")
+
+
+# letters and marks of the BMP and beyond it, a script without spaces and its marks (Thai), ligatures and letters
+# NFKC or case folding changes ("ﬁ", "ß", "İ", "Ⅻ", full-width), digits, "_", separators
+_TRICKY = (
+    "aZ_9 \n\t.,-'\u00e9e\u0301\u0300\u20dd\u093f\u0915\u094d\u064e\u0e01\u0e31\u0e48\u6f22\u3005\u30ab\u3099"
+    "\ufb01\u00df\u0130\u216b\uff21\uff11\u2028\U0001d165\U0001d16d\U000110b9\U00011000\U0001e944\U00020000"
+    "\U0001d400\U00010400\U000e0100\u0345\u0399\u03c2"
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(st.sampled_from(_TRICKY) | st.characters(), max_size=40))
+def test_words_are_the_words_of_the_first_pattern(text):
+    """The words (an ASCII text's by its own pattern, another's by letters then marks each followed by letters)
+    are exactly the first pattern's, on any text: marks beyond the BMP, marks with no letter before them, scripts
+    without spaces, letters NFKC or case folding turns into ASCII or out of it."""
+    want = _old_word_pattern().findall(unicodedata.normalize("NFKC", text).casefold())
+    assert words(text) == want
+    assert words(text.upper()) == _old_word_pattern().findall(unicodedata.normalize("NFKC", text.upper()).casefold())
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    table=st.lists(st.integers(0, 2**64 - 1), max_size=300),
+    others=st.lists(st.integers(0, 2**64 - 1), max_size=300),
+    pick=st.lists(st.integers(0, 10**6), max_size=50),
+)
+def test_the_runs_a_text_holds_are_found_past_the_bit_table(table, others, pick):
+    """hits(): the runs whose bit is clear are not searched for; every run the table holds is still found (and
+    its texts marked), none it does not, as by a plain membership test. Hashes close together share bits."""
+    from shiq_data.curate.decontaminate import EvaluationRuns
+
+    runs = EvaluationRuns([], 13, 8)
+    h = np.sort(np.array(table + [t ^ 1 for t in table[:5]], dtype=np.uint64))
+    runs.lengths[13] = (h, np.arange(len(h), dtype=np.int32) % 3)
+    runs.filters[13] = dc_bit_table(h)
+    runs.matched = np.zeros(3, dtype=bool)
+    asked = others + [table[p % len(table)] for p in pick if table] + [t + 1 for t in table[:9] if t < 2**64 - 1]
+    asked = np.array(asked, dtype=np.uint64)
+    want = np.isin(asked, h)
+    assert runs.hits(asked, 13).tolist() == want.tolist()
+    assert sorted(np.flatnonzero(runs.matched)) == sorted({int(i % 3) for i in np.flatnonzero(np.isin(h, asked[want]))})
+
+
+def test_decontaminate_holds_the_words_of_a_slice_of_a_shard_at_once(tmp_path, capsys, monkeypatch):
+    """A shard's rows are compared a slice at a time (SLICE_BYTES of text, a longer row alone): every slice under
+    the bound, the rows' text never held for a whole shard, and the same rows dropped, the same --dropped file and
+    the same record as with the shard in one slice."""
+    import shiq_data.curate.decontaminate as dc
+
+    rng = random.Random(5)
+    vocab = [f"w{i}" for i in range(40)]
+    evaluation = [" ".join(rng.choices(vocab, k=15)) for _ in range(6)]
+    records = []
+    for i in range(30):
+        text = " ".join(rng.choices(vocab, k=rng.randint(3, 30)))
+        if i % 4 == 0:
+            text += " " + evaluation[i % 6]
+        records.append({"prompt": f"q{i}", "completion": " " + text, "reward": 0.0})
+    src = write_jsonl(tmp_path / "in.jsonl", records)
+    argv = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 16, "--out", tmp_path / "b", "--no-progress"]
+    assert run(capsys, *argv)[0] == 0
+    against = write_jsonl(tmp_path / "eval.jsonl", evaluation)
+    seen = []
+    real = dc.contaminated
+
+    def counting(row_words, runs, hashes):
+        seen.append(len(row_words))
+        return real(row_words, runs, hashes)
+
+    monkeypatch.setattr(dc, "contaminated", counting)
+    results = []
+    for bound in (10**9, 200, 1):
+        monkeypatch.setattr(dc, "SLICE_BYTES", bound)
+        seen.clear()
+        out, dropped = tmp_path / f"o{bound}", tmp_path / f"d{bound}.jsonl"
+        argv = ["decontaminate", tmp_path / "b", "--against", against, "--dropped", dropped, "--out", out]
+        code, stdout, err = run(capsys, *argv, "--no-progress")
+        assert code == 0, err
+        manifest = json.loads((out / "manifest.json").read_text())
+        results.append(
+            (
+                ids(out),
+                dropped.read_text(),
+                manifest["curation"],
+                stdout.replace(str(out), "OUT").replace(str(dropped), "D"),
+            )
+        )
+        if bound == 10**9:
+            assert seen == [16, 14]
+        elif bound == 1:
+            assert seen == [1] * 30
+        else:
+            assert len(seen) > 2 and max(seen) < 16 and sum(seen) == 30
+    assert results[0][0] and len(results[0][0]) < 30
+    assert results[1] == results[0] and results[2] == results[0]
 
 
 def test_decontaminate_reads_a_json_completion_whole(tmp_path, capsys):

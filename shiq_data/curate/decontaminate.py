@@ -16,11 +16,12 @@ any of them gzipped (``.gz``), or a buffer folder (its prompts, or its rows' tex
 whatever ``by`` reads).
 
 Each run of words is kept as a 64-bit hash: a polynomial over the words' own 64-bit hashes (BLAKE2b), so a
-false match needs a 64-bit collision. The evaluation set is held in memory: 12 bytes a run (its hash and its
-text's index; a 100-word message has 88 runs of 13 words) once sorted, about 30 while they are read and sorted,
+false match needs a 64-bit collision. The evaluation set is held in memory: 13 to 14 bytes a run (its hash, its
+text's index and a table of 8 to 16 bits a run that rules out most of a row's runs without a search; a 100-word
+message has 88 runs of 13 words) once sorted, about 30 while they are read and sorted,
 the texts themselves included (200,000 texts of 50 words: 7.6 million runs, 424 MB at the peak against 172 MB
-for a small set). The buffer is read one shard at a time; only the dropped rows' list (with ``dropped``) grows
-with it.
+for a small set). The buffer is read one shard at a time, and a shard's rows' words a slice of rows at a time
+(:data:`SLICE_BYTES` of text); only the dropped rows' list (with ``dropped``) grows with it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 
 from shiq_data.buffer import MANIFEST, Buffer, refuse_inside_buffer
 from shiq_data.cli_common import plural
@@ -57,6 +59,7 @@ from shiq_data.io import (
 BY = ("row", "prompt", "completion")
 NGRAM = 13  # words in a run (13-gram overlap, the usual test of evaluation contamination)
 MIN_WORDS = 8  # an evaluation text shorter than NGRAM counts whole from this many words
+SLICE_BYTES = 4_000_000  # bytes of text of a shard's rows compared at once (their words take several times as much)
 MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd: the polynomial hash of a run of word hashes, mod 2**64
 # scripts written without spaces between words (Han, kana, Thai, Lao, Myanmar, Khmer): each character a word, as
 # character n-grams are the usual unit for them (``\w+`` would make a whole clause one word, so that a 13-word run
@@ -80,19 +83,33 @@ def _word_pattern() -> re.Pattern:
         for c in range(sys.maxunicode + 1)
         if unicodedata.category(chr(c)).startswith("M") and not unspaced.match(chr(c))
     ]
-    spans, start = [], marks[0]
-    for prev, c in zip(marks, marks[1:] + [-1]):
-        if c != prev + 1:
-            spans.append(f"\\U{start:08x}" + (f"-\\U{prev:08x}" if prev != start else ""))
-            start = c
-    return re.compile(f"[{UNSPACED}]|[^\\W{UNSPACED}](?:[^\\W{UNSPACED}]|[{''.join(spans)}])*")
+
+    def spans(cs: list[int]) -> str:
+        out, start = [], cs[0]
+        for prev, c in zip(cs, cs[1:] + [-1]):
+            if c != prev + 1:
+                out.append(f"\\U{start:08x}" + (f"-\\U{prev:08x}" if prev != start else ""))
+                start = c
+        return "".join(out)
+
+    # a word's letters, then its marks each followed by letters: the same words as (letter or mark)*, as marks are
+    # never \w, but the letters run in one fast repeat and the marks are tried only where the letters stop. A mark
+    # beyond U+FFFF is looked up in a list of ranges (the BMP's in a table), so it is tried only at such a character.
+    bmp, astral = spans([c for c in marks if c <= 0xFFFF]), spans([c for c in marks if c > 0xFFFF])
+    letter = f"[^\\W{UNSPACED}]"
+    mark = f"(?:[{bmp}]|(?=[\\U00010000-\\U0010ffff])[{astral}])"
+    return re.compile(f"{letter}+(?:{mark}{letter}*)*|[{UNSPACED}]")
+
+
+_ASCII_WORD = re.compile("[a-z0-9_]+")  # the words of an ASCII text (no mark, no UNSPACED character) once lowered
 
 
 def words(text: str) -> list[str]:
     """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters with their combining
     marks (:func:`_word_pattern`), and each character of a script written without spaces (:data:`UNSPACED`:
     Chinese, Japanese, Thai...) a word of its own."""
-    return _word_pattern().findall(unicodedata.normalize("NFKC", text).casefold())
+    text = unicodedata.normalize("NFKC", text).casefold()
+    return _ASCII_WORD.findall(text) if text.isascii() else _word_pattern().findall(text)
 
 
 def message_parts(value) -> list[str]:
@@ -274,6 +291,7 @@ class EvaluationRuns:
                 h.append(runs)
                 owner.append((i, len(runs)))  # (an array per text would cost about 100 bytes more a text)
         self.lengths: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.filters: dict[int, tuple[np.ndarray, np.uint64]] = {}
         for length in sorted(by_length):  # each list freed as it is joined: about 28 bytes a run at the peak
             h, owner = by_length.pop(length)
             h = np.concatenate(h)
@@ -283,6 +301,7 @@ class EvaluationRuns:
             h = h[order]
             self.lengths[length] = (h, np.repeat(texts_of.astype(np.int32), counts)[order])
             del order
+            self.filters[length] = _bit_table(h)
         self.texts = len(texts)
         self.matched = np.zeros(len(texts), dtype=bool)
 
@@ -290,10 +309,19 @@ class EvaluationRuns:
         """``[len(runs)]`` bool: which of ``runs`` (hashes of runs of ``length`` words) an evaluation text holds;
         the texts they come from are marked matched."""
         table, owner = self.lengths[length]
-        at = np.searchsorted(table, runs)
-        inside = at < len(table)
+        bits, shift = self.filters[length]
+        # only the runs whose bit is set are searched for (about one in eight that no text holds: a search is
+        # a cache miss at each of its twenty-odd steps, the bit one); a set bit is no match, a clear one rules it out
+        slot = runs >> shift
+        maybe = np.flatnonzero(
+            (bits[(slot >> np.uint64(3)).astype(np.intp)] >> (slot & np.uint64(7)).astype(np.uint8)) & 1
+        )
         hit = np.zeros(len(runs), dtype=bool)
-        hit[inside] = table[at[inside]] == runs[inside]
+        if len(maybe):
+            wanted = runs[maybe]
+            at = np.searchsorted(table, wanted)
+            inside = at < len(table)
+            hit[maybe[inside]] = table[at[inside]] == wanted[inside]
         if hit.any():  # every text holding a matched run (one run may stand in several texts: a range of the table)
             found = np.unique(runs[hit])
             lo, hi = np.searchsorted(table, found, "left"), np.searchsorted(table, found, "right")
@@ -301,6 +329,21 @@ class EvaluationRuns:
             at = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n) + np.repeat(lo, n)
             self.matched[owner[at]] = True
         return hit
+
+
+def _bit_table(table: np.ndarray) -> tuple[np.ndarray, np.uint64]:
+    """``(bits, shift)``: a table of 8 to 16 bits a run (1 to 2 bytes) for the sorted run hashes ``table``, the
+    bit of each hash's top bits (``hash >> shift``) set, so that a run whose bit is clear is no run of ``table``."""
+    k = max(3, int(np.ceil(np.log2(max(8 * len(table), 8)))))
+    shift = np.uint64(64 - k)
+    slot = table >> shift  # sorted, as the table
+    byte = slot >> np.uint64(3)
+    value = (np.uint8(1) << (slot & np.uint64(7)).astype(np.uint8)).astype(np.uint8)
+    bits = np.zeros(1 << (k - 3), dtype=np.uint8)
+    if len(table):
+        first = np.flatnonzero(np.r_[True, byte[1:] != byte[:-1]])
+        bits[byte[first].astype(np.intp)] = np.bitwise_or.reduceat(value, first)
+    return bits, shift
 
 
 def contaminated(row_words: list[list[str]], runs: EvaluationRuns, hashes: WordHashes) -> dict[int, str]:
@@ -324,6 +367,28 @@ def contaminated(row_words: list[list[str]], runs: EvaluationRuns, hashes: WordH
                 s = int(p - starts[r])
                 first[r] = " ".join(row_words[r][s : s + length])
     return first
+
+
+def _slices(table, by: str) -> list[tuple[int, int]]:
+    """``(start, stop)`` of consecutive rows of a shard whose text (``by``) is at most :data:`SLICE_BYTES` bytes
+    together (a longer row alone), as stored text columns give it, else 4 bytes a token: the rows' words are held
+    one slice at a time, so memory does not grow with the shard (a row's words never depend on another row)."""
+    names = table.schema.names
+    size = np.zeros(table.num_rows, dtype=np.int64)
+    for name, wanted in (("prompt", by != "completion"), ("completion", by != "prompt")):
+        if wanted and name in names:
+            size += pc.binary_length(table.column(name)).fill_null(0).to_numpy(zero_copy_only=False)
+    if not ({"prompt", "completion"} <= set(names)) and "tokens" in names:  # decoded from tokens
+        size += 4 * pc.list_value_length(table.column("tokens")).fill_null(0).to_numpy(zero_copy_only=False)
+    out, start, total = [], 0, 0
+    for i, n in enumerate(size.tolist()):
+        if total and total + n > SLICE_BYTES:
+            out.append((start, i))
+            start, total = i, 0
+        total += n
+    if start < table.num_rows:
+        out.append((start, table.num_rows))
+    return out
 
 
 def decontaminate_buffer(
@@ -422,10 +487,16 @@ def _decontaminate(path, out, against, by, field, against_by, ngram, min_words, 
 
     def rows():
         for table in source.shards():
-            prompts, completions = source.texts(table, prompt=by != "completion", completion=by != "prompt")
-            first = contaminated(
-                [words("\n".join(by_parts(by, p, c))) for p, c in zip(prompts, completions)], runs, hashes
-            )
+            first: dict[int, str] = {}
+            for start, stop in _slices(table, by):
+                prompts, completions = source.texts(
+                    table.slice(start, stop - start), prompt=by != "completion", completion=by != "prompt"
+                )
+                found = contaminated(
+                    [words("\n".join(by_parts(by, p, c))) for p, c in zip(prompts, completions)], runs, hashes
+                )
+                del prompts, completions
+                first.update((start + r, ws) for r, ws in found.items())
             bad = np.array(sorted(first), dtype=np.int64)
             keep = np.setdiff1d(np.arange(table.num_rows), bad)
             ids, sources = table.column("row_id").to_pylist(), table.column("source").to_pylist()
