@@ -151,6 +151,33 @@ def test_time_and_memory_allowances_stop_a_call():
     assert r["time"][1] == r["time"][0] and r["memory"][1] == r["memory"][0]  # the entry is done
 
 
+def test_the_memory_allowance_counts_from_the_memory_held_not_from_an_earlier_peak():
+    """The allowance was measured against the process's peak resident memory: after a higher peak (a
+    model loaded and freed, or the parent's peak, which Linux hands to a process at ``exec``), a call
+    could grow by that whole height plus the allowance before it was stopped."""
+    r = _run(
+        """
+        import resource
+        def peak_kb():
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        held = bytearray(512 << 20)
+        held[::4096] = b"x" * len(held[::4096])  # resident, then given back
+        del held
+        before = peak_kb()
+        env = executor.Environment(entry, budget.Budget(steps=10**15, seconds=120.0, memory_bytes=64 << 20))
+        env.execute(BLOWUP)
+        result = env.execute(["find(path='.')"])[0]
+        print(json.dumps({"result": result, "before": before, "after": peak_kb()}))
+        """,
+        timeout=240,
+    )
+    assert (
+        r["result"]
+        == executor.ERROR_PREFIX + f"work limit of this entry: memory allowance of {64 << 20} bytes per call exceeded"
+    )
+    assert r["after"] == r["before"]  # stopped about 64 MB above what it held: far below the earlier peak
+
+
 def test_step_budget_is_deterministic_and_counts_every_call():
     e = data.load_entry(*FS_ENTRY)
     spent = []

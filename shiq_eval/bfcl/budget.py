@@ -9,7 +9,10 @@ accounting of the state would have to know every simulator. Measuring the work i
 
 * ``sys.setprofile`` installs a hook, for the current thread only and only while a simulator call
   runs, that counts profiler events (every Python and C function call and return). Every 64 events
-  it also reads the thread's CPU time and the process's peak resident memory (``getrusage``). When
+  it also reads the thread's CPU time and the process's peak resident memory (``getrusage``), and
+  the resident memory now (``/proc/self/statm``) when the process has been above the call's limit
+  before: a peak set earlier (loading a model), or one the process took over from its parent at
+  ``exec`` on Linux, would otherwise hide a call's growth up to that height. When
   the entry's step budget, its time budget or the call's memory allowance is used up, the hook
   raises :class:`BudgetExceeded`, which unwinds the simulator (it derives from ``BaseException``,
   so the simulators' ``except Exception`` clauses do not swallow it) and becomes an error result.
@@ -48,6 +51,7 @@ from __future__ import annotations
 import copy
 import decimal
 import gc
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -69,7 +73,7 @@ MAX_RESULT_CHARS = 1_000_000
 DEFAULT_STEPS = 1_000_000
 DEFAULT_SECONDS = 5.0
 DEFAULT_MEMORY_BYTES = 1 << 30
-_CHECK_EVERY = 64  # events between two reads of the clock and of the peak memory
+_CHECK_EVERY = 64  # events between two reads of the clock and of the memory
 # Steps charged for each call attempt besides the profiled run (parsing, dispatch), so that a
 # trajectory of very many cheap or refused calls also runs out, and for every CHARS_PER_STEP
 # characters of a call string and of a result, so that the text an entry parses and keeps (the
@@ -92,13 +96,29 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 if resource else 0
 
 
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _open_statm() -> int | None:
+    """A descriptor of this process's ``/proc/self/statm`` (opened per call: after a fork it would name
+    the parent), or None where there is none."""
+    try:
+        return os.open("/proc/self/statm", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+def _resident_bytes(statm: int) -> int:
+    return int(os.pread(statm, 128, 0).split()[1]) * _PAGE_BYTES  # (size, resident, ...) in pages
+
+
 @dataclass
 class Budget:
     """The work allowed for the simulator calls of one entry.
 
     ``steps``: profiler events over all calls (deterministic); ``seconds``: CPU time of the
-    calling thread over all calls; ``memory_bytes``: growth of the process's peak resident memory
-    during one call. Copies of an environment share their budget (``deepcopy`` returns the same
+    calling thread over all calls; ``memory_bytes``: growth of the process's resident memory
+    during one call over what it held when the call started. Copies of an environment share their budget (``deepcopy`` returns the same
     object).
     """
 
@@ -142,8 +162,19 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
     start = time.thread_time()
     deadline = start + budget.seconds - budget.spent_seconds
     max_steps = budget.steps - budget.spent_steps
-    max_peak = _peak_rss_bytes() + budget.memory_bytes
+    peak_start = _peak_rss_bytes()
+    statm = _open_statm() if resource else None
+    limit = (_resident_bytes(statm) if statm is not None else peak_start) + budget.memory_bytes
+    if statm is not None and peak_start <= limit:  # a new peak above the limit is the only way past it
+        os.close(statm)
+        statm = None
     steps = 0
+
+    def over_memory() -> bool:
+        peak = _peak_rss_bytes()
+        if peak > limit and peak > peak_start:  # this call set a new peak, above its limit
+            return True
+        return statm is not None and _resident_bytes(statm) > limit
 
     def hook(frame, event, arg):
         nonlocal steps
@@ -154,7 +185,7 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
                 why = f"step budget of {budget.steps} exhausted"
             elif time.thread_time() > deadline:
                 why = f"time budget of {budget.seconds:g} s exhausted"
-            elif resource and _peak_rss_bytes() > max_peak:
+            elif resource and over_memory():
                 why = f"memory allowance of {budget.memory_bytes} bytes per call exceeded"
             if why:
                 budget.exhausted = f"work limit of this entry: {why}"
@@ -170,6 +201,8 @@ def _run_profiled(budget: Budget, fn, args, kwargs):
         sys.setprofile(previous)
         if collecting:
             gc.enable()
+        if statm is not None:
+            os.close(statm)
         budget.spent_seconds += time.thread_time() - start
         budget.charge(steps)
 
