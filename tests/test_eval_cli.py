@@ -490,6 +490,9 @@ sys.exit(cli.main())
 """
 
 
+# three torchrun launches (about 50 s); its quick variants: test_ranks_follow_rank_0_on_an_overwrite_runs_saved_rows
+# (two ranks take rank 0's saved row and batch) and test_eval_run_with_the_megatron_engine_tp1_and_tp2
+@pytest.mark.slow
 def test_a_tp2_run_resumes_with_rank_0s_saved_rows_and_batches(tmp_path):
     """Under torchrun (TP=2) every rank looked for the saved rows itself: a row file one rank saw and another did
     not (a node's stale view of --out) made one rank reuse the row while the other evaluated it, the ranks then in
