@@ -2,6 +2,6 @@
 
 import sys
 
-from shiq_train.cli import main
+from shiq_train.command_line import main
 
 sys.exit(main())

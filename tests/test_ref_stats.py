@@ -508,7 +508,7 @@ def test_cli_builds_hh_and_adds_ref_stats_with_a_local_model(tmp_path, capsys, s
     cmd = (
         [str(exe)]
         if exe.exists()
-        else [sys.executable, "-c", "import sys; from shiq_train.cli import main; sys.exit(main())"]
+        else [sys.executable, "-c", "import sys; from shiq_train.command_line import main; sys.exit(main())"]
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run(

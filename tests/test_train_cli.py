@@ -68,6 +68,7 @@ REPO = Path(__file__).resolve().parents[1]
 DRIVER = """
 import sys, torch
 import shiq_train.cli as cli
+import shiq_train.command_line as command_line
 
 class Source:
     def __init__(self, seed, rows, micro_batches):
@@ -97,7 +98,7 @@ def fake_source(data_cfg, mode, reference, dp_rank, dp_world, max_tokens, width_
 cli.open_data_source = fake_source
 cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "test", "fingerprint": "0", "vocab_size": 128}}
 cli.check_buffer_fits = lambda *a: None  # no buffer: the fake source stands in for it
-cli.main()
+command_line.main()
 """
 
 
@@ -667,7 +668,7 @@ def next_micro_batches(self):  # a SIGTERM while step SIGTERM_AT_STEP is under w
         os.kill(os.getpid(), signal.SIGTERM)
     return _next(self)
 Source.next_micro_batches = next_micro_batches
-cli.main()
+command_line.main()
 """
 
 
@@ -676,7 +677,7 @@ def test_a_sigterm_during_the_last_step_says_the_run_is_complete(tmp_path):
     run was complete (the rerun trains nothing). It still ends with status 143 (a recipe training several runs
     stops too), saying the run is complete."""
     cmd, env = cli_command(tmp_path, f"out={tmp_path / 'run'}", "train.steps=3", "train.reference=online")
-    (tmp_path / "driver.py").write_text(DRIVER.replace("cli.main()\n", LAST_STEP_SIGTERM))
+    (tmp_path / "driver.py").write_text(DRIVER.replace("command_line.main()\n", LAST_STEP_SIGTERM))
     res = subprocess.run(
         cmd, capture_output=True, text=True, cwd=REPO, env={**env, "SIGTERM_AT_STEP": "3"}, timeout=120
     )
@@ -1208,6 +1209,7 @@ def test_help_documents_the_resume_overrides():
 FAILING_DRIVER = """
 import sys
 import shiq_train.cli as cli
+import shiq_train.command_line as command_line
 
 class Source:  # a buffer row found bad only when it is read, in the first step
     def next_micro_batches(self):
@@ -1220,7 +1222,7 @@ class Source:  # a buffer row found bad only when it is read, in the first step
 cli.open_data_source = lambda *a: Source()
 cli.check_buffer_fits = lambda *a: None
 cli.check_buffer = lambda buffer_dir, model_cfg, init: {"tokenizer": {"name": "t", "fingerprint": "0", "vocab_size": 128}}
-cli.main()
+command_line.main()
 """
 
 
@@ -1386,10 +1388,42 @@ def test_packed_rows_need_megatrons_local_layers(tmp_path, monkeypatch):
         cli.run(*composed(*args[:2]))
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["--cfg", "job"], ["data.bufer=x"], ["loss=nope"], ["--steps=3"]])
+def test_help_and_command_line_errors_answer_before_torch_is_imported(argv):
+    """The command line was read after the training modules were imported: ``--help`` and a misspelt key took
+    3.3 s here (seconds more where torch is read from a shared file system, once per rank under torchrun). Hydra's
+    own flags and the check of the settings now come before any of them."""
+    probe = (
+        "import atexit, runpy, sys; "
+        "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr)); "
+        f"sys.argv = ['shiq-train', *{argv!r}]; runpy.run_module('shiq_train', run_name='__main__')"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1] == "torch imported: False", proc.stderr[-3000:]
+    if argv[0].startswith("--") and argv[0] != "--steps=3":
+        assert proc.returncode == 0 and proc.stdout, proc.stderr[-3000:]  # Hydra's help, the composed config
+    else:
+        assert proc.returncode == 2 and len(lines) == 2 and lines[0].startswith("shiq-train: error: command line: ")
+
+
+def test_help_to_a_reader_that_goes_away_stops_quietly(tmp_path):
+    """``shiq-train --help | head -1`` ended in a BrokenPipeError traceback (Hydra prints the help before any
+    training code runs): it now stops with the shell's SIGPIPE status (141) and nothing on stderr."""
+    line = " ".join(shlex.quote(c) for c in [sys.executable, "-m", "shiq_train", "--help"])
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run(
+        ["bash", "-c", f"{line} 2>{shlex.quote(str(tmp_path / 'err'))} | true; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True, text=True, cwd=REPO, env=env, timeout=120,
+    )  # fmt: skip
+    assert proc.stdout.strip() == "141" and (tmp_path / "err").read_text() == "", (tmp_path / "err").read_text()
+
+
 def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may_go():
     """``~loss`` and ``data=x`` ended in a KeyError or AttributeError traceback, ``=5`` in Hydra's own ValueError;
     the logging section is optional (read with its defaults), so removing it stays allowed."""
-    from shiq_train.cli import hydra_error
+    from shiq_train.command_line import hydra_error
 
     assert hydra_error(["~loss"]) == "the section 'loss' was removed (~loss); training needs it"
     assert hydra_error(["data=x"]).startswith("'data' is a section of options: set its keys (data.<name>=...)")
@@ -1427,7 +1461,7 @@ def test_a_command_line_with_config_dir_is_checked_among_its_groups(tmp_path):
     """--config-dir DIR (a folder of one's own config groups) made the check leave the whole line to Hydra: a
     misspelt key got Hydra's multi-line error and status 1. The line is now checked with DIR's groups searched
     too, as Hydra searches them."""
-    from shiq_train.cli import hydra_error
+    from shiq_train.command_line import hydra_error
 
     (tmp_path / "loss").mkdir()
     (tmp_path / "loss" / "mine.yaml").write_text("name: shiq\nbeta: 0.2\nnum_steps: 3\n")
@@ -1711,7 +1745,7 @@ def test_a_config_dir_with_a_comma_or_beside_a_searchpath_override_is_checked_as
     path has a comma was read as two folders, and one the line also gave its own ``hydra.searchpath=[...]`` for
     lost to it (Hydra reads only the first such override), so a group of DIR Hydra finds was refused ("Could not
     find 'loss/mine'", status 2). Both are now searched, each folder one quoted path."""
-    from shiq_train.cli import hydra_error
+    from shiq_train.command_line import hydra_error
 
     mine, theirs = tmp_path / "my configs, v2", tmp_path / "theirs"
     for d, group in ((mine, "loss"), (theirs, "model")):
