@@ -330,6 +330,41 @@ def test_reader_memory_does_not_grow_with_buffer_size(tmp_path):
     assert large < small + 4_000, result
 
 
+def test_groups_mode_holds_no_object_per_group(tmp_path):
+    """Groups mode kept one numpy array per prompt group (about 110 bytes each, and seconds per million groups to
+    make on every rank): what a groups sampler keeps beyond a padded one's is now its row order and group starts,
+    8 bytes per row and 16 per group (20,000 rows in pairs: 16 bytes per row, where an array per group kept 72)."""
+    import tracemalloc
+
+    n = 20_000
+    rows = (
+        {
+            "row_id": f"r{i}",
+            "source": "t",
+            "group_id": i // 2,
+            "prompt_len": 2,
+            "tokens": [1, 2, 3, 4],
+            "action_mask": [False, False, True, True],
+            "rewards": [0.0, 0.0, 0.0, float(i % 2)],
+        }
+        for i in range(n)
+    )
+    buf = write_buffer(rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=n, progress=False)
+    kept = {}
+    for mode in ("padded", "groups"):
+        tracemalloc.start()
+        sampler = BufferSampler(buf, rows_per_micro_batch=4, mode=mode)
+        kept[mode] = tracemalloc.get_traced_memory()[0]
+        tracemalloc.stop()
+        del sampler
+    assert kept["groups"] - kept["padded"] < 24 * n, kept
+    s = BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=n // 4, mode="groups", seed=2)
+    seen = [int(r) for mb in s.next_micro_batches() for r in mb["buffer_rows"]]
+    assert sorted(seen) == list(range(n))  # one epoch: every row once,
+    pairs = [seen[j : j + 2] for j in range(0, n, 2)]
+    assert all(b == a + 1 and a % 2 == 0 for a, b in pairs)  # each pair whole and in buffer order
+
+
 @pytest.mark.parametrize(
     "edit,needle",
     [
