@@ -3,8 +3,11 @@
 The rows (or, in ``groups`` mode, the prompt groups) form an endless stream: the concatenation of
 one permutation per epoch, epoch ``e`` shuffled by ``numpy.random.default_rng([seed, e])``. Each
 optimizer step takes the next items of the stream for data-parallel rank 0, then rank 1, and so on,
-so ranks see disjoint rows of the same permutation, every row appears exactly once per epoch across
-ranks, and a step may straddle two epochs (batches are always full). The state is the stream
+so ranks see disjoint parts of the same permutation, every row appears exactly once per epoch across
+ranks, and a step may straddle two epochs (batches are always full). Such a step takes the end of one
+permutation and the start of the next, which may hold a row of that end again: the step then holds it twice
+(on two ranks, or twice in one micro-batch; a repeated group is two groups), about G**2 / (6 N) rows at each
+epoch boundary for G rows a step and N in the buffer. The state is the stream
 position, so :meth:`BufferSampler.load_state_dict` continues with exactly the batches an
 uninterrupted run would have produced. Neither the stream nor the state depends on ``dp_world``: a run
 resumed with another number of data-parallel ranks and the same global batch (``dp_world *

@@ -119,6 +119,11 @@ SHAPE_FIELDS = (
     "qk_layernorm",  # (Qwen3's query and key norms)
     "rope_scaling_factor",  # (Llama 3.1 and 3.2's rope_type llama3)
 )
+# keys no resumed run may change, not even with +resume.force=true, and why
+FIXED_ON_RESUME = {
+    "data.seed": "the rows' order is drawn from it, and the checkpoint holds the run's place in that order "
+    "(data.seed follows seed unless given)",
+}
 # keys a resumed run may change without +resume.allow_changed: they do not change what a step computes
 RESUME_SAFE_KEYS = (
     "out",
@@ -634,7 +639,7 @@ def check_resume_config(
 ) -> list[str]:
     """Compare the configuration ``cfg`` of a resumed run with ``out/config.yaml`` (the one it was started
     with); raise naming every differing key unless each is in :data:`RESUME_SAFE_KEYS` or ``allowed``, or
-    ``force``. Returns the differing keys.
+    ``force``, and a key of :data:`FIXED_ON_RESUME` whatever is allowed. Returns the differing keys.
 
     ``dp``: the data-parallel size the checkpoint was saved with and this run's. A step's global batch is
     ``dp * data.micro_batches_per_step`` micro-batches, read in the same stream order whatever ``dp`` is, so
@@ -680,6 +685,14 @@ def check_resume_config(
                 f" (a global batch of {dp[0]} x {m_old} micro-batches saved, {dp[1]} x {m_new} now over "
                 f"data-parallel ranks{'; ' + keep if keep else ''})"
             )
+    fixed = [k for k in changed if k in FIXED_ON_RESUME and k in old and k in new]
+    if fixed:  # (the sampler refused it anyway, later and without naming the key)
+        k = fixed[0]
+        raise ConfigError(
+            f"{path}: the run in {out} was started with {k}={old[k]!r:.40} and this configuration gives "
+            f"{new[k]!r:.40}: {FIXED_ON_RESUME[k]}; no option resumes with another value: rerun with the saved "
+            "one or use another out="
+        )
     refused = [k for k in changed if k not in RESUME_SAFE_KEYS and k not in allowed]
     if refused and not force:
 

@@ -235,6 +235,25 @@ def test_a_resume_keeps_the_global_batch_when_the_data_parallel_size_changes(tmp
         check_resume_config(tmp_path, new, set(), False, (2, 1), saved_micro_batches=1)
 
 
+def test_the_data_order_seed_cannot_change_on_resume_whatever_is_allowed(tmp_path):
+    """+resume.allow_changed=[data.seed] and +resume.force=true passed the configuration check; the sampler then
+    refused the checkpoint's position (another seed, another order) after the model was built, naming "seed"
+    alone (the run has a top-level seed too). The check now refuses it first, naming data.seed."""
+    import yaml
+
+    from shiq_train.cli import ConfigError, check_resume_config
+
+    cfg = {"seed": 0, "data": {"seed": 0, "buffer": "b"}, "loss": {"beta": 0.1}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    other = {"seed": 5, "data": {"seed": 5, "buffer": "b"}, "loss": {"beta": 0.1}}
+    for allowed, force in [(set(), False), ({"seed", "data.seed"}, False), (set(), True)]:
+        with pytest.raises(ConfigError, match=r"started with data\.seed=0 and this configuration gives 5: the rows"):
+            check_resume_config(tmp_path, other, allowed, force)
+    assert check_resume_config(tmp_path, {**cfg, "seed": 5}, {"seed"}, False) == ["seed"]  # (data.seed given: kept)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump({"seed": 0, "loss": {"beta": 0.1}}))  # saved without it
+    assert check_resume_config(tmp_path, other, set(), True) == ["data.buffer", "data.seed", "seed"]
+
+
 def test_a_change_of_optimizer_distributed_is_a_change_like_any_other(tmp_path):
     """A run saved with the plain optimizer resumes with optimizer.distributed=true and the other way, once the
     change is allowed (the state converts: tests/test_checkpoint_layouts.py); unallowed, it is named."""
