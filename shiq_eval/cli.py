@@ -492,6 +492,28 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
         )
 
 
+def check_folder_tokenizer(folder: Path, tokenizer, name) -> None:
+    """Refuse a Hugging Face policy folder holding a tokenizer of other token ids (:func:`fingerprint`) than the
+    evaluation's ``tokenizer`` (named ``name``): its samples are read and its KL taken in the evaluation
+    tokenizer's ids, so the same vocabulary size with other ids (another model's tokenizer) gave a KL between
+    different tokens, silently. A folder without tokenizer files has nothing to compare."""
+    if not any((folder / f).is_file() for f in TOKENIZER_FILES):
+        return
+    from transformers import AutoTokenizer  # heavy: transformers
+
+    try:
+        theirs = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError, TypeError) as e:
+        raise EvalInputError(f"{folder}: its tokenizer cannot be read ({one_line(e, 200)})") from None
+    if fingerprint(theirs) != (mine := fingerprint(tokenizer)):
+        raise EvalInputError(
+            f"{folder}: its tokenizer (fingerprint {fingerprint(theirs)[:12]}…) is not the evaluation's, {name}'s "
+            f"(fingerprint {mine[:12]}…, --reference or --tokenizer): the same token "
+            "ids would name other tokens, and the KL compare different ones; evaluate it against the model it was "
+            "trained from (--reference)"
+        )
+
+
 def check_vocabulary(tokenizer, name, ref_model, infos: list[dict]) -> None:
     """Refuse, before any sampling, a policy whose vocabulary is not the reference's (the KL compares distributions
     over the same tokens; an id past the reference's embedding would fail its pass with an IndexError), and an
@@ -1005,6 +1027,9 @@ def run(args) -> list[dict]:
         )
     check_tokenizers(infos, tokenizer, ref_model)
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
+    for info in infos:  # a folder shiq-train did not export records no tokenizer: the one it holds, if any
+        if info["kind"] == "hf" and info["tokenizer"] is None:
+            check_folder_tokenizer(Path(info["path"]), tokenizer, args.tokenizer or reference)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
     # hashed before loading too, so the Q♯ row names the weights evaluated (a missing file: load_value_model's error)

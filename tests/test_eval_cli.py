@@ -1001,6 +1001,33 @@ def test_a_policy_whose_vocabulary_is_not_the_references_is_refused_in_one_line(
     assert not (tmp_path / "o").exists()
 
 
+def test_a_policy_folder_with_another_tokenizer_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """A Hugging Face policy folder (no shiq-train export record) holding a tokenizer of the reference's vocabulary
+    size but other token ids was evaluated in silence: its samples read and its KL taken as the reference's ids,
+    which name other tokens in it. It is now refused before any sampling, in one line naming the folder."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    init = tiny_hf_folder(tmp_path / "init")
+    policy = tiny_hf_folder(tmp_path / "policy")
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 1, 1, -1)]  # the same words, other ids
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    other.save_pretrained(policy)
+    ours = transformers.AutoTokenizer.from_pretrained(init)
+    theirs = transformers.AutoTokenizer.from_pretrained(policy)
+    assert len(theirs) == len(ours) == VOCAB and ours.encode("w3") != theirs.encode("w3")
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, policy, init, max_new_tokens=2)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{policy}: its tokenizer" in err, err
+    assert not (tmp_path / "o").exists()
+    ours.save_pretrained(policy)  # the reference's own tokenizer: evaluated
+    assert main(argv) == 0
+
+
 def test_a_prompts_folder_is_said_to_be_a_folder(tmp_path, capsys):
     """--prompts a folder was refused as "no such file", which it is not; it is now said to be a folder, not
     a JSONL file, in one line (exit status 2)."""
