@@ -723,15 +723,24 @@ class MegatronEngine:
         does not divide) is an :class:`EvalInputError` naming ``where``, the model's folder or step directory."""
         from megatron.core import parallel_state as ps  # heavy: megatron
 
+        from shiq_train.model import build_model  # heavy: torch
+
+        return build_model(MegatronEngine.model_config(hf_config, where, ps.get_tensor_model_parallel_world_size()))
+
+    @staticmethod
+    def model_config(hf_config, where, tp: int):
+        """The megatron ``ModelConfig`` of ``hf_config`` split over ``tp`` ranks, or the :class:`EvalInputError`
+        of :meth:`_build` naming ``where``; needs no process group, so :func:`run` checks every model with it
+        before any is evaluated."""
         from shiq_train import hf_convert as H  # heavy: torch
-        from shiq_train.model import build_model, check_layout  # heavy: torch
+        from shiq_train.model import check_layout  # heavy: torch
 
         try:
             config = H.model_config_from_llama(hf_config, params_dtype="float32", logits_chunk_tokens=0)
-            check_layout(config, ps.get_tensor_model_parallel_world_size(), 1, 1, tp_option="--tp")
+            check_layout(config, tp, 1, 1, tp_option="--tp")
         except ValueError as e:
             raise EvalInputError(f"{where}: {e}") from None
-        return build_model(config)
+        return config
 
     def reference(self):
         return self._ref
@@ -1036,6 +1045,12 @@ def run(args) -> list[dict]:
     files = guide_files(args.guide) if guide is not None else []
     guide_sha = model_sha256(files) if files and all(f.is_file() for f in files) else None
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
+    if args.engine == "megatron":  # an architecture it does not compute, refused before the reference is evaluated
+        from shiq_train.hf_convert import hf_config_from_dict  # heavy: torch
+
+        MegatronEngine.model_config(ref_model.config, reference, args.tp)
+        for info in infos:
+            MegatronEngine.model_config(hf_config_from_dict(info["hf_config"]), info["path"], args.tp)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     source_name = suite.prompts or "the movie prompts"
     encoded = encode_prompts(tokenizer, prompts, suite.chat, source_name)

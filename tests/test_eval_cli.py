@@ -925,6 +925,32 @@ def test_megatron_engine_names_the_folder_of_a_model_it_does_not_compute(tmp_pat
             MegatronEngine(mistral, tok)
 
 
+@pytest.mark.parametrize("arch", ["gemma", "rope_linear"])
+def test_megatron_engine_refuses_a_model_it_does_not_compute_before_the_reference_is_evaluated(
+    tmp_path, capsys, monkeypatch, arch
+):
+    """A policy folder of an architecture or RoPE scaling the megatron engine does not compute (Gemma; linear RoPE
+    scaling) was refused only once the reference had been sampled and scored (its row saved in --out/.rows/, which
+    on a real suite is most of an hour); it is now refused before any model is evaluated, in one line naming the
+    folder and the field, nothing written."""
+    init = tiny_hf_folder(tmp_path / "init")
+    shape = {k: v for k, v in transformers.AutoConfig.from_pretrained(init).to_dict().items() if k != "model_type"}
+    if arch == "gemma":
+        config, field = transformers.GemmaConfig(**{**shape, "head_dim": 16}), "model_type 'gemma'"
+        transformers.GemmaForCausalLM(config).save_pretrained(tmp_path / "policy")
+    else:
+        config = transformers.LlamaConfig(**{**shape, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+        transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "policy")
+        field = "rope_type='linear'"
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, tmp_path / "policy", init, max_new_tokens=2)
+    capsys.readouterr()
+    assert main([*argv, "--engine", "megatron"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{tmp_path / 'policy'}: " in err and field in err, err
+    assert "kept" not in err and not (tmp_path / "o").exists()
+
+
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """A tokenizer with no EOS token (--tokenizer, or the reference's) ended in a TypeError traceback (int(None))
     once the first policy was sampled (exit status 1); sampling needs the token that ends a completion, so it is
