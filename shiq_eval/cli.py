@@ -1037,6 +1037,13 @@ def run(args) -> list[dict]:
     check_tokenizers(infos, tokenizer, ref_model)
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
     for info in infos:  # a folder shiq-train did not export records no tokenizer: the one it holds, if any
+        if info["kind"] == "hf":  # its config as transformers reads it (an unknown model_type), before any sampling
+            from shiq_train.hf_convert import read_hf_config  # heavy: torch
+
+            try:
+                read_hf_config(info["path"])
+            except ValueError as e:
+                raise EvalInputError(str(e)) from None
         if info["kind"] == "hf" and info["tokenizer"] is None:
             check_folder_tokenizer(Path(info["path"]), tokenizer, args.tokenizer or reference)
     if args.reference is not None:

@@ -527,6 +527,21 @@ def check_export_weights(folder: Path) -> None:
             raise ValueError(f"{folder / name}: sha256 differs from {EXPORT_RECORD}'s (the file changed or is corrupt)")
 
 
+def read_hf_config(folder: Path):
+    """The transformers config of a Hugging Face model folder's ``config.json``; what transformers refuses in it
+    (a string for a number, a ``model_type`` it does not know) is a ``ValueError`` naming the file."""
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
+    from transformers import AutoConfig  # heavy: only reading a model needs it
+
+    # a key given twice refused first (transformers keeps its last value); Infinity and NaN stay: transformers 4
+    # wrote a config's infinite float so (Mamba2's time_step_limit), and transformers reads them
+    read_json_file(Path(folder) / "config.json", constants=True)
+    try:  # its fields first: transformers' refusal of one (a string for a number) is no input error to a command
+        return AutoConfig.from_pretrained(str(folder))
+    except (StrictDataclassError, TypeError, ArithmeticError, ValueError) as e:  # (ValueError: an unknown model_type)
+        raise ValueError(f"{Path(folder) / 'config.json'}: {one_line(e, 300)}") from None
+
+
 def load_causal_lm(spec: str, dtype=torch.float32):
     """``(model, tokenizer)`` of the causal LM ``spec`` names, the model in eval mode: ``smollm2``
     (:func:`load_smollm2`) or a Hugging Face model folder (any ``transformers`` causal LM; tokenizer None
@@ -541,17 +556,10 @@ def load_causal_lm(spec: str, dtype=torch.float32):
         raise FileNotFoundError(
             f"{folder}: expected smollm2 or a Hugging Face model folder, but {folder / 'config.json'} does not exist"
         )
-    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
     from safetensors import SafetensorError, safe_open  # heavy: only loading a model needs it
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    # a key given twice refused first (transformers keeps its last value); Infinity and NaN stay: transformers 4
-    # wrote a config's infinite float so (Mamba2's time_step_limit), and transformers reads them
-    read_json_file(folder / "config.json", constants=True)
-    try:  # its fields first: transformers' refusal of one (a string for a number) is no input error to a command
-        AutoConfig.from_pretrained(str(folder))
-    except (StrictDataclassError, TypeError, ArithmeticError) as e:
-        raise ValueError(f"{folder / 'config.json'}: {one_line(e, 300)}") from None
+    read_hf_config(folder)
     check_weight_map(folder)
     check_export_weights(folder)
     for f in sorted(folder.glob("*.safetensors")):  # the header and the file's size: a cut file is named here

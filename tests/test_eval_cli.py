@@ -951,6 +951,24 @@ def test_megatron_engine_refuses_a_model_it_does_not_compute_before_the_referenc
     assert "kept" not in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("which", ["policy", "reference"])
+def test_a_model_type_transformers_does_not_know_is_named_with_its_config(tmp_path, capsys, monkeypatch, which):
+    """A folder whose config.json gives a model_type transformers does not know was refused in transformers' words
+    alone, naming no file (which of the models?), and as a policy only once the reference had been evaluated; it is
+    now refused in one line naming its config.json before any model is evaluated, nothing written."""
+    init = tiny_hf_folder(tmp_path / "init")
+    odd = tiny_hf_folder(tmp_path / "odd")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "model_type": "nosuchmodel"}))
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, odd, init, 2) if which == "policy" else score_len_run(tmp_path, init, odd, 2)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{odd / 'config.json'}: " in err and "nosuchmodel" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """A tokenizer with no EOS token (--tokenizer, or the reference's) ended in a TypeError traceback (int(None))
     once the first policy was sampled (exit status 1); sampling needs the token that ends a completion, so it is
