@@ -1020,6 +1020,7 @@ def run(args) -> list[dict]:
     # hashed before loading, so the reference row (and the guide's check) name the weights evaluated
     ref_sha = model_sha256(model_weight_files(reference))
     ref_model, tokenizer = load_reference(reference)
+    own_tokenizer = tokenizer  # the reference's own (None: its folder holds none)
     if args.tokenizer is not None:
         from transformers import AutoTokenizer  # heavy: transformers
 
@@ -1036,6 +1037,13 @@ def run(args) -> list[dict]:
         )
     check_tokenizers(infos, tokenizer, ref_model)
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
+    if own_tokenizer is not None and fingerprint(own_tokenizer) != fingerprint(tokenizer):
+        raise EvalInputError(  # (the reference's logits are over its own tokenizer's ids)
+            f"--tokenizer {args.tokenizer}: its token ids (fingerprint {fingerprint(tokenizer)[:12]}…) are not those "
+            f"of the reference {reference}'s own tokenizer (fingerprint {fingerprint(own_tokenizer)[:12]}…): the "
+            "prompts would be encoded, and the models' tokens read, as other tokens; leave --tokenizer out, or give "
+            "a folder of the reference's tokenizer"
+        )
     for info in infos:  # a folder shiq-train did not export records no tokenizer: the one it holds, if any
         if info["kind"] == "hf":  # its config as transformers reads it (an unknown model_type), before any sampling
             from shiq_train.hf_convert import read_hf_config  # heavy: torch

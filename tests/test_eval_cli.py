@@ -1072,6 +1072,33 @@ def test_a_policy_folder_with_another_tokenizer_is_refused_in_one_line(tmp_path,
     assert main(argv) == 0
 
 
+def test_a_tokenizer_of_other_ids_than_the_references_own_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """--tokenizer of the reference's vocabulary size but other token ids than the tokenizer the reference folder
+    holds was taken in silence: the prompts encoded, and both models' tokens read, as ids the reference gives to
+    other tokens. It is now refused before any sampling, in one line naming the option."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    init = tiny_hf_folder(tmp_path / "init")
+    policy = tmp_path / "policy"
+    transformers.LlamaForCausalLM.from_pretrained(init).save_pretrained(policy)  # no tokenizer of its own
+    words = ["<pad>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 1, 1, -1)]  # the same words, other ids
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    other = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    other.save_pretrained(tmp_path / "other")
+    ours = transformers.AutoTokenizer.from_pretrained(init)
+    assert len(other) == len(ours) == VOCAB and ours.encode("w3") != other.encode("w3")
+    ours.save_pretrained(tmp_path / "same")
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, policy, init, max_new_tokens=2)
+    capsys.readouterr()
+    assert main([*argv, "--tokenizer", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--tokenizer {tmp_path / 'other'}: its token ids" in err, err
+    assert not (tmp_path / "o").exists()
+    assert main([*argv, "--tokenizer", str(tmp_path / "same")]) == 0  # the reference's tokenizer, saved elsewhere
+
+
 def test_a_prompts_folder_is_said_to_be_a_folder(tmp_path, capsys):
     """--prompts a folder was refused as "no such file", which it is not; it is now said to be a folder, not
     a JSONL file, in one line (exit status 2)."""
