@@ -149,7 +149,7 @@ class HFPolicy:
         self.model = model.eval()
         self.eos_id = int(eos_id)
         self.pad_id = int(eos_id if pad_id is None else pad_id)
-        self.share_prefix = share_prefix
+        self.share_prefix = share_prefix and not sliding_window_acts(model.config)
 
     @torch.no_grad()
     def generate(self, prompt_ids: list[list[int]], cfg: SamplingConfig, progress: bool = False) -> list[list[int]]:
@@ -214,6 +214,19 @@ def lm_forward(model, ids, attn, positions, cache):
         input_ids=ids, attention_mask=attn, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
     )
     return out.cache, out.logits[:, -1]
+
+
+def sliding_window_acts(config) -> bool:
+    """Whether some attention layer of the transformers ``config`` sees only a sliding window of the keys (Mistral
+    v0.1, Gemma 2 and 3, Qwen with ``use_sliding_window``). Such a model does not read shared prompt tokens once
+    (:func:`read_distinct`'s ``[shared | padding | own]`` layout): transformers measures its window in cache
+    positions, padding included, so a row would attend to other tokens than it does alone; one left-padded pass
+    gives the model's own attention."""
+    window = getattr(config, "sliding_window", None)
+    if not isinstance(window, int) or isinstance(window, bool):
+        return False
+    kinds = getattr(config, "layer_types", None)
+    return kinds is None or any(kind != "full_attention" for kind in kinds)
 
 
 def read_prompts(forward, batch: list[list[int]], pad_id: int, *, share_prefix: bool = True, device=None):

@@ -103,6 +103,32 @@ def test_sampling_equals_a_loop_without_cache_or_padding(prompts, share_prefix):
     assert len(set(map(tuple, got))) == len(prompts)  # distinct draws: a test of more than one row
 
 
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "qwen2"])
+def test_a_model_with_a_sliding_window_samples_as_its_own_unpadded_passes(arch):
+    """A model whose attention sees a sliding window of the keys (Mistral v0.1, Gemma 2, Qwen with
+    use_sliding_window) read the batch's shared leading tokens once, laid out ``[shared | padding | own]``; its
+    window is counted in cache positions, padding included, so a shorter row's prompt, and every token drawn after
+    it, saw other keys than the model does: its greedy completions were not the model's. They are now those of
+    its own plain forward passes, row by row without cache or padding."""
+    shape = dict(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    shape.update(num_key_value_heads=2, max_position_embeddings=64, sliding_window=5)
+    torch.manual_seed(3)
+    if arch == "mistral":
+        model = transformers.MistralForCausalLM(transformers.MistralConfig(**shape))
+    elif arch == "gemma2":
+        model = transformers.Gemma2ForCausalLM(transformers.Gemma2Config(**shape, head_dim=8))
+    else:
+        config = transformers.Qwen2Config(**shape, use_sliding_window=True, max_window_layers=0)
+        model = transformers.Qwen2ForCausalLM(config)
+    with torch.no_grad():  # sharper distributions: a window that moves changes the greedy token
+        for param in model.parameters():
+            param.mul_(3.0 if param.dim() > 1 else 1.0)
+    model.eval()
+    prompts = [SHARED + [1, 2], SHARED[:3] + [7], SHARED + [8, 8, 8, 2], SHARED[:3] + [7]]
+    got = HFPolicy(model, eos_id=39, pad_id=0).generate(prompts, SamplingConfig(max_new_tokens=6, temperature=0))
+    assert got == [greedy_reference(model, p, 6, 39) for p in prompts]
+
+
 def test_shared_prefix_reads_the_prompts_as_one_pass_does():
     """``_read_prompts`` with the shared leading tokens read once: the last position's logits equal one plain
     pass over the left-padded batch, and so does every cached key and value of each row's real tokens."""
