@@ -969,6 +969,27 @@ def test_a_model_type_transformers_does_not_know_is_named_with_its_config(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def test_megatron_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(tmp_path, capsys, monkeypatch):
+    """A checkpoint whose meta.hf_config gives a field of the wrong type (a hand edit) ended the megatron engine in
+    transformers' traceback (exit status 1) once the reference had been evaluated; it is now one line naming the
+    meta.json and the field, before any model is evaluated, nothing written."""
+    init = tiny_hf_folder(tmp_path / "init")
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    hf_config = {**transformers.LlamaConfig.from_pretrained(init).to_dict(), "num_hidden_layers": "two"}
+    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": hf_config}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
+    capsys.readouterr()
+    assert main([*argv, "--engine", "megatron"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()  # (after the warning that meta.json records no tokenizer)
+    assert "Traceback" not in lines[0] and lines[-1].startswith("shiq-eval: error: "), lines
+    assert f"{step / 'meta.json'}: field meta.hf_config:" in lines[-1] and "num_hidden_layers" in lines[-1], lines
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """A tokenizer with no EOS token (--tokenizer, or the reference's) ended in a TypeError traceback (int(None))
     once the first policy was sampled (exit status 1); sampling needs the token that ends a completion, so it is
