@@ -21,6 +21,8 @@ Stream-format shards are what ``datasets`` writes, so ``datasets.Dataset.from_fi
      "ref_stats": {"ref_model": {...}, "done": [shard files with reference columns]} | null,
      "commands": [{"argv", "time", "rows", "shards"}], "created", "updated",
      "shard_rows": rows per shard asked for (absent from buffers written before it was kept: :func:`shard_rows_of`),
+     "shard_bytes": the most bytes a shard's file may take unless it is one row (absent from buffers written before
+                    it was kept: :func:`shard_bytes_of`),
      "retokenized_from": {"path", "fingerprint", ...} (only on a re-tokenised buffer)}
 
 ``tokenizer.pipeline_fingerprint`` (:func:`shiq_data.tokenizers.pipeline_fingerprint`: how the tokenizer cuts
@@ -41,8 +43,15 @@ shards the manifest lists; files it does not list (left by a killed append or re
 the next append, rewrite or ``validate`` (all under the lock; ``validate`` skips the removal while
 another process holds it).
 
-Memory. Writing holds one shard's rows at a time. What must be remembered about every row (its
-``row_id``, unique in the buffer, and on an append the old rows' prompt and completion texts, to find
+Shard size. A shard ends at ``shard_rows`` rows or when its file would pass ``shard_bytes`` (default 256 MiB),
+whichever comes first; a row larger than that is a shard alone (:class:`_ShardStream`). Shards of one buffer hold
+different numbers of rows: readers take each shard's rows from the manifest or the shard, never from
+``shard_rows``. Adding reference statistics (:func:`replace_shard`) grows a shard by 8 bytes a token, which may
+take it past the bound it was written with.
+
+Memory. Writing holds one shard's rows at a time (about ``shard_bytes`` of Arrow data at most, and rows given one
+by one as Python objects only until they make :data:`ROWS_TO_ARROW_BYTES` of it). What must be remembered about
+every row (its ``row_id``, unique in the buffer, and on an append the old rows' prompt and completion texts, to find
 repeats) goes to temporary Parquet tables next to the output, which DuckDB joins after the last row
 within a fixed memory limit (:class:`_RowLog`, :mod:`shiq_data.spill`), so neither grows with the buffer.
 
@@ -64,7 +73,7 @@ import re
 import shutil
 import stat
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -94,6 +103,7 @@ from shiq_data.schema import (
     CHECKED_KEY,
     GROUP_ID_MAX,
     INPUT_KEY,
+    LIST_FIELDS,
     READABLE_VERSIONS,
     REF_FIELDS,
     SCHEMA_VERSION,
@@ -192,6 +202,125 @@ def write_shard_file(table: pa.Table, path: Path) -> dict:
         "sha256": _sha256_file(path),
         "has_ref": all(n in table.schema.names for n in REF_FIELDS),
     }
+
+
+def row_bits(table: pa.Table, null_items: Collection[str] = ()) -> np.ndarray:
+    """``[rows]`` int64: at least the bits of Arrow data each row of ``table`` puts in a shard file
+    (:func:`write_shard_file`), computed on whole columns: a fixed-width value's width, a string's UTF-8 bytes
+    (:func:`pyarrow.compute.binary_length`) plus its offset, a list's offset plus its length
+    (:func:`pyarrow.compute.list_value_length`) times its items' width, and a validity bit for every value (the
+    file holds a column's bitmap only when the column has a null). A list column's items get their validity bit
+    only when the column is in ``null_items`` or its items in ``table`` hold a null (the file then holds their
+    bitmap for every item of the shard: see :meth:`_ShardStream._hold`). The rest of a file, the stream's framing,
+    each buffer's padding to 8 bytes and the offsets' last entry, is at most :func:`shard_overhead`;
+    :func:`shard_file_bytes` gives a file's exact size."""
+    bits = np.zeros(table.num_rows, np.int64)
+    for name, column in zip(table.schema.names, table.columns):
+        kind = column.type
+        if _is_list(kind):
+            lengths = pc.list_value_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            null_bit = int(name in null_items or pc.list_flatten(column).null_count > 0)
+            bits += 1 + _offset_bits(kind) + lengths * (_item_bits(kind.value_type) + null_bit)
+        elif _is_binary(kind):
+            lengths = pc.binary_length(column).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+            bits += 1 + _offset_bits(kind) + 8 * lengths
+        else:
+            bits += 1 + _item_bits(kind)
+    return bits
+
+
+def _is_list(kind: pa.DataType) -> bool:
+    return pa.types.is_list(kind) or pa.types.is_large_list(kind)
+
+
+def _is_binary(kind: pa.DataType) -> bool:
+    return any(
+        is_(kind)
+        for is_ in (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary, pa.types.is_large_binary)
+    )
+
+
+def _offset_bits(kind: pa.DataType) -> int:
+    """Bits of one offset of a list or string column of ``kind`` (64 for the large kinds)."""
+    large = pa.types.is_large_list(kind) or pa.types.is_large_string(kind) or pa.types.is_large_binary(kind)
+    return 64 if large else 32
+
+
+def _item_bits(kind: pa.DataType) -> int:
+    """Bits of a value of the fixed-width ``kind`` (1 for a boolean); ``TypeError`` for another kind (no buffer schema
+    has one)."""
+    if pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind):
+        return kind.bit_width
+    raise TypeError(f"no shard size for values of {kind}")
+
+
+def _buffers(column, kind: pa.DataType, n: int) -> list[int]:
+    """The bytes of each Arrow buffer a shard file holds for ``column`` (chunked or not; ``n`` values of ``kind``)
+    written compactly: its bitmap (none without a null), offsets, values, and a list's items' buffers."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out = [(n + 7) // 8 if any(c.null_count for c in chunks) else 0]
+    if _is_list(kind):
+        items = pa.chunked_array([c.flatten() for c in chunks], kind.value_type)  # (a null list holds no items)
+        return out + [(n + 1) * _offset_bits(kind) // 8, *_buffers(items, kind.value_type, len(items))]
+    if _is_binary(kind):
+        data = pc.sum(pc.binary_length(column)).as_py() or 0
+        return out + [(n + 1) * _offset_bits(kind) // 8, data]
+    return out + [(n * _item_bits(kind) + 7) // 8]
+
+
+def _body_bytes(table: pa.Table) -> int:
+    """The bytes of ``table``'s record batch body as a shard file holds it (each buffer padded to 8 bytes)."""
+    sizes = [b for column in table.columns for b in _buffers(column, column.type, table.num_rows)]
+    return sum((b + 7) // 8 * 8 for b in sizes)
+
+
+_FRAMING: dict[pa.Schema, int] = {}
+
+
+def shard_file_bytes(table: pa.Table) -> int:
+    """The exact size of the file :func:`write_shard_file` writes for ``table`` (at least one row) once made compact
+    (:func:`compact_table`): its record batch's body (:func:`_body_bytes`, from the columns' lengths, nothing
+    written) and the stream's framing, the same for every batch of a schema (measured once on a row of it)."""
+    schema = table.schema
+    if schema not in _FRAMING:
+        one = pa.table(
+            [pa.array([[] if _is_list(f.type) else "" if _is_binary(f.type) else 0], f.type) for f in schema],
+            schema=schema,
+        )
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_table(one)
+        _FRAMING[schema] = len(sink.getvalue()) - _body_bytes(one)
+    return _FRAMING[schema] + _body_bytes(table)
+
+
+def compact_table(table: pa.Table) -> pa.Table:
+    """``table`` as one chunk of new buffers holding only its rows (a slice of a larger array is written by Arrow with
+    up to 56 bytes of the array beyond the slice in a buffer's padding, a size :func:`shard_file_bytes` does not
+    foresee)."""
+    return pa.Table.from_arrays(
+        [pa.concat_arrays(c.chunks) if c.num_chunks else pa.array([], c.type) for c in table.columns],
+        schema=table.schema,
+    )
+
+
+def shard_overhead(schema: pa.Schema) -> int:
+    """Bytes a shard file of ``schema`` takes beyond its rows' :func:`row_bits` (rounded up to bytes), at most: the
+    stream's schema message, its record batch's metadata and end marker (measured on an empty batch, plus 64 for
+    the fields an empty batch leaves out), and per Arrow buffer 7 bytes of padding to 8, a bitmap's last byte and an
+    offsets buffer's last entry (16 bytes counted)."""
+    empty = pa.record_batch([pa.array([], f.type) for f in schema], schema=schema)
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, schema) as writer:
+        writer.write_batch(empty)
+    return len(sink.getvalue()) + 64 + 16 * sum(_buffer_count(f.type) for f in schema)
+
+
+def _buffer_count(kind: pa.DataType) -> int:
+    """Arrow buffers of a column of ``kind``: validity, offsets, values, and its items' for a list."""
+    if _is_list(kind):
+        return 2 + _buffer_count(kind.value_type)
+    return 3 if _is_binary(kind) else 2
 
 
 def read_shard(path: Path) -> pa.Table:
@@ -354,6 +483,8 @@ def _is_count(x) -> bool:
 
 
 DEFAULT_SHARD_ROWS = 4096
+MIB = 2**20
+DEFAULT_SHARD_BYTES = 256 * MIB  # a shard's file at most (its rows' Arrow data and the stream's framing)
 
 
 def shard_rows_of(manifest: dict) -> int:
@@ -376,6 +507,14 @@ def shard_rows_of(manifest: dict) -> int:
     return max(int(first["rows"]), 1) if full else max(int(first["rows"]), DEFAULT_SHARD_ROWS)
 
 
+def shard_bytes_of(manifest: dict) -> int:
+    """The bytes a shard of a buffer may take (:func:`write_buffer`'s ``shard_bytes``), for the shards added to it
+    or to a buffer curated from it: its manifest's ``shard_bytes``, or :data:`DEFAULT_SHARD_BYTES` for a buffer
+    written before that was kept (whose shards were bounded by rows alone)."""
+    value = manifest.get("shard_bytes")
+    return value if _is_count(value) and value >= 1 else DEFAULT_SHARD_BYTES
+
+
 def _check_manifest_types(path: Path, manifest: dict) -> None:
     """Raise ``ValueError`` naming ``path`` and the field unless every field this code reads is present (every
     schema version has them) with the right type, the totals are the sums over the shards, and every shard
@@ -386,6 +525,8 @@ def _check_manifest_types(path: Path, manifest: dict) -> None:
             raise ValueError(f"{path}: field {key!r} must be an integer in [0, 2**63), got {manifest[key]!r:.40}")
     if "shard_rows" in manifest and not (_is_count(manifest["shard_rows"]) and manifest["shard_rows"] >= 1):
         raise ValueError(f"{path}: field 'shard_rows' must be an integer >= 1, got {manifest['shard_rows']!r:.40}")
+    if "shard_bytes" in manifest and not (_is_count(manifest["shard_bytes"]) and manifest["shard_bytes"] >= 1):
+        raise ValueError(f"{path}: field 'shard_bytes' must be an integer >= 1, got {manifest['shard_bytes']!r:.40}")
     tok = manifest["tokenizer"]
     if not isinstance(tok, dict) or not _is_count(tok.get("vocab_size")) or not isinstance(tok.get("fingerprint"), str):
         raise ValueError(f"{path}: field 'tokenizer' must be an object with 'vocab_size' and 'fingerprint'")
@@ -664,8 +805,16 @@ class _RowLog:
 
 
 class _ShardStream:
-    """Checks rows one by one and writes them as shards of ``shard_rows`` rows; :meth:`add_table` takes rows
-    of a buffer as an Arrow table instead (a curated buffer's rows: checked when they were first written)."""
+    """Checks rows one by one and writes them as shards of ``shard_rows`` rows or of ``shard_bytes`` bytes of file,
+    whichever comes first (a row larger than that alone); :meth:`add_table` takes rows of a buffer as an Arrow table
+    instead (a curated buffer's rows: checked when they were first written).
+
+    Rows given one by one are held as Python objects only until their data, estimated from their lengths, reaches
+    :data:`ROWS_TO_ARROW_BYTES` (or ``shard_bytes``, or the rows make ``shard_rows``): they are then an Arrow table,
+    held with each row's :func:`row_bits`, and a shard is cut from the tables held at the last row that fits
+    (:meth:`_cut`), once a row past it is held (or at the end). So a shard's file never exceeds ``shard_bytes`` unless
+    it is one row, and the stream holds about a shard's data, the table it was last given and one batch of Python
+    rows."""
 
     def __init__(
         self,
@@ -673,6 +822,7 @@ class _ShardStream:
         *,
         first_shard: int,
         shard_rows: int,
+        shard_bytes: int = DEFAULT_SHARD_BYTES,
         vocab_size,
         input_name: str,
         group_offset: int,
@@ -684,7 +834,10 @@ class _ShardStream:
     ):
         if shard_rows < 1:
             raise ValueError(f"shard_rows must be >= 1, got {shard_rows}")
+        if not (_is_count(shard_bytes) and shard_bytes >= 1):  # (what a manifest may record)
+            raise ValueError(f"shard_bytes must be an integer in [1, 2**63), got {shard_bytes!r}")
         self.out_dir, self.next_shard, self.shard_rows = out_dir, first_shard, shard_rows
+        self.shard_bytes = shard_bytes
         self.vocab_size, self.input_name = vocab_size, input_name
         self.group_offset, self.row_id_prefix, self.log = group_offset, row_id_prefix, log
         self.temp_names = temp_names
@@ -692,8 +845,12 @@ class _ShardStream:
         self.refuse_duplicates = refuse_duplicates
         self.duplicates = 0  # new rows repeating an old row's text (known after finish)
         self.with_ref: bool | None = None
-        self.pending: list[dict] = []
-        self.pending_tables: list[pa.Table] = []  # rows before self.pending, as shard tables
+        self.pending: list[dict] = []  # rows after self.held, as Python objects
+        self.pending_bytes = 0  # their estimated Arrow data (_row_estimate)
+        self.held: list[tuple[pa.Table, np.ndarray]] = []  # rows not written yet, as shard tables with their row_bits
+        self.held_rows = self.held_bits = 0
+        self.null_items: set[str] = set()  # list columns whose items held a null: their bitmap is counted
+        self.overhead: int | None = None  # shard_overhead of the shards' schema
         self.entries: list[dict] = []
         self.written: list[Path] = []
         self.max_group = group_offset - 1
@@ -732,9 +889,13 @@ class _ShardStream:
             raise error if location is None else at_input(error, location, i)
         self.max_group = max(self.max_group, gid)
         self.pending.append({**row, "group_id": gid})
+        self.pending_bytes += _row_estimate(row)
         self.n += 1
-        if len(self.pending) + sum(t.num_rows for t in self.pending_tables) >= self.shard_rows:
-            self.flush()
+        if len(self.pending) + self.held_rows >= self.shard_rows or self.pending_bytes >= min(
+            self.shard_bytes, ROWS_TO_ARROW_BYTES
+        ):
+            self._hold_pending()
+            self._cut()
 
     def _warn_of_unrendered_keys(self, row: dict, location: dict | None) -> None:
         """Warn, once per key and write, of a message key other than role and content in a chat row's text (a
@@ -801,16 +962,10 @@ class _ShardStream:
                 gids = pc.add(table.column("group_id"), self.group_offset)
                 table = table.set_column(schema.names.index("group_id"), schema.field("group_id"), gids)
             self.max_group = max(self.max_group, hi.as_py() + self.group_offset)
-        if self.pending:
-            self.pending_tables.append(rows_to_table(self.pending, bool(self.with_ref), bool(self.text)))
-            self.pending = []
-        self.pending_tables.append(table)
+        self._hold_pending()
+        self._hold(table)
         self.n += table.num_rows
-        held = pa.concat_tables(self.pending_tables)
-        while held.num_rows >= self.shard_rows:
-            self._write(held.slice(0, self.shard_rows))
-            held = held.slice(self.shard_rows)
-        self.pending_tables = [held] if held.num_rows else []
+        self._cut()
 
     def _text_columns(self, row: dict) -> dict:
         """``row`` with every text column (null when it lacks one) if the stream keeps text, else without them."""
@@ -843,17 +998,63 @@ class _ShardStream:
 
     def finish(self) -> None:
         """Write the rows held and check the row ids and texts of all rows (:meth:`_RowLog.check`)."""
-        self.flush()
+        self._hold_pending()
+        self._cut(final=True)
         self.duplicates = self.log.check(self.input_name, self.refuse_duplicates)
 
-    def flush(self) -> None:
-        """Write the rows held as a shard (at most ``shard_rows`` of them)."""
-        tables = list(self.pending_tables)
+    def _hold_pending(self) -> None:
+        """The rows held as Python objects, held as a shard table instead."""
         if self.pending:
-            tables.append(rows_to_table(self.pending, bool(self.with_ref), bool(self.text)))
-        self.pending, self.pending_tables = [], []
-        if tables:
-            self._write(pa.concat_tables(tables))
+            table = rows_to_table(self.pending, bool(self.with_ref), bool(self.text))
+            self.pending, self.pending_bytes = [], 0
+            self._hold(table)
+
+    def _hold(self, table: pa.Table) -> None:
+        """Hold ``table`` (rows of the shards' schema) after the rows held, with its rows' :func:`row_bits`. A list
+        column whose items hold a null for the first time gets its items' validity bits counted in every row held
+        from then on (a shard's bitmap covers all its items as soon as one of them is null)."""
+        if not table.num_rows:
+            return
+        lists = [f.name for f in table.schema if _is_list(f.type)]
+        new = {n for n in lists if n not in self.null_items and pc.list_flatten(table.column(n)).null_count}
+        if new:
+            self.null_items |= new
+            self.held = [(t, row_bits(t, self.null_items)) for t, _ in self.held]
+            self.held_bits = sum(int(b.sum()) for _, b in self.held)
+        bits = row_bits(table, self.null_items)
+        self.held.append((table, bits))
+        self.held_rows += table.num_rows
+        self.held_bits += int(bits.sum())
+
+    def _cut(self, final: bool = False) -> None:
+        """Write shards from the rows held while they hold more than a shard: ``shard_rows`` rows, or more rows than
+        fit in a file of ``shard_bytes`` (the rows up to the last that fits are a shard; a first row that does not fit
+        is one alone). With ``final``, the rows left are written too. The rows' :func:`row_bits` (never less than
+        what they take) tell when to look and which rows fit surely; the exact size of the file
+        (:func:`shard_file_bytes`) then finds the last row that fits, searched from there."""
+        while self.held_rows:
+            if self.overhead is None:
+                self.overhead = shard_overhead(self.held[0][0].schema)
+            room = 8 * (self.shard_bytes - self.overhead)  # the bits of rows surely within the bound
+            if not final and self.held_rows < self.shard_rows and self.held_bits <= room:
+                return  # the next rows may fit in this shard still
+            bits = np.concatenate([b for _, b in self.held])
+            held = pa.concat_tables([t for t, _ in self.held])
+            top = min(self.held_rows, self.shard_rows)
+            k = max(1, min(int(np.searchsorted(np.cumsum(bits), room, side="right")), top))
+            step = 1
+            while k < top:  # the last row that fits: galloping up from k, then back
+                more = min(k + step, top)
+                if shard_file_bytes(held.slice(0, more)) <= self.shard_bytes:
+                    k, step = more, step * 2
+                else:
+                    top, step = more - 1, 1
+            if not final and k == self.held_rows < self.shard_rows:
+                return  # every row held fits: the next may too
+            self._write(held.slice(0, k))
+            rest, bits = held.slice(k), bits[k:]
+            self.held = [(rest, bits)] if rest.num_rows else []
+            self.held_rows, self.held_bits = rest.num_rows, int(bits.sum())
 
     def _write(self, table: pa.Table) -> None:
         if self.next_shard > SHARD_NUMBER_MAX:  # a longer number is no shard file name a manifest may list
@@ -864,10 +1065,27 @@ class _ShardStream:
         name = shard_file_name(self.next_shard)
         path = self.out_dir / (f".{name}.tmp" if self.temp_names else name)
         self.written.append(path)  # before it is written: a failure half-way removes what landed of it
-        entry = write_shard_file(table, path)
+        entry = write_shard_file(compact_table(table), path)  # (its size as shard_file_bytes counts it)
         entry["file"] = name
         self.entries.append(entry)
         self.next_shard += 1
+        # Arrow's allocator (mimalloc) keeps what the copies of a shard freed, and a write of many shards grew from
+        # shard to shard (decontaminate writing six 256 MiB shards peaked at 2.03 GB, 1.73 GB with this)
+        pa.default_memory_pool().release_unused()
+
+
+# rows given one by one are held as Python objects (some 10 times their Arrow size: a token is an int object and a
+# list slot) until their estimated Arrow data reaches this, then as an Arrow table (_ShardStream)
+ROWS_TO_ARROW_BYTES = 16 * MIB
+
+
+def _row_estimate(row: dict) -> int:
+    """A row's Arrow data in bytes, roughly and cheaply (from its lengths): 4 bytes an item of its per-token lists,
+    its text's characters, 8 bytes a turn reward, 64 for the rest."""
+    size = 64 + 4 * sum(len(row[n]) for n in (*LIST_FIELDS, *REF_FIELDS) if row.get(n) is not None)
+    size += sum(len(row[n]) for n in ("prompt", "completion", "extra") if isinstance(row.get(n), str))
+    turns = row.get("turn_rewards")
+    return size + (8 * len(turns) if isinstance(turns, list) else 0)
 
 
 def _rows_bar(enabled: bool, desc: str):
@@ -915,6 +1133,7 @@ def write_buffer(
     tokenizer_info: dict,
     command: list[str],
     shard_rows: int = DEFAULT_SHARD_ROWS,
+    shard_bytes: int = DEFAULT_SHARD_BYTES,
     progress: bool = True,
     input_name: str = "<rows>",
     ref_model: dict | None = None,
@@ -966,6 +1185,7 @@ def write_buffer(
                 tmp,
                 first_shard=0,
                 shard_rows=shard_rows,
+                shard_bytes=shard_bytes,
                 vocab_size=tokenizer_info["vocab_size"],
                 input_name=input_name,
                 group_offset=0,
@@ -998,6 +1218,7 @@ def write_buffer(
             "created": now,
             "updated": now,
             "shard_rows": shard_rows,
+            "shard_bytes": shard_bytes,
             **(manifest_extra or {}),
         }
         if parents is not None:
@@ -1098,6 +1319,7 @@ def append_buffer(
     command: list[str],
     tokenizer_info: dict | None = None,
     shard_rows: int | None = None,
+    shard_bytes: int | None = None,
     progress: bool = True,
     input_name: str = "<rows>",
     ref_model: dict | None = None,
@@ -1154,12 +1376,15 @@ def append_buffer(
         old = Buffer(buffer_dir, manifest)
         if shard_rows is None:
             shard_rows = shard_rows_of(manifest)
+        if shard_bytes is None:
+            shard_bytes = shard_bytes_of(manifest)
         k = len(manifest["commands"])
         with Spill(buffer_dir) as spill:
             stream = _ShardStream(
                 buffer_dir,
                 first_shard=_next_shard_index(manifest),
                 shard_rows=shard_rows,
+                shard_bytes=shard_bytes,
                 vocab_size=manifest["tokenizer"]["vocab_size"],
                 input_name=input_name,
                 group_offset=int(manifest["next_group_id"]),

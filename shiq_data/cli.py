@@ -9,14 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import shlex
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 from shiq_data.buffer import (
+    DEFAULT_SHARD_BYTES,
     DEFAULT_SHARD_ROWS,
     MANIFEST,
+    MIB,
     append_buffer,
     has_text_columns,
     read_manifest,
@@ -99,6 +102,46 @@ def _source(text: str) -> str:
     return text
 
 
+SHARD_MIB_MAX = 2**43  # 2**63 bytes: what a manifest's count may hold
+
+
+def _shard_mib(text: str) -> int:
+    """A ``--shard-mib`` value: a number of MiB > 0 (fractions allowed), as bytes (rounded up)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MiB, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number > 0 (MiB; fractions allowed), got {text}")
+    if value >= SHARD_MIB_MAX:
+        raise argparse.ArgumentTypeError(f"must be below 2**43 MiB (2**63 bytes), got {text}")
+    return math.ceil(value * MIB)
+
+
+def _shard_size_options(p, default_rows: int | None) -> None:
+    """``--shard-rows`` and ``--shard-mib`` on ``p``: defaults for a new buffer, or (None) the buffer's own."""
+    new = default_rows is not None
+    theirs = "default: the buffer's, as it was built"
+    p.add_argument(
+        "--shard-rows",
+        type=int_at_least(1),
+        default=default_rows,
+        metavar="N",
+        help=f"rows a shard holds at most ({f'default {default_rows}' if new else theirs})",
+    )
+    p.add_argument(
+        "--shard-mib",
+        type=_shard_mib,
+        dest="shard_bytes",
+        default=DEFAULT_SHARD_BYTES if new else None,
+        metavar="N",
+        help="a shard ends at --shard-rows rows or at N MiB of Arrow data (its file's size), whichever comes first; "
+        "a row larger than that is a shard alone. Curation commands read a shard at a time, so this bounds their "
+        f"memory on long rows ({f'default {DEFAULT_SHARD_BYTES // MIB}' if new else theirs}; fractions allowed, "
+        "e.g. 0.5)",
+    )
+
+
 def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
     form = get_format(fmt)
     options = _parse_options(args.option)
@@ -138,6 +181,7 @@ def cmd_build(args) -> int:
         tokenizer_info=info,
         command=args.argv,
         shard_rows=args.shard_rows,
+        shard_bytes=args.shard_bytes,
         progress=not args.no_progress,
         input_name=args.input,
         text_columns=False if args.no_text else None,
@@ -186,6 +230,7 @@ def cmd_append(args) -> int:
         command=args.argv,
         tokenizer_info=info,
         shard_rows=args.shard_rows,
+        shard_bytes=args.shard_bytes,
         progress=not args.no_progress,
         input_name=args.input,
         text_columns=not args.no_text,
@@ -245,6 +290,7 @@ def cmd_retokenize(args) -> int:
         info,
         command=args.argv,
         shard_rows=args.shard_rows,
+        shard_bytes=args.shard_bytes,
         progress=not args.no_progress,
     )
     print(f"shiq-data: retokenized {args.buffer} with {info['name']} into {args.out}: {_summary(buf)}")
@@ -383,9 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     b.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
-    b.add_argument(
-        "--shard-rows", type=int_at_least(1), default=DEFAULT_SHARD_ROWS, help="rows per shard (default %(default)s)"
-    )
+    _shard_size_options(b, DEFAULT_SHARD_ROWS)
     b.add_argument("--system-prompt", default="template", metavar="template|off|TEXT", help=system_help)
     input_options(b)
     b.set_defaults(func=cmd_build)
@@ -406,12 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "when the manifest records one) must match the buffer's, and so must its chat template for rows that "
         "go through one",
     )
-    a.add_argument(
-        "--shard-rows",
-        type=int_at_least(1),
-        default=None,
-        help="rows per new shard (default: the buffer's, as it was built)",
-    )
+    _shard_size_options(a, None)
     a.add_argument(
         "--system-prompt",
         default=None,
@@ -436,12 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("buffer", metavar="BUFFER", help="buffer folder with text columns")
     r.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     r.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
-    r.add_argument(
-        "--shard-rows",
-        type=int_at_least(1),
-        default=None,
-        help="rows per shard (default: the buffer's, as it was built)",
-    )
+    _shard_size_options(r, None)
     r.add_argument(
         "--system-prompt",
         default=None,

@@ -14,7 +14,15 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-from shiq_data.buffer import MANIFEST, Buffer, buffer_fingerprint, open_buffer, shard_rows_of, write_buffer
+from shiq_data.buffer import (
+    MANIFEST,
+    Buffer,
+    buffer_fingerprint,
+    open_buffer,
+    shard_bytes_of,
+    shard_rows_of,
+    write_buffer,
+)
 from shiq_data.readers.generic import encode_kept
 from shiq_data.schema import INPUT_KEY, TEXT_FIELDS, input_location
 
@@ -40,11 +48,12 @@ def retokenize_buffer(
     *,
     command: list[str],
     shard_rows: int | None = None,
+    shard_bytes: int | None = None,
     progress: bool = True,
 ) -> Buffer:
     """Write at ``out_dir`` the rows of the buffer at ``buffer_dir`` tokenised with ``tokenizer`` (see the
-    module doc); ``ValueError`` for a buffer without text columns. ``shard_rows`` defaults to the
-    parent's (:func:`shiq_data.buffer.shard_rows_of`)."""
+    module doc); ``ValueError`` for a buffer without text columns. ``shard_rows`` and ``shard_bytes``
+    default to the parent's (:func:`shiq_data.buffer.shard_rows_of`, :func:`shiq_data.buffer.shard_bytes_of`)."""
     buffer = open_buffer(buffer_dir)
     if not buffer.has_text:
         why = "schema version 1" if buffer.manifest.get("schema_version") == 1 else "built with --no-text"
@@ -65,6 +74,7 @@ def retokenize_buffer(
         tokenizer_info=tokenizer_info,
         command=command,
         shard_rows=shard_rows or shard_rows_of(buffer.manifest),
+        shard_bytes=shard_bytes or shard_bytes_of(buffer.manifest),
         progress=progress,
         input_name=str(buffer_dir),
         text_columns=True,

@@ -1043,3 +1043,144 @@ def test_a_ctrl_c_while_a_temporary_folder_is_made_or_removed_leaves_no_lock_fil
             shiq_io.release_held(folder, fd)
         folder.rmdir()  # (what the interrupted removal left: the folder, not its lock)
     assert list(tmp_path.iterdir()) == []
+
+
+# --- shards bounded by size ----------------------------------------------------------------------------------------
+
+
+def long_rows(n, seed=0, huge=None, huge_tokens=30_000):
+    """Valid rows of 150 to 1,200 tokens with every text column (non-ASCII prompt text, an ``extra`` object on some,
+    turn rewards on some, null ones from row 20 on), and at index ``huge`` a row of ``huge_tokens`` tokens."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        t = huge_tokens if i == huge else int(rng.integers(150, 1200))
+        p = int(rng.integers(1, 50))
+        rewards = [0.0] * t
+        rewards[-1] = float(np.float32(rng.normal()))
+        rows.append(
+            {
+                "row_id": f"r{seed}-{i}",
+                "source": "long" if i % 3 else "lång",
+                "group_id": i // 2,
+                "prompt_len": p,
+                "tokens": [int(x) for x in rng.integers(0, 50, t)],
+                "action_mask": [False] * p + [True] * (t - p),
+                "rewards": rewards,
+                "prompt": "ünïcødé 漢字 " * int(rng.integers(0, 300)),
+                "completion": "words " * int(rng.integers(0, 400)),
+                "reward": rewards[-1] if i % 2 else None,
+                "turn_rewards": None if i % 4 else [rewards[-1], None] if i >= 20 else [rewards[-1]],  # a null item
+                "extra": json.dumps({"k": i, "tag": "é" * (i % 7)}) if i % 3 else None,
+            }
+        )
+    return rows
+
+
+def read_stream(path) -> pa.Table:
+    with pa.ipc.open_stream(pa.memory_map(str(path))) as reader:
+        return reader.read_all()
+
+
+def stream_size(table: pa.Table) -> int:
+    """Bytes of ``table`` written as one Arrow stream record batch, as a shard file holds it."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        for batch in table.combine_chunks().to_batches():
+            writer.write_batch(batch)
+    return len(sink.getvalue())
+
+
+def check_shards_by_size(folder, bound: int, shard_rows: int, files=None) -> list[pa.Table]:
+    """Every shard of the buffer at ``folder`` (or only the ones named in ``files``), read with pyarrow alone: its
+    file is at most ``bound`` bytes unless it holds one row, and, unless it is the last or holds ``shard_rows``
+    rows, it would pass the bound with the next shard's first row (the cut is at the last row that fits). The file
+    size is what is bounded: it is the table's Arrow buffers (``table.nbytes``, checked not to exceed it) plus the
+    stream's framing, and it is what a reader maps and a curation verb reads whole. Returns the shards' tables."""
+    manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    names = [s["file"] for s in manifest["shards"] if files is None or s["file"] in files]
+    tables = [read_stream(Path(folder) / name) for name in names]
+    for k, (name, table) in enumerate(zip(names, tables)):
+        size = (Path(folder) / name).stat().st_size
+        assert table.nbytes <= size
+        assert size <= bound or table.num_rows == 1, (name, size, bound, table.num_rows)
+        if k + 1 < len(tables) and table.num_rows < shard_rows:
+            more = pa.concat_tables([table, tables[k + 1].slice(0, 1)])
+            assert stream_size(more) > bound, (name, "the next row would have fit")
+    return tables
+
+
+def test_a_build_cuts_shards_by_size_and_a_row_larger_than_the_bound_is_a_shard_alone(tmp_path, monkeypatch):
+    """Rows of long documents made huge shards: a shard ended at --shard-rows rows only. Now a shard also ends
+    before its file would pass ``shard_bytes`` (64 KiB here; rows of 1.5 to 15 KB), a row larger than that (30,000
+    tokens, about 270 KB) alone; the rows given one by one are turned into Arrow tables a bounded batch at a
+    time, never a whole shard's rows held as Python objects. Rows and order as given (pyarrow on the input)."""
+    import shiq_data.buffer as buffer_module
+
+    batches = []
+    to_table = buffer_module.rows_to_table
+
+    def recording(rows, *args, **kwargs):
+        table = to_table(rows, *args, **kwargs)
+        batches.append((len(rows), table.nbytes))
+        return table
+
+    monkeypatch.setattr(buffer_module, "rows_to_table", recording)
+    rows = long_rows(60, huge=37)
+    bound = 64 * 1024
+    buf = write_buffer(
+        rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=10_000, shard_bytes=bound, progress=False
+    )
+    tables = check_shards_by_size(buf.path, bound, 10_000)
+    assert len(tables) >= 8 and len({t.num_rows for t in tables}) > 1  # unequal shards
+    alone = [t for t in tables if t.column("row_id")[0].as_py() == "r0-37"]
+    assert len(alone) == 1 and alone[0].num_rows == 1 and stream_size(alone[0]) > bound
+    assert buf.manifest["shard_bytes"] == bound and buf.manifest["shard_rows"] == 10_000
+    want = pa.Table.from_pylist(rows)  # the input as plain pyarrow reads it
+    got = pa.concat_tables(tables)
+    assert got.num_rows == want.num_rows
+    for name in want.column_names:
+        assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+    # Python rows went to Arrow a batch at a time: at most the bound's worth and one row more
+    largest = max(stream_size(t) for t in tables)
+    assert batches and all(n == 1 or size <= bound + largest for n, size in batches), batches
+    assert max(n for n, _ in batches) < len(rows) // 4
+
+
+def test_the_size_bound_is_kept_in_the_manifest_and_an_append_keeps_the_buffers(tmp_path):
+    """The manifest records ``shard_bytes`` next to ``shard_rows`` (256 MiB unless asked), an append cuts its
+    shards by the buffer's bound unless given another, and a manifest written before the field (shards bounded
+    by rows alone) opens, reads as the default and keeps no guess of it."""
+    from shiq_data.buffer import DEFAULT_SHARD_BYTES, DEFAULT_SHARD_ROWS, shard_bytes_of
+
+    plain = write_buffer(make_rows(5), tmp_path / "plain", tokenizer_info=TOK, command=["t"], progress=False)
+    assert plain.manifest["shard_bytes"] == DEFAULT_SHARD_BYTES == 256 * 2**20 == shard_bytes_of(plain.manifest)
+    for bad in (0, 1.5, 2**63):  # nothing a manifest could not record
+        with pytest.raises(ValueError, match=r"shard_bytes must be an integer in \[1, 2\*\*63\)"):
+            write_buffer(make_rows(5), tmp_path / "bad", tokenizer_info=TOK, command=["t"], shard_bytes=bad)
+        assert not (tmp_path / "bad").exists()
+    bound = 48 * 1024
+    folder = tmp_path / "b"
+    write_buffer(long_rows(12), folder, tokenizer_info=TOK, command=["t"], shard_bytes=bound, progress=False)
+    before = [s["file"] for s in json.loads((folder / "manifest.json").read_text())["shards"]]
+    added = long_rows(30, seed=1)
+    buf = append_buffer(folder, added, command=["a"], tokenizer_info=TOK, progress=False)
+    assert buf.manifest["shard_bytes"] == bound and shard_bytes_of(buf.manifest) == bound
+    new = [s["file"] for s in buf.manifest["shards"] if s["file"] not in before]
+    tables = check_shards_by_size(folder, bound, DEFAULT_SHARD_ROWS, files=new)
+    assert len(tables) >= 3
+    assert pa.concat_tables(tables).column("row_id").to_pylist() == [r["row_id"] for r in added]
+    # an append asking for another bound cuts its own shards by it, and leaves the buffer's
+    buf = append_buffer(
+        folder, long_rows(8, seed=2), command=["a"], tokenizer_info=TOK, shard_bytes=10**6, progress=False
+    )
+    assert buf.manifest["shard_bytes"] == bound and buf.manifest["shards"][-1]["rows"] == 8
+    # a manifest without the field: the default, and none written by an append
+    manifest = json.loads((folder / "manifest.json").read_text())
+    del manifest["shard_bytes"]
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    assert shard_bytes_of(open_buffer(folder).manifest) == DEFAULT_SHARD_BYTES
+    buf = append_buffer(folder, long_rows(20, seed=3), command=["a"], tokenizer_info=TOK, progress=False)
+    assert buf.manifest["shards"][-1]["rows"] == 20  # 20 long rows are far below 256 MiB: one shard
+    assert "shard_bytes" not in buf.manifest and len(open_buffer(folder)) == 12 + 30 + 8 + 20
+    assert validate_buffer(folder)["rows"] == 70

@@ -151,6 +151,10 @@ def test_a_shard_replaced_by_a_named_pipe_is_refused_not_waited_on(tmp_path):
         (lambda m: m.update(tokenizer="gpt2"), "'tokenizer'"),
         (lambda m: m.update(next_group_id=10**400), "'next_group_id'"),
         (lambda m: m["tokenizer"].update(vocab_size=0), r"'tokenizer.vocab_size' must be >= 1, got 0"),
+        (lambda m: m.update(shard_bytes=0), r"field 'shard_bytes' must be an integer >= 1, got 0"),
+        (lambda m: m.update(shard_bytes="1024"), r"field 'shard_bytes' must be an integer >= 1, got '1024'"),
+        (lambda m: m.update(shard_bytes=True), r"field 'shard_bytes' must be an integer >= 1, got True"),
+        (lambda m: m.update(shard_bytes=1.5), r"field 'shard_bytes' must be an integer >= 1, got 1.5"),
     ],
 )
 def test_manifest_fields_of_the_wrong_type_give_a_named_error(tmp_path, edit, field):
@@ -189,6 +193,7 @@ def _drop(key):
         (lambda m: m["shards"][1].update(file="shard-00000.r1.arrow"), "shards[1].file: 'shard-00000.r1.arrow'"),
         # (without shard_rows, an append reads the rows per shard from the command that wrote the first shard)
         (lambda m: (m.pop("shard_rows"), m["commands"][0].update(shards=5)), "field 'commands' must be"),
+        (lambda m: m.update(shard_bytes=-1), "field 'shard_bytes' must be an integer >= 1, got -1"),
     ],
 )
 def test_a_manifest_missing_a_field_or_with_wrong_totals_is_one_line_everywhere(tmp_path, capsys, edit, field):

@@ -21,7 +21,9 @@ import pytest
 from data_cli_runs import run, write_jsonl
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_buffer import check_shards_by_size, stream_size
 
+import shiq_data.buffer as buffer_module
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
 from shiq_data.curate.decontaminate import _bit_table as dc_bit_table
 from shiq_data.curate.decontaminate import words
@@ -2173,3 +2175,93 @@ def test_verbs_decode_only_the_text_they_compare(tmp_path, capsys, monkeypatch, 
         assert len(open_buffer(tmp_path / "out")) == 2
     if argv[0] == "decontaminate":
         assert len(open_buffer(tmp_path / "out")) == 4  # (the rows whose compared text holds a 6-word run)
+
+
+# --- shards bounded by size ----------------------------------------------------------------------------------------
+
+
+def _long_records(n, seed=0, huge=None):
+    """JSONL records of long documents (50 to 600 words of completion, some 1.5-5 KB of Arrow data a row), the
+    one at index ``huge`` of 20,000 words."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        k = 20_000 if i == huge else rng.randint(50, 600)
+        out.append(
+            {
+                "prompt": f"Document {i}: " + " ".join(rng.choices(WORDS, k=rng.randint(5, 40))),
+                "completion": " " + " ".join(rng.choices(WORDS, k=k)),
+                "reward": REWARDS[i % 6],
+                "lang": rng.choice(["en", "fr"]),
+            }
+        )
+    return out
+
+
+def _same_rows(want: pd.DataFrame, tables) -> None:
+    """The rows of ``tables`` (a buffer's shards read by pyarrow) are ``want``'s records, in order."""
+    got = pa.concat_tables(tables)
+    assert got.column("prompt").to_pylist() == want.prompt.tolist()
+    assert got.column("completion").to_pylist() == want.completion.tolist()
+    assert got.column("reward").to_pylist() == want.reward.astype(float).tolist()
+    assert [json.loads(e)["lang"] for e in got.column("extra").to_pylist()] == want.lang.tolist()
+
+
+def test_build_filter_and_retokenize_cut_shards_by_shard_mib(tmp_path, capsys):
+    """--shard-mib bounds a shard's file besides --shard-rows: on build (rows one by one), on a curated write
+    (filter: the kept rows of each shard as tables, packed again up to the bound) and on retokenize, which take
+    the parent's bound unless given one. Shards read with pyarrow alone; rows and order as pandas reads the input."""
+    src = write_jsonl(tmp_path / "docs.jsonl", _long_records(90))
+    df = pd.read_json(src, lines=True)
+    bound = 64 * 1024
+    argv = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 1000, "--shard-mib", 0.0625]
+    assert run(capsys, *argv, "--out", tmp_path / "b", "--no-progress")[0] == 0
+    tables = check_shards_by_size(tmp_path / "b", bound, 1000)
+    assert len(tables) >= 4 and open_buffer(tmp_path / "b").manifest["shard_bytes"] == bound
+    _same_rows(df, tables)
+    code, _, err = run(
+        capsys, "filter", tmp_path / "b", "--where", "reward > 0", "--out", tmp_path / "f", "--no-progress"
+    )
+    assert code == 0, err
+    assert open_buffer(tmp_path / "f").manifest["shard_bytes"] == bound
+    kept = check_shards_by_size(tmp_path / "f", bound, 1000)
+    assert len(kept) < len(tables)  # the kept rows of several shards share one
+    _same_rows(df[df.reward > 0], kept)
+    for extra, want in (([], bound), (["--shard-mib", 0.03125], 32 * 1024)):
+        out = tmp_path / f"r{want}"
+        code, _, err = run(
+            capsys, "retokenize", tmp_path / "b", "--tokenizer", "gpt2", "--out", out, *extra, "--no-progress"
+        )
+        assert code == 0, err
+        assert open_buffer(out).manifest["shard_bytes"] == want
+        _same_rows(df, check_shards_by_size(out, want, 1000))
+
+
+def test_a_buffer_of_shards_above_the_bound_is_curated_into_shards_within_it(tmp_path, capsys, monkeypatch):
+    """A buffer written before the bound (one shard of every row, no ``shard_bytes`` in its manifest) is read as
+    one of the default bound (made 64 KiB here): a curation verb's output is cut by it from the kept rows of that
+    shard, one table, and a row larger than the bound is a shard alone."""
+    src = write_jsonl(tmp_path / "docs.jsonl", _long_records(80, seed=1, huge=41))
+    df = pd.read_json(src, lines=True)
+    argv = ["build", "jsonl", src, "--tokenizer", "gpt2", "--shard-rows", 1000, "--out", tmp_path / "old"]
+    assert run(capsys, *argv, "--no-progress")[0] == 0
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 1 and manifest["shards"][0]["bytes"] > 500_000
+    del manifest["shard_bytes"]
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    bound = 64 * 1024
+    monkeypatch.setattr(buffer_module, "DEFAULT_SHARD_BYTES", bound)
+    leaked = write_jsonl(tmp_path / "eval.jsonl", [" ".join(df.completion[10].split()[:20])])  # row 10's words
+    for verb, where, want in (
+        ("filter", ["--where", "lang = 'en' OR tokens > 10000"], df[(df.lang == "en") | (df.index == 41)]),
+        ("decontaminate", ["--against", leaked], df.drop(index=10)),
+    ):
+        out = tmp_path / verb
+        code, _, err = run(capsys, verb, tmp_path / "old", *where, "--out", out, "--no-progress")
+        assert code == 0, err
+        assert open_buffer(out).manifest["shard_bytes"] == bound
+        tables = check_shards_by_size(out, bound, 1000)
+        assert len(tables) >= 5
+        alone = [t for t in tables if "Document 41:" in t.column("prompt")[0].as_py()]
+        assert len(alone) == 1 and alone[0].num_rows == 1 and stream_size(alone[0]) > bound
+        _same_rows(want, tables)

@@ -1426,3 +1426,36 @@ def test_a_pipe_whose_writer_sends_one_byte_first_is_read_as_it_is(gzipped):
     finally:
         t.join()
         os.close(r)
+
+
+@pytest.mark.parametrize(
+    "value, says",
+    [
+        ("0", "must be a number > 0 (MiB; fractions allowed), got 0"),
+        ("-0.5", "must be a number > 0 (MiB; fractions allowed), got -0.5"),
+        ("nan", "must be a number > 0 (MiB; fractions allowed), got nan"),
+        ("inf", "must be a number > 0 (MiB; fractions allowed), got inf"),
+        ("1e40", "must be below 2**43 MiB (2**63 bytes), got 1e40"),
+        ("256MB", "expected a number of MiB, got '256MB'"),
+    ],
+)
+def test_a_bad_shard_mib_is_refused_in_one_line(tmp_path, capsys, value, says):
+    """--shard-mib is a number of MiB > 0 wherever --shard-rows is offered (build, append, retokenize): any other
+    value is argparse's one-line error naming the option, exit status 2, nothing written."""
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    buf = tmp_path / "buf"
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(buf), "--no-progress"]) == 0
+    capsys.readouterr()
+    before = sorted(p.name for p in buf.iterdir())
+    for argv in (
+        ["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
+        ["append", str(buf), "jsonl", str(inp)],
+        ["retokenize", str(buf), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--shard-mib", value, "--no-progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
+        assert f"shiq-data {argv[0]}: error: argument --shard-mib: {says}" in err, err
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in buf.iterdir()) == before
+    assert len(read_rows(buf)[1]) == len(RECORDS)

@@ -979,3 +979,49 @@ def test_bad_statistics_are_refused_naming_the_shard_row_and_field(tmp_path, fie
         "manifest.json",
         "shard-00000.arrow",
     ]
+
+
+def _toy_stats(tokens, mask):
+    """CHILD's statistics: a function of each row's prefix, like a causal model's."""
+    x = tokens.double()
+    prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
+    c, z = torch.sin(x + 0.5 * prev), torch.cumsum(prev, 1) * 0.01 + 1.0
+    c[:, 0] = z[:, 0] = 0
+    return c.float(), z.float()
+
+
+def test_a_run_stopped_among_shards_of_unequal_size_resumes_at_the_first_unfinished_one(tmp_path):
+    """Shards cut by size (``shard_bytes``) hold different numbers of rows; the statistics are computed and
+    committed shard by shard from each shard's own rows, so a run stopped after two shards resumes at the third and
+    ends with the statistics of a run that was never stopped."""
+    rows = make_rows(40, seed=3, min_len=3, max_len=300)
+    write_buffer(
+        rows, tmp_path / "a", tokenizer_info=TOKENIZER, command=["t"], shard_rows=64, shard_bytes=4096, progress=False
+    )
+    counts = [s["rows"] for s in open_buffer(tmp_path / "a").manifest["shards"]]
+    assert len(counts) >= 5 and len(set(counts)) > 1, counts
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    model = {"name": "toy"}
+    assert compute_ref_stats(tmp_path / "a", _toy_stats, ref_model=model, max_batch_tokens=600, progress=False) == list(
+        range(len(counts))
+    )
+
+    class Stopped(Exception):
+        pass
+
+    def stopping(tokens, mask):
+        done = (json.loads((tmp_path / "b" / "manifest.json").read_text()).get("ref_stats") or {}).get("done", [])
+        if len(done) == 2:
+            raise Stopped
+        return _toy_stats(tokens, mask)
+
+    with pytest.raises(Stopped):
+        compute_ref_stats(tmp_path / "b", stopping, ref_model=model, max_batch_tokens=600, progress=False)
+    stopped = open_buffer(tmp_path / "b").manifest
+    assert [s["has_ref"] for s in stopped["shards"]] == [True, True] + [False] * (len(counts) - 2)
+    again = compute_ref_stats(tmp_path / "b", _toy_stats, ref_model=model, max_batch_tokens=600, progress=False)
+    assert again == list(range(2, len(counts)))
+    resumed, full = open_buffer(tmp_path / "b"), open_buffer(tmp_path / "a")
+    assert resumed.manifest["shards"][:2] == stopped["shards"][:2]
+    assert resumed.table.equals(full.table)
+    assert resumed.table.column("row_id").to_pylist() == [r["row_id"] for r in rows]

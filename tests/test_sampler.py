@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from data_cli_runs import rewrite_shard
 
@@ -482,3 +483,57 @@ def test_packed_rows_wider_than_the_buffer_are_refused(rows_and_buffer, tmp_path
         assert min(counts.get(i, 0) for i in range(3)) <= 1
     with pytest.raises(ValueError, match=r"rows_per_micro_batch=1 packed rows of max_tokens_per_row="):
         BufferSampler(small, rows_per_micro_batch=1, mode="packed", max_tokens_per_row=cap + 1)
+
+
+def test_a_buffer_of_unequal_shards_cut_by_size_is_sampled_row_for_row(tmp_path):
+    """Shards cut by size (``shard_bytes``) hold different numbers of rows: the sampler's row positions come from
+    the shards' own row counts, never from ``shard_rows``. Every row once per epoch, each batch row equal to its
+    input row, each row's (shard, row within it) as pyarrow reads the shards, and a row too long for
+    max_tokens_per_row named at its own shard and row."""
+    rng = np.random.default_rng(4)
+    rows = []
+    for i, n in enumerate([int(rng.integers(3, 400)) for _ in range(40)]):
+        p = int(rng.integers(1, n))
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "source": "t",
+                "group_id": i // 2,
+                "prompt_len": p,
+                "tokens": [i] + [int(t) for t in rng.integers(500, 990, n - 1)],
+                "action_mask": [False] * p + [True] * (n - p),
+                "rewards": [0.0] * (n - 1) + [float(np.float32(rng.normal()))],
+            }
+        )
+    buf = write_buffer(
+        rows, tmp_path / "b", tokenizer_info=TOK, command=["t"], shard_rows=64, shard_bytes=8192, progress=False
+    )
+    counts = [s["rows"] for s in buf.manifest["shards"]]
+    assert len(counts) >= 5 and len(set(counts)) > 1 and max(counts) < 64, counts
+    where = {}  # row_id -> (shard file, row within it), by plain pyarrow
+    for s in buf.manifest["shards"]:
+        with pa.ipc.open_stream(pa.memory_map(str(buf.path / s["file"]))) as r:
+            for j, rid in enumerate(r.read_all().column("row_id").to_pylist()):
+                where[rid] = (s["file"], j)
+    sampler = BufferSampler(buf, rows_per_micro_batch=3, micro_batches_per_step=2, seed=5, pad_id=PAD)
+    for i, r in enumerate(rows):
+        path, j = sampler._reader.where(i)
+        assert (path.name, j) == where[r["row_id"]]
+    seen = []
+    while len(seen) < 2 * len(rows):
+        for mb in sampler.next_micro_batches():
+            T = mb["tokens"].shape[1]
+            for b in range(mb["tokens"].shape[0]):
+                r = rows[int(mb["tokens"][b, 0])]
+                n = len(r["tokens"])
+                assert mb["tokens"][b].tolist() == r["tokens"] + [PAD] * (T - n)
+                assert mb["action_mask"][b].tolist() == r["action_mask"] + [False] * (T - n)
+                assert mb["rewards"][b].tolist() == r["rewards"] + [0.0] * (T - n)
+                assert int(mb["group_ids"][b]) == r["group_id"] and int(mb["buffer_rows"][b]) == rows.index(r)
+                seen.append(int(mb["tokens"][b, 0]))
+    assert sorted(seen[: len(rows)]) == list(range(len(rows)))
+    assert sorted(seen[len(rows) : 2 * len(rows)]) == list(range(len(rows)))
+    longest = max(range(len(rows)), key=lambda i: len(rows[i]["tokens"]))
+    file, j = where[rows[longest]["row_id"]]
+    with pytest.raises(ValueError, match=rf"{file}: row {j}: field 'tokens': {len(rows[longest]['tokens'])} tokens"):
+        BufferSampler(buf, rows_per_micro_batch=3, max_tokens_per_row=len(rows[longest]["tokens"]) - 1)

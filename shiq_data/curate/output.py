@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from shiq_data.buffer import Buffer, refuse_inside_buffer, shard_rows_of, write_buffer
+from shiq_data.buffer import Buffer, refuse_inside_buffer, shard_bytes_of, shard_rows_of, write_buffer
 from shiq_data.curate.rows import CurationSource
 from shiq_data.io import RowError
 from shiq_data.tokenizers import CHAT_TEMPLATE_FIELD, PIPELINE_FIELD
@@ -38,9 +38,10 @@ def write_curated(
 ) -> Buffer:
     """Write ``rows`` (tables of stored columns, as :meth:`CurationSource.take` gives) as a new buffer at
     ``out`` with :func:`shiq_data.buffer.write_buffer` (atomic: a failure leaves nothing), the parents'
-    tokenizer, the first parent's text setting (text columns or none), its rows per shard (:func:`shard_rows_of`),
-    and ``parents`` (path, manifest sha256) and ``curation`` recorded in the manifest (written after the last
-    row, so the ``rows`` iterator may still add its counts to ``curation``). The tokenizer's pipeline
+    tokenizer, the first parent's text setting (text columns or none), its rows and bytes per shard
+    (:func:`shard_rows_of`, :func:`shard_bytes_of`), and ``parents`` (path, manifest sha256) and ``curation``
+    recorded in the manifest (written after the last row, so the ``rows`` iterator may still add its counts to
+    ``curation``). The tokenizer's pipeline
     fingerprint is kept only when every parent records it (rows of a buffer without it were cut by an unknown
     pipeline), the chat template's only when every parent records the same one. ``nothing``: the error when no
     row is left (the verb's own words; nothing is written). A ``row_id`` the new buffer would hold twice because a
@@ -62,6 +63,7 @@ def write_curated(
             tokenizer_info=tokenizer_info,
             command=command,
             shard_rows=shard_rows,
+            shard_bytes=shard_bytes_of(first),
             progress=progress,
             input_name=", ".join(str(p.path) for p in parents),
             ref_model=ref_model,
