@@ -492,9 +492,9 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
         )
 
 
-def check_folder_tokenizer(folder: Path, tokenizer, name) -> None:
+def check_folder_tokenizer(folder: Path, mine: str, name) -> None:
     """Refuse a Hugging Face policy folder holding a tokenizer of other token ids (:func:`fingerprint`) than the
-    evaluation's ``tokenizer`` (named ``name``): its samples are read and its KL taken in the evaluation
+    evaluation's (``mine``, its fingerprint; named ``name``): its samples are read and its KL taken in the evaluation
     tokenizer's ids, so the same vocabulary size with other ids (another model's tokenizer) gave a KL between
     different tokens, silently. A folder without tokenizer files has nothing to compare."""
     if not any((folder / f).is_file() for f in TOKENIZER_FILES):
@@ -505,9 +505,9 @@ def check_folder_tokenizer(folder: Path, tokenizer, name) -> None:
         theirs = AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as e:
         raise EvalInputError(f"{folder}: its tokenizer cannot be read ({one_line(e, 200)})") from None
-    if fingerprint(theirs) != (mine := fingerprint(tokenizer)):
+    if (theirs := fingerprint(theirs)) != mine:
         raise EvalInputError(
-            f"{folder}: its tokenizer (fingerprint {fingerprint(theirs)[:12]}…) is not the evaluation's, {name}'s "
+            f"{folder}: its tokenizer (fingerprint {theirs[:12]}…) is not the evaluation's, {name}'s "
             f"(fingerprint {mine[:12]}…, --reference or --tokenizer): the same token "
             "ids would name other tokens, and the KL compare different ones; evaluate it against the model it was "
             "trained from (--reference)"
@@ -1037,23 +1037,24 @@ def run(args) -> list[dict]:
         )
     check_tokenizers(infos, tokenizer, ref_model)
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
-    if own_tokenizer is not None and fingerprint(own_tokenizer) != fingerprint(tokenizer):
+    mine = fingerprint(tokenizer)  # (each costs about 0.2 s: taken once here)
+    own = mine if own_tokenizer is None or own_tokenizer is tokenizer else fingerprint(own_tokenizer)
+    if own != mine:
         raise EvalInputError(  # (the reference's logits are over its own tokenizer's ids)
-            f"--tokenizer {args.tokenizer}: its token ids (fingerprint {fingerprint(tokenizer)[:12]}…) are not those "
-            f"of the reference {reference}'s own tokenizer (fingerprint {fingerprint(own_tokenizer)[:12]}…): the "
+            f"--tokenizer {args.tokenizer}: its token ids (fingerprint {mine[:12]}…) are not those "
+            f"of the reference {reference}'s own tokenizer (fingerprint {own[:12]}…): the "
             "prompts would be encoded, and the models' tokens read, as other tokens; leave --tokenizer out, or give "
             "a folder of the reference's tokenizer"
         )
-    for info in infos:  # a folder shiq-train did not export records no tokenizer: the one it holds, if any
-        if info["kind"] == "hf":  # its config as transformers reads it (an unknown model_type), before any sampling
-            from shiq_train.hf_convert import read_hf_config  # heavy: torch
+    for info in (i for i in infos if i["kind"] == "hf"):
+        from shiq_train.hf_convert import read_hf_config  # heavy: torch
 
-            try:
-                read_hf_config(info["path"])
-            except ValueError as e:
-                raise EvalInputError(str(e)) from None
-        if info["kind"] == "hf" and info["tokenizer"] is None:
-            check_folder_tokenizer(Path(info["path"]), tokenizer, args.tokenizer or reference)
+        try:  # its config as transformers reads it (an unknown model_type), before any sampling
+            read_hf_config(info["path"])
+        except ValueError as e:
+            raise EvalInputError(str(e)) from None
+        if info["tokenizer"] is None:  # a folder shiq-train did not export records none: the one it holds, if any
+            check_folder_tokenizer(Path(info["path"]), mine, args.tokenizer or reference)
     if args.reference is not None:
         warn_other_reference(reference, {i["init"] for i in infos} - {None, "none"})
     # hashed before loading too, so the Q♯ row names the weights evaluated (a missing file: load_value_model's error)
