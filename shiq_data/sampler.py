@@ -47,6 +47,8 @@ from shiq_data.schema import LIST_FIELDS, REF_FIELDS, ListView, check_row_views,
 
 MODES = ("padded", "packed", "groups")
 STATE_VERSION = 1
+# seeds are below this: numpy reads ``[s + 2**32, 0]`` as the 32-bit words ``[s, 1]`` (seed s's epoch 1)
+SEED_LIMIT = 2**32
 
 
 class _RowReader:
@@ -90,7 +92,8 @@ class BufferSampler:
         rows_per_micro_batch: ``B``: trajectories (``padded``), packed rows (``packed``) or at most this
             many rows of whole groups (``groups``) per micro-batch.
         micro_batches_per_step: micro-batches returned by each :meth:`next_micro_batches` call.
-        seed: shuffling seed (epoch ``e`` uses ``default_rng([seed, e])``).
+        seed: shuffling seed, ``0 <= seed < 2**32`` (epoch ``e`` uses ``default_rng([seed, e])``; numpy
+            reads a larger seed as two 32-bit words, so seed ``s + 2**32`` would repeat seed ``s``'s epoch 1).
         dp_rank, dp_world: this rank and the number of data-parallel ranks.
         mode: ``"padded"``, ``"packed"`` or ``"groups"``.
         max_tokens_per_row: packed row width (default: the longest trajectory); in the other modes an
@@ -125,6 +128,8 @@ class BufferSampler:
             raise ValueError(f"width_multiple must be an integer >= 1, got {width_multiple!r}")
         if not 0 <= dp_rank < dp_world:
             raise ValueError(f"dp_rank must be in [0, dp_world={dp_world}), got {dp_rank}")
+        if not 0 <= seed < SEED_LIMIT:
+            raise ValueError(f"seed must be in [0, 2**32), got {seed} (a larger one repeats a smaller seed's order)")
         if len(buffer) == 0:
             raise ValueError(f"buffer {buffer.path} has no rows")
         self.buffer, self.mode, self.seed = buffer, mode, int(seed)

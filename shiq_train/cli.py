@@ -52,7 +52,7 @@ from shiq_data.cli_common import (
 )
 from shiq_data.io import atomic_write_bytes, exclusive_lock, one_line, read_json_file, sha256_files
 from shiq_data.ref_stats import ref_stats_dtype
-from shiq_data.sampler import BufferSampler
+from shiq_data.sampler import SEED_LIMIT, BufferSampler
 from shiq_train import parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
 from shiq_train.hf_convert import (
@@ -882,6 +882,11 @@ def check_plain_options(cfg: dict) -> None:
         low = 0 if "seed" in key else 1  # (numpy refuses a negative seed, without naming it)
         if not _fits(value, int) or not low <= value < 2**63:
             raise ConfigError(f"{key}={value!r}: expected an integer >= {low}")
+    if ints["data.seed"] >= SEED_LIMIT:  # (the sampler's epochs are drawn from [data.seed, epoch])
+        raise ConfigError(
+            f"data.seed={ints['data.seed']}: expected an integer below 2**32 = {SEED_LIMIT} (a larger one repeats the "
+            "order of a smaller seed; data.seed follows seed unless given)"
+        )
     for key, value in (("out", cfg.get("out")), ("data.buffer", data.get("buffer"))):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{key}={value!r}: expected a path")

@@ -706,6 +706,7 @@ def test_option_values_out_of_range_are_refused_by_name(data, tmp_path, capsys):
     for argv, needle in [
         (["split", data["a"], "--test-fraction", 0.3, "--seed", -1], "argument --seed: must be >= 0, got -1"),
         (["mix", f"{data['a']}:1", "--seed", "x"], "argument --seed: expected an integer, got 'x'"),
+        (["mix", f"{data['a']}:1", "--seed", 2**32], f"argument --seed: must be in 0..{2**32 - 1}, got {2**32}"),
         (
             ["retokenize", data["a"], "--tokenizer", "gpt2", "--shard-rows", 0],
             "argument --shard-rows: must be >= 1, got 0",

@@ -102,6 +102,21 @@ def test_every_row_once_per_epoch_across_ranks(rows_and_buffer, mode):
     assert samplers[0].epoch >= 1
 
 
+def test_a_seed_of_2_to_the_32_or_more_is_refused_for_it_would_repeat_a_smaller_seeds_order(rows_and_buffer):
+    """numpy reads the list seed ``[5 + 2**32, 0]`` as the 32-bit words ``[5, 1]``: the order of seed 5 + 2**32's
+    epoch 0 was seed 5's epoch 1 (the permutation numpy draws from ``[5, 1]``, computed here directly)."""
+    rows, buf = rows_and_buffer
+    assert np.array_equal(
+        np.random.default_rng([5 + 2**32, 0]).permutation(10), np.random.default_rng([5, 1]).permutation(10)
+    )  # (why the bound exists)
+    for seed in (2**32, 5 + 2**32, -1):
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\), got " + str(seed)):
+            BufferSampler(buf, rows_per_micro_batch=2, seed=seed, pad_id=PAD)
+    s = BufferSampler(buf, rows_per_micro_batch=len(rows), seed=2**32 - 1, pad_id=PAD)  # the largest: accepted
+    expected = np.random.default_rng([2**32 - 1, 0]).permutation(len(rows))
+    assert s.next_micro_batches()[0]["buffer_rows"].tolist() == expected.tolist()
+
+
 def test_padded_batches_equal_the_rows(rows_and_buffer):
     rows, buf = rows_and_buffer
     s = BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=3, seed=1, pad_id=7)

@@ -1573,6 +1573,20 @@ def test_a_negative_seed_is_refused_naming_its_key(key):
         check_plain_options(cfg)
 
 
+@pytest.mark.parametrize("given", [None, "data.seed"])
+def test_a_data_seed_of_2_to_the_32_or_more_is_refused_naming_data_seed(given):
+    """numpy draws epoch ``e`` from ``[data.seed, e]`` and reads ``5 + 2**32`` as the words ``[5, 1]``: that
+    seed's order was seed 5's epoch 1. Refused, naming data.seed whether given or following ``seed``."""
+    from shiq_train.cli import ConfigError, check_plain_options
+
+    overrides = ["data.buffer=b", "out=o", f"seed={5 + 2**32}"]
+    cfg, _ = composed(*overrides, *([f"data.seed={5 + 2**32}", "seed=0"] if given else []))
+    with pytest.raises(ConfigError, match=rf"^data.seed={5 + 2**32}: expected an integer below 2\*\*32"):
+        check_plain_options(cfg)
+    cfg, _ = composed(*overrides, f"data.seed={2**32 - 1}")  # (seed itself may be larger: torch takes 64 bits)
+    check_plain_options(cfg)
+
+
 def test_multirun_is_refused_before_hydra_makes_its_folders(tmp_path):
     """``shiq-train --multirun loss.beta=0.1,0.2 ...`` made ./multirun/DATE/TIME/ in the working folder and
     stopped the sweep at the first failing job: refused in one line saying how to sweep, nothing made."""

@@ -12,7 +12,7 @@ from shiq_data.curate.decontaminate import MIN_WORDS, NGRAM, decontaminate_buffe
 from shiq_data.curate.dedup import BY as DEDUP_BY
 from shiq_data.curate.dedup import dedup_buffer
 from shiq_data.curate.filter import filter_buffer
-from shiq_data.curate.mix import mix_buffers, parse_spec
+from shiq_data.curate.mix import SEED_LIMIT, mix_buffers, parse_spec
 from shiq_data.curate.show import show_rows
 from shiq_data.curate.split import BY as SPLIT_BY
 from shiq_data.curate.split import split_buffer
@@ -314,6 +314,12 @@ def add_commands(sub) -> None:
         "--rows", type=int_at_least(1), default=None, metavar="N", help="rows in the mix (about: groups stay whole)"
     )
     m.add_argument("--replacement", action="store_true", help="draw groups with replacement")
-    m.add_argument("--seed", type=int_at_least(0), default=0, metavar="S", help="sampling seed (default %(default)s)")
+    m.add_argument(
+        "--seed",
+        type=int_at_least(0, SEED_LIMIT - 1),
+        default=0,
+        metavar="S",
+        help="sampling seed (default %(default)s)",
+    )
     out_options(m)
     m.set_defaults(func=cmd_mix)

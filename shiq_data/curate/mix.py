@@ -40,6 +40,10 @@ from shiq_data.schema import REF_FIELDS
 from shiq_data.spill import Spill
 from shiq_data.tokenizers import PIPELINE_FIELD
 
+# seeds are below this: numpy reads ``[s + 2**32, 0]`` as the 32-bit words ``[s, 1]``, input 0 of seed s + 2**32 would
+# be drawn as input 1 of seed s
+SEED_LIMIT = 2**32
+
 CHUNK = 1 << 20  # groups read at a time from the memory-mapped arrays
 
 
@@ -147,6 +151,8 @@ def mix_buffers(
     parsed = [parse_spec(s) for s in specs]
     if rows is not None and rows < 1:
         raise ValueError(f"--rows must be >= 1, got {rows}")
+    if not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"--seed must be in [0, 2**32), got {seed} (a larger one repeats a smaller seed's draws)")
     out = refuse_existing(out)
     sources = [CurationSource(p) for p, _ in parsed]
     first = sources[0]
