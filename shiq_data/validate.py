@@ -74,8 +74,13 @@ def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]
     )
     if repeat is not None:
         k, pos, rid = repeat
-        i = pos - sum(s["rows"] for s in shards[:k])
-        raise ValueError(f"{Path(path) / shards[k]['file']}: row {i}: field 'row_id': {rid!r} is not unique")
+        raise not_unique(Path(path) / shards[k]["file"], pos - sum(s["rows"] for s in shards[:k]), rid)
+
+
+def not_unique(shard: Path, row: int, row_id: str) -> ValueError:
+    """The error for a ``row_id`` met again at ``row`` of ``shard`` (the later of the two rows), in validate's
+    words, which every verb refusing a repeated id uses."""
+    return ValueError(f"{shard}: row {row}: field 'row_id': {row_id!r} is not unique")
 
 
 def check_unique_ids(buffer: Buffer, near: Path) -> None:

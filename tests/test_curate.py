@@ -1130,6 +1130,23 @@ def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, c
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
+def test_stats_and_show_refuse_a_repeated_row_id_as_validate_does(tmp_path, capsys):
+    """A later shard's row id set to the first row's (the shard's checksum updated): validate, filter and export
+    refused the buffer, stats summarised it (6 rows) and ``show --id`` printed both rows. stats now refuses it
+    (it reads every row id anyway), and so does ``show --id`` of the repeated id, each naming the later row's shard
+    and row as validate does: exit status 2, one line."""
+    buf, first_id = _three_shards_and_a_repeated_id(tmp_path, capsys)
+    shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][2]["file"]
+    want = f"{shard}: row 1: field 'row_id': {first_id.as_py()!r} is not unique"
+    for args in (["stats"], ["stats", "--where", "reward > 100"], ["show", "--id", first_id.as_py()]):
+        code, out, err = run(capsys, args[0], buf, *args[1:])
+        assert code == 2 and want in err, (args, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert run(capsys, "show", buf, "--rows", 1)[0] == 0  # the first row only: the buffer is not read further
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert sorted(p.name for p in buf.iterdir() if p.name.startswith(".")) == []
+
+
 def test_curation_and_export_clear_their_progress_bars_before_an_error(tmp_path, capsys):
     """A refused input row (a repeated row id, found after the rows were read; an extra field holding NaN, found
     while they were) left filter, dedup, mix, decontaminate and export's bar ('building ids-filter: 6 rows [...]') on the

@@ -189,7 +189,9 @@ def add_commands(sub) -> None:
     which.add_argument(
         "--rows", type=int_at_least(1), default=5, metavar="N", help="how many rows (default %(default)s)"
     )
-    which.add_argument("--id", default=None, metavar="ID", help="the row with this row_id")
+    which.add_argument(
+        "--id", default=None, metavar="ID", help="the row with this row_id (refused when the buffer holds it twice)"
+    )
     s.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
     s.set_defaults(func=cmd_show)
 

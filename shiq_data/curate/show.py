@@ -20,6 +20,7 @@ from shiq_data.curate.filter import selected
 from shiq_data.curate.rows import CurationSource
 from shiq_data.curate.where import Where, shown
 from shiq_data.io import printable
+from shiq_data.validate import not_unique
 
 OPEN, CLOSE = "⟦", "⟧"
 
@@ -51,9 +52,14 @@ def _matching(source: CurationSource, where: Where | None, row_id: str | None) -
     """``(stored row, derived columns)`` of the rows to show, in buffer order."""
     if where is not None:
         source.warn_of_shadowed_keys(where.columns)
+    found = 0  # rows with the id ``row_id`` so far, where ``where`` holds or not
     for table, keep in selected(source, where):
         if row_id is not None:
-            keep = np.intersect1d(keep, np.flatnonzero(pc.equal(table.column("row_id"), row_id).to_numpy()))
+            same = np.flatnonzero(pc.equal(table.column("row_id"), row_id).to_numpy())
+            if found + len(same) > 1:  # a second row with the id: which one was asked for is unknown
+                raise not_unique(source.shard_path, int(same[1 - found]), row_id)
+            found += len(same)
+            keep = np.intersect1d(keep, same)
         if not len(keep):
             continue
         part = table.take(pa.array(keep, pa.int64()))
@@ -63,7 +69,9 @@ def _matching(source: CurationSource, where: Where | None, row_id: str | None) -
 
 def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | None = None) -> list[str]:
     """The first ``rows`` rows of the buffer at ``path`` (where ``where`` holds), or the row ``row_id``,
-    each rendered as a header line and its decoded tokens (:func:`render`)."""
+    each rendered as a header line and its decoded tokens (:func:`render`). A ``row_id`` the buffer holds twice is
+    refused, in validate's words, when it is the one asked for (every shard is read for it anyway); the first
+    ``rows`` rows are shown without reading the rest of the buffer."""
     source = CurationSource(path)
     cond = Where(where) if where is not None else None
     blocks = []

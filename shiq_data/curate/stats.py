@@ -6,7 +6,8 @@ lengths, reward, reference flag) are appended to a temporary Parquet table next 
 disk beyond it, computes the counts, means, standard deviations, extremes and group sizes; the exact
 percentiles are read off each column sorted by DuckDB (an out-of-core sort, streamed), the histograms of
 ``--plot`` are counted over a streamed pass. Percentiles are numpy's (linear interpolation); the standard
-deviation is the sample one (``ddof=1``).
+deviation is the sample one (``ddof=1``). A ``row_id`` the buffer holds twice is refused as ``validate`` refuses it:
+every row's id goes to a second table of the same spill, in the same pass over the shards.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write, files_together
 from shiq_data.spill import Spill
+from shiq_data.validate import refuse_repeated_ids
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
 LENGTHS = ("tokens", "prompt_tokens", "completion_tokens")
@@ -47,11 +49,18 @@ def _percentile(a: float, b: float, t: float) -> float:
 
 
 def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> None:
-    """The derived scalar columns of the rows where ``where`` holds (all rows without it) to table ``rows``."""
+    """The derived scalar columns of the rows where ``where`` holds (all rows without it) to table ``rows``, and
+    every row's id (where holding or not) to table ``ids``, for :func:`refuse_repeated_ids`."""
     spill.declare("rows", _SCHEMA)
+    spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
     if where is not None:
         source.warn_of_shadowed_keys(where.columns)
-    for table in source.shards():
+    pos = 0
+    for k, table in enumerate(source.shards()):
+        n = table.num_rows
+        ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
+        spill.append("ids", pa.table(ids))
+        pos += n
         view = source.view(
             table,
             text=where is not None and where.needs(TEXT_COLUMNS),
@@ -186,6 +195,7 @@ def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tu
     source = CurationSource(path)
     with Spill(source.path) as spill:
         _spill_rows(source, Where(where) if where is not None else None, spill)
+        refuse_repeated_ids(spill, "ids", source.path, source.manifest["shards"])  # as validate refuses the buffer
         stats = summarise(spill)
         return stats, _histograms(spill, stats) if histograms else None
 
