@@ -569,7 +569,7 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
         raise EvalInputError(f"--prompts {path}: no such file")
     prompts, shown = [], []
     try:
-        with open(path, "rb") as f:  # lines end at "\n" only (U+2028 may be inside a string)
+        with open(path, "rb") as f:  # lines end at "\n", "\r\n" or "\r" only (U+2028 may be inside a string)
             lines = list(utf8_lines(f, path))
     except RowError as e:  # a byte that is not UTF-8, named with its line
         raise EvalInputError(str(e)) from None

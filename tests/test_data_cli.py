@@ -1,6 +1,7 @@
 """shiq-data command line and generic readers, with the real GPT-2 tokenizer."""
 
 import inspect
+import io
 import json
 import os
 import shlex
@@ -99,6 +100,44 @@ def test_bad_input_fails_with_one_line_naming_file_line_field(tmp_path, capsys, 
     assert rc == 2 and len(err.splitlines()) == 1
     assert str(inp) in err and where in err and f"field {field}" in err and words in err
     assert not (tmp_path / "buf").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_lone_cr_ends_a_line_of_a_jsonl_input_and_of_an_ids_file(tmp_path, capsys, gpt2, monkeypatch):
+    """A JSONL file whose lines end in a lone ``\\r`` (an old Mac's) was read as one line and refused with
+    "Extra data", and an ``--ids`` file of them as one id: a lone ``\\r`` ends a line now, as ``\\n`` and
+    ``\\r\\n`` do (Python's universal newlines), lines numbered as an editor numbers them."""
+    import shiq_data.io as shiq_io
+
+    records = RECORDS[:3]
+    for name, end in (("cr", "\r"), ("crlf", "\r\n"), ("lf", "\n")):
+        inp = tmp_path / f"{name}.jsonl"
+        inp.write_bytes("".join(json.dumps(r) + end for r in records).encode())
+        out = tmp_path / name
+        assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]) == 0
+        _, rows = read_rows(out)
+        assert [(r["prompt"], r["completion"], r["reward"]) for r in rows] == [
+            ("Hello world", " and goodbye.", 1.5),
+            ("Q: 2+2?\nA:", " 4", 1.0),
+            ("Hello world", " again", -0.25),
+        ], name
+    capsys.readouterr()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(f"{json.dumps(records[0])}\r\r{{nope\r".encode())
+    assert (
+        main(["build", "jsonl", str(bad), "--tokenizer", "gpt2", "--out", str(tmp_path / "b2"), "--no-progress"]) == 2
+    )
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"{bad}: line 3: field '*': not valid JSON" in err, err
+    ids = tmp_path / "ids.txt"
+    ids.write_bytes(b"b0-2\rb0-0\r")
+    assert main(["filter", str(tmp_path / "cr"), "--ids", str(ids), "--out", str(tmp_path / "f"), "--no-progress"]) == 0
+    assert [r["row_id"] for r in read_rows(tmp_path / "f")[1]] == ["b0-0", "b0-2"]
+    # lines cut into pieces of a few bytes (a \r\n split between two, a line longer than a piece) read the same
+    data = b"ab\r\ncd\re\n\r\rlonger line\r\n\nz"
+    want = [b"ab\r\n", b"cd\r", b"e\n", b"\r", b"\r", b"longer line\r\n", b"\n", b"z"]
+    for piece in (1, 2, 3, 4, 7, 1 << 20):
+        monkeypatch.setattr(shiq_io, "LINE_PIECE", piece)
+        assert list(shiq_io.text_lines(io.BytesIO(data))) == want, piece
 
 
 def test_parquet_and_datasets_inputs_give_the_same_rows(tmp_path, gpt2):

@@ -214,7 +214,7 @@ def add_commands(sub) -> None:
         description="Write the rows of BUFFER where EXPR is true (NULL counts as false), whose row_id FILE lists "
         "(--ids) or does not list (--exclude-ids), as a new buffer: a row is kept when every condition given holds "
         "(at least one given; --ids and --exclude-ids not together). FILE: UTF-8 text, one row_id a line ('-': "
-        "standard input); a line's end (\\n, or \\r\\n) is not part of the id, nor a byte-order mark opening the file, "
+        "standard input); a line's end (\\n, \\r\\n or \\r) is not part of the id, nor a byte-order mark opening the file, "
         "nothing else is stripped; a "
         "duplicate line is harmless; a blank line, a line that is not UTF-8 and a file that lists no id are refused, "
         "naming the file and line. Listed ids that no row of BUFFER has are counted in a warning. The manifest "

@@ -236,10 +236,10 @@ def evaluation_texts(path, field: str = "prompt", by: str = "prompt") -> tuple[l
     if not path.is_file():  # /dev/null, a pipe, a socket
         raise ValueError(f"--against {path}: not a regular file or folder")
     if _kind(path) == ".txt":
-        # only line breaks end a text (str.splitlines would also cut at a form feed, U+2028, U+0085...); a file
-        # of CR line ends (read as one line) is split at them
-        lines = (line.replace("\r\n", "\n").replace("\r", "\n").split("\n") for _, line in _lines(path))
-        texts = [[t] for parts in lines for t in parts if t.strip()]
+        # only line breaks (\n, \r\n, \r: text_lines) end a text (str.splitlines would also cut at a form feed,
+        # U+2028, U+0085...)
+        lines = (line.removesuffix("\n").removesuffix("\r") for _, line in _lines(path))
+        texts = [[t] for t in lines if t.strip()]
     else:
         texts = []
         for number, record in _records(path, field):

@@ -2,8 +2,8 @@
 drops.
 
 The file is UTF-8 text (``-``: standard input), one ``row_id`` a line, read as a stream: what stays in memory
-is the distinct ids (as Arrow strings) and the file's SHA-256. A line's end (``\\n``, and a ``\\r`` before it,
-as a file written on Windows has) is not part of its id, nor is a byte-order mark opening the file; nothing
+is the distinct ids (as Arrow strings) and the file's SHA-256. A line's end (``\\n``, ``\\r\\n`` as a file written
+on Windows has, or a lone ``\\r`` as an old Mac's: :func:`shiq_data.io.text_lines`) is not part of its id, nor is a byte-order mark opening the file; nothing
 else is stripped, so an id with a space at an end is that id. A duplicate line is harmless. Refused, naming the file and the line: a line that is not UTF-8
 (a ``row_id`` is Unicode text) and a blank line (empty or white space only: a ``row_id`` is never empty, and
 the buffer's writer gives every row an id of the form ``b<k>-...``); a file that lists no id at all is refused
@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.io import RowError
+from shiq_data.io import RowError, text_lines
 
 CHUNK = 65_536  # ids turned into an Arrow array at a time (Python strings held for at most this many)
 
@@ -42,7 +42,7 @@ class RowIds:
         self.lines = 0
         f = sys.stdin.buffer if self.path == "-" else self._open()
         try:
-            for self.lines, raw in enumerate(f, 1):
+            for self.lines, raw in enumerate(text_lines(f), 1):
                 digest.update(raw)
                 if self.lines == 1 and raw.startswith(b"\xef\xbb\xbf"):  # a byte-order mark opens the file
                     raw = raw[3:]
@@ -56,7 +56,7 @@ class RowIds:
                         f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line)",
                         row_label="line",
                     ) from None
-                text = text.removesuffix("\n").removesuffix("\r")
+                text = text.removesuffix("\n").removesuffix("\r")  # (\n, \r\n or \r)
                 if not text.strip():
                     raise RowError(
                         self.label, self.lines, "row_id", "blank (one row id a line, no blank lines)", row_label="line"
