@@ -80,6 +80,8 @@ BAD = [
     ('{"prompt": 3, "completion": "b", "reward": 1}\n', "line 2", "'prompt'", "string"),
     ('{"prompt": "a", "completion": "b", "reward": Infinity}\n', "line 2", "'reward'", "non-finite"),
     ('{"prompt": "a", "completion": "", "reward": 1}\n', "line 2", "'completion'", "empty completion"),
+    # white space alone is empty, as an assistant turn of it is (it built a row of its white space's tokens)
+    ('{"prompt": "a", "completion": " \\t ", "reward": 1}\n', "line 2", "'completion'", "empty completion (white"),
     ('{"prompt": "a", "completion": "b", "reward": "1"}\n', "line 2", "'reward'", "number"),
     ('{"prompt": "a", "completion": "b", "reward": 1, "reward": -1}\n', "line 2", "'reward'", "given twice"),
     (

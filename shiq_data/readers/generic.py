@@ -133,7 +133,8 @@ def _check_turn_rewards(record: dict, err) -> None:
 
 def check_record(record, *, file: str, row: int, row_label: str, names: dict | None = None) -> None:
     """Raise :class:`RowError` unless ``record`` has a non-empty prompt and completion and a finite reward:
-    both strings, or a completion of chat messages (with an assistant one) after a string or messages;
+    both strings, or a completion of chat messages (with an assistant one) after a string or messages; a string
+    completion of white space alone is empty, as an assistant turn of it is (:func:`shiq_data.readers.encode.encode_messages`);
     a chat completion may carry ``turn_rewards`` instead of the reward. ``names`` maps the record's keys
     to the input's field names, which errors use."""
     names = names or NAMES
@@ -157,6 +158,8 @@ def check_record(record, *, file: str, row: int, row_label: str, names: dict | N
         raise err("prompt", "empty (the first token cannot be an action)")
     if record["completion"] == "":
         raise err("completion", "empty completion")
+    if isinstance(record["completion"], str) and not record["completion"].strip():  # as an assistant turn of it
+        raise err("completion", "empty completion (white space only, no text)")
     if record.get("turn_rewards") is not None:
         _check_turn_rewards(record, err)
         return
