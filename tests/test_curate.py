@@ -1113,8 +1113,8 @@ def _three_shards_and_a_repeated_id(tmp_path, capsys):
 def test_curation_names_the_input_shard_and_row_of_a_repeated_row_id(tmp_path, capsys):
     """A row id of a later shard set to an earlier row's (the shard's checksum updated): filter, dedup and mix
     named the buffer folder and the new buffer's row (``b: row 5: field 'row_id'``); they now name the input shard
-    and the later row as validate and export do, and write nothing. (split refuses it only when both rows fall on
-    one side: each buffer it writes holds every id once.)"""
+    and the later row as validate and export do, and write nothing (split too:
+    ``test_split_refuses_a_repeated_row_id_whichever_sides_its_rows_fall_on``)."""
     buf, first_id = _three_shards_and_a_repeated_id(tmp_path, capsys)
     shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][2]["file"]
     want = f"{shard}: row 1: field 'row_id': {first_id.as_py()!r} is not unique"
@@ -1145,6 +1145,24 @@ def test_stats_and_show_refuse_a_repeated_row_id_as_validate_does(tmp_path, caps
     assert run(capsys, "show", buf, "--rows", 1)[0] == 0  # the first row only: the buffer is not read further
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
     assert sorted(p.name for p in buf.iterdir() if p.name.startswith(".")) == []
+
+
+def test_split_refuses_a_repeated_row_id_whichever_sides_its_rows_fall_on(tmp_path, capsys):
+    """A later shard's row id set to the first row's: split refused it only when both rows fell on one side (that
+    side's buffer would hold the id twice) and wrote two buffers sharing the id when they fell apart. It now refuses
+    the input at every seed, naming the later row's shard and row as validate does, and writes nothing."""
+    buf, first_id = _three_shards_and_a_repeated_id(tmp_path, capsys)
+    shard = buf / json.loads((buf / "manifest.json").read_text())["shards"][2]["file"]
+    want = f"{shard}: row 1: field 'row_id': {first_id.as_py()!r} is not unique"
+    for seed in (0, 5):  # (by group, 6 groups: the two rows fall apart at seed 0, on one side at seed 5)
+        folder = tmp_path / f"split-{seed}"
+        code, out, err = run(
+            capsys, "split", buf, "--test-fraction", 0.5, "--seed", seed, "--out", folder, "--no-progress"
+        )
+        assert code == 2 and want in err, (seed, out, err)
+        assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+        assert not folder.exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_curation_and_export_clear_their_progress_bars_before_an_error(tmp_path, capsys):

@@ -5,7 +5,8 @@ prompts (``by="prompt"``: rows whose normalised prompt text is the same, see
 :func:`shiq_data.curate.rows.normalise`). The units, in order of first appearance, are shuffled by
 ``numpy.random.default_rng(seed)``; the test side is the shortest prefix of that order holding at
 least ``round(test_fraction * rows)`` rows (at least one unit, never all of them). The same buffer,
-fraction and seed give the same split.
+fraction and seed give the same split. A ``row_id`` the input holds twice is refused, as ``validate`` refuses it,
+whichever sides its two rows would fall on.
 
 Memory is bounded, not proportional to the buffer: each row's unit key goes to a temporary Parquet table
 next to ``out`` (:class:`shiq_data.spill.Spill`, removed afterwards) where DuckDB, within a fixed memory
@@ -26,6 +27,7 @@ from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, text_key
 from shiq_data.io import atomic_dir
 from shiq_data.spill import Bitmap, Spill
+from shiq_data.validate import refuse_repeated_ids
 
 BY = ("group", "prompt")
 CHUNK = 1 << 20  # units read at a time from the memory-mapped arrays
@@ -43,14 +45,21 @@ def _key_type(by: str) -> pa.DataType:
 
 
 def _test_rows(source: CurationSource, spill: Spill, by: str, test_fraction: float, seed: int, path) -> tuple:
-    """``(rows on the test side as a Bitmap, rows per side, units per side)`` (see the module doc)."""
+    """``(rows on the test side as a Bitmap, rows per side, units per side)`` (see the module doc). A ``row_id`` the
+    input holds twice is refused (:func:`refuse_repeated_ids`, validate's words) whichever sides its rows would fall
+    on: two buffers sharing an id are not a clean split either."""
     spill.declare("rows", pa.schema([("pos", pa.int64()), ("key", _key_type(by))]))
+    spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
     pos = 0
-    for table in source.shards():
+    for k, table in enumerate(source.shards()):
         keys = _unit_keys(source, table, by)
-        spill.append("rows", pa.table({"pos": np.arange(pos, pos + len(keys)), "key": keys}))
-        pos += len(keys)
+        n = len(keys)
+        spill.append("rows", pa.table({"pos": np.arange(pos, pos + n), "key": keys}))
+        ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
+        spill.append("ids", pa.table(ids))
+        pos += n
     n_rows = pos
+    refuse_repeated_ids(spill, "ids", path, source.manifest["shards"])
     rows = spill.table("rows")
     (n_units,) = spill.one(f"SELECT count(*) FROM (SELECT key FROM {rows} GROUP BY key)")
     if n_units < 2:
