@@ -24,6 +24,8 @@ from shiq_data.buffer import (
     has_text_columns,
     read_manifest,
     refuse_inside_buffer,
+    shard_bytes_of,
+    shard_rows_of,
     write_buffer,
 )
 from shiq_data.chat import SYSTEM_PROMPT_SETTINGS, set_system_prompt
@@ -333,6 +335,18 @@ def _system_summary(tok: dict) -> str:
     return f"{text}  (--system-prompt {system['setting'] if system['setting'] in SYSTEM_PROMPT_SETTINGS else 'TEXT'})"
 
 
+def _shard_bound(m: dict) -> str:
+    """The rows and bytes a shard of the buffer holds at most, as an append or a curated buffer takes them
+    (:func:`shard_rows_of`, :func:`shard_bytes_of`), for ``info``'s summary; a bound the manifest does not record
+    (a buffer written before it was kept) is said to be inferred."""
+    rows, size = shard_rows_of(m), shard_bytes_of(m)
+    mib = f"{size // MIB:,}" if size % MIB == 0 else f"{size / MIB:.6g}"
+    missing = [k for k in ("shard_rows", "shard_bytes") if k not in m]
+    return f"bound {rows:,} rows or {mib} MiB" + (
+        f", {' and '.join(missing)} not recorded: inferred" if missing else ""
+    )
+
+
 def cmd_info(args) -> int:
     m = read_manifest(args.buffer)
     if args.json:
@@ -346,7 +360,7 @@ def cmd_info(args) -> int:
         f"buffer      {args.buffer}\n"
         f"rows        {m['rows']}  (groups: next id {m['next_group_id']})\n"
         f"tokens      {m['tokens']}  (action tokens {m.get('action_tokens', '?')})\n"
-        f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB)\n"
+        f"shards      {len(m['shards'])}  ({sum(s.get('bytes', 0) for s in m['shards']) / 1e6:.1f} MB; {_shard_bound(m)})\n"
         f"tokenizer   {printable(tok['name'])}  vocab {tok['vocab_size']}  fingerprint {tok['fingerprint'][:16]}"
         f"  pipeline {(tok.get(PIPELINE_FIELD) or 'not recorded')[:16]}"
         f"  chat template {printable(_template_summary(tok))}\n"

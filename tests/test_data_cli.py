@@ -338,6 +338,32 @@ def test_append_validate_info(tmp_path, capsys, gpt2):
     assert "already exists" in capsys.readouterr().err and read_rows(buf)[1] == rows
 
 
+def test_info_summary_shows_the_shard_bounds(tmp_path, capsys, gpt2):
+    """``info``'s summary left out the bounds a shard is written with (``shard_rows``, ``shard_bytes``: only
+    ``info --json`` showed them); its shards line gives them now, and says when a buffer written before they were
+    recorded has them inferred (the first shard's rows, at least 4,096; 256 MiB)."""
+    inp = str(write_jsonl(tmp_path / "a.jsonl", RECORDS))
+
+    def shards_line(buf):
+        assert main(["info", str(buf)]) == 0
+        return next(x for x in capsys.readouterr().out.splitlines() if x.startswith("shards "))
+
+    small, default = tmp_path / "small", tmp_path / "default"
+    build = ["build", "jsonl", inp, "--tokenizer", "gpt2", "--no-progress", "--out"]
+    assert main([*build, str(small), "--shard-rows", "2", "--shard-mib", "0.5"]) == 0
+    assert main([*build, str(default)]) == 0
+    capsys.readouterr()
+    assert shards_line(small).startswith("shards      3  (") and shards_line(small).endswith(
+        " MB; bound 2 rows or 0.5 MiB)"
+    )
+    assert shards_line(default).endswith(" MB; bound 4,096 rows or 256 MiB)")
+    manifest = json.loads((default / "manifest.json").read_text())
+    del manifest["shard_rows"], manifest["shard_bytes"]
+    (default / "manifest.json").write_text(json.dumps(manifest))
+    want = " MB; bound 4,096 rows or 256 MiB, shard_rows and shard_bytes not recorded: inferred)"
+    assert shards_line(default).endswith(want)
+
+
 def test_validate_clears_its_progress_bar_before_an_error(tmp_path, capsys, gpt2):
     """``validate`` on a corrupt shard left its bar half-drawn ('validating:  33%|...') on the line above the error;
     the bar is cleared now, the error on a clean line (a terminal shows what follows a line's last carriage return)."""
