@@ -29,9 +29,18 @@
    4 R rows (``--near-rows``), half of them one boilerplate answer differing by a number (a cluster of R / 2
    to 2 R rows alike), half random; seconds and peak RssAnon, each in a fresh process. ``--code DIR`` runs them
    on another checkout (the rows kept must agree).
+9. Shards bounded by size (``--part shards``): a JSONL file of R long documents (``--shard-doc-rows``; 20-60 words
+   of prompt and 1,300-1,700 of completion: 1,544 GPT-2 tokens and 7 KB of text a row, 19.8 KB of Arrow data),
+   then ``build`` with ``--shard-rows R`` (so only the size bound cuts) at ``--shard-mib`` 4096 (no cut below
+   some 200,000 rows), 256 (the default) and 64, and ``decontaminate`` of each buffer against 200 evaluation texts
+   (50 of them runs of a row's words), each in a fresh process on the same input; seconds, peak RssAnon (sampled
+   every 5 ms), shards and each peak's ratio to the 4096 MiB run's; the rows kept must agree.
+   At the default 4,000 rows (76 MB of Arrow data) 256 MiB makes one shard too; 20,000 rows (378 MB) make two.
+   ``--code DIR`` runs them on another checkout.
 
-Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups|near] [--tokens 1000000] [--growth 10]
-[--curate-rows 5000] [--speed-only] [--group-rows 2000] [--prompt-chars 2000] [--near-rows 2000] [--code DIR]``
+Usage: ``python tools/bench_data.py [--part all|buffer|curate|groups|near|shards] [--tokens 1000000] [--growth 10]
+[--curate-rows 5000] [--speed-only] [--group-rows 2000] [--prompt-chars 2000] [--near-rows 2000]
+[--shard-doc-rows 4000] [--code DIR]``
 """
 
 from __future__ import annotations
@@ -462,6 +471,91 @@ def print_near_part(results: list[dict]) -> None:
         print(f"{r['rows']:>10,}{r['kept']:>9,}{r['peak_mb']:>12.1f} MB{r['secs']:>9.1f}")
 
 
+def write_long_documents(jsonl: Path, evaluation: Path, n_rows: int) -> None:
+    """``n_rows`` JSONL records of long documents to ``jsonl``: a prompt of 20-60 words and a completion of
+    1,300-1,700 words (each word of :data:`WORDS` is one GPT-2 token, so about 1,540 tokens and 7 KB of text a
+    row), each its own prompt group; and 200 evaluation texts of 40 words to ``evaluation``, of which 50 are a
+    run of 40 words from the completion of a row spread over the input (``decontaminate`` drops those rows) and
+    the rest random words."""
+    words = np.array(WORDS)
+    rng = np.random.default_rng(11)
+    taken = {k * n_rows // 50: k for k in range(50)}  # row -> which contaminated evaluation text
+    runs = {}
+    with open(jsonl, "w") as f:
+        for i in range(n_rows):
+            prompt = f"document {i}: " + " ".join(rng.choice(words, int(rng.integers(20, 60))))
+            completion = rng.choice(words, int(rng.integers(1300, 1700)))
+            if i in taken:
+                runs[taken[i]] = " ".join(completion[100:140])
+            f.write(json.dumps({"prompt": prompt, "completion": " " + " ".join(completion), "reward": 1.0}) + "\n")
+    with open(evaluation, "w") as f:
+        for k in range(200):
+            text = runs[k // 4] if k % 4 == 0 and k // 4 in runs else " ".join(rng.choice(words, 40))
+            f.write(json.dumps({"prompt": text}) + "\n")
+
+
+SHARD_MIBS = (4096, 256, 64)  # --shard-mib of the shard scan: the first cuts nothing at the sizes it runs
+
+
+def bench_shards(work: Path, n_rows: int, mibs=SHARD_MIBS) -> list[dict]:
+    """``build`` of :func:`write_long_documents`' ``n_rows`` records with ``--shard-rows n_rows`` (only the size
+    bound cuts) at each ``--shard-mib`` of ``mibs``, then ``decontaminate`` of that buffer against the evaluation
+    texts, each in a fresh process on the same input: ``[{"mib", "rows", "tokens", "shards", "largest_mb",
+    "build_peak_mb", "build_secs", "kept", "out_shards", "decon_peak_mb", "decon_secs"}]``."""
+    import shutil
+
+    jsonl, evaluation = work / "long.jsonl", work / "long-eval.jsonl"
+    write_long_documents(jsonl, evaluation, n_rows)
+    out = []
+    for mib in mibs:
+        buf, dst = work / f"long-{mib}", work / f"long-{mib}-out"
+        b = run_verb(
+            ["build", "jsonl", str(jsonl), "--tokenizer", "gpt2", "--out", str(buf), "--shard-rows", str(n_rows)]
+            + ["--shard-mib", str(mib), "--no-progress"]
+        )
+        d = run_verb(["decontaminate", str(buf), "--against", str(evaluation), "--out", str(dst), "--no-progress"])
+        m, md = (json.loads((x / "manifest.json").read_text()) for x in (buf, dst))
+        out.append(
+            {
+                "mib": mib,
+                "rows": m["rows"],
+                "tokens": m["tokens"],
+                "shards": len(m["shards"]),
+                "largest_mb": max(s["bytes"] for s in m["shards"]) / 2**20,
+                "build_peak_mb": b["peak_kb"] / 1024,
+                "build_secs": b["secs"],
+                "kept": md["rows"],
+                "out_shards": len(md["shards"]),
+                "decon_peak_mb": d["peak_kb"] / 1024,
+                "decon_secs": d["secs"],
+            }
+        )
+        shutil.rmtree(buf)
+        shutil.rmtree(dst)
+        if (out[-1]["rows"], out[-1]["kept"]) != (out[0]["rows"], out[0]["kept"]):
+            raise RuntimeError(f"--shard-mib {mib} gave other rows than --shard-mib {mibs[0]}: {out}")
+    return out
+
+
+def print_shards_part(results: list[dict]) -> None:
+    a = results[0]
+    print(
+        f"\nbuild --shard-rows {a['rows']:,} of {a['rows']:,} long documents ({a['tokens'] / a['rows']:,.0f} GPT-2 "
+        f"tokens a row), then decontaminate of that buffer against 200 texts (keeps {a['kept']:,} rows); "
+        f"{CODE.name}; fresh process each; ratio: peak against --shard-mib {a['mib']}'s"
+    )
+    print(
+        f"{'--shard-mib':>11}{'shards':>8}{'largest':>11}{'build peak':>14}{'ratio':>7}{'seconds':>9}"
+        f"{'decontaminate':>16}{'ratio':>7}{'seconds':>9}{'shards out':>12}"
+    )
+    for r in results:
+        print(
+            f"{r['mib']:>11}{r['shards']:>8}{r['largest_mb']:>8.1f} MB{r['build_peak_mb']:>11.1f} MB"
+            f"{r['build_peak_mb'] / a['build_peak_mb']:>7.2f}{r['build_secs']:>9.1f}{r['decon_peak_mb']:>13.1f} MB"
+            f"{r['decon_peak_mb'] / a['decon_peak_mb']:>7.2f}{r['decon_secs']:>9.1f}{r['out_shards']:>12}"
+        )
+
+
 def _norm(text: str) -> str:
     import unicodedata
 
@@ -625,12 +719,12 @@ def main(argv=None) -> int:
     ap = ArgumentParser(description=__doc__.replace("``", ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
         "--part",
-        choices=("all", "buffer", "curate", "groups", "near"),
+        choices=("all", "buffer", "curate", "groups", "near", "shards"),
         default="all",
         help="buffer: measures 1-3 (building, reading, reader memory); curate: 4-6 (parallel build, the "
         "curation verbs' memory and speed); groups: 7 (build memory per distinct prompt group); near: 8 (near "
-        "duplicates that cluster); default "
-        "%(default)s",
+        "duplicates that cluster); shards: 9 (build and decontaminate memory by --shard-mib on long "
+        "documents); default %(default)s",
     )
     ap.add_argument(
         "--tokens", type=_args.count, default=1_000_000, help="tokens of the synthetic text data (default %(default)s)"
@@ -668,6 +762,12 @@ def main(argv=None) -> int:
         default=2000,
         help="rows of the smallest buffer of the near-duplicate scan; the others have 2 and 4 times as many "
         "(default %(default)s)",
+    )
+    ap.add_argument(
+        "--shard-doc-rows",
+        type=_args.count,
+        default=4000,
+        help="rows of long documents (about 1,540 tokens each) of the shard scan (default %(default)s)",
     )
     ap.add_argument(
         "--prompt-chars",
@@ -792,6 +892,9 @@ def main(argv=None) -> int:
         if args.part in ("all", "near"):
             results["near"] = bench_near(work, [args.near_rows * k for k in (1, 2, 4)], info)
             print_near_part(results["near"])
+        if args.part in ("all", "shards"):
+            results["shards"] = bench_shards(work, args.shard_doc_rows)
+            print_shards_part(results["shards"])
     if args.json:
         from shiq_data.io import atomic_write_json
 
