@@ -461,6 +461,28 @@ def test_mix_takes_whole_groups_by_weight(data, tmp_path, capsys):
     assert sorted(tmp_path.iterdir()) == before
 
 
+def test_mix_of_many_inputs_lists_them_a_line_each(data, tmp_path, capsys):
+    """Its summary named every input in one line (fifty inputs: one line of thousands of characters): up to four
+    stay in the line, more are listed one a line under it, each with the rows and groups the manifest records."""
+    specs = [f"{data['a']}:1", f"{data['b']}:2", f"{data['a']}:3", f"{data['b']}:4", f"{data['a']}:5"]
+    code, stdout, err = run(
+        capsys, "mix", *specs, "--rows", 30, "--replacement", "--out", tmp_path / "m", "--no-progress"
+    )
+    assert code == 0, err
+    c = json.loads((tmp_path / "m" / "manifest.json").read_text())["curation"]
+    lines = stdout.splitlines()
+    assert lines[0] == f"shiq-data: mixed into {tmp_path / 'm'}: {sum(c['rows_per_input'])} rows from 5 inputs:"
+    expected = [
+        f"  {spec.rsplit(':', 1)[0]} x{spec.rsplit(':', 1)[1]}: {r} row{'' if r == 1 else 's'} ({g} group{'' if g == 1 else 's'})"
+        for spec, r, g in zip(specs, c["rows_per_input"], c["groups_per_input"])
+    ]
+    assert lines[1:6] == expected
+    code, stdout, err = run(
+        capsys, "mix", *specs[:4], "--rows", 30, "--replacement", "--out", tmp_path / "m4", "--no-progress"
+    )
+    assert code == 0 and stdout.count("\n") == 1 and " x4: " in stdout  # four: one line, as before
+
+
 def test_mix_without_rows_is_as_large_as_the_exact_weights_allow(tmp_path, capsys):
     """Without --rows the mix holds min_i(rows_i * sum(w) / w_i) rows, in exact arithmetic: in floats 39 rows at
     weights 3:2 gave 39 / 0.6 = 64.99999999999999, a mix of 64 rows (38 + 26) where 65 (39 + 26) fit."""

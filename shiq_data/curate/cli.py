@@ -144,6 +144,9 @@ def cmd_split(args) -> int:
     return 0
 
 
+MIX_INPUTS_INLINE = 4  # mix's summary names up to this many inputs in its line, more on a line each
+
+
 def cmd_mix(args) -> int:
     buf, c = mix_buffers(
         args.inputs,
@@ -154,12 +157,16 @@ def cmd_mix(args) -> int:
         command=args.argv,
         progress=not args.no_progress,
     )
-    parts = ", ".join(
+    parts = [
         f"{path} x{weight:g}: {plural(r, 'row')} ({plural(g, 'group')})"
         for (path, weight), r, g in zip(map(parse_spec, args.inputs), c["rows_per_input"], c["groups_per_input"])
-    )
+    ]
     note = "; reference statistics dropped (not every input has them from one model)" if c["ref_stats_dropped"] else ""
-    print(f"shiq-data: mixed into {args.out}: {plural(len(buf), 'row')} ({parts}){note}")
+    if len(parts) <= MIX_INPUTS_INLINE:
+        print(f"shiq-data: mixed into {args.out}: {plural(len(buf), 'row')} ({', '.join(parts)}){note}")
+    else:  # one line each rather than a line of every input
+        print(f"shiq-data: mixed into {args.out}: {plural(len(buf), 'row')} from {len(parts)} inputs{note}:")
+        print("".join(f"  {part}\n" for part in parts), end="")
     if pairs := c["pairs_in_several_inputs"]:
         print(
             f"shiq-data: warning: {pairs} prompt-completion pair{'' if pairs == 1 else 's'} came from more than one "
