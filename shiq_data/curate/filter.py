@@ -1,5 +1,6 @@
 """``shiq-data filter``: keep the rows of a buffer where a SQL boolean expression is true, whose row id a file
-lists (``--ids``) or does not list (``--exclude-ids``), or both."""
+lists (``--ids``) or does not list (``--exclude-ids``), or both. The selection (:class:`Selection`) is also what
+``show`` and ``stats`` look at."""
 
 from __future__ import annotations
 
@@ -29,6 +30,79 @@ def selected(source: CurationSource, where: Where | None) -> Iterator[tuple]:
         yield table, np.flatnonzero(where.mask(view, source.shard_path))
 
 
+def row_ids(ids: str | None, exclude_ids: str | None) -> RowIds | None:
+    """The list of ``--ids FILE`` or ``--exclude-ids FILE`` (:class:`RowIds`; None without either); both
+    together are refused."""
+    if ids is not None and exclude_ids is not None:
+        raise ValueError(
+            f"--ids {ids} and --exclude-ids {exclude_ids}: give one of them (the rows to keep, or to drop)"
+        )
+    if ids is not None:
+        return RowIds(ids, "--ids")
+    return RowIds(exclude_ids, "--exclude-ids") if exclude_ids is not None else None
+
+
+class Selection:
+    """``(shard table, indices of its rows)`` for each shard of ``source`` in order: the rows where ``where`` holds
+    (:func:`selected`) whose ``row_id`` ``listed`` lists (``--ids``) or does not list (``--exclude-ids``), every
+    row without either. The ids of several shards are looked up in one :meth:`RowIds.members` call (as many rows
+    as the list has ids, :meth:`RowIds.enough`), so a shard comes out once the lookup of its batch is done."""
+
+    def __init__(self, source: CurationSource, where: Where | None, listed: RowIds | None):
+        self.source, self.where, self.listed = source, where, listed
+        self.matched = 0  # shards whose row ids have been looked up
+
+    def __iter__(self) -> Iterator[tuple]:
+        if self.listed is None:
+            yield from selected(self.source, self.where)
+            return
+        held, n = [], 0  # shards (with the rows --where keeps) waiting for one RowIds.members call
+        for table, keep in selected(self.source, self.where):
+            held.append((table, keep))
+            n += table.num_rows
+            if self.listed.enough(n) or len(held) >= HELD_SHARDS:
+                yield from self._matched(held)
+                held, n = [], 0
+        if held:
+            yield from self._matched(held)
+
+    def _matched(self, held):
+        members = self.listed.members([table.column("row_id") for table, _ in held])
+        self.matched += len(held)
+        for (table, keep), member in zip(held, members):
+            yield table, keep[member[keep] if self.listed.option == "--ids" else ~member[keep]]
+
+    def finish(self) -> None:
+        """Look up the row ids of the shards an iteration stopped before (their ``row_id`` column only, no
+        ``--where``), so that :meth:`warn_of_missing` counts the listed ids over the whole buffer."""
+        if self.listed is None:
+            return
+        held, n = [], 0
+        for k, table in enumerate(self.source.shards()):
+            if k < self.matched:
+                continue
+            held.append(table.column("row_id"))
+            n += table.num_rows
+            self.matched += 1
+            if self.listed.enough(n) or len(held) >= HELD_SHARDS:
+                self.listed.members(held)
+                held, n = [], 0
+        if held:
+            self.listed.members(held)
+
+    def warn_of_missing(self, path) -> None:
+        """Warn of the listed ids no row of the buffer (``path``, as given) has: nothing without a list, or when
+        every listed id is there."""
+        missing, first = self.listed.missing() if self.listed is not None else (0, None)
+        if missing:
+            n = len(self.listed)
+            log.warning(
+                f"shiq-data: warning: {self.listed.label}: {missing:,} of {n:,} listed row "
+                f"{'id' if n == 1 else 'ids'} {'is' if missing == 1 else 'are'} not in {path} "
+                f"(first: {first!r})"
+            )
+
+
 def filter_buffer(
     path,
     out,
@@ -45,15 +119,9 @@ def filter_buffer(
     has are counted in a warning."""
     if expr is None and ids is None and exclude_ids is None:
         raise ValueError("filter: give --where EXPR, --ids FILE or --exclude-ids FILE (the rows to keep)")
-    if ids is not None and exclude_ids is not None:
-        raise ValueError(
-            f"--ids {ids} and --exclude-ids {exclude_ids}: give one of them (the rows to keep, or to drop)"
-        )
     out = refuse_existing(out)
     where = Where(expr) if expr is not None else None
-    listed = RowIds(ids, "--ids") if ids is not None else None
-    if exclude_ids is not None:
-        listed = RowIds(exclude_ids, "--exclude-ids")
+    listed = row_ids(ids, exclude_ids)
     source = CurationSource(path)
     if where is not None:
         for table in source.shards():  # a wrong column or type fails here, before anything is written
@@ -65,36 +133,14 @@ def filter_buffer(
     key = "ids" if ids is not None else "exclude_ids"
 
     def rows():
-        held, n = [], 0  # shards (with the rows --where keeps) waiting for one RowIds.members call
-        for table, keep in selected(source, where):
+        chosen = Selection(source, where, listed)
+        for table, keep in chosen:
             curation["rows_read"] += table.num_rows
-            if listed is None:
-                curation["rows_kept"] += len(keep)
-                yield source.take(table, keep)
-                continue
-            held.append((table, keep))
-            n += table.num_rows
-            if listed.enough(n) or len(held) >= HELD_SHARDS:
-                yield from matched(held)
-                held, n = [], 0
-        if held:
-            yield from matched(held)
-        if listed is not None:  # (before write_curated's own end: also when no row is left)
-            curation[key] = listed.record()
-            missing, first = listed.missing()
-            if missing:
-                log.warning(
-                    f"shiq-data: warning: {listed.label}: {missing:,} of {len(listed):,} listed row "
-                    f"{'id' if len(listed) == 1 else 'ids'} "
-                    f"{'is' if missing == 1 else 'are'} not in {path} (first: {first!r})"
-                )
-
-    def matched(held):
-        members = listed.members([table.column("row_id") for table, _ in held])
-        for (table, keep), member in zip(held, members):
-            keep = keep[member[keep] if ids is not None else ~member[keep]]
             curation["rows_kept"] += len(keep)
             yield source.take(table, keep)
+        if listed is not None:  # (before write_curated's own end: also when no row is left)
+            curation[key] = listed.record()
+            chosen.warn_of_missing(path)
 
     given = [f"--where {shown(expr, True)}"] if expr is not None else []
     given += [listed.label] if listed is not None else []
