@@ -2112,6 +2112,67 @@ def test_filter_ids_errors_name_the_file_and_line(data, tmp_path, capsys):
     assert code == 2 and err == f"shiq-data: error: --out {tmp_path / 'out'} already exists; choose a new folder\n"
 
 
+def _shown_ids(stdout):
+    """The row ids of the rows ``show`` printed, in its order."""
+    return re.findall(r"(?m)^row (\S+)  source ", stdout)
+
+
+def test_show_ids_and_exclude_ids_print_the_listed_rows_in_buffer_order(data, tmp_path, capsys):
+    """show --ids prints the listed rows the buffer has, in buffer order whatever the file's, the first --rows of
+    them; --exclude-ids the others; with --where both conditions hold. The warning of the listed id the buffer
+    lacks counts over the whole buffer even when show stops after its first rows."""
+    df = data["df"]
+    f = _ids_file(tmp_path / "flagged.txt", ["b1-3", "b0-0", "gone-1", "b0-5", "b1-0", "b0-0"])
+    warning = f"shiq-data: warning: --ids {f}: 1 of 5 listed row ids is not in {data['ab']} (first: 'gone-1')\n"
+    code, stdout, err = run(capsys, "show", data["ab"], "--ids", f, "--rows", 100)
+    assert code == 0 and err == warning, err
+    assert _shown_ids(stdout) == ["b0-0", "b0-5", "b1-0", "b1-3"]
+    for row_id in ["b0-0", "b0-5", "b1-0", "b1-3"]:
+        rec = df[df.row_id == row_id].iloc[0]
+        assert f"row {row_id}  source {rec.source}  " in stdout and f"{rec.prompt}⟦{rec.completion}" in stdout
+    # the first two only: b1-0 and b1-3 sit in shards after the last row shown, yet are not counted missing
+    code, stdout, err = run(capsys, "show", data["ab"], "--ids", f, "--rows", 2)
+    assert code == 0 and err == warning and _shown_ids(stdout) == ["b0-0", "b0-5"], err
+    listed = ["b1-3", "b0-0", "gone-1", "b0-5", "b1-0"]
+    want = df[~df.row_id.isin(listed) & (df.reward > 0)].row_id.tolist()[:3]
+    assert len(want) == 3
+    code, stdout, err = run(capsys, "show", data["ab"], "--exclude-ids", f, "--where", "reward > 0", "--rows", 3)
+    assert code == 0 and _shown_ids(stdout) == want, (stdout, want)
+    assert err == warning.replace("--ids", "--exclude-ids")
+    gone = _ids_file(tmp_path / "gone.txt", ["gone-1"])
+    code, stdout, err = run(capsys, "show", data["ab"], "--ids", gone)
+    assert code == 0 and stdout == f"shiq-data: no row of {data['ab']} to show listed in {gone}\n"
+    assert err == f"shiq-data: warning: --ids {gone}: 1 of 1 listed row id is not in {data['ab']} (first: 'gone-1')\n"
+
+
+@pytest.mark.parametrize("verb", ["show"])
+def test_show_and_stats_refuse_ids_as_filter_does(data, tmp_path, capsys, verb):
+    """Both lists together, show's --id with a list, and a list filter refuses (empty, a blank line, not UTF-8, a
+    folder): one line naming the option and file (and line), exit status 2, nothing printed."""
+    good = _ids_file(tmp_path / "good.txt", ["b0-1"])
+    empty = _ids_file(tmp_path / "empty.txt", [])
+    blank = _ids_file(tmp_path / "blank.txt", ["b0-1", "", "b0-2"])
+    latin1 = _ids_file(tmp_path / "latin1.txt", ["caf\xe9".encode("latin-1")])
+    cases = [
+        (["--ids", good, "--exclude-ids", good], f"--ids {good} and --exclude-ids {good}: give one of them"),
+        (["--ids", empty], f"--ids {empty}: lists no row id (one row id a line)"),
+        (["--exclude-ids", empty, "--where", "reward > 0"], f"--exclude-ids {empty}: lists no row id"),
+        (["--ids", blank], f"--ids {blank}: line 2: field 'row_id': blank (one row id a line, no blank lines)"),
+        (["--ids", latin1], f"--ids {latin1}: line 1: field 'row_id': not valid UTF-8 (byte 0xe9 at byte 4 of"),
+        (["--exclude-ids", tmp_path], f"--exclude-ids {tmp_path} is a folder: give a file of row ids"),
+    ]
+    if verb == "show":
+        cases += [
+            (["--id", "b0-1", "--ids", good], f"--id b0-1 and --ids {good}: give one of them"),
+            (["--exclude-ids", good, "--id", "b0-1"], f"--id b0-1 and --exclude-ids {good}: give one of them"),
+        ]
+    for options, start in cases:
+        code, stdout, err = run(capsys, verb, data["ab"], *options)
+        assert code == 2 and stdout == "", (options, err)
+        assert err.startswith("shiq-data: error: " + start) and err.count("\n") == 1, (options, err)
+        assert "Traceback" not in err
+
+
 def test_filter_ids_at_scale(tmp_path, capsys, monkeypatch):
     """200,000 listed ids (a labelling pass's, most of them of rows not in this part of the data) against a
     buffer of 20,000 rows in 7 shards: read as a stream, the rows kept and dropped are exactly Python's set

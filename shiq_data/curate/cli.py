@@ -19,6 +19,12 @@ from shiq_data.curate.split import split_buffer
 from shiq_data.curate.stats import buffer_stats, format_stats, plot_stats
 from shiq_data.curate.where import shown
 
+IDS_FILE_HELP = (
+    "FILE: UTF-8 text, one row_id a line ('-': standard input); a line's end (\\n, \\r\\n or \\r) is not part of "
+    "the id, nor a byte-order mark opening the file, nothing else is stripped; a duplicate line is harmless; a blank "
+    "line, a line that is not UTF-8 and a file that lists no id are refused, naming the file and line. Listed ids "
+    "that no row of BUFFER has are counted in a warning."
+)
 WHERE_HELP = (
     "SQL boolean expression over the row's columns, evaluated by DuckDB (no subqueries, no file access): "
     "row_id, source, group_id, tokens (count), prompt_tokens, completion_tokens (action tokens), reward "
@@ -33,12 +39,21 @@ def _removed(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
 
 
+def _which(args) -> str:
+    """The rows a verb's --ids, --exclude-ids and --where chose, as its summary names them."""
+    which = f" listed in {args.ids}" if args.ids is not None else ""
+    which += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
+    return which + (f" where {shown(args.where)}" if args.where is not None else "")
+
+
 def cmd_show(args) -> int:
-    blocks = show_rows(args.buffer, rows=args.rows, row_id=args.id, where=args.where)
+    blocks = show_rows(
+        args.buffer, rows=args.rows, row_id=args.id, where=args.where, ids=args.ids, exclude_ids=args.exclude_ids
+    )
     for block in blocks:
         print(block + "\n")
     if not blocks:
-        print(f"shiq-data: no row of {args.buffer} to show" + (f" where {shown(args.where)}" if args.where else ""))
+        print(f"shiq-data: no row of {args.buffer} to show{_which(args)}")
     return 0
 
 
@@ -68,10 +83,7 @@ def cmd_filter(args) -> int:
         command=args.argv,
         progress=not args.no_progress,
     )
-    which = f" listed in {args.ids}" if args.ids is not None else ""
-    which += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
-    which += f" where {shown(args.where)}" if args.where is not None else ""
-    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')}{which}")
+    print(f"shiq-data: filtered {args.buffer} into {args.out}: kept {kept} of {plural(read, 'row')}{_which(args)}")
     return 0
 
 
@@ -184,12 +196,19 @@ def add_commands(sub) -> None:
         p.add_argument("--out", required=True, type=folder_path, metavar="DIR", help=what)
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    def ids_options(p):
+        p.add_argument("--ids", default=None, metavar="FILE", help="keep only the rows whose row_id FILE lists")
+        p.add_argument("--exclude-ids", default=None, metavar="FILE", help="drop the rows whose row_id FILE lists")
+
     s = sub.add_parser(
         "show",
         help="print rows decoded, action spans and rewards marked",
         description="Print rows decoded with the buffer's tokenizer: action tokens inside ⟦ ⟧, each nonzero "
         "per-token reward as ⟨r=...⟩ after the token it sits on. The data's control characters and bidirectional "
-        "marks, embeddings, overrides and isolates are printed escaped (\\x1b, \\u202e); line breaks and tabs are kept.",
+        "marks, embeddings, overrides and isolates are printed escaped (\\x1b, \\u202e); line breaks and tabs are kept. "
+        "The rows shown are those where EXPR is true and whose row_id FILE lists (--ids) or does not list "
+        "(--exclude-ids), each condition only when given (--ids and --exclude-ids not together, nor with --id), in "
+        f"buffer order. {IDS_FILE_HELP}",
     )
     s.add_argument("buffer", metavar="BUFFER")
     which = s.add_mutually_exclusive_group()
@@ -200,6 +219,7 @@ def add_commands(sub) -> None:
         "--id", default=None, metavar="ID", help="the row with this row_id (refused when the buffer holds it twice)"
     )
     s.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
+    ids_options(s)
     s.set_defaults(func=cmd_show)
 
     st = sub.add_parser(
@@ -220,17 +240,12 @@ def add_commands(sub) -> None:
         help="keep the rows where an expression holds, or whose row ids a file lists",
         description="Write the rows of BUFFER where EXPR is true (NULL counts as false), whose row_id FILE lists "
         "(--ids) or does not list (--exclude-ids), as a new buffer: a row is kept when every condition given holds "
-        "(at least one given; --ids and --exclude-ids not together). FILE: UTF-8 text, one row_id a line ('-': "
-        "standard input); a line's end (\\n, \\r\\n or \\r) is not part of the id, nor a byte-order mark opening the file, "
-        "nothing else is stripped; a "
-        "duplicate line is harmless; a blank line, a line that is not UTF-8 and a file that lists no id are refused, "
-        "naming the file and line. Listed ids that no row of BUFFER has are counted in a warning. The manifest "
-        "records the file's name, SHA-256 and id count under curation, not the ids.",
+        f"(at least one given; --ids and --exclude-ids not together). {IDS_FILE_HELP} The manifest records the file's "
+        "name, SHA-256 and id count under curation, not the ids.",
     )
     f.add_argument("buffer", metavar="BUFFER")
     f.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
-    f.add_argument("--ids", default=None, metavar="FILE", help="keep only the rows whose row_id FILE lists")
-    f.add_argument("--exclude-ids", default=None, metavar="FILE", help="drop the rows whose row_id FILE lists")
+    ids_options(f)
     out_options(f)
     f.set_defaults(func=cmd_filter)
 

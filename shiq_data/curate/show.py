@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.curate.filter import selected
+from shiq_data.curate.filter import Selection, row_ids
 from shiq_data.curate.rows import CurationSource
 from shiq_data.curate.where import Where, shown
 from shiq_data.io import printable
@@ -48,12 +48,13 @@ def render(tokens, action_mask, rewards, tokenizer) -> str:
     return "".join(out)
 
 
-def _matching(source: CurationSource, where: Where | None, row_id: str | None) -> Iterator[tuple[dict, dict]]:
+def _matching(chosen: Selection, row_id: str | None) -> Iterator[tuple[dict, dict]]:
     """``(stored row, derived columns)`` of the rows to show, in buffer order."""
-    if where is not None:
-        source.warn_of_shadowed_keys(where.columns)
+    source = chosen.source
+    if chosen.where is not None:
+        source.warn_of_shadowed_keys(chosen.where.columns)
     found = 0  # rows with the id ``row_id`` so far, where ``where`` holds or not
-    for table, keep in selected(source, where):
+    for table, keep in chosen:
         if row_id is not None:
             same = np.flatnonzero(pc.equal(table.column("row_id"), row_id).to_numpy())
             if found + len(same) > 1:  # a second row with the id: which one was asked for is unknown
@@ -67,15 +68,30 @@ def _matching(source: CurationSource, where: Where | None, row_id: str | None) -
         yield from zip(part.to_pylist(), view)
 
 
-def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | None = None) -> list[str]:
-    """The first ``rows`` rows of the buffer at ``path`` (where ``where`` holds), or the row ``row_id``,
-    each rendered as a header line and its decoded tokens (:func:`render`). A ``row_id`` the buffer holds twice is
-    refused, in validate's words, when it is the one asked for (every shard is read for it anyway); the first
-    ``rows`` rows are shown without reading the rest of the buffer."""
+def show_rows(
+    path,
+    *,
+    rows: int = 5,
+    row_id: str | None = None,
+    where: str | None = None,
+    ids: str | None = None,
+    exclude_ids: str | None = None,
+) -> list[str]:
+    """The first ``rows`` rows of the buffer at ``path`` where ``where`` holds and whose ``row_id`` the file ``ids``
+    lists or ``exclude_ids`` does not list (each condition only when given; the lists as ``filter`` reads them,
+    :class:`Selection`), or the row ``row_id`` (not with a list), each rendered as a header line and its decoded
+    tokens (:func:`render`). A ``row_id`` the buffer holds twice is refused, in validate's words, when it is the one
+    asked for (every shard is read for it anyway); the first ``rows`` rows are shown without reading the rest of
+    the buffer, but for the row ids of every shard when a list is given (for the warning of the listed ids the
+    buffer lacks, as ``filter`` gives it)."""
+    if row_id is not None and (ids is not None or exclude_ids is not None):
+        option, file = ("--ids", ids) if ids is not None else ("--exclude-ids", exclude_ids)
+        raise ValueError(f"--id {row_id} and {option} {file}: give one of them (one row, or the rows of a list)")
+    listed = row_ids(ids, exclude_ids)
     source = CurationSource(path)
-    cond = Where(where) if where is not None else None
+    chosen = Selection(source, Where(where) if where is not None else None, listed)
     blocks = []
-    for row, d in _matching(source, cond, row_id):
+    for row, d in _matching(chosen, row_id):
         head = (  # the stored texts with their control characters escaped, line breaks too: one header line
             f"row {printable(d['row_id'])}  source {printable(d['source'])}  group {d['group_id']}  tokens {d['tokens']} "
             f"(prompt {d['prompt_tokens']}, actions {d['completion_tokens']})  reward {d['reward']:+.4g}"
@@ -86,6 +102,8 @@ def show_rows(path, *, rows: int = 5, row_id: str | None = None, where: str | No
         blocks.append(head + "\n" + render(row["tokens"], row["action_mask"], row["rewards"], source.tokenizer))
         if row_id is None and len(blocks) >= rows:
             break
+    chosen.finish()  # (the shards after the last row shown: their row ids only)
+    chosen.warn_of_missing(path)
     if row_id is not None and not blocks:
         raise ValueError(f"{path}: no row with row_id {row_id!r}" + (f" where {shown(where)}" if where else ""))
     return blocks
