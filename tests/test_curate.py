@@ -2145,7 +2145,49 @@ def test_show_ids_and_exclude_ids_print_the_listed_rows_in_buffer_order(data, tm
     assert err == f"shiq-data: warning: --ids {gone}: 1 of 1 listed row id is not in {data['ab']} (first: 'gone-1')\n"
 
 
-@pytest.mark.parametrize("verb", ["show"])
+def test_stats_ids_and_exclude_ids_summarise_the_rows_pandas_selects(data, tmp_path, capsys):
+    """stats --ids summarises the listed rows, --exclude-ids the others, each with --where by AND: rows, groups,
+    lengths and rewards per source and overall equal pandas' on the input records of those rows."""
+    df, tok = data["df"], data["tok"]
+    df = df.assign(
+        tokens=[len(tok(p)["input_ids"]) + len(tok(c)["input_ids"]) + 1 for p, c in zip(df.prompt, df.completion)]
+    )
+    listed = ["b1-3", "b0-0", "gone-1", "b0-5", "b1-0", "b1-7", "b0-2"]
+    f = _ids_file(tmp_path / "flagged.txt", listed)
+    cases = [
+        ({"ids": str(f)}, df[df.row_id.isin(listed)]),
+        ({"exclude_ids": str(f)}, df[~df.row_id.isin(listed)]),
+        ({"ids": str(f), "where": "reward > 0"}, df[df.row_id.isin(listed) & (df.reward > 0)]),
+        ({"exclude_ids": str(f), "where": "source = 'b'"}, df[~df.row_id.isin(listed) & (df.source == "b")]),
+    ]
+    for options, want in cases:
+        assert 1 < len(want) < len(df) and want.source.nunique() == 2 or "where" in options, options
+        stats, _ = buffer_stats(data["ab"], **options)
+        assert stats["rows"] == len(want), options
+        assert stats["group_sizes"] == want.groupby("group").size().value_counts().sort_index().to_dict()
+        assert sorted(stats["sources"]) == sorted(want.source.unique())
+        for name, part in [("all", want), *want.groupby("source")]:
+            s = stats["all"] if name == "all" else stats["sources"][name]
+            assert s["rows"] == len(part) and s["groups"] == part.group.nunique(), (options, name)
+            for key, fn in (("mean", "mean"), ("min", "min"), ("max", "max")):
+                assert s["reward"][key] == pytest.approx(getattr(part.reward, fn)(), abs=1e-12), (options, name)
+                assert s["tokens"][key] == pytest.approx(getattr(part.tokens, fn)(), abs=1e-12), (options, name)
+            if len(part) > 1:
+                assert s["reward"]["std"] == pytest.approx(part.reward.std(), abs=1e-12)
+            assert s["tokens"]["p50"] == pytest.approx(part.tokens.median())
+    assert len(df[df.row_id.isin(listed)]) == 6  # by hand: every listed id but gone-1
+    capsys.readouterr()  # (the warnings of the calls above)
+    code, stdout, err = run(capsys, "stats", data["ab"], "--ids", f, "--where", "reward > 0")
+    n = len(df[df.row_id.isin(listed) & (df.reward > 0)])
+    assert code == 0 and stdout.startswith(
+        f"shiq-data: stats of {data['ab']} ({n} rows listed in {f}, where reward > 0)\n"
+    )
+    assert err == f"shiq-data: warning: --ids {f}: 1 of 7 listed row ids is not in {data['ab']} (first: 'gone-1')\n"
+    code, stdout, err = run(capsys, "stats", data["ab"], "--exclude-ids", f)
+    assert code == 0 and f"({len(df) - 6} rows not listed in {f})" in stdout
+
+
+@pytest.mark.parametrize("verb", ["show", "stats"])
 def test_show_and_stats_refuse_ids_as_filter_does(data, tmp_path, capsys, verb):
     """Both lists together, show's --id with a list, and a list filter refuses (empty, a blank line, not UTF-8, a
     folder): one line naming the option and file (and line), exit status 2, nothing printed."""

@@ -62,8 +62,12 @@ def cmd_stats(args) -> int:
         refuse_inside_buffer(args.plot, "--plot", itself=True)
         if Path(args.plot).exists() and not Path(args.plot).is_dir():
             raise ValueError(f"--plot {args.plot} is a file: give a folder for the histograms")
-    stats, hists = buffer_stats(args.buffer, args.where, histograms=bool(args.plot))
-    where = f", where {shown(args.where)}" if args.where else ""
+    stats, hists = buffer_stats(
+        args.buffer, args.where, histograms=bool(args.plot), ids=args.ids, exclude_ids=args.exclude_ids
+    )
+    where = f" listed in {args.ids}" if args.ids is not None else ""
+    where += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
+    where += f", where {shown(args.where)}" if args.where else ""
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({plural(stats['rows'], 'row')}{where})"))
     if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
         print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
@@ -226,10 +230,13 @@ def add_commands(sub) -> None:
         "stats",
         help="counts, length and reward distributions, group sizes",
         description="Counts, length and reward distributions per source and overall, group sizes and the "
-        "share of rows with reference statistics.",
+        "share of rows with reference statistics: of every row, or of the rows where EXPR is true and whose row_id "
+        "FILE lists (--ids) or does not list (--exclude-ids), each condition only when given (--ids and "
+        f"--exclude-ids not together). {IDS_FILE_HELP}",
     )
     st.add_argument("buffer", metavar="BUFFER")
     st.add_argument("--where", default=None, metavar="EXPR", help=WHERE_HELP)
+    ids_options(st)
     st.add_argument(
         "--plot", type=folder_path, default=None, metavar="DIR", help="also write histograms as PNG files into DIR"
     )

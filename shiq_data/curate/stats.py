@@ -7,7 +7,9 @@ disk beyond it, computes the counts, means, standard deviations, extremes and gr
 percentiles are read off each column sorted by DuckDB (an out-of-core sort, streamed), the histograms of
 ``--plot`` are counted over a streamed pass. Percentiles are numpy's (linear interpolation); the standard
 deviation is the sample one (``ddof=1``). A ``row_id`` the buffer holds twice is refused as ``validate`` refuses it:
-every row's id goes to a second table of the same spill, in the same pass over the shards.
+every row's id goes to a second table of the same spill, in the same pass over the shards. The rows summarised are
+``filter``'s selection (:class:`shiq_data.curate.filter.Selection`: ``--where``, ``--ids``, ``--exclude-ids``),
+which holds no more than the list of ids and the shards (memory-mapped) of one id lookup.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from shiq_data.curate.rows import TEXT_COLUMNS, CurationSource
+from shiq_data.curate.filter import Selection, row_ids
+from shiq_data.curate.rows import CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write, files_together
 from shiq_data.spill import Spill
@@ -48,27 +51,22 @@ def _percentile(a: float, b: float, t: float) -> float:
     return float(b - diff * (1 - t)) if t >= 0.5 else float(a + diff * t)
 
 
-def _spill_rows(source: CurationSource, where: Where | None, spill: Spill) -> None:
-    """The derived scalar columns of the rows where ``where`` holds (all rows without it) to table ``rows``, and
-    every row's id (where holding or not) to table ``ids``, for :func:`refuse_repeated_ids`."""
+def _spill_rows(chosen: Selection, spill: Spill) -> None:
+    """The derived scalar columns of the rows ``chosen`` selects (every row without ``--where`` or a list) to table
+    ``rows``, and every row's id (selected or not) to table ``ids``, for :func:`refuse_repeated_ids`."""
     spill.declare("rows", _SCHEMA)
     spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
-    if where is not None:
-        source.warn_of_shadowed_keys(where.columns)
+    source = chosen.source
+    if chosen.where is not None:
+        source.warn_of_shadowed_keys(chosen.where.columns)
     pos = 0
-    for k, table in enumerate(source.shards()):
+    for k, (table, keep) in enumerate(chosen):
         n = table.num_rows
         ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
         spill.append("ids", pa.table(ids))
         pos += n
-        view = source.view(
-            table,
-            text=where is not None and where.needs(TEXT_COLUMNS),
-            extra_keys=where is not None and where.needs_extra_keys(),
-        )
-        if where is not None:
-            view = view.filter(pa.array(where.mask(view, source.shard_path)))
-        spill.append("rows", view.select(list(COLUMNS)))
+        view = source.view(table, extra_keys=False).select(list(COLUMNS))
+        spill.append("rows", view if len(keep) == n else view.take(pa.array(keep, pa.int64())))
 
 
 def _summaries(spill: Spill) -> dict:
@@ -189,13 +187,25 @@ def summarise(spill: Spill) -> dict:
     }
 
 
-def buffer_stats(path, where: str | None = None, histograms: bool = False) -> tuple[dict, dict | None]:
-    """``(statistics, histograms)`` of the buffer at ``path``, or of its rows where ``where`` holds
-    (:func:`summarise`; the histograms of :func:`plot_stats`, only with ``histograms``)."""
+def buffer_stats(
+    path,
+    where: str | None = None,
+    histograms: bool = False,
+    *,
+    ids: str | None = None,
+    exclude_ids: str | None = None,
+) -> tuple[dict, dict | None]:
+    """``(statistics, histograms)`` of the buffer at ``path``, or of its rows where ``where`` holds and whose
+    ``row_id`` the file ``ids`` lists or ``exclude_ids`` does not list (each condition only when given; the lists as
+    ``filter`` reads them, :class:`Selection`, and its warning of the listed ids the buffer lacks) (:func:`summarise`;
+    the histograms of :func:`plot_stats`, only with ``histograms``)."""
+    listed = row_ids(ids, exclude_ids)
     source = CurationSource(path)
+    chosen = Selection(source, Where(where) if where is not None else None, listed)
     with Spill(source.path) as spill:
-        _spill_rows(source, Where(where) if where is not None else None, spill)
+        _spill_rows(chosen, spill)
         refuse_repeated_ids(spill, "ids", source.path, source.manifest["shards"])  # as validate refuses the buffer
+        chosen.warn_of_missing(path)
         stats = summarise(spill)
         return stats, _histograms(spill, stats) if histograms else None
 
