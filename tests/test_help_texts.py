@@ -72,3 +72,14 @@ def test_every_help_text_is_plain_and_names_no_checkout_path(capsys, monkeypatch
     for command in ("shiq-eval run", "shiq-eval leaderboard", "shiq-eval bfcl rollout", "shiq-train export"):
         assert command in seen, seen  # the walk reaches the subcommands
     assert "shiq-train ref-stats" in seen and "shiq-data build" in seen
+
+
+@pytest.mark.parametrize("package,script", [("shiq_data", "shiq-data"), ("shiq_eval", "shiq-eval")])
+def test_python_dash_m_runs_the_packages_command(package, script):
+    """``python -m shiq_eval`` is ``shiq-eval`` as ``python -m shiq_data`` is ``shiq-data`` (and ``torchrun -m``
+    takes the package as for ``shiq_train``): ``shiq_eval`` had no ``__main__`` and Python refused it."""
+    res = subprocess.run(
+        [sys.executable, "-m", package, "--help"], capture_output=True, text=True, cwd=REPO, timeout=300
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.startswith(f"usage: {script} ")

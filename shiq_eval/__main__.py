@@ -1,0 +1,7 @@
+"""``python -m shiq_eval`` (and ``torchrun -m shiq_eval``): the ``shiq-eval`` command."""
+
+import sys
+
+from shiq_eval.cli import main
+
+sys.exit(main())
