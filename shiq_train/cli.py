@@ -1178,7 +1178,8 @@ def _task(cfg) -> None:
         plain = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
         level = _dataclass_from(LoggingConfig, plain.get("logging") or {}, "logging").level
         setup_logging(level)
-        if not progress_bars_shown(level):  # WARNING or ERROR: warnings only (the training bar: run, run_value)
+        # WARNING or ERROR: warnings only (the training bar: run, run_value); train.progress=false: no bar at all
+        if not progress_bars_shown(level) or (plain.get("train") or {}).get("progress", True) is False:
             hide_library_progress_bars()
         run(plain, keys, model_keys_given([o for o in overrides if o.split("=", 1)[0].lstrip("+~") != "model"]))
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below

@@ -1855,6 +1855,38 @@ def test_a_log_level_above_info_shows_no_progress_bar_in_training_ref_stats_expo
         assert proc.stderr == "", (argv[:3], proc.stderr[-3000:])
 
 
+def test_train_progress_false_shows_no_progress_bar_of_transformers_either(tmp_path):
+    """``train.progress=false`` asks for no progress bar, as ``shiq-data --no-progress`` and ``shiq-eval run
+    --quiet`` do: a run started from a Hugging Face folder still drew transformers' "Loading weights" bar."""
+    from data_cli_runs import write_jsonl
+
+    from shiq_data.cli import main as data_main
+
+    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}", "reward": r} for w, r in [("a", 1), ("b", -1)] * 2]
+    assert (
+        data_main(
+            ["build", "jsonl", str(write_jsonl(tmp_path / "in.jsonl", rows)), "--tokenizer", "gpt2"]
+            + ["--out", str(tmp_path / "buf"), "--no-progress"]
+        )
+        == 0
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env.pop("SHIQ_VERBOSE", None)
+    common = [f"data.buffer={tmp_path / 'buf'}", "train.reference=online", "train.steps=1", "train.tensorboard=false"]
+    commands = [
+        ["-m", "shiq_train", *common, f"out={tmp_path / 'run'}", "model.vocab_size=50304", "logging.level=WARNING"],
+        ["-m", "shiq_train", "export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--log-level", "WARNING"],
+        ["-m", "shiq_train", *common, f"out={tmp_path / 'from_hf'}", f"init={tmp_path / 'hf'}", "train.progress=false"],
+    ]
+    for argv in commands:
+        proc = subprocess.run(
+            [sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-3000:]
+    assert "shiq-train: shiq on" in proc.stdout  # the result line stays
+
+
 def test_a_bfloat16_run_gives_no_warning_of_its_float32_norm_weights(tmp_path):
     """Every bfloat16 run (SmolLM2's config) printed torch's "Mismatch dtype between input and weight: input dtype
     = c10::BFloat16, weight dtype = float" at its first step: megatron-core keeps the local norms' weights in
