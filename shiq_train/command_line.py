@@ -154,7 +154,15 @@ def hydra_error(argv: list[str]) -> str | None:
                 break
             if line.strip() and not line.strip().startswith(("full_key:", "object_type=", "See https://")):
                 lines.append(line.strip())
-        message = "; ".join(lines) or type(e).__name__
+        # a heading that ends in ':' and the items Hydra lists under it, one a line: "options in 'loss': a, b"
+        parts: list[list[str]] = []
+        for line in lines:
+            if parts and parts[-1][0].endswith(":"):
+                parts[-1].append(line)
+            else:
+                parts.append([line])
+        message = "; ".join(" ".join([p[0], ", ".join(p[1:])]) if p[1:] else p[0] for p in parts)
+        message = message or type(e).__name__
         unknown = re.match(r"Could not override '([^']+)'.*To append to your config use \+", message)
         if unknown and default is not None:  # Hydra's advice, +key=value, would be refused next (below)
             return f"{unknown[1]}: no such setting{_closest(unknown[1], _with_groups(searched + argv, default))}"

@@ -1887,6 +1887,20 @@ def test_train_progress_false_shows_no_progress_bar_of_transformers_either(tmp_p
     assert "shiq-train: shiq on" in proc.stdout  # the result line stays
 
 
+def test_an_unknown_group_option_lists_the_others_in_one_readable_line():
+    """Hydra lists a group's options one a line under "Available options in 'loss':"; joined with "; " the line
+    read "Available options in 'loss':; copg; dpo; ...", which the one-line error now gives as a list."""
+    from shiq_train.command_line import hydra_error
+
+    assert hydra_error(["model=nosuch"]) == (
+        "In 'train': Could not find 'model/nosuch'; Available options in 'model': smollm2_135m, tiny"
+    )
+    assert hydra_error(["loss=nosuch"]).endswith(
+        "Available options in 'loss': copg, dpo, dro_v, dro_v_loo, mt_copg, mt_dpo, qsharp_value, sft, shiq, "
+        "shiq_init, shiq_ms, shiq_tk"
+    )
+
+
 def test_a_bfloat16_run_gives_no_warning_of_its_float32_norm_weights(tmp_path):
     """Every bfloat16 run (SmolLM2's config) printed torch's "Mismatch dtype between input and weight: input dtype
     = c10::BFloat16, weight dtype = float" at its first step: megatron-core keeps the local norms' weights in
