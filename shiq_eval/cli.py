@@ -1397,7 +1397,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--reward-model",
         help="regression reward-model head (safetensors from RegressionRewardModel.save, on MiniLM), or the "
-        "folder of --scorer hf_reward_model",
+        "folder of --scorer hf_reward_model (refused beside a --scorer that reads none, such as vader)",
     )
     r.add_argument(
         "--reference",

@@ -204,6 +204,12 @@ def check_suite(suite: Suite, path: Path | None, flags: set[str] = frozenset()) 
         raise SuiteError(
             f"{file}scorer bfcl needs prompts: a JSONL file of BFCL turns (write one with shiq-eval bfcl prompts)"
         )
+    if "reward_model" in flags and suite.scorer not in ("reward_model", "hf_reward_model"):
+        # (--reward-model alone makes the scorer reward_model: this is --scorer naming another one beside it)
+        raise SuiteError(
+            f"--reward-model: scorer {suite.scorer} reads no reward model (only reward_model and hf_reward_model "
+            "do), so the file would be left unused: leave out --reward-model or --scorer"
+        )
     if suite.scorer in ("reward_model", "hf_reward_model") and suite.reward_model is None:
         raise SuiteError(
             f"{file}scorer {suite.scorer} needs reward_model: a head file or a Hugging Face folder (--reward-model)"

@@ -822,6 +822,21 @@ def test_reward_model_flag_keeps_a_suites_hf_reward_model_scorer(tmp_path, capsy
     capsys.readouterr()
 
 
+def test_a_reward_model_beside_a_scorer_that_reads_none_is_refused(tmp_path, capsys):
+    """``--scorer vader --reward-model rm.safetensors`` scored with VADER and left the head unused, even a file
+    that did not exist, and the results said nothing of it: the two flags contradict each other."""
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w3 w4"}\n')
+    for scorer in ("vader", "python:score_len:score"):
+        argv = ["run", str(tmp_path / "nothing"), "--out", str(tmp_path / "o"), "--prompts", str(prompts)]
+        assert main([*argv, "--scorer", scorer, "--reward-model", str(tmp_path / "rm.safetensors")]) == 2
+        assert capsys.readouterr().err == (
+            f"shiq-eval: error: --reward-model: scorer {scorer} reads no reward model (only reward_model and "
+            "hf_reward_model do), so the file would be left unused: leave out --reward-model or --scorer\n"
+        )
+        assert not (tmp_path / "o").exists()
+
+
 def score_len_run(tmp_path, policy, reference, max_new_tokens: int) -> list[str]:
     """``shiq-eval run`` of ``policy`` against ``reference`` on one prompt, scored by completion length (a
     ``python:`` scorer written in ``tmp_path``, the working folder), into ``tmp_path/o``."""
