@@ -425,6 +425,13 @@ def check_runs(rows: list[dict]) -> None:
         key = (row["suite_sha256"], run_label(row))
         a = first.setdefault(key, row)
         for field in ("method", "beta"):
+            if a.get(field) != row.get(field) and a["source"] == row["source"]:  # one evaluation, one label
+                raise ValueError(
+                    f"{row['source']}: run {run_label(row)!r} has {field} {a.get(field)} at step {a.get('step')} "
+                    f"and {row.get(field)} at step {row.get('step')} (a run resumed with another {field}?): two "
+                    "settings under one label; evaluate the step folders apart, each with a label of its own "
+                    "(shiq-eval run RUN/checkpoints/step_N --label NAME)"
+                )
             if a.get(field) != row.get(field):
                 raise ValueError(
                     f"{a['source']} and {row['source']}: run {run_label(row)!r} has {field} {a.get(field)} in one "

@@ -400,6 +400,25 @@ def test_one_label_is_one_run_and_one_model_step_one_evaluation(tmp_path, capsys
     assert len(pd.read_csv(tmp_path / "o3" / "leaderboard.csv")) == 2
 
 
+def test_one_runs_steps_of_two_betas_are_refused_naming_the_steps(tmp_path, capsys):
+    """A run resumed with another β (``+resume.allow_changed=[loss.beta]``) and evaluated whole gives one results
+    file whose steps differ in β. The refusal named that file twice ("x and x: ... in one and ... in the other")
+    and advised ``--label``, which labels a whole run folder alike; it now names the steps and the way out."""
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3)
+    ckpt = lambda step: {"checkpoint": f"/runs/p/checkpoints/step_{step:08d}"}  # noqa: E731
+    first = result_row("a", 1, "m1", [2.0, 2.0, 7.0], [1.0, 3.0, 2.0], **ckpt(1))
+    resumed = result_row("a", 2, "m2", [2.0, 3.0, 7.0], [1.0, 3.0, 2.0], beta=0.1, **ckpt(2))
+    x = write_results(tmp_path / "x", [ref, first, resumed])
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", x, "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err == (
+        f"shiq-eval: error: {x}/results.json: run 'a' has beta 0.5 at step 1 and 0.1 at step 2 (a run resumed "
+        "with another beta?): two settings under one label; evaluate the step folders apart, each with a label "
+        "of its own (shiq-eval run RUN/checkpoints/step_N --label NAME)\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def write_results(folder, rows):
     folder.mkdir(parents=True)
     (folder / "results.json").write_text(json.dumps(rows))
