@@ -1873,15 +1873,13 @@ def test_train_progress_false_shows_no_progress_bar_of_transformers_either(tmp_p
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("SHIQ_VERBOSE", None)
     common = [f"data.buffer={tmp_path / 'buf'}", "train.reference=online", "train.steps=1", "train.tensorboard=false"]
-    commands = [
+    argvs = [
         ["-m", "shiq_train", *common, f"out={tmp_path / 'run'}", "model.vocab_size=50304", "logging.level=WARNING"],
         ["-m", "shiq_train", "export", str(tmp_path / "run"), "--hf", str(tmp_path / "hf"), "--log-level", "WARNING"],
         ["-m", "shiq_train", *common, f"out={tmp_path / 'from_hf'}", f"init={tmp_path / 'hf'}", "train.progress=false"],
     ]
-    for argv in commands:
-        proc = subprocess.run(
-            [sys.executable, *argv], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300
-        )
+    for argv in argvs:
+        proc = commands.run([sys.executable, *argv], cwd=tmp_path, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Loading weights" not in proc.stderr and "it/s]" not in proc.stderr, proc.stderr[-3000:]
     assert "shiq-train: shiq on" in proc.stdout  # the result line stays
