@@ -424,6 +424,18 @@ def test_curation_compares_the_text_as_given_whichever_way_it_was_kept():
     assert given_text(text_of(messages)) == text_of(messages) and given_text(None) is None
 
 
+def test_where_sees_the_text_as_given_not_its_stored_string_literal(tmp_path, gpt2, capsys):
+    """``--where`` names ``prompt`` and ``completion`` as the input gave them, as dedup compares them: a completion
+    that is a message list's JSON text (kept as its JSON string literal) is matched by that JSON text."""
+    inp = write_jsonl(tmp_path / "in.jsonl", JSON_LOOKING)
+    assert run("build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "b", "--no-progress") == 0
+    where = "completion LIKE '[{%' OR completion = '\"quoted\"'"
+    assert run("filter", tmp_path / "b", "--where", where, "--out", tmp_path / "f", "--no-progress") == 0
+    _, kept = shard_frame(tmp_path / "f")
+    assert kept.row_id.tolist() == ["b0-0", "b0-2"]
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize(
     "text,needle",
     [
