@@ -27,7 +27,7 @@ import shiq_data.buffer as buffer_module
 from shiq_data.buffer import append_buffer, open_buffer, read_shard, write_buffer, write_shard_file
 from shiq_data.curate.decontaminate import _bit_table as dc_bit_table
 from shiq_data.curate.decontaminate import words
-from shiq_data.curate.stats import buffer_stats
+from shiq_data.curate.stats import buffer_stats, format_stats
 from shiq_data.curate.where import sandbox
 from shiq_data.readers import get_format
 from shiq_data.tokenizers import load_tokenizer
@@ -2426,3 +2426,25 @@ def test_a_buffer_of_shards_above_the_bound_is_curated_into_shards_within_it(tmp
         alone = [t for t in tables if "Document 41:" in t.column("prompt")[0].as_py()]
         assert len(alone) == 1 and alone[0].num_rows == 1 and stream_size(alone[0]) > bound
         _same_rows(want, tables)
+
+
+def test_stats_columns_stay_aligned_for_long_rows_and_large_counts():
+    """A buffer of rows of a million tokens printed its median as 1e+06 and, its cell wider than the column, pushed
+    the columns after it out of line with their headings: each column now widens to its widest value."""
+    one = {
+        "rows": 12_345_678,
+        "groups": 9_876_543,
+        "tokens": {"mean": 1_000_000.5, "p50": 1_000_000.0, "max": 2_000_001},
+        "prompt_tokens": {"mean": 10.0},
+        "completion_tokens": {"mean": 999_990.5, "max": 2_000_000},
+        "reward": {"mean": 0.5, "std": 0.25, "min": -1.0, "max": 2.0},
+        "ref_share": 1.0,
+    }
+    table = format_stats({"rows": 1, "all": one, "sources": {"s": one}, "group_sizes": {1: 3}}, "title")
+    head, overall, source = table.splitlines()[1:4]
+    assert "1000000.5/1000000/2000001" in overall and "e+" not in overall
+    for heading in ("rows", "groups", "tokens mean/p50/max", "actions mean/max", "reward mean", "ref"):
+        end = head.index(heading) + len(heading)  # right-aligned: every value ends under its heading's end
+        assert end == len(overall) or overall[end] == " ", heading
+        assert overall[end - 1] != " " and source[end - 1] != " ", heading
+    assert overall.split()[2:4] == ["12345678", "9876543"] and overall.endswith("100%")

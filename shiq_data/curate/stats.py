@@ -243,29 +243,30 @@ def display_width(text: str) -> int:
 
 def format_stats(stats: dict, title: str) -> str:
     """The table ``shiq-data stats`` prints: the overall row (:data:`OVERALL`), then a row per source
-    (:func:`source_label`), the first column as wide as the longest label, at least 20."""
+    (:func:`source_label`), the first column as wide as the longest label, at least 20, and every other column
+    at least as wide as its heading, wider where a value needs it (a buffer of long rows), so columns stay aligned."""
     labels = {name: source_label(name) for name in stats["sources"]}
-    w = max([20, *map(display_width, labels.values())])
-    head = (
-        f"{'source':<{w}} {'rows':>7} {'groups':>7} {'tokens mean/p50/max':>22} {'prompt mean':>12} "
-        f"{'actions mean/max':>17} {'reward mean':>12} {'std':>8} {'min':>8} {'max':>8} {'ref':>5}"
-    )
-    lines = [title, head]
+    heads = ("rows", "groups", "tokens mean/p50/max", "prompt mean", "actions mean/max", "reward mean", "std")
+    heads += ("min", "max", "ref")
+    widths = [7, 7, 22, 12, 17, 12, 8, 8, 8, 5]
 
-    def line(name, s):
+    def cells(s) -> list[str]:
         tk, pr, ac, rw = s["tokens"], s["prompt_tokens"], s["completion_tokens"], s["reward"]
-        tokens = f"{tk['mean']:.1f}/{tk['p50']:g}/{tk['max']:.0f}"  # a median may fall between two lengths
-        actions = f"{ac['mean']:.1f}/{ac['max']:.0f}"
-        lines.append(
-            f"{name}{' ' * (w - display_width(name))} {s['rows']:>7} {s['groups']:>7} {tokens:>22} {pr['mean']:>12.1f} {actions:>17} "
-            f"{rw['mean']:>12.4g} {'-' if rw['std'] is None else format(rw['std'], '.3g'):>8} {rw['min']:>8.3g} "
-            f"{rw['max']:>8.3g} {s['ref_share']:>5.0%}"
-        )
+        # a median may fall between two lengths; never in exponent form (1e+06)
+        tokens = f"{tk['mean']:.1f}/{tk['p50']:.15g}/{tk['max']:.0f}"
+        std = "-" if rw["std"] is None else format(rw["std"], ".3g")
+        return [
+            *(str(s["rows"]), str(s["groups"]), tokens, f"{pr['mean']:.1f}", f"{ac['mean']:.1f}/{ac['max']:.0f}"),
+            *(f"{rw['mean']:.4g}", std, f"{rw['min']:.3g}", f"{rw['max']:.3g}", f"{s['ref_share']:.0%}"),
+        ]
 
-    if stats["rows"]:
-        line(OVERALL, stats["all"])
-        for name, s in stats["sources"].items():
-            line(labels[name], s)
+    rows = [(OVERALL, cells(stats["all"]))] if stats["rows"] else []
+    rows += [(labels[name], cells(s)) for name, s in stats["sources"].items()] if stats["rows"] else []
+    widths = [max([wd, *(len(c[i]) for _, c in rows)]) for i, wd in enumerate(widths)]
+    w = max([20, *map(display_width, labels.values())])
+    lines = [title, f"{'source':<{w}} " + " ".join(f"{h:>{wd}}" for h, wd in zip(heads, widths))]
+    for name, c in rows:
+        lines.append(f"{name}{' ' * (w - display_width(name))} " + " ".join(f"{x:>{wd}}" for x, wd in zip(c, widths)))
     sizes = ", ".join(f"{k}: {v}" for k, v in stats["group_sizes"].items())
     lines.append(f"group sizes (rows: groups)  {sizes or 'none'}")
     return "\n".join(lines)
