@@ -78,7 +78,14 @@ from shiq_train.model import (
     width_multiple,
 )
 from shiq_train.objectives import LOSS_NAMES, LOSSES, LossConfig
-from shiq_train.qsharp_train import run_key_names, train_value_model, value_config_from_run
+from shiq_train.qsharp_train import (
+    LOCK_FILE,
+    PROGRESS_FILE,
+    RESUME_FILE,
+    run_key_names,
+    train_value_model,
+    value_config_from_run,
+)
 from shiq_train.train_step import OptimizerConfig
 from shiq_train.trainer import LoggingConfig, SavedOnSigterm, TrainConfig, Trainer, frozen_copy, import_wandb
 
@@ -814,6 +821,24 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         raise ConfigError(
             f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
         )
+    out = Path(cfg["out"])
+    created = start_state(out)  # what is removed again if this start fails before a step is done
+    with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+        if not out.is_symlink() and (out.is_dir() or not out.exists()):  # (else train_value_model refuses it)
+            lock_run_folder(held, out)  # two runs into one folder would write each other's steps and state
+        try:
+            return _run_value(cfg, name, model_keys, model_overrides)
+        except SavedOnSigterm:  # (a step was done and saved: the folder is the run's, to resume or its model)
+            raise
+        except BaseException:  # removed unless a step was done
+            progress = out / PROGRESS_FILE
+            if not (out / RESUME_FILE).is_file() and not (progress.is_file() and progress.stat().st_size > 0):
+                remove_half_made_run(created, out)
+            raise
+
+
+def _run_value(cfg: dict, name: str, model_keys: set[str] | None, model_overrides: set[str] | None) -> Path:
+    """:func:`run_value` once the run folder is this run's: the model, the buffer's checks and the training."""
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
     state, hf_config = load_init(cfg["init"])
     check_shape(model_cfg, hf_config, cfg["init"])
@@ -1052,7 +1077,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
         )
 
 
-LOCK_NAME = ".lock"  # held (flock) by the run training into the folder
+LOCK_NAME = LOCK_FILE  # ".lock": held (flock) by the run training into the folder
 
 
 def check_online_reference_start(cfg: dict, saved: dict) -> None:

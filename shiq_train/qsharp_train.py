@@ -294,6 +294,7 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
 
 RESUME_FILE = "resume.pt"  # in a value run's output folder while it trains: what the same call resumes from
 PROGRESS_FILE = "metrics.partial.jsonl"  # there too while it trains: a line a step, to follow the run (tail -f)
+LOCK_FILE = ".lock"  # there too while shiq-train trains into it: held (flock) by that run (shiq_train.cli.run_value)
 # settings that do not change the value model trained: free to change between a run and its resume
 RESUME_FREE = ("progress", "save_every", "save_on_sigterm")
 
@@ -421,7 +422,7 @@ def train_value_model(
     if out.exists() and (
         not out.is_dir()
         or (
-            any(p.name != PROGRESS_FILE for p in out.iterdir())
+            any(p.name not in (PROGRESS_FILE, LOCK_FILE) for p in out.iterdir())
             and not (out / CONFIG_FILE).is_file()
             and not (out / RESUME_FILE).is_file()
         )

@@ -133,6 +133,7 @@ def test_value_loss_config_errors(trained, tmp_path):
     )
     assert taken.returncode == 2 and "is not a value-model folder" in taken.stderr
     assert (tmp_path / "policy_run" / "config.yaml").read_text() == "out: x\n"  # left alone
+    assert os.listdir(tmp_path / "policy_run") == ["config.yaml"]  # nothing added
     # a bound beyond the buffer's returns was named as train_value_model's argument (v_min=5), not the run's key
     high = shiq_train(
         f"data.buffer={tmp / 'buffer'}", f"out={tmp_path / 'v'}", f"init={init}", "loss=qsharp_value", "loss.v_min=5"
@@ -154,6 +155,45 @@ def test_value_loss_config_errors(trained, tmp_path):
         f"returns-to-go of buffer {tmp / 'buffer'})"
     )
     assert not (tmp_path / "v").exists()
+
+
+def test_a_value_run_into_a_folder_another_run_trains_into_is_refused(trained, tmp_path):
+    """Two value runs into one out= both trained, each appending its steps to the one metrics.partial.jsonl and
+    saving its state over the other's resume.pt. Now the second is refused in one line, as a policy run is, and
+    the first, stopped by SIGTERM, keeps its folder to resume from."""
+    import signal
+    import time
+
+    tmp, init, _ = trained
+    out = tmp_path / "v"
+    args = [f"data.buffer={tmp / 'buffer'}", f"out={out}", f"init={init}", *RUN_ARGS]
+    long_run = [a for a in args if not a.startswith(("train.steps=", "optimizer.decay_steps="))]
+    long_run += ["train.steps=100000", "optimizer.decay_steps=99998"]  # (stopped by SIGTERM, below)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    first = subprocess.Popen(
+        [sys.executable, "-m", "shiq_train", "--config-dir", str(REPO / "configs"), "train.progress=false", *long_run],
+        cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "metrics.partial.jsonl").is_file() and (out / "metrics.partial.jsonl").read_text()):
+            assert first.poll() is None and time.monotonic() < deadline, first.stderr.read()[-3000:]
+            time.sleep(0.2)
+        second = shiq_train(*args)
+        assert first.poll() is None  # still training
+        steps = (out / "metrics.partial.jsonl").read_text().splitlines()
+        assert [json.loads(line)["step"] for line in steps] == list(range(1, len(steps) + 1))  # one run's steps
+    finally:
+        first.send_signal(signal.SIGTERM)
+        err = first.communicate(timeout=120)[1]
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"shiq-train: error: out={out}: {out / '.lock'} is held by another shiq-train run, training into this "
+        "folder: wait for it to end, or use another out="
+    )
+    assert "Traceback" not in second.stderr
+    assert first.returncode == 143, err[-3000:]
+    assert {"resume.pt", "metrics.partial.jsonl"} <= set(os.listdir(out))  # what the first run resumes from
 
 
 @pytest.mark.parametrize(
