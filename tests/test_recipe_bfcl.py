@@ -443,7 +443,10 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
     assert again.done("train_shiq") and not again.done("train_shiq@0.1")
     assert json.loads((tmp_path / "config.json").read_text()) == more
     changed = bfcl.load_config(quick=True, overrides=["train.methods=[shiq,shiq@0.1]", "train.steps=3"])
-    with pytest.raises(ValueError, match=r"differs in \['train.steps'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a run with a different configuration \(train.steps: 2 saved, 3 now\); use another --out",
+    ):
         Stages(tmp_path, changed, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
 
 

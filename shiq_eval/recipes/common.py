@@ -572,8 +572,9 @@ class Stages:
                     if older
                     else ""
                 )
+                changes = "; ".join(f"{k}: {_shown(old, k)} saved, {_shown(cfg, k)} now" for k in refused)
                 raise ValueError(
-                    f"{out} holds a run with a different configuration (differs in {refused}{hint}); "
+                    f"{out} holds a run with a different configuration ({changes}{hint}); "
                     "use another --out or remove it"
                 )
             write = bool(diff or filled)
@@ -688,6 +689,18 @@ def _fill_absent(cfg: dict, key: str, value) -> bool:
         return False
     cfg[last] = value
     return True
+
+
+def _shown(cfg: dict, key: str, width: int = 60) -> str:
+    """The value of the dotted ``key`` in ``cfg`` as JSON (``absent`` if a section lacks it), cut at ``width``
+    characters."""
+    value = cfg
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return "absent"
+        value = value[part]
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+    return text if len(text) <= width else text[: width - 1] + "…"
 
 
 def diff_keys(a, b, prefix=""):
