@@ -420,3 +420,14 @@ def test_an_option_of_the_other_experiment_is_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"shiq-toys: error: {message}" in err, err
         assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--steps", "--epochs", "--n-pairs"])
+def test_a_count_below_one_is_named_with_its_value(tmp_path, capsys, flag):
+    """ "--seeds and --steps must be >= 1" named neither the one given nor its value."""
+    argv = ["gridworld", flag, "0", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit) as e:
+        toys.main([*argv, "--protocol", "epochs"] if flag == "--epochs" else argv)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"shiq-toys: error: argument {flag}: must be >= 1, got 0" in err, err
+    assert not os.listdir(tmp_path)

@@ -633,10 +633,10 @@ def main(argv=None) -> int:
     p.add_argument(
         "--overwrite", action="store_true", help="replace the results of an earlier run in --out (refused otherwise)"
     )
-    p.add_argument("--seeds", type=int, default=None, help="seeds per method (default 5; quick: 2)")
+    p.add_argument("--seeds", type=int_at_least(1), default=None, help="seeds per method (default 5; quick: 2)")
     p.add_argument(
         "--steps",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help="gradient steps per run, overrides both experiments' defaults "
         f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60)",
@@ -662,10 +662,12 @@ def main(argv=None) -> int:
         "(App. D.2): --epochs passes over the data in mini-batches of 30, evaluated after every pass, so "
         "one run gives the 1-epoch and 10-epoch results",
     )
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data with --protocol epochs (default 10)")
+    p.add_argument(
+        "--epochs", type=int_at_least(1), default=None, help="passes over the data with --protocol epochs (default 10)"
+    )
     p.add_argument(
         "--n-pairs",
-        type=int,
+        type=int_at_least(1),
         default=None,
         help=f"gridworld: (good, bad) trajectory pairs in the data set (default {GridConfig.n_pairs})",
     )
@@ -690,8 +692,6 @@ def _main(args, p) -> int:
         overrides["seeds"] = args.seeds
     if args.steps is not None:
         overrides["steps"] = args.steps
-    if any(v < 1 for k, v in overrides.items()):
-        p.error("--seeds and --steps must be >= 1")
     grid_overrides = {}
     if args.protocol == "epochs":
         if args.experiment != "gridworld":
@@ -703,8 +703,6 @@ def _main(args, p) -> int:
         p.error("--epochs needs --protocol epochs")
     if args.n_pairs is not None:
         grid_overrides["n_pairs"] = args.n_pairs
-    if any(v < 1 for v in grid_overrides.values()):
-        p.error("--epochs and --n-pairs must be >= 1")
     if args.good_policy != "optimal" and args.experiment == "bandit":
         p.error("--good-policy applies to the gridworld experiment only")
     if args.n_pairs is not None and args.experiment == "bandit":
