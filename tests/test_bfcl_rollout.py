@@ -481,7 +481,16 @@ def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2
 
     none = tmp_path / "none"
     assert cli.main(["to-buffer", str(tmp_path / "good.jsonl"), "--out", str(none), "--subset", "test"]) == 2
-    assert not none.exists()
+    assert not none.exists()  # (said as "no trajectories to write (subset test)", naming neither file nor count)
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .splitlines()[-1]
+        .endswith(
+            f"error: no trajectories to write: none of the 2 trajectories of {tmp_path / 'good.jsonl'} is of an entry "
+            "of --subset test"
+        )
+    )
 
 
 def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_end_of_turn(tmp_path, capsys, smollm2):

@@ -431,7 +431,13 @@ def _cmd_to_buffer(args) -> int:
         t["_where"] = f"{path}: trajectory {i} ({t['id']})"  # what a refusal of its messages names
     trajectories = _in_subset([t for _, _, t in read], args)
     if not trajectories:
-        raise ValueError(f"no trajectories to write (subset {args.subset})")
+        files = ", ".join(str(path) for path in args.trajectories)
+        if not read:
+            raise ValueError(f"no trajectories to write: {files} holds none")
+        raise ValueError(
+            f"no trajectories to write: none of the {plural(len(read), 'trajectory', 'trajectories')} of {files} is "
+            f"of an entry of --subset {args.subset}"
+        )
     for t in trajectories:
         _check_verdict(t, t["_where"])  # its rewards are the buffer's
     for t in trajectories:  # a bad 'truncated' field is named before the tokenizer loads
