@@ -840,6 +840,10 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
 def _run_value(cfg: dict, name: str, model_keys: set[str] | None, model_overrides: set[str] | None) -> Path:
     """:func:`run_value` once the run folder is this run's: the model, the buffer's checks and the training."""
     model_cfg = model_config(cfg["model"], cfg["init"], model_keys)
+    # the run's own settings first: refused in a moment, not after the reference's weights are loaded
+    value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
+    check_min_lr(value_cfg)
+    level = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging").level
     state, hf_config = load_init(cfg["init"])
     check_shape(model_cfg, hf_config, cfg["init"])
     # the value model learns the returns of the buffer's ids under the reference: the same tokenizer, as a policy run
@@ -858,9 +862,6 @@ def _run_value(cfg: dict, name: str, model_keys: set[str] | None, model_override
             f"{', '.join(f'model.{k}={getattr(model_cfg, k)!r}' for k in unused)} would not be used; leave "
             f"{'it' if len(unused) == 1 else 'them'} out"
         )
-    value_cfg = value_config_from_run(cfg, model_cfg.max_sequence_length)
-    check_min_lr(value_cfg)
-    level = _dataclass_from(LoggingConfig, cfg.get("logging") or {}, "logging").level
     if not progress_bars_shown(level):  # WARNING or ERROR: warnings only, no bar (as a policy run's)
         value_cfg = dataclasses.replace(value_cfg, progress=False)
     cfg = {**cfg, "model": built.to_dict()}

@@ -1537,6 +1537,37 @@ def test_a_value_run_refuses_parallel_sizes_it_does_not_use(tmp_path, arg):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "arg, message",
+    [
+        ("loss.gamma=0.9", "loss.gamma must be 1, got 0.9: "),
+        ("optimizer.min_lr=1e-6", "optimizer.min_lr=1e-06 is never reached with optimizer.decay_steps=0 "),
+    ],
+)
+def test_a_value_runs_own_settings_are_refused_before_the_reference_is_loaded(tmp_path, monkeypatch, arg, message):
+    """loss=qsharp_value refused loss.gamma=0.9 (and a min_lr never reached) only once SmolLM2's weights were
+    loaded: seconds, for a setting read from the command line alone."""
+    from shiq_train import cli
+
+    def load_init(init):
+        raise AssertionError(f"the reference {init} was loaded")
+
+    monkeypatch.setattr(cli, "load_init", load_init)
+    (tmp_path / "b").mkdir()
+    cfg, keys = composed(
+        f"data.buffer={tmp_path / 'b'}",
+        f"out={tmp_path / 'o'}",
+        "init=smollm2",
+        "model=smollm2_135m",
+        "loss=qsharp_value",
+        arg,
+    )
+    with pytest.raises(ValueError) as refused:
+        cli.run(cfg, keys)
+    assert str(refused.value).startswith(message)
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("value", [3, True, 0.5])
 def test_an_init_hydra_read_as_a_number_is_refused_naming_init(value):
     """init=3 (a folder named 3, unquoted) reached Path(3): a TypeError traceback and exit status 1."""
