@@ -391,6 +391,25 @@ def test_report_ranks_only_comparable_rollouts(tmp_path, capsys):
     assert set(json.loads(out.read_text())["models"]) == {"A", "A2"}
 
 
+def test_report_says_how_many_trajectories_its_subset_left_out(tmp_path, capsys):
+    """report --subset test kept only the test entries' trajectories without a word: the train rollouts given
+    beside them (runs/bfcl/*.jsonl) were dropped silently. It says so in one line on stderr, and nothing when
+    every trajectory is counted."""
+    te, tr = tmp_path / "test.jsonl", tmp_path / "train.jsonl"
+    base = ["rollout", "--categories", "multi_turn_base", "--model-name", "M"]
+    assert cli.main([*base, "--subset", "test", "--limit", "2", "--out", str(te)]) == 0
+    assert cli.main([*base, "--subset", "train", "--limit", "3", "--out", str(tr)]) == 0
+    capsys.readouterr()
+    assert cli.main(["report", str(te), str(tr), "--subset", "test"]) == 0
+    err = capsys.readouterr().err
+    assert err == "--subset test: left out 3 of 5 trajectories, of entries outside the subset\n"
+    assert cli.main(["report", str(tr), str(te), "--subset", "train"]) == 0
+    assert capsys.readouterr().err == "--subset train: left out 2 of 5 trajectories, of entries outside the subset\n"
+    for argv in (["report", str(te), "--subset", "test"], ["report", str(tr)]):  # none left out: nothing said
+        assert cli.main(argv) == 0
+        assert capsys.readouterr().err == ""
+
+
 def test_report_writes_all_of_its_outputs_or_none(tmp_path, capsys):
     traj, out = tmp_path / "a.jsonl", tmp_path / "r.json"
     unwritable = tmp_path / ("x" * 300 + ".md")  # a name longer than a file system takes: fails at the write

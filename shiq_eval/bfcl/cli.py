@@ -344,6 +344,12 @@ def _cmd_report(args) -> int:
     if not in_subset:
         raise ValueError(f"no trajectory of {', '.join(map(repr, groups))} is in the subset {args.subset}")
     counted = [t for ts in in_subset.values() for t in ts]
+    total = sum(len(pairs) for pairs in groups.values())
+    if len(counted) < total:  # (kept as documented, but not without a word)
+        log.warning(
+            f"--subset {args.subset}: left out {total - len(counted)} of "
+            f"{plural(total, 'trajectory', 'trajectories')}, of entries outside the subset"
+        )
     for t in tqdm(
         counted,
         desc="checking the verdicts again",
