@@ -7,6 +7,7 @@ import json
 import random
 import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -408,6 +409,30 @@ def test_report_says_how_many_trajectories_its_subset_left_out(tmp_path, capsys)
     for argv in (["report", str(te), "--subset", "test"], ["report", str(tr)]):  # none left out: nothing said
         assert cli.main(argv) == 0
         assert capsys.readouterr().err == ""
+
+
+def test_report_names_a_model_as_rollout_recorded_it_and_the_docs_say_so(tmp_path, capsys):
+    """The README said a report row is named by rollout --model-name, else the file's name; without
+    --model-name, rollout records its --policy (scripted here), and only a trajectory recording no name is
+    named by its file."""
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert cli.main(["rollout", "--categories", "multi_turn_base", "--limit", "1", "--out", str(a)]) == 0
+    rows = [json.loads(x) for x in a.read_text().splitlines()]
+    assert [t["model"] for t in rows] == ["scripted"]
+    b.write_text("".join(json.dumps({k: v for k, v in t.items() if k != "model"}) + "\n" for t in rows))
+    out = tmp_path / "r.json"
+    assert cli.main(["report", str(a), str(b), "--out", str(out)]) == 0
+    assert set(json.loads(out.read_text())["models"]) == {"scripted", "b.jsonl"}
+    readme = " ".join((Path(__file__).resolve().parents[1] / "README.md").read_text().split())
+    assert (
+        "(the name a trajectory records: `rollout --model-name`, else its `--policy`: `scripted`, `smollm2` or the "
+        "folder's own name; only a trajectory that records no name is named by its file)"
+    ) in readme
+    with pytest.raises(SystemExit):
+        cli.main(["rollout", "--help"])
+    assert "(default: the --policy value; for a folder, a model's or a run's, the folder's own name)" in " ".join(
+        capsys.readouterr().out.split()
+    )
 
 
 def test_report_writes_all_of_its_outputs_or_none(tmp_path, capsys):

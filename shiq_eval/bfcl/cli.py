@@ -536,7 +536,11 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         help="sampling seed (model policies): each answer is drawn under a seed made of it, the entry's id and the "
         "answer's number",
     )
-    q.add_argument("--model-name", help="name recorded in every trajectory, for 'report' (default: the --policy value)")
+    q.add_argument(
+        "--model-name",
+        help="name recorded in every trajectory, for 'report' (default: the --policy value; for a folder, a model's "
+        "or a run's, the folder's own name)",
+    )
     q.set_defaults(func=_cmd_rollout)
 
     q = sub.add_parser(
@@ -561,7 +565,8 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
         "report",
         help="accuracy per category and overall, per-turn reward means",
         description="Report checked trajectories, one row per model: the model name a trajectory "
-        "records, else the name of its file. With one model, a table with per-turn reward means; "
+        "records (rollout's --model-name, else its --policy), or the name of its file for a trajectory that "
+        "records none. With one model, a table with per-turn reward means; "
         "with several, a leaderboard in the shape of BFCL's multi-turn one (overall and "
         "per-category accuracy).",
     )
