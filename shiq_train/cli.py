@@ -635,6 +635,23 @@ def _logged_steps(out: Path) -> int:
     return sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
 
 
+def damaged_config(path: Path, out: Path, what: str) -> ConfigError:
+    """The refusal of a run's saved configuration ``path`` that is cut short or damaged (``what``: how), saying
+    where the same configuration is kept: the ``meta.json`` of ``out``'s newest checkpoint, if it holds one."""
+    try:
+        step_dir = latest_step_dir(out / "checkpoints")
+        kept = step_dir is not None and isinstance(read_meta(step_dir).get("meta", {}).get("config"), dict)
+    except (ValueError, OSError):
+        kept = False
+    fix = (
+        f"restore it from the 'config' of the 'meta' object in {step_dir / 'meta.json'} (the configuration its "
+        "checkpoint was saved with), or use another out="
+        if kept
+        else "restore it from a copy, or use another out="
+    )
+    return ConfigError(f"{path}: {what}: the file looks truncated or damaged; {fix}")
+
+
 def check_resume_config(
     out: Path,
     cfg: dict,
@@ -658,9 +675,13 @@ def check_resume_config(
     try:
         saved = yaml.safe_load(path.read_text()) if path.is_file() else None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(e, 200)})") from None
+        raise damaged_config(path, out, f"not valid YAML ({one_line(e, 200)})") from None
     if saved is not None and not isinstance(saved, dict):
-        raise ConfigError(f"{path}: expected a mapping of options, got {type(saved).__name__}")
+        raise damaged_config(path, out, f"expected a mapping of options, got {type(saved).__name__}")
+    sections = [k for k, v in cfg.items() if isinstance(v, dict) and v]
+    lost = [k for k in sections if not isinstance((saved or {}).get(k), dict)]
+    if saved is not None and not force and 2 * len(lost) > len(sections):  # (an older release lacks a few keys)
+        raise damaged_config(path, out, f"it lacks {len(lost)} of the {len(sections)} sections ({', '.join(lost)})")
     if saved is None:
         if force:
             return []

@@ -1649,6 +1649,50 @@ def test_resume_allow_changed_naming_no_key_of_the_configuration_is_refused(tmp_
             check_resume_config(tmp_path, new, {"loss.beta", typo}, False)
 
 
+def test_a_cut_or_damaged_config_yaml_is_refused_as_such_not_as_an_older_release(tmp_path):
+    """A config.yaml cut short (head -c 100) was compared as an older release's: one line of ~40 "(unset) -> ..."
+    keys and advice to allow them all. Lacking most sections (or not a mapping), it is named as damaged with where
+    its copy is: the newest checkpoint's meta.json; a config lacking one section is an older release's still."""
+    import yaml
+
+    from shiq_train.cli import ConfigError, check_resume_config
+
+    cfg, _ = composed("data.buffer=b", f"out={tmp_path}", "loss=sft")
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    (tmp_path / "config.yaml").write_text(text[:100])
+    assert list(yaml.safe_load(text[:100])) == ["model"]  # (cut inside the model section)
+
+    def refusal():
+        with pytest.raises(ConfigError) as e:
+            check_resume_config(tmp_path, cfg, set(), False)
+        return str(e.value)
+
+    path = tmp_path / "config.yaml"
+    lacks = f"{path}: it lacks 6 of the 7 sections (loss, parallel, data, optimizer, train, logging): "
+    assert refusal() == f"{lacks}the file looks truncated or damaged; restore it from a copy, or use another out="
+    step = tmp_path / "checkpoints" / "step_00000002"
+    step.mkdir(parents=True)
+    meta = {"step": 2, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": {"config": cfg}}
+    (step / "meta.json").write_text(json.dumps(meta))
+    (tmp_path / "checkpoints" / "latest").write_text("step_00000002")
+    restore = (
+        f"the file looks truncated or damaged; restore it from the 'config' of the 'meta' object in {step}/meta.json "
+        "(the configuration its checkpoint was saved with), or use another out="
+    )
+    assert refusal() == lacks + restore
+    path.write_text("just text\n")
+    assert refusal() == f"{path}: expected a mapping of options, got str: {restore}"
+    path.write_text('model: "cut\n')
+    assert refusal().startswith(f"{path}: not valid YAML (") and refusal().endswith(restore)
+    # an older release's: one section short, its keys compared as before
+    path.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "logging"}))
+    changed = check_resume_config(tmp_path, cfg, set(), False)  # (logging's keys may change on resume)
+    assert changed == sorted(f"logging.{k}" for k in cfg["logging"])
+    older = {k: v for k, v in cfg.items() if k not in ("logging", "parallel")}
+    path.write_text(yaml.safe_dump({**older, "optimizer": {**cfg["optimizer"], "lr": 1.0}}))
+    assert "optimizer.lr 1.0 -> 0.0003" in refusal()
+
+
 def test_run_folder_lock_applied_resume_changes_and_untouched_config_on_refusal(tmp_path):
     """Four holes of a rerun into a run folder:
     - a second run into a folder that a run is training into is refused (two runs used to alternate
