@@ -1,11 +1,22 @@
 """tools/bench_prefix_cache.py at a tiny size, in the BFCL recipe's shape (groups of 2, two micro-batches a
-step, the output layer in chunks): the three paths train on the same batches and start from the same loss."""
+step, the output layer in chunks): the three paths train on the same batches and start from the same loss; the
+paths' order is reversed every other timed pass."""
 
 from __future__ import annotations
 
 import re
+import sys
 
-from tool_runs import run_tool
+from tool_runs import TOOLS, run_tool
+
+sys.path.insert(0, str(TOOLS))
+
+import bench_prefix_cache as tool  # noqa: E402
+
+
+def test_the_timed_passes_alternate_their_order():
+    names = ["full", "cached", "shared"]
+    assert [tool.pass_order(names, rep) for rep in range(3)] == [names, names[::-1], names]
 
 
 def test_cached_and_full_steps_agree_at_a_tiny_size(smollm2):

@@ -11,8 +11,8 @@ take the same micro-batches: ``full`` runs all 30 layers at every step; ``cached
 trainable layers on the hidden states of ``shiq_train.prefix_cache.PrefixCache`` (their lookup included
 in the step); ``shared`` does too, and runs the leading tokens its rows share once
 (``train.share_prefixes``, ``shiq_train.prefix_tree``; building the tree included). Steps run
-interleaved (full, cached, shared, full, ...) after one warm-up each, so load from other processes hits
-all alike. Also timed: the one-off cache build over the whole buffer (as tries of token-sorted rows, the
+interleaved after one warm-up each, every other pass reversed (full, cached, shared, then shared, cached,
+full, ...), so neither load from other processes nor the order favours a path. Also timed: the one-off cache build over the whole buffer (as tries of token-sorted rows, the
 default, and as length-sorted padded rows; their states must agree), and the first step's loss of every
 path (they must agree).
 
@@ -69,6 +69,12 @@ def parse_args(argv=None):
     if args.buffer is None and args.rows < args.group_size:
         p.error(f"--rows {args.rows}: a micro-batch holds whole groups, at least --group-size {args.group_size} rows")
     return args
+
+
+def pass_order(items: list, rep: int) -> list:
+    """The paths of timed pass ``rep``: in order, reversed every other pass (A B C C B A ...), so that no path
+    always runs after the same one (the cache and allocator state it leaves)."""
+    return items if rep % 2 == 0 else items[::-1]
 
 
 def synthetic_buffer(out: Path, args, vocab: int):
@@ -172,8 +178,8 @@ def main(argv=None) -> None:
         paths = {"full": full, "cached": cached, "shared": shared}
         first = {name: fn(batches[0])["loss"] for name, fn in paths.items()}  # warm-up, same batch
         times = {name: [] for name in paths}
-        for mbs in tqdm(batches[1:], desc="timing", dynamic_ncols=True):
-            for name, fn in paths.items():
+        for rep, mbs in enumerate(tqdm(batches[1:], desc="timing", dynamic_ncols=True)):
+            for name, fn in pass_order(list(paths.items()), rep):
                 t0 = time.perf_counter()
                 fn(mbs)
                 times[name].append(time.perf_counter() - t0)
@@ -185,7 +191,7 @@ def main(argv=None) -> None:
     med = {k: statistics.median(v) for k, v in times.items()}
     print(
         f"\nSmolLM2-135M, {args.trainable} of {layers} layers trainable, {args.rows * args.micro_batches} rows a step "
-        f"(~{tokens:.0f} padded tokens), {args.threads} threads, median of {args.reps} interleaved steps\n"
+        f"(~{tokens:.0f} padded tokens), {args.threads} threads, median of {args.reps} interleaved steps, the order reversed every other step\n"
     )
     print("| path | s/step (median) | min | max | / full |")
     print("|---|---|---|---|---|")
