@@ -16,6 +16,7 @@ def test_both_ways_run_the_arms_on_smollm2():
     out = run_tool("bench_jobs.py", "--steps", "1", "--prompts", "2", "--new-tokens", "2", timeout=900)
     rows = {r[0]: r[1:] for r in table_rows(out)}
     assert set(rows) == {"how", "one after the other", "side by side"}
+    assert rows["how"][1] == "mean seconds per arm (excluding model loading)"  # a mean over arms, not a median
     assert rows["one after the other"][0] == "2" and rows["side by side"][0] == "1"
     for how in ("one after the other", "side by side"):
         per_arm, wall = float(rows[how][1]), float(rows[how][2])

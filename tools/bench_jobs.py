@@ -18,8 +18,8 @@ threads; and the same arms in ``--runs`` processes at once, ``--threads // --run
 one). With ``--rounds`` N the two ways alternate N times, one after the other first in even rounds (0, 2,
 ...) and side by side first in odd ones, so neither always runs first; medians over the rounds are reported.
 The wall time includes each process's start and its loading of the model, the tokenizer and the prompts
-(every arm loads them, either way); the seconds per arm exclude them. The table gives both and the ratio
-of the wall times.
+(every arm loads them, either way); the seconds per arm exclude them (their mean over every arm and round).
+The table gives both and the ratio of the wall times.
 
     python tools/bench_jobs.py                    # 2 arms, 2 threads, 20 steps, 64 prompts, 1 round
     python tools/bench_jobs.py --runs 3 --steps 5 --prompts 16 --rounds 2
@@ -211,11 +211,11 @@ def main(argv=None) -> None:
     print(
         f"{args.runs} stand-in arms of the main job (SmolLM2-135M, last {args.trained} layers: {args.steps} training "
         f"steps of 16 x 72 tokens, then {args.prompts} prompts x {samples} sample(s) with {args.new_tokens} new "
-        f"tokens and their KL, {args.batch} prompts a batch); median of {args.rounds} round(s), the first way "
-        "alternating"
+        f"tokens and their KL, {args.batch} prompts a batch); wall seconds the median of {args.rounds} round(s), "
+        "the first way alternating; seconds per arm the mean over every arm and round"
     )
     print()
-    print("| how | threads per arm | seconds per arm (excluding model loading) | wall seconds in all | sooner |")
+    print("| how | threads per arm | mean seconds per arm (excluding model loading) | wall seconds in all | sooner |")
     print("|---|---|---|---|---|")
     print(f"| one after the other | {args.threads} | {sum(serial) / len(serial):.1f} | {t_serial:.1f} | 1.00x |")
     print(
