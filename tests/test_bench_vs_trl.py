@@ -117,6 +117,7 @@ def run_contestants(names, tmp_path) -> dict:
             assert [m["step"] for m in rep.msgs] == [0, 1], name
             assert [m["tokens"] for m in rep.msgs] == want, name
             assert all(m["seconds"] > 0 for m in rep.msgs), name
+            assert all(m["fused"] for m in rep.msgs), name  # every contestant steps the same AdamW kernel
             steps[name] = rep.msgs
     finally:
         torch.set_num_threads(threads)

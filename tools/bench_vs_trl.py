@@ -1,7 +1,8 @@
 """Training throughput of ShiQ on megatron-core against TRL's DPOTrainer and a plain transformers SFT step.
 
 One run, one model (SmolLM2-135M-Instruct, float32, every parameter trained), the same AdamW (betas
-0.9/0.999, no weight decay, gradient norm clipped at 1) and the same rows for every contestant. A step
+0.9/0.999, no weight decay, gradient norm clipped at 1; torch's fused kernel, as the trainer steps it: TRL's
+optim=adamw_torch_fused) and the same rows for every contestant. A step
 takes the next P prompt pairs (a prompt with two completions, the better one first), that is 2P
 trajectories, so every contestant trains on the same real tokens per step:
 
@@ -336,6 +337,12 @@ def megatron_batch(pairs: list[dict], packed_width: int | None) -> tuple[dict, i
     return mb, sum(len(t) for t, _ in rows)
 
 
+def fused(optimizer) -> bool:
+    """Whether every parameter group of ``optimizer`` steps torch's fused AdamW kernel (reported with each step,
+    so that no contestant steps another implementation: the loop over tensors takes 3-5x as long on CPU)."""
+    return all(bool(group.get("fused")) for group in optimizer.param_groups)
+
+
 def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
     import torch
 
@@ -374,7 +381,12 @@ def run_megatron(name: str, rowset: dict, args, rep: Reporter) -> None:
             metrics = train_step(model, opt, sched, [dict(mb)], loss_fn, CLIP)
             seconds = time.perf_counter() - t0
             rep.send(
-                step=s, seconds=seconds, tokens=n, loss=float(metrics["loss"]), grad_norm=float(metrics["grad_norm"])
+                step=s,
+                seconds=seconds,
+                tokens=n,
+                loss=float(metrics["loss"]),
+                grad_norm=float(metrics["grad_norm"]),
+                fused=fused(opt),
             )
     finally:
         parallel.destroy_distributed()
@@ -400,7 +412,7 @@ def run_transformers_sft(rowset: dict, args, rep: Reporter) -> None:
     import torch
 
     model = load_hf(args.model_dir).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, fused=True)
     steps = [hf_batch(step_pairs(rowset["pairs"], s, args.pairs), 2) for s in range(1 + args.steps)]
     rep.reset_peak()
     for s, (batch, n) in enumerate(steps):
@@ -410,7 +422,7 @@ def run_transformers_sft(rowset: dict, args, rep: Reporter) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        rep.send(step=s, seconds=time.perf_counter() - t0, tokens=n, loss=loss.item())
+        rep.send(step=s, seconds=time.perf_counter() - t0, tokens=n, loss=loss.item(), fused=fused(opt))
 
 
 def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
@@ -451,6 +463,7 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
                 tokens=trainer.tokens,
                 loss=trainer.loss,
                 grad_norm=trainer.grad_norm,
+                fused=fused(trainer.optimizer),
             )
 
     n_steps = 1 + args.steps
@@ -469,7 +482,7 @@ def run_trl(name: str, rowset: dict, args, rep: Reporter, work: Path) -> None:
         lr_scheduler_type="constant",
         weight_decay=0.0,
         max_grad_norm=CLIP,
-        optim="adamw_torch",
+        optim="adamw_torch_fused",  # the kernel the trainer's AdamW steps
         per_device_train_batch_size=args.pairs,
         max_steps=n_steps,
         train_sampling_strategy="sequential",
