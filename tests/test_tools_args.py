@@ -33,6 +33,7 @@ CASES = [  # (script, arguments, the option the refusal names)
     ("bench_data.py", ["--verbs", "dedup", "--speed-only"], "--speed-only"),
     ("bench_data.py", ["--part", "groups", "--speed-only"], "--speed-only"),
     ("bench_data.py", ["--part", "shards", "--shard-doc-rows", "0"], "--shard-doc-rows"),
+    ("bench_data.py", ["--part", "shards", "--shard-doc-rows", "50"], "--shard-doc-rows"),  # all 50 dropped
     ("bench_data.py", ["--code", "/nonexistent"], "--code"),
     ("bench_data.py", ["--json", "/nonexistent/out.json"], "--json"),
     ("bench_ddp.py", ["--dp", "2", "0"], "--dp"),

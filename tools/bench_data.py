@@ -765,9 +765,10 @@ def main(argv=None) -> int:
     )
     ap.add_argument(
         "--shard-doc-rows",
-        type=_args.count,
+        type=_args.integer(51),
         default=4000,
-        help="rows of long documents (about 1,540 tokens each) of the shard scan (default %(default)s)",
+        help="rows of long documents (about 1,540 tokens each) of the shard scan, at least 51: decontaminate drops "
+        "50 of them (default %(default)s)",
     )
     ap.add_argument(
         "--prompt-chars",
