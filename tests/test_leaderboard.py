@@ -266,6 +266,36 @@ def test_the_shipped_suite_resolves_with_packaged_assets():
         load_suite(str(bad))
 
 
+def test_sampling_settings_are_taken_up_to_their_bounds_and_refused_one_past(tmp_path):
+    """shiq-eval run's bounds, at the edge: 10,000 samples per prompt, a batch of 65,536, seed 10**9 and
+    temperature 1e-30 are taken; one past each is refused naming its option."""
+    from shiq_eval.suite import SuiteError, load_suite
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    base = {"prompts": str(tmp_path / "p.jsonl"), "scorer": "vader"}
+    cases = [
+        (
+            "samples_per_prompt",
+            10_000,
+            10_001,
+            "--samples-per-prompt: sampling.samples_per_prompt must be in 1..10,000",
+        ),
+        ("batch_size", 65_536, 65_537, "--batch-size: sampling.batch_size must be in 1..65,536, got 65537"),
+        ("seed", 1_000_000_000, 1_000_000_001, "--seed: sampling.seed must be in 0..1,000,000,000, got 1000000001"),
+        (
+            "temperature",
+            1e-30,
+            9e-31,
+            "--temperature: sampling.temperature must be a finite number >= 1e-30, got 9e-31",
+        ),
+    ]
+    for key, edge, past, message in cases:
+        suite, _ = load_suite(None, {**base, f"sampling.{key}": edge})
+        assert getattr(suite.sampling, key) == edge
+        with pytest.raises(SuiteError, match=f"^{re.escape(message)}"):
+            load_suite(None, {**base, f"sampling.{key}": past})
+
+
 def test_a_bad_suite_value_is_named_where_it_came_from(tmp_path):
     """--max-new-tokens 0 was blamed on the suite file (which said 4); a misspelt key of the sampling block was
     answered with the suite's top-level keys."""

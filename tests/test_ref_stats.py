@@ -629,6 +629,7 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     [
         ("--threads", "-1", "must be in 0..1024, got -1"),
         ("--threads", "100000", "must be in 0..1024, got 100000"),  # torch's thread pool crashed
+        ("--threads", "1025", "must be in 0..1024, got 1025"),
         ("--batch-tokens", "0", "must be >= 1, got 0"),
     ],
 )
