@@ -210,6 +210,34 @@ def test_a_saved_dataset_naming_files_outside_its_folder_is_refused(tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert f"{tmp_path / 'dd2'}: a DatasetDict with splits ['train']; pass one split's folder" in err, err
     assert "nowhere" not in err and not (tmp_path / "b").exists()
+    # an absolute data file name, and a data file that is a link to one outside: refused alike
+    outside = tmp_path / "outside" / "data-00000-of-00001.arrow"
+    for k, (name, edit) in enumerate(
+        [
+            (str(outside), lambda folder, state: state["_data_files"][0].update(filename=str(outside))),
+            (
+                "data-00000-of-00001.arrow",
+                lambda folder, state: (
+                    (folder / "data-00000-of-00001.arrow").unlink()
+                    or (folder / "data-00000-of-00001.arrow").symlink_to(outside)
+                ),
+            ),
+        ]
+    ):
+        folder = tmp_path / f"ds{k + 3}"
+        datasets.Dataset.from_dict({**cols, "reward": [2.0]}).save_to_disk(str(folder))
+        state = json.loads((folder / "state.json").read_text())
+        edit(folder, state)
+        (folder / "state.json").write_text(json.dumps(state))
+        capsys.readouterr()
+        argv = ["build", "datasets", str(folder), "--tokenizer", "gpt2", "--out", str(tmp_path / "b")]
+        assert main([*argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            err
+            == f"shiq-data: error: {folder / 'state.json'}: field '_data_files': '{name}' is not a name inside {folder}"
+        )
+        assert not (tmp_path / "b").exists()
 
 
 def test_an_empty_saved_dataset_is_an_input_of_no_rows(tmp_path, capsys):
