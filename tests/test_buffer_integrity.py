@@ -526,6 +526,25 @@ def test_json_nan_or_infinity_is_refused_naming_the_file_and_the_constant(tmp_pa
     assert read_json_file(path) == {"a": "NaN", "b": [-1.5e300, 2]}
 
 
+def test_a_checkpoint_layout_that_is_not_whole_numbers_is_refused(tmp_path):
+    """A checkpoint's rank files are named from its meta.json layout (rank_tp{T}_pp{P}_dp{D}.pt): a layout
+    holding a path ("../x"), a float or a number below 1 is refused naming the file, before any file is named
+    from it."""
+    import re
+
+    from shiq_train.checkpoint import read_meta
+
+    step = tmp_path / "step_00000002"
+    step.mkdir()
+    good = {"step": 2, "layout": {"tp": 1, "pp": 2, "dp": 1}, "meta": {}}
+    (step / "meta.json").write_text(json.dumps(good))
+    assert read_meta(step)["layout"] == {"tp": 1, "pp": 2, "dp": 1}
+    for key, value in [("tp", "../x"), ("pp", 1.0), ("dp", 0), ("vpp", "2"), ("tp", None)]:
+        (step / "meta.json").write_text(json.dumps({**good, "layout": {**good["layout"], key: value}}))
+        with pytest.raises(ValueError, match="^" + re.escape(f"{step / 'meta.json'}: expected an object with an")):
+            read_meta(step)
+
+
 def test_a_checkpoint_meta_is_written_with_null_for_an_undefined_number(tmp_path):
     """A checkpoint's meta.json and a value model's value_model.json (its ``last`` metrics: a diverged loss)
     were written with ``json.dumps``' default, ``NaN``/``Infinity``, which their readers now refuse: an
