@@ -64,6 +64,18 @@ def validate_buffer(path, *, vocab_size: int | None = None, cleanup: bool = Fals
     return {"path": str(path), **result, "removed_files": removed, "cleanup_skipped": skipped}
 
 
+ID_SCHEMA = pa.schema(
+    [("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]
+)  # what refuse_repeated_ids reads
+
+
+def id_rows(pos: int, shard: int, row_ids) -> pa.Table:
+    """The rows of an :data:`ID_SCHEMA` spill table for shard number ``shard``'s ``row_ids``, the first of them the
+    buffer's row ``pos``."""
+    n = len(row_ids)
+    return pa.table({"pos": np.arange(pos, pos + n), "shard": np.full(n, shard, np.int32), "row_id": row_ids})
+
+
 def refuse_repeated_ids(spill: Spill, table: str, path: Path, shards: list[dict]) -> None:
     """Refuse a ``row_id`` the spill's ``table`` (``pos``, ``shard``, ``row_id``: every row of the buffer at
     ``path``, its manifest's ``shards``) holds twice, naming the later row's shard and row."""
@@ -88,13 +100,11 @@ def check_unique_ids(buffer: Buffer, near: Path) -> None:
     checksum), naming the later row's shard and row. The ids go to a :class:`~shiq_data.spill.Spill` beside
     ``near``, so memory does not grow with the buffer."""
     with Spill(near) as spill:
-        spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
+        spill.declare("ids", ID_SCHEMA)
         pos = 0
         for k, table in enumerate(buffer.shard_columns(["row_id"])):
-            n = table.num_rows
-            ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
-            spill.append("ids", pa.table(ids))
-            pos += n
+            spill.append("ids", id_rows(pos, k, table.column("row_id")))
+            pos += table.num_rows
         refuse_repeated_ids(spill, "ids", buffer.path, buffer.manifest["shards"])
 
 

@@ -27,7 +27,7 @@ from shiq_data.curate.output import refuse_existing, write_curated
 from shiq_data.curate.rows import CurationSource, text_key
 from shiq_data.io import atomic_dir
 from shiq_data.spill import Bitmap, Spill
-from shiq_data.validate import refuse_repeated_ids
+from shiq_data.validate import ID_SCHEMA, id_rows, refuse_repeated_ids
 
 BY = ("group", "prompt")
 CHUNK = 1 << 20  # units read at a time from the memory-mapped arrays
@@ -49,14 +49,13 @@ def _test_rows(source: CurationSource, spill: Spill, by: str, test_fraction: flo
     input holds twice is refused (:func:`refuse_repeated_ids`, validate's words) whichever sides its rows would fall
     on: two buffers sharing an id are not a clean split either."""
     spill.declare("rows", pa.schema([("pos", pa.int64()), ("key", _key_type(by))]))
-    spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
+    spill.declare("ids", ID_SCHEMA)
     pos = 0
     for k, table in enumerate(source.shards()):
         keys = _unit_keys(source, table, by)
         n = len(keys)
         spill.append("rows", pa.table({"pos": np.arange(pos, pos + n), "key": keys}))
-        ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
-        spill.append("ids", pa.table(ids))
+        spill.append("ids", id_rows(pos, k, table.column("row_id")))
         pos += n
     n_rows = pos
     refuse_repeated_ids(spill, "ids", path, source.manifest["shards"])

@@ -27,7 +27,7 @@ from shiq_data.curate.rows import CurationSource
 from shiq_data.curate.where import Where
 from shiq_data.io import atomic_write, files_together
 from shiq_data.spill import Spill
-from shiq_data.validate import refuse_repeated_ids
+from shiq_data.validate import ID_SCHEMA, id_rows, refuse_repeated_ids
 
 COLUMNS = ("source", "group_id", "tokens", "prompt_tokens", "completion_tokens", "reward", "has_ref")
 LENGTHS = ("tokens", "prompt_tokens", "completion_tokens")
@@ -55,15 +55,14 @@ def _spill_rows(chosen: Selection, spill: Spill) -> None:
     """The derived scalar columns of the rows ``chosen`` selects (every row without ``--where`` or a list) to table
     ``rows``, and every row's id (selected or not) to table ``ids``, for :func:`refuse_repeated_ids`."""
     spill.declare("rows", _SCHEMA)
-    spill.declare("ids", pa.schema([("pos", pa.int64()), ("shard", pa.int32()), ("row_id", pa.string())]))
+    spill.declare("ids", ID_SCHEMA)
     source = chosen.source
     if chosen.where is not None:
         source.warn_of_shadowed_keys(chosen.where.columns)
     pos = 0
     for k, (table, keep) in enumerate(chosen):
         n = table.num_rows
-        ids = {"pos": np.arange(pos, pos + n), "shard": np.full(n, k, np.int32), "row_id": table.column("row_id")}
-        spill.append("ids", pa.table(ids))
+        spill.append("ids", id_rows(pos, k, table.column("row_id")))
         pos += n
         view = source.view(table, extra_keys=False).select(list(COLUMNS))
         spill.append("rows", view if len(keep) == n else view.take(pa.array(keep, pa.int64())))
