@@ -39,11 +39,12 @@ def _removed(counts: dict) -> str:
     return ", ".join(f"{k}: {v}" for k, v in counts.items()) or "none"
 
 
-def _which(args) -> str:
-    """The rows a verb's --ids, --exclude-ids and --where chose, as its summary names them."""
+def _which(args, before_where: str = " ") -> str:
+    """The rows a verb's --ids, --exclude-ids and --where chose, as its summary names them (``before_where``: what
+    goes before "where")."""
     which = f" listed in {args.ids}" if args.ids is not None else ""
     which += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
-    return which + (f" where {shown(args.where)}" if args.where is not None else "")
+    return which + (f"{before_where}where {shown(args.where)}" if args.where is not None else "")
 
 
 def cmd_show(args) -> int:
@@ -65,9 +66,7 @@ def cmd_stats(args) -> int:
     stats, hists = buffer_stats(
         args.buffer, args.where, histograms=bool(args.plot), ids=args.ids, exclude_ids=args.exclude_ids
     )
-    where = f" listed in {args.ids}" if args.ids is not None else ""
-    where += f" not listed in {args.exclude_ids}" if args.exclude_ids is not None else ""
-    where += f", where {shown(args.where)}" if args.where else ""
+    where = _which(args, before_where=", ")
     print(format_stats(stats, f"shiq-data: stats of {args.buffer} ({plural(stats['rows'], 'row')}{where})"))
     if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
         print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
