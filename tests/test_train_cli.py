@@ -1868,23 +1868,24 @@ def test_a_config_dir_with_a_comma_or_beside_a_searchpath_override_is_checked_as
     )
 
 
-def test_a_log_level_above_info_shows_no_progress_bar_in_training_ref_stats_export_and_evaluation(tmp_path):
-    """``logging.level=WARNING`` (``--log-level WARNING`` for the subcommands and ``shiq-eval``) keeps warnings
-    only, as the README and every ``--log-level`` help say, and as ``shiq-data`` does: the training bar, the
-    reference statistics' bar, ``shiq-eval run``'s, and transformers' own ("Loading weights", "Writing model
-    shards") were all still drawn."""
+def four_row_gpt2_buffer(out: Path) -> Path:
+    """A buffer at ``out`` of four GPT-2 rows, two prompts with rewards 1 and -1 (built through shiq-data)."""
     from data_cli_runs import write_jsonl
 
     from shiq_data.cli import main as data_main
 
     rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}", "reward": r} for w, r in [("a", 1), ("b", -1)] * 2]
-    assert (
-        data_main(
-            ["build", "jsonl", str(write_jsonl(tmp_path / "in.jsonl", rows)), "--tokenizer", "gpt2"]
-            + ["--out", str(tmp_path / "buf"), "--no-progress"]
-        )
-        == 0
-    )
+    given = write_jsonl(out.parent / "in.jsonl", rows)
+    assert data_main(["build", "jsonl", str(given), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_a_log_level_above_info_shows_no_progress_bar_in_training_ref_stats_export_and_evaluation(tmp_path):
+    """``logging.level=WARNING`` (``--log-level WARNING`` for the subcommands and ``shiq-eval``) keeps warnings
+    only, as the README and every ``--log-level`` help say, and as ``shiq-data`` does: the training bar, the
+    reference statistics' bar, ``shiq-eval run``'s, and transformers' own ("Loading weights", "Writing model
+    shards") were all still drawn."""
+    four_row_gpt2_buffer(tmp_path / "buf")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Say a."}\n')
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("SHIQ_VERBOSE", None)
@@ -1933,18 +1934,7 @@ def test_a_log_level_above_info_shows_no_progress_bar_in_training_ref_stats_expo
 def test_train_progress_false_shows_no_progress_bar_of_transformers_either(tmp_path):
     """``train.progress=false`` asks for no progress bar, as ``shiq-data --no-progress`` and ``shiq-eval run
     --quiet`` do: a run started from a Hugging Face folder still drew transformers' "Loading weights" bar."""
-    from data_cli_runs import write_jsonl
-
-    from shiq_data.cli import main as data_main
-
-    rows = [{"prompt": f"Say {w}.", "completion": f" {w} {w}", "reward": r} for w, r in [("a", 1), ("b", -1)] * 2]
-    assert (
-        data_main(
-            ["build", "jsonl", str(write_jsonl(tmp_path / "in.jsonl", rows)), "--tokenizer", "gpt2"]
-            + ["--out", str(tmp_path / "buf"), "--no-progress"]
-        )
-        == 0
-    )
+    four_row_gpt2_buffer(tmp_path / "buf")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     env.pop("SHIQ_VERBOSE", None)
     common = [f"data.buffer={tmp_path / 'buf'}", "train.reference=online", "train.steps=1", "train.tensorboard=false"]
