@@ -4,6 +4,7 @@ lists (``--ids``) or does not list (``--exclude-ids``), or both. The selection (
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 
@@ -56,39 +57,33 @@ class Selection:
         if self.listed is None:
             yield from selected(self.source, self.where)
             return
-        held, n = [], 0  # shards (with the rows --where keeps) waiting for one RowIds.members call
-        for table, keep in selected(self.source, self.where):
-            held.append((table, keep))
-            n += table.num_rows
+        for held in self._batches(selected(self.source, self.where)):
+            members = self.listed.members([table.column("row_id") for table, _ in held])
+            self.matched += len(held)
+            for (table, keep), member in zip(held, members):
+                yield table, keep[member[keep] if self.listed.option == "--ids" else ~member[keep]]
+
+    def _batches(self, shards: Iterator[tuple]) -> Iterator[list[tuple]]:
+        """``shards`` (tuples, a shard's table first) gathered for one :meth:`RowIds.members` call each: as many
+        rows as the list has ids, or :data:`HELD_SHARDS` shards."""
+        held, n = [], 0
+        for item in shards:
+            held.append(item)
+            n += item[0].num_rows
             if self.listed.enough(n) or len(held) >= HELD_SHARDS:
-                yield from self._matched(held)
+                yield held
                 held, n = [], 0
         if held:
-            yield from self._matched(held)
-
-    def _matched(self, held):
-        members = self.listed.members([table.column("row_id") for table, _ in held])
-        self.matched += len(held)
-        for (table, keep), member in zip(held, members):
-            yield table, keep[member[keep] if self.listed.option == "--ids" else ~member[keep]]
+            yield held
 
     def finish(self) -> None:
         """Look up the row ids of the shards an iteration stopped before (their ``row_id`` column only, no
         ``--where``), so that :meth:`warn_of_missing` counts the listed ids over the whole buffer."""
         if self.listed is None:
             return
-        held, n = [], 0
-        for k, table in enumerate(self.source.shards()):
-            if k < self.matched:
-                continue
-            held.append(table.column("row_id"))
-            n += table.num_rows
-            self.matched += 1
-            if self.listed.enough(n) or len(held) >= HELD_SHARDS:
-                self.listed.members(held)
-                held, n = [], 0
-        if held:
-            self.listed.members(held)
+        for held in self._batches((table,) for table in itertools.islice(self.source.shards(), self.matched, None)):
+            self.listed.members([table.column("row_id") for (table,) in held])
+            self.matched += len(held)
 
     def warn_of_missing(self, path) -> None:
         """Warn of the listed ids no row of the buffer (``path``, as given) has: nothing without a list, or when
