@@ -169,6 +169,7 @@ class BufferSampler:
             self._units = len(ids)
         else:
             self._units = len(buffer)
+        self._mean_size = float(self._group_sizes.mean() if mode == "groups" else lengths.mean())
         # 100000 rows on a buffer of 8 took every row 12,500 times in each micro-batch; in groups mode the value
         # bounds the rows of the whole groups taken, which repeat a group once every row and one more group fit
         room = len(buffer) + (int(self._group_sizes.min()) - 1 if mode == "groups" else 0)
@@ -198,71 +199,72 @@ class BufferSampler:
         """Epoch of the next item of the stream (0-based)."""
         return self._epoch
 
-    def _permutation(self) -> np.ndarray:
-        if self._perm_epoch != self._epoch:
-            self._perm = np.random.default_rng([self.seed, self._epoch]).permutation(self._units)
-            self._perm_epoch = self._epoch
-        return self._perm
+    def _stream(self, n: int) -> np.ndarray:
+        """The next ``n`` items of the stream (slices of the epoch permutations), without taking them."""
+        epoch, position, parts = self._epoch, self._position, []
+        while n > 0:
+            if self._perm_epoch != epoch:
+                self._perm = np.random.default_rng([self.seed, epoch]).permutation(self._units)
+                self._perm_epoch = epoch
+            parts.append(self._perm[position : position + n])
+            n -= len(parts[-1])
+            epoch, position = epoch + 1, 0
+        return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
-    def _peek(self) -> int:
-        return int(self._permutation()[self._position])
+    def _advance(self, n: int) -> None:
+        """Take the next ``n`` items of the stream."""
+        epochs, self._position = divmod(self._position + n, self._units)
+        self._epoch += epochs
 
-    def _advance(self) -> None:
-        self._position += 1
-        if self._position == self._units:
-            self._epoch, self._position = self._epoch + 1, 0
-
-    def _take(self) -> int:
-        item = self._peek()
-        self._advance()
-        return item
-
-    def _take_many(self, n: int) -> list[int]:
-        """The next ``n`` items (slices of the epoch permutations)."""
-        out: list[int] = []
-        while len(out) < n:
-            chunk = self._permutation()[self._position : self._position + n - len(out)]
-            out += chunk.tolist()
-            self._position += len(chunk)
-            if self._position == self._units:
-                self._epoch, self._position = self._epoch + 1, 0
-        return out
+    def _bins(self, sizes: np.ndarray, cap: int, count: int, keep: range) -> list[np.ndarray]:
+        """Take the next ``count`` bins of the stream, each the next items while their ``sizes`` sum to at most
+        ``cap`` (every size is at most ``cap``, so a bin holds at least one item); return the items of the bins
+        numbered in ``keep``. Greedy in stream order, the bins' ends found for a window of items at once: an item
+        ``i`` starting a bin ends it before ``searchsorted(cum, cum[i] + cap, "right") - 1``."""
+        kept, made = [], 0
+        per_bin = cap / self._mean_size + 1  # items a bin holds, about; a short window is simply extended
+        while made < count:
+            window = self._stream(int((count - made) * per_bin * 1.1) + 16)
+            cum = np.concatenate(([0], np.cumsum(sizes[window])))
+            ends = np.searchsorted(cum, cum[:-1] + cap, side="right") - 1
+            i, n = 0, len(window)
+            # a bin ending at the window's end may go on past it: the next window starts with it
+            while made < count and (end := int(ends[i])) < n:
+                if made in keep:
+                    kept.append(window[i:end])
+                i, made = end, made + 1
+            if i == 0:  # not one whole bin in the window: a longer one
+                per_bin *= 2
+            self._advance(i)
+        return kept
 
     # --- batches ------------------------------------------------------------------------------
     def next_micro_batches(self) -> list[dict]:
-        """This rank's ``micro_batches_per_step`` micro-batches of the next step (dicts of tensors)."""
-        B, M = self.rows_per_micro_batch, self.micro_batches_per_step
-        mine = []
-        for rank in range(self.dp_world):
-            for _ in range(M):
-                if self.mode == "padded":
-                    layout = [[r] for r in self._take_many(B)]
-                elif self.mode == "packed":
-                    layout = [self._pack_row() for _ in range(B)]
-                else:
-                    layout = self._group_rows_for_micro_batch()
-                if rank == self.dp_rank:
-                    mine.append(layout)
-        return [self._materialise(layout) for layout in mine]
+        """This rank's ``micro_batches_per_step`` micro-batches of the next step (dicts of tensors).
 
-    def _pack_row(self) -> list[int]:
-        """Trajectories of one packed row: greedily the next ones of the stream while they fit."""
-        lengths, cap = self._reader.lengths, self.max_tokens_per_row
-        row, used = [], 0
-        while not row or used + lengths[self._peek()] <= cap:
-            used += int(lengths[self._peek()])
-            row.append(self._take())
-        return row
+        Every rank takes the whole step's items of the stream (rank 0's micro-batches, then rank 1's, ...)
+        and materialises its own: packed rows and groups are cut in one pass over the step's items."""
+        B, M, W, rank = self.rows_per_micro_batch, self.micro_batches_per_step, self.dp_world, self.dp_rank
+        if self.mode == "padded":
+            items = self._stream(W * M * B)[rank * M * B : (rank + 1) * M * B]
+            self._advance(W * M * B)
+            layouts = [[[r] for r in items[m * B : (m + 1) * B].tolist()] for m in range(M)]
+        elif self.mode == "packed":
+            rows = self._bins(
+                self._reader.lengths, self.max_tokens_per_row, W * M * B, range(rank * M * B, (rank + 1) * M * B)
+            )
+            layouts = [[r.tolist() for r in rows[m * B : (m + 1) * B]] for m in range(M)]
+        else:
+            groups = self._bins(self._group_sizes, B, W * M, range(rank * M, (rank + 1) * M))
+            layouts = [self._group_rows(g) for g in groups]
+        return [self._materialise(layout) for layout in layouts]
 
-    def _group_rows_for_micro_batch(self) -> list[list[int]]:
-        """Whole groups, in stream order, while their rows fit in ``rows_per_micro_batch``:
-        ``[row index, group number within the micro-batch]`` per output row."""
-        out, n_groups = [], 0
-        while not out or len(out) + self._group_sizes[self._peek()] <= self.rows_per_micro_batch:
-            k = self._take()
+    def _group_rows(self, groups: np.ndarray) -> list[list[int]]:
+        """``[row index, group number within the micro-batch]`` per output row of a micro-batch of ``groups``."""
+        out = []
+        for n, k in enumerate(groups.tolist()):
             start = self._group_first[k]
-            out += [[r, n_groups] for r in self._group_order[start : start + self._group_sizes[k]].tolist()]
-            n_groups += 1
+            out += [[r, n] for r in self._group_order[start : start + self._group_sizes[k]].tolist()]
         return out
 
     def _materialise(self, layout: list[list[int]]) -> dict:

@@ -11,6 +11,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from data_cli_runs import rewrite_shard
+from hypothesis import HealthCheck, example, given, reject, settings
+from hypothesis import strategies as st
 
 from shiq_data.buffer import add_ref_columns, open_buffer, write_buffer
 from shiq_data.sampler import BufferSampler
@@ -552,3 +554,130 @@ def test_a_buffer_of_unequal_shards_cut_by_size_is_sampled_row_for_row(tmp_path)
     file, j = where[rows[longest]["row_id"]]
     with pytest.raises(ValueError, match=rf"{file}: row {j}: field 'tokens': {len(rows[longest]['tokens'])} tokens"):
         BufferSampler(buf, rows_per_micro_batch=3, max_tokens_per_row=len(rows[longest]["tokens"]) - 1)
+
+
+def reference_step_layouts(lengths, group_ids, mode, seed, steps, W, M, B, cap):
+    """The sampler's contract written out item by item, independently of its code: the stream is the epoch
+    permutations ``default_rng([seed, e])`` of the rows (of the groups, numbered in increasing group id, in
+    groups mode) one after another; each step takes, for rank 0, then rank 1, ..., ``M`` micro-batches: ``B``
+    rows (padded), ``B`` packed rows each taking the next rows while their tokens fit in ``cap`` (packed), or
+    the next whole groups while their rows fit in ``B`` (groups). Returns ``[step][rank][micro-batch]`` lists
+    of buffer rows (packed: a list of rows per packed row)."""
+    ids = sorted(set(group_ids))
+    members = {g: [r for r, x in enumerate(group_ids) if x == g] for g in ids}
+    units = len(ids) if mode == "groups" else len(lengths)
+    size = [len(members[g]) for g in ids] if mode == "groups" else list(lengths)
+    cap = B if mode == "groups" else cap
+
+    def items():
+        e = 0
+        while True:
+            yield from np.random.default_rng([seed, e]).permutation(units).tolist()
+            e += 1
+
+    it = items()
+    nxt = [next(it)]
+
+    def take():
+        item = nxt.pop()
+        nxt.append(next(it))
+        return item
+
+    def fill():  # the next items while their sizes fit in cap (at least one)
+        out, used = [], 0
+        while not out or used + size[nxt[0]] <= cap:
+            used += size[nxt[0]]
+            out.append(take())
+        return out
+
+    out = []
+    for _ in range(steps):
+        ranks = []
+        for _ in range(W):
+            mbs = []
+            for _ in range(M):
+                if mode == "padded":
+                    mbs.append([take() for _ in range(B)])
+                elif mode == "packed":
+                    mbs.append([fill() for _ in range(B)])
+                else:
+                    mbs.append([r for g in fill() for r in members[ids[g]]])
+            ranks.append(mbs)
+        out.append(ranks)
+    return out
+
+
+def skewed_rows(n_short, long_every, long_len=200):
+    """Rows of 2 tokens, one of ``long_len`` every ``long_every`` rows: packed rows of up to ``long_len / 2`` short
+    rows, where the mean length predicts far fewer."""
+    rows = []
+    for i in range(n_short):
+        n = long_len if i % long_every == 0 else 2
+        rows.append(
+            {
+                "row_id": f"r{i}",
+                "source": "t",
+                "group_id": i // 3,
+                "prompt_len": 1,
+                "tokens": [i] + [600] * (n - 1),
+                "action_mask": [False] + [True] * (n - 1),
+                "rewards": [0.0] * (n - 1) + [1.0],
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reference_buffers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ref")
+    out = {}
+    for name, rows in (("mixed", make_rows(47, seed=3, group_sizes=(1, 2, 3, 4))), ("skewed", skewed_rows(300, 75))):
+        buf = write_buffer(rows, root / name, tokenizer_info=TOK, command=["t"], shard_rows=9, progress=False)
+        out[name] = (buf, [len(r["tokens"]) for r in rows], [r["group_id"] for r in rows])
+    return out
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    name=st.sampled_from(["mixed", "skewed"]),
+    mode=st.sampled_from(["padded", "packed", "groups"]),
+    seed=st.integers(0, 2**32 - 1),
+    world=st.integers(1, 4),
+    micro=st.integers(1, 3),
+    rows=st.integers(1, 5),
+    extra=st.integers(0, 90),
+    steps=st.integers(1, 6),
+)
+@example(name="skewed", mode="packed", seed=4, world=1, micro=1, rows=1, extra=0, steps=6)  # windows extended
+def test_every_rank_takes_the_items_the_stream_contract_gives(
+    reference_buffers, name, mode, seed, world, micro, rows, extra, steps
+):
+    """Each rank's micro-batches, over steps that cross epochs, against the contract of the module doc taken item
+    by item (``reference_step_layouts``): the sampler cuts a step's packed rows and groups for all ranks in one
+    pass over a window of the stream, extending the window when a bin does not end in it (the skewed buffer's
+    packed rows hold up to 100 rows of 2 tokens where the mean length predicts 40)."""
+    buf, lengths, group_ids = reference_buffers[name]
+    cap = max(lengths) + extra
+    if mode == "groups":
+        rows = max(rows, 4)  # the largest group
+    if mode == "packed" and rows * (cap - max(lengths) + 1) > sum(lengths):
+        reject()  # refused: a micro-batch would hold rows more than once (test_packed_rows_wider_than_the_buffer...)
+    want = reference_step_layouts(lengths, group_ids, mode, seed, steps, world, micro, rows, cap)
+    for rank in range(world):
+        s = BufferSampler(
+            buf, rows_per_micro_batch=rows, micro_batches_per_step=micro, seed=seed, dp_rank=rank, dp_world=world,
+            mode=mode, max_tokens_per_row=cap if mode == "packed" else None, pad_id=PAD,
+        )  # fmt: skip
+        for step in range(steps):
+            got = s.next_micro_batches()
+            for mb, expected in zip(got, want[step][rank], strict=True):
+                if mode == "packed":
+                    seg, tok = mb["segment_ids"], mb["tokens"]
+                    packed = []
+                    for b in range(tok.shape[0]):
+                        n = int(mb["lengths"][b])
+                        starts = [t for t in range(n) if t == 0 or seg[b, t] != seg[b, t - 1]]
+                        packed.append([int(tok[b, t]) for t in starts])
+                    assert packed == expected
+                else:
+                    assert mb["buffer_rows"].tolist() == expected
