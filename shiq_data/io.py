@@ -85,6 +85,44 @@ def sha256_files(paths: Iterable[str | os.PathLike]) -> str:
     return h.hexdigest()
 
 
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def checksum_file(path: Path) -> Path:
+    """Where the SHA-256 of ``path`` is kept: ``path.sha256``, in ``sha256sum`` format."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
+def check_sha256(path: Path) -> None:
+    """Raise ``ValueError`` naming ``path`` unless it matches the SHA-256 in ``path.sha256``: a file cut short,
+    damaged on disk or edited is refused before it is read, as is one without a checksum, and either file being
+    a symbolic link (it could name any file outside the folder)."""
+    sums = checksum_file(path)
+    for p in (path, sums):  # a link would let the folder name any file, its checksum included
+        if p.is_symlink():
+            raise ValueError(f"{p} is a link; a checkpoint's files must be plain files inside {path.parent}")
+    if not path.is_file():
+        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
+    try:
+        recorded = sums.read_text(encoding="utf-8").split()[0].lower()  # sha256sum -c reads either case
+    except (FileNotFoundError, IndexError, UnicodeDecodeError):
+        raise ValueError(
+            f"{sums} is missing or empty: {path.name} has no checksum to be checked against (a partial copy of "
+            f"its folder, or a file written before its checksum was kept: if the file is known to be good, "
+            f"'sha256sum {path.name} > {sums.name}' in its folder adds one)"
+        ) from None
+    if sha256_files([path]) != recorded:
+        raise ValueError(f"{path}: sha256 differs from {sums.name}'s (the file changed or is corrupt)")
+
+
+def check_sha256_if_kept(path: Path) -> None:
+    """:func:`check_sha256` where ``path.sha256`` is there (or a link in its place); a file written before its
+    checksum was kept beside it (a checkpoint's ``meta.json`` of an earlier release) is read as it is."""
+    sums = checksum_file(path)
+    if sums.exists() or sums.is_symlink():
+        check_sha256(path)
+
+
 def weight_files(folder: Path) -> list[Path]:
     """The weight files of a Hugging Face model folder (safetensors, else PyTorch ``.bin``), in name order."""
     return sorted(Path(folder).glob("*.safetensors")) or sorted(Path(folder).glob("*.bin"))

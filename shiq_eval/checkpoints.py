@@ -11,6 +11,7 @@ from pathlib import Path
 
 from shiq_data.cli_common import plural
 from shiq_data.io import (
+    check_sha256_if_kept,
     check_step_folder,
     check_weight_map,
     read_json_file,
@@ -63,6 +64,7 @@ def checkpoint_info(step_dir: Path) -> dict:
     """``{kind, path, method, beta, step, hf_config, init, tokenizer, files}`` of a step directory saved by
     ``shiq-train`` (``files``: the rank files the parameters are read from, data-parallel rank 0's)."""
     meta_path = step_dir / "meta.json"
+    _as_input_error(check_sha256_if_kept, meta_path)
     info = read_json_file(meta_path, EvalInputError, "; the checkpoint is damaged")
     meta = info.get("meta", {}) if isinstance(info, dict) else None
     if not isinstance(meta, dict) or not isinstance(info.get("step"), int):

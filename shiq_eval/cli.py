@@ -79,6 +79,7 @@ from shiq_data.io import (
     RowError,
     atomic_write,
     atomic_write_json,
+    check_sha256,
     files_together,
     json_loads,
     one_line,
@@ -791,8 +792,6 @@ def guide_info(path) -> dict:
     """``{steps, init, reference_sha256, tokenizer}`` of a Q♯ value-model folder written by ``shiq-train
     loss=qsharp_value`` (read from its value_model.json, its checksum checked, without loading the weights;
     the last two None for a folder written before they were recorded)."""
-    from shiq_train.checkpoint import check_sha256  # heavy: torch
-
     path = Path(path)
     config = path / "value_model.json"
     if not config.is_file():

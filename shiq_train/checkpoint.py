@@ -4,6 +4,8 @@ included, under another tensor-, (virtual) pipeline- or data-parallel layout; an
 Layout on disk (one directory per saved step)::
 
     <dir>/step_00000010/meta.json                      step, parallel layout, user metadata
+    <dir>/step_00000010/meta.json.sha256               its SHA-256, written before it and checked by every
+                                                       reader (:func:`read_meta`)
     <dir>/step_00000010/rank_tp0_pp0_dp0.pt            this rank's parameter shards and their layout,
                                                        optimizer state by parameter name, scheduler
                                                        state, RNG states (CPU, CUDA, and megatron's
@@ -71,11 +73,13 @@ import torch.distributed as dist
 
 from shiq_data.io import (
     atomic_write,
+    check_sha256,
+    check_sha256_if_kept,
     check_step_folder,
+    checksum_file,
     non_finite_as_null,
     one_line,
     read_json_file,
-    sha256_files,
     step_folders,
 )
 from shiq_train.dist_optim import full_groups, is_sliced, merge_slices
@@ -281,6 +285,10 @@ def save_checkpoint(
         info = {"step": step, "layout": layout, "device": device_type(), "meta": meta or {}}
         # standard JSON (read_meta refuses NaN/Infinity): an undefined number in the config, null
         text = json.dumps(non_finite_as_null(info), indent=2, allow_nan=False)
+        # its checksum first: a save killed between the two leaves no meta.json (an unfinished save), never one
+        # without its checksum
+        digest = hashlib.sha256(text.encode()).hexdigest()
+        atomic_write(checksum_file(step_dir / "meta.json"), lambda p: p.write_text(f"{digest}  meta.json\n"))
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(text))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()
@@ -334,9 +342,12 @@ def check_latest(directory) -> None:
 
 
 def read_meta(step_dir) -> dict:
-    """The ``meta.json`` of a step directory, checked: ``step`` and ``layout`` (tp, pp, dp and, with virtual
-    pipeline stages, vpp) integers, ``meta`` an object; ``ValueError`` naming the file otherwise."""
+    """The ``meta.json`` of a step directory, checked: its SHA-256 against ``meta.json.sha256``
+    (:func:`check_sha256`; a checkpoint saved before that checksum was written has none, and its ``meta.json`` is
+    read as it is), ``step`` and ``layout`` (tp, pp, dp and, with virtual pipeline stages, vpp) integers,
+    ``meta`` an object; ``ValueError`` naming the file otherwise."""
     path = Path(step_dir) / "meta.json"
+    check_sha256_if_kept(path)
     info = read_json_file(path, hint="; the checkpoint is damaged")
     layout = info.get("layout") if isinstance(info, dict) else None
     if (
@@ -356,7 +367,6 @@ def read_meta(step_dir) -> dict:
 
 
 RANK_FILE_KEYS = ("step", "model", "optimizer", "scheduler", "rng", "user_state")
-CHECKSUM_SUFFIX = ".sha256"
 
 
 class _HashingWriter:
@@ -385,34 +395,8 @@ def save_hashed(obj, path: Path) -> str:
             digest["sha256"] = w.sha.hexdigest()
 
     atomic_write(path, write)
-    atomic_write(_checksum_file(path), lambda p: p.write_text(f"{digest['sha256']}  {path.name}\n"))
+    atomic_write(checksum_file(path), lambda p: p.write_text(f"{digest['sha256']}  {path.name}\n"))
     return digest["sha256"]
-
-
-def _checksum_file(path: Path) -> Path:
-    return path.with_name(path.name + CHECKSUM_SUFFIX)
-
-
-def check_sha256(path: Path) -> None:
-    """Raise ``ValueError`` naming ``path`` unless it matches the SHA-256 in ``path.sha256``: a file cut short,
-    damaged on disk or edited is refused before it is read, as is one without a checksum, and either file being
-    a symbolic link (it could name any file outside the folder)."""
-    sums = _checksum_file(path)
-    for p in (path, sums):  # a link would let the folder name any file, its checksum included
-        if p.is_symlink():
-            raise ValueError(f"{p} is a link; a checkpoint's files must be plain files inside {path.parent}")
-    if not path.is_file():
-        raise ValueError(f"{path} is missing: the checkpoint is incomplete")
-    try:
-        recorded = sums.read_text(encoding="utf-8").split()[0].lower()  # sha256sum -c reads either case
-    except (FileNotFoundError, IndexError, UnicodeDecodeError):
-        raise ValueError(
-            f"{sums} is missing or empty: {path.name} has no checksum to be checked against (a partial copy of "
-            f"its folder, or a file written before its checksum was kept: if the file is known to be good, "
-            f"'sha256sum {path.name} > {sums.name}' in its folder adds one)"
-        ) from None
-    if sha256_files([path]) != recorded:
-        raise ValueError(f"{path}: sha256 differs from {sums.name}'s (the file changed or is corrupt)")
 
 
 def load_problem(e: Exception) -> str:

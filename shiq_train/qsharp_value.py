@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.io import atomic_dir, non_finite_as_null, one_line, read_json_file
-from shiq_train.checkpoint import CHECKSUM_SUFFIX, check_sha256, load_problem, save_hashed
+from shiq_data.io import CHECKSUM_SUFFIX, atomic_dir, check_sha256, non_finite_as_null, one_line, read_json_file
+from shiq_train.checkpoint import load_problem, save_hashed
 from shiq_train.hf_convert import (
     LlamaShape,
     ReadKeys,

@@ -33,7 +33,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
-from shiq_data.io import one_line, sha256_files, weight_files
+from shiq_data.io import CHECKSUM_SUFFIX, one_line, sha256_files, weight_files
 from shiq_data.ref_stats import DEFAULT_BATCH_TOKENS, StatsFn, compute_ref_stats, length_sorted_batches, pad_right
 from shiq_data.tokenizers import (
     CHAT_TEMPLATE_FIELD,
@@ -43,7 +43,7 @@ from shiq_data.tokenizers import (
     pipeline_mismatch,
     template_mismatch,
 )
-from shiq_train.checkpoint import CHECKSUM_SUFFIX, latest_step_dir, read_meta
+from shiq_train.checkpoint import latest_step_dir, read_meta
 from shiq_train.export import hf_model_from_checkpoint
 from shiq_train.hf_convert import hf_config_from_dict, load_causal_lm, model_config_from_llama
 from shiq_train.model import DTYPES, forward_stats

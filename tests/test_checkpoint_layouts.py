@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from checkpoint_files import write_meta
 from ranks import spawn
 
 from shiq_data.buffer import open_buffer, write_buffer
@@ -414,7 +415,7 @@ def test_master_weights_moments_and_schedule_go_through_the_by_name_form(tmp_pat
         want = run(straight, 4)
         got = run(interrupted, 2)
         d = save_checkpoint(tmp_path, 2, *interrupted, user_state={"data": {"position": 8}})
-        (d / "meta.json").write_text((d / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
+        write_meta(d / "meta.json", (d / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
         for suffix in ("", ".sha256"):  # the file a second data-parallel rank would have written
             shutil.copy(d / f"rank_tp0_pp0_dp0.pt{suffix}", d / f"rank_tp0_pp0_dp1.pt{suffix}")
         resumed = fresh(2)
@@ -748,8 +749,9 @@ def test_each_rank_file_is_hashed_once_by_one_rank_and_a_bad_one_stops_every_ran
     bad.write_bytes(bytes(data))
     spawn(_checks_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
     got = [json.loads((tmp_path / f"checks{r}.json").read_text()) for r in range(2)]
-    assert sorted(got[0]["good"] + got[1]["good"]) == ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp0_dp1.pt"], got
-    assert len(got[0]["good"]) == len(got[1]["good"]) == 1
+    ranks = [[f for f in g["good"] if f != "meta.json"] for g in got]  # (each rank checks the small meta.json)
+    assert sorted(ranks[0] + ranks[1]) == ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp0_dp1.pt"], got
+    assert len(ranks[0]) == len(ranks[1]) == 1
     assert (
         got[0]["corrupt"]
         == got[1]["corrupt"]
@@ -780,7 +782,7 @@ def test_a_load_without_an_optimizer_in_another_layout_reads_no_unchecked_slices
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     assert is_sliced(read_rank_file(step / "rank_tp0_pp0_dp0.pt")["optimizer"])
     # the same checkpoint as saved at DP2: its rank 1 file, then damaged in three ways
-    (step / "meta.json").write_text((step / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
+    write_meta(step / "meta.json", (step / "meta.json").read_text().replace('"dp": 1', '"dp": 2'))
     one = step / "rank_tp0_pp0_dp1.pt"
     for suffix in ("", ".sha256"):
         shutil.copy(step / f"rank_tp0_pp0_dp0.pt{suffix}", step / f"rank_tp0_pp0_dp1.pt{suffix}")

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from checkpoint_files import write_meta
 from test_eval_cli import VOCAB, tiny_hf_folder  # (a tiny Llama folder with a word-level tokenizer)
 
 from shiq_data.assets import config_dir
@@ -115,6 +116,30 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
 
     step = run / "checkpoints" / "step_00000002"
     saved = json.loads((step / "meta.json").read_text())
+    # an edit that leaves meta.json.sha256 as it was is refused by the checksum, by export and shiq-eval alike
+    sums = step / "meta.json.sha256"
+    assert sums.read_text() == f"{hashlib.sha256((step / 'meta.json').read_bytes()).hexdigest()}  meta.json\n"
+    edited = {**saved, "meta": {**saved["meta"], "loss": {**saved["meta"]["loss"], "beta": 0.5}}}
+    (step / "meta.json").write_text(json.dumps(edited))
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
+    err = capsys.readouterr().err
+    assert f"{step / 'meta.json'}: sha256 differs from meta.json.sha256's" in err and not (tmp_path / "y").exists()
+    with pytest.raises(EvalInputError, match="meta.json: sha256 differs from meta.json.sha256's"):
+        checkpoint_info(step)
+    # a checkpoint saved before that checksum was written has none: its meta.json is read as it is
+    sums.unlink()
+    assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "older")]) == 0
+    assert json.loads((tmp_path / "older" / "shiq_export.json").read_text())["loss"]["beta"] == 0.5
+    for link in (sums, step / "meta.json"):  # a link for either file could name any file outside the folder
+        target = tmp_path / "elsewhere"
+        target.write_text(json.dumps(saved))
+        write_meta(step / "meta.json", json.dumps(saved))
+        link.unlink()
+        link.symlink_to(target)
+        assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
+        assert f"{link} is a link; a checkpoint's files must be plain files" in capsys.readouterr().err
+        assert not (tmp_path / "y").exists()
+        link.unlink()
     for edit, needle in [
         ({"num_hidden_layers": cfg.num_layers + 1}, "its weights do not fit meta.hf_config"),
         ({"hidden_size": "x"}, "meta.json: field meta.hf_config:"),
@@ -123,7 +148,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         ({"hidden_size": 10**12}, "its weights do not fit meta.hf_config"),
     ]:
         bad = {**saved, "meta": {**saved["meta"], "hf_config": {**saved["meta"]["hf_config"], **edit}}}
-        (step / "meta.json").write_text(json.dumps(bad))
+        write_meta(step / "meta.json", json.dumps(bad))
         assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     for bad, needle in [
@@ -136,15 +161,15 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         ),
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
     ]:
-        (step / "meta.json").write_text(json.dumps(bad))
+        write_meta(step / "meta.json", json.dumps(bad))
         assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
         assert needle in capsys.readouterr().err and not (tmp_path / "y").exists()
     # a number beyond float range is JSON, read as infinity: the field's check refuses it
     beyond = {**saved, "meta": {**saved["meta"], "loss": {"name": "shiq", "beta": "BEYOND"}}}
-    (step / "meta.json").write_text(json.dumps(beyond).replace('"BEYOND"', "1e999"))
+    write_meta(step / "meta.json", json.dumps(beyond).replace('"BEYOND"', "1e999"))
     assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "y")]) == 2
     assert "meta.loss.beta must be" in capsys.readouterr().err and not (tmp_path / "y").exists()
-    (step / "meta.json").write_text(json.dumps({**saved, "meta": {**saved["meta"], "tokenizer": {"name": 5}}}))
+    write_meta(step / "meta.json", json.dumps({**saved, "meta": {**saved["meta"], "tokenizer": {"name": 5}}}))
     assert export.main([str(run), "--hf", str(tmp_path / "y")]) == 2  # (shlex.quote(5) was a traceback)
     assert "field meta.tokenizer.name must be a string, got 5" in capsys.readouterr().err
     for bad, needle in [  # what shiq-eval reads of the same meta.json
@@ -154,18 +179,18 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
             "meta.config.init must be a string or null, got 3",
         ),
     ]:
-        (step / "meta.json").write_text(json.dumps(bad))
+        write_meta(step / "meta.json", json.dumps(bad))
         with pytest.raises(EvalInputError, match=re.escape(needle)):
             checkpoint_info(step)
     # a run that started from an earlier export: that folder is its reference, never replaced by its own export
-    (step / "meta.json").write_text(
-        json.dumps({**saved, "meta": {**saved["meta"], "config": {"init": str(run / "hf")}}})
+    write_meta(
+        step / "meta.json", json.dumps({**saved, "meta": {**saved["meta"], "config": {"init": str(run / "hf")}}})
     )
     before = (run / "hf" / "model.safetensors").read_bytes()
     assert export.main([str(run), *tok_arg, "--hf", str(run / "hf"), "--overwrite"]) == 2
     assert "is the model the run started from" in capsys.readouterr().err
     assert (run / "hf" / "model.safetensors").read_bytes() == before
-    (step / "meta.json").write_text(json.dumps(saved))
+    write_meta(step / "meta.json", json.dumps(saved))
     record_path = tmp_path / "hf" / "shiq_export.json"
     record = json.loads(record_path.read_text())
     assert hf_folder_info(tmp_path / "hf")["beta"] == 0.25
@@ -228,7 +253,7 @@ def test_a_meta_json_that_ties_the_embeddings_of_an_untied_run_is_refused(tmp_pa
     step = run / "checkpoints" / "step_00000001"
     saved = json.loads((step / "meta.json").read_text())
     saved["meta"]["hf_config"]["tie_word_embeddings"] = True
-    (step / "meta.json").write_text(json.dumps(saved))
+    write_meta(step / "meta.json", json.dumps(saved))
     assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert (
@@ -252,7 +277,7 @@ def test_a_meta_json_with_heads_or_a_vocabulary_of_no_width_is_refused_in_one_li
     step = run / "checkpoints" / "step_00000001"
     saved = json.loads((step / "meta.json").read_text())
     saved["meta"]["hf_config"].update(edit)
-    (step / "meta.json").write_text(json.dumps(saved))
+    write_meta(step / "meta.json", json.dumps(saved))
     assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"shiq-train export: error: {step / 'meta.json'}: field meta.hf_config: ") and needle in err
@@ -281,10 +306,10 @@ def test_a_meta_json_that_ties_the_embeddings_of_an_untied_pipeline_run_is_refus
         save_hashed({**state, **stage}, step / f"rank_tp0_pp{pp}_dp0.pt")
     saved = json.loads((step / "meta.json").read_text())
     saved["layout"]["pp"] = 2
-    (step / "meta.json").write_text(json.dumps(saved))
+    write_meta(step / "meta.json", json.dumps(saved))
     assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "untied")]) == 0  # (the split checkpoint reads)
     saved["meta"]["hf_config"]["tie_word_embeddings"] = True
-    (step / "meta.json").write_text(json.dumps(saved))
+    write_meta(step / "meta.json", json.dumps(saved))
     assert export.main([str(run), *tok_arg, "--hf", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"shiq-train export: error: {step / 'rank_tp0_pp1_dp0.pt'}: holds an output layer of its own")

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from checkpoint_files import write_meta
 from omegaconf import OmegaConf
 
 from shiq_train import model as M
@@ -604,10 +605,10 @@ def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
     model = M.build_model(M.ModelConfig())
     d = save_checkpoint(tmp_path, 3, model)
     meta = (d / "meta.json").read_text()
-    (d / "meta.json").write_text(meta.replace('"tp": 1', '"tp": 2'))
+    write_meta(d / "meta.json", meta.replace('"tp": 1', '"tp": 2'))
     with pytest.raises(ValueError, match=r"rank_tp1_pp0_dp0.pt is missing: the checkpoint is incomplete"):
         load_checkpoint(tmp_path, model)
-    (d / "meta.json").write_text(meta.replace('"dp": 1', '"dp": 2'))
+    write_meta(d / "meta.json", meta.replace('"dp": 1', '"dp": 2'))
     state = torch.load(d / "rank_tp0_pp0_dp0.pt", weights_only=True)
     del state["format"], state["params"]
     torch.save(state, d / "rank_tp0_pp0_dp0.pt")  # as an older version wrote it, its checksum not updated

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from checkpoint_files import write_meta
 
 from shiq_train import model as M
 from shiq_train import parallel
@@ -283,7 +284,7 @@ def test_the_global_batch_is_compared_with_the_checkpoints_own(tmp_path):
     first = run_cli(tmp_path, f"out={out}", "train.steps=2", "data.micro_batches_per_step=1", *common)
     assert first.returncode == 0, first.stderr[-3000:]
     meta = out / "checkpoints" / "step_00000002" / "meta.json"  # as a DP=2 run saved it (the rank files serve)
-    meta.write_text(meta.read_text().replace('"dp": 1', '"dp": 2'))
+    write_meta(meta, meta.read_text().replace('"dp": 1', '"dp": 2'))
     for suffix in ("", ".sha256"):  # the file the second data-parallel rank wrote
         shutil.copy(meta.parent / f"rank_tp0_pp0_dp0.pt{suffix}", meta.parent / f"rank_tp0_pp0_dp1.pt{suffix}")
     cfg = yaml.safe_load((out / "config.yaml").read_text())
