@@ -12,7 +12,8 @@ Pieces a trainer composes (none holds global state beyond megatron's process gro
   parameters counted once) and clipping.
 - :func:`build_optimizer` / :func:`train_step` — AdamW with linear warm-up and cosine decay
   (``OptimizerConfig.distributed``: megatron's DDP and distributed optimizer instead, built by
-  ``shiq_train.dist_optim.build_distributed``; ``train_step`` runs either).
+  ``shiq_train.dist_optim.build_distributed``; ``train_step`` runs either), in two phases
+  (:func:`gradients`: forward, backward, reduction; :func:`update`: clipping, AdamW, schedule).
 
 A micro-batch is a dict of ``[B, T]`` tensors: ``tokens`` (int64), ``action_mask`` (bool),
 ``rewards``, ``ref_chosen_logits``, ``ref_logz`` (float), optionally ``segment_ids`` ``[B, T]`` and
@@ -468,8 +469,33 @@ def clip_grad_norm(model, max_norm: float) -> float:
     return norm
 
 
+def gradients(model, optimizer, micro_batches: list[dict], loss_fn: LossFn) -> tuple[float, dict]:
+    """The first phase of :func:`train_step`: zero grads, forward/backward over ``micro_batches`` and the
+    gradients' reduction over the data-parallel ranks (:func:`finalize_grads`; megatron's DDP reduces inside
+    :func:`forward_backward`). Returns :func:`forward_backward`'s ``(loss, metrics)``."""
+    optimizer.zero_grad(set_to_none=True)
+    loss, metrics = forward_backward(model, micro_batches, loss_fn)
+    if not getattr(optimizer, "finalizes_grads", False):
+        finalize_grads(model)
+    return loss, metrics
+
+
+def update(model, optimizer, scheduler, clip_grad: float) -> float:
+    """The second phase of :func:`train_step`, after :func:`gradients`: clip by the global gradient norm, the
+    optimizer's step (the distributed optimizer's includes its clipping and the all-gather of the updated
+    parameters), the LR schedule. Returns the norm before clipping."""
+    if getattr(optimizer, "finalizes_grads", False):
+        norm = optimizer.step()
+    else:
+        norm = clip_grad_norm(model, clip_grad)
+        optimizer.step()
+    scheduler.step()
+    return norm
+
+
 def train_step(model, optimizer, scheduler, micro_batches: list[dict], loss_fn: LossFn, clip_grad: float) -> dict:
-    """Zero grads, forward/backward over ``micro_batches``, reduce, clip, AdamW step, LR schedule.
+    """Zero grads, forward/backward over ``micro_batches``, reduce (:func:`gradients`), clip, AdamW step, LR
+    schedule (:func:`update`).
 
     Returns the metrics (``loss`` as :func:`forward_backward` defines it, ``loss_terms`` summed over the
     step, the loss function's others averaged over micro-batches),
@@ -478,14 +504,7 @@ def train_step(model, optimizer, scheduler, micro_batches: list[dict], loss_fn: 
     gradients inside ``forward_backward`` and the optimizer clips by the same global norm (its
     ``clip_grad``).
     """
-    optimizer.zero_grad(set_to_none=True)
-    loss, metrics = forward_backward(model, micro_batches, loss_fn)
+    _, metrics = gradients(model, optimizer, micro_batches, loss_fn)
     lr = optimizer.param_groups[0]["lr"]
-    if getattr(optimizer, "finalizes_grads", False):
-        norm = optimizer.step()
-    else:
-        finalize_grads(model)
-        norm = clip_grad_norm(model, clip_grad)
-        optimizer.step()
-    scheduler.step()
+    norm = update(model, optimizer, scheduler, clip_grad)
     return {**metrics, "grad_norm": norm, "lr": lr}

@@ -13,10 +13,25 @@ micro-batches for every method. Methods:
 
 Memory: bytes of optimizer state on each rank after a step (``shiq_train.dist_optim.optimizer_state_bytes``:
 AdamW moments and step counts, and float32 master copies), for float32 and bfloat16 parameters, at each
-data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU). Time: full optimizer steps, methods interleaved (A B C, then C B A, ...) after a warm-up each,
-median per method and its ratio to ``per-parameter``, at each data-parallel size above 1. The timed methods start
-from the same weights (``shiq_train.parallel.set_seed(0)`` before each build) and the same AdamW settings (a
-constant learning rate: ``megatron DDP`` has no scheduler, the others' ``LambdaLR`` keeps the rate), and each rank
+data-parallel size (``megatron DDP`` float32 only: its bfloat16 optimizer is not adapted to CPU).
+
+Time: training steps, methods interleaved (A B C, then C B A, ...) after a warm-up each, at each data-parallel
+size above 1, each step timed in two phases (a barrier of all ranks before, between and after them), median per
+method and phase and its ratio to ``per-parameter``'s, and the whole step's (each step's two phases summed):
+
+- ``forward+backward+reduction``: zero the gradients, forward and backward over the micro-batches, and the
+  gradients' reduction over the data-parallel ranks (``per-parameter``: ``finalize_grads``'s all-reduce per
+  parameter; the other two: megatron's DDP, one all-reduce or reduce-scatter of its buffer, inside the schedule).
+  The methods run the same model and loss here: this phase's ratio is that of the reduction strategies.
+- ``update``: clipping by the global gradient norm, the optimizer's step and the schedule (``per-parameter``:
+  ``train_step.clip_grad_norm`` and torch's fused AdamW, one kernel over every tensor; the other two:
+  megatron's optimizer, its own norm and clipping and torch's AdamW looping over the tensors, as megatron-core
+  falls back to on CPU; ``distributed`` steps 1/DP of the parameters and then all-gathers them). This phase
+  mixes the optimizer implementation with the sharding: its ratio is not that of a reduction strategy.
+
+The timed methods start from the same weights (``shiq_train.parallel.set_seed(0)`` before each build) and the same
+AdamW settings (a constant learning rate: ``megatron DDP`` has no scheduler, the others' ``LambdaLR`` keeps the
+rate), and each rank
 checks that their losses (the data-parallel mean) agree step for step, the warm-up included, within
 ``LOSS_RTOL`` x max(1, |loss|): the largest difference is printed under the time table; when they differ, no time
 table, one line naming the methods and the step, and exit status 1.
@@ -45,12 +60,15 @@ import _args
 from shiq_data.cli_common import ArgumentParser
 
 METHODS = ("per-parameter", "megatron DDP", "distributed")
+# the step's two timed phases: what the methods' reduction strategies differ in, and the optimizer's step
+PHASES = {"gradients": "forward+backward+reduction", "update": "update"}
 
 
 def parse_args(argv=None):
     p = ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Prints a table of optimizer-state bytes per rank and one of median step times (ratio to per-parameter).",
+        epilog="Prints a table of optimizer-state bytes per rank, one of checkpoint saves, and one of median times "
+        "of the step's two phases (forward+backward+reduction, update) and of the whole step (ratios to per-parameter).",
     )
     p.add_argument(
         "--dp", type=_args.processes, nargs="+", default=[1, 2, 4], help="data-parallel sizes (default 1 2 4)"
@@ -97,24 +115,37 @@ def megatron_ddp(model, opt_cfg):
     assert opt_cfg.warmup_steps == 0 and opt_cfg.decay_steps == 0  # a constant rate: no scheduler needed
     opt = megatron_adamw([ddp], opt_cfg, bf16, distributed=False)
 
-    def step(mbs, loss_fn):
+    def gradients(mbs, loss_fn):
         from shiq_train.train_step import forward_backward
 
         ddp.zero_grad_buffer()
         opt.zero_grad()
-        loss, _ = forward_backward(ddp, mbs, loss_fn)
-        opt.step()
-        return loss
+        return forward_backward(ddp, mbs, loss_fn)[0]  # the reduction: megatron's finalize, in the schedule
 
-    return opt, step
+    return opt, Step(gradients, opt.step)
+
+
+class Step:
+    """One training step in its two timed phases: ``gradients(micro_batches, loss_fn) -> loss`` (zero the
+    gradients, forward, backward, their reduction over the data-parallel ranks; the loss is the step's, the
+    data-parallel mean) and ``update()`` (clipping, the optimizer's step, the schedule); calling it runs both.
+    ``model``: what a checkpoint saves beside the optimizer."""
+
+    def __init__(self, gradients, update, model=None):
+        self.gradients, self.update, self.model = gradients, update, model
+
+    def __call__(self, mbs, loss_fn):
+        loss = self.gradients(mbs, loss_fn)
+        self.update()
+        return loss
 
 
 def build(method, args, dtype):
-    """``(optimizer, step(micro_batches, loss_fn) -> loss)`` for a fresh model (its weights drawn from torch's
-    generator: seed it before each build for the same weights; the loss is the step's, the data-parallel mean)."""
+    """``(optimizer, Step)`` for a fresh model (its weights drawn from torch's generator: seed it before each
+    build for the same weights)."""
     from shiq_train import model as M
     from shiq_train.dist_optim import build_distributed
-    from shiq_train.train_step import OptimizerConfig, build_optimizer, train_step
+    from shiq_train.train_step import OptimizerConfig, build_optimizer, gradients, update
 
     cfg = M.ModelConfig(
         num_layers=args.layers,
@@ -132,9 +163,11 @@ def build(method, args, dtype):
         model, opt, sched = build_distributed(model, opt_cfg)
     else:
         opt, sched = build_optimizer(model, opt_cfg)
-    step = lambda mbs, loss_fn: train_step(model, opt, sched, mbs, loss_fn, opt_cfg.clip_grad)["loss"]  # noqa: E731
-    step.model = model  # what a checkpoint saves beside the optimizer
-    return opt, step
+    return opt, Step(  # train_step's two phases
+        lambda mbs, loss_fn: gradients(model, opt, mbs, loss_fn)[0],
+        lambda: update(model, opt, sched, opt_cfg.clip_grad),
+        model,
+    )
 
 
 def state_bytes(method, opt):
@@ -222,7 +255,7 @@ def worker(rank, world, port, args, out_dir):
 
     with parallel.distributed(rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}", seed=0):
         mbs = micro_batches(args, rank)
-        result = {"memory": {}, "time": {m: [] for m in METHODS}}
+        result = {"memory": {}, "time": {m: {ph: [] for ph in PHASES} for m in METHODS}}
         held = {}  # float32 models and optimizers whose checkpoints are timed
         for dtype in ("float32", "bfloat16"):
             for method in METHODS:
@@ -249,9 +282,13 @@ def worker(rank, world, port, args, out_dir):
                 for m in METHODS if r % 2 == 0 else METHODS[::-1]:  # A B C, then C B A: no method always leads
                     dist.barrier()
                     t0 = time.perf_counter()
-                    loss = steps[m]([dict(mb) for mb in mbs], loss_fn)
+                    loss = steps[m].gradients([dict(mb) for mb in mbs], loss_fn)
                     dist.barrier()
-                    result["time"][m].append(time.perf_counter() - t0)
+                    t1 = time.perf_counter()
+                    steps[m].update()
+                    dist.barrier()
+                    result["time"][m]["gradients"].append(t1 - t0)
+                    result["time"][m]["update"].append(time.perf_counter() - t1)
                     losses[m].append(float(loss))
             result["loss_check"] = check_losses(losses)  # this rank's verdict: (largest |diff|, mismatch or None)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -310,18 +347,19 @@ def main(argv=None) -> int:
     timed = {dp: ranks[0]["time"] for dp, ranks in results.items() if dp > 1}
     if timed:
         print(
-            "\n| DP | "
-            + " | ".join(f"{m}, median s/step" for m in METHODS)
-            + " | "
-            + " | ".join(f"{m} / per-parameter" for m in METHODS[1:])
+            "\n| DP | method | "
+            + " | ".join(f"{label}, median s | / per-parameter" for label in (*PHASES.values(), "whole step"))
             + " |"
         )
-        print("|---|" + "---|" * (2 * len(METHODS) - 1))
+        print("|---|---|" + "---:|" * (2 * len(PHASES) + 2))
         for dp, t in timed.items():
-            med = {m: statistics.median(t[m]) for m in METHODS}
-            cells = " | ".join(f"{med[m]:.3f}" for m in METHODS)
-            ratios = " | ".join(f"{med[m] / med['per-parameter']:.2f}x" for m in METHODS[1:])
-            print(f"| {dp} | {cells} | {ratios} |")
+            med = {}
+            for m in METHODS:  # per phase, and the whole step's (each step's phases summed)
+                med[m] = [statistics.median(t[m][ph]) for ph in PHASES]
+                med[m].append(statistics.median(sum(x) for x in zip(*(t[m][ph] for ph in PHASES))))
+            for m in METHODS:
+                cells = " | ".join(f"{s:.3f} | {s / ref:.2f}x" for s, ref in zip(med[m], med[METHODS[0]]))
+                print(f"| {dp} | {m} | {cells} |")
         largest = max(r["loss_check"][0] for dp in timed for r in results[dp])
         steps = len(next(iter(results[next(iter(timed))][0]["loss"].values())))
         print(
