@@ -1,4 +1,5 @@
-"""tools/bench_data.py: the random-batch read rate warms both sides up alike (no model, no files)."""
+"""tools/bench_data.py: the random-batch read rate warms both sides up alike, and the build and read rounds
+alternate which side goes first (no model, no files)."""
 
 from __future__ import annotations
 
@@ -55,3 +56,74 @@ def test_read_rate_warms_up_both_sides_alike(monkeypatch):
     ours, theirs = B.bench_read(None, ds, ROWS, steps=3, pad_id=-1)
     assert ds.calls == 4  # 3 timed batches and one untimed
     assert 0.5 < ours / theirs < 2.0, (ours, theirs)
+
+
+def test_the_build_and_read_rounds_alternate_which_side_goes_first(monkeypatch, capsys):
+    """shiq_data used to build and read first in every round: the order could favour either side."""
+    import shiq_data.tokenizers
+
+    builds, reads = [], []
+
+    class Buf:
+        manifest = {"tokens": 10}
+
+        def __len__(self):
+            return 5
+
+    def fake_build(jsonl, work, tokenizer, info, tag="0", order=B.SIDES):
+        builds.append(order)
+        return Buf(), [0] * 5, 1.0, 1.0
+
+    def fake_read(buf, ds, batch_rows, steps, pad_id, order=B.SIDES):
+        reads.append(order)
+        return 1.0, 1.0
+
+    monkeypatch.setattr(shiq_data.tokenizers, "load_tokenizer", lambda name: (None, {}))
+    monkeypatch.setattr(B, "bench_build", fake_build)
+    monkeypatch.setattr(B, "bench_read", fake_read)
+    mem = {"tokens": 1, "rows": 1, "rss_anon_peak_mb": 1.0, "rss_anon_growth_mb": 0.0, "vm_hwm_mb": 1.0, "epoch_s": 1.0}
+    monkeypatch.setattr(B, "bench_memory", lambda *a: mem)
+    assert B.main(["--part", "buffer", "--tokens", "11000", "--repeat", "3"]) == 0
+    ab, ba = ("shiq_data", "datasets"), ("datasets", "shiq_data")
+    assert builds == [ab, ba, ab] and reads == [ab, ba, ab]
+    assert "shiq_data then datasets in even runs, datasets then shiq_data in odd ones" in capsys.readouterr().out
+
+
+def test_read_runs_the_sides_in_the_order_given(monkeypatch):
+    import shiq_data.sampler
+
+    log = []
+
+    class LoggedSampler(FakeSampler):
+        def tick(self):
+            log.append("shiq_data")
+
+    class LoggedDataset(FakeDataset):
+        def tick(self):
+            log.append("datasets")
+
+    monkeypatch.setattr(shiq_data.sampler, "BufferSampler", LoggedSampler)
+    B.bench_read(None, LoggedDataset(), ROWS, steps=2, pad_id=-1, order=("datasets", "shiq_data"))
+    assert log == ["datasets"] * 3 + ["shiq_data"] * 3
+
+
+def test_build_runs_the_sides_in_the_order_given(monkeypatch, tmp_path):
+    import datasets
+
+    import shiq_data.buffer
+    import shiq_data.readers.generic
+
+    log = []
+
+    class FakeDs:
+        def map(self, *a, **k):
+            log.append("datasets")
+            return "ds"
+
+    monkeypatch.setattr(shiq_data.readers.generic, "read_jsonl", lambda jsonl, tokenizer: iter(()))
+    monkeypatch.setattr(shiq_data.buffer, "write_buffer", lambda *a, **k: log.append("shiq_data") or "buf")
+    monkeypatch.setattr(datasets.Dataset, "from_json", staticmethod(lambda *a, **k: FakeDs()))
+    for order in (("datasets", "shiq_data"), ("shiq_data", "datasets")):
+        log.clear()
+        buf, ds, ours, theirs = B.bench_build(tmp_path / "x.jsonl", tmp_path, None, {"eos_id": 0}, order=order)
+        assert log == list(order) and (buf, ds) == ("buf", "ds") and ours >= 0 and theirs >= 0

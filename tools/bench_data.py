@@ -6,6 +6,8 @@
 2. Random-batch read rate (real tokens/s): padded ``[B, T]`` tensors of random rows.
    Ours: ``BufferSampler`` (padded). Baseline: ``dataset[indices]`` on the mapped dataset, padded with numpy.
    Each side times its batches after one untimed batch of its own.
+   Both measures run ``--repeat`` rounds, each side's best kept; shiq_data goes first in even rounds (0, 2, ...)
+   and datasets in odd ones, so the order (the page cache and allocator state the other leaves) favours neither.
 3. Reader memory as the buffer grows: peak RssAnon (process heap, excluding the page cache of the
    memory-mapped shards) and VmHWM (everything resident, including those mapped file pages) while
    reading a whole epoch, for a buffer of N tokens and one of 10 N tokens, each in a fresh process.
@@ -101,36 +103,52 @@ def align_batch(batch, tokenizer, eos):
     return out
 
 
-def bench_build(jsonl: Path, work: Path, tokenizer, info, tag: str = "0"):
-    from shiq_data.buffer import write_buffer
-    from shiq_data.readers.generic import read_jsonl
-
-    t = time.perf_counter()
-    buf = write_buffer(
-        read_jsonl(jsonl, tokenizer), work / f"ours-{tag}", tokenizer_info=info, command=["bench"], progress=False
-    )
-    ours = time.perf_counter() - t
-
-    import datasets
-
-    datasets.disable_progress_bars()
-    t = time.perf_counter()
-    ds = datasets.Dataset.from_json(str(jsonl), cache_dir=str(work / f"hf-cache-{tag}"))
-    ds = ds.map(
-        align_batch,
-        batched=True,
-        batch_size=512,
-        fn_kwargs={"tokenizer": tokenizer, "eos": info["eos_id"]},
-        remove_columns=["prompt", "completion"],
-        cache_file_name=str(work / f"hf-mapped-{tag}.arrow"),
-    )
-    theirs = time.perf_counter() - t
-    return buf, ds, ours, theirs
+SIDES = ("shiq_data", "datasets")  # the contenders of the build and read rates, in even rounds' order
 
 
-def bench_read(buf, ds, batch_rows: int, steps: int, pad_id: int):
-    """Real tokens/s of ``steps`` random padded batches, each side after one untimed batch of its own (the
-    sampler's first call and ``dataset[indices]``'s first both pay one-off costs)."""
+def side_order(round_: int) -> tuple:
+    """The contenders' order in round ``round_``: :data:`SIDES` in even rounds, reversed in odd ones."""
+    return SIDES if round_ % 2 == 0 else SIDES[::-1]
+
+
+def bench_build(jsonl: Path, work: Path, tokenizer, info, tag: str = "0", order: tuple = SIDES):
+    """``(buffer, dataset, our seconds, datasets' seconds)`` of building the rows of ``jsonl``, the two sides
+    in ``order``."""
+
+    def ours():
+        from shiq_data.buffer import write_buffer
+        from shiq_data.readers.generic import read_jsonl
+
+        return write_buffer(
+            read_jsonl(jsonl, tokenizer), work / f"ours-{tag}", tokenizer_info=info, command=["bench"], progress=False
+        )
+
+    def theirs():
+        import datasets
+
+        datasets.disable_progress_bars()
+        ds = datasets.Dataset.from_json(str(jsonl), cache_dir=str(work / f"hf-cache-{tag}"))
+        return ds.map(
+            align_batch,
+            batched=True,
+            batch_size=512,
+            fn_kwargs={"tokenizer": tokenizer, "eos": info["eos_id"]},
+            remove_columns=["prompt", "completion"],
+            cache_file_name=str(work / f"hf-mapped-{tag}.arrow"),
+        )
+
+    out, secs = {}, {}
+    for side in order:
+        t = time.perf_counter()
+        out[side] = {"shiq_data": ours, "datasets": theirs}[side]()
+        secs[side] = time.perf_counter() - t
+    return out["shiq_data"], out["datasets"], secs["shiq_data"], secs["datasets"]
+
+
+def bench_read(buf, ds, batch_rows: int, steps: int, pad_id: int, order: tuple = SIDES):
+    """``(our tokens/s, datasets' tokens/s)``: real tokens/s of ``steps`` random padded batches, each side after
+    one untimed batch of its own (the sampler's first call and ``dataset[indices]``'s first both pay one-off
+    costs), the two sides in ``order``."""
     from shiq_data.sampler import BufferSampler
 
     s = BufferSampler(buf, rows_per_micro_batch=batch_rows, seed=0, pad_id=pad_id)
@@ -164,7 +182,8 @@ def bench_read(buf, ds, batch_rows: int, steps: int, pad_id: int):
             n_tok += int((batch(k)["tokens"] != pad_id).sum())
         return n_tok / (time.perf_counter() - t)
 
-    return rate(ours), rate(theirs)
+    rates = {side: rate({"shiq_data": ours, "datasets": theirs}[side]) for side in order}
+    return rates["shiq_data"], rates["datasets"]
 
 
 RSS_CHILD = r"""
@@ -648,7 +667,8 @@ def print_buffer_part(results: dict, args) -> None:
     b, r = results["build"], results["read"]
     print(
         f"data: {b['rows']} rows, {b['tokens']} GPT-2 tokens; batches of {args.batch_rows} rows; "
-        f"torch threads 1; {os.cpu_count()} CPUs (shared); best of {args.repeat} alternating runs"
+        f"torch threads 1; {os.cpu_count()} CPUs (shared); best of {args.repeat} runs, "
+        f"{' then '.join(SIDES)} in even runs, {' then '.join(SIDES[::-1])} in odd ones"
     )
     print(f"{'measure':<38}{'shiq_data':>14}{'datasets':>14}{'ratio':>8}")
     print(
@@ -826,18 +846,22 @@ def main(argv=None) -> int:
             with open(jsonl, "w") as f:
                 for r in synthetic_records(n_records):
                     f.write(json.dumps(r) + "\n")
-            # the machine is shared: alternate the two contenders and keep each one's best run
-            builds = [bench_build(jsonl, work, tokenizer, info, tag=str(k)) for k in range(args.repeat)]
+            # the machine is shared: alternate the two contenders' order and keep each one's best run
+            builds = [
+                bench_build(jsonl, work, tokenizer, info, tag=str(k), order=side_order(k)) for k in range(args.repeat)
+            ]
             buf, ds = builds[0][0], builds[0][1]
             results["build"] = {
                 "rows": len(buf),
                 "tokens": buf.manifest["tokens"],
                 "ours_rows_per_s": len(buf) / min(b[2] for b in builds),
                 "datasets_rows_per_s": len(ds) / min(b[3] for b in builds),
+                "order": [list(side_order(k)) for k in range(args.repeat)],  # each round's, the reads' too
             }
-            reads = [
-                bench_read(buf, ds, args.batch_rows, args.steps, pad_id=-1) for _ in range(args.repeat)
-            ]  # -1: no token
+            reads = [  # pad -1: no token
+                bench_read(buf, ds, args.batch_rows, args.steps, pad_id=-1, order=side_order(k))
+                for k in range(args.repeat)
+            ]
             results["read"] = {
                 "ours_tokens_per_s": max(r[0] for r in reads),
                 "datasets_tokens_per_s": max(r[1] for r in reads),
