@@ -1,5 +1,6 @@
-"""tools/bench_ddp.py: the methods' order is reversed every other timed step, and their losses must agree step for
-step (fake models, no process group; one tiny real run at DP=2)."""
+"""tools/bench_ddp.py: the methods' order is reversed every other timed step, each step is timed in its two phases
+(forward+backward+reduction, update), and the methods' losses must agree step for step (fake models, no process
+group; one tiny real run at DP=2)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,11 @@ def test_the_order_is_reversed_every_other_step(monkeypatch, tmp_path):
     calls, saved = [], {}
 
     def fake_build(method, args, dtype):
-        def step(mbs, loss_fn):
+        def gradients(mbs, loss_fn):
             calls.append(method)
             return 1.0
 
-        step.model = None
-        return object(), step
+        return object(), B.Step(gradients, lambda: calls.append(f"{method} update"))
 
     monkeypatch.setattr(B, "build", fake_build)
     monkeypatch.setattr(B, "state_bytes", lambda method, opt: 0)
@@ -39,9 +39,41 @@ def test_the_order_is_reversed_every_other_step(monkeypatch, tmp_path):
     monkeypatch.setattr(torch, "save", lambda obj, path: saved.update(obj))
     args = B.parse_args(["--dp", "2", "--reps", "3", "--threads", "1"])
     B.worker(0, 2, 0, args, str(tmp_path))
+    calls = [x for x in calls if not x.endswith(" update")]  # (each method's update follows its gradients)
     a, b, c = B.METHODS
     assert calls[-12:] == [a, b, c] + [a, b, c] + [c, b, a] + [a, b, c]  # warm-up, then steps 0, 1 (reversed), 2
-    assert all(len(saved["time"][m]) == 3 for m in B.METHODS)
+    assert all(len(saved["time"][m][ph]) == 3 for m in B.METHODS for ph in B.PHASES)
+
+
+def test_each_step_times_its_two_phases_apart(monkeypatch, tmp_path):
+    """A step used to be timed whole: its ratio mixed the reduction strategy with the optimizer implementation
+    (torch's fused AdamW in per-parameter, megatron's loop over the tensors in the other two)."""
+    import torch
+    import torch.distributed
+
+    import shiq_train.parallel
+
+    clock, saved = [0.0], {}
+    cost = {"per-parameter": (2.0, 1.0), "megatron DDP": (3.0, 5.0), "distributed": (4.0, 7.0)}
+
+    def fake_build(method, args, dtype):
+        def gradients(mbs, loss_fn):
+            clock[0] += cost[method][0]
+            return 1.0
+
+        return object(), B.Step(gradients, lambda: clock.__setitem__(0, clock[0] + cost[method][1]))
+
+    monkeypatch.setattr(B, "build", fake_build)
+    monkeypatch.setattr(B, "state_bytes", lambda method, opt: 0)
+    monkeypatch.setattr(B, "save_times", lambda *a: {})
+    monkeypatch.setattr(B.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(shiq_train.parallel, "distributed", lambda **kw: contextlib.nullcontext())
+    monkeypatch.setattr(shiq_train.parallel, "set_seed", lambda seed: None)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
+    monkeypatch.setattr(torch, "save", lambda obj, path: saved.update(obj))
+    B.worker(0, 2, 0, B.parse_args(["--dp", "2", "--reps", "2", "--threads", "1"]), str(tmp_path))
+    for m, (grads, update) in cost.items():
+        assert saved["time"][m] == {"gradients": [grads, grads], "update": [update, update]}
 
 
 def test_checkpoint_saves_alternate(monkeypatch, tmp_path):
@@ -87,12 +119,11 @@ def _fake_worker_run(monkeypatch, tmp_path, loss_of):
     def fake_build(method, args, dtype):
         done = []
 
-        def step(mbs, loss_fn):
+        def gradients(mbs, loss_fn):
             done.append(None)
             return loss_of(method, len(done) - 1)
 
-        step.model = None
-        return object(), step
+        return object(), B.Step(gradients, lambda: None)
 
     monkeypatch.setattr(B, "build", fake_build)
     monkeypatch.setattr(B, "state_bytes", lambda method, opt: 4)
@@ -116,7 +147,7 @@ def test_a_method_whose_loss_differs_gets_no_time_table(monkeypatch, tmp_path, c
     off = lambda method, k: 2.0 + (1e-3 if method == "distributed" and k == 2 else 0.0)  # noqa: E731
     assert _fake_worker_run(monkeypatch, tmp_path, off) == 1
     out, err = capsys.readouterr()
-    assert "median s/step" not in out and "losses agree" not in out
+    assert "median s" not in out.split("median s/save")[-1] and "losses agree" not in out
     line = [x for x in err.splitlines() if "losses differ" in x]
     assert len(line) == 1 and "per-parameter" in line[0] and "distributed" in line[0] and "at step 2" in line[0]
 
@@ -125,7 +156,13 @@ def test_agreeing_losses_print_the_largest_difference(monkeypatch, tmp_path, cap
     near = lambda method, k: 2.0 - 0.1 * k + (4e-6 if method == "megatron DDP" else 0.0)  # noqa: E731
     assert _fake_worker_run(monkeypatch, tmp_path, near) == 0
     out = capsys.readouterr().out
-    assert "median s/step" in out
+    header = (
+        "| DP | method | forward+backward+reduction, median s | / per-parameter | update, median s | / per-parameter "
+    )
+    assert header + "| whole step, median s | / per-parameter |" in out
+    rows = [x for x in out.splitlines() if x.startswith("| 2 | ") and x.count("|") == 9]
+    assert [r.split(" | ")[1] for r in rows] == list(B.METHODS)
+    assert [c.strip(" |") for c in rows[0].split(" | ")][3::2] == ["1.00x"] * 3  # each phase's ratio to itself
     assert "losses agree across methods: max |diff| = 4e-06 over 4 steps" in out
 
 
