@@ -1060,19 +1060,22 @@ def run(args) -> list[dict]:
     files = guide_files(args.guide) if guide is not None else []
     guide_sha = model_sha256(files) if files and all(f.is_file() for f in files) else None
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
+    from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
+
+    from shiq_train.hf_convert import hf_config_from_dict  # heavy: torch
+
     if args.engine == "megatron":  # an architecture it does not compute, refused before the reference is evaluated
-        from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
-
-        from shiq_train.hf_convert import hf_config_from_dict  # heavy: torch
-
         MegatronEngine.model_config(ref_model.config, reference, args.tp)
-        for info in infos:
-            record = Path(info["path"]) / ("meta.json" if info["kind"] == "checkpoint" else "config.json")
-            try:  # (a field of the wrong type, as transformers reads it: a traceback once the reference was evaluated)
-                config = hf_config_from_dict(info["hf_config"])
-            except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
-                field = " field meta.hf_config:" if info["kind"] == "checkpoint" else ""
-                raise EvalInputError(f"{record}:{field} {one_line(e, 300)}") from None
+    # each policy's config as transformers reads it, before any model is evaluated: a checkpoint's meta.hf_config
+    # whatever the engine (an hf folder's config.json was read above by transformers' own classes)
+    for info in (i for i in infos if args.engine == "megatron" or i["kind"] == "checkpoint"):
+        record = Path(info["path"]) / ("meta.json" if info["kind"] == "checkpoint" else "config.json")
+        try:  # (a field of the wrong type: a traceback, or a refusal once the reference was evaluated)
+            config = hf_config_from_dict(info["hf_config"])
+        except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
+            field = " field meta.hf_config:" if info["kind"] == "checkpoint" else ""
+            raise EvalInputError(f"{record}:{field} {one_line(e, 300)}") from None
+        if args.engine == "megatron":
             MegatronEngine.model_config(config, info["path"], args.tp)
     k = sampling.samples_per_prompt  # prompt i's samples are completions i*k .. i*k+k-1
     source_name = suite.prompts or "the movie prompts"

@@ -984,10 +984,12 @@ def test_a_model_type_transformers_does_not_know_is_named_with_its_config(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
-def test_megatron_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("engine", ["megatron", "hf"])
+def test_either_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(tmp_path, capsys, monkeypatch, engine):
     """A checkpoint whose meta.hf_config gives a field of the wrong type (a hand edit) ended the megatron engine in
-    transformers' traceback (exit status 1) once the reference had been evaluated; it is now one line naming the
-    meta.json and the field, before any model is evaluated, nothing written."""
+    transformers' traceback (exit status 1) once the reference had been evaluated, and the hf engine refused it
+    only then; it is now one line naming the meta.json and the field, before any model is evaluated, nothing
+    written."""
     init = tiny_hf_folder(tmp_path / "init")
     step = tmp_path / "run" / "checkpoints" / "step_00000001"
     step.mkdir(parents=True)
@@ -998,7 +1000,10 @@ def test_megatron_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(t
     monkeypatch.chdir(tmp_path)
     argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
     capsys.readouterr()
-    assert main([*argv, "--engine", "megatron"]) == 2
+    evaluated = []
+    monkeypatch.setattr("shiq_eval.evaluate.evaluate_policy", lambda *a, **k: evaluated.append(a) or 1 / 0)
+    assert main([*argv, "--engine", engine]) == 2
+    assert evaluated == []  # (not even the reference)
     lines = capsys.readouterr().err.strip().splitlines()  # (after the warning that meta.json records no tokenizer)
     assert "Traceback" not in lines[0] and lines[-1].startswith("shiq-eval: error: "), lines
     assert f"{step / 'meta.json'}: field meta.hf_config:" in lines[-1] and "num_hidden_layers" in lines[-1], lines
