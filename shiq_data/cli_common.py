@@ -144,6 +144,34 @@ def sigterm_deferred() -> Iterator[None]:
             raise Terminated()
 
 
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Within the block, the ``KeyboardInterrupt`` of Ctrl-C waits for the block's end, then is raised (in place
+    of any other exception of the block), as :func:`sigterm_deferred` does for SIGTERM: a worker pool starting
+    a process is not stopped between writing the worker its start-up state and recording it (the worker, left
+    reading a cut state, printed a traceback after the command's line). A second Ctrl-C within the block is
+    raised at once. Only in the main thread, where Python's own handler is in place; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    came = []
+
+    def defer(signum, frame):
+        if came:  # a second Ctrl-C does not wait (a start that hangs)
+            raise KeyboardInterrupt
+        came.append(signum)
+
+    signal.signal(signal.SIGINT, defer)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if came:
+            raise KeyboardInterrupt
+
+
 def _raise_terminated(signum, frame):
     if _DEFERRED["depth"] and not _DEFERRED["pending"]:  # a second SIGTERM does not wait (a start that hangs)
         _DEFERRED["pending"] = True

@@ -1223,6 +1223,41 @@ def test_a_sigterm_in_a_deferred_block_is_raised_at_its_end():
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+def test_a_ctrl_c_in_a_deferred_block_is_raised_at_its_end():
+    """Within sigint_deferred (a pool starting a worker), the KeyboardInterrupt of Ctrl-C waits for the block's
+    end, and takes the place of another exception of the block; a second Ctrl-C is raised at once; Python's
+    handler is back after the block."""
+    from shiq_data.cli_common import sigint_deferred
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("SIGINT is handled by the test runner")
+    finished = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # (a handler runs between bytecodes: here, had it raised)
+            finished = True
+    assert finished
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            raise ValueError("the block's own error")
+    second = False
+    with pytest.raises(KeyboardInterrupt):
+        with sigint_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+            second = True
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+            second = False
+    assert second
+    with sigint_deferred():  # nothing left pending for a later block
+        pass
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def _children(pid: int) -> set[int]:
     """The child processes of ``pid``, from /proc (none once it has ended)."""
     out = set()
@@ -1273,6 +1308,68 @@ def test_a_stop_while_a_worker_starts_ends_in_the_commands_line_alone(tmp_path, 
         assert proc.returncode == 130, err[-3000:]
         assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
         _wait_gone(below, deadline)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
+
+
+def _fork_server(pid: int) -> int | None:
+    """The fork server among the children of ``pid`` (its command line runs multiprocessing.forkserver), if any."""
+    for c in _children(pid):
+        try:
+            if b"multiprocessing.forkserver" in Path(f"/proc/{c}/cmdline").read_bytes():
+                return c
+        except OSError:
+            continue
+    return None
+
+
+def _ignores_sigint(pid: int) -> bool:
+    """Whether ``pid`` ignores SIGINT (its SigIgn mask in /proc; False once it has ended)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:"))
+    return bool(int(mask, 16) & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.parametrize("moment", ["server+0.15", "server+0.4", "worker+0.3"])
+def test_ctrl_c_while_the_workers_start_ends_in_the_commands_line_alone(tmp_path, moment):
+    """Ctrl-C to a parallel build in its first second, while the fork server was importing the readers and
+    transformers (before it ignores SIGINT), printed the server's KeyboardInterrupt traceback after 'shiq-data:
+    interrupted' (or before it); a worker whose start the server then cut printed its own ('pickle data was
+    truncated', a semaphore not found). Now stderr is that line alone, the status 130, and nothing is left
+    beside the input: no output, temporary folder or lock file, no process. The signal goes to the whole process
+    group, as a terminal sends it: at a moment after the fork server appears (its imports take a second or so),
+    or after a worker appears, held in its start by SHIQ_TEST_WORKER_START_DELAY."""
+    from shiq_data.readers.parallel import START_DELAY
+
+    rows = "".join(
+        json.dumps({"prompt": f"p{i % 97}", "completion": f" c{i}", "reward": 1.0}) + "\n" for i in range(2000)
+    )
+    (tmp_path / "rows.jsonl").write_text(rows)
+    argv = ["build", "jsonl", str(tmp_path / "rows.jsonl"), "--tokenizer", "gpt2", "--out", str(tmp_path / "buf")]
+    proc = subprocess.Popen(
+        [*shiq_data_exe(), *argv, "--workers", "2", "--no-progress"],
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "SHIQ_VERBOSE": "0", START_DELAY: "2"},
+    )
+    stage, after = moment.split("+")
+    deadline = time.monotonic() + 120
+    while True:
+        server = _fork_server(proc.pid)
+        if server is not None and (stage == "server" or _children(server)):
+            break
+        assert proc.poll() is None and time.monotonic() < deadline, f"the build ended before its {stage} appeared"
+        time.sleep(0.01)
+    time.sleep(float(after))
+    below = descendants(proc.pid)
+    importing = not _ignores_sigint(server)  # the server ignores SIGINT itself once its imports are done
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert (err, proc.returncode) == ("shiq-data: interrupted\n", 130), (moment, importing, err[-3000:])
+    _wait_gone(below, deadline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.jsonl"]
 
 

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from itertools import islice
 
-from shiq_data.cli_common import on_sigterm, sigterm_deferred
+from shiq_data.cli_common import on_sigterm, sigint_deferred, sigterm_deferred
 from shiq_data.readers import Format
 from shiq_data.schema import CHECKED_KEY, INPUT_KEY, GroupIds, check_row
 
@@ -105,6 +105,24 @@ def _context():
     return ctx
 
 
+def _start_server(ctx) -> None:
+    """Start the fork server of ``ctx`` (if it is not running) with SIGINT blocked, which it keeps, and so do the
+    workers it forks: Ctrl-C reaches the whole process group, and the server, importing :data:`PRELOAD` (a
+    second or so), or a worker, before its start-up ignores SIGINT (:func:`_start`), printed a
+    ``KeyboardInterrupt`` traceback after the command's line. The command alone handles Ctrl-C: it stops them.
+    Blocked, not ignored, in this process: a Ctrl-C meanwhile is delivered here once the server has started."""
+    if ctx.get_start_method() != "forkserver" or not hasattr(signal, "pthread_sigmask"):
+        return
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()  # first: its own start unblocks SIGINT
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def parallel_rows(
     form: Format, path, tokenizer, options: dict, workers: int, *, vocab_size: int | None = None, chunk: int = 0
 ) -> Iterator[dict]:
@@ -119,13 +137,16 @@ def parallel_rows(
     pending: deque = deque()
     failed: Exception | None = None  # the input could not be read further (raised after the rows before it)
     with on_sigterm():  # a kill of the command stops its workers too (they were left running, orphaned)
+        ctx = _context()
         pool = ProcessPoolExecutor(
             workers,
-            mp_context=_context(),
+            mp_context=ctx,
             initializer=_start,
             initargs=(_start_delay(), form.read, path, tokenizer, options, vocab_size),
         )
         try:
+            with sigterm_deferred(), sigint_deferred():  # not stopped half started
+                _start_server(ctx)
             done = False
             while True:
                 while not done and failed is None and len(pending) < 2 * workers:
@@ -138,7 +159,7 @@ def parallel_rows(
                     if not batch:
                         done = True
                         break
-                    with sigterm_deferred():  # a submit may start a worker: not stopped half started
+                    with sigterm_deferred(), sigint_deferred():  # a submit may start a worker: not stopped half started
                         pending.append(pool.submit(_read_chunk, batch))
                 if not pending:
                     break
