@@ -2,6 +2,6 @@
 
 import sys
 
-from shiq_data.cli import main
+from shiq_data.launch import shiq_data
 
-sys.exit(main())
+sys.exit(shiq_data())

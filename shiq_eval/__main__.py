@@ -2,6 +2,6 @@
 
 import sys
 
-from shiq_eval.cli import main
+from shiq_eval.launch import shiq_eval
 
-sys.exit(main())
+sys.exit(shiq_eval())

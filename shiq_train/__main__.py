@@ -2,6 +2,6 @@
 
 import sys
 
-from shiq_train.command_line import main
+from shiq_train.launch import shiq_train
 
-sys.exit(main())
+sys.exit(shiq_train())

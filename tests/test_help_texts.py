@@ -34,7 +34,11 @@ def help_text(script: str, words: list[str], capsys, monkeypatch) -> str:
         assert res.returncode == 0, res.stderr[-2000:]
         return res.stdout
     module, func = SCRIPTS[script].split(":")
-    main = getattr(importlib.import_module(module), func)
+    launch, ran = importlib.import_module(module), []  # the entry runs the command's module (shiq_data.launch)
+    with monkeypatch.context() as m:
+        m.setattr(launch, "run", lambda prog, name: ran.append(name))
+        getattr(launch, func)()
+    main = importlib.import_module(ran[0]).main
     monkeypatch.setattr(sys, "argv", [script, *words, "--help"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as done:

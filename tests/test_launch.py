@@ -1,0 +1,80 @@
+"""The console commands' entry points (``shiq_data.launch``): a Ctrl-C while a command's modules are still being
+imported ends in the command's line, ``PROG: interrupted``, status 130, as one while it runs does; before, Python
+printed a KeyboardInterrupt traceback through the imports (20 to 50 lines in the first seconds of shiq-train)."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _ctrl_c_able():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (a shell's background job starts with Ctrl-C ignored)
+
+
+def start(args: list[str], tmp_path: Path, **env) -> subprocess.Popen:
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO)]), "SHIQ_VERBOSE": "", **env}
+    return subprocess.Popen(
+        [sys.executable, *args], cwd=tmp_path, env=environ, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_able
+    )
+
+
+def interrupt_when(proc: subprocess.Popen, ready) -> str:
+    """SIGINT to ``proc`` once ``ready()`` holds; its stderr once it has ended."""
+    deadline = time.monotonic() + 60
+    while not ready() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    return proc.communicate(timeout=60)[1]
+
+
+def test_a_ctrl_c_while_the_commands_module_is_imported_ends_in_its_line(tmp_path):
+    """A command module that is still importing (here one that waits at import, as torch's import takes seconds)
+    when Ctrl-C comes: the one line and status 130; with SHIQ_VERBOSE=1 the traceback, as every command keeps it."""
+    ready = tmp_path / "importing"
+    (tmp_path / "slow_command.py").write_text(
+        f"import pathlib, time\npathlib.Path({str(ready)!r}).write_text('')\ntime.sleep(60)\n\ndef main():\n    return 0\n"
+    )
+    launch = "import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', 'slow_command'))"
+    for verbose in ("", "1"):
+        ready.unlink(missing_ok=True)
+        proc = start(["-c", launch], tmp_path, SHIQ_VERBOSE=verbose)
+        err = interrupt_when(proc, ready.exists)
+        if verbose:
+            assert "Traceback" in err and "KeyboardInterrupt" in err and proc.returncode != 0, err
+        else:
+            assert (err, proc.returncode) == ("shiq-x: interrupted\n", 130)
+
+
+def test_shiq_train_interrupted_in_its_first_second_ends_in_one_line(tmp_path):
+    """``shiq-train`` spends its first seconds importing Hydra and composing its configuration (2.7 s here before
+    it refuses a missing buffer): a Ctrl-C half a second in printed 40 lines of traceback."""
+    proc = start(["-m", "shiq_train", f"data.buffer={tmp_path / 'none'}", f"out={tmp_path / 'run'}"], tmp_path)
+    t0 = time.monotonic()
+    err = interrupt_when(proc, lambda: time.monotonic() - t0 > 0.5)
+    assert (err, proc.returncode) == ("shiq-train: interrupted\n", 130)
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_console_command_runs_its_module_through_the_launcher(monkeypatch):
+    """Each ``[project.scripts]`` entry is a function of its package's ``launch`` module that runs, through
+    ``shiq_data.launch.run``, the command's module, one with a ``main``, under the command's own name."""
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert sorted(scripts) == ["shiq-bfcl", "shiq-data", "shiq-demo", "shiq-eval", "shiq-toys", "shiq-train"]
+    for prog, target in scripts.items():
+        module, _, name = target.partition(":")
+        assert module.endswith(".launch"), target
+        launch = importlib.import_module(module)
+        ran = []
+        monkeypatch.setattr(launch, "run", lambda p, m: ran.append((p, m)) or 0)
+        assert getattr(launch, name)() == 0
+        assert len(ran) == 1 and ran[0][0] == prog, (target, ran)
+        assert callable(importlib.import_module(ran[0][1]).main), ran
