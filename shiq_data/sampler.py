@@ -49,6 +49,7 @@ MODES = ("padded", "packed", "groups")
 STATE_VERSION = 1
 # seeds are below this: numpy reads ``[s + 2**32, 0]`` as the 32-bit words ``[s, 1]`` (seed s's epoch 1)
 SEED_LIMIT = 2**32
+WINDOW_ITEMS = 1 << 22  # items of the stream a step's packed rows or groups are cut from at once (about 100 MB)
 
 
 class _RowReader:
@@ -224,7 +225,9 @@ class BufferSampler:
         kept, made = [], 0
         per_bin = cap / self._mean_size + 1  # items a bin holds, about; a short window is simply extended
         while made < count:
-            window = self._stream(int((count - made) * per_bin * 1.1) + 16)
+            # at most WINDOW_ITEMS at once (packed rows of 4,096 tokens of 2-token rows at 1,024 ranks: 7 x 10^7 items),
+            # unless one bin may need more
+            window = self._stream(min(int((count - made) * per_bin * 1.1) + 16, max(WINDOW_ITEMS, int(2 * per_bin))))
             cum = np.concatenate(([0], np.cumsum(sizes[window])))
             ends = np.searchsorted(cum, cum[:-1] + cap, side="right") - 1
             i, n = 0, len(window)

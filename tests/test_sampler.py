@@ -662,6 +662,11 @@ def test_every_rank_takes_the_items_the_stream_contract_gives(
         rows = max(rows, 4)  # the largest group
     if mode == "packed" and rows * (cap - max(lengths) + 1) > sum(lengths):
         reject()  # refused: a micro-batch would hold rows more than once (test_packed_rows_wider_than_the_buffer...)
+    check_against_the_contract(buf, lengths, group_ids, mode, seed, steps, world, micro, rows, cap)
+
+
+def check_against_the_contract(buf, lengths, group_ids, mode, seed, steps, world, micro, rows, cap):
+    """Every rank's micro-batches of ``steps`` steps against :func:`reference_step_layouts`."""
     want = reference_step_layouts(lengths, group_ids, mode, seed, steps, world, micro, rows, cap)
     for rank in range(world):
         s = BufferSampler(
@@ -681,3 +686,16 @@ def test_every_rank_takes_the_items_the_stream_contract_gives(
                     assert packed == expected
                 else:
                     assert mb["buffer_rows"].tolist() == expected
+
+
+@pytest.mark.parametrize("mode", ["packed", "groups"])
+def test_a_step_cut_from_windows_of_a_few_items_gives_the_same_batches(reference_buffers, monkeypatch, mode):
+    """The items a step's packed rows or groups are cut from are taken a bounded window at a time (``WINDOW_ITEMS``,
+    so that wide packed rows of short rows at many ranks hold no huge array): a window of 4 items, which a packed
+    row of up to 100 short rows, or a micro-batch of several groups, outgrows, gives the same batches."""
+    import shiq_data.sampler as S
+
+    monkeypatch.setattr(S, "WINDOW_ITEMS", 4)
+    for name in ("mixed", "skewed"):
+        buf, lengths, group_ids = reference_buffers[name]
+        check_against_the_contract(buf, lengths, group_ids, mode, 7, 3, 3, 2, 4, max(lengths))
