@@ -286,7 +286,10 @@ def save_checkpoint(
         # standard JSON (read_meta refuses NaN/Infinity): an undefined number in the config, null
         text = json.dumps(non_finite_as_null(info), indent=2, allow_nan=False)
         # its checksum first: a save killed between the two leaves no meta.json (an unfinished save), never one
-        # without its checksum
+        # without its checksum; a step saved again (its first save finished but killed before ``latest`` moved,
+        # the run resumed from the step before) holds the first save's meta.json, removed first, or such a kill
+        # would leave it beside the new checksum, refused by every reader
+        (step_dir / "meta.json").unlink(missing_ok=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
         atomic_write(checksum_file(step_dir / "meta.json"), lambda p: p.write_text(f"{digest}  meta.json\n"))
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(text))

@@ -621,6 +621,32 @@ def test_checkpoint_of_another_layout_is_checked(dist1, tmp_path):
         load_checkpoint(tmp_path / "nowhere", model)
 
 
+def test_a_step_saved_again_and_killed_before_its_meta_json_is_an_unfinished_save(dist1, tmp_path, monkeypatch):
+    """A step whose save finished but was killed before ``latest`` moved is saved again by the resumed run (its
+    configuration may differ: train.steps). A kill between the new meta.json.sha256 and meta.json left the first
+    save's meta.json beside the new checksum, refused by every reader (shiq-eval over the run, export); now the
+    folder holds no meta.json until the new one, an unfinished save that the next start removes."""
+    from shiq_train import checkpoint as C
+
+    model = M.build_model(M.ModelConfig())
+    C.save_checkpoint(tmp_path, 1, model, meta={"config": {"steps": 2}})
+    C.save_checkpoint(tmp_path, 2, model, meta={"config": {"steps": 2}})
+    (tmp_path / "latest").write_text("step_00000001\n")  # killed before the pointer moved
+    real = C.atomic_write
+
+    def killed_at_meta_json(path, *args, **kwargs):
+        if Path(path).name == "meta.json":
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(C, "atomic_write", killed_at_meta_json)
+    with pytest.raises(KeyboardInterrupt):
+        C.save_checkpoint(tmp_path, 2, model, meta={"config": {"steps": 4}})
+    monkeypatch.setattr(C, "atomic_write", real)
+    assert C.remove_temporaries(tmp_path) == [tmp_path / "step_00000002"]
+    assert C.read_meta(C.latest_step_dir(tmp_path))["step"] == 1
+
+
 def test_an_optimizer_moment_of_another_shape_is_refused_not_read_past_its_end(dist1, tmp_path):
     """A rank file edited with its checksum renewed, whose AdamW moment has another shape than its parameter,
     was loaded and stepped by the fused kernel: heap corruption (free(): invalid next size). Refused, naming
