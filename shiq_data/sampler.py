@@ -49,7 +49,10 @@ MODES = ("padded", "packed", "groups")
 STATE_VERSION = 1
 # seeds are below this: numpy reads ``[s + 2**32, 0]`` as the 32-bit words ``[s, 1]`` (seed s's epoch 1)
 SEED_LIMIT = 2**32
-WINDOW_ITEMS = 1 << 22  # items of the stream a step's packed rows or groups are cut from at once (about 100 MB)
+# items of the stream a packed or groups step cuts at a time (a few arrays of this many int64 each): a step's whole
+# share of the stream, all ranks', was about 1.5 GiB on every rank at 1,024 ranks of 8 x 4 packed rows of 4096
+# tokens over rows of 2..4 tokens; a bin longer than this is cut in a window grown to hold it
+WINDOW_ITEMS = 1 << 20
 
 
 class _RowReader:
@@ -222,12 +225,10 @@ class BufferSampler:
         ``cap`` (every size is at most ``cap``, so a bin holds at least one item); return the items of the bins
         numbered in ``keep``. Greedy in stream order, the bins' ends found for a window of items at once: an item
         ``i`` starting a bin ends it before ``searchsorted(cum, cum[i] + cap, "right") - 1``."""
-        kept, made = [], 0
+        kept, made, limit = [], 0, WINDOW_ITEMS
         per_bin = cap / self._mean_size + 1  # items a bin holds, about; a short window is simply extended
         while made < count:
-            # at most WINDOW_ITEMS at once (packed rows of 4,096 tokens of 2-token rows at 1,024 ranks: 7 x 10^7 items),
-            # unless one bin may need more
-            window = self._stream(min(int((count - made) * per_bin * 1.1) + 16, max(WINDOW_ITEMS, int(2 * per_bin))))
+            window = self._stream(min(int((count - made) * per_bin * 1.1) + 16, limit))
             cum = np.concatenate(([0], np.cumsum(sizes[window])))
             ends = np.searchsorted(cum, cum[:-1] + cap, side="right") - 1
             i, n = 0, len(window)
@@ -237,7 +238,7 @@ class BufferSampler:
                     kept.append(window[i:end])
                 i, made = end, made + 1
             if i == 0:  # not one whole bin in the window: a longer one
-                per_bin *= 2
+                per_bin, limit = per_bin * 2, max(limit, 2 * n)
             self._advance(i)
         return kept
 

@@ -676,26 +676,47 @@ def check_against_the_contract(buf, lengths, group_ids, mode, seed, steps, world
         for step in range(steps):
             got = s.next_micro_batches()
             for mb, expected in zip(got, want[step][rank], strict=True):
-                if mode == "packed":
-                    seg, tok = mb["segment_ids"], mb["tokens"]
-                    packed = []
-                    for b in range(tok.shape[0]):
-                        n = int(mb["lengths"][b])
-                        starts = [t for t in range(n) if t == 0 or seg[b, t] != seg[b, t - 1]]
-                        packed.append([int(tok[b, t]) for t in starts])
-                    assert packed == expected
-                else:
-                    assert mb["buffer_rows"].tolist() == expected
+                assert (packed_layout(mb) if mode == "packed" else mb["buffer_rows"].tolist()) == expected
 
 
-@pytest.mark.parametrize("mode", ["packed", "groups"])
-def test_a_step_cut_from_windows_of_a_few_items_gives_the_same_batches(reference_buffers, monkeypatch, mode):
-    """The items a step's packed rows or groups are cut from are taken a bounded window at a time (``WINDOW_ITEMS``,
-    so that wide packed rows of short rows at many ranks hold no huge array): a window of 4 items, which a packed
-    row of up to 100 short rows, or a micro-batch of several groups, outgrows, gives the same batches."""
-    import shiq_data.sampler as S
+def packed_layout(mb):
+    """The rows of each packed row of a micro-batch (their first tokens), as ``reference_step_layouts`` gives them."""
+    seg, tok, out = mb["segment_ids"], mb["tokens"], []
+    for b in range(tok.shape[0]):
+        n = int(mb["lengths"][b])
+        out.append([int(tok[b, t]) for t in range(n) if t == 0 or seg[b, t] != seg[b, t - 1]])
+    return out
 
-    monkeypatch.setattr(S, "WINDOW_ITEMS", 4)
-    for name in ("mixed", "skewed"):
+
+def test_a_step_is_cut_in_windows_of_bounded_size(reference_buffers, monkeypatch):
+    """Every rank cuts the whole step's packed rows or groups, all ranks', from the stream: in windows of at most
+    ``WINDOW_ITEMS`` items (a window of the step's whole share held about 1.5 GiB on every rank at 1,024 ranks of
+    short rows in wide packed rows), grown only to hold a bin longer than that (the skewed buffer's packed rows of
+    up to 100 rows), item for item the same batches."""
+    from shiq_data import sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "WINDOW_ITEMS", 16, raising=False)
+    asked = []
+    stream = BufferSampler._stream
+
+    def recorded(self, n):
+        asked.append(n)
+        return stream(self, n)
+
+    monkeypatch.setattr(BufferSampler, "_stream", recorded)
+    for name, mode, rows, extra in (("skewed", "packed", 2, 0), ("mixed", "packed", 3, 30), ("mixed", "groups", 5, 0)):
         buf, lengths, group_ids = reference_buffers[name]
-        check_against_the_contract(buf, lengths, group_ids, mode, 7, 3, 3, 2, 4, max(lengths))
+        cap = max(lengths) + extra
+        want = reference_step_layouts(lengths, group_ids, mode, 7, 3, 6, 2, rows, cap)
+        for rank in (0, 5):
+            s = BufferSampler(
+                buf, rows_per_micro_batch=rows, micro_batches_per_step=2, seed=7, dp_rank=rank, dp_world=6,
+                mode=mode, max_tokens_per_row=cap if mode == "packed" else None, pad_id=PAD,
+            )  # fmt: skip
+            for step in range(3):
+                asked.clear()
+                mbs = s.next_micro_batches()
+                got = [packed_layout(mb) if mode == "packed" else mb["buffer_rows"].tolist() for mb in mbs]
+                assert got == want[step][rank], (name, mode, rank, step)
+                # a window grows past 16 items only to hold a bin of up to 100 rows: to 128 (16 doubled thrice)
+                assert max(asked) <= (128 if name == "skewed" else 16), (name, mode, asked)
