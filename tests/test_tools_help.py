@@ -21,6 +21,7 @@ SAYS = {  # a phrase every script's help must contain: what it measures (no hyph
     "bench_qsharp_decode.py": "Decoding cost of Q♯ guidance",
     "bench_ref_stats.py": "full logits against chunks",
     "bench_ref_stats_prefix.py": "shared prefix once",
+    "bench_sampler.py": "cost per step on one data",
     "bench_startup.py": "compiled at their first call",
     "bench_train.py": "cost of ShiQ against plain SFT",
     "bench_vs_trl.py": "Training throughput of ShiQ on megatron",
