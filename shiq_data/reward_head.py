@@ -188,7 +188,7 @@ def finetune(
     with torch.random.fork_rng(devices=[]), _from_layer(bert, frozen) as given:
         torch.manual_seed(seed)
         for idx in tqdm(batches, desc="fine-tuning the reward model", unit="batch", disable=not progress):
-            features = model.tokenize([texts[i] for i in idx])
+            features = model.preprocess([texts[i] for i in idx])
             if below is not None:  # the frozen layers' output, right-padded as the tokenizer pads
                 given.value = torch.nn.utils.rnn.pad_sequence([below[i] for i in idx.tolist()], batch_first=True)
                 if given.value.shape[:2] != features["input_ids"].shape:
@@ -255,7 +255,7 @@ def _frozen_outputs(model, texts: list[str], k: int, batch_size: int, progress: 
     with _running(bert, bert.encoder.layer[:k]), torch.no_grad():
         for start in tqdm(range(0, len(texts), batch_size), desc="frozen encoder layers", disable=not progress):
             idx = order[start : start + batch_size]
-            features = model.tokenize([texts[i] for i in idx])
+            features = model.preprocess([texts[i] for i in idx])
             h = bert(input_ids=features["input_ids"], attention_mask=features["attention_mask"]).last_hidden_state
             for row, i in enumerate(idx):
                 out[i] = h[row, : int(features["attention_mask"][row].sum())].clone()

@@ -202,8 +202,8 @@ def test_finetune_epochs_visit_every_text_once_per_epoch():
     texts = [f"review number {i} was {'good' if i % 2 else 'bad'}" for i in range(10)]
     encoder = minilm_encoder()
     seen = []
-    tokenize = encoder.model.tokenize
-    encoder.model.tokenize = lambda batch: (seen.extend(batch), tokenize(batch))[1]
+    preprocess = encoder.model.preprocess
+    encoder.model.preprocess = lambda batch: (seen.extend(batch), preprocess(batch))[1]
     w, b = torch.zeros(384, dtype=torch.float64), 0.0
     for epochs in (1, 2):
         seen.clear()
@@ -329,3 +329,21 @@ def test_movie_prompts_are_held_out_openings_with_text_left_to_continue(tmp_path
     longer = [i for i in held if len(rows[i].split()) > 4][:5]  # the expected ids, by hand from the rule
     assert len(longer) == 5 and shown == [" ".join(rows[i].split()[:4]) for i in longer]
     assert prompts == ["Go: " + s for s in shown]
+
+
+def test_finetune_tokenizes_without_the_deprecated_tokenize_call():
+    """The fine-tuning and the frozen layers' pass tokenize through ``preprocess``: sentence-transformers
+    deprecates ``tokenize``, whose warning broke into the stage's progress bar in every run."""
+    from shiq_data.reward_head import finetune, minilm_encoder
+
+    texts = ["a wonderful, moving film", "dull and far too long", "I loved every minute", "a total mess"]
+    y = [3.0, -2.5, 3.5, -3.0]
+    encoder = minilm_encoder()
+    rm = RegressionRewardModel.fit(encoder, texts, y, l2=1.0)
+
+    def deprecated(*args, **kwargs):
+        raise AssertionError("SentenceTransformer.tokenize is deprecated: use preprocess")
+
+    encoder.model.tokenize = deprecated
+    for last_layers in (None, 2):  # the whole encoder, and the last two layers over the frozen ones' output
+        finetune(encoder, texts, y, rm.weight, rm.bias, epochs=1, batch_size=2, last_layers=last_layers)
