@@ -364,6 +364,12 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("data.max_new_tokens=100000000", "data.max_new_tokens must be an integer in 1..4096"),
         ("eval.j_star_samples=100000000", "eval.j_star_samples must be an integer in 1..10000"),
         ("train.methods=[qsharp_value@0.1]", "unknown method 'qsharp_value'"),  # it trains a value model
+        # a method without a β in the config: the message named the key methods.shiq_tk.beta, which is no key
+        ("train.methods=[shiq_tk]", "'shiq_tk': the configuration gives shiq_tk no β (it has no methods.shiq_tk)"),
+        ("train.methods=[shiq_tk]", "such as shiq_tk@0.1"),
+        # SFT reads no β, and every arm here is reported at its β: sft, sft@0.1 and methods.sft.beta were each refused
+        ("train.methods=[sft]", "unknown method 'sft'"),
+        ("train.methods=[shiq-single,sft-single]", "sft cannot train on one completion per prompt"),
         ("methods.qsharp.num_atoms=1", "methods.qsharp.num_atoms must be an integer >= 2, got 1"),
         ("reward_model.cv_folds=1", "reward_model.cv_folds must be an integer >= 2, got 1"),
         ("reward_model.l2=[1.0,-3.0]", "reward_model.l2 must be a non-empty list of entries each a number > 0"),

@@ -342,8 +342,13 @@ def check_arms(cfg: dict, known, single=()) -> None:
                     f"({SINGLE} arms: {', '.join(single) or 'none in this recipe'})"
                 )
         if m not in known:
-            raise ValueError(f"train.methods: unknown method {m!r} (one of {tuple(known)})")
+            raise ValueError(f"train.methods: unknown method {m!r} (one of {', '.join(known)})")
         beta = cfg.get("methods", {}).get(m, {}).get("beta")
+        if not b and m not in cfg.get("methods", {}):  # (methods.<m>.beta would be an unknown key)
+            raise ValueError(
+                f"train.methods: {arm!r}: the configuration gives {m} no β (it has no methods.{m}): name it in "
+                f"the arm, such as {arm}@0.1"
+            )
         if b:
             try:
                 beta = float(b)

@@ -73,6 +73,7 @@ from shiq_data.reward_head import (
 )
 from shiq_data.sampler import BufferSampler
 from shiq_data.tokenizers import load_tokenizer
+from shiq_eval.checkpoints import NO_KL_WEIGHT
 from shiq_eval.evaluate import PromptPrefixes, evaluate_policy
 from shiq_eval.generate import HFPolicy, SamplingConfig
 from shiq_eval.moviereviews import load_movie_snippets, opening, split_ids
@@ -143,10 +144,12 @@ from shiq_train.reference import hf_stats_fn
 from shiq_train.trainer import SavedOnSigterm
 
 CONFIG = config_dir() / "demo.yaml"
-# the losses that train the policy (not qsharp_value: Q♯'s value model trains in its own arm), and Q♯ guided decoding
-METHODS = (*(n for n in LOSS_NAMES if LOSSES[n].trains == "policy"), "qsharp")
+# the losses that train the policy toward a KL-regularised optimum (not qsharp_value: Q♯'s value model trains in its
+# own arm; not SFT, which reads no β, and every arm here is reported at its β), and Q♯ guided decoding
+KL_POLICY = tuple(n for n in LOSS_NAMES if LOSSES[n].trains == "policy" and n not in NO_KL_WEIGHT)
+METHODS = (*KL_POLICY, "qsharp")
 # the policy losses that need no second completion of a prompt (the information-controlled arms)
-SINGLE_METHODS = tuple(n for n in LOSS_NAMES if not LOSSES[n].needs_groups and LOSSES[n].trains == "policy")
+SINGLE_METHODS = tuple(n for n in KL_POLICY if not LOSSES[n].needs_groups)
 TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr", *COLUMNS[4:8], "J", "J_stderr"]
 TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 # config keys a finished run may change: each arm is its own stage, so listing more arms (``shiq@0.03``)
