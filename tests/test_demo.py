@@ -1436,3 +1436,27 @@ def test_the_qsharp_stage_stopped_by_sigterm_resumes_its_value_run_and_counts_ev
     assert runs == [0, 1]  # the complete run was not trained again
     assert written[-1][0]["train_seconds"] == 20  # 10 s before the stop, 10 s after
     assert not (tmp_path / "runs" / "qsharp" / "train_stopped.json").exists()
+
+
+def test_a_quick_run_resumed_without_quick_is_refused_in_one_short_line(tmp_path, capsys):
+    """A run made with --quick, given the same command without it (or the other way round), was refused with
+    every key of the quick block listed as a change: the line now says which flag to give."""
+    for made_quick in (True, False):
+        out = tmp_path / f"run{int(made_quick)}"
+        out.mkdir()
+        saved = demo.load_config(quick=made_quick, overrides=["train.methods=[shiq]"])
+        (out / "config.json").write_text(json.dumps(saved))
+        (out / "stages.json").write_text(json.dumps({"done": {"reward_model": 1.0}}))
+        argv = ["--out", str(out), "train.methods=[shiq]"] + ([] if made_quick else ["--quick"])
+        assert demo.main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        flag = "add --quick" if made_quick else "leave --quick out"
+        assert (
+            err
+            == f"shiq-demo: error: {out} holds a run made {'with' if made_quick else 'without'} --quick: {flag} to resume it, or use another --out"
+        )
+        assert json.loads((out / "config.json").read_text()) == saved  # left as it was
+    # another change as well: the list of changes, as before
+    out = tmp_path / "run1"
+    assert demo.main(["--out", str(out), "train.methods=[shiq]", "seed=1"]) == 2
+    assert "holds a run with a different configuration" in capsys.readouterr().err

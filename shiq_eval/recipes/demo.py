@@ -1754,6 +1754,22 @@ def run(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     )
 
 
+def check_quick_flag(out: Path, config: str | Path, quick: bool, overrides: list[str]) -> None:
+    """Called when ``out`` refused the configuration as changed: refuse it in one short line instead when the
+    run there was made with ``--quick`` and this command lacks it, or the other way round (every key of the
+    ``quick`` block would otherwise be listed as a change)."""
+    try:
+        saved = json.loads((out / "config.json").read_text())
+        other = load_config(config, not quick, overrides)
+    except (OSError, ValueError):  # (the refusal given says what is wrong)
+        return
+    if saved == other:
+        raise ValueError(
+            f"{out} holds a run made {'without' if quick else 'with'} --quick: "
+            f"{'leave --quick out' if quick else 'add --quick'} to resume it, or use another --out"
+        )
+
+
 def _check_assets() -> None:
     try:
         smollm2_gguf(), minilm_dir(), vader_archive()
@@ -1811,7 +1827,12 @@ def _main(args) -> int:
         full = full_report(out, [name for name, _ in runs])
         _log(f"the study across seeds: {out / 'full_report.md'} (best β: {full['best_beta']})")
         return 0
-    rep = run(cfg, out, args.progress)
+    try:
+        rep = run(cfg, out, args.progress)
+    except ValueError as e:
+        if "holds a run with a different configuration" in str(e):
+            check_quick_flag(out, args.config or CONFIG, args.quick, args.overrides)
+        raise
     _log(f"done: {out / 'report.md'}")
     for m, r in rep["methods"].items():  # each against the reference on its own prompts, paired (report.md: more)
         _log(
