@@ -1293,6 +1293,17 @@ def test_every_evaluation_of_an_arm_is_paired_with_the_reference_on_its_own_prom
     assert str(tmp_path / "reference_eval.json") in str(e.value)
 
 
+def test_a_report_without_validation_losses_leaves_no_earlier_validation_plot(tmp_path):
+    """A finished run reported again with train.methods=[qsharp] (no arm with validation losses) kept the
+    earlier report's val_loss_vs_step.png of other arms beside a report.md that shows no such plot."""
+    ctx = _one_prompt_run(tmp_path)  # its one arm has no val_loss.json
+    (tmp_path / "val_loss_vs_step.png").write_bytes(b"an earlier report's plot")
+    rep = demo.build_report(ctx, {"report": 1.0})
+    assert not (tmp_path / "val_loss_vs_step.png").exists()
+    assert "val_loss_vs_step.png" not in demo.report_markdown(rep)
+    assert (tmp_path / "frontier.png").is_file() and (tmp_path / "j_vs_step.png").is_file()
+
+
 def test_one_held_out_prompt_writes_its_undefined_standard_errors_as_null_and_empty(tmp_path):
     """data.eval_prompts=1: one prompt measures no spread. The report (build_report on hand-made stage files,
     written as the run writes it) holds null for every standard error over prompts in report.json and

@@ -1164,6 +1164,8 @@ def build_report(ctx: Context, timings: dict) -> dict:
     val = {m: r["val_loss"] for m, r in methods.items() if r.get("val_loss")}
     if val:
         plot_val_loss(val, ctx.out / "val_loss_vs_step.png")
+    else:  # an earlier report's, of arms this one may not list: not left beside a report that shows none
+        (ctx.out / "val_loss_vs_step.png").unlink(missing_ok=True)
     return {
         "reference": {
             "reward_mean": ref["reward_mean"],
