@@ -445,6 +445,24 @@ def test_a_bad_number_ends_the_command_in_one_line_before_any_work(tmp_path, cap
     assert err == "shiq-demo: error: eval.batch_size must be an integer >= 1, got 0" and not out.exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path, capsys, monkeypatch):
+    """An --out the system will not make (no permission, a read-only file system) ended in the bare OS message,
+    "[Errno 13] Permission denied: ...", naming no option."""
+    out = tmp_path / "locked" / "run"
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    assert demo.main(["--quick", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"shiq-demo: error: --out {out}: cannot make the folder (Permission denied)", err
+    assert not out.exists()
+
+
 def test_prompt_counts_the_split_cannot_supply_are_refused_before_any_stage(tmp_path, capsys):
     """data.eval_prompts beyond the held-out split ended the run only after the reward model (minutes), and the
     run folder then refused the corrected value as a changed configuration; eval.validation_prompts beyond what

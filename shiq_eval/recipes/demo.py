@@ -1724,7 +1724,10 @@ def run(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     check_run_folder(out, "shiq-demo")  # before anything is made there
     _check_assets()
     check_prompt_supply(cfg)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # (no permission, a read-only file system): named, not the bare OS message
+        raise ValueError(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT, check=lambda: check_trained_betas(cfg, out))
     ctx = Context(cfg, out, progress)
     plan = [
