@@ -463,6 +463,33 @@ def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path
     assert not out.exists()
 
 
+def test_a_buffer_stage_builds_under_the_buffers_own_name(tmp_path, monkeypatch):
+    """The buffer stages' progress bars name the folder being built, which was ``buffer.building``: "building
+    buffer.building", "reference statistics buffer.building". The folder built is now named as the buffer, and
+    moved into place whole; a ``buffer.building`` an older version left is removed."""
+    from types import SimpleNamespace
+
+    samples = [
+        {"prompt_index": g, "prompt_ids": [1, 9690, 198 + g], "completion_ids": [12267, 38049], "reward": r}
+        for g, r in ((0, 1.0), (0, -1.0), (1, 0.5), (1, 0.0))
+    ]
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    (tmp_path / "buffer.building").mkdir()  # an older version's, stopped
+    built, real_write = [], demo.write_buffer
+
+    def write_buffer(rows, out_dir, **kw):
+        built.append(Path(out_dir))
+        return real_write(rows, out_dir, **kw)
+
+    monkeypatch.setattr(demo, "write_buffer", write_buffer)
+    monkeypatch.setattr(demo, "compute_ref_stats", lambda path, *a, **k: built.append(Path(path)))
+    monkeypatch.setattr(demo, "hf_stats_fn", lambda model: None)
+    demo.stage_buffer(SimpleNamespace(out=tmp_path, progress=False, reference=(None, None)))
+    assert [p.name for p in built] == ["buffer", "buffer"] and built[0] != tmp_path / "buffer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer", "buffer.json", "samples.jsonl"]
+    assert (tmp_path / "buffer" / "manifest.json").is_file()
+
+
 def test_prompt_counts_the_split_cannot_supply_are_refused_before_any_stage(tmp_path, capsys):
     """data.eval_prompts beyond the held-out split ended the run only after the reward model (minutes), and the
     run folder then refused the corrected value as a changed configuration; eval.validation_prompts beyond what

@@ -643,9 +643,12 @@ def stage_buffer(
     if center is None:
         center = sum(s["reward"] for s in samples) / len(samples)
     _, info = load_tokenizer("smollm2")
-    final, tmp = ctx.out / name, ctx.out / f"{name}.building"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # built under its own name in a staging folder (the progress bars name the folder: "building buffer"), then
+    # moved in whole (``NAME.building``: where an older version built it, left by a stop)
+    final, tmp = ctx.out / name, ctx.out / ".building" / name
+    for old in (tmp, ctx.out / f"{name}.building"):
+        if old.exists():
+            shutil.rmtree(old)
     write_buffer(
         buffer_rows(samples, center),
         tmp,
@@ -667,6 +670,8 @@ def stage_buffer(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
+    if not any(tmp.parent.iterdir()):
+        tmp.parent.rmdir()
     atomic_write_json(ctx.out / f"{name}.json", {"reward_center": center, "rows": len(samples)})
 
 
