@@ -1516,3 +1516,34 @@ def test_a_quick_run_resumed_without_quick_is_refused_in_one_short_line(tmp_path
     out = tmp_path / "run1"
     assert demo.main(["--out", str(out), "train.methods=[shiq]", "seed=1"]) == 2
     assert "holds a run with a different configuration" in capsys.readouterr().err
+
+
+def test_a_staged_folder_is_built_under_its_name_and_replaces_the_old_one_whole(tmp_path):
+    """What the demo's and shiq-bfcl's buffer stages build (``build_staged``): a folder named as the final one, so
+    the progress bars name it ("reference statistics buffer", where shiq-bfcl's read "buffer.building"), in a
+    staging folder; it replaces the old folder only once built; what a stop left is removed first."""
+    from shiq_eval.recipes.common import build_staged
+
+    (tmp_path / "buffer").mkdir()
+    (tmp_path / "buffer" / "old").write_text("the earlier build")
+    for stale in (tmp_path / ".building" / "buffer", tmp_path / "buffer.building"):  # a stop's, an older version's
+        stale.mkdir(parents=True)
+        (stale / "half").write_text("")
+    seen = []
+
+    def build(folder):
+        seen.append((folder.name, sorted(p.name for p in folder.parent.iterdir()), folder.exists()))
+        folder.mkdir()
+        (folder / "new").write_text("built")
+
+    def failing(folder):
+        folder.mkdir()
+        raise ValueError("a bad row")
+
+    with pytest.raises(ValueError, match="a bad row"):
+        build_staged(tmp_path, "buffer", failing)
+    assert [p.name for p in (tmp_path / "buffer").iterdir()] == ["old"]  # the old folder, untouched
+    assert build_staged(tmp_path, "buffer", build) == tmp_path / "buffer"
+    assert seen == [("buffer", [], False)]  # named as the buffer, the failed build's remains removed first
+    assert [p.name for p in (tmp_path / "buffer").iterdir()] == ["new"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["buffer"]

@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 import warnings
@@ -91,6 +90,7 @@ from shiq_eval.recipes.common import (
     Stages,
     arm_beta,
     arm_method,
+    build_staged,
     check_arms,
     check_bounds,
     check_flags,
@@ -395,15 +395,14 @@ def stage_data(ctx: Context) -> None:
         raise ValueError(f"data.max_tokens={d['max_tokens']}: not even the first turn of any scenario fits")
     atomic_write_jsonl(ctx.out / "trajectories.jsonl", [t for g in kept for t in g])
     for name, rows in (("buffer", rows_all), ("buffer_sft", rows_sft)):
-        tmp = ctx.out / f"{name}.building"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        write_buffer(rows, tmp, tokenizer_info=tok_info, command=[PROG, "data", name], progress=False)
-        if name == "buffer":  # the supervised baseline reads no reference statistics
-            compute_ref_stats(tmp, hf_stats_fn(ctx.reference[0]), progress=ctx.progress, ref_model=ctx.ref_model_info())
-        if (ctx.out / name).exists():
-            shutil.rmtree(ctx.out / name)
-        tmp.rename(ctx.out / name)
+
+        def build(folder: Path, name=name, rows=rows) -> None:
+            write_buffer(rows, folder, tokenizer_info=tok_info, command=[PROG, "data", name], progress=False)
+            if name == "buffer":  # the supervised baseline reads no reference statistics
+                stats = hf_stats_fn(ctx.reference[0])
+                compute_ref_stats(folder, stats, progress=ctx.progress, ref_model=ctx.ref_model_info())
+
+        build_staged(ctx.out, name, build)  # (the progress bar names the folder: "reference statistics buffer")
     lengths = [len(r["tokens"]) for r in rows_all]
     flat = [t for g in kept for t in g]
     by_edit = {}

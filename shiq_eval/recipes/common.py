@@ -367,6 +367,27 @@ LOCK = ".lock"  # held (flock) by the process running the recipe in the folder
 BARE_RUN = {"config.json", "stages.json", "run.log", LOCK}  # a run folder with no stage's output in it
 
 
+STAGING = ".building"  # in a run folder: where a stage builds a folder before it replaces the old one
+
+
+def build_staged(out: Path, name: str, build: Callable[[Path], None]) -> Path:
+    """``out / name`` made whole: ``build(folder)`` fills a staging folder named as it (``out/.building/name``,
+    so that the progress bars name what they build), which then replaces ``out / name``. A staging folder a stop
+    left is removed first, as is ``out/NAME.building``, where earlier versions built it."""
+    final, tmp = out / name, out / STAGING / name
+    for old in (tmp, out / f"{name}.building"):
+        if old.exists():
+            shutil.rmtree(old)
+    tmp.parent.mkdir(exist_ok=True)
+    build(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)
+    if not any(tmp.parent.iterdir()):
+        tmp.parent.rmdir()
+    return final
+
+
 def check_run_folder(out: Path, prog: str) -> None:
     """Refuse an ``out`` that is not a recipe's run folder: a file, a folder of other files (a home folder,
     a buffer: the stages would write among them and replace their ``buffer/`` or ``report.md``), the inside of

