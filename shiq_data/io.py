@@ -93,6 +93,12 @@ def checksum_file(path: Path) -> Path:
     return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
+def write_checksum(path: Path, digest: str) -> None:
+    """``path.sha256`` holding ``digest``, the SHA-256 of ``path``, in ``sha256sum`` format (``sha256sum -c`` reads
+    it; :func:`check_sha256` checks it), written atomically."""
+    atomic_write(checksum_file(path), lambda p: p.write_text(f"{digest}  {path.name}\n"))
+
+
 def check_sha256(path: Path) -> None:
     """Raise ``ValueError`` naming ``path`` unless it matches the SHA-256 in ``path.sha256``: a file cut short,
     damaged on disk or edited is refused before it is read, as is one without a checksum, and either file being

@@ -76,11 +76,11 @@ from shiq_data.io import (
     check_sha256,
     check_sha256_if_kept,
     check_step_folder,
-    checksum_file,
     non_finite_as_null,
     one_line,
     read_json_file,
     step_folders,
+    write_checksum,
 )
 from shiq_train.dist_optim import full_groups, is_sliced, merge_slices
 from shiq_train.model import full_param_name, named_chunk_parameters, tp_layout
@@ -291,7 +291,7 @@ def save_checkpoint(
         # would leave it beside the new checksum, refused by every reader
         (step_dir / "meta.json").unlink(missing_ok=True)
         digest = hashlib.sha256(text.encode()).hexdigest()
-        atomic_write(checksum_file(step_dir / "meta.json"), lambda p: p.write_text(f"{digest}  meta.json\n"))
+        write_checksum(step_dir / "meta.json", digest)
         atomic_write(step_dir / "meta.json", lambda p: p.write_text(text))
         atomic_write(directory / "latest", lambda p: p.write_text(step_dir.name + "\n"))
     _barrier()
@@ -398,7 +398,7 @@ def save_hashed(obj, path: Path) -> str:
             digest["sha256"] = w.sha.hexdigest()
 
     atomic_write(path, write)
-    atomic_write(checksum_file(path), lambda p: p.write_text(f"{digest['sha256']}  {path.name}\n"))
+    write_checksum(path, digest["sha256"])
     return digest["sha256"]
 
 

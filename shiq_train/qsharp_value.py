@@ -26,7 +26,14 @@ from pathlib import Path
 
 import torch
 
-from shiq_data.io import CHECKSUM_SUFFIX, atomic_dir, check_sha256, non_finite_as_null, one_line, read_json_file
+from shiq_data.io import (
+    atomic_dir,
+    check_sha256,
+    non_finite_as_null,
+    one_line,
+    read_json_file,
+    write_checksum,
+)
 from shiq_train.checkpoint import load_problem, save_hashed
 from shiq_train.hf_convert import (
     LlamaShape,
@@ -262,7 +269,7 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
     def fill(tmp: Path) -> None:
         save_hashed(tensors, tmp / WEIGHTS_FILE)  # and value_model.pt.sha256, checked before loading
         (tmp / CONFIG_FILE).write_bytes(text)  # its SHA-256 beside it too: it shapes the model and the results
-        (tmp / (CONFIG_FILE + CHECKSUM_SUFFIX)).write_text(f"{hashlib.sha256(text).hexdigest()}  {CONFIG_FILE}\n")
+        write_checksum(tmp / CONFIG_FILE, hashlib.sha256(text).hexdigest())
         if history is not None:
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history), encoding="utf-8")
 
