@@ -367,6 +367,10 @@ LOCK = ".lock"  # held (flock) by the process running the recipe in the folder
 BARE_RUN = {"config.json", "stages.json", "run.log", LOCK}  # a run folder with no stage's output in it
 
 
+class ConfigChanged(ValueError):
+    """A run folder holds a run of another configuration (:class:`Stages`): a recipe may say more of why."""
+
+
 STAGING = ".building"  # in a run folder: where a stage builds a folder before it replaces the old one
 
 
@@ -599,7 +603,7 @@ class Stages:
                     else ""
                 )
                 changes = "; ".join(f"{k}: {_shown(old, k)} saved, {_shown(cfg, k)} now" for k in refused)
-                raise ValueError(
+                raise ConfigChanged(
                     f"{out} holds a run with a different configuration ({changes}{hint}); "
                     "use another --out or remove it"
                 )

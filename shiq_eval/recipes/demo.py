@@ -95,6 +95,7 @@ from shiq_eval.recipes.common import (
     SMOLLM2_LAYERS,
     TRAIN_BOUNDS,
     Bounds,
+    ConfigChanged,
     PrefixCaches,
     Stages,
     across_seeds,
@@ -1833,9 +1834,8 @@ def _main(args) -> int:
         return 0
     try:
         rep = run(cfg, out, args.progress)
-    except ValueError as e:
-        if "holds a run with a different configuration" in str(e):
-            check_quick_flag(out, args.config or CONFIG, args.quick, args.overrides)
+    except ConfigChanged:
+        check_quick_flag(out, args.config or CONFIG, args.quick, args.overrides)
         raise
     _log(f"done: {out / 'report.md'}")
     for m, r in rep["methods"].items():  # each against the reference on its own prompts, paired (report.md: more)
