@@ -376,6 +376,8 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
         ("reward_model.l2=[]", "reward_model.l2 must be a non-empty list"),
         ("eval.show_samples=-1", "eval.show_samples must be an integer >= 0, got -1"),
         ("seed=-1", "seed must be an integer in 0..1000000000"),
+        # the run ended before the learning rate reached train.lr (--quick did: 5 warm-up steps of 4)
+        ("train.warmup_steps=61", "train.warmup_steps (61) must not exceed train.steps (60): the learning rate"),
         ("seed=10000000000", "seed must be an integer in 0..1000000000"),
         (
             "train.share_prefixes=1",
@@ -386,6 +388,12 @@ def test_single_completion_arms_only_for_losses_that_need_no_group():
 def test_config_errors(override, needle):
     with pytest.raises(ValueError, match=re.escape(needle)):
         demo.load_config(overrides=[override])
+
+
+def test_quick_warms_up_within_its_steps():
+    """--quick's learning rate reaches train.lr before its last step (it warmed up over 5 steps of 4)."""
+    t = demo.load_config(quick=True)["train"]
+    assert t["warmup_steps"] < t["steps"] and demo.load_config(overrides=["train.warmup_steps=60"])
 
 
 @pytest.mark.parametrize(

@@ -41,6 +41,7 @@ def _finite(x):
 def test_config_quick_and_errors():
     full, quick = bfcl.load_config(), bfcl.load_config(quick=True)
     assert quick["train"]["methods"] == full["train"]["methods"] == ["sft", "shiq", "shiq_tk", "mt_dpo", "mt_copg"]
+    assert quick["train"]["warmup_steps"] < quick["train"]["steps"]  # it warmed up over 4 steps of 2
     assert quick["train"]["steps"] < full["train"]["steps"] and quick["model"]["layers"] > 0 == full["model"]["layers"]
     cfg = bfcl.load_config(overrides=["train.methods=[shiq@0.1,mt_dpo]"])
     assert bfcl.arm_beta(cfg, "shiq@0.1") == 0.1 and bfcl.arm_beta(cfg, "mt_dpo") == cfg["methods"]["mt_dpo"]["beta"]
@@ -54,6 +55,7 @@ def test_config_quick_and_errors():
         ("data.edits_per_scenario=99", "data.edits_per_scenario must be an integer in 0.."),
         ("model.layers=31", "model.layers must be an integer in 0..30 (0: all), got 31"),
         ("train.clip_grad=-1.0", "train.clip_grad must be a number >= 0"),
+        ("train.warmup_steps=21", "train.warmup_steps (21) must not exceed train.steps (20)"),
     ]:
         with pytest.raises(ValueError, match=re.escape(needle)):
             bfcl.load_config(overrides=[override])

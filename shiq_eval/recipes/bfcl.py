@@ -97,6 +97,7 @@ from shiq_eval.recipes.common import (
     check_frozen_prefix,
     check_run_folder,
     check_study_folder,
+    check_warmup,
     drop_checkpoints,
     field_problem,
     load_yaml_config,
@@ -166,6 +167,7 @@ def _check_config(cfg: dict) -> None:
     d, t = cfg["data"], cfg["train"]
     check_bounds(cfg, BOUNDS)
     check_flags(cfg, FLAGS)
+    check_warmup(cfg["train"])
     layers = cfg["model"]["layers"] or LAYERS  # the model trained: its first model.layers layers (0: all)
     trainable = Bounds(low=1, high=layers, also=(-1,), why=f"of the model's {layers}; -1: every parameter")
     check_bounds(cfg, {"train.trainable_last_layers": trainable})

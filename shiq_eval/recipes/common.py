@@ -286,6 +286,16 @@ def _select_all(node, parts: list[str], prefix: str):
         yield from _select_all(node[k], rest, f"{prefix}.{k}" if prefix else str(k))
 
 
+def check_warmup(t: dict) -> None:
+    """``train.warmup_steps`` at most ``train.steps``: a longer warm-up ends the run before the learning rate
+    reaches ``train.lr`` (its cosine decay never starts), which no one asks for on purpose."""
+    if t["warmup_steps"] > t["steps"]:
+        raise ValueError(
+            f"train.warmup_steps ({t['warmup_steps']}) must not exceed train.steps ({t['steps']}): "
+            f"the learning rate would never reach train.lr"
+        )
+
+
 def check_flags(cfg: dict, keys) -> None:
     """Each dotted key of ``keys`` that ``cfg`` has is true or false."""
     for key in keys:

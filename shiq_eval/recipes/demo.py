@@ -109,6 +109,7 @@ from shiq_eval.recipes.common import (
     check_frozen_prefix,
     check_run_folder,
     check_study_folder,
+    check_warmup,
     drop_checkpoints,
     field_problem,
     load_yaml_config,
@@ -321,6 +322,7 @@ def _check_config(cfg: dict) -> None:
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
     check_bounds(cfg, BOUNDS)
     check_flags(cfg, FLAGS)
+    check_warmup(cfg["train"])
     if not isinstance(d["instruction"], str):
         raise ValueError(f"data.instruction must be a string, got {d['instruction']!r}")
     check_arms(cfg, METHODS, SINGLE_METHODS)
