@@ -15,11 +15,27 @@ import os
 import sys
 
 EXIT_INTERRUPTED = 130  # 128 + SIGINT (shiq_data.cli_common's)
+LOG_INTERVAL = "30"  # seconds between a progress bar's redraws when stderr is a file or a pipe
+
+
+def progress_for_logs(environ=os.environ, stderr=None) -> None:
+    """When stderr is not a terminal (``nohup``, a batch job's log, a pipe), every progress bar (the project's,
+    and those of transformers and sentence-transformers: all tqdm) redraws at most every 30 s instead of ten
+    times a second, so a log keeps a line a bar every 30 s, not every batch. Through tqdm's ``TQDM_MININTERVAL``
+    (read when a bar is made), which a user's own setting overrides; a terminal keeps tqdm's default."""
+    stderr = sys.stderr if stderr is None else stderr
+    try:
+        terminal = stderr.isatty()
+    except (AttributeError, ValueError):  # (closed, or no stream)
+        terminal = False
+    if not terminal:
+        environ.setdefault("TQDM_MININTERVAL", LOG_INTERVAL)
 
 
 def run(prog: str, module: str) -> int | None:
     """``module.main()``'s status, ``module`` imported here; a ``KeyboardInterrupt`` that reaches this (in the
     imports, or not handled by the command) as ``PROG: interrupted`` on stderr and status 130."""
+    progress_for_logs()
     try:
         return importlib.import_module(module).main()
     except KeyboardInterrupt:

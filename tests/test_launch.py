@@ -78,3 +78,36 @@ def test_every_console_command_runs_its_module_through_the_launcher(monkeypatch)
         assert getattr(launch, name)() == 0
         assert len(ran) == 1 and ran[0][0] == prog, (target, ran)
         assert callable(importlib.import_module(ran[0][1]).main), ran
+
+
+def test_progress_bars_redraw_every_30_seconds_into_a_log_and_as_tqdm_does_on_a_terminal(tmp_path):
+    """A command whose stderr is a file or a pipe (``nohup``, a batch job) wrote a progress bar's line ten times
+    a second into its log; it now makes its bars (tqdm's, whoever draws them) redraw at most every 30 s there. A
+    terminal keeps tqdm's default (0.1 s), and a user's own ``TQDM_MININTERVAL`` wins."""
+    import pty
+
+    (tmp_path / "bar_command.py").write_text(
+        "import sys\nfrom tqdm import tqdm\n\ndef main():\n    print(tqdm(range(2)).mininterval, file=sys.stdout)\n"
+        "    return 0\n"
+    )
+    launch = "import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', 'bar_command'))"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
+
+    def interval(stderr, **extra) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", launch], cwd=tmp_path, env={**env, **extra}, stdout=subprocess.PIPE, stderr=stderr
+        )
+        assert out.returncode == 0
+        return float(out.stdout.split()[-1])
+
+    assert interval(subprocess.PIPE) == 30.0
+    with open(tmp_path / "log", "w") as log:
+        assert interval(log) == 30.0
+    assert interval(subprocess.PIPE, TQDM_MININTERVAL="2") == 2.0
+    controller, terminal = pty.openpty()
+    try:
+        assert interval(terminal) == 0.1
+    finally:
+        os.close(controller)
+        os.close(terminal)
