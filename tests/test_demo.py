@@ -1346,6 +1346,30 @@ def test_every_evaluation_of_an_arm_is_paired_with_the_reference_on_its_own_prom
     assert str(tmp_path / "reference_eval.json") in str(e.value)
 
 
+def test_the_report_estimates_j_star_at_the_configured_betas_besides_the_arms(tmp_path):
+    """``eval.j_star_betas``: the report gives J* (β log mean exp(R/β) over the N reference samples, SHIQ_MATH §9)
+    and its curve over N at those β as well as at the arms' (a study compares them across its grid; the default's
+    one β said nothing of how far 8 samples are from converging at the others), in report.json and report.md."""
+    ctx = _one_prompt_run(tmp_path)
+    ctx.cfg["eval"]["j_star_betas"] = [0.03, 1.0]
+    rep = demo.build_report(ctx, {"report": 1.0})
+    by_beta = rep["j_star"]["by_beta"]
+    assert sorted(map(float, by_beta)) == [0.03, 0.1, 1.0]  # the arm's 0.1 and the two asked for
+    R = np.array([0.5, 0.7])
+    for beta in (0.03, 0.1, 1.0):
+        v = by_beta[str(beta)]
+        assert v["mean"] == pytest.approx(beta * np.log(np.mean(np.exp(R / beta))), abs=1e-12)
+        assert [(c["samples"], c["j_star"]) for c in v["curve"]] == [
+            (1, pytest.approx(0.5)),
+            (2, pytest.approx(v["mean"])),
+        ]
+    text = demo.report_markdown(rep)
+    assert all(f"- β = {b:g}: J* = {by_beta[str(b)]['mean']:.3f}" in text for b in (0.03, 0.1, 1.0))
+    assert rep["j_star"]["beta"] == 0.1 and rep["methods"]["shiq@0.1"]["j_star"] == pytest.approx(
+        by_beta["0.1"]["mean"]
+    )
+
+
 def test_a_report_without_validation_losses_leaves_no_earlier_validation_plot(tmp_path):
     """A finished run reported again with train.methods=[qsharp] (no arm with validation losses) kept the
     earlier report's val_loss_vs_step.png of other arms beside a report.md that shows no such plot."""

@@ -157,8 +157,8 @@ TABLE_COLUMNS = [*COLUMNS[:2], "beta", *COLUMNS[2:4], "gold_mean", "gold_stderr"
 TABLE_COLUMNS += ["n", "n_prompts", "train_seconds", "eval_seconds"]
 # config keys a finished run may change: each arm is its own stage, so listing more arms (``shiq@0.03``)
 # trains only the new ones and listing fewer leaves the others out of the report; no result depends on
-# whether checkpoints are kept
-FREE_KEYS = ("train.methods", "train.keep_checkpoints")
+# whether checkpoints are kept, nor on the β at which the report also estimates J*
+FREE_KEYS = ("train.methods", "train.keep_checkpoints", "eval.j_star_betas")
 
 
 def free_keys(cfg: dict) -> tuple[str, ...]:
@@ -302,6 +302,7 @@ BOUNDS = {
     "eval.samples_per_prompt": Bounds(low=1, high=SAMPLES_MAX),
     "eval.show_samples": Bounds(low=0),
     "eval.j_star_samples": Bounds(low=1, high=SAMPLES_MAX),
+    "eval.j_star_betas": Bounds(integer=False, low=0, above=True, each=True),
     "eval.validation_prompts": Bounds(low=0),
     "methods.qsharp.steps": Bounds(low=1),
     "methods.qsharp.lr": Bounds(integer=False, low=0, above=True),
@@ -1153,15 +1154,13 @@ def build_report(ctx: Context, timings: dict) -> dict:
         title=f"final checkpoints, one training seed, ± 1 standard error over {n_prompts} prompts"
         + (f" ({', '.join(fewer)})" if fewer else ""),
     )
-    betas = sorted({arm_beta(cfg, m) for m in cfg["train"]["methods"]})
-    by_beta = {}
-    for beta in betas:
+    betas = {arm_beta(cfg, m) for m in cfg["train"]["methods"]}
+    by_beta = {}  # the arms' β and eval.j_star_betas: how far N samples are from converging at each
+    for beta in sorted(betas | {float(b) for b in cfg["eval"].get("j_star_betas", [])}):
         mean, se = mean_stderr(j_star(matrix, beta))
         by_beta[beta] = {"mean": mean, "stderr": se, "curve": j_star_curve(matrix, beta)}
     main_beta = arm_beta(cfg, cfg["train"]["methods"][0])
-    plot_j_vs_step(
-        rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: v["mean"] for b, v in by_beta.items()}
-    )
+    plot_j_vs_step(rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: by_beta[b]["mean"] for b in betas})
     plot_j_star_curve({b: v["curve"] for b, v in by_beta.items()}, ctx.out)
     val = {m: r["val_loss"] for m, r in methods.items() if r.get("val_loss")}
     if val:
@@ -1207,7 +1206,6 @@ def report_markdown(rep: dict) -> str:
     cfg = rep["config"]
     t, d, ev = cfg["train"], cfg["data"], cfg["eval"]
     ref, js, rm = rep["reference"], rep["j_star"], rep["reward_model"]
-    betas = sorted({r["beta"] for r in rep["methods"].values()})
     trained = [m for m in rep["methods"] if arm_method(m) != "qsharp"]
     q = next((r for m, r in rep["methods"].items() if arm_method(m) == "qsharp"), None)
     cv = rm.get("l2_cross_validation")
@@ -1305,8 +1303,12 @@ def report_markdown(rep: dict) -> str:
             f"{r['j_star_minus_J']:+.3f} ({error_text(r['j_star_minus_J_stderr'])}) | {r['train_seconds']:.0f} | "
             f"{r['eval_seconds']:.0f} |"
         )
-    lines += ["", f"J* estimate from N = {js['samples']} reference samples per prompt:", ""]
-    for b in betas:
+    lines += [
+        "",
+        f"J* estimate from N = {js['samples']} reference samples per prompt (at the arms' β and eval.j_star_betas):",
+        "",
+    ]
+    for b in sorted(float(k) for k in js["by_beta"]):
         v = js["by_beta"][str(b)]
         curve = ", ".join(f"N={c['samples']}: {c['j_star']:.3f}" for c in v["curve"])
         lines.append(
