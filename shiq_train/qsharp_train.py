@@ -294,7 +294,9 @@ def buffer_return_range(sampler, gamma: float = 1.0) -> tuple[float, float]:
 
 RESUME_FILE = "resume.pt"  # in a value run's output folder while it trains: what the same call resumes from
 PROGRESS_FILE = "metrics.partial.jsonl"  # there too while it trains: a line a step, to follow the run (tail -f)
-LOCK_FILE = ".lock"  # there too while shiq-train trains into it: held (flock) by that run (shiq_train.cli.run_value)
+# there too while shiq-train trains into it: held (flock) by that run (shiq_train.cli.run_value); the value model's
+# folder that replaces the run's at its end keeps the same file, so the lock holds until the run ends
+LOCK_FILE = ".lock"
 # settings that do not change the value model trained: free to change between a run and its resume
 RESUME_FREE = ("progress", "save_every", "save_on_sigterm")
 
@@ -547,7 +549,11 @@ def train_value_model(
                             raise SavedOnSigterm(step + 1)
             info = {"steps": cfg.steps, "train": asdict(cfg), "model_config": model_cfg.to_dict(), "last": history[-1]}
             # (the whole trunk again, not narrowed)
-            save_value_model(out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history)
+            # the run's lock file goes into the new folder: the lock held on it stays held on out_dir once that is
+            # replaced, so another run cannot take the folder while this one finishes (shiq_train.cli.run_value)
+            save_value_model(
+                out_dir, model, atoms, hf_config, meta={**info, **(meta or {})}, history=history, carry=(LOCK_FILE,)
+            )
             if stopped or stop_requested():  # the run is complete: the caller stops too
                 raise SavedOnSigterm(cfg.steps, complete=True)
     return Path(out_dir)

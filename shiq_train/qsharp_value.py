@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import pickle
 from pathlib import Path
 
@@ -241,13 +242,16 @@ class HFValueModel(torch.nn.Module):
         return self.head(hidden.float())
 
 
-def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf_config, meta=None, history=None):
+def save_value_model(
+    out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf_config, meta=None, history=None, carry=()
+):
     """Write ``out_dir`` atomically: ``value_model.pt`` (plain tensors, ``weights_only`` loadable, its SHA-256
     in ``value_model.pt.sha256``: the
     trunk's full parameters under ``trunk.`` named as in a TP=1, PP=1 megatron GPT, ``head.weight``,
     ``head.bias``, ``atoms``) and ``value_model.json`` (atoms, the Hugging Face config of the trunk and
     ``meta``; no ``β``: it is chosen at decoding time; its SHA-256 in ``value_model.json.sha256``); ``history``
-    goes to ``metrics.jsonl``."""
+    goes to ``metrics.jsonl``. ``carry``: names of files of the folder replaced that the new one keeps as the same
+    files (hard links), so a lock held on one (a run's ``.lock``) is still held once the new folder is in place."""
     tensors = {
         "trunk." + full_param_name(model.trunk, n): p.detach().cpu().clone()
         for n, p in unwrap(model.trunk).named_parameters()
@@ -267,6 +271,13 @@ def save_value_model(out_dir, model: MegatronValueModel, atoms: torch.Tensor, hf
     text = (json.dumps(non_finite_as_null(config), indent=2, allow_nan=False) + "\n").encode()
 
     def fill(tmp: Path) -> None:
+        for name in carry:  # (the folder replaced is still in place while fill runs)
+            kept = Path(out_dir) / name
+            if kept.is_file() and not kept.is_symlink():
+                try:
+                    os.link(kept, tmp / name, follow_symlinks=False)
+                except OSError:  # a file system without hard links: the new folder starts without it
+                    pass
         save_hashed(tensors, tmp / WEIGHTS_FILE)  # and value_model.pt.sha256, checked before loading
         (tmp / CONFIG_FILE).write_bytes(text)  # its SHA-256 beside it too: it shapes the model and the results
         write_checksum(tmp / CONFIG_FILE, hashlib.sha256(text).hexdigest())

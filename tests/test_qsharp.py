@@ -1043,6 +1043,37 @@ def test_an_out_folder_that_is_a_link_is_refused_before_training(tmp_path, monke
     assert not built and sorted(p.name for p in (tmp_path / "empty").iterdir()) == []
 
 
+def test_the_run_folders_lock_is_still_held_once_the_value_model_replaces_the_folder(tmp_path, monkeypatch):
+    """The run holds ``out/.lock`` (shiq_train.cli.run_value) while the value model's folder replaces ``out`` at the
+    end: the lock stayed with the folder set aside, and a second run started then found an unlocked ``out`` while
+    the first still finished. The new folder now keeps the same lock file: flock still refuses a second holder."""
+    import shiq_train.qsharp_value as qsharp_value
+    from shiq_data.io import exclusive_lock
+    from shiq_train.qsharp_train import LOCK_FILE, ValueTrainConfig, train_value_model
+    from shiq_train.qsharp_value import load_value_model
+
+    warnings.filterwarnings("ignore")
+    write_toy_buffer(tmp_path / "buf", rows=2)
+    hf = tiny_llama(4)
+    cfg = ValueTrainConfig(steps=1, rows_per_micro_batch=2, progress=False)
+    out = tmp_path / "value"
+    out.mkdir()
+    seen = []
+    atomic_dir = qsharp_value.atomic_dir
+
+    def replacing(folder, fill, **kw):  # what a second run finds just after the replacement, while the first holds
+        atomic_dir(folder, fill, **kw)
+        with exclusive_lock(folder / LOCK_FILE, wait=False, holder="the first run") as why:
+            seen.append(why)
+
+    monkeypatch.setattr(qsharp_value, "atomic_dir", replacing)
+    with exclusive_lock(out / LOCK_FILE, wait=False) as first:  # what run_value holds
+        assert first is None
+        train_value_model(tmp_path / "buf", out, hf.state_dict(), hf.config, cfg)
+    assert seen == [f"{out / LOCK_FILE} is held by the first run"]
+    assert load_value_model(out).atoms.numel() == 11  # the folder, its lock file beside the model, reads as one
+
+
 def test_an_atom_support_its_dtype_cannot_hold_is_refused_naming_the_dtype():
     """v_max = 1e39 (finite, beyond float32) was refused as 'need finite v_min < v_max'; v_min = 1, v_max = 1 + 1e-9
     (distinct, the same float32) gave 11 equal atoms, refused only at the first training step as atoms that are
