@@ -1062,7 +1062,7 @@ def run(args) -> list[dict]:
     value = load_guide(args, ref_model, reference, tokenizer, guide, ref_sha) if guide is not None else None
     from huggingface_hub.errors import StrictDataclassError  # (transformers' config validation)
 
-    from shiq_train.hf_convert import hf_config_from_dict  # heavy: torch
+    from shiq_train.hf_convert import hf_config_from_dict, model_config_from_llama  # heavy: torch
 
     if args.engine == "megatron":  # an architecture it does not compute, refused before the reference is evaluated
         MegatronEngine.model_config(ref_model.config, reference, args.tp)
@@ -1072,6 +1072,8 @@ def run(args) -> list[dict]:
         record = Path(info["path"]) / ("meta.json" if info["kind"] == "checkpoint" else "config.json")
         try:  # (a field of the wrong type: a traceback, or a refusal once the reference was evaluated)
             config = hf_config_from_dict(info["hf_config"])
+            if args.engine == "hf":  # (a checkpoint) its weights become a Llama-family model (export.llama_config)
+                model_config_from_llama(config)  # another model_type: refused here, not once the reference ran
         except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as e:
             field = " field meta.hf_config:" if info["kind"] == "checkpoint" else ""
             raise EvalInputError(f"{record}:{field} {one_line(e, 300)}") from None

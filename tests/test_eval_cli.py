@@ -1010,6 +1010,35 @@ def test_either_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(tmp
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("model_type", ["gemma", "phi"])
+def test_the_hf_engine_refuses_a_checkpoint_of_another_model_type_before_any_model_is_evaluated(
+    tmp_path, capsys, monkeypatch, model_type
+):
+    """A checkpoint whose meta.hf_config names a model_type shiq-train does not train (Gemma, Phi: a hand edit) was
+    refused by the hf engine only once the reference had been sampled and scored (its row kept in --out), as the
+    megatron engine refused it at once; it is now one line naming the meta.json, the model_type and the ones
+    supported, before any model is evaluated, nothing written. (A Hugging Face folder of such a model is evaluated
+    by transformers' own classes with the hf engine.)"""
+    init = tiny_hf_folder(tmp_path / "init")
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    hf_config = {**transformers.LlamaConfig.from_pretrained(init).to_dict(), "model_type": model_type}
+    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": hf_config}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
+    capsys.readouterr()
+    evaluated = []
+    monkeypatch.setattr("shiq_eval.evaluate.evaluate_policy", lambda *a, **k: evaluated.append(a) or 1 / 0)
+    assert main([*argv, "--engine", "hf"]) == 2
+    assert evaluated == []  # (not even the reference)
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the warning that meta.json records no tokenizer)
+    assert last.startswith(f"shiq-eval: error: {step / 'meta.json'}: field meta.hf_config: model_type {model_type!r}")
+    assert all(t in last for t in ("'llama'", "'mistral'", "'qwen2'", "'qwen3'")), last
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_tokenizer_without_an_end_of_sequence_token_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
     """A tokenizer with no EOS token (--tokenizer, or the reference's) ended in a TypeError traceback (int(None))
     once the first policy was sampled (exit status 1); sampling needs the token that ends a completion, so it is
