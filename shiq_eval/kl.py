@@ -39,10 +39,11 @@ def kl_from_log_probs(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
     Args: logp, logq ``[..., V]`` normalised log-probabilities (a ``log_softmax``), float64 for the sums.
     A token ``p`` cannot emit (``log p = −inf``, a masked logit) adds 0, as ``0 log 0 = 0``; one ``q`` cannot
-    emit and ``p`` can makes the KL ``+inf``; a NaN in ``p`` makes it NaN (undefined), not 0.
+    emit and ``p`` can makes the KL ``+inf``; a NaN in ``p`` makes it NaN (undefined), not 0. Never below 0: a KL is
+    ``>= 0`` (Gibbs' inequality), and the rounded terms' sum falls a few ulps below it when ``p`` is ``q``.
     """
     p = logp.exp()
-    return torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1)
+    return torch.where(p == 0, 0.0, p * (logp - logq)).sum(-1).clamp_min(0.0)  # (NaN and +inf kept)
 
 
 def masked_kls(

@@ -365,7 +365,9 @@ class GuidedPolicy:
             cols["logp"].append(lp)
             cols["ref_logp"].append(ref_logp_all.gather(-1, token[:, None])[:, 0])
             p_g = logp_g.exp()  # 0 where log p_g = -inf: those tokens add nothing to the KL
-            cols["kl"].append(torch.where(p_g > 0, p_g * (logp_g - ref_logp_all), 0.0).sum(-1))
+            # an exact KL is >= 0 (Gibbs' inequality): the rounded sum falls a few ulps below 0 when π_g is π_ref
+            # (a β so large the guidance vanishes), clamped as shiq_eval.kl.kl_from_log_probs clamps it
+            cols["kl"].append(torch.where(p_g > 0, p_g * (logp_g - ref_logp_all), 0.0).sum(-1).clamp_min(0.0))
             if record:
                 cols["cand"].append(cand)
                 cols["ref_top"].append(ref_top)

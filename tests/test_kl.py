@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from shiq_eval.kl import exact_token_kl, masked_kls, mean_stderr, sample_kl, token_kl
+from shiq_eval.kl import exact_token_kl, kl_from_log_probs, masked_kls, mean_stderr, sample_kl, token_kl
 
 V, T = 3, 3
 F64 = torch.float64
@@ -130,6 +130,14 @@ def test_a_token_the_policy_cannot_emit_adds_nothing_and_one_the_reference_canno
     sample, exact = masked_kls(logits, ref, tokens, mask)
     assert exact.item() == pytest.approx(want, rel=1e-12)
     assert sample.item() == pytest.approx(math.log(0.5 / 0.6), rel=1e-12)
+
+
+def test_the_exact_kl_of_a_distribution_to_itself_is_zero_never_negative():
+    """``p`` and ``q`` one distribution, from logits shifted by a constant: the rounded terms summed to a few ulps
+    below 0 (-1.2e-16), a negative KL printed. A KL is ``>= 0`` (Gibbs' inequality): it is 0 now."""
+    x = torch.randn(8, 50, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    kl = kl_from_log_probs(torch.log_softmax(x, -1), torch.log_softmax(x + 0.3, -1))
+    assert (kl >= 0).all() and kl.max() < 1e-15, kl
 
 
 def test_a_policy_distribution_of_nan_gives_a_nan_kl_not_zero():

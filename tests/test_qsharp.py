@@ -552,6 +552,18 @@ def test_constant_values_give_the_renormalised_reference_top_k():
                 assert (steps.policy_logp[b, t, cand].exp() - top / top.sum()).abs().max() < 1e-6
 
 
+def test_a_beta_so_large_the_guidance_vanishes_reports_an_exact_kl_of_zero_never_negative():
+    """β = 1e308: ``atoms / β`` rounds to 0, the guided policy is the reference itself (not restricted to its top-k)
+    and its exact KL to it 0 (SHIQ_MATH §6); the rounded sum over the vocabulary was reported as -3e-17. Each step's
+    KL is ``>= 0`` now. (The sample estimate ``Σ log π_g − log π_ref`` may be negative: it is an estimate.)"""
+    from shiq_eval.generate import SamplingConfig
+
+    warnings.filterwarnings("ignore")
+    policy = GuidedPolicy(tiny_llama(1), value_model(2), ATOMS, 1e308, top_k=64, eos_id=63)
+    _, _, exact = policy.generate_with_kls(PROMPTS, SamplingConfig(max_new_tokens=6, seed=0))
+    assert (exact >= 0).all() and exact.max() < 1e-12, exact
+
+
 def test_zero_guidance_default_is_the_reference_restricted_pays_the_top_k_mass():
     from shiq_eval.generate import SamplingConfig
 
