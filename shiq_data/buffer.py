@@ -1126,6 +1126,12 @@ def _remove_stale_build_dirs(out_dir: Path, host: str) -> None:
     sweep_held(out_dir.parent, f".{glob.escape(out_dir.name)}.building-{glob.escape(host)}-*")
 
 
+def _unmade(out_dir: Path, e: OSError) -> ValueError:
+    """The error of an ``--out`` the system will not make (no permission, a read-only file system): naming the
+    option, not the temporary folder beside it that the OS error names."""
+    return ValueError(f"--out {out_dir}: cannot make the folder ({e.strerror or e})")
+
+
 def write_buffer(
     rows: Iterable[dict | pa.Table],
     out_dir,
@@ -1171,11 +1177,17 @@ def write_buffer(
         )
     refuse_inside_buffer(out_dir)
     _check_tokenizer_info(tokenizer_info)
-    created = make_parents(out_dir)
+    try:
+        created = make_parents(out_dir)
+    except OSError as e:
+        raise _unmade(out_dir, e) from None
     host = this_host()
     try:
         _remove_stale_build_dirs(out_dir, host)
-        tmp, held = held_dir(out_dir.parent, f".{out_dir.name}.building-{host}-{os.getpid()}")
+        try:
+            tmp, held = held_dir(out_dir.parent, f".{out_dir.name}.building-{host}-{os.getpid()}")
+        except OSError as e:
+            raise _unmade(out_dir, e) from None
     except BaseException:
         remove_created_dirs(created)
         raise

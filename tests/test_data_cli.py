@@ -1407,6 +1407,24 @@ def test_empty_output_names_and_a_folder_for_an_input_file_are_refused(tmp_path,
         assert code == 2 and (needle or f"{tmp_path} is a folder: give a file") in err, err
 
 
+@pytest.mark.parametrize("fails", ["make_parents", "held_dir"])
+def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path, capsys, gpt2, monkeypatch, fails):
+    """An --out the system will not make (no permission, a read-only file system) ended in the bare OS message,
+    naming the temporary folder beside it: "[Errno 13] Permission denied: '.../.buf.building-HOST-PID-hex.held'"."""
+    import shiq_data.buffer as B
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(B, fails, refuse)
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    out = tmp_path / "locked" / "buf"
+    code = main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"shiq-data: error: --out {out}: cannot make the folder (Permission denied)\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
 def test_a_cut_or_damaged_gzip_input_is_named(tmp_path, capsys, gpt2):
     """gzip's own errors (EOFError, BadGzipFile, a CRC check) named no file."""
     import gzip
