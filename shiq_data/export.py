@@ -243,5 +243,5 @@ def export_buffer(buffer_dir, out_dir, fmt: str, progress: bool = True) -> Buffe
             check_unique_ids(buffer, out_dir)  # after the rows' own checks, in validate's order
         (tmp / "README.md").write_text(dataset_card(buffer, fmt, out_dir.name), encoding="utf-8")
 
-    atomic_dir(out_dir, fill)
+    atomic_dir(out_dir, fill, option="--out")
     return buffer

@@ -824,23 +824,35 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
         release_held(stage, held)
 
 
-def atomic_dir(folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False) -> Path:
+def atomic_dir(
+    folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False, option: str | None = None
+) -> Path:
     """Create ``folder`` by calling ``fill(tmp)`` on a temporary folder beside it and renaming that into place
     (mode 755), so the folder is either absent or complete. An existing ``folder`` is kept as it is (another
     process built it first) unless ``replace`` is true: then it is renamed aside just before the rename and
     removed after it (a crash between the two renames leaves it as ``.NAME.<hex>.old``, never lost), and a
     ``folder`` that is a link or a file is refused before any work. Parent folders it had to make are removed
     again on failure, if still empty. The temporary folder ``.NAME.HOST-PID-XXXX.tmp`` of a process killed while
-    filling it is removed by the next call for the same folder on this machine (:func:`sweep_held`)."""
+    filling it is removed by the next call for the same folder on this machine (:func:`sweep_held`). ``option``
+    (``--out``): the command-line option that named ``folder``, which a folder the system will not make (no
+    permission, a read-only file system) is then refused naming, as a ValueError, rather than with the OS
+    error naming the temporary folder."""
     folder = Path(folder)
     if replace and (folder.is_symlink() or (folder.exists() and not folder.is_dir())):
         raise ValueError(f"{folder} is {'a link' if folder.is_symlink() else 'a file'}, not a folder to replace")
     if folder.is_dir() and not replace:
         return folder
-    made = make_parents(folder)
-    host, name = this_host(), folder.name
-    sweep_held(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
-    tmp, held = held_dir(folder.parent, f".{name}.{host}-{os.getpid()}", ".tmp")
+    made: list[Path] = []
+    try:
+        made = make_parents(folder)
+        host, name = this_host(), folder.name
+        sweep_held(folder.parent, f".{glob.escape(name)}.{glob.escape(host)}-*.tmp")  # of a killed process's fill
+        tmp, held = held_dir(folder.parent, f".{name}.{host}-{os.getpid()}", ".tmp")
+    except BaseException as e:
+        remove_created_dirs(made)
+        if option is not None and isinstance(e, OSError):
+            raise ValueError(f"{option} {folder}: cannot make the folder ({e.strerror or e})") from None
+        raise
     try:
         fill(tmp)
         os.chmod(tmp, 0o755)  # shared like every result (held_dir makes it 0700)

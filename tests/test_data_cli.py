@@ -1425,6 +1425,29 @@ def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
 
 
+@pytest.mark.parametrize("verb", [["split", "--test-fraction", "0.5"], ["export", "--format", "jsonl"]])
+def test_split_and_export_refuse_an_out_folder_that_cannot_be_made_naming_the_option(
+    tmp_path, capsys, gpt2, monkeypatch, verb
+):
+    """split and export, which write their folder through a temporary one beside it, ended as build did on an --out
+    the system will not make: "[Errno 13] Permission denied: '.../.out.HOST-PID-hex.tmp.held'"."""
+    import shiq_data.io
+
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "b"), "--no-progress"]) == 0
+    capsys.readouterr()
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shiq_data.io, "held_dir", refuse)
+    out = tmp_path / "locked" / "out"
+    code = main([verb[0], str(tmp_path / "b"), *verb[1:], "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err == f"shiq-data: error: --out {out}: cannot make the folder (Permission denied)\n", err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "in.jsonl"]
+
+
 def test_a_cut_or_damaged_gzip_input_is_named(tmp_path, capsys, gpt2):
     """gzip's own errors (EOFError, BadGzipFile, a CRC check) named no file."""
     import gzip

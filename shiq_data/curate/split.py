@@ -141,5 +141,5 @@ def split_buffer(
                 progress=progress,
             )
 
-    atomic_dir(out, fill)
+    atomic_dir(out, fill, option="--out")
     return {**counts, "units": units_per_side}
