@@ -608,15 +608,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
         for n, line in readable_lines(utf8_lines(f, path), path):
             if not line.strip():
                 continue
-            try:
-                obj = json.loads(line, object_pairs_hook=no_duplicate_keys)
+            try:  # (without its line end, a line cut inside a string is "Unterminated string", not a control character)
+                obj = json.loads(line.rstrip("\r\n"), object_pairs_hook=no_duplicate_keys)
             except DuplicateKey as e:
                 raise RowError(
                     path, n, e.key, "given twice in one JSON object (which would win is a guess)", row_label="line"
                 ) from None
             except json.JSONDecodeError as e:
                 raise RowError(
-                    path, n, "*", f"not valid JSON ({e.msg} at column {e.colno})", row_label="line"
+                    path, n, "*", f"not valid JSON ({e.msg.removesuffix(' at')} at column {e.colno})", row_label="line"
                 ) from None
             except (ValueError, RecursionError) as e:  # a number of over 4300 digits; nesting too deep
                 raise RowError(path, n, "*", f"not valid JSON ({e})", row_label="line") from None

@@ -311,6 +311,23 @@ def test_append_with_another_tokenizer_says_so_first(tmp_path, capsys):
     assert "system" not in err
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n", ""])
+def test_a_jsonl_line_cut_inside_a_string_is_called_unterminated(tmp_path, end):
+    """A line cut short inside a string (a copy stopped half-way) was parsed with its line end, which json took for
+    a control character inside the string: "Invalid control character at at column 21", its "at" doubled."""
+    from shiq_data.io import RowError, iter_jsonl
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"prompt": "a", "completion": "b", "reward": 1.0}\n{"prompt": "Question' + end, newline="")
+    with pytest.raises(RowError) as e:
+        list(iter_jsonl(rows))
+    assert str(e.value) == f"{rows}: line 2: field '*': not valid JSON (Unterminated string starting at column 12)"
+    rows.write_text('{"prompt": "a\tb", "completion": "c", "reward": 1.0}' + end, newline="")  # a tab, unescaped
+    with pytest.raises(RowError) as e:
+        list(iter_jsonl(rows))
+    assert str(e.value) == f"{rows}: line 1: field '*': not valid JSON (Invalid control character at column 14)"
+
+
 @pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"rows": 1' + "0" * 5000 + "}"])
 def test_json_too_deep_or_a_number_too_long_is_named_with_its_file(tmp_path, text):
     """Nesting deeper than Python's recursion limit, or an integer of more than 4300 digits, gave a message
