@@ -629,6 +629,27 @@ def test_stats_match_pandas(data, tmp_path, capsys):
     assert not (tmp_path / "none").exists()
 
 
+def test_stats_names_a_plot_folder_that_cannot_be_written(data, tmp_path, capsys, monkeypatch):
+    """A --plot folder the system will not make (no permission, a read-only file system) ended in the bare OS
+    error, "[Errno 13] Permission denied: '...'", naming no option."""
+    import shiq_data.curate.stats as S
+
+    real = S.files_together
+
+    def locked(folder, *args, **kwargs):
+        if Path(folder) == tmp_path / "locked":
+            raise PermissionError(13, "Permission denied", str(folder))
+        return real(folder, *args, **kwargs)
+
+    monkeypatch.setattr(S, "files_together", locked)
+    code, _, err = run(capsys, "stats", data["ab"], "--plot", tmp_path / "locked")
+    assert (
+        code == 2
+        and err == f"shiq-data: error: --plot {tmp_path / 'locked'}: cannot write the histograms (Permission denied)\n"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_show_marks_actions_and_rewards(data, capsys):
     df = data["df"]
     rec = df.iloc[0]

@@ -71,7 +71,10 @@ def cmd_stats(args) -> int:
     if args.plot and not stats["rows"]:  # empty histograms (and matplotlib's warnings about them): none written
         print(f"shiq-data: no rows{where}: no histograms written to {args.plot}")
     elif args.plot:
-        paths = plot_stats(stats, hists, args.plot)
+        try:
+            paths = plot_stats(stats, hists, args.plot)
+        except OSError as e:  # (no permission, a read-only file system, a full disk): named, not the bare OS error
+            raise ValueError(f"--plot {args.plot}: cannot write the histograms ({e.strerror or e})") from None
         print(f"shiq-data: wrote {', '.join(str(p) for p in paths)}")
     return 0
 
