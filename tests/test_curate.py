@@ -1486,7 +1486,10 @@ def test_decontaminate_against_a_buffer_and_a_bfcl_question_field(data, tmp_path
     [
         (None, [], "--against {d}/missing.jsonl: no such file or folder"),
         (['{"prompt": "a b c d e f g h"}', '{"text": "x"}'], [], "line 2: no field 'prompt' (choose it with --field)"),
-        (['{"prompt": "a b c d e f g h"', ""], [], "line 1: not valid JSON"),
+        (['{"prompt": "a b c d e f g h"', ""], [], "line 1: not valid JSON (Expecting ',' delimiter at column 29)"),
+        # a line cut inside a string: its line end read as a control character, or as the JSON's line 2
+        (['{"prompt": "a b c d'], [], "line 1: not valid JSON (Unterminated string starting at column 12)"),
+        (['{"prompt": '], [], "line 1: not valid JSON (Expecting value at column 12)"),
         (['{"prompt": {"x": 1}}'], [], "line 1: field 'prompt' holds no text"),
         (["null"], [], "line 1: expected a string, chat messages or an object, got null"),  # (not NoneType)
         (['"too short"'], [], "the evaluation text is shorter than --min-words 8 words"),

@@ -209,10 +209,13 @@ def _records(path: Path, field: str):
         return
     for number, line in _lines(path):
         if line.strip():
-            try:
-                yield number, json_loads(line)
+            try:  # (without its line end, as iter_jsonl: a line cut inside a string is an unterminated string)
+                yield number, json_loads(line.rstrip("\r\n"))
             except RecursionError:
                 raise ValueError(f"--against {path}: line {number}: not valid JSON (nested too deep)") from None
+            except json.JSONDecodeError as e:  # (its own "line 1 column N": the column of this line)
+                why = f"{e.msg.removesuffix(' at')} at column {e.colno}"
+                raise ValueError(f"--against {path}: line {number}: not valid JSON ({why})") from None
             except ValueError as e:
                 raise ValueError(f"--against {path}: line {number}: not valid JSON ({e})") from None
 
