@@ -80,8 +80,10 @@ def check_messages(messages: Sequence[dict], where: str = "messages") -> None:
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise MessageError(f"{where}[{i}]", f"expected an object with 'role' and 'content', got {type_name(m)}")
-        if m.get("role") not in ROLES:
-            raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m.get('role')!r}")
+        if "role" not in m:  # (it read "got None", as for a role of null)
+            raise MessageError(f"{where}[{i}].role", f"missing (one of {ROLES})")
+        if m["role"] not in ROLES:
+            raise MessageError(f"{where}[{i}].role", f"expected one of {ROLES}, got {m['role']!r}")
         if "content" not in m:
             raise MessageError(f"{where}[{i}].content", "missing")
         if not isinstance(m["content"], str):

@@ -106,6 +106,10 @@ def test_context_messages_are_never_actions(tok):
 def test_bad_inputs(tok):
     with pytest.raises(ValueError, match=r"messages\[1\].role"):
         encode_chat(tok, [{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}])
+    with pytest.raises(ValueError, match=r"messages\[1\].role: missing \(one of"):  # (it read "got None")
+        encode_chat(tok, [{"role": "user", "content": "a"}, {"content": "b"}])
+    with pytest.raises(ValueError, match=r"messages\[0\].role: expected one of .*, got None"):  # a role of null
+        encode_chat(tok, [{"role": None, "content": "a"}])
     with pytest.raises(ValueError, match="no assistant turn"):
         encode_chat(tok, [{"role": "user", "content": "a"}])
     with pytest.raises(ValueError, match="turn_rewards has 1 entry but there are 3 action turns"):
