@@ -1550,6 +1550,22 @@ def test_a_quick_run_resumed_without_quick_is_refused_in_one_short_line(tmp_path
     assert "holds a run with a different configuration" in capsys.readouterr().err
 
 
+def test_a_run_stopped_in_its_first_stage_takes_a_corrected_configuration(tmp_path, monkeypatch, capsys):
+    """The README: "a run none of whose stages finished takes a new configuration". A stop in the reward-model
+    stage left split.json (written as the stage began), so the corrected command was refused as a changed one."""
+
+    def stop(*args, **kwargs):  # the stop comes while the encoder loads (its first minutes are the embedding)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "minilm_encoder", stop)
+    out = tmp_path / "run"
+    for seed in (1, 2):  # the first command's seed was a mistake
+        with pytest.raises(KeyboardInterrupt):
+            demo.run(demo.load_config(quick=True, overrides=[f"seed={seed}"]), out, progress=False)
+        assert json.loads((out / "config.json").read_text())["seed"] == seed
+    assert not (out / "split.json").exists()
+
+
 def test_a_staged_folder_is_built_under_its_name_and_replaces_the_old_one_whole(tmp_path):
     """What the demo's and shiq-bfcl's buffer stages build (``build_staged``): a folder named as the final one, so
     the progress bars name it ("reference statistics buffer", where shiq-bfcl's read "buffer.building"), in a

@@ -452,6 +452,25 @@ def test_stages_accept_new_arms_and_refuse_other_changes(tmp_path):
         Stages(tmp_path, changed, prog="shiq-bfcl", free=bfcl.FREE_KEYS)
 
 
+def test_a_run_stopped_while_its_buffers_build_takes_a_corrected_configuration(tmp_path, monkeypatch):
+    """The README: "a run none of whose stages finished takes a new configuration". A stop while the data stage
+    built its buffers left trajectories.jsonl (written before them) and the staging folder, so the corrected
+    command was refused as a changed one; the trajectories are now written once the buffers are built."""
+
+    def stop(rows, folder, **kwargs):  # a stop part-way through the first buffer
+        Path(folder).mkdir(parents=True)
+        (Path(folder) / "shard-00000.arrow").write_bytes(b"part of a shard")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bfcl, "write_buffer", stop)
+    out = tmp_path / "run"
+    for steps in (3, 2):  # the first command's train.steps was a mistake
+        with pytest.raises(KeyboardInterrupt):
+            bfcl.run(bfcl.load_config(quick=True, overrides=[f"train.steps={steps}"]), out, progress=False)
+        assert json.loads((out / "config.json").read_text())["train"]["steps"] == steps
+    assert not (out / "trajectories.jsonl").exists()
+
+
 def test_a_finished_arms_checkpoint_goes_only_once_the_stage_is_recorded(tmp_path):
     """train.keep_checkpoints=false: Stages.run deletes an arm's checkpoint after recording its stage finished,
     also for a stage finished earlier (a run that kept them, resumed with false) and what a deletion cut
@@ -724,7 +743,7 @@ def test_a_dropped_scenario_is_replaced_by_another_of_the_split():
     dropped, and the buffer held fewer scenarios than the steps read: the sampler then repeated some. Another
     scenario of the split, not already chosen, now takes each dropped one's place (none with ``all``)."""
     split = [{"id": f"multi_turn_base_{i}"} for i in range(12)]
-    cfg = bfcl.load_config(overrides=["train.steps=2", "train.groups_per_step=2"])
+    cfg = bfcl.load_config(overrides=["train.steps=2", "train.groups_per_step=2", "train.warmup_steps=1"])
     chosen = bfcl.trained_scenarios(cfg, split)
     spares = bfcl.spare_scenarios(cfg, split, chosen)
     assert sorted(e["id"] for e in chosen + spares) == sorted(e["id"] for e in split)  # the rest, each once

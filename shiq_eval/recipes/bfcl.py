@@ -395,7 +395,6 @@ def stage_data(ctx: Context) -> None:
         kept.append(trajs)
     if not kept:
         raise ValueError(f"data.max_tokens={d['max_tokens']}: not even the first turn of any scenario fits")
-    atomic_write_jsonl(ctx.out / "trajectories.jsonl", [t for g in kept for t in g])
     for name, rows in (("buffer", rows_all), ("buffer_sft", rows_sft)):
 
         def build(folder: Path, name=name, rows=rows) -> None:
@@ -438,6 +437,9 @@ def stage_data(ctx: Context) -> None:
         },
         "reward": d["reward"],
     }
+    # the trajectories last: a run stopped while its buffers build leaves only the staging folder (removed by the
+    # next build), so it takes a corrected configuration (common.Stages)
+    atomic_write_jsonl(ctx.out / "trajectories.jsonl", flat)
     atomic_write_json(ctx.out / "data.json", info)
     _log(
         f"data: {info['trajectories']} trajectories of {info['scenarios']} scenarios, "

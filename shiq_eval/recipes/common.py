@@ -292,7 +292,7 @@ def check_warmup(t: dict) -> None:
     if t["warmup_steps"] > t["steps"]:
         raise ValueError(
             f"train.warmup_steps ({t['warmup_steps']}) must not exceed train.steps ({t['steps']}): "
-            f"the learning rate would never reach train.lr"
+            f"the learning rate would never reach train.lr (give train.warmup_steps={t['steps']} or fewer)"
         )
 
 
@@ -374,7 +374,6 @@ def check_arms(cfg: dict, known, single=()) -> None:
 
 
 LOCK = ".lock"  # held (flock) by the process running the recipe in the folder
-BARE_RUN = {"config.json", "stages.json", "run.log", LOCK}  # a run folder with no stage's output in it
 
 
 class ConfigChanged(ValueError):
@@ -382,6 +381,8 @@ class ConfigChanged(ValueError):
 
 
 STAGING = ".building"  # in a run folder: where a stage builds a folder before it replaces the old one
+# a run folder with no stage's output in it (a staging folder a stop left is removed before the next build)
+BARE_RUN = {"config.json", "stages.json", "run.log", LOCK, STAGING}
 
 
 def build_staged(out: Path, name: str, build: Callable[[Path], None]) -> Path:

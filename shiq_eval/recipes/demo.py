@@ -418,10 +418,6 @@ def stage_reward_model(ctx: Context) -> None:
     cfg = ctx.cfg
     rows = load_movie_snippets(vader_archive())
     split = split_ids(rows, held_out=cfg["data"]["held_out_fraction"], seed=cfg["seed"])
-    atomic_write_json(
-        ctx.out / "split.json",
-        {"source": "vaderSentiment-3.3.2 movieReviewSnippets_GroundTruth.txt", "seed": cfg["seed"], **split},
-    )
     by_id = {r.id: r for r in rows}
     train = [by_id[i] for i in split["train"]]
     limit = cfg["reward_model"]["max_train_texts"]
@@ -472,6 +468,11 @@ def stage_reward_model(ctx: Context) -> None:
     }
     rm.meta.update(info)
     save_reward_head(ctx.out, rm, info)
+    # written last: a run stopped earlier in its first stage leaves no output, so it takes a corrected configuration
+    atomic_write_json(
+        ctx.out / "split.json",
+        {"source": "vaderSentiment-3.3.2 movieReviewSnippets_GroundTruth.txt", "seed": cfg["seed"], **split},
+    )
     ctx._rm = rm
     _log(f"reward model: held-out Pearson r = {info['pearson_held_out']:.3f}")
 
