@@ -893,9 +893,13 @@ def progress_bar(enabled: bool, **kwargs) -> Iterator:
     """A tqdm bar (``kwargs`` are tqdm's; none drawn unless ``enabled``) for the caller to update by hand (not
     iterated: tqdm's iterator closes its bar, kept, as an error leaves the loop), closed on leaving the block:
     kept when the block ends, cleared when it raises, so the command's one-line error starts on a clean line
-    rather than after a half-drawn or finished bar. Put the checks that may still refuse the input inside."""
+    rather than after a half-drawn or finished bar. Put the checks that may still refuse the input inside.
+    ``TQDM_MININTERVAL`` (a log's, :func:`shiq_data.launch.progress_for_logs`, or the user's) wins over a
+    ``mininterval`` given here: tqdm lets the argument win, and a log got a bar's line every second."""
     from tqdm import tqdm
 
+    if os.environ.get("TQDM_MININTERVAL"):
+        kwargs.pop("mininterval", None)
     bar = tqdm(disable=not enabled, **kwargs)
     try:
         yield bar

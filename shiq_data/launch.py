@@ -22,7 +22,8 @@ def progress_for_logs(environ=os.environ, stderr=None) -> None:
     """When stderr is not a terminal (``nohup``, a batch job's log, a pipe), every progress bar (the project's,
     and those of transformers and sentence-transformers: all tqdm) redraws at most every 30 s instead of ten
     times a second, so a log keeps a line a bar every 30 s, not every batch. Through tqdm's ``TQDM_MININTERVAL``
-    (read when a bar is made), which a user's own setting overrides; a terminal keeps tqdm's default."""
+    (read once, as tqdm is imported: so set before the command's modules are), which a user's own setting
+    overrides; a terminal keeps tqdm's default."""
     stderr = sys.stderr if stderr is None else stderr
     try:
         terminal = stderr.isatty()

@@ -111,3 +111,35 @@ def test_progress_bars_redraw_every_30_seconds_into_a_log_and_as_tqdm_does_on_a_
     finally:
         os.close(controller)
         os.close(terminal)
+
+
+def test_the_projects_own_bars_take_the_interval_a_log_is_given(tmp_path):
+    """shiq-data's row bars (build, append, validate, ...) and shiq-train ref-stats' ask tqdm for a redraw every
+    1 s (``shiq_data.io.progress_bar``), and a bar's own ``mininterval`` wins over ``TQDM_MININTERVAL``: into a log
+    they still redrew every second. The log's 30 s (or the user's interval) now wins; a terminal keeps their 1 s."""
+    import pty
+
+    (tmp_path / "rows_command.py").write_text(
+        "import sys\nfrom shiq_data.io import progress_bar\n\ndef main():\n"
+        "    with progress_bar(True, total=2, mininterval=1.0, file=sys.stderr) as bar:\n"
+        "        print(bar.mininterval, file=sys.stdout)\n    return 0\n"
+    )
+    launch = "import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', 'rows_command'))"
+    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
+
+    def interval(stderr, **extra) -> float:
+        out = subprocess.run(
+            [sys.executable, "-c", launch], cwd=tmp_path, env={**env, **extra}, stdout=subprocess.PIPE, stderr=stderr
+        )
+        assert out.returncode == 0
+        return float(out.stdout.split()[-1])
+
+    assert interval(subprocess.PIPE) == 30.0
+    assert interval(subprocess.PIPE, TQDM_MININTERVAL="5") == 5.0
+    controller, terminal = pty.openpty()
+    try:
+        assert interval(terminal) == 1.0
+    finally:
+        os.close(controller)
+        os.close(terminal)
