@@ -159,3 +159,25 @@ def test_bfcl_seeds_hands_each_seed_to_the_runner_then_reports(tmp_path, monkeyp
         (f"seed{s}", tmp_path / f"seed{s}", ({**base, "seed": s}, str(tmp_path / f"seed{s}"), bars)) for s in (3, 7)
     ]
     assert reported == [(tmp_path, ["seed3", "seed7"])]
+
+
+def interval_run(folder: str) -> None:
+    """A run that records the interval its progress bars redraw at (tqdm's, as every bar of a run is)."""
+    from tqdm import tqdm
+
+    with open(os.devnull, "w") as sink:
+        (Path(folder) / "seen.json").write_text(json.dumps(tqdm(total=1, file=sink).mininterval))
+
+
+def test_the_jobs_bars_redraw_as_into_a_log_whatever_the_commands_stderr(tmp_path, monkeypatch):
+    """A job's output goes to its run.log, but its process got the command's environment, without the log's
+    30 s interval when the command ran on a terminal (shiq_data.launch.progress_for_logs): each run.log got a
+    bar's line ten times a second. A user's own TQDM_MININTERVAL is still theirs."""
+    monkeypatch.delenv("TQDM_MININTERVAL", raising=False)
+    folders = [tmp_path / "seed0", tmp_path / "seed1"]
+    run_side_by_side(f"{__name__}:interval_run", [("seed0", folders[0], (str(folders[0]),))], 1, print)
+    assert json.loads((folders[0] / "seen.json").read_text()) == 30.0
+    assert "TQDM_MININTERVAL" not in os.environ  # (the command's own bars keep their interval)
+    monkeypatch.setenv("TQDM_MININTERVAL", "4")
+    run_side_by_side(f"{__name__}:interval_run", [("seed1", folders[1], (str(folders[1]),))], 1, print)
+    assert json.loads((folders[1] / "seen.json").read_text()) == 4.0

@@ -9,6 +9,7 @@ recipes call: this for ``--jobs`` above 1, the runs one after the other in the c
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
@@ -26,6 +27,7 @@ from shiq_data.cli_common import (
     quiet_optional_dependencies,
     setup_logging,
 )
+from shiq_data.launch import LOG_INTERVAL
 from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
@@ -69,6 +71,21 @@ def _finished(folder: Path) -> dict:
         return {}
 
 
+@contextlib.contextmanager
+def _log_interval():
+    """While the block runs, the processes it starts (the jobs, whose output goes to their run.log) redraw their
+    progress bars as into any log (:func:`shiq_data.launch.progress_for_logs`), whatever the command's own stderr
+    is: tqdm reads ``TQDM_MININTERVAL`` as a process imports it, so it is given in the environment they start
+    with. A user's own setting is kept; the command's environment is as it was after the block."""
+    added = "TQDM_MININTERVAL" not in os.environ
+    os.environ.setdefault("TQDM_MININTERVAL", LOG_INTERVAL)
+    try:
+        yield
+    finally:
+        if added:
+            os.environ.pop("TQDM_MININTERVAL", None)
+
+
 def run_side_by_side(
     target: str,
     jobs_args: list[tuple[str, Path, tuple]],
@@ -87,7 +104,7 @@ def run_side_by_side(
     threads = threads_per_job(min(jobs, max(1, len(jobs_args))))  # the runs that go at once share the cores
     seen = {name: set(_finished(Path(folder))) for name, folder, _ in jobs_args}
     errors: dict[str, BaseException] = {}
-    with worker_pool(jobs) as pool:
+    with _log_interval(), worker_pool(jobs) as pool:
         running = {}
         for name, folder, args in jobs_args:
             running[pool.submit(_job, target, args, str(folder), threads, log_level)] = (name, Path(folder))
