@@ -40,6 +40,7 @@ from shiq_eval.generate import (
     read_prompts,
     sample_next,
 )
+from shiq_eval.kl import rounded_to_zero
 from shiq_eval.optimum import check_beta
 
 CANDIDATE_CHUNK = 64  # candidates the value model scores in one pass (all of them when top_k is at most this)
@@ -365,9 +366,9 @@ class GuidedPolicy:
             cols["logp"].append(lp)
             cols["ref_logp"].append(ref_logp_all.gather(-1, token[:, None])[:, 0])
             p_g = logp_g.exp()  # 0 where log p_g = -inf: those tokens add nothing to the KL
-            # an exact KL is >= 0 (Gibbs' inequality): the rounded sum falls a few ulps below 0 when π_g is π_ref
-            # (a β so large the guidance vanishes), clamped as shiq_eval.kl.kl_from_log_probs clamps it
-            cols["kl"].append(torch.where(p_g > 0, p_g * (logp_g - ref_logp_all), 0.0).sum(-1).clamp_min(0.0))
+            # an exact KL is >= 0: the rounded sum falls a few ulps below 0 when π_g is π_ref (a β so large the
+            # guidance vanishes), read as 0; a value further below stays visible (shiq_eval.kl.rounded_to_zero)
+            cols["kl"].append(rounded_to_zero(torch.where(p_g > 0, p_g * (logp_g - ref_logp_all), 0.0).sum(-1)))
             if record:
                 cols["cand"].append(cand)
                 cols["ref_top"].append(ref_top)

@@ -437,8 +437,9 @@ def stage_data(ctx: Context) -> None:
         },
         "reward": d["reward"],
     }
-    # the trajectories last: a run stopped while its buffers build leaves only the staging folder (removed by the
-    # next build), so it takes a corrected configuration (common.Stages)
+    # the trajectories last: a run stopped while its first buffer builds leaves only the staging folder (removed
+    # by the next build), so it takes a corrected configuration (common.Stages); one stopped while buffer_sft
+    # builds has its buffer/ and is refused a change
     atomic_write_jsonl(ctx.out / "trajectories.jsonl", flat)
     atomic_write_json(ctx.out / "data.json", info)
     _log(
