@@ -55,6 +55,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 from shiq_data.assets import VADER_SDIST
@@ -82,9 +83,11 @@ from shiq_data.io import (
     check_sha256,
     files_together,
     json_loads,
+    make_parents,
     one_line,
     read_json_file,
     recorded_folder,
+    remove_created_dirs,
     utf8_lines,
 )
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
@@ -1260,6 +1263,30 @@ def check_results_folder(out: Path, own: str = "results.json", what: str = "the 
     for name, kind in _FOLDER_MARKS.items():
         if name != own and (out / name).exists():
             raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
+    if int(os.environ.get("RANK", 0)) == 0:  # (under torchrun rank 0 writes)
+        check_out_writable(out)
+
+
+def check_out_writable(out: Path) -> None:
+    """Refuse, before any work, an ``--out`` the system will not make or write into (no permission, a read-only
+    file system, a folder under ``/proc``) in one line naming ``--out``: it ended with the bare OS error, once
+    the reference had been sampled (shiq-eval run). The folders made to find out are removed again."""
+    made: list[Path] = []
+    existed = out.is_dir()
+    try:
+        made = make_parents(out)
+        if not existed:
+            try:
+                out.mkdir()
+                made.append(out)
+            except FileExistsError:  # made meanwhile by another process
+                pass
+        tempfile.TemporaryDirectory(dir=out, prefix=".writable-").cleanup()
+    except OSError as e:
+        doing = "write into" if existed else "make"
+        raise EvalInputError(f"--out {out}: cannot {doing} the folder ({e.strerror or e})") from None
+    finally:
+        remove_created_dirs(made)
 
 
 def warn_other_reference(reference: str, inits: set[str]) -> None:

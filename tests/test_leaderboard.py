@@ -1177,6 +1177,36 @@ def test_a_leaderboard_of_other_results_or_another_tools_files_is_not_replaced_u
             assert files(mine) == {name: text.encode()}
 
 
+@pytest.mark.parametrize("existing", [False, True])
+@pytest.mark.parametrize("command", ["leaderboard", "run"])
+def test_an_out_the_system_will_not_make_or_write_is_refused_naming_it(
+    tmp_path, capsys, monkeypatch, command, existing
+):
+    """An --out the system will not make or write into (no permission, a read-only file system, /proc/x) ended
+    in the bare OS error, "[Errno 13] Permission denied: '.../lb'" (shiq-eval run: once the reference's first
+    batch had been sampled); now one line naming --out before any other work, and nothing left behind."""
+    x = write_results(tmp_path / "x", [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2)])
+    out = tmp_path / "locked" / "lb"
+    if existing:
+        out.mkdir(parents=True)
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *args, **kwargs):  # the OS refuses to make --out, or anything inside it
+        if Path(path) == out or Path(path).parent == out:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    # (run: a checkpoint that does not exist, which would be named were --out not refused first)
+    argv = ["leaderboard", x] if command == "leaderboard" else ["run", str(tmp_path / "no_run"), "--movie-prompts", "2"]
+    assert eval_cli.main([*argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    doing = "write into" if existing else "make"
+    assert err == f"shiq-eval: error: --out {out}: cannot {doing} the folder (Permission denied)\n", err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_leaderboard_built_from_relative_paths_is_replaced_only_by_its_own_results(tmp_path, monkeypatch, capsys):
     """leaderboard.csv kept each result file as given: a relative path, read again from another working folder
     by the check of an earlier leaderboard, named other files. The same results given as an absolute path from
