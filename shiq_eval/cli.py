@@ -89,6 +89,7 @@ from shiq_data.io import (
     recorded_folder,
     remove_created_dirs,
     utf8_lines,
+    weight_files,
 )
 from shiq_data.tokenizers import PIPELINE_FIELD, TOKENIZER_FILES, fingerprint, pipeline_fingerprint
 from shiq_eval import leaderboard
@@ -1260,11 +1261,39 @@ def check_results_folder(out: Path, own: str = "results.json", what: str = "the 
         refuse_inside_buffer(out, "--out", itself=True)
     except ValueError as e:
         raise EvalInputError(str(e)) from None
+    refuse_inside_model(out)
     for name, kind in _FOLDER_MARKS.items():
         if name != own and (out / name).exists():
             raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
     if int(os.environ.get("RANK", 0)) == 0:  # (under torchrun rank 0 writes)
         check_out_writable(out)
+
+
+def model_folder_kind(folder: Path) -> str | None:
+    """What model ``folder`` is, by the files that make one: a checkpoint step (``meta.json`` and a rank file), a
+    Q♯ value model (``value_model.json`` and ``value_model.pt``) or a Hugging Face model (a ``config.json`` naming
+    a ``model_type``, and weight files); None for any other folder (a project's own ``config.json`` included)."""
+    if (folder / "meta.json").is_file() and any(folder.glob("rank_tp*_pp*_dp*.pt")):
+        return "the checkpoint step"
+    if all((folder / f).is_file() for f in ("value_model.json", "value_model.pt")):
+        return "the Q♯ value model"
+    if (folder / "config.json").is_file() and weight_files(folder):
+        try:
+            config = json_loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError):
+            return None
+        if isinstance(config, dict) and isinstance(config.get("model_type"), str):
+            return "the model folder"
+    return None
+
+
+def refuse_inside_model(out: Path) -> None:
+    """Refuse an ``--out`` inside a model's folder (:func:`model_folder_kind`), as one inside a buffer is: results
+    written there become files of the model (hashed with it, shipped with it, removed with a step folder shiq-train
+    no longer keeps), and the model's own folder is refused by its marks (:data:`_FOLDER_MARKS`)."""
+    for folder in Path(out).resolve().parents:
+        if (kind := model_folder_kind(folder)) is not None:
+            raise EvalInputError(f"--out {out} is inside {kind} {folder}: choose a folder outside it")
 
 
 def check_out_writable(out: Path) -> None:
@@ -1392,7 +1421,7 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         type=folder_path,
         help="output folder for results.csv/json, suite.json and the plots (its other files are left alone); not a "
-        "model's, a run's or a buffer's folder",
+        "model's, a run's or a buffer's folder, nor one inside a buffer or a model's",
     )
     r.add_argument(
         "--overwrite",

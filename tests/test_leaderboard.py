@@ -1207,6 +1207,42 @@ def test_an_out_the_system_will_not_make_or_write_is_refused_naming_it(
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("command", ["leaderboard", "run"])
+def test_an_out_inside_a_model_folder_is_refused_as_one_inside_a_buffer(tmp_path, capsys, command):
+    """An --out inside a Hugging Face model folder, a checkpoint step or a Q♯ value model was written there: files
+    of the model from then on (shipped with it; gone with a step shiq-train removes), while one inside a buffer was
+    refused. Now refused in one line naming the folder, nothing written; a folder whose config.json is not a
+    model's (a project's own) is no model."""
+    x = write_results(tmp_path / "x", [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2)])
+    models = {
+        "the model folder": {"config.json": '{"model_type": "llama"}', "model.safetensors": "w"},
+        "the checkpoint step": {"meta.json": "{}", "rank_tp0_pp0_dp0.pt": "w"},
+        "the Q♯ value model": {"value_model.json": "{}", "value_model.pt": "w"},
+    }
+    for kind, files in models.items():
+        folder = tmp_path / kind.split()[-1]
+        folder.mkdir()
+        for name, text in files.items():
+            (folder / name).write_text(text)
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        out = folder / "evals" / "lb"
+        argv = (
+            ["leaderboard", x]
+            if command == "leaderboard"
+            else ["run", str(tmp_path / "no_run"), "--movie-prompts", "2"]
+        )
+        assert eval_cli.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"shiq-eval: error: --out {out} is inside {kind} {folder}: choose a folder outside it\n", err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    project = tmp_path / "project"  # a config.json of another kind beside weights: not a model folder
+    project.mkdir()
+    (project / "config.json").write_text('{"lr": 0.1}')
+    (project / "head.safetensors").write_text("w")
+    if command == "leaderboard":
+        assert eval_cli.main(["leaderboard", x, "--out", str(project / "lb")]) == 0
+
+
 def test_a_leaderboard_built_from_relative_paths_is_replaced_only_by_its_own_results(tmp_path, monkeypatch, capsys):
     """leaderboard.csv kept each result file as given: a relative path, read again from another working folder
     by the check of an earlier leaderboard, named other files. The same results given as an absolute path from
