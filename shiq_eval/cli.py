@@ -570,7 +570,7 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
     path = Path(path)
     if path.is_dir():
         raise EvalInputError(f"--prompts {path}: is a folder, not a JSONL file of prompts")
-    if not path.is_file():
+    if not path.exists():  # (a pipe, --prompts <(...) or /dev/stdin, is read as a file is: once)
         raise EvalInputError(f"--prompts {path}: no such file")
     prompts, shown = [], []
     try:
@@ -578,6 +578,8 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
             lines = list(utf8_lines(f, path))
     except RowError as e:  # a byte that is not UTF-8, named with its line
         raise EvalInputError(str(e)) from None
+    except OSError as e:
+        raise EvalInputError(f"--prompts {path}: cannot be read ({e.strerror or e})") from None
     for i, line in lines:
         if not line.strip():
             continue
@@ -912,7 +914,8 @@ def suite_prompts(suite: Suite) -> tuple[list[str], list[str], str]:
     """``(policy prompts, scorer prompts, source)`` of a suite."""
     if suite.prompts is not None:
         prompts, shown = read_prompts_jsonl(suite.prompts)
-        return prompts, shown, str(Path(suite.prompts).resolve())
+        path = Path(suite.prompts)  # (a pipe by the name it was given, /dev/fd/63, the same in a resumed run)
+        return prompts, shown, str(path.resolve() if path.is_file() else os.path.abspath(path))
     prompts, shown = movie_prompts(suite.movie_prompts)
     if len(prompts) < suite.movie_prompts:
         raise EvalInputError(f"--movie-prompts {suite.movie_prompts}: there are {len(prompts)} held-out openings")

@@ -1429,6 +1429,41 @@ def test_prompts_encoded_by_another_chat_template_are_not_ranked_together(tmp_pa
     assert main(["leaderboard", str(outs[0]), str(outs[0]), "--out", str(tmp_path / "board")]) == 0
 
 
+def test_prompts_from_a_pipe_are_read_and_an_unreadable_path_is_named(tmp_path):
+    """--prompts <(jq ...) (a pipe, /dev/fd/63) was refused as "no such file", which it is not; a path that
+    cannot be opened (here a socket) ended with the bare OS error. The pipe is read once, as a file is."""
+    import socket
+    import threading
+
+    from shiq_eval.cli import suite_prompts
+    from shiq_eval.suite import Suite
+
+    fifo = tmp_path / "prompts.fifo"
+    os.mkfifo(fifo)
+    text = json.dumps({"prompt": "w3 w4"}) + "\n" + json.dumps({"prompt": "w5", "scorer_prompt": "s"}) + "\n"
+    writer = threading.Thread(target=fifo.write_text, args=(text,))  # (opening blocks until the reader opens)
+    writer.start()
+    read = None
+    try:  # (its end of file comes once the writer closed the pipe)
+        read = suite_prompts(Suite(prompts=str(fifo), scorer="vader"))
+    finally:
+        if read is None:  # the pipe was not read: read it here, so the writer ends
+            fifo.read_bytes()
+        writer.join()
+    # recorded by the name it was given (a pipe's own, pipe:[INODE], differs in the resumed run: no row reused)
+    assert read == (["w3 w4", "w5"], ["w3 w4", "s"], str(fifo))
+    sock = socket.socket(socket.AF_UNIX)
+    path = tmp_path / "s"
+    sock.bind(str(path))
+    try:
+        with pytest.raises(EvalInputError, match=rf"^--prompts {re.escape(str(path))}: cannot be read \(.+\)$"):
+            read_prompts_jsonl(path)
+    finally:
+        sock.close()
+    with pytest.raises(EvalInputError, match=rf"^--prompts {re.escape(str(tmp_path / 'none'))}: no such file$"):
+        read_prompts_jsonl(tmp_path / "none")
+
+
 def test_chat_prompts_for_a_tokenizer_without_a_template_point_to_no_chat():
     """A GPT-2 run evaluated on a suite of chat: true (movie_vader_small) is told of --no-chat, the flag that runs
     it; prompts given as messages need a template whatever the flags, so they are not told of it."""
