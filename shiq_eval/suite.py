@@ -126,9 +126,13 @@ def load_suite(spec: str | None, overrides: dict | None = None) -> tuple[Suite, 
         raise SuiteError(f"{path}: not valid YAML ({problem}{where})") from None
     except SuiteError:
         raise
+    except UnicodeDecodeError as e:  # (a ValueError: it was answered with the suite's keys)
+        raise SuiteError(f"{path}: not valid UTF-8 (byte 0x{e.object[e.start]:02x} at byte {e.start})") from None
     except (OmegaConfBaseException, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if str(getattr(e, "full_key", "")).startswith("sampling."):  # a key of the sampling block
+        key = str(getattr(e, "full_key", None) or "")
+        first = f"field {key!r}: {first}" if key else first  # (a value of the wrong type named no field)
+        if key.startswith("sampling."):  # a key of the sampling block
             raise SuiteError(f"{path}: {first} (sampling has the keys {[f.name for f in fields(Sampling)]})") from None
         raise SuiteError(f"{path}: {first} (a suite has the keys {[f.name for f in fields(Suite)]})") from None
     if path is not None:

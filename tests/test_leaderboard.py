@@ -347,6 +347,29 @@ def result_row(run, step, model, rewards, kls, **extra):
     }
 
 
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("sampling:\n  max_new_tokens: four\n", "field 'sampling.max_new_tokens': Value 'four' of type 'str'"),
+        ("chat: maybe\n", "field 'chat': Value 'maybe' is not a valid bool"),
+    ],
+)
+def test_a_suite_value_of_the_wrong_type_is_named_by_its_field(tmp_path, text, needle):
+    """A value of the wrong type in a suite file was answered with omegaconf's message alone ("Value 'four' of
+    type 'str' could not be converted to Integer"), naming no field; a file not in UTF-8 with Python's codec
+    error, followed by the suite's keys as if one were misspelt."""
+    from shiq_eval.suite import SuiteError, load_suite
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "a"}\n')
+    suite = tmp_path / "s.yaml"
+    suite.write_text("name: s\nprompts: p.jsonl\nscorer: vader\n" + text)
+    with pytest.raises(SuiteError, match=rf"^{re.escape(str(suite))}: {re.escape(needle)}"):
+        load_suite(str(suite))
+    suite.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(SuiteError, match=rf"^{re.escape(str(suite))}: not valid UTF-8 \(byte 0xe9 at byte 9\)$"):
+        load_suite(str(suite))
+
+
 def test_leaderboard_refuses_one_label_for_two_models_and_old_results(tmp_path, capsys):
     """Synthetic results.json files: the suite's KL estimator (here the sample one) feeds J; one run label and
     step naming two different weight files is refused naming both files; results without labels are refused."""
