@@ -1170,7 +1170,8 @@ def run(args) -> list[dict]:
             "method": "reference",
             "beta": None,
             "step": 0,
-            "checkpoint": str(reference),
+            # a folder by its absolute path, as a checkpoint's: rows of one reference agree, whatever the cwd was
+            "checkpoint": reference if reference == "smollm2" else os.path.abspath(reference),
             "model_sha256": ref_sha,
             **common,
         }

@@ -1429,6 +1429,18 @@ def test_prompts_encoded_by_another_chat_template_are_not_ranked_together(tmp_pa
     assert main(["leaderboard", str(outs[0]), str(outs[0]), "--out", str(tmp_path / "board")]) == 0
 
 
+def test_a_reference_named_by_a_relative_path_is_recorded_by_its_absolute_one(tmp_path, monkeypatch):
+    """The reference's row recorded --reference as given ("init"), the checkpoints' rows their absolute paths:
+    read from another folder, it named no folder, and a resumed run given ./init or the absolute path did not
+    reuse the reference's saved row."""
+    init = tiny_hf_folder(tmp_path / "init")
+    monkeypatch.chdir(tmp_path)
+    argv = ["run", "init", "--label", "m", "--reference", "init", "--out", "ev", "--scorer", "vader", "--quiet"]
+    assert main([*argv, "--movie-prompts", "1", "--max-new-tokens", "1"]) == 0
+    rows = json.loads((tmp_path / "ev" / "results.json").read_text())
+    assert [r["checkpoint"] for r in rows] == [str(init), str(init)]
+
+
 def test_prompts_from_a_pipe_are_read_and_an_unreadable_path_is_named(tmp_path):
     """--prompts <(jq ...) (a pipe, /dev/fd/63) was refused as "no such file", which it is not; a path that
     cannot be opened (here a socket) ended with the bare OS error. The pipe is read once, as a file is."""
