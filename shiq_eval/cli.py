@@ -990,6 +990,11 @@ def run(args) -> list[dict]:
             )
             raise EvalInputError(recorded_folder(record, "runs' initial model", reference, "--reference"))
     if suite.scorer == "reward_model":
+        if (Path(suite.reward_model) / "config.json").is_file():  # (it was said to be no such file)
+            raise EvalInputError(
+                f"--reward-model {suite.reward_model}: a Hugging Face model folder, not a regression head file: "
+                "give --scorer hf_reward_model to score with it"
+            )
         if not Path(suite.reward_model).is_file():
             raise EvalInputError(
                 f"--reward-model {suite.reward_model}: no such file (a head saved by "

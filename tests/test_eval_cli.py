@@ -1441,6 +1441,24 @@ def test_a_reference_named_by_a_relative_path_is_recorded_by_its_absolute_one(tm
     assert [r["checkpoint"] for r in rows] == [str(init), str(init)]
 
 
+def test_a_reward_model_folder_given_for_a_head_points_to_its_scorer(tmp_path, capsys):
+    """--reward-model FOLDER (a Hugging Face reward model) without --scorer hf_reward_model was refused as "no such
+    file", which it is not; now the line says what the folder is and which scorer reads it. Nothing written."""
+    init = tiny_hf_folder(tmp_path / "init")
+    capsys.readouterr()  # (what building the folder printed)
+    out = tmp_path / "ev"
+    argv = ["run", str(init), "--reference", str(init), "--out", str(out), "--movie-prompts", "1"]
+    assert main([*argv, "--reward-model", str(init)]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"shiq-eval: error: --reward-model {init}: a Hugging Face model folder, not a regression head file: give "
+        "--scorer hf_reward_model to score with it\n"
+    ), err
+    assert not out.exists()
+    assert main([*argv, "--reward-model", str(tmp_path / "rm.safetensors")]) == 2  # (a missing file: as before)
+    assert "rm.safetensors: no such file" in capsys.readouterr().err
+
+
 def test_prompts_from_a_pipe_are_read_and_an_unreadable_path_is_named(tmp_path):
     """--prompts <(jq ...) (a pipe, /dev/fd/63) was refused as "no such file", which it is not; a path that
     cannot be opened (here a socket) ended with the bare OS error. The pipe is read once, as a file is."""
