@@ -984,24 +984,32 @@ def test_a_model_type_transformers_does_not_know_is_named_with_its_config(tmp_pa
     assert not (tmp_path / "o").exists()
 
 
+def _checkpoint_of_hf_config(tmp_path, monkeypatch, capsys, **changes):
+    """``(step, argv, evaluated)``: a checkpoint step whose ``meta.hf_config`` is a tiny Llama's with ``changes``
+    (its rank file a placeholder: a refusal of the config comes before weights are read), the arguments of a run
+    of it against that Llama, and the list every evaluation is appended to (each then fails: none is expected)."""
+    init = tiny_hf_folder(tmp_path / "init")
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    hf_config = {**transformers.LlamaConfig.from_pretrained(init).to_dict(), **changes}
+    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": hf_config}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
+    capsys.readouterr()
+    evaluated = []
+    monkeypatch.setattr("shiq_eval.evaluate.evaluate_policy", lambda *a, **k: evaluated.append(a) or 1 / 0)
+    return step, argv, evaluated
+
+
 @pytest.mark.parametrize("engine", ["megatron", "hf"])
 def test_either_engine_names_a_meta_json_field_of_the_wrong_type_in_one_line(tmp_path, capsys, monkeypatch, engine):
     """A checkpoint whose meta.hf_config gives a field of the wrong type (a hand edit) ended the megatron engine in
     transformers' traceback (exit status 1) once the reference had been evaluated, and the hf engine refused it
     only then; it is now one line naming the meta.json and the field, before any model is evaluated, nothing
     written."""
-    init = tiny_hf_folder(tmp_path / "init")
-    step = tmp_path / "run" / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    hf_config = {**transformers.LlamaConfig.from_pretrained(init).to_dict(), "num_hidden_layers": "two"}
-    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": hf_config}
-    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
-    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
-    monkeypatch.chdir(tmp_path)
-    argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
-    capsys.readouterr()
-    evaluated = []
-    monkeypatch.setattr("shiq_eval.evaluate.evaluate_policy", lambda *a, **k: evaluated.append(a) or 1 / 0)
+    step, argv, evaluated = _checkpoint_of_hf_config(tmp_path, monkeypatch, capsys, num_hidden_layers="two")
     assert main([*argv, "--engine", engine]) == 2
     assert evaluated == []  # (not even the reference)
     lines = capsys.readouterr().err.strip().splitlines()  # (after the warning that meta.json records no tokenizer)
@@ -1019,18 +1027,7 @@ def test_the_hf_engine_refuses_a_checkpoint_of_another_model_type_before_any_mod
     megatron engine refused it at once; it is now one line naming the meta.json, the model_type and the ones
     supported, before any model is evaluated, nothing written. (A Hugging Face folder of such a model is evaluated
     by transformers' own classes with the hf engine.)"""
-    init = tiny_hf_folder(tmp_path / "init")
-    step = tmp_path / "run" / "checkpoints" / "step_00000001"
-    step.mkdir(parents=True)
-    hf_config = {**transformers.LlamaConfig.from_pretrained(init).to_dict(), "model_type": model_type}
-    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": hf_config}
-    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
-    (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: the refusal comes before weights are read
-    monkeypatch.chdir(tmp_path)
-    argv = score_len_run(tmp_path, tmp_path / "run", init, max_new_tokens=2)
-    capsys.readouterr()
-    evaluated = []
-    monkeypatch.setattr("shiq_eval.evaluate.evaluate_policy", lambda *a, **k: evaluated.append(a) or 1 / 0)
+    step, argv, evaluated = _checkpoint_of_hf_config(tmp_path, monkeypatch, capsys, model_type=model_type)
     assert main([*argv, "--engine", "hf"]) == 2
     assert evaluated == []  # (not even the reference)
     last = capsys.readouterr().err.strip().splitlines()[-1]  # (after the warning that meta.json records no tokenizer)

@@ -84,47 +84,38 @@ def test_progress_bars_redraw_every_30_seconds_into_a_log_and_as_tqdm_does_on_a_
     """A command whose stderr is a file or a pipe (``nohup``, a batch job) wrote a progress bar's line ten times
     a second into its log; it now makes its bars (tqdm's, whoever draws them) redraw at most every 30 s there. A
     terminal keeps tqdm's default (0.1 s), and a user's own ``TQDM_MININTERVAL`` wins."""
-    import pty
-
-    (tmp_path / "bar_command.py").write_text(
-        "import sys\nfrom tqdm import tqdm\n\ndef main():\n    print(tqdm(range(2)).mininterval, file=sys.stdout)\n"
-        "    return 0\n"
+    interval = _interval_of(
+        tmp_path, "bar_command", "    from tqdm import tqdm\n\n    print(tqdm(range(2)).mininterval, file=sys.stdout)\n"
     )
-    launch = "import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', 'bar_command'))"
-    env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
-    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
-
-    def interval(stderr, **extra) -> float:
-        out = subprocess.run(
-            [sys.executable, "-c", launch], cwd=tmp_path, env={**env, **extra}, stdout=subprocess.PIPE, stderr=stderr
-        )
-        assert out.returncode == 0
-        return float(out.stdout.split()[-1])
-
     assert interval(subprocess.PIPE) == 30.0
     with open(tmp_path / "log", "w") as log:
         assert interval(log) == 30.0
     assert interval(subprocess.PIPE, TQDM_MININTERVAL="2") == 2.0
-    controller, terminal = pty.openpty()
-    try:
-        assert interval(terminal) == 0.1
-    finally:
-        os.close(controller)
-        os.close(terminal)
+    assert _on_a_terminal(interval) == 0.1
 
 
 def test_the_projects_own_bars_take_the_interval_a_log_is_given(tmp_path):
     """shiq-data's row bars (build, append, validate, ...) and shiq-train ref-stats' ask tqdm for a redraw every
     1 s (``shiq_data.io.progress_bar``), and a bar's own ``mininterval`` wins over ``TQDM_MININTERVAL``: into a log
     they still redrew every second. The log's 30 s (or the user's interval) now wins; a terminal keeps their 1 s."""
-    import pty
-
-    (tmp_path / "rows_command.py").write_text(
-        "import sys\nfrom shiq_data.io import progress_bar\n\ndef main():\n"
+    interval = _interval_of(
+        tmp_path,
+        "rows_command",
+        "    from shiq_data.io import progress_bar\n\n"
         "    with progress_bar(True, total=2, mininterval=1.0, file=sys.stderr) as bar:\n"
-        "        print(bar.mininterval, file=sys.stdout)\n    return 0\n"
+        "        print(bar.mininterval, file=sys.stdout)\n",
     )
-    launch = "import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', 'rows_command'))"
+    assert interval(subprocess.PIPE) == 30.0
+    assert interval(subprocess.PIPE, TQDM_MININTERVAL="5") == 5.0
+    assert _on_a_terminal(interval) == 1.0
+
+
+def _interval_of(tmp_path: Path, name: str, main_body: str):
+    """``interval(stderr, **env)``: the ``mininterval`` a bar made by the module ``name`` (a ``main`` printing it,
+    ``main_body``) has when run through the launcher with ``stderr`` (a pipe, a file, a terminal) and ``env``
+    added to an environment without ``TQDM_MININTERVAL``."""
+    (tmp_path / f"{name}.py").write_text(f"import sys\n\ndef main():\n{main_body}    return 0\n")
+    launch = f"import sys; from shiq_data.launch import run; sys.exit(run('shiq-x', {name!r}))"
     env = {k: v for k, v in os.environ.items() if k != "TQDM_MININTERVAL"}
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), str(REPO)])
 
@@ -135,11 +126,15 @@ def test_the_projects_own_bars_take_the_interval_a_log_is_given(tmp_path):
         assert out.returncode == 0
         return float(out.stdout.split()[-1])
 
-    assert interval(subprocess.PIPE) == 30.0
-    assert interval(subprocess.PIPE, TQDM_MININTERVAL="5") == 5.0
+    return interval
+
+
+def _on_a_terminal(interval) -> float:
+    import pty
+
     controller, terminal = pty.openpty()
     try:
-        assert interval(terminal) == 1.0
+        return interval(terminal)
     finally:
         os.close(controller)
         os.close(terminal)
