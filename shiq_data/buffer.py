@@ -97,6 +97,7 @@ from shiq_data.io import (
     sweep_held,
     this_host,
     type_name,
+    unmade_folder,
 )
 from shiq_data.readers.encode import decode_text, given_text
 from shiq_data.schema import (
@@ -1126,12 +1127,6 @@ def _remove_stale_build_dirs(out_dir: Path, host: str) -> None:
     sweep_held(out_dir.parent, f".{glob.escape(out_dir.name)}.building-{glob.escape(host)}-*")
 
 
-def _unmade(out_dir: Path, e: OSError) -> ValueError:
-    """The error of an ``--out`` the system will not make (no permission, a read-only file system): naming the
-    option, not the temporary folder beside it that the OS error names."""
-    return ValueError(f"--out {out_dir}: cannot make the folder ({e.strerror or e})")
-
-
 def write_buffer(
     rows: Iterable[dict | pa.Table],
     out_dir,
@@ -1180,14 +1175,14 @@ def write_buffer(
     try:
         created = make_parents(out_dir)
     except OSError as e:
-        raise _unmade(out_dir, e) from None
+        raise unmade_folder("--out", out_dir, e) from None
     host = this_host()
     try:
         _remove_stale_build_dirs(out_dir, host)
         try:
             tmp, held = held_dir(out_dir.parent, f".{out_dir.name}.building-{host}-{os.getpid()}")
         except OSError as e:
-            raise _unmade(out_dir, e) from None
+            raise unmade_folder("--out", out_dir, e) from None
     except BaseException:
         remove_created_dirs(created)
         raise

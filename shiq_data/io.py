@@ -824,6 +824,12 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
         release_held(stage, held)
 
 
+def unmade_folder(option: str, folder, e: OSError) -> ValueError:
+    """The error of a folder the system will not make (no permission, a read-only file system) that the option
+    ``option`` named: naming the option and the folder, not the temporary folder beside it the OS error names."""
+    return ValueError(f"{option} {folder}: cannot make the folder ({e.strerror or e})")
+
+
 def atomic_dir(
     folder: str | os.PathLike, fill: Callable[[Path], None], *, replace: bool = False, option: str | None = None
 ) -> Path:
@@ -851,7 +857,7 @@ def atomic_dir(
     except BaseException as e:
         remove_created_dirs(made)
         if option is not None and isinstance(e, OSError):
-            raise ValueError(f"{option} {folder}: cannot make the folder ({e.strerror or e})") from None
+            raise unmade_folder(option, folder, e) from None
         raise
     try:
         fill(tmp)

@@ -59,7 +59,7 @@ from shiq_data.buffer import open_buffer, write_buffer
 from shiq_data.chat import user_prompt_ids
 from shiq_data.cli_common import ArgumentParser, folder_path
 from shiq_data.curate.decontaminate import MIN_WORDS, NGRAM, EvaluationRuns, WordHashes, contaminated, words
-from shiq_data.io import atomic_write_bytes, atomic_write_json, recorded_sha256, sha256_files, type_name
+from shiq_data.io import atomic_write_bytes, atomic_write_json, recorded_sha256, sha256_files, type_name, unmade_folder
 from shiq_data.ref_stats import compute_ref_stats
 from shiq_data.reward_head import (
     PRECISIONS,
@@ -1732,7 +1732,7 @@ def run(cfg: dict, out: str | Path, progress: bool = True) -> dict:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # (no permission, a read-only file system): named, not the bare OS message
-        raise ValueError(f"--out {out}: cannot make the folder ({e.strerror or e})") from None
+        raise unmade_folder("--out", out, e) from None
     stages = Stages(out, cfg, free=free_keys(cfg), absent=ABSENT, check=lambda: check_trained_betas(cfg, out))
     ctx = Context(cfg, out, progress)
     plan = [
