@@ -796,11 +796,10 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     not new tables beside old plots (only an interruption within the final renames, a few system calls,
     could mix them). ``owns``: every name the set may hold; one the new set does not write is removed
     with the earlier set (an old plot the new data has none of). Yields the staging folder; ``out``'s other
-    files are never touched, and ``out`` itself is removed again on failure if this call made it and it is
-    empty."""
+    files are never touched, and ``out`` and the parents this call made are removed again on failure, as long
+    as they are empty."""
     out = Path(out)
-    made = not out.exists()
-    out.mkdir(parents=True, exist_ok=True)
+    made = make_parents(out / ".staged")  # ``out`` and its missing parents, outermost first
     host = this_host()
     sweep_held(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
     stage, held = held_dir(out, f".staged-{host}-{os.getpid()}", ".tmp")
@@ -816,9 +815,7 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     except BaseException:
         release_held(stage, held)
         held = None
-        if made:
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        remove_created_dirs(made)
         raise
     finally:
         release_held(stage, held)
