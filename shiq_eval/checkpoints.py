@@ -60,6 +60,19 @@ def checkpoint_steps(path) -> list[Path]:
     )
 
 
+def unsaved_steps(path) -> list[Path]:
+    """The step folders without a ``meta.json`` (a save under way or killed before its end: never read) in the
+    folder :func:`checkpoint_steps` read the steps of the run ``path`` from; none for a step folder."""
+    path = Path(path)
+    if (path / "meta.json").is_file():
+        return []
+    for folder in (path / "checkpoints", path):
+        steps = step_folders(folder)
+        if any((p / "meta.json").is_file() for p in steps):
+            return [p for p in steps if not (p / "meta.json").is_file()]
+    return []
+
+
 def checkpoint_info(step_dir: Path) -> dict:
     """``{kind, path, method, beta, step, hf_config, init, tokenizer, files}`` of a step directory saved by
     ``shiq-train`` (``files``: the rank files the parameters are read from, data-parallel rank 0's)."""

@@ -101,6 +101,7 @@ from shiq_eval.checkpoints import (
     hf_policy,
     model_sha256,
     policy_infos,
+    unsaved_steps,
 )
 from shiq_eval.moviereviews import movie_prompts
 from shiq_eval.optimum import clustered_mean_stderr, error_text, is_error_key, per_prompt, undefined_as_null
@@ -971,6 +972,11 @@ def run(args) -> list[dict]:
     sampling = suite.sampling
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)
+    for step in (s for arg in args.checkpoints for s in unsaved_steps(arg)):
+        print(
+            f"shiq-eval: warning: {step} holds no meta.json (a save under way or cut short): not evaluated",
+            file=sys.stderr,
+        )
     guide = guide_info(args.guide) if args.guide is not None else None  # (read once)
     # (a null init names no model, as a policy's: it counts for nothing)
     guide_inits = {guide["init"]} if guide is not None and guide["init"] is not None else set()

@@ -142,9 +142,12 @@ def test_eval_run_over_two_methods(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"the runs' initial model is the folder {init} as recorded there" in err
     assert f"give it with --reference {init}\n" in err and not out.exists()
+    unsaved = runs[0] / "checkpoints" / "step_00000003"  # a save under way, or killed: no meta.json yet
+    unsaved.mkdir()
     code = main([*argv, "--reference", str(init)])
     assert code == 0
     err = capsys.readouterr().err
+    assert f"warning: {unsaved} holds no meta.json (a save under way or cut short): not evaluated" in err
     assert "Loading" not in err and "%|" not in err, err[-2000:]  # --quiet: no bar, transformers' own neither
     rows = json.loads((out / "results.json").read_text())
     assert [(r["method"], r["step"]) for r in rows] == [("reference", 0), ("shiq", 1), ("shiq", 2), ("dpo", 2)]
