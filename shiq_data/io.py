@@ -234,20 +234,28 @@ def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError,
     Python's ``json`` reads by default but are not JSON (other readers refuse the file; this project writes
     null for an undefined number), unless ``constants`` (a file another program wrote so: transformers 4 wrote an
     infinite float of a config.json as ``Infinity``)."""
+    text = None
     try:
-        return json.loads(
-            Path(path).read_text(encoding="utf-8"),
-            object_pairs_hook=no_duplicate_keys,
-            parse_constant=None if constants else _no_constant,
-        )
+        text = Path(path).read_text(encoding="utf-8")
+        return json.loads(text, object_pairs_hook=no_duplicate_keys, parse_constant=None if constants else _no_constant)
     except DuplicateKey as e:
         raise error(
             f"{path}: key {e.key!r} given twice in one JSON object (which would win is a guess){hint}"
         ) from None
     except NotJsonConstant as e:
-        raise error(f"{path}: not valid JSON ({e.name} is not a JSON number){hint}") from None
+        raise error(f"{path}: not valid JSON ({e.name} is not a JSON number: {constant_place(text)}){hint}") from None
     except (ValueError, RecursionError) as e:  # (JSONDecodeError and UnicodeDecodeError are ValueErrors)
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
+
+
+def constant_place(text: str) -> str:
+    """``line L column C`` (1-based, as ``json`` names a place) of the first ``NaN``, ``Infinity`` or ``-Infinity``
+    of the JSON text ``text`` outside its strings."""
+    for m in re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)', text):
+        if m.group(1):
+            line, column = text.count("\n", 0, m.start()) + 1, m.start() - text.rfind("\n", 0, m.start())
+            return f"line {line} column {column}"
+    return "place unknown"
 
 
 class NotJsonConstant(ValueError):

@@ -523,7 +523,12 @@ def test_json_nan_or_infinity_is_refused_naming_the_file_and_the_constant(tmp_pa
     path.write_text(text)
     with pytest.raises(KeyError) as e:
         read_json_file(path, KeyError, hint="; make it again")
-    assert e.value.args[0] == f"{path}: not valid JSON ({constant} is not a JSON number); make it again"
+    where = f"line 1 column {text.index(constant) + 1}"  # (json's own way of naming a place: 1-based)
+    assert e.value.args[0] == f"{path}: not valid JSON ({constant} is not a JSON number: {where}); make it again"
+    # its place is the constant's, not a string's that holds the word (an escaped quote in it included)
+    path.write_text('{"note": "NaN \\" Infinity",\n "x": [1,\n  ' + constant + "]}")
+    with pytest.raises(ValueError, match=re.escape(f"({constant} is not a JSON number: line 3 column 3)")):
+        read_json_file(path)
     a = _build(tmp_path / "a")
     (a / "manifest.json").write_text(text)
     assert main(["info", str(a)]) == 2

@@ -157,7 +157,7 @@ def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys)
         # JSON, refused as it is read
         (
             {**saved, "meta": {**saved["meta"], "loss": {"name": "shiq", "beta": float("nan")}}},
-            "meta.json: not valid JSON (NaN is not a JSON number)",
+            "meta.json: not valid JSON (NaN is not a JSON number: line 1 column ",
         ),
         ({**saved, "step": 1}, "field 'step' is 1 in the folder of step 2"),
     ]:
