@@ -16,6 +16,7 @@ import re
 import sys
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from shiq_data.assets import config_dir
@@ -105,6 +106,16 @@ def _searched(argv: list[str], config_dirs: list[str]) -> tuple[list[str], list[
     return argv, [f"hydra.searchpath=[{quoted}]"]
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """``FILE: line L, column C: not valid YAML (what PyYAML found)`` for a config file PyYAML could not read
+    (Hydra opens the file, so the mark names it)."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or type(e).__name__
+    if mark is None:
+        return f"a config file is not valid YAML ({problem})"
+    return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
@@ -146,6 +157,8 @@ def hydra_error(argv: list[str]) -> str | None:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             default = compose(config_name="train")
             given = compose(config_name="train", overrides=searched + argv)
+    except yaml.YAMLError as e:  # a group file of --config-dir's that is not YAML: PyYAML's multi-line traceback
+        return _yaml_problem(e)
     except (HydraException, OmegaConfBaseException, ValueError, KeyError, TypeError) as e:
         # (ValueError and the others: override forms Hydra's parser lets through, such as "=5")
         lines = []

@@ -1505,6 +1505,25 @@ def test_a_command_line_with_config_dir_is_checked_among_its_groups(tmp_path):
     assert hydra_error(["--config-dir", d, "--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
 
 
+def test_a_config_dir_group_file_that_is_not_yaml_is_refused_in_one_line_naming_it(tmp_path):
+    """A group file of --config-dir's that PyYAML cannot read (an unclosed list, a tab) ended the command in
+    PyYAML's traceback, exit status 1; it is refused in one line naming the file, its line and column."""
+    from shiq_train.command_line import hydra_error
+
+    (tmp_path / "loss").mkdir()
+    (tmp_path / "loss" / "list.yaml").write_text("name: shiq\nbeta: [0.2\n")
+    (tmp_path / "loss" / "tab.yaml").write_text("name: shiq\n\tbeta: 0.2\n")
+    d = str(tmp_path)
+    assert hydra_error(["--config-dir", d, "loss=list"]) == (
+        f"{tmp_path / 'loss' / 'list.yaml'}: line 3, column 1: not valid YAML (expected ',' or ']', but got "
+        "'<stream end>')"
+    )
+    assert hydra_error(["--config-dir", d, "loss=tab"]) == (
+        f"{tmp_path / 'loss' / 'tab.yaml'}: line 2, column 1: not valid YAML (found character '\\t' that cannot "
+        "start any token)"
+    )
+
+
 @pytest.mark.parametrize("arg", ["logging.wandb=true", "train.log_every=10"])
 def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg):
     """loss=qsharp_value writes no W&B run, saves once at the end and logs every step: these settings were accepted
