@@ -263,7 +263,7 @@ def export_hf(step_dir, out, tokenizer: str | None = None, overwrite: bool = Fal
         weights = sorted(tmp.glob("*.safetensors"))  # checked by shiq-eval before it loads them
         atomic_write_json(tmp / EXPORT_RECORD, {**record, "sha256": {w.name: sha256_files([w]) for w in weights}})
 
-    return atomic_dir(out, fill, replace=True)
+    return atomic_dir(out, fill, replace=True, option="--hf")  # (a folder the system will not make: named so)
 
 
 def _check_out(out: Path, run: Path, overwrite: bool, init=None) -> None:

@@ -334,3 +334,23 @@ def test_an_empty_path_option_is_refused_naming_the_option(tmp_path, capsys, mon
         err = capsys.readouterr().err
         assert stop.value.code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
         assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path, capsys, monkeypatch):
+    """An --hf the system will not make (no permission, a read-only file system) ended in the OS error naming the
+    temporary folder beside it ("[Errno 13] Permission denied: '.../.hf.HOST-PID-hex.tmp.held'"), not the option
+    or the folder given."""
+    import shiq_data.io
+
+    run, tok_arg = _untied_run(tmp_path)
+    capsys.readouterr()  # (the checkpoint's progress bars)
+
+    def refuse(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(shiq_data.io, "held_dir", refuse)
+    out = tmp_path / "locked" / "hf"
+    assert export.main([str(run), *tok_arg, "--hf", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"shiq-train export: error: --hf {out}: cannot make the folder (Permission denied)\n", err
+    assert not (tmp_path / "locked").exists()
