@@ -124,3 +124,23 @@ def test_ctrl_c_ends_a_tool_in_one_line(verbose):
         assert proc.stderr == "bench_x.py: interrupted\n"
     else:
         assert "Traceback" in proc.stderr and proc.stderr.rstrip().endswith("KeyboardInterrupt")
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""])
+@pytest.mark.parametrize("args", [[], ["--tp", "2"]])
+def test_a_reader_that_goes_away_stops_a_tool_quietly(tmp_path, unbuffered, args):
+    """``plan_memory.py | head -1``: a BrokenPipeError traceback and status 1 (or, with stdout block-buffered,
+    Python's 'Exception ignored ... BrokenPipeError' at exit and status 120). It now stops as the shiq commands
+    do: the shell's SIGPIPE status (141), nothing on stderr."""
+    import shlex
+
+    cmd = " ".join(shlex.quote(c) for c in [sys.executable, str(TOOLS / "plan_memory.py"), *args])
+    err = tmp_path / "err"
+    proc = subprocess.run(
+        ["bash", "-c", f"{cmd} 2>{shlex.quote(str(err))} | true; echo ${{PIPESTATUS[0]}}"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": unbuffered, "SHIQ_VERBOSE": "0"},
+        timeout=120,
+    )
+    assert proc.stdout.strip() == "141" and err.read_text() == "", (proc.stdout, err.read_text())

@@ -3,27 +3,55 @@
 A function refuses a value with ValueError; the parser then prints one line naming the option, the value and
 what the function accepts (its name), and exits with status 2. Ctrl-C ends a tool as it ends a shiq command:
 one line, ``TOOL: interrupted`` (status 130: Python ends an uncaught ``KeyboardInterrupt`` by the signal),
-the traceback only with ``SHIQ_VERBOSE=1``.
+the traceback only with ``SHIQ_VERBOSE=1``; a reader of its output that went away (``TOOL | head -1``) ends it
+quietly with status 141, as a tool stopped by SIGPIPE.
 """
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
 import sys
 from pathlib import Path
 
-from shiq_data.cli_common import THREADS_MAX  # (what shiq-train and shiq-data accept)
+from shiq_data.cli_common import (
+    THREADS_MAX,  # (what shiq-train and shiq-data accept)
+    broken_pipe,
+    stdout_gone,
+    verbose,
+)
+
+
+def _stop_if_unread(e: BrokenPipeError) -> None:
+    """A tool whose reader went away (``TOOL | head -1``) ends here, quietly with SIGPIPE's status (141), as the
+    shiq commands do; else (``SHIQ_VERBOSE=1``, a broken pipe elsewhere) this returns."""
+    if not verbose() and stdout_gone():
+        sys.stderr.flush()
+        os._exit(broken_pipe(Path(sys.argv[0]).name, e))  # (Python's own exit would give 1, or 120 at the flush)
 
 
 def _interrupted(kind, value, tb, _hook=sys.excepthook) -> None:
-    if issubclass(kind, KeyboardInterrupt) and os.environ.get("SHIQ_VERBOSE", "") in ("", "0"):
+    if issubclass(kind, KeyboardInterrupt) and not verbose():
         print(f"{Path(sys.argv[0]).name}: interrupted", file=sys.stderr)
-    else:
-        _hook(kind, value, tb)
+        return
+    if issubclass(kind, BrokenPipeError):  # a write to stdout while the tool ran
+        _stop_if_unread(value)
+    _hook(kind, value, tb)
+
+
+def _flush_stdout() -> None:
+    """The last flush of stdout (what a tool printed into a pipe's buffer), before Python's own at exit."""
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError as e:
+        _stop_if_unread(e)
+    except (OSError, ValueError):  # (closed, or not a file): Python's own flush says so
+        pass
 
 
 sys.excepthook = _interrupted  # every tool imports this module
+atexit.register(_flush_stdout)
 
 SIZE_MAX = 10**9  # beyond every size the tools can run; larger values overflow torch's and numpy's integers
 PROCESSES_MAX = 64  # processes a tool starts at once on one machine
