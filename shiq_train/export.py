@@ -195,6 +195,8 @@ def export_tokenizer(meta: dict, step_dir: Path, tokenizer: str | None):
     try:
         tok, info = load_tokenizer(name)
     except (OSError, ValueError) as e:
+        if tokenizer is not None:  # (the option's own folder: naming it again would not help)
+            raise ValueError(f"--tokenizer {name}: cannot be loaded ({one_line(e, 160)})") from None
         raise ValueError(
             f"the run's tokenizer {name!r} cannot be loaded ({one_line(e, 160)}): give it with --tokenizer FOLDER"
         ) from None

@@ -354,3 +354,16 @@ def test_an_out_folder_that_cannot_be_made_is_refused_naming_the_option(tmp_path
     err = capsys.readouterr().err
     assert err == f"shiq-train export: error: --hf {out}: cannot make the folder (Permission denied)\n", err
     assert not (tmp_path / "locked").exists()
+
+
+def test_a_tokenizer_option_that_cannot_be_loaded_is_refused_naming_the_option(tmp_path, capsys):
+    """--tokenizer naming a folder without tokenizer files was refused as "the run's tokenizer ... cannot be
+    loaded: give it with --tokenizer FOLDER", advice the command line had followed."""
+    run, _ = _untied_run(tmp_path)
+    (tmp_path / "empty").mkdir()
+    capsys.readouterr()  # (the checkpoint's progress bars)
+    assert export.main([str(run), "--tokenizer", str(tmp_path / "empty"), "--hf", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"shiq-train export: error: --tokenizer {tmp_path / 'empty'}: cannot be loaded (")
+    assert len(err.splitlines()) == 1 and "give it with --tokenizer" not in err, err
+    assert not (tmp_path / "hf").exists()
