@@ -158,8 +158,9 @@ def fitting_parameters(step_dir, shape: LlamaShape) -> dict[str, torch.Tensor]:
 
 
 def step_dir_of(run, step: int | None = None) -> Path:
-    """The step directory of ``run`` to export: ``run`` itself if it is one, else ``run/checkpoints``'s step
-    ``step`` (default: the newest); ``ValueError`` naming what exists otherwise."""
+    """The step directory of ``run`` to export: ``run`` itself if it is one, else the step ``step`` (default: the
+    newest) of ``run/checkpoints``, or of ``run`` when it is that checkpoints folder (as ``shiq-eval run`` and
+    ``ref-stats --megatron-checkpoint`` read it); ``ValueError`` naming what exists otherwise."""
     run = Path(run)
     if (run / "meta.json").is_file():
         saved = read_meta(run)["step"]
@@ -167,6 +168,8 @@ def step_dir_of(run, step: int | None = None) -> Path:
             raise ValueError(f"{run} is the checkpoint of step {saved}, not {step}: give its run folder with --step")
         return run
     folder = run / "checkpoints"
+    if not folder.is_dir() and (run / "latest").is_file():  # RUN/checkpoints itself
+        folder = run
     if step is None:
         found = latest_step_dir(folder)
         if found is None:
@@ -328,7 +331,10 @@ def named(what: str):
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="shiq-train export", description=HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
-        "run", metavar="RUN", type=named("a run folder"), help="a shiq-train run folder (or one of its step folders)"
+        "run",
+        metavar="RUN",
+        type=named("a run folder"),
+        help="a shiq-train run folder (or its checkpoints folder, or one of its step folders)",
     )
     p.add_argument("--step", type=int, help="the checkpoint step to export (default: the newest)")
     p.add_argument(

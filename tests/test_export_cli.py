@@ -367,3 +367,17 @@ def test_a_tokenizer_option_that_cannot_be_loaded_is_refused_naming_the_option(t
     assert err.startswith(f"shiq-train export: error: --tokenizer {tmp_path / 'empty'}: cannot be loaded (")
     assert len(err.splitlines()) == 1 and "give it with --tokenizer" not in err, err
     assert not (tmp_path / "hf").exists()
+
+
+def test_the_run_s_checkpoints_folder_exports_as_the_run_does(tmp_path, capsys):
+    """RUN/checkpoints (what shiq-eval run and ref-stats --megatron-checkpoint take for the run) was refused as
+    "no checkpoint (RUN/checkpoints/checkpoints/latest does not exist)"; it exports the newest step, or --step's,
+    recorded under the run's name."""
+    run, tok_arg = _untied_run(tmp_path)
+    capsys.readouterr()  # (the checkpoint's progress bars)
+    for argv, out in [([], tmp_path / "newest"), (["--step", "1"], tmp_path / "one")]:
+        assert export.main([str(run / "checkpoints"), *argv, *tok_arg, "--hf", str(out)]) == 0, capsys.readouterr()
+        record = json.loads((out / "shiq_export.json").read_text())
+        assert (record["run"], record["step"]) == ("run", 1)
+    assert export.main([str(run / "checkpoints"), "--step", "2", *tok_arg, "--hf", str(tmp_path / "two")]) == 2
+    assert "no checkpoint of step 2" in capsys.readouterr().err and not (tmp_path / "two").exists()
