@@ -116,6 +116,34 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
 
 
+def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
+    """The refusal of a group file of --config-dir's that the run would not read: one named as the packaged option
+    chosen (``DIR/loss/shiq.yaml`` beside ``loss=shiq``, or the default), whose packaged file Hydra finds first
+    on its search path, when the two differ in their settings (a copy of the packaged one is read alike)."""
+    defaults = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text(encoding="utf-8"))["defaults"]
+    chosen = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items() if " " not in k}
+    for arg in argv:  # (the last choice of a group is Hydra's)
+        key, _, value = arg.partition("=")
+        if key in chosen and value:
+            chosen[key] = value
+    for group, name in chosen.items():
+        packaged = CONFIG_DIR / group / f"{name}.yaml"
+        for folder in config_dirs:
+            mine = Path(folder) / group / f"{name}.yaml"
+            if not (packaged.is_file() and mine.is_file()) or mine.resolve() == packaged.resolve():
+                continue
+            try:
+                same = yaml.safe_load(mine.read_text(encoding="utf-8")) == yaml.safe_load(packaged.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):
+                same = False
+            if not same:
+                return (
+                    f"--config-dir {folder}: {mine} is not read: {group}={name} is the packaged option of that name, "
+                    f"which Hydra finds first; give your file another name and choose it ({group}=my_{name})"
+                )
+    return None
+
+
 def hydra_error(argv: list[str]) -> str | None:
     """Hydra's complaint about the command line ``argv`` (an unknown key or group option, a value it cannot
     parse, a section removed or replaced by a value) on one line, or None. Composes the config as Hydra will,
@@ -182,6 +210,9 @@ def hydra_error(argv: list[str]) -> str | None:
         if "LexerNoViableAlt" in message:  # a character Hydra's grammar does not take unquoted (ü, ...)
             message += " (quote such a value: key='value', inside the shell's own quotes)"
         return message
+    shadowed = _shadowed(argv, config_dirs)
+    if shadowed:
+        return shadowed
     composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing

@@ -1524,6 +1524,29 @@ def test_a_config_dir_group_file_that_is_not_yaml_is_refused_in_one_line_naming_
     )
 
 
+def test_a_config_dir_group_file_named_as_a_packaged_option_is_refused_unless_it_is_a_copy(tmp_path):
+    """DIR/loss/shiq.yaml (the packaged loss copied to change its beta) was never read: Hydra finds the packaged
+    loss/shiq.yaml first on its search path, so the run trained with the packaged beta and said nothing. Such a
+    file is refused when chosen (by name or as the default) unless it holds the packaged settings."""
+    from shiq_train.command_line import CONFIG_DIR, hydra_error
+
+    for group in ("loss", "model"):
+        (tmp_path / group).mkdir()
+    (tmp_path / "loss" / "shiq.yaml").write_text("name: shiq\nbeta: 0.3\ngamma: 1.0\n")
+    d, mine = str(tmp_path), tmp_path / "loss" / "shiq.yaml"
+    refusal = (
+        f"--config-dir {d}: {mine} is not read: loss=shiq is the packaged option of that name, which Hydra finds "
+        "first; give your file another name and choose it (loss=my_shiq)"
+    )
+    assert hydra_error(["--config-dir", d, "loss=shiq"]) == refusal
+    assert hydra_error(["-cd", d, "out=x"]) == refusal  # (loss=shiq is the default)
+    assert hydra_error(["--config-dir", d, "loss=dpo"]) is None  # (not chosen)
+    # a copy of the packaged file, comments aside, is read alike
+    (tmp_path / "model" / "tiny.yaml").write_text((CONFIG_DIR / "model" / "tiny.yaml").read_text() + "# mine\n")
+    assert hydra_error(["--config-dir", d, "loss=dpo"]) is None
+    assert hydra_error(["--config-dir", str(CONFIG_DIR), "out=x"]) is None  # (the packaged folder itself)
+
+
 @pytest.mark.parametrize("arg", ["logging.wandb=true", "train.log_every=10"])
 def test_a_value_run_refuses_policy_run_settings_it_does_not_read(tmp_path, arg):
     """loss=qsharp_value writes no W&B run, saves once at the end and logs every step: these settings were accepted
