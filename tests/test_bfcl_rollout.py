@@ -1054,3 +1054,26 @@ def test_a_max_new_tokens_below_one_is_refused_naming_the_option(tmp_path, capsy
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and "--max-new-tokens" in err, err
     assert f"must be >= 1, got {value}" in err and not out.exists()
+
+
+def test_a_tokenizer_without_a_chat_template_is_refused_naming_the_option(tmp_path, capsys, monkeypatch, gpt2):
+    """to-buffer and rollout encode conversations with the tokenizer's chat template; GPT-2 has none. Given
+    --tokenizer gpt2 (which the help offered), to-buffer named the first trajectory with transformers' paragraph
+    and rollout said so only after the model loaded: now one line names the option, before any model or buffer."""
+    entry = data.load_entry("multi_turn_base", 0)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))) + "\n")
+    assert cli.main(["to-buffer", str(path), "--out", str(tmp_path / "b"), "--tokenizer", "gpt2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tokenizer gpt2: this tokenizer has no chat template" in err, err
+    assert "trajectory" not in err and "huggingface.co" not in err and not (tmp_path / "b").exists()
+
+    def no_model(spec):
+        raise AssertionError("the model loaded before the tokenizer was checked")
+
+    monkeypatch.setattr("shiq_train.hf_convert.load_causal_lm", no_model)
+    args = ["rollout", "--policy", "smollm2", "--tokenizer", "gpt2", "--categories", "multi_turn_base", "--limit", "1"]
+    assert cli.main([*args, "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--tokenizer gpt2: this tokenizer has no chat template" in err, err
+    assert not (tmp_path / "r.jsonl").exists()

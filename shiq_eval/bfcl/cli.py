@@ -89,6 +89,18 @@ def _cmd_check_ground_truth(args) -> int:
     return 1 if failures else 0
 
 
+def _chat_tokenizer(tok, what: str):
+    """``tok`` when it has a chat template, which the conversations are encoded with (the rollout's prompts, the
+    buffer's rows); else the one-line refusal naming ``what`` (the option or file that chose it), before any
+    conversation is (transformers' paragraph named neither, and came after the model loaded)."""
+    if not getattr(tok, "chat_template", None):
+        raise ValueError(
+            f"{what}: this tokenizer has no chat template, which the conversations are encoded with: give "
+            "--tokenizer smollm2 or a tokenizer folder that has one"
+        )
+    return tok
+
+
 def _model_policy_factory(args):
     """``(make_policy, model record)`` of a model policy: ``smollm2``, a Hugging Face model folder, or a
     ``shiq-train`` run or step directory (its newest step); the record names the model, its path and a
@@ -100,15 +112,20 @@ def _model_policy_factory(args):
     if not args.progress:  # transformers' own bars too ("Loading weights")
         hide_library_progress_bars()
     if spec == "smollm2" or (Path(spec) / "config.json").is_file():
+        chosen = None  # a tokenizer given is checked before the model loads
+        if args.tokenizer is not None:
+            chosen = _chat_tokenizer(load_tokenizer(args.tokenizer)[0], f"--tokenizer {args.tokenizer}")
         model, tok = load_causal_lm(spec)
         path = smollm2_gguf() if spec == "smollm2" else Path(spec)
-        if args.tokenizer is not None or tok is None:
-            tok, _ = load_tokenizer(args.tokenizer or "smollm2")
+        if chosen is not None or tok is None:
+            tok = chosen or load_tokenizer("smollm2")[0]
+        _chat_tokenizer(tok, f"--policy {spec} (its own tokenizer)")
     else:
         path = checkpoint_steps(spec)[-1]
         info = checkpoint_info(path)
         recorded = info["tokenizer"] or {}
         name = recorded.get("name") if isinstance(recorded.get("name"), str) else None
+        given = args.tokenizer is not None
         if args.tokenizer is None and name is not None:
             if name not in BUILTIN_TOKENIZERS:
                 raise ValueError(recorded_folder(path / "meta.json", "run's tokenizer", name, "--tokenizer"))
@@ -124,6 +141,10 @@ def _model_policy_factory(args):
                 f"rollout uses {args.tokenizer or 'smollm2'}, unchecked against the run's buffer",
                 file=sys.stderr,
             )
+        _chat_tokenizer(
+            tok,
+            f"--tokenizer {args.tokenizer}" if given else f"{path / 'meta.json'}: the run's tokenizer {args.tokenizer}",
+        )
         model = policy_from_checkpoint(path, info["hf_config"])
     token_policy = HFPolicy(model, eos_id=tok.eos_token_id)
     cfg = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, batch_size=1, seed=args.seed)
@@ -455,6 +476,7 @@ def _cmd_to_buffer(args) -> int:
     if dropped == len(trajectories):
         raise ValueError(f"no trajectories to write: all {dropped} hold an answer cut by the token limit")
     tok, info = load_tokenizer(args.tokenizer)
+    _chat_tokenizer(tok, f"--tokenizer {args.tokenizer}")
     buf = write_buffer(
         trajectories_to_rows(trajectories, tok, args.reward, args.truncated),
         args.out,
@@ -515,9 +537,9 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--tokenizer",
-        help="tokenizer of a model policy: gpt2, smollm2 or a folder (default: the model folder's own, else "
-        "the one a checkpoint's buffer recorded when it is gpt2 or smollm2 (a folder it records is named here), "
-        "else smollm2)",
+        help="tokenizer of a model policy, with a chat template: smollm2 or a folder (default: the model folder's "
+        "own, else the one a checkpoint's buffer recorded when it is gpt2 or smollm2 (a folder it records is named "
+        "here), else smollm2; gpt2 has no chat template and is refused)",
     )
     subset(q, "entries of the train/test split (by index, in every category)")
     q.add_argument("--limit", type=int_at_least(1), default=None, help="at most this many entries per category")
@@ -593,7 +615,8 @@ def build_parser(prog: str = "shiq-eval bfcl") -> argparse.ArgumentParser:
     q.add_argument(
         "--tokenizer",
         default="smollm2",
-        help="gpt2, smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s)",
+        help="smollm2 or a Hugging Face tokenizer folder with a chat template (default: %(default)s; gpt2 has "
+        "none and is refused)",
     )
     q.add_argument(
         "--reward",
