@@ -61,6 +61,27 @@ def test_config_quick_and_errors():
             bfcl.load_config(overrides=[override])
 
 
+def test_quick_with_a_config_file_without_a_quick_block_is_refused(tmp_path, capsys):
+    """--quick with a --config that has no quick block silently ran the file's full sizes (all 30 layers, 20
+    steps: hours on CPU where the quick run takes minutes); now one line names the file, before any folder."""
+    import yaml
+
+    from shiq_eval.recipes import demo
+
+    for recipe, main in ((bfcl, bfcl.main), (demo, demo.main)):
+        cfg = yaml.safe_load(Path(recipe.CONFIG).read_text())
+        del cfg["quick"]
+        path = tmp_path / f"{recipe.__name__.rsplit('.', 1)[1]}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        with pytest.raises(ValueError, match=re.escape(f"--quick: {path} has no quick block")):
+            recipe.load_config(path, quick=True)
+        assert recipe.load_config(path)["train"]["steps"] == cfg["train"]["steps"]  # without --quick: the file
+        out = tmp_path / "run"
+        assert main(["--quick", "--config", str(path), "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"{path} has no quick block" in err and not out.exists(), err
+
+
 def test_trainable_layers_are_bounded_by_the_layers_kept():
     """``model.layers`` keeps the first N layers: at most those N train, and with the frozen-prefix cache (the
     default) at most N - 1 (the cache refused it only when a stage built it)."""

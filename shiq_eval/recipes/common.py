@@ -55,8 +55,8 @@ def load_yaml_config(
     like: Path | None = None,
     check: Callable[[dict], None] | None = None,
 ) -> dict:
-    """The YAML file ``path`` merged with its ``quick`` block when ``quick``, then ``key=value``
-    overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
+    """The YAML file ``path`` merged with its ``quick`` block when ``quick`` (refused if it has none), then
+    ``key=value`` overrides (OmegaConf dot-list syntax; only existing keys, each with a value of the default's kind; a
     section stays a section). Top-level blocks other than ``quick`` named in ``keep`` are kept; ``full`` is
     dropped unless kept. ``like``: the recipe's shipped configuration, whose top-level sections ``path``
     must have (another recipe's file, or a file of other YAML, is refused naming what it lacks), with no key and
@@ -78,7 +78,12 @@ def load_yaml_config(
     quick_block = cfg.pop("quick", None)
     if "full" not in keep:
         cfg.pop("full", None)
-    if quick and quick_block is not None:
+    if quick and quick_block is None:  # (it ran the file's full sizes, hours where a quick run takes minutes)
+        shipped = f"add one like {Path(like).name}'s" if like is not None else "add one"
+        raise ValueError(
+            f"--quick: {path} has no quick block, the sizes of a quick run: {shipped}, or leave out --quick"
+        )
+    if quick:
         cfg = OmegaConf.merge(cfg, quick_block)
     if overrides:
         bad = [o for o in overrides if "=" not in o]
