@@ -543,6 +543,33 @@ def check_vocabulary(tokenizer, name, ref_model, infos: list[dict]) -> None:
         )
 
 
+SHAPE_FIELDS = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")
+
+
+def check_reference_shape(reference: str, ref_model, infos: list[dict], given: bool) -> None:
+    """A policy of another shape than the reference (layers, widths, heads: its ``hf_config``) was not trained from
+    it, so KL and J against it are not the run's (SHIQ_MATH §9): refused when the reference was taken from the runs'
+    record (a recipe's cut of SmolLM2, ``model.layers``, records SmolLM2, and was measured against the whole), said
+    in a warning when ``--reference`` was ``given`` (a comparison that may be meant, as :func:`warn_other_reference`)."""
+    ref = {f: getattr(ref_model.config, f, None) for f in SHAPE_FIELDS}
+    for info in infos:
+        differ = [f for f in SHAPE_FIELDS if info["hf_config"].get(f, ref[f]) != ref[f]]
+        if not differ:
+            continue
+        what = ", ".join(f"{f} {info['hf_config'][f]} against {ref[f]}" for f in differ)
+        if not given:
+            raise EvalInputError(
+                f"{info['path']}: its model is not of the shape of {reference}, the model its run records as its "
+                f"start ({what}; a cut of it?): KL and J against it would not be the run's; give --reference a "
+                "Hugging Face folder of the model it started from"
+            )
+        print(
+            f"shiq-eval: warning: {info['path']} is not of the shape of --reference {reference} ({what}): it was "
+            "not trained from it; KL and J are measured against it",
+            file=sys.stderr,
+        )
+
+
 def check_reward_model_file(path) -> None:
     """Refuse, before any model is loaded, a ``--reward-model`` file that is not safetensors."""
     from safetensors import SafetensorError, safe_open  # heavy: only shiq-eval run reads a head
@@ -1054,6 +1081,7 @@ def run(args) -> list[dict]:
         )
     check_tokenizers(infos, tokenizer, ref_model)
     check_vocabulary(tokenizer, args.tokenizer or reference, ref_model, infos)
+    check_reference_shape(reference, ref_model, infos, given=args.reference is not None)
     mine = fingerprint(tokenizer)  # (each costs about 0.2 s: taken once here)
     own = mine if own_tokenizer is None or own_tokenizer is tokenizer else fingerprint(own_tokenizer)
     if own != mine:

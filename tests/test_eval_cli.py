@@ -1707,3 +1707,27 @@ def test_a_scorer_that_fails_after_a_rows_batches_keeps_them(tmp_path, monkeypat
     batches.clear()
     assert main(argv) == 0 and len(batches) == 4 * 3  # the policies' only
     assert "shiq-eval: 4 batches of unfinished rows reused" in capsys.readouterr().err
+
+
+def test_a_policy_of_another_shape_than_the_reference_is_refused_or_warned_of(capsys):
+    """A shiq-bfcl --quick arm trains a 2-layer cut of SmolLM2 and records SmolLM2 as its start: its KL was
+    measured against the whole 30-layer model in silence. A policy whose shape is not the reference's was not
+    trained from it: refused when the reference came from the run's record, a warning when --reference names it."""
+    from types import SimpleNamespace
+
+    from shiq_eval.checkpoints import EvalInputError
+    from shiq_eval.cli import check_reference_shape
+
+    whole = transformers.LlamaConfig(num_hidden_layers=30, hidden_size=64, intermediate_size=128, num_attention_heads=4)
+    ref = SimpleNamespace(config=whole)
+    cut = {**whole.to_dict(), "num_hidden_layers": 2}
+    infos = [{"path": "run/a", "hf_config": whole.to_dict()}, {"path": "run/b", "hf_config": cut}]
+    check_reference_shape("smollm2", ref, infos[:1], given=False)  # the same shape: nothing said
+    assert capsys.readouterr().err == ""
+    with pytest.raises(EvalInputError) as e:
+        check_reference_shape("smollm2", ref, infos, given=False)
+    assert str(e.value).startswith("run/b: its model is not of the shape of smollm2")
+    assert "num_hidden_layers 2 against 30" in str(e.value) and "give --reference" in str(e.value)
+    check_reference_shape("smollm2", ref, infos, given=True)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: run/b is not of the shape of --reference smollm2" in err
