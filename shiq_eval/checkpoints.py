@@ -54,6 +54,10 @@ def checkpoint_steps(path) -> list[Path]:
             raise EvalInputError(str(e)) from None
         if steps:
             return steps
+    if (path / "value_model.json").is_file():  # (its weights guide a model's decoding: they are no policy)
+        raise EvalInputError(
+            f"{path}: a Q♯ value model, not a policy: evaluate the reference's decoding it guides with --guide {path}"
+        )
     raise EvalInputError(
         f"{path}: not a checkpoint step directory (no meta.json), a run with saved steps "
         f"(no {path / 'checkpoints'}/step_*/meta.json) nor a Hugging Face model folder (no config.json)"

@@ -1731,3 +1731,17 @@ def test_a_policy_of_another_shape_than_the_reference_is_refused_or_warned_of(ca
     check_reference_shape("smollm2", ref, infos, given=True)
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "warning: run/b is not of the shape of --reference smollm2" in err
+
+
+def test_a_value_model_given_as_a_checkpoint_points_to_guide(tmp_path, capsys):
+    """A Q♯ value model folder is no policy: it was refused as 'not a checkpoint step directory ... nor a Hugging
+    Face model folder', which did not say how to evaluate it."""
+    value = tmp_path / "qsharp"
+    value.mkdir()
+    (value / "value_model.json").write_text("{}")
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "w3 w4"}\n')
+    assert main(["run", str(value), "--out", str(tmp_path / "o"), "--prompts", str(prompts), "--scorer", "vader"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{value}: a Q♯ value model, not a policy" in err and f"--guide {value}" in err
+    assert not (tmp_path / "o").exists()
