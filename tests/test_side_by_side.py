@@ -86,7 +86,12 @@ def test_one_job_runs_each_in_this_process_one_after_the_other(tmp_path):
     for f in folders:
         assert json.loads((f / "seen.json").read_text())["pid"] == os.getpid()
         assert not (f / LOG_NAME).exists()  # its output stays where this process writes
-    assert lines == [f"{f.name}: done ({f})" for f in folders]
+    # each run's own lines (its stages') come after one that names it: they do not say which run they are of
+    assert lines == [
+        line
+        for i, f in enumerate(folders)
+        for line in (f"{f.name}: starting ({f}; run {i + 1} of 2)", f"{f.name}: done ({f})")
+    ]
     jobs = [("seed0", folders[0], (str(folders[0]), True)), ("seed1", folders[1], (str(folders[1]), False))]
     (folders[1] / "seen.json").unlink()
     with pytest.raises(ValueError, match=r"^seed0: row 3 field 'reward' is not a number$"):  # at once, named

@@ -145,13 +145,14 @@ def run_each(
     target: str, jobs_args: list[tuple[str, Path, tuple]], jobs: int, log: Callable[[str], None], **kwargs
 ) -> None:
     """Each ``(name, folder, args)`` of ``jobs_args`` run by ``target``: one after the other in this process
-    (its output where this process writes; the first failure stops them, raised again with its run named) when
+    (its output where this process writes, after a line naming it; the first failure stops them, raised again with its run named) when
     ``jobs`` is 1, else :func:`run_side_by_side` (``kwargs`` go there)."""
     threads_per_job(jobs)  # refuses jobs < 1
     if jobs > 1:
         run_side_by_side(target, jobs_args, jobs, log, **kwargs)
         return
-    for name, folder, args in jobs_args:
+    for i, (name, folder, args) in enumerate(jobs_args):
+        log(f"{name}: starting ({folder}; run {i + 1} of {len(jobs_args)})")  # (its stages' lines do not name it)
         try:
             _resolve(target)(*args)
         except Exception as error:  # named as side by side (Ctrl-C, a BaseException, goes as it is)
