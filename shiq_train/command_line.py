@@ -108,12 +108,20 @@ def _searched(argv: list[str], config_dirs: list[str]) -> tuple[list[str], list[
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
     """``FILE: line L, column C: not valid YAML (what PyYAML found)`` for a config file PyYAML could not read
-    (Hydra opens the file, so the mark names it)."""
+    (Hydra opens the file, so the mark names it; a control character's error names it and its character index)."""
     mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
     problem = getattr(e, "problem", None) or type(e).__name__
-    if mark is None:
-        return f"a config file is not valid YAML ({problem})"
-    return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
+    if mark is not None:
+        return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
+    if isinstance(e, yaml.reader.ReaderError):  # a control character: no mark, its place a character index
+        try:
+            before = Path(e.name).read_text(encoding="utf-8")[: e.position]
+            line, column = before.count("\n") + 1, e.position - before.rfind("\n")
+            place = f"line {line}, column {column}"
+        except (OSError, ValueError):
+            place = f"character {e.position + 1}"
+        return f"{e.name}: {place}: not valid YAML ({str(e).splitlines()[0]})"
+    return f"a config file is not valid YAML ({problem})"
 
 
 def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:

@@ -1522,6 +1522,12 @@ def test_a_config_dir_group_file_that_is_not_yaml_is_refused_in_one_line_naming_
         f"{tmp_path / 'loss' / 'tab.yaml'}: line 2, column 1: not valid YAML (found character '\\t' that cannot "
         "start any token)"
     )
+    # a control character (PyYAML's ReaderError has no line and column, only a character index): named alike
+    (tmp_path / "loss" / "bell.yaml").write_text("name: shiq\nbeta: 0.1\a\n")
+    assert hydra_error(["--config-dir", d, "loss=bell"]) == (
+        f"{tmp_path / 'loss' / 'bell.yaml'}: line 2, column 10: not valid YAML (unacceptable character #x0007: "
+        "special characters are not allowed)"
+    )
 
 
 def test_a_config_dir_group_file_named_as_a_packaged_option_is_refused_unless_it_is_a_copy(tmp_path):
