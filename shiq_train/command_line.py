@@ -124,17 +124,39 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     return f"a config file is not valid YAML ({problem})"
 
 
-def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
-    """The refusal of a group file of --config-dir's that the run would not read: one named as the packaged option
-    chosen (``DIR/loss/shiq.yaml`` beside ``loss=shiq``, or the default), whose packaged file Hydra finds first
-    on its search path, when the two differ in their settings (a copy of the packaged one is read alike)."""
+def _chosen(argv: list[str]) -> dict[str, str]:
+    """``{group: option}`` the command line ``argv`` chooses (``loss=dpo``), or train.yaml's defaults."""
     defaults = yaml.safe_load((CONFIG_DIR / "train.yaml").read_text(encoding="utf-8"))["defaults"]
     chosen = {k: v for d in defaults if isinstance(d, dict) for k, v in d.items() if " " not in k}
     for arg in argv:  # (the last choice of a group is Hydra's)
         key, _, value = arg.partition("=")
         if key in chosen and value:
             chosen[key] = value
-    for group, name in chosen.items():
+    return chosen
+
+
+def _undecodable(argv: list[str], config_dirs: list[str]) -> str | None:
+    """``FILE: line L: not valid YAML (not UTF-8 text: ...)`` for a group file of --config-dir's chosen by ``argv``
+    that is not UTF-8 (Hydra's error names no file), or None."""
+    for group, name in _chosen(argv).items():
+        for folder in config_dirs:
+            mine = Path(folder) / group / f"{name}.yaml"
+            try:
+                data = mine.read_bytes()
+                data.decode("utf-8")
+            except OSError:
+                continue
+            except UnicodeDecodeError as e:
+                line = data.count(b"\n", 0, e.start) + 1
+                return f"{mine}: line {line}: not valid YAML (not UTF-8 text: byte 0x{data[e.start]:02x}, {e.reason})"
+    return None
+
+
+def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
+    """The refusal of a group file of --config-dir's that the run would not read: one named as the packaged option
+    chosen (``DIR/loss/shiq.yaml`` beside ``loss=shiq``, or the default), whose packaged file Hydra finds first
+    on its search path, when the two differ in their settings (a copy of the packaged one is read alike)."""
+    for group, name in _chosen(argv).items():
         packaged = CONFIG_DIR / group / f"{name}.yaml"
         for folder in config_dirs:
             mine = Path(folder) / group / f"{name}.yaml"
@@ -195,6 +217,8 @@ def hydra_error(argv: list[str]) -> str | None:
             given = compose(config_name="train", overrides=searched + argv)
     except yaml.YAMLError as e:  # a group file of --config-dir's that is not YAML: PyYAML's multi-line traceback
         return _yaml_problem(e)
+    except UnicodeDecodeError as e:  # a group file of --config-dir's that is not UTF-8: Hydra's line named none
+        return _undecodable(argv, config_dirs) or f"a config file is not UTF-8 text ({e})"
     except (HydraException, OmegaConfBaseException, ValueError, KeyError, TypeError) as e:
         # (ValueError and the others: override forms Hydra's parser lets through, such as "=5")
         lines = []

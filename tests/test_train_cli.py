@@ -1528,6 +1528,12 @@ def test_a_config_dir_group_file_that_is_not_yaml_is_refused_in_one_line_naming_
         f"{tmp_path / 'loss' / 'bell.yaml'}: line 2, column 10: not valid YAML (unacceptable character #x0007: "
         "special characters are not allowed)"
     )
+    # a file not in UTF-8 (Latin-1's é): Hydra's line named no file
+    (tmp_path / "loss" / "latin.yaml").write_bytes("name: shiq\n# beta for caf\u00e9\nbeta: 0.2\n".encode("latin-1"))
+    assert hydra_error(["--config-dir", d, "loss=latin"]) == (
+        f"{tmp_path / 'loss' / 'latin.yaml'}: line 2: not valid YAML (not UTF-8 text: byte 0xe9, invalid "
+        "continuation byte)"
+    )
 
 
 def test_a_config_dir_group_file_named_as_a_packaged_option_is_refused_unless_it_is_a_copy(tmp_path):
