@@ -809,9 +809,10 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
     out = Path(out)
     made = make_parents(out / ".staged")  # ``out`` and its missing parents, outermost first
     host = this_host()
-    sweep_held(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
-    stage, held = held_dir(out, f".staged-{host}-{os.getpid()}", ".tmp")
+    stage, held = None, None  # (until the staging folder is made: nothing of it to remove)
     try:
+        sweep_held(out, f".staged-{glob.escape(host)}-*.tmp")  # of a set whose process was killed while writing it
+        stage, held = held_dir(out, f".staged-{host}-{os.getpid()}", ".tmp")
         yield stage
         written = sorted(stage.iterdir())
         for f in written:
@@ -821,12 +822,14 @@ def files_together(out: str | os.PathLike, owns: Iterable[str] = ()) -> Iterator
                 (out / name).unlink()
         fsync_dir(out)
     except BaseException:
-        release_held(stage, held)
-        held = None
+        if stage is not None:
+            release_held(stage, held)
+        stage = None
         remove_created_dirs(made)
         raise
     finally:
-        release_held(stage, held)
+        if stage is not None:
+            release_held(stage, held)
 
 
 def unmade_folder(option: str, folder, e: OSError) -> ValueError:

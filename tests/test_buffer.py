@@ -1184,3 +1184,18 @@ def test_the_size_bound_is_kept_in_the_manifest_and_an_append_keeps_the_buffers(
     assert buf.manifest["shards"][-1]["rows"] == 20  # 20 long rows are far below 256 MiB: one shard
     assert "shard_bytes" not in buf.manifest and len(open_buffer(folder)) == 12 + 30 + 8 + 20
     assert validate_buffer(folder)["rows"] == 70
+
+
+def test_a_set_whose_staging_folder_cannot_be_made_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    """files_together makes ``out`` and its missing parents, and removes them on failure: a failure while its
+    staging folder was made (no space, no inodes) came before that clean-up and left them."""
+    from shiq_data import io
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(io, "held_dir", no_space)
+    with pytest.raises(OSError, match="No space left"):
+        with io.files_together(tmp_path / "a" / "b", owns=["x.txt"]) as stage:
+            (stage / "x.txt").write_text("never")
+    assert list(tmp_path.iterdir()) == []
