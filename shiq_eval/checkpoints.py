@@ -47,13 +47,8 @@ def checkpoint_steps(path) -> list[Path]:
         )
     if (path / "meta.json").is_file():
         return [path]
-    for folder in (path / "checkpoints", path):
-        try:
-            steps = [p for p in step_folders(folder) if (p / "meta.json").is_file()]
-        except ValueError as e:  # a linked step folder
-            raise EvalInputError(str(e)) from None
-        if steps:
-            return steps
+    if steps := _run_steps(path)[0]:
+        return steps
     if (path / "value_model.json").is_file():  # (its weights guide a model's decoding: they are no policy)
         raise EvalInputError(
             f"{path}: a Q♯ value model, not a policy: evaluate the reference's decoding it guides with --guide {path}"
@@ -64,17 +59,26 @@ def checkpoint_steps(path) -> list[Path]:
     )
 
 
-def unsaved_steps(path) -> list[Path]:
-    """The step folders without a ``meta.json`` (a save under way or killed before its end: never read) in the
-    folder :func:`checkpoint_steps` read the steps of the run ``path`` from; none for a step folder."""
-    path = Path(path)
-    if (path / "meta.json").is_file():
-        return []
+def _run_steps(path: Path) -> tuple[list[Path], list[Path]]:
+    """``(saved, unsaved)`` step folders of the run ``path``: those of ``path/checkpoints`` (or of ``path``, its
+    checkpoints folder) with a ``meta.json`` and those without one (a save under way or killed before its end:
+    never read), in step order, from the first of the two folders that has a saved step."""
     for folder in (path / "checkpoints", path):
-        steps = step_folders(folder)
-        if any((p / "meta.json").is_file() for p in steps):
-            return [p for p in steps if not (p / "meta.json").is_file()]
-    return []
+        try:
+            steps = step_folders(folder)
+        except ValueError as e:  # a linked step folder
+            raise EvalInputError(str(e)) from None
+        saved = [p for p in steps if (p / "meta.json").is_file()]
+        if saved:
+            return saved, [p for p in steps if p not in saved]
+    return [], []
+
+
+def unsaved_steps(path) -> list[Path]:
+    """The step folders of the run ``path`` that :func:`checkpoint_steps` leaves out for want of a ``meta.json``;
+    none for a step folder."""
+    path = Path(path)
+    return [] if (path / "meta.json").is_file() else _run_steps(path)[1]
 
 
 def checkpoint_info(step_dir: Path) -> dict:
