@@ -561,7 +561,8 @@ def check_reference_shape(reference: str, ref_model, infos: list[dict], given: b
             raise EvalInputError(
                 f"{info['path']}: its model is not of the shape of {reference}, the model its run records as its "
                 f"start ({what}; a cut of it?): KL and J against it would not be the run's; give --reference a "
-                "Hugging Face folder of the model it started from"
+                "Hugging Face folder of the model it started from (a recipe's arm of a cut model, model.layers: its "
+                "recipe's report measures it against its start)"
             )
         print(
             f"shiq-eval: warning: {info['path']} is not of the shape of --reference {reference} ({what}): it was "

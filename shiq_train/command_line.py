@@ -169,7 +169,8 @@ def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
             if not same:
                 return (
                     f"--config-dir {folder}: {mine} is not read: {group}={name} is the packaged option of that name, "
-                    f"which Hydra finds first; give your file another name and choose it ({group}=my_{name})"
+                    f"which Hydra finds first; give your file another name and choose it ({group}=my_{name}), or, "
+                    "to resume a run started with it, leave out --config-dir (the run trained without the file)"
                 )
     return None
 

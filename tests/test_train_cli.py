@@ -1548,7 +1548,8 @@ def test_a_config_dir_group_file_named_as_a_packaged_option_is_refused_unless_it
     d, mine = str(tmp_path), tmp_path / "loss" / "shiq.yaml"
     refusal = (
         f"--config-dir {d}: {mine} is not read: loss=shiq is the packaged option of that name, which Hydra finds "
-        "first; give your file another name and choose it (loss=my_shiq)"
+        "first; give your file another name and choose it (loss=my_shiq), or, to resume a run started with it, "
+        "leave out --config-dir (the run trained without the file)"
     )
     assert hydra_error(["--config-dir", d, "loss=shiq"]) == refusal
     assert hydra_error(["-cd", d, "out=x"]) == refusal  # (loss=shiq is the default)
