@@ -1077,3 +1077,23 @@ def test_a_tokenizer_without_a_chat_template_is_refused_naming_the_option(tmp_pa
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--tokenizer gpt2: this tokenizer has no chat template" in err, err
     assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_a_run_of_a_tokenizer_without_a_chat_template_is_told_to_give_one_of_its_ids(tmp_path, capsys):
+    """A run trained on a GPT-2 buffer records gpt2, which has no chat template: the refusal advised --tokenizer
+    smollm2, whose ids are not the run's (the tokenizer check then refused it). It names a folder of the run's
+    token ids instead, before any model loads."""
+    from shiq_data.tokenizers import load_tokenizer
+
+    step = tmp_path / "run" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}, "tokenizer": load_tokenizer("gpt2")[1]}
+    (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+    args = ["rollout", "--policy", str(tmp_path / "run"), "--categories", "multi_turn_base", "--limit", "1"]
+    assert cli.main([*args, "--out", str(tmp_path / "t.jsonl")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "the run's tokenizer gpt2: this tokenizer has no chat template" in err, err
+    assert (
+        err.endswith("give --tokenizer a tokenizer folder of the run's token ids that has one") and "smollm2" not in err
+    )
+    assert not (tmp_path / "t.jsonl").exists()

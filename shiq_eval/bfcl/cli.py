@@ -89,14 +89,14 @@ def _cmd_check_ground_truth(args) -> int:
     return 1 if failures else 0
 
 
-def _chat_tokenizer(tok, what: str):
+def _chat_tokenizer(tok, what: str, other: str = "--tokenizer smollm2 or a tokenizer folder that has one"):
     """``tok`` when it has a chat template, which the conversations are encoded with (the rollout's prompts, the
-    buffer's rows); else the one-line refusal naming ``what`` (the option or file that chose it), before any
-    conversation is (transformers' paragraph named neither, and came after the model loaded)."""
+    buffer's rows); else the one-line refusal naming ``what`` (the option or file that chose it) and ``other``,
+    the tokenizer to give instead, before any conversation is (transformers' paragraph named neither, and came
+    after the model loaded)."""
     if not getattr(tok, "chat_template", None):
         raise ValueError(
-            f"{what}: this tokenizer has no chat template, which the conversations are encoded with: give "
-            "--tokenizer smollm2 or a tokenizer folder that has one"
+            f"{what}: this tokenizer has no chat template, which the conversations are encoded with: give {other}"
         )
     return tok
 
@@ -141,9 +141,10 @@ def _model_policy_factory(args):
                 f"rollout uses {args.tokenizer or 'smollm2'}, unchecked against the run's buffer",
                 file=sys.stderr,
             )
-        _chat_tokenizer(
+        _chat_tokenizer(  # (smollm2's ids are not those of a run of another tokenizer: refused by the check above)
             tok,
             f"--tokenizer {args.tokenizer}" if given else f"{path / 'meta.json'}: the run's tokenizer {args.tokenizer}",
+            "--tokenizer a tokenizer folder of the run's token ids that has one",
         )
         model = policy_from_checkpoint(path, info["hf_config"])
     token_policy = HFPolicy(model, eos_id=tok.eos_token_id)
