@@ -248,13 +248,18 @@ def read_json_file(path: str | os.PathLike, error: type[Exception] = ValueError,
         raise error(f"{path}: not valid JSON ({e}){hint}") from None
 
 
+def text_place(text: str, offset: int) -> tuple[int, int]:
+    """``(line, column)`` of the character at ``offset`` of ``text``, both 1-based (as ``json`` and PyYAML's
+    marks name a place)."""
+    return text.count("\n", 0, offset) + 1, offset - text.rfind("\n", 0, offset)
+
+
 def constant_place(text: str) -> str:
     """``line L column C`` (1-based, as ``json`` names a place) of the first ``NaN``, ``Infinity`` or ``-Infinity``
     of the JSON text ``text`` outside its strings."""
     for m in re.finditer(r'"(?:[^"\\]|\\.)*"|(-?Infinity|NaN)', text):
         if m.group(1):
-            line, column = text.count("\n", 0, m.start()) + 1, m.start() - text.rfind("\n", 0, m.start())
-            return f"line {line} column {column}"
+            return "line {} column {}".format(*text_place(text, m.start()))
     return "place unknown"
 
 

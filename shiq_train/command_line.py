@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from shiq_data.assets import config_dir
 from shiq_data.cli_common import broken_pipe, fail, quiet_optional_dependencies
+from shiq_data.io import text_place
 
 CONFIG_DIR = config_dir()
 
@@ -115,9 +116,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
         return f"{mark.name}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML ({problem})"
     if isinstance(e, yaml.reader.ReaderError):  # a control character: no mark, its place a character index
         try:
-            before = Path(e.name).read_text(encoding="utf-8")[: e.position]
-            line, column = before.count("\n") + 1, e.position - before.rfind("\n")
-            place = f"line {line}, column {column}"
+            place = "line {}, column {}".format(*text_place(Path(e.name).read_text(encoding="utf-8"), e.position))
         except (OSError, ValueError):
             place = f"character {e.position + 1}"
         return f"{e.name}: {place}: not valid YAML ({str(e).splitlines()[0]})"
@@ -156,6 +155,8 @@ def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
     """The refusal of a group file of --config-dir's that the run would not read: one named as the packaged option
     chosen (``DIR/loss/shiq.yaml`` beside ``loss=shiq``, or the default), whose packaged file Hydra finds first
     on its search path, when the two differ in their settings (a copy of the packaged one is read alike)."""
+    if not config_dirs:  # (no group file of the user's: nothing to read at every start)
+        return None
     for group, name in _chosen(argv).items():
         packaged = CONFIG_DIR / group / f"{name}.yaml"
         for folder in config_dirs:
