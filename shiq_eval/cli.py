@@ -908,7 +908,13 @@ def load_guide(args, ref_model, reference: str, tokenizer, info: dict, reference
         raise EvalInputError(
             f"--beta {args.beta!r} is too small for the value model's atoms (|z| up to {largest:g}): z/β overflows"
         )
-    args.top_k = min(args.top_k, int(ref_model.config.vocab_size))  # what decoding uses, and the row records
+    vocab = int(ref_model.config.vocab_size)
+    if args.top_k > vocab:  # what decoding uses, and the row records
+        log.warning(
+            f"--top-k {args.top_k} is more than the reference's vocabulary ({vocab} tokens): every token is a "
+            f"candidate, and the results record top-k {vocab}"
+        )
+        args.top_k = vocab
     return value
 
 
