@@ -343,7 +343,12 @@ class Trainer:
                     "checkpoint is damaged"
                 )
             apply_optimizer_config(self.scheduler, self.opt_cfg)  # a change accepted on resume takes effect
-            data.load_state_dict(user["data"])
+            try:
+                data.load_state_dict(user["data"])
+            except ValueError as e:  # (settings a +resume.force let through: the sampler names what differs)
+                raise ValueError(
+                    f"{latest_step_dir(self.ckpt_dir)}: its data position cannot be resumed: {e}"
+                ) from None
             if self.prefix_cache is not None:  # checked against the model given: its frozen layers are now loaded
                 self._check_cache(self.prefix_cache)
         if rank0:  # a metrics.jsonl that cannot be resumed is refused before on_start writes the run folder

@@ -48,6 +48,7 @@ def test_packed_row_stats_equal_rows_run_separately(dist1):
 import json  # noqa: E402
 import math  # noqa: E402
 import os  # noqa: E402
+import re  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -1182,6 +1183,16 @@ def test_resuming_with_a_changed_configuration_is_refused_unless_allowed(tmp_pat
     forced = train_cli(*base, "train.steps=5", "loss.beta=0.5", "model.hidden_size=32", "+resume.force=true")
     assert forced.returncode == 2 and "Traceback" not in forced.stderr, forced.stderr[-2000:]
     assert "has shape" in forced.stderr.strip().splitlines()[-1]
+    assert (run / "config.yaml").read_bytes() == saved
+    # forced past the check, another data order (packed rows) is refused naming the checkpoint it was read
+    # from (the sampler's line named the buffer alone)
+    forced = train_cli(*base, "train.steps=5", "data.mode=packed", "+resume.force=true")
+    assert forced.returncode == 2 and "Traceback" not in forced.stderr, forced.stderr[-2000:]
+    assert re.search(
+        rf"error: {re.escape(str(run / 'checkpoints' / 'step_00000004'))}: its data position cannot be resumed: sampler "
+        r"state does not match this sampler: mode is 'padded' in the state, 'packed' here \(buffer ",
+        forced.stderr,
+    ), forced.stderr[-2000:]
     assert (run / "config.yaml").read_bytes() == saved
 
 
