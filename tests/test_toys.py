@@ -319,12 +319,36 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     for png in ("bandit.png", "gridworld.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
-    # a second run into the folder replaced the first's results without a word (a smoke run over a full one)
+    # a second run of other settings into the folder replaced the first's results without a word (a smoke run
+    # over a full one): refused, nothing touched
     before = {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)}
-    assert toys.main(["bandit", "--quick", "--out", str(tmp_path)]) == 2
+    assert toys.main(["bandit", "--quick", "--seeds", "3", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert f"--out {tmp_path} holds bandit.json, bandit.png of an earlier run: give --overwrite" in err, err
+    assert (
+        f"--out {tmp_path} holds bandit.json, bandit.png of an earlier run with other settings: give --overwrite" in err
+    )
     assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    # the same command again runs nothing and keeps the results (it was refused until --overwrite)
+    assert toys.main(["all", "--quick", "--out", str(tmp_path)]) == 0
+    again = capsys.readouterr()
+    assert f"nothing run: {tmp_path} holds the results of these settings" in again.out
+    assert "bandit: kept" in again.err and "gridworld: kept" in again.err and "%|" not in again.err
+    assert {f: (tmp_path / f).read_bytes() for f in os.listdir(tmp_path)} == before
+    # `all` stopped during the grid world (bandit written, the grid world's plot not): the same command keeps the
+    # bandit's results and runs the grid world (it was refused, and --overwrite ran the bandit again)
+    (tmp_path / "gridworld.png").unlink()
+    assert toys.main(["all", "--quick", "--out", str(tmp_path)]) == 0
+    resumed = capsys.readouterr()
+    assert "bandit: kept" in resumed.err and "gridworld: 100%" in resumed.err and "bandit: 100%" not in resumed.err
+    assert f"wrote {tmp_path / 'gridworld.json'}, {tmp_path / 'gridworld.png'} in " in resumed.out
+    assert {f: (tmp_path / f).read_bytes() for f in ("bandit.json", "bandit.png")} == {
+        f: before[f] for f in ("bandit.json", "bandit.png")
+    }
+    assert json.loads((tmp_path / "gridworld.json").read_text()) == grid  # (seeded: the same results)
+    assert (tmp_path / "gridworld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a grid world of other settings beside the bandit's: refused, naming its files only
+    assert toys.main(["all", "--quick", "--n-pairs", "30", "--out", str(tmp_path)]) == 2
+    assert "holds gridworld.json, gridworld.png of an earlier run with other settings" in capsys.readouterr().err
     argv = ["bandit", "--quick", "--seeds", "3", "--overwrite", "--out", str(tmp_path), "--log-level", "WARNING"]
     assert toys.main(argv) == 0
     assert json.loads((tmp_path / "bandit.json").read_text())["config"]["seeds"] == 3

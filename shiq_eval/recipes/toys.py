@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
+import json
+import logging
 import math
 import os
 import sys
@@ -47,6 +49,8 @@ from shiq_eval.optimum import undefined_as_null
 from shiq_eval.recipes.pool import worker_pool
 from shiq_train.losses import copg_loss, dpo_loss, preference_pairs, shiq_loss
 from shiq_train.stats import token_stats
+
+log = logging.getLogger(__name__)
 
 BANDIT_METHODS = ("shiq", "shiq_tk", "copg", "dpo")
 GRID_METHODS = ("shiq", "shiq_init", "shiq_ms", "shiq_tk", "copg", "dpo")
@@ -631,7 +635,10 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="runs/toys", type=folder_path, help="output directory (created; default runs/toys)")
     p.add_argument("--quick", action="store_true", help="2 seeds, few steps: a smoke run in seconds")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace the results of an earlier run in --out (refused otherwise)"
+        "--overwrite",
+        action="store_true",
+        help="run again and replace the results of an earlier run in --out (one of other settings is refused "
+        "otherwise; one of the same settings is kept)",
     )
     p.add_argument("--seeds", type=int_at_least(1), default=None, help="seeds per method (default 5; quick: 2)")
     p.add_argument(
@@ -713,32 +720,66 @@ def _main(args, p) -> int:
     refuse_inside_buffer(args.out, "--out", itself=True)
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise ValueError(f"--out {args.out} is a file: give a folder")
-    names = [
-        f"{kind}.{ext}"
-        for kind in ("bandit", "gridworld")
-        if args.experiment in (kind, "all")
-        for ext in ("json", "png")
-    ]
-    if earlier := [n for n in names if os.path.exists(os.path.join(args.out, n))] if not args.overwrite else []:
+    grid_kw = {k: v for k, v in overrides.items() if not (k == "steps" and "epochs" in grid_overrides)}
+    settings = {  # each experiment of the command: its configuration(s)
+        "bandit": {"": BanditConfig(**overrides, center_rewards=args.center_rewards)},
+        "gridworld": {
+            s: GridConfig.make(s, **grid_kw, **grid_overrides, good_policy=args.good_policy) for s in GRID_SETTINGS
+        },
+    }
+    kinds = [k for k in settings if args.experiment in (k, "all")]
+    kept, earlier = [], []
+    for kind in [] if args.overwrite else kinds:
+        found = [f"{kind}.{ext}" for ext in ("json", "png") if os.path.exists(os.path.join(args.out, f"{kind}.{ext}"))]
+        same = bool(found) and same_settings(os.path.join(args.out, f"{kind}.json"), kind, settings[kind])
+        if same and len(found) == 2:  # (a run stopped after its JSON, before its plot, runs again)
+            kept.append(kind)
+        elif found and not same:
+            earlier += found
+    if earlier:
         raise ValueError(
-            f"--out {args.out} holds {', '.join(earlier)} of an earlier run: give --overwrite to replace them, or "
-            "another --out"
+            f"--out {args.out} holds {', '.join(earlier)} of an earlier run with other settings: give --overwrite to "
+            "replace them, or another --out"
         )
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
     written = []
-    if args.experiment in ("bandit", "all"):
-        bandit_experiment(
-            args.out, BanditConfig(**overrides, center_rewards=args.center_rewards), workers, args.progress
-        )
-        written += ["bandit.json", "bandit.png"]
-    if args.experiment in ("gridworld", "all"):
-        grid_kw = {k: v for k, v in overrides.items() if not (k == "steps" and "epochs" in grid_overrides)}
-        cfgs = {s: GridConfig.make(s, **grid_kw, **grid_overrides, good_policy=args.good_policy) for s in GRID_SETTINGS}
-        grid_experiment(args.out, cfgs, workers, args.progress)
-        written += ["gridworld.json", "gridworld.png"]
-    print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)} in {time.time() - t0:.1f} s")
+    for kind in kinds:
+        if kind in kept:
+            log.info(
+                f"{kind}: kept, {os.path.join(args.out, kind + '.json')} holds the results of these settings "
+                "(--overwrite runs it again)"
+            )
+        elif kind == "bandit":
+            bandit_experiment(args.out, settings[kind][""], workers, args.progress)
+        else:
+            grid_experiment(args.out, settings[kind], workers, args.progress)
+        written += [] if kind in kept else [f"{kind}.json", f"{kind}.png"]
+    if written:
+        print(f"wrote {', '.join(os.path.join(args.out, w) for w in written)} in {time.time() - t0:.1f} s")
+    else:
+        print(f"nothing run: {args.out} holds the results of these settings (--overwrite runs them again)")
     return 0
+
+
+def same_settings(path: str, kind: str, cfgs: dict) -> bool:
+    """Whether ``path``, an earlier run's ``bandit.json`` or ``gridworld.json``, holds the results of ``cfgs``
+    (``{"": BanditConfig}``, or ``{setting: GridConfig}`` for every setting): each configuration's fields as its
+    JSON ``config`` records them. A file that cannot be read as one is not."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        blocks = {"": obj} if kind == "bandit" else obj["settings"]
+        if set(blocks) != set(cfgs):
+            return False
+        for name, cfg in cfgs.items():
+            want = json.loads(json.dumps(dataclasses.asdict(cfg)))
+            recorded = blocks[name]["config"]
+            if {k: recorded.get(k) for k in want} != want:
+                return False
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    return True
 
 
 if __name__ == "__main__":
