@@ -261,7 +261,7 @@ class SavedRows:
         try:
             return read_saved_row(path, key, self.scenarios)
         except (ValueError, OSError) as e:
-            print(f"shiq-eval: warning: {one_line(e, 300)}; the row is evaluated again", file=sys.stderr)
+            warn(f"{one_line(e, 300)}; the row is evaluated again")
             return None
 
     def put(self, key: dict, row: dict) -> None:
@@ -324,7 +324,7 @@ class SavedBatches:
         try:
             return read_saved_batch(path, self.record(i, batch), len(batch))
         except (ValueError, OSError) as e:
-            print(f"shiq-eval: warning: {one_line(e, 300)}; the batch is evaluated again", file=sys.stderr)
+            warn(f"{one_line(e, 300)}; the batch is evaluated again")
             return None
 
     def put(self, i: int, batch: list[list[int]], result) -> None:
@@ -482,10 +482,9 @@ def check_tokenizers(infos: list[dict], tokenizer, ref_model) -> None:
         check_tokenizer_record(info["tokenizer"], Path(info["path"]) / record, field)  # (else a KeyError below)
         if info["tokenizer"] is None:
             if info["kind"] == "checkpoint":  # (a release that did not record it; its buffer's path is not followed)
-                print(
-                    f"shiq-eval: warning: {info['path'] / 'meta.json'} records no tokenizer (an older checkpoint): "
-                    "its buffer's tokenizer cannot be compared with the evaluation's",
-                    file=sys.stderr,
+                warn(
+                    f"{info['path'] / 'meta.json'} records no tokenizer (an older checkpoint): "
+                    "its buffer's tokenizer cannot be compared with the evaluation's"
                 )
             continue
         vocab = [v for v in (info["hf_config"].get("vocab_size"), ref_model.config.vocab_size) if isinstance(v, int)]
@@ -564,11 +563,17 @@ def check_reference_shape(reference: str, ref_model, infos: list[dict], given: b
                 "Hugging Face folder of the model it started from (a recipe's arm of a cut model, model.layers: its "
                 "recipe's report measures it against its start)"
             )
-        print(
-            f"shiq-eval: warning: {info['path']} is not of the shape of --reference {reference} ({what}): it was "
-            "not trained from it; KL and J are measured against it",
-            file=sys.stderr,
+        warn(
+            f"{info['path']} is not of the shape of --reference {reference} ({what}): it was "
+            "not trained from it; KL and J are measured against it"
         )
+
+
+def warn(message: str) -> None:
+    """``shiq-eval: warning: MESSAGE`` on stderr, from rank 0 alone under torchrun: every rank reads the same inputs
+    and said it once each."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(f"shiq-eval: warning: {message}", file=sys.stderr)
 
 
 def check_reward_model_file(path) -> None:
@@ -910,7 +915,7 @@ def load_guide(args, ref_model, reference: str, tokenizer, info: dict, reference
         )
     vocab = int(ref_model.config.vocab_size)
     if args.top_k > vocab:  # what decoding uses, and the row records
-        log.warning(
+        warn(
             f"--top-k {args.top_k} is more than the reference's vocabulary ({vocab} tokens): every token is a "
             f"candidate, and the results record top-k {vocab}"
         )
@@ -1007,10 +1012,7 @@ def run(args) -> list[dict]:
     check_guide_args(args, sampling.temperature)
     infos = policy_infos(args.checkpoints, args.label)
     for step in (s for arg in args.checkpoints for s in unsaved_steps(arg)):
-        print(
-            f"shiq-eval: warning: {step} holds no meta.json (a save under way or cut short): not evaluated",
-            file=sys.stderr,
-        )
+        warn(f"{step} holds no meta.json (a save under way or cut short): not evaluated")
     guide = guide_info(args.guide) if args.guide is not None else None  # (read once)
     # (a null init names no model, as a policy's: it counts for nothing)
     guide_inits = {guide["init"]} if guide is not None and guide["init"] is not None else set()
@@ -1379,10 +1381,9 @@ def warn_other_reference(reference: str, inits: set[str]) -> None:
         return os.path.realpath(init) == os.path.realpath(reference)
 
     if others := sorted(i for i in inits if not same(i)):
-        print(
-            f"shiq-eval: warning: --reference {reference} is not the model the runs started from ({', '.join(others)}) "
-            "unless it is a copy of it: KL and J are measured against it",
-            file=sys.stderr,
+        warn(
+            f"--reference {reference} is not the model the runs started from ({', '.join(others)}) "
+            "unless it is a copy of it: KL and J are measured against it"
         )
 
 
@@ -1590,7 +1591,8 @@ def main(argv=None) -> int:
         return bfcl_cli.main(argv[1:], prog="shiq-eval bfcl")
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
-    setup_logging(getattr(args, "log_level", "INFO"))
+    # (under torchrun, ranks other than 0 log errors only: every rank reads the same inputs, and warned once each)
+    setup_logging(getattr(args, "log_level", "INFO") if int(os.environ.get("RANK", 0)) == 0 else "ERROR")
     if args.command == "run" and not progress_bars_shown(getattr(args, "log_level", "INFO")):
         args.quiet = True  # WARNING or ERROR: warnings only, no bars (its per-checkpoint lines are INFO)
     # (a stop between rows: the rows finished are saved; SIGTERM, a scheduler's stop, ends as Ctrl-C does)

@@ -436,6 +436,8 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     from shiq_train.parallel import free_port
 
+    # a step folder whose save is under way: each rank warned of it, the same line twice (once from rank 0 now)
+    (run / "checkpoints" / "step_00000099").mkdir()
     res = subprocess.run(
         [
             sys.executable,
@@ -461,6 +463,8 @@ def test_eval_run_with_the_megatron_engine_tp1_and_tp2(tmp_path):
         timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
+    unsaved = f"shiq-eval: warning: {run / 'checkpoints' / 'step_00000099'} holds no meta.json"
+    assert res.stderr.count(unsaved) == 1, res.stderr[-3000:]
     two = json.loads((tmp_path / "tp2" / "results.json").read_text())
     for r1, r2 in zip(one, two, strict=True):
         assert [s[:2] for s in r2["samples"]] == [s[:2] for s in r1["samples"]]  # the same draws
