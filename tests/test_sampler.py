@@ -122,8 +122,11 @@ def test_a_seed_of_2_to_the_32_or_more_is_refused_for_it_would_repeat_a_smaller_
 def test_padded_batches_equal_the_rows(rows_and_buffer):
     rows, buf = rows_and_buffer
     s = BufferSampler(buf, rows_per_micro_batch=4, micro_batches_per_step=3, seed=1, pad_id=7)
+    seen = []
     for _ in range(3):
-        for mb in s.next_micro_batches():
+        mbs = s.next_micro_batches()
+        assert len(mbs) == 3
+        for mb in mbs:
             B, T = mb["tokens"].shape
             assert mb["tokens"].dtype.is_floating_point is False and str(mb["tokens"].dtype) == "torch.int64"
             assert str(mb["rewards"].dtype) == "torch.float32" and str(mb["action_mask"].dtype) == "torch.bool"
@@ -136,6 +139,9 @@ def test_padded_batches_equal_the_rows(rows_and_buffer):
                 assert mb["action_mask"][b].tolist() == r["action_mask"] + [False] * (T - n)
                 assert mb["rewards"][b].tolist() == r["rewards"] + [0.0] * (T - n)
                 assert int(mb["group_ids"][b]) == r["group_id"]
+            seen += mb["tokens"][:, 0].tolist()
+    # 36 rows of a 23-row buffer: the first epoch's 23 are every row once
+    assert len(seen) == 36 and sorted(seen[:23]) == list(range(23))
 
 
 @pytest.mark.parametrize("mode", ["padded", "packed", "groups"])
