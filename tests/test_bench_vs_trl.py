@@ -46,10 +46,16 @@ def test_missing_trl_is_one_line_naming_the_extra(monkeypatch, capsys):
 
 
 def test_hh_pairs_shape():
-    pairs = B.hh_pairs(50)
-    assert all(64 <= len(p["prompt"]) <= 192 for p in pairs)
-    assert all(16 <= len(p[k]) <= 128 for p in pairs for k in ("chosen", "rejected"))
+    """As the help says: n pairs, 64-192 prompt tokens, two completions of 16-128 tokens of different lengths;
+    2,000 pairs reach each end of the ranges (a draw missing one has odds below 1e-6)."""
+    pairs = B.hh_pairs(2000)
+    assert len(pairs) == 2000 and B.hh_pairs(0) == []
+    prompts = [len(p["prompt"]) for p in pairs]
+    completions = [len(p[k]) for p in pairs for k in ("chosen", "rejected")]
+    assert (min(prompts), max(prompts)) == (64, 192) and (min(completions), max(completions)) == (16, 128)
     assert all(len(p["chosen"]) != len(p["rejected"]) for p in pairs)
+    ids = np.concatenate([p[k] for p in pairs for k in ("prompt", "chosen", "rejected")])
+    assert 0 <= ids.min() and ids.max() < B.VOCAB
 
 
 def test_packed_batch_holds_the_same_trajectories():
