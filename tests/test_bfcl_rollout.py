@@ -974,10 +974,20 @@ def test_a_null_kept_turns_is_a_trajectory_not_cut(tmp_path, capsys, command):
     verdict in a TypeError traceback (None < int). It is checked and counted as a whole trajectory now."""
     entry = data.load_entry("multi_turn_base", 0)
     t = ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))
+    assert t["num_turns"] == len(entry["ground_truth"]) > 1 and t["valid"] is True
     path = tmp_path / "t.jsonl"
     path.write_text(json.dumps({**t, "kept_turns": None}) + "\n")
-    out = ["--out", str(tmp_path / "b")] if command == "to-buffer" else []
-    assert cli.main([command, str(path), *out]) == 0, capsys.readouterr().err
+    out = tmp_path / ("r.json" if command == "report" else "b")
+    assert cli.main([command, str(path), "--out", str(out)]) == 0, capsys.readouterr().err
+    if command == "report":  # the ground truth's trajectory, counted once and valid
+        rep = json.loads(out.read_text())
+        assert rep["overall"]["accuracy"] == 1.0 and rep["categories"]["multi_turn_base"]["n"] == 1
+    # its verdict is checked as a whole trajectory's: a cut one is compared on its turn rewards alone, which a
+    # 'valid' edited by hand leaves as they were
+    path.write_text(json.dumps({**t, "kept_turns": None, "valid": False}) + "\n")
+    assert cli.main([command, str(path), "--out", str(tmp_path / "forged")]) == 2
+    err = capsys.readouterr().err
+    assert "field 'valid': false, but the checker" in err and not (tmp_path / "forged").exists(), err
 
 
 @pytest.mark.parametrize("command", ["report", "to-buffer"])
