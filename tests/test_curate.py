@@ -1675,6 +1675,7 @@ def test_decontaminate_reads_a_json_completion_whole(tmp_path, capsys):
     )
     assert code == 0, err
     assert "kept 1 of 2 rows" in stdout, stdout
+    assert ids(tmp_path / "o") == ["b0-1"]  # the JSON completion's row went
 
 
 @pytest.mark.parametrize(
@@ -1732,6 +1733,7 @@ def test_decontaminate_reads_chinese_and_japanese_by_character(tmp_path, capsys)
     )
     assert code == 0, err
     assert "kept 1 of 3 rows" in stdout and "2 of the evaluation texts found" in stdout and "skipped" not in stdout
+    assert ids(tmp_path / "o") == ["b0-2"]  # the two rows copying an evaluation text went, the third stays
 
 
 def test_decontaminate_keeps_combining_marks_inside_their_words(tmp_path, capsys):
@@ -1799,6 +1801,7 @@ def test_decontaminate_reads_a_txt_line_whole_whatever_characters_it_holds(tmp_p
     c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
     assert c["evaluation_texts"] == 3 and c["against"][0]["texts"] == 3, c
     assert c["rows_kept"] == 1 and c["evaluation_texts_matched"] == 1, c
+    assert ids(tmp_path / "o") == ["b0-1"]  # the row holding words across the separator went
 
 
 def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tmp_path, capsys):
@@ -1817,6 +1820,7 @@ def test_decontaminate_min_words_above_ngram_is_the_shortest_text_that_counts(tm
     assert "1 text under 8 words skipped" in stdout and "kept 1 of 2 rows" in stdout, stdout
     c = json.loads((tmp_path / "o" / "manifest.json").read_text())["curation"]
     assert c["evaluation_texts_too_short"] == 1 and c["evaluation_texts_matched"] == 1
+    assert ids(tmp_path / "o") == ["b0-1"]  # the row sharing the long text's 3-grams went
 
 
 @pytest.mark.parametrize(
