@@ -324,7 +324,7 @@ def test_signatures_are_datasketch_minhash_of_each_text(monkeypatch):
         monkeypatch.setattr(D, "SHINGLE_BATCH", batches[1])
         monkeypatch.setattr(D, "HASH_CACHE", batches[2])
         got = Signatures(THRESHOLD).many(texts)
-        for (p, c), sig in zip(texts, got):
+        for (p, c), sig in zip(texts, got, strict=True):  # a signature for each text
             t = _norm(p) + "\n" + _norm(c)  # (the parts normalised each, joined by a line break)
             m = MinHash(num_perm=128, seed=1)
             m.update_batch([t[i : i + 5].encode() for i in range(len(t) - 4)] if len(t) >= 5 else [t.encode()])
@@ -354,7 +354,7 @@ def test_signatures_permute_each_texts_distinct_hashes_in_bounded_blocks(monkeyp
     rng = np.random.default_rng(0)
     texts = [("ab " * 20_000, ""), (" ".join(rng.choice(WORDS, 300)), ""), ("abc", "")]
     got = sig.many(texts)
-    for (p, c), s in zip(texts, got):
+    for (p, c), s in zip(texts, got, strict=True):
         t = _norm(p) + "\n" + _norm(c)
         m = MinHash(num_perm=128, seed=1)
         m.update_batch([t[i : i + 5].encode() for i in range(len(t) - 4)] if len(t) >= 5 else [t.encode()])
