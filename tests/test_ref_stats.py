@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -146,7 +147,9 @@ def test_written_stats_equal_direct_per_row_logits(tmp_path, tiny_llama):
     assert_naive_stats(rows, tiny_llama)
     # Nothing left to do: a second call computes nothing.
     assert compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "tiny"}, progress=False) == []
-    with pytest.raises(ValueError, match="not"):
+    # another reference model's statistics are not added beside these: refused, naming the recorded one
+    other = "holds reference statistics with ref_model.name 'tiny', not 'other'; build a new buffer for another"
+    with pytest.raises(ValueError, match=re.escape(f"{buf.path / 'manifest.json'}: {other}")):
         compute_ref_stats(buf.path, hf_stats_fn(tiny_llama), ref_model={"name": "other"}, progress=False)
 
 
