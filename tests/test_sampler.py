@@ -242,9 +242,13 @@ def test_resume_reproduces_the_following_batches(rows_and_buffer, mode):
     b = BufferSampler(open_buffer(buf.path), **kw)
     b.load_state_dict(state)
     got = [b.next_micro_batches() for _ in range(6)]
-    for e_step, g_step in zip(expected, got):
-        for e, g in zip(e_step, g_step):
-            assert e.keys() == g.keys() and all((e[k] == g[k]).all() for k in e)
+    assert len(got) == len(expected) == 6
+    for e_step, g_step in zip(expected, got, strict=True):
+        assert len(g_step) == len(e_step) == 2, (len(e_step), len(g_step))  # micro_batches_per_step
+        for e, g in zip(e_step, g_step, strict=True):
+            assert e.keys() == g.keys() and "tokens" in e
+            for k in e:  # (== alone broadcasts: a batch of another shape could compare equal)
+                assert (g[k].shape, g[k].dtype) == (e[k].shape, e[k].dtype) and (e[k] == g[k]).all(), k
     with pytest.raises(ValueError, match="seed"):
         BufferSampler(buf, **{**kw, "seed": 12}).load_state_dict(state)
 
