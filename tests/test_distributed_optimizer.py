@@ -155,9 +155,11 @@ def _assert_matches(reference, results, tp, params_like=None):
     """Losses, norms and learning rates of every step equal the single-process run's; the parameters after
     the last step equal ``params_like`` (default: the single-process run's)."""
     ref_steps = reference["steps"]
+    assert len(ref_steps) == STEPS and results
     assert any(n > OPT.clip_grad for _, n, _ in ref_steps) and any(n < OPT.clip_grad for _, n, _ in ref_steps)
-    for res in results:
-        for step, ((loss, norm, lr), (rloss, rnorm, rlr)) in enumerate(zip(res["steps"], ref_steps)):
+    for res in results:  # every step of each rank (zip alone stopped at a rank's fewer steps)
+        assert len(res["steps"]) == STEPS, f"{len(res['steps'])} steps, not {STEPS}"
+        for step, ((loss, norm, lr), (rloss, rnorm, rlr)) in enumerate(zip(res["steps"], ref_steps, strict=True)):
             assert _rel(torch.tensor(loss), torch.tensor(rloss)) < TOL, f"step {step + 1}: loss {loss} vs {rloss}"
             assert _rel(torch.tensor(norm), torch.tensor(rnorm)) < TOL, f"step {step + 1}: norm {norm} vs {rnorm}"
             assert lr == rlr == OPT.lr_at(step)
