@@ -707,7 +707,12 @@ def test_processes_wanting_the_smollm2_cache_at_once_make_it_once(tmp_path, monk
     def dequantise(path, dtype):
         made.append(path)
         started.set()
-        time.sleep(1.0)  # the other caller arrives while this one is making the folder
+        # the other caller arrives while this one is making the folder: held until it says it waits (or, not
+        # waiting, dequantises too), whatever the machine's pace
+        deadline = time.monotonic() + 60
+        while "waiting" not in err.getvalue() and len(made) == 1:
+            assert time.monotonic() < deadline, "the second caller neither waited for the lock nor dequantised"
+            time.sleep(0.01)
         cfg = transformers.LlamaConfig(
             vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
         )
