@@ -336,13 +336,25 @@ def test_stats_fn_may_return_numpy_arrays():
 
 
 CHILD = """
-import json, os, sys, time
+import json, os, pathlib, sys, threading
 import torch
+import shiq_data.ref_stats as R
 from shiq_data.ref_stats import compute_ref_stats
+
+committed = []  # shards added so far
+_add = R.add_ref_columns
+def add_ref_columns(*args, **kwargs):
+    _add(*args, **kwargs)
+    committed.append(args[1])
+R.add_ref_columns = add_ref_columns
 
 def toy_stats(tokens, mask):
     # Depends on the prefix only, like a causal model's statistics.
-    time.sleep(float(os.environ.get("SLOW_SECONDS", "0")))
+    if os.environ.get("HOLD_AFTER_FIRST") and committed:  # in the second shard: say so, and wait to be killed
+        tmp = pathlib.Path(os.environ["HOLD_AFTER_FIRST"] + ".tmp")
+        tmp.write_text(str(committed))
+        tmp.rename(os.environ["HOLD_AFTER_FIRST"])
+        threading.Event().wait()
     x = tokens.double()
     prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], 1)
     c = torch.sin(x + 0.5 * prev)
@@ -355,8 +367,8 @@ print(json.dumps(done))
 """
 
 
-def run_child(buffer_dir, slow=0.0, wait=True):
-    env = {**os.environ, "SLOW_SECONDS": str(slow), "PYTHONPATH": str(REPO)}
+def run_child(buffer_dir, hold="", wait=True):
+    env = {**os.environ, "HOLD_AFTER_FIRST": str(hold), "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "-c", CHILD, str(buffer_dir)],
         env=env,
@@ -376,16 +388,17 @@ def test_killed_run_resumes_at_first_unfinished_shard(tmp_path):
     shutil.copytree(buf.path, tmp_path / "b")
     assert run_child(tmp_path / "a") == [0, 1, 2]
 
-    proc = run_child(tmp_path / "b", slow=1.0, wait=False)
+    # killed in the second shard's statistics, once the first is committed (the child holds there)
+    held = tmp_path / "held"
+    proc = run_child(tmp_path / "b", hold=held, wait=False)
     manifest = tmp_path / "b" / "manifest.json"
-    deadline = time.time() + 40
+    deadline = time.monotonic() + 120
     try:
-        while time.time() < deadline:
-            done = (json.loads(manifest.read_text()).get("ref_stats") or {}).get("done", [])
-            if done:
-                break
+        while not held.exists():
+            assert proc.poll() is None, f"the child ended before its second shard: {proc.communicate()[1][-3000:]}"
+            assert time.monotonic() < deadline, "the child reached no second shard in 120 s"
             time.sleep(0.05)
-        assert done, "the child committed no shard in time"
+        assert held.read_text() == "[0]"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
     finally:
