@@ -1644,10 +1644,16 @@ def test_a_pipe_whose_writer_sends_one_byte_first_is_read_as_it_is(gzipped):
     data = b'{"prompt": "a", "completion": " b", "reward": 1}\n' * 3
     sent = gzip.compress(data) if gzipped else data
     r, w = os.pipe()
+    failed = []
 
     def writer():
         os.write(w, sent[:1])
-        time.sleep(0.2)  # (the reader peeks meanwhile)
+        deadline = time.monotonic() + 60  # the rest once the reader has taken the first byte from the pipe
+        while _pipe_holds(r):
+            if time.monotonic() > deadline:
+                failed.append("the reader did not read the pipe's first byte in 60 s")
+                break
+            time.sleep(0.01)
         os.write(w, sent[1:])
         os.close(w)
 
@@ -1659,6 +1665,16 @@ def test_a_pipe_whose_writer_sends_one_byte_first_is_read_as_it_is(gzipped):
     finally:
         t.join()
         os.close(r)
+    assert not failed, failed
+
+
+def _pipe_holds(fd: int) -> int:
+    """How many bytes the pipe ``fd`` holds, written and not yet read (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
 @pytest.mark.parametrize(
