@@ -1176,10 +1176,9 @@ def test_ctrl_c_stops_a_build_in_one_line_and_writes_nothing(tmp_path, workers, 
         assert proc.returncode == 130, err[-3000:]
         assert err.strip().splitlines()[-1] == "shiq-data: interrupted" and "Traceback" not in err, err[-3000:]
     else:
-        while workers > 1 and len(descendants(proc.pid)) < 1 + workers:  # the fork server and its workers
+        while workers > 1 and not _workers_started(proc.pid, workers):  # (a stop in a worker's start: below)
             assert proc.poll() is None and time.monotonic() < deadline, "the build ended before it could be stopped"
             time.sleep(0.05)
-        time.sleep(2)  # the workers started (one still unpickling its start-up state when stopped prints why)
         assert proc.poll() is None, "the build ended before it could be stopped"
         _terminate_in_one_line(proc, deadline)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.jsonl"]
@@ -1320,6 +1319,14 @@ def _fork_server(pid: int) -> int | None:
         except OSError:
             continue
     return None
+
+
+def _workers_started(pid: int, workers: int) -> bool:
+    """Whether the build ``pid`` has its ``workers`` workers, each past its start (a worker ignores SIGINT once
+    it has read its start-up state)."""
+    server = _fork_server(pid)
+    started = [w for w in (_children(server) if server is not None else ()) if _ignores_sigint(w)]
+    return len(started) >= workers
 
 
 def _ignores_sigint(pid: int) -> bool:
