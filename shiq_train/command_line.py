@@ -247,6 +247,9 @@ def hydra_error(argv: list[str]) -> str | None:
     shadowed = _shadowed(argv, config_dirs)
     if shadowed:
         return shadowed
+    buffer = OmegaConf.select(given, "data.buffer", throw_on_missing=False, throw_on_resolution_failure=False)
+    if isinstance(buffer, str) and not Path(buffer).exists():  # (before seconds of imports; the run checks it too)
+        return f"data.buffer={buffer!r} does not exist (a replay buffer directory written by shiq_data)"
     composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing

@@ -1463,6 +1463,11 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
     assert hydra_error(["~loss"]) == "the section 'loss' was removed (~loss); training needs it"
     assert hydra_error(["data=x"]).startswith("'data' is a section of options: set its keys (data.<name>=...)")
     assert hydra_error(["=5"]) == "argument '=5' has no key: expected key=value"
+    # a buffer that does not exist answers before the training's imports (seconds, more on a shared file system)
+    assert hydra_error(["data.buffer=/no/such/buffer", "out=x"]) == (
+        "data.buffer='/no/such/buffer' does not exist (a replay buffer directory written by shiq_data)"
+    )
+    assert hydra_error([f"data.buffer={REPO}", "out=x"]) is None  # (a folder that is no buffer: the run says so)
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
     assert hydra_error(["--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
