@@ -250,6 +250,9 @@ def hydra_error(argv: list[str]) -> str | None:
     buffer = OmegaConf.select(given, "data.buffer", throw_on_missing=False, throw_on_resolution_failure=False)
     if isinstance(buffer, str) and not Path(buffer).exists():  # (before seconds of imports; the run checks it too)
         return f"data.buffer={buffer!r} does not exist (a replay buffer directory written by shiq_data)"
+    init = OmegaConf.select(given, "init", throw_on_missing=False, throw_on_resolution_failure=False)
+    if isinstance(init, str) and init not in ("none", "smollm2") and not (Path(init) / "config.json").is_file():
+        return f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {Path(init) / 'config.json'} does not exist"
     composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing

@@ -1468,6 +1468,11 @@ def test_override_forms_hydra_lets_through_are_refused_and_optional_sections_may
         "data.buffer='/no/such/buffer' does not exist (a replay buffer directory written by shiq_data)"
     )
     assert hydra_error([f"data.buffer={REPO}", "out=x"]) is None  # (a folder that is no buffer: the run says so)
+    assert hydra_error(["init=/no/such/model", "out=x"]) == (  # likewise a model folder that is not one
+        "init='/no/such/model': expected none, smollm2 or a Hugging Face model folder, but /no/such/model/config.json "
+        "does not exist"
+    )
+    assert hydra_error(["init=smollm2", "out=x"]) is None and hydra_error(["init=none", "out=x"]) is None
     for fine in (["~logging"], ["logging=null"], ["loss=copg"], ["model=tiny"], ["+resume.force=true"], ["out=x"]):
         assert hydra_error(fine) is None, fine
     assert hydra_error(["--cfg", "job"]) is None  # Hydra's own flags stay Hydra's
