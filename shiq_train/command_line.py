@@ -2,7 +2,7 @@
 
 ``shiq-train`` dispatches its subcommands (``ref-stats``, ``export``), then checks the ``key=value`` settings
 as Hydra will compose them (:func:`hydra_error`: an unknown key, a group option that does not exist, a value
-Hydra cannot parse, a section removed), and only then hands the composed configuration to the training
+Hydra cannot parse, a section removed, a ``data.buffer`` or ``init`` folder that does not exist), and only then hands the composed configuration to the training
 (:func:`shiq_train.cli._task`), which imports torch and megatron-core. A typo, ``--help`` or ``--cfg job`` thus
 answers in about a second, before seconds of imports (more on a shared file system, once per rank under
 torchrun).
