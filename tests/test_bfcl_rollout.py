@@ -453,10 +453,17 @@ def test_report_writes_all_of_its_outputs_or_none(tmp_path, capsys):
     buf = tmp_path / "buf"
     buf.mkdir()
     (buf / "manifest.json").write_text(json.dumps({"format": FORMAT}))  # what marks a buffer's folder
-    for command in (argv[:2] + ["--out", str(buf / "report.json")], ["rollout", "--out", str(buf / "t.jsonl")]):
+    for command in (
+        argv[:2] + ["--out", str(buf / "report.json")],
+        ["rollout", "--out", str(buf / "t.jsonl")],
+        ["prompts", "--limit", "1", "--out", str(buf / "p.jsonl")],
+        ["check-ground-truth", "--categories", "multi_turn_base", "--out", str(buf / "gt.json")],
+        ["to-buffer", str(traj), "--out", str(buf / "b")],
+    ):
         capsys.readouterr()
         assert cli.main(command) == 2
-        assert f"is inside the buffer {buf}: choose a folder outside it" in capsys.readouterr().err
+        assert f"is inside the buffer {buf}: choose a folder outside it" in capsys.readouterr().err, command
+    assert sorted(p.name for p in buf.iterdir()) == ["manifest.json"]
 
 
 def test_trajectories_become_a_buffer_grouped_by_entry(tmp_path, capsys, smollm2):

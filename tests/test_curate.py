@@ -132,23 +132,31 @@ def test_filter_keeps_exactly_the_rows_pandas_keeps(data, tmp_path, capsys):
 
 
 def test_outputs_inside_a_buffer_folder_are_refused(data, tmp_path, capsys):
-    """A buffer's folder is its own: a curated buffer, an export, a retokenized copy or plots written into it
-    would be neither listed nor checked by it. Each is refused before any work, the buffer left as it was."""
+    """A buffer's folder is its own: a curated buffer, an export, a retokenized copy, a split, a mix, the rows
+    decontaminate drops or plots written into it would be neither listed nor checked by it. Each is refused
+    before any work, the buffer left as it was."""
     b = data["a"]
+    against = write_jsonl(
+        tmp_path / "against.jsonl", [{"prompt": "none of the rows here holds a run of these eight words"}]
+    )
     before = sorted(p.relative_to(b) for p in b.rglob("*"))
     for argv in [
         ["filter", b, "--where", "reward > 0", "--out", b / "sub"],
         ["dedup", b, "--out", b / "deep" / "d"],
         ["export", b, "--format", "jsonl", "--out", b / "e"],
         ["retokenize", b, "--tokenizer", "gpt2", "--out", b / "r"],
+        ["split", b, "--test-fraction", "0.5", "--out", b / "s"],
+        ["mix", f"{data['b']}:1", f"{b}:1", "--out", b / "m"],
+        ["decontaminate", b, "--against", against, "--out", tmp_path / "dc", "--dropped", b / "dropped.jsonl"],
         ["stats", b, "--plot", b],
         ["stats", b, "--plot", b / "plots"],
     ]:
         code, _, err = run(capsys, *argv)
-        option = "--plot" if argv[0] == "stats" else "--out"
+        option = {"stats": "--plot", "decontaminate": "--dropped"}.get(argv[0], "--out")
         where = "is the buffer" if argv[-1] == b else f"is inside the buffer {b.resolve()}"
         assert code == 2 and f"{option} {argv[-1]} {where}: choose a folder outside it" in err, (argv, err)
     assert sorted(p.relative_to(b) for p in b.rglob("*")) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["against.jsonl"]  # nor any output beside it
     # a manifest.json of another kind (a web app's, a model cache's) is no buffer
     (tmp_path / "site").mkdir()
     (tmp_path / "site" / "manifest.json").write_text('{"name": "my app", "format": "web"}')

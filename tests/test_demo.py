@@ -1014,10 +1014,19 @@ def test_out_must_be_a_run_folder_and_its_files_must_be_whole(tmp_path, capsys):
     assert e.value.code == 2 and "argument --out: must name a folder" in capsys.readouterr().err
     (tmp_path / "buf").mkdir()  # what marks a buffer folder: its manifest
     (tmp_path / "buf" / "manifest.json").write_text(json.dumps({"format": FORMAT}))
-    for out in (tmp_path / "buf", tmp_path / "buf" / "run"):
-        assert demo.main(["--quick", "--out", str(out)]) == 2
-        assert "choose a folder outside it" in capsys.readouterr().err
-    assert not (tmp_path / "buf" / "run").exists()
+    from shiq_eval.recipes import bfcl, toys  # every recipe's run or study, refused alike
+
+    for main, args in (
+        (demo.main, ["--quick"]),
+        (demo.main, ["--full"]),
+        (bfcl.main, ["--quick"]),
+        (bfcl.main, ["--quick", "--seeds", "1,2"]),
+        (toys.main, ["bandit", "--quick"]),
+    ):
+        for out, where in ((tmp_path / "buf", "is the buffer"), (tmp_path / "buf" / "run", "is inside the buffer")):
+            assert main([*args, "--out", str(out)]) == 2
+            assert f"--out {out} {where}" in capsys.readouterr().err, (main, args, out)
+    assert sorted(p.name for p in (tmp_path / "buf").iterdir()) == ["manifest.json"]
 
     cfg = demo.load_config(quick=True)
     run = tmp_path / "run"

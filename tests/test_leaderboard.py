@@ -1266,6 +1266,26 @@ def test_an_out_inside_a_model_folder_is_refused_as_one_inside_a_buffer(tmp_path
         assert eval_cli.main(["leaderboard", x, "--out", str(project / "lb")]) == 0
 
 
+@pytest.mark.parametrize("command", ["leaderboard", "run"])
+def test_an_out_that_is_a_buffer_or_inside_one_is_refused(tmp_path, capsys, command):
+    """Results, a leaderboard's tables or plots written into a buffer's folder would be files the buffer neither
+    lists nor checks: the folder itself and one inside it are refused in one line, before any other work (here a
+    checkpoint that does not exist, which would be named otherwise), and nothing is written."""
+    from shiq_data.buffer import FORMAT
+
+    x = write_results(tmp_path / "x", [result_row("reference", 0, "r", [1.0, 2.0], [0.0] * 2)])
+    buf = tmp_path / "buf"
+    buf.mkdir()
+    (buf / "manifest.json").write_text(json.dumps({"format": FORMAT}))  # what marks a buffer's folder
+    argv = ["leaderboard", x] if command == "leaderboard" else ["run", str(tmp_path / "no_run"), "--movie-prompts", "2"]
+    for out, where in ((buf, "is the buffer"), (buf / "evals" / "lb", f"is inside the buffer {buf}")):
+        before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+        assert eval_cli.main([*argv, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"shiq-eval: error: --out {out} {where}: choose a folder outside it\n", err
+        assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
 def test_a_leaderboard_built_from_relative_paths_is_replaced_only_by_its_own_results(tmp_path, monkeypatch, capsys):
     """leaderboard.csv kept each result file as given: a relative path, read again from another working folder
     by the check of an earlier leaderboard, named other files. The same results given as an absolute path from
