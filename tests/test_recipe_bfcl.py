@@ -82,6 +82,23 @@ def test_quick_with_a_config_file_without_a_quick_block_is_refused(tmp_path, cap
         assert len(err.splitlines()) == 1 and f"{path} has no quick block" in err and not out.exists(), err
 
 
+def test_a_config_file_that_calls_a_resolver_is_refused(tmp_path, capsys):
+    """A --config value that calls a resolver (``${oc.env:HOME}``), resolved, would copy the environment (a
+    secret) into the run's config.json and report: refused in one line naming the file and key, before the run
+    folder is made (shiq-demo's file is refused alike: test_demo)."""
+    import yaml
+
+    cfg = yaml.safe_load(Path(bfcl.CONFIG).read_text())
+    cfg["data"]["category"] = "${oc.env:HOME}"
+    path = tmp_path / "env.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "run"
+    assert bfcl.main(["--quick", "--config", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and not out.exists(), err
+    assert f"{path}: data.category is '${{oc.env:HOME}}': a file's values are data, never a resolver call" in err
+
+
 def test_trainable_layers_are_bounded_by_the_layers_kept():
     """``model.layers`` keeps the first N layers: at most those N train, and with the frozen-prefix cache (the
     default) at most N - 1 (the cache refused it only when a stage built it)."""
