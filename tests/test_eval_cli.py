@@ -285,6 +285,7 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
     cases = [
         ([*out, *prompts, "--samples-per-prompt", "100000"], "--samples-per-prompt: sampling.samples_per_prompt must"),
         ([*out, *prompts, "--batch-size", "0"], "sampling.batch_size must be in 1..65,536, got 0"),
+        ([*out, *prompts, "--batch-size", "65537"], "sampling.batch_size must be in 1..65,536, got 65537"),
         ([*out, *prompts, "--seed", "-1"], "sampling.seed must be in 0..1,000,000,000, got -1"),
         ([*out, *prompts, "--seed", str(10**20)], "sampling.seed must be in 0..1,000,000,000"),
         ([*out, *prompts, "--temperature", "1e-320"], "sampling.temperature must be a finite number >= 1e-30"),

@@ -1042,3 +1042,17 @@ def test_a_run_stopped_among_shards_of_unequal_size_resumes_at_the_first_unfinis
     assert resumed.manifest["shards"][:2] == stopped["shards"][:2]
     assert resumed.table.equals(full.table)
     assert resumed.table.column("row_id").to_pylist() == [r["row_id"] for r in rows]
+
+
+def test_threads_beyond_the_bound_are_refused_in_one_line(capsys):
+    """``--threads`` is bounded (torch's thread pools crash far beyond the cores a machine has): 1024 is taken,
+    1025 refused by the option itself, naming it and its rule, before the buffer or model is read."""
+    from shiq_train.reference import build_parser
+    from shiq_train.reference import main as ref_stats
+
+    assert build_parser().parse_args(["b", "--model", "m", "--threads", "1024"]).threads == 1024
+    with pytest.raises(SystemExit) as e:
+        ref_stats(["no_buffer", "--model", "no_model", "--threads", "1025"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "argument --threads: must be in 0..1024, got 1025" in err
