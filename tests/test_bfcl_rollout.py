@@ -585,6 +585,13 @@ def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_en
     )
     assert cli.main([*args, str(tmp_path / "kept"), "--truncated", "keep"]) == 0
     assert len(open_buffer(tmp_path / "kept")) == 2
+    # an --out that exists is refused before the trajectories are read or the tokenizer loads (here one that is
+    # no tokenizer: it was named instead, once the trajectories were read)
+    capsys.readouterr()
+    assert cli.main([*args, str(tmp_path / "kept"), "--tokenizer", str(tmp_path / "no_tokenizer")]) == 2
+    assert capsys.readouterr().err == (
+        f"shiq-eval bfcl: error: --out {tmp_path / 'kept'} already exists; choose a new folder\n"
+    )
     bad = dict(cut, truncated=[99])
     ro.write_trajectories(tmp_path / "bad.jsonl", [bad])
     assert cli.main(["to-buffer", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b")]) == 2

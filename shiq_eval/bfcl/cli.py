@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
-from shiq_data.buffer import write_buffer
+from shiq_data.buffer import refuse_inside_buffer, write_buffer
 from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
@@ -445,6 +445,10 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_to_buffer(args) -> int:
+    out = Path(args.out)  # (write_buffer checks it too: here before the trajectories are read and the tokenizer loads)
+    if out.exists() or out.is_symlink():
+        raise FileExistsError(f"--out {args.out} already exists; choose a new folder")
+    refuse_inside_buffer(out)
     seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
     for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
         key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
