@@ -124,7 +124,8 @@ def on_sigterm() -> Iterator[None]:
             signal.signal(signal.SIGTERM, previous)
 
 
-_DEFERRED = {"depth": 0, "pending": False}  # within sigterm_deferred: how deep, and whether SIGTERM came
+# within sigterm_deferred: how deep, and whether SIGTERM came; whether the handler raised Terminated (run_command)
+_DEFERRED = {"depth": 0, "pending": False, "raised": False}
 
 
 @contextlib.contextmanager
@@ -177,7 +178,23 @@ def _raise_terminated(signum, frame):
         _DEFERRED["pending"] = True
         return
     _DEFERRED["pending"] = False
+    _DEFERRED["raised"] = True  # (DuckDB, running a query, reports it as its own error: run_command reads this)
     raise Terminated()
+
+
+def query_interrupted(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it was raised from) is DuckDB's report of a signal that came during one of its
+    queries: DuckDB takes the ``KeyboardInterrupt`` of Ctrl-C (or the :class:`Terminated` of SIGTERM) and raises
+    ``RuntimeError('Query interrupted')`` (``duckdb.InterruptException`` in other versions) in its place."""
+    duckdb = sys.modules.get("duckdb")
+    interrupt = getattr(duckdb, "InterruptException", ()) if duckdb is not None else ()
+    for _ in range(16):  # (a chain of causes is short; never a cycle followed for ever)
+        if e is None:
+            return False
+        if (interrupt and isinstance(e, interrupt)) or (type(e) is RuntimeError and str(e) == "Query interrupted"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def _open_bars() -> list:
@@ -281,9 +298,11 @@ def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "")
     """``fn(*args)`` with user errors (:func:`is_user_error`) turned into one line and exit status 2;
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
     stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
-    stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``)
-    prints ``PROG: interrupted`` and gives status 130, as a shell reports SIGINT (what it leaves is what each
+    stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``, or
+    the error DuckDB raises for it during a query: :func:`query_interrupted`) prints ``PROG: interrupted`` and
+    gives status 130, as a shell reports SIGINT (what it leaves is what each
     command says of a kill: its writes are atomic); ``hint`` follows that line, and SIGTERM's."""
+    _DEFERRED["raised"] = False
     try:
         status = int(fn(*args) or 0)
         sys.stdout.flush()  # here, not at exit: a reader that went away is then seen below
@@ -291,17 +310,25 @@ def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "")
     except KeyboardInterrupt as e:
         if verbose():
             raise
-        if isinstance(e, Terminated):  # cleaned up: the status a shell gives a process SIGTERM ended
-            close_progress_bars()
-            print(f"{prog}: terminated{hint}", file=sys.stderr)
-            return EXIT_TERMINATED
-        return interrupted(prog, hint)
+        return _stopped(prog, isinstance(e, Terminated), hint)
     except BrokenPipeError as e:
         return broken_pipe(prog, e)
     except Exception as e:
+        if not verbose() and query_interrupted(e):  # Ctrl-C (or SIGTERM) in a DuckDB query: not bad input
+            return _stopped(prog, _DEFERRED["raised"], hint)
         if verbose() or not is_user_error(e):
             raise
         return fail(prog, e)
+
+
+def _stopped(prog: str, terminated: bool, hint: str) -> int:
+    """The line and status of a command stopped by SIGTERM (``terminated``: cleaned up, the status a shell gives
+    a process SIGTERM ended, 143) or by Ctrl-C (:func:`interrupted`, 130)."""
+    if terminated:
+        close_progress_bars()
+        print(f"{prog}: terminated{hint}", file=sys.stderr)
+        return EXIT_TERMINATED
+    return interrupted(prog, hint)
 
 
 def quiet_optional_dependencies() -> None:

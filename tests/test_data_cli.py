@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -1391,6 +1392,41 @@ def test_a_broken_pipe_that_is_not_stdout_is_an_error(capsys):
     assert run_command("shiq-data", broken) == 2
     err = capsys.readouterr().err
     assert err.startswith("shiq-data: error: ") and "Broken pipe" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM"])
+def test_a_signal_during_a_duckdb_query_stops_the_command_as_the_signal_does(tmp_path, capsys, stop):
+    """Ctrl-C while DuckDB ran a query (stats, dedup, split or mix of a million rows spend seconds in them) ended in
+    'shiq-data: error: Query interrupted' and status 2, as bad input does: DuckDB takes the signal's
+    KeyboardInterrupt (SIGTERM's Terminated too) and raises a RuntimeError in its place. Now the line and status
+    of the signal, 'interrupted' and 130 ('terminated' and 143), and the work tables are gone."""
+    from shiq_data.cli_common import on_sigterm, run_command
+    from shiq_data.spill import Spill
+
+    if stop == "SIGTERM" and signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("SIGTERM is handled by the test runner")
+    querying = threading.Event()
+
+    def signal_in_the_query():
+        querying.wait()  # (it goes on once the query, running, lets go of the GIL)
+        os.kill(os.getpid(), getattr(signal, stop))
+
+    def started(x: int) -> int:  # called by the query itself, once, before its scan of hours
+        querying.set()
+        return x
+
+    def command():
+        with Spill(tmp_path / "out") as spill:
+            spill.con.create_function("started", started, ["BIGINT"], "BIGINT", side_effects=True)
+            threading.Thread(target=signal_in_the_query, daemon=True).start()
+            spill.one("SELECT count(*) FROM range(10000000000000) t(x) WHERE x % 7 = (SELECT started(3))")
+        return 0
+
+    with on_sigterm():
+        status = run_command("shiq-data", command)
+    word, expected = ("interrupted", 130) if stop == "SIGINT" else ("terminated", 143)
+    assert (status, capsys.readouterr().err) == (expected, f"shiq-data: {word}\n")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_empty_output_names_and_a_folder_for_an_input_file_are_refused(tmp_path, capsys):
