@@ -105,6 +105,7 @@ def _source(text: str) -> str:
 
 
 SHARD_MIB_MAX = 2**43  # 2**63 bytes: what a manifest's count may hold
+SHARD_ROWS_MAX = 2**63 - 1  # what a manifest's count may hold (a larger one wrote a buffer no command could read)
 
 
 def _shard_mib(text: str) -> int:
@@ -126,7 +127,7 @@ def _shard_size_options(p, default_rows: int | None) -> None:
     theirs = "default: the buffer's, as it was built"
     p.add_argument(
         "--shard-rows",
-        type=int_at_least(1),
+        type=int_at_least(1, SHARD_ROWS_MAX),
         default=default_rows,
         metavar="N",
         help=f"rows a shard holds at most ({f'default {default_rows}' if new else theirs})",

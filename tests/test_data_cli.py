@@ -1720,6 +1720,34 @@ def _pipe_holds(fd: int) -> int:
     return struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0"))[0]
 
 
+def test_a_shard_rows_past_what_a_manifest_holds_is_refused_in_one_line(tmp_path, capsys):
+    """--shard-rows of 2**63 or more (a manifest's counts are below 2**63) was taken: build and retokenize wrote
+    the buffer, then refused its manifest ("field 'shard_rows' must be an integer >= 1"), leaving a buffer no
+    command could read. Now argparse's one-line error naming the option, exit status 2, nothing written; the
+    largest count a manifest holds builds a buffer that reads back."""
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    buf = tmp_path / "buf"
+    top = 2**63 - 1
+    argv = ["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(buf), "--no-progress"]
+    assert main([*argv, "--shard-rows", str(top)]) == 0
+    assert json.loads((buf / "manifest.json").read_text())["shard_rows"] == top
+    assert main(["info", str(buf)]) == 0 and len(read_rows(buf)[1]) == len(RECORDS)
+    capsys.readouterr()
+    before = sorted(p.name for p in buf.iterdir())
+    for argv in (
+        ["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
+        ["append", str(buf), "jsonl", str(inp)],
+        ["retokenize", str(buf), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
+    ):
+        with pytest.raises(SystemExit) as e:
+            main([*argv, "--shard-rows", str(top + 1), "--no-progress"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
+        assert f"shiq-data {argv[0]}: error: argument --shard-rows: must be in 1..{top}, got {top + 1}" in err, err
+    assert not (tmp_path / "new").exists() and sorted(p.name for p in buf.iterdir()) == before
+    assert len(read_rows(buf)[1]) == len(RECORDS)
+
+
 @pytest.mark.parametrize(
     "value, says",
     [
