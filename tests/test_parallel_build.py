@@ -142,6 +142,21 @@ def test_workers_must_be_positive(tmp_path, capsys):
     assert code == 2 and "--workers must be at least 1, got 0" in err and not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("workers", [1025, 10**20])
+def test_workers_past_the_limit_are_refused_naming_the_option(tmp_path, capsys, workers):
+    """--workers of 10**20 ended in 'OverflowError: Python int too large to convert to C int', naming no option
+    (and 2**31 - 1 would have started that many processes): refused before any is started, nothing written."""
+    inp = write_jsonl(tmp_path / "in.jsonl", records(3))
+    code, _, err = run(
+        capsys, "build", "jsonl", inp, "--tokenizer", "gpt2", "--out", tmp_path / "o", "--workers", workers
+    )
+    assert (
+        code == 2
+        and err == f"shiq-data: error: --workers must be at most 1024 (processes started at once), got {workers}\n"
+    )
+    assert not (tmp_path / "o").exists()
+
+
 def test_chat_formats_with_two_workers_equal_one(tmp_path, capsys, smollm2, monkeypatch):
     """hh (a group per line), multiturn (groups by a "group" field across chunks)."""
     monkeypatch.setattr(parallel, "CHUNK", 4)
