@@ -809,7 +809,7 @@ def test_extra_keys_that_differ_only_in_case_are_not_where_columns(tmp_path, cap
             capsys, "filter", tmp_path / "b", "--where", "lang = 'fr'", "--out", tmp_path / "f", "--no-progress"
         )
     assert code == 2 and "lang" in err and not (tmp_path / "f").exists()
-    assert "extra keys 'Lang', 'lang' differ only in case" in caplog.text + err
+    assert f"shiq-data: warning: {tmp_path / 'b'}: extra keys 'Lang', 'lang' differ only in case" in caplog.text + err
     stats, _ = buffer_stats(tmp_path / "b", "n >= 3")  # pandas on the input: rows 3, 4 and 5
     assert stats["all"]["rows"] == sum(r["n"] >= 3 for r in rows) == 3
 
@@ -826,7 +826,8 @@ def test_extra_keys_named_like_columns_are_warned_of_and_reachable(tmp_path, cap
     with caplog.at_level("WARNING"):
         stats, _ = buffer_stats(tmp_path / "b", "tokens > 100 OR has_ref")
     assert stats["all"]["rows"] == 0  # the columns: every row has a few tokens, none reference statistics
-    assert "extra keys 'has_ref', 'tokens' are named like columns of every row" in caplog.text + capsys.readouterr().err
+    said = caplog.text + capsys.readouterr().err  # (prefixed as the other warnings of shiq-data)
+    assert f"shiq-data: warning: {tmp_path / 'b'}: extra keys 'has_ref', 'tokens' are named like columns" in said
     stats, _ = buffer_stats(tmp_path / "b", "json_extract_string(extra, '$.tokens') = '999'")
     assert stats["all"]["rows"] == sum(r["tokens"] == 999 for r in rows) == 1
 

@@ -210,7 +210,7 @@ class CurationSource:
             return
         if shadowed := sorted({k for obj in _extra_objects(first) for k in obj if k.lower() in names}):
             log.warning(
-                f"{self.path}: extra keys {', '.join(map(repr, shadowed))} are named like columns of every row, "
+                f"shiq-data: warning: {self.path}: extra keys {', '.join(map(repr, shadowed))} are named like columns of every row, "
                 "which --where reads under those names: reach the keys with json_extract_string(extra, '$.KEY')"
             )
 
@@ -232,7 +232,7 @@ class CurationSource:
                 folded.setdefault(key.lower(), []).append(key)
             for same in (keys for keys in folded.values() if len(keys) > 1):
                 log.warning(
-                    f"{self.path}: extra keys {', '.join(map(repr, sorted(same)))} differ only in case, which "
+                    f"shiq-data: warning: {self.path}: extra keys {', '.join(map(repr, sorted(same)))} differ only in case, which "
                     "--where cannot tell apart: they are left out of its columns"
                 )
             for key, ks in seen.items():
