@@ -609,7 +609,13 @@ def readable_lines(lines: Iterator, path: Path) -> Iterator:
         for n, line in lines:
             yield n, line
     except (EOFError, OSError, zlib.error) as e:
-        raise ValueError(f"{path}: cannot be read past line {n} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: cannot be read {read_to(n)} ({type(e).__name__}: {e})") from None
+
+
+def read_to(n: int) -> str:
+    """Where a file that cannot be read to its end stops: ``past line N`` (lines count from 1), ``from its
+    start`` when not one line could be read."""
+    return f"past line {n}" if n else "from its start"
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:

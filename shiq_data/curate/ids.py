@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from shiq_data.io import RowError, text_lines
+from shiq_data.io import RowError, read_to, text_lines
 
 CHUNK = 65_536  # ids turned into an Arrow array at a time (Python strings held for at most this many)
 
@@ -66,7 +66,7 @@ class RowIds:
                     chunks.append(pc.unique(pa.array(pending, pa.string())))
                     pending = []
         except OSError as e:  # a read error midway (a pipe's, a disk's)
-            raise ValueError(f"{self.label}: cannot be read past line {self.lines} ({e.strerror or e})") from None
+            raise ValueError(f"{self.label}: cannot be read {read_to(self.lines)} ({e.strerror or e})") from None
         finally:
             if f is not sys.stdin.buffer:
                 f.close()
