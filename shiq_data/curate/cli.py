@@ -261,7 +261,8 @@ def add_commands(sub) -> None:
     d = sub.add_parser(
         "dedup",
         help="drop duplicate rows (exact or near)",
-        description="Drop rows whose text (prompt, completion or both; lower-cased, white space collapsed) "
+        description="Drop rows whose text (prompt, completion or both; Unicode NFKC, lower-cased, white space "
+        "collapsed) "
         "repeats an earlier row's, keeping the first. The text is the row's text as given, else its decoded "
         "prompt and action tokens. --near also drops rows whose character 5-grams have an estimated "
         "Jaccard similarity of at least --threshold with a kept row (MinHash LSH).",
@@ -283,7 +284,8 @@ def add_commands(sub) -> None:
         "decontaminate",
         help="drop rows that share a run of words with an evaluation set",
         description="Drop the rows of BUFFER whose text (--by) holds a run of --ngram consecutive words that also "
-        "stands in an evaluation text (words: lower case, runs of letters, digits and _ with their combining "
+        "stands in an evaluation text (words: Unicode NFKC, case-folded, so Straße matches strasse; runs of letters, "
+        "digits and _ with their combining "
         "marks; other characters only "
         "separate them; chat messages by their text). An evaluation text shorter than --ngram words counts whole "
         "from --min-words words; shorter ones are skipped. Evaluation texts: JSON lines (a string or an object "

@@ -105,7 +105,7 @@ _ASCII_WORD = re.compile("[a-z0-9_]+")  # the words of an ASCII text (no mark, n
 
 
 def words(text: str) -> list[str]:
-    """The words of ``text`` as compared: NFKC, lower case, runs of ``\\w`` characters with their combining
+    """The words of ``text`` as compared: NFKC, case-folded, runs of ``\\w`` characters with their combining
     marks (:func:`_word_pattern`), and each character of a script written without spaces (:data:`UNSPACED`:
     Chinese, Japanese, Thai...) a word of its own."""
     text = unicodedata.normalize("NFKC", text).casefold()
