@@ -104,6 +104,17 @@ def _source(text: str) -> str:
     return text
 
 
+def _input_format(text: str) -> str:
+    """An argparse ``type`` for FORMAT: a registered input format. A path in its place (FORMAT left out: argparse
+    took the input for it and asked for INPUT) is named with the order the command takes."""
+    if text not in FORMATS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not an input format ({', '.join(sorted(FORMATS))}): give FORMAT, then INPUT "
+            "(e.g. jsonl data.jsonl)"
+        )
+    return text
+
+
 SHARD_MIB_MAX = 2**43  # 2**63 bytes: what a manifest's count may hold
 WORKERS_MAX = 1024  # tokenising processes: each starts at once and holds a tokenizer
 SHARD_ROWS_MAX = 2**63 - 1  # what a manifest's count may hold (a larger one wrote a buffer no command could read)
@@ -443,7 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="build a new buffer from an input file",
         description="Tokenise INPUT and write a new buffer at --out (refuses an existing folder).",
     )
-    b.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
+    b.add_argument("format", metavar="FORMAT", type=_input_format, help=f"input format: {', '.join(formats)}")
     b.add_argument("input", metavar="INPUT", help="input file or folder")
     b.add_argument("--tokenizer", required=True, help="gpt2, smollm2, or a local Hugging Face tokenizer folder")
     b.add_argument("--out", required=True, type=folder_path, metavar="DIR", help="buffer folder to create")
@@ -459,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
         "shards are not touched and the manifest is replaced atomically at the end.",
     )
     a.add_argument("buffer", metavar="BUFFER", help="existing buffer folder")
-    a.add_argument("format", metavar="FORMAT", help=f"input format: {', '.join(formats)}")
+    a.add_argument("format", metavar="FORMAT", type=_input_format, help=f"input format: {', '.join(formats)}")
     a.add_argument("input", metavar="INPUT", help="input file or folder")
     a.add_argument(
         "--tokenizer",

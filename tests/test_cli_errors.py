@@ -97,6 +97,13 @@ CASES = [
         "reward",
     ),
     case("shiq-data", ["info", "{d}/badtypes"], "manifest.json", "'rows'"),
+    # FORMAT left out: argparse took the file for it and asked for INPUT, saying nothing of FORMAT
+    case(
+        "shiq-data",
+        ["build", "{d}/big.jsonl", "--tokenizer", "gpt2", "--out", "{d}/x"],
+        "argument FORMAT: '{d}/big.jsonl' is not an input format (datasets, hh, jsonl,",
+        "give FORMAT, then INPUT",
+    ),
     case(
         "shiq-data",
         ["build", "datasets", "{d}/big.jsonl", "--tokenizer", "gpt2", "--out", "{d}/x", "--no-progress"],
