@@ -111,6 +111,8 @@ def test_filter_keeps_exactly_the_rows_pandas_keeps(data, tmp_path, capsys):
         ("reward > 0 AND source = 'a'", df[(df.reward > 0) & (df.source == "a")]),
         ("reward <= 0 OR prompt = 'Name a color.'", df[(df.reward <= 0) | (df.prompt == "Name a color.")]),
         ("completion LIKE '%apple%'", df[df.completion.str.contains("apple")]),
+        # a trailing comment ended in "syntax error at or near 0": it hid the query's closing parenthesis
+        ("reward > 0 -- the positive rows", df[df.reward > 0]),
     ]
     for k, (expr, want) in enumerate(cases):
         out = tmp_path / f"f{k}"
@@ -182,7 +184,9 @@ BAD_WHERE = [
     ("reward >", "syntax error"),
     ("(select count(*) from read_csv('/etc/passwd')) > 0", "subqueries are not allowed"),
     ("reward > 0; select 1", "syntax error"),
-    ("true) UNION SELECT 1 --", "single SQL boolean expression"),
+    ("true) UNION SELECT 1 --", "syntax error"),  # (a comment ends at the expression's line: the query's ")" stays)
+    ("true) UNION SELECT (1", "single SQL boolean expression"),
+    ("true) UNION SELECT 1 /*", "unterminated /* comment"),
     ("nope > 1", 'column "nope" not found'),
     ("reward", "must be a boolean expression"),
     ("count(*) > 1", "aggregate functions"),
@@ -193,10 +197,30 @@ BAD_WHERE = [
     ("unnest(CASE row_id WHEN 'b0-0' THEN []::BOOLEAN[] WHEN 'b0-1' THEN [true, false] ELSE [false] END)", "unnest"),
     ("generate_subscripts([1, 2], 1) = 1", "generate_subscripts gives several values per row"),
     # a clause after the expression: rows grouped or sampled, so the values are no longer one per row
-    ("true) AS keep FROM rows GROUP BY ALL --", "single SQL boolean expression"),
-    ("true) AS keep FROM rows TABLESAMPLE 50% --", "single SQL boolean expression"),
+    ("true) AS keep FROM rows GROUP BY ALL --", "syntax error"),  # (the tree check refuses it too: below)
+    ("true) AS keep FROM rows TABLESAMPLE 50% --", "syntax error"),
+    ("true) AS keep FROM rows TABLESAMPLE 50% UNION ALL SELECT (true", "single SQL boolean expression"),
     ("NOT " * 600 + "true", "nested too deep"),  # (a RecursionError, in a line that did not say --where)
 ]
+
+
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "true) UNION SELECT 1 --",
+        "true) AS keep FROM rows GROUP BY ALL --",
+        "true) AS keep FROM rows TABLESAMPLE 50% --",
+    ],
+)
+def test_a_clause_after_the_expression_is_refused_by_the_tree_check_as_well(monkeypatch, expr):
+    """The expression stands on lines of its own in the query, so a trailing ``--`` comment no longer hides the
+    query's closing parenthesis (a syntax error: BAD_WHERE). The check of the parsed tree, which refused these
+    clauses when it could, stays as a second guard: with the query on one line again, it refuses each."""
+    import shiq_data.curate.where as W
+
+    monkeypatch.setattr(W, "_QUERY", "SELECT ({expr}) AS keep FROM " + W.TABLE)
+    with pytest.raises(ValueError, match="must be a single SQL boolean expression over the row's columns"):
+        W.Where(expr)
 
 
 @pytest.mark.parametrize("expr,says", BAD_WHERE)

@@ -18,7 +18,7 @@ import pyarrow as pa
 from shiq_data.curate.rows import DERIVED, TEXT_COLUMNS
 
 TABLE = "rows"
-_QUERY = "SELECT ({expr}) AS keep FROM " + TABLE
+_QUERY = "SELECT (\n{expr}\n) AS keep FROM " + TABLE  # (on lines of its own: a trailing -- comment ends there)
 
 
 SHOWN_CHARS = 200  # an expression longer than this is shown by its start and its length
