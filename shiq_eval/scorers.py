@@ -196,14 +196,26 @@ class SequenceClassifierScorer:
     """Any Hugging Face sequence-classification reward model folder (``AutoModelForSequenceClassification``
     with one output, ``num_labels=1``): the reward of a completion is the model's score of
     ``prompt + joiner + completion``, batched with padding (the model's config must name its pad token, as
-    transformers needs to find each row's last token)."""
+    transformers needs to find each row's last token). A folder whose weight files lack a weight of the classifier
+    (a causal LM's: no score head) is refused, not scored with the weights transformers would draw for it."""
 
     def __init__(self, folder, batch_size: int = 16, joiner: str = " "):
         import torch  # heavy: only scoring with a model needs it
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: transformers
 
         check_weight_map(Path(folder))
-        self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), dtype=torch.float32).eval()
+        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+            str(folder), dtype=torch.float32, output_loading_info=True
+        )
+        self.model.eval()
+        # transformers draws a weight the files lack at random and only logs it: a causal LM's folder (no score
+        # head) would score every completion with a head of noise, a new one in each process
+        if missing := sorted(loading.get("missing_keys") or ()):
+            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+            raise ValueError(
+                f"{folder}: its weight files lack {', '.join(missing[:3])}{more}, which a sequence classifier of its "
+                "config.json has: not a reward model (a causal LM's folder?), its scores would be of random weights"
+            )
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"{folder}: a reward model has one output (num_labels 1), this classifier has "

@@ -1,7 +1,8 @@
 """A Hugging Face sequence-classification reward model as a scorer (shiq-eval run --scorer hf_reward_model).
 
 The independent reference is the same transformers model run on each text alone (no padding): batching
-with padding must give the same scores; a classifier with more than one output is refused.
+with padding must give the same scores; a classifier with more than one output is refused, and so is a folder
+without the classifier's score head (a causal LM's), which transformers would fill with random weights.
 """
 
 import pytest
@@ -45,6 +46,20 @@ def test_batched_scores_equal_one_text_at_a_time(tmp_path):
     two, _ = classifier_folder(tmp_path / "two", num_labels=2)
     with pytest.raises(ValueError, match="one output"):
         SequenceClassifierScorer(two)
+
+
+def test_a_folder_without_a_score_head_is_refused_naming_the_weight(tmp_path):
+    """A causal LM's folder whose config.json says one label loads as a classifier whose score head transformers
+    draws at random (logging it only): its rewards would be noise. LlamaForSequenceClassification's head is
+    ``score.weight``; the folder's weight files hold none."""
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_hf_folder(tmp_path / "tok"))
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_labels=1
+    )
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
+    tok.save_pretrained(tmp_path / "lm")
+    with pytest.raises(ValueError, match=r"lm: its weight files lack score\.weight, .* not a reward model"):
+        SequenceClassifierScorer(tmp_path / "lm")
 
 
 def test_the_suite_fingerprint_holds_the_reward_models_tokenizer(tmp_path):
