@@ -195,13 +195,21 @@ def _beta_ok(beta) -> bool:
     return beta is None or (isinstance(beta, (int, float)) and not isinstance(beta, bool) and 0 < beta < float("inf"))
 
 
-def run_label(path: Path) -> str:
-    """The default label of what a CHECKPOINT argument names: its run folder's name (RUN for RUN and for
-    RUN/checkpoints/step_N), else the folder's own name."""
+def run_folder(path: Path) -> Path:
+    """The run folder of what a CHECKPOINT argument names, absolute: RUN for RUN, RUN/checkpoints (a run's
+    checkpoints folder, which :func:`checkpoint_steps` reads as the run) and RUN/checkpoints/step_N; else the
+    folder itself (a Hugging Face model's)."""
     path = Path(os.path.abspath(path))
     if (path / "meta.json").is_file():
-        return path.parent.parent.name if path.parent.name == "checkpoints" else path.parent.name
-    return path.name
+        path = path.parent
+    elif (path / "config.json").is_file() or (path / "checkpoints").is_dir():
+        return path  # (a model folder, or a run, whatever its name)
+    return path.parent if path.name == "checkpoints" else path
+
+
+def run_label(path: Path) -> str:
+    """The default label of what a CHECKPOINT argument names: its run folder's name (:func:`run_folder`)."""
+    return run_folder(path).name
 
 
 def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]:
@@ -227,8 +235,7 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
         label = labels[i] if labels else run_label(path)
         if label == "reference":
             raise EvalInputError(f"{arg}: the label 'reference' is the reference model's; give another with --label")
-        owner = Path(os.path.abspath(path))
-        owner = owner.parent.parent if (owner / "meta.json").is_file() else owner
+        owner = run_folder(path)
         if owners.setdefault(label, owner) != owner:
             raise EvalInputError(
                 f"{owners[label]} and {arg} would both be labelled {label!r}: give each CHECKPOINT a --label"

@@ -222,6 +222,26 @@ def test_labels_name_runs_and_a_label_may_not_name_two(tmp_path, capsys):
         policy_infos([str(a), str(b)], ["A"])
 
 
+def test_a_runs_checkpoints_folder_is_labelled_with_the_runs_name(tmp_path):
+    """shiq-eval run reads RUN/checkpoints as the run RUN; its rows were labelled 'checkpoints' (the folder's own
+    name), so two runs given that way were refused as one label. The label is the run folder's name, as for RUN and
+    RUN/checkpoints/step_N; a run whose folder is itself named 'checkpoints' keeps that name."""
+    from shiq_eval.checkpoints import policy_infos, run_label
+
+    for name in ("a/shiq", "b/dpo", "c/checkpoints"):
+        step = tmp_path / name / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}}
+        (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+        (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: its weights are never read here
+    a, b, c = tmp_path / "a" / "shiq", tmp_path / "b" / "dpo", tmp_path / "c" / "checkpoints"
+    assert run_label(a / "checkpoints") == "shiq" and run_label(c) == "checkpoints"
+    infos = policy_infos([str(a / "checkpoints"), str(b / "checkpoints"), str(c)], None)
+    assert [i["run"] for i in infos] == ["shiq", "dpo", "checkpoints"]
+    with pytest.raises(ValueError, match="which .* names too: give each model once"):  # one run, not two labels
+        policy_infos([str(a), str(a / "checkpoints")], None)
+
+
 def test_a_loss_without_a_kl_weight_has_no_beta_and_no_j(tmp_path):
     """SFT reads no reference (SHIQ_MATH §5): the loss.beta its config carries (0.1 by default, unused) was
     recorded as the run's β, so the leaderboard gave it J = reward − 0.1·KL and a J difference to ShiQ at β 0.1,
