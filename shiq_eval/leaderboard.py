@@ -453,8 +453,10 @@ def check_runs(rows: list[dict]) -> None:
 
 
 def check_prompt_sets(rows: list[dict]) -> None:
-    """Refuse rows of one suite fingerprint with different prompt sets: the fingerprint covers the prompt set,
-    so only a hand-edited file has them, and its rows would be listed and drawn as one suite's. Refuse too rows
+    """Refuse rows of one suite fingerprint with different prompt sets, or with another number of samples per
+    prompt or of completions: the fingerprint covers the prompt set and the samples per prompt, so only a
+    hand-edited file has them, and its rows would be listed and drawn as one suite's (a row's prompts averaged
+    over another grouping of its completions, their standard error over another count). Refuse too rows
     whose prompts were encoded into different token ids (``prompt_ids_sha256``: the reference's tokenizer or chat
     template, or ``--tokenizer``, which the fingerprint does not cover); rows without the field are not checked."""
     first: dict = {}
@@ -467,6 +469,14 @@ def check_prompt_sets(rows: list[dict]) -> None:
                 "prompt sets (field 'prompt_set_sha256'): the suite's fingerprint covers its prompts, so one of "
                 "the files was edited"
             )
+        for field, shown in (("samples_per_prompt", "samples per prompt"), ("rewards", "completions")):
+            x, y = (r[field] if field != "rewards" else len(r[field]) for r in (a, row))
+            if x != y:
+                raise ValueError(
+                    f"{a['source']} and {row['source']}: one suite fingerprint ({row['suite_sha256'][:12]}…) with "
+                    f"{x} and {y} {shown} (field {field!r}, run {row['run']!r} step {row['step']}): the suite's "
+                    "fingerprint covers its prompts and samples per prompt, so one of the files was edited"
+                )
         if row.get("prompt_ids_sha256") is None:  # (written before the token ids were recorded)
             continue
         b = encoded.setdefault(row["suite_sha256"], row)

@@ -546,6 +546,32 @@ def test_results_the_leaderboard_cannot_rank_are_named_and_labels_are_shown_as_w
     assert legend_text("cost $5 and $6") == r"cost \$5 and \$6" and legend_text("_hidden") == "\u2009_hidden"
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"samples_per_prompt": 2}, "with 1 and 2 samples per prompt (field 'samples_per_prompt', run 'a' step 1)"),
+        (
+            {"rewards": [2.0, 2.0], "kls_sample": [1.0, 1.0]},
+            "with 4 and 2 completions (field 'rewards', run 'a' step 1)",
+        ),
+    ],
+)
+def test_rows_of_one_suite_with_other_samples_or_completions_are_refused(tmp_path, capsys, edit, needle):
+    """The suite's fingerprint covers its prompts and samples per prompt, so every row of it has as many
+    completions, grouped alike: a hand edit of an earlier step's row (4 completions read as 2 prompts of 2
+    samples, or 2 completions of 4 prompts) was listed with the others, its mean and standard error over another
+    grouping than the suite's. Only the rows at a run's last step were checked, by their pairing."""
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0, 3.0], [0.0] * 4)
+    step1 = {**result_row("a", 1, "m1", [2.0, 2.0, 7.0, 1.0], [1.0] * 4), **edit}
+    step2 = result_row("a", 2, "m2", [2.0, 3.0, 1.0, 5.0], [1.0] * 4)
+    folder = write_results(tmp_path / "x", [ref, step1, step2])
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", folder, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one suite fingerprint" in err and needle in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_mixed_suites_of_one_name_are_drawn_apart_without_one_suites_reference(tmp_path, monkeypatch):
     """With --allow-mixed, two suites of one name (one suite file run with an override) were drawn as one curve
     per run, joined across suites, against the first suite's reference and its KL estimator's axis label."""
