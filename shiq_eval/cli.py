@@ -88,6 +88,7 @@ from shiq_data.io import (
     read_json_file,
     recorded_folder,
     remove_created_dirs,
+    unencodable_field,
     utf8_lines,
     weight_files,
 )
@@ -621,6 +622,12 @@ def read_prompts_jsonl(path) -> tuple[list, list[str]]:
             row = json_loads(line)
         except (ValueError, RecursionError) as e:  # (also a number of over 4,300 digits, nesting too deep)
             raise EvalInputError(f"{path}, line {i}: not valid JSON ({getattr(e, 'msg', e)})") from None
+        if isinstance(row, dict) and "\\u" in line:  # (only an escape makes a lone surrogate: the line is UTF-8)
+            read = {k: row[k] for k in ("prompt", "messages", "scorer_prompt") if k in row}
+            if (field := unencodable_field(read)) is not None:  # (it failed later, hashing the prompts, naming none)
+                raise EvalInputError(
+                    f"{path}, line {i}: field '{field}': not Unicode text (a lone surrogate \\u escape)"
+                )
         if isinstance(row, dict) and "messages" in row and "prompt" not in row:
             try:
                 check_messages(row["messages"], "field 'messages'")

@@ -661,6 +661,28 @@ def test_a_blank_prompt_is_named_with_its_file_and_line(tmp_path):
         read_prompts_jsonl(path)
 
 
+@pytest.mark.parametrize(
+    "row, field",
+    [
+        ('{"prompt": "a\\ud800b"}', "prompt"),
+        ('{"prompt": "fine", "scorer_prompt": "\\udfff"}', "scorer_prompt"),
+        ('{"messages": [{"role": "user", "content": "x\\ud83d"}]}', "messages[0].content"),
+    ],
+)
+def test_a_prompt_with_a_lone_surrogate_is_named_with_its_file_line_and_field(tmp_path, row, field):
+    """JSON's "\\ud800" escape reads as a lone surrogate, which is no UTF-8 text: the prompts were read, then
+    hashing them failed with Python's codec error, naming no file, line or field. A pair of surrogates, one
+    character, stays text."""
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "\\ud83d\\ude00"}\n' + row + "\n")
+    with pytest.raises(
+        EvalInputError, match=rf"{re.escape(str(path))}, line 2: field '{re.escape(field)}': not Unicode text"
+    ):
+        read_prompts_jsonl(path)
+    path.write_text('{"prompt": "\\ud83d\\ude00"}\n')
+    assert read_prompts_jsonl(path)[0] == ["\U0001f600"]
+
+
 def test_a_checkpoint_that_records_no_tokenizer_is_said_to_go_unchecked(tmp_path, capsys):
     """A checkpoint of a release that did not record its buffer's tokenizer was checked through the buffer's
     path in its meta.json; that path is no longer followed, and the check it cannot have is said, not skipped
