@@ -14,6 +14,7 @@ from shiq_data.io import (
     check_sha256_if_kept,
     check_step_folder,
     check_weight_map,
+    lone_surrogate,
     read_json_file,
     recorded_sha256,
     sha256_files,
@@ -225,9 +226,16 @@ def policy_infos(checkpoints: list[str], labels: list[str] | None) -> list[dict]
     for label in labels or []:  # (a row's run name: an empty one names no run)
         if not label.strip():
             raise EvalInputError(f"--label {label!r}: a run label must not be empty or blank")
+        if lone_surrogate(label) is not None:  # (a byte of another encoding: results.json could not hold it)
+            raise EvalInputError(f"--label {label!r}: a run label must be UTF-8 text")
     infos, owners, seen = [], {}, {}
     for i, arg in enumerate(checkpoints):
         path = Path(arg)
+        if lone_surrogate(os.path.abspath(path)) is not None:  # (its rows record it, and the default label)
+            raise EvalInputError(
+                f"CHECKPOINT {arg!r}: the path is not UTF-8 text, which results.json could not record: rename the "
+                "folder, or give a link to it of a UTF-8 name"
+            )
         if (path / "config.json").is_file() and not (path / "meta.json").is_file():
             found = [hf_folder_info(path)]
         else:

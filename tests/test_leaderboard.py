@@ -242,6 +242,27 @@ def test_a_runs_checkpoints_folder_is_labelled_with_the_runs_name(tmp_path):
         policy_infos([str(a), str(a / "checkpoints")], None)
 
 
+def test_a_label_or_checkpoint_path_that_is_not_utf8_is_refused_before_any_work(tmp_path):
+    """A byte of another encoding in --label or in a CHECKPOINT's path (Python reads it as a lone surrogate,
+    '\\udcff') was taken, and writing results.json failed once the reference was evaluated, with the codec's
+    error naming neither. A link of a UTF-8 name to the folder is evaluated."""
+    from shiq_eval.checkpoints import policy_infos
+
+    for name in ("ok", "r\udcff"):  # (the folder's name on disk holds the byte 0xff)
+        step = tmp_path / name / "checkpoints" / "step_00000001"
+        step.mkdir(parents=True)
+        meta = {"loss": {"name": "shiq", "beta": 0.1}, "hf_config": {}}
+        (step / "meta.json").write_text(json.dumps({"step": 1, "layout": {"tp": 1, "pp": 1, "dp": 1}, "meta": meta}))
+        (step / "rank_tp0_pp0_dp0.pt").write_bytes(b"")  # a placeholder: its weights are never read here
+    assert os.fsencode(tmp_path / "r\udcff").endswith(b"r\xff")
+    with pytest.raises(ValueError, match=r"--label 'a\\udcffb': a run label must be UTF-8 text"):
+        policy_infos([str(tmp_path / "ok")], ["a\udcffb"])
+    with pytest.raises(ValueError, match=r"CHECKPOINT .*r\\udcff.*: the path is not UTF-8 text"):
+        policy_infos([str(tmp_path / "r\udcff")], ["fine"])
+    (tmp_path / "link").symlink_to(tmp_path / "r\udcff")
+    assert [i["run"] for i in policy_infos([str(tmp_path / "link")], None)] == ["link"]
+
+
 def test_a_loss_without_a_kl_weight_has_no_beta_and_no_j(tmp_path):
     """SFT reads no reference (SHIQ_MATH §5): the loss.beta its config carries (0.1 by default, unused) was
     recorded as the run's β, so the leaderboard gave it J = reward − 0.1·KL and a J difference to ShiQ at β 0.1,
