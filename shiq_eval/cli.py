@@ -85,6 +85,7 @@ from shiq_data.io import (
     json_loads,
     make_parents,
     one_line,
+    printable,
     read_json_file,
     recorded_folder,
     remove_created_dirs,
@@ -1248,7 +1249,8 @@ def run(args) -> list[dict]:
             key = row_key(identity, {**shared, "config_sha256": config_sha256(info["hf_config"])})
             rows.append(saved.row(key, evaluate_model, identity, info))
             if lead and not args.quiet:  # (a reused row's too: the run's lines are every row's)
-                log.info(f"{info['run']} ({info['method']}) step {info['step']}: {row_summary(rows[-1])}")
+                run = printable(info["run"])  # (a label's escape sequences are not sent to the terminal)
+                log.info(f"{run} ({info['method']}) step {info['step']}: {row_summary(rows[-1])}")
         if args.guide is not None:  # Q♯: the reference guided by a value model (SHIQ_MATH §8)
             identity = {
                 "run": Path(os.path.abspath(args.guide)).name,

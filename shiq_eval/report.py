@@ -13,7 +13,7 @@ import io
 import re
 from pathlib import Path
 
-from shiq_data.io import atomic_write_bytes, atomic_write_json
+from shiq_data.io import atomic_write_bytes, atomic_write_json, printable
 from shiq_eval.optimum import undefined_as_null
 
 COLUMNS = [
@@ -147,9 +147,10 @@ def markdown_cell(text: str) -> str:
 
 def legend_text(text: str) -> str:
     """A run's label as matplotlib shows it as written: ``$`` escaped (it starts math text: ``cost $5 and $6``
-    read as math), and a label beginning with ``_`` (which matplotlib leaves out of legends) shown after a
-    thin space."""
-    text = str(text).replace("$", r"\$")
+    read as math), a label beginning with ``_`` (which matplotlib leaves out of legends) shown after a
+    thin space, and control characters but line breaks and tabs written as ``\\x1b`` (the font has no glyph
+    for them: matplotlib drew nothing and warned)."""
+    text = printable(str(text), keep="\n\t").replace("$", r"\$")
     return "\u2009" + text if text.startswith("_") else text
 
 

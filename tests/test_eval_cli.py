@@ -661,6 +661,30 @@ def test_a_blank_prompt_is_named_with_its_file_and_line(tmp_path):
         read_prompts_jsonl(path)
 
 
+def test_a_labels_control_characters_are_escaped_on_stderr_and_in_the_plots(tmp_path, capsys):
+    """A --label holding an escape sequence was sent to the terminal as it is in the line each row prints (it
+    turned the rest of the terminal red), and matplotlib, whose font has no glyph for ESC, warned while drawing
+    the legend. The line and the legend show it escaped (\\x1b); results.json keeps the label as given."""
+    import warnings
+
+    from shiq_eval.report import legend_text
+
+    init = tiny_hf_folder(tmp_path / "init")
+    (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "w3 w4"}) + "\n")
+    label = "a\x1b[31mb"
+    argv = ["run", str(init), "--label", label, "--out", str(tmp_path / "o"), "--prompts", str(tmp_path / "p.jsonl")]
+    argv += ["--scorer", "vader", "--reference", str(init), "--max-new-tokens", "2", "--no-chat"]
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "a\\x1b[31mb (" in err, err
+    assert not [w for w in caught if "Glyph" in str(w.message)], [str(w.message) for w in caught]
+    assert [r["run"] for r in json.loads((tmp_path / "o" / "results.json").read_text())] == ["reference", label]
+    assert legend_text("a\x1bb\nc\td") == "a\\x1bb\nc\td"  # (line breaks and tabs drawn as they are)
+
+
 @pytest.mark.parametrize(
     "row, field",
     [
