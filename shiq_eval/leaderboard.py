@@ -452,11 +452,21 @@ def check_runs(rows: list[dict]) -> None:
             )
 
 
+# what every row of one suite fingerprint shares, as the fingerprint covers it (the count of its completions: the
+# prompts times the samples per prompt), and how a message names it
+SUITE_WIDE = (
+    ("samples_per_prompt", "samples per prompt"),
+    ("rewards", "completions"),
+    ("kl_estimator", "KL estimators"),
+    ("temperature", "temperatures"),
+)
+
+
 def check_prompt_sets(rows: list[dict]) -> None:
-    """Refuse rows of one suite fingerprint with different prompt sets, or with another number of samples per
-    prompt or of completions: the fingerprint covers the prompt set and the samples per prompt, so only a
-    hand-edited file has them, and its rows would be listed and drawn as one suite's (a row's prompts averaged
-    over another grouping of its completions, their standard error over another count). Refuse too rows
+    """Refuse rows of one suite fingerprint with different prompt sets, or other settings (:data:`SUITE_WIDE`):
+    the fingerprint covers the prompt set and the settings, so only a hand-edited file has them, and its rows
+    would be listed and drawn as one suite's (a row's prompts averaged over another grouping of its completions,
+    their standard error over another count, a KL of the other estimator under the suite's heading). Refuse too rows
     whose prompts were encoded into different token ids (``prompt_ids_sha256``: the reference's tokenizer or chat
     template, or ``--tokenizer``, which the fingerprint does not cover); rows without the field are not checked."""
     first: dict = {}
@@ -469,13 +479,13 @@ def check_prompt_sets(rows: list[dict]) -> None:
                 "prompt sets (field 'prompt_set_sha256'): the suite's fingerprint covers its prompts, so one of "
                 "the files was edited"
             )
-        for field, shown in (("samples_per_prompt", "samples per prompt"), ("rewards", "completions")):
-            x, y = (r[field] if field != "rewards" else len(r[field]) for r in (a, row))
-            if x != y:
+        for field, shown in SUITE_WIDE:
+            x, y = (len(r[field]) if field == "rewards" else r.get(field) for r in (a, row))
+            if x != y and None not in (x, y):  # (a temperature is null in results written before it was recorded)
                 raise ValueError(
                     f"{a['source']} and {row['source']}: one suite fingerprint ({row['suite_sha256'][:12]}…) with "
                     f"{x} and {y} {shown} (field {field!r}, run {row['run']!r} step {row['step']}): the suite's "
-                    "fingerprint covers its prompts and samples per prompt, so one of the files was edited"
+                    "fingerprint covers its prompts and settings, so one of the files was edited"
                 )
         if row.get("prompt_ids_sha256") is None:  # (written before the token ids were recorded)
             continue

@@ -593,6 +593,31 @@ def test_rows_of_one_suite_with_other_samples_or_completions_are_refused(tmp_pat
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize(
+    "edit, needle",
+    [
+        ({"kl_estimator": "exact"}, "with sample and exact KL estimators (field 'kl_estimator', run 'a' step 1)"),
+        ({"temperature": 0.5}, "with 1.0 and 0.5 temperatures (field 'temperature', run 'a' step 1)"),
+    ],
+)
+def test_rows_of_one_suite_with_another_kl_estimator_or_temperature_are_refused(tmp_path, capsys, edit, needle):
+    """The suite's fingerprint covers its KL estimator and temperature too: a hand edit of one row's was listed
+    under the suite's heading (its exact KL in a table of the sample estimator's, its reward at another
+    temperature). Rows written before the temperature was recorded (null) are not refused for it."""
+    ref = result_row("reference", 0, "r", [1.0, 2.0, 4.0], [0.0] * 3, temperature=1.0)
+    step1 = {**result_row("a", 1, "m1", [2.0, 2.0, 7.0], [1.0] * 3, temperature=1.0), **edit}
+    step2 = result_row("a", 2, "m2", [2.0, 3.0, 1.0], [1.0] * 3, temperature=1.0)
+    folder = write_results(tmp_path / "x", [ref, step1, step2])
+    capsys.readouterr()
+    assert eval_cli.main(["leaderboard", folder, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "one suite fingerprint" in err and needle in err, err
+    assert not (tmp_path / "o").exists()
+    older = write_results(tmp_path / "older", [ref, {**step1, **edit, "temperature": None}, step2])
+    if "temperature" in edit:
+        assert eval_cli.main(["leaderboard", older, "--out", str(tmp_path / "o")]) == 0
+
+
 def test_mixed_suites_of_one_name_are_drawn_apart_without_one_suites_reference(tmp_path, monkeypatch):
     """With --allow-mixed, two suites of one name (one suite file run with an override) were drawn as one curve
     per run, joined across suites, against the first suite's reference and its KL estimator's axis label."""
