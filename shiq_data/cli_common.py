@@ -299,9 +299,10 @@ def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "")
     anything else (a bug) keeps its traceback, as does everything with ``SHIQ_VERBOSE=1``. When the reader of
     stdout goes away (``CMD | head``, :func:`stdout_gone`), the command stops quietly with status 141, as a tool
     stopped by SIGPIPE; a broken pipe elsewhere is an error like any other. Ctrl-C (``KeyboardInterrupt``, or
-    the error DuckDB raises for it during a query: :func:`query_interrupted`) prints ``PROG: interrupted`` and
-    gives status 130, as a shell reports SIGINT (what it leaves is what each
-    command says of a kill: its writes are atomic); ``hint`` follows that line, and SIGTERM's."""
+    the error DuckDB raises for it during a query, or a user error raised in its wake: :func:`query_interrupted`;
+    a bug raised in its wake keeps its traceback) prints ``PROG: interrupted`` and gives status 130, as a shell
+    reports SIGINT (what it leaves is what each command says of a kill: its writes are atomic); ``hint`` follows
+    that line, and SIGTERM's."""
     _DEFERRED["raised"] = False
     try:
         status = int(fn(*args) or 0)
@@ -314,7 +315,8 @@ def run_command(prog: str, fn: Callable[..., int | None], *args, hint: str = "")
     except BrokenPipeError as e:
         return broken_pipe(prog, e)
     except Exception as e:
-        if not verbose() and query_interrupted(e):  # Ctrl-C (or SIGTERM) in a DuckDB query: not bad input
+        # Ctrl-C (or SIGTERM) in a DuckDB query: not bad input (a bug raised in its wake keeps its traceback)
+        if not verbose() and is_user_error(e) and query_interrupted(e):
             return _stopped(prog, _DEFERRED["raised"], hint)
         if verbose() or not is_user_error(e):
             raise

@@ -1429,6 +1429,39 @@ def test_a_signal_during_a_duckdb_query_stops_the_command_as_the_signal_does(tmp
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_bug_after_ctrl_c_in_a_duckdb_query_keeps_its_traceback(tmp_path, capsys):
+    """A bug in the code that runs once Ctrl-C stopped a DuckDB query (a cleanup's TypeError) was reported as
+    'shiq-data: interrupted', status 130, because DuckDB's 'Query interrupted' stands in its chain of causes: a
+    bug keeps its traceback, as one after a Ctrl-C outside a query does."""
+    from shiq_data.cli_common import run_command
+    from shiq_data.spill import Spill
+
+    querying = threading.Event()
+
+    def started(x: int) -> int:  # called by the query itself, once, before its scan of hours
+        querying.set()
+        return x
+
+    def ctrl_c_in_the_query():
+        querying.wait()  # (it goes on once the query, running, lets go of the GIL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    def command():
+        with Spill(tmp_path / "out") as spill:
+            spill.con.create_function("started", started, ["BIGINT"], "BIGINT", side_effects=True)
+            threading.Thread(target=ctrl_c_in_the_query, daemon=True).start()
+            try:
+                spill.one("SELECT count(*) FROM range(10000000000000) t(x) WHERE x % 7 = (SELECT started(3))")
+            finally:
+                len(None)  # the bug: a TypeError raised while the interrupt propagates
+        return 0
+
+    with pytest.raises(TypeError, match="has no len"):
+        run_command("shiq-data", command)
+    assert capsys.readouterr().err == ""
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_empty_output_names_and_a_folder_for_an_input_file_are_refused(tmp_path, capsys):
     """``--out ""`` said "--out  already exists" (build) or wrote nothing with exit 0 (bfcl report); a folder
     given as the input file gave "[Errno 21] Is a directory"."""
