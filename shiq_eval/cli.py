@@ -1,7 +1,7 @@
 """shiq-eval run: reward and KL (SHIQ_MATH §6) of training checkpoints and Hugging Face models, as a table and plots.
 
-Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/), one step
-directory (RUN/checkpoints/step_00000040), or a Hugging Face model folder (one written by shiq-train
+Each CHECKPOINT is a shiq-train run directory (every saved step in RUN/checkpoints/; RUN/checkpoints
+itself reads alike), one step directory (RUN/checkpoints/step_00000040), or a Hugging Face model folder (one written by shiq-train
 export keeps its run's loss, beta and step). Every row carries a run label (default: the run folder's
 name; --label, once per CHECKPOINT, in order), the checkpoint step, the SHA-256 of the weight files read,
 the suite's name and fingerprint and the SHA-256 of the prompts: two runs of one loss are two rows and
@@ -1465,7 +1465,8 @@ def build_parser() -> argparse.ArgumentParser:
         "checkpoints",
         nargs="*",
         metavar="CHECKPOINT",
-        help="shiq-train run directories, step directories or Hugging Face model folders (one curve per run)",
+        help="shiq-train run directories (or their checkpoints folders), step directories or Hugging Face model "
+        "folders (one curve per run)",
     )
     r.add_argument(
         "--label",
