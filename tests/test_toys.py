@@ -349,6 +349,12 @@ def test_quick_cli_writes_json_and_plots(tmp_path, capsys):
     # a grid world of other settings beside the bandit's: refused, naming its files only
     assert toys.main(["all", "--quick", "--n-pairs", "30", "--out", str(tmp_path)]) == 2
     assert "holds gridworld.json, gridworld.png of an earlier run with other settings" in capsys.readouterr().err
+    # a plot without its JSON: no settings to compare, said as such (it was "with other settings")
+    (tmp_path / "bandit.json").unlink()
+    assert toys.main(["bandit", "--quick", "--out", str(tmp_path)]) == 2
+    assert (
+        "holds bandit.png of an earlier run whose settings cannot be read: give --overwrite" in capsys.readouterr().err
+    )
     argv = ["bandit", "--quick", "--seeds", "3", "--overwrite", "--out", str(tmp_path), "--log-level", "WARNING"]
     assert toys.main(argv) == 0
     assert json.loads((tmp_path / "bandit.json").read_text())["config"]["seeds"] == 3

@@ -728,18 +728,20 @@ def _main(args, p) -> int:
         },
     }
     kinds = [k for k in settings if args.experiment in (k, "all")]
-    kept, earlier = [], []
+    kept, earlier, unread = [], [], False
     for kind in [] if args.overwrite else kinds:
         found = [f"{kind}.{ext}" for ext in ("json", "png") if os.path.exists(os.path.join(args.out, f"{kind}.{ext}"))]
-        same = bool(found) and same_settings(os.path.join(args.out, f"{kind}.json"), kind, settings[kind])
+        same = same_settings(os.path.join(args.out, f"{kind}.json"), kind, settings[kind]) if found else False
         if same and len(found) == 2:  # (a run stopped after its JSON, before its plot, runs again)
             kept.append(kind)
         elif found and not same:
             earlier += found
+            unread |= same is None
     if earlier:
+        which = "whose settings cannot be read" if unread else "with other settings"
         raise ValueError(
-            f"--out {args.out} holds {', '.join(earlier)} of an earlier run with other settings: give --overwrite to "
-            "replace them, or another --out"
+            f"--out {args.out} holds {', '.join(earlier)} of an earlier run {which}: give --overwrite to replace "
+            "them, or another --out"
         )
     os.makedirs(args.out, exist_ok=True)
     t0 = time.time()
@@ -762,10 +764,10 @@ def _main(args, p) -> int:
     return 0
 
 
-def same_settings(path: str, kind: str, cfgs: dict) -> bool:
+def same_settings(path: str, kind: str, cfgs: dict) -> bool | None:
     """Whether ``path``, an earlier run's ``bandit.json`` or ``gridworld.json``, holds the results of ``cfgs``
     (``{"": BanditConfig}``, or ``{setting: GridConfig}`` for every setting): each configuration's fields as its
-    JSON ``config`` records them. A file that cannot be read as one is not."""
+    JSON ``config`` records them; None for a file that cannot be read as one (absent, not JSON, other keys)."""
     try:
         with open(path, encoding="utf-8") as f:
             obj = json.load(f)
@@ -778,7 +780,7 @@ def same_settings(path: str, kind: str, cfgs: dict) -> bool:
             if {k: recorded.get(k) for k in want} != want:
                 return False
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return False
+        return None
     return True
 
 
