@@ -592,6 +592,12 @@ def test_an_answer_cut_by_the_token_limit_is_recorded_and_not_made_the_models_en
     assert capsys.readouterr().err == (
         f"shiq-eval bfcl: error: --out {tmp_path / 'kept'} already exists; choose a new folder\n"
     )
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")  # a link to nowhere, named as such
+    assert cli.main([*args, str(tmp_path / "link"), "--tokenizer", str(tmp_path / "no_tokenizer")]) == 2
+    assert capsys.readouterr().err == (
+        f"shiq-eval bfcl: error: --out {tmp_path / 'link'} is a symbolic link (to {tmp_path / 'nowhere'}, which does "
+        "not exist): choose a new folder\n"
+    )
     bad = dict(cut, truncated=[99])
     ro.write_trajectories(tmp_path / "bad.jsonl", [bad])
     assert cli.main(["to-buffer", str(tmp_path / "bad.jsonl"), "--out", str(tmp_path / "b")]) == 2

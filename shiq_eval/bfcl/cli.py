@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -446,8 +447,12 @@ def _cmd_prompts(args) -> int:
 
 def _cmd_to_buffer(args) -> int:
     out = Path(args.out)  # (write_buffer checks it too: here before the trajectories are read and the tokenizer loads)
-    if out.exists() or out.is_symlink():
+    if out.exists():
         raise FileExistsError(f"--out {args.out} already exists; choose a new folder")
+    if out.is_symlink():  # a link to nowhere: the buffer's rename at the end would fail
+        raise FileExistsError(
+            f"--out {args.out} is a symbolic link (to {os.readlink(out)}, which does not exist): choose a new folder"
+        )
     refuse_inside_buffer(out)
     seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
     for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
