@@ -30,6 +30,9 @@ def test_threads_per_job_shares_the_cores():
     assert threads_per_job(2, available=8) == 4
     with pytest.raises(ValueError, match="--jobs must be at least 1"):
         threads_per_job(0)
+    assert threads_per_job(1024, available=2) == 1
+    with pytest.raises(ValueError, match="--jobs must be at most 1024"):
+        threads_per_job(1025)
 
 
 def test_jobs_run_in_their_own_processes_with_their_share_of_the_cores(tmp_path):
@@ -115,6 +118,13 @@ def test_several_jobs_go_side_by_side(tmp_path):
     [
         ("shiq-demo", ["--jobs", "2"], "--jobs runs the seeds of --full side by side"),
         ("shiq-demo", ["--full", "--jobs", "0"], "--jobs must be at least 1"),
+        # 10**20 ended in "OverflowError: Python int too large to convert to C int" (the pool's queue), no option named
+        (
+            "shiq-demo",
+            ["--full", "--jobs", str(10**20)],
+            f"--jobs must be at most 1024 (runs side by side, one process each), got {10**20}",
+        ),
+        ("shiq-bfcl", ["--seeds", "0,1", "--jobs", str(10**20)], "--jobs must be at most 1024"),
         ("shiq-bfcl", ["--jobs", "2"], "--jobs runs the runs of --seeds side by side"),
     ],
 )

@@ -31,6 +31,7 @@ from shiq_data.launch import LOG_INTERVAL
 from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
+JOBS_MAX = 1024  # runs at once (a number past a C int ended in Python's OverflowError, naming no option)
 
 
 def cores() -> int:
@@ -39,9 +40,12 @@ def cores() -> int:
 
 
 def threads_per_job(jobs: int, available: int | None = None) -> int:
-    """Torch threads for each of ``jobs`` processes sharing ``available`` cores (at least 1)."""
+    """Torch threads for each of ``jobs`` processes sharing ``available`` cores (at least 1); ``--jobs`` outside
+    1..:data:`JOBS_MAX` is refused."""
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
+    if jobs > JOBS_MAX:
+        raise ValueError(f"--jobs must be at most {JOBS_MAX} (runs side by side, one process each), got {jobs}")
     return max(1, (cores() if available is None else available) // jobs)
 
 
