@@ -405,6 +405,8 @@ def test_quick_warms_up_within_its_steps():
         ("full.betas.shiq=[0.1,0.123456789]", "full.betas.shiq: β 0.123456789 has more digits than an arm's name"),
         ("full.seeds=[0,-2]", "full.seeds must be a non-empty list of entries each an integer in 0..1000000000"),
         ("full.seeds=[0,0]", "full.seeds lists a seed twice"),
+        # refused as "train.methods lists an entry twice", with the 19 arms made of full.betas: no key the user gave
+        ("full.betas.shiq=[0.1,0.03,0.10]", "full.betas.shiq lists β 0.1 twice: [0.1, 0.03, 0.1]"),
         ("full.eval_every=0", "full.eval_every must be an integer >= 1, got 0"),
         ("full.keep_checkpoints=null", "full.keep_checkpoints must be true or false, got None"),
     ],

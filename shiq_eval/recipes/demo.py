@@ -231,6 +231,8 @@ def full_runs(cfg: dict) -> list[tuple[str, dict]]:
                     f"full.betas.{m}: β {b!r} has more digits than an arm's name keeps (it would be trained at "
                     f"{b:g}): give it as {b:g}"
                 )
+        if twice := sorted({b for b in betas if betas.count(b) > 1}):  # (named as train.methods, the arms made of it)
+            raise ValueError(f"full.betas.{m} lists β {', '.join(f'{b:g}' for b in twice)} twice: {betas}")
     out = []
     for seed in cfg["full"]["seeds"]:
         c = json.loads(json.dumps(cfg))
