@@ -1381,6 +1381,30 @@ def test_the_report_estimates_j_star_at_the_configured_betas_besides_the_arms(tm
     )
 
 
+def test_the_attainable_gain_at_each_beta_has_its_paired_standard_error_in_both_reports(tmp_path):
+    """report.md's "J* = ... i.e. +G over the reference's J" line gave the gain J* − J_ref with no uncertainty (and
+    report.json had no such number): both now give it with its standard error, paired by prompt (SHIQ_MATH §9),
+    here on three hand-made prompts against numpy."""
+    ctx = _one_prompt_run(tmp_path)
+    rewards, R = [0.5, -1.0, 2.0], [[0.5, 0.7], [-1.0, 1.5], [2.0, 1.0]]
+    ref = json.loads((tmp_path / "reference_eval.json").read_text())
+    ref |= {"rewards": rewards, "gold": [0.0] * 3, "kls_exact": [0.0] * 3, "j_star_rewards": R, "n": 3}
+    (tmp_path / "reference_eval.json").write_text(json.dumps(ref | {"snippet_ids": [7, 8, 9]}))
+    ctx.cfg["eval"]["j_star_betas"] = [0.3]
+    rep = demo.build_report(ctx, {"report": 1.0})
+    text = demo.report_markdown(rep)
+    for beta in (0.1, 0.3):
+        star = beta * np.log(np.mean(np.exp(np.array(R) / beta), axis=1))
+        gain = star - np.array(rewards)
+        v = rep["j_star"]["by_beta"][str(beta)]
+        assert v["minus_reference"] == pytest.approx(gain.mean(), abs=1e-12)
+        assert v["minus_reference_stderr"] == pytest.approx(gain.std(ddof=1) / math.sqrt(3), abs=1e-12)
+        assert (
+            f"- β = {beta:g}: J* = {star.mean():.3f} ± {star.std(ddof=1) / math.sqrt(3):.3f}, i.e. {gain.mean():+.3f} "
+            f"(paired s.e. {gain.std(ddof=1) / math.sqrt(3):.3f}) over the reference's J"
+        ) in text
+
+
 def test_a_report_without_validation_losses_leaves_no_earlier_validation_plot(tmp_path):
     """A finished run reported again with train.methods=[qsharp] (no arm with validation losses) kept the
     earlier report's val_loss_vs_step.png of other arms beside a report.md that shows no such plot."""

@@ -1159,9 +1159,13 @@ def build_report(ctx: Context, timings: dict) -> dict:
     )
     betas = {arm_beta(cfg, m) for m in cfg["train"]["methods"]}
     by_beta = {}  # the arms' β and eval.j_star_betas: how far N samples are from converging at each
+    ref_j = per_prompt(ref["rewards"], s)  # the reference's J per prompt (KL 0)
     for beta in sorted(betas | {float(b) for b in cfg["eval"].get("j_star_betas", [])}):
-        mean, se = mean_stderr(j_star(matrix, beta))
-        by_beta[beta] = {"mean": mean, "stderr": se, "curve": j_star_curve(matrix, beta)}
+        star = j_star(matrix, beta)
+        mean, se = mean_stderr(star)
+        gain, gain_se = paired_difference(star, ref_j)  # the attainable gain J* − J_ref, paired by prompt
+        by_beta[beta] = {"mean": mean, "stderr": se, "minus_reference": gain, "minus_reference_stderr": gain_se}
+        by_beta[beta]["curve"] = j_star_curve(matrix, beta)
     main_beta = arm_beta(cfg, cfg["train"]["methods"][0])
     plot_j_vs_step(rows, ctx.out, (ref["reward_mean"], ref["reward_stderr"]), {b: by_beta[b]["mean"] for b in betas})
     plot_j_star_curve({b: v["curve"] for b, v in by_beta.items()}, ctx.out)
@@ -1315,8 +1319,8 @@ def report_markdown(rep: dict) -> str:
         v = js["by_beta"][str(b)]
         curve = ", ".join(f"N={c['samples']}: {c['j_star']:.3f}" for c in v["curve"])
         lines.append(
-            f"- β = {b:g}: J* = {v['mean']:.3f} ± {error_text(v['stderr'])}, i.e. {v['mean'] - ref['J']:+.3f} over the "
-            f"reference's J ({curve})"
+            f"- β = {b:g}: J* = {v['mean']:.3f} ± {error_text(v['stderr'])}, i.e. {v['minus_reference']:+.3f} (paired "
+            f"s.e. {error_text(v['minus_reference_stderr'])}) over the reference's J ({curve})"
         )
     lines += [
         "",
