@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from shiq_data.assets import config_dir
-from shiq_data.cli_common import broken_pipe, fail, quiet_optional_dependencies
+from shiq_data.cli_common import broken_pipe, fail, quiet_optional_dependencies, sigint_deferred
 from shiq_data.io import text_place
 
 CONFIG_DIR = config_dir()
@@ -214,7 +214,8 @@ def hydra_error(argv: list[str]) -> str | None:
 
     default = None
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        # (a Ctrl-C inside OmegaConf's merge became its own UnboundLocalError, a traceback: it waits for the end)
+        with sigint_deferred(), initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
             default = compose(config_name="train")
             given = compose(config_name="train", overrides=searched + argv)
     except yaml.YAMLError as e:  # a group file of --config-dir's that is not YAML: PyYAML's multi-line traceback

@@ -972,7 +972,7 @@ def test_to_buffer_refuses_a_file_given_twice(tmp_path, capsys):
     (tmp_path / "b").mkdir()  # an output that exists: no advice to append, which to-buffer cannot
     assert cli.main(["to-buffer", str(path), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
-    assert "b already exists; choose a new --out folder" in err and "append" not in err, err
+    assert f"--out {tmp_path / 'b'} already exists; choose a new folder" in err and "append" not in err, err
 
 
 def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, capsys):
