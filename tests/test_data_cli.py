@@ -1767,6 +1767,15 @@ def test_a_shard_rows_past_what_a_manifest_holds_is_refused_in_one_line(tmp_path
     assert main([*argv, "--shard-rows", str(top)]) == 0
     assert json.loads((buf / "manifest.json").read_text())["shard_rows"] == top
     assert main(["info", str(buf)]) == 0 and len(read_rows(buf)[1]) == len(RECORDS)
+    _refused_by_each_shard_verb(
+        tmp_path, capsys, inp, buf, "--shard-rows", str(top + 1), f"must be in 1..{top}, got {top + 1}"
+    )
+    assert len(read_rows(buf)[1]) == len(RECORDS)
+
+
+def _refused_by_each_shard_verb(tmp_path, capsys, inp, buf, option: str, value: str, says: str) -> None:
+    """build, append and retokenize (each verb that cuts shards) refuse ``option value`` in argparse's one line
+    naming it (``says``), exit status 2, nothing written: no new buffer, ``buf`` as it was."""
     capsys.readouterr()
     before = sorted(p.name for p in buf.iterdir())
     for argv in (
@@ -1775,12 +1784,11 @@ def test_a_shard_rows_past_what_a_manifest_holds_is_refused_in_one_line(tmp_path
         ["retokenize", str(buf), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
     ):
         with pytest.raises(SystemExit) as e:
-            main([*argv, "--shard-rows", str(top + 1), "--no-progress"])
+            main([*argv, option, value, "--no-progress"])
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
-        assert f"shiq-data {argv[0]}: error: argument --shard-rows: must be in 1..{top}, got {top + 1}" in err, err
+        assert f"shiq-data {argv[0]}: error: argument {option}: {says}" in err, err
     assert not (tmp_path / "new").exists() and sorted(p.name for p in buf.iterdir()) == before
-    assert len(read_rows(buf)[1]) == len(RECORDS)
 
 
 @pytest.mark.parametrize(
@@ -1800,17 +1808,5 @@ def test_a_bad_shard_mib_is_refused_in_one_line(tmp_path, capsys, value, says):
     inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     buf = tmp_path / "buf"
     assert main(["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(buf), "--no-progress"]) == 0
-    capsys.readouterr()
-    before = sorted(p.name for p in buf.iterdir())
-    for argv in (
-        ["build", "jsonl", str(inp), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
-        ["append", str(buf), "jsonl", str(inp)],
-        ["retokenize", str(buf), "--tokenizer", "gpt2", "--out", str(tmp_path / "new")],
-    ):
-        with pytest.raises(SystemExit) as e:
-            main([*argv, "--shard-mib", value, "--no-progress"])
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.count("\n") == 1, (argv, err)
-        assert f"shiq-data {argv[0]}: error: argument --shard-mib: {says}" in err, err
-    assert not (tmp_path / "new").exists() and sorted(p.name for p in buf.iterdir()) == before
+    _refused_by_each_shard_verb(tmp_path, capsys, inp, buf, "--shard-mib", value, says)
     assert len(read_rows(buf)[1]) == len(RECORDS)
