@@ -2,8 +2,9 @@
 
 ``shiq-train`` dispatches its subcommands (``ref-stats``, ``export``), then checks the ``key=value`` settings
 as Hydra will compose them (:func:`hydra_error`: an unknown key, a group option that does not exist, a value
-Hydra cannot parse, a section removed, a ``data.buffer`` or ``init`` folder that does not exist), and only then hands the composed configuration to the training
-(:func:`shiq_train.cli._task`), which imports torch and megatron-core. A typo, ``--help`` or ``--cfg job`` thus
+Hydra cannot parse, a section removed, a ``data.buffer`` or ``init`` folder that does not exist), and only then
+hands the composed configuration to the training (:func:`shiq_train.cli._task`), which imports torch and
+megatron-core. A typo, ``--help`` or ``--cfg job`` thus
 answers in about a second, before seconds of imports (more on a shared file system, once per rank under
 torchrun).
 """
@@ -253,7 +254,10 @@ def hydra_error(argv: list[str]) -> str | None:
         return f"data.buffer={buffer!r} does not exist (a replay buffer directory written by shiq_data)"
     init = OmegaConf.select(given, "init", throw_on_missing=False, throw_on_resolution_failure=False)
     if isinstance(init, str) and init not in ("none", "smollm2") and not (Path(init) / "config.json").is_file():
-        return f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {Path(init) / 'config.json'} does not exist"
+        return (
+            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
+            f"{Path(init) / 'config.json'} does not exist"
+        )
     composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
