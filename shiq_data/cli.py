@@ -30,6 +30,7 @@ from shiq_data.buffer import (
 )
 from shiq_data.chat import SYSTEM_PROMPT_SETTINGS, set_system_prompt
 from shiq_data.cli_common import (
+    PROCESSES_MAX,
     ArgumentParser,
     add_log_level_option,
     folder_path,
@@ -116,7 +117,6 @@ def _input_format(text: str) -> str:
 
 
 SHARD_MIB_MAX = 2**43  # 2**63 bytes: what a manifest's count may hold
-WORKERS_MAX = 1024  # tokenising processes: each starts at once and holds a tokenizer
 SHARD_ROWS_MAX = 2**63 - 1  # what a manifest's count may hold (a larger one wrote a buffer no command could read)
 
 
@@ -165,8 +165,8 @@ def _rows(fmt: str, path: str, tokenizer, info: dict, args) -> Iterator[dict]:
         options["source"] = args.source
     if args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    if args.workers > WORKERS_MAX:  # (a number past a C int ended in Python's OverflowError, naming no option)
-        raise ValueError(f"--workers must be at most {WORKERS_MAX} (processes started at once), got {args.workers}")
+    if args.workers > PROCESSES_MAX:  # (a number past a C int ended in Python's OverflowError, naming no option)
+        raise ValueError(f"--workers must be at most {PROCESSES_MAX} (processes started at once), got {args.workers}")
     if args.workers > 1:
         return parallel_rows(form, path, tokenizer, options, args.workers, vocab_size=info["vocab_size"])
     return form.read(path, tokenizer, **options)
@@ -432,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=int,
             default=1,
             metavar="N",
-            help=f"tokenise with N processes (default %(default)s, at most {WORKERS_MAX}); the buffer is the same as with one",
+            help=f"tokenise with N processes (default %(default)s, at most {PROCESSES_MAX}); the buffer is the same as with one",
         )
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
         p.add_argument(

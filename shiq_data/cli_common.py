@@ -504,6 +504,13 @@ def _range(low: int, high: int | None) -> str:
 
 
 THREADS_MAX = 1024  # torch's thread pools crash far beyond the cores a machine has
+PROCESSES_MAX = 1024  # processes a command starts at once (--workers, --jobs: a number past a C int overflowed)
+
+
+def rank_zero() -> bool:
+    """Whether this process is rank 0 of a ``torchrun`` launch (``RANK``), or runs alone: the one that reports and
+    writes what every rank computes alike."""
+    return int(os.environ.get("RANK", 0)) == 0
 
 
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:

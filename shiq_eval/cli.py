@@ -73,6 +73,7 @@ from shiq_data.cli_common import (
     plural,
     progress_bars_shown,
     quiet_optional_dependencies,
+    rank_zero,
     run_command,
     setup_logging,
 )
@@ -572,9 +573,9 @@ def check_reference_shape(reference: str, ref_model, infos: list[dict], given: b
 
 
 def warn(message: str) -> None:
-    """``shiq-eval: warning: MESSAGE`` on stderr, from rank 0 alone under torchrun: every rank reads the same inputs
-    and said it once each."""
-    if int(os.environ.get("RANK", 0)) == 0:
+    """``shiq-eval: warning: MESSAGE`` on stderr, from rank 0 alone under torchrun (:func:`rank_zero`): every rank
+    reads the same inputs and said it once each."""
+    if rank_zero():
         print(f"shiq-eval: warning: {message}", file=sys.stderr)
 
 
@@ -1163,7 +1164,7 @@ def run(args) -> list[dict]:
     }
     if scenarios is not None:  # [P], prompt order: the leaderboard clusters by scenario (SHIQ_MATH §9)
         common[leaderboard.SCENARIO_IDS] = scenarios
-    lead = int(os.environ.get("RANK", 0)) == 0  # under torchrun, rank 0 reports and writes
+    lead = rank_zero()  # under torchrun, rank 0 reports and writes
     # rank 0 reads the saved rows and every rank takes its answer (so all skip the same evaluations); with
     # --overwrite none does, and rank 0 removes them before any evaluation, but for those of an interrupted run
     # given --overwrite (this command's own)
@@ -1326,7 +1327,7 @@ def check_results_folder(out: Path, own: str = "results.json", what: str = "the 
     for name, kind in _FOLDER_MARKS.items():
         if name != own and (out / name).exists():
             raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
-    if int(os.environ.get("RANK", 0)) == 0:  # (under torchrun rank 0 writes)
+    if rank_zero():  # (under torchrun rank 0 writes)
         check_out_writable(out)
 
 
@@ -1602,7 +1603,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     quiet_optional_dependencies()
     # (under torchrun, ranks other than 0 log errors only: every rank reads the same inputs, and warned once each)
-    setup_logging(getattr(args, "log_level", "INFO") if int(os.environ.get("RANK", 0)) == 0 else "ERROR")
+    setup_logging(getattr(args, "log_level", "INFO") if rank_zero() else "ERROR")
     if args.command == "run" and not progress_bars_shown(getattr(args, "log_level", "INFO")):
         args.quiet = True  # WARNING or ERROR: warnings only, no bars (its per-checkpoint lines are INFO)
     # (a stop between rows: the rows finished are saved; SIGTERM, a scheduler's stop, ends as Ctrl-C does)

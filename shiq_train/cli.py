@@ -47,6 +47,7 @@ from shiq_data.cli_common import (
     is_user_error,
     plural,
     progress_bars_shown,
+    rank_zero,
     setup_logging,
     verbose,
 )
@@ -1063,9 +1064,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
     check_pairs(cfg["data"]["buffer"], loss_cfg.name, cfg["data"].get("verify_checksums", True))
     manifest = check_buffer(cfg["data"]["buffer"], model_cfg, cfg["init"])
     check_ref_stats_dtype(manifest, model_cfg, ref_mode, cfg["data"]["buffer"])
-    if (mismatch := reference_mismatch(manifest, cfg["init"], ref_mode, cfg["data"]["buffer"])) and int(
-        os.environ.get("RANK", "0")
-    ) == 0:
+    if (mismatch := reference_mismatch(manifest, cfg["init"], ref_mode, cfg["data"]["buffer"])) and rank_zero():
         log.warning(f"shiq-train: {mismatch}")
     cfg = {**cfg, "model": model_cfg.to_dict(), "data": {**cfg["data"], "mode": mode}}
     log.debug(f"shiq-train: resolved config {json.dumps(cfg, sort_keys=True, default=str)}")
@@ -1073,7 +1072,7 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
     created = start_state(out)  # what is removed again if this start fails before a step is done
     _check_out(out)
     with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
-        if int(os.environ.get("RANK", "0")) == 0:
+        if rank_zero():
             lock_run_folder(held, out)
         try:
             check_latest(out / "checkpoints")  # (the trainer checks it too; here before any work)
@@ -1234,7 +1233,7 @@ def _task(cfg) -> None:
         if verbose():
             raise
         if isinstance(e, Terminated):  # SIGTERM; the step it saved, if it saved one, is where the rerun resumes
-            if int(os.environ.get("RANK", "0")) == 0:  # the ranks stop alike: one line, not one per process
+            if rank_zero():  # the ranks stop alike: one line, not one per process
                 print(f"shiq-train: terminated{terminated_where(e)}", file=sys.stderr)
             sys.exit(EXIT_TERMINATED)
         sys.exit(

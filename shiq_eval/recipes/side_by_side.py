@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from shiq_data.cli_common import (
+    PROCESSES_MAX,
     hide_library_progress_bars,
     plural,
     progress_bars_shown,
@@ -31,7 +32,6 @@ from shiq_data.launch import LOG_INTERVAL
 from shiq_eval.recipes.pool import worker_pool
 
 LOG_NAME = "run.log"
-JOBS_MAX = 1024  # runs at once (a number past a C int ended in Python's OverflowError, naming no option)
 
 
 def cores() -> int:
@@ -41,11 +41,11 @@ def cores() -> int:
 
 def threads_per_job(jobs: int, available: int | None = None) -> int:
     """Torch threads for each of ``jobs`` processes sharing ``available`` cores (at least 1); ``--jobs`` outside
-    1..:data:`JOBS_MAX` is refused."""
+    1..:data:`PROCESSES_MAX` is refused."""
     if jobs < 1:
         raise ValueError(f"--jobs must be at least 1, got {jobs}")
-    if jobs > JOBS_MAX:
-        raise ValueError(f"--jobs must be at most {JOBS_MAX} (runs side by side, one process each), got {jobs}")
+    if jobs > PROCESSES_MAX:
+        raise ValueError(f"--jobs must be at most {PROCESSES_MAX} (runs side by side, one process each), got {jobs}")
     return max(1, (cores() if available is None else available) // jobs)
 
 
