@@ -18,7 +18,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from shiq_data.assets import smollm2_gguf
-from shiq_data.buffer import refuse_inside_buffer, write_buffer
+from shiq_data.buffer import write_buffer
 from shiq_data.cli_common import (
     ArgumentParser,
     add_log_level_option,
@@ -32,6 +32,7 @@ from shiq_data.cli_common import (
     run_command,
     setup_logging,
 )
+from shiq_data.curate.output import refuse_existing
 from shiq_data.io import atomic_write_json, atomic_write_jsonl, atomic_write_texts, recorded_folder
 from shiq_data.schema import is_bounded_number
 from shiq_data.tokenizers import BUILTIN_TOKENIZERS, load_tokenizer
@@ -446,14 +447,11 @@ def _cmd_prompts(args) -> int:
 
 
 def _cmd_to_buffer(args) -> int:
-    out = Path(args.out)  # (write_buffer checks it too: here before the trajectories are read and the tokenizer loads)
-    if out.exists():
-        raise FileExistsError(f"--out {args.out} already exists; choose a new folder")
+    out = refuse_existing(args.out)  # (write_buffer checks it too: here before the trajectories and the tokenizer)
     if out.is_symlink():  # a link to nowhere: the buffer's rename at the end would fail
         raise FileExistsError(
             f"--out {args.out} is a symbolic link (to {os.readlink(out)}, which does not exist): choose a new folder"
         )
-    refuse_inside_buffer(out)
     seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
     for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
         key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
