@@ -1302,6 +1302,7 @@ def run(args) -> list[dict]:
 _FOLDER_MARKS = {
     "meta.json": "a checkpoint step",
     "checkpoints": "a shiq-train run",
+    "latest": "a shiq-train run's checkpoints folder",
     "stages.json": "a recipe's run",
     "value_model.json": "a Q♯ value model",
     "config.json": "a model folder or a recipe's run",
@@ -1314,9 +1315,9 @@ _FOLDER_MARKS = {
 
 def check_results_folder(out: Path, own: str = "results.json", what: str = "the results") -> None:
     """Refuse an ``--out`` that is a file, a buffer or inside one, or the folder of a model, a run or another
-    command's output (a checkpoint step, a shiq-train or recipe run, a Hugging Face or value-model folder, a
-    study; :data:`_FOLDER_MARKS`), among whose files ``what`` would be written (and a file of the same name
-    replaced). ``own``: the mark of the command's own earlier output, which may be written again."""
+    command's output (a checkpoint step, a shiq-train or recipe run, a shiq-train run's checkpoints folder, a
+    Hugging Face or value-model folder, a study; :data:`_FOLDER_MARKS`), among whose files ``what`` would be
+    written (and a file of the same name replaced). ``own``: the mark of the command's own earlier output, which may be written again."""
     if out.exists() and not out.is_dir():
         raise EvalInputError(f"--out {out} is a file: give a folder for {what}")
     try:

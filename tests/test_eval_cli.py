@@ -305,7 +305,12 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
         # a `..` through a folder not made yet reached the model folder unchecked, and wrote results into it
         (["--out", str(folder / "x" / ".."), *prompts], f"--out {folder} is a model folder or a recipe's run"),
     ]
-    for name, what in (("leaderboard.csv", "a leaderboard's folder"), ("full_report.json", "a shiq-demo --full study")):
+    marks = (
+        ("leaderboard.csv", "a leaderboard's folder"),
+        ("full_report.json", "a shiq-demo --full study"),
+        ("latest", "a shiq-train run's checkpoints folder"),  # RUN/checkpoints: results among its step folders
+    )
+    for name, what in marks:
         (tmp_path / name.split(".")[0]).mkdir()
         (tmp_path / name.split(".")[0] / name).write_text("x")
         cases.append((["--out", str(tmp_path / name.split(".")[0]), *prompts], f"is {what} (it holds {name})"))
