@@ -202,11 +202,19 @@ class SequenceClassifierScorer:
     def __init__(self, folder, batch_size: int = 16, joiner: str = " "):
         import torch  # heavy: only scoring with a model needs it
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: transformers
+        from transformers.utils import logging as hf_logging  # heavy: transformers
 
         check_weight_map(Path(folder))
-        self.model, loading = AutoModelForSequenceClassification.from_pretrained(
-            str(folder), dtype=torch.float32, output_loading_info=True
-        )
+        # its load report (a table of weights the files lack or hold beyond the model's) is checked below and a
+        # missing weight refused in one line: printed too, it came before the refusal as 10 lines of noise
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            self.model, loading = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), dtype=torch.float32, output_loading_info=True
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
         self.model.eval()
         # transformers draws a weight the files lack at random and only logs it: a causal LM's folder (no score
         # head) would score every completion with a head of noise, a new one in each process

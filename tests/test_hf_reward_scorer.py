@@ -51,15 +51,30 @@ def test_batched_scores_equal_one_text_at_a_time(tmp_path):
 def test_a_folder_without_a_score_head_is_refused_naming_the_weight(tmp_path):
     """A causal LM's folder whose config.json says one label loads as a classifier whose score head transformers
     draws at random (logging it only): its rewards would be noise. LlamaForSequenceClassification's head is
-    ``score.weight``; the folder's weight files hold none."""
+    ``score.weight``; the folder's weight files hold none. The refusal is the only word of it: transformers' load
+    report (a table naming the missing weight) is not printed before it, and its logging level is left as it was."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
     tok = transformers.AutoTokenizer.from_pretrained(tiny_hf_folder(tmp_path / "tok"))
     cfg = transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_labels=1
     )
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "lm")
     tok.save_pretrained(tmp_path / "lm")
-    with pytest.raises(ValueError, match=r"lm: its weight files lack score\.weight, .* not a reward model"):
-        SequenceClassifierScorer(tmp_path / "lm")
+    records = []  # what transformers logs (to its own handler, which pytest's capture may not see)
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    before = hf_logging.get_verbosity()
+    try:
+        with pytest.raises(ValueError, match=r"lm: its weight files lack score\.weight, .* not a reward model"):
+            SequenceClassifierScorer(tmp_path / "lm")
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [r for r in records if "score.weight" in r], records
+    assert hf_logging.get_verbosity() == before
 
 
 def test_the_suite_fingerprint_holds_the_reward_models_tokenizer(tmp_path):
