@@ -1290,7 +1290,7 @@ def run(args) -> list[dict]:
     saved.discard()  # the results are written: the rows saved on the way are no longer needed
     csv_path, json_path, suite_path = out / "results.csv", out / "results.json", out / "suite.json"
     print(
-        f"shiq-eval: {len(rows)} model{'s' * (len(rows) != 1)} on {len(prompts)} prompt{'s' * (len(prompts) != 1)} x "
+        f"shiq-eval: {len(rows)} model{'s' * (len(rows) != 1)} and the reference on {len(prompts)} prompt{'s' * (len(prompts) != 1)} x "
         f"{k} sample{'s' * (k != 1)} ({args.engine} engine), suite "
         f"{suite.name} ({suite_sha[:12]}); wrote {csv_path}, {json_path}, {suite_path}, "
         + ", ".join(str(p) for p in plots)

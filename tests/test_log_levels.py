@@ -42,12 +42,12 @@ def test_eval_progress_lines_follow_the_log_level(tmp_path, capsys, init):
     info = capsys.readouterr()
     lines = [line for line in info.err.splitlines() if "sample estimate" in line]
     assert len(lines) == 1 and lines[0].startswith("init (") and "step 0: reward" in lines[0], info.err
-    assert "shiq-eval: 1 model on 3 prompts" in info.out  # the result line, on stdout
+    assert "shiq-eval: 1 model and the reference on 3 prompts" in info.out  # the result line, on stdout
 
     assert eval_run(tmp_path, init, "warning", "--log-level", "WARNING") == 0
     quiet = capsys.readouterr()
     assert "sample estimate" not in quiet.err and "suite custom" not in quiet.err, quiet.err
-    assert "shiq-eval: 1 model on 3 prompts" in quiet.out  # results are not logging
+    assert "shiq-eval: 1 model and the reference on 3 prompts" in quiet.out  # results are not logging
 
     assert eval_run(tmp_path, init, "debug", "--log-level", "debug") == 0
     debug = capsys.readouterr()
