@@ -56,6 +56,7 @@ from shiq_data.ref_stats import ref_stats_dtype
 from shiq_data.sampler import SEED_LIMIT, BufferSampler
 from shiq_train import parallel, reference
 from shiq_train.checkpoint import check_latest, latest_step_dir, read_meta
+from shiq_train.config_paths import missing_buffer, missing_init
 from shiq_train.hf_convert import (
     MODEL_TYPES,
     as_llama_config,
@@ -272,10 +273,8 @@ def read_llama_config(init: str):
     Llama 3's, biases), is refused naming the folder, as is a field transformers refuses (a string for a number)."""
     folder = Path(init)
     path = folder / "config.json"
-    if not path.is_file():
-        raise ConfigError(
-            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but {path} does not exist"
-        )
+    if (refusal := missing_init(init)) is not None:
+        raise ConfigError(refusal)
     hf_config = read_json_file(path, ConfigError)
     if not isinstance(hf_config, dict):
         raise ConfigError(f"init={init!r}: {path} is not a JSON object")
@@ -393,8 +392,8 @@ def open_data_source(
     ``width_multiple``: micro-batch widths are padded to a multiple of it (``shiq_train.model.width_multiple``:
     sequence parallelism, FP8)."""
     path = Path(data_cfg["buffer"])
-    if not path.exists():
-        raise ConfigError(f"data.buffer={str(path)!r} does not exist (a replay buffer directory written by shiq_data)")
+    if (refusal := missing_buffer(data_cfg["buffer"])) is not None:
+        raise ConfigError(refusal)
     buffer = open_buffer(path, verify_checksums=data_cfg.get("verify_checksums", True))
     missing = [c for c in REF_COLUMNS if c not in buffer_columns(buffer)]
     if reference == "precomputed" and missing:
@@ -839,10 +838,8 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
     if cfg["data"].get("mode") not in (None, "padded"):
         raise ConfigError(f"loss={name} reads one trajectory per row: data.mode must be null or padded")
     _refuse_out_in_buffer(Path(cfg["out"]))
-    if not Path(cfg["data"]["buffer"]).exists():
-        raise ConfigError(
-            f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
-        )
+    if (refusal := missing_buffer(cfg["data"]["buffer"])) is not None:
+        raise ConfigError(refusal)
     out = Path(cfg["out"])
     created = start_state(out)  # what is removed again if this start fails before a step is done
     with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
@@ -1054,10 +1051,8 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
             "train.cache_frozen_prefix=true does not support packed rows (data.mode=packed): use data.mode=padded or "
             "groups, or set train.cache_frozen_prefix=false"
         )
-    if not Path(cfg["data"]["buffer"]).exists():  # before starting process groups
-        raise ConfigError(
-            f"data.buffer={cfg['data']['buffer']!r} does not exist (a replay buffer directory written by shiq_data)"
-        )
+    if (refusal := missing_buffer(cfg["data"]["buffer"])) is not None:  # before starting process groups
+        raise ConfigError(refusal)
     # (the buffer's reference statistics only matter to a loss that reads them: sft reads none)
     ref_mode = train_cfg.reference if loss_cfg.spec.needs_reference else None
     check_buffer_fits(cfg, model_cfg, ref_mode)

@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from shiq_data.assets import config_dir
 from shiq_data.cli_common import broken_pipe, fail, quiet_optional_dependencies, sigint_deferred
 from shiq_data.io import text_place
+from shiq_train.config_paths import missing_buffer, missing_init
 
 CONFIG_DIR = config_dir()
 
@@ -250,14 +251,11 @@ def hydra_error(argv: list[str]) -> str | None:
     if shadowed:
         return shadowed
     buffer = OmegaConf.select(given, "data.buffer", throw_on_missing=False, throw_on_resolution_failure=False)
-    if isinstance(buffer, str) and not Path(buffer).exists():  # (before seconds of imports; the run checks it too)
-        return f"data.buffer={buffer!r} does not exist (a replay buffer directory written by shiq_data)"
+    if isinstance(buffer, str) and (refusal := missing_buffer(buffer)):  # (before seconds of imports; the run's too)
+        return refusal
     init = OmegaConf.select(given, "init", throw_on_missing=False, throw_on_resolution_failure=False)
-    if isinstance(init, str) and init not in ("none", "smollm2") and not (Path(init) / "config.json").is_file():
-        return (
-            f"init={init!r}: expected none, smollm2 or a Hugging Face model folder, but "
-            f"{Path(init) / 'config.json'} does not exist"
-        )
+    if isinstance(init, str) and (refusal := missing_init(init)):
+        return refusal
     composed = default  # (for _with_groups below)
     default, given = (OmegaConf.to_container(c, resolve=False) for c in (default, given))
     for key in given.keys() - default.keys() - {"resume"}:  # +foo=1 was kept in config.yaml, read by nothing
