@@ -136,20 +136,26 @@ def _chosen(argv: list[str]) -> dict[str, str]:
     return chosen
 
 
+def _chosen_files(argv: list[str], config_dirs: list[str]):
+    """``(group, option, folder, FILE)`` for each group option ``argv`` chooses (:func:`_chosen`) and each
+    --config-dir ``folder``: ``FILE`` the group file of that name the folder may hold (it may not exist)."""
+    for group, name in _chosen(argv).items():
+        for folder in config_dirs:
+            yield group, name, folder, Path(folder) / group / f"{name}.yaml"
+
+
 def _undecodable(argv: list[str], config_dirs: list[str]) -> str | None:
     """``FILE: line L: not valid YAML (not UTF-8 text: ...)`` for a group file of --config-dir's chosen by ``argv``
     that is not UTF-8 (Hydra's error names no file), or None."""
-    for group, name in _chosen(argv).items():
-        for folder in config_dirs:
-            mine = Path(folder) / group / f"{name}.yaml"
-            try:
-                data = mine.read_bytes()
-                data.decode("utf-8")
-            except OSError:
-                continue
-            except UnicodeDecodeError as e:
-                line = data.count(b"\n", 0, e.start) + 1
-                return f"{mine}: line {line}: not valid YAML (not UTF-8 text: byte 0x{data[e.start]:02x}, {e.reason})"
+    for _, _, _, mine in _chosen_files(argv, config_dirs):
+        try:
+            data = mine.read_bytes()
+            data.decode("utf-8")
+        except OSError:
+            continue
+        except UnicodeDecodeError as e:
+            line = data.count(b"\n", 0, e.start) + 1
+            return f"{mine}: line {line}: not valid YAML (not UTF-8 text: byte 0x{data[e.start]:02x}, {e.reason})"
     return None
 
 
@@ -159,22 +165,20 @@ def _shadowed(argv: list[str], config_dirs: list[str]) -> str | None:
     on its search path, when the two differ in their settings (a copy of the packaged one is read alike)."""
     if not config_dirs:  # (no group file of the user's: nothing to read at every start)
         return None
-    for group, name in _chosen(argv).items():
+    for group, name, folder, mine in _chosen_files(argv, config_dirs):
         packaged = CONFIG_DIR / group / f"{name}.yaml"
-        for folder in config_dirs:
-            mine = Path(folder) / group / f"{name}.yaml"
-            if not (packaged.is_file() and mine.is_file()) or mine.resolve() == packaged.resolve():
-                continue
-            try:
-                same = yaml.safe_load(mine.read_text(encoding="utf-8")) == yaml.safe_load(packaged.read_text())
-            except (yaml.YAMLError, UnicodeDecodeError):
-                same = False
-            if not same:
-                return (
-                    f"--config-dir {folder}: {mine} is not read: {group}={name} is the packaged option of that name, "
-                    f"which Hydra finds first; give your file another name and choose it ({group}=my_{name}), or, "
-                    "to resume a run started with it, leave out --config-dir (the run trained without the file)"
-                )
+        if not (packaged.is_file() and mine.is_file()) or mine.resolve() == packaged.resolve():
+            continue
+        try:
+            same = yaml.safe_load(mine.read_text(encoding="utf-8")) == yaml.safe_load(packaged.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            same = False
+        if not same:
+            return (
+                f"--config-dir {folder}: {mine} is not read: {group}={name} is the packaged option of that name, "
+                f"which Hydra finds first; give your file another name and choose it ({group}=my_{name}), or, "
+                "to resume a run started with it, leave out --config-dir (the run trained without the file)"
+            )
     return None
 
 
