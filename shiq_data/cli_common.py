@@ -508,9 +508,10 @@ PROCESSES_MAX = 1024  # processes a command starts at once (--workers, --jobs: a
 
 
 def rank_zero() -> bool:
-    """Whether this process is rank 0 of a ``torchrun`` launch (``RANK``), or runs alone: the one that reports and
-    writes what every rank computes alike."""
-    return int(os.environ.get("RANK", 0)) == 0
+    """Whether this process is rank 0 of a ``torchrun`` launch (``RANK``), or runs alone (``WORLD_SIZE`` unset or
+    1, whatever a ``RANK`` left in the environment says): the one that reports and writes what every rank computes
+    alike."""
+    return int(os.environ.get("WORLD_SIZE", 1)) <= 1 or int(os.environ.get("RANK", 0)) == 0
 
 
 def add_log_level_option(parser: argparse.ArgumentParser) -> None:

@@ -508,10 +508,10 @@ def init_distributed(
     parallel = parallel or ParallelConfig()
     check_context_parallel(parallel.context_parallel_size)
     apply_cpu_adaptations()
-    if rank is None:
-        rank = int(os.environ.get("RANK", 0))
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", 1))
+    if rank is None:  # (a RANK left in the environment of a lone process is no rank of a launch)
+        rank = int(os.environ.get("RANK", 0)) if world_size != 1 else 0
     tp, pp = parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size
     if world_size % (tp * pp):
         raise ValueError(

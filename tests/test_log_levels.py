@@ -57,6 +57,27 @@ def test_eval_progress_lines_follow_the_log_level(tmp_path, capsys, init):
     assert sum("sample estimate" in line for line in debug.err.splitlines()) == 1
 
 
+def test_a_lone_process_with_a_rank_left_in_its_environment_reports_and_writes(tmp_path, capsys, init, monkeypatch):
+    """A ``RANK`` without a ``WORLD_SIZE`` above 1 (a variable a job script left, no torchrun launch) is no rank of
+    a launch: the lone process logs at the level given and writes its results, as rank 0 of a launch does (it
+    logged errors only and wrote nothing, silently); the process group it would start is of rank 0."""
+    from shiq_train.parallel import ParallelConfig, distributed
+
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    capsys.readouterr()
+    assert eval_run(tmp_path, init, "ranked") == 0
+    got = capsys.readouterr()
+    assert "shiq-eval: 1 model and the reference on 3 prompts" in got.out
+    assert any("sample estimate" in line for line in got.err.splitlines()), got.err
+    rows = json.loads((tmp_path / "ranked" / "results.json").read_text())
+    assert len(rows) == 2  # the reference and the model
+    import torch.distributed as dist
+
+    with distributed(ParallelConfig(backend="gloo")):
+        assert (dist.get_rank(), dist.get_world_size()) == (0, 1)
+
+
 def test_data_warning_shows_at_warning_and_not_at_error(tmp_path, capsys, tokenizers_once):
     from shiq_data.cli import main
 
