@@ -229,6 +229,39 @@ def test_bf16_statistics_are_upcast():
     assert float(got) == pytest.approx(float(exact), rel=1e-6)
 
 
+def test_a_multi_turn_row_by_hand_discounts_per_action_and_starts_a_turn_after_the_tools_tokens():
+    """One row: a prompt token, a turn of two actions, two tool tokens, a turn of two actions, a padding token; junk
+    statistics off the actions. At β = 0.5 and γ = 0.5 or 1 the residuals of SHIQ_MATH §3-§4 worked out by hand:
+    the tool's tokens neither count nor discount (§2: the exponent counts actions), ShiQ/tk keeps positions 1 and 5
+    (the first action of each turn), and ShiQ/ms's next state of position 2 is position 5."""
+    from shiq_train.losses import shiq_td
+
+    junk = 5.0
+    # on the actions c_ref = 0 and z_ref = 1, so ρ = (c − c_ref) − (z − z_ref) = 0.2, -0.1, 0.3, 0.1 at 1, 2, 5, 6
+    c = torch.tensor([[junk, 0.6, -0.3, junk, -junk, 0.9, 0.1, junk]], dtype=torch.float64)
+    z = torch.tensor([[-junk, 1.4, 0.8, junk, junk, 1.6, 1.0, -junk]], dtype=torch.float64)
+    c_ref = torch.tensor([[junk, 0, 0, -junk, junk, 0, 0, junk]], dtype=torch.float64)
+    z_ref = torch.tensor([[junk, 1, 1, junk, -junk, 1, 1, junk]], dtype=torch.float64)
+    r = torch.tensor([[0, 0, 1.0, 0, 0, 0, 2.0, 0]], dtype=torch.float64)  # each turn's reward on its last token
+    m = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]], dtype=torch.bool)
+    shaped = {1: 0.4, 2: -0.2, 5: 0.6, 6: 0.0}  # z − z_ref on the actions
+    # r − βρ = -0.1, 1.05, -0.15, 1.95; G_t = (r_t − βρ_t) + γ G_next action, one γ per action:
+    # γ = 0.5: G_6 = 1.95, G_5 = -0.15 + 0.975 = 0.825, G_2 = 1.05 + 0.4125 = 1.4625, G_1 = -0.1 + 0.73125 = 0.63125
+    # γ = 1: G_6 = 1.95, G_5 = 1.8, G_2 = 2.85, G_1 = 2.75
+    for gamma, G in ((0.5, {1: 0.63125, 2: 1.4625, 5: 0.825, 6: 1.95}), (1.0, {1: 2.75, 2: 2.85, 5: 1.8, 6: 1.95})):
+        shiq = {t: G[t] - 0.5 * shaped[t] for t in G}  # δ_t = G_t − β(z_t − z_ref_t)
+        init = {t: G[t] - 0.5 * (shaped[t] + 1) for t in G}  # δ_t = G_t − β z_t
+        # δ_t = r_t + γβ(z_t' − z_ref_t') − β(c_t − c_ref_t), the middle term 0 on the last action
+        ms = {1: gamma * 0.5 * -0.2 - 0.3, 2: 1.0 + gamma * 0.5 * 0.6 + 0.15, 5: -0.45, 6: 2.0 - 0.05}
+        tk = {1: shiq[1], 5: shiq[5]}
+        for variant, want in (("shiq", shiq), ("init", init), ("ms", ms), ("tk", tk)):
+            expected = [want.get(t, 0.0) for t in range(8)]
+            got = shiq_td(c, z, c_ref, z_ref, r, m, beta=0.5, gamma=gamma, variant=variant)[0].tolist()
+            assert got == pytest.approx(expected, abs=1e-12), (variant, gamma)
+            loss = shiq_loss(c, z, c_ref, z_ref, r, m, beta=0.5, gamma=gamma, variant=variant)
+            assert float(loss) == pytest.approx(sum(d * d for d in want.values()) / len(want), rel=1e-12), variant
+
+
 def test_no_action_gives_zero_loss_with_a_gradient_path():
     c = torch.zeros(2, 3, requires_grad=True)
     loss = shiq_loss(c, c, c.detach(), c.detach(), torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool), beta=1.0)
