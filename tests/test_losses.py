@@ -543,6 +543,30 @@ def test_dpo_matches_hand_computation_and_ignores_gaps():
     assert float(got) == pytest.approx(want, rel=1e-5)
 
 
+def test_dpo_of_several_pairs_is_their_mean_by_hand():
+    """DPO's loss is the mean over its pairs (SHIQ_MATH §3: a per-sequence loss averages its terms, here pairs) of
+    ``−log σ(β(Λ_w − Λ_l))`` (§5), a row in several pairs counted in each: Λ of each row summed here over its
+    actions (position 0 a prompt token with junk statistics), the pairs' terms with ``math``."""
+    # per row, its actions' (c, z, c_ref, z_ref): Λ = Σ (c − z) − (c_ref − z_ref) = 0.5, -0.3, 1.2, 0.0
+    actions = [
+        [(1.0, 2.0, 0.5, 2.0), (0.0, 1.0, 0.0, 1.0)],
+        [(0.2, 1.0, 0.5, 1.0), (0.0, 1.0, 0.0, 1.0)],
+        [(2.0, 1.0, 0.0, 0.2), (0.0, 0.0, 0.0, 0.0)],
+        [(0.3, 0.3, 0.7, 0.7), (1.0, 1.0, 0.0, 0.0)],
+    ]
+    lam = [sum((c - z) - (cr - zr) for c, z, cr, zr in row) for row in actions]
+    assert lam == pytest.approx([0.5, -0.3, 1.2, 0.0])
+    stats = torch.full((4, 4, 3), 9.0, dtype=torch.float64)  # [stat, row, position]
+    for b, row in enumerate(actions):
+        for t, values in enumerate(row, start=1):
+            stats[:, b, t] = torch.tensor(values, dtype=torch.float64)
+    m = torch.tensor([[False, True, True]] * 4)
+    winners, losers, beta = torch.tensor([0, 2, 3, 2]), torch.tensor([1, 1, 1, 0]), 0.7
+    terms = [-math.log(1 / (1 + math.exp(-beta * (lam[w] - lam[l])))) for w, l in zip(winners, losers)]
+    got = dpo_loss(*stats, m, winners, losers, beta=beta)
+    assert float(got) == pytest.approx(sum(terms) / len(terms), rel=1e-12)
+
+
 def test_preference_pairs_within_groups_drop_ties():
     returns = torch.tensor([1.0, 2.0, 2.0, 0.0, 5.0])
     groups = torch.tensor([0, 0, 0, 1, 2])
