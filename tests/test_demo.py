@@ -789,6 +789,39 @@ def _se(v):
     return v.std(ddof=1) / math.sqrt(v.size)
 
 
+def test_summarize_pairs_each_prompts_mean_with_the_reference_on_the_same_prompt():
+    """summarize (SHIQ_MATH §9) on hand-made values, two samples per prompt, an arm scored on the first 3 of the
+    reference's 4 prompts: J per prompt is the mean reward − β · the mean exact KL, and J − J_ref, the gold score's
+    difference and J* − J are paired by prompt, each standard error the s.d. (n − 1) of the per-prompt values or
+    differences over √3, here with plain loops and the statistics module."""
+    import statistics
+
+    beta, s = 0.5, 2
+    row = {"rewards": [1.0, 0.0, 0.5, 0.7, -0.2, 0.4], "gold": [0.3, 0.1, 0.9, 0.5, 0.0, 0.2]}
+    row["kls_exact"] = [0.2, 0.4, 1.0, 0.6, 0.1, 0.1]
+    ref = {"rewards": [0.4, 0.2, 0.1, 0.3, 0.5, -0.5, 9.0, 9.0], "gold": [0.0, 0.2, 0.4, 0.4, 0.1, 0.3, 9.0, 9.0]}
+    ref["j_star_rewards"] = [[0.4, 1.2, -0.3], [0.1, 0.8, 0.0], [0.5, -1.0, 2.0], [9.0, 9.0, 9.0]]
+
+    def means(values):  # [P] each prompt's two samples averaged
+        return [(values[i] + values[i + 1]) / 2 for i in range(0, len(values), 2)]
+
+    def se(values):
+        return statistics.stdev(values) / math.sqrt(len(values))
+
+    r, g, k = means(row["rewards"]), means(row["gold"]), means(row["kls_exact"])
+    ref_r, ref_g = means(ref["rewards"])[:3], means(ref["gold"])[:3]
+    j = [r[i] - beta * k[i] for i in range(3)]  # 0.45, 0.2, 0.025
+    star = [beta * math.log(sum(math.exp(x / beta) for x in R) / len(R)) for R in ref["j_star_rewards"][:3]]
+    out = demo.summarize(row, beta, ref, s)
+    want = {"J": j, "J_minus_reference": [j[i] - ref_r[i] for i in range(3)]}
+    want |= {"gold_minus_reference": [g[i] - ref_g[i] for i in range(3)], "j_star": star}
+    want |= {"j_star_minus_J": [star[i] - j[i] for i in range(3)]}
+    for key, values in want.items():
+        assert out[key] == pytest.approx(statistics.fmean(values), rel=1e-12), key
+        assert out[f"{key}_stderr"] == pytest.approx(se(values), rel=1e-12), key
+    assert out["n_prompts"] == 3 and out["reference_reward_on_these_prompts"] == pytest.approx(statistics.fmean(ref_r))
+
+
 def check_report_against_saved_results(out, rep, cfg):
     """report.json's J, J*, paired differences and gold scores, recomputed with numpy from the saved
     per-completion results (runs/<method>/curve.json, reference_eval.json; one sample per prompt)."""
