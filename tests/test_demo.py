@@ -1438,6 +1438,33 @@ def test_the_attainable_gain_at_each_beta_has_its_paired_standard_error_in_both_
         ) in text
 
 
+def test_the_reward_gain_is_paired_by_prompt_on_the_arms_prompts(tmp_path):
+    """report.json's reward gain of an arm scored on the first 3 of the reference's 4 prompts (SHIQ_MATH §9): the
+    mean of the per-prompt differences, its paired standard error (their s.d., n − 1, over √3), the unpaired one
+    (both means' errors combined) and whether the gain is beyond two paired errors, with the statistics module.
+    Only one prompt, whose errors are undefined, was tested."""
+    import statistics
+
+    ctx = _one_prompt_run(tmp_path)
+    ref_r, arm_r = [0.5, -1.0, 2.0, 9.0], [0.75, -0.5, 2.5]
+    ref = json.loads((tmp_path / "reference_eval.json").read_text())
+    ref |= {"rewards": ref_r, "gold": [0.0] * 4, "kls_exact": [0.0] * 4, "n": 4, "snippet_ids": [7, 8, 9, 10]}
+    (tmp_path / "reference_eval.json").write_text(json.dumps(ref | {"j_star_rewards": [[x, x] for x in ref_r]}))
+    arm_se = statistics.stdev(arm_r) / math.sqrt(3)
+    (rec,) = json.loads((tmp_path / "runs" / "shiq@0.1" / "curve.json").read_text())
+    rec |= {"rewards": arm_r, "gold": [0.0] * 3, "kls_exact": [0.0] * 3, "n": 3, "snippet_ids": [7, 8, 9]}
+    rec |= {"reward_mean": statistics.fmean(arm_r), "reward_stderr": arm_se}
+    (tmp_path / "runs" / "shiq@0.1" / "curve.json").write_text(json.dumps([rec]))
+    m = demo.build_report(ctx, {"report": 1.0})["methods"]["shiq@0.1"]
+    diffs = [a - b for a, b in zip(arm_r, ref_r)]  # 0.25, 0.5, 0.5
+    paired = statistics.stdev(diffs) / math.sqrt(3)
+    assert m["reward_gain"] == pytest.approx(statistics.fmean(diffs), rel=1e-12)
+    assert m["reward_gain_paired_stderr"] == pytest.approx(paired, rel=1e-12)
+    unpaired = math.hypot(arm_se, statistics.stdev(ref_r[:3]) / math.sqrt(3))
+    assert m["reward_gain_unpaired_stderr"] == pytest.approx(unpaired, rel=1e-12)
+    assert statistics.fmean(diffs) > 2 * paired and m["gain_over_2se"] is True  # 0.417 against 2 · 0.083
+
+
 def test_a_report_without_validation_losses_leaves_no_earlier_validation_plot(tmp_path):
     """A finished run reported again with train.methods=[qsharp] (no arm with validation losses) kept the
     earlier report's val_loss_vs_step.png of other arms beside a report.md that shows no such plot."""
