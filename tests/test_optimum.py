@@ -110,6 +110,26 @@ def test_clustered_standard_errors_against_cluster_means_and_singletons():
         clustered_mean_stderr([1.0, 2.0], ["a"])
 
 
+def test_clustered_standard_error_of_clusters_of_unequal_sizes_by_an_explicit_loop():
+    """SHIQ_MATH §9's ``se² = G/(G−1) · Σ_c (Σ_{i∈c} (v_i − v̄))² / N²`` written as a loop over the clusters, on
+    clusters of 1, 2, 3 and 4 values whose labels interleave; the paired difference is the same on ``a_i − b_i``.
+    The references above have one value a cluster or clusters of one size, where an error that weighs every
+    cluster's mean alike, whatever its size, passed."""
+    labels = ["a", "b", "c", "b", "d", "c", "d", "d", "c", "d"]
+    a = [0.3, -1.2, 2.0, 0.7, 1.1, 1.9, 0.4, 0.8, 2.6, 0.1]
+    b = [0.1, 0.0, 0.5, -0.4, 1.0, 0.3, 0.2, 0.9, 0.6, -0.3]
+
+    def by_loop(values):
+        mean = sum(values) / len(values)
+        g = len(set(labels))
+        total = sum(sum(v - mean for v, c in zip(values, labels) if c == name) ** 2 for name in set(labels))
+        return mean, math.sqrt(g / (g - 1) * total) / len(values)
+
+    assert clustered_mean_stderr(a, labels) == pytest.approx(by_loop(a), rel=1e-12)
+    diffs = [x - y for x, y in zip(a, b)]
+    assert paired_difference(a, b, labels) == pytest.approx(by_loop(diffs), rel=1e-12)
+
+
 @pytest.mark.parametrize(
     "call, match",
     [
