@@ -461,3 +461,14 @@ def test_a_count_below_one_is_named_with_its_value(tmp_path, capsys, flag):
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"shiq-toys: error: argument {flag}: must be >= 1, got 0" in err, err
     assert not os.listdir(tmp_path)
+
+
+def test_workers_beyond_the_process_bound_are_refused_naming_the_option(tmp_path, capsys):
+    """--workers 10**20 reached the worker pool, whose OverflowError ("Python int too large to convert to C
+    int") named no option, after the progress bar had started."""
+    for n in ("1025", str(10**20)):
+        with pytest.raises(SystemExit) as e:
+            toys.main(["bandit", "--workers", n, "--out", str(tmp_path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"shiq-toys: error: argument --workers: must be in 1..1024, got {n}" in err, err
+        assert not os.listdir(tmp_path)

@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from shiq_data.buffer import refuse_inside_buffer
 from shiq_data.cli_common import (
+    PROCESSES_MAX,
     ArgumentParser,
     add_log_level_option,
     folder_path,
@@ -680,9 +681,9 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--workers",
-        type=int_at_least(1),
+        type=int_at_least(1, PROCESSES_MAX),  # (10**20 ended in the pool's OverflowError, naming no option)
         default=min(2, os.cpu_count() or 1),
-        help="parallel processes (default min(2, cores); quick runs in-process)",
+        help=f"parallel processes (default min(2, cores), at most {PROCESSES_MAX}; quick runs in-process)",
     )
     add_log_level_option(p)
     args = p.parse_args(argv)
