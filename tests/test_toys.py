@@ -472,3 +472,12 @@ def test_workers_beyond_the_process_bound_are_refused_naming_the_option(tmp_path
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"shiq-toys: error: argument --workers: must be in 1..1024, got {n}" in err, err
         assert not os.listdir(tmp_path)
+
+
+def test_a_data_set_beyond_memory_is_refused_naming_the_option(tmp_path, capsys):
+    """--n-pairs 10**11 asked numpy for 43.7 TiB of trajectories: a MemoryError traceback, status 1."""
+    with pytest.raises(SystemExit) as e:
+        toys.main(["gridworld", "--quick", "--n-pairs", str(10**11), "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --n-pairs: must be in 1..100000, got 100000000000" in err, err
+    assert "Traceback" not in err and not os.listdir(tmp_path)

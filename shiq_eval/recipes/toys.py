@@ -189,6 +189,9 @@ def run_bandit(cfg: BanditConfig, method: str, seed: int) -> dict:
 # grid world (SHIQ_MATH §7, paper §3.2 / App. D.2)
 
 MOVES = ((-1, 0), (1, 0), (0, -1), (0, 1))  # Up, Down, Left, Right
+# Most (good, bad) pairs a grid-world data set may hold: its arrays and their batches take about 6 KB a pair
+# (about 1 GB a run at this bound, in every worker); far more ended in numpy's MemoryError, a traceback
+N_PAIRS_MAX = 100_000
 
 
 @dataclass
@@ -675,9 +678,10 @@ def main(argv=None) -> int:
     )
     p.add_argument(
         "--n-pairs",
-        type=int_at_least(1),
+        type=int_at_least(1, N_PAIRS_MAX),
         default=None,
-        help=f"gridworld: (good, bad) trajectory pairs in the data set (default {GridConfig.n_pairs})",
+        help=f"gridworld: (good, bad) trajectory pairs in the data set (default {GridConfig.n_pairs}, at most "
+        f"{N_PAIRS_MAX:,}: about 6 KB of memory a pair in each run)",
     )
     p.add_argument(
         "--workers",
