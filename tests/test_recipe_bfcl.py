@@ -861,6 +861,24 @@ def test_a_damaged_data_or_eval_file_is_named_not_a_traceback(tmp_path):
             bfcl.report_markdown(bfcl.build_report(ctx, {}))
 
 
+def test_an_arm_evaluated_on_other_turns_than_the_reference_is_named_with_both_files(tmp_path):
+    """An arm's eval.json with a turn fewer than the reference's (a file cut or edited by hand) was refused as "a
+    method and the reference were evaluated on different turns", naming neither file nor arm."""
+    cfg = bfcl.load_config(quick=True, overrides=["train.methods=[shiq]"])
+    _hand_made_run(tmp_path)
+    path = tmp_path / "runs" / "shiq" / "eval.json"
+    arm = json.loads(path.read_text())
+    for turns in (arm["turns"][:-1], arm["turns"][::-1]):
+        path.write_text(json.dumps(arm | {"turns": turns}))
+        with pytest.raises(ValueError) as e:
+            bfcl.build_report(bfcl.Context(cfg, tmp_path), {})
+        said = str(e.value)
+        assert said.startswith(
+            f"{path}: its {len(turns)} turns are not the 4 turns of {tmp_path / 'reference_eval.json'}"
+        )
+        assert "delete it, and the stage that made it" in said and "\n" not in said
+
+
 def test_the_report_says_one_of_a_count_in_the_singular(tmp_path):
     """A quick run's report.md said "1 edited ground truths", "1 scenarios per step", "the last 1 transformer
     layers trained" and "1 degrees of freedom" (the default run's too: one edit per scenario)."""

@@ -736,9 +736,14 @@ def build_report(ctx: Context, timings: dict) -> dict:
     ref = read_eval(ctx.out / "reference_eval.json", keys=("turns", "eval_seconds"))
     methods = {}
     for arm in cfg["train"]["methods"]:
-        res = read_eval(
-            ctx.out / "runs" / arm / "eval.json", ("turns", "beta", "steps", "train_seconds", "eval_seconds")
-        )
+        path = ctx.out / "runs" / arm / "eval.json"
+        res = read_eval(path, ("turns", "beta", "steps", "train_seconds", "eval_seconds"))
+        if [(t["id"], t["turn"]) for t in res["turns"]] != [(t["id"], t["turn"]) for t in ref["turns"]]:
+            raise ValueError(  # (summarize's own refusal named neither file)
+                f"{path}: its {len(res['turns'])} turns are not the {len(ref['turns'])} turns of "
+                f"{ctx.out / 'reference_eval.json'}, in their order: the differences to the reference are paired by "
+                f"turn{REDO}"
+            )
         methods[arm] = {
             **summarize(res["turns"], ref["turns"]),
             "beta": res["beta"],
