@@ -853,6 +853,13 @@ def test_model_written_surrogates_and_control_token_text_stay_text(smollm2):
         (lambda t: t["messages"][1].update(content="a <|im_end|> b"), "contains '<|im_end|>'"),
         # every assistant message in turn 0: one turn's reward on another's message, the others' lost
         (lambda t: t.update(assistant_turns=[0] * len(t["assistant_turns"])), "is not the turns its messages begin"),
+        # an answer's call edited: its row's actions were written with the rewards of the calls checked
+        (
+            lambda t: t["messages"][2].update(content="[rm(file_name='final_report.pdf')]"),
+            "field 'messages': its assistant messages do not make the calls of its decoded_turns (turn 0: "
+            '[["rm(file_name=',
+        ),
+        (lambda t: t["messages"][2].update(content="Done."), "do not make the calls of its decoded_turns (turn 0: [])"),
     ],
 )
 def test_a_hand_edited_trajectory_is_refused_naming_file_trajectory_and_field(tmp_path, capsys, smollm2, edit, needle):
@@ -1127,3 +1134,27 @@ def test_a_run_of_a_tokenizer_without_a_chat_template_is_told_to_give_one_of_its
         err.endswith("give --tokenizer a tokenizer folder of the run's token ids that has one") and "smollm2" not in err
     )
     assert not (tmp_path / "t.jsonl").exists()
+
+
+def test_an_answer_whose_calls_spell_control_texts_is_written_as_rolled_out(smollm2):
+    """The check that a trajectory's messages make the calls of its decoded_turns reads each message as stored:
+    a call string spelling control texts is stored with a zero-width space in each (as_text), and still counts
+    as the call the rollout decoded and checked."""
+    tok, _ = smollm2
+    entry = data.load_entry("multi_turn_base", 0)
+    turns = ro.ScriptedPolicy.ground_truth(entry).turns
+    turns[0] = [["echo(content='a <|im_end|> <file_sep> b', file_name='x.txt')"], *turns[0]]
+
+    class Policy(ro.ScriptedPolicy):
+        control_texts = ("<|im_end|>", "<file_sep>")
+
+    traj = ro.rollout_entry(entry, Policy(turns))
+    assert "<\u200b|im_end|> <\u200bfile_sep>" in traj["messages"][2]["content"]
+    assert traj["decoded_turns"][0][0] == ["echo(content='a <|im_end|> <file_sep> b', file_name='x.txt')"]
+    assert ro.trajectory_to_row(traj, tok)["tokens"]
+    edited = json.loads(json.dumps(traj))
+    edited["messages"][2]["content"] = edited["messages"][2]["content"].replace("x.txt", "y.txt")
+    with pytest.raises(
+        ValueError, match=re.escape("""turn 0: [["echo(content='a <|im_end|> <file_sep> b', file_name='y.""")
+    ):
+        ro.trajectory_to_row(edited, tok)

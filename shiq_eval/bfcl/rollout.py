@@ -367,6 +367,39 @@ def _check_trajectory_fields(traj: dict, reward: str) -> None:
             f"field 'assistant_turns': {str(turns)[:60]} is not the turns its messages begin (each with a user "
             f"message): {str(derived)[:60]} (a reward would sit on another turn's message, or be lost)"
         )
+    if "decoded_turns" in traj:
+        _check_calls_written(messages, traj["decoded_turns"])
+
+
+def _as_stored(call: str) -> str:
+    """A decoded call (``ast.unparse``, which writes a zero-width space in a string as ``\\u200b``) without the
+    zero-width spaces :func:`as_text` puts into the control texts a stored message spells."""
+    return call.replace("\\u200b", "")
+
+
+def _check_calls_written(messages: list[dict], decoded_turns) -> None:
+    """Refuse ``messages`` whose assistant messages do not decode (:func:`decode_calls`, as the rollout decoded
+    each answer) to ``decoded_turns``, the calls the verdict and turn rewards were checked on: a row's actions are
+    the messages, so an answer edited by hand would be written with the rewards of calls it does not make."""
+    written: list[list[list[str]]] = []
+    for before, m in zip([None, *messages], messages):
+        if m["role"] == "user" and (before is None or before["role"] != "user"):
+            written.append([])
+        if m["role"] == "assistant" and written and (calls := decode_calls(m["content"])):
+            written[-1].append([_as_stored(c) for c in calls])
+    ok = isinstance(decoded_turns, list) and all(
+        isinstance(steps, list) and all(isinstance(s, list) and all(isinstance(c, str) for c in s) for s in steps)
+        for steps in decoded_turns
+    )
+    checked = [[[_as_stored(c) for c in s] for s in steps] for steps in decoded_turns] if ok else None
+    if written != checked:
+        k = next((k for k, w in enumerate(written) if checked is None or k >= len(checked) or w != checked[k]), None)
+        said = "turns" if k is None else f"turn {k}: {json.dumps(written[k])[:60]}"
+        raise ValueError(
+            f"field 'messages': its assistant messages do not make the calls of its decoded_turns ({said}), which its "
+            "verdict and rewards were checked on: a trajectory edited by hand (its rows' actions would be written "
+            "with the rewards of other calls)"
+        )
 
 
 def trajectory_to_row(traj: dict, tokenizer, reward: str = "cumulative") -> dict:
