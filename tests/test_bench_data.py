@@ -58,6 +58,32 @@ def test_read_rate_warms_up_both_sides_alike(monkeypatch):
     assert 0.5 < ours / theirs < 2.0, (ours, theirs)
 
 
+def test_every_datasets_batch_has_the_rows_of_a_sampler_batch(monkeypatch):
+    """More batches than the dataset has rows: the datasets side wraps round and still reads ``batch_rows`` rows a
+    batch, as the sampler's batches hold (its batch at the end of the rows used to hold only what was left: 2 of 4
+    here)."""
+    import shiq_data.sampler
+
+    sizes = []
+
+    class Ten(FakeDataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, idx):
+            sizes.append(len(idx))
+            assert all(0 <= i < 10 for i in idx)
+            return super().__getitem__(idx)
+
+        def tick(self):
+            pass
+
+    monkeypatch.setattr(shiq_data.sampler, "BufferSampler", FakeSampler)
+    monkeypatch.setattr(FakeSampler, "tick", lambda self: None)
+    B.bench_read(None, Ten(), ROWS, steps=5, pad_id=-1)
+    assert sizes == [ROWS] * 6  # one untimed batch, 5 timed: 24 rows of 10, so every row is read twice or more
+
+
 def test_the_build_and_read_rounds_alternate_which_side_goes_first(monkeypatch, capsys):
     """shiq_data used to build and read first in every round: the order could favour either side."""
     import shiq_data.tokenizers

@@ -161,7 +161,7 @@ def bench_read(buf, ds, batch_rows: int, steps: int, pad_id: int, order: tuple =
     perm = np.random.default_rng(0).permutation(len(ds))
 
     def theirs(k):
-        idx = perm[(k * batch_rows) % len(ds) :][:batch_rows].tolist()
+        idx = perm[np.arange(k * batch_rows, (k + 1) * batch_rows) % len(ds)].tolist()  # wraps round: B rows
         rows = ds[idx]
         T = max(len(x) for x in rows["tokens"])
         tokens = np.full((len(idx), T), pad_id, np.int64)
@@ -176,7 +176,7 @@ def bench_read(buf, ds, batch_rows: int, steps: int, pad_id: int, order: tuple =
         }
 
     def rate(batch):
-        batch(steps)  # warm-up, untimed: a batch the timed ones do not repeat (the sampler's next; a later slice)
+        batch(steps)  # warm-up, untimed: the sampler's next batch; the rows after the timed ones' (unless they wrap)
         t, n_tok = time.perf_counter(), 0
         for k in range(steps):
             n_tok += int((batch(k)["tokens"] != pad_id).sum())
