@@ -89,7 +89,15 @@ from shiq_train.qsharp_train import (
     value_config_from_run,
 )
 from shiq_train.train_step import OptimizerConfig
-from shiq_train.trainer import LoggingConfig, SavedOnSigterm, TrainConfig, Trainer, frozen_copy, import_wandb
+from shiq_train.trainer import (
+    LoggingConfig,
+    SavedOnSigterm,
+    TrainConfig,
+    Trainer,
+    frozen_copy,
+    import_wandb,
+    sigterm_stops_run,
+)
 
 log = logging.getLogger(__name__)
 
@@ -842,7 +850,8 @@ def run_value(cfg: dict, model_keys: set[str] | None = None, model_overrides: se
         raise ConfigError(refusal)
     out = Path(cfg["out"])
     created = start_state(out)  # what is removed again if this start fails before a step is done
-    with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+    # the run folder's lock, released however this ends (SIGTERM too: sigterm_stops_run)
+    with sigterm_stops_run(), contextlib.ExitStack() as held:
         if not out.is_symlink() and (out.is_dir() or not out.exists()):  # (else train_value_model refuses it)
             lock_run_folder(held, out)  # two runs into one folder would write each other's steps and state
         try:
@@ -1066,7 +1075,8 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
     out = Path(cfg["out"])
     created = start_state(out)  # what is removed again if this start fails before a step is done
     _check_out(out)
-    with contextlib.ExitStack() as held:  # the run folder's lock, released however this ends
+    # the run folder's lock, released however this ends (SIGTERM too: sigterm_stops_run)
+    with sigterm_stops_run(), contextlib.ExitStack() as held:
         if rank_zero():
             lock_run_folder(held, out)
         try:
@@ -1085,12 +1095,11 @@ def run(cfg: dict, model_keys: set[str] | None = None, model_overrides: set[str]
             elif (out / "config.yaml").is_file() and (logged := _logged_steps(out)):  # stopped before a checkpoint
                 why = f"a new start would replace its log of {plural(logged, 'step')}"
                 check_resume_config(out, cfg, allowed, force, why=why)
-        except BaseException:
-            remove_half_made_run(created, out)
+            return _train(cfg, out, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest)
+        except BaseException:  # (a Ctrl-C or SIGTERM while megatron is imported or the process groups start too)
+            if rank_zero():  # (the other ranks' checks fail alike; in training, rank 0 alone writes the folder)
+                remove_half_made_run(created, out)
             raise
-        return _train(
-            cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest
-        )
 
 
 LOCK_NAME = LOCK_FILE  # ".lock": held (flock) by the run training into the folder
@@ -1127,7 +1136,7 @@ def lock_run_folder(held: contextlib.ExitStack, out: Path) -> None:
         raise ConfigError(f"out={out}: {why}, training into this folder: wait for it to end, or use another out=")
 
 
-def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest) -> Path:
+def _train(cfg, out, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logging_cfg, mode, note, manifest) -> Path:
     """:func:`run` once the configuration is checked and the run folder is this run's: the training itself."""
     from megatron.core import parallel_state as ps  # heavy: megatron
 
@@ -1183,10 +1192,6 @@ def _train(cfg, out, created, par, model_cfg, loss_cfg, opt_cfg, train_cfg, logg
                 f"shiq-train: {loss_cfg.name} on {cfg['data']['buffer']}: {plural(train_cfg.steps, 'step')} ({last}); "
                 f"metrics in {out / 'metrics.jsonl'}, checkpoints in {out / 'checkpoints'}"
             )
-    except BaseException:
-        if dist.get_rank() == 0:
-            remove_half_made_run(created, out)
-        raise
     finally:
         parallel.destroy_distributed()
     return out
@@ -1249,9 +1254,9 @@ def _task(cfg) -> None:
 
 
 def terminated_where(e: Terminated) -> str:
-    """What a run stopped by SIGTERM saved, for its one line (nothing: a stop that saved no step)."""
+    """What a run stopped by SIGTERM saved, for its one line (a stop that saved no step: where a rerun starts)."""
     if not isinstance(e, SavedOnSigterm):
-        return ""
+        return " (the same command resumes the run from its last checkpoint, if it saved one)"
     if e.complete:
         return f" after saving step {e.step} (SIGTERM), the run's last: the run is complete"
     return f" after saving step {e.step} (SIGTERM); the same command resumes the run there"

@@ -529,6 +529,42 @@ class SavedOnSigterm(Terminated):
 SIGTERM_SAME_STOP_S = 5.0
 
 
+# when the SIGTERM that stops a run came (:func:`sigterm_stops_run`): one within SIGTERM_SAME_STOP_S of it is the same stop
+_RUN_STOP: list[float] = []
+
+
+def _terminate_run(signum, frame) -> None:
+    """SIGTERM's handler within :func:`sigterm_stops_run`: raise Terminated, once a stop."""
+    if _RUN_STOP:
+        if time.monotonic() - _RUN_STOP[0] < SIGTERM_SAME_STOP_S:
+            return  # the same stop passed on again (Slurm's and torchrun's): the cleanup under way goes on
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop asked for again, later: at once
+        signal.raise_signal(signal.SIGTERM)
+    _RUN_STOP.append(time.monotonic())
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_stops_run() -> Iterator[None]:
+    """Within the block (a command that holds a run folder: its lock, a folder it made), SIGTERM raises
+    :class:`~shiq_data.cli_common.Terminated` instead of ending the process at once, so that the lock is
+    released and a half-made run folder removed on the way out (SIGTERM's own action left both behind when it
+    came while the run started). While steps run, :func:`sigterm_requests` takes SIGTERM over. A SIGTERM within
+    ``SIGTERM_SAME_STOP_S`` seconds of the one that stops the run (Slurm's and torchrun's, two for one stop) is
+    ignored, so that it does not cut the cleanup short; a later one ends the process at once. Off the main
+    thread, or where SIGTERM is handled already, a no-op."""
+    previous = None
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        _RUN_STOP.clear()
+        previous = signal.signal(signal.SIGTERM, _terminate_run)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+            _RUN_STOP.clear()
+
+
 @contextlib.contextmanager
 def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
     """While training (``TrainConfig.save_on_sigterm``): a first SIGTERM only records a request; a second within
@@ -539,13 +575,15 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
     SIGTERM already, SIGTERM keeps its action. A request that no ``requested()`` saw (it came after the last)
     raises :class:`~shiq_data.cli_common.Terminated` at the block's end, on every rank (one more all-reduce
     there): a caller that trains several runs stops too. Not ``enabled``: SIGTERM keeps its action and
-    ``requested()`` is False, with no all-reduce."""
+    ``requested()`` is False, with no all-reduce. Within :func:`sigterm_stops_run` the block takes SIGTERM over
+    and gives it back at its end, with the time of a request it recorded (the same stop's second SIGTERM, once
+    the block has ended, does not cut the run's end short)."""
     first: list[float] = []  # when the first SIGTERM came: a list, appended to without a lock (a handler that
     # takes one, as threading.Event.set does, waits for it forever when a second SIGTERM interrupts it there)
     seen = threading.Event()
     previous = None
     if enabled and threading.current_thread() is threading.main_thread():
-        if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, _terminate_run):
 
             def record(signum, frame):
                 if not first:
@@ -572,6 +610,8 @@ def sigterm_requests(enabled: bool) -> Iterator[Callable[[], bool]]:
         raise
     finally:
         if previous is not None:
+            if previous is _terminate_run and first and not _RUN_STOP:
+                _RUN_STOP.append(first[0])  # (the stop's repeat is ignored, as it was here)
             signal.signal(signal.SIGTERM, previous)
         # one more agreement (every rank is here alike: ``seen`` is the same on all): a request that reached one
         # rank after the last ``requested()`` stops every rank, not that one alone

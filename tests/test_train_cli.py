@@ -714,6 +714,42 @@ def test_a_sigterm_during_the_last_step_says_the_run_is_complete(tmp_path):
     assert again.returncode == 0 and "(already complete)" in again.stdout, again.stderr[-3000:]
 
 
+STARTUP_SIGNAL = """
+import os, signal
+import shiq_train.parallel as parallel
+_init, _remove = parallel.init_distributed, cli.remove_half_made_run
+def init_distributed(*a, **k):  # the signal comes with the run folder made and locked, before any step
+    os.kill(os.getpid(), getattr(signal, os.environ["STARTUP_SIGNAL"]))
+    return _init(*a, **k)
+def remove_half_made_run(*a):  # the same stop's second SIGTERM (Slurm's and torchrun's) during the cleanup
+    if os.environ["STARTUP_SIGNAL"] == "SIGTERM":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return _remove(*a)
+parallel.init_distributed, cli.remove_half_made_run = init_distributed, remove_half_made_run
+command_line.main()
+"""
+
+
+@pytest.mark.parametrize("name, status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_a_stop_while_the_run_starts_leaves_no_run_folder_behind(tmp_path, name, status):
+    """SIGTERM once the run folder was made and locked, before the first step, ended the process by SIGTERM's
+    own action: the folder and its .lock stayed (a Ctrl-C there, while megatron was imported or the process
+    groups started, left them too). Now either is a stop like any other: one line, the shell's status, the lock
+    released and the folder the start made removed, a second SIGTERM of the same stop during that included."""
+    out = tmp_path / "runs" / "new"
+    cmd, env = cli_command(tmp_path, f"out={out}", "train.steps=2", "train.reference=online")
+    (tmp_path / "driver.py").write_text(DRIVER.replace("command_line.main()\n", STARTUP_SIGNAL))
+    res = subprocess.run(
+        cmd, capture_output=True, text=True, cwd=REPO, env={**env, "STARTUP_SIGNAL": name}, timeout=120
+    )
+    assert res.returncode == status and "Traceback" not in res.stderr, (res.returncode, res.stderr[-3000:])
+    stopped = "terminated" if name == "SIGTERM" else "interrupted"
+    assert res.stderr.strip().splitlines()[-1] == (
+        f"shiq-train: {stopped} (the same command resumes the run from its last checkpoint, if it saved one)"
+    )
+    assert not (tmp_path / "runs").exists()
+
+
 def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
     """sigterm_requests: the first SIGTERM is recorded, not acted on (the handler stays, for a repeat of the same
     stop); a request no requested() saw raises Terminated at the block's end (a recipe training several runs
