@@ -326,6 +326,43 @@ def unfinished_steps(directory) -> list[Path]:
     return [p for p in steps if int(p.name[5:]) > after and not (p / "meta.json").exists()]
 
 
+def later_steps(directory) -> list[Path]:
+    """The saved step folders (with a ``meta.json``) of the checkpoints folder ``directory`` after its ``latest``
+    step, in step order: steps of a history a resume from ``latest`` does not continue (the pointer wound back by
+    hand to an earlier step), or a save killed between its ``meta.json`` and the pointer (a step it trains again)."""
+    latest = latest_step_dir(directory)
+    if latest is None:
+        return []
+    after = int(latest.name[5:])
+    return [p for p in step_folders(directory) if int(p.name[5:]) > after and (p / "meta.json").exists()]
+
+
+SUPERSEDED = "superseded_"  # + N: a checkpoints folder's steps of a history its run no longer continues
+
+
+def set_aside_later_steps(directory, log_lines: str = "") -> Path | None:
+    """Move :func:`later_steps` into a new folder ``directory/superseded_N`` (the first N free), with ``log_lines``
+    (the run's ``metrics.jsonl`` lines past ``latest``, which a resume drops from its log) as its
+    ``metrics.jsonl``, and return that folder (None if there is no such step). Call it when a resume from
+    ``latest`` starts to train (on rank 0): the steps it saves would otherwise stand beside steps of another
+    history, which ``shiq-eval run RUN`` reads as one run and a later resume may continue. Nothing is deleted: the
+    folder's steps and log can be read (``shiq-eval run directory/superseded_N``) or removed by hand."""
+    directory = Path(directory)
+    later = later_steps(directory)
+    if not later:
+        return None
+    n = 1
+    while (directory / f"{SUPERSEDED}{n}").exists():
+        n += 1
+    aside = directory / f"{SUPERSEDED}{n}"
+    aside.mkdir()
+    if log_lines:  # (first: a kill before the steps are moved leaves them in place, still after latest)
+        atomic_write(aside / "metrics.jsonl", lambda p: p.write_text(log_lines))
+    for step in later:
+        step.rename(aside / step.name)
+    return aside
+
+
 def check_latest(directory) -> None:
     """Refuse a checkpoint folder holding finished step folders but no ``latest`` pointer (deleted by hand, or
     a first save killed between its ``meta.json`` and the pointer): a run would take it for a new one, start

@@ -29,7 +29,15 @@ from tqdm.auto import tqdm
 from shiq_data.cli_common import EXIT_TERMINATED, LOG_LEVELS, Terminated
 from shiq_data.io import atomic_write_text, json_loads
 from shiq_train import prefix_tree
-from shiq_train.checkpoint import check_latest, latest_step_dir, load_checkpoint, remove_temporaries, save_checkpoint
+from shiq_train.checkpoint import (
+    check_latest,
+    later_steps,
+    latest_step_dir,
+    load_checkpoint,
+    remove_temporaries,
+    save_checkpoint,
+    set_aside_later_steps,
+)
 from shiq_train.dist_optim import build_distributed
 from shiq_train.model import build_model, build_model_chunks, model_chunks, unwrap
 from shiq_train.objectives import LossConfig
@@ -365,6 +373,8 @@ class Trainer:
             rank0 and _log_to_repair(self.out_dir / "metrics.jsonl", start, user)
         ):
             return []  # nothing to train: the log is not rewritten, nor a TensorBoard file or W&B run added
+        if rank0 and start:
+            self._set_aside_later_steps(start)
         if self.prefix_cache is None and self.cfg.cache_frozen_prefix and start < self.cfg.steps:
             buffer = _buffer_of(data)
             if buffer is None:
@@ -470,6 +480,21 @@ class Trainer:
             raise
         log.close()
         return history
+
+    def _set_aside_later_steps(self, start: int) -> None:
+        """Move the saved steps after the one resumed (``start``; ``checkpoints/latest`` wound back by hand) and
+        their lines of ``metrics.jsonl`` into ``checkpoints/superseded_N`` (:func:`set_aside_later_steps`), saying
+        so: the run's checkpoints and log then hold the history it continues alone."""
+        path = self.out_dir / "metrics.jsonl"
+        past = [ln for ln in _metric_lines(path) if json.loads(ln)["step"] > start] if path.is_file() else []
+        later = [p.name for p in later_steps(self.ckpt_dir)]
+        aside = set_aside_later_steps(self.ckpt_dir, "".join(ln + "\n" for ln in past))
+        if aside is not None:
+            logger.warning(
+                f"shiq-train: {self.ckpt_dir} holds {', '.join(later)} after step {start}, the one it resumes from "
+                f"(latest): moved {'it' if len(later) == 1 else 'them'}, with metrics.jsonl's lines past step {start}, "
+                f"to {aside}, out of the history it continues (delete it when it is not needed)"
+            )
 
     def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
         """The training loss of the current model on ``micro_batches`` (e.g. one pass over a held-out

@@ -750,6 +750,33 @@ def test_a_stop_while_the_run_starts_leaves_no_run_folder_behind(tmp_path, name,
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_resume_from_an_earlier_step_moves_the_later_steps_out_of_the_run(tmp_path):
+    """A run resumed from an earlier step than its newest (latest wound back by hand) kept the later step folders
+    beside the ones it saved: shiq-eval run RUN read both histories as one run. They are now moved, with their
+    lines of the log, into checkpoints/superseded_1, named in a warning; the run keeps the history it continues."""
+    run = tmp_path / "run"
+    common = [f"out={run}", "train.reference=online", "optimizer.lr=1e-3"]
+    first = run_cli(tmp_path, *common, "train.steps=4", "train.save_every=1")
+    assert first.returncode == 0, first.stderr[-3000:]
+    before = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "checkpoints" / "latest").write_text("step_00000002\n")
+
+    again = run_cli(tmp_path, *common, "train.steps=3", "train.save_every=0")
+    assert again.returncode == 0, again.stderr[-3000:]
+    ckpt = run / "checkpoints"
+    assert sorted(p.name for p in ckpt.glob("step_*")) == [f"step_0000000{i}" for i in (1, 2, 3)]
+    assert (ckpt / "latest").read_text().strip() == "step_00000003"
+    aside = ckpt / "superseded_1"
+    assert sorted(p.name for p in aside.iterdir()) == ["metrics.jsonl", "step_00000003", "step_00000004"]
+    assert (aside / "metrics.jsonl").read_text().splitlines() == before[2:]
+    assert (aside / "step_00000004" / "meta.json").is_file()
+    assert [m["step"] for m in metrics(run)] == [1, 2, 3] and (run / "metrics.jsonl").read_text().splitlines()[
+        :2
+    ] == before[:2]
+    assert f"{ckpt} holds step_00000003, step_00000004 after step 2, the one it resumes from" in again.stderr
+    assert f"to {aside}, out of the history it continues" in again.stderr
+
+
 def test_a_sigterm_request_is_seen_once_and_a_late_one_still_stops_the_caller():
     """sigterm_requests: the first SIGTERM is recorded, not acted on (the handler stays, for a repeat of the same
     stop); a request no requested() saw raises Terminated at the block's end (a recipe training several runs
