@@ -10,7 +10,8 @@ which the tests check too (they could not tell the two apart otherwise); packed 
 for the losses that read them. Asserted: the loss and every gradient equal the reference's to a relative
 1e-5 in one process (every loss); ShiQ and DPO at DP=2 (micro-batches split over the ranks; the default
 optimizer's all-reduce, and megatron's DDP with its distributed optimizer, whose loss and gradient norm are
-compared), at PP=2 (micro-batches of different shapes through the 1F1B schedule) and at TP=2; ``loss_terms``
+compared), at PP=2 (micro-batches of different shapes through the 1F1B schedule) and at TP=2; the group losses
+CoPG and DRO-V/LOO at DP=2 (each rank holding whole prompt groups), through both optimizers; ``loss_terms``
 equals the terms counted here from the rows; one micro-batch on one rank gives the mean's numbers bit for bit;
 Q♯'s value trainer weighs micro-batches by their actions.
 """
@@ -220,7 +221,11 @@ def test_a_run_started_before_the_option_resumes_only_as_it_ran(tmp_path):
 STEP_WIDE = ("reward", "log_ratio", "abs_delta_mean", "abs_delta_max", "pairs")
 
 
-def _worker(rank, world, port, tp, pp, params_path, out_dir):
+PAIRED = (("shiq", len(SHAPES)), ("dpo", len(SHAPES)))
+
+
+def _worker(rank, world, port, tp, pp, params_path, out_dir, losses=PAIRED):
+    """One rank: each ``(name, count)`` of ``losses`` over the first ``count`` micro-batches, this rank's share."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     with parallel.distributed(
@@ -231,8 +236,8 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir):
         full = torch.load(params_path, weights_only=True)
         dp_rank, dp = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         res = {}
-        for name in ("shiq", "dpo"):
-            loss, metrics, grads = run(full, micro_batches(), name, per_term=True, dp_rank=dp_rank, dp=dp)
+        for name, count in losses:
+            loss, metrics, grads = run(full, micro_batches(count), name, per_term=True, dp_rank=dp_rank, dp=dp)
             model = M.build_model(tiny_config())
             res[name] = {"loss": loss, "terms": metrics["loss_terms"], "grads": _layout(model, grads)}
             res[name]["per_row"] = {k: metrics[k] for k in STEP_WIDE if k in metrics}
@@ -240,7 +245,7 @@ def _worker(rank, world, port, tp, pp, params_path, out_dir):
             M.load_full_parameters(model, full)
             model.config.calculate_per_token_loss = True  # before DDP: it then sums over ranks
             ddp, opt, sched = build_distributed(model, OptimizerConfig(**{**OPT.__dict__, "distributed": True}))
-            mbs = micro_batches()
+            mbs = micro_batches(count)
             m = train_step(ddp, opt, sched, mbs[dp_rank::dp] if dp > 1 else mbs, _loss(name), OPT.clip_grad)
             res[name]["ddp"] = (m["loss"], m["grad_norm"], m["loss_terms"])
         res["tp_rank"] = ps.get_tensor_model_parallel_rank()
@@ -333,3 +338,32 @@ def test_the_value_trainer_refuses_the_mean_of_micro_batch_means():
     cfg["train"]["loss_average"] = "micro_batch"
     with pytest.raises(ValueError, match=r"train.loss_average=micro_batch: loss=qsharp_value averages"):
         value_config_from_run(cfg, 64)
+
+
+@pytest.mark.parametrize("name,count", [("copg", len(SHAPES)), ("dro_v_loo", 2)])
+def test_group_losses_at_dp2_are_the_mean_over_all_terms(params, tmp_path, name, count):
+    """CoPG's and the leave-one-out DRO-V's terms are prompt groups and their trajectories (SHIQ_MATH §5): at
+    DP=2, each rank holding whole groups, the step's loss, gradients and ``loss_terms`` are those of every row as
+    one micro-batch in one process, through the default optimizer's all-reduce and megatron's distributed
+    optimizer. (DRO-V/LOO on 2 micro-batches: a group of one takes its value from its micro-batch's rows, see
+    above.)"""
+    path = tmp_path / "params.pt"
+    torch.save(params, path)
+    with parallel.distributed(seed=SEED):
+        loss, _, grads = run(params, one_micro_batch(count), name, per_term=False)
+        model = M.build_model(tiny_config())
+        M.load_full_parameters(model, params)
+        opt, sched = build_optimizer(model, OPT)
+        norm = train_step(model, opt, sched, one_micro_batch(count), _loss(name), OPT.clip_grad)["grad_norm"]
+        legacy, _, _ = run(params, micro_batches(count), name, per_term=False)  # the two averages differ here
+    assert abs(legacy - loss) > 1e-3 * abs(loss), (name, legacy, loss)
+    args = (2, parallel.free_port(), 1, 1, str(path), str(tmp_path), ((name, count),))
+    spawn(_worker, args=args, nprocs=2)
+    for rank in range(2):
+        r = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)[name]
+        assert r["terms"] == r["ddp"][2] == counted_terms(name, count) > 0
+        assert _rel(torch.tensor(r["loss"]), torch.tensor(loss)) < TOL, (rank, r["loss"], loss)
+        assert _rel(torch.tensor(r["ddp"][0]), torch.tensor(loss)) < TOL, (rank, r["ddp"][0], loss)
+        assert _rel(torch.tensor(r["ddp"][1]), torch.tensor(norm)) < TOL, (rank, r["ddp"][1], norm)
+        for k, g in grads.items():
+            assert _rel(r["grads"][k][3], g) < TOL, f"{name} {k}: relative difference {_rel(r['grads'][k][3], g):.2e}"
