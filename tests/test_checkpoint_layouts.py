@@ -6,7 +6,8 @@ decay, warm-up and cosine decay, so moments, step and schedule all matter), glob
 micro-batches of 2 rows. The reference is one uninterrupted single-process run of 6 steps. The same initial
 parameters train 3 steps at TP2×PP2 (4 gloo processes) and save; that checkpoint resumes for 3 more steps
 at TP1×PP1 (1 process) and at DP2 (2 processes, one micro-batch each: the same global batches); and the
-reference's own step-3 checkpoint resumes at TP2×PP2. Asserted:
+reference's own step-3 checkpoint resumes at TP2×PP2; a TP2 checkpoint (2 processes) resumes at PP2, and both
+its checkpoints read offline (as export reads them) are the reference's parameters. Asserted:
 all 6 losses equal the reference's within a relative 1e-5 (as in ``tests/test_parallel_parity.py``), and
 the resumed single process's final parameters equal the reference's. Also: a checkpoint of another model
 shape is refused in one line, in the saved layout and in another one.
@@ -119,9 +120,9 @@ def _worker(rank, ports, d):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    """The buffer, the uninterrupted 6-step reference, a TP2×PP2 checkpoint of step 3 (same initial
-    parameters) and its DP2 continuation (steps 4-6)."""
+def reference(tmp_path_factory):
+    """The buffer, the initial parameters (``init.pt``) and the uninterrupted 6-step single-process reference,
+    saved at steps 3 and 6."""
     d = tmp_path_factory.mktemp("layouts")
     make_buffer(d / "buffer")
     warnings.filterwarnings("ignore")
@@ -131,6 +132,14 @@ def runs(tmp_path_factory):
         torch.save(init, d / "init.pt")
         ref_losses = train(d / "reference", d / "buffer", 6, init, save_every=3)
         ref_final = gather_full_parameters(_loaded(d / "reference" / "checkpoints"))  # the reference's last model
+    return {"dir": d, "ref_losses": ref_losses, "ref_final": ref_final}
+
+
+@pytest.fixture(scope="module")
+def runs(reference):
+    """The reference, a TP2×PP2 checkpoint of step 3 (same initial parameters) and its DP2 continuation
+    (steps 4-6)."""
+    d, ref_losses, ref_final = reference["dir"], reference["ref_losses"], reference["ref_final"]
     shutil.copytree(d / "reference", d / "into_tp2pp2")  # resumable at the reference's step 3
     shutil.rmtree(d / "into_tp2pp2" / "checkpoints" / "step_00000006")
     (d / "into_tp2pp2" / "checkpoints" / "latest").write_text("step_00000003\n")
@@ -200,6 +209,52 @@ def test_one_process_checkpoint_resumes_at_tp2xpp2(runs):
     assert len(runs["into"]) == 3 and _rel(got, runs["ref_losses"]) < TOL, (got, runs["ref_losses"])
     out = runs["dir"] / "into_tp2pp2" / "checkpoints" / "step_00000006"
     assert json.loads((out / "meta.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
+
+
+def _tp2_then_pp2_worker(rank, ports, d):
+    """TP2 on 2 processes: 3 steps from the reference's initial parameters, saved; then a copy of that
+    checkpoint resumed at PP2 (a new process group of the same 2 processes) for 3 more steps."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    d = Path(d)
+    url = "tcp://127.0.0.1:{}".format
+    layout = parallel.ParallelConfig(2, 1)
+    with parallel.distributed(layout, rank=rank, world_size=2, init_method=url(ports[0]), seed=99):
+        first = train(d / "tp2", d / "buffer", 3, torch.load(d / "init.pt", weights_only=True))
+    if rank == 0:
+        shutil.copytree(d / "tp2", d / "tp2_pp2")  # before joining the PP2 group, which waits for rank 0
+    layout = parallel.ParallelConfig(1, 2)
+    with parallel.distributed(layout, rank=rank, world_size=2, init_method=url(ports[1]), seed=7):
+        more = train(d / "tp2_pp2", d / "buffer", 6)
+    if rank == 0:
+        (d / "tp2_pp2.json").write_text(json.dumps(first + more))
+
+
+def test_a_tp2_checkpoint_resumes_at_pp2_and_exports_the_one_process_weights(reference):
+    """Tensor-parallel shards saved at TP2 resume as pipeline stages at PP2 (every parameter whole, the layers
+    split over the ranks, the AdamW moments with them): the 6 losses are the uninterrupted one-process run's,
+    and the step-3 (TP2) and step-6 (PP2) checkpoints read offline, as ``shiq-train export`` reads them, are the
+    one-process run's parameters at those steps."""
+    from shiq_train.export import full_parameters_from_checkpoint
+
+    d = reference["dir"]
+    spawn(_tp2_then_pp2_worker, args=((parallel.free_port(), parallel.free_port()), str(d)), nprocs=2)
+    got = json.loads((d / "tp2_pp2.json").read_text())
+    print("reference", reference["ref_losses"], "\nTP2 then PP2", got)
+    assert len(got) == 6 and _rel(got, reference["ref_losses"]) < TOL, (got, reference["ref_losses"])
+    for step, layout, files in (
+        (3, {"tp": 2, "pp": 1, "dp": 1}, ["rank_tp0_pp0_dp0.pt", "rank_tp1_pp0_dp0.pt"]),
+        (6, {"tp": 1, "pp": 2, "dp": 1}, ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp1_dp0.pt"]),
+    ):
+        saved = d / "tp2_pp2" / "checkpoints" / f"step_{step:08d}"
+        assert json.loads((saved / "meta.json").read_text())["layout"] == layout
+        assert sorted(p.name for p in saved.glob("rank_*.pt")) == files
+        want = full_parameters_from_checkpoint(d / "reference" / "checkpoints" / f"step_{step:08d}", 2)
+        exported = full_parameters_from_checkpoint(saved, 2)
+        assert sorted(exported) == sorted(want) == sorted(reference["ref_final"])
+        for k in want:  # (AdamW's rounding-level steps: see test_tp2xpp2_checkpoint_resumes_in_one_process)
+            assert want[k].shape == exported[k].shape and _rel(exported[k], want[k]) < 3e-4, (step, k)
+    assert all(torch.equal(want[k], reference["ref_final"][k]) for k in want)  # step 6 read offline
 
 
 def _distributed_dp2_worker(rank, port, d):
