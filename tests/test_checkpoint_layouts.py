@@ -6,7 +6,8 @@ decay, warm-up and cosine decay, so moments, step and schedule all matter), glob
 micro-batches of 2 rows. The reference is one uninterrupted single-process run of 6 steps. The same initial
 parameters train 3 steps at TP2×PP2 (4 gloo processes) and save; that checkpoint resumes for 3 more steps
 at TP1×PP1 (1 process) and at DP2 (2 processes, one micro-batch each: the same global batches); and the
-reference's own step-3 checkpoint resumes at TP2×PP2; a TP2 checkpoint (2 processes) resumes at PP2, and both
+reference's own step-3 checkpoint resumes at TP2×PP2; a TP2 checkpoint (2 processes; with and without sequence
+parallelism) resumes at PP2, and both
 its checkpoints read offline (as export reads them) are the reference's parameters. Asserted:
 all 6 losses equal the reference's within a relative 1e-5 (as in ``tests/test_parallel_parity.py``), and
 the resumed single process's final parameters equal the reference's. Also: a checkpoint of another model
@@ -67,14 +68,16 @@ def make_buffer(path: Path):
     write_buffer(rows, path, tokenizer_info=tok, command=["t"], shard_rows=10, progress=False, ref_model={"n": 1})
 
 
-def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False, last=-1) -> list[float]:
+def train(
+    out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=False, last=-1, sp=False
+) -> list[float]:
     """Train (or resume, if ``out_dir`` holds a checkpoint) until ``steps`` in the current layout, from the
     full parameters ``init`` (with megatron's distributed optimizer if ``distributed``; only the ``last`` layers
-    trained, all with -1); returns the losses of the steps run (every rank)."""
+    trained, all with -1; with sequence parallelism if ``sp``); returns the losses of the steps run (every rank)."""
     from megatron.core import parallel_state as ps
 
     dp = ps.get_data_parallel_world_size()
-    model = M.build_model(tiny_config())
+    model = M.build_model(tiny_config(sequence_parallel=sp))
     if init is not None:
         M.load_full_parameters(model, init)
     trainer = Trainer(
@@ -91,6 +94,7 @@ def train(out_dir, buffer_dir, steps: int, init=None, save_every=0, distributed=
         seed=SEED,
         dp_rank=ps.get_data_parallel_rank(),
         dp_world=dp,
+        width_multiple=M.width_multiple(tiny_config(sequence_parallel=sp), ps.get_tensor_model_parallel_world_size()),
     )
     return [h["loss"] for h in trainer.fit(data)]
 
@@ -211,42 +215,47 @@ def test_one_process_checkpoint_resumes_at_tp2xpp2(runs):
     assert json.loads((out / "meta.json").read_text())["layout"] == {"tp": 2, "pp": 2, "dp": 1}
 
 
-def _tp2_then_pp2_worker(rank, ports, d):
-    """TP2 on 2 processes: 3 steps from the reference's initial parameters, saved; then a copy of that
-    checkpoint resumed at PP2 (a new process group of the same 2 processes) for 3 more steps."""
+def _tp2_then_pp2_worker(rank, ports, d, sp):
+    """TP2 on 2 processes (with sequence parallelism if ``sp``): 3 steps from the reference's initial parameters,
+    saved; then a copy of that checkpoint resumed at PP2 (a new process group of the same 2 processes) for 3 more
+    steps."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     d = Path(d)
     url = "tcp://127.0.0.1:{}".format
     layout = parallel.ParallelConfig(2, 1)
     with parallel.distributed(layout, rank=rank, world_size=2, init_method=url(ports[0]), seed=99):
-        first = train(d / "tp2", d / "buffer", 3, torch.load(d / "init.pt", weights_only=True))
+        first = train(d / f"tp2-sp{sp:d}", d / "buffer", 3, torch.load(d / "init.pt", weights_only=True), sp=sp)
     if rank == 0:
-        shutil.copytree(d / "tp2", d / "tp2_pp2")  # before joining the PP2 group, which waits for rank 0
+        shutil.copytree(
+            d / f"tp2-sp{sp:d}", d / f"tp2-sp{sp:d}_pp2"
+        )  # before joining the PP2 group, which waits for rank 0
     layout = parallel.ParallelConfig(1, 2)
     with parallel.distributed(layout, rank=rank, world_size=2, init_method=url(ports[1]), seed=7):
-        more = train(d / "tp2_pp2", d / "buffer", 6)
+        more = train(d / f"tp2-sp{sp:d}_pp2", d / "buffer", 6)
     if rank == 0:
-        (d / "tp2_pp2.json").write_text(json.dumps(first + more))
+        (d / f"tp2-sp{sp:d}_pp2.json").write_text(json.dumps(first + more))
 
 
-def test_a_tp2_checkpoint_resumes_at_pp2_and_exports_the_one_process_weights(reference):
-    """Tensor-parallel shards saved at TP2 resume as pipeline stages at PP2 (every parameter whole, the layers
-    split over the ranks, the AdamW moments with them): the 6 losses are the uninterrupted one-process run's,
-    and the step-3 (TP2) and step-6 (PP2) checkpoints read offline, as ``shiq-train export`` reads them, are the
-    one-process run's parameters at those steps."""
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sequence-parallel"])
+def test_a_tp2_checkpoint_resumes_at_pp2_and_exports_the_one_process_weights(reference, sp):
+    """Tensor-parallel shards saved at TP2 (with sequence parallelism too: micro-batch widths padded to a
+    multiple of 2) resume as pipeline stages at PP2 (every parameter whole, the layers split over the ranks, the
+    AdamW moments with them): the 6 losses are the uninterrupted one-process run's, and the step-3 (TP2) and
+    step-6 (PP2) checkpoints read offline, as ``shiq-train export`` reads them, are the one-process run's
+    parameters at those steps."""
     from shiq_train.export import full_parameters_from_checkpoint
 
     d = reference["dir"]
-    spawn(_tp2_then_pp2_worker, args=((parallel.free_port(), parallel.free_port()), str(d)), nprocs=2)
-    got = json.loads((d / "tp2_pp2.json").read_text())
+    spawn(_tp2_then_pp2_worker, args=((parallel.free_port(), parallel.free_port()), str(d), sp), nprocs=2)
+    got = json.loads((d / f"tp2-sp{sp:d}_pp2.json").read_text())
     print("reference", reference["ref_losses"], "\nTP2 then PP2", got)
     assert len(got) == 6 and _rel(got, reference["ref_losses"]) < TOL, (got, reference["ref_losses"])
     for step, layout, files in (
         (3, {"tp": 2, "pp": 1, "dp": 1}, ["rank_tp0_pp0_dp0.pt", "rank_tp1_pp0_dp0.pt"]),
         (6, {"tp": 1, "pp": 2, "dp": 1}, ["rank_tp0_pp0_dp0.pt", "rank_tp0_pp1_dp0.pt"]),
     ):
-        saved = d / "tp2_pp2" / "checkpoints" / f"step_{step:08d}"
+        saved = d / f"tp2-sp{sp:d}_pp2" / "checkpoints" / f"step_{step:08d}"
         assert json.loads((saved / "meta.json").read_text())["layout"] == layout
         assert sorted(p.name for p in saved.glob("rank_*.pt")) == files
         want = full_parameters_from_checkpoint(d / "reference" / "checkpoints" / f"step_{step:08d}", 2)
