@@ -676,6 +676,27 @@ def test_a_stage_whose_resharded_optimizer_state_does_not_fit_stops_every_rank(t
     assert "in optimizer group" in got[1] and got[0] == got[1], got
 
 
+def test_a_checkpoint_without_parameter_layouts_is_refused_in_another_layout_on_every_rank(tmp_path):
+    """A rank file of the first format (no ``params``: the parameters' full names and tensor-parallel layouts)
+    cannot be cut for another layout: at PP2, the one-process checkpoint of that format is refused on every rank
+    in one line naming the file and the layout it resumes in."""
+    from shiq_train.checkpoint import BY_NAME, save_hashed
+
+    make_buffer(tmp_path / "buffer")
+    warnings.filterwarnings("ignore")
+    with parallel.distributed(seed=99):
+        train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1)
+    one = tmp_path / "run" / "checkpoints" / "step_00000001" / "rank_tp0_pp0_dp0.pt"
+    state = torch.load(one, weights_only=True)
+    assert state["format"] in BY_NAME and isinstance(state["params"], dict)
+    del state["params"]
+    save_hashed({**state, "format": 1}, one)
+    spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
+    got = [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
+    want = f"{one}: written without the parameter layouts (an older shiq_train), so it resumes only in its own layout tp=1 pp=1 dp=1"
+    assert got == [want, want], got
+
+
 def _one_rank_fails_worker(rank, port, d):
     """PP2 loads of the one-process checkpoint (steps 1 and 2) where rank 1 alone fails: ``memory``, host memory
     runs out while it loads its optimizer state; ``meta``, it reads another step folder than rank 0 (a folder not
