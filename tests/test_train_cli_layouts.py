@@ -359,3 +359,28 @@ def test_collectives_wait_parallel_timeout_minutes(monkeypatch):
     for config, minutes in ((parallel.ParallelConfig(), 30), (parallel.ParallelConfig(timeout_minutes=90), 90)):
         with parallel.distributed(config, seed=0):
             assert seen["timeout"].total_seconds() == 60 * minutes
+
+
+@pytest.mark.parametrize(
+    "option, missing",
+    [
+        ("parallel.backend=nccl", "needs a CUDA GPU and NCCL, but no CUDA GPU is visible"),
+        ("model.transformer_impl=transformer_engine", "needs a CUDA GPU and Transformer Engine (GPU available: False"),
+        ("model.fp8=hybrid", "needs a CUDA GPU with FP8 support"),
+        ("parallel.cp=2", ": context parallelism needs a CUDA GPU and Transformer Engine"),
+    ],
+)
+def test_gpu_only_options_are_refused_on_the_cpu_in_one_line(tmp_path, option, missing):
+    """On this machine (no GPU, no Transformer Engine) each GPU-only option chosen on the command line stops
+    ``shiq-train`` with status 2 and one line naming the option and what is missing, no traceback, no run folder."""
+    import torch
+    from test_train_cli import run_cli
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is visible")
+    res = run_cli(tmp_path, f"out={tmp_path / 'run'}", "train.steps=1", "train.reference=online", option)
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 2 and len(lines) == 1, res.stderr[-3000:]
+    name = option.split("=")[0]
+    assert lines[0].startswith(f"shiq-train: error: {name}") and missing in lines[0], lines
+    assert not (tmp_path / "run").exists()
