@@ -549,6 +549,83 @@ def test_a_finished_arms_checkpoint_goes_only_once_the_stage_is_recorded(tmp_pat
     assert not [m for m in log if "could not delete" in m]
 
 
+def test_an_arm_stopped_by_sigterm_counts_every_process_s_training_seconds_once(tmp_path, monkeypatch):
+    """An arm that SIGTERM stopped while training (SavedOnSigterm: the step under way saved) resumes on the same
+    command, but eval.json's train_seconds counted only the process that finished. The seconds of a stopped
+    process (or of one whose training ended before its evaluation was stopped) are kept in train_stopped.json
+    for the next to add, and not counted once the checkpoints they saved are gone."""
+    import contextlib
+    import types
+
+    import transformers
+
+    from shiq_train.trainer import SavedOnSigterm
+
+    clock = iter(range(0, 1000, 10))  # each reading 10 s after the one before
+    monkeypatch.setattr(bfcl, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    run = tmp_path / "runs" / "shiq"
+    fits, evals = [], []
+
+    def save(step):
+        ckpt = run / "checkpoints"
+        (ckpt / f"step_{step:08d}").mkdir(parents=True, exist_ok=True)
+        (ckpt / "latest").write_text(f"step_{step:08d}")
+
+    def fit(sampler):
+        fits.append(len(fits))
+        run.mkdir(parents=True, exist_ok=True)
+        if len(fits) == 1:  # stopped in step 2 of 4: saved for the rerun
+            save(2)
+            raise SavedOnSigterm(2)
+        if len(fits) == 2:  # stopped in its last step: the run complete
+            save(4)
+            raise SavedOnSigterm(4, complete=True)
+        # later: nothing left to train
+
+    def evaluate(ctx, policy, ref):
+        evals.append(len(evals))
+        if len(evals) == 1:  # the evaluation of the trained policy stopped (Ctrl-C)
+            raise KeyboardInterrupt
+        return {"turns": [], "eval_seconds": 1.0}
+
+    tiny = transformers.LlamaConfig(
+        vocab_size=8, hidden_size=4, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1
+    )
+    model = types.SimpleNamespace(config=tiny)  # the policy evaluated: a tiny Llama, its parameters as built
+    monkeypatch.setattr(bfcl, "parallel", types.SimpleNamespace(distributed=lambda seed: contextlib.nullcontext()))
+    monkeypatch.setattr(bfcl, "megatron_policy", lambda ref, **kw: model)
+    buffer = types.SimpleNamespace(path=tmp_path / "buffer", manifest={"tokenizer": {}})
+    monkeypatch.setattr(bfcl, "open_buffer", lambda path: buffer)
+    monkeypatch.setattr(bfcl, "recipe_trainer", lambda *a, **kw: types.SimpleNamespace(fit=fit))
+    monkeypatch.setattr(bfcl, "BufferSampler", lambda *a, **kw: None)
+    monkeypatch.setattr(bfcl, "gather_full_parameters", lambda m: {})
+    monkeypatch.setattr(bfcl, "_hf_shape", lambda ctx: types.SimpleNamespace(tied=True))  # (strict=False)
+    monkeypatch.setattr(bfcl, "megatron_to_llama", lambda full, shape: {})
+    monkeypatch.setattr(bfcl, "evaluate", evaluate)
+    cfg = {"seed": 0, "train": {"steps": 4, "groups_per_step": 1, "trainable_last_layers": 1}}
+    cfg |= {"data": {"edits_per_scenario": 1}, "methods": {"shiq": {"beta": 0.1}}}
+    ctx = types.SimpleNamespace(
+        cfg=cfg,
+        out=tmp_path,
+        reference=(model, None),
+        prefix_caches=types.SimpleNamespace(get=lambda *a: None),
+        progress=False,
+    )
+    for stop in (SavedOnSigterm, SavedOnSigterm, KeyboardInterrupt):
+        with pytest.raises(stop):
+            bfcl.stage_train(ctx, "shiq")
+    bfcl.stage_train(ctx, "shiq")
+    assert (len(fits), len(evals)) == (4, 2)
+    assert json.loads((run / "eval.json").read_text())["train_seconds"] == 40  # 10 s in each of the 4 processes
+    assert not (run / "train_stopped.json").exists()
+    # the seconds of a stopped process whose checkpoints are gone: not counted (its training is done again)
+    (run / "eval.json").unlink()
+    (run / "train_stopped.json").write_text(json.dumps({"train_seconds": 500.0}))
+    (run / "checkpoints" / "latest").unlink()
+    bfcl.stage_train(ctx, "shiq")
+    assert json.loads((run / "eval.json").read_text())["train_seconds"] == 10
+
+
 def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
     """A seed's run folder as the recipe leaves it: report.json (reference and arm summaries) and each
     arm's per-turn evaluation, with random values; 1 to 3 turns per scenario."""

@@ -3,7 +3,8 @@ SmolLM2-135M-Instruct on turn-rewarded trajectories and scored on held-out scena
 
 The embedded default is ``configs/bfcl.yaml``. Stages (each writes its outputs atomically and is
 recorded in ``DIR/stages.json`` with its wall time; the same command skips finished stages, and an
-interrupted training run resumes from its newest checkpoint):
+interrupted training run resumes from its newest checkpoint, its ``train_seconds`` those of every process
+that trained it, kept in ``runs/<method>/train_stopped.json`` until its evaluation is written):
 
 1. ``data`` — for each training scenario of the 160/40 split (``multi_turn_base``) that the training reads
    (``data.buffer: visited``: a seeded ``train.steps x train.groups_per_step`` of them; ``all``): its ground truth
@@ -116,10 +117,11 @@ from shiq_eval.recipes.side_by_side import run_each, threads_per_job
 from shiq_eval.report import plot_frontier
 from shiq_eval.suite import SEED_MAX
 from shiq_train import parallel
-from shiq_train.checkpoint import gather_full_parameters
+from shiq_train.checkpoint import gather_full_parameters, latest_step_dir
 from shiq_train.hf_convert import LlamaShape, load_smollm2, megatron_to_llama
 from shiq_train.objectives import LOSSES
 from shiq_train.reference import hf_stats_fn
+from shiq_train.trainer import SavedOnSigterm
 
 PROG = "shiq-bfcl"
 CONFIG = config_dir() / "bfcl.yaml"
@@ -468,6 +470,15 @@ def stage_train(ctx: Context, arm: str) -> None:
     ref, _ = ctx.reference
     sft = method == "sft"
     group = 1 if sft else 1 + d["edits_per_scenario"]
+    # the training seconds of the processes a SIGTERM stopped (saved for the next to resume) or that trained to
+    # the end before the evaluation was stopped, for eval.json's train_seconds; counted only while the
+    # checkpoints they saved are there to resume from
+    stopped = run / "train_stopped.json"
+    before = 0.0
+    if stopped.is_file() and latest_step_dir(run / "checkpoints") is not None:
+        before = read_json(stopped, keys=("train_seconds",))["train_seconds"]
+        if (want := field_problem("number", before)) is not None:
+            raise ValueError(f"{stopped}: field 'train_seconds' must be {want}, got {json.dumps(before)[:40]}{REDO}")
     t0 = time.perf_counter()
     with parallel.distributed(seed=cfg["seed"]):
         model = megatron_policy(ref, logits_chunk_tokens=LOGITS_CHUNK_TOKENS)
@@ -493,9 +504,14 @@ def stage_train(ctx: Context, arm: str) -> None:
             seed=cfg["seed"],
             mode="groups",
         )
-        trainer.fit(sampler)
+        try:
+            trainer.fit(sampler)
+        except SavedOnSigterm:  # the step under way saved: the same command resumes there
+            atomic_write_json(stopped, {"train_seconds": before + time.perf_counter() - t0})
+            raise
         full = gather_full_parameters(model)
-    train_seconds = time.perf_counter() - t0
+    train_seconds = before + time.perf_counter() - t0
+    atomic_write_json(stopped, {"train_seconds": train_seconds})  # for a rerun after a stop in the evaluation
     policy = LlamaForCausalLM(ref.config).eval()
     shape = _hf_shape(ctx)
     policy.load_state_dict(megatron_to_llama(full, shape), strict=not shape.tied)
@@ -503,6 +519,7 @@ def stage_train(ctx: Context, arm: str) -> None:
     res = evaluate(ctx, policy, ref)
     res.update(method=arm, beta=arm_beta(cfg, arm), steps=t["steps"], train_seconds=train_seconds)
     atomic_write_json(run / "eval.json", res)
+    stopped.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------
