@@ -9,6 +9,7 @@ import itertools
 import json
 import math
 import os
+import re
 
 import numpy as np
 import pandas as pd
@@ -452,6 +453,10 @@ def test_an_option_of_the_other_experiment_is_refused(tmp_path, capsys):
         assert not os.listdir(tmp_path)
 
 
+# each count option's largest value (the help texts say it)
+COUNT_MAX = {"--seeds": 10_000, "--steps": 1_000_000, "--epochs": 1_000, "--n-pairs": 100_000}
+
+
 @pytest.mark.parametrize("flag", ["--seeds", "--steps", "--epochs", "--n-pairs"])
 def test_a_count_below_one_is_named_with_its_value(tmp_path, capsys, flag):
     """ "--seeds and --steps must be >= 1" named neither the one given nor its value."""
@@ -459,8 +464,31 @@ def test_a_count_below_one_is_named_with_its_value(tmp_path, capsys, flag):
     with pytest.raises(SystemExit) as e:
         toys.main([*argv, "--protocol", "epochs"] if flag == "--epochs" else argv)
     err = capsys.readouterr().err
-    assert e.value.code == 2 and f"shiq-toys: error: argument {flag}: must be >= 1, got 0" in err, err
+    assert e.value.code == 2 and f"shiq-toys: error: argument {flag}: must be in 1..{COUNT_MAX[flag]}, got 0" in err
     assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("flag", ["--seeds", "--steps", "--epochs"])
+def test_a_count_beyond_its_bound_is_refused_naming_the_option(tmp_path, capsys, flag):
+    """--seeds, --steps and --epochs had no upper bound: a huge --seeds built its job list until memory ran out (a
+    MemoryError traceback), a huge --steps or --epochs ran for ever. Each is refused past its bound, before any
+    run, and its help says the bound."""
+    for n in (COUNT_MAX[flag] + 1, 10**20):
+        # (--center-rewards, refused for the grid world once the line is parsed: a count let through fails fast)
+        argv = ["gridworld", flag, str(n), "--center-rewards", "--out", str(tmp_path / "out")]
+        with pytest.raises(SystemExit) as e:
+            toys.main([*argv, "--protocol", "epochs"] if flag == "--epochs" else argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2, err
+        assert err.strip().splitlines()[-1] == (
+            f"shiq-toys: error: argument {flag}: must be in 1..{COUNT_MAX[flag]}, got {n} (see shiq-toys --help)"
+        )
+        assert "Traceback" not in err and not os.listdir(tmp_path)
+    with pytest.raises(SystemExit):
+        toys.main(["--help"])
+    blocks = re.split(r"\n(?=  -)", capsys.readouterr().out)  # an option's help starts its line with "  -"
+    block = next(" ".join(b.split()) for b in blocks if b.lstrip().startswith(f"{flag} "))
+    assert f"at most {COUNT_MAX[flag]:,})" in block, block
 
 
 def test_workers_beyond_the_process_bound_are_refused_naming_the_option(tmp_path, capsys):

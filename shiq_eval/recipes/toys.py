@@ -616,6 +616,14 @@ def grid_experiment(out: str, cfgs: dict[str, GridConfig], workers: int, progres
     return obj
 
 
+# Bounds of the runs' sizes (--seeds, --steps, --epochs), each far past its default (5 seeds, 2000 steps, 10
+# epochs): a huge --seeds built its job list until memory ran out (a MemoryError traceback), a huge --steps or
+# --epochs ran for ever
+SEEDS_MAX = 10_000
+STEPS_MAX = 1_000_000
+EPOCHS_MAX = 1_000  # (the epochs protocol's plot has a tick per epoch)
+
+
 def main(argv=None) -> int:
     p = ArgumentParser(
         prog="shiq-toys",
@@ -644,13 +652,18 @@ def main(argv=None) -> int:
         help="run again and replace the results of an earlier run in --out (one of other settings is refused "
         "otherwise; one of the same settings is kept)",
     )
-    p.add_argument("--seeds", type=int_at_least(1), default=None, help="seeds per method (default 5; quick: 2)")
+    p.add_argument(
+        "--seeds",
+        type=int_at_least(1, SEEDS_MAX),
+        default=None,
+        help=f"seeds per method (default 5; quick: 2; at most {SEEDS_MAX:,})",
+    )
     p.add_argument(
         "--steps",
-        type=int_at_least(1),
+        type=int_at_least(1, STEPS_MAX),
         default=None,
         help="gradient steps per run, overrides both experiments' defaults "
-        f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60)",
+        f"(bandit {BanditConfig.steps}, gridworld {GridConfig.steps}; quick: 60; at most {STEPS_MAX:,})",
     )
     p.add_argument(
         "--center-rewards",
@@ -674,7 +687,10 @@ def main(argv=None) -> int:
         "one run gives the 1-epoch and 10-epoch results",
     )
     p.add_argument(
-        "--epochs", type=int_at_least(1), default=None, help="passes over the data with --protocol epochs (default 10)"
+        "--epochs",
+        type=int_at_least(1, EPOCHS_MAX),
+        default=None,
+        help=f"passes over the data with --protocol epochs (default 10, at most {EPOCHS_MAX:,})",
     )
     p.add_argument(
         "--n-pairs",
