@@ -318,10 +318,10 @@ def test_report_over_several_models_gives_one_leaderboard_row_each(tmp_path, cap
     rep = json.loads(out.read_text())
     assert rep["models"]["mixed.jsonl"]["categories"]["multi_turn_base"]["accuracy"] == 0.5
     assert "| 3 | silent.jsonl | 0.00% |" in capsys.readouterr().out
-    # One model's file given twice still holds each entry twice: a one-line error naming the model.
+    # One model's file given twice: a one-line error naming the file (test_report_refuses_a_file_given_twice_first).
     assert cli.main(["report", str(gt), str(gt)]) == 2
     err = capsys.readouterr().err
-    assert re.search(r"model 'ground truth'.*appears twice", err) and len(err.strip().splitlines()) == 1
+    assert f"{gt}: given twice (the same file as {gt})" in err and len(err.strip().splitlines()) == 1, err
     # an output that is an input replaced it (exit 0); one that is a folder failed after writing the others
     saved = gt.read_bytes()
     for argv, needle in [
@@ -980,6 +980,27 @@ def test_to_buffer_refuses_a_file_given_twice(tmp_path, capsys):
     assert cli.main(["to-buffer", str(path), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert f"--out {tmp_path / 'b'} already exists; choose a new folder" in err and "append" not in err, err
+
+
+def test_report_refuses_a_file_given_twice_first(tmp_path, capsys, monkeypatch):
+    """report of one file twice (or of a copy of it) checked every trajectory's verdict again before refusing
+    that a trajectory id "appears twice", in a line naming the model, not the file. The file is refused first."""
+    entry = data.load_entry("multi_turn_base", 0)
+    path = tmp_path / "t.jsonl"
+    path.write_text(json.dumps(ro.rollout_entry(entry, ro.ScriptedPolicy.ground_truth(entry))) + "\n")
+    (tmp_path / "copy.jsonl").write_bytes(path.read_bytes())
+    checked = []
+    monkeypatch.setattr(cli, "_check_verdict", lambda t, where: checked.append(where))
+    for second in (path, tmp_path / "copy.jsonl"):
+        assert cli.main(["report", str(path), str(second), "--out", str(tmp_path / "r.json")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (
+            f"shiq-eval bfcl: error: {second}: given twice (the same file as {path}): each trajectory would be "
+            "counted twice"
+        ), err
+        assert checked == [] and not (tmp_path / "r.json").exists()
+    assert cli.main(["report", str(path), "--out", str(tmp_path / "r.json")]) == 0  # once: reported
+    assert len(checked) == 1 and json.loads((tmp_path / "r.json").read_text())["overall"]["n"] == 1
 
 
 def test_a_trajectory_cut_to_fewer_turns_by_the_recipe_is_reported(tmp_path, capsys):

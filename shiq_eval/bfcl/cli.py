@@ -338,9 +338,22 @@ def _check_verdict(t: dict, where: str) -> None:
             )
 
 
+def _refuse_given_twice(paths: list[str], consequence: str) -> None:
+    """Refuse an input file given twice, or a copy of one (the same bytes), naming it; ``consequence``: what
+    reading it twice would do."""
+    seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
+    for path in paths:
+        key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
+        if key in seen:
+            raise ValueError(f"{path}: given twice (the same file as {seen[key]}): {consequence}")
+        seen[key] = str(path)
+
+
 def _cmd_report(args) -> int:
     outputs = {"--out": args.out, "--csv": args.csv, "--markdown": args.markdown}
     check_output_files([*args.trajectories, *_split_input(args)], outputs, args.overwrite)
+    # before any trajectory is read and checked again (its ids were refused as repeated only after that)
+    _refuse_given_twice(args.trajectories, "each trajectory would be counted twice")
     # One group per model: the name a trajectory records, else its file's name.
     groups: dict[str, list[tuple[str, dict]]] = {}
     wheres: dict[int, str] = {}  # each trajectory's file, line and id, for a refusal of its verdict
@@ -452,14 +465,8 @@ def _cmd_to_buffer(args) -> int:
         raise FileExistsError(
             f"--out {args.out} is a symbolic link (to {os.readlink(out)}, which does not exist): choose a new folder"
         )
-    seen: dict[str, str] = {}  # each input's bytes (a missing file: its name) -> its path
-    for path in args.trajectories:  # one file given twice doubled every trajectory (report refuses a repeated id)
-        key = hashlib.sha256(Path(path).read_bytes()).hexdigest() if Path(path).is_file() else str(path)
-        if key in seen:
-            raise ValueError(
-                f"{path}: given twice (the same file as {seen[key]}): each trajectory would be written twice"
-            )
-        seen[key] = str(path)
+    # one file given twice doubled every trajectory (report refuses a repeated id)
+    _refuse_given_twice(args.trajectories, "each trajectory would be written twice")
     read = [(path, i, t) for path in args.trajectories for i, t in enumerate(read_trajectories(path), 1)]
     for path, i, t in read:
         _check_scored(t, f"{path}: trajectory {i}")  # what report counts, checked alike
