@@ -627,8 +627,8 @@ def test_an_arm_stopped_by_sigterm_counts_every_process_s_training_seconds_once(
 
 
 def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
-    """A seed's run folder as the recipe leaves it: report.json (reference and arm summaries) and each
-    arm's per-turn evaluation, with random values; 1 to 3 turns per scenario."""
+    """A seed's run folder as the recipe leaves it: report.json (reference and arm summaries) and the
+    reference's and each arm's per-turn evaluation, with random values; 1 to 3 turns per scenario."""
 
     turns_of = [(f"s{i}", k) for i in range(n_scenarios) for k in range(1 + i % 3)]
 
@@ -642,6 +642,10 @@ def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
                 "kl": float(rng.gamma(2.0)),
                 "gt_nll": float(rng.gamma(3.0)),
                 "gt_tokens": int(rng.integers(5, 40)),
+                "answer_tokens": 3,
+                "answer": "",
+                "truth": [],
+                "valid": False,
             }
             for i, k in turns_of
         ]
@@ -656,6 +660,8 @@ def _hand_made_seed(out, rng, arms: dict[str, float], n_scenarios=5):
         )
 
     rep = {"reference": summary(), "methods": {}}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "reference_eval.json").write_text(json.dumps({"turns": turns()}))
     for arm, beta in arms.items():
         (out / "runs" / arm).mkdir(parents=True)
         (out / "runs" / arm / "eval.json").write_text(json.dumps({"turns": turns()}))
@@ -727,6 +733,41 @@ def test_seeds_report_against_numpy(tmp_path):
     assert f"| shiq_tk@0.3 | 0.3 | 1 | {one['turn_accuracy']:.3f} ± – [{one['turn_accuracy_se']:.3f}] |" in md
     assert [ln.split(" |")[0] for ln in md.splitlines() if "± –" in ln] == ["| shiq_tk@0.3"]
     bfcl.check_study_folder(tmp_path, bfcl.SEEDS_FILES)  # what it wrote is what a rerun may replace
+
+
+def test_seeds_report_names_both_files_of_an_arm_evaluated_on_other_turns(tmp_path):
+    """--seeds' paired differences read each arm's eval.json without the report's checks: an arm with a turn fewer
+    than its seed's reference (a file cut or edited by hand) was refused as "DIR/seed1: shiq and mt_copg were
+    evaluated on different turns", naming neither file, and a turn without a field ended in a KeyError. Each is
+    named now as build_report names it: the arm's file and its seed's reference_eval.json, or the turn and field."""
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    for name in ("seed0", "seed1"):
+        _hand_made_seed(tmp_path / name, rng, {"shiq": 0.5, "mt_copg": 0.5})
+    path, ref = tmp_path / "seed1" / "runs" / "shiq" / "eval.json", tmp_path / "seed1" / "reference_eval.json"
+    saved = json.loads(path.read_text())
+    n = len(saved["turns"])
+    bad = [
+        (saved["turns"][:-1], f"{path}: its {n - 1} turns are not the {n} turns of {ref}, in their order"),
+        (saved["turns"][::-1], f"{path}: its {n} turns are not the {n} turns of {ref}, in their order"),
+        ([{k: v for k, v in t.items() if k != "gt_nll"} for t in saved["turns"]], f"{path}: turns[0]: field 'gt_nll'"),
+    ]
+    for turns, said in bad:
+        path.write_text(json.dumps(saved | {"turns": turns}))
+        with pytest.raises(ValueError) as e:
+            bfcl.seeds_report(tmp_path, ["seed0", "seed1"])
+        assert str(e.value).startswith(said), str(e.value)
+        assert "delete it, and the stage that made it" in str(e.value) and "\n" not in str(e.value)
+    path.write_text(json.dumps(saved))
+    # a seed's reference evaluated on other turns than the first seed's: both references named
+    ref_turns = json.loads(ref.read_text())["turns"]
+    ref.write_text(json.dumps({"turns": ref_turns[1:]}))
+    with pytest.raises(ValueError) as e:
+        bfcl.seeds_report(tmp_path, ["seed0", "seed1"])
+    first = tmp_path / "seed0" / "reference_eval.json"
+    assert str(e.value).startswith(f"{ref}: its {n - 1} turns are not the {n} turns of {first}, in their order")
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("seeds_")]  # nothing written
 
 
 def test_seeds_runs_each_seed_in_its_folder_then_the_report(tmp_path, monkeypatch):

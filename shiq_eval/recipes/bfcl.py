@@ -960,14 +960,25 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     the noise's over ``T`` turns, which the clustered part already counts: ``se² = se_clustered² + max(0, sd² −
     r² / T) / S``, ``r²`` the two-way residual variance ``Σ (d − d_s· − d_·t + d··)² / ((S − 1)(T − 1))``."""
     per_seed, ids = [], None
+    first = out / seeds[0] / "reference_eval.json"
     for n in seeds:
-        ta, tb = (read_json(out / n / "runs" / x / "eval.json")["turns"] for x in (a, b))
-        keys = [(t["id"], t["turn"]) for t in ta]
-        if keys != [(t["id"], t["turn"]) for t in tb]:
-            raise ValueError(f"{out / n}: {a} and {b} were evaluated on different turns")
+        # each arm's turns are its seed's reference's, and every seed's reference's the first seed's, in their
+        # order, each file read as the report reads it (build_report's refusals, the files named)
+        ref = out / n / "reference_eval.json"
+        keys = [(t["id"], t["turn"]) for t in read_eval(ref, ("turns",))["turns"]]
         if ids is not None and keys != ids:
-            raise ValueError(f"{out / n}: {a} was evaluated on other turns than in {out / seeds[0]}")
+            raise ValueError(
+                f"{ref}: its {len(keys)} turns are not the {len(ids)} turns of {first}, in their order: the seeds' "
+                f"differences are averaged turn by turn{REDO}"
+            )
         ids = keys
+        ta, tb = (read_eval(out / n / "runs" / x / "eval.json", ("turns",))["turns"] for x in (a, b))
+        for x, turns in ((a, ta), (b, tb)):
+            if [(t["id"], t["turn"]) for t in turns] != keys:
+                raise ValueError(
+                    f"{out / n / 'runs' / x / 'eval.json'}: its {len(turns)} turns are not the {len(keys)} turns of "
+                    f"{ref}, in their order: the differences are paired by turn{REDO}"
+                )
         va, vb = turn_metrics(ta), turn_metrics(tb)
         per_seed.append({m: va[m] - vb[m] for m in METRICS})
     row = {"n_scenarios": len({i for i, _ in ids})}  # the clusters of the clustered part
