@@ -3,6 +3,8 @@ console scripts): no reStructuredText markup and no path of this checkout, exit 
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 from test_help_texts import MARKUP  # what the console scripts' help must not show either
 from tool_runs import TOOLS, run_tool
@@ -45,3 +47,17 @@ def test_help_is_plain_text(name):
     assert str(TOOLS.parent) not in text
     assert SAYS[name] in " ".join(text.split()), f"{name} --help does not say {SAYS[name]!r}"
     assert name not in HIDDEN or HIDDEN[name] not in text
+
+
+def test_the_setup_script_help_is_its_comment_and_no_code(tmp_path):
+    """``bash tools/setup_env.sh --help`` prints the script's opening comment (what it does, its two uses) and
+    none of its code, and installs nothing (run from a copy, so a .venv it made would be seen)."""
+    script = (TOOLS / "setup_env.sh").read_text()
+    (tmp_path / "tools").mkdir()
+    (tmp_path / "tools" / "setup_env.sh").write_text(script)
+    out = subprocess.run(["bash", "tools/setup_env.sh", "--help"], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = script.splitlines()[1:]  # the comment block: after the shebang, up to the first line of code
+    comment = lines[: next(i for i, line in enumerate(lines) if not line.startswith("#"))]
+    assert out.stdout.splitlines() == comment
+    assert "--test" in out.stdout and not (tmp_path / ".venv").exists()

@@ -11,7 +11,7 @@ extras=""
 case "${1:-}" in
   --test) extras="[test]" ;;
   "") ;;
-  -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+  -h|--help) sed -n '2,/^[^#]/{/^#/p;}' "$0"; exit 0 ;;
   *) echo "setup_env.sh: unknown option '$1' (use --test or nothing)" >&2; exit 2 ;;
 esac
 python=${PYTHON:-python3.11}
