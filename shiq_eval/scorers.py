@@ -8,13 +8,15 @@ and its encoder live in :mod:`shiq_data.reward_head`, since building a dataset u
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib
 import inspect
+import logging
 import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -192,6 +194,37 @@ class VaderScorer:
         return [float(self._analyzer.polarity_scores(c)["compound"]) for c in completions]
 
 
+class _Holding(logging.Handler):
+    """A logging handler that keeps the records it is given (:func:`transformers_log_held`)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def transformers_log_held() -> Iterator[list[logging.LogRecord]]:
+    """Within the block, what transformers logs (through its library logger's handlers, at its own verbosity) is
+    held back, then printed at the block's end, however it ends, but for the records the block removes from the
+    yielded list (one it replaces by a line of its own)."""
+    root = logging.getLogger("transformers")
+    holding, handlers = _Holding(), list(root.handlers)
+    for handler in handlers:
+        root.removeHandler(handler)
+    root.addHandler(holding)
+    try:
+        yield holding.records
+    finally:
+        root.removeHandler(holding)
+        for handler in handlers:
+            root.addHandler(handler)
+        for record in holding.records:
+            root.handle(record)
+
+
 class SequenceClassifierScorer:
     """Any Hugging Face sequence-classification reward model folder (``AutoModelForSequenceClassification``
     with one output, ``num_labels=1``): the reward of a completion is the model's score of
@@ -202,28 +235,26 @@ class SequenceClassifierScorer:
     def __init__(self, folder, batch_size: int = 16, joiner: str = " "):
         import torch  # heavy: only scoring with a model needs it
         from transformers import AutoModelForSequenceClassification, AutoTokenizer  # heavy: transformers
-        from transformers.utils import logging as hf_logging  # heavy: transformers
 
         check_weight_map(Path(folder))
-        # its load report (a table of weights the files lack or hold beyond the model's) is checked below and a
-        # missing weight refused in one line: printed too, it came before the refusal as 10 lines of noise
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
+        # its load report (a table of weights the files lack or hold beyond the model's) is held back: a missing
+        # weight is refused below in one line, which the report's 10 lines came before; any other report (weights
+        # the model does not read, a weight of another shape: the error transformers raises points to it) is printed
+        with transformers_log_held() as held:
             self.model, loading = AutoModelForSequenceClassification.from_pretrained(
                 str(folder), dtype=torch.float32, output_loading_info=True
             )
-        finally:
-            hf_logging.set_verbosity(verbosity)
+            # transformers draws a weight the files lack at random and only logs it: a causal LM's folder (no score
+            # head) would score every completion with a head of noise, a new one in each process
+            if missing := sorted(loading.get("missing_keys") or ()):
+                held.clear()  # (the refusal says it)
+                more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+                raise ValueError(
+                    f"{folder}: its weight files lack {', '.join(missing[:3])}{more}, which a sequence classifier of "
+                    "its config.json has: not a reward model (a causal LM's folder?), its scores would be of random "
+                    "weights"
+                )
         self.model.eval()
-        # transformers draws a weight the files lack at random and only logs it: a causal LM's folder (no score
-        # head) would score every completion with a head of noise, a new one in each process
-        if missing := sorted(loading.get("missing_keys") or ()):
-            more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise ValueError(
-                f"{folder}: its weight files lack {', '.join(missing[:3])}{more}, which a sequence classifier of its "
-                "config.json has: not a reward model (a causal LM's folder?), its scores would be of random weights"
-            )
         if self.model.config.num_labels != 1:
             raise ValueError(
                 f"{folder}: a reward model has one output (num_labels 1), this classifier has "

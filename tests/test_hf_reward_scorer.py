@@ -77,6 +77,39 @@ def test_a_folder_without_a_score_head_is_refused_naming_the_weight(tmp_path):
     assert hf_logging.get_verbosity() == before
 
 
+def test_a_load_report_of_other_weights_is_printed(tmp_path):
+    """Only the report of a missing weight, which the scorer refuses in its own line, is held back: one of a weight
+    of another shape (a score head of two outputs under a config.json of one label) comes before the error that
+    points to it ("look at the above report"), and one of weights the model does not read (an extra tensor in the
+    weight file) is printed by a load that goes on."""
+    import json
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    two, _ = classifier_folder(tmp_path / "two", num_labels=2)
+    config = json.loads((two / "config.json").read_text())
+    config.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
+    (two / "config.json").write_text(json.dumps(config))
+    extra, _ = classifier_folder(tmp_path / "extra")
+    weights = load_file(extra / "model.safetensors")
+    save_file({**weights, "unread.weight": torch.zeros(2)}, extra / "model.safetensors", metadata={"format": "pt"})
+    records = []  # what reaches transformers' own handlers
+    handler = logging.Handler()
+    handler.emit = lambda record: records.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with pytest.raises(RuntimeError, match="above report"):
+            SequenceClassifierScorer(two)
+        shape_report = [r for r in records if "score.weight" in r and "MISMATCH" in r]
+        records.clear()
+        SequenceClassifierScorer(extra)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert shape_report, records
+    assert [r for r in records if "unread.weight" in r and "UNEXPECTED" in r], records
+
+
 def test_the_suite_fingerprint_holds_the_reward_models_tokenizer(tmp_path):
     """Two folders with the same weights and config but another tokenizer score the same text differently, so
     they are two scorers: their suites' fingerprints differ (a leaderboard would otherwise merge their rows)."""
