@@ -53,6 +53,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -1313,6 +1314,19 @@ _FOLDER_MARKS = {
 }
 
 
+def _holds_mark(out: Path, name: str) -> bool:
+    """Whether ``out`` holds the mark ``name`` of :data:`_FOLDER_MARKS`: a file or folder of that name, but
+    ``latest`` only as shiq-train writes it, a file naming a step folder (``step_N``): a ``latest`` link to the
+    newest of a folder's results, say, marks no run's checkpoints."""
+    path = out / name
+    if name != "latest":
+        return path.exists()
+    if path.is_symlink() or not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return re.fullmatch(rb"step_\d+\s*", f.read(64)) is not None
+
+
 def check_results_folder(out: Path, own: str = "results.json", what: str = "the results") -> None:
     """Refuse an ``--out`` that is a file, a buffer or inside one, or the folder of a model, a run or another
     command's output (a checkpoint step, a shiq-train or recipe run, a shiq-train run's checkpoints folder, a
@@ -1326,7 +1340,7 @@ def check_results_folder(out: Path, own: str = "results.json", what: str = "the 
         raise EvalInputError(str(e)) from None
     refuse_inside_model(out)
     for name, kind in _FOLDER_MARKS.items():
-        if name != own and (out / name).exists():
+        if name != own and _holds_mark(out, name):
             raise EvalInputError(f"--out {out} is {kind} (it holds {name}): use another folder for {what}")
     if rank_zero():  # (under torchrun rank 0 writes)
         check_out_writable(out)

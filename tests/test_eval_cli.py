@@ -273,6 +273,27 @@ def test_run_replaces_an_earlier_runs_results_only_with_overwrite(tmp_path, caps
     assert f"{tmp_path / 'nothing'}: no such file or folder" in capsys.readouterr().err
 
 
+def test_a_latest_link_is_no_mark_of_a_run_s_checkpoints(tmp_path):
+    """A checkpoints folder is marked by the ``latest`` file shiq-train writes, naming a step folder: a results
+    folder with a ``latest`` link to its newest results (or a file of that name holding other text) is an --out
+    like any other, and a run's checkpoints folder is still refused."""
+    from shiq_eval.cli import check_results_folder
+
+    results = tmp_path / "results"
+    (results / "2026-12-07").mkdir(parents=True)
+    (results / "latest").symlink_to("2026-12-07")
+    check_results_folder(results)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "latest").write_text("the run of 2026-12-07\n")
+    check_results_folder(notes)
+    ckpt = tmp_path / "run" / "checkpoints"
+    (ckpt / "step_00000002").mkdir(parents=True)
+    (ckpt / "latest").write_text("step_00000002\n")
+    with pytest.raises(EvalInputError, match="a shiq-train run's checkpoints folder \\(it holds latest\\)"):
+        check_results_folder(ckpt)
+
+
 def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys):
     """Sampling settings without bound (10**5 samples per prompt, a seed torch refuses), --movie-prompts 0 or
     -1 (which took every prompt), --top-k without --guide, a model given twice (its rows listed twice), --out a
@@ -312,7 +333,7 @@ def test_run_settings_out_of_range_are_refused_before_anything_is_written(tmp_pa
     )
     for name, what in marks:
         (tmp_path / name.split(".")[0]).mkdir()
-        (tmp_path / name.split(".")[0] / name).write_text("x")
+        (tmp_path / name.split(".")[0] / name).write_text("step_00000002\n" if name == "latest" else "x")
         cases.append((["--out", str(tmp_path / name.split(".")[0]), *prompts], f"is {what} (it holds {name})"))
     capsys.readouterr()  # (the tiny folder's writing)
     for extra, needle in cases:
