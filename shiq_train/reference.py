@@ -382,13 +382,16 @@ _ARCHITECTURE = (
     "num_attention_heads",
     "num_key_value_heads",
     "head_dim",  # (Qwen3's may differ from hidden_size / num_attention_heads)
+    "vocab_size",  # (the embedding's rows: another size cannot be read either)
+    "tie_word_embeddings",  # (an output layer of its own, or the embedding's)
 )
 
 
 def check_same_architecture(step_dir: Path, config, model: str) -> None:
     """Refuse a ``--megatron-checkpoint`` whose run trained another architecture (its ``meta.hf_config``) than
-    ``--model``'s ``config``, naming the model type, sizes and rotary embeddings that differ: its weights cannot be read into that model (the
-    error would otherwise come from the loading, and read as a damaged checkpoint)."""
+    ``--model``'s ``config``, naming the model type, sizes (the vocabulary's too), tied output layer and rotary embeddings
+    that differ: its weights cannot be read into that model (the error would otherwise come from the loading, and
+    read as a damaged checkpoint or an edited meta.json)."""
     saved = (read_meta(step_dir).get("meta") or {}).get("hf_config")
     if not isinstance(saved, dict):
         return  # (hf_model_from_checkpoint names what is wrong with the weights)

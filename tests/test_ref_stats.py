@@ -591,8 +591,13 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
         qwen3 = M.ModelConfig(**{**cfg.to_dict(), "qk_layernorm": True})  # the same sizes, with query/key norms
         llama_config_from_model(qwen3).save_pretrained(tmp_path / "qwen3")
         tok.save_pretrained(tmp_path / "qwen3")
-        for name, change in (("theta", {"rotary_base": 500000}), ("llama3", {"rope_scaling_factor": 32.0})):
-            other = M.ModelConfig(**{**cfg.to_dict(), **change})  # the same sizes and weights, other positions
+        for name, change in (
+            ("theta", {"rotary_base": 500000}),
+            ("llama3", {"rope_scaling_factor": 32.0}),
+            ("vocab", {"vocab_size": len(tok) + 64}),  # room for the buffer's ids, but not the run's embedding
+            ("untied", {"share_embeddings_and_output_weights": False}),
+        ):
+            other = M.ModelConfig(**{**cfg.to_dict(), **change})  # one setting other than the run's
             llama_config_from_model(other).save_pretrained(tmp_path / name)
             tok.save_pretrained(tmp_path / name)
         rows = open_buffer(buf).table.to_pylist()
@@ -626,7 +631,12 @@ def test_cli_reference_from_a_training_checkpoint(tmp_path, capsys, smollm2_toke
     err = capsys.readouterr().err
     assert "its run trained another model than --model" in err and "model_type 'llama' against 'qwen3'" in err, err
     assert "head_dim" not in err, err  # (the same sizes: only the norms differ)
-    for name, needle in (("theta", "rope_theta 10000 against 500000"), ("llama3", "scaling factor none against 32")):
+    for name, needle in (
+        ("theta", "rope_theta 10000 against 500000"),
+        ("llama3", "scaling factor none against 32"),
+        ("vocab", f"vocab_size {len(tok)} against {len(tok) + 64}"),
+        ("untied", "tie_word_embeddings True against False"),
+    ):
         args = [str(buf), "--model", str(tmp_path / name), "--megatron-checkpoint", str(tmp_path / "run")]
         assert ref_stats([*args, "--no-progress"]) == 2
         err = capsys.readouterr().err
