@@ -22,6 +22,7 @@ from shiq_data.cli_common import (
     add_log_level_option,
     folder_path,
     hide_library_progress_bars,
+    on_sigterm,
     progress_bars_shown,
     run_command,
     setup_logging,
@@ -373,7 +374,8 @@ def main(argv: list[str]) -> int:
     setup_logging(getattr(args, "log_level", "INFO"))
     if not progress_bars_shown(getattr(args, "log_level", "INFO")):  # WARNING or ERROR: warnings only
         hide_library_progress_bars()
-    return run_command("shiq-train export", _export, args)
+    with on_sigterm():  # a kill (SIGTERM) removes the temporary folder, as Ctrl-C does, then ends with status 143
+        return run_command("shiq-train export", _export, args)
 
 
 if __name__ == "__main__":

@@ -7,9 +7,13 @@ must follow its argmax, and ``AutoTokenizer`` must load the run's tokenizer from
 
 import hashlib
 import json
+import os
 import re
+import sys
 import warnings
+from pathlib import Path
 
+import commands
 import pytest
 import torch
 import transformers
@@ -24,6 +28,8 @@ from shiq_train import export, parallel
 from shiq_train import model as M
 from shiq_train.checkpoint import save_checkpoint
 from shiq_train.cli import llama_config_from_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_exported_folder_loads_in_transformers_with_our_logits(tmp_path, capsys):
@@ -381,3 +387,31 @@ def test_the_run_s_checkpoints_folder_exports_as_the_run_does(tmp_path, capsys):
         assert (record["run"], record["step"]) == ("run", 1)
     assert export.main([str(run / "checkpoints"), "--step", "2", *tok_arg, "--hf", str(tmp_path / "two")]) == 2
     assert "no checkpoint of step 2" in capsys.readouterr().err and not (tmp_path / "two").exists()
+
+
+STOP_AFTER_WEIGHTS = """
+import os, signal, sys
+from shiq_train import export
+save = export.save_llama
+def save_then_stop(model, folder):  # a SIGTERM once the weights are in the temporary folder
+    save(model, folder)
+    os.kill(os.getpid(), signal.SIGTERM)
+export.save_llama = save_then_stop
+sys.exit(export.main(sys.argv[1:]))
+"""
+
+
+def test_a_sigterm_while_exporting_leaves_no_folder_and_says_so(tmp_path):
+    """SIGTERM (a scheduler's stop) ended an export at once, leaving its temporary folder ``.OUT.HOST-PID.tmp``
+    (the weights written so far) and its ``.held`` lock beside OUT, until an export into the same OUT; it is now
+    cleaned up as Ctrl-C's is, and the command ends with one line and status 143."""
+    run, tok_arg = _untied_run(tmp_path)
+    script = tmp_path / "stop.py"
+    script.write_text(STOP_AFTER_WEIGHTS)
+    (tmp_path / "outs").mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, str(script), str(run), *tok_arg, "--hf", str(tmp_path / "outs" / "hf")]
+    done = commands.run(cmd, cwd=REPO, env=env, timeout=120)
+    assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.strip().splitlines()[-1] == "shiq-train export: terminated", done.stderr[-2000:]
+    assert list((tmp_path / "outs").iterdir()) == []
