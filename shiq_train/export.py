@@ -171,6 +171,11 @@ def step_dir_of(run, step: int | None = None) -> Path:
     folder = run / "checkpoints"
     if not folder.is_dir() and (run / "latest").is_file():  # RUN/checkpoints itself
         folder = run
+    if not folder.is_dir() and (run / "value_model.json").is_file():  # (loss=qsharp_value: weights that guide one)
+        raise ValueError(
+            f"{run}: a Q♯ value model, not a policy run: it has no checkpoint to export; guide the reference's "
+            f"decoding with it (shiq-eval run --guide {run})"
+        )
     if step is None:
         found = latest_step_dir(folder)
         if found is None:

@@ -415,3 +415,16 @@ def test_a_sigterm_while_exporting_leaves_no_folder_and_says_so(tmp_path):
     assert done.returncode == 143, (done.returncode, done.stderr[-2000:])
     assert done.stderr.strip().splitlines()[-1] == "shiq-train export: terminated", done.stderr[-2000:]
     assert list((tmp_path / "outs").iterdir()) == []
+
+
+def test_a_q_sharp_value_model_folder_is_named_as_such(tmp_path, capsys):
+    """A folder of ``shiq-train loss=qsharp_value`` (a value model, no checkpoints) was refused as "no checkpoint
+    (.../checkpoints/latest does not exist); expected a shiq-train run", though shiq-train wrote it."""
+    value = tmp_path / "qsharp"
+    value.mkdir()
+    (value / "value_model.json").write_text("{}")  # (what names the folder; its contents are not read)
+    for step in ([], ["--step", "3"]):
+        assert export.main([str(value), *step, "--hf", str(tmp_path / "hf")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"shiq-train export: error: {value}: a Q♯ value model, not a policy run"), err
+        assert "--guide" in err and len(err.splitlines()) == 1 and not (tmp_path / "hf").exists()
