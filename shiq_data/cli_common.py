@@ -109,14 +109,15 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def on_sigterm() -> Iterator[None]:
+def on_sigterm(handler=None) -> Iterator[None]:
     """Within the block, SIGTERM (``kill PID``, a scheduler's stop) raises :class:`Terminated` in the main thread
     instead of ending the process at once, so that the block's cleanup (a worker pool: its processes, left
     running otherwise; a temporary folder) runs first. Only where the main thread waits in Python (a pool's
-    results): a handler cannot run while it blocks in C. Elsewhere, or when SIGTERM is handled already, a no-op."""
+    results): a handler cannot run while it blocks in C. Elsewhere, or when SIGTERM is handled already, a no-op.
+    ``handler``: another signal handler that raises it (``shiq_train.trainer.sigterm_stops_run``'s)."""
     previous = None
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+        previous = signal.signal(signal.SIGTERM, handler or _raise_terminated)
     try:
         yield
     finally:

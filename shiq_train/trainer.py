@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from shiq_data.cli_common import EXIT_TERMINATED, LOG_LEVELS, Terminated
+from shiq_data.cli_common import EXIT_TERMINATED, LOG_LEVELS, Terminated, on_sigterm
 from shiq_data.io import atomic_write_text, json_loads
 from shiq_train import prefix_tree
 from shiq_train.checkpoint import (
@@ -577,17 +577,13 @@ def sigterm_stops_run() -> Iterator[None]:
     came while the run started). While steps run, :func:`sigterm_requests` takes SIGTERM over. A SIGTERM within
     ``SIGTERM_SAME_STOP_S`` seconds of the one that stops the run (Slurm's and torchrun's, two for one stop) is
     ignored, so that it does not cut the cleanup short; a later one ends the process at once. Off the main
-    thread, or where SIGTERM is handled already, a no-op."""
-    previous = None
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
-        _RUN_STOP.clear()
-        previous = signal.signal(signal.SIGTERM, _terminate_run)
+    thread, or where SIGTERM is handled already, a no-op (:func:`~shiq_data.cli_common.on_sigterm`)."""
+    _RUN_STOP.clear()
     try:
-        yield
+        with on_sigterm(_terminate_run):
+            yield
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-            _RUN_STOP.clear()
+        _RUN_STOP.clear()
 
 
 @contextlib.contextmanager
