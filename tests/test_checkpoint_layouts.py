@@ -663,17 +663,27 @@ def test_a_stage_whose_resharded_optimizer_state_does_not_fit_stops_every_rank(t
     into training's first collective. Now every rank stops with the failing rank's line."""
     from shiq_train.checkpoint import save_hashed
 
+    one = _one_process_step(tmp_path)
+    state = torch.load(one, weights_only=True)
+    state["optimizer"]["params"]["decoder.final_layernorm.weight"]["group"] = 0
+    save_hashed(state, one)
+    got = _resumed_at_pp2(tmp_path)
+    assert "in optimizer group" in got[1] and got[0] == got[1], got
+
+
+def _one_process_step(tmp_path):
+    """The rank file of one step trained in one process (``tmp_path/run``), for a test to edit."""
     make_buffer(tmp_path / "buffer")
     warnings.filterwarnings("ignore")
     with parallel.distributed(seed=99):
         train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1)
-    one = tmp_path / "run" / "checkpoints" / "step_00000001" / "rank_tp0_pp0_dp0.pt"
-    state = torch.load(one, weights_only=True)
-    state["optimizer"]["params"]["decoder.final_layernorm.weight"]["group"] = 0
-    save_hashed(state, one)
+    return tmp_path / "run" / "checkpoints" / "step_00000001" / "rank_tp0_pp0_dp0.pt"
+
+
+def _resumed_at_pp2(tmp_path) -> list[str]:
+    """What each of two PP2 ranks resuming ``tmp_path/run`` raised (:func:`_resharded_optimizer_misfit_worker`)."""
     spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
-    got = [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
-    assert "in optimizer group" in got[1] and got[0] == got[1], got
+    return [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
 
 
 def test_a_checkpoint_without_parameter_layouts_is_refused_in_another_layout_on_every_rank(tmp_path):
@@ -682,17 +692,12 @@ def test_a_checkpoint_without_parameter_layouts_is_refused_in_another_layout_on_
     in one line naming the file and the layout it resumes in."""
     from shiq_train.checkpoint import BY_NAME, save_hashed
 
-    make_buffer(tmp_path / "buffer")
-    warnings.filterwarnings("ignore")
-    with parallel.distributed(seed=99):
-        train(tmp_path / "run", tmp_path / "buffer", 1, save_every=1)
-    one = tmp_path / "run" / "checkpoints" / "step_00000001" / "rank_tp0_pp0_dp0.pt"
+    one = _one_process_step(tmp_path)
     state = torch.load(one, weights_only=True)
     assert state["format"] in BY_NAME and isinstance(state["params"], dict)
     del state["params"]
     save_hashed({**state, "format": 1}, one)
-    spawn(_resharded_optimizer_misfit_worker, args=(parallel.free_port(), str(tmp_path)), nprocs=2)
-    got = [json.loads((tmp_path / f"reshardmisfit{r}.json").read_text()) for r in range(2)]
+    got = _resumed_at_pp2(tmp_path)
     want = f"{one}: written without the parameter layouts (an older shiq_train), so it resumes only in its own layout tp=1 pp=1 dp=1"
     assert got == [want, want], got
 
