@@ -155,10 +155,13 @@ def check_weight_map(folder: Path) -> None:
                 raise ValueError(f"{index}: weight_map[{name!r}] names {file}, which the folder does not hold")
 
 
+STEP_FOLDER = re.compile(r"step_(\d+)")  # a checkpoint step folder's name (fullmatch), its step the group
+
+
 def check_step_folder(meta_path: Path, step) -> None:
     """Refuse a checkpoint's ``meta.json`` whose ``step`` is not the one its folder's name (``step_N``, the name
     as given, not a link target's) says: ``ValueError`` naming the file (export and evaluation read it alike)."""
-    named = re.fullmatch(r"step_(\d+)", Path(os.path.abspath(Path(meta_path).parent)).name)
+    named = STEP_FOLDER.fullmatch(Path(os.path.abspath(Path(meta_path).parent)).name)
     if named and int(named[1]) != step:
         raise ValueError(
             f"{meta_path}: field 'step' is {step} in the folder of step {int(named[1])}: the checkpoint is damaged"
@@ -174,7 +177,7 @@ def step_folders(directory) -> list[Path]:
         return []
     found = []
     for p in directory.iterdir():
-        if re.fullmatch(r"step_\d+", p.name):
+        if STEP_FOLDER.fullmatch(p.name):
             if p.is_symlink():
                 raise ValueError(
                     f"{p} is a symbolic link, not a step folder of {directory}: a run's checkpoints are its own "

@@ -53,7 +53,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 import tempfile
@@ -79,6 +78,7 @@ from shiq_data.cli_common import (
     setup_logging,
 )
 from shiq_data.io import (
+    STEP_FOLDER,
     RowError,
     atomic_write,
     atomic_write_json,
@@ -1324,7 +1324,7 @@ def _holds_mark(out: Path, name: str) -> bool:
     if path.is_symlink() or not path.is_file():
         return False
     with open(path, "rb") as f:
-        return re.fullmatch(rb"step_\d+\s*", f.read(64)) is not None
+        return STEP_FOLDER.fullmatch(f.read(64).decode("utf-8", "replace").rstrip()) is not None
 
 
 def check_results_folder(out: Path, own: str = "results.json", what: str = "the results") -> None:

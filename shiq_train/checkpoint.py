@@ -63,7 +63,6 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
-import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
@@ -72,6 +71,7 @@ import torch
 import torch.distributed as dist
 
 from shiq_data.io import (
+    STEP_FOLDER,
     atomic_write,
     check_sha256,
     check_sha256_if_kept,
@@ -298,16 +298,13 @@ def save_checkpoint(
     return step_dir
 
 
-_STEP_DIR = re.compile(r"^step_\d+$")
-
-
 def latest_step_dir(directory) -> Path | None:
     """The newest complete step directory under ``directory``, or None if nothing was saved."""
     marker = Path(directory) / "latest"
     if not marker.exists():
         return None
     name = marker.read_text(errors="replace").strip()
-    if not _STEP_DIR.match(name):
+    if not STEP_FOLDER.fullmatch(name):
         raise ValueError(f"{marker}: names {name[:80]!r}, not a step folder (step_N) of {directory}")
     step_dir = Path(directory) / name
     if step_dir.is_symlink() or not step_dir.is_dir():
@@ -340,17 +337,17 @@ def later_steps(directory) -> list[Path]:
 SUPERSEDED = "superseded_"  # + N: a checkpoints folder's steps of a history its run no longer continues
 
 
-def set_aside_later_steps(directory, log_lines: str = "") -> Path | None:
+def set_aside_later_steps(directory, log_lines: str = "") -> list[Path]:
     """Move :func:`later_steps` into a new folder ``directory/superseded_N`` (the first N free), with ``log_lines``
     (the run's ``metrics.jsonl`` lines past ``latest``, which a resume drops from its log) as its
-    ``metrics.jsonl``, and return that folder (None if there is no such step). Call it when a resume from
+    ``metrics.jsonl``, and return the steps where they now are, in step order (none: nothing moved). Call it when a resume from
     ``latest`` starts to train (on rank 0): the steps it saves would otherwise stand beside steps of another
     history, which ``shiq-eval run RUN`` reads as one run and a later resume may continue. Nothing is deleted: the
     folder's steps and log can be read (``shiq-eval run directory/superseded_N``) or removed by hand."""
     directory = Path(directory)
     later = later_steps(directory)
     if not later:
-        return None
+        return []
     n = 1
     while (directory / f"{SUPERSEDED}{n}").exists():
         n += 1
@@ -360,7 +357,7 @@ def set_aside_later_steps(directory, log_lines: str = "") -> Path | None:
         atomic_write(aside / "metrics.jsonl", lambda p: p.write_text(log_lines))
     for step in later:
         step.rename(aside / step.name)
-    return aside
+    return [aside / step.name for step in later]
 
 
 def check_latest(directory) -> None:

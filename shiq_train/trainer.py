@@ -31,7 +31,6 @@ from shiq_data.io import atomic_write_text, json_loads
 from shiq_train import prefix_tree
 from shiq_train.checkpoint import (
     check_latest,
-    later_steps,
     latest_step_dir,
     load_checkpoint,
     remove_temporaries,
@@ -487,13 +486,12 @@ class Trainer:
         so: the run's checkpoints and log then hold the history it continues alone."""
         path = self.out_dir / "metrics.jsonl"
         past = [ln for ln in _metric_lines(path) if json.loads(ln)["step"] > start] if path.is_file() else []
-        later = [p.name for p in later_steps(self.ckpt_dir)]
-        aside = set_aside_later_steps(self.ckpt_dir, "".join(ln + "\n" for ln in past))
-        if aside is not None:
+        moved = set_aside_later_steps(self.ckpt_dir, "".join(ln + "\n" for ln in past))
+        if moved:
             logger.warning(
-                f"shiq-train: {self.ckpt_dir} holds {', '.join(later)} after step {start}, the one it resumes from "
-                f"(latest): moved {'it' if len(later) == 1 else 'them'}, with metrics.jsonl's lines past step {start}, "
-                f"to {aside}, out of the history it continues (delete it when it is not needed)"
+                f"shiq-train: {self.ckpt_dir} holds {', '.join(p.name for p in moved)} after step {start}, the one it "
+                f"resumes from (latest): moved {'it' if len(moved) == 1 else 'them'}, with metrics.jsonl's lines past "
+                f"step {start}, to {moved[0].parent}, out of the history it continues (delete it when it is not needed)"
             )
 
     def validation_loss(self, micro_batches: list[dict], prefix_cache: PrefixCache | None = None) -> float:
