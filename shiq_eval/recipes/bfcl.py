@@ -755,12 +755,14 @@ def build_report(ctx: Context, timings: dict) -> dict:
     for arm in cfg["train"]["methods"]:
         path = ctx.out / "runs" / arm / "eval.json"
         res = read_eval(path, ("turns", "beta", "steps", "train_seconds", "eval_seconds"))
-        if [(t["id"], t["turn"]) for t in res["turns"]] != [(t["id"], t["turn"]) for t in ref["turns"]]:
-            raise ValueError(  # (summarize's own refusal named neither file)
-                f"{path}: its {len(res['turns'])} turns are not the {len(ref['turns'])} turns of "
-                f"{ctx.out / 'reference_eval.json'}, in their order: the differences to the reference are paired by "
-                f"turn{REDO}"
-            )
+        # (summarize's own refusal named neither file)
+        refuse_other_turns(
+            path,
+            res["turns"],
+            ctx.out / "reference_eval.json",
+            ref["turns"],
+            "the differences to the reference are paired by turn",
+        )
         methods[arm] = {
             **summarize(res["turns"], ref["turns"]),
             "beta": res["beta"],
@@ -948,6 +950,21 @@ def report_markdown(rep: dict) -> str:
 SEED_PAIRS = (("shiq", "mt_copg"), ("shiq", "mt_dpo"), ("shiq", "shiq_tk"), ("shiq_tk", "mt_copg"))
 
 
+def turn_keys(turns: list[dict]) -> list[tuple]:
+    """``(id, turn)`` of each evaluated turn, in order: what pairs a method's turns with the reference's."""
+    return [(t["id"], t["turn"]) for t in turns]
+
+
+def refuse_other_turns(path: Path, turns: list[dict], ref_path: Path, ref_turns: list[dict], paired: str) -> None:
+    """Refuse ``turns`` (of the file ``path``) that are not ``ref_turns`` (of ``ref_path``) in their order (by
+    :func:`turn_keys`), naming both files; ``paired``: what is done with them turn by turn."""
+    if turn_keys(turns) != turn_keys(ref_turns):
+        raise ValueError(
+            f"{path}: its {len(turns)} turns are not the {len(ref_turns)} turns of {ref_path}, in their order: "
+            f"{paired}{REDO}"
+        )
+
+
 def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     """Per :data:`METRICS` value, ``a − b`` paired by turn over the seeds' runs ``out/<seed>``: the mean over
     seeds; ``_sd``, the seeds' standard deviation of their mean differences; ``_se``, the standard error
@@ -959,28 +976,22 @@ def _paired_over_seeds(out: Path, seeds: list[str], a: str, b: str) -> dict:
     ``d[s, t] = turn effect + seed shift + noise``, the seeds' variance ``sd²`` holds the shift's variance and
     the noise's over ``T`` turns, which the clustered part already counts: ``se² = se_clustered² + max(0, sd² −
     r² / T) / S``, ``r²`` the two-way residual variance ``Σ (d − d_s· − d_·t + d··)² / ((S − 1)(T − 1))``."""
-    per_seed, ids = [], None
-    first = out / seeds[0] / "reference_eval.json"
+    per_seed, first, first_turns = [], out / seeds[0] / "reference_eval.json", None
     for n in seeds:
         # each arm's turns are its seed's reference's, and every seed's reference's the first seed's, in their
         # order, each file read as the report reads it (build_report's refusals, the files named)
         ref = out / n / "reference_eval.json"
-        keys = [(t["id"], t["turn"]) for t in read_eval(ref, ("turns",))["turns"]]
-        if ids is not None and keys != ids:
-            raise ValueError(
-                f"{ref}: its {len(keys)} turns are not the {len(ids)} turns of {first}, in their order: the seeds' "
-                f"differences are averaged turn by turn{REDO}"
-            )
-        ids = keys
+        ref_turns = read_eval(ref, ("turns",))["turns"]
+        first_turns = first_turns or ref_turns
+        refuse_other_turns(ref, ref_turns, first, first_turns, "the seeds' differences are averaged turn by turn")
         ta, tb = (read_eval(out / n / "runs" / x / "eval.json", ("turns",))["turns"] for x in (a, b))
         for x, turns in ((a, ta), (b, tb)):
-            if [(t["id"], t["turn"]) for t in turns] != keys:
-                raise ValueError(
-                    f"{out / n / 'runs' / x / 'eval.json'}: its {len(turns)} turns are not the {len(keys)} turns of "
-                    f"{ref}, in their order: the differences are paired by turn{REDO}"
-                )
+            refuse_other_turns(
+                out / n / "runs" / x / "eval.json", turns, ref, ref_turns, "the differences are paired by turn"
+            )
         va, vb = turn_metrics(ta), turn_metrics(tb)
         per_seed.append({m: va[m] - vb[m] for m in METRICS})
+    ids = turn_keys(first_turns)
     row = {"n_scenarios": len({i for i, _ in ids})}  # the clusters of the clustered part
     for m in METRICS:
         d = np.stack([p[m] for p in per_seed])  # [S, turns]
